@@ -1,0 +1,1 @@
+"""The dspex broker daemon: ``python -m broker``."""

@@ -1,0 +1,84 @@
+"""``python -m broker [--frontend EP] [--backend EP] [--config supervisor.conf] [--pool NAME:MODE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from dspex import config
+from dspex.errors import ConfigError
+from dspex.pools import PoolConfig, load_pools, parse_pool_spec
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from broker.broker import Broker, BrokerOptions
+
+
+def parse(argv: list[str] | None = None) -> BrokerOptions:
+    p = argparse.ArgumentParser(prog="python -m broker", description="dspex broker")
+    p.add_argument("--frontend", default=None, help="client endpoint (default: DSPEX_FRONTEND or ipc in the run dir)")
+    p.add_argument("--backend", default=None, help="worker endpoint (default: DSPEX_BACKEND or ipc in the run dir)")
+    p.add_argument("--config", default=os.environ.get("DSPEX_CONFIG"),
+                   help="supervisor.conf whose [dspex:pool:NAME] sections declare the pools")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME:MODE[:k=v,...]",
+                   help="declare a pool (repeatable); overrides a pool of the same name from --config")
+    p.add_argument("--heartbeat", type=float, default=float(os.environ.get("DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL)))
+    p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
+    p.add_argument("--max-sessions", type=int, default=100_000)
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("DSPEX_METRICS_PORT", 0)),
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
+    p.add_argument("--curve-secret-key", default=os.environ.get("DSPEX_CURVE_SECRET"),
+                   help="broker's CURVE secret key file (required for tcp:// endpoints)")
+    p.add_argument("--curve-allowed", default=os.environ.get("DSPEX_CURVE_ALLOWED"),
+                   help="directory of allowed client/worker public key files")
+    p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s broker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    pools: dict[str, PoolConfig] = {}
+    if a.config:
+        pools.update((c.name, c) for c in load_pools(a.config))
+    for spec in a.pool:
+        c = parse_pool_spec(spec)
+        pools[c.name] = c
+    if not pools:
+        raise ConfigError("no pools declared: pass --pool NAME:MODE or --config supervisor.conf")
+    secret = public = None
+    if a.curve_secret_key:
+        import zmq.auth
+        public, secret = zmq.auth.load_certificate(a.curve_secret_key)
+    return BrokerOptions(
+        frontend=config.check_endpoint(a.frontend or config.default_frontend()),
+        backend=config.check_endpoint(a.backend or config.default_backend()),
+        pools=list(pools.values()),
+        heartbeat_interval=a.heartbeat,
+        heartbeat_liveness=a.liveness,
+        max_sessions=a.max_sessions,
+        metrics_port=a.metrics_port,
+        curve_secret=secret,
+        curve_public=public,
+        curve_allowed_dir=a.curve_allowed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        options = parse(argv)
+        broker = Broker(options)
+        broker.bind()
+    except ConfigError as err:
+        print(f"broker: {err.message}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""The broker: a ROUTER frontend for clients, a ROUTER backend for workers, routing by session.
+
+Per message the broker decodes one small msgpack header and forwards the payload frames untouched
+(``copy=False``). It drains every ready message per poll wake-up. A socket monitor on the backend
+reports a worker's disconnect within about a millisecond; heartbeats catch hosts that vanish
+without closing their connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from dspex import config
+from dspex.errors import (
+    DspexError,
+    PoolNotFound,
+    PoolSaturated,
+    ProtocolError,
+    QueueTimeout,
+    SessionQuotaExceeded,
+    SessionWorkerUnavailable,
+    UnknownOp,
+    WorkerBusy,
+    WorkerCrashed,
+)
+from dspex.protocol import (
+    B_DISCONNECT,
+    B_HEARTBEAT,
+    B_RELEASE_SESSION,
+    B_REQUEST,
+    B_REREGISTER,
+    BROKER_OPS,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    W_DISCONNECT,
+    W_HEARTBEAT,
+    W_PARTIAL,
+    W_READY,
+    W_REPLY,
+    WORKER_OPS,
+    Affinity,
+    Op,
+    Status,
+    pack_error,
+    pack_reply_header,
+    unpack_request_header,
+)
+from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
+from dspex.pools import PoolConfig  # noqa: F401 (re-exported for BrokerOptions)
+
+log = logging.getLogger("dspex.broker")
+
+_STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
+_DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
+_SWEEP_EVERY = 0.05
+
+
+@dataclass
+class BrokerOptions:
+    frontend: str
+    backend: str
+    pools: list[PoolConfig]
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = HEARTBEAT_LIVENESS
+    max_sessions: int = 100_000
+    max_message: int = 0
+    metrics_port: int = 0
+    curve_secret: bytes | None = None
+    curve_public: bytes | None = None
+    curve_allowed_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Broker:
+    """Routes client requests to pool workers under the pools' affinity rules."""
+
+    def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
+        self.options = options
+        self.ctx = context or zmq.Context.instance()
+        self.pools: dict[str, Pool] = {p.name: Pool(p) for p in options.pools}
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.gone = GoneWorkers()
+        self.fd_worker: dict[int, bytes] = {}
+        self.started = time.time()
+        self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self._stop = False
+        self.frontend: zmq.Socket[Any]
+        self.backend: zmq.Socket[Any]
+        self.monitor: zmq.Socket[Any]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def bind(self) -> None:
+        max_message = self.options.max_message or config.max_message_bytes()
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.backend = self.ctx.socket(zmq.ROUTER)
+        for sock, endpoint in ((self.frontend, self.options.frontend), (self.backend, self.options.backend)):
+            config.tune_socket(sock, max_message=max_message)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            config.prepare_bind(endpoint)
+            if endpoint.startswith("tcp://"):
+                self._secure(sock, endpoint)
+            sock.bind(endpoint)
+        self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
+                 ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
+
+    def _secure(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        if not self.options.curve_secret:
+            raise config.ConfigError(
+                f"refusing to bind {endpoint} without CURVE keys: TCP endpoints need --curve-secret-key "
+                "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)"
+            )
+        sock.curve_secretkey = self.options.curve_secret
+        sock.curve_publickey = self.options.curve_public or b""
+        sock.curve_server = True
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        for sock in (getattr(self, "monitor", None), getattr(self, "frontend", None), getattr(self, "backend", None)):
+            if sock is not None:
+                sock.close(0)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        interval = self.options.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        next_sweep = time.monotonic() + _SWEEP_EVERY
+        while not self._stop:
+            timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
+            events = dict(poller.poll(timeout * 1000))
+            if self.monitor in events:
+                self._drain_monitor()
+            if self.backend in events:
+                self._drain(self.backend, self._on_backend)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_frontend)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + _SWEEP_EVERY
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + interval
+
+    def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # one bad message must never stop the broker
+                log.exception("error handling a message; dropped it")
+
+    # -- frontend -------------------------------------------------------------------------
+    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 2:
+            self.counters["garbage_frontend"] += 1
+            self._error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
+            return
+        try:
+            header = unpack_request_header(frames[1].buffer)
+        except ProtocolError as err:
+            self.counters["garbage_frontend"] += 1
+            log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
+            self._error(client, 0, err)
+            return
+        op = header.op
+        if op in WORKER_OPS:
+            now = time.monotonic()
+            deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
+            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline)
+            self._route(p, header.pool, header.worker)
+        elif op in BROKER_OPS:
+            try:
+                args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
+                if not isinstance(args, dict):
+                    raise ProtocolError("broker op arguments must be a map")
+                result = self._admin(op, header.session, header.pool, args)
+            except DspexError as err:
+                self._error(client, header.req_id, err)
+            except Exception as exc:
+                self._error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
+            else:
+                self.frontend.send_multipart(
+                    [client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)]
+                )
+        else:
+            self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+
+    def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
+        self.frontend.send_multipart(
+            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)]
+        )
+
+    def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
+        if pool is not None:
+            pool.outcomes[(p.op, err.code)] += 1
+        self._error(p.client, p.req_id, err)
+
+    # -- routing (the affinity table of the brief) -----------------------------------------
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
+            return
+        if not p.session or pool.mode is Affinity.NONE:
+            self._run_anywhere(pool, p)
+            return
+        rec = self.sessions.get(p.session)
+        if rec is None:
+            if len(self.sessions) >= self.options.max_sessions:
+                self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
+                return
+            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name)
+            if claimed_worker:
+                # a pin from before a broker restart: keep it if that incarnation is back
+                wid = claimed_worker.encode()
+                known = self.workers.get(wid)
+                if known is not None and known.pool is pool:
+                    rec.worker = wid
+                    known.sessions.add(rec.id)
+                elif pool.mode in _STRICT:
+                    rec.worker = wid
+        elif rec.pool != pool.name:
+            self._fail(p, pool, ProtocolError(f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}"))
+            return
+        rec.last_used = p.enqueued
+        rec.calls += 1
+        if rec.worker is None:
+            w = pool.least_loaded()
+            if w is None:
+                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
+                return
+            rec.worker = w.id
+            w.sessions.add(rec.id)
+        w = self.workers.get(rec.worker)  # type: ignore[arg-type]
+        if w is None or w.draining:
+            if pool.mode in _STRICT:
+                why = "is being recycled" if w is not None else self.gone.why(rec.worker)  # type: ignore[arg-type]
+                self._fail(p, pool, SessionWorkerUnavailable(
+                    f"session {rec.id[:8]} is pinned to worker {rec.worker.decode(errors='replace')[:8]}, which {why}",  # type: ignore[union-attr]
+                    session=rec.id, worker=rec.worker.decode(errors="replace"),  # type: ignore[union-attr]
+                ))
+                return
+            # hint: the session re-pins to the least-loaded worker
+            if w is not None:
+                w.sessions.discard(rec.id)
+            rec.worker = None
+            new = pool.least_loaded()
+            if new is None:
+                self._enqueue(pool, pool.queue, p)
+                return
+            rec.worker = new.id
+            new.sessions.add(rec.id)
+            w = new
+        if w.free > 0 and (w.capacity == 1 or not w.runs_session(p.session)) and not w.queue:
+            self._dispatch(w, p)
+        elif pool.mode is Affinity.STRICT_QUEUE:
+            self._enqueue(pool, w.queue, p)
+        elif pool.mode is Affinity.STRICT_FAIL_FAST:
+            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
+        else:  # hint: any idle worker, else the first one to free up
+            self._run_anywhere(pool, p)
+
+    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
+        w = pool.idle_worker()
+        if w is not None and not pool.queue:
+            self._dispatch(w, p)
+        else:
+            self._enqueue(pool, pool.queue, p)
+
+    def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
+        if pool.queued >= pool.config.queue_max:
+            self._fail(p, pool, PoolSaturated(
+                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
+            return
+        queue.append(p)
+        pool.queued += 1
+
+    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
+        now = time.monotonic()
+        if now > p.deadline:
+            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
+            return
+        p.started = now
+        w.inflight[(p.client, p.req_id)] = p
+        self.backend.send_multipart([w.id, B_REQUEST, p.client, p.header, *p.payload], copy=False)
+
+    def _feed(self, w: WorkerRecord) -> None:
+        """Give a worker with free slots its next work: its own queue first, then the pool's."""
+        pool = w.pool
+        while w.free > 0:
+            if w.queue:
+                p = w.queue.popleft()
+                pool.queued -= 1
+                self._dispatch(w, p)
+                continue
+            if not pool.queue:
+                return
+            p = pool.queue.popleft()
+            pool.queued -= 1
+            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
+            if rec is not None and rec.worker is None:
+                rec.worker = w.id
+                w.sessions.add(rec.id)
+            if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
+                # its session was pinned elsewhere while it waited: route it there
+                self._route_pinned(pool, p, rec)
+                continue
+            self._dispatch(w, p)
+
+    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
+        target = self.workers.get(rec.worker) if rec.worker else None
+        if target is None or target.draining:
+            self._fail(p, pool, SessionWorkerUnavailable(f"session {rec.id[:8]} lost its worker", session=rec.id))
+        elif target.free > 0 and not target.queue:
+            self._dispatch(target, p)
+        else:
+            self._enqueue(pool, target.queue, p)
+
+    # -- backend --------------------------------------------------------------------------
+    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+        wid = frames[0].bytes
+        if len(frames) < 2:
+            self.counters["garbage_backend"] += 1
+            return
+        command = frames[1].bytes
+        w = self.workers.get(wid)
+        if w is not None:
+            w.expiry = time.monotonic() + self.options.heartbeat_interval * self.options.heartbeat_liveness
+        if command == W_REPLY or command == W_PARTIAL:
+            if len(frames) < 4:
+                self.counters["garbage_backend"] += 1
+                return
+            client = frames[2].bytes
+            try:
+                status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
+            except Exception:
+                self.counters["garbage_backend"] += 1
+                log.warning("malformed reply header from worker %s", wid[:8])
+                return
+            self.frontend.send_multipart([client, *frames[3:]], copy=False)
+            if w is None:
+                self.backend.send_multipart([wid, B_REREGISTER])
+                return
+            if command == W_PARTIAL:
+                return
+            p = w.inflight.pop((client, req_id), None)
+            if p is not None:
+                outcome = "ok" if status == Status.OK.value else "error"
+                if outcome == "ok":
+                    w.served += 1
+                else:
+                    w.errors += 1
+                w.pool.observe(p.op, outcome, time.monotonic() - p.started)
+            if w.draining and not w.inflight:
+                self.backend.send_multipart([wid, B_DISCONNECT])
+            else:
+                self._feed(w)
+        elif command == W_HEARTBEAT:
+            if w is None:
+                self.backend.send_multipart([wid, B_REREGISTER])
+            elif len(frames) > 2:
+                try:
+                    stats = msgpack.unpackb(frames[2].buffer)
+                    if isinstance(stats, dict):
+                        w.stats = stats
+                except Exception:
+                    self.counters["garbage_backend"] += 1
+        elif command == W_READY:
+            self._on_ready(wid, frames)
+        elif command == W_DISCONNECT:
+            if w is not None:
+                self._remove_worker(w, "was recycled" if w.draining else "exited")
+        else:
+            self.counters["garbage_backend"] += 1
+            log.warning("unknown command %r from worker %s", command[:8], wid[:8])
+
+    def _on_ready(self, wid: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            info = msgpack.unpackb(frames[2].buffer)
+            pool_name = info["pool"]
+            if not isinstance(pool_name, str):
+                raise TypeError("pool must be a string")
+        except Exception as exc:
+            self.counters["garbage_backend"] += 1
+            log.warning("malformed READY from %s: %s", wid[:8], exc)
+            return
+        # The disconnect of an earlier connection on a reused fd must be seen before we map it.
+        self._drain_monitor()
+        fd = _source_fd(frames[0])
+        w = self.workers.get(wid)
+        if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
+            self._map_fd(w, fd)
+            return
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
+            self.backend.send_multipart([wid, B_DISCONNECT])
+            return
+        expiry = time.monotonic() + self.options.heartbeat_interval * self.options.heartbeat_liveness
+        w = WorkerRecord(wid, pool, info, expiry)
+        self.workers[wid] = w
+        pool.workers[wid] = w
+        self._map_fd(w, fd)
+        # re-adopt sessions a restarted broker learned about from clients before this READY
+        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
+        self._feed(w)
+
+    def _map_fd(self, w: WorkerRecord, fd: int) -> None:
+        if fd < 0:
+            return
+        if w.fd >= 0 and self.fd_worker.get(w.fd) == w.id:
+            del self.fd_worker[w.fd]
+        w.fd = fd
+        self.fd_worker[fd] = w.id
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                msg = self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(msg)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                wid = self.fd_worker.pop(int(event["value"]), None)
+                w = self.workers.get(wid) if wid is not None else None
+                if w is not None:
+                    self._remove_worker(w, "was recycled" if w.draining else "crashed (connection lost)")
+
+    def _remove_worker(self, w: WorkerRecord, why: str) -> None:
+        if self.workers.pop(w.id, None) is None:
+            return
+        pool = w.pool
+        pool.workers.pop(w.id, None)
+        if self.fd_worker.get(w.fd) == w.id:
+            del self.fd_worker[w.fd]
+        self.gone.add(w.id, why)
+        if "recycled" in why:
+            pool.recycles += 1
+        else:
+            pool.crashes += 1
+        log.warning("worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
+                    w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
+        for p in w.inflight.values():
+            self._fail(p, pool, WorkerCrashed(
+                f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
+                worker=w.incarnation, session=p.session))
+        for p in w.queue:
+            pool.queued -= 1
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
+                session=p.session, worker=w.incarnation))
+        if pool.mode is Affinity.HINT:
+            for sid in w.sessions:
+                rec = self.sessions.get(sid)
+                if rec is not None and rec.worker == w.id:
+                    rec.worker = None
+        w.inflight.clear()
+        w.queue.clear()
+        if pool.recycling == w.id:
+            pool.recycle_started = time.monotonic()  # now wait for the replacement
+
+    # -- timers ---------------------------------------------------------------------------
+    def _heartbeat(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if now > w.expiry:
+                self._remove_worker(w, "stopped answering heartbeats")
+            else:
+                self.backend.send_multipart([w.id, B_HEARTBEAT])
+
+    def _sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            limit = pool.config.queue_timeout
+            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
+            for queue in queues:
+                while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
+                    p = queue.popleft()
+                    pool.queued -= 1
+                    if now > p.deadline:
+                        self.counters["expired_unsent"] += 1
+                    else:
+                        self._fail(p, pool, QueueTimeout(
+                            f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
+                            pool=pool.name))
+            self._recycle_step(pool, now)
+        self._expire_sessions(now)
+
+    _last_ttl_sweep = 0.0
+
+    def _expire_sessions(self, now: float) -> None:
+        if now - self._last_ttl_sweep < 1.0:
+            return
+        self._last_ttl_sweep = now
+        for rec in list(self.sessions.values()):
+            pool = self.pools.get(rec.pool)
+            ttl = pool.config.session_ttl if pool is not None else 3600.0
+            if ttl and now - rec.last_used > ttl:
+                w = self.workers.get(rec.worker) if rec.worker else None
+                if w is not None and w.runs_session(rec.id):
+                    continue
+                self._close_session(rec)
+
+    def _close_session(self, rec: SessionRecord) -> bool:
+        self.sessions.pop(rec.id, None)
+        w = self.workers.get(rec.worker) if rec.worker else None
+        if w is None:
+            return False
+        w.sessions.discard(rec.id)
+        self.backend.send_multipart([w.id, B_RELEASE_SESSION, rec.id.encode()])
+        return True
+
+    # -- recycling ------------------------------------------------------------------------
+    def recycle(self, w: WorkerRecord) -> None:
+        """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
+        pool = w.pool
+        w.draining = True
+        pool.recycling = w.id
+        pool.recycle_started = time.monotonic()
+        pool.size_before_recycle = max(pool.size_before_recycle, len(pool.workers))
+        for p in list(w.queue):
+            pool.queued -= 1
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which is being recycled",
+                session=p.session, worker=w.incarnation))
+        w.queue.clear()
+        if not w.inflight:
+            self.backend.send_multipart([w.id, B_DISCONNECT])
+        log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
+
+    def _recycle_step(self, pool: Pool, now: float) -> None:
+        if pool.recycling is not None:
+            if pool.recycling in self.workers:
+                return
+            # wait for the replacement (supervisord restarts it) before touching the next one
+            target = pool.size_before_recycle or pool.config.size
+            if pool.ready_count() < target and now - pool.recycle_started < 30.0:
+                return
+            pool.recycling = None
+            pool.size_before_recycle = 0
+        while pool.rolling:
+            wid = pool.rolling.popleft()
+            w = self.workers.get(wid)
+            if w is not None:
+                self.recycle(w)
+                return
+        policy = pool.config.recycle
+        if not (policy.max_requests or policy.max_age or policy.max_rss_mb) or pool.ready_count() < 2:
+            return  # policy never takes a pool's last worker
+        wall = time.time()
+        for w in pool.workers.values():
+            rss_mb = float(w.stats.get("rss", 0)) / 2**20
+            if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
+                    or (w.retire_age and wall - w.registered >= w.retire_age)
+                    or (policy.max_rss_mb and rss_mb >= policy.max_rss_mb)):
+                self.recycle(w)
+                return
+
+    # -- broker ops -----------------------------------------------------------------------
+    def _admin(self, op: str, session: str, pool_name: str, args: dict[str, Any]) -> Any:
+        if op == Op.PING.value:
+            return {"pong": True, "pid": os.getpid()}
+        if op == Op.STATUS.value:
+            return self.status()
+        if op == Op.CLOSE_SESSION.value:
+            sid = str(args.get("session") or session)
+            rec = self.sessions.get(sid)
+            return {"closed": rec is not None, "released": self._close_session(rec) if rec else False}
+        if op == Op.SESSIONS.value:
+            wanted = args.get("pool")
+            now = time.monotonic()
+            return [
+                {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
+                 "worker_alive": r.worker in self.workers if r.worker else False,
+                 "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
+                for r in self.sessions.values() if not wanted or r.pool == wanted
+            ]
+        if op == Op.RECYCLE.value:
+            pool = self.pools.get(str(args.get("pool") or pool_name))
+            if pool is None:
+                raise PoolNotFound(f"no pool named {args.get('pool') or pool_name!r}")
+            wanted_worker = args.get("worker")
+            if wanted_worker:
+                matches = [w for w in pool.workers.values() if w.incarnation.startswith(str(wanted_worker))
+                           or str(w.pid) == str(wanted_worker)]
+                if len(matches) != 1:
+                    raise ProtocolError(f"worker {wanted_worker!r} matches {len(matches)} workers of {pool.name}")
+                targets = matches
+            elif args.get("all"):
+                targets = list(pool.workers.values())
+            else:  # the oldest worker
+                targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
+            pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
+            self._recycle_step(pool, time.monotonic())
+            return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
+        raise UnknownOp(f"unknown op {op!r}")
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        wall = time.time()
+        pools = {}
+        for pool in self.pools.values():
+            lat = list(pool.latencies)
+            ok = sum(n for (op, outcome), n in pool.outcomes.items() if outcome == "ok")
+            pools[pool.name] = {
+                "affinity": pool.mode.value,
+                "size": pool.config.size,
+                "queue_max": pool.config.queue_max,
+                "queue_timeout": pool.config.queue_timeout,
+                "queued": pool.queued,
+                "sessions": sum(1 for r in self.sessions.values() if r.pool == pool.name),
+                "requests_ok": ok,
+                "requests_error": sum(pool.outcomes.values()) - ok,
+                "outcomes": {f"{op}:{outcome}": n for (op, outcome), n in pool.outcomes.items()},
+                "latency_p50_ms": round(percentile(lat, 0.5) * 1000, 3),
+                "latency_p99_ms": round(percentile(lat, 0.99) * 1000, 3),
+                "recycles": pool.recycles,
+                "crashes": pool.crashes,
+                "recycling": pool.recycling.decode() if pool.recycling else None,
+                "workers": [
+                    {
+                        "id": w.incarnation[:8], "incarnation": w.incarnation, "pid": w.pid, "host": w.host,
+                        "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
+                        "errors": w.errors, "inflight": len(w.inflight), "capacity": w.capacity,
+                        "queued": len(w.queue), "rss": int(w.stats.get("rss", 0)),
+                        "refs": int(w.stats.get("refs", 0)), "uptime_s": round(wall - w.registered, 3),
+                        "last_heartbeat_s": round(
+                            self.options.heartbeat_interval * self.options.heartbeat_liveness - (w.expiry - now), 3),
+                    }
+                    for w in pool.workers.values()
+                ],
+            }
+        return {
+            "broker": {"pid": os.getpid(), "uptime_s": round(wall - self.started, 3),
+                       "frontend": self.options.frontend, "backend": self.options.backend,
+                       "sessions": len(self.sessions), **self.counters},
+            "pools": pools,
+        }
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return -1

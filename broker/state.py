@@ -1,0 +1,162 @@
+"""The broker's bookkeeping: pools, worker incarnations, sessions and waiting requests.
+
+Pure data and small pure functions (placement, percentiles); no sockets here, so the routing
+rules can be unit-tested in-process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from dspex.pools import PoolConfig
+from dspex.protocol import WorkerState
+
+# Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request from a client, waiting in a queue or running on a worker."""
+
+    client: bytes
+    req_id: int
+    op: str
+    session: str
+    header: Any  # the raw header frame, forwarded untouched
+    payload: list[Any]
+    enqueued: float
+    deadline: float
+    started: float = 0.0
+
+
+class WorkerRecord:
+    """One worker incarnation as the broker sees it."""
+
+    __slots__ = (
+        "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
+        "served", "errors", "registered", "expiry", "fd", "draining", "stats", "retire_age",
+    )
+
+    def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
+        self.id = wid
+        self.incarnation = wid.decode(errors="replace")
+        self.pool = pool
+        self.pid = int(info.get("pid", 0))
+        self.host = str(info.get("host", ""))
+        self.capacity = max(1, int(info.get("capacity", 1)))
+        self.inflight: dict[tuple[bytes, int], Pending] = {}
+        self.queue: deque[Pending] = deque()  # strict_queue requests pinned here, in order
+        self.sessions: set[str] = set()
+        self.served = 0
+        self.errors = 0
+        self.registered = time.time()
+        self.expiry = expiry
+        self.fd = -1
+        self.draining = False
+        self.stats: dict[str, Any] = {}
+        policy = pool.config.recycle
+        jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
+        self.retire_age = policy.max_age - jitter if policy.max_age else 0.0
+
+    @property
+    def free(self) -> int:
+        return 0 if self.draining else self.capacity - len(self.inflight)
+
+    @property
+    def state(self) -> WorkerState:
+        if self.draining:
+            return WorkerState.DRAINING
+        return WorkerState.BUSY if self.inflight else WorkerState.READY
+
+    def runs_session(self, session: str) -> bool:
+        return any(p.session == session for p in self.inflight.values())
+
+
+class Pool:
+    """A named pool: its settings, live workers, the shared queue and counters."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.mode = config.affinity
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
+        self.queued = 0  # pool queue + every worker queue: bounded by queue_max
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
+        self.latencies: deque[float] = deque(maxlen=4096)
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.recycles = 0
+        self.crashes = 0
+        self.rolling: deque[bytes] = deque()  # workers waiting for a rolling recycle
+        self.recycling: bytes | None = None  # the worker being recycled now
+        self.recycle_started = 0.0
+        self.size_before_recycle = 0
+
+    def observe(self, op: str, outcome: str, seconds: float) -> None:
+        self.outcomes[(op, outcome)] += 1
+        self.latencies.append(seconds)
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def least_loaded(self) -> WorkerRecord | None:
+        """Fewest pinned sessions, then idle first: spreads new sessions over the pool."""
+        best: WorkerRecord | None = None
+        best_key: tuple[int, int, int] | None = None
+        for w in self.workers.values():
+            if w.draining:
+                continue
+            key = (len(w.sessions), 0 if w.free > 0 else 1, len(w.inflight))
+            if best_key is None or key < best_key:
+                best, best_key = w, key
+        return best
+
+    def idle_worker(self) -> WorkerRecord | None:
+        best: WorkerRecord | None = None
+        for w in self.workers.values():
+            if w.free > 0 and (best is None or len(w.inflight) < len(best.inflight)):
+                best = w
+        return best
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if not w.draining)
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    id: str
+    pool: str
+    worker: bytes | None = None
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    calls: int = 0
+
+
+class GoneWorkers:
+    """Why recent incarnations left, so errors can say "crashed" or "recycled"."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._why: OrderedDict[bytes, str] = OrderedDict()
+        self._limit = limit
+
+    def add(self, wid: bytes, why: str) -> None:
+        self._why[wid] = why
+        if len(self._why) > self._limit:
+            self._why.popitem(last=False)
+
+    def why(self, wid: bytes) -> str:
+        return self._why.get(wid, "is not registered with this broker")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    return ordered[idx]

@@ -1,0 +1,297 @@
+"""Wire codec: msgpack bodies, numpy buffers in their own frames, non-native values as refs.
+
+Frame 0 is a msgpack body; frames 1.. are raw array buffers that the body points at by index,
+so large arrays never pass through msgpack (no copy, no glibc heap churn). The common case is
+packed by msgpack's C packer in one pass; only cycles, very deep nesting or a missing ``to_ref``
+fall back to a Python walk, which knows paths and ancestors. Ext codes are part of the wire
+protocol (docs/protocol.md) and must never be renumbered.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+import zmq
+
+from dspex.errors import DspexError, ProtocolError
+from dspex.ref import Ref
+
+# Containers are encoded as a msgpack array whose first item is an empty ext "tag", not as an
+# ext holding nested bytes: one packer pass, and msgpack's own nesting limit still sees cycles.
+EXT_TUPLE = 1  # tag: [tag, *items]
+EXT_SET = 2  # tag: [tag, *members]
+EXT_FROZENSET = 3  # tag: [tag, *members]
+EXT_COMPLEX = 4  # struct "<dd" real, imag
+EXT_BIGINT = 5  # signed big-endian two's complement (ints outside int64..uint64)
+EXT_DATETIME = 6  # UTF-8 isoformat; tz kept as a fixed UTC offset
+EXT_DATE = 7  # UTF-8 isoformat
+EXT_TIME = 8  # UTF-8 isoformat
+EXT_TIMEDELTA = 9  # struct "<iii" days, seconds, microseconds
+EXT_NDARRAY = 10  # packb([dtype str or descr, shape, frame index])
+EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
+EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
+
+MAX_WALK_DEPTH = 400  # below msgpack's 512 nesting limit and Python's recursion limit
+
+Frame = Union[bytes, memoryview, zmq.Frame]
+Frames = Sequence[Frame]
+ToRef = Callable[[object], Ref]
+ResolveRef = Callable[[Ref], object]
+Buffers = list[Union[bytes, memoryview]]
+
+
+class EncodeError(ProtocolError):
+    """A value cannot be encoded and no ``to_ref`` was given to turn it into a ref."""
+
+    code = "encode_error"
+
+
+class _Tag:
+    """Decoded form of a container tag; the list hook turns ``[tag, *items]`` into the container."""
+
+    __slots__ = ("build",)
+
+    def __init__(self, build: Callable[[list[Any]], Any]) -> None:
+        self.build = build
+
+
+_TAGS: dict[int, _Tag] = {EXT_TUPLE: _Tag(tuple), EXT_SET: _Tag(set), EXT_FROZENSET: _Tag(frozenset)}
+_TUPLE = msgpack.ExtType(EXT_TUPLE, b"")
+_SET = msgpack.ExtType(EXT_SET, b"")
+_FROZENSET = msgpack.ExtType(EXT_FROZENSET, b"")
+_CDD = struct.Struct("<dd")
+_TD = struct.Struct("<iii")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def _int(o: int) -> Any:
+    v = int.__int__(o)  # exact int even for IntEnum & co
+    if _INT_MIN <= v <= _INT_MAX:
+        return v
+    return msgpack.ExtType(EXT_BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True))
+
+
+def _dtype_wire(dt: np.dtype[Any]) -> Any:
+    # dtype.str drops field names, so structured dtypes travel as their descr list
+    return dt.str if dt.fields is None else dt.descr
+
+
+def _ref_ext(ref: Ref) -> msgpack.ExtType:
+    return msgpack.ExtType(EXT_REF, msgpack.packb(list(ref.as_tuple())))
+
+
+# Checked by exact type first, then by isinstance in this order (datetime before date), so
+# subclasses (IntEnum, OrderedDict, namedtuple, str subclasses...) travel as their base value.
+_CONVERTERS: dict[type, Callable[[Any], Any]] = {
+    int: _int,
+    float: float.__float__,
+    str: str.__str__,
+    bytes: bytes,
+    bytearray: bytes,
+    list: list,
+    tuple: lambda o: [_TUPLE, *o],
+    dict: dict,
+    set: lambda o: [_SET, *o],
+    frozenset: lambda o: [_FROZENSET, *o],
+    complex: lambda o: msgpack.ExtType(EXT_COMPLEX, _CDD.pack(o.real, o.imag)),
+    _dt.datetime: lambda o: msgpack.ExtType(EXT_DATETIME, _dt.datetime.isoformat(o).encode()),
+    _dt.date: lambda o: msgpack.ExtType(EXT_DATE, _dt.date.isoformat(o).encode()),
+    _dt.time: lambda o: msgpack.ExtType(EXT_TIME, _dt.time.isoformat(o).encode()),
+    _dt.timedelta: lambda o: msgpack.ExtType(EXT_TIMEDELTA, _TD.pack(o.days, o.seconds, o.microseconds)),
+    Ref: _ref_ext,
+}
+_NATIVE_BASES = tuple(_CONVERTERS)
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _native_array(o: object) -> bool:
+    # other ndarray subclasses (masked arrays, matrix) would silently lose meaning: refs
+    return type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject  # type: ignore[attr-defined]
+
+
+def _make_hook(buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref]) -> Callable[[Any], Any]:
+    """Build msgpack's ``default``: called for everything not an exact msgpack-native type."""
+
+    def hook(obj: Any) -> Any:
+        conv = _CONVERTERS.get(type(obj))
+        if conv is not None:
+            return conv(obj)
+        if _native_array(obj):
+            if buffers is None:
+                raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
+            flat = np.ascontiguousarray(obj)  # copies only when not already C-contiguous
+            buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
+            payload = packb([_dtype_wire(obj.dtype), list(obj.shape), len(buffers)])
+            return msgpack.ExtType(EXT_NDARRAY, payload)
+        if isinstance(obj, np.generic):  # before the bases: np.float64 is a float subclass
+            return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
+        if not isinstance(obj, np.ndarray):
+            for base in _NATIVE_BASES:
+                if isinstance(obj, base):
+                    return _CONVERTERS[base](obj)
+        if to_ref is None:
+            raise EncodeError(f"cannot encode {_type_name(obj)}")
+        ref = memo.get(id(obj))
+        if ref is None:
+            ref = memo[id(obj)] = to_ref(obj)
+        return _ref_ext(ref)
+
+    return hook
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str) -> object:
+    """Copy ``obj`` with cycle-closing containers, too-deep containers and non-natives as refs."""
+    stack: set[int] = set()
+    trail: list[str] = []
+
+    def ref_for(o: object, why: str) -> object:
+        if to_ref is None:
+            path = root + "".join(trail)
+            raise EncodeError(f"cannot encode {_type_name(o)} at {path} ({why})", type=_type_name(o), path=path)
+        ref = memo.get(id(o))
+        if ref is None:
+            ref = memo[id(o)] = to_ref(o)
+        return ref
+
+    def walk(o: Any, depth: int) -> Any:
+        if isinstance(o, _CONTAINERS) and type(o) is not msgpack.ExtType:
+            if id(o) in stack:
+                return ref_for(o, "cycle")
+            if depth >= MAX_WALK_DEPTH:
+                return ref_for(o, "nested too deeply")
+            stack.add(id(o))
+            out: Any
+            if isinstance(o, dict):
+                out = {}
+                for n, (k, v) in enumerate(o.items()):
+                    trail.append(f"<key #{n}>")
+                    key = walk(k, depth + 1)
+                    trail[-1] = f"[{k!r:.40}]"
+                    out[key] = walk(v, depth + 1)
+                    trail.pop()
+            else:
+                items = []
+                for n, v in enumerate(o):
+                    trail.append(f"[{n}]" if isinstance(o, (list, tuple)) else f"{{#{n}}}")
+                    items.append(walk(v, depth + 1))
+                    trail.pop()
+                base = next(b for b in _CONTAINERS if isinstance(o, b))
+                out = items if base is list else base(items)
+            stack.discard(id(o))
+            return out
+        if o is None or type(o) in (bool, memoryview, msgpack.ExtType) or _native_array(o):
+            return o
+        if isinstance(o, np.generic) or (isinstance(o, _NATIVE_BASES) and not isinstance(o, np.ndarray)):
+            return o
+        return ref_for(o, "not a native type")
+
+    return walk(obj, 0)
+
+
+def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str) -> bytes:
+    memo: dict[int, Ref] = {}
+    try:
+        return msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(obj)  # type: ignore[no-any-return]
+    except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle or very deep)
+        pass
+    if buffers is not None:
+        buffers.clear()
+    clean = _sanitize(obj, to_ref, memo, root)
+    return msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(clean)  # type: ignore[no-any-return]
+
+
+def encode(obj: object, to_ref: ToRef | None = None, *, root: str = "result") -> list[bytes | memoryview]:
+    """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
+
+    Non-native values become refs via ``to_ref`` (once per object per call); without it they
+    raise :class:`EncodeError` naming the type and the path (``root`` starts the path).
+    """
+    buffers: Buffers = []
+    body = _pack(obj, to_ref, buffers, root)
+    return [body, *buffers]
+
+
+def packb(obj: object) -> bytes:
+    """Plain msgpack for small headers: same ext types, no array frames, no ``to_ref``."""
+    return _pack(obj, None, None, "header")
+
+
+def _list_hook(items: list[Any]) -> Any:
+    if items and type(items[0]) is _Tag:
+        return items[0].build(items[1:])
+    return items
+
+
+def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: ResolveRef | None) -> Any:
+    tag = _TAGS.get(code)
+    if tag is not None:
+        return tag
+    if code == EXT_COMPLEX:
+        return complex(*_CDD.unpack(data))
+    if code == EXT_BIGINT:
+        return int.from_bytes(data, "big", signed=True)
+    if code == EXT_DATETIME:
+        return _dt.datetime.fromisoformat(data.decode())
+    if code == EXT_DATE:
+        return _dt.date.fromisoformat(data.decode())
+    if code == EXT_TIME:
+        return _dt.time.fromisoformat(data.decode())
+    if code == EXT_TIMEDELTA:
+        return _dt.timedelta(*_TD.unpack(data))
+    if code == EXT_REF:
+        fields = msgpack.unpackb(data)
+        if not (isinstance(fields, list) and len(fields) == 6 and all(type(f) is str for f in fields)):
+            raise ProtocolError("malformed ref")
+        ref = Ref(*fields)
+        return ref if resolve_ref is None else resolve_ref(ref)
+    if code in (EXT_NDARRAY, EXT_NPSCALAR):
+        parts: list[Any] = unpackb(data)  # type: ignore[assignment]
+        dt = np.dtype(parts[0])
+        if dt.hasobject:
+            raise ProtocolError("object dtypes are never accepted from the wire")
+        if code == EXT_NPSCALAR:
+            return np.ndarray((), dtype=dt, buffer=parts[1])[()]
+        shape, index = parts[1:]
+        if frames is None or not 1 <= index < len(frames):
+            raise ProtocolError(f"array refers to missing frame {index}")
+        flat = np.frombuffer(frames[index], dtype=dt) if dt.itemsize else np.empty(0, dt)
+        # one copy: frame memory may be read-only, or a writable view of an immutable bytes
+        return flat.reshape(shape).copy()
+    return msgpack.ExtType(code, data)
+
+
+def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None) -> object:
+    try:
+        return msgpack.unpackb(
+            body,
+            ext_hook=lambda code, data: _decode_ext(code, data, frames, resolve_ref),
+            list_hook=_list_hook,
+            strict_map_key=False,
+        )
+    except DspexError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
+
+
+def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None) -> object:
+    """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs."""
+    if not frames:
+        raise ProtocolError("empty message")
+    bufs = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+    return _unpack(bufs[0], bufs, resolve_ref)
+
+
+def unpackb(data: bytes | memoryview) -> object:
+    """Inverse of :func:`packb`."""
+    return _unpack(data, None, None)

@@ -1,0 +1,73 @@
+"""Endpoints, the run directory, and socket options shared by every process."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import zmq
+
+from dspex.errors import ConfigError
+from dspex.protocol import MAX_MESSAGE_BYTES
+
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+
+
+def run_dir() -> Path:
+    """``DSPEX_RUN_DIR`` or ``/tmp/dspex-<uid>``: short enough for unix socket paths."""
+    return Path(os.environ.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{os.getuid()}")
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700, or check an existing one is ours and private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"run directory {path} belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def default_frontend() -> str:
+    return os.environ.get("DSPEX_FRONTEND") or os.environ.get("DSPEX_ENDPOINT") or f"ipc://{run_dir()}/frontend.sock"
+
+
+def default_backend() -> str:
+    return os.environ.get("DSPEX_BACKEND") or f"ipc://{run_dir()}/backend.sock"
+
+
+def client_endpoint(endpoint: str | None = None) -> str:
+    return endpoint or os.environ.get("DSPEX_ENDPOINT") or default_frontend()
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Refuse endpoints we cannot use before zmq gives an obscure errno."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise ConfigError(
+                f"ipc path is {len(path.encode())} bytes, over the unix socket limit of {UNIX_PATH_MAX}: {path}"
+            )
+    elif not endpoint.startswith(("tcp://", "inproc://")):
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+    return endpoint
+
+
+def prepare_bind(endpoint: str) -> None:
+    """Make the private directory of an ipc endpoint and clear a stale socket file."""
+    check_endpoint(endpoint)
+    if endpoint.startswith("ipc://"):
+        path = Path(endpoint[len("ipc://") :])
+        ensure_private_dir(path.parent)
+
+
+def max_message_bytes() -> int:
+    return int(os.environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
+
+
+def tune_socket(sock: zmq.Socket[bytes], *, max_message: int | None = None) -> None:
+    """Options every dspex socket gets: no linger on close, bounded inbound message size."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message if max_message is not None else max_message_bytes())

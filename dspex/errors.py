@@ -1,0 +1,171 @@
+"""The dspex error tree.
+
+Every error has a stable string ``code`` used on the wire, in ``--json`` output and in logs.
+Errors cross process boundaries as ``{"code", "message", **details}`` and are rebuilt on the
+client with :func:`error_from_wire`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DspexError(Exception):
+    """Root of every error dspex raises."""
+
+    code = "dspex_error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.code, self.message, self.details))
+
+
+class PoolNotFound(DspexError):
+    """The named pool is not declared in the broker."""
+
+    code = "pool_not_found"
+
+
+class PoolSaturated(DspexError):
+    """The pool's bounded queue is full."""
+
+    code = "pool_saturated"
+
+
+class QueueTimeout(DspexError):
+    """A request waited in a queue longer than the pool's queue timeout."""
+
+    code = "queue_timeout"
+
+
+class WorkerBusy(DspexError):
+    """The session's pinned worker is busy and the pool is strict_fail_fast."""
+
+    code = "worker_busy"
+
+
+class WorkerCrashed(DspexError):
+    """The worker running this request died before answering."""
+
+    code = "worker_crashed"
+
+
+class SessionWorkerUnavailable(DspexError):
+    """The session's pinned worker (incarnation) is gone: crashed, recycled or expired."""
+
+    code = "session_worker_unavailable"
+
+
+class SessionQuotaExceeded(DspexError):
+    """The broker holds as many sessions as it allows."""
+
+    code = "session_quota"
+
+
+class SessionClosed(DspexError):
+    """The session was closed (by the client, the broker's idle TTL, or an operator)."""
+
+    code = "session_closed"
+
+
+class Timeout(DspexError):
+    """No answer arrived within the call's timeout (raised on the client)."""
+
+    code = "timeout"
+
+
+class RefNotFound(DspexError):
+    """A ref is unknown to its worker: released, evicted, from another session, or never existed."""
+
+    code = "ref_not_found"
+
+
+class RemoteError(DspexError):
+    """A Python exception raised inside the worker; the worker keeps running."""
+
+    code = "remote_error"
+
+    @property
+    def type_name(self) -> str:
+        return str(self.details.get("type", "Exception"))
+
+    @property
+    def remote_traceback(self) -> str:
+        return str(self.details.get("traceback", ""))
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
+
+
+class ProtocolError(DspexError):
+    """A frame could not be understood."""
+
+    code = "protocol_error"
+
+
+class UnknownOp(ProtocolError):
+    """The op code is not one this peer serves."""
+
+    code = "unknown_op"
+
+
+class MessageTooLarge(ProtocolError):
+    """A message exceeds the configured size limit."""
+
+    code = "message_too_large"
+
+
+class ConnectionError(DspexError):  # noqa: A001 - the brief names it so; dspex.ConnectionError
+    """The broker cannot be reached (bad endpoint, nothing listening, client closed)."""
+
+    code = "connection_error"
+
+
+class ConfigError(DspexError):
+    """A setting is missing or invalid (a missing API key, a bad pool spec, an unsafe endpoint)."""
+
+    code = "config_error"
+
+
+class Cancelled(DspexError):
+    """The call was cancelled by the caller."""
+
+    code = "cancelled"
+
+
+def _all_subclasses(cls: type[DspexError]) -> list[type[DspexError]]:
+    out: list[type[DspexError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[str, type[DspexError]] = {
+    cls.code: cls for cls in [DspexError, *_all_subclasses(DspexError)]
+}
+
+
+def error_from_wire(payload: Any) -> DspexError:
+    """Rebuild a typed error from its wire form; unknown codes become a plain DspexError."""
+    if not isinstance(payload, dict):
+        return ProtocolError(f"malformed error payload: {payload!r:.200}")
+    details = dict(payload)
+    code = str(details.pop("code", "dspex_error"))
+    message = str(details.pop("message", ""))
+    return _rebuild(code, message, details)
+
+
+def _rebuild(code: str, message: str, details: dict[str, Any]) -> DspexError:
+    cls = ERRORS_BY_CODE.get(code, DspexError)
+    err = cls(message, **details)
+    if cls is DspexError and code != DspexError.code:
+        err.code = code  # keep an unknown code visible rather than collapsing it
+    return err

@@ -1,0 +1,87 @@
+"""Pool declarations: ``NAME:MODE[:key=value,...]`` on the command line, or ``[dspex:pool:NAME]``
+sections in supervisor.conf (supervisord ignores sections it does not know)."""
+
+from __future__ import annotations
+
+import configparser
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dspex.errors import ConfigError
+from dspex.protocol import Affinity
+
+SECTION_PREFIX = "dspex:pool:"
+
+
+@dataclass
+class RecyclePolicy:
+    """When the broker retires a worker by itself (0 means never)."""
+
+    max_requests: int = 0
+    max_age: float = 0.0
+    age_jitter: float = 0.1  # fraction of max_age, so a pool's workers do not all retire at once
+    max_rss_mb: float = 0.0
+
+
+@dataclass
+class PoolConfig:
+    name: str
+    affinity: Affinity = Affinity.STRICT_QUEUE
+    queue_max: int = 1000
+    queue_timeout: float = 30.0
+    session_ttl: float = 3600.0
+    size: int = 0  # expected workers (from supervisor.conf); 0 = unknown
+    capacity: int = 1  # calls one worker runs at once (threads)
+    recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
+
+
+_POOL_KEYS = {f.name: f.type for f in fields(PoolConfig) if f.name not in ("name", "affinity", "recycle")}
+_RECYCLE_KEYS = {f.name for f in fields(RecyclePolicy)}
+
+
+def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
+    key = key.strip().replace("-", "_")
+    try:
+        if key == "affinity":
+            cfg.affinity = Affinity(value.strip())
+        elif key in _RECYCLE_KEYS:
+            setattr(cfg.recycle, key, type(getattr(cfg.recycle, key))(value))
+        elif key in _POOL_KEYS:
+            setattr(cfg, key, type(getattr(cfg, key))(value))
+        else:
+            raise ConfigError(f"{where}: unknown pool setting {key!r}")
+    except ValueError:
+        raise ConfigError(f"{where}: bad value {value!r} for {key!r}") from None
+
+
+def parse_pool_spec(spec: str) -> PoolConfig:
+    """``triage_pool:strict_queue:queue_max=100,queue_timeout=5``."""
+    parts = spec.split(":", 2)
+    if not parts[0]:
+        raise ConfigError(f"bad pool spec {spec!r}: expected NAME[:MODE[:key=value,...]]")
+    cfg = PoolConfig(parts[0])
+    if len(parts) > 1 and parts[1]:
+        _apply(cfg, "affinity", parts[1], f"pool spec {spec!r}")
+    if len(parts) > 2 and parts[2]:
+        for item in parts[2].split(","):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"pool spec {spec!r}: expected key=value, got {item!r}")
+            _apply(cfg, key, value, f"pool spec {spec!r}")
+    return cfg
+
+
+def load_pools(conf_path: str | Path) -> list[PoolConfig]:
+    """The ``[dspex:pool:NAME]`` sections of a supervisor.conf, in file order."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    path = Path(conf_path)
+    if not parser.read(path):
+        raise ConfigError(f"cannot read {path}")
+    pools = []
+    for section in parser.sections():
+        if section.startswith(SECTION_PREFIX):
+            cfg = PoolConfig(section[len(SECTION_PREFIX):])
+            for key, value in parser.items(section):
+                _apply(cfg, key, value, f"{path} [{section}]")
+            pools.append(cfg)
+    return pools

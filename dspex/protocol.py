@@ -1,0 +1,161 @@
+"""Wire protocol constants and the small headers the broker routes on.
+
+Frontend (client DEALER -> broker ROUTER)::
+
+    client -> broker:  [request_header, *payload]
+    broker -> client:  [reply_header, *payload]
+
+Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command::
+
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT]
+                       [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
+    broker -> worker:  [B_REQUEST, client_id, request_header, *payload] | [B_HEARTBEAT]
+                       [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
+                       [B_CANCEL, client_id, req_id]
+
+The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
+touches. See docs/protocol.md for the full description.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from dspex.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# Backend commands, one byte each so the broker branches on a byte compare.
+W_READY = b"\x01"
+W_HEARTBEAT = b"\x02"
+W_REPLY = b"\x03"
+W_PARTIAL = b"\x04"
+W_DISCONNECT = b"\x05"
+
+B_REQUEST = b"\x11"
+B_HEARTBEAT = b"\x12"
+B_DISCONNECT = b"\x13"
+B_RELEASE_SESSION = b"\x14"
+B_REREGISTER = b"\x15"
+B_CANCEL = b"\x16"
+
+# Defaults fixed by the brief (PPP-style heartbeats).
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class Op(str, enum.Enum):
+    """Request ops. Worker ops are forwarded; broker ops are answered by the broker."""
+
+    CALL = "call"
+    METHOD = "method"
+    GETATTR = "getattr"
+    SETATTR = "setattr"
+    EVAL = "eval"
+    EXEC = "exec"
+    RELEASE = "release"
+    TO_DATA = "to_data"
+    # broker ops
+    STATUS = "status"
+    CLOSE_SESSION = "close_session"
+    SESSIONS = "sessions"
+    RECYCLE = "recycle"
+    PING = "ping"
+
+
+WORKER_OPS = frozenset(
+    op.value for op in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE, Op.TO_DATA)
+)
+BROKER_OPS = frozenset(op.value for op in (Op.STATUS, Op.CLOSE_SESSION, Op.SESSIONS, Op.RECYCLE, Op.PING))
+
+
+class Status(str, enum.Enum):
+    """Reply status in the reply header."""
+
+    OK = "ok"
+    ERROR = "err"
+    PARTIAL = "part"
+
+
+class Affinity(str, enum.Enum):
+    """How a pool maps a session's calls to workers (the table in the brief)."""
+
+    STRICT_QUEUE = "strict_queue"
+    STRICT_FAIL_FAST = "strict_fail_fast"
+    HINT = "hint"
+    NONE = "none"
+
+
+class WorkerState(str, enum.Enum):
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+
+
+# Request header flags
+FLAG_STREAM = 1  # the caller accepts PARTIAL replies
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    """``[op, req_id, pool, session, worker, timeout_ms, flags]`` packed as one msgpack array.
+
+    ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
+    it lets a restarted broker re-adopt pins it has never seen.
+    """
+
+    op: str
+    req_id: int
+    pool: str
+    session: str
+    worker: str = ""
+    timeout_ms: int = 0
+    flags: int = 0
+
+    def pack(self) -> bytes:
+        return msgpack.packb(
+            [self.op, self.req_id, self.pool, self.session, self.worker, self.timeout_ms, self.flags]
+        )
+
+
+def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
+    try:
+        fields = msgpack.unpackb(data)
+        op, req_id, pool, session, worker, timeout_ms, flags = fields
+        if not (
+            isinstance(op, str)
+            and isinstance(req_id, int)
+            and isinstance(pool, str)
+            and isinstance(session, str)
+            and isinstance(worker, str)
+            and isinstance(timeout_ms, int)
+            and isinstance(flags, int)
+        ):
+            raise TypeError("wrong field types")
+    except Exception as exc:
+        raise ProtocolError(f"malformed request header: {exc}") from None
+    return RequestHeader(op, req_id, pool, session, worker, timeout_ms, flags)
+
+
+def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
+    """``[status, req_id, worker, pool]``: the worker the reply came from lets clients track pins."""
+    return msgpack.packb([status, req_id, worker, pool])
+
+
+def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
+    try:
+        status, req_id, worker, pool = msgpack.unpackb(data)
+        if not (isinstance(status, str) and isinstance(req_id, int)):
+            raise TypeError("wrong field types")
+    except Exception as exc:
+        raise ProtocolError(f"malformed reply header: {exc}") from None
+    return status, req_id, str(worker), str(pool)
+
+
+def pack_error(code: str, message: str, **details: Any) -> bytes:
+    return msgpack.packb({"code": code, "message": message, **details})

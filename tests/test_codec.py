@@ -1,0 +1,349 @@
+"""Unit tests for dspex.codec: round trips, array frames, graceful refs, errors."""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import enum
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dspex.codec import EncodeError, decode, encode, packb, unpackb
+from dspex.errors import ProtocolError
+from dspex.ref import Ref
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Equal *and* of exactly the same types, all the way down."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        b_keys = {k: k for k in b}
+        for k, v in a.items():
+            assert_same(k, b_keys[k])
+            assert_same(v, b[k])
+    elif isinstance(a, (set, frozenset)):
+        assert a == b and {type(x) for x in a} == {type(x) for x in b}
+    elif isinstance(a, dt.datetime):
+        assert a == b and a.utcoffset() == b.utcoffset()
+    else:
+        assert a == b
+
+
+def roundtrip(x: object, **kw: Any) -> Any:
+    return decode(encode(x, **kw))
+
+
+class Refs:
+    """A to_ref that counts calls and hands out distinct refs."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+        self.by_id: dict[str, object] = {}
+        self.counter = itertools.count()
+
+    def __call__(self, obj: object) -> Ref:
+        self.calls.append(obj)
+        ref = Ref(f"{next(self.counter):032x}", "sess", "pool", "w1", type(obj).__name__, repr(obj)[:20])
+        self.by_id[ref.id] = obj
+        return ref
+
+
+class Opaque:
+    pass
+
+
+UTC5 = dt.timezone(dt.timedelta(hours=5, minutes=30))
+NATIVE = [
+    None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, 2**200, -(2**64), -(2**300),
+    0.5, math.inf, -math.inf, "", "héllo", b"", b"\x00\xff", (), (1,), (1, (2, (3,))), [1, (2, [3])],
+    {"a": 1}, {1: "x", (1, "t"): 2, b"k": 3, None: 4, 2.5: 5, frozenset({1}): 6},
+    {1, 2, (3, 4)}, frozenset({"a", (1,)}), set(), 1 + 2j, complex(-0.0, math.inf),
+    dt.datetime(2024, 2, 29, 13, 5, 7, 123456), dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+    dt.datetime(1, 1, 1, 0, 0, tzinfo=UTC5), dt.date(1999, 12, 31), dt.time(23, 59, 59, 1),
+    dt.time(1, 2, tzinfo=UTC5), dt.timedelta(days=-5, seconds=3, microseconds=9), dt.timedelta(),
+    {"nested": [{"t": (1, 2)}, {3, 4}, [dt.date(2020, 1, 1), 3j]]},
+]
+
+
+@pytest.mark.parametrize("value", NATIVE, ids=repr)
+def test_native_round_trip_exact_types(value: object) -> None:
+    assert_same(value, roundtrip(value))
+    assert len(encode(value)) == 1
+
+
+def test_nan_and_bytearray() -> None:
+    assert math.isnan(roundtrip(math.nan))  # type: ignore[arg-type]
+    assert_same(b"abc", roundtrip(bytearray(b"abc")))
+
+
+class Color(enum.IntEnum):
+    RED = 3
+
+
+class Point(NamedTuple):
+    x: int
+    y: int
+
+
+class MyStr(str):
+    pass
+
+
+class MyFloat(float):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (collections.OrderedDict(a=1, b=2), {"a": 1, "b": 2}),
+        (collections.defaultdict(list, k=[1]), {"k": [1]}),
+        (Point(1, 2), (1, 2)),
+        ([Point(1, 2)], [(1, 2)]),
+        (Color.RED, 3),
+        (MyStr("s"), "s"),
+        (MyFloat(1.5), 1.5),
+        ({Color.RED: Point(3, 4)}, {3: (3, 4)}),
+    ],
+)
+def test_subclasses_travel_as_base_values(value: object, expected: object) -> None:
+    assert_same(expected, roundtrip(value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.float32(1.5), np.float64(-2.0), np.float16(0.25), np.int8(-3), np.uint64(2**64 - 1), np.bool_(True),
+     np.complex64(1 - 2j), np.str_("hé"), np.bytes_(b"ab"), np.datetime64("2020-01-02T03:04"),
+     np.timedelta64(5, "ms")],
+    ids=repr,
+)
+def test_numpy_scalars_keep_their_type(value: np.generic) -> None:
+    out = roundtrip(value)
+    assert type(out) is type(value) and out.dtype == value.dtype and out == value
+
+
+A = np.arange(24, dtype=np.float64).reshape(4, 6)
+ARRAYS = {
+    "bool": np.array([True, False, True]),
+    "int8": np.arange(-5, 5, dtype=np.int8),
+    "int64": np.arange(10, dtype=np.int64) * -(2**40),
+    "uint16": np.arange(7, dtype=np.uint16),
+    "uint64": np.array([2**64 - 1], dtype=np.uint64),
+    "float16": np.linspace(0, 1, 5, dtype=np.float16),
+    "float32": np.linspace(0, 1, 5, dtype=np.float32).reshape(5, 1),
+    "complex128": np.array([1 + 2j, -3j]),
+    "complex64": np.array([1 + 2j], dtype=np.complex64),
+    "bigendian": np.arange(4, dtype=">i4"),
+    "datetime64": np.array(["2020-01-01T00:00", "NaT"], dtype="M8[ns]"),
+    "timedelta64": np.array([1, 2], dtype="m8[s]"),
+    "unicode": np.array(["a", "héllo"]),
+    "bytes": np.array([b"x", b"yz"]),
+    "structured": np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    "slice": A[:, ::2],
+    "transposed": A.T,
+    "fortran": np.asfortranarray(A),
+    "zero_d": np.array(7.0),
+    "empty": np.zeros((0, 3), dtype=np.int32),
+    "3d": np.arange(60, dtype=np.int16).reshape(3, 4, 5)[::-1, 1:, ::2],
+}
+
+
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_arrays_round_trip(name: str) -> None:
+    arr = ARRAYS[name]
+    frames = encode({"arr": arr, "n": 1})
+    assert len(frames) == 2
+    out = decode(frames)["arr"]  # type: ignore[index]
+    assert type(out) is np.ndarray and out.dtype == arr.dtype and out.shape == arr.shape
+    np.testing.assert_array_equal(out, arr)
+    assert out.flags.writeable and out.flags.c_contiguous
+    out[...] = arr  # really writable
+
+
+def test_array_is_a_separate_frame_without_copy() -> None:
+    arr = np.arange(1_000_000, dtype=np.float64)
+    body, raw = encode([arr, arr[:3]])[0:2]
+    assert len(body) < 200
+    assert isinstance(raw, memoryview) and raw.nbytes == arr.nbytes
+    assert np.shares_memory(np.frombuffer(raw, dtype=np.float64), arr)  # no copy on encode
+
+
+def test_several_arrays_and_frame_indices() -> None:
+    a, b = np.arange(3), np.ones((2, 2))
+    frames = encode((a, {"b": b}, [a]))
+    assert len(frames) == 4
+    out = decode(frames)
+    assert type(out) is tuple
+    np.testing.assert_array_equal(out[0], a)
+    np.testing.assert_array_equal(out[1]["b"], b)
+    out[0][0] = 99  # decoded arrays never alias one another
+    assert out[2][0][0] == 0
+
+
+def test_decode_through_zmq_frames() -> None:
+    value = {"x": np.arange(100_000, dtype=np.int32).reshape(100, 1000), "t": (1, "a"), "r": Ref("i", "s", "p", "w", "T")}
+    frames = [zmq.Frame(bytes(f)) for f in encode(value)]
+    out = decode(frames)
+    assert isinstance(out, dict)
+    np.testing.assert_array_equal(out["x"], value["x"])
+    assert out["x"].flags.writeable
+    assert out["t"] == (1, "a") and out["r"] == value["r"]
+
+
+def test_graceful_leaf_inside_dict_inside_list() -> None:
+    refs = Refs()
+    thing = Opaque()
+    out = roundtrip([1, {"ok": "data", "response": thing}, {Opaque()}], to_ref=refs)
+    assert isinstance(out, list) and out[0] == 1 and out[1]["ok"] == "data"
+    ref = out[1]["response"]
+    assert isinstance(ref, Ref) and refs.by_id[ref.id] is thing and ref.type_name == "Opaque"
+    (member,) = out[2]
+    assert isinstance(member, Ref)
+
+
+def test_object_arrays_and_non_native_keys_become_refs() -> None:
+    refs = Refs()
+    obj_arr = np.array([Opaque()], dtype=object)
+    key = Opaque()
+    out = roundtrip({"a": obj_arr, key: 1}, to_ref=refs)
+    assert isinstance(out, dict) and isinstance(out["a"], Ref)
+    assert [k for k in out if isinstance(k, Ref)] and refs.calls[0] is obj_arr
+
+
+def test_same_object_twice_gives_same_ref_once() -> None:
+    refs = Refs()
+    thing = Opaque()
+    out = roundtrip({"a": thing, "b": [thing, (thing,)]}, to_ref=refs)
+    assert isinstance(out, dict) and out["a"] == out["b"][0] == out["b"][1][0]
+    assert refs.calls == [thing]
+
+
+def test_self_referencing_list_becomes_ref() -> None:
+    refs = Refs()
+    lst: list[Any] = [1, Opaque()]
+    lst.append(lst)
+    out = roundtrip(lst, to_ref=refs)
+    assert isinstance(out, list) and out[0] == 1 and isinstance(out[1], Ref)
+    assert isinstance(out[2], Ref) and refs.by_id[out[2].id] is lst
+    assert len(refs.calls) == 2
+
+
+def test_dict_cycle_through_list_becomes_ref() -> None:
+    refs = Refs()
+    d: dict[str, Any] = {"k": np.arange(3)}
+    d["loop"] = [1, d, (d,)]
+    frames = encode(d, to_ref=refs)
+    out = decode(frames)
+    assert isinstance(out, dict) and len(frames) == 2
+    np.testing.assert_array_equal(out["k"], np.arange(3))
+    assert out["loop"][1] == out["loop"][2][0] and refs.by_id[out["loop"][1].id] is d
+    assert refs.calls == [d]
+
+
+def test_too_deep_nesting_is_cut_by_a_ref() -> None:
+    deep: list[Any] = []
+    cur = deep
+    for _ in range(1000):
+        cur.append([])
+        cur = cur[0]
+    out = roundtrip(deep, to_ref=Refs())
+    depth = 0
+    while isinstance(out, list):
+        out, depth = out[0], depth + 1
+    assert isinstance(out, Ref) and 100 < depth < 1000
+    with pytest.raises(EncodeError, match="nested too deeply"):
+        encode(deep)
+
+
+def test_encode_error_names_type_and_path() -> None:
+    with pytest.raises(EncodeError) as info:
+        encode([0, 1, {"x": Opaque()}])
+    assert "Opaque" in str(info.value) and "result[2]['x']" in str(info.value)
+    assert info.value.code == "encode_error" and isinstance(info.value, ProtocolError)
+    assert info.value.details["path"] == "result[2]['x']"
+    lst: list[Any] = []
+    lst.append({"me": lst})
+    with pytest.raises(EncodeError, match=r"cycle"):
+        encode(lst)
+    with pytest.raises(EncodeError, match=r"args\[0\]"):
+        encode([np.array([None])], root="args")
+
+
+def test_resolve_ref_on_decode() -> None:
+    refs = Refs()
+    thing = Opaque()
+    frames = encode({"a": [thing], thing: 1}, to_ref=refs)
+    assert decode(frames, resolve_ref=lambda r: refs.by_id[r.id]) == {"a": [thing], thing: 1}
+    assert len(refs.calls) == 1
+    ref = Ref("ab" * 16, "s", "p", "w", "T", "repr")
+    assert decode(encode({"r": ref}))["r"] == ref  # type: ignore[index]
+
+
+def test_packb_helpers() -> None:
+    hdr = {"op": "call", "id": 7, "args": (1, {2}), "ref": Ref("i", "s", "p", "w", "T"), "x": np.int16(3)}
+    assert_same(hdr, unpackb(packb(hdr)))
+    with pytest.raises(EncodeError, match="frames"):
+        packb({"a": np.arange(3)})
+    with pytest.raises(EncodeError, match=r"header\['o'\]"):
+        packb({"o": Opaque()})
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[b"\xc1"], [], [packb([1])[:-1] + b"\xc7"], encode(np.arange(3))[:1], [b"\xc7\x00\x0c"]],
+)
+def test_malformed_input_is_a_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(frames)
+
+
+def test_object_dtype_never_accepted_from_wire() -> None:
+    import msgpack
+
+    payload = packb(["|O", [1], 1])
+    body = msgpack.packb(msgpack.ExtType(10, payload))
+    with pytest.raises(ProtocolError, match="object"):
+        decode([body, b"\x00" * 8])
+
+
+keys = st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.binary(max_size=5)
+leaves = (
+    keys
+    | st.floats(allow_nan=False)
+    | st.integers(min_value=-(2**300), max_value=2**300)
+    | st.complex_numbers(allow_nan=False)
+    | st.datetimes()
+    | st.dates()
+    | st.timedeltas()
+    | st.times()
+)
+hashables = st.recursive(keys, lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    leaves,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(hashables, inner, max_size=4)
+    | st.sets(hashables, max_size=4)
+    | st.frozensets(hashables, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_property_round_trip(value: object) -> None:
+    assert_same(value, roundtrip(value))

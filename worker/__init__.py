@@ -1,0 +1,1 @@
+"""The dspex worker daemon: ``python -m worker --pool NAME``."""

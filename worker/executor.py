@@ -1,0 +1,321 @@
+"""What a worker does with a request: resolve refs, run the op in its session, encode the result.
+
+The executor knows nothing about sockets: it turns (header, payload frames) into reply frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import logging
+import secrets
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+from dspex import codec
+from dspex.errors import DspexError, ProtocolError, RefNotFound, RemoteError, UnknownOp
+from dspex.protocol import Op, RequestHeader
+from dspex.ref import Ref
+
+log = logging.getLogger("dspex.worker")
+
+DEFAULT_REF_CAP = 100_000
+_GONE_MEMORY = 50_000  # how many released/evicted ref ids we remember to explain a stale ref
+
+# The session a request runs in; read by the dspy.configure interceptor.
+current_session: contextvars.ContextVar["SessionState | None"] = contextvars.ContextVar(
+    "dspex_session", default=None
+)
+
+
+@dataclass
+class SessionState:
+    """Everything one session owns on this worker."""
+
+    id: str
+    refs: dict[str, Any] = field(default_factory=dict)
+    ref_of_object: dict[int, str] = field(default_factory=dict)
+    dspy_settings: dict[str, Any] = field(default_factory=dict)
+    namespace: dict[str, Any] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class RefTable:
+    """All refs of this worker, LRU-capped across sessions."""
+
+    def __init__(self, pool: str, worker: str, cap: int = DEFAULT_REF_CAP) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.cap = cap
+        self.sessions: dict[str, SessionState] = {}
+        self._lru: OrderedDict[str, str] = OrderedDict()  # ref id -> session id
+        self._gone: OrderedDict[str, str] = OrderedDict()  # ref id -> why it is gone
+
+    def session(self, session_id: str) -> SessionState:
+        state = self.sessions.get(session_id)
+        if state is None:
+            state = self.sessions[session_id] = SessionState(session_id)
+        state.last_used = time.monotonic()
+        return state
+
+    def put(self, session: SessionState, obj: Any) -> Ref:
+        ref_id = session.ref_of_object.get(id(obj))
+        if ref_id is None or ref_id not in session.refs:
+            ref_id = secrets.token_hex(16)  # 128 bits: refs are unguessable
+            session.refs[ref_id] = obj
+            session.ref_of_object[id(obj)] = ref_id
+            self._lru[ref_id] = session.id
+            self._evict()
+        else:
+            self._lru.move_to_end(ref_id)
+        try:
+            text = repr(obj)
+        except Exception as exc:  # a broken __repr__ must not break the call
+            text = f"<unrepresentable: {type(exc).__name__}>"
+        return Ref(ref_id, session.id, self.pool, self.worker, _type_name(obj), text[:200])
+
+    def get(self, session: SessionState, ref: Ref) -> Any:
+        if ref.session != session.id:
+            raise RefNotFound(
+                f"ref {ref.id[:8]} belongs to session {ref.session[:8]}, not to this session {session.id[:8]}",
+                ref=ref.id,
+            )
+        try:
+            obj = session.refs[ref.id]
+        except KeyError:
+            why = self._gone.get(ref.id)
+            if why is None and ref.worker != self.worker:
+                why = f"it was made by worker {ref.worker[:8]}, not this one ({self.worker[:8]})"
+            raise RefNotFound(f"ref {ref.id[:8]} ({ref.type_name}) is gone: {why or 'unknown ref'}", ref=ref.id) from None
+        self._lru.move_to_end(ref.id)
+        return obj
+
+    def release(self, session: SessionState, ref_id: str, why: str = "released") -> bool:
+        obj = session.refs.pop(ref_id, None)
+        if obj is None and ref_id not in self._lru:
+            return False
+        session.ref_of_object.pop(id(obj), None)
+        self._lru.pop(ref_id, None)
+        self._forget(ref_id, why)
+        return True
+
+    def release_session(self, session_id: str, why: str = "its session was closed") -> int:
+        state = self.sessions.pop(session_id, None)
+        if state is None:
+            return 0
+        for ref_id in state.refs:
+            self._lru.pop(ref_id, None)
+            self._forget(ref_id, why)
+        return len(state.refs)
+
+    def _forget(self, ref_id: str, why: str) -> None:
+        self._gone[ref_id] = why
+        if len(self._gone) > _GONE_MEMORY:
+            self._gone.popitem(last=False)
+
+    def _evict(self) -> None:
+        while len(self._lru) > self.cap:
+            ref_id, session_id = self._lru.popitem(last=False)
+            state = self.sessions.get(session_id)
+            if state is not None:
+                obj = state.refs.pop(ref_id, None)
+                state.ref_of_object.pop(id(obj), None)
+            self._forget(ref_id, f"evicted: this worker holds at most {self.cap} refs (least recently used go first)")
+
+    @property
+    def count(self) -> int:
+        return len(self._lru)
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    module = cls.__module__
+    return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+
+
+class Executor:
+    """Runs worker ops against a RefTable, with per-session DSPy settings."""
+
+    def __init__(self, refs: RefTable) -> None:
+        self.refs = refs
+        self._dspy: Any = None
+        self.served = 0
+        self.errors = 0
+
+    # -- DSPy integration ------------------------------------------------------------------
+    def enable_dspy(self, max_history: int = 200) -> None:
+        """Import dspy and route ``dspy.configure`` of a session into that session's settings.
+
+        ``dspy.configure`` is process-global and owned by the first thread that calls it; two
+        sessions on one worker must not see each other's LM, so a configure inside a session is
+        stored on the session and applied with ``dspy.context`` around each of its calls.
+        """
+        import dspy
+        from dspy.dsp.utils import settings as settings_module
+
+        dspy.configure(max_history_size=max_history)
+        original = dspy.settings.configure
+
+        def session_configure(**kwargs: Any) -> None:
+            state = current_session.get()
+            if state is None:
+                original(**kwargs)
+                return
+            state.dspy_settings.update(kwargs)
+            # make the new settings visible for the rest of this call too
+            overrides = settings_module.thread_local_overrides.get()
+            settings_module.thread_local_overrides.set(type(overrides)({**overrides, **kwargs}))
+
+        dspy.settings.configure = session_configure  # type: ignore[method-assign]
+        dspy.configure = session_configure
+        self._dspy = dspy
+
+    @contextlib.contextmanager
+    def _session_scope(self, state: SessionState) -> Iterator[None]:
+        token = current_session.set(state)
+        try:
+            if self._dspy is not None:
+                with self._dspy.context(**state.dspy_settings):
+                    yield
+            else:
+                yield
+        finally:
+            current_session.reset(token)
+
+    # -- ops ---------------------------------------------------------------------------------
+    def execute(self, header: RequestHeader, payload: list[Any]) -> list[Any]:
+        """Return codec frames of the result; raise DspexError for a typed failure."""
+        ephemeral = not header.session
+        state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+        try:
+            with self._session_scope(state):
+                try:
+                    args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r))
+                except DspexError:
+                    raise
+                except Exception as exc:
+                    raise ProtocolError(f"malformed request body: {exc}") from None
+                result = self._run(header.op, state, args)
+                return codec.encode(result, to_ref=lambda obj: self.refs.put(state, obj))
+        finally:
+            if ephemeral:
+                self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
+
+    def _run(self, op: str, state: SessionState, args: Any) -> Any:
+        if not isinstance(args, (list, tuple)):
+            raise ProtocolError(f"request body for {op!r} must be a list, got {type(args).__name__}")
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise UnknownOp(f"unknown op {op!r}")
+        try:
+            return handler(self, state, *args)
+        except DspexError:
+            raise
+        except TypeError as exc:
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise ProtocolError(f"wrong arguments for {op!r}: {exc}") from None
+            raise _remote(exc) from None
+        except Exception as exc:
+            raise _remote(exc) from None
+
+    def _call(self, state: SessionState, module: str, name: str, args: list[Any] | None = None,
+              kwargs: dict[str, Any] | None = None) -> Any:
+        fn = _resolve_callable(module, name)
+        return _invoke(fn, args, kwargs)
+
+    def _method(self, state: SessionState, target: Any, name: str, args: list[Any] | None = None,
+                kwargs: dict[str, Any] | None = None) -> Any:
+        return _invoke(_getattr_remote(target, name), args, kwargs)
+
+    def _getattr(self, state: SessionState, target: Any, name: str) -> Any:
+        return _getattr_remote(target, name)
+
+    def _setattr(self, state: SessionState, target: Any, name: str, value: Any) -> None:
+        try:
+            setattr(target, name, value)
+        except Exception as exc:
+            raise _remote(exc) from None
+
+    def _eval(self, state: SessionState, expr: str, namespace: dict[str, Any] | None = None) -> Any:
+        scope = {**state.namespace, **(namespace or {})}
+        return eval(compile(expr, "<dspex eval>", "eval"), scope)  # noqa: S307 - the op's purpose
+
+    def _exec(self, state: SessionState, source: str, namespace: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``source`` in the session's namespace; return the names it bound."""
+        scope = state.namespace
+        before = dict(scope)
+        scope.update(namespace or {})
+        exec(compile(source, "<dspex exec>", "exec"), scope)  # noqa: S102 - the op's purpose
+        return {k: v for k, v in scope.items() if k != "__builtins__" and before.get(k, _MISSING) is not v}
+
+    def _release(self, state: SessionState, ref_ids: list[Any]) -> int:
+        released = 0
+        for item in ref_ids:
+            ref_id = item.id if isinstance(item, Ref) else str(item)
+            released += self.refs.release(state, ref_id)
+        return released
+
+    def _to_data(self, state: SessionState, target: Any) -> Any:
+        """Plain data of a dspy.Example/Prediction (or anything with toDict / a dict view)."""
+        for attr in ("toDict", "to_dict"):
+            fn = getattr(target, attr, None)
+            if callable(fn):
+                return fn()
+        if isinstance(target, dict):
+            return dict(target)
+        raise RemoteError(f"{_type_name(target)} has no plain-data form", type="TypeError", traceback="")
+
+    _handlers: dict[str, Callable[..., Any]] = {
+        Op.CALL.value: _call,
+        Op.METHOD.value: _method,
+        Op.GETATTR.value: _getattr,
+        Op.SETATTR.value: _setattr,
+        Op.EVAL.value: _eval,
+        Op.EXEC.value: _exec,
+        Op.RELEASE.value: _release,
+        Op.TO_DATA.value: _to_data,
+    }
+
+
+_MISSING = object()
+
+
+def _resolve_callable(module: str, name: str) -> Any:
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as exc:
+        raise _remote(exc) from None
+    for part in name.split("."):
+        obj = _getattr_remote(obj, part)
+    return obj
+
+
+def _getattr_remote(target: Any, name: str) -> Any:
+    try:
+        return getattr(target, name)
+    except Exception as exc:
+        raise _remote(exc) from None
+
+
+def _invoke(fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
+    if not callable(fn):
+        raise RemoteError(f"{_type_name(fn)} object is not callable", type="TypeError", traceback="")
+    try:
+        return fn(*(args or ()), **(kwargs or {}))
+    except Exception as exc:
+        raise _remote(exc) from None
+
+
+def _remote(exc: BaseException) -> RemoteError:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RemoteError(str(exc), type=type(exc).__name__, traceback=tb[-8000:])
+
+
+def error_frames(err: DspexError) -> list[bytes]:
+    return [msgpack.packb(err.to_wire(), default=str)]
