@@ -111,6 +111,10 @@ class Broker:
             if endpoint.startswith("tcp://"):
                 self._secure(sock, endpoint)
             sock.bind(endpoint)
+        # a send to a worker whose connection is already gone raises instead of vanishing
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # a worker reconnecting under its identity takes over its stale connection
+        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
@@ -303,7 +307,34 @@ class Broker:
             return
         p.started = now
         w.inflight[(p.client, p.req_id)] = p
-        self.backend.send_multipart([w.id, B_REQUEST, p.client, p.header, *p.payload], copy=False)
+        try:
+            self.backend.send_multipart([w.id, B_REQUEST, p.client, p.header, *p.payload], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            del w.inflight[(p.client, p.req_id)]  # never delivered: not a crash mid-request
+            self._remove_worker(w, "crashed (connection lost)")
+            self._fail(p, w.pool, SessionWorkerUnavailable(
+                f"worker {w.incarnation[:8]} of this session is gone: crashed (connection lost)",
+                session=p.session, worker=w.incarnation))
+
+    def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
+        try:
+            self.backend.send_multipart([w.id, *frames], copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._remove_worker(w, "crashed (connection lost)")
+            return False
+
+    def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:
+        """Best effort to a peer we hold no record of (it may be gone already)."""
+        try:
+            self.backend.send_multipart([wid, *frames])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
 
     def _feed(self, w: WorkerRecord) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
@@ -360,7 +391,7 @@ class Broker:
                 return
             self.frontend.send_multipart([client, *frames[3:]], copy=False)
             if w is None:
-                self.backend.send_multipart([wid, B_REREGISTER])
+                self._to_peer(wid, [B_REREGISTER])
                 return
             if command == W_PARTIAL:
                 return
@@ -373,12 +404,12 @@ class Broker:
                     w.errors += 1
                 w.pool.observe(p.op, outcome, time.monotonic() - p.started)
             if w.draining and not w.inflight:
-                self.backend.send_multipart([wid, B_DISCONNECT])
+                self._to_worker(w, [B_DISCONNECT])
             else:
                 self._feed(w)
         elif command == W_HEARTBEAT:
             if w is None:
-                self.backend.send_multipart([wid, B_REREGISTER])
+                self._to_peer(wid, [B_REREGISTER])
             elif len(frames) > 2:
                 try:
                     stats = msgpack.unpackb(frames[2].buffer)
@@ -415,7 +446,7 @@ class Broker:
         pool = self.pools.get(pool_name)
         if pool is None:
             log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
-            self.backend.send_multipart([wid, B_DISCONNECT])
+            self._to_peer(wid, [B_DISCONNECT])
             return
         expiry = time.monotonic() + self.options.heartbeat_interval * self.options.heartbeat_liveness
         w = WorkerRecord(wid, pool, info, expiry)
@@ -486,7 +517,7 @@ class Broker:
             if now > w.expiry:
                 self._remove_worker(w, "stopped answering heartbeats")
             else:
-                self.backend.send_multipart([w.id, B_HEARTBEAT])
+                self._to_worker(w, [B_HEARTBEAT])
 
     def _sweep(self, now: float) -> None:
         for pool in self.pools.values():
@@ -526,7 +557,7 @@ class Broker:
         if w is None:
             return False
         w.sessions.discard(rec.id)
-        self.backend.send_multipart([w.id, B_RELEASE_SESSION, rec.id.encode()])
+        self._to_worker(w, [B_RELEASE_SESSION, rec.id.encode()])
         return True
 
     # -- recycling ------------------------------------------------------------------------
@@ -544,7 +575,7 @@ class Broker:
                 session=p.session, worker=w.incarnation))
         w.queue.clear()
         if not w.inflight:
-            self.backend.send_multipart([w.id, B_DISCONNECT])
+            self._to_worker(w, [B_DISCONNECT])
         log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
 
     def _recycle_step(self, pool: Pool, now: float) -> None:

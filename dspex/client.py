@@ -259,7 +259,8 @@ class Session:
         return self._request(Op.TO_DATA, [ref], timeout)
 
     def release(self, *refs: Ref, timeout: float | None = None) -> int:
-        return int(self._request(Op.RELEASE, [list(refs)], timeout))
+        # ids, not refs: refs in a request body resolve to their objects on the worker
+        return int(self._request(Op.RELEASE, [[r.id for r in refs]], timeout))
 
     def close(self, timeout: float | None = None) -> None:
         """Release every ref of the session on its worker."""

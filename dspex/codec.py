@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from dspex.errors import DspexError, ProtocolError
+from dspex.errors import DspexError, EncodeError, ProtocolError
 from dspex.ref import Ref
 
 # Containers are encoded as a msgpack array whose first item is an empty ext "tag", not as an
@@ -36,19 +36,15 @@ EXT_NDARRAY = 10  # packb([dtype str or descr, shape, frame index])
 EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
 EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
 
-MAX_WALK_DEPTH = 400  # below msgpack's 512 nesting limit and Python's recursion limit
+# msgpack packs ~1024 levels and unpacks 1024; the fallback walk recurses in Python, so it cuts
+# deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
+MAX_WALK_DEPTH = 400
 
 Frame = Union[bytes, memoryview, zmq.Frame]
 Frames = Sequence[Frame]
 ToRef = Callable[[object], Ref]
 ResolveRef = Callable[[Ref], object]
 Buffers = list[Union[bytes, memoryview]]
-
-
-class EncodeError(ProtocolError):
-    """A value cannot be encoded and no ``to_ref`` was given to turn it into a ref."""
-
-    code = "encode_error"
 
 
 class _Tag:
@@ -111,10 +107,12 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 def _native_array(o: object) -> bool:
     # other ndarray subclasses (masked arrays, matrix) would silently lose meaning: refs
-    return type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject  # type: ignore[attr-defined]
+    return isinstance(o, np.ndarray) and type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject
 
 
-def _make_hook(buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref]) -> Callable[[Any], Any]:
+def _make_hook(
+    buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref]
+) -> Callable[[Any], Any]:
     """Build msgpack's ``default``: called for everything not an exact msgpack-native type."""
 
     def hook(obj: Any) -> Any:
@@ -157,7 +155,8 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
     def ref_for(o: object, why: str) -> object:
         if to_ref is None:
             path = root + "".join(trail)
-            raise EncodeError(f"cannot encode {_type_name(o)} at {path} ({why})", type=_type_name(o), path=path)
+            name = _type_name(o)
+            raise EncodeError(f"cannot encode {name} at {path} ({why})", type=name, path=path)
         ref = memo.get(id(o))
         if ref is None:
             ref = memo[id(o)] = to_ref(o)
@@ -199,18 +198,23 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
 
 
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str) -> bytes:
-    memo: dict[int, Ref] = {}
+    memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
+    body: bytes
     try:
-        return msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(obj)  # type: ignore[no-any-return]
-    except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle or very deep)
+        body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(obj)
+        return body
+    except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep)
         pass
     if buffers is not None:
         buffers.clear()
     clean = _sanitize(obj, to_ref, memo, root)
-    return msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(clean)  # type: ignore[no-any-return]
+    body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(clean)
+    return body
 
 
-def encode(obj: object, to_ref: ToRef | None = None, *, root: str = "result") -> list[bytes | memoryview]:
+def encode(
+    obj: object, to_ref: ToRef | None = None, *, root: str = "result"
+) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
     Non-native values become refs via ``to_ref`` (once per object per call); without it they

@@ -116,6 +116,12 @@ class UnknownOp(ProtocolError):
     code = "unknown_op"
 
 
+class EncodeError(ProtocolError):
+    """A value cannot be encoded (and no ref could stand in for it)."""
+
+    code = "encode_error"
+
+
 class MessageTooLarge(ProtocolError):
     """A message exceeds the configured size limit."""
 
@@ -148,9 +154,8 @@ def _all_subclasses(cls: type[DspexError]) -> list[type[DspexError]]:
     return out
 
 
-ERRORS_BY_CODE: dict[str, type[DspexError]] = {
-    cls.code: cls for cls in [DspexError, *_all_subclasses(DspexError)]
-}
+ERRORS_BY_CODE: dict[str, type[DspexError]] = {DspexError.code: DspexError}
+ERRORS_BY_CODE.update((cls.code, cls) for cls in _all_subclasses(DspexError))
 
 
 def error_from_wire(payload: Any) -> DspexError:

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import importlib
 import logging
+import reprlib
 import secrets
 import time
 import traceback
@@ -27,6 +28,9 @@ log = logging.getLogger("dspex.worker")
 
 DEFAULT_REF_CAP = 100_000
 _GONE_MEMORY = 50_000  # how many released/evicted ref ids we remember to explain a stale ref
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
 
 # The session a request runs in; read by the dspy.configure interceptor.
 current_session: contextvars.ContextVar["SessionState | None"] = contextvars.ContextVar(
@@ -75,7 +79,7 @@ class RefTable:
         else:
             self._lru.move_to_end(ref_id)
         try:
-            text = repr(obj)
+            text = _REPR.repr(obj)  # bounded: a huge or deep object must not cost a full repr
         except Exception as exc:  # a broken __repr__ must not break the call
             text = f"<unrepresentable: {type(exc).__name__}>"
         return Ref(ref_id, session.id, self.pool, self.worker, _type_name(obj), text[:200])
@@ -97,9 +101,9 @@ class RefTable:
         return obj
 
     def release(self, session: SessionState, ref_id: str, why: str = "released") -> bool:
-        obj = session.refs.pop(ref_id, None)
-        if obj is None and ref_id not in self._lru:
-            return False
+        if ref_id not in session.refs:
+            return False  # unknown, already gone, or another session's: nothing to do
+        obj = session.refs.pop(ref_id)
         session.ref_of_object.pop(id(obj), None)
         self._lru.pop(ref_id, None)
         self._forget(ref_id, why)
@@ -157,7 +161,9 @@ class Executor:
         stored on the session and applied with ``dspy.context`` around each of its calls.
         """
         import dspy
-        from dspy.dsp.utils import settings as settings_module
+
+        # the module, not the `settings` object that dspy.dsp.utils re-exports under that name
+        settings_module = importlib.import_module("dspy.dsp.utils.settings")
 
         dspy.configure(max_history_size=max_history)
         original = dspy.settings.configure
@@ -254,12 +260,8 @@ class Executor:
         exec(compile(source, "<dspex exec>", "exec"), scope)  # noqa: S102 - the op's purpose
         return {k: v for k, v in scope.items() if k != "__builtins__" and before.get(k, _MISSING) is not v}
 
-    def _release(self, state: SessionState, ref_ids: list[Any]) -> int:
-        released = 0
-        for item in ref_ids:
-            ref_id = item.id if isinstance(item, Ref) else str(item)
-            released += self.refs.release(state, ref_id)
-        return released
+    def _release(self, state: SessionState, ref_ids: list[str]) -> int:
+        return sum(self.refs.release(state, str(ref_id)) for ref_id in ref_ids)
 
     def _to_data(self, state: SessionState, target: Any) -> Any:
         """Plain data of a dspy.Example/Prediction (or anything with toDict / a dict view)."""
@@ -286,7 +288,24 @@ class Executor:
 _MISSING = object()
 
 
+def _make_lm(model: str, *args: Any, **kwargs: Any) -> Any:
+    """``dspy.LM`` as called through dspex: ``offline/...`` models get the offline engine."""
+    import dspy
+
+    from dspex.offline import is_offline_model, offline_lm
+
+    if is_offline_model(model) and "engine" not in kwargs:
+        return offline_lm(model or "offline/triage", **kwargs)
+    return dspy.LM(model, *args, **kwargs)
+
+
+_SPECIAL_CALLABLES: dict[tuple[str, str], Callable[..., Any]] = {("dspy", "LM"): _make_lm}
+
+
 def _resolve_callable(module: str, name: str) -> Any:
+    special = _SPECIAL_CALLABLES.get((module, name))
+    if special is not None:
+        return special
     try:
         obj: Any = importlib.import_module(module)
     except Exception as exc:

@@ -216,13 +216,11 @@ class Worker:
                     sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
                     next_beat = now + interval
                 if now >= deadline:
-                    # the broker is gone, or restarted without hearing from us: a fresh socket
-                    # and READY, backing off so a long outage does not spin
-                    log.warning("broker silent; reconnecting (next try in %.1fs)", backoff)
-                    poller.unregister(sock)
-                    sock.close(0)
-                    sock = self._new_socket()
-                    poller.register(sock, zmq.POLLIN)
+                    # The broker is gone, or restarted without hearing from us. zmq reconnects
+                    # by itself; we re-announce on the same socket (a new socket would race its
+                    # own stale connection for our identity), backing off during a long outage.
+                    log.warning("broker silent; re-sending READY (next try in %.1fs)", backoff)
+                    sock.send_multipart([W_READY, self._ready_frame()])
                     deadline = now + backoff
                     backoff = min(backoff * 2, 30.0)
         finally:

@@ -1,0 +1,193 @@
+"""The affinity table of the brief, row by row, on a real broker and real workers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import dspex
+from conftest import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def pid_of(s: dspex.Session) -> int:
+    return int(s.call("os", "getpid"))
+
+
+def start(stack: Stack, spec: str, n: int = 2) -> dspex.Client:
+    stack.start_broker(spec)
+    pool = spec.split(":")[0]
+    for _ in range(n):
+        stack.start_worker(pool, "--no-dspy")
+    stack.wait_workers(pool, n)
+    return stack.client()
+
+
+def busy_in_background(s: dspex.Session, seconds: float) -> threading.Thread:
+    t = threading.Thread(target=s.call, args=("time", "sleep", [seconds]), daemon=True)
+    t.start()
+    return t
+
+
+def wait_busy(stack: Stack, pool: str, worker: str) -> None:
+    wait_for(lambda: any(w["incarnation"] == worker and w["state"] == "busy" for w in stack.workers(pool)),
+             what=f"worker {worker[:8]} busy")
+
+
+def test_new_sessions_spread_least_loaded(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue")
+    a, b = dx.session("p"), dx.session("p")
+    assert pid_of(a) != pid_of(b), "two new sessions must land on different workers"
+    assert a.worker and b.worker and a.worker != b.worker
+
+
+def test_strict_queue_idle_runs_on_pinned_worker(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue")
+    s = dx.session("p")
+    pids = {pid_of(s) for _ in range(20)}
+    assert len(pids) == 1
+
+
+def test_strict_queue_busy_waits_in_that_workers_queue(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue")
+    s = dx.session("p")
+    pinned = pid_of(s)
+    t = busy_in_background(s, 1.0)
+    wait_busy(stack, "p", s.worker)
+    started = time.monotonic()
+    assert pid_of(s) == pinned  # waited, then ran on the same worker, although another was idle
+    assert time.monotonic() - started > 0.3
+    t.join(5)
+
+
+def test_strict_queue_timeout(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue:queue_timeout=0.3", n=1)
+    s = dx.session("p")
+    s.call("os", "getpid")
+    t = busy_in_background(s, 2.0)
+    wait_busy(stack, "p", s.worker)
+    with pytest.raises(dspex.QueueTimeout):
+        s.call("os", "getpid")
+    t.join(5)
+
+
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast"])
+def test_strict_pinned_worker_gone(stack: Stack, mode: str) -> None:
+    dx = start(stack, f"p:{mode}")
+    s = dx.session("p")
+    pid = pid_of(s)
+    stack.kill(pid)
+    wait_for(lambda: len(stack.workers("p")) == 1, what="dead worker dropped")
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.call("os", "getpid")
+    with pytest.raises(dspex.SessionWorkerUnavailable):  # and it stays so: no silent re-pin
+        s.call("os", "getpid")
+    # the other sessions are untouched
+    other = dx.session("p")
+    assert pid_of(other) != pid
+
+
+def test_strict_fail_fast_busy(stack: Stack) -> None:
+    dx = start(stack, "p:strict_fail_fast")
+    s = dx.session("p")
+    s.call("os", "getpid")
+    t = busy_in_background(s, 1.0)
+    wait_busy(stack, "p", s.worker)
+    started = time.monotonic()
+    with pytest.raises(dspex.WorkerBusy):
+        s.call("os", "getpid")
+    assert time.monotonic() - started < 0.5, "fail-fast must not wait"
+    t.join(5)
+
+
+def test_hint_busy_runs_on_another_worker(stack: Stack) -> None:
+    dx = start(stack, "p:hint")
+    s = dx.session("p")
+    pinned = pid_of(s)
+    t = busy_in_background(s, 1.0)
+    wait_busy(stack, "p", s.worker)
+    assert pid_of(s) != pinned
+    t.join(5)
+
+
+def test_hint_gone_repins(stack: Stack) -> None:
+    dx = start(stack, "p:hint")
+    s = dx.session("p")
+    pid = pid_of(s)
+    stack.kill(pid)
+    new_pid = wait_for(lambda: pid_of(s), what="re-pinned call")
+    assert new_pid != pid
+    assert {pid_of(s) for _ in range(5)} == {new_pid}
+
+
+def test_none_runs_anywhere(stack: Stack) -> None:
+    dx = start(stack, "p:none")
+    s = dx.session("p")
+    with ThreadPoolExecutor(2) as ex:
+        pids = set(ex.map(lambda _: s.eval("__import__('time').sleep(0.5) or __import__('os').getpid()"), range(2)))
+    assert len(pids) == 2, "mode none spreads one session's concurrent calls"
+
+
+def test_pool_saturated(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue:queue_max=1", n=1)
+    s = dx.session("p")
+    s.call("os", "getpid")
+    t = busy_in_background(s, 1.5)
+    wait_busy(stack, "p", s.worker)
+    queued = threading.Thread(target=lambda: s.call("os", "getpid"), daemon=True)
+    queued.start()
+    wait_for(lambda: stack.workers("p")[0]["queued"] == 1, what="one queued")
+    with pytest.raises(dspex.PoolSaturated):
+        s.call("os", "getpid")
+    t.join(5)
+    queued.join(5)
+
+
+def test_pool_not_found(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue", n=1)
+    with pytest.raises(dspex.PoolNotFound):
+        dx.session("nope").call("os", "getpid")
+    with pytest.raises(dspex.PoolNotFound):
+        dx.call("os", "getpid", pool="nope")
+
+
+def test_sessionless_call(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue", n=1)
+    assert dx.call("math", "hypot", [3, 4], pool="p") == 5.0
+    ref = dx.call("builtins", "object", pool="p")
+    assert isinstance(ref, dspex.Ref)
+    s = dx.session("p")
+    with pytest.raises(dspex.RefNotFound):
+        s.method(ref, "__repr__")
+
+
+def test_concurrent_threads_keep_affinity(stack: Stack) -> None:
+    """8 threads on 4 sessions: every call answered, each on its session's pinned worker."""
+    dx = start(stack, "p:strict_queue")
+    sessions = [dx.session("p") for _ in range(4)]
+    pinned = {s.id: pid_of(s) for s in sessions}
+
+    def drive(i: int) -> list[tuple[str, int]]:
+        s = sessions[i % 4]
+        return [(s.id, pid_of(s)) for _ in range(25)]
+
+    with ThreadPoolExecutor(8) as ex:
+        results = [r for batch in ex.map(drive, range(8)) for r in batch]
+    assert len(results) == 200
+    assert all(pinned[sid] == pid for sid, pid in results)
+    assert len(set(pinned.values())) == 2
+
+
+def test_sigterm_worker_says_goodbye(stack: Stack) -> None:
+    dx = start(stack, "p:strict_queue")
+    s = dx.session("p")
+    pid = pid_of(s)
+    stack.kill(pid, signal.SIGTERM)
+    wait_for(lambda: len(stack.workers("p")) == 1, what="worker gone")
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.call("os", "getpid")

@@ -1,0 +1,281 @@
+"""Crashes, restarts, heartbeats, refs, encoding and bad input, on real processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import dspex
+from conftest import Stack, wait_for
+from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def one_pool(stack: Stack, spec: str = "p:strict_queue", n: int = 1, *worker_args: str) -> dspex.Client:
+    stack.start_broker(spec)
+    pool = spec.split(":")[0]
+    for _ in range(n):
+        stack.start_worker(pool, *worker_args)
+    stack.wait_workers(pool, n)
+    return stack.client()
+
+
+def test_sigkill_pinned_worker_detected_before_heartbeat_expiry(stack: Stack) -> None:
+    stack.heartbeat, stack.liveness = 1.0, 5  # expiry would take 5 s
+    dx = one_pool(stack, "p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p")
+    pid = int(s.call("os", "getpid"))
+    killed = time.monotonic()
+    stack.kill(pid)
+    wait_for(lambda: len(stack.workers("p")) == 1, timeout=5, interval=0.005, what="worker dropped")
+    detected = time.monotonic() - killed
+    with pytest.raises(dspex.SessionWorkerUnavailable) as info:
+        s.call("os", "getpid")
+    assert detected < 1.0, f"crash noticed after {detected:.3f}s; heartbeat expiry is 5 s"
+    assert "crashed" in str(info.value)
+
+
+def test_worker_killed_mid_request_gives_worker_crashed(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = int(s.call("os", "getpid"))
+    errors: list[BaseException] = []
+
+    def long_call() -> None:
+        try:
+            s.call("time", "sleep", [30])
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="busy")
+    started = time.monotonic()
+    stack.kill(pid)
+    t.join(10)
+    assert not t.is_alive(), "the caller hung"
+    assert len(errors) == 1 and isinstance(errors[0], dspex.WorkerCrashed), errors
+    assert time.monotonic() - started < 2.0
+
+
+def test_workers_started_before_broker_register(stack: Stack) -> None:
+    os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    log = Path(stack.root, "worker-p.log")
+    # both workers are up and trying to reach a broker that does not exist yet
+    wait_for(lambda: log.read_text().count("backend=") == 2, what="workers started")
+    stack.start_broker("p:strict_queue")
+    stack.wait_workers("p", 2)
+
+
+def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p")
+    obj = s.eval("[1, 2, 3]")  # plain data
+    ref = s.call("builtins", "object")
+    before = {w["incarnation"] for w in stack.workers("p")}
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    restarted = time.monotonic()
+    stack.start_broker()
+    after = stack.wait_workers("p", 2)
+    elapsed = time.monotonic() - restarted
+    assert {w["incarnation"] for w in after} == before, "same incarnations re-registered"
+    assert elapsed < 5.0
+    # the session's pin survives: the client tells the new broker which worker it was on
+    assert obj == [1, 2, 3]
+    assert isinstance(s.attr(ref, "__class__"), dspex.Ref)
+
+
+def test_long_call_keeps_worker_alive(stack: Stack) -> None:
+    stack.heartbeat, stack.liveness = 0.2, 3  # dead after 0.6 s of silence
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    inc = s.call("os", "getpid") and s.worker
+    assert s.call("time", "sleep", [3.0]) is None  # 5x the liveness window
+    assert [w["incarnation"] for w in stack.workers("p")] == [inc]
+
+
+def test_two_sessions_on_one_worker_see_only_their_own_lm(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1)
+    a, b = dx.session("p"), dx.session("p")
+    lm_a = a.call("dspy", "LM", ["offline/alpha"], {"temperature": 0.2})
+    lm_b = b.call("dspy", "LM", ["offline/beta"], {"temperature": 0.7})
+    a.call("dspy", "configure", kwargs={"lm": lm_a})
+    b.call("dspy", "configure", kwargs={"lm": lm_b})
+    assert a.worker == b.worker
+    for _ in range(3):
+        assert a.eval("__import__('dspy').settings.lm.model") == "offline/alpha"
+        assert b.eval("__import__('dspy').settings.lm.model") == "offline/beta"
+    pa = a.call("dspy", "Predict", ["ticket -> category"])
+    pb = b.call("dspy", "Predict", ["ticket -> category"])
+    a.method(pa, "__call__", kwargs={"ticket": "refund please"})
+    b.method(pb, "__call__", kwargs={"ticket": "refund please"})
+    b.method(pb, "__call__", kwargs={"ticket": "again"})
+    assert a.eval("len(lm.history)", {"lm": lm_a}) == 1
+    assert b.eval("len(lm.history)", {"lm": lm_b}) == 2
+    # a third session without configure sees no LM at all
+    c = dx.session("p")
+    assert c.eval("__import__('dspy').settings.lm") is None
+
+
+NATIVE_VALUES = [
+    None, True, False, 0, -1, 2**64 + 5, -(2**70), 1.5, float("inf"), "text", b"\x00bytes",
+    [1, [2, 3]], (1, (2, "x")), {"a": 1}, {1: "int key", (1, 2): "tuple key"}, {1, 2, 3}, frozenset({"a"}),
+    complex(1, -2), dt.datetime(2026, 11, 23, 12, 0, 1, 5), dt.date(2026, 1, 2), dt.time(3, 4, 5),
+    np.float32(1.25), np.int64(-7),
+]
+
+
+def test_codec_round_trip_through_worker(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    for value in NATIVE_VALUES:
+        back = s.eval("x", {"x": value})
+        assert back == value and type(back) is type(value), (value, back)
+    nan = s.eval("float('nan')")
+    assert nan != nan
+    arrays = [
+        np.arange(12, dtype=np.int32).reshape(3, 4), np.linspace(0, 1, 7, dtype=np.float64),
+        np.array([True, False]), np.zeros((2, 0), dtype=np.uint8), np.arange(20.0)[::3],
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)), np.array([1 + 2j], dtype=np.complex64),
+    ]
+    for arr in arrays:
+        back = s.eval("x", {"x": arr})
+        assert isinstance(back, np.ndarray) and back.dtype == arr.dtype and back.shape == arr.shape
+        np.testing.assert_array_equal(back, arr)
+    big = np.random.default_rng(1).random(1_000_000)
+    assert float(s.eval("float(x.sum())", {"x": big})) == pytest.approx(float(big.sum()))
+
+
+def test_graceful_results_and_refs_as_arguments(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    out = s.exec("o = object()\nresult = [{'obj': o, 'n': 1, 'again': o}, 'plain']")["result"]
+    assert out[1] == "plain" and out[0]["n"] == 1
+    ref = out[0]["obj"]
+    assert isinstance(ref, dspex.Ref) and ref.type_name == "object" and ref.session == s.id
+    assert out[0]["again"] == ref, "same object twice -> same ref"
+    assert len(ref.id) >= 32
+    cyc = s.eval("(lambda l: (l.append(l), l)[1])([1])")
+    assert cyc[0] == 1 and isinstance(cyc[1], dspex.Ref)
+    # a ref passed back resolves to the object on the worker
+    assert s.eval("o is x", {"x": ref}) is True
+    lst = s.call("builtins", "list", [[3, 1, 2]])
+    assert lst == [3, 1, 2]
+    assert s.call("collections", "Counter", ["abca"]) == {"a": 2, "b": 1, "c": 1}  # dict subclass -> dict
+
+
+def test_released_and_foreign_refs(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s, other = dx.session("p"), dx.session("p")
+    ref = s.call("builtins", "object")
+    with pytest.raises(dspex.RefNotFound, match="belongs to session"):
+        other.eval("x", {"x": ref})
+    assert s.release(ref) == 1
+    with pytest.raises(dspex.RefNotFound, match="released"):
+        s.eval("x", {"x": ref})
+    # closing a session releases its refs on the worker
+    ref2 = s.call("builtins", "object")
+    s.close()
+    with pytest.raises(dspex.SessionClosed):
+        s.eval("1")
+    again = dx.session("p", session_id=s.id)
+    with pytest.raises(dspex.RefNotFound, match="closed"):
+        again.eval("x", {"x": ref2})
+
+
+def test_session_idle_ttl_releases_refs(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue:session_ttl=0.5", 1, "--no-dspy")
+    s = dx.session("p")
+    ref = s.call("builtins", "object")
+    wait_for(lambda: not dx.sessions("p"), timeout=10, what="session expired")
+    with pytest.raises(dspex.RefNotFound):
+        s.eval("x", {"x": ref})
+
+
+def test_remote_errors_keep_worker_serving(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    with pytest.raises(dspex.RemoteError) as info:
+        s.eval("1 / 0")
+    assert info.value.type_name == "ZeroDivisionError" and "Traceback" in info.value.remote_traceback
+    with pytest.raises(dspex.RemoteError, match="ModuleNotFoundError|No module"):
+        s.call("no_such_module_xyz", "f")
+    with pytest.raises(dspex.RemoteError) as info:
+        s.call("os", "no_such_function")
+    assert info.value.type_name == "AttributeError"
+    with pytest.raises(dspex.RemoteError):
+        s.eval("syntax error here")
+    assert s.eval("1 + 1") == 2
+
+
+def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    with pytest.raises(dspex.MessageTooLarge):
+        s.eval("b'x' * (2 << 20)")  # the worker refuses to send a reply over the limit
+    monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
+    small = stack.client()
+    with pytest.raises(dspex.MessageTooLarge):
+        small.session("p").eval("len(x)", {"x": b"y" * (2 << 20)})
+    # a raw peer sending an oversized frame is cut off by zmq; the broker keeps serving
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(stack.frontend)
+    raw.send_multipart([RequestHeader("eval", 1, "p", "x").pack(), b"z" * (3 << 20)])
+    raw.close()
+    assert s.eval("2 + 2") == 4
+
+
+def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert s.eval("1") == 1
+    ctx = zmq.Context.instance()
+    front = ctx.socket(zmq.DEALER)
+    back = ctx.socket(zmq.DEALER)
+    for sock, ep in ((front, stack.frontend), (back, stack.backend)):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ep)
+    rng = np.random.default_rng(7)
+    garbage = [
+        [b""], [b"\xff\xfe"], [msgpack.packb([1, 2])], [msgpack.packb(["call", "x", 1, 2, 3, 4, 5])],
+        [RequestHeader("bogus_op", 9, "p", "").pack()], [RequestHeader("call", 10, "p", "s").pack(), b"\xc1"],
+        [RequestHeader("status", 11, "", "").pack(), b"\x93\x01"],
+    ] + [[rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(1, 4)))] for _ in range(200)]
+    for frames in garbage:
+        front.send_multipart(frames)
+    back_garbage = [[b""], [W_READY], [W_READY, b"\xc1"], [W_READY, msgpack.packb({"pool": 5})],
+                    [W_REPLY, b"client"], [W_REPLY, b"c", b"\xc1"], [B_HEARTBEAT], [b"\x99", b"x"]]
+    for frames in back_garbage + garbage:
+        back.send_multipart(frames)
+    # typed errors came back to the garbage sender where it could be answered
+    replies = []
+    while front.poll(500):
+        replies.append(front.recv_multipart())
+    codes = {msgpack.unpackb(r[1])["code"] for r in replies if len(r) > 1}
+    assert "unknown_op" in codes and "protocol_error" in codes
+    assert s.eval("40 + 2") == 42
+    assert len(stack.workers("p")) == 1
+    front.close()
+    back.close()
+
+
+def test_unknown_op_from_client(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    with pytest.raises(dspex.UnknownOp):
+        dx.request("frobnicate", "p", "")
