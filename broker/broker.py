@@ -21,6 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.errors import (
+    Cancelled,
     DspexError,
     PoolNotFound,
     PoolSaturated,
@@ -33,6 +34,8 @@ from dspex.errors import (
     WorkerCrashed,
 )
 from dspex.protocol import (
+    B_CANCEL,
+    B_CREDIT,
     B_DISCONNECT,
     B_HEARTBEAT,
     B_RELEASE_SESSION,
@@ -41,6 +44,7 @@ from dspex.protocol import (
     BROKER_OPS,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
+    STREAM_OPS,
     W_DISCONNECT,
     W_HEARTBEAT,
     W_PARTIAL,
@@ -91,6 +95,7 @@ class Broker:
         self.sessions: dict[str, SessionRecord] = {}
         self.gone = GoneWorkers()
         self.fd_worker: dict[int, bytes] = {}
+        self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.started = time.time()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self._stop = False
@@ -207,8 +212,34 @@ class Broker:
                 self.frontend.send_multipart(
                     [client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)]
                 )
+        elif op in STREAM_OPS:
+            self._stream_control(client, header.req_id, header.pool, op, frames)
         else:
             self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+
+    def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
+        key = (client, req_id)
+        w = self.running.get(key)
+        if w is not None:
+            n = 0
+            if op == Op.CREDIT.value and len(frames) > 2:
+                try:
+                    n = int(msgpack.unpackb(frames[2].buffer))
+                except Exception:
+                    self.counters["garbage_frontend"] += 1
+                    return
+            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
+            return
+        pool = self.pools.get(pool_name)
+        if op != Op.CANCEL.value or pool is None:
+            return
+        for queue in (pool.queue, *(wk.queue for wk in pool.workers.values())):
+            for p in queue:
+                if p.client == client and p.req_id == req_id:
+                    queue.remove(p)
+                    pool.queued -= 1
+                    self._fail(p, pool, Cancelled("cancelled while queued"))
+                    return
 
     def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
         self.frontend.send_multipart(
@@ -276,7 +307,7 @@ class Broker:
             rec.worker = new.id
             new.sessions.add(rec.id)
             w = new
-        if w.free > 0 and (w.capacity == 1 or not w.runs_session(p.session)) and not w.queue:
+        if w.can_start(p.session):
             self._dispatch(w, p)
         elif pool.mode is Affinity.STRICT_QUEUE:
             self._enqueue(pool, w.queue, p)
@@ -306,13 +337,16 @@ class Broker:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
         p.started = now
-        w.inflight[(p.client, p.req_id)] = p
+        key = (p.client, p.req_id)
+        w.inflight[key] = p
+        self.running[key] = w
         try:
             self.backend.send_multipart([w.id, B_REQUEST, p.client, p.header, *p.payload], copy=False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            del w.inflight[(p.client, p.req_id)]  # never delivered: not a crash mid-request
+            del w.inflight[key]  # never delivered: not a crash mid-request
+            self.running.pop(key, None)
             self._remove_worker(w, "crashed (connection lost)")
             self._fail(p, w.pool, SessionWorkerUnavailable(
                 f"worker {w.incarnation[:8]} of this session is gone: crashed (connection lost)",
@@ -341,10 +375,11 @@ class Broker:
         pool = w.pool
         while w.free > 0:
             if w.queue:
-                p = w.queue.popleft()
-                pool.queued -= 1
-                self._dispatch(w, p)
-                continue
+                p = w.next_queued()
+                if p is not None:
+                    pool.queued -= 1
+                    self._dispatch(w, p)
+                    continue
             if not pool.queue:
                 return
             p = pool.queue.popleft()
@@ -357,13 +392,17 @@ class Broker:
                 # its session was pinned elsewhere while it waited: route it there
                 self._route_pinned(pool, p, rec)
                 continue
+            if p.session and w.capacity > 1 and not w.can_start(p.session):
+                w.queue.append(p)  # a call of a session already running here waits its turn
+                pool.queued += 1
+                continue
             self._dispatch(w, p)
 
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
         if target is None or target.draining:
             self._fail(p, pool, SessionWorkerUnavailable(f"session {rec.id[:8]} lost its worker", session=rec.id))
-        elif target.free > 0 and not target.queue:
+        elif target.can_start(p.session):
             self._dispatch(target, p)
         else:
             self._enqueue(pool, target.queue, p)
@@ -397,6 +436,7 @@ class Broker:
                 return
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
+                del self.running[(client, req_id)]
                 outcome = "ok" if status == Status.OK.value else "error"
                 if outcome == "ok":
                     w.served += 1
@@ -492,7 +532,8 @@ class Broker:
             pool.crashes += 1
         log.warning("worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                     w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
-        for p in w.inflight.values():
+        for key, p in w.inflight.items():
+            self.running.pop(key, None)
             self._fail(p, pool, WorkerCrashed(
                 f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
                 worker=w.incarnation, session=p.session))

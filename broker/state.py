@@ -77,6 +77,27 @@ class WorkerRecord:
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())
 
+    def can_start(self, session: str) -> bool:
+        """A free slot, and nothing of this session running or waiting here (calls of one session
+        run one at a time, in order; different sessions share the slots)."""
+        if self.free <= 0:
+            return False
+        if self.capacity == 1:
+            return not self.queue
+        return not self.runs_session(session) and not any(q.session == session for q in self.queue)
+
+    def next_queued(self) -> Pending | None:
+        """The first queued request whose session is not running here (FIFO otherwise)."""
+        if self.capacity == 1:
+            return self.queue.popleft()
+        running = {p.session for p in self.inflight.values()}
+        for i, p in enumerate(self.queue):
+            if p.session not in running:
+                del self.queue[i]
+                return p
+            running.add(p.session)  # a later call of the same session must wait behind this one
+        return None
+
 
 class Pool:
     """A named pool: its settings, live workers, the shared queue and counters."""

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -21,6 +22,7 @@ import zmq
 
 from dspex import codec, config
 from dspex.errors import (
+    Cancelled,
     ConnectionError,
     DspexError,
     MessageTooLarge,
@@ -30,7 +32,7 @@ from dspex.errors import (
     Timeout,
     error_from_wire,
 )
-from dspex.protocol import Op, RequestHeader, Status, unpack_reply_header
+from dspex.protocol import FLAG_STREAM, STREAM_WINDOW, Op, RequestHeader, Status, unpack_reply_header
 from dspex.ref import Ref
 
 log = logging.getLogger("dspex.client")
@@ -43,11 +45,13 @@ T = TypeVar("T")
 class _Channel:
     """One thread's socket to the broker."""
 
-    __slots__ = ("sock", "ids", "__weakref__")
+    __slots__ = ("sock", "ids", "streams", "__weakref__")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
         self.ids = itertools.count(1)
+        # replies of this thread's open streams that arrived while it waited for something else
+        self.streams: dict[int, deque[tuple[str, str, list[Any]]]] = {}
 
 
 class Client:
@@ -58,10 +62,10 @@ class Client:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
         self.max_message = config.max_message_bytes()
-        self._curve = (curve_server_key, curve_keypair)
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
-            curve_server_key, curve_keypair = _curve_from_env()
-            self._curve = (curve_server_key, curve_keypair)
+            curve_server_key, curve_keypair = config.curve_client_keys(
+                self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
+        self._curve = (curve_server_key, curve_keypair)
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
@@ -120,23 +124,27 @@ class Client:
         return ch
 
     # -- the request/reply core -------------------------------------------------------------
-    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
-                worker: str = "", timeout: float | None = None,
-                on_reply: Callable[[str, str], None] | None = None) -> Any:
-        """Send one request and wait for its reply; raise the typed error it carries."""
+    def _send(self, op: str, pool: str, session: str, body: Any, worker: str, timeout: float,
+              flags: int = 0) -> tuple[_Channel, int]:
         if self._closed:
             raise ConnectionError("client is closed")
         ch = self._channel()
-        timeout = self.timeout if timeout is None else timeout
         req_id = next(ch.ids)
-        header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000)).pack()
+        header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000), flags).pack()
         frames = codec.encode(body if body is not None else [])
         size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
         if size > self.max_message:
             raise MessageTooLarge(f"request is {size} bytes, over the limit of {self.max_message}")
-        sock = ch.sock
-        sock.send_multipart([header, *frames], copy=len(frames) == 1)
+        ch.sock.send_multipart([header, *frames], copy=len(frames) == 1)
+        return ch, req_id
+
+    def _recv(self, ch: _Channel, req_id: int, timeout: float, op: str) -> tuple[str, str, list[Any]]:
+        """The next reply frame set for ``req_id`` on this thread's socket: (status, worker, body)."""
+        mailbox = ch.streams.get(req_id)
+        if mailbox:
+            return mailbox.popleft()
         deadline = time.monotonic() + timeout
+        sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(remaining * 1000):
@@ -148,19 +156,73 @@ class Client:
                 log.warning("dropping a malformed reply from the broker")
                 continue
             if rid != req_id:
-                continue  # a late reply to a request that timed out earlier
+                other = ch.streams.get(rid)
+                if other is not None:  # another open stream of this thread: keep it for later
+                    other.append((status, rworker, reply[1:]))
+                continue  # else a late reply to a request that timed out earlier
+            return status, rworker, reply[1:]
+
+    @staticmethod
+    def _raise_error(body: list[Any]) -> None:
+        try:
+            payload = msgpack.unpackb(body[0].buffer, strict_map_key=False)
+        except Exception:
+            payload = {"code": "protocol_error", "message": "unreadable error reply"}
+        raise error_from_wire(payload)
+
+    @staticmethod
+    def _decode(body: list[Any]) -> Any:
+        try:
+            return codec.decode(body)
+        except DspexError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"cannot decode reply: {exc}") from None
+
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
+                worker: str = "", timeout: float | None = None,
+                on_reply: Callable[[str, str], None] | None = None,
+                on_progress: Callable[[Any], None] | None = None) -> Any:
+        """Send one request and wait for its reply; raise the typed error it carries.
+
+        With ``on_progress``, the worker streams progress events of the call (dspy/gepa log
+        records, ``dspex.progress.report``) to it while the call runs.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        flags = FLAG_STREAM if on_progress is not None else 0
+        ch, req_id = self._send(op, pool, session, body, worker, timeout, flags)
+        acked = 0
+        while True:
+            status, rworker, frames = self._recv(ch, req_id, timeout, op)
+            if status == Status.PROGRESS.value or status == Status.PARTIAL.value:
+                acked += 1
+                if acked >= STREAM_WINDOW // 2:
+                    self._credit(pool, session, req_id, acked)
+                    acked = 0
+                if on_progress is not None:
+                    on_progress(self._decode(frames))
+                continue
             if status == Status.ERROR.value:
-                try:
-                    payload = msgpack.unpackb(reply[1].buffer, strict_map_key=False)
-                except Exception:
-                    payload = {"code": "protocol_error", "message": "unreadable error reply"}
-                raise error_from_wire(payload)
+                self._raise_error(frames)
             if on_reply is not None:
                 on_reply(status, rworker)
-            try:
-                return codec.decode(reply[1:])
-            except Exception as exc:
-                raise ProtocolError(f"cannot decode reply: {exc}") from None
+            return self._decode(frames)
+
+    def _credit(self, pool: str, session: str, req_id: int, n: int) -> None:
+        ch = self._channel()
+        ch.sock.send_multipart([RequestHeader(Op.CREDIT.value, req_id, pool, session).pack(), msgpack.packb(n)])
+
+    def _cancel(self, pool: str, session: str, req_id: int) -> None:
+        ch = self._channel()
+        ch.sock.send_multipart([RequestHeader(Op.CANCEL.value, req_id, pool, session).pack(), msgpack.packb(0)])
+
+    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
+               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None) -> "Stream":
+        """Start a call whose generator result is streamed item by item (see :class:`Stream`)."""
+        timeout = self.timeout if timeout is None else timeout
+        ch, req_id = self._send(op, pool, session, body, worker, timeout, FLAG_STREAM)
+        ch.streams[req_id] = deque()
+        return Stream(self, ch, req_id, op, pool, session, timeout, on_reply)
 
     # -- user API -------------------------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None) -> "Session":
@@ -202,6 +264,97 @@ class Client:
             return self._executor.submit(fn, *args, **kwargs)
 
 
+class Stream:
+    """Items of a generator running on a worker, as they are produced.
+
+    Iterate it on the thread that started it. Items arrive with credit-based flow control: the
+    worker runs at most ``STREAM_WINDOW`` items ahead of this consumer. ``close()`` (or leaving a
+    ``with`` block, or ``break`` + garbage collection) cancels the generator on the worker.
+    Progress events sent during the stream are collected in ``progress``; ``result`` holds the
+    final summary (``{"items": n}``) once the stream ended.
+    """
+
+    def __init__(self, client: Client, ch: _Channel, req_id: int, op: str, pool: str, session: str,
+                 timeout: float, on_reply: Callable[[str, str], None] | None) -> None:
+        self._client = client
+        self._ch = ch
+        self._req_id = req_id
+        self._op = op
+        self._pool = pool
+        self._session = session
+        self._timeout = timeout
+        self._on_reply = on_reply
+        self._thread = threading.get_ident()
+        self._unacked = 0
+        self.done = False
+        self.result: Any = None
+        self.progress: list[Any] = []
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Any:
+        if self.done:
+            raise StopIteration
+        if threading.get_ident() != self._thread:
+            raise DspexError("a Stream must be consumed on the thread that started it")
+        while True:
+            try:
+                status, rworker, frames = self._client._recv(self._ch, self._req_id, self._timeout, self._op)
+            except BaseException:
+                self._finish()
+                raise
+            if status == Status.PARTIAL.value or status == Status.PROGRESS.value:
+                self._unacked += 1
+                if self._unacked >= STREAM_WINDOW // 2:
+                    self._client._credit(self._pool, self._session, self._req_id, self._unacked)
+                    self._unacked = 0
+                value = Client._decode(frames)
+                if status == Status.PARTIAL.value:
+                    return value
+                self.progress.append(value)
+                continue
+            self._finish()
+            if status == Status.ERROR.value:
+                Client._raise_error(frames)
+            if self._on_reply is not None:
+                self._on_reply(status, rworker)
+            self.result = Client._decode(frames)
+            raise StopIteration
+
+    def _finish(self) -> None:
+        self.done = True
+        self._ch.streams.pop(self._req_id, None)
+
+    def close(self) -> None:
+        """Cancel the producer on the worker (if still running) and wait for its end."""
+        if self.done:
+            return
+        if threading.get_ident() != self._thread:
+            return  # garbage collection on another thread: the worker's stall timeout ends it
+        try:
+            self._client._cancel(self._pool, self._session, self._req_id)
+            while True:  # drain until the final reply (the Cancelled error) arrives
+                next(self)
+        except (StopIteration, Cancelled):
+            pass
+        except DspexError as err:
+            log.debug("stream %d ended with %s while cancelling", self._req_id, err.code)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self.done:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
 class Session:
     """Calls pinned to one worker of a pool; objects stay there as refs until released."""
 
@@ -225,20 +378,44 @@ class Session:
         if worker:
             self.worker = worker
 
-    def _request(self, op: Op, body: list[Any], timeout: float | None) -> Any:
+    def _request(self, op: Op, body: list[Any], timeout: float | None,
+                 on_progress: Callable[[Any], None] | None = None) -> Any:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track)
+                                   on_reply=self._track, on_progress=on_progress)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, timeout: float | None = None) -> Any:
-        """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout)
+             *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
+        """``module.fn(*args, **kwargs)`` on the session's worker.
+
+        ``on_progress`` receives the call's progress events while it runs (see dspex.progress).
+        """
+        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None) -> Any:
-        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout)
+               *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
+        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress)
+
+    def _stream(self, op: Op, body: list[Any], timeout: float | None) -> Stream:
+        if self.closed:
+            raise SessionClosed(f"session {self.id[:8]} is closed")
+        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
+                                  on_reply=self._track)
+
+    def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+               *, timeout: float | None = None) -> Stream:
+        """Stream the items of the generator (or async generator) ``module.fn(...)`` returns."""
+        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout)
+
+    def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                      *, timeout: float | None = None) -> Stream:
+        """Stream the items of the generator a method returns (e.g. a ``dspy.streamify`` program)."""
+        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout)
+
+    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *,
+                    timeout: float | None = None) -> Stream:
+        return self._stream(Op.EVAL, [expr, namespace or {}], timeout)
 
     def attr(self, ref: Ref, name: str, *, timeout: float | None = None) -> Any:
         return self._request(Op.GETATTR, [ref, name], timeout)
@@ -314,21 +491,3 @@ class Rehydrator(Generic[T]):
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Client:
     """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path)."""
     return Client(endpoint, timeout, **kwargs)
-
-
-def _curve_from_env() -> tuple[bytes | None, tuple[bytes, bytes] | None]:
-    """CURVE settings for tcp endpoints from DSPEX_CURVE_SERVER_KEY / DSPEX_CURVE_CLIENT_KEY files."""
-    server_file = os.environ.get("DSPEX_CURVE_SERVER_KEY")
-    if not server_file:
-        return None, None
-    from zmq.auth import load_certificate
-
-    server_public, _ = load_certificate(server_file)
-    client_file = os.environ.get("DSPEX_CURVE_CLIENT_KEY")
-    keypair = None
-    if client_file:
-        public, secret = load_certificate(client_file)
-        if secret is None:
-            raise DspexError(f"{client_file} holds no secret key")
-        keypair = (public, secret)
-    return server_public, keypair

@@ -63,6 +63,26 @@ def prepare_bind(endpoint: str) -> None:
         ensure_private_dir(path.parent)
 
 
+def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: str | None
+                      ) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+    """CURVE keys of a connecting peer (client or worker). TCP requires them."""
+    if not endpoint.startswith("tcp://"):
+        return None, None
+    if not server_key_file:
+        raise ConfigError(f"{endpoint} is TCP: CURVE is required (give the broker's public key file, "
+                          "DSPEX_CURVE_SERVER_KEY; see `dspexctl keys generate`)")
+    from zmq.auth import load_certificate
+
+    server_public, _ = load_certificate(server_key_file)
+    if not own_key_file:
+        raise ConfigError("a TCP peer needs its own secret key file (DSPEX_CURVE_CLIENT_KEY / "
+                          "DSPEX_CURVE_WORKER_KEY) whose public key the broker allows")
+    public, secret = load_certificate(own_key_file)
+    if secret is None:
+        raise ConfigError(f"{own_key_file} holds no secret key")
+    return server_public, (public, secret)
+
+
 def max_message_bytes() -> int:
     return int(os.environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
 

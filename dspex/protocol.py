@@ -11,7 +11,7 @@ Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command:
                        [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
     broker -> worker:  [B_REQUEST, client_id, request_header, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
-                       [B_CANCEL, client_id, req_id]
+                       [B_CANCEL, client_id, req_id] | [B_CREDIT, client_id, req_id, n]
 
 The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
 touches. See docs/protocol.md for the full description.
@@ -42,11 +42,15 @@ B_DISCONNECT = b"\x13"
 B_RELEASE_SESSION = b"\x14"
 B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
+B_CREDIT = b"\x17"
 
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Streamed items a worker may send ahead of the consumer's acknowledgements (credit-based flow
+# control: the broker never holds more than this many items of one stream).
+STREAM_WINDOW = 64
 
 
 class Op(str, enum.Enum):
@@ -66,12 +70,16 @@ class Op(str, enum.Enum):
     SESSIONS = "sessions"
     RECYCLE = "recycle"
     PING = "ping"
+    # stream control (client -> broker -> the worker running req_id); no reply
+    CANCEL = "cancel"
+    CREDIT = "credit"
 
 
 WORKER_OPS = frozenset(
     op.value for op in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE, Op.TO_DATA)
 )
 BROKER_OPS = frozenset(op.value for op in (Op.STATUS, Op.CLOSE_SESSION, Op.SESSIONS, Op.RECYCLE, Op.PING))
+STREAM_OPS = frozenset(op.value for op in (Op.CANCEL, Op.CREDIT))
 
 
 class Status(str, enum.Enum):
@@ -79,7 +87,8 @@ class Status(str, enum.Enum):
 
     OK = "ok"
     ERROR = "err"
-    PARTIAL = "part"
+    PARTIAL = "part"  # one streamed item
+    PROGRESS = "prog"  # a progress event of a long call
 
 
 class Affinity(str, enum.Enum):
@@ -98,7 +107,7 @@ class WorkerState(str, enum.Enum):
 
 
 # Request header flags
-FLAG_STREAM = 1  # the caller accepts PARTIAL replies
+FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS replies
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,12 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
     p.add_argument("--ref-cap", type=int, default=int(os.environ.get("DSPEX_REF_CAP", 100_000)))
     p.add_argument("--lm-history", type=int, default=int(os.environ.get("DSPEX_LM_HISTORY", 200)))
+    p.add_argument("--capacity", type=int, default=int(os.environ.get("DSPEX_CAPACITY", 1)),
+                   help="calls this worker runs at once, in threads (default 1)")
+    p.add_argument("--curve-server-key", default=os.environ.get("DSPEX_CURVE_SERVER_KEY"),
+                   help="broker's public key file (required for a tcp:// backend)")
+    p.add_argument("--curve-key", default=os.environ.get("DSPEX_CURVE_WORKER_KEY"),
+                   help="this worker's secret key file (its public key must be allowed by the broker)")
     p.add_argument("--no-dspy", action="store_true", help="do not import dspy at start")
     p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -29,9 +35,14 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
         level=a.log_level.upper(), stream=sys.stderr,
         format=f"%(asctime)s worker[{a.pool}:{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
+    backend = config.check_endpoint(a.backend or config.default_backend())
+    server_key, keypair = config.curve_client_keys(backend, a.curve_server_key, a.curve_key)
     return WorkerOptions(
         pool=a.pool,
-        backend=config.check_endpoint(a.backend or config.default_backend()),
+        backend=backend,
+        capacity=a.capacity,
+        curve_server_key=server_key,
+        curve_keypair=keypair,
         heartbeat_interval=a.heartbeat,
         heartbeat_liveness=a.liveness,
         ref_cap=a.ref_cap,

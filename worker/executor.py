@@ -5,10 +5,13 @@ The executor knows nothing about sockets: it turns (header, payload frames) into
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import importlib
+import inspect
 import logging
+import threading
 import reprlib
 import secrets
 import time
@@ -20,8 +23,9 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from dspex import codec
-from dspex.errors import DspexError, ProtocolError, RefNotFound, RemoteError, UnknownOp
-from dspex.protocol import Op, RequestHeader
+from dspex import progress
+from dspex.errors import Cancelled, DspexError, ProtocolError, RefNotFound, RemoteError, UnknownOp
+from dspex.protocol import Op, RequestHeader, Status
 from dspex.ref import Ref
 
 log = logging.getLogger("dspex.worker")
@@ -50,6 +54,62 @@ class SessionState:
     last_used: float = field(default_factory=time.monotonic)
 
 
+class StreamControl:
+    """Flow control of one streamed call: credit from the consumer, and cancellation.
+
+    The producer may run ``window`` items ahead of the consumer's acknowledgements, so a slow
+    consumer makes the producer wait instead of making the broker buffer without bound.
+    """
+
+    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float) -> None:
+        self._emit = emit
+        self._cond = threading.Condition()
+        self.credit = window
+        self.cancelled = False
+        self.stall_timeout = stall_timeout
+
+    def add_credit(self, n: int) -> None:
+        with self._cond:
+            self.credit += n
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def send(self, kind: str, frames: list[Any]) -> bool:
+        """Send one item or progress event; False once the consumer cancelled or went away."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
+                log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
+                self.cancelled = True
+            if self.cancelled:
+                return False
+            self.credit -= 1
+        self._emit(kind, frames)
+        return True
+
+
+class _ProgressLogHandler(logging.Handler):
+    """Forwards dspy/gepa log records of one call's thread as progress events."""
+
+    def __init__(self, stream: StreamControl, to_ref: Callable[[Any], Ref]) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.thread = threading.get_ident()
+        self.to_ref = to_ref
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread or not record.name.startswith(("dspy", "gepa")):
+            return
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        self.stream.send(Status.PROGRESS.value, codec.encode({"log": record.name, "message": message[:2000]}))
+
+
 class RefTable:
     """All refs of this worker, LRU-capped across sessions."""
 
@@ -60,24 +120,27 @@ class RefTable:
         self.sessions: dict[str, SessionState] = {}
         self._lru: OrderedDict[str, str] = OrderedDict()  # ref id -> session id
         self._gone: OrderedDict[str, str] = OrderedDict()  # ref id -> why it is gone
+        self._lock = threading.RLock()  # calls of different sessions may run in threads
 
     def session(self, session_id: str) -> SessionState:
-        state = self.sessions.get(session_id)
-        if state is None:
-            state = self.sessions[session_id] = SessionState(session_id)
+        with self._lock:
+            state = self.sessions.get(session_id)
+            if state is None:
+                state = self.sessions[session_id] = SessionState(session_id)
         state.last_used = time.monotonic()
         return state
 
     def put(self, session: SessionState, obj: Any) -> Ref:
-        ref_id = session.ref_of_object.get(id(obj))
-        if ref_id is None or ref_id not in session.refs:
-            ref_id = secrets.token_hex(16)  # 128 bits: refs are unguessable
-            session.refs[ref_id] = obj
-            session.ref_of_object[id(obj)] = ref_id
-            self._lru[ref_id] = session.id
-            self._evict()
-        else:
-            self._lru.move_to_end(ref_id)
+        with self._lock:
+            ref_id = session.ref_of_object.get(id(obj))
+            if ref_id is None or ref_id not in session.refs:
+                ref_id = secrets.token_hex(16)  # 128 bits: refs are unguessable
+                session.refs[ref_id] = obj
+                session.ref_of_object[id(obj)] = ref_id
+                self._lru[ref_id] = session.id
+                self._evict()
+            else:
+                self._lru.move_to_end(ref_id)
         try:
             text = _REPR.repr(obj)  # bounded: a huge or deep object must not cost a full repr
         except Exception as exc:  # a broken __repr__ must not break the call
@@ -90,32 +153,36 @@ class RefTable:
                 f"ref {ref.id[:8]} belongs to session {ref.session[:8]}, not to this session {session.id[:8]}",
                 ref=ref.id,
             )
-        try:
-            obj = session.refs[ref.id]
-        except KeyError:
-            why = self._gone.get(ref.id)
-            if why is None and ref.worker != self.worker:
-                why = f"it was made by worker {ref.worker[:8]}, not this one ({self.worker[:8]})"
-            raise RefNotFound(f"ref {ref.id[:8]} ({ref.type_name}) is gone: {why or 'unknown ref'}", ref=ref.id) from None
-        self._lru.move_to_end(ref.id)
+        with self._lock:
+            try:
+                obj = session.refs[ref.id]
+            except KeyError:
+                why = self._gone.get(ref.id)
+                if why is None and ref.worker != self.worker:
+                    why = f"it was made by worker {ref.worker[:8]}, not this one ({self.worker[:8]})"
+                raise RefNotFound(f"ref {ref.id[:8]} ({ref.type_name}) is gone: {why or 'unknown ref'}",
+                                  ref=ref.id) from None
+            self._lru.move_to_end(ref.id)
         return obj
 
     def release(self, session: SessionState, ref_id: str, why: str = "released") -> bool:
-        if ref_id not in session.refs:
-            return False  # unknown, already gone, or another session's: nothing to do
-        obj = session.refs.pop(ref_id)
-        session.ref_of_object.pop(id(obj), None)
-        self._lru.pop(ref_id, None)
-        self._forget(ref_id, why)
+        with self._lock:
+            if ref_id not in session.refs:
+                return False  # unknown, already gone, or another session's: nothing to do
+            obj = session.refs.pop(ref_id)
+            session.ref_of_object.pop(id(obj), None)
+            self._lru.pop(ref_id, None)
+            self._forget(ref_id, why)
         return True
 
     def release_session(self, session_id: str, why: str = "its session was closed") -> int:
-        state = self.sessions.pop(session_id, None)
-        if state is None:
-            return 0
-        for ref_id in state.refs:
-            self._lru.pop(ref_id, None)
-            self._forget(ref_id, why)
+        with self._lock:
+            state = self.sessions.pop(session_id, None)
+            if state is None:
+                return 0
+            for ref_id in state.refs:
+                self._lru.pop(ref_id, None)
+                self._forget(ref_id, why)
         return len(state.refs)
 
     def _forget(self, ref_id: str, why: str) -> None:
@@ -195,12 +262,21 @@ class Executor:
             current_session.reset(token)
 
     # -- ops ---------------------------------------------------------------------------------
-    def execute(self, header: RequestHeader, payload: list[Any]) -> list[Any]:
-        """Return codec frames of the result; raise DspexError for a typed failure."""
+    def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None) -> list[Any]:
+        """Return codec frames of the result; raise DspexError for a typed failure.
+
+        With ``stream`` (the caller asked for streaming), a generator result is iterated here and
+        its items sent as partial replies; any other call reports progress events (dspy/gepa log
+        records and ``dspex.progress.report``) through it while it runs.
+        """
         ephemeral = not header.session
         state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+
+        def to_ref(obj: Any) -> Ref:
+            return self.refs.put(state, obj)
+
         try:
-            with self._session_scope(state):
+            with self._session_scope(state), self._progress_scope(stream, to_ref):
                 try:
                     args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r))
                 except DspexError:
@@ -208,10 +284,54 @@ class Executor:
                 except Exception as exc:
                     raise ProtocolError(f"malformed request body: {exc}") from None
                 result = self._run(header.op, state, args)
-                return codec.encode(result, to_ref=lambda obj: self.refs.put(state, obj))
+                if stream is not None and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+                    return codec.encode(self._drain_stream(result, stream, to_ref), to_ref=to_ref)
+                return codec.encode(result, to_ref=to_ref)
         finally:
             if ephemeral:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
+
+    @contextlib.contextmanager
+    def _progress_scope(self, stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
+        if stream is None:
+            yield
+            return
+
+        def report(data: Any) -> None:
+            stream.send(Status.PROGRESS.value, codec.encode(data, to_ref=to_ref))
+
+        handler = _ProgressLogHandler(stream, to_ref)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        token = progress.current_reporter.set(report)
+        try:
+            yield
+        finally:
+            progress.current_reporter.reset(token)
+            root.removeHandler(handler)
+
+    def _drain_stream(self, gen: Any, stream: StreamControl, to_ref: Callable[[Any], Ref]) -> dict[str, Any]:
+        """Send a generator's items as partial replies; stop it when the consumer cancels."""
+        count = 0
+        items = _iterate(gen)
+        try:
+            for item in items:
+                try:
+                    frames = codec.encode(item, to_ref=to_ref)
+                except DspexError:
+                    raise
+                except Exception as exc:
+                    raise _remote(exc) from None
+                if not stream.send(Status.PARTIAL.value, frames):
+                    raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)
+                count += 1
+        except DspexError:
+            raise
+        except Exception as exc:
+            raise _remote(exc) from None
+        finally:
+            items.close()  # runs the producer's finally blocks now, not at garbage collection
+        return {"items": count}
 
     def _run(self, op: str, state: SessionState, args: Any) -> Any:
         if not isinstance(args, (list, tuple)):
@@ -286,6 +406,26 @@ class Executor:
 
 
 _MISSING = object()
+
+
+def _iterate(gen: Any) -> Iterator[Any]:
+    """Items of a generator or an async generator (driven on a private event loop); closes it."""
+    if inspect.isasyncgen(gen):
+        loop = asyncio.new_event_loop()
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(gen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(gen.aclose())
+            loop.close()
+    else:
+        try:
+            yield from gen
+        finally:
+            gen.close()
 
 
 def _make_lm(model: str, *args: Any, **kwargs: Any) -> Any:
