@@ -17,11 +17,13 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.errors import (
     Cancelled,
+    ConfigError,
     DspexError,
     PoolNotFound,
     PoolSaturated,
@@ -58,6 +60,7 @@ from dspex.protocol import (
     pack_reply_header,
     unpack_request_header,
 )
+from broker.security import secure_server, start_authenticator
 from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
 from dspex.pools import PoolConfig  # noqa: F401 (re-exported for BrokerOptions)
 
@@ -99,6 +102,7 @@ class Broker:
         self.started = time.time()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self._stop = False
+        self._auth: ThreadAuthenticator | None = None
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
@@ -106,6 +110,13 @@ class Broker:
     # -- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
         max_message = self.options.max_message or config.max_message_bytes()
+        tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
+        if tcp:
+            if not self.options.curve_secret:
+                raise ConfigError(
+                    f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
+                    "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
+            self._auth = start_authenticator(self.ctx, self.options.curve_allowed_dir)
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
         for sock, endpoint in ((self.frontend, self.options.frontend), (self.backend, self.options.backend)):
@@ -114,7 +125,7 @@ class Broker:
             sock.setsockopt(zmq.RCVHWM, 0)
             config.prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
-                self._secure(sock, endpoint)
+                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public)
             sock.bind(endpoint)
         # a send to a worker whose connection is already gone raises instead of vanishing
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -124,20 +135,12 @@ class Broker:
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
 
-    def _secure(self, sock: zmq.Socket[Any], endpoint: str) -> None:
-        if not self.options.curve_secret:
-            raise config.ConfigError(
-                f"refusing to bind {endpoint} without CURVE keys: TCP endpoints need --curve-secret-key "
-                "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)"
-            )
-        sock.curve_secretkey = self.options.curve_secret
-        sock.curve_publickey = self.options.curve_public or b""
-        sock.curve_server = True
-
     def stop(self, *_: Any) -> None:
         self._stop = True
 
     def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
         for sock in (getattr(self, "monitor", None), getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,11 @@ class Stack:
         self.env = base_env(self.run_dir)
         self._clients: list[dspex.Client] = []
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
         log = open(os.path.join(self.root, log_name), "ab")
         proc = subprocess.Popen(
-            [PY, *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [*(prefix or []), PY, *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.procs.append(proc)
@@ -87,14 +89,20 @@ class Stack:
              "--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness), *self.broker_args],
             "broker.log",
         )
-        wait_for(lambda: os.path.exists(self.frontend[6:]), what="broker socket")
+        if self.frontend.startswith("ipc://"):
+            wait_for(lambda: os.path.exists(self.frontend[6:]) or self.broker.poll() is not None,  # type: ignore[union-attr]
+                     what="broker socket")
+        else:
+            host, port = self.frontend[len("tcp://"):].rsplit(":", 1)
+            wait_for(lambda: _connectable(host, int(port)) or self.broker.poll() is not None,  # type: ignore[union-attr]
+                     what="broker port")
         return self.broker
 
-    def start_worker(self, pool: str, *extra: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, pool: str, *extra: str, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
         return self._spawn(
             ["-m", "worker", "--pool", pool, "--backend", self.backend,
              "--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness), *extra],
-            f"worker-{pool}.log",
+            f"worker-{pool}.log", prefix=prefix,
         )
 
     def client(self, timeout: float = 20.0) -> dspex.Client:
@@ -137,6 +145,18 @@ class Stack:
             if name.endswith(".log"):
                 out.append(f"--- {name}\n" + Path(self.root, name).read_text(errors="replace")[-4000:])
         return "\n".join(out)
+
+
+def _connectable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -1,0 +1,142 @@
+"""CURVE on TCP endpoints, the private run directory, and a worker on another (namespaced) host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+import dspex
+from conftest import PY, REPO, Stack, base_env, free_port, wait_for
+from dspexctl.keys import generate, keys
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def curve_stack(stack: Stack, host: str = "127.0.0.1") -> dict[str, Path]:
+    written = generate(Path(stack.root, "k"))
+    stack.frontend = f"tcp://127.0.0.1:{free_port()}"
+    stack.backend = f"tcp://{host}:{free_port()}"
+    kdir = Path(stack.root, "k")
+    stack.env.update(DSPEX_CURVE_SERVER_KEY=str(kdir / "broker.key"), DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+    stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
+                                                "--curve-allowed", str(written["allowed"])])
+    return written
+
+
+def test_broker_refuses_tcp_without_keys(short_tmp: str) -> None:
+    env = base_env(os.path.join(short_tmp, "r"))
+    proc = subprocess.run([PY, "-m", "broker", "--frontend", f"tcp://127.0.0.1:{free_port()}", "--pool", "p"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "refusing to bind tcp://127.0.0.1" in proc.stderr and "CURVE" in proc.stderr
+
+
+def test_client_needs_keys_for_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSPEX_CURVE_SERVER_KEY", raising=False)
+    with pytest.raises(dspex.ConfigError, match="CURVE"):
+        dspex.connect(f"tcp://127.0.0.1:{free_port()}")
+
+
+def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = curve_stack(stack)
+    stack.start_worker("p", "--no-dspy")
+    kdir = Path(stack.root, "k")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 1, what="curve worker registered")
+        assert dx.session("p").eval("6 * 7") == 42
+    # a key pair the broker does not know
+    stranger = generate(Path(stack.root, "x"), peers=("stranger",))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(stranger["stranger"]))
+    with dspex.connect(stack.frontend, timeout=1.5) as dx:
+        with pytest.raises(dspex.Timeout):
+            dx.ping()
+    wait_for(lambda: "refused a CURVE peer" in Path(stack.root, "broker.log").read_text(), what="refusal logged")
+    # a worker with an unknown key never registers
+    stack.env["DSPEX_CURVE_WORKER_KEY"] = str(stranger["stranger"])
+    stack.start_worker("p", "--no-dspy")
+    wait_for(lambda: Path(stack.root, "broker.log").read_text().count("refused a CURVE peer") >= 2,
+             what="worker refusal logged")
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        assert len(dx.status()["pools"]["p"]["workers"]) == 1
+
+
+def test_keys_generate_cli(short_tmp: str) -> None:
+    result = CliRunner().invoke(keys, ["generate", "--dir", os.path.join(short_tmp, "keys")])
+    assert result.exit_code == 0, result.output
+    kdir = Path(short_tmp, "keys")
+    assert stat.S_IMODE(kdir.stat().st_mode) == 0o700
+    assert {p.name for p in (kdir / "allowed").iterdir()} == {"client.key", "worker.key"}
+    assert stat.S_IMODE((kdir / "broker.key_secret").stat().st_mode) == 0o600
+
+
+def test_ipc_run_dir_is_private(stack: Stack) -> None:
+    stack.start_broker("p:strict_queue")
+    assert stat.S_IMODE(Path(stack.run_dir).stat().st_mode) == 0o700
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns() -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to this one by a veth pair: (namespace, host-side link, host address)."""
+    if sys.platform != "linux" or shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs Linux, iproute2 and root to create network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    ns, host_link, ns_link = f"dx{tag}", f"vh{tag}", f"vn{tag}"
+    octet = int(tag[:2], 16) % 250 + 1
+    try:
+        _ip("netns", "add", ns)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        pytest.skip(f"cannot create a network namespace here: {exc}")
+    try:
+        _ip("link", "add", host_link, "type", "veth", "peer", "name", ns_link)
+        _ip("link", "set", ns_link, "netns", ns)
+        _ip("addr", "add", f"10.231.{octet}.1/30", "dev", host_link)
+        _ip("link", "set", host_link, "up")
+        _ip("-n", ns, "addr", "add", f"10.231.{octet}.2/30", "dev", ns_link)
+        _ip("-n", ns, "link", "set", ns_link, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        yield ns, host_link, f"10.231.{octet}.1"
+    finally:
+        subprocess.run(["ip", "link", "del", host_link], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def test_worker_on_another_host_cut_off(stack: Stack, netns: tuple[str, str, str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    ns, host_link, host_addr = netns
+    written = curve_stack(stack, host=host_addr)
+    local = stack.start_worker("p", "--no-dspy")
+    remote = stack.start_worker("p", "--no-dspy", prefix=["ip", "netns", "exec", ns])
+    kdir = Path(stack.root, "k")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 2, what="local and remote worker ready")
+        by_pid = {}
+        for _ in range(2):
+            s = dx.session("p")
+            by_pid[s.call("os", "getpid")] = s
+        assert set(by_pid) == {local.pid, remote.pid}, "least-loaded placement used both hosts"
+        on_remote, on_local = by_pid[remote.pid], by_pid[local.pid]
+        _ip("link", "set", host_link, "down")  # the remote host vanishes without closing its TCP connection
+        with pytest.raises(dspex.SessionWorkerUnavailable):
+            wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 1, timeout=10,
+                     what="remote worker expired by heartbeat")
+            on_remote.call("os", "getpid")
+        assert on_local.call("os", "getpid") == local.pid
+        assert dx.session("p").call("os", "getpid") == local.pid
