@@ -155,7 +155,7 @@ class Broker:
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stop:
             timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
-            events = dict(poller.poll(timeout * 1000))
+            events = dict(poller.poll(int(timeout * 1000)))
             if self.monitor in events:
                 self._drain_monitor()
             if self.backend in events:
@@ -290,13 +290,15 @@ class Broker:
                 return
             rec.worker = w.id
             w.sessions.add(rec.id)
-        w = self.workers.get(rec.worker)  # type: ignore[arg-type]
+        pinned = rec.worker
+        w = self.workers.get(pinned)
         if w is None or w.draining:
             if pool.mode in _STRICT:
-                why = "is being recycled" if w is not None else self.gone.why(rec.worker)  # type: ignore[arg-type]
+                why = "is being recycled" if w is not None else self.gone.why(pinned)
+                incarnation = pinned.decode(errors="replace")
                 self._fail(p, pool, SessionWorkerUnavailable(
-                    f"session {rec.id[:8]} is pinned to worker {rec.worker.decode(errors='replace')[:8]}, which {why}",  # type: ignore[union-attr]
-                    session=rec.id, worker=rec.worker.decode(errors="replace"),  # type: ignore[union-attr]
+                    f"session {rec.id[:8]} is pinned to worker {incarnation[:8]}, which {why}",
+                    session=rec.id, worker=incarnation,
                 ))
                 return
             # hint: the session re-pins to the least-loaded worker

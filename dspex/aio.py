@@ -38,7 +38,7 @@ class AsyncClient:
         self.max_message = config.max_message_bytes()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
-        config.tune_socket(self._sock, max_message=self.max_message)
+        config.tune_socket(self._sock, max_message=self.max_message)  # type: ignore[arg-type]
         self._sock.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(15))
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
         if self.endpoint.startswith("tcp://"):

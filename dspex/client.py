@@ -147,7 +147,7 @@ class Client:
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000):
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op)
             reply = sock.recv_multipart(copy=False)
             try:

@@ -29,6 +29,11 @@ from dspex.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 
+
+def _packb(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj)
+    return data
+
 # Backend commands, one byte each so the broker branches on a byte compare.
 W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
@@ -127,7 +132,7 @@ class RequestHeader:
     flags: int = 0
 
     def pack(self) -> bytes:
-        return msgpack.packb(
+        return _packb(
             [self.op, self.req_id, self.pool, self.session, self.worker, self.timeout_ms, self.flags]
         )
 
@@ -153,7 +158,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
 
 def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
     """``[status, req_id, worker, pool]``: the worker the reply came from lets clients track pins."""
-    return msgpack.packb([status, req_id, worker, pool])
+    return _packb([status, req_id, worker, pool])
 
 
 def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
@@ -167,4 +172,4 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:
-    return msgpack.packb({"code": code, "message": message, **details})
+    return _packb({"code": code, "message": message, **details})

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import msgpack
 
@@ -245,7 +245,7 @@ class Executor:
             overrides = settings_module.thread_local_overrides.get()
             settings_module.thread_local_overrides.set(type(overrides)({**overrides, **kwargs}))
 
-        dspy.settings.configure = session_configure  # type: ignore[method-assign]
+        dspy.settings.configure = session_configure
         dspy.configure = session_configure
         self._dspy = dspy
 
@@ -313,7 +313,7 @@ class Executor:
     def _drain_stream(self, gen: Any, stream: StreamControl, to_ref: Callable[[Any], Ref]) -> dict[str, Any]:
         """Send a generator's items as partial replies; stop it when the consumer cancels."""
         count = 0
-        items = _iterate(gen)
+        items = _iterate(gen)  # a generator: close() runs the producer's finally blocks
         try:
             for item in items:
                 try:
@@ -408,7 +408,7 @@ class Executor:
 _MISSING = object()
 
 
-def _iterate(gen: Any) -> Iterator[Any]:
+def _iterate(gen: Any) -> Generator[Any, None, None]:
     """Items of a generator or an async generator (driven on a private event loop); closes it."""
     if inspect.isasyncgen(gen):
         loop = asyncio.new_event_loop()

@@ -76,6 +76,11 @@ class WorkerOptions:
     curve_keypair: tuple[bytes, bytes] | None = None
 
 
+def _packb(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj)
+    return data
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -206,7 +211,7 @@ class Worker:
 
     # -- I/O thread ---------------------------------------------------------------------------
     def _ready_frame(self) -> bytes:
-        return msgpack.packb(
+        return _packb(
             {
                 "pool": self.options.pool,
                 "pid": os.getpid(),
@@ -220,10 +225,10 @@ class Worker:
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        return msgpack.packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count})
+        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count})
 
     def _new_socket(self) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         config.tune_socket(sock, max_message=self.max_message)
         sock.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -257,7 +262,7 @@ class Worker:
         try:
             while True:
                 timeout = max(0.0, min(next_beat, deadline) - time.monotonic())
-                events = dict(poller.poll(timeout * 1000))
+                events = dict(poller.poll(int(timeout * 1000)))
                 if replies in events:
                     while True:
                         try:
