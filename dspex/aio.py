@@ -27,6 +27,7 @@ from dspex.protocol import FLAG_STREAM, STREAM_WINDOW, Op, RequestHeader, Status
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
+_LOST = "__lost__"  # queued to waiting calls when the broker connection drops
 
 
 class AsyncClient:
@@ -51,10 +52,12 @@ class AsyncClient:
             if not os.path.exists(self.endpoint[6:]):
                 self._ctx.destroy(0)
                 raise ConnectionError(f"nothing is listening at {self.endpoint} (is the broker running?)")
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue[_Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._closed = False
 
     async def __aenter__(self) -> "AsyncClient":
@@ -67,12 +70,14 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._monitor.close(0)
         self._sock.close(0)
         self._ctx.term()
 
@@ -87,12 +92,21 @@ class AsyncClient:
             if queue is not None:  # else a late reply of a call that timed out
                 queue.put_nowait((status, worker, reply[1:]))
 
+    async def _watch(self) -> None:
+        """A dropped broker connection fails every waiting call at once (typed ConnectionError)."""
+        while True:
+            await self._monitor.recv_multipart()
+            for queue in self._pending.values():
+                queue.put_nowait((_LOST, "", []))
+
     async def _send(self, op: str, pool: str, session: str, body: Any, worker: str, timeout: float,
                     flags: int) -> tuple[int, asyncio.Queue[_Reply]]:
         if self._closed:
             raise ConnectionError("client is closed")
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read_loop())
+            self._watcher = loop.create_task(self._watch())
         req_id = next(self._ids)
         frames = codec.encode(body if body is not None else [])
         size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
@@ -106,9 +120,13 @@ class AsyncClient:
 
     async def _next(self, queue: asyncio.Queue[_Reply], timeout: float, op: str) -> _Reply:
         try:
-            return await asyncio.wait_for(queue.get(), timeout)
+            reply = await asyncio.wait_for(queue.get(), timeout)
         except asyncio.TimeoutError:
             raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op) from None
+        if reply[0] == _LOST:
+            raise ConnectionError(f"lost the connection to the broker ({self.endpoint}) while waiting for {op}; "
+                                  "the call may or may not have run", op=op)
+        return reply
 
     async def _control(self, op: Op, pool: str, session: str, req_id: int, n: int) -> None:
         await self._sock.send_multipart([RequestHeader(op.value, req_id, pool, session).pack(), msgpack.packb(n)])

@@ -45,13 +45,29 @@ T = TypeVar("T")
 class _Channel:
     """One thread's socket to the broker."""
 
-    __slots__ = ("sock", "ids", "streams", "__weakref__")
+    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "__weakref__")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
+        # A lost connection fails the requests waiting on it at once (typed ConnectionError)
+        # instead of leaving them to time out: the broker that had them is gone.
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.ids = itertools.count(1)
         # replies of this thread's open streams that arrived while it waited for something else
         self.streams: dict[int, deque[tuple[str, str, list[Any]]]] = {}
+
+    def disconnected(self) -> bool:
+        """Drain the monitor; True if the connection to the broker dropped since the last look."""
+        dropped = False
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            dropped = True
 
 
 class Client:
@@ -120,6 +136,7 @@ class Client:
         except zmq.ZMQError as exc:
             raise ConnectionError(f"cannot connect to {self.endpoint}: {exc}") from None
         ch = _Channel(sock)
+        self._socks.append(ch.monitor)
         self._local.channel = ch
         return ch
 
@@ -129,6 +146,8 @@ class Client:
         if self._closed:
             raise ConnectionError("client is closed")
         ch = self._channel()
+        if ch.disconnected() and ch.streams:
+            log.debug("broker connection dropped while streams were open")
         req_id = next(ch.ids)
         header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000), flags).pack()
         frames = codec.encode(body if body is not None else [])
@@ -147,7 +166,14 @@ class Client:
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+            events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+            if sock not in events:
+                if ch.monitor in events and ch.disconnected():
+                    raise ConnectionError(
+                        f"lost the connection to the broker ({self.endpoint}) while waiting for {op}; "
+                        "the call may or may not have run", op=op)
+                if time.monotonic() < deadline:
+                    continue
                 raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op)
             reply = sock.recv_multipart(copy=False)
             try:

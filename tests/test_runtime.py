@@ -279,3 +279,31 @@ def test_unknown_op_from_client(stack: Stack) -> None:
     dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
     with pytest.raises(dspex.UnknownOp):
         dx.request("frobnicate", "p", "")
+
+
+def test_broker_death_fails_inflight_call_with_connection_error(stack: Stack) -> None:
+    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.call("os", "getpid")
+    errors: list[BaseException] = []
+
+    def long_call() -> None:
+        try:
+            s.call("time", "sleep", [4])
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="busy")
+    assert stack.broker is not None
+    killed = time.monotonic()
+    stack.kill(stack.broker)
+    t.join(10)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], dspex.ConnectionError), errors
+    assert time.monotonic() - killed < 2.0, "the caller learned of the lost broker at once, not at its timeout"
+    # after a restart the same client and session work again
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    wait_for(lambda: s.call("os", "getpid"), what="call after restart")
