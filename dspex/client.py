@@ -19,6 +19,7 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from dspex import codec, config
 from dspex.errors import (
@@ -51,7 +52,8 @@ class _Channel:
         self.sock = sock
         # A lost connection fails the requests waiting on it at once (typed ConnectionError)
         # instead of leaving them to time out: the broker that had them is gone.
-        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -59,15 +61,18 @@ class _Channel:
         # replies of this thread's open streams that arrived while it waited for something else
         self.streams: dict[int, deque[tuple[str, str, list[Any]]]] = {}
 
-    def disconnected(self) -> bool:
-        """Drain the monitor; True if the connection to the broker dropped since the last look."""
-        dropped = False
+    def disconnected(self) -> str:
+        """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
+        why = ""
         while True:
             try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return dropped
-            dropped = True
+                return why
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = "the broker refused this client's CURVE key"
+            elif not why:
+                why = "lost the connection to the broker"
 
 
 class Client:
@@ -168,10 +173,10 @@ class Client:
             remaining = deadline - time.monotonic()
             events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
             if sock not in events:
-                if ch.monitor in events and ch.disconnected():
+                why = ch.disconnected() if ch.monitor in events else ""
+                if why:
                     raise ConnectionError(
-                        f"lost the connection to the broker ({self.endpoint}) while waiting for {op}; "
-                        "the call may or may not have run", op=op)
+                        f"{why} ({self.endpoint}) while waiting for {op}; the call may or may not have run", op=op)
                 if time.monotonic() < deadline:
                     continue
                 raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op)

@@ -1,9 +1,12 @@
-"""The worker process: an I/O thread that owns the broker socket, and threads that run calls.
+"""The worker process: the main thread runs calls; an I/O thread stands in while it is busy.
 
-The I/O thread sends READY and heartbeats and keeps doing so while user code runs for minutes,
-so a long LM call never gets the worker declared dead. Requests cross to the main thread over an
-inproc PAIR; the main thread runs them itself (capacity 1) or on a thread pool (capacity > 1);
-replies come back to the I/O thread over a PUSH/PULL pair that any thread may use.
+One DEALER socket, shared under a lock (a zmq socket may change threads behind a full memory
+barrier). The idle main thread polls it, answers control messages and sends heartbeats; a
+request runs on the main thread itself and its reply goes straight out: no inproc hop on the hot
+path. While user code runs (an LM call of minutes), the I/O thread takes the lock every few
+milliseconds to send heartbeats and read what arrives (stream credit, cancels, the next
+requests), so the worker is never declared dead. With capacity > 1, calls run on a thread pool
+and their replies reach the main thread over an inproc PUSH/PULL pair.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -51,14 +55,8 @@ from worker.executor import Executor, RefTable, StreamControl, error_frames
 
 log = logging.getLogger("dspex.worker")
 
-# I/O thread -> main thread (first frame)
-_M_REQUEST = b"q"
-_M_RELEASE = b"s"
-_M_DRAIN = b"d"
-# any thread -> I/O thread
-_C_REPLY = b"r"
-_C_PARTIAL = b"p"
-_C_EXIT = b"x"
+_BUSY_POLL = 0.002  # how often the I/O thread reads the socket while the main thread runs a call
+_IDLE_POLL = 0.1
 
 
 @dataclass(frozen=True)
@@ -99,74 +97,140 @@ class Worker:
         self.max_message = options.max_message or config.max_message_bytes()
         self.capacity = max(1, options.capacity)
         self.executor = Executor(RefTable(options.pool, self.incarnation, options.ref_cap))
+        self.started = time.time()
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
-        self._pipe_addr = f"inproc://dspex-worker-{self.incarnation}"
-        self._out_addr = f"inproc://dspex-worker-out-{self.incarnation}"
-        self._out_bound = threading.Event()
+        self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
+        self._sock: zmq.Socket[Any] | None = None
+        self._inbox: deque[list[zmq.Frame]] = deque()  # requests read by whichever thread held the lock
+        self._busy = False  # the main thread is running user code
+        self._wake = threading.Event()
+        self._exiting = False
+        interval = options.heartbeat_interval
+        self._silence_limit = interval * options.heartbeat_liveness
+        self._next_beat = time.monotonic() + interval
+        self._deadline = time.monotonic() + self._silence_limit  # broker liveness
+        self._backoff = self._silence_limit
+        self._replies_addr = f"inproc://dspex-worker-out-{self.incarnation}"
         self._local = threading.local()
+        self._active = 0  # calls running on the pool (capacity > 1)
+        self._active_lock = threading.Lock()
         self._streams: dict[tuple[bytes, int], StreamControl] = {}
         self._early_cancels: set[tuple[bytes, int]] = set()
         self._streams_lock = threading.Lock()
-        self.started = time.time()
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
-        pipe = self.ctx.socket(zmq.PAIR)
-        pipe.setsockopt(zmq.LINGER, 0)
-        pipe.bind(self._pipe_addr)
+        self._sock = self._new_socket()
+        replies: zmq.Socket[Any] | None = None
+        pool: ThreadPoolExecutor | None = None
+        if self.capacity > 1:
+            replies = self.ctx.socket(zmq.PULL)
+            replies.setsockopt(zmq.LINGER, 0)
+            replies.bind(self._replies_addr)
+            pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="dspex-call")
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        if replies is not None:
+            poller.register(replies, zmq.POLLIN)
         io = threading.Thread(target=self._io_loop, name="dspex-worker-io", daemon=True)
         io.start()
-        self._out_bound.wait(10)
         if self.options.preload_dspy:
+            self._set_busy(True)  # importing dspy takes a while: the I/O thread heartbeats meanwhile
             try:
                 self.executor.enable_dspy(self.options.lm_history)
             except Exception:  # a worker without dspy still serves plain Python
                 log.exception("could not import dspy; serving without per-session DSPy settings")
-        pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="dspex-call") if self.capacity > 1 else None
+            finally:
+                self._set_busy(False)
         try:
-            while not self._stop.is_set():
-                if not pipe.poll(200):
+            while not (self._stop.is_set() and self._active == 0):
+                frames = self._next_request(poller, replies)
+                if frames is None:
                     continue
-                frames = pipe.recv_multipart(copy=False)
-                kind = frames[0].bytes
-                if kind == _M_REQUEST:
-                    if pool is None:
-                        self._handle(frames[1:])
-                    else:
-                        pool.submit(self._handle, frames[1:])
-                elif kind == _M_RELEASE:
-                    n = self.executor.refs.release_session(frames[1].bytes.decode())
-                    log.debug("released session %s (%d refs)", frames[1].bytes.decode()[:8], n)
-                elif kind == _M_DRAIN:
-                    self._stop.set()
+                if pool is None:
+                    self._set_busy(True)
+                    try:
+                        self._handle(frames, self._send_direct)
+                    finally:
+                        self._set_busy(False)
+                else:
+                    with self._active_lock:
+                        self._active += 1
+                    pool.submit(self._run_pooled, frames)
         finally:
             if pool is not None:
-                pool.shutdown(wait=True)  # a recycle finishes the calls it has
-            self._out().send(_C_EXIT)
+                pool.shutdown(wait=False, cancel_futures=True)
+            with self._lock:
+                self._exiting = True
+                # say goodbye so the broker drops our sessions now, not at heartbeat expiry
+                self._sock.setsockopt(zmq.LINGER, 1000)
+                try:
+                    self._sock.send(W_DISCONNECT, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            self._wake.set()
             io.join(timeout=5)
-            pipe.close(0)
+            self._sock.close()
+            if replies is not None:
+                replies.close(0)
         return 0
 
-    def _out(self) -> zmq.Socket[Any]:
-        """This thread's socket to the I/O thread."""
+    def _set_busy(self, busy: bool) -> None:
+        self._busy = busy
+        if busy:
+            self._wake.set()
+
+    def _next_request(self, poller: zmq.Poller, replies: zmq.Socket[Any] | None) -> list[zmq.Frame] | None:
+        """Poll the socket (holding the lock); handle control messages; return the next request."""
+        assert self._sock is not None
+        with self._lock:
+            if self._inbox:
+                return self._inbox.popleft()
+            timeout = min(_IDLE_POLL, max(0.0, self._next_beat - time.monotonic()))
+            events = dict(poller.poll(int(timeout * 1000)))
+            if replies is not None and replies in events:
+                while True:
+                    try:
+                        out = replies.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._sock.send_multipart(out, copy=False)
+            if self._sock in events:
+                self._read_socket()
+            self._timers()
+            return self._inbox.popleft() if self._inbox else None
+
+    def _run_pooled(self, frames: list[zmq.Frame]) -> None:
+        try:
+            self._handle(frames, self._send_pushed)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _send_direct(self, frames: list[Any]) -> None:
+        assert self._sock is not None
+        with self._lock:
+            self._sock.send_multipart(frames, copy=False)
+
+    def _send_pushed(self, frames: list[Any]) -> None:
+        """From a pool thread: hand the frames to the main thread, which owns the socket."""
         sock: zmq.Socket[Any] | None = getattr(self._local, "out", None)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(self._out_addr)
+            sock.connect(self._replies_addr)
             self._local.out = sock
-        return sock
+        sock.send_multipart(frames, copy=False)
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, frames: list[zmq.Frame], send: Callable[[list[Any]], None]) -> None:
         client = frames[0].bytes
         req_id = 0
-        out = self._out()
         stream: StreamControl | None = None
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, header.req_id, header.timeout_ms, out)
+                stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
             reply = self.executor.execute(header, frames[2:], stream)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
@@ -185,15 +249,15 @@ class Worker:
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
-        out.send_multipart([_C_REPLY, client, head, *reply], copy=False)
+        send([W_REPLY, client, head, *reply])
 
-    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int, out: zmq.Socket[Any]) -> StreamControl:
+    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
+                     send: Callable[[list[Any]], None]) -> StreamControl:
         head_part = pack_reply_header(Status.PARTIAL.value, req_id, self.incarnation, self.options.pool)
         head_prog = pack_reply_header(Status.PROGRESS.value, req_id, self.incarnation, self.options.pool)
 
         def emit(kind: str, frames: list[Any]) -> None:
-            head = head_part if kind == Status.PARTIAL.value else head_prog
-            out.send_multipart([_C_PARTIAL, client, head, *frames], copy=False)
+            send([W_PARTIAL, client, head_part if kind == Status.PARTIAL.value else head_prog, *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
@@ -209,7 +273,88 @@ class Worker:
     def request_stop(self, *_: Any) -> None:
         self._stop.set()
 
-    # -- I/O thread ---------------------------------------------------------------------------
+    # -- either thread, holding the lock -----------------------------------------------------
+    def _read_socket(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._deadline = time.monotonic() + self._silence_limit
+            self._backoff = self._silence_limit
+            self._from_broker(frames)
+
+    def _timers(self) -> None:
+        assert self._sock is not None
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
+            self._next_beat = now + self.options.heartbeat_interval
+        if now >= self._deadline:
+            # The broker is gone, or restarted without hearing from us. zmq reconnects by
+            # itself; we re-announce on the same socket (a new socket would race its own stale
+            # connection for our identity), backing off during a long outage.
+            log.warning("broker silent; re-sending READY (next try in %.1fs)", self._backoff)
+            self._sock.send_multipart([W_READY, self._ready_frame()])
+            self._deadline = now + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
+
+    def _from_broker(self, frames: list[zmq.Frame]) -> None:
+        assert self._sock is not None
+        command = frames[0].bytes
+        if command == B_REQUEST:
+            self._inbox.append(frames[1:])
+        elif command == B_HEARTBEAT:
+            pass
+        elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
+            self._stream_control(command, frames)
+        elif command == B_RELEASE_SESSION and len(frames) >= 2:
+            session_id = frames[1].bytes.decode(errors="replace")
+            n = self.executor.refs.release_session(session_id)
+            log.debug("released session %s (%d refs)", session_id[:8], n)
+        elif command == B_DISCONNECT:
+            log.info("broker asked us to exit (recycle); finishing current work")
+            self._stop.set()
+        elif command == B_REREGISTER:
+            self._sock.send_multipart([W_READY, self._ready_frame()])
+        else:
+            log.warning("ignoring unknown command %r from broker", command[:8])
+
+    def _stream_control(self, command: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            req_id, n = msgpack.unpackb(frames[2].buffer)
+            key = (frames[1].bytes, int(req_id))
+        except Exception:
+            log.warning("malformed stream control from broker")
+            return
+        with self._streams_lock:
+            control = self._streams.get(key)
+            if control is None:
+                if command == B_CANCEL and len(self._early_cancels) < 10_000:
+                    self._early_cancels.add(key)  # the request may still be waiting in the inbox
+                return
+        if command == B_CANCEL:
+            control.cancel()
+        else:
+            control.add_credit(int(n))
+
+    # -- the I/O thread: stands in while the main thread runs user code ----------------------
+    def _io_loop(self) -> None:
+        while not self._exiting:
+            if self._busy:
+                time.sleep(_BUSY_POLL)  # outside the lock: the main thread never waits long for it
+            else:
+                self._wake.wait(self.options.heartbeat_interval)
+                self._wake.clear()
+                continue  # the idle main thread polls, heartbeats and answers by itself
+            with self._lock:
+                if self._exiting or not self._busy:
+                    continue
+                self._read_socket()
+                self._timers()
+
+    # -- frames -------------------------------------------------------------------------------
     def _ready_frame(self) -> bytes:
         return _packb(
             {
@@ -241,106 +386,6 @@ class Worker:
         sock.connect(self.options.backend)
         sock.send_multipart([W_READY, self._ready_frame()])
         return sock
-
-    def _io_loop(self) -> None:
-        pipe = self.ctx.socket(zmq.PAIR)
-        pipe.setsockopt(zmq.LINGER, 0)
-        pipe.connect(self._pipe_addr)
-        replies = self.ctx.socket(zmq.PULL)
-        replies.setsockopt(zmq.LINGER, 0)
-        replies.bind(self._out_addr)
-        self._out_bound.set()
-        sock = self._new_socket()
-        poller = zmq.Poller()
-        poller.register(replies, zmq.POLLIN)
-        poller.register(sock, zmq.POLLIN)
-        interval = self.options.heartbeat_interval
-        silence_limit = interval * self.options.heartbeat_liveness
-        backoff = silence_limit
-        deadline = time.monotonic() + silence_limit
-        next_beat = time.monotonic() + interval
-        try:
-            while True:
-                timeout = max(0.0, min(next_beat, deadline) - time.monotonic())
-                events = dict(poller.poll(int(timeout * 1000)))
-                if replies in events:
-                    while True:
-                        try:
-                            frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        kind = frames[0].bytes
-                        if kind == _C_EXIT:
-                            # say goodbye so the broker drops our sessions now, not at expiry
-                            sock.setsockopt(zmq.LINGER, 1000)
-                            try:
-                                sock.send(W_DISCONNECT, zmq.NOBLOCK)
-                            except zmq.Again:
-                                pass
-                            return
-                        command = W_REPLY if kind == _C_REPLY else W_PARTIAL
-                        sock.send_multipart([command, *frames[1:]], copy=False)
-                if sock in events:
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        deadline = time.monotonic() + silence_limit
-                        backoff = silence_limit
-                        self._from_broker(frames, pipe, sock)
-                now = time.monotonic()
-                if now >= next_beat:
-                    sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
-                    next_beat = now + interval
-                if now >= deadline:
-                    # The broker is gone, or restarted without hearing from us. zmq reconnects
-                    # by itself; we re-announce on the same socket (a new socket would race its
-                    # own stale connection for our identity), backing off during a long outage.
-                    log.warning("broker silent; re-sending READY (next try in %.1fs)", backoff)
-                    sock.send_multipart([W_READY, self._ready_frame()])
-                    deadline = now + backoff
-                    backoff = min(backoff * 2, 30.0)
-        finally:
-            sock.close(0)
-            replies.close(0)
-            pipe.close(0)
-
-    def _from_broker(self, frames: list[zmq.Frame], pipe: zmq.Socket[Any], sock: zmq.Socket[Any]) -> None:
-        command = frames[0].bytes
-        if command == B_REQUEST:
-            pipe.send_multipart([_M_REQUEST, *frames[1:]], copy=False)
-        elif command == B_HEARTBEAT:
-            pass
-        elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
-            self._stream_control(command, frames)
-        elif command == B_RELEASE_SESSION and len(frames) >= 2:
-            pipe.send_multipart([_M_RELEASE, frames[1]], copy=False)
-        elif command == B_DISCONNECT:
-            log.info("broker asked us to exit (recycle); finishing current work")
-            pipe.send(_M_DRAIN)
-        elif command == B_REREGISTER:
-            sock.send_multipart([W_READY, self._ready_frame()])
-        else:
-            log.warning("ignoring unknown command %r from broker", command[:8])
-
-    def _stream_control(self, command: bytes, frames: list[zmq.Frame]) -> None:
-        try:
-            req_id, n = msgpack.unpackb(frames[2].buffer)
-            key = (frames[1].bytes, int(req_id))
-        except Exception:
-            log.warning("malformed stream control from broker")
-            return
-        with self._streams_lock:
-            control = self._streams.get(key)
-            if control is None:
-                if command == B_CANCEL and len(self._early_cancels) < 10_000:
-                    self._early_cancels.add(key)  # the request may still be on its way to a thread
-                return
-        if command == B_CANCEL:
-            control.cancel()
-        else:
-            control.add_credit(int(n))
 
 
 def main(options: WorkerOptions) -> int:
