@@ -21,9 +21,9 @@ import zmq
 import zmq.asyncio
 
 from dspex import codec, config
-from dspex.client import DEFAULT_TIMEOUT, Client
+from dspex.client import DEFAULT_TIMEOUT, Client, CreditMeter
 from dspex.errors import Cancelled, ConnectionError, DspexError, MessageTooLarge, ProtocolError, SessionClosed, Timeout
-from dspex.protocol import FLAG_STREAM, STREAM_WINDOW, Op, RequestHeader, Status, unpack_reply_header
+from dspex.protocol import FLAG_STREAM, Op, RequestHeader, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
@@ -137,15 +137,13 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         flags = FLAG_STREAM if on_progress is not None else 0
         req_id, queue = await self._send(op, pool, session, body, worker, timeout, flags)
-        acked = 0
+        meter = CreditMeter()
         try:
             while True:
                 status, rworker, frames = await self._next(queue, timeout, op)
                 if status in (Status.PARTIAL.value, Status.PROGRESS.value):
-                    acked += 1
-                    if acked >= STREAM_WINDOW // 2:
-                        await self._control(Op.CREDIT, pool, session, req_id, acked)
-                        acked = 0
+                    if n := meter.consumed():
+                        await self._control(Op.CREDIT, pool, session, req_id, n)
                     if on_progress is not None:
                         on_progress(Client._decode(frames))
                     continue
@@ -163,15 +161,13 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         req_id, queue = await self._send(op, pool, session, body, worker, timeout, FLAG_STREAM)
         finished = False
-        acked = 0
+        meter = CreditMeter()
         try:
             while True:
                 status, _, frames = await self._next(queue, timeout, op)
                 if status in (Status.PARTIAL.value, Status.PROGRESS.value):
-                    acked += 1
-                    if acked >= STREAM_WINDOW // 2:
-                        await self._control(Op.CREDIT, pool, session, req_id, acked)
-                        acked = 0
+                    if n := meter.consumed():
+                        await self._control(Op.CREDIT, pool, session, req_id, n)
                     if status == Status.PARTIAL.value:
                         yield Client._decode(frames)
                     continue

@@ -75,6 +75,23 @@ class _Channel:
                 why = "lost the connection to the broker"
 
 
+class CreditMeter:
+    """Counts streamed replies consumed and says when to grant the producer more credit."""
+
+    __slots__ = ("unacked",)
+
+    def __init__(self) -> None:
+        self.unacked = 0
+
+    def consumed(self) -> int:
+        """Credit to send now (0: not yet): half a window at a time keeps the producer busy."""
+        self.unacked += 1
+        if self.unacked < STREAM_WINDOW // 2:
+            return 0
+        n, self.unacked = self.unacked, 0
+        return n
+
+
 class Client:
     """A connection to a dspex broker. Safe to share between threads."""
 
@@ -222,14 +239,12 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         flags = FLAG_STREAM if on_progress is not None else 0
         ch, req_id = self._send(op, pool, session, body, worker, timeout, flags)
-        acked = 0
+        meter = CreditMeter()
         while True:
             status, rworker, frames = self._recv(ch, req_id, timeout, op)
             if status == Status.PROGRESS.value or status == Status.PARTIAL.value:
-                acked += 1
-                if acked >= STREAM_WINDOW // 2:
-                    self._credit(pool, session, req_id, acked)
-                    acked = 0
+                if n := meter.consumed():
+                    self._credit(pool, session, req_id, n)
                 if on_progress is not None:
                     on_progress(self._decode(frames))
                 continue
@@ -316,7 +331,7 @@ class Stream:
         self._timeout = timeout
         self._on_reply = on_reply
         self._thread = threading.get_ident()
-        self._unacked = 0
+        self._meter = CreditMeter()
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []
@@ -336,10 +351,8 @@ class Stream:
                 self._finish()
                 raise
             if status == Status.PARTIAL.value or status == Status.PROGRESS.value:
-                self._unacked += 1
-                if self._unacked >= STREAM_WINDOW // 2:
-                    self._client._credit(self._pool, self._session, self._req_id, self._unacked)
-                    self._unacked = 0
+                if n := self._meter.consumed():
+                    self._client._credit(self._pool, self._session, self._req_id, n)
                 value = Client._decode(frames)
                 if status == Status.PARTIAL.value:
                     return value

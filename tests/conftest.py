@@ -105,6 +105,15 @@ class Stack:
             f"worker-{pool}.log", prefix=prefix,
         )
 
+    def pool(self, spec: str, n: int = 1, *worker_args: str) -> dspex.Client:
+        """A broker with one pool (``NAME:MODE[:k=v,...]``) and ``n`` ready workers; a client to it."""
+        self.start_broker(spec)
+        name = spec.split(":")[0]
+        for _ in range(n):
+            self.start_worker(name, *worker_args)
+        self.wait_workers(name, n)
+        return self.client()
+
     def client(self, timeout: float = 20.0) -> dspex.Client:
         c = dspex.connect(self.frontend, timeout=timeout)
         self._clients.append(c)

@@ -19,15 +19,6 @@ def pid_of(s: dspex.Session) -> int:
     return int(s.call("os", "getpid"))
 
 
-def start(stack: Stack, spec: str, n: int = 2) -> dspex.Client:
-    stack.start_broker(spec)
-    pool = spec.split(":")[0]
-    for _ in range(n):
-        stack.start_worker(pool, "--no-dspy")
-    stack.wait_workers(pool, n)
-    return stack.client()
-
-
 def busy_in_background(s: dspex.Session, seconds: float) -> threading.Thread:
     t = threading.Thread(target=s.call, args=("time", "sleep", [seconds]), daemon=True)
     t.start()
@@ -40,21 +31,21 @@ def wait_busy(stack: Stack, pool: str, worker: str) -> None:
 
 
 def test_new_sessions_spread_least_loaded(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     a, b = dx.session("p"), dx.session("p")
     assert pid_of(a) != pid_of(b), "two new sessions must land on different workers"
     assert a.worker and b.worker and a.worker != b.worker
 
 
 def test_strict_queue_idle_runs_on_pinned_worker(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
     pids = {pid_of(s) for _ in range(20)}
     assert len(pids) == 1
 
 
 def test_strict_queue_busy_waits_in_that_workers_queue(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
     pinned = pid_of(s)
     t = busy_in_background(s, 1.0)
@@ -66,7 +57,7 @@ def test_strict_queue_busy_waits_in_that_workers_queue(stack: Stack) -> None:
 
 
 def test_strict_queue_timeout(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue:queue_timeout=0.3", n=1)
+    dx = stack.pool("p:strict_queue:queue_timeout=0.3", 1, "--no-dspy")
     s = dx.session("p")
     s.call("os", "getpid")
     t = busy_in_background(s, 2.0)
@@ -78,7 +69,7 @@ def test_strict_queue_timeout(stack: Stack) -> None:
 
 @pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast"])
 def test_strict_pinned_worker_gone(stack: Stack, mode: str) -> None:
-    dx = start(stack, f"p:{mode}")
+    dx = stack.pool(f"p:{mode}", 2, "--no-dspy")
     s = dx.session("p")
     pid = pid_of(s)
     stack.kill(pid)
@@ -93,7 +84,7 @@ def test_strict_pinned_worker_gone(stack: Stack, mode: str) -> None:
 
 
 def test_strict_fail_fast_busy(stack: Stack) -> None:
-    dx = start(stack, "p:strict_fail_fast")
+    dx = stack.pool("p:strict_fail_fast", 2, "--no-dspy")
     s = dx.session("p")
     s.call("os", "getpid")
     t = busy_in_background(s, 1.0)
@@ -106,7 +97,7 @@ def test_strict_fail_fast_busy(stack: Stack) -> None:
 
 
 def test_hint_busy_runs_on_another_worker(stack: Stack) -> None:
-    dx = start(stack, "p:hint")
+    dx = stack.pool("p:hint", 2, "--no-dspy")
     s = dx.session("p")
     pinned = pid_of(s)
     t = busy_in_background(s, 1.0)
@@ -116,7 +107,7 @@ def test_hint_busy_runs_on_another_worker(stack: Stack) -> None:
 
 
 def test_hint_gone_repins(stack: Stack) -> None:
-    dx = start(stack, "p:hint")
+    dx = stack.pool("p:hint", 2, "--no-dspy")
     s = dx.session("p")
     pid = pid_of(s)
     stack.kill(pid)
@@ -126,7 +117,7 @@ def test_hint_gone_repins(stack: Stack) -> None:
 
 
 def test_none_runs_anywhere(stack: Stack) -> None:
-    dx = start(stack, "p:none")
+    dx = stack.pool("p:none", 2, "--no-dspy")
     s = dx.session("p")
     with ThreadPoolExecutor(2) as ex:
         pids = set(ex.map(lambda _: s.eval("__import__('time').sleep(0.5) or __import__('os').getpid()"), range(2)))
@@ -134,7 +125,7 @@ def test_none_runs_anywhere(stack: Stack) -> None:
 
 
 def test_pool_saturated(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue:queue_max=1", n=1)
+    dx = stack.pool("p:strict_queue:queue_max=1", 1, "--no-dspy")
     s = dx.session("p")
     s.call("os", "getpid")
     t = busy_in_background(s, 1.5)
@@ -149,7 +140,7 @@ def test_pool_saturated(stack: Stack) -> None:
 
 
 def test_pool_not_found(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue", n=1)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     with pytest.raises(dspex.PoolNotFound):
         dx.session("nope").call("os", "getpid")
     with pytest.raises(dspex.PoolNotFound):
@@ -157,7 +148,7 @@ def test_pool_not_found(stack: Stack) -> None:
 
 
 def test_sessionless_call(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue", n=1)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     assert dx.call("math", "hypot", [3, 4], pool="p") == 5.0
     ref = dx.call("builtins", "object", pool="p")
     assert isinstance(ref, dspex.Ref)
@@ -168,7 +159,7 @@ def test_sessionless_call(stack: Stack) -> None:
 
 def test_concurrent_threads_keep_affinity(stack: Stack) -> None:
     """8 threads on 4 sessions: every call answered, each on its session's pinned worker."""
-    dx = start(stack, "p:strict_queue")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     sessions = [dx.session("p") for _ in range(4)]
     pinned = {s.id: pid_of(s) for s in sessions}
 
@@ -184,7 +175,7 @@ def test_concurrent_threads_keep_affinity(stack: Stack) -> None:
 
 
 def test_sigterm_worker_says_goodbye(stack: Stack) -> None:
-    dx = start(stack, "p:strict_queue")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
     pid = pid_of(s)
     stack.kill(pid, signal.SIGTERM)

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.timeout(90)
 SLEEP_SPAN = "(lambda t0: (__import__('time').sleep({s}), (t0, __import__('time').time()))[1])(__import__('time').time())"
 
 
-def pool(stack: Stack, spec: str, n: int = 1, *worker_args: str) -> dspex.Client:
-    stack.start_broker(spec)
-    name = spec.split(":")[0]
-    for _ in range(n):
-        stack.start_worker(name, *worker_args)
-    stack.wait_workers(name, n)
-    return stack.client()
-
-
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -38,7 +29,7 @@ def rss_kb(pid: int) -> int:
 
 
 def test_capacity_runs_sessions_in_parallel_and_one_session_in_order(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
     assert stack.workers("p")[0]["capacity"] == 4
     sessions = [dx.session("p") for _ in range(4)]
     for s in sessions:
@@ -58,7 +49,7 @@ def test_capacity_runs_sessions_in_parallel_and_one_session_in_order(stack: Stac
 
 
 def test_threaded_worker_keeps_session_lms_isolated(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--capacity", "4")
+    dx = stack.pool("p:strict_queue", 1, "--capacity", "4")
     a, b = dx.session("p"), dx.session("p")
     for s, model in ((a, "offline/alpha"), (b, "offline/beta")):
         lm = s.call("dspy", "LM", [model])
@@ -74,7 +65,7 @@ def test_threaded_worker_keeps_session_lms_isolated(stack: Stack) -> None:
 
 
 def test_asyncio_gather_50_calls_over_10_sessions(stack: Stack) -> None:
-    pool(stack, "p:strict_queue", 2, "--no-dspy")
+    stack.pool("p:strict_queue", 2, "--no-dspy")
 
     async def main() -> list[tuple[str, int, int]]:
         async with dspex.aio.connect(stack.frontend, timeout=20) as dx:
@@ -92,7 +83,7 @@ def test_asyncio_gather_50_calls_over_10_sessions(stack: Stack) -> None:
 
 
 def test_stream_10k_items_in_order_with_bounded_broker_memory(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.exec("produced = [0]\ndef gen(n):\n    for i in range(n):\n        produced[0] = i + 1\n        yield {'i': i, 'pad': 'x' * 1000}\n")
     assert stack.broker is not None
@@ -108,7 +99,7 @@ def test_stream_10k_items_in_order_with_bounded_broker_memory(stack: Stack) -> N
 
 def test_slow_consumer_holds_producer_to_the_window(stack: Stack) -> None:
     # capacity 2: a second session on the same worker can watch the producer while it streams
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy", "--capacity", "2")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "2")
     s, watcher = dx.session("p"), dx.session("p")
     s.exec("import sys\nsys.produced = 0\ndef gen(n):\n    for i in range(n):\n        sys.produced = i + 1\n"
            "        yield i\n")
@@ -127,7 +118,7 @@ def test_slow_consumer_holds_producer_to_the_window(stack: Stack) -> None:
 
 
 def test_cancel_mid_stream_stops_producer(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.exec("state = {'closed': False, 'n': 0}\n"
            "def gen():\n    try:\n        while True:\n            state['n'] += 1\n            yield state['n']\n"
@@ -143,7 +134,7 @@ def test_cancel_mid_stream_stops_producer(stack: Stack) -> None:
 
 
 def test_async_stream_and_cancel(stack: Stack) -> None:
-    pool(stack, "p:strict_queue", 1, "--no-dspy")
+    stack.pool("p:strict_queue", 1, "--no-dspy")
 
     async def main() -> tuple[list[int], bool]:
         async with dspex.aio.connect(stack.frontend, timeout=20) as dx:
@@ -165,7 +156,7 @@ def test_async_stream_and_cancel(stack: Stack) -> None:
 
 
 def test_sigkill_mid_stream_gives_worker_crashed(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     pid = s.call("os", "getpid")
     s.exec("def gen():\n    i = 0\n    while True:\n        i += 1\n        __import__('time').sleep(0.01)\n        yield i\n")
@@ -177,7 +168,7 @@ def test_sigkill_mid_stream_gives_worker_crashed(stack: Stack) -> None:
 
 
 def test_progress_events_of_a_long_call(stack: Stack) -> None:
-    dx = pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.exec("from dspex import progress\n"
            "def work(n):\n    for i in range(n):\n        progress.report({'step': i + 1, 'of': n})\n    return 'done'\n")

@@ -21,18 +21,9 @@ from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 pytestmark = pytest.mark.timeout(90)
 
 
-def one_pool(stack: Stack, spec: str = "p:strict_queue", n: int = 1, *worker_args: str) -> dspex.Client:
-    stack.start_broker(spec)
-    pool = spec.split(":")[0]
-    for _ in range(n):
-        stack.start_worker(pool, *worker_args)
-    stack.wait_workers(pool, n)
-    return stack.client()
-
-
 def test_sigkill_pinned_worker_detected_before_heartbeat_expiry(stack: Stack) -> None:
     stack.heartbeat, stack.liveness = 1.0, 5  # expiry would take 5 s
-    dx = one_pool(stack, "p:strict_queue", 2, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
     pid = int(s.call("os", "getpid"))
     killed = time.monotonic()
@@ -46,7 +37,7 @@ def test_sigkill_pinned_worker_detected_before_heartbeat_expiry(stack: Stack) ->
 
 
 def test_worker_killed_mid_request_gives_worker_crashed(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     pid = int(s.call("os", "getpid"))
     errors: list[BaseException] = []
@@ -80,7 +71,7 @@ def test_workers_started_before_broker_register(stack: Stack) -> None:
 
 
 def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 2, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
     obj = s.eval("[1, 2, 3]")  # plain data
     ref = s.call("builtins", "object")
@@ -100,7 +91,7 @@ def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -
 
 def test_long_call_keeps_worker_alive(stack: Stack) -> None:
     stack.heartbeat, stack.liveness = 0.2, 3  # dead after 0.6 s of silence
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     inc = s.call("os", "getpid") and s.worker
     assert s.call("time", "sleep", [3.0]) is None  # 5x the liveness window
@@ -108,7 +99,7 @@ def test_long_call_keeps_worker_alive(stack: Stack) -> None:
 
 
 def test_two_sessions_on_one_worker_see_only_their_own_lm(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1)
+    dx = stack.pool("p:strict_queue", 1)
     a, b = dx.session("p"), dx.session("p")
     lm_a = a.call("dspy", "LM", ["offline/alpha"], {"temperature": 0.2})
     lm_b = b.call("dspy", "LM", ["offline/beta"], {"temperature": 0.7})
@@ -139,7 +130,7 @@ NATIVE_VALUES = [
 
 
 def test_codec_round_trip_through_worker(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     for value in NATIVE_VALUES:
         back = s.eval("x", {"x": value})
@@ -160,7 +151,7 @@ def test_codec_round_trip_through_worker(stack: Stack) -> None:
 
 
 def test_graceful_results_and_refs_as_arguments(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     out = s.exec("o = object()\nresult = [{'obj': o, 'n': 1, 'again': o}, 'plain']")["result"]
     assert out[1] == "plain" and out[0]["n"] == 1
@@ -178,7 +169,7 @@ def test_graceful_results_and_refs_as_arguments(stack: Stack) -> None:
 
 
 def test_released_and_foreign_refs(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s, other = dx.session("p"), dx.session("p")
     ref = s.call("builtins", "object")
     with pytest.raises(dspex.RefNotFound, match="belongs to session"):
@@ -197,7 +188,7 @@ def test_released_and_foreign_refs(stack: Stack) -> None:
 
 
 def test_session_idle_ttl_releases_refs(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue:session_ttl=0.5", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue:session_ttl=0.5", 1, "--no-dspy")
     s = dx.session("p")
     ref = s.call("builtins", "object")
     wait_for(lambda: not dx.sessions("p"), timeout=10, what="session expired")
@@ -206,7 +197,7 @@ def test_session_idle_ttl_releases_refs(stack: Stack) -> None:
 
 
 def test_remote_errors_keep_worker_serving(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     with pytest.raises(dspex.RemoteError) as info:
         s.eval("1 / 0")
@@ -223,7 +214,7 @@ def test_remote_errors_keep_worker_serving(stack: Stack) -> None:
 
 def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     with pytest.raises(dspex.MessageTooLarge):
         s.eval("b'x' * (2 << 20)")  # the worker refuses to send a reply over the limit
@@ -242,7 +233,7 @@ def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     assert s.eval("1") == 1
     ctx = zmq.Context.instance()
@@ -276,13 +267,13 @@ def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:
 
 
 def test_unknown_op_from_client(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     with pytest.raises(dspex.UnknownOp):
         dx.request("frobnicate", "p", "")
 
 
 def test_broker_death_fails_inflight_call_with_connection_error(stack: Stack) -> None:
-    dx = one_pool(stack, "p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.call("os", "getpid")
     errors: list[BaseException] = []
