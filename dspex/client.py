@@ -519,8 +519,7 @@ class Rehydrator(Generic[T]):
         try:
             return fn(self.session, self.objects)
         except SessionWorkerUnavailable as err:
-            old = self.session
-            old.closed = True  # its worker is gone; nothing to release
+            self.session.close(timeout=5)  # drops the broker's record; its worker and refs are gone already
             self.session = self.client.session(self.pool)
             if self._on_rehydrate is not None:
                 self._on_rehydrate(err, self.session)
