@@ -1,10 +1,186 @@
-"""dspexctl: the operator's CLI (commands arrive with the supervisor issue)."""
+"""dspexctl: the operator's CLI.
+
+    dspexctl [--endpoint EP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
+
+    pools status [POOL...] [-v] [--json]      exit 0 healthy, 3 degraded, 4 broker/supervisord unreachable
+    pools start [POOL...]                      starts supervisord first when it is not running
+    pools stop [POOL...]
+    workers recycle POOL [--worker ID | --all] [--hard]
+    sessions list [--pool P] [--json]
+    sessions close ID
+
+Each command is a request/execute/present triple (dspexctl/commands.py); ``--json`` prints the
+execute step's data as one JSON document and skips the presentation. Every dspex error becomes a
+single ``Error: ...`` line on stderr and an exit code (1 failed, 2 user mistake, 4 unreachable).
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
+from dspex.errors import DspexError
+from dspexctl import commands
+from dspexctl.commands import Settings, exit_code_for
+from dspexctl.supervisor import default_conf
 
-@click.group()
-def main() -> None:
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def run(ctx: click.Context, cmd: Any, json_out: bool, **options: Any) -> None:
+    """request -> execute -> present (skipped under --json) -> exit code."""
+    settings: Settings = ctx.obj
+    as_json = json_out or settings.json
+    try:
+        req = cmd.request(**options)
+        result = cmd.execute(settings, req)
+    except DspexError as err:
+        fail(err, as_json)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        ctx.exit(130)
+    if as_json:
+        result = {k: v for k, v in result.items() if k != "verbose"} if isinstance(result, dict) else result
+        _emit_json(result)
+    else:
+        text = cmd.present(result)
+        if text:
+            click.echo(text)
+    ctx.exit(cmd.exit_code(result))
+
+
+def fail(err: DspexError, as_json: bool) -> None:
+    code = exit_code_for(err)
+    if as_json:
+        _emit_json({"error": {"code": err.code, "message": err.message, "exit": code}})
+    click.echo(f"Error: {err.message or err.code}", err=True)
+    sys.exit(code)
+
+
+json_option = click.option("--json", "json_out", is_flag=True, help="print one JSON document (data only)")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
+              help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
+@click.option("--supervisor-conf", envvar="DSPEX_SUPERVISOR_CONF", default=None, metavar="PATH",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="supervisor.conf of the stack [env DSPEX_SUPERVISOR_CONF; default ./supervisor.conf]")
+@click.option("--timeout", type=float, default=5.0, show_default=True, metavar="SECONDS",
+              help="per request to the broker or supervisord")
+@click.option("--json", "json_out", is_flag=True, help="JSON output for every command that prints data")
+@click.pass_context
+def main(ctx: click.Context, endpoint: str | None, supervisor_conf: Path | None, timeout: float,
+         json_out: bool) -> None:
     """Operate a dspex stack: pools, workers, sessions."""
+    ctx.obj = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or default_conf(), timeout=timeout,
+                       json=json_out, conf_explicit=supervisor_conf is not None)
+
+
+@main.group()
+def pools() -> None:
+    """Pool status; start and stop pools through supervisord."""
+
+
+@pools.command("status")
+@click.argument("pool", nargs=-1)
+@click.option("-v", "--verbose", is_flag=True, help="one row per worker too")
+@json_option
+@click.pass_context
+def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, json_out: bool) -> None:
+    """One row per pool (-v: per worker). Exit 0 healthy, 3 degraded, 4 unreachable."""
+    run(ctx, commands.PoolsStatus(), json_out, pools=pool, verbose=verbose)
+
+
+@pools.command("start")
+@click.argument("pool", nargs=-1)
+@click.option("--wait", type=float, default=120.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the workers to be ready")
+@json_option
+@click.pass_context
+def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
+    """Start pools (all by default); start supervisord first when it is not running."""
+    run(ctx, commands.PoolsStart(), json_out, pools=pool, wait=wait)
+
+
+@pools.command("stop")
+@click.argument("pool", nargs=-1)
+@click.option("--wait", type=float, default=60.0, show_default=True, metavar="SECONDS")
+@json_option
+@click.pass_context
+def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
+    """Stop pools' workers (all pools by default); the broker keeps running."""
+    run(ctx, commands.PoolsStop(), json_out, pools=pool, wait=wait)
+
+
+@main.group()
+def workers() -> None:
+    """Worker incarnations."""
+
+
+@workers.command("recycle")
+@click.argument("pool")
+@click.option("--worker", "worker", default=None, metavar="ID", help="incarnation id (prefix) or pid")
+@click.option("--all", "all_", is_flag=True, help="every worker of the pool, one at a time")
+@click.option("--hard", is_flag=True, help="SIGKILL through supervisord instead (the crash path)")
+@click.option("--wait", type=float, default=120.0, show_default=True, metavar="SECONDS")
+@json_option
+@click.pass_context
+def workers_recycle(ctx: click.Context, pool: str, worker: str | None, all_: bool, hard: bool, wait: float,
+                    json_out: bool) -> None:
+    """Replace workers by new incarnations (the oldest one by default).
+
+    Graceful: the worker finishes its request, says goodbye and exits 0; supervisord starts a new
+    incarnation. Sessions pinned to it get session_worker_unavailable on their next call.
+    """
+    run(ctx, commands.WorkersRecycle(), json_out, pool=pool, worker=worker, all=all_, hard=hard, wait=wait)
+
+
+@main.group()
+def sessions() -> None:
+    """Sessions the broker holds."""
+
+
+@sessions.command("list")
+@click.option("--pool", default=None)
+@json_option
+@click.pass_context
+def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
+    """Sessions, their pinned worker, calls and idle time."""
+    run(ctx, commands.SessionsList(), json_out, pool=pool)
+
+
+@sessions.command("close")
+@click.argument("session")
+@json_option
+@click.pass_context
+def sessions_close(ctx: click.Context, session: str, json_out: bool) -> None:
+    """Close a session (an id or a unique prefix) and release its refs on its worker."""
+    run(ctx, commands.SessionsClose(), json_out, session=session)
+
+
+def _register_flagship() -> None:
+    """``dspexctl flagship`` lives in dspexctl/flagship.py (a click command named ``flagship``)."""
+    try:
+        mod = importlib.import_module("dspexctl.flagship")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dspexctl.flagship":
+            raise
+        return
+    cmd = getattr(mod, "flagship", None)
+    if isinstance(cmd, click.Command) and "flagship" not in main.commands:
+        main.add_command(cmd, "flagship")
+
+
+_register_flagship()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Prometheus metrics for the broker, read from its own counters at scrape time.
+
+Nothing here runs on the broker's per-message path: the broker already keeps per-pool outcome
+counters, a latency histogram (``Pool.buckets`` over ``LATENCY_BUCKETS`` plus ``latency_sum``),
+queue depths, recycle and crash counts. A custom collector turns those into metric families when
+Prometheus scrapes; the HTTP server runs in its own daemon thread on 127.0.0.1 only.
+
+The broker thread mutates those dicts while the HTTP thread reads them, so every read copies with
+``list(...)`` and a read that races a resize ("dictionary changed size during iteration") is
+retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dspex.protocol import WorkerState
+from broker.state import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from broker.broker import Broker
+
+log = logging.getLogger("dspex.broker.metrics")
+
+T = TypeVar("T")
+
+_STATES = tuple(s.value for s in WorkerState)
+
+
+def _snapshot(read: Callable[[], T], attempts: int = 3) -> T:
+    """Run ``read`` (which copies shared containers), retrying when it raced a mutation."""
+    for i in range(attempts):
+        try:
+            return read()
+        except RuntimeError:  # "dictionary changed size during iteration" and friends
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+class BrokerCollector(Collector):
+    """Yields the broker's counters as Prometheus metric families."""
+
+    def __init__(self, broker: "Broker") -> None:
+        self.broker = broker
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # not known before a scrape (labels come from the pools); skip the registry's probe
+
+    def collect(self) -> Iterable[Metric]:
+        b = self.broker
+        requests = CounterMetricFamily(
+            "dspex_requests", "Requests answered by the broker's pools, by op and outcome "
+            "(ok, error = an exception on the worker, or the dspex error code the broker replied with)",
+            labels=["pool", "op", "outcome"])
+        latency = HistogramMetricFamily(
+            "dspex_request_duration_seconds", "Time from dispatch to a worker until its reply", labels=["pool"])
+        queued = GaugeMetricFamily("dspex_queue_depth", "Requests waiting in the pool's queues", labels=["pool"])
+        queue_max = GaugeMetricFamily("dspex_queue_max", "The pool's queue bound", labels=["pool"])
+        workers = GaugeMetricFamily("dspex_workers", "Registered workers by state", labels=["pool", "state"])
+        expected = GaugeMetricFamily("dspex_workers_expected", "Workers the pool is declared with (numprocs)",
+                                     labels=["pool"])
+        sessions = GaugeMetricFamily("dspex_sessions", "Sessions the broker holds, by pool", labels=["pool"])
+        recycles = CounterMetricFamily("dspex_worker_recycles", "Workers retired gracefully (on demand or by policy)",
+                                       labels=["pool"])
+        crashes = CounterMetricFamily("dspex_worker_crashes", "Workers that left without being recycled "
+                                      "(crashed, killed, stopped answering heartbeats, or exited)", labels=["pool"])
+
+        session_pools = _snapshot(lambda: [r.pool for r in list(b.sessions.values())])
+        per_pool_sessions: dict[str, int] = {}
+        for name in session_pools:
+            per_pool_sessions[name] = per_pool_sessions.get(name, 0) + 1
+
+        for pool in list(b.pools.values()):
+            name = pool.name
+            for (op, outcome), n in _snapshot(lambda: list(pool.outcomes.items())):
+                requests.add_metric([name, op, outcome], n)
+            counts = list(pool.buckets)
+            cumulative, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS, counts):
+                cumulative += n
+                buckets.append((_le(bound), cumulative))
+            cumulative += counts[-1]
+            buckets.append(("+Inf", cumulative))
+            latency.add_metric([name], buckets, pool.latency_sum)
+            queued.add_metric([name], pool.queued)
+            queue_max.add_metric([name], pool.config.queue_max)
+            states = dict.fromkeys(_STATES, 0)
+            for w in _snapshot(lambda: list(pool.workers.values())):
+                states[w.state.value] += 1
+            for state, n in states.items():
+                workers.add_metric([name, state], n)
+            expected.add_metric([name], pool.config.size)
+            sessions.add_metric([name], per_pool_sessions.get(name, 0))
+            recycles.add_metric([name], pool.recycles)
+            crashes.add_metric([name], pool.crashes)
+
+        yield requests
+        yield latency
+        yield queued
+        yield queue_max
+        yield workers
+        yield expected
+        yield sessions
+        yield GaugeMetricFamily("dspex_sessions_total", "Sessions the broker holds", value=len(session_pools))
+        yield recycles
+        yield crashes
+        garbage = CounterMetricFamily("dspex_malformed_messages", "Messages dropped as malformed", labels=["socket"])
+        counters: dict[str, Any] = dict(_snapshot(lambda: list(b.counters.items())))
+        garbage.add_metric(["frontend"], counters.get("garbage_frontend", 0))
+        garbage.add_metric(["backend"], counters.get("garbage_backend", 0))
+        yield garbage
+        yield CounterMetricFamily("dspex_expired_unsent", "Requests dropped because their caller had timed out",
+                                  value=counters.get("expired_unsent", 0))
+        yield GaugeMetricFamily("dspex_broker_uptime_seconds", "Seconds since the broker started",
+                                value=time.time() - b.started)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def make_registry(broker: "Broker") -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker))
+    return registry
+
+
+def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server (None if it could not bind).
+
+    Only loopback by default: the numbers name pools and counts, and nothing on the network needs
+    them more than a local Prometheus agent or an SSH tunnel does.
+    """
+    try:
+        server, _thread = start_http_server(port, addr=addr, registry=make_registry(broker))
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s; running without metrics", addr, port, exc)
+        return None
+    log.info("metrics on http://%s:%d/metrics", addr, server.server_port)
+    return server

@@ -1,0 +1,571 @@
+"""dspexctl's commands, each split circus-style in three:
+
+* ``request(**options)``: the command line turned into a plain dict (validated, nothing contacted);
+* ``execute(settings, request)``: talks to the broker and supervisord, returns plain data (the
+  ``--json`` document);
+* ``present(result)``: the human text. ``--json`` skips only this step.
+
+``exit_code(result)`` says how the shell sees the outcome. Errors are dspex errors (each with a
+``code``); cli.py turns them into one ``Error: ...`` line and an exit code (see ``EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspex
+from dspex import config
+from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout
+from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
+from dspexctl.supervisor import (
+    STOPPED_STATES,
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+    full_name,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the operation failed
+EXIT_USAGE = 2  # a user mistake: unknown pool/worker/session, bad option, bad config or endpoint
+EXIT_DEGRADED = 3  # pools status: a pool short of workers, or a supervisord program not RUNNING
+EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
+
+EXIT_CODES = {
+    ConnectionError.code: EXIT_UNREACHABLE,
+    Timeout.code: EXIT_UNREACHABLE,
+    SupervisorUnreachable.code: EXIT_UNREACHABLE,
+    PoolNotFound.code: EXIT_USAGE,
+    ConfigError.code: EXIT_USAGE,
+    "worker_not_found": EXIT_USAGE,
+    "session_not_found": EXIT_USAGE,
+    "usage": EXIT_USAGE,
+}
+
+
+def exit_code_for(err: DspexError) -> int:
+    return EXIT_CODES.get(err.code, EXIT_ERROR)
+
+
+class NotFound(DspexError):
+    """A worker or session the operator named does not exist (code set per instance)."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.code = code
+
+
+@dataclass
+class Settings:
+    """The group's options; ``ctx.obj`` (dspexctl flagship reads endpoint/supervisor_conf/timeout)."""
+
+    endpoint: str | None = None
+    supervisor_conf: Path = Path("supervisor.conf")
+    timeout: float = 5.0
+    json: bool = False
+    conf_explicit: bool = False  # given by option/env: a missing file is then an error
+
+    def client(self, timeout: float | None = None) -> dspex.Client:
+        probe_ipc(self.resolved_endpoint())
+        return dspex.connect(self.endpoint, timeout=self.timeout if timeout is None else timeout)
+
+    def resolved_endpoint(self) -> str:
+        return config.check_endpoint(config.client_endpoint(self.endpoint))
+
+    def supervisor_conf_or_none(self) -> SupervisorConf | None:
+        """The supervisor config, or None when none was asked for and ./supervisor.conf is absent."""
+        if not self.conf_explicit and not self.supervisor_conf.exists():
+            return None
+        return SupervisorConf.load(self.supervisor_conf)
+
+    def supervisor(self) -> Supervisor:
+        return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
+
+
+def probe_ipc(endpoint: str) -> None:
+    """Fail at once on an ipc socket file nobody listens on (a broker that died leaves it behind),
+    instead of waiting for the request's timeout."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if not os.path.exists(path):
+        raise ConnectionError(f"nothing is listening at {endpoint} (is the broker running?)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise ConnectionError(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
+    except OSError:
+        pass  # let the client report anything else
+    finally:
+        probe.close()
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- formatting --------------------------------------------------------------------------------
+def table(rows: list[list[str]], indent: str = "") -> list[str]:
+    """Left-aligned columns separated by two spaces, like ``supervisorctl status``."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    return [indent + "  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    days, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{days}d " if days else "") + f"{h}:{m:02d}:{s:02d}"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.0f}MB" if n else "-"
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.1f}ms" if ms < 1000 else f"{ms / 1000:.2f}s"
+
+
+# -- pools status ------------------------------------------------------------------------------
+def process_ok(proc: dict[str, Any], live_pids: set[int]) -> bool:
+    return proc["statename"] == "RUNNING" or (proc["statename"] == "STARTING" and proc["pid"] in live_pids)
+
+
+class PoolsStatus:
+    def request(self, pools: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
+        return {"pools": list(pools), "verbose": verbose}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        problems: list[str] = []
+        unreachable = False
+        broker: dict[str, Any] | None = None
+        try:
+            with settings.client() as dx:
+                broker = dx.status()
+        except (ConnectionError, Timeout) as err:
+            unreachable = True
+            problems.append(f"broker unreachable: {err.message}")
+        sc = settings.supervisor_conf_or_none()
+        procs: list[dict[str, Any]] | None = None
+        sup_info: dict[str, Any] | None = None
+        if sc is not None:
+            sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
+            try:
+                with Supervisor(sc, timeout=settings.timeout) as sup:
+                    sup_info["state"] = sup.state()
+                    sup_info["pid"] = sup.pid()
+                    procs = sup.processes()
+            except SupervisorUnreachable as err:
+                unreachable = True
+                problems.append(err.message)
+            for p in procs or []:
+                sup_info["processes"].append({
+                    "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
+                    "uptime_s": max(0, p["now"] - p["start"]) if p["statename"] == "RUNNING" else 0,
+                    "description": p["description"]})
+        # STARTING only means supervisord's startsecs have not passed: a process the broker already
+        # lists (a registered worker, or the broker answering) is up
+        live_pids = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
+        if broker is not None:
+            live_pids.add(broker["broker"]["pid"])
+        for p in procs or []:
+            if not process_ok(p, live_pids):
+                problems.append(f"{full_name(p)} is {p['statename']}")
+        by_pid = {p["pid"]: p for p in (procs or []) if p["pid"]}
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for p in procs or []:
+            groups.setdefault(p["group"], []).append(p)
+        declared: list[str] = []
+        conf_sizes: dict[str, int] = {}
+        if sc is not None:
+            from broker.__main__ import supervisor_group_sizes
+            from dspex.pools import load_pools
+
+            declared = [c.name for c in load_pools(sc.path)]
+            conf_sizes = supervisor_group_sizes(sc.path)
+        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
+        if req["pools"]:
+            missing = [n for n in req["pools"] if n not in names]
+            if missing:
+                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; pools: {', '.join(names) or 'none'}")
+            names = list(req["pools"])
+        pools = []
+        for name in names:
+            bp = (broker or {}).get("pools", {}).get(name)
+            workers_b = bp["workers"] if bp else []
+            group = groups.get(name)
+            if group is not None:
+                expected = len(group)
+            elif bp and bp.get("size"):
+                expected = int(bp["size"])
+            elif name in conf_sizes:
+                expected = conf_sizes[name]
+            else:
+                expected = len(workers_b)
+            ready = sum(1 for w in workers_b if w["state"] == "ready")
+            busy = sum(1 for w in workers_b if w["state"] == "busy")
+            draining = sum(1 for w in workers_b if w["state"] == "draining")
+            workers = []
+            seen_pids = set()
+            for w in workers_b:
+                proc = by_pid.get(w["pid"])
+                seen_pids.add(w["pid"])
+                workers.append({**{k: w[k] for k in ("id", "incarnation", "pid", "state", "sessions", "served",
+                                                     "errors", "inflight", "queued", "rss", "uptime_s",
+                                                     "last_heartbeat_s", "host")},
+                                "process": full_name(proc) if proc else None,
+                                "process_state": proc["statename"] if proc else None})
+            for proc in group or []:
+                if proc["pid"] in seen_pids and proc["pid"]:
+                    continue
+                workers.append({"id": None, "incarnation": None, "pid": proc["pid"] or None,
+                                "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
+                                "queued": 0, "rss": 0, "uptime_s": 0, "last_heartbeat_s": None, "host": None,
+                                "process": full_name(proc), "process_state": proc["statename"]})
+            health = "ok" if broker is not None else "unknown"
+            if broker is not None and ready + busy < expected:
+                health = "degraded"
+                problems.append(f"{name} has {ready + busy}/{expected} workers ready")
+            if not all(process_ok(p, live_pids) for p in group or []):
+                health = "degraded"
+            pools.append({
+                "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
+                "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b),
+                "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
+                "queue_max": bp["queue_max"] if bp else None,
+                "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
+                "latency_p50_ms": bp["latency_p50_ms"] if bp else 0.0,
+                "latency_p99_ms": bp["latency_p99_ms"] if bp else 0.0,
+                "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
+                "health": health, "in_broker": bp is not None, "workers": workers,
+            })
+        if unreachable:
+            health = "unreachable"
+        elif problems:
+            health = "degraded"
+        else:
+            health = "ok"
+        return {
+            "health": health,
+            "problems": problems,
+            "broker": None if broker is None else {**broker["broker"]},
+            "supervisor": sup_info,
+            "pools": pools,
+            "verbose": req["verbose"],
+        }
+
+    def present(self, result: dict[str, Any]) -> str:
+        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
+                 "STATE"]]
+        for p in result["pools"]:
+            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}", str(p["ready"]),
+                         str(p["busy"]), str(p["sessions"]), str(p["queued"]), str(p["requests_ok"]),
+                         str(p["requests_error"]), fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]),
+                         p["health"].upper()])
+        lines = table(rows)
+        if result["verbose"]:
+            out = [lines[0]]
+            for line, p in zip(lines[1:], result["pools"]):
+                out.append(line)
+                wrows = [["PROCESS", "ID", "PID", "STATE", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                for w in p["workers"]:
+                    hb = w["last_heartbeat_s"]
+                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
+                                  w["state"] if w["state"] != "unregistered" else (w["process_state"] or "?").lower(),
+                                  str(w["sessions"]), str(w["served"]), fmt_bytes(w["rss"]),
+                                  fmt_duration(w["uptime_s"]) if w["id"] else "-",
+                                  f"{hb:.1f}s ago" if hb is not None else "-"])
+                out.extend(table(wrows, indent="    "))
+            lines = out
+        b = result["broker"]
+        if b is not None:
+            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
+                         f"{b['frontend']}")
+        s = result["supervisor"]
+        if s is not None and s["state"] is not None:
+            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
+            if result["verbose"]:
+                others = [p for p in s["processes"] if p["group"] not in {q["name"] for q in result["pools"]}]
+                lines.extend(table([[p["name"], p["state"], p["description"]] for p in others], indent="    "))
+        for problem in result["problems"]:
+            lines.append(f"{'UNREACHABLE' if result['health'] == 'unreachable' else 'DEGRADED'}: {problem}")
+        return "\n".join(lines)
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return {"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(result["health"], EXIT_UNREACHABLE)
+
+
+# -- pools start / stop ------------------------------------------------------------------------
+def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
+    """The supervisord groups of the named pools (all pools of the conf when none is named)."""
+    from dspex.pools import load_pools
+
+    groups = sup.groups()
+    declared = [c.name for c in load_pools(sc.path)]
+    if not wanted:
+        return [name for name in declared if name in groups]
+    bad = [name for name in wanted if name not in groups or name == "broker"]
+    if bad:
+        raise PoolNotFound(f"no pool named {', '.join(map(repr, bad))} in {sc.path}; pools: "
+                           f"{', '.join(n for n in declared if n in groups) or 'none'}")
+    return wanted
+
+
+class PoolsStart:
+    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        endpoint = settings.resolved_endpoint()
+        t0 = time.monotonic()
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            started = not sup.running()
+            if started:
+                if req["pools"]:
+                    progress("supervisord is not running: starting it, which starts every pool")
+                ensure_stack(sc.path, timeout=req["wait"], progress=progress, endpoint=endpoint)
+            groups = _pool_groups(sup, sc, req["pools"])
+            wanted = expected_workers(sc, sup, groups)
+            if started:  # ensure_stack waited for every pool already
+                with settings.client() as dx:
+                    status = dx.status()
+            else:
+                for p in sup.processes():
+                    if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
+                        progress(f"starting {full_name(p)}")
+                        sup.start_process(full_name(p))
+                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress)
+        counts = ready_counts(status, groups)
+        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
+                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}}
+
+    def present(self, result: dict[str, Any]) -> str:
+        head = "started supervisord; " if result["started_supervisord"] else ""
+        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
+            + f" ({result['seconds']:.1f}s)"
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class PoolsStop:
+    def request(self, pools: tuple[str, ...] = (), wait: float = 60.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        t0 = time.monotonic()
+        # stopProcessGroup(wait=True) returns once the group is stopped; workers finish their
+        # current request first (up to stopwaitsecs), so give the call that long
+        with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
+            groups = _pool_groups(sup, sc, req["pools"])
+            for g in groups:
+                progress(f"stopping {g}")
+                sup.stop_group(g, wait=True)
+            states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+        # the workers said goodbye on SIGTERM; confirm the broker has dropped them
+        left: dict[str, int] = {}
+        try:
+            with settings.client() as dx:
+                deadline = time.monotonic() + 10.0
+                while True:
+                    status = dx.status()
+                    left = {g: len(status["pools"][g]["workers"]) for g in groups if g in status["pools"]}
+                    if not any(left.values()) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+        except (ConnectionError, Timeout):
+            pass  # no broker: nothing registered either
+        return {"stopped": groups, "processes": states, "still_registered": left,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        lines = [f"{name}: {state}" for name, state in sorted(result["processes"].items())]
+        lines += [f"warning: the broker still lists {n} worker(s) of {pool}"
+                  for pool, n in result["still_registered"].items() if n]
+        return "\n".join(lines)
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK if all(s in STOPPED_STATES for s in result["processes"].values()) else EXIT_ERROR
+
+
+# -- workers recycle ---------------------------------------------------------------------------
+class WorkersRecycle:
+    def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
+                wait: float = 120.0) -> dict[str, Any]:
+        if worker and all:
+            raise NotFound("usage", "--worker and --all exclude each other")
+        return {"pool": pool, "worker": worker, "all": all, "hard": hard, "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        pool = req["pool"]
+        with settings.client() as dx:
+            status = dx.status()
+            if pool not in status["pools"]:
+                raise PoolNotFound(f"no pool named {pool!r}; pools: {', '.join(status['pools'])}")
+            before = [w for w in status["pools"][pool]["workers"] if w["state"] != "draining"]
+            if not before:
+                raise DspexError(f"pool {pool} has no ready worker to recycle")
+            if req["worker"]:
+                key = str(req["worker"])
+                targets = [w for w in before if w["incarnation"].startswith(key) or str(w["pid"]) == key]
+                if len(targets) != 1:
+                    raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
+                                   + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
+            elif req["all"]:
+                targets = list(before)
+            else:  # the oldest, as the broker picks
+                targets = sorted(before, key=lambda w: -w["uptime_s"])[:1]
+            sup = None
+            sc = settings.supervisor_conf_or_none()
+            if req["hard"]:
+                if sc is None:
+                    raise ConfigError(f"--hard needs supervisord: no {settings.supervisor_conf}")
+                sup = Supervisor(sc, timeout=settings.timeout)
+            elif sc is not None:
+                sup = Supervisor(sc, timeout=settings.timeout)
+                if not sup.running():
+                    sup.close()
+                    sup = None
+            try:
+                recycled = self._run(dx, sup, pool, targets, len(before), req)
+            finally:
+                if sup is not None:
+                    sup.close()
+        return {"pool": pool, "mode": "hard" if req["hard"] else "graceful", "recycled": recycled}
+
+    def _run(self, dx: dspex.Client, sup: Supervisor | None, pool: str, targets: list[dict[str, Any]],
+             size: int, req: dict[str, Any]) -> list[dict[str, Any]]:
+        old_ids = {w["incarnation"] for w in dx.status()["pools"][pool]["workers"]}
+        t0 = time.monotonic()
+        deadline = t0 + req["wait"]
+        if not req["hard"]:
+            for w in targets:
+                progress(f"recycling {pool} worker {w['id']} (pid {w['pid']}), gracefully")
+            dx.recycle(pool, worker=targets[0]["incarnation"] if req["worker"] or not req["all"] else None,
+                       all=req["all"])
+            news = self._wait_replacements(dx, sup, pool, old_ids, {w["incarnation"] for w in targets}, size,
+                                           deadline)
+        else:
+            assert sup is not None
+            news = []
+            procs = {p["pid"]: p for p in sup.processes()}
+            for w in targets:  # rolling: the next one only once the previous replacement is ready
+                proc = procs.get(w["pid"])
+                if proc is None:
+                    raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is not a process of this supervisord "
+                                          f"({sup.conf.path})")
+                progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
+                sup.signal(full_name(proc), "KILL")
+                news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
+                                                {w["incarnation"]}, size, deadline)
+        out = []
+        prev = t0
+        for old, new in zip(targets, news):
+            out.append({"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"],
+                        "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3)})
+            prev = new["seen"]
+        return out
+
+    def _wait_replacements(self, dx: dspex.Client, sup: Supervisor | None, pool: str, old_ids: set[str],
+                           targets: set[str], size: int, deadline: float) -> list[dict[str, Any]]:
+        """Poll until every target left and as many new incarnations are ready; newest last."""
+        seen: dict[str, dict[str, Any]] = {}
+        last = ""
+        while True:
+            workers = dx.status()["pools"][pool]["workers"]
+            now = time.monotonic()
+            for w in workers:
+                if w["incarnation"] not in old_ids and w["incarnation"] not in seen and w["state"] != "draining":
+                    seen[w["incarnation"]] = {**w, "seen": now}
+                    progress(f"new incarnation {w['id']} (pid {w['pid']}) ready")
+            current = {w["incarnation"] for w in workers}
+            gone = targets - current
+            ready = sum(1 for w in workers if w["state"] != "draining")
+            if gone == targets and len(seen) >= len(targets) and ready >= size:
+                return sorted(seen.values(), key=lambda w: w["seen"])
+            line = f"waiting: {len(gone)}/{len(targets)} retired, {len(seen)}/{len(targets)} replacements ready"
+            if line != last:
+                progress(line)
+                last = line
+            if now > deadline:
+                raise Timeout(f"recycle of {pool} not done: {line}")
+            if sup is not None:
+                try:
+                    sup.state()  # wakes supervisord's loop, which restarts an exited program on its next turn
+                except SupervisorUnreachable:
+                    sup = None
+            time.sleep(0.05)
+
+    def present(self, result: dict[str, Any]) -> str:
+        return "\n".join(f"{result['pool']}: {r['old'][:8]} (pid {r['old_pid']}) -> {r['new'][:8]} "
+                         f"(pid {r['new_pid']}) in {r['seconds']:.2f}s ({result['mode']})" for r in result["recycled"])
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+# -- sessions ----------------------------------------------------------------------------------
+class SessionsList:
+    def request(self, pool: str | None = None) -> dict[str, Any]:
+        return {"pool": pool}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        with settings.client() as dx:
+            if req["pool"]:
+                pools = dx.status()["pools"]
+                if req["pool"] not in pools:
+                    raise PoolNotFound(f"no pool named {req['pool']!r}; pools: {', '.join(pools)}")
+            sessions = dx.sessions(req["pool"])
+        return {"pool": req["pool"], "sessions": sessions}
+
+    def present(self, result: dict[str, Any]) -> str:
+        rows = [["SESSION", "POOL", "WORKER", "CALLS", "IDLE", "AGE"]]
+        now = time.time()
+        for s in result["sessions"]:
+            worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
+            rows.append([s["id"], s["pool"], worker, str(s["calls"]), fmt_duration(s["idle_s"]),
+                         fmt_duration(now - s["created"])])
+        if len(rows) == 1:
+            return "no sessions" + (f" in {result['pool']}" if result["pool"] else "")
+        return "\n".join(table(rows))
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class SessionsClose:
+    def request(self, session: str) -> dict[str, Any]:
+        if not session.strip():
+            raise NotFound("usage", "an empty session id")
+        return {"session": session.strip()}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        with settings.client() as dx:
+            key = req["session"]
+            matches = [s["id"] for s in dx.sessions() if s["id"].startswith(key)]
+            if len(matches) != 1:
+                raise NotFound("session_not_found", f"{key!r} matches {len(matches)} sessions"
+                               + (" (give more characters)" if matches else ""))
+            result = dx.close_session(matches[0])
+        return {"session": matches[0], **result}
+
+    def present(self, result: dict[str, Any]) -> str:
+        return f"closed {result['session']}" + ("" if result.get("released") else " (its worker was gone)")
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+

@@ -1,0 +1,178 @@
+"""Bring the whole stack up (supervisord, broker, every pool's workers) and down again.
+
+``dspexctl pools start`` and ``dspexctl flagship`` use this::
+
+    handle = ensure_stack(Path("supervisor.conf"), timeout=60, progress=print)
+    ...  # dspex.connect(handle.endpoint)
+    shutdown_stack(handle)  # only stops supervisord if ensure_stack started it
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import dspex
+from dspex import config
+from dspex.errors import ConfigError, ConnectionError, Timeout
+from dspex.pools import load_pools
+from dspexctl.supervisor import (
+    STOPPED_STATES,
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+    default_conf,
+    full_name,
+    pid_alive,
+    start_supervisord,
+)
+
+Progress = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class StackHandle:
+    conf: Path
+    endpoint: str
+    started: bool  # True if ensure_stack launched supervisord (then shutdown_stack stops it)
+
+
+def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: Progress = _stderr,
+                 endpoint: str | None = None) -> StackHandle:
+    """Start supervisord with ``conf`` when it is not running (and any stopped program when it is),
+    then wait until every pool of the conf has its numprocs workers ready in the broker.
+
+    Raises :class:`dspex.Timeout` naming the pools still short (supervisord is left running for
+    inspection; ``err.details["started"]`` says whether this call started it), and a
+    ``SupervisorError`` (code ``supervisor_error``) when supervisord cannot start.
+    """
+    sc = SupervisorConf.load(conf or default_conf())
+    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    started = False
+    with Supervisor(sc, timeout=5.0) as sup:
+        if not sup.running():
+            progress(f"starting supervisord -c {sc.path}")
+            pid = start_supervisord(sc, timeout=max(10.0, timeout / 2))
+            started = True
+            progress(f"supervisord running (pid {pid})")
+        else:
+            stopped = [full_name(p) for p in sup.processes() if p["statename"] in STOPPED_STATES]
+            for name in stopped:
+                progress(f"starting {name}")
+                sup.start_process(name)
+        wanted = expected_workers(sc, sup)
+        try:
+            wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress)
+        except Timeout as err:
+            err.details["started"] = started
+            raise
+    return StackHandle(conf=sc.path, endpoint=endpoint, started=started)
+
+
+def shutdown_stack(handle: StackHandle, timeout: float = 60.0) -> None:
+    """Shut supervisord down (which stops workers first, then the broker) and wait for it to exit.
+
+    Does nothing when ``handle.started`` is False: the stack was there before us and stays.
+    """
+    if not handle.started:
+        return
+    sc = SupervisorConf.load(handle.conf)
+    with Supervisor(sc, timeout=5.0) as sup:
+        try:
+            pid = sup.pid()
+            sup.shutdown()
+        except SupervisorUnreachable:
+            return
+    wait_pid_exit(pid, timeout)
+
+
+def wait_pid_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise Timeout(f"supervisord (pid {pid}) still running {timeout:g}s after shutdown")
+        time.sleep(0.05)
+
+
+def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
+                     pools: Iterable[str] | None = None) -> dict[str, int]:
+    """Workers each pool should have: the processes of its supervisord group (numprocs).
+
+    A pool without a group of that name (workers started elsewhere) expects its ``size`` setting.
+    """
+    groups = sup.groups() if sup is not None else {}
+    declared = {p.name: p for p in load_pools(sc.path)}
+    names = list(pools) if pools is not None else list(declared)
+    return {name: len(groups[name]) if name in groups else (declared[name].size if name in declared else 0)
+            for name in names}
+
+
+def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]:
+    """Registered, non-draining workers per pool in a broker status."""
+    out = {}
+    for name in pools:
+        p = status.get("pools", {}).get(name)
+        out[name] = sum(1 for w in p["workers"] if w["state"] != "draining") if p else 0
+    return out
+
+
+def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *, timeout: float,
+               progress: Progress = _stderr) -> dict[str, Any]:
+    """Poll the broker until each pool of ``wanted`` has that many ready workers; return the status.
+
+    Also polls supervisord, which (besides spotting a FATAL program early) wakes its main loop:
+    supervisord only restarts an exited program on its next loop turn, up to 1 s later otherwise.
+    """
+    deadline = time.monotonic() + timeout
+    last_line = ""
+    last_err = ""
+    client = dspex.connect(endpoint, timeout=1.0)
+    try:
+        while True:
+            status: dict[str, Any] | None = None
+            counts = dict.fromkeys(wanted, 0)
+            try:
+                status = client.status(timeout=1.0)
+                counts = ready_counts(status, wanted)
+                unknown = [p for p in wanted if p not in status["pools"]]
+                if unknown:
+                    raise ConfigError(f"the broker at {endpoint} has no pool {', '.join(unknown)} "
+                                      "(is it running with another config?)")
+                last_err = ""
+            except (ConnectionError, Timeout) as err:
+                last_err = f"broker: {err.message}"
+                client.close()
+                client = dspex.connect(endpoint, timeout=1.0)
+            fatal: list[str] = []
+            if sup is not None:
+                procs = sup.processes()
+                fatal = [full_name(p) for p in procs if p["statename"] == "FATAL"]
+            if fatal and sup is not None:
+                logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
+                raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once "
+                                      f"{sup.conf.path.name} startretries times); see the logs in {logs}")
+            if status is not None and all(counts[p] >= n for p, n in wanted.items()):
+                progress("ready: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items()))
+                return status
+            line = "waiting for workers: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items())
+            if status is None:
+                line = "waiting for the broker" + (f" ({last_err})" if last_err else "")
+            if line != last_line:
+                progress(line)
+                last_line = line
+            if time.monotonic() > deadline:
+                short = {p: f"{counts[p]}/{n}" for p, n in wanted.items() if counts[p] < n}
+                raise Timeout(f"not ready after {timeout:g}s: " + (
+                    ", ".join(f"{p} {c}" for p, c in short.items()) if status is not None else last_err or "no broker"),
+                    short=short)
+            time.sleep(0.1)
+    finally:
+        client.close()

@@ -1,0 +1,275 @@
+"""supervisord from dspexctl: where its socket is, its XML-RPC API, and starting it.
+
+The XML-RPC client uses supervisor's own transport (``supervisor.xmlrpc.SupervisorTransport``),
+which speaks HTTP over the unix socket of ``[unix_http_server]``. Facts of supervisord 4.3 this
+module works around: ``xmlrpc.client.MultiCall`` breaks against it (we never batch), and
+``startProcess(name, False)`` is the non-blocking form.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dspex.config import UNIX_PATH_MAX
+from dspex.errors import ConfigError, DspexError
+
+# supervisor.xmlrpc.Faults values we branch on
+FAULT_BAD_NAME = 10
+FAULT_ALREADY_STARTED = 60
+FAULT_NOT_RUNNING = 70
+
+RUNNING_STATES = ("RUNNING",)
+STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
+
+
+class SupervisorUnreachable(DspexError):
+    """supervisord is not running, or its socket cannot be reached."""
+
+    code = "supervisor_unreachable"
+
+
+class SupervisorError(DspexError):
+    """supervisord answered with a fault, or could not be started."""
+
+    code = "supervisor_error"
+
+
+def default_conf() -> Path:
+    return Path(os.environ.get("DSPEX_SUPERVISOR_CONF") or "supervisor.conf")
+
+
+@dataclass(frozen=True)
+class SupervisorConf:
+    """What dspexctl needs from a supervisor.conf: its socket, pidfile and log file."""
+
+    path: Path
+    serverurl: str
+    pidfile: Path | None
+    logfile: Path | None
+
+    @property
+    def here(self) -> Path:
+        return self.path.parent
+
+    @property
+    def socket_path(self) -> Path | None:
+        return Path(self.serverurl[len("unix://"):]) if self.serverurl.startswith("unix://") else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SupervisorConf":
+        conf = Path(path).expanduser().absolute()
+        if not conf.is_file():
+            raise ConfigError(f"no supervisor config at {conf} (pass --supervisor-conf or set DSPEX_SUPERVISOR_CONF)")
+        parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
+        try:
+            parser.read(conf)
+        except configparser.Error as exc:
+            raise ConfigError(f"cannot parse {conf}: {exc}") from None
+        names = {"here": str(conf.parent), **{f"ENV_{k}": v for k, v in os.environ.items()}}
+
+        def get(section: str, key: str) -> str | None:
+            raw = parser.get(section, key, fallback=None)
+            if raw is None:
+                return None
+            try:
+                return raw.strip() % names
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{conf} [{section}] {key}: cannot expand {raw!r} ({exc})") from None
+
+        serverurl = get("supervisorctl", "serverurl")
+        if not serverurl:
+            sock = get("unix_http_server", "file")
+            if sock:
+                serverurl = f"unix://{sock}"
+            else:
+                port = get("inet_http_server", "port")
+                if not port:
+                    raise ConfigError(f"{conf} has no [unix_http_server] (nor [inet_http_server]): "
+                                      "dspexctl needs supervisord's XML-RPC interface")
+                serverurl = f"http://{port if ':' in port else '127.0.0.1:' + port}"
+        if serverurl.startswith("unix://"):
+            sock_path = serverurl[len("unix://"):]
+            if len(sock_path.encode()) > UNIX_PATH_MAX:
+                raise ConfigError(f"supervisord's socket path is {len(sock_path.encode())} bytes, over the unix "
+                                  f"socket limit of {UNIX_PATH_MAX}: {sock_path} (move the checkout to a shorter path)")
+        elif not serverurl.startswith("http://"):
+            raise ConfigError(f"{conf}: unsupported serverurl {serverurl!r}")
+        pidfile = get("supervisord", "pidfile")
+        logfile = get("supervisord", "logfile")
+        return cls(conf, serverurl, Path(pidfile) if pidfile else None, Path(logfile) if logfile else None)
+
+
+class Supervisor:
+    """A thin XML-RPC client of one supervisord. Every failure becomes a dspex error."""
+
+    def __init__(self, conf: SupervisorConf, timeout: float = 10.0) -> None:
+        from supervisor.xmlrpc import SupervisorTransport
+
+        self.conf = conf
+        self.timeout = timeout
+        self._transport = SupervisorTransport(None, None, serverurl=conf.serverurl)
+        make_connection = self._transport._get_connection
+
+        def connection_with_timeout() -> Any:  # the transport's connections have no timeout of their own
+            conn = make_connection()
+            connect = conn.connect
+
+            def connect_then_time_out() -> None:
+                connect()
+                conn.sock.settimeout(self.timeout)
+
+            conn.connect = connect_then_time_out
+            return conn
+
+        self._transport._get_connection = connection_with_timeout
+        # the host part is ignored for unix sockets; the transport carries the real address
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=self._transport)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def call(self, method: str, *args: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                return getattr(self._proxy, method)(*args)
+            except xmlrpc.client.Fault as fault:
+                raise SupervisorError(f"supervisord: {method}: {fault.faultString}", fault=fault.faultCode) from None
+            except (OSError, xmlrpc.client.ProtocolError) as exc:
+                self._transport.close()
+                where = self.conf.serverurl
+                if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+                    raise SupervisorUnreachable(
+                        f"supervisord is not running (no answer at {where}; start it with "
+                        f"`dspexctl pools start` or `supervisord -c {self.conf.path}`)") from None
+                if attempt == 2 or isinstance(exc, TimeoutError):
+                    raise SupervisorUnreachable(f"cannot reach supervisord at {where}: {exc}") from None
+                # a kept-alive connection the server closed: retry once on a fresh one
+        raise AssertionError("unreachable")
+
+    # -- the calls dspexctl uses -------------------------------------------------------------
+    def state(self) -> str:
+        return str(self.call("supervisor.getState")["statename"])
+
+    def pid(self) -> int:
+        return int(self.call("supervisor.getPID"))
+
+    def processes(self) -> list[dict[str, Any]]:
+        return list(self.call("supervisor.getAllProcessInfo"))
+
+    def groups(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for p in self.processes():
+            out.setdefault(p["group"], []).append(p)
+        return out
+
+    def start_group(self, group: str) -> None:
+        self.call("supervisor.startProcessGroup", group, False)
+
+    def stop_group(self, group: str, wait: bool = True) -> None:
+        self.call("supervisor.stopProcessGroup", group, wait)
+
+    def start_process(self, name: str) -> None:
+        try:
+            self.call("supervisor.startProcess", name, False)
+        except SupervisorError as err:
+            if err.details.get("fault") != FAULT_ALREADY_STARTED:
+                raise
+
+    def signal(self, name: str, sig: str) -> None:
+        self.call("supervisor.signalProcess", name, sig)
+
+    def shutdown(self) -> None:
+        self.call("supervisor.shutdown")
+
+    def running(self) -> bool:
+        try:
+            self.state()
+        except SupervisorUnreachable:
+            return False
+        return True
+
+
+def full_name(proc: dict[str, Any]) -> str:
+    """``group:name`` as supervisord's process calls want it (a lone program is ``name:name``)."""
+    return f"{proc['group']}:{proc['name']}"
+
+
+def supervisord_command() -> list[str]:
+    """The supervisord of this interpreter's environment (not whichever one is on PATH)."""
+    sibling = Path(sys.executable).parent / "supervisord"
+    if sibling.exists():
+        return [str(sibling)]
+    return [sys.executable, "-m", "supervisor.supervisord"]
+
+
+def start_supervisord(conf: SupervisorConf, timeout: float = 30.0) -> int:
+    """Start supervisord (daemonized) with ``conf``; return its pid once its XML-RPC answers.
+
+    The programs run ``$DSPEX_PYTHON`` (see supervisor.conf): we pass our own interpreter, the one
+    dspex is installed in, unless the caller's environment names another.
+    """
+    for path in (conf.socket_path, conf.pidfile, conf.logfile):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("DSPEX_PYTHON", sys.executable)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([*supervisord_command(), "-c", str(conf.path)], cwd=conf.here, env=env,
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        try:
+            rc = proc.wait(timeout=timeout)  # the foreground half exits once the daemon has forked
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SupervisorError(f"supervisord -c {conf.path} did not daemonize within {timeout:g}s") from None
+        err.seek(0)
+        text = err.read().decode(errors="replace").strip()
+    if rc != 0:
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("For help")]
+        raise SupervisorError(f"supervisord -c {conf.path} failed (exit {rc}): " + (" ".join(lines) or "no output"))
+    deadline = time.monotonic() + timeout
+    with Supervisor(conf, timeout=2.0) as sup:
+        while True:
+            try:
+                return sup.pid()
+            except SupervisorUnreachable:
+                if time.monotonic() > deadline:
+                    raise SupervisorError(f"supervisord started but does not answer at {conf.serverurl}; "
+                                          f"see {conf.logfile}") from None
+                time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours still answers kill(0); it is gone for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def which_supervisorctl() -> str | None:
+    sibling = Path(sys.executable).parent / "supervisorctl"
+    return str(sibling) if sibling.exists() else shutil.which("supervisorctl")

@@ -1,0 +1,1 @@
+"""Runnable dspex examples (the flagship flow)."""

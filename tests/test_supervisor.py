@@ -1,0 +1,378 @@
+"""The shipped supervisor.conf under a real supervisord: processes, recycling, policies, metrics.
+
+One supervisord (module scope) runs a copy of the shipped conf in a short temp directory; the
+only change is a recycle policy of max 5 requests on analytics_pool. Its commands find python
+through ``.venv`` next to the conf (a symlink to this venv), the README's layout, with
+DSPEX_PYTHON unset: the shipped default path is what runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+import dspex
+from conftest import REPO, base_env, wait_for
+from dspexctl.cli import main as dspexctl
+from dspexctl.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name, pid_alive
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+SHIPPED_CONF = REPO / "supervisor.conf"
+BIN = Path(sys.executable).parent
+POOLS = {"triage_pool": "strict_queue", "optimizer_pool": "strict_queue", "analytics_pool": "hint"}
+READY_TIMEOUT = 90.0  # six workers importing dspy on two cores, plus supervisord's start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def set_pool_option(conf_text: str, pool: str, key: str, value: str) -> str:
+    """Change ``key`` in ``[dspex:pool:POOL]`` of a conf's text (the key must be there)."""
+    section = re.search(rf"^\[dspex:pool:{re.escape(pool)}\]\n(.*?)(?=^\[)", conf_text, re.S | re.M)
+    assert section, pool
+    body, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", section.group(1), flags=re.M)
+    assert n == 1, key
+    return conf_text[:section.start(1)] + body + conf_text[section.end(1):]
+
+
+class SupervisedStack:
+    """A copy of supervisor.conf in a short temp dir and the supervisord running it."""
+
+    def __init__(self, conf_text: str | None = None, *, venv_link: bool = True) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="dxs", dir="/tmp"))
+        self.conf = self.root / "supervisor.conf"
+        self.conf.write_text(conf_text if conf_text is not None else SHIPPED_CONF.read_text())
+        (self.root / "run").mkdir()
+        (self.root / "log").mkdir()
+        if venv_link:  # the README's layout: the venv in .venv next to supervisor.conf
+            (self.root / ".venv").symlink_to(sys.prefix)
+        self.run_dir = str(self.root / "r")
+        self.endpoint = f"ipc://{self.run_dir}/frontend.sock"
+        self.metrics_port = free_port()
+        self.env = base_env(self.run_dir, DSPEX_METRICS_PORT=str(self.metrics_port),
+                            DSPEX_SUPERVISOR_CONF=str(self.conf))
+        self.env.pop("DSPEX_PYTHON", None)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.supervisord_pid = 0
+        self.child_pids: set[int] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start_foreground(self) -> None:
+        """``supervisord -c conf -n`` as our child, in its own session."""
+        out = open(self.root / "supervisord.out", "ab")
+        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(self.conf), "-n"], cwd=self.root,
+                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        self.supervisord_pid = self.proc.pid
+
+    def adopt_daemon(self) -> None:
+        """Track a supervisord that daemonized itself (started by dspexctl): its pid from the pidfile."""
+        self.supervisord_pid = int(wait_for(lambda: (self.root / "run" / "supervisord.pid").read_text().strip(),
+                                            10, what="supervisord pidfile"))
+
+    def supervisor(self) -> Supervisor:
+        return Supervisor(SupervisorConf.load(self.conf), timeout=10)
+
+    def processes(self) -> list[dict[str, Any]]:
+        with self.supervisor() as sup:
+            procs = sup.processes()
+        self.child_pids.update(p["pid"] for p in procs if p["pid"])
+        return procs
+
+    def client(self, timeout: float = 30.0) -> dspex.Client:
+        return dspex.connect(self.endpoint, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        with self.client(5) as dx:
+            st = dx.status()
+        for pool in st["pools"].values():
+            self.child_pids.update(w["pid"] for w in pool["workers"])
+        return st
+
+    def ready(self, pool: str) -> list[dict[str, Any]]:
+        return [w for w in self.status()["pools"][pool]["workers"] if w["state"] != "draining"]
+
+    def wait_all_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"supervisord exited with {self.proc.returncode}:\n{self.logs()}")
+            procs = self.processes()  # also wakes supervisord's loop so restarts are prompt
+            st = self.status()
+            ok = (len(procs) == 7 and all(p["statename"] == "RUNNING" for p in procs)
+                  and all(sum(w["state"] != "draining" for w in st["pools"][p]["workers"]) == 2 for p in POOLS))
+            return st if ok else None
+        try:
+            return wait_for(check, timeout, 0.1, "7 RUNNING processes and 6 ready workers")
+        except AssertionError:
+            print(self.logs())
+            raise
+
+    def stop(self) -> None:
+        """supervisord's shutdown (SIGTERM) by pid; SIGKILL whatever is left, group by group."""
+        try:
+            self.processes()
+        except Exception:  # noqa: BLE001 - it may be dead already
+            pass
+        if self.supervisord_pid and pid_alive(self.supervisord_pid):
+            os.kill(self.supervisord_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 45
+            while pid_alive(self.supervisord_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for pid in [self.supervisord_pid, *self.child_pids]:
+            if pid and pid_alive(pid):
+                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                    try:
+                        kill()
+                    except (ProcessLookupError, PermissionError):
+                        pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def logs(self, tail: int = 3000) -> str:
+        out = []
+        for path in sorted([*(self.root / "log").glob("*.log"), self.root / "supervisord.out"]):
+            if path.exists():
+                out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-tail:])
+        return "\n".join(out)
+
+    # -- the CLI, in-process -------------------------------------------------------------------
+    def cli(self, *args: str) -> Any:
+        env = {"DSPEX_RUN_DIR": self.run_dir, "DSPEX_SUPERVISOR_CONF": str(self.conf),
+               "DSPEX_METRICS_PORT": str(self.metrics_port), "DSPEX_ENDPOINT": None, "DSPEX_FRONTEND": None,
+               "DSPEX_BACKEND": None, "DSPEX_PYTHON": None}
+        return CliRunner().invoke(dspexctl, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def sup() -> Iterator[SupervisedStack]:
+    text = set_pool_option(SHIPPED_CONF.read_text(), "analytics_pool", "max_requests", "5")
+    stack = SupervisedStack(text)
+    try:
+        stack.start_foreground()
+        stack.wait_all_ready()
+        yield stack
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+# -- the shipped conf ------------------------------------------------------------------------------
+def test_shipped_conf_declares_the_flagship_pools() -> None:
+    from dspex.pools import load_pools
+
+    from broker.__main__ import supervisor_group_sizes
+
+    pools = {p.name: p for p in load_pools(SHIPPED_CONF)}
+    assert {n: p.affinity.value for n, p in pools.items()} == POOLS
+    assert supervisor_group_sizes(SHIPPED_CONF) == {"broker": 1, "triage_pool": 2, "optimizer_pool": 2,
+                                                    "analytics_pool": 2}
+    text = SHIPPED_CONF.read_text()
+    for line in text.splitlines():
+        if line.startswith("command"):
+            assert " ;" not in line and " #" not in line, "a comment would cut this command short"
+    assert (REPO / "run" / ".gitkeep").exists() and (REPO / "log" / ".gitkeep").exists()
+
+
+def test_seven_processes_running_and_six_workers_ready(sup: SupervisedStack) -> None:
+    out = subprocess.run([str(BIN / "supervisorctl"), "-c", str(sup.conf), "status"], env=sup.env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 7 and all(" RUNNING " in ln for ln in lines), out.stdout
+    names = {full_name(p) for p in sup.processes()}
+    assert names == {"broker:broker", *(f"{p}:{p}_{i:02d}" for p in POOLS for i in (0, 1))}
+    st = sup.status()
+    assert {n: p["affinity"] for n, p in st["pools"].items()} == POOLS
+    assert all(p["size"] == 2 for p in st["pools"].values()), "the broker learns pool sizes from numprocs"
+    # the workers run the venv's python found through %(here)s/.venv (DSPEX_PYTHON is unset)
+    pid = st["pools"]["triage_pool"]["workers"][0]["pid"]
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[0].decode() == str(sup.root / ".venv" / "bin" / "python")
+    assert cmdline[1:4] == [b"-m", b"worker", b"--pool"]
+
+
+def _rebuild(s: dspex.Session) -> dict[str, Any]:
+    return {"ns": s.call("types", "SimpleNamespace", kwargs={"value": 42})}
+
+
+def _use(s: dspex.Session, objs: dict[str, Any]) -> tuple[int, int]:
+    return s.attr(objs["ns"], "value"), s.call("os", "getpid")
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["graceful", "hard"])
+def test_recycle_gives_new_incarnation_and_rehydrates(sup: SupervisedStack, hard: bool) -> None:
+    before = sup.status()["pools"]["triage_pool"]
+    with sup.client() as dx:
+        r = dspex.Rehydrator(dx, "triage_pool", _rebuild)
+        value, pid = r.run(_use)
+        assert value == 42
+        old = r.session.worker
+        plain = dx.session("triage_pool", r.session.id)  # the same pinned session, without the helper
+        plain.worker = old
+
+        res = sup.cli("workers", "recycle", "triage_pool", "--worker", old[:8], *(["--hard"] if hard else []),
+                      "--json")
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout)
+        [rec] = data["recycled"]
+        assert rec["old"] == old and rec["old_pid"] == pid
+        assert rec["new"] != old and rec["new_pid"] != pid
+        assert data["mode"] == ("hard" if hard else "graceful")
+        assert f"new incarnation {rec['new'][:8]}" in res.stderr
+
+        with pytest.raises(dspex.SessionWorkerUnavailable):
+            plain.call("os", "getpid")
+        value2, pid2 = r.run(_use)  # rebuilds on a new session and carries on
+        assert value2 == 42 and pid2 != pid
+        assert r.rehydrations == 1 and r.session.worker != old
+        r.close()
+    after = sup.status()["pools"]["triage_pool"]
+    assert len([w for w in after["workers"] if w["state"] != "draining"]) == 2
+    if hard:
+        assert after["crashes"] == before["crashes"] + 1
+    else:
+        assert after["recycles"] == before["recycles"] + 1
+    sup.wait_all_ready()
+
+
+def test_max_requests_policy_recycles_without_losing_a_request(sup: SupervisedStack) -> None:
+    """analytics_pool has max_requests=5 (hint affinity): a worker retires after its 5th request,
+    the pool rolls one worker at a time, and every call is answered."""
+    start = sup.status()["pools"]["analytics_pool"]
+    first = {w["incarnation"]: w for w in start["workers"]}
+    with sup.client() as dx:
+        s = dx.session("analytics_pool")
+        expected: list[int] = []
+        results: list[int] = []
+
+        def call(i: int) -> None:
+            expected.append(i + 1000)
+            results.append(s.call("operator", "add", [i, 1000]))
+
+        call(0)
+        pinned = s.worker
+        done = first[pinned]["served"] + first[pinned]["errors"] + 1
+        for i in range(1, 4 - done + 1):
+            call(i)
+        assert s.worker == pinned
+        time.sleep(0.3)  # several broker sweeps: 4 requests must not retire it
+        assert pinned in {w["incarnation"] for w in sup.ready("analytics_pool")}
+        call(99)  # the 5th
+        assert s.worker == pinned
+        wait_for(lambda: pinned not in {w["incarnation"] for w in sup.ready("analytics_pool")}, 10, 0.02,
+                 "the worker retired after its 5th request")
+
+        # keep calling (the session re-pins, hint affinity) until both first workers were retired
+        i = 100
+        while first.keys() & {w["incarnation"] for w in sup.ready("analytics_pool")}:
+            call(i)
+            i += 1
+            sup.processes()  # wakes supervisord so the restart is prompt
+            assert i < 2000, "the second worker was never retired"
+            time.sleep(0.02)
+        assert results == expected, "every request answered"
+
+        def replaced() -> bool:
+            sup.processes()
+            ws = sup.ready("analytics_pool")
+            return len(ws) == 2 and not first.keys() & {w["incarnation"] for w in ws}
+
+        wait_for(replaced, 60, 0.1, "both analytics workers replaced")
+        st = sup.status()["pools"]["analytics_pool"]
+        assert st["recycles"] >= start["recycles"] + 2
+        assert st["crashes"] == start["crashes"]
+        assert st["requests_error"] == start["requests_error"]
+        assert s.call("operator", "add", [1, 1]) == 2
+    sup.wait_all_ready()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_counters_move(sup: SupervisedStack) -> None:
+    ok_key = ("dspex_requests_total", (("op", "call"), ("outcome", "ok"), ("pool", "optimizer_pool")))
+    count_key = ("dspex_request_duration_seconds_count", (("pool", "optimizer_pool"),))
+    before = scrape(sup.metrics_port)
+    with sup.client() as dx:
+        s = dx.session("optimizer_pool")
+        for _ in range(3):
+            s.call("os", "getpid")
+        with pytest.raises(dspex.PoolNotFound):
+            s2 = dx.session("nope")
+            s2.call("os", "getpid")
+    after = scrape(sup.metrics_port)
+    assert after[ok_key] == before.get(ok_key, 0) + 3
+    assert after[count_key] == before[count_key] + 3
+    inf = ("dspex_request_duration_seconds_bucket", (("le", "+Inf"), ("pool", "optimizer_pool")))
+    assert after[inf] == after[count_key]
+    for pool in POOLS:
+        assert after[("dspex_workers", (("pool", pool), ("state", "ready")))] == 2
+        assert after[("dspex_workers_expected", (("pool", pool),))] == 2
+        assert ("dspex_queue_depth", (("pool", pool),)) in after
+        assert ("dspex_worker_recycles_total", (("pool", pool),)) in after
+        assert ("dspex_worker_crashes_total", (("pool", pool),)) in after
+    assert after[("dspex_sessions", (("pool", "optimizer_pool"),))] >= 1
+    assert after[("dspex_sessions_total", ())] >= 1
+    # bound to loopback only: another address of this host does not answer
+    addrs = {ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    for addr in addrs - {"127.0.0.1"}:
+        if addr.startswith("127."):
+            continue
+        with socket.socket() as probe:
+            probe.settimeout(2)
+            assert probe.connect_ex((addr, sup.metrics_port)) != 0, f"metrics answer on {addr}"
+
+
+def test_recycle_to_ready_times(sup: SupervisedStack) -> None:
+    """Not a benchmark; a bound. Prints the medians (seen in -s / the report)."""
+    times: dict[str, list[float]] = {"graceful": [], "hard": []}
+    for mode in ("graceful", "hard", "graceful", "hard", "graceful", "hard"):
+        res = sup.cli("workers", "recycle", "optimizer_pool", *(["--hard"] if mode == "hard" else []), "--json")
+        assert res.exit_code == 0, res.output
+        times[mode].append(json.loads(res.stdout)["recycled"][0]["seconds"])
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"recycle-to-ready medians: {med} (all: {times})")
+    assert all(v < 15 for v in med.values())
+    sup.wait_all_ready()
+
+
+def test_supervisor_unreachable_is_a_clean_error(tmp_path: Path) -> None:
+    conf = SupervisorConf.load(SHIPPED_CONF)
+    bogus = SupervisorConf(conf.path, "unix:///tmp/dx-no-such-dir/supervisor.sock", None, None)
+    with Supervisor(bogus, timeout=2) as s, pytest.raises(SupervisorUnreachable):
+        s.state()
