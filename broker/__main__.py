@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import configparser
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from dspex import config
 from dspex.errors import ConfigError
@@ -41,10 +39,6 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
     pools: dict[str, PoolConfig] = {}
     if a.config:
         pools.update((c.name, c) for c in load_pools(a.config))
-        sizes = supervisor_group_sizes(a.config)
-        for c in pools.values():
-            if not c.size:
-                c.size = sizes.get(c.name, 0)
     for spec in a.pool:
         c = parse_pool_spec(spec)
         pools[c.name] = c
@@ -68,40 +62,6 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
     )
 
 
-def supervisor_group_sizes(conf_path: str | Path) -> dict[str, int]:
-    """Processes per supervisord group: a pool's size is the numprocs of its ``[group:POOL]``.
-
-    A ``size`` in ``[dspex:pool:NAME]`` wins; a numprocs supervisord would expand (``%(ENV_X)s``)
-    is not guessed at and counts as unknown (0).
-    """
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
-    try:
-        parser.read(conf_path)
-    except configparser.Error:
-        return {}
-
-    def numprocs(program: str) -> int:
-        section = f"program:{program.strip()}"
-        if not parser.has_section(section):
-            return 0
-        try:
-            return int(parser.get(section, "numprocs", fallback="1"))
-        except ValueError:
-            return 0
-
-    sizes: dict[str, int] = {}
-    grouped: set[str] = set()
-    for section in parser.sections():
-        if section.startswith("group:"):
-            programs = [p.strip() for p in parser.get(section, "programs", fallback="").split(",") if p.strip()]
-            grouped.update(programs)
-            sizes[section[len("group:"):]] = sum(numprocs(p) for p in programs)
-    for section in parser.sections():
-        if section.startswith("program:") and section[len("program:"):] not in grouped:
-            sizes.setdefault(section[len("program:"):], numprocs(section[len("program:"):]))
-    return sizes
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         options = parse(argv)
@@ -120,19 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.run()
     finally:
         broker.close()
-        _unlink_ipc(options.frontend, options.backend)
     return 0
-
-
-def _unlink_ipc(*endpoints: str) -> None:
-    """Remove our ipc socket files: libzmq leaves them behind when the process exits right after
-    closing its sockets, and a client would then wait out its timeout on a file nobody listens on."""
-    for endpoint in endpoints:
-        if endpoint.startswith("ipc://"):
-            try:
-                os.unlink(endpoint[len("ipc://"):])
-            except OSError:
-                pass
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ log = logging.getLogger("dspex.broker")
 _STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
 _SWEEP_EVERY = 0.05
+_MIN_WORKER_AGE = 2.0  # policy never retires a worker younger than this (seconds)
 
 
 @dataclass
@@ -144,6 +145,14 @@ class Broker:
         for sock in (getattr(self, "monitor", None), getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
+        # libzmq can leave ipc socket files behind when the process exits right after closing;
+        # a client would then wait out its timeout on a file nobody listens on
+        for endpoint in (self.options.frontend, self.options.backend):
+            if endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(endpoint[len("ipc://"):])
+                except OSError:
+                    pass
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -450,6 +459,8 @@ class Broker:
                 w.pool.observe(p.op, outcome, time.monotonic() - p.started)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
+            elif self._over_request_limit(w):
+                self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
                 self._feed(w)
         elif command == W_HEARTBEAT:
@@ -533,7 +544,7 @@ class Broker:
         self.gone.add(w.id, why)
         if "recycled" in why:
             pool.recycles += 1
-        else:
+        elif why != "exited":  # a clean SIGTERM exit (pools stop) is not a crash
             pool.crashes += 1
         log.warning("worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                     w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
@@ -624,6 +635,11 @@ class Broker:
             self._to_worker(w, [B_DISCONNECT])
         log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
 
+    def _over_request_limit(self, w: WorkerRecord) -> bool:
+        limit = w.pool.config.recycle.max_requests
+        return bool(limit and w.served + w.errors >= limit and w.pool.recycling is None
+                    and w.pool.ready_count() >= 2 and time.time() - w.registered >= _MIN_WORKER_AGE)
+
     def _recycle_step(self, pool: Pool, now: float) -> None:
         if pool.recycling is not None:
             if pool.recycling in self.workers:
@@ -645,6 +661,8 @@ class Broker:
             return  # policy never takes a pool's last worker
         wall = time.time()
         for w in pool.workers.values():
+            if wall - w.registered < _MIN_WORKER_AGE:
+                continue  # supervisord counts an exit within startsecs as a failed start
             rss_mb = float(w.stats.get("rss", 0)) / 2**20
             if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
                     or (w.retire_age and wall - w.registered >= w.retire_age)

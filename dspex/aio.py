@@ -48,10 +48,12 @@ class AsyncClient:
             assert server_key is not None and keypair is not None
             self._sock.curve_serverkey = server_key
             self._sock.curve_publickey, self._sock.curve_secretkey = keypair
-        elif self.endpoint.startswith("ipc://"):
-            if not os.path.exists(self.endpoint[6:]):
+        else:
+            try:
+                config.probe_ipc(self.endpoint)
+            except ConnectionError:
                 self._ctx.destroy(0)
-                raise ConnectionError(f"nothing is listening at {self.endpoint} (is the broker running?)")
+                raise
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)

@@ -151,8 +151,7 @@ class Client:
                 keypair = zmq.curve_keypair()
             sock.curve_serverkey = server_key
             sock.curve_publickey, sock.curve_secretkey = keypair
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
-            raise ConnectionError(f"nothing is listening at {self.endpoint} (is the broker running?)")
+        config.probe_ipc(self.endpoint)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:

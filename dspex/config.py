@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
 import zmq
 
-from dspex.errors import ConfigError
+from dspex.errors import ConfigError, ConnectionError
 from dspex.protocol import MAX_MESSAGE_BYTES
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -81,6 +82,26 @@ def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: 
     if secret is None:
         raise ConfigError(f"{own_key_file} holds no secret key")
     return server_public, (public, secret)
+
+
+def probe_ipc(endpoint: str) -> None:
+    """Fail at once on an ipc socket file nobody listens on (a broker that died leaves it behind),
+    instead of waiting out the request's timeout."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    if not os.path.exists(path):
+        raise ConnectionError(f"nothing is listening at {endpoint} (is the broker running?)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise ConnectionError(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
+    except OSError:
+        pass  # let the request report anything else
+    finally:
+        probe.close()
 
 
 def max_message_bytes() -> int:

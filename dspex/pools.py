@@ -84,4 +84,42 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
             for key, value in parser.items(section):
                 _apply(cfg, key, value, f"{path} [{section}]")
             pools.append(cfg)
+    sizes = supervisor_group_sizes(path)
+    for cfg in pools:
+        if not cfg.size:  # a size in the pool's own section wins over numprocs
+            cfg.size = sizes.get(cfg.name, 0)
     return pools
+
+
+def supervisor_group_sizes(conf_path: str | Path) -> dict[str, int]:
+    """Processes per supervisord group: a pool's size is the numprocs of its ``[group:POOL]``.
+
+    A ``size`` in ``[dspex:pool:NAME]`` wins; a numprocs supervisord would expand (``%(ENV_X)s``)
+    is not guessed at and counts as unknown (0).
+    """
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
+    try:
+        parser.read(conf_path)
+    except configparser.Error:
+        return {}
+
+    def numprocs(program: str) -> int:
+        section = f"program:{program.strip()}"
+        if not parser.has_section(section):
+            return 0
+        try:
+            return int(parser.get(section, "numprocs", fallback="1"))
+        except ValueError:
+            return 0
+
+    sizes: dict[str, int] = {}
+    grouped: set[str] = set()
+    for section in parser.sections():
+        if section.startswith("group:"):
+            programs = [p.strip() for p in parser.get(section, "programs", fallback="").split(",") if p.strip()]
+            grouped.update(programs)
+            sizes[section[len("group:"):]] = sum(numprocs(p) for p in programs)
+    for section in parser.sections():
+        if section.startswith("program:") and section[len("program:"):] not in grouped:
+            sizes.setdefault(section[len("program:"):], numprocs(section[len("program:"):]))
+    return sizes

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ class Settings:
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
 
     def client(self, timeout: float | None = None) -> dspex.Client:
-        probe_ipc(self.resolved_endpoint())
+        config.probe_ipc(self.resolved_endpoint())
         return dspex.connect(self.endpoint, timeout=self.timeout if timeout is None else timeout)
 
     def resolved_endpoint(self) -> str:
@@ -87,26 +86,6 @@ class Settings:
 
     def supervisor(self) -> Supervisor:
         return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
-
-
-def probe_ipc(endpoint: str) -> None:
-    """Fail at once on an ipc socket file nobody listens on (a broker that died leaves it behind),
-    instead of waiting for the request's timeout."""
-    if not endpoint.startswith("ipc://"):
-        return
-    path = endpoint[len("ipc://"):]
-    if not os.path.exists(path):
-        raise ConnectionError(f"nothing is listening at {endpoint} (is the broker running?)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except ConnectionRefusedError:
-        raise ConnectionError(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
-    except OSError:
-        pass  # let the client report anything else
-    finally:
-        probe.close()
 
 
 def progress(msg: str) -> None:
@@ -190,8 +169,7 @@ class PoolsStatus:
         declared: list[str] = []
         conf_sizes: dict[str, int] = {}
         if sc is not None:
-            from broker.__main__ import supervisor_group_sizes
-            from dspex.pools import load_pools
+            from dspex.pools import load_pools, supervisor_group_sizes
 
             declared = [c.name for c in load_pools(sc.path)]
             conf_sizes = supervisor_group_sizes(sc.path)

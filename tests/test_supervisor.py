@@ -187,7 +187,7 @@ def sup() -> Iterator[SupervisedStack]:
 def test_shipped_conf_declares_the_flagship_pools() -> None:
     from dspex.pools import load_pools
 
-    from broker.__main__ import supervisor_group_sizes
+    from dspex.pools import supervisor_group_sizes
 
     pools = {p.name: p for p in load_pools(SHIPPED_CONF)}
     assert {n: p.affinity.value for n, p in pools.items()} == POOLS
