@@ -298,3 +298,16 @@ def test_broker_death_fails_inflight_call_with_connection_error(stack: Stack) ->
     stack.start_broker()
     stack.wait_workers("p", 1)
     wait_for(lambda: s.call("os", "getpid"), what="call after restart")
+
+
+def test_worker_without_broker_for_long_still_stops_on_sigterm(stack: Stack) -> None:
+    """Heartbeats to an absent broker fill the socket's queue; the worker must not wedge on them."""
+    os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
+    stack.heartbeat = 0.001  # a thousand heartbeats a second: the send queue (HWM 1000) fills at once
+    proc = stack.start_worker("p", "--no-dspy")
+    log = Path(stack.root, "worker-p.log")
+    wait_for(lambda: "broker silent" in log.read_text(), what="worker noticed no broker")
+    # ten READY retries with doubling backoff: ~3 s of 1 ms heartbeats, well past the queue limit
+    wait_for(lambda: log.read_text().count("broker silent") >= 10, timeout=30, what="READY retries")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0

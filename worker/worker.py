@@ -57,6 +57,7 @@ log = logging.getLogger("dspex.worker")
 
 _BUSY_POLL = 0.002  # how often the I/O thread reads the socket while the main thread runs a call
 _IDLE_POLL = 0.1
+_SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class Worker:
                         out = replies.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._sock.send_multipart(out, copy=False)
+                    self._send_reply(out)
             if self._sock in events:
                 self._read_socket()
             self._timers()
@@ -208,9 +209,16 @@ class Worker:
                 self._active -= 1
 
     def _send_direct(self, frames: list[Any]) -> None:
-        assert self._sock is not None
         with self._lock:
+            self._send_reply(frames)
+
+    def _send_reply(self, frames: list[Any]) -> None:
+        """Holding the lock. Bounded by SNDTIMEO: a broker gone for good must not wedge us."""
+        assert self._sock is not None
+        try:
             self._sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
 
     def _send_pushed(self, frames: list[Any]) -> None:
         """From a pool thread: hand the frames to the main thread, which owns the socket."""
@@ -289,16 +297,25 @@ class Worker:
         assert self._sock is not None
         now = time.monotonic()
         if now >= self._next_beat:
-            self._sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
+            self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
         if now >= self._deadline:
             # The broker is gone, or restarted without hearing from us. zmq reconnects by
             # itself; we re-announce on the same socket (a new socket would race its own stale
             # connection for our identity), backing off during a long outage.
             log.warning("broker silent; re-sending READY (next try in %.1fs)", self._backoff)
-            self._sock.send_multipart([W_READY, self._ready_frame()])
+            self._send_control([W_READY, self._ready_frame()])
             self._deadline = now + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
+
+    def _send_control(self, frames: list[bytes]) -> None:
+        """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
+        fills, and a blocking send would wedge the worker (holding the lock) until it returns."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _from_broker(self, frames: list[zmq.Frame]) -> None:
         assert self._sock is not None
@@ -317,7 +334,7 @@ class Worker:
             log.info("broker asked us to exit (recycle); finishing current work")
             self._stop.set()
         elif command == B_REREGISTER:
-            self._sock.send_multipart([W_READY, self._ready_frame()])
+            self._send_control([W_READY, self._ready_frame()])
         else:
             log.warning("ignoring unknown command %r from broker", command[:8])
 
@@ -378,6 +395,7 @@ class Worker:
         sock.setsockopt(zmq.ROUTING_ID, self.incarnation.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
         if self.options.curve_server_key is not None:
             public, secret = self.options.curve_keypair or zmq.curve_keypair()
             sock.curve_serverkey = self.options.curve_server_key
