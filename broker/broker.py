@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.errors import (
     Cancelled,
     ConfigError,
@@ -182,7 +183,7 @@ class Broker:
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -355,7 +356,7 @@ class Broker:
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self.backend.send_multipart([w.id, B_REQUEST, p.client, p.header, *p.payload], copy=False)
+            send_frames(self.backend, [w.id, B_REQUEST, p.client, p.header, *p.payload])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -368,7 +369,7 @@ class Broker:
 
     def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
         try:
-            self.backend.send_multipart([w.id, *frames], copy=False)
+            send_frames(self.backend, [w.id, *frames])
             return True
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -442,7 +443,7 @@ class Broker:
                 self.counters["garbage_backend"] += 1
                 log.warning("malformed reply header from worker %s", wid[:8])
                 return
-            self.frontend.send_multipart([client, *frames[3:]], copy=False)
+            send_frames(self.frontend, [client, *frames[3:]])
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
                 return

@@ -22,6 +22,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import codec, config
+from dspex.zmqfast import recv_frames, send_frames
 from dspex.errors import (
     Cancelled,
     ConnectionError,
@@ -104,6 +105,7 @@ class Client:
             curve_server_key, curve_keypair = config.curve_client_keys(
                 self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
         self._curve = (curve_server_key, curve_keypair)
+        self._own_frames = not self.endpoint.startswith("inproc://")  # arrays decode without a copy
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
@@ -175,7 +177,7 @@ class Client:
         size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
         if size > self.max_message:
             raise MessageTooLarge(f"request is {size} bytes, over the limit of {self.max_message}")
-        ch.sock.send_multipart([header, *frames], copy=len(frames) == 1)
+        send_frames(ch.sock, [header, *frames], copy=len(frames) == 1)
         return ch, req_id
 
     def _recv(self, ch: _Channel, req_id: int, timeout: float, op: str) -> tuple[str, str, list[Any]]:
@@ -196,7 +198,7 @@ class Client:
                 if time.monotonic() < deadline:
                     continue
                 raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op)
-            reply = sock.recv_multipart(copy=False)
+            reply = recv_frames(sock)
             try:
                 status, rid, rworker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
@@ -218,9 +220,9 @@ class Client:
         raise error_from_wire(payload)
 
     @staticmethod
-    def _decode(body: list[Any]) -> Any:
+    def _decode(body: list[Any], own_frames: bool = False) -> Any:
         try:
-            return codec.decode(body)
+            return codec.decode(body, own_frames=own_frames)
         except DspexError:
             raise
         except Exception as exc:
@@ -251,7 +253,7 @@ class Client:
                 self._raise_error(frames)
             if on_reply is not None:
                 on_reply(status, rworker)
-            return self._decode(frames)
+            return self._decode(frames, self._own_frames)
 
     def _credit(self, pool: str, session: str, req_id: int, n: int) -> None:
         ch = self._channel()

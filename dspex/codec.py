@@ -236,7 +236,8 @@ def _list_hook(items: list[Any]) -> Any:
     return items
 
 
-def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: ResolveRef | None) -> Any:
+def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: ResolveRef | None,
+                owned: set[int] | None = None) -> Any:
     tag = _TAGS.get(code)
     if tag is not None:
         return tag
@@ -269,16 +270,21 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         if frames is None or not 1 <= index < len(frames):
             raise ProtocolError(f"array refers to missing frame {index}")
         flat = np.frombuffer(frames[index], dtype=dt) if dt.itemsize else np.empty(0, dt)
+        arr = flat.reshape(shape)
+        if owned is not None and index in owned and arr.flags.aligned:
+            owned.discard(index)  # a second array on the same frame gets a copy: arrays never alias
+            return arr  # a view of the received frame, which it keeps alive: no copy
         # one copy: frame memory may be read-only, or a writable view of an immutable bytes
-        return flat.reshape(shape).copy()
+        return arr.copy()
     return msgpack.ExtType(code, data)
 
 
-def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None) -> object:
+def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
+            owned: set[int] | None = None) -> object:
     try:
         return msgpack.unpackb(
             body,
-            ext_hook=lambda code, data: _decode_ext(code, data, frames, resolve_ref),
+            ext_hook=lambda code, data: _decode_ext(code, data, frames, resolve_ref, owned),
             list_hook=_list_hook,
             strict_map_key=False,
         )
@@ -288,12 +294,18 @@ def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None)
         raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
 
 
-def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None) -> object:
-    """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs."""
+def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, own_frames: bool = False) -> object:
+    """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs.
+
+    ``own_frames``: the ``zmq.Frame`` objects among ``frames`` were received from an ipc/tcp socket,
+    so their memory belongs to this message alone and arrays may be views of it (no copy of a
+    large array). Not for inproc, where a frame can share the sender's (even immutable) memory.
+    """
     if not frames:
         raise ProtocolError("empty message")
     bufs = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
-    return _unpack(bufs[0], bufs, resolve_ref)
+    owned = {i for i, f in enumerate(frames) if isinstance(f, zmq.Frame)} if own_frames else None
+    return _unpack(bufs[0], bufs, resolve_ref, owned)
 
 
 def unpackb(data: bytes | memoryview) -> object:

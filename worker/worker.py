@@ -28,6 +28,7 @@ import msgpack
 import zmq
 
 from dspex import config
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.errors import DspexError, MessageTooLarge, ProtocolError
 from dspex.protocol import (
     B_CANCEL,
@@ -56,6 +57,10 @@ from worker.executor import Executor, RefTable, StreamControl, error_frames
 log = logging.getLogger("dspex.worker")
 
 _BUSY_POLL = 0.002  # how often the I/O thread reads the socket while the main thread runs a call
+# A call younger than this runs without the I/O thread: waking it for every call costs a GIL
+# hand-off and two context switches on the hot path, and most calls end long before a heartbeat
+# is due. The I/O thread checks this often whether a call has become old enough to need it.
+_BUSY_GRACE = 0.05
 _IDLE_POLL = 0.1
 _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
@@ -98,12 +103,14 @@ class Worker:
         self.max_message = options.max_message or config.max_message_bytes()
         self.capacity = max(1, options.capacity)
         self.executor = Executor(RefTable(options.pool, self.incarnation, options.ref_cap))
+        self.executor.own_frames = not options.backend.startswith("inproc://")
         self.started = time.time()
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._sock: zmq.Socket[Any] | None = None
         self._inbox: deque[list[zmq.Frame]] = deque()  # requests read by whichever thread held the lock
         self._busy = False  # the main thread is running user code
+        self._busy_since = 0.0
         self._wake = threading.Event()
         self._exiting = False
         interval = options.heartbeat_interval
@@ -177,9 +184,9 @@ class Worker:
         return 0
 
     def _set_busy(self, busy: bool) -> None:
-        self._busy = busy
         if busy:
-            self._wake.set()
+            self._busy_since = time.monotonic()  # the I/O thread takes over after _BUSY_GRACE
+        self._busy = busy
 
     def _next_request(self, poller: zmq.Poller, replies: zmq.Socket[Any] | None) -> list[zmq.Frame] | None:
         """Poll the socket (holding the lock); handle control messages; return the next request."""
@@ -216,7 +223,7 @@ class Worker:
         """Holding the lock. Bounded by SNDTIMEO: a broker gone for good must not wedge us."""
         assert self._sock is not None
         try:
-            self._sock.send_multipart(frames, copy=False)
+            send_frames(self._sock, frames)
         except zmq.Again:
             log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
 
@@ -270,6 +277,8 @@ class Worker:
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
         control = StreamControl(emit, STREAM_WINDOW, stall)
+        self._busy_since = 0.0  # a stream needs its credit and cancels read at once: no grace
+        self._wake.set()
         key = (client, req_id)
         with self._streams_lock:
             self._streams[key] = control
@@ -286,7 +295,7 @@ class Worker:
         assert self._sock is not None
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._sock, NOBLOCK)
             except zmq.Again:
                 return
             self._deadline = time.monotonic() + self._silence_limit
@@ -359,12 +368,12 @@ class Worker:
     # -- the I/O thread: stands in while the main thread runs user code ----------------------
     def _io_loop(self) -> None:
         while not self._exiting:
-            if self._busy:
+            if self._busy and time.monotonic() - self._busy_since >= _BUSY_GRACE:
                 time.sleep(_BUSY_POLL)  # outside the lock: the main thread never waits long for it
             else:
-                self._wake.wait(self.options.heartbeat_interval)
+                self._wake.wait(_BUSY_GRACE)
                 self._wake.clear()
-                continue  # the idle main thread polls, heartbeats and answers by itself
+                continue  # the idle main thread (or a short call) needs no help
             with self._lock:
                 if self._exiting or not self._busy:
                     continue
