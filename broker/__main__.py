@@ -59,6 +59,7 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
         curve_secret=secret,
         curve_public=public,
         curve_allowed_dir=a.curve_allowed,
+        supervisor_conf=a.config,
     )
 
 

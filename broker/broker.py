@@ -61,6 +61,7 @@ from dspex.protocol import (
     pack_reply_header,
     unpack_request_header,
 )
+from broker.nudge import SupervisorNudge
 from broker.security import secure_server, start_authenticator
 from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
 from dspex.pools import PoolConfig  # noqa: F401 (re-exported for BrokerOptions)
@@ -86,6 +87,7 @@ class BrokerOptions:
     curve_secret: bytes | None = None
     curve_public: bytes | None = None
     curve_allowed_dir: str | None = None
+    supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,6 +107,7 @@ class Broker:
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self._stop = False
         self._auth: ThreadAuthenticator | None = None
+        self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
@@ -566,6 +569,8 @@ class Broker:
                     rec.worker = None
         w.inflight.clear()
         w.queue.clear()
+        if self.nudge is not None:
+            self.nudge.worker_left()
         if pool.recycling == w.id:
             pool.recycle_started = time.monotonic()  # now wait for the replacement
 

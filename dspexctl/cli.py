@@ -27,7 +27,7 @@ import click
 from dspex.errors import DspexError
 from dspexctl import commands
 from dspexctl.commands import Settings, exit_code_for
-from dspexctl.supervisor import default_conf
+from dspex.supervisor import default_conf
 
 
 def _emit_json(data: Any) -> None:

@@ -22,7 +22,7 @@ import dspex
 from dspex import config
 from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout
 from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
-from dspexctl.supervisor import (
+from dspex.supervisor import (
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,

@@ -19,7 +19,7 @@ import dspex
 from dspex import config
 from dspex.errors import ConfigError, ConnectionError, Timeout
 from dspex.pools import load_pools
-from dspexctl.supervisor import (
+from dspex.supervisor import (
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,

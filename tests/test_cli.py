@@ -17,7 +17,7 @@ import pytest
 import dspex
 from conftest import REPO, wait_for
 from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
-from dspexctl.supervisor import pid_alive
+from dspex.supervisor import pid_alive
 from test_supervisor import POOLS, READY_TIMEOUT, SupervisedStack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import dspex
 from conftest import REPO, base_env, wait_for
 from dspexctl.cli import main as dspexctl
-from dspexctl.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name, pid_alive
+from dspex.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name, pid_alive
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
