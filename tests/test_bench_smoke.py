@@ -1,0 +1,72 @@
+"""The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot.
+
+It checks that every figure was produced, or marked pending/skipped with a reason; never how
+fast anything was (this machine is shared and noisy; see docs/benchmarks.md for the figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _expected_rows() -> list[str]:
+    if str(REPO) not in sys.path:  # bench/ is not an installed package
+        sys.path.insert(0, str(REPO))
+    from bench.figures import ROWS
+
+    return [name for group in ROWS.values() for name in group]
+
+
+def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
+    expected = _expected_rows()
+
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("DSPEX_ENDPOINT", "DSPEX_FRONTEND", "DSPEX_BACKEND", "DSPEX_RUN_DIR"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--smoke", "--quiet", "--json", str(out)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=110)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the bench cleans up its own processes on SIGTERM
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        pytest.fail("python -m bench --smoke took over 110 s")
+    text = stdout.decode(errors="replace")
+    assert proc.returncode == 0, f"bench exited {proc.returncode}\n{text}\n{stderr.decode(errors='replace')[-4000:]}"
+    doc = json.loads(out.read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert sorted(rows) == sorted(expected), f"figures missing or unexpected: {sorted(set(expected) ^ set(rows))}"
+    for name, row in rows.items():
+        assert row["status"] in ("ok", "pending", "skipped"), f"{name}: {row['status']}: {row['reason']}"
+        if row["status"] == "ok":
+            assert row["ours"], f"{name} produced no figure"
+        else:
+            assert row["reason"], f"{name} is {row['status']} without a reason"
+        assert row["figure"] in text or row["name"] in text, f"{name} missing from the printed table"
+    machine = doc["machine"]
+    for key in ("nproc", "cpu_model", "python", "pyzmq", "libzmq"):
+        assert machine.get(key), f"machine info lacks {key}"
+    assert doc["command"].startswith("python -m bench")
+
+
+def test_bench_only_filter_rejects_unknown_names() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "no_such_figure"], cwd=REPO,
+                          capture_output=True, timeout=60)
+    assert proc.returncode != 0
+    assert b"unknown figure" in proc.stderr
