@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,9 @@ class Broker:
         self.fd_worker: dict[int, bytes] = {}
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.started = time.time()
+        self._booted = time.monotonic()
+        # strict calls pinned to an incarnation not (yet) registered with this young broker
+        self.awaiting: dict[bytes, tuple[Pool, deque[Pending]]] = {}
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self._stop = False
         self._auth: ThreadAuthenticator | None = None
@@ -134,8 +138,12 @@ class Broker:
             sock.bind(endpoint)
         # a send to a worker whose connection is already gone raises instead of vanishing
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # a worker reconnecting under its identity takes over its stale connection
-        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
+        # that identity (and its requests) and cuts the real worker off. A worker's own stale
+        # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
+        ivl = max(1, int(self.options.heartbeat_interval * 1000))
+        self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
@@ -306,6 +314,10 @@ class Broker:
         pinned = rec.worker
         w = self.workers.get(pinned)
         if w is None or w.draining:
+            if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):
+                # just (re)started: its worker may be alive and not re-registered yet; wait for it
+                self._enqueue(pool, self.awaiting.setdefault(pinned, (pool, deque()))[1], p)
+                return
             if pool.mode in _STRICT:
                 why = "is being recycled" if w is not None else self.gone.why(pinned)
                 incarnation = pinned.decode(errors="replace")
@@ -334,6 +346,12 @@ class Broker:
         else:  # hint: any idle worker, else the first one to free up
             self._run_anywhere(pool, p)
 
+    def _restart_grace(self) -> float:
+        return self.options.heartbeat_interval * self.options.heartbeat_liveness
+
+    def _in_restart_grace(self, wid: bytes) -> bool:
+        return wid not in self.gone and time.monotonic() - self._booted < self._restart_grace()
+
     def _run_anywhere(self, pool: Pool, p: Pending) -> None:
         w = pool.idle_worker()
         if w is not None and not pool.queue:
@@ -354,8 +372,11 @@ class Broker:
         if now > p.deadline:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
-        p.started = now
         key = (p.client, p.req_id)
+        if key in self.running:  # a client reusing the id of a request still running
+            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
+            return
+        p.started = now
         w.inflight[key] = p
         self.running[key] = w
         try:
@@ -442,19 +463,23 @@ class Broker:
             client = frames[2].bytes
             try:
                 status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
+                known = w is not None and (client, req_id) in w.inflight
             except Exception:
                 self.counters["garbage_backend"] += 1
                 log.warning("malformed reply header from worker %s", wid[:8])
                 return
-            send_frames(self.frontend, [client, *frames[3:]])
-            if w is None:
-                self._to_peer(wid, [B_REREGISTER])
+            if not known:  # never sent to this worker (forged, or from before a restart): drop it
+                self.counters["garbage_backend"] += 1
+                if w is None:
+                    self._to_peer(wid, [B_REREGISTER])
                 return
+            send_frames(self.frontend, [client, *frames[3:]])
+            assert w is not None
             if command == W_PARTIAL:
                 return
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
-                del self.running[(client, req_id)]
+                self.running.pop((client, req_id), None)
                 outcome = "ok" if status == Status.OK.value else "error"
                 if outcome == "ok":
                     w.served += 1
@@ -492,6 +517,8 @@ class Broker:
             pool_name = info["pool"]
             if not isinstance(pool_name, str):
                 raise TypeError("pool must be a string")
+            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity")):
+                raise TypeError("pid and capacity must be integers")
         except Exception as exc:
             self.counters["garbage_backend"] += 1
             log.warning("malformed READY from %s: %s", wid[:8], exc)
@@ -514,6 +541,9 @@ class Broker:
         pool.workers[wid] = w
         self._map_fd(w, fd)
         # re-adopt sessions a restarted broker learned about from clients before this READY
+        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
+        _, waiting = self.awaiting.pop(wid, (pool, deque()))
+        w.queue.extend(waiting)  # already counted in pool.queued
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
 
@@ -597,6 +627,15 @@ class Broker:
                             f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
                             pool=pool.name))
             self._recycle_step(pool, now)
+        if self.awaiting and now - self._booted >= self._restart_grace():
+            for wid, (pool, queue) in self.awaiting.items():
+                for p in queue:
+                    pool.queued -= 1
+                    self._fail(p, pool, SessionWorkerUnavailable(
+                        f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did "
+                        f"not re-register within {self._restart_grace():g}s of this broker's start",
+                        session=p.session, worker=wid.decode(errors="replace")))
+            self.awaiting.clear()
         self._expire_sessions(now)
 
     _last_ttl_sweep = 0.0

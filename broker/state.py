@@ -174,6 +174,9 @@ class GoneWorkers:
     def why(self, wid: bytes) -> str:
         return self._why.get(wid, "is not registered with this broker")
 
+    def __contains__(self, wid: object) -> bool:
+        return wid in self._why
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:

@@ -47,10 +47,11 @@ T = TypeVar("T")
 class _Channel:
     """One thread's socket to the broker."""
 
-    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "__weakref__")
+    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "broken", "__weakref__")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
+        self.broken = False  # a drop was seen: replace the socket before the next request
         # A lost connection fails the requests waiting on it at once (typed ConnectionError)
         # instead of leaving them to time out: the broker that had them is gone.
         self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(
@@ -133,10 +134,23 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _channel(self) -> _Channel:
+    def _drop_channel(self, ch: _Channel) -> None:
+        """Forget this thread's socket; the next request makes a fresh one."""
+        self._local.channel = None
+        with self._lock:
+            for sock in (ch.monitor, ch.sock):
+                if sock in self._socks:
+                    self._socks.remove(sock)
+        ch.sock.disable_monitor()
+        ch.monitor.close(0)
+        ch.sock.close(0)
+
+    def _channel(self, probe: bool = True) -> _Channel:
         ch: _Channel | None = getattr(self._local, "channel", None)
         if ch is not None:
             return ch
+        if probe:  # before making a socket: a failed probe must not leave one behind
+            config.probe_ipc(self.endpoint)
         with self._lock:
             if self._closed:
                 raise ConnectionError("client is closed")
@@ -153,10 +167,12 @@ class Client:
                 keypair = zmq.curve_keypair()
             sock.curve_serverkey = server_key
             sock.curve_publickey, sock.curve_secretkey = keypair
-        config.probe_ipc(self.endpoint)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
+            with self._lock:
+                self._socks.remove(sock)
+            sock.close(0)
             raise ConnectionError(f"cannot connect to {self.endpoint}: {exc}") from None
         ch = _Channel(sock)
         self._socks.append(ch.monitor)
@@ -169,8 +185,11 @@ class Client:
         if self._closed:
             raise ConnectionError("client is closed")
         ch = self._channel()
-        if ch.disconnected() and ch.streams:
-            log.debug("broker connection dropped while streams were open")
+        if (ch.broken or ch.disconnected()) and not ch.streams:
+            # zmq reconnects by itself after a broker restart, but never after a protocol error
+            # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
+            self._drop_channel(ch)
+            ch = self._channel(probe=False)
         req_id = next(ch.ids)
         header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000), flags).pack()
         frames = codec.encode(body if body is not None else [])
@@ -193,6 +212,7 @@ class Client:
             if sock not in events:
                 why = ch.disconnected() if ch.monitor in events else ""
                 if why:
+                    ch.broken = True
                     raise ConnectionError(
                         f"{why} ({self.endpoint}) while waiting for {op}; the call may or may not have run", op=op)
                 if time.monotonic() < deadline:

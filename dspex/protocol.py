@@ -53,6 +53,10 @@ B_CREDIT = b"\x17"
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Request headers are ~100 bytes (ids are 32 hex chars); their names are bounded so that what
+# the broker and workers keep per session (its id, its pin) stays small.
+MAX_HEADER_BYTES = 1024
+MAX_NAME_CHARS = 256
 # Streamed items a worker may send ahead of the consumer's acknowledgements (credit-based flow
 # control: the broker never holds more than this many items of one stream).
 STREAM_WINDOW = 64
@@ -138,6 +142,8 @@ class RequestHeader:
 
 
 def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
+    if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
+        raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
     try:
         fields = msgpack.unpackb(data)
         op, req_id, pool, session, worker, timeout_ms, flags = fields
@@ -151,6 +157,8 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             and isinstance(flags, int)
         ):
             raise TypeError("wrong field types")
+        if max(len(op), len(pool), len(session), len(worker)) > MAX_NAME_CHARS:
+            raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
     except Exception as exc:
         raise ProtocolError(f"malformed request header: {exc}") from None
     return RequestHeader(op, req_id, pool, session, worker, timeout_ms, flags)

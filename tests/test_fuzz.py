@@ -4,7 +4,7 @@ sessions are untouched (short CI version of ``python -m bench.fuzz``).
 Three layers: hypothesis properties of the header/codec parsers and of the broker's handlers
 in-process (derandomized: the same cases on every run), then a seeded generator throwing tens of
 thousands of hostile frame sets at a live broker's frontend and backend, checking honest sessions
-between batches. Known bugs are pinned by ``xfail(strict=True)`` tests at the end.
+between batches. Regression tests for the bugs fuzzing found are at the end.
 """
 
 from __future__ import annotations
@@ -190,19 +190,16 @@ def test_live_broker_survives_fuzzed_frames(fuzz_stack: ProcStack) -> None:
     assert res.worker_rss_kb[1] - res.worker_rss_kb[0] < 16_000
 
 
-# -- known bugs (xfail strict: the suite turns red when they are fixed, so the marks get removed) --
+# -- regressions: bugs fuzzing found (identity claims, huge headers, forged replies, bad READYs, reused ids) --
+
+
 def _start(stack: Stack, spec: str, n: int = 1) -> dspex.Client:
-    stack.start_broker(spec)
-    for _ in range(n):
-        stack.start_worker(spec.split(":")[0], "--no-dspy")
-    stack.wait_workers(spec.split(":")[0], n)
-    return stack.client(timeout=5)
+    dx = stack.pool(spec, n, "--no-dspy")
+    dx.timeout = 5
+    return dx
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: ROUTER_HANDOVER lets a second DEALER with a live worker's ROUTING_ID "
-                   "take its identity: it receives the session's requests and the real worker is cut off for good "
-                   "(docs/reliability.md, fix 1)")
 def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
     stack.heartbeat = 0.25
     dx = _start(stack, "p:strict_queue", 2)
@@ -236,8 +233,6 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: request header fields have no length limit; a session id of megabytes "
-                   "is kept by the broker (and the worker) for the session TTL (docs/reliability.md, fix 2)")
 def test_huge_header_fields_are_refused_and_not_retained(stack: Stack) -> None:
     dx = _start(stack, "p:strict_queue")
     assert stack.broker is not None
@@ -262,9 +257,6 @@ def test_huge_header_fields_are_refused_and_not_retained(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: the broker forwards any W_REPLY to any client, also for requests it "
-                   "never sent to that worker: a worker of one pool can answer a client's calls to another pool "
-                   "(docs/reliability.md, fix 5)")
 def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
     stack.heartbeat = 1.0
     stack.start_broker("p:strict_queue", "evil:strict_queue")
@@ -303,9 +295,6 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
         fake.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a W_READY for a real pool whose pid/capacity are not integers raises "
-                   "out of the handler (a logged traceback per message, not counted as garbage) "
-                   "(docs/reliability.md, fix 7)")
 def test_ready_with_unusable_fields_is_refused_as_garbage(inproc_broker: Broker) -> None:
     before = inproc_broker.counters["garbage_backend"]
     for info in ({"pool": "p", "pid": "x"}, {"pool": "h", "pid": 1, "capacity": "many"},
@@ -316,9 +305,6 @@ def test_ready_with_unusable_fields_is_refused_as_garbage(inproc_broker: Broker)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: a client reusing a request id while it runs on two workers makes the "
-                   "second reply raise KeyError in the broker (del self.running[...]) before the worker is fed: "
-                   "that worker's queue stalls for every session pinned to it (docs/reliability.md, fix 9)")
 def test_a_request_id_reused_in_flight_does_not_stall_a_worker(stack: Stack) -> None:
     dx = _start(stack, "p:strict_queue", 2)
     s1, s2 = dx.session("p"), dx.session("p")

@@ -108,6 +108,7 @@ class Worker:
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._sock: zmq.Socket[Any] | None = None
+        self._poller: zmq.Poller | None = None  # the main thread's; follows socket renewals
         self._inbox: deque[list[zmq.Frame]] = deque()  # requests read by whichever thread held the lock
         self._busy = False  # the main thread is running user code
         self._busy_since = 0.0
@@ -136,7 +137,7 @@ class Worker:
             replies.setsockopt(zmq.LINGER, 0)
             replies.bind(self._replies_addr)
             pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="dspex-call")
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         if replies is not None:
             poller.register(replies, zmq.POLLIN)
@@ -309,11 +310,13 @@ class Worker:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
         if now >= self._deadline:
-            # The broker is gone, or restarted without hearing from us. zmq reconnects by
-            # itself; we re-announce on the same socket (a new socket would race its own stale
-            # connection for our identity), backing off during a long outage.
-            log.warning("broker silent; re-sending READY (next try in %.1fs)", self._backoff)
-            self._send_control([W_READY, self._ready_frame()])
+            # The broker is gone, restarted without hearing from us, or zmq gave up on our
+            # connection (it never reconnects after a protocol error such as a frame over
+            # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
+            # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
+            # heartbeats drop one within the same silence limit. Back off during a long outage.
+            log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
+            self._renew_socket()
             self._deadline = now + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
 
@@ -397,6 +400,13 @@ class Worker:
     def _stats_frame(self) -> bytes:
         ex = self.executor
         return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count})
+
+    def _renew_socket(self) -> None:
+        assert self._sock is not None and self._poller is not None
+        self._poller.unregister(self._sock)
+        self._sock.close(0)
+        self._sock = self._new_socket()
+        self._poller.register(self._sock, zmq.POLLIN)
 
     def _new_socket(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)

@@ -114,9 +114,6 @@ def test_request_in_flight_when_broker_dies_gets_a_typed_error(stack: Stack) -> 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: after a broker restart, a strict session whose worker is alive but "
-                   "has not re-registered yet gets SessionWorkerUnavailable (seen under chaos as spurious_unavailable); "
-                   "the broker should hold such calls for the re-registration grace (docs/reliability.md, fix 6)")
 def test_strict_session_waits_for_its_worker_to_reregister_after_broker_restart(stack: Stack) -> None:
     stack.heartbeat = 1.0
     stack.start_broker("p:strict_queue")
@@ -151,9 +148,6 @@ def _open_fds() -> int:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="bug: Client._channel creates (and keeps) the zmq socket before probing the "
-                   "ipc path; every call that fails the probe during a broker outage leaks a socket and its fds "
-                   "(a retry loop hits EMFILE within seconds) (docs/reliability.md, fix 8)")
 def test_calls_during_a_broker_outage_do_not_leak_sockets(stack: Stack) -> None:
     stack.start_broker("p:strict_queue")
     assert stack.broker is not None

@@ -176,10 +176,6 @@ def test_message_size_limits_are_typed_or_cut_never_buffered(stack: Stack, monke
     assert len(stack.workers("p")) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a reply over the *client's* MAXMSGSIZE (limits differ between "
-                   "processes) makes libzmq terminate that thread's connection for good: the call gets "
-                   "ConnectionError, the next one Timeout, the one after blocks forever in send "
-                   "(docs/reliability.md, fix 4)")
 def test_client_recovers_after_a_reply_over_its_own_limit(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     dx0 = _start(stack, "p:strict_queue")  # broker and worker at the default 256 MB limit
     s0 = dx0.session("p")
@@ -209,10 +205,6 @@ def test_client_recovers_after_a_reply_over_its_own_limit(stack: Stack, monkeypa
     assert outcomes[1:] == [pid], outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a request over the *worker's* MAXMSGSIZE (limits differ between "
-                   "processes) makes libzmq terminate the worker's connection for good (no reconnect after a "
-                   "protocol error); the worker re-sends READY on that dead socket for ever: it never "
-                   "re-registers (a live zombie under supervisord) (docs/reliability.md, fix 4)")
 def test_worker_survives_a_request_over_its_own_limit(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     stack.env["DSPEX_MAX_MESSAGE"] = str(4 * MB)
     stack.start_broker("p:strict_queue")
