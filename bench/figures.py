@@ -23,7 +23,6 @@ from bench.common import (
     Stack,
     Workspace,
     base_env,
-    cpu_seconds,
     iter_rotated,
     median,
     ms,

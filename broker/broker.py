@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -65,7 +65,7 @@ from dspex.protocol import (
 from broker.nudge import SupervisorNudge
 from broker.security import secure_server, start_authenticator
 from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
-from dspex.pools import PoolConfig  # noqa: F401 (re-exported for BrokerOptions)
+from dspex.pools import PoolConfig
 
 log = logging.getLogger("dspex.broker")
 
@@ -89,7 +89,6 @@ class BrokerOptions:
     curve_public: bytes | None = None
     curve_allowed_dir: str | None = None
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Broker:

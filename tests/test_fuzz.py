@@ -30,12 +30,12 @@ if str(REPO) not in sys.path:  # bench/ lives at the repo root
 import dspex  # noqa: E402
 from bench.fuzz import FrameFuzzer, ProcStack, rss_kb, run_fuzz  # noqa: E402
 from broker.broker import Broker, BrokerOptions  # noqa: E402
-from conftest import Stack, wait_for  # noqa: E402
+from conftest import Stack  # noqa: E402
 from dspex import codec  # noqa: E402
 from dspex.errors import DspexError, ProtocolError  # noqa: E402
 from dspex.pools import parse_pool_spec  # noqa: E402
 from dspex.protocol import (  # noqa: E402
-    B_REQUEST, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_header,
+    B_REQUEST, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader, pack_reply_header,
     unpack_reply_header, unpack_request_header,
 )
 
