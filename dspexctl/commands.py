@@ -200,7 +200,7 @@ class PoolsStatus:
                 proc = by_pid.get(w["pid"])
                 seen_pids.add(w["pid"])
                 workers.append({**{k: w[k] for k in ("id", "incarnation", "pid", "state", "sessions", "served",
-                                                     "errors", "inflight", "queued", "rss", "uptime_s",
+                                                     "errors", "inflight", "capacity", "queued", "rss", "uptime_s",
                                                      "last_heartbeat_s", "host")},
                                 "process": full_name(proc) if proc else None,
                                 "process_state": proc["statename"] if proc else None})
@@ -209,6 +209,7 @@ class PoolsStatus:
                     continue
                 workers.append({"id": None, "incarnation": None, "pid": proc["pid"] or None,
                                 "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
+                                "capacity": 0,
                                 "queued": 0, "rss": 0, "uptime_s": 0, "last_heartbeat_s": None, "host": None,
                                 "process": full_name(proc), "process_state": proc["statename"]})
             health = "ok" if broker is not None else "unknown"
@@ -256,12 +257,12 @@ class PoolsStatus:
             out = [lines[0]]
             for line, p in zip(lines[1:], result["pools"]):
                 out.append(line)
-                wrows = [["PROCESS", "ID", "PID", "STATE", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
                 for w in p["workers"]:
                     hb = w["last_heartbeat_s"]
                     wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
                                   w["state"] if w["state"] != "unregistered" else (w["process_state"] or "?").lower(),
-                                  str(w["sessions"]), str(w["served"]), fmt_bytes(w["rss"]),
+                                  f"{w['inflight']}/{w['capacity']}" if w["id"] else "-", str(w["sessions"]), str(w["served"]), fmt_bytes(w["rss"]),
                                   fmt_duration(w["uptime_s"]) if w["id"] else "-",
                                   f"{hb:.1f}s ago" if hb is not None else "-"])
                 out.extend(table(wrows, indent="    "))

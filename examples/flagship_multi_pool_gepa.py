@@ -507,8 +507,19 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             "reflection_minibatch_size": 1, "track_stats": True})
         t0 = time.perf_counter()
         compile_timeout = max(client.timeout, 120.0 + 20.0 * max_metric_calls)
+        progress_events: list[str] = []
+
+        def gepa_progress(event: Any) -> None:
+            # GEPA's log lines, streamed from the worker while compile runs (no silent wait)
+            message = str(event.get("message", event)) if isinstance(event, dict) else str(event)
+            progress_events.append(message)
+            first = message.splitlines()[0] if message else ""
+            if first.startswith("Iteration") and ("score" in first or "Proposed" in first):
+                out(f"  · {first[:110]}")
+
         optimized = gepa.method(optimizer, "compile", [gepa_program],
-                                {"trainset": trainset, "valset": trainset}, timeout=compile_timeout)
+                                {"trainset": trainset, "valset": trainset}, timeout=compile_timeout,
+                                on_progress=gepa_progress)
         gepa_s = time.perf_counter() - t0
         report = dict(gepa.eval(
             "{'calls': r.total_metric_calls, 'scores': [float(x) for x in r.val_aggregate_scores], "
@@ -523,6 +534,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             "candidates": report["candidates"], "best_candidate": report["best"], "full_val_evals": report["full_evals"],
             "reflection_calls": reflections, "seconds": round(gepa_s, 3),
             "instructions": report["instructions"], "improved": report["instructions"] != report["base_instructions"],
+            "progress_events": len(progress_events),
         }
         results["gepa"] = gepa_result
         out(f"  metric calls used: {gepa_result['metric_calls']}/{max_metric_calls}, candidates: "

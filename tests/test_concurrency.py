@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -175,3 +176,22 @@ def test_progress_events_of_a_long_call(stack: Stack) -> None:
     assert s.eval("work(5)") == "done"  # without a listener: no events, same result
     assert s.method(s.eval("work"), "__call__", [5], on_progress=events.append) == "done"
     assert events == [{"step": i, "of": 5} for i in range(1, 6)]
+
+
+def test_status_shows_slots(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from dspexctl.cli import main
+
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    s = dx.session("p")
+    s.eval("1")
+    t = threading.Thread(target=s.call, args=("time", "sleep", [1.5]), daemon=True)
+    t.start()
+    wait_for(lambda: stack.workers("p")[0]["inflight"] == 1, what="one slot in use")
+    monkeypatch.chdir(stack.root)  # no supervisor.conf here: the broker's view alone
+    monkeypatch.delenv("DSPEX_SUPERVISOR_CONF", raising=False)
+    result = CliRunner().invoke(main, ["--endpoint", stack.frontend, "pools", "status", "-v"])
+    assert result.exit_code == 0, result.output
+    assert "SLOTS" in result.output and "1/4" in result.output
+    t.join(5)

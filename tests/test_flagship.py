@@ -145,6 +145,7 @@ def _check_common(res: dict[str, Any], lines: list[str], *, recycled: bool) -> N
     g = res["gepa"]
     assert 0 < g["metric_calls"] <= g["budget"] and g["within_budget"]
     assert g["optimized_score"] >= g["baseline_score"]
+    assert g["progress_events"] > 0, "GEPA's progress streams from the worker while compile runs"
     # the restored optimized program answers like the optimized one
     hold = res["holdout"]
     assert hold["restored_matches"], hold

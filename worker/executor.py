@@ -305,14 +305,18 @@ class Executor:
             stream.send(Status.PROGRESS.value, codec.encode(data, to_ref=to_ref))
 
         handler = _ProgressLogHandler(stream, to_ref)
-        root = logging.getLogger()
-        root.addHandler(handler)
+        # dspy's logger does not propagate to the root: listen on it directly
+        loggers = [logging.getLogger()] + [
+            lg for lg in (logging.getLogger("dspy"), logging.getLogger("gepa")) if not lg.propagate]
+        for lg in loggers:
+            lg.addHandler(handler)
         token = progress.current_reporter.set(report)
         try:
             yield
         finally:
             progress.current_reporter.reset(token)
-            root.removeHandler(handler)
+            for lg in loggers:
+                lg.removeHandler(handler)
 
     def _drain_stream(self, gen: Any, stream: StreamControl, to_ref: Callable[[Any], Ref]) -> dict[str, Any]:
         """Send a generator's items as partial replies; stop it when the consumer cancels."""
