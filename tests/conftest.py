@@ -138,8 +138,7 @@ class Stack:
                 p.wait(timeout=10)
 
     def close(self) -> None:
-        for c in self._clients:
-            c.close()
+        # processes first: a client stuck in a test's thread must never leave them running
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -147,6 +146,8 @@ class Stack:
                 except ProcessLookupError:
                     pass
             p.wait(timeout=10)
+        for c in self._clients:
+            c.close()
 
     def logs(self) -> str:
         out = []
