@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:  # bench/ lives at the repo root
 import dspex  # noqa: E402
 from bench.fuzz import FrameFuzzer, ProcStack, rss_kb, run_fuzz  # noqa: E402
 from broker.broker import Broker, BrokerOptions  # noqa: E402
-from conftest import Stack  # noqa: E402
+from conftest import Stack, wait_for  # noqa: E402
 from dspex import codec  # noqa: E402
 from dspex.errors import DspexError, ProtocolError  # noqa: E402
 from dspex.pools import parse_pool_spec  # noqa: E402
@@ -228,8 +228,7 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
     finally:
         imposter.close()
     # and the real worker is still registered once the imposter is gone
-    time.sleep(1.0)
-    assert s.call("os", "getpid") == pid
+    wait_for(lambda: s.call("os", "getpid") == pid, what="the real worker still serving")
 
 
 @pytest.mark.timeout(60)

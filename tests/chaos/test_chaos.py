@@ -19,7 +19,7 @@ import pytest
 import dspex
 from bench.chaos import run_chaos
 from chaos.conftest import report
-from conftest import Stack
+from conftest import Stack, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 
@@ -93,10 +93,10 @@ def test_request_in_flight_when_broker_dies_gets_a_typed_error(stack: Stack) -> 
 
     running = threading.Thread(target=call, args=("running", 1.5))
     running.start()
-    time.sleep(0.3)
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="the first call running")
     queued = threading.Thread(target=call, args=("queued", 0.0))  # waits in the broker's worker queue
     queued.start()
-    time.sleep(0.3)
+    wait_for(lambda: stack.workers("p")[0]["queued"] == 1, what="the second call queued")
     assert stack.broker is not None
     stack.kill(stack.broker)
     stack.start_broker()
