@@ -8,6 +8,8 @@
     workers recycle POOL [--worker ID | --all] [--hard]
     sessions list [--pool P] [--json]
     sessions close ID
+    keys generate [--dir DIR] [--peer NAME ...]
+    flagship [--model M] [--api-base URL] [--max-metric-calls N] [--no-recycle] [--keep-running] [--json]
 
 Each command is a request/execute/present triple (dspexctl/commands.py); ``--json`` prints the
 execute step's data as one JSON document and skips the presentation. Every dspex error becomes a
@@ -16,7 +18,6 @@ single ``Error: ...`` line on stderr and an exit code (1 failed, 2 user mistake,
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,8 @@ import click
 from dspex.errors import DspexError
 from dspexctl import commands
 from dspexctl.commands import Settings, exit_code_for
+from dspexctl.flagship import flagship
+from dspexctl.keys import keys
 from dspex.supervisor import default_conf
 
 
@@ -166,20 +169,8 @@ def sessions_close(ctx: click.Context, session: str, json_out: bool) -> None:
     run(ctx, commands.SessionsClose(), json_out, session=session)
 
 
-def _register_flagship() -> None:
-    """``dspexctl flagship`` lives in dspexctl/flagship.py (a click command named ``flagship``)."""
-    try:
-        mod = importlib.import_module("dspexctl.flagship")
-    except ModuleNotFoundError as exc:
-        if exc.name != "dspexctl.flagship":
-            raise
-        return
-    cmd = getattr(mod, "flagship", None)
-    if isinstance(cmd, click.Command) and "flagship" not in main.commands:
-        main.add_command(cmd, "flagship")
-
-
-_register_flagship()
+main.add_command(flagship)
+main.add_command(keys)
 
 
 if __name__ == "__main__":

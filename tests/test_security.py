@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 import dspex
 from conftest import PY, REPO, Stack, base_env, free_port, wait_for
-from dspexctl.keys import generate, keys
+from dspexctl.cli import main
+from dspexctl.keys import generate
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -73,7 +74,7 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
 
 
 def test_keys_generate_cli(short_tmp: str) -> None:
-    result = CliRunner().invoke(keys, ["generate", "--dir", os.path.join(short_tmp, "keys")])
+    result = CliRunner().invoke(main, ["keys", "generate", "--dir", os.path.join(short_tmp, "keys")])
     assert result.exit_code == 0, result.output
     kdir = Path(short_tmp, "keys")
     assert stat.S_IMODE(kdir.stat().st_mode) == 0o700
