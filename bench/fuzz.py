@@ -52,6 +52,7 @@ from dspex.protocol import (  # noqa: E402
     W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_header,
 )
 from dspex.ref import Ref  # noqa: E402
+from bench.chaos import rss_kb  # noqa: E402  (re-exported: tests import it from here)
 
 PY = sys.executable
 POOLS = ("fz_strict:strict_queue:session_ttl=5", "fz_hint:hint:session_ttl=5")
@@ -68,17 +69,6 @@ HUGE_PREFIXES = [
     b"\xdd\xff\xff\xff\xff", b"\xdd\x40\x00\x00\x00", b"\xdf\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x0a",
     b"\xc7\xff\x0c", b"\xd9\xff", b"\xdc\xff\xff",
 ]
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass

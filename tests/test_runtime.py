@@ -36,21 +36,27 @@ def test_sigkill_pinned_worker_detected_before_heartbeat_expiry(stack: Stack) ->
     assert "crashed" in str(info.value)
 
 
-def test_worker_killed_mid_request_gives_worker_crashed(stack: Stack) -> None:
-    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
-    s = dx.session("p")
-    pid = int(s.call("os", "getpid"))
+def sleep_in_background(stack: Stack, s: dspex.Session, seconds: float) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``time.sleep(seconds)`` on the session's worker in a thread; wait until it runs."""
     errors: list[BaseException] = []
 
     def long_call() -> None:
         try:
-            s.call("time", "sleep", [30])
+            s.call("time", "sleep", [seconds])
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
             errors.append(exc)
 
     t = threading.Thread(target=long_call)
     t.start()
     wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="busy")
+    return t, errors
+
+
+def test_worker_killed_mid_request_gives_worker_crashed(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = int(s.call("os", "getpid"))
+    t, errors = sleep_in_background(stack, s, 30)
     started = time.monotonic()
     stack.kill(pid)
     t.join(10)
@@ -276,17 +282,7 @@ def test_broker_death_fails_inflight_call_with_connection_error(stack: Stack) ->
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.call("os", "getpid")
-    errors: list[BaseException] = []
-
-    def long_call() -> None:
-        try:
-            s.call("time", "sleep", [4])
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
-            errors.append(exc)
-
-    t = threading.Thread(target=long_call)
-    t.start()
-    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="busy")
+    t, errors = sleep_in_background(stack, s, 4)
     assert stack.broker is not None
     killed = time.monotonic()
     stack.kill(stack.broker)
