@@ -58,6 +58,7 @@ from dspex.protocol import (
     Affinity,
     Op,
     Status,
+    pack_budget,
     pack_error,
     pack_reply_header,
     unpack_request_header,
@@ -73,6 +74,7 @@ _STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
 _SWEEP_EVERY = 0.05
 _MIN_WORKER_AGE = 2.0  # policy never retires a worker younger than this (seconds)
+_MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
 
 
 @dataclass
@@ -375,11 +377,15 @@ class Broker:
         if key in self.running:  # a client reusing the id of a request still running
             self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
             return
+        # the deadline travels with the request: the worker stops the call when it passes
+        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
+        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
+        budget = pack_budget(call_ms, 0)
         p.started = now
         w.inflight[key] = p
         self.running[key] = w
         try:
-            send_frames(self.backend, [w.id, B_REQUEST, p.client, p.header, *p.payload])
+            send_frames(self.backend, [w.id, B_REQUEST, p.client, p.header, budget, *p.payload])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise

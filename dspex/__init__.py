@@ -8,6 +8,13 @@
 
 from dspex.client import Client, Rehydrator, Session, connect
 from dspex.errors import (
+    BrokerUnreachable,
+    ConnectionLost,
+    DidNotRun,
+    InternalError,
+    MayHaveRun,
+    Refused,
+    UsageError,
     Cancelled,
     ConfigError,
     ConnectionError,
@@ -18,6 +25,7 @@ from dspex.errors import (
     ProtocolError,
     QueueTimeout,
     RefNotFound,
+    RefQuotaExceeded,
     RemoteError,
     SessionClosed,
     SessionQuotaExceeded,
@@ -32,8 +40,9 @@ from dspex.ref import Ref
 __version__ = "0.1.0"
 
 __all__ = [
+    "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
     "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "MessageTooLarge", "PoolNotFound",
-    "PoolSaturated", "ProtocolError", "QueueTimeout", "Ref", "RefNotFound", "Rehydrator", "RemoteError",
+    "PoolSaturated", "ProtocolError", "QueueTimeout", "Ref", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
     "Session", "SessionClosed", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

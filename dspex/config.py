@@ -9,7 +9,7 @@ from pathlib import Path
 
 import zmq
 
-from dspex.errors import ConfigError, ConnectionError
+from dspex.errors import BrokerUnreachable, ConfigError
 from dspex.protocol import MAX_MESSAGE_BYTES
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -91,13 +91,13 @@ def probe_ipc(endpoint: str) -> None:
         return
     path = endpoint[len("ipc://"):]
     if not os.path.exists(path):
-        raise ConnectionError(f"nothing is listening at {endpoint} (is the broker running?)")
+        raise BrokerUnreachable(f"nothing is listening at {endpoint} (is the broker running?)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except ConnectionRefusedError:
-        raise ConnectionError(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
+        raise BrokerUnreachable(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
     except OSError:
         pass  # let the request report anything else
     finally:

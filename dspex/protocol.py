@@ -9,7 +9,7 @@ Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command:
 
     worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT]
                        [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
-    broker -> worker:  [B_REQUEST, client_id, request_header, *payload] | [B_HEARTBEAT]
+    broker -> worker:  [B_REQUEST, client_id, request_header, budget, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
                        [B_CANCEL, client_id, req_id] | [B_CREDIT, client_id, req_id, n]
 
@@ -73,6 +73,9 @@ class Op(str, enum.Enum):
     EXEC = "exec"
     RELEASE = "release"
     TO_DATA = "to_data"
+    APPLY = "apply"  # [callable, args, kwargs]: a callable sent by value (or a ref), called in the session
+    BIND = "bind"  # [name, value]: bind a value (by value or a ref) in the session namespace
+    PUT = "put"  # [value]: keep a value sent by value on the worker; the result is always its ref
     # broker ops
     STATUS = "status"
     CLOSE_SESSION = "close_session"
@@ -85,7 +88,8 @@ class Op(str, enum.Enum):
 
 
 WORKER_OPS = frozenset(
-    op.value for op in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE, Op.TO_DATA)
+    op.value for op in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE, Op.TO_DATA,
+                        Op.APPLY, Op.BIND, Op.PUT)
 )
 BROKER_OPS = frozenset(op.value for op in (Op.STATUS, Op.CLOSE_SESSION, Op.SESSIONS, Op.RECYCLE, Op.PING))
 STREAM_OPS = frozenset(op.value for op in (Op.CANCEL, Op.CREDIT))
@@ -98,6 +102,7 @@ class Status(str, enum.Enum):
     ERROR = "err"
     PARTIAL = "part"  # one streamed item
     PROGRESS = "prog"  # a progress event of a long call
+    OUTPUT = "out"  # text the call printed or warned: {"stream": "stdout"|"stderr"|"warning", "text": str}
 
 
 class Affinity(str, enum.Enum):
@@ -177,6 +182,23 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
     except Exception as exc:
         raise ProtocolError(f"malformed reply header: {exc}") from None
     return status, req_id, str(worker), str(pool)
+
+
+def pack_budget(call_ms: int, queue_ms: int) -> bytes:
+    """``[call_ms, queue_ms]``: what is left of the call's deadline and of its queue deadline when
+    the broker hands the request to a worker (0: none). Relative, so clocks of other hosts never
+    matter: the worker adds them to its own monotonic clock on receipt."""
+    return _packb([call_ms, queue_ms])
+
+
+def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
+    try:
+        call_ms, queue_ms = msgpack.unpackb(data)
+        if not (isinstance(call_ms, int) and isinstance(queue_ms, int)):
+            raise TypeError("wrong field types")
+    except Exception as exc:
+        raise ProtocolError(f"malformed request budget: {exc}") from None
+    return call_ms, queue_ms
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

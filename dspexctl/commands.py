@@ -49,6 +49,8 @@ EXIT_CODES = {
 
 
 def exit_code_for(err: DspexError) -> int:
+    if isinstance(err, ConnectionError):  # unreachable, or lost on the way: both mean "no broker"
+        return EXIT_UNREACHABLE
     return EXIT_CODES.get(err.code, EXIT_ERROR)
 
 

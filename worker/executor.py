@@ -266,8 +266,11 @@ class Executor:
             current_session.reset(token)
 
     # -- ops ---------------------------------------------------------------------------------
-    def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None) -> list[Any]:
+    def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None,
+                *, deadline: float | None = None) -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
+
+        ``deadline`` (``time.monotonic()`` scale, None for none) is when the caller stops waiting.
 
         With ``stream`` (the caller asked for streaming), a generator result is iterated here and
         its items sent as partial replies; any other call reports progress events (dspy/gepa log

@@ -29,7 +29,7 @@ import zmq
 
 from dspex import config
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, MessageTooLarge, ProtocolError
+from dspex.errors import DspexError, MessageTooLarge, ProtocolError, QueueTimeout
 from dspex.protocol import (
     B_CANCEL,
     B_CREDIT,
@@ -50,6 +50,7 @@ from dspex.protocol import (
     W_REPLY,
     Status,
     pack_reply_header,
+    unpack_budget,
     unpack_request_header,
 )
 from worker.executor import Executor, RefTable, StreamControl, error_frames
@@ -109,7 +110,9 @@ class Worker:
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._sock: zmq.Socket[Any] | None = None
         self._poller: zmq.Poller | None = None  # the main thread's; follows socket renewals
-        self._inbox: deque[list[zmq.Frame]] = deque()  # requests read by whichever thread held the lock
+        # requests read by whichever thread held the lock, with their arrival time (their budget
+        # counts from it)
+        self._inbox: deque[tuple[float, list[zmq.Frame]]] = deque()
         self._busy = False  # the main thread is running user code
         self._busy_since = 0.0
         self._wake = threading.Event()
@@ -153,19 +156,19 @@ class Worker:
                 self._set_busy(False)
         try:
             while not (self._stop.is_set() and self._active == 0):
-                frames = self._next_request(poller, replies)
-                if frames is None:
+                request = self._next_request(poller, replies)
+                if request is None:
                     continue
                 if pool is None:
                     self._set_busy(True)
                     try:
-                        self._handle(frames, self._send_direct)
+                        self._handle(request, self._send_direct)
                     finally:
                         self._set_busy(False)
                 else:
                     with self._active_lock:
                         self._active += 1
-                    pool.submit(self._run_pooled, frames)
+                    pool.submit(self._run_pooled, request)
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -189,7 +192,8 @@ class Worker:
             self._busy_since = time.monotonic()  # the I/O thread takes over after _BUSY_GRACE
         self._busy = busy
 
-    def _next_request(self, poller: zmq.Poller, replies: zmq.Socket[Any] | None) -> list[zmq.Frame] | None:
+    def _next_request(self, poller: zmq.Poller, replies: zmq.Socket[Any] | None
+                      ) -> tuple[float, list[zmq.Frame]] | None:
         """Poll the socket (holding the lock); handle control messages; return the next request."""
         assert self._sock is not None
         with self._lock:
@@ -209,9 +213,9 @@ class Worker:
             self._timers()
             return self._inbox.popleft() if self._inbox else None
 
-    def _run_pooled(self, frames: list[zmq.Frame]) -> None:
+    def _run_pooled(self, request: tuple[float, list[zmq.Frame]]) -> None:
         try:
-            self._handle(frames, self._send_pushed)
+            self._handle(request, self._send_pushed)
         finally:
             with self._active_lock:
                 self._active -= 1
@@ -238,16 +242,22 @@ class Worker:
             self._local.out = sock
         sock.send_multipart(frames, copy=False)
 
-    def _handle(self, frames: list[zmq.Frame], send: Callable[[list[Any]], None]) -> None:
+    def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
+        arrived, frames = request
         client = frames[0].bytes
         req_id = 0
         stream: StreamControl | None = None
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
+            call_ms, queue_ms = unpack_budget(frames[2].buffer)
+            if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
+                raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
+                                   pool=self.options.pool)
+            deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
-            reply = self.executor.execute(header, frames[2:], stream)
+            reply = self.executor.execute(header, frames[3:], stream, deadline=deadline)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -333,7 +343,10 @@ class Worker:
         assert self._sock is not None
         command = frames[0].bytes
         if command == B_REQUEST:
-            self._inbox.append(frames[1:])
+            if len(frames) < 4:
+                log.warning("ignoring a request of %d frames from the broker", len(frames))
+                return
+            self._inbox.append((time.monotonic(), frames[1:]))
         elif command == B_HEARTBEAT:
             pass
         elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
