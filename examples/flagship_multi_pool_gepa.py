@@ -13,7 +13,7 @@ dspy. Pools used (declared in supervisor.conf or on the broker's command line):
 
 Run it against a running stack with ``python examples/flagship_multi_pool_gepa.py`` or let
 ``dspexctl flagship`` start (and stop) the stack. With no ``--model`` / ``DSPEX_MODEL`` it uses the
-offline stand-in LM (``dspex.offline``): deterministic, no key, no network.
+offline stand-in LM (``examples/offline_lm.py``): deterministic, no key, no network.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import dspex
 from dspex.errors import ConfigError, DspexError, SessionWorkerUnavailable, Timeout
-from dspex.offline import OFFLINE_LABEL, OFFLINE_MODEL, is_offline_model
+from examples.offline_lm import OFFLINE_LABEL, OFFLINE_MODEL, is_offline_model
 
 TRIAGE_POOL = "triage_pool"
 OPTIMIZER_POOL = "optimizer_pool"

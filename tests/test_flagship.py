@@ -27,7 +27,7 @@ import pytest
 
 import dspex
 from conftest import PY, REPO, Stack, base_env, wait_for
-from dspex.offline import OFFLINE_LABEL
+from examples.offline_lm import OFFLINE_LABEL
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -272,7 +272,7 @@ def _text(content: Any) -> str:
 def _answer(messages: list[dict[str, Any]], model: str) -> str:
     from dspy.lm15 import Message, Request
 
-    from dspex.offline import OfflineEngine
+    from examples.offline_lm import OfflineEngine
 
     system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
     convo = [Message.user(_text(m.get("content"))) if m.get("role") == "user" else Message.assistant(_text(m.get("content")))

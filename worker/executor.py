@@ -443,7 +443,7 @@ def _make_lm(model: str, *args: Any, **kwargs: Any) -> Any:
     """``dspy.LM`` as called through dspex: ``offline/...`` models get the offline engine."""
     import dspy
 
-    from dspex.offline import is_offline_model, offline_lm
+    from examples.offline_lm import is_offline_model, offline_lm
 
     if is_offline_model(model) and "engine" not in kwargs:
         return offline_lm(model or "offline/triage", **kwargs)
