@@ -1,0 +1,105 @@
+"""The misbehaving loopback OpenAI-compatible server, through DSPy's real ``dspy.LM`` HTTP path.
+
+In-process (no dspex stack): each mode produces what a real model server would make DSPy see.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator
+
+import dspy
+import pytest
+from dspy.utils.exceptions import AdapterParseError, LMError
+
+from lmserver import LMServer, closed_port_base
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[LMServer]:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with LMServer() as srv:
+        yield srv
+
+
+def _triage(base: str, **kwargs: Any) -> dspy.Prediction:
+    lm = dspy.LM("openai/loopback", api_base=base, api_key="x", cache=False, **kwargs)
+    with dspy.context(lm=lm):
+        return dspy.Predict("ticket -> category, urgency")(ticket="Refund still not received after 10 days.")
+
+
+def test_normal_answers_parse_and_models_lists(server: LMServer) -> None:
+    pred = _triage(server.base)
+    assert pred.category and pred.urgency in ("low", "medium", "high")
+    import urllib.request
+
+    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:  # noqa: S310 - loopback
+        assert resp.status == 200 and b"loopback" in resp.read()
+    assert [c.mode for c in server.completions()] == ["normal"]
+
+
+@pytest.mark.parametrize("mode", ["unparsable", "empty"])
+def test_unusable_answers_raise_adapter_parse_error(server: LMServer, mode: str) -> None:
+    server.set(mode)
+    with pytest.raises(AdapterParseError):
+        _triage(server.base)
+    # ChatAdapter, then its JSONAdapter fallback: two real HTTP calls
+    assert [c.mode for c in server.completions()] == [mode, mode]
+
+
+def test_rules_pick_the_mode_per_request(server: LMServer) -> None:
+    server.set("normal", rules=(("Refund", "unparsable"),))
+    with pytest.raises(AdapterParseError):
+        _triage(server.base)
+    lm = dspy.LM("openai/loopback", api_base=server.base, api_key="x", cache=False)
+    with dspy.context(lm=lm):
+        assert dspy.Predict("ticket -> category")(ticket="Checkout fails with 500").category
+
+
+def test_endless_answer_stops_at_max_tokens(server: LMServer) -> None:
+    server.set("endless")
+    with pytest.raises(AdapterParseError):
+        _triage(server.base, max_tokens=40)
+    calls = server.completions()
+    assert calls and all(c.max_tokens == 40 and c.tokens == 40 for c in calls)
+
+
+def test_endless_answer_without_cap_is_cut_by_the_lm_timeout(server: LMServer) -> None:
+    server.set("endless")
+    t0 = time.monotonic()
+    with pytest.raises(LMError, match="timed out"):
+        _triage(server.base, timeout=1, num_retries=0)
+    assert time.monotonic() - t0 < 10
+    # the server notices the hang-up and stops generating (no orphaned generation)
+    from conftest import wait_for
+
+    wait_for(lambda: any(c.hung_up for c in server.completions()), timeout=10, what="server saw the hang-up")
+
+
+def test_slow_answer_within_timeout_succeeds(server: LMServer) -> None:
+    server.set("slow", delay=0.5)
+    assert _triage(server.base, timeout=5).category
+
+
+@pytest.mark.parametrize("mode,status", [("rate_limit", 429), ("error", 500)])
+def test_transient_failures_are_retried(server: LMServer, mode: str, status: int) -> None:
+    server.set(mode, fail_first=2)
+    assert _triage(server.base, num_retries=3).category
+    assert [c.status for c in server.completions()] == [status, status, 200]
+
+
+def test_without_retries_a_rate_limit_is_an_error(server: LMServer) -> None:
+    server.set("rate_limit", fail_first=5)
+    with pytest.raises(LMError):
+        _triage(server.base, num_retries=0)
+
+
+def test_refused_connection() -> None:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    with pytest.raises(LMError, match="refused"):
+        _triage(closed_port_base(), num_retries=0)
