@@ -94,8 +94,29 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:400]
 
 
-def _exit_code(err: DspexError) -> int:
-    """dspexctl's exit codes (2 usage/config, 4 unreachable, 1 failed) when commands.py has them."""
+def _start_progress(say: Callable[[str], None]) -> Callable[[str], None]:
+    """Stack start-up progress without the alarming part: while supervisord starts the broker,
+    "nothing is listening" is expected, so "waiting for the broker" is said once, plainly."""
+    said: set[str] = set()
+
+    def progress(msg: str) -> None:
+        if msg.startswith("waiting for the broker"):
+            msg = "waiting for the broker to start"
+        if msg not in said:
+            said.add(msg)
+            say(f"  {msg}")
+    return progress
+
+
+def _exit_code(err: Exception) -> int:
+    """The flagship's exit codes: its own (3 completed with failures, 5 LM too slow, 6 LM unusable),
+    else dspexctl's (2 usage/config, 4 unreachable, 1 failed) when commands.py has them."""
+    if getattr(err, "code", None) == "lm_unusable":
+        return 6
+    if isinstance(err, dspex.Timeout) and err.details.get("lm_too_slow"):
+        return 5
+    if not isinstance(err, DspexError):
+        return 1
     try:
         from dspexctl.commands import exit_code_for
     except ImportError:
@@ -124,34 +145,69 @@ def _conf(ctx: click.Context) -> Path | None:
               help="dspy.LM engine for a real model (default: dspy's auto)")
 @click.option("--max-metric-calls", type=click.IntRange(min=3), default=3, show_default=True,
               help="GEPA budget (metric calls); the first 3 score the baseline")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="max_tokens of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
+@click.option("--reflection-max-tokens", type=click.IntRange(min=1), default=None,
+              help="max_tokens of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
+@click.option("--lm-timeout", type=click.FloatRange(min=0.1), default=None,
+              help="seconds per LM HTTP call (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
+@click.option("--num-retries", type=click.IntRange(min=0), default=None,
+              help="retries with backoff of rate-limited/5xx/dropped LM calls (DSPEX_LM_NUM_RETRIES; default 2)")
+@click.option("--lm-kwarg", "lm_kwargs", multiple=True, metavar="K=V",
+              help="extra dspy.LM keyword, value read as JSON when it is JSON (repeatable; DSPEX_LM_KWARGS)")
+@click.option("--no-cache", is_flag=True, help="do not use dspy's response cache for the flow's LM calls")
+@click.option("--no-preflight", is_flag=True, help="skip the LM endpoint check made before the stack starts")
 @click.option("--no-recycle", is_flag=True, help="skip the forced worker recycles (no rehydration)")
 @click.option("--keep-running", is_flag=True, help="leave a stack this command started running")
 @click.option("--json", "as_json", is_flag=True, help="print the results as one JSON document on stdout")
 @click.pass_context
 def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_engine: str | None,
-             max_metric_calls: int, no_recycle: bool, keep_running: bool, as_json: bool) -> None:
+             max_metric_calls: int, max_tokens: int | None, reflection_max_tokens: int | None,
+             lm_timeout: float | None, num_retries: int | None, lm_kwargs: tuple[str, ...], no_cache: bool,
+             no_preflight: bool, no_recycle: bool, keep_running: bool, as_json: bool) -> None:
     """Run the multi-pool GEPA flagship flow (offline unless --model is given).
 
     Starts the stack under supervisord when no broker answers and stops it at the end
     (--keep-running leaves it up); against a running stack it just runs. With --json, progress
-    goes to stderr and stdout holds one JSON document.
+    goes to stderr and stdout holds one JSON document. A real model is checked first (preflight)
+    and gets bounded calls; a call whose answer fails is scored 0 and the flow goes on.
+
+    Exit codes: 0 completed; 3 completed with failures (some LM calls failed, scored 0);
+    1 could not run; 2 bad option or missing key; 4 the dspex stack is unreachable;
+    5 the LM is slower than the bounds allow; 6 the LM endpoint is unusable (preflight).
     """
     as_json = as_json or bool(_setting(ctx, "json", False))
 
     def say(line: str) -> None:
         click.echo(line, err=as_json)
 
-    def fail(err: DspexError) -> None:
+    def fail(err: Exception) -> None:
         code = _exit_code(err)
-        click.echo(f"Error: {err.code}: {_one_line(err.message or str(err))}", err=True)
+        message = str(getattr(err, "message", "") or err)
+        click.echo(f"Error: {getattr(err, 'code', 'error')}: {_one_line(message)}", err=True)
         if as_json:
-            click.echo(json.dumps({"error": {"code": err.code, "message": err.message or str(err), "exit": code}}))
+            click.echo(json.dumps({"error": {"code": getattr(err, "code", "error"), "message": message,
+                                             "exit": code}}))
         ctx.exit(code)
 
+    checked: dict[str, Any] | None = None
     try:
         example = load_example()
-        example.resolve_lm(model, api_base, engine=lm_engine)  # a missing key fails before anything starts
+        bounds = example.resolve_bounds(max_tokens=max_tokens, reflection_max_tokens=reflection_max_tokens,
+                                        lm_timeout=lm_timeout, num_retries=num_retries, lm_kwargs=lm_kwargs,
+                                        no_cache=no_cache)
+        # a missing key fails before anything starts, and so does an LM endpoint that cannot work
+        spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
+        if not spec.offline and not no_preflight:
+            from examples.flagship_preflight import preflight
+
+            checked = preflight(spec, say)
     except ConfigError as err:
+        fail(err)
+        return
+    except Exception as err:  # noqa: BLE001 - only the preflight's LMUnusable is expected here
+        if getattr(err, "code", None) != "lm_unusable":
+            raise
         fail(err)
         return
 
@@ -167,13 +223,13 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
         else:
             t0 = time.monotonic()
             say("no stack answers: starting one under supervisord")
-            handle = _ensure_stack(conf, timeout=max(timeout, 120.0),
-                                   progress=lambda msg: say(f"  {msg}"))
+            handle = _ensure_stack(conf, timeout=max(timeout, 120.0), progress=_start_progress(say))
             endpoint = handle.endpoint
             say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
         with dspex.connect(endpoint, timeout=timeout) as client:
             results = example.run_flagship(client, model=model, api_base=api_base, max_metric_calls=max_metric_calls,
-                                           recycle=not no_recycle, out=say, engine=lm_engine)
+                                           recycle=not no_recycle, out=say, engine=lm_engine, bounds=bounds)
+            results["preflight"] = checked
             results["stack"] = {"endpoint": client.endpoint, "started": bool(handle and handle.started),
                                 "kept_running": bool(handle and handle.started and keep_running)}
     except DspexError as err:
@@ -190,6 +246,8 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
                     click.echo(f"warning: stopping the stack failed: {_one_line(str(exc))}", err=True)
     if as_json and results is not None:
         click.echo(json.dumps(results, default=str))
+    if results is not None and results["summary"]["failed_calls"]:
+        ctx.exit(example.EXIT_COMPLETED_WITH_FAILURES)
 
 
 if __name__ == "__main__":  # python -m dspexctl.flagship (until it is registered in the CLI group)

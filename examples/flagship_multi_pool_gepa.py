@@ -1,7 +1,8 @@
 """The dspex flagship: triage tickets in parallel sessions, optimize with GEPA, survive recycles.
 
 Everything runs on dspex workers through the public client API only; this process never imports
-dspy. Pools used (declared in supervisor.conf or on the broker's command line):
+dspy (only the optional preflight, examples/flagship_preflight.py, makes one call in-process). Pools
+used (declared in supervisor.conf or on the broker's command line):
 
 * ``triage_pool``    -- two sessions (``triage_1``, ``triage_2``), each with its own LM and Predict,
                         placed least-loaded by the broker, so they land on two different workers;
@@ -10,6 +11,10 @@ dspy. Pools used (declared in supervisor.conf or on the broker's command line):
                         its optimized program is snapshotted with ``dump_state()`` and restored on
                         a new session after a recycle);
 * ``analytics_pool`` -- numpy statistics computed in the worker.
+
+A call whose LM answer fails (does not parse, times out, is rate limited past its retries) is
+recorded with its error type and scored 0, and the flow goes on, as ``dspy.Evaluate`` does; the
+summary counts the failures. Real models get bounded calls (examples/flagship_lm.py).
 
 Run it against a running stack with ``python examples/flagship_multi_pool_gepa.py`` or let
 ``dspexctl flagship`` start (and stop) the stack. With no ``--model`` / ``DSPEX_MODEL`` it uses the
@@ -20,15 +25,46 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from typing import Any, Callable
 
 import dspex
-from dspex.errors import ConfigError, DspexError, SessionWorkerUnavailable, Timeout
-from examples.offline_lm import OFFLINE_LABEL, OFFLINE_MODEL, is_offline_model
+from dspex.errors import ConfigError, DspexError, QueueTimeout, RemoteError, SessionWorkerUnavailable, Timeout
+from examples.flagship_helpers import (
+    Out,
+    format_history,
+    one_line,
+    recycle_and_wait,
+    score,
+    short,
+    shown,
+    wait_pools_ready,
+    workers_by_incarnation,
+    wrapped,
+)
+from examples.flagship_lm import (
+    DUMMY_API_KEY,
+    EXIT_COMPLETED_WITH_FAILURES,
+    EXIT_FAILED,
+    EXIT_LM_TOO_SLOW,
+    EXIT_LM_UNUSABLE,
+    EXIT_OK,
+    EXIT_USAGE,
+    LM_ENGINES,
+    Failure,
+    LMBounds,
+    LMSpec,
+    count_line,
+    failure_of,
+    resolve_bounds,
+    resolve_lm,
+)
+from examples.offline_lm import OFFLINE_LABEL
+
+__all__ = ["run_flagship", "resolve_lm", "resolve_bounds", "main", "DUMMY_API_KEY", "TICKETS", "exit_code_for"]
 
 TRIAGE_POOL = "triage_pool"
 OPTIMIZER_POOL = "optimizer_pool"
@@ -84,240 +120,173 @@ def score_stats(scores):
             "std": float(np.std(xs)), "p80": float(np.percentile(xs, 80))}
 '''
 
-# Provider -> environment variables that hold its key (any one is enough). Providers not listed
-# are checked with litellm.validate_environment when litellm is installed.
-PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
-    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
-    "openai": ("OPENAI_API_KEY",),
-    "anthropic": ("ANTHROPIC_API_KEY",),
-    "groq": ("GROQ_API_KEY",),
-    "mistral": ("MISTRAL_API_KEY",),
-    "deepseek": ("DEEPSEEK_API_KEY",),
-    "openrouter": ("OPENROUTER_API_KEY",),
-    "together_ai": ("TOGETHERAI_API_KEY", "TOGETHER_API_KEY"),
-    "fireworks_ai": ("FIREWORKS_AI_API_KEY", "FIREWORKS_API_KEY"),
-    "cohere": ("COHERE_API_KEY",),
-    "xai": ("XAI_API_KEY",),
-    "perplexity": ("PERPLEXITYAI_API_KEY",),
-}
-KEYLESS_PROVIDERS = frozenset({"ollama", "ollama_chat", "hosted_vllm", "vllm", "lm_studio", "llamafile"})
-DUMMY_API_KEY = "dspex-local-no-key"
-LM_ENGINES = ("auto", "lm15", "litellm")
+# dspy caches the LM's answer before the adapter parses it, so an answer that does not parse would
+# be replayed from the cache on every rerun (and GEPA's evaluations would replay it too). The
+# callback below evicts the entry of an LM call whose answer then failed to parse: cache.put is
+# wrapped to remember, per thread, the last entry written since that thread's last LM call starts.
+# Installed once per worker process (sessions run in threads of one process; GEPA evaluates in
+# threads too), registered with dspy.configure(callbacks=...) in each session.
+GUARD_SOURCE = '''
+import threading
+import dspy
+from dspy.utils.callback import BaseCallback
 
-Out = Callable[[str], None]
+def _dspex_recorder():
+    cache = dspy.cache
+    rec = getattr(cache, "_dspex_recorder", None)
+    if rec is None:
+        rec = threading.local()
+        put = cache.put
 
+        def put_recorded(request, value, ignored_args_for_cache_key=None, enable_memory_cache=True):
+            rec.last = (request, ignored_args_for_cache_key)
+            return put(request, value, ignored_args_for_cache_key, enable_memory_cache)
 
-# --------------------------------------------------------------------------- LM settings
+        cache.put = put_recorded
+        cache._dspex_recorder = rec
+    return cache, rec
 
+class DspexEvictFailedAnswers(BaseCallback):
+    """Failed parses leave nothing in dspy's cache (memory and disk)."""
 
-@dataclass(frozen=True)
-class LMSpec:
-    """Which LM the flow uses and the ``dspy.LM`` keyword arguments (minus temperature) for it."""
+    def on_lm_start(self, call_id, instance, inputs):
+        _dspex_recorder()[1].last = None
 
-    model: str
-    offline: bool
-    label: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
+    def on_adapter_parse_end(self, call_id, outputs, exception=None):
+        cache, rec = _dspex_recorder()
+        last, rec.last = getattr(rec, "last", None), None
+        if exception is None or last is None:
+            return
+        try:
+            key = cache.cache_key(*last)
+            cache.memory_cache.pop(key, None)
+            cache.disk_cache.pop(key, None)
+        except Exception:
+            pass
 
-    def lm_kwargs(self, temperature: float) -> dict[str, Any]:
-        return {"temperature": temperature, **self.kwargs}
+_dspex_recorder()
+dspex_callbacks = [DspexEvictFailedAnswers()]
 
-    def public(self) -> dict[str, Any]:
-        """What may be shown: never the key."""
-        shown = {k: v for k, v in self.kwargs.items() if not k.startswith("api_key")}
-        return {"model": self.model, "offline": self.offline, "label": self.label, "lm_kwargs": shown}
+def dspex_answer(program, inputs):
+    """program(**inputs) as plain data."""
+    return {k: v for k, v in program(**inputs).items()}
+'''
 
-
-def _provider(model: str) -> str:
-    return model.split("/", 1)[0].lower() if "/" in model else ""
-
-
-def resolve_lm(model: str | None = None, api_base: str | None = None, *, engine: str | None = None,
-               env: dict[str, str] | os._Environ[str] | None = None) -> LMSpec:
-    """The LM from ``model`` / ``DSPEX_MODEL``; the offline engine when none is given.
-
-    A real model whose provider key is missing raises :class:`dspex.ConfigError` (one line) before
-    anything starts. With ``api_base`` (a local OpenAI-compatible server) a dummy key is used when
-    none is set. The key found here is passed to ``dspy.LM(api_key=...)`` on the worker, so workers
-    started without it in their environment still work (dspy keeps ``api_*`` out of its history).
-    """
-    env = os.environ if env is None else env
-    model = (model or env.get("DSPEX_MODEL") or "").strip()
-    engine = (engine or env.get("DSPEX_LM_ENGINE") or "").strip() or None
-    if engine is not None and engine not in LM_ENGINES:
-        raise ConfigError(f"unknown LM engine {engine!r}: use one of {', '.join(LM_ENGINES)}")
-    if is_offline_model(model):
-        return LMSpec(model or OFFLINE_MODEL, True, OFFLINE_LABEL)
-    kwargs: dict[str, Any] = {}
-    notes: list[str] = []
-    if api_base:
-        kwargs["api_base"] = api_base
-    if engine is not None:
-        kwargs["engine"] = engine
-    provider = _provider(model)
-    names = PROVIDER_KEYS.get(provider, ())
-    if not provider and re.match(r"(gpt-|o\d|chatgpt-|text-)", model):
-        names = PROVIDER_KEYS["openai"]  # litellm treats bare OpenAI names as openai/...
-    key = next((env[n] for n in names if env.get(n)), None)
-    if key:
-        kwargs["api_key"] = key
-    elif api_base:
-        kwargs["api_key"] = DUMMY_API_KEY
-        notes.append(f"no {names[0] if names else 'API key'} set: using a dummy key for {api_base}")
-    elif names:
-        either = " or ".join(names)
-        raise ConfigError(f"model {model!r} needs an API key: set {either} (or pass --api-base for a local "
-                          f"OpenAI-compatible server; with no --model the offline stand-in LM is used)")
-    elif provider not in KEYLESS_PROVIDERS:
-        missing = _litellm_missing_keys(model)
-        if missing:
-            raise ConfigError(f"model {model!r} needs {', '.join(missing)} in the environment "
-                              f"(litellm.validate_environment); with no --model the offline stand-in LM is used")
-    where = f" at {api_base}" if api_base else ""
-    return LMSpec(model, False, f"{model}{where}", kwargs, tuple(notes))
+PROGRESS_EVERY_S = 10.0  # a "still waiting" line per pending LM call this often (DSPEX_PROGRESS_EVERY)
 
 
-def _litellm_missing_keys(model: str) -> list[str]:
-    """Keys litellm says ``model`` needs and the environment lacks; [] when litellm cannot tell."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # its import fetches prices otherwise
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import litellm
-
-            report = litellm.validate_environment(model)
-    except Exception:  # noqa: BLE001 - no litellm, or it cannot map the model: let the call tell
-        return []
-    return [] if report.get("keys_in_environment") else [str(k) for k in report.get("missing_keys", [])]
+def budget_text(budget: int, valset: int = len(GEPA_TRAIN)) -> str:
+    """What GEPA's metric-call budget allows, in words."""
+    if budget <= valset:
+        return (f"budget {budget} = the baseline evaluation only ({valset} valset examples), as in the original; "
+                "try --max-metric-calls 30 to let GEPA reflect")
+    return (f"budget {budget}: {valset} metric calls score the baseline, the other {budget - valset} go to "
+            "reflection minibatches and to scoring new candidates")
 
 
-# --------------------------------------------------------------------------- helpers
+# GEPA log line -> reflection outcome (gepa 0.x's messages, forwarded by the worker as progress)
+GEPA_OUTCOMES = (
+    ("All subsample scores perfect", "skipped_perfect"),
+    ("Proposed new text", "proposed"),
+    ("Found a better program", "accepted"),
+    ("is not better than", "rejected"),
+    ("rejected by acceptance", "rejected"),
+    ("worse than both parents", "rejected"),
+    ("reflection failed", "failed"),
+    ("Exception during optimization", "failed"),
+    ("Exception building reflective dataset", "failed"),
+    ("did not propose", "no_proposal"),
+    ("returned no text updates", "no_proposal"),
+)
 
 
-def _short(worker: str) -> str:
-    return worker[:8] if worker else "-"
+def gepa_outcome(message: str) -> str | None:
+    first = message.splitlines()[0] if message else ""
+    return next((kind for needle, kind in GEPA_OUTCOMES if needle.lower() in first.lower()), None)
 
 
-def _score(pred: dict[str, Any], category: str, urgency: str) -> float:
-    def same(a: Any, b: str) -> bool:
-        return str(a or "").strip().lower() == b.strip().lower()
-
-    return 0.5 * same(pred.get("category"), category) + 0.5 * same(pred.get("urgency"), urgency)
-
-
-def _one_line(text: Any, width: int = 90) -> str:
-    flat = re.sub(r"\s+", " ", str(text)).strip()
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
-
-
-def _workers(client: dspex.Client) -> dict[str, dict[str, Any]]:
-    """incarnation -> worker row (with its pool) from the broker status."""
-    rows: dict[str, dict[str, Any]] = {}
-    for pool_name, pool in client.status(timeout=10)["pools"].items():
-        for w in pool["workers"]:
-            rows[w["incarnation"]] = {**w, "pool": pool_name}
-    return rows
+def exit_code_for(err: BaseException) -> int:
+    """The flagship's exit code for an error that stopped it (see docs/flagship.md)."""
+    if isinstance(err, Timeout) and err.details.get("lm_too_slow"):
+        return EXIT_LM_TOO_SLOW
+    if getattr(err, "code", None) == "lm_unusable":
+        return EXIT_LM_UNUSABLE
+    if isinstance(err, ConfigError):
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
-def wait_pools_ready(client: dspex.Client, pools: tuple[str, ...] = POOLS, *, timeout: float = 60.0,
-                     out: Out = print, need: dict[str, int] | None = None,
-                     what: str = "waiting for workers") -> dict[str, int]:
-    """Wait until each pool has its declared number of ready workers (at least ``need[pool]``).
+class _Flow:
+    """State shared by the steps: where LM calls go, their bounds, the failures recorded so far."""
 
-    Returns ready counts. A pool still short after ``timeout`` but with one worker is a warning; a
-    pool with none is an error; an undeclared pool is :class:`dspex.PoolNotFound`.
-    """
-    need = dict(need or {})
-    deadline = time.monotonic() + timeout
-    said = ""
-    while True:
-        status = client.status(timeout=10)["pools"]
-        missing = [p for p in pools if p not in status]
-        if missing:
-            raise dspex.PoolNotFound(f"the broker has no pool {', '.join(missing)} (it serves: "
-                                     f"{', '.join(sorted(status)) or 'none'}); declare it in supervisor.conf")
-        ready = {p: sum(1 for w in status[p]["workers"] if w["state"] != "draining") for p in pools}
-        wanted = {p: max(int(status[p].get("size") or 0), need.get(p, 1)) for p in pools}
-        short = {p: (ready[p], wanted[p]) for p in pools if ready[p] < wanted[p]}
-        if not short:
-            return ready
-        line = ", ".join(f"{p} {have}/{want}" for p, (have, want) in short.items())
-        if line != said:
-            out(f"  {what}: {line}")
-            said = line
-        if time.monotonic() > deadline:
-            empty = [p for p, (have, _) in short.items() if have == 0]
-            if empty:
-                raise Timeout(f"no ready worker in {', '.join(empty)} after {timeout:g}s", op="wait_pools")
-            out(f"WARNING: pools still short after {timeout:g}s ({line}); going on")
-            return ready
-        time.sleep(0.1)
+    def __init__(self, client: dspex.Client, spec: LMSpec, out: Out, every: float) -> None:
+        self.client, self.spec, self.out, self.every = client, spec, out, every
+        # LM-backed calls get the timeout the LM bounds imply; other calls keep the client's
+        self.call_timeout = client.timeout if spec.offline else spec.bounds.call_timeout
+        self.failures: list[Failure] = []
+        self.hinted: set[str] = set()
 
+    def new_lm(self, s: dspex.Session, temperature: float, role: str = "task") -> dspex.Ref:
+        lm: dspex.Ref = s.call("dspy", "LM", [self.spec.model], self.spec.lm_kwargs(temperature, role))
+        callbacks = s.exec(GUARD_SOURCE)["dspex_callbacks"]
+        s.call("dspy", "configure", kwargs={"lm": lm, "callbacks": callbacks})
+        return lm
 
-def recycle_and_wait(client: dspex.Client, pool: str, worker: str, *, out: Out, timeout: float = 60.0,
-                     replacement_timeout: float = 30.0) -> float:
-    """Recycle one worker incarnation (like ``dspexctl workers recycle``) and wait until it has
-    left the broker, then until the pool is back to its declared size (supervisord restarts the
-    worker as a new incarnation; without supervisord, going on with >= 1 worker after
-    ``replacement_timeout``). Returns the seconds it took."""
-    started = time.monotonic()
-    client.recycle(pool, worker=worker, timeout=10)
-    out(f"  recycling {pool} worker {_short(worker)} (dspexctl workers recycle {pool} {_short(worker)})")
-    deadline = started + timeout
-    while worker in _workers(client):
-        if time.monotonic() > deadline:
-            raise Timeout(f"worker {_short(worker)} of {pool} did not leave within {timeout:g}s", op="recycle")
-        time.sleep(0.05)
-    out(f"  worker {_short(worker)} has left the broker after {time.monotonic() - started:.2f}s")
-    ready = wait_pools_ready(client, (pool,), timeout=replacement_timeout, out=out,
-                             need={pool: 1}, what="waiting for its replacement (supervisord autorestart)")
-    elapsed = time.monotonic() - started
-    out(f"  {pool} has {ready[pool]} ready worker(s) again after {elapsed:.2f}s")
-    return elapsed
+    def predict(self, s: dspex.Session, program: dspex.Ref, inputs: dict[str, Any], *, step: str,
+                item: str) -> tuple[dict[str, Any] | None, Failure | None, float]:
+        """(fields, None, seconds) or (None, failure, seconds): a failed LM answer is recorded, not raised."""
+        t0 = time.perf_counter()
+        try:
+            pred = s.eval("dspex_answer(p, kw)", {"p": program, "kw": inputs}, timeout=self.call_timeout)
+            return dict(pred), None, time.perf_counter() - t0
+        except RemoteError as err:
+            failure = failure_of(step, item, err, self.spec, session=s.id, worker=s.worker,
+                                 seconds=time.perf_counter() - t0)
+            self.failures.append(failure)
+            return None, failure, time.perf_counter() - t0
+        except Timeout as err:
+            raise self.too_slow(err, step, item, s) from None
+        except QueueTimeout as err:
+            raise QueueTimeout(
+                f"{step} {item}: {err.message}; one LM call may take up to {self.call_timeout:g}s "
+                f"(--lm-timeout {self.spec.bounds.timeout:g}s, {self.spec.bounds.num_retries} retries), so the "
+                f"pool's queue_timeout must be at least that: raise it in supervisor.conf [dspex:pool:{s.pool}]",
+                **err.details) from None
 
+    def too_slow(self, err: Timeout, step: str, item: str, s: dspex.Session | None) -> Timeout:
+        where = f" on session {s.id[:8]} (worker {short(s.worker)}, {s.pool})" if s is not None else ""
+        flag = ("--lm-timeout (dspex's call timeout follows it) or lower --max-tokens" if not self.spec.offline
+                else "--timeout")
+        return Timeout(
+            f"{step} {item}{where} got no answer within {self.call_timeout:g}s from LM {self.spec.endpoint}: "
+            f"the LM is slower than the bounds allow; raise {flag}",
+            step=step, item=item, session=s.id if s else None, worker=s.worker if s else None,
+            lm=self.spec.endpoint, lm_too_slow=True, cause=err.message)
 
-def _format_history(entries: list[Any], *, offline: bool) -> list[dict[str, Any]]:
-    """``lm.history`` entries (plain data with the response as a ref) -> rows for output and JSON."""
-    rows = []
-    for i, entry in enumerate(entries, 1):
-        if not isinstance(entry, dict):
-            rows.append({"index": i, "unexpected": repr(entry)[:200]})
-            continue
-        usage = entry.get("usage") or {}
-        tokens = usage.get("total_tokens")
-        if tokens is None:
-            tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-        cached = not usage  # dspy records no usage for an answer from its cache
-        cost = entry.get("cost")
-        if cost is None:
-            cost_text = "$0 (offline)" if offline else "$? (not priced)"
-        else:
-            cost_text = f"${float(cost):.6f}"
-        messages = entry.get("messages") or []
-        user = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
-                    entry.get("prompt") or "")
-        if isinstance(user, list):
-            user = " ".join(str(p.get("text", "")) for p in user if isinstance(p, dict))
-        preview = re.sub(r"\[\[ ## (\w+) ## \]\]", r"\1:", str(user))
-        preview = preview.split("Respond with the corresponding output fields")[0]
-        response = entry.get("response")
-        ref = response if isinstance(response, dspex.Ref) else None
-        is_ref = ref is not None
-        outputs = entry.get("outputs") or []
-        rows.append({
-            "index": i, "model": entry.get("model"), "cost": cost, "cost_text": cost_text, "tokens": int(tokens),
-            "cached": cached,
-            "prompt_preview": _one_line(preview, 80),
-            "output_preview": _one_line(outputs[0] if outputs else "", 80),
-            "response_is_ref": is_ref,
-            "response": ref.type_name if ref is not None else type(response).__name__,
-            "response_ref": ref.id[:8] if ref is not None else None,
-            "data_keys": sorted(k for k in entry if k != "response"),
-        })
-    return rows
+    def wait_all(self, batch: list[tuple[str, Future[Any]]]) -> list[Any]:
+        """Results in order; a line per call still pending every ``every`` seconds."""
+        t0 = time.monotonic()
+        tick = t0 + self.every
+        futures = [f for _, f in batch]
+        while True:
+            _, pending = futures_wait(futures, timeout=max(0.0, tick - time.monotonic()))
+            if not pending:
+                return [f.result() for f in futures]
+            if time.monotonic() >= tick:
+                for label, f in batch:
+                    if f in pending:
+                        self.out(f"  ... {label}: {time.monotonic() - t0:.0f}s, waiting on {self.spec.endpoint}")
+                tick += self.every
+
+    def failed_line(self, failure: Failure) -> list[str]:
+        lines = [f"failed after {failure.seconds or 0:.2f}s: {failure.label()}: {one_line(failure.message, 110)}"]
+        if failure.hint and failure.error not in self.hinted:
+            self.hinted.add(failure.error)
+            lines.append(f"hint: {failure.hint}")
+        return lines
+
+    def by_step(self, step: str) -> list[Failure]:
+        return [f for f in self.failures if f.step == step]
 
 
 # --------------------------------------------------------------------------- the flow
@@ -325,13 +294,17 @@ def _format_history(entries: list[Any], *, offline: bool) -> list[dict[str, Any]
 
 def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: str | None = None,
                  max_metric_calls: int = DEFAULT_MAX_METRIC_CALLS, recycle: bool = True, out: Out = print,
-                 engine: str | None = None, ready_timeout: float = 60.0) -> dict[str, Any]:
+                 engine: str | None = None, ready_timeout: float = 60.0, bounds: LMBounds | None = None,
+                 progress_every: float | None = None) -> dict[str, Any]:
     """Run the whole flow against the broker ``client`` talks to; return the results (JSON-able)."""
     started = time.perf_counter()
-    spec = resolve_lm(model, api_base, engine=engine)
+    spec = resolve_lm(model, api_base, engine=engine, bounds=bounds)
     if max_metric_calls < len(GEPA_TRAIN):
         raise ConfigError(f"--max-metric-calls must be at least {len(GEPA_TRAIN)} (GEPA first scores the "
                           f"{len(GEPA_TRAIN)}-example valset), got {max_metric_calls}")
+    every = progress_every or float(os.environ.get("DSPEX_PROGRESS_EVERY") or PROGRESS_EVERY_S)
+    flow = _Flow(client, spec, out, every)
+    predict = flow.predict
     results: dict[str, Any] = {"lm": spec.public(), "offline": spec.offline, "label": spec.label}
     opened: list[dspex.Session] = []
     rehydrators: list[dspex.Rehydrator[Any]] = []
@@ -342,27 +315,26 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         opened.append(s)
         return s
 
-    def new_lm(s: dspex.Session, temperature: float) -> dspex.Ref:
-        lm: dspex.Ref = s.call("dspy", "LM", [spec.model], spec.lm_kwargs(temperature))
-        s.call("dspy", "configure", kwargs={"lm": lm})
-        return lm
-
-    def predict(s: dspex.Session, program: dspex.Ref, ticket: str) -> dict[str, Any]:
-        ref = s.method(program, "__call__", kwargs={"ticket": ticket})
-        try:
-            return dict(s.to_data(ref))
-        finally:
-            s.release(ref)
-
     out("=" * 72)
-    out("dspex flagship: parallel triage, rehydration, GEPA across three pools")
+    out("dspex flagship: parallel triage, " + ("rehydration, " if recycle else "") + "GEPA across three pools")
     out(f"LM: {spec.label}" if spec.offline else f"LM: {spec.label} (real provider)")
     if spec.offline:
         out(f"  using the {OFFLINE_LABEL}: set --model / DSPEX_MODEL for a real LM")
+    else:
+        out(f"  bounds: {spec.bounds.describe()}")
     for note in spec.notes:
         out(f"  note: {note}")
+    out(f"  GEPA {budget_text(max_metric_calls)}")
     out(f"broker: {client.endpoint}")
     wait_pools_ready(client, POOLS, timeout=ready_timeout, out=out, need={TRIAGE_POOL: 2})
+    if not spec.offline:
+        pools = client.status(timeout=10)["pools"]
+        for pool in (TRIAGE_POOL, OPTIMIZER_POOL):
+            limit = float(pools.get(pool, {}).get("queue_timeout") or 0)
+            if 0 < limit < flow.call_timeout:
+                out(f"  WARNING: {pool}'s queue_timeout {limit:g}s is shorter than one LM call may take "
+                    f"({flow.call_timeout:g}s): a second call queued in a session may fail with QueueTimeout; "
+                    f"raise queue_timeout in [dspex:pool:{pool}] or lower --lm-timeout")
 
     try:
         # ---------------------------------------------------------------- 1. sessions
@@ -370,11 +342,11 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         triage: dict[str, tuple[dspex.Session, dspex.Ref, dspex.Ref]] = {}
         for name in ("triage_1", "triage_2"):
             s = open_session(TRIAGE_POOL)
-            lm = new_lm(s, 0.2)  # the first call pins the session
+            lm = flow.new_lm(s, 0.2)  # the first call pins the session
             triage[name] = (s, lm, s.call("dspy", "Predict", [TRIAGE_SIGNATURE]))
 
         def build_insights(s: dspex.Session) -> tuple[dspex.Ref, dspex.Ref]:
-            lm = new_lm(s, 0.6)
+            lm = flow.new_lm(s, 0.6)
             return lm, s.call("dspy", "ChainOfThought", [INSIGHT_SIGNATURE])
 
         insights: dspex.Rehydrator[tuple[dspex.Ref, dspex.Ref]]
@@ -397,19 +369,19 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         insights = dspex.Rehydrator(client, OPTIMIZER_POOL, build_insights, on_rehydrate=on_rehydrate)
         rehydrators.append(insights)
         gepa = open_session(OPTIMIZER_POOL)
-        gepa_lm = new_lm(gepa, 0.2)
+        gepa_lm = flow.new_lm(gepa, 0.2)
         gepa_program = gepa.call("dspy", "Predict", [TRIAGE_SIGNATURE])
         analytics = open_session(ANALYTICS_POOL)
         analytics.exec(STATS_SOURCE)  # pins it; defines score_stats() in the session's namespace
 
-        rows = _workers(client)
+        rows = workers_by_incarnation(client)
         sessions = {**{n: t[0] for n, t in triage.items()}, "insights": insights.session, "gepa": gepa,
                     "analytics": analytics}
         results["sessions"] = {}
         for name, s in sessions.items():
             pid = rows.get(s.worker, {}).get("pid")
             results["sessions"][name] = {"pool": s.pool, "session": s.id, "worker": s.worker, "pid": pid}
-            out(f"  {name:<10} {s.pool:<15} session {s.id[:8]}  worker {_short(s.worker)} (pid {pid})")
+            out(f"  {name:<10} {s.pool:<15} session {s.id[:8]}  worker {short(s.worker)} (pid {pid})")
         distinct = triage["triage_1"][0].worker != triage["triage_2"][0].worker
         results["triage_on_distinct_workers"] = distinct
         out("  triage_1 and triage_2 run on different workers: " + ("yes" if distinct else
@@ -423,149 +395,120 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
 
         def triage_one(tid: str, name: str) -> dict[str, Any]:
             s, _, program = triage[name]
-            t0 = time.perf_counter()
-            pred = predict(s, program, TICKETS[tid][0])
-            return {"id": tid, "session": name, "worker": s.worker, "elapsed_s": round(time.perf_counter() - t0, 4),
-                    "category": str(pred.get("category", "")), "urgency": str(pred.get("urgency", "")),
-                    "action": str(pred.get("action", ""))}
+            pred, failure, secs = predict(s, program, {"ticket": TICKETS[tid][0]}, step="triage", item=tid)
+            got = pred or {}
+            return {"id": tid, "session": name, "worker": s.worker, "elapsed_s": round(secs, 4),
+                    "category": str(got.get("category", "") or ""), "urgency": str(got.get("urgency", "") or ""),
+                    "action": str(got.get("action", "") or ""), "failed": failure.public() if failure else None}
 
         for i in range(0, len(ids), 2):
-            futures = [client.submit(triage_one, tid, names[(i + j) % 2]) for j, tid in enumerate(ids[i:i + 2])]
-            for fut in futures:
-                row = fut.result()
+            batch = [(f"{tid} on {names[(i + j) % 2]}", client.submit(triage_one, tid, names[(i + j) % 2]))
+                     for j, tid in enumerate(ids[i:i + 2])]
+            for row in flow.wait_all(batch):
                 triaged.append(row)
-                out(f"  {row['id']} -> {row['category']}/{row['urgency']} ({row['session']})")
+                where = f"({row['session']}, {row['elapsed_s']:.2f}s)"
+                if row["failed"]:
+                    lines = flow.failed_line(Failure(**row["failed"]))
+                    out(f"  {row['id']} -> <unparsed> {where} {lines[0]}")
+                    for extra in lines[1:]:
+                        out(f"      {extra}")
+                else:
+                    out(f"  {row['id']} -> {shown(row['category'])}/{shown(row['urgency'])} {where}")
         results["triage"] = triaged
 
         # ---------------------------------------------------------------- 3. insights + rehydration
-        out("\n[3] insights on the high-urgency tickets (optimizer_pool), surviving a recycle")
+        out("\n[3] insights on the high-urgency tickets (optimizer_pool)" + (", surviving a recycle" if recycle else ""))
         high = [r["id"] for r in triaged if r["urgency"].strip().lower() == "high"]
         chosen = high or ids[:2]
         out(f"  tickets: {', '.join(chosen)}" + ("" if high else " (none predicted high: the first two)"))
         before = insights.session.worker
-        recycled_s = None
         if recycle:
             recycled_s = recycle_and_wait(client, OPTIMIZER_POOL, before, out=out)
             recycles.append({"step": "insights", "pool": OPTIMIZER_POOL, "worker": before,
                              "seconds": round(recycled_s, 3)})
-        else:
-            out("  --no-recycle: no forced recycle")
 
-        def insight(tid: str) -> Callable[[dspex.Session, tuple[dspex.Ref, dspex.Ref]], dict[str, Any]]:
-            def run(s: dspex.Session, objs: tuple[dspex.Ref, dspex.Ref]) -> dict[str, Any]:
-                ref = s.method(objs[1], "__call__", kwargs={"ticket": TICKETS[tid][0]})
-                try:
-                    return dict(s.to_data(ref))
-                finally:
-                    s.release(ref)
+        def insight(tid: str) -> Callable[[dspex.Session, tuple[dspex.Ref, dspex.Ref]], Any]:
+            def run(s: dspex.Session, objs: tuple[dspex.Ref, dspex.Ref]) -> Any:
+                return predict(s, objs[1], {"ticket": TICKETS[tid][0]}, step="insights", item=tid)
             return run
 
         insight_rows = []
         for tid in chosen:
-            data = insights.run(insight(tid))
-            row = {"id": tid, "summary": str(data.get("summary", "")), "root_cause": str(data.get("root_cause", "")),
-                   "reasoning": str(data.get("reasoning", "")), "worker": insights.session.worker}
+            (data, failure, secs), = flow.wait_all([(f"insight {tid}", client.submit(insights.run, insight(tid)))])
+            got = data or {}
+            row = {"id": tid, "summary": str(got.get("summary", "") or ""),
+                   "root_cause": str(got.get("root_cause", "") or ""), "reasoning": str(got.get("reasoning", "") or ""),
+                   "worker": insights.session.worker, "elapsed_s": round(secs, 4),
+                   "failed": failure.public() if failure else None}
             insight_rows.append(row)
-            out(f"  {tid}: summary: {_one_line(row['summary'], 70)}")
-            out(f"           root cause: {_one_line(row['root_cause'], 70)}")
+            if failure is not None:
+                lines = flow.failed_line(failure)
+                out(f"  {tid}: <unparsed> {lines[0]}")
+                for extra in lines[1:]:
+                    out(f"      {extra}")
+                continue
+            out(f"  {tid}: summary: {one_line(shown(row['summary']), 70)}  ({secs:.2f}s)")
+            out(f"           root cause: {one_line(shown(row['root_cause']), 70)}")
+        answered = [r for r in insight_rows if not r["failed"]]
         results["insights"] = {
             "tickets": chosen, "results": insight_rows, "recycled": recycle, "worker_before": before,
             "worker_after": insights.session.worker, "rehydrated": rehydration["fired"] > 0,
             "rehydrations": insights.rehydrations, "warnings": rehydration["warnings"],
             "retry_succeeded": rehydration["fired"] > 0 and len(insight_rows) == len(chosen),
+            "failed": len(insight_rows) - len(answered),
         }
         if rehydration["fired"]:
-            out(f"  rehydrated: worker {_short(before)} -> {_short(insights.session.worker)}; retry succeeded")
+            out(f"  rehydrated: worker {short(before)} -> {short(insights.session.worker)}; retry succeeded")
 
         # ---------------------------------------------------------------- 4. scores + numpy
-        out("\n[4] scores (0.5 category + 0.5 urgency) and numpy statistics on analytics_pool")
+        out("\n[4] scores (0.5 category + 0.5 urgency; a failed call scores 0) and numpy statistics on analytics_pool")
         scores = []
         for row in triaged:
             text, category, urgency = TICKETS[row["id"]]
             row["expected"] = {"category": category, "urgency": urgency}
-            row["score"] = _score(row, category, urgency)
+            row["score"] = 0.0 if row["failed"] else score(row, category, urgency)
             scores.append(row["score"])
-            out(f"  {row['id']}: {row['score']:.1f}  (got {row['category']}/{row['urgency']}, "
-                f"expected {category}/{urgency})")
+            got = (f"failed: {row['failed']['error']}" if row["failed"]
+                   else f"got {shown(row['category'])}/{shown(row['urgency'])}")
+            out(f"  {row['id']}: {row['score']:.1f}  ({got}, expected {category}/{urgency})")
         stats = dict(analytics.eval("score_stats(scores)", {"scores": scores}))
         stats["scores"] = scores
         stats["worker"] = analytics.worker
         results["analytics"] = stats
-        out(f"  numpy {stats['numpy']} on worker {_short(analytics.worker)}: mean={stats['mean']:.3f} "
+        out(f"  numpy {stats['numpy']} on worker {short(analytics.worker)}: mean={stats['mean']:.3f} "
             f"std={stats['std']:.3f} p80={stats['p80']:.3f}")
 
         # ---------------------------------------------------------------- 5. GEPA
-        out(f"\n[5] GEPA on the gepa session (max_metric_calls={max_metric_calls})")
-        bound = gepa.exec(METRIC_SOURCE)
-        out(f"  metric defined in the worker: exec bound {sorted(bound)}")
-        metric = bound["metric"]
-        rows_train = [list(TICKETS[t]) for t in GEPA_TRAIN]
-        trainset = gepa.exec(TRAINSET_SOURCE, {"GEPA_ROWS": rows_train})["trainset"]
-        reflection_lm = gepa.call("dspy", "LM", [spec.model], spec.lm_kwargs(0.9))
-        optimizer = gepa.call("dspy", "GEPA", [metric], {
-            "reflection_lm": reflection_lm, "max_metric_calls": max_metric_calls,
-            "reflection_minibatch_size": 1, "track_stats": True})
-        t0 = time.perf_counter()
-        compile_timeout = max(client.timeout, 120.0 + 20.0 * max_metric_calls)
-        progress_events: list[str] = []
-
-        def gepa_progress(event: Any) -> None:
-            # GEPA's log lines, streamed from the worker while compile runs (no silent wait)
-            message = str(event.get("message", event)) if isinstance(event, dict) else str(event)
-            progress_events.append(message)
-            first = message.splitlines()[0] if message else ""
-            if first.startswith("Iteration") and ("score" in first or "Proposed" in first):
-                out(f"  · {first[:110]}")
-
-        optimized = gepa.method(optimizer, "compile", [gepa_program],
-                                {"trainset": trainset, "valset": trainset}, timeout=compile_timeout,
-                                on_progress=gepa_progress)
-        gepa_s = time.perf_counter() - t0
-        report = dict(gepa.eval(
-            "{'calls': r.total_metric_calls, 'scores': [float(x) for x in r.val_aggregate_scores], "
-            "'best': r.best_idx, 'candidates': len(r.candidates), 'full_evals': r.num_full_val_evals, "
-            "'instructions': o.signature.instructions, 'base_instructions': p.signature.instructions}",
-            {"o": optimized, "r": gepa.attr(optimized, "detailed_results"), "p": gepa_program}))
-        reflections = int(gepa.eval("len(lm.history)", {"lm": reflection_lm}))
-        gepa_result = {
-            "budget": max_metric_calls, "metric_calls": report["calls"], "within_budget":
-                report["calls"] is not None and report["calls"] <= max_metric_calls,
-            "baseline_score": report["scores"][0], "optimized_score": report["scores"][report["best"]],
-            "candidates": report["candidates"], "best_candidate": report["best"], "full_val_evals": report["full_evals"],
-            "reflection_calls": reflections, "seconds": round(gepa_s, 3),
-            "instructions": report["instructions"], "improved": report["instructions"] != report["base_instructions"],
-            "progress_events": len(progress_events),
-        }
+        gepa_result, optimized = _run_gepa(flow, gepa, gepa_program, max_metric_calls)
         results["gepa"] = gepa_result
-        out(f"  metric calls used: {gepa_result['metric_calls']}/{max_metric_calls}, candidates: "
-            f"{gepa_result['candidates']}, reflection LM calls: {reflections}, {gepa_s:.2f}s")
-        out(f"  valset score: baseline {gepa_result['baseline_score']:.3f} -> optimized "
-            f"{gepa_result['optimized_score']:.3f}")
-        learned = [ln for ln in report["instructions"].splitlines() if ln.lstrip().startswith("- ")]
-        if gepa_result["improved"]:
-            out(f"  learned instructions ({len(learned)} rules):")
-            for ln in learned[:6]:
-                out(f"    {_one_line(ln, 110)}")
-        else:
-            out("  instructions unchanged (raise --max-metric-calls to let GEPA reflect)")
 
         # ---------------------------------------------------------------- 6. holdout + restore
-        out("\n[6] holdout: baseline (triage_1) vs optimized (gepa), then snapshot -> recycle -> restore")
+        out("\n[6] holdout: baseline (triage_1) vs optimized (gepa), then snapshot -> "
+            + ("recycle -> restore" if recycle else "restore on a new session"))
         (hid, (htext, hcat, hurg)), = HOLDOUT.items()
-        base = predict(triage["triage_1"][0], triage["triage_1"][2], htext)
-        opt = predict(gepa, optimized, htext)
+        base, base_fail, _ = predict(triage["triage_1"][0], triage["triage_1"][2], {"ticket": htext},
+                                     step="holdout", item=f"{hid} baseline")
+        opt, opt_fail, _ = predict(gepa, optimized, {"ticket": htext}, step="holdout", item=f"{hid} optimized")
+
+        def graded(pred: dict[str, Any] | None, failure: Failure | None) -> dict[str, Any]:
+            if failure is not None or pred is None:
+                return {"category": "", "urgency": "", "action": "", "score": 0.0,
+                        "failed": failure.public() if failure else None}
+            return {**_labels(pred), "score": score(pred, hcat, hurg), "failed": None}
+
         hold: dict[str, Any] = {"id": hid, "ticket": htext, "expected": {"category": hcat, "urgency": hurg},
-                "baseline": {**_labels(base), "score": _score(base, hcat, hurg)},
-                "optimized": {**_labels(opt), "score": _score(opt, hcat, hurg)}}
+                                "baseline": graded(base, base_fail), "optimized": graded(opt, opt_fail)}
         out(f"  {hid}: \"{htext}\" (expected {hcat}/{hurg})")
-        out(f"    baseline : {base.get('category')}/{base.get('urgency')}  score {hold['baseline']['score']:.1f}")
-        out(f"    optimized: {opt.get('category')}/{opt.get('urgency')}  score {hold['optimized']['score']:.1f}")
+        for label, g in (("baseline ", hold["baseline"]), ("optimized", hold["optimized"])):
+            what = (f"<unparsed> ({g['failed']['error']})" if g["failed"]
+                    else f"{shown(g['category'])}/{shown(g['urgency'])}")
+            out(f"    {label}: {what}  score {g['score']:.1f}")
         snapshot = gepa.method(optimized, "dump_state")
         if _has_ref(snapshot):
             raise DspexError("the optimized program's dump_state() holds objects that are not plain data; "
                              "it cannot be restored in another session")
         out(f"  snapshot: dump_state() -> {len(repr(snapshot))} bytes of plain data "
-            f"({len(snapshot.get('demos', []))} demos, instructions {len(report['instructions'])} chars)")
+            f"({len(snapshot.get('demos', []))} demos, instructions {len(gepa_result['instructions'])} chars)")
         # prompt inspection of the gepa session must read its LM before the worker goes away
         gepa_history = gepa.eval(f"list(lm.history[-{HISTORY_ENTRIES}:])", {"lm": gepa_lm})
         gepa_worker = gepa.worker
@@ -579,25 +522,32 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
                 out(f"  gepa session is gone with its worker, as expected: {err.code}")
 
         def restore(s: dspex.Session) -> dspex.Ref:
-            new_lm(s, 0.2)
+            flow.new_lm(s, 0.2)
             program: dspex.Ref = s.call("dspy", "Predict", [TRIAGE_SIGNATURE])
             s.method(program, "load_state", [snapshot])
             return program
 
         restored = dspex.Rehydrator(client, OPTIMIZER_POOL, restore)
         rehydrators.append(restored)
-        again = restored.run(lambda s, program: predict(s, program, htext))
+        again, again_fail, _ = restored.run(
+            lambda s, program: predict(s, program, {"ticket": htext}, step="holdout", item=f"{hid} restored"))
         restored_instr = restored.run(lambda s, program: s.eval("p.signature.instructions", {"p": program}))
-        same_answer = _labels(again) == _labels(opt)
-        hold["restored"] = {**_labels(again), "score": _score(again, hcat, hurg), "worker": restored.session.worker,
+        hold["restored"] = {**graded(again, again_fail), "worker": restored.session.worker,
                             "session": restored.session.id}
-        hold["restored_matches"] = same_answer and restored_instr == report["instructions"]
+        both = again_fail is None and opt_fail is None
+        hold["restored_matches"] = (both and _labels(again or {}) == _labels(opt or {})
+                                    and restored_instr == gepa_result["instructions"])
         hold["recycled_worker"] = gepa_worker if recycle else None
         results["holdout"] = hold
-        out(f"    restored : {again.get('category')}/{again.get('urgency')}  on worker "
-            f"{_short(restored.session.worker)} (was {_short(gepa_worker)}): "
-            + ("same answer and instructions as the optimized program" if hold["restored_matches"]
-               else "DIFFERS from the optimized program"))
+        if not both:
+            verdict = "not compared: an answer failed"
+        elif hold["restored_matches"]:
+            verdict = "same answer and instructions as the optimized program"
+        else:
+            verdict = "DIFFERS from the optimized program"
+        what = (f"<unparsed> ({again_fail.error})" if again_fail is not None
+                else f"{shown((again or {}).get('category'))}/{shown((again or {}).get('urgency'))}")
+        out(f"    restored : {what}  on worker {short(restored.session.worker)} (was {short(gepa_worker)}): {verdict}")
 
         # ---------------------------------------------------------------- 7. prompt inspection
         out(f"\n[7] prompt inspection: last {HISTORY_ENTRIES} lm.history entries per session "
@@ -607,7 +557,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             (name, s.eval(f"list(lm.history[-{HISTORY_ENTRIES}:])", {"lm": lm})) for name, (s, lm, _) in triage.items()]
         sources.append(("gepa", gepa_history))
         for name, entries in sources:
-            rows_h = _format_history(list(entries), offline=spec.offline)
+            rows_h = format_history(list(entries), offline=spec.offline)
             history[name] = rows_h
             suffix = " (read before its worker was recycled)" if name == "gepa" and recycle else ""
             out(f"  {name}{suffix}:")
@@ -623,24 +573,39 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
 
         # ---------------------------------------------------------------- 8. summary
         wall = time.perf_counter() - started
+        failures = flow.failures
         summary = {
             "sessions": len(results["sessions"]) + insights.rehydrations + 1 + restored.rehydrations,
-            "tickets_triaged": len(triaged), "insights": len(insight_rows), "rehydrations": insights.rehydrations,
+            "tickets_triaged": len(triaged), "tickets_failed": len(flow.by_step("triage")),
+            "insights": len(answered), "insights_failed": len(flow.by_step("insights")),
+            "rehydrations": insights.rehydrations,
             "recycles": len(recycles), "mean_score": stats["mean"], "std_score": stats["std"],
             "p80_score": stats["p80"], "gepa_metric_calls": gepa_result["metric_calls"],
             "gepa_budget": max_metric_calls, "gepa_baseline": gepa_result["baseline_score"],
-            "gepa_optimized": gepa_result["optimized_score"], "holdout_restored_matches": hold["restored_matches"],
-            "wall_time_s": round(wall, 3),
+            "gepa_optimized": gepa_result["optimized_score"], "gepa_failed": gepa_result["failed"] is not None,
+            "holdout_restored_matches": hold["restored_matches"],
+            "failed_calls": len(failures), "failures_by_type": _count_types(failures),
+            "completed_with_failures": bool(failures), "wall_time_s": round(wall, 3),
         }
+        results["failures"] = [f.public() for f in failures]
         results["recycles"] = recycles
         results["summary"] = summary
         out("\n[8] summary")
         out(f"  sessions opened: {summary['sessions']} (incl. {summary['rehydrations']} rehydrated, 1 restored), "
-            f"tickets triaged: {summary['tickets_triaged']}, insights: {summary['insights']}, "
-            f"recycles: {summary['recycles']}")
+            f"tickets triaged: {summary['tickets_triaged']}, insights: {summary['insights']}"
+            + (f", recycles: {summary['recycles']}" if recycle else ""))
         out(f"  triage score: mean {summary['mean_score']:.3f}, std {summary['std_score']:.3f}")
-        out(f"  GEPA: {summary['gepa_metric_calls']}/{max_metric_calls} metric calls, valset "
-            f"{summary['gepa_baseline']:.3f} -> {summary['gepa_optimized']:.3f}")
+        calls = gepa_result["metric_calls"]
+        out(f"  GEPA: {calls if calls is not None else '-'}/{max_metric_calls} metric calls, valset "
+            f"{_fmt(summary['gepa_baseline'])} -> {_fmt(summary['gepa_optimized'])}")
+        for step, total, what in (("triage", len(triaged), "tickets"), ("insights", len(chosen), "insights"),
+                                  ("gepa", 1, "GEPA runs"), ("holdout", 3, "holdout answers")):
+            line = count_line(flow.by_step(step), total, what)
+            if line:
+                out(f"  {line}")
+        if failures:
+            out(f"  completed with failures: {len(failures)} LM call(s) failed and scored 0 "
+                f"(exit {EXIT_COMPLETED_WITH_FAILURES}); details in --json under \"failures\"")
         out(f"  wall time: {wall:.2f}s" + (f"  [{OFFLINE_LABEL}]" if spec.offline else ""))
         return results
     finally:
@@ -648,6 +613,125 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             _quiet_close(rh.session)
         for s in opened:
             _quiet_close(s)
+
+
+def _run_gepa(flow: _Flow, gepa: dspex.Session, program: dspex.Ref,
+              budget: int) -> tuple[dict[str, Any], dspex.Ref]:
+    """GEPA on the gepa session; (result, optimized program). A compile that fails is recorded and
+    the baseline program goes on as the 'optimized' one."""
+    out, spec = flow.out, flow.spec
+    out(f"\n[5] GEPA on the gepa session (max_metric_calls={budget})")
+    out(f"  {budget_text(budget)}")
+    bound = gepa.exec(METRIC_SOURCE)
+    out(f"  metric defined in the worker: exec bound {sorted(bound)}")
+    metric = bound["metric"]
+    rows_train = [list(TICKETS[t]) for t in GEPA_TRAIN]
+    trainset = gepa.exec(TRAINSET_SOURCE, {"GEPA_ROWS": rows_train})["trainset"]
+    reflection_lm = gepa.call("dspy", "LM", [spec.model], spec.lm_kwargs(0.9, "reflection"))
+    optimizer = gepa.call("dspy", "GEPA", [metric], {
+        "reflection_lm": reflection_lm, "max_metric_calls": budget,
+        "reflection_minibatch_size": 1, "track_stats": True})
+    compile_timeout = max(flow.call_timeout, 120.0 + 20.0 * budget,
+                          0.0 if spec.offline else flow.call_timeout * (budget + 2))
+    outcomes: dict[str, int] = {}
+    events: list[str] = []
+    shown_failures = 0
+
+    def gepa_progress(event: Any) -> None:
+        # GEPA's log lines, streamed from the worker while compile runs (no silent wait)
+        nonlocal shown_failures
+        message = str(event.get("message", event)) if isinstance(event, dict) else str(event)
+        events.append(message)
+        first = message.splitlines()[0] if message else ""
+        kind = gepa_outcome(message)
+        if kind is not None:
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        if kind == "skipped_perfect":
+            return  # counted, not printed: at larger budgets there are a dozen of them
+        if kind == "proposed":
+            head, _, text = first.partition(": Proposed new text for ")
+            name, _, body = text.partition(": ")
+            out(f"  · {head}: proposed a new instruction for {name} ({len(message) - len(first) + len(body)} chars)")
+        elif kind == "failed" and shown_failures < 3:
+            shown_failures += 1
+            out(f"  ! {one_line(first, 150)}")
+        elif kind in ("accepted", "rejected", "no_proposal") or (first.startswith("Iteration") and "score" in first):
+            out(f"  · {one_line(first, 150)}")
+
+    t0 = time.perf_counter()
+    failure: Failure | None = None
+    optimized = program
+    try:
+        (optimized,) = flow.wait_all([("GEPA compile", flow.client.submit(
+            gepa.method, optimizer, "compile", [program], {"trainset": trainset, "valset": trainset},
+            timeout=compile_timeout, on_progress=gepa_progress))])
+    except RemoteError as err:
+        failure = failure_of("gepa", "compile", err, spec, session=gepa.id, worker=gepa.worker,
+                             seconds=time.perf_counter() - t0)
+        flow.failures.append(failure)
+        for line in flow.failed_line(failure):
+            out(f"  GEPA {line}")
+        out("  going on with the unoptimized program")
+    except Timeout as err:
+        raise flow.too_slow(err, "GEPA", "compile", gepa) from None
+    seconds = time.perf_counter() - t0
+    reflections = int(gepa.eval("len(lm.history)", {"lm": reflection_lm}))
+    base_instr = str(gepa.eval("p.signature.instructions", {"p": program}))
+    if failure is None:
+        report = dict(gepa.eval(
+            "{'calls': r.total_metric_calls, 'scores': [float(x) for x in r.val_aggregate_scores], "
+            "'best': r.best_idx, 'candidates': len(r.candidates), 'full_evals': r.num_full_val_evals, "
+            "'instructions': o.signature.instructions}",
+            {"o": optimized, "r": gepa.attr(optimized, "detailed_results")}))
+    else:
+        report = {"calls": None, "scores": [None], "best": 0, "candidates": 0, "full_evals": 0,
+                  "instructions": base_instr}
+    calls = report["calls"]
+    result = {
+        "budget": budget, "metric_calls": calls, "within_budget": calls is not None and calls <= budget,
+        "overshoot": max(0, calls - budget) if calls is not None else 0,
+        "baseline_score": report["scores"][0], "optimized_score": report["scores"][report["best"]],
+        "candidates": report["candidates"], "best_candidate": report["best"], "full_val_evals": report["full_evals"],
+        "reflection_calls": reflections,
+        "reflection": {k: outcomes.get(k, 0) for k in dict.fromkeys(kind for _, kind in GEPA_OUTCOMES)},
+        "seconds": round(seconds, 3), "instructions": report["instructions"],
+        "improved": report["instructions"] != base_instr, "progress_events": len(events),
+        "failed": failure.public() if failure else None,
+    }
+    over = f" (OVER budget by {result['overshoot']}: GEPA finishes the evaluation it started)" if result["overshoot"] else ""
+    out(f"  metric calls used: {calls if calls is not None else '-'}/{budget}{over}, candidates: "
+        f"{result['candidates']}, reflection LM calls: {reflections}, {seconds:.2f}s")
+    r = result["reflection"]
+    if reflections or any(r.values()):
+        out(f"  reflection: {r['proposed']} proposed, {r['accepted']} accepted, {r['rejected']} rejected, "
+            f"{r['failed']} failed, {r['no_proposal']} without a proposal, "
+            f"{r['skipped_perfect']} skipped (all subsample scores perfect)")
+    out(f"  valset score: baseline {_fmt(result['baseline_score'])} -> optimized {_fmt(result['optimized_score'])}")
+    if result["improved"]:
+        out("  learned instructions:")
+        for ln in wrapped(report["instructions"], "    "):
+            out(ln)
+    elif failure is not None:
+        out("  instructions unchanged (GEPA failed, see above)")
+    elif reflections == 0:
+        out("  instructions unchanged: the budget allowed no reflection (try --max-metric-calls 30)"
+            if budget <= len(GEPA_TRAIN) else
+            "  instructions unchanged: GEPA did not reflect within this budget; raise --max-metric-calls")
+    else:
+        out(f"  instructions unchanged: GEPA reflected {reflections} time(s) but no proposal beat the baseline "
+            f"({r['proposed']} proposed, {r['rejected']} rejected, {r['failed']} failed)")
+    return result, optimized
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def _count_types(failures: list[Failure]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in failures:
+        counts[f.error] = counts.get(f.error, 0) + 1
+    return counts
 
 
 def _labels(pred: dict[str, Any]) -> dict[str, str]:
@@ -674,6 +758,17 @@ def _quiet_close(s: dspex.Session) -> None:
 # --------------------------------------------------------------------------- script entry
 
 
+def add_lm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None, help="max_tokens of triage/insights calls (DSPEX_MAX_TOKENS)")
+    p.add_argument("--reflection-max-tokens", type=int, default=None,
+                   help="max_tokens of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS)")
+    p.add_argument("--lm-timeout", type=float, default=None, help="seconds per LM HTTP call (DSPEX_LM_TIMEOUT)")
+    p.add_argument("--num-retries", type=int, default=None, help="retries of 429/5xx/dropped calls (DSPEX_LM_NUM_RETRIES)")
+    p.add_argument("--lm-kwarg", action="append", default=[], metavar="K=V", help="extra dspy.LM keyword (repeatable)")
+    p.add_argument("--no-cache", action="store_true", help="do not use dspy's response cache")
+    p.add_argument("--no-preflight", action="store_true", help="skip the LM endpoint check before the flow")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python examples/flagship_multi_pool_gepa.py``: run against a running stack."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -685,26 +780,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-recycle", action="store_true", help="skip the forced recycles")
     p.add_argument("--timeout", type=float, default=60.0, help="per-call timeout in seconds")
     p.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    add_lm_arguments(p)
     args = p.parse_args(argv)
     out: Out = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else print
     try:
-        resolve_lm(args.model, args.api_base, engine=args.lm_engine)  # a missing key fails before connecting
+        bounds = resolve_bounds(max_tokens=args.max_tokens, reflection_max_tokens=args.reflection_max_tokens,
+                                lm_timeout=args.lm_timeout, num_retries=args.num_retries,
+                                lm_kwargs=args.lm_kwarg, no_cache=args.no_cache)
+        spec = resolve_lm(args.model, args.api_base, engine=args.lm_engine, bounds=bounds)  # before connecting
+        checked = None
+        if not args.no_preflight and not spec.offline:
+            from examples.flagship_preflight import preflight
+
+            checked = preflight(spec, out)
         with dspex.connect(args.endpoint, timeout=args.timeout) as client:
             client.ping(timeout=5)
             results = run_flagship(client, model=args.model, api_base=args.api_base,
                                    max_metric_calls=args.max_metric_calls, recycle=not args.no_recycle,
-                                   out=out, engine=args.lm_engine)
-    except DspexError as err:
-        print(f"error: {err.code}: {_one_line(err.message or err, 300)}", file=sys.stderr)
+                                   out=out, engine=args.lm_engine, bounds=bounds)
+            results["preflight"] = checked
+    except (DspexError, Exception) as err:
+        if not isinstance(err, DspexError) and getattr(err, "code", None) != "lm_unusable":
+            raise
+        message = getattr(err, "message", None) or str(err)
+        print(f"error: {getattr(err, 'code', 'error')}: {one_line(message, 400)}", file=sys.stderr)
         if isinstance(err, dspex.Timeout) and "ping" in str(err):
             print("hint: start the stack first (supervisord -c supervisor.conf) or run `dspexctl flagship`",
                   file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return exit_code_for(err)
     if args.json:
         import json
 
         print(json.dumps(results, default=str))
-    return 0
+    return EXIT_COMPLETED_WITH_FAILURES if results["summary"]["failed_calls"] else EXIT_OK
 
 
 if __name__ == "__main__":

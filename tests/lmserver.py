@@ -85,6 +85,7 @@ class LMServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="lmserver", daemon=True)
         self.thread.start()
         self.closing = threading.Event()
+        self.open: set[socket.socket] = set()  # connections being answered, cut on close()
 
     @staticmethod
     def _check(mode: str, rules: tuple[tuple[str, str], ...]) -> None:
@@ -116,7 +117,16 @@ class LMServer:
         return [c for c in self.calls if c.path.endswith("/chat/completions") and (mode is None or c.mode == mode)]
 
     def close(self) -> None:
+        """Stop serving and cut every open connection, as a server process that exits would: a
+        client still waiting on a slow or endless answer sees the connection drop at once."""
         self.closing.set()  # endless/slow answers stop at once
+        with self.lock:
+            conns = list(self.open)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)
@@ -165,6 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
         call = Call(self.path, mode, 200, str(body.get("model", "")), int(limit) if limit else None,
                     bool(body.get("stream")), auth=self.headers.get("Authorization"), body=body)
         lm.calls.append(call)
+        with lm.lock:
+            lm.open.add(self.connection)
         try:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 call.status = 404
@@ -180,6 +192,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._answer(body, mode, call, call.max_tokens)
         finally:
             call.seconds = time.monotonic() - started
+            with lm.lock:
+                lm.open.discard(self.connection)
+            if call.hung_up:
+                self.close_connection = True
 
     # ------------------------------------------------------------------ answering
 

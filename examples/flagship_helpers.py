@@ -1,0 +1,152 @@
+"""Helpers of the flagship flow that talk to the broker (pool readiness, recycles) or format what
+came back (``lm.history`` rows, labels, wrapped text). Public dspex client API only; no dspy."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import time
+from typing import Any, Callable
+
+import dspex
+from dspex.errors import Timeout
+
+Out = Callable[[str], None]
+POOLS = ("triage_pool", "optimizer_pool", "analytics_pool")
+
+def short(worker: str) -> str:
+    return worker[:8] if worker else "-"
+
+
+def score(pred: dict[str, Any], category: str, urgency: str) -> float:
+    def same(a: Any, b: str) -> bool:
+        return str(a or "").strip().lower() == b.strip().lower()
+
+    return 0.5 * same(pred.get("category"), category) + 0.5 * same(pred.get("urgency"), urgency)
+
+
+def one_line(text: Any, width: int = 90) -> str:
+    flat = re.sub(r"\s+", " ", str(text)).strip()
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def workers_by_incarnation(client: dspex.Client) -> dict[str, dict[str, Any]]:
+    """incarnation -> worker row (with its pool) from the broker status."""
+    rows: dict[str, dict[str, Any]] = {}
+    for pool_name, pool in client.status(timeout=10)["pools"].items():
+        for w in pool["workers"]:
+            rows[w["incarnation"]] = {**w, "pool": pool_name}
+    return rows
+
+
+def wait_pools_ready(client: dspex.Client, pools: tuple[str, ...] = POOLS, *, timeout: float = 60.0,
+                     out: Out = print, need: dict[str, int] | None = None,
+                     what: str = "waiting for workers") -> dict[str, int]:
+    """Wait until each pool has its declared number of ready workers (at least ``need[pool]``).
+
+    Returns ready counts. A pool still short after ``timeout`` but with one worker is a warning; a
+    pool with none is an error; an undeclared pool is :class:`dspex.PoolNotFound`.
+    """
+    need = dict(need or {})
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        status = client.status(timeout=10)["pools"]
+        missing = [p for p in pools if p not in status]
+        if missing:
+            raise dspex.PoolNotFound(f"the broker has no pool {', '.join(missing)} (it serves: "
+                                     f"{', '.join(sorted(status)) or 'none'}); declare it in supervisor.conf")
+        ready = {p: sum(1 for w in status[p]["workers"] if w["state"] != "draining") for p in pools}
+        wanted = {p: max(int(status[p].get("size") or 0), need.get(p, 1)) for p in pools}
+        short = {p: (ready[p], wanted[p]) for p in pools if ready[p] < wanted[p]}
+        if not short:
+            return ready
+        line = ", ".join(f"{p} {have}/{want}" for p, (have, want) in short.items())
+        if line != said:
+            out(f"  {what}: {line}")
+            said = line
+        if time.monotonic() > deadline:
+            empty = [p for p, (have, _) in short.items() if have == 0]
+            if empty:
+                raise Timeout(f"no ready worker in {', '.join(empty)} after {timeout:g}s", op="wait_pools")
+            out(f"WARNING: pools still short after {timeout:g}s ({line}); going on")
+            return ready
+        time.sleep(0.1)
+
+
+def recycle_and_wait(client: dspex.Client, pool: str, worker: str, *, out: Out, timeout: float = 60.0,
+                     replacement_timeout: float = 30.0) -> float:
+    """Recycle one worker incarnation (like ``dspexctl workers recycle``) and wait until it has
+    left the broker, then until the pool is back to its declared size (supervisord restarts the
+    worker as a new incarnation; without supervisord, going on with >= 1 worker after
+    ``replacement_timeout``). Returns the seconds it took."""
+    started = time.monotonic()
+    client.recycle(pool, worker=worker, timeout=10)
+    out(f"  recycling {pool} worker {short(worker)} (dspexctl workers recycle {pool} {short(worker)})")
+    deadline = started + timeout
+    while worker in workers_by_incarnation(client):
+        if time.monotonic() > deadline:
+            raise Timeout(f"worker {short(worker)} of {pool} did not leave within {timeout:g}s", op="recycle")
+        time.sleep(0.05)
+    out(f"  worker {short(worker)} has left the broker after {time.monotonic() - started:.2f}s")
+    ready = wait_pools_ready(client, (pool,), timeout=replacement_timeout, out=out,
+                             need={pool: 1}, what="waiting for its replacement (supervisord autorestart)")
+    elapsed = time.monotonic() - started
+    out(f"  {pool} has {ready[pool]} ready worker(s) again after {elapsed:.2f}s")
+    return elapsed
+
+
+def format_history(entries: list[Any], *, offline: bool) -> list[dict[str, Any]]:
+    """``lm.history`` entries (plain data with the response as a ref) -> rows for output and JSON."""
+    rows = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            rows.append({"index": i, "unexpected": repr(entry)[:200]})
+            continue
+        usage = entry.get("usage") or {}
+        tokens = usage.get("total_tokens")
+        if tokens is None:
+            tokens = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+        cached = not usage  # dspy records no usage for an answer from its cache
+        cost = entry.get("cost")
+        if cost is None:
+            cost_text = "$0 (offline)" if offline else "$? (not priced)"
+        else:
+            cost_text = f"${float(cost):.6f}"
+        messages = entry.get("messages") or []
+        user = next((m.get("content") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                    entry.get("prompt") or "")
+        if isinstance(user, list):
+            user = " ".join(str(p.get("text", "")) for p in user if isinstance(p, dict))
+        preview = re.sub(r"\[\[ ## (\w+) ## \]\]", r"\1:", str(user))
+        preview = preview.split("Respond with the corresponding output fields")[0]
+        response = entry.get("response")
+        ref = response if isinstance(response, dspex.Ref) else None
+        is_ref = ref is not None
+        outputs = entry.get("outputs") or []
+        rows.append({
+            "index": i, "model": entry.get("model"), "cost": cost, "cost_text": cost_text, "tokens": int(tokens),
+            "cached": cached,
+            "prompt_preview": one_line(preview, 80),
+            "output_preview": one_line(outputs[0] if outputs else "", 80),
+            "response_is_ref": is_ref,
+            "response": ref.type_name if ref is not None else type(response).__name__,
+            "response_ref": ref.id[:8] if ref is not None else None,
+            "data_keys": sorted(k for k in entry if k != "response"),
+        })
+    return rows
+
+
+def shown(value: Any) -> str:
+    """A field value for the console: ``<empty>`` instead of a blank."""
+    text = str(value or "").strip()
+    return text if text else "<empty>"
+
+
+def wrapped(text: str, indent: str, width: int = 100) -> list[str]:
+    """``text`` whole, wrapped at ``width`` (proposals and rules are never cut mid-sentence)."""
+    lines: list[str] = []
+    for para in str(text).splitlines() or [""]:
+        lines.extend(textwrap.wrap(para, width=width, initial_indent=indent, subsequent_indent=indent + "  ")
+                     or [indent.rstrip()])
+    return lines
