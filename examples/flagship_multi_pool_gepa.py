@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import dspex
 from dspex.errors import ConfigError, DspexError, QueueTimeout, RemoteError, SessionWorkerUnavailable, Timeout
+from examples.flagship_gepa import budget_text, fmt, run_gepa
 from examples.flagship_helpers import (
     Out,
     format_history,
@@ -43,7 +44,6 @@ from examples.flagship_helpers import (
     shown,
     wait_pools_ready,
     workers_by_incarnation,
-    wrapped,
 )
 from examples.flagship_lm import (
     DUMMY_API_KEY,
@@ -173,36 +173,6 @@ def dspex_answer(program, inputs):
 '''
 
 PROGRESS_EVERY_S = 10.0  # a "still waiting" line per pending LM call this often (DSPEX_PROGRESS_EVERY)
-
-
-def budget_text(budget: int, valset: int = len(GEPA_TRAIN)) -> str:
-    """What GEPA's metric-call budget allows, in words."""
-    if budget <= valset:
-        return (f"budget {budget} = the baseline evaluation only ({valset} valset examples), as in the original; "
-                "try --max-metric-calls 30 to let GEPA reflect")
-    return (f"budget {budget}: {valset} metric calls score the baseline, the other {budget - valset} go to "
-            "reflection minibatches and to scoring new candidates")
-
-
-# GEPA log line -> reflection outcome (gepa 0.x's messages, forwarded by the worker as progress)
-GEPA_OUTCOMES = (
-    ("All subsample scores perfect", "skipped_perfect"),
-    ("Proposed new text", "proposed"),
-    ("Found a better program", "accepted"),
-    ("is not better than", "rejected"),
-    ("rejected by acceptance", "rejected"),
-    ("worse than both parents", "rejected"),
-    ("reflection failed", "failed"),
-    ("Exception during optimization", "failed"),
-    ("Exception building reflective dataset", "failed"),
-    ("did not propose", "no_proposal"),
-    ("returned no text updates", "no_proposal"),
-)
-
-
-def gepa_outcome(message: str) -> str | None:
-    first = message.splitlines()[0] if message else ""
-    return next((kind for needle, kind in GEPA_OUTCOMES if needle.lower() in first.lower()), None)
 
 
 def exit_code_for(err: BaseException) -> int:
@@ -479,7 +449,9 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             f"std={stats['std']:.3f} p80={stats['p80']:.3f}")
 
         # ---------------------------------------------------------------- 5. GEPA
-        gepa_result, optimized = _run_gepa(flow, gepa, gepa_program, max_metric_calls)
+        gepa_result, optimized = run_gepa(flow, gepa, gepa_program, max_metric_calls, metric_source=METRIC_SOURCE,
+                                          trainset_source=TRAINSET_SOURCE,
+                                          train_rows=[list(TICKETS[t]) for t in GEPA_TRAIN])
         results["gepa"] = gepa_result
 
         # ---------------------------------------------------------------- 6. holdout + restore
@@ -597,7 +569,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         out(f"  triage score: mean {summary['mean_score']:.3f}, std {summary['std_score']:.3f}")
         calls = gepa_result["metric_calls"]
         out(f"  GEPA: {calls if calls is not None else '-'}/{max_metric_calls} metric calls, valset "
-            f"{_fmt(summary['gepa_baseline'])} -> {_fmt(summary['gepa_optimized'])}")
+            f"{fmt(summary['gepa_baseline'])} -> {fmt(summary['gepa_optimized'])}")
         for step, total, what in (("triage", len(triaged), "tickets"), ("insights", len(chosen), "insights"),
                                   ("gepa", 1, "GEPA runs"), ("holdout", 3, "holdout answers")):
             line = count_line(flow.by_step(step), total, what)
@@ -613,118 +585,6 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             _quiet_close(rh.session)
         for s in opened:
             _quiet_close(s)
-
-
-def _run_gepa(flow: _Flow, gepa: dspex.Session, program: dspex.Ref,
-              budget: int) -> tuple[dict[str, Any], dspex.Ref]:
-    """GEPA on the gepa session; (result, optimized program). A compile that fails is recorded and
-    the baseline program goes on as the 'optimized' one."""
-    out, spec = flow.out, flow.spec
-    out(f"\n[5] GEPA on the gepa session (max_metric_calls={budget})")
-    out(f"  {budget_text(budget)}")
-    bound = gepa.exec(METRIC_SOURCE)
-    out(f"  metric defined in the worker: exec bound {sorted(bound)}")
-    metric = bound["metric"]
-    rows_train = [list(TICKETS[t]) for t in GEPA_TRAIN]
-    trainset = gepa.exec(TRAINSET_SOURCE, {"GEPA_ROWS": rows_train})["trainset"]
-    reflection_lm = gepa.call("dspy", "LM", [spec.model], spec.lm_kwargs(0.9, "reflection"))
-    optimizer = gepa.call("dspy", "GEPA", [metric], {
-        "reflection_lm": reflection_lm, "max_metric_calls": budget,
-        "reflection_minibatch_size": 1, "track_stats": True})
-    compile_timeout = max(flow.call_timeout, 120.0 + 20.0 * budget,
-                          0.0 if spec.offline else flow.call_timeout * (budget + 2))
-    outcomes: dict[str, int] = {}
-    events: list[str] = []
-    shown_failures = 0
-
-    def gepa_progress(event: Any) -> None:
-        # GEPA's log lines, streamed from the worker while compile runs (no silent wait)
-        nonlocal shown_failures
-        message = str(event.get("message", event)) if isinstance(event, dict) else str(event)
-        events.append(message)
-        first = message.splitlines()[0] if message else ""
-        kind = gepa_outcome(message)
-        if kind is not None:
-            outcomes[kind] = outcomes.get(kind, 0) + 1
-        if kind == "skipped_perfect":
-            return  # counted, not printed: at larger budgets there are a dozen of them
-        if kind == "proposed":
-            head, _, text = first.partition(": Proposed new text for ")
-            name, _, body = text.partition(": ")
-            out(f"  · {head}: proposed a new instruction for {name} ({len(message) - len(first) + len(body)} chars)")
-        elif kind == "failed" and shown_failures < 3:
-            shown_failures += 1
-            out(f"  ! {one_line(first, 150)}")
-        elif kind in ("accepted", "rejected", "no_proposal") or (first.startswith("Iteration") and "score" in first):
-            out(f"  · {one_line(first, 150)}")
-
-    t0 = time.perf_counter()
-    failure: Failure | None = None
-    optimized = program
-    try:
-        (optimized,) = flow.wait_all([("GEPA compile", flow.client.submit(
-            gepa.method, optimizer, "compile", [program], {"trainset": trainset, "valset": trainset},
-            timeout=compile_timeout, on_progress=gepa_progress))])
-    except RemoteError as err:
-        failure = failure_of("gepa", "compile", err, spec, session=gepa.id, worker=gepa.worker,
-                             seconds=time.perf_counter() - t0)
-        flow.failures.append(failure)
-        for line in flow.failed_line(failure):
-            out(f"  GEPA {line}")
-        out("  going on with the unoptimized program")
-    except Timeout as err:
-        raise flow.too_slow(err, "GEPA", "compile", gepa) from None
-    seconds = time.perf_counter() - t0
-    reflections = int(gepa.eval("len(lm.history)", {"lm": reflection_lm}))
-    base_instr = str(gepa.eval("p.signature.instructions", {"p": program}))
-    if failure is None:
-        report = dict(gepa.eval(
-            "{'calls': r.total_metric_calls, 'scores': [float(x) for x in r.val_aggregate_scores], "
-            "'best': r.best_idx, 'candidates': len(r.candidates), 'full_evals': r.num_full_val_evals, "
-            "'instructions': o.signature.instructions}",
-            {"o": optimized, "r": gepa.attr(optimized, "detailed_results")}))
-    else:
-        report = {"calls": None, "scores": [None], "best": 0, "candidates": 0, "full_evals": 0,
-                  "instructions": base_instr}
-    calls = report["calls"]
-    result = {
-        "budget": budget, "metric_calls": calls, "within_budget": calls is not None and calls <= budget,
-        "overshoot": max(0, calls - budget) if calls is not None else 0,
-        "baseline_score": report["scores"][0], "optimized_score": report["scores"][report["best"]],
-        "candidates": report["candidates"], "best_candidate": report["best"], "full_val_evals": report["full_evals"],
-        "reflection_calls": reflections,
-        "reflection": {k: outcomes.get(k, 0) for k in dict.fromkeys(kind for _, kind in GEPA_OUTCOMES)},
-        "seconds": round(seconds, 3), "instructions": report["instructions"],
-        "improved": report["instructions"] != base_instr, "progress_events": len(events),
-        "failed": failure.public() if failure else None,
-    }
-    over = f" (OVER budget by {result['overshoot']}: GEPA finishes the evaluation it started)" if result["overshoot"] else ""
-    out(f"  metric calls used: {calls if calls is not None else '-'}/{budget}{over}, candidates: "
-        f"{result['candidates']}, reflection LM calls: {reflections}, {seconds:.2f}s")
-    r = result["reflection"]
-    if reflections or any(r.values()):
-        out(f"  reflection: {r['proposed']} proposed, {r['accepted']} accepted, {r['rejected']} rejected, "
-            f"{r['failed']} failed, {r['no_proposal']} without a proposal, "
-            f"{r['skipped_perfect']} skipped (all subsample scores perfect)")
-    out(f"  valset score: baseline {_fmt(result['baseline_score'])} -> optimized {_fmt(result['optimized_score'])}")
-    if result["improved"]:
-        out("  learned instructions:")
-        for ln in wrapped(report["instructions"], "    "):
-            out(ln)
-    elif failure is not None:
-        out("  instructions unchanged (GEPA failed, see above)")
-    elif reflections == 0:
-        out("  instructions unchanged: the budget allowed no reflection (try --max-metric-calls 30)"
-            if budget <= len(GEPA_TRAIN) else
-            "  instructions unchanged: GEPA did not reflect within this budget; raise --max-metric-calls")
-    else:
-        out(f"  instructions unchanged: GEPA reflected {reflections} time(s) but no proposal beat the baseline "
-            f"({r['proposed']} proposed, {r['rejected']} rejected, {r['failed']} failed)")
-    return result, optimized
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.3f}"
 
 
 def _count_types(failures: list[Failure]) -> dict[str, int]:

@@ -5,7 +5,8 @@ hands it one canonical ``dspy.lm15.Request`` per call and it returns one ``Respo
 the prompt the adapter built (ChatAdapter ``[[ ## field ## ]]`` sections, JSONAdapter's JSON
 object, XMLAdapter tags), answers every requested output field in that adapter's format, and
 follows keyword rules written in the signature's instructions. With no rules it falls back to a
-deliberately weak heuristic, so an unoptimized program gets some tickets wrong.
+plausible keyword baseline (billing/account/feature words, else "bug"; urgency from alarm words)
+that knows no "outage", so an unoptimized program gets some tickets right and some wrong.
 
 Rule language (one rule per line, anywhere in the instructions; case-insensitive)::
 
@@ -64,7 +65,12 @@ _MISMATCH_RE = re.compile(r"(?P<field>[A-Za-z_][\w ]*?)\s+mismatch:\s*expected\s
                           r"[\s,;]*got\s+(?P<q2>['\"])(?P<got>.*?)(?P=q2)", re.IGNORECASE)
 _OUT_FIELD_RE = re.compile(r"^\s*\d+\.\s+`(\w+)`\s+\((.*?)\)(?::|$)")
 _HEADER_RE = re.compile(r"\[\[ ## (\w+) ## \]\]")
-_ALARM = ("down", "outage", "crash", "fail", "error", "blocked", "urgent", "broken")  # weak default only
+_ALARM = ("down", "outage", "crash", "fail", "error", "blocked", "urgent", "broken")  # baseline only
+_BASELINE_CATEGORIES = (  # first match wins; anything else is a "bug"
+    ("billing", ("refund", "charge", "invoice", "payment", "billing")),
+    ("account", ("login", "password", "sso", "account", "locked")),
+    ("feature", ("feature", "request", "would like", "add support")),
+)
 _CATEGORY_NAMES = {"category", "label", "type", "kind", "class", "topic", "intent"}
 _URGENCY_NAMES = {"urgency", "priority", "severity"}
 _STOPWORDS = frozenset("""the and with for after before from that this have has been still when what which their
@@ -213,12 +219,15 @@ def _literal_options(annotation: str) -> list[str]:
 
 
 def _default_value(name: str, annotation: str, text: str) -> str:
-    """The weak heuristic: knows no labels, only a few generic alarm words."""
+    """The untrained baseline: a plausible keyword triage (billing, account, feature words; "bug"
+    otherwise) that knows no "outage" and rates urgency by alarm words only, so an unoptimized
+    program gets some tickets right and some wrong, and GEPA's learned rules have work to do."""
     lowered = text.lower()
     if options := _literal_options(annotation):
         return next((o for o in options if o.lower() in lowered), options[0])
     if name in _CATEGORY_NAMES:
-        return "bug"
+        return next((label for label, words in _BASELINE_CATEGORIES
+                     if any(re.search(r"\b" + w, lowered) for w in words)), "bug")
     if name in _URGENCY_NAMES:
         return "high" if any(re.search(r"\b" + a, lowered) for a in _ALARM) else "medium"
     return ""
@@ -240,7 +249,7 @@ def _typed(value: str, annotation: str, text: str) -> Any:
 
 
 def _answer_fields(prompt: _Prompt) -> dict[str, Any]:
-    """Values for every output field: rules first, then the weak default, then short derived text."""
+    """Values for every output field: rules first, then the keyword baseline, then short derived text."""
     names = {n for n, _ in prompt.outputs}
     if {"new_instruction", "improved_instruction"} & names and "current_instruction" in prompt.inputs:
         target = "new_instruction" if "new_instruction" in names else "improved_instruction"

@@ -181,6 +181,13 @@ def test_flagship_offline_with_recycles(flagship_client: dspex.Client, fstack: t
     # the rebuilt insights session ran on another worker than the recycled one
     assert res["insights"]["worker_after"] != res["recycles"][0]["worker"]
     assert fstack[1].respawned >= 2
+    # the offline baseline is a plausible keyword triage, not one label for everything
+    assert len({r["category"] for r in res["triage"]}) >= 3
+    text = "\n".join(lines)
+    assert "budget 3 = the baseline evaluation only (3 valset examples), as in the original; " \
+           "try --max-metric-calls 30" in text
+    assert "instructions unchanged: the budget allowed no reflection (try --max-metric-calls 30)" in text
+    assert res["summary"]["failed_calls"] == 0 and res["failures"] == []
     # every session of the run is closed, including the two whose workers were recycled
     ours = {v["session"] for v in res["sessions"].values()} | {res["holdout"]["restored"]["session"]}
     assert not ours & {r["id"] for r in flagship_client.sessions()}
@@ -196,6 +203,18 @@ def test_flagship_offline_gepa_budget_30(flagship_client: dspex.Client) -> None:
     assert g["improved"] and g["optimized_score"] > g["baseline_score"], g
     assert g["reflection_calls"] > 0 and "- If the ticket mentions" in g["instructions"]
     assert res["holdout"]["restored_matches"]  # instructions with the learned rules, restored
+    # the flagship explains itself: outcomes counted, no flood, proposals whole, the gain shown
+    r = g["reflection"]
+    assert r["proposed"] >= 1 and r["accepted"] >= 1 and r["skipped_perfect"] >= 1, r
+    text = "\n".join(lines)
+    assert "All subsample scores perfect" not in text and "did not propose" not in text
+    assert f"{r['skipped_perfect']} skipped (all subsample scores perfect)" in text
+    assert "(improved by +" in text and "raise --max-metric-calls" not in text
+    for rule in (ln.strip() for ln in g["instructions"].splitlines() if ln.strip().startswith("- If")):
+        words = rule.split()
+        assert any(" ".join(words[:4]) in ln for ln in lines), rule  # printed, wrapped, not cut
+        assert "..." not in "".join(ln for ln in lines if "- If" in ln)
+    assert g["metric_calls"] <= 30 or f"OVER budget by {g['overshoot']}" in text
 
 
 def test_cli_against_running_stack_json(flagship_client: dspex.Client, fstack: tuple[Stack, Respawner]) -> None:

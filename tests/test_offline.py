@@ -89,9 +89,15 @@ def test_chain_of_thought_has_reasoning(lm: dspy.LM) -> None:
     assert pred.reasoning and pred.summary and pred.root_cause
 
 
-def test_unoptimized_default_is_weak_but_not_useless(lm: dspy.LM) -> None:
+def test_unoptimized_default_is_a_plausible_keyword_baseline(lm: dspy.LM) -> None:
+    """Not one label for everything: some tickets right, some wrong, room for GEPA to improve."""
     score = mean_score(dspy.Predict(SIG), lm, TRAIN)
-    assert 0.3 <= score <= 0.6
+    assert 0.5 <= score < 1.0
+    with dspy.context(lm=lm):
+        labels = {tid: dspy.Predict(SIG)(ticket=text).category for tid, (text, _, _) in TICKETS.items()}
+    assert len(set(labels.values())) >= 3, labels
+    assert labels["INC-002"] == "billing" and labels["INC-004"] == "account" and labels["INC-003"] == "feature"
+    assert labels["INC-001"] != "outage"  # what GEPA has to learn
 
 
 def test_instruction_rules_change_the_answer(lm: dspy.LM) -> None:
@@ -100,8 +106,8 @@ def test_instruction_rules_change_the_answer(lm: dspy.LM) -> None:
     with dspy.context(lm=lm):
         before, after = base(ticket=TICKETS["INC-002"][0]), ruled(ticket=TICKETS["INC-002"][0])
         untouched = ruled(ticket=TICKETS["INC-003"][0])
-    assert (before.category, after.category, after.urgency) == ("bug", "billing", "low")
-    assert untouched.category == "bug"  # the rule's keywords do not occur there
+    assert (before.category, before.urgency, after.category, after.urgency) == ("billing", "medium", "billing", "low")
+    assert (untouched.category, untouched.urgency) == ("feature", "medium")  # the rule's keywords do not occur there
 
 
 def test_rule_language() -> None:

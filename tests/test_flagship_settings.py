@@ -1,0 +1,117 @@
+"""The flagship's LM settings, failure records, budget words and start-up progress: pure logic."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+import dspex
+from conftest import REPO
+from examples.flagship_gepa import budget_text, gepa_outcome
+from examples.flagship_lm import (
+    DEFAULT_LM_TIMEOUT,
+    LMBounds,
+    count_line,
+    failure_of,
+    parse_lm_kwarg,
+    resolve_bounds,
+    resolve_lm,
+)
+
+_spec = importlib.util.spec_from_file_location("dspex_flagship_settings_under_test",
+                                               REPO / "examples" / "flagship_multi_pool_gepa.py")
+assert _spec is not None and _spec.loader is not None
+flagship = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = flagship
+_spec.loader.exec_module(flagship)
+
+
+def test_bounds_flags_then_environment_then_defaults() -> None:
+    assert resolve_bounds(env={}) == LMBounds()
+    env = {"DSPEX_MAX_TOKENS": "256", "DSPEX_LM_TIMEOUT": "12.5", "DSPEX_LM_NUM_RETRIES": "4",
+           "DSPEX_REFLECTION_MAX_TOKENS": "999", "DSPEX_LM_KWARGS": "top_p=0.9 stop=[\"END\"]", "DSPEX_LM_CACHE": "0"}
+    b = resolve_bounds(env=env)
+    assert (b.max_tokens, b.reflection_max_tokens, b.timeout, b.num_retries, b.cache) == (256, 999, 12.5, 4, False)
+    assert dict(b.extra) == {"top_p": 0.9, "stop": ["END"]}
+    b = resolve_bounds(max_tokens=64, lm_timeout=3, num_retries=0, lm_kwargs=["top_p=0.5", "seed=7"], env=env)
+    assert (b.max_tokens, b.timeout, b.num_retries, dict(b.extra)) == (64, 3.0, 0, {"top_p": 0.5, "stop": ["END"],
+                                                                                   "seed": 7})
+    assert resolve_bounds(no_cache=True, env={}).cache is False
+    for bad in ({"max_tokens": 0}, {"lm_timeout": 0}, {"num_retries": -1}):
+        with pytest.raises(dspex.ConfigError):
+            resolve_bounds(**bad, env={})  # type: ignore[arg-type]
+    with pytest.raises(dspex.ConfigError, match="KEY=VALUE"):
+        parse_lm_kwarg("novalue")
+    with pytest.raises(dspex.ConfigError, match="environment variable"):
+        parse_lm_kwarg("api_key=secret")
+
+
+def test_call_timeout_outlives_every_lm_attempt() -> None:
+    for timeout, retries in ((DEFAULT_LM_TIMEOUT, 2), (1.0, 0), (30.0, 5)):
+        b = LMBounds(timeout=timeout, num_retries=retries)
+        assert b.call_timeout > timeout * (retries + 1) and b.call_timeout > 2 * timeout
+
+
+def test_kwargs_per_role_and_offline() -> None:
+    spec = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={}, bounds=LMBounds(max_tokens=100,
+                      reflection_max_tokens=900, timeout=7, num_retries=1, extra=(("top_p", 0.5),)))
+    task, refl = spec.lm_kwargs(0.2), spec.lm_kwargs(0.9, "reflection")
+    assert (task["max_tokens"], task["timeout"], task["num_retries"], task["cache"], task["top_p"]) == (100, 7, 1, True, 0.5)
+    assert refl["max_tokens"] == 900 and refl["cache"] is False  # reflection never replays the cache
+    assert spec.public()["bounds"]["call_timeout_s"] == spec.bounds.call_timeout
+    assert "api_key" not in spec.public()["lm_kwargs"]
+    offline = resolve_lm(None, env={})
+    assert offline.lm_kwargs(0.2) == {"temperature": 0.2}  # the custom engine refuses client settings
+    assert "LM timeout 7s" in spec.bounds.describe() and "max_tokens 100 (triage/insights)" in spec.bounds.describe()
+
+
+def test_failure_records_type_adapter_and_hint() -> None:
+    spec = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={})
+    err = dspex.RemoteError("LM response cannot be serialized to a JSON object.\n\nAdapter JSONAdapter failed to "
+                            "parse the LM response.", type="AdapterParseError", traceback="")
+    f = failure_of("triage", "INC-002", err, spec, session="s1", worker="w1", seconds=1.23456)
+    assert (f.error, f.adapter, f.seconds, f.label()) == ("AdapterParseError", "JSONAdapter", 1.235,
+                                                         "AdapterParseError (JSONAdapter)")
+    assert "instruction-tuned" in f.hint and "\n" not in f.message
+    slow = failure_of("triage", "INC-1", dspex.RemoteError("[openai/m] read timed out waiting for headers",
+                                                           type="LMTransportError", traceback=""), spec)
+    assert "--lm-timeout 60s" in slow.hint
+    assert count_line([f, f, slow], 5, "tickets") == "3/5 tickets failed: AdapterParseError \u00d72, LMTransportError \u00d71"
+    assert count_line([], 5, "tickets") == ""
+
+
+def test_exit_codes() -> None:
+    assert flagship.exit_code_for(dspex.Timeout("x", lm_too_slow=True)) == 5
+    assert flagship.exit_code_for(dspex.Timeout("x")) == 1
+    assert flagship.exit_code_for(dspex.ConfigError("x")) == 2
+    from examples.flagship_preflight import LMUnusable
+
+    assert flagship.exit_code_for(LMUnusable("x")) == 6
+
+
+def test_budget_words_and_gepa_outcomes() -> None:
+    assert budget_text(3) == ("budget 3 = the baseline evaluation only (3 valset examples), as in the original; "
+                              "try --max-metric-calls 30 to let GEPA reflect")
+    assert budget_text(30).startswith("budget 30: 3 metric calls score the baseline, the other 27")
+    assert gepa_outcome("Iteration 4: All subsample scores perfect for parent 0. Skipping.") == "skipped_perfect"
+    assert gepa_outcome("Iteration 2: Proposed new text for self: Do X") == "proposed"
+    assert gepa_outcome("Batched reflection failed (boom); retrying per task.") == "failed"
+    assert gepa_outcome("Iteration 3: New subsample score 0.5 is not better than old score 1.0, skipping") == "rejected"
+    assert gepa_outcome("Iteration 5: Reflective mutation did not propose a new candidate") == "no_proposal"
+    assert gepa_outcome("Iteration 1: Found a better program on the valset with score 1.0.") == "accepted"
+    assert gepa_outcome("Iteration 1: Selected program 0 score: 0.5") is None
+
+
+def test_stack_start_progress_has_no_alarming_lines() -> None:
+    from dspexctl.flagship import _start_progress
+
+    said: list[str] = []
+    progress = _start_progress(said.append)
+    progress("starting supervisord -c supervisor.conf")
+    for _ in range(3):
+        progress("waiting for the broker (broker: nothing is listening at ipc:///tmp/x/f.sock (is the broker running?))")
+    progress("ready: triage_pool 2/2")
+    assert said == ["  starting supervisord -c supervisor.conf", "  waiting for the broker to start",
+                    "  ready: triage_pool 2/2"]
