@@ -79,6 +79,9 @@ class LMServer:
         self.failed: dict[str, int] = {}
         self.lock = threading.Lock()
         self._check(mode, rules)
+        # import dspy and the offline engine now: a first import inside two handler threads at once
+        # takes seconds under load and may fail half-way, which a test would read as the model's fault
+        normal_answer([{"role": "user", "content": "warm up"}], "warmup")
         handler = type("Handler", (_Handler,), {"lm": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
