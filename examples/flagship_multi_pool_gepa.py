@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import dspex
 from dspex.errors import ConfigError, DspexError, QueueTimeout, RemoteError, SessionWorkerUnavailable, Timeout
-from examples.flagship_gepa import budget_text, fmt, run_gepa
+from examples.flagship_gepa import fmt, run_gepa
 from examples.flagship_helpers import (
     Out,
     format_history,
@@ -294,7 +294,6 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         out(f"  bounds: {spec.bounds.describe()}")
     for note in spec.notes:
         out(f"  note: {note}")
-    out(f"  GEPA {budget_text(max_metric_calls)}")
     out(f"broker: {client.endpoint}")
     wait_pools_ready(client, POOLS, timeout=ready_timeout, out=out, need={TRIAGE_POOL: 2})
     if not spec.offline:
