@@ -115,3 +115,26 @@ def test_stack_start_progress_has_no_alarming_lines() -> None:
     progress("ready: triage_pool 2/2")
     assert said == ["  starting supervisord -c supervisor.conf", "  waiting for the broker to start",
                     "  ready: triage_pool 2/2"]
+
+
+class _QueuedSession:
+    """What the flow needs of a session whose call waited out the pool's queue_timeout."""
+
+    id, worker, pool = "5e5510a1deadbeef", "w0rker00", "triage_pool"
+
+    def eval(self, *args: object, **kwargs: object) -> None:
+        raise dspex.QueueTimeout("waited 30.0s in pool 'triage_pool', over its queue timeout of 30s",
+                                 pool="triage_pool")
+
+
+def test_queue_timeout_of_an_lm_call_says_why_and_where_to_change_it() -> None:
+    from types import SimpleNamespace
+
+    spec = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={}, bounds=LMBounds(timeout=60, num_retries=2))
+    flow = flagship._Flow(SimpleNamespace(timeout=60.0), spec, print, 10.0)
+    with pytest.raises(dspex.QueueTimeout) as info:
+        flow.predict(_QueuedSession(), None, {"ticket": "x"}, step="triage", item="INC-003")  # type: ignore[arg-type]
+    msg = info.value.message
+    assert msg.startswith("triage INC-003: waited 30.0s in pool 'triage_pool'")
+    assert f"up to {spec.bounds.call_timeout:g}s" in msg and "[dspex:pool:triage_pool]" in msg
+    assert info.value.details["pool"] == "triage_pool"
