@@ -447,6 +447,7 @@ def test_dspexctl_flagship_starts_and_stops_supervisord(short_tmp: str) -> None:
         assert res["holdout"]["restored_matches"] and res["gepa"]["within_budget"]
         assert res["stack"]["started"] is True and res["stack"]["kept_running"] is False
         assert "starting supervisord" in err_text and "stopping the stack" in err_text
+        assert "nothing is listening" not in err_text  # no alarming lines on a normal start
         endpoint = res["stack"]["endpoint"]
         assert endpoint.startswith(f"ipc://{run_dir}/")
 
