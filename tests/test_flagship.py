@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +26,7 @@ import pytest
 
 import dspex
 from conftest import PY, REPO, Stack, base_env, wait_for
+from lmserver import LMServer
 from examples.offline_lm import OFFLINE_LABEL
 
 pytestmark = pytest.mark.timeout(240)
@@ -254,90 +254,35 @@ def test_script_main_json(flagship_client: dspex.Client, fstack: tuple[Stack, Re
     assert err.count("\n") == 0 and "ANTHROPIC_API_KEY" in err
 
 
-class _ChatCompletions(BaseHTTPRequestHandler):
-    """``POST /v1/chat/completions`` answered by the offline engine's logic, in the adapter's format."""
-
-    calls: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        type(self).calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
-            return
-        text = _answer(body.get("messages", []), str(body.get("model", "")))
-        prompt_tokens = sum(len(_text(m.get("content")).split()) for m in body.get("messages", []))
-        self._send(200, {
-            "id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
-                                                      "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
-                      "total_tokens": prompt_tokens + len(text.split())}})
-
-    def _send(self, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
-def _answer(messages: list[dict[str, Any]], model: str) -> str:
-    from dspy.lm15 import Message, Request
-
-    from examples.offline_lm import OfflineEngine
-
-    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
-    convo = [Message.user(_text(m.get("content"))) if m.get("role") == "user" else Message.assistant(_text(m.get("content")))
-             for m in messages if m.get("role") in ("user", "assistant")] or [Message.user("")]
-    request = Request(model=model or "loopback", messages=tuple(convo), system=system or None)
-    return OfflineEngine().complete(request).text or ""
-
-
 @pytest.fixture
-def chat_server() -> Iterator[str]:
-    _ChatCompletions.calls = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatCompletions)
-    thread = threading.Thread(target=server.serve_forever, name="chat-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def chat_server() -> Iterator[LMServer]:
+    """The loopback OpenAI-compatible server (tests/lmserver.py) in its normal mode."""
+    with LMServer() as srv:
+        yield srv
 
 
 @pytest.mark.parametrize("engine", [None, "litellm"], ids=["dspy-auto", "litellm"])
-def test_flagship_real_provider_path_on_loopback(flagship_client: dspex.Client, chat_server: str,
+def test_flagship_real_provider_path_on_loopback(flagship_client: dspex.Client, chat_server: LMServer,
                                                  engine: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("DSPEX_MODEL", raising=False)
     lines: list[str] = []
     name = f"dspex-loopback-{engine or 'auto'}"  # its own dspy cache entries per engine
-    res = flagship.run_flagship(flagship_client, model=f"openai/{name}", api_base=chat_server,
+    res = flagship.run_flagship(flagship_client, model=f"openai/{name}", api_base=chat_server.base,
                                 max_metric_calls=3, recycle=True, out=lines.append, engine=engine)
     print("\n".join(lines))
     assert not res["offline"] and OFFLINE_LABEL not in "\n".join(lines)
-    assert res["lm"]["lm_kwargs"]["api_base"] == chat_server and "api_key" not in res["lm"]["lm_kwargs"]
+    assert res["lm"]["lm_kwargs"]["api_base"] == chat_server.base and "api_key" not in res["lm"]["lm_kwargs"]
     _check_common(res, lines, recycled=True)
-    calls = _ChatCompletions.calls
+    calls = chat_server.completions()
     # 5 triage + 2 insights + the holdout, all real HTTP (GEPA's calls on the same prompts at the same
     # temperature, and the restored program's, are answered by dspy's cache: the history shows them)
     assert len(calls) >= 8, len(calls)
-    assert {c["path"] for c in calls} == {"/v1/chat/completions"}
-    assert {c["auth"] for c in calls} == {f"Bearer {flagship.DUMMY_API_KEY}"}
-    assert {c["body"]["model"] for c in calls} == {name}
+    assert {c.path for c in calls} == {"/v1/chat/completions"}
+    assert {c.auth for c in calls} == {f"Bearer {flagship.DUMMY_API_KEY}"}
+    assert {c.model for c in calls} == {name}
+    bounds = flagship.resolve_bounds(env={})
+    assert {c.max_tokens for c in calls} <= {bounds.max_tokens, bounds.reflection_max_tokens}  # bounded calls
     expected_response = "ModelResponse" if engine == "litellm" else "Response"
     for e in res["history"]["triage_1"]:
         assert e["model"] == f"openai/{name}" and e["response"].endswith(expected_response)
