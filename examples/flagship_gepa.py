@@ -154,7 +154,7 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
             if budget <= len(train_rows) else
             "  instructions unchanged: GEPA did not reflect within this budget; raise --max-metric-calls")
     else:
-        out(f"  instructions unchanged: GEPA reflected {reflections} time(s) but no proposal beat the baseline "
+        out(f"  instructions unchanged: GEPA reflected ({reflections} LM calls) but no proposal beat the baseline "
             f"({r['proposed']} proposed, {r['rejected']} rejected, {r['failed']} failed)")
     return result, optimized
 

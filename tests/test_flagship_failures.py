@@ -83,8 +83,9 @@ def _run(client: dspex.Client, srv_base: str, name: str, **kwargs: Any) -> tuple
     lines: list[str] = []
     bounds = flagship.resolve_bounds(**kwargs.pop("bounds", {}), env={})
     t0 = time.monotonic()
-    res = flagship.run_flagship(client, model=f"openai/{name}", api_base=srv_base, max_metric_calls=3,
-                                recycle=False, out=lines.append, bounds=bounds, **kwargs)
+    kwargs.setdefault("max_metric_calls", 3)
+    res = flagship.run_flagship(client, model=f"openai/{name}", api_base=srv_base, recycle=False,
+                                out=lines.append, bounds=bounds, **kwargs)
     elapsed = time.monotonic() - t0
     print("\n".join(lines))
     json.dumps(res)  # --json prints exactly this
@@ -275,3 +276,39 @@ def test_preflight_warns_about_unparsable_truncated_and_empty(server: LMServer) 
     assert report["finish_reason"] == "length" and "finish_reason=length" in text and "chat template" in text
     report, text = check("empty")
     assert "empty" in text and "system message" in text
+
+
+def test_failed_reflection_is_counted_and_never_replayed_from_the_cache(client: dspex.Client,
+                                                                         server: LMServer) -> None:
+    """GEPA's reflection answers do not parse: GEPA's own failure lines reach the console, the
+    outcomes are counted, the hint does not blame the budget, and every reflection call is a real
+    request (the reflection LM never uses dspy's cache)."""
+    server.set("normal", rules=(("current_instruction", "unparsable"),))
+    res, lines, _ = _run(client, server.base, "reflection-fails", max_metric_calls=12)
+    _completed(res, lines)
+    g = res["gepa"]
+    assert g["reflection_calls"] >= 2 and not g["improved"]
+    r = g["reflection"]
+    assert r["failed"] + r["no_proposal"] >= 1 and r["proposed"] == 0, r
+    text = "\n".join(lines)
+    assert f"reflection: 0 proposed, 0 accepted, 0 rejected, {r['failed']} failed" in text
+    assert "instructions unchanged: GEPA reflected" in text and "raise --max-metric-calls" not in text
+    asked = [c for c in server.completions() if "current_instruction" in json.dumps(c.body)]
+    assert len(asked) == g["reflection_calls"], (len(asked), g["reflection_calls"])
+    assert g["within_budget"] or f"OVER budget by {g['overshoot']}" in text
+
+
+def test_endless_stream_stops_at_max_tokens(server: LMServer) -> None:
+    import urllib.request
+
+    server.set("endless")
+    body = json.dumps({"model": "m", "stream": True, "max_tokens": 25,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(server.base + "/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
+        events = [ln[6:] for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len(text.split()) == 25 and chunks[-1]["choices"][0]["finish_reason"] == "length"
