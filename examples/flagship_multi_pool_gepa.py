@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                                    max_metric_calls=args.max_metric_calls, recycle=not args.no_recycle,
                                    out=out, engine=args.lm_engine, bounds=bounds)
             results["preflight"] = checked
-    except (DspexError, Exception) as err:
+    except Exception as err:  # dspex errors and the preflight's LMUnusable; anything else is a bug
         if not isinstance(err, DspexError) and getattr(err, "code", None) != "lm_unusable":
             raise
         message = getattr(err, "message", None) or str(err)
