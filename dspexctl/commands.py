@@ -35,6 +35,9 @@ EXIT_ERROR = 1  # the operation failed
 EXIT_USAGE = 2  # a user mistake: unknown pool/worker/session, bad option, bad config or endpoint
 EXIT_DEGRADED = 3  # pools status: a pool short of workers, or a supervisord program not RUNNING
 EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
+EXIT_DOWN = 5  # pools status: a pool has no ready worker
+EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
+EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
 
 EXIT_CODES = {
     ConnectionError.code: EXIT_UNREACHABLE,
@@ -114,177 +117,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.0f}MB" if n else "-"
 
 
-def fmt_ms(ms: float) -> str:
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
     return f"{ms:.1f}ms" if ms < 1000 else f"{ms / 1000:.2f}s"
-
-
-# -- pools status ------------------------------------------------------------------------------
-def process_ok(proc: dict[str, Any], live_pids: set[int]) -> bool:
-    return proc["statename"] == "RUNNING" or (proc["statename"] == "STARTING" and proc["pid"] in live_pids)
-
-
-class PoolsStatus:
-    def request(self, pools: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
-        return {"pools": list(pools), "verbose": verbose}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        problems: list[str] = []
-        unreachable = False
-        broker: dict[str, Any] | None = None
-        try:
-            with settings.client() as dx:
-                broker = dx.status()
-        except (ConnectionError, Timeout) as err:
-            unreachable = True
-            problems.append(f"broker unreachable: {err.message}")
-        sc = settings.supervisor_conf_or_none()
-        procs: list[dict[str, Any]] | None = None
-        sup_info: dict[str, Any] | None = None
-        if sc is not None:
-            sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
-            try:
-                with Supervisor(sc, timeout=settings.timeout) as sup:
-                    sup_info["state"] = sup.state()
-                    sup_info["pid"] = sup.pid()
-                    procs = sup.processes()
-            except SupervisorUnreachable as err:
-                unreachable = True
-                problems.append(err.message)
-            for p in procs or []:
-                sup_info["processes"].append({
-                    "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
-                    "uptime_s": max(0, p["now"] - p["start"]) if p["statename"] == "RUNNING" else 0,
-                    "description": p["description"]})
-        # STARTING only means supervisord's startsecs have not passed: a process the broker already
-        # lists (a registered worker, or the broker answering) is up
-        live_pids = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
-        if broker is not None:
-            live_pids.add(broker["broker"]["pid"])
-        for p in procs or []:
-            if not process_ok(p, live_pids):
-                problems.append(f"{full_name(p)} is {p['statename']}")
-        by_pid = {p["pid"]: p for p in (procs or []) if p["pid"]}
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for p in procs or []:
-            groups.setdefault(p["group"], []).append(p)
-        declared: list[str] = []
-        conf_sizes: dict[str, int] = {}
-        if sc is not None:
-            from dspex.pools import load_pools, supervisor_group_sizes
-
-            declared = [c.name for c in load_pools(sc.path)]
-            conf_sizes = supervisor_group_sizes(sc.path)
-        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
-        if req["pools"]:
-            missing = [n for n in req["pools"] if n not in names]
-            if missing:
-                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; pools: {', '.join(names) or 'none'}")
-            names = list(req["pools"])
-        pools = []
-        for name in names:
-            bp = (broker or {}).get("pools", {}).get(name)
-            workers_b = bp["workers"] if bp else []
-            group = groups.get(name)
-            if group is not None:
-                expected = len(group)
-            elif bp and bp.get("size"):
-                expected = int(bp["size"])
-            elif name in conf_sizes:
-                expected = conf_sizes[name]
-            else:
-                expected = len(workers_b)
-            ready = sum(1 for w in workers_b if w["state"] == "ready")
-            busy = sum(1 for w in workers_b if w["state"] == "busy")
-            draining = sum(1 for w in workers_b if w["state"] == "draining")
-            workers = []
-            seen_pids = set()
-            for w in workers_b:
-                proc = by_pid.get(w["pid"])
-                seen_pids.add(w["pid"])
-                workers.append({**{k: w[k] for k in ("id", "incarnation", "pid", "state", "sessions", "served",
-                                                     "errors", "inflight", "capacity", "queued", "rss", "uptime_s",
-                                                     "last_heartbeat_s", "host")},
-                                "process": full_name(proc) if proc else None,
-                                "process_state": proc["statename"] if proc else None})
-            for proc in group or []:
-                if proc["pid"] in seen_pids and proc["pid"]:
-                    continue
-                workers.append({"id": None, "incarnation": None, "pid": proc["pid"] or None,
-                                "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
-                                "capacity": 0,
-                                "queued": 0, "rss": 0, "uptime_s": 0, "last_heartbeat_s": None, "host": None,
-                                "process": full_name(proc), "process_state": proc["statename"]})
-            health = "ok" if broker is not None else "unknown"
-            if broker is not None and ready + busy < expected:
-                health = "degraded"
-                problems.append(f"{name} has {ready + busy}/{expected} workers ready")
-            if not all(process_ok(p, live_pids) for p in group or []):
-                health = "degraded"
-            pools.append({
-                "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
-                "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b),
-                "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
-                "queue_max": bp["queue_max"] if bp else None,
-                "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
-                "latency_p50_ms": bp["latency_p50_ms"] if bp else 0.0,
-                "latency_p99_ms": bp["latency_p99_ms"] if bp else 0.0,
-                "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
-                "health": health, "in_broker": bp is not None, "workers": workers,
-            })
-        if unreachable:
-            health = "unreachable"
-        elif problems:
-            health = "degraded"
-        else:
-            health = "ok"
-        return {
-            "health": health,
-            "problems": problems,
-            "broker": None if broker is None else {**broker["broker"]},
-            "supervisor": sup_info,
-            "pools": pools,
-            "verbose": req["verbose"],
-        }
-
-    def present(self, result: dict[str, Any]) -> str:
-        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
-                 "STATE"]]
-        for p in result["pools"]:
-            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}", str(p["ready"]),
-                         str(p["busy"]), str(p["sessions"]), str(p["queued"]), str(p["requests_ok"]),
-                         str(p["requests_error"]), fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]),
-                         p["health"].upper()])
-        lines = table(rows)
-        if result["verbose"]:
-            out = [lines[0]]
-            for line, p in zip(lines[1:], result["pools"]):
-                out.append(line)
-                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
-                for w in p["workers"]:
-                    hb = w["last_heartbeat_s"]
-                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
-                                  w["state"] if w["state"] != "unregistered" else (w["process_state"] or "?").lower(),
-                                  f"{w['inflight']}/{w['capacity']}" if w["id"] else "-", str(w["sessions"]), str(w["served"]), fmt_bytes(w["rss"]),
-                                  fmt_duration(w["uptime_s"]) if w["id"] else "-",
-                                  f"{hb:.1f}s ago" if hb is not None else "-"])
-                out.extend(table(wrows, indent="    "))
-            lines = out
-        b = result["broker"]
-        if b is not None:
-            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
-                         f"{b['frontend']}")
-        s = result["supervisor"]
-        if s is not None and s["state"] is not None:
-            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
-            if result["verbose"]:
-                others = [p for p in s["processes"] if p["group"] not in {q["name"] for q in result["pools"]}]
-                lines.extend(table([[p["name"], p["state"], p["description"]] for p in others], indent="    "))
-        for problem in result["problems"]:
-            lines.append(f"{'UNREACHABLE' if result['health'] == 'unreachable' else 'DEGRADED'}: {problem}")
-        return "\n".join(lines)
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return {"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(result["health"], EXIT_UNREACHABLE)
 
 
 # -- pools start / stop ------------------------------------------------------------------------

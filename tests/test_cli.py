@@ -161,7 +161,8 @@ def test_pools_stop_then_start(stack: SupervisedStack) -> None:
     doc = json.loads(res.stdout)
     assert doc["stopped"] == ["optimizer_pool"] and set(doc["processes"].values()) == {"STOPPED"}
     assert stack.status()["pools"]["optimizer_pool"]["workers"] == []
-    assert dspexctl(stack, "pools", "status").returncode == 3
+    res = dspexctl(stack, "pools", "status")
+    assert res.returncode == 5 and "DOWN: optimizer_pool has no ready worker" in res.stdout, res.stdout
     res = dspexctl(stack, "pools", "start", "optimizer_pool")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "optimizer_pool: 2/2 ready" in res.stdout

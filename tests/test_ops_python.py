@@ -128,23 +128,35 @@ environment = LITELLM_LOCAL_MODEL_COST_MAP="True",PYTHONUNBUFFERED="1"
 """
 
 
-def small_conf(here: Path) -> Path:
-    """The shipped broker and triage_pool sections (one worker), nothing else."""
+def small_conf_text(pools: dict[str, int] | None = None, startretries: int = 1,
+                    **settings: dict[str, str]) -> str:
+    """The shipped broker and pool sections (``pools``: name -> numprocs; default one triage_pool
+    worker), nothing else; ``settings[pool]`` overrides keys of ``[dspex:pool:POOL]``."""
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
     parser.read(SHIPPED_CONF)
     text = SMALL
-    for section in ("program:broker", "dspex:pool:triage_pool", "group:triage_pool", "program:triage_pool"):
+    sections = ["program:broker"]
+    for pool in pools or {"triage_pool": 1}:
+        sections += [f"dspex:pool:{pool}", f"group:{pool}", f"program:{pool}"]
+    for section in sections:
         text += f"\n[{section}]\n"
+        pool = section.split(":")[-1]
+        overrides = dict(settings.get(pool, {})) if section.startswith("dspex:pool:") else {}
         for key, value in parser.items(section):
             if key == "numprocs":
-                value = "1"
+                value = str((pools or {"triage_pool": 1})[pool])
             if key == "startretries":
-                value = "1"
-            text += f"{key} = {value}\n"
+                value = str(startretries)
+            text += f"{key} = {overrides.pop(key, value)}\n"
+        text += "".join(f"{k} = {v}\n" for k, v in overrides.items())
+    return text
+
+
+def small_conf(here: Path) -> Path:
     conf = here / "supervisor.conf"
-    conf.write_text(text)
-    (here / "run").mkdir()
-    (here / "log").mkdir()
+    conf.write_text(small_conf_text())
+    (here / "run").mkdir(exist_ok=True)
+    (here / "log").mkdir(exist_ok=True)
     return conf
 
 
