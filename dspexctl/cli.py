@@ -6,8 +6,10 @@
     pools start [POOL...]                      starts supervisord first when it is not running
     pools stop [POOL...]
     workers recycle POOL [--worker ID | --all] [--hard]
-    sessions list [--pool P] [--json]
-    sessions close ID
+    sessions list [--pool P] [--json]         OWNER column when the broker reports one
+    pools restart [POOL...]
+    stop                                       the stack of this supervisor.conf (supervisord shutdown)
+    sessions close ID | --pool P | --idle SECONDS | --all
     keys generate [--dir DIR] [--peer NAME ...]
     flagship [--model M] [--api-base URL] [--max-metric-calls N] [--no-recycle] [--keep-running] [--json]
 
@@ -88,6 +90,7 @@ json_option = click.option("--json", "json_out", is_flag=True, help="print one J
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dspex", prog_name="dspexctl", message="%(prog)s %(version)s")
 @click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
               help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
 @click.option("--supervisor-conf", envvar="DSPEX_SUPERVISOR_CONF", default=None, metavar="PATH",
@@ -143,6 +146,31 @@ def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out:
     run(ctx, commands.PoolsStop(), json_out, pools=pool, wait=wait)
 
 
+@pools.command("restart")
+@click.argument("pool", nargs=-1)
+@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the stop, then for the workers to be ready")
+@json_option
+@click.pass_context
+def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
+    """Stop pools' workers (all pools by default), start them again, wait until they are ready.
+
+    Every worker is replaced at once: sessions pinned to them get session_worker_unavailable. For a
+    rolling replacement that keeps the pool serving, use `workers recycle POOL --all`.
+    """
+    run(ctx, commands.PoolsRestart(), json_out, pools=pool, wait=wait)
+
+
+@main.command("stop")
+@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for supervisord to exit")
+@json_option
+@click.pass_context
+def stop(ctx: click.Context, wait: float, json_out: bool) -> None:
+    """Stop the stack of this supervisor.conf: workers first, then the broker, then supervisord."""
+    run(ctx, commands.StackStop(), json_out, wait=wait)
+
+
 @main.group()
 def workers() -> None:
     """Worker incarnations."""
@@ -181,12 +209,17 @@ def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
 
 
 @sessions.command("close")
-@click.argument("session")
+@click.argument("session", required=False)
+@click.option("--pool", default=None, help="every session of this pool")
+@click.option("--idle", type=POSITIVE, default=None, metavar="SECONDS", help="sessions idle at least this long")
+@click.option("--all", "all_", is_flag=True, help="every session")
 @json_option
 @click.pass_context
-def sessions_close(ctx: click.Context, session: str, json_out: bool) -> None:
-    """Close a session (an id or a unique prefix) and release its refs on its worker."""
-    run(ctx, commands.SessionsClose(), json_out, session=session)
+def sessions_close(ctx: click.Context, session: str | None, pool: str | None, idle: float | None, all_: bool,
+                   json_out: bool) -> None:
+    """Close a session (an id or a unique prefix), or every session matching --pool/--idle/--all
+    (--pool and --idle combine), and release their refs on their workers."""
+    run(ctx, commands.SessionsClose(), json_out, session=session, pool=pool, idle=idle, all=all_)
 
 
 main.add_command(flagship)

@@ -19,7 +19,7 @@ from typing import Any
 
 import dspex
 from dspex import config
-from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout
+from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
 from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
 from dspex.supervisor import (
     STOPPED_STATES,
@@ -54,10 +54,12 @@ EXIT_CODES = {
 def exit_code_for(err: DspexError) -> int:
     if isinstance(err, ConnectionError):  # unreachable, or lost on the way: both mean "no broker"
         return EXIT_UNREACHABLE
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
     return EXIT_CODES.get(err.code, EXIT_ERROR)
 
 
-class NotFound(DspexError):
+class NotFound(UsageError):
     """A worker or session the operator named does not exist (code set per instance)."""
 
     def __init__(self, code: str, message: str, **details: Any) -> None:
@@ -90,6 +92,17 @@ class Settings:
 
     def supervisor(self) -> Supervisor:
         return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
+
+
+def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) -> str | None:
+    """Why the broker at ``endpoint`` (pid from its status) is not the broker among supervisord's
+    processes ``procs``, or None."""
+    for p in procs:
+        if p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("RUNNING", "STARTING"):
+            if p["pid"] and p["pid"] != broker_pid:
+                return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
+                        f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
+    return None
 
 
 def progress(msg: str) -> None:
@@ -256,6 +269,10 @@ class WorkersRecycle:
                 if not sup.running():
                     sup.close()
                     sup = None
+            if sup is not None:
+                warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
+                if warning:
+                    progress(f"warning: {warning}")
             try:
                 recycled = self._run(dx, sup, pool, targets, len(before), req)
             finally:
@@ -349,12 +366,14 @@ class SessionsList:
         return {"pool": req["pool"], "sessions": sessions}
 
     def present(self, result: dict[str, Any]) -> str:
-        rows = [["SESSION", "POOL", "WORKER", "CALLS", "IDLE", "AGE"]]
+        sessions = result["sessions"]
+        owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
+        rows = [["SESSION", "POOL", *(["OWNER"] if owners else []), "WORKER", "CALLS", "IDLE", "AGE"]]
         now = time.time()
-        for s in result["sessions"]:
+        for s in sessions:
             worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
-            rows.append([s["id"], s["pool"], worker, str(s["calls"]), fmt_duration(s["idle_s"]),
-                         fmt_duration(now - s["created"])])
+            rows.append([s["id"], s["pool"], *([str(s.get("owner") or "-")] if owners else []), worker,
+                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"])])
         if len(rows) == 1:
             return "no sessions" + (f" in {result['pool']}" if result["pool"] else "")
         return "\n".join(table(rows))
@@ -364,24 +383,104 @@ class SessionsList:
 
 
 class SessionsClose:
-    def request(self, session: str) -> dict[str, Any]:
-        if not session.strip():
-            raise NotFound("usage", "an empty session id")
-        return {"session": session.strip()}
+    """Close one session (id or unique prefix) or every session matching --pool/--idle/--all."""
+
+    def request(self, session: str | None = None, pool: str | None = None, idle: float | None = None,
+                all: bool = False) -> dict[str, Any]:
+        session = (session or "").strip() or None
+        bulk = pool is not None or idle is not None or all
+        if session and bulk:
+            raise NotFound("usage", "give a session id, or --pool/--idle/--all, not both")
+        if not session and not bulk:
+            raise NotFound("usage", "which sessions? give an id (or unique prefix), --pool P, --idle SECONDS or --all")
+        return {"session": session, "pool": pool, "idle": idle, "all": all}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         with settings.client() as dx:
-            key = req["session"]
-            matches = [s["id"] for s in dx.sessions() if s["id"].startswith(key)]
-            if len(matches) != 1:
-                raise NotFound("session_not_found", f"{key!r} matches {len(matches)} sessions"
-                               + (" (give more characters)" if matches else ""))
-            result = dx.close_session(matches[0])
-        return {"session": matches[0], **result}
+            if req["pool"]:
+                pools = dx.status()["pools"]
+                if req["pool"] not in pools:
+                    raise PoolNotFound(f"no pool named {req['pool']!r}; pools: {', '.join(pools)}")
+            listed = dx.sessions(req["pool"])
+            if req["session"]:
+                key = req["session"]
+                targets = [s for s in listed if s["id"].startswith(key)]
+                if len(targets) != 1:
+                    raise NotFound("session_not_found", f"{key!r} matches {len(targets)} sessions"
+                                   + (" (give more characters)" if targets else ""))
+            else:
+                targets = [s for s in listed if req["idle"] is None or s["idle_s"] >= req["idle"]]
+            closed = []
+            for s in targets:
+                result = dx.close_session(s["id"])
+                closed.append({"session": s["id"], "pool": s["pool"], "closed": bool(result.get("closed")),
+                               "released": bool(result.get("released"))})
+        return {"criteria": {k: req[k] for k in ("session", "pool", "idle", "all")}, "sessions": closed}
 
     def present(self, result: dict[str, Any]) -> str:
-        return f"closed {result['session']}" + ("" if result.get("released") else " (its worker was gone)")
+        lines = [f"closed {s['session']}" + ("" if s["released"] else " (its worker was gone)")
+                 for s in result["sessions"] if s["closed"]]
+        gone = len(result["sessions"]) - len(lines)
+        if result["criteria"]["session"] is None:
+            lines.append(f"{len(lines)} session(s) closed" + (f", {gone} already gone" if gone else ""))
+        return "\n".join(lines)
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK
 
+
+# -- the whole stack -----------------------------------------------------------------------------
+class PoolsRestart:
+    """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
+
+    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            sup.state()  # a restart of a stack that is not running is an error, not a start
+        stopped = PoolsStop().execute(settings, PoolsStop().request(tuple(req["pools"]), req["wait"]))
+        started = PoolsStart().execute(settings, PoolsStart().request(tuple(stopped["stopped"]), req["wait"]))
+        return {"pools": started["pools"], "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        return "restarted " + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready"
+                                        for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)"
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class StackStop:
+    """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
+
+    def request(self, wait: float = 60.0) -> dict[str, Any]:
+        return {"wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        from dspexctl.stack import wait_pid_exit
+
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        t0 = time.monotonic()
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            try:
+                pid = sup.pid()
+            except SupervisorUnreachable:
+                return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+            procs = [full_name(p) for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(procs)} running program(s)")
+            sup.shutdown()
+        wait_pid_exit(pid, req["wait"])
+        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": procs,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        if not result["was_running"]:
+            return f"supervisord of {result['conf']} is not running: nothing to stop"
+        return (f"stopped supervisord (pid {result['pid']}) and {len(result['processes'])} program(s) "
+                f"in {result['seconds']:.1f}s")
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK

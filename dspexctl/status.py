@@ -26,6 +26,7 @@ from dspexctl.commands import (
     fmt_bytes,
     fmt_duration,
     fmt_ms,
+    foreign_broker,
     table,
 )
 
@@ -113,11 +114,9 @@ class PoolsStatus:
                 issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
-            own = broker_proc["pid"] if broker_proc and broker_proc["statename"] in ("RUNNING", "STARTING") else 0
-            if own and own != broker["broker"]["pid"]:
-                issues.append((State.DEGRADED, f"the broker at {settings.resolved_endpoint()} is pid "
-                               f"{broker['broker']['pid']}, not this supervisord's broker (pid {own}): another "
-                               "stack's? (check DSPEX_RUN_DIR / --endpoint)"))
+            mismatch = foreign_broker(procs, broker["broker"]["pid"], settings.resolved_endpoint())
+            if mismatch:
+                    issues.append((State.DEGRADED, mismatch))
 
         names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
         if config_error is not None:
