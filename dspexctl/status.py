@@ -14,7 +14,7 @@ from typing import Any
 
 from dspex.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspex.health import REGISTER_GRACE_S, PoolFacts, State, pool_state, worst
-from dspex.supervisor import Supervisor, SupervisorUnreachable, full_name
+from dspex.supervisor import Supervisor, SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, full_name
 from dspexctl.commands import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -51,6 +51,21 @@ def proc_phase(proc: dict[str, Any], registered: set[int]) -> str:
     return "broken"
 
 
+def last_log_line(sup: Supervisor, name: str) -> str:
+    """The last line a program wrote (its stdout log, which has its stderr too): usually why it died."""
+    try:
+        text = str(sup.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
+    except (SupervisorError, SupervisorNoSuchProcess):
+        return ""
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
+    tail = tails.get(full_name(proc))
+    return f" (last log line: {tail})" if tail else ""
+
+
 def latency(bp: dict[str, Any] | None, key: str) -> float | None:
     """None where there is no sample (the broker reports 0.0 for an empty window)."""
     if not bp or (not bp.get("latency_p50_ms") and not bp.get("latency_p99_ms")):
@@ -73,6 +88,7 @@ class PoolsStatus:
             broker_err = err.message
         sc = settings.supervisor_conf_or_none()
         procs: list[dict[str, Any]] = []
+        tails: dict[str, str] = {}
         sup_info: dict[str, Any] | None = None
         if sc is not None:
             sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
@@ -81,12 +97,15 @@ class PoolsStatus:
                     sup_info["state"] = sup.state()
                     sup_info["pid"] = sup.pid()
                     procs = sup.processes()
+                    tails = {full_name(p): last_log_line(sup, full_name(p)) for p in procs
+                             if p["statename"] in ("FATAL", "BACKOFF")}
             except SupervisorUnreachable as err:
                 issues.append((State.UNREACHABLE, err.message))
             for p in procs:
                 sup_info["processes"].append({
                     "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
-                    "uptime_s": proc_uptime(p), "description": p["description"]})
+                    "uptime_s": proc_uptime(p), "description": p["description"],
+                    "log_tail": tails.get(full_name(p))})
         declared: list[str] = []
         conf_sizes: dict[str, int] = {}
         config_error = None
@@ -131,9 +150,9 @@ class PoolsStatus:
                 continue
             for p in members:
                 if proc_phase(p, registered) == "broken":
-                    issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}"))
+                    issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
 
-        pools = [self._pool(name, broker, broker_starting, groups.get(name), conf_sizes, registered, issues)
+        pools = [self._pool(name, broker, broker_starting, groups.get(name), conf_sizes, registered, tails, issues)
                  for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
@@ -151,7 +170,7 @@ class PoolsStatus:
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
               group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
-              issues: list[tuple[State, str]]) -> dict[str, Any]:
+              tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
         if group is not None:
@@ -182,10 +201,10 @@ class PoolsStatus:
                 starting += 1
             elif phase == "broken":
                 broken += 1
-                why = proc["statename"] if proc["statename"] != "RUNNING" else \
+                what = proc["statename"] + why(tails, proc) if proc["statename"] != "RUNNING" else \
                     f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
-                if broker is not None:
-                    issues.append((State.DEGRADED, f"{full_name(proc)} is {why}"))
+                if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
+                    issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
                             "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],

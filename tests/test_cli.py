@@ -103,6 +103,7 @@ def test_pools_start_launched_supervisord_with_progress(started: tuple[Supervise
     stack, res = started
     assert stack.supervisord_pid > 0
     assert "starting supervisord" in res.stderr and "ready: triage_pool 2/2" in res.stderr
+    assert "nothing is listening" not in res.stderr, "a normal start has no alarming line"
     assert res.stdout.startswith("started supervisord;")
     # no .venv here: the programs run the interpreter dspexctl passed through DSPEX_PYTHON
     pid = stack.status()["pools"]["analytics_pool"]["workers"][0]["pid"]

@@ -97,6 +97,8 @@ def test_activated_venv_python_on_path(here: Path) -> None:
 
 @pytest.mark.parametrize("program, what", [("triage_pool", "worker of triage_pool"), ("broker", "the broker")])
 def test_no_python_with_dspex_is_one_clear_line(here: Path, program: str, what: str) -> None:
+    (here / "dspex").mkdir()  # a checkout's source in the working directory is not an installed dspex
+    (here / "dspex" / "__init__.py").write_text("")
     res = run_body(program_body(program, here), here, clean_env(DSPEX_PYTHON="/nonexistent/python"))
     assert res.returncode == 127
     assert res.stdout == ""
@@ -234,5 +236,12 @@ def test_supervisord_without_dspex_logs_why_each_program_fails(here: Path) -> No
             assert f"dspex: cannot start {what}: no python with dspex installed among:" in text, text
             assert "Traceback" not in text and "not found" not in text, text
             assert system_python in text
+        # and pools status says why, from the programs' logs
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=here, capture_output=True,
+                             text=True, timeout=60, env={**env, "PYTHONPATH": ""})
+        assert res.returncode == 4, res.stdout + res.stderr
+        for name in ("broker:broker", "triage_pool:triage_pool_00"):
+            line = next(ln for ln in res.stdout.splitlines() if ln.startswith(f"DEGRADED: {name} is FATAL"))
+            assert "no python with dspex installed" in line, res.stdout
     finally:
         sd.stop()
