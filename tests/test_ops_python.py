@@ -68,6 +68,13 @@ def test_system_python_has_no_dspex(here: Path) -> None:
     assert res.returncode != 0
 
 
+def test_dspex_python_is_used_as_is(here: Path) -> None:
+    (here / ".venv").symlink_to(sys.prefix)
+    res = run_body(program_body("triage_pool", here), here, clean_env(DSPEX_PYTHON=sys.executable))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == sys.executable
+
+
 def test_dot_venv_next_to_the_conf_wins(here: Path) -> None:
     (here / ".venv").symlink_to(sys.prefix)
     res = run_body(program_body("triage_pool", here), here, clean_env(VIRTUAL_ENV="/nonexistent"))
