@@ -143,7 +143,8 @@ class PoolsStatus:
         if req["pools"]:
             missing = [n for n in req["pools"] if n not in names]
             if missing:
-                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; pools: {', '.join(names) or 'none'}")
+                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; "
+                                   f"pools: {', '.join(names) or 'none'}")
             names = list(req["pools"])
         for g, members in groups.items():  # programs that are not pools (the broker, others)
             if g in names:

@@ -118,7 +118,8 @@ def small() -> Iterator[SupervisedStack]:
 def rows(driver: Any, table: str) -> list[dict[str, str]]:
     """Each row of a dashboard table as its data-* attributes plus its cells' text by class."""
     return driver.execute_script("""
-        return [...document.querySelectorAll(`#${arguments[0]} tbody tr`)].filter(tr => tr.dataset && Object.keys(tr.dataset).length).map(tr => {
+        const trs = [...document.querySelectorAll(`#${arguments[0]} tbody tr`)];
+        return trs.filter(tr => Object.keys(tr.dataset).length).map(tr => {
             const out = Object.assign({}, tr.dataset);
             for (const td of tr.children) for (const c of td.classList) out["td_" + c] = td.textContent;
             return out;
