@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -111,7 +112,7 @@ def test_start_up_is_starting_not_a_problem() -> None:
 
 @pytest.fixture(scope="module")
 def small() -> Iterator[SupervisedStack]:
-    stack = SupervisedStack(small_conf_text(POOLS))
+    stack = SupervisedStack(small_conf_text(POOLS, analytics_pool={"queue_max": "2"}))
     try:
         stack.start_foreground()
 
@@ -190,6 +191,34 @@ def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
         except subprocess.TimeoutExpired:
             other.kill()
             other.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_nearly_full_queue_warns(small: SupervisedStack) -> None:
+    """analytics_pool: one worker, queue_max 2. One long call runs, two wait: the queue is full."""
+    answers: list[Any] = []
+
+    def call() -> None:
+        with small.client(90) as dx:
+            answers.append(dx.call("time", "sleep", [10], pool="analytics_pool"))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        wait_for(lambda: small.status()["pools"]["analytics_pool"]["queued"] == 2, 20, 0.05, "two queued calls")
+        res = dspexctl(small, "pools", "status", "analytics_pool")
+        no_traceback(res)
+        assert res.returncode == 6, res.stdout
+        assert row(res.stdout, "analytics_pool")[-1] == "WARN"
+        assert "WARN: analytics_pool queue is 2/2 full (pool_saturated at 2)" in res.stdout
+    finally:
+        for th in threads:
+            th.join(60)
+    assert answers == [None, None, None], "every queued call was answered"
+    rc, doc, text = status(small, "analytics_pool")
+    assert rc == 0 and doc["pools"][0]["queued"] == 0, text
 
 
 @pytest.mark.slow
