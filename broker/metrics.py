@@ -16,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -132,16 +132,38 @@ def make_registry(broker: "Broker") -> CollectorRegistry:
     return registry
 
 
+def read_status(broker: "Broker") -> dict[str, Any]:
+    """``broker.status()`` from another thread (retried when it races a resize)."""
+    return _snapshot(broker.status, attempts=5)
+
+
 def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
-    """Serve ``/metrics`` on ``addr:port`` from a daemon thread; returns the server (None if it could not bind).
+    """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``addr:port`` from a daemon
+    thread; returns the server (None if it could not bind).
 
     Only loopback by default: the numbers name pools and counts, and nothing on the network needs
     them more than a local Prometheus agent or an SSH tunnel does.
     """
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    from broker.dashboard import Dashboard
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            """Scrapes and page polls are not worth a log line each."""
+
+    app = Dashboard(lambda: read_status(broker), make_wsgi_app(make_registry(broker)),
+                    getattr(broker.options, "supervisor_conf", None))
     try:
-        server, _thread = start_http_server(port, addr=addr, registry=make_registry(broker))
+        server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
     except OSError as exc:
         log.error("cannot serve metrics on %s:%d: %s; running without metrics", addr, port, exc)
         return None
-    log.info("metrics on http://%s:%d/metrics", addr, server.server_port)
+    threading.Thread(target=server.serve_forever, name="dspex-metrics", daemon=True).start()
+    app.start_sampler()
+    log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", addr, server.server_port,
+             addr, server.server_port)
     return server

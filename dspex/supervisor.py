@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dspex.config import UNIX_PATH_MAX
-from dspex.errors import ConfigError, DspexError
+from dspex.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 
 # supervisor.xmlrpc.Faults values we branch on
 FAULT_BAD_NAME = 10
@@ -32,16 +32,23 @@ RUNNING_STATES = ("RUNNING",)
 STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
 
 
-class SupervisorUnreachable(DspexError):
-    """supervisord is not running, or its socket cannot be reached."""
+class SupervisorUnreachable(DidNotRun):
+    """supervisord is not running, or its socket cannot be reached: nothing was asked of it."""
 
     code = "supervisor_unreachable"
 
 
-class SupervisorError(DspexError):
-    """supervisord answered with a fault, or could not be started."""
+class SupervisorError(MayHaveRun):
+    """supervisord answered with a fault, or could not be started: part of what was asked (a
+    group stop, a start) may have happened; ``pools status`` shows where things stand."""
 
     code = "supervisor_error"
+
+
+class SupervisorNoSuchProcess(UsageError):
+    """supervisord knows no process or group of that name (its BAD_NAME fault)."""
+
+    code = "supervisor_bad_name"
 
 
 def default_conf() -> Path:
@@ -149,6 +156,10 @@ class Supervisor:
             try:
                 return getattr(self._proxy, method)(*args)
             except xmlrpc.client.Fault as fault:
+                if fault.faultCode == FAULT_BAD_NAME:
+                    name = args[0] if args else ""
+                    raise SupervisorNoSuchProcess(f"supervisord: {method}: no process or group {name!r}",
+                                                  fault=fault.faultCode) from None
                 raise SupervisorError(f"supervisord: {method}: {fault.faultString}", fault=fault.faultCode) from None
             except (OSError, xmlrpc.client.ProtocolError) as exc:
                 self._transport.close()

@@ -2,12 +2,14 @@
 
     dspexctl [--endpoint EP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
 
-    pools status [POOL...] [-v] [--json]      exit 0 healthy, 3 degraded, 4 broker/supervisord unreachable
+    pools status [POOL...] [-v] [--json]      exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
     pools start [POOL...]                      starts supervisord first when it is not running
     pools stop [POOL...]
     workers recycle POOL [--worker ID | --all] [--hard]
-    sessions list [--pool P] [--json]
-    sessions close ID
+    sessions list [--pool P] [--json]         OWNER column when the broker reports one
+    pools restart [POOL...]
+    stop                                       the stack of this supervisor.conf (supervisord shutdown)
+    sessions close ID | --pool P | --idle SECONDS | --all
     keys generate [--dir DIR] [--peer NAME ...]
     flagship [--model M] [--api-base URL] [--max-metric-calls N] [--no-recycle] [--keep-running] [--json]
 
@@ -27,6 +29,7 @@ import click
 
 from dspex.errors import DspexError
 from dspexctl import commands
+from dspexctl.status import PoolsStatus
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
 from dspexctl.keys import keys
@@ -67,16 +70,33 @@ def fail(err: DspexError, as_json: bool) -> None:
     sys.exit(code)
 
 
+class Seconds(click.FloatRange):
+    """A finite number of seconds above 0 (a socket timeout of 0, -1, inf or nan is no timeout)."""
+
+    name = "number"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True, max=10 * 365 * 86400)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if rv != rv:  # nan passes every comparison
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return rv
+
+
+POSITIVE = Seconds()
 json_option = click.option("--json", "json_out", is_flag=True, help="print one JSON document (data only)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dspex", prog_name="dspexctl", message="%(prog)s %(version)s")
 @click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
               help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
 @click.option("--supervisor-conf", envvar="DSPEX_SUPERVISOR_CONF", default=None, metavar="PATH",
               type=click.Path(dir_okay=False, path_type=Path),
               help="supervisor.conf of the stack [env DSPEX_SUPERVISOR_CONF; default ./supervisor.conf]")
-@click.option("--timeout", type=float, default=5.0, show_default=True, metavar="SECONDS",
+@click.option("--timeout", type=POSITIVE, default=5.0, show_default=True, metavar="SECONDS",
               help="per request to the broker or supervisord")
 @click.option("--json", "json_out", is_flag=True, help="JSON output for every command that prints data")
 @click.pass_context
@@ -98,13 +118,16 @@ def pools() -> None:
 @json_option
 @click.pass_context
 def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, json_out: bool) -> None:
-    """One row per pool (-v: per worker). Exit 0 healthy, 3 degraded, 4 unreachable."""
-    run(ctx, commands.PoolsStatus(), json_out, pools=pool, verbose=verbose)
+    """One row per pool (-v: per worker).
+
+    Exit 0 ok, 3 degraded, 4 unreachable, 5 a pool down, 6 warn, 7 starting.
+    """
+    run(ctx, PoolsStatus(), json_out, pools=pool, verbose=verbose)
 
 
 @pools.command("start")
 @click.argument("pool", nargs=-1)
-@click.option("--wait", type=float, default=120.0, show_default=True, metavar="SECONDS",
+@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
               help="how long to wait for the workers to be ready")
 @json_option
 @click.pass_context
@@ -115,12 +138,37 @@ def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out
 
 @pools.command("stop")
 @click.argument("pool", nargs=-1)
-@click.option("--wait", type=float, default=60.0, show_default=True, metavar="SECONDS")
+@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS")
 @json_option
 @click.pass_context
 def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Stop pools' workers (all pools by default); the broker keeps running."""
     run(ctx, commands.PoolsStop(), json_out, pools=pool, wait=wait)
+
+
+@pools.command("restart")
+@click.argument("pool", nargs=-1)
+@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the stop, then for the workers to be ready")
+@json_option
+@click.pass_context
+def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
+    """Stop pools' workers (all pools by default), start them again, wait until they are ready.
+
+    Every worker is replaced at once: sessions pinned to them get session_worker_unavailable. For a
+    rolling replacement that keeps the pool serving, use `workers recycle POOL --all`.
+    """
+    run(ctx, commands.PoolsRestart(), json_out, pools=pool, wait=wait)
+
+
+@main.command("stop")
+@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for supervisord to exit")
+@json_option
+@click.pass_context
+def stop(ctx: click.Context, wait: float, json_out: bool) -> None:
+    """Stop the stack of this supervisor.conf: workers first, then the broker, then supervisord."""
+    run(ctx, commands.StackStop(), json_out, wait=wait)
 
 
 @main.group()
@@ -133,7 +181,7 @@ def workers() -> None:
 @click.option("--worker", "worker", default=None, metavar="ID", help="incarnation id (prefix) or pid")
 @click.option("--all", "all_", is_flag=True, help="every worker of the pool, one at a time")
 @click.option("--hard", is_flag=True, help="SIGKILL through supervisord instead (the crash path)")
-@click.option("--wait", type=float, default=120.0, show_default=True, metavar="SECONDS")
+@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS")
 @json_option
 @click.pass_context
 def workers_recycle(ctx: click.Context, pool: str, worker: str | None, all_: bool, hard: bool, wait: float,
@@ -161,12 +209,17 @@ def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
 
 
 @sessions.command("close")
-@click.argument("session")
+@click.argument("session", required=False)
+@click.option("--pool", default=None, help="every session of this pool")
+@click.option("--idle", type=POSITIVE, default=None, metavar="SECONDS", help="sessions idle at least this long")
+@click.option("--all", "all_", is_flag=True, help="every session")
 @json_option
 @click.pass_context
-def sessions_close(ctx: click.Context, session: str, json_out: bool) -> None:
-    """Close a session (an id or a unique prefix) and release its refs on its worker."""
-    run(ctx, commands.SessionsClose(), json_out, session=session)
+def sessions_close(ctx: click.Context, session: str | None, pool: str | None, idle: float | None, all_: bool,
+                   json_out: bool) -> None:
+    """Close a session (an id or a unique prefix), or every session matching --pool/--idle/--all
+    (--pool and --idle combine), and release their refs on their workers."""
+    run(ctx, commands.SessionsClose(), json_out, session=session, pool=pool, idle=idle, all=all_)
 
 
 main.add_command(flagship)

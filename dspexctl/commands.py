@@ -19,7 +19,7 @@ from typing import Any
 
 import dspex
 from dspex import config
-from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout
+from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
 from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
 from dspex.supervisor import (
     STOPPED_STATES,
@@ -35,6 +35,9 @@ EXIT_ERROR = 1  # the operation failed
 EXIT_USAGE = 2  # a user mistake: unknown pool/worker/session, bad option, bad config or endpoint
 EXIT_DEGRADED = 3  # pools status: a pool short of workers, or a supervisord program not RUNNING
 EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
+EXIT_DOWN = 5  # pools status: a pool has no ready worker
+EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
+EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
 
 EXIT_CODES = {
     ConnectionError.code: EXIT_UNREACHABLE,
@@ -51,10 +54,12 @@ EXIT_CODES = {
 def exit_code_for(err: DspexError) -> int:
     if isinstance(err, ConnectionError):  # unreachable, or lost on the way: both mean "no broker"
         return EXIT_UNREACHABLE
+    if isinstance(err, UsageError):
+        return EXIT_USAGE
     return EXIT_CODES.get(err.code, EXIT_ERROR)
 
 
-class NotFound(DspexError):
+class NotFound(UsageError):
     """A worker or session the operator named does not exist (code set per instance)."""
 
     def __init__(self, code: str, message: str, **details: Any) -> None:
@@ -89,6 +94,17 @@ class Settings:
         return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
 
 
+def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) -> str | None:
+    """Why the broker at ``endpoint`` (pid from its status) is not the broker among supervisord's
+    processes ``procs``, or None."""
+    for p in procs:
+        if p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("RUNNING", "STARTING"):
+            if p["pid"] and p["pid"] != broker_pid:
+                return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
+                        f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
+    return None
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -114,177 +130,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.0f}MB" if n else "-"
 
 
-def fmt_ms(ms: float) -> str:
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
     return f"{ms:.1f}ms" if ms < 1000 else f"{ms / 1000:.2f}s"
-
-
-# -- pools status ------------------------------------------------------------------------------
-def process_ok(proc: dict[str, Any], live_pids: set[int]) -> bool:
-    return proc["statename"] == "RUNNING" or (proc["statename"] == "STARTING" and proc["pid"] in live_pids)
-
-
-class PoolsStatus:
-    def request(self, pools: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
-        return {"pools": list(pools), "verbose": verbose}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        problems: list[str] = []
-        unreachable = False
-        broker: dict[str, Any] | None = None
-        try:
-            with settings.client() as dx:
-                broker = dx.status()
-        except (ConnectionError, Timeout) as err:
-            unreachable = True
-            problems.append(f"broker unreachable: {err.message}")
-        sc = settings.supervisor_conf_or_none()
-        procs: list[dict[str, Any]] | None = None
-        sup_info: dict[str, Any] | None = None
-        if sc is not None:
-            sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
-            try:
-                with Supervisor(sc, timeout=settings.timeout) as sup:
-                    sup_info["state"] = sup.state()
-                    sup_info["pid"] = sup.pid()
-                    procs = sup.processes()
-            except SupervisorUnreachable as err:
-                unreachable = True
-                problems.append(err.message)
-            for p in procs or []:
-                sup_info["processes"].append({
-                    "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
-                    "uptime_s": max(0, p["now"] - p["start"]) if p["statename"] == "RUNNING" else 0,
-                    "description": p["description"]})
-        # STARTING only means supervisord's startsecs have not passed: a process the broker already
-        # lists (a registered worker, or the broker answering) is up
-        live_pids = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
-        if broker is not None:
-            live_pids.add(broker["broker"]["pid"])
-        for p in procs or []:
-            if not process_ok(p, live_pids):
-                problems.append(f"{full_name(p)} is {p['statename']}")
-        by_pid = {p["pid"]: p for p in (procs or []) if p["pid"]}
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for p in procs or []:
-            groups.setdefault(p["group"], []).append(p)
-        declared: list[str] = []
-        conf_sizes: dict[str, int] = {}
-        if sc is not None:
-            from dspex.pools import load_pools, supervisor_group_sizes
-
-            declared = [c.name for c in load_pools(sc.path)]
-            conf_sizes = supervisor_group_sizes(sc.path)
-        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
-        if req["pools"]:
-            missing = [n for n in req["pools"] if n not in names]
-            if missing:
-                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; pools: {', '.join(names) or 'none'}")
-            names = list(req["pools"])
-        pools = []
-        for name in names:
-            bp = (broker or {}).get("pools", {}).get(name)
-            workers_b = bp["workers"] if bp else []
-            group = groups.get(name)
-            if group is not None:
-                expected = len(group)
-            elif bp and bp.get("size"):
-                expected = int(bp["size"])
-            elif name in conf_sizes:
-                expected = conf_sizes[name]
-            else:
-                expected = len(workers_b)
-            ready = sum(1 for w in workers_b if w["state"] == "ready")
-            busy = sum(1 for w in workers_b if w["state"] == "busy")
-            draining = sum(1 for w in workers_b if w["state"] == "draining")
-            workers = []
-            seen_pids = set()
-            for w in workers_b:
-                proc = by_pid.get(w["pid"])
-                seen_pids.add(w["pid"])
-                workers.append({**{k: w[k] for k in ("id", "incarnation", "pid", "state", "sessions", "served",
-                                                     "errors", "inflight", "capacity", "queued", "rss", "uptime_s",
-                                                     "last_heartbeat_s", "host")},
-                                "process": full_name(proc) if proc else None,
-                                "process_state": proc["statename"] if proc else None})
-            for proc in group or []:
-                if proc["pid"] in seen_pids and proc["pid"]:
-                    continue
-                workers.append({"id": None, "incarnation": None, "pid": proc["pid"] or None,
-                                "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
-                                "capacity": 0,
-                                "queued": 0, "rss": 0, "uptime_s": 0, "last_heartbeat_s": None, "host": None,
-                                "process": full_name(proc), "process_state": proc["statename"]})
-            health = "ok" if broker is not None else "unknown"
-            if broker is not None and ready + busy < expected:
-                health = "degraded"
-                problems.append(f"{name} has {ready + busy}/{expected} workers ready")
-            if not all(process_ok(p, live_pids) for p in group or []):
-                health = "degraded"
-            pools.append({
-                "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
-                "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b),
-                "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
-                "queue_max": bp["queue_max"] if bp else None,
-                "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
-                "latency_p50_ms": bp["latency_p50_ms"] if bp else 0.0,
-                "latency_p99_ms": bp["latency_p99_ms"] if bp else 0.0,
-                "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
-                "health": health, "in_broker": bp is not None, "workers": workers,
-            })
-        if unreachable:
-            health = "unreachable"
-        elif problems:
-            health = "degraded"
-        else:
-            health = "ok"
-        return {
-            "health": health,
-            "problems": problems,
-            "broker": None if broker is None else {**broker["broker"]},
-            "supervisor": sup_info,
-            "pools": pools,
-            "verbose": req["verbose"],
-        }
-
-    def present(self, result: dict[str, Any]) -> str:
-        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
-                 "STATE"]]
-        for p in result["pools"]:
-            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}", str(p["ready"]),
-                         str(p["busy"]), str(p["sessions"]), str(p["queued"]), str(p["requests_ok"]),
-                         str(p["requests_error"]), fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]),
-                         p["health"].upper()])
-        lines = table(rows)
-        if result["verbose"]:
-            out = [lines[0]]
-            for line, p in zip(lines[1:], result["pools"]):
-                out.append(line)
-                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
-                for w in p["workers"]:
-                    hb = w["last_heartbeat_s"]
-                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
-                                  w["state"] if w["state"] != "unregistered" else (w["process_state"] or "?").lower(),
-                                  f"{w['inflight']}/{w['capacity']}" if w["id"] else "-", str(w["sessions"]), str(w["served"]), fmt_bytes(w["rss"]),
-                                  fmt_duration(w["uptime_s"]) if w["id"] else "-",
-                                  f"{hb:.1f}s ago" if hb is not None else "-"])
-                out.extend(table(wrows, indent="    "))
-            lines = out
-        b = result["broker"]
-        if b is not None:
-            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
-                         f"{b['frontend']}")
-        s = result["supervisor"]
-        if s is not None and s["state"] is not None:
-            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
-            if result["verbose"]:
-                others = [p for p in s["processes"] if p["group"] not in {q["name"] for q in result["pools"]}]
-                lines.extend(table([[p["name"], p["state"], p["description"]] for p in others], indent="    "))
-        for problem in result["problems"]:
-            lines.append(f"{'UNREACHABLE' if result['health'] == 'unreachable' else 'DEGRADED'}: {problem}")
-        return "\n".join(lines)
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return {"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(result["health"], EXIT_UNREACHABLE)
 
 
 # -- pools start / stop ------------------------------------------------------------------------
@@ -420,6 +269,10 @@ class WorkersRecycle:
                 if not sup.running():
                     sup.close()
                     sup = None
+            if sup is not None:
+                warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
+                if warning:
+                    progress(f"warning: {warning}")
             try:
                 recycled = self._run(dx, sup, pool, targets, len(before), req)
             finally:
@@ -513,12 +366,14 @@ class SessionsList:
         return {"pool": req["pool"], "sessions": sessions}
 
     def present(self, result: dict[str, Any]) -> str:
-        rows = [["SESSION", "POOL", "WORKER", "CALLS", "IDLE", "AGE"]]
+        sessions = result["sessions"]
+        owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
+        rows = [["SESSION", "POOL", *(["OWNER"] if owners else []), "WORKER", "CALLS", "IDLE", "AGE"]]
         now = time.time()
-        for s in result["sessions"]:
+        for s in sessions:
             worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
-            rows.append([s["id"], s["pool"], worker, str(s["calls"]), fmt_duration(s["idle_s"]),
-                         fmt_duration(now - s["created"])])
+            rows.append([s["id"], s["pool"], *([str(s.get("owner") or "-")] if owners else []), worker,
+                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"])])
         if len(rows) == 1:
             return "no sessions" + (f" in {result['pool']}" if result["pool"] else "")
         return "\n".join(table(rows))
@@ -528,24 +383,104 @@ class SessionsList:
 
 
 class SessionsClose:
-    def request(self, session: str) -> dict[str, Any]:
-        if not session.strip():
-            raise NotFound("usage", "an empty session id")
-        return {"session": session.strip()}
+    """Close one session (id or unique prefix) or every session matching --pool/--idle/--all."""
+
+    def request(self, session: str | None = None, pool: str | None = None, idle: float | None = None,
+                all: bool = False) -> dict[str, Any]:
+        session = (session or "").strip() or None
+        bulk = pool is not None or idle is not None or all
+        if session and bulk:
+            raise NotFound("usage", "give a session id, or --pool/--idle/--all, not both")
+        if not session and not bulk:
+            raise NotFound("usage", "which sessions? give an id (or unique prefix), --pool P, --idle SECONDS or --all")
+        return {"session": session, "pool": pool, "idle": idle, "all": all}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         with settings.client() as dx:
-            key = req["session"]
-            matches = [s["id"] for s in dx.sessions() if s["id"].startswith(key)]
-            if len(matches) != 1:
-                raise NotFound("session_not_found", f"{key!r} matches {len(matches)} sessions"
-                               + (" (give more characters)" if matches else ""))
-            result = dx.close_session(matches[0])
-        return {"session": matches[0], **result}
+            if req["pool"]:
+                pools = dx.status()["pools"]
+                if req["pool"] not in pools:
+                    raise PoolNotFound(f"no pool named {req['pool']!r}; pools: {', '.join(pools)}")
+            listed = dx.sessions(req["pool"])
+            if req["session"]:
+                key = req["session"]
+                targets = [s for s in listed if s["id"].startswith(key)]
+                if len(targets) != 1:
+                    raise NotFound("session_not_found", f"{key!r} matches {len(targets)} sessions"
+                                   + (" (give more characters)" if targets else ""))
+            else:
+                targets = [s for s in listed if req["idle"] is None or s["idle_s"] >= req["idle"]]
+            closed = []
+            for s in targets:
+                result = dx.close_session(s["id"])
+                closed.append({"session": s["id"], "pool": s["pool"], "closed": bool(result.get("closed")),
+                               "released": bool(result.get("released"))})
+        return {"criteria": {k: req[k] for k in ("session", "pool", "idle", "all")}, "sessions": closed}
 
     def present(self, result: dict[str, Any]) -> str:
-        return f"closed {result['session']}" + ("" if result.get("released") else " (its worker was gone)")
+        lines = [f"closed {s['session']}" + ("" if s["released"] else " (its worker was gone)")
+                 for s in result["sessions"] if s["closed"]]
+        gone = len(result["sessions"]) - len(lines)
+        if result["criteria"]["session"] is None:
+            lines.append(f"{len(lines)} session(s) closed" + (f", {gone} already gone" if gone else ""))
+        return "\n".join(lines)
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK
 
+
+# -- the whole stack -----------------------------------------------------------------------------
+class PoolsRestart:
+    """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
+
+    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            sup.state()  # a restart of a stack that is not running is an error, not a start
+        stopped = PoolsStop().execute(settings, PoolsStop().request(tuple(req["pools"]), req["wait"]))
+        started = PoolsStart().execute(settings, PoolsStart().request(tuple(stopped["stopped"]), req["wait"]))
+        return {"pools": started["pools"], "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        return "restarted " + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready"
+                                        for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)"
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class StackStop:
+    """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
+
+    def request(self, wait: float = 60.0) -> dict[str, Any]:
+        return {"wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        from dspexctl.stack import wait_pid_exit
+
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        t0 = time.monotonic()
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            try:
+                pid = sup.pid()
+            except SupervisorUnreachable:
+                return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+            procs = [full_name(p) for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(procs)} running program(s)")
+            sup.shutdown()
+        wait_pid_exit(pid, req["wait"])
+        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": procs,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        if not result["was_running"]:
+            return f"supervisord of {result['conf']} is not running: nothing to stop"
+        return (f"stopped supervisord (pid {result['pid']}) and {len(result['processes'])} program(s) "
+                f"in {result['seconds']:.1f}s")
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK

@@ -33,6 +33,8 @@ from dspex.supervisor import (
 
 Progress = Callable[[str], None]
 
+BROKER_SLOW_S = 30.0  # a broker silent this long (a loaded machine takes seconds) gets its error in the progress line
+
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -131,7 +133,8 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
     Also polls supervisord, which (besides spotting a FATAL program early) wakes its main loop:
     supervisord only restarts an exited program on its next loop turn, up to 1 s later otherwise.
     """
-    deadline = time.monotonic() + timeout
+    started_at = time.monotonic()
+    deadline = started_at + timeout
     last_line = ""
     last_err = ""
     client = dspex.connect(endpoint, timeout=1.0)
@@ -163,8 +166,9 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                 progress("ready: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items()))
                 return status
             line = "waiting for workers: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items())
-            if status is None:
-                line = "waiting for the broker" + (f" ({last_err})" if last_err else "")
+            if status is None:  # normal for a moment while it starts; its error only once that is unusual
+                slow = time.monotonic() - started_at > BROKER_SLOW_S
+                line = "waiting for the broker" + (f" ({last_err})" if last_err and slow else " to start")
             if line != last_line:
                 progress(line)
                 last_line = line

@@ -103,6 +103,7 @@ def test_pools_start_launched_supervisord_with_progress(started: tuple[Supervise
     stack, res = started
     assert stack.supervisord_pid > 0
     assert "starting supervisord" in res.stderr and "ready: triage_pool 2/2" in res.stderr
+    assert "nothing is listening" not in res.stderr, "a normal start has no alarming line"
     assert res.stdout.startswith("started supervisord;")
     # no .venv here: the programs run the interpreter dspexctl passed through DSPEX_PYTHON
     pid = stack.status()["pools"]["analytics_pool"]["workers"][0]["pid"]
@@ -161,7 +162,8 @@ def test_pools_stop_then_start(stack: SupervisedStack) -> None:
     doc = json.loads(res.stdout)
     assert doc["stopped"] == ["optimizer_pool"] and set(doc["processes"].values()) == {"STOPPED"}
     assert stack.status()["pools"]["optimizer_pool"]["workers"] == []
-    assert dspexctl(stack, "pools", "status").returncode == 3
+    res = dspexctl(stack, "pools", "status")
+    assert res.returncode == 5 and "DOWN: optimizer_pool has no ready worker" in res.stdout, res.stdout
     res = dspexctl(stack, "pools", "start", "optimizer_pool")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "optimizer_pool: 2/2 ready" in res.stdout

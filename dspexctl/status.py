@@ -1,0 +1,277 @@
+"""``dspexctl pools status``: the broker's view and supervisord's, joined into pool states.
+
+Each supervisord worker process is either *registered* (the broker lists its pid), *starting*
+(supervisord says STARTING, or RUNNING for under ``REGISTER_GRACE_S`` while it imports dspy), or
+*broken* (anything else). :func:`dspex.health.pool_state` turns those counts and the broker's
+numbers into OK / STARTING / WARN / DEGRADED / DOWN; the stack's state is the worst of the pools'
+and of the stack-wide issues (broker unreachable, invalid dspex config, a broker that is not this
+supervisord's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dspex.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
+from dspex.health import REGISTER_GRACE_S, PoolFacts, State, pool_state, worst
+from dspex.supervisor import Supervisor, SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, full_name
+from dspexctl.commands import (
+    EXIT_DEGRADED,
+    EXIT_DOWN,
+    EXIT_OK,
+    EXIT_STARTING,
+    EXIT_UNREACHABLE,
+    EXIT_WARN,
+    Settings,
+    fmt_bytes,
+    fmt_duration,
+    fmt_ms,
+    foreign_broker,
+    table,
+)
+
+EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
+                  State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
+
+WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
+               "rss", "uptime_s", "last_heartbeat_s", "host")
+
+
+def proc_uptime(proc: dict[str, Any]) -> float:
+    return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
+
+
+def proc_phase(proc: dict[str, Any], registered: set[int]) -> str:
+    """``registered``, ``starting`` or ``broken`` (see the module docstring)."""
+    state = proc["statename"]
+    if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
+        return "registered"
+    if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
+        return "starting"
+    return "broken"
+
+
+def last_log_line(sup: Supervisor, name: str) -> str:
+    """The last line a program wrote (its stdout log, which has its stderr too): usually why it died."""
+    try:
+        text = str(sup.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
+    except (SupervisorError, SupervisorNoSuchProcess):
+        return ""
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
+    tail = tails.get(full_name(proc))
+    return f" (last log line: {tail})" if tail else ""
+
+
+def latency(bp: dict[str, Any] | None, key: str) -> float | None:
+    """None where there is no sample (the broker reports 0.0 for an empty window)."""
+    if not bp or (not bp.get("latency_p50_ms") and not bp.get("latency_p99_ms")):
+        return None
+    return float(bp[key])
+
+
+class PoolsStatus:
+    def request(self, pools: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
+        return {"pools": list(pools), "verbose": verbose}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        issues: list[tuple[State, str]] = []
+        broker: dict[str, Any] | None = None
+        broker_err = ""
+        try:
+            with settings.client() as dx:
+                broker = dx.status()
+        except (ConnectionError, Timeout) as err:
+            broker_err = err.message
+        sc = settings.supervisor_conf_or_none()
+        procs: list[dict[str, Any]] = []
+        tails: dict[str, str] = {}
+        sup_info: dict[str, Any] | None = None
+        if sc is not None:
+            sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
+            try:
+                with Supervisor(sc, timeout=settings.timeout) as sup:
+                    sup_info["state"] = sup.state()
+                    sup_info["pid"] = sup.pid()
+                    procs = sup.processes()
+                    tails = {full_name(p): last_log_line(sup, full_name(p)) for p in procs
+                             if p["statename"] in ("FATAL", "BACKOFF")}
+            except SupervisorUnreachable as err:
+                issues.append((State.UNREACHABLE, err.message))
+            for p in procs:
+                sup_info["processes"].append({
+                    "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
+                    "uptime_s": proc_uptime(p), "description": p["description"],
+                    "log_tail": tails.get(full_name(p))})
+        declared: list[str] = []
+        conf_sizes: dict[str, int] = {}
+        config_error = None
+        if sc is not None:
+            from dspex.pools import load_pools, supervisor_group_sizes
+
+            try:
+                declared = [c.name for c in load_pools(sc.path)]
+                conf_sizes = supervisor_group_sizes(sc.path)
+            except ConfigError as err:  # still show supervisord's view: it is what explains a FATAL broker
+                config_error = err.message
+                issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
+
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for p in procs:
+            groups.setdefault(p["group"], []).append(p)
+        broker_proc = next((p for p in groups.get("broker", []) if p["name"] == "broker"), None)
+        registered = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
+        broker_starting = False
+        if broker is None:
+            if broker_proc is not None and proc_phase(broker_proc, set()) == "starting":
+                broker_starting = True
+                issues.append((State.STARTING, f"the broker is starting ({broker_err})"))
+            else:
+                issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
+        else:
+            registered.add(broker["broker"]["pid"])
+            mismatch = foreign_broker(procs, broker["broker"]["pid"], settings.resolved_endpoint())
+            if mismatch:
+                    issues.append((State.DEGRADED, mismatch))
+
+        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
+        if config_error is not None:
+            names += [g for g in groups if g != "broker" and g not in names]
+        if req["pools"]:
+            missing = [n for n in req["pools"] if n not in names]
+            if missing:
+                raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; "
+                                   f"pools: {', '.join(names) or 'none'}")
+            names = list(req["pools"])
+        for g, members in groups.items():  # programs that are not pools (the broker, others)
+            if g in names:
+                continue
+            for p in members:
+                if proc_phase(p, registered) == "broken":
+                    issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
+
+        pools = [self._pool(name, broker, broker_starting, groups.get(name), conf_sizes, registered, tails, issues)
+                 for name in names]
+        states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
+        health = worst(states)
+        return {
+            "health": health.value,
+            "problems": [text for s, text in issues if s != State.STARTING],
+            "starting": [text for s, text in issues if s == State.STARTING],
+            "issues": [{"state": s.value, "text": text} for s, text in issues],
+            "broker": None if broker is None else {**broker["broker"]},
+            "supervisor": sup_info,
+            "pools": pools,
+            "events": list((broker or {}).get("events") or []),
+            "verbose": req["verbose"],
+        }
+
+    def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
+              group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
+              tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
+        bp = (broker or {}).get("pools", {}).get(name)
+        workers_b = bp["workers"] if bp else []
+        if group is not None:
+            expected = len(group)
+        elif bp and bp.get("size"):
+            expected = int(bp["size"])
+        elif name in conf_sizes:
+            expected = conf_sizes[name]
+        else:
+            expected = len(workers_b)
+        ready = sum(1 for w in workers_b if w["state"] == "ready")
+        busy = sum(1 for w in workers_b if w["state"] == "busy")
+        draining = sum(1 for w in workers_b if w["state"] == "draining")
+        by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
+        workers = []
+        for w in workers_b:
+            proc = by_pid.get(w["pid"])
+            workers.append({**{k: w.get(k) for k in WORKER_KEYS},
+                            "process": full_name(proc) if proc else None,
+                            "process_state": proc["statename"] if proc else None})
+        starting = broken = 0
+        seen = {w["pid"] for w in workers_b}
+        for proc in group or []:
+            if proc["pid"] and proc["pid"] in seen:
+                continue
+            phase = proc_phase(proc, registered)
+            if phase == "starting":
+                starting += 1
+            elif phase == "broken":
+                broken += 1
+                what = proc["statename"] + why(tails, proc) if proc["statename"] != "RUNNING" else \
+                    f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
+                if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
+                    issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
+            workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
+                            "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
+                            "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],
+                            "phase": phase})
+        if broker is None:
+            health = State.STARTING.value if broker_starting else "unknown"
+        else:
+            verdict = pool_state(name, PoolFacts(
+                expected=expected, up=ready + busy, queued=bp["queued"] if bp else 0,
+                queue_max=bp["queue_max"] if bp else None, requests_ok=bp["requests_ok"] if bp else 0,
+                requests_error=bp["requests_error"] if bp else 0, starting=starting, broken=broken))
+            health = verdict.state.value
+            issues.extend((verdict.state, r) for r in verdict.reasons)
+        return {
+            "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
+            "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b), "starting": starting,
+            "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
+            "queue_max": bp["queue_max"] if bp else None,
+            "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
+            "latency_p50_ms": latency(bp, "latency_p50_ms"), "latency_p99_ms": latency(bp, "latency_p99_ms"),
+            "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
+            "health": health, "in_broker": bp is not None, "workers": workers,
+        }
+
+    def present(self, result: dict[str, Any]) -> str:
+        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
+                 "STATE"]]
+        for p in result["pools"]:
+            known = p["in_broker"]
+            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}",
+                         str(p["ready"]) if known else "-", str(p["busy"]) if known else "-",
+                         str(p["sessions"]) if known else "-", str(p["queued"]) if known else "-",
+                         str(p["requests_ok"]) if known else "-", str(p["requests_error"]) if known else "-",
+                         fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
+        lines = table(rows)
+        if result["verbose"]:
+            out = [lines[0]]
+            for line, p in zip(lines[1:], result["pools"]):
+                out.append(line)
+                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                for w in p["workers"]:
+                    hb = w["last_heartbeat_s"]
+                    reg = w["id"] is not None
+                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
+                                  w["state"] if reg else (w["process_state"] or "?").lower(),
+                                  f"{w['inflight']}/{w['capacity']}" if reg else "-",
+                                  str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
+                                  fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",
+                                  f"{hb:.1f}s ago" if hb is not None else "-"])
+                out.extend(table(wrows, indent="    "))
+            lines = out
+        b = result["broker"]
+        if b is not None:
+            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
+                         f"{b['frontend']}")
+        s = result["supervisor"]
+        if s is not None and s["state"] is not None:
+            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
+            pool_names = {q["name"] for q in result["pools"]}
+            others = [p for p in s["processes"] if p["group"] not in pool_names]
+            if result["verbose"] or result["broker"] is None:  # without a broker, supervisord's view is all there is
+                shown = s["processes"] if result["broker"] is None else others
+                lines.extend(table([[p["name"], p["state"], p["description"]] for p in shown], indent="    "))
+        for issue in result["issues"]:
+            lines.append(f"{issue['state'].upper()}: {issue['text']}")
+        return "\n".join(lines)
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_FOR_STATE[State(result["health"])]

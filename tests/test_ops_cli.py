@@ -1,0 +1,175 @@
+"""dspexctl conveniences: --version, pools restart, stop, sessions close in bulk, the OWNER
+column, and supervisord's errors in the dspex error tree.
+
+One small stack (the shipped broker, triage_pool with 2 workers, analytics_pool with 1) started
+by ``dspexctl pools start`` and stopped by ``dspexctl stop`` (the module's last test); the CLI runs
+as a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import dspex
+from conftest import wait_for
+from dspex.errors import DidNotRun, MayHaveRun, UsageError
+from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
+from dspexctl.commands import SessionsList
+from test_cli import dspexctl, no_traceback
+from test_ops_python import small_conf_text
+from test_supervisor import SupervisedStack
+
+POOLS = {"triage_pool": 2, "analytics_pool": 1}
+
+
+def test_version() -> None:
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    assert res.stdout.strip() == f"dspexctl {importlib.metadata.version('dspex')}"
+
+
+def test_supervisor_errors_are_in_the_dspex_tree() -> None:
+    assert issubclass(SupervisorUnreachable, DidNotRun)
+    assert issubclass(SupervisorError, MayHaveRun)
+    assert issubclass(SupervisorNoSuchProcess, UsageError)
+
+
+def test_owner_column_only_when_the_broker_reports_owners() -> None:
+    base = {"id": "s1" * 16, "pool": "triage_pool", "worker": "ab" * 16, "worker_alive": True, "calls": 3,
+            "idle_s": 2.0, "created": time.time() - 5}
+    plain = SessionsList().present({"pool": None, "sessions": [base]})
+    assert "OWNER" not in plain.splitlines()[0]
+    owned = SessionsList().present({"pool": None, "sessions": [{**base, "owner": "client-7f3a"},
+                                                               {**base, "id": "s2" * 16, "owner": None}]})
+    header, first, second = owned.splitlines()
+    assert header.split() == ["SESSION", "POOL", "OWNER", "WORKER", "CALLS", "IDLE", "AGE"]
+    assert first.split()[2] == "client-7f3a" and second.split()[2] == "-"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["sessions", "close"], "which sessions?"),
+    (["sessions", "close", "abc", "--all"], "not both"),
+    (["sessions", "close", "--idle", "-3"], "Invalid value for '--idle'"),
+])
+def test_sessions_close_usage(args: list[str], needle: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,
+                         cwd="/tmp")
+    assert res.returncode == 2 and needle in res.stderr, res.stderr
+    no_traceback(res)
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[SupervisedStack]:
+    stack = SupervisedStack(small_conf_text(POOLS), venv_link=False)
+    try:
+        res = dspexctl(stack, "pools", "start", "--wait", "120")
+        try:
+            stack.adopt_daemon()
+        except AssertionError:
+            pass
+        assert res.returncode == 0, res.stdout + res.stderr + stack.logs()
+        yield stack
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+def ready_ids(stack: SupervisedStack, pool: str) -> set[str]:
+    return {w["incarnation"] for w in stack.ready(pool)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_pools_restart_replaces_the_pools_workers(small: SupervisedStack) -> None:
+    old_a, old_t = ready_ids(small, "analytics_pool"), ready_ids(small, "triage_pool")
+    res = dspexctl(small, "pools", "restart", "analytics_pool")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("restarted analytics_pool: 1/1 ready"), res.stdout
+    new_a = ready_ids(small, "analytics_pool")
+    assert len(new_a) == 1 and not new_a & old_a
+    assert ready_ids(small, "triage_pool") == old_t, "only the named pool restarts"
+    res = dspexctl(small, "pools", "restart", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["pools"] == {"triage_pool": {"ready": 2, "expected": 2}, "analytics_pool": {"ready": 1, "expected": 1}}
+    assert not ready_ids(small, "triage_pool") & old_t
+    res = dspexctl(small, "pools", "restart", "nope")
+    assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
+    assert dspexctl(small, "pools", "status").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sessions_close_by_pool_idle_all_and_id(small: SupervisedStack) -> None:
+    with small.client() as dx:
+        def opened(pool: str) -> dspex.Session:
+            s = dx.session(pool)
+            s.call("os", "getpid")
+            return s
+
+        old = opened("triage_pool")
+        ref = old.call("types", "SimpleNamespace", kwargs={"a": 1})
+
+        def listed() -> dict[str, dict[str, Any]]:
+            return {s["id"]: s for s in json.loads(dspexctl(small, "sessions", "list", "--json").stdout)["sessions"]}
+
+        # 15 s: the fresh sessions below must stay under the threshold while a loaded machine starts the CLI
+        wait_for(lambda: listed()[old.id]["idle_s"] >= 15, 60, 0.5, "the first session idle for 15 s")
+        fresh, analytics, other = opened("triage_pool"), opened("analytics_pool"), opened("triage_pool")
+
+        res = dspexctl(small, "sessions", "close", "--pool", "analytics_pool")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == [f"closed {analytics.id}", "1 session(s) closed"]
+        assert set(listed()) == {old.id, fresh.id, other.id}
+
+        res = dspexctl(small, "sessions", "close", "--idle", "15", "--json")
+        assert res.returncode == 0, res.stderr
+        assert [s["session"] for s in json.loads(res.stdout)["sessions"]] == [old.id]
+        assert set(listed()) == {fresh.id, other.id}
+
+        res = dspexctl(small, "sessions", "close", fresh.id[:10])
+        assert res.returncode == 0 and res.stdout.strip() == f"closed {fresh.id}", res.stdout + res.stderr
+
+        res = dspexctl(small, "sessions", "close", "--all")
+        assert res.returncode == 0 and f"closed {other.id}" in res.stdout and "1 session(s) closed" in res.stdout
+        assert listed() == {}
+        res = dspexctl(small, "sessions", "close", "--all")
+        assert res.returncode == 0 and res.stdout.strip() == "0 session(s) closed"
+        res = dspexctl(small, "sessions", "close", "--pool", "nope")
+        assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
+        with pytest.raises(dspex.RefNotFound):  # the idle session's refs were released on its worker
+            old.attr(ref, "a")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_unknown_supervisord_name_is_a_usage_error(small: SupervisedStack) -> None:
+    with small.supervisor() as sup, pytest.raises(SupervisorNoSuchProcess) as info:
+        sup.stop_group("nope")
+    assert info.value.code == "supervisor_bad_name" and "'nope'" in info.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_stop_stops_the_stack_this_conf_started(small: SupervisedStack) -> None:
+    """Last on this stack."""
+    pids = {p["pid"] for p in small.processes() if p["pid"]}
+    assert small.supervisord_pid and len(pids) == 4
+    res = dspexctl(small, "stop")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith(f"stopped supervisord (pid {small.supervisord_pid}) and 4 program(s)")
+    assert not pid_alive(small.supervisord_pid) and not any(pid_alive(p) for p in pids)
+    res = dspexctl(small, "stop")
+    assert res.returncode == 0 and "is not running: nothing to stop" in res.stdout
+    res = dspexctl(small, "pools", "status")
+    assert res.returncode == 4
+    res = dspexctl(small, "pools", "restart")
+    assert res.returncode == 4 and "supervisord is not running" in res.stderr
+    no_traceback(res)

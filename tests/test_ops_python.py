@@ -1,0 +1,254 @@
+"""Which python supervisor.conf's programs run, from any environment where dspex is installed.
+
+The shipped command= lines are run as supervisord runs them (``/bin/sh -c BODY``, parsed with
+shlex after supervisord's ``%(here)s`` expansion), first straight from /bin/sh with the program
+swapped for one that prints the interpreter it got, then under a real supervisord.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import dspex
+from conftest import REPO, wait_for
+from dspex.supervisor import Supervisor, SupervisorConf, pid_alive
+
+SHIPPED_CONF = REPO / "supervisor.conf"
+BIN = Path(sys.executable).parent
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+PRINT_PYTHON = '-c "import sys;print(sys.executable)"'
+
+
+def program_body(program: str, here: Path) -> str:
+    """The /bin/sh script of ``[program:NAME]`` in the shipped conf, as supervisord would exec it."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read(SHIPPED_CONF)
+    command = parser.get(f"program:{program}", "command") % {"here": str(here)}
+    argv = shlex.split(command)
+    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3, argv
+    return argv[2]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """An environment as a fresh login shell has it: no venv active, no dspex variables."""
+    env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def here() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="dxp", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run_body(body: str, here: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run BODY from an intermediate /bin/sh, so "the parent's interpreter" is not this python."""
+    body = body.replace("-m worker --pool triage_pool", PRINT_PYTHON)
+    return subprocess.run(["/bin/sh", "-c", '/bin/sh -c "$BODY"; exit $?'], cwd=here, env={**env, "BODY": body},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_system_python_has_no_dspex(here: Path) -> None:
+    """The premise of the fallbacks below: the interpreter on a clean PATH cannot import dspex."""
+    res = subprocess.run(["python3", "-c", "import dspex"], cwd=here, env=clean_env(), capture_output=True)
+    assert res.returncode != 0
+
+
+def test_dspex_python_is_used_as_is(here: Path) -> None:
+    (here / ".venv").symlink_to(sys.prefix)
+    res = run_body(program_body("triage_pool", here), here, clean_env(DSPEX_PYTHON=sys.executable))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == sys.executable
+
+
+def test_dot_venv_next_to_the_conf_wins(here: Path) -> None:
+    (here / ".venv").symlink_to(sys.prefix)
+    res = run_body(program_body("triage_pool", here), here, clean_env(VIRTUAL_ENV="/nonexistent"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(here / ".venv" / "bin" / "python")
+
+
+def test_active_virtual_env_when_there_is_no_dot_venv(here: Path) -> None:
+    res = run_body(program_body("triage_pool", here), here, clean_env(VIRTUAL_ENV=sys.prefix))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(Path(sys.prefix) / "bin" / "python")
+
+
+def test_a_dot_venv_without_dspex_is_skipped(here: Path) -> None:
+    (here / ".venv" / "bin").mkdir(parents=True)
+    (here / ".venv" / "bin" / "python").symlink_to(shutil.which("python3", path=SYSTEM_PATH) or "/usr/bin/python3")
+    res = run_body(program_body("triage_pool", here), here, clean_env(VIRTUAL_ENV=sys.prefix))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(Path(sys.prefix) / "bin" / "python")
+
+
+def test_activated_venv_python_on_path(here: Path) -> None:
+    res = run_body(program_body("triage_pool", here), here, clean_env(PATH=f"{BIN}:{SYSTEM_PATH}"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(BIN / "python3")
+
+
+@pytest.mark.parametrize("program, what", [("triage_pool", "worker of triage_pool"), ("broker", "the broker")])
+def test_no_python_with_dspex_is_one_clear_line(here: Path, program: str, what: str) -> None:
+    (here / "dspex").mkdir()  # a checkout's source in the working directory is not an installed dspex
+    (here / "dspex" / "__init__.py").write_text("")
+    res = run_body(program_body(program, here), here, clean_env(DSPEX_PYTHON="/nonexistent/python"))
+    assert res.returncode == 127
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    assert f"dspex: cannot start {what}: no python with dspex installed among:" in line
+    assert "/nonexistent/python" in line and str(here / ".venv" / "bin" / "python") in line and "python3" in line
+    assert "set DSPEX_PYTHON" in line
+    assert line[:4].isdigit() and "T" in line.split()[0], "the line starts with a UTC timestamp"
+
+
+# -- under a real supervisord ----------------------------------------------------------------------
+SMALL = """
+[unix_http_server]
+file = %(here)s/run/supervisor.sock
+
+[supervisorctl]
+serverurl = unix://%(here)s/run/supervisor.sock
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisord]
+logfile = %(here)s/log/supervisord.log
+pidfile = %(here)s/run/supervisord.pid
+childlogdir = %(here)s/log
+environment = LITELLM_LOCAL_MODEL_COST_MAP="True",PYTHONUNBUFFERED="1"
+"""
+
+
+def small_conf_text(pools: dict[str, int] | None = None, startretries: int = 1,
+                    **settings: dict[str, str]) -> str:
+    """The shipped broker and pool sections (``pools``: name -> numprocs; default one triage_pool
+    worker), nothing else; ``settings[pool]`` overrides keys of ``[dspex:pool:POOL]``."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read(SHIPPED_CONF)
+    text = SMALL
+    sections = ["program:broker"]
+    for pool in pools or {"triage_pool": 1}:
+        sections += [f"dspex:pool:{pool}", f"group:{pool}", f"program:{pool}"]
+    for section in sections:
+        text += f"\n[{section}]\n"
+        pool = section.split(":")[-1]
+        overrides = dict(settings.get(pool, {})) if section.startswith("dspex:pool:") else {}
+        for key, value in parser.items(section):
+            if key == "numprocs":
+                value = str((pools or {"triage_pool": 1})[pool])
+            if key == "startretries":
+                value = str(startretries)
+            text += f"{key} = {overrides.pop(key, value)}\n"
+        text += "".join(f"{k} = {v}\n" for k, v in overrides.items())
+    return text
+
+
+def small_conf(here: Path) -> Path:
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text())
+    (here / "run").mkdir(exist_ok=True)
+    (here / "log").mkdir(exist_ok=True)
+    return conf
+
+
+class Supervisord:
+    def __init__(self, argv: list[str], conf: Path, env: dict[str, str]) -> None:
+        self.conf = conf
+        self.out = open(conf.parent / "supervisord.out", "wb")
+        self.proc = subprocess.Popen([*argv, "-c", str(conf), "-n"], cwd=conf.parent, env=env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.children: set[int] = set()
+
+    def processes(self) -> dict[str, dict[str, object]]:
+        with Supervisor(SupervisorConf.load(self.conf), timeout=10) as sup:
+            procs = {p["name"]: p for p in sup.processes()}
+        self.children.update(int(p["pid"]) for p in procs.values() if p["pid"])
+        return procs
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for pid in self.children:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.out.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_supervisord_from_a_venv_runs_that_venvs_python(here: Path) -> None:
+    """No .venv, no DSPEX_PYTHON, no active venv: the venv whose supervisord runs is the one used."""
+    conf = small_conf(here)
+    run_dir = str(here / "r")
+    sd = Supervisord([str(BIN / "supervisord")], conf, clean_env(DSPEX_RUN_DIR=run_dir, DSPEX_METRICS_PORT="0"))
+    try:
+        def worker() -> dict[str, object] | None:
+            assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
+            sd.processes()
+            with dspex.connect(f"ipc://{run_dir}/frontend.sock", timeout=2) as dx:
+                workers = dx.status(timeout=2)["pools"]["triage_pool"]["workers"]
+            return workers[0] if workers else None
+
+        w = wait_for(worker, 90, 0.2, "the worker registered with the broker")
+        shebang = (BIN / "supervisord").read_text().splitlines()[0][2:].strip()
+        assert Path(f"/proc/{w['pid']}/cmdline").read_bytes().split(b"\0")[0].decode() == shebang
+    finally:
+        sd.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_supervisord_without_dspex_logs_why_each_program_fails(here: Path) -> None:
+    """supervisord from an interpreter that has supervisor but not dspex: each program's log says so."""
+    conf = small_conf(here)
+    only_supervisor = here / "pp"
+    only_supervisor.mkdir()
+    (only_supervisor / "supervisor").symlink_to(Path(sysconfig.get_paths()["purelib"]) / "supervisor")
+    env = clean_env(DSPEX_RUN_DIR=str(here / "r"), DSPEX_METRICS_PORT="0", PYTHONPATH=str(only_supervisor))
+    system_python = shutil.which("python3", path=SYSTEM_PATH)
+    assert system_python
+    sd = Supervisord([system_python, "-m", "supervisor.supervisord"], conf, env)
+    try:
+        def fatal() -> bool:
+            assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
+            procs = sd.processes()
+            return all(p["statename"] == "FATAL" for p in procs.values())
+
+        wait_for(fatal, 60, 0.2, "every program FATAL")
+        for log, what in (("broker.log", "the broker"), ("triage_pool_00.log", "worker of triage_pool")):
+            text = (here / "log" / log).read_text()
+            assert f"dspex: cannot start {what}: no python with dspex installed among:" in text, text
+            assert "Traceback" not in text and "not found" not in text, text
+            assert system_python in text
+        # and pools status says why, from the programs' logs
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=here, capture_output=True,
+                             text=True, timeout=60, env={**env, "PYTHONPATH": ""})
+        assert res.returncode == 4, res.stdout + res.stderr
+        for name in ("broker:broker", "triage_pool:triage_pool_00"):
+            line = next(ln for ln in res.stdout.splitlines() if ln.startswith(f"DEGRADED: {name} is FATAL"))
+            assert "no python with dspex installed" in line, res.stdout
+    finally:
+        sd.stop()

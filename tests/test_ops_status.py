@@ -1,0 +1,262 @@
+"""``dspexctl pools status`` states: STARTING, DOWN, WARN, ``-`` for no data, supervisord's view
+with an invalid dspex config, a broker that is not this supervisord's, and ``--timeout`` checks.
+
+The pure state logic (dspex.health) has fast unit tests; the rest runs the CLI as a subprocess
+against real supervisord stacks made of the shipped conf's sections (fewer workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import dspex
+from conftest import REPO, wait_for
+from dspex.health import PoolFacts, State, pool_state, worst
+from dspex.supervisor import pid_alive
+from test_cli import dspexctl, no_traceback
+from test_ops_python import small_conf_text
+from test_supervisor import SupervisedStack
+
+POOLS = {"triage_pool": 2, "analytics_pool": 1}
+
+
+# -- pure logic ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("facts, state", [
+    (PoolFacts(expected=2, up=2), State.OK),
+    (PoolFacts(expected=2, up=1, broken=1), State.DEGRADED),
+    (PoolFacts(expected=2, up=1), State.DEGRADED),  # a worker missing without supervisord's view
+    (PoolFacts(expected=2, up=0, broken=2), State.DOWN),
+    (PoolFacts(expected=2, up=0), State.DOWN),
+    (PoolFacts(expected=2, up=0, starting=2), State.STARTING),
+    (PoolFacts(expected=2, up=0, starting=1, broken=1), State.DOWN),
+    (PoolFacts(expected=2, up=1, starting=1), State.STARTING),
+    (PoolFacts(expected=2, up=2, queued=800, queue_max=1000), State.WARN),
+    (PoolFacts(expected=2, up=2, queued=799, queue_max=1000), State.OK),
+    (PoolFacts(expected=2, up=2, requests_ok=18, requests_error=2), State.WARN),
+    (PoolFacts(expected=2, up=2, requests_ok=19, requests_error=1), State.OK),
+    (PoolFacts(expected=2, up=2, requests_ok=0, requests_error=19), State.OK),  # too few to say
+    (PoolFacts(expected=2, up=1, broken=1, queued=999, queue_max=1000), State.DEGRADED),
+])
+def test_pool_state(facts: PoolFacts, state: State) -> None:
+    verdict = pool_state("p", facts)
+    assert verdict.state == state
+    assert bool(verdict.reasons) == (state != State.OK)
+
+
+def test_worst_orders_by_severity() -> None:
+    assert worst([]) == State.OK
+    assert worst([State.OK, State.STARTING]) == State.STARTING
+    assert worst([State.STARTING, State.WARN]) == State.WARN
+    assert worst([State.DOWN, State.DEGRADED, State.WARN]) == State.DOWN
+    assert worst([State.DOWN, State.UNREACHABLE]) == State.UNREACHABLE
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "abc"])
+def test_timeout_is_validated(value: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "--timeout", value, "pools", "status"],
+                         capture_output=True, text=True, timeout=60, cwd="/tmp")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Invalid value for '--timeout'" in res.stderr
+    no_traceback(res)
+
+
+# -- real stacks ---------------------------------------------------------------------------------
+def status(stack: SupervisedStack, *args: str) -> tuple[int, dict[str, Any], str]:
+    doc_res = dspexctl(stack, "pools", "status", "--json", *args)
+    text_res = dspexctl(stack, "pools", "status", *args)
+    no_traceback(doc_res)
+    no_traceback(text_res)
+    return doc_res.returncode, json.loads(doc_res.stdout), text_res.stdout
+
+
+def row(text: str, pool: str) -> list[str]:
+    return next(line.split() for line in text.splitlines() if line.startswith(pool + " "))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_start_up_is_starting_not_a_problem() -> None:
+    stack = SupervisedStack(small_conf_text(POOLS))
+    try:
+        stack.start_foreground()
+        wait_for(lambda: stack.processes(), 30, 0.05, "supervisord answering")
+        seen: list[tuple[int, str, list[str]]] = []
+        deadline = time.monotonic() + 120
+        while True:
+            res = dspexctl(stack, "pools", "status", "--json")
+            no_traceback(res)
+            doc = json.loads(res.stdout)
+            seen.append((res.returncode, doc["health"], doc["problems"]))
+            if res.returncode == 0 or time.monotonic() > deadline:
+                break
+            stack.processes()  # keep supervisord's loop prompt
+        codes = {rc for rc, _, _ in seen}
+        assert codes <= {0, 7}, seen
+        assert 7 in codes, f"start-up was never seen as STARTING: {seen}"
+        assert seen[-1][0] == 0, seen
+        assert all(problems == [] for _, _, problems in seen), seen
+        assert {health for _, health, _ in seen} <= {"starting", "ok"}
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[SupervisedStack]:
+    stack = SupervisedStack(small_conf_text(POOLS, analytics_pool={"queue_max": "2"}))
+    try:
+        stack.start_foreground()
+
+        def ready() -> bool:
+            stack.processes()
+            st = stack.status()
+            return all(len(st["pools"][p]["workers"]) == n for p, n in POOLS.items())
+
+        wait_for(ready, 120, 0.1, "the small stack ready")
+        yield stack
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_data_is_a_dash_not_zero(small: SupervisedStack) -> None:
+    rc, doc, text = status(small, "analytics_pool")
+    assert rc == 0, text
+    pool = doc["pools"][0]
+    assert pool["latency_p50_ms"] is None and pool["latency_p99_ms"] is None
+    r = row(text, "analytics_pool")
+    assert r[9:12] == ["-", "-", "OK"], text
+    assert "0.0ms" not in text
+    with small.client() as dx:
+        assert dx.call("operator", "add", [1, 2], pool="analytics_pool") == 3
+    rc, doc, text = status(small, "analytics_pool")
+    assert doc["pools"][0]["latency_p50_ms"] > 0
+    assert row(text, "analytics_pool")[9].endswith(("ms", "s"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_pool_without_a_ready_worker_is_down(small: SupervisedStack) -> None:
+    res = dspexctl(small, "pools", "stop", "analytics_pool")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rc, doc, text = status(small)
+    assert rc == 5, text
+    assert doc["health"] == "down"
+    assert {p["name"]: p["health"] for p in doc["pools"]} == {"triage_pool": "ok", "analytics_pool": "down"}
+    assert row(text, "analytics_pool")[-1] == "DOWN"
+    assert "DOWN: analytics_pool has no ready worker (0/1)" in text
+    # one of two down is DEGRADED (exit 3), a different state and code
+    with small.supervisor() as sup:
+        sup.call("supervisor.stopProcess", "triage_pool:triage_pool_01", True)
+    rc, doc, text = status(small, "triage_pool")
+    assert rc == 3 and doc["pools"][0]["health"] == "degraded", text
+    assert "triage_pool:triage_pool_01 is STOPPED" in text
+    res = dspexctl(small, "pools", "start")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rc, doc, text = status(small)
+    assert rc == 0, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
+    """dspexctl talks to the broker at its endpoint; when that is not this supervisord's broker, say so."""
+    other_dir = str(small.root / "o")
+    env = {**small.env, "DSPEX_RUN_DIR": other_dir}
+    log = open(small.root / "other-broker.log", "wb")
+    other = subprocess.Popen([sys.executable, "-m", "broker", "--config", str(small.conf), "--metrics-port", "0"],
+                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    try:
+        wait_for(lambda: os.path.exists(f"{other_dir}/frontend.sock"), 30, 0.05, "the other broker's socket")
+        res = dspexctl(small, "--endpoint", f"ipc://{other_dir}/frontend.sock", "pools", "status")
+        no_traceback(res)
+        assert res.returncode == 3, res.stdout
+        assert f"is pid {other.pid}, not this supervisord's broker" in res.stdout
+    finally:
+        other.send_signal(signal.SIGTERM)
+        try:
+            other.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_nearly_full_queue_warns(small: SupervisedStack) -> None:
+    """analytics_pool: one worker, queue_max 2. One long call runs, two wait: the queue is full."""
+    answers: list[Any] = []
+
+    def call() -> None:
+        with small.client(90) as dx:
+            answers.append(dx.call("time", "sleep", [10], pool="analytics_pool"))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        wait_for(lambda: small.status()["pools"]["analytics_pool"]["queued"] == 2, 20, 0.05, "two queued calls")
+        res = dspexctl(small, "pools", "status", "analytics_pool")
+        no_traceback(res)
+        assert res.returncode == 6, res.stdout
+        assert row(res.stdout, "analytics_pool")[-1] == "WARN"
+        assert "WARN: analytics_pool queue is 2/2 full (pool_saturated at 2)" in res.stdout
+    finally:
+        for th in threads:
+            th.join(60)
+    assert answers == [None, None, None], "every queued call was answered"
+    rc, doc, text = status(small, "analytics_pool")
+    assert rc == 0 and doc["pools"][0]["queued"] == 0, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_many_failed_requests_warn(small: SupervisedStack) -> None:
+    """Last on this stack: the error rate is over the broker's lifetime, so the pool stays WARN."""
+    with small.client() as dx:
+        for _ in range(20):
+            with pytest.raises(dspex.RemoteError):
+                dx.call("operator", "truediv", [1, 0], pool="analytics_pool")
+    rc, doc, text = status(small)
+    assert rc == 6, text
+    assert doc["health"] == "warn"
+    assert row(text, "analytics_pool")[-1] == "WARN" and row(text, "triage_pool")[-1] == "OK"
+    assert "WARN: analytics_pool: 20 of 2" in text and "requests failed" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_invalid_dspex_config_still_shows_supervisords_view() -> None:
+    stack = SupervisedStack(small_conf_text({"triage_pool": 1}, triage_pool={"queue_max": "banana"}))
+    try:
+        stack.start_foreground()
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "FATAL" for p in stack.processes()),
+                 60, 0.1, "the broker FATAL on its bad config")
+        res = dspexctl(stack, "pools", "status")
+        no_traceback(res)
+        assert res.returncode == 4, res.stdout + res.stderr
+        assert "invalid dspex config" in res.stdout and "queue_max" in res.stdout
+        assert "supervisord: RUNNING" in res.stdout
+        assert any(ln.split()[:2] == ["broker:broker", "FATAL"] for ln in res.stdout.splitlines()), res.stdout
+        assert "triage_pool:triage_pool_00" in res.stdout
+        doc = json.loads(dspexctl(stack, "pools", "status", "--json").stdout)
+        assert doc["health"] == "unreachable"
+        assert [p["name"] for p in doc["pools"]] == ["triage_pool"]
+    finally:
+        for pid in list(stack.child_pids):
+            if not pid_alive(pid):
+                stack.child_pids.discard(pid)
+        stack.stop()
+        stack.cleanup()
