@@ -82,6 +82,12 @@ class Runner:
     def check(self, program: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self(program, *args, **kwargs)
 
+    @contextlib.contextmanager
+    def other_worker(self) -> Iterator["Runner"]:
+        """A runner for a second process: another worker of the pool (in-process: fresh settings)."""
+        raise NotImplementedError
+        yield self
+
 
 class InProcess(Runner):
     mode = INPROCESS
@@ -92,6 +98,11 @@ class InProcess(Runner):
 
     def put(self, obj: Any) -> Any:
         return obj
+
+    @contextlib.contextmanager
+    def other_worker(self) -> Iterator[Runner]:
+        with fresh_dspy_settings():
+            yield InProcess()
 
 
 class ThroughSession(Runner):
@@ -105,6 +116,26 @@ class ThroughSession(Runner):
 
     def put(self, obj: Any) -> Any:
         return self.s.put(obj)
+
+    @contextlib.contextmanager
+    def other_worker(self) -> Iterator[Runner]:
+        """A new session pinned to another worker than this one's (the broker pins new sessions to
+        the worker with the fewest; a few tries cover sessions other cases left open)."""
+        if not self.s.worker:
+            self.s.run(int)  # pin this session first
+        tried: list[dspex.Session] = []
+        try:
+            for _ in range(6):
+                other = self.s.client.session(self.s.pool)
+                tried.append(other)
+                other.run(int)
+                if other.worker != self.s.worker:
+                    yield ThroughSession(other)
+                    return
+            raise AssertionError(f"no second worker in pool {self.s.pool}")
+        finally:
+            for other in tried:
+                other.close(timeout=10)
 
     def check(self, program: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         assert threading.current_thread() is threading.main_thread()
