@@ -1,0 +1,120 @@
+"""dspy.streamify with a StreamListener, async and sync, in-process and through a session.
+
+Patterns from DSPy's docs ("Streaming") and tests/streaming: a listener on the ``answer`` field,
+chunks arrive as ``StreamResponse`` objects and the last item is the ``Prediction``. DSPy's own
+streaming tests patch litellm to stream tokens; here ``DummyLM``'s answers go through DSPy's
+custom-engine API instead, streamed word by word (DummyLM alone answers in one piece).
+"""
+
+import asyncio
+import dataclasses
+import re
+
+import dspy
+import pytest
+from dspy.clients.engines.dummy_engine import AsyncDummyEngine, DummyEngine
+from dspy.lm15 import StreamDeltaEvent, TextDelta
+from dspy.utils.dummies import DummyLM
+
+import dspex
+from conformance.harness import SESSION, Runner, as_data
+
+
+class StreamingDummyEngine(DummyEngine):
+    """DummyLM's engine, streaming each answer word by word as a provider streams tokens."""
+
+    complete_legacy = None  # no non-streaming shortcut: DSPy takes the canonical (streaming) path
+
+    def stream(self, request):
+        for event in super().stream(request):
+            delta = getattr(event, "delta", None)
+            if not (isinstance(delta, TextDelta) and delta.text):
+                yield event
+                continue
+            for i, piece in enumerate(re.findall(r"\s*\S+", delta.text)):
+                first = dataclasses.replace(delta, text=piece)  # carries the logprobs, if any
+                yield StreamDeltaEvent(delta=first if i == 0 else TextDelta(text=piece, part_index=delta.part_index))
+
+
+class AsyncStreamingDummyEngine(AsyncDummyEngine):
+    complete_legacy = None
+
+
+def streaming_dummy_lm(answers):
+    engine = StreamingDummyEngine(DummyLM(answers))
+    return dspy.LM("dummy/streaming", engine=engine, async_engine=AsyncStreamingDummyEngine(engine), cache=False)
+
+
+ANSWER = "Because it wanted to get to the other side of the road."
+
+
+def make_stream_predict(async_streaming=True):
+    predict = dspy.Predict("question -> answer")
+    return dspy.streamify(
+        predict,
+        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer", allow_reuse=True)],
+        async_streaming=async_streaming,
+    )
+
+
+def async_streaming_program():
+    dspy.configure(lm=streaming_dummy_lm([{"answer": ANSWER}]))
+    stream_predict = make_stream_predict()
+
+    async def read_output_stream():
+        output_stream = stream_predict(question="Why did a chicken cross the road?")
+        return [chunk async for chunk in output_stream]
+
+    return asyncio.run(read_output_stream())
+
+
+def sync_streaming_program():
+    dspy.configure(lm=streaming_dummy_lm([{"answer": ANSWER}]))
+    stream_predict = make_stream_predict(async_streaming=False)
+    return list(stream_predict(question="Why did a chicken cross the road?"))
+
+
+def check_chunks(items):
+    *chunks, final = items
+    assert isinstance(final, dspy.Prediction)
+    assert final.answer == ANSWER
+    assert chunks and all(isinstance(c, dspy.streaming.StreamResponse) for c in chunks)
+    assert {c.signature_field_name for c in chunks} == {"answer"}
+    assert "".join(c.chunk for c in chunks).strip() == final.answer
+
+
+@pytest.mark.parametrize("program", [async_streaming_program, sync_streaming_program], ids=["async", "sync"])
+def test_streamify_program_collects_chunks(run: Runner, program) -> None:
+    check_chunks(run.check(program))
+
+
+def streamed_items(run: Runner, stream_predict, **kwargs):
+    """Iterate a streamify program item by item where it runs (a session streams it over the wire)."""
+    if run.mode == SESSION:
+        return list(run.s.stream_method(stream_predict, "__call__", kwargs=kwargs))
+    items = stream_predict(**kwargs)
+    if hasattr(items, "__aiter__"):
+        async def drain():
+            return [item async for item in items]
+
+        return asyncio.run(drain())
+    return list(items)
+
+
+@pytest.mark.parametrize("async_streaming", [True, False], ids=["async", "sync"])
+def test_streamify_streams_item_by_item(run: Runner, async_streaming: bool) -> None:
+    """streamify's defaults (async) through ``stream_method``: items arrive as data, then the stream ends."""
+    run(dspy.configure, lm=streaming_dummy_lm([{"answer": ANSWER}] * 2))
+    stream_predict = run.put(make_stream_predict(async_streaming))
+    first = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
+    check_chunks(first)
+    again = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
+    assert as_data(again) == as_data(first)
+
+
+def test_stream_any_iterable_and_refuse_a_non_iterable(session: dspex.Session) -> None:
+    assert list(session.stream("builtins", "iter", [[1, 2, 3]])) == [1, 2, 3]
+    assert list(session.stream("builtins", "map", [str.upper, ["a", "b"]])) == ["A", "B"]
+    with pytest.raises(dspex.DspexError, match="iterable"):
+        list(session.stream("builtins", "len", [[1, 2, 3]]))
+    assert session.run(sum, [1, 2, 3]) == 6  # the session still serves
