@@ -1,0 +1,195 @@
+"""Call deadlines enforced on the worker: a soft limit that stops the call, a hard limit after it.
+
+Soft limit (as Celery's): at the deadline :class:`CallTimedOut` is raised into the running call.
+It derives from ``BaseException`` so user code's ``except Exception`` does not swallow it.
+
+- A call on the main thread (capacity-1 workers) gets it from a SIGALRM handler; the watchdog
+  sends SIGALRM to the main thread, which interrupts ``time.sleep`` and blocking socket reads
+  (PEP 475: a handler that raises ends the retried system call).
+- A call on a pool thread (capacity > 1) gets it through ``PyThreadState_SetAsyncExc``: raised at
+  the next bytecode the thread runs (a thread blocked in C sees it when the C call returns).
+
+Hard limit: a call still running ``grace`` seconds after its deadline cannot be stopped; the
+watchdog calls ``on_hard`` (the worker replies ``Timeout(hard=True)``, says goodbye to the
+broker and exits; supervisord starts a fresh process).
+
+Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
+:func:`protected`; a soft limit arriving there is raised when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import heapq
+import itertools
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("dspex.worker")
+
+DEFAULT_GRACE = 5.0
+
+
+class CallTimedOut(BaseException):
+    """Raised into a call that ran past its deadline (the soft limit)."""
+
+
+@dataclass
+class _Call:
+    deadline: float
+    thread: int
+    on_hard: Callable[[], None]
+    soft_sent: bool = False
+    done: bool = False
+    timed_out: bool = False
+    token: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class _ThreadState:
+    active: _Call | None = None
+    protected: int = 0
+    pending: bool = False  # a soft limit arrived while protected
+
+
+_local = threading.local()
+
+
+def _state() -> _ThreadState:
+    st: _ThreadState | None = getattr(_local, "st", None)
+    if st is None:
+        st = _local.st = _ThreadState()
+    return st
+
+
+@contextlib.contextmanager
+def protected() -> Iterator[None]:
+    """Defer a soft limit until the block ends (never split a zmq multipart send)."""
+    st = _state()
+    st.protected += 1
+    try:
+        yield
+    finally:
+        st.protected -= 1
+        if st.protected == 0 and st.pending and st.active is not None and not st.active.done:
+            st.pending = False
+            st.active.timed_out = True
+            raise CallTimedOut("the call ran past its deadline")
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    st = _state()  # always the main thread: Python runs signal handlers there
+    call = st.active
+    if call is None or call.done or not call.soft_sent:
+        return  # a stale signal: the call it was meant for has ended
+    if st.protected:
+        st.pending = True
+        return
+    call.timed_out = True
+    raise CallTimedOut("the call ran past its deadline")
+
+
+def _async_raise(thread_id: int) -> bool:
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CallTimedOut))
+    return int(n) == 1
+
+
+class Watchdog:
+    """One thread per worker: sends the soft limit at each call's deadline, the hard one after."""
+
+    def __init__(self, grace: float = DEFAULT_GRACE) -> None:
+        self.grace = grace
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Call]] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._main = threading.main_thread().ident
+        self._alarm_installed = False
+
+    def _start(self) -> None:
+        if self._thread is None:
+            if threading.current_thread() is threading.main_thread() and not self._alarm_installed:
+                signal.signal(signal.SIGALRM, _on_alarm)
+                self._alarm_installed = True
+            self._thread = threading.Thread(target=self._loop, name="dspex-watchdog", daemon=True)
+            self._thread.start()
+
+    def install(self) -> None:
+        """From the main thread, before any call: the SIGALRM handler and the watchdog thread."""
+        with self._cond:
+            self._start()
+
+    @contextlib.contextmanager
+    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call | None]:
+        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit)."""
+        if deadline is None:
+            yield None
+            return
+        st = _state()
+        call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids))
+        if call.thread == self._main and not self._alarm_installed:
+            # no raising handler on this main thread: only the hard limit applies
+            call.soft_sent = True
+        outer = st.active
+        st.active = call
+        with self._cond:
+            self._start()
+            heapq.heappush(self._heap, (deadline, call.token, call))
+            self._cond.notify()
+        try:
+            yield call
+        finally:
+            with call.lock:
+                call.done = True
+                if call.timed_out and call.thread != self._main:
+                    # an async exception not yet delivered must not hit the worker's own code
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
+            st.active = outer
+            st.pending = False
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    when, _, call = self._heap[0]
+                    wait = when - time.monotonic()
+                    if wait <= 0:
+                        heapq.heappop(self._heap)
+                        break
+                    self._cond.wait(wait)
+            if call.done:
+                continue
+            if not call.soft_sent:
+                call.soft_sent = True
+                self._soft(call)
+                with self._cond:  # the hard limit, unless the call ends first
+                    heapq.heappush(self._heap, (call.deadline + self.grace, call.token, call))
+            else:
+                log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
+                try:
+                    call.on_hard()
+                except Exception:  # noqa: BLE001 - the watchdog must survive
+                    log.exception("hard time limit handler failed")
+
+    def _soft(self, call: _Call) -> None:
+        if call.thread == self._main:
+            try:
+                signal.pthread_kill(call.thread, signal.SIGALRM)
+            except (ProcessLookupError, OSError):
+                pass
+        else:
+            with call.lock:
+                if not call.done:
+                    call.timed_out = True
+                    _async_raise(call.thread)
