@@ -1,0 +1,146 @@
+"""User code cannot take a worker down, and timeouts stop work (pool ``t``: one capacity-1 worker).
+
+In-process, each program raises (or runs long) as written; through a session the same program
+gives a typed error, and the session and its worker go on serving with their state.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+import dspex
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ itself fails")
+
+
+def raise_system_exit():
+    raise SystemExit(3)
+
+
+def call_sys_exit():
+    sys.exit("goodbye")
+
+
+def parse_bad_arguments():
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--count", type=int)
+    return parser.parse_args(["--count", "many"])
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def raise_generator_exit():
+    raise GeneratorExit
+
+
+def raise_lone_surrogate():
+    raise ValueError("cannot decode b'\\xff' -> '\udcff'")
+
+
+def raise_unprintable():
+    raise UnprintableError("payload")
+
+
+CASES = [
+    (raise_system_exit, SystemExit),
+    (call_sys_exit, SystemExit),
+    (parse_bad_arguments, SystemExit),
+    (raise_keyboard_interrupt, KeyboardInterrupt),
+    (raise_generator_exit, GeneratorExit),
+    (raise_lone_surrogate, ValueError),
+    (raise_unprintable, UnprintableError),
+]
+
+
+@pytest.fixture
+def solo(dx: dspex.Client):
+    s = dx.session("t")
+    try:
+        yield s
+    finally:
+        s.close(timeout=10)
+
+
+@pytest.mark.parametrize("program,kind", CASES, ids=[fn.__name__ for fn, _ in CASES])
+def test_user_exception_leaves_the_worker_serving(solo: dspex.Session, capsys, program, kind) -> None:
+    with pytest.raises(kind):  # in-process, as written
+        program()
+    capsys.readouterr()  # argparse printed its usage
+
+    state = solo.put({"kept": [1, 2, 3]})
+    pid = solo.run(os.getpid)
+    worker = solo.worker
+    with pytest.raises(dspex.RemoteError) as info:
+        solo.run(program)
+    err = info.value
+    assert err.type_name.rsplit(".", 1)[-1] == kind.__name__
+    assert isinstance(str(err), str) and isinstance(repr(err), str)
+    if issubclass(kind, Exception):  # an Exception comes back as itself too; SystemExit & co. do not
+        assert isinstance(err, kind)
+    if program is raise_lone_surrogate:
+        assert "\\udcff" in str(err)
+        str(err).encode("utf-8")  # printable, loggable
+    assert solo.run(os.getpid) == pid and solo.worker == worker, "the worker was replaced"
+    assert solo.run(len, state["kept"]) == 3, "the session lost its state"
+
+
+# -- timeouts -------------------------------------------------------------------------------------
+
+
+def test_timeout_stops_a_sleeping_call(solo: dspex.Session) -> None:
+    state = solo.put([1, 2, 3])
+    pid = solo.run(os.getpid)
+    started = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        solo.run(time.sleep, 60, timeout=1.0)
+    assert info.value.details.get("stopped") is True
+    assert not info.value.details.get("hard")
+    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    assert solo.run(len, state) == 3  # the session serves at once, with its state
+    assert time.monotonic() - started < 5
+    assert solo.run(os.getpid) == pid
+
+
+class SlowLM(DummyLM):
+    """A DummyLM that takes its time, like a provider under load."""
+
+    def forward(self, prompt=None, messages=None, **kwargs):
+        time.sleep(0.3)
+        return super().forward(prompt=prompt, messages=messages, **kwargs)
+
+
+def lookup(term: str) -> str:
+    """Look a term up."""
+    return f"nothing about {term}"
+
+
+def react_program(lm):
+    dspy.configure(lm=lm)
+    react = dspy.ReAct("question -> answer", tools=[lookup], max_iters=50)
+    return react(question="What is dspex?")
+
+
+def test_timeout_stops_a_slow_lm_call(solo: dspex.Session) -> None:
+    """A ReAct loop on a slow LM: past the deadline it stops spending LM calls."""
+    step = {"next_thought": "Look it up again.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}}
+    lm = solo.put(SlowLM([step] * 60))
+    started = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        solo.run(react_program, lm, timeout=1.5)
+    assert info.value.details.get("stopped") is True
+    assert time.monotonic() - started < 10
+    calls_at_timeout = len(lm.history)
+    assert 1 <= calls_at_timeout < 60
+    solo.run(time.sleep, 1.0)  # an observation window on the worker: a call still running would spend LM calls
+    assert len(lm.history) == calls_at_timeout

@@ -1,0 +1,164 @@
+"""What a DSPy user does through a session beyond ``run``: names bound by ``define`` for
+``eval``/``exec`` code, exec'd code that behaves like module code, output and warnings, the
+asyncio client. Each compares with the same code run here where an in-process meaning exists.
+"""
+
+import asyncio
+import inspect
+import textwrap
+import types
+import warnings
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+from pydantic import BaseModel
+
+import dspex
+from dspex.errors import EncodeError
+from conformance.harness import as_data, fresh_dspy_settings
+
+
+class Ticket(BaseModel):
+    category: str
+    urgent: bool
+
+
+def exact_match(example, prediction, trace=None):
+    return example.answer == prediction.answer
+
+
+def test_define_binds_client_code_for_eval_and_exec(session: dspex.Session) -> None:
+    session.define(exact_match)
+    session.define(Ticket)
+    session.define(DummyLM([{"answer": "Paris"}]), name="lm")
+    session.exec("import dspy\ndspy.configure(lm=lm)\npred = dspy.Predict('question -> answer')(question='Capital?')")
+    assert session.eval("exact_match(dspy.Example(answer='Paris'), pred)") is True
+    ticket = session.eval("Ticket(category='billing', urgent=True)")
+    assert isinstance(ticket, Ticket) and ticket == Ticket(category="billing", urgent=True)
+
+
+TRIAGE_SOURCE = textwrap.dedent('''
+    import inspect
+    import dspy
+    from dspy.utils.dummies import DummyLM
+    from pydantic import BaseModel
+
+    class Ticket(BaseModel):
+        category: str
+        urgent: bool
+
+    class Triage(dspy.Signature):
+        """Triage a support ticket."""
+
+        text: str = dspy.InputField()
+        ticket: Ticket = dspy.OutputField()
+
+    class Triager(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.triage = dspy.Predict(Triage)
+
+        def forward(self, text):
+            return self.triage(text=text)
+
+    dspy.configure(lm=DummyLM([{"ticket": {"category": "billing", "urgent": True}}]))
+    result = Triager()(text="I was charged twice!").ticket.model_dump()
+    source_lines = inspect.getsource(Triager).splitlines()[0]
+    module_name = Triager.__module__
+    annotation = Triage.model_fields["ticket"].annotation.__name__
+''')
+
+
+def exec_as_module(source):
+    """What exec'd source means in-process: a module of its own (as ``python file.py`` runs it)."""
+    module = types.ModuleType("user_code")
+    module.__file__ = "<user_code>"
+    exec(compile(source, "<user_code>", "exec", dont_inherit=True), module.__dict__)
+    return module.__dict__
+
+
+def test_exec_code_behaves_like_module_code(session: dspex.Session) -> None:
+    """Pydantic types in signatures resolve (no inherited ``from __future__ import annotations``),
+    classes get a module of their own, and ``inspect.getsource`` works (dspy.Refine and SIMBA need it)."""
+    with fresh_dspy_settings():
+        expected = exec_as_module(TRIAGE_SOURCE)["result"]
+    session.exec(TRIAGE_SOURCE)
+    assert session.eval("result") == expected == {"category": "billing", "urgent": True}
+    assert session.eval("annotation") == "Ticket"
+    assert session.eval("source_lines") == "class Triager(dspy.Module):"
+    assert session.eval("module_name") not in ("builtins", "__main__", "")
+
+
+def chatty_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}]))
+    print("hello from the program")
+    warnings.warn("careful with that", UserWarning)
+    dspy.Predict("question -> answer")(question="Capital of France?")
+    dspy.inspect_history(n=1)
+    return 42
+
+
+def test_print_warnings_and_inspect_history_reach_the_caller(session: dspex.Session, capsys) -> None:
+    with pytest.warns(UserWarning, match="careful with that"):
+        assert chatty_program() == 42
+    printed = capsys.readouterr().out
+    events: list[dict] = []
+    assert session.run(chatty_program, on_output=events.append) == 42
+    stdout = "".join(e["text"] for e in events if e["stream"] == "stdout")
+    assert "hello from the program" in stdout
+    assert "Paris" in stdout and "hello from the program" in printed  # inspect_history's print, both sides
+    assert any(e["stream"] == "warning" and "careful with that" in e["text"] for e in events)
+
+
+def test_progress_events_on_run(session: dspex.Session) -> None:
+    def report_progress():
+        from dspex.progress import report
+
+        for i in range(3):
+            report({"step": i})
+        return "done"
+
+    events: list = []
+    assert session.run(report_progress, on_progress=events.append) == "done"
+    assert [e.get("step") for e in events if isinstance(e, dict) and "step" in e] == [0, 1, 2]
+
+
+def predict_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}]))
+    return dspy.Predict("question -> answer")(question="What is the capital of France?")
+
+
+def test_asyncio_client_runs_the_same_program(cstack) -> None:
+    with fresh_dspy_settings():
+        expected = predict_program()
+
+    async def main():
+        import dspex as dx_module  # ``dspex.aio`` is reachable after ``import dspex``
+
+        client = dx_module.aio.connect(cstack.frontend, timeout=60)
+        try:
+            s = client.session("c1")
+            try:
+                got = await s.run(predict_program)
+                prog = await s.put(dspy.Predict("question -> answer"))
+                await s.run(dspy.configure, lm=DummyLM([{"answer": "Rome"}]))
+                second = await s.method(prog, "acall", kwargs={"question": "Capital of Italy?"})
+                return got, second
+            finally:
+                await s.close()
+        finally:
+            await client.close()
+
+    got, second = asyncio.run(main())
+    assert as_data(got) == as_data(expected)
+    assert isinstance(second, dspy.Prediction) and second.answer == "Rome"
+
+
+def test_unpicklable_argument_names_its_path(session: dspex.Session) -> None:
+    import threading
+
+    with pytest.raises(EncodeError) as info:
+        session.run(lambda *a, **k: None, 1, {"reward_fn": threading.Lock()})
+    assert "args[1]['reward_fn']" in str(info.value)
+    assert session.run(int, "7") == 7
