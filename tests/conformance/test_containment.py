@@ -73,7 +73,7 @@ def solo(dx: dspex.Client):
 
 @pytest.mark.parametrize("program,kind", CASES, ids=[fn.__name__ for fn, _ in CASES])
 def test_user_exception_leaves_the_worker_serving(solo: dspex.Session, capsys, program, kind) -> None:
-    with pytest.raises(kind):  # in-process, as written
+    with pytest.raises(kind) as local:  # in-process, as written
         program()
     capsys.readouterr()  # argparse printed its usage
 
@@ -84,12 +84,15 @@ def test_user_exception_leaves_the_worker_serving(solo: dspex.Session, capsys, p
         solo.run(program)
     err = info.value
     assert err.type_name.rsplit(".", 1)[-1] == kind.__name__
-    assert isinstance(str(err), str) and isinstance(repr(err), str)
-    if issubclass(kind, Exception):  # an Exception comes back as itself too; SystemExit & co. do not
+    assert isinstance(str(err), str) and isinstance(repr(err), str)  # even when the original's __str__ raises
+    err.message.encode("utf-8")  # the wire message is always printable and loggable
+    if issubclass(kind, Exception):  # an Exception comes back as itself too; SystemExit & co. must not
         assert isinstance(err, kind)
+    else:
+        assert not isinstance(err, kind)
     if program is raise_lone_surrogate:
-        assert "\\udcff" in str(err)
-        str(err).encode("utf-8")  # printable, loggable
+        assert "\\udcff" in err.message  # backslashreplace on the wire
+        assert str(err) == str(local.value)  # and the exception itself as it was raised
     assert solo.run(os.getpid) == pid and solo.worker == worker, "the worker was replaced"
     assert solo.run(len, state["kept"]) == 3, "the session lost its state"
 
@@ -102,7 +105,7 @@ def test_timeout_stops_a_sleeping_call(solo: dspex.Session) -> None:
     pid = solo.run(os.getpid)
     started = time.monotonic()
     with pytest.raises(dspex.Timeout) as info:
-        solo.run(time.sleep, 60, timeout=1.0)
+        solo.apply(time.sleep, [60], timeout=1.0)  # run()'s options live on apply()
     assert info.value.details.get("stopped") is True
     assert not info.value.details.get("hard")
     assert time.monotonic() - started < 10
@@ -137,7 +140,7 @@ def test_timeout_stops_a_slow_lm_call(solo: dspex.Session) -> None:
     lm = solo.put(SlowLM([step] * 60))
     started = time.monotonic()
     with pytest.raises(dspex.Timeout) as info:
-        solo.run(react_program, lm, timeout=1.5)
+        solo.apply(react_program, [lm], timeout=1.5)
     assert info.value.details.get("stopped") is True
     assert time.monotonic() - started < 10
     calls_at_timeout = len(lm.history)

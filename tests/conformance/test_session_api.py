@@ -4,7 +4,8 @@ asyncio client. Each compares with the same code run here where an in-process me
 """
 
 import asyncio
-import inspect
+import linecache
+import sys
 import textwrap
 import types
 import warnings
@@ -71,10 +72,18 @@ TRIAGE_SOURCE = textwrap.dedent('''
 
 
 def exec_as_module(source):
-    """What exec'd source means in-process: a module of its own (as ``python file.py`` runs it)."""
+    """What exec'd source means in-process: a module of its own with its source known to
+    ``linecache`` (as IPython runs a cell, or ``python file.py`` a file)."""
+    filename = "<user_code>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     module = types.ModuleType("user_code")
-    module.__file__ = "<user_code>"
-    exec(compile(source, "<user_code>", "exec", dont_inherit=True), module.__dict__)
+    module.__file__ = filename
+    sys.modules["user_code"] = module
+    try:
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+    finally:
+        del sys.modules["user_code"]
+        linecache.cache.pop(filename, None)
     return module.__dict__
 
 
@@ -104,7 +113,7 @@ def test_print_warnings_and_inspect_history_reach_the_caller(session: dspex.Sess
         assert chatty_program() == 42
     printed = capsys.readouterr().out
     events: list[dict] = []
-    assert session.run(chatty_program, on_output=events.append) == 42
+    assert session.apply(chatty_program, on_output=events.append) == 42  # run() with options
     stdout = "".join(e["text"] for e in events if e["stream"] == "stdout")
     assert "hello from the program" in stdout
     assert "Paris" in stdout and "hello from the program" in printed  # inspect_history's print, both sides
@@ -120,7 +129,7 @@ def test_progress_events_on_run(session: dspex.Session) -> None:
         return "done"
 
     events: list = []
-    assert session.run(report_progress, on_progress=events.append) == "done"
+    assert session.apply(report_progress, on_progress=events.append) == "done"
     assert [e.get("step") for e in events if isinstance(e, dict) and "step" in e] == [0, 1, 2]
 
 
