@@ -308,8 +308,8 @@ class Worker:
         """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
 
         Holding the lock to the end: no other thread touches the socket again. The reply and the
-        goodbye go out before the exit (the socket lingers), so the caller gets a typed
-        ``Timeout(hard=True)`` and the session's next call ``SessionWorkerUnavailable``.
+        goodbye reach the broker before the exit, so the caller gets a typed ``Timeout(hard=True)``
+        and the session's next call ``SessionWorkerUnavailable``.
         """
         err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
                       f"{self.options.hard_grace:g}s; its worker was recycled (the session's objects are lost)",
@@ -323,12 +323,18 @@ class Worker:
             assert self._sock is not None
             send_frames(self._sock, [W_REPLY, client, head, *error_frames(err)])
             self._sock.send(W_DISCONNECT)
-            self._sock.close(linger=2000)
-            # term() returns once the socket's queue is flushed (or never, if a pool thread's socket is
-            # still open): wait for it a little, then leave regardless
-            flusher = threading.Thread(target=self.ctx.term, daemon=True)
-            flusher.start()
-            flusher.join(2.5)
+            # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
+            # arrives it has read the reply and the goodbye, so closing the connection now cannot
+            # make it see a "crash" first and drop the reply
+            self._sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
+            until = time.monotonic() + 3.0
+            while (left := until - time.monotonic()) > 0:
+                if not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                if recv_frames(self._sock)[0].bytes == B_REREGISTER:
+                    break
+        except BaseException:  # noqa: BLE001 - leaving regardless
+            log.exception("could not say goodbye before the hard exit")
         finally:
             logging.shutdown()
             os._exit(3)

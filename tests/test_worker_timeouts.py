@@ -1,0 +1,66 @@
+"""The call's deadline is enforced on the worker: soft limit stops the call, hard limit recycles."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+
+import pytest
+
+import dspex
+from conftest import Stack, wait_for
+
+
+def _timed_out(s: dspex.Session, source: str, timeout: float) -> tuple[dspex.Timeout, float]:
+    start = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.exec(source, timeout=timeout)
+    return info.value, time.monotonic() - start
+
+
+def test_soft_limit_stops_sleeps_and_socket_reads_on_capacity_1(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"  # only the soft limit may act here
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("import socket, time\nstate = ['kept']\na, b = socket.socketpair()")
+    pid = s.call("os", "getpid")
+    for source in ("time.sleep(60)", "a.recv(10)", "while True:\n    try:\n        time.sleep(60)\n"
+                   "    except Exception:\n        pass\n"):
+        err, took = _timed_out(s, source, 1.0)
+        assert err.details.get("stopped") is True and not err.details.get("hard"), source
+        assert took < 5, f"{source!r} took {took:.1f}s to stop"
+        # the session and its objects are intact and the worker serves at once
+        assert s.eval("state") == ["kept"]
+        assert s.call("os", "getpid") == pid
+
+
+def test_soft_limit_stops_a_busy_call_on_a_pool_thread(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    s = dx.session("p")
+    s.exec("n = 0")
+    err, took = _timed_out(s, "while True:\n    n += 1\n", 1.0)
+    assert err.details.get("stopped") is True
+    assert took < 5
+    assert s.eval("n") > 0
+
+
+def test_hard_limit_recycles_the_worker(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "1"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    stubborn = textwrap.dedent("""
+        import time
+        while True:
+            try:
+                time.sleep(60)
+            except BaseException:
+                pass
+    """)
+    err, took = _timed_out(s, stubborn, 1.0)
+    assert err.details.get("stopped") is True and err.details.get("hard") is True
+    assert took < 6
+    worker = stack.procs[-1]
+    wait_for(lambda: worker.poll() is not None, what="the worker to exit")
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.eval("1")
