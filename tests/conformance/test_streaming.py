@@ -105,7 +105,8 @@ def streamed_items(run: Runner, stream_predict, **kwargs):
 def test_streamify_streams_item_by_item(run: Runner, async_streaming: bool) -> None:
     """streamify's defaults (async) through ``stream_method``: items arrive as data, then the stream ends."""
     run(dspy.configure, lm=streaming_dummy_lm([{"answer": ANSWER}] * 2))
-    stream_predict = run.put(make_stream_predict(async_streaming))
+    # built where it runs: streamify's wrapper holds a lock, so it cannot travel by value
+    stream_predict = run(make_stream_predict, async_streaming)
     first = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
     check_chunks(first)
     again = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
