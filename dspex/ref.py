@@ -106,6 +106,11 @@ class Ref:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._session("calling").method(self, "__call__", list(args), kwargs)
 
+    def __iter__(self) -> Any:
+        # without this, iter() would fall back to remote __getitem__(0), (1)... one round trip each
+        raise TypeError("a Ref is not iterable here: stream it (session.stream_method(ref, '__iter__')) or "
+                        "fetch it as data")
+
     def __getitem__(self, key: Any) -> Any:
         return self._session("item access").method(self, "__getitem__", [key], {})
 
