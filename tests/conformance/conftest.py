@@ -2,7 +2,8 @@
 
 Pools: ``c1`` (2 workers of capacity 1: save/load across two workers), ``c4`` (1 worker of
 capacity 4: settings isolation between threads), ``t`` (1 worker for the cases that raise
-BaseExceptions and time out, so a bug there cannot spoil the other cases).
+BaseExceptions and time out, so a bug there cannot spoil the other cases; its per-session ref
+quota is small so a case can reach it).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import dspex
 from conftest import Stack
 from conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSession, fresh_dspy_settings
 
+REF_QUOTA = 50  # refs one session may hold on pool t's worker (a small quota to reach in a test)
 POOLS = {"c1": ("c1:strict_queue", 2, ()), "c4": ("c4:strict_queue:capacity=4", 1, ("--capacity", "4")),
-         "t": ("t:strict_queue", 1, ())}
+         "t": ("t:strict_queue", 1, ("--ref-cap", str(REF_QUOTA)))}
 
 
 @pytest.fixture(scope="package")

@@ -97,6 +97,29 @@ def test_user_exception_leaves_the_worker_serving(solo: dspex.Session, capsys, p
     assert solo.run(len, state["kept"]) == 3, "the session lost its state"
 
 
+# -- refs are counted per session ---------------------------------------------------------------
+
+
+def test_ref_quota_is_per_session(dx: dspex.Client) -> None:
+    """A session looping over results that stay refs hits its own quota; another session's
+    program and LM on the same worker are never evicted."""
+    from conformance.conftest import REF_QUOTA
+
+    owner, looper = dx.session("t"), dx.session("t")
+    try:
+        owner.run(dspy.configure, lm=DummyLM({"France": {"answer": "Paris"}}))
+        program = owner.put(dspy.Predict("country -> answer"))
+        with pytest.raises(dspex.RefQuotaExceeded):
+            for _ in range(REF_QUOTA + 1):
+                looper.put(dspy.Predict("country -> answer"))  # a Module: stays a ref
+        assert looper.worker == owner.worker
+        assert program(country="France").answer == "Paris"
+        assert looper.run(len, [1, 2]) == 2  # the looping session still serves
+    finally:
+        owner.close(timeout=10)
+        looper.close(timeout=10)
+
+
 # -- timeouts -------------------------------------------------------------------------------------
 
 

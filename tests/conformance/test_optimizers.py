@@ -64,7 +64,7 @@ def test_labeled_few_shot_through_handles(run: Runner) -> None:
     assert compiled(question="What is 5+5?").answer == "10"
 
 
-# -- BootstrapFewShot (DSPy's test_bootstrap_effectiveness) ------------------------------------
+# -- BootstrapFewShot (after DSPy's test_bootstrap_effectiveness) ------------------------------
 
 
 def bootstrap_program():
@@ -73,14 +73,14 @@ def bootstrap_program():
         dspy.Example(input="What does the fox say?", output="Ring-ding-ding-ding-dingeringeding!"),
     ]
     trainset = [examples[0]]
-    valset = [examples[1]]
     student = SimpleModule("input -> output")
     teacher = SimpleModule("input -> output")
-    lm = DummyLM([{"output": "blue"}, {"output": "Ring-ding-ding-ding-dingeringeding!"}], follow_examples=True)
+    # the teacher answers right, so its trace becomes a bootstrapped (augmented) demo
+    lm = DummyLM([{"output": "blue"}, {"output": "Ring-ding-ding-ding-dingeringeding!"}])
     dspy.configure(lm=lm, trace=[])
     bootstrap = BootstrapFewShot(metric=simple_metric, max_bootstrapped_demos=1, max_labeled_demos=1)
     compiled_student = bootstrap.compile(student, teacher=teacher, trainset=trainset)
-    prediction = compiled_student(input=trainset[0].input)
+    prediction = compiled_student(input=examples[1].input)
     return compiled_student.predictor.demos, prediction, compiled_student._compiled
 
 
@@ -89,7 +89,8 @@ def test_bootstrap_few_shot(run: Runner) -> None:
     assert compiled is True
     assert len(demos) == 1
     assert (demos[0].input, demos[0].output) == ("What is the color of the sky?", "blue")
-    assert prediction.output == "blue"  # follow_examples: the demo's answer
+    assert demos[0].augmented is True  # bootstrapped from the teacher's trace, not a labeled copy
+    assert prediction.output == "Ring-ding-ding-ding-dingeringeding!"
 
 
 # -- Evaluate with a metric defined here ---------------------------------------------------------

@@ -4,6 +4,7 @@ asyncio client. Each compares with the same code run here where an in-process me
 """
 
 import asyncio
+import dataclasses
 import linecache
 import sys
 import textwrap
@@ -171,3 +172,37 @@ def test_unpicklable_argument_names_its_path(session: dspex.Session) -> None:
         session.run(lambda *a, **k: None, 1, {"reward_fn": threading.Lock()})
     assert "args[1]['reward_fn']" in str(info.value)
     assert session.run(int, "7") == 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    name: str
+    value: float
+
+
+def data_results_program():
+    lm = DummyLM([{"answer": "Paris"}])
+    dspy.configure(lm=lm)
+    prediction = dspy.Predict("question -> answer")(question="Capital of France?")
+    return {
+        "score": Score("exact", 1.0),
+        "error": ValueError("kept as a value"),
+        "example": dspy.Example(question="q", answer="a").with_inputs("question"),
+        "prediction": prediction,
+        "ticket": Ticket(category="billing", urgent=False),
+        "lm": lm,
+    }
+
+
+def test_results_that_can_be_data_are_data(session: dspex.Session) -> None:
+    with fresh_dspy_settings():
+        local = data_results_program()
+    got = session.run(data_results_program)
+    for key in ("score", "error", "example", "prediction", "ticket"):
+        assert type(got[key]) is type(local[key]), key
+        assert as_data(got[key]) == as_data(local[key]), key
+    assert got["example"].inputs().keys() == local["example"].inputs().keys() == ["question"]
+    lm = got["lm"]  # an LM stays on the worker: a handle in place, reading like the LM
+    assert isinstance(lm, dspex.Ref)
+    assert lm.model == "dummy"
+    assert len(lm.history) == 1 and lm.history[-1:][0]["outputs"] == local["lm"].history[-1]["outputs"]
