@@ -25,6 +25,7 @@ import zmq
 from dspex import byvalue
 from dspex.errors import DspexError, EncodeError, ProtocolError
 from dspex.record import KINDS, build_record, record_parts
+from dspex import ref as ref_module
 from dspex.ref import Ref
 
 # Containers are encoded as a msgpack array whose first item is an empty ext "tag", not as an
@@ -424,7 +425,11 @@ def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, ow
         raise ProtocolError("empty message")
     bufs = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
     owned = {i for i, f in enumerate(frames) if isinstance(f, zmq.Frame)} if own_frames else None
-    return _unpack(bufs[0], bufs, resolve_ref, owned)
+    token = ref_module.resolver.set(resolve_ref)  # refs inside by-value objects resolve too
+    try:
+        return _unpack(bufs[0], bufs, resolve_ref, owned)
+    finally:
+        ref_module.resolver.reset(token)
 
 
 def unpackb(data: bytes | memoryview) -> object:

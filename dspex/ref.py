@@ -9,12 +9,24 @@ A ref a session returned also reads like the object it names: ``prog(question=..
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
+
+# Set by codec.decode while it decodes one message: refs inside by-value objects (a closure that
+# captured a ref, a pickled list of refs) resolve like the refs of the message itself.
+resolver: contextvars.ContextVar[Callable[[Ref], Any] | None] = contextvars.ContextVar("dspex_ref_resolver",
+                                                                                      default=None)
+
+
+def _unpickle(*fields: str) -> Any:
+    ref = Ref(*fields)
+    resolve = resolver.get()
+    return ref if resolve is None else resolve(ref)
 
 
 class Owner(Protocol):
@@ -65,7 +77,7 @@ class Ref:
         return f"<dspex.Ref {self.type_name} {self.id[:8]} on {self.pool}/{self.worker[:8]}: {short}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Ref, self.as_tuple())  # the owner (a live session) never travels
+        return (_unpickle, self.as_tuple())  # the owner (a live session) never travels
 
     def __copy__(self) -> Ref:
         return self

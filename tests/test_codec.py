@@ -532,3 +532,14 @@ def test_remote_error_builtin_fields_and_fallbacks() -> None:
     bad = error_from_wire({"code": "remote_error", "message": "m", "type": "X", "pickled": b"junk"})
     assert type(bad) is RemoteError
     assert isinstance(cloudpickle.loads(byvalue.dumps_exception(ParseFailure("a", "b"))), ParseFailure)
+
+
+def test_refs_inside_by_value_objects_resolve_like_top_level_refs() -> None:
+    refs = Refs()
+    target = object()
+    ref = refs(target)
+    captured = (lambda: ref)  # a closure that captured a ref, as `s.run(lambda: prog(...))` does
+    out: Any = decode(encode([captured, [ref]], policy=Policy.ALL), resolve_ref=lambda r: refs.by_id[r.id])
+    assert out[0]() is target and out[1][0] is target
+    plain: Any = decode(encode([captured], policy=Policy.ALL))
+    assert plain[0]() == ref and pickle.loads(pickle.dumps(ref)) == ref
