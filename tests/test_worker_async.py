@@ -63,3 +63,11 @@ def test_any_iterator_streams(s: dspex.Session) -> None:
     assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
     stream.close()  # an endless producer stops when its consumer does
     assert s.eval("closed") == [True]
+
+
+def test_stream_of_any_iterable_and_a_clear_error_for_others(s: dspex.Session) -> None:
+    assert list(s.stream_eval("[1, 2]")) == [1, 2]
+    assert list(s.stream_eval("{'a': 1}")) == ["a"]  # as `for x in result` in-process
+    with pytest.raises(dspex.RemoteError, match="not iterable"):
+        list(s.stream_eval("42"))
+    assert s.eval("1 + 1") == 2

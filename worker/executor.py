@@ -15,24 +15,18 @@ from typing import Any, Callable
 
 from dspex import codec
 from dspex.errors import DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import Op, RequestHeader, Status
+from dspex.protocol import FLAG_ITEMS, Op, RequestHeader, Status
 from dspex.ref import Ref
 from worker import limits, namespace, output
 from worker.dspy_settings import SessionSettings, current_session
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
 from worker.remote_errors import error_frames, remote_error
-from worker.streaming import StreamControl, drain, is_iterable, is_iterator, progress_scope, resolve_awaitable
+from worker.streaming import StreamControl, drain, is_iterable, progress_scope, resolve_awaitable
 
 __all__ = [
     "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",
     "error_frames",
 ]
-
-# A request header flag (dspex.protocol.FLAG_ITEMS when the client sets it): the caller iterates
-# the result, so any iterable streams and a non-iterable is an error. Without it, a streaming
-# caller (FLAG_STREAM, also set for progress events) gets iterators streamed, other values whole.
-FLAG_ITEMS = 2
-
 
 class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
@@ -72,15 +66,18 @@ class Executor:
         the call is interrupted then (soft limit, ``Timeout(stopped=True)``); ``on_hard`` runs if
         it is still running ``grace`` seconds later.
 
-        With ``stream`` (the caller streams), an iterator result is iterated here and its items
-        sent as partial replies; progress events (dspy/gepa log records, ``dspex.progress.report``)
-        and what the call prints or warns are sent through it while it runs.
+        With ``stream`` (the caller listens for events), progress events (dspy/gepa log records, ``dspex.progress.report``)
+        and what the call prints or warns are sent through it while it runs. With ``FLAG_ITEMS``
+        (the caller iterates the result) any iterable result is iterated here and its items sent
+        as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
         """
         ephemeral = not header.session
         state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
 
+        made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
+
         def to_ref(obj: Any) -> Ref:
-            return self.refs.put(state, obj)
+            return self.refs.put(state, obj, made)
 
         emit: Callable[[str, str], None] | None = None
         if stream is not None:
@@ -102,10 +99,14 @@ class Executor:
                 except Exception as exc:
                     raise ProtocolError(f"malformed request body: {exc}") from None
                 result = self._run(header.op, state, args)
-                items = bool(header.flags & FLAG_ITEMS)
-                if stream is not None and (is_iterator(result) or (items and is_iterable(result))):
-                    result = _guard(drain, result, stream, lambda item: self._encode(item, to_ref))
-                elif items:
+                if stream is not None and header.flags & FLAG_ITEMS and is_iterable(result):
+                    def encode_item(item: Any) -> list[Any]:
+                        frames = self._encode(item, to_ref)
+                        made.clear()  # streamed out: the caller holds these refs now
+                        return frames
+
+                    result = _guard(drain, result, stream, encode_item)
+                elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
                 frames = self._encode(result, to_ref)
@@ -113,14 +114,20 @@ class Executor:
                 raise limits.CallTimedOut()
             return frames
         except limits.CallTimedOut:
+            self._drop(state, made)
             raise _timeout(header, deadline) from None
         except DspexError:
+            self._drop(state, made)
             if call is not None and call.timed_out:  # user code turned the interruption into an error
                 raise _timeout(header, deadline) from None
             raise
         finally:
             if ephemeral:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
+
+    def _drop(self, state: SessionState, made: list[str]) -> None:
+        for ref_id in made:
+            self.refs.release(state, ref_id, "the call that made it failed")
 
     @staticmethod
     def _encode(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:

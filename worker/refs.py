@@ -68,7 +68,9 @@ class RefTable:
         state.last_used = time.monotonic()
         return state
 
-    def put(self, session: SessionState, obj: Any) -> Ref:
+    def put(self, session: SessionState, obj: Any, made: list[str] | None = None) -> Ref:
+        """The ref of ``obj`` in ``session`` (the same one while it is held); ids of new refs are
+        appended to ``made``."""
         with self._lock:
             ref_id = session.ref_of_object.get(id(obj))
             if ref_id is None or ref_id not in session.refs:
@@ -81,6 +83,8 @@ class RefTable:
                 session.refs[ref_id] = obj
                 session.ref_of_object[id(obj)] = ref_id
                 self._count += 1
+                if made is not None:
+                    made.append(ref_id)
         try:
             text = _REPR.repr(obj)  # bounded: a huge or deep object must not cost a full repr
         except Exception as exc:  # a broken __repr__ must not break the call

@@ -129,11 +129,6 @@ def is_iterable(result: Any) -> bool:
     return hasattr(result, "__iter__") or hasattr(result, "__aiter__")
 
 
-def is_iterator(result: Any) -> bool:
-    """Something that streams by nature (a generator, ``map``, ``iter(...)``, an async iterator)."""
-    return hasattr(result, "__next__") or hasattr(result, "__anext__")
-
-
 def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
     """Send the items of ``result`` as partial replies; ``{"items": n}`` at the end.
 

@@ -285,11 +285,11 @@ class Worker:
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
                      send: Callable[[list[Any]], None]) -> StreamControl:
-        head_part = pack_reply_header(Status.PARTIAL.value, req_id, self.incarnation, self.options.pool)
-        head_prog = pack_reply_header(Status.PROGRESS.value, req_id, self.incarnation, self.options.pool)
+        heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
+                 for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
         def emit(kind: str, frames: list[Any]) -> None:
-            send([W_PARTIAL, client, head_part if kind == Status.PARTIAL.value else head_prog, *frames])
+            send([W_PARTIAL, client, heads[kind], *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
