@@ -3,7 +3,8 @@
 Pools: ``c1`` (2 workers of capacity 1: save/load across two workers), ``c4`` (1 worker of
 capacity 4: settings isolation between threads), ``t`` (1 worker for the cases that raise
 BaseExceptions and time out, so a bug there cannot spoil the other cases; its per-session ref
-quota is small so a case can reach it).
+quota is small so a case can reach it), ``t4`` (1 worker of capacity 4 for timeouts in pool
+threads).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSe
 
 REF_QUOTA = 50  # refs one session may hold on pool t's worker (a small quota to reach in a test)
 POOLS = {"c1": ("c1:strict_queue", 2, ()), "c4": ("c4:strict_queue:capacity=4", 1, ("--capacity", "4")),
-         "t": ("t:strict_queue", 1, ("--ref-cap", str(REF_QUOTA)))}
+         "t": ("t:strict_queue", 1, ("--ref-cap", str(REF_QUOTA))),
+         "t4": ("t4:strict_queue:capacity=4", 1, ("--capacity", "4"))}
 
 
 @pytest.fixture(scope="package")

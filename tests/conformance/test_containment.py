@@ -14,6 +14,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 import dspex
+from conftest import wait_for
 
 
 class UnprintableError(Exception):
@@ -138,6 +139,37 @@ def test_timeout_stops_a_sleeping_call(solo: dspex.Session) -> None:
     assert solo.run(os.getpid) == pid
 
 
+def test_sleep_in_a_pool_thread_costs_its_worker_after_the_grace(dx: dspex.Client, cstack) -> None:
+    """Capacity 4: a C-level sleep cannot be interrupted in a pool thread, so past deadline + grace
+    the worker is recycled (hard limit) and the caller is told so. A replacement worker is started
+    here as supervisord would."""
+    s = dx.session("t4")
+    old = ""
+    try:
+        s.run(os.getpid)
+        old = s.worker
+        started = time.monotonic()
+        with pytest.raises(dspex.Timeout) as info:
+            s.apply(time.sleep, [60], timeout=1.0)
+        assert info.value.details.get("stopped") is True and info.value.details.get("hard") is True
+        assert time.monotonic() - started < 30
+        with pytest.raises(dspex.SessionWorkerUnavailable):
+            s.run(os.getpid)
+    finally:
+        s.close(timeout=10)
+        cstack.start_worker("t4", "--capacity", "4")
+        def replaced() -> bool:
+            workers = [w["incarnation"] for w in cstack.workers("t4")]
+            return len(workers) == 1 and workers[0] != old
+
+        wait_for(replaced, 60, what="a replacement t4 worker, alone in its pool")
+    fresh = dx.session("t4")
+    try:
+        assert fresh.run(sum, [1, 2]) == 3
+    finally:
+        fresh.close(timeout=10)
+
+
 class SlowLM(DummyLM):
     """A DummyLM that takes its time, like a provider under load."""
 
@@ -157,16 +189,25 @@ def react_program(lm):
     return react(question="What is dspex?")
 
 
-def test_timeout_stops_a_slow_lm_call(solo: dspex.Session) -> None:
-    """A ReAct loop on a slow LM: past the deadline it stops spending LM calls."""
-    step = {"next_thought": "Look it up again.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}}
-    lm = solo.put(SlowLM([step] * 60))
-    started = time.monotonic()
-    with pytest.raises(dspex.Timeout) as info:
-        solo.apply(react_program, [lm], timeout=1.5)
-    assert info.value.details.get("stopped") is True
-    assert time.monotonic() - started < 10
-    calls_at_timeout = len(lm.history)
-    assert 1 <= calls_at_timeout < 60
-    solo.run(time.sleep, 1.0)  # an observation window on the worker: a call still running would spend LM calls
-    assert len(lm.history) == calls_at_timeout
+@pytest.mark.parametrize("pool", ["t", "t4"], ids=["capacity1", "capacity4"])
+def test_timeout_stops_a_slow_lm_call(dx: dspex.Client, pool: str) -> None:
+    """A ReAct loop on a slow LM: past the deadline it stops spending LM calls, on the main thread
+    of a capacity-1 worker and in a pool thread of a capacity-4 worker."""
+    s = dx.session(pool)
+    try:
+        step = {"next_thought": "Look it up again.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}}
+        lm = s.put(SlowLM([step] * 60))
+        pid = s.run(os.getpid)
+        started = time.monotonic()
+        with pytest.raises(dspex.Timeout) as info:
+            s.apply(react_program, [lm], timeout=1.5)
+        assert info.value.details.get("stopped") is True
+        assert not info.value.details.get("hard")
+        assert time.monotonic() - started < 10
+        calls_at_timeout = len(lm.history)
+        assert 1 <= calls_at_timeout < 60
+        s.run(time.sleep, 1.0)  # an observation window on the worker: a call still running would spend LM calls
+        assert len(lm.history) == calls_at_timeout
+        assert s.run(os.getpid) == pid
+    finally:
+        s.close(timeout=10)

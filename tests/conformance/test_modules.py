@@ -309,6 +309,32 @@ def test_acall_through_a_handle_is_awaited(run: Runner) -> None:
     assert isinstance(result, dspy.Prediction) and result.answer == "Paris"
 
 
+class AsyncQA(dspy.Module):
+    """A module with its own ``aforward`` (DSPy's async module pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    async def aforward(self, question):
+        first = await self.predict.acall(question=question)
+        return dspy.Prediction(answer=first.answer.upper())
+
+
+async def async_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}, {"answer": "Rome"}]))
+    qa = AsyncQA()
+    return [await qa.acall(question="Capital of France?"), await qa.acall(question="Capital of Italy?")]
+
+
+def test_async_program_is_awaited(run: Runner) -> None:
+    """``s.run(coroutine_function)`` is ``asyncio.run(coroutine_function())`` on the worker."""
+    result = run(async_program)
+    if run.mode != SESSION:
+        result = asyncio.run(result)
+    assert [p.answer for p in result] == ["PARIS", "ROME"]
+
+
 # -- dspy.Image from a data URL ----------------------------------------------------------------
 
 PNG_1x1 = base64.b64decode(

@@ -119,3 +119,54 @@ def test_stream_any_iterable_and_refuse_a_non_iterable(session: dspex.Session) -
     with pytest.raises(dspex.DspexError, match="iterable"):
         list(session.stream("builtins", "len", [[1, 2, 3]]))
     assert session.run(sum, [1, 2, 3]) == 6  # the session still serves
+
+
+# -- ReAct: tool status messages and the answer's chunks, item by item ---------------------------
+
+
+def lookup(term: str) -> str:
+    """Look a term up."""
+    return f"{term} is a DSPy runtime"
+
+
+def make_streaming_react():
+    dspy.configure(lm=streaming_dummy_lm([
+        {"next_thought": "Look it up.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}},
+        {"next_thought": "Done.", "next_tool_name": "finish", "next_tool_args": {}},
+        {"reasoning": "Found it.", "answer": "dspex is a DSPy runtime"},
+    ]))
+    react = dspy.ReAct("question -> answer", tools=[lookup])
+    return dspy.streamify(react, stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")])
+
+
+def test_streamify_react_status_messages_arrive_as_data(run: Runner) -> None:
+    stream_react = run(make_streaming_react)
+    items = streamed_items(run, stream_react, question="What is dspex?")
+    statuses = [i.message for i in items if isinstance(i, dspy.streaming.StatusMessage)]
+    assert statuses == ["Calling tool lookup...",
+                        "Tool calling finished! Querying the LLM with tool calling results..."]
+    chunks = [i for i in items if isinstance(i, dspy.streaming.StreamResponse)]
+    assert "".join(c.chunk for c in chunks) == "dspex is a DSPy runtime"
+    assert {c.predict_name for c in chunks} == {"extract.predict"}
+    assert isinstance(items[-1], dspy.Prediction) and items[-1].trajectory["observation_0"] == "dspex is a DSPy runtime"
+
+
+# -- a client-defined async generator, driven in one task for its whole life ---------------------
+
+
+async def countdown(n):
+    import anyio
+
+    async with anyio.create_task_group() as tg:  # a cancel scope that must exit in the task that entered it
+        tg.start_soon(anyio.sleep, 0)
+        for i in range(n, 0, -1):
+            await anyio.sleep(0)
+            yield i
+
+
+def test_async_generator_streams_from_a_client_function(session: dspex.Session) -> None:
+    async def drain():
+        return [i async for i in countdown(5)]
+
+    expected = asyncio.run(drain())
+    assert list(session.stream_apply(countdown, [5])) == expected == [5, 4, 3, 2, 1]
