@@ -11,9 +11,11 @@ every by-value function and class travel with the pickle, and the receiver regis
 from __future__ import annotations
 
 import dataclasses
+import dis
 import enum
 import functools
 import importlib.metadata
+import inspect
 import io
 import linecache
 import os
@@ -34,6 +36,31 @@ _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
 MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
 _DYNAMIC = "<dynamic-code>"
+
+
+_walk_global_ops = _cp._walk_global_ops
+_LOAD_NAME, _STORE_NAME = dis.opmap["LOAD_NAME"], dis.opmap["STORE_NAME"]
+
+
+def _walk_global_and_class_body_ops(co: types.CodeType) -> Any:
+    """cloudpickle's global names of a code object, plus the module globals a class body nested
+    in a function reads (``LOAD_NAME``; cloudpickle only follows ``LOAD_GLOBAL``): without them a
+    function that defines ``class Triage(dspy.Signature): ticket: Ticket = ...`` arrives without
+    ``Ticket``. Names the class body assigns itself are its own, not globals."""
+    yield from _walk_global_ops(co)
+    if co.co_flags & inspect.CO_OPTIMIZED:
+        return  # a function body: no LOAD_NAME
+    loads, stores = [], set()
+    for ins in dis.get_instructions(co):
+        if ins.opcode == _LOAD_NAME:
+            loads.append(ins.argval)
+        elif ins.opcode == _STORE_NAME:
+            stores.add(ins.argval)
+    yield from (name for name in dict.fromkeys(loads)
+                if name not in stores and not (name.startswith("__") and name.endswith("__")))
+
+
+_cp._walk_global_ops = _walk_global_and_class_body_ops
 
 
 @functools.lru_cache(maxsize=1)

@@ -543,3 +543,24 @@ def test_refs_inside_by_value_objects_resolve_like_top_level_refs() -> None:
     assert out[0]() is target and out[1][0] is target
     plain: Any = decode(encode([captured], policy=Policy.ALL))
     assert plain[0]() == ref and pickle.loads(pickle.dumps(ref)) == ref
+
+
+SIGNATURE_PROGRAM = """
+def signature_program():
+    class Triage(dspy.Signature):  # a class body reading a module global (Ticket): LOAD_NAME
+        \"\"\"Triage a ticket.\"\"\"
+
+        text: str = dspy.InputField()
+        ticket: Ticket = dspy.OutputField()
+
+    return Triage
+"""
+
+
+def test_class_bodies_in_by_value_functions_keep_the_globals_they_read() -> None:
+    # compiled without this module's `from __future__ import annotations`, as a user script is
+    scope: dict[str, Any] = {"dspy": dspy, "Ticket": Ticket, "__name__": "__main__"}
+    exec(compile(SIGNATURE_PROGRAM, "<user script>", "exec", dont_inherit=True), scope)  # noqa: S102
+    data, _ = byvalue.dumps(scope["signature_program"])
+    fn = cloudpickle.loads(data)
+    assert "Ticket" in fn.__globals__ and fn().output_fields["ticket"].annotation is Ticket
