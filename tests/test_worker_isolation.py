@@ -89,3 +89,16 @@ def test_threads_user_code_starts_see_the_session_settings_on_capacity_1(stack: 
         t = threading.Thread(target=lambda: seen.append(dspy.settings.lm))
         t.start(); t.join()
     """))["seen"] == [None]
+
+
+def test_lm_history_is_per_session(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1)
+    a, b = _session(dx, "for a"), _session(dx, "for b")
+    for s, secret in ((a, "secret of a"), (b, "secret of b")):
+        s.exec("dspy.configure(lm=lm)")
+        s.exec(f"qa(question={secret!r})")
+    show = "import io\nbuf = io.StringIO()\ndspy.inspect_history(n=10, file=buf)\nshown = buf.getvalue()"
+    shown_a, shown_b = a.exec(show)["shown"], b.exec(show)["shown"]
+    assert "secret of a" in shown_a and "secret of b" not in shown_a
+    assert "secret of b" in shown_b and "secret of a" not in shown_b
+    assert dx.session("p").exec(show.replace("import io", "import io, dspy"))["shown"].strip() == ""

@@ -16,6 +16,8 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
   (which do not inherit contextvars) see them, as they would in-process. On a capacity-N worker
   calls of several sessions run at once, so a bare ``threading.Thread`` started by user code sees
   DSPy's defaults; DSPy's own ``Parallel``/``asyncify`` copy the context and see the session's.
+- DSPy's global LM history (``dspy.inspect_history()``) is per session too, and bounded by the
+  worker's ``--lm-history``: one session never sees another's prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,50 @@ from worker.refs import SessionState
 # The session a request runs in; read by the configure interceptor.
 current_session: contextvars.ContextVar[SessionState | None] = contextvars.ContextVar(
     "dspex_session", default=None)
+
+
+class SessionHistory(list):  # type: ignore[type-arg]
+    """Stands in for ``dspy.clients.base_lm.GLOBAL_HISTORY``: each session's own list.
+
+    DSPy appends to and reads that module global in place (``record_history``,
+    ``inspect_history``); every list operation it uses goes to the current session's list
+    (outside a session: this object's own storage).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def _target(self) -> list[Any]:
+        state = current_session.get()
+        return state.lm_history if state is not None else self  # list.* on self: its own storage
+
+    def append(self, entry: Any) -> None:
+        target = self._target()
+        list.append(target, entry)
+        if len(target) > self.limit:
+            del target[: len(target) - self.limit]
+
+    def pop(self, index: Any = -1) -> Any:
+        return list.pop(self._target(), index)
+
+    def clear(self) -> None:
+        list.clear(self._target())
+
+    def __len__(self) -> int:
+        return list.__len__(self._target())
+
+    def __bool__(self) -> bool:
+        return list.__len__(self._target()) > 0
+
+    def __getitem__(self, index: Any) -> Any:
+        return list.__getitem__(self._target(), index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return list.__iter__(self._target())
+
+    def __repr__(self) -> str:
+        return list.__repr__(self._target())
 
 
 class SessionSettings:
@@ -71,6 +117,10 @@ class SessionSettings:
         configure._dspex = True  # type: ignore[attr-defined]
         cls.configure = configure  # dspy.settings.configure and dspy.settings.X = ... go here
         dspy.configure = dspy.settings.configure  # the alias was bound to the original at import
+        base_lm = importlib.import_module("dspy.clients.base_lm")
+        history = SessionHistory(max_history)
+        list.extend(history, base_lm.GLOBAL_HISTORY)
+        base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
         self._module = module
         self._dspy = dspy
 

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import io
 import logging
+import re
 import sys
 import threading
 import warnings
@@ -25,6 +26,8 @@ from worker import limits
 log = logging.getLogger("dspex.worker.output")
 
 MAX_LINE_CHARS = 8000
+# terminal control sequences (colours, tqdm's cursor moves between bars) mean nothing in a log file
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 Emit = Callable[[str, str], None]  # (stream, text)
 
 
@@ -49,8 +52,10 @@ class OutputSink:
                 if cut < 0:
                     break
                 line, end, buf = buf[:cut], buf[cut], buf[cut + 1:]
+                if end == "\r" and buf.startswith("\n"):  # a CRLF line end, not a redraw
+                    end, buf = "\r\n", buf[1:]
                 out.append(line + end)
-                if end == "\n" and line:
+                if end != "\r" and line:
                     logged.append(line)
             if len(buf) > MAX_LINE_CHARS:  # a huge write without newline: pass it on in pieces
                 out.append(buf)
@@ -58,17 +63,22 @@ class OutputSink:
                 buf = ""
             self._pending[stream] = buf
         for line in logged:
-            log.info("[%s] %s: %s", self.tag, stream, line[:MAX_LINE_CHARS])
+            self._log(stream, line)
         if self.emit is not None:
             for piece in out:
                 self.emit(stream, piece)
+
+    def _log(self, stream: str, line: str) -> None:
+        line = _ANSI.sub("", line[:MAX_LINE_CHARS])
+        if line.strip():
+            log.info("[%s] %s: %s", self.tag, stream, line)
 
     def close(self) -> None:
         with self._lock:
             rest, self._pending = self._pending, {}
         for stream, text in rest.items():
             if text:
-                log.info("[%s] %s: %s", self.tag, stream, text[:MAX_LINE_CHARS])
+                self._log(stream, text)
                 if self.emit is not None:
                     self.emit(stream, text)
 

@@ -37,6 +37,7 @@ class SessionState:
     refs: dict[str, Any] = field(default_factory=dict)
     ref_of_object: dict[int, str] = field(default_factory=dict)
     dspy_settings: dict[str, Any] = field(default_factory=dict)
+    lm_history: list[Any] = field(default_factory=list)  # what dspy.inspect_history() shows this session
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
     last_used: float = field(default_factory=time.monotonic)
 
