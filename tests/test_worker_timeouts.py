@@ -64,3 +64,19 @@ def test_hard_limit_recycles_the_worker(stack: Stack) -> None:
     wait_for(lambda: worker.poll() is not None, what="the worker to exit")
     with pytest.raises(dspex.SessionWorkerUnavailable):
         s.eval("1")
+
+
+def test_a_streams_timeout_is_per_item(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("import time\ndef slow(n, pause):\n    for i in range(n):\n        time.sleep(pause)\n        yield i\n")
+    # 6 items 0.4 s apart: 2.4 s in all, each well within the 1.5 s timeout
+    assert list(s.stream_eval("slow(6, 0.4)", timeout=1.5)) == [0, 1, 2, 3, 4, 5]
+    stream = s.stream_eval("slow(3, 30)", timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        list(stream)
+    assert info.value.details.get("stopped") is True
+    assert time.monotonic() - start < 5
+    assert s.eval("1 + 1") == 2

@@ -103,6 +103,8 @@ class Executor:
                     def encode_item(item: Any) -> list[Any]:
                         frames = self._encode(item, to_ref)
                         made.clear()  # streamed out: the caller holds these refs now
+                        if call is not None and header.timeout_ms > 0:
+                            call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
                     result = _guard(drain, result, stream, encode_item)

@@ -49,6 +49,12 @@ class _Call:
     timed_out: bool = False
     token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    watchdog: "Watchdog | None" = None
+
+    def extend(self, seconds: float) -> None:
+        """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
+        if self.watchdog is not None and not self.soft_sent:
+            self.watchdog._push(self, time.monotonic() + seconds)
 
 
 @dataclass
@@ -132,7 +138,7 @@ class Watchdog:
             yield None
             return
         st = _state()
-        call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids))
+        call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids), watchdog=self)
         if call.thread == self._main and not self._alarm_installed:
             # no raising handler on this main thread: only the hard limit applies
             call.soft_sent = True
@@ -153,6 +159,12 @@ class Watchdog:
             st.active = outer
             st.pending = False
 
+    def _push(self, call: _Call, deadline: float) -> None:
+        with self._cond:
+            call.deadline = deadline
+            heapq.heappush(self._heap, (deadline, next(self._ids), call))
+            self._cond.notify()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -163,6 +175,9 @@ class Watchdog:
                         self._cond.wait()
                         continue
                     when, _, call = self._heap[0]
+                    if not call.soft_sent and when < call.deadline:
+                        heapq.heappop(self._heap)  # the deadline moved on: a later entry stands for it
+                        continue
                     wait = when - time.monotonic()
                     if wait <= 0:
                         heapq.heappop(self._heap)
@@ -174,7 +189,7 @@ class Watchdog:
                 call.soft_sent = True
                 self._soft(call)
                 with self._cond:  # the hard limit, unless the call ends first
-                    heapq.heappush(self._heap, (call.deadline + self.grace, call.token, call))
+                    heapq.heappush(self._heap, (call.deadline + self.grace, next(self._ids), call))
             else:
                 log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
                 try:
