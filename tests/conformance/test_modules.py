@@ -335,6 +335,71 @@ def test_async_program_is_awaited(run: Runner) -> None:
     assert [p.answer for p in result] == ["PARIS", "ROME"]
 
 
+# -- a tool that fails, a callback, a conversation history ----------------------------------------
+
+
+def failing_tool_program():
+    def divide(a: int, b: int) -> float:
+        """Divide a by b."""
+        return a / b
+
+    dspy.configure(lm=DummyLM([
+        {"next_thought": "Divide.", "next_tool_name": "divide", "next_tool_args": {"a": 1, "b": 0}},
+        {"next_thought": "It failed; give up.", "next_tool_name": "finish", "next_tool_args": {}},
+        {"reasoning": "Division by zero.", "answer": "undefined"},
+    ]))
+    return dspy.ReAct("question -> answer", tools=[divide])(question="What is 1/0?")
+
+
+def test_react_tool_error_becomes_an_observation(run: Runner) -> None:
+    result = run.check(failing_tool_program)
+    assert result.answer == "undefined"
+    assert "division by zero" in result.trajectory["observation_0"]
+
+
+class RecordingCallback(dspy.utils.callback.BaseCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_module_start(self, call_id, instance, inputs):
+        self.events.append(("module_start", type(instance).__name__, sorted(inputs.get("kwargs", {}))))
+
+    def on_lm_end(self, call_id, outputs, exception=None):
+        self.events.append(("lm_end", exception is None))
+
+
+def callback_program():
+    callback = RecordingCallback()
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}]), callbacks=[callback])
+    dspy.Predict("question -> answer")(question="Capital of France?")
+    return callback.events
+
+
+def test_callbacks_defined_by_the_user(run: Runner) -> None:
+    events = run.check(callback_program)
+    assert ("module_start", "Predict", ["question"]) in events
+    assert ("lm_end", True) in events
+
+
+def history_program():
+    class Chat(dspy.Signature):
+        question: str = dspy.InputField()
+        history: dspy.History = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    lm = DummyLM([{"answer": "Rome"}])
+    dspy.configure(lm=lm)
+    history = dspy.History(messages=[{"question": "Capital of France?", "answer": "Paris"}])
+    result = dspy.Predict(Chat)(question="And of Italy?", history=history)
+    return result, [m["content"] for m in lm.history[-1]["messages"]]
+
+
+def test_conversation_history_input(run: Runner) -> None:
+    result, contents = run.check(history_program)
+    assert result.answer == "Rome"
+    assert any("Capital of France?" in c for c in contents) and any("Paris" in c for c in contents)
+
+
 # -- dspy.Image from a data URL ----------------------------------------------------------------
 
 PNG_1x1 = base64.b64decode(
