@@ -345,7 +345,8 @@ class AsyncSession:
 
     async def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
                       on_output: Callback | None = None) -> int:
-        return int(await self._request(Op.RELEASE, [[r.id for r in refs]], timeout, on_progress, on_output))
+        return int(await self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout,
+                                       on_progress, on_output))
 
     def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
                 on_output: Callback | None) -> AsyncIterator[Any]:

@@ -536,8 +536,10 @@ class Session:
 
     def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
                 on_output: Callback | None = None) -> int:
+        """Release refs; other values (data that came back by value) hold nothing there: skipped."""
         # ids, not refs: refs in a request body resolve to their objects on the worker
-        return int(self._request(Op.RELEASE, [[r.id for r in refs]], timeout, on_progress, on_output))
+        return int(self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
+                                 on_output))
 
     # -- streams --------------------------------------------------------------------------------
     def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,

@@ -7,6 +7,7 @@ input keys; the receiver rebuilds the dspy object when dspy is importable, else 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from typing import Any, Iterator
@@ -80,16 +81,20 @@ class Record:
         return f"Record[{self.kind}](\n    {body}\n)"
 
 
-def _dspy() -> Any:
-    """dspy when this process has it (imported on first need; None when it is not installed)."""
-    mod = sys.modules.get("dspy")
-    if mod is not None:
-        return mod
-    if importlib.util.find_spec("dspy") is None:
-        return None
-    import dspy
+_NO_DSPY: list[bool] = []  # set once dspy turned out not to be installed
 
-    return dspy
+
+def _dspy() -> Any:
+    """dspy when this process has it (imported on first need; None when it is not installed).
+
+    import_module, not sys.modules: while another thread is still importing dspy, sys.modules
+    holds a half-initialized module; import_module waits for that import to finish."""
+    if _NO_DSPY:
+        return None
+    if "dspy" not in sys.modules and importlib.util.find_spec("dspy") is None:
+        _NO_DSPY.append(True)
+        return None
+    return importlib.import_module("dspy")
 
 
 def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[str, Any]] | None:
@@ -100,10 +105,11 @@ def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[
     if dspy is None:
         return None
     cls = type(obj)
-    if cls is dspy.Prediction:
+    # getattr: dspy may be half-imported by another thread (then obj cannot be one of these yet)
+    if cls is getattr(dspy, "Prediction", None):
         usage = getattr(obj, "_lm_usage", None)
         return "prediction", dict(obj._store), None, {"lm_usage": usage} if usage else {}
-    if cls is dspy.Example:
+    if cls is getattr(dspy, "Example", None):
         keys = getattr(obj, "_input_keys", None)
         return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}
     return None
