@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import time
+from typing import Any
 
 import pytest
 
@@ -80,3 +81,24 @@ def test_a_streams_timeout_is_per_item(stack: Stack) -> None:
     assert info.value.details.get("stopped") is True
     assert time.monotonic() - start < 5
     assert s.eval("1 + 1") == 2
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_soft_limit_never_cuts_a_reply_in_two(stack: Stack, capacity: int) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s = dx.session("p")
+    heard: list[object] = []
+    for _ in range(3):  # the limit lands while output events are being sent
+        err, _took = _timed_out_with_output(s, "while True:\n    print('x' * 100)\n", 1.0, heard.append)
+        assert err.details.get("stopped") is True
+    assert heard
+    for i in range(20):  # every later reply is whole and is the right one
+        assert s.eval(f"{i} * 2") == i * 2
+
+
+def _timed_out_with_output(s: dspex.Session, source: str, timeout: float, on_output: Any) -> tuple[dspex.Timeout, float]:
+    start = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.exec(source, timeout=timeout, on_output=on_output)
+    return info.value, time.monotonic() - start

@@ -50,6 +50,7 @@ class _Call:
     token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     watchdog: "Watchdog | None" = None
+    thread_state: "_ThreadState | None" = None
 
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
@@ -142,6 +143,7 @@ class Watchdog:
         if call.thread == self._main and not self._alarm_installed:
             # no raising handler on this main thread: only the hard limit applies
             call.soft_sent = True
+        call.thread_state = st
         outer = st.active
         st.active = call
         with self._cond:
@@ -205,6 +207,11 @@ class Watchdog:
                 pass
         else:
             with call.lock:
-                if not call.done:
-                    call.timed_out = True
-                    _async_raise(call.thread)
+                st = call.thread_state
+                if call.done:
+                    return
+                if st is not None and st.protected:
+                    st.pending = True  # raised when the protected block ends
+                    return
+                call.timed_out = True
+                _async_raise(call.thread)

@@ -245,7 +245,14 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(self._replies_addr)
             self._local.out = sock
-        sock.send_multipart(frames, copy=False)
+        try:
+            sock.send_multipart(frames, copy=False)
+        except BaseException:
+            # cut between frames (a time limit raised into this thread): a socket with half a
+            # message queued would glue it to the next one; linger 0 drops the half
+            self._local.out = None
+            sock.close(0)
+            raise
 
     def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
         arrived, frames = request
