@@ -14,7 +14,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 from pydantic import BaseModel
 
-from conformance.harness import SESSION, Runner
+from conformance.harness import SESSION, Runner, missing_through_session
 
 # -- Predict ------------------------------------------------------------------------------------
 
@@ -333,6 +333,25 @@ def test_async_program_is_awaited(run: Runner) -> None:
     if run.mode != SESSION:
         result = asyncio.run(result)
     assert [p.answer for p in result] == ["PARIS", "ROME"]
+
+
+# -- several completions and dspy.majority ---------------------------------------------------------
+
+
+def completions_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}, {"answer": "Lyon"}, {"answer": "Paris"}]))
+    return dspy.Predict("question -> answer", n=3)(question="What is the capital of France?")
+
+
+def test_completions_travel_with_the_prediction(run: Runner, request: pytest.FixtureRequest) -> None:
+    """The Prediction keeps all its completions, so ``dspy.majority`` works on what comes back."""
+    missing_through_session(run, request, "a dspy.Prediction coming back from the worker loses its "
+                            "completions (record ext 14 carries its fields and lm_usage, not _completions): "
+                            "pred.completions is None, dspy.majority(pred) fails")
+    pred = run.check(completions_program)
+    assert pred.completions.answer == ["Paris", "Lyon", "Paris"]
+    assert len(pred.completions) == 3
+    assert dspy.majority(pred).answer == "Paris"
 
 
 # -- a tool that fails, a callback, a conversation history ----------------------------------------
