@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import heapq
 import itertools
 import logging
+import math
 import signal
 import threading
 import time
@@ -108,12 +108,18 @@ def _async_raise(thread_id: int) -> bool:
 
 
 class Watchdog:
-    """One thread per worker: sends the soft limit at each call's deadline, the hard one after."""
+    """One thread per worker: sends the soft limit at each call's deadline, the hard one after.
+
+    It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
+    next limit among them. A new call wakes it only when its deadline is earlier than that, so
+    the usual call (a deadline later than the one it sleeps for) costs no thread switch.
+    """
 
     def __init__(self, grace: float = DEFAULT_GRACE) -> None:
         self.grace = grace
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Call]] = []
+        self._calls: dict[int, _Call] = {}
+        self._wake_at = math.inf
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
@@ -148,8 +154,9 @@ class Watchdog:
         st.active = call
         with self._cond:
             self._start()
-            heapq.heappush(self._heap, (deadline, call.token, call))
-            self._cond.notify()
+            self._calls[call.token] = call
+            if deadline < self._wake_at:
+                self._cond.notify()
         try:
             yield call
         finally:
@@ -158,46 +165,43 @@ class Watchdog:
                 if call.timed_out and call.thread != self._main:
                     # an async exception not yet delivered must not hit the worker's own code
                     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
+            with self._cond:
+                self._calls.pop(call.token, None)
             st.active = outer
             st.pending = False
 
     def _push(self, call: _Call, deadline: float) -> None:
         with self._cond:
-            call.deadline = deadline
-            heapq.heappush(self._heap, (deadline, next(self._ids), call))
-            self._cond.notify()
+            call.deadline = deadline  # later: the watchdog finds it not due yet when it wakes
+            if deadline < self._wake_at:
+                self._cond.notify()
+
+    def _next(self, call: _Call) -> float:
+        return call.deadline + self.grace if call.soft_sent else call.deadline
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while True:
-                    while self._heap and self._heap[0][2].done:
-                        heapq.heappop(self._heap)
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    when, _, call = self._heap[0]
-                    if not call.soft_sent and when < call.deadline:
-                        heapq.heappop(self._heap)  # the deadline moved on: a later entry stands for it
-                        continue
-                    wait = when - time.monotonic()
-                    if wait <= 0:
-                        heapq.heappop(self._heap)
+                    now = time.monotonic()
+                    due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
+                    if due:
                         break
-                    self._cond.wait(wait)
-            if call.done:
-                continue
-            if not call.soft_sent:
-                call.soft_sent = True
-                self._soft(call)
-                with self._cond:  # the hard limit, unless the call ends first
-                    heapq.heappush(self._heap, (call.deadline + self.grace, next(self._ids), call))
-            else:
-                log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
-                try:
-                    call.on_hard()
-                except Exception:  # noqa: BLE001 - the watchdog must survive
-                    log.exception("hard time limit handler failed")
+                    self._wake_at = min((self._next(c) for c in self._calls.values()), default=math.inf)
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                for c in due:
+                    if c.soft_sent:
+                        self._calls.pop(c.token, None)  # the hard limit acts once
+            for call in due:
+                if not call.soft_sent:
+                    call.soft_sent = True
+                    self._soft(call)
+                else:
+                    log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
+                    try:
+                        call.on_hard()
+                    except Exception:  # noqa: BLE001 - the watchdog must survive
+                        log.exception("hard time limit handler failed")
 
     def _soft(self, call: _Call) -> None:
         if call.thread == self._main:
