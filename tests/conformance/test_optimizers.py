@@ -249,3 +249,27 @@ def test_save_and_load_across_two_workers(run: Runner) -> None:
             loaded, prediction = other.check(load_and_run, path)
     assert loaded == saved and len(saved) == 2
     assert prediction.answer == "10"
+
+
+def save_whole_program(path):
+    dspy.configure(lm=DummyLM([{"answer": "10"}]))
+    compiled = LabeledFewShot(k=2).compile(QAModule(), trainset=qa_trainset())
+    compiled.save(path, save_program=True)
+    return type(compiled).__name__
+
+
+def load_whole_program(path):
+    dspy.configure(lm=DummyLM([{"answer": "10"}]))
+    program = dspy.load(path, allow_pickle=True)
+    return type(program).__name__, len(program.predict.demos), program(question="What is 5+5?")
+
+
+def test_save_whole_program_and_load_it_on_another_worker(run: Runner) -> None:
+    """``save_program=True`` pickles the program with its class (user code: by value), so another
+    worker, which cannot import this test module, loads it with ``dspy.load``."""
+    with tempfile.TemporaryDirectory(prefix="dxcf") as tmp:
+        path = os.path.join(tmp, "program")
+        assert run.check(save_whole_program, path) == "QAModule"
+        with run.other_worker() as other:
+            name, n_demos, prediction = other.check(load_whole_program, path)
+    assert (name, n_demos, prediction.answer) == ("QAModule", 2, "10")
