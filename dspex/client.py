@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import secrets
 import threading
@@ -41,6 +42,7 @@ log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
 IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
+RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
@@ -103,6 +105,7 @@ class Client:
         self._open: set[_Channel] = set()  # every socket not yet closed, lent out or idle
         self._lock = threading.Lock()
         self._closed = False
+        self._drop_seen = -math.inf  # when a connection drop was last seen
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -142,14 +145,20 @@ class Client:
                     raise self._closed_error()
                 ch = self._idle.pop() if self._idle else None
             if ch is None:
-                return self._new_channel()
+                # shortly after a drop, skip the probe: across a broker restart the request waits
+                # in the new socket for the broker to come back (within its timeout) instead of
+                # failing at once; otherwise nothing listening is BrokerUnreachable at once
+                return self._new_channel(probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
             if not ch.broken and not ch.disconnected():
                 return ch
             # zmq reconnects by itself after a broker restart, but never after a protocol error
             # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
+            self._drop_seen = time.monotonic()
             self._discard(ch)
 
     def _checkin(self, ch: _Channel) -> None:
+        if ch.broken:
+            self._drop_seen = time.monotonic()
         with self._lock:
             if not self._closed and not ch.broken and len(self._idle) < IDLE_SOCKETS:
                 self._idle.append(ch)
@@ -163,8 +172,9 @@ class Client:
             self._open.discard(ch)
         ch.close()
 
-    def _new_channel(self) -> _Channel:
-        config.probe_ipc(self.endpoint)  # before making a socket: a failed probe leaves none behind
+    def _new_channel(self, probe: bool = True) -> _Channel:
+        if probe:  # before making a socket: a failed probe leaves none behind
+            config.probe_ipc(self.endpoint)
         with self._lock:
             if self._closed:
                 raise self._closed_error()
