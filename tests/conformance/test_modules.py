@@ -8,6 +8,7 @@ test modules do not use it, and local Pydantic classes in signatures must stay r
 import asyncio
 import base64
 import warnings
+from typing import Literal
 
 import dspy
 import pytest
@@ -352,6 +353,47 @@ def test_completions_travel_with_the_prediction(run: Runner, request: pytest.Fix
     assert pred.completions.answer == ["Paris", "Lyon", "Paris"]
     assert len(pred.completions) == 3
     assert dspy.majority(pred).answer == "Paris"
+
+
+# -- a class-based signature (DSPy docs: "Signatures") and a user exception with a payload --------
+
+
+class Classify(dspy.Signature):
+    """Classify sentiment of a given sentence."""
+
+    sentence: str = dspy.InputField()
+    sentiment: Literal["positive", "negative", "neutral"] = dspy.OutputField()
+    confidence: float = dspy.OutputField()
+
+
+def test_class_based_signature_through_a_handle(run: Runner) -> None:
+    run(dspy.configure, lm=DummyLM([{"sentiment": "positive", "confidence": 0.75}]))
+    classify = run.put(dspy.Predict(Classify))
+    sentence = "it's a charming and often affecting journey."  # example from the SST dataset.
+    result = classify(sentence=sentence)
+    assert (result.sentiment, result.confidence) == ("positive", 0.75)
+    assert classify.signature.instructions == "Classify sentiment of a given sentence."
+
+
+class QuotaError(Exception):
+    def __init__(self, message, remaining):
+        super().__init__(message)
+        self.remaining = remaining
+
+
+def spend_quota(n):
+    if n > 2:
+        raise QuotaError(f"asked for {n}", remaining=2)
+    return n
+
+
+def test_user_exception_keeps_its_class_and_payload(run: Runner) -> None:
+    with pytest.raises(QuotaError) as info:
+        run(spend_quota, 5)
+    assert info.value.remaining == 2
+    assert str(info.value) == "asked for 5"
+    if run.mode == SESSION:
+        assert "spend_quota" in info.value.remote_traceback
 
 
 # -- a tool that fails, a callback, a conversation history ----------------------------------------
