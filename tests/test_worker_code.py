@@ -99,3 +99,22 @@ def test_apply_bind_put(dx: dspex.Client) -> None:
         dx.request(Op.BIND.value, "p", s.id, ["not a name", 1])
     with pytest.raises(dspex.RemoteError, match="not callable"):
         dx.request(Op.APPLY.value, "p", s.id, [5, [], {}])
+
+
+class ClientModule:
+    """A class defined in the client's own (test) module: it travels by value."""
+
+    def forward(self, question: str) -> str:
+        return question.upper()
+
+
+def test_by_value_code_has_its_source_on_the_worker(dx: dspex.Client) -> None:
+    import inspect
+
+    s = dx.session("p")
+    assert s.run(lambda: inspect.getsource(ClientModule)) == inspect.getsource(ClientModule)
+    assert s.run(lambda: ClientModule().forward("q")) == "Q"
+    # bound by name for exec'd code, source included
+    s.define(ClientModule)
+    assert s.eval("__import__('inspect').getsource(ClientModule)") == inspect.getsource(ClientModule)
+    assert s.eval("ClientModule().forward('x')") == "X"

@@ -46,9 +46,10 @@ def test_soft_limit_stops_a_busy_call_on_a_pool_thread(stack: Stack) -> None:
     assert s.eval("n") > 0
 
 
-def test_hard_limit_recycles_the_worker(stack: Stack) -> None:
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_hard_limit_recycles_the_worker(stack: Stack, capacity: int) -> None:
     stack.env["DSPEX_HARD_GRACE"] = "1"
-    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
     s = dx.session("p")
     stubborn = textwrap.dedent("""
         import time
