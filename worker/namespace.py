@@ -88,7 +88,8 @@ def drop_session_module(state: SessionState) -> None:
     sys.modules.pop(module.__name__, None)
     if module.__file__:
         linecache.cache.pop(module.__file__, None)
-    module.__dict__.clear()
+    # the module's dict stays as it is: functions of it may still run (a thread the session
+    # started) and are freed with their last reference
 
 
 def _class_file(cls: type) -> str | None:
