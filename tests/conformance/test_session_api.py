@@ -152,17 +152,19 @@ def test_asyncio_client_runs_the_same_program(cstack) -> None:
             try:
                 got = await s.run(predict_program)
                 prog = await s.put(dspy.Predict("question -> answer"))
-                await s.run(dspy.configure, lm=DummyLM([{"answer": "Rome"}]))
+                await s.run(dspy.configure, lm=DummyLM([{"answer": "Rome"}, {"answer": "Madrid"}]))
                 second = await s.method(prog, "acall", kwargs={"question": "Capital of Italy?"})
-                return got, second
+                third = await prog(question="Capital of Spain?")  # an aio handle's call is awaitable
+                return got, second, third
             finally:
                 await s.close()
         finally:
             await client.close()
 
-    got, second = asyncio.run(main())
+    got, second, third = asyncio.run(main())
     assert as_data(got) == as_data(expected)
     assert isinstance(second, dspy.Prediction) and second.answer == "Rome"
+    assert isinstance(third, dspy.Prediction) and third.answer == "Madrid"
 
 
 def test_unpicklable_argument_names_its_path(session: dspex.Session) -> None:
@@ -206,3 +208,15 @@ def test_results_that_can_be_data_are_data(session: dspex.Session) -> None:
     assert isinstance(lm, dspex.Ref)
     assert lm.model == "dummy"
     assert len(lm.history) == 1 and lm.history[-1:][0]["outputs"] == local["lm"].history[-1]["outputs"]
+
+
+def test_refs_end_with_their_session(dx: dspex.Client) -> None:
+    s = dx.session("c1")
+    prog = s.put(dspy.Predict("question -> answer"))
+    released = s.put(dspy.Predict("a -> b"))
+    s.release(released)
+    with pytest.raises(dspex.RefNotFound):
+        released.signature
+    s.close(timeout=10)
+    with pytest.raises(dspex.SessionClosed):
+        prog(question="still there?")

@@ -170,3 +170,28 @@ def test_async_generator_streams_from_a_client_function(session: dspex.Session) 
 
     expected = asyncio.run(drain())
     assert list(session.stream_apply(countdown, [5])) == expected == [5, 4, 3, 2, 1]
+
+
+def first_items(run: Runner, stream_predict, n, **kwargs):
+    """The first ``n`` items of a stream, then the stream is closed (a ``break`` out of the loop)."""
+    if run.mode == SESSION:
+        with run.s.stream_method(stream_predict, "__call__", kwargs=kwargs) as stream:
+            return [item for _, item in zip(range(n), stream)]
+    gen = stream_predict(**kwargs)
+    items = [item for _, item in zip(range(n), gen)]
+    gen.close()
+    return items
+
+
+@pytest.mark.parametrize("async_streaming", [False, True], ids=["sync", "async"])
+def test_a_stream_left_early_leaves_the_session_serving(run: Runner, async_streaming: bool) -> None:
+    """Leave a streamify stream after 3 chunks: the producer is closed where it runs (for the async
+    default: inside the task that runs it) and the next program streams to its end. A listener
+    left mid-stream is not reusable in DSPy itself, so the next stream is a new program."""
+    if run.mode != SESSION and async_streaming:
+        pytest.skip("in-process, DSPy's own streamify raises 'Attempted to exit cancel scope in a "
+                    "different task' when its async generator is closed after a break")
+    run(dspy.configure, lm=streaming_dummy_lm([{"answer": ANSWER}] * 2))
+    first = first_items(run, run(make_stream_predict, async_streaming), 3, question="Why?")
+    assert len(first) == 3 and all(isinstance(i, dspy.streaming.StreamResponse) for i in first)
+    check_chunks(streamed_items(run, run(make_stream_predict, async_streaming), question="Why?"))
