@@ -13,7 +13,8 @@ import dspy
 from dspy.teleprompt import GEPA, SIMBA, BootstrapFewShot, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
-from conformance.harness import Runner
+import dspex
+from conformance.harness import Runner, fresh_dspy_settings
 
 
 def simple_metric(example, prediction, trace=None):
@@ -222,6 +223,17 @@ def test_gepa_small_budget(run: Runner) -> None:
     assert val_scores[0] == 0.75
     assert proposals, "GEPA proposed nothing: the case does not exercise reflection"
     assert failures == []
+
+
+def test_gepa_progress_reaches_the_caller(session: dspex.Session) -> None:
+    """GEPA's log lines stream to ``on_progress`` while it runs, as they print in-process."""
+    with fresh_dspy_settings():
+        _, _, proposals, _ = gepa_program(qa_trainset())
+    events = []
+    session.apply(gepa_program, [qa_trainset()], on_progress=events.append)
+    messages = [e.get("message", "") for e in events if isinstance(e, dict)]
+    assert any(m.startswith("Iteration 0: Base program full valset score") for m in messages)
+    assert proposals and all(p in messages for p in proposals)
 
 
 # -- save on one worker, load on another ---------------------------------------------------------
