@@ -115,3 +115,36 @@ def test_thread_sees_its_own_session_lm_on_a_shared_worker(dx: dspex.Client) -> 
 def test_settings_of_one_case_do_not_leak_into_the_next(run: Runner) -> None:
     """Each case starts with no LM, in-process and in a new session (the suite is hermetic)."""
     assert as_data(run(current_lm_answer, "France")) is None
+
+
+def json_adapter_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}], adapter=dspy.JSONAdapter()), adapter=dspy.JSONAdapter(),
+                   track_usage=True)
+    lm = dspy.settings.lm
+    pred = dspy.Predict("question -> answer")(question="Capital of France?")
+    return pred.answer, lm.history[-1]["outputs"], type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+def chat_adapter_program():
+    dspy.configure(lm=DummyLM([{"answer": "Rome"}]))
+    lm = dspy.settings.lm
+    pred = dspy.Predict("question -> answer")(question="Capital of Italy?")
+    return pred.answer, lm.history[-1]["outputs"], type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_other_settings_stay_in_their_session(dx: dspex.Client, pool: str) -> None:
+    """Not only the LM: the adapter and ``track_usage`` one session configures never reach another."""
+    expected = []
+    for program in (json_adapter_program, chat_adapter_program):
+        with fresh_dspy_settings():
+            expected.append(program())
+    a, b = dx.session(pool), dx.session(pool)
+    try:
+        for _ in range(3):
+            futures = [dx.submit(a.run, json_adapter_program), dx.submit(b.run, chat_adapter_program)]
+            assert [f.result(timeout=60) for f in futures] == expected
+        assert a.worker == b.worker
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
