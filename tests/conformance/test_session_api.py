@@ -121,6 +121,27 @@ def test_print_warnings_and_inspect_history_reach_the_caller(session: dspex.Sess
     assert any(e["stream"] == "warning" and "careful with that" in e["text"] for e in events)
 
 
+def show_history():
+    dspy.inspect_history(n=5)
+
+
+def test_inspect_history_shows_only_the_sessions_own_calls(dx: dspex.Client) -> None:
+    """``dspy.inspect_history`` reads a process-wide list in DSPy: a session must see only its own
+    calls there, as a fresh process would."""
+    a, b = dx.session("c4"), dx.session("c4")
+    try:
+        a.run(predict_program)
+        out_a: list[dict] = []
+        out_b: list[dict] = []
+        a.apply(show_history, on_output=out_a.append)
+        b.apply(show_history, on_output=out_b.append)
+        assert "Paris" in "".join(e["text"] for e in out_a)
+        assert "Paris" not in "".join(e["text"] for e in out_b)
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
+
+
 def test_progress_events_on_run(session: dspex.Session) -> None:
     def report_progress():
         from dspex.progress import report
