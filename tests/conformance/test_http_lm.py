@@ -89,6 +89,23 @@ def test_real_lm_over_http(run: Runner, api_base: str) -> None:
         assert len(sent) == 2
 
 
+def async_quickstart_program(api_base, countries):
+    import asyncio
+
+    async def main():
+        with dspy.context(lm=dspy.LM("openai/conformance-model", api_base=api_base, api_key="not-a-key",
+                                     cache=False)):
+            qa = dspy.Predict("question -> answer")
+            preds = await asyncio.gather(*(qa.acall(question=f"What is the capital of {c}?") for c in countries))
+            return [p.answer for p in preds]
+
+    return asyncio.run(main())
+
+
+def test_real_lm_over_http_async(run: Runner, api_base: str) -> None:
+    assert run.check(async_quickstart_program, api_base, ["Italy", "France", "Spain"]) == ["Rome", "Paris", "Madrid"]
+
+
 def test_timeout_stops_a_call_blocked_on_a_slow_provider(dx: dspex.Client, api_base: str) -> None:
     s = dx.session("t")
     try:
