@@ -33,7 +33,7 @@ class Executor:
 
     ``capacity`` is how many calls the worker runs at once: with 1 (calls on the main thread),
     a call's DSPy settings and output capture also hold for threads it starts, and the soft time
-    limit interrupts blocking sleeps and socket reads (SIGALRM).
+    limit interrupts blocking sleeps and socket reads (a signal).
     """
 
     def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE) -> None:

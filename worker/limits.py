@@ -3,9 +3,13 @@
 Soft limit (as Celery's): at the deadline :class:`CallTimedOut` is raised into the running call.
 It derives from ``BaseException`` so user code's ``except Exception`` does not swallow it.
 
-- A call on the main thread (capacity-1 workers) gets it from a SIGALRM handler; the watchdog
-  sends SIGALRM to the main thread, which interrupts ``time.sleep`` and blocking socket reads
-  (PEP 475: a handler that raises ends the retried system call).
+- A call on the main thread (capacity-1 workers) gets it from a signal handler: the watchdog
+  sends SIGINT to the main thread, which interrupts ``time.sleep`` and blocking socket reads
+  (PEP 475: a handler that raises ends the retried system call). SIGINT, not SIGALRM, because
+  it is how Python code is interrupted in-process (Ctrl-C) and code that runs threads listens
+  for it: DSPy's ``ParallelExecutor`` (``Evaluate``, ``Parallel``, ``batch``) chains its own
+  SIGINT handler while it runs and cancels its queued jobs. A SIGINT that is not a soft limit
+  (an operator's Ctrl-C) goes to the handler the worker had installed (stop the worker).
 - A call on a pool thread (capacity > 1) gets it through ``PyThreadState_SetAsyncExc``: raised at
   the next bytecode the thread runs (a thread blocked in C sees it when the C call returns).
 
@@ -90,7 +94,17 @@ def protected() -> Iterator[None]:
             raise CallTimedOut("the call ran past its deadline")
 
 
-def _on_alarm(signum: int, frame: Any) -> None:
+_limit_signals = 0  # soft-limit SIGINTs sent and not handled yet
+_previous_sigint: Any = signal.default_int_handler
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _limit_signals
+    if _limit_signals <= 0:
+        if callable(_previous_sigint):
+            _previous_sigint(signum, frame)  # a real SIGINT: the worker's own handler
+        return
+    _limit_signals -= 1
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
     if call is None or call.done or not call.soft_sent:
@@ -123,18 +137,20 @@ class Watchdog:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
-        self._alarm_installed = False
+        self._signal_installed = False
 
     def _start(self) -> None:
         if self._thread is None:
-            if threading.current_thread() is threading.main_thread() and not self._alarm_installed:
-                signal.signal(signal.SIGALRM, _on_alarm)
-                self._alarm_installed = True
+            if threading.current_thread() is threading.main_thread() and not self._signal_installed:
+                global _previous_sigint
+                _previous_sigint = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, _on_sigint)
+                self._signal_installed = True
             self._thread = threading.Thread(target=self._loop, name="dspex-watchdog", daemon=True)
             self._thread.start()
 
     def install(self) -> None:
-        """From the main thread, before any call: the SIGALRM handler and the watchdog thread."""
+        """From the main thread, before any call: the SIGINT handler and the watchdog thread."""
         with self._cond:
             self._start()
 
@@ -146,7 +162,7 @@ class Watchdog:
             return
         st = _state()
         call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids), watchdog=self)
-        if call.thread == self._main and not self._alarm_installed:
+        if call.thread == self._main and not self._signal_installed:
             # no raising handler on this main thread: only the hard limit applies
             call.soft_sent = True
         call.thread_state = st
@@ -205,10 +221,12 @@ class Watchdog:
 
     def _soft(self, call: _Call) -> None:
         if call.thread == self._main:
+            global _limit_signals
+            _limit_signals += 1
             try:
-                signal.pthread_kill(call.thread, signal.SIGALRM)
+                signal.pthread_kill(call.thread, signal.SIGINT)
             except (ProcessLookupError, OSError):
-                pass
+                _limit_signals -= 1
         else:
             with call.lock:
                 st = call.thread_state
