@@ -221,10 +221,6 @@ def slow_evaluate_program(lm):
     return evaluate(dspy.Predict("question -> answer"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the soft limit is raised into the calling thread only: the threads dspy.Evaluate (DSPy's "
-    "ParallelExecutor) started for the call go on calling the LM after the deadline (8 -> 18 calls "
-    "in the 1.5 s after the Timeout)"))
 def test_timeout_stops_an_evaluate_running_threads(solo: dspex.Session) -> None:
     """dspy.Evaluate runs the program in its own threads: past the deadline those stop calling the
     LM too (the caller gave up; nobody reads their results)."""
