@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,33 @@ def test_by_value_code_has_its_source_on_the_worker(dx: dspex.Client) -> None:
     s.define(ClientModule)
     assert s.eval("__import__('inspect').getsource(ClientModule)") == inspect.getsource(ClientModule)
     assert s.eval("ClientModule().forward('x')") == "X"
+
+
+SCRIPT = '''
+import inspect, json, sys
+import dspex
+
+
+class Judge:
+    def forward(self, claim):
+        return claim.upper()
+
+
+with dspex.connect(sys.argv[1], timeout=60) as dx:
+    s = dx.session("p")
+    remote = s.run(lambda: inspect.getsource(Judge))
+    print(json.dumps({"same": remote == inspect.getsource(Judge), "call": s.run(lambda: Judge().forward("x"))}))
+'''
+
+
+def test_classes_of_a_scripts_main_keep_their_source(stack: Stack, dx: dspex.Client, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "judge.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script), stack.frontend], env=stack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"same": True, "call": "X"}

@@ -56,6 +56,7 @@ class Executor:
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
+        namespace.install_getsource()  # dspy replaced inspect.getfile on import: go first again
 
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None,

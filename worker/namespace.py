@@ -98,12 +98,13 @@ def _class_file(cls: type) -> str | None:
         func = getattr(value, "__func__", value)  # classmethod / staticmethod
         func = getattr(func, "fget", func)  # property
         code = getattr(func, "__code__", None)
-        if code is not None and code.co_filename != "<string>":  # dataclass-made methods say <string>
+        own = str(getattr(func, "__qualname__", "")).startswith(cls.__qualname__ + ".")
+        if code is not None and own and code.co_filename != "<string>":  # dataclass-made: <string>
             return str(code.co_filename)
     return None
 
 
-_real_getfile = inspect.getfile
+_delegate = inspect.getfile  # what ``inspect.getfile`` was before (dspy patches it too)
 
 
 def _getfile(obj: Any) -> str:
@@ -120,9 +121,17 @@ def _getfile(obj: Any) -> str:
             own = _class_file(obj)
             if own is not None:
                 return own
-    return _real_getfile(obj)
+    return _delegate(obj)
 
 
 def install_getsource() -> None:
-    """Let ``inspect.getsource`` find by-value and session classes (once per process)."""
-    inspect.getfile = _getfile
+    """Let ``inspect.getsource`` find by-value and session classes.
+
+    Again after importing dspy: ``dspy.teleprompt.utils`` replaces ``inspect.getfile`` with one
+    that answers ``sys.modules["__main__"].__file__`` for a class of ``__main__`` (on a worker,
+    worker/__main__.py); ours goes first and hands everything else to it.
+    """
+    global _delegate
+    if inspect.getfile is not _getfile:
+        _delegate = inspect.getfile
+        inspect.getfile = _getfile
