@@ -10,7 +10,7 @@ import os
 import tempfile
 
 import dspy
-from dspy.teleprompt import GEPA, SIMBA, BootstrapFewShot, LabeledFewShot
+from dspy.teleprompt import GEPA, SIMBA, BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot
 from dspy.utils.dummies import DummyLM
 
 import dspex
@@ -92,6 +92,23 @@ def test_bootstrap_few_shot(run: Runner) -> None:
     assert (demos[0].input, demos[0].output) == ("What is the color of the sky?", "blue")
     assert demos[0].augmented is True  # bootstrapped from the teacher's trace, not a labeled copy
     assert prediction.output == "Ring-ding-ding-ding-dingeringeding!"
+
+
+def random_search_program(trainset):
+    answers = {ex.question: {"answer": ex.answer} for ex in trainset[:3]}
+    answers["4+4"] = {"answer": "9"}  # one answer wrong
+    dspy.configure(lm=DummyLM(answers))
+    optimizer = BootstrapFewShotWithRandomSearch(metric=answer_metric, max_bootstrapped_demos=2,
+                                                 max_labeled_demos=2, num_candidate_programs=2, num_threads=1)
+    optimized = optimizer.compile(QAModule(), trainset=trainset, valset=trainset)
+    scores = [candidate["score"] for candidate in optimized.candidate_programs]
+    return [d["question"] for d in optimized.predict.demos], scores
+
+
+def test_bootstrap_random_search(run: Runner) -> None:
+    demos, scores = run.check(random_search_program, qa_trainset())
+    assert len(demos) <= 2
+    assert len(scores) >= 2 and set(scores) == {75.0}  # the LM knows 3 of the 4 answers, demos or not
 
 
 # -- Evaluate with a metric defined here ---------------------------------------------------------
