@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from conftest import Stack
 
 SCRIPT = textwrap.dedent('''
@@ -61,10 +59,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by-value classes of a client script keep __module__ == '__main__', which on the worker is "
-    "worker/__main__.py: inspect.getsource(Judge) there raises OSError('could not find class "
-    "definition'), so dspy.Refine over a Module defined in a script fails through a session"))
 def test_a_script_main_module_travels_by_value(cstack: Stack, tmp_path) -> None:
     script = tmp_path / "judge.py"
     script.write_text(SCRIPT)
