@@ -10,7 +10,14 @@ import os
 import tempfile
 
 import dspy
-from dspy.teleprompt import GEPA, SIMBA, BootstrapFewShot, BootstrapFewShotWithRandomSearch, LabeledFewShot
+from dspy.teleprompt import (
+    GEPA,
+    SIMBA,
+    BootstrapFewShot,
+    BootstrapFewShotWithRandomSearch,
+    KNNFewShot,
+    LabeledFewShot,
+)
 from dspy.utils.dummies import DummyLM
 
 import dspex
@@ -109,6 +116,37 @@ def test_bootstrap_random_search(run: Runner) -> None:
     demos, scores = run.check(random_search_program, qa_trainset())
     assert len(demos) <= 2
     assert len(scores) >= 2 and set(scores) == {75.0}  # the LM knows 3 of the 4 answers, demos or not
+
+
+# -- KNNFewShot with a user-defined embedding function -------------------------------------------
+
+
+def letter_counts(texts):
+    """A toy embedding: how often each letter occurs (offline, deterministic)."""
+    import numpy as np
+
+    return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz"] for t in texts], dtype=float)
+
+
+def knn_program():
+    trainset = [
+        dspy.Example(question="What is the capital of Germany?", answer="Berlin").with_inputs("question"),
+        dspy.Example(question="How many legs does a spider have?", answer="8").with_inputs("question"),
+        dspy.Example(question="Who wrote Hamlet?", answer="Shakespeare").with_inputs("question"),
+    ]
+    lm = DummyLM({"France": {"answer": "Paris"}, "Germany": {"answer": "Berlin"}})  # the bootstrap asks too
+    dspy.configure(lm=lm)
+    knn = KNNFewShot(k=1, trainset=trainset, vectorizer=dspy.Embedder(letter_counts, caching=False))
+    compiled = knn.compile(dspy.Predict("question -> answer"))
+    result = compiled(question="What is the capital of France?")
+    return result, [m["content"] for m in lm.history[-1]["messages"]]
+
+
+def test_knn_few_shot_with_a_user_embedder(run: Runner) -> None:
+    result, contents = run.check(knn_program)
+    assert result.answer == "Paris"
+    prompt = "\n".join(contents)
+    assert "capital of Germany" in prompt and "Hamlet" not in prompt  # the nearest example is the demo
 
 
 # -- Evaluate with a metric defined here ---------------------------------------------------------
