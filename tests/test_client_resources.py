@@ -48,7 +48,9 @@ def test_a_thread_per_request_leaves_no_sockets_behind(stack: Stack) -> None:
     assert not errors, errors[:3]
     # 200 threads, each gone: the client keeps at most its idle pool, not a socket per thread
     assert dx.open_sockets <= IDLE_SOCKETS
-    assert open_fds() - before <= 4 * IDLE_SOCKETS, f"{open_fds() - before} descriptors more after 200 threads"
+    # each socket costs ~3 descriptors (mailbox, connection, monitor pair), which zmq's I/O thread
+    # frees shortly after close: 200 leaked sockets would be ~600
+    wait_for(lambda: open_fds() - before <= 100, timeout=10, what=f"descriptors released ({open_fds() - before} more)")
 
 
 class SilentBroker:
