@@ -56,6 +56,7 @@ class AsyncClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._broken = False
         self._closed = False
+        self._retiring: list[asyncio.Task[None]] = []
         self.replaced_sockets = 0
         self._sock, self._monitor = self._connect()
 
@@ -106,6 +107,8 @@ class AsyncClient:
             return
         self._closed = True
         await self._stop_tasks()
+        for task in self._retiring:
+            await task
         self._close_sockets()
         self._ctx.term()
 
@@ -132,15 +135,34 @@ class AsyncClient:
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         if self._broken:
-            await self._stop_tasks()
-            self._close_sockets()
+            # no await until the new socket is in place: concurrent requests use it, never a
+            # second replacement
             config.probe_ipc(self.endpoint)
+            old = (self._tasks, self._sock, self._monitor)
             self._sock, self._monitor = self._connect()
-            self._broken = False
+            self._tasks, self._broken = [], False
             self.replaced_sockets += 1
+            self._retiring.append(asyncio.get_running_loop().create_task(self._retire(*old)))
         if not self._tasks:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._read_loop(self._sock)), loop.create_task(self._watch(self._monitor))]
+
+    async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket,
+                      monitor: zmq.asyncio.Socket) -> None:
+        """Stop the tasks of a replaced socket, then close it."""
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
+        sock.close(0)
 
     async def _send_raw(self, frames: list[Any], timeout: float) -> None:
         try:

@@ -201,3 +201,13 @@ def test_async_session_run_put_and_awaitable_handles(stack: Stack) -> None:
             await s.close()
 
     asyncio.run(main())
+
+
+def test_stream_apply_streams_any_iterable_a_client_function_returns(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    with dx.session("p") as s:
+        assert list(s.stream_apply(lambda n: (Ticket(title=str(i)) for i in range(n)), [3])) == [
+            Ticket(title="0"), Ticket(title="1"), Ticket(title="2")]
+        assert list(s.stream_apply(lambda: map(abs, [-1, -2]))) == [1, 2]
+        with pytest.raises(TypeError, match="not iterable"):
+            list(s.stream_apply(lambda: 42))

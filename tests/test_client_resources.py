@@ -169,3 +169,55 @@ def test_sync_and_async_clients_replace_a_socket_broken_by_an_oversized_reply(
             assert dx.replaced_sockets == 1
 
     asyncio.run(main())
+
+
+def test_timeout_the_worker_stopped_arrives_typed_and_the_session_goes_on(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.run(setattr, __import__("sys"), "dspex_marker", 41)  # session state that must survive
+    started = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.apply(time.sleep, [30], timeout=1.0)
+    assert info.value.details.get("stopped") is True and not info.value.details.get("hard")
+    assert time.monotonic() - started < 1.0 + core.REPLY_GRACE  # the worker's reply, not the client's wait
+    assert s.run(lambda: __import__("sys").dspex_marker + 1) == 42
+
+
+def stubborn(seconds: float) -> str:
+    """Ignores every interruption (as code with a bare ``except BaseException`` would)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # noqa: BLE001 - the point of the test
+            pass
+    return "finished"
+
+
+def test_hard_timeout_reply_arrives_within_the_client_grace(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert s.eval("1") == 1
+    assert s.run(stubborn, 0.01) == "finished"
+    with pytest.raises(dspex.Timeout) as info:
+        s.apply(stubborn, [60], timeout=1.0)
+    # the worker replied (stopped, hard) before the client's own deadline + grace ran out
+    assert info.value.details.get("stopped") is True and info.value.details.get("hard") is True, info.value.details
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.eval("1")
+
+
+def test_concurrent_async_calls_after_a_break_share_one_replacement(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=10) as dx:
+            s = [dx.session("p") for _ in range(8)]
+            with pytest.raises(dspex.ConnectionLost):
+                await s[0].eval("b'x' * (2 << 20)")
+            assert await asyncio.gather(*(x.eval(f"{i} * 2") for i, x in enumerate(s))) == [i * 2 for i in range(8)]
+            assert dx.replaced_sockets == 1
+
+    asyncio.run(main())
