@@ -260,6 +260,25 @@ def test_custom_module_instance_sent_by_value(run: Runner) -> None:
     assert len(program.predictors()) == 2
 
 
+def test_a_program_handle_reads_like_the_program(run: Runner) -> None:
+    """Walk and tune a module through its handle exactly as in-process: named predictors, a
+    sub-module's attribute set by assignment, a handle as a dict key and as an argument."""
+    lm = run.put(DummyLM([{"draft": "d1"}, {"reasoning": "r", "text": "T1"}]))
+    run(dspy.configure, lm=lm)
+    program = run.put(DraftThenPolish())
+    names = [name for name, _ in program.named_predictors()]
+    assert names == ["draft", "polish.predict"]
+    draft = program.draft
+    draft.demos = [dspy.Example(topic="cats", draft="cats purr")]
+    assert len(program.draft.demos) == 1 and program.draft.demos[0].draft == "cats purr"
+    result = program(topic="dogs")
+    assert result.text == "T1"
+    assert "cats purr" in str(lm.history[0]["messages"])  # the demo set through the handle was used
+    seen = {program: "the program"}
+    assert seen[program] == "the program"
+    assert run(lambda p: len(p.predictors()), program) == 2
+
+
 # -- Parallel and batch (dict-mode DummyLM: answers do not depend on thread order) -------------
 
 CAPITALS = {"France": {"answer": "Paris"}, "Italy": {"answer": "Rome"}, "Spain": {"answer": "Madrid"}}
