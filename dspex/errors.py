@@ -203,7 +203,17 @@ def _original_type(details: dict[str, Any]) -> type[BaseException] | None:
 
 
 def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
-    """A RemoteError, also an instance of the original type (with its attributes) where possible."""
+    """A RemoteError, also an instance of the original type (with its attributes) where possible;
+    the worker's traceback is attached as a note, so a traceback printed here shows both sides."""
+    err = _remote_instance(message, details)
+    tb = details.get("traceback")
+    if isinstance(tb, str) and tb.strip():
+        notes = getattr(err, "__notes__", None)  # the original's own notes come first
+        err.__notes__ = [*(notes if isinstance(notes, list) else []), f"Remote traceback (on the worker):\n{tb.rstrip()}"]
+    return err
+
+
+def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     original: BaseException | None = None
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):

@@ -564,3 +564,10 @@ def test_class_bodies_in_by_value_functions_keep_the_globals_they_read() -> None
     data, _ = byvalue.dumps(scope["signature_program"])
     fn = cloudpickle.loads(data)
     assert "Ticket" in fn.__globals__ and fn().output_fields["ticket"].annotation is Ticket
+
+
+def test_remote_traceback_is_a_note_of_the_raised_error() -> None:
+    original = ParseFailure("ChatAdapter", "garbled")
+    original.add_note("user note")
+    err = error_from_wire(_wire_of(original))
+    assert err.__notes__ == ["user note", "Remote traceback (on the worker):\nTraceback ..."]
