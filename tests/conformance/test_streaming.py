@@ -195,3 +195,33 @@ def test_a_stream_left_early_leaves_the_session_serving(run: Runner, async_strea
     first = first_items(run, run(make_stream_predict, async_streaming), 3, question="Why?")
     assert len(first) == 3 and all(isinstance(i, dspy.streaming.StreamResponse) for i in first)
     check_chunks(streamed_items(run, run(make_stream_predict, async_streaming), question="Why?"))
+
+
+class AnswerThenFail(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        self.predict(question=question)
+        raise ValueError("failed after the answer")
+
+
+def make_failing_stream():
+    dspy.configure(lm=streaming_dummy_lm([{"answer": ANSWER}]))
+    return dspy.streamify(AnswerThenFail(), async_streaming=False,
+                          stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")])
+
+
+def test_an_error_after_streamed_chunks_arrives_typed_after_them(run: Runner) -> None:
+    stream_program = run(make_failing_stream)
+    items = []
+    with pytest.raises(ValueError, match="failed after the answer"):
+        if run.mode == SESSION:
+            for item in run.s.stream_method(stream_program, "__call__", kwargs={"question": "Why?"}):
+                items.append(item)
+        else:
+            for item in stream_program(question="Why?"):
+                items.append(item)
+    assert items and all(isinstance(i, dspy.streaming.StreamResponse) for i in items)
+    assert "".join(i.chunk for i in items).strip() == ANSWER
