@@ -100,6 +100,30 @@ def test_exec_code_behaves_like_module_code(session: dspex.Session) -> None:
     assert session.eval("module_name") not in ("builtins", "__main__", "")
 
 
+def test_exec_code_with_its_own_future_annotations(session: dspex.Session) -> None:
+    """User code that itself says ``from __future__ import annotations``: string annotations
+    resolve against its own module, as they do in a module file in-process."""
+    source = "from __future__ import annotations\n" + TRIAGE_SOURCE
+    with fresh_dspy_settings():
+        expected = exec_as_module(source)["result"]
+    session.exec(source)
+    assert session.eval("result") == expected == {"category": "billing", "urgent": True}
+
+
+def test_sessions_have_their_own_namespaces(dx: dspex.Client) -> None:
+    """Two sessions on one worker define the same names: each sees its own, as two processes would."""
+    a, b = dx.session("c4"), dx.session("c4")
+    try:
+        a.exec("class Ticket:\n    kind = 'a'\ndef which():\n    return Ticket.kind")
+        b.exec("class Ticket:\n    kind = 'b'\ndef which():\n    return Ticket.kind")
+        assert (a.eval("which()"), b.eval("which()")) == ("a", "b")
+        assert a.worker == b.worker
+        assert a.eval("Ticket.__module__") != b.eval("Ticket.__module__")
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
+
+
 def chatty_program():
     dspy.configure(lm=DummyLM([{"answer": "Paris"}]))
     print("hello from the program")
