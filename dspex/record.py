@@ -107,8 +107,20 @@ def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[
     cls = type(obj)
     # getattr: dspy may be half-imported by another thread (then obj cannot be one of these yet)
     if cls is getattr(dspy, "Prediction", None):
+        extra: dict[str, Any] = {}
         usage = getattr(obj, "_lm_usage", None)
-        return "prediction", dict(obj._store), None, {"lm_usage": usage} if usage else {}
+        if usage:
+            extra["lm_usage"] = usage
+        completions = getattr(obj, "_completions", None)
+        if completions is not None:
+            # all of them (dspy.majority reads them); the signature as its text form, which names
+            # the fields (a class would have to stay on the worker as a ref)
+            extra["completions"] = dict(completions._completions)
+            sig = getattr(completions, "signature", None)
+            spec = getattr(sig, "signature", None)
+            if isinstance(spec, str):
+                extra["signature"] = [spec, str(getattr(sig, "instructions", "") or "")]
+        return "prediction", dict(obj._store), None, extra
     if cls is getattr(dspy, "Example", None):
         keys = getattr(obj, "_input_keys", None)
         return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}
@@ -124,6 +136,18 @@ def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None
         pred._store.update(fields)  # not Prediction(**fields): a field may be named like a parameter
         if extra.get("lm_usage"):
             pred.set_lm_usage(extra["lm_usage"])
+        completions = extra.get("completions")
+        if isinstance(completions, dict):
+            signature = None
+            spec = extra.get("signature")
+            if isinstance(spec, list) and len(spec) == 2:
+                try:
+                    signature = dspy.Signature(spec[0], spec[1] or None)
+                except Exception:
+                    signature = None
+            from dspy.primitives.prediction import Completions
+
+            pred._completions = Completions(completions, signature=signature)
         return pred
     example = dspy.Example()
     example._store.update(fields)

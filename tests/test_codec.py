@@ -571,3 +571,14 @@ def test_remote_traceback_is_a_note_of_the_raised_error() -> None:
     original.add_note("user note")
     err = error_from_wire(_wire_of(original))
     assert err.__notes__ == ["user note", "Remote traceback (on the worker):\nTraceback ..."]
+
+
+def test_prediction_completions_travel_for_majority() -> None:
+    from dspy.primitives.prediction import Completions
+
+    pred = dspy.Prediction.from_completions([{"answer": "Paris"}, {"answer": "Lyon"}, {"answer": "Paris"}],
+                                            signature=dspy.Signature("question -> answer"))
+    out: Any = decode(encode(pred, to_ref=Refs(), policy=Policy.DATA))
+    assert isinstance(out.completions, Completions) and out.completions.answer == ["Paris", "Lyon", "Paris"]
+    assert list(out.completions.signature.output_fields) == ["answer"]
+    assert dspy.majority(out).answer == "Paris" and out.answer == "Paris"
