@@ -117,7 +117,7 @@ class SessionSettings:
         configure._dspex = True  # type: ignore[attr-defined]
         cls.configure = configure  # dspy.settings.configure and dspy.settings.X = ... go here
         dspy.configure = dspy.settings.configure  # the alias was bound to the original at import
-        base_lm = importlib.import_module("dspy.clients.base_lm")
+        base_lm: Any = importlib.import_module("dspy.clients.base_lm")
         history = SessionHistory(max_history)
         list.extend(history, base_lm.GLOBAL_HISTORY)
         base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global

@@ -66,8 +66,8 @@ def compile_in_session(state: SessionState, source: str, mode: str = "exec") -> 
     filename = module.__file__
     assert filename is not None
     with _lock:
-        _, _, lines, _ = linecache.cache.get(filename, (0, None, [], filename))
-        lines = list(lines)
+        entry = linecache.cache.get(filename)
+        lines = list(entry[2]) if entry is not None and len(entry) == 4 else []
         offset = len(lines)
         text = source if source.endswith("\n") else source + "\n"
         lines.extend(text.splitlines(keepends=True))
@@ -134,4 +134,4 @@ def install_getsource() -> None:
     global _delegate
     if inspect.getfile is not _getfile:
         _delegate = inspect.getfile
-        inspect.getfile = _getfile
+        inspect.getfile = _getfile  # type: ignore[assignment]

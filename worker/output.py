@@ -136,8 +136,8 @@ def install() -> None:
     if _installed:
         return
     _installed = True
-    sys.stdout = _Dispatch("stdout", sys.stdout)  # type: ignore[assignment]
-    sys.stderr = _Dispatch("stderr", sys.stderr)  # type: ignore[assignment]
+    sys.stdout = _Dispatch("stdout", sys.stdout)
+    sys.stderr = _Dispatch("stderr", sys.stderr)
     real_show = warnings.showwarning
 
     def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,

@@ -135,7 +135,8 @@ def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
     A consumer that cancels stops the producer (its ``finally`` blocks run now).
     """
     if hasattr(result, "__aiter__"):
-        return _run(_drain_async(result, stream, encode))
+        summary: dict[str, Any] = _run(_drain_async(result, stream, encode))
+        return summary
     count = 0
     iterator = iter(result)
     try:
