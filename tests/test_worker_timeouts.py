@@ -103,3 +103,17 @@ def _timed_out_with_output(s: dspex.Session, source: str, timeout: float, on_out
     with pytest.raises(dspex.Timeout) as info:
         s.exec(source, timeout=timeout, on_output=on_output)
     return info.value, time.monotonic() - start
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_soft_limit_stops_an_awaited_coroutine(stack: Stack, capacity: int) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s = dx.session("p")
+    s.exec("import asyncio\nasync def slow():\n    while True:\n        await asyncio.sleep(0.05)\n")
+    start = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.eval("slow()", timeout=1.0)
+    assert info.value.details.get("stopped") is True
+    assert time.monotonic() - start < 5
+    assert s.eval("1 + 1") == 2
