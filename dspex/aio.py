@@ -270,6 +270,14 @@ class AsyncClient:
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         return dict(await self.request(Op.PING.value, body={}, timeout=timeout))
 
+    async def sessions(self, pool: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+        return list(await self.request(Op.SESSIONS.value, body={"pool": pool or ""}, timeout=timeout))
+
+    async def recycle(self, pool: str, worker: str | None = None, all: bool = False,
+                      timeout: float | None = None) -> dict[str, Any]:
+        return dict(await self.request(Op.RECYCLE.value, pool, body={"pool": pool, "worker": worker or "", "all": all},
+                                       timeout=timeout))
+
     async def close_session(self, session_id: str, timeout: float | None = None) -> dict[str, Any]:
         return dict(await self.request(Op.CLOSE_SESSION.value, session=session_id, body={"session": session_id},
                                        timeout=timeout))
@@ -316,20 +324,22 @@ class AsyncSession:
                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
         return await self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    async def put(self, obj: Any, *, timeout: float | None = None, on_output: Callback | None = None) -> Ref:
-        ref = await self._request(Op.PUT, [obj], timeout, None, on_output)
+    async def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
+                  on_output: Callback | None = None) -> Ref:
+        ref = await self._request(Op.PUT, [obj], timeout, on_progress, on_output)
         if not isinstance(ref, Ref):
             raise ProtocolError(f"put returned {type(ref).__name__}, not a ref")
         return ref
 
-    async def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None) -> None:
+    async def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
         if name is None:
             name = getattr(obj, "__name__", None)
             if not isinstance(name, str):
                 raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
         if not name.isidentifier():
             raise ValueError(f"define: {name!r} is not a Python identifier")
-        await self._request(Op.BIND, [name, obj], timeout)
+        await self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, timeout: float | None = None, on_progress: Callback | None = None,

@@ -491,14 +491,16 @@ class Session:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
         return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    def put(self, obj: Any, *, timeout: float | None = None, on_output: Callback | None = None) -> Ref:
+    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
+            on_output: Callback | None = None) -> Ref:
         """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
-        ref = self._request(Op.PUT, [obj], timeout, None, on_output)
+        ref = self._request(Op.PUT, [obj], timeout, on_progress, on_output)
         if not isinstance(ref, Ref):
             raise ProtocolError(f"put returned {type(ref).__name__}, not a ref")
         return ref
 
-    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None) -> None:
+    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
         """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
         ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
         if name is None:
@@ -507,7 +509,7 @@ class Session:
                 raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
         if not name.isidentifier():
             raise ValueError(f"define: {name!r} is not a Python identifier")
-        self._request(Op.BIND, [name, obj], timeout)
+        self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
 
     # -- the explicit API ---------------------------------------------------------------------------
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
