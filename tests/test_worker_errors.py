@@ -85,3 +85,23 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     with pytest.raises(dspex.RemoteError) as info:
         s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\nraise e")
     assert info.value.details["type"] == "ValueError" and "pickled" not in info.value.details
+
+
+class ExitsOnLoad:
+    """Unpickling it on the worker raises SystemExit (user code runs in __setstate__)."""
+
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: object) -> None:
+        raise SystemExit("no")
+
+
+def test_an_argument_that_exits_while_unpickled_is_contained(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = s.call("os", "getpid")
+    with pytest.raises(dspex.RemoteError) as info:
+        s.run(lambda x: 1, ExitsOnLoad())
+    assert info.value.details["type"] == "SystemExit"
+    assert s.call("os", "getpid") == pid

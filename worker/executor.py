@@ -67,8 +67,9 @@ class Executor:
         the call is interrupted then (soft limit, ``Timeout(stopped=True)``); ``on_hard`` runs if
         it is still running ``grace`` seconds later.
 
-        With ``stream`` (the caller listens for events), progress events (dspy/gepa log records, ``dspex.progress.report``)
-        and what the call prints or warns are sent through it while it runs. With ``FLAG_ITEMS``
+        With ``stream`` (the caller listens for events), progress events (dspy/gepa log records,
+        ``dspex.progress.report``) and what the call prints or warns are sent through it while it
+        runs. With ``FLAG_ITEMS``
         (the caller iterates the result) any iterable result is iterated here and its items sent
         as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
         """
@@ -99,6 +100,10 @@ class Executor:
                     raise
                 except Exception as exc:
                     raise ProtocolError(f"malformed request body: {exc}") from None
+                except limits.CallTimedOut:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
+                    raise remote_error(exc) from None
                 result = self._run(header.op, state, args)
                 if stream is not None and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
