@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import Stack
 
 SCRIPT = textwrap.dedent('''
@@ -69,3 +71,58 @@ def test_a_script_main_module_travels_by_value(cstack: Stack, tmp_path) -> None:
     assert result["remote"] == result["local"]
     assert result["local"]["verdict"] == "true"
     assert result["defined_type"] == "Verdict" and result["defined"] == {"label": "x", "confidence": 0.5}
+
+
+HELPERS = textwrap.dedent('''
+    """The user's own helper module, next to the script (the worker cannot import it)."""
+
+    def normalize(text):
+        return text.strip().lower()
+''')
+
+SCRIPT_WITH_HELPERS = textwrap.dedent('''
+    import json
+    import sys
+
+    import dspy
+    import dspex
+    import helpers
+    from dspy.utils.dummies import DummyLM
+    from helpers import normalize
+
+
+    def program():
+        dspy.configure(lm=DummyLM([{"answer": "  PARIS "}]))
+        answer = dspy.Predict("question -> answer")(question="Capital of France?").answer
+        return [helpers.normalize(answer), normalize(answer)]
+
+
+    local = program()
+    dspy.configure(lm=None)
+    with dspex.connect(sys.argv[1], timeout=60) as dx:
+        session = dx.session("c1")
+        try:
+            remote = session.run(program)
+        except dspex.DspexError as err:
+            remote = f"{type(err).__name__}: {err}"
+        session.close()
+    print(json.dumps({"local": local, "remote": remote}))
+''')
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a user module referenced as a module object (``import helpers`` then ``helpers.normalize(...)`` "
+    "in the program) is pickled by reference: the worker raises ModuleNotFoundError: No module named "
+    "'helpers' (``from helpers import normalize`` works: the function goes by value)"))
+def test_a_script_using_its_own_helper_module(cstack: Stack, tmp_path) -> None:
+    """``import helpers`` next to the script: its functions, and the module object itself, travel by
+    value like the script's code (the app's own modules are not installed on the worker)."""
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_WITH_HELPERS)
+    out = subprocess.run([sys.executable, str(script), cstack.frontend], env=cstack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["local"] == ["paris", "paris"]
+    assert result["remote"] == result["local"]
