@@ -117,3 +117,36 @@ def test_soft_limit_stops_an_awaited_coroutine(stack: Stack, capacity: int) -> N
     assert info.value.details.get("stopped") is True
     assert time.monotonic() - start < 5
     assert s.eval("1 + 1") == 2
+
+
+EVALUATE = textwrap.dedent("""
+    import time
+    import dspy
+    from dspy.utils import DummyLM
+
+    class SlowLM(DummyLM):
+        def forward(self, prompt=None, messages=None, **kwargs):
+            time.sleep(0.3)
+            return super().forward(prompt=prompt, messages=messages, **kwargs)
+
+    lm = SlowLM([{"answer": "a"}] * 200)
+    dspy.configure(lm=lm)
+    devset = [dspy.Example(question=f"Question {i}?", answer="a").with_inputs("question") for i in range(40)]
+    evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+                             num_threads=2, display_progress=False)
+""")
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_soft_limit_stops_the_threads_of_an_evaluate(stack: Stack, capacity: int) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--capacity", str(capacity))
+    s = dx.session("p")
+    s.exec(EVALUATE)
+    with pytest.raises(dspex.Timeout) as info:
+        s.eval("evaluate(dspy.Predict('question -> answer'))", timeout=1.5)
+    assert info.value.details.get("stopped") is True
+    at_timeout = s.eval("len(lm.history)")
+    assert 1 <= at_timeout < 40
+    time.sleep(1.5)  # an observation window: 2 threads x 0.3 s per LM call would add ~10 calls
+    assert s.eval("len(lm.history)") <= at_timeout + 2  # only the calls in flight finish

@@ -12,6 +12,9 @@ It derives from ``BaseException`` so user code's ``except Exception`` does not s
   (an operator's Ctrl-C) goes to the handler the worker had installed (stop the worker).
 - A call on a pool thread (capacity > 1) gets it through ``PyThreadState_SetAsyncExc``: raised at
   the next bytecode the thread runs (a thread blocked in C sees it when the C call returns).
+  There is no SIGINT for DSPy's ``ParallelExecutor`` to hear, so the watchdog sets the
+  ``cancel_jobs`` event of any executor the call's thread is running (found on its stack), which
+  is what its SIGINT handler would do.
 
 Hard limit: a call still running ``grace`` seconds after its deadline cannot be stopped; the
 watchdog calls ``on_hard`` (the worker replies ``Timeout(hard=True)``, says goodbye to the
@@ -29,6 +32,7 @@ import itertools
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,6 +118,17 @@ def _on_sigint(signum: int, frame: Any) -> None:
         return
     call.timed_out = True
     raise CallTimedOut("the call ran past its deadline")
+
+
+def _cancel_parallel_jobs(thread_id: int) -> None:
+    """Set ``cancel_jobs`` of DSPy ``ParallelExecutor``s running on the thread's stack."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        event = getattr(owner, "cancel_jobs", None) if owner is not None else None
+        if isinstance(event, threading.Event) and type(owner).__name__ == "ParallelExecutor":
+            event.set()
+        frame = frame.f_back
 
 
 def _async_raise(thread_id: int) -> bool:
@@ -237,3 +252,7 @@ class Watchdog:
                     return
                 call.timed_out = True
                 _async_raise(call.thread)
+            try:
+                _cancel_parallel_jobs(call.thread)
+            except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way
+                log.exception("could not cancel the call's parallel jobs")
