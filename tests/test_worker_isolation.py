@@ -81,6 +81,9 @@ def test_threads_user_code_starts_see_the_session_settings_on_capacity_1(stack: 
         t.start(); t.join()
     """))["out"]
     assert out == ["threaded"]
+    # what the thread's LM call recorded is in the session's own history
+    assert "threaded" in a.exec("import io\nbuf = io.StringIO()\ndspy.inspect_history(n=1, file=buf)\n"
+                                "shown = buf.getvalue()")["shown"]
     # after the call the process configuration is DSPy's default again
     fresh = dx.session("p")
     assert fresh.exec(textwrap.dedent("""

@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import importlib
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from worker import limits
 from worker.refs import SessionState
@@ -44,12 +44,13 @@ class SessionHistory(list):  # type: ignore[type-arg]
     (outside a session: this object's own storage).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, fallback: Callable[[], SessionState | None]) -> None:
         super().__init__()
         self.limit = limit
+        self.fallback = fallback  # the session a thread without one works for (capacity 1)
 
     def _target(self) -> list[Any]:
-        state = current_session.get()
+        state = current_session.get() or self.fallback()
         return state.lm_history if state is not None else self  # list.* on self: its own storage
 
     def append(self, entry: Any) -> None:
@@ -118,7 +119,7 @@ class SessionSettings:
         cls.configure = configure  # dspy.settings.configure and dspy.settings.X = ... go here
         dspy.configure = dspy.settings.configure  # the alias was bound to the original at import
         base_lm: Any = importlib.import_module("dspy.clients.base_lm")
-        history = SessionHistory(max_history)
+        history = SessionHistory(max_history, lambda: self._process_owner)
         list.extend(history, base_lm.GLOBAL_HISTORY)
         base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
         self._module = module
