@@ -265,3 +265,17 @@ def test_refs_end_with_their_session(dx: dspex.Client) -> None:
     s.close(timeout=10)
     with pytest.raises(dspex.SessionClosed):
         prog(question="still there?")
+
+
+def prediction_with_a_lock():
+    import threading
+
+    return dspy.Prediction(answer="Paris", guard=threading.Lock())
+
+
+def test_a_leaf_that_cannot_travel_stays_a_ref_in_place(session: dspex.Session) -> None:
+    local = prediction_with_a_lock()
+    got = session.run(prediction_with_a_lock)
+    assert isinstance(got, dspy.Prediction) and got.answer == local.answer
+    assert isinstance(got.guard, dspex.Ref)
+    assert got.guard.locked() is False  # the handle reads like the lock it stands for
