@@ -279,3 +279,20 @@ def test_a_leaf_that_cannot_travel_stays_a_ref_in_place(session: dspex.Session) 
     assert isinstance(got, dspy.Prediction) and got.answer == local.answer
     assert isinstance(got.guard, dspex.Ref)
     assert got.guard.locked() is False  # the handle reads like the lock it stands for
+
+
+def print_from_a_thread():
+    import threading
+
+    thread = threading.Thread(target=lambda: print("hello from a user thread"))
+    thread.start()
+    thread.join()
+    return "joined"
+
+
+def test_print_from_a_user_thread_reaches_the_caller(session: dspex.Session, capsys) -> None:
+    assert print_from_a_thread() == "joined"
+    assert "hello from a user thread" in capsys.readouterr().out
+    events: list[dict] = []
+    assert session.apply(print_from_a_thread, on_output=events.append) == "joined"
+    assert "hello from a user thread" in "".join(e["text"] for e in events if e["stream"] == "stdout")
