@@ -139,6 +139,21 @@ def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
     sources[filename] = text
 
 
+def _note_module(module: types.ModuleType, sources: dict[str, str], budget: list[int]) -> None:
+    """A user module referenced as a module (``import helpers`` ... ``helpers.normalize(x)``)
+    goes by value too (cloudpickle would import it by name on the other side)."""
+    if not is_user_module(module.__name__):
+        return
+    if not _cp._is_registered_pickle_by_value(module):
+        cloudpickle.register_pickle_by_value(module)
+    filename = getattr(module, "__file__", None)
+    if filename and filename not in sources:
+        text = "".join(linecache.getlines(filename))
+        if text and len(text) <= MAX_SOURCE_FILE and len(text) <= budget[0]:
+            budget[0] -= len(text)
+            sources[filename] = text
+
+
 class _SourcePickler(cloudpickle.Pickler):
     """cloudpickle that notes the source file of every function and class it pickles by value."""
 
@@ -155,6 +170,8 @@ class _SourcePickler(cloudpickle.Pickler):
             return exception_from_state, (type(obj), obj.args, dict(vars(obj)))
         if isinstance(obj, (types.FunctionType, type)):
             _note_code(obj, self.sources, self._budget)
+        elif isinstance(obj, types.ModuleType):
+            _note_module(obj, self.sources, self._budget)
         elif isinstance(obj, types.CodeType):
             # cloudpickle writes "<dynamic-code>" as the file name; keep the real one, so that
             # inspect.getsource (with the sources registered in linecache) and tracebacks work

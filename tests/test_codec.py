@@ -582,3 +582,19 @@ def test_prediction_completions_travel_for_majority() -> None:
     assert isinstance(out.completions, Completions) and out.completions.answer == ["Paris", "Lyon", "Paris"]
     assert list(out.completions.signature.output_fields) == ["answer"]
     assert dspy.majority(out).answer == "Paris" and out.answer == "Paris"
+
+
+def test_a_user_module_referenced_as_a_module_goes_by_value(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    (tmp_path / "dspex_test_helpers_mod.py").write_text("def normalize(text):\n    return text.strip().lower()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = importlib.import_module("dspex_test_helpers_mod")
+    scope: dict[str, Any] = {"helpers": helpers, "__name__": "__main__"}
+    exec("def program(x):\n    return helpers.normalize(x)\n", scope)  # noqa: S102
+    data, sources = byvalue.dumps(scope["program"])
+    assert str(tmp_path / "dspex_test_helpers_mod.py") in sources
+    monkeypatch.delitem(sys.modules, "dspex_test_helpers_mod")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    assert byvalue.loads(data, sources)("  PARIS ") == "paris"  # the other side cannot import it
