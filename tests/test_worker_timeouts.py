@@ -150,3 +150,13 @@ def test_soft_limit_stops_the_threads_of_an_evaluate(stack: Stack, capacity: int
     assert 1 <= at_timeout < 40
     time.sleep(1.5)  # an observation window: 2 threads x 0.3 s per LM call would add ~10 calls
     assert s.eval("len(lm.history)") <= at_timeout + 2  # only the calls in flight finish
+
+
+def test_a_call_that_replaces_the_sigint_handler_does_not_disarm_the_next_limit(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)")
+    err, took = _timed_out(s, "time.sleep(60)", 1.0)
+    assert err.details.get("stopped") is True and not err.details.get("hard")
+    assert took < 5

@@ -200,6 +200,9 @@ class Watchdog:
                 self._calls.pop(call.token, None)
             st.active = outer
             st.pending = False
+            if call.thread == self._main and self._signal_installed \
+                    and signal.getsignal(signal.SIGINT) is not _on_sigint:
+                signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
 
     def _push(self, call: _Call, deadline: float) -> None:
         with self._cond:
