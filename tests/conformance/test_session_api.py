@@ -8,6 +8,7 @@ import dataclasses
 import linecache
 import sys
 import textwrap
+import time
 import types
 import warnings
 
@@ -296,3 +297,41 @@ def test_print_from_a_user_thread_reaches_the_caller(session: dspex.Session, cap
     events: list[dict] = []
     assert session.apply(print_from_a_thread, on_output=events.append) == "joined"
     assert "hello from a user thread" in "".join(e["text"] for e in events if e["stream"] == "stdout")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "cancelling an awaited dspex.aio call (not a stream) sends no cancel: the worker runs it to its "
+    "end, the session's next call waits behind it (6.8 s measured with 20 slow LM calls) and LM "
+    "calls go on being spent"))
+def test_cancelling_an_asyncio_call_stops_it_on_the_worker(cstack) -> None:
+    """``task.cancel()`` on an awaited session call (a web request whose client went away): as an
+    in-process ``await react.acall(...)`` stops at cancellation, the worker stops the call, so the
+    session's next call does not wait behind it and no more LM calls are spent."""
+    from conformance.test_containment import SlowLM, react_program
+
+    step = {"next_thought": "Look it up again.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}}
+
+    async def main():
+        client = dspex.aio.connect(cstack.frontend, timeout=60)
+        try:
+            s = client.session("t")
+            try:
+                lm = await s.put(SlowLM([step] * 20))  # about 6 s of LM calls
+                task = asyncio.create_task(s.apply(react_program, [lm]))
+                await asyncio.sleep(1.0)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                started = time.monotonic()
+                calls_after_cancel = len(await lm.history)
+                waited = time.monotonic() - started
+                await s.run(time.sleep, 1.0)  # an observation window on the worker
+                return waited, calls_after_cancel, len(await lm.history)
+            finally:
+                await s.close()
+        finally:
+            await client.close()
+
+    waited, calls_after_cancel, calls_later = asyncio.run(main())
+    assert waited < 3, f"the next call waited {waited:.1f}s behind the cancelled one"
+    assert calls_later == calls_after_cancel
