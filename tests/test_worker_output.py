@@ -60,3 +60,14 @@ def test_progress_bars_leave_whole_lines_in_the_log(stack: Stack) -> None:
     bar_lines = [line for line in text.splitlines() if "bar:" in line]
     assert len(bar_lines) == 1, bar_lines  # one line for the finished bar, not one per redraw
     assert os.path.getsize(Path(stack.root, "worker-p.log")) < 20_000
+
+
+def test_a_call_that_rebinds_stdout_does_not_take_the_next_calls_output(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("import io, sys\nsink = io.StringIO()\nsys.stdout = sink\nprint('kept by the call')")
+    other = dx.session("p")
+    events: list[dict[str, Any]] = []
+    other.exec("print('for the caller')", on_output=events.append)
+    assert [e["text"] for e in events] == ["for the caller\n"]
+    assert s.eval("sink.getvalue()") == "kept by the call\n"

@@ -127,17 +127,16 @@ class _Dispatch(io.TextIOBase):
         return True
 
 
-_installed = False
+_dispatchers: tuple[_Dispatch, _Dispatch] | None = None
 
 
 def install() -> None:
     """Replace sys.stdout/sys.stderr and warnings.showwarning (once per process)."""
-    global _installed
-    if _installed:
+    global _dispatchers
+    if _dispatchers is not None:
         return
-    _installed = True
-    sys.stdout = _Dispatch("stdout", sys.stdout)
-    sys.stderr = _Dispatch("stderr", sys.stderr)
+    _dispatchers = (_Dispatch("stdout", sys.stdout), _Dispatch("stderr", sys.stderr))
+    sys.stdout, sys.stderr = _dispatchers
     real_show = warnings.showwarning
 
     def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
@@ -172,3 +171,7 @@ def capture(tag: str, emit: Emit | None, process_wide: bool) -> Iterator[OutputS
                 _process_sink = None
             _current.reset(token)
             sink.close()
+            if process_wide and _dispatchers is not None:
+                # a call that rebound sys.stdout/stderr for good must not take the next call's
+                # output (another session's) with it
+                sys.stdout, sys.stderr = _dispatchers
