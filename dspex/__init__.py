@@ -3,12 +3,14 @@
 >>> import dspex
 >>> with dspex.connect() as dx:
 ...     s = dx.session("triage_pool")
-...     lm = s.call("dspy", "LM", ["offline/triage"])
+...     prog = s.put(dspy.ChainOfThought("question -> answer"))
+...     prog(question="...").answer
 """
 
-from dspex.client import Client, Rehydrator, Session, connect
+from dspex.client import Client, Rehydrator, Session, Stream, connect
 from dspex.errors import (
     BrokerUnreachable,
+    EncodeError,
     ConnectionLost,
     DidNotRun,
     InternalError,
@@ -35,14 +37,17 @@ from dspex.errors import (
     WorkerBusy,
     WorkerCrashed,
 )
-from dspex.ref import Ref
+from dspex.record import Record
+from dspex.ref import Ref, RemoteMethod
+
+from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
-    "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "MessageTooLarge", "PoolNotFound",
-    "PoolSaturated", "ProtocolError", "QueueTimeout", "Ref", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
+    "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "PoolNotFound",
+    "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
     "Session", "SessionClosed", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

@@ -5,7 +5,10 @@
 ...     pids = await asyncio.gather(*(s.call("os", "getpid") for s in sessions))
 
 One DEALER socket per client; a reader task routes replies to the awaiting call by request id,
-so any number of calls can be in flight from one event loop.
+so any number of calls can be in flight from one event loop. A socket whose connection broke
+(the broker went away, or a reply over the size limit, after which zmq never reconnects) fails
+the calls waiting on it at once and is replaced before the next request. What a request means
+(encoding, replies, credit, errors) is :mod:`dspex.core`, shared with the sync client.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ import os
 import secrets
 from typing import Any, AsyncIterator, Callable, Sequence
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from dspex import codec, config
-from dspex.client import DEFAULT_TIMEOUT, Client, CreditMeter
-from dspex.errors import Cancelled, ConnectionError, DspexError, MessageTooLarge, ProtocolError, SessionClosed, Timeout
-from dspex.protocol import FLAG_STREAM, Op, RequestHeader, Status, unpack_reply_header
+from dspex import config
+from dspex.client import DEFAULT_TIMEOUT
+from dspex.core import Exchange, control_frames
+from dspex.errors import BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, SessionClosed, Timeout
+from dspex.protocol import Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
+_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
+Callback = Callable[[Any], None]
 
 
 class AsyncClient:
@@ -37,30 +42,41 @@ class AsyncClient:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
         self.max_message = config.max_message_bytes()
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        config.tune_socket(self._sock, max_message=self.max_message)  # type: ignore[arg-type]
-        self._sock.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(15))
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
         if self.endpoint.startswith("tcp://"):
             server_key, keypair = config.curve_client_keys(
                 self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
             assert server_key is not None and keypair is not None
-            self._sock.curve_serverkey = server_key
-            self._sock.curve_publickey, self._sock.curve_secretkey = keypair
+            self._curve = (server_key, keypair)
         else:
-            try:
-                config.probe_ipc(self.endpoint)
-            except ConnectionError:
-                self._ctx.destroy(0)
-                raise
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock.connect(self.endpoint)
+            config.probe_ipc(self.endpoint)
+        self._ctx = zmq.asyncio.Context()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue[_Reply]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._broken = False
         self._closed = False
+        self._retiring: list[asyncio.Task[None]] = []
+        self.replaced_sockets = 0
+        self._sock, self._monitor = self._connect()
+
+    def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        sock = self._ctx.socket(zmq.DEALER)
+        config.tune_socket(sock, max_message=self.max_message)  # type: ignore[arg-type]
+        sock.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(15))
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        if self._curve is not None:
+            sock.curve_serverkey = self._curve[0]
+            sock.curve_publickey, sock.curve_secretkey = self._curve[1]
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            monitor.close(0)
+            sock.close(0)
+            self._ctx.destroy(0)
+            raise BrokerUnreachable(f"cannot connect to {self.endpoint}: {exc}") from None
+        return sock, monitor
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -68,24 +84,37 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _close_sockets(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self._sock.close(0)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for task in (self._reader, self._watcher):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-        self._monitor.close(0)
-        self._sock.close(0)
+        await self._stop_tasks()
+        for task in self._retiring:
+            await task
+        self._close_sockets()
         self._ctx.term()
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            reply = await self._sock.recv_multipart(copy=False)
+            reply = await sock.recv_multipart(copy=False)
             try:
                 status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
@@ -94,94 +123,132 @@ class AsyncClient:
             if queue is not None:  # else a late reply of a call that timed out
                 queue.put_nowait((status, worker, reply[1:]))
 
-    async def _watch(self) -> None:
-        """A dropped broker connection fails every waiting call at once (typed ConnectionError)."""
-        while True:
-            await self._monitor.recv_multipart()
-            for queue in self._pending.values():
-                queue.put_nowait((_LOST, "", []))
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
+        await monitor.recv_multipart()
+        self._broken = True  # the next request gets a fresh socket
+        for queue in self._pending.values():
+            queue.put_nowait((_LOST, "", []))
 
-    async def _send(self, op: str, pool: str, session: str, body: Any, worker: str, timeout: float,
-                    flags: int) -> tuple[int, asyncio.Queue[_Reply]]:
+    async def _ready(self) -> None:
+        """Start the reader and watcher on this loop; replace a socket whose connection broke."""
         if self._closed:
-            raise ConnectionError("client is closed")
-        if self._reader is None:
+            raise BrokerUnreachable("client is closed: nothing was sent")
+        if self._broken:
+            # no await until the new socket is in place: concurrent requests use it, never a
+            # second replacement
+            config.probe_ipc(self.endpoint)
+            old = (self._tasks, self._sock, self._monitor)
+            self._sock, self._monitor = self._connect()
+            self._tasks, self._broken = [], False
+            self.replaced_sockets += 1
+            self._retiring.append(asyncio.get_running_loop().create_task(self._retire(*old)))
+        if not self._tasks:
             loop = asyncio.get_running_loop()
-            self._reader = loop.create_task(self._read_loop())
-            self._watcher = loop.create_task(self._watch())
+            self._tasks = [loop.create_task(self._read_loop(self._sock)), loop.create_task(self._watch(self._monitor))]
+
+    async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket,
+                      monitor: zmq.asyncio.Socket) -> None:
+        """Stop the tasks of a replaced socket, then close it."""
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
+        sock.close(0)
+
+    async def _send_raw(self, frames: list[Any], timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._sock.send_multipart(frames, copy=len(frames) <= 2),
+                                   timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
+                                    "reading): nothing was sent") from None
+        except zmq.ZMQError as exc:
+            self._broken = True
+            raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
+
+    def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
+                  items: bool = False, **options: Any) -> Exchange:
+        if self._closed:
+            raise BrokerUnreachable("client is closed: nothing was sent")
+        timeout = self.timeout if timeout is None else timeout
+        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
+                        items=items, **options)
+
+    async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[_Reply]]:
+        await self._ready()
         req_id = next(self._ids)
-        frames = codec.encode(body if body is not None else [])
-        size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
-        if size > self.max_message:
-            raise MessageTooLarge(f"request is {size} bytes, over the limit of {self.max_message}")
         queue: asyncio.Queue[_Reply] = asyncio.Queue()
         self._pending[req_id] = queue
-        header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000), flags).pack()
-        await self._sock.send_multipart([header, *frames], copy=len(frames) == 1)
+        try:
+            await self._send_raw(ex.frames(req_id, worker), ex.timeout)
+        except BaseException:
+            self._pending.pop(req_id, None)
+            raise
         return req_id, queue
 
-    async def _next(self, queue: asyncio.Queue[_Reply], timeout: float, op: str) -> _Reply:
+    async def _next(self, queue: asyncio.Queue[_Reply], ex: Exchange) -> _Reply:
         try:
-            reply = await asyncio.wait_for(queue.get(), timeout)
+            reply = await asyncio.wait_for(queue.get(), ex.wait)
         except asyncio.TimeoutError:
-            raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op) from None
+            raise ex.timed_out() from None
         if reply[0] == _LOST:
-            raise ConnectionError(f"lost the connection to the broker ({self.endpoint}) while waiting for {op}; "
-                                  "the call may or may not have run", op=op)
+            raise ex.lost("lost the connection to the broker")
         return reply
-
-    async def _control(self, op: Op, pool: str, session: str, req_id: int, n: int) -> None:
-        await self._sock.send_multipart([RequestHeader(op.value, req_id, pool, session).pack(), msgpack.packb(n)])
 
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                      on_progress: Callable[[Any], None] | None = None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
-        flags = FLAG_STREAM if on_progress is not None else 0
-        req_id, queue = await self._send(op, pool, session, body, worker, timeout, flags)
-        meter = CreditMeter()
+                      on_progress: Callback | None = None, on_output: Callback | None = None,
+                      bind: Any = None) -> Any:
+        ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
+                            on_output=on_output, bind=bind)
+        req_id, queue = await self._start(ex, worker)
         try:
             while True:
-                status, rworker, frames = await self._next(queue, timeout, op)
-                if status in (Status.PARTIAL.value, Status.PROGRESS.value):
-                    if n := meter.consumed():
-                        await self._control(Op.CREDIT, pool, session, req_id, n)
-                    if on_progress is not None:
-                        on_progress(Client._decode(frames))
-                    continue
-                if status == Status.ERROR.value:
-                    Client._raise_error(frames)
-                if on_reply is not None:
-                    on_reply(status, rworker)
-                return Client._decode(frames)
+                kind, value, credit = ex.feed(*await self._next(queue, ex))
+                if credit:
+                    await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                if kind == "done":
+                    return value
         finally:
             self._pending.pop(req_id, None)
 
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-                     timeout: float | None = None) -> AsyncIterator[Any]:
-        """Items of a generator result, as an async iterator; leaving it early cancels the producer."""
-        timeout = self.timeout if timeout is None else timeout
-        req_id, queue = await self._send(op, pool, session, body, worker, timeout, FLAG_STREAM)
+                     timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None,
+                     bind: Any = None) -> AsyncIterator[Any]:
+        """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
+        ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
+                            on_progress=on_progress, on_output=on_output, bind=bind)
+        req_id, queue = await self._start(ex, worker)
         finished = False
-        meter = CreditMeter()
         try:
             while True:
-                status, _, frames = await self._next(queue, timeout, op)
-                if status in (Status.PARTIAL.value, Status.PROGRESS.value):
-                    if n := meter.consumed():
-                        await self._control(Op.CREDIT, pool, session, req_id, n)
-                    if status == Status.PARTIAL.value:
-                        yield Client._decode(frames)
-                    continue
-                finished = True
-                if status == Status.ERROR.value:
-                    Client._raise_error(frames)
-                return
+                try:
+                    kind, value, credit = ex.feed(*await self._next(queue, ex))
+                except BaseException:
+                    finished = True
+                    raise
+                if credit:
+                    await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                if kind == "item":
+                    yield value
+                elif kind == "done":
+                    finished = True
+                    return
         finally:
-            if not finished and not self._closed:
-                await self._control(Op.CANCEL, pool, session, req_id, 0)
-                try:  # wait for the producer's end so its slot is free again
-                    while (await self._next(queue, timeout, op))[0] in (Status.PARTIAL.value, Status.PROGRESS.value):
+            if not finished and not self._closed and not self._broken:
+                try:
+                    await self._send_raw(control_frames(Op.CANCEL, pool, session, req_id, 0), ex.timeout)
+                    while (await self._next(queue, ex))[0] in _EVENTS:  # the producer's end frees its slot
                         pass
                 except (Cancelled, DspexError):
                     pass
@@ -192,11 +259,24 @@ class AsyncClient:
         return AsyncSession(self, pool, session_id or secrets.token_hex(16))
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                   *, pool: str, timeout: float | None = None) -> Any:
-        return await self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout)
+                   *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
+                   on_output: Callback | None = None) -> Any:
+        return await self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
+                                  on_progress=on_progress, on_output=on_output)
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         return dict(await self.request(Op.STATUS.value, body={}, timeout=timeout))
+
+    async def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        return dict(await self.request(Op.PING.value, body={}, timeout=timeout))
+
+    async def sessions(self, pool: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+        return list(await self.request(Op.SESSIONS.value, body={"pool": pool or ""}, timeout=timeout))
+
+    async def recycle(self, pool: str, worker: str | None = None, all: bool = False,
+                      timeout: float | None = None) -> dict[str, Any]:
+        return dict(await self.request(Op.RECYCLE.value, pool, body={"pool": pool, "worker": worker or "", "all": all},
+                                       timeout=timeout))
 
     async def close_session(self, session_id: str, timeout: float | None = None) -> dict[str, Any]:
         return dict(await self.request(Op.CLOSE_SESSION.value, session=session_id, body={"session": session_id},
@@ -204,7 +284,8 @@ class AsyncClient:
 
 
 class AsyncSession:
-    """The awaitable twin of :class:`dspex.Session`."""
+    """The awaitable twin of :class:`dspex.Session`; its refs' handles return awaitables
+    (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
     def __init__(self, client: AsyncClient, pool: str, session_id: str) -> None:
         self.client = client
@@ -216,63 +297,114 @@ class AsyncSession:
     def __repr__(self) -> str:
         return f"<dspex.aio.AsyncSession {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
 
+    async def __aenter__(self) -> "AsyncSession":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
     def _track(self, status: str, worker: str) -> None:
         if worker:
             self.worker = worker
 
-    async def _request(self, op: Op, body: list[Any], timeout: float | None,
-                       on_progress: Callable[[Any], None] | None = None) -> Any:
+    async def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None = None,
+                       on_output: Callback | None = None) -> Any:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                         on_reply=self._track, on_progress=on_progress)
+                                         on_reply=self._track, on_progress=on_progress, on_output=on_output,
+                                         bind=self)
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
+        return await self.apply(fn, args, kwargs)
+
+    async def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
+                    kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
+                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        return await self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    async def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
+                  on_output: Callback | None = None) -> Ref:
+        ref = await self._request(Op.PUT, [obj], timeout, on_progress, on_output)
+        if not isinstance(ref, Ref):
+            raise ProtocolError(f"put returned {type(ref).__name__}, not a ref")
+        return ref
+
+    async def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
+        if name is None:
+            name = getattr(obj, "__name__", None)
+            if not isinstance(name, str):
+                raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
+        if not name.isidentifier():
+            raise ValueError(f"define: {name!r} is not a Python identifier")
+        await self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                   *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
-        return await self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress)
+                   *, timeout: float | None = None, on_progress: Callback | None = None,
+                   on_output: Callback | None = None) -> Any:
+        return await self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     async def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                     *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
-        return await self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress)
+                     *, timeout: float | None = None, on_progress: Callback | None = None,
+                     on_output: Callback | None = None) -> Any:
+        return await self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    async def attr(self, ref: Ref, name: str, *, timeout: float | None = None) -> Any:
-        return await self._request(Op.GETATTR, [ref, name], timeout)
+    async def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
+                   on_output: Callback | None = None) -> Any:
+        return await self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
 
-    async def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None) -> None:
-        await self._request(Op.SETATTR, [ref, name, value], timeout)
+    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
+                 on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        return self._set_attr(ref, name, value, timeout, on_progress, on_output)
 
-    async def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        return await self._request(Op.EVAL, [expr, namespace or {}], timeout)
+    async def _set_attr(self, ref: Ref, name: str, value: Any, timeout: float | None,
+                        on_progress: Callback | None, on_output: Callback | None) -> None:
+        await self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
 
-    async def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        return await self._request(Op.EXEC, [source, namespace or {}], timeout)
+    async def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+                   on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        return await self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
 
-    async def to_data(self, ref: Ref, *, timeout: float | None = None) -> Any:
-        return await self._request(Op.TO_DATA, [ref], timeout)
+    async def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+                   on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        return await self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
 
-    async def release(self, *refs: Ref, timeout: float | None = None) -> int:
-        return int(await self._request(Op.RELEASE, [[r.id for r in refs]], timeout))
+    async def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
+                      on_output: Callback | None = None) -> Any:
+        return await self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
+
+    async def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
+                      on_output: Callback | None = None) -> int:
+        return int(await self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout,
+                                       on_progress, on_output))
+
+    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
+                on_output: Callback | None) -> AsyncIterator[Any]:
+        if self.closed:
+            raise SessionClosed(f"session {self.id[:8]} is closed")
+        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None) -> AsyncIterator[Any]:
-        if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
-        return self.client.stream(Op.CALL.value, self.pool, self.id, [module, fn, list(args), kwargs or {}],
-                                  worker=self.worker, timeout=timeout)
+               *, timeout: float | None = None, on_progress: Callback | None = None,
+               on_output: Callback | None = None) -> AsyncIterator[Any]:
+        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                      *, timeout: float | None = None) -> AsyncIterator[Any]:
-        if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
-        return self.client.stream(Op.METHOD.value, self.pool, self.id, [ref, name, list(args), kwargs or {}],
-                                  worker=self.worker, timeout=timeout)
+                      *, timeout: float | None = None, on_progress: Callback | None = None,
+                      on_output: Callback | None = None) -> AsyncIterator[Any]:
+        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *,
-                    timeout: float | None = None) -> AsyncIterator[Any]:
-        if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
-        return self.client.stream(Op.EVAL.value, self.pool, self.id, [expr, namespace or {}],
-                                  worker=self.worker, timeout=timeout)
+    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+                    on_progress: Callback | None = None, on_output: Callback | None = None) -> AsyncIterator[Any]:
+        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+
+    def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
+                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None) -> AsyncIterator[Any]:
+        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     async def close(self, timeout: float | None = None) -> None:
         if self.closed:

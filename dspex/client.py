@@ -1,67 +1,69 @@
 """The synchronous client: ``dspex.connect()``, sessions, refs, and the rehydration helper.
 
-Thread safety: each thread that calls through a Client gets its own DEALER socket (created on
-first use), so threads never share a socket and need no lock or I/O thread in the call path.
+Thread safety: a request borrows a DEALER socket from the client's small pool for its duration
+(a stream for its whole life), so threads never share a socket and need no lock or I/O thread in
+the call path, and a thread that ends leaves nothing behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS``
+(default 8) idle sockets are kept. What a request means (encoding, replies, credit, errors) is
+:mod:`dspex.core`, shared with the asyncio client.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import secrets
 import threading
 import time
-import weakref
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-import msgpack
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex import codec, config
-from dspex.zmqfast import recv_frames, send_frames
+from dspex import config
+from dspex.core import CreditMeter, Exchange, control_frames  # noqa: F401 - CreditMeter: public name
 from dspex.errors import (
+    BrokerUnreachable,
     Cancelled,
     ConnectionError,
     DspexError,
-    MessageTooLarge,
     ProtocolError,
     SessionClosed,
     SessionWorkerUnavailable,
     Timeout,
-    error_from_wire,
 )
-from dspex.protocol import FLAG_STREAM, STREAM_WINDOW, Op, RequestHeader, Status, unpack_reply_header
+from dspex.protocol import Op, unpack_reply_header
 from dspex.ref import Ref
+from dspex.zmqfast import recv_frames, send_frames
 
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
+IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
+RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
 
 T = TypeVar("T")
+Callback = Callable[[Any], None]
 
 
 class _Channel:
-    """One thread's socket to the broker."""
+    """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "broken", "__weakref__")
+    __slots__ = ("sock", "monitor", "poller", "ids", "broken")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
-        self.broken = False  # a drop was seen: replace the socket before the next request
-        # A lost connection fails the requests waiting on it at once (typed ConnectionError)
+        self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
+        # A lost connection fails the requests waiting on it at once (typed ConnectionLost)
         # instead of leaving them to time out: the broker that had them is gone.
         self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
-        self.ids = itertools.count(1)
-        # replies of this thread's open streams that arrived while it waited for something else
-        self.streams: dict[int, deque[tuple[str, str, list[Any]]]] = {}
+        self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
@@ -76,22 +78,13 @@ class _Channel:
             elif not why:
                 why = "lost the connection to the broker"
 
-
-class CreditMeter:
-    """Counts streamed replies consumed and says when to grant the producer more credit."""
-
-    __slots__ = ("unacked",)
-
-    def __init__(self) -> None:
-        self.unacked = 0
-
-    def consumed(self) -> int:
-        """Credit to send now (0: not yet): half a window at a time keeps the producer busy."""
-        self.unacked += 1
-        if self.unacked < STREAM_WINDOW // 2:
-            return 0
-        n, self.unacked = self.unacked, 0
-        return n
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.sock.close(0)
 
 
 class Client:
@@ -108,11 +101,11 @@ class Client:
         self._curve = (curve_server_key, curve_keypair)
         self._own_frames = not self.endpoint.startswith("inproc://")  # arrays decode without a copy
         self._ctx = zmq.Context()
-        self._local = threading.local()
-        self._channels: weakref.WeakSet[_Channel] = weakref.WeakSet()
-        self._socks: list[zmq.Socket[Any]] = []
+        self._idle: list[_Channel] = []  # LIFO: the warmest socket first
+        self._open: set[_Channel] = set()  # every socket not yet closed, lent out or idle
         self._lock = threading.Lock()
         self._closed = False
+        self._drop_seen = -math.inf  # when a connection drop was last seen
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -124,8 +117,10 @@ class Client:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        for sock in self._socks:
-            sock.close(0)
+        with self._lock:
+            channels, self._open, self._idle = list(self._open), set(), []
+        for ch in channels:
+            ch.close()
         self._ctx.term()
 
     def __enter__(self) -> "Client":
@@ -134,28 +129,56 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _drop_channel(self, ch: _Channel) -> None:
-        """Forget this thread's socket; the next request makes a fresh one."""
-        self._local.channel = None
-        with self._lock:
-            for sock in (ch.monitor, ch.sock):
-                if sock in self._socks:
-                    self._socks.remove(sock)
-        ch.sock.disable_monitor()
-        ch.monitor.close(0)
-        ch.sock.close(0)
+    @property
+    def open_sockets(self) -> int:
+        """Sockets this client holds (lent to running requests and streams, or idle)."""
+        return len(self._open)
 
-    def _channel(self, probe: bool = True) -> _Channel:
-        ch: _Channel | None = getattr(self._local, "channel", None)
-        if ch is not None:
-            return ch
-        if probe:  # before making a socket: a failed probe must not leave one behind
+    def _closed_error(self) -> BrokerUnreachable:
+        return BrokerUnreachable("client is closed: nothing was sent")
+
+    def _checkout(self) -> _Channel:
+        """A socket for one request: an idle one that is still connected, else a new one."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise self._closed_error()
+                ch = self._idle.pop() if self._idle else None
+            if ch is None:
+                # shortly after a drop, skip the probe: across a broker restart the request waits
+                # in the new socket for the broker to come back (within its timeout) instead of
+                # failing at once; otherwise nothing listening is BrokerUnreachable at once
+                return self._new_channel(probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
+            if not ch.broken and not ch.disconnected():
+                return ch
+            # zmq reconnects by itself after a broker restart, but never after a protocol error
+            # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
+            self._drop_seen = time.monotonic()
+            self._discard(ch)
+
+    def _checkin(self, ch: _Channel) -> None:
+        if ch.broken:
+            self._drop_seen = time.monotonic()
+        with self._lock:
+            if not self._closed and not ch.broken and len(self._idle) < IDLE_SOCKETS:
+                self._idle.append(ch)
+                return
+        self._discard(ch)
+
+    def _discard(self, ch: _Channel) -> None:
+        with self._lock:
+            if ch not in self._open:
+                return  # closed by close() already
+            self._open.discard(ch)
+        ch.close()
+
+    def _new_channel(self, probe: bool = True) -> _Channel:
+        if probe:  # before making a socket: a failed probe leaves none behind
             config.probe_ipc(self.endpoint)
         with self._lock:
             if self._closed:
-                raise ConnectionError("client is closed")
+                raise self._closed_error()
             sock = self._ctx.socket(zmq.DEALER)
-            self._socks.append(sock)
         config.tune_socket(sock, max_message=self.max_message)
         # a fixed identity lets replies find us again after the broker restarts
         sock.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
@@ -170,126 +193,111 @@ class Client:
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
-            with self._lock:
-                self._socks.remove(sock)
             sock.close(0)
-            raise ConnectionError(f"cannot connect to {self.endpoint}: {exc}") from None
+            raise BrokerUnreachable(f"cannot connect to {self.endpoint}: {exc}") from None
         ch = _Channel(sock)
-        self._socks.append(ch.monitor)
-        self._local.channel = ch
+        with self._lock:
+            if self._closed:
+                ch.close()
+                raise self._closed_error()
+            self._open.add(ch)
         return ch
 
-    # -- the request/reply core -------------------------------------------------------------
-    def _send(self, op: str, pool: str, session: str, body: Any, worker: str, timeout: float,
-              flags: int = 0) -> tuple[_Channel, int]:
-        if self._closed:
-            raise ConnectionError("client is closed")
-        ch = self._channel()
-        if (ch.broken or ch.disconnected()) and not ch.streams:
-            # zmq reconnects by itself after a broker restart, but never after a protocol error
-            # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
-            self._drop_channel(ch)
-            ch = self._channel(probe=False)
-        req_id = next(ch.ids)
-        header = RequestHeader(op, req_id, pool, session, worker, int(timeout * 1000), flags).pack()
-        frames = codec.encode(body if body is not None else [])
-        size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
-        if size > self.max_message:
-            raise MessageTooLarge(f"request is {size} bytes, over the limit of {self.max_message}")
-        send_frames(ch.sock, [header, *frames], copy=len(frames) == 1)
-        return ch, req_id
+    # -- the request/reply loop (its meaning is dspex.core.Exchange) -------------------------
+    def _send(self, ch: _Channel, frames: list[Any], timeout: float) -> None:
+        """Send within ``timeout`` (a broker that stops reading must not hang the caller)."""
+        try:
+            ch.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)) if timeout > 0 else -1)
+            send_frames(ch.sock, frames, copy=len(frames) <= 2)
+        except zmq.Again:
+            ch.broken = True
+            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
+                                    "reading): nothing was sent") from None
+        except zmq.ZMQError as exc:
+            ch.broken = True
+            if self._closed:
+                raise self._closed_error() from None
+            raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
-    def _recv(self, ch: _Channel, req_id: int, timeout: float, op: str) -> tuple[str, str, list[Any]]:
-        """The next reply frame set for ``req_id`` on this thread's socket: (status, worker, body)."""
-        mailbox = ch.streams.get(req_id)
-        if mailbox:
-            return mailbox.popleft()
-        deadline = time.monotonic() + timeout
+    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange) -> tuple[str, str, list[Any]]:
+        """The next reply frame set for ``req_id``: (status, worker, body frames)."""
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
-            events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+            try:
+                events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+            except zmq.ZMQError:
+                ch.broken = True
+                raise ex.lost("the client was closed") from None
             if sock not in events:
                 why = ch.disconnected() if ch.monitor in events else ""
                 if why:
                     ch.broken = True
-                    raise ConnectionError(
-                        f"{why} ({self.endpoint}) while waiting for {op}; the call may or may not have run", op=op)
+                    raise ex.lost(why)
                 if time.monotonic() < deadline:
                     continue
-                raise Timeout(f"no reply to {op} within {timeout:g}s (broker {self.endpoint})", op=op)
+                raise ex.timed_out()
             reply = recv_frames(sock)
             try:
                 status, rid, rworker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 log.warning("dropping a malformed reply from the broker")
                 continue
-            if rid != req_id:
-                other = ch.streams.get(rid)
-                if other is not None:  # another open stream of this thread: keep it for later
-                    other.append((status, rworker, reply[1:]))
-                continue  # else a late reply to a request that timed out earlier
-            return status, rworker, reply[1:]
+            if rid == req_id:
+                return status, rworker, reply[1:]
+            # else a late reply to a request of this socket that timed out earlier
 
-    @staticmethod
-    def _raise_error(body: list[Any]) -> None:
-        try:
-            payload = msgpack.unpackb(body[0].buffer, strict_map_key=False)
-        except Exception:
-            payload = {"code": "protocol_error", "message": "unreadable error reply"}
-        raise error_from_wire(payload)
-
-    @staticmethod
-    def _decode(body: list[Any], own_frames: bool = False) -> Any:
-        try:
-            return codec.decode(body, own_frames=own_frames)
-        except DspexError:
-            raise
-        except Exception as exc:
-            raise ProtocolError(f"cannot decode reply: {exc}") from None
+    def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
+                  items: bool = False, **options: Any) -> Exchange:
+        if self._closed:
+            raise self._closed_error()
+        timeout = self.timeout if timeout is None else timeout
+        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
+                        items=items, own_frames=self._own_frames, **options)
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callable[[Any], None] | None = None) -> Any:
+                on_progress: Callback | None = None, on_output: Callback | None = None,
+                bind: Any = None) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
-        With ``on_progress``, the worker streams progress events of the call (dspy/gepa log
-        records, ``dspex.progress.report``) to it while the call runs.
+        ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
+        ``dspex.progress.report``); ``on_output`` what it prints or warns
+        (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
+        handles of ``bind`` (a session).
         """
-        timeout = self.timeout if timeout is None else timeout
-        flags = FLAG_STREAM if on_progress is not None else 0
-        ch, req_id = self._send(op, pool, session, body, worker, timeout, flags)
-        meter = CreditMeter()
-        while True:
-            status, rworker, frames = self._recv(ch, req_id, timeout, op)
-            if status == Status.PROGRESS.value or status == Status.PARTIAL.value:
-                if n := meter.consumed():
-                    self._credit(pool, session, req_id, n)
-                if on_progress is not None:
-                    on_progress(self._decode(frames))
-                continue
-            if status == Status.ERROR.value:
-                self._raise_error(frames)
-            if on_reply is not None:
-                on_reply(status, rworker)
-            return self._decode(frames, self._own_frames)
-
-    def _credit(self, pool: str, session: str, req_id: int, n: int) -> None:
-        ch = self._channel()
-        ch.sock.send_multipart([RequestHeader(Op.CREDIT.value, req_id, pool, session).pack(), msgpack.packb(n)])
-
-    def _cancel(self, pool: str, session: str, req_id: int) -> None:
-        ch = self._channel()
-        ch.sock.send_multipart([RequestHeader(Op.CANCEL.value, req_id, pool, session).pack(), msgpack.packb(0)])
+        ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
+                            on_output=on_output, bind=bind)
+        ch = self._checkout()
+        try:
+            req_id = next(ch.ids)
+            self._send(ch, ex.frames(req_id, worker), ex.timeout)
+            deadline = time.monotonic() + ex.wait
+            while True:
+                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex))
+                if credit:
+                    self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                if kind == "done":
+                    return value
+        finally:
+            self._checkin(ch)
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None) -> "Stream":
-        """Start a call whose generator result is streamed item by item (see :class:`Stream`)."""
-        timeout = self.timeout if timeout is None else timeout
-        ch, req_id = self._send(op, pool, session, body, worker, timeout, FLAG_STREAM)
-        ch.streams[req_id] = deque()
-        return Stream(self, ch, req_id, op, pool, session, timeout, on_reply)
+               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None,
+               bind: Any = None) -> "Stream":
+        """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
+        ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
+                            on_progress=on_progress, on_output=on_output, bind=bind)
+        ch = self._checkout()
+        try:
+            req_id = next(ch.ids)
+            self._send(ch, ex.frames(req_id, worker), ex.timeout)
+        except BaseException:
+            self._checkin(ch)
+            raise
+        return Stream(self, ch, req_id, ex)
 
     # -- user API -------------------------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None) -> "Session":
@@ -297,9 +305,11 @@ class Client:
         return Session(self, pool, session_id or secrets.token_hex(16))
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, pool: str, timeout: float | None = None) -> Any:
+             *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
         """A call outside any session: any worker of the pool; objects it returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout)
+        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
+                            on_progress=on_progress, on_output=on_output)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         return dict(self.request(Op.STATUS.value, body={}, timeout=timeout))
@@ -324,7 +334,7 @@ class Client:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
         with self._lock:
             if self._closed:
-                raise ConnectionError("client is closed")
+                raise self._closed_error()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=int(os.environ.get("DSPEX_CLIENT_THREADS", 16)),
                                                     thread_name_prefix="dspex-client")
@@ -332,79 +342,89 @@ class Client:
 
 
 class Stream:
-    """Items of a generator running on a worker, as they are produced.
+    """Items of an iterable result on a worker, as they are produced.
 
     Iterate it on the thread that started it. Items arrive with credit-based flow control: the
     worker runs at most ``STREAM_WINDOW`` items ahead of this consumer. ``close()`` (or leaving a
     ``with`` block, or ``break`` + garbage collection) cancels the generator on the worker.
-    Progress events sent during the stream are collected in ``progress``; ``result`` holds the
-    final summary (``{"items": n}``) once the stream ended.
+    Progress events sent during the stream are collected in ``progress`` (and passed to
+    ``on_progress`` when given); ``result`` holds the final summary (``{"items": n}``) once the
+    stream ended. The stream holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: _Channel, req_id: int, op: str, pool: str, session: str,
-                 timeout: float, on_reply: Callable[[str, str], None] | None) -> None:
+    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange) -> None:
         self._client = client
-        self._ch = ch
+        self._ch: _Channel | None = ch
         self._req_id = req_id
-        self._op = op
-        self._pool = pool
-        self._session = session
-        self._timeout = timeout
-        self._on_reply = on_reply
+        self._ex = ex
         self._thread = threading.get_ident()
-        self._meter = CreditMeter()
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []
+        user_progress = ex.on_progress
+
+        def on_progress(event: Any) -> None:
+            self.progress.append(event)
+            if user_progress is not None:
+                user_progress(event)
+
+        ex.on_progress = on_progress
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> Any:
-        if self.done:
+        if self.done or self._ch is None:
             raise StopIteration
         if threading.get_ident() != self._thread:
             raise DspexError("a Stream must be consumed on the thread that started it")
+        ch, ex = self._ch, self._ex
         while True:
             try:
-                status, rworker, frames = self._client._recv(self._ch, self._req_id, self._timeout, self._op)
+                reply = self._client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
+                kind, value, credit = ex.feed(*reply)
+                if credit:
+                    self._client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
+                                       ex.timeout)
             except BaseException:
                 self._finish()
                 raise
-            if status == Status.PARTIAL.value or status == Status.PROGRESS.value:
-                if n := self._meter.consumed():
-                    self._client._credit(self._pool, self._session, self._req_id, n)
-                value = Client._decode(frames)
-                if status == Status.PARTIAL.value:
-                    return value
-                self.progress.append(value)
-                continue
-            self._finish()
-            if status == Status.ERROR.value:
-                Client._raise_error(frames)
-            if self._on_reply is not None:
-                self._on_reply(status, rworker)
-            self.result = Client._decode(frames)
-            raise StopIteration
+            if kind == "item":
+                return value
+            if kind == "done":
+                self._finish()
+                self.result = value
+                raise StopIteration
 
     def _finish(self) -> None:
         self.done = True
-        self._ch.streams.pop(self._req_id, None)
+        ch, self._ch = self._ch, None
+        if ch is not None:
+            self._client._checkin(ch)
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
-        if self.done:
+        if self.done or self._ch is None:
             return
         if threading.get_ident() != self._thread:
-            return  # garbage collection on another thread: the worker's stall timeout ends it
+            # garbage collection on another thread: drop the socket (the worker's stall timeout
+            # ends the producer), never reuse one that may still receive this stream's items
+            self._ch.broken = True
+            self._finish()
+            return
         try:
-            self._client._cancel(self._pool, self._session, self._req_id)
+            ex = self._ex
+            self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),
+                               ex.timeout)
             while True:  # drain until the final reply (the Cancelled error) arrives
                 next(self)
         except (StopIteration, Cancelled):
             pass
         except DspexError as err:
             log.debug("stream %d ended with %s while cancelling", self._req_id, err.code)
+        finally:
+            if not self.done:
+                self._finish()
 
     def __enter__(self) -> "Stream":
         return self
@@ -421,7 +441,12 @@ class Stream:
 
 
 class Session:
-    """Calls pinned to one worker of a pool; objects stay there as refs until released."""
+    """Calls pinned to one worker of a pool; objects stay there as refs until released.
+
+    Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
+    ``on_progress=`` and ``on_output=`` (what the call prints or warns). Refs the session returns
+    are handles that read like their objects (``prog(question=...)``, ``lm.model``).
+    """
 
     def __init__(self, client: Client, pool: str, session_id: str) -> None:
         self.client = client
@@ -443,66 +468,120 @@ class Session:
         if worker:
             self.worker = worker
 
-    def _request(self, op: Op, body: list[Any], timeout: float | None,
-                 on_progress: Callable[[Any], None] | None = None) -> Any:
+    def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None = None,
+                 on_output: Callback | None = None) -> Any:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress)
+                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
 
-    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
-        """``module.fn(*args, **kwargs)`` on the session's worker.
+    # -- code and objects by value -------------------------------------------------------------
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the session's worker, ``fn`` and the arguments sent by value.
 
-        ``on_progress`` receives the call's progress events while it runs (see dspex.progress).
+        The same program text as in-process: ``program()`` here, ``s.run(program)`` there. The
+        result comes back as data where it can (records, pydantic/dataclass instances...), as refs
+        for what must stay on the worker. For ``timeout=`` & co use :meth:`apply`.
         """
-        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress)
+        return self.apply(fn, args, kwargs)  # type: ignore[no-any-return]
+
+    def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+              *, timeout: float | None = None, on_progress: Callback | None = None,
+              on_output: Callback | None = None) -> Any:
+        """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
+        return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
+            on_output: Callback | None = None) -> Ref:
+        """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
+        ref = self._request(Op.PUT, [obj], timeout, on_progress, on_output)
+        if not isinstance(ref, Ref):
+            raise ProtocolError(f"put returned {type(ref).__name__}, not a ref")
+        return ref
+
+    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
+        """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
+        ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
+        if name is None:
+            name = getattr(obj, "__name__", None)
+            if not isinstance(name, str):
+                raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
+        if not name.isidentifier():
+            raise ValueError(f"define: {name!r} is not a Python identifier")
+        self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
+
+    # -- the explicit API ---------------------------------------------------------------------------
+    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+             *, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
+        """``module.fn(*args, **kwargs)`` on the session's worker."""
+        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callable[[Any], None] | None = None) -> Any:
-        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress)
+               *, timeout: float | None = None, on_progress: Callback | None = None,
+               on_output: Callback | None = None) -> Any:
+        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    def _stream(self, op: Op, body: list[Any], timeout: float | None) -> Stream:
+    def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
+        return self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
+
+    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
+                 on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
+        self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
+
+    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
+        return self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+
+    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
+        return self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
+
+    def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
+                on_output: Callback | None = None) -> Any:
+        """Plain data of a dspy.Example / dspy.Prediction (or anything with ``toDict``)."""
+        return self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
+
+    def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
+                on_output: Callback | None = None) -> int:
+        """Release refs; other values (data that came back by value) hold nothing there: skipped."""
+        # ids, not refs: refs in a request body resolve to their objects on the worker
+        return int(self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
+                                 on_output))
+
+    # -- streams --------------------------------------------------------------------------------
+    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
+                on_output: Callback | None) -> Stream:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None) -> Stream:
-        """Stream the items of the generator (or async generator) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout)
+               *, timeout: float | None = None, on_progress: Callback | None = None,
+               on_output: Callback | None = None) -> Stream:
+        """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
+        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                      *, timeout: float | None = None) -> Stream:
-        """Stream the items of the generator a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout)
+                      *, timeout: float | None = None, on_progress: Callback | None = None,
+                      on_output: Callback | None = None) -> Stream:
+        """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
+        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
 
-    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *,
-                    timeout: float | None = None) -> Stream:
-        return self._stream(Op.EVAL, [expr, namespace or {}], timeout)
+    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Stream:
+        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
 
-    def attr(self, ref: Ref, name: str, *, timeout: float | None = None) -> Any:
-        return self._request(Op.GETATTR, [ref, name], timeout)
-
-    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None) -> None:
-        self._request(Op.SETATTR, [ref, name, value], timeout)
-
-    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
-        return self._request(Op.EVAL, [expr, namespace or {}], timeout)
-
-    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
-        return self._request(Op.EXEC, [source, namespace or {}], timeout)
-
-    def to_data(self, ref: Ref, *, timeout: float | None = None) -> Any:
-        """Plain data of a dspy.Example / dspy.Prediction (which otherwise stay refs)."""
-        return self._request(Op.TO_DATA, [ref], timeout)
-
-    def release(self, *refs: Ref, timeout: float | None = None) -> int:
-        # ids, not refs: refs in a request body resolve to their objects on the worker
-        return int(self._request(Op.RELEASE, [[r.id for r in refs]], timeout))
+    def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
+                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Stream:
+        """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
+        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> None:
         """Release every ref of the session on its worker."""

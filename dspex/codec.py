@@ -1,15 +1,19 @@
-"""Wire codec: msgpack bodies, numpy buffers in their own frames, non-native values as refs.
+"""Wire codec: msgpack bodies, numpy buffers in their own frames, other objects by value or as refs.
 
 Frame 0 is a msgpack body; frames 1.. are raw array buffers that the body points at by index,
 so large arrays never pass through msgpack (no copy, no glibc heap churn). The common case is
 packed by msgpack's C packer in one pass; only cycles, very deep nesting or a missing ``to_ref``
 fall back to a Python walk, which knows paths and ancestors. Ext codes are part of the wire
 protocol (docs/protocol.md) and must never be renumbered.
+
+What is not msgpack-native follows the encode :class:`Policy`: by value (``dspy.Example`` /
+``Prediction`` as records, ext 14; anything else with cloudpickle, ext 13) or as a ref.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import enum
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Union
@@ -18,7 +22,10 @@ import msgpack
 import numpy as np
 import zmq
 
+from dspex import byvalue
 from dspex.errors import DspexError, EncodeError, ProtocolError
+from dspex.record import KINDS, build_record, record_parts
+from dspex import ref as ref_module
 from dspex.ref import Ref
 
 # Containers are encoded as a msgpack array whose first item is an empty ext "tag", not as an
@@ -35,6 +42,16 @@ EXT_TIMEDELTA = 9  # struct "<iii" days, seconds, microseconds
 EXT_NDARRAY = 10  # packb([dtype str or descr, shape, frame index])
 EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
 EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
+EXT_PICKLE = 13  # packb({"pickle": cloudpickle bytes, "sources": {filename: source text}})
+EXT_RECORD = 14  # tag: [tag, kind, {field: value}, input_keys | None, extra]
+
+
+class Policy(str, enum.Enum):
+    """What ``encode`` does with a value msgpack cannot carry."""
+
+    REFS = "refs"  # a ref via ``to_ref`` (EncodeError without one): the original behaviour
+    DATA = "data"  # data-like objects (records, pydantic/dataclass instances, exceptions) by value, the rest refs
+    ALL = "all"  # everything by value (client arguments); what cannot be pickled: a ref, else EncodeError
 
 # msgpack packs ~1024 levels and unpacks 1024; the fallback walk recurses in Python, so it cuts
 # deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
@@ -56,7 +73,18 @@ class _Tag:
         self.build = build
 
 
-_TAGS: dict[int, _Tag] = {EXT_TUPLE: _Tag(tuple), EXT_SET: _Tag(set), EXT_FROZENSET: _Tag(frozenset)}
+def _build_record(items: list[Any]) -> Any:
+    if len(items) != 4 or items[0] not in KINDS or not isinstance(items[1], dict):
+        raise ProtocolError("malformed record")
+    keys, extra = items[2], items[3]
+    if not (keys is None or isinstance(keys, list)) or not isinstance(extra, dict):
+        raise ProtocolError("malformed record")
+    return build_record(items[0], items[1], keys, extra)
+
+
+_TAGS: dict[int, _Tag] = {EXT_TUPLE: _Tag(tuple), EXT_SET: _Tag(set), EXT_FROZENSET: _Tag(frozenset),
+                          EXT_RECORD: _Tag(_build_record)}
+_RECORD = msgpack.ExtType(EXT_RECORD, b"")
 _TUPLE = msgpack.ExtType(EXT_TUPLE, b"")
 _SET = msgpack.ExtType(EXT_SET, b"")
 _FROZENSET = msgpack.ExtType(EXT_FROZENSET, b"")
@@ -110,8 +138,43 @@ def _native_array(o: object) -> bool:
     return isinstance(o, np.ndarray) and type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject
 
 
+class _ByValue:
+    """The by-value side of one ``encode``: records and pickles, each object pickled once."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.pickled: dict[int, tuple[object, msgpack.ExtType]] = {}
+
+    def wants(self, obj: object) -> bool:
+        if self.policy is Policy.ALL:
+            return True
+        return self.policy is Policy.DATA and (record_parts(obj) is not None or byvalue.is_data_like(obj))
+
+    def pickle(self, obj: object) -> msgpack.ExtType:
+        """ext 13 of ``obj``; raises EncodeError (with pickle's reason) when it cannot be pickled."""
+        hit = self.pickled.get(id(obj))
+        if hit is not None:
+            return hit[1]
+        try:
+            data, sources = byvalue.dumps(obj)
+        except Exception as exc:
+            raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
+                              type=_type_name(obj)) from None
+        ext = msgpack.ExtType(EXT_PICKLE, msgpack.packb({"pickle": data, "sources": sources}))
+        self.pickled[id(obj)] = (obj, ext)  # keeps obj alive so its id stays unique for this encode
+        return ext
+
+
+def _record(obj: object) -> list[Any] | None:
+    parts = record_parts(obj)
+    if parts is None:
+        return None
+    kind, fields, keys, extra = parts
+    return [_RECORD, kind, fields, keys, extra]
+
+
 def _make_hook(
-    buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref]
+    buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref], by_value: _ByValue | None = None
 ) -> Callable[[Any], Any]:
     """Build msgpack's ``default``: called for everything not an exact msgpack-native type."""
 
@@ -132,6 +195,15 @@ def _make_hook(
             for base in _NATIVE_BASES:
                 if isinstance(obj, base):
                     return _CONVERTERS[base](obj)
+        if by_value is not None and by_value.wants(obj):
+            rec = _record(obj)
+            if rec is not None:
+                return rec
+            try:
+                return by_value.pickle(obj)
+            except EncodeError:
+                if to_ref is None:
+                    raise  # the path-aware walk names where it is
         if to_ref is None:
             raise EncodeError(f"cannot encode {_type_name(obj)}")
         ref = memo.get(id(obj))
@@ -147,16 +219,28 @@ def _type_name(obj: object) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str) -> object:
-    """Copy ``obj`` with cycle-closing containers, too-deep containers and non-natives as refs."""
+def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str,
+              by_value: _ByValue | None = None, names: Sequence[str] | None = None) -> object:
+    """Copy ``obj`` with cycle-closing containers, too-deep containers and non-natives as refs
+    (or by value, as the policy says); errors name the path (``args[1]['reward_fn']``)."""
     stack: set[int] = set()
     trail: list[str] = []
 
+    def path() -> str:
+        if names is not None and trail and isinstance(obj, list):
+            return "".join(trail)
+        return root + "".join(trail)
+
     def ref_for(o: object, why: str) -> object:
+        if by_value is not None and by_value.wants(o):
+            try:
+                return by_value.pickle(o)
+            except EncodeError as err:
+                why = err.message
         if to_ref is None:
-            path = root + "".join(trail)
+            where = path()
             name = _type_name(o)
-            raise EncodeError(f"cannot encode {name} at {path} ({why})", type=name, path=path)
+            raise EncodeError(f"cannot encode {name} at {where} ({why})", type=name, path=where)
         ref = memo.get(id(o))
         if ref is None:
             ref = memo[id(o)] = to_ref(o)
@@ -181,7 +265,10 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
             else:
                 items = []
                 for n, v in enumerate(o):
-                    trail.append(f"[{n}]" if isinstance(o, (list, tuple)) else f"{{#{n}}}")
+                    if depth == 0 and names is not None and o is obj and n < len(names):
+                        trail.append(names[n])
+                    else:
+                        trail.append(f"[{n}]" if isinstance(o, (list, tuple)) else f"{{#{n}}}")
                     items.append(walk(v, depth + 1))
                     trail.pop()
                 base = next(b for b in _CONTAINERS if isinstance(o, b))
@@ -192,36 +279,52 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
             return o
         if isinstance(o, np.generic) or (isinstance(o, _NATIVE_BASES) and not isinstance(o, np.ndarray)):
             return o
+        if by_value is not None and by_value.wants(o):
+            parts = record_parts(o)
+            if parts is not None:
+                kind, fields, keys, extra = parts
+                trail.append(".")
+                walked = {}
+                for k, v in fields.items():
+                    trail[-1] = f".{k}"
+                    walked[k] = walk(v, depth + 1)
+                trail.pop()
+                return [_RECORD, kind, walked, keys, extra]
         return ref_for(o, "not a native type")
 
     return walk(obj, 0)
 
 
-def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str) -> bytes:
+def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
+          policy: Policy = Policy.REFS, names: Sequence[str] | None = None) -> bytes:
     memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
+    by_value = None if policy is Policy.REFS else _ByValue(policy)  # shared too: one pickle per object
     body: bytes
     try:
-        body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(obj)
+        body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo, by_value)).pack(obj)
         return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep)
         pass
     if buffers is not None:
         buffers.clear()
-    clean = _sanitize(obj, to_ref, memo, root)
-    body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo)).pack(clean)
+    clean = _sanitize(obj, to_ref, memo, root, by_value, names)
+    body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo, by_value)).pack(clean)
     return body
 
 
 def encode(
-    obj: object, to_ref: ToRef | None = None, *, root: str = "result"
+    obj: object, to_ref: ToRef | None = None, *, root: str = "result", policy: Policy = Policy.REFS,
+    names: Sequence[str] | None = None,
 ) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
-    Non-native values become refs via ``to_ref`` (once per object per call); without it they
-    raise :class:`EncodeError` naming the type and the path (``root`` starts the path).
+    Non-native values follow ``policy``: by value (records, cloudpickle) where it says so, else a
+    ref via ``to_ref`` (once per object per call); without ``to_ref`` what cannot go by value raises
+    :class:`EncodeError` naming the type and the path. ``root`` starts the path; with ``names``
+    (for a list ``obj``) the top-level items are named instead: ``args[1]['reward_fn']``.
     """
     buffers: Buffers = []
-    body = _pack(obj, to_ref, buffers, root)
+    body = _pack(obj, to_ref, buffers, root, policy, names)
     return [body, *buffers]
 
 
@@ -253,6 +356,8 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         return _dt.time.fromisoformat(data.decode())
     if code == EXT_TIMEDELTA:
         return _dt.timedelta(*_TD.unpack(data))
+    if code == EXT_PICKLE:
+        return _unpickle(data)
     if code == EXT_REF:
         fields = msgpack.unpackb(data)
         if not (isinstance(fields, list) and len(fields) == 6 and all(type(f) is str for f in fields)):
@@ -277,6 +382,21 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         # one copy: frame memory may be read-only, or a writable view of an immutable bytes
         return arr.copy()
     return msgpack.ExtType(code, data)
+
+
+def _unpickle(data: bytes) -> Any:
+    try:
+        parts = msgpack.unpackb(data)
+        blob, sources = parts["pickle"], parts.get("sources") or {}
+        if not isinstance(blob, bytes) or not isinstance(sources, dict):
+            raise TypeError("wrong field types")
+    except Exception as exc:
+        raise ProtocolError(f"malformed by-value object: {exc}") from None
+    try:
+        return byvalue.loads(blob, sources)
+    except Exception as exc:
+        raise ProtocolError(f"cannot unpickle a by-value object here: {type(exc).__name__}: {str(exc)[:300]}"
+                            ) from None
 
 
 def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
@@ -305,7 +425,11 @@ def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, ow
         raise ProtocolError("empty message")
     bufs = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
     owned = {i for i, f in enumerate(frames) if isinstance(f, zmq.Frame)} if own_frames else None
-    return _unpack(bufs[0], bufs, resolve_ref, owned)
+    token = ref_module.resolver.set(resolve_ref)  # refs inside by-value objects resolve too
+    try:
+        return _unpack(bufs[0], bufs, resolve_ref, owned)
+    finally:
+        ref_module.resolver.reset(token)
 
 
 def unpackb(data: bytes | memoryview) -> object:

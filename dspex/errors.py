@@ -124,20 +124,132 @@ class RefQuotaExceeded(UsageError):
 
 
 class RemoteError(DspexError):
-    """A Python exception raised inside the worker; the worker keeps running."""
+    """A Python exception raised inside the worker; the worker keeps running.
+
+    When the original exception type is importable here, the error raised is also an instance of
+    it (a cached subclass of both, as Ray does for task errors) with the original's picklable
+    attributes: ``except ZeroDivisionError`` catches a remote ZeroDivisionError, and
+    ``err.lm_response`` of a remote ``AdapterParseError`` is there. ``remote_traceback`` holds the
+    worker's traceback text.
+    """
 
     code = "remote_error"
 
     @property
     def type_name(self) -> str:
-        return str(self.details.get("type", "Exception"))
+        return str(self._wire()[1].get("type", "Exception"))
+
+    @property
+    def remote_module(self) -> str:
+        return str(self._wire()[1].get("module", ""))
 
     @property
     def remote_traceback(self) -> str:
-        return str(self.details.get("traceback", ""))
+        return str(self._wire()[1].get("traceback", ""))
+
+    def _wire(self) -> tuple[str, dict[str, Any]]:
+        # the original's attributes may shadow ``message``/``details``: the wire form is kept apart
+        wire = self.__dict__.get("_dspex_wire")
+        return wire if wire is not None else (self.message, self.details)
+
+    def to_wire(self) -> dict[str, Any]:
+        message, details = self._wire()
+        return {"code": self.code, "message": message, **details}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        message, details = self._wire()
+        return (_rebuild, (self.code, message, details))
 
     def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
+        return f"{self.type_name}: {self._wire()[0]}"
+
+
+_REMOTE_CLASSES: dict[type[BaseException], type[RemoteError] | None] = {}
+
+
+def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
+    """The cached subclass of (RemoteError, original), or None where no such class can exist."""
+    try:
+        return _REMOTE_CLASSES[original]
+    except KeyError:
+        pass
+    cls: type[RemoteError] | None = None
+    if issubclass(original, Exception) and not issubclass(original, DspexError):
+
+        def __str__(self: RemoteError) -> str:  # noqa: N807 - str() reads as in-process
+            try:
+                return str(original.__str__(self))
+            except Exception:
+                return self._wire()[0]
+
+        try:
+            cls = type(f"RemoteError[{original.__qualname__}]", (RemoteError, original),
+                       {"__str__": __str__, "__module__": __name__})
+        except TypeError:  # a layout conflict (some C exception types): a plain RemoteError then
+            cls = None
+    _REMOTE_CLASSES[original] = cls
+    return cls
+
+
+def _original_type(details: dict[str, Any]) -> type[BaseException] | None:
+    """The remote exception's type when a module this process already imported defines it."""
+    import sys
+
+    module = sys.modules.get(str(details.get("module", "")))
+    obj: Any = module
+    for part in str(details.get("type", "")).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
+
+
+def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
+    """A RemoteError, also an instance of the original type (with its attributes) where possible;
+    the worker's traceback is attached as a note, so a traceback printed here shows both sides."""
+    err = _remote_instance(message, details)
+    tb = details.get("traceback")
+    if isinstance(tb, str) and tb.strip():
+        notes = getattr(err, "__notes__", None)  # the original's own notes come first
+        err.__notes__ = [*(notes if isinstance(notes, list) else []), f"Remote traceback (on the worker):\n{tb.rstrip()}"]
+    return err
+
+
+def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
+    original: BaseException | None = None
+    pickled = details.get("pickled")
+    if isinstance(pickled, bytes):
+        try:
+            import pickle
+
+            loaded = pickle.loads(pickled)  # noqa: S301 - from our own worker, like every ext 13 value
+            if isinstance(loaded, BaseException):
+                original = loaded
+        except Exception:
+            original = None
+    original_type = type(original) if original is not None else _original_type(details)
+    cls = _remote_class(original_type) if original_type is not None else None
+    if cls is None:
+        return RemoteError(message, **details)
+    args = original.args if original is not None else (message,)
+    try:
+        err = cls.__new__(cls, *args)
+    except Exception:
+        err = cls.__new__(cls)
+    if original_type.__module__ == "builtins":  # their C fields (OSError.errno, .filename) come from init
+        try:
+            init_args = original.__reduce__()[1] if original is not None else args
+            original_type.__init__(err, *init_args)  # type: ignore[misc]
+            args = err.args
+        except Exception:
+            pass
+    err.message, err.details = message, details
+    if original is not None:
+        try:
+            err.__dict__.update(vars(original))
+        except TypeError:
+            pass
+    err.__dict__["_dspex_wire"] = (message, details)
+    err.args = tuple(args)
+    return err
 
 
 class ProtocolError(UsageError):
@@ -231,6 +343,8 @@ def error_from_wire(payload: Any) -> DspexError:
 
 
 def _rebuild(code: str, message: str, details: dict[str, Any]) -> DspexError:
+    if code == RemoteError.code:
+        return _remote_error(message, details)
     cls = ERRORS_BY_CODE.get(code, DspexError)
     err = cls(message, **details)
     if cls is DspexError and code != DspexError.code:

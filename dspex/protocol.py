@@ -121,7 +121,8 @@ class WorkerState(str, enum.Enum):
 
 
 # Request header flags
-FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS replies
+FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
+FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import math
 import reprlib
 from typing import Any, NamedTuple
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -350,3 +351,250 @@ values = st.recursive(
 @given(values)
 def test_property_round_trip(value: object) -> None:
     assert_same(value, roundtrip(value))
+
+
+# -- by value (ext 13), records (ext 14), policies ------------------------------------------------
+
+import dataclasses  # noqa: E402
+import inspect  # noqa: E402
+import pickle  # noqa: E402
+import threading  # noqa: E402
+
+import cloudpickle  # noqa: E402
+import dspy  # noqa: E402
+import pydantic  # noqa: E402
+
+from dspex import byvalue  # noqa: E402
+from dspex.codec import EXT_PICKLE, Policy  # noqa: E402
+from dspex.errors import RemoteError, error_from_wire  # noqa: E402
+from dspex.record import Record  # noqa: E402
+
+
+def reward_fn(example: Any, pred: Any) -> float:
+    """A metric defined in a user module (this test module): it travels by value."""
+    return float(example.answer == pred.answer)
+
+
+class Ticket(pydantic.BaseModel):
+    title: str
+    priority: int = 1
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def test_client_policy_sends_code_and_objects_by_value() -> None:
+    values = [reward_fn, lambda y: y + 1, Ticket(title="t"), Point(1, 2), Ticket, {"nested": [reward_fn]}]
+    out: Any = decode(encode(values, policy=Policy.ALL))
+    assert out[0](dspy.Example(answer="a"), dspy.Prediction(answer="a")) == 1.0
+    assert out[1](1) == 2
+    assert out[2] == Ticket(title="t") and out[3] == Point(1, 2)
+    assert out[4] is Ticket  # cloudpickle's class tracking: the same class comes back in one process
+    assert out[5]["nested"][0](dspy.Example(answer="a"), dspy.Prediction(answer="b")) == 0.0
+
+
+def test_by_value_code_carries_its_source_for_linecache() -> None:
+    data, sources = byvalue.dumps(reward_fn)
+    assert reward_fn.__code__.co_filename in sources
+    assert "def reward_fn(" in sources[reward_fn.__code__.co_filename]
+    fn = byvalue.loads(data, sources)
+    assert fn.__code__.co_filename == reward_fn.__code__.co_filename  # not cloudpickle's "<dynamic-code>"
+    assert "A metric defined in a user module" in inspect.getsource(fn)
+
+
+def test_registered_sources_make_getsource_work_for_files_that_do_not_exist() -> None:
+    filename = "/nonexistent/dspex-test/user_code.py"
+    byvalue.register_sources({filename: "def f():\n    return 41 + 1\n"})
+    scope: dict[str, Any] = {}
+    exec(compile("def f():\n    return 41 + 1\n", filename, "exec"), scope)  # noqa: S102
+    assert inspect.getsource(scope["f"]) == "def f():\n    return 41 + 1\n"
+
+
+def test_user_modules_go_by_value_installed_ones_by_reference() -> None:
+    assert byvalue.is_user_module(__name__)
+    assert not byvalue.is_user_module("json")
+    assert not byvalue.is_user_module("dspy.predict.predict")
+    assert not byvalue.is_user_module("dspex.codec")
+
+
+def test_records_round_trip_as_dspy_objects() -> None:
+    example = dspy.Example(question="q", answer="a", base="b").with_inputs("question")
+    pred = dspy.Prediction(answer="42", reasoning="r")
+    out: Any = decode(encode([example, pred], policy=Policy.ALL))
+    assert type(out[0]) is dspy.Example and out[0].toDict() == example.toDict()
+    assert out[0].inputs().toDict() == {"question": "q"}
+    assert type(out[1]) is dspy.Prediction and out[1].answer == "42" and out[1].reasoning == "r"
+
+
+def test_worker_policy_data_by_value_rest_refs_even_inside_records() -> None:
+    refs = Refs()
+    lock = threading.Lock()
+    value = {"pred": dspy.Prediction(answer="1", lock=lock), "fn": reward_fn, "ticket": Ticket(title="x"),
+             "point": Point(3, 4), "err": ValueError("v"), "module": dspy.Predict("q -> a")}
+    out: Any = decode(encode(value, refs, policy=Policy.DATA))
+    assert type(out["pred"]) is dspy.Prediction and out["pred"].answer == "1"
+    assert isinstance(out["pred"].lock, Ref) and refs.by_id[out["pred"].lock.id] is lock
+    assert isinstance(out["fn"], Ref) and isinstance(out["module"], Ref)
+    assert out["ticket"] == Ticket(title="x") and out["point"] == Point(3, 4)
+    assert type(out["err"]) is ValueError and out["err"].args == ("v",)
+
+
+def test_record_stand_in_has_attribute_access_and_round_trips() -> None:
+    rec = Record("prediction", {"answer": "42"})
+    assert rec.answer == "42" and rec["answer"] == "42" and rec.toDict() == {"answer": "42"}
+    with pytest.raises(AttributeError):
+        _ = rec.missing
+    out: Any = decode(encode(rec, policy=Policy.DATA, to_ref=Refs()))
+    assert type(out) is dspy.Prediction and out.answer == "42"  # dspy is importable here
+
+
+def test_unpicklable_argument_error_names_the_argument() -> None:
+    body = ["mod", "fn", [1, {"reward_fn": threading.Lock()}], {}]
+    with pytest.raises(EncodeError) as info:
+        encode(body, policy=Policy.ALL, names=("module", "fn", "args", "kwargs"))
+    assert info.value.details["path"] == "args[1]['reward_fn']"
+    assert "cannot pickle" in str(info.value)
+
+
+def test_unpicklable_closure_error_names_the_argument() -> None:
+    lock = threading.Lock()
+    with pytest.raises(EncodeError) as info:
+        encode([lambda: lock, [], {"metric": 1}], policy=Policy.ALL, names=("fn", "args", "kwargs"))
+    assert info.value.details["path"] == "fn"
+
+
+def test_each_object_is_pickled_once_per_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real = byvalue.dumps
+
+    def counting(obj: object) -> Any:
+        calls.append(obj)
+        return real(obj)
+
+    monkeypatch.setattr(byvalue, "dumps", counting)
+    ticket = Ticket(title="t")
+    out: Any = decode(encode([ticket, ticket, {"t": ticket}, threading.Lock], policy=Policy.ALL))
+    assert out[:3] == [ticket, ticket, {"t": ticket}]
+    assert [type(c) for c in calls] == [Ticket, type(threading.Lock)]
+
+
+def test_cyclic_containers_go_by_value_under_the_client_policy() -> None:
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    out: Any = decode(encode([cyclic], policy=Policy.ALL))
+    assert out[0][0] == 1 and out[0][1][1] is out[0][1]
+
+
+def test_malformed_pickle_ext_is_a_protocol_error() -> None:
+    body = msgpack.packb(msgpack.ExtType(EXT_PICKLE, msgpack.packb({"pickle": b"not a pickle"})))
+    with pytest.raises(ProtocolError, match="cannot unpickle"):
+        decode([body])
+
+
+class ParseFailure(ValueError):
+    """Like dspy's AdapterParseError: __init__ takes more than the message."""
+
+    def __init__(self, adapter: str, lm_response: str) -> None:
+        super().__init__(f"{adapter} could not parse")
+        self.lm_response = lm_response
+
+
+def _wire_of(exc: BaseException) -> dict[str, Any]:
+    return {"code": "remote_error", "message": str(exc), "type": type(exc).__qualname__,
+            "module": type(exc).__module__, "traceback": "Traceback ...\n", "pickled": byvalue.dumps_exception(exc)}
+
+
+def test_remote_error_is_an_instance_of_the_original_type_with_its_attributes() -> None:
+    err = error_from_wire(_wire_of(ParseFailure("ChatAdapter", "garbled")))
+    assert isinstance(err, RemoteError) and isinstance(err, ParseFailure) and isinstance(err, ValueError)
+    assert err.lm_response == "garbled" and str(err) == "ChatAdapter could not parse"
+    assert err.remote_traceback == "Traceback ...\n" and err.type_name == "ParseFailure"
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and again.lm_response == "garbled"
+    with pytest.raises(ZeroDivisionError):
+        raise error_from_wire(_wire_of(ZeroDivisionError("division by zero")))
+    assert type(error_from_wire(_wire_of(KeyError("k")))) is type(error_from_wire(_wire_of(KeyError("j"))))
+
+
+def test_remote_error_builtin_fields_and_fallbacks() -> None:
+    err = error_from_wire(_wire_of(FileNotFoundError(2, "No such file", "/x")))
+    assert isinstance(err, FileNotFoundError) and err.errno == 2 and err.filename == "/x"
+    unpickled = error_from_wire({"code": "remote_error", "message": "m", "type": "ZeroDivisionError",
+                                 "module": "builtins", "traceback": ""})
+    assert isinstance(unpickled, ZeroDivisionError) and str(unpickled) == "m"
+    unknown = error_from_wire({"code": "remote_error", "message": "m", "type": "Nope", "module": "no.such"})
+    assert type(unknown) is RemoteError and str(unknown) == "Nope: m"
+    exit_err = error_from_wire(_wire_of(SystemExit(3)))
+    assert type(exit_err) is RemoteError  # never a BaseException that would end the client
+    bad = error_from_wire({"code": "remote_error", "message": "m", "type": "X", "pickled": b"junk"})
+    assert type(bad) is RemoteError
+    assert isinstance(cloudpickle.loads(byvalue.dumps_exception(ParseFailure("a", "b"))), ParseFailure)
+
+
+def test_refs_inside_by_value_objects_resolve_like_top_level_refs() -> None:
+    refs = Refs()
+    target = object()
+    ref = refs(target)
+    captured = (lambda: ref)  # a closure that captured a ref, as `s.run(lambda: prog(...))` does
+    out: Any = decode(encode([captured, [ref]], policy=Policy.ALL), resolve_ref=lambda r: refs.by_id[r.id])
+    assert out[0]() is target and out[1][0] is target
+    plain: Any = decode(encode([captured], policy=Policy.ALL))
+    assert plain[0]() == ref and pickle.loads(pickle.dumps(ref)) == ref
+
+
+SIGNATURE_PROGRAM = """
+def signature_program():
+    class Triage(dspy.Signature):  # a class body reading a module global (Ticket): LOAD_NAME
+        \"\"\"Triage a ticket.\"\"\"
+
+        text: str = dspy.InputField()
+        ticket: Ticket = dspy.OutputField()
+
+    return Triage
+"""
+
+
+def test_class_bodies_in_by_value_functions_keep_the_globals_they_read() -> None:
+    # compiled without this module's `from __future__ import annotations`, as a user script is
+    scope: dict[str, Any] = {"dspy": dspy, "Ticket": Ticket, "__name__": "__main__"}
+    exec(compile(SIGNATURE_PROGRAM, "<user script>", "exec", dont_inherit=True), scope)  # noqa: S102
+    data, _ = byvalue.dumps(scope["signature_program"])
+    fn = cloudpickle.loads(data)
+    assert "Ticket" in fn.__globals__ and fn().output_fields["ticket"].annotation is Ticket
+
+
+def test_remote_traceback_is_a_note_of_the_raised_error() -> None:
+    original = ParseFailure("ChatAdapter", "garbled")
+    original.add_note("user note")
+    err = error_from_wire(_wire_of(original))
+    assert err.__notes__ == ["user note", "Remote traceback (on the worker):\nTraceback ..."]
+
+
+def test_prediction_completions_travel_for_majority() -> None:
+    from dspy.primitives.prediction import Completions
+
+    pred = dspy.Prediction.from_completions([{"answer": "Paris"}, {"answer": "Lyon"}, {"answer": "Paris"}],
+                                            signature=dspy.Signature("question -> answer"))
+    out: Any = decode(encode(pred, to_ref=Refs(), policy=Policy.DATA))
+    assert isinstance(out.completions, Completions) and out.completions.answer == ["Paris", "Lyon", "Paris"]
+    assert list(out.completions.signature.output_fields) == ["answer"]
+    assert dspy.majority(out).answer == "Paris" and out.answer == "Paris"
+
+
+def test_a_user_module_referenced_as_a_module_goes_by_value(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    (tmp_path / "dspex_test_helpers_mod.py").write_text("def normalize(text):\n    return text.strip().lower()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helpers = importlib.import_module("dspex_test_helpers_mod")
+    scope: dict[str, Any] = {"helpers": helpers, "__name__": "__main__"}
+    exec("def program(x):\n    return helpers.normalize(x)\n", scope)  # noqa: S102
+    data, sources = byvalue.dumps(scope["program"])
+    assert str(tmp_path / "dspex_test_helpers_mod.py") in sources
+    monkeypatch.delitem(sys.modules, "dspex_test_helpers_mod")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    assert byvalue.loads(data, sources)("  PARIS ") == "paris"  # the other side cannot import it

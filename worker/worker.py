@@ -29,7 +29,7 @@ import zmq
 
 from dspex import config
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, MessageTooLarge, ProtocolError, QueueTimeout
+from dspex.errors import DspexError, MessageTooLarge, ProtocolError, QueueTimeout, Timeout
 from dspex.protocol import (
     B_CANCEL,
     B_CREDIT,
@@ -54,6 +54,7 @@ from dspex.protocol import (
     unpack_request_header,
 )
 from worker.executor import Executor, RefTable, StreamControl, error_frames
+from worker.limits import CallTimedOut
 
 log = logging.getLogger("dspex.worker")
 
@@ -79,6 +80,8 @@ class WorkerOptions:
     capacity: int = 1  # calls run at once, in threads
     curve_server_key: bytes | None = None
     curve_keypair: tuple[bytes, bytes] | None = None
+    # a call still running this long after its deadline costs the worker (hard time limit)
+    hard_grace: float = float(os.environ.get("DSPEX_HARD_GRACE", 5.0))
 
 
 def _packb(obj: Any) -> bytes:
@@ -103,7 +106,8 @@ class Worker:
         self.ctx = context or zmq.Context.instance()
         self.max_message = options.max_message or config.max_message_bytes()
         self.capacity = max(1, options.capacity)
-        self.executor = Executor(RefTable(options.pool, self.incarnation, options.ref_cap))
+        self.executor = Executor(RefTable(options.pool, self.incarnation, options.ref_cap),
+                                 capacity=self.capacity, grace=options.hard_grace)
         self.executor.own_frames = not options.backend.startswith("inproc://")
         self.started = time.time()
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
@@ -146,6 +150,7 @@ class Worker:
             poller.register(replies, zmq.POLLIN)
         io = threading.Thread(target=self._io_loop, name="dspex-worker-io", daemon=True)
         io.start()
+        self.executor.install()  # output capture, time limits: process-wide, from the main thread
         if self.options.preload_dspy:
             self._set_busy(True)  # importing dspy takes a while: the I/O thread heartbeats meanwhile
             try:
@@ -240,7 +245,14 @@ class Worker:
             sock.setsockopt(zmq.LINGER, 1000)
             sock.connect(self._replies_addr)
             self._local.out = sock
-        sock.send_multipart(frames, copy=False)
+        try:
+            sock.send_multipart(frames, copy=False)
+        except BaseException:
+            # cut between frames (a time limit raised into this thread): a socket with half a
+            # message queued would glue it to the next one; linger 0 drops the half
+            self._local.out = None
+            sock.close(0)
+            raise
 
     def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
         arrived, frames = request
@@ -257,7 +269,8 @@ class Worker:
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
-            reply = self.executor.execute(header, frames[3:], stream, deadline=deadline)
+            reply = self.executor.execute(header, frames[3:], stream, deadline=deadline,
+                                          on_hard=lambda: self._hard_timeout(client, header))
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -266,7 +279,7 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
-        except Exception as exc:  # a bug of ours must not kill the worker
+        except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
             reply, status = error_frames(ProtocolError(f"internal worker error: {exc!r}")), Status.ERROR.value
@@ -279,11 +292,11 @@ class Worker:
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
                      send: Callable[[list[Any]], None]) -> StreamControl:
-        head_part = pack_reply_header(Status.PARTIAL.value, req_id, self.incarnation, self.options.pool)
-        head_prog = pack_reply_header(Status.PROGRESS.value, req_id, self.incarnation, self.options.pool)
+        heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
+                 for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
         def emit(kind: str, frames: list[Any]) -> None:
-            send([W_PARTIAL, client, head_part if kind == Status.PARTIAL.value else head_prog, *frames])
+            send([W_PARTIAL, client, heads[kind], *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
@@ -297,6 +310,41 @@ class Worker:
                 self._early_cancels.discard(key)
                 control.cancel()
         return control
+
+    def _hard_timeout(self, client: bytes, header: Any) -> None:
+        """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
+
+        Holding the lock to the end: no other thread touches the socket again. The reply and the
+        goodbye reach the broker before the exit, so the caller gets a typed ``Timeout(hard=True)``
+        and the session's next call ``SessionWorkerUnavailable``.
+        """
+        err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
+                      f"{self.options.hard_grace:g}s; its worker was recycled (the session's objects are lost)",
+                      op=header.op, stopped=True, hard=True)
+        head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.options.pool)
+        log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
+                  header.session[:8])
+        self._lock.acquire()
+        self._exiting = True
+        try:
+            assert self._sock is not None
+            send_frames(self._sock, [W_REPLY, client, head, *error_frames(err)])
+            self._sock.send(W_DISCONNECT)
+            # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
+            # arrives it has read the reply and the goodbye, so closing the connection now cannot
+            # make it see a "crash" first and drop the reply
+            self._sock.send_multipart([W_HEARTBEAT, self._stats_frame()])
+            until = time.monotonic() + 3.0
+            while (left := until - time.monotonic()) > 0:
+                if not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                if recv_frames(self._sock)[0].bytes == B_REREGISTER:
+                    break
+        except BaseException:  # noqa: BLE001 - leaving regardless
+            log.exception("could not say goodbye before the hard exit")
+        finally:
+            logging.shutdown()
+            os._exit(3)
 
     def request_stop(self, *_: Any) -> None:
         self._stop.set()

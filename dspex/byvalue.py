@@ -1,0 +1,233 @@
+"""Objects by value (codec ext 13): cloudpickle, with the source of by-value code alongside.
+
+Code from the user's own modules (``__main__``, a test module, the application's package: anything
+not in the standard library or installed in site-packages) is pickled by value, since the other
+side may not be able to import it (``cloudpickle.register_pickle_by_value``). The source lines of
+every by-value function and class travel with the pickle, and the receiver registers them in
+``linecache`` (as IPython does for its cells), so ``inspect.getsource`` works there too: dspy's
+``Refine`` and ``SIMBA`` read the source of the code they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import dis
+import enum
+import functools
+import importlib.metadata
+import inspect
+import io
+import linecache
+import os
+import pickle
+import site
+import sys
+import sysconfig
+import types
+from typing import Any
+
+import cloudpickle
+from cloudpickle import cloudpickle as _cp
+
+from dspex.record import Record
+
+# dspex's own packages are importable wherever dspex runs, even from an editable checkout
+_NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
+MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
+MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
+_DYNAMIC = "<dynamic-code>"
+
+
+_walk_global_ops = _cp._walk_global_ops
+_LOAD_NAME, _STORE_NAME = dis.opmap["LOAD_NAME"], dis.opmap["STORE_NAME"]
+
+
+def _walk_global_and_class_body_ops(co: types.CodeType) -> Any:
+    """cloudpickle's global names of a code object, plus the module globals a class body nested
+    in a function reads (``LOAD_NAME``; cloudpickle only follows ``LOAD_GLOBAL``): without them a
+    function that defines ``class Triage(dspy.Signature): ticket: Ticket = ...`` arrives without
+    ``Ticket``. Names the class body assigns itself are its own, not globals."""
+    yield from _walk_global_ops(co)
+    if co.co_flags & inspect.CO_OPTIMIZED:
+        return  # a function body: no LOAD_NAME
+    loads, stores = [], set()
+    for ins in dis.get_instructions(co):
+        if ins.opcode == _LOAD_NAME:
+            loads.append(ins.argval)
+        elif ins.opcode == _STORE_NAME:
+            stores.add(ins.argval)
+    yield from (name for name in dict.fromkeys(loads)
+                if name not in stores and not (name.startswith("__") and name.endswith("__")))
+
+
+_cp._walk_global_ops = _walk_global_and_class_body_ops
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_prefixes() -> tuple[str, ...]:
+    paths = set()
+    for scheme_path in ("stdlib", "platstdlib", "purelib", "platlib"):
+        for vars_ in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+            p = sysconfig.get_paths(vars=vars_).get(scheme_path)
+            if p:
+                paths.add(os.path.realpath(p))
+    try:
+        paths.update(os.path.realpath(p) for p in site.getsitepackages())
+        paths.add(os.path.realpath(site.getusersitepackages()))
+    except AttributeError:  # a virtualenv's site module may lack these
+        pass
+    return tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths))
+
+
+@functools.lru_cache(maxsize=1)
+def _distributed_top_levels() -> frozenset[str]:
+    """Top-level packages of installed distributions (editable installs included)."""
+    try:
+        return frozenset(importlib.metadata.packages_distributions())
+    except Exception:
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=4096)
+def is_user_module(name: str) -> bool:
+    """True for modules the other side may not be able to import: they go by value."""
+    if name == "__main__":
+        return False  # cloudpickle pickles __main__ by value already
+    top = name.partition(".")[0]
+    if top in _NEVER_BY_VALUE or top in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return False
+    if top in _distributed_top_levels():
+        return False
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
+    path = os.path.realpath(file)
+    return not path.startswith(_installed_prefixes())
+
+
+def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
+    """Register ``obj``'s module for by-value pickling if it is user code; keep its source."""
+    module_name = getattr(obj, "__module__", None)
+    if not isinstance(module_name, str):
+        return
+    if is_user_module(module_name):
+        module = sys.modules[module_name]
+        if not _cp._is_registered_pickle_by_value(module):
+            cloudpickle.register_pickle_by_value(module)
+    try:
+        if _cp._should_pickle_by_reference(obj):
+            return
+    except Exception:
+        return
+    if isinstance(obj, types.FunctionType):
+        filename = obj.__code__.co_filename
+    else:
+        module = sys.modules.get(module_name)
+        filename = getattr(module, "__file__", None) or ""
+    if not filename or filename in sources:
+        return
+    if not filename.startswith("<") and os.path.realpath(filename).startswith(_installed_prefixes()):
+        return  # a library's dynamically made function: its source is the library's, not needed
+    lines = linecache.getlines(filename)
+    text = "".join(lines)
+    if not text or len(text) > MAX_SOURCE_FILE or len(text) > budget[0]:
+        return
+    budget[0] -= len(text)
+    sources[filename] = text
+
+
+def _note_module(module: types.ModuleType, sources: dict[str, str], budget: list[int]) -> None:
+    """A user module referenced as a module (``import helpers`` ... ``helpers.normalize(x)``)
+    goes by value too (cloudpickle would import it by name on the other side)."""
+    if not is_user_module(module.__name__):
+        return
+    if not _cp._is_registered_pickle_by_value(module):
+        cloudpickle.register_pickle_by_value(module)
+    filename = getattr(module, "__file__", None)
+    if filename and filename not in sources:
+        text = "".join(linecache.getlines(filename))
+        if text and len(text) <= MAX_SOURCE_FILE and len(text) <= budget[0]:
+            budget[0] -= len(text)
+            sources[filename] = text
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle that notes the source file of every function and class it pickles by value."""
+
+    def __init__(self, file: io.BytesIO, sources: dict[str, str]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sources = sources
+        self._budget = [MAX_SOURCES]
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException) and type(obj).__module__ != "builtins" \
+                and type(obj).__reduce__ is BaseException.__reduce__:
+            # the default reduce calls cls(*args) on load, which fails for exceptions whose
+            # __init__ takes other arguments (dspy's AdapterParseError): rebuild from state
+            return exception_from_state, (type(obj), obj.args, dict(vars(obj)))
+        if isinstance(obj, (types.FunctionType, type)):
+            _note_code(obj, self.sources, self._budget)
+        elif isinstance(obj, types.ModuleType):
+            _note_module(obj, self.sources, self._budget)
+        elif isinstance(obj, types.CodeType):
+            # cloudpickle writes "<dynamic-code>" as the file name; keep the real one, so that
+            # inspect.getsource (with the sources registered in linecache) and tracebacks work
+            make, args = _cp._code_reduce(obj)
+            return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> tuple[bytes, dict[str, str]]:
+    """(pickle bytes, {filename: source text}) of ``obj``; raises what pickling raises."""
+    buf = io.BytesIO()
+    sources: dict[str, str] = {}
+    _SourcePickler(buf, sources).dump(obj)
+    return buf.getvalue(), sources
+
+
+def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Rebuild an exception without calling its ``__init__`` (see ``_SourcePickler``)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def dumps_exception(exc: BaseException) -> bytes:
+    """The exception by value, loadable even when its ``__init__`` takes other arguments."""
+    return dumps(exc)[0]
+
+
+def register_sources(sources: dict[str, str]) -> None:
+    """Make ``inspect.getsource`` find code that arrived by value (linecache, like IPython)."""
+    for filename, text in sources.items():
+        if not isinstance(filename, str) or not isinstance(text, str):
+            continue
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        # mtime None: linecache.checkcache never drops the entry (there may be no such file here)
+        linecache.cache[filename] = (len(text), None, lines, filename)
+
+
+def loads(data: bytes, sources: dict[str, str]) -> Any:
+    register_sources(sources)
+    return pickle.loads(data)  # noqa: S301 - peers are authenticated; a client may exec code anyway
+
+
+def is_data_like(obj: Any) -> bool:
+    """Objects a worker returns by value: data that does not belong on the worker.
+
+    Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
+    messages, records; anything else a worker returns (LMs, modules, predictors, functions,
+    classes, open files...) stays there as a ref.
+    """
+    if isinstance(obj, type):
+        return False
+    if isinstance(obj, (BaseException, enum.Enum, Record)) or dataclasses.is_dataclass(obj):
+        return True
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(obj, pydantic.BaseModel)

@@ -1,0 +1,161 @@
+"""The request core shared by the sync and asyncio clients: everything about one request except
+the socket I/O (encoding and its limits, request headers, reply handling, credit, error decoding,
+the reply deadline).
+
+A client sends ``exchange.frames(req_id, worker)`` and feeds each reply frame set to
+``exchange.feed(...)``, which calls the progress/output callbacks, says how much credit to grant,
+raises the typed error of an error reply and decodes the final result. The driver only waits:
+until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the connection drops
+(``exchange.lost(why)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import msgpack
+
+from dspex import codec
+from dspex.codec import Policy
+from dspex.errors import ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout, error_from_wire
+from dspex.protocol import FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
+
+log = logging.getLogger("dspex.client")
+
+# The worker stops a call at its deadline and replies Timeout(stopped=True); one that ignores the
+# interruption for its 5 s grace costs its worker, which still replies (hard=True). A client that
+# hears nothing waits this much past the deadline, so the worker's typed reply normally wins.
+REPLY_GRACE = float(os.environ.get("DSPEX_REPLY_GRACE", "7"))
+
+# What the top-level items of each worker op's body are called in an EncodeError's path.
+BODY_NAMES: dict[str, tuple[str, ...]] = {
+    Op.CALL.value: ("module", "fn", "args", "kwargs"),
+    Op.METHOD.value: ("ref", "name", "args", "kwargs"),
+    Op.GETATTR.value: ("ref", "name"),
+    Op.SETATTR.value: ("ref", "name", "value"),
+    Op.EVAL.value: ("expr", "namespace"),
+    Op.EXEC.value: ("source", "namespace"),
+    Op.TO_DATA.value: ("ref",),
+    Op.RELEASE.value: ("ref_ids",),
+    Op.APPLY.value: ("fn", "args", "kwargs"),
+    Op.BIND.value: ("name", "value"),
+    Op.PUT.value: ("value",),
+}
+
+Callback = Callable[[Any], None]
+OnReply = Callable[[str, str], None]
+_EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
+
+
+class CreditMeter:
+    """Counts streamed replies consumed and says when to grant the producer more credit."""
+
+    __slots__ = ("unacked",)
+
+    def __init__(self) -> None:
+        self.unacked = 0
+
+    def consumed(self) -> int:
+        """Credit to send now (0: not yet): half a window at a time keeps the producer busy."""
+        self.unacked += 1
+        if self.unacked < STREAM_WINDOW // 2:
+            return 0
+        n, self.unacked = self.unacked, 0
+        return n
+
+
+def encode_body(op: str, body: Any, max_message: int) -> list[Any]:
+    """Codec frames of a request body: worker ops with the client policy (everything by value)."""
+    policy = Policy.ALL if op in WORKER_OPS else Policy.REFS
+    frames = codec.encode(body if body is not None else [], policy=policy, names=BODY_NAMES.get(op))
+    size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+    if size > max_message:
+        raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
+    return frames
+
+
+def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list[bytes]:
+    """A credit or cancel message for a streamed request (no reply)."""
+    return [RequestHeader(op.value, req_id, pool, session).pack(), msgpack.packb(n)]
+
+
+def decode_error(frames: list[Any]) -> DspexError:
+    try:
+        payload = msgpack.unpackb(_buffer(frames[0]), strict_map_key=False)
+    except Exception:
+        payload = {"code": "protocol_error", "message": "unreadable error reply"}
+    return error_from_wire(payload)
+
+
+def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) -> Any:
+    """A reply's value; refs in it become handles of ``bind`` (a session) when given."""
+    resolve = None if bind is None else (lambda ref: ref.bind(bind))
+    try:
+        return codec.decode(frames, resolve, own_frames=own_frames)
+    except DspexError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"cannot decode reply: {exc}") from None
+
+
+def _buffer(frame: Any) -> Any:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+class Exchange:
+    """One request from the client's side: what to send, and what each reply means."""
+
+    __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
+                 "on_output", "bind", "own_frames", "meter", "endpoint", "items")
+
+    def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
+                 endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
+                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+                 own_frames: bool = False) -> None:
+        self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
+        self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
+        self.items = items
+        self.flags = (FLAG_STREAM if items or on_progress is not None or on_output is not None else 0) | (
+            FLAG_ITEMS if items else 0)
+        self.body = encode_body(op, body, max_message)  # before anything is sent: EncodeError costs nothing
+        self.on_reply, self.on_progress, self.on_output = on_reply, on_progress, on_output
+        self.bind, self.own_frames, self.endpoint = bind, own_frames, endpoint
+        self.meter = CreditMeter()
+
+    def frames(self, req_id: int, worker: str) -> list[Any]:
+        header = RequestHeader(self.op, req_id, self.pool, self.session, worker, int(self.timeout * 1000),
+                               self.flags).pack()
+        return [header, *self.body]
+
+    def feed(self, status: str, worker: str, frames: list[Any]) -> tuple[str, Any, int]:
+        """One reply of this request -> (kind, value, credit to grant now).
+
+        kind: ``"item"`` (a streamed item, in item mode), ``"more"`` (an event was handled),
+        ``"done"`` (the final value). An error reply raises its typed error.
+        """
+        if status in _EVENTS:
+            credit = self.meter.consumed()
+            value = decode_value(frames, bind=self.bind)
+            if status == Status.OUTPUT.value:
+                if self.on_output is not None:
+                    self.on_output(value)
+            elif status == Status.PARTIAL.value and self.items:
+                return "item", value, credit
+            elif self.on_progress is not None:
+                self.on_progress(value)
+            return "more", None, credit
+        if status == Status.ERROR.value:
+            raise decode_error(frames)
+        if self.on_reply is not None:
+            self.on_reply(status, worker)
+        return "done", decode_value(frames, self.own_frames, self.bind), 0
+
+    def timed_out(self) -> Timeout:
+        return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{REPLY_GRACE:g}s grace) from "
+                       f"{self.endpoint}: the call may still be running", op=self.op, stopped=False)
+
+    def lost(self, why: str) -> ConnectionLost:
+        return ConnectionLost(f"{why} ({self.endpoint}) while waiting for {self.op}; the call may or may not have "
+                              "run", op=self.op)

@@ -1,0 +1,156 @@
+"""``dspy.Example`` / ``dspy.Prediction`` on the wire (codec ext 14), and :class:`Record`, their
+stand-in on a client that cannot import dspy.
+
+A record travels as its kind, its fields (codec values, so refs and arrays may sit inside) and its
+input keys; the receiver rebuilds the dspy object when dspy is importable, else a :class:`Record`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any, Iterator
+
+KINDS = ("example", "prediction")
+
+
+class Record:
+    """Attribute- and item-access data with the fields of a ``dspy.Example``/``dspy.Prediction``.
+
+    ``kind`` says which it was; ``input_keys`` are the example's inputs (``with_inputs``).
+    """
+
+    __slots__ = ("kind", "_fields", "input_keys", "extra")
+
+    def __init__(self, kind: str, fields: dict[str, Any], input_keys: list[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "_fields", dict(fields))
+        object.__setattr__(self, "input_keys", list(input_keys) if input_keys is not None else None)
+        object.__setattr__(self, "extra", dict(extra or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(f"{self.kind} has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._fields[name] = value
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._fields[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._fields
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and (self.kind, self._fields) == (other.kind, other._fields)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dspy objects it stands for
+
+    def keys(self) -> list[str]:
+        return list(self._fields)
+
+    def values(self) -> list[Any]:
+        return list(self._fields.values())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(self._fields.items())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._fields.get(key, default)
+
+    def toDict(self) -> dict[str, Any]:  # noqa: N802 - dspy's spelling
+        return dict(self._fields)
+
+    def __repr__(self) -> str:
+        body = ",\n    ".join(f"{k}={v!r}" for k, v in self._fields.items())
+        return f"Record[{self.kind}](\n    {body}\n)"
+
+
+_NO_DSPY: list[bool] = []  # set once dspy turned out not to be installed
+
+
+def _dspy() -> Any:
+    """dspy when this process has it (imported on first need; None when it is not installed).
+
+    import_module, not sys.modules: while another thread is still importing dspy, sys.modules
+    holds a half-initialized module; import_module waits for that import to finish."""
+    if _NO_DSPY:
+        return None
+    if "dspy" not in sys.modules and importlib.util.find_spec("dspy") is None:
+        _NO_DSPY.append(True)
+        return None
+    return importlib.import_module("dspy")
+
+
+def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[str, Any]] | None:
+    """(kind, fields, input_keys, extra) of an exact dspy.Example/Prediction or a Record; else None."""
+    if type(obj) is Record:
+        return obj.kind, obj._fields, obj.input_keys, obj.extra
+    dspy = sys.modules.get("dspy")
+    if dspy is None:
+        return None
+    cls = type(obj)
+    # getattr: dspy may be half-imported by another thread (then obj cannot be one of these yet)
+    if cls is getattr(dspy, "Prediction", None):
+        extra: dict[str, Any] = {}
+        usage = getattr(obj, "_lm_usage", None)
+        if usage:
+            extra["lm_usage"] = usage
+        completions = getattr(obj, "_completions", None)
+        if completions is not None:
+            # all of them (dspy.majority reads them); the signature as its text form, which names
+            # the fields (a class would have to stay on the worker as a ref)
+            extra["completions"] = dict(completions._completions)
+            sig = getattr(completions, "signature", None)
+            spec = getattr(sig, "signature", None)
+            if isinstance(spec, str):
+                extra["signature"] = [spec, str(getattr(sig, "instructions", "") or "")]
+        return "prediction", dict(obj._store), None, extra
+    if cls is getattr(dspy, "Example", None):
+        keys = getattr(obj, "_input_keys", None)
+        return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}
+    return None
+
+
+def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None, extra: dict[str, Any]) -> Any:
+    dspy = _dspy()
+    if dspy is None:
+        return Record(kind, fields, input_keys, extra)
+    if kind == "prediction":
+        pred = dspy.Prediction()
+        pred._store.update(fields)  # not Prediction(**fields): a field may be named like a parameter
+        if extra.get("lm_usage"):
+            pred.set_lm_usage(extra["lm_usage"])
+        completions = extra.get("completions")
+        if isinstance(completions, dict):
+            signature = None
+            spec = extra.get("signature")
+            if isinstance(spec, list) and len(spec) == 2:
+                try:
+                    signature = dspy.Signature(spec[0], spec[1] or None)
+                except Exception:
+                    signature = None
+            from dspy.primitives.prediction import Completions
+
+            pred._completions = Completions(completions, signature=signature)
+        return pred
+    example = dspy.Example()
+    example._store.update(fields)
+    if input_keys is not None:
+        example = example.with_inputs(*input_keys)
+    return example

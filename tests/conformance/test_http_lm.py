@@ -1,0 +1,123 @@
+"""DSPy's real ``dspy.LM`` path (litellm over HTTP) against an OpenAI-compatible loopback server.
+
+The program is DSPy's quick-start (``dspy.LM("openai/...")`` + ``dspy.Predict``); the server
+answers in ChatAdapter format and records every request, so the in-process and the session run
+must send the same requests and get the same results. A question containing "slow" makes the
+server wait: a timeout must stop the call blocked in its socket read (capacity 1: SIGALRM).
+"""
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import dspy
+import pytest
+
+import dspex
+from conformance.harness import SESSION, Runner
+
+CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid"}
+
+
+class ChatCompletions(BaseHTTPRequestHandler):
+    requests: list[dict[str, Any]] = []
+    release = threading.Event()  # set at teardown: a slow answer stops waiting
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        type(self).requests.append(body)
+        user = str(body["messages"][-1]["content"])
+        if "slow" in user:
+            type(self).release.wait(20)
+        answer = next((a for c, a in CAPITALS.items() if c in user), "unknown")
+        text = f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]"
+        data = json.dumps({
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0,
+            "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the caller gave up (a timeout): nothing to answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def api_base() -> Iterator[str]:
+    ChatCompletions.release.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatCompletions)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="chat-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        ChatCompletions.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def quickstart_program(api_base, countries):
+    lm = dspy.LM("openai/conformance-model", api_base=api_base, api_key="not-a-key", cache=False)
+    dspy.configure(lm=lm)
+    qa = dspy.Predict("question -> answer")
+    answers = [qa(question=f"What is the capital of {c}?").answer for c in countries]
+    usage = [entry["usage"] for entry in lm.history]
+    return answers, [entry["messages"] for entry in lm.history], usage
+
+
+def test_real_lm_over_http(run: Runner, api_base: str) -> None:
+    ChatCompletions.requests = []
+    answers, messages, usage = run.check(quickstart_program, api_base, ["France", "Spain"])
+    assert answers == ["Paris", "Madrid"]
+    assert usage[0]["total_tokens"] == 13
+    sent = [r["messages"] for r in ChatCompletions.requests]
+    if run.mode == SESSION:  # check() ran it in-process, then through the session: the same requests
+        assert len(sent) == 4 and sent[:2] == sent[2:]
+    else:
+        assert len(sent) == 2
+
+
+def async_quickstart_program(api_base, countries):
+    import asyncio
+
+    async def main():
+        with dspy.context(lm=dspy.LM("openai/conformance-model", api_base=api_base, api_key="not-a-key",
+                                     cache=False)):
+            qa = dspy.Predict("question -> answer")
+            preds = await asyncio.gather(*(qa.acall(question=f"What is the capital of {c}?") for c in countries))
+            return [p.answer for p in preds]
+
+    return asyncio.run(main())
+
+
+def test_real_lm_over_http_async(run: Runner, api_base: str) -> None:
+    assert run.check(async_quickstart_program, api_base, ["Italy", "France", "Spain"]) == ["Rome", "Paris", "Madrid"]
+
+
+def test_timeout_stops_a_call_blocked_on_a_slow_provider(dx: dspex.Client, api_base: str) -> None:
+    s = dx.session("t")
+    try:
+        pid = s.run(os.getpid)
+        started = time.monotonic()
+        with pytest.raises(dspex.Timeout) as info:
+            s.apply(quickstart_program, [api_base, ["slow France"]], timeout=2.0)
+        assert info.value.details.get("stopped") is True and not info.value.details.get("hard")
+        assert time.monotonic() - started < 10
+        started = time.monotonic()
+        answers, _, _ = s.run(quickstart_program, api_base, ["Italy"])
+        assert answers == ["Rome"] and time.monotonic() - started < 10
+        assert s.run(os.getpid) == pid
+    finally:
+        s.close(timeout=10)

@@ -1,0 +1,150 @@
+"""DSPy settings isolation: sessions that share a worker each see only their own LM.
+
+Every way DSPy code sets the LM (``dspy.configure``, ``dspy.settings.configure``,
+``dspy.settings.lm = ...``, ``dspy.context``), on a capacity-1 worker (pool ``t``) and on a
+capacity-4 worker (pool ``c4``, calls of the two sessions running at the same time). The
+in-process half of each case is the same program run here with fresh settings: each session must
+give what its program gives in-process, as if it had the worker to itself.
+"""
+
+import threading
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+import dspex
+from conformance.harness import Runner, as_data, fresh_dspy_settings
+
+SPELLINGS = ["dspy.configure", "dspy.settings.configure", "dspy.settings.lm =", "dspy.context"]
+
+
+def set_lm(spelling, lm):
+    if spelling == "dspy.configure":
+        dspy.configure(lm=lm)
+    elif spelling == "dspy.settings.configure":
+        dspy.settings.configure(lm=lm)
+    elif spelling == "dspy.settings.lm =":
+        dspy.settings.lm = lm
+
+
+def ask(spelling, lm, country):
+    """One user program: its LM set through ``spelling``, then a question."""
+    predict = dspy.Predict("country -> answer")
+    if spelling == "dspy.context":
+        with dspy.context(lm=lm):
+            return predict(country=country).answer
+    return predict(country=country).answer
+
+
+def lm_of(name):
+    return DummyLM({c: {"answer": f"{c} says {name}"} for c in ("France", "Italy", "Spain")})
+
+
+def current_lm_answer(country):
+    lm = dspy.settings.lm
+    return None if lm is None else dspy.Predict("country -> answer")(country=country).answer
+
+
+def expected_answer(spelling, name, country):
+    with fresh_dspy_settings():
+        lm = lm_of(name)
+        set_lm(spelling, lm)
+        return ask(spelling, lm, country)
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_two_sessions_on_one_worker_keep_their_own_lm(dx: dspex.Client, pool: str, spelling: str) -> None:
+    a, b = dx.session(pool), dx.session(pool)
+    try:
+        lm_a, lm_b = a.put(lm_of("alpha")), b.put(lm_of("beta"))
+        a.run(set_lm, spelling, lm_a)
+        b.run(set_lm, spelling, lm_b)
+        assert a.worker == b.worker, "the pool has one worker: both sessions share it"
+
+        def calls(s: dspex.Session, lm: dspex.Ref) -> list[str]:
+            return [s.run(ask, spelling, lm, c) for c in ("France", "Italy", "Spain", "France")]
+
+        futures = [dx.submit(calls, a, lm_a), dx.submit(calls, b, lm_b), dx.submit(calls, a, lm_a)]
+        got_a, got_b, got_a2 = (f.result(timeout=60) for f in futures)
+        expected = {name: [expected_answer(spelling, name, c) for c in ("France", "Italy", "Spain", "France")]
+                    for name in ("alpha", "beta")}
+        assert got_a == got_a2 == expected["alpha"]
+        assert got_b == expected["beta"]
+        if spelling != "dspy.context":  # the session's own setting stays; context ends with the call
+            assert a.run(current_lm_answer, "Italy") == "Italy says alpha"
+            assert b.run(current_lm_answer, "Italy") == "Italy says beta"
+        c = dx.session(pool)
+        try:
+            assert c.run(current_lm_answer, "Italy") is None, "a fresh session sees no LM"
+            assert c.worker == a.worker
+        finally:
+            c.close(timeout=10)
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
+
+
+def user_thread_program():
+    dspy.configure(lm=lm_of("threaded"))
+    predict = dspy.Predict("country -> answer")
+    results = []
+    thread = threading.Thread(target=lambda: results.append(predict(country="Spain").answer))
+    thread.start()
+    thread.join()
+    return results
+
+
+def test_thread_started_by_user_code_sees_the_session_lm(run: Runner) -> None:
+    assert run.check(user_thread_program) == ["Spain says threaded"]
+
+
+def test_thread_sees_its_own_session_lm_on_a_shared_worker(dx: dspex.Client) -> None:
+    """Capacity-1 worker: another session's LM never shows through to a user thread."""
+    other, s = dx.session("t"), dx.session("t")
+    try:
+        other.run(set_lm, "dspy.configure", lm_of("other"))
+        assert s.run(user_thread_program) == ["Spain says threaded"]
+        assert other.run(current_lm_answer, "Spain") == "Spain says other"
+    finally:
+        other.close(timeout=10)
+        s.close(timeout=10)
+
+
+def test_settings_of_one_case_do_not_leak_into_the_next(run: Runner) -> None:
+    """Each case starts with no LM, in-process and in a new session (the suite is hermetic)."""
+    assert as_data(run(current_lm_answer, "France")) is None
+
+
+def json_adapter_program():
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}], adapter=dspy.JSONAdapter()), adapter=dspy.JSONAdapter(),
+                   track_usage=True)
+    lm = dspy.settings.lm
+    pred = dspy.Predict("question -> answer")(question="Capital of France?")
+    return pred.answer, lm.history[-1]["outputs"], type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+def chat_adapter_program():
+    dspy.configure(lm=DummyLM([{"answer": "Rome"}]))
+    lm = dspy.settings.lm
+    pred = dspy.Predict("question -> answer")(question="Capital of Italy?")
+    return pred.answer, lm.history[-1]["outputs"], type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_other_settings_stay_in_their_session(dx: dspex.Client, pool: str) -> None:
+    """Not only the LM: the adapter and ``track_usage`` one session configures never reach another."""
+    expected = []
+    for program in (json_adapter_program, chat_adapter_program):
+        with fresh_dspy_settings():
+            expected.append(program())
+    a, b = dx.session(pool), dx.session(pool)
+    try:
+        for _ in range(3):
+            futures = [dx.submit(a.run, json_adapter_program), dx.submit(b.run, chat_adapter_program)]
+            assert [f.result(timeout=60) for f in futures] == expected
+        assert a.worker == b.worker
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)

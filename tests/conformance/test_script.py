@@ -1,0 +1,128 @@
+"""A user's script: program text in ``__main__``, run as ``python script.py`` against the stack.
+
+Classes and functions of ``__main__`` cannot be imported by the worker: they must travel by value
+with their source (dspy.Refine reads the module class's and the reward function's source).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import Stack
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import sys
+
+    import dspy
+    import dspex
+    from dspy.utils.dummies import DummyLM
+    from pydantic import BaseModel
+
+
+    class Verdict(BaseModel):
+        label: str
+        confidence: float
+
+
+    class Judge(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.judge = dspy.ChainOfThought("claim -> verdict: str")
+
+        def forward(self, claim):
+            return self.judge(claim=claim)
+
+
+    def short_verdict(args, pred):
+        return 1.0 if len(pred.verdict.split()) == 1 else 0.0
+
+
+    def program():
+        dspy.configure(lm=DummyLM([{"reasoning": "r", "verdict": "probably true"},
+                                   {"reasoning": "r", "verdict": "true"}] * 3))
+        refine = dspy.Refine(module=Judge(), N=2, reward_fn=short_verdict, threshold=1.0)
+        pred = refine(claim="The sky is blue.")
+        return {"verdict": pred.verdict, "model": Verdict(label=pred.verdict, confidence=1.0).model_dump()}
+
+
+    local = program()
+    dspy.configure(lm=None)
+    with dspex.connect(sys.argv[1], timeout=60) as dx:
+        session = dx.session("c1")
+        remote = session.run(program)
+        defined = (session.define(Verdict), session.eval("Verdict(label='x', confidence=0.5)"))[1]
+        session.close()
+    print(json.dumps({"local": local, "remote": remote, "defined": defined.model_dump(),
+                      "defined_type": type(defined).__name__}))
+''')
+
+
+def test_a_script_main_module_travels_by_value(cstack: Stack, tmp_path) -> None:
+    script = tmp_path / "judge.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script), cstack.frontend], env=cstack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["remote"] == result["local"]
+    assert result["local"]["verdict"] == "true"
+    assert result["defined_type"] == "Verdict" and result["defined"] == {"label": "x", "confidence": 0.5}
+
+
+HELPERS = textwrap.dedent('''
+    """The user's own helper module, next to the script (the worker cannot import it)."""
+
+    def normalize(text):
+        return text.strip().lower()
+''')
+
+SCRIPT_WITH_HELPERS = textwrap.dedent('''
+    import json
+    import sys
+
+    import dspy
+    import dspex
+    import helpers
+    from dspy.utils.dummies import DummyLM
+    from helpers import normalize
+
+
+    def program():
+        dspy.configure(lm=DummyLM([{"answer": "  PARIS "}]))
+        answer = dspy.Predict("question -> answer")(question="Capital of France?").answer
+        return [helpers.normalize(answer), normalize(answer)]
+
+
+    local = program()
+    dspy.configure(lm=None)
+    with dspex.connect(sys.argv[1], timeout=60) as dx:
+        session = dx.session("c1")
+        try:
+            remote = session.run(program)
+        except dspex.DspexError as err:
+            remote = f"{type(err).__name__}: {err}"
+        session.close()
+    print(json.dumps({"local": local, "remote": remote}))
+''')
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a user module referenced as a module object (``import helpers`` then ``helpers.normalize(...)`` "
+    "in the program) is pickled by reference: the worker raises ModuleNotFoundError: No module named "
+    "'helpers' (``from helpers import normalize`` works: the function goes by value)"))
+def test_a_script_using_its_own_helper_module(cstack: Stack, tmp_path) -> None:
+    """``import helpers`` next to the script: its functions, and the module object itself, travel by
+    value like the script's code (the app's own modules are not installed on the worker)."""
+    (tmp_path / "helpers.py").write_text(HELPERS)
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_WITH_HELPERS)
+    out = subprocess.run([sys.executable, str(script), cstack.frontend], env=cstack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["local"] == ["paris", "paris"]
+    assert result["remote"] == result["local"]

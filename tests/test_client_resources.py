@@ -1,0 +1,223 @@
+"""Client resources and failure semantics on real sockets: bounded sockets for any number of
+threads, the reply deadline (Timeout stopped=False), unreachable vs lost, socket replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+import dspex
+from conftest import Stack, wait_for
+from dspex import core
+from dspex.client import IDLE_SOCKETS
+from dspex.protocol import unpack_request_header
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thread_per_request_leaves_no_sockets_behind(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    s = dx.session("p")
+    assert s.eval("1") == 1
+    before = open_fds()
+    errors: list[BaseException] = []
+
+    def one_call(i: int) -> None:
+        try:
+            assert dx.call("builtins", "abs", [-i], pool="p") == i
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    for round_ in range(10):
+        threads = [threading.Thread(target=one_call, args=(round_ * 20 + i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    # 200 threads, each gone: the client keeps at most its idle pool, not a socket per thread
+    assert dx.open_sockets <= IDLE_SOCKETS
+    # each socket costs ~3 descriptors (mailbox, connection, monitor pair), which zmq's I/O thread
+    # frees shortly after close: 200 leaked sockets would be ~600
+    wait_for(lambda: open_fds() - before <= 100, timeout=10, what=f"descriptors released ({open_fds() - before} more)")
+
+
+class SilentBroker:
+    """A ROUTER that takes requests and never answers (a wedged broker or a lost reply)."""
+
+    def __init__(self, path: str) -> None:
+        self.endpoint = f"ipc://{path}"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        self.headers: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(50):
+                frames = self.sock.recv_multipart()
+                self.headers.append(unpack_request_header(frames[1]))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def test_no_reply_is_timeout_stopped_false_after_deadline_plus_grace(short_tmp: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "REPLY_GRACE", 0.6)
+    broker = SilentBroker(str(Path(short_tmp) / "silent.sock"))
+    try:
+        with dspex.connect(broker.endpoint, timeout=0.4) as dx:
+            s = dx.session("p")
+            started = time.monotonic()
+            with pytest.raises(dspex.Timeout) as info:
+                s.run(len, [1])
+            waited = time.monotonic() - started
+            assert info.value.details["stopped"] is False and "may still be running" in str(info.value)
+            assert isinstance(info.value, dspex.MayHaveRun)
+            assert 0.95 <= waited < 5, waited  # the deadline (0.4) + the grace (0.6), not the deadline alone
+            wait_for(lambda: broker.headers, timeout=5, what="request seen")
+            assert broker.headers[0].timeout_ms == 400 and broker.headers[0].op == "apply"
+            # broker ops have no worker to wait for: no grace
+            started = time.monotonic()
+            with pytest.raises(dspex.Timeout):
+                dx.ping()
+            assert time.monotonic() - started < 0.95
+    finally:
+        broker.close()
+
+
+def test_nothing_listening_and_closed_client_are_broker_unreachable(short_tmp: str, stack: Stack) -> None:
+    stale = Path(short_tmp) / "stale.sock"
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(stale))
+    listener.close()  # the file stays, nobody listens: a broker that died
+    dx = dspex.connect(f"ipc://{stale}", timeout=5)
+    try:
+        with pytest.raises(dspex.BrokerUnreachable) as info:
+            dx.session("p").run(len, [])
+        assert isinstance(info.value, dspex.DidNotRun)
+    finally:
+        dx.close()
+    live = stack.pool("p:strict_queue", 1, "--no-dspy")
+    live.close()
+    with pytest.raises(dspex.BrokerUnreachable):
+        live.session("p").eval("1")
+
+
+def test_broker_death_mid_call_is_connection_lost(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert s.eval("1") == 1
+    errors: list[BaseException] = []
+
+    def slow() -> None:
+        try:
+            s.run(time.sleep, 10)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(lambda: stack.workers("p")[0].get("state") == "busy" or stack.workers("p")[0].get("inflight"),
+             timeout=10, what="call running")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    t.join(15)
+    assert len(errors) == 1 and isinstance(errors[0], dspex.ConnectionLost), errors
+    assert isinstance(errors[0], dspex.MayHaveRun)
+
+
+def test_sync_and_async_clients_replace_a_socket_broken_by_an_oversized_reply(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))  # these clients accept at most 1 MiB
+    small = stack.client()
+    s = small.session("p")
+    with pytest.raises(dspex.ConnectionLost):
+        s.eval("b'x' * (2 << 20)", timeout=10)  # zmq drops the connection and never reconnects it
+    assert s.eval("2 + 2") == 4  # a fresh socket
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=10) as dx:
+            a = dx.session("p")
+            with pytest.raises(dspex.ConnectionLost):
+                await a.eval("b'x' * (2 << 20)")
+            assert await a.eval("3 + 3") == 6
+            assert dx.replaced_sockets == 1
+
+    asyncio.run(main())
+
+
+def test_timeout_the_worker_stopped_arrives_typed_and_the_session_goes_on(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.run(setattr, __import__("sys"), "dspex_marker", 41)  # session state that must survive
+    started = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.apply(time.sleep, [30], timeout=1.0)
+    assert info.value.details.get("stopped") is True and not info.value.details.get("hard")
+    assert time.monotonic() - started < 1.0 + core.REPLY_GRACE  # the worker's reply, not the client's wait
+    assert s.run(lambda: __import__("sys").dspex_marker + 1) == 42
+
+
+def stubborn(seconds: float) -> str:
+    """Ignores every interruption (as code with a bare ``except BaseException`` would)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # noqa: BLE001 - the point of the test
+            pass
+    return "finished"
+
+
+def test_hard_timeout_reply_arrives_within_the_client_grace(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert s.eval("1") == 1
+    assert s.run(stubborn, 0.01) == "finished"
+    with pytest.raises(dspex.Timeout) as info:
+        s.apply(stubborn, [60], timeout=1.0)
+    # the worker replied (stopped, hard) before the client's own deadline + grace ran out
+    assert info.value.details.get("stopped") is True and info.value.details.get("hard") is True, info.value.details
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.eval("1")
+
+
+def test_concurrent_async_calls_after_a_break_share_one_replacement(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=10) as dx:
+            s = [dx.session("p") for _ in range(8)]
+            with pytest.raises(dspex.ConnectionLost):
+                await s[0].eval("b'x' * (2 << 20)")
+            assert await asyncio.gather(*(x.eval(f"{i} * 2") for i, x in enumerate(s))) == [i * 2 for i in range(8)]
+            assert dx.replaced_sockets == 1
+
+    asyncio.run(main())

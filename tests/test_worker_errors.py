@@ -1,0 +1,107 @@
+"""User code never takes a worker down; every exception comes back as a typed RemoteError."""
+
+from __future__ import annotations
+
+import pickle
+import textwrap
+
+import pytest
+
+import dspex
+from conftest import Stack
+
+RAISERS = {
+    "SystemExit": ("raise SystemExit(3)", "SystemExit"),
+    "sys.exit": ("import sys; sys.exit('bye')", "SystemExit"),
+    "KeyboardInterrupt": ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    "GeneratorExit": ("raise GeneratorExit", "GeneratorExit"),
+    "argparse": ("import argparse; argparse.ArgumentParser().parse_args(['--nope'])", "SystemExit"),
+    "lone surrogate": ("raise ValueError('bad \\udcff byte')", "ValueError"),
+    "raising __str__": (textwrap.dedent("""
+        class Weird(Exception):
+            def __str__(self):
+                raise RuntimeError('no str for you')
+        raise Weird('payload')
+    """), "Weird"),
+}
+
+
+def _original(err: dspex.RemoteError) -> BaseException:
+    """The exception by value, as the worker pickled it into the payload."""
+    pickled = err.details.get("pickled")
+    assert isinstance(pickled, bytes), "the payload carries the pickled exception"
+    loaded = pickle.loads(pickled)
+    assert isinstance(loaded, BaseException)
+    return loaded
+
+
+def test_user_exceptions_never_end_the_worker(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = s.call("os", "getpid")
+    s.exec("state = 'kept'")
+    for name, (source, type_name) in RAISERS.items():
+        with pytest.raises(dspex.RemoteError) as info:
+            s.exec(source)
+        err = info.value
+        assert err.details["type"] == type_name, name
+        assert err.remote_traceback, name
+        if name == "lone surrogate":
+            assert "\\udcff" in err.message
+        if name == "raising __str__":
+            assert "Weird" in err.message  # repr stands in for the raising __str__
+        assert s.call("os", "getpid") == pid, f"{name} ended the worker"
+    assert s.eval("state") == "kept"
+    # a generator raising SystemExit while streamed is contained too
+    s.exec("def gen():\n    yield 1\n    raise SystemExit(1)\n")
+    stream = s.stream_eval("gen()")
+    with pytest.raises(dspex.RemoteError, match="SystemExit"):
+        list(stream)
+    assert s.call("os", "getpid") == pid
+    assert stack.workers("p")[0]["pid"] == pid
+
+
+def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec(textwrap.dedent("""
+        class ParseFailure(Exception):
+            def __init__(self, message, lm_response):
+                super().__init__(message)
+                self.lm_response = lm_response
+    """))
+    with pytest.raises(dspex.RemoteError) as info:
+        s.exec("raise ParseFailure('could not parse', lm_response='[[ answer ]]')")
+    err = info.value
+    assert err.details["type"] == "ParseFailure"
+    assert err.details["module"].startswith("dspex_session_")
+    original = _original(err)
+    assert type(original).__name__ == "ParseFailure"
+    assert original.lm_response == "[[ answer ]]"  # type: ignore[attr-defined]
+    with pytest.raises(dspex.RemoteError) as info:
+        s.eval("1 / 0")
+    assert isinstance(_original(info.value), ZeroDivisionError)
+    # an exception that cannot be pickled still comes back, without the pickle
+    with pytest.raises(dspex.RemoteError) as info:
+        s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\nraise e")
+    assert info.value.details["type"] == "ValueError" and "pickled" not in info.value.details
+
+
+class ExitsOnLoad:
+    """Unpickling it on the worker raises SystemExit (user code runs in __setstate__)."""
+
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: object) -> None:
+        raise SystemExit("no")
+
+
+def test_an_argument_that_exits_while_unpickled_is_contained(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = s.call("os", "getpid")
+    with pytest.raises(dspex.RemoteError) as info:
+        s.run(lambda x: 1, ExitsOnLoad())
+    assert info.value.details["type"] == "SystemExit"
+    assert s.call("os", "getpid") == pid

@@ -1,0 +1,173 @@
+"""Per-session DSPy settings on a worker shared by many sessions.
+
+DSPy keeps one process-wide configuration (``main_thread_config``), changed by ``dspy.configure``
+/ ``dspy.settings.configure`` / ``dspy.settings.X = ...`` (all three end in
+``Settings.configure``), owned by the first thread that configured it, and per-context overrides
+(``dspy.context``, a contextvar). On a worker:
+
+- ``Settings.configure`` is replaced: called inside a session's call, it stores the values on the
+  session and applies them to the rest of the call; outside any session it is DSPy's own.
+  So every spelling works from any thread (no "can only be changed by the thread that initially
+  configured it") and one session never sees another's LM. A new session sees DSPy's defaults.
+- Each call runs inside ``dspy.context(**session settings)``; ``dspy.context`` in user code nests
+  inside it as usual.
+- On a capacity-1 worker the session's settings are also written into the process-wide
+  configuration for the duration of the call (and restored after), so threads user code starts
+  (which do not inherit contextvars) see them, as they would in-process. On a capacity-N worker
+  calls of several sessions run at once, so a bare ``threading.Thread`` started by user code sees
+  DSPy's defaults; DSPy's own ``Parallel``/``asyncify`` copy the context and see the session's.
+- DSPy's global LM history (``dspy.inspect_history()``) is per session too, and bounded by the
+  worker's ``--lm-history``: one session never sees another's prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import threading
+from typing import Any, Callable, Iterator
+
+from worker import limits
+from worker.refs import SessionState
+
+# The session a request runs in; read by the configure interceptor.
+current_session: contextvars.ContextVar[SessionState | None] = contextvars.ContextVar(
+    "dspex_session", default=None)
+
+
+class SessionHistory(list):  # type: ignore[type-arg]
+    """Stands in for ``dspy.clients.base_lm.GLOBAL_HISTORY``: each session's own list.
+
+    DSPy appends to and reads that module global in place (``record_history``,
+    ``inspect_history``); every list operation it uses goes to the current session's list
+    (outside a session: this object's own storage).
+    """
+
+    def __init__(self, limit: int, fallback: Callable[[], SessionState | None]) -> None:
+        super().__init__()
+        self.limit = limit
+        self.fallback = fallback  # the session a thread without one works for (capacity 1)
+
+    def _target(self) -> list[Any]:
+        state = current_session.get() or self.fallback()
+        return state.lm_history if state is not None else self  # list.* on self: its own storage
+
+    def append(self, entry: Any) -> None:
+        target = self._target()
+        list.append(target, entry)
+        if len(target) > self.limit:
+            del target[: len(target) - self.limit]
+
+    def pop(self, index: Any = -1) -> Any:
+        return list.pop(self._target(), index)
+
+    def clear(self) -> None:
+        list.clear(self._target())
+
+    def __len__(self) -> int:
+        return list.__len__(self._target())
+
+    def __bool__(self) -> bool:
+        return list.__len__(self._target()) > 0
+
+    def __getitem__(self, index: Any) -> Any:
+        return list.__getitem__(self._target(), index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return list.__iter__(self._target())
+
+    def __repr__(self) -> str:
+        return list.__repr__(self._target())
+
+
+class SessionSettings:
+    """Installs the interceptor once per process; scopes each call in its session's settings."""
+
+    def __init__(self, process_wide: bool) -> None:
+        self.process_wide = process_wide  # capacity 1: apply the settings process-wide per call
+        self._dspy: Any = None
+        self._module: Any = None
+        self._process_owner: SessionState | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._dspy is not None
+
+    def install(self, max_history: int = 200) -> None:
+        import dspy
+
+        # the module, not the `settings` object that dspy.dsp.utils re-exports under that name
+        module = importlib.import_module("dspy.dsp.utils.settings")
+        dspy.configure(max_history_size=max_history)  # the main thread owns the process config
+        cls = type(dspy.settings)
+        original = cls.configure
+        if getattr(original, "_dspex", False):
+            return
+        scoped = self
+
+        def configure(settings: Any, **kwargs: Any) -> None:
+            state = current_session.get()
+            if state is None:
+                original(settings, **kwargs)
+                return
+            scoped._configure(state, kwargs)
+
+        configure.__doc__ = original.__doc__
+        configure._dspex = True  # type: ignore[attr-defined]
+        cls.configure = configure  # dspy.settings.configure and dspy.settings.X = ... go here
+        dspy.configure = dspy.settings.configure  # the alias was bound to the original at import
+        base_lm: Any = importlib.import_module("dspy.clients.base_lm")
+        history = SessionHistory(max_history, lambda: self._process_owner)
+        list.extend(history, base_lm.GLOBAL_HISTORY)
+        base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
+        self._module = module
+        self._dspy = dspy
+
+    def _configure(self, state: SessionState, kwargs: dict[str, Any]) -> None:
+        module = self._module
+        state.dspy_settings.update(kwargs)
+        # visible for the rest of this call (the enclosing dspy.context restores it after)
+        overrides = module.thread_local_overrides.get()
+        module.thread_local_overrides.set(type(overrides)({**overrides, **kwargs}))
+        if self._process_owner is state:
+            module.main_thread_config.update(kwargs)
+
+    @contextlib.contextmanager
+    def scope(self, state: SessionState) -> Iterator[None]:
+        token = current_session.set(state)
+        try:
+            if self._dspy is None:
+                yield
+                return
+            # a trace of its own: DSPy appends to the configured list in place
+            state.dspy_settings.setdefault("trace", [])
+            # start from no overrides: nothing a cut-short earlier call left on this thread leaks in
+            overrides = self._module.thread_local_overrides
+            base = overrides.set(type(overrides.get())())
+            try:
+                with self._process_config(state), self._dspy.context(**state.dspy_settings):
+                    yield
+            finally:
+                overrides.reset(base)
+        finally:
+            current_session.reset(token)
+
+    @contextlib.contextmanager
+    def _process_config(self, state: SessionState) -> Iterator[None]:
+        if not self.process_wide:
+            yield
+            return
+        config = self._module.main_thread_config
+        with self._lock:
+            saved = dict(config)
+            config.update(state.dspy_settings)
+            self._process_owner = state
+        try:
+            yield
+        finally:
+            with limits.protected(), self._lock:  # a soft limit must not leave the session's LM behind
+                self._process_owner = None
+                config.clear()
+                config.update(saved)

@@ -1,0 +1,261 @@
+"""Call deadlines enforced on the worker: a soft limit that stops the call, a hard limit after it.
+
+Soft limit (as Celery's): at the deadline :class:`CallTimedOut` is raised into the running call.
+It derives from ``BaseException`` so user code's ``except Exception`` does not swallow it.
+
+- A call on the main thread (capacity-1 workers) gets it from a signal handler: the watchdog
+  sends SIGINT to the main thread, which interrupts ``time.sleep`` and blocking socket reads
+  (PEP 475: a handler that raises ends the retried system call). SIGINT, not SIGALRM, because
+  it is how Python code is interrupted in-process (Ctrl-C) and code that runs threads listens
+  for it: DSPy's ``ParallelExecutor`` (``Evaluate``, ``Parallel``, ``batch``) chains its own
+  SIGINT handler while it runs and cancels its queued jobs. A SIGINT that is not a soft limit
+  (an operator's Ctrl-C) goes to the handler the worker had installed (stop the worker).
+- A call on a pool thread (capacity > 1) gets it through ``PyThreadState_SetAsyncExc``: raised at
+  the next bytecode the thread runs (a thread blocked in C sees it when the C call returns).
+  There is no SIGINT for DSPy's ``ParallelExecutor`` to hear, so the watchdog sets the
+  ``cancel_jobs`` event of any executor the call's thread is running (found on its stack), which
+  is what its SIGINT handler would do.
+
+Hard limit: a call still running ``grace`` seconds after its deadline cannot be stopped; the
+watchdog calls ``on_hard`` (the worker replies ``Timeout(hard=True)``, says goodbye to the
+broker and exits; supervisord starts a fresh process).
+
+Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
+:func:`protected`; a soft limit arriving there is raised when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import itertools
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("dspex.worker")
+
+DEFAULT_GRACE = 5.0
+
+
+class CallTimedOut(BaseException):
+    """Raised into a call that ran past its deadline (the soft limit)."""
+
+
+@dataclass
+class _Call:
+    deadline: float
+    thread: int
+    on_hard: Callable[[], None]
+    soft_sent: bool = False
+    done: bool = False
+    timed_out: bool = False
+    token: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    watchdog: "Watchdog | None" = None
+    thread_state: "_ThreadState | None" = None
+
+    def extend(self, seconds: float) -> None:
+        """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
+        if self.watchdog is not None and not self.soft_sent:
+            self.watchdog._push(self, time.monotonic() + seconds)
+
+
+@dataclass
+class _ThreadState:
+    active: _Call | None = None
+    protected: int = 0
+    pending: bool = False  # a soft limit arrived while protected
+
+
+_local = threading.local()
+
+
+def _state() -> _ThreadState:
+    st: _ThreadState | None = getattr(_local, "st", None)
+    if st is None:
+        st = _local.st = _ThreadState()
+    return st
+
+
+@contextlib.contextmanager
+def protected() -> Iterator[None]:
+    """Defer a soft limit until the block ends (never split a zmq multipart send)."""
+    st = _state()
+    st.protected += 1
+    try:
+        yield
+    finally:
+        st.protected -= 1
+        if st.protected == 0 and st.pending and st.active is not None and not st.active.done:
+            st.pending = False
+            st.active.timed_out = True
+            raise CallTimedOut("the call ran past its deadline")
+
+
+_limit_signals = 0  # soft-limit SIGINTs sent and not handled yet
+_previous_sigint: Any = signal.default_int_handler
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _limit_signals
+    if _limit_signals <= 0:
+        if callable(_previous_sigint):
+            _previous_sigint(signum, frame)  # a real SIGINT: the worker's own handler
+        return
+    _limit_signals -= 1
+    st = _state()  # always the main thread: Python runs signal handlers there
+    call = st.active
+    if call is None or call.done or not call.soft_sent:
+        return  # a stale signal: the call it was meant for has ended
+    if st.protected:
+        st.pending = True
+        return
+    call.timed_out = True
+    raise CallTimedOut("the call ran past its deadline")
+
+
+def _cancel_parallel_jobs(thread_id: int) -> None:
+    """Set ``cancel_jobs`` of DSPy ``ParallelExecutor``s running on the thread's stack."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        event = getattr(owner, "cancel_jobs", None) if owner is not None else None
+        if isinstance(event, threading.Event) and type(owner).__name__ == "ParallelExecutor":
+            event.set()
+        frame = frame.f_back
+
+
+def _async_raise(thread_id: int) -> bool:
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CallTimedOut))
+    return int(n) == 1
+
+
+class Watchdog:
+    """One thread per worker: sends the soft limit at each call's deadline, the hard one after.
+
+    It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
+    next limit among them. A new call wakes it only when its deadline is earlier than that, so
+    the usual call (a deadline later than the one it sleeps for) costs no thread switch.
+    """
+
+    def __init__(self, grace: float = DEFAULT_GRACE) -> None:
+        self.grace = grace
+        self._cond = threading.Condition()
+        self._calls: dict[int, _Call] = {}
+        self._wake_at = math.inf
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._main = threading.main_thread().ident
+        self._signal_installed = False
+
+    def _start(self) -> None:
+        if self._thread is None:
+            if threading.current_thread() is threading.main_thread() and not self._signal_installed:
+                global _previous_sigint
+                _previous_sigint = signal.getsignal(signal.SIGINT)
+                signal.signal(signal.SIGINT, _on_sigint)
+                self._signal_installed = True
+            self._thread = threading.Thread(target=self._loop, name="dspex-watchdog", daemon=True)
+            self._thread.start()
+
+    def install(self) -> None:
+        """From the main thread, before any call: the SIGINT handler and the watchdog thread."""
+        with self._cond:
+            self._start()
+
+    @contextlib.contextmanager
+    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call | None]:
+        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit)."""
+        if deadline is None:
+            yield None
+            return
+        st = _state()
+        call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids), watchdog=self)
+        if call.thread == self._main and not self._signal_installed:
+            # no raising handler on this main thread: only the hard limit applies
+            call.soft_sent = True
+        call.thread_state = st
+        outer = st.active
+        st.active = call
+        with self._cond:
+            self._start()
+            self._calls[call.token] = call
+            if deadline < self._wake_at:
+                self._cond.notify()
+        try:
+            yield call
+        finally:
+            with call.lock:
+                call.done = True
+                if call.timed_out and call.thread != self._main:
+                    # an async exception not yet delivered must not hit the worker's own code
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
+            with self._cond:
+                self._calls.pop(call.token, None)
+            st.active = outer
+            st.pending = False
+            if call.thread == self._main and self._signal_installed \
+                    and signal.getsignal(signal.SIGINT) is not _on_sigint:
+                signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
+
+    def _push(self, call: _Call, deadline: float) -> None:
+        with self._cond:
+            call.deadline = deadline  # later: the watchdog finds it not due yet when it wakes
+            if deadline < self._wake_at:
+                self._cond.notify()
+
+    def _next(self, call: _Call) -> float:
+        return call.deadline + self.grace if call.soft_sent else call.deadline
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
+                    if due:
+                        break
+                    self._wake_at = min((self._next(c) for c in self._calls.values()), default=math.inf)
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                for c in due:
+                    if c.soft_sent:
+                        self._calls.pop(c.token, None)  # the hard limit acts once
+            for call in due:
+                if not call.soft_sent:
+                    call.soft_sent = True
+                    self._soft(call)
+                else:
+                    log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
+                    try:
+                        call.on_hard()
+                    except Exception:  # noqa: BLE001 - the watchdog must survive
+                        log.exception("hard time limit handler failed")
+
+    def _soft(self, call: _Call) -> None:
+        if call.thread == self._main:
+            global _limit_signals
+            _limit_signals += 1
+            try:
+                signal.pthread_kill(call.thread, signal.SIGINT)
+            except (ProcessLookupError, OSError):
+                _limit_signals -= 1
+        else:
+            with call.lock:
+                st = call.thread_state
+                if call.done:
+                    return
+                if st is not None and st.protected:
+                    st.pending = True  # raised when the protected block ends
+                    return
+                call.timed_out = True
+                _async_raise(call.thread)
+            try:
+                _cancel_parallel_jobs(call.thread)
+            except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way
+                log.exception("could not cancel the call's parallel jobs")

@@ -1,0 +1,137 @@
+"""Each session's own module: exec'd and bound code behaves like module-level code.
+
+Code a session runs through ``exec``/``eval`` is compiled with ``dont_inherit=True`` (the worker's
+own ``from __future__`` flags must not turn user annotations into strings), into a module of its
+own registered in ``sys.modules`` (so classes get a real ``__module__``, Pydantic resolves
+forward references, pickle finds them) and marked for cloudpickle's by-value pickling (so they
+can travel back to the client). The source goes into ``linecache`` under the module's
+``__file__``, as IPython does for cells, so ``inspect.getsource`` works for functions and classes
+(dspy.Refine and SIMBA read source).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import linecache
+import sys
+import threading
+import types
+from typing import Any
+
+import cloudpickle
+
+from worker.refs import SessionState
+
+_PREFIX = "dspex_session_"
+_serial = itertools.count(1)
+_lock = threading.Lock()
+
+
+def session_module(state: SessionState) -> types.ModuleType:
+    """The session's module, made on first use."""
+    module = state.module
+    if module is None:
+        with _lock:
+            module = state.module
+            if module is None:
+                name = f"{_PREFIX}{state.id[:16]}_{next(_serial)}"
+                module = types.ModuleType(name, f"dspex session {state.id[:8]}")
+                module.__file__ = f"<{name}>"
+                module.__dict__["__builtins__"] = __builtins__
+                sys.modules[name] = module
+                cloudpickle.register_pickle_by_value(module)
+                linecache.cache[module.__file__] = (0, None, [], module.__file__)
+                state.module = module
+    return module
+
+
+def namespace(state: SessionState) -> dict[str, Any]:
+    return session_module(state).__dict__
+
+
+def compile_eval(source: str) -> types.CodeType:
+    """An expression: no inherited flags; not kept in linecache (an eval loop must not grow it)."""
+    return compile(source, "<dspex eval>", "eval", dont_inherit=True)
+
+
+def compile_in_session(state: SessionState, source: str, mode: str = "exec") -> types.CodeType:
+    """Compile ``source`` as the next lines of the session module's file.
+
+    Every piece of code a session runs is appended to one linecache entry (the module's
+    ``__file__``); it is compiled padded with blank lines to its offset there, so tracebacks and
+    ``inspect.getsource`` of functions and classes see the right lines.
+    """
+    module = session_module(state)
+    filename = module.__file__
+    assert filename is not None
+    with _lock:
+        entry = linecache.cache.get(filename)
+        lines = list(entry[2]) if entry is not None and len(entry) == 4 else []
+        offset = len(lines)
+        text = source if source.endswith("\n") else source + "\n"
+        lines.extend(text.splitlines(keepends=True))
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return compile("\n" * offset + source, filename, mode, dont_inherit=True)
+
+
+def drop_session_module(state: SessionState) -> None:
+    """Forget a closed session's module (sys.modules, cloudpickle, linecache)."""
+    module = state.module
+    if module is None:
+        return
+    state.module = None
+    try:
+        cloudpickle.unregister_pickle_by_value(module)
+    except ValueError:
+        pass
+    sys.modules.pop(module.__name__, None)
+    if module.__file__:
+        linecache.cache.pop(module.__file__, None)
+    # the module's dict stays as it is: functions of it may still run (a thread the session
+    # started) and are freed with their last reference
+
+
+def _class_file(cls: type) -> str | None:
+    """The file a class's own methods were compiled from (its source is there)."""
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", value)  # classmethod / staticmethod
+        func = getattr(func, "fget", func)  # property
+        code = getattr(func, "__code__", None)
+        own = str(getattr(func, "__qualname__", "")).startswith(cls.__qualname__ + ".")
+        if code is not None and own and code.co_filename != "<string>":  # dataclass-made: <string>
+            return str(code.co_filename)
+    return None
+
+
+_delegate = inspect.getfile  # what ``inspect.getfile`` was before (dspy patches it too)
+
+
+def _getfile(obj: Any) -> str:
+    """``inspect.getfile`` that finds classes sent by value or defined in a session.
+
+    For a class, ``inspect`` reads ``sys.modules[cls.__module__].__file__``: wrong for a class that
+    arrived by value (its ``__module__`` is the client's ``__main__`` or test module, which on the
+    worker is another file or nothing). Its methods' code knows the file they came from, whose
+    lines the codec put in ``linecache``.
+    """
+    if inspect.isclass(obj):
+        module = sys.modules.get(obj.__module__)
+        if module is None or not getattr(module, "__file__", None) or obj.__module__ == "__main__":
+            own = _class_file(obj)
+            if own is not None:
+                return own
+    return _delegate(obj)
+
+
+def install_getsource() -> None:
+    """Let ``inspect.getsource`` find by-value and session classes.
+
+    Again after importing dspy: ``dspy.teleprompt.utils`` replaces ``inspect.getfile`` with one
+    that answers ``sys.modules["__main__"].__file__`` for a class of ``__main__`` (on a worker,
+    worker/__main__.py); ours goes first and hands everything else to it.
+    """
+    global _delegate
+    if inspect.getfile is not _getfile:
+        _delegate = inspect.getfile
+        inspect.getfile = _getfile  # type: ignore[assignment]

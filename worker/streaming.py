@@ -1,0 +1,176 @@
+"""Results that are not plain values: streams, progress events, awaitables.
+
+- :class:`StreamControl`: credit-based flow control and cancellation of one streamed call.
+- :func:`progress_scope`: dspy/gepa log records and ``dspex.progress.report`` as progress events.
+- :func:`resolve_awaitable`: an awaitable result (``acall``, ``aforward``, ``dspy.asyncify``) is
+  awaited on a private event loop, so the caller gets its value, as ``await`` would.
+- :func:`drain`: the items of any iterable or async iterable, sent as partial replies. An async
+  generator is driven by one task for its whole life: anyio cancel scopes (dspy.streamify) must
+  be entered and left in the same task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+from typing import Any, Callable, Iterator
+
+from dspex import codec, progress
+from dspex.errors import Cancelled, DspexError
+from dspex.protocol import Status
+from dspex.ref import Ref
+from worker import limits
+from worker.remote_errors import remote_error
+
+log = logging.getLogger("dspex.worker")
+
+Encode = Callable[[Any], list[Any]]
+
+
+class StreamControl:
+    """Flow control of one streamed call: credit from the consumer, and cancellation.
+
+    The producer may run ``window`` items ahead of the consumer's acknowledgements, so a slow
+    consumer makes the producer wait instead of making the broker buffer without bound.
+    """
+
+    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float) -> None:
+        self._emit = emit
+        self._cond = threading.Condition()
+        self.credit = window
+        self.cancelled = False
+        self.stall_timeout = stall_timeout
+
+    def add_credit(self, n: int) -> None:
+        with self._cond:
+            self.credit += n
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def send(self, kind: str, frames: list[Any]) -> bool:
+        """Send one item, progress or output event; False once the consumer cancelled or went away."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
+                log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
+                self.cancelled = True
+            if self.cancelled:
+                return False
+            self.credit -= 1
+        with limits.protected():  # a soft time limit must never cut a multipart reply in two
+            self._emit(kind, frames)
+        return True
+
+
+class _ProgressLogHandler(logging.Handler):
+    """Forwards dspy/gepa log records of one call's thread as progress events."""
+
+    def __init__(self, stream: StreamControl) -> None:
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread or not record.name.startswith(("dspy", "gepa")):
+            return
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        self.stream.send(Status.PROGRESS.value, codec.encode({"log": record.name, "message": message[:2000]}))
+
+
+@contextlib.contextmanager
+def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
+    if stream is None:
+        yield
+        return
+
+    def report(data: Any) -> None:
+        stream.send(Status.PROGRESS.value, codec.encode(data, to_ref=to_ref))
+
+    handler = _ProgressLogHandler(stream)
+    # dspy's logger does not propagate to the root: listen on it directly
+    loggers = [logging.getLogger()] + [
+        lg for lg in (logging.getLogger("dspy"), logging.getLogger("gepa")) if not lg.propagate]
+    for lg in loggers:
+        lg.addHandler(handler)
+    token = progress.current_reporter.set(report)
+    try:
+        yield
+    finally:
+        progress.current_reporter.reset(token)
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine to its end on a private loop (the worker thread has none running)."""
+    return asyncio.run(coro)
+
+
+def resolve_awaitable(result: Any) -> Any:
+    """``await`` an awaitable result (repeatedly: a coroutine may return another one)."""
+    while inspect.isawaitable(result):
+        async def wait(aw: Any = result) -> Any:
+            return await aw
+
+        result = _run(wait())
+    return result
+
+
+def is_iterable(result: Any) -> bool:
+    return hasattr(result, "__iter__") or hasattr(result, "__aiter__")
+
+
+def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
+    """Send the items of ``result`` as partial replies; ``{"items": n}`` at the end.
+
+    A consumer that cancels stops the producer (its ``finally`` blocks run now).
+    """
+    if hasattr(result, "__aiter__"):
+        summary: dict[str, Any] = _run(_drain_async(result, stream, encode))
+        return summary
+    count = 0
+    iterator = iter(result)
+    try:
+        for item in iterator:
+            _send_item(stream, encode, item, count)
+            count += 1
+    finally:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()  # runs a generator's finally blocks now, not at garbage collection
+    return {"items": count}
+
+
+async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
+    count = 0
+    iterator = result.__aiter__()
+    try:
+        async for item in iterator:
+            # sending may wait for credit: blocking this loop is fine, it serves only this stream
+            _send_item(stream, encode, item, count)
+            count += 1
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if callable(aclose):
+            await aclose()
+    return {"items": count}
+
+
+def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> None:
+    try:
+        frames = encode(item)
+    except DspexError:
+        raise
+    except Exception as exc:
+        raise remote_error(exc) from None
+    if not stream.send(Status.PARTIAL.value, frames):
+        raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)
