@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -31,6 +33,10 @@ from dspex.errors import (
     PoolSaturated,
     ProtocolError,
     QueueTimeout,
+    Refused,
+    SessionClosed,
+    SessionNotYours,
+    SessionPoolMismatch,
     SessionQuotaExceeded,
     SessionWorkerUnavailable,
     UnknownOp,
@@ -38,6 +44,7 @@ from dspex.errors import (
     WorkerCrashed,
 )
 from dspex.protocol import (
+    B_BYE,
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,
@@ -50,11 +57,13 @@ from dspex.protocol import (
     HEARTBEAT_LIVENESS,
     STREAM_OPS,
     W_DISCONNECT,
+    W_DRAIN,
     W_HEARTBEAT,
     W_PARTIAL,
     W_READY,
     W_REPLY,
     WORKER_OPS,
+    BUDGET_EPHEMERAL,
     Affinity,
     Op,
     Status,
@@ -64,8 +73,8 @@ from dspex.protocol import (
     unpack_request_header,
 )
 from broker.nudge import SupervisorNudge
-from broker.security import secure_server, start_authenticator
-from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
+from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
+from broker.state import GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord, percentile
 from dspex.pools import PoolConfig
 
 log = logging.getLogger("dspex.broker")
@@ -75,6 +84,10 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 _SWEEP_EVERY = 0.05
 _MIN_WORKER_AGE = 2.0  # policy never retires a worker younger than this (seconds)
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
+# A worker's monitor disconnect is acted on this long after it is seen: the goodbye it queued
+# before closing may still be on its way through the backend socket (a clean exit is no crash).
+_GOODBYE_GRACE = 0.02
+_CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
 @dataclass
@@ -102,6 +115,10 @@ class Broker:
         self.pools: dict[str, Pool] = {p.name: Pool(p) for p in options.pools}
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
+        self.closed = Tombstones()  # closed and expired session ids: late calls get SessionClosed
+        self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
+        self._admins: Callable[[], set[str]] | None = None  # z85 keys allowed admin ops (None: everyone)
         self.gone = GoneWorkers()
         self.fd_worker: dict[int, bytes] = {}
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
@@ -109,8 +126,12 @@ class Broker:
         self._booted = time.monotonic()
         # strict calls pinned to an incarnation not (yet) registered with this young broker
         self.awaiting: dict[bytes, tuple[Pool, deque[Pending]]] = {}
-        self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0,
+                         "replies_dropped_slow_client": 0, "replies_to_gone_clients": 0}
+        self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
+        self._slow_clients: set[bytes] = set()
         self._stop = False
+        self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
         self.frontend: zmq.Socket[Any]
@@ -126,19 +147,27 @@ class Broker:
                 raise ConfigError(
                     f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
                     "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
-            self._auth = start_authenticator(self.ctx, self.options.curve_allowed_dir)
+            self._auth, admins = start_authenticator(self.ctx, self.options.curve_allowed_dir)
+            if admins is not None and self.options.frontend.startswith("tcp://"):
+                self._admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
-        for sock, endpoint in ((self.frontend, self.options.frontend), (self.backend, self.options.backend)):
+        for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
+                                      (self.backend, self.options.backend, WORKERS)):
             config.tune_socket(sock, max_message=max_message)
-            sock.setsockopt(zmq.SNDHWM, 0)
+            # bounded replies per client (frontend); workers' queues are bounded by pool limits
+            sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             config.prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
-                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public)
+                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
             sock.bind(endpoint)
-        # a send to a worker whose connection is already gone raises instead of vanishing
+            if endpoint.startswith("ipc://"):  # ours to unlink at exit, and only this very file
+                self._bound[endpoint[len("ipc://"):]] = os.stat(endpoint[len("ipc://"):]).st_ino
+        # a send to a worker whose connection is already gone raises instead of vanishing; on the
+        # frontend, a full or gone client raises too (counted in _to_client), never blocks
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
         # that identity (and its requests) and cuts the real worker off. A worker's own stale
         # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
@@ -160,12 +189,13 @@ class Broker:
                 sock.close(0)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
         # a client would then wait out its timeout on a file nobody listens on
-        for endpoint in (self.options.frontend, self.options.backend):
-            if endpoint.startswith("ipc://"):
-                try:
-                    os.unlink(endpoint[len("ipc://"):])
-                except OSError:
-                    pass
+        # (only files this broker bound: never another live stack's sockets)
+        for path, inode in self._bound.items():
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -177,11 +207,15 @@ class Broker:
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stop:
             timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
+            if self._disconnects:
+                timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(int(timeout * 1000)))
-            if self.monitor in events:
-                self._drain_monitor()
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
+            if self.monitor in events:
+                self._drain_monitor()
+            if self._disconnects:
+                self._settle_disconnects()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_frontend)
             now = time.monotonic()
@@ -218,29 +252,38 @@ class Broker:
             self._error(client, 0, err)
             return
         op = header.op
+        owner = self._identity(frames[1])
         if op in WORKER_OPS:
             now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
-            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline)
+            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
             self._route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
                 args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
                 if not isinstance(args, dict):
                     raise ProtocolError("broker op arguments must be a map")
-                result = self._admin(op, header.session, header.pool, args)
+                result = self._admin(op, header.session, header.pool, args, owner)
             except DspexError as err:
                 self._error(client, header.req_id, err)
             except Exception as exc:
                 self._error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
             else:
-                self.frontend.send_multipart(
-                    [client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)]
-                )
+                self._to_client([client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)])
         elif op in STREAM_OPS:
             self._stream_control(client, header.req_id, header.pool, op, frames)
         else:
             self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+
+    def _identity(self, frame: zmq.Frame) -> str:
+        """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
+        every peer is our own uid (the run directory is 0700), so all share one identity."""
+        if not self.options.frontend.startswith("tcp://"):
+            return ""
+        try:
+            return str(frame.get("User-Id"))
+        except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
+            return ""
 
     def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
         key = (client, req_id)
@@ -267,9 +310,28 @@ class Broker:
                     return
 
     def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
-        self.frontend.send_multipart(
-            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)]
-        )
+        self._to_client(
+            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)])
+
+    def _to_client(self, frames: list[Any]) -> None:
+        """Replies queue per client up to the frontend's SNDHWM: a client that stops reading
+        loses replies past it (counted, logged once per client; its calls time out) instead of
+        growing the broker without bound."""
+        try:
+            send_frames(self.frontend, frames, NOBLOCK)
+        except zmq.Again:
+            self.counters["replies_dropped_slow_client"] += 1
+            client = bytes(frames[0])
+            if client not in self._slow_clients:
+                if len(self._slow_clients) > 10_000:
+                    self._slow_clients.clear()
+                self._slow_clients.add(client)
+                log.warning("client %s is not reading its replies: %d queued, its limit; dropping replies",
+                            client.hex()[:12], self._client_hwm)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
 
     def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
         if pool is not None:
@@ -286,11 +348,14 @@ class Broker:
             self._run_anywhere(pool, p)
             return
         rec = self.sessions.get(p.session)
+        if rec is None and (why := self.closed.why(p.session)) is not None:
+            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
+            return
         if rec is None:
             if len(self.sessions) >= self.options.max_sessions:
                 self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
                 return
-            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name)
+            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, owner=p.owner)
             if claimed_worker:
                 # a pin from before a broker restart: keep it if that incarnation is back
                 wid = claimed_worker.encode()
@@ -300,8 +365,15 @@ class Broker:
                     known.sessions.add(rec.id)
                 elif pool.mode in _STRICT:
                     rec.worker = wid
+        elif rec.owner != p.owner:
+            self._fail(p, pool, SessionNotYours(f"session {p.session[:8]} belongs to another client", session=p.session))
+            return
+        elif rec.closing:
+            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {rec.closing}", session=p.session))
+            return
         elif rec.pool != pool.name:
-            self._fail(p, pool, ProtocolError(f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}"))
+            self._fail(p, pool, SessionPoolMismatch(
+                f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}", session=p.session))
             return
         rec.last_used = p.enqueued
         rec.calls += 1
@@ -380,7 +452,16 @@ class Broker:
         # the deadline travels with the request: the worker stops the call when it passes
         # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
         call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
-        budget = pack_budget(call_ms, 0)
+        pool = w.pool
+        if not p.session:
+            budget = pack_budget(call_ms, 0)
+        elif pool.mode is Affinity.NONE:
+            budget = pack_budget(call_ms, 0, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
+        else:
+            rec = self.sessions.get(p.session)
+            if rec is not None:
+                rec.touched.add(w.id)  # every worker that may hold its state gets the release
+            budget = pack_budget(call_ms, 0, math.ceil(pool.config.session_ttl))
         p.started = now
         w.inflight[key] = p
         self.running[key] = w
@@ -392,9 +473,17 @@ class Broker:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
             self._remove_worker(w, "crashed (connection lost)")
-            self._fail(p, w.pool, SessionWorkerUnavailable(
-                f"worker {w.incarnation[:8]} of this session is gone: crashed (connection lost)",
-                session=p.session, worker=w.incarnation))
+            self._hand_back(p, pool, w, "crashed (connection lost)")
+
+    def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
+        """A request ``w`` never started: route it again where the pool allows, else say so
+        (a did-not-run error: the caller may retry)."""
+        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE):
+            self._route(p, pool.name, "")
+            return
+        self._fail(p, pool, SessionWorkerUnavailable(
+            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
+            "this request (it did not run)", session=p.session, worker=w.incarnation))
 
     def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
         try:
@@ -478,19 +567,25 @@ class Broker:
                 if w is None:
                     self._to_peer(wid, [B_REREGISTER])
                 return
-            send_frames(self.frontend, [client, *frames[3:]])
+            self._to_client([client, *frames[3:]])
             assert w is not None
             if command == W_PARTIAL:
                 return
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
                 self.running.pop((client, req_id), None)
+                now = time.monotonic()
                 outcome = "ok" if status == Status.OK.value else "error"
                 if outcome == "ok":
                     w.served += 1
                 else:
                     w.errors += 1
-                w.pool.observe(p.op, outcome, time.monotonic() - p.started)
+                w.pool.observe(p.op, outcome, now - p.started)
+                rec = self.sessions.get(p.session) if p.session else None
+                if rec is not None:
+                    rec.last_used = now  # idle time counts from the end of the last call
+                    if rec.closing and not self._session_running(rec):
+                        self._release_session(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
             elif self._over_request_limit(w):
@@ -510,8 +605,13 @@ class Broker:
         elif command == W_READY:
             self._on_ready(wid, frames)
         elif command == W_DISCONNECT:
+            self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
             if w is not None:
-                self._remove_worker(w, "was recycled" if w.draining else "exited")
+                self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
+        elif command == W_DRAIN:
+            if w is not None and not w.draining:
+                log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
+                self._start_draining(w, "is stopping")
         else:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", command[:8], wid[:8])
@@ -549,6 +649,7 @@ class Broker:
         w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
         _, waiting = self.awaiting.pop(wid, (pool, deque()))
         w.queue.extend(waiting)  # already counted in pool.queued
+        self._event(pool.name, w, "start", "registered")
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
 
@@ -569,13 +670,33 @@ class Broker:
             event = parse_monitor_message(msg)
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 wid = self.fd_worker.pop(int(event["value"]), None)
-                w = self.workers.get(wid) if wid is not None else None
-                if w is not None:
-                    self._remove_worker(w, "was recycled" if w.draining else "crashed (connection lost)")
+                if wid is not None and wid in self.workers:
+                    self._disconnects.setdefault(wid, time.monotonic())
 
-    def _remove_worker(self, w: WorkerRecord, why: str) -> None:
+    def _settle_disconnects(self) -> None:
+        """Workers whose connection closed: a goodbye queued before the close is read first (it
+        travels through the backend socket, the disconnect through the monitor, in no fixed
+        order), so a clean exit is never counted as a crash."""
+        now = time.monotonic()
+        due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        if not due:
+            return
+        self._drain(self.backend, self._on_backend)
+        for wid in due:
+            self._disconnects.pop(wid, None)
+            w = self.workers.get(wid)
+            if w is None:
+                continue  # it said goodbye meanwhile
+            if self.fd_worker.get(w.fd) == w.id:
+                continue  # its current connection is alive: the disconnect was of an older one
+            self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+
+    def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
+        """``clean``: the worker said goodbye, so it answered every request it started; what is
+        still in flight never ran there (handed back, not ``WorkerCrashed``)."""
         if self.workers.pop(w.id, None) is None:
             return
+        self._disconnects.pop(w.id, None)
         pool = w.pool
         pool.workers.pop(w.id, None)
         if self.fd_worker.get(w.fd) == w.id:
@@ -583,27 +704,38 @@ class Broker:
         self.gone.add(w.id, why)
         if "recycled" in why:
             pool.recycles += 1
-        elif why != "exited":  # a clean SIGTERM exit (pools stop) is not a crash
+            event = "recycle"
+        elif clean:  # a clean SIGTERM exit (supervisorctl stop/restart, a deploy) is not a crash
+            event = "exit"
+        else:
             pool.crashes += 1
-        log.warning("worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
-                    w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
-        for key, p in w.inflight.items():
-            self.running.pop(key, None)
-            self._fail(p, pool, WorkerCrashed(
-                f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
-                worker=w.incarnation, session=p.session))
-        for p in w.queue:
-            pool.queued -= 1
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
-                session=p.session, worker=w.incarnation))
+            event = "crash"
+        self._event(pool.name, w, event, why)
+        log.log(logging.INFO if clean else logging.WARNING,
+                "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
+                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
+        inflight = list(w.inflight.items())
+        queued = list(w.queue)
+        w.inflight.clear()
+        w.queue.clear()
         if pool.mode is Affinity.HINT:
             for sid in w.sessions:
                 rec = self.sessions.get(sid)
                 if rec is not None and rec.worker == w.id:
                     rec.worker = None
-        w.inflight.clear()
-        w.queue.clear()
+        for key, p in inflight:
+            self.running.pop(key, None)
+            if clean:
+                self._hand_back(p, pool, w, why)
+            else:
+                self._fail(p, pool, WorkerCrashed(
+                    f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
+                    worker=w.incarnation, session=p.session))
+        for p in queued:
+            pool.queued -= 1
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
+                session=p.session, worker=w.incarnation))
         if self.nudge is not None:
             self.nudge.worker_left()
         if pool.recycling == w.id:
@@ -631,6 +763,7 @@ class Broker:
                         self._fail(p, pool, QueueTimeout(
                             f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
                             pool=pool.name))
+            self._stop_overdue(pool, now)
             self._recycle_step(pool, now)
         if self.awaiting and now - self._booted >= self._restart_grace():
             for wid, (pool, queue) in self.awaiting.items():
@@ -652,38 +785,84 @@ class Broker:
         for rec in list(self.sessions.values()):
             pool = self.pools.get(rec.pool)
             ttl = pool.config.session_ttl if pool is not None else 3600.0
-            if ttl and now - rec.last_used > ttl:
-                w = self.workers.get(rec.worker) if rec.worker else None
-                if w is not None and w.runs_session(rec.id):
-                    continue
-                self._close_session(rec)
+            if ttl and not rec.closing and now - rec.last_used > ttl and not self._session_running(rec):
+                self._close_session(rec, f"expired after {ttl:g}s idle")
 
-    def _close_session(self, rec: SessionRecord) -> bool:
+    def _session_running(self, rec: SessionRecord) -> bool:
+        return any(w.runs_session(rec.id) for wid in rec.touched if (w := self.workers.get(wid)) is not None)
+
+    def _close_session(self, rec: SessionRecord, why: str) -> bool:
+        """Close now, or (a call of it still running) refuse new calls and release when the last
+        call ends. Its calls still waiting in a queue never run. True if a worker holds state."""
+        self.closed.add(rec.id, why)
+        pool = self.pools.get(rec.pool)
+        if pool is not None:
+            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
+            for queue in queues:
+                for p in [q for q in queue if q.session == rec.id]:
+                    queue.remove(p)
+                    pool.queued -= 1
+                    self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran",
+                                                      session=rec.id))
+        holders = any(wid in self.workers for wid in rec.touched)
+        if self._session_running(rec):
+            rec.closing = why
+        else:
+            self._release_session(rec)
+        return holders
+
+    def _release_session(self, rec: SessionRecord) -> None:
+        """Every worker the session touched drops its state (a hint session may have run on
+        several; a re-pin leaves state behind on the old worker)."""
         self.sessions.pop(rec.id, None)
-        w = self.workers.get(rec.worker) if rec.worker else None
-        if w is None:
-            return False
-        w.sessions.discard(rec.id)
-        self._to_worker(w, [B_RELEASE_SESSION, rec.id.encode()])
-        return True
+        for wid in rec.touched:
+            w = self.workers.get(wid)
+            if w is not None:
+                w.sessions.discard(rec.id)
+                self._to_worker(w, [B_RELEASE_SESSION, rec.id.encode()])
 
     # -- recycling ------------------------------------------------------------------------
     def recycle(self, w: WorkerRecord) -> None:
         """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
         pool = w.pool
-        w.draining = True
         pool.recycling = w.id
         pool.recycle_started = time.monotonic()
         pool.size_before_recycle = max(pool.size_before_recycle, len(pool.workers))
-        for p in list(w.queue):
-            pool.queued -= 1
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which is being recycled",
-                session=p.session, worker=w.incarnation))
-        w.queue.clear()
+        self._start_draining(w, "is being recycled")
         if not w.inflight:
             self._to_worker(w, [B_DISCONNECT])
         log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
+
+    def _start_draining(self, w: WorkerRecord, why: str) -> None:
+        """No new work for ``w``; what waits in its queue fails now (did not run)."""
+        pool = w.pool
+        w.draining = True
+        w.draining_since = time.monotonic()
+        queued = list(w.queue)
+        w.queue.clear()
+        for p in queued:
+            pool.queued -= 1
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
+                session=p.session, worker=w.incarnation))
+
+    def _stop_overdue(self, pool: Pool, now: float) -> None:
+        """A draining worker past the pool's drain deadline (hung in a call) is stopped hard:
+        through supervisord when it runs the pool, else SIGKILL by pid on this host. Its calls
+        get ``WorkerCrashed`` and the rolling recycle goes on."""
+        limit = pool.config.drain_timeout
+        for w in list(pool.workers.values()):
+            if not (w.draining and limit and now - w.draining_since > limit):
+                continue
+            log.error("worker %s (pid %d, pool %s) still busy %.0fs after it began draining: stopping it hard",
+                      w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
+            if w.host == socket.gethostname() and w.pid > 0:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)  # supervisord (autorestart) starts a new incarnation
+                except (ProcessLookupError, PermissionError) as exc:
+                    log.warning("could not stop pid %d: %s", w.pid, exc)
+            self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more
+            self._remove_worker(w, "was recycled (stopped hard at its drain deadline)")
 
     def _over_request_limit(self, w: WorkerRecord) -> bool:
         limit = w.pool.config.recycle.max_requests
@@ -721,7 +900,7 @@ class Broker:
                 return
 
     # -- broker ops -----------------------------------------------------------------------
-    def _admin(self, op: str, session: str, pool_name: str, args: dict[str, Any]) -> Any:
+    def _admin(self, op: str, session: str, pool_name: str, args: dict[str, Any], owner: str = "") -> Any:
         if op == Op.PING.value:
             return {"pong": True, "pid": os.getpid()}
         if op == Op.STATUS.value:
@@ -729,7 +908,11 @@ class Broker:
         if op == Op.CLOSE_SESSION.value:
             sid = str(args.get("session") or session)
             rec = self.sessions.get(sid)
-            return {"closed": rec is not None, "released": self._close_session(rec) if rec else False}
+            if rec is not None and rec.owner != owner and not self._is_admin(owner):
+                raise SessionNotYours(f"session {sid[:8]} belongs to another client", session=sid)
+            if rec is None or rec.closing:
+                return {"closed": False, "released": False}
+            return {"closed": True, "released": self._close_session(rec, "was closed")}
         if op == Op.SESSIONS.value:
             wanted = args.get("pool")
             now = time.monotonic()
@@ -737,9 +920,12 @@ class Broker:
                 {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
                  "worker_alive": r.worker in self.workers if r.worker else False,
                  "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
-                for r in self.sessions.values() if not wanted or r.pool == wanted
+                for r in self.sessions.values()
+                if (not wanted or r.pool == wanted) and not r.closing and (r.owner == owner or self._is_admin(owner))
             ]
         if op == Op.RECYCLE.value:
+            if not self._is_admin(owner):
+                raise Refused("recycle needs an admin key (see --curve-admin)")
             pool = self.pools.get(str(args.get("pool") or pool_name))
             if pool is None:
                 raise PoolNotFound(f"no pool named {args.get('pool') or pool_name!r}")
@@ -758,6 +944,14 @@ class Broker:
             self._recycle_step(pool, time.monotonic())
             return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
         raise UnknownOp(f"unknown op {op!r}")
+
+    def _is_admin(self, owner: str) -> bool:
+        """Admin ops are open to every peer unless the broker has an admin allow-list (CURVE)."""
+        return self._admins is None or owner in self._admins()
+
+    def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
+        self.events.append({"t": time.time(), "pool": pool, "worker": w.incarnation[:8], "pid": w.pid,
+                            "event": event, "why": why})
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -787,7 +981,9 @@ class Broker:
                         "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
                         "errors": w.errors, "inflight": len(w.inflight), "capacity": w.capacity,
                         "queued": len(w.queue), "rss": int(w.stats.get("rss", 0)),
-                        "refs": int(w.stats.get("refs", 0)), "uptime_s": round(wall - w.registered, 3),
+                        "refs": int(w.stats.get("refs", 0)),
+                        "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
+                        "uptime_s": round(wall - w.registered, 3),
                         "last_heartbeat_s": round(
                             self.options.heartbeat_interval * self.options.heartbeat_liveness - (w.expiry - now), 3),
                     }
@@ -797,8 +993,9 @@ class Broker:
         return {
             "broker": {"pid": os.getpid(), "uptime_s": round(wall - self.started, 3),
                        "frontend": self.options.frontend, "backend": self.options.backend,
-                       "sessions": len(self.sessions), **self.counters},
+                       "sessions": len(self.sessions), "closed_sessions": len(self.closed), **self.counters},
             "pools": pools,
+            "events": list(self.events),
         }
 
 

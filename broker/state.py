@@ -33,6 +33,7 @@ class Pending:
     enqueued: float
     deadline: float
     started: float = 0.0
+    owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
 
 
 class WorkerRecord:
@@ -40,7 +41,7 @@ class WorkerRecord:
 
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
-        "served", "errors", "registered", "expiry", "fd", "draining", "stats", "retire_age",
+        "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -59,6 +60,7 @@ class WorkerRecord:
         self.expiry = expiry
         self.fd = -1
         self.draining = False
+        self.draining_since = 0.0
         self.stats: dict[str, Any] = {}
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
@@ -155,8 +157,34 @@ class SessionRecord:
     pool: str
     worker: bytes | None = None
     created: float = field(default_factory=time.time)
+    # idle time counts from the end of the last call: set when a call is routed and again when
+    # its reply passes, so a call longer than the TTL never expires its own session
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
+    owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
+    touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
+    closing: str = ""  # closed while a call ran: why; released when its last call ends
+
+
+class Tombstones:
+    """Ids of closed and expired sessions (bounded), so a late call answers ``SessionClosed``
+    instead of silently opening a fresh namespace under the same id."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._why: OrderedDict[str, str] = OrderedDict()
+        self._limit = limit
+
+    def add(self, session: str, why: str) -> None:
+        self._why[session] = why
+        self._why.move_to_end(session)
+        if len(self._why) > self._limit:
+            self._why.popitem(last=False)
+
+    def why(self, session: str) -> str | None:
+        return self._why.get(session)
+
+    def __len__(self) -> int:
+        return len(self._why)
 
 
 class GoneWorkers:

@@ -28,6 +28,8 @@ from dspex.errors import (
     RefQuotaExceeded,
     RemoteError,
     SessionClosed,
+    SessionNotYours,
+    SessionPoolMismatch,
     SessionQuotaExceeded,
     SessionWorkerUnavailable,
     Timeout,
@@ -43,6 +45,6 @@ __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
     "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "MessageTooLarge", "PoolNotFound",
     "PoolSaturated", "ProtocolError", "QueueTimeout", "Ref", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
+    "Session", "SessionClosed", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

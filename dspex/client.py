@@ -29,6 +29,7 @@ from dspex.errors import (
     DspexError,
     MessageTooLarge,
     ProtocolError,
+    Refused,
     SessionClosed,
     SessionWorkerUnavailable,
     Timeout,
@@ -47,7 +48,7 @@ T = TypeVar("T")
 class _Channel:
     """One thread's socket to the broker."""
 
-    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "broken", "__weakref__")
+    __slots__ = ("sock", "monitor", "poller", "ids", "streams", "broken", "refused", "__weakref__")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -62,6 +63,7 @@ class _Channel:
         self.ids = itertools.count(1)
         # replies of this thread's open streams that arrived while it waited for something else
         self.streams: dict[int, deque[tuple[str, str, list[Any]]]] = {}
+        self.refused = False  # the broker refused our CURVE key (nothing we send can run)
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
@@ -73,6 +75,7 @@ class _Channel:
                 return why
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 why = "the broker refused this client's CURVE key"
+                self.refused = True
             elif not why:
                 why = "lost the connection to the broker"
 
@@ -213,6 +216,8 @@ class Client:
                 why = ch.disconnected() if ch.monitor in events else ""
                 if why:
                     ch.broken = True
+                    if ch.refused:  # the CURVE handshake failed: the request never left this client
+                        raise Refused(f"{why} ({self.endpoint}); the {op} did not run", op=op)
                     raise ConnectionError(
                         f"{why} ({self.endpoint}) while waiting for {op}; the call may or may not have run", op=op)
                 if time.monotonic() < deadline:
