@@ -73,6 +73,8 @@ class Broker(Core):
         self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
+        self.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
+                           "frontend": options.frontend, "backend": options.backend}
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]

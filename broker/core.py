@@ -100,6 +100,7 @@ class Core(Lifecycle):
         self.awaiting: dict[bytes, tuple[Pool, deque[Pending]]] = {}
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.nudge: Any = None  # something with worker_left() (supervisord), or None
+        self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
 
     # -- ports: the shell implements these ----------------------------------------------------
     def _to_client(self, frames: list[Any]) -> None:
@@ -409,6 +410,9 @@ class Core(Lifecycle):
                 self.counters["garbage_backend"] += 1
                 if w is None:
                     self._to_peer(wid, [B_REREGISTER])
+                elif w.adopted and command == W_REPLY:
+                    w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
+                    self._feed(w)
                 return
             self._to_client([client, *frames[3:]])
             assert w is not None
@@ -443,6 +447,10 @@ class Core(Lifecycle):
                     stats = msgpack.unpackb(frames[2].buffer)
                     if isinstance(stats, dict):
                         w.stats = stats
+                        if w.adopted:  # calls from before a broker restart that ended unseen
+                            running = int(stats.get("running", 0))
+                            w.adopted = min(w.adopted, max(0, running - len(w.inflight)))
+                            self._feed(w)
                 except Exception:
                     self.counters["garbage_backend"] += 1
         elif command == W_READY:
@@ -465,8 +473,8 @@ class Core(Lifecycle):
             pool_name = info["pool"]
             if not isinstance(pool_name, str):
                 raise TypeError("pool must be a string")
-            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity")):
-                raise TypeError("pid and capacity must be integers")
+            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
+                raise TypeError("pid, capacity and running must be integers")
         except Exception as exc:
             self.counters["garbage_backend"] += 1
             log.warning("malformed READY from %s: %s", wid[:8], exc)

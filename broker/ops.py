@@ -47,7 +47,8 @@ def run_op(core: "Core", op: str, call: OpCall) -> Any:
 
 @_op(Op.PING)
 def _ping(core: "Core", call: OpCall) -> Any:
-    return {"pong": True, "pid": os.getpid()}
+    # which stack answers: dspexctl compares "config" with its own supervisor.conf
+    return {"pong": True, "pid": os.getpid(), **core.stack_info}
 
 
 @_op(Op.STATUS)

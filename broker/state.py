@@ -42,6 +42,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
         "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
+        "adopted",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -61,6 +62,9 @@ class WorkerRecord:
         self.fd = -1
         self.draining = False
         self.draining_since = 0.0
+        # calls it was running for an earlier broker when it registered (READY's "running"): they
+        # hold slots until their replies pass (or its heartbeats say they ended)
+        self.adopted = max(0, int(info.get("running", 0)))
         self.stats: dict[str, Any] = {}
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
@@ -68,13 +72,13 @@ class WorkerRecord:
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.inflight)
+        return 0 if self.draining else self.capacity - len(self.inflight) - self.adopted
 
     @property
     def state(self) -> WorkerState:
         if self.draining:
             return WorkerState.DRAINING
-        return WorkerState.BUSY if self.inflight else WorkerState.READY
+        return WorkerState.BUSY if self.inflight or self.adopted else WorkerState.READY
 
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())

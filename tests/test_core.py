@@ -53,8 +53,8 @@ class StubCore(Core):
         return self.owners.get(self._sender, "")
 
     # -- events ------------------------------------------------------------------------------
-    def ready(self, wid: bytes, pool: str, capacity: int = 1) -> None:
-        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity}
+    def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0) -> None:
+        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running}
         self._on_backend([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
@@ -356,3 +356,14 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
     core._sweep(time.monotonic())
     if other in core.workers:  # the rolling recycle went on to the other worker
         assert (other, [B_DISCONNECT]) in core.to_workers
+
+
+def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
+    """After a broker restart the worker's READY says what it still runs: no over-dispatch."""
+    core = StubCore("p:none")
+    core.ready(A, "p", capacity=1, running=1)
+    assert core.workers[A].state.value == "busy"
+    core.request(C, 1, "p")
+    assert core.worker_of(1) is None, "its only slot is taken by the earlier broker's call"
+    core.reply(A, b"old-client", 77)  # that call ends (its client belonged to the old broker)
+    assert core.worker_of(1) == A

@@ -125,6 +125,21 @@ def test_worker_backstop_ttl_after_a_broker_restart(stack: Stack) -> None:
     wait_for(lambda: set(held(stack, "p").values()) == {0}, timeout=20, what="backstop release")
 
 
+def test_ready_after_a_broker_restart_reports_running_calls(stack: Stack) -> None:
+    dx = stack.pool("p:none", 1, "--no-dspy")
+    t, _ = in_background(lambda: dx.call("time", "sleep", [3.0], pool="p"))  # its client loses the broker
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="call running")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.start_broker()
+    (w,) = stack.wait_workers("p", 1)
+    assert w["state"] == "busy", "the new broker knows the worker's slot is taken"
+    started = time.monotonic()
+    dx.call("os", "getpid", pool="p")  # waits for the slot instead of piling onto the worker
+    assert time.monotonic() - started > 0.3
+    t.join(10)
+
+
 # -- pool settings reach workers ------------------------------------------------------------
 def test_capacity_from_supervisor_conf_reaches_workers(stack: Stack) -> None:
     conf = Path(stack.root, "supervisor.conf")
@@ -233,3 +248,4 @@ def test_second_broker_on_a_live_run_dir_exits_and_the_first_keeps_serving(stack
     assert os.path.exists(stack.frontend[len("ipc://"):]) and os.path.exists(stack.backend[len("ipc://"):])
     assert dx.call("os", "getpid", pool="p")
     assert stack.broker is not None and stack.broker.poll() is None
+    assert dx.ping()["pid"] == stack.broker.pid and dx.ping()["frontend"] == stack.frontend

@@ -136,6 +136,7 @@ class Worker:
         self._running_sessions: dict[str, int] = {}  # session -> calls running (guarded by _active_lock)
         self._session_ends: dict[str, tuple[float, int]] = {}  # session -> (end of last call, pool TTL s)
         self._drain_sent = False
+        self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
 
     # -- main thread ------------------------------------------------------------------------
@@ -277,6 +278,8 @@ class Worker:
         client = frames[0].bytes
         req_id = 0
         stream: StreamControl | None = None
+        with self._active_lock:
+            self._running += 1
         session = self._session_started(frames)
         try:
             header = unpack_request_header(frames[1].buffer)
@@ -306,6 +309,8 @@ class Worker:
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
             self._session_ended(session)
+            with self._active_lock:
+                self._running -= 1
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
         send([W_REPLY, client, head, *reply])
 
@@ -485,6 +490,7 @@ class Worker:
                 "host": socket.gethostname(),
                 "incarnation": self.incarnation,
                 "capacity": self.capacity,
+                "running": self._running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
             }
@@ -493,7 +499,7 @@ class Worker:
     def _stats_frame(self) -> bytes:
         ex = self.executor
         return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
-                       "sessions": len(ex.refs.sessions)})
+                       "sessions": len(ex.refs.sessions), "running": self._running})
 
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None
