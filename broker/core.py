@@ -96,8 +96,6 @@ class Core(Lifecycle):
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.started = time.time()
         self._booted = time.monotonic()
-        # strict calls pinned to an incarnation not (yet) registered with this young broker
-        self.awaiting: dict[bytes, tuple[Pool, deque[Pending]]] = {}
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.nudge: Any = None  # something with worker_left() (supervisord), or None
         self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
@@ -172,11 +170,10 @@ class Core(Lifecycle):
         pool = self.pools.get(pool_name)
         if op != Op.CANCEL.value or pool is None:
             return
-        for queue in (pool.queue, *(wk.queue for wk in pool.workers.values())):
+        for queue in pool.queues():
             for p in queue:
                 if p.client == client and p.req_id == req_id:
                     queue.remove(p)
-                    pool.queued -= 1
                     self._fail(p, pool, Cancelled("cancelled while queued"))
                     return
 
@@ -210,11 +207,8 @@ class Core(Lifecycle):
                 # a pin from before a broker restart: keep it if that incarnation is back
                 wid = claimed_worker.encode()
                 known = self.workers.get(wid)
-                if known is not None and known.pool is pool:
-                    rec.worker = wid
-                    known.sessions.add(rec.id)
-                elif pool.mode in _STRICT:
-                    rec.worker = wid
+                if (known is not None and known.pool is pool) or pool.mode in _STRICT:
+                    self._pin(rec, wid)
         elif rec.owner != p.owner:
             self._fail(p, pool, SessionNotYours(f"session {p.session[:8]} belongs to another client", session=p.session))
             return
@@ -232,14 +226,13 @@ class Core(Lifecycle):
             if w is None:
                 self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
                 return
-            rec.worker = w.id
-            w.sessions.add(rec.id)
+            self._pin(rec, w.id)
         pinned = rec.worker
         w = self.workers.get(pinned)
         if w is None or w.draining:
             if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):
                 # just (re)started: its worker may be alive and not re-registered yet; wait for it
-                self._enqueue(pool, self.awaiting.setdefault(pinned, (pool, deque()))[1], p)
+                self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
                 return
             if pool.mode in _STRICT:
                 why = "is being recycled" if w is not None else self.gone.why(pinned)
@@ -250,15 +243,12 @@ class Core(Lifecycle):
                 ))
                 return
             # hint: the session re-pins to the least-loaded worker
-            if w is not None:
-                w.sessions.discard(rec.id)
-            rec.worker = None
+            self._pin(rec, None)
             new = pool.least_loaded()
             if new is None:
                 self._enqueue(pool, pool.queue, p)
                 return
-            rec.worker = new.id
-            new.sessions.add(rec.id)
+            self._pin(rec, new.id)
             w = new
         if w.can_start(p.session):
             self._dispatch(w, p)
@@ -268,6 +258,16 @@ class Core(Lifecycle):
             self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
         else:  # hint: any idle worker, else the first one to free up
             self._run_anywhere(pool, p)
+
+    def _pin(self, rec: SessionRecord, wid: bytes | None) -> None:
+        """The one place a session's pin changes: the workers' session sets follow it."""
+        old = self.workers.get(rec.worker) if rec.worker else None
+        if old is not None:
+            old.sessions.discard(rec.id)
+        rec.worker = wid
+        new = self.workers.get(wid) if wid else None
+        if new is not None:
+            new.sessions.add(rec.id)
 
     def _restart_grace(self) -> float:
         return self.heartbeat_interval * self.heartbeat_liveness
@@ -288,7 +288,6 @@ class Core(Lifecycle):
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
             return
         queue.append(p)
-        pool.queued += 1
 
     def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
         now = time.monotonic()
@@ -355,24 +354,20 @@ class Core(Lifecycle):
             if w.queue:
                 p = w.next_queued()
                 if p is not None:
-                    pool.queued -= 1
                     self._dispatch(w, p)
                     continue
             if not pool.queue:
                 return
             p = pool.queue.popleft()
-            pool.queued -= 1
             rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
             if rec is not None and rec.worker is None:
-                rec.worker = w.id
-                w.sessions.add(rec.id)
+                self._pin(rec, w.id)
             if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
                 # its session was pinned elsewhere while it waited: route it there
                 self._route_pinned(pool, p, rec)
                 continue
             if p.session and w.capacity > 1 and not w.can_start(p.session):
                 w.queue.append(p)  # a call of a session already running here waits its turn
-                pool.queued += 1
                 continue
             self._dispatch(w, p)
 
@@ -495,8 +490,7 @@ class Core(Lifecycle):
         self._connection_seen(w, frames[0])
         # re-adopt sessions a restarted broker learned about from clients before this READY
         w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
-        _, waiting = self.awaiting.pop(wid, (pool, deque()))
-        w.queue.extend(waiting)  # already counted in pool.queued
+        w.queue.extend(pool.awaiting.pop(wid, ()))
         self._event(pool.name, w, "start", "registered")
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
@@ -530,7 +524,7 @@ class Core(Lifecycle):
             for sid in w.sessions:
                 rec = self.sessions.get(sid)
                 if rec is not None and rec.worker == w.id:
-                    rec.worker = None
+                    self._pin(rec, None)
         for key, p in inflight:
             self.running.pop(key, None)
             if clean:
@@ -540,7 +534,6 @@ class Core(Lifecycle):
                     f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
                     worker=w.incarnation, session=p.session))
         for p in queued:
-            pool.queued -= 1
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))
@@ -563,7 +556,6 @@ class Core(Lifecycle):
             for queue in queues:
                 while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
                     p = queue.popleft()
-                    pool.queued -= 1
                     if now > p.deadline:
                         self.counters["expired_unsent"] += 1
                     else:
@@ -572,15 +564,15 @@ class Core(Lifecycle):
                             pool=pool.name))
             self._stop_overdue(pool, now)
             self._recycle_step(pool, now)
-        if self.awaiting and now - self._booted >= self._restart_grace():
-            for wid, (pool, queue) in self.awaiting.items():
-                for p in queue:
-                    pool.queued -= 1
-                    self._fail(p, pool, SessionWorkerUnavailable(
-                        f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did "
-                        f"not re-register within {self._restart_grace():g}s of this broker's start",
-                        session=p.session, worker=wid.decode(errors="replace")))
-            self.awaiting.clear()
+        if now - self._booted >= self._restart_grace():
+            for pool in self.pools.values():
+                awaiting, pool.awaiting = pool.awaiting, {}
+                for wid, queue in awaiting.items():
+                    for p in queue:
+                        self._fail(p, pool, SessionWorkerUnavailable(
+                            f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
+                            f"did not re-register within {self._restart_grace():g}s of this broker's start",
+                            session=p.session, worker=wid.decode(errors="replace")))
         self._expire_sessions(now)
 
     def _may_administer(self, owner: str) -> bool:

@@ -62,11 +62,9 @@ class Lifecycle:
         self.closed.add(rec.id, why)
         pool = self.pools.get(rec.pool)
         if pool is not None:
-            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
-            for queue in queues:
+            for queue in pool.queues():
                 for p in [q for q in queue if q.session == rec.id]:
                     queue.remove(p)
-                    pool.queued -= 1
                     self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran",
                                                       session=rec.id))
         holders = any(wid in self.workers for wid in rec.touched)
@@ -105,7 +103,6 @@ class Lifecycle:
         queued = list(w.queue)
         w.queue.clear()
         for p in queued:
-            pool.queued -= 1
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))

@@ -114,7 +114,8 @@ class Pool:
         self.mode = config.affinity
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
-        self.queued = 0  # pool queue + every worker queue: bounded by queue_max
+        # strict calls pinned to an incarnation not (yet) registered with a young broker
+        self.awaiting: dict[bytes, deque[Pending]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
         self.latencies: deque[float] = deque(maxlen=4096)
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -125,6 +126,17 @@ class Pool:
         self.recycling: bytes | None = None  # the worker being recycled now
         self.recycle_started = 0.0
         self.size_before_recycle = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting anywhere in the pool (bounded by ``queue_max``). Counted from the
+        queues themselves, so no code path can let it drift."""
+        return sum(len(q) for q in self.queues())
+
+    def queues(self) -> list[deque[Pending]]:
+        """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""
+        # list() copies: the metrics thread reads this while the broker thread changes them
+        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values())]
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1

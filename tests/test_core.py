@@ -94,7 +94,9 @@ class StubCore(Core):
                 continue
             status, rid = msgpack.unpackb(frames[1])[:2]
             if rid == req_id:
-                return "ok" if status == "ok" else str(msgpack.unpackb(frames[2])["code"])
+                if status == "ok" or frames[2] == b"result":  # a worker's reply (the stub's body)
+                    return status
+                return str(msgpack.unpackb(frames[2])["code"])
         return None
 
     def released(self, session: str) -> set[bytes]:
@@ -367,3 +369,54 @@ def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
     assert core.worker_of(1) is None, "its only slot is taken by the earlier broker's call"
     core.reply(A, b"old-client", 77)  # that call ends (its client belonged to the old broker)
     assert core.worker_of(1) == A
+
+
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast", "hint", "none"])
+def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
+    """Requests, replies, crashes, goodbyes and new workers in random order: every pin is in its
+    worker's session set and nowhere else, the pool's count is what its queues hold, and every
+    request is answered once, running, or waiting."""
+    import random
+
+    rnd = random.Random(f"core-{mode}")
+    core = StubCore(f"p:{mode}:queue_max=50", )
+    n_workers = 0
+
+    def new_worker() -> None:
+        nonlocal n_workers
+        n_workers += 1
+        core.ready(b"w%d" % n_workers, "p", capacity=rnd.choice([1, 2]))
+
+    for _ in range(3):
+        new_worker()
+    sent: list[int] = []
+    for req_id in range(600):
+        roll = rnd.random()
+        if roll < 0.5:
+            core.request(C, req_id, "p", f"s{rnd.randrange(12)}" if rnd.random() < 0.9 else "")
+            sent.append(req_id)
+        elif roll < 0.85:
+            running = [(w, key) for w in core.workers.values() for key in w.inflight]
+            if running:
+                w, (client, rid) = rnd.choice(running)
+                core.reply(w.id, client, rid, rnd.choice(["ok", "err"]))
+        elif roll < 0.9 and core.workers:
+            w = rnd.choice(list(core.workers.values()))
+            core._remove_worker(w, "crashed (connection lost)")
+        elif roll < 0.94 and core.workers:
+            w = rnd.choice(list(core.workers.values()))
+            core.say(w.id, W_DRAIN)
+            core.say(w.id, W_DISCONNECT)
+        else:
+            new_worker()
+        pool = core.pools["p"]
+        assert pool.queued == len(pool.queue) + sum(len(w.queue) for w in pool.workers.values()) + sum(
+            len(q) for q in pool.awaiting.values())
+        for w in core.workers.values():
+            assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
+    answered = [rid for rid in sent if core.outcome(C, rid) is not None]
+    waiting = {p.req_id for q in core.pools["p"].queues() for p in q}
+    running = {rid for w in core.workers.values() for (_, rid) in w.inflight}
+    assert set(sent) == set(answered) | waiting | running
+    replies = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
+    assert len(replies) == len(set(replies)), "one answer per request"
