@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 
@@ -67,6 +67,9 @@ from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
 from broker.state import GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord
+
+if TYPE_CHECKING:
+    import zmq  # frames only: the core never touches a socket
 
 log = logging.getLogger("dspex.broker")
 
@@ -228,6 +231,7 @@ class Core(Lifecycle):
                 return
             self._pin(rec, w.id)
         pinned = rec.worker
+        assert pinned is not None
         w = self.workers.get(pinned)
         if w is None or w.draining:
             if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):

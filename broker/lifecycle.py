@@ -119,7 +119,13 @@ class Lifecycle:
                       w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
             if w.host == socket.gethostname() and w.pid > 0:
                 try:
-                    os.kill(w.pid, signal.SIGKILL)  # supervisord (autorestart) starts a new incarnation
+                    # supervisord (like setsid) makes each program lead its own process group:
+                    # kill the group, so what the hung call spawned goes too (killasgroup);
+                    # supervisord's autorestart then starts the next incarnation
+                    if os.getpgid(w.pid) == w.pid and os.getpgid(0) != w.pid:
+                        os.killpg(w.pid, signal.SIGKILL)
+                    else:
+                        os.kill(w.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError) as exc:
                     log.warning("could not stop pid %d: %s", w.pid, exc)
             self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more

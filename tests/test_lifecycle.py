@@ -207,6 +207,7 @@ def test_hung_draining_worker_is_stopped_at_its_deadline(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue:drain_timeout=1", 2, "--no-dspy")
     s = dx.session("p")
     hung = pid_of(s)
+    child = s.eval("__import__('subprocess').Popen(['sleep', '60']).pid")  # spawned by user code
     t, out = in_background(s.call, "time", "sleep", [60])
     wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p")), what="call running")
     other = [w for w in stack.workers("p") if w["pid"] != hung][0]
@@ -215,6 +216,7 @@ def test_hung_draining_worker_is_stopped_at_its_deadline(stack: Stack) -> None:
     t.join(20)
     assert len(out) == 1 and isinstance(out[0], dspex.WorkerCrashed)
     assert wait_for(lambda: _gone(hung), what="hung worker killed")
+    assert wait_for(lambda: _gone(child), what="its process group killed with it")
     stack.start_worker("p", "--no-dspy")  # what supervisord would do
     # the rolling recycle goes on: the other worker is recycled too
     wait_for(lambda: _gone(other["pid"]), timeout=45, what="rolling recycle continued")
@@ -249,3 +251,29 @@ def test_second_broker_on_a_live_run_dir_exits_and_the_first_keeps_serving(stack
     assert dx.call("os", "getpid", pool="p")
     assert stack.broker is not None and stack.broker.poll() is None
     assert dx.ping()["pid"] == stack.broker.pid and dx.ping()["frontend"] == stack.frontend
+
+
+# -- bounded reply buffering per client -------------------------------------------------------
+def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> None:
+    import msgpack
+    import zmq
+
+    from dspex.protocol import RequestHeader
+
+    stack.env["DSPEX_CLIENT_HWM"] = "100"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 10)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.frontend)
+    try:
+        body = msgpack.packb({})
+        for i in range(30_000):  # pings it never reads the replies of
+            sock.send_multipart([RequestHeader("ping", i + 1, "", "", "", 0, 0).pack(), body])
+        wait_for(lambda: dx.status()["broker"]["replies_dropped_slow_client"] > 0, timeout=30,
+                 what="replies past the client's limit dropped, not buffered")
+        assert dx.call("os", "getpid", pool="p")  # everyone else is still served
+    finally:
+        sock.close(0)
+        ctx.term()
