@@ -34,9 +34,11 @@ log = logging.getLogger("dspex.broker")
 
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
 _SWEEP_EVERY = 0.05
-# A worker's monitor disconnect is acted on this long after it is seen: the goodbye it queued
-# before closing may still be on its way through the backend socket (a clean exit is no crash).
-_GOODBYE_GRACE = 0.02
+# A worker's monitor disconnect is acted on this long after it is seen, after reading the
+# backend: the goodbye it queued before closing may not be readable yet (libzmq processes a
+# socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
+# exit must never count as a crash. Short, because it delays crash detection by as much.
+_GOODBYE_GRACE = 0.003
 _CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
