@@ -64,11 +64,14 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    broker: Broker | None = None
     try:
         options = parse(argv)
         broker = Broker(options)
         broker.bind()
     except ConfigError as err:
+        if broker is not None:
+            broker.close()  # only what it bound itself
         print(f"broker: {err.message}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, broker.stop)

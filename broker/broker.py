@@ -1,80 +1,45 @@
-"""The broker: a ROUTER frontend for clients, a ROUTER backend for workers, routing by session.
+"""The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
-Per message the broker decodes one small msgpack header and forwards the payload frames untouched
-(``copy=False``). It drains every ready message per poll wake-up. A socket monitor on the backend
-reports a worker's disconnect within about a millisecond; heartbeats catch hosts that vanish
-without closing their connection.
+The routing rules live in the socket-free ``broker.core.Core``; this class binds the sockets, polls
+them, maps worker connections (a socket monitor on the backend reports a worker's disconnect
+within about a millisecond; heartbeats catch hosts that vanish without closing their connection)
+and implements the core's ports. Per message the broker decodes one small msgpack header and
+forwards the payload frames untouched (``copy=False``); it drains every ready message per wake-up.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import (
-    Cancelled,
-    ConfigError,
-    DspexError,
-    PoolNotFound,
-    PoolSaturated,
-    ProtocolError,
-    QueueTimeout,
-    SessionQuotaExceeded,
-    SessionWorkerUnavailable,
-    UnknownOp,
-    WorkerBusy,
-    WorkerCrashed,
-)
-from dspex.protocol import (
-    B_CANCEL,
-    B_CREDIT,
-    B_DISCONNECT,
-    B_HEARTBEAT,
-    B_RELEASE_SESSION,
-    B_REQUEST,
-    B_REREGISTER,
-    BROKER_OPS,
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_LIVENESS,
-    STREAM_OPS,
-    W_DISCONNECT,
-    W_HEARTBEAT,
-    W_PARTIAL,
-    W_READY,
-    W_REPLY,
-    WORKER_OPS,
-    Affinity,
-    Op,
-    Status,
-    pack_budget,
-    pack_error,
-    pack_reply_header,
-    unpack_request_header,
-)
-from broker.nudge import SupervisorNudge
-from broker.security import secure_server, start_authenticator
-from broker.state import GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, percentile
+from dspex.errors import ConfigError
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from dspex.pools import PoolConfig
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from broker.core import Core, WorkerUnreachable
+from broker.nudge import SupervisorNudge
+from broker.ops import status as status_of
+from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
+from broker.state import WorkerRecord
 
 log = logging.getLogger("dspex.broker")
 
-_STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
 _SWEEP_EVERY = 0.05
-_MIN_WORKER_AGE = 2.0  # policy never retires a worker younger than this (seconds)
-_MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
+# A worker's monitor disconnect is acted on this long after it is seen, after reading the
+# backend: the goodbye it queued before closing may not be readable yet (libzmq processes a
+# socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
+# exit must never count as a crash. Short, because it delays crash detection by as much.
+_GOODBYE_GRACE = 0.003
+_CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
 @dataclass
@@ -93,31 +58,52 @@ class BrokerOptions:
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
 
 
-class Broker:
-    """Routes client requests to pool workers under the pools' affinity rules."""
+class Broker(Core):
+    """The core behind a frontend and a backend ROUTER socket."""
 
     def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
+        super().__init__(options.pools, heartbeat_interval=options.heartbeat_interval,
+                         heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
-        self.pools: dict[str, Pool] = {p.name: Pool(p) for p in options.pools}
-        self.workers: dict[bytes, WorkerRecord] = {}
-        self.sessions: dict[str, SessionRecord] = {}
-        self.gone = GoneWorkers()
         self.fd_worker: dict[int, bytes] = {}
-        self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
-        self.started = time.time()
-        self._booted = time.monotonic()
-        # strict calls pinned to an incarnation not (yet) registered with this young broker
-        self.awaiting: dict[bytes, tuple[Pool, deque[Pending]]] = {}
-        self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
+        self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
+        self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
+        self._slow_clients: set[bytes] = set()
         self._stop = False
+        self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
+        self.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
+                           "frontend": options.frontend, "backend": options.backend}
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
 
-    # -- lifecycle ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return status_of(self, {"frontend": self.options.frontend, "backend": self.options.backend})
+
+    # -- ports of the core ---------------------------------------------------------------------
+    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+        try:
+            send_frames(self.backend, [wid, *frames])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            raise WorkerUnreachable() from None
+
+    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
+        # the disconnect of an earlier connection on a reused fd must be seen before we map it
+        self._drain_monitor()
+        self._map_fd(w, _source_fd(frame))
+
+    def _forget_connection(self, w: WorkerRecord) -> None:
+        self._disconnects.pop(w.id, None)
+        if self.fd_worker.get(w.fd) == w.id:
+            del self.fd_worker[w.fd]
+
+    # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
         max_message = self.options.max_message or config.max_message_bytes()
         tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
@@ -126,19 +112,27 @@ class Broker:
                 raise ConfigError(
                     f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
                     "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
-            self._auth = start_authenticator(self.ctx, self.options.curve_allowed_dir)
+            self._auth, admins = start_authenticator(self.ctx, self.options.curve_allowed_dir)
+            if admins is not None and self.options.frontend.startswith("tcp://"):
+                self.admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
-        for sock, endpoint in ((self.frontend, self.options.frontend), (self.backend, self.options.backend)):
+        for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
+                                      (self.backend, self.options.backend, WORKERS)):
             config.tune_socket(sock, max_message=max_message)
-            sock.setsockopt(zmq.SNDHWM, 0)
+            # bounded replies per client (frontend); workers' queues are bounded by pool limits
+            sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
             config.prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
-                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public)
+                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
             sock.bind(endpoint)
-        # a send to a worker whose connection is already gone raises instead of vanishing
+            if endpoint.startswith("ipc://"):  # ours to unlink at exit, and only this very file
+                self._bound[endpoint[len("ipc://"):]] = os.stat(endpoint[len("ipc://"):]).st_ino
+        # a send to a worker whose connection is already gone raises instead of vanishing; on the
+        # frontend, a full or gone client raises too (counted in _to_client), never blocks
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
         # that identity (and its requests) and cuts the real worker off. A worker's own stale
         # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
@@ -160,12 +154,13 @@ class Broker:
                 sock.close(0)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
         # a client would then wait out its timeout on a file nobody listens on
-        for endpoint in (self.options.frontend, self.options.backend):
-            if endpoint.startswith("ipc://"):
-                try:
-                    os.unlink(endpoint[len("ipc://"):])
-                except OSError:
-                    pass
+        # (only files this broker bound: never another live stack's sockets)
+        for path, inode in self._bound.items():
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -177,11 +172,15 @@ class Broker:
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stop:
             timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
+            if self._disconnects:
+                timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(int(timeout * 1000)))
-            if self.monitor in events:
-                self._drain_monitor()
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
+            if self.monitor in events:
+                self._drain_monitor()
+            if self._disconnects:
+                self._settle_disconnects()
             if self.frontend in events:
                 self._drain(self.frontend, self._on_frontend)
             now = time.monotonic()
@@ -203,354 +202,35 @@ class Broker:
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
 
-    # -- frontend -------------------------------------------------------------------------
-    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
-        client = frames[0].bytes
-        if len(frames) < 2:
-            self.counters["garbage_frontend"] += 1
-            self._error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
-            return
+    def _identity(self, frame: zmq.Frame) -> str:
+        """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
+        every peer is our own uid (the run directory is 0700), so all share one identity."""
+        if not self.options.frontend.startswith("tcp://"):
+            return ""
         try:
-            header = unpack_request_header(frames[1].buffer)
-        except ProtocolError as err:
-            self.counters["garbage_frontend"] += 1
-            log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
-            self._error(client, 0, err)
-            return
-        op = header.op
-        if op in WORKER_OPS:
-            now = time.monotonic()
-            deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
-            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline)
-            self._route(p, header.pool, header.worker)
-        elif op in BROKER_OPS:
-            try:
-                args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
-                if not isinstance(args, dict):
-                    raise ProtocolError("broker op arguments must be a map")
-                result = self._admin(op, header.session, header.pool, args)
-            except DspexError as err:
-                self._error(client, header.req_id, err)
-            except Exception as exc:
-                self._error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
-            else:
-                self.frontend.send_multipart(
-                    [client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)]
-                )
-        elif op in STREAM_OPS:
-            self._stream_control(client, header.req_id, header.pool, op, frames)
-        else:
-            self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+            return str(frame.get("User-Id"))
+        except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
+            return ""
 
-    def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
-        key = (client, req_id)
-        w = self.running.get(key)
-        if w is not None:
-            n = 0
-            if op == Op.CREDIT.value and len(frames) > 2:
-                try:
-                    n = int(msgpack.unpackb(frames[2].buffer))
-                except Exception:
-                    self.counters["garbage_frontend"] += 1
-                    return
-            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
-            return
-        pool = self.pools.get(pool_name)
-        if op != Op.CANCEL.value or pool is None:
-            return
-        for queue in (pool.queue, *(wk.queue for wk in pool.workers.values())):
-            for p in queue:
-                if p.client == client and p.req_id == req_id:
-                    queue.remove(p)
-                    pool.queued -= 1
-                    self._fail(p, pool, Cancelled("cancelled while queued"))
-                    return
-
-    def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
-        self.frontend.send_multipart(
-            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)]
-        )
-
-    def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
-        if pool is not None:
-            pool.outcomes[(p.op, err.code)] += 1
-        self._error(p.client, p.req_id, err)
-
-    # -- routing (the affinity table of the brief) -----------------------------------------
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
-        pool = self.pools.get(pool_name)
-        if pool is None:
-            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
-            return
-        if not p.session or pool.mode is Affinity.NONE:
-            self._run_anywhere(pool, p)
-            return
-        rec = self.sessions.get(p.session)
-        if rec is None:
-            if len(self.sessions) >= self.options.max_sessions:
-                self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
-                return
-            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name)
-            if claimed_worker:
-                # a pin from before a broker restart: keep it if that incarnation is back
-                wid = claimed_worker.encode()
-                known = self.workers.get(wid)
-                if known is not None and known.pool is pool:
-                    rec.worker = wid
-                    known.sessions.add(rec.id)
-                elif pool.mode in _STRICT:
-                    rec.worker = wid
-        elif rec.pool != pool.name:
-            self._fail(p, pool, ProtocolError(f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}"))
-            return
-        rec.last_used = p.enqueued
-        rec.calls += 1
-        if rec.worker is None:
-            w = pool.least_loaded()
-            if w is None:
-                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
-                return
-            rec.worker = w.id
-            w.sessions.add(rec.id)
-        pinned = rec.worker
-        w = self.workers.get(pinned)
-        if w is None or w.draining:
-            if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):
-                # just (re)started: its worker may be alive and not re-registered yet; wait for it
-                self._enqueue(pool, self.awaiting.setdefault(pinned, (pool, deque()))[1], p)
-                return
-            if pool.mode in _STRICT:
-                why = "is being recycled" if w is not None else self.gone.why(pinned)
-                incarnation = pinned.decode(errors="replace")
-                self._fail(p, pool, SessionWorkerUnavailable(
-                    f"session {rec.id[:8]} is pinned to worker {incarnation[:8]}, which {why}",
-                    session=rec.id, worker=incarnation,
-                ))
-                return
-            # hint: the session re-pins to the least-loaded worker
-            if w is not None:
-                w.sessions.discard(rec.id)
-            rec.worker = None
-            new = pool.least_loaded()
-            if new is None:
-                self._enqueue(pool, pool.queue, p)
-                return
-            rec.worker = new.id
-            new.sessions.add(rec.id)
-            w = new
-        if w.can_start(p.session):
-            self._dispatch(w, p)
-        elif pool.mode is Affinity.STRICT_QUEUE:
-            self._enqueue(pool, w.queue, p)
-        elif pool.mode is Affinity.STRICT_FAIL_FAST:
-            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
-        else:  # hint: any idle worker, else the first one to free up
-            self._run_anywhere(pool, p)
-
-    def _restart_grace(self) -> float:
-        return self.options.heartbeat_interval * self.options.heartbeat_liveness
-
-    def _in_restart_grace(self, wid: bytes) -> bool:
-        return wid not in self.gone and time.monotonic() - self._booted < self._restart_grace()
-
-    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
-        w = pool.idle_worker()
-        if w is not None and not pool.queue:
-            self._dispatch(w, p)
-        else:
-            self._enqueue(pool, pool.queue, p)
-
-    def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
-        if pool.queued >= pool.config.queue_max:
-            self._fail(p, pool, PoolSaturated(
-                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
-            return
-        queue.append(p)
-        pool.queued += 1
-
-    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
-        now = time.monotonic()
-        if now > p.deadline:
-            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
-            return
-        key = (p.client, p.req_id)
-        if key in self.running:  # a client reusing the id of a request still running
-            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
-            return
-        # the deadline travels with the request: the worker stops the call when it passes
-        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
-        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
-        budget = pack_budget(call_ms, 0)
-        p.started = now
-        w.inflight[key] = p
-        self.running[key] = w
+    def _to_client(self, frames: list[Any]) -> None:
+        """Replies queue per client up to the frontend's SNDHWM: a client that stops reading
+        loses replies past it (counted, logged once per client; its calls time out) instead of
+        growing the broker without bound."""
         try:
-            send_frames(self.backend, [w.id, B_REQUEST, p.client, p.header, budget, *p.payload])
+            send_frames(self.frontend, frames, NOBLOCK)
+        except zmq.Again:
+            self.counters["replies_dropped_slow_client"] += 1
+            client = bytes(frames[0])
+            if client not in self._slow_clients:
+                if len(self._slow_clients) > 10_000:
+                    self._slow_clients.clear()
+                self._slow_clients.add(client)
+                log.warning("client %s is not reading its replies: %d queued, its limit; dropping replies",
+                            client.hex()[:12], self._client_hwm)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            del w.inflight[key]  # never delivered: not a crash mid-request
-            self.running.pop(key, None)
-            self._remove_worker(w, "crashed (connection lost)")
-            self._fail(p, w.pool, SessionWorkerUnavailable(
-                f"worker {w.incarnation[:8]} of this session is gone: crashed (connection lost)",
-                session=p.session, worker=w.incarnation))
-
-    def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
-        try:
-            send_frames(self.backend, [w.id, *frames])
-            return True
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            self._remove_worker(w, "crashed (connection lost)")
-            return False
-
-    def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:
-        """Best effort to a peer we hold no record of (it may be gone already)."""
-        try:
-            self.backend.send_multipart([wid, *frames])
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-
-    def _feed(self, w: WorkerRecord) -> None:
-        """Give a worker with free slots its next work: its own queue first, then the pool's."""
-        pool = w.pool
-        while w.free > 0:
-            if w.queue:
-                p = w.next_queued()
-                if p is not None:
-                    pool.queued -= 1
-                    self._dispatch(w, p)
-                    continue
-            if not pool.queue:
-                return
-            p = pool.queue.popleft()
-            pool.queued -= 1
-            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
-            if rec is not None and rec.worker is None:
-                rec.worker = w.id
-                w.sessions.add(rec.id)
-            if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
-                # its session was pinned elsewhere while it waited: route it there
-                self._route_pinned(pool, p, rec)
-                continue
-            if p.session and w.capacity > 1 and not w.can_start(p.session):
-                w.queue.append(p)  # a call of a session already running here waits its turn
-                pool.queued += 1
-                continue
-            self._dispatch(w, p)
-
-    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
-        target = self.workers.get(rec.worker) if rec.worker else None
-        if target is None or target.draining:
-            self._fail(p, pool, SessionWorkerUnavailable(f"session {rec.id[:8]} lost its worker", session=rec.id))
-        elif target.can_start(p.session):
-            self._dispatch(target, p)
-        else:
-            self._enqueue(pool, target.queue, p)
-
-    # -- backend --------------------------------------------------------------------------
-    def _on_backend(self, frames: list[zmq.Frame]) -> None:
-        wid = frames[0].bytes
-        if len(frames) < 2:
-            self.counters["garbage_backend"] += 1
-            return
-        command = frames[1].bytes
-        w = self.workers.get(wid)
-        if w is not None:
-            w.expiry = time.monotonic() + self.options.heartbeat_interval * self.options.heartbeat_liveness
-        if command == W_REPLY or command == W_PARTIAL:
-            if len(frames) < 4:
-                self.counters["garbage_backend"] += 1
-                return
-            client = frames[2].bytes
-            try:
-                status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
-                known = w is not None and (client, req_id) in w.inflight
-            except Exception:
-                self.counters["garbage_backend"] += 1
-                log.warning("malformed reply header from worker %s", wid[:8])
-                return
-            if not known:  # never sent to this worker (forged, or from before a restart): drop it
-                self.counters["garbage_backend"] += 1
-                if w is None:
-                    self._to_peer(wid, [B_REREGISTER])
-                return
-            send_frames(self.frontend, [client, *frames[3:]])
-            assert w is not None
-            if command == W_PARTIAL:
-                return
-            p = w.inflight.pop((client, req_id), None)
-            if p is not None:
-                self.running.pop((client, req_id), None)
-                outcome = "ok" if status == Status.OK.value else "error"
-                if outcome == "ok":
-                    w.served += 1
-                else:
-                    w.errors += 1
-                w.pool.observe(p.op, outcome, time.monotonic() - p.started)
-            if w.draining and not w.inflight:
-                self._to_worker(w, [B_DISCONNECT])
-            elif self._over_request_limit(w):
-                self.recycle(w)  # exactly at the limit, not at the next sweep
-            else:
-                self._feed(w)
-        elif command == W_HEARTBEAT:
-            if w is None:
-                self._to_peer(wid, [B_REREGISTER])
-            elif len(frames) > 2:
-                try:
-                    stats = msgpack.unpackb(frames[2].buffer)
-                    if isinstance(stats, dict):
-                        w.stats = stats
-                except Exception:
-                    self.counters["garbage_backend"] += 1
-        elif command == W_READY:
-            self._on_ready(wid, frames)
-        elif command == W_DISCONNECT:
-            if w is not None:
-                self._remove_worker(w, "was recycled" if w.draining else "exited")
-        else:
-            self.counters["garbage_backend"] += 1
-            log.warning("unknown command %r from worker %s", command[:8], wid[:8])
-
-    def _on_ready(self, wid: bytes, frames: list[zmq.Frame]) -> None:
-        try:
-            info = msgpack.unpackb(frames[2].buffer)
-            pool_name = info["pool"]
-            if not isinstance(pool_name, str):
-                raise TypeError("pool must be a string")
-            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity")):
-                raise TypeError("pid and capacity must be integers")
-        except Exception as exc:
-            self.counters["garbage_backend"] += 1
-            log.warning("malformed READY from %s: %s", wid[:8], exc)
-            return
-        # The disconnect of an earlier connection on a reused fd must be seen before we map it.
-        self._drain_monitor()
-        fd = _source_fd(frames[0])
-        w = self.workers.get(wid)
-        if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
-            self._map_fd(w, fd)
-            return
-        pool = self.pools.get(pool_name)
-        if pool is None:
-            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
-            self._to_peer(wid, [B_DISCONNECT])
-            return
-        expiry = time.monotonic() + self.options.heartbeat_interval * self.options.heartbeat_liveness
-        w = WorkerRecord(wid, pool, info, expiry)
-        self.workers[wid] = w
-        pool.workers[wid] = w
-        self._map_fd(w, fd)
-        # re-adopt sessions a restarted broker learned about from clients before this READY
-        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
-        _, waiting = self.awaiting.pop(wid, (pool, deque()))
-        w.queue.extend(waiting)  # already counted in pool.queued
-        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
-        self._feed(w)
+            self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
 
     def _map_fd(self, w: WorkerRecord, fd: int) -> None:
         if fd < 0:
@@ -569,237 +249,26 @@ class Broker:
             event = parse_monitor_message(msg)
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 wid = self.fd_worker.pop(int(event["value"]), None)
-                w = self.workers.get(wid) if wid is not None else None
-                if w is not None:
-                    self._remove_worker(w, "was recycled" if w.draining else "crashed (connection lost)")
+                if wid is not None and wid in self.workers:
+                    self._disconnects.setdefault(wid, time.monotonic())
 
-    def _remove_worker(self, w: WorkerRecord, why: str) -> None:
-        if self.workers.pop(w.id, None) is None:
-            return
-        pool = w.pool
-        pool.workers.pop(w.id, None)
-        if self.fd_worker.get(w.fd) == w.id:
-            del self.fd_worker[w.fd]
-        self.gone.add(w.id, why)
-        if "recycled" in why:
-            pool.recycles += 1
-        elif why != "exited":  # a clean SIGTERM exit (pools stop) is not a crash
-            pool.crashes += 1
-        log.warning("worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
-                    w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
-        for key, p in w.inflight.items():
-            self.running.pop(key, None)
-            self._fail(p, pool, WorkerCrashed(
-                f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
-                worker=w.incarnation, session=p.session))
-        for p in w.queue:
-            pool.queued -= 1
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
-                session=p.session, worker=w.incarnation))
-        if pool.mode is Affinity.HINT:
-            for sid in w.sessions:
-                rec = self.sessions.get(sid)
-                if rec is not None and rec.worker == w.id:
-                    rec.worker = None
-        w.inflight.clear()
-        w.queue.clear()
-        if self.nudge is not None:
-            self.nudge.worker_left()
-        if pool.recycling == w.id:
-            pool.recycle_started = time.monotonic()  # now wait for the replacement
-
-    # -- timers ---------------------------------------------------------------------------
-    def _heartbeat(self, now: float) -> None:
-        for w in list(self.workers.values()):
-            if now > w.expiry:
-                self._remove_worker(w, "stopped answering heartbeats")
-            else:
-                self._to_worker(w, [B_HEARTBEAT])
-
-    def _sweep(self, now: float) -> None:
-        for pool in self.pools.values():
-            limit = pool.config.queue_timeout
-            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
-            for queue in queues:
-                while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
-                    p = queue.popleft()
-                    pool.queued -= 1
-                    if now > p.deadline:
-                        self.counters["expired_unsent"] += 1
-                    else:
-                        self._fail(p, pool, QueueTimeout(
-                            f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
-                            pool=pool.name))
-            self._recycle_step(pool, now)
-        if self.awaiting and now - self._booted >= self._restart_grace():
-            for wid, (pool, queue) in self.awaiting.items():
-                for p in queue:
-                    pool.queued -= 1
-                    self._fail(p, pool, SessionWorkerUnavailable(
-                        f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did "
-                        f"not re-register within {self._restart_grace():g}s of this broker's start",
-                        session=p.session, worker=wid.decode(errors="replace")))
-            self.awaiting.clear()
-        self._expire_sessions(now)
-
-    _last_ttl_sweep = 0.0
-
-    def _expire_sessions(self, now: float) -> None:
-        if now - self._last_ttl_sweep < 1.0:
-            return
-        self._last_ttl_sweep = now
-        for rec in list(self.sessions.values()):
-            pool = self.pools.get(rec.pool)
-            ttl = pool.config.session_ttl if pool is not None else 3600.0
-            if ttl and now - rec.last_used > ttl:
-                w = self.workers.get(rec.worker) if rec.worker else None
-                if w is not None and w.runs_session(rec.id):
-                    continue
-                self._close_session(rec)
-
-    def _close_session(self, rec: SessionRecord) -> bool:
-        self.sessions.pop(rec.id, None)
-        w = self.workers.get(rec.worker) if rec.worker else None
-        if w is None:
-            return False
-        w.sessions.discard(rec.id)
-        self._to_worker(w, [B_RELEASE_SESSION, rec.id.encode()])
-        return True
-
-    # -- recycling ------------------------------------------------------------------------
-    def recycle(self, w: WorkerRecord) -> None:
-        """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
-        pool = w.pool
-        w.draining = True
-        pool.recycling = w.id
-        pool.recycle_started = time.monotonic()
-        pool.size_before_recycle = max(pool.size_before_recycle, len(pool.workers))
-        for p in list(w.queue):
-            pool.queued -= 1
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which is being recycled",
-                session=p.session, worker=w.incarnation))
-        w.queue.clear()
-        if not w.inflight:
-            self._to_worker(w, [B_DISCONNECT])
-        log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
-
-    def _over_request_limit(self, w: WorkerRecord) -> bool:
-        limit = w.pool.config.recycle.max_requests
-        return bool(limit and w.served + w.errors >= limit and w.pool.recycling is None
-                    and w.pool.ready_count() >= 2 and time.time() - w.registered >= _MIN_WORKER_AGE)
-
-    def _recycle_step(self, pool: Pool, now: float) -> None:
-        if pool.recycling is not None:
-            if pool.recycling in self.workers:
-                return
-            # wait for the replacement (supervisord restarts it) before touching the next one
-            target = pool.size_before_recycle or pool.config.size
-            if pool.ready_count() < target and now - pool.recycle_started < 30.0:
-                return
-            pool.recycling = None
-            pool.size_before_recycle = 0
-        while pool.rolling:
-            wid = pool.rolling.popleft()
-            w = self.workers.get(wid)
-            if w is not None:
-                self.recycle(w)
-                return
-        policy = pool.config.recycle
-        if not (policy.max_requests or policy.max_age or policy.max_rss_mb) or pool.ready_count() < 2:
-            return  # policy never takes a pool's last worker
-        wall = time.time()
-        for w in pool.workers.values():
-            if wall - w.registered < _MIN_WORKER_AGE:
-                continue  # supervisord counts an exit within startsecs as a failed start
-            rss_mb = float(w.stats.get("rss", 0)) / 2**20
-            if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
-                    or (w.retire_age and wall - w.registered >= w.retire_age)
-                    or (policy.max_rss_mb and rss_mb >= policy.max_rss_mb)):
-                self.recycle(w)
-                return
-
-    # -- broker ops -----------------------------------------------------------------------
-    def _admin(self, op: str, session: str, pool_name: str, args: dict[str, Any]) -> Any:
-        if op == Op.PING.value:
-            return {"pong": True, "pid": os.getpid()}
-        if op == Op.STATUS.value:
-            return self.status()
-        if op == Op.CLOSE_SESSION.value:
-            sid = str(args.get("session") or session)
-            rec = self.sessions.get(sid)
-            return {"closed": rec is not None, "released": self._close_session(rec) if rec else False}
-        if op == Op.SESSIONS.value:
-            wanted = args.get("pool")
-            now = time.monotonic()
-            return [
-                {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
-                 "worker_alive": r.worker in self.workers if r.worker else False,
-                 "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
-                for r in self.sessions.values() if not wanted or r.pool == wanted
-            ]
-        if op == Op.RECYCLE.value:
-            pool = self.pools.get(str(args.get("pool") or pool_name))
-            if pool is None:
-                raise PoolNotFound(f"no pool named {args.get('pool') or pool_name!r}")
-            wanted_worker = args.get("worker")
-            if wanted_worker:
-                matches = [w for w in pool.workers.values() if w.incarnation.startswith(str(wanted_worker))
-                           or str(w.pid) == str(wanted_worker)]
-                if len(matches) != 1:
-                    raise ProtocolError(f"worker {wanted_worker!r} matches {len(matches)} workers of {pool.name}")
-                targets = matches
-            elif args.get("all"):
-                targets = list(pool.workers.values())
-            else:  # the oldest worker
-                targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
-            pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
-            self._recycle_step(pool, time.monotonic())
-            return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
-        raise UnknownOp(f"unknown op {op!r}")
-
-    def status(self) -> dict[str, Any]:
+    def _settle_disconnects(self) -> None:
+        """Workers whose connection closed: a goodbye queued before the close is read first (it
+        travels through the backend socket, the disconnect through the monitor, in no fixed
+        order), so a clean exit is never counted as a crash."""
         now = time.monotonic()
-        wall = time.time()
-        pools = {}
-        for pool in self.pools.values():
-            lat = list(pool.latencies)
-            ok = sum(n for (op, outcome), n in pool.outcomes.items() if outcome == "ok")
-            pools[pool.name] = {
-                "affinity": pool.mode.value,
-                "size": pool.config.size,
-                "queue_max": pool.config.queue_max,
-                "queue_timeout": pool.config.queue_timeout,
-                "queued": pool.queued,
-                "sessions": sum(1 for r in self.sessions.values() if r.pool == pool.name),
-                "requests_ok": ok,
-                "requests_error": sum(pool.outcomes.values()) - ok,
-                "outcomes": {f"{op}:{outcome}": n for (op, outcome), n in pool.outcomes.items()},
-                "latency_p50_ms": round(percentile(lat, 0.5) * 1000, 3),
-                "latency_p99_ms": round(percentile(lat, 0.99) * 1000, 3),
-                "recycles": pool.recycles,
-                "crashes": pool.crashes,
-                "recycling": pool.recycling.decode() if pool.recycling else None,
-                "workers": [
-                    {
-                        "id": w.incarnation[:8], "incarnation": w.incarnation, "pid": w.pid, "host": w.host,
-                        "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
-                        "errors": w.errors, "inflight": len(w.inflight), "capacity": w.capacity,
-                        "queued": len(w.queue), "rss": int(w.stats.get("rss", 0)),
-                        "refs": int(w.stats.get("refs", 0)), "uptime_s": round(wall - w.registered, 3),
-                        "last_heartbeat_s": round(
-                            self.options.heartbeat_interval * self.options.heartbeat_liveness - (w.expiry - now), 3),
-                    }
-                    for w in pool.workers.values()
-                ],
-            }
-        return {
-            "broker": {"pid": os.getpid(), "uptime_s": round(wall - self.started, 3),
-                       "frontend": self.options.frontend, "backend": self.options.backend,
-                       "sessions": len(self.sessions), **self.counters},
-            "pools": pools,
-        }
+        due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        if not due:
+            return
+        self._drain(self.backend, self._on_backend)
+        for wid in due:
+            self._disconnects.pop(wid, None)
+            w = self.workers.get(wid)
+            if w is None:
+                continue  # it said goodbye meanwhile
+            if self.fd_worker.get(w.fd) == w.id:
+                continue  # its current connection is alive: the disconnect was of an older one
+            self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
 
 
 def _source_fd(frame: zmq.Frame) -> int:

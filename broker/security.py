@@ -1,7 +1,14 @@
-"""CURVE authentication for TCP endpoints: only peers whose public key is allowed get in.
+"""CURVE authentication for TCP endpoints: separate allow-lists for the two planes.
 
 eval/exec through the broker is remote code execution by design, so a TCP endpoint is never
-bound without CURVE and an allow-list of public keys (``zmq.auth`` certificate files).
+bound without CURVE. The frontend (clients) and the backend (workers) are two ZAP domains with
+their own allow-lists: a peer holding a *client* key must never register as a worker, where it
+would receive other clients' requests (API keys in kwargs included). Layout of the directory
+given with ``--curve-allowed`` (``dspexctl keys generate`` writes it)::
+
+    clients/   public keys of clients (the frontend)
+    workers/   public keys of remote workers (the backend)
+    admins/    optional: client keys allowed admin ops (recycle, others' sessions)
 """
 
 from __future__ import annotations
@@ -18,38 +25,79 @@ from dspex.errors import ConfigError
 
 log = logging.getLogger("dspex.broker.security")
 
+CLIENTS = "clients"
+WORKERS = "workers"
+ADMINS = "admins"
+
 
 class AllowedKeys:
     """A ZAP credentials provider that re-reads its directory, so keys can be added live."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, plane: str, auth: "PlaneAuthenticator | None" = None) -> None:
         self.directory = Path(directory)
+        self.plane = plane
+        self.auth = auth
         if not self.directory.is_dir():
             raise ConfigError(f"allowed-keys directory {self.directory} does not exist")
 
+    def keys(self) -> set[str]:
+        return {k.decode() for k, ok in load_certificates(self.directory).items() if ok}
+
     def callback(self, domain: str, z85_key: bytes) -> bool:
-        allowed = load_certificates(self.directory).get(z85_key, False)
+        allowed = bool(load_certificates(self.directory).get(z85_key, False))
         if not allowed:
-            log.warning("refused a CURVE peer with unknown public key %s (not in %s)",
-                        z85_key.decode(errors="replace"), self.directory)
-        return bool(allowed)
+            peer = self.auth.last_address if self.auth is not None else "?"
+            log.warning("refused a CURVE peer from %s on the %s plane: public key %s is not in %s",
+                        peer, self.plane, z85_key.decode(errors="replace"), self.directory)
+        return allowed
 
 
-def start_authenticator(ctx: zmq.Context[Any], allowed_dir: str | None) -> ThreadAuthenticator:
+class PlaneAuthenticator(ThreadAuthenticator):
+    """Remembers the address of the ZAP request being decided, so refusals name the peer."""
+
+    last_address = "?"
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        if len(msg) >= 4:
+            self.last_address = msg[3].decode(errors="replace") or "?"
+        await super().handle_zap_message(msg)
+
+
+def plane_dirs(allowed_dir: str | None) -> dict[str, Path]:
     if not allowed_dir:
-        raise ConfigError("TCP endpoints need an allow-list of client/worker public keys (--curve-allowed DIR)")
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("dspex.broker.zap"))
+        raise ConfigError("TCP endpoints need allow-lists of client and worker public keys (--curve-allowed DIR "
+                          "with clients/ and workers/; see `dspexctl keys generate`)")
+    root = Path(allowed_dir)
+    dirs = {plane: root / plane for plane in (CLIENTS, WORKERS)}
+    missing = [str(d) for d in dirs.values() if not d.is_dir()]
+    if missing:
+        raise ConfigError(f"{root} must hold separate allow-lists clients/ and workers/ (missing: "
+                          f"{', '.join(missing)}); a single list would let a client key join the worker plane. "
+                          "Run `dspexctl keys generate` again or move the public keys into the two directories")
+    if (root / ADMINS).is_dir():
+        dirs[ADMINS] = root / ADMINS
+    return dirs
+
+
+def start_authenticator(ctx: zmq.Context[Any], allowed_dir: str | None) -> tuple[PlaneAuthenticator, AllowedKeys | None]:
+    """The ZAP handler for both planes; also the admin allow-list, if the directory has one."""
+    dirs = plane_dirs(allowed_dir)
+    auth = PlaneAuthenticator(ctx, log=logging.getLogger("dspex.broker.zap"))
     auth.start()
-    auth.configure_curve_callback("*", AllowedKeys(allowed_dir))
-    return auth
+    auth.configure_curve_callback(CLIENTS, AllowedKeys(dirs[CLIENTS], CLIENTS, auth))
+    auth.configure_curve_callback(WORKERS, AllowedKeys(dirs[WORKERS], WORKERS, auth))
+    admins = AllowedKeys(dirs[ADMINS], ADMINS) if ADMINS in dirs else None
+    return auth, admins
 
 
-def secure_server(sock: zmq.Socket[Any], endpoint: str, secret: bytes | None, public: bytes | None) -> None:
+def secure_server(sock: zmq.Socket[Any], endpoint: str, secret: bytes | None, public: bytes | None,
+                  plane: str) -> None:
     if not secret or not public:
         raise ConfigError(
             f"refusing to bind {endpoint} without CURVE keys: TCP endpoints need --curve-secret-key "
             "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)"
         )
+    sock.zap_domain = plane.encode()
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True

@@ -33,6 +33,7 @@ class Pending:
     enqueued: float
     deadline: float
     started: float = 0.0
+    owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
 
 
 class WorkerRecord:
@@ -40,7 +41,8 @@ class WorkerRecord:
 
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
-        "served", "errors", "registered", "expiry", "fd", "draining", "stats", "retire_age",
+        "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
+        "adopted",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -59,6 +61,10 @@ class WorkerRecord:
         self.expiry = expiry
         self.fd = -1
         self.draining = False
+        self.draining_since = 0.0
+        # calls it was running for an earlier broker when it registered (READY's "running"): they
+        # hold slots until their replies pass (or its heartbeats say they ended)
+        self.adopted = max(0, int(info.get("running", 0)))
         self.stats: dict[str, Any] = {}
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
@@ -66,13 +72,13 @@ class WorkerRecord:
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.inflight)
+        return 0 if self.draining else self.capacity - len(self.inflight) - self.adopted
 
     @property
     def state(self) -> WorkerState:
         if self.draining:
             return WorkerState.DRAINING
-        return WorkerState.BUSY if self.inflight else WorkerState.READY
+        return WorkerState.BUSY if self.inflight or self.adopted else WorkerState.READY
 
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())
@@ -108,7 +114,8 @@ class Pool:
         self.mode = config.affinity
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
-        self.queued = 0  # pool queue + every worker queue: bounded by queue_max
+        # strict calls pinned to an incarnation not (yet) registered with a young broker
+        self.awaiting: dict[bytes, deque[Pending]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
         self.latencies: deque[float] = deque(maxlen=4096)
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -119,6 +126,17 @@ class Pool:
         self.recycling: bytes | None = None  # the worker being recycled now
         self.recycle_started = 0.0
         self.size_before_recycle = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting anywhere in the pool (bounded by ``queue_max``). Counted from the
+        queues themselves, so no code path can let it drift."""
+        return sum(len(q) for q in self.queues())
+
+    def queues(self) -> list[deque[Pending]]:
+        """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""
+        # list() copies: the metrics thread reads this while the broker thread changes them
+        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values())]
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1
@@ -155,8 +173,34 @@ class SessionRecord:
     pool: str
     worker: bytes | None = None
     created: float = field(default_factory=time.time)
+    # idle time counts from the end of the last call: set when a call is routed and again when
+    # its reply passes, so a call longer than the TTL never expires its own session
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
+    owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
+    touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
+    closing: str = ""  # closed while a call ran: why; released when its last call ends
+
+
+class Tombstones:
+    """Ids of closed and expired sessions (bounded), so a late call answers ``SessionClosed``
+    instead of silently opening a fresh namespace under the same id."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._why: OrderedDict[str, str] = OrderedDict()
+        self._limit = limit
+
+    def add(self, session: str, why: str) -> None:
+        self._why[session] = why
+        self._why.move_to_end(session)
+        if len(self._why) > self._limit:
+            self._why.popitem(last=False)
+
+    def why(self, session: str) -> str | None:
+        return self._why.get(session)
+
+    def __len__(self) -> int:
+        return len(self._why)
 
 
 class GoneWorkers:

@@ -30,6 +30,8 @@ from dspex.errors import (
     RefQuotaExceeded,
     RemoteError,
     SessionClosed,
+    SessionNotYours,
+    SessionPoolMismatch,
     SessionQuotaExceeded,
     SessionWorkerUnavailable,
     Timeout,
@@ -48,6 +50,6 @@ __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
     "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "PoolNotFound",
     "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
+    "Session", "SessionClosed", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

@@ -30,6 +30,7 @@ from dspex.errors import (
     ConnectionError,
     DspexError,
     ProtocolError,
+    Refused,
     SessionClosed,
     SessionWorkerUnavailable,
     Timeout,
@@ -51,7 +52,7 @@ Callback = Callable[[Any], None]
 class _Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("sock", "monitor", "poller", "ids", "broken")
+    __slots__ = ("sock", "monitor", "poller", "ids", "broken", "refused")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -64,6 +65,7 @@ class _Channel:
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
+        self.refused = False  # the broker refused our CURVE key (nothing we send can run)
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
@@ -75,6 +77,7 @@ class _Channel:
                 return why
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 why = "the broker refused this client's CURVE key"
+                self.refused = True
             elif not why:
                 why = "lost the connection to the broker"
 
@@ -233,6 +236,8 @@ class Client:
                 why = ch.disconnected() if ch.monitor in events else ""
                 if why:
                     ch.broken = True
+                    if ch.refused:  # the CURVE handshake failed: the request never left this client
+                        raise Refused(f"{why} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
                     raise ex.lost(why)
                 if time.monotonic() < deadline:
                     continue

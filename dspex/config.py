@@ -21,14 +21,31 @@ def run_dir() -> Path:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` with mode 0700, or check an existing one is ours and private."""
+    """Create ``path`` with mode 0700, or check an existing one is ours and private (never
+    chmod it: a directory someone else made wider may already hold their sockets)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    return check_private_dir(path)
+
+
+def check_private_dir(path: Path) -> Path:
+    """Refuse a run directory that is not ours or not 0700: another local user who made it
+    first would receive our workers' connections (and every request they run)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"run directory {path} does not exist (is the broker running?)") from None
     if st.st_uid != os.getuid():
-        raise ConfigError(f"run directory {path} belongs to uid {st.st_uid}, not to us")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+        raise ConfigError(f"run directory {path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): refusing it")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"run directory {path} has mode {mode:04o}; it must be 0700 (chmod 700 {path})")
     return path
+
+
+def check_ipc_dir(endpoint: str) -> None:
+    """Before connecting to an ipc endpoint: its directory must be ours and 0700."""
+    if endpoint.startswith("ipc://"):
+        check_private_dir(Path(endpoint[len("ipc://"):]).parent)
 
 
 def default_frontend() -> str:
@@ -57,11 +74,28 @@ def check_endpoint(endpoint: str) -> str:
 
 
 def prepare_bind(endpoint: str) -> None:
-    """Make the private directory of an ipc endpoint and clear a stale socket file."""
+    """Make the private directory of an ipc endpoint; refuse a socket another process answers on
+    (one live broker per run directory). A stale file (nobody listening) is bound over."""
     check_endpoint(endpoint)
     if endpoint.startswith("ipc://"):
         path = Path(endpoint[len("ipc://") :])
         ensure_private_dir(path.parent)
+        if path.exists() and ipc_answers(str(path)):
+            raise ConfigError(f"another broker is live on {endpoint}: one stack per run directory "
+                              f"(stop it, or give this one its own DSPEX_RUN_DIR)")
+
+
+def ipc_answers(path: str) -> bool:
+    """True if a process accepts connections on the unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: str | None
@@ -90,6 +124,9 @@ def probe_ipc(endpoint: str) -> None:
     if not endpoint.startswith("ipc://"):
         return
     path = endpoint[len("ipc://"):]
+    if not os.path.isdir(os.path.dirname(path)):
+        raise BrokerUnreachable(f"nothing is listening at {endpoint} (no run directory: is the broker running?)")
+    check_ipc_dir(endpoint)
     if not os.path.exists(path):
         raise BrokerUnreachable(f"nothing is listening at {endpoint} (is the broker running?)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

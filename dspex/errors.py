@@ -110,6 +110,18 @@ class Timeout(MayHaveRun):
     code = "timeout"
 
 
+class SessionPoolMismatch(UsageError):
+    """The session was opened in another pool: its calls go to that pool."""
+
+    code = "session_pool_mismatch"
+
+
+class SessionNotYours(UsageError):
+    """The session belongs to another client identity (or the op needs an admin key)."""
+
+    code = "session_not_yours"
+
+
 class RefNotFound(UsageError):
     """A ref is unknown to its worker: released, evicted, from another session, or never existed."""
 

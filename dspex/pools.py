@@ -31,7 +31,8 @@ class PoolConfig:
     queue_timeout: float = 30.0
     session_ttl: float = 3600.0
     size: int = 0  # expected workers (from supervisor.conf); 0 = unknown
-    capacity: int = 1  # calls one worker runs at once (threads)
+    capacity: int = 1  # calls one worker runs at once (threads); read by the workers
+    drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
 
 

@@ -7,11 +7,11 @@ Frontend (client DEALER -> broker ROUTER)::
 
 Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command::
 
-    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT]
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT] | [W_DRAIN]
                        [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
     broker -> worker:  [B_REQUEST, client_id, request_header, budget, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
-                       [B_CANCEL, client_id, req_id] | [B_CREDIT, client_id, req_id, n]
+                       [B_CANCEL, client_id, req_id] | [B_CREDIT, client_id, req_id, n] | [B_BYE]
 
 The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
 touches. See docs/protocol.md for the full description.
@@ -40,6 +40,7 @@ W_HEARTBEAT = b"\x02"
 W_REPLY = b"\x03"
 W_PARTIAL = b"\x04"
 W_DISCONNECT = b"\x05"
+W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -48,6 +49,7 @@ B_RELEASE_SESSION = b"\x14"
 B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
 B_CREDIT = b"\x17"
+B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
 
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0
@@ -185,21 +187,40 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
     return status, req_id, str(worker), str(pool)
 
 
-def pack_budget(call_ms: int, queue_ms: int) -> bytes:
-    """``[call_ms, queue_ms]``: what is left of the call's deadline and of its queue deadline when
-    the broker hands the request to a worker (0: none). Relative, so clocks of other hosts never
-    matter: the worker adds them to its own monotonic clock on receipt."""
-    return _packb([call_ms, queue_ms])
+# Budget flags (the optional fourth budget field)
+BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
+
+
+def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
+    """``[call_ms, queue_ms, session_ttl_s, flags]``: what is left of the call's deadline and of
+    its queue deadline when the broker hands the request to a worker (0: none). Relative, so
+    clocks of other hosts never matter: the worker adds them to its own monotonic clock on
+    receipt. ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from
+    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Readers accept the older two-field form."""
+    if not session_ttl_s and not flags:
+        return _packb([call_ms, queue_ms])
+    return _packb([call_ms, queue_ms, session_ttl_s, flags])
+
+
+def _budget_fields(data: bytes | memoryview) -> list[int]:
+    try:
+        fields = msgpack.unpackb(data)
+        if not (isinstance(fields, list) and 2 <= len(fields) <= 4 and all(isinstance(f, int) for f in fields)):
+            raise TypeError("expected 2 to 4 integers")
+    except Exception as exc:
+        raise ProtocolError(f"malformed request budget: {exc}") from None
+    return fields + [0] * (4 - len(fields))
 
 
 def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
-    try:
-        call_ms, queue_ms = msgpack.unpackb(data)
-        if not (isinstance(call_ms, int) and isinstance(queue_ms, int)):
-            raise TypeError("wrong field types")
-    except Exception as exc:
-        raise ProtocolError(f"malformed request budget: {exc}") from None
+    call_ms, queue_ms, _, _ = _budget_fields(data)
     return call_ms, queue_ms
+
+
+def unpack_budget_lifecycle(data: bytes | memoryview) -> tuple[int, int]:
+    """``(session_ttl_s, flags)`` of a budget frame (zeros in the two-field form)."""
+    _, _, ttl, flags = _budget_fields(data)
+    return ttl, flags
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

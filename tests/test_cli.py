@@ -185,7 +185,7 @@ def test_sessions_list_and_close(stack: SupervisedStack) -> None:
         res = dspexctl(stack, "sessions", "close", s.id[:12])
         assert res.returncode == 0 and f"closed {s.id}" in res.stdout, res.stdout + res.stderr
         assert s.id not in {r["id"] for r in json.loads(dspexctl(stack, "sessions", "list", "--json").stdout)["sessions"]}
-        with pytest.raises(dspex.RefNotFound):  # its refs were released on the worker
+        with pytest.raises(dspex.SessionClosed):  # closed for good: never a fresh namespace
             s.attr(ref, "a")
     res = dspexctl(stack, "sessions", "close", "ffffffffffff")
     assert res.returncode == 2 and res.stderr.startswith("Error: ")

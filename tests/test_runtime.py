@@ -188,8 +188,8 @@ def test_released_and_foreign_refs(stack: Stack) -> None:
     s.close()
     with pytest.raises(dspex.SessionClosed):
         s.eval("1")
-    again = dx.session("p", session_id=s.id)
-    with pytest.raises(dspex.RefNotFound, match="closed"):
+    again = dx.session("p", session_id=s.id)  # the id stays closed: never a fresh namespace
+    with pytest.raises(dspex.SessionClosed, match="closed"):
         again.eval("x", {"x": ref2})
 
 
@@ -198,7 +198,7 @@ def test_session_idle_ttl_releases_refs(stack: Stack) -> None:
     s = dx.session("p")
     ref = s.call("builtins", "object")
     wait_for(lambda: not dx.sessions("p"), timeout=10, what="session expired")
-    with pytest.raises(dspex.RefNotFound):
+    with pytest.raises(dspex.SessionClosed, match="expired"):  # its refs went with it
         s.eval("x", {"x": ref})
 
 

@@ -60,7 +60,7 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
     stranger = generate(Path(stack.root, "x"), peers=("stranger",))
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(stranger["stranger"]))
     with dspex.connect(stack.frontend, timeout=10) as dx:
-        with pytest.raises(dspex.ConnectionError, match="refused this client's CURVE key"):
+        with pytest.raises(dspex.Refused, match="refused this client's CURVE key.*did not run"):
             dx.ping()
     wait_for(lambda: "refused a CURVE peer" in Path(stack.root, "broker.log").read_text(), what="refusal logged")
     # a worker with an unknown key never registers
@@ -78,7 +78,10 @@ def test_keys_generate_cli(short_tmp: str) -> None:
     assert result.exit_code == 0, result.output
     kdir = Path(short_tmp, "keys")
     assert stat.S_IMODE(kdir.stat().st_mode) == 0o700
-    assert {p.name for p in (kdir / "allowed").iterdir()} == {"client.key", "worker.key"}
+    # two allow-lists: a client key never joins the worker plane
+    assert {p.name for p in (kdir / "allowed").iterdir()} == {"clients", "workers"}
+    assert {p.name for p in (kdir / "allowed" / "clients").iterdir()} == {"client.key"}
+    assert {p.name for p in (kdir / "allowed" / "workers").iterdir()} == {"worker.key"}
     assert stat.S_IMODE((kdir / "broker.key_secret").stat().st_mode) == 0o600
 
 
@@ -141,3 +144,102 @@ def test_worker_on_another_host_cut_off(stack: Stack, netns: tuple[str, str, str
             on_remote.call("os", "getpid")
         assert on_local.call("os", "getpid") == local.pid
         assert dx.session("p").call("os", "getpid") == local.pid
+
+
+# -- trust on the worker plane ------------------------------------------------------------------
+def test_client_key_is_refused_on_the_backend(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer holding a client key cannot register as a worker (and receive others' requests)."""
+    written = curve_stack(stack)
+    stack.env["DSPEX_CURVE_WORKER_KEY"] = str(written["client"])
+    stack.start_worker("p", "--no-dspy")
+    log = Path(stack.root, "broker.log")
+    wait_for(lambda: "refused a CURVE peer from 127.0.0.1 on the workers plane" in log.read_text(),
+             what="client key refused on the backend, with the peer's address")
+    kdir = Path(stack.root, "k")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        assert dx.status()["pools"]["p"]["workers"] == []
+        # the worker key is no client key either
+        monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["worker"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        with pytest.raises(dspex.Refused):
+            dx.ping()
+
+
+def test_broker_refuses_a_single_allow_list(stack: Stack) -> None:
+    written = generate(Path(stack.root, "k"))
+    single = Path(stack.root, "single")
+    single.mkdir()
+    for f in (written["allowed"] / "clients").iterdir():
+        shutil.copy(f, single / f.name)
+    env = base_env(stack.run_dir)
+    proc = subprocess.run([PY, "-m", "broker", "--frontend", f"tcp://127.0.0.1:{free_port()}", "--pool", "p",
+                           "--curve-secret-key", str(written["broker"]), "--curve-allowed", str(single)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "separate allow-lists" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sessions_belong_to_the_client_key_that_opened_them(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    kdir = Path(stack.root, "k")
+    written = generate(kdir, peers=("alice", "bob", "worker"), admins=("ops",))
+    stack.frontend = f"tcp://127.0.0.1:{free_port()}"
+    stack.backend = f"tcp://127.0.0.1:{free_port()}"
+    stack.env.update(DSPEX_CURVE_SERVER_KEY=str(kdir / "broker.key"), DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+    stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
+                                                "--curve-allowed", str(written["allowed"])])
+    stack.start_worker("p", "--no-dspy")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+
+    def as_(who: str) -> dspex.Client:
+        monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written[who]))
+        return dspex.connect(stack.frontend, timeout=10)
+
+    with as_("alice") as alice, as_("bob") as bob, as_("ops") as ops:
+        wait_for(lambda: len(alice.status()["pools"]["p"]["workers"]) == 1, what="worker ready")
+        s = alice.session("p")
+        s.exec("secret = 'alice'")
+        assert [r["id"] for r in alice.sessions("p")] == [s.id]
+        assert bob.sessions("p") == [], "bob lists only his own sessions"
+        with pytest.raises(dspex.SessionNotYours):
+            bob.session("p", s.id).eval("secret")
+        with pytest.raises(dspex.SessionNotYours):
+            bob.close_session(s.id)
+        with pytest.raises(dspex.Refused):
+            bob.recycle("p")
+        assert s.eval("secret") == "alice"
+        assert [r["id"] for r in ops.sessions("p")] == [s.id], "an admin key sees every session"
+        assert ops.close_session(s.id)["closed"]
+        with pytest.raises(dspex.SessionClosed):
+            s.eval("secret")
+
+
+@pytest.mark.parametrize("problem", ["mode", "owner"])
+def test_worker_and_client_refuse_a_run_dir_not_their_own(short_tmp: str, problem: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = Path(short_tmp, "r")
+    run_dir.mkdir(mode=0o700)
+    if problem == "mode":
+        os.chmod(run_dir, 0o777)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to make a directory owned by another uid")
+        os.chown(run_dir, 65534, 65534)
+    before = stat.S_IMODE(run_dir.stat().st_mode)
+    env = base_env(str(run_dir))
+    proc = subprocess.run([PY, "-m", "worker", "--pool", "p", "--no-dspy"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert ("must be 0700" if problem == "mode" else "belongs to uid 65534") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    monkeypatch.setenv("DSPEX_RUN_DIR", str(run_dir))
+    monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
+    monkeypatch.delenv("DSPEX_FRONTEND", raising=False)
+    with dspex.connect(timeout=5) as dx:
+        with pytest.raises(dspex.ConfigError, match="run directory"):
+            dx.ping()
+    broker = subprocess.run([PY, "-m", "broker", "--pool", "p"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert broker.returncode == 2 and "run directory" in broker.stderr
+    assert stat.S_IMODE(run_dir.stat().st_mode) == before, "never chmod silently"

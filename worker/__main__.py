@@ -9,7 +9,11 @@ import sys
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch litellm's price list
 
+from pathlib import Path  # noqa: E402
+
 from dspex import config  # noqa: E402
+from dspex.errors import ConfigError  # noqa: E402
+from dspex.pools import load_pools  # noqa: E402
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS  # noqa: E402
 from worker.worker import WorkerOptions, main  # noqa: E402
 
@@ -22,8 +26,11 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
     p.add_argument("--ref-cap", type=int, default=int(os.environ.get("DSPEX_REF_CAP", 100_000)))
     p.add_argument("--lm-history", type=int, default=int(os.environ.get("DSPEX_LM_HISTORY", 200)))
-    p.add_argument("--capacity", type=int, default=int(os.environ.get("DSPEX_CAPACITY", 1)),
-                   help="calls this worker runs at once, in threads (default 1)")
+    p.add_argument("--config", default=os.environ.get("DSPEX_CONFIG"),
+                   help="supervisor.conf: the pool's [dspex:pool:NAME] section gives capacity")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="calls this worker runs at once, in threads (default: the pool's capacity "
+                        "in --config, else DSPEX_CAPACITY, else 1)")
     p.add_argument("--curve-server-key", default=os.environ.get("DSPEX_CURVE_SERVER_KEY"),
                    help="broker's public key file (required for a tcp:// backend)")
     p.add_argument("--curve-key", default=os.environ.get("DSPEX_CURVE_WORKER_KEY"),
@@ -35,12 +42,26 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
         level=a.log_level.upper(), stream=sys.stderr,
         format=f"%(asctime)s worker[{a.pool}:{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
+    capacity = a.capacity
+    if capacity is None and a.config:
+        pools = {c.name: c for c in load_pools(a.config)}
+        if a.pool not in pools:
+            raise ConfigError(f"{a.config} declares no [dspex:pool:{a.pool}] section")
+        capacity = pools[a.pool].capacity
+    if capacity is None:
+        capacity = int(os.environ.get("DSPEX_CAPACITY", 1))
+    if capacity < 1:
+        raise ConfigError(f"capacity must be at least 1, not {capacity}")
     backend = config.check_endpoint(a.backend or config.default_backend())
+    if backend.startswith("ipc://"):
+        # made here if the broker has not made it yet (supervisord starts both at once); an
+        # existing one must be ours and 0700, or another local user receives our connection
+        config.ensure_private_dir(Path(backend[len("ipc://"):]).parent)
     server_key, keypair = config.curve_client_keys(backend, a.curve_server_key, a.curve_key)
     return WorkerOptions(
         pool=a.pool,
         backend=backend,
-        capacity=a.capacity,
+        capacity=capacity,
         curve_server_key=server_key,
         curve_keypair=keypair,
         heartbeat_interval=a.heartbeat,
@@ -51,5 +72,14 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
     )
 
 
+def run(argv: list[str] | None = None) -> int:
+    try:
+        options = parse(argv)
+    except ConfigError as err:
+        print(f"worker: {err.message}", file=sys.stderr)
+        return 2
+    return main(options)
+
+
 if __name__ == "__main__":
-    sys.exit(main(parse()))
+    sys.exit(run())

@@ -29,8 +29,9 @@ import zmq
 
 from dspex import config
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, MessageTooLarge, ProtocolError, QueueTimeout, Timeout
+from dspex.errors import DspexError, InternalError, MessageTooLarge, QueueTimeout, Timeout
 from dspex.protocol import (
+    B_BYE,
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,
@@ -38,12 +39,14 @@ from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     B_REREGISTER,
+    BUDGET_EPHEMERAL,
     FLAG_STREAM,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     PROTOCOL_VERSION,
     STREAM_WINDOW,
     W_DISCONNECT,
+    W_DRAIN,
     W_HEARTBEAT,
     W_PARTIAL,
     W_READY,
@@ -51,6 +54,7 @@ from dspex.protocol import (
     Status,
     pack_reply_header,
     unpack_budget,
+    unpack_budget_lifecycle,
     unpack_request_header,
 )
 from worker.executor import Executor, RefTable, StreamControl, error_frames
@@ -133,6 +137,11 @@ class Worker:
         self._streams: dict[tuple[bytes, int], StreamControl] = {}
         self._early_cancels: set[tuple[bytes, int]] = set()
         self._streams_lock = threading.Lock()
+        self._running_sessions: dict[str, int] = {}  # session -> calls running (guarded by _active_lock)
+        self._session_ends: dict[str, tuple[float, int]] = {}  # session -> (end of last call, pool TTL s)
+        self._drain_sent = False
+        self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
+        self._next_backstop = time.monotonic() + 1.0
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -162,8 +171,8 @@ class Worker:
         try:
             while not (self._stop.is_set() and self._active == 0):
                 request = self._next_request(poller, replies)
-                if request is None:
-                    continue
+                if request is None or self._stop.is_set():
+                    continue  # stopping: a request not started is handed back at our goodbye
                 if pool is None:
                     self._set_busy(True)
                     try:
@@ -179,10 +188,18 @@ class Worker:
                 pool.shutdown(wait=False, cancel_futures=True)
             with self._lock:
                 self._exiting = True
+                # replies of the last pooled calls may still sit in the inproc pipe: they go out
+                # before the goodbye (the broker hands back whatever is unanswered at goodbye)
+                while replies is not None:
+                    try:
+                        self._send_reply(replies.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
                 # say goodbye so the broker drops our sessions now, not at heartbeat expiry
                 self._sock.setsockopt(zmq.LINGER, 1000)
                 try:
                     self._sock.send(W_DISCONNECT, zmq.NOBLOCK)
+                    self._await_goodbye_ack()
                 except zmq.Again:
                     pass
             self._wake.set()
@@ -191,6 +208,20 @@ class Worker:
             if replies is not None:
                 replies.close(0)
         return 0
+
+    def _await_goodbye_ack(self, timeout: float = 1.0) -> None:
+        """Holding the lock. A process that exits right after close() can lose what zmq has not
+        written yet (nothing terminates the context): wait until the broker has our goodbye, so
+        a clean stop is never taken for a crash. A broker that is gone costs ``timeout``."""
+        assert self._sock is not None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._sock.poll(int(left * 1000) + 1):
+                return
+            frames = recv_frames(self._sock, NOBLOCK)
+            if frames[0].bytes == B_BYE:
+                return
+            # anything else (a request sent before the broker read our goodbye) is handed back
 
     def _set_busy(self, busy: bool) -> None:
         if busy:
@@ -259,6 +290,9 @@ class Worker:
         client = frames[0].bytes
         req_id = 0
         stream: StreamControl | None = None
+        with self._active_lock:
+            self._running += 1
+        session = self._session_started(frames)
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
@@ -282,11 +316,14 @@ class Worker:
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
-            reply, status = error_frames(ProtocolError(f"internal worker error: {exc!r}")), Status.ERROR.value
+            reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), Status.ERROR.value
         finally:
             if stream is not None:
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
+            self._session_ended(session)
+            with self._active_lock:
+                self._running -= 1
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
         send([W_REPLY, client, head, *reply])
 
@@ -347,7 +384,49 @@ class Worker:
             os._exit(3)
 
     def request_stop(self, *_: Any) -> None:
+        """SIGTERM: finish what started, say goodbye. The broker hears W_DRAIN at the next
+        socket turn (a signal handler must not take the socket lock) and sends nothing new."""
         self._stop.set()
+
+    # -- session lifecycle: the broker releases; the worker's backstop TTL catches the rest ----
+    def _session_started(self, frames: list[zmq.Frame]) -> tuple[str, int, int]:
+        """(session, ttl_s, flags) of a request about to run; its session counts as running."""
+        try:
+            session = unpack_request_header(frames[1].buffer).session
+            ttl, flags = unpack_budget_lifecycle(frames[2].buffer)
+        except (DspexError, IndexError):
+            return "", 0, 0  # _handle reports the malformed frame
+        if session:
+            with self._active_lock:
+                self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
+        return session, ttl, flags
+
+    def _session_ended(self, started: tuple[str, int, int]) -> None:
+        session, ttl, flags = started
+        if not session:
+            return
+        with self._active_lock:
+            left = self._running_sessions.pop(session, 1) - 1
+            if left:
+                self._running_sessions[session] = left
+            self._session_ends[session] = (time.monotonic(), ttl)
+        if flags & BUDGET_EPHEMERAL and not left:
+            self._release(session)  # a ``none`` pool keeps no session state between calls
+
+    def _release(self, session: str) -> int:
+        with self._active_lock:
+            self._session_ends.pop(session, None)
+        return self.executor.refs.release_session(session)
+
+    def _backstop_sweep(self, now: float) -> None:
+        """Release sessions idle for twice their pool's TTL (since the end of their last call):
+        the broker's release can be lost (a broker restart, a re-pin elsewhere)."""
+        with self._active_lock:
+            due = [sid for sid, (ended, ttl) in self._session_ends.items()
+                   if ttl and sid not in self._running_sessions and now - ended > 2 * ttl]
+        for sid in due:
+            n = self._release(sid)
+            log.info("released session %s (%d refs): idle past the backstop TTL", sid[:8], n)
 
     # -- either thread, holding the lock -----------------------------------------------------
     def _read_socket(self) -> None:
@@ -364,6 +443,12 @@ class Worker:
     def _timers(self) -> None:
         assert self._sock is not None
         now = time.monotonic()
+        if self._stop.is_set() and not self._drain_sent:
+            self._drain_sent = True
+            self._send_control([W_DRAIN])
+        if now >= self._next_backstop:
+            self._next_backstop = now + 1.0
+            self._backstop_sweep(now)
         if now >= self._next_beat:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
@@ -401,7 +486,7 @@ class Worker:
             self._stream_control(command, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:
             session_id = frames[1].bytes.decode(errors="replace")
-            n = self.executor.refs.release_session(session_id)
+            n = self._release(session_id)
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
             log.info("broker asked us to exit (recycle); finishing current work")
@@ -453,6 +538,7 @@ class Worker:
                 "host": socket.gethostname(),
                 "incarnation": self.incarnation,
                 "capacity": self.capacity,
+                "running": self._running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
             }
@@ -460,7 +546,8 @@ class Worker:
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count})
+        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
+                       "sessions": len(ex.refs.sessions), "running": self._running})
 
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None

@@ -1,0 +1,595 @@
+"""The broker's routing core: pools, workers, sessions, queues, pins and recycling, no sockets.
+
+Events come in as the frames a socket delivered (``_on_frontend``, ``_on_backend``), as a
+worker's connection seen or lost, and as clock ticks (``_sweep``, ``_heartbeat``); actions go out
+through four ports a shell implements: ``_to_client``, ``_send_worker`` (raises
+``WorkerUnreachable``), ``_identity`` (who sent a frame) and ``_connection_seen`` /
+``_forget_connection`` (which connection is whose). ``broker.broker.Broker`` is the zmq shell;
+tests/test_core.py drives the core with a recording stub, in milliseconds, no processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgpack
+
+from dspex.errors import (
+    Cancelled,
+    DspexError,
+    PoolNotFound,
+    PoolSaturated,
+    ProtocolError,
+    QueueTimeout,
+    SessionClosed,
+    SessionNotYours,
+    SessionPoolMismatch,
+    SessionQuotaExceeded,
+    SessionWorkerUnavailable,
+    UnknownOp,
+    WorkerBusy,
+    WorkerCrashed,
+)
+from dspex.pools import PoolConfig
+from dspex.protocol import (
+    B_BYE,
+    B_CANCEL,
+    B_CREDIT,
+    B_DISCONNECT,
+    B_HEARTBEAT,
+    B_REQUEST,
+    B_REREGISTER,
+    BROKER_OPS,
+    BUDGET_EPHEMERAL,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    STREAM_OPS,
+    W_DISCONNECT,
+    W_DRAIN,
+    W_HEARTBEAT,
+    W_PARTIAL,
+    W_READY,
+    W_REPLY,
+    WORKER_OPS,
+    Affinity,
+    Op,
+    Status,
+    pack_budget,
+    pack_error,
+    pack_reply_header,
+    unpack_request_header,
+)
+from broker.lifecycle import Lifecycle
+from broker.ops import OpCall, run_op
+from broker.ops import status as status_of
+from broker.state import GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord
+
+if TYPE_CHECKING:
+    import zmq  # frames only: the core never touches a socket
+
+log = logging.getLogger("dspex.broker")
+
+_STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
+_MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
+
+
+class WorkerUnreachable(Exception):
+    """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
+
+
+class Core(Lifecycle):
+    """Routes client requests to pool workers under the pools' affinity rules."""
+
+    def __init__(self, pools: list[PoolConfig], *, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_liveness: int = HEARTBEAT_LIVENESS, max_sessions: int = 100_000) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_liveness = heartbeat_liveness
+        self.max_sessions = max_sessions
+        self.pools: dict[str, Pool] = {p.name: Pool(p) for p in pools}
+        self.workers: dict[bytes, WorkerRecord] = {}
+        self.sessions: dict[str, SessionRecord] = {}
+        self.closed = Tombstones()  # closed and expired session ids: late calls get SessionClosed
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
+        self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
+        self.gone = GoneWorkers()
+        self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
+        self.started = time.time()
+        self._booted = time.monotonic()
+        self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self.nudge: Any = None  # something with worker_left() (supervisord), or None
+        self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
+
+    # -- ports: the shell implements these ----------------------------------------------------
+    def _to_client(self, frames: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _identity(self, frame: Any) -> str:
+        return ""
+
+    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
+        """A message from ``w`` on (maybe) a new connection."""
+
+    def _forget_connection(self, w: WorkerRecord) -> None:
+        """``w`` is gone: drop what ties a connection to it."""
+
+    # -- frontend -------------------------------------------------------------------------
+    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 2:
+            self.counters["garbage_frontend"] += 1
+            self._error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
+            return
+        try:
+            header = unpack_request_header(frames[1].buffer)
+        except ProtocolError as err:
+            self.counters["garbage_frontend"] += 1
+            log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
+            self._error(client, 0, err)
+            return
+        op = header.op
+        owner = self._identity(frames[1])
+        if op in WORKER_OPS:
+            now = time.monotonic()
+            deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
+            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
+            self._route(p, header.pool, header.worker)
+        elif op in BROKER_OPS:
+            try:
+                args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
+                if not isinstance(args, dict):
+                    raise ProtocolError("broker op arguments must be a map")
+                result = run_op(self, op, OpCall(header.session, header.pool, args, owner))
+            except DspexError as err:
+                self._error(client, header.req_id, err)
+            except Exception as exc:
+                self._error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
+            else:
+                self._to_client([client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)])
+        elif op in STREAM_OPS:
+            self._stream_control(client, header.req_id, header.pool, op, frames)
+        else:
+            self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+
+    def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
+        key = (client, req_id)
+        w = self.running.get(key)
+        if w is not None:
+            n = 0
+            if op == Op.CREDIT.value and len(frames) > 2:
+                try:
+                    n = int(msgpack.unpackb(frames[2].buffer))
+                except Exception:
+                    self.counters["garbage_frontend"] += 1
+                    return
+            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
+            return
+        pool = self.pools.get(pool_name)
+        if op != Op.CANCEL.value or pool is None:
+            return
+        for queue in pool.queues():
+            for p in queue:
+                if p.client == client and p.req_id == req_id:
+                    queue.remove(p)
+                    self._fail(p, pool, Cancelled("cancelled while queued"))
+                    return
+
+    def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
+        self._to_client(
+            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)])
+
+    def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
+        if pool is not None:
+            pool.outcomes[(p.op, err.code)] += 1
+        self._error(p.client, p.req_id, err)
+
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
+            return
+        if not p.session or pool.mode is Affinity.NONE:
+            self._run_anywhere(pool, p)
+            return
+        rec = self.sessions.get(p.session)
+        if rec is None and (why := self.closed.why(p.session)) is not None:
+            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
+            return
+        if rec is None:
+            if len(self.sessions) >= self.max_sessions:
+                self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
+                return
+            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, owner=p.owner)
+            if claimed_worker:
+                # a pin from before a broker restart: keep it if that incarnation is back
+                wid = claimed_worker.encode()
+                known = self.workers.get(wid)
+                if (known is not None and known.pool is pool) or pool.mode in _STRICT:
+                    self._pin(rec, wid)
+        elif rec.owner != p.owner:
+            self._fail(p, pool, SessionNotYours(f"session {p.session[:8]} belongs to another client", session=p.session))
+            return
+        elif rec.closing:
+            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {rec.closing}", session=p.session))
+            return
+        elif rec.pool != pool.name:
+            self._fail(p, pool, SessionPoolMismatch(
+                f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}", session=p.session))
+            return
+        rec.last_used = p.enqueued
+        rec.calls += 1
+        if rec.worker is None:
+            w = pool.least_loaded()
+            if w is None:
+                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
+                return
+            self._pin(rec, w.id)
+        pinned = rec.worker
+        assert pinned is not None
+        w = self.workers.get(pinned)
+        if w is None or w.draining:
+            if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):
+                # just (re)started: its worker may be alive and not re-registered yet; wait for it
+                self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
+                return
+            if pool.mode in _STRICT:
+                why = "is being recycled" if w is not None else self.gone.why(pinned)
+                incarnation = pinned.decode(errors="replace")
+                self._fail(p, pool, SessionWorkerUnavailable(
+                    f"session {rec.id[:8]} is pinned to worker {incarnation[:8]}, which {why}",
+                    session=rec.id, worker=incarnation,
+                ))
+                return
+            # hint: the session re-pins to the least-loaded worker
+            self._pin(rec, None)
+            new = pool.least_loaded()
+            if new is None:
+                self._enqueue(pool, pool.queue, p)
+                return
+            self._pin(rec, new.id)
+            w = new
+        if w.can_start(p.session):
+            self._dispatch(w, p)
+        elif pool.mode is Affinity.STRICT_QUEUE:
+            self._enqueue(pool, w.queue, p)
+        elif pool.mode is Affinity.STRICT_FAIL_FAST:
+            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
+        else:  # hint: any idle worker, else the first one to free up
+            self._run_anywhere(pool, p)
+
+    def _pin(self, rec: SessionRecord, wid: bytes | None) -> None:
+        """The one place a session's pin changes: the workers' session sets follow it."""
+        old = self.workers.get(rec.worker) if rec.worker else None
+        if old is not None:
+            old.sessions.discard(rec.id)
+        rec.worker = wid
+        new = self.workers.get(wid) if wid else None
+        if new is not None:
+            new.sessions.add(rec.id)
+
+    def _restart_grace(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+    def _in_restart_grace(self, wid: bytes) -> bool:
+        return wid not in self.gone and time.monotonic() - self._booted < self._restart_grace()
+
+    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
+        w = pool.idle_worker()
+        if w is not None and not pool.queue:
+            self._dispatch(w, p)
+        else:
+            self._enqueue(pool, pool.queue, p)
+
+    def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
+        if pool.queued >= pool.config.queue_max:
+            self._fail(p, pool, PoolSaturated(
+                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
+            return
+        queue.append(p)
+
+    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
+        now = time.monotonic()
+        if now > p.deadline:
+            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
+            return
+        key = (p.client, p.req_id)
+        if key in self.running:  # a client reusing the id of a request still running
+            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
+            return
+        # the deadline travels with the request: the worker stops the call when it passes
+        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
+        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
+        pool = w.pool
+        if not p.session:
+            budget = pack_budget(call_ms, 0)
+        elif pool.mode is Affinity.NONE:
+            budget = pack_budget(call_ms, 0, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
+        else:
+            rec = self.sessions.get(p.session)
+            if rec is not None:
+                rec.touched.add(w.id)  # every worker that may hold its state gets the release
+            budget = pack_budget(call_ms, 0, math.ceil(pool.config.session_ttl))
+        p.started = now
+        w.inflight[key] = p
+        self.running[key] = w
+        try:
+            self._send_worker(w.id, [B_REQUEST, p.client, p.header, budget, *p.payload])
+        except WorkerUnreachable:
+            del w.inflight[key]  # never delivered: not a crash mid-request
+            self.running.pop(key, None)
+            self._remove_worker(w, "crashed (connection lost)")
+            self._hand_back(p, pool, w, "crashed (connection lost)")
+
+    def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
+        """A request ``w`` never started: route it again where the pool allows, else say so
+        (a did-not-run error: the caller may retry)."""
+        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE):
+            self._route(p, pool.name, "")
+            return
+        self._fail(p, pool, SessionWorkerUnavailable(
+            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
+            "this request (it did not run)", session=p.session, worker=w.incarnation))
+
+    def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
+        try:
+            self._send_worker(w.id, frames)
+            return True
+        except WorkerUnreachable:
+            self._remove_worker(w, "crashed (connection lost)")
+            return False
+
+    def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:
+        """Best effort to a peer we hold no record of (it may be gone already)."""
+        try:
+            self._send_worker(wid, frames)
+        except WorkerUnreachable:
+            pass
+
+    def _feed(self, w: WorkerRecord) -> None:
+        """Give a worker with free slots its next work: its own queue first, then the pool's."""
+        pool = w.pool
+        while w.free > 0:
+            if w.queue:
+                p = w.next_queued()
+                if p is not None:
+                    self._dispatch(w, p)
+                    continue
+            if not pool.queue:
+                return
+            p = pool.queue.popleft()
+            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
+            if rec is not None and rec.worker is None:
+                self._pin(rec, w.id)
+            if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
+                # its session was pinned elsewhere while it waited: route it there
+                self._route_pinned(pool, p, rec)
+                continue
+            if p.session and w.capacity > 1 and not w.can_start(p.session):
+                w.queue.append(p)  # a call of a session already running here waits its turn
+                continue
+            self._dispatch(w, p)
+
+    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
+        target = self.workers.get(rec.worker) if rec.worker else None
+        if target is None or target.draining:
+            self._fail(p, pool, SessionWorkerUnavailable(f"session {rec.id[:8]} lost its worker", session=rec.id))
+        elif target.can_start(p.session):
+            self._dispatch(target, p)
+        else:
+            self._enqueue(pool, target.queue, p)
+
+    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+        wid = frames[0].bytes
+        if len(frames) < 2:
+            self.counters["garbage_backend"] += 1
+            return
+        command = frames[1].bytes
+        w = self.workers.get(wid)
+        if w is not None:
+            w.expiry = time.monotonic() + self.heartbeat_interval * self.heartbeat_liveness
+        if command == W_REPLY or command == W_PARTIAL:
+            if len(frames) < 4:
+                self.counters["garbage_backend"] += 1
+                return
+            client = frames[2].bytes
+            try:
+                status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
+                known = w is not None and (client, req_id) in w.inflight
+            except Exception:
+                self.counters["garbage_backend"] += 1
+                log.warning("malformed reply header from worker %s", wid[:8])
+                return
+            if not known:  # never sent to this worker (forged, or from before a restart): drop it
+                self.counters["garbage_backend"] += 1
+                if w is None:
+                    self._to_peer(wid, [B_REREGISTER])
+                elif w.adopted and command == W_REPLY:
+                    w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
+                    self._feed(w)
+                return
+            self._to_client([client, *frames[3:]])
+            assert w is not None
+            if command == W_PARTIAL:
+                return
+            p = w.inflight.pop((client, req_id), None)
+            if p is not None:
+                self.running.pop((client, req_id), None)
+                now = time.monotonic()
+                outcome = "ok" if status == Status.OK.value else "error"
+                if outcome == "ok":
+                    w.served += 1
+                else:
+                    w.errors += 1
+                w.pool.observe(p.op, outcome, now - p.started)
+                rec = self.sessions.get(p.session) if p.session else None
+                if rec is not None:
+                    rec.last_used = now  # idle time counts from the end of the last call
+                    if rec.closing and not self._session_running(rec):
+                        self._release_session(rec)
+            if w.draining and not w.inflight:
+                self._to_worker(w, [B_DISCONNECT])
+            elif self._over_request_limit(w):
+                self.recycle(w)  # exactly at the limit, not at the next sweep
+            else:
+                self._feed(w)
+        elif command == W_HEARTBEAT:
+            if w is None:
+                self._to_peer(wid, [B_REREGISTER])
+            elif len(frames) > 2:
+                try:
+                    stats = msgpack.unpackb(frames[2].buffer)
+                    if isinstance(stats, dict):
+                        w.stats = stats
+                        if w.adopted:  # calls from before a broker restart that ended unseen
+                            running = int(stats.get("running", 0))
+                            w.adopted = min(w.adopted, max(0, running - len(w.inflight)))
+                            self._feed(w)
+                except Exception:
+                    self.counters["garbage_backend"] += 1
+        elif command == W_READY:
+            self._on_ready(wid, frames)
+        elif command == W_DISCONNECT:
+            self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
+            if w is not None:
+                self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
+        elif command == W_DRAIN:
+            if w is not None and not w.draining:
+                log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
+                self._start_draining(w, "is stopping")
+        else:
+            self.counters["garbage_backend"] += 1
+            log.warning("unknown command %r from worker %s", command[:8], wid[:8])
+
+    def _on_ready(self, wid: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            info = msgpack.unpackb(frames[2].buffer)
+            pool_name = info["pool"]
+            if not isinstance(pool_name, str):
+                raise TypeError("pool must be a string")
+            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
+                raise TypeError("pid, capacity and running must be integers")
+        except Exception as exc:
+            self.counters["garbage_backend"] += 1
+            log.warning("malformed READY from %s: %s", wid[:8], exc)
+            return
+        w = self.workers.get(wid)
+        if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
+            self._connection_seen(w, frames[0])
+            return
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
+            self._to_peer(wid, [B_DISCONNECT])
+            return
+        expiry = time.monotonic() + self.heartbeat_interval * self.heartbeat_liveness
+        w = WorkerRecord(wid, pool, info, expiry)
+        self.workers[wid] = w
+        pool.workers[wid] = w
+        self._connection_seen(w, frames[0])
+        # re-adopt sessions a restarted broker learned about from clients before this READY
+        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
+        w.queue.extend(pool.awaiting.pop(wid, ()))
+        self._event(pool.name, w, "start", "registered")
+        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
+        self._feed(w)
+
+    def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
+        """``clean``: the worker said goodbye, so it answered every request it started; what is
+        still in flight never ran there (handed back, not ``WorkerCrashed``)."""
+        if self.workers.pop(w.id, None) is None:
+            return
+        self._forget_connection(w)
+        pool = w.pool
+        pool.workers.pop(w.id, None)
+        self.gone.add(w.id, why)
+        if "recycled" in why:
+            pool.recycles += 1
+            event = "recycle"
+        elif clean:  # a clean SIGTERM exit (supervisorctl stop/restart, a deploy) is not a crash
+            event = "exit"
+        else:
+            pool.crashes += 1
+            event = "crash"
+        self._event(pool.name, w, event, why)
+        log.log(logging.INFO if clean else logging.WARNING,
+                "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
+                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
+        inflight = list(w.inflight.items())
+        queued = list(w.queue)
+        w.inflight.clear()
+        w.queue.clear()
+        if pool.mode is Affinity.HINT:
+            for sid in w.sessions:
+                rec = self.sessions.get(sid)
+                if rec is not None and rec.worker == w.id:
+                    self._pin(rec, None)
+        for key, p in inflight:
+            self.running.pop(key, None)
+            if clean:
+                self._hand_back(p, pool, w, why)
+            else:
+                self._fail(p, pool, WorkerCrashed(
+                    f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
+                    worker=w.incarnation, session=p.session))
+        for p in queued:
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
+                session=p.session, worker=w.incarnation))
+        if self.nudge is not None:
+            self.nudge.worker_left()
+        if pool.recycling == w.id:
+            pool.recycle_started = time.monotonic()  # now wait for the replacement
+
+    def _heartbeat(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if now > w.expiry:
+                self._remove_worker(w, "stopped answering heartbeats")
+            else:
+                self._to_worker(w, [B_HEARTBEAT])
+
+    def _sweep(self, now: float) -> None:
+        for pool in self.pools.values():
+            limit = pool.config.queue_timeout
+            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
+            for queue in queues:
+                while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
+                    p = queue.popleft()
+                    if now > p.deadline:
+                        self.counters["expired_unsent"] += 1
+                    else:
+                        self._fail(p, pool, QueueTimeout(
+                            f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
+                            pool=pool.name))
+            self._stop_overdue(pool, now)
+            self._recycle_step(pool, now)
+        if now - self._booted >= self._restart_grace():
+            for pool in self.pools.values():
+                awaiting, pool.awaiting = pool.awaiting, {}
+                for wid, queue in awaiting.items():
+                    for p in queue:
+                        self._fail(p, pool, SessionWorkerUnavailable(
+                            f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
+                            f"did not re-register within {self._restart_grace():g}s of this broker's start",
+                            session=p.session, worker=wid.decode(errors="replace")))
+        self._expire_sessions(now)
+
+    def _may_administer(self, owner: str) -> bool:
+        """``recycle`` is open to every peer unless the broker has an admin allow-list (CURVE)."""
+        return self.admins is None or owner in self.admins()
+
+    def _sees_every_session(self, owner: str) -> bool:
+        """Only admin keys list, use or close other clients' sessions (never without a list)."""
+        return self.admins is not None and owner in self.admins()
+
+    def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
+        self.events.append({"t": time.time(), "pool": pool, "worker": w.incarnation[:8], "pid": w.pid,
+                            "event": event, "why": why})
+
+    def status(self) -> dict[str, Any]:
+        return status_of(self, {})

@@ -1,0 +1,149 @@
+"""Broker ops (answered by the broker itself), one small function each, in a registry.
+
+Session ops act only on the caller's own sessions (its client identity) unless the caller holds
+an admin key; ``recycle`` needs an admin key when the broker has an admin allow-list.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours, UnknownOp
+from dspex.protocol import Op
+from broker.state import percentile
+
+if TYPE_CHECKING:
+    from broker.core import Core
+
+
+@dataclass(frozen=True)
+class OpCall:
+    session: str  # the request header's session
+    pool: str  # the request header's pool
+    args: dict[str, Any]
+    owner: str  # the caller's client identity
+
+
+Handler = Callable[["Core", OpCall], Any]
+OPS: dict[str, Handler] = {}
+
+
+def _op(op: Op) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        OPS[op.value] = fn
+        return fn
+    return register
+
+
+def run_op(core: "Core", op: str, call: OpCall) -> Any:
+    handler = OPS.get(op)
+    if handler is None:
+        raise UnknownOp(f"unknown op {op!r}")
+    return handler(core, call)
+
+
+@_op(Op.PING)
+def _ping(core: "Core", call: OpCall) -> Any:
+    # which stack answers: dspexctl compares "config" with its own supervisor.conf
+    return {"pong": True, "pid": os.getpid(), **core.stack_info}
+
+
+@_op(Op.STATUS)
+def _status(core: "Core", call: OpCall) -> Any:
+    return core.status()
+
+
+@_op(Op.CLOSE_SESSION)
+def _close_session(core: "Core", call: OpCall) -> Any:
+    sid = str(call.args.get("session") or call.session)
+    rec = core.sessions.get(sid)
+    if rec is not None and rec.owner != call.owner and not core._sees_every_session(call.owner):
+        raise SessionNotYours(f"session {sid[:8]} belongs to another client", session=sid)
+    if rec is None or rec.closing:
+        return {"closed": False, "released": False}
+    return {"closed": True, "released": core._close_session(rec, "was closed")}
+
+
+@_op(Op.SESSIONS)
+def _sessions(core: "Core", call: OpCall) -> Any:
+    wanted = call.args.get("pool")
+    now = time.monotonic()
+    return [
+        {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
+         "worker_alive": r.worker in core.workers if r.worker else False,
+         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
+        for r in core.sessions.values()
+        if (not wanted or r.pool == wanted) and not r.closing and (r.owner == call.owner or core._sees_every_session(call.owner))
+    ]
+
+
+@_op(Op.RECYCLE)
+def _recycle(core: "Core", call: OpCall) -> Any:
+    if not core._may_administer(call.owner):
+        raise Refused("recycle needs an admin key (the broker has an admin allow-list: --curve-allowed DIR/admins)")
+    pool = core.pools.get(str(call.args.get("pool") or call.pool))
+    if pool is None:
+        raise PoolNotFound(f"no pool named {call.args.get('pool') or call.pool!r}")
+    wanted_worker = call.args.get("worker")
+    if wanted_worker:
+        matches = [w for w in pool.workers.values() if w.incarnation.startswith(str(wanted_worker))
+                   or str(w.pid) == str(wanted_worker)]
+        if len(matches) != 1:
+            raise ProtocolError(f"worker {wanted_worker!r} matches {len(matches)} workers of {pool.name}")
+        targets = matches
+    elif call.args.get("all"):
+        targets = list(pool.workers.values())
+    else:  # the oldest worker
+        targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
+    pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
+    core._recycle_step(pool, time.monotonic())
+    return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
+
+
+def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
+    now = time.monotonic()
+    wall = time.time()
+    pools = {}
+    for pool in core.pools.values():
+        lat = list(pool.latencies)
+        ok = sum(n for (op, outcome), n in pool.outcomes.items() if outcome == "ok")
+        pools[pool.name] = {
+            "affinity": pool.mode.value,
+            "size": pool.config.size,
+            "queue_max": pool.config.queue_max,
+            "queue_timeout": pool.config.queue_timeout,
+            "queued": pool.queued,
+            "sessions": sum(1 for r in core.sessions.values() if r.pool == pool.name),
+            "requests_ok": ok,
+            "requests_error": sum(pool.outcomes.values()) - ok,
+            "outcomes": {f"{op}:{outcome}": n for (op, outcome), n in pool.outcomes.items()},
+            "latency_p50_ms": round(percentile(lat, 0.5) * 1000, 3),
+            "latency_p99_ms": round(percentile(lat, 0.99) * 1000, 3),
+            "recycles": pool.recycles,
+            "crashes": pool.crashes,
+            "recycling": pool.recycling.decode() if pool.recycling else None,
+            "workers": [
+                {
+                    "id": w.incarnation[:8], "incarnation": w.incarnation, "pid": w.pid, "host": w.host,
+                    "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
+                    "errors": w.errors, "inflight": len(w.inflight), "capacity": w.capacity,
+                    "queued": len(w.queue), "rss": int(w.stats.get("rss", 0)),
+                    "refs": int(w.stats.get("refs", 0)),
+                    "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
+                    "uptime_s": round(wall - w.registered, 3),
+                    "last_heartbeat_s": round(
+                        core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
+                }
+                for w in pool.workers.values()
+            ],
+        }
+    return {
+        "broker": {"pid": os.getpid(), "uptime_s": round(wall - core.started, 3),
+                   **endpoints,
+                   "sessions": len(core.sessions), "closed_sessions": len(core.closed), **core.counters},
+        "pools": pools,
+        "events": list(core.events),
+    }

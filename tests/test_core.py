@@ -1,0 +1,422 @@
+"""The broker's routing core, table-driven, without sockets or processes (milliseconds each).
+
+A recording stub implements the core's ports (dramatiq's StubBroker idea): events go in as the
+frames a socket would deliver, actions come out as the frames the core sends.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from broker.core import Core, WorkerUnreachable
+from dspex.pools import parse_pool_spec
+from dspex.protocol import (
+    B_DISCONNECT,
+    B_RELEASE_SESSION,
+    B_REQUEST,
+    BUDGET_EPHEMERAL,
+    W_DISCONNECT,
+    W_DRAIN,
+    W_READY,
+    W_REPLY,
+    RequestHeader,
+    pack_reply_header,
+    unpack_budget_lifecycle,
+    unpack_request_header,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class StubCore(Core):
+    def __init__(self, *specs: str) -> None:
+        super().__init__([parse_pool_spec(s) for s in specs], heartbeat_interval=0.25, heartbeat_liveness=3)
+        self.to_workers: list[tuple[bytes, list[bytes]]] = []
+        self.to_clients: list[list[bytes]] = []
+        self.unreachable: set[bytes] = set()
+        self.owners: dict[bytes, str] = {}  # client id -> identity (its CURVE key)
+
+    def _to_client(self, frames: list[Any]) -> None:
+        self.to_clients.append([bytes(f) for f in frames])
+
+    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+        if wid in self.unreachable:
+            raise WorkerUnreachable()
+        self.to_workers.append((wid, [bytes(f) for f in frames]))
+
+    def _identity(self, frame: Any) -> str:
+        return self.owners.get(self._sender, "")
+
+    # -- events ------------------------------------------------------------------------------
+    def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0) -> None:
+        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running}
+        self._on_backend([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
+
+    def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
+                timeout_ms: int = 0) -> None:
+        self._sender = client
+        header = RequestHeader(op, req_id, pool, session, "", timeout_ms, 0).pack()
+        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")])
+
+    def admin(self, client: bytes, op: str, **args: Any) -> Any:
+        self._sender = client
+        header = RequestHeader(op, 999, "", "", "", 0, 0).pack()
+        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))])
+        status, _, _, _ = msgpack.unpackb(self.to_clients[-1][1])
+        body = msgpack.unpackb(self.to_clients[-1][2])
+        return body if status == "ok" else ("error", body["code"])
+
+    def reply(self, wid: bytes, client: bytes, req_id: int, status: str = "ok") -> None:
+        self._on_backend([zmq.Frame(wid), zmq.Frame(W_REPLY), zmq.Frame(client),
+                          zmq.Frame(pack_reply_header(status, req_id)), zmq.Frame(b"result")])
+
+    def say(self, wid: bytes, command: bytes) -> None:
+        self._on_backend([zmq.Frame(wid), zmq.Frame(command)])
+
+    # -- actions -----------------------------------------------------------------------------
+    def dispatched(self) -> list[tuple[bytes, bytes, int]]:
+        """(worker, client, req_id) of every request sent to a worker, in order."""
+        return [(wid, f[1], unpack_request_header(f[2]).req_id) for wid, f in self.to_workers if f[0] == B_REQUEST]
+
+    def worker_of(self, req_id: int) -> bytes | None:
+        found = [wid for wid, _, rid in self.dispatched() if rid == req_id]
+        return found[-1] if found else None
+
+    def outcome(self, client: bytes, req_id: int) -> str | None:
+        """"ok", an error code, or None (no answer yet)."""
+        for frames in self.to_clients:
+            if frames[0] != client:
+                continue
+            status, rid = msgpack.unpackb(frames[1])[:2]
+            if rid == req_id:
+                if status == "ok" or frames[2] == b"result":  # a worker's reply (the stub's body)
+                    return status
+                return str(msgpack.unpackb(frames[2])["code"])
+        return None
+
+    def released(self, session: str) -> set[bytes]:
+        return {wid for wid, f in self.to_workers if f[0] == B_RELEASE_SESSION and f[1] == session.encode()}
+
+
+C = b"client-1"
+A, B = b"worker-a", b"worker-b"
+
+
+def two_workers(spec: str, capacity: int = 1) -> StubCore:
+    core = StubCore(spec)
+    core.ready(A, "p", capacity)
+    core.ready(B, "p", capacity)
+    return core
+
+
+# -- the affinity table, row by row ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast", "hint"])
+def test_new_sessions_go_to_the_least_loaded_worker_and_idle_runs_there(mode: str) -> None:
+    core = two_workers(f"p:{mode}")
+    core.request(C, 1, "p", "s1")
+    core.reply(core.worker_of(1) or b"", C, 1)
+    core.request(C, 2, "p", "s2")
+    assert core.worker_of(1) != core.worker_of(2)
+    core.reply(core.worker_of(2) or b"", C, 2)
+    core.request(C, 3, "p", "s1")
+    assert core.worker_of(3) == core.worker_of(1)
+
+
+@pytest.mark.parametrize("mode, busy_outcome, runs_on", [
+    ("strict_queue", None, "pinned"),  # waits in the pinned worker's queue, then runs there
+    ("strict_fail_fast", "worker_busy", None),
+    ("hint", "running", "other"),  # any idle worker
+])
+def test_pinned_worker_busy(mode: str, busy_outcome: str | None, runs_on: str | None) -> None:
+    core = two_workers(f"p:{mode}")
+    core.request(C, 1, "p", "s")
+    pinned = core.worker_of(1)
+    core.request(C, 2, "p", "s")
+    if busy_outcome == "worker_busy":
+        assert core.outcome(C, 2) == "worker_busy"
+        return
+    if runs_on == "other":
+        assert core.worker_of(2) not in (None, pinned)
+        return
+    assert core.worker_of(2) is None and core.outcome(C, 2) is None  # queued
+    assert core.pools["p"].queued == 1
+    core.reply(pinned or b"", C, 1)
+    assert core.worker_of(2) == pinned and core.pools["p"].queued == 0
+
+
+@pytest.mark.parametrize("mode, outcome", [
+    ("strict_queue", "session_worker_unavailable"),
+    ("strict_fail_fast", "session_worker_unavailable"),
+    ("hint", "repinned"),
+])
+def test_pinned_worker_gone(mode: str, outcome: str) -> None:
+    core = two_workers(f"p:{mode}")
+    core.request(C, 1, "p", "s")
+    pinned = core.worker_of(1) or b""
+    core.reply(pinned, C, 1)
+    core._remove_worker(core.workers[pinned], "crashed (connection lost)")
+    core.request(C, 2, "p", "s")
+    if outcome == "repinned":
+        assert core.worker_of(2) not in (None, pinned)
+        assert core.sessions["s"].worker == core.worker_of(2)
+    else:
+        assert core.outcome(C, 2) == outcome
+        core.request(C, 3, "p", "s")  # and it stays so: no silent re-pin
+        assert core.outcome(C, 3) == outcome
+
+
+def test_none_runs_anywhere_and_keeps_no_session() -> None:
+    core = two_workers("p:none")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")  # the same session's calls run at once on both workers
+    assert {core.worker_of(1), core.worker_of(2)} == {A, B}
+    assert "s" not in core.sessions
+    budgets = [f[3] for _, f in core.to_workers if f[0] == B_REQUEST]
+    assert all(unpack_budget_lifecycle(b)[1] & BUDGET_EPHEMERAL for b in budgets)
+
+
+def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
+    core = StubCore("p:strict_queue:queue_max=1,queue_timeout=5")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")
+    core.request(C, 3, "p", "s")
+    assert core.outcome(C, 3) == "pool_saturated"
+    core.request(C, 4, "nope", "s")
+    assert core.outcome(C, 4) == "pool_not_found"
+    core._sweep(time.monotonic() + 6)
+    assert core.outcome(C, 2) == "queue_timeout"
+
+
+def test_a_session_of_another_pool_is_a_usage_error() -> None:
+    core = StubCore("p:strict_queue", "q:strict_queue")
+    core.ready(A, "p")
+    core.ready(B, "q")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "q", "s")
+    assert core.outcome(C, 2) == "session_pool_mismatch"
+
+
+def test_sessionless_call_whose_worker_vanished_is_routed_again() -> None:
+    core = two_workers("p:strict_queue")
+    core.unreachable.add(A)
+    core.unreachable.add(B)
+    core.request(C, 1, "p")
+    assert core.outcome(C, 1) is None and core.pools["p"].queued == 1  # both gone: it waits
+    core.unreachable.clear()
+    core.ready(b"worker-c", "p")
+    assert core.worker_of(1) == b"worker-c"
+
+
+# -- lifecycle rules ----------------------------------------------------------------------------
+def test_idle_time_counts_from_the_end_of_the_last_call() -> None:
+    core = StubCore("p:strict_queue:session_ttl=1")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.sessions["s"].last_used -= 100  # the call started long ago, longer than the TTL
+
+    def expire_at(now: float) -> None:
+        core._last_ttl_sweep = 0.0  # the sweep runs at most once a second: let it run now
+        core._expire_sessions(now)
+
+    expire_at(time.monotonic() + 50)
+    assert "s" in core.sessions, "a running call never expires its session"
+    core.reply(A, C, 1)
+    expire_at(time.monotonic() + 0.5)
+    assert "s" in core.sessions, "idle for less than the TTL since the call ended"
+    expire_at(time.monotonic() + 2.0)
+    assert "s" not in core.sessions and core.released("s") == {A}
+    core.request(C, 2, "p", "s")
+    assert core.outcome(C, 2) == "session_closed"
+
+
+def test_closed_session_answers_session_closed_never_a_fresh_namespace() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    assert core.admin(C, "close_session", session="s") == {"closed": True, "released": True}
+    assert core.released("s") == {A}
+    core.request(C, 2, "p", "s")
+    assert core.outcome(C, 2) == "session_closed"
+    assert "s" not in core.sessions
+
+
+def test_tombstones_are_bounded() -> None:
+    core = StubCore("p:strict_queue")
+    core.closed._limit = 10
+    for i in range(25):
+        core.closed.add(f"s{i}", "was closed")
+    assert len(core.closed) == 10 and core.closed.why("s24") and core.closed.why("s0") is None
+
+
+def test_release_goes_to_every_worker_a_hint_session_touched() -> None:
+    core = two_workers("p:hint")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")  # pinned worker busy: runs on the other one
+    assert {core.worker_of(1), core.worker_of(2)} == {A, B}
+    core.reply(core.worker_of(1) or b"", C, 1)
+    core.reply(core.worker_of(2) or b"", C, 2)
+    core.admin(C, "close_session", session="s")
+    assert core.released("s") == {A, B}
+
+
+def test_close_while_a_call_runs_releases_after_it_and_drops_queued_calls() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")  # queued behind call 1
+    core.admin(C, "close_session", session="s")
+    assert core.released("s") == set(), "never released under a running call"
+    assert core.outcome(C, 2) == "session_closed"
+    core.request(C, 3, "p", "s")
+    assert core.outcome(C, 3) == "session_closed"
+    core.reply(A, C, 1)
+    assert core.outcome(C, 1) == "ok"
+    assert core.released("s") == {A}
+
+
+def test_sessions_belong_to_their_client_identity() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    alice, bob = b"alice-c", b"bob-c"
+    core.owners.update({alice: "ALICEKEY", bob: "BOBKEY"})
+    core.request(alice, 1, "p", "s")
+    core.reply(A, alice, 1)
+    core.request(bob, 2, "p", "s")
+    assert core.outcome(bob, 2) == "session_not_yours"
+    assert core.admin(bob, "sessions") == []
+    assert core.admin(bob, "close_session", session="s") == ("error", "session_not_yours")
+    assert [r["id"] for r in core.admin(alice, "sessions")] == ["s"]
+    core.admins = lambda: {"OPSKEY"}
+    assert core.admin(bob, "recycle", pool="p") == ("error", "refused")
+    ops = b"ops-c"
+    core.owners[ops] = "OPSKEY"
+    assert [r["id"] for r in core.admin(ops, "sessions")] == ["s"]
+    assert core.admin(ops, "close_session", session="s")["closed"]
+
+
+# -- stops, drains and recycling -----------------------------------------------------------------
+@pytest.mark.parametrize("mode, unstarted", [
+    ("strict_queue", "session_worker_unavailable"),  # did not run; the caller may retry
+    ("none", "rerouted"),
+])
+def test_goodbye_hands_back_what_never_ran(mode: str, unstarted: str) -> None:
+    core = two_workers(f"p:{mode}", capacity=2)
+    core.request(C, 1, "p", "s1")
+    victim = core.worker_of(1) or b""
+    core.say(victim, W_DRAIN)
+    assert core.workers[victim].draining
+    core.say(victim, W_DISCONNECT)  # a clean goodbye with call 1 unanswered: it never started
+    assert victim not in core.workers and core.pools["p"].crashes == 0
+    if unstarted == "rerouted":
+        assert core.worker_of(1) not in (None, victim)
+    else:
+        assert core.outcome(C, 1) == unstarted
+    assert [e["event"] for e in core.events][-1] == "exit"
+
+
+def test_a_connection_lost_without_goodbye_is_a_crash() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.workers[core.worker_of(1) or b""]
+    core._remove_worker(w, "crashed (connection lost)")
+    assert core.outcome(C, 1) == "worker_crashed" and core.pools["p"].crashes == 1
+
+
+def test_a_draining_worker_gets_nothing_new() -> None:
+    core = two_workers("p:none")
+    core.say(A, W_DRAIN)
+    for i in range(4):
+        core.request(C, i, "p")
+        core.reply(B, C, i)
+    assert {core.worker_of(i) for i in range(4)} == {B}
+
+
+def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle_goes_on() -> None:
+    core = two_workers("p:strict_queue:drain_timeout=5")
+    core.request(C, 1, "p", "s")
+    hung = core.worker_of(1) or b""
+    other = B if hung == A else A
+    core.admin(C, "recycle", pool="p", all=True)
+    assert core.workers[hung].draining and core.pools["p"].recycling in (hung, other)
+    if core.pools["p"].recycling == other:  # the idle one first: it leaves at once
+        core.say(other, W_DISCONNECT)
+        core.ready(b"worker-c", "p")
+        core._sweep(time.monotonic())
+    assert core.pools["p"].recycling == hung
+    core._sweep(time.monotonic() + 6)  # past the drain deadline
+    assert hung not in core.workers
+    assert core.outcome(C, 1) == "worker_crashed"
+    assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.events)
+    core.ready(b"worker-d", "p")
+    core._sweep(time.monotonic())
+    if other in core.workers:  # the rolling recycle went on to the other worker
+        assert (other, [B_DISCONNECT]) in core.to_workers
+
+
+def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
+    """After a broker restart the worker's READY says what it still runs: no over-dispatch."""
+    core = StubCore("p:none")
+    core.ready(A, "p", capacity=1, running=1)
+    assert core.workers[A].state.value == "busy"
+    core.request(C, 1, "p")
+    assert core.worker_of(1) is None, "its only slot is taken by the earlier broker's call"
+    core.reply(A, b"old-client", 77)  # that call ends (its client belonged to the old broker)
+    assert core.worker_of(1) == A
+
+
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast", "hint", "none"])
+def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
+    """Requests, replies, crashes, goodbyes and new workers in random order: every pin is in its
+    worker's session set and nowhere else, the pool's count is what its queues hold, and every
+    request is answered once, running, or waiting."""
+    import random
+
+    rnd = random.Random(f"core-{mode}")
+    core = StubCore(f"p:{mode}:queue_max=50", )
+    n_workers = 0
+
+    def new_worker() -> None:
+        nonlocal n_workers
+        n_workers += 1
+        core.ready(b"w%d" % n_workers, "p", capacity=rnd.choice([1, 2]))
+
+    for _ in range(3):
+        new_worker()
+    sent: list[int] = []
+    for req_id in range(600):
+        roll = rnd.random()
+        if roll < 0.5:
+            core.request(C, req_id, "p", f"s{rnd.randrange(12)}" if rnd.random() < 0.9 else "")
+            sent.append(req_id)
+        elif roll < 0.85:
+            running = [(w, key) for w in core.workers.values() for key in w.inflight]
+            if running:
+                w, (client, rid) = rnd.choice(running)
+                core.reply(w.id, client, rid, rnd.choice(["ok", "err"]))
+        elif roll < 0.9 and core.workers:
+            w = rnd.choice(list(core.workers.values()))
+            core._remove_worker(w, "crashed (connection lost)")
+        elif roll < 0.94 and core.workers:
+            w = rnd.choice(list(core.workers.values()))
+            core.say(w.id, W_DRAIN)
+            core.say(w.id, W_DISCONNECT)
+        else:
+            new_worker()
+        pool = core.pools["p"]
+        assert pool.queued == len(pool.queue) + sum(len(w.queue) for w in pool.workers.values()) + sum(
+            len(q) for q in pool.awaiting.values())
+        for w in core.workers.values():
+            assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
+    answered = [rid for rid in sent if core.outcome(C, rid) is not None]
+    waiting = {p.req_id for q in core.pools["p"].queues() for p in q}
+    running = {rid for w in core.workers.values() for (_, rid) in w.inflight}
+    assert set(sent) == set(answered) | waiting | running
+    replies = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
+    assert len(replies) == len(set(replies)), "one answer per request"

@@ -1,0 +1,279 @@
+"""Session lifecycle, pool settings reaching workers, graceful stops and one stack per run
+directory, on real brokers and workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dspex
+from conftest import PY, REPO, Stack, base_env, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pid_of(s: dspex.Session) -> int:
+    return int(s.call("os", "getpid"))
+
+
+def held(stack: Stack, pool: str) -> dict[int, int]:
+    """Session states each worker holds (pid -> count), as its heartbeat stats report them."""
+    return {w["pid"]: w["held_sessions"] for w in stack.workers(pool)}
+
+
+def in_background(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+# -- lifecycle rules -------------------------------------------------------------------------
+def test_call_longer_than_ttl_keeps_its_session(stack: Stack) -> None:
+    """Idle time counts from the END of the last call (a GEPA compile longer than the TTL)."""
+    dx = stack.pool("p:strict_queue:session_ttl=2", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 41")
+    s.call("time", "sleep", [3.0])  # longer than the TTL
+    time.sleep(1.3)  # idle, but for less than the TTL since the call ended (the sweep runs every 1s)
+    assert s.eval("x + 1") == 42
+
+
+def test_closed_session_answers_session_closed(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 1")
+    s.close()
+    again = dx.session("p", s.id)  # the same id from another handle: never a fresh namespace
+    with pytest.raises(dspex.SessionClosed, match="closed"):
+        again.eval("x")
+    wait_for(lambda: held(stack, "p") == {pid: 0 for pid in held(stack, "p")}, what="state released")
+
+
+def test_expired_session_answers_session_closed(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:session_ttl=1", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 1")
+    wait_for(lambda: not dx.sessions("p"), what="session expired")
+    with pytest.raises(dspex.SessionClosed, match="expired"):
+        s.eval("x")
+    wait_for(lambda: set(held(stack, "p").values()) == {0}, what="state released")
+
+
+def test_release_reaches_every_worker_a_hint_session_touched(stack: Stack) -> None:
+    dx = stack.pool("p:hint", 2, "--no-dspy")
+    s = dx.session("p")
+    first = pid_of(s)
+    t, _ = in_background(s.call, "time", "sleep", [1.0])
+    wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p")), what="pinned worker busy")
+    assert pid_of(s) != first  # ran on the other worker, which now holds state of the session too
+    t.join(10)
+    wait_for(lambda: set(held(stack, "p").values()) == {1}, what="both workers hold the session")
+    s.close()
+    wait_for(lambda: set(held(stack, "p").values()) == {0}, what="both released")
+
+
+def test_none_pool_keeps_no_worker_state(stack: Stack) -> None:
+    dx = stack.pool("p:none", 2, "--no-dspy")
+    sessions = [dx.session("p") for _ in range(6)]
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda s: [s.eval("1 + 1") for _ in range(5)], sessions))
+    # heartbeat stats are fresh within a beat: wait for one after the last call
+    wait_for(lambda: all(w["served"] for w in stack.workers("p")) and set(held(stack, "p").values()) == {0},
+             what="no session state on none-pool workers")
+
+
+def test_close_while_a_call_runs_releases_after_it(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 5")
+    t, out = in_background(s.eval, "__import__('time').sleep(1.5) or x")
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="call running")
+    s.close()
+    t.join(10)
+    assert out == [5], "the running call finished in its own namespace"
+    wait_for(lambda: set(held(stack, "p").values()) == {0}, what="released after the call")
+    with pytest.raises(dspex.SessionClosed):
+        dx.session("p", s.id).eval("1")
+
+
+def test_worker_backstop_ttl_after_a_broker_restart(stack: Stack) -> None:
+    """The broker that knew the session is gone: the worker releases it by itself."""
+    dx = stack.pool("p:strict_queue:session_ttl=1", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 1")
+    wait_for(lambda: set(held(stack, "p").values()) == {1}, what="the worker holds the session")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    wait_for(lambda: set(held(stack, "p").values()) == {0}, timeout=20, what="backstop release")
+
+
+def test_ready_after_a_broker_restart_reports_running_calls(stack: Stack) -> None:
+    dx = stack.pool("p:none", 1, "--no-dspy")
+    t, _ = in_background(lambda: dx.call("time", "sleep", [3.0], pool="p"))  # its client loses the broker
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="call running")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.start_broker()
+    (w,) = stack.wait_workers("p", 1)
+    assert w["state"] == "busy", "the new broker knows the worker's slot is taken"
+    started = time.monotonic()
+    dx.call("os", "getpid", pool="p")  # waits for the slot instead of piling onto the worker
+    assert time.monotonic() - started > 0.3
+    t.join(10)
+
+
+# -- pool settings reach workers ------------------------------------------------------------
+def test_capacity_from_supervisor_conf_reaches_workers(stack: Stack) -> None:
+    conf = Path(stack.root, "supervisor.conf")
+    conf.write_text("[dspex:pool:p]\naffinity = none\ncapacity = 4\n")
+    stack.broker_args = ["--config", str(conf)]
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy", "--config", str(conf))
+    (w,) = stack.wait_workers("p", 1)
+    assert w["capacity"] == 4
+    dx = stack.client()
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda _: dx.call("time", "sleep", [1.0], pool="p"), range(4)))
+    assert time.monotonic() - started < 2.5, "4 one-second calls on a capacity-4 worker run at once"
+
+
+# -- graceful stops -----------------------------------------------------------------------------
+def _crashes(dx: dspex.Client, pool: str) -> int:
+    return int(dx.status()["pools"][pool]["crashes"])
+
+
+def test_sigterm_rounds_with_pinned_sessions_count_no_crash(stack: Stack) -> None:
+    """Rounds of SIGTERM to every worker, each holding many pinned sessions, on a machine kept
+    busy (the goodbye/disconnect race shows under load): never a crash."""
+    n_workers, rounds = 3, 10
+    dx = stack.pool("p:strict_queue", n_workers, "--no-dspy")
+    burners = [subprocess.Popen([PY, "-c", "while True: pass"], start_new_session=True) for _ in range(2)]
+    try:
+        for _ in range(rounds):
+            sessions = [dx.session("p") for _ in range(200)]
+            with ThreadPoolExecutor(6) as ex:
+                list(ex.map(lambda s: s.exec("x = 1"), sessions))
+            for w in stack.workers("p"):
+                os.kill(w["pid"], signal.SIGTERM)
+            wait_for(lambda: not stack.workers("p"), what="all workers gone")
+            for _ in range(n_workers):
+                stack.start_worker("p", "--no-dspy")
+            stack.wait_workers("p", n_workers)
+        status = dx.status()
+        assert status["pools"]["p"]["crashes"] == 0, status["events"]
+        assert sum(1 for e in status["events"] if e["event"] == "exit") == n_workers * rounds
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait(10)
+
+
+def test_sigterm_under_load_hands_back_unstarted_calls(stack: Stack) -> None:
+    """A capacity-2 worker stopped while calls wait for it: the running ones finish, the others
+    never get WorkerCrashed (they did not run); nothing hangs."""
+    dx = stack.pool("p:none", 1, "--no-dspy", "--capacity", "2")
+    stack.start_worker("p", "--no-dspy", "--capacity", "2")
+    stack.wait_workers("p", 2)
+    victim = stack.workers("p")[0]["pid"]
+    with ThreadPoolExecutor(8) as ex:
+        futures = [ex.submit(dx.call, "time", "sleep", [0.4], pool="p") for _ in range(16)]
+        wait_for(lambda: any(w["inflight"] for w in stack.workers("p") if w["pid"] == victim), what="busy")
+        os.kill(victim, signal.SIGTERM)
+        errors = [f.exception(timeout=30) for f in futures]
+    assert [e for e in errors if e is not None] == [], "handed-back calls ran on the other worker"
+    assert _crashes(dx, "p") == 0
+
+
+def test_hung_draining_worker_is_stopped_at_its_deadline(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:drain_timeout=1", 2, "--no-dspy")
+    s = dx.session("p")
+    hung = pid_of(s)
+    child = s.eval("__import__('subprocess').Popen(['sleep', '60']).pid")  # spawned by user code
+    t, out = in_background(s.call, "time", "sleep", [60])
+    wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p")), what="call running")
+    other = [w for w in stack.workers("p") if w["pid"] != hung][0]
+    result = dx.recycle("p", all=True)
+    assert len(result["recycling"]) == 2
+    t.join(20)
+    assert len(out) == 1 and isinstance(out[0], dspex.WorkerCrashed)
+    assert wait_for(lambda: _gone(hung), what="hung worker killed")
+    assert wait_for(lambda: _gone(child), what="its process group killed with it")
+    stack.start_worker("p", "--no-dspy")  # what supervisord would do
+    # the rolling recycle goes on: the other worker is recycled too
+    wait_for(lambda: _gone(other["pid"]), timeout=45, what="rolling recycle continued")
+    events = dx.status()["events"]
+    assert any(e["event"] == "recycle" and "deadline" in e["why"] and e["pid"] == hung for e in events)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie of ours counts as gone: reap it
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+
+
+# -- one stack per run directory --------------------------------------------------------------
+def test_second_broker_on_a_live_run_dir_exits_and_the_first_keeps_serving(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    env = base_env(stack.run_dir)
+    second = subprocess.run(
+        [PY, "-m", "broker", "--frontend", stack.frontend, "--backend", stack.backend, "--pool", "p"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode != 0
+    assert "another broker is live" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert os.path.exists(stack.frontend[len("ipc://"):]) and os.path.exists(stack.backend[len("ipc://"):])
+    assert dx.call("os", "getpid", pool="p")
+    assert stack.broker is not None and stack.broker.poll() is None
+    assert dx.ping()["pid"] == stack.broker.pid and dx.ping()["frontend"] == stack.frontend
+
+
+# -- bounded reply buffering per client -------------------------------------------------------
+def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> None:
+    import msgpack
+    import zmq
+
+    from dspex.protocol import RequestHeader
+
+    stack.env["DSPEX_CLIENT_HWM"] = "100"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 10)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(stack.frontend)
+    try:
+        body = msgpack.packb({})
+        for i in range(30_000):  # pings it never reads the replies of
+            sock.send_multipart([RequestHeader("ping", i + 1, "", "", "", 0, 0).pack(), body])
+        wait_for(lambda: dx.status()["broker"]["replies_dropped_slow_client"] > 0, timeout=30,
+                 what="replies past the client's limit dropped, not buffered")
+        assert dx.call("os", "getpid", pool="p")  # everyone else is still served
+    finally:
+        sock.close(0)
+        ctx.term()
