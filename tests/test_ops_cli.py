@@ -144,7 +144,7 @@ def test_sessions_close_by_pool_idle_all_and_id(small: SupervisedStack) -> None:
         assert res.returncode == 0 and res.stdout.strip() == "0 session(s) closed"
         res = dspexctl(small, "sessions", "close", "--pool", "nope")
         assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
-        with pytest.raises(dspex.RefNotFound):  # the idle session's refs were released on its worker
+        with pytest.raises(dspex.SessionClosed):  # closed: its refs were released; its id answers so
             old.attr(ref, "a")
 
 
