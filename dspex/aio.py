@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
-from dspex.core import Exchange, control_frames
+from dspex.core import Exchange, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
 from dspex.protocol import Op, Status, unpack_reply_header
@@ -89,21 +89,10 @@ class AsyncClient:
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await _cancel_all(tasks)
 
     def _close_sockets(self) -> None:
-        try:
-            self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(0)
-        self._sock.close(0)
+        close_monitored(self._sock, self._monitor)
 
     async def close(self) -> None:
         if self._closed:
@@ -154,19 +143,8 @@ class AsyncClient:
     async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket,
                       monitor: zmq.asyncio.Socket) -> None:
         """Stop the tasks of a replaced socket, then close it."""
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        try:
-            sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        monitor.close(0)
-        sock.close(0)
+        await _cancel_all(tasks)
+        close_monitored(sock, monitor)
 
     async def _send_raw(self, frames: list[Any], timeout: float) -> None:
         try:
@@ -426,3 +404,13 @@ class AsyncSession:
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
     """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default)."""
     return AsyncClient(endpoint, timeout)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass

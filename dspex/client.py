@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import CreditMeter, Exchange, control_frames  # noqa: F401 - CreditMeter: public name
+from dspex.core import CreditMeter, Exchange, close_monitored, control_frames  # noqa: F401 - CreditMeter: public name
 from dspex.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -82,12 +82,7 @@ class _Channel:
                 why = "lost the connection to the broker"
 
     def close(self) -> None:
-        try:
-            self.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self.monitor.close(0)
-        self.sock.close(0)
+        close_monitored(self.sock, self.monitor)
 
 
 class Client:

@@ -16,6 +16,7 @@ import os
 from typing import Any, Callable
 
 import msgpack
+import zmq
 
 from dspex import codec
 from dspex.codec import Policy
@@ -74,6 +75,16 @@ def encode_body(op: str, body: Any, max_message: int) -> list[Any]:
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
     return frames
+
+
+def close_monitored(sock: Any, monitor: Any) -> None:
+    """Close a socket and the monitor socket watching it (sync or asyncio sockets alike)."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    monitor.close(0)
+    sock.close(0)
 
 
 def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list[bytes]:
