@@ -33,6 +33,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from bench.serving import serving
 
 
 @dataclass
@@ -1135,6 +1136,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
+    "serving": serving,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -1149,4 +1151,5 @@ ROWS: dict[str, list[str]] = {
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
+    "serving": ["serving.dspex", "serving.asyncify", "serving.ray"],
 }
