@@ -26,7 +26,20 @@ import sys
 import time
 from typing import Any
 
-from bench.common import PY, Row, Stack, Workspace, base_env, iter_rotated, median, quantile, rss_bytes, verdict, wait_for
+from bench.common import (
+    PY,
+    Row,
+    Stack,
+    Workspace,
+    base_env,
+    cpu_seconds,
+    iter_rotated,
+    median,
+    quantile,
+    rss_bytes,
+    verdict,
+    wait_for,
+)
 
 MODEL = "openai/loopback"
 QUESTION = "What is six times seven?"
@@ -43,7 +56,14 @@ def _self_rss() -> int:
     return rss_bytes(os.getpid())
 
 
-async def _loop(n: int, duration: float, warmup: float, call: Any) -> dict[str, Any]:
+def _cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds (all threads) of this process and of ``pids``."""
+    out = {"self": time.process_time()}
+    out.update({str(p): cpu_seconds(p) for p in pids})
+    return out
+
+
+async def _loop(n: int, duration: float, warmup: float, call: Any, cpu_pids: list[int]) -> dict[str, Any]:
     """``n`` tasks call ``call(i)`` back to back; count what completes inside the window."""
     lat: list[float] = []
     errors: list[str] = []
@@ -67,10 +87,12 @@ async def _loop(n: int, duration: float, warmup: float, call: Any) -> dict[str, 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     await asyncio.sleep(warmup)
     state["count"] = True
+    cpu0 = _cpu(cpu_pids)
     t0 = time.monotonic()
     await asyncio.sleep(duration)
     state["count"] = False
     elapsed = time.monotonic() - t0
+    cpu1 = _cpu(cpu_pids)
     calls = state["calls"]
     rss = _self_rss()
     state["stop"] = True
@@ -79,7 +101,7 @@ async def _loop(n: int, duration: float, warmup: float, call: Any) -> dict[str, 
         t.cancel()
     return {"calls": calls, "elapsed": elapsed, "rate": calls / elapsed, "p50": quantile(lat, 0.5) if lat else 0.0,
             "p99": quantile(lat, 0.99) if lat else 0.0, "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "rss": rss}
+            "rss": rss, "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}}
 
 
 async def _drive_asyncify(a: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +114,7 @@ async def _drive_asyncify(a: argparse.Namespace) -> dict[str, Any]:
         pred = await program(question=QUESTION)
         return bool(pred.answer == "42")
 
-    return await _loop(a.concurrency, a.duration, a.warmup, call)
+    return await _loop(a.concurrency, a.duration, a.warmup, call, [])
 
 
 async def _drive_dspex(a: argparse.Namespace) -> dict[str, Any]:
@@ -114,7 +136,7 @@ async def _drive_dspex(a: argparse.Namespace) -> dict[str, Any]:
             pred = await sessions[i].method(progs[i], "__call__", [], {"question": QUESTION}, timeout=60)
             return bool(pred.answer == "42")
 
-        out = await _loop(a.concurrency, a.duration, a.warmup, call)
+        out = await _loop(a.concurrency, a.duration, a.warmup, call, a.cpu_pid)
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         return out
     finally:
@@ -131,6 +153,7 @@ def drive(argv: list[str]) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--out", required=True)
+    p.add_argument("--cpu-pid", type=int, action="append", default=[], help="also measure these processes' CPU")
     a = p.parse_args(argv)
     fn = _drive_dspex if a.mode == "dspex" else _drive_asyncify
     res = asyncio.run(fn(a))
@@ -157,12 +180,14 @@ def _start_lm_server(ws: Workspace, latency: float) -> str:
 
 
 def _run_driver(ws: Workspace, mode: str, base: str, n: int, duration: float, warmup: float, name: str,
-                endpoint: str = "", run_dir: str | None = None) -> dict[str, Any]:
+                endpoint: str = "", run_dir: str | None = None, cpu_pids: list[int] | None = None) -> dict[str, Any]:
     out = ws.path(f"{name}.json")
     args = [PY, "-m", "bench.serving", "drive", "--mode", mode, "--base", base, "--concurrency", str(n),
             "--duration", str(duration), "--warmup", str(warmup), "--out", out]
     if endpoint:
         args += ["--endpoint", endpoint]
+    for pid in cpu_pids or []:
+        args += ["--cpu-pid", str(pid)]
     proc = ws.procs.spawn(args, f"{name}.log", base_env(run_dir))
     try:
         proc.wait(timeout=duration + warmup + 180)
@@ -198,7 +223,9 @@ def serving(cfg: Any) -> list[Row]:
         res: dict[str, list[dict[str, Any]]] = {"dspex": [], "asyncify": []}
         for r in range(rounds):
             for mode in iter_rotated(list(res), r):
-                x = _run_driver(ws, mode, base, n, duration, warmup, f"{mode}-{r}", st.frontend, st.env["DSPEX_RUN_DIR"])
+                x = _run_driver(ws, mode, base, n, duration, warmup, f"{mode}-{r}", st.frontend, st.env["DSPEX_RUN_DIR"],
+                                stack_pids)
+                x["cpu_ms_per_call"] = {k: v / x["calls"] * 1e3 if x["calls"] else 0.0 for k, v in x["cpu_s"].items()}
                 if mode == "dspex":
                     x["stack_rss"] = x["rss"] + sum(rss_bytes(pid) for pid in stack_pids)
                 else:
@@ -206,7 +233,10 @@ def serving(cfg: Any) -> list[Row]:
                 res[mode].append(x)
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {v[-1]['rate']:.0f}/s p50 {v[-1]['p50'] * 1e3:.0f} ms ({v[-1]['errors']} errors)" for k, v in res.items()))
-        med = {k: {f: median([x[f] for x in v]) for f in ("rate", "p50", "p99", "stack_rss")} for k, v in res.items()}
+        med: dict[str, dict[str, float]] = {
+            k: {f: median([x[f] for x in v]) for f in ("rate", "p50", "p99", "stack_rss")} for k, v in res.items()}
+        for k, v in res.items():  # CPU ms per call of the whole stack (driver + broker + workers)
+            med[k]["cpu_ms"] = median([sum(x["cpu_ms_per_call"].values()) for x in v])
         vs = median([a["rate"] / b["rate"] if b["rate"] else float("nan") for a, b in zip(res["dspex"], res["asyncify"])])
         errors = sum(x["errors"] for v in res.values() for x in v)
         data = {"latency_s": latency, "concurrency": n, "layout": layout, "ideal": ideal, "rounds": rounds,
@@ -215,7 +245,7 @@ def serving(cfg: Any) -> list[Row]:
         def ours(k: str) -> str:
             m = med[k]
             return (f"{m['rate']:.0f} calls/s, p50 {m['p50'] * 1e3:.0f} ms, p99 {m['p99'] * 1e3:.0f} ms, "
-                    f"RSS {m['stack_rss'] / 2**20:.0f} MB")
+                    f"RSS {m['stack_rss'] / 2**20:.0f} MB, CPU {m['cpu_ms']:.1f} ms/call")
 
         ok = med["dspex"]["rate"] >= 0.9 * ideal and vs >= 1.0 and errors == 0
         rows = [
