@@ -82,8 +82,9 @@ def test_prefetched_request_past_its_queue_deadline_times_out_on_the_worker_and_
             for _ in range(3):  # quick calls: the broker learns this worker's calls are short
                 await long.call("os", "getpid")
             marker = tmp_path / f"ran-{n}"
-            results = await asyncio.gather(long.call("time", "sleep", [1.2]),
-                                           victim.call("os", "mkdir", [str(marker)]), return_exceptions=True)
+            first = asyncio.ensure_future(long.call("time", "sleep", [1.2]))
+            await asyncio.sleep(0)  # its send is under way first: the long call reaches the worker first
+            results = await asyncio.gather(first, victim.call("os", "mkdir", [str(marker)]), return_exceptions=True)
             assert isinstance(results[1], dspex.QueueTimeout), results[1]
             assert not marker.exists(), "a request that timed out in the queue ran"
             return str(results[1].message)
