@@ -33,6 +33,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from bench.serving import serving
 
 
 @dataclass
@@ -367,9 +368,11 @@ def throughput(cfg: Config) -> list[Row]:
         # systems: name -> (frontend endpoint, [hub pid, worker pids...], loadgen mode, extra args)
         systems: dict[str, tuple[str, list[int], str, list[str]]] = {}
         stacks = []
-        for name, worker_args in (("dspex", ["--no-dspy"]), ("dspex_cap4", ["--no-dspy", "--capacity", "4"])):
-            st = Stack(ws, "t" if name == "dspex" else "v")
-            broker = st.start_broker("p:strict_queue")
+        for name, worker_args, spec in (("dspex", ["--no-dspy"], "p:strict_queue"),
+                                        ("dspex_cap4", ["--no-dspy", "--capacity", "4"], "p:strict_queue"),
+                                        ("dspex_pf0", ["--no-dspy"], "p:strict_queue:prefetch=0")):
+            st = Stack(ws, {"dspex": "t", "dspex_cap4": "v", "dspex_pf0": "x"}[name])
+            broker = st.start_broker(spec)
             for _ in range(2):
                 st.start_worker("p", *worker_args)
             stacks.append(st)
@@ -434,6 +437,13 @@ def throughput(cfg: Config) -> list[Row]:
         rows.append(Row("throughput", "pipelined calls/s, 100 sessions, 2 workers", f"{rate['dspex']:.0f}/s",
                         f"C proxy + 2 echo workers {rate['cproxy']:.0f}/s", f"{ratio:.2f}× C proxy", "≥ 0.35×",
                         verdict(ratio >= 0.35), data=data))
+        pf = median([_ratio(a["rate"], b["rate"]) for a, b in zip(res["dspex"], res["dspex_pf0"])])
+        rows.append(Row("throughput.prefetch_off", "same, pool prefetch=0 (the broker waits for each reply)",
+                        f"{rate['dspex_pf0']:.0f}/s",
+                        f"prefetch=1 (default) {rate['dspex']:.0f}/s; C proxy {rate['cproxy']:.0f}/s",
+                        f"prefetch on {pf:.2f}× off; off {median([_ratio(a['rate'], b['rate']) for a, b in zip(res['dspex_pf0'], res['cproxy'])]):.2f}× C proxy",
+                        "(info: A/B of prefetch)", data={"prefetch_on_vs_off": pf,
+                                                         "broker_us_off": cpu["dspex_pf0"]["hub_us"]}))
         rows.append(Row("throughput.cap4", "same, workers --capacity 4 (threads)", f"{rate['dspex_cap4']:.0f}/s",
                         "C proxy + 2 echo workers",
                         f"{median([_ratio(a['rate'], b['rate']) for a, b in zip(res['dspex_cap4'], res['cproxy'])]):.2f}× C proxy",
@@ -1135,12 +1145,13 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
+    "serving": serving,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
 ROWS: dict[str, list[str]] = {
     "noop": ["noop.p50", "noop.p99", "noop.mp", "noop.client_broker", "noop.broker_raw", "noop.ray"],
-    "throughput": ["throughput", "throughput.cap4", "throughput.broker_only", "throughput.broker_only_cap4",
+    "throughput": ["throughput", "throughput.prefetch_off", "throughput.cap4", "throughput.broker_only", "throughput.broker_only_cap4",
                    "throughput.client", "broker_cpu", "worker_cpu"],
     "lmlike": ["lmlike.cap1", "lmlike.cap8"],
     "crash": ["crash"],
@@ -1149,4 +1160,5 @@ ROWS: dict[str, list[str]] = {
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
+    "serving": ["serving.dspex", "serving.asyncify", "serving.ray"],
 }

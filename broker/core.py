@@ -75,6 +75,7 @@ log = logging.getLogger("dspex.broker")
 
 _STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
+PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
 
 
 class WorkerUnreachable(Exception):
@@ -257,7 +258,10 @@ class Core(Lifecycle):
         if w.can_start(p.session):
             self._dispatch(w, p)
         elif pool.mode is Affinity.STRICT_QUEUE:
-            self._enqueue(pool, w.queue, p)
+            if not w.queue and pool.queued < pool.config.queue_max and self._may_prefetch(w):
+                self._dispatch(w, p)
+            else:
+                self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
             self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
         else:  # hint: any idle worker, else the first one to free up
@@ -298,6 +302,13 @@ class Core(Lifecycle):
         if now > p.deadline:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
+        pool = w.pool
+        queue_left = p.enqueued + pool.config.queue_timeout - now
+        if queue_left < 0:  # waited out its queue time between two sweeps
+            self._fail(p, pool, QueueTimeout(
+                f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
+                f"{pool.config.queue_timeout:g}s", pool=pool.name))
+            return
         key = (p.client, p.req_id)
         if key in self.running:  # a client reusing the id of a request still running
             self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
@@ -305,16 +316,18 @@ class Core(Lifecycle):
         # the deadline travels with the request: the worker stops the call when it passes
         # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
         call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
-        pool = w.pool
+        # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
+        # a call that turned out long) answers QueueTimeout without running it
+        queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
         if not p.session:
-            budget = pack_budget(call_ms, 0)
+            budget = pack_budget(call_ms, queue_ms)
         elif pool.mode is Affinity.NONE:
-            budget = pack_budget(call_ms, 0, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
+            budget = pack_budget(call_ms, queue_ms, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
         else:
             rec = self.sessions.get(p.session)
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            budget = pack_budget(call_ms, 0, math.ceil(pool.config.session_ttl))
+            budget = pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
         w.inflight[key] = p
         self.running[key] = w
@@ -351,7 +364,28 @@ class Core(Lifecycle):
         except WorkerUnreachable:
             pass
 
+    def _may_prefetch(self, w: WorkerRecord) -> bool:
+        """Send ``w`` a pinned request before its running call ends (``prefetch`` per pool)?
+
+        strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
+        > 1 already has slots), and only while its calls are short: its last call took, and its
+        running call has so far taken, under ``PREFETCH_YOUNG``. Short calls are where the idle
+        broker round trip costs; behind a long call (or on a worker that has not answered yet) the
+        request waits in the broker as before (cancellable, a crash says it did not run)."""
+        pool = w.pool
+        if (pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1 or w.draining or w.adopted
+                or not w.inflight or len(w.inflight) - w.capacity >= pool.config.prefetch
+                or w.last_call >= PREFETCH_YOUNG):
+            return False
+        return time.monotonic() - min(p.started for p in w.inflight.values()) < PREFETCH_YOUNG
+
     def _feed(self, w: WorkerRecord) -> None:
+        """Give a worker its next work: free slots first, then what it may prefetch."""
+        self._feed_free(w)
+        while w.queue and w.free <= 0 and self._may_prefetch(w):
+            self._dispatch(w, w.queue.popleft())
+
+    def _feed_free(self, w: WorkerRecord) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
         pool = w.pool
         while w.free > 0:
@@ -427,6 +461,7 @@ class Core(Lifecycle):
                 else:
                     w.errors += 1
                 w.pool.observe(p.op, outcome, now - p.started)
+                w.last_call = now - p.started
                 rec = self.sessions.get(p.session) if p.session else None
                 if rec is not None:
                     rec.last_used = now  # idle time counts from the end of the last call

@@ -129,8 +129,8 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
                 {
                     "id": w.incarnation[:8], "incarnation": w.incarnation, "pid": w.pid, "host": w.host,
                     "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
-                    "errors": w.errors, "inflight": len(w.inflight), "capacity": w.capacity,
-                    "queued": len(w.queue), "rss": int(w.stats.get("rss", 0)),
+                    "errors": w.errors, "inflight": len(w.inflight) - w.ahead, "capacity": w.capacity,
+                    "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
                     "uptime_s": round(wall - w.registered, 3),

@@ -42,7 +42,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
         "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
-        "adopted",
+        "adopted", "last_call",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -66,6 +66,7 @@ class WorkerRecord:
         # hold slots until their replies pass (or its heartbeats say they ended)
         self.adopted = max(0, int(info.get("running", 0)))
         self.stats: dict[str, Any] = {}
+        self.last_call = float("inf")  # seconds from dispatch to reply of its last call (prefetch)
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
         self.retire_age = policy.max_age - jitter if policy.max_age else 0.0
@@ -73,6 +74,11 @@ class WorkerRecord:
     @property
     def free(self) -> int:
         return 0 if self.draining else self.capacity - len(self.inflight) - self.adopted
+
+    @property
+    def ahead(self) -> int:
+        """Requests sent to it ahead of a free slot (prefetched): they wait there, not running."""
+        return max(0, len(self.inflight) + self.adopted - self.capacity)
 
     @property
     def state(self) -> WorkerState:
@@ -129,9 +135,10 @@ class Pool:
 
     @property
     def queued(self) -> int:
-        """Requests waiting anywhere in the pool (bounded by ``queue_max``). Counted from the
-        queues themselves, so no code path can let it drift."""
-        return sum(len(q) for q in self.queues())
+        """Requests waiting anywhere in the pool (bounded by ``queue_max``), prefetched ones
+        waiting at their worker included. Counted from the queues themselves, so no code path
+        can let it drift."""
+        return sum(len(q) for q in self.queues()) + sum(w.ahead for w in list(self.workers.values()))
 
     def queues(self) -> list[deque[Pending]]:
         """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""

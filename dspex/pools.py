@@ -32,6 +32,10 @@ class PoolConfig:
     session_ttl: float = 3600.0
     size: int = 0  # expected workers (from supervisor.conf); 0 = unknown
     capacity: int = 1  # calls one worker runs at once (threads); read by the workers
+    # strict_queue, capacity-1 workers: how many pinned requests the broker may send a worker
+    # ahead of the reply to its running call (behind short calls only), so it does not idle a
+    # broker round trip between calls; each carries its queue deadline, which the worker enforces
+    prefetch: int = 1
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
 

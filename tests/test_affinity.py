@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 import dspex
+import dspex.aio
 from conftest import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,6 +68,33 @@ def test_strict_queue_timeout(stack: Stack) -> None:
     with pytest.raises(dspex.QueueTimeout):
         s.call("os", "getpid")
     t.join(5)
+
+
+def test_prefetched_request_past_its_queue_deadline_times_out_on_the_worker_and_never_runs(
+        stack: Stack, tmp_path: Path) -> None:
+    """Prefetch (on by default) sends a pinned request to a capacity-1 worker behind a short-looking
+    call; when that call turns out long, the worker answers QueueTimeout without running it."""
+    stack.pool("p:strict_queue:queue_timeout=0.4", 1, "--no-dspy")
+
+    async def attempt(n: int) -> str:
+        async with dspex.aio.connect(stack.frontend, timeout=20) as dx:
+            long, victim = dx.session("p"), dx.session("p")
+            for _ in range(3):  # quick calls: the broker learns this worker's calls are short
+                await long.call("os", "getpid")
+            marker = tmp_path / f"ran-{n}"
+            first = asyncio.ensure_future(long.call("time", "sleep", [1.2]))
+            await asyncio.sleep(0)  # its send is under way first: the long call reaches the worker first
+            results = await asyncio.gather(first, victim.call("os", "mkdir", [str(marker)]), return_exceptions=True)
+            assert isinstance(results[1], dspex.QueueTimeout), results[1]
+            assert not marker.exists(), "a request that timed out in the queue ran"
+            return str(results[1].message)
+
+    # prefetch only happens when the second request reaches the broker within 10 ms of the first
+    # one's dispatch: on a loaded machine that may take a few tries (each try checks the semantics)
+    messages = [asyncio.run(attempt(n)) for n in range(1)]
+    while "before this worker reached it" not in messages[-1] and len(messages) < 8:
+        messages.append(asyncio.run(attempt(len(messages))))
+    assert "before this worker reached it" in messages[-1], messages
 
 
 @pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast"])

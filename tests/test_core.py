@@ -26,6 +26,7 @@ from dspex.protocol import (
     W_REPLY,
     RequestHeader,
     pack_reply_header,
+    unpack_budget,
     unpack_budget_lifecycle,
     unpack_request_header,
 )
@@ -191,6 +192,76 @@ def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
     assert core.outcome(C, 4) == "pool_not_found"
     core._sweep(time.monotonic() + 6)
     assert core.outcome(C, 2) == "queue_timeout"
+
+
+def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
+    frames = [f for _, f in core.to_workers if f[0] == B_REQUEST and unpack_request_header(f[2]).req_id == req_id]
+    return unpack_budget(frames[-1][3])
+
+
+def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue_deadline() -> None:
+    core = StubCore("p:strict_queue:queue_timeout=5")  # prefetch=1 by default
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")
+    assert core.worker_of(1) == A
+    core.request(C, 2, "p", "s2")
+    assert core.worker_of(2) is None  # no reply seen from A yet: nothing is known to be short
+    core.reply(A, C, 1)  # A answered fast: 2 goes at once, and 3 may be sent ahead of 2's reply
+    assert core.worker_of(2) == A
+    core.request(C, 3, "p", "s3")
+    assert core.worker_of(3) == A and core.outcome(C, 3) is None
+    call_ms, queue_ms = budget_of(core, 3)
+    assert 4000 < queue_ms <= 5000  # what is left of its queue time: the worker enforces it
+    core.request(C, 4, "p", "s4")
+    assert core.worker_of(4) is None  # one ahead at most (prefetch=1)
+    core.reply(A, C, 2)  # 3 runs now; 4 is sent ahead of 3's reply
+    assert core.worker_of(4) == A
+    worker = core.status()["pools"]["p"]["workers"][0]
+    assert (worker["inflight"], worker["queued"]) == (1, 1)  # 4 waits at the worker: it counts as queued
+    assert core.status()["pools"]["p"]["queued"] == 1
+
+
+def test_prefetched_requests_count_against_queue_max() -> None:
+    core = StubCore("p:strict_queue:queue_max=1")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")
+    core.reply(A, C, 1)
+    core.request(C, 2, "p", "s1")
+    core.request(C, 3, "p", "s2")
+    assert core.worker_of(3) == A  # sent ahead: the pool's one queue place is taken
+    core.request(C, 4, "p", "s3")
+    assert core.outcome(C, 4) == "pool_saturated"
+
+
+def test_no_prefetch_behind_a_long_call_in_fail_fast_pools_or_when_off() -> None:
+    core = StubCore("p:strict_queue", "f:strict_fail_fast", "o:strict_queue:prefetch=0")
+    for wid, pool in ((A, "p"), (B, "f"), (b"worker-o", "o")):
+        core.ready(wid, pool)
+    rid = 0
+    for pool, session in (("p", "sp"), ("f", "sf"), ("o", "so")):
+        rid += 1
+        core.request(C, rid, pool, session)
+        core.reply(core.worker_of(rid) or b"", C, rid)  # a short call: prefetch would be allowed
+        core.request(C, rid + 1, pool, session)
+        rid += 2
+        core.request(C, rid, pool, session + "2")  # the worker is busy with rid + 1
+    assert core.worker_of(3) == A  # strict_queue: sent ahead
+    assert core.outcome(C, 6) == "worker_busy"  # strict_fail_fast: busy means busy
+    assert core.worker_of(9) is None  # prefetch=0: waits in the broker
+    core.reply(A, C, 2)
+    core.workers[A].last_call = 0.5  # A's last call took long: no more prefetch
+    core.request(C, 10, "p", "sp3")
+    assert core.worker_of(10) is None
+
+
+def test_a_request_dispatched_past_its_queue_deadline_times_out_in_the_broker() -> None:
+    core = StubCore("p:strict_queue:queue_timeout=5,prefetch=0")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")
+    core.workers[A].queue[0].enqueued -= 6  # it waited 6 s and the sweep has not come by yet
+    core.reply(A, C, 1)
+    assert core.outcome(C, 2) == "queue_timeout" and core.worker_of(2) is None
 
 
 def test_a_session_of_another_pool_is_a_usage_error() -> None:
@@ -411,7 +482,8 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
             new_worker()
         pool = core.pools["p"]
         assert pool.queued == len(pool.queue) + sum(len(w.queue) for w in pool.workers.values()) + sum(
-            len(q) for q in pool.awaiting.values())
+            len(q) for q in pool.awaiting.values()) + sum(  # + prefetched: waiting at their worker
+            max(0, len(w.inflight) + w.adopted - w.capacity) for w in pool.workers.values())
         for w in core.workers.values():
             assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
     answered = [rid for rid in sent if core.outcome(C, rid) is not None]
