@@ -214,7 +214,7 @@ def serving(cfg: Any) -> list[Row]:
     try:
         base = _start_lm_server(ws, latency)
         st = Stack(ws, "sv")
-        st.start_broker(f"lm:strict_queue")
+        st.start_broker("lm:strict_queue")
         for _ in range(n_workers):
             st.start_worker("lm", "--capacity", str(capacity))
         client = st.client(timeout=30)
