@@ -27,9 +27,9 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from dspex import config
+from dspex import config, logs
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, InternalError, MessageTooLarge, QueueTimeout, Timeout
+from dspex.errors import DspexError, InternalError, MessageTooLarge, QueueTimeout, RemoteError, Timeout, UsageError
 from dspex.protocol import (
     B_BYE,
     B_CANCEL,
@@ -164,6 +164,7 @@ class Worker:
             self._set_busy(True)  # importing dspy takes a while: the I/O thread heartbeats meanwhile
             try:
                 self.executor.enable_dspy(self.options.lm_history)
+                logs.adopt("dspy")  # dspy's import installed its own handler and date format
             except Exception:  # a worker without dspy still serves plain Python
                 log.exception("could not import dspy; serving without per-session DSPy settings")
             finally:
@@ -313,6 +314,7 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
+            self._log_failure(frames, req_id, stream is not None, err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
@@ -326,6 +328,19 @@ class Worker:
                 self._running -= 1
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
         send([W_REPLY, client, head, *reply])
+
+    @staticmethod
+    def _log_failure(frames: list[zmq.Frame], req_id: int, streaming: bool, err: DspexError) -> None:
+        """One line per failed call: the caller's error has the details, the log says it happened."""
+        try:
+            header = unpack_request_header(frames[1].buffer)
+            session, op = header.session[:8] or "-", header.op
+        except (DspexError, IndexError):
+            session, op = "-", "?"
+        routine = isinstance(err, (RemoteError, UsageError))  # the caller's code or request
+        message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
+        log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
+                "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
                      send: Callable[[list[Any]], None]) -> StreamControl:
@@ -579,4 +594,11 @@ def main(options: WorkerOptions) -> int:
     signal.signal(signal.SIGINT, worker.request_stop)
     log.info("worker %s pool=%s pid=%d capacity=%d backend=%s", worker.incarnation[:8], options.pool,
              os.getpid(), worker.capacity, options.backend)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        ex = worker.executor
+        log.info("worker %s (pool %s, pid %d) stopped after %.0fs: %d calls served, %d failed",
+                 worker.incarnation[:8], options.pool, os.getpid(), time.time() - worker.started, ex.served,
+                 ex.errors)
+        logging.shutdown()
