@@ -21,11 +21,21 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, control_frames
-from dspex.errors import BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, SessionClosed, Timeout
+from dspex.errors import (
+    BrokerUnreachable,
+    Cancelled,
+    ConnectionError,
+    DspexError,
+    ProtocolError,
+    Refused,
+    SessionClosed,
+    Timeout,
+)
 from dspex.protocol import Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
@@ -68,7 +78,7 @@ class AsyncClient:
         if self._curve is not None:
             sock.curve_serverkey = self._curve[0]
             sock.curve_publickey, sock.curve_secretkey = self._curve[1]
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -125,10 +135,12 @@ class AsyncClient:
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
-        await monitor.recv_multipart()
+        event = parse_monitor_message(await monitor.recv_multipart())
+        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
+        refused = config.handshake_failure(event["event"], "client", self._curve is not None)
         self._broken = True  # the next request gets a fresh socket
         for queue in self._pending.values():
-            queue.put_nowait((_LOST, "", []))
+            queue.put_nowait((_LOST, refused, []))
 
     async def _ready(self) -> None:
         """Start the reader and watcher on this loop; replace a socket whose connection broke."""
@@ -201,6 +213,8 @@ class AsyncClient:
         except asyncio.TimeoutError:
             raise ex.timed_out() from None
         if reply[0] == _LOST:
+            if reply[1]:
+                raise Refused(f"{reply[1]} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
             raise ex.lost("lost the connection to the broker")
         return reply
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config, logs
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
@@ -117,6 +118,8 @@ class Worker:
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self._handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
         self._poller: zmq.Poller | None = None  # the main thread's; follows socket renewals
         # requests read by whichever thread held the lock, with their arrival time (their budget
         # counts from it)
@@ -205,6 +208,7 @@ class Worker:
                     pass
             self._wake.set()
             io.join(timeout=5)
+            self._close_monitor()
             self._sock.close()
             if replies is not None:
                 replies.close(0)
@@ -467,16 +471,38 @@ class Worker:
         if now >= self._next_beat:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
+        self._watch_handshake()
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
             # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
             # heartbeats drop one within the same silence limit. Back off during a long outage.
-            log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
+            if self._handshake:  # not silence: the broker will not talk to us with these keys
+                log.error("%s; new socket and READY (next try in %.1fs)", self._handshake, self._backoff)
+            else:
+                log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
             self._renew_socket()
             self._deadline = now + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
+
+    def _watch_handshake(self) -> None:
+        """Holding the lock: name a refused key or a wrong server key at once (once per reason),
+        instead of waiting silently for a broker that will never answer."""
+        if self._monitor is None:
+            return
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake = ""
+                continue
+            why = config.handshake_failure(event["event"], "worker", True)
+            if why and why != self._handshake:
+                self._handshake = why
+                log.error("%s (%s); retrying until the keys are fixed", why, self.options.backend)
 
     def _send_control(self, frames: list[bytes]) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
@@ -567,9 +593,19 @@ class Worker:
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None
         self._poller.unregister(self._sock)
+        self._close_monitor()
         self._sock.close(0)
         self._sock = self._new_socket()
         self._poller.register(self._sock, zmq.POLLIN)
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None and self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
 
     def _new_socket(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
@@ -583,6 +619,7 @@ class Worker:
             sock.curve_serverkey = self.options.curve_server_key
             sock.curve_publickey = public
             sock.curve_secretkey = secret
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | config.HANDSHAKE_EVENTS)
         sock.connect(self.options.backend)
         sock.send_multipart([W_READY, self._ready_frame()])
         return sock
