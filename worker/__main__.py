@@ -8,9 +8,6 @@ import os
 import sys
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch litellm's price list
-# no progress bars in worker logs (tqdm redraws with carriage returns): progress travels to the
-# caller as events (dspy/gepa log records, dspex.progress.report) instead
-os.environ["TQDM_DISABLE"] = "1"
 
 from pathlib import Path  # noqa: E402
 
