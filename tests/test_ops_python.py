@@ -118,7 +118,8 @@ def test_no_python_with_dspex_is_one_clear_line(here: Path, program: str, what: 
     assert "set DSPEX_PYTHON" in line
     assert line[:4].isdigit() and "T" in line.split()[0], "the line starts with a UTC timestamp"
     # the format of every dspex log line (dspex/logs.py): time, process, level, logger
-    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (broker|worker\[triage_pool:)\S* ERROR dspex: ", line), line
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+    assert re.match(stamp + r"(broker|worker\[triage_pool:)\S* ERROR dspex: ", line), line
 
 
 # -- under a real supervisord ----------------------------------------------------------------------
