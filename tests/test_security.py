@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -200,6 +201,12 @@ def test_a_wrong_server_key_is_named(stack: Stack, monkeypatch: pytest.MonkeyPat
     worker_log = Path(stack.root, "worker-p.log")
     wait_for(lambda: "ERROR dspex.worker: the server key does not match" in worker_log.read_text(), timeout=10,
              what="the worker's line about the server key")
+    # the broker names it too (zmq gives no peer address for a HELLO it cannot decrypt)
+    broker_log = Path(stack.root, "broker.log")
+    for plane in ("clients", "workers"):
+        wait_for(lambda: re.search(rf"WARNING dspex.broker: \d+ CURVE handshake\(s\) failed on the {plane} plane "
+                                   r".*another broker's public key", broker_log.read_text()),
+                 timeout=10, what=f"the broker's line about the {plane} plane")
     # with the right key the same worker process could register: the broker itself is fine
     monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(Path(stack.root, "k", "broker.key")))
     with dspex.connect(stack.frontend, timeout=10) as dx:
