@@ -6,7 +6,9 @@ UTC ISO 8601 timestamps with milliseconds, the process (``broker[pid]``, ``worke
 the level, the logger, the message. Lines written before logging is set up (a bad option, a
 config error) use the same format through :func:`line`, so ``grep``/``sort`` over the log files
 of a stack see one shape. DSPy installs its own handler and date format on the ``dspy`` logger
-when it is imported; :func:`adopt` gives that handler ours.
+when it is imported, writing to whatever ``sys.stderr`` is at the time (in a worker: the running
+call's output capture, which would nest its line inside a ``stderr:`` line of ours);
+:func:`adopt` sends its records to the root handler instead.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def setup(label: str, level: str = "INFO", stream: TextIO | None = None) -> None
 
 
 def adopt(name: str) -> None:
-    """A library logger that does not propagate (dspy's) gets the root handler's format."""
-    root = logging.getLogger()
-    fmt = root.handlers[0].formatter if root.handlers else None
-    if fmt is None:
-        return
-    for h in logging.getLogger(name).handlers:
-        h.setFormatter(fmt)
+    """Records of dspy's logger go to the root handler (our format, the real stderr) instead of
+    its own handler; ``dspy.disable_logging()`` still silences them."""
+    logger = logging.getLogger(name)
+    for h in list(logger.handlers):
+        if h.get_name() == "dspy_handler":
+            logger.removeHandler(h)
+            stream = getattr(h, "stream", None)
+            if hasattr(stream, "enabled"):
+                logger.addFilter(lambda record, s=stream: bool(s.enabled))
+    logger.propagate = True
 
 
 def line(label: str, level: str, message: str, name: str = "dspex") -> str:

@@ -36,7 +36,7 @@ def test_config_errors_are_timestamped_lines(short_tmp: str) -> None:
         assert LINE.match(line) and " ERROR " in line and what in line, line
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_one_format_failed_calls_recycles_and_shutdown(stack: Stack) -> None:
     stack.start_broker("p:strict_queue")
     stack.start_worker("p", "--no-dspy")
@@ -49,6 +49,9 @@ def test_one_format_failed_calls_recycles_and_shutdown(stack: Stack) -> None:
     # a progress bar in user code: its redraws go to a listening caller, the log gets the
     # finished bar as one line (worker/output.py), never a smear of carriage returns
     assert s.eval("sum(1 for _ in __import__('tqdm').tqdm(range(2000), mininterval=0))") == 2000
+    # user code imports dspy in a worker started without it: dspy's own handler gets our format
+    s.exec("import dspy")
+    s.exec("import logging; logging.getLogger('dspy').warning('a line from dspy')")
     # a failed call: one line in the worker with session, request id and error code
     with pytest.raises(dspex.RemoteError):
         s.call("operator", "truediv", [1, 0])
@@ -65,6 +68,8 @@ def test_one_format_failed_calls_recycles_and_shutdown(stack: Stack) -> None:
     assert re.search(rf"dspex\.worker: stream failed: session={sid} request=\d+ op=\w+ error=remote_error: "
                      r"integer division or modulo by zero", worker_log), worker_log
     assert "\r" not in worker_log
+    # its own line in our format, not nested in a captured "stderr:" line with dspy's date format
+    assert re.search(r"^\S+ worker\[p:\d+\] WARNING dspy: a line from dspy$", worker_log, re.M), worker_log
     assert len([line for line in worker_log.splitlines() if "2000/2000" in line]) == 1, worker_log
     wait_for(lambda: any(re.search(r"call failed in the broker: pool=- session=\w+ request=\d+ op=call "
                                    r"error=pool_not_found", line) for line in lines(stack, "broker.log")),

@@ -17,6 +17,7 @@ import resource
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -143,6 +144,7 @@ class Worker:
         self._running_sessions: dict[str, int] = {}  # session -> calls running (guarded by _active_lock)
         self._session_ends: dict[str, tuple[float, int]] = {}  # session -> (end of last call, pool TTL s)
         self._drain_sent = False
+        self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
 
@@ -168,6 +170,7 @@ class Worker:
             try:
                 self.executor.enable_dspy(self.options.lm_history)
                 logs.adopt("dspy")  # dspy's import installed its own handler and date format
+                self._dspy_logs = True
             except Exception:  # a worker without dspy still serves plain Python
                 log.exception("could not import dspy; serving without per-session DSPy settings")
             finally:
@@ -330,6 +333,9 @@ class Worker:
             self._session_ended(session)
             with self._active_lock:
                 self._running -= 1
+            if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
+                self._dspy_logs = True
+                logs.adopt("dspy")
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
         send([W_REPLY, client, head, *reply])
 
