@@ -26,21 +26,14 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, control_frames
-from dspex.errors import (
-    BrokerUnreachable,
-    Cancelled,
-    ConnectionError,
-    DspexError,
-    ProtocolError,
-    Refused,
-    SessionClosed,
-    Timeout,
-)
+from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
+                          SessionClosed, Timeout)
 from dspex.protocol import Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
+_REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
 _EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
 Callback = Callable[[Any], None]
 
@@ -140,7 +133,7 @@ class AsyncClient:
         refused = config.handshake_failure(event["event"], "client", self._curve is not None)
         self._broken = True  # the next request gets a fresh socket
         for queue in self._pending.values():
-            queue.put_nowait((_LOST, refused, []))
+            queue.put_nowait((_REFUSED if refused else _LOST, refused, []))
 
     async def _ready(self) -> None:
         """Start the reader and watcher on this loop; replace a socket whose connection broke."""
@@ -213,9 +206,9 @@ class AsyncClient:
         except asyncio.TimeoutError:
             raise ex.timed_out() from None
         if reply[0] == _LOST:
-            if reply[1]:
-                raise Refused(f"{reply[1]} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
             raise ex.lost("lost the connection to the broker")
+        if reply[0] == _REFUSED:
+            raise Refused(f"{reply[1]} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
         return reply
 
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",

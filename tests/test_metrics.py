@@ -116,7 +116,10 @@ def test_counters_and_per_worker_series_move(stack: Stack) -> None:
         s.call("os", "getpid")
     with pytest.raises(dspex.RemoteError):
         s.call("operator", "truediv", [1, 0])
-    samples, _ = scrape(port)
+    # the broker counts a reply just after forwarding it: the last one may be a moment behind
+    samples = wait_for(lambda: (got := scrape(port)[0])
+                       and value(got, "dspex_request_duration_seconds_count", pool="p") == 6 and got,
+                       10, 0.05, "the last reply counted")
     assert value(samples, "dspex_worker_starts_total", pool="p") == 2
     served = worker_series(samples, "dspex_worker_served_total", "p")
     assert set(served) == pids
@@ -140,7 +143,7 @@ def test_counters_and_per_worker_series_move(stack: Stack) -> None:
              "the session's expiry counted")
     stack.kill(int(pid))
     stack.start_worker("p", "--no-dspy")
-    wait_for(lambda: len(stack.workers("p")) == 2 and pid not in {str(w["pid"]) for w in stack.workers("p")},
+    wait_for(lambda: (now := {str(w["pid"]) for w in stack.workers("p")}) and len(now) == 2 and pid not in now,
              30, 0.1, "a replacement worker")
     samples, _ = scrape(port)
     assert value(samples, "dspex_worker_starts_total", pool="p") == 3
