@@ -4,6 +4,7 @@ for refusals and queue timeouts."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -188,4 +189,34 @@ def test_refusals_and_queue_timeouts_are_counted_and_logged_in_bulk(stack: Stack
     assert len(broker_lines(stack, r"pool p refused")) == 2
     assert len(broker_lines(stack, r"pool p: \d+ request\(s\) waited past")) == 2
     assert not broker_lines(stack, r"call failed.*(pool_saturated|queue_timeout)"), "no line per refused call"
+    busy.join(30)
+
+
+@pytest.mark.timeout(90)
+def test_a_nearly_full_queue_warns_on_the_dashboard(stack: Stack) -> None:
+    """4 of 5 queue slots used: the dashboard's JSON says WARN and why, before anything is refused;
+    the refusal that follows is counted in the status too."""
+    port, dx = start(stack, "p:none:queue_max=5,queue_timeout=60", 1)
+    busy = threading.Thread(target=dx.call, args=("time", "sleep", [4]), kwargs={"pool": "p"}, daemon=True)
+    busy.start()
+    wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="the worker busy")
+    with ThreadPoolExecutor(5) as ex:
+        waiting = [ex.submit(dx.call, "os", "getpid", pool="p") for _ in range(4)]
+        wait_for(lambda: dx.status()["pools"]["p"]["queued"] == 4, what="four queued calls")
+
+        def pool_view() -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as resp:
+                return dict(json.loads(resp.read())["pools"]["p"])
+
+        p = pool_view()
+        assert p["state"] == "warn", p
+        assert p["reasons"] == ["p queue is 4/5 full (pool_saturated at 5)"]
+        assert value(scrape(port)[0], "dspex_queue_depth", pool="p") == 4
+        waiting.append(ex.submit(dx.call, "os", "getpid", pool="p"))
+        wait_for(lambda: dx.status()["pools"]["p"]["queued"] == 5, what="the queue full")
+        with pytest.raises(dspex.PoolSaturated):
+            dx.call("os", "getpid", pool="p")
+        assert dx.status()["pools"]["p"]["saturated"] == 1
+        assert pool_view()["saturated"] == 1
+        assert all(isinstance(f.result(30), int) for f in waiting), "every queued call ran"
     busy.join(30)
