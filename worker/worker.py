@@ -31,7 +31,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config, logs
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, InternalError, MessageTooLarge, QueueTimeout, RemoteError, Timeout, UsageError
+from dspex.errors import (Cancelled, DspexError, InternalError, MessageTooLarge, QueueTimeout, RemoteError, Timeout,
+                          UsageError)
 from dspex.protocol import (
     B_BYE,
     B_CANCEL,
@@ -347,7 +348,7 @@ class Worker:
             session, op = header.session[:8] or "-", header.op
         except (DspexError, IndexError):
             session, op = "-", "?"
-        routine = isinstance(err, (RemoteError, UsageError))  # the caller's code or request
+        routine = isinstance(err, (RemoteError, UsageError, Cancelled))  # the caller's code, request or choice
         message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
         log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
