@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from dspex import config
+from dspex import config, logs
 from dspex.errors import ConfigError
 from dspex.pools import PoolConfig, load_pools, parse_pool_spec
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
@@ -34,8 +34,7 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
                    help="directory of allowed client/worker public key files")
     p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s broker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logs.setup(_label(), a.log_level)
     pools: dict[str, PoolConfig] = {}
     if a.config:
         pools.update((c.name, c) for c in load_pools(a.config))
@@ -63,6 +62,10 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
     )
 
 
+def _label() -> str:
+    return f"broker[{os.getpid()}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     broker: Broker | None = None
     try:
@@ -72,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         if broker is not None:
             broker.close()  # only what it bound itself
-        print(f"broker: {err.message}", file=sys.stderr)
+        logs.early(_label(), f"broker: {err.message}")
         return 2
-    signal.signal(signal.SIGTERM, broker.stop)
-    signal.signal(signal.SIGINT, broker.stop)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        broker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     if options.metrics_port:
         from broker.metrics import serve_metrics
 
@@ -84,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         broker.run()
     finally:
         broker.close()
+        why = signal.Signals(stopped_by[0]).name if stopped_by else "an error"
+        logging.getLogger("dspex.broker").info(
+            "broker stopped (%s): %d workers, %d sessions, %d queued requests dropped", why, len(broker.workers),
+            len(broker.sessions), sum(p.queued for p in broker.pools.values()))
+        logging.shutdown()
     return 0
 
 

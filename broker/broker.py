@@ -24,11 +24,11 @@ from dspex.errors import ConfigError
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from dspex.pools import PoolConfig
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from broker.core import Core, WorkerUnreachable
+from broker.core import NOTICE_EVERY, Core, WorkerUnreachable
 from broker.nudge import SupervisorNudge
 from broker.ops import status as status_of
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
-from broker.state import WorkerRecord
+from broker.state import Notices, WorkerRecord
 
 log = logging.getLogger("dspex.broker")
 
@@ -80,6 +80,8 @@ class Broker(Core):
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
+        self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
+        self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self) -> dict[str, Any]:
         return status_of(self, {"frontend": self.options.frontend, "backend": self.options.backend})
@@ -139,7 +141,12 @@ class Broker(Core):
         ivl = max(1, int(self.options.heartbeat_interval * 1000))
         self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
-        self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
+        # reaches the ZAP handler: only the socket monitor sees it
+        curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.backend.startswith("tcp://") else 0
+        self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
+        if self.options.frontend.startswith("tcp://"):
+            self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
 
@@ -149,7 +156,8 @@ class Broker(Core):
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
-        for sock in (getattr(self, "monitor", None), getattr(self, "frontend", None), getattr(self, "backend", None)):
+        for sock in (getattr(self, "monitor", None), self.front_monitor, getattr(self, "frontend", None),
+                     getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
@@ -167,6 +175,8 @@ class Broker(Core):
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        if self.front_monitor is not None:
+            poller.register(self.front_monitor, zmq.POLLIN)
         interval = self.options.heartbeat_interval
         next_beat = time.monotonic() + interval
         next_sweep = time.monotonic() + _SWEEP_EVERY
@@ -179,6 +189,8 @@ class Broker(Core):
                 self._drain(self.backend, self._on_backend)
             if self.monitor in events:
                 self._drain_monitor()
+            if self.front_monitor is not None and self.front_monitor in events:
+                self._drain_front_monitor()
             if self._disconnects:
                 self._settle_disconnects()
             if self.frontend in events:
@@ -186,6 +198,8 @@ class Broker(Core):
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
+                for (plane, code), n, span in self._handshakes.due(now):
+                    self._log_handshakes(plane, code, n, span)
                 next_sweep = now + _SWEEP_EVERY
             if now >= next_beat:
                 self._heartbeat(now)
@@ -247,10 +261,33 @@ class Broker(Core):
             except zmq.Again:
                 return
             event = parse_monitor_message(msg)
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._handshake_failed(WORKERS, int(event["value"]))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
                 wid = self.fd_worker.pop(int(event["value"]), None)
                 if wid is not None and wid in self.workers:
                     self._disconnects.setdefault(wid, time.monotonic())
+
+    def _drain_front_monitor(self) -> None:
+        assert self.front_monitor is not None
+        while True:
+            try:
+                event = parse_monitor_message(self.front_monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._handshake_failed(CLIENTS, int(event["value"]))
+
+    def _handshake_failed(self, plane: str, code: int) -> None:
+        """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line
+        at once, then counts (``Notices``). zmq does not say which peer; the error code says why."""
+        if n := self._handshakes.note((plane, hex(code)), time.monotonic()):
+            self._log_handshakes(plane, hex(code), n, 0.0)
+
+    def _log_handshakes(self, plane: str, code: str, n: int, span: float) -> None:
+        during = f" in the last {span:.0f}s" if span else ""
+        log.warning("%d CURVE handshake(s) failed on the %s plane%s (zmq protocol error %s): the peer most likely "
+                    "holds another broker's public key as its server key", n, plane, during, code)
 
     def _settle_disconnects(self) -> None:
         """Workers whose connection closed: a goodbye queued before the close is read first (it

@@ -66,7 +66,7 @@ from dspex.protocol import (
 from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
-from broker.state import GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord
+from broker.state import GoneWorkers, Notices, Pending, Pool, SessionRecord, Tombstones, WorkerRecord, bucket_bounds
 
 if TYPE_CHECKING:
     import zmq  # frames only: the core never touches a socket
@@ -76,6 +76,10 @@ log = logging.getLogger("dspex.broker")
 _STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
 PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
+# refusals and queue timeouts are logged as counts, at most once per pool and kind this often
+NOTICE_EVERY = 10.0
+# failures counted and logged in bulk (``Notices``), not one line per call
+_BULK_CODES = (PoolSaturated.code, QueueTimeout.code)
 
 
 class WorkerUnreachable(Exception):
@@ -90,7 +94,12 @@ class Core(Lifecycle):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.max_sessions = max_sessions
-        self.pools: dict[str, Pool] = {p.name: Pool(p) for p in pools}
+        # histogram buckets reach the longest wait a pool allows: its queue timeout, or the drain
+        # deadline (the longest a call may run on a worker being recycled)
+        longest = max([60.0, *(max(p.queue_timeout, p.drain_timeout) for p in pools)])
+        bounds = bucket_bounds(longest)
+        self.pools: dict[str, Pool] = {p.name: Pool(p, bounds) for p in pools}
+        self.notices = Notices(NOTICE_EVERY)
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
         self.closed = Tombstones()  # closed and expired session ids: late calls get SessionClosed
@@ -188,6 +197,10 @@ class Core(Lifecycle):
     def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
         if pool is not None:
             pool.outcomes[(p.op, err.code)] += 1
+        if err.code not in _BULK_CODES:
+            log.info("call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
+                     pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
+                     err.message)
         self._error(p.client, p.req_id, err)
 
     def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
@@ -292,6 +305,9 @@ class Core(Lifecycle):
 
     def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
         if pool.queued >= pool.config.queue_max:
+            pool.saturated += 1
+            if n := self.notices.note((pool.name, PoolSaturated.code), time.monotonic()):
+                self._log_notice(pool, PoolSaturated.code, n, 0.0)
             self._fail(p, pool, PoolSaturated(
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
             return
@@ -329,6 +345,7 @@ class Core(Lifecycle):
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
             budget = pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
+        pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
@@ -426,7 +443,8 @@ class Core(Lifecycle):
         command = frames[1].bytes
         w = self.workers.get(wid)
         if w is not None:
-            w.expiry = time.monotonic() + self.heartbeat_interval * self.heartbeat_liveness
+            w.last_seen = time.monotonic()
+            w.expiry = w.last_seen + self.heartbeat_interval * self.heartbeat_liveness
         if command == W_REPLY or command == W_PARTIAL:
             if len(frames) < 4:
                 self.counters["garbage_backend"] += 1
@@ -530,6 +548,7 @@ class Core(Lifecycle):
         # re-adopt sessions a restarted broker learned about from clients before this READY
         w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
         w.queue.extend(pool.awaiting.pop(wid, ()))
+        pool.starts += 1
         self._event(pool.name, w, "start", "registered")
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
@@ -552,7 +571,8 @@ class Core(Lifecycle):
             pool.crashes += 1
             event = "crash"
         self._event(pool.name, w, event, why)
-        log.log(logging.INFO if clean else logging.WARNING,
+        # an intended recycle or a clean exit is routine (INFO); anything else needs a look
+        log.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
                 "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                 w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
         inflight = list(w.inflight.items())
@@ -598,6 +618,9 @@ class Core(Lifecycle):
                     if now > p.deadline:
                         self.counters["expired_unsent"] += 1
                     else:
+                        pool.queue_timeouts += 1
+                        if n := self.notices.note((pool.name, QueueTimeout.code), now):
+                            self._log_notice(pool, QueueTimeout.code, n, 0.0)
                         self._fail(p, pool, QueueTimeout(
                             f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
                             pool=pool.name))
@@ -613,6 +636,20 @@ class Core(Lifecycle):
                             f"did not re-register within {self._restart_grace():g}s of this broker's start",
                             session=p.session, worker=wid.decode(errors="replace")))
         self._expire_sessions(now)
+        for (name, code), n, span in self.notices.due(now):
+            if (pool_ := self.pools.get(name)) is not None:
+                self._log_notice(pool_, code, n, span)
+
+    def _log_notice(self, pool: Pool, code: str, n: int, span: float) -> None:
+        """One line for ``n`` refusals or queue timeouts (``span`` > 0: counted over that many seconds)."""
+        during = f" in the last {span:.0f}s" if span else ""
+        if code == PoolSaturated.code:
+            log.warning("pool %s refused %d request(s)%s: queue full (%d/%d queued; %s)", pool.name, n, during,
+                        pool.queued, pool.config.queue_max, code)
+        else:
+            log.warning("pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
+                        "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
+                        pool.ready_count(), code)
 
     def _may_administer(self, owner: str) -> bool:
         """``recycle`` is open to every peer unless the broker has an admin allow-list (CURVE)."""

@@ -50,6 +50,8 @@ class Lifecycle:
             pool = self.pools.get(rec.pool)
             ttl = pool.config.session_ttl if pool is not None else 3600.0
             if ttl and not rec.closing and now - rec.last_used > ttl and not self._session_running(rec):
+                if pool is not None:
+                    pool.sessions_expired += 1
                 self._close_session(rec, f"expired after {ttl:g}s idle")
 
     def _session_running(self, rec: SessionRecord) -> bool:

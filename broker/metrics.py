@@ -1,9 +1,11 @@
 """Prometheus metrics for the broker, read from its own counters at scrape time.
 
 Nothing here runs on the broker's per-message path: the broker already keeps per-pool outcome
-counters, a latency histogram (``Pool.buckets`` over ``LATENCY_BUCKETS`` plus ``latency_sum``),
-queue depths, recycle and crash counts. A custom collector turns those into metric families when
-Prometheus scrapes; the HTTP server runs in its own daemon thread on 127.0.0.1 only.
+counters, latency and queue-wait histograms (``broker.state.Histogram``), queue depths, recycle,
+crash, start, refusal and timeout counts, and each worker's last heartbeat stats. A custom
+collector turns those into metric families when Prometheus scrapes; prometheus_client's own
+process and platform collectors add ``process_*`` and ``python_info``. The HTTP server runs in its
+own daemon thread on 127.0.0.1 only.
 
 The broker thread mutates those dicts while the HTTP thread reads them, so every read copies with
 ``list(...)`` and a read that races a resize ("dictionary changed size during iteration") is
@@ -16,12 +18,19 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+import dspex
 from dspex.protocol import WorkerState
-from broker.state import LATENCY_BUCKETS
+from broker.state import Histogram
 
 if TYPE_CHECKING:
     from broker.broker import Broker
@@ -66,11 +75,33 @@ class BrokerCollector(Collector):
         workers = GaugeMetricFamily("dspex_workers", "Registered workers by state", labels=["pool", "state"])
         expected = GaugeMetricFamily("dspex_workers_expected", "Workers the pool is declared with (numprocs)",
                                      labels=["pool"])
+        wait = HistogramMetricFamily(
+            "dspex_queue_wait_seconds", "Time from a request's arrival until its dispatch to a worker "
+            "(requests that never left the queue are counted in dspex_queue_timeouts_total)", labels=["pool"])
         sessions = GaugeMetricFamily("dspex_sessions", "Sessions the broker holds, by pool", labels=["pool"])
         recycles = CounterMetricFamily("dspex_worker_recycles", "Workers retired gracefully (on demand or by policy)",
                                        labels=["pool"])
         crashes = CounterMetricFamily("dspex_worker_crashes", "Workers that left without being recycled "
-                                      "(crashed, killed, stopped answering heartbeats, or exited)", labels=["pool"])
+                                      "(crashed, killed, stopped answering heartbeats)", labels=["pool"])
+        starts = CounterMetricFamily("dspex_worker_starts", "Worker incarnations that registered with this broker "
+                                     "(after a broker restart the live ones register again)", labels=["pool"])
+        saturated = CounterMetricFamily("dspex_pool_saturated", "Requests refused because the pool's queue was full "
+                                        "(queue_max)", labels=["pool"])
+        timeouts = CounterMetricFamily("dspex_queue_timeouts", "Requests that waited in the queue past the pool's "
+                                       "queue_timeout and never ran", labels=["pool"])
+        expired = CounterMetricFamily("dspex_sessions_expired", "Sessions closed by their idle TTL (session_ttl)",
+                                      labels=["pool"])
+        wlabels = ["pool", "worker", "pid"]
+        rss = GaugeMetricFamily("dspex_worker_rss_bytes", "A worker's resident memory, from its last heartbeat",
+                                labels=wlabels)
+        served = CounterMetricFamily("dspex_worker_served", "Requests a worker incarnation answered successfully",
+                                     labels=wlabels)
+        failed = CounterMetricFamily("dspex_worker_failed", "Requests a worker incarnation answered with an error",
+                                     labels=wlabels)
+        inflight = GaugeMetricFamily("dspex_worker_inflight", "Requests running on a worker now", labels=wlabels)
+        beat_age = GaugeMetricFamily("dspex_worker_heartbeat_age_seconds", "Seconds since the broker last heard "
+                                     "from a worker (a heartbeat or any other message)", labels=wlabels)
+        now = time.monotonic()
 
         session_pools = _snapshot(lambda: [r.pool for r in list(b.sessions.values())])
         per_pool_sessions: dict[str, int] = {}
@@ -81,36 +112,32 @@ class BrokerCollector(Collector):
             name = pool.name
             for (op, outcome), n in _snapshot(lambda: list(pool.outcomes.items())):
                 requests.add_metric([name, op, outcome], n)
-            counts = list(pool.buckets)
-            cumulative, buckets = 0, []
-            for bound, n in zip(LATENCY_BUCKETS, counts):
-                cumulative += n
-                buckets.append((_le(bound), cumulative))
-            cumulative += counts[-1]
-            buckets.append(("+Inf", cumulative))
-            latency.add_metric([name], buckets, pool.latency_sum)
+            latency.add_metric([name], *_cumulative(pool.latency))
+            wait.add_metric([name], *_cumulative(pool.queue_wait))
             queued.add_metric([name], pool.queued)
             queue_max.add_metric([name], pool.config.queue_max)
             states = dict.fromkeys(_STATES, 0)
             for w in _snapshot(lambda: list(pool.workers.values())):
                 states[w.state.value] += 1
+                labels = [name, w.incarnation[:8], str(w.pid)]
+                rss.add_metric(labels, float(w.stats.get("rss", 0) or 0))
+                served.add_metric(labels, w.served)
+                failed.add_metric(labels, w.errors)
+                inflight.add_metric(labels, len(w.inflight) + w.adopted)
+                beat_age.add_metric(labels, max(0.0, now - w.last_seen))
             for state, n in states.items():
                 workers.add_metric([name, state], n)
             expected.add_metric([name], pool.config.size)
             sessions.add_metric([name], per_pool_sessions.get(name, 0))
             recycles.add_metric([name], pool.recycles)
             crashes.add_metric([name], pool.crashes)
+            starts.add_metric([name], pool.starts)
+            saturated.add_metric([name], pool.saturated)
+            timeouts.add_metric([name], pool.queue_timeouts)
+            expired.add_metric([name], pool.sessions_expired)
 
-        yield requests
-        yield latency
-        yield queued
-        yield queue_max
-        yield workers
-        yield expected
-        yield sessions
-        yield GaugeMetricFamily("dspex_sessions_total", "Sessions the broker holds", value=len(session_pools))
-        yield recycles
-        yield crashes
+        yield from (requests, latency, wait, queued, queue_max, saturated, timeouts, workers, expected, sessions,
+                    expired, recycles, crashes, starts, rss, served, failed, inflight, beat_age)
         garbage = CounterMetricFamily("dspex_malformed_messages", "Messages dropped as malformed", labels=["socket"])
         counters: dict[str, Any] = dict(_snapshot(lambda: list(b.counters.items())))
         garbage.add_metric(["frontend"], counters.get("garbage_frontend", 0))
@@ -118,17 +145,30 @@ class BrokerCollector(Collector):
         yield garbage
         yield CounterMetricFamily("dspex_expired_unsent", "Requests dropped because their caller had timed out",
                                   value=counters.get("expired_unsent", 0))
-        yield GaugeMetricFamily("dspex_broker_uptime_seconds", "Seconds since the broker started",
-                                value=time.time() - b.started)
+        yield GaugeMetricFamily("dspex_broker_start_time_seconds", "When the broker started, in seconds since "
+                                "the Unix epoch", value=b.started)
+        yield InfoMetricFamily("dspex_build", "The dspex version this broker runs",
+                               value={"version": dspex.__version__})
 
 
-def _le(bound: float) -> str:
-    return repr(float(bound))
+def _cumulative(h: Histogram) -> tuple[list[tuple[str, float]], float]:
+    """Prometheus buckets (cumulative, ending in +Inf) and the sum of one histogram."""
+    counts = list(h.counts)
+    cumulative, buckets = 0, []
+    for bound, n in zip(h.bounds, counts):
+        cumulative += n
+        buckets.append((repr(float(bound)), float(cumulative)))
+    cumulative += counts[-1]
+    buckets.append(("+Inf", float(cumulative)))
+    return buckets, h.sum
 
 
 def make_registry(broker: "Broker") -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(broker))
+    # the library's own process_* (cpu, rss, fds, start time) and python_info collectors
+    registry.register(PROCESS_COLLECTOR)
+    registry.register(PLATFORM_COLLECTOR)
     return registry
 
 

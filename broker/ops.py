@@ -124,6 +124,10 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
             "latency_p99_ms": round(percentile(lat, 0.99) * 1000, 3),
             "recycles": pool.recycles,
             "crashes": pool.crashes,
+            "starts": pool.starts,
+            "saturated": pool.saturated,
+            "queue_timeouts": pool.queue_timeouts,
+            "sessions_expired": pool.sessions_expired,
             "recycling": pool.recycling.decode() if pool.recycling else None,
             "workers": [
                 {

@@ -18,6 +18,36 @@ from dspex.protocol import WorkerState
 
 # Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# longer bounds, used up to the longest timeout a pool is configured with (GEPA calls and queue
+# waits of many minutes must not all land in +Inf)
+_LONG_BUCKETS = (120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+
+
+def bucket_bounds(longest: float) -> tuple[float, ...]:
+    """``LATENCY_BUCKETS`` extended by long bounds up to the first one >= ``longest`` seconds."""
+    bounds = list(LATENCY_BUCKETS)
+    for b in _LONG_BUCKETS:
+        if bounds[-1] >= longest:
+            break
+        bounds.append(b)
+    if bounds[-1] < longest:
+        bounds.append(float(longest))
+    return tuple(bounds)
+
+
+class Histogram:
+    """Counts per bucket (the last one is +Inf) and their sum; exported cumulative."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
 
 
 @dataclass(slots=True)
@@ -42,7 +72,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
         "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
-        "adopted", "last_call",
+        "adopted", "last_call", "last_seen",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -59,6 +89,7 @@ class WorkerRecord:
         self.errors = 0
         self.registered = time.time()
         self.expiry = expiry
+        self.last_seen = time.monotonic()  # its last message of any kind (heartbeat age)
         self.fd = -1
         self.draining = False
         self.draining_since = 0.0
@@ -114,7 +145,7 @@ class WorkerRecord:
 class Pool:
     """A named pool: its settings, live workers, the shared queue and counters."""
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.config = config
         self.name = config.name
         self.mode = config.affinity
@@ -124,10 +155,14 @@ class Pool:
         self.awaiting: dict[bytes, deque[Pending]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
         self.latencies: deque[float] = deque(maxlen=4096)
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self.latency = Histogram(bounds)  # dispatch to reply
+        self.queue_wait = Histogram(bounds)  # arrival to dispatch
         self.recycles = 0
         self.crashes = 0
+        self.starts = 0  # incarnations that registered with this broker
+        self.saturated = 0  # requests refused with pool_saturated
+        self.queue_timeouts = 0  # requests that waited past queue_timeout
+        self.sessions_expired = 0  # sessions closed by their idle TTL
         self.rolling: deque[bytes] = deque()  # workers waiting for a rolling recycle
         self.recycling: bytes | None = None  # the worker being recycled now
         self.recycle_started = 0.0
@@ -148,8 +183,7 @@ class Pool:
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1
         self.latencies.append(seconds)
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+        self.latency.observe(seconds)
 
     def least_loaded(self) -> WorkerRecord | None:
         """Fewest pinned sessions, then idle first: spreads new sessions over the pool."""
@@ -227,6 +261,38 @@ class GoneWorkers:
 
     def __contains__(self, wid: object) -> bool:
         return wid in self._why
+
+
+class Notices:
+    """Counts of repeated events (a pool refusing or timing out requests) turned into at most
+    one log line per key every ``every`` seconds: the first event of a quiet spell is reported
+    at once, the rest of the window as one count when it ends (``due``)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._count: dict[tuple[str, str], int] = {}
+        self._since: dict[tuple[str, str], float] = {}  # when the key last logged
+
+    def note(self, key: tuple[str, str], now: float) -> int:
+        """Count one event; the number to log now (0: folded into a later line)."""
+        last = self._since.get(key)
+        if last is None or now - last >= self.every:
+            self._since[key] = now
+            n = self._count.pop(key, 0) + 1
+            return n
+        self._count[key] = self._count.get(key, 0) + 1
+        return 0
+
+    def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
+        """(key, count, seconds covered) for every window that ended with events left unlogged."""
+        out = []
+        for key, n in list(self._count.items()):
+            since = self._since[key]
+            if now - since >= self.every:
+                out.append((key, n, now - since))
+                del self._count[key]
+                self._since[key] = now
+        return out
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -71,7 +71,7 @@ class AsyncClient:
         if self._curve is not None:
             sock.curve_serverkey = self._curve[0]
             sock.curve_publickey, sock.curve_secretkey = self._curve[1]
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -118,10 +118,11 @@ class AsyncClient:
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
         event = parse_monitor_message(await monitor.recv_multipart())
+        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
+        refused = config.handshake_failure(event["event"], "client", self._curve is not None)
         self._broken = True  # the next request gets a fresh socket
-        why = _REFUSED if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _LOST
         for queue in self._pending.values():
-            queue.put_nowait((why, "", []))
+            queue.put_nowait((_REFUSED if refused else _LOST, refused, []))
 
     async def _ready(self) -> None:
         """Start the reader and watcher on this loop; replace a socket whose connection broke."""
@@ -185,8 +186,7 @@ class AsyncClient:
         if reply[0] == _LOST:
             raise ex.lost("lost the connection to the broker")
         if reply[0] == _REFUSED:
-            raise Refused(f"the broker refused this client's CURVE key ({self.endpoint}); the {ex.op} did not run",
-                          op=ex.op)
+            raise Refused(f"{reply[1]} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
         return reply
 
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",

@@ -52,15 +52,16 @@ Callback = Callable[[Any], None]
 class _Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("sock", "monitor", "poller", "ids", "broken", "refused")
+    __slots__ = ("sock", "curve", "monitor", "poller", "ids", "broken", "refused")
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.sock = sock
+        self.curve = sock.mechanism == zmq.CURVE
         self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
         # A lost connection fails the requests waiting on it at once (typed ConnectionLost)
         # instead of leaving them to time out: the broker that had them is gone.
         self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -79,8 +80,9 @@ class _Channel:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return why
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                why = "the broker refused this client's CURVE key"
+            failure = config.handshake_failure(event["event"], "client", self.curve)
+            if failure:
+                why = failure
                 self.refused = True
             elif not why:
                 why = "lost the connection to the broker"

@@ -149,3 +149,23 @@ def tune_socket(sock: zmq.Socket[bytes], *, max_message: int | None = None) -> N
     """Options every dspex socket gets: no linger on close, bounded inbound message size."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message if max_message is not None else max_message_bytes())
+
+
+# socket monitor events that say why a CURVE connection to the broker never carried a message
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: int, peer: str, curve: bool) -> str:
+    """Why the handshake with the broker failed, in the peer's words, or "" (not a handshake event).
+
+    The broker's ZAP handler refusing our public key answers with an ERROR (HANDSHAKE_FAILED_AUTH).
+    A server key that is not the broker's makes our HELLO undecryptable: the broker drops the
+    connection mid-handshake and we see FAILED_NO_DETAIL or FAILED_PROTOCOL.
+    """
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the broker refused this {peer}'s key (its public key is not in the broker's allow-list)"
+    if curve and event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("the server key does not match: the broker closed the connection during the CURVE handshake "
+                "(DSPEX_CURVE_SERVER_KEY must hold that broker's public key)")
+    return ""

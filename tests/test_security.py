@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import dspex
+import dspex.aio
 from conftest import PY, REPO, Stack, base_env, free_port, wait_for
 from dspexctl.cli import main
 from dspexctl.keys import generate
@@ -62,14 +64,14 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
     stranger = generate(Path(stack.root, "x"), peers=("stranger",))
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(stranger["stranger"]))
     with dspex.connect(stack.frontend, timeout=10) as dx:
-        with pytest.raises(dspex.Refused, match="refused this client's CURVE key.*did not run"):
+        with pytest.raises(dspex.Refused, match="the broker refused this client's key.*did not run"):
             dx.ping()
 
     async def refused_async() -> None:
         async with dspex.aio.connect(stack.frontend, timeout=10) as adx:
             await adx.ping()
 
-    with pytest.raises(dspex.Refused, match="refused this client's CURVE key.*did not run"):
+    with pytest.raises(dspex.Refused, match="the broker refused this client's key.*did not run"):
         asyncio.run(refused_async())
     wait_for(lambda: "refused a CURVE peer" in Path(stack.root, "broker.log").read_text(), what="refusal logged")
     # a worker with an unknown key never registers
@@ -164,6 +166,11 @@ def test_client_key_is_refused_on_the_backend(stack: Stack, monkeypatch: pytest.
     log = Path(stack.root, "broker.log")
     wait_for(lambda: "refused a CURVE peer from 127.0.0.1 on the workers plane" in log.read_text(),
              what="client key refused on the backend, with the peer's address")
+    # the worker names the cause at once, not "broker silent" after the liveness timeout
+    worker_log = Path(stack.root, "worker-p.log")
+    wait_for(lambda: "ERROR dspex.worker: the broker refused this worker's key" in worker_log.read_text(),
+             timeout=10, what="the worker's line about its refused key")
+    assert "broker silent" not in worker_log.read_text().split("refused this worker's key")[0]
     kdir = Path(stack.root, "k")
     monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
@@ -174,6 +181,43 @@ def test_client_key_is_refused_on_the_backend(stack: Stack, monkeypatch: pytest.
     with dspex.connect(stack.frontend, timeout=10) as dx:
         with pytest.raises(dspex.Refused):
             dx.ping()
+
+
+def test_a_wrong_server_key_is_named(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client or worker holding another broker's public key: "the server key does not match",
+    a did-not-run error for the client, never "lost the connection" or "broker silent"."""
+    written = curve_stack(stack)
+    other = generate(Path(stack.root, "o"), peers=())
+    wrong = str(Path(other["broker"]).with_name("broker.key"))
+    stack.env["DSPEX_CURVE_SERVER_KEY"] = wrong
+    stack.start_worker("p", "--no-dspy")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", wrong)
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        started = time.monotonic()
+        with pytest.raises(dspex.Refused, match="the server key does not match.*did not run"):
+            dx.ping()
+        assert time.monotonic() - started < 5, "named at the handshake, not at the timeout"
+
+    async def ping_async() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=10) as adx:
+            await adx.ping()
+
+    with pytest.raises(dspex.Refused, match="the server key does not match"):
+        asyncio.run(ping_async())
+    worker_log = Path(stack.root, "worker-p.log")
+    wait_for(lambda: "ERROR dspex.worker: the server key does not match" in worker_log.read_text(), timeout=10,
+             what="the worker's line about the server key")
+    # the broker names it too (zmq gives no peer address for a HELLO it cannot decrypt)
+    broker_log = Path(stack.root, "broker.log")
+    for plane in ("clients", "workers"):
+        wait_for(lambda: re.search(rf"WARNING dspex.broker: \d+ CURVE handshake\(s\) failed on the {plane} plane "
+                                   r".*another broker's public key", broker_log.read_text()),
+                 timeout=10, what=f"the broker's line about the {plane} plane")
+    # with the right key the same worker process could register: the broker itself is fine
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(Path(stack.root, "k", "broker.key")))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        assert dx.status()["pools"]["p"]["workers"] == []
 
 
 def test_broker_refuses_a_single_allow_list(stack: Stack) -> None:

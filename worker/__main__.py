@@ -11,7 +11,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch lit
 
 from pathlib import Path  # noqa: E402
 
-from dspex import config  # noqa: E402
+from dspex import config, logs  # noqa: E402
 from dspex.errors import ConfigError  # noqa: E402
 from dspex.pools import load_pools  # noqa: E402
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS  # noqa: E402
@@ -38,10 +38,7 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--no-dspy", action="store_true", help="do not import dspy at start")
     p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=a.log_level.upper(), stream=sys.stderr,
-        format=f"%(asctime)s worker[{a.pool}:{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(f"worker[{a.pool}:{os.getpid()}]", a.log_level)
     capacity = a.capacity
     if capacity is None and a.config:
         pools = {c.name: c for c in load_pools(a.config)}
@@ -76,7 +73,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         options = parse(argv)
     except ConfigError as err:
-        print(f"worker: {err.message}", file=sys.stderr)
+        logs.early(f"worker[{os.getpid()}]", f"worker: {err.message}")
         return 2
     return main(options)
 

@@ -17,6 +17,7 @@ import resource
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -26,10 +27,12 @@ from typing import Any, Callable
 
 import msgpack
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from dspex import config
+from dspex import config, logs
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from dspex.errors import DspexError, InternalError, MessageTooLarge, QueueTimeout, Timeout
+from dspex.errors import (Cancelled, DspexError, InternalError, MessageTooLarge, QueueTimeout, RemoteError, Timeout,
+                          UsageError)
 from dspex.protocol import (
     B_BYE,
     B_CANCEL,
@@ -117,6 +120,8 @@ class Worker:
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self._handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
         self._poller: zmq.Poller | None = None  # the main thread's; follows socket renewals
         # requests read by whichever thread held the lock, with their arrival time (their budget
         # counts from it)
@@ -140,6 +145,7 @@ class Worker:
         self._running_sessions: dict[str, int] = {}  # session -> calls running (guarded by _active_lock)
         self._session_ends: dict[str, tuple[float, int]] = {}  # session -> (end of last call, pool TTL s)
         self._drain_sent = False
+        self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
 
@@ -164,6 +170,8 @@ class Worker:
             self._set_busy(True)  # importing dspy takes a while: the I/O thread heartbeats meanwhile
             try:
                 self.executor.enable_dspy(self.options.lm_history)
+                logs.adopt("dspy")  # dspy's import installed its own handler and date format
+                self._dspy_logs = True
             except Exception:  # a worker without dspy still serves plain Python
                 log.exception("could not import dspy; serving without per-session DSPy settings")
             finally:
@@ -204,6 +212,7 @@ class Worker:
                     pass
             self._wake.set()
             io.join(timeout=5)
+            self._close_monitor()
             self._sock.close()
             if replies is not None:
                 replies.close(0)
@@ -313,6 +322,7 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
+            self._log_failure(frames, req_id, stream is not None, err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
@@ -324,8 +334,24 @@ class Worker:
             self._session_ended(session)
             with self._active_lock:
                 self._running -= 1
+            if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
+                self._dspy_logs = True
+                logs.adopt("dspy")
         head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
         send([W_REPLY, client, head, *reply])
+
+    @staticmethod
+    def _log_failure(frames: list[zmq.Frame], req_id: int, streaming: bool, err: DspexError) -> None:
+        """One line per failed call: the caller's error has the details, the log says it happened."""
+        try:
+            header = unpack_request_header(frames[1].buffer)
+            session, op = header.session[:8] or "-", header.op
+        except (DspexError, IndexError):
+            session, op = "-", "?"
+        routine = isinstance(err, (RemoteError, UsageError, Cancelled))  # the caller's code, request or choice
+        message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
+        log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
+                "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
                      send: Callable[[list[Any]], None]) -> StreamControl:
@@ -452,16 +478,38 @@ class Worker:
         if now >= self._next_beat:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
+        self._watch_handshake()
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
             # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
             # heartbeats drop one within the same silence limit. Back off during a long outage.
-            log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
+            if self._handshake:  # not silence: the broker will not talk to us with these keys
+                log.error("%s; new socket and READY (next try in %.1fs)", self._handshake, self._backoff)
+            else:
+                log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
             self._renew_socket()
             self._deadline = now + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
+
+    def _watch_handshake(self) -> None:
+        """Holding the lock: name a refused key or a wrong server key at once (once per reason),
+        instead of waiting silently for a broker that will never answer."""
+        if self._monitor is None:
+            return
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake = ""
+                continue
+            why = config.handshake_failure(event["event"], "worker", True)
+            if why and why != self._handshake:
+                self._handshake = why
+                log.error("%s (%s); retrying until the keys are fixed", why, self.options.backend)
 
     def _send_control(self, frames: list[bytes]) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
@@ -552,9 +600,19 @@ class Worker:
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None
         self._poller.unregister(self._sock)
+        self._close_monitor()
         self._sock.close(0)
         self._sock = self._new_socket()
         self._poller.register(self._sock, zmq.POLLIN)
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None and self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
 
     def _new_socket(self) -> zmq.Socket[Any]:
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
@@ -568,6 +626,7 @@ class Worker:
             sock.curve_serverkey = self.options.curve_server_key
             sock.curve_publickey = public
             sock.curve_secretkey = secret
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | config.HANDSHAKE_EVENTS)
         sock.connect(self.options.backend)
         sock.send_multipart([W_READY, self._ready_frame()])
         return sock
@@ -579,4 +638,11 @@ def main(options: WorkerOptions) -> int:
     signal.signal(signal.SIGINT, worker.request_stop)
     log.info("worker %s pool=%s pid=%d capacity=%d backend=%s", worker.incarnation[:8], options.pool,
              os.getpid(), worker.capacity, options.backend)
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        ex = worker.executor
+        log.info("worker %s (pool %s, pid %d) stopped after %.0fs: %d calls served, %d failed",
+                 worker.incarnation[:8], options.pool, os.getpid(), time.time() - worker.started, ex.served,
+                 ex.errors)
+        logging.shutdown()
