@@ -165,8 +165,8 @@ def noop(cfg: Config) -> list[Row]:
         _spawn_server(ws, "fake-worker.log", "fake-worker", "--backend", st2.backend, "--pool", "p")
         client, client2 = st.client(), st2.client()
         clients += [client, client2]
-        st.wait_workers(client, "p", 1)
-        st2.wait_workers(client2, "p", 1)
+        st.wait_workers("p", 1, 30, client=client)
+        st2.wait_workers("p", 1, 30, client=client2)
         s = client.session("p")
         s2 = client2.session("p")
         s2.call("builtins", "len", [[]])
@@ -303,11 +303,11 @@ def _children_of_self() -> list[tuple[int, int]]:
 
 def _kill_new_children(before: set[int]) -> None:
     """Ray's daemons, if ray.shutdown left any: only processes that descend from us and are new."""
-    from bench.common import _starttime
+    from bench.common import starttime
 
     time.sleep(0.2)
     for pid, started in _children_of_self():
-        if pid not in before and _starttime(pid) == started:
+        if pid not in before and starttime(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -373,7 +373,7 @@ def throughput(cfg: Config) -> list[Row]:
             for _ in range(2):
                 st.start_worker("p", *worker_args)
             stacks.append(st)
-            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.workers)], "loadgen", [])
+            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.worker_procs)], "loadgen", [])
         # the same broker with workers reduced to the wire protocol: what the broker alone costs
         for name, cap in (("broker_only", "1"), ("broker_only_cap4", "4")):
             st = Stack(ws, "u" if cap == "1" else "w")
@@ -389,7 +389,7 @@ def throughput(cfg: Config) -> list[Row]:
         systems["client"] = (systems["dspex"][0], systems["dspex"][1], "loadgen-client", ["--threads", "8"])
         for stack in stacks:
             client = stack.client()
-            stack.wait_workers(client, "p", 2)
+            stack.wait_workers("p", 2, 30, client=client)
             client.close()
             client = None
         time.sleep(0.3)  # both echo workers connected to the proxy
@@ -549,7 +549,7 @@ def lmlike(cfg: Config) -> list[Row]:
             clients.append(client)
             stacks[cap] = (st, client)
         for st, client in stacks.values():
-            st.wait_workers(client, "p", n_workers)
+            st.wait_workers("p", n_workers, 30, client=client)
         res: dict[int, list[dict[str, Any]]] = {1: [], 8: []}
         order = [1, 8]
         for r in range(rounds):
@@ -599,7 +599,7 @@ def crash(cfg: Config) -> list[Row]:
         first_errors: list[str] = []
         for r in range(rounds):
             proc = st.start_worker("p", "--no-dspy")
-            wait_for(lambda: any(w["pid"] == proc.pid for w in st.pool_workers(client, "p")), 30, 0.02,
+            wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02,
                      "the new worker")
             s = client.session("p")
             assert int(s.call("os", "getpid")) == proc.pid
@@ -645,7 +645,7 @@ def _frozen_worker(st: Stack, client: Any) -> float:
     import dspex
 
     proc = st.start_worker("p", "--no-dspy")
-    wait_for(lambda: any(w["pid"] == proc.pid for w in st.pool_workers(client, "p")), 30, 0.02, "the new worker")
+    wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02, "the new worker")
     s = client.session("p")
     s.call("os", "getpid")
     time.sleep(0.2)
@@ -720,7 +720,7 @@ def _private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
 
 def _stop_daemon(ws: Workspace) -> None:
     """A supervisord that daemonized itself from our private conf (its pidfile is in ``ws``)."""
-    from bench.common import _starttime, descendants
+    from bench.common import starttime, descendants
 
     pidfile = Path(ws.path("run", "supervisord.pid"))
     if not pidfile.exists():
@@ -729,7 +729,7 @@ def _stop_daemon(ws: Workspace) -> None:
         pid = int(pidfile.read_text().strip())
     except ValueError:
         return
-    started = _starttime(pid)
+    started = starttime(pid)
     if started is None:
         return
     try:
@@ -741,10 +741,10 @@ def _stop_daemon(ws: Workspace) -> None:
     tree = descendants(pid)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    while _starttime(pid) == started and time.monotonic() < deadline:
+    while starttime(pid) == started and time.monotonic() < deadline:
         time.sleep(0.05)
     for p, st in [(pid, started), *tree]:
-        if _starttime(p) == st:
+        if starttime(p) == st:
             os.kill(p, signal.SIGKILL)
 
 
@@ -867,7 +867,7 @@ def recycle(cfg: Config) -> list[Row]:
         st = Stack(ws, "unused")
         pools = ["pd", "pn", "pr"]
         for pool in pools:
-            st.wait_workers(client, pool, 2, timeout=60)
+            st.wait_workers(pool, 2, 60, client=client)
         ws.procs.remember_tree(sup)
         res: dict[str, list[dict[str, float]]] = {k: [] for k in pools}
         for r in range(rounds):
@@ -909,22 +909,22 @@ def recycle(cfg: Config) -> list[Row]:
 
 
 def _one_recycle(client: Any, st: Stack, pool: str) -> dict[str, float]:
-    before = st.pool_workers(client, pool)
+    before = st.workers(pool, client)
     old_ids = {w["incarnation"] for w in before}
-    from bench.common import _starttime
+    from bench.common import starttime
 
     oldest = sorted(before, key=lambda w: w["uptime_s"])[-1]
     victim, vpid = oldest["incarnation"], int(oldest["pid"])
-    vstart = _starttime(vpid)
+    vstart = starttime(vpid)
     t0 = time.perf_counter()
     client.recycle(pool, worker=victim)
     gone = exited = 0.0
     while True:
-        ws_now = st.pool_workers(client, pool)
+        ws_now = st.workers(pool, client)
         ids = {w["incarnation"] for w in ws_now}
         if not gone and victim not in ids:
             gone = time.perf_counter() - t0
-        if not exited and _starttime(vpid) != vstart:
+        if not exited and starttime(vpid) != vstart:
             exited = time.perf_counter() - t0
         if ids - old_ids and len(ids) == len(old_ids) and victim not in ids:
             t = time.perf_counter() - t0
@@ -954,9 +954,9 @@ def _first_call_on(client: Any, pool: str, pid: int, t0: float) -> float:
 
 def _age(pid: int) -> float:
     """Seconds since ``pid`` started (from /proc, clock ticks since boot)."""
-    from bench.common import CLK_TCK, _starttime
+    from bench.common import CLK_TCK, starttime
 
-    st = _starttime(pid)
+    st = starttime(pid)
     if st is None:
         return float("nan")
     with open("/proc/uptime") as f:
@@ -1029,7 +1029,7 @@ def numpy_rt(cfg: Config) -> list[Row]:
         echo_ep = ws.ipc("echo.sock")
         _spawn_server(ws, "echo.log", "echo-router", "--bind", echo_ep)
         client = st.client()
-        st.wait_workers(client, "p", 1)
+        st.wait_workers("p", 1, 30, client=client)
         s = client.session("p")
         arr = np.random.default_rng(1).random(1_000_000)
         back = s.eval("x", {"x": arr})
@@ -1078,7 +1078,7 @@ def memory(cfg: Config) -> list[Row]:
         broker = st.start_broker("p:strict_queue")
         wproc = st.start_worker("p")  # production worker: dspy preloaded
         client = st.client()
-        st.wait_workers(client, "p", 1, timeout=60)
+        st.wait_workers("p", 1, 60, client=client)
         broker_idle = rss_bytes(broker.pid)
 
         def cycle() -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

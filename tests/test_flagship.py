@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import dspex
-from conftest import PY, REPO, Stack, base_env, wait_for
-from lmserver import LMServer
+from tests.harness import PY, REPO, Stack, base_env, wait_for
+from tests.lmserver import LMServer
 from examples.offline_lm import OFFLINE_LABEL
 
 pytestmark = pytest.mark.timeout(240)

@@ -11,7 +11,6 @@ import configparser
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -22,11 +21,9 @@ from typing import Iterator
 import pytest
 
 import dspex
-from conftest import REPO, wait_for
-from dspex.supervisor import Supervisor, SupervisorConf, pid_alive
+from tests.harness import wait_for
+from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord
 
-SHIPPED_CONF = REPO / "supervisor.conf"
-BIN = Path(sys.executable).parent
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 PRINT_PYTHON = '-c "import sys;print(sys.executable)"'
 
@@ -169,41 +166,14 @@ def small_conf(here: Path) -> Path:
     return conf
 
 
-class Supervisord:
-    def __init__(self, argv: list[str], conf: Path, env: dict[str, str]) -> None:
-        self.conf = conf
-        self.out = open(conf.parent / "supervisord.out", "wb")
-        self.proc = subprocess.Popen([*argv, "-c", str(conf), "-n"], cwd=conf.parent, env=env, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.children: set[int] = set()
-
-    def processes(self) -> dict[str, dict[str, object]]:
-        with Supervisor(SupervisorConf.load(self.conf), timeout=10) as sup:
-            procs = {p["name"]: p for p in sup.processes()}
-        self.children.update(int(p["pid"]) for p in procs.values() if p["pid"])
-        return procs
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        for pid in self.children:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self.out.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_supervisord_from_a_venv_runs_that_venvs_python(here: Path) -> None:
     """No .venv, no DSPEX_PYTHON, no active venv: the venv whose supervisord runs is the one used."""
     conf = small_conf(here)
     run_dir = str(here / "r")
-    sd = Supervisord([str(BIN / "supervisord")], conf, clean_env(DSPEX_RUN_DIR=run_dir, DSPEX_METRICS_PORT="0"))
+    sd = Supervisord(here, conf, clean_env(DSPEX_RUN_DIR=run_dir, DSPEX_METRICS_PORT="0"))
+    sd.start_foreground()
     try:
         def worker() -> dict[str, object] | None:
             assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
@@ -230,12 +200,12 @@ def test_supervisord_without_dspex_logs_why_each_program_fails(here: Path) -> No
     env = clean_env(DSPEX_RUN_DIR=str(here / "r"), DSPEX_METRICS_PORT="0", PYTHONPATH=str(only_supervisor))
     system_python = shutil.which("python3", path=SYSTEM_PATH)
     assert system_python
-    sd = Supervisord([system_python, "-m", "supervisor.supervisord"], conf, env)
+    sd = Supervisord(here, conf, env, argv=[system_python, "-m", "supervisor.supervisord"])
+    sd.start_foreground()
     try:
         def fatal() -> bool:
             assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
-            procs = sd.processes()
-            return all(p["statename"] == "FATAL" for p in procs.values())
+            return all(p["statename"] == "FATAL" for p in sd.processes())
 
         wait_for(fatal, 60, 0.2, "every program FATAL")
         for log, what in (("broker.log", "the broker"), ("triage_pool_00.log", "worker of triage_pool")):

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import dspex
-from conftest import PY, REPO, Stack, base_env, free_port, wait_for
+from tests.harness import PY, REPO, Stack, base_env, free_port, wait_for
 from dspexctl.cli import main
 from dspexctl.keys import generate
 

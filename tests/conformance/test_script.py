@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from conftest import Stack
+from tests.harness import Stack
 
 SCRIPT = textwrap.dedent('''
     import json
