@@ -816,18 +816,6 @@ priority=20
 stdout_logfile={root}/%(program_name)s_%(process_num)d.log
 redirect_stderr=true
 
-[program:wr]
-command={py} -m bench.reexec_worker --pool pr --backend {be} --log-level WARNING
-process_name=%(program_name)s_%(process_num)d
-numprocs=2
-directory={repo}
-environment={env}
-autorestart=true
-startsecs=0
-priority=20
-stdout_logfile={root}/%(program_name)s_%(process_num)d.log
-redirect_stderr=true
-
 [program:wn]
 command={py} -m worker --pool pn --backend {be} --no-dspy --log-level WARNING
 process_name=%(program_name)s_%(process_num)d
@@ -865,7 +853,7 @@ def recycle(cfg: Config) -> list[Row]:
         wait_for(lambda: os.path.exists(fe[6:]), 30, 0.02, "broker of the recycle stack")
         client = dspex.connect(fe, timeout=10)
         st = Stack(ws, "unused")
-        pools = ["pd", "pn", "pr"]
+        pools = ["pd", "pn"]
         for pool in pools:
             st.wait_workers(pool, 2, 60, client=client)
         ws.procs.remember_tree(sup)
@@ -890,8 +878,6 @@ def recycle(cfg: Config) -> list[Row]:
         ws.procs.stop(sup, signal.SIGTERM, wait=20)
 
         def detail(k: str) -> str:
-            if any(x.get("same_pid") for x in res[k]):  # the worker re-exec'd itself: no exit, no spawn
-                return f"old unregistered {ms(gone[k])}, first call served {secs(serving[k])}"
             return (f"old unregistered {ms(gone[k])}, exited {ms(exited[k])}, new process spawned {ms(spawned[k])}, "
                     f"first call served {secs(serving[k])}")
 
@@ -899,8 +885,6 @@ def recycle(cfg: Config) -> list[Row]:
             Row(name, label + " (worker imports dspy)", secs(t["pd"]), detail("pd"), "", target,
                 verdict(t["pd"] <= 1.0), data=data),
             Row(name + ".nodspy", label + " (--no-dspy worker)", secs(t["pn"]), detail("pn"), "", "(info)", data={}),
-            Row(name + ".reexec", label + " (unapplied proposal 05: worker re-execs itself)", secs(t["pr"]),
-                detail("pr"), "", "(info: proposal, not applied)", data={}),
         ]
     finally:
         if client is not None:
@@ -1145,7 +1129,7 @@ ROWS: dict[str, list[str]] = {
     "lmlike": ["lmlike.cap1", "lmlike.cap8"],
     "crash": ["crash"],
     "coldstart": ["coldstart"],
-    "recycle": ["recycle", "recycle.nodspy", "recycle.reexec"],
+    "recycle": ["recycle", "recycle.nodspy"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from dspex.errors import DspexError, SessionClosed, SessionWorkerUnavailable

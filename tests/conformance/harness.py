@@ -144,12 +144,3 @@ class ThroughSession(Runner):
         got = self.s.run(program, *args, **kwargs)
         assert as_data(got) == as_data(expected), "through a session the program gave another result than in-process"
         return got
-
-
-def missing_through_session(run: Runner, request: Any, reason: str) -> None:
-    """Mark the session half of a case as a strict xfail: a feature is missing (``reason`` says
-    exactly what); the in-process half still has to pass, and a fix turns the case red (XPASS)."""
-    import pytest
-
-    if run.mode == SESSION:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))

@@ -204,10 +204,6 @@ class Supervised(Supervisord):
         self._write_conf()
 
     @property
-    def seen_pids(self) -> set[int]:
-        return self.child_pids
-
-    @property
     def worker_names(self) -> list[str]:
         return [f"w_{p}:w_{p}_{i}" for p, _ in self.pools for i in range(self.workers_per_pool)]
 
