@@ -33,6 +33,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from tests.harness.supervisord import link_launcher
 
 
 @dataclass
@@ -712,6 +713,7 @@ def _private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
     the environment that points the stack at ``ws``: no clash with a stack a colleague runs."""
     copy = Path(ws.path("supervisor.conf"))
     copy.write_text(conf.read_text())
+    link_launcher(ws.root)  # its command= lines run %(here)s/bin/dspex-python
     for d in ("run", "log"):
         os.makedirs(ws.path(d), exist_ok=True)
     env = base_env(ws.path("r"), DSPEX_PYTHON=PY, DSPEX_METRICS_PORT="0", DSPEX_SUPERVISOR_CONF=str(copy))

@@ -1,8 +1,9 @@
 """Which python supervisor.conf's programs run, from any environment where dspex is installed.
 
-The shipped command= lines are run as supervisord runs them (``/bin/sh -c BODY``, parsed with
-shlex after supervisord's ``%(here)s`` expansion), first straight from /bin/sh with the program
-swapped for one that prints the interpreter it got, then under a real supervisord.
+The shipped command= lines are run as supervisord runs them (``/bin/sh HERE/bin/dspex-python
+ARGS``, parsed with shlex after supervisord's ``%(here)s`` expansion, in a copy of the shipped
+layout: the conf's directory with ``bin/dspex-python``), first from an intermediate /bin/sh with
+``-m worker`` swapped for code that prints the interpreter it got, then under a real supervisord.
 """
 
 from __future__ import annotations
@@ -22,20 +23,20 @@ import pytest
 
 import dspex
 from tests.harness import wait_for
-from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord
+from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord, link_launcher
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-PRINT_PYTHON = '-c "import sys;print(sys.executable)"'
+PRINT_PYTHON = ["-c", "import sys;print(sys.executable)"]
 
 
-def program_body(program: str, here: Path) -> str:
-    """The /bin/sh script of ``[program:NAME]`` in the shipped conf, as supervisord would exec it."""
+def program_body(program: str, here: Path) -> list[str]:
+    """The argv of ``[program:NAME]`` in the shipped conf, as supervisord would exec it."""
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
     parser.read(SHIPPED_CONF)
     command = parser.get(f"program:{program}", "command") % {"here": str(here)}
     argv = shlex.split(command)
-    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3, argv
-    return argv[2]
+    assert argv[:2] == ["/bin/sh", f"{here}/bin/dspex-python"], argv
+    return argv
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -48,14 +49,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def here() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="dxp", dir="/tmp"))
+    link_launcher(root)  # the shipped layout: bin/dspex-python next to the conf
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run_body(body: str, here: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run BODY from an intermediate /bin/sh, so "the parent's interpreter" is not this python."""
-    body = body.replace("-m worker --pool triage_pool", PRINT_PYTHON)
-    return subprocess.run(["/bin/sh", "-c", '/bin/sh -c "$BODY"; exit $?'], cwd=here, env={**env, "BODY": body},
+def run_body(argv: list[str], here: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ARGV from an intermediate /bin/sh, so "the parent's interpreter" is not this python."""
+    if argv[2:4] == ["-m", "worker"]:  # keep --pool NAME: the launcher names the program by it
+        argv = [*argv[:2], *PRINT_PYTHON, *argv[4:]]
+    return subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", *argv], cwd=here, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -27,6 +27,12 @@ POOLS = {"triage_pool": "strict_queue", "optimizer_pool": "strict_queue", "analy
 READY_TIMEOUT = 90.0  # six workers importing dspy on two cores, plus supervisord's start
 
 
+def link_launcher(root: str | Path) -> None:
+    """Put the shipped ``bin/`` (the ``bin/dspex-python`` launcher every ``command=`` of
+    supervisor.conf runs from ``%(here)s``) next to a copy of the conf in ``root``."""
+    Path(root, "bin").symlink_to(REPO / "bin")
+
+
 class Supervisord:
     """One supervisord running ``conf`` in the foreground (``-n``), in its own process group."""
 
@@ -102,6 +108,7 @@ class SupervisedStack(Supervisord):
         root = Path(short_tmpdir("dxs"))
         conf = root / "supervisor.conf"
         conf.write_text(conf_text if conf_text is not None else SHIPPED_CONF.read_text())
+        link_launcher(root)
         (root / "run").mkdir()
         (root / "log").mkdir()
         if venv_link:  # the README's layout: the venv in .venv next to supervisor.conf
