@@ -588,7 +588,7 @@ class Core(Lifecycle):
         return self.admins is not None and owner in self.admins()
 
     def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
-        self.events.append({"t": time.time(), "pool": pool, "worker": w.incarnation[:8], "pid": w.pid,
+        self.events.append({"time": time.time(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
                             "event": event, "why": why})
 
     def status(self) -> dict[str, Any]:

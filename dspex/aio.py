@@ -21,16 +21,19 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, control_frames
-from dspex.errors import BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, SessionClosed, Timeout
+from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
+                          SessionClosed, Timeout)
 from dspex.protocol import Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
+_REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
 _EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
 Callback = Callable[[Any], None]
 
@@ -125,10 +128,11 @@ class AsyncClient:
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
-        await monitor.recv_multipart()
+        event = parse_monitor_message(await monitor.recv_multipart())
         self._broken = True  # the next request gets a fresh socket
+        why = _REFUSED if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else _LOST
         for queue in self._pending.values():
-            queue.put_nowait((_LOST, "", []))
+            queue.put_nowait((why, "", []))
 
     async def _ready(self) -> None:
         """Start the reader and watcher on this loop; replace a socket whose connection broke."""
@@ -202,6 +206,9 @@ class AsyncClient:
             raise ex.timed_out() from None
         if reply[0] == _LOST:
             raise ex.lost("lost the connection to the broker")
+        if reply[0] == _REFUSED:
+            raise Refused(f"the broker refused this client's CURVE key ({self.endpoint}); the {ex.op} did not run",
+                          op=ex.op)
         return reply
 
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",

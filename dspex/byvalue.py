@@ -218,6 +218,12 @@ def loads(data: bytes, sources: dict[str, str]) -> Any:
     return pickle.loads(data)  # noqa: S301 - peers are authenticated; a client may exec code anyway
 
 
+# LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are
+# data-like in form but large and provider-specific: the brief keeps them on the worker as refs
+# (``lm.history`` entries come back as data whose ``response`` is a ref), readable on demand.
+_PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
+
+
 def is_data_like(obj: Any) -> bool:
     """Objects a worker returns by value: data that does not belong on the worker.
 
@@ -226,6 +232,8 @@ def is_data_like(obj: Any) -> bool:
     classes, open files...) stays there as a ref.
     """
     if isinstance(obj, type):
+        return False
+    if type(obj).__module__.startswith(_PROVIDER_MODULES):
         return False
     if isinstance(obj, (BaseException, enum.Enum, Record)) or dataclasses.is_dataclass(obj):
         return True

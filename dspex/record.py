@@ -7,6 +7,7 @@ input keys; the receiver rebuilds the dspy object when dspy is importable, else 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -127,6 +128,15 @@ def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _signature(spec: str, instructions: str) -> Any:
+    """Building a dspy.Signature class costs ~260 µs: predictions of one program share theirs."""
+    try:
+        return _dspy().Signature(spec, instructions or None)
+    except Exception:
+        return None
+
+
 def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None, extra: dict[str, Any]) -> Any:
     dspy = _dspy()
     if dspy is None:
@@ -138,13 +148,9 @@ def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None
             pred.set_lm_usage(extra["lm_usage"])
         completions = extra.get("completions")
         if isinstance(completions, dict):
-            signature = None
             spec = extra.get("signature")
-            if isinstance(spec, list) and len(spec) == 2:
-                try:
-                    signature = dspy.Signature(spec[0], spec[1] or None)
-                except Exception:
-                    signature = None
+            ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
+            signature = _signature(spec[0], spec[1]) if ok else None
             from dspy.primitives.prediction import Completions
 
             pred._completions = Completions(completions, signature=signature)

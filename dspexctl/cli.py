@@ -15,7 +15,8 @@
 
 Each command is a request/execute/present triple (dspexctl/commands.py); ``--json`` prints the
 execute step's data as one JSON document and skips the presentation. Every dspex error becomes a
-single ``Error: ...`` line on stderr and an exit code (1 failed, 2 user mistake, 4 unreachable).
+single ``Error: ...`` line on stderr and an exit code (1 failed, 2 user mistake, 4 unreachable,
+8 timed out).
 """
 
 from __future__ import annotations

@@ -38,10 +38,11 @@ EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
 EXIT_DOWN = 5  # pools status: a pool has no ready worker
 EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
 EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
+EXIT_TIMEOUT = 8  # the broker or supervisord is there but did not answer within --timeout
 
 EXIT_CODES = {
     ConnectionError.code: EXIT_UNREACHABLE,
-    Timeout.code: EXIT_UNREACHABLE,
+    Timeout.code: EXIT_TIMEOUT,
     SupervisorUnreachable.code: EXIT_UNREACHABLE,
     PoolNotFound.code: EXIT_USAGE,
     ConfigError.code: EXIT_USAGE,

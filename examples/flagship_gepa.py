@@ -6,7 +6,7 @@ overshoot flagged, learned instructions shown whole. Public dspex client API onl
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import dspex
 from dspex.errors import RemoteError, Timeout
@@ -45,17 +45,13 @@ def gepa_outcome(message: str) -> str | None:
 
 
 def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
-             budget: int, *, metric_source: str, trainset_source: str,
-             train_rows: list[list[str]]) -> tuple[dict[str, Any], dspex.Ref]:
+             budget: int, *, metric: Callable[..., Any], trainset: list[Any]) -> tuple[dict[str, Any], dspex.Ref]:
     """GEPA on the gepa session; (result, optimized program). A compile that fails is recorded and
     the baseline program goes on as the 'optimized' one."""
     out, spec = flow.out, flow.spec
     out(f"\n[5] GEPA on the gepa session (max_metric_calls={budget})")
     out(f"  {budget_text(budget)}")
-    bound = gepa.exec(metric_source)
-    out(f"  metric defined in the worker: exec bound {sorted(bound)}")
-    metric = bound["metric"]
-    trainset = gepa.exec(trainset_source, {"GEPA_ROWS": train_rows})["trainset"]
+    out(f"  metric: the client's {metric.__name__}() (sent by value), {len(trainset)} examples")
     reflection_lm = gepa.call("dspy", "LM", [spec.model], spec.lm_kwargs(0.9, "reflection"))
     optimizer = gepa.call("dspy", "GEPA", [metric], {
         "reflection_lm": reflection_lm, "max_metric_calls": budget,
@@ -151,7 +147,7 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
         out("  instructions unchanged (GEPA failed, see above)")
     elif reflections == 0:
         out("  instructions unchanged: the budget allowed no reflection (try --max-metric-calls 30)"
-            if budget <= len(train_rows) else
+            if budget <= len(trainset) else
             "  instructions unchanged: GEPA did not reflect within this budget; raise --max-metric-calls")
     else:
         out(f"  instructions unchanged: GEPA reflected ({reflections} LM calls) but no proposal beat the baseline "

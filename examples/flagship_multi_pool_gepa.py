@@ -89,12 +89,12 @@ GEPA_TRAIN = ("INC-001", "INC-002", "INC-003")
 DEFAULT_MAX_METRIC_CALLS = 3
 HISTORY_ENTRIES = 6
 
-# The GEPA metric, defined inside the worker (it must run where the predictions are).
-METRIC_SOURCE = '''
-import dspy
-
-def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
+# The GEPA metric and the numpy statistics are plain client functions: dspex sends them by value
+# (with their source) to the worker that runs GEPA / the analytics session.
+def metric(gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None) -> Any:
     """0.5 for the category, 0.5 for the urgency; feedback GEPA's reflection can act on."""
+    import dspy
+
     notes, score = [], 0.0
     for name in ("category", "urgency"):
         want = str(gold[name]).strip().lower()
@@ -104,21 +104,23 @@ def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
         else:
             notes.append(f"{name.capitalize()} mismatch: expected '{want}' got '{got}'.")
     return dspy.Prediction(score=score, feedback=" ".join(notes) or "Perfect match. Keep the intent and be concise.")
-'''
 
-TRAINSET_SOURCE = '''
-trainset = [dspy.Example(ticket=text, category=category, urgency=urgency).with_inputs("ticket")
-            for text, category, urgency in GEPA_ROWS]
-'''
 
-STATS_SOURCE = '''
-import numpy as np
+def gepa_trainset(ticket_ids: tuple[str, ...]) -> list[Any]:
+    """The GEPA train/val examples, built here: dspy.Example values travel as data."""
+    import dspy
 
-def score_stats(scores):
+    return [dspy.Example(ticket=text, category=category, urgency=urgency).with_inputs("ticket")
+            for text, category, urgency in (TICKETS[t] for t in ticket_ids)]
+
+
+def score_stats(scores: list[float]) -> dict[str, Any]:
+    import numpy as np
+
     xs = np.asarray(scores, dtype=np.float64)
     return {"numpy": np.__version__, "n": int(xs.size), "mean": float(np.mean(xs)),
             "std": float(np.std(xs)), "p80": float(np.percentile(xs, 80))}
-'''
+
 
 # dspy caches the LM's answer before the adapter parses it, so an answer that does not parse would
 # be replayed from the cache on every rerun (and GEPA's evaluations would replay it too). The
@@ -341,7 +343,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         gepa_lm = flow.new_lm(gepa, 0.2)
         gepa_program = gepa.call("dspy", "Predict", [TRIAGE_SIGNATURE])
         analytics = open_session(ANALYTICS_POOL)
-        analytics.exec(STATS_SOURCE)  # pins it; defines score_stats() in the session's namespace
+        analytics.define(score_stats)  # pins it; binds the client's score_stats() in the session
 
         rows = workers_by_incarnation(client)
         sessions = {**{n: t[0] for n, t in triage.items()}, "insights": insights.session, "gepa": gepa,
@@ -448,9 +450,8 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             f"std={stats['std']:.3f} p80={stats['p80']:.3f}")
 
         # ---------------------------------------------------------------- 5. GEPA
-        gepa_result, optimized = run_gepa(flow, gepa, gepa_program, max_metric_calls, metric_source=METRIC_SOURCE,
-                                          trainset_source=TRAINSET_SOURCE,
-                                          train_rows=[list(TICKETS[t]) for t in GEPA_TRAIN])
+        gepa_result, optimized = run_gepa(flow, gepa, gepa_program, max_metric_calls, metric=metric,
+                                          trainset=gepa_trainset(GEPA_TRAIN))
         results["gepa"] = gepa_result
 
         # ---------------------------------------------------------------- 6. holdout + restore

@@ -144,7 +144,7 @@ def test_sessions_close_by_pool_idle_all_and_id(small: SupervisedStack) -> None:
         assert res.returncode == 0 and res.stdout.strip() == "0 session(s) closed"
         res = dspexctl(small, "sessions", "close", "--pool", "nope")
         assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
-        with pytest.raises(dspex.RefNotFound):  # the idle session's refs were released on its worker
+        with pytest.raises(dspex.SessionClosed):  # closed: its refs were released; its id answers so
             old.attr(ref, "a")
 
 
@@ -173,3 +173,28 @@ def test_stop_stops_the_stack_this_conf_started(small: SupervisedStack) -> None:
     res = dspexctl(small, "pools", "restart")
     assert res.returncode == 4 and "supervisord is not running" in res.stderr
     no_traceback(res)
+
+
+def test_a_broker_that_does_not_answer_is_a_timeout_not_unreachable(short_tmp: str) -> None:
+    """Something listens but never answers (an overloaded or wedged broker): exit 8, one line."""
+    import os
+
+    import zmq
+
+    run_dir = os.path.join(short_tmp, "r")
+    os.mkdir(run_dir, 0o700)
+    endpoint = f"ipc://{run_dir}/f.sock"
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    silent.bind(endpoint)
+    try:
+        env = {**os.environ, "DSPEX_RUN_DIR": run_dir, "DSPEX_REPLY_GRACE": "0.2"}
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "--endpoint", endpoint, "--timeout", "0.5",
+                              "sessions", "list"], capture_output=True, text=True, timeout=60, env=env)
+        assert res.returncode == 8, res.stdout + res.stderr
+        assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
+        assert "within 0.5s" in res.stderr
+        no_traceback(res)
+    finally:
+        silent.close(0)
+        ctx.term()

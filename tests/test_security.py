@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import shutil
 import stat
@@ -62,6 +64,13 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
     with dspex.connect(stack.frontend, timeout=10) as dx:
         with pytest.raises(dspex.Refused, match="refused this client's CURVE key.*did not run"):
             dx.ping()
+
+    async def refused_async() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=10) as adx:
+            await adx.ping()
+
+    with pytest.raises(dspex.Refused, match="refused this client's CURVE key.*did not run"):
+        asyncio.run(refused_async())
     wait_for(lambda: "refused a CURVE peer" in Path(stack.root, "broker.log").read_text(), what="refusal logged")
     # a worker with an unknown key never registers
     stack.env["DSPEX_CURVE_WORKER_KEY"] = str(stranger["stranger"])

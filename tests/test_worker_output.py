@@ -71,3 +71,22 @@ def test_a_call_that_rebinds_stdout_does_not_take_the_next_calls_output(stack: S
     other.exec("print('for the caller')", on_output=events.append)
     assert [e["text"] for e in events] == ["for the caller\n"]
     assert s.eval("sink.getvalue()") == "kept by the call\n"
+
+
+def test_a_bar_created_while_dspy_clears_the_registry_does_not_fail() -> None:
+    """dspy.Evaluate/ParallelExecutor run ``tqdm.tqdm._instances.clear()``; on a capacity-N worker
+    another session's thread may be between tqdm's ``__new__`` (registers the bar) and
+    ``__init__`` (removes a disabled one again): that interleaving, replayed in order."""
+    import tqdm
+
+    from worker import output
+
+    saved = tqdm.tqdm._instances
+    try:
+        output.share_progress_bars()
+        bar = tqdm.tqdm.__new__(tqdm.tqdm)  # thread A: registered
+        tqdm.tqdm._instances.clear()  # thread B: dspy resets the registry
+        bar.__init__(total=3, disable=True)  # thread A: KeyError without the shared registry
+        assert bar.disable
+    finally:
+        tqdm.tqdm._instances = saved

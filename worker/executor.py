@@ -57,6 +57,7 @@ class Executor:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
         namespace.install_getsource()  # dspy replaced inspect.getfile on import: go first again
+        output.share_progress_bars()
 
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None,

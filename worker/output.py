@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, TextIO
 
 from worker import limits
@@ -175,3 +176,35 @@ def capture(tag: str, emit: Emit | None, process_wide: bool) -> Iterator[OutputS
                 # a call that rebound sys.stdout/stderr for good must not take the next call's
                 # output (another session's) with it
                 sys.stdout, sys.stderr = _dispatchers
+
+
+class _SharedBars(weakref.WeakSet):  # type: ignore[type-arg]
+    """tqdm's registry of live bars, shared by every call of a capacity-N worker.
+
+    dspy's Evaluate and ParallelExecutor reset it with ``tqdm.tqdm._instances.clear()`` before
+    they start; a bar another session's thread has just created is then missing when tqdm's own
+    ``__init__`` removes it again (``KeyError: <weakref ... to 'tqdm'>``, the call fails). Here
+    ``clear`` keeps the live bars (it only serves redrawing a terminal, which a worker has not)
+    and ``remove`` of a bar that is already gone is a no-op. In-process DSPy has the same race with user threads; a worker makes it
+    likely by running several sessions' programs at once.
+    """
+
+    def clear(self) -> None:
+        return None  # a worker draws no bars: nothing on a terminal needs resetting
+
+    def remove(self, item: Any) -> None:
+        self.discard(item)
+
+
+def share_progress_bars() -> None:
+    """Install :class:`_SharedBars` as tqdm's registry (no-op without tqdm)."""
+    try:
+        import tqdm
+    except ImportError:
+        return
+    cls = tqdm.tqdm
+    if not isinstance(cls._instances, _SharedBars):
+        bars = _SharedBars()
+        for bar in list(cls._instances):
+            bars.add(bar)
+        cls._instances = bars

@@ -244,10 +244,6 @@ def ignore_interrupts():
     signal.signal(signal.SIGALRM, signal.SIG_IGN)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "signal handlers user code installs outlive its call: after one session ignores SIGINT/SIGALRM, "
-    "the soft limit no longer stops another session's call on that worker, so its timeout becomes "
-    "a hard limit and costs the worker (Timeout hard=True, then SessionWorkerUnavailable)"))
 def test_signal_handlers_set_by_user_code_do_not_outlive_the_call(dx: dspex.Client, cstack) -> None:
     from tests.conformance.conftest import REF_QUOTA
 
@@ -271,7 +267,7 @@ def test_signal_handlers_set_by_user_code_do_not_outlive_the_call(dx: dspex.Clie
             if workers == [worker]:
                 probe = dx.session("t")
                 try:
-                    return probe.run(os.getpid, timeout=5) is not None and probe.worker == worker
+                    return probe.apply(os.getpid, timeout=5) > 0 and probe.worker == worker
                 except dspex.DspexError:
                     return False
                 finally:

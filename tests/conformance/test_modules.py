@@ -391,6 +391,30 @@ def test_class_based_signature_through_a_handle(run: Runner) -> None:
     assert classify.signature.instructions == "Classify sentiment of a given sentence."
 
 
+class Order(BaseModel):
+    item: str
+    quantity: int
+
+
+class ShipOrder(dspy.Signature):
+    """Decide how to ship an order."""
+
+    order: Order = dspy.InputField()
+    carrier: str = dspy.OutputField()
+
+
+def test_pydantic_instance_argument_matches_the_signature_type_sent_earlier(run: Runner) -> None:
+    """The signature (with its Pydantic input type) travels in one call and an instance of that type
+    in a later one: on the worker both must be the same class, or DSPy sees a type mismatch."""
+    lm = run.put(DummyLM([{"carrier": "DHL"}]))
+    run(dspy.configure, lm=lm, warn_on_type_mismatch=True)
+    ship = run.put(dspy.Predict(ShipOrder))
+    assert ship(order=Order(item="book", quantity=2)).carrier == "DHL"
+    assert run(lambda p, o: isinstance(o, p.signature.input_fields["order"].annotation), ship,
+               Order(item="pen", quantity=1)) is True
+    assert '"quantity": 2' in str(lm.history[-1]["messages"])
+
+
 class QuotaError(Exception):
     def __init__(self, message, remaining):
         super().__init__(message)

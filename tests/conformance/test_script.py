@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from tests.harness import Stack
 
 SCRIPT = textwrap.dedent('''
@@ -110,10 +108,6 @@ SCRIPT_WITH_HELPERS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a user module referenced as a module object (``import helpers`` then ``helpers.normalize(...)`` "
-    "in the program) is pickled by reference: the worker raises ModuleNotFoundError: No module named "
-    "'helpers' (``from helpers import normalize`` works: the function goes by value)"))
 def test_a_script_using_its_own_helper_module(cstack: Stack, tmp_path) -> None:
     """``import helpers`` next to the script: its functions, and the module object itself, travel by
     value like the script's code (the app's own modules are not installed on the worker)."""
