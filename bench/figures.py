@@ -34,6 +34,7 @@ from bench.common import (
     wait_for,
 )
 from bench.serving import serving
+from tests.harness.supervisord import link_launcher
 
 
 @dataclass
@@ -166,8 +167,8 @@ def noop(cfg: Config) -> list[Row]:
         _spawn_server(ws, "fake-worker.log", "fake-worker", "--backend", st2.backend, "--pool", "p")
         client, client2 = st.client(), st2.client()
         clients += [client, client2]
-        st.wait_workers(client, "p", 1)
-        st2.wait_workers(client2, "p", 1)
+        st.wait_workers("p", 1, 30, client=client)
+        st2.wait_workers("p", 1, 30, client=client2)
         s = client.session("p")
         s2 = client2.session("p")
         s2.call("builtins", "len", [[]])
@@ -304,11 +305,11 @@ def _children_of_self() -> list[tuple[int, int]]:
 
 def _kill_new_children(before: set[int]) -> None:
     """Ray's daemons, if ray.shutdown left any: only processes that descend from us and are new."""
-    from bench.common import _starttime
+    from bench.common import starttime
 
     time.sleep(0.2)
     for pid, started in _children_of_self():
-        if pid not in before and _starttime(pid) == started:
+        if pid not in before and starttime(pid) == started:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -376,7 +377,7 @@ def throughput(cfg: Config) -> list[Row]:
             for _ in range(2):
                 st.start_worker("p", *worker_args)
             stacks.append(st)
-            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.workers)], "loadgen", [])
+            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.worker_procs)], "loadgen", [])
         # the same broker with workers reduced to the wire protocol: what the broker alone costs
         for name, cap in (("broker_only", "1"), ("broker_only_cap4", "4")):
             st = Stack(ws, "u" if cap == "1" else "w")
@@ -392,7 +393,7 @@ def throughput(cfg: Config) -> list[Row]:
         systems["client"] = (systems["dspex"][0], systems["dspex"][1], "loadgen-client", ["--threads", "8"])
         for stack in stacks:
             client = stack.client()
-            stack.wait_workers(client, "p", 2)
+            stack.wait_workers("p", 2, 30, client=client)
             client.close()
             client = None
         time.sleep(0.3)  # both echo workers connected to the proxy
@@ -559,7 +560,7 @@ def lmlike(cfg: Config) -> list[Row]:
             clients.append(client)
             stacks[cap] = (st, client)
         for st, client in stacks.values():
-            st.wait_workers(client, "p", n_workers)
+            st.wait_workers("p", n_workers, 30, client=client)
         res: dict[int, list[dict[str, Any]]] = {1: [], 8: []}
         order = [1, 8]
         for r in range(rounds):
@@ -609,7 +610,7 @@ def crash(cfg: Config) -> list[Row]:
         first_errors: list[str] = []
         for r in range(rounds):
             proc = st.start_worker("p", "--no-dspy")
-            wait_for(lambda: any(w["pid"] == proc.pid for w in st.pool_workers(client, "p")), 30, 0.02,
+            wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02,
                      "the new worker")
             s = client.session("p")
             assert int(s.call("os", "getpid")) == proc.pid
@@ -655,7 +656,7 @@ def _frozen_worker(st: Stack, client: Any) -> float:
     import dspex
 
     proc = st.start_worker("p", "--no-dspy")
-    wait_for(lambda: any(w["pid"] == proc.pid for w in st.pool_workers(client, "p")), 30, 0.02, "the new worker")
+    wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02, "the new worker")
     s = client.session("p")
     s.call("os", "getpid")
     time.sleep(0.2)
@@ -722,6 +723,7 @@ def _private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
     the environment that points the stack at ``ws``: no clash with a stack a colleague runs."""
     copy = Path(ws.path("supervisor.conf"))
     copy.write_text(conf.read_text())
+    link_launcher(ws.root)  # its command= lines run %(here)s/bin/dspex-python
     for d in ("run", "log"):
         os.makedirs(ws.path(d), exist_ok=True)
     env = base_env(ws.path("r"), DSPEX_PYTHON=PY, DSPEX_METRICS_PORT="0", DSPEX_SUPERVISOR_CONF=str(copy))
@@ -730,7 +732,7 @@ def _private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
 
 def _stop_daemon(ws: Workspace) -> None:
     """A supervisord that daemonized itself from our private conf (its pidfile is in ``ws``)."""
-    from bench.common import _starttime, descendants
+    from bench.common import starttime, descendants
 
     pidfile = Path(ws.path("run", "supervisord.pid"))
     if not pidfile.exists():
@@ -739,7 +741,7 @@ def _stop_daemon(ws: Workspace) -> None:
         pid = int(pidfile.read_text().strip())
     except ValueError:
         return
-    started = _starttime(pid)
+    started = starttime(pid)
     if started is None:
         return
     try:
@@ -751,10 +753,10 @@ def _stop_daemon(ws: Workspace) -> None:
     tree = descendants(pid)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
-    while _starttime(pid) == started and time.monotonic() < deadline:
+    while starttime(pid) == started and time.monotonic() < deadline:
         time.sleep(0.05)
     for p, st in [(pid, started), *tree]:
-        if _starttime(p) == st:
+        if starttime(p) == st:
             os.kill(p, signal.SIGKILL)
 
 
@@ -826,18 +828,6 @@ priority=20
 stdout_logfile={root}/%(program_name)s_%(process_num)d.log
 redirect_stderr=true
 
-[program:wr]
-command={py} -m bench.reexec_worker --pool pr --backend {be} --log-level WARNING
-process_name=%(program_name)s_%(process_num)d
-numprocs=2
-directory={repo}
-environment={env}
-autorestart=true
-startsecs=0
-priority=20
-stdout_logfile={root}/%(program_name)s_%(process_num)d.log
-redirect_stderr=true
-
 [program:wn]
 command={py} -m worker --pool pn --backend {be} --no-dspy --log-level WARNING
 process_name=%(program_name)s_%(process_num)d
@@ -875,9 +865,9 @@ def recycle(cfg: Config) -> list[Row]:
         wait_for(lambda: os.path.exists(fe[6:]), 30, 0.02, "broker of the recycle stack")
         client = dspex.connect(fe, timeout=10)
         st = Stack(ws, "unused")
-        pools = ["pd", "pn", "pr"]
+        pools = ["pd", "pn"]
         for pool in pools:
-            st.wait_workers(client, pool, 2, timeout=60)
+            st.wait_workers(pool, 2, 60, client=client)
         ws.procs.remember_tree(sup)
         res: dict[str, list[dict[str, float]]] = {k: [] for k in pools}
         for r in range(rounds):
@@ -900,8 +890,6 @@ def recycle(cfg: Config) -> list[Row]:
         ws.procs.stop(sup, signal.SIGTERM, wait=20)
 
         def detail(k: str) -> str:
-            if any(x.get("same_pid") for x in res[k]):  # the worker re-exec'd itself: no exit, no spawn
-                return f"old unregistered {ms(gone[k])}, first call served {secs(serving[k])}"
             return (f"old unregistered {ms(gone[k])}, exited {ms(exited[k])}, new process spawned {ms(spawned[k])}, "
                     f"first call served {secs(serving[k])}")
 
@@ -909,8 +897,6 @@ def recycle(cfg: Config) -> list[Row]:
             Row(name, label + " (worker imports dspy)", secs(t["pd"]), detail("pd"), "", target,
                 verdict(t["pd"] <= 1.0), data=data),
             Row(name + ".nodspy", label + " (--no-dspy worker)", secs(t["pn"]), detail("pn"), "", "(info)", data={}),
-            Row(name + ".reexec", label + " (unapplied proposal 05: worker re-execs itself)", secs(t["pr"]),
-                detail("pr"), "", "(info: proposal, not applied)", data={}),
         ]
     finally:
         if client is not None:
@@ -919,22 +905,22 @@ def recycle(cfg: Config) -> list[Row]:
 
 
 def _one_recycle(client: Any, st: Stack, pool: str) -> dict[str, float]:
-    before = st.pool_workers(client, pool)
+    before = st.workers(pool, client)
     old_ids = {w["incarnation"] for w in before}
-    from bench.common import _starttime
+    from bench.common import starttime
 
     oldest = sorted(before, key=lambda w: w["uptime_s"])[-1]
     victim, vpid = oldest["incarnation"], int(oldest["pid"])
-    vstart = _starttime(vpid)
+    vstart = starttime(vpid)
     t0 = time.perf_counter()
     client.recycle(pool, worker=victim)
     gone = exited = 0.0
     while True:
-        ws_now = st.pool_workers(client, pool)
+        ws_now = st.workers(pool, client)
         ids = {w["incarnation"] for w in ws_now}
         if not gone and victim not in ids:
             gone = time.perf_counter() - t0
-        if not exited and _starttime(vpid) != vstart:
+        if not exited and starttime(vpid) != vstart:
             exited = time.perf_counter() - t0
         if ids - old_ids and len(ids) == len(old_ids) and victim not in ids:
             t = time.perf_counter() - t0
@@ -964,9 +950,9 @@ def _first_call_on(client: Any, pool: str, pid: int, t0: float) -> float:
 
 def _age(pid: int) -> float:
     """Seconds since ``pid`` started (from /proc, clock ticks since boot)."""
-    from bench.common import CLK_TCK, _starttime
+    from bench.common import CLK_TCK, starttime
 
-    st = _starttime(pid)
+    st = starttime(pid)
     if st is None:
         return float("nan")
     with open("/proc/uptime") as f:
@@ -1039,7 +1025,7 @@ def numpy_rt(cfg: Config) -> list[Row]:
         echo_ep = ws.ipc("echo.sock")
         _spawn_server(ws, "echo.log", "echo-router", "--bind", echo_ep)
         client = st.client()
-        st.wait_workers(client, "p", 1)
+        st.wait_workers("p", 1, 30, client=client)
         s = client.session("p")
         arr = np.random.default_rng(1).random(1_000_000)
         back = s.eval("x", {"x": arr})
@@ -1088,7 +1074,7 @@ def memory(cfg: Config) -> list[Row]:
         broker = st.start_broker("p:strict_queue")
         wproc = st.start_worker("p")  # production worker: dspy preloaded
         client = st.client()
-        st.wait_workers(client, "p", 1, timeout=60)
+        st.wait_workers("p", 1, 60, client=client)
         broker_idle = rss_bytes(broker.pid)
 
         def cycle() -> None:
@@ -1156,7 +1142,7 @@ ROWS: dict[str, list[str]] = {
     "lmlike": ["lmlike.cap1", "lmlike.cap8"],
     "crash": ["crash"],
     "coldstart": ["coldstart"],
-    "recycle": ["recycle", "recycle.nodspy", "recycle.reexec"],
+    "recycle": ["recycle", "recycle.nodspy"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],

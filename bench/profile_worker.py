@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
              "--log-level", "WARNING", *([] if a.dspy else ["--no-dspy"])], "worker.log", st.env)
         client = st.client()
         try:
-            st.wait_workers(client, "p", 1)
+            st.wait_workers("p", 1, 30, client=client)
             s = client.session("p")
             for _ in range(200):
                 s.call("builtins", "len", [[]])

@@ -58,7 +58,6 @@ class Policy(str, enum.Enum):
 MAX_WALK_DEPTH = 400
 
 Frame = Union[bytes, memoryview, zmq.Frame]
-Frames = Sequence[Frame]
 ToRef = Callable[[object], Ref]
 ResolveRef = Callable[[Ref], object]
 Buffers = list[Union[bytes, memoryview]]

@@ -11,7 +11,7 @@ Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command:
                        [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
     broker -> worker:  [B_REQUEST, client_id, request_header, budget, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
-                       [B_CANCEL, client_id, req_id] | [B_CREDIT, client_id, req_id, n] | [B_BYE]
+                       [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
 The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
 touches. See docs/protocol.md for the full description.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
@@ -27,16 +27,6 @@ def _unpickle(*fields: str) -> Any:
     ref = Ref(*fields)
     resolve = resolver.get()
     return ref if resolve is None else resolve(ref)
-
-
-class Owner(Protocol):
-    """What a ref's handle calls through: a Session or an AsyncSession."""
-
-    def method(self, ref: Ref, name: str, args: Any = ..., kwargs: Any = ...) -> Any: ...
-
-    def attr(self, ref: Ref, name: str) -> Any: ...
-
-    def set_attr(self, ref: Ref, name: str, value: Any) -> Any: ...
 
 
 class Ref:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import configparser
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,9 +25,7 @@ from dspex.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 # supervisor.xmlrpc.Faults values we branch on
 FAULT_BAD_NAME = 10
 FAULT_ALREADY_STARTED = 60
-FAULT_NOT_RUNNING = 70
 
-RUNNING_STATES = ("RUNNING",)
 STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
 
 
@@ -279,8 +276,3 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
-
-
-def which_supervisorctl() -> str | None:
-    sibling = Path(sys.executable).parent / "supervisorctl"
-    return str(sibling) if sibling.exists() else shutil.which("supervisorctl")

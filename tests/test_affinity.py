@@ -13,7 +13,7 @@ import pytest
 
 import dspex
 import dspex.aio
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

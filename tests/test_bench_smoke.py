@@ -21,9 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _expected_rows() -> list[str]:
-    if str(REPO) not in sys.path:  # bench/ is not an installed package
-        sys.path.insert(0, str(REPO))
-    from bench.figures import ROWS
+    from bench.figures import ROWS  # importable: pytest puts the repo root on sys.path (tests/ is a package)
 
     return [name for group in ROWS.values() for name in group]
 

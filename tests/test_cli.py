@@ -15,10 +15,10 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
 from dspex.supervisor import pid_alive
-from test_supervisor import POOLS, READY_TIMEOUT, SupervisedStack
+from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 

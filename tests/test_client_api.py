@@ -16,7 +16,7 @@ import pydantic
 import pytest
 
 import dspex
-from conftest import Stack
+from tests.harness import Stack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Stack, base_env
+from tests.harness import REPO, Stack, base_env
 
 pytestmark = pytest.mark.timeout(180)
 

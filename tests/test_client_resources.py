@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 from dspex import core
 from dspex.client import IDLE_SOCKETS
 from dspex.protocol import unpack_request_header

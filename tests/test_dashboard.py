@@ -23,10 +23,10 @@ from typing import Any, Iterator
 import pytest
 
 from broker.dashboard import EventTracker, view
-from conftest import REPO, free_port, wait_for
-from test_cli import dspexctl
-from test_ops_python import small_conf_text
-from test_supervisor import SupervisedStack
+from tests.harness import REPO, free_port, wait_for
+from tests.test_cli import dspexctl
+from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 import dspex
-from conftest import PY, REPO, Stack, base_env, wait_for
-from lmserver import LMServer
+from tests.harness import PY, REPO, Stack, base_env, wait_for
+from tests.harness.supervisord import link_launcher
+from tests.lmserver import LMServer
 from examples.offline_lm import OFFLINE_LABEL
 
 pytestmark = pytest.mark.timeout(240)
@@ -368,6 +369,7 @@ def test_dspexctl_flagship_starts_and_stops_supervisord(short_tmp: str) -> None:
     # a private copy of supervisor.conf: its supervisord socket, pidfile and logs live in short_tmp
     conf = Path(short_tmp, "supervisor.conf")
     shutil.copy(REPO / "supervisor.conf", conf)
+    link_launcher(short_tmp)  # its command= lines run %(here)s/bin/dspex-python
     run_dir = os.path.join(short_tmp, "r")
     env = base_env(run_dir, DSPEX_SUPERVISOR_CONF=str(conf), DSPEX_PYTHON=PY,
                    DSPEX_METRICS_PORT=str(_free_port()))

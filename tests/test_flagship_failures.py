@@ -22,8 +22,8 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from conftest import REPO, Stack, wait_for
-from lmserver import LMServer, closed_port_base
+from tests.harness import REPO, Stack, wait_for
+from tests.lmserver import LMServer, closed_port_base
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import pytest
 
 import dspex
-from conftest import REPO, Stack
+from tests.harness import REPO, Stack
 
 BASE = os.environ.get("DSPEX_TEST_MODEL_BASE", "")
 MODEL = os.environ.get("DSPEX_TEST_MODEL", "openai/local")

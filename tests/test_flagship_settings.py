@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import dspex
-from conftest import REPO
+from tests.harness import REPO
 from examples.flagship_gepa import budget_text, gepa_outcome
 from examples.flagship_lm import (
     DEFAULT_LM_TIMEOUT,

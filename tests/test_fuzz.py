@@ -1,5 +1,5 @@
 """Fuzzed frames: the broker keeps serving honest clients, stays bounded in memory, and honest
-sessions are untouched (short CI version of ``python -m bench.fuzz``).
+sessions are untouched (short CI version of ``python -m tests.harness.fuzz``).
 
 Three layers: hypothesis properties of the header/codec parsers and of the broker's handlers
 in-process (derandomized: the same cases on every run), then a seeded generator throwing tens of
@@ -10,11 +10,9 @@ between batches. Regression tests for the bugs fuzzing found are at the end.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import msgpack
@@ -23,18 +21,14 @@ import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # bench/ lives at the repo root
-    sys.path.insert(0, str(REPO))
-
-import dspex  # noqa: E402
-from bench.fuzz import FrameFuzzer, ProcStack, rss_kb, run_fuzz  # noqa: E402
-from broker.broker import Broker, BrokerOptions  # noqa: E402
-from conftest import Stack, wait_for  # noqa: E402
-from dspex import codec  # noqa: E402
-from dspex.errors import DspexError, ProtocolError  # noqa: E402
-from dspex.pools import parse_pool_spec  # noqa: E402
-from dspex.protocol import (  # noqa: E402
+import dspex
+from broker.broker import Broker, BrokerOptions
+from tests.harness import Stack, rss_kb, wait_for
+from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz
+from dspex import codec
+from dspex.errors import DspexError, ProtocolError
+from dspex.pools import parse_pool_spec
+from dspex.protocol import (
     B_REQUEST, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader, pack_reply_header,
     unpack_reply_header, unpack_request_header,
 )

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import dspex
-from conftest import PY, REPO, Stack, base_env, wait_for
+from tests.harness import PY, REPO, Stack, base_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,7 +13,7 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError, LMError
 
-from lmserver import LMServer, closed_port_base
+from tests.lmserver import LMServer, closed_port_base
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +76,7 @@ def test_endless_answer_without_cap_is_cut_by_the_lm_timeout(server: LMServer) -
         _triage(server.base, timeout=1, num_retries=0)
     assert time.monotonic() - t0 < 10
     # the server notices the hang-up and stops generating (no orphaned generation)
-    from conftest import wait_for
+    from tests.harness import wait_for
 
     wait_for(lambda: any(c.hung_up for c in server.completions()), timeout=10, what="server saw the hang-up")
 

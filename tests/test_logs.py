@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import dspex
-from conftest import REPO, Stack, base_env, wait_for
+from tests.harness import REPO, Stack, base_env, wait_for
 
 # 2026-11-30T07:30:01.123Z broker[4242] INFO dspex.broker: ...
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (broker\[\d+\]|worker\[[\w-]+:\d+\]|worker\[\d+\]) "

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
 from broker.state import Notices, bucket_bounds
-from conftest import Stack, free_port, wait_for
+from tests.harness import Stack, free_port, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -18,13 +18,13 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from conftest import wait_for
+from tests.harness import wait_for
 from dspex.errors import DidNotRun, MayHaveRun, UsageError
 from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
 from dspexctl.commands import SessionsList
-from test_cli import dspexctl, no_traceback
-from test_ops_python import small_conf_text
-from test_supervisor import SupervisedStack
+from tests.test_cli import dspexctl, no_traceback
+from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 

@@ -1,8 +1,9 @@
 """Which python supervisor.conf's programs run, from any environment where dspex is installed.
 
-The shipped command= lines are run as supervisord runs them (``/bin/sh -c BODY``, parsed with
-shlex after supervisord's ``%(here)s`` expansion), first straight from /bin/sh with the program
-swapped for one that prints the interpreter it got, then under a real supervisord.
+The shipped command= lines are run as supervisord runs them (``/bin/sh HERE/bin/dspex-python
+ARGS``, parsed with shlex after supervisord's ``%(here)s`` expansion, in a copy of the shipped
+layout: the conf's directory with ``bin/dspex-python``), first from an intermediate /bin/sh with
+``-m worker`` swapped for code that prints the interpreter it got, then under a real supervisord.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -23,23 +23,21 @@ from typing import Iterator
 import pytest
 
 import dspex
-from conftest import REPO, wait_for
-from dspex.supervisor import Supervisor, SupervisorConf, pid_alive
+from tests.harness import wait_for
+from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord, link_launcher
 
-SHIPPED_CONF = REPO / "supervisor.conf"
-BIN = Path(sys.executable).parent
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-PRINT_PYTHON = '-c "import sys;print(sys.executable)"'
+PRINT_PYTHON = ["-c", "import sys;print(sys.executable)"]
 
 
-def program_body(program: str, here: Path) -> str:
-    """The /bin/sh script of ``[program:NAME]`` in the shipped conf, as supervisord would exec it."""
+def program_body(program: str, here: Path) -> list[str]:
+    """The argv of ``[program:NAME]`` in the shipped conf, as supervisord would exec it."""
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
     parser.read(SHIPPED_CONF)
     command = parser.get(f"program:{program}", "command") % {"here": str(here)}
     argv = shlex.split(command)
-    assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3, argv
-    return argv[2]
+    assert argv[:2] == ["/bin/sh", f"{here}/bin/dspex-python"], argv
+    return argv
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -52,14 +50,16 @@ def clean_env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def here() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="dxp", dir="/tmp"))
+    link_launcher(root)  # the shipped layout: bin/dspex-python next to the conf
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run_body(body: str, here: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run BODY from an intermediate /bin/sh, so "the parent's interpreter" is not this python."""
-    body = body.replace("-m worker --pool triage_pool", PRINT_PYTHON)
-    return subprocess.run(["/bin/sh", "-c", '/bin/sh -c "$BODY"; exit $?'], cwd=here, env={**env, "BODY": body},
+def run_body(argv: list[str], here: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ARGV from an intermediate /bin/sh, so "the parent's interpreter" is not this python."""
+    if argv[2:4] == ["-m", "worker"]:  # keep --pool NAME: the launcher names the program by it
+        argv = [*argv[:2], *PRINT_PYTHON, *argv[4:]]
+    return subprocess.run(["/bin/sh", "-c", '"$@"; exit $?', "sh", *argv], cwd=here, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -173,41 +173,14 @@ def small_conf(here: Path) -> Path:
     return conf
 
 
-class Supervisord:
-    def __init__(self, argv: list[str], conf: Path, env: dict[str, str]) -> None:
-        self.conf = conf
-        self.out = open(conf.parent / "supervisord.out", "wb")
-        self.proc = subprocess.Popen([*argv, "-c", str(conf), "-n"], cwd=conf.parent, env=env, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.children: set[int] = set()
-
-    def processes(self) -> dict[str, dict[str, object]]:
-        with Supervisor(SupervisorConf.load(self.conf), timeout=10) as sup:
-            procs = {p["name"]: p for p in sup.processes()}
-        self.children.update(int(p["pid"]) for p in procs.values() if p["pid"])
-        return procs
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        for pid in self.children:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self.out.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_supervisord_from_a_venv_runs_that_venvs_python(here: Path) -> None:
     """No .venv, no DSPEX_PYTHON, no active venv: the venv whose supervisord runs is the one used."""
     conf = small_conf(here)
     run_dir = str(here / "r")
-    sd = Supervisord([str(BIN / "supervisord")], conf, clean_env(DSPEX_RUN_DIR=run_dir, DSPEX_METRICS_PORT="0"))
+    sd = Supervisord(here, conf, clean_env(DSPEX_RUN_DIR=run_dir, DSPEX_METRICS_PORT="0"))
+    sd.start_foreground()
     try:
         def worker() -> dict[str, object] | None:
             assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
@@ -234,12 +207,12 @@ def test_supervisord_without_dspex_logs_why_each_program_fails(here: Path) -> No
     env = clean_env(DSPEX_RUN_DIR=str(here / "r"), DSPEX_METRICS_PORT="0", PYTHONPATH=str(only_supervisor))
     system_python = shutil.which("python3", path=SYSTEM_PATH)
     assert system_python
-    sd = Supervisord([system_python, "-m", "supervisor.supervisord"], conf, env)
+    sd = Supervisord(here, conf, env, argv=[system_python, "-m", "supervisor.supervisord"])
+    sd.start_foreground()
     try:
         def fatal() -> bool:
             assert sd.proc.poll() is None, (here / "supervisord.out").read_text()
-            procs = sd.processes()
-            return all(p["statename"] == "FATAL" for p in procs.values())
+            return all(p["statename"] == "FATAL" for p in sd.processes())
 
         wait_for(fatal, 60, 0.2, "every program FATAL")
         for log, what in (("broker.log", "the broker"), ("triage_pool_00.log", "worker of triage_pool")):

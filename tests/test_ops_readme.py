@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from tests.harness import REPO
 from dspex.supervisor import pid_alive
 
 

@@ -19,12 +19,12 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from conftest import REPO, wait_for
+from tests.harness import REPO, wait_for
 from dspex.health import PoolFacts, State, pool_state, worst
 from dspex.supervisor import pid_alive
-from test_cli import dspexctl, no_traceback
-from test_ops_python import small_conf_text
-from test_supervisor import SupervisedStack
+from tests.test_cli import dspexctl, no_traceback
+from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 
 pytestmark = pytest.mark.timeout(90)

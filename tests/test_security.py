@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import dspex
 import dspex.aio
-from conftest import PY, REPO, Stack, base_env, free_port, wait_for
+from tests.harness import PY, REPO, Stack, base_env, free_port, wait_for
 from dspexctl.cli import main
 from dspexctl.keys import generate
 

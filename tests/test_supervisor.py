@@ -9,41 +9,24 @@ DSPEX_PYTHON unset: the shipped default path is what runs here.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
-from conftest import REPO, base_env, wait_for
-from dspexctl.cli import main as dspexctl
-from dspex.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name, pid_alive
+from tests.harness import REPO, wait_for
+from tests.harness.supervisord import BIN, POOLS, SHIPPED_CONF, SupervisedStack
+from dspex.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
-
-SHIPPED_CONF = REPO / "supervisor.conf"
-BIN = Path(sys.executable).parent
-POOLS = {"triage_pool": "strict_queue", "optimizer_pool": "strict_queue", "analytics_pool": "hint"}
-READY_TIMEOUT = 90.0  # six workers importing dspy on two cores, plus supervisord's start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def set_pool_option(conf_text: str, pool: str, key: str, value: str) -> str:
@@ -53,121 +36,6 @@ def set_pool_option(conf_text: str, pool: str, key: str, value: str) -> str:
     body, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", section.group(1), flags=re.M)
     assert n == 1, key
     return conf_text[:section.start(1)] + body + conf_text[section.end(1):]
-
-
-class SupervisedStack:
-    """A copy of supervisor.conf in a short temp dir and the supervisord running it."""
-
-    def __init__(self, conf_text: str | None = None, *, venv_link: bool = True) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="dxs", dir="/tmp"))
-        self.conf = self.root / "supervisor.conf"
-        self.conf.write_text(conf_text if conf_text is not None else SHIPPED_CONF.read_text())
-        (self.root / "run").mkdir()
-        (self.root / "log").mkdir()
-        if venv_link:  # the README's layout: the venv in .venv next to supervisor.conf
-            (self.root / ".venv").symlink_to(sys.prefix)
-        self.run_dir = str(self.root / "r")
-        self.endpoint = f"ipc://{self.run_dir}/frontend.sock"
-        self.metrics_port = free_port()
-        self.env = base_env(self.run_dir, DSPEX_METRICS_PORT=str(self.metrics_port),
-                            DSPEX_SUPERVISOR_CONF=str(self.conf))
-        self.env.pop("DSPEX_PYTHON", None)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.supervisord_pid = 0
-        self.child_pids: set[int] = set()
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def start_foreground(self) -> None:
-        """``supervisord -c conf -n`` as our child, in its own session."""
-        out = open(self.root / "supervisord.out", "ab")
-        self.proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(self.conf), "-n"], cwd=self.root,
-                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        self.supervisord_pid = self.proc.pid
-
-    def adopt_daemon(self) -> None:
-        """Track a supervisord that daemonized itself (started by dspexctl): its pid from the pidfile."""
-        self.supervisord_pid = int(wait_for(lambda: (self.root / "run" / "supervisord.pid").read_text().strip(),
-                                            10, what="supervisord pidfile"))
-
-    def supervisor(self) -> Supervisor:
-        return Supervisor(SupervisorConf.load(self.conf), timeout=10)
-
-    def processes(self) -> list[dict[str, Any]]:
-        with self.supervisor() as sup:
-            procs = sup.processes()
-        self.child_pids.update(p["pid"] for p in procs if p["pid"])
-        return procs
-
-    def client(self, timeout: float = 30.0) -> dspex.Client:
-        return dspex.connect(self.endpoint, timeout=timeout)
-
-    def status(self) -> dict[str, Any]:
-        with self.client(5) as dx:
-            st = dx.status()
-        for pool in st["pools"].values():
-            self.child_pids.update(w["pid"] for w in pool["workers"])
-        return st
-
-    def ready(self, pool: str) -> list[dict[str, Any]]:
-        return [w for w in self.status()["pools"][pool]["workers"] if w["state"] != "draining"]
-
-    def wait_all_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"supervisord exited with {self.proc.returncode}:\n{self.logs()}")
-            procs = self.processes()  # also wakes supervisord's loop so restarts are prompt
-            st = self.status()
-            ok = (len(procs) == 7 and all(p["statename"] == "RUNNING" for p in procs)
-                  and all(sum(w["state"] != "draining" for w in st["pools"][p]["workers"]) == 2 for p in POOLS))
-            return st if ok else None
-        try:
-            return wait_for(check, timeout, 0.1, "7 RUNNING processes and 6 ready workers")
-        except AssertionError:
-            print(self.logs())
-            raise
-
-    def stop(self) -> None:
-        """supervisord's shutdown (SIGTERM) by pid; SIGKILL whatever is left, group by group."""
-        try:
-            self.processes()
-        except Exception:  # noqa: BLE001 - it may be dead already
-            pass
-        if self.supervisord_pid and pid_alive(self.supervisord_pid):
-            os.kill(self.supervisord_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 45
-            while pid_alive(self.supervisord_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        for pid in [self.supervisord_pid, *self.child_pids]:
-            if pid and pid_alive(pid):
-                for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-                    try:
-                        kill()
-                    except (ProcessLookupError, PermissionError):
-                        pass
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def logs(self, tail: int = 3000) -> str:
-        out = []
-        for path in sorted([*(self.root / "log").glob("*.log"), self.root / "supervisord.out"]):
-            if path.exists():
-                out.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-tail:])
-        return "\n".join(out)
-
-    # -- the CLI, in-process -------------------------------------------------------------------
-    def cli(self, *args: str) -> Any:
-        env = {"DSPEX_RUN_DIR": self.run_dir, "DSPEX_SUPERVISOR_CONF": str(self.conf),
-               "DSPEX_METRICS_PORT": str(self.metrics_port), "DSPEX_ENDPOINT": None, "DSPEX_FRONTEND": None,
-               "DSPEX_BACKEND": None, "DSPEX_PYTHON": None}
-        return CliRunner().invoke(dspexctl, list(args), env=env, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

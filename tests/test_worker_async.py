@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 import dspex
-from conftest import Stack
+from tests.harness import Stack
 
 
 @pytest.fixture

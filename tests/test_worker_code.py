@@ -9,7 +9,7 @@ import pytest
 
 import dspex
 from dspex.protocol import Op
-from conftest import Stack
+from tests.harness import Stack
 
 
 @pytest.fixture

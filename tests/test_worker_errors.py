@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 import dspex
-from conftest import Stack
+from tests.harness import Stack
 
 RAISERS = {
     "SystemExit": ("raise SystemExit(3)", "SystemExit"),

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import dspex
-from conftest import Stack
+from tests.harness import Stack
 
 SPELLINGS = {
     "dspy.configure": "dspy.configure(lm=lm)",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 
 
 def _log(stack: Stack) -> str:

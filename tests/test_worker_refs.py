@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 
 
 def test_ref_quota_is_per_session(stack: Stack) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import dspex
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
 
 
 def _timed_out(s: dspex.Session, source: str, timeout: float) -> tuple[dspex.Timeout, float]:

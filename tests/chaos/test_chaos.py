@@ -1,4 +1,4 @@
-"""Chaos under load (short CI version of ``python -m bench.chaos``).
+"""Chaos under load (short CI version of ``python -m tests.harness.chaos``).
 
 Client threads drive sessions on ``triage_pool:strict_queue``, ``optimizer_pool:strict_queue``
 and ``analytics_pool:hint`` (2 ``--no-dspy`` workers each, under a private supervisord) while
@@ -17,9 +17,8 @@ import time
 import pytest
 
 import dspex
-from bench.chaos import run_chaos
-from chaos.conftest import report
-from conftest import Stack, wait_for
+from tests.harness import Stack, wait_for
+from tests.harness.chaos import report, run_chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 

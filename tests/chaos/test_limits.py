@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 import dspex
-from bench.chaos import rss_kb
-from conftest import Stack, wait_for
+from tests.harness import rss_kb
+from tests.harness import Stack, wait_for
 from dspex import codec
 from dspex.protocol import W_HEARTBEAT, RequestHeader
 

@@ -20,8 +20,8 @@ from typing import Iterator
 import pytest
 
 import dspex
-from conftest import Stack
-from conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSession, fresh_dspy_settings
+from tests.harness import Stack
+from tests.conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSession, fresh_dspy_settings
 
 REF_QUOTA = 50  # refs one session may hold on pool t's worker (a small quota to reach in a test)
 POOLS = {"c1": ("c1:strict_queue", 2, ()), "c4": ("c4:strict_queue:capacity=4", 1, ("--capacity", "4")),

@@ -144,4 +144,3 @@ class ThroughSession(Runner):
         got = self.s.run(program, *args, **kwargs)
         assert as_data(got) == as_data(expected), "through a session the program gave another result than in-process"
         return got
-

@@ -7,9 +7,9 @@ threads of the same process: each must still give exactly its in-process result.
 import time
 
 import dspex
-from conformance import test_modules as cases
-from conformance import test_optimizers as optimizer_cases
-from conformance.harness import as_data, fresh_dspy_settings
+from tests.conformance import test_modules as cases
+from tests.conformance import test_optimizers as optimizer_cases
+from tests.conformance.harness import as_data, fresh_dspy_settings
 
 PROGRAMS = [
     (cases.predict_program, ()),

@@ -14,7 +14,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 import dspex
-from conftest import wait_for
+from tests.harness import wait_for
 
 
 class UnprintableError(Exception):
@@ -104,7 +104,7 @@ def test_user_exception_leaves_the_worker_serving(solo: dspex.Session, capsys, p
 def test_ref_quota_is_per_session(dx: dspex.Client) -> None:
     """A session looping over results that stay refs hits its own quota; another session's
     program and LM on the same worker are never evicted."""
-    from conformance.conftest import REF_QUOTA
+    from tests.conformance.conftest import REF_QUOTA
 
     owner, looper = dx.session("t"), dx.session("t")
     try:
@@ -245,7 +245,7 @@ def ignore_interrupts():
 
 
 def test_signal_handlers_set_by_user_code_do_not_outlive_the_call(dx: dspex.Client, cstack) -> None:
-    from conformance.conftest import REF_QUOTA
+    from tests.conformance.conftest import REF_QUOTA
 
     a, b = dx.session("t"), dx.session("t")
     worker = ""

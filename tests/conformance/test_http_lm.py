@@ -17,7 +17,7 @@ import dspy
 import pytest
 
 import dspex
-from conformance.harness import SESSION, Runner
+from tests.conformance.harness import SESSION, Runner
 
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid"}
 

@@ -14,7 +14,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 import dspex
-from conformance.harness import Runner, as_data, fresh_dspy_settings
+from tests.conformance.harness import Runner, as_data, fresh_dspy_settings
 
 SPELLINGS = ["dspy.configure", "dspy.settings.configure", "dspy.settings.lm =", "dspy.context"]
 

@@ -15,7 +15,7 @@ import pytest
 from dspy.utils.dummies import DummyLM
 from pydantic import BaseModel
 
-from conformance.harness import SESSION, Runner
+from tests.conformance.harness import SESSION, Runner
 
 # -- Predict ------------------------------------------------------------------------------------
 

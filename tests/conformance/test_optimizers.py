@@ -21,7 +21,7 @@ from dspy.teleprompt import (
 from dspy.utils.dummies import DummyLM
 
 import dspex
-from conformance.harness import Runner, fresh_dspy_settings
+from tests.conformance.harness import Runner, fresh_dspy_settings
 
 
 def simple_metric(example, prediction, trace=None):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import Stack
+from tests.harness import Stack
 
 SCRIPT = textwrap.dedent('''
     import json

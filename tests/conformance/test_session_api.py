@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import dspex
 from dspex.errors import EncodeError
-from conformance.harness import as_data, fresh_dspy_settings
+from tests.conformance.harness import as_data, fresh_dspy_settings
 
 
 class Ticket(BaseModel):
@@ -307,7 +307,7 @@ def test_cancelling_an_asyncio_call_stops_it_on_the_worker(cstack) -> None:
     """``task.cancel()`` on an awaited session call (a web request whose client went away): as an
     in-process ``await react.acall(...)`` stops at cancellation, the worker stops the call, so the
     session's next call does not wait behind it and no more LM calls are spent."""
-    from conformance.test_containment import SlowLM, react_program
+    from tests.conformance.test_containment import SlowLM, react_program
 
     step = {"next_thought": "Look it up again.", "next_tool_name": "lookup", "next_tool_args": {"term": "dspex"}}
 

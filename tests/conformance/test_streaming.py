@@ -17,7 +17,7 @@ from dspy.lm15 import StreamDeltaEvent, TextDelta
 from dspy.utils.dummies import DummyLM
 
 import dspex
-from conformance.harness import SESSION, Runner, as_data
+from tests.conformance.harness import SESSION, Runner, as_data
 
 
 class StreamingDummyEngine(DummyEngine):

@@ -1,7 +1,7 @@
 """Chaos under load: client threads drive sessions on three pools while supervisord-managed
 workers (and, optionally, the broker) are SIGKILLed at random intervals.
 
-    python -m bench.chaos --requests 100000 --sessions 200 --kill-every 2 [--broker-kill-every 15]
+    python -m tests.harness.chaos --requests 100000 --sessions 200 --kill-every 2 [--broker-kill-every 15]
 
 The whole stack runs under a private supervisord (its own config, sockets and logs in a short
 temp dir); processes are killed through supervisord's XML-RPC ``signalProcess(name, "KILL")``
@@ -21,7 +21,8 @@ outside:
   re-registered with it.
 
 Nothing is killed by name: teardown asks supervisord to shut down, then kills by pid only the
-processes it saw under this run's supervisord whose command line names this run's temp dir.
+processes it saw under this run's supervisord that are still those processes (start time checked)
+(:class:`tests.harness.supervisord.Supervised`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,20 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import dspex  # noqa: E402
-
-PY = sys.executable
-SUPERVISORD = str(Path(PY).with_name("supervisord"))
-
-DEFAULT_POOLS = (
-    ("triage_pool", "strict_queue"),
-    ("optimizer_pool", "strict_queue"),
-    ("analytics_pool", "hint"),
-)
+import dspex
+from tests.harness.procs import rss_kb
+from tests.harness.supervisord import Supervised
 
 # The first call of a strict session defines its worker-side state: a per-session sequence
 # dict and a probe. A later call that runs on another worker has no `_hit` -> NameError.
@@ -75,172 +63,6 @@ HINT_EXPR = (
     "(lambda os: (lambda f: (f.write(t + ' ' + sid + ' ' + str(os.getpid()) + chr(10)), f.close(),"
     " (os.getpid(), 1))[2])(open(d + '/' + str(os.getpid()), 'a')))(__import__('os'))"
 )
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-# -- supervisord ------------------------------------------------------------------------------
-class Supervised:
-    """A broker and its pools under a private supervisord."""
-
-    def __init__(self, root: str, pools: tuple[tuple[str, str], ...] = DEFAULT_POOLS, workers_per_pool: int = 2,
-                 heartbeat: float = 1.0, liveness: int = 3, pool_opts: str = "queue_timeout=3",
-                 broker_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ("--no-dspy",),
-                 repo: Path = REPO) -> None:
-        self.root = root
-        self.run_dir = os.path.join(root, "r")
-        self.log_dir = os.path.join(root, "log")
-        self.hits_dir = os.path.join(root, "hits")
-        for d in (self.log_dir, self.hits_dir):
-            os.makedirs(d, exist_ok=True)
-        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        self.frontend = f"ipc://{self.run_dir}/f.sock"
-        self.backend = f"ipc://{self.run_dir}/b.sock"
-        self.sock = os.path.join(root, "s.sock")
-        self.conf = os.path.join(root, "supervisord.conf")
-        self.pools = pools
-        self.workers_per_pool = workers_per_pool
-        self.heartbeat, self.liveness = heartbeat, liveness
-        self.pool_opts = pool_opts
-        self.broker_args = broker_args
-        self.worker_args = worker_args
-        self.repo = repo
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.seen_pids: set[int] = set()
-        self._write_conf()
-
-    @property
-    def worker_names(self) -> list[str]:
-        return [f"w_{p}:w_{p}_{i}" for p, _ in self.pools for i in range(self.workers_per_pool)]
-
-    def _write_conf(self) -> None:
-        specs = " ".join(f"--pool {name}:{mode}" + (f":{self.pool_opts}" if self.pool_opts else "")
-                         for name, mode in self.pools)
-        hb = f"--heartbeat {self.heartbeat} --liveness {self.liveness}"
-        env = (f'DSPEX_RUN_DIR="{self.run_dir}",LITELLM_LOCAL_MODEL_COST_MAP="True",PYTHONUNBUFFERED="1",'
-               f'PYTHONPATH="{self.repo}"')
-        common = ("autorestart=true\nstartsecs=0\nstartretries=1000\nstopsignal=TERM\nstopwaitsecs=5\n"
-                  f"redirect_stderr=true\ndirectory={self.repo}\nenvironment={env}\n")
-        text = [
-            f"[unix_http_server]\nfile={self.sock}\nchmod=0700\n",
-            f"[supervisord]\nlogfile={self.root}/supervisord.log\npidfile={self.root}/supervisord.pid\n"
-            f"childlogdir={self.log_dir}\nnodaemon=true\nloglevel=info\n",
-            "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
-            f"[program:broker]\ncommand={PY} -m broker --frontend {self.frontend} --backend {self.backend} "
-            f"{specs} {hb} {' '.join(self.broker_args)}\npriority=10\n{common}"
-            f"stdout_logfile={self.log_dir}/broker.log\n",
-        ]
-        for name, _ in self.pools:
-            text.append(
-                f"[program:w_{name}]\ncommand={PY} -m worker --pool {name} --backend {self.backend} {hb} "
-                f"{' '.join(self.worker_args)}\nnumprocs={self.workers_per_pool}\n"
-                "process_name=%(program_name)s_%(process_num)d\npriority=20\n"
-                f"{common}stdout_logfile={self.log_dir}/%(program_name)s_%(process_num)d.log\n"
-            )
-        Path(self.conf).write_text("\n".join(text))
-
-    def rpc(self, method: str, *args: Any) -> Any:
-        """One XML-RPC call to supervisord over its unix socket (a fresh connection, closed after)."""
-        from supervisor.xmlrpc import SupervisorTransport
-
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.sock}")
-        try:
-            fn: Any = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
-            for part in method.split("."):
-                fn = getattr(fn, part)
-            return fn(*args)
-        finally:
-            transport.close()
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
-        log = open(os.path.join(self.root, "supervisord.out"), "ab")
-        self.proc = subprocess.Popen([SUPERVISORD, "-n", "-c", self.conf], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
-        log.close()
-        self.wait_registered(timeout)
-
-    def infos(self) -> list[dict[str, Any]]:
-        infos: list[dict[str, Any]] = self.rpc("supervisor.getAllProcessInfo")
-        self.seen_pids.update(int(i["pid"]) for i in infos if i.get("pid"))
-        return infos
-
-    def pid(self, name: str) -> int:
-        info = self.rpc("supervisor.getProcessInfo", name)
-        if info.get("pid"):
-            self.seen_pids.add(int(info["pid"]))
-        return int(info.get("pid") or 0)
-
-    def kill(self, name: str) -> int:
-        """SIGKILL one program through supervisord; return the pid killed (0 if not running)."""
-        pid = self.pid(name)
-        if not pid:
-            return 0
-        try:
-            self.rpc("supervisor.signalProcess", name, "KILL")
-        except xmlrpc.client.Fault:
-            return 0  # it just exited or is restarting
-        return pid
-
-    def registered(self) -> dict[str, int]:
-        with dspex.connect(self.frontend, timeout=1.0) as c:
-            return {name: len(p["workers"]) for name, p in c.status(timeout=1.0)["pools"].items()}
-
-    def wait_registered(self, timeout: float = 30.0) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            try:
-                if os.path.exists(self.frontend[6:]):
-                    reg = self.registered()
-                    if all(reg.get(p, 0) >= self.workers_per_pool for p, _ in self.pools):
-                        return time.monotonic() - t0
-            except (dspex.DspexError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"workers not registered after {timeout}s; see {self.root}/log")
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.infos()
-        except Exception:  # noqa: BLE001 - supervisord may already be gone
-            pass
-        if self.proc.poll() is None:
-            try:
-                self.rpc("supervisor.shutdown")
-            except Exception:  # noqa: BLE001
-                pass
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        marker = self.root.encode()
-        for pid in self.seen_pids:  # anything supervisord left behind, ours only
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-        self.proc = None
-
-    def logs(self, tail: int = 3000) -> str:
-        out = []
-        for p in sorted(Path(self.log_dir).glob("*.log")) + [Path(self.root, "supervisord.log")]:
-            if p.exists():
-                out.append(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}")
-        return "\n".join(out)
 
 
 # -- load and chaos ---------------------------------------------------------------------------
@@ -564,7 +386,7 @@ def run_chaos(root: str, requests: int, threads: int, kill_every: float = 0.0, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.harness.chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--sessions", type=int, default=200, help="concurrent sessions (one client thread each)")
     p.add_argument("--kill-every", type=float, default=2.0, help="mean seconds between worker SIGKILLs (0: none)")
@@ -592,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def report(name: str, figures: dict[str, Any]) -> None:
+    """Print the figures (visible with -s or on failure) and append them to $DSPEX_CHAOS_JSON if set."""
+    print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
+    out = os.environ.get("DSPEX_CHAOS_JSON")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")
 
 
 if __name__ == "__main__":

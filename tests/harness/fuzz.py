@@ -1,7 +1,7 @@
 """Frame fuzzing of a live broker: mutated and random frames at the frontend and the backend
 while honest sessions keep working.
 
-    python -m bench.fuzz --cases 1000000 [--seed 1] [--batch 1000]
+    python -m tests.harness.fuzz --cases 1000000 [--seed 1] [--batch 1000]
 
 A seeded generator (``FrameFuzzer``) makes each case: random frames, wrong frame counts, wrong
 op codes and field types, truncated msgpack, huge lengths in msgpack headers, depth bombs,
@@ -29,32 +29,25 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import msgpack
+import zmq
 
-import msgpack  # noqa: E402
-import zmq  # noqa: E402
-
-import dspex  # noqa: E402
-from dspex import codec  # noqa: E402
-from dspex.protocol import (  # noqa: E402
+import dspex
+from dspex import codec
+from dspex.protocol import (
     B_CANCEL, B_CREDIT, B_DISCONNECT, B_HEARTBEAT, B_RELEASE_SESSION, B_REQUEST, B_REREGISTER, FLAG_STREAM,
     W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_header,
 )
-from dspex.ref import Ref  # noqa: E402
-from bench.chaos import rss_kb  # noqa: E402  (re-exported: tests import it from here)
+from dspex.ref import Ref
+from tests.harness.procs import rss_kb, short_tmpdir, wait_for
+from tests.harness.stack import Stack
 
-PY = sys.executable
 POOLS = ("fz_strict:strict_queue:session_ttl=5", "fz_hint:hint:session_ttl=5")
 WORKER_OPS = [o.value for o in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE,
                                 Op.TO_DATA)]
@@ -384,70 +377,30 @@ class FrameFuzzer:
 
 
 # -- a live stack ------------------------------------------------------------------------------
-class ProcStack:
-    """A broker and workers as subprocesses (own sessions), killed by pid at close."""
+class ProcStack(Stack):
+    """The fuzzing target: a broker with ``pools`` and ``workers`` dspy-free workers per pool,
+    started at once (the harness's :class:`Stack`, with a message size limit)."""
 
     def __init__(self, root: str, pools: tuple[str, ...] = POOLS, workers: int = 1, max_message: int = 1 << 20,
-                 broker_args: tuple[str, ...] = (), heartbeat: float = 0.5, repo: Path = REPO) -> None:
-        self.root = root
-        self.run_dir = os.path.join(root, "r")
+                 broker_args: tuple[str, ...] = (), heartbeat: float = 0.5) -> None:
+        super().__init__(root, heartbeat=heartbeat, liveness=3)
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        self.frontend = f"ipc://{self.run_dir}/f.sock"
-        self.backend = f"ipc://{self.run_dir}/b.sock"
         self.pools = [p.split(":")[0] for p in pools]
         self.max_message = max_message
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DSPEX_")}
-        self.env.update(DSPEX_RUN_DIR=self.run_dir, DSPEX_MAX_MESSAGE=str(max_message), PYTHONUNBUFFERED="1",
-                        LITELLM_LOCAL_MODEL_COST_MAP="True",
-                        PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.procs: list[subprocess.Popen[bytes]] = []
-        hb = ["--heartbeat", str(heartbeat), "--liveness", "3"]
-        self.broker = self._spawn(["-m", "broker", "--frontend", self.frontend, "--backend", self.backend, *hb,
-                                   *[a for p in pools for a in ("--pool", p)], *broker_args], "broker.log", repo)
-        self.workers = [self._spawn(["-m", "worker", "--pool", p, "--backend", self.backend, "--no-dspy", *hb],
-                                    f"worker-{p}-{i}.log", repo)
-                        for p in self.pools for i in range(workers)]
         self.n_workers = workers
-
-    def _spawn(self, args: list[str], log_name: str, repo: Path) -> subprocess.Popen[bytes]:
-        log = open(os.path.join(self.root, log_name), "ab")
+        self.env["DSPEX_MAX_MESSAGE"] = str(max_message)
         try:
-            proc = subprocess.Popen([PY, *args], cwd=repo, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        finally:
-            log.close()
-        self.procs.append(proc)
-        return proc
-
-    def registered(self) -> dict[str, list[dict[str, Any]]]:
-        with dspex.connect(self.frontend, timeout=2) as c:
-            return {name: list(p["workers"]) for name, p in c.status(timeout=2)["pools"].items()}
+            self.start_broker(*pools, extra=list(broker_args))
+            for p in self.pools:
+                for _ in range(workers):
+                    self.start_worker(p, "--no-dspy")
+        except BaseException:
+            self.close()
+            raise
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if os.path.exists(self.frontend[6:]):
-                    reg = self.registered()
-                    if all(len(reg.get(p, [])) >= self.n_workers for p in self.pools):
-                        return
-            except (dspex.DspexError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"stack not ready after {timeout}s (logs in {self.root})")
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait(timeout=10)
-
-    def logs(self, tail: int = 3000) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
-                         for p in sorted(Path(self.root).glob("*.log")))
+        wait_for(lambda: all(len(w) >= self.n_workers for w in (self.registered().get(p, []) for p in self.pools)),
+                 timeout, 0.05, f"every fuzz pool's workers registered (logs in {self.root})")
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -563,7 +516,7 @@ def run_fuzz(stack: ProcStack, cases: int, seed: int = 1, batch: int = 1000, war
                 nbatch += 1
                 if nbatch == warmup_batches:
                     res.broker_rss_kb.append(rss_kb(stack.broker.pid))
-                    res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.workers))
+                    res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.worker_procs))
                 if progress is not None and nbatch % 50 == 0:
                     progress(f"{sent} cases, broker RSS {rss_kb(stack.broker.pid)} kB, "
                              f"honest failures {len(res.honest_failures)}")
@@ -577,9 +530,9 @@ def run_fuzz(stack: ProcStack, cases: int, seed: int = 1, batch: int = 1000, war
             res.broker_sessions_end = int(st["broker"]["sessions"])
         if len(res.broker_rss_kb) < 2:
             res.broker_rss_kb.append(res.broker_rss_kb[0])
-            res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.workers))
+            res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.worker_procs))
         res.broker_rss_kb.append(rss_kb(stack.broker.pid))
-        res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.workers))
+        res.worker_rss_kb.append(max(rss_kb(w.pid) for w in stack.worker_procs))
     finally:
         for s in front + back:
             s.close(0)
@@ -621,7 +574,7 @@ def _drain(front: list[zmq.Socket[Any]], back: list[zmq.Socket[Any]], res: FuzzR
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.harness.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=1000)
@@ -629,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--dup-ids", action="store_true", help="also reuse request ids while in flight (fix 9)")
     a = p.parse_args(argv)
-    root = tempfile.mkdtemp(prefix="dxf", dir="/tmp")
+    root = short_tmpdir("dxf")
     stack = ProcStack(root, broker_args=("--max-sessions", "20000"))
     try:
         stack.wait_ready()
