@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         st.start_broker("p:strict_queue")
         st.start_worker("p", "--no-dspy")
         dx = st.client()
-        st.wait_workers(dx, "p", 1)
+        st.wait_workers("p", 1, client=dx)
         s = dx.session("p")
         for _ in range(200):
             s.call("builtins", "len", [[]])

@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(2):
                 st.start_worker("p", "--no-dspy")
             stacks.append(st)
-            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.workers)])
+            systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.worker_procs)])
         pf_ep, pb_ep = ws.ipc("pf.sock"), ws.ipc("pb.sock")
         proxy = _spawn_server(ws, "proxy.log", "proxy", "--frontend", pf_ep, "--backend", pb_ep)
         echoes = [_spawn_server(ws, "proxy-echo.log", "echo-dealer", "--connect", pb_ep) for _ in range(2)]
         systems["cproxy"] = (pf_ep, [proxy.pid, *(e.pid for e in echoes)])
         for st in stacks:
             c = st.client()
-            st.wait_workers(c, "p", 2)
+            st.wait_workers("p", 2, client=c)
             c.close()
         time.sleep(0.3)
         res: dict[str, list[dict[str, Any]]] = {k: [] for k in systems}

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         systems = {"new": _start(ws, "n", None), "base": _start(ws, "b", os.path.abspath(a.base))}
         for st, _ in systems.values():
             c = st.client()
-            st.wait_workers(c, "p", 2)
+            st.wait_workers("p", 2, client=c)
             c.close()
         time.sleep(0.3)
         res: dict[str, list[dict[str, Any]]] = {k: [] for k in systems}

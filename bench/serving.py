@@ -218,8 +218,8 @@ def serving(cfg: Any) -> list[Row]:
         for _ in range(n_workers):
             st.start_worker("lm", "--capacity", str(capacity))
         client = st.client(timeout=30)
-        st.wait_workers(client, "lm", n_workers, timeout=90)
-        stack_pids = [p.pid for p in ([st.broker] if st.broker else []) + st.workers]
+        st.wait_workers("lm", n_workers, 90, client=client)
+        stack_pids = [p.pid for p in ([st.broker] if st.broker else []) + st.worker_procs]
         res: dict[str, list[dict[str, Any]]] = {"dspex": [], "asyncify": []}
         for r in range(rounds):
             for mode in iter_rotated(list(res), r):
