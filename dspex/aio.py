@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
-from dspex.core import Exchange, close_monitored, control_frames
+from dspex.core import Exchange, bound_name, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
 from dspex.protocol import Op, Status, unpack_reply_header
@@ -318,13 +318,7 @@ class AsyncSession:
 
     async def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
-        if name is None:
-            name = getattr(obj, "__name__", None)
-            if not isinstance(name, str):
-                raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
-        if not name.isidentifier():
-            raise ValueError(f"define: {name!r} is not a Python identifier")
-        await self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
+        await self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, timeout: float | None = None, on_progress: Callback | None = None,

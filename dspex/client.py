@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import CreditMeter, Exchange, close_monitored, control_frames  # noqa: F401 - CreditMeter: public name
+from dspex.core import CreditMeter, Exchange, bound_name, close_monitored, control_frames  # noqa: F401 - CreditMeter: public name
 from dspex.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -509,13 +509,7 @@ class Session:
                on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
         """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
         ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
-        if name is None:
-            name = getattr(obj, "__name__", None)
-            if not isinstance(name, str):
-                raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
-        if not name.isidentifier():
-            raise ValueError(f"define: {name!r} is not a Python identifier")
-        self._request(Op.BIND, [name, obj], timeout, on_progress, on_output)
+        self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
 
     # -- the explicit API ---------------------------------------------------------------------------
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,

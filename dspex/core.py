@@ -77,6 +77,17 @@ def encode_body(op: str, body: Any, max_message: int) -> list[Any]:
     return frames
 
 
+def bound_name(obj: Any, name: str | None) -> str:
+    """The session-namespace name ``define(obj, name)`` binds: ``name``, else ``obj.__name__``."""
+    if name is None:
+        name = getattr(obj, "__name__", None)
+        if not isinstance(name, str):
+            raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
+    if not name.isidentifier():
+        raise ValueError(f"define: {name!r} is not a Python identifier")
+    return name
+
+
 def close_monitored(sock: Any, monitor: Any) -> None:
     """Close a socket and the monitor socket watching it (sync or asyncio sockets alike)."""
     try:

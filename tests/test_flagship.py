@@ -8,13 +8,11 @@ respawner thread plays ``autorestart=true``: it starts a new worker whenever one
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +23,7 @@ import numpy as np
 import pytest
 
 import dspex
+from tests.flagship_example import load_flagship
 from tests.harness import PY, REPO, Stack, base_env, wait_for
 from tests.harness.supervisord import link_launcher
 from tests.lmserver import LMServer
@@ -32,12 +31,7 @@ from examples.offline_lm import OFFLINE_LABEL
 
 pytestmark = pytest.mark.timeout(240)
 
-EXAMPLE = REPO / "examples" / "flagship_multi_pool_gepa.py"
-_spec = importlib.util.spec_from_file_location("dspex_flagship_example_under_test", EXAMPLE)
-assert _spec is not None and _spec.loader is not None
-flagship = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = flagship
-_spec.loader.exec_module(flagship)
+flagship = load_flagship("dspex_flagship_example_under_test")
 
 POOL_SPECS = ("triage_pool:strict_queue", "optimizer_pool:strict_queue", "analytics_pool:hint")
 POOL_SIZE = 2

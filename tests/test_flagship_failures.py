@@ -9,12 +9,10 @@ one test never answers another.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Iterator
@@ -22,17 +20,13 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from tests.harness import REPO, Stack, wait_for
+from tests.flagship_example import load_flagship
+from tests.harness import Stack, wait_for
 from tests.lmserver import LMServer, closed_port_base
 
 pytestmark = pytest.mark.timeout(180)
 
-EXAMPLE = REPO / "examples" / "flagship_multi_pool_gepa.py"
-_spec = importlib.util.spec_from_file_location("dspex_flagship_failures_under_test", EXAMPLE)
-assert _spec is not None and _spec.loader is not None
-flagship = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = flagship
-_spec.loader.exec_module(flagship)
+flagship = load_flagship("dspex_flagship_failures_under_test")
 
 POOLS = {"triage_pool:strict_queue": 2, "optimizer_pool:strict_queue": 1, "analytics_pool:hint": 1}
 

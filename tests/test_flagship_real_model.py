@@ -9,11 +9,9 @@ counted (see docs/flagship.md, "A laptop run against a small local model").
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Iterator
@@ -21,7 +19,8 @@ from typing import Iterator
 import pytest
 
 import dspex
-from tests.harness import REPO, Stack
+from tests.flagship_example import load_flagship
+from tests.harness import Stack
 
 BASE = os.environ.get("DSPEX_TEST_MODEL_BASE", "")
 MODEL = os.environ.get("DSPEX_TEST_MODEL", "openai/local")
@@ -30,12 +29,7 @@ LM_TIMEOUT = float(os.environ.get("DSPEX_TEST_LM_TIMEOUT", "120"))
 pytestmark = [pytest.mark.skipif(not BASE, reason="set DSPEX_TEST_MODEL_BASE to a model server's /v1 base URL"),
               pytest.mark.timeout(1800)]
 
-_spec = importlib.util.spec_from_file_location("dspex_flagship_real_model_under_test",
-                                               REPO / "examples" / "flagship_multi_pool_gepa.py")
-assert _spec is not None and _spec.loader is not None
-flagship = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = flagship
-_spec.loader.exec_module(flagship)
+flagship = load_flagship("dspex_flagship_real_model_under_test")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 
 import dspex
-from tests.harness import REPO
+from tests.flagship_example import load_flagship
 from examples.flagship_gepa import budget_text, gepa_outcome
 from examples.flagship_lm import (
     DEFAULT_LM_TIMEOUT,
@@ -20,12 +18,7 @@ from examples.flagship_lm import (
     resolve_lm,
 )
 
-_spec = importlib.util.spec_from_file_location("dspex_flagship_settings_under_test",
-                                               REPO / "examples" / "flagship_multi_pool_gepa.py")
-assert _spec is not None and _spec.loader is not None
-flagship = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = flagship
-_spec.loader.exec_module(flagship)
+flagship = load_flagship("dspex_flagship_settings_under_test")
 
 
 def test_bounds_flags_then_environment_then_defaults() -> None:
