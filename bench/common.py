@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: statistics, /proc figures, machine facts, result rows.
+"""Shared pieces of the benchmarks: statistics, /proc figures, machine facts, result rows, the
+figures' configuration and their alternating-blocks loop.
 
 Processes come from the tests' one process harness (:mod:`tests.harness`: own process groups,
 killed by pid, short temp dirs, polling); run the benchmarks as ``python -m bench`` from the repo
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tests.harness.procs import (  # noqa: F401 - re-exported: the benchmarks import them from here
     PY, REPO, Procs, Workspace, base_env, descendants, starttime, wait_for,
@@ -172,3 +175,73 @@ def iter_rotated(items: Sequence[Any], r: int) -> Iterator[Any]:
     n = len(items)
     for i in range(n):
         yield items[(r + i) % n]
+
+
+# -- the figures' configuration and their alternating blocks ---------------------------------
+
+@dataclass
+class Config:
+    smoke: bool = False
+    rounds: int = 0  # 0: the mode's default
+    profile_dir: str | None = None
+    log: Callable[[str], None] = print
+
+    def n_rounds(self, full: int, smoke: int = 2) -> int:
+        if self.rounds:
+            return self.rounds
+        return smoke if self.smoke else full
+
+
+def ratio_of(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def spawn_server(ws: Workspace, log: str, *args: str) -> subprocess.Popen[bytes]:
+    return ws.procs.spawn([PY, "-m", "bench.servers", *args], log, base_env())
+
+
+def wait_echo(sock: Any, frames: list[Any], timeout: float = 20.0) -> None:
+    """Until a message sent on ``sock`` comes back (the peer may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.send_multipart(frames)
+        if sock.poll(200):
+            sock.recv_multipart()
+            while sock.poll(50):  # late echoes of earlier tries
+                sock.recv_multipart()
+            return
+    raise TimeoutError("echo server did not answer")
+
+
+def timed(fn: Callable[[], Any], n: int) -> list[float]:
+    pc = time.perf_counter
+    out = [0.0] * n
+    for i in range(n):
+        t = pc()
+        fn()
+        out[i] = pc() - t
+    return out
+
+
+def pooled(rounds: list[list[float]]) -> list[float]:
+    return [x for r in rounds for x in r]
+
+
+def ratio_p50(lat: dict[str, list[list[float]]], a: str, b: str) -> float:
+    """Median over rounds of (p50 of a) / (p50 of b): each round's two blocks ran back to back."""
+    return median([ratio_of(quantile(x, 0.5), quantile(y, 0.5)) for x, y in zip(lat[a], lat[b])])
+
+
+def alternate(systems: dict[str, Callable[[], None]], rounds: int, per_round: int, cfg: Config) -> dict[str, list[list[float]]]:
+    names = list(systems)
+    for name in names:  # warm up every path (imports, connections, caches)
+        timed(systems[name], 200)
+    lat: dict[str, list[list[float]]] = {k: [] for k in names}
+    every = max(1, rounds // 5)
+    for r in range(rounds):
+        for name in iter_rotated(names, r):
+            lat[name].append(timed(systems[name], per_round))
+        if (r + 1) % every == 0 or r + 1 == rounds:
+            cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {quantile(v[-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items()))
+    return lat
