@@ -1,7 +1,8 @@
 """``python -m bench [--smoke] [--only NAME ...] [--json PATH] [--rounds N] [--profile DIR]``.
 
 Prints the table of figures (ours, the baselines measured in the same run, the ratio and the
-target) and optionally writes everything, raw per-round numbers included, as JSON.
+target), then issue 14's figures with their goals, and optionally writes everything, raw
+per-round numbers included, as JSON (issue 14's figures under ``"issue14"``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import traceback
 from typing import Any
 
 from bench.common import Row, machine_info
-from bench.figures import GROUPS, ROWS, Config
+from bench.figures import GROUPS, ROWS, Config, issue14
 
 
 def _select(only: list[str]) -> list[str]:
@@ -40,7 +41,21 @@ def _select(only: list[str]) -> list[str]:
 
 def render(rows: list[Row]) -> str:
     head = ("figure", "ours", "baseline (same run)", "ratio", "target", "")
-    table = [head] + [(r.figure, r.ours, r.baseline, r.ratio, r.target, r.verdict) for r in rows]
+    return _table(head, [(r.figure, r.ours, r.baseline, r.ratio, r.target, r.verdict) for r in rows])
+
+
+def render_issue14(goals: list[dict[str, Any]]) -> str:
+    def value(g: dict[str, Any]) -> str:
+        if g["value"] is None:
+            return g["status"]
+        return f"{g['value']:.1f} µs" if g["unit"] == "µs" else f"{g['value']:.2f}×"
+
+    return _table(("issue 14 figure", "this run", "goal", "", "row"),
+                  [(g["figure"], value(g), g["goal"], g["verdict"], g["row"]) for g in goals])
+
+
+def _table(head: tuple[str, ...], lines: list[tuple[Any, ...]]) -> str:
+    table = [head] + lines
     widths = [max(len(str(line[i])) for line in table) for i in range(len(head))]
     widths = [min(w, 70) for w in widths]
     out = []
@@ -93,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         timings[g] = time.perf_counter() - t0
         log(f"   {g}: {timings[g]:.1f}s")
     command = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    goals = issue14(rows, smoke=a.smoke)
     print(render(rows))
+    print("\n" + render_issue14(goals))
     print(f"\n{command}  ·  {info['nproc']}× {info['cpu_model']}  ·  python {info['python']}, "
           f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}  ·  {time.time() - started:.0f}s")
     if a.json:
         doc = {"command": command, "smoke": a.smoke, "started": started, "wall_s": time.time() - started,
                "machine": info, "group_seconds": timings,
-               "rows": [r.__dict__ for r in rows]}
+               "issue14": goals, "rows": [r.__dict__ for r in rows]}
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
     return 0

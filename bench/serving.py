@@ -10,9 +10,14 @@ same run, alternating round by round, each round a fresh driver process:
   then calls the ref (``s.method(prog, "__call__")``).
 * **asyncify**: the program in-process under asyncio, ``dspy.asyncify`` (DSPy's documented
   FastAPI serving path) with ``async_max_workers`` = N, N tasks.
-* **Ray** actors when ``ray`` is importable (skipped otherwise).
+* **Ray** when ``ray`` is importable (skipped otherwise, and in ``--smoke``): an actor pool of as
+  many actors as dspex has worker processes, ``max_concurrency`` = the dspex capacity, N callers
+  round-robin; async actors awaiting ``program.acall`` (``ray``) and threaded actors running the
+  sync program (``ray_threads``), on a private Ray (:mod:`bench.rayhead`) that stays up during
+  the whole group, so every system runs beside the same idle Ray daemons. The driver is in
+  :mod:`bench.serving_ray`.
 
-``python -m bench.serving drive --mode dspex|asyncify ...`` is the driver; it writes one JSON
+``python -m bench.serving drive --mode dspex|asyncify|ray ...`` is the driver; it writes one JSON
 line (calls, rate, p50, p99, errors, its own RSS) to ``--out``.
 """
 
@@ -24,10 +29,12 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from contextlib import ExitStack
+from typing import Any, Callable
 
 from bench.common import (
     PY,
+    Config,
     Row,
     Stack,
     Workspace,
@@ -40,6 +47,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from bench.rayhead import local_ray, ray_missing
 
 MODEL = "openai/loopback"
 QUESTION = "What is six times seven?"
@@ -56,14 +64,20 @@ def _self_rss() -> int:
     return rss_bytes(os.getpid())
 
 
-def _cpu(pids: list[int]) -> dict[str, float]:
-    """CPU seconds (all threads) of this process and of ``pids``."""
+def _cpu(pids: list[int] | Callable[[], list[int]]) -> dict[str, float]:
+    """CPU seconds (all threads) of this process and of ``pids`` (or of the pids it returns now:
+    Ray's processes come and go)."""
     out = {"self": time.process_time()}
-    out.update({str(p): cpu_seconds(p) for p in pids})
+    for p in pids() if callable(pids) else pids:
+        try:
+            out[str(p)] = cpu_seconds(p)
+        except OSError:  # exited meanwhile (an idle Ray worker)
+            pass
     return out
 
 
-async def _loop(n: int, duration: float, warmup: float, call: Any, cpu_pids: list[int]) -> dict[str, Any]:
+async def _loop(n: int, duration: float, warmup: float, call: Any,
+                cpu_pids: list[int] | Callable[[], list[int]]) -> dict[str, Any]:
     """``n`` tasks call ``call(i)`` back to back; count what completes inside the window."""
     lat: list[float] = []
     errors: list[str] = []
@@ -101,7 +115,7 @@ async def _loop(n: int, duration: float, warmup: float, call: Any, cpu_pids: lis
         t.cancel()
     return {"calls": calls, "elapsed": elapsed, "rate": calls / elapsed, "p50": quantile(lat, 0.5) if lat else 0.0,
             "p99": quantile(lat, 0.99) if lat else 0.0, "errors": len(errors), "error_kinds": sorted(set(errors)),
-            "rss": rss, "cpu_s": {k: cpu1[k] - cpu0[k] for k in cpu0}}
+            "rss": rss, "cpu_s": {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}}
 
 
 async def _drive_asyncify(a: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +159,7 @@ async def _drive_dspex(a: argparse.Namespace) -> dict[str, Any]:
 
 def drive(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serving drive")
-    p.add_argument("--mode", choices=("dspex", "asyncify"), required=True)
+    p.add_argument("--mode", choices=("dspex", "asyncify", "ray"), required=True)
     p.add_argument("--base", required=True, help="the LM server's api_base")
     p.add_argument("--endpoint", default="")
     p.add_argument("--pool", default="lm")
@@ -154,9 +168,19 @@ def drive(argv: list[str]) -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--out", required=True)
     p.add_argument("--cpu-pid", type=int, action="append", default=[], help="also measure these processes' CPU")
+    p.add_argument("--ray-address", default="", help="ray: the GCS address of the bench's private Ray")
+    p.add_argument("--ray-pid", type=int, action="append", default=[],
+                   help="ray: its daemons' pids (CPU and RSS: these and their descendants)")
+    p.add_argument("--ray-layout", choices=("async", "threads"), default="async")
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--capacity", type=int, default=100, help="ray: max_concurrency of each actor")
     a = p.parse_args(argv)
-    fn = _drive_dspex if a.mode == "dspex" else _drive_asyncify
-    res = asyncio.run(fn(a))
+    if a.mode == "ray":
+        from bench.serving_ray import drive_ray
+
+        res = asyncio.run(drive_ray(a, _loop, QUESTION))
+    else:
+        res = asyncio.run(_drive_dspex(a) if a.mode == "dspex" else _drive_asyncify(a))
     with open(a.out, "w") as f:
         json.dump(res, f)
     return 0
@@ -180,7 +204,8 @@ def _start_lm_server(ws: Workspace, latency: float) -> str:
 
 
 def _run_driver(ws: Workspace, mode: str, base: str, n: int, duration: float, warmup: float, name: str,
-                endpoint: str = "", run_dir: str | None = None, cpu_pids: list[int] | None = None) -> dict[str, Any]:
+                endpoint: str = "", run_dir: str | None = None, cpu_pids: list[int] | None = None,
+                extra: list[str] | None = None) -> dict[str, Any]:
     out = ws.path(f"{name}.json")
     args = [PY, "-m", "bench.serving", "drive", "--mode", mode, "--base", base, "--concurrency", str(n),
             "--duration", str(duration), "--warmup", str(warmup), "--out", out]
@@ -188,6 +213,7 @@ def _run_driver(ws: Workspace, mode: str, base: str, n: int, duration: float, wa
         args += ["--endpoint", endpoint]
     for pid in cpu_pids or []:
         args += ["--cpu-pid", str(pid)]
+    args += extra or []
     proc = ws.procs.spawn(args, f"{name}.log", base_env(run_dir))
     try:
         proc.wait(timeout=duration + warmup + 180)
@@ -200,77 +226,112 @@ def _run_driver(ws: Workspace, mode: str, base: str, n: int, duration: float, wa
         return dict(json.load(f))
 
 
-def serving(cfg: Any) -> list[Row]:
+RAY_LAYOUTS = {"ray": "async", "ray_threads": "threads"}
+
+
+def serving(cfg: Config) -> list[Row]:
     latency = 0.3
     if cfg.smoke:
         n, n_workers, capacity, duration, warmup = 8, 1, 8, 1.5, 1.0
     else:
         n, n_workers, capacity, duration, warmup = 200, 2, 100, 10.0, 3.0
     rounds = cfg.n_rounds(3, 1)
-    ideal = n / latency
     layout = f"{n_workers} process{'es' if n_workers > 1 else ''} × capacity {capacity}"
+    ray_layout = f"{n_workers} actor{'s' if n_workers > 1 else ''} × max_concurrency {capacity}"
+    no_ray = ray_missing() or ("smoke mode (ray.init alone takes seconds); run the full bench" if cfg.smoke else None)
     ws = Workspace()
     client: Any = None
     try:
-        base = _start_lm_server(ws, latency)
-        st = Stack(ws, "sv")
-        st.start_broker("lm:strict_queue")
-        for _ in range(n_workers):
-            st.start_worker("lm", "--capacity", str(capacity))
-        client = st.client(timeout=30)
-        st.wait_workers("lm", n_workers, 90, client=client)
-        stack_pids = [p.pid for p in ([st.broker] if st.broker else []) + st.worker_procs]
-        res: dict[str, list[dict[str, Any]]] = {"dspex": [], "asyncify": []}
-        for r in range(rounds):
-            for mode in iter_rotated(list(res), r):
-                x = _run_driver(ws, mode, base, n, duration, warmup, f"{mode}-{r}", st.frontend, st.env["DSPEX_RUN_DIR"],
-                                stack_pids)
-                x["cpu_ms_per_call"] = {k: v / x["calls"] * 1e3 if x["calls"] else 0.0 for k, v in x["cpu_s"].items()}
-                if mode == "dspex":
-                    x["stack_rss"] = x["rss"] + sum(rss_bytes(pid) for pid in stack_pids)
-                else:
-                    x["stack_rss"] = x["rss"]
-                res[mode].append(x)
-            cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{k} {v[-1]['rate']:.0f}/s p50 {v[-1]['p50'] * 1e3:.0f} ms ({v[-1]['errors']} errors)" for k, v in res.items()))
-        med: dict[str, dict[str, float]] = {
-            k: {f: median([x[f] for x in v]) for f in ("rate", "p50", "p99", "stack_rss")} for k, v in res.items()}
-        for k, v in res.items():  # CPU ms per call of the whole stack (driver + broker + workers)
-            med[k]["cpu_ms"] = median([sum(x["cpu_ms_per_call"].values()) for x in v])
-        vs = median([a["rate"] / b["rate"] if b["rate"] else float("nan") for a, b in zip(res["dspex"], res["asyncify"])])
-        errors = sum(x["errors"] for v in res.values() for x in v)
-        data = {"latency_s": latency, "concurrency": n, "layout": layout, "ideal": ideal, "rounds": rounds,
-                "duration_s": duration, "medians": med, "dspex_vs_asyncify": vs, "errors": errors, "raw": res}
-
-        def ours(k: str) -> str:
-            m = med[k]
-            return (f"{m['rate']:.0f} calls/s, p50 {m['p50'] * 1e3:.0f} ms, p99 {m['p99'] * 1e3:.0f} ms, "
-                    f"RSS {m['stack_rss'] / 2**20:.0f} MB, CPU {m['cpu_ms']:.1f} ms/call")
-
-        ok = med["dspex"]["rate"] >= 0.9 * ideal and vs >= 1.0 and errors == 0
-        rows = [
-            Row("serving.dspex", f"LM-bound serving: ChainOfThought, dspy.LM HTTP ({latency * 1e3:.0f} ms), {n} sessions, "
-                f"dspex {layout}", ours("dspex"), f"ideal {ideal:.0f}/s (concurrency ÷ latency); asyncify "
-                f"{med['asyncify']['rate']:.0f}/s", f"{med['dspex']['rate'] / ideal:.2f}× ideal, {vs:.2f}× asyncify",
-                "≥ 0.9× ideal, ≥ 1× asyncify", "" if cfg.smoke else verdict(ok), data=data),
-            Row("serving.asyncify", f"same, in-process dspy.asyncify under asyncio (async_max_workers={n})",
-                ours("asyncify"), f"ideal {ideal:.0f}/s", f"{med['asyncify']['rate'] / ideal:.2f}× ideal", "(info)"),
-        ]
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            rows.append(Row.skipped("serving.ray", "same, Ray actors", "(info)", "ray is not installed"))
-        else:
-            rows.append(Row.skipped("serving.ray", "same, Ray actors", "(info)", "Ray driver not written yet"))
-        return rows
+        with ExitStack() as on_exit:
+            base = _start_lm_server(ws, latency)
+            st = Stack(ws, "sv")
+            st.start_broker("lm:strict_queue")
+            for _ in range(n_workers):
+                st.start_worker("lm", "--capacity", str(capacity))
+            client = st.client(timeout=30)
+            st.wait_workers("lm", n_workers, 90, client=client)
+            stack_pids = [p.pid for p in ([st.broker] if st.broker else []) + st.worker_procs]
+            res: dict[str, list[dict[str, Any]]] = {"dspex": [], "asyncify": []}
+            ray_args: list[str] = []
+            if no_ray is None:
+                head = on_exit.enter_context(local_ray())
+                ray_args = ["--ray-address", head.address, "--actors", str(n_workers), "--capacity", str(capacity)]
+                for pid in head.pids():  # its daemons (and idle workers); actor workers descend from the raylet
+                    ray_args += ["--ray-pid", str(pid)]
+                res.update({k: [] for k in RAY_LAYOUTS})
+            for r in range(rounds):
+                for mode in iter_rotated(list(res), r):
+                    if mode in RAY_LAYOUTS:
+                        x = _run_driver(ws, "ray", base, n, duration, warmup, f"{mode}-{r}",
+                                        extra=[*ray_args, "--ray-layout", RAY_LAYOUTS[mode]])
+                        x["stack_rss"] = x["rss"] + sum(x["ray_rss"].values())
+                    else:
+                        x = _run_driver(ws, mode, base, n, duration, warmup, f"{mode}-{r}", st.frontend,
+                                        st.env["DSPEX_RUN_DIR"], stack_pids)
+                        x["stack_rss"] = x["rss"] + (sum(rss_bytes(pid) for pid in stack_pids) if mode == "dspex" else 0)
+                    x["cpu_ms_per_call"] = {k: v / x["calls"] * 1e3 if x["calls"] else 0.0 for k, v in x["cpu_s"].items()}
+                    res[mode].append(x)
+                cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                    f"{k} {v[-1]['rate']:.0f}/s p50 {v[-1]['p50'] * 1e3:.0f} ms ({v[-1]['errors']} errors)"
+                    for k, v in res.items()))
+        return _rows(cfg, res, n=n, latency=latency, rounds=rounds, duration=duration, layout=layout,
+                     ray_layout=ray_layout, no_ray=no_ray)
     finally:
         if client is not None:
             client.close()
         ws.close()
 
 
+def _rows(cfg: Config, res: dict[str, list[dict[str, Any]]], *, n: int, latency: float, rounds: int,
+          duration: float, layout: str, ray_layout: str, no_ray: str | None) -> list[Row]:
+    ideal = n / latency
+    med: dict[str, dict[str, float]] = {
+        k: {f: median([x[f] for x in v]) for f in ("rate", "p50", "p99", "stack_rss")} for k, v in res.items()}
+    for k, v in res.items():  # CPU ms per call of the whole stack (driver + broker + workers, or + Ray)
+        med[k]["cpu_ms"] = median([sum(x["cpu_ms_per_call"].values()) for x in v])
+
+    def vs(a: str, b: str) -> float:
+        """Median over rounds of a's rate over b's (neighbouring blocks of the same round)."""
+        return median([x["rate"] / y["rate"] if y["rate"] else float("nan") for x, y in zip(res[a], res[b])])
+
+    errors = {k: sum(x["errors"] for x in v) for k, v in res.items()}
+    ratios = {f"dspex_vs_{k}": vs("dspex", k) for k in res if k != "dspex"}
+    data = {"latency_s": latency, "concurrency": n, "layout": layout, "ideal": ideal, "rounds": rounds,
+            "duration_s": duration, "medians": med, "dspex_vs_asyncify": ratios["dspex_vs_asyncify"], "ratios": ratios,
+            "x_ideal": {k: m["rate"] / ideal for k, m in med.items()}, "errors": errors, "raw": res}
+    if no_ray is None:
+        data["ray_layout"] = ray_layout
+
+    def ours(k: str) -> str:
+        m = med[k]
+        return (f"{m['rate']:.0f} calls/s, p50 {m['p50'] * 1e3:.0f} ms, p99 {m['p99'] * 1e3:.0f} ms, "
+                f"RSS {m['stack_rss'] / 2**20:.0f} MB, CPU {m['cpu_ms']:.1f} ms/call")
+
+    vs_all = ", ".join(f"{v:.2f}× {k[9:]}" for k, v in ratios.items())
+    ok = med["dspex"]["rate"] >= 0.9 * ideal and ratios["dspex_vs_asyncify"] >= 1.0 and errors["dspex"] == 0
+    rows = [
+        Row("serving.dspex", f"LM-bound serving: ChainOfThought, dspy.LM HTTP ({latency * 1e3:.0f} ms), {n} sessions, "
+            f"dspex {layout}", ours("dspex"), f"ideal {ideal:.0f}/s (concurrency ÷ latency); asyncify "
+            f"{med['asyncify']['rate']:.0f}/s" + (f"; Ray {med['ray']['rate']:.0f}/s" if "ray" in med else ""),
+            f"{med['dspex']['rate'] / ideal:.2f}× ideal, {vs_all}",
+            "≥ 0.9× ideal, ≥ 1× asyncify", "" if cfg.smoke else verdict(ok), data=data),
+        Row("serving.asyncify", f"same, in-process dspy.asyncify under asyncio (async_max_workers={n})",
+            ours("asyncify"), f"ideal {ideal:.0f}/s", f"{med['asyncify']['rate'] / ideal:.2f}× ideal", "(info)"),
+    ]
+    labels = {"ray": f"same, Ray: {ray_layout}, async actors awaiting program.acall, {n} callers",
+              "ray_threads": f"same, Ray: {ray_layout}, threaded actors running the sync program, {n} callers"}
+    for k, label in labels.items():
+        if no_ray is not None:
+            rows.append(Row.skipped(f"serving.{k}", label, "(info)", no_ray))
+        else:
+            rows.append(Row(f"serving.{k}", label, ours(k), f"ideal {ideal:.0f}/s; dspex {med['dspex']['rate']:.0f}/s",
+                            f"{med[k]['rate'] / ideal:.2f}× ideal; dspex {ratios[f'dspex_vs_{k}']:.2f}× this", "(info)",
+                            data={"errors": errors[k]}))
+    return rows
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "drive":
         sys.exit(drive(sys.argv[2:]))
-    print("usage: python -m bench.serving drive --mode dspex|asyncify ...", file=sys.stderr)
+    print("usage: python -m bench.serving drive --mode dspex|asyncify|ray ...", file=sys.stderr)
     sys.exit(2)
