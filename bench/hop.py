@@ -219,7 +219,9 @@ def _noop_ray(cfg: Config, ours: Callable[[], None], rounds: int, per_round: int
         r = ratio_p50(lat, "dspex", "ray")
         data = {"p50_us": {k: v * 1e6 for k, v in p50.items()},
                 "p99_us": {k: quantile(pooled(v), 0.99) * 1e6 for k, v in lat.items()},
-                "ratio": r, "ray": ray.__version__, "ray_processes": n_ray,
+                "ratio": r, "ratio_rounds": [ratio_p50({k: [v[i]] for k, v in lat.items()}, "dspex", "ray")
+                                             for i in range(len(lat["dspex"]))],
+                "ray": ray.__version__, "ray_processes": n_ray,
                 "note": "measured while Ray's daemons run (both sides)"}
         return Row(name, label, f"{us(p50['dspex'])} (with Ray up)", f"Ray actor {us(p50['ray'])}",
                    f"{r:.2f}× Ray", target, verdict(r <= 0.35), data=data)

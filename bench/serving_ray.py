@@ -71,6 +71,22 @@ def ray_pids(roots: list[int]) -> list[int]:
     return sorted(out)
 
 
+def _kind(pid: int) -> str:
+    """What a Ray process is: its ``ray::`` title (workers, agents), its script (monitors,
+    dashboard) or its executable (gcs_server, raylet)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [x.decode(errors="replace") for x in f.read().split(b"\0") if x]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    script = next((a for a in argv[1:] if a.endswith(".py")), None)
+    return os.path.basename(script or argv[0])
+
+
 def _rss(pids: list[int]) -> int:
     total = 0
     for p in pids:
@@ -106,6 +122,11 @@ async def drive_ray(a: argparse.Namespace, loop: Any, question: str) -> dict[str
         every = ray_pids(a.ray_pid)
         out["ray_rss"] = {"actors": _rss(actor_pids), "other": _rss([p for p in every if p not in actor_pids])}
         out["ray_processes"] = len(every)
+        by_kind: dict[str, int] = {}
+        for p in every:
+            k = "actor" if p in actor_pids else _kind(p)
+            by_kind[k] = by_kind.get(k, 0) + _rss([p])
+        out["ray_rss_by_kind"] = by_kind
         out["actor_pids"] = actor_pids
         for x in actors:
             ray.kill(x)
