@@ -15,8 +15,9 @@ import sys
 import time
 from typing import Any
 
-from bench.common import Stack, Workspace, iter_rotated, median, spawn_server
-from bench.hop import loadgen
+from bench.common import Stack, Workspace, iter_rotated, median
+from bench.common import spawn_server as _spawn_server
+from bench.hop import loadgen as _loadgen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             stacks.append(st)
             systems[name] = (st.frontend, [broker.pid, *(w.pid for w in st.worker_procs)])
         pf_ep, pb_ep = ws.ipc("pf.sock"), ws.ipc("pb.sock")
-        proxy = spawn_server(ws, "proxy.log", "proxy", "--frontend", pf_ep, "--backend", pb_ep)
-        echoes = [spawn_server(ws, "proxy-echo.log", "echo-dealer", "--connect", pb_ep) for _ in range(2)]
+        proxy = _spawn_server(ws, "proxy.log", "proxy", "--frontend", pf_ep, "--backend", pb_ep)
+        echoes = [_spawn_server(ws, "proxy-echo.log", "echo-dealer", "--connect", pb_ep) for _ in range(2)]
         systems["cproxy"] = (pf_ep, [proxy.pid, *(e.pid for e in echoes)])
         for st in stacks:
             c = st.client()
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.rounds):
             for name in iter_rotated(list(systems), r):
                 ep, pids = systems[name]
-                res[name].append(loadgen(ws, "loadgen", ep, a.duration, 0.3, pids))
+                res[name].append(_loadgen(ws, "loadgen", ep, a.duration, 0.3, pids))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]['rate']:.0f}/s" for k, v in res.items()),
                   file=sys.stderr, flush=True)
 

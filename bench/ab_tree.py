@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bench.common import PY, Stack, Workspace, iter_rotated, median, wait_for
-from bench.hop import loadgen
+from bench.hop import loadgen as _loadgen
 
 
 def _start(ws: Workspace, name: str, tree: str | None) -> tuple[Stack, list[int]]:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(a.rounds):
             for name in iter_rotated(list(systems), r):
                 st, pids = systems[name]
-                res[name].append(loadgen(ws, "loadgen", st.frontend, a.duration, 0.3, pids))
+                res[name].append(_loadgen(ws, "loadgen", st.frontend, a.duration, 0.3, pids))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]['rate']:.0f}/s" for k, v in res.items()),
                   file=sys.stderr, flush=True)
 
