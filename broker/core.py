@@ -41,12 +41,12 @@ from dspex.protocol import (
     B_CREDIT,
     B_DISCONNECT,
     B_HEARTBEAT,
-    B_REQUEST,
     B_REREGISTER,
     BROKER_OPS,
     BUDGET_EPHEMERAL,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
+    PROTOCOL_VERSION,
     STREAM_OPS,
     W_DISCONNECT,
     W_DRAIN,
@@ -58,9 +58,10 @@ from dspex.protocol import (
     Affinity,
     Op,
     Status,
-    pack_budget,
     pack_error,
     pack_reply_header,
+    pack_request_head,
+    unpack_reply_head,
     unpack_request_header,
 )
 from broker.lifecycle import Lifecycle
@@ -336,20 +337,20 @@ class Core(Lifecycle):
         # a call that turned out long) answers QueueTimeout without running it
         queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
         if not p.session:
-            budget = pack_budget(call_ms, queue_ms)
-        elif pool.mode is Affinity.NONE:
-            budget = pack_budget(call_ms, queue_ms, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
+            head = pack_request_head(p.client, call_ms, queue_ms)
+        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
+            head = pack_request_head(p.client, call_ms, queue_ms, 0, BUDGET_EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            budget = pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl))
+            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self._send_worker(w.id, [B_REQUEST, p.client, p.header, budget, *p.payload])
+            self._send_worker(w.id, [head, p.header, *p.payload])
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
@@ -440,23 +441,22 @@ class Core(Lifecycle):
         if len(frames) < 2:
             self.counters["garbage_backend"] += 1
             return
-        command = frames[1].bytes
+        first = frames[1].bytes
+        command = first[:1]
         w = self.workers.get(wid)
         if w is not None:
             w.last_seen = time.monotonic()
             w.expiry = w.last_seen + self.heartbeat_interval * self.heartbeat_liveness
         if command == W_REPLY or command == W_PARTIAL:
-            if len(frames) < 4:
-                self.counters["garbage_backend"] += 1
-                return
-            client = frames[2].bytes
             try:
-                status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
-                known = w is not None and (client, req_id) in w.inflight
-            except Exception:
+                if len(frames) < 3:
+                    raise ProtocolError("no reply header")
+                ok, req_id, client = unpack_reply_head(first)
+            except ProtocolError:
                 self.counters["garbage_backend"] += 1
-                log.warning("malformed reply header from worker %s", wid[:8])
+                log.warning("malformed reply from worker %s", wid[:8])
                 return
+            known = w is not None and (client, req_id) in w.inflight
             if not known:  # never sent to this worker (forged, or from before a restart): drop it
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -465,7 +465,7 @@ class Core(Lifecycle):
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
                     self._feed(w)
                 return
-            self._to_client([client, *frames[3:]])
+            self._to_client([client, *frames[2:]])
             assert w is not None
             if command == W_PARTIAL:
                 return
@@ -473,7 +473,7 @@ class Core(Lifecycle):
             if p is not None:
                 self.running.pop((client, req_id), None)
                 now = time.monotonic()
-                outcome = "ok" if status == Status.OK.value else "error"
+                outcome = "ok" if ok else "error"
                 if outcome == "ok":
                     w.served += 1
                 else:
@@ -491,6 +491,9 @@ class Core(Lifecycle):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
                 self._feed(w)
+        elif len(first) != 1:
+            self.counters["garbage_backend"] += 1
+            log.warning("unknown command %r from worker %s", first[:8], wid[:8])
         elif command == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
@@ -527,6 +530,7 @@ class Core(Lifecycle):
                 raise TypeError("pool must be a string")
             if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
                 raise TypeError("pid, capacity and running must be integers")
+            version = info.get("version", 1)
         except Exception as exc:
             self.counters["garbage_backend"] += 1
             log.warning("malformed READY from %s: %s", wid[:8], exc)
@@ -534,6 +538,12 @@ class Core(Lifecycle):
         w = self.workers.get(wid)
         if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
             self._connection_seen(w, frames[0])
+            return
+        if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
+            log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
+                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
+                      info.get("host", "?"), version, PROTOCOL_VERSION)
+            self._to_peer(wid, [B_DISCONNECT])
             return
         pool = self.pools.get(pool_name)
         if pool is None:

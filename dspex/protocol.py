@@ -5,21 +5,24 @@ Frontend (client DEALER -> broker ROUTER)::
     client -> broker:  [request_header, *payload]
     broker -> client:  [reply_header, *payload]
 
-Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command::
+Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
     worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT] | [W_DRAIN]
-                       [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
-    broker -> worker:  [B_REQUEST, client_id, request_header, budget, *payload] | [B_HEARTBEAT]
+                       [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
+    broker -> worker:  [B_REQUEST + budget + client_id, request_header, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
-The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
-touches. See docs/protocol.md for the full description.
+On the hot path the command, the fixed-size fields the other side needs and the client id share
+one frame (``RequestHead``/``ReplyHead``, ``struct`` layouts): one frame fewer per message and no
+msgpack on the broker's reply path. The broker decodes only the request header (a short msgpack
+array); payloads are codec frames it never touches. See docs/protocol.md for the full description.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,9 @@ import msgpack
 
 from dspex.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead). The
+# broker tells a worker of another version to leave (its READY says its version).
+PROTOCOL_VERSION = 2
 
 
 def _packb(obj: Any) -> bytes:
@@ -158,6 +163,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
         if not (
             isinstance(op, str)
             and isinstance(req_id, int)
+            and 0 <= req_id < _REQ_ID_END
             and isinstance(pool, str)
             and isinstance(session, str)
             and isinstance(worker, str)
@@ -187,40 +193,59 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
     return status, req_id, str(worker), str(pool)
 
 
-# Budget flags (the optional fourth budget field)
+# Budget flags
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
 
-
-def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
-    """``[call_ms, queue_ms, session_ttl_s, flags]``: what is left of the call's deadline and of
-    its queue deadline when the broker hands the request to a worker (0: none). Relative, so
-    clocks of other hosts never matter: the worker adds them to its own monotonic clock on
-    receipt. ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from
-    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Readers accept the older two-field form."""
-    if not session_ttl_s and not flags:
-        return _packb([call_ms, queue_ms])
-    return _packb([call_ms, queue_ms, session_ttl_s, flags])
+_REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply head carries them in 8 bytes)
+_U32 = 2**32 - 1
+# B_REQUEST's first frame: command, call_ms, queue_ms, session_ttl_s, flags, then the client id
+_REQUEST_HEAD = struct.Struct("<cIIIB")
+# W_REPLY / W_PARTIAL's first frame: command, ok (1: status "ok"), req_id, then the client id
+_REPLY_HEAD = struct.Struct("<cBQ")
+REQUEST_HEAD_SIZE = _REQUEST_HEAD.size
+REPLY_HEAD_SIZE = _REPLY_HEAD.size
 
 
-def _budget_fields(data: bytes | memoryview) -> list[int]:
-    try:
-        fields = msgpack.unpackb(data)
-        if not (isinstance(fields, list) and 2 <= len(fields) <= 4 and all(isinstance(f, int) for f in fields)):
-            raise TypeError("expected 2 to 4 integers")
-    except Exception as exc:
-        raise ProtocolError(f"malformed request budget: {exc}") from None
-    return fields + [0] * (4 - len(fields))
+def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
+    """B_REQUEST's first frame. The budget: what is left of the call's deadline and of its queue
+    deadline when the broker hands the request to a worker (ms, 0: none). Relative, so clocks of
+    other hosts never matter: the worker adds them to its own monotonic clock on receipt.
+    ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from it; 0:
+    none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Values past 32 bits are capped."""
+    return _REQUEST_HEAD.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
+                              flags & 0xFF) + client
 
 
-def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
-    call_ms, queue_ms, _, _ = _budget_fields(data)
-    return call_ms, queue_ms
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """B_REQUEST's first frame, parsed (by the worker)."""
+
+    client: bytes
+    call_ms: int
+    queue_ms: int
+    session_ttl_s: int
+    flags: int
 
 
-def unpack_budget_lifecycle(data: bytes | memoryview) -> tuple[int, int]:
-    """``(session_ttl_s, flags)`` of a budget frame (zeros in the two-field form)."""
-    _, _, ttl, flags = _budget_fields(data)
-    return ttl, flags
+def unpack_request_head(data: bytes) -> RequestHead:
+    if len(data) <= REQUEST_HEAD_SIZE or data[:1] != B_REQUEST:
+        raise ProtocolError(f"malformed request head ({len(data)} bytes): a broker of another protocol version?")
+    _, call_ms, queue_ms, ttl, flags = _REQUEST_HEAD.unpack_from(data)
+    return RequestHead(data[REQUEST_HEAD_SIZE:], call_ms, queue_ms, ttl, flags)
+
+
+def pack_reply_head(command: bytes, status: str, req_id: int, client: bytes) -> bytes:
+    """W_REPLY / W_PARTIAL's first frame: what the broker needs of the reply without unpacking
+    its msgpack reply header (which it forwards to the client untouched)."""
+    return _REPLY_HEAD.pack(command, status == "ok", req_id) + client
+
+
+def unpack_reply_head(data: bytes) -> tuple[bool, int, bytes]:
+    """``(ok, req_id, client)`` of a W_REPLY / W_PARTIAL first frame (the command is ``data[:1]``)."""
+    if len(data) <= REPLY_HEAD_SIZE:
+        raise ProtocolError(f"malformed reply head ({len(data)} bytes)")
+    _, ok, req_id = _REPLY_HEAD.unpack_from(data)
+    return ok == 1, req_id, data[REPLY_HEAD_SIZE:]
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

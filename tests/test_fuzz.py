@@ -29,8 +29,8 @@ from dspex import codec
 from dspex.errors import DspexError, ProtocolError
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
-    B_REQUEST, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader, pack_reply_header,
-    unpack_reply_header, unpack_request_header,
+    B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
+    pack_reply_head, pack_reply_header, unpack_reply_header, unpack_request_head, unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -215,7 +215,7 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
                 outcomes.append(err.code)
             while imposter.poll(0):
                 f = imposter.recv_multipart()
-                if f[0] == B_REQUEST:
+                if f[0][:1] == B_REQUEST:
                     stolen.append(f)
         assert not stolen, "the imposter received a client's request"
         assert outcomes == [pid] * 5, outcomes
@@ -260,7 +260,8 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
     fake.setsockopt(zmq.ROUTING_ID, b"f" * 32)
     try:
         fake.connect(stack.backend)
-        fake.send_multipart([W_READY, msgpack.packb({"pool": "evil", "pid": 1, "capacity": 1})])
+        fake.send_multipart([W_READY, msgpack.packb({"pool": "evil", "pid": 1, "capacity": 1,
+                                                     "version": PROTOCOL_VERSION})])
         stack.wait_workers("evil", 1)
         dx = stack.client(timeout=5)
         honest, evil = dx.session("p"), dx.session("evil")  # both used from this thread: one client identity
@@ -269,13 +270,14 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
         def serve_one_then_forge() -> None:  # the fake worker answers, then forges the client's next reply
             assert fake.poll(5000)
             frames = fake.recv_multipart()
-            while frames[0] != B_REQUEST:
+            while frames[0][:1] != B_REQUEST:
                 assert fake.poll(5000)
                 frames = fake.recv_multipart()
-            client, header = frames[1], unpack_request_header(frames[2])
-            fake.send_multipart([W_REPLY, client, pack_reply_header("ok", header.req_id, "f" * 32, "evil"),
-                                 *codec.encode(0)])
-            fake.send_multipart([W_REPLY, client, pack_reply_header("ok", header.req_id + 1, "", "p"),
+            client, header = unpack_request_head(frames[0]).client, unpack_request_header(frames[1])
+            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id, client),
+                                 pack_reply_header("ok", header.req_id, "f" * 32, "evil"), *codec.encode(0)])
+            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id + 1, client),
+                                 pack_reply_header("ok", header.req_id + 1, "", "p"),
                                  *codec.encode("forged")])
 
         server = threading.Thread(target=serve_one_then_forge)
