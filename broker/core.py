@@ -150,7 +150,7 @@ class Core(Lifecycle):
             now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
-            self._route(p, header.pool, header.worker)
+            self._route(p, header.pool, header.worker, now)
         elif op in BROKER_OPS:
             try:
                 args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
@@ -204,7 +204,8 @@ class Core(Lifecycle):
                      err.message)
         self._error(p.client, p.req_id, err)
 
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None:
+        """``now``: the caller's clock reading, when it has a fresh one (one per message)."""
         pool = self.pools.get(pool_name)
         if pool is None:
             self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
@@ -270,10 +271,11 @@ class Core(Lifecycle):
             self._pin(rec, new.id)
             w = new
         if w.can_start(p.session):
-            self._dispatch(w, p)
+            self._dispatch(w, p, now)
         elif pool.mode is Affinity.STRICT_QUEUE:
-            if not w.queue and pool.queued < pool.config.queue_max and self._may_prefetch(w):
-                self._dispatch(w, p)
+            # (pool.queued counts every queue: asked last)
+            if not w.queue and self._may_prefetch(w, now) and pool.queued < pool.config.queue_max:
+                self._dispatch(w, p, now)
             else:
                 self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
@@ -314,8 +316,9 @@ class Core(Lifecycle):
             return
         queue.append(p)
 
-    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
-        now = time.monotonic()
+    def _dispatch(self, w: WorkerRecord, p: Pending, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         if now > p.deadline:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
@@ -382,7 +385,7 @@ class Core(Lifecycle):
         except WorkerUnreachable:
             pass
 
-    def _may_prefetch(self, w: WorkerRecord) -> bool:
+    def _may_prefetch(self, w: WorkerRecord, now: float | None = None) -> bool:
         """Send ``w`` a pinned request before its running call ends (``prefetch`` per pool)?
 
         strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
@@ -391,26 +394,30 @@ class Core(Lifecycle):
         broker round trip costs; behind a long call (or on a worker that has not answered yet) the
         request waits in the broker as before (cancellable, a crash says it did not run)."""
         pool = w.pool
-        if (pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1 or w.draining or w.adopted
-                or not w.inflight or len(w.inflight) - w.capacity >= pool.config.prefetch
-                or w.last_call >= PREFETCH_YOUNG):
+        if (w.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1
+                or w.draining or w.adopted or not w.inflight or len(w.inflight) - 1 >= pool.config.prefetch):
             return False
-        return time.monotonic() - min(p.started for p in w.inflight.values()) < PREFETCH_YOUNG
+        if now is None:
+            now = time.monotonic()
+        for p in w.inflight.values():
+            if now - p.started >= PREFETCH_YOUNG:
+                return False
+        return True
 
-    def _feed(self, w: WorkerRecord) -> None:
+    def _feed(self, w: WorkerRecord, now: float | None = None) -> None:
         """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w)
-        while w.queue and w.free <= 0 and self._may_prefetch(w):
-            self._dispatch(w, w.queue.popleft())
+        self._feed_free(w, now)
+        while w.queue and w.free <= 0 and self._may_prefetch(w, now):
+            self._dispatch(w, w.queue.popleft(), now)
 
-    def _feed_free(self, w: WorkerRecord) -> None:
+    def _feed_free(self, w: WorkerRecord, now: float | None = None) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
         pool = w.pool
         while w.free > 0:
             if w.queue:
                 p = w.next_queued()
                 if p is not None:
-                    self._dispatch(w, p)
+                    self._dispatch(w, p, now)
                     continue
             if not pool.queue:
                 return
@@ -425,7 +432,7 @@ class Core(Lifecycle):
             if p.session and w.capacity > 1 and not w.can_start(p.session):
                 w.queue.append(p)  # a call of a session already running here waits its turn
                 continue
-            self._dispatch(w, p)
+            self._dispatch(w, p, now)
 
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
@@ -444,9 +451,10 @@ class Core(Lifecycle):
         first = frames[1].bytes
         command = first[:1]
         w = self.workers.get(wid)
+        now = time.monotonic()  # the one clock reading of this message
         if w is not None:
-            w.last_seen = time.monotonic()
-            w.expiry = w.last_seen + self.heartbeat_interval * self.heartbeat_liveness
+            w.last_seen = now
+            w.expiry = now + self.heartbeat_interval * self.heartbeat_liveness
         if command == W_REPLY or command == W_PARTIAL:
             try:
                 if len(frames) < 3:
@@ -472,7 +480,6 @@ class Core(Lifecycle):
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
                 self.running.pop((client, req_id), None)
-                now = time.monotonic()
                 outcome = "ok" if ok else "error"
                 if outcome == "ok":
                     w.served += 1
@@ -490,7 +497,7 @@ class Core(Lifecycle):
             elif self._over_request_limit(w):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
-                self._feed(w)
+                self._feed(w, now)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])
