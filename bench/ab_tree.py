@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{which}_us"] = {k: median([us(k, x, which) for x in v]) for k, v in res.items()}
             out[f"{which}_us_new_vs_base"] = median([us("new", n, which) / us("base", b, which)
                                                      for n, b in zip(res["new"], res["base"])])
+        # where the broker's CPU goes: its main thread and its zmq I/O threads, user and system
+        split = ("hub_main_user", "hub_main_sys", "hub_threads_user", "hub_threads_sys")
+        out["broker_split_us"] = {k: {s[4:]: round(median([x["cpu"][s] / x["calls"] * 1e6 for x in v]), 1) for s in split}
+                                  for k, v in res.items()}
         out["errors"] = sum(x["errors"] for v in res.values() for x in v)
         print(json.dumps(out, indent=1))
         return 0
