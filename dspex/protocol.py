@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -132,12 +132,14 @@ FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
 FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHeader:
+class RequestHeader(NamedTuple):
     """``[op, req_id, pool, session, worker, timeout_ms, flags]`` packed as one msgpack array.
 
     ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
-    it lets a restarted broker re-adopt pins it has never seen.
+    it lets a restarted broker re-adopt pins it has never seen. Immutable like the other
+    messages, but a NamedTuple: the broker and the worker build one per request, and a frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost 5x as much
+    (docs/benchmarks.md, issue 14).
     """
 
     op: str
@@ -158,8 +160,8 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
     if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
         raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
     try:
-        fields = msgpack.unpackb(data)
-        op, req_id, pool, session, worker, timeout_ms, flags = fields
+        header = RequestHeader._make(msgpack.unpackb(data))
+        op, req_id, pool, session, worker, timeout_ms, flags = header
         if not (
             isinstance(op, str)
             and isinstance(req_id, int)
@@ -175,7 +177,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
     except Exception as exc:
         raise ProtocolError(f"malformed request header: {exc}") from None
-    return RequestHeader(op, req_id, pool, session, worker, timeout_ms, flags)
+    return header
 
 
 def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
