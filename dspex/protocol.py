@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
@@ -218,9 +217,9 @@ def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s:
                               flags & 0xFF) + client
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """B_REQUEST's first frame, parsed (by the worker)."""
+class RequestHead(NamedTuple):
+    """B_REQUEST's first frame, parsed (by the worker, once per request; a NamedTuple for the
+    reason ``RequestHeader`` is one)."""
 
     client: bytes
     call_ms: int
