@@ -29,7 +29,7 @@ from dspex import codec
 from dspex.errors import DspexError, ProtocolError
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
-    B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
+    B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
     pack_reply_head, pack_reply_header, unpack_reply_header, unpack_request_head, unpack_request_header,
 )
 
@@ -327,3 +327,24 @@ def test_a_request_id_reused_in_flight_does_not_stall_a_worker(stack: Stack) -> 
         assert all(isinstance(r, int) for r in results), results
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_of_the_previous_wire_version_is_refused_with_a_clear_log_line(stack: Stack) -> None:
+    """Wire v2 folded the command into the request/reply heads: a v1 worker must be told to leave
+    (B_DISCONNECT) and the broker's log must say why, never half-parse its frames."""
+    dx = _start(stack, "p:strict_queue")
+    old = zmq.Context.instance().socket(zmq.DEALER)
+    old.setsockopt(zmq.LINGER, 0)
+    old.setsockopt(zmq.ROUTING_ID, b"o" * 32)
+    try:
+        old.connect(stack.backend)
+        old.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": 1, "capacity": 1, "version": 1})])
+        assert old.poll(10_000), "no answer to a v1 READY"
+        assert old.recv_multipart() == [B_DISCONNECT]
+        wait_for(lambda: "speaks wire protocol version 1, this broker speaks 2" in stack.logs(),
+                 what="the broker's refusal in its log")
+        assert len(stack.workers("p")) == 1  # only the real worker is registered, and it serves
+        assert dx.session("p").eval("1 + 1") == 2
+    finally:
+        old.close()
