@@ -70,8 +70,8 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     import socket as _socket
 
     from dspex import codec
-    from dspex.protocol import (B_DISCONNECT, B_HEARTBEAT, B_REQUEST, B_REREGISTER, PROTOCOL_VERSION, W_HEARTBEAT,
-                                W_READY, W_REPLY, pack_reply_header)
+    from dspex.protocol import (B_DISCONNECT, B_HEARTBEAT, B_REQUEST, B_REREGISTER, PROTOCOL_VERSION,
+                                REQUEST_HEAD_SIZE, W_HEARTBEAT, W_READY, W_REPLY, pack_reply_head, pack_reply_header)
 
     inc = secrets.token_hex(16)
     ready = msgpack.packb({"pool": pool, "pid": os.getpid(), "host": _socket.gethostname(), "incarnation": inc,
@@ -92,9 +92,11 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            cmd = frames[0]
+            cmd = frames[0][:1]
             if cmd == B_REQUEST:
-                send([W_REPLY, frames[1], pack_reply_header("ok", unpack(frames[2])[1], inc, pool), body])
+                req_id = unpack(frames[1])[1]
+                send([pack_reply_head(W_REPLY, "ok", req_id, frames[0][REQUEST_HEAD_SIZE:]),
+                      pack_reply_header("ok", req_id, inc, pool), body])
             elif cmd == B_HEARTBEAT:
                 send([W_HEARTBEAT])
             elif cmd == B_REREGISTER:

@@ -41,12 +41,12 @@ from dspex.protocol import (
     B_CREDIT,
     B_DISCONNECT,
     B_HEARTBEAT,
-    B_REQUEST,
     B_REREGISTER,
     BROKER_OPS,
     BUDGET_EPHEMERAL,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
+    PROTOCOL_VERSION,
     STREAM_OPS,
     W_DISCONNECT,
     W_DRAIN,
@@ -58,9 +58,10 @@ from dspex.protocol import (
     Affinity,
     Op,
     Status,
-    pack_budget,
     pack_error,
     pack_reply_header,
+    pack_request_head,
+    unpack_reply_head,
     unpack_request_header,
 )
 from broker.lifecycle import Lifecycle
@@ -149,7 +150,7 @@ class Core(Lifecycle):
             now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
-            self._route(p, header.pool, header.worker)
+            self._route(p, header.pool, header.worker, now)
         elif op in BROKER_OPS:
             try:
                 args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
@@ -203,7 +204,8 @@ class Core(Lifecycle):
                      err.message)
         self._error(p.client, p.req_id, err)
 
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None:
+        """``now``: the caller's clock reading, when it has a fresh one (one per message)."""
         pool = self.pools.get(pool_name)
         if pool is None:
             self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
@@ -269,10 +271,11 @@ class Core(Lifecycle):
             self._pin(rec, new.id)
             w = new
         if w.can_start(p.session):
-            self._dispatch(w, p)
+            self._dispatch(w, p, now)
         elif pool.mode is Affinity.STRICT_QUEUE:
-            if not w.queue and pool.queued < pool.config.queue_max and self._may_prefetch(w):
-                self._dispatch(w, p)
+            # (pool.queued counts every queue: asked last)
+            if not w.queue and self._may_prefetch(w, now) and pool.queued < pool.config.queue_max:
+                self._dispatch(w, p, now)
             else:
                 self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
@@ -313,8 +316,9 @@ class Core(Lifecycle):
             return
         queue.append(p)
 
-    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
-        now = time.monotonic()
+    def _dispatch(self, w: WorkerRecord, p: Pending, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         if now > p.deadline:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
@@ -336,20 +340,20 @@ class Core(Lifecycle):
         # a call that turned out long) answers QueueTimeout without running it
         queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
         if not p.session:
-            budget = pack_budget(call_ms, queue_ms)
-        elif pool.mode is Affinity.NONE:
-            budget = pack_budget(call_ms, queue_ms, 0, BUDGET_EPHEMERAL)  # nothing of it stays on the worker
+            head = pack_request_head(p.client, call_ms, queue_ms)
+        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
+            head = pack_request_head(p.client, call_ms, queue_ms, 0, BUDGET_EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            budget = pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl))
+            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self._send_worker(w.id, [B_REQUEST, p.client, p.header, budget, *p.payload])
+            self._send_worker(w.id, [head, p.header, *p.payload])
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
@@ -381,7 +385,7 @@ class Core(Lifecycle):
         except WorkerUnreachable:
             pass
 
-    def _may_prefetch(self, w: WorkerRecord) -> bool:
+    def _may_prefetch(self, w: WorkerRecord, now: float | None = None) -> bool:
         """Send ``w`` a pinned request before its running call ends (``prefetch`` per pool)?
 
         strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
@@ -390,26 +394,30 @@ class Core(Lifecycle):
         broker round trip costs; behind a long call (or on a worker that has not answered yet) the
         request waits in the broker as before (cancellable, a crash says it did not run)."""
         pool = w.pool
-        if (pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1 or w.draining or w.adopted
-                or not w.inflight or len(w.inflight) - w.capacity >= pool.config.prefetch
-                or w.last_call >= PREFETCH_YOUNG):
+        if (w.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1
+                or w.draining or w.adopted or not w.inflight or len(w.inflight) - 1 >= pool.config.prefetch):
             return False
-        return time.monotonic() - min(p.started for p in w.inflight.values()) < PREFETCH_YOUNG
+        if now is None:
+            now = time.monotonic()
+        for p in w.inflight.values():
+            if now - p.started >= PREFETCH_YOUNG:
+                return False
+        return True
 
-    def _feed(self, w: WorkerRecord) -> None:
+    def _feed(self, w: WorkerRecord, now: float | None = None) -> None:
         """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w)
-        while w.queue and w.free <= 0 and self._may_prefetch(w):
-            self._dispatch(w, w.queue.popleft())
+        self._feed_free(w, now)
+        while w.queue and w.free <= 0 and self._may_prefetch(w, now):
+            self._dispatch(w, w.queue.popleft(), now)
 
-    def _feed_free(self, w: WorkerRecord) -> None:
+    def _feed_free(self, w: WorkerRecord, now: float | None = None) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
         pool = w.pool
         while w.free > 0:
             if w.queue:
                 p = w.next_queued()
                 if p is not None:
-                    self._dispatch(w, p)
+                    self._dispatch(w, p, now)
                     continue
             if not pool.queue:
                 return
@@ -424,7 +432,7 @@ class Core(Lifecycle):
             if p.session and w.capacity > 1 and not w.can_start(p.session):
                 w.queue.append(p)  # a call of a session already running here waits its turn
                 continue
-            self._dispatch(w, p)
+            self._dispatch(w, p, now)
 
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
@@ -440,23 +448,23 @@ class Core(Lifecycle):
         if len(frames) < 2:
             self.counters["garbage_backend"] += 1
             return
-        command = frames[1].bytes
+        first = frames[1].bytes
+        command = first[:1]
         w = self.workers.get(wid)
+        now = time.monotonic()  # the one clock reading of this message
         if w is not None:
-            w.last_seen = time.monotonic()
-            w.expiry = w.last_seen + self.heartbeat_interval * self.heartbeat_liveness
+            w.last_seen = now
+            w.expiry = now + self.heartbeat_interval * self.heartbeat_liveness
         if command == W_REPLY or command == W_PARTIAL:
-            if len(frames) < 4:
-                self.counters["garbage_backend"] += 1
-                return
-            client = frames[2].bytes
             try:
-                status, req_id = msgpack.unpackb(frames[3].buffer)[:2]
-                known = w is not None and (client, req_id) in w.inflight
-            except Exception:
+                if len(frames) < 3:
+                    raise ProtocolError("no reply header")
+                ok, req_id, client = unpack_reply_head(first)
+            except ProtocolError:
                 self.counters["garbage_backend"] += 1
-                log.warning("malformed reply header from worker %s", wid[:8])
+                log.warning("malformed reply from worker %s", wid[:8])
                 return
+            known = w is not None and (client, req_id) in w.inflight
             if not known:  # never sent to this worker (forged, or from before a restart): drop it
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -465,15 +473,14 @@ class Core(Lifecycle):
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
                     self._feed(w)
                 return
-            self._to_client([client, *frames[3:]])
+            self._to_client([client, *frames[2:]])
             assert w is not None
             if command == W_PARTIAL:
                 return
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
                 self.running.pop((client, req_id), None)
-                now = time.monotonic()
-                outcome = "ok" if status == Status.OK.value else "error"
+                outcome = "ok" if ok else "error"
                 if outcome == "ok":
                     w.served += 1
                 else:
@@ -490,7 +497,10 @@ class Core(Lifecycle):
             elif self._over_request_limit(w):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
-                self._feed(w)
+                self._feed(w, now)
+        elif len(first) != 1:
+            self.counters["garbage_backend"] += 1
+            log.warning("unknown command %r from worker %s", first[:8], wid[:8])
         elif command == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
@@ -527,6 +537,7 @@ class Core(Lifecycle):
                 raise TypeError("pool must be a string")
             if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
                 raise TypeError("pid, capacity and running must be integers")
+            version = info.get("version", 1)
         except Exception as exc:
             self.counters["garbage_backend"] += 1
             log.warning("malformed READY from %s: %s", wid[:8], exc)
@@ -534,6 +545,12 @@ class Core(Lifecycle):
         w = self.workers.get(wid)
         if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
             self._connection_seen(w, frames[0])
+            return
+        if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
+            log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
+                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
+                      info.get("host", "?"), version, PROTOCOL_VERSION)
+            self._to_peer(wid, [B_DISCONNECT])
             return
         pool = self.pools.get(pool_name)
         if pool is None:

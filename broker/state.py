@@ -173,7 +173,12 @@ class Pool:
         """Requests waiting anywhere in the pool (bounded by ``queue_max``), prefetched ones
         waiting at their worker included. Counted from the queues themselves, so no code path
         can let it drift."""
-        return sum(len(q) for q in self.queues()) + sum(w.ahead for w in list(self.workers.values()))
+        n = len(self.queue)
+        for w in list(self.workers.values()):  # (asked per enqueue: one pass, no generators)
+            n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
+        for q in list(self.awaiting.values()):
+            n += len(q)
+        return n
 
     def queues(self) -> list[deque[Pending]]:
         """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""

@@ -5,29 +5,33 @@ Frontend (client DEALER -> broker ROUTER)::
     client -> broker:  [request_header, *payload]
     broker -> client:  [reply_header, *payload]
 
-Backend (worker DEALER -> broker ROUTER); the first frame is a one-byte command::
+Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
     worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT] | [W_DRAIN]
-                       [W_REPLY | W_PARTIAL, client_id, reply_header, *payload]
-    broker -> worker:  [B_REQUEST, client_id, request_header, budget, *payload] | [B_HEARTBEAT]
+                       [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
+    broker -> worker:  [B_REQUEST + budget + client_id, request_header, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
-The broker decodes only the headers (a short msgpack array); payloads are codec frames it never
-touches. See docs/protocol.md for the full description.
+On the hot path the command, the fixed-size fields the other side needs and the client id share
+one frame (``RequestHead``/``ReplyHead``, ``struct`` layouts): one frame fewer per message and no
+msgpack on the broker's reply path. The broker decodes only the request header (a short msgpack
+array); payloads are codec frames it never touches. See docs/protocol.md for the full description.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+import struct
+from typing import Any, NamedTuple
 
 import msgpack
 
 from dspex.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead). The
+# broker tells a worker of another version to leave (its READY says its version).
+PROTOCOL_VERSION = 2
 
 
 def _packb(obj: Any) -> bytes:
@@ -127,12 +131,14 @@ FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
 FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHeader:
+class RequestHeader(NamedTuple):
     """``[op, req_id, pool, session, worker, timeout_ms, flags]`` packed as one msgpack array.
 
     ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
-    it lets a restarted broker re-adopt pins it has never seen.
+    it lets a restarted broker re-adopt pins it has never seen. Immutable like the other
+    messages, but a NamedTuple: the broker and the worker build one per request, and a frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost 5x as much
+    (docs/benchmarks.md, issue 14).
     """
 
     op: str
@@ -153,11 +159,12 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
     if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
         raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
     try:
-        fields = msgpack.unpackb(data)
-        op, req_id, pool, session, worker, timeout_ms, flags = fields
+        header = RequestHeader._make(msgpack.unpackb(data))
+        op, req_id, pool, session, worker, timeout_ms, flags = header
         if not (
             isinstance(op, str)
             and isinstance(req_id, int)
+            and 0 <= req_id < _REQ_ID_END
             and isinstance(pool, str)
             and isinstance(session, str)
             and isinstance(worker, str)
@@ -169,7 +176,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
     except Exception as exc:
         raise ProtocolError(f"malformed request header: {exc}") from None
-    return RequestHeader(op, req_id, pool, session, worker, timeout_ms, flags)
+    return header
 
 
 def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
@@ -187,40 +194,59 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
     return status, req_id, str(worker), str(pool)
 
 
-# Budget flags (the optional fourth budget field)
+# Budget flags
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
 
-
-def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
-    """``[call_ms, queue_ms, session_ttl_s, flags]``: what is left of the call's deadline and of
-    its queue deadline when the broker hands the request to a worker (0: none). Relative, so
-    clocks of other hosts never matter: the worker adds them to its own monotonic clock on
-    receipt. ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from
-    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Readers accept the older two-field form."""
-    if not session_ttl_s and not flags:
-        return _packb([call_ms, queue_ms])
-    return _packb([call_ms, queue_ms, session_ttl_s, flags])
+_REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply head carries them in 8 bytes)
+_U32 = 2**32 - 1
+# B_REQUEST's first frame: command, call_ms, queue_ms, session_ttl_s, flags, then the client id
+_REQUEST_HEAD = struct.Struct("<cIIIB")
+# W_REPLY / W_PARTIAL's first frame: command, ok (1: status "ok"), req_id, then the client id
+_REPLY_HEAD = struct.Struct("<cBQ")
+REQUEST_HEAD_SIZE = _REQUEST_HEAD.size
+REPLY_HEAD_SIZE = _REPLY_HEAD.size
 
 
-def _budget_fields(data: bytes | memoryview) -> list[int]:
-    try:
-        fields = msgpack.unpackb(data)
-        if not (isinstance(fields, list) and 2 <= len(fields) <= 4 and all(isinstance(f, int) for f in fields)):
-            raise TypeError("expected 2 to 4 integers")
-    except Exception as exc:
-        raise ProtocolError(f"malformed request budget: {exc}") from None
-    return fields + [0] * (4 - len(fields))
+def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
+    """B_REQUEST's first frame. The budget: what is left of the call's deadline and of its queue
+    deadline when the broker hands the request to a worker (ms, 0: none). Relative, so clocks of
+    other hosts never matter: the worker adds them to its own monotonic clock on receipt.
+    ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from it; 0:
+    none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Values past 32 bits are capped."""
+    return _REQUEST_HEAD.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
+                              flags & 0xFF) + client
 
 
-def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
-    call_ms, queue_ms, _, _ = _budget_fields(data)
-    return call_ms, queue_ms
+class RequestHead(NamedTuple):
+    """B_REQUEST's first frame, parsed (by the worker, once per request; a NamedTuple for the
+    reason ``RequestHeader`` is one)."""
+
+    client: bytes
+    call_ms: int
+    queue_ms: int
+    session_ttl_s: int
+    flags: int
 
 
-def unpack_budget_lifecycle(data: bytes | memoryview) -> tuple[int, int]:
-    """``(session_ttl_s, flags)`` of a budget frame (zeros in the two-field form)."""
-    _, _, ttl, flags = _budget_fields(data)
-    return ttl, flags
+def unpack_request_head(data: bytes) -> RequestHead:
+    if len(data) <= REQUEST_HEAD_SIZE or data[:1] != B_REQUEST:
+        raise ProtocolError(f"malformed request head ({len(data)} bytes): a broker of another protocol version?")
+    _, call_ms, queue_ms, ttl, flags = _REQUEST_HEAD.unpack_from(data)
+    return RequestHead(data[REQUEST_HEAD_SIZE:], call_ms, queue_ms, ttl, flags)
+
+
+def pack_reply_head(command: bytes, status: str, req_id: int, client: bytes) -> bytes:
+    """W_REPLY / W_PARTIAL's first frame: what the broker needs of the reply without unpacking
+    its msgpack reply header (which it forwards to the client untouched)."""
+    return _REPLY_HEAD.pack(command, status == "ok", req_id) + client
+
+
+def unpack_reply_head(data: bytes) -> tuple[bool, int, bytes]:
+    """``(ok, req_id, client)`` of a W_REPLY / W_PARTIAL first frame (the command is ``data[:1]``)."""
+    if len(data) <= REPLY_HEAD_SIZE:
+        raise ProtocolError(f"malformed reply head ({len(data)} bytes)")
+    _, ok, req_id = _REPLY_HEAD.unpack_from(data)
+    return ok == 1, req_id, data[REPLY_HEAD_SIZE:]
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

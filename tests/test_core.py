@@ -18,7 +18,7 @@ from dspex.pools import parse_pool_spec
 from dspex.protocol import (
     B_DISCONNECT,
     B_RELEASE_SESSION,
-    B_REQUEST,
+    PROTOCOL_VERSION,
     BUDGET_EPHEMERAL,
     W_DISCONNECT,
     W_DRAIN,
@@ -26,8 +26,9 @@ from dspex.protocol import (
     W_REPLY,
     RequestHeader,
     pack_reply_header,
-    unpack_budget,
-    unpack_budget_lifecycle,
+    RequestHead,
+    pack_reply_head,
+    unpack_request_head,
     unpack_request_header,
 )
 
@@ -54,8 +55,10 @@ class StubCore(Core):
         return self.owners.get(self._sender, "")
 
     # -- events ------------------------------------------------------------------------------
-    def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0) -> None:
-        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running}
+    def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
+              version: int = PROTOCOL_VERSION) -> None:
+        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running,
+                "version": version}
         self._on_backend([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
@@ -73,16 +76,21 @@ class StubCore(Core):
         return body if status == "ok" else ("error", body["code"])
 
     def reply(self, wid: bytes, client: bytes, req_id: int, status: str = "ok") -> None:
-        self._on_backend([zmq.Frame(wid), zmq.Frame(W_REPLY), zmq.Frame(client),
+        self._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, status, req_id, client)),
                           zmq.Frame(pack_reply_header(status, req_id)), zmq.Frame(b"result")])
 
     def say(self, wid: bytes, command: bytes) -> None:
         self._on_backend([zmq.Frame(wid), zmq.Frame(command)])
 
     # -- actions -----------------------------------------------------------------------------
+    def requests(self) -> list[tuple[bytes, RequestHead, int]]:
+        """(worker, request head, req_id) of every request sent to a worker, in order."""
+        return [(wid, unpack_request_head(f[0]), unpack_request_header(f[1]).req_id)
+                for wid, f in self.to_workers if len(f[0]) > 1]
+
     def dispatched(self) -> list[tuple[bytes, bytes, int]]:
         """(worker, client, req_id) of every request sent to a worker, in order."""
-        return [(wid, f[1], unpack_request_header(f[2]).req_id) for wid, f in self.to_workers if f[0] == B_REQUEST]
+        return [(wid, head.client, req_id) for wid, head, req_id in self.requests()]
 
     def worker_of(self, req_id: int) -> bytes | None:
         found = [wid for wid, _, rid in self.dispatched() if rid == req_id]
@@ -177,8 +185,8 @@ def test_none_runs_anywhere_and_keeps_no_session() -> None:
     core.request(C, 2, "p", "s")  # the same session's calls run at once on both workers
     assert {core.worker_of(1), core.worker_of(2)} == {A, B}
     assert "s" not in core.sessions
-    budgets = [f[3] for _, f in core.to_workers if f[0] == B_REQUEST]
-    assert all(unpack_budget_lifecycle(b)[1] & BUDGET_EPHEMERAL for b in budgets)
+    heads = [head for _, head, _ in core.requests()]
+    assert heads and all(head.flags & BUDGET_EPHEMERAL for head in heads)
 
 
 def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
@@ -195,8 +203,8 @@ def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
 
 
 def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
-    frames = [f for _, f in core.to_workers if f[0] == B_REQUEST and unpack_request_header(f[2]).req_id == req_id]
-    return unpack_budget(frames[-1][3])
+    heads = [head for _, head, rid in core.requests() if rid == req_id]
+    return heads[-1].call_ms, heads[-1].queue_ms
 
 
 def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue_deadline() -> None:
@@ -492,3 +500,44 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert set(sent) == set(answered) | waiting | running
     replies = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
     assert len(replies) == len(set(replies)), "one answer per request"
+
+
+# -- the backend wire: hot-path heads, protocol version --------------------------------------
+def test_request_head_carries_budget_and_client_and_reply_head_is_read_without_msgpack() -> None:
+    core = StubCore("p:strict_queue:queue_timeout=5,session_ttl=90")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1", timeout_ms=2000)
+    (wid, head, req_id), = core.requests()
+    assert (wid, head.client, req_id, head.session_ttl_s, head.flags) == (A, C, 1, 90, 0)
+    assert 1000 < head.call_ms <= 2000 and 4000 < head.queue_ms <= 5000
+    assert len(core.to_workers[0][1]) == 3  # [head, request header, payload]: no separate command or budget
+    # the broker learns ok/req_id/client from the reply head and forwards the reply header untouched
+    core._on_backend([zmq.Frame(A), zmq.Frame(pack_reply_head(W_REPLY, "err", 1, C)),
+                      zmq.Frame(pack_reply_header("err", 1, "w", "p")), zmq.Frame(b"result")])
+    assert core.to_clients[-1] == [C, pack_reply_header("err", 1, "w", "p"), b"result"]
+    assert core.pools["p"].outcomes[("call", "error")] == 1
+    # a v1 reply (a bare command byte, the client id in its own frame) is garbage, not a crash
+    before = core.counters["garbage_backend"]
+    core._on_backend([zmq.Frame(A), zmq.Frame(W_REPLY), zmq.Frame(C), zmq.Frame(pack_reply_header("ok", 1))])
+    assert core.counters["garbage_backend"] == before + 1
+
+
+def test_a_worker_of_another_protocol_version_is_told_to_leave(caplog: pytest.LogCaptureFixture) -> None:
+    core = StubCore("p:strict_queue")
+    with caplog.at_level("ERROR", logger="dspex.broker"):
+        core.ready(A, "p", version=PROTOCOL_VERSION - 1)
+    assert A not in core.workers
+    assert core.to_workers == [(A, [B_DISCONNECT])]
+    assert f"speaks wire protocol version {PROTOCOL_VERSION - 1}, this broker speaks {PROTOCOL_VERSION}" in caplog.text
+    core.ready(B, "p")
+    assert B in core.workers
+
+
+def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
+    core = two_workers("p:strict_queue")
+    for bad in (-1, -(2**63)):  # (msgpack itself stops at 2**64 - 1)
+        core._sender = C
+        header = msgpack.packb(["call", bad, "p", "s", "", 0, 0])
+        core._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
+        assert msgpack.unpackb(core.to_clients[-1][2])["code"] == "protocol_error"
+    assert core.requests() == []

@@ -29,8 +29,8 @@ from dspex import codec
 from dspex.errors import DspexError, ProtocolError
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
-    B_REQUEST, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader, pack_reply_header,
-    unpack_reply_header, unpack_request_header,
+    B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
+    pack_reply_head, pack_reply_header, unpack_reply_header, unpack_request_head, unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -215,7 +215,7 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
                 outcomes.append(err.code)
             while imposter.poll(0):
                 f = imposter.recv_multipart()
-                if f[0] == B_REQUEST:
+                if f[0][:1] == B_REQUEST:
                     stolen.append(f)
         assert not stolen, "the imposter received a client's request"
         assert outcomes == [pid] * 5, outcomes
@@ -260,7 +260,8 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
     fake.setsockopt(zmq.ROUTING_ID, b"f" * 32)
     try:
         fake.connect(stack.backend)
-        fake.send_multipart([W_READY, msgpack.packb({"pool": "evil", "pid": 1, "capacity": 1})])
+        fake.send_multipart([W_READY, msgpack.packb({"pool": "evil", "pid": 1, "capacity": 1,
+                                                     "version": PROTOCOL_VERSION})])
         stack.wait_workers("evil", 1)
         dx = stack.client(timeout=5)
         honest, evil = dx.session("p"), dx.session("evil")  # both used from this thread: one client identity
@@ -269,13 +270,14 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
         def serve_one_then_forge() -> None:  # the fake worker answers, then forges the client's next reply
             assert fake.poll(5000)
             frames = fake.recv_multipart()
-            while frames[0] != B_REQUEST:
+            while frames[0][:1] != B_REQUEST:
                 assert fake.poll(5000)
                 frames = fake.recv_multipart()
-            client, header = frames[1], unpack_request_header(frames[2])
-            fake.send_multipart([W_REPLY, client, pack_reply_header("ok", header.req_id, "f" * 32, "evil"),
-                                 *codec.encode(0)])
-            fake.send_multipart([W_REPLY, client, pack_reply_header("ok", header.req_id + 1, "", "p"),
+            client, header = unpack_request_head(frames[0]).client, unpack_request_header(frames[1])
+            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id, client),
+                                 pack_reply_header("ok", header.req_id, "f" * 32, "evil"), *codec.encode(0)])
+            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id + 1, client),
+                                 pack_reply_header("ok", header.req_id + 1, "", "p"),
                                  *codec.encode("forged")])
 
         server = threading.Thread(target=serve_one_then_forge)
@@ -325,3 +327,24 @@ def test_a_request_id_reused_in_flight_does_not_stall_a_worker(stack: Stack) -> 
         assert all(isinstance(r, int) for r in results), results
     finally:
         raw.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_of_the_previous_wire_version_is_refused_with_a_clear_log_line(stack: Stack) -> None:
+    """Wire v2 folded the command into the request/reply heads: a v1 worker must be told to leave
+    (B_DISCONNECT) and the broker's log must say why, never half-parse its frames."""
+    dx = _start(stack, "p:strict_queue")
+    old = zmq.Context.instance().socket(zmq.DEALER)
+    old.setsockopt(zmq.LINGER, 0)
+    old.setsockopt(zmq.ROUTING_ID, b"o" * 32)
+    try:
+        old.connect(stack.backend)
+        old.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": 1, "capacity": 1, "version": 1})])
+        assert old.poll(10_000), "no answer to a v1 READY"
+        assert old.recv_multipart() == [B_DISCONNECT]
+        wait_for(lambda: "speaks wire protocol version 1, this broker speaks 2" in stack.logs(),
+                 what="the broker's refusal in its log")
+        assert len(stack.workers("p")) == 1  # only the real worker is registered, and it serves
+        assert dx.session("p").eval("1 + 1") == 2
+    finally:
+        old.close()

@@ -54,10 +54,12 @@ from dspex.protocol import (
     W_PARTIAL,
     W_READY,
     W_REPLY,
+    REQUEST_HEAD_SIZE,
+    RequestHeader,
     Status,
+    pack_reply_head,
     pack_reply_header,
-    unpack_budget,
-    unpack_budget_lifecycle,
+    unpack_request_head,
     unpack_request_header,
 )
 from worker.executor import Executor, RefTable, StreamControl, error_frames
@@ -295,24 +297,29 @@ class Worker:
             raise
 
     def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
+        """``request``: its arrival time and ``[request head, request header, *payload]`` (the
+        head was checked on arrival); each is parsed once, here."""
         arrived, frames = request
-        client = frames[0].bytes
+        head = unpack_request_head(frames[0].bytes)
+        client = head.client
         req_id = 0
+        header: RequestHeader | None = None
         stream: StreamControl | None = None
         with self._active_lock:
             self._running += 1
-        session = self._session_started(frames)
+        session = ""
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
-            call_ms, queue_ms = unpack_budget(frames[2].buffer)
+            session = self._session_started(header.session)
+            call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
                                    pool=self.options.pool)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
-            reply = self.executor.execute(header, frames[3:], stream, deadline=deadline,
+            reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=lambda: self._hard_timeout(client, header))
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
@@ -322,7 +329,7 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
-            self._log_failure(frames, req_id, stream is not None, err)
+            self._log_failure(header, req_id, stream is not None, err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
@@ -331,23 +338,19 @@ class Worker:
             if stream is not None:
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
-            self._session_ended(session)
+            self._session_ended(session, head.session_ttl_s, head.flags)
             with self._active_lock:
                 self._running -= 1
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
-        send([W_REPLY, client, head, *reply])
+        send([pack_reply_head(W_REPLY, status, req_id, client),
+              pack_reply_header(status, req_id, self.incarnation, self.options.pool), *reply])
 
     @staticmethod
-    def _log_failure(frames: list[zmq.Frame], req_id: int, streaming: bool, err: DspexError) -> None:
+    def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:
         """One line per failed call: the caller's error has the details, the log says it happened."""
-        try:
-            header = unpack_request_header(frames[1].buffer)
-            session, op = header.session[:8] or "-", header.op
-        except (DspexError, IndexError):
-            session, op = "-", "?"
+        session, op = (header.session[:8] or "-", header.op) if header is not None else ("-", "?")
         routine = isinstance(err, (RemoteError, UsageError, Cancelled))  # the caller's code, request or choice
         message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
         log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
@@ -358,8 +361,10 @@ class Worker:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
+        first = pack_reply_head(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+
         def emit(kind: str, frames: list[Any]) -> None:
-            send([W_PARTIAL, client, heads[kind], *frames])
+            send([first, heads[kind], *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
@@ -391,7 +396,8 @@ class Worker:
         self._exiting = True
         try:
             assert self._sock is not None
-            send_frames(self._sock, [W_REPLY, client, head, *error_frames(err)])
+            send_frames(self._sock, [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head,
+                                     *error_frames(err)])
             self._sock.send(W_DISCONNECT)
             # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
             # arrives it has read the reply and the goodbye, so closing the connection now cannot
@@ -415,20 +421,14 @@ class Worker:
         self._stop.set()
 
     # -- session lifecycle: the broker releases; the worker's backstop TTL catches the rest ----
-    def _session_started(self, frames: list[zmq.Frame]) -> tuple[str, int, int]:
-        """(session, ttl_s, flags) of a request about to run; its session counts as running."""
-        try:
-            session = unpack_request_header(frames[1].buffer).session
-            ttl, flags = unpack_budget_lifecycle(frames[2].buffer)
-        except (DspexError, IndexError):
-            return "", 0, 0  # _handle reports the malformed frame
+    def _session_started(self, session: str) -> str:
+        """A request of ``session`` is about to run: its session counts as running."""
         if session:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
-        return session, ttl, flags
+        return session
 
-    def _session_ended(self, started: tuple[str, int, int]) -> None:
-        session, ttl, flags = started
+    def _session_ended(self, session: str, ttl: int, flags: int) -> None:
         if not session:
             return
         with self._active_lock:
@@ -523,11 +523,13 @@ class Worker:
     def _from_broker(self, frames: list[zmq.Frame]) -> None:
         assert self._sock is not None
         command = frames[0].bytes
-        if command == B_REQUEST:
-            if len(frames) < 4:
-                log.warning("ignoring a request of %d frames from the broker", len(frames))
+        if command[:1] == B_REQUEST:
+            if len(command) <= REQUEST_HEAD_SIZE or len(frames) < 3:
+                # v1 sent a bare command byte: this broker runs another dspex version
+                log.warning("ignoring a request of %d frames (head of %d bytes) from the broker: is it of "
+                            "another protocol version than ours (%d)?", len(frames), len(command), PROTOCOL_VERSION)
                 return
-            self._inbox.append((time.monotonic(), frames[1:]))
+            self._inbox.append((time.monotonic(), frames))
         elif command == B_HEARTBEAT:
             pass
         elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
