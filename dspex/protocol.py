@@ -14,7 +14,7 @@ Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
 On the hot path the command, the fixed-size fields the other side needs and the client id share
-one frame (``RequestHead``/``ReplyHead``, ``struct`` layouts): one frame fewer per message and no
+one frame (``pack_request_head``/``pack_reply_head``, ``struct`` layouts): one frame fewer per message and no
 msgpack on the broker's reply path. The broker decodes only the request header (a short msgpack
 array); payloads are codec frames it never touches. See docs/protocol.md for the full description.
 """
