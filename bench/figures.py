@@ -33,6 +33,8 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from bench.direct import ROWS as DIRECT_ROWS
+from bench.direct import direct
 from bench.serving import serving
 from tests.harness.supervisord import link_launcher
 
@@ -1132,6 +1134,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "flagship": flagship,
     "memory": memory,
     "serving": serving,
+    "direct": direct,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -1147,4 +1150,5 @@ ROWS: dict[str, list[str]] = {
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray"],
+    "direct": DIRECT_ROWS,
 }

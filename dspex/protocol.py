@@ -172,31 +172,51 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
     return RequestHeader(op, req_id, pool, session, worker, timeout_ms, flags)
 
 
-def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
-    """``[status, req_id, worker, pool]``: the worker the reply came from lets clients track pins."""
+def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "", direct: str = "") -> bytes:
+    """``[status, req_id, worker, pool(, direct)]``: the worker the reply came from lets clients
+    track pins; ``direct`` is its direct endpoint (``direct`` pools, admitted sessions only)."""
+    if direct:
+        return _packb([status, req_id, worker, pool, direct])
     return _packb([status, req_id, worker, pool])
 
 
 def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
+    status, req_id, worker, pool, _ = unpack_reply(data)
+    return status, req_id, worker, pool
+
+
+def unpack_reply(data: bytes | memoryview) -> tuple[str, int, str, str, str]:
+    """``(status, req_id, worker, pool, direct)``: ``direct`` is the worker's direct endpoint,
+    which a worker of a ``direct`` pool appends to its replies to sessions it admits ("" if none)."""
     try:
-        status, req_id, worker, pool = msgpack.unpackb(data)
-        if not (isinstance(status, str) and isinstance(req_id, int)):
+        fields = msgpack.unpackb(data)
+        status, req_id, worker, pool = fields[:4]
+        if not (isinstance(status, str) and isinstance(req_id, int)) or len(fields) > 5:
             raise TypeError("wrong field types")
     except Exception as exc:
         raise ProtocolError(f"malformed reply header: {exc}") from None
-    return status, req_id, str(worker), str(pool)
+    return status, req_id, str(worker), str(pool), str(fields[4]) if len(fields) == 5 else ""
 
 
 # Budget flags (the optional fourth budget field)
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
+# a ``direct`` strict_queue pool: the worker admits the session's calls on its own socket; the
+# budget then carries a fifth field, the pool's queue timeout (ms), which direct calls get
+BUDGET_DIRECT = 2
+# Reply status a direct worker answers a request it will not take directly with (a session it
+# has not admitted, a stream, a stopping worker): the request did not run; send it via the broker
+STATUS_VIA_BROKER = "via"
 
 
-def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
+def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0, queue_timeout_ms: int = 0) -> bytes:
     """``[call_ms, queue_ms, session_ttl_s, flags]``: what is left of the call's deadline and of
     its queue deadline when the broker hands the request to a worker (0: none). Relative, so
     clocks of other hosts never matter: the worker adds them to its own monotonic clock on
     receipt. ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from
-    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Readers accept the older two-field form."""
+    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL`` or ``BUDGET_DIRECT`` (then a fifth
+    field: the pool's queue timeout). Readers accept the older two-field form."""
+    if flags & BUDGET_DIRECT:
+        return _packb([call_ms, queue_ms, session_ttl_s, flags, queue_timeout_ms])
     if not session_ttl_s and not flags:
         return _packb([call_ms, queue_ms])
     return _packb([call_ms, queue_ms, session_ttl_s, flags])
@@ -205,22 +225,27 @@ def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int 
 def _budget_fields(data: bytes | memoryview) -> list[int]:
     try:
         fields = msgpack.unpackb(data)
-        if not (isinstance(fields, list) and 2 <= len(fields) <= 4 and all(isinstance(f, int) for f in fields)):
-            raise TypeError("expected 2 to 4 integers")
+        if not (isinstance(fields, list) and 2 <= len(fields) <= 5 and all(isinstance(f, int) for f in fields)):
+            raise TypeError("expected 2 to 5 integers")
     except Exception as exc:
         raise ProtocolError(f"malformed request budget: {exc}") from None
-    return fields + [0] * (4 - len(fields))
+    return fields + [0] * (5 - len(fields))
 
 
 def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
-    call_ms, queue_ms, _, _ = _budget_fields(data)
+    call_ms, queue_ms, _, _, _ = _budget_fields(data)
     return call_ms, queue_ms
 
 
 def unpack_budget_lifecycle(data: bytes | memoryview) -> tuple[int, int]:
     """``(session_ttl_s, flags)`` of a budget frame (zeros in the two-field form)."""
-    _, _, ttl, flags = _budget_fields(data)
+    _, _, ttl, flags, _ = _budget_fields(data)
     return ttl, flags
+
+
+def unpack_budget_direct(data: bytes | memoryview) -> int:
+    """The pool's queue timeout (ms) a ``BUDGET_DIRECT`` budget carries (0 otherwise)."""
+    return _budget_fields(data)[4]
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

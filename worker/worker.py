@@ -42,6 +42,7 @@ from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     B_REREGISTER,
+    BUDGET_DIRECT,
     BUDGET_EPHEMERAL,
     FLAG_STREAM,
     HEARTBEAT_INTERVAL,
@@ -57,9 +58,11 @@ from dspex.protocol import (
     Status,
     pack_reply_header,
     unpack_budget,
+    unpack_budget_direct,
     unpack_budget_lifecycle,
     unpack_request_header,
 )
+from worker.direct import DirectPort, endpoint_for
 from worker.executor import Executor, RefTable, StreamControl, error_frames
 from worker.limits import CallTimedOut
 
@@ -148,6 +151,7 @@ class Worker:
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
+        self._port: DirectPort | None = None  # a direct pool's own socket, from its first admitted session
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -180,6 +184,9 @@ class Worker:
             while not (self._stop.is_set() and self._active == 0):
                 request = self._next_request(poller, replies)
                 if request is None or self._stop.is_set():
+                    if request is not None and self._port is not None and self._port.owns(request[1][0]):
+                        with self._lock:  # a direct one goes back to its client (it did not run)
+                            self._port.bounce(request[1])
                     continue  # stopping: a request not started is handed back at our goodbye
                 if pool is None:
                     self._set_busy(True)
@@ -203,6 +210,11 @@ class Worker:
                         self._send_reply(replies.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
+                if self._port is not None:  # direct requests not started go back: they did not run
+                    self._port.read(self._inbox, True)
+                    for _, frames in self._inbox:
+                        if self._port.owns(frames[0]):
+                            self._port.bounce(frames)
                 # say goodbye so the broker drops our sessions now, not at heartbeat expiry
                 self._sock.setsockopt(zmq.LINGER, 1000)
                 try:
@@ -214,6 +226,8 @@ class Worker:
             io.join(timeout=5)
             self._close_monitor()
             self._sock.close()
+            if self._port is not None:
+                self._port.close()
             if replies is not None:
                 replies.close(0)
         return 0
@@ -255,6 +269,8 @@ class Worker:
                     self._send_reply(out)
             if self._sock in events:
                 self._read_socket()
+            if self._port is not None and self._port.sock in events:
+                self._port.read(self._inbox, self._stop.is_set())
             self._timers()
             return self._inbox.popleft() if self._inbox else None
 
@@ -272,6 +288,9 @@ class Worker:
     def _send_reply(self, frames: list[Any]) -> None:
         """Holding the lock. Bounded by SNDTIMEO: a broker gone for good must not wedge us."""
         assert self._sock is not None
+        if self._port is not None and self._port.owns(frames[1]):
+            self._port.reply(frames)
+            return
         try:
             send_frames(self._sock, frames)
         except zmq.Again:
@@ -337,7 +356,8 @@ class Worker:
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        head = pack_reply_header(status, req_id, self.incarnation, self.options.pool)
+        head = pack_reply_header(status, req_id, self.incarnation, self.options.pool,
+                                 self._port.announce(session[0], client) if self._port is not None else "")
         send([W_REPLY, client, head, *reply])
 
     @staticmethod
@@ -391,7 +411,10 @@ class Worker:
         self._exiting = True
         try:
             assert self._sock is not None
-            send_frames(self._sock, [W_REPLY, client, head, *error_frames(err)])
+            if self._port is not None and self._port.owns(client):
+                self._port.reply([W_REPLY, client, head, *error_frames(err)])
+            else:
+                send_frames(self._sock, [W_REPLY, client, head, *error_frames(err)])
             self._sock.send(W_DISCONNECT)
             # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
             # arrives it has read the reply and the goodbye, so closing the connection now cannot
@@ -425,7 +448,19 @@ class Worker:
         if session:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
+            if flags & BUDGET_DIRECT and (self._port is None or session not in self._port.admitted):
+                self._admit(session, ttl, unpack_budget_direct(frames[2].buffer))
         return session, ttl, flags
+
+    def _admit(self, session: str, ttl: int, queue_ms: int) -> None:
+        """A brokered call of a ``direct`` pool's session: its client may now call us directly."""
+        with self._lock:
+            if self._port is None:
+                self._port = DirectPort(self.ctx, endpoint_for(self.options.backend, self.incarnation),
+                                        self.incarnation, self.options.pool, self.max_message)
+                if self._poller is not None:
+                    self._poller.register(self._port.sock, zmq.POLLIN)
+            self._port.admit(session, ttl, queue_ms)
 
     def _session_ended(self, started: tuple[str, int, int]) -> None:
         session, ttl, flags = started
@@ -442,6 +477,8 @@ class Worker:
     def _release(self, session: str) -> int:
         with self._active_lock:
             self._session_ends.pop(session, None)
+        if self._port is not None:
+            self._port.forget(session)
         return self.executor.refs.release_session(session)
 
     def _backstop_sweep(self, now: float) -> None:
@@ -575,6 +612,8 @@ class Worker:
                 if self._exiting or not self._busy:
                     continue
                 self._read_socket()
+                if self._port is not None:
+                    self._port.read(self._inbox, self._stop.is_set())
                 self._timers()
 
     # -- frames -------------------------------------------------------------------------------
@@ -594,8 +633,11 @@ class Worker:
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
-                       "sessions": len(ex.refs.sessions), "running": self._running})
+        stats = {"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
+                 "sessions": len(ex.refs.sessions), "running": self._running}
+        if self._port is not None:
+            stats["direct"] = self._port.report()
+        return _packb(stats)
 
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None
