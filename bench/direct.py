@@ -8,6 +8,9 @@ rounds, as bench/figures.py does:
   (after the first call, client DEALER -> worker ROUTER) vs the same pool brokered vs raw frames
   through a C proxy to an echo DEALER; plus raw frames straight to the worker's direct socket
   (what the Client itself adds).
+- ``direct.crash``: SIGKILL of a worker running a session's call: time until that call raises
+  ``WorkerCrashed`` and the session's next call ``SessionWorkerUnavailable``, direct vs brokered
+  (the client's socket monitor vs the broker's).
 - ``direct.throughput``: pipelined calls/s, 100 sessions, 2 capacity-1 workers: a raw-DEALER load
   generator pinning each session through the broker, then sending straight to its worker
   (``python -m bench.direct loadgen``) vs the broker load generator (bench/servers.py) vs the C
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -30,7 +35,7 @@ import zmq
 
 from bench.common import PY, Row, Stack, Workspace, iter_rotated, median, quantile, us, verdict
 
-ROWS = ["direct.noop", "direct.noop_raw", "direct.throughput"]
+ROWS = ["direct.noop", "direct.noop_raw", "direct.throughput", "direct.crash"]
 
 
 def direct(cfg: Any) -> list[Row]:
@@ -145,12 +150,66 @@ def direct(cfg: Any) -> list[Row]:
                         "≥ 0.35× C proxy", verdict(tr["direct"] >= 0.35),
                         data={"rounds": t_rounds, "duration_s": duration, "rates": rate, "ratio_vs_cproxy": tr,
                               "direct_over_brokered": tgain, "cpu_us_per_call": cpu, "errors": errors, "raw": res}))
+        rows.append(_crash(stacks, clients, cfg.n_rounds(5, 1), cfg))
     finally:
         for sock in socks:
             sock.close(0)
         ctx.term()
         ws.close()
     return rows
+
+
+def _crash(stacks: dict[str, Stack], clients: dict[str, Any], rounds: int, cfg: Any) -> Row:
+    import threading
+
+    import dspex
+    from bench.common import wait_for
+
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in stacks}
+    for rnd in range(rounds):
+        for name in iter_rotated(list(stacks), rnd):
+            st, client = stacks[name], clients[name]
+            proc = st.start_worker("p", "--no-dspy")
+            wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02, "the new worker")
+            s = None
+            for _ in range(50):  # a session pinned to the new worker (least loaded: usually the first)
+                s = client.session("p")
+                if int(s.call("os", "getpid")) == proc.pid:
+                    break
+            assert s is not None
+            s.call("builtins", "len", [[]])  # direct pools: the first direct call
+            out: list[Any] = []
+
+            def long_call(sess: Any = s) -> None:
+                try:
+                    sess.call("time", "sleep", [30], timeout=20)
+                except dspex.DspexError as err:
+                    out.append((time.perf_counter(), err))
+
+            t = threading.Thread(target=long_call, daemon=True)
+            t.start()
+            time.sleep(0.3)  # the call is running
+            t0 = time.perf_counter()
+            os.kill(proc.pid, signal.SIGKILL)
+            t.join(25)
+            crashed = out[0][0] - t0 if out and isinstance(out[0][1], dspex.WorkerCrashed) else float("nan")
+            while True:
+                try:
+                    s.call("builtins", "len", [[]], timeout=5)
+                except dspex.SessionWorkerUnavailable:
+                    break
+                except dspex.DspexError:
+                    if time.perf_counter() - t0 > 10:
+                        raise
+            res[name].append((crashed, time.perf_counter() - t0))
+            proc.wait(timeout=10)
+        cfg.log(f"  crash round {rnd + 1}/{rounds}: " + ", ".join(
+            f"{k} {v[-1][0] * 1e3:.1f}/{v[-1][1] * 1e3:.1f} ms" for k, v in res.items()))
+    med = {k: (median([x[0] for x in v]), median([x[1] for x in v])) for k, v in res.items()}
+    return Row("direct.crash", "SIGKILL during a call → WorkerCrashed / next call SessionWorkerUnavailable",
+               f"direct {med['direct'][0] * 1e3:.1f} / {med['direct'][1] * 1e3:.1f} ms",
+               f"brokered {med['brokered'][0] * 1e3:.1f} / {med['brokered'][1] * 1e3:.1f} ms", "", "(info: crash detection)",
+               data={"rounds": rounds, "ms": {k: [(a * 1e3, b * 1e3) for a, b in v] for k, v in res.items()}})
 
 
 def st_pid(st: Stack) -> int:

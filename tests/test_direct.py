@@ -156,3 +156,34 @@ def test_max_requests_counts_direct_calls(stack: Stack) -> None:
     assert pool_status(dx)["recycles"] >= 1
     with pytest.raises(dspex.SessionWorkerUnavailable):
         s.call("os", "getpid")
+
+
+def test_asyncio_client_calls_directly_and_sees_the_crash(stack: Stack) -> None:
+    import asyncio
+
+    import dspex.aio
+
+    stack.pool("p:strict_queue:direct=true", 1, "--no-dspy")
+    sync = stack.client()
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=20) as dx:
+            sessions = [dx.session("p") for _ in range(5)]
+            pids = set(await asyncio.gather(*(s.call("os", "getpid") for s in sessions)))  # brokered: pins
+            assert all(s.worker in dx._direct.endpoints for s in sessions)
+            routed = broker_calls(sync)
+            for _ in range(5):
+                pids |= set(await asyncio.gather(*(s.call("os", "getpid") for s in sessions)))
+            assert len(pids) == 1
+            assert broker_calls(sync) == routed, "direct calls went through the broker's frontend"
+            running = asyncio.ensure_future(sessions[0].call("time", "sleep", [30]))
+            await asyncio.sleep(0.3)
+            killed = time.monotonic()
+            os.kill(pids.pop(), signal.SIGKILL)
+            with pytest.raises(dspex.WorkerCrashed):
+                await asyncio.wait_for(running, 5)
+            assert time.monotonic() - killed < 2.0
+            with pytest.raises(dspex.SessionWorkerUnavailable):
+                await sessions[1].call("os", "getpid")
+
+    asyncio.run(main())
