@@ -187,3 +187,29 @@ def test_asyncio_client_calls_directly_and_sees_the_crash(stack: Stack) -> None:
                 await sessions[1].call("os", "getpid")
 
     asyncio.run(main())
+
+
+def test_close_while_direct_calls_run_and_wait_keeps_the_running_one_whole(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:direct=true", 1, "--no-dspy")
+    s = pinned(dx)
+    s.define(41, name="x")
+    results: dict[str, Any] = {}
+
+    def run(key: str, expr: str) -> None:
+        try:
+            results[key] = s.eval(expr)
+        except dspex.DspexError as err:
+            results[key] = err
+
+    running = threading.Thread(target=run, args=("running", "(__import__('time').sleep(1.5), x + 1)[1]"))
+    running.start()
+    wait_for(lambda: any(w["direct"]["running"] == 1 for w in pool_status(dx)["workers"]), 10, what="call running")
+    waiting = threading.Thread(target=run, args=("waiting", "x"))
+    waiting.start()
+    wait_for(lambda: any(w["direct"]["running"] == 2 for w in pool_status(dx)["workers"]), 10, what="call queued")
+    s.close()  # the broker releases at once: it does not see the direct calls
+    running.join(10)
+    waiting.join(10)
+    assert results["running"] == 42  # its state stayed until it ended
+    assert isinstance(results["waiting"], dspex.SessionClosed)  # not started: sent back, the broker says closed
+    wait_for(lambda: pool_status(dx)["workers"][0]["held_sessions"] == 0, 10, what="session released")

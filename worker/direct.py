@@ -68,6 +68,7 @@ class DirectPort:
         self.admitted: dict[str, int] = {}  # session -> its pool's TTL (s), for the backstop
         self.queue_ms = 0  # the pool's queue timeout: each direct call's queue deadline
         self.open: dict[tuple[bytes, int], str] = {}  # (tagged client, req_id) -> session, taken not answered
+        self.deferred: set[str] = set()  # released by the broker while a direct call of it ran
         self.ends: dict[str, float] = {}  # session -> end of its last direct call, since the last report
         self.served = 0
         self.errors = 0
@@ -84,6 +85,21 @@ class DirectPort:
         """The session was released: its next direct call goes via the broker (SessionClosed)."""
         self.admitted.pop(session, None)
         self.ends.pop(session, None)
+
+    def defer_release(self, session: str, running: bool) -> bool:
+        """The broker released ``session``: refuse its direct calls from now on; whether the
+        release must wait for a running call of it (the broker does not see direct calls)."""
+        self.forget(session)
+        if running:
+            self.deferred.add(session)
+        return running
+
+    def still_admitted(self, frames: list[Any]) -> bool:
+        """Whether a queued direct request's session is still admitted as it is about to run."""
+        try:
+            return unpack_request_header(frames[1].buffer).session in self.admitted
+        except DspexError:
+            return True  # the worker reports the malformed header
 
     def announce(self, session: str, client: bytes) -> str:
         """The endpoint a brokered reply to ``session`` carries ("" if not admitted or direct)."""

@@ -316,6 +316,10 @@ class Worker:
     def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
         arrived, frames = request
         client = frames[0].bytes
+        if self._port is not None and self._port.owns(client) and not self._port.still_admitted(frames):
+            with self._lock:  # released (closed, expired) while it waited here: it did not run
+                self._port.bounce(frames)
+            return
         req_id = 0
         stream: StreamControl | None = None
         with self._active_lock:
@@ -473,6 +477,9 @@ class Worker:
             self._session_ends[session] = (time.monotonic(), ttl)
         if flags & BUDGET_EPHEMERAL and not left:
             self._release(session)  # a ``none`` pool keeps no session state between calls
+        elif not left and self._port is not None and session in self._port.deferred:
+            self._port.deferred.discard(session)
+            self._release(session)
 
     def _release(self, session: str) -> int:
         with self._active_lock:
@@ -571,6 +578,8 @@ class Worker:
             self._stream_control(command, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:
             session_id = frames[1].bytes.decode(errors="replace")
+            if self._port is not None and self._port.defer_release(session_id, session_id in self._running_sessions):
+                return  # a direct call of it runs (the broker cannot know): released when it ends
             n = self._release(session_id)
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
