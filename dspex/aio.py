@@ -64,7 +64,8 @@ class AsyncClient:
         self._retiring: list[asyncio.Task[None]] = []
         self.replaced_sockets = 0
         self._sock, self._monitor = self._connect()
-        self._direct = AsyncDirectRoutes(self._ctx, self.max_message)  # ``direct`` pools' workers
+        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
+        self._direct = AsyncDirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
         sock = self._ctx.socket(zmq.DEALER)

@@ -75,8 +75,9 @@ class _Link:
 class AsyncDirectRoutes:
     """Per asyncio client: worker incarnation -> direct endpoint, its link, workers seen dead."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, max_message: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, max_message: int, local: bool) -> None:
         self._ctx = ctx
+        self._local = local  # the client reaches its broker over ipc: the workers are on this host
         self._max_message = max_message
         self.endpoints: dict[str, str] = {}
         self._dead: dict[str, str] = {}
@@ -84,7 +85,7 @@ class AsyncDirectRoutes:
         self._retiring: list[_Link] = []
 
     def learn(self, worker: str, endpoint: str) -> None:
-        if worker and worker not in self.endpoints and worker not in self._dead:
+        if self._local and worker and endpoint.startswith("ipc://") and worker not in self.endpoints and worker not in self._dead:
             self.endpoints[worker] = endpoint
 
     def died(self, worker: str, why: str) -> None:

@@ -112,7 +112,8 @@ class Client:
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self._executor: ThreadPoolExecutor | None = None
-        self._direct = DirectRoutes(self._ctx, self.max_message)  # ``direct`` pools' workers
+        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
+        self._direct = DirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:

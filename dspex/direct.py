@@ -79,8 +79,9 @@ class _Link:
 class DirectRoutes:
     """Per client: worker incarnation -> direct endpoint, idle links, workers seen dead."""
 
-    def __init__(self, ctx: zmq.Context[Any], max_message: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], max_message: int, local: bool) -> None:
         self._ctx = ctx
+        self._local = local  # the client reaches its broker over ipc: the workers are on this host
         self._max_message = max_message
         self.endpoints: dict[str, str] = {}  # read without the lock on the hot path (GIL-atomic)
         self._dead: dict[str, str] = {}
@@ -90,7 +91,8 @@ class DirectRoutes:
         self._closed = False
 
     def learn(self, worker: str, endpoint: str) -> None:
-        if worker and worker not in self.endpoints and worker not in self._dead:
+        # ipc only (prototype): a client of a remote broker could not reach the worker's socket
+        if self._local and worker and endpoint.startswith("ipc://") and worker not in self.endpoints and worker not in self._dead:
             self.endpoints[worker] = endpoint
 
     def close(self) -> None:

@@ -152,6 +152,7 @@ class Worker:
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
         self._port: DirectPort | None = None  # a direct pool's own socket, from its first admitted session
+        self._ipc = options.backend.startswith("ipc://")  # direct calls: same-host (ipc) only, for now
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -452,7 +453,7 @@ class Worker:
         if session:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
-            if flags & BUDGET_DIRECT and (self._port is None or session not in self._port.admitted):
+            if flags & BUDGET_DIRECT and self._ipc and (self._port is None or session not in self._port.admitted):
                 self._admit(session, ttl, unpack_budget_direct(frames[2].buffer))
         return session, ttl, flags
 
