@@ -213,3 +213,24 @@ def test_close_while_direct_calls_run_and_wait_keeps_the_running_one_whole(stack
     assert results["running"] == 42  # its state stayed until it ended
     assert isinstance(results["waiting"], dspex.SessionClosed)  # not started: sent back, the broker says closed
     wait_for(lambda: pool_status(dx)["workers"][0]["held_sessions"] == 0, 10, what="session released")
+
+
+def test_dspexctl_status_shows_the_direct_calls(stack: Stack) -> None:
+    import json
+    import subprocess
+    import sys
+
+    dx = stack.pool("p:strict_queue:direct=true", 1, "--no-dspy")
+    s = pinned(dx)
+    for _ in range(10):
+        s.call("builtins", "len", [[]])
+    wait_for(lambda: pool_status(dx)["workers"][0]["direct"]["served"] >= 10, 10, what="heartbeat")
+    env = dict(stack.env, DSPEX_ENDPOINT=stack.frontend)
+    env.pop("DSPEX_SUPERVISOR_CONF", None)
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status", "--json"], cwd=stack.root, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in res.stderr, res.stderr
+    doc = json.loads(res.stdout)
+    pool = next(p for p in doc["pools"] if p["name"] == "p")
+    worker = pool["workers"][0]
+    assert worker["direct"]["served"] >= 10 and worker["served"] >= 11
