@@ -19,7 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.core import Exchange, close_monitored
-from dspex.direct import VIA_BROKER
+from dspex.direct import VIA_BROKER, frozen_peer_check
 from dspex.errors import BrokerUnreachable, ProtocolError, SessionWorkerUnavailable, WorkerCrashed
 from dspex.protocol import STATUS_VIA_BROKER, unpack_reply
 
@@ -33,6 +33,7 @@ class _Link:
         self.worker = worker
         self.sock = ctx.socket(zmq.DEALER)
         config.tune_socket(self.sock, max_message=max_message)  # type: ignore[arg-type]
+        frozen_peer_check(self.sock)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.pending: dict[int, asyncio.Queue[_Reply]] = {}

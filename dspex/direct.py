@@ -29,11 +29,20 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.core import Exchange
 from dspex.errors import BrokerUnreachable, ProtocolError, SessionWorkerUnavailable, WorkerCrashed
-from dspex.protocol import STATUS_VIA_BROKER, unpack_reply
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_VIA_BROKER, unpack_reply
 from dspex.zmqfast import recv_frames, send_frames
 
 VIA_BROKER = object()  # the request did not run: send it through the broker
 _IDLE_PER_ENDPOINT = 8
+
+
+def frozen_peer_check(sock: Any) -> None:
+    """ZMTP heartbeats on a direct link: a worker that stops without closing its connection
+    (SIGSTOP, a hung host) is dropped after the broker's own silence limit, so its callers get
+    ``WorkerCrashed`` then as through the broker. The worker's zmq I/O thread answers them even
+    while a call holds the GIL, so a long call is never taken for a freeze."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_INTERVAL * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS * 1000))
 
 
 class _Link:
@@ -45,6 +54,7 @@ class _Link:
         self.sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         config.tune_socket(self.sock, max_message=max_message)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        frozen_peer_check(self.sock)
         self.monitor: zmq.Socket[Any] = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.poller = zmq.Poller()

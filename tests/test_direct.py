@@ -234,3 +234,31 @@ def test_dspexctl_status_shows_the_direct_calls(stack: Stack) -> None:
     pool = next(p for p in doc["pools"] if p["name"] == "p")
     worker = pool["workers"][0]
     assert worker["direct"]["served"] >= 10 and worker["served"] >= 11
+
+
+def test_a_frozen_worker_fails_the_direct_call_after_the_silence_limit(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:direct=true", 1, "--no-dspy")
+    s = pinned(dx)
+    pid = int(s.call("os", "getpid"))
+    errors: list[BaseException] = []
+
+    def long_call() -> None:
+        try:
+            s.call("time", "sleep", [30], timeout=40)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    t = threading.Thread(target=long_call, daemon=True)
+    t.start()
+    wait_for(lambda: any(w["direct"]["running"] for w in pool_status(dx)["workers"]), 10, what="direct call running")
+    stopped = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)  # alive, connection open, silent: only heartbeats tell
+    try:
+        t.join(15)
+        assert not t.is_alive()
+        assert isinstance(errors[0], dspex.WorkerCrashed)
+        assert time.monotonic() - stopped < 10.0  # the silence limit (1 s × 3 by default), not the call's 40 s
+        with pytest.raises(dspex.SessionWorkerUnavailable):
+            s.call("os", "getpid")
+    finally:
+        os.kill(pid, signal.SIGCONT)

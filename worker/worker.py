@@ -638,6 +638,7 @@ class Worker:
                 "running": self._running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
+                **({"direct": self._port.endpoint} if self._port is not None else {}),
             }
         )
 
