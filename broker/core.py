@@ -346,7 +346,7 @@ class Core(Lifecycle):
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
             budget = (pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl), BUDGET_DIRECT,
-                                  int(pool.config.queue_timeout * 1000)) if pool.direct
+                                  int(pool.config.queue_timeout * 1000), pool.config.queue_max) if pool.direct
                       else pack_budget(call_ms, queue_ms, math.ceil(pool.config.session_ttl)))
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)

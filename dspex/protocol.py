@@ -201,22 +201,24 @@ def unpack_reply(data: bytes | memoryview) -> tuple[str, int, str, str, str]:
 # Budget flags (the optional fourth budget field)
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
 # a ``direct`` strict_queue pool: the worker admits the session's calls on its own socket; the
-# budget then carries a fifth field, the pool's queue timeout (ms), which direct calls get
+# budget then carries two more fields, the pool's queue timeout (ms) and queue_max, which direct
+# calls get
 BUDGET_DIRECT = 2
 # Reply status a direct worker answers a request it will not take directly with (a session it
 # has not admitted, a stream, a stopping worker): the request did not run; send it via the broker
 STATUS_VIA_BROKER = "via"
 
 
-def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0, queue_timeout_ms: int = 0) -> bytes:
+def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0, queue_timeout_ms: int = 0,
+                queue_max: int = 0) -> bytes:
     """``[call_ms, queue_ms, session_ttl_s, flags]``: what is left of the call's deadline and of
     its queue deadline when the broker hands the request to a worker (0: none). Relative, so
     clocks of other hosts never matter: the worker adds them to its own monotonic clock on
     receipt. ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from
-    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL`` or ``BUDGET_DIRECT`` (then a fifth
-    field: the pool's queue timeout). Readers accept the older two-field form."""
+    it; 0: none) and ``flags`` holds ``BUDGET_EPHEMERAL`` or ``BUDGET_DIRECT`` (then two more
+    fields: the pool's queue timeout and queue_max). Readers accept the older two-field form."""
     if flags & BUDGET_DIRECT:
-        return _packb([call_ms, queue_ms, session_ttl_s, flags, queue_timeout_ms])
+        return _packb([call_ms, queue_ms, session_ttl_s, flags, queue_timeout_ms, queue_max])
     if not session_ttl_s and not flags:
         return _packb([call_ms, queue_ms])
     return _packb([call_ms, queue_ms, session_ttl_s, flags])
@@ -225,27 +227,28 @@ def pack_budget(call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int 
 def _budget_fields(data: bytes | memoryview) -> list[int]:
     try:
         fields = msgpack.unpackb(data)
-        if not (isinstance(fields, list) and 2 <= len(fields) <= 5 and all(isinstance(f, int) for f in fields)):
-            raise TypeError("expected 2 to 5 integers")
+        if not (isinstance(fields, list) and 2 <= len(fields) <= 6 and all(isinstance(f, int) for f in fields)):
+            raise TypeError("expected 2 to 6 integers")
     except Exception as exc:
         raise ProtocolError(f"malformed request budget: {exc}") from None
-    return fields + [0] * (5 - len(fields))
+    return fields + [0] * (6 - len(fields))
 
 
 def unpack_budget(data: bytes | memoryview) -> tuple[int, int]:
-    call_ms, queue_ms, _, _, _ = _budget_fields(data)
+    call_ms, queue_ms = _budget_fields(data)[:2]
     return call_ms, queue_ms
 
 
 def unpack_budget_lifecycle(data: bytes | memoryview) -> tuple[int, int]:
     """``(session_ttl_s, flags)`` of a budget frame (zeros in the two-field form)."""
-    _, _, ttl, flags, _ = _budget_fields(data)
+    ttl, flags = _budget_fields(data)[2:4]
     return ttl, flags
 
 
-def unpack_budget_direct(data: bytes | memoryview) -> int:
-    """The pool's queue timeout (ms) a ``BUDGET_DIRECT`` budget carries (0 otherwise)."""
-    return _budget_fields(data)[4]
+def unpack_budget_direct(data: bytes | memoryview) -> tuple[int, int]:
+    """``(queue_timeout_ms, queue_max)`` of the pool, as a ``BUDGET_DIRECT`` budget carries them."""
+    queue_timeout_ms, queue_max = _budget_fields(data)[4:6]
+    return queue_timeout_ms, queue_max
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

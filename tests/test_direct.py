@@ -262,3 +262,19 @@ def test_a_frozen_worker_fails_the_direct_call_after_the_silence_limit(stack: St
             s.call("os", "getpid")
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_the_worker_bounds_waiting_direct_calls_by_queue_max(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:direct=true,queue_max=1", 1, "--no-dspy")
+    a, b, c = pinned(dx), pinned(dx), pinned(dx)
+    threads = [threading.Thread(target=a.call, args=("time", "sleep", [1.5]), daemon=True),
+               threading.Thread(target=b.call, args=("time", "sleep", [0]), daemon=True)]
+    threads[0].start()
+    wait_for(lambda: pool_status(dx)["workers"][0]["direct"]["running"] == 1, 10, what="a running")
+    threads[1].start()
+    wait_for(lambda: pool_status(dx)["workers"][0]["direct"]["running"] == 2, 10, what="b waiting")
+    with pytest.raises(dspex.PoolSaturated):  # a second one waiting: over queue_max (did not run)
+        c.call("builtins", "len", [[]])
+    for t in threads:
+        t.join(10)
+    assert c.call("builtins", "len", [[]]) == 0

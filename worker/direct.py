@@ -32,10 +32,11 @@ import msgpack
 import zmq
 
 from dspex import config
-from dspex.errors import DspexError
+from dspex.errors import DspexError, PoolSaturated
 from dspex.protocol import (FLAG_STREAM, STATUS_VIA_BROKER, WORKER_OPS, Status, pack_budget, pack_reply_header,
                             unpack_request_header)
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from worker.remote_errors import error_frames
 
 log = logging.getLogger("dspex.worker")
 
@@ -56,7 +57,8 @@ class DirectPort:
     """The ROUTER, the admitted sessions and the counts heartbeats report. Every method runs
     holding the worker's socket lock (``admitted``/``ends`` reads are GIL-atomic)."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, incarnation: str, pool: str, max_message: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, incarnation: str, pool: str, max_message: int,
+                 capacity: int) -> None:
         self.endpoint = endpoint
         self.incarnation, self.pool = incarnation, pool
         self.sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
@@ -67,6 +69,8 @@ class DirectPort:
         self.sock.bind(endpoint)
         self.admitted: dict[str, int] = {}  # session -> its pool's TTL (s), for the backstop
         self.queue_ms = 0  # the pool's queue timeout: each direct call's queue deadline
+        self.queue_max = 0  # the pool's queue_max: direct calls waiting here beyond it are refused
+        self.capacity = capacity
         self.open: dict[tuple[bytes, int], str] = {}  # (tagged client, req_id) -> session, taken not answered
         self.deferred: set[str] = set()  # released by the broker while a direct call of it ran
         self.ends: dict[str, float] = {}  # session -> end of its last direct call, since the last report
@@ -77,9 +81,9 @@ class DirectPort:
     def close(self) -> None:
         self.sock.close(linger=500)  # the last replies and bounces still go out
 
-    def admit(self, session: str, ttl_s: int, queue_ms: int) -> None:
+    def admit(self, session: str, ttl_s: int, queue_ms: int, queue_max: int) -> None:
         self.admitted[session] = ttl_s
-        self.queue_ms = queue_ms
+        self.queue_ms, self.queue_max = queue_ms, queue_max
 
     def forget(self, session: str) -> None:
         """The session was released: its next direct call goes via the broker (SessionClosed)."""
@@ -131,6 +135,14 @@ class DirectPort:
                 self._send([identity, pack_reply_header(STATUS_VIA_BROKER, header.req_id, self.incarnation, self.pool)])
                 continue
             client = DIRECT_TAG + identity
+            if self.queue_max and len(self.open) - self.capacity >= self.queue_max:
+                # the broker's queue_max, per worker: it counts only what it routed itself
+                err = PoolSaturated(f"{len(self.open) - self.capacity} direct calls wait on worker "
+                                    f"{self.incarnation[:8]}, the pool's queue_max", pool=self.pool)
+                self._send([identity, pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool),
+                            *error_frames(err)])
+                self.errors += 1
+                continue
             call_ms = min(_MAX_BUDGET_MS, header.timeout_ms) if header.timeout_ms > 0 else 0
             budget = zmq.Frame(pack_budget(call_ms, self.queue_ms or _MAX_BUDGET_MS, ttl))
             self.open[(client, header.req_id)] = header.session

@@ -454,18 +454,18 @@ class Worker:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
             if flags & BUDGET_DIRECT and self._ipc and (self._port is None or session not in self._port.admitted):
-                self._admit(session, ttl, unpack_budget_direct(frames[2].buffer))
+                self._admit(session, ttl, *unpack_budget_direct(frames[2].buffer))
         return session, ttl, flags
 
-    def _admit(self, session: str, ttl: int, queue_ms: int) -> None:
+    def _admit(self, session: str, ttl: int, queue_ms: int, queue_max: int) -> None:
         """A brokered call of a ``direct`` pool's session: its client may now call us directly."""
         with self._lock:
             if self._port is None:
                 self._port = DirectPort(self.ctx, endpoint_for(self.options.backend, self.incarnation),
-                                        self.incarnation, self.options.pool, self.max_message)
+                                        self.incarnation, self.options.pool, self.max_message, self.capacity)
                 if self._poller is not None:
                     self._poller.register(self._port.sock, zmq.POLLIN)
-            self._port.admit(session, ttl, queue_ms)
+            self._port.admit(session, ttl, queue_ms, queue_max)
 
     def _session_ended(self, started: tuple[str, int, int]) -> None:
         session, ttl, flags = started
