@@ -278,3 +278,16 @@ def test_the_worker_bounds_waiting_direct_calls_by_queue_max(stack: Stack) -> No
     for t in threads:
         t.join(10)
     assert c.call("builtins", "len", [[]]) == 0
+
+
+def test_a_clean_exit_removes_the_direct_socket_file(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue:direct=true", 1, "--no-dspy")
+    s = pinned(dx)
+    path = dx._direct.endpoints[s.worker][len("ipc://"):]
+    assert os.path.exists(path)
+    proc = stack.worker_procs[0]
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(15)
+    assert not os.path.exists(path)
+    with pytest.raises(dspex.SessionWorkerUnavailable):  # gone: the broker says so, as without direct
+        s.call("os", "getpid")

@@ -79,7 +79,11 @@ class DirectPort:
         log.info("direct calls on %s", endpoint)
 
     def close(self) -> None:
-        self.sock.close(linger=500)  # the last replies and bounces still go out
+        self.sock.close(linger=500)  # the last replies and bounces still go out (open connections)
+        try:  # libzmq leaves the file: remove it, so no client finds a stale socket here
+            os.unlink(self.endpoint[len("ipc://"):])
+        except OSError:
+            pass
 
     def admit(self, session: str, ttl_s: int, queue_ms: int, queue_max: int) -> None:
         self.admitted[session] = ttl_s
