@@ -12,20 +12,12 @@ from typing import Any, Callable
 
 from bench.bulk import flagship, memory, numpy_rt
 from bench.common import Config, Row
+from bench.direct import ROWS as DIRECT_ROWS
+from bench.direct import direct
 from bench.hop import noop, throughput
 from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.serving import serving
 
-# The helpers' names before the split, for figure modules written against them that are still
-# on other branches (the direct-path branch's bench/direct.py imports these from here); new code
-# imports them from bench.common and bench.hop. Remove once nothing imports them from here.
-from bench.common import alternate as _alternate  # noqa: F401
-from bench.common import pooled as _pooled  # noqa: F401
-from bench.common import ratio_of as _ratio  # noqa: F401
-from bench.common import ratio_p50 as _ratio_p50  # noqa: F401
-from bench.common import spawn_server as _spawn_server  # noqa: F401
-from bench.common import wait_echo as _wait_echo  # noqa: F401
-from bench.hop import loadgen as _loadgen  # noqa: F401
 
 __all__ = ["Config", "GROUPS", "ISSUE14", "ROWS", "issue14"]
 
@@ -40,6 +32,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "flagship": flagship,
     "memory": memory,
     "serving": serving,
+    "direct": direct,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -55,6 +48,7 @@ ROWS: dict[str, list[str]] = {
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
+    "direct": DIRECT_ROWS,
 }
 
 

@@ -36,12 +36,16 @@ class PoolConfig:
     # ahead of the reply to its running call (behind short calls only), so it does not idle a
     # broker round trip between calls; each carries its queue deadline, which the worker enforces
     prefetch: int = 1
+    # strict_queue only: after a session's first (brokered) call pins it, its client sends the
+    # session's calls straight to the pinned worker's own socket (issue 14 prototype; default off)
+    direct: bool = False
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
 
 
 _POOL_KEYS = {f.name: f.type for f in fields(PoolConfig) if f.name not in ("name", "affinity", "recycle")}
 _RECYCLE_KEYS = {f.name for f in fields(RecyclePolicy)}
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
@@ -51,6 +55,11 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             cfg.affinity = Affinity(value.strip())
         elif key in _RECYCLE_KEYS:
             setattr(cfg.recycle, key, type(getattr(cfg.recycle, key))(value))
+        elif key in _POOL_KEYS and isinstance(getattr(cfg, key), bool):
+            flag = value.strip().lower()
+            if flag not in _BOOLS:
+                raise ValueError(value)
+            setattr(cfg, key, _BOOLS[flag])
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
         else:
