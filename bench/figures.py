@@ -33,6 +33,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
+from bench.predict import ROWS as PREDICT_ROWS, predict
 from bench.serving import serving
 from tests.harness.supervisord import link_launcher
 
@@ -1132,6 +1133,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "flagship": flagship,
     "memory": memory,
     "serving": serving,
+    "predict": predict,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -1147,4 +1149,5 @@ ROWS: dict[str, list[str]] = {
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray"],
+    "predict": PREDICT_ROWS,
 }
