@@ -111,7 +111,7 @@ def _drive(endpoint: str, sessions: int) -> None:
 
 # -- the orchestrator -------------------------------------------------------------------------
 
-def _start(ws: Any, name: str, tree: str, sessions: int) -> subprocess.Popen[str]:
+def _start(ws: Any, name: str, tree: str, sessions: int) -> tuple[subprocess.Popen[str], int]:
     from bench.common import PY, Stack, wait_for
 
     st = Stack(ws, name)
@@ -120,8 +120,8 @@ def _start(ws: Any, name: str, tree: str, sessions: int) -> subprocess.Popen[str
     ws.procs.spawn([PY, "-m", "broker", "--frontend", st.frontend, "--backend", st.backend, *common,
                     "--pool", "p:strict_queue"], f"{name}-broker.log", st.env, cwd=tree)
     wait_for(lambda: os.path.exists(st.frontend[6:]), what=f"{name} broker socket")
-    ws.procs.spawn([PY, "-m", "worker", "--pool", "p", "--backend", st.backend, *common], f"{name}-worker.log",
-                   st.env, cwd=tree)
+    worker = ws.procs.spawn([PY, "-m", "worker", "--pool", "p", "--backend", st.backend, *common],
+                            f"{name}-worker.log", st.env, cwd=tree)
     c = st.client(timeout=60)
     st.wait_workers("p", 1, 90, client=c)
     c.close()
@@ -132,17 +132,24 @@ def _start(ws: Any, name: str, tree: str, sessions: int) -> subprocess.Popen[str
     assert proc.stdout is not None
     if not json.loads(proc.stdout.readline()).get("ready"):
         raise RuntimeError(f"{name} driver did not start")
-    return proc
+    return proc, worker.pid
 
 
-def _ask(proc: subprocess.Popen[str], cmd: dict[str, Any]) -> dict[str, Any]:
+def _ask(driver: tuple[subprocess.Popen[str], int], cmd: dict[str, Any]) -> dict[str, Any]:
+    """One block on a driver; adds the worker's CPU per session call (its whole process, /proc)."""
+    from bench.common import cpu_seconds
+
+    proc, worker = driver
     assert proc.stdin is not None and proc.stdout is not None
+    c0 = cpu_seconds(worker)
     proc.stdin.write(json.dumps(cmd) + "\n")
     proc.stdin.flush()
     line = proc.stdout.readline()
     if not line:
         raise RuntimeError("driver exited")
-    return dict(json.loads(line))
+    out = dict(json.loads(line))
+    out["worker_cpu"] = (cpu_seconds(worker) - c0) / (out["calls"] if "calls" in out else cmd["n"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ws = Workspace()
-    drivers: dict[str, subprocess.Popen[str]] = {}
+    drivers: dict[str, tuple[subprocess.Popen[str], int]] = {}
     try:
         drivers = {"new": _start(ws, "n", here, a.sessions), "base": _start(ws, "b", os.path.abspath(a.base), a.sessions)}
         kinds = [a.only] if a.only else ["seq", "aio"]
@@ -184,15 +191,19 @@ def main(argv: list[str] | None = None) -> int:
             out["seq_ratio_session_vs_inprocess"] = {
                 n: median([x["session"] / x["inprocess"] for x in v]) for n, v in s.items()}
             out["seq_session_new_vs_base"] = median([x["session"] / y["session"] for x, y in zip(s["new"], s["base"])])
+            out["seq_worker_cpu_us_per_call"] = {n: median([x["worker_cpu"] for x in v]) * 1e6 for n, v in s.items()}
+            out["seq_worker_cpu_new_vs_base"] = median([x["worker_cpu"] / y["worker_cpu"]
+                                                        for x, y in zip(s["new"], s["base"])])
         if "aio" in res:
             s = res["aio"]
             out["aio_driver_cpu_us_per_call"] = {n: median([x["cpu_per_call"] for x in v]) * 1e6 for n, v in s.items()}
             out["aio_calls_per_s"] = {n: median([x["calls"] / a.duration for x in v]) for n, v in s.items()}
             out["aio_cpu_new_vs_base"] = median([x["cpu_per_call"] / y["cpu_per_call"] for x, y in zip(s["new"], s["base"])])
+            out["aio_worker_cpu_us_per_call"] = {n: median([x["worker_cpu"] for x in v]) * 1e6 for n, v in s.items()}
         print(json.dumps(out, indent=1))
         return 0
     finally:
-        for d in drivers.values():
+        for d, _ in drivers.values():
             try:
                 if d.stdin is not None:
                     d.stdin.close()
