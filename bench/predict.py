@@ -9,6 +9,8 @@ DummyLM configured in the session, and ``prog(question=...)``: one round trip th
 
 Blocks of sequential calls alternate (the order rotates each round); a block's figure is its
 median latency, and the ratio is the median over rounds of the two neighbouring blocks' ratio.
+A no-op call (``builtins.len``) on the same worker is measured in the same rounds: the floor any
+call through a session pays (its round trip and the executor's scopes).
 """
 
 from __future__ import annotations
@@ -92,29 +94,39 @@ def predict(cfg: Any) -> list[Row]:
             _check(local(), kind)
             _check(remote(), kind)
             systems[kind] = {"inprocess": local, "session": remote}
+        # the floor: a no-op call on the same worker (its round trip and the executor's scopes)
+        floor_session = sessions[0]
+
+        def noop() -> Any:
+            return floor_session.call("builtins", "len", [[]])
+
+        systems["noop"] = {"session": noop}
         for pair in systems.values():  # warm up both paths (imports, caches, the connection)
             for fn in pair.values():
                 _block(fn, 30 if cfg.smoke else 100)
-        lat: dict[str, dict[str, list[list[float]]]] = {k: {"inprocess": [], "session": []} for k in systems}
+        lat: dict[str, dict[str, list[list[float]]]] = {k: {side: [] for side in v} for k, v in systems.items()}
         for r in range(rounds):
             for kind in iter_rotated(list(systems), r):
-                for side in iter_rotated(["inprocess", "session"], r):
+                for side in iter_rotated(list(systems[kind]), r):
                     lat[kind][side].append(_block(systems[kind][side], per_block))
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {side} {quantile(v[side][-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items() for side in v))
         rows = []
         labels = {"predict": 'dspy.Predict("question -> answer"), DummyLM',
                   "cot": 'dspy.ChainOfThought("question -> answer"), DummyLM'}
+        floor = median([quantile(b, 0.5) for b in lat.pop("noop")["session"]])
         for kind, res in lat.items():
             p50 = {side: median([quantile(b, 0.5) for b in blocks]) for side, blocks in res.items()}
             ratio = median([quantile(s, 0.5) / quantile(i, 0.5) for s, i in zip(res["session"], res["inprocess"])])
             data = {"rounds": rounds, "calls_per_block": per_block,
                     "p50_us": {k: v * 1e6 for k, v in p50.items()},
                     "extra_us": (p50["session"] - p50["inprocess"]) * 1e6, "ratio": ratio,
+                    "noop_call_p50_us": floor * 1e6,
                     "raw_p50_us": {side: [quantile(b, 0.5) * 1e6 for b in blocks] for side, blocks in res.items()}}
             rows.append(Row(f"predict.{kind}", f"{labels[kind]} via a session (ref call) vs in-process",
                             f"{us(p50['session'])} (+{us(p50['session'] - p50['inprocess'])})",
-                            f"in-process {us(p50['inprocess'])}", f"{ratio:.2f}× in-process", TARGET,
+                            f"in-process {us(p50['inprocess'])}; no-op call {us(floor)}", f"{ratio:.2f}× in-process",
+                            TARGET,
                             "" if cfg.smoke else verdict(ratio <= 2.0), data=data))
         for s in sessions:
             s.close(timeout=10)
