@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace()
     drivers: dict[str, tuple[subprocess.Popen[str], int]] = {}
     try:
-        drivers = {"new": _start(ws, "n", here, a.sessions), "base": _start(ws, "b", os.path.abspath(a.base), a.sessions)}
+        drivers = {"new": _start(ws, "n", here, a.sessions),
+                   "base": _start(ws, "b", os.path.abspath(a.base), a.sessions)}
         kinds = [a.only] if a.only else ["seq", "aio"]
         for d in drivers.values():  # warm up
             if "seq" in kinds:
@@ -180,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
                 for name in iter_rotated(list(drivers), r):
                     cmd = {"op": "seq", "n": a.calls} if kind == "seq" else {"op": "aio", "duration": a.duration}
                     res[kind][name].append(_ask(drivers[name], cmd))
+            def last(x: dict[str, float]) -> str:
+                return json.dumps({k: round(v * 1e6) if v < 1 else v for k, v in x.items()})
+
             print(f"round {r + 1}/{a.rounds}: " + "; ".join(
-                f"{kind} " + ", ".join(f"{n} {json.dumps({k: round(v * 1e6) if v < 1 else v for k, v in x[-1].items()})}"
-                                       for n, x in res[kind].items()) for kind in kinds), file=sys.stderr, flush=True)
+                f"{kind} " + ", ".join(f"{n} {last(x[-1])}" for n, x in res[kind].items()) for kind in kinds),
+                file=sys.stderr, flush=True)
         out: dict[str, Any] = {"rounds": a.rounds}
         if "seq" in res:
             s = res["seq"]
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             s = res["aio"]
             out["aio_driver_cpu_us_per_call"] = {n: median([x["cpu_per_call"] for x in v]) * 1e6 for n, v in s.items()}
             out["aio_calls_per_s"] = {n: median([x["calls"] / a.duration for x in v]) for n, v in s.items()}
-            out["aio_cpu_new_vs_base"] = median([x["cpu_per_call"] / y["cpu_per_call"] for x, y in zip(s["new"], s["base"])])
+            out["aio_cpu_new_vs_base"] = median([x["cpu_per_call"] / y["cpu_per_call"]
+                                                 for x, y in zip(s["new"], s["base"])])
             out["aio_worker_cpu_us_per_call"] = {n: median([x["worker_cpu"] for x in v]) * 1e6 for n, v in s.items()}
         print(json.dumps(out, indent=1))
         return 0

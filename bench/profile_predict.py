@@ -2,8 +2,9 @@
 
 Like :mod:`bench.profile_worker` but the call is ``prog(question=...)`` on a
 ``dspy.Predict("question -> answer")`` (``--cot``: ChainOfThought) put in a session whose LM is a
-DummyLM; the worker (with dspy) profiles its main thread during the measured calls. Prints both sides by own time per call, and
-the in-process call's profile for comparison.
+DummyLM; the worker (with dspy) profiles its main thread during exactly the measured calls
+(started and stopped by two ``exec`` calls of the session). Prints both sides by own (or
+cumulative) time per call, and the in-process call's profile for comparison.
 """
 
 from __future__ import annotations

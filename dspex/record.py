@@ -181,8 +181,8 @@ def _new_prediction(cls: type, fields: dict[str, Any]) -> Any:
     fast = _PREDICTION_STATE.get(cls)
     if fast is None:
         probe = cls()
-        fast = _PREDICTION_STATE[cls] = (
-            vars(probe) == {"_store": {}, "_completions": None, "_lm_usage": None} and type(probe).__new__ is object.__new__)
+        fast = _PREDICTION_STATE[cls] = (type(probe).__new__ is object.__new__
+                                         and vars(probe) == {"_store": {}, "_completions": None, "_lm_usage": None})
     if fast:
         pred = cls.__new__(cls)
         vars(pred).update(_store=dict(fields), _completions=None, _lm_usage=None)
