@@ -16,6 +16,8 @@ from bench.direct import ROWS as DIRECT_ROWS
 from bench.direct import direct
 from bench.hop import noop, throughput
 from bench.lifecycle import coldstart, crash, lmlike, recycle
+from bench.predict import ROWS as PREDICT_ROWS
+from bench.predict import predict
 from bench.serving import serving
 
 
@@ -33,6 +35,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "memory": memory,
     "serving": serving,
     "direct": direct,
+    "predict": predict,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -49,6 +52,7 @@ ROWS: dict[str, list[str]] = {
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "direct": DIRECT_ROWS,
+    "predict": PREDICT_ROWS,
 }
 
 

@@ -21,10 +21,11 @@ import time
 from bench.common import PY, Stack, Workspace, wait_for
 
 
-def _table(stats: pstats.Stats, calls: int, top: int) -> str:
+def _table(stats: pstats.Stats, calls: int, top: int, sort: str = "tottime") -> str:
     out = []
-    for func, (cc, nc, tt, ct, callers) in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]:  # type: ignore[attr-defined]
-        fn = f"{func[0].split('/site-packages/')[-1].split('/work/main/')[-1].split('lib/python3.11/')[-1]}:{func[1]}({func[2]})"
+    key = 2 if sort == "tottime" else 3
+    for func, (cc, nc, tt, ct, callers) in sorted(stats.stats.items(), key=lambda kv: -kv[1][key])[:top]:  # type: ignore[attr-defined]
+        fn = f"{func[0].split('/site-packages/')[-1].split('/work/main/')[-1].split('/work/wt/predict/')[-1].split('lib/python3.11/')[-1]}:{func[1]}({func[2]})"
         out.append(f"  {tt / calls * 1e6:7.2f} µs own  {ct / calls * 1e6:7.2f} µs cum  {nc / calls:5.2f}/call  {fn}")
     return "\n".join(out)
 

@@ -149,6 +149,10 @@ class _ByValue:
             return True
         return self.policy is Policy.DATA and (record_parts(obj) is not None or byvalue.is_data_like(obj))
 
+    def wants_pickled(self, obj: object) -> bool:
+        """``wants`` for an object already known not to be a record (records always go by value)."""
+        return self.policy is Policy.ALL or self.policy is Policy.DATA and byvalue.is_data_like(obj)
+
     def pickle(self, obj: object) -> msgpack.ExtType:
         """ext 13 of ``obj``; raises EncodeError (with pickle's reason) when it cannot be pickled."""
         hit = self.pickled.get(id(obj))
@@ -194,10 +198,12 @@ def _make_hook(
             for base in _NATIVE_BASES:
                 if isinstance(obj, base):
                     return _CONVERTERS[base](obj)
-        if by_value is not None and by_value.wants(obj):
+        if by_value is not None:
+            # a record goes by value under every by-value policy: one record_parts per object
             rec = _record(obj)
             if rec is not None:
                 return rec
+        if by_value is not None and by_value.wants_pickled(obj):
             try:
                 return by_value.pickle(obj)
             except EncodeError:

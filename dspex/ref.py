@@ -145,18 +145,33 @@ def _sync(result: Any, instead: str) -> None:
         raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use {instead}")
 
 
+def _find_class(type_name: str) -> type | None:
+    """The class a worker's ``type_name`` names, among modules already imported here."""
+    module_name, _, qualname = type_name.rpartition(".")
+    if module_name in sys.modules:
+        return _walk(sys.modules[module_name], qualname)
+    # builtins and __main__ classes travel as their qualname alone (worker.refs.type_name): a
+    # class of the user's script, sent by value, is found in this process's __main__
+    for module in ("builtins", "__main__"):
+        found = _walk(sys.modules.get(module), type_name)
+        if found is not None:
+            return found
+    return None
+
+
+def _walk(obj: Any, qualname: str) -> type | None:
+    for part in qualname.split("."):
+        if obj is None:
+            return None
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) else None
+
+
 def _is_method(type_name: str, name: str) -> bool:
     """True when the ref's class, found among modules already imported here, has a plain method
     ``name``: then ``ref.name(...)`` needs no ``getattr`` round trip first."""
-    module_name, _, qualname = type_name.rpartition(".")
-    obj: Any = sys.modules.get(module_name or "builtins")
+    obj = _find_class(type_name)
     if obj is None:
-        return False
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-    if not isinstance(obj, type):
         return False
     attr = inspect.getattr_static(obj, name, None)
     return inspect.isfunction(attr) or inspect.ismethoddescriptor(attr) and not inspect.isdatadescriptor(attr)

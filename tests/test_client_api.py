@@ -105,6 +105,24 @@ def test_put_gives_a_handle_that_reads_like_the_object(stack: Stack) -> None:
             _ = dspex.Ref(*counter.as_tuple()).value  # a ref without a session is only a value
 
 
+def test_a_method_of_a_class_from_the_users_script_is_one_round_trip(stack: Stack,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # a class defined in the script being run (module __main__) travels by value and its refs
+    # are named by the bare qualname: its methods are still known here, so no getattr first
+    scope: dict[str, Any] = {"__name__": "__main__"}
+    exec("class Scripted:\n"
+         "    def __init__(self):\n        self.n = 0\n"
+         "    def bump(self, k):\n        self.n += k\n        return self.n\n", scope)
+    monkeypatch.setattr(sys.modules["__main__"], "Scripted", scope["Scripted"], raising=False)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    with dx.session("p") as s:
+        obj = s.put(scope["Scripted"]())
+        assert obj.type_name == "Scripted"
+        assert isinstance(obj.bump, dspex.ref.RemoteMethod)  # known as a method: no round trip yet
+        assert obj.bump(2) == 2 and obj.bump(3) == 5
+        assert obj.n == 5  # a data attribute is still a getattr
+
+
 def test_define_binds_client_code_for_eval_and_exec(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     with dx.session("p") as s:

@@ -9,6 +9,7 @@ payloads (worker.remote_errors).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import secrets
 from typing import Any, Callable
@@ -93,7 +94,8 @@ class Executor:
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide), \
-                    self.settings.scope(state), progress_scope(stream, to_ref):
+                    self.settings.scope(state), \
+                    (progress_scope(stream, to_ref) if stream is not None else _NO_SCOPE):
                 try:
                     args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r),
                                         own_frames=self.own_frames)
@@ -242,6 +244,7 @@ class Executor:
 
 
 _MISSING = object()
+_NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 
 
 def _no_hard() -> None:

@@ -26,6 +26,7 @@ Worker code that must not be interrupted half-way (sending a multipart reply) ru
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import ctypes
 import itertools
@@ -201,7 +202,9 @@ class Watchdog:
             st.active = outer
             st.pending = False
             if call.thread == self._main and self._signal_installed \
-                    and signal.getsignal(signal.SIGINT) is not _on_sigint:
+                    and _signal.getsignal(signal.SIGINT) is not _on_sigint:
+                # _signal's getsignal: signal.getsignal converts to its enum first, raising and
+                # catching a ValueError for every function handler (~10 µs per call)
                 signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
 
     def _push(self, call: _Call, deadline: float) -> None:

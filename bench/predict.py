@@ -1,0 +1,140 @@
+"""Group ``predict``: a DSPy program called through a session vs the same program in-process.
+
+``dspy.Predict("question -> answer")`` and ``dspy.ChainOfThought`` of the same signature, each
+answered by a ``dspy.utils.DummyLM`` (no network, no cache: the figure is the cost of DSPy plus
+what dspex adds). In-process the program runs here under ``dspy.context(lm=...)``; through dspex
+it is ``prog = session.put(program)`` on a capacity-1 worker that imports dspy, with the same
+DummyLM configured in the session, and ``prog(question=...)``: one round trip that returns the
+``dspy.Prediction`` by value (a real ``dspy.Prediction`` here, since this process has dspy).
+
+Blocks of sequential calls alternate (the order rotates each round); a block's figure is its
+median latency, and the ratio is the median over rounds of the two neighbouring blocks' ratio.
+A no-op call (``builtins.len``) on the same worker is measured in the same rounds: the floor any
+call through a session pays (its round trip and the executor's scopes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from bench.common import Row, Stack, Workspace, iter_rotated, median, quantile, us, verdict
+
+QUESTION = "What is the capital of France?"
+ANSWERS = {"predict": {"answer": "Paris"}, "cot": {"reasoning": "France's capital city is Paris.", "answer": "Paris"}}
+TARGET = "≤ 2× in-process"
+
+# The session's side: the same LM, configured in the session (dspy.configure is per session on a worker).
+_CONFIGURE = """
+import dspy
+from dspy.utils import DummyLM
+dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
+"""
+
+
+def programs() -> dict[str, Any]:
+    import dspy
+
+    return {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
+
+
+def dummy_lm(kind: str) -> Any:
+    from dspy.utils import DummyLM
+
+    return DummyLM({QUESTION: ANSWERS[kind]})
+
+
+def _block(fn: Callable[[], Any], n: int) -> list[float]:
+    import time
+
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _check(pred: Any, kind: str) -> None:
+    import dspy
+
+    if type(pred) is not dspy.Prediction or pred.answer != "Paris":
+        raise AssertionError(f"{kind}: unexpected result {pred!r}")
+
+
+def predict(cfg: Any) -> list[Row]:
+    import dspy
+
+    rounds = cfg.n_rounds(15, 2)
+    per_block = 20 if cfg.smoke else 150
+    ws = Workspace()
+    client = None
+    try:
+        st = Stack(ws, "pr")
+        st.start_broker("p:strict_queue")
+        st.start_worker("p")
+        client = st.client(timeout=60)
+        st.wait_workers("p", 1, 90, client=client)
+        systems: dict[str, dict[str, Callable[[], Any]]] = {}
+        sessions = []
+        for kind, prog in programs().items():
+            lm = dummy_lm(kind)
+
+            def local(prog: Any = prog, lm: Any = lm) -> Any:
+                with dspy.context(lm=lm):
+                    return prog(question=QUESTION)
+
+            s = client.session("p")
+            sessions.append(s)
+            s.exec(_CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
+            ref = s.put(prog)
+
+            def remote(ref: Any = ref) -> Any:
+                return ref(question=QUESTION)
+
+            _check(local(), kind)
+            _check(remote(), kind)
+            systems[kind] = {"inprocess": local, "session": remote}
+        # the floor: a no-op call on the same worker (its round trip and the executor's scopes)
+        floor_session = sessions[0]
+
+        def noop() -> Any:
+            return floor_session.call("builtins", "len", [[]])
+
+        systems["noop"] = {"session": noop}
+        for pair in systems.values():  # warm up both paths (imports, caches, the connection)
+            for fn in pair.values():
+                _block(fn, 30 if cfg.smoke else 100)
+        lat: dict[str, dict[str, list[list[float]]]] = {k: {side: [] for side in v} for k, v in systems.items()}
+        for r in range(rounds):
+            for kind in iter_rotated(list(systems), r):
+                for side in iter_rotated(list(systems[kind]), r):
+                    lat[kind][side].append(_block(systems[kind][side], per_block))
+            cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {side} {quantile(v[side][-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items() for side in v))
+        rows = []
+        labels = {"predict": 'dspy.Predict("question -> answer"), DummyLM',
+                  "cot": 'dspy.ChainOfThought("question -> answer"), DummyLM'}
+        floor = median([quantile(b, 0.5) for b in lat.pop("noop")["session"]])
+        for kind, res in lat.items():
+            p50 = {side: median([quantile(b, 0.5) for b in blocks]) for side, blocks in res.items()}
+            ratio = median([quantile(s, 0.5) / quantile(i, 0.5) for s, i in zip(res["session"], res["inprocess"])])
+            data = {"rounds": rounds, "calls_per_block": per_block,
+                    "p50_us": {k: v * 1e6 for k, v in p50.items()},
+                    "extra_us": (p50["session"] - p50["inprocess"]) * 1e6, "ratio": ratio,
+                    "noop_call_p50_us": floor * 1e6,
+                    "raw_p50_us": {side: [quantile(b, 0.5) * 1e6 for b in blocks] for side, blocks in res.items()}}
+            rows.append(Row(f"predict.{kind}", f"{labels[kind]} via a session (ref call) vs in-process",
+                            f"{us(p50['session'])} (+{us(p50['session'] - p50['inprocess'])})",
+                            f"in-process {us(p50['inprocess'])}; no-op call {us(floor)}", f"{ratio:.2f}× in-process",
+                            TARGET,
+                            "" if cfg.smoke else verdict(ratio <= 2.0), data=data))
+        for s in sessions:
+            s.close(timeout=10)
+        return rows
+    finally:
+        if client is not None:
+            client.close()
+        ws.close()
+
+
+ROWS = ["predict.predict", "predict.cot"]
