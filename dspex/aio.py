@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import os
 import secrets
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence, cast
 
 import zmq
 import zmq.asyncio
@@ -28,7 +28,7 @@ from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
-from dspex.protocol import Op, Status, unpack_reply_header
+from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
@@ -149,8 +149,11 @@ class AsyncClient:
 
     async def _send_raw(self, frames: list[Any], timeout: float) -> None:
         try:
-            await asyncio.wait_for(self._sock.send_multipart(frames, copy=len(frames) <= 2),
-                                   timeout if timeout > 0 else None)
+            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, copy=len(frames) <= 2))
+            if sent.done():  # the usual case: no wait_for (on 3.11 it may swallow a cancellation)
+                sent.result()
+                return
+            await asyncio.wait_for(sent, timeout if timeout > 0 else None)
         except asyncio.TimeoutError:
             raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
                                     "reading): nothing was sent") from None
@@ -180,8 +183,10 @@ class AsyncClient:
 
     async def _next(self, queue: asyncio.Queue[_Reply], ex: Exchange) -> _Reply:
         try:
-            reply = await asyncio.wait_for(queue.get(), ex.wait)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: a task cancelled as its reply arrives stays cancelled
+            async with asyncio.timeout(ex.wait):
+                reply = await queue.get()
+        except TimeoutError:
             raise ex.timed_out() from None
         if reply[0] == _LOST:
             raise ex.lost("lost the connection to the broker")
@@ -203,8 +208,26 @@ class AsyncClient:
                     await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
+        except asyncio.CancelledError:
+            if op in WORKER_OPS:
+                self._cancel(pool, session, req_id)
+            raise
         finally:
-            self._pending.pop(req_id, None)
+            self._pending.pop(req_id, None)  # a late reply is dropped by the reader
+
+    def _cancel(self, pool: str, session: str, req_id: int) -> None:
+        """The awaiting task was cancelled: tell the broker to stop the request (a queued one is
+        dropped, a running one interrupted on its worker), without awaiting anything: the
+        cancellation must not wait, and nobody waits for the answer."""
+        if self._closed or self._broken:
+            return  # the connection is gone: the broker drops what it had for it
+        try:
+            sent = cast("asyncio.Future[Any]",
+                        self._sock.send_multipart(control_frames(Op.CANCEL, pool, session, req_id, 0)))
+        except zmq.ZMQError:
+            return
+        # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
+        sent.add_done_callback(_ignore_outcome)
 
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
@@ -398,6 +421,11 @@ class AsyncSession:
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
     """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default)."""
     return AsyncClient(endpoint, timeout)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" at garbage collection
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:

@@ -22,10 +22,21 @@ broker and exits; supervisord starts a fresh process).
 
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
+
+Cancellation (the caller gave up: ``B_CANCEL``) stops a running call the same way, at once:
+:meth:`Watchdog.cancel` raises :class:`CallCancelled` (a ``CallTimedOut``, so code that handles
+the interruption of a call handles both) by SIGINT on the main thread, by
+``PyThreadState_SetAsyncExc`` on a pool thread. An awaitable result runs as a task on a private
+loop (:func:`run_async`): a pool thread blocked in that loop's ``select`` would not see an async
+exception until it returns, so there the interruption cancels the task instead (its coroutine gets
+``CancelledError`` at its ``await``, as an in-process ``task.cancel()`` does). A cancel is not
+escalated: a call that swallows it runs on until its own deadline, where the limits above act.
+Once the call's code has returned (:func:`settle`) a cancel changes nothing: the result goes out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import itertools
@@ -47,6 +58,10 @@ class CallTimedOut(BaseException):
     """Raised into a call that ran past its deadline (the soft limit)."""
 
 
+class CallCancelled(CallTimedOut):
+    """Raised into a call its caller cancelled (a ``CallTimedOut``: the same interruption, another cause)."""
+
+
 @dataclass
 class _Call:
     deadline: float
@@ -59,6 +74,15 @@ class _Call:
     lock: threading.Lock = field(default_factory=threading.Lock)
     watchdog: "Watchdog | None" = None
     thread_state: "_ThreadState | None" = None
+    cancelled: bool = False  # its caller cancelled it (B_CANCEL)
+    settled: bool = False  # its code has returned: a cancel changes nothing now
+    task: "tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None" = None  # the loop run_async runs
+    task_cancelled: bool = False  # the interruption was delivered as the task's cancellation
+
+    def interruption(self) -> CallTimedOut:
+        if self.cancelled:
+            return CallCancelled("the call was cancelled by its caller")
+        return CallTimedOut("the call ran past its deadline")
 
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
@@ -95,7 +119,7 @@ def protected() -> Iterator[None]:
         if st.protected == 0 and st.pending and st.active is not None and not st.active.done:
             st.pending = False
             st.active.timed_out = True
-            raise CallTimedOut("the call ran past its deadline")
+            raise st.active.interruption()
 
 
 _limit_signals = 0  # soft-limit SIGINTs sent and not handled yet
@@ -111,13 +135,13 @@ def _on_sigint(signum: int, frame: Any) -> None:
     _limit_signals -= 1
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
-    if call is None or call.done or not call.soft_sent:
-        return  # a stale signal: the call it was meant for has ended
+    if call is None or call.done or not (call.soft_sent or (call.cancelled and not call.settled)):
+        return  # a stale signal: the call it was meant for has ended (or has returned its result)
     if st.protected:
         st.pending = True
         return
     call.timed_out = True
-    raise CallTimedOut("the call ran past its deadline")
+    raise call.interruption()
 
 
 def _cancel_parallel_jobs(thread_id: int) -> None:
@@ -131,9 +155,51 @@ def _cancel_parallel_jobs(thread_id: int) -> None:
         frame = frame.f_back
 
 
-def _async_raise(thread_id: int) -> bool:
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CallTimedOut))
+def _async_raise(thread_id: int, exc: type[BaseException] = CallTimedOut) -> bool:
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
     return int(n) == 1
+
+
+def settle(call: _Call | None) -> None:
+    """The call's code has returned and its result is encoded: a cancel from now on changes
+    nothing. One that arrived already is raised here, in the call's body, never in the cleanup
+    (settings, output capture) that follows."""
+    if call is None:
+        return
+    with call.lock:
+        call.settled = True
+        cancelled = call.cancelled
+    if cancelled:
+        if call.thread != threading.main_thread().ident:
+            # not delivered yet: it must not surface later in the worker's own code
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
+        call.timed_out = True
+        raise CallCancelled("the call was cancelled by its caller")
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine to its end on a private loop (the worker thread has none running), as a
+    task the current call's interruption (a soft limit, a cancel) can cancel."""
+    call = _state().active
+    if call is None:
+        return asyncio.run(coro)
+
+    async def main() -> Any:
+        with call.lock:
+            call.task = (asyncio.get_running_loop(), asyncio.current_task())  # type: ignore[assignment]
+        try:
+            return await coro
+        finally:
+            with call.lock:
+                call.task = None
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if call.task_cancelled:
+            call.timed_out = True
+            raise call.interruption() from None
+        raise
 
 
 class Watchdog:
@@ -170,11 +236,11 @@ class Watchdog:
             self._start()
 
     @contextlib.contextmanager
-    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call | None]:
-        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit)."""
+    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call]:
+        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit, but the
+        call can still be cancelled)."""
         if deadline is None:
-            yield None
-            return
+            deadline = math.inf
         st = _state()
         call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids), watchdog=self)
         if call.thread == self._main and not self._signal_installed:
@@ -237,7 +303,30 @@ class Watchdog:
                     except Exception:  # noqa: BLE001 - the watchdog must survive
                         log.exception("hard time limit handler failed")
 
+    def cancel(self, call: _Call) -> bool:
+        """Stop a running call its caller cancelled, as the soft limit does; False if it has
+        ended, returned its result, or was cancelled already."""
+        with call.lock:
+            if call.done or call.settled or call.cancelled:
+                return False
+            call.cancelled = True
+        if call.thread == self._main and not self._signal_installed:
+            return True  # no raising SIGINT handler here (an executor outside a worker): the flag only
+        self._soft(call)
+        return True
+
     def _soft(self, call: _Call) -> None:
+        if call.task is not None and call.thread != self._main:
+            with call.lock:  # an awaitable on a pool thread: cancel its task (wakes the loop)
+                if call.task is not None and not call.done:
+                    loop, task = call.task
+                    try:
+                        loop.call_soon_threadsafe(task.cancel)
+                        call.task_cancelled = True
+                        call.timed_out = True
+                        return
+                    except RuntimeError:  # the loop has just closed: interrupt the thread
+                        pass
         if call.thread == self._main:
             global _limit_signals
             _limit_signals += 1
@@ -254,7 +343,7 @@ class Watchdog:
                     st.pending = True  # raised when the protected block ends
                     return
                 call.timed_out = True
-                _async_raise(call.thread)
+                _async_raise(call.thread, CallCancelled if call.cancelled else CallTimedOut)
             try:
                 _cancel_parallel_jobs(call.thread)
             except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way
