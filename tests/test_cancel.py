@@ -9,6 +9,7 @@ import signal
 import textwrap
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -22,6 +23,7 @@ from dspex import codec
 from dspex.core import control_frames, encode_body
 from dspex.protocol import Op, RequestHeader, unpack_reply_header
 from tests.harness import Stack, wait_for
+from worker.executor import Executor, RefTable
 
 # The session's code: ``done`` records each call's side effect after its cancel point; a call
 # first creates its marker file, so the test cancels it only once it runs.
@@ -180,7 +182,10 @@ def test_the_worker_survives_50_cancels_in_a_row(stack: Stack, tmp_path: Path, c
 
     async def body(client: dspex.aio.AsyncClient, s: dspex.aio.AsyncSession) -> tuple[Any, ...]:
         pid = await s.call("os", "getpid")
-        # warm up what a call may create once (the pool's threads, the first event loop's imports)
+        # warm up what calls create once: every pool thread (with its socket), the first event loop
+        others = [client.session("p") for _ in range(capacity)]
+        await asyncio.gather(*(o.call("time", "sleep", [0.3]) for o in others))
+        await asyncio.gather(*(o.close() for o in others))
         for fn in ("slow", "aslow"):
             marker = tmp_path / f"warm-{fn}"
             await _cancel_when_running(asyncio.create_task(s.eval(f"{fn}({str(marker)!r}, 'warm')")), marker)
@@ -231,3 +236,42 @@ def test_ctrl_c_in_the_sync_client_stops_the_call(stack: Stack, tmp_path: Path) 
     assert s.eval("done") == []
     assert time.monotonic() - started < PROMPT_S
     assert _outcomes(stack).get("eval:cancelled") == 1
+
+
+# -- the executor's cancel bookkeeping, in-process (no processes; calls run on a non-main thread,
+# as on a pool thread, so the test process's SIGINT handler is never touched) -------------------
+def _executor_call(ex: Executor, req_id: int, source: str, client: bytes = b"c") -> Any:
+    frames = ex.execute(RequestHeader(Op.EXEC.value, req_id, "p", "s" * 32), encode_body(Op.EXEC.value, [source, {}],
+                                                                                         2**20), client=client)
+    return codec.decode(frames)
+
+
+def test_a_cancel_that_arrives_before_its_request_starts_stops_it_unrun() -> None:
+    ex = Executor(RefTable("p", "w" * 32), capacity=4)
+    with ThreadPoolExecutor(1) as pool:
+        assert ex.cancel((b"c", 7)) is False  # received, not started: remembered
+        with pytest.raises(dspex.Cancelled):
+            pool.submit(_executor_call, ex, 7, "ran = True").result(10)
+        assert pool.submit(_executor_call, ex, 8, "seen = 'ran' in globals()").result(10) == {"seen": False}
+        # a cancel of a request that ended before it arrived is forgotten once the worker is idle
+        assert ex.cancel((b"c", 8)) is False
+        ex.forget_cancels()
+        assert pool.submit(_executor_call, ex, 9, "x = 1").result(10) == {"x": 1}
+        # another client's request with the same id is not the cancelled one
+        ex.cancel((b"other", 10))
+        assert pool.submit(_executor_call, ex, 10, "y = 2").result(10) == {"y": 2}
+
+
+def test_a_cancel_interrupts_a_running_call_on_a_pool_thread() -> None:
+    ex = Executor(RefTable("p", "w" * 32), capacity=4)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_executor_call, ex, 1, "import time\nfor i in range(3000):\n    time.sleep(0.01)\n")
+        wait_for(lambda: (b"c", 1) in ex._calls, 10, 0.005, "the call to start")
+        started = time.monotonic()
+        assert ex.cancel((b"c", 1)) is True
+        with pytest.raises(dspex.Cancelled) as info:
+            running.result(10)
+        assert time.monotonic() - started < PROMPT_S
+        assert info.value.details.get("stopped") is True
+        assert ex.cancel((b"c", 1)) is False  # ended: nothing to interrupt
+        assert pool.submit(_executor_call, ex, 2, "after = i").result(10)["after"] < 2999
