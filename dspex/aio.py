@@ -7,8 +7,11 @@
 One DEALER socket per client; a reader task routes replies to the awaiting call by request id,
 so any number of calls can be in flight from one event loop. A socket whose connection broke
 (the broker went away, or a reply over the size limit, after which zmq never reconnects) fails
-the calls waiting on it at once and is replaced before the next request. What a request means
-(encoding, replies, credit, errors) is :mod:`dspex.core`, shared with the sync client.
+the calls waiting on it at once and is replaced before the next request. Cancelling the task that
+awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
+``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
+running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
+errors) is :mod:`dspex.core`, shared with the sync client.
 """
 
 from __future__ import annotations

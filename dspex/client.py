@@ -271,7 +271,8 @@ class Client:
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
         ``dspex.progress.report``); ``on_output`` what it prints or warns
         (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
-        handles of ``bind`` (a session).
+        handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
+        (``cancel``) before ``KeyboardInterrupt`` propagates.
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
