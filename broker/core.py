@@ -181,6 +181,8 @@ class Core(Lifecycle):
                 except Exception:
                     self.counters["garbage_frontend"] += 1
                     return
+            elif op == Op.CANCEL.value and (p := w.inflight.get(key)) is not None:
+                p.cancelled = True  # its error reply counts as ``cancelled``, not as a worker error
             self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
             return
         pool = self.pools.get(pool_name)
@@ -484,10 +486,10 @@ class Core(Lifecycle):
             p = w.inflight.pop((client, req_id), None)
             if p is not None:
                 self.running.pop((client, req_id), None)
-                outcome = "ok" if ok else "error"
+                outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
                 if outcome == "ok":
                     w.served += 1
-                else:
+                elif not p.cancelled:
                     w.errors += 1
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started

@@ -64,6 +64,7 @@ class Pending:
     deadline: float
     started: float = 0.0
     owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
+    cancelled: bool = False  # its client cancelled it while it ran (B_CANCEL sent to its worker)
 
 
 class WorkerRecord:

@@ -7,8 +7,11 @@
 One DEALER socket per client; a reader task routes replies to the awaiting call by request id,
 so any number of calls can be in flight from one event loop. A socket whose connection broke
 (the broker went away, or a reply over the size limit, after which zmq never reconnects) fails
-the calls waiting on it at once and is replaced before the next request. What a request means
-(encoding, replies, credit, errors) is :mod:`dspex.core`, shared with the sync client.
+the calls waiting on it at once and is replaced before the next request. Cancelling the task that
+awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
+``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
+running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
+errors) is :mod:`dspex.core`, shared with the sync client.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import itertools
 import os
 import secrets
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence, cast
 
 import zmq
 import zmq.asyncio
@@ -30,7 +33,7 @@ from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexEr
                           SessionClosed, Timeout)
 from dspex.aio_direct import AsyncDirectRoutes
 from dspex.direct import VIA_BROKER
-from dspex.protocol import Op, Status, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
@@ -156,8 +159,8 @@ class AsyncClient:
 
     async def _send_raw(self, frames: list[Any], timeout: float) -> None:
         try:
-            sent = self._sock.send_multipart(frames, copy=len(frames) <= 2)
-            if sent.done():  # the usual case (pyzmq sends at once when it can): no wait_for machinery
+            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, copy=len(frames) <= 2))
+            if sent.done():  # the usual case: no wait_for (on 3.11 it may swallow a cancellation)
                 sent.result()
                 return
             await asyncio.wait_for(sent, timeout if timeout > 0 else None)
@@ -192,8 +195,9 @@ class AsyncClient:
         if not queue.empty():
             reply = queue.get_nowait()
         else:
-            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own, a
-            # third of the driver's CPU per call (cProfile of bench.ab_predict's aio driver)
+            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own (a
+            # third of the driver's CPU per call), and a task cancelled as its reply arrives
+            # stays cancelled
             try:
                 async with asyncio.timeout(ex.wait):
                     reply = await queue.get()
@@ -226,8 +230,26 @@ class AsyncClient:
                     await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
+        except asyncio.CancelledError:
+            if op in WORKER_OPS:
+                self._cancel(pool, session, req_id)
+            raise
         finally:
-            self._pending.pop(req_id, None)
+            self._pending.pop(req_id, None)  # a late reply is dropped by the reader
+
+    def _cancel(self, pool: str, session: str, req_id: int) -> None:
+        """The awaiting task was cancelled: tell the broker to stop the request (a queued one is
+        dropped, a running one interrupted on its worker), without awaiting anything: the
+        cancellation must not wait, and nobody waits for the answer."""
+        if self._closed or self._broken:
+            return  # the connection is gone: the broker drops what it had for it
+        try:
+            sent = cast("asyncio.Future[Any]",
+                        self._sock.send_multipart(control_frames(Op.CANCEL, pool, session, req_id, 0)))
+        except zmq.ZMQError:
+            return
+        # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
+        sent.add_done_callback(_ignore_outcome)
 
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
@@ -421,6 +443,11 @@ class AsyncSession:
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
     """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default)."""
     return AsyncClient(endpoint, timeout)
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" at garbage collection
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:

@@ -36,7 +36,7 @@ from dspex.errors import (
     Timeout,
 )
 from dspex.direct import VIA_BROKER, DirectRoutes
-from dspex.protocol import Op, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, unpack_reply
 from dspex.ref import Ref
 from dspex.zmqfast import recv_frames, send_frames
 
@@ -277,7 +277,8 @@ class Client:
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
         ``dspex.progress.report``); ``on_output`` what it prints or warns
         (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
-        handles of ``bind`` (a session).
+        handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
+        (``cancel``) before ``KeyboardInterrupt`` propagates.
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
@@ -289,18 +290,41 @@ class Client:
             elif (gone := self._direct.unavailable(ex, worker)) is not None:
                 raise gone
         ch = self._checkout()
+        waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
+        req_id = 0
         try:
             req_id = next(ch.ids)
             self._send(ch, ex.frames(req_id, worker), ex.timeout)
+            waiting = True
             deadline = time.monotonic() + ex.wait
             while True:
                 kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex))
                 if credit:
+                    waiting = False
                     self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                    waiting = True
                 if kind == "done":
                     return value
+        except KeyboardInterrupt:
+            self._interrupted(ch, op, pool, session, req_id, waiting)
+            raise
         finally:
             self._checkin(ch)
+
+    @staticmethod
+    def _interrupted(ch: _Channel, op: str, pool: str, session: str, req_id: int, waiting: bool) -> None:
+        """Ctrl-C during a request: stop it as an asyncio cancel does (the broker drops it if still
+        queued, its worker interrupts it if running), without waiting for anything; its late reply
+        is skipped by request id. An interrupt that cut a send may leave half a message in the
+        socket: no cancel then (it would be glued to that half), and the socket is not reused."""
+        if not waiting:
+            ch.broken = True
+            return
+        if op in WORKER_OPS:
+            try:
+                send_frames(ch.sock, control_frames(Op.CANCEL, pool, session, req_id, 0), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                ch.broken = True
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,

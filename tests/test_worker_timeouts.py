@@ -47,6 +47,23 @@ def test_soft_limit_stops_a_busy_call_on_a_pool_thread(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("capacity", [1, 4])
+def test_soft_limit_stops_an_awaiting_coroutine(stack: Stack, capacity: int) -> None:
+    """An awaitable result waiting in its event loop (an LM call over HTTP, a sleep): the soft
+    limit wakes the loop on a pool thread too, and the coroutine's ``finally`` runs."""
+    stack.env["DSPEX_HARD_GRACE"] = "30"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s = dx.session("p")
+    s.exec("import asyncio\ncleaned = []\nasync def wait():\n    try:\n        await asyncio.sleep(60)\n"
+           "    finally:\n        cleaned.append(True)\n")
+    start = time.monotonic()
+    with pytest.raises(dspex.Timeout) as info:
+        s.eval("wait()", timeout=1.0)
+    assert info.value.details.get("stopped") is True and not info.value.details.get("hard")
+    assert time.monotonic() - start < 5
+    assert s.eval("cleaned") == [True]
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
 def test_hard_limit_recycles_the_worker(stack: Stack, capacity: int) -> None:
     stack.env["DSPEX_HARD_GRACE"] = "1"
     dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))

@@ -15,7 +15,7 @@ import secrets
 from typing import Any, Callable
 
 from dspex import codec
-from dspex.errors import DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
+from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
 from dspex.protocol import FLAG_ITEMS, Op, RequestHeader, Status
 from dspex.ref import Ref
 from worker import limits, namespace, output
@@ -44,6 +44,10 @@ class Executor:
         self.watchdog = limits.Watchdog(grace)
         self.served = 0
         self.errors = 0
+        # (client, req_id) -> its running call, for B_CANCEL; and cancels of requests received but
+        # not started yet (or finished already: the worker forgets those when it is idle)
+        self._calls: dict[tuple[bytes, int], limits._Call] = {}
+        self._early_cancels: set[tuple[bytes, int]] = set()
         self.own_frames = False  # request frames come from an ipc/tcp socket: arrays decode without a copy
         refs.on_session_closed.append(namespace.drop_session_module)
 
@@ -60,14 +64,37 @@ class Executor:
         namespace.install_getsource()  # dspy replaced inspect.getfile on import: go first again
         output.share_progress_bars()
 
+    # -- cancellation ----------------------------------------------------------------------
+    def cancel(self, key: tuple[bytes, int]) -> bool:
+        """Its caller cancelled request ``key`` (``(client_id, req_id)``): stop it if it runs
+        (True), else stop it before it starts. No lock: the remembered cancel is added before the
+        running calls are looked at, and :meth:`execute` registers its call before it looks for a
+        remembered cancel, so one of the two always sees the other."""
+        if len(self._early_cancels) < _EARLY_CANCELS_MAX:
+            self._early_cancels.add(key)
+        call = self._calls.get(key)
+        if call is None:
+            return False
+        self._early_cancels.discard(key)
+        self.watchdog.cancel(call)
+        return True
+
+    def forget_cancels(self) -> None:
+        """The worker has nothing received and unfinished: remembered cancels are of requests that
+        ended before their cancel arrived."""
+        if self._early_cancels:
+            self._early_cancels.clear()
+
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None,
-                *, deadline: float | None = None, on_hard: Callable[[], None] | None = None) -> list[Any]:
+                *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
+                client: bytes = b"") -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
 
         ``deadline`` (``time.monotonic()`` scale, None for none) is when the caller stops waiting:
         the call is interrupted then (soft limit, ``Timeout(stopped=True)``); ``on_hard`` runs if
-        it is still running ``grace`` seconds later.
+        it is still running ``grace`` seconds later. ``client`` and ``header.req_id`` name the
+        call for :meth:`cancel`: a cancelled call is interrupted the same way (``Cancelled``).
 
         With ``stream`` (the caller listens for events), progress events (dspy/gepa log records,
         ``dspex.progress.report``) and what the call prints or warns are sent through it while it
@@ -91,11 +118,16 @@ class Executor:
                 live.send(Status.OUTPUT.value, codec.encode({"stream": name, "text": text}))
 
         call = None
+        key = (client, header.req_id)
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide), \
                     self.settings.scope(state), \
                     (progress_scope(stream, to_ref) if stream is not None else _NO_SCOPE):
+                self._calls[key] = call
+                if self._early_cancels and key in self._early_cancels:
+                    self._early_cancels.discard(key)
+                    raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
                 try:
                     args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r),
                                         own_frames=self.own_frames)
@@ -121,18 +153,20 @@ class Executor:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
                 frames = self._encode(result, to_ref)
+                limits.settle(call)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
         except limits.CallTimedOut:
             self._drop(state, made)
-            raise _timeout(header, deadline) from None
+            raise _stopped(header, call) from None
         except DspexError:
             self._drop(state, made)
             if call is not None and call.timed_out:  # user code turned the interruption into an error
-                raise _timeout(header, deadline) from None
+                raise _stopped(header, call) from None
             raise
         finally:
+            self._calls.pop(key, None)
             if ephemeral:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
 
@@ -245,6 +279,7 @@ class Executor:
 
 _MISSING = object()
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
+_EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)
 
 
 def _no_hard() -> None:
@@ -261,7 +296,11 @@ def _guard(fn: Callable[..., Any], *args: Any) -> Any:
         raise remote_error(exc) from None
 
 
-def _timeout(header: RequestHeader, deadline: float | None) -> Timeout:
+def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
+    """What the caller of an interrupted call gets: ``Cancelled`` if it cancelled, else ``Timeout``."""
+    if call is not None and call.cancelled:
+        return Cancelled(f"{header.op} was cancelled by its caller and stopped; the session and its objects are "
+                         "intact", op=header.op, stopped=True)
     return Timeout(f"{header.op} ran past its deadline ({header.timeout_ms / 1000:g}s) and was stopped; "
                    "the session and its objects are intact", op=header.op, stopped=True, hard=False)
 

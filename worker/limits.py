@@ -22,13 +22,27 @@ broker and exits; supervisord starts a fresh process).
 
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
+
+An awaitable result runs on a private event loop (:func:`run_async`). The interruption reaches
+it as above; on a pool thread the watchdog also wakes the loop (a thread blocked in the loop's
+``select`` would see an async exception only when that returns). ``asyncio.run`` then cancels the
+call's task: its coroutine gets ``CancelledError`` at its ``await`` and its ``finally`` blocks
+run, as with an in-process ``task.cancel()``.
+
+Cancellation (the caller gave up: ``B_CANCEL``) stops a running call the same way, at once:
+:meth:`Watchdog.cancel` raises :class:`CallCancelled` (a ``CallTimedOut``, so code that handles
+the interruption of a call handles both). A cancel is not escalated: a call that swallows it runs
+on until its own deadline, where the limits above act. Once the call's code has returned
+(:func:`settle`) a cancel changes nothing: the result goes out.
 """
 
 from __future__ import annotations
 
 import _signal
+import asyncio
 import contextlib
 import ctypes
+import gc
 import itertools
 import logging
 import math
@@ -36,6 +50,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -46,6 +61,10 @@ DEFAULT_GRACE = 5.0
 
 class CallTimedOut(BaseException):
     """Raised into a call that ran past its deadline (the soft limit)."""
+
+
+class CallCancelled(CallTimedOut):
+    """Raised into a call its caller cancelled (a ``CallTimedOut``: the same interruption, another cause)."""
 
 
 @dataclass
@@ -60,6 +79,14 @@ class _Call:
     lock: threading.Lock = field(default_factory=threading.Lock)
     watchdog: "Watchdog | None" = None
     thread_state: "_ThreadState | None" = None
+    cancelled: bool = False  # its caller cancelled it (B_CANCEL)
+    settled: bool = False  # its code has returned: a cancel changes nothing now
+    loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
+
+    def interruption(self) -> CallTimedOut:
+        if self.cancelled:
+            return CallCancelled("the call was cancelled by its caller")
+        return CallTimedOut("the call ran past its deadline")
 
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
@@ -96,34 +123,49 @@ def protected() -> Iterator[None]:
         if st.protected == 0 and st.pending and st.active is not None and not st.active.done:
             st.pending = False
             st.active.timed_out = True
-            raise CallTimedOut("the call ran past its deadline")
+            raise st.active.interruption()
 
 
-_limit_signals = 0  # soft-limit SIGINTs sent and not handled yet
+# one token per soft-limit or cancel SIGINT sent and not handled yet. Two threads send them (the
+# watchdog, the I/O thread's cancels) and the handler may run inside itself: append and pop are
+# atomic, where a counter's read-modify-write could lose an update, and a limit signal taken for
+# an operator's Ctrl-C stops the worker
+_limit_signals: deque[int] = deque()
 _previous_sigint: Any = signal.default_int_handler
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
-    global _limit_signals
-    if _limit_signals <= 0:
+    try:
+        _limit_signals.pop()
+    except IndexError:
         if callable(_previous_sigint):
             _previous_sigint(signum, frame)  # a real SIGINT: the worker's own handler
         return
-    _limit_signals -= 1
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
-    if call is None or call.done or not call.soft_sent:
-        return  # a stale signal: the call it was meant for has ended
+    if call is None or call.done or call.settled or not (call.soft_sent or call.cancelled):
+        return  # a stale signal: the call it was meant for has ended (or has returned its result)
     if st.protected:
         st.pending = True
         return
     call.timed_out = True
-    raise CallTimedOut("the call ran past its deadline")
+    raise call.interruption()
 
 
 def _cancel_parallel_jobs(thread_id: int) -> None:
     """Set ``cancel_jobs`` of DSPy ``ParallelExecutor``s running on the thread's stack."""
-    frame = sys._current_frames().get(thread_id)
+    # sys._current_frames() holds the interpreter's thread-list lock while it makes frame objects:
+    # a garbage collection there runs finalizers, which may hand the GIL to a thread that then
+    # waits for that lock holding the GIL (PyThreadState_SetAsyncExc does: the pool thread clearing
+    # its interruption) - a deadlock, seen under load. Without a collection nothing in it lets go
+    # of the GIL.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        frame = sys._current_frames().get(thread_id)
+    finally:
+        if enabled:
+            gc.enable()
     while frame is not None:
         owner = frame.f_locals.get("self")
         event = getattr(owner, "cancel_jobs", None) if owner is not None else None
@@ -132,9 +174,58 @@ def _cancel_parallel_jobs(thread_id: int) -> None:
         frame = frame.f_back
 
 
-def _async_raise(thread_id: int) -> bool:
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(CallTimedOut))
+def _async_raise(thread_id: int, exc: type[BaseException] = CallTimedOut) -> bool:
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
     return int(n) == 1
+
+
+def settle(call: _Call | None) -> None:
+    """The call's code has returned and its result is encoded: an interruption from now on (a
+    cancel, the soft limit) changes nothing. One already on its way is raised here, in the call's
+    body, never in the cleanup (settings, output capture) that follows."""
+    if call is None:
+        return
+    with call.lock:
+        call.settled = True
+        interrupted = call.cancelled or call.timed_out
+    if interrupted:
+        if call.thread != threading.main_thread().ident:
+            # not delivered yet: it must not surface later in the worker's own code
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
+        call.timed_out = True
+        raise call.interruption()
+
+
+def run_async(coro: Any) -> Any:
+    """Run a coroutine to its end on a private loop (the worker thread has none running); the
+    watchdog can wake that loop to interrupt the current call."""
+    call = _state().active
+    if call is None:
+        return asyncio.run(coro)
+
+    async def main() -> Any:
+        with call.lock:
+            call.loop = asyncio.get_running_loop()
+        try:
+            return await coro
+        finally:
+            with call.lock:
+                call.loop = None
+
+    return asyncio.run(main())
+
+
+def _wake(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Make a thread blocked in ``loop``'s select run Python code (and see its async exception)."""
+    if loop is not None:
+        try:
+            loop.call_soon_threadsafe(_nothing)
+        except RuntimeError:  # closed meanwhile: the thread is out of its select already
+            pass
+
+
+def _nothing() -> None:
+    pass
 
 
 class Watchdog:
@@ -171,11 +262,11 @@ class Watchdog:
             self._start()
 
     @contextlib.contextmanager
-    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call | None]:
-        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit)."""
+    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> Iterator[_Call]:
+        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit, but the
+        call can still be cancelled)."""
         if deadline is None:
-            yield None
-            return
+            deadline = math.inf
         st = _state()
         call = _Call(deadline, threading.get_ident(), on_hard, token=next(self._ids), watchdog=self)
         if call.thread == self._main and not self._signal_installed:
@@ -240,24 +331,36 @@ class Watchdog:
                     except Exception:  # noqa: BLE001 - the watchdog must survive
                         log.exception("hard time limit handler failed")
 
+    def cancel(self, call: _Call) -> bool:
+        """Stop a running call its caller cancelled, as the soft limit does; False if it has
+        ended, returned its result, or was cancelled already."""
+        with call.lock:
+            if call.done or call.settled or call.cancelled:
+                return False
+            call.cancelled = True
+        if call.thread == self._main and not self._signal_installed:
+            return True  # no raising SIGINT handler here (an executor outside a worker): the flag only
+        self._soft(call)
+        return True
+
     def _soft(self, call: _Call) -> None:
         if call.thread == self._main:
-            global _limit_signals
-            _limit_signals += 1
+            _limit_signals.append(1)
             try:
                 signal.pthread_kill(call.thread, signal.SIGINT)
             except (ProcessLookupError, OSError):
-                _limit_signals -= 1
+                _limit_signals.pop()
         else:
             with call.lock:
                 st = call.thread_state
-                if call.done:
+                if call.done or call.settled:
                     return
                 if st is not None and st.protected:
                     st.pending = True  # raised when the protected block ends
                     return
                 call.timed_out = True
-                _async_raise(call.thread)
+                _async_raise(call.thread, CallCancelled if call.cancelled else CallTimedOut)
+                _wake(call.loop)
             try:
                 _cancel_parallel_jobs(call.thread)
             except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way

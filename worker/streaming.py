@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 import logging
@@ -111,8 +110,9 @@ def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -
 
 
 def _run(coro: Any) -> Any:
-    """Run a coroutine to its end on a private loop (the worker thread has none running)."""
-    return asyncio.run(coro)
+    """Run a coroutine to its end on a private loop (the worker thread has none running), as a
+    task that a cancel or the soft time limit can cancel (worker.limits.run_async)."""
+    return limits.run_async(coro)
 
 
 def resolve_awaitable(result: Any) -> Any:

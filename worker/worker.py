@@ -144,7 +144,6 @@ class Worker:
         self._active = 0  # calls running on the pool (capacity > 1)
         self._active_lock = threading.Lock()
         self._streams: dict[tuple[bytes, int], StreamControl] = {}
-        self._early_cancels: set[tuple[bytes, int]] = set()
         self._streams_lock = threading.Lock()
         self._running_sessions: dict[str, int] = {}  # session -> calls running (guarded by _active_lock)
         self._session_ends: dict[str, tuple[float, int]] = {}  # session -> (end of last call, pool TTL s)
@@ -343,7 +342,7 @@ class Worker:
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=lambda: self._hard_timeout(client, header))
+                                          on_hard=lambda: self._hard_timeout(client, header), client=client)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -395,12 +394,8 @@ class Worker:
         control = StreamControl(emit, STREAM_WINDOW, stall)
         self._busy_since = 0.0  # a stream needs its credit and cancels read at once: no grace
         self._wake.set()
-        key = (client, req_id)
         with self._streams_lock:
-            self._streams[key] = control
-            if key in self._early_cancels:
-                self._early_cancels.discard(key)
-                control.cancel()
+            self._streams[(client, req_id)] = control
         return control
 
     def _hard_timeout(self, client: bytes, header: Any) -> None:
@@ -516,6 +511,8 @@ class Worker:
         if self._stop.is_set() and not self._drain_sent:
             self._drain_sent = True
             self._send_control([W_DRAIN])
+        if not self._busy and not self._inbox and self._active == 0:
+            self.executor.forget_cancels()  # every request received has ended
         if now >= self._next_backstop:
             self._next_backstop = now + 1.0
             self._backstop_sweep(now)
@@ -601,13 +598,12 @@ class Worker:
             return
         with self._streams_lock:
             control = self._streams.get(key)
-            if control is None:
-                if command == B_CANCEL and len(self._early_cancels) < 10_000:
-                    self._early_cancels.add(key)  # the request may still be waiting in the inbox
-                return
         if command == B_CANCEL:
-            control.cancel()
-        else:
+            if control is not None:
+                control.cancel()  # a stream stops at its next item
+            elif not self.executor.cancel(key):  # a call is interrupted (worker.limits)
+                log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
+        elif control is not None:
             control.add_credit(int(n))
 
     # -- the I/O thread: stands in while the main thread runs user code ----------------------

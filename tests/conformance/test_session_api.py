@@ -299,10 +299,6 @@ def test_print_from_a_user_thread_reaches_the_caller(session: dspex.Session, cap
     assert "hello from a user thread" in "".join(e["text"] for e in events if e["stream"] == "stdout")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cancelling an awaited dspex.aio call (not a stream) sends no cancel: the worker runs it to its "
-    "end, the session's next call waits behind it (6.8 s measured with 20 slow LM calls) and LM "
-    "calls go on being spent"))
 def test_cancelling_an_asyncio_call_stops_it_on_the_worker(cstack) -> None:
     """``task.cancel()`` on an awaited session call (a web request whose client went away): as an
     in-process ``await react.acall(...)`` stops at cancellation, the worker stops the call, so the
