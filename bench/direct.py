@@ -30,7 +30,6 @@ import sys
 import time
 from typing import Any, Callable
 
-import msgpack
 import zmq
 
 from bench.common import PY, Row, Stack, Workspace, iter_rotated, median, quantile, us, verdict
@@ -244,7 +243,7 @@ def _run_direct_loadgen(ws: Workspace, endpoint: str, duration: float, warmup: f
 def loadgen(a: argparse.Namespace) -> dict[str, Any]:
     """Pin ``--sessions`` sessions with one brokered call each, then keep one call per session in
     flight straight to its worker (``--sockets`` DEALERs per worker endpoint)."""
-    from bench.servers import _cpu, _delta
+    from bench.servers import drive
     from dspex import codec
     from dspex.protocol import RequestHeader, unpack_reply
 
@@ -277,67 +276,8 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
             links[ep].append(s)
     owner = [links[ep][i % len(links[ep])] for i, (_, ep) in enumerate(pinned)]
     socks = [s for v in links.values() for s in v]
-    sock_index = {s: i for i, s in enumerate(socks)}
-    inflight: list[dict[int, int]] = [{} for _ in socks]
-    next_id = [1] * len(socks)
-
-    def send(si: int) -> None:
-        s = owner[si]
-        k = sock_index[s]
-        rid = next_id[k]
-        next_id[k] = rid + 1
-        inflight[k][rid] = si
-        s.send_multipart([RequestHeader("call", rid, "p", sessions[si], pinned[si][0], timeout_ms).pack(), body])
-
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    done = errors = 0
-    counting = True
-    for si in range(a.sessions):
-        send(si)
-
-    def pump(until: float, resend: bool) -> None:
-        nonlocal done, errors
-        while True:
-            left = until - time.monotonic()
-            if left <= 0 or (not resend and not any(inflight)):
-                return
-            for s, _ in poller.poll(int(left * 1000) + 1):
-                k = sock_index[s]
-                while True:
-                    try:
-                        frames = s.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    head = msgpack.unpackb(frames[0])
-                    si = inflight[k].pop(head[1], None)
-                    if si is None:
-                        continue
-                    if head[0] != "ok":
-                        errors += 1
-                    elif counting:
-                        done += 1
-                    if resend:
-                        send(si)
-
-    pump(time.monotonic() + a.warmup, True)
-    done = errors = 0
-    cpu0 = _cpu(a.cpu_pid)
-    own0 = time.process_time()
-    t0 = time.monotonic()
-    pump(t0 + a.duration, True)
-    t1 = time.monotonic()
-    own1 = time.process_time()
-    cpu1 = _cpu(a.cpu_pid)
-    calls = done
-    counting = False
-    pump(time.monotonic() + 10.0, False)
-    for s in socks:
-        s.close(0)
-    ctx.term()
-    return {"calls": calls, "errors": errors, "elapsed": t1 - t0, "cpu": _delta(cpu0, cpu1), "loadgen_cpu": own1 - own0,
-            "rate": calls / (t1 - t0), "left_in_flight": sum(len(x) for x in inflight)}
+    return drive(ctx, socks, owner,
+                 lambda rid, si: RequestHeader("call", rid, "p", sessions[si], pinned[si][0], timeout_ms).pack(), body, a)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import secrets
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -141,10 +141,19 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
     body = codec.encode(["builtins", "len", [[]], {}])[0]  # what Session.call("builtins", "len", [[]]) sends
     sessions = [secrets.token_hex(16) for _ in range(a.sessions)]
     owner = [socks[i % len(socks)] for i in range(a.sessions)]
+    timeout_ms = int(a.timeout * 1000)
+    return drive(ctx, socks, owner, lambda rid, si: RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack(),
+                 body, a)
+
+
+def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Callable[[int, int], bytes], body: bytes,
+          a: argparse.Namespace) -> dict[str, Any]:
+    """Keep one call per session in flight (session ``si`` on socket ``owner[si]``, its request
+    header ``header(req_id, si)``): ``a.warmup`` s, then ``a.duration`` s counted (CPU of
+    ``a.cpu_pid`` over the same window), then drain what is in flight. Closes the sockets and ``ctx``."""
     inflight: list[dict[int, int]] = [{} for _ in socks]  # per socket: req_id -> session index
     next_id = [1] * len(socks)
     sock_index = {s: i for i, s in enumerate(socks)}
-    timeout_ms = int(a.timeout * 1000)
 
     def send(si: int) -> None:
         s = owner[si]
@@ -152,15 +161,14 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
         rid = next_id[k]
         next_id[k] = rid + 1
         inflight[k][rid] = si
-        header = RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack()
-        s.send_multipart([header, body])
+        s.send_multipart([header(rid, si), body])
 
     poller = zmq.Poller()
     for s in socks:
         poller.register(s, zmq.POLLIN)
     done = errors = 0
     counting = True
-    for si in range(a.sessions):
+    for si in range(len(owner)):
         send(si)
 
     def pump(until: float, resend: bool) -> None:
@@ -182,7 +190,7 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
                     si = inflight[k].pop(head[1], None)
                     if si is None:
                         continue
-                    if head[0] == "err":
+                    if head[0] != "ok":
                         errors += 1
                     elif counting:
                         done += 1
