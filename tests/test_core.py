@@ -450,7 +450,8 @@ def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
     assert core.worker_of(1) == A
 
 
-@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast", "hint", "none"])
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_queue:queue_timeout=60,prefetch=2", "strict_queue:prefetch=4",
+                                  "strict_fail_fast", "hint", "none"])
 def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     """Requests, replies, crashes, goodbyes and new workers in random order: every pin is in its
     worker's session set and nowhere else, the pool's count is what its queues hold, and every
@@ -458,16 +459,20 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     import random
 
     rnd = random.Random(f"core-{mode}")
-    core = StubCore(f"p:{mode}:queue_max=50", )
+    mode, _, options = mode.partition(":")
+    core = StubCore(f"p:{mode}:queue_max=50{',' + options if options else ''}")
     n_workers = 0
 
     def new_worker() -> None:
         nonlocal n_workers
         n_workers += 1
-        core.ready(b"w%d" % n_workers, "p", capacity=rnd.choice([1, 2]))
+        # deeper prefetch: capacity-1 workers only (the only ones it applies to), so it gets deep
+        core.ready(b"w%d" % n_workers, "p", capacity=1 if options else rnd.choice([1, 2]))
 
     for _ in range(3):
         new_worker()
+    depth = core.pools["p"].config.prefetch
+    deepest = 0  # requests sent ahead to one worker, at most
     sent: list[int] = []
     for req_id in range(600):
         roll = rnd.random()
@@ -494,6 +499,11 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
             max(0, len(w.inflight) + w.adopted - w.capacity) for w in pool.workers.values())
         for w in core.workers.values():
             assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
+            deepest = max(deepest, len(w.inflight) - w.capacity)
+    if mode == "strict_queue":
+        assert deepest == depth, "never more than `prefetch` requests ahead, and this run reaches that depth"
+    else:
+        assert deepest <= 0, "prefetch only in strict_queue pools"
     answered = [rid for rid in sent if core.outcome(C, rid) is not None]
     waiting = {p.req_id for q in core.pools["p"].queues() for p in q}
     running = {rid for w in core.workers.values() for (_, rid) in w.inflight}
