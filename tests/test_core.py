@@ -208,7 +208,7 @@ def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
 
 
 def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue_deadline() -> None:
-    core = StubCore("p:strict_queue:queue_timeout=5")  # prefetch=1 by default
+    core = StubCore("p:strict_queue:queue_timeout=5,prefetch=1")
     core.ready(A, "p")
     core.request(C, 1, "p", "s1")
     assert core.worker_of(1) == A
@@ -227,6 +227,18 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     worker = core.status()["pools"]["p"]["workers"][0]
     assert (worker["inflight"], worker["queued"]) == (1, 1)  # 4 waits at the worker: it counts as queued
     assert core.status()["pools"]["p"]["queued"] == 1
+
+
+def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
+    core = StubCore("p:strict_queue")
+    assert core.pools["p"].config.prefetch == 4
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")
+    core.reply(A, C, 1)  # a short call: A may be sent requests ahead of its replies
+    for rid in range(2, 8):
+        core.request(C, rid, "p", f"s{rid}")
+    assert [core.worker_of(rid) for rid in range(2, 8)] == [A] * 5 + [None]  # running + 4 ahead; the 6th waits
+    assert core.status()["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
 
 
 def test_prefetched_requests_count_against_queue_max() -> None:
