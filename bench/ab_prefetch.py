@@ -1,10 +1,10 @@
-"""``python -m bench.ab_prefetch [--rounds N] [--duration S]``: the prefetch A/B alone.
+"""``python -m bench.ab_prefetch [--depths 1,0] [--rounds N] [--duration S]``: the prefetch A/B alone.
 
 Pipelined calls/s (100 sessions, one call each in flight, 2 capacity-1 ``--no-dspy`` workers of a
-``strict_queue`` pool) with ``prefetch=1`` (the default) and ``prefetch=0``, and the C
-``zmq.proxy`` baseline, in short blocks alternating round by round (order rotating), so bursts of
-load on a shared machine hit all three alike. Prints the per-round rates, the medians of the
-neighbouring-block ratios and the broker CPU per call.
+``strict_queue`` pool), one stack per ``prefetch`` depth in ``--depths`` (first one is the
+reference of the ratios), and the C ``zmq.proxy`` baseline, in short blocks alternating round by
+round (order rotating), so bursts of load on a shared machine hit all alike. Prints the per-round
+rates, the medians of the neighbouring-block ratios and the broker and workers' CPU per call.
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ from bench.hop import loadgen as _loadgen
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab_prefetch")
+    p.add_argument("--depths", default="1,0", help="comma-separated prefetch depths; the first is the reference")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--duration", type=float, default=1.5)
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
+    depths = [int(d) for d in a.depths.split(",")]
+    names = [f"prefetch{d}" for d in depths]
     ws = Workspace()
     try:
         systems: dict[str, tuple[str, list[int]]] = {}
         stacks = []
-        for name, spec in (("prefetch1", "p:strict_queue"), ("prefetch0", "p:strict_queue:prefetch=0")):
-            st = Stack(ws, name[-1] + "s")
-            broker = st.start_broker(spec)
+        for d, name in zip(depths, names):
+            st = Stack(ws, f"{d}s")
+            broker = st.start_broker(f"p:strict_queue:prefetch={d}")
             for _ in range(2):
                 st.start_worker("p", "--no-dspy")
             stacks.append(st)
@@ -57,15 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         def ratio(x: str, y: str) -> float:
             return median([u["rate"] / v["rate"] for u, v in zip(res[x], res[y]) if v["rate"]])
 
-        def broker_us(name: str) -> float:
-            pid = str(systems[name][1][0])
-            return median([x["cpu"][pid] / x["calls"] * 1e6 for x in res[name] if x["calls"]])
+        def cpu_us(name: str, which: str) -> float:
+            pids = systems[name][1]
+            keys = [str(pids[0])] if which == "broker" else [str(q) for q in pids[1:]]
+            return median([sum(x["cpu"][k] for k in keys) / x["calls"] * 1e6 for x in res[name] if x["calls"]])
 
-        out = {"rounds": a.rounds, "duration_s": a.duration,
+        ref = names[0]
+        out = {"rounds": a.rounds, "duration_s": a.duration, "depths": depths,
                "rate": {k: median([x["rate"] for x in v]) for k, v in res.items()},
-               "prefetch1_vs_prefetch0": ratio("prefetch1", "prefetch0"),
-               "prefetch1_vs_cproxy": ratio("prefetch1", "cproxy"), "prefetch0_vs_cproxy": ratio("prefetch0", "cproxy"),
-               "broker_us": {k: broker_us(k) for k in ("prefetch1", "prefetch0")},
+               "vs_" + ref: {k: ratio(k, ref) for k in names[1:]},
+               "vs_cproxy": {k: ratio(k, "cproxy") for k in names},
+               "broker_us": {k: cpu_us(k, "broker") for k in names},
+               "workers_us": {k: cpu_us(k, "workers") for k in names},
                "errors": sum(x["errors"] for v in res.values() for x in v)}
         print(json.dumps(out, indent=1))
         if a.json:

@@ -190,7 +190,7 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
                     si = inflight[k].pop(head[1], None)
                     if si is None:
                         continue
-                    if head[0] == "err":  # the C proxy's echo workers send the request header back
+                    if head[0] not in ("ok", "call"):  # "call": an echo server (the C proxy's) returns the request
                         errors += 1
                     elif counting:
                         done += 1

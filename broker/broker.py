@@ -39,6 +39,7 @@ _SWEEP_EVERY = 0.05
 # socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 _GOODBYE_GRACE = 0.003
+_OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 _CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
@@ -71,6 +72,9 @@ class Broker(Core):
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
         self._slow_clients: set[bytes] = set()
+        # replies wait here until the end of the drain that produced them, then go out back to
+        # back: zmq's I/O thread is woken once for the burst instead of once per reply
+        self._outbox: list[list[Any]] = []
         self._stop = False
         self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
@@ -187,6 +191,7 @@ class Broker(Core):
             events = dict(poller.poll(int(timeout * 1000)))
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
+                self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
             if self.front_monitor is not None and self.front_monitor in events:
@@ -204,6 +209,7 @@ class Broker(Core):
             if now >= next_beat:
                 self._heartbeat(now)
                 next_beat = now + interval
+            self._flush_clients()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -227,6 +233,16 @@ class Broker(Core):
             return ""
 
     def _to_client(self, frames: list[Any]) -> None:
+        self._outbox.append(frames)
+        if len(self._outbox) >= _OUTBOX_MAX:  # a long drain does not hold its first replies back
+            self._flush_clients()
+
+    def _flush_clients(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for frames in outbox:
+            self._send_client(frames)
+
+    def _send_client(self, frames: list[Any]) -> None:
         """Replies queue per client up to the frontend's SNDHWM: a client that stops reading
         loses replies past it (counted, logged once per client; its calls time out) instead of
         growing the broker without bound."""

@@ -34,8 +34,10 @@ class PoolConfig:
     capacity: int = 1  # calls one worker runs at once (threads); read by the workers
     # strict_queue, capacity-1 workers: how many pinned requests the broker may send a worker
     # ahead of the reply to its running call (behind short calls only), so it does not idle a
-    # broker round trip between calls; each carries its queue deadline, which the worker enforces
-    prefetch: int = 1
+    # broker round trip between calls; each carries its queue deadline, which the worker enforces.
+    # 4: pipelined calls/s 1.26-1.40x depth 1, broker CPU/call -25% (docs/benchmarks.md, "Issue 14:
+    # prefetch depth and wake-ups"); the requests behind a pinned worker wait for it either way
+    prefetch: int = 4
     # strict_queue only: after a session's first (brokered) call pins it, its client sends the
     # session's calls straight to the pinned worker's own socket (issue 14 prototype; default off)
     direct: bool = False

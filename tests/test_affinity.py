@@ -70,31 +70,38 @@ def test_strict_queue_timeout(stack: Stack) -> None:
     t.join(5)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 def test_prefetched_request_past_its_queue_deadline_times_out_on_the_worker_and_never_runs(
-        stack: Stack, tmp_path: Path) -> None:
-    """Prefetch (on by default) sends a pinned request to a capacity-1 worker behind a short-looking
-    call; when that call turns out long, the worker answers QueueTimeout without running it."""
-    stack.pool("p:strict_queue:queue_timeout=0.4", 1, "--no-dspy")
+        stack: Stack, tmp_path: Path, depth: int) -> None:
+    """Prefetch (on by default) sends pinned requests to a capacity-1 worker behind a short-looking
+    call (up to ``prefetch`` of them); when that call turns out long, the worker answers
+    QueueTimeout to each without running it."""
+    stack.pool(f"p:strict_queue:queue_timeout=0.4,prefetch={depth}", 1, "--no-dspy")
 
-    async def attempt(n: int) -> str:
+    async def attempt(n: int) -> list[str]:
         async with dspex.aio.connect(stack.frontend, timeout=20) as dx:
-            long, victim = dx.session("p"), dx.session("p")
+            long, victims = dx.session("p"), [dx.session("p") for _ in range(depth)]
             for _ in range(3):  # quick calls: the broker learns this worker's calls are short
                 await long.call("os", "getpid")
-            marker = tmp_path / f"ran-{n}"
+            markers = [tmp_path / f"ran-{n}-{i}" for i in range(depth)]
             first = asyncio.ensure_future(long.call("time", "sleep", [1.2]))
             await asyncio.sleep(0)  # its send is under way first: the long call reaches the worker first
-            results = await asyncio.gather(first, victim.call("os", "mkdir", [str(marker)]), return_exceptions=True)
-            assert isinstance(results[1], dspex.QueueTimeout), results[1]
-            assert not marker.exists(), "a request that timed out in the queue ran"
-            return str(results[1].message)
+            results = await asyncio.gather(first, *(v.call("os", "mkdir", [str(m)]) for v, m in zip(victims, markers)),
+                                           return_exceptions=True)
+            for r in results[1:]:
+                assert isinstance(r, dspex.QueueTimeout), r
+            assert not any(m.exists() for m in markers), "a request that timed out in the queue ran"
+            return [str(r.message) for r in results[1:]]  # type: ignore[union-attr]
 
-    # prefetch only happens when the second request reaches the broker within 10 ms of the first
-    # one's dispatch: on a loaded machine that may take a few tries (each try checks the semantics)
-    messages = [asyncio.run(attempt(n)) for n in range(1)]
-    while "before this worker reached it" not in messages[-1] and len(messages) < 8:
-        messages.append(asyncio.run(attempt(len(messages))))
-    assert "before this worker reached it" in messages[-1], messages
+    # prefetch only happens when the victims reach the broker within 10 ms of the first call's
+    # dispatch: on a loaded machine that may take a few tries (each try checks the semantics)
+    def all_prefetched(messages: list[str]) -> bool:
+        return all("before this worker reached it" in m for m in messages)
+
+    tries = [asyncio.run(attempt(0))]
+    while not all_prefetched(tries[-1]) and len(tries) < 8:
+        tries.append(asyncio.run(attempt(len(tries))))
+    assert all_prefetched(tries[-1]), tries
 
 
 @pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast"])

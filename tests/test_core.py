@@ -208,7 +208,7 @@ def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
 
 
 def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue_deadline() -> None:
-    core = StubCore("p:strict_queue:queue_timeout=5")  # prefetch=1 by default
+    core = StubCore("p:strict_queue:queue_timeout=5,prefetch=1")
     core.ready(A, "p")
     core.request(C, 1, "p", "s1")
     assert core.worker_of(1) == A
@@ -227,6 +227,18 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     worker = core.status()["pools"]["p"]["workers"][0]
     assert (worker["inflight"], worker["queued"]) == (1, 1)  # 4 waits at the worker: it counts as queued
     assert core.status()["pools"]["p"]["queued"] == 1
+
+
+def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
+    core = StubCore("p:strict_queue")
+    assert core.pools["p"].config.prefetch == 4
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")
+    core.reply(A, C, 1)  # a short call: A may be sent requests ahead of its replies
+    for rid in range(2, 8):
+        core.request(C, rid, "p", f"s{rid}")
+    assert [core.worker_of(rid) for rid in range(2, 8)] == [A] * 5 + [None]  # running + 4 ahead; the 6th waits
+    assert core.status()["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
 
 
 def test_prefetched_requests_count_against_queue_max() -> None:
@@ -450,7 +462,8 @@ def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
     assert core.worker_of(1) == A
 
 
-@pytest.mark.parametrize("mode", ["strict_queue", "strict_fail_fast", "hint", "none"])
+@pytest.mark.parametrize("mode", ["strict_queue", "strict_queue:queue_timeout=60,prefetch=2", "strict_queue:prefetch=4",
+                                  "strict_fail_fast", "hint", "none"])
 def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     """Requests, replies, crashes, goodbyes and new workers in random order: every pin is in its
     worker's session set and nowhere else, the pool's count is what its queues hold, and every
@@ -458,16 +471,20 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     import random
 
     rnd = random.Random(f"core-{mode}")
-    core = StubCore(f"p:{mode}:queue_max=50", )
+    mode, _, options = mode.partition(":")
+    core = StubCore(f"p:{mode}:queue_max=50{',' + options if options else ''}")
     n_workers = 0
 
     def new_worker() -> None:
         nonlocal n_workers
         n_workers += 1
-        core.ready(b"w%d" % n_workers, "p", capacity=rnd.choice([1, 2]))
+        # deeper prefetch: capacity-1 workers only (the only ones it applies to), so it gets deep
+        core.ready(b"w%d" % n_workers, "p", capacity=1 if options else rnd.choice([1, 2]))
 
     for _ in range(3):
         new_worker()
+    depth = core.pools["p"].config.prefetch
+    deepest = 0  # requests sent ahead to one worker, at most
     sent: list[int] = []
     for req_id in range(600):
         roll = rnd.random()
@@ -494,6 +511,11 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
             max(0, len(w.inflight) + w.adopted - w.capacity) for w in pool.workers.values())
         for w in core.workers.values():
             assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
+            deepest = max(deepest, len(w.inflight) - w.capacity)
+    if mode == "strict_queue":
+        assert deepest == depth, "never more than `prefetch` requests ahead, and this run reaches that depth"
+    else:
+        assert deepest <= 0, "prefetch only in strict_queue pools"
     answered = [rid for rid in sent if core.outcome(C, rid) is not None]
     waiting = {p.req_id for q in core.pools["p"].queues() for p in q}
     running = {rid for w in core.workers.values() for (_, rid) in w.inflight}
