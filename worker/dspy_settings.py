@@ -22,7 +22,6 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import importlib
 import threading
@@ -134,41 +133,63 @@ class SessionSettings:
         if self._process_owner is state:
             module.main_thread_config.update(kwargs)
 
-    @contextlib.contextmanager
-    def scope(self, state: SessionState) -> Iterator[None]:
-        # one generator for the session, the process-wide config and the overrides: each
-        # nested contextmanager costs ~4 µs per call
-        token = current_session.set(state)
+    def scope(self, state: SessionState) -> _Scope:
+        """``with`` runs the block in the session's settings."""
+        return _Scope(self, state)
+
+
+class _Scope:
+    """One call's block in its session's settings: the session, the process-wide config
+    (capacity 1) and the overrides. A class, not generator context managers: per call that
+    saved ~4 µs for each one nested."""
+
+    __slots__ = ("owner", "state", "_token", "_base", "_saved")
+
+    def __init__(self, owner: SessionSettings, state: SessionState) -> None:
+        self.owner = owner
+        self.state = state
+        self._base: Any = None
+        self._saved: dict[str, Any] | None = None
+
+    def __enter__(self) -> None:
+        owner, state = self.owner, self.state
+        self._token = current_session.set(state)
+        if owner._dspy is None:
+            return
         try:
-            if self._dspy is None:
-                yield
-                return
+            module = owner._module
             settings = state.dspy_settings
             # a trace of its own: DSPy appends to the configured list in place
             settings.setdefault("trace", [])
-            # start from no overrides: nothing a cut-short earlier call left on this thread leaks in
-            overrides = self._module.thread_local_overrides
-            base = overrides.set(type(overrides.get())())
-            try:
-                if not self.process_wide:
-                    with self._dspy.context(**settings):
-                        yield
-                    return
+            config = module.main_thread_config
+            if owner.process_wide:
                 # capacity 1: the settings hold process-wide too, for threads the call starts
-                config = self._module.main_thread_config
-                with self._lock:
-                    saved = dict(config)
+                with owner._lock:
+                    self._saved = dict(config)
                     config.update(settings)
-                    self._process_owner = state
-                try:
-                    with self._dspy.context(**settings):
-                        yield
-                finally:
-                    with limits.protected(), self._lock:  # a soft limit must not leave the session's LM behind
-                        self._process_owner = None
-                        config.clear()
-                        config.update(saved)
-            finally:
-                overrides.reset(base)
+                    owner._process_owner = state
+            # what ``dspy.context(**settings)`` does, on top of no overrides: nothing a cut-short
+            # earlier call left on this thread leaks in (one contextvar set instead of two and
+            # dspy's generator)
+            overrides = module.thread_local_overrides
+            self._base = overrides.set(type(overrides.get())({**config, **settings}))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.owner
+        try:
+            if self._saved is not None:
+                saved, self._saved = self._saved, None
+                with limits.protected(), owner._lock:  # a soft limit must not leave the session's LM behind
+                    owner._process_owner = None
+                    config = owner._module.main_thread_config
+                    config.clear()
+                    config.update(saved)
         finally:
-            current_session.reset(token)
+            try:
+                if self._base is not None:
+                    owner._module.thread_local_overrides.reset(self._base)
+            finally:
+                current_session.reset(self._token)

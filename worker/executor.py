@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import secrets
+import sys
 from typing import Any, Callable
 
 from dspex import codec
@@ -323,7 +324,11 @@ def _resolve_callable(module: str, name: str) -> Any:
     special = _SPECIAL_CALLABLES.get((module, name))
     if special is not None:
         return special
-    obj: Any = importlib.import_module(module)
+    obj: Any = sys.modules.get(module)
+    # importlib.import_module takes the module's import lock even when it is loaded (~5 µs per
+    # call); a module still initializing (imported by another thread right now) goes through it
+    if obj is None or getattr(getattr(obj, "__spec__", None), "_initializing", False):
+        obj = importlib.import_module(module)
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj

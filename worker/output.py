@@ -11,7 +11,6 @@ the log, never a smear of redraws; the caller still gets every redraw.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import io
 import logging
@@ -20,7 +19,7 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, TextIO
 
 from worker import limits
 
@@ -76,6 +75,8 @@ class OutputSink:
 
     def close(self) -> None:
         with self._lock:
+            if not self._pending:  # nothing was written (the usual call)
+                return
             rest, self._pending = self._pending, {}
         for stream, text in rest.items():
             if text:
@@ -156,23 +157,32 @@ def install() -> None:
     warnings.showwarning = showwarning
 
 
-@contextlib.contextmanager
-def capture(tag: str, emit: Emit | None, process_wide: bool) -> Iterator[OutputSink]:
-    """Route this call's output to a new sink for the block."""
-    global _process_sink
-    sink = OutputSink(tag, emit)
-    token = _current.set(sink)
-    if process_wide:
-        _process_sink = sink
-    try:
-        yield sink
-    finally:
+class capture:
+    """Route this call's output to a new sink for the block (``with`` gives the sink). A class,
+    not a generator context manager: it is entered on every call (~2 µs less each time)."""
+
+    __slots__ = ("sink", "process_wide", "_token")
+
+    def __init__(self, tag: str, emit: Emit | None, process_wide: bool) -> None:
+        self.sink = OutputSink(tag, emit)
+        self.process_wide = process_wide
+
+    def __enter__(self) -> OutputSink:
+        global _process_sink
+        self._token = _current.set(self.sink)
+        if self.process_wide:
+            _process_sink = self.sink
+        return self.sink
+
+    def __exit__(self, *exc: object) -> None:
+        global _process_sink
+        sink = self.sink
         with limits.protected():
-            if process_wide and _process_sink is sink:
+            if self.process_wide and _process_sink is sink:
                 _process_sink = None
-            _current.reset(token)
+            _current.reset(self._token)
             sink.close()
-            if process_wide and _dispatchers is not None:
+            if self.process_wide and _dispatchers is not None:
                 # a call that rebound sys.stdout/stderr for good must not take the next call's
                 # output (another session's) with it
                 sys.stdout, sys.stderr = _dispatchers

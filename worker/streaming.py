@@ -115,8 +115,13 @@ def _run(coro: Any) -> Any:
     return limits.run_async(coro)
 
 
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
+
+
 def resolve_awaitable(result: Any) -> Any:
     """``await`` an awaitable result (repeatedly: a coroutine may return another one)."""
+    if type(result) in _PLAIN:  # the usual result: no isinstance against the Awaitable ABC
+        return result
     while inspect.isawaitable(result):
         async def wait(aw: Any = result) -> Any:
             return await aw
