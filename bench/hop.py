@@ -365,7 +365,7 @@ def throughput(cfg: Config) -> list[Row]:
         pf = median([ratio_of(a["rate"], b["rate"]) for a, b in zip(res["dspex"], res["dspex_pf0"])])
         rows.append(Row("throughput.prefetch_off", "same, pool prefetch=0 (the broker waits for each reply)",
                         f"{rate['dspex_pf0']:.0f}/s",
-                        f"prefetch=1 (default) {rate['dspex']:.0f}/s; C proxy {rate['cproxy']:.0f}/s",
+                        f"prefetch=4 (default) {rate['dspex']:.0f}/s; C proxy {rate['cproxy']:.0f}/s",
                         f"prefetch on {pf:.2f}× off; off {median([ratio_of(a['rate'], b['rate']) for a, b in zip(res['dspex_pf0'], res['cproxy'])]):.2f}× C proxy",
                         "(info: A/B of prefetch)", data={"prefetch_on_vs_off": pf,
                                                          "broker_us_off": cpu["dspex_pf0"]["hub_us"]}))

@@ -577,6 +577,10 @@ class Core(Lifecycle):
         self._event(pool.name, w, "start", "registered")
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
+        if pool.recycling is not None:
+            # a rolling recycle waits for this replacement: go on now, not at the next sweep (an
+            # operator who saw the replacement ready must not find the pool still "recycling")
+            self._recycle_step(pool, time.monotonic())
 
     def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
         """``clean``: the worker said goodbye, so it answered every request it started; what is

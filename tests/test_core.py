@@ -451,6 +451,22 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
         assert (other, [B_DISCONNECT]) in core.to_workers
 
 
+def test_a_rolling_recycle_goes_on_when_the_replacement_registers_not_at_the_next_sweep() -> None:
+    core = two_workers("p:strict_queue")
+    core.admin(C, "recycle", pool="p", all=True)
+    first = core.pools["p"].recycling
+    assert first in (A, B)
+    second = B if first == A else A
+    core.say(first, W_DISCONNECT)
+    core.ready(b"worker-c", "p")  # no sweep in between: the READY itself moves the recycle on
+    assert core.pools["p"].recycling == second and (second, [B_DISCONNECT]) in core.to_workers
+    core.say(second, W_DISCONNECT)
+    core.ready(b"worker-d", "p")
+    # what an operator's `workers recycle --all` reads once both replacements are ready
+    assert core.pools["p"].recycling is None
+    assert core.admin(C, "status")["pools"]["p"]["recycling"] is None
+
+
 def test_ready_reports_calls_running_for_an_earlier_broker() -> None:
     """After a broker restart the worker's READY says what it still runs: no over-dispatch."""
     core = StubCore("p:none")
