@@ -58,6 +58,7 @@ def direct(cfg: Any) -> list[Row]:
     ws = Workspace()
     ctx = zmq.Context()
     socks: list[Any] = []
+    clients: dict[str, Any] = {}
     try:
         stacks: dict[str, Stack] = {}
         for name, spec in (("direct", "p:strict_queue:direct=true"), ("brokered", "p:strict_queue")):
@@ -68,7 +69,7 @@ def direct(cfg: Any) -> list[Row]:
         pf_ep, pb_ep = ws.ipc("pf.sock"), ws.ipc("pb.sock")
         proxy = _spawn_server(ws, "proxy.log", "proxy", "--frontend", pf_ep, "--backend", pb_ep)
         echoes = [_spawn_server(ws, "proxy-echo.log", "echo-dealer", "--connect", pb_ep) for _ in range(2)]
-        clients = {k: st.client() for k, st in stacks.items()}
+        clients.update({k: st.client() for k, st in stacks.items()})
         for k, st in stacks.items():
             st.wait_workers("p", 2, 30, client=clients[k])
         sess = {k: c.session("p") for k, c in clients.items()}
@@ -159,6 +160,8 @@ def direct(cfg: Any) -> list[Row]:
     finally:
         for sock in socks:
             sock.close(0)
+        for c in clients.values():
+            c.close()
         ctx.term()
         ws.close()
     return rows
