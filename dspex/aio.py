@@ -28,7 +28,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
-from dspex.core import Exchange, bound_name, close_monitored, control_frames
+from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
 from dspex.aio_direct import AsyncDirectRoutes
@@ -96,7 +96,7 @@ class AsyncClient:
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
-        await _cancel_all(tasks)
+        await cancel_all(tasks)
 
     def _close_sockets(self) -> None:
         close_monitored(self._sock, self._monitor)
@@ -154,7 +154,7 @@ class AsyncClient:
     async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket,
                       monitor: zmq.asyncio.Socket) -> None:
         """Stop the tasks of a replaced socket, then close it."""
-        await _cancel_all(tasks)
+        await cancel_all(tasks)
         close_monitored(sock, monitor)
 
     async def _send_raw(self, frames: list[Any], timeout: float) -> None:
@@ -448,13 +448,3 @@ def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> As
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # retrieved: no "exception was never retrieved" at garbage collection
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass

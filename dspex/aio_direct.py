@@ -18,8 +18,8 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import Exchange, close_monitored
-from dspex.direct import VIA_BROKER, frozen_peer_check
+from dspex.core import Exchange, cancel_all, close_monitored
+from dspex.direct import VIA_BROKER, frozen_peer_check, unavailable
 from dspex.errors import BrokerUnreachable, ProtocolError, SessionWorkerUnavailable, WorkerCrashed
 from dspex.protocol import STATUS_VIA_BROKER, unpack_reply
 
@@ -63,13 +63,7 @@ class _Link:
 
     async def close(self) -> None:
         tasks, self.tasks = self.tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_all(tasks)
         close_monitored(self.sock, self.monitor)
 
 
@@ -97,11 +91,7 @@ class AsyncDirectRoutes:
             self._retiring.append(link)  # closed at close(): its watcher is the caller here
 
     def unavailable(self, ex: Exchange, worker: str) -> SessionWorkerUnavailable | None:
-        why = self._dead.get(worker)
-        if why is None:
-            return None
-        return SessionWorkerUnavailable(f"session {ex.session[:8]} is pinned to worker {worker[:8]}, which {why}",
-                                        session=ex.session, worker=worker)
+        return unavailable(self._dead, ex, worker)
 
     async def close(self) -> None:
         links, self._links = [*self._links.values(), *self._retiring], {}

@@ -11,6 +11,7 @@ until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the con
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, Callable
@@ -181,3 +182,14 @@ class Exchange:
     def lost(self, why: str) -> ConnectionLost:
         return ConnectionLost(f"{why} ({self.endpoint}) while waiting for {self.op}; the call may or may not have "
                               "run", op=self.op)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the asyncio client's reader tasks and wait for their end (whatever they raise)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass

@@ -45,6 +45,15 @@ def frozen_peer_check(sock: Any) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS * 1000))
 
 
+def unavailable(dead: dict[str, str], ex: Exchange, worker: str) -> SessionWorkerUnavailable | None:
+    """The error of a call pinned to a worker this client saw die (``dead``: worker -> why), or None."""
+    why = dead.get(worker)
+    if why is None:
+        return None
+    return SessionWorkerUnavailable(f"session {ex.session[:8]} is pinned to worker {worker[:8]}, which {why}",
+                                    session=ex.session, worker=worker)
+
+
 class _Link:
     """One DEALER to one worker's direct socket, used by one request at a time."""
 
@@ -149,11 +158,7 @@ class DirectRoutes:
             link.close()
 
     def unavailable(self, ex: Exchange, worker: str) -> SessionWorkerUnavailable | None:
-        why = self._dead.get(worker)
-        if why is None:
-            return None
-        return SessionWorkerUnavailable(f"session {ex.session[:8]} is pinned to worker {worker[:8]}, which {why}",
-                                        session=ex.session, worker=worker)
+        return unavailable(self._dead, ex, worker)
 
     def request(self, ex: Exchange, worker: str, endpoint: str) -> Any:
         """Send ``ex`` straight to ``worker``; its value, or ``VIA_BROKER`` (nothing ran)."""
