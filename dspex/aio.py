@@ -31,9 +31,7 @@ from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
-from dspex.aio_direct import AsyncDirectRoutes
-from dspex.direct import VIA_BROKER
-from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.ref import Ref
 
 _Reply = tuple[str, str, list[Any]]
@@ -67,8 +65,6 @@ class AsyncClient:
         self._retiring: list[asyncio.Task[None]] = []
         self.replaced_sockets = 0
         self._sock, self._monitor = self._connect()
-        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
-        self._direct = AsyncDirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
         sock = self._ctx.socket(zmq.DEALER)
@@ -108,7 +104,6 @@ class AsyncClient:
         await self._stop_tasks()
         for task in self._retiring:
             await task
-        await self._direct.close()
         self._close_sockets()
         self._ctx.term()
 
@@ -116,11 +111,9 @@ class AsyncClient:
         while True:
             reply = await sock.recv_multipart(copy=False)
             try:
-                status, rid, worker, _, direct = unpack_reply(reply[0].buffer)
+                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 continue
-            if direct:
-                self._direct.learn(worker, direct)
             queue = self._pending.get(rid)
             if queue is not None:  # else a late reply of a call that timed out
                 queue.put_nowait((status, worker, reply[1:]))
@@ -215,13 +208,6 @@ class AsyncClient:
                       bind: Any = None) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
-        if worker and not ex.flags:
-            if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
-                value = await self._direct.request(ex, worker, direct)
-                if value is not VIA_BROKER:
-                    return value
-            elif (gone := self._direct.unavailable(ex, worker)) is not None:
-                raise gone
         req_id, queue = await self._start(ex, worker)
         try:
             while True:

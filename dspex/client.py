@@ -35,8 +35,7 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.direct import VIA_BROKER, DirectRoutes
-from dspex.protocol import WORKER_OPS, Op, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.ref import Ref
 from dspex.zmqfast import recv_frames, send_frames
 
@@ -112,8 +111,6 @@ class Client:
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self._executor: ThreadPoolExecutor | None = None
-        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
-        self._direct = DirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -128,7 +125,6 @@ class Client:
             channels, self._open, self._idle = list(self._open), set(), []
         for ch in channels:
             ch.close()
-        self._direct.close()
         self._ctx.term()
 
     def __enter__(self) -> "Client":
@@ -249,12 +245,10 @@ class Client:
                 raise ex.timed_out()
             reply = recv_frames(sock)
             try:
-                status, rid, rworker, _, direct = unpack_reply(reply[0].buffer)
+                status, rid, rworker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 log.warning("dropping a malformed reply from the broker")
                 continue
-            if direct:
-                self._direct.learn(rworker, direct)
             if rid == req_id:
                 return status, rworker, reply[1:]
             # else a late reply to a request of this socket that timed out earlier
@@ -282,13 +276,6 @@ class Client:
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
-        if worker and not ex.flags:
-            if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
-                value = self._direct.request(ex, worker, direct)
-                if value is not VIA_BROKER:
-                    return value
-            elif (gone := self._direct.unavailable(ex, worker)) is not None:
-                raise gone
         ch = self._checkout()
         waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
         req_id = 0

@@ -43,7 +43,6 @@ from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     B_REREGISTER,
-    BUDGET_DIRECT,
     BUDGET_EPHEMERAL,
     FLAG_STREAM,
     HEARTBEAT_INTERVAL,
@@ -64,7 +63,6 @@ from dspex.protocol import (
     unpack_request_head,
     unpack_request_header,
 )
-from worker.direct import DirectPort, endpoint_for
 from worker.executor import Executor, RefTable, StreamControl, error_frames
 from worker.limits import CallTimedOut
 
@@ -155,8 +153,6 @@ class Worker:
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
-        self._port: DirectPort | None = None  # a direct pool's own socket, from its first admitted session
-        self._ipc = options.backend.startswith("ipc://")  # direct calls: same-host (ipc) only, for now
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -189,9 +185,6 @@ class Worker:
             while not (self._stop.is_set() and self._active == 0):
                 request = self._next_request(poller, replies)
                 if request is None or self._stop.is_set():
-                    if request is not None and self._port is not None and self._port.owns_request(request[1]):
-                        with self._lock:  # a direct one goes back to its client (it did not run)
-                            self._port.bounce(request[1])
                     continue  # stopping: a request not started is handed back at our goodbye
                 if pool is None:
                     self._set_busy(True)
@@ -215,11 +208,6 @@ class Worker:
                         self._send_reply(replies.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                if self._port is not None:  # direct requests not started go back: they did not run
-                    self._port.read(self._inbox, True)
-                    for _, frames in self._inbox:
-                        if self._port.owns_request(frames):
-                            self._port.bounce(frames)
                 # say goodbye so the broker drops our sessions now, not at heartbeat expiry
                 self._sock.setsockopt(zmq.LINGER, 1000)
                 try:
@@ -231,8 +219,6 @@ class Worker:
             io.join(timeout=5)
             self._close_monitor()
             self._sock.close()
-            if self._port is not None:
-                self._port.close()
             if replies is not None:
                 replies.close(0)
         return 0
@@ -274,8 +260,6 @@ class Worker:
                     self._send_reply(out)
             if self._sock in events:
                 self._read_socket()
-            if self._port is not None and self._port.sock in events:
-                self._port.read(self._inbox, self._stop.is_set())
             self._timers()
             return self._inbox.popleft() if self._inbox else None
 
@@ -293,9 +277,6 @@ class Worker:
     def _send_reply(self, frames: list[Any]) -> None:
         """Holding the lock. Bounded by SNDTIMEO: a broker gone for good must not wedge us."""
         assert self._sock is not None
-        if self._port is not None and self._port.owns_reply(frames):
-            self._port.reply(frames)
-            return
         try:
             send_frames(self._sock, frames)
         except zmq.Again:
@@ -324,10 +305,6 @@ class Worker:
         arrived, frames = request
         head = unpack_request_head(frames[0].bytes)
         client = head.client
-        if self._port is not None and self._port.owns(client) and not self._port.still_admitted(frames):
-            with self._lock:  # released (closed, expired) while it waited here: it did not run
-                self._port.bounce(frames)
-            return
         req_id = 0
         header: RequestHeader | None = None
         stream: StreamControl | None = None
@@ -337,7 +314,7 @@ class Worker:
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
-            session = self._session_started(header.session, head)
+            session = self._session_started(header.session)
             call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
@@ -371,8 +348,7 @@ class Worker:
                 self._dspy_logs = True
                 logs.adopt("dspy")
         send([pack_reply_head(W_REPLY, status, req_id, client),
-              pack_reply_header(status, req_id, self.incarnation, self.options.pool,
-                                self._port.announce(session, client) if self._port is not None else ""), *reply])
+              pack_reply_header(status, req_id, self.incarnation, self.options.pool), *reply])
 
     @staticmethod
     def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:
@@ -419,11 +395,8 @@ class Worker:
         self._exiting = True
         try:
             assert self._sock is not None
-            reply = [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)]
-            if self._port is not None and self._port.owns(client):
-                self._port.reply(reply)
-            else:
-                send_frames(self._sock, reply)
+            send_frames(self._sock, [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head,
+                                     *error_frames(err)])
             self._sock.send(W_DISCONNECT)
             # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
             # arrives it has read the reply and the goodbye, so closing the connection now cannot
@@ -447,24 +420,12 @@ class Worker:
         self._stop.set()
 
     # -- session lifecycle: the broker releases; the worker's backstop TTL catches the rest ----
-    def _session_started(self, session: str, head: RequestHead) -> str:
+    def _session_started(self, session: str) -> str:
         """A request of ``session`` is about to run: its session counts as running."""
         if session:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
-            if head.flags & BUDGET_DIRECT and self._ipc and (self._port is None or session not in self._port.admitted):
-                self._admit(session, head.session_ttl_s, head.queue_timeout_ms, head.queue_max)
         return session
-
-    def _admit(self, session: str, ttl: int, queue_ms: int, queue_max: int) -> None:
-        """A brokered call of a ``direct`` pool's session: its client may now call us directly."""
-        with self._lock:
-            if self._port is None:
-                self._port = DirectPort(self.ctx, endpoint_for(self.options.backend, self.incarnation),
-                                        self.incarnation, self.options.pool, self.max_message, self.capacity)
-                if self._poller is not None:
-                    self._poller.register(self._port.sock, zmq.POLLIN)
-            self._port.admit(session, ttl, queue_ms, queue_max)
 
     def _session_ended(self, session: str, ttl: int, flags: int) -> None:
         if not session:
@@ -476,15 +437,10 @@ class Worker:
             self._session_ends[session] = (time.monotonic(), ttl)
         if flags & BUDGET_EPHEMERAL and not left:
             self._release(session)  # a ``none`` pool keeps no session state between calls
-        elif not left and self._port is not None and session in self._port.deferred:
-            self._port.deferred.discard(session)
-            self._release(session)
 
     def _release(self, session: str) -> int:
         with self._active_lock:
             self._session_ends.pop(session, None)
-        if self._port is not None:
-            self._port.forget(session)
         return self.executor.refs.release_session(session)
 
     def _backstop_sweep(self, now: float) -> None:
@@ -586,8 +542,6 @@ class Worker:
             self._stream_control(command, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:
             session_id = frames[1].bytes.decode(errors="replace")
-            if self._port is not None and self._port.defer_release(session_id, session_id in self._running_sessions):
-                return  # a direct call of it runs (the broker cannot know): released when it ends
             n = self._release(session_id)
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
@@ -628,8 +582,6 @@ class Worker:
                 if self._exiting or not self._busy:
                     continue
                 self._read_socket()
-                if self._port is not None:
-                    self._port.read(self._inbox, self._stop.is_set())
                 self._timers()
 
     # -- frames -------------------------------------------------------------------------------
@@ -644,17 +596,13 @@ class Worker:
                 "running": self._running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
-                **({"direct": self._port.endpoint} if self._port is not None else {}),
             }
         )
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        stats = {"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
-                 "sessions": len(ex.refs.sessions), "running": self._running}
-        if self._port is not None:
-            stats["direct"] = self._port.report()
-        return _packb(stats)
+        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
+                       "sessions": len(ex.refs.sessions), "running": self._running})
 
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None
