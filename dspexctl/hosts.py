@@ -84,7 +84,7 @@ def check_key(path: Path, secret: bool) -> Path:
     if not secret and secret_key is not None:
         raise click.BadParameter(f"{path} holds a secret key: give the broker's public key file (broker.key); "
                                  "the broker's secret key never leaves the broker host")
-    absolute = path.resolve()
+    absolute = path.absolute()  # not resolved: a symlink (a rotated key) stays the path to read
     if _UNSAFE_IN_CONF.search(str(absolute)):
         raise click.BadParameter(f"{absolute}: supervisord cannot carry ';', '#' or line breaks in a path")
     return absolute
@@ -94,6 +94,8 @@ def check_python(python: str) -> str:
     """An interpreter that imports dspex (``-P``: the working directory's checkout does not count)."""
     if _UNSAFE_IN_CONF.search(python):
         raise click.BadParameter(f"{python}: supervisord cannot carry ';', '#' or line breaks in a path")
+    if "/" in python:  # supervisord runs the programs in the conf's directory, not in ours
+        python = str(Path(python).absolute())
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('dspex') is None)"
     try:
         found = subprocess.run([python, "-P", "-c", probe], capture_output=True, timeout=60,
