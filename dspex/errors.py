@@ -246,7 +246,7 @@ def _link_chain(top: RemoteError, details: dict[str, Any], chain: list[Any]) -> 
             rest = {k: v for k, v in node.items() if k not in _LINK_KEYS and k != "message"}
             try:
                 link = _remote_instance(str(node.get("message", "")), rest)
-            except Exception:  # a link that cannot be rebuilt here is left out; the error stands
+            except Exception:  # noqa: BLE001 - a link that cannot be rebuilt here is left out; the error stands
                 link = None
         links.append(link)
     for err, spec in zip(links, specs):

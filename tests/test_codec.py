@@ -571,7 +571,7 @@ def test_a_user_module_referenced_as_a_module_goes_by_value(tmp_path: Any, monke
 def _raised_with_cause() -> BaseException:
     try:
         try:
-            {}["k"]  # noqa: B018 - the KeyError is the point
+            {}["k"]  # the KeyError is the point
         except KeyError as key:
             raise ParseFailure("ChatAdapter", "garbled") from key
     except ParseFailure as exc:
@@ -604,7 +604,7 @@ def test_remote_error_implicit_context_and_bounds() -> None:
         try:
             raise OSError(2, "gone", "/x")
         except OSError:
-            raise RuntimeError("while handling")  # noqa: B904 - the implicit __context__ is the point
+            raise RuntimeError("while handling")  # the implicit __context__ is the point
     except RuntimeError as exc:
         err = _over_the_wire(exc)
     assert isinstance(err.__context__, FileNotFoundError) and err.__context__.filename == "/x"

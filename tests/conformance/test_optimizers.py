@@ -10,6 +10,7 @@ import os
 import tempfile
 
 import dspy
+from dspy.evaluate.evaluate import EvaluationResult
 from dspy.teleprompt import (
     GEPA,
     SIMBA,
@@ -18,7 +19,6 @@ from dspy.teleprompt import (
     KNNFewShot,
     LabeledFewShot,
 )
-from dspy.evaluate.evaluate import EvaluationResult
 from dspy.utils.dummies import DummyLM
 
 import dspex
