@@ -131,7 +131,7 @@ class Executor:
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
                 try:
                     args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r),
-                                        own_frames=self.own_frames)
+                                        own_frames=self.own_frames, side="worker")
                 except DspexError:
                     raise
                 except Exception as exc:
