@@ -251,11 +251,22 @@ def test_a_subclass_class_that_is_not_what_it_claims_is_a_protocol_error() -> No
         decode([wire])
 
 
-def test_bytearray_arrives_as_bytes() -> None:
-    """The one exception (docs/remote-objects.md): msgpack's C packer packs a bytearray before any
-    hook sees it, on the common path and on the fallback walk alike."""
-    assert through(bytearray(b"ab"), Policy.ALL) == b"ab"
-    assert through([bytearray(b"ab"), "\udcff"], Policy.ALL) == [b"ab", "\udcff"]
+@pytest.mark.parametrize("policy", list(Policy))
+def test_a_bytearray_keeps_its_type_where_the_first_pass_packed_it_as_bin(policy: Policy) -> None:
+    """msgpack's C packer packs a bytearray as bin before any hook sees it; a body with a bin marker
+    is scanned and re-encoded (ext 24), at any depth, in records too, beside bytes."""
+    assert_exact(bytearray(b"ab"), through(bytearray(b"ab"), policy))
+    assert_exact(bytearray(), through(bytearray(), policy))
+    out = through([bytearray(b"ab"), b"cd", "\udcff", {"k": (bytearray(b"\xc4"),)}], policy)
+    assert out == [bytearray(b"ab"), b"cd", "\udcff", {"k": (bytearray(b"\xc4"),)}]
+    assert [type(out[0]), type(out[1]), type(out[3]["k"][0])] == [bytearray, bytes, bytearray]
+    assert_exact(b"\xc4\xc5", through(b"\xc4\xc5", policy))  # bytes stay bytes after the scan
+
+
+def test_a_bytearray_field_of_a_prediction_keeps_its_type() -> None:
+    dspy = pytest.importorskip("dspy")
+    out = through(dspy.Prediction(blob=bytearray(b"x"), text="t"), Policy.DATA)
+    assert type(out.blob) is bytearray and out.text == "t"
 
 
 class Shelf(bytearray):
