@@ -12,6 +12,10 @@ budget built here: call deadline = the header's timeout, queue deadline = the po
 timeout, both from arrival, enforced by the same ``Worker._handle`` as a brokered request. The
 reply goes back on this socket as ``[reply_header, *payload]``.
 
+A direct call's output events (what it prints, warns or logs) come back on this socket before
+its reply, under the same credit flow control as through the broker: the client sends ``credit``
+(and ``cancel``) here, in the frontend's form.
+
 What the worker will not take directly (a session it has not admitted or has released, a
 streamed or progress-reporting call, anything while it stops) it answers with
 ``STATUS_VIA_BROKER``: nothing ran, the client sends it through the broker, which keeps its
@@ -26,14 +30,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from dspex import config
 from dspex.errors import DspexError, PoolSaturated
-from dspex.protocol import (FLAG_STREAM, REPLY_HEAD_SIZE, REQUEST_HEAD_SIZE, STATUS_VIA_BROKER, WORKER_OPS, Status,
-                            pack_reply_header, pack_request_head, unpack_reply_head, unpack_request_head,
+from dspex.protocol import (FLAG_STREAM, REPLY_HEAD_SIZE, REQUEST_HEAD_SIZE, STATUS_VIA_BROKER, W_PARTIAL, WORKER_OPS,
+                            Op, Status, pack_reply_header, pack_request_head, unpack_reply_head, unpack_request_head,
                             unpack_request_header)
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from worker.remote_errors import error_frames
@@ -42,6 +47,8 @@ log = logging.getLogger("dspex.worker")
 
 DIRECT_TAG = b"\xfd"  # broker client ids never start with it (clients: b"c...", zmq: b"\x00...")
 _MAX_BUDGET_MS = 2**31 - 1
+_CANCEL = Op.CANCEL.value
+_CONTROL_OPS = frozenset((Op.CREDIT.value, _CANCEL))
 
 
 def endpoint_for(backend: str, incarnation: str) -> str:
@@ -58,8 +65,9 @@ class DirectPort:
     holding the worker's socket lock (``admitted``/``ends`` reads are GIL-atomic)."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, incarnation: str, pool: str, max_message: int,
-                 capacity: int) -> None:
+                 capacity: int, control: Callable[[bytes, int, bool, int], None]) -> None:
         self.endpoint = endpoint
+        self.control = control  # (tagged client, req_id, cancel?, n): credit/cancel of a running direct call
         self.incarnation, self.pool = incarnation, pool
         self.sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
         config.tune_socket(self.sock, max_message=max_message)
@@ -145,6 +153,14 @@ class DirectPort:
             except DspexError:
                 log.warning("ignoring a malformed direct request")
                 continue
+            if header.op in _CONTROL_OPS:  # credit for the output events of a direct call (no reply)
+                try:
+                    n = int(msgpack.unpackb(frames[2].buffer)) if len(frames) > 2 else 0
+                except (ValueError, TypeError):
+                    log.warning("ignoring a malformed direct %s", header.op)
+                    continue
+                self.control(DIRECT_TAG + identity, header.req_id, header.op == _CANCEL, n)
+                continue
             ttl = self.admitted.get(header.session)
             if (stopping or ttl is None or header.flags & FLAG_STREAM or header.op not in WORKER_OPS
                     or (DIRECT_TAG + identity, header.req_id) in self.open):
@@ -176,8 +192,13 @@ class DirectPort:
 
     def reply(self, frames: list[Any]) -> None:
         """``[reply head (tagged client), reply_header, *payload]`` of a direct request, from the
-        worker's one reply path (direct requests never stream: every reply is final)."""
-        ok, req_id, client = unpack_reply_head(frames[0] if isinstance(frames[0], bytes) else frames[0].bytes)
+        worker's one reply path: its output events (never items: streams go via the broker),
+        then its final reply."""
+        first = frames[0] if isinstance(frames[0], bytes) else frames[0].bytes
+        ok, req_id, client = unpack_reply_head(first)
+        if first[:1] == W_PARTIAL:
+            self._send([client[1:], *frames[1:]])
+            return
         if ok:
             self.served += 1
         else:
