@@ -18,10 +18,10 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import Exchange, cancel_all, close_monitored
+from dspex.core import Exchange, cancel_all, close_monitored, control_frames
 from dspex.direct import VIA_BROKER, frozen_peer_check, unavailable
 from dspex.errors import BrokerUnreachable, ProtocolError, SessionWorkerUnavailable, WorkerCrashed
-from dspex.protocol import STATUS_VIA_BROKER, unpack_reply
+from dspex.protocol import STATUS_VIA_BROKER, Op, unpack_reply
 
 _Reply = tuple[str, list[Any]]
 _LOST = "__lost__"
@@ -133,8 +133,10 @@ class AsyncDirectRoutes:
                                         f"{ex.op}; the call may or may not have run", session=ex.session, worker=worker)
                 if status == STATUS_VIA_BROKER:
                     return VIA_BROKER
-                kind, value, _ = ex.feed(status, worker, frames)
+                kind, value, credit = ex.feed(status, worker, frames)
                 if kind == "done":
                     return value
+                if credit:  # the call's output events, under the worker's flow control
+                    await link.sock.send_multipart(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit))
         finally:
             link.pending.pop(req_id, None)

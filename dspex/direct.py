@@ -2,7 +2,7 @@
 
 A brokered reply whose header carries a worker's direct endpoint (worker/direct.py) teaches the
 client that endpoint; from then on a request of a session pinned to that worker — one without
-streaming, progress or output callbacks — goes straight to it over a DEALER of its own (a small
+streaming or progress callbacks — goes straight to it over a DEALER of its own (a small
 pool of them per endpoint, one request at a time each, like the broker channels) and its reply
 comes straight back. Its meaning is the same ``dspex.core.Exchange`` as through the broker.
 
@@ -27,9 +27,9 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import Exchange
+from dspex.core import Exchange, control_frames
 from dspex.errors import BrokerUnreachable, ProtocolError, SessionWorkerUnavailable, WorkerCrashed
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_VIA_BROKER, unpack_reply
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_VIA_BROKER, Op, unpack_reply
 from dspex.zmqfast import recv_frames, send_frames
 
 VIA_BROKER = object()  # the request did not run: send it through the broker
@@ -189,9 +189,11 @@ class DirectRoutes:
                 status, frames = self._recv(link, req_id, deadline, ex, worker)
                 if status == STATUS_VIA_BROKER:
                     return VIA_BROKER
-                kind, value, _ = ex.feed(status, worker, frames)
+                kind, value, credit = ex.feed(status, worker, frames)
                 if kind == "done":
                     return value
+                if credit:  # the call's output events, under the worker's flow control
+                    send_frames(link.sock, control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit))
         finally:
             self._checkin(endpoint, link)
 
