@@ -44,9 +44,11 @@ Callback = Callable[[Any], None]
 class AsyncClient:
     """A connection to a dspex broker for one asyncio event loop."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 forward_output: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
         self.max_message = config.max_message_bytes()
         self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
         if self.endpoint.startswith("tcp://"):
@@ -165,12 +167,12 @@ class AsyncClient:
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
     def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, **options)
+                        items=items, forward=self.forward_output if forward is None else forward, **options)
 
     async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[_Reply]]:
         await self._ready()
@@ -205,9 +207,9 @@ class AsyncClient:
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None) -> Any:
+                      bind: Any = None, forward: bool | None = None) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
+                            on_output=on_output, bind=bind, forward=forward)
         req_id, queue = await self._start(ex, worker)
         try:
             while True:
@@ -240,10 +242,10 @@ class AsyncClient:
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None,
-                     bind: Any = None) -> AsyncIterator[Any]:
+                     bind: Any = None, forward: bool | None = None) -> AsyncIterator[Any]:
         """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward)
         req_id, queue = await self._start(ex, worker)
         finished = False
         try:
@@ -271,8 +273,9 @@ class AsyncClient:
             self._pending.pop(req_id, None)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> "AsyncSession":
-        return AsyncSession(self, pool, session_id or secrets.token_hex(16))
+    def session(self, pool: str, session_id: str | None = None, *,
+                forward_output: bool | None = None) -> "AsyncSession":
+        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -303,12 +306,13 @@ class AsyncSession:
     """The awaitable twin of :class:`dspex.Session`; its refs' handles return awaitables
     (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
-    def __init__(self, client: AsyncClient, pool: str, session_id: str) -> None:
+    def __init__(self, client: AsyncClient, pool: str, session_id: str, forward_output: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""
         self.closed = False
+        self.forward_output = forward_output  # None: the client's
 
     def __repr__(self) -> str:
         return f"<dspex.aio.AsyncSession {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -329,7 +333,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                          on_reply=self._track, on_progress=on_progress, on_output=on_output,
-                                         bind=self)
+                                         bind=self, forward=self.forward_output)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
@@ -395,7 +399,8 @@ class AsyncSession:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  forward=self.forward_output)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -426,9 +431,11 @@ class AsyncSession:
             pass
 
 
-def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
-    """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default)."""
-    return AsyncClient(endpoint, timeout)
+def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+            forward_output: bool = True) -> AsyncClient:
+    """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default);
+    ``forward_output=False``: calls' output stays off this process's streams and loggers."""
+    return AsyncClient(endpoint, timeout, forward_output=forward_output)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
