@@ -344,7 +344,11 @@ def holds_bytearray(obj: object) -> bool:
             else:
                 todo.extend(o)
         else:
-            store = getattr(o, "_store", None)  # a dspy Example/Prediction's fields
+            # a dspy Example/Prediction's fields; never getattr: a Ref handle would ask its worker
+            try:
+                store = object.__getattribute__(o, "__dict__").get("_store")
+            except AttributeError:
+                continue
             if type(store) is dict:
                 todo.append(store)
     return False

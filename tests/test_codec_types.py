@@ -468,3 +468,17 @@ def test_a_pickle_that_imports_a_missing_package_is_a_missing_module_error(tmp_p
     assert "install it on the workers' environment" in str(info.value)
     again = pickle.loads(pickle.dumps(info.value))  # as it crosses the wire: the same typed error
     assert type(again) is MissingModule and again.name == "dspex_test_onlyhere"
+
+
+def test_the_bytearray_scan_never_reads_attributes_of_a_ref_handle() -> None:
+    """A body with a bin marker is scanned: a bound Ref in it must not ask its worker anything."""
+    from dspex.ref import Ref
+
+    class Owner:
+        def attr(self, ref: Ref, name: str) -> None:
+            raise AssertionError(f"the scan asked the worker for {name!r}")
+
+    ref = Ref("a" * 32, "s", "p", "w", "T").bind(Owner())
+    out = through([ref, b"\xc4", bytearray(b"x")], Policy.ALL)
+    assert out[0] == ref  # equality by value: the owner is not part of it
+    assert type(out[2]) is bytearray
