@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import dspy
 import pytest
@@ -38,7 +39,7 @@ def test_normal_answers_parse_and_models_lists(server: LMServer) -> None:
     assert pred.category and pred.urgency in ("low", "medium", "high")
     import urllib.request
 
-    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:
         assert resp.status == 200 and b"loopback" in resp.read()
     assert [c.mode for c in server.completions()] == ["normal"]
 
@@ -103,3 +104,52 @@ def test_refused_connection() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     with pytest.raises(LMError, match="refused"):
         _triage(closed_port_base(), num_retries=0)
+
+
+@pytest.mark.parametrize("engine", ["auto", "litellm"])
+@pytest.mark.parametrize("honours", [("max_tokens",), ("max_completion_tokens",)],
+                         ids=["reads-max_tokens", "reads-max_completion_tokens"])
+def test_a_strict_server_honours_only_its_own_token_field(server: LMServer, engine: str,
+                                                          honours: tuple[str, ...]) -> None:
+    """dspy 3.4's native engine sends the cap as max_completion_tokens and litellm as max_tokens, so a
+    server that reads only the other name (llama-cpp-python reads only max_tokens) generates to its
+    context; sent in both fields (what the flagship does for a local server), every server stops."""
+    server.set("endless", honours=honours, cap_tokens=300)
+    sent = "max_completion_tokens" if engine == "auto" else "max_tokens"
+    for extra in ({}, {"extra_body": {"max_tokens": 40, "max_completion_tokens": 40}}):
+        before = len(server.completions())
+        with pytest.raises(AdapterParseError):
+            _triage(server.base, max_tokens=40, engine=engine, **extra)
+        calls = server.completions()[before:]
+        bounded = bool(extra) or sent in honours
+        assert calls and all(c.max_tokens == (40 if bounded else None) for c in calls), calls
+        assert all(c.tokens == (40 if bounded else 300) for c in calls)
+        assert all(set(c.fields) == ({"max_tokens", "max_completion_tokens"} if extra else {sent}) for c in calls)
+
+
+def test_a_server_serves_only_its_models(server: LMServer) -> None:
+    import json
+    import urllib.request
+
+    server.set(models=("qwen2.5-0.5b",))
+    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["qwen2.5-0.5b"]
+    with pytest.raises(LMError, match="does not exist"):
+        _triage(server.base, num_retries=0)  # asks for openai/loopback
+    assert [c.status for c in server.completions()] == [404]
+
+
+def test_placeholder_answers_parse_as_the_fields_own_names(server: LMServer) -> None:
+    """A small model that echoes the prompt: DSPy parses it, and the values are the placeholders."""
+    server.set("placeholder")
+    pred = _triage(server.base)
+    assert (pred.category, pred.urgency) == ("{category}", "{urgency}")
+
+
+def test_a_server_restarts_on_the_port_of_the_one_that_was_closed(server: LMServer) -> None:
+    port = server.port
+    server.close()
+    with pytest.raises(LMError, match="refused"):
+        _triage(server.base, num_retries=0)
+    with LMServer(port=port) as again:
+        assert again.base == server.base and _triage(again.base).category
