@@ -127,10 +127,14 @@ def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], No
         was_running = sup.running()
     try:
         return stack.ensure_stack(sc.path, timeout=timeout, progress=progress)
-    except BaseException:
+    except BaseException as err:
         if not was_running:
             _ignore_interrupts()
+            t0 = time.monotonic()
+            progress("the start " + ("was interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+                     + ": stopping the supervisord this command started")
             _stop_supervisord(sc)
+            progress(f"stopped in {time.monotonic() - t0:.1f}s")
         raise
 
 

@@ -425,6 +425,7 @@ def test_sigterm_while_the_stack_starts_stops_supervisord(private_conf: tuple[Pa
         run.close()
         print(run.err)
     assert exit_code == 143 and "interrupted by SIGTERM" in run.err
+    assert "the start was interrupted: stopping the supervisord this command started" in run.err
     _all_gone(pids, timeout=30)
     assert not Path(conf.parent, "run", "supervisord.pid").exists()
 
@@ -447,6 +448,30 @@ def test_an_error_after_the_stack_started_stops_it(private_conf: tuple[Path, dic
     assert exit_code == 2 and "analytics_pool" in run.json["error"]["message"]
     assert "stopping the stack this command started" in run.err
     _all_gone(pids)
+
+
+@pytest.mark.slow
+def test_a_stack_that_fails_to_start_is_stopped(private_conf: tuple[Path, dict[str, str]]) -> None:
+    """analytics_pool's workers exit at once: supervisord gives up on them (FATAL), the start fails,
+    and the supervisord the command launched is stopped with everything it runs."""
+    conf, env = private_conf
+    text = conf.read_text()
+    head, _, rest = text.partition("[program:analytics_pool]\n")
+    rest = re.sub(r"(?m)^command = .*$", "command = /bin/false", rest, count=1)
+    rest = re.sub(r"(?m)^startretries = .*$", "startretries = 1", rest, count=1)
+    conf.write_text(head + "[program:analytics_pool]\n" + rest)
+    run = FlagshipRun([], env=env, cwd=conf.parent)
+    try:
+        run.wait_line("supervisord running (pid")
+        pids = _stack_pids(conf)
+        exit_code = run.wait(120)
+    finally:
+        run.close()
+        print(run.err)
+    assert exit_code == 1 and "FATAL" in run.json["error"]["message"], run.err
+    assert "the start failed: stopping the supervisord this command started" in run.err
+    _all_gone(pids)
+    assert not Path(conf.parent, "run", "supervisord.pid").exists()
 
 
 def test_a_missing_key_exits_2_before_starting_anything(private_conf: tuple[Path, dict[str, str]]) -> None:
