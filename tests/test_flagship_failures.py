@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,13 +25,11 @@ from typing import Any
 import pytest
 
 import dspex
-from tests.flagship_example import FlagshipRun, cli_env, load_flagship, run_flagship
-from tests.harness import Stack, wait_for
+from tests.flagship_example import FlagshipRun, cli_env, run_flagship
+from tests.harness import PY, REPO, Stack, wait_for
 from tests.lmserver import LMServer, closed_port_base
 
 pytestmark = pytest.mark.timeout(240)
-
-flagship = load_flagship("dspex_flagship_failures_under_test")
 
 POOLS = {"triage_pool:strict_queue": 2, "optimizer_pool:strict_queue": 1, "analytics_pool:hint": 1}
 
@@ -353,14 +352,33 @@ def test_the_preflight_refuses_an_lm_that_cannot_do_the_task(short_tmp: str, ser
     assert "no stack answers" not in run.err  # it stopped before looking for one
 
 
+PREFLIGHT = """
+import json, sys
+from flagship_lm import resolve_bounds, resolve_lm
+from flagship_preflight import LMUnusable, preflight
+
+lines = []
+spec = resolve_lm("openai/pre", sys.argv[1], env={}, bounds=resolve_bounds(env={}, **json.loads(sys.argv[2])))
+try:
+    report = preflight(spec, lines.append)
+except LMUnusable as err:
+    report = {"unusable": err.message}
+print(json.dumps({"report": report, "text": "\\n".join(lines)}, default=str))
+"""
+
+
 def test_preflight_warns_about_unparsable_and_truncated_answers() -> None:
-    """Answers that degrade the run but do not stop it are warnings with their likely cause."""
+    """Answers that degrade the run but do not stop it are warnings with their likely cause; a server
+    that reads neither token field is refused. (The preflight runs in a child process, as in the
+    command: litellm keeps clients alive in the process that calls it.)"""
 
     def check(srv: LMServer, mode: str, **bounds: Any) -> tuple[dict[str, Any], str]:
         srv.set(mode)
-        lines: list[str] = []
-        spec = flagship.resolve_lm("openai/pre", srv.base, env={}, bounds=flagship.resolve_bounds(**bounds, env={}))
-        return flagship.preflight(spec, lines.append), "\n".join(lines)
+        done = subprocess.run([PY, "-c", PREFLIGHT, srv.base, json.dumps(bounds)], capture_output=True, text=True, check=False,
+                              timeout=120, env=cli_env(PYTHONPATH=f"{REPO / 'examples'}{os.pathsep}{REPO}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        got = json.loads(done.stdout)
+        return got["report"], got["text"]
 
     with LMServer(models=("pre",)) as srv:
         report, text = check(srv, "normal")
@@ -372,8 +390,8 @@ def test_preflight_warns_about_unparsable_and_truncated_answers() -> None:
         assert report["finish_reason"] == "length" and "finish_reason=length" in text and "chat template" in text
     with LMServer("endless", models=("pre",), honours=()) as deaf:  # reads neither field: runs to its context
         deaf.set(cap_tokens=200)
-        with pytest.raises(flagship.LMUnusable, match="ignored the token cap: one answer took 200 tokens"):
-            check(deaf, "endless", max_tokens=20)
+        report, _ = check(deaf, "endless", max_tokens=20)
+        assert "ignored the token cap: one answer took 200 tokens with max_tokens 20" in report["unusable"]
 
 
 def test_endless_stream_stops_at_max_tokens() -> None:
