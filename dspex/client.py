@@ -44,6 +44,11 @@ log = logging.getLogger("dspex.client")
 DEFAULT_TIMEOUT = 60.0
 IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
 RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
+CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
+
+
+class _CancelRequested(Exception):
+    """cancel_all() was called while this thread waited for its reply."""
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
@@ -112,6 +117,7 @@ class Client:
         self._lock = threading.Lock()
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
+        self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -128,6 +134,14 @@ class Client:
         for ch in channels:
             ch.close()
         self._ctx.term()
+
+    def cancel_all(self) -> None:
+        """Cancel every request of this client in flight, from any thread (a signal handler, the
+        thread that waits on ``submit`` futures): each stops as Ctrl-C in its own thread stops it
+        (the broker drops it if still queued, its worker interrupts it if running) and raises
+        :class:`dspex.Cancelled` in the thread that made it. Requests made afterwards run as usual."""
+        with self._lock:
+            self._cancels += 1
 
     def __enter__(self) -> "Client":
         return self
@@ -225,13 +239,19 @@ class Client:
                 raise self._closed_error() from None
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
-    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange) -> tuple[str, str, list[Any]]:
-        """The next reply frame set for ``req_id``: (status, worker, body frames)."""
+    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange,
+              cancels: int | None = None) -> tuple[str, str, list[Any]]:
+        """The next reply frame set for ``req_id``: (status, worker, body frames). With ``cancels``
+        (the client's cancel_all() count when the request started), a later cancel_all() ends the
+        wait with :class:`_CancelRequested`."""
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
+            wait_ms = int(remaining * 1000) + 1
+            if cancels is not None:
+                wait_ms = min(wait_ms, CANCEL_CHECK_MS)
             try:
-                events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+                events = dict(ch.poller.poll(wait_ms)) if remaining > 0 else {}
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
@@ -242,6 +262,8 @@ class Client:
                     if ch.refused:  # the CURVE handshake failed: the request never left this client
                         raise Refused(f"{why} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
                     raise ex.lost(why)
+                if cancels is not None and self._cancels != cancels:
+                    raise _CancelRequested
                 if time.monotonic() < deadline:
                     continue
                 raise ex.timed_out()
@@ -281,6 +303,7 @@ class Client:
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind, forward=forward)
+        cancels = self._cancels
         ch = self._checkout()
         waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
         req_id = 0
@@ -290,7 +313,7 @@ class Client:
             waiting = True
             deadline = time.monotonic() + ex.wait
             while True:
-                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex))
+                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex, cancels))
                 if credit:
                     waiting = False
                     self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
@@ -300,6 +323,9 @@ class Client:
         except KeyboardInterrupt:
             self._interrupted(ch, op, pool, session, req_id, waiting)
             raise
+        except _CancelRequested:
+            self._interrupted(ch, op, pool, session, req_id, waiting)
+            raise Cancelled(f"{op} was cancelled by Client.cancel_all() and stopped", op=op) from None
         finally:
             self._checkin(ch)
 

@@ -307,24 +307,7 @@ def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
                    "the session and its objects are intact", op=header.op, stopped=True, hard=False)
 
 
-def _make_lm(model: str, *args: Any, **kwargs: Any) -> Any:
-    """``dspy.LM`` as called through dspex: ``offline/...`` models get the offline engine."""
-    import dspy
-
-    from examples.offline_lm import is_offline_model, offline_lm
-
-    if is_offline_model(model) and "engine" not in kwargs:
-        return offline_lm(model or "offline/triage", **kwargs)
-    return dspy.LM(model, *args, **kwargs)
-
-
-_SPECIAL_CALLABLES: dict[tuple[str, str], Callable[..., Any]] = {("dspy", "LM"): _make_lm}
-
-
 def _resolve_callable(module: str, name: str) -> Any:
-    special = _SPECIAL_CALLABLES.get((module, name))
-    if special is not None:
-        return special
     obj: Any = sys.modules.get(module)
     # importlib.import_module takes the module's import lock even when it is loaded (~5 µs per
     # call); a module still initializing (imported by another thread right now) goes through it
