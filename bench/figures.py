@@ -16,6 +16,7 @@ from bench.hop import noop, throughput
 from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
+from bench.scale import scale
 from bench.serving import serving
 
 
@@ -33,6 +34,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "memory": memory,
     "serving": serving,
     "predict": predict,
+    "scale": scale,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -49,6 +51,7 @@ ROWS: dict[str, list[str]] = {
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "predict": PREDICT_ROWS,
+    "scale": ["scale.grid", "scale.idle"],
 }
 
 
