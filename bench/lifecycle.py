@@ -9,6 +9,7 @@ helpers here are also used by the ``flagship`` figure (:mod:`bench.bulk`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,7 +34,6 @@ from bench.common import (
     wait_for,
 )
 from tests.harness.supervisord import link_launcher
-
 
 # ==========================================================================================
 # LM-like I/O-bound calls: worker capacity (issue 6)
@@ -79,10 +79,8 @@ def _lm_round(client: Any, pool: str, sessions: int, duration: float, warmup: fl
     for th in threads:
         th.join(timeout=35)
     for s in mine:
-        try:
+        with contextlib.suppress(Exception):  # closing is best effort
             s.close()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
     return {"calls": calls, "elapsed": t1 - t0, "rate": calls / (t1 - t0), "errors": len(errors),
             "error_codes": sorted(set(errors))}
 
@@ -154,8 +152,11 @@ def crash(cfg: Config) -> list[Row]:
         first_errors: list[str] = []
         for r in range(rounds):
             proc = st.start_worker("p", "--no-dspy")
-            wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02,
-                     "the new worker")
+
+            def registered(pid: int = proc.pid) -> bool:
+                return any(w["pid"] == pid for w in st.workers("p", client))
+
+            wait_for(registered, 30, 0.02, "the new worker")
             s = client.session("p")
             assert int(s.call("os", "getpid")) == proc.pid
             s.call("builtins", "len", [[]])
@@ -276,7 +277,7 @@ def private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
 
 def stop_daemon(ws: Workspace) -> None:
     """A supervisord that daemonized itself from our private conf (its pidfile is in ``ws``)."""
-    from bench.common import starttime, descendants
+    from bench.common import descendants, starttime
 
     pidfile = Path(ws.path("run", "supervisord.pid"))
     if not pidfile.exists():
@@ -453,7 +454,7 @@ def _one_recycle(client: Any, st: Stack, pool: str) -> dict[str, float]:
     old_ids = {w["incarnation"] for w in before}
     from bench.common import starttime
 
-    oldest = sorted(before, key=lambda w: w["uptime_s"])[-1]
+    oldest = max(before, key=lambda w: w["uptime_s"])
     victim, vpid = oldest["incarnation"], int(oldest["pid"])
     vstart = starttime(vpid)
     t0 = time.perf_counter()

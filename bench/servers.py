@@ -8,7 +8,7 @@
   over several DEALER sockets, from one thread, with the dspex wire format (the same frames for
   the dspex broker and the C proxy). Prints one JSON line with the calls of the measured window,
   their p50/p99 latency, the CPU seconds that the ``--cpu-pid`` processes used during it and the
-  first one's RSS at its end; ``--close`` then closes the sessions (pipelined ``close_session``).
+  first one's RSS at its end.
 * ``open-sessions --endpoint EP --sessions N``: opens N sessions (one call each, pipelined) and
   leaves them open and idle.
 * ``loadgen-client --endpoint EP ...``: the same load through the public ``dspex.Client``, one
@@ -23,7 +23,8 @@ import secrets
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -73,8 +74,19 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     import socket as _socket
 
     from dspex import codec
-    from dspex.protocol import (B_DISCONNECT, B_HEARTBEAT, B_REQUEST, B_REREGISTER, PROTOCOL_VERSION,
-                                REQUEST_HEAD_SIZE, W_HEARTBEAT, W_READY, W_REPLY, pack_reply_head, pack_reply_header)
+    from dspex.protocol import (
+        B_DISCONNECT,
+        B_HEARTBEAT,
+        B_REQUEST,
+        B_REREGISTER,
+        PROTOCOL_VERSION,
+        REQUEST_HEAD_SIZE,
+        W_HEARTBEAT,
+        W_READY,
+        W_REPLY,
+        pack_reply_head,
+        pack_reply_header,
+    )
 
     inc = secrets.token_hex(16)
     ready = msgpack.packb({"pool": pool, "pid": os.getpid(), "host": _socket.gethostname(), "incarnation": inc,
@@ -88,8 +100,12 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     sock.send_multipart([W_READY, ready])
     unpack = msgpack.unpackb
     send = sock.send_multipart
+    next_beat = time.monotonic() + 1.0
     while True:
         sock.poll(1000)
+        if time.monotonic() >= next_beat:  # its own heartbeats: a restarted broker learns of it and asks for READY
+            send([W_HEARTBEAT])
+            next_beat = time.monotonic() + 1.0
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -141,7 +157,7 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
         s.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
         s.connect(a.endpoint)
         socks.append(s)
-    body = codec.encode(["builtins", "len", [[]], {}])[0]  # what Session.call("builtins", "len", [[]]) sends
+    body = bytes(codec.encode(["builtins", "len", [[]], {}])[0])  # what Session.call("builtins", "len", [[]]) sends
     sessions = [secrets.token_hex(16) for _ in range(a.sessions)]
     owner = [socks[i % len(socks)] for i in range(a.sessions)]
     timeout_ms = int(a.timeout * 1000)
@@ -221,8 +237,6 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
     counting = False
     pump(time.monotonic() + 10.0 + len(owner) / 1000, False)  # drain what is in flight so the next round starts clean
     left = sum(len(x) for x in inflight)
-    if getattr(a, "close", False):
-        _close_sessions(socks, owner, header, poller)
     for s in socks:
         s.close(0)
     ctx.term()
@@ -243,35 +257,6 @@ def _rss(pid: int) -> int:
         return rss_bytes(pid)
     except OSError:
         return 0
-
-
-def _close_sessions(socks: list[Any], owner: list[Any], header: Callable[[int, int], bytes], poller: Any,
-                    window: int = 2000) -> None:
-    """``close_session`` for every session (``header``'s session at request id 0), pipelined."""
-    from dspex.protocol import RequestHeader, unpack_request_header
-
-    waiting = 0
-    for si, s in enumerate(owner):
-        h = unpack_request_header(header(0, si))
-        s.send_multipart([RequestHeader("close_session", 0, h.pool, h.session).pack()])
-        waiting += 1
-        while waiting >= window:
-            waiting -= _drain_replies(socks, poller, 10_000)
-    deadline = time.monotonic() + 30
-    while waiting > 0 and time.monotonic() < deadline:
-        waiting -= _drain_replies(socks, poller, 1000)
-
-
-def _drain_replies(socks: list[Any], poller: Any, timeout_ms: int) -> int:
-    n = 0
-    for s, _ in poller.poll(timeout_ms):
-        while True:
-            try:
-                s.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            n += 1
-    return n
 
 
 def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
@@ -381,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         g.add_argument("--warmup", type=float, default=0.5)
         g.add_argument("--timeout", type=float, default=30.0)
         g.add_argument("--cpu-pid", type=int, action="append", default=[])
-        g.add_argument("--close", action="store_true", help="close the sessions at the end")
         g.add_argument("--window", type=int, default=2000, help="open-sessions: calls in flight at most")
     a = p.parse_args(argv)
     if a.mode == "echo-router":
