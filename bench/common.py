@@ -19,12 +19,26 @@ from typing import Any
 
 from tests.harness.procs import (  # re-exported: the benchmarks import them from here
     PY as PY,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     REPO as REPO,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     Procs as Procs,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     Workspace as Workspace,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     base_env as base_env,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     descendants as descendants,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     starttime as starttime,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
     wait_for as wait_for,  # noqa: PLC0414 - an explicit re-export
 )
 from tests.harness.stack import Stack as HarnessStack
