@@ -95,7 +95,7 @@ def _point(xs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def grid(cfg: Config) -> Row:
-    workers, sessions = ((1, 4), (20, 200)) if cfg.smoke else (WORKERS, SESSIONS)
+    workers, sessions = ((2,), (20, 200)) if cfg.smoke else (WORKERS, SESSIONS)
     duration, warmup = (0.4, 0.2) if cfg.smoke else (3.0, 0.5)
     rounds = cfg.n_rounds(3, 1)
     ws = Workspace()
@@ -140,7 +140,7 @@ def grid(cfg: Config) -> Row:
 
 
 def idle(cfg: Config) -> Row:
-    n_idle = 2000 if cfg.smoke else IDLE_SESSIONS
+    n_idle = 1000 if cfg.smoke else IDLE_SESSIONS
     duration, warmup = (0.4, 0.2) if cfg.smoke else (3.0, 0.5)
     rounds = cfg.n_rounds(7, 1)
     ws = Workspace()
