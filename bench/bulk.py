@@ -32,7 +32,7 @@ from bench.common import (
     verdict,
     wait_echo,
 )
-from bench.lifecycle import private_conf, stop_daemon
+from bench.shipped import private_conf, stop_daemon
 
 # ==========================================================================================
 # numpy round trip

@@ -9,22 +9,17 @@ and wake-ups (voluntary + involuntary context switches of every thread,
 ``idle.busy``: one worker of the same stack running a long call (``time.sleep``): its wake-ups
 and CPU per second in the middle of the call against the same worker idle just before, and the
 whole stack's.
-
-The stack helper :class:`ShippedStack` is also used by the ``localmodel`` group.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.common import CLK_TCK, REPO, Config, Row, Workspace, verdict, wait_for
-from bench.lifecycle import _supervisord, private_conf
-from tests.harness.procs import descendants, free_port
+from bench.common import CLK_TCK, Config, Row, Workspace, verdict
+from bench.shipped import ShippedStack
 
 CPU_GOAL = 0.005  # of one core, the whole idle stack
 WAKEUPS_GOAL = 30.0  # per second, the whole idle stack
@@ -76,60 +71,6 @@ def settle(pids: dict[str, int], limit: float, quiet: float = 0.10) -> float:
         if sum(x["cpu"] for x in measure(pids, 1.0).values()) < quiet:
             break
     return time.monotonic() - t0
-
-
-# -- the shipped stack ---------------------------------------------------------------------------
-
-class ShippedStack:
-    """``supervisor.conf`` on a private copy under ``supervisord -n``; ``pids`` by role once ready:
-    ``supervisord``, ``broker``, ``<pool>_<n>`` for each worker."""
-
-    def __init__(self, ws: Workspace) -> None:
-        conf = REPO / "supervisor.conf"
-        if not conf.exists():
-            raise FileNotFoundError("no supervisor.conf at the repo root")
-        self.ws = ws
-        self.copy, self.env = private_conf(ws, conf)
-        self.env["DSPEX_METRICS_PORT"] = str(free_port())  # shipped default: metrics on
-        self.endpoint = f"ipc://{self.env['DSPEX_RUN_DIR']}/frontend.sock"
-        self.sup: Any = None
-        self.pids: dict[str, int] = {}
-
-    def start(self, timeout: float = 120) -> dict[str, int]:
-        import dspex
-
-        self.sup = self.ws.procs.spawn([_supervisord(), "-n", "-c", str(self.copy)], "supervisord.out", self.env,
-                                       cwd=self.ws.root)
-
-        def ready() -> bool:
-            self.ws.procs.remember_tree(self.sup)
-            if self.sup.poll() is not None:
-                raise RuntimeError("supervisord exited: " + self.ws.procs.log_tail("supervisord.out"))
-            if not os.path.exists(self.endpoint[6:]):
-                return False
-            with dspex.connect(self.endpoint, timeout=2) as c:
-                pools = c.status(timeout=2)["pools"]
-            want = sum(p.get("size") or 0 for p in pools.values()) or 6
-            return sum(len(p["workers"]) for p in pools.values()) >= want
-
-        wait_for(ready, timeout, 0.05, "every worker of supervisor.conf ready")
-        self.ws.procs.remember_tree(self.sup)
-        self.pids = {"supervisord": self.sup.pid}
-        for pid, _ in descendants(self.sup.pid):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"broker" in argv:
-                self.pids["broker"] = pid
-            elif b"--pool" in argv:
-                pool = argv[argv.index(b"--pool") + 1].decode()
-                n = sum(1 for k in self.pids if k.startswith(pool + "_"))
-                self.pids[f"{pool}_{n}"] = pid
-        return self.pids
-
-    def stop(self) -> None:
-        if self.sup is not None:
-            self.ws.procs.remember_tree(self.sup)
-            self.ws.procs.stop(self.sup, signal.SIGTERM, wait=30)
-            self.sup = None
 
 
 def _totals(m: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -3,8 +3,7 @@
 ``lmlike``: I/O-bound calls (a 200 ms sleep, like an LM request) at capacity 1 vs 8 (issue 6).
 ``crash``: SIGKILL of a pinned worker to the typed error, against heartbeat expiry. ``coldstart``:
 a private copy of ``supervisor.conf`` under supervisord until every worker is ready.
-``recycle``: a graceful recycle until the new incarnation is ready and serving. The supervisord
-helpers here are also used by the ``flagship`` figure (:mod:`bench.bulk`).
+``recycle``: a graceful recycle until the new incarnation is ready and serving.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
-from tests.harness.supervisord import link_launcher
+from bench.shipped import ShippedStack, supervisord_bin
 
 # ==========================================================================================
 # LM-like I/O-bound calls: worker capacity (issue 6)
@@ -223,18 +222,6 @@ def _frozen_worker(st: Stack, client: Any) -> float:
 # cold start, recycle, flagship (need supervisord; the first and last need colleagues' files)
 # ==========================================================================================
 
-def _supervisord() -> str:
-    cand = Path(PY).parent / "supervisord"
-    if cand.exists():
-        return str(cand)
-    from shutil import which
-
-    found = which("supervisord")
-    if found is None:
-        raise FileNotFoundError("supervisord is not installed")
-    return found
-
-
 def coldstart(cfg: Config) -> list[Row]:
     name, label, target = "coldstart", "supervisord -c supervisor.conf → all 6 workers ready", "≤ 3 s"
     rounds = cfg.n_rounds(5, 1)
@@ -253,7 +240,7 @@ def coldstart(cfg: Config) -> list[Row]:
     times: list[float] = []
     try:
         for _ in range(rounds):
-            times.append(_one_cold_start(conf))
+            times.append(_one_cold_start())
     except Exception as exc:  # noqa: BLE001 - colleagues' conf may be mid-change
         row = Row.error(name, label, target, f"{type(exc).__name__}: {exc}")
         row.baseline = f"python -c 'import dspy' {secs(dspy_t)}"
@@ -263,75 +250,15 @@ def coldstart(cfg: Config) -> list[Row]:
                 target, verdict(t <= 3.0), data={"times_s": times, "import_dspy_s": dspy_times})]
 
 
-def private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
-    """A copy of the project's supervisor.conf in ``ws`` (its %(here)s: sockets, pidfile, logs) and
-    the environment that points the stack at ``ws``: no clash with a stack a colleague runs."""
-    copy = Path(ws.path("supervisor.conf"))
-    copy.write_text(conf.read_text())
-    link_launcher(ws.root)  # its command= lines run %(here)s/bin/dspex-python
-    for d in ("run", "log"):
-        os.makedirs(ws.path(d), exist_ok=True)
-    env = base_env(ws.path("r"), DSPEX_PYTHON=PY, DSPEX_METRICS_PORT="0", DSPEX_SUPERVISOR_CONF=str(copy))
-    return copy, env
-
-
-def stop_daemon(ws: Workspace) -> None:
-    """A supervisord that daemonized itself from our private conf (its pidfile is in ``ws``)."""
-    from bench.common import descendants, starttime
-
-    pidfile = Path(ws.path("run", "supervisord.pid"))
-    if not pidfile.exists():
-        return
-    try:
-        pid = int(pidfile.read_text().strip())
-    except ValueError:
-        return
-    started = starttime(pid)
-    if started is None:
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if ws.root.encode() not in f.read():
-                return  # not the supervisord of our private conf
-    except OSError:
-        return
-    tree = descendants(pid)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while starttime(pid) == started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for p, st in [(pid, started), *tree]:
-        if starttime(p) == st:
-            os.kill(p, signal.SIGKILL)
-
-
-def _one_cold_start(conf: Path) -> float:
-    import dspex
-
+def _one_cold_start() -> float:
     with Workspace("dxc") as ws:
-        copy, env = private_conf(ws, conf)
-        endpoint = f"ipc://{env['DSPEX_RUN_DIR']}/frontend.sock"
+        stack = ShippedStack(ws, metrics=False)
         t0 = time.perf_counter()
-        sup = ws.procs.spawn([_supervisord(), "-n", "-c", str(copy)], "supervisord.out", env, cwd=ws.root)
-
-        def ready() -> bool:
-            ws.procs.remember_tree(sup)
-            if sup.poll() is not None:
-                raise RuntimeError("supervisord exited: " + ws.procs.log_tail("supervisord.out"))
-            if not os.path.exists(endpoint[6:]):
-                return False
-            with dspex.connect(endpoint, timeout=1) as c:
-                pools = c.status(timeout=1)["pools"]
-            n = sum(len(p["workers"]) for p in pools.values())
-            want = sum(p.get("size") or 0 for p in pools.values()) or 6
-            return n >= max(want, 6)
-
         try:
-            wait_for(ready, 60, 0.01, "all workers of supervisor.conf ready")
+            stack.start(60, interval=0.01)
             return time.perf_counter() - t0
         finally:
-            ws.procs.remember_tree(sup)
-            ws.procs.stop(sup, signal.SIGTERM, wait=30)
+            stack.stop()
 
 
 _RECYCLE_CONF = """\
@@ -392,7 +319,7 @@ def recycle(cfg: Config) -> list[Row]:
     name, label, target = "recycle", "graceful recycle → new incarnation ready", "≤ 1 s"
     rounds = cfg.n_rounds(5, 1)
     try:
-        supervisord = _supervisord()
+        supervisord = supervisord_bin()
     except FileNotFoundError as exc:
         return [Row.skipped(name, label, target, str(exc))]
     ws = Workspace("dxr")

@@ -36,8 +36,9 @@ from bench.common import (
     median,
     verdict,
 )
-from bench.idle import ShippedStack, counters, rates, settle
+from bench.idle import counters, rates, settle
 from bench.serving import start_lm_server
+from bench.shipped import ShippedStack
 
 QUESTION = "What is six times seven?"
 GOAL = 1.02  # dspex wall ÷ plain wall
