@@ -14,8 +14,7 @@ empty broker and its RSS is that point's.
 one is filled with 100k sessions (one call each, then idle), then both take the same 100-session
 load in alternating blocks: the broker's CPU per call and RSS with 100k idle sessions vs none.
 
-``python -m bench.scale plot RESULT.json OUT.png`` draws the grid from ``python -m bench --only
-scale --json RESULT.json`` (matplotlib: the ``bench`` extra; the row itself does not need it).
+``python -m bench.plot RESULT.json OUT.png`` draws the grid's curve from the JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from typing import Any
 
 from bench.common import (
@@ -200,52 +198,3 @@ def idle(cfg: Config) -> Row:
 
 def scale(cfg: Config) -> list[Row]:
     return [grid(cfg), idle(cfg)]
-
-
-# -- the curve -----------------------------------------------------------------------------------
-
-def plot(result: str, out: str) -> int:
-    """``scale.grid``'s points from a ``python -m bench --json`` file, as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install -e '.[bench]'", file=sys.stderr)
-        return 2
-    with open(result) as f:
-        doc = json.load(f)
-    row = next((r for r in doc["rows"] if r["name"] == "scale.grid" and r["status"] == "ok"), None)
-    if row is None:
-        print(f"{result} has no scale.grid figures: run python -m bench --only scale --json {result}", file=sys.stderr)
-        return 2
-    points = row["data"]["points"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for w in sorted({p["workers"] for p in points}):
-        line = sorted((p for p in points if p["workers"] == w), key=lambda p: p["sessions"])
-        xs = [p["sessions"] for p in line]
-        axes[0].plot(xs, [p["rate"] for p in line], marker="o", label=f"{w} workers")
-        axes[1].plot(xs, [p["p99_ms"] for p in line], marker="o", label=f"{w} workers")
-        axes[2].plot(xs, [p["broker_main_busy"] * 100 for p in line], marker="o", label=f"{w} workers")
-    axes[2].axhline(row["data"]["saturated_at"] * 100, color="grey", linestyle="--", linewidth=1)
-    for ax, title in zip(axes, ("calls/s", "p99 latency (ms)", "broker main thread busy (% of a core)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("concurrent sessions (one call each in flight)")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend()
-    load = doc.get("machine", {}).get("loadavg_start", "?")
-    fig.suptitle(f"one dspex broker, protocol-echo workers ({doc['machine'].get('nproc')} vCPUs, load average "
-                 f"{' '.join(load) if isinstance(load, list) else load} at start)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "plot":
-        sys.exit(plot(sys.argv[2], sys.argv[3]))
-    print("usage: python -m bench.scale plot RESULT.json OUT.png", file=sys.stderr)
-    sys.exit(2)

@@ -17,8 +17,12 @@ same run, alternating round by round, each round a fresh driver process:
   the whole group, so every system runs beside the same idle Ray daemons. The driver is in
   :mod:`bench.serving_ray`.
 
+The goal is the machine's own limit: DSPy is CPU-bound per process, so dspex calls/s against
+min(ideal, asyncify calls/s × worker processes); CPU per call is split by process (driver, broker,
+workers) and memory per concurrent session is the RSS the N sessions added to every process.
+
 ``python -m bench.serving drive --mode dspex|asyncify|ray ...`` is the driver; it writes one JSON
-line (calls, rate, p50, p99, errors, its own RSS) to ``--out``.
+line (calls, rate, p50, p99, errors, its own RSS before its sessions and at the end) to ``--out``.
 """
 
 from __future__ import annotations
