@@ -70,12 +70,12 @@ class _Through:
         self.prog: Any = None
 
     def up(self, settle_limit: float) -> dict[str, int]:
-        if self.stack is None:
+        if self.client is None:
             import dspy
 
             import dspex
 
-            self.stack = ShippedStack(self.ws)
+            self.stack = self.stack or ShippedStack(self.ws)
             self.stack.start()
             self.client = dspex.connect(self.stack.endpoint, timeout=120)
             s = self.client.session("triage_pool")
@@ -83,14 +83,15 @@ class _Through:
             self.prog = s.put(dspy.ChainOfThought("question -> answer"))
             self.prog(question=QUESTION)  # the worker's first LM request (imports, connection)
             settle(self.stack.pids, settle_limit)  # the start-up's CPU is over before a block counts
+        assert self.stack is not None
         return dict(self.stack.pids)
 
     def down(self) -> None:
         if self.client is not None:
             self.client.close()
         if self.stack is not None:
-            self.stack.stop()
-        self.stack = self.client = self.prog = None
+            self.stack.stop()  # the same private copy starts again for the next block that needs it
+        self.client = self.prog = None
 
 
 def localmodel(cfg: Config) -> list[Row]:

@@ -28,23 +28,29 @@ def plot(result: str, out: str) -> int:
         print(f"{result} has no scale.grid figures: run python -m bench --only scale --json {result}", file=sys.stderr)
         return 2
     points = row["data"]["points"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("rate", "calls/s", 1.0), ("p99_ms", "p99 latency (ms)", 1.0),
+              ("broker_us_per_call", "broker CPU per call (µs, all threads)", 1.0),
+              ("broker_rss_mb", "broker RSS at the end of the block (MB)", 1.0),
+              ("broker_main_busy", "broker main thread busy (% of a core)", 100.0))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = list(grid.flat)
     for w in sorted({p["workers"] for p in points}):
         line = sorted((p for p in points if p["workers"] == w), key=lambda p: p["sessions"])
-        xs = [p["sessions"] for p in line]
-        axes[0].plot(xs, [p["rate"] for p in line], marker="o", label=f"{w} workers")
-        axes[1].plot(xs, [p["p99_ms"] for p in line], marker="o", label=f"{w} workers")
-        axes[2].plot(xs, [p["broker_main_busy"] * 100 for p in line], marker="o", label=f"{w} workers")
-    axes[2].axhline(row["data"]["saturated_at"] * 100, color="grey", linestyle="--", linewidth=1)
-    for ax, title in zip(axes, ("calls/s", "p99 latency (ms)", "broker main thread busy (% of a core)")):
+        for ax, (key, _, scale) in zip(axes, panels):
+            ax.plot([p["sessions"] for p in line], [p[key] * scale for p in line], marker="o", label=f"{w} workers")
+    axes[4].axhline(row["data"]["saturated_at"] * 100, color="grey", linestyle="--", linewidth=1)
+    for ax, (_, title, _) in zip(axes, panels):
         ax.set_xscale("log")
         ax.set_xlabel("concurrent sessions (one call each in flight)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].legend()
-    load = doc.get("machine", {}).get("loadavg_start", "?")
+    axes[5].axis("off")
+    axes[5].text(0, 0.5, f"one broker carries ≈ {row['data']['carries_calls_per_s']:.0f} calls/s\n"
+                 "(1 s ÷ its CPU per call, median of the points)", fontsize=11)
+    load = doc.get("group_loadavg", {}).get("scale") or doc.get("machine", {}).get("loadavg_start") or ["?"]
     fig.suptitle(f"one dspex broker, protocol-echo workers ({doc['machine'].get('nproc')} vCPUs, load average "
-                 f"{' '.join(load) if isinstance(load, list) else load} at start)")
+                 f"{' '.join(load[:3])} when the group started); {doc['command']}")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     print(out)

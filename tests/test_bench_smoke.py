@@ -1,6 +1,7 @@
-"""The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot.
+"""The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot, and so does
+the A/B harness (``python -m bench.ab``) a maintainer reruns to compare two trees.
 
-It checks that every figure was produced, or marked pending/skipped with a reason; never how
+They check that every figure was produced, or marked pending/skipped with a reason; never how
 fast anything was (this machine is shared and noisy; see docs/benchmarks.md for the figures).
 """
 
@@ -70,3 +71,23 @@ def test_bench_only_filter_rejects_unknown_names() -> None:
                           capture_output=True, timeout=60, check=False)
     assert proc.returncode != 0
     assert b"unknown figure" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--what", "core", "--b", "HEAD", "--rounds", "2", "--calls", "500"],  # a git revision: archived, run apart
+    ["--what", "tree", "--b", ".", "--rounds", "1", "--duration", "0.3"],  # stacks of both sides under load
+], ids=["core-vs-HEAD", "tree"])
+def test_ab_harness_compares_two_trees(args: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", *args, "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, timeout=110, check=False, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    doc = json.loads(out.read_text())
+    rounds = int(args[args.index("--rounds") + 1])
+    assert len(doc["raw"]["a"]) == len(doc["raw"]["b"]) == rounds
+    main_figure = "core_us" if args[1] == "core" else "calls_per_s"
+    fig = doc["figures"][main_figure]
+    assert fig["a"] > 0 and fig["b"] > 0 and fig["a_vs_b"] > 0
+    if args[1] == "tree":
+        assert doc["figures"]["errors"]["a"] == doc["figures"]["errors"]["b"] == 0
