@@ -82,11 +82,11 @@ def _stack(ws: Workspace, name: str, tree: str, pool: str, workers: int, dspy: b
 class TreeSide:
     def __init__(self, ws: Workspace, name: str, tree: str, a: argparse.Namespace, pool: str) -> None:
         self.st, self.pids = _stack(ws, name, tree, pool, 2, dspy=False)
-        self.ws, self.a = ws, a
+        self.ws, self.a, self.pool = ws, a, pool.split(":")[0]
 
     def block(self) -> dict[str, float]:
         x = loadgen(self.ws, "loadgen", self.st.frontend, self.a.duration, 0.3, self.pids,
-                    ["--sessions", str(self.a.sessions), "--sockets", str(min(4, self.a.sessions))])
+                    ["--pool", self.pool, "--sessions", str(self.a.sessions), "--sockets", str(min(4, self.a.sessions))])
         calls = max(1, x["calls"])
         cpu = x["cpu"]
         out = {"calls_per_s": x["rate"], "p50_us": x["p50"] * 1e6, "p99_us": x["p99"] * 1e6,
