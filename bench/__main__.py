@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     load = loadavg()
     print(render(rows))
     print("\n" + render_goals(results))
-    print(f"\n{command}  ·  {info['nproc']}× {info['cpu_model']}  ·  python {info['python']}, "
+    print(f"\n{command}  ·  commit {info['commit']}  ·  {info['nproc']}× {info['cpu_model']}  ·  python {info['python']}, "
           f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}  ·  {time.time() - started:.0f}s  ·  load average "
           f"{' '.join(info.get('loadavg_start', []))} at the start, {' '.join(load)} at the end")
     if a.json:
-        doc = {"command": command, "smoke": a.smoke, "started": started, "wall_s": time.time() - started,
+        doc = {"command": command, "commit": info["commit"], "smoke": a.smoke, "started": started, "wall_s": time.time() - started,
                "machine": info, "group_seconds": timings,
                "group_loadavg": loads,
                "loadavg_end": load, "goals": results, "rows": [r.__dict__ for r in rows]}

@@ -151,6 +151,18 @@ class Stack(HarnessStack):
 
 # -- machine ---------------------------------------------------------------------------------
 
+def commit() -> str:
+    """The checkout's commit, ``+`` when files differ from it (the figures belong to both)."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("+" if dirty else "")
+
+
 def loadavg() -> list[str]:
     """The 1, 5 and 15 minute load averages, as /proc/loadavg writes them."""
     with open("/proc/loadavg") as f:
@@ -192,6 +204,7 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - optional
         info["ray"] = None
     info["loadavg_start"] = loadavg()
+    info["commit"] = commit()
     return info
 
 

@@ -46,11 +46,12 @@ def plot(result: str, out: str) -> int:
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     axes[5].axis("off")
-    axes[5].text(0, 0.5, f"one broker carries ≈ {row['data']['carries_calls_per_s']:.0f} calls/s\n"
-                 "(1 s ÷ its CPU per call, median of the points)", fontsize=11)
     load = doc.get("group_loadavg", {}).get("scale") or doc.get("machine", {}).get("loadavg_start") or ["?"]
-    fig.suptitle(f"one dspex broker, protocol-echo workers ({doc['machine'].get('nproc')} vCPUs, load average "
-                 f"{' '.join(load[:3])} when the group started); {doc['command']}")
+    axes[5].text(0, 0.5, f"one broker carries ≈ {row['data']['carries_calls_per_s']:.0f} calls/s\n"
+                 "(1 s ÷ its CPU per call, median of the points)\n\n"
+                 f"{doc['machine'].get('nproc')} vCPUs, load average {' '.join(load[:3])}\n"
+                 f"commit {doc.get('commit', '?')}\n{doc['command']}", fontsize=10, wrap=True)
+    fig.suptitle("one dspex broker, protocol-echo workers, pipelined load (medians over rounds)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     print(out)
