@@ -1,8 +1,9 @@
 """Group ``idle``: what a stack that waits costs the rest of the machine.
 
 ``idle.stack``: the shipped ``supervisor.conf`` (3 pools × 2 workers, the broker with its metrics
-port on) on a private copy under supervisord, left alone once every worker is ready and a settle
-period passed. Over the window, per process: CPU (utime + stime of all threads, ``/proc/PID/stat``)
+port on) on a private copy under supervisord, left alone once every worker is ready and the
+stack's CPU over a second fell under 10% of a core (start-up over). Over each window (CPU in clock
+ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all threads, ``/proc/PID/stat``)
 and wake-ups (voluntary + involuntary context switches of every thread,
 ``/proc/PID/task/*/status``) per second; in all for dspex (broker + workers) and with supervisord.
 
@@ -18,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import CLK_TCK, Config, Row, Workspace, verdict
+from bench.common import CLK_TCK, Config, Row, Workspace, median, verdict
 from bench.shipped import ShippedStack
 
 CPU_GOAL = 0.005  # of one core, the whole idle stack
@@ -120,19 +121,14 @@ def idle(cfg: Config) -> list[Row]:
         stack.stop()
         ws.close()
 
-    def med(xs: list[float]) -> float:
-        from bench.common import median
-
-        return median(xs)
-
-    per_proc = {k: {f: med([r[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")} for k in pids}
-    totals = {k: {f: med([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")}
+    per_proc = {k: {f: median([r[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")} for k in pids}
+    totals = {k: {f: median([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")}
               for k in ("dspex", "with_supervisord")}
     threads = {k: idle_rounds[-1][k]["threads"] for k in pids}
     ok = totals["with_supervisord"]["cpu"] <= CPU_GOAL and totals["with_supervisord"]["wakeups"] <= WAKEUPS_GOAL
     workers = [k for k in pids if k not in ("supervisord", "broker")]
-    w_cpu = med([per_proc[k]["cpu"] for k in workers])
-    w_wake = med([per_proc[k]["wakeups"] for k in workers])
+    w_cpu = median([per_proc[k]["cpu"] for k in workers])
+    w_wake = median([per_proc[k]["wakeups"] for k in workers])
     rows = [Row("idle.stack", f"idle stack: shipped supervisor.conf ({len(workers)} workers), {window:.0f} s windows",
                 f"{_fmt(totals['with_supervisord'])} (dspex alone: {_fmt(totals['dspex'])})",
                 f"broker {_fmt(per_proc['broker'])}; a worker {_fmt({'cpu': w_cpu, 'wakeups': w_wake})}; "
@@ -141,9 +137,9 @@ def idle(cfg: Config) -> list[Row]:
                 data={"window_s": window, "rounds": rounds, "settled_s": settled, "per_process": per_proc, "totals": totals,
                       "threads_last_round": threads, "raw": idle_rounds})]
     busy: list[dict[str, Any]] = busy_rounds
-    b = {f: med([r["busy"][f] for r in busy]) for f in ("cpu", "wakeups")}
-    q = {f: med([r["idle"][f] for r in busy]) for f in ("cpu", "wakeups")}
-    st_busy = {f: med([r["stack_busy"]["with_supervisord"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    b = {f: median([r["busy"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    q = {f: median([r["idle"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    st_busy = {f: median([r["stack_busy"]["with_supervisord"][f] for r in busy]) for f in ("cpu", "wakeups")}
     rows.append(Row("idle.busy", f"a worker running time.sleep({sleep_s:g}), {busy_window:.0f} s in the middle of the call",
                     f"worker {_fmt(b)}", f"same worker idle just before: {_fmt(q)}; whole stack during the call: "
                     f"{_fmt(st_busy)}", f"{b['wakeups'] / q['wakeups'] if q['wakeups'] else float('inf'):.0f}× "
