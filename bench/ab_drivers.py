@@ -117,15 +117,18 @@ class CoreLoad:
         return spent / calls
 
 
-def _core() -> Callable[[dict[str, Any]], dict[str, float]]:
+Side = tuple[Callable[[dict[str, Any]], dict[str, float]], Callable[[], None]]  # (one block, close)
+
+
+def _core() -> Side:
     load = CoreLoad()
     load.block(2000)  # warm-up
-    return lambda cmd: {"core_us": load.block(int(cmd["n"])) * 1e6}
+    return (lambda cmd: {"core_us": load.block(int(cmd["n"])) * 1e6}), lambda: None
 
 
 # -- executor ------------------------------------------------------------------------------------
 
-def _executor() -> Callable[[dict[str, Any]], dict[str, float]]:
+def _executor() -> Side:
     import dspy
 
     from dspex import codec
@@ -157,13 +160,13 @@ def _executor() -> Callable[[dict[str, Any]], dict[str, float]]:
 
     cpu_per_execute("noop", 500)
     cpu_per_execute("predict", 50)
-    return lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
-                        "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6}
+    return (lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
+                         "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6}), lambda: None
 
 
 # -- client --------------------------------------------------------------------------------------
 
-def _client(endpoint: str, sessions: int) -> Callable[[dict[str, Any]], dict[str, float]]:
+def _client(endpoint: str, sessions: int) -> Side:
     import dspy
     from dspy.utils import DummyLM
 
@@ -178,8 +181,9 @@ def _client(endpoint: str, sessions: int) -> Callable[[dict[str, Any]], dict[str
     lm = DummyLM({QUESTION: ANSWERS["predict"]})
     loop = asyncio.new_event_loop()
 
+    ac = dspex.aio.connect(endpoint, timeout=60)
+
     async def aio_setup() -> list[Any]:
-        ac = dspex.aio.connect(endpoint, timeout=60)
         ss = [ac.session("p") for _ in range(sessions)]
         for x in ss:
             await x.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"]))
@@ -220,18 +224,24 @@ def _client(endpoint: str, sessions: int) -> Callable[[dict[str, Any]], dict[str
                 "seq_session_vs_inprocess": p50_s / p50_l, "aio_calls_per_s": calls / float(cmd["seconds"]),
                 "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(n + calls)}
 
+    def close() -> None:
+        loop.run_until_complete(ac.close())
+        loop.close()
+        client.close()
+
     block({"n": 50, "seconds": 0.3})
-    return block
+    return block, close
 
 
 def main(argv: list[str]) -> int:
     mode = argv[0]
-    side = _core() if mode == "core" else _executor() if mode == "executor" else _client(argv[1], int(argv[2]))
+    block, close = _core() if mode == "core" else _executor() if mode == "executor" else _client(argv[1], int(argv[2]))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():
             break
-        print(json.dumps(side(json.loads(line))), flush=True)
+        print(json.dumps(block(json.loads(line))), flush=True)
+    close()
     return 0
 
 
