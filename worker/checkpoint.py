@@ -1,0 +1,562 @@
+"""Checkpoints of a durable session: the worker's side (build after a call, restore before one).
+
+A checkpoint is the session's state as one pickle, the *skeleton*, plus *blobs* held in numbered
+slots (worker/checkpoint_pickler.py): the objects behind the session's refs (same ids), its
+namespace module, the DSPy settings it configured (its LM, adapter, callbacks; not DSPy's
+per-call ``trace``), its LM history. Everything goes by value with cloudpickle, so a DSPy module
+comes back with its demos, signature, instructions and every attribute of its own; the
+signature classes DSPy makes go as their spec, rebuilt by DSPy's ``make_signature``.
+
+:class:`Tracker` keeps, per session, what the broker already holds: a build pickles the skeleton
+(the part that must be looked at every time; it excludes history entries and code, which are
+slots), and sends nothing when its digest and the slots are unchanged (the fingerprint), else the
+skeleton and only the new blobs. History entries are pickled once each, when they appear.
+
+What cannot be pickled (an open file, a socket, a lock, a generator) is left out, per root (a
+ref's object, a namespace name, a setting), and reported once as :class:`NotDurable`; the
+checkpoint records why, so after a move that ref raises ``RefNotFound`` saying so.
+
+Skeleton frame: ``MAGIC``, format version (1 byte), header length (u32), msgpack header, pickle.
+The header names the Python, cloudpickle and DSPy versions that wrote it (pickled code and DSPy
+objects are only exact on the same ones), the session, the seed size and module slots, the
+digest of the pickle and of the blob set: :func:`restore` refuses anything else with
+``CheckpointRefused``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import linecache
+import struct
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from dspex.errors import CheckpointRefused
+from worker import checkpoint_pickler as cp
+from worker import namespace
+from worker.refs import SessionState, type_name
+
+MAGIC = b"DXCK"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<4sBI")
+_MODULE_KEYS = frozenset({"__builtins__", "__name__", "__file__", "__doc__", "__loader__", "__spec__", "__package__"})
+_TRANSIENT_SETTINGS = frozenset({"trace"})  # DSPy's per-call trace: rebuilt empty
+_LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
+DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
+
+
+def versions() -> dict[str, str]:
+    dspy = sys.modules.get("dspy")
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "cloudpickle": cloudpickle.__version__,
+            "dspy": str(getattr(dspy, "__version__", "")) if dspy is not None else ""}
+
+
+@dataclass(frozen=True)
+class NotDurable:
+    """A root of the session that a checkpoint leaves out."""
+
+    section: str  # "ref", "name" or "setting"
+    key: str  # the ref id, the name, the setting's key
+    type_name: str
+    reason: str
+
+    @property
+    def what(self) -> str:
+        return f"ref {self.key[:8]}" if self.section == "ref" else f"{self.section} {self.key!r}"
+
+    def message(self) -> str:
+        after = {"ref": "that ref raises RefNotFound", "name": "that name is unbound",
+                 "setting": "that setting is unset"}.get(self.section, "it is gone")
+        return (f"{self.what} ({self.type_name}) is not durable: {self.reason}. It stays usable here; "
+                f"after the session moves to another worker, {after}")
+
+
+@dataclass
+class Checkpoint:
+    """One build's changes, in the order the broker applies them."""
+
+    session: str
+    seq: int
+    skeleton: bytes
+    set_slots: list[int]
+    blobs: list[bytes]
+    clear_slots: list[int]
+    full: bool  # the broker drops every slot it holds for the session first
+    size: int  # bytes the broker holds for the session once applied
+
+    def meta(self) -> dict[str, Any]:
+        return {"session": self.session, "seq": self.seq, "set": self.set_slots, "clear": self.clear_slots,
+                "full": self.full, "size": self.size}
+
+
+_ENTRY, _MODULE, _CODE, _SIGNATURE = "entry", "module", "code", "signature"
+_SEEDED = (_ENTRY, _MODULE)
+_SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting"}
+
+
+DYNAMIC_BASE = 1 << 24  # slot numbers of code and signature blobs: never in the pickler's memo
+
+
+class _Slots:
+    """Numbered objects of one session, in two ranges.
+
+    Seeded slots (``0 ..``): module dicts and history entries, in the skeleton pickler's memo
+    (``seed``). It holds one entry per seeded slot, a placeholder nothing refers to for a free
+    one, so the pickler's own memo indices start after them. Dynamic slots (``DYNAMIC_BASE ..``):
+    code objects and signature classes, referred to as ``_slot(i)`` calls; adding one never
+    changes the memo, so an unchanged session pickles to the same bytes. Freed numbers are
+    reused, lowest first."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}
+        self.kinds: dict[int, str] = {}
+        self.of: dict[int, int] = {}  # id(obj) -> slot
+        self.seed: dict[int, tuple[int, Any]] = {}
+        self.placeholders: list[object] = []  # per seeded slot
+        self.free: list[int] = []  # free seeded slots
+        self.free_dynamic: list[int] = []
+        self.next_dynamic = DYNAMIC_BASE
+        self.dynamic: set[int] = set()
+        self.blobs: dict[int, tuple[bytes, int]] = {}  # slot -> (digest, size) of its blob
+        self.versions: dict[int, Any] = {}  # signature slots: signature_version at pickling
+        self._acc = 0  # XOR of the blobs' slot digests
+        self.blob_bytes = 0
+
+    @property
+    def seed_size(self) -> int:
+        return len(self.placeholders)
+
+    def alloc(self, obj: Any, kind: str) -> int:
+        if kind in _SEEDED:
+            if self.free:
+                i = heapq.heappop(self.free)
+            else:
+                i = self.grow()
+            del self.seed[id(self.placeholders[i])]
+            self.seed[id(obj)] = (i, obj)
+        else:
+            if self.free_dynamic:
+                i = heapq.heappop(self.free_dynamic)
+            else:
+                i, self.next_dynamic = self.next_dynamic, self.next_dynamic + 1
+            self.dynamic.add(i)
+        self.objects[i], self.kinds[i] = obj, kind
+        self.of[id(obj)] = i
+        return i
+
+    def grow(self) -> int:
+        """A new seeded slot number, its placeholder in the seed."""
+        i = len(self.placeholders)
+        placeholder = object()
+        self.placeholders.append(placeholder)
+        self.seed[id(placeholder)] = (i, placeholder)
+        return i
+
+    def clear(self, i: int) -> None:
+        obj, kind = self.objects.pop(i), self.kinds.pop(i)
+        self.of.pop(id(obj), None)
+        if kind in _SEEDED:
+            del self.seed[id(obj)]
+            self.seed[id(self.placeholders[i])] = (i, self.placeholders[i])
+            heapq.heappush(self.free, i)
+        else:
+            self.dynamic.discard(i)
+            heapq.heappush(self.free_dynamic, i)
+        self.drop_blob(i)
+        self.versions.pop(i, None)
+
+    def set_blob(self, i: int, blob: bytes | memoryview) -> None:
+        self.drop_blob(i)
+        dig = cp.digest(blob)
+        self.blobs[i] = (dig, len(blob))
+        self._acc ^= _slot_digest(i, dig)
+        self.blob_bytes += len(blob)
+
+    def drop_blob(self, i: int) -> None:
+        held = self.blobs.pop(i, None)
+        if held is not None:
+            self._acc ^= _slot_digest(i, held[0])
+            self.blob_bytes -= held[1]
+
+    def set_digest(self) -> bytes:
+        return self._acc.to_bytes(8, "little")
+
+
+def _slot_digest(i: int, dig: bytes) -> int:
+    return int.from_bytes(cp.digest(i.to_bytes(8, "little") + dig), "little")
+
+
+class Tracker:
+    """What the broker holds of one durable session, and the builds that bring it up to date."""
+
+    def __init__(self, session: str, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+        self.session = session
+        self.history_limit = history_limit  # entries of each LM / module history a checkpoint keeps
+        self.seq = 0
+        self.slots = _Slots()
+        self._last_digest = b""
+        self._set: dict[int, bytes] = {}  # blob slots made since the last checkpoint sent
+        self._clear: set[int] = set()  # slots the broker holds that are gone
+        self._used: set[int] = set()  # dynamic slots (and inline objects) the pickle under way met
+        self._entries: dict[int, int] = {}  # id(history entry) -> slot
+        self._inline_entries: dict[int, Any] = {}  # history entries that cannot be blobs
+        self._inline: dict[int, Any] = {}  # code / signatures that cannot be blobs (written inline)
+        self._excluded: dict[int, tuple[Any, NotDurable]] = {}  # id(root object) -> (it, why)
+        self._lost: dict[str, NotDurable] = {}  # carried by every checkpoint (after a move too)
+        self._module_slot: int | None = None
+        self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
+        self._seed_size = 0
+        self.skeleton_size = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes the broker holds for the session (as of the last checkpoint)."""
+        return self.skeleton_size + self.slots.blob_bytes
+
+    # -- building ---------------------------------------------------------------------------
+    def build(self, state: SessionState, *, full: bool = False) -> tuple[Checkpoint | None, list[NotDurable]]:
+        """The checkpoint to send after a call (None: nothing changed) and what was newly found
+        not durable. ``full``: the broker holds nothing usable of this session (after its own
+        restart): everything is sent again. Raises what pickling raises when the session as a
+        whole cannot be pickled though each of its roots can."""
+        if full:
+            self._resend_all()
+        self._sync_module(state)
+        self._sync_history(state.lm_history)
+        newly: list[NotDurable] = []
+        roots = self._roots(state)
+        try:
+            data = self._pickle(self._root(state, roots))
+        except Exception:  # noqa: BLE001 - some root cannot be pickled: find which
+            newly = self._find_not_durable(roots)
+            data = self._pickle(self._root(state, self._roots(state)))
+        for i in [i for i in self.slots.dynamic if i not in self._used]:
+            self._drop(i)  # code or a signature the session no longer holds
+        for key in [k for k in self._inline if k not in self._used]:
+            del self._inline[key]
+        dig = cp.digest(data)
+        if self._sent and not self._set and not self._clear and dig == self._last_digest:
+            return None, newly
+        frame = self._frame(data, dig)
+        self.seq += 1
+        self._last_digest = dig
+        set_slots = sorted(self._set)
+        checkpoint = Checkpoint(self.session, self.seq, frame, set_slots, [self._set[i] for i in set_slots],
+                                sorted(self._clear), not self._sent, len(frame) + self.slots.blob_bytes)
+        self._set.clear()
+        self._clear.clear()
+        self._sent = True
+        self.skeleton_size = len(frame)
+        return checkpoint, newly
+
+    def _resend_all(self) -> None:
+        self._clear.clear()
+        self._set.clear()
+        self._sent = False
+        self._last_digest = b""
+        for i in list(self.slots.blobs):
+            try:
+                self._set[i] = cp.dumps_blob(self.slots.objects[i])
+            except Exception:  # noqa: BLE001 - it pickled before; if it no longer does, it goes inline
+                obj = self.slots.objects[i]
+                if self.slots.kinds[i] == _ENTRY:
+                    self._entries.pop(id(obj), None)
+                    self._inline_entries[id(obj)] = obj
+                self.slots.clear(i)
+                self._set.pop(i, None)
+
+    def _drop(self, i: int) -> None:
+        if i in self.slots.blobs and self._set.pop(i, None) is None:
+            self._clear.add(i)  # the broker holds it
+        self.slots.clear(i)
+
+    def _sync_module(self, state: SessionState) -> None:
+        module = state.module
+        slot = self._module_slot
+        if slot is not None and (module is None or self.slots.objects[slot] is not module.__dict__):
+            self.slots.clear(slot)
+            self._module_slot = slot = None
+        if module is not None and slot is None:
+            self._module_slot = self.slots.alloc(module.__dict__, _MODULE)
+
+    def _sync_history(self, entries: list[Any]) -> None:
+        known, inline = self._entries, self._inline_entries
+        if len(entries) == len(known) + len(inline) and (
+                not entries or all(id(e) in known or id(e) in inline for e in (entries[0], entries[-1]))):
+            return  # entries are appended at the end and dropped at the front: no change
+        current = {id(e): e for e in entries}
+        for key in [k for k in known if k not in current]:
+            self._drop(known.pop(key))
+        for key in [k for k in inline if k not in current]:
+            del inline[key]
+        for key, entry in current.items():
+            if key in known or key in inline:
+                continue
+            if not isinstance(entry, dict):
+                inline[key] = entry
+                continue
+            try:
+                blob = cp.dumps_blob(entry)
+            except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
+                inline[key] = entry
+                continue
+            i = self.slots.alloc(entry, _ENTRY)
+            known[key] = i
+            self._add_blob(i, blob)
+
+    def _add_blob(self, i: int, blob: bytes) -> None:
+        self.slots.set_blob(i, blob)
+        self._set[i] = blob
+        self._clear.discard(i)
+
+    def _slot_for(self, obj: Any, kind: str) -> int | None:
+        """The blob slot of a code object or signature class the pickler met (None: inline)."""
+        slots = self.slots
+        i = slots.of.get(id(obj))
+        if i is not None and slots.kinds[i] == kind:
+            if kind != _SIGNATURE or slots.versions.get(i) == cp.signature_version(obj):
+                self._used.add(i)
+                return i
+            self._drop(i)  # changed in place (instructions, a prefix): a new blob
+        if id(obj) in self._inline:
+            self._used.add(id(obj))
+            return None
+        try:
+            blob = cp.dumps_blob(obj)
+        except Exception:  # noqa: BLE001 - needs the session's own classes (or fails: inline names the root)
+            self._inline[id(obj)] = obj
+            self._used.add(id(obj))
+            return None
+        i = slots.alloc(obj, kind)
+        if kind == _SIGNATURE:
+            slots.versions[i] = cp.signature_version(obj)
+        self._add_blob(i, blob)
+        self._used.add(i)
+        return i
+
+    def _roots(self, state: SessionState) -> list[tuple[str, Any, Any]]:
+        """(section, key, object) of everything the session holds, not excluded."""
+        roots: list[tuple[str, Any, Any]] = [("refs", rid, obj) for rid, obj in list(state.refs.items())]
+        module = state.module
+        if module is not None:
+            roots.extend(("ns", name, value) for name, value in list(module.__dict__.items())
+                         if name not in _MODULE_KEYS)
+        roots.extend(("settings", key, value) for key, value in list(state.dspy_settings.items())
+                     if key not in _TRANSIENT_SETTINGS)
+        excluded = self._excluded
+        if not excluded:
+            return roots
+        return [r for r in roots if id(r[2]) not in excluded or excluded[id(r[2])][0] is not r[2]]
+
+    def _root(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+        root: dict[str, Any] = {"refs": {}, "ns": {}, "settings": {}}
+        for section, key, obj in roots:
+            root[section][key] = obj
+        lost = dict(self._lost)
+        for _obj, why in self._excluded.values():
+            lost[why.what] = why
+        root["ns_lines"] = namespace.session_lines(state) if state.module is not None else None
+        root["history"] = state.lm_history
+        root["lost"] = [(v.section, v.key, v.type_name, v.reason) for v in lost.values()]
+        root["code"] = None  # reserved: the session's by-value code and its module state
+        return root
+
+    def _module_dicts(self) -> dict[int, dict[str, Any]]:
+        i = self._module_slot
+        if i is None:
+            return {}
+        namespace_ = self.slots.objects[i]
+        return {id(namespace_): namespace_}
+
+    def _pickle(self, root: dict[str, Any]) -> bytes:
+        self._used.clear()
+        buf = io.BytesIO()
+        self._seed_size = self.slots.seed_size
+        cp.SkeletonPickler(buf, self.slots.seed, self._module_dicts(), self._slot_for, self.history_limit).dump(root)
+        return buf.getvalue()
+
+    def _find_not_durable(self, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
+        """Pickle each root alone; exclude those that fail. Only after a whole build failed."""
+        module_dicts = self._module_dicts()
+        newly = []
+        for section, key, obj in roots:
+            try:
+                cp.SkeletonPickler(io.BytesIO(), self.slots.seed, module_dicts, self._slot_for,
+                                   self.history_limit).dump(obj)
+            except Exception as exc:  # noqa: BLE001 - any failure to pickle is the reason
+                why = NotDurable(_SECTIONS[section], str(key), type_name(obj), f"{type(exc).__name__}: {exc}"[:500])
+                self._excluded[id(obj)] = (obj, why)
+                newly.append(why)
+        return newly
+
+    def _frame(self, data: bytes, dig: bytes) -> bytes:
+        modules = [] if self._module_slot is None else \
+            [[self._module_slot, "ns", self.slots.objects[self._module_slot].get("__name__")]]
+        header: bytes = msgpack.packb({**versions(), "session": self.session, "seed": self._seed_size,
+                                "modules": modules, "digest": dig,
+                                "blobs": [len(self.slots.blobs), self.slots.set_digest()]})
+        return _HEAD.pack(MAGIC, FORMAT_VERSION, len(header)) + header + data
+
+    def released(self, objects: list[Any]) -> None:
+        """Objects released from the session: their not-durable records go."""
+        for obj in objects:
+            held = self._excluded.get(id(obj))
+            if held is not None and held[0] is obj:
+                del self._excluded[id(obj)]
+
+
+@dataclass
+class Restored:
+    """What :func:`restore` made besides the session's state."""
+
+    tracker: Tracker
+    lost: list[NotDurable] = field(default_factory=list)  # what earlier workers could not checkpoint
+
+
+def _refuse(session: str, why: str) -> CheckpointRefused:
+    return CheckpointRefused(f"session {session[:8]} could not be restored: its checkpoint {why}; the session "
+                             "is lost (open a new one)", session=session, reason=why)
+
+
+def read_header(frame: bytes | memoryview, session: str) -> tuple[dict[str, Any], memoryview]:
+    """The header and the pickle of a skeleton frame; refuses another format or versions."""
+    view = memoryview(frame)
+    if len(view) < _HEAD.size:
+        raise _refuse(session, "is truncated")
+    magic, version, size = _HEAD.unpack_from(view)
+    if magic != MAGIC:
+        raise _refuse(session, "is not a dspex checkpoint")
+    if version != FORMAT_VERSION:
+        raise _refuse(session, f"has format version {version}; this worker reads version {FORMAT_VERSION}")
+    try:
+        header = msgpack.unpackb(view[_HEAD.size:_HEAD.size + size])
+        if not isinstance(header, dict):
+            raise TypeError("not a map")
+    except Exception as exc:  # noqa: BLE001 - any malformed header is refused
+        raise _refuse(session, f"has a malformed header ({exc})") from None
+    ours = versions()
+    for key in ("python", "cloudpickle", "dspy"):
+        if header.get(key) != ours[key]:
+            raise _refuse(session, f"was written with {key} {header.get(key) or 'absent'}; this worker runs "
+                                   f"{ours[key] or 'none'}")
+    if header.get("session") != session:
+        raise _refuse(session, "belongs to another session")
+    return header, view[_HEAD.size + size:]
+
+
+def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
+            blobs: list[bytes | memoryview], seq: int, history_limit: int = DEFAULT_HISTORY_LIMIT) -> Restored:
+    """Fill the empty ``state`` from a checkpoint (the skeleton ``frame``, the ``blobs`` of
+    ``slots``, the broker's ``seq`` of it); raise ``CheckpointRefused`` for a corrupt, foreign or
+    unloadable one (then the caller releases ``state``)."""
+    sid = state.id
+    header, data = read_header(frame, sid)
+    try:
+        seed_size = int(header["seed"])
+        module_slots = {int(i): (str(nsid), str(name)) for i, nsid, name in header["modules"]}
+        count, set_digest = header["blobs"]
+        expected = header["digest"]
+    except Exception as exc:  # noqa: BLE001 - any malformed header is refused
+        raise _refuse(sid, f"has a malformed header ({exc})") from None
+    if cp.digest(data) != expected:
+        raise _refuse(sid, "is corrupt (its state does not match its digest)")
+    check = _Slots()
+    for i, blob in zip(slots, blobs):
+        check.set_blob(i, blob)
+    if len(slots) != count or len(set(slots)) != len(slots) or check.set_digest() != set_digest:
+        raise _refuse(sid, f"is corrupt or incomplete ({len(slots)} of {count} stored objects, their digest "
+                           f"{'matches' if check.set_digest() == set_digest else 'differs'})")
+    context = cp.LoadContext()
+    seeds: list[Any] = [None] * seed_size
+    try:
+        for i, (nsid, name) in module_slots.items():
+            if nsid != "ns":
+                raise ValueError(f"unknown module slot {nsid!r}")
+            module = namespace.session_module(state, name)
+            context.modules[id(module.__dict__)] = module
+            if i < seed_size:
+                seeds[i] = module.__dict__
+        with cp.loading(context):
+            for i, blob in zip(slots, blobs):
+                obj = context.objects[i] = cp.load_blob(blob)
+                if i < seed_size:
+                    seeds[i] = obj
+            root = cp.load_seeded(seeds, data)
+        lost = _apply(state, root)
+    except CheckpointRefused:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - unpickling runs user code (__setstate__, __reduce__)
+        raise _refuse(sid, f"could not be loaded ({type(exc).__name__}: {exc})"[:1000]) from None
+    tracker = _tracker(state, context, module_slots, dict(zip(slots, blobs)), seq, frame)
+    tracker.history_limit = history_limit
+    for why in lost:
+        tracker._lost[why.what] = why
+    return Restored(tracker, lost)
+
+
+def _apply(state: SessionState, root: Any) -> list[NotDurable]:
+    if not isinstance(root, dict) or not {"refs", "ns", "settings", "history", "lost"} <= root.keys():
+        raise ValueError("its state is not a session's")
+    module = state.module
+    if module is not None:
+        module.__dict__.update(root["ns"])
+        if root.get("ns_lines"):
+            lines = list(root["ns_lines"])
+            linecache.cache[module.__file__ or ""] = (sum(map(len, lines)), None, lines, module.__file__ or "")
+    for rid, obj in root["refs"].items():
+        state.refs[rid] = obj
+        state.ref_of_object[id(obj)] = rid
+    state.dspy_settings.update(root["settings"])
+    state.lm_history[:] = root["history"]
+    return [NotDurable(*item) for item in root["lost"]][-_LOST_MEMORY:]
+
+
+def _tracker(state: SessionState, context: cp.LoadContext, module_slots: dict[int, tuple[str, str]],
+             held: dict[int, bytes | memoryview], seq: int, frame: bytes | memoryview) -> Tracker:
+    """The tracker of a restored session: the broker holds exactly what it sent, so the next build
+    sends only what the next call changes."""
+    tracker = Tracker(state.id)
+    tracker.seq = seq
+    tracker._sent = True
+    tracker.skeleton_size = len(frame)
+    table = tracker.slots
+    seeded = [i for i in (*held, *module_slots) if i < DYNAMIC_BASE]
+    for _ in range(max(seeded, default=-1) + 1):
+        table.grow()
+    module = state.module
+    for i, data in held.items():
+        obj = context.objects[i]
+        kind = _ENTRY if i < DYNAMIC_BASE else _CODE if isinstance(obj, types.CodeType) else _SIGNATURE
+        _put(table, i, obj, kind)
+        table.set_blob(i, data)
+        if kind == _ENTRY:
+            tracker._entries[id(obj)] = i
+        elif kind == _SIGNATURE:
+            table.versions[i] = cp.signature_version(obj)
+    for i in module_slots:
+        if module is not None:
+            _put(table, i, module.__dict__, _MODULE)
+            tracker._module_slot = i
+    table.free = [i for i in range(table.seed_size) if i not in table.objects]
+    dynamic = [i for i in held if i >= DYNAMIC_BASE]
+    table.next_dynamic = max(dynamic, default=DYNAMIC_BASE - 1) + 1
+    table.free_dynamic = [i for i in range(DYNAMIC_BASE, table.next_dynamic) if i not in table.objects]
+    heapq.heapify(table.free)
+    return tracker
+
+
+def _put(table: _Slots, i: int, obj: Any, kind: str) -> None:
+    """Put ``obj`` in slot ``i`` of a table being rebuilt by a restore."""
+    table.objects[i], table.kinds[i] = obj, kind
+    table.of[id(obj)] = i
+    if kind in _SEEDED:
+        del table.seed[id(table.placeholders[i])]
+        table.seed[id(obj)] = (i, obj)
+    else:
+        table.dynamic.add(i)
