@@ -15,7 +15,6 @@ cloudpickle, ext 13) or as a ref.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -28,7 +27,7 @@ from dspex import ref as ref_module
 from dspex.errors import DspexError, EncodeError, MissingModule, ProtocolError
 from dspex.record import KINDS, build_record, record_parts
 from dspex.ref import Ref
-from dspex.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_BYTEARRAY, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD,
+from dspex.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD,
                              EXT_REF, EXT_FROZENSET, EXT_SET, EXT_TUPLE, RECORD, TAGS, convert_subclass, surrogates,
                              utf8_ok)
 
@@ -269,8 +268,6 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
         t = type(o)
         if t is str:
             return o if utf8_ok(o) else surrogates(o)
-        if t is bytearray:
-            return msgpack.ExtType(EXT_BYTEARRAY, bytes(o))
         if o is None or t in _LEAVES or _native_array(o):
             return enc.convert(o) if t is int else o
         if t is not list and t is not dict:
@@ -319,49 +316,13 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
     return walk(obj, 0)
 
 
-# msgpack's bin markers: a body without any of these bytes holds no bytearray (the C packer packs
-# one as bin, like bytes, before the hook could tag it)
-_BIN_MARKER = re.compile(rb"[\xc4-\xc6]")
-_SCANNED = (list, tuple, dict, set, frozenset)
-
-
-def holds_bytearray(obj: object) -> bool:
-    """Whether a bytearray sits in ``obj``'s containers or record fields (what the first pass
-    packed as plain bin)."""
-    todo = [obj]
-    seen: set[int] = set()
-    while todo:
-        o = todo.pop()
-        if type(o) is bytearray:
-            return True
-        if isinstance(o, _SCANNED):
-            if id(o) in seen:
-                continue
-            seen.add(id(o))
-            if isinstance(o, dict):
-                todo.extend(o.keys())
-                todo.extend(o.values())
-            else:
-                todo.extend(o)
-        else:
-            # a dspy Example/Prediction's fields; never getattr: a Ref handle would ask its worker
-            try:
-                store = object.__getattribute__(o, "__dict__").get("_store")
-            except AttributeError:
-                continue
-            if type(store) is dict:
-                todo.append(store)
-    return False
-
-
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None) -> bytes:
     enc = _Encoder(policy, buffers, to_ref)
     body: bytes
     try:
         body = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
-        if not _BIN_MARKER.search(body) or not holds_bytearray(obj):
-            return body
+        return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
     if buffers is not None:
