@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,7 +26,7 @@ HARMFUL = ("chmod", "mode 1777", "must be 0700", "is the broker running")
 def ctl(cwd: str, *args: str, setpriv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     env = base_env(os.path.join(cwd, "r"))
     return subprocess.run([*(setpriv or []), sys.executable, "-m", "dspexctl", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def bound_socket(path: str, listen: bool) -> socket.socket:
