@@ -19,7 +19,7 @@ from typing import Any
 
 import dspex
 from dspex import config
-from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
+from dspex.errors import BrokerUnreachable, ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
 from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
 from dspex.supervisor import (
     STOPPED_STATES,
@@ -79,7 +79,14 @@ class Settings:
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
 
     def client(self, timeout: float | None = None) -> dspex.Client:
-        config.probe_ipc(self.resolved_endpoint())
+        endpoint = self.resolved_endpoint()
+        try:
+            config.probe_ipc(endpoint)
+        except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
+            from dspexctl.diagnose import explain
+
+            raise BrokerUnreachable(err.message + explain(endpoint, self.supervisor_conf_or_none(), err.message,
+                                                          self.timeout)) from None
         return dspex.connect(self.endpoint, timeout=self.timeout if timeout is None else timeout)
 
     def resolved_endpoint(self) -> str:

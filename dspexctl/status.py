@@ -46,6 +46,7 @@ from dspexctl.commands import (
     foreign_broker,
     table,
 )
+from dspexctl.diagnose import silent_broker
 
 EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
@@ -129,9 +130,10 @@ class PoolsStatus:
         registered = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
         broker_starting = False
         if broker is None:
-            if broker_proc is not None and proc_phase(broker_proc, set()) == "starting":
-                broker_starting = True
-                issues.append((State.STARTING, f"the broker is starting ({broker_err})"))
+            if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err)
+                broker_starting = state is State.STARTING
+                issues.append((state, text))
             else:
                 issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
         else:

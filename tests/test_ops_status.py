@@ -206,6 +206,55 @@ def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_running_broker_in_another_run_dir_is_named_not_starting(small: SupervisedStack) -> None:
+    """This shell's DSPEX_RUN_DIR is not the stack's: the broker runs (supervisord says so) but
+    listens elsewhere. Said at once, with both values and the fix; never "starting", never "is the
+    broker running?"."""
+    other = str(small.root / "elsewhere")
+    env = {**small.env, "DSPEX_RUN_DIR": other}
+    env.pop("DSPEX_SUPERVISOR_CONF", None)
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", *args], cwd=small.root, env=env,
+                             capture_output=True, text=True, timeout=60)
+        no_traceback(res)
+        return res
+
+    broker_pid = small.status()["broker"]["pid"]
+    want = (f"supervisord of {small.conf} reports its broker broker:broker RUNNING (pid {broker_pid}), but it "
+            f"listens at {small.endpoint}, not at ipc://{other}/frontend.sock: another DSPEX_RUN_DIR: the broker's "
+            f"is {small.run_dir}, this command's DSPEX_RUN_DIR={other}; run it with DSPEX_RUN_DIR={small.run_dir}")
+    res = ctl("pools", "status")
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert f"UNREACHABLE: {want}" in res.stdout, res.stdout
+    doc = json.loads(ctl("pools", "status", "--json").stdout)
+    assert doc["health"] == "unreachable" and doc["starting"] == []
+    for args in (["sessions", "list"], ["workers", "recycle", "triage_pool"], ["sessions", "close", "--all"]):
+        res = ctl(*args)
+        assert res.returncode == 4, (args, res.stderr)
+        assert res.stderr.startswith(f"Error: nothing is listening at ipc://{other}/frontend.sock")
+        assert want in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    for res in (ctl("pools", "status"), ctl("sessions", "list")):
+        for misleading in ("is the broker running", "STARTING", "the broker is starting", "chmod"):
+            assert misleading not in res.stdout + res.stderr
+
+    # the broker where we look, but silent past its start-up grace (here: its socket file moved away)
+    from dspexctl.diagnose import BROKER_GRACE_S
+
+    wait_for(lambda: small.status()["broker"]["uptime_s"] > BROKER_GRACE_S + 1, 60, 0.5, "the broker past its grace")
+    sock = small.endpoint[len("ipc://"):]
+    os.rename(sock, sock + ".away")
+    try:
+        res = dspexctl(small, "pools", "status")
+    finally:
+        os.rename(sock + ".away", sock)
+    assert res.returncode == 4, res.stdout
+    assert "reports its broker broker:broker RUNNING for" in res.stdout and "but nothing answers at" in res.stdout
+    assert "STARTING" not in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_a_nearly_full_queue_warns(small: SupervisedStack) -> None:
     """analytics_pool: one worker, queue_max 2. One long call runs, two wait: the queue is full."""
     answers: list[Any] = []
