@@ -20,7 +20,7 @@ from typing import Any
 import dspex
 from dspex import config
 from dspex.errors import BrokerUnreachable, ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
-from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
+from dspexctl.stack import StackConflict, ensure_stack, expected_workers, foreign_stack, ready_counts, wait_ready
 from dspex.supervisor import (
     STOPPED_STATES,
     Supervisor,
@@ -113,6 +113,20 @@ def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) 
     return None
 
 
+def metrics_text(metrics: dict[str, Any]) -> tuple[str, bool]:
+    """The broker's metrics server (its status ``broker.metrics``) in one line, and whether that is
+    trouble (the port asked for was taken, or nothing could be served)."""
+    if not metrics.get("requested"):
+        return "metrics: off (the broker runs without DSPEX_METRICS_PORT / --metrics-port)", False
+    if not metrics.get("port"):
+        return f"metrics: off: {metrics.get('error') or 'not served'}", True
+    url = f"http://127.0.0.1:{metrics['port']}/"
+    if metrics.get("error"):
+        return (f"metrics: {metrics['error']} (set DSPEX_METRICS_PORT to a free port): dashboard {url}, "
+                f"metrics {url}metrics"), True
+    return f"dashboard: {url} (metrics: {url}metrics)", False
+
+
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -180,19 +194,26 @@ class PoolsStart:
                 with settings.client() as dx:
                     status = dx.status()
             else:
+                conflict = foreign_stack(sc, endpoint, sup)
+                if conflict:  # our workers would join the other stack's broker
+                    raise StackConflict(conflict)
                 for p in sup.processes():
                     if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
                         progress(f"starting {full_name(p)}")
                         sup.start_process(full_name(p))
-                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress)
+                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
         counts = ready_counts(status, groups)
+        metrics = dict(status["broker"].get("metrics") or {})
+        text, trouble = metrics_text(metrics)
+        if trouble:
+            progress(f"warning: {text}")
         return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
-                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}}
+                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}, "metrics": metrics}
 
     def present(self, result: dict[str, Any]) -> str:
         head = "started supervisord; " if result["started_supervisord"] else ""
         return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
-            + f" ({result['seconds']:.1f}s)"
+            + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK

@@ -44,6 +44,7 @@ from dspexctl.commands import (
     fmt_duration,
     fmt_ms,
     foreign_broker,
+    metrics_text,
     table,
 )
 from dspexctl.diagnose import silent_broker
@@ -269,6 +270,7 @@ class PoolsStatus:
         if b is not None:
             lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
                          f"{b['frontend']}")
+            lines.append(metrics_text(b.get("metrics") or {})[0])
         s = result["supervisor"]
         if s is not None and s["state"] is not None:
             lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
