@@ -19,6 +19,7 @@ from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.serving import serving
+from bench.stop import stop
 
 
 __all__ = ["Config", "GROUPS", "ISSUE14", "ROWS", "issue14"]
@@ -30,6 +31,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "crash": crash,
     "coldstart": coldstart,
     "recycle": recycle,
+    "stop": stop,
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
@@ -47,6 +49,7 @@ ROWS: dict[str, list[str]] = {
     "crash": ["crash"],
     "coldstart": ["coldstart"],
     "recycle": ["recycle", "recycle.nodspy"],
+    "stop": ["stop"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],

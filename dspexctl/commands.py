@@ -175,6 +175,8 @@ def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list
 
 
 class PoolsStart:
+    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
+
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
 
@@ -230,10 +232,15 @@ class PoolsStop:
         # current request first (up to stopwaitsecs), so give the call that long
         with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
             groups = _pool_groups(sup, sc, req["pools"])
-            for g in groups:
+            for g in groups:  # every group at once; polling wakes supervisord's loop, which reaps them
                 progress(f"stopping {g}")
-                sup.stop_group(g, wait=True)
-            states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+                sup.stop_group(g, wait=False)
+            deadline = t0 + req["wait"]
+            while True:
+                states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+                if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         # the workers said goodbye on SIGTERM; confirm the broker has dropped them
         left: dict[str, int] = {}
         try:
@@ -262,6 +269,7 @@ class PoolsStop:
 
 # -- workers recycle ---------------------------------------------------------------------------
 class WorkersRecycle:
+    interrupted = "the broker goes on with the recycle (dspexctl pools status -v follows it)"
     def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
                 wait: float = 120.0) -> dict[str, Any]:
         if worker and all:
@@ -462,6 +470,8 @@ class SessionsClose:
 class PoolsRestart:
     """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
 
+    interrupted = PoolsStart.interrupted
+
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
 
@@ -493,16 +503,35 @@ class StackStop:
 
         sc = SupervisorConf.load(settings.supervisor_conf)
         t0 = time.monotonic()
+        deadline = t0 + req["wait"]
         with Supervisor(sc, timeout=settings.timeout) as sup:
             try:
                 pid = sup.pid()
             except SupervisorUnreachable:
                 return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
-            procs = [full_name(p) for p in sup.processes() if p["statename"] not in STOPPED_STATES]
-            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(procs)} running program(s)")
+            running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
+            # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
+            # up to a second for I/O: every worker group at once instead, the broker last, and
+            # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
+            groups = sorted({p["group"] for p in running if p["group"] != "broker"})
+            for group in groups:
+                sup.stop_group(group, wait=False)
+            while groups and time.monotonic() < deadline:
+                if all(p["statename"] in STOPPED_STATES for p in sup.processes() if p["group"] in groups):
+                    break
+                time.sleep(0.02)
             sup.shutdown()
-        wait_pid_exit(pid, req["wait"])
-        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": procs,
+            while time.monotonic() < deadline:
+                try:
+                    sup.state()  # refused while it shuts down, but the request still wakes its loop
+                except SupervisorUnreachable:
+                    break  # its socket is gone: it is exiting
+                except SupervisorError:
+                    pass
+                time.sleep(0.02)
+        wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
+        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
                 "seconds": round(time.monotonic() - t0, 3)}
 
     def present(self, result: dict[str, Any]) -> str:

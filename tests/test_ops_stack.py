@@ -16,7 +16,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -179,3 +182,41 @@ def test_the_flagships_check_names_another_stack(stacks: list[SupervisedStack],
     with pytest.raises(StackConflict, match="another stack is using this run directory") as info:
         check_run_dir(other.conf)
     assert info.value.code == "stack_conflict" and str(first.conf) in info.value.message
+
+
+def test_ctrl_c_exits_130_and_watch_refreshes(stacks: list[SupervisedStack]) -> None:
+    """Ctrl-C while `pools start` waits: 130, what goes on said; `pools status --watch` redraws every
+    second until Ctrl-C, then 130. Never click's "Aborted!" (exit 1), never a traceback."""
+    stack = SupervisedStack(small_conf_text(), venv_link=False)
+    stacks.append(stack)
+    env = dict(stack.env)
+    env.pop("DSPEX_SUPERVISOR_CONF", None)
+
+    def ctl(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "dspexctl", *args], cwd=stack.root, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    start_ = ctl("pools", "start", "--wait", "120")
+    assert start_.stderr is not None
+    seen = [start_.stderr.readline() for _ in range(2)]  # "starting supervisord", "supervisord running"
+    assert seen[0].startswith("starting supervisord"), seen
+    start_.send_signal(signal.SIGINT)
+    out, err = start_.communicate(timeout=60)
+    assert start_.returncode == 130, out + err
+    assert "Error: interrupted: supervisord goes on starting the stack" in err
+    assert "Aborted" not in err and "Traceback" not in err, err
+    start(stack)  # the stack it left starting finishes; pools start waits for it
+
+    watch = ctl("pools", "status", "--watch")
+    assert watch.stdout is not None
+    lines: list[str] = []
+    while sum(ln.startswith("Every 1s: dspexctl pools status") for ln in lines) < 3:
+        line = watch.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    lines += out.splitlines(keepends=True)
+    assert watch.returncode == 130 and err.strip() == "Error: interrupted", err
+    rows = [ln.split() for ln in lines if ln.startswith("triage_pool ")]
+    assert len(rows) >= 2 and all(r[-1] == "OK" for r in rows), "".join(lines)
