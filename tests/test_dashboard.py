@@ -262,9 +262,10 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
     assert res.returncode == 0, res.stdout + res.stderr
     wait_for(lambda: {r["pool"]: r for r in rows(browser, "pools")}["analytics_pool"]["state"] == "down",
              20, 0.2, "analytics_pool DOWN on the page")
-    stopped = [r for r in rows(browser, "workers") if r["pool"] == "analytics_pool"]
-    assert [(r["td_process"], r["state"], r["colour"]) for r in stopped] == [
-        ("analytics_pool:analytics_pool_00", "stopped", "down")]
+    stopped = wait_for(lambda: (got := [(r["td_process"], r["state"], r["colour"]) for r in rows(browser, "workers")
+                                        if r["pool"] == "analytics_pool"]) and got[0][1] == "stopped" and got,
+                       10, 0.2, "the stopped worker in supervisord's state")
+    assert stopped == [("analytics_pool:analytics_pool_00", "stopped", "down")]
     assert "analytics_pool has no ready worker (0/1)" in browser.find_element("id", "reasons").text
     res = dspexctl(small, "pools", "status")
     assert res.returncode == 5 and "DOWN: analytics_pool has no ready worker (0/1)" in res.stdout, res.stdout
@@ -310,11 +311,12 @@ def test_screenshot_of_the_shipped_stack(browser: Any) -> None:
             browser.get(f"http://127.0.0.1:{stack.metrics_port}/")
             res = dspexctl(stack, "workers", "recycle", "triage_pool")
             assert res.returncode == 0, res.stderr
-            wait_for(lambda: min(min(v.values()) for v in sparkline_points(browser).values()) >= 12, 120, 1.0,
+            wait_for(lambda: min(int(r["points"]) for r in rows(browser, "history")) >= 12, 120, 1.0,
                      "a minute of history")
             assert fits(browser) == []
             height = browser.execute_script("return document.documentElement.scrollHeight")
-            browser.set_window_size(1280, height + 20)
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the whole page, not the window
+                                    {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
             shot = Path(os.environ["DSPEX_DASHBOARD_SCREENSHOT"])
             shot = shot if shot.is_absolute() else REPO / shot
             assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
