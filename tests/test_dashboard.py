@@ -20,8 +20,9 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,9 +30,9 @@ from broker.dashboard import view
 from broker.publisher import quantile
 from broker.state import LATENCY_BUCKETS
 from tests.harness import REPO, free_port, wait_for
+from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl
 from tests.test_ops_python import small_conf_text
-from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -175,8 +176,6 @@ def sparkline_points(driver: Any) -> dict[str, dict[str, int]]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dashboard_in_a_real_browser(small: SupervisedStack, browser: Any) -> None:
-    port = small.metrics_port
-    url = f"http://127.0.0.1:{port}/"
     stop = threading.Event()
 
     def traffic() -> None:  # a call every 0.2 s, so each history interval has latencies
