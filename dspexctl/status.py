@@ -156,6 +156,8 @@ class PoolsStatus:
             if g in names:
                 continue
             for p in members:
+                if p is broker_proc and broker is None and p["statename"] in ("RUNNING", "STARTING"):
+                    continue  # said above: running but silent where we look
                 if proc_phase(p, registered) == "broken":
                     issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
 
