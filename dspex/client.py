@@ -35,8 +35,7 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.direct import VIA_BROKER, DirectRoutes
-from dspex.protocol import WORKER_OPS, Op, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.ref import Ref
 from dspex.zmqfast import recv_frames, send_frames
 
@@ -96,9 +95,11 @@ class Client:
     """A connection to a dspex broker. Safe to share between threads."""
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+                 *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+                 forward_output: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
         self.max_message = config.max_message_bytes()
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = config.curve_client_keys(
@@ -112,8 +113,6 @@ class Client:
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self._executor: ThreadPoolExecutor | None = None
-        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
-        self._direct = DirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -128,7 +127,6 @@ class Client:
             channels, self._open, self._idle = list(self._open), set(), []
         for ch in channels:
             ch.close()
-        self._direct.close()
         self._ctx.term()
 
     def __enter__(self) -> "Client":
@@ -249,46 +247,40 @@ class Client:
                 raise ex.timed_out()
             reply = recv_frames(sock)
             try:
-                status, rid, rworker, _, direct = unpack_reply(reply[0].buffer)
+                status, rid, rworker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 log.warning("dropping a malformed reply from the broker")
                 continue
-            if direct:
-                self._direct.learn(rworker, direct)
             if rid == req_id:
                 return status, rworker, reply[1:]
             # else a late reply to a request of this socket that timed out earlier
 
     def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         if self._closed:
             raise self._closed_error()
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, **options)
+                        items=items, own_frames=self._own_frames,
+                        forward=self.forward_output if forward is None else forward, **options)
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None) -> Any:
+                bind: Any = None, forward: bool | None = None) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
-        ``dspex.progress.report``); ``on_output`` what it prints or warns
-        (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
-        handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
-        (``cancel``) before ``KeyboardInterrupt`` propagates.
+        ``dspex.progress.report``); ``on_output`` what it prints, warns or logs
+        (``{"stream": "stdout" | "stderr" | "warning" | "log", "text": str, ...}``), in addition
+        to this process's streams and loggers unless ``forward`` (default: the client's
+        ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
+        Ctrl-C while it waits stops the request on the worker (``cancel``) before
+        ``KeyboardInterrupt`` propagates.
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
-        if worker and not ex.flags:
-            if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
-                value = self._direct.request(ex, worker, direct)
-                if value is not VIA_BROKER:
-                    return value
-            elif (gone := self._direct.unavailable(ex, worker)) is not None:
-                raise gone
+                            on_output=on_output, bind=bind, forward=forward)
         ch = self._checkout()
         waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
         req_id = 0
@@ -329,10 +321,10 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None) -> "Stream":
+               bind: Any = None, forward: bool | None = None) -> "Stream":
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward)
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -343,9 +335,11 @@ class Client:
         return Stream(self, ch, req_id, ex)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> "Session":
-        """A new session on ``pool``; it is pinned to a worker on its first call."""
-        return Session(self, pool, session_id or secrets.token_hex(16))
+    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None) -> "Session":
+        """A new session on ``pool``; it is pinned to a worker on its first call. ``forward_output``
+        (default: the client's) says whether its calls' output reaches this process's streams
+        and loggers."""
+        return Session(self, pool, session_id or secrets.token_hex(16), forward_output)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -487,16 +481,18 @@ class Session:
     """Calls pinned to one worker of a pool; objects stay there as refs until released.
 
     Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints or warns). Refs the session returns
-    are handles that read like their objects (``prog(question=...)``, ``lm.model``).
+    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
+    process's streams and loggers: dspex.output). Refs the session returns are handles that read
+    like their objects (``prog(question=...)``, ``lm.model``).
     """
 
-    def __init__(self, client: Client, pool: str, session_id: str) -> None:
+    def __init__(self, client: Client, pool: str, session_id: str, forward_output: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
+        self.forward_output = forward_output  # None: the client's
 
     def __repr__(self) -> str:
         return f"<dspex.Session {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -516,7 +512,8 @@ class Session:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                   forward=self.forward_output)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -596,7 +593,8 @@ class Session:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  forward=self.forward_output)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -669,5 +667,6 @@ class Rehydrator(Generic[T]):
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Client:
-    """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path)."""
+    """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path).
+    ``forward_output=False``: calls' output stays off this process's streams and loggers."""
     return Client(endpoint, timeout, **kwargs)

@@ -3,7 +3,8 @@ the socket I/O (encoding and its limits, request headers, reply handling, credit
 the reply deadline).
 
 A client sends ``exchange.frames(req_id, worker)`` and feeds each reply frame set to
-``exchange.feed(...)``, which calls the progress/output callbacks, says how much credit to grant,
+``exchange.feed(...)``, which forwards the call's output (dspex.output), calls the progress/output
+callbacks, says how much credit to grant,
 raises the typed error of an error reply and decodes the final result. The driver only waits:
 until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the connection drops
 (``exchange.lost(why)``).
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from dspex import codec
+from dspex import codec, output
 from dspex.codec import Policy
 from dspex.errors import ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout, error_from_wire
 from dspex.protocol import FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
@@ -131,17 +132,20 @@ class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
     __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
-                 "on_output", "bind", "own_frames", "meter", "endpoint", "items")
+                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward")
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                 own_frames: bool = False) -> None:
+                 own_frames: bool = False, forward: bool = False) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
         self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
         self.items = items
-        self.flags = (FLAG_STREAM if items or on_progress is not None or on_output is not None else 0) | (
-            FLAG_ITEMS if items else 0)
+        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0)
+        # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
+        self.forward = forward and op in WORKER_OPS
+        if self.forward or (on_output is not None and op in WORKER_OPS):
+            self.flags |= output.request_flags()
         self.body = encode_body(op, body, max_message)  # before anything is sent: EncodeError costs nothing
         self.on_reply, self.on_progress, self.on_output = on_reply, on_progress, on_output
         self.bind, self.own_frames, self.endpoint = bind, own_frames, endpoint
@@ -162,6 +166,8 @@ class Exchange:
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:
+                if self.forward:
+                    output.forward(value, self.session, worker)
                 if self.on_output is not None:
                     self.on_output(value)
             elif status == Status.PARTIAL.value and self.items:

@@ -226,7 +226,9 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             handle = _ensure_stack(conf, timeout=max(timeout, 120.0), progress=_start_progress(say))
             endpoint = handle.endpoint
             say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
-        with dspex.connect(endpoint, timeout=timeout) as client:
+        # its own view of the flow (stdout: one JSON document with --json): the programs' prints
+        # and logs stay in the worker log
+        with dspex.connect(endpoint, timeout=timeout, forward_output=False) as client:
             results = example.run_flagship(client, model=model, api_base=api_base, max_metric_calls=max_metric_calls,
                                            recycle=not no_recycle, out=say, engine=lm_engine, bounds=bounds)
             results["preflight"] = checked

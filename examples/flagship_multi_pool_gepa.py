@@ -653,7 +653,9 @@ def main(argv: list[str] | None = None) -> int:
             from examples.flagship_preflight import preflight
 
             checked = preflight(spec, out)
-        with dspex.connect(args.endpoint, timeout=args.timeout) as client:
+        # the flagship shows its own view of the flow (--json: stdout is one JSON document), so
+        # the programs' prints and logs stay in the worker log instead of reaching this process
+        with dspex.connect(args.endpoint, timeout=args.timeout, forward_output=False) as client:
             client.ping(timeout=5)
             results = run_flagship(client, model=args.model, api_base=args.api_base,
                                    max_metric_calls=args.max_metric_calls, recycle=not args.no_recycle,

@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 from dspex import codec
 from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import FLAG_ITEMS, Op, RequestHeader, Status
+from dspex.protocol import FLAG_ITEMS, Op, RequestHeader, Status, log_level_of
 from dspex.ref import Ref
 from worker import limits, namespace, output
 from worker.dspy_settings import SessionSettings, current_session
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
 from worker.remote_errors import error_frames, remote_error
-from worker.streaming import StreamControl, drain, is_iterable, progress_scope, resolve_awaitable
+from worker.streaming import LazyStream, StreamControl, drain, is_iterable, progress_scope, resolve_awaitable
 
 __all__ = [
     "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",
@@ -87,7 +87,7 @@ class Executor:
             self._early_cancels.clear()
 
     # -- ops ---------------------------------------------------------------------------------
-    def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | None = None,
+    def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | LazyStream | None = None,
                 *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
                 client: bytes = b"") -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
@@ -97,9 +97,9 @@ class Executor:
         it is still running ``grace`` seconds later. ``client`` and ``header.req_id`` name the
         call for :meth:`cancel`: a cancelled call is interrupted the same way (``Cancelled``).
 
-        With ``stream`` (the caller listens for events), progress events (dspy/gepa log records,
-        ``dspex.progress.report``) and what the call prints or warns are sent through it while it
-        runs. With ``FLAG_ITEMS``
+        With ``stream`` (the caller listens for events), what the call prints, warns or logs is
+        sent through it while it runs, and with ``FLAG_STREAM`` also progress events (dspy/gepa
+        log records, ``dspex.progress.report``). With ``FLAG_ITEMS``
         (the caller iterates the result) any iterable result is iterated here and its items sent
         as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
         """
@@ -111,27 +111,28 @@ class Executor:
         def to_ref(obj: Any) -> Ref:
             return self.refs.put(state, obj, made)
 
-        emit: Callable[[str, str], None] | None = None
+        emit: output.Emit | None = None
         if stream is not None:
             live = stream
 
-            def emit(name: str, text: str) -> None:
-                live.send(Status.OUTPUT.value, codec.encode({"stream": name, "text": text}))
+            def emit(event: output.Event) -> None:
+                live.send(Status.OUTPUT.value, codec.encode(event))
 
         call = None
         key = (client, header.req_id)
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
-                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide), \
+                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
+                                   log_level_of(header.flags)), \
                     self.settings.scope(state), \
-                    (progress_scope(stream, to_ref) if stream is not None else _NO_SCOPE):
+                    (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
                 try:
                     args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r),
-                                        own_frames=self.own_frames)
+                                        own_frames=self.own_frames, side="worker")
                 except DspexError:
                     raise
                 except Exception as exc:
@@ -141,7 +142,7 @@ class Executor:
                 except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
                     raise remote_error(exc) from None
                 result = self._run(header.op, state, args)
-                if stream is not None and header.flags & FLAG_ITEMS and is_iterable(result):
+                if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
                         frames = self._encode(item, to_ref)
                         made.clear()  # streamed out: the caller holds these refs now
