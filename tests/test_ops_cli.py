@@ -224,4 +224,4 @@ def test_help_describes_every_option_without_range_noise() -> None:
         assert res.returncode == 0, res.stderr
         assert "<x" not in res.stdout and "x>" not in res.stdout and "<=" not in res.stdout, res.stdout
         seen += 1
-    assert seen == 10  # dspexctl, pools status/start/stop/restart, stop, workers recycle, sessions list/close, keys generate
+    assert seen >= 10  # dspexctl, pools status/start/stop/restart, stop, workers recycle, sessions list/close, keys ...
