@@ -21,6 +21,7 @@ from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.scale import scale
 from bench.serving import serving
+from bench.stop import stop
 
 __all__ = ["GOALS", "GROUPS", "ROWS", "Config", "goals"]
 
@@ -31,6 +32,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "crash": crash,
     "coldstart": coldstart,
     "recycle": recycle,
+    "stop": stop,
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
@@ -50,6 +52,7 @@ ROWS: dict[str, list[str]] = {
     "crash": ["crash"],
     "coldstart": ["coldstart"],
     "recycle": ["recycle", "recycle.nodspy"],
+    "stop": ["stop"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
