@@ -166,22 +166,22 @@ def test_a_conflict_found_while_starting_stops_what_was_started(stacks: list[Sup
     assert not (stack.root / "run" / "supervisord.pid").exists()
 
 
-def test_the_flagships_check_names_another_stack(stacks: list[SupervisedStack],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """dspexctl.stack.check_run_dir: what `dspexctl flagship` asks before using a running stack."""
-    from dspexctl.stack import StackConflict, check_run_dir
-
+def test_the_flagship_on_another_stacks_run_dir_names_it(stacks: list[SupervisedStack]) -> None:
+    """`dspexctl flagship` with the run directory of another conf's running stack says so, and never
+    runs its flow against that stack nor tells the user to declare its pools."""
     first = SupervisedStack(small_conf_text(), venv_link=False)
     stacks.append(first)
     start(first)
     other = SupervisedStack(small_conf_text(), venv_link=False)
     stacks.append(other)
-    monkeypatch.setenv("DSPEX_RUN_DIR", first.run_dir)
-    monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
-    check_run_dir(first.conf)  # its own stack: fine
-    with pytest.raises(StackConflict, match="another stack is using this run directory") as info:
-        check_run_dir(other.conf)
-    assert info.value.code == "stack_conflict" and str(first.conf) in info.value.message
+    other.env["DSPEX_RUN_DIR"] = first.run_dir
+    res = dspexctl(other, "flagship", "--no-recycle")
+    assert res.returncode == 2, res.stdout + res.stderr
+    no_traceback(res)
+    assert "another stack is using this run directory" in res.stderr and str(first.conf) in res.stderr, res.stderr
+    assert "declare it in supervisor.conf" not in res.stdout + res.stderr
+    assert "triage" not in res.stdout.lower(), "the flow did not run against the other stack"
+    assert processes_of(other.conf) == []
 
 
 def test_ctrl_c_exits_130_and_watch_refreshes(stacks: list[SupervisedStack]) -> None:
