@@ -17,7 +17,9 @@ import functools
 import importlib.metadata
 import inspect
 import io
+import json
 import linecache
+import logging
 import os
 import pickle
 import site
@@ -36,6 +38,7 @@ _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
 MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
 _DYNAMIC = "<dynamic-code>"
+log = logging.getLogger("dspex.byvalue")
 
 
 _walk_global_ops = _cp._walk_global_ops
@@ -80,12 +83,26 @@ def _installed_prefixes() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _distributed_top_levels() -> frozenset[str]:
-    """Top-level packages of installed distributions (editable installs included)."""
+def _editable_top_levels() -> frozenset[str]:
+    """Top-level packages of distributions installed in editable mode: importable like installed
+    ones, though their files live outside site-packages. Only editable distributions are read
+    (``direct_url.json``), not every distribution's file list: ``packages_distributions()`` cost
+    more than the rest of a first call."""
+    names: set[str] = set()
     try:
-        return frozenset(importlib.metadata.packages_distributions())
-    except Exception:
-        return frozenset()
+        for dist in importlib.metadata.distributions():
+            url = dist.read_text("direct_url.json")
+            if not url or not json.loads(url).get("dir_info", {}).get("editable"):
+                continue
+            top = dist.read_text("top_level.txt")
+            if top:
+                names.update(line.strip() for line in top.splitlines() if line.strip())
+            else:
+                names.update(str(f).split("/", 1)[0].removesuffix(".py") for f in dist.files or ()
+                             if not str(f).split("/", 1)[0].endswith((".dist-info", ".pth")))
+    except (OSError, ValueError, AttributeError) as exc:  # a broken distribution must not break sending code
+        log.debug("reading editable distributions: %r", exc)
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -96,16 +113,15 @@ def is_user_module(name: str) -> bool:
     top = name.partition(".")[0]
     if top in _NEVER_BY_VALUE or top in sys.stdlib_module_names or name in sys.builtin_module_names:
         return False
-    if top in _distributed_top_levels():
-        return False
     module = sys.modules.get(name)
     if module is None:
         return False
     file = getattr(module, "__file__", None)
     if not file:
         return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
-    path = os.path.realpath(file)
-    return not path.startswith(_installed_prefixes())
+    if os.path.realpath(file).startswith(_installed_prefixes()):
+        return False
+    return top not in _editable_top_levels()
 
 
 def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
