@@ -29,12 +29,13 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
-from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
+from dspex.errors import (BrokerUnreachable, Cancelled, CodeCacheMiss, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
 from dspex.aio_direct import AsyncDirectRoutes
 from dspex.direct import VIA_BROKER
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply
 from dspex.ref import Ref
+from dspex.sendcache import SendCache
 
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
@@ -212,10 +213,18 @@ class AsyncClient:
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None) -> Any:
+                      bind: Any = None, sender: SendCache | None = None) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
-        if worker and not ex.flags:
+                            on_output=on_output, bind=bind, sender=sender)
+        while True:
+            try:
+                return await self._request(ex, op, pool, session, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    async def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
+        if worker and not ex.streaming:
             if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
                 value = await self._direct.request(ex, worker, direct)
                 if value is not VIA_BROKER:
@@ -254,16 +263,25 @@ class AsyncClient:
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None,
-                     bind: Any = None) -> AsyncIterator[Any]:
+                     bind: Any = None, sender: SendCache | None = None) -> AsyncIterator[Any]:
         """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, sender=sender)
         req_id, queue = await self._start(ex, worker)
         finished = False
+        started = False  # an item or event arrived: the request ran
         try:
             while True:
                 try:
                     kind, value, credit = ex.feed(*await self._next(queue, ex))
+                    started = True
+                except CodeCacheMiss as miss:
+                    if started or not ex.resend_in_full(miss):
+                        finished = True
+                        raise
+                    self._pending.pop(req_id, None)  # nothing ran: the same request again, in full
+                    req_id, queue = await self._start(ex, worker)
+                    continue
                 except BaseException:
                     finished = True
                     raise
@@ -323,6 +341,7 @@ class AsyncSession:
         self.id = session_id
         self.worker = ""
         self.closed = False
+        self.sender = SendCache()  # what the session's worker holds of this client's code
 
     def __repr__(self) -> str:
         return f"<dspex.aio.AsyncSession {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -343,7 +362,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                          on_reply=self._track, on_progress=on_progress, on_output=on_output,
-                                         bind=self)
+                                         bind=self, sender=self.sender)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
@@ -409,7 +428,8 @@ class AsyncSession:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -434,6 +454,7 @@ class AsyncSession:
         if self.closed:
             return
         self.closed = True
+        self.sender.close()
         try:
             await self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout):

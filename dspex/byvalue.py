@@ -124,53 +124,84 @@ def is_user_module(name: str) -> bool:
     return top not in _editable_top_levels()
 
 
-def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
-    """Register ``obj``'s module for by-value pickling if it is user code; keep its source."""
-    module_name = getattr(obj, "__module__", None)
-    if not isinstance(module_name, str):
-        return
-    if is_user_module(module_name):
+def register_user_module(module_name: Any) -> None:
+    """A user module's code pickles by value (``cloudpickle.register_pickle_by_value``)."""
+    if isinstance(module_name, str) and is_user_module(module_name):
         module = sys.modules[module_name]
         if not _cp._is_registered_pickle_by_value(module):
             cloudpickle.register_pickle_by_value(module)
+
+
+def class_own_file(cls: type) -> str | None:
+    """The file a class's own methods were compiled from (its source is there)."""
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", value)  # classmethod / staticmethod
+        func = getattr(func, "fget", func)  # property
+        code = getattr(func, "__code__", None)
+        own = str(getattr(func, "__qualname__", "")).startswith(cls.__qualname__ + ".")
+        if code is not None and own and code.co_filename != "<string>":  # dataclass-made: <string>
+            return str(code.co_filename)
+    return None
+
+
+def class_source_file(cls: type) -> str | None:
+    """Where a class's source is on this side: its methods' file, else its module's (a
+    Signature or a plain class has no methods)."""
+    own = class_own_file(cls)
+    if own is not None:
+        return own
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return file if isinstance(file, str) else None
+
+
+def source_lines(filename: str | None) -> list[str] | None:
+    """linecache's lines of a by-value object's file, or None (no file, a library's, too big)."""
+    if not filename:
+        return None
+    if not filename.startswith("<"):
+        if os.path.realpath(filename).startswith(_installed_prefixes()):
+            return None  # a library's dynamically made function: its source is the library's, not needed
+        linecache.checkcache(filename)  # an edited file: its new text
+    lines = linecache.getlines(filename)
+    if not lines or sum(map(len, lines)) > MAX_SOURCE_FILE:
+        return None
+    return lines
+
+
+def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
+    """Register ``obj``'s module for by-value pickling if it is user code; keep its source."""
+    register_user_module(getattr(obj, "__module__", None))
     try:
         if _cp._should_pickle_by_reference(obj):
             return
-    except Exception:
+    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle decides (and fails) itself
         return
     if isinstance(obj, types.FunctionType):
-        filename = obj.__code__.co_filename
+        _note_file(obj.__code__.co_filename, sources, budget)
     else:
-        module = sys.modules.get(module_name)
-        filename = getattr(module, "__file__", None) or ""
-    if not filename or filename in sources:
-        return
-    if not filename.startswith("<") and os.path.realpath(filename).startswith(_installed_prefixes()):
-        return  # a library's dynamically made function: its source is the library's, not needed
-    lines = linecache.getlines(filename)
-    text = "".join(lines)
-    if not text or len(text) > MAX_SOURCE_FILE or len(text) > budget[0]:
-        return
-    budget[0] -= len(text)
-    sources[filename] = text
+        _note_file(getattr(sys.modules.get(obj.__module__), "__file__", None), sources, budget)
 
 
 def _note_module(module: types.ModuleType, sources: dict[str, str], budget: list[int]) -> None:
     """A user module referenced as a module (``import helpers`` ... ``helpers.normalize(x)``)
     goes by value too (cloudpickle would import it by name on the other side)."""
-    if not is_user_module(module.__name__):
+    if is_user_module(module.__name__):
+        register_user_module(module.__name__)
+        _note_file(getattr(module, "__file__", None), sources, budget)
+
+
+def _note_file(filename: Any, sources: dict[str, str], budget: list[int]) -> None:
+    if not isinstance(filename, str) or filename in sources:
         return
-    if not _cp._is_registered_pickle_by_value(module):
-        cloudpickle.register_pickle_by_value(module)
-    filename = getattr(module, "__file__", None)
-    if filename and filename not in sources:
-        text = "".join(linecache.getlines(filename))
-        if text and len(text) <= MAX_SOURCE_FILE and len(text) <= budget[0]:
-            budget[0] -= len(text)
-            sources[filename] = text
+    lines = source_lines(filename)
+    text = "".join(lines or ())
+    if not text or len(text) > budget[0]:
+        return
+    budget[0] -= len(text)
+    sources[filename] = text
 
 
-class _SourcePickler(cloudpickle.Pickler):
+class SourcePickler(cloudpickle.Pickler):
     """cloudpickle that notes the source file of every function and class it pickles by value."""
 
     def __init__(self, file: io.BytesIO, sources: dict[str, str]) -> None:
@@ -200,12 +231,12 @@ def dumps(obj: Any) -> tuple[bytes, dict[str, str]]:
     """(pickle bytes, {filename: source text}) of ``obj``; raises what pickling raises."""
     buf = io.BytesIO()
     sources: dict[str, str] = {}
-    _SourcePickler(buf, sources).dump(obj)
+    SourcePickler(buf, sources).dump(obj)
     return buf.getvalue(), sources
 
 
 def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    """Rebuild an exception without calling its ``__init__`` (see ``_SourcePickler``)."""
+    """Rebuild an exception without calling its ``__init__`` (see ``SourcePickler``)."""
     exc = cls.__new__(cls, *args)
     exc.args = args
     exc.__dict__.update(state)
@@ -231,7 +262,7 @@ def register_sources(sources: dict[str, str]) -> None:
 
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     register_sources(sources)
-    return pickle.loads(data)  # noqa: S301 - peers are authenticated; a client may exec code anyway
+    return pickle.loads(data)  # peers are authenticated; a client may exec code anyway
 
 
 # LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are

@@ -27,6 +27,7 @@ from dspex.core import CreditMeter, Exchange, bound_name, close_monitored, contr
 from dspex.errors import (
     BrokerUnreachable,
     Cancelled,
+    CodeCacheMiss,
     ConnectionError,
     DspexError,
     ProtocolError,
@@ -38,6 +39,7 @@ from dspex.errors import (
 from dspex.direct import VIA_BROKER, DirectRoutes
 from dspex.protocol import WORKER_OPS, Op, unpack_reply
 from dspex.ref import Ref
+from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
 
 log = logging.getLogger("dspex.client")
@@ -271,18 +273,28 @@ class Client:
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None) -> Any:
+                bind: Any = None, sender: SendCache | None = None) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
         ``dspex.progress.report``); ``on_output`` what it prints or warns
         (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
         handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
-        (``cancel``) before ``KeyboardInterrupt`` propagates.
+        (``cancel``) before ``KeyboardInterrupt`` propagates. ``sender``: the session's record of
+        the code its worker holds (a request that refers to code the worker lacks goes again in
+        full, once).
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
-        if worker and not ex.flags:
+                            on_output=on_output, bind=bind, sender=sender)
+        while True:
+            try:
+                return self._request(ex, op, pool, session, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
+        if worker and not ex.streaming:
             if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
                 value = self._direct.request(ex, worker, direct)
                 if value is not VIA_BROKER:
@@ -329,10 +341,10 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None) -> "Stream":
+               bind: Any = None, sender: SendCache | None = None) -> "Stream":
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, sender=sender)
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -340,7 +352,7 @@ class Client:
         except BaseException:
             self._checkin(ch)
             raise
-        return Stream(self, ch, req_id, ex)
+        return Stream(self, ch, req_id, ex, worker)
 
     # -- user API -------------------------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None) -> "Session":
@@ -395,11 +407,13 @@ class Stream:
     stream ended. The stream holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange) -> None:
+    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange, worker: str = "") -> None:
         self._client = client
         self._ch: _Channel | None = ch
         self._req_id = req_id
         self._ex = ex
+        self._worker = worker
+        self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
         self.done = False
         self.result: Any = None
@@ -426,9 +440,21 @@ class Stream:
             try:
                 reply = self._client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
                 kind, value, credit = ex.feed(*reply)
+                self._started = True
                 if credit:
                     self._client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                        ex.timeout)
+            except CodeCacheMiss as miss:
+                if self._started or not ex.resend_in_full(miss):
+                    self._finish()
+                    raise
+                try:  # nothing ran: the same request again, in full
+                    self._req_id = next(ch.ids)
+                    self._client._send(ch, ex.frames(self._req_id, self._worker), ex.timeout)
+                except BaseException:
+                    self._finish()
+                    raise
+                continue
             except BaseException:
                 self._finish()
                 raise
@@ -497,6 +523,7 @@ class Session:
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
+        self.sender = SendCache()  # what the session's worker holds of this client's code
 
     def __repr__(self) -> str:
         return f"<dspex.Session {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -516,7 +543,8 @@ class Session:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                   sender=self.sender)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -596,7 +624,8 @@ class Session:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -625,6 +654,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.sender.close()
         try:
             self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout) as err:

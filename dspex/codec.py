@@ -16,13 +16,13 @@ import datetime as _dt
 import enum
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import msgpack
 import numpy as np
 import zmq
 
-from dspex import byvalue
+from dspex import byvalue, codestore
 from dspex.errors import DspexError, EncodeError, ProtocolError
 from dspex.record import KINDS, build_record, record_parts
 from dspex import ref as ref_module
@@ -44,6 +44,8 @@ EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
 EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
 EXT_PICKLE = 13  # packb({"pickle": cloudpickle bytes, "sources": {filename: source text}})
 EXT_RECORD = 14  # tag: [tag, kind, {field: value}, input_keys | None, extra]
+# ext codes 25-29: a session's code, sent once (dspex.sessionpickle / dspex.codestore)
+EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
 
 
 class Policy(str, enum.Enum):
@@ -137,11 +139,18 @@ def _native_array(o: object) -> bool:
     return isinstance(o, np.ndarray) and type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject
 
 
+class Sender(Protocol):
+    """Pickles by-value objects for one request of a session (``dspex.sessionpickle.Message``)."""
+
+    def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
+
+
 class _ByValue:
     """The by-value side of one ``encode``: records and pickles, each object pickled once."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, sender: Sender | None = None) -> None:
         self.policy = policy
+        self.sender = sender
         self.pickled: dict[int, tuple[object, msgpack.ExtType]] = {}
 
     def wants(self, obj: object) -> bool:
@@ -159,11 +168,14 @@ class _ByValue:
         if hit is not None:
             return hit[1]
         try:
-            data, sources = byvalue.dumps(obj)
+            data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
+        except EncodeError:
+            raise
         except Exception as exc:
             raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
                               type=_type_name(obj)) from None
-        ext = msgpack.ExtType(EXT_PICKLE, msgpack.packb({"pickle": data, "sources": sources}))
+        code = EXT_PICKLE if self.sender is None else EXT_SESSION_PICKLE
+        ext = msgpack.ExtType(code, msgpack.packb({"pickle": data, "sources": sources}))
         self.pickled[id(obj)] = (obj, ext)  # keeps obj alive so its id stays unique for this encode
         return ext
 
@@ -241,6 +253,8 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
             try:
                 return by_value.pickle(o)
             except EncodeError as err:
+                if "global" in err.details:  # names the global and its module already
+                    raise EncodeError(err.message, **{**err.details, "path": path()}) from None
                 why = err.message
         if to_ref is None:
             where = path()
@@ -301,9 +315,9 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
 
 
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
-          policy: Policy = Policy.REFS, names: Sequence[str] | None = None) -> bytes:
+          policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
     memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
-    by_value = None if policy is Policy.REFS else _ByValue(policy)  # shared too: one pickle per object
+    by_value = None if policy is Policy.REFS else _ByValue(policy, sender)  # shared too: one pickle per object
     body: bytes
     try:
         body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo, by_value)).pack(obj)
@@ -319,18 +333,24 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 
 def encode(
     obj: object, to_ref: ToRef | None = None, *, root: str = "result", policy: Policy = Policy.REFS,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, sender: Sender | None = None,
 ) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
     Non-native values follow ``policy``: by value (records, cloudpickle) where it says so, else a
     ref via ``to_ref`` (once per object per call); without ``to_ref`` what cannot go by value raises
     :class:`EncodeError` naming the type and the path. ``root`` starts the path; with ``names``
-    (for a list ``obj``) the top-level items are named instead: ``args[1]['reward_fn']``.
+    (for a list ``obj``) the top-level items are named instead: ``args[1]['reward_fn']``. With a
+    ``sender`` (a session's request), objects are pickled by it, as ext 25.
     """
     buffers: Buffers = []
-    body = _pack(obj, to_ref, buffers, root, policy, names)
+    body = _pack(obj, to_ref, buffers, root, policy, names, sender)
     return [body, *buffers]
+
+
+def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:
+    """``obj`` as one ext 25 of ``sender`` (a request's context: the client's DSPy settings)."""
+    return _ByValue(Policy.ALL, sender).pickle(obj)
 
 
 def packb(obj: object) -> bytes:
@@ -363,6 +383,8 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         return _dt.timedelta(*_TD.unpack(data))
     if code == EXT_PICKLE:
         return _unpickle(data)
+    if code == EXT_SESSION_PICKLE:
+        return _unpickle(data, session=True)
     if code == EXT_REF:
         fields = msgpack.unpackb(data)
         if not (isinstance(fields, list) and len(fields) == 6 and all(type(f) is str for f in fields)):
@@ -389,7 +411,7 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
     return msgpack.ExtType(code, data)
 
 
-def _unpickle(data: bytes) -> Any:
+def _unpickle(data: bytes, session: bool = False) -> Any:
     try:
         parts = msgpack.unpackb(data)
         blob, sources = parts["pickle"], parts.get("sources") or {}
@@ -398,7 +420,9 @@ def _unpickle(data: bytes) -> Any:
     except Exception as exc:
         raise ProtocolError(f"malformed by-value object: {exc}") from None
     try:
-        return byvalue.loads(blob, sources)
+        return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
+    except DspexError:
+        raise  # a code cache miss: the client sends the request again in full
     except Exception as exc:
         raise ProtocolError(f"cannot unpickle a by-value object here: {type(exc).__name__}: {str(exc)[:300]}"
                             ) from None

@@ -129,6 +129,7 @@ class WorkerState(str, enum.Enum):
 # Request header flags
 FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
 FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
+FLAG_CONTEXT = 4  # the payload's last frame is the session context (client DSPy settings, dropped keys)
 
 
 class RequestHeader(NamedTuple):

@@ -346,7 +346,8 @@ class Worker:
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=lambda: self._hard_timeout(client, header), client=client)
+                                          on_hard=lambda: self._hard_timeout(client, header), client=client,
+                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:

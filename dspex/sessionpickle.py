@@ -1,0 +1,539 @@
+"""Pickles of a session's requests: by-value code sent once, module globals kept on the worker.
+
+cloudpickle as :mod:`dspex.byvalue` uses it, with these differences (:class:`SessionPickler`):
+
+- A by-value function's ``__globals__`` is not a copy of the globals it reads: it is the
+  session's module object for the function's module on the worker (``m:<module name>``), one per
+  (session, user module), so module state persists across calls. The globals a function reads,
+  and those of every by-value function and class reachable from it, are sent as *bindings*
+  ``(namespace, name, key, value)`` only when the session lacks them or the client's binding
+  changed (another object): :meth:`Message.walk`.
+- Functions, classes and values of bindings are keyed by the client object's identity, code
+  objects by content hash, and closure values of 1 MiB or more (bytes, strings, arrays) or of
+  10,000 items or more by identity: each is defined in full the first time a session uses it and
+  referred to by key after (``codestore._load_held``).
+- Globals that live in modules the worker imports go by reference: objects a user module
+  imported (``from dspy.utils.callback import ACTIVE_CALL_ID``: read from the module's source),
+  functions and classes of installed modules, and an object found in an importable module when
+  by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
+  an :class:`EncodeError` naming it and its module.
+- A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
+  tracker), with the client's file name of its source, for ``inspect.getsource``.
+
+The reducers name functions of :mod:`dspex.codestore`, which runs them on the worker.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import hashlib
+import importlib.util
+import io
+import linecache
+import marshal
+import sys
+import threading
+import types
+from typing import Any
+
+from cloudpickle import cloudpickle as _cp
+
+from dspex import byvalue, codestore
+from dspex.errors import EncodeError
+from dspex.sendcache import SendCache
+
+BIG_BYTES = 1 << 20
+BIG_ITEMS = 10_000
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+_SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
+_MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
+
+Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
+
+
+class _Value:
+    """A value sent once per session, by the client object's identity."""
+
+    __slots__ = ("key", "obj")
+
+    def __init__(self, key: str, obj: Any) -> None:
+        self.key, self.obj = key, obj
+
+
+class _CodeRef:
+    """A function's code object, sent once per session by content hash."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: types.CodeType) -> None:
+        self.code = code
+
+
+class _Attribute:
+    """A global that is an attribute of a module the worker imports: by reference."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+# -- process-wide lookups (content hashes, the globals a code reads, what a module imported) ---
+
+_lock = threading.Lock()
+_digests: dict[int, tuple[types.CodeType, str]] = {}
+_code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
+_imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
+_by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
+_CACHE_MAX = 8192
+
+
+def _bounded_put(table: dict[int, Any], key: int, value: Any) -> None:
+    with _lock:
+        if len(table) >= _CACHE_MAX:
+            table.clear()  # rare: recomputing is cheap, a growing table is not
+        table[key] = value
+
+
+def code_key(code: types.CodeType) -> str:
+    hit = _digests.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    key = "c:" + hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
+    _bounded_put(_digests, id(code), (code, key))
+    return key
+
+
+def _globals_read(code: types.CodeType) -> tuple[str, ...]:
+    hit = _code_names.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    names = tuple(_cp._extract_code_globals(code))
+    _bounded_put(_code_names, id(code), (code, names))
+    return names
+
+
+def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
+    """``{name: (module, attribute)}`` for the module-level ``from X import Y [as name]`` of a
+    module's source (in ``if``/``try`` blocks too), relative imports resolved."""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return {}
+    lines = linecache.getlines(file)
+    hit = _imports.get(module_name)
+    if hit is not None and hit[0] is lines:
+        return hit[1]
+    found: dict[str, tuple[str, str]] = {}
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        tree = ast.Module(body=[], type_ignores=[])
+    package = getattr(module, "__package__", None) or ""
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level:
+                try:
+                    source = importlib.util.resolve_name("." * node.level + source, package)
+                except (ImportError, ValueError):
+                    continue
+            for alias in node.names:
+                if alias.name != "*":
+                    found[alias.asname or alias.name] = (source, alias.name)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for part in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(node, part, ()):
+                    todo.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
+    with _lock:
+        _imports[module_name] = (lines, found)
+    return found
+
+
+def _find_importable(obj: Any) -> tuple[str, str] | None:
+    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or not isinstance(module, types.ModuleType) or byvalue.is_user_module(name):
+            continue
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            if value is obj:
+                return name, attr
+    return None
+
+
+def _is_big(value: Any) -> bool:
+    t = type(value)
+    if t in (bytes, bytearray, str):
+        return len(value) >= BIG_BYTES
+    if t in (list, tuple, dict, set, frozenset):
+        return len(value) >= BIG_ITEMS
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays, memoryviews
+    return isinstance(nbytes, int) and nbytes >= BIG_BYTES
+
+
+def _user_module(module: types.ModuleType) -> bool:
+    name = module.__name__
+    return name == "__main__" or byvalue.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
+
+
+def _functions_of(cls: type) -> list[types.FunctionType]:
+    out: list[types.FunctionType] = []
+    for value in vars(cls).values():
+        value = getattr(value, "__func__", value)  # classmethod / staticmethod
+        if isinstance(value, property):
+            out.extend(f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType))
+        elif isinstance(value, types.FunctionType):
+            out.append(value)
+    return out
+
+
+class Message:
+    """The encoding of one request of a session: its pickles share what they define (a later
+    pickle of the message refers to what an earlier one defined) and commit together."""
+
+    def __init__(self, cache: SendCache) -> None:
+        self.cache = cache
+        self.new_keys: dict[int, tuple[Any, str]] = {}
+        self.defined: set[str] = set()
+        self.used: set[str] = set()
+        self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.namespaces: set[str] = set()
+        self.sources: dict[str, list[str]] = {}
+        self.walked: dict[int, Any] = {}
+        self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
+        self._by_value: dict[int, tuple[Any, bool]] = {}
+        self._budget = byvalue.MAX_SOURCES
+
+    # -- keys ---------------------------------------------------------------------------------
+    def key(self, obj: Any) -> str:
+        oid = id(obj)
+        hit = self.cache.keys.get(oid) if self.cache.keep else None
+        if hit is None or hit[0] is not obj:
+            hit = self.new_keys.get(oid)
+            if hit is None:
+                hit = self.new_keys[oid] = (obj, self.cache.new_key())
+        return hit[1]
+
+    def holds(self, key: str) -> bool:
+        """The worker has ``key`` by the time it reads this reference."""
+        if key in self.defined:
+            return True
+        if self.cache.keep and key in self.cache.sent:
+            self.used.add(key)
+            return True
+        return False
+
+    # -- pickling -----------------------------------------------------------------------------
+    def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
+        """(pickle, {filename: source}) of ``obj``; EncodeError naming an unpicklable global."""
+        for _ in range(_MAX_RETRIES):
+            saved = self._snapshot()
+            buf = io.BytesIO()
+            pickler = SessionPickler(buf, self)
+            try:
+                pickler.dump(obj)
+                return buf.getvalue(), pickler.sources
+            except EncodeError:
+                self._restore(saved)
+                raise
+            except Exception as exc:
+                emitted = [(where, value) for where, (value, _) in self.bindings.items() if where not in saved[2]]
+                self._restore(saved)
+                culprit = _culprit(emitted)
+                if culprit is None:
+                    raise
+                (nsid, name), value = culprit
+                found = _find_importable(value)
+                if found is None:
+                    raise _global_error(nsid, name, value, exc) from None
+                with _lock:
+                    _by_reference[id(value)] = (value, *found)
+        raise EncodeError("cannot pickle: too many globals had to be sent by reference")
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (dict(self.new_keys), set(self.defined), dict(self.bindings), set(self.namespaces),
+                dict(self.sources), dict(self.walked), set(self.used), self._budget)
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
+         self._budget) = saved
+
+    # -- namespaces and bindings --------------------------------------------------------------
+    def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
+        user module), ``lib:<module>`` (an importable module's own), ``g:<key>`` (other dicts)."""
+        hit = self._nsids.get(id(g))
+        if hit is not None and hit[0] is g:
+            return hit[1], hit[2]
+        name = g.get("__name__")
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        base: dict[str, Any] | None = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        if module is not None and getattr(module, "__dict__", None) is g:
+            if _user_module(module):
+                nsid = "m:" + str(name)
+            else:
+                nsid, base = "lib:" + str(name), None
+        elif isinstance(name, str) and name.startswith("dspex_session_"):
+            nsid, base = "lib:" + name, None  # a worker's exec module, come back by value
+        else:
+            nsid = "g:" + self.key(g)
+            self.namespaces.add(nsid[2:])
+        self._nsids[id(g)] = (g, nsid, base)
+        return nsid, base
+
+    def by_value(self, obj: Any) -> bool:
+        """A function or class the worker cannot import, or a user module."""
+        hit = self._by_value.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        t = type(obj)
+        if t is types.ModuleType:
+            answer = _user_module(obj)
+        elif t is types.FunctionType or isinstance(obj, type):
+            if obj in _SPECIAL_TYPES or obj in _cp._BUILTIN_TYPE_NAMES:
+                answer = False
+            else:
+                byvalue.register_user_module(getattr(obj, "__module__", None))
+                try:
+                    answer = not _cp._should_pickle_by_reference(obj)
+                except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle would fail later, by value
+                    answer = True
+        else:
+            answer = False
+        self._by_value[id(obj)] = (obj, answer)
+        return answer
+
+    def walk(self, root: Any) -> list[Binding]:
+        """The bindings to send for ``root`` (a by-value function, class or user module): the
+        globals it reads and those of every by-value function and class it reaches, where the
+        session lacks them or the client bound another object since. Each object is walked once
+        per request."""
+        out: list[Binding] = []
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in self.walked:
+                continue
+            self.walked[id(obj)] = obj
+            if type(obj) is types.ModuleType:
+                nsid = "m:" + obj.__name__
+                for name, value in list(vars(obj).items()):
+                    if not (name.startswith("__") and name.endswith("__")):
+                        self._bind(out, todo, nsid, name, value)
+                continue
+            if isinstance(obj, type):
+                functions = _functions_of(obj)
+                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and self.by_value(c))
+            else:
+                functions = [obj]
+            for func in functions:
+                g = func.__globals__
+                nsid = self.namespace(g)[0]
+                if nsid.startswith("lib:"):
+                    continue
+                for name in _globals_read(func.__code__):
+                    if name in g:
+                        self._bind(out, todo, nsid, name, g[name])
+                for cell in func.__closure__ or ():
+                    try:
+                        value = cell.cell_contents
+                    except ValueError:
+                        continue
+                    if isinstance(value, (types.FunctionType, type)) and self.by_value(value):
+                        todo.append(value)
+        return out
+
+    def _bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
+        where = (nsid, name)
+        entry = self.bindings.get(where)
+        if entry is None and self.cache.keep:
+            entry = self.cache.bound.get(where)
+        if entry is None or entry[0] is not value:
+            key, sent = self._bound_value(nsid, name, value)
+            self.bindings[where] = (value, key)
+            if entry is None or entry[1] != key:
+                out.append((nsid, name, key, sent))
+        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and self.by_value(value):
+            todo.append(value)
+
+    def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
+        """(key, what to pickle) of a global's value."""
+        t = type(value)
+        if t is types.ModuleType:
+            return ("mod:" if self.by_value(value) else "ref:") + value.__name__, value
+        if t is types.FunctionType or isinstance(value, type):
+            if self.by_value(value):
+                return self.key(value), value
+            return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
+        if t not in _ATOMS:
+            found = self._imported(nsid, name, value)
+            if found is not None:
+                return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
+        key = self.key(value)
+        return key, _Value(key, value)
+
+    @staticmethod
+    def _imported(nsid: str, name: str, value: Any) -> tuple[str, str] | None:
+        if nsid.startswith("m:"):
+            found = imported_names(nsid[2:]).get(name)
+            if found is not None and not byvalue.is_user_module(found[0]):
+                module = sys.modules.get(found[0])
+                if module is not None and getattr(module, found[1], _culprit) is value:
+                    return found
+        hit = _by_reference.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1], hit[2]
+        return None
+
+    def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
+        """A function's closure with its big values sent by identity."""
+        out: list[types.CellType] = []
+        changed = False
+        for cell in cells:
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                out.append(cell)
+                continue
+            if _is_big(value):
+                out.append(types.CellType(_Value(self.key(value), value)))
+                changed = True
+            else:
+                out.append(cell)
+        return tuple(out) if changed else cells
+
+    def note_source(self, filename: str | None, sources: dict[str, str]) -> None:
+        """Send a by-value object's source file with it, once per session."""
+        if not filename or filename in self.sources:
+            return
+        lines = byvalue.source_lines(filename)
+        if lines is None or (self.cache.keep and self.cache.sources.get(filename) is lines):
+            return
+        text = "".join(lines)
+        if len(text) > self._budget:
+            return
+        self._budget -= len(text)
+        self.sources[filename] = lines
+        sources[filename] = text
+
+
+def _culprit(emitted: list[tuple[tuple[str, str], Any]]) -> tuple[tuple[str, str], Any] | None:
+    """Which of the globals a failed pickle was sending cannot be pickled (plain values first:
+    a function fails when a global it reads does)."""
+    ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
+    for where, value in ordered:
+        try:
+            SendCache.transient().message().dumps(value)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            return where, value
+    return None
+
+
+def _global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
+    t = type(value)
+    type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
+    where = f"module {module}" if nsid.startswith("m:") else module
+    return EncodeError(
+        f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
+        "(keep it on the worker with s.put, or build it inside the function)",
+        type=type_name, module=module, **{"global": name})
+
+
+class SessionPickler(byvalue.SourcePickler):
+    """cloudpickle writing a session's code as definitions once and keys after (module docstring)."""
+
+    def __init__(self, file: io.BytesIO, msg: Message) -> None:
+        super().__init__(file, {})
+        self.msg = msg
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is types.FunctionType:
+            return self._function(obj)
+        if t is _Value:
+            return self._value(obj)
+        if t is _CodeRef:
+            return self._code(obj.code)
+        if t is _Attribute:
+            return codestore._load_attribute, (obj.module, obj.name)
+        if t is types.ModuleType:
+            if self.msg.by_value(obj):
+                return self._module(obj)
+        elif issubclass(t, type) and self.msg.by_value(obj):
+            return self._class(obj)
+        return super().reducer_override(obj)
+
+    def _held(self, key: str, bindings: list[Binding]) -> Any:
+        return codestore._load_held, ((key, bindings) if bindings else (key,))
+
+    def _function(self, func: types.FunctionType) -> Any:
+        msg = self.msg
+        if not msg.by_value(func):
+            return NotImplemented  # importable: by reference
+        bindings = msg.walk(func)
+        key = msg.key(func)
+        if msg.holds(key):
+            return self._held(key, bindings)
+        msg.defined.add(key)
+        nsid, base = msg.namespace(func.__globals__)
+        msg.note_source(func.__code__.co_filename, self.sources)
+        state, slotstate = _cp._function_getstate(func)
+        slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
+        if func.__closure__:
+            slotstate["__closure__"] = msg.closure(func.__closure__)
+        args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
+        return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
+                codestore._load_function_state)
+
+    def _class(self, cls: type) -> Any:
+        msg = self.msg
+        bindings = msg.walk(cls)
+        key = msg.key(cls)
+        if msg.holds(key):
+            return self._held(key, bindings)
+        msg.defined.add(key)
+        file = byvalue.class_source_file(cls)
+        msg.note_source(file, self.sources)
+        if issubclass(cls, enum.Enum):
+            make: Any = _cp._make_skeleton_enum
+            args = list(_cp._enum_getnewargs(cls))
+            tracker, args[5] = args[5], None
+            state = _cp._enum_getstate(cls)
+        else:
+            make = _cp._make_skeleton_class
+            args = list(_cp._class_getnewargs(cls))
+            tracker, args[4] = args[4], None
+            state = _cp._class_getstate(cls)
+        return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
+                None, codestore._load_class_state)
+
+    def _module(self, module: types.ModuleType) -> Any:
+        msg = self.msg
+        byvalue.register_user_module(module.__name__)
+        bindings = msg.walk(module)
+        g = vars(module)
+        msg.note_source(getattr(module, "__file__", None), self.sources)
+        base = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
+
+    def _value(self, value: _Value) -> Any:
+        if self.msg.holds(value.key):
+            return codestore._load_held, (value.key,)
+        self.msg.defined.add(value.key)
+        return codestore._load_value, (value.key, value.obj)
+
+    def _code(self, code: types.CodeType) -> Any:
+        key = code_key(code)
+        if self.msg.holds(key):
+            return codestore._load_code, (key,)
+        self.msg.defined.add(key)
+        return codestore._load_code, (key, code)
