@@ -47,9 +47,11 @@ Callback = Callable[[Any], None]
 class AsyncClient:
     """A connection to a dspex broker for one asyncio event loop."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
         if self.endpoint.startswith("tcp://"):
@@ -303,8 +305,9 @@ class AsyncClient:
             self._pending.pop(req_id, None)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> "AsyncSession":
-        return AsyncSession(self, pool, session_id or secrets.token_hex(16))
+    def session(self, pool: str, session_id: str | None = None, *,
+                client_settings: bool | None = None) -> "AsyncSession":
+        return AsyncSession(self, pool, session_id or secrets.token_hex(16), client_settings)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -335,13 +338,13 @@ class AsyncSession:
     """The awaitable twin of :class:`dspex.Session`; its refs' handles return awaitables
     (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
-    def __init__(self, client: AsyncClient, pool: str, session_id: str) -> None:
+    def __init__(self, client: AsyncClient, pool: str, session_id: str, client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""
         self.closed = False
-        self.sender = SendCache()  # what the session's worker holds of this client's code
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
         return f"<dspex.aio.AsyncSession {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -461,9 +464,10 @@ class AsyncSession:
             pass
 
 
-def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
-    """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default)."""
-    return AsyncClient(endpoint, timeout)
+def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, client_settings: bool = True) -> AsyncClient:
+    """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default);
+    ``client_settings=False``: this process's DSPy settings do not go with its sessions' calls."""
+    return AsyncClient(endpoint, timeout, client_settings=client_settings)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

@@ -98,9 +98,11 @@ class Client:
     """A connection to a dspex broker. Safe to share between threads."""
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+                 *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+                 client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = config.curve_client_keys(
@@ -355,9 +357,11 @@ class Client:
         return Stream(self, ch, req_id, ex, worker)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> "Session":
-        """A new session on ``pool``; it is pinned to a worker on its first call."""
-        return Session(self, pool, session_id or secrets.token_hex(16))
+    def session(self, pool: str, session_id: str | None = None, *, client_settings: bool | None = None) -> "Session":
+        """A new session on ``pool``; it is pinned to a worker on its first call.
+        ``client_settings=False``: this client's DSPy settings do not go with its calls (default:
+        the client's ``client_settings``)."""
+        return Session(self, pool, session_id or secrets.token_hex(16), client_settings)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -517,13 +521,15 @@ class Session:
     are handles that read like their objects (``prog(question=...)``, ``lm.model``).
     """
 
-    def __init__(self, client: Client, pool: str, session_id: str) -> None:
+    def __init__(self, client: Client, pool: str, session_id: str, client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
-        self.sender = SendCache()  # what the session's worker holds of this client's code
+        # what the session's worker holds of this client's code, and whether the client's DSPy
+        # settings go with each call
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
         return f"<dspex.Session {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"

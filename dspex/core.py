@@ -21,10 +21,11 @@ import zmq
 
 from dspex import codec
 from dspex.codec import Policy
-from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
-                          error_from_wire)
+from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, EncodeError, MessageTooLarge, ProtocolError,
+                          Timeout, error_from_wire)
 from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
 from dspex.sendcache import SendCache
+from dspex.sessionpickle import settings_error
 
 log = logging.getLogger("dspex.client")
 
@@ -78,7 +79,8 @@ def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None =
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.sendcache) and adds the session context
-    as the last frame (``FLAG_CONTEXT``): the keys the worker may forget."""
+    as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
+    forget."""
     body = body if body is not None else []
     if op not in WORKER_OPS:
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
@@ -87,6 +89,12 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         msg = (sender or SendCache.transient()).message()
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
+        settings = msg.settings()
+        if settings:
+            try:
+                context["dspy"] = codec.session_ext(msg, settings)
+            except EncodeError as err:
+                raise settings_error(settings, err) from None
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -38,13 +39,21 @@ if TYPE_CHECKING:
 DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
+# DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
+# tracker), not to the configuration a program runs with: never sent
+_CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modules", "usage_tracker",
+                         "stream_listeners"})
+_ATOMS = (type(None), bool, int, float, str)
+
 
 class SendCache:
     """One session's record of what its worker holds (see the module docstring). Thread-safe:
     requests encode concurrently and commit under a lock."""
 
-    def __init__(self, *, keep: bool = True, max_entries: int | None = None) -> None:
+    def __init__(self, *, keep: bool = True, client_settings: bool = True,
+                 max_entries: int | None = None) -> None:
         self.keep = keep  # False: the worker keeps nothing between calls; every request goes in full
+        self.client_settings = client_settings  # send the client's DSPy settings with each request
         self.max_entries = max_entries if max_entries is not None else int(
             os.environ.get("DSPEX_CODE_CACHE", str(DEFAULT_MAX_ENTRIES)))
         self._prefix = secrets.token_hex(4)  # keys never collide with another client's on a shared session id
@@ -61,7 +70,7 @@ class SendCache:
     @classmethod
     def transient(cls) -> SendCache:
         """For a request outside any session: everything in full, nothing remembered."""
-        return cls(keep=False)
+        return cls(keep=False, client_settings=False)
 
     def new_key(self) -> str:
         return f"{self._prefix}.{next(self._serial)}"
@@ -158,3 +167,28 @@ class SendCache:
         if oid is not None:
             self.keys.pop(oid, None)
         self.drops.append(key)
+
+
+def client_dspy_settings() -> dict[str, Any]:
+    """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
+    from DSPy's defaults; nothing when DSPy was never imported here."""
+    module = sys.modules.get("dspy.dsp.utils.settings")
+    if module is None:
+        return {}
+    try:
+        config = {**module.main_thread_config, **module.thread_local_overrides.get()}
+        defaults = module.DEFAULT_CONFIG
+    except AttributeError:  # another DSPy layout: send nothing rather than guess
+        return {}
+    return {k: v for k, v in config.items() if k not in _CALL_LOCAL and _differs(v, defaults.get(k, _MISSING))}
+
+
+_MISSING = object()
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if value is default:
+        return False
+    if type(value) is type(default) and isinstance(value, _ATOMS):
+        return bool(value != default)
+    return not (type(value) is list and type(default) is list and not value and not default)

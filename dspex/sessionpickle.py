@@ -41,7 +41,7 @@ from cloudpickle import cloudpickle as _cp
 
 from dspex import byvalue, codestore
 from dspex.errors import EncodeError
-from dspex.sendcache import SendCache
+from dspex.sendcache import SendCache, client_dspy_settings
 
 BIG_BYTES = 1 << 20
 BIG_ITEMS = 10_000
@@ -266,6 +266,15 @@ class Message:
         (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
          self._budget) = saved
 
+    def settings(self) -> dict[str, Any] | None:
+        """The client's DSPy settings for this request, values by identity (an LM travels once)."""
+        if not self.cache.client_settings:
+            return None
+        values = client_dspy_settings()
+        if not values:
+            return None
+        return {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
+
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
@@ -435,6 +444,22 @@ def _culprit(emitted: list[tuple[tuple[str, str], Any]]) -> tuple[tuple[str, str
         except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
             return where, value
     return None
+
+
+def settings_error(settings: dict[str, Any], err: EncodeError) -> EncodeError:
+    """The client's DSPy settings could not be sent: which one, and what to do."""
+    for name, value in settings.items():
+        obj = value.obj if type(value) is _Value else value
+        try:
+            SendCache.transient().message().dumps(obj)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            t = type(obj)
+            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+            return EncodeError(
+                f"cannot send the client's DSPy setting {name!r} ({type_name}): {err.message} (configure it in the "
+                "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
+                "dx.session(pool, client_settings=False))", type=type_name, setting=name)
+    return err
 
 
 def _global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:

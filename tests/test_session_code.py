@@ -1,5 +1,5 @@
 """A session is the user's own Python: code sent once and remembered, module state kept per
-session, globals by reference where the worker can import them.
+session, globals by reference where the worker can import them, the client's DSPy settings.
 
 User code lives in modules written to a temp dir that only this process has on its path, and the
 workers run in an empty working directory: they reach that code only by value.
@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dspy
 import pytest
+from dspy.utils import DummyLM
 
 import dspex
 from dspex.core import encode_request
 from dspex.protocol import Op
+from tests.conformance.harness import fresh_dspy_settings
 from tests.harness import Stack
 
 POOLS = {"p": ("p:strict_queue", 1), "n": ("n:none", 2), "h": ("h:hint", 2)}
@@ -361,3 +364,123 @@ def test_getsource_of_by_value_signatures_and_plain_classes(dx: dspex.Client, us
     assert s.run(inspect.getsource, mod.Triage) == inspect.getsource(mod.Triage)
     assert s.run(inspect.getsource, mod.Limits) == inspect.getsource(mod.Limits)
     s.close()
+
+
+# -- the client's DSPy settings ---------------------------------------------------------------
+
+PROGRAM = '''
+import dspy
+
+
+def answer(question):
+    return dspy.Predict("question -> answer")(question=question).answer
+
+
+def current():
+    return id(dspy.settings.lm), type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+def configure_own(text):
+    from dspy.utils import DummyLM
+
+    dspy.configure(lm=DummyLM([{"answer": text}] * 5))
+'''
+
+
+@pytest.fixture
+def fresh_settings() -> Iterator[None]:
+    with fresh_dspy_settings():
+        yield
+
+
+def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    mod = usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 10), track_usage=True)
+    s = dx.session("p")
+    assert s.run(mod.answer, "q") == "from the client"
+    first, second = s.run(mod.current), s.run(mod.current)
+    assert first == second and first[1:] == ("NoneType", True)  # one LM object on the worker: sent once
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        assert s.run(mod.current)[1] == "JSONAdapter"
+    assert s.run(mod.current)[1] == "NoneType"  # the context ended on the client
+    s.run(mod.configure_own, "from the session")
+    assert s.run(mod.answer, "q") == "from the session"  # the session's own wins
+    s.close()
+
+
+def test_client_settings_can_be_turned_off(dx: dspex.Client, code_stack: Stack, usercode: Any,
+                                           fresh_settings: None) -> None:
+    mod = usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 10))
+    s = dx.session("p", client_settings=False)
+    with pytest.raises(dspex.RemoteError, match="No LM is loaded"):
+        s.run(mod.answer, "q")
+    s.close()
+    with dspex.connect(code_stack.frontend, timeout=30, client_settings=False) as quiet:
+        s = quiet.session("p")
+        with pytest.raises(dspex.RemoteError, match="No LM is loaded"):
+            s.run(mod.answer, "q")
+        s.close()
+
+
+def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_path: Path) -> None:
+    """A client that never imported dspy sends no settings (and does not import dspy)."""
+    import subprocess
+
+    script = tmp_path / "nodspy.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import dspex
+        from dspex.core import encode_request
+
+        def f():
+            return 1
+
+        with dspex.connect(sys.argv[1], timeout=30) as dx:
+            s = dx.session("p")
+            assert s.run(f) == 1
+            frames, flags = encode_request("apply", [f, [], {}], 2**20, s.sender)
+            print(flags, "dspy" in sys.modules)
+    '''))
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "False"]
+
+
+def test_an_unpicklable_client_setting_names_itself(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    import threading
+
+    mod = usercode(PROGRAM)
+
+    class Locked(dspy.utils.callback.BaseCallback):
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+    dspy.configure(lm=DummyLM([{"answer": "a"}] * 5), callbacks=[Locked()])
+    s = dx.session("p")
+    with pytest.raises(dspex.EncodeError, match="cannot send the client's DSPy setting 'callbacks' .*client_settings=False"):
+        s.run(mod.answer, "q")
+    quiet = s.client.session("p", client_settings=False)
+    assert quiet.run(len, [1, 2]) == 2
+    quiet.close()
+    s.close()
+
+
+def test_the_asyncio_client_remembers_code_and_sends_settings(code_stack: Stack, usercode: Any,
+                                                             fresh_settings: None) -> None:
+    import asyncio
+
+    state, program = usercode(STATE), usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 5))
+
+    async def main() -> tuple[Any, ...]:
+        async with dspex.aio.connect(code_stack.frontend, timeout=30) as adx:
+            s = adx.session("p")
+            bumps = [await s.run(state.bump) for _ in range(3)]
+            streamed = [item async for item in s.stream_apply(state.bump)]
+            answer = await s.run(program.answer, "q")
+            await s.close()
+            return bumps, streamed, answer
+
+    assert asyncio.run(main()) == ([[1], [1, 2], [1, 2, 3]], [1, 2, 3, 4], "from the client")

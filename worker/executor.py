@@ -107,7 +107,8 @@ class Executor:
         By-value code in the request is rebuilt in the session's code store (dspex.codestore); a
         request that refers to code the store lacks fails ``CodeCacheMiss`` before anything runs
         (``ephemeral``: the session keeps nothing between calls, a ``none`` pool). With
-        ``FLAG_CONTEXT`` the last payload frame is the session context: keys the client forgot.
+        ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
+        (applied to this call, under the session's own) and keys the client forgot.
         """
         sessionless = not header.session
         state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
@@ -129,7 +130,7 @@ class Executor:
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide), \
-                    self.settings.scope(state), \
+                    self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if stream is not None else _NO_SCOPE):
                 self._calls[key] = call
                 if self._early_cancels and key in self._early_cancels:
@@ -158,6 +159,7 @@ class Executor:
                     if not isinstance(context, dict):
                         raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
+                    scope.add_client(context.get("dspy"))
                 result = self._run(header.op, state, args)
                 if stream is not None and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
