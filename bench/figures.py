@@ -19,6 +19,8 @@ from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.serving import serving
+from bench.sessioncode import ROWS as CODE_ROWS
+from bench.sessioncode import code
 
 
 __all__ = ["Config", "GROUPS", "ISSUE14", "ROWS", "issue14"]
@@ -36,6 +38,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "serving": serving,
     "direct": direct,
     "predict": predict,
+    "code": code,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -53,6 +56,7 @@ ROWS: dict[str, list[str]] = {
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "direct": DIRECT_ROWS,
     "predict": PREDICT_ROWS,
+    "code": CODE_ROWS,
 }
 
 

@@ -66,6 +66,8 @@ class SendCache:
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
+        # id(root) -> (root, globals its walk read, objects it reached): Message.walk's shortcut
+        self.walks: dict[int, tuple[Any, Any, Any]] = {}
 
     @classmethod
     def transient(cls) -> SendCache:
@@ -104,6 +106,9 @@ class SendCache:
                 if old is not None:
                     self._unpin(old[1])
             self.sources.update(msg.sources)
+            if len(self.walks) + len(msg.walks) > self.max_entries:
+                self.walks.clear()
+            self.walks.update(msg.walks)
             if drops_sent:
                 sent = set(drops_sent)
                 self.drops = [k for k in self.drops if k not in sent]
@@ -125,6 +130,7 @@ class SendCache:
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
             self.sources.clear()
             self.drops.clear()
+            self.walks.clear()
             if ephemeral:
                 self.keep = False
 
@@ -138,6 +144,7 @@ class SendCache:
             self.pins.clear()
             self.sources.clear()
             self.drops.clear()
+            self.walks.clear()
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1

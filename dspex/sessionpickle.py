@@ -87,6 +87,8 @@ _digests: dict[int, tuple[types.CodeType, str]] = {}
 _code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
 _imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 _by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
+_by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
+_ABSENT = object()
 _CACHE_MAX = 8192
 
 
@@ -208,8 +210,8 @@ class Message:
         self.namespaces: set[str] = set()
         self.sources: dict[str, list[str]] = {}
         self.walked: dict[int, Any] = {}
+        self.walks: dict[int, tuple[Any, list[tuple[dict[str, Any], str, tuple[str, str]]], dict[int, Any]]] = {}
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
-        self._by_value: dict[int, tuple[Any, bool]] = {}
         self._budget = byvalue.MAX_SOURCES
 
     # -- keys ---------------------------------------------------------------------------------
@@ -260,11 +262,11 @@ class Message:
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (dict(self.new_keys), set(self.defined), dict(self.bindings), set(self.namespaces),
-                dict(self.sources), dict(self.walked), set(self.used), self._budget)
+                dict(self.sources), dict(self.walked), set(self.used), self._budget, dict(self.walks))
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
-         self._budget) = saved
+         self._budget, self.walks) = saved
 
     def settings(self) -> dict[str, Any] | None:
         """The client's DSPy settings for this request, values by identity (an LM travels once)."""
@@ -298,9 +300,10 @@ class Message:
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
 
-    def by_value(self, obj: Any) -> bool:
+    @staticmethod
+    def by_value(obj: Any) -> bool:
         """A function or class the worker cannot import, or a user module."""
-        hit = self._by_value.get(id(obj))
+        hit = _by_value.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
         t = type(obj)
@@ -317,26 +320,42 @@ class Message:
                     answer = True
         else:
             answer = False
-        self._by_value[id(obj)] = (obj, answer)
+        _bounded_put(_by_value, id(obj), (obj, answer))
         return answer
 
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
         globals it reads and those of every by-value function and class it reaches, where the
         session lacks them or the client bound another object since. Each object is walked once
-        per request."""
+        per request. A walk remembers every global it read: while each still holds the object
+        the session has bound there, the next request of ``root`` checks only those."""
+        keep = self.cache.keep
+        if keep and id(root) not in self.walked:
+            memo = self.cache.walks.get(id(root))
+            if memo is not None and memo[0] is root and self._unchanged(memo[1]):
+                self.walked.update(memo[2])
+                return []
         out: list[Binding] = []
+        reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []
+        reached: dict[int, Any] = {}
+        complete = True  # every object it reaches was walked by this walk (not earlier in the request)
         todo = [root]
         while todo:
             obj = todo.pop()
-            if id(obj) in self.walked:
+            if id(obj) in reached:
                 continue
-            self.walked[id(obj)] = obj
+            if id(obj) in self.walked:
+                complete = False
+                continue
+            self.walked[id(obj)] = reached[id(obj)] = obj
             if type(obj) is types.ModuleType:
                 nsid = "m:" + obj.__name__
-                for name, value in list(vars(obj).items()):
+                g = vars(obj)
+                for name, value in list(g.items()):
                     if not (name.startswith("__") and name.endswith("__")):
+                        reads.append((g, name, (nsid, name)))
                         self._bind(out, todo, nsid, name, value)
+                complete = False  # a module's names come and go: walked every time
                 continue
             if isinstance(obj, type):
                 functions = _functions_of(obj)
@@ -349,6 +368,7 @@ class Message:
                 if nsid.startswith("lib:"):
                     continue
                 for name in _globals_read(func.__code__):
+                    reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
                 for cell in func.__closure__ or ():
@@ -358,7 +378,20 @@ class Message:
                         continue
                     if isinstance(value, (types.FunctionType, type)) and self.by_value(value):
                         todo.append(value)
+                        complete = False  # a closure's cells are not globals: walked every time
+        if keep and complete:
+            self.walks[id(root)] = (root, reads, reached)
         return out
+
+    def _unchanged(self, reads: list[tuple[dict[str, Any], str, tuple[str, str]]]) -> bool:
+        """Every global a remembered walk read still holds what the session has bound there."""
+        bound = self.cache.bound
+        for g, name, where in reads:
+            entry = bound.get(where)
+            value = g.get(name, _ABSENT)
+            if (value is not _ABSENT) if entry is None else (entry[0] is not value):
+                return False
+        return True
 
     def _bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
         where = (nsid, name)

@@ -216,13 +216,19 @@ def test_a_changed_function_or_global_replaces_the_old_one(dx: dspex.Client, use
             return LIMIT
 
 
+        def outer():
+            return limit() * 2
+
+
         def bump():
             STATE.append(1)
             return len(STATE)
     ''', name="usr_edited")
     s = dx.session("p")
     assert (s.run(mod.version), s.run(mod.limit), s.run(mod.bump), s.run(mod.bump)) == (1, 3, 1, 2)
-    mod.LIMIT = 10  # a rebound global
+    assert s.run(mod.outer) == 6
+    mod.LIMIT = 10  # a rebound global, read through another function, then directly
+    assert s.run(mod.outer) == 20
     assert s.run(mod.limit) == 10
     (tmp_path / "usr_edited.py").write_text(textwrap.dedent('''
         LIMIT = 3
