@@ -21,11 +21,11 @@ import zmq
 
 from dspex import codec
 from dspex.codec import Policy
-from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, EncodeError, MessageTooLarge, ProtocolError,
-                          Timeout, error_from_wire)
+from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
+                          error_from_wire)
 from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
 from dspex.sendcache import SendCache
-from dspex.sessionpickle import settings_error
+from dspex.sessionpickle import Message
 
 log = logging.getLogger("dspex.client")
 
@@ -86,15 +86,12 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
         flags = 0
     else:
-        msg = (sender or SendCache.transient()).message()
+        msg = Message(sender or SendCache.transient())
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
-        settings = msg.settings()
-        if settings:
-            try:
-                context["dspy"] = codec.session_ext(msg, settings)
-            except EncodeError as err:
-                raise settings_error(settings, err) from None
+        settings = msg.settings(codec.session_ext)
+        if settings is not None:
+            context["dspy"] = settings
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops

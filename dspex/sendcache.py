@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dspex.sessionpickle import Message
+    from dspex.sessionpickle import Message, SettingsSent
 
 DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
@@ -68,6 +68,7 @@ class SendCache:
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         # id(root) -> (root, globals its walk read, objects it reached): Message.walk's shortcut
         self.walks: dict[int, tuple[Any, Any, Any]] = {}
+        self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
 
     @classmethod
     def transient(cls) -> SendCache:
@@ -76,12 +77,6 @@ class SendCache:
 
     def new_key(self) -> str:
         return f"{self._prefix}.{next(self._serial)}"
-
-    def message(self) -> Message:
-        """The encoding state of one request (commit it once its frames are built)."""
-        from dspex.sessionpickle import Message
-
-        return Message(self)
 
     def commit(self, msg: Message, drops_sent: list[str]) -> None:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
@@ -109,12 +104,16 @@ class SendCache:
             if len(self.walks) + len(msg.walks) > self.max_entries:
                 self.walks.clear()
             self.walks.update(msg.walks)
+            if msg.settings_sent is not None:
+                self.last_settings = msg.settings_sent
             if drops_sent:
                 sent = set(drops_sent)
                 self.drops = [k for k in self.drops if k not in sent]
             self._evict()
 
     def pending_drops(self) -> list[str]:
+        if not self.drops:
+            return []
         with self._lock:
             return list(self.drops)
 
@@ -131,6 +130,7 @@ class SendCache:
             self.sources.clear()
             self.drops.clear()
             self.walks.clear()
+            self.last_settings = None
             if ephemeral:
                 self.keep = False
 
@@ -145,6 +145,7 @@ class SendCache:
             self.sources.clear()
             self.drops.clear()
             self.walks.clear()
+            self.last_settings = None
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1
@@ -183,11 +184,19 @@ def client_dspy_settings() -> dict[str, Any]:
     if module is None:
         return {}
     try:
-        config = {**module.main_thread_config, **module.thread_local_overrides.get()}
+        config = module.main_thread_config
+        overrides = module.thread_local_overrides.get()
         defaults = module.DEFAULT_CONFIG
     except AttributeError:  # another DSPy layout: send nothing rather than guess
         return {}
-    return {k: v for k, v in config.items() if k not in _CALL_LOCAL and _differs(v, defaults.get(k, _MISSING))}
+    if overrides:
+        config = {**config, **overrides}
+    out = {}
+    for k, v in config.items():
+        default = defaults.get(k, _MISSING)
+        if v is not default and k not in _CALL_LOCAL and _differs(v, default):
+            out[k] = v
+    return out
 
 
 _MISSING = object()

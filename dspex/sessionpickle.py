@@ -35,6 +35,7 @@ import marshal
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
@@ -51,6 +52,9 @@ _SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
+# the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
+# keys it refers to, the values: kept so their ids stay valid)
+SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
 
 
 class _Value:
@@ -213,6 +217,7 @@ class Message:
         self.walks: dict[int, tuple[Any, list[tuple[dict[str, Any], str, tuple[str, str]]], dict[int, Any]]] = {}
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
+        self.settings_sent: SettingsSent | None = None
 
     # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
@@ -268,14 +273,30 @@ class Message:
         (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
          self._budget, self.walks) = saved
 
-    def settings(self) -> dict[str, Any] | None:
-        """The client's DSPy settings for this request, values by identity (an LM travels once)."""
-        if not self.cache.client_settings:
+    def settings(self, make_ext: Callable[[Message, Any], Any]) -> Any:
+        """The client's DSPy settings for this request as one ext (``make_ext``), values by
+        identity (an LM travels once); None when there are none. The same settings as the last
+        request's, all held by the worker, reuse its ext."""
+        cache = self.cache
+        if not cache.client_settings:
             return None
         values = client_dspy_settings()
         if not values:
             return None
-        return {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
+        signature = tuple((k, id(v)) for k, v in values.items())
+        last = cache.last_settings if cache.keep else None
+        if last is not None and last[0] == signature and all(k in cache.sent for k in last[2]):
+            self.used.update(last[2])
+            return last[1]
+        wrapped = {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
+        try:
+            ext = make_ext(self, wrapped)
+        except EncodeError as err:
+            raise settings_error(wrapped, err) from None
+        keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
+        if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
+            self.settings_sent = (signature, ext, keys, values)
+        return ext
 
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -473,7 +494,7 @@ def _culprit(emitted: list[tuple[tuple[str, str], Any]]) -> tuple[tuple[str, str
     ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
     for where, value in ordered:
         try:
-            SendCache.transient().message().dumps(value)
+            Message(SendCache.transient()).dumps(value)
         except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
             return where, value
     return None
@@ -484,7 +505,7 @@ def settings_error(settings: dict[str, Any], err: EncodeError) -> EncodeError:
     for name, value in settings.items():
         obj = value.obj if type(value) is _Value else value
         try:
-            SendCache.transient().message().dumps(obj)
+            Message(SendCache.transient()).dumps(obj)
         except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
             t = type(obj)
             type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
