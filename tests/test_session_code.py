@@ -164,6 +164,20 @@ def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
     s.close()
 
 
+def test_a_big_closure_value_travels_once(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        def reader(data):
+            return lambda: len(data)  # a new function object each time, over the same data
+    ''')
+    data = b"z" * 3_000_000
+    s = dx.session("p")
+    assert s.run(mod.reader(data)) == 3_000_000
+    again, _ = encode_request(Op.APPLY.value, [mod.reader(data), [], {}], 2**30, s.sender)
+    assert sum(len(f) for f in again) < 2000  # the code by hash, the 3 MB value by key
+    assert s.run(mod.reader(data)) == 3_000_000
+    s.close()
+
+
 def test_two_sessions_keep_their_own_functions_and_classes(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         import dataclasses
@@ -277,6 +291,9 @@ def test_a_cache_miss_resends_in_full_once_and_keeps_module_state(dx: dspex.Clie
     assert misses == [False]
     assert s.run(mod.bump) == [1, 2, 3, 4]
     assert misses == [False]
+    s.run(forget_everything)
+    assert list(s.stream_apply(mod.bump)) == [1, 2, 3, 4, 5]  # a stream is sent again the same way
+    assert misses == [False, False]
     s.close()
 
 
