@@ -50,6 +50,7 @@ BODY_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 Callback = Callable[[Any], None]
+_SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
 _EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
 
@@ -86,7 +87,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
         flags = 0
     else:
-        msg = Message(sender or SendCache.transient())
+        msg = Message(sender or _SESSIONLESS)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
         settings = msg.settings(codec.session_ext)
