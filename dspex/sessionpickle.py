@@ -25,30 +25,21 @@ The reducers name functions of :mod:`dspex.codestore`, which runs them on the wo
 
 from __future__ import annotations
 
-import ast
 import enum
-import hashlib
-import importlib.util
 import io
-import linecache
-import marshal
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex import byvalue, codestore
+from dspex import byvalue, codeindex, codestore
 from dspex.errors import EncodeError
 from dspex.sendcache import SendCache, client_dspy_settings
 
-BIG_BYTES = 1 << 20
-BIG_ITEMS = 10_000
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
-_SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
@@ -82,123 +73,6 @@ class _Attribute:
 
     def __init__(self, module: str, name: str) -> None:
         self.module, self.name = module, name
-
-
-# -- process-wide lookups (content hashes, the globals a code reads, what a module imported) ---
-
-_lock = threading.Lock()
-_digests: dict[int, tuple[types.CodeType, str]] = {}
-_code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
-_imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
-_by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
-_by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
-_ABSENT = object()
-_CACHE_MAX = 8192
-
-
-def _bounded_put(table: dict[int, Any], key: int, value: Any) -> None:
-    with _lock:
-        if len(table) >= _CACHE_MAX:
-            table.clear()  # rare: recomputing is cheap, a growing table is not
-        table[key] = value
-
-
-def code_key(code: types.CodeType) -> str:
-    hit = _digests.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    key = "c:" + hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
-    _bounded_put(_digests, id(code), (code, key))
-    return key
-
-
-def _globals_read(code: types.CodeType) -> tuple[str, ...]:
-    hit = _code_names.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    names = tuple(_cp._extract_code_globals(code))
-    _bounded_put(_code_names, id(code), (code, names))
-    return names
-
-
-def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
-    """``{name: (module, attribute)}`` for the module-level ``from X import Y [as name]`` of a
-    module's source (in ``if``/``try`` blocks too), relative imports resolved."""
-    module = sys.modules.get(module_name)
-    file = getattr(module, "__file__", None)
-    if not isinstance(file, str):
-        return {}
-    lines = linecache.getlines(file)
-    hit = _imports.get(module_name)
-    if hit is not None and hit[0] is lines:
-        return hit[1]
-    found: dict[str, tuple[str, str]] = {}
-    try:
-        tree = ast.parse("".join(lines))
-    except (SyntaxError, ValueError):
-        tree = ast.Module(body=[], type_ignores=[])
-    package = getattr(module, "__package__", None) or ""
-    todo: list[ast.stmt] = list(tree.body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.ImportFrom):
-            source = node.module or ""
-            if node.level:
-                try:
-                    source = importlib.util.resolve_name("." * node.level + source, package)
-                except (ImportError, ValueError):
-                    continue
-            for alias in node.names:
-                if alias.name != "*":
-                    found[alias.asname or alias.name] = (source, alias.name)
-        elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            for part in ("body", "orelse", "finalbody", "handlers"):
-                for child in getattr(node, part, ()):
-                    todo.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
-    with _lock:
-        _imports[module_name] = (lines, found)
-    return found
-
-
-def _find_importable(obj: Any) -> tuple[str, str] | None:
-    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
-    for name, module in list(sys.modules.items()):
-        if name == "__main__" or not isinstance(module, types.ModuleType) or byvalue.is_user_module(name):
-            continue
-        try:
-            items = list(vars(module).items())
-        except TypeError:
-            continue
-        for attr, value in items:
-            if value is obj:
-                return name, attr
-    return None
-
-
-def _is_big(value: Any) -> bool:
-    t = type(value)
-    if t in (bytes, bytearray, str):
-        return len(value) >= BIG_BYTES
-    if t in (list, tuple, dict, set, frozenset):
-        return len(value) >= BIG_ITEMS
-    nbytes = getattr(value, "nbytes", None)  # numpy arrays, memoryviews
-    return isinstance(nbytes, int) and nbytes >= BIG_BYTES
-
-
-def _user_module(module: types.ModuleType) -> bool:
-    name = module.__name__
-    return name == "__main__" or byvalue.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
-
-
-def _functions_of(cls: type) -> list[types.FunctionType]:
-    out: list[types.FunctionType] = []
-    for value in vars(cls).values():
-        value = getattr(value, "__func__", value)  # classmethod / staticmethod
-        if isinstance(value, property):
-            out.extend(f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType))
-        elif isinstance(value, types.FunctionType):
-            out.append(value)
-    return out
 
 
 class Message:
@@ -258,11 +132,10 @@ class Message:
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
-                found = _find_importable(value)
+                found = codeindex.find_importable(value)
                 if found is None:
                     raise _global_error(nsid, name, value, exc) from None
-                with _lock:
-                    _by_reference[id(value)] = (value, *found)
+                codeindex.remember_reference(value, *found)
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
 
     def _snapshot(self) -> tuple[Any, ...]:
@@ -309,7 +182,7 @@ class Message:
         module = sys.modules.get(name) if isinstance(name, str) else None
         base: dict[str, Any] | None = {k: g[k] for k in _BASE_GLOBALS if k in g}
         if module is not None and getattr(module, "__dict__", None) is g:
-            if _user_module(module):
+            if codeindex.user_module(module):
                 nsid = "m:" + str(name)
             else:
                 nsid, base = "lib:" + str(name), None
@@ -320,29 +193,6 @@ class Message:
             self.namespaces.add(nsid[2:])
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
-
-    @staticmethod
-    def by_value(obj: Any) -> bool:
-        """A function or class the worker cannot import, or a user module."""
-        hit = _by_value.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            return hit[1]
-        t = type(obj)
-        if t is types.ModuleType:
-            answer = _user_module(obj)
-        elif t is types.FunctionType or isinstance(obj, type):
-            if obj in _SPECIAL_TYPES or obj in _cp._BUILTIN_TYPE_NAMES:
-                answer = False
-            else:
-                byvalue.register_user_module(getattr(obj, "__module__", None))
-                try:
-                    answer = not _cp._should_pickle_by_reference(obj)
-                except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle would fail later, by value
-                    answer = True
-        else:
-            answer = False
-        _bounded_put(_by_value, id(obj), (obj, answer))
-        return answer
 
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
@@ -379,8 +229,8 @@ class Message:
                 complete = False  # a module's names come and go: walked every time
                 continue
             if isinstance(obj, type):
-                functions = _functions_of(obj)
-                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and self.by_value(c))
+                functions = codeindex.functions_of(obj)
+                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
             else:
                 functions = [obj]
             for func in functions:
@@ -388,7 +238,7 @@ class Message:
                 nsid = self.namespace(g)[0]
                 if nsid.startswith("lib:"):
                     continue
-                for name in _globals_read(func.__code__):
+                for name in codeindex.globals_read(func.__code__):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
@@ -397,7 +247,7 @@ class Message:
                         value = cell.cell_contents
                     except ValueError:
                         continue
-                    if isinstance(value, (types.FunctionType, type)) and self.by_value(value):
+                    if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
                         todo.append(value)
                         complete = False  # a closure's cells are not globals: walked every time
         if keep and complete:
@@ -409,8 +259,8 @@ class Message:
         bound = self.cache.bound
         for g, name, where in reads:
             entry = bound.get(where)
-            value = g.get(name, _ABSENT)
-            if (value is not _ABSENT) if entry is None else (entry[0] is not value):
+            value = g.get(name, codeindex.ABSENT)
+            if (value is not codeindex.ABSENT) if entry is None else (entry[0] is not value):
                 return False
         return True
 
@@ -424,37 +274,25 @@ class Message:
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key:
                 out.append((nsid, name, key, sent))
-        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and self.by_value(value):
+        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)
 
     def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
         """(key, what to pickle) of a global's value."""
         t = type(value)
         if t is types.ModuleType:
-            return ("mod:" if self.by_value(value) else "ref:") + value.__name__, value
+            return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
         if t is types.FunctionType or isinstance(value, type):
-            if self.by_value(value):
+            if codeindex.by_value(value):
                 return self.key(value), value
             return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
         if t not in _ATOMS:
-            found = self._imported(nsid, name, value)
+            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
+                codeindex.found_reference(value)
             if found is not None:
                 return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
         key = self.key(value)
         return key, _Value(key, value)
-
-    @staticmethod
-    def _imported(nsid: str, name: str, value: Any) -> tuple[str, str] | None:
-        if nsid.startswith("m:"):
-            found = imported_names(nsid[2:]).get(name)
-            if found is not None and not byvalue.is_user_module(found[0]):
-                module = sys.modules.get(found[0])
-                if module is not None and getattr(module, found[1], _culprit) is value:
-                    return found
-        hit = _by_reference.get(id(value))
-        if hit is not None and hit[0] is value:
-            return hit[1], hit[2]
-        return None
 
     def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
         """A function's closure with its big values sent by identity."""
@@ -466,7 +304,7 @@ class Message:
             except ValueError:
                 out.append(cell)
                 continue
-            if _is_big(value):
+            if codeindex.is_big(value):
                 out.append(types.CellType(_Value(self.key(value), value)))
                 changed = True
             else:
@@ -545,9 +383,9 @@ class SessionPickler(byvalue.SourcePickler):
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
         if t is types.ModuleType:
-            if self.msg.by_value(obj):
+            if codeindex.by_value(obj):
                 return self._module(obj)
-        elif issubclass(t, type) and self.msg.by_value(obj):
+        elif issubclass(t, type) and codeindex.by_value(obj):
             return self._class(obj)
         return super().reducer_override(obj)
 
@@ -556,7 +394,7 @@ class SessionPickler(byvalue.SourcePickler):
 
     def _function(self, func: types.FunctionType) -> Any:
         msg = self.msg
-        if not msg.by_value(func):
+        if not codeindex.by_value(func):
             return NotImplemented  # importable: by reference
         bindings = msg.walk(func)
         key = msg.key(func)
@@ -611,7 +449,7 @@ class SessionPickler(byvalue.SourcePickler):
         return codestore._load_value, (value.key, value.obj)
 
     def _code(self, code: types.CodeType) -> Any:
-        key = code_key(code)
+        key = codeindex.code_key(code)
         if self.msg.holds(key):
             return codestore._load_code, (key,)
         self.msg.defined.add(key)
