@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dspex.sessionpickle import Message, SettingsSent
+    from dspex.sessionpickle import Message, SettingsSent, Walk
 
 DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
@@ -66,8 +66,7 @@ class SendCache:
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
-        # id(root) -> (root, globals its walk read, objects it reached): Message.walk's shortcut
-        self.walks: dict[int, tuple[Any, Any, Any]] = {}
+        self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
 
     @classmethod

@@ -75,6 +75,19 @@ class _Attribute:
         self.module, self.name = module, name
 
 
+class Walk:
+    """What :meth:`Message.walk` read for a root: kept per session to check the next request."""
+
+    __slots__ = ("cells", "reached", "reads", "root", "sizes")
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []  # (globals, name, (nsid, name))
+        self.reached: dict[int, Any] = {}  # the functions, classes and modules it walked
+        self.sizes: list[tuple[dict[str, Any], int]] = []  # (a user module's dict, its size)
+        self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
+
+
 class Message:
     """The encoding of one request of a session: its pickles share what they define (a later
     pickle of the message refers to what an earlier one defined) and commit together."""
@@ -88,7 +101,7 @@ class Message:
         self.namespaces: set[str] = set()
         self.sources: dict[str, list[str]] = {}
         self.walked: dict[int, Any] = {}
-        self.walks: dict[int, tuple[Any, list[tuple[dict[str, Any], str, tuple[str, str]]], dict[int, Any]]] = {}
+        self.walks: dict[int, Walk] = {}
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
         self.settings_sent: SettingsSent | None = None
@@ -198,17 +211,18 @@ class Message:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
         globals it reads and those of every by-value function and class it reaches, where the
         session lacks them or the client bound another object since. Each object is walked once
-        per request. A walk remembers every global it read: while each still holds the object
-        the session has bound there, the next request of ``root`` checks only those."""
+        per request. A walk remembers every global it read (and the size of each user module it
+        walked, the closure cells it followed): while each still holds what the session has bound
+        there, the next request of ``root`` checks only those."""
         keep = self.cache.keep
         if keep and id(root) not in self.walked:
             memo = self.cache.walks.get(id(root))
-            if memo is not None and memo[0] is root and self._unchanged(memo[1]):
-                self.walked.update(memo[2])
+            if memo is not None and memo.root is root and self._unchanged(memo):
+                self.walked.update(memo.reached)
                 return []
         out: list[Binding] = []
-        reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []
-        reached: dict[int, Any] = {}
+        memo = Walk(root)
+        reads, reached = memo.reads, memo.reached
         complete = True  # every object it reaches was walked by this walk (not earlier in the request)
         todo = [root]
         while todo:
@@ -222,11 +236,11 @@ class Message:
             if type(obj) is types.ModuleType:
                 nsid = "m:" + obj.__name__
                 g = vars(obj)
+                memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
                 for name, value in list(g.items()):
                     if not (name.startswith("__") and name.endswith("__")):
                         reads.append((g, name, (nsid, name)))
                         self._bind(out, todo, nsid, name, value)
-                complete = False  # a module's names come and go: walked every time
                 continue
             if isinstance(obj, type):
                 functions = codeindex.functions_of(obj)
@@ -248,19 +262,28 @@ class Message:
                     except ValueError:
                         continue
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
+                        memo.cells.append((cell, value))
                         todo.append(value)
-                        complete = False  # a closure's cells are not globals: walked every time
         if keep and complete:
-            self.walks[id(root)] = (root, reads, reached)
+            self.walks[id(root)] = memo
         return out
 
-    def _unchanged(self, reads: list[tuple[dict[str, Any], str, tuple[str, str]]]) -> bool:
-        """Every global a remembered walk read still holds what the session has bound there."""
+    def _unchanged(self, memo: Walk) -> bool:
+        """Every global a remembered walk read still holds what the session has bound there, and
+        its modules and closure cells are as they were."""
         bound = self.cache.bound
-        for g, name, where in reads:
+        for g, name, where in memo.reads:
             entry = bound.get(where)
             value = g.get(name, codeindex.ABSENT)
             if (value is not codeindex.ABSENT) if entry is None else (entry[0] is not value):
+                return False
+        if not all(len(g) == n for g, n in memo.sizes):
+            return False
+        for cell, value in memo.cells:
+            try:
+                if cell.cell_contents is not value:
+                    return False
+            except ValueError:  # emptied since
                 return False
         return True
 

@@ -178,6 +178,32 @@ def test_a_big_closure_value_travels_once(dx: dspex.Client, usercode: Any) -> No
     s.close()
 
 
+def test_a_user_module_used_as_a_module_is_the_sessions_module(dx: dspex.Client, usercode: Any) -> None:
+    helpers = usercode('''
+        SEEN = []
+        LIMIT = 2
+
+
+        def note(x):
+            SEEN.append(x)
+            return SEEN[-LIMIT:]
+    ''')
+    mod = usercode(f'''
+        import {helpers.__name__} as helpers
+
+
+        def run(x):
+            return helpers.note(x), getattr(helpers, "extra", lambda: None)()
+    ''')
+    s = dx.session("p")
+    assert [s.run(mod.run, i) for i in range(3)] == [([0], None), ([0, 1], None), ([1, 2], None)]
+    helpers.LIMIT = 3  # rebound in the module
+    helpers.extra = lambda: "added"  # a name the module did not have
+    assert s.run(mod.run, 3) == ([1, 2, 3], "added")
+    assert helpers.SEEN == []
+    s.close()
+
+
 def test_two_sessions_keep_their_own_functions_and_classes(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         import dataclasses
