@@ -260,9 +260,49 @@ def register_sources(sources: dict[str, str]) -> None:
         linecache.cache[filename] = (len(text), None, lines, filename)
 
 
+class _Unpickler(pickle.Unpickler):
+    """``pickle.loads`` that never rewrites a class this process already has.
+
+    A class that goes by value and comes back (a client's dataclass in a result) is found again
+    by cloudpickle's class tracker, which then sets the arriving class dict on it: the client's own
+    methods would be replaced by copies whose ``__globals__`` are not their module's. Here a
+    tracked class keeps its own dict.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._found: set[int] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "cloudpickle.cloudpickle":
+            if name == "_make_skeleton_class":
+                return self._tracked(_cp._make_skeleton_class, 4)
+            if name == "_make_skeleton_enum":
+                return self._tracked(_cp._make_skeleton_enum, 5)
+            if name == "_class_setstate":
+                return self._class_setstate
+        return super().find_class(module, name)
+
+    def _tracked(self, make: Any, tracker_at: int) -> Any:
+        def skeleton(*args: Any) -> Any:
+            tracker = args[tracker_at] if len(args) > tracker_at else None
+            found = _cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker) if tracker is not None else None
+            if found is not None:
+                self._found.add(id(found))
+                return found
+            return make(*args)
+
+        return skeleton
+
+    def _class_setstate(self, cls: type, state: Any) -> Any:
+        if id(cls) in self._found:
+            return cls
+        return _cp._class_setstate(cls, state)
+
+
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     register_sources(sources)
-    return pickle.loads(data)  # peers are authenticated; a client may exec code anyway
+    return _Unpickler(io.BytesIO(data)).load()  # peers are authenticated; a client may exec code anyway
 
 
 # LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are

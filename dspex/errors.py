@@ -239,9 +239,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
         try:
-            import pickle
+            from dspex import byvalue  # like every ext 13 value: a client's class comes back untouched
 
-            loaded = pickle.loads(pickled)  # noqa: S301 - from our own worker, like every ext 13 value
+            loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):
                 original = loaded
         except Exception:

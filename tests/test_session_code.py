@@ -236,8 +236,10 @@ def test_two_sessions_keep_their_own_functions_and_classes(dx: dspex.Client, use
     assert b.run(mod.bump) == (1, [1])  # b's class and module are b's own
     assert a.run(mod.bump) == (3, [1, 2, 3])
     assert a.worker == b.worker
+    init = mod.Point.__init__
     point = a.run(mod.Point, 1, 2)
     assert type(point) is mod.Point and point == mod.Point(1, 2)  # the client's own class comes back
+    assert mod.Point.__init__ is init  # ... untouched by the copy that came back
     a.close()
     b.close()
 
