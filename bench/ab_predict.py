@@ -7,7 +7,9 @@ driver process (that tree's client); blocks alternate between the trees, order r
 * ``seq``: sequential ``prog(question=...)`` ref calls of ``dspy.Predict`` (DummyLM) and the same
   program in-process in the driver: p50 of each, and their ratio;
 * ``aio``: an ``AsyncClient`` with ``--sessions`` sessions calling a ``ChainOfThought`` ref back to
-  back (the serving driver's path): the driver's CPU per call (``time.process_time``).
+  back (the serving driver's path): the driver's CPU per call (``time.process_time``);
+* ``noop``: sequential no-op pinned calls (``s.call("builtins", "len", [[]])``): p50 and the
+  driver's CPU per call.
 
 Prints medians over rounds and the medians of the neighbouring-block ratios new/base.
 """
@@ -56,6 +58,15 @@ def _drive(endpoint: str, sessions: int) -> None:
     ref = s.put(progs["predict"])
     lm = DummyLM({QUESTION: ANSWERS["predict"]})
 
+    def noop(n: int) -> dict[str, float]:
+        lat = []
+        c0 = time.process_time()
+        for _ in range(n):
+            t = time.perf_counter()
+            s.call("builtins", "len", [[]])
+            lat.append(time.perf_counter() - t)
+        return {"session": _median(lat), "cpu_per_call": (time.process_time() - c0) / n}
+
     def seq(n: int) -> dict[str, float]:
         lat_s, lat_l = [], []
         for _ in range(n):
@@ -100,6 +111,8 @@ def _drive(endpoint: str, sessions: int) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "seq":
             out = seq(cmd["n"])
+        elif cmd["op"] == "noop":
+            out = noop(cmd["n"])
         elif cmd["op"] == "aio":
             out = loop.run_until_complete(aio(cmd["duration"]))
         else:
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=150, help="sequential calls per seq block")
     p.add_argument("--duration", type=float, default=1.5, help="seconds per aio block")
     p.add_argument("--sessions", type=int, default=8)
-    p.add_argument("--only", choices=("seq", "aio"), default=None)
+    p.add_argument("--only", choices=("seq", "aio", "noop"), default=None)
     a = p.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ws = Workspace()
@@ -169,17 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drivers = {"new": _start(ws, "n", here, a.sessions),
                    "base": _start(ws, "b", os.path.abspath(a.base), a.sessions)}
-        kinds = [a.only] if a.only else ["seq", "aio"]
+        kinds = [a.only] if a.only else ["seq", "aio", "noop"]
         for d in drivers.values():  # warm up
             if "seq" in kinds:
                 _ask(d, {"op": "seq", "n": 100})
             if "aio" in kinds:
                 _ask(d, {"op": "aio", "duration": 0.5})
+            if "noop" in kinds:
+                _ask(d, {"op": "noop", "n": 300})
         res: dict[str, dict[str, list[dict[str, float]]]] = {k: {n: [] for n in drivers} for k in kinds}
         for r in range(a.rounds):
             for kind in kinds:
                 for name in iter_rotated(list(drivers), r):
-                    cmd = {"op": "seq", "n": a.calls} if kind == "seq" else {"op": "aio", "duration": a.duration}
+                    cmd = ({"op": "aio", "duration": a.duration} if kind == "aio"
+                           else {"op": kind, "n": a.calls * (4 if kind == "noop" else 1)})
                     res[kind][name].append(_ask(drivers[name], cmd))
             def last(x: dict[str, float]) -> str:
                 return json.dumps({k: round(v * 1e6) if v < 1 else v for k, v in x.items()})
@@ -205,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             out["aio_cpu_new_vs_base"] = median([x["cpu_per_call"] / y["cpu_per_call"]
                                                  for x, y in zip(s["new"], s["base"])])
             out["aio_worker_cpu_us_per_call"] = {n: median([x["worker_cpu"] for x in v]) * 1e6 for n, v in s.items()}
+        if "noop" in res:
+            s = res["noop"]
+            out["noop_p50_us"] = {n: median([x["session"] for x in v]) * 1e6 for n, v in s.items()}
+            out["noop_new_vs_base"] = median([x["session"] / y["session"] for x, y in zip(s["new"], s["base"])])
+            out["noop_driver_cpu_us_per_call"] = {n: median([x["cpu_per_call"] for x in v]) * 1e6 for n, v in s.items()}
+            out["noop_worker_cpu_us_per_call"] = {n: median([x["worker_cpu"] for x in v]) * 1e6 for n, v in s.items()}
+            out["noop_worker_cpu_new_vs_base"] = median([x["worker_cpu"] / y["worker_cpu"]
+                                                         for x, y in zip(s["new"], s["base"])])
         print(json.dumps(out, indent=1))
         return 0
     finally:

@@ -12,8 +12,6 @@ from typing import Any, Callable
 
 from bench.bulk import flagship, memory, numpy_rt
 from bench.common import Config, Row
-from bench.direct import ROWS as DIRECT_ROWS
-from bench.direct import direct
 from bench.hop import noop, throughput
 from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.predict import ROWS as PREDICT_ROWS
@@ -36,7 +34,6 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "flagship": flagship,
     "memory": memory,
     "serving": serving,
-    "direct": direct,
     "predict": predict,
     "code": code,
 }
@@ -54,7 +51,6 @@ ROWS: dict[str, list[str]] = {
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
-    "direct": DIRECT_ROWS,
     "predict": PREDICT_ROWS,
     "code": CODE_ROWS,
 }
@@ -87,19 +83,13 @@ class Goal:
 ISSUE14: tuple[Goal, ...] = (
     Goal("no-op pinned call p50 vs C zmq.proxy", "noop.p50", ("ratio_p50_vs_cproxy",), "×", "≤ 1.25× (stretch 1.15×)",
          lambda v: v <= 1.25),
-    Goal("  same, a direct pool (opt-in: pinned calls skip the broker)", "direct.noop",
-         ("ratio_p50_vs_cproxy", "direct"), "×", "≤ 1.25×", lambda v: v <= 1.25),
     Goal("pipelined calls/s, 100 sessions, 2 capacity-1 workers, vs C proxy", "throughput", ("ratio",), "×", "≥ 0.35×",
-         lambda v: v >= 0.35),
-    Goal("  same, a direct pool", "direct.throughput", ("ratio_vs_cproxy", "direct"), "×", "≥ 0.35×",
          lambda v: v >= 0.35),
     Goal("broker CPU per request + reply", "broker_cpu", ("cpu_us_per_call", "dspex", "hub_us"), "µs", "≤ 35 µs",
          lambda v: v <= 35),
     Goal("Predict via a session vs in-process (DummyLM, median)", "predict.predict", ("ratio",), "×", "≤ 2×",
          lambda v: v <= 2.0),
     Goal("vs a Ray actor call (no-op p50)", "noop.ray", ("ratio",), "×", "≤ 0.35×", lambda v: v <= 0.35),
-    Goal("  same, a direct pool (opt-in) vs a Ray actor call", "noop.ray", ("ratio_direct",), "×", "≤ 0.35×",
-         lambda v: v <= 0.35),
     Goal("numpy float64[1M] round trip vs raw zmq", "numpy", ("ratio",), "×", "≤ 3×", lambda v: v <= 3.0),
     Goal("LM-bound serving, dspex calls/s vs ideal", "serving.dspex", ("x_ideal", "dspex"), "×", "≥ 0.9× ideal",
          lambda v: v >= 0.9),

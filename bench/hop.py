@@ -111,22 +111,16 @@ def noop(cfg: Config) -> list[Row]:
         spawn_server(ws, "echo.log", "echo-router", "--bind", echo_ep)
         spawn_server(ws, "proxy.log", "proxy", "--frontend", pf_ep, "--backend", pb_ep)
         spawn_server(ws, "proxy-echo.log", "echo-dealer", "--connect", pb_ep)
-        st3 = Stack(ws, "d")  # a ``direct`` pool (opt-in): a pinned session's calls skip the broker
-        st3.start_broker("p:strict_queue:direct=true")
-        st3.start_worker("p", "--no-dspy")
         st2 = Stack(ws, "u")  # the same broker with a worker reduced to the wire protocol
         st2.start_broker("p:strict_queue")
         spawn_server(ws, "fake-worker.log", "fake-worker", "--backend", st2.backend, "--pool", "p")
-        client, client2, client3 = st.client(), st2.client(), st3.client()
-        clients += [client, client2, client3]
+        client, client2 = st.client(), st2.client()
+        clients += [client, client2]
         st.wait_workers("p", 1, 30, client=client)
         st2.wait_workers("p", 1, 30, client=client2)
-        st3.wait_workers("p", 1, 30, client=client3)
         s = client.session("p")
         s2 = client2.session("p")
-        s3 = client3.session("p")
         s2.call("builtins", "len", [[]])
-        s3.call("builtins", "len", [[]])  # pinned through the broker; the next calls go direct
         worker_pid = int(s.call("os", "getpid"))
         # the same frames as Session.call("builtins", "len", [[]]) puts on the wire
         frames: list[Any] = [RequestHeader("call", 1, "p", s.id, "", 60000).pack(),
@@ -188,7 +182,7 @@ def noop(cfg: Config) -> list[Row]:
                         f"{ratio_p50(lat, 'broker_raw', 'cproxy'):.2f}× C proxy", "(info)"))
         if cfg.profile_dir:
             _profile_noop(cfg, ws, systems["dspex"], worker_pid, st)
-        rows.append(_noop_ray(cfg, systems["dspex"], call(s3), max(6, rounds // 2), per_round))
+        rows.append(_noop_ray(cfg, systems["dspex"], max(6, rounds // 2), per_round))
     finally:
         for sock in socks:
             sock.close(0)
@@ -202,10 +196,8 @@ def noop(cfg: Config) -> list[Row]:
     return rows
 
 
-def _noop_ray(cfg: Config, ours: Callable[[], None], ours_direct: Callable[[], None], rounds: int,
-              per_round: int) -> Row:
-    """``ours`` (a strict_queue pool) and ``ours_direct`` (the same with ``direct=true``) against a
-    Ray actor call, alternating, while Ray's daemons run."""
+def _noop_ray(cfg: Config, ours: Callable[[], None], rounds: int, per_round: int) -> Row:
+    """``ours`` (a strict_queue pool) against a Ray actor call, alternating, while Ray's daemons run."""
     name, label, target = "noop.ray", "no-op pinned call p50 vs a Ray actor call", "≤ 0.35× Ray"
     missing = ray_missing()
     if missing:
@@ -222,20 +214,18 @@ def _noop_ray(cfg: Config, ours: Callable[[], None], ours_direct: Callable[[], N
             def call_ray() -> None:
                 ray.get(actor.call.remote([]))
 
-            lat = alternate({"dspex": ours, "dspex_direct": ours_direct, "ray": call_ray}, rounds, per_round, cfg)
+            lat = alternate({"dspex": ours, "ray": call_ray}, rounds, per_round, cfg)
             n_ray = len(head.pids())
         p50 = {k: quantile(pooled(v), 0.5) for k, v in lat.items()}
         r = ratio_p50(lat, "dspex", "ray")
-        r_direct = ratio_p50(lat, "dspex_direct", "ray")
-        data = {"p50_us": {k: v * 1e6 for k, v in p50.items()}, "ratio_direct": r_direct,
+        data = {"p50_us": {k: v * 1e6 for k, v in p50.items()},
                 "p99_us": {k: quantile(pooled(v), 0.99) * 1e6 for k, v in lat.items()},
                 "ratio": r, "ratio_rounds": [ratio_p50({k: [v[i]] for k, v in lat.items()}, "dspex", "ray")
                                              for i in range(len(lat["dspex"]))],
                 "ray": ray.__version__, "ray_processes": n_ray,
                 "note": "measured while Ray's daemons run (both sides)"}
-        return Row(name, label, f"{us(p50['dspex'])} (with Ray up); direct pool {us(p50['dspex_direct'])}",
-                   f"Ray actor {us(p50['ray'])}", f"{r:.2f}× Ray (direct pool {r_direct:.2f}×)", target,
-                   verdict(r <= 0.35), data=data)
+        return Row(name, label, f"{us(p50['dspex'])} (with Ray up)", f"Ray actor {us(p50['ray'])}", f"{r:.2f}× Ray",
+                   target, verdict(r <= 0.35), data=data)
     except Exception as exc:  # noqa: BLE001 - a baseline failing must not sink the run
         return Row.error(name, label, target, f"ray baseline failed: {type(exc).__name__}: {exc}")
 

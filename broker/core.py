@@ -43,7 +43,6 @@ from dspex.protocol import (
     B_HEARTBEAT,
     B_REREGISTER,
     BROKER_OPS,
-    BUDGET_DIRECT,
     BUDGET_EPHEMERAL,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -65,7 +64,6 @@ from dspex.protocol import (
     unpack_reply_head,
     unpack_request_header,
 )
-from broker import direct
 from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
@@ -351,9 +349,7 @@ class Core(Lifecycle):
             rec = self.sessions.get(p.session)
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            head = (pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl), BUDGET_DIRECT,
-                                      int(pool.config.queue_timeout * 1000), pool.config.queue_max) if pool.direct
-                    else pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl)))
+            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
@@ -515,8 +511,6 @@ class Core(Lifecycle):
                     stats = msgpack.unpackb(frames[2].buffer)
                     if isinstance(stats, dict):
                         w.stats = stats
-                        if "direct" in stats:  # what the broker did not see: direct calls
-                            direct.absorb(self, w, stats["direct"], time.monotonic())
                         if w.adopted:  # calls from before a broker restart that ended unseen
                             running = int(stats.get("running", 0))
                             w.adopted = min(w.adopted, max(0, running - len(w.inflight)))

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours, UnknownOp
 from dspex.protocol import Op
-from broker.direct import direct_status
 from broker.state import percentile
 
 if TYPE_CHECKING:
@@ -139,7 +138,6 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
                     "uptime_s": round(wall - w.registered, 3),
-                    **direct_status(w),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
                 }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dspex.pools import PoolConfig
-from dspex.protocol import Affinity, WorkerState
+from dspex.protocol import WorkerState
 
 # Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -73,7 +73,7 @@ class WorkerRecord:
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
         "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
-        "adopted", "last_call", "last_seen", "direct_seen",
+        "adopted", "last_call", "last_seen",
     )
 
     def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
@@ -98,7 +98,6 @@ class WorkerRecord:
         # hold slots until their replies pass (or its heartbeats say they ended)
         self.adopted = max(0, int(info.get("running", 0)))
         self.stats: dict[str, Any] = {}
-        self.direct_seen = (0, 0)  # (served, failed) direct calls its heartbeats reported so far
         self.last_call = float("inf")  # seconds from dispatch to reply of its last call (prefetch)
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
@@ -151,9 +150,6 @@ class Pool:
         self.config = config
         self.name = config.name
         self.mode = config.affinity
-        # clients may call its pinned sessions' workers directly (strict_queue only: the worker's
-        # one queue keeps the order; fail-fast "busy" and unpinned modes need the broker)
-        self.direct = config.direct and config.affinity is Affinity.STRICT_QUEUE
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
         # strict calls pinned to an incarnation not (yet) registered with a young broker

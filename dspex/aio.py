@@ -31,9 +31,7 @@ from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, CodeCacheMiss, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
-from dspex.aio_direct import AsyncDirectRoutes
-from dspex.direct import VIA_BROKER
-from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.ref import Ref
 from dspex.sendcache import SendCache
 
@@ -48,9 +46,10 @@ class AsyncClient:
     """A connection to a dspex broker for one asyncio event loop."""
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-                 client_settings: bool = True) -> None:
+                 forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
         self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
@@ -70,8 +69,6 @@ class AsyncClient:
         self._retiring: list[asyncio.Task[None]] = []
         self.replaced_sockets = 0
         self._sock, self._monitor = self._connect()
-        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
-        self._direct = AsyncDirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
         sock = self._ctx.socket(zmq.DEALER)
@@ -111,7 +108,6 @@ class AsyncClient:
         await self._stop_tasks()
         for task in self._retiring:
             await task
-        await self._direct.close()
         self._close_sockets()
         self._ctx.term()
 
@@ -119,11 +115,9 @@ class AsyncClient:
         while True:
             reply = await sock.recv_multipart(copy=False)
             try:
-                status, rid, worker, _, direct = unpack_reply(reply[0].buffer)
+                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 continue
-            if direct:
-                self._direct.learn(worker, direct)
             queue = self._pending.get(rid)
             if queue is not None:  # else a late reply of a call that timed out
                 queue.put_nowait((status, worker, reply[1:]))
@@ -175,12 +169,12 @@ class AsyncClient:
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
     def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, **options)
+                        items=items, forward=self.forward_output if forward is None else forward, **options)
 
     async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[_Reply]]:
         await self._ready()
@@ -215,9 +209,9 @@ class AsyncClient:
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None, sender: SendCache | None = None) -> Any:
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
         while True:
             try:
                 return await self._request(ex, op, pool, session, worker)
@@ -226,13 +220,6 @@ class AsyncClient:
                     raise
 
     async def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
-        if worker and not ex.streaming:
-            if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
-                value = await self._direct.request(ex, worker, direct)
-                if value is not VIA_BROKER:
-                    return value
-            elif (gone := self._direct.unavailable(ex, worker)) is not None:
-                raise gone
         req_id, queue = await self._start(ex, worker)
         try:
             while True:
@@ -265,10 +252,11 @@ class AsyncClient:
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None,
-                     bind: Any = None, sender: SendCache | None = None) -> AsyncIterator[Any]:
+                     bind: Any = None, forward: bool | None = None,
+                     sender: SendCache | None = None) -> AsyncIterator[Any]:
         """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
         req_id, queue = await self._start(ex, worker)
         finished = False
         started = False  # an item or event arrived: the request ran
@@ -306,8 +294,8 @@ class AsyncClient:
 
     # -- user API -------------------------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None, *,
-                client_settings: bool | None = None) -> "AsyncSession":
-        return AsyncSession(self, pool, session_id or secrets.token_hex(16), client_settings)
+                forward_output: bool | None = None, client_settings: bool | None = None) -> "AsyncSession":
+        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -338,12 +326,14 @@ class AsyncSession:
     """The awaitable twin of :class:`dspex.Session`; its refs' handles return awaitables
     (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
-    def __init__(self, client: AsyncClient, pool: str, session_id: str, client_settings: bool | None = None) -> None:
+    def __init__(self, client: AsyncClient, pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""
         self.closed = False
+        self.forward_output = forward_output  # None: the client's
         self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
@@ -365,7 +355,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                          on_reply=self._track, on_progress=on_progress, on_output=on_output,
-                                         bind=self, sender=self.sender)
+                                         bind=self, forward=self.forward_output, sender=self.sender)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
@@ -432,7 +422,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  sender=self.sender)
+                                  forward=self.forward_output, sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -464,10 +454,12 @@ class AsyncSession:
             pass
 
 
-def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *, client_settings: bool = True) -> AsyncClient:
+def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+            forward_output: bool = True, client_settings: bool = True) -> AsyncClient:
     """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default);
+    ``forward_output=False``: calls' output stays off this process's streams and loggers;
     ``client_settings=False``: this process's DSPy settings do not go with its sessions' calls."""
-    return AsyncClient(endpoint, timeout, client_settings=client_settings)
+    return AsyncClient(endpoint, timeout, forward_output=forward_output, client_settings=client_settings)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import dis
 import enum
 import functools
+import importlib
 import importlib.metadata
 import inspect
 import io
@@ -39,6 +40,7 @@ MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written 
 MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
 _DYNAMIC = "<dynamic-code>"
 log = logging.getLogger("dspex.byvalue")
+MAX_CHAIN_LINKS = 16  # exceptions of one pickle whose __cause__/__context__ travel: chains are bounded
 
 
 _walk_global_ops = _cp._walk_global_ops
@@ -121,7 +123,48 @@ def is_user_module(name: str) -> bool:
         return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
     if os.path.realpath(file).startswith(_installed_prefixes()):
         return False
-    return top not in _editable_top_levels()
+    if top in _editable_top_levels():
+        return False
+    return top not in _installed_beside(sys.modules.get(top))
+
+
+def _installed_beside(top_module: Any) -> frozenset[str]:
+    """Top-level names of the distributions installed in the directory that holds ``top_module``
+    (``pip install --target``, a ``PYTHONPATH`` install, a setuptools develop egg-info): their code
+    goes by reference, as it always did."""
+    file = getattr(top_module, "__file__", None)
+    if not isinstance(file, str):
+        return frozenset()
+    directory = os.path.dirname(file)
+    if os.path.basename(file) == "__init__.py":
+        directory = os.path.dirname(directory)
+    return _distribution_tops(directory)
+
+
+@functools.lru_cache(maxsize=256)
+def _distribution_tops(directory: str) -> frozenset[str]:
+    names: set[str] = set()
+    try:
+        entries = [e for e in os.listdir(directory) if e.endswith((".dist-info", ".egg-info"))]
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        meta = os.path.join(directory, entry)
+        try:
+            with open(os.path.join(meta, "top_level.txt"), encoding="utf-8") as f:
+                names.update(line.strip() for line in f if line.strip())
+            continue
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(meta, "RECORD"), encoding="utf-8") as f:
+                for line in f:
+                    first = line.split(",", 1)[0].split("/", 1)[0]
+                    if first and not first.endswith((".dist-info", ".egg-info", ".pth")) and first != "..":
+                        names.add(first.removesuffix(".py"))
+        except OSError:
+            pass
+    return frozenset(names)
 
 
 def register_user_module(module_name: Any) -> None:
@@ -201,20 +244,52 @@ def _note_file(filename: Any, sources: dict[str, str], budget: list[int]) -> Non
     sources[filename] = text
 
 
-class SourcePickler(cloudpickle.Pickler):
-    """cloudpickle that notes the source file of every function and class it pickles by value."""
+class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle that notes the source file of every function and class it pickles by value;
+    exceptions keep their ``__cause__``/``__context__`` chain (``chain_links`` of them at most)."""
 
-    def __init__(self, file: io.BytesIO, sources: dict[str, str]) -> None:
+    def __init__(self, file: io.BytesIO, sources: dict[str, str], chain_links: int = MAX_CHAIN_LINKS) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.sources = sources
         self._budget = [MAX_SOURCES]
+        self._chain_links = chain_links
 
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, BaseException) and type(obj).__module__ != "builtins" \
-                and type(obj).__reduce__ is BaseException.__reduce__:
+    def _exception(self, obj: BaseException) -> Any:
+        cls = type(obj)
+        if cls.__module__ != "builtins" and cls.__reduce__ is BaseException.__reduce__:
             # the default reduce calls cls(*args) on load, which fails for exceptions whose
             # __init__ takes other arguments (dspy's AdapterParseError): rebuild from state
-            return exception_from_state, (type(obj), obj.args, dict(vars(obj)))
+            reduced: tuple[Any, ...] = (exception_from_state, (cls, obj.args, dict(vars(obj))))
+        else:
+            reduced = NotImplemented
+        chain: dict[str, Any] = {}
+        if self._chain_links > 0 and cls.__setstate__ is BaseException.__setstate__:
+            if obj.__cause__ is not None:
+                chain["__cause__"] = obj.__cause__
+            if obj.__context__ is not None:
+                chain["__context__"] = obj.__context__
+            if obj.__suppress_context__:
+                chain["__suppress_context__"] = True
+        if not chain:
+            return reduced
+        self._chain_links -= 1
+        if reduced is NotImplemented:
+            default = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            if not (isinstance(default, tuple) and 2 <= len(default) <= 3):
+                return NotImplemented
+            reduced = default
+        state = reduced[2] if len(reduced) == 3 and reduced[2] is not None else {}
+        if not isinstance(state, dict):
+            return reduced
+        # applied by BaseException.__setstate__ once the exception exists: a cycle in the chain is
+        # pickle's memo, not a recursion
+        return reduced[0], reduced[1], {**state, **chain}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            reduced = self._exception(obj)
+            if reduced is not NotImplemented:
+                return reduced
         if isinstance(obj, (types.FunctionType, type)):
             _note_code(obj, self.sources, self._budget)
         elif isinstance(obj, types.ModuleType):
@@ -227,11 +302,11 @@ class SourcePickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
-def dumps(obj: Any) -> tuple[bytes, dict[str, str]]:
+def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[str, str]]:
     """(pickle bytes, {filename: source text}) of ``obj``; raises what pickling raises."""
     buf = io.BytesIO()
     sources: dict[str, str] = {}
-    SourcePickler(buf, sources).dump(obj)
+    SourcePickler(buf, sources, chain_links).dump(obj)
     return buf.getvalue(), sources
 
 
@@ -244,8 +319,36 @@ def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state:
 
 
 def dumps_exception(exc: BaseException) -> bytes:
-    """The exception by value, loadable even when its ``__init__`` takes other arguments."""
-    return dumps(exc)[0]
+    """The exception alone by value (its chain travels beside it, see worker/remote_errors.py),
+    loadable even when its ``__init__`` takes other arguments."""
+    return dumps(exc, chain_links=0)[0]
+
+
+def importable_name(obj: Any) -> str | None:
+    """``"module:qualname"`` of a class or function the other side imports by name (the standard
+    library's, installed packages'), None for the user's own code, which goes by value."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" or is_user_module(module):
+        return None
+    try:
+        if not _cp._should_pickle_by_reference(obj):
+            return None
+    except TypeError:  # not a class or function (a functools.partial...)
+        return None
+    return f"{module}:{qualname}"
+
+
+def resolve_name(name: str) -> Any:
+    """The object ``importable_name`` named (its module imported as pickle would)."""
+    module_name, _, qualname = name.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(f"{module_name} has no {qualname} here (another version?)") from None
+    return obj
+
 
 
 def register_sources(sources: dict[str, str]) -> None:

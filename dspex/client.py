@@ -36,8 +36,7 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.direct import VIA_BROKER, DirectRoutes
-from dspex.protocol import WORKER_OPS, Op, unpack_reply
+from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.ref import Ref
 from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
@@ -47,6 +46,11 @@ log = logging.getLogger("dspex.client")
 DEFAULT_TIMEOUT = 60.0
 IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
 RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
+CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
+
+
+class _CancelRequested(Exception):
+    """cancel_all() was called while this thread waited for its reply."""
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
@@ -99,9 +103,10 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
-                 client_settings: bool = True) -> None:
+                 forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
         self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
@@ -115,9 +120,8 @@ class Client:
         self._lock = threading.Lock()
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
+        self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
-        # a ``direct`` pool's workers, called straight (same host: a client of an ipc broker)
-        self._direct = DirectRoutes(self._ctx, self.max_message, self.endpoint.startswith("ipc://"))
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -132,8 +136,15 @@ class Client:
             channels, self._open, self._idle = list(self._open), set(), []
         for ch in channels:
             ch.close()
-        self._direct.close()
         self._ctx.term()
+
+    def cancel_all(self) -> None:
+        """Cancel every request of this client in flight, from any thread (a signal handler, the
+        thread that waits on ``submit`` futures): each stops as Ctrl-C in its own thread stops it
+        (the broker drops it if still queued, its worker interrupts it if running) and raises
+        :class:`dspex.Cancelled` in the thread that made it. Requests made afterwards run as usual."""
+        with self._lock:
+            self._cancels += 1
 
     def __enter__(self) -> "Client":
         return self
@@ -231,13 +242,19 @@ class Client:
                 raise self._closed_error() from None
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
-    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange) -> tuple[str, str, list[Any]]:
-        """The next reply frame set for ``req_id``: (status, worker, body frames)."""
+    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange,
+              cancels: int | None = None) -> tuple[str, str, list[Any]]:
+        """The next reply frame set for ``req_id``: (status, worker, body frames). With ``cancels``
+        (the client's cancel_all() count when the request started), a later cancel_all() ends the
+        wait with :class:`_CancelRequested`."""
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
+            wait_ms = int(remaining * 1000) + 1
+            if cancels is not None:
+                wait_ms = min(wait_ms, CANCEL_CHECK_MS)
             try:
-                events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+                events = dict(ch.poller.poll(wait_ms)) if remaining > 0 else {}
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
@@ -248,46 +265,48 @@ class Client:
                     if ch.refused:  # the CURVE handshake failed: the request never left this client
                         raise Refused(f"{why} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
                     raise ex.lost(why)
+                if cancels is not None and self._cancels != cancels:
+                    raise _CancelRequested
                 if time.monotonic() < deadline:
                     continue
                 raise ex.timed_out()
             reply = recv_frames(sock)
             try:
-                status, rid, rworker, _, direct = unpack_reply(reply[0].buffer)
+                status, rid, rworker, _ = unpack_reply_header(reply[0].buffer)
             except ProtocolError:
                 log.warning("dropping a malformed reply from the broker")
                 continue
-            if direct:
-                self._direct.learn(rworker, direct)
             if rid == req_id:
                 return status, rworker, reply[1:]
             # else a late reply to a request of this socket that timed out earlier
 
     def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         if self._closed:
             raise self._closed_error()
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, **options)
+                        items=items, own_frames=self._own_frames,
+                        forward=self.forward_output if forward is None else forward, **options)
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None, sender: SendCache | None = None) -> Any:
+                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
-        ``dspex.progress.report``); ``on_output`` what it prints or warns
-        (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
-        handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
-        (``cancel``) before ``KeyboardInterrupt`` propagates. ``sender``: the session's record of
-        the code its worker holds (a request that refers to code the worker lacks goes again in
-        full, once).
+        ``dspex.progress.report``); ``on_output`` what it prints, warns or logs
+        (``{"stream": "stdout" | "stderr" | "warning" | "log", "text": str, ...}``), in addition
+        to this process's streams and loggers unless ``forward`` (default: the client's
+        ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
+        Ctrl-C while it waits stops the request on the worker (``cancel``) before
+        ``KeyboardInterrupt`` propagates. ``sender``: the session's record of the code its worker
+        holds (a request that refers to code the worker lacks goes again in full, once).
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
         while True:
             try:
                 return self._request(ex, op, pool, session, worker)
@@ -296,13 +315,7 @@ class Client:
                     raise
 
     def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
-        if worker and not ex.streaming:
-            if (direct := self._direct.endpoints.get(worker)) is not None:  # a ``direct`` pool's worker
-                value = self._direct.request(ex, worker, direct)
-                if value is not VIA_BROKER:
-                    return value
-            elif (gone := self._direct.unavailable(ex, worker)) is not None:
-                raise gone
+        cancels = self._cancels
         ch = self._checkout()
         waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
         req_id = 0
@@ -312,7 +325,7 @@ class Client:
             waiting = True
             deadline = time.monotonic() + ex.wait
             while True:
-                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex))
+                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex, cancels))
                 if credit:
                     waiting = False
                     self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
@@ -322,6 +335,9 @@ class Client:
         except KeyboardInterrupt:
             self._interrupted(ch, op, pool, session, req_id, waiting)
             raise
+        except _CancelRequested:
+            self._interrupted(ch, op, pool, session, req_id, waiting)
+            raise Cancelled(f"{op} was cancelled by Client.cancel_all() and stopped", op=op) from None
         finally:
             self._checkin(ch)
 
@@ -343,10 +359,10 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, sender: SendCache | None = None) -> "Stream":
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> "Stream":
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -357,11 +373,13 @@ class Client:
         return Stream(self, ch, req_id, ex, worker)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *, client_settings: bool | None = None) -> "Session":
-        """A new session on ``pool``; it is pinned to a worker on its first call.
-        ``client_settings=False``: this client's DSPy settings do not go with its calls (default:
-        the client's ``client_settings``)."""
-        return Session(self, pool, session_id or secrets.token_hex(16), client_settings)
+    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
+                client_settings: bool | None = None) -> "Session":
+        """A new session on ``pool``; it is pinned to a worker on its first call. ``forward_output``
+        (default: the client's) says whether its calls' output reaches this process's streams
+        and loggers; ``client_settings`` (default: the client's) whether this process's DSPy
+        settings go with its calls."""
+        return Session(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -517,16 +535,19 @@ class Session:
     """Calls pinned to one worker of a pool; objects stay there as refs until released.
 
     Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints or warns). Refs the session returns
-    are handles that read like their objects (``prog(question=...)``, ``lm.model``).
+    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
+    process's streams and loggers: dspex.output). Refs the session returns are handles that read
+    like their objects (``prog(question=...)``, ``lm.model``).
     """
 
-    def __init__(self, client: Client, pool: str, session_id: str, client_settings: bool | None = None) -> None:
+    def __init__(self, client: Client, pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
+        self.forward_output = forward_output  # None: the client's
         # what the session's worker holds of this client's code, and whether the client's DSPy
         # settings go with each call
         self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
@@ -550,7 +571,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   sender=self.sender)
+                                   forward=self.forward_output, sender=self.sender)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -631,7 +652,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  sender=self.sender)
+                                  forward=self.forward_output, sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -705,5 +726,6 @@ class Rehydrator(Generic[T]):
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Client:
-    """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path)."""
+    """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path).
+    ``forward_output=False``: calls' output stays off this process's streams and loggers."""
     return Client(endpoint, timeout, **kwargs)

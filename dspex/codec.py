@@ -2,19 +2,20 @@
 
 Frame 0 is a msgpack body; frames 1.. are raw array buffers that the body points at by index,
 so large arrays never pass through msgpack (no copy, no glibc heap churn). The common case is
-packed by msgpack's C packer in one pass; only cycles, very deep nesting or a missing ``to_ref``
-fall back to a Python walk, which knows paths and ancestors. Ext codes are part of the wire
-protocol (docs/protocol.md) and must never be renumbered.
+packed by msgpack's C packer in one pass; only cycles, very deep nesting, strings with lone
+surrogates or a missing ``to_ref`` fall back to a Python walk, which knows paths and ancestors.
+Ext codes are part of the wire protocol (``dspex.wiretypes``, docs/protocol.md).
 
-What is not msgpack-native follows the encode :class:`Policy`: by value (``dspy.Example`` /
-``Prediction`` as records, ext 14; anything else with cloudpickle, ext 13) or as a ref.
+Values keep their exact types (``dspex.wiretypes``: subclasses, enum members, OrderedDict,
+Decimal, paths...). What is not a value follows the encode :class:`Policy`: by value
+(``dspy.Example`` / ``Prediction`` and their subclasses as records, ext 14; anything else with
+cloudpickle, ext 13) or as a ref.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import enum
-import struct
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Union
 
@@ -23,28 +24,18 @@ import numpy as np
 import zmq
 
 from dspex import byvalue, codestore
-from dspex.errors import DspexError, EncodeError, ProtocolError
-from dspex.record import KINDS, build_record, record_parts
 from dspex import ref as ref_module
+from dspex.errors import DspexError, EncodeError, MissingModule, ProtocolError
+from dspex.record import KINDS, build_record, record_parts
 from dspex.ref import Ref
+from dspex.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_BYTEARRAY, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD,
+                             EXT_REF, EXT_FROZENSET, EXT_SET, EXT_TUPLE, RECORD, TAGS, convert_subclass, surrogates,
+                             utf8_ok)
 
-# Containers are encoded as a msgpack array whose first item is an empty ext "tag", not as an
-# ext holding nested bytes: one packer pass, and msgpack's own nesting limit still sees cycles.
-EXT_TUPLE = 1  # tag: [tag, *items]
-EXT_SET = 2  # tag: [tag, *members]
-EXT_FROZENSET = 3  # tag: [tag, *members]
-EXT_COMPLEX = 4  # struct "<dd" real, imag
-EXT_BIGINT = 5  # signed big-endian two's complement (ints outside int64..uint64)
-EXT_DATETIME = 6  # UTF-8 isoformat; tz kept as a fixed UTC offset
-EXT_DATE = 7  # UTF-8 isoformat
-EXT_TIME = 8  # UTF-8 isoformat
-EXT_TIMEDELTA = 9  # struct "<iii" days, seconds, microseconds
-EXT_NDARRAY = 10  # packb([dtype str or descr, shape, frame index])
-EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
-EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
-EXT_PICKLE = 13  # packb({"pickle": cloudpickle bytes, "sources": {filename: source text}})
-EXT_RECORD = 14  # tag: [tag, kind, {field: value}, input_keys | None, extra]
-# ext codes 25-29: a session's code, sent once (dspex.sessionpickle / dspex.codestore)
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
+           "unpackb"]
+
+# ext codes 25-29 are a session's code, sent once (dspex.sessionpickle writes, dspex.codestore reads)
 EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
 
 
@@ -75,30 +66,21 @@ class _Tag:
 
 
 def _build_record(items: list[Any]) -> Any:
-    if len(items) != 4 or items[0] not in KINDS or not isinstance(items[1], dict):
+    if len(items) not in (4, 6) or items[0] not in KINDS or not isinstance(items[1], dict):
         raise ProtocolError("malformed record")
     keys, extra = items[2], items[3]
     if not (keys is None or isinstance(keys, list)) or not isinstance(extra, dict):
         raise ProtocolError("malformed record")
-    return build_record(items[0], items[1], keys, extra)
+    if len(items) == 4:
+        return build_record(items[0], items[1], keys, extra)
+    attrs = items[5]
+    if not isinstance(attrs, dict):
+        raise ProtocolError("malformed record")
+    return build_record(items[0], items[1], keys, extra, items[4], attrs)
 
 
-_TAGS: dict[int, _Tag] = {EXT_TUPLE: _Tag(tuple), EXT_SET: _Tag(set), EXT_FROZENSET: _Tag(frozenset),
-                          EXT_RECORD: _Tag(_build_record)}
-_RECORD = msgpack.ExtType(EXT_RECORD, b"")
-_TUPLE = msgpack.ExtType(EXT_TUPLE, b"")
-_SET = msgpack.ExtType(EXT_SET, b"")
-_FROZENSET = msgpack.ExtType(EXT_FROZENSET, b"")
-_CDD = struct.Struct("<dd")
-_TD = struct.Struct("<iii")
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-
-
-def _int(o: int) -> Any:
-    v = int.__int__(o)  # exact int even for IntEnum & co
-    if _INT_MIN <= v <= _INT_MAX:
-        return v
-    return msgpack.ExtType(EXT_BIGINT, v.to_bytes((v.bit_length() + 8) // 8, "big", signed=True))
+_TAGS: dict[int, _Tag] = {code: _Tag(build) for code, build in BUILDERS.items()}
+_TAGS[EXT_RECORD] = _Tag(_build_record)
 
 
 def _dtype_wire(dt: np.dtype[Any]) -> Any:
@@ -110,33 +92,14 @@ def _ref_ext(ref: Ref) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_REF, msgpack.packb(list(ref.as_tuple())))
 
 
-# Checked by exact type first, then by isinstance in this order (datetime before date), so
-# subclasses (IntEnum, OrderedDict, namedtuple, str subclasses...) travel as their base value.
-_CONVERTERS: dict[type, Callable[[Any], Any]] = {
-    int: _int,
-    float: float.__float__,
-    str: str.__str__,
-    bytes: bytes,
-    bytearray: bytes,
-    list: list,
-    tuple: lambda o: [_TUPLE, *o],
-    dict: dict,
-    set: lambda o: [_SET, *o],
-    frozenset: lambda o: [_FROZENSET, *o],
-    complex: lambda o: msgpack.ExtType(EXT_COMPLEX, _CDD.pack(o.real, o.imag)),
-    _dt.datetime: lambda o: msgpack.ExtType(EXT_DATETIME, _dt.datetime.isoformat(o).encode()),
-    _dt.date: lambda o: msgpack.ExtType(EXT_DATE, _dt.date.isoformat(o).encode()),
-    _dt.time: lambda o: msgpack.ExtType(EXT_TIME, _dt.time.isoformat(o).encode()),
-    _dt.timedelta: lambda o: msgpack.ExtType(EXT_TIMEDELTA, _TD.pack(o.days, o.seconds, o.microseconds)),
-    Ref: _ref_ext,
-}
-_NATIVE_BASES = tuple(_CONVERTERS)
-_CONTAINERS = (list, tuple, dict, set, frozenset)
-
-
 def _native_array(o: object) -> bool:
     # other ndarray subclasses (masked arrays, matrix) would silently lose meaning: refs
     return isinstance(o, np.ndarray) and type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 class Sender(Protocol):
@@ -145,101 +108,151 @@ class Sender(Protocol):
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
 
 
-class _ByValue:
-    """The by-value side of one ``encode``: records and pickles, each object pickled once."""
+class _Encoder:
+    """The state of one ``encode``: array frames, refs made, objects pickled (each once)."""
 
-    def __init__(self, policy: Policy, sender: Sender | None = None) -> None:
+    __slots__ = ("buffers", "memo", "pickled", "policy", "sender", "sources_sent", "to_ref")
+
+    def __init__(self, policy: Policy, buffers: Buffers | None, to_ref: ToRef | None,
+                 sender: Sender | None = None) -> None:
         self.policy = policy
-        self.sender = sender
-        self.pickled: dict[int, tuple[object, msgpack.ExtType]] = {}
-
-    def wants(self, obj: object) -> bool:
-        if self.policy is Policy.ALL:
-            return True
-        return self.policy is Policy.DATA and (record_parts(obj) is not None or byvalue.is_data_like(obj))
+        self.buffers = buffers
+        self.to_ref = to_ref
+        self.sender = sender  # a session's request: objects pickled by it, as ext 25
+        self.memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
+        # shared too: one pickle per object
+        self.pickled: dict[int, tuple[object, bytes, dict[str, str], msgpack.ExtType | None]] = {}
+        self.sources_sent: set[str] | None = None  # source files already in an ext 13 of this message
 
     def wants_pickled(self, obj: object) -> bool:
-        """``wants`` for an object already known not to be a record (records always go by value)."""
+        """Is ``obj`` (not a value, not a record) sent by value under this policy?"""
         return self.policy is Policy.ALL or self.policy is Policy.DATA and byvalue.is_data_like(obj)
 
     def pickle(self, obj: object) -> msgpack.ExtType:
-        """ext 13 of ``obj``; raises EncodeError (with pickle's reason) when it cannot be pickled."""
+        """ext 13 (ext 25 with a sender) of ``obj``; raises EncodeError (with pickle's reason) when
+        it cannot be pickled."""
         hit = self.pickled.get(id(obj))
-        if hit is not None:
-            return hit[1]
-        try:
-            data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
-        except EncodeError:
-            raise
-        except Exception as exc:
-            raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
-                              type=_type_name(obj)) from None
+        if hit is not None and hit[3] is not None:
+            return hit[3]
+        if hit is None:
+            try:
+                data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
+            except EncodeError:
+                raise  # names what it is already (a session's unpicklable global)
+            except Exception as exc:
+                raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
+                                  type=_type_name(obj)) from None
+        else:
+            data, sources = hit[1], hit[2]
+        # the receiver registers the sources of every ext 13 of a message before any code runs:
+        # a file's text is sent once per message
+        if self.sources_sent is None:
+            self.sources_sent = set(sources)
+            sent = sources
+        else:
+            sent = {name: text for name, text in sources.items() if name not in self.sources_sent}
+            self.sources_sent.update(sent)
         code = EXT_PICKLE if self.sender is None else EXT_SESSION_PICKLE
-        ext = msgpack.ExtType(code, msgpack.packb({"pickle": data, "sources": sources}))
-        self.pickled[id(obj)] = (obj, ext)  # keeps obj alive so its id stays unique for this encode
+        ext = msgpack.ExtType(code, msgpack.packb({"pickle": data, "sources": sent}))
+        self.pickled[id(obj)] = (obj, data, sources, ext)  # keeps obj alive so its id stays unique for this encode
         return ext
 
+    def restart(self) -> None:
+        """Before a second pass: pickles are kept, their source texts are sent again."""
+        self.sources_sent = None
+        for key, (obj, data, sources, _) in self.pickled.items():
+            self.pickled[key] = (obj, data, sources, None)
 
-def _record(obj: object) -> list[Any] | None:
-    parts = record_parts(obj)
-    if parts is None:
-        return None
-    kind, fields, keys, extra = parts
-    return [_RECORD, kind, fields, keys, extra]
+    def code(self, obj: object) -> Any:
+        """A class or function a value needs: its importable name, else by value."""
+        name = byvalue.importable_name(obj)
+        return name if name is not None else self.pickle(obj)
 
-
-def _make_hook(
-    buffers: Buffers | None, to_ref: ToRef | None, memo: dict[int, Ref], by_value: _ByValue | None = None
-) -> Callable[[Any], Any]:
-    """Build msgpack's ``default``: called for everything not an exact msgpack-native type."""
-
-    def hook(obj: Any) -> Any:
-        conv = _CONVERTERS.get(type(obj))
-        if conv is not None:
-            return conv(obj)
-        if _native_array(obj):
-            if buffers is None:
-                raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
-            flat = np.ascontiguousarray(obj)  # copies only when not already C-contiguous
-            buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
-            payload = packb([_dtype_wire(obj.dtype), list(obj.shape), len(buffers)])
-            return msgpack.ExtType(EXT_NDARRAY, payload)
-        if isinstance(obj, np.generic):  # before the bases: np.float64 is a float subclass
-            return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
-        if not isinstance(obj, np.ndarray):
-            for base in _NATIVE_BASES:
-                if isinstance(obj, base):
-                    return _CONVERTERS[base](obj)
-        if by_value is not None:
-            # a record goes by value under every by-value policy: one record_parts per object
-            rec = _record(obj)
-            if rec is not None:
-                return rec
-        if by_value is not None and by_value.wants_pickled(obj):
-            try:
-                return by_value.pickle(obj)
-            except EncodeError:
-                if to_ref is None:
-                    raise  # the path-aware walk names where it is
-        if to_ref is None:
-            raise EncodeError(f"cannot encode {_type_name(obj)}")
-        ref = memo.get(id(obj))
+    def ref(self, obj: object) -> msgpack.ExtType:
+        assert self.to_ref is not None
+        ref = self.memo.get(id(obj))
         if ref is None:
-            ref = memo[id(obj)] = to_ref(obj)
+            ref = self.memo[id(obj)] = self.to_ref(obj)
         return _ref_ext(ref)
 
-    return hook
+    def record(self, obj: object) -> list[Any] | None:
+        """``[tag, kind, fields, keys, extra(, class, attrs)]`` of a dspy Example/Prediction (or a
+        subclass: its class and instance attributes too), under a by-value policy; else None."""
+        if self.policy is Policy.REFS:
+            return None
+        parts = record_parts(obj)
+        if parts is None:
+            return None
+        kind, fields, keys, extra, attrs = parts
+        if attrs is None:
+            return [RECORD, kind, fields, keys, extra]
+        return [RECORD, kind, fields, keys, extra, self.code(type(obj)), attrs]
+
+    def convert(self, obj: Any) -> Any:
+        """One level of msgpack form of ``obj``, which is not an exact msgpack-native type: an
+        ext, a tagged list of parts (the packer goes on into them), or a ref."""
+        conv = _ENCODERS.get(type(obj))
+        if conv is not None:
+            return conv(obj, self)
+        if _native_array(obj):
+            if self.buffers is None:
+                raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
+            flat = np.ascontiguousarray(obj)  # copies only when not already C-contiguous
+            self.buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
+            payload = packb([_dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)])
+            return msgpack.ExtType(EXT_NDARRAY, payload)
+        if isinstance(obj, np.generic):  # before the subclasses: np.float64 is a float subclass
+            return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
+        rec = self.record(obj)
+        if rec is not None:
+            return rec
+        if not isinstance(obj, np.ndarray):
+            try:
+                value = convert_subclass(obj, self)
+            except EncodeError:
+                if self.to_ref is None:
+                    raise
+                return self.ref(obj)
+            if value is not NotImplemented:
+                return value
+        if self.wants_pickled(obj):
+            try:
+                return self.pickle(obj)
+            except EncodeError:
+                if self.to_ref is None:
+                    raise  # the path-aware walk names where it is
+        if self.to_ref is None:
+            raise EncodeError(f"cannot encode {_type_name(obj)}")
+        return self.ref(obj)
 
 
-def _type_name(obj: object) -> str:
-    t = type(obj)
-    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+class _KeyList(tuple):  # type: ignore[type-arg]
+    """A list inside a dict key the walk made (a tagged list: not hashable), packed as the list."""
 
 
-def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str,
-              by_value: _ByValue | None = None, names: Sequence[str] | None = None) -> object:
-    """Copy ``obj`` with cycle-closing containers, too-deep containers and non-natives as refs
-    (or by value, as the policy says); errors name the path (``args[1]['reward_fn']``)."""
+class _KeyMap(tuple):  # type: ignore[type-arg]
+    """A dict inside such a key (a subclass instance's attributes), packed as the dict."""
+
+
+def _hashable(part: Any) -> Any:
+    if type(part) is list:
+        return _KeyList(_hashable(x) for x in part)
+    if type(part) is dict:
+        return _KeyMap((_hashable(k), _hashable(v)) for k, v in part.items())
+    return part
+
+
+_ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
+    **ENCODERS, Ref: lambda o, enc: _ref_ext(o), _KeyList: lambda o, enc: list(o), _KeyMap: lambda o, enc: dict(o)}
+
+# what the packer takes as it is (a bytearray as bin, like the first pass: see dspex.wiretypes)
+_LEAVES = (bool, int, float, bytes, bytearray, memoryview, msgpack.ExtType)
+
+
+def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None = None) -> object:
+    """Copy ``obj`` in msgpack form with cycle-closing containers, too-deep containers and what
+    cannot be encoded as refs (or by value, as the policy says), strings with lone surrogates as
+    ext 23; errors name the path (``args[1]['reward_fn']``)."""
     stack: set[int] = set()
     trail: list[str] = []
 
@@ -249,85 +262,131 @@ def _sanitize(obj: object, to_ref: ToRef | None, memo: dict[int, Ref], root: str
         return root + "".join(trail)
 
     def ref_for(o: object, why: str) -> object:
-        if by_value is not None and by_value.wants(o):
+        if enc.wants_pickled(o):
             try:
-                return by_value.pickle(o)
+                return enc.pickle(o)
             except EncodeError as err:
                 if "global" in err.details:  # names the global and its module already
                     raise EncodeError(err.message, **{**err.details, "path": path()}) from None
                 why = err.message
-        if to_ref is None:
+        if enc.to_ref is None:
             where = path()
             name = _type_name(o)
             raise EncodeError(f"cannot encode {name} at {where} ({why})", type=name, path=where)
-        ref = memo.get(id(o))
-        if ref is None:
-            ref = memo[id(o)] = to_ref(o)
-        return ref
+        return enc.ref(o)
+
+    def items(seq: list[Any], depth: int, label: Callable[[int], str], start: int = 0) -> list[Any]:
+        out = seq[:start]
+        for n in range(start, len(seq)):
+            trail.append(label(n - start))
+            out.append(walk(seq[n], depth + 1))
+            trail.pop()
+        return out
 
     def walk(o: Any, depth: int) -> Any:
-        if isinstance(o, _CONTAINERS) and type(o) is not msgpack.ExtType:
-            if id(o) in stack:
-                return ref_for(o, "cycle")
-            if depth >= MAX_WALK_DEPTH:
-                return ref_for(o, "nested too deeply")
-            stack.add(id(o))
-            out: Any
-            if isinstance(o, dict):
-                out = {}
-                for n, (k, v) in enumerate(o.items()):
-                    trail.append(f"<key #{n}>")
-                    key = walk(k, depth + 1)
-                    trail[-1] = f"[{k!r:.40}]"
-                    out[key] = walk(v, depth + 1)
-                    trail.pop()
-            else:
-                items = []
-                for n, v in enumerate(o):
-                    if depth == 0 and names is not None and o is obj and n < len(names):
-                        trail.append(names[n])
-                    else:
-                        trail.append(f"[{n}]" if isinstance(o, (list, tuple)) else f"{{#{n}}}")
-                    items.append(walk(v, depth + 1))
-                    trail.pop()
-                base = next(b for b in _CONTAINERS if isinstance(o, b))
-                out = items if base is list else base(items)
-            stack.discard(id(o))
-            return out
-        if o is None or type(o) in (bool, memoryview, msgpack.ExtType) or _native_array(o):
-            return o
-        if isinstance(o, np.generic) or (isinstance(o, _NATIVE_BASES) and not isinstance(o, np.ndarray)):
-            return o
-        if by_value is not None and by_value.wants(o):
-            parts = record_parts(o)
-            if parts is not None:
-                kind, fields, keys, extra = parts
-                trail.append(".")
-                walked = {}
-                for k, v in fields.items():
-                    trail[-1] = f".{k}"
-                    walked[k] = walk(v, depth + 1)
+        t = type(o)
+        if t is str:
+            return o if utf8_ok(o) else surrogates(o)
+        if t is bytearray:
+            return msgpack.ExtType(EXT_BYTEARRAY, bytes(o))
+        if o is None or t in _LEAVES or _native_array(o):
+            return enc.convert(o) if t is int else o
+        if t is not list and t is not dict:
+            try:
+                o_rep = enc.convert(o)
+            except EncodeError as err:
+                return ref_for(o, err.message)
+            if not (type(o_rep) is list and o_rep and o_rep[0] in TAGS):
+                return o_rep  # an ext, a ref: a leaf
+        else:
+            o_rep = o
+        if id(o) in stack:
+            return ref_for(o, "cycle")
+        if depth >= MAX_WALK_DEPTH:
+            return ref_for(o, "nested too deeply")
+        stack.add(id(o))
+        out: Any
+        if t is dict:
+            out = {}
+            for n, (k, v) in enumerate(o.items()):
+                trail.append(f"<key #{n}>")
+                key = _hashable(walk(k, depth + 1))
+                trail[-1] = f"[{k!r:.40}]"
+                out[key] = walk(v, depth + 1)
                 trail.pop()
-                return [_RECORD, kind, walked, keys, extra]
-        return ref_for(o, "not a native type")
+        elif t is list:
+            if depth == 0 and names is not None:
+                out = items(o, depth, lambda n: names[n] if n < len(names) else f"[{n}]")
+            else:
+                out = items(o, depth, lambda n: f"[{n}]")
+        elif o_rep[0].code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET):
+            out = items(o_rep, depth, (lambda n: f"[{n}]") if o_rep[0].code == EXT_TUPLE else (lambda n: f"{{#{n}}}"),
+                        start=1)
+        elif o_rep[0].code == EXT_RECORD:
+            fields = {}
+            for k, v in o_rep[2].items():
+                trail.append(f".{k}")
+                fields[k] = walk(v, depth + 1)
+                trail.pop()
+            out = [*o_rep[:2], fields, *(walk(part, depth + 1) for part in o_rep[3:])]
+        else:  # the parts of a subclass instance, an enum member, an OrderedDict: the value's own path
+            out = [o_rep[0], *(walk(part, depth + 1) for part in o_rep[1:])]
+        stack.discard(id(o))
+        return out
 
     return walk(obj, 0)
 
 
+# msgpack's bin markers: a body without any of these bytes holds no bytearray (the C packer packs
+# one as bin, like bytes, before the hook could tag it)
+_BIN_MARKER = re.compile(rb"[\xc4-\xc6]")
+_SCANNED = (list, tuple, dict, set, frozenset)
+
+
+def holds_bytearray(obj: object) -> bool:
+    """Whether a bytearray sits in ``obj``'s containers or record fields (what the first pass
+    packed as plain bin)."""
+    todo = [obj]
+    seen: set[int] = set()
+    while todo:
+        o = todo.pop()
+        if type(o) is bytearray:
+            return True
+        if isinstance(o, _SCANNED):
+            if id(o) in seen:
+                continue
+            seen.add(id(o))
+            if isinstance(o, dict):
+                todo.extend(o.keys())
+                todo.extend(o.values())
+            else:
+                todo.extend(o)
+        else:
+            # a dspy Example/Prediction's fields; never getattr: a Ref handle would ask its worker
+            try:
+                store = object.__getattribute__(o, "__dict__").get("_store")
+            except AttributeError:
+                continue
+            if type(store) is dict:
+                todo.append(store)
+    return False
+
+
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
-    memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
-    by_value = None if policy is Policy.REFS else _ByValue(policy, sender)  # shared too: one pickle per object
+    enc = _Encoder(policy, buffers, to_ref, sender)
     body: bytes
     try:
-        body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo, by_value)).pack(obj)
-        return body
-    except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep)
+        body = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
+        if not _BIN_MARKER.search(body) or not holds_bytearray(obj):
+            return body
+    except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
     if buffers is not None:
         buffers.clear()
-    clean = _sanitize(obj, to_ref, memo, root, by_value, names)
-    body = msgpack.Packer(strict_types=True, default=_make_hook(buffers, to_ref, memo, by_value)).pack(clean)
+    enc.restart()
+    clean = _sanitize(obj, enc, root, names)
+    body = msgpack.Packer(strict_types=True, default=enc.convert).pack(clean)
     return body
 
 
@@ -337,11 +396,12 @@ def encode(
 ) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
-    Non-native values follow ``policy``: by value (records, cloudpickle) where it says so, else a
-    ref via ``to_ref`` (once per object per call); without ``to_ref`` what cannot go by value raises
-    :class:`EncodeError` naming the type and the path. ``root`` starts the path; with ``names``
-    (for a list ``obj``) the top-level items are named instead: ``args[1]['reward_fn']``. With a
-    ``sender`` (a session's request), objects are pickled by it, as ext 25.
+    Values keep their exact types; other objects follow ``policy``: by value (records,
+    cloudpickle) where it says so, else a ref via ``to_ref`` (once per object per call); without
+    ``to_ref`` what cannot go by value raises :class:`EncodeError` naming the type and the path.
+    ``root`` starts the path; with ``names`` (for a list ``obj``) the top-level items are named
+    instead: ``args[1]['reward_fn']``. With a ``sender`` (a session's request), objects are
+    pickled by it, as ext 25.
     """
     buffers: Buffers = []
     body = _pack(obj, to_ref, buffers, root, policy, names, sender)
@@ -350,7 +410,7 @@ def encode(
 
 def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:
     """``obj`` as one ext 25 of ``sender`` (a request's context: the client's DSPy settings)."""
-    return _ByValue(Policy.ALL, sender).pickle(obj)
+    return _Encoder(Policy.ALL, None, None, sender).pickle(obj)
 
 
 def packb(obj: object) -> bytes:
@@ -369,18 +429,9 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
     tag = _TAGS.get(code)
     if tag is not None:
         return tag
-    if code == EXT_COMPLEX:
-        return complex(*_CDD.unpack(data))
-    if code == EXT_BIGINT:
-        return int.from_bytes(data, "big", signed=True)
-    if code == EXT_DATETIME:
-        return _dt.datetime.fromisoformat(data.decode())
-    if code == EXT_DATE:
-        return _dt.date.fromisoformat(data.decode())
-    if code == EXT_TIME:
-        return _dt.time.fromisoformat(data.decode())
-    if code == EXT_TIMEDELTA:
-        return _dt.timedelta(*_TD.unpack(data))
+    decoder = DECODERS.get(code)
+    if decoder is not None:
+        return decoder(data)
     if code == EXT_PICKLE:
         return _unpickle(data)
     if code == EXT_SESSION_PICKLE:
@@ -411,6 +462,18 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
     return msgpack.ExtType(code, data)
 
 
+def _missing_module(exc: BaseException) -> ModuleNotFoundError | None:
+    """The ModuleNotFoundError that made loading fail, when one did (pickle may wrap it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ModuleNotFoundError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _unpickle(data: bytes, session: bool = False) -> Any:
     try:
         parts = msgpack.unpackb(data)
@@ -424,12 +487,18 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
     except DspexError:
         raise  # a code cache miss: the client sends the request again in full
     except Exception as exc:
+        missing = _missing_module(exc)
+        if missing is not None:
+            raise missing from None
         raise ProtocolError(f"cannot unpickle a by-value object here: {type(exc).__name__}: {str(exc)[:300]}"
                             ) from None
 
 
+_ENVIRONMENT = {"client": "in the client's environment", "worker": "on the workers' environment"}
+
+
 def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
-            owned: set[int] | None = None) -> object:
+            owned: set[int] | None = None, side: str = "client") -> object:
     try:
         return msgpack.unpackb(
             body,
@@ -439,16 +508,23 @@ def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
         )
     except DspexError:
         raise
+    except ModuleNotFoundError as exc:  # a by-value object, or a class named by reference, needs it
+        name = exc.name or str(exc)
+        raise MissingModule(f"{exc} (needed to load a value sent to the {side}): install it "
+                            f"{_ENVIRONMENT.get(side, 'here')}", module=name, side=side) from None
     except Exception as exc:
         raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
 
 
-def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, own_frames: bool = False) -> object:
+def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, own_frames: bool = False,
+           side: str = "client") -> object:
     """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs.
 
     ``own_frames``: the ``zmq.Frame`` objects among ``frames`` were received from an ipc/tcp socket,
     so their memory belongs to this message alone and arrays may be views of it (no copy of a
     large array). Not for inproc, where a frame can share the sender's (even immutable) memory.
+    ``side`` (``"client"`` or ``"worker"``) is where this runs: a module missing here is a
+    :class:`MissingModule` that says where to install it.
     """
     if not frames:
         raise ProtocolError("empty message")
@@ -456,7 +532,7 @@ def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, ow
     owned = {i for i, f in enumerate(frames) if isinstance(f, zmq.Frame)} if own_frames else None
     token = ref_module.resolver.set(resolve_ref)  # refs inside by-value objects resolve too
     try:
-        return _unpack(bufs[0], bufs, resolve_ref, owned)
+        return _unpack(bufs[0], bufs, resolve_ref, owned, side)
     finally:
         ref_module.resolver.reset(token)
 

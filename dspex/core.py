@@ -3,7 +3,8 @@ the socket I/O (encoding and its limits, request headers, reply handling, credit
 the reply deadline).
 
 A client sends ``exchange.frames(req_id, worker)`` and feeds each reply frame set to
-``exchange.feed(...)``, which calls the progress/output callbacks, says how much credit to grant,
+``exchange.feed(...)``, which forwards the call's output (dspex.output), calls the progress/output
+callbacks, says how much credit to grant,
 raises the typed error of an error reply and decodes the final result. The driver only waits:
 until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the connection drops
 (``exchange.lost(why)``).
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from dspex import codec
+from dspex import codec, output
 from dspex.codec import Policy
 from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
                           error_from_wire)
@@ -160,12 +161,13 @@ class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
     __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
-                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "sender", "_raw", "_max_message")
+                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward", "sender", "_raw",
+                 "_max_message")
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                 own_frames: bool = False, sender: SendCache | None = None) -> None:
+                 own_frames: bool = False, forward: bool = False, sender: SendCache | None = None) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
         self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
         self.items = items
@@ -174,8 +176,11 @@ class Exchange:
         self._max_message = max_message
         # before anything is sent: EncodeError costs nothing
         self.body, context = encode_request(op, body, max_message, sender)
-        self.flags = (FLAG_STREAM if items or on_progress is not None or on_output is not None else 0) | (
-            FLAG_ITEMS if items else 0) | context
+        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context
+        # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
+        self.forward = forward and op in WORKER_OPS
+        if self.forward or (on_output is not None and op in WORKER_OPS):
+            self.flags |= output.request_flags()
         self.on_reply, self.on_progress, self.on_output = on_reply, on_progress, on_output
         self.bind, self.own_frames, self.endpoint = bind, own_frames, endpoint
         self.meter = CreditMeter()
@@ -195,6 +200,8 @@ class Exchange:
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:
+                if self.forward:
+                    output.forward(value, self.session, worker)
                 if self.on_output is not None:
                     self.on_output(value)
             elif status == Status.PARTIAL.value and self.items:
@@ -207,11 +214,6 @@ class Exchange:
         if self.on_reply is not None:
             self.on_reply(status, worker)
         return "done", decode_value(frames, self.own_frames, self.bind), 0
-
-    @property
-    def streaming(self) -> bool:
-        """Replies other than the final one may come (events or items): not for a direct route."""
-        return bool(self.flags & (FLAG_STREAM | FLAG_ITEMS))
 
     def resend_in_full(self, err: DspexError) -> bool:
         """After ``err``: whether to send this request again, now encoded in full. True once, for

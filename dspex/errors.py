@@ -231,7 +231,41 @@ def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
     if isinstance(tb, str) and tb.strip():
         notes = getattr(err, "__notes__", None)  # the original's own notes come first
         err.__notes__ = [*(notes if isinstance(notes, list) else []), f"Remote traceback (on the worker):\n{tb.rstrip()}"]
+    chain = details.get("chain")
+    if isinstance(chain, list) and chain:
+        _link_chain(err, details, chain)
     return err
+
+
+# the keys of a remote error's payload that link it to the other links of its chain (indices: 0 is
+# the error itself, i the chain's item i-1)
+_LINK_KEYS = ("cause", "context", "suppress_context")
+MAX_CHAIN = 16  # links of a chain after the error itself (the worker sends no more)
+
+
+def _link_chain(top: RemoteError, details: dict[str, Any], chain: list[Any]) -> None:
+    """``__cause__``/``__context__``/``__suppress_context__`` of the worker's exception chain, each
+    link a remote error of its own type (``except ValueError as e: e.__cause__`` is a remote
+    KeyError). Its own traceback text is its ``remote_traceback``; the top's has the whole chain."""
+    links: list[RemoteError | None] = [top]
+    specs: list[Any] = [details, *chain[:MAX_CHAIN]]
+    for node in specs[1:]:
+        link: RemoteError | None = None
+        if isinstance(node, dict):
+            rest = {k: v for k, v in node.items() if k not in _LINK_KEYS and k != "message"}
+            try:
+                link = _remote_instance(str(node.get("message", "")), rest)
+            except Exception:  # noqa: BLE001 - a link that cannot be rebuilt here is left out; the error stands
+                link = None
+        links.append(link)
+    for err, spec in zip(links, specs):
+        if err is None or not isinstance(spec, dict):
+            continue
+        for attr, key in (("__cause__", "cause"), ("__context__", "context")):
+            index = spec.get(key)
+            if type(index) is int and 0 <= index < len(links) and links[index] is not None:
+                setattr(err, attr, links[index])
+        err.__suppress_context__ = bool(spec.get("suppress_context"))
 
 
 def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
@@ -255,14 +289,23 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
         err = cls.__new__(cls, *args)
     except Exception:
         err = cls.__new__(cls)
-    if original_type.__module__ == "builtins":  # their C fields (OSError.errno, .filename) come from init
+    if original_type.__module__ == "builtins":
+        # their C fields come from init (OSError.errno, .filename) or reduce's state (ImportError.name)
         try:
-            init_args = original.__reduce__()[1] if original is not None else args
-            original_type.__init__(err, *init_args)  # type: ignore[misc]
+            reduced = original.__reduce__() if original is not None else (original_type, args)
+            original_type.__init__(err, *reduced[1])  # type: ignore[misc]
             args = err.args
+            state = reduced[2] if len(reduced) > 2 else None
+            if isinstance(state, dict):
+                for key, value in state.items():
+                    setattr(err, key, value)
         except Exception:
             pass
-    err.message, err.details = message, details
+    try:
+        err.message = message
+    except AttributeError:  # an ExceptionGroup's own read-only message: the same text
+        pass
+    err.details = details
     if original is not None:
         try:
             err.__dict__.update(vars(original))
@@ -289,6 +332,19 @@ class EncodeError(ProtocolError):
     """A value cannot be encoded (and no ref could stand in for it)."""
 
     code = "encode_error"
+
+
+class MissingModule(UsageError, ModuleNotFoundError):
+    """A value arrived that needs a module not installed where it arrived (by-value code whose
+    module imports a package the worker lacks, a result whose class the client cannot import).
+    Also a ``ModuleNotFoundError``: ``.name`` is the module; ``details["side"]`` is
+    ``"worker"`` or ``"client"``, and the message says where to install it."""
+
+    code = "missing_module"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message, **details)
+        self.name = details.get("module")
 
 
 class MessageTooLarge(ProtocolError):

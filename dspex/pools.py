@@ -38,16 +38,14 @@ class PoolConfig:
     # 4: pipelined calls/s 1.26-1.40x depth 1, broker CPU/call -25% (docs/benchmarks.md, "Issue 14:
     # prefetch depth and wake-ups"); the requests behind a pinned worker wait for it either way
     prefetch: int = 4
-    # strict_queue only: after a session's first (brokered) call pins it, its client sends the
-    # session's calls straight to the pinned worker's own socket (issue 14 prototype; default off)
-    direct: bool = False
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
 
 
 _POOL_KEYS = {f.name: f.type for f in fields(PoolConfig) if f.name not in ("name", "affinity", "recycle")}
 _RECYCLE_KEYS = {f.name for f in fields(RecyclePolicy)}
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+# settings earlier versions had: a conf that still sets one is told why it is refused
+_REMOVED_KEYS = {"direct": "direct pools were removed: every call goes through the broker"}
 
 
 def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
@@ -57,13 +55,10 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             cfg.affinity = Affinity(value.strip())
         elif key in _RECYCLE_KEYS:
             setattr(cfg.recycle, key, type(getattr(cfg.recycle, key))(value))
-        elif key in _POOL_KEYS and isinstance(getattr(cfg, key), bool):
-            flag = value.strip().lower()
-            if flag not in _BOOLS:
-                raise ValueError(value)
-            setattr(cfg, key, _BOOLS[flag])
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
+        elif key in _REMOVED_KEYS:
+            raise ConfigError(f"{where}: pool setting {key!r} was removed ({_REMOVED_KEYS[key]}); delete it")
         else:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
     except ValueError:

@@ -108,7 +108,7 @@ class Status(str, enum.Enum):
     ERROR = "err"
     PARTIAL = "part"  # one streamed item
     PROGRESS = "prog"  # a progress event of a long call
-    OUTPUT = "out"  # text the call printed or warned: {"stream": "stdout"|"stderr"|"warning", "text": str}
+    OUTPUT = "out"  # what the call printed, warned or logged: {"stream": "stdout"|"stderr"|"warning"|"log", "text": str, ...}
 
 
 class Affinity(str, enum.Enum):
@@ -129,7 +129,26 @@ class WorkerState(str, enum.Enum):
 # Request header flags
 FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
 FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
-FLAG_CONTEXT = 4  # the payload's last frame is the session context (client DSPy settings, dropped keys)
+# The caller takes the call's OUTPUT events (printed text, warnings, log records), with credit flow
+# control. Unlike FLAG_STREAM it costs a call that prints nothing nothing: the worker builds the
+# stream machinery at the first event.
+FLAG_OUTPUT = 4
+# Bits 8-15 of the flags: the lowest log level the caller handles (1-255); log records below it are
+# not sent. 0: send no log records.
+_LOG_LEVEL_SHIFT = 8
+
+
+def output_flags(log_level: int) -> int:
+    """FLAG_OUTPUT with the caller's log threshold (clamped to 0-255; 0: no log records)."""
+    return FLAG_OUTPUT | (min(max(log_level, 0), 0xFF) << _LOG_LEVEL_SHIFT)
+
+
+def log_level_of(flags: int) -> int:
+    """The caller's log threshold carried in ``flags`` (0: it takes no log records)."""
+    return (flags >> _LOG_LEVEL_SHIFT) & 0xFF
+
+
+FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
 
 
 class RequestHeader(NamedTuple):
@@ -180,63 +199,42 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
     return header
 
 
-def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "", direct: str = "") -> bytes:
-    """``[status, req_id, worker, pool(, direct)]``: the worker the reply came from lets clients
-    track pins; ``direct`` is its direct endpoint (``direct`` pools, admitted sessions only)."""
-    if direct:
-        return _packb([status, req_id, worker, pool, direct])
+def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
+    """``[status, req_id, worker, pool]``: the worker the reply came from lets clients track pins."""
     return _packb([status, req_id, worker, pool])
 
 
 def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
-    status, req_id, worker, pool, _ = unpack_reply(data)
-    return status, req_id, worker, pool
-
-
-def unpack_reply(data: bytes | memoryview) -> tuple[str, int, str, str, str]:
-    """``(status, req_id, worker, pool, direct)``: ``direct`` is the worker's direct endpoint,
-    which a worker of a ``direct`` pool appends to its replies to sessions it admits ("" if none)."""
     try:
-        fields = msgpack.unpackb(data)
-        status, req_id, worker, pool = fields[:4]
-        if not (isinstance(status, str) and isinstance(req_id, int)) or len(fields) > 5:
+        status, req_id, worker, pool = msgpack.unpackb(data)
+        if not (isinstance(status, str) and isinstance(req_id, int)):
             raise TypeError("wrong field types")
     except Exception as exc:
         raise ProtocolError(f"malformed reply header: {exc}") from None
-    return status, req_id, str(worker), str(pool), str(fields[4]) if len(fields) == 5 else ""
+    return status, req_id, str(worker), str(pool)
 
 
 # Budget flags
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
-# a ``direct`` strict_queue pool: the worker admits the session's calls on its own socket; the
-# request head then carries the pool's queue timeout (ms) and queue_max, which direct calls get
-BUDGET_DIRECT = 2
-# Reply status a direct worker answers a request it will not take directly with (a session it
-# has not admitted, a stream, a stopping worker): the request did not run; send it via the broker
-STATUS_VIA_BROKER = "via"
 
 _REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply head carries them in 8 bytes)
 _U32 = 2**32 - 1
-# B_REQUEST's first frame: command, call_ms, queue_ms, session_ttl_s, flags, queue_timeout_ms,
-# queue_max (the last two: the pool's, for ``BUDGET_DIRECT``; 0 otherwise), then the client id
-_REQUEST_HEAD = struct.Struct("<cIIIBII")
+# B_REQUEST's first frame: command, call_ms, queue_ms, session_ttl_s, flags, then the client id
+_REQUEST_HEAD = struct.Struct("<cIIIB")
 # W_REPLY / W_PARTIAL's first frame: command, ok (1: status "ok"), req_id, then the client id
 _REPLY_HEAD = struct.Struct("<cBQ")
 REQUEST_HEAD_SIZE = _REQUEST_HEAD.size
 REPLY_HEAD_SIZE = _REPLY_HEAD.size
 
 
-def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0,
-                      queue_timeout_ms: int = 0, queue_max: int = 0) -> bytes:
+def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
     """B_REQUEST's first frame. The budget: what is left of the call's deadline and of its queue
     deadline when the broker hands the request to a worker (ms, 0: none). Relative, so clocks of
     other hosts never matter: the worker adds them to its own monotonic clock on receipt.
     ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from it; 0:
-    none) and ``flags`` holds ``BUDGET_EPHEMERAL`` or ``BUDGET_DIRECT`` (then the pool's queue
-    timeout and queue_max follow, which the session's direct calls get). Values past 32 bits are
-    capped."""
+    none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Values past 32 bits are capped."""
     return _REQUEST_HEAD.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
-                              flags & 0xFF, min(queue_timeout_ms, _U32), min(queue_max, _U32)) + client
+                              flags & 0xFF) + client
 
 
 class RequestHead(NamedTuple):
@@ -248,15 +246,13 @@ class RequestHead(NamedTuple):
     queue_ms: int
     session_ttl_s: int
     flags: int
-    queue_timeout_ms: int = 0
-    queue_max: int = 0
 
 
 def unpack_request_head(data: bytes) -> RequestHead:
     if len(data) <= REQUEST_HEAD_SIZE or data[:1] != B_REQUEST:
         raise ProtocolError(f"malformed request head ({len(data)} bytes): a broker of another protocol version?")
-    _, call_ms, queue_ms, ttl, flags, queue_timeout_ms, queue_max = _REQUEST_HEAD.unpack_from(data)
-    return RequestHead(data[REQUEST_HEAD_SIZE:], call_ms, queue_ms, ttl, flags, queue_timeout_ms, queue_max)
+    _, call_ms, queue_ms, ttl, flags = _REQUEST_HEAD.unpack_from(data)
+    return RequestHead(data[REQUEST_HEAD_SIZE:], call_ms, queue_ms, ttl, flags)
 
 
 def pack_reply_head(command: bytes, status: str, req_id: int, client: bytes) -> bytes:

@@ -99,33 +99,54 @@ def _dspy() -> Any:
     return importlib.import_module("dspy")
 
 
-def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[str, Any]] | None:
-    """(kind, fields, input_keys, extra) of an exact dspy.Example/Prediction or a Record; else None."""
+# what the record's fields and extra carry; the rest of a subclass instance's __dict__ travels as attrs
+_RECORD_STATE = frozenset({"_store", "_completions", "_lm_usage"})
+
+
+def record_parts(obj: Any) -> tuple[str, dict[str, Any], list[str] | None, dict[str, Any], dict[str, Any] | None] | None:
+    """(kind, fields, input_keys, extra, attrs) of a dspy.Example/Prediction or a Record; else None.
+
+    ``attrs`` is None for the exact classes; for a subclass (dspy's ``EvaluationResult``, the
+    user's own) it is the rest of the instance's ``__dict__``, and the class travels too."""
     if type(obj) is Record:
-        return obj.kind, obj._fields, obj.input_keys, obj.extra
+        return obj.kind, obj._fields, obj.input_keys, obj.extra, None
     dspy = sys.modules.get("dspy")
     if dspy is None:
         return None
     cls = type(obj)
     # getattr: dspy may be half-imported by another thread (then obj cannot be one of these yet)
-    if cls is getattr(dspy, "Prediction", None):
-        extra: dict[str, Any] = {}
-        usage = getattr(obj, "_lm_usage", None)
-        if usage:
-            extra["lm_usage"] = usage
-        completions = getattr(obj, "_completions", None)
-        if completions is not None:
-            # all of them (dspy.majority reads them); the signature as its text form, which names
-            # the fields (a class would have to stay on the worker as a ref)
-            extra["completions"] = dict(completions._completions)
-            text = _signature_text(getattr(completions, "signature", None))
-            if text is not None:
-                extra["signature"] = text
-        return "prediction", dict(obj._store), None, extra
-    if cls is getattr(dspy, "Example", None):
+    prediction, example = getattr(dspy, "Prediction", None), getattr(dspy, "Example", None)
+    if cls is prediction:
+        return "prediction", dict(obj._store), None, _prediction_extra(obj), None
+    if cls is example:
         keys = getattr(obj, "_input_keys", None)
-        return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}
-    return None
+        return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}, None
+    if example is None or not isinstance(obj, example):
+        return None
+    state = getattr(obj, "__dict__", None)
+    if not isinstance(state, dict) or not isinstance(state.get("_store"), dict):
+        return None  # a subclass that keeps its fields elsewhere: pickled as a whole
+    attrs = {k: v for k, v in state.items() if k not in _RECORD_STATE}
+    if prediction is not None and isinstance(obj, prediction):
+        return "prediction", dict(obj._store), None, _prediction_extra(obj), attrs
+    keys = state.get("_input_keys")
+    return "example", dict(obj._store), sorted(keys) if keys is not None else None, {}, attrs
+
+
+def _prediction_extra(obj: Any) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    usage = getattr(obj, "_lm_usage", None)
+    if usage:
+        extra["lm_usage"] = usage
+    completions = getattr(obj, "_completions", None)
+    if completions is not None:
+        # all of them (dspy.majority reads them); the signature as its text form, which names
+        # the fields (a class would have to stay on the worker as a ref)
+        extra["completions"] = dict(completions._completions)
+        text = _signature_text(getattr(completions, "signature", None))
+        if text is not None:
+            extra["signature"] = text
+    return extra
 
 
 # signature class -> (its __doc__, its fields dict, [spec, instructions]): computing the text form
@@ -172,7 +193,7 @@ def _signature(spec: str, instructions: str) -> Any:
 _PREDICTION_STATE: dict[type, bool] = {}  # Prediction class -> may its instances be built from their state
 
 
-def _new_prediction(cls: type, fields: dict[str, Any]) -> Any:
+def _new_prediction(cls: Any, fields: dict[str, Any]) -> Any:
     """``cls()`` holding ``fields`` (not ``cls(**fields)``: a field may be named like a parameter).
 
     Example.__init__ and Prediction.__init__ go through Example.__setattr__ six times (~6 µs per
@@ -181,7 +202,8 @@ def _new_prediction(cls: type, fields: dict[str, Any]) -> Any:
     fast = _PREDICTION_STATE.get(cls)
     if fast is None:
         probe = cls()
-        fast = _PREDICTION_STATE[cls] = (type(probe).__new__ is object.__new__
+        new: Any = type(probe).__new__
+        fast = _PREDICTION_STATE[cls] = (new is object.__new__
                                          and vars(probe) == {"_store": {}, "_completions": None, "_lm_usage": None})
     if fast:
         pred = cls.__new__(cls)
@@ -192,25 +214,57 @@ def _new_prediction(cls: type, fields: dict[str, Any]) -> Any:
     return pred
 
 
-def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None, extra: dict[str, Any]) -> Any:
+def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None, extra: dict[str, Any],
+                 cls: Any = None, attrs: dict[str, Any] | None = None) -> Any:
+    """The dspy object of a record (of class ``cls`` with ``attrs`` for a subclass: its
+    importable name or the class itself); a :class:`Record` when dspy is not importable here."""
     dspy = _dspy()
     if dspy is None:
         return Record(kind, fields, input_keys, extra)
+    if cls is not None:
+        from dspex.wiretypes import resolve_code
+
+        return _subclass_record(dspy, kind, resolve_code(cls), fields, extra, attrs or {})
     if kind == "prediction":
         pred = _new_prediction(dspy.Prediction, fields)
-        if extra.get("lm_usage"):
-            pred.set_lm_usage(extra["lm_usage"])
-        completions = extra.get("completions")
-        if isinstance(completions, dict):
-            spec = extra.get("signature")
-            ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
-            signature = _signature(spec[0], spec[1]) if ok else None
-            from dspy.primitives.prediction import Completions
-
-            pred._completions = Completions(completions, signature=signature)
+        _set_prediction_extra(pred, extra)
         return pred
     example = dspy.Example()
     example._store.update(fields)
     if input_keys is not None:
         example = example.with_inputs(*input_keys)
     return example
+
+
+def _set_prediction_extra(pred: Any, extra: dict[str, Any]) -> None:
+    if extra.get("lm_usage"):
+        pred.set_lm_usage(extra["lm_usage"])
+    completions = extra.get("completions")
+    if isinstance(completions, dict):
+        spec = extra.get("signature")
+        ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
+        signature = _signature(spec[0], spec[1]) if ok and isinstance(spec, list) else None
+        from dspy.primitives.prediction import Completions
+
+        pred._completions = Completions(completions, signature=signature)
+
+
+def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], extra: dict[str, Any],
+                     attrs: dict[str, Any]) -> Any:
+    """An instance of a subclass of Example/Prediction from its state, as pickle would make it
+    (its ``__init__`` may take other arguments: ``EvaluationResult(score, results)``)."""
+    from dspex.errors import ProtocolError
+
+    base = dspy.Prediction if kind == "prediction" else dspy.Example
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ProtocolError(f"malformed record: {cls!r} is not a {base.__name__} class")
+    make: Any = cls
+    obj = make.__new__(cls)
+    state = vars(obj)
+    state["_store"] = dict(fields)
+    if kind == "prediction":
+        state.update(_completions=None, _lm_usage=None)
+    state.update(attrs)
+    if kind == "prediction":
+        _set_prediction_extra(obj, extra)
+    return obj

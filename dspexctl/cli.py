@@ -11,6 +11,7 @@
     stop                                       the stack of this supervisor.conf (supervisord shutdown)
     sessions close ID | --pool P | --idle SECONDS | --all
     keys generate [--dir DIR] [--peer NAME ...]
+    hosts conf --broker tcp://HOST:PORT --pool NAME=N [...]   a worker host's supervisord conf
     flagship [--model M] [--api-base URL] [--max-metric-calls N] [--no-recycle] [--keep-running] [--json]
 
 Each command is a request/execute/present triple (dspexctl/commands.py); ``--json`` prints the
@@ -33,6 +34,7 @@ from dspexctl import commands
 from dspexctl.status import PoolsStatus
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
+from dspexctl.hosts import hosts
 from dspexctl.keys import keys
 from dspex.supervisor import default_conf
 
@@ -225,6 +227,7 @@ def sessions_close(ctx: click.Context, session: str | None, pool: str | None, id
 
 main.add_command(flagship)
 main.add_command(keys)
+main.add_command(hosts)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,24 @@ def test_second_broker_on_a_live_run_dir_exits_and_the_first_keeps_serving(stack
     assert dx.ping()["pid"] == stack.broker.pid and dx.ping()["frontend"] == stack.frontend
 
 
+
+@pytest.mark.parametrize("where", ["spec", "conf"])
+def test_broker_refuses_the_removed_direct_setting_by_name(stack: Stack, where: str) -> None:
+    """A conf written for direct pools (removed) stops the broker with the setting's name, not a
+    pool that silently routes otherwise."""
+    if where == "conf":
+        conf = Path(stack.root) / "old.conf"
+        conf.write_text("[dspex:pool:p]\naffinity = strict_queue\ndirect = true\n")
+        pools = ["--config", str(conf)]
+    else:
+        pools = ["--pool", "p:strict_queue:direct=true"]
+    res = subprocess.run([PY, "-m", "broker", "--frontend", stack.frontend, "--backend", stack.backend, *pools],
+                         cwd=REPO, env=base_env(stack.run_dir), capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "pool setting 'direct' was removed" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(stack.frontend[len("ipc://"):]), "nothing was bound"
+
 # -- bounded reply buffering per client -------------------------------------------------------
 def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> None:
     import msgpack

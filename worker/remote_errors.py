@@ -3,7 +3,9 @@
 The payload (docs/remote-objects.md): ``{"code": "remote_error", "message", "type" (qualname),
 "module", "traceback", "pickled"}``; ``pickled`` is the exception by value (cloudpickle), bounded,
 absent when it cannot be pickled or would not load again, so the client can raise an instance
-of the original type with its attributes. Any exception encodes: a ``__str__`` that raises falls
+of the original type with its attributes. An exception with a ``__cause__``/``__context__`` also
+has ``chain`` (the other links, each such a payload without ``code``) and ``cause``/``context``
+(indices: 0 is the exception itself, i is ``chain[i-1]``), ``suppress_context`` when true. Any exception encodes: a ``__str__`` that raises falls
 back to ``repr``, lone surrogates are escaped (msgpack only packs valid UTF-8), sizes are bounded.
 """
 
@@ -17,13 +19,16 @@ import cloudpickle
 import msgpack
 
 from dspex import byvalue
-from dspex.errors import DspexError, ProtocolError, RemoteError
+from dspex.errors import MAX_CHAIN, DspexError, ProtocolError, RemoteError
 
 log = logging.getLogger("dspex.worker")
 
 MAX_MESSAGE_CHARS = 16_000
 MAX_TRACEBACK_CHARS = 16_000
 MAX_PICKLED_BYTES = 1 << 20
+MAX_LINK_CHARS = 4_000  # message and traceback of each link
+MAX_LINK_PICKLED_BYTES = 64 << 10
+INSTALL_HINT = "install it on the workers' environment"
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -47,9 +52,9 @@ def _message(exc: BaseException) -> str:
             return f"<{type(exc).__name__} with an unprintable message>"
 
 
-def _traceback(exc: BaseException) -> str:
+def _traceback(exc: BaseException, chain: bool = True) -> str:
     try:
-        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=chain))
     except BaseException:  # noqa: BLE001 - a raising __str__ also breaks the formatter
         try:
             frames = "".join(traceback.format_tb(exc.__traceback__))
@@ -58,10 +63,10 @@ def _traceback(exc: BaseException) -> str:
         return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__}: {_message(exc)}\n"
 
 
-def _pickled(exc: BaseException) -> bytes | None:
+def _pickled(exc: BaseException, limit: int = MAX_PICKLED_BYTES) -> bytes | None:
     try:
         data = byvalue.dumps_exception(exc)
-        if len(data) > MAX_PICKLED_BYTES:
+        if len(data) > limit:
             return None
         cloudpickle.loads(data)  # an exception whose __init__ needs other args would not load
         return data
@@ -69,18 +74,72 @@ def _pickled(exc: BaseException) -> bytes | None:
         return None
 
 
-def remote_error(exc: BaseException) -> RemoteError:
-    """The ``RemoteError`` for an exception user code raised (never raises itself)."""
+def _describe(exc: BaseException, message_chars: int, traceback_text: str, pickled_bytes: int) -> dict[str, Any]:
     cls = type(exc)
     details: dict[str, Any] = {
+        "message": clean_text(_message(exc), message_chars),
         "type": clean_text(getattr(cls, "__qualname__", cls.__name__), 500),
         "module": clean_text(str(getattr(cls, "__module__", "builtins")), 500),
-        "traceback": clean_text(_traceback(exc), MAX_TRACEBACK_CHARS),
+        "traceback": traceback_text,
     }
-    pickled = _pickled(exc)
+    pickled = _pickled(exc, pickled_bytes)
     if pickled is not None:
         details["pickled"] = pickled
-    return RemoteError(clean_text(_message(exc), MAX_MESSAGE_CHARS), **details)
+    return details
+
+
+def _chain(exc: BaseException, details: dict[str, Any]) -> None:
+    """Put the ``__cause__``/``__context__`` chain of ``exc`` in its payload (``chain``: the other
+    links, each with its own message, type, traceback and pickled form; ``cause``/``context``:
+    indices, 0 being ``exc`` itself). Bounded: ``MAX_CHAIN`` links, a cycle is an index back."""
+    index = {id(exc): 0}
+    order: list[BaseException] = [exc]
+    specs: list[dict[str, Any]] = [details]
+    n = 0
+    while n < len(order):
+        link, spec = order[n], specs[n]
+        for key, other in (("cause", link.__cause__), ("context", link.__context__)):
+            if other is None:
+                continue
+            if id(other) not in index:
+                if len(order) > MAX_CHAIN:
+                    continue
+                index[id(other)] = len(order)
+                order.append(other)
+                specs.append(_describe(other, MAX_LINK_CHARS, clean_text(_traceback(other, chain=False), MAX_LINK_CHARS),
+                                       MAX_LINK_PICKLED_BYTES))
+            spec[key] = index[id(other)]
+        if link.__suppress_context__:
+            spec["suppress_context"] = True
+        n += 1
+    if len(specs) > 1:
+        details["chain"] = specs[1:]
+
+
+def with_install_hint(exc: BaseException) -> BaseException:
+    """A ModuleNotFoundError of user code on a worker, saying where the module is missing."""
+    if type(exc) is not ModuleNotFoundError or not exc.name or INSTALL_HINT in str(exc.msg):
+        return exc
+    hinted = ModuleNotFoundError(f"{exc.msg} ({INSTALL_HINT})", name=exc.name, path=exc.path)
+    hinted.__traceback__, hinted.__cause__, hinted.__context__ = exc.__traceback__, exc.__cause__, exc.__context__
+    hinted.__suppress_context__ = exc.__suppress_context__
+    if hasattr(exc, "__notes__"):
+        hinted.__notes__ = list(exc.__notes__)
+    return hinted
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    """The ``RemoteError`` for an exception user code raised (never raises itself)."""
+    exc = with_install_hint(exc)
+    details = _describe(exc, MAX_MESSAGE_CHARS, clean_text(_traceback(exc), MAX_TRACEBACK_CHARS), MAX_PICKLED_BYTES)
+    try:
+        _chain(exc, details)
+    except BaseException:  # a chain we cannot describe (user code in __str__...): the error without it
+        log.exception("cannot describe the exception chain of %s", type(exc).__qualname__)
+        for key in ("chain", "cause", "context", "suppress_context"):
+            details.pop(key, None)
+    message = details.pop("message")
+    return RemoteError(message, **details)
 
 
 def error_frames(err: DspexError) -> list[bytes]:
@@ -97,7 +156,7 @@ def error_frames(err: DspexError) -> list[bytes]:
                 safe[clean_text(str(key), 200)] = clean_text(str(value), MAX_TRACEBACK_CHARS)
         try:
             return [msgpack.packb(safe)]
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("unencodable error payload")
             fallback = ProtocolError(f"unencodable error reply ({type(exc).__name__})")
             return [msgpack.packb(fallback.to_wire())]

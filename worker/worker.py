@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,8 +44,9 @@ from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     B_REREGISTER,
-    BUDGET_DIRECT,
     BUDGET_EPHEMERAL,
+    FLAG_ITEMS,
+    FLAG_OUTPUT,
     FLAG_STREAM,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -64,9 +66,10 @@ from dspex.protocol import (
     unpack_request_head,
     unpack_request_header,
 )
-from worker.direct import DirectPort, endpoint_for
+from worker import output
 from worker.executor import Executor, RefTable, StreamControl, error_frames
 from worker.limits import CallTimedOut
+from worker.streaming import LazyStream
 
 log = logging.getLogger("dspex.worker")
 
@@ -155,8 +158,6 @@ class Worker:
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self._next_backstop = time.monotonic() + 1.0
-        self._port: DirectPort | None = None  # a direct pool's own socket, from its first admitted session
-        self._ipc = options.backend.startswith("ipc://")  # direct calls: same-host (ipc) only, for now
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -189,9 +190,6 @@ class Worker:
             while not (self._stop.is_set() and self._active == 0):
                 request = self._next_request(poller, replies)
                 if request is None or self._stop.is_set():
-                    if request is not None and self._port is not None and self._port.owns_request(request[1]):
-                        with self._lock:  # a direct one goes back to its client (it did not run)
-                            self._port.bounce(request[1])
                     continue  # stopping: a request not started is handed back at our goodbye
                 if pool is None:
                     self._set_busy(True)
@@ -215,11 +213,6 @@ class Worker:
                         self._send_reply(replies.recv_multipart(zmq.NOBLOCK, copy=False))
                     except zmq.Again:
                         break
-                if self._port is not None:  # direct requests not started go back: they did not run
-                    self._port.read(self._inbox, True)
-                    for _, frames in self._inbox:
-                        if self._port.owns_request(frames):
-                            self._port.bounce(frames)
                 # say goodbye so the broker drops our sessions now, not at heartbeat expiry
                 self._sock.setsockopt(zmq.LINGER, 1000)
                 try:
@@ -231,8 +224,6 @@ class Worker:
             io.join(timeout=5)
             self._close_monitor()
             self._sock.close()
-            if self._port is not None:
-                self._port.close()
             if replies is not None:
                 replies.close(0)
         return 0
@@ -274,8 +265,6 @@ class Worker:
                     self._send_reply(out)
             if self._sock in events:
                 self._read_socket()
-            if self._port is not None and self._port.sock in events:
-                self._port.read(self._inbox, self._stop.is_set())
             self._timers()
             return self._inbox.popleft() if self._inbox else None
 
@@ -293,9 +282,6 @@ class Worker:
     def _send_reply(self, frames: list[Any]) -> None:
         """Holding the lock. Bounded by SNDTIMEO: a broker gone for good must not wedge us."""
         assert self._sock is not None
-        if self._port is not None and self._port.owns_reply(frames):
-            self._port.reply(frames)
-            return
         try:
             send_frames(self._sock, frames)
         except zmq.Again:
@@ -324,27 +310,25 @@ class Worker:
         arrived, frames = request
         head = unpack_request_head(frames[0].bytes)
         client = head.client
-        if self._port is not None and self._port.owns(client) and not self._port.still_admitted(frames):
-            with self._lock:  # released (closed, expired) while it waited here: it did not run
-                self._port.bounce(frames)
-            return
         req_id = 0
         header: RequestHeader | None = None
-        stream: StreamControl | None = None
+        stream: StreamControl | LazyStream | None = None
         with self._active_lock:
             self._running += 1
         session = ""
         try:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
-            session = self._session_started(header.session, head)
+            session = self._session_started(header.session)
             call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
                                    pool=self.options.pool)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
+                stream = self._open_stream(client, req_id, header.timeout_ms, send, bool(header.flags & FLAG_ITEMS))
+            elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
+                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=lambda: self._hard_timeout(client, header), client=client,
                                           ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
@@ -356,13 +340,13 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
-            self._log_failure(header, req_id, stream is not None, err)
+            self._log_failure(header, req_id, isinstance(stream, StreamControl), err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
             reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), Status.ERROR.value
         finally:
-            if stream is not None:
+            if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
             self._session_ended(session, head.session_ttl_s, head.flags)
@@ -372,8 +356,7 @@ class Worker:
                 self._dspy_logs = True
                 logs.adopt("dspy")
         send([pack_reply_head(W_REPLY, status, req_id, client),
-              pack_reply_header(status, req_id, self.incarnation, self.options.pool,
-                                self._port.announce(session, client) if self._port is not None else ""), *reply])
+              pack_reply_header(status, req_id, self.incarnation, self.options.pool), *reply])
 
     @staticmethod
     def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:
@@ -385,7 +368,7 @@ class Worker:
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
-                     send: Callable[[list[Any]], None]) -> StreamControl:
+                     send: Callable[[list[Any]], None], items: bool) -> StreamControl:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
@@ -396,7 +379,7 @@ class Worker:
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall)
+        control = StreamControl(emit, STREAM_WINDOW, stall, items)
         self._busy_since = 0.0  # a stream needs its credit and cancels read at once: no grace
         self._wake.set()
         with self._streams_lock:
@@ -420,11 +403,8 @@ class Worker:
         self._exiting = True
         try:
             assert self._sock is not None
-            reply = [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)]
-            if self._port is not None and self._port.owns(client):
-                self._port.reply(reply)
-            else:
-                send_frames(self._sock, reply)
+            send_frames(self._sock, [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head,
+                                     *error_frames(err)])
             self._sock.send(W_DISCONNECT)
             # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
             # arrives it has read the reply and the goodbye, so closing the connection now cannot
@@ -448,24 +428,12 @@ class Worker:
         self._stop.set()
 
     # -- session lifecycle: the broker releases; the worker's backstop TTL catches the rest ----
-    def _session_started(self, session: str, head: RequestHead) -> str:
+    def _session_started(self, session: str) -> str:
         """A request of ``session`` is about to run: its session counts as running."""
         if session:
             with self._active_lock:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
-            if head.flags & BUDGET_DIRECT and self._ipc and (self._port is None or session not in self._port.admitted):
-                self._admit(session, head.session_ttl_s, head.queue_timeout_ms, head.queue_max)
         return session
-
-    def _admit(self, session: str, ttl: int, queue_ms: int, queue_max: int) -> None:
-        """A brokered call of a ``direct`` pool's session: its client may now call us directly."""
-        with self._lock:
-            if self._port is None:
-                self._port = DirectPort(self.ctx, endpoint_for(self.options.backend, self.incarnation),
-                                        self.incarnation, self.options.pool, self.max_message, self.capacity)
-                if self._poller is not None:
-                    self._poller.register(self._port.sock, zmq.POLLIN)
-            self._port.admit(session, ttl, queue_ms, queue_max)
 
     def _session_ended(self, session: str, ttl: int, flags: int) -> None:
         if not session:
@@ -477,15 +445,10 @@ class Worker:
             self._session_ends[session] = (time.monotonic(), ttl)
         if flags & BUDGET_EPHEMERAL and not left:
             self._release(session)  # a ``none`` pool keeps no session state between calls
-        elif not left and self._port is not None and session in self._port.deferred:
-            self._port.deferred.discard(session)
-            self._release(session)
 
     def _release(self, session: str) -> int:
         with self._active_lock:
             self._session_ends.pop(session, None)
-        if self._port is not None:
-            self._port.forget(session)
         return self.executor.refs.release_session(session)
 
     def _backstop_sweep(self, now: float) -> None:
@@ -526,6 +489,7 @@ class Worker:
         if now >= self._next_backstop:
             self._next_backstop = now + 1.0
             self._backstop_sweep(now)
+            output.relax_root_level()
         if now >= self._next_beat:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
@@ -587,8 +551,6 @@ class Worker:
             self._stream_control(command, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:
             session_id = frames[1].bytes.decode(errors="replace")
-            if self._port is not None and self._port.defer_release(session_id, session_id in self._running_sessions):
-                return  # a direct call of it runs (the broker cannot know): released when it ends
             n = self._release(session_id)
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
@@ -606,12 +568,16 @@ class Worker:
         except Exception:
             log.warning("malformed stream control from broker")
             return
+        self._control(command == B_CANCEL, key, n)
+
+    def _control(self, cancel: bool, key: tuple[bytes, int], n: Any) -> None:
         with self._streams_lock:
             control = self._streams.get(key)
-        if command == B_CANCEL:
+        if cancel:
             if control is not None:
-                control.cancel()  # a stream stops at its next item
-            elif not self.executor.cancel(key):  # a call is interrupted (worker.limits)
+                control.cancel()  # a stream stops at its next item; a call waiting for credit, at once
+            # a call that is not a stream is interrupted (worker.limits)
+            if (control is None or not control.items) and not self.executor.cancel(key):
                 log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
         elif control is not None:
             control.add_credit(int(n))
@@ -629,8 +595,6 @@ class Worker:
                 if self._exiting or not self._busy:
                     continue
                 self._read_socket()
-                if self._port is not None:
-                    self._port.read(self._inbox, self._stop.is_set())
                 self._timers()
 
     # -- frames -------------------------------------------------------------------------------
@@ -645,17 +609,13 @@ class Worker:
                 "running": self._running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
-                **({"direct": self._port.endpoint} if self._port is not None else {}),
             }
         )
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        stats = {"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
-                 "sessions": len(ex.refs.sessions), "running": self._running}
-        if self._port is not None:
-            stats["direct"] = self._port.report()
-        return _packb(stats)
+        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
+                       "sessions": len(ex.refs.sessions), "running": self._running})
 
     def _renew_socket(self) -> None:
         assert self._sock is not None and self._poller is not None

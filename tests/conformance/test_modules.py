@@ -252,6 +252,39 @@ def test_custom_module_with_two_predictors(run: Runner) -> None:
     assert "cats" in first_prompt
 
 
+# -- a Module returning its own Prediction subclass ---------------------------------------------
+
+
+class Verdict(dspy.Prediction):
+    """A program's own result type, with a method and state outside its fields."""
+
+    def __init__(self, label, confidence):
+        super().__init__(label=label)
+        self._confidence = confidence
+
+    def sure(self):
+        return self._confidence >= 0.5
+
+
+class Classifier(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.classify = dspy.Predict("ticket -> label")
+
+    def forward(self, ticket):
+        return Verdict(self.classify(ticket=ticket).label, confidence=0.75)
+
+
+def prediction_subclass_program():
+    dspy.configure(lm=DummyLM([{"label": "billing"}]))
+    return Classifier()(ticket="I was charged twice")
+
+
+def test_a_module_returning_its_own_prediction_subclass(run: Runner) -> None:
+    verdict = run.check(prediction_subclass_program)
+    assert type(verdict) is Verdict and verdict.label == "billing" and verdict.sure()
+
+
 def test_custom_module_instance_sent_by_value(run: Runner) -> None:
     """A client-built Module instance travels by value; its class is test-module code."""
     run(dspy.configure, lm=DummyLM([{"draft": "dogs bark"}, {"reasoning": "r", "text": "Dogs bark."}]))

@@ -10,6 +10,7 @@ import os
 import tempfile
 
 import dspy
+from dspy.evaluate.evaluate import EvaluationResult
 from dspy.teleprompt import (
     GEPA,
     SIMBA,
@@ -171,6 +172,20 @@ def test_evaluate_with_a_client_defined_metric(run: Runner) -> None:
     score, rows = run.check(evaluate_program, exact_match)
     assert round(score, 2) == 66.67
     assert rows == [("France", "Paris", True), ("Italy", "Rome", True), ("Spain", "Barcelona", False)]
+
+
+def evaluation_result_program(metric):
+    dspy.configure(lm=DummyLM(CAPITALS))
+    devset = [dspy.Example(country=c, answer=a).with_inputs("country")
+              for c, a in [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid")]]
+    return dspy.Evaluate(devset=devset, metric=metric, display_progress=False)(dspy.Predict("country -> answer"))
+
+
+def test_evaluate_returns_its_evaluation_result(run: Runner) -> None:
+    """DSPy's docs: ``result = evaluate(program)``; ``result.score``, ``result.results``."""
+    result = run.check(evaluation_result_program, exact_match)
+    assert type(result) is EvaluationResult and round(result.score, 2) == 66.67
+    assert [type(pred) for _, pred, _ in result.results] == [dspy.Prediction] * 3
 
 
 def test_evaluate_with_a_lambda_metric_through_handles(run: Runner) -> None:

@@ -1,0 +1,250 @@
+"""Values keep their exact types through real broker and worker processes, both ways; errors
+keep their chain; a module missing where a value arrives is a catchable ModuleNotFoundError."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+from dspy.evaluate.evaluate import EvaluationResult
+from dspy.utils.dummies import DummyLM
+
+import dspex
+from tests.harness import Stack
+from tests.test_codec_types import EXACT, Scored, assert_exact
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def dx(stack: Stack) -> dspex.Client:
+    return stack.pool("p:strict_queue", 1)
+
+
+def echo_with_types(values: list[Any]) -> tuple[list[Any], list[str]]:
+    """What the worker received, and the types it saw."""
+    return values, [f"{type(v).__module__}.{type(v).__qualname__}" for v in values]
+
+
+def test_every_exact_type_as_an_argument_and_as_a_result(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    back, seen = s.run(echo_with_types, EXACT)
+    assert seen == [f"{type(v).__module__}.{type(v).__qualname__}" for v in EXACT]
+    for i, (sent, got) in enumerate(zip(EXACT, back)):
+        try:
+            assert_exact(sent, got)
+        except AssertionError as exc:
+            raise AssertionError(f"EXACT[{i}] = {sent!r} came back as {got!r}") from exc
+
+
+def test_values_made_on_the_worker_come_back_exact(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    out = s.eval("(__import__('collections').OrderedDict(b=1, a=2), __import__('decimal').Decimal('0.1'), "
+                 "__import__('uuid').UUID(int=5), __import__('pathlib').Path('/tmp/x'), "
+                 "__import__('enum').IntFlag('Perm', 'R W').W, 'lone \\udcff')")
+    import collections
+    import decimal
+    import pathlib
+    import uuid
+
+    assert type(out[0]) is collections.OrderedDict and list(out[0]) == ["b", "a"]
+    assert out[1:4] == (decimal.Decimal("0.1"), uuid.UUID(int=5), pathlib.PosixPath("/tmp/x"))
+    assert [type(x) for x in out[1:4]] == [decimal.Decimal, uuid.UUID, pathlib.PosixPath]
+    assert type(out[4]).__name__ == "Perm" and int(out[4]) == 2  # an enum class made on the worker, by value
+    assert out[5] == "lone \udcff"
+
+
+def test_a_class_defined_in_the_session_comes_back_as_that_class(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    s.exec("import typing\nclass Hit(typing.NamedTuple):\n    doc: str\n    score: float\n")
+    hit = s.eval("Hit('d', 0.5)")
+    assert type(hit).__name__ == "Hit" and hit.doc == "d" and hit._fields == ("doc", "score")
+    assert s.run(lambda h: (type(h).__module__.startswith("dspex_session_"), h.score), hit) == (True, 0.5)
+
+
+# -- records ----------------------------------------------------------------------------------
+
+def evaluate_program() -> Any:
+    dspy.configure(lm=DummyLM({"France": {"answer": "Paris"}, "Spain": {"answer": "Barcelona"}}))
+    devset = [dspy.Example(country=c, answer=a).with_inputs("country") for c, a in [("France", "Paris"),
+                                                                                     ("Spain", "Madrid")]]
+    evaluate = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+                             display_progress=False)
+    return evaluate(dspy.Predict("country -> answer"))
+
+
+def test_evaluate_returns_an_evaluation_result(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    result = s.run(evaluate_program)
+    assert type(result) is EvaluationResult and result.score == 50.0
+    assert [(ex.country, pred.answer, ok) for ex, pred, ok in result.results] == [
+        ("France", "Paris", True), ("Spain", "Barcelona", False)]
+    assert type(result.results[0][1]) is dspy.Prediction
+    assert repr(result) == "EvaluationResult(score=50.0, results=<list of 2 results>)"
+
+
+def test_a_user_prediction_subclass_comes_back_as_itself(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    out = s.run(lambda: Scored("Paris", 0.9))
+    assert type(out) is Scored and out.answer == "Paris" and out.confident()
+    assert s.run(lambda p: (type(p) is Scored, p.confident()), out) == (True, True)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+def lookup(table: dict[str, int], key: str) -> int:
+    try:
+        return table[key]
+    except KeyError as missing:
+        raise ValueError(f"no entry {key!r}") from missing
+
+
+def test_a_chained_exception_keeps_its_chain_as_remote_errors(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    with pytest.raises(ValueError, match="no entry 'x'") as info:
+        s.run(lookup, {}, "x")
+    err = info.value
+    cause = err.__cause__
+    assert isinstance(err, dspex.RemoteError)
+    assert isinstance(cause, dspex.RemoteError) and isinstance(cause, KeyError) and cause.args == ("x",)
+    assert err.__context__ is cause and err.__suppress_context__
+    assert "The above exception was the direct cause of the following exception" in err.remote_traceback
+    assert "table[key]" in cause.remote_traceback
+    with pytest.raises(RuntimeError) as implicit:
+        s.exec("try:\n    1 / 0\nexcept ZeroDivisionError:\n    raise RuntimeError('while handling')\n")
+    assert isinstance(implicit.value.__context__, ZeroDivisionError) and implicit.value.__cause__ is None
+    assert s.run(len, [1, 2]) == 2  # the worker serves on
+
+
+def test_lone_surrogates_travel_both_ways(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    value = {"key \ud800": ["\udcff", ("t\udfff",)]}
+    assert s.run(lambda v: (v, len(v["key \ud800"][0])), value) == (value, 1)
+    assert s.eval("b'caf\\xe9'.decode('utf-8', 'surrogateescape')") == "caf\udce9"
+
+
+def test_import_of_a_package_the_worker_lacks_names_it(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    with pytest.raises(ModuleNotFoundError) as info:
+        s.exec("import dspex_test_not_installed_anywhere")
+    err = info.value
+    assert isinstance(err, dspex.RemoteError) and err.name == "dspex_test_not_installed_anywhere"
+    assert "install it on the workers' environment" in str(err)
+
+
+def _distribution(root: Path, name: str, code: str) -> None:
+    """An installed distribution (dist-info and all) in ``root``: code of it goes by reference."""
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text(textwrap.dedent(code))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text(f"{name}\n")
+    (info / "RECORD").write_text(f"{name}/__init__.py,,\n")
+
+
+def test_a_result_the_client_cannot_load_is_a_missing_module_error(stack: Stack, tmp_path: Path) -> None:
+    _distribution(tmp_path, "dspex_workeronly", """
+        import dataclasses, enum
+
+        class Level(enum.Enum):
+            HIGH = "high"
+
+        @dataclasses.dataclass
+        class Reading:
+            value: float
+    """)
+    stack.env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{stack.env.get('PYTHONPATH', '')}"
+    dx = stack.pool("p:strict_queue", 1)
+    s = dx.session("p")
+    for expr in ("__import__('dspex_workeronly').Level.HIGH", "[__import__('dspex_workeronly').Reading(1.5)]"):
+        with pytest.raises(ModuleNotFoundError) as info:
+            s.eval(expr)
+        err = info.value
+        assert isinstance(err, dspex.MissingModule) and isinstance(err, dspex.UsageError)
+        assert err.name == "dspex_workeronly" and err.details["side"] == "client"
+        assert "install it in the client's environment" in str(err)
+    assert s.eval("__import__('dspex_workeronly').Reading(2.0).value") == 2.0  # the worker serves on
+
+
+CLIENT_SCRIPT = '''
+import collections, enum, json, sys
+import dspy
+import dspex
+import dspex_clientonly
+from dspex_clientonly import shout
+
+
+def use_module(x):
+    return dspex_clientonly.shout(x)
+
+
+def use_function(x):
+    return shout(x)
+
+
+Pair = collections.namedtuple("Pair", "x y")
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Name(str):
+    pass
+
+
+class Answer(dspy.Prediction):
+    pass
+
+
+def echo(v):
+    return v, type(v).__name__
+
+
+out = {}
+with dspex.connect(sys.argv[1], timeout=60) as dx:
+    s = dx.session("p")
+    for name, fn in (("module", use_module), ("function", use_function)):
+        try:
+            s.run(fn, "x")
+            out[name] = "no error"
+        except ModuleNotFoundError as e:
+            out[name] = [type(e).__name__, e.name, str(e), isinstance(e, dspex.DspexError)]
+    out["after"] = s.run(len, [1, 2])
+    values = [Pair(1, "y"), Level.LOW, Name("n"), Answer(a=1), collections.defaultdict(lambda: 7)]
+    got = [s.run(echo, v) for v in values]
+    out["main"] = [[type(g) is type(v), g == v, seen] for v, (g, seen) in zip(values, got)]
+    out["factory"] = got[-1][0].default_factory()
+print(json.dumps(out))
+'''
+
+
+def test_by_value_code_needing_a_package_the_worker_lacks(stack: Stack, tmp_path: Path) -> None:
+    """A script's function (by value) uses a package installed on the client only: catchable as
+    ModuleNotFoundError with its name; the session serves on; the script's __main__ types come back."""
+    dx = stack.pool("p:strict_queue", 1)
+    assert dx.session("p").run(len, "ab") == 2
+    _distribution(tmp_path, "dspex_clientonly", "def shout(x):\n    return x.upper()\n")
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    env = dict(stack.env, PYTHONPATH=f"{tmp_path}{os.pathsep}{stack.env.get('PYTHONPATH', '')}")
+    run = subprocess.run([sys.executable, str(script), stack.frontend], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=100, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("module", "function"):
+        kind, module, message, typed = out[name]
+        assert (kind, module, typed) == ("MissingModule", "dspex_clientonly", True), out[name]
+        assert "install it on the workers' environment" in message
+    assert out["after"] == 2
+    assert out["main"] == [[True, True, "Pair"], [True, True, "Level"], [True, True, "Name"],
+                           [True, True, "Answer"], [True, True, "defaultdict"]]
+    assert out["factory"] == 7
