@@ -101,6 +101,15 @@ class CheckpointRefused(SessionWorkerUnavailable):
     code = "checkpoint_refused"
 
 
+class CodeCacheMiss(DidNotRun):
+    """The request referred to code or values its session's worker does not hold (evicted, a
+    re-pinned ``hint`` session, a restarted worker, a ``none`` pool that keeps nothing). Nothing
+    ran; the client resends the request in full, once, without the caller seeing it.
+    ``details["ephemeral"]``: the worker keeps no session state between calls."""
+
+    code = "code_cache_miss"
+
+
 class SessionQuotaExceeded(DidNotRun):
     """The broker holds as many sessions as it allows."""
 
@@ -287,9 +296,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
         try:
-            import pickle
+            from dspex import byvalue  # like every ext 13 value: a client's class comes back untouched
 
-            loaded = pickle.loads(pickled)  # noqa: S301 - from our own worker, like every ext 13 value
+            loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):
                 original = loaded
         except Exception:
