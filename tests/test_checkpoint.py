@@ -365,3 +365,38 @@ def test_seeded_memo_loads_shared_objects_as_the_given_ones() -> None:
     a2, b2 = {"x": 2}, ["w"]
     out = load_seeded([a2, b2], buf.getvalue())
     assert out[0] is a2 and out[2] is a2 and out[1] is b2 and out[3]["z"] is b2 and out[4] is out[5]
+
+
+def test_the_session_code_store_comes_back_with_its_keys_module_state_and_sources() -> None:
+    """By-value code (dspex.codestore): objects under the client's keys, one module object per
+    user module whose globals keep their state, the client's bindings, source files."""
+    from dspex import codestore
+
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    store = state.code
+    helpers = store.module("m:helpers", {"__name__": "helpers", "__file__": "/client/helpers.py"})
+    source = "calls = []\ndef record(x):\n    calls.append(x)\n    return len(calls)\n"
+    store.add_sources({"/client/helpers.py": source})
+    exec(compile(source, "/client/helpers.py", "exec"), helpers.__dict__)  # noqa: S102 - as codestore rebuilds it
+    store.objects["f:1"] = helpers.__dict__["record"]
+    store.bound[("m:helpers", "calls")] = "v:2"
+    exec("class Ticket:\n    pass\n", helpers.__dict__)  # noqa: S102 - a user class of that module
+    store.objects["k:3"] = helpers.__dict__["Ticket"]
+    codestore.register_class_file(store.objects["k:3"], "/client/helpers.py")
+    assert store.objects["f:1"]("a") == 1
+    held = Held()
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and not lost
+    held.apply(ck)
+
+    new, _ = held.restore()
+    code = new.code
+    record = code.objects["f:1"]
+    module = code.modules["m:helpers"]
+    assert record.__globals__ is module.__dict__ and module.__name__ == "helpers"
+    assert record("b") == 2 and module.__dict__["calls"] == ["a", "b"]
+    assert code.bound[("m:helpers", "calls")] == "v:2"
+    assert code.sources["/client/helpers.py"][2][1] == "def record(x):\n"
+    assert codestore.class_file(code.objects["k:3"]) == "/client/helpers.py"
+    assert "calls.append(x)" in inspect.getsource(record)

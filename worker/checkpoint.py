@@ -3,8 +3,11 @@
 A checkpoint is the session's state as one pickle, the *skeleton*, plus *blobs* held in numbered
 slots (worker/checkpoint_pickler.py): the objects behind the session's refs (same ids), its
 namespace module, the DSPy settings it configured (its LM, adapter, callbacks; not DSPy's
-per-call ``trace``), its LM history. Everything goes by value with cloudpickle, so a DSPy module
-comes back with its demos, signature, instructions and every attribute of its own; the
+per-call ``trace``), its LM history, and its by-value code (dspex.codestore: the objects under
+the client's keys, one module per user module with its globals, the client's bindings, source
+files). Everything goes by value with cloudpickle, so a DSPy module comes back with its demos,
+signature, instructions and every attribute of its own (``dump_state`` would lose the fields'
+types, the demos' values' types, the module's own attributes and its constructor arguments); the
 signature classes DSPy makes go as their spec, rebuilt by DSPy's ``make_signature``.
 
 :class:`Tracker` keeps, per session, what the broker already holds: a build pickles the skeleton
@@ -13,8 +16,9 @@ slots), and sends nothing when its digest and the slots are unchanged (the finge
 skeleton and only the new blobs. History entries are pickled once each, when they appear.
 
 What cannot be pickled (an open file, a socket, a lock, a generator) is left out, per root (a
-ref's object, a namespace name, a setting), and reported once as :class:`NotDurable`; the
-checkpoint records why, so after a move that ref raises ``RefNotFound`` saying so.
+ref's object, a namespace name, a setting, a code object, a user module's global), and reported
+once as :class:`NotDurable`; the checkpoint records why, so after a move that ref raises
+``RefNotFound`` saying so (code the client sent is sent again: ``CodeCacheMiss``).
 
 Skeleton frame: ``MAGIC``, format version (1 byte), header length (u32), msgpack header, pickle.
 The header names the Python, cloudpickle and DSPy versions that wrote it (pickled code and DSPy
@@ -37,6 +41,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
+from dspex import codestore
 from dspex.errors import CheckpointRefused
 from worker import checkpoint_pickler as cp
 from worker import namespace
@@ -68,11 +73,14 @@ class NotDurable:
 
     @property
     def what(self) -> str:
-        return f"ref {self.key[:8]}" if self.section == "ref" else f"{self.section} {self.key!r}"
+        if self.section == "ref":
+            return f"ref {self.key[:8]}"
+        return f"global {self.key}" if self.section == "global" else f"{self.section} {self.key!r}"
 
     def message(self) -> str:
         after = {"ref": "that ref raises RefNotFound", "name": "that name is unbound",
-                 "setting": "that setting is unset"}.get(self.section, "it is gone")
+                 "setting": "that setting is unset", "global": "that global is unbound",
+                 "code": "the client sends it again"}.get(self.section, "it is gone")
         return (f"{self.what} ({self.type_name}) is not durable: {self.reason}. It stays usable here; "
                 f"after the session moves to another worker, {after}")
 
@@ -97,10 +105,19 @@ class Checkpoint:
 
 _ENTRY, _MODULE, _CODE, _SIGNATURE = "entry", "module", "code", "signature"
 _SEEDED = (_ENTRY, _MODULE)
-_SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting"}
+_SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting", "code": "code", "globals": "global"}
+_SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the code store's nsids)
 
 
 DYNAMIC_BASE = 1 << 24  # slot numbers of code and signature blobs: never in the pickler's memo
+
+
+def _module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
+    """Namespace id -> module dict of every module the session holds."""
+    out = {nsid: mod.__dict__ for nsid, mod in state.code.modules.items()}
+    if state.module is not None:
+        out[_SESSION_NS] = state.module.__dict__
+    return out
 
 
 class _Slots:
@@ -209,7 +226,7 @@ class Tracker:
         self._inline: dict[int, Any] = {}  # code / signatures that cannot be blobs (written inline)
         self._excluded: dict[int, tuple[Any, NotDurable]] = {}  # id(root object) -> (it, why)
         self._lost: dict[str, NotDurable] = {}  # carried by every checkpoint (after a move too)
-        self._module_slot: int | None = None
+        self._modules: dict[str, int] = {}  # namespace id -> its module dict's slot
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
         self._seed_size = 0
         self.skeleton_size = 0
@@ -227,14 +244,14 @@ class Tracker:
         whole cannot be pickled though each of its roots can."""
         if full:
             self._resend_all()
-        self._sync_module(state)
+        self._sync_modules(state)
         self._sync_history(state.lm_history)
         newly: list[NotDurable] = []
         roots = self._roots(state)
         try:
             data = self._pickle(self._root(state, roots))
         except Exception:  # noqa: BLE001 - some root cannot be pickled: find which
-            newly = self._find_not_durable(roots)
+            newly = self._find_not_durable(state, roots)
             data = self._pickle(self._root(state, self._roots(state)))
         for i in [i for i in self.slots.dynamic if i not in self._used]:
             self._drop(i)  # code or a signature the session no longer holds
@@ -276,14 +293,16 @@ class Tracker:
             self._clear.add(i)  # the broker holds it
         self.slots.clear(i)
 
-    def _sync_module(self, state: SessionState) -> None:
-        module = state.module
-        slot = self._module_slot
-        if slot is not None and (module is None or self.slots.objects[slot] is not module.__dict__):
-            self.slots.clear(slot)
-            self._module_slot = slot = None
-        if module is not None and slot is None:
-            self._module_slot = self.slots.alloc(module.__dict__, _MODULE)
+    def _sync_modules(self, state: SessionState) -> None:
+        """A slot per module dict of the session: its namespace and its code's modules."""
+        wanted = _module_dicts(state)
+        for nsid, i in list(self._modules.items()):
+            if wanted.get(nsid) is not self.slots.objects[i]:
+                self.slots.clear(i)
+                del self._modules[nsid]
+        for nsid, namespace_ in wanted.items():
+            if nsid not in self._modules:
+                self._modules[nsid] = self.slots.alloc(namespace_, _MODULE)
 
     def _sync_history(self, entries: list[Any]) -> None:
         known, inline = self._entries, self._inline_entries
@@ -349,30 +368,38 @@ class Tracker:
                          if name not in _MODULE_KEYS)
         roots.extend(("settings", key, value) for key, value in list(state.dspy_settings.items())
                      if key not in _TRANSIENT_SETTINGS)
+        code = state.code
+        roots.extend(("code", key, obj) for key, obj in list(code.objects.items()))
+        for nsid, mod in list(code.modules.items()):
+            roots.extend(("globals", (nsid, name), value) for name, value in list(mod.__dict__.items())
+                         if name != "__builtins__")
         excluded = self._excluded
         if not excluded:
             return roots
         return [r for r in roots if id(r[2]) not in excluded or excluded[id(r[2])][0] is not r[2]]
 
     def _root(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-        root: dict[str, Any] = {"refs": {}, "ns": {}, "settings": {}}
+        root: dict[str, Any] = {"refs": {}, "ns": {}, "settings": {}, "code": {}, "globals": {}}
         for section, key, obj in roots:
-            root[section][key] = obj
+            if section == "globals":
+                root["globals"].setdefault(key[0], {})[key[1]] = obj
+            else:
+                root[section][key] = obj
         lost = dict(self._lost)
         for _obj, why in self._excluded.values():
             lost[why.what] = why
+        code = state.code
         root["ns_lines"] = namespace.session_lines(state) if state.module is not None else None
         root["history"] = state.lm_history
         root["lost"] = [(v.section, v.key, v.type_name, v.reason) for v in lost.values()]
-        root["code"] = None  # reserved: the session's by-value code and its module state
+        root["bound"] = code.bound
+        root["sources"] = code.sources
+        root["class_files"] = {key: file for key, obj in code.objects.items()
+                               if isinstance(obj, type) and (file := codestore.class_file(obj)) is not None}
         return root
 
     def _module_dicts(self) -> dict[int, dict[str, Any]]:
-        i = self._module_slot
-        if i is None:
-            return {}
-        namespace_ = self.slots.objects[i]
-        return {id(namespace_): namespace_}
+        return {id(self.slots.objects[i]): self.slots.objects[i] for i in self._modules.values()}
 
     def _pickle(self, root: dict[str, Any]) -> bytes:
         self._used.clear()
@@ -381,7 +408,7 @@ class Tracker:
         cp.SkeletonPickler(buf, self.slots.seed, self._module_dicts(), self._slot_for, self.history_limit).dump(root)
         return buf.getvalue()
 
-    def _find_not_durable(self, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
+    def _find_not_durable(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
         """Pickle each root alone; exclude those that fail. Only after a whole build failed."""
         module_dicts = self._module_dicts()
         newly = []
@@ -390,14 +417,14 @@ class Tracker:
                 cp.SkeletonPickler(io.BytesIO(), self.slots.seed, module_dicts, self._slot_for,
                                    self.history_limit).dump(obj)
             except Exception as exc:  # noqa: BLE001 - any failure to pickle is the reason
-                why = NotDurable(_SECTIONS[section], str(key), type_name(obj), f"{type(exc).__name__}: {exc}"[:500])
+                label = f"{key[1]} of {state.code.modules[key[0]].__name__}" if section == "globals" else str(key)
+                why = NotDurable(_SECTIONS[section], label, type_name(obj), f"{type(exc).__name__}: {exc}"[:500])
                 self._excluded[id(obj)] = (obj, why)
                 newly.append(why)
         return newly
 
     def _frame(self, data: bytes, dig: bytes) -> bytes:
-        modules = [] if self._module_slot is None else \
-            [[self._module_slot, "ns", self.slots.objects[self._module_slot].get("__name__")]]
+        modules = [[i, nsid, self.slots.objects[i].get("__name__")] for nsid, i in self._modules.items()]
         header: bytes = msgpack.packb({**versions(), "session": self.session, "seed": self._seed_size,
                                 "modules": modules, "digest": dig,
                                 "blobs": [len(self.slots.blobs), self.slots.set_digest()]})
@@ -476,9 +503,12 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
     seeds: list[Any] = [None] * seed_size
     try:
         for i, (nsid, name) in module_slots.items():
-            if nsid != "ns":
+            if nsid == _SESSION_NS:
+                module = namespace.session_module(state, name)
+            elif nsid[:2] in ("m:", "g:"):
+                module = state.code.module(nsid, {"__name__": name})
+            else:
                 raise ValueError(f"unknown module slot {nsid!r}")
-            module = namespace.session_module(state, name)
             context.modules[id(module.__dict__)] = module
             if i < seed_size:
                 seeds[i] = module.__dict__
@@ -501,7 +531,7 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
 
 
 def _apply(state: SessionState, root: Any) -> list[NotDurable]:
-    if not isinstance(root, dict) or not {"refs", "ns", "settings", "history", "lost"} <= root.keys():
+    if not isinstance(root, dict) or not {"refs", "ns", "settings", "history", "lost", "code", "globals"} <= root.keys():
         raise ValueError("its state is not a session's")
     module = state.module
     if module is not None:
@@ -514,6 +544,16 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
         state.ref_of_object[id(obj)] = rid
     state.dspy_settings.update(root["settings"])
     state.lm_history[:] = root["history"]
+    code = state.code
+    code.objects.update(root["code"])
+    for nsid, values in root["globals"].items():
+        code.module(nsid).__dict__.update(values)
+    code.bound.update(root["bound"])
+    for filename, entry in root["sources"].items():
+        code.sources[filename] = entry
+    code.activate_sources()
+    for key, file in root["class_files"].items():
+        codestore.register_class_file(code.objects[key], file)
     return [NotDurable(*item) for item in root["lost"]][-_LOST_MEMORY:]
 
 
@@ -529,7 +569,6 @@ def _tracker(state: SessionState, context: cp.LoadContext, module_slots: dict[in
     seeded = [i for i in (*held, *module_slots) if i < DYNAMIC_BASE]
     for _ in range(max(seeded, default=-1) + 1):
         table.grow()
-    module = state.module
     for i, data in held.items():
         obj = context.objects[i]
         kind = _ENTRY if i < DYNAMIC_BASE else _CODE if isinstance(obj, types.CodeType) else _SIGNATURE
@@ -539,10 +578,11 @@ def _tracker(state: SessionState, context: cp.LoadContext, module_slots: dict[in
             tracker._entries[id(obj)] = i
         elif kind == _SIGNATURE:
             table.versions[i] = cp.signature_version(obj)
-    for i in module_slots:
-        if module is not None:
-            _put(table, i, module.__dict__, _MODULE)
-            tracker._module_slot = i
+    dicts = _module_dicts(state)
+    for i, (nsid, _name) in module_slots.items():
+        if nsid in dicts:
+            _put(table, i, dicts[nsid], _MODULE)
+            tracker._modules[nsid] = i
     table.free = [i for i in range(table.seed_size) if i not in table.objects]
     dynamic = [i for i in held if i >= DYNAMIC_BASE]
     table.next_dynamic = max(dynamic, default=DYNAMIC_BASE - 1) + 1
