@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from dspex.errors import ConfigError
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from dspex.pools import PoolConfig
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from broker import checkpoints as checkpoints_store
+from broker.checkpoints import CheckpointStore, Job, StoreThread
 from broker.core import NOTICE_EVERY, Core, WorkerUnreachable
 from broker.nudge import SupervisorNudge
 from broker.ops import status as status_of
@@ -58,6 +61,9 @@ class BrokerOptions:
     curve_public: bytes | None = None
     curve_allowed_dir: str | None = None
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
+    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in the run dir; "": none)
+    checkpoint_cap: int = checkpoints_store.SESSION_CAP  # bytes per durable session
+    checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
 
 
 class Broker(Core):
@@ -91,6 +97,7 @@ class Broker(Core):
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
+        self.store: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self) -> dict[str, Any]:
@@ -109,6 +116,10 @@ class Broker(Core):
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
         self._map_fd(w, _source_fd(frame))
+
+    def _store(self, job: Job) -> None:
+        assert self.store is not None
+        self.store.submit(job)
 
     def _forget_connection(self, w: WorkerRecord) -> None:
         self._disconnects.pop(w.id, None)
@@ -157,8 +168,27 @@ class Broker(Core):
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
         if self.options.frontend.startswith("tcp://"):
             self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
+
+    def _open_store(self) -> None:
+        """The checkpoint store, once this broker owns its run directory (its sockets are bound);
+        durable sessions of an earlier broker on it come back."""
+        path = self.options.checkpoints
+        if path == "":
+            return
+        if path is None:
+            path = str(config.ensure_private_dir(config.run_dir()) / "checkpoints.sqlite")
+        try:
+            store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
+                                    total_cap=self.options.checkpoint_total_cap)
+        except (checkpoints_store.StoreError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
+        self.load_durable(store.sessions())
+        self.store = StoreThread(store)
+        self.checkpoints = True
+        self.stack_info["checkpoints"] = path
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -166,6 +196,9 @@ class Broker(Core):
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
+        if self.store is not None:
+            self.store.close()  # the writes submitted so far are committed first
+            self.store = None
         for sock in (getattr(self, "monitor", None), self.front_monitor, getattr(self, "frontend", None),
                      getattr(self, "backend", None)):
             if sock is not None:
@@ -187,6 +220,9 @@ class Broker(Core):
         poller.register(self.monitor, zmq.POLLIN)
         if self.front_monitor is not None:
             poller.register(self.front_monitor, zmq.POLLIN)
+        store_fd = self.store.fileno() if self.store is not None else -1
+        if store_fd >= 0:
+            poller.register(store_fd, zmq.POLLIN)
         interval = self.options.heartbeat_interval
         next_beat = time.monotonic() + interval
         next_sweep = time.monotonic() + _SWEEP_EVERY
@@ -204,6 +240,8 @@ class Broker(Core):
                 self._drain_front_monitor()
             if self._disconnects:
                 self._settle_disconnects()
+            if store_fd in events and self.store is not None:
+                self._store_done(self.store.completed())  # checkpoints committed: held replies go
             if self.frontend in events:
                 self._drain(self.frontend, self._on_frontend)
             now = time.monotonic()

@@ -20,6 +20,7 @@ import msgpack
 
 from dspex.errors import (
     Cancelled,
+    ConfigError,
     DspexError,
     PoolNotFound,
     PoolSaturated,
@@ -44,12 +45,14 @@ from dspex.protocol import (
     B_HEARTBEAT,
     B_REREGISTER,
     BROKER_OPS,
+    FLAG_DURABLE,
     BUDGET_EPHEMERAL,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     PROTOCOL_VERSION,
     STREAM_OPS,
     W_DISCONNECT,
+    W_CHECKPOINT,
     W_DRAIN,
     W_HEARTBEAT,
     W_PARTIAL,
@@ -65,6 +68,7 @@ from dspex.protocol import (
     unpack_reply_head,
     unpack_request_header,
 )
+from broker.durable import DurableSessions
 from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
@@ -97,7 +101,7 @@ class WorkerUnreachable(Exception):
     """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
 
 
-class Core(Lifecycle):
+class Core(Lifecycle, DurableSessions):
     """Routes client requests to pool workers under the pools' affinity rules."""
 
     def __init__(self, pools: list[PoolConfig], *, heartbeat_interval: float = HEARTBEAT_INTERVAL,
@@ -122,6 +126,9 @@ class Core(Lifecycle):
         self._booted = time.monotonic()
         self._grace_over = False  # the restart grace has passed (unclaimed pins retired)
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        # durable sessions: opened, checkpoint writes stored, refused (turned plain), moves, restores
+        # sent, sessions lost (a checkpoint refused)
+        self.durable_counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
         self.nudge: Any = None  # something with worker_left() (supervisord), or None
         self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
 
@@ -160,7 +167,8 @@ class Core(Lifecycle):
         if op in WORKER_OPS:
             now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
-            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
+            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
+                        flags=header.flags)
             self._route(p, header.pool, header.worker, now)
         elif op in BROKER_OPS:
             try:
@@ -231,13 +239,19 @@ class Core(Lifecycle):
         if pool is None:
             self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
             return
+        if p.session and pool.mode is Affinity.NONE and p.flags & FLAG_DURABLE:
+            self._fail(p, pool, ConfigError(f"pool {pool.name!r} keeps no session state (affinity none): a session "
+                                            "there cannot be durable"))
+            return
         if not p.session or pool.mode is Affinity.NONE:
             self._run_anywhere(pool, p)
             return
         rec = self.sessions.get(p.session)
         if rec is None and (why := self.closed.why(p.session)) is not None:
             lost = self.closed.worker(p.session)
-            if lost:
+            if (reason := self.closed.lost(p.session)):
+                self._fail(p, pool, self._lost_error(p.session, reason))
+            elif lost:
                 self._fail(p, pool, self._worker_gone(p.session, lost, why))
             else:
                 self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
@@ -246,7 +260,13 @@ class Core(Lifecycle):
             if len(self.sessions) >= self.max_sessions:
                 self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
                 return
+            if (p.flags & FLAG_DURABLE or pool.config.durable) and not self.checkpoints:
+                self._fail(p, pool, ConfigError("this broker keeps no checkpoints (started without a checkpoint "
+                                                "store): a session cannot be durable"))
+                return
             rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, owner=p.owner)
+            if p.flags & FLAG_DURABLE or pool.config.durable:
+                self._open_durable(rec)
             if claimed_worker:
                 # a pin from before a broker restart: keep it if that incarnation is back
                 wid = claimed_worker.encode()
@@ -274,11 +294,13 @@ class Core(Lifecycle):
         pinned = rec.worker
         assert pinned is not None
         w = self.workers.get(pinned)
+        if w is None and (pool.mode in _STRICT or rec.durable) and self._in_restart_grace(pinned):
+            # just (re)started: its worker may be alive and not re-registered yet; wait for it
+            self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
+            return
+        if self._durable_route(rec, pool, p, w):
+            return  # its worker is gone or draining: it moves, with its checkpoint
         if w is None or w.draining:
-            if w is None and pool.mode in _STRICT and self._in_restart_grace(pinned):
-                # just (re)started: its worker may be alive and not re-registered yet; wait for it
-                self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
-                return
             if pool.mode in _STRICT:
                 if w is None:  # its worker left: from now on the session is a tombstone
                     self._fail(p, pool, self._worker_gone(rec.id, pinned, self.gone.why(pinned)))
@@ -304,6 +326,8 @@ class Core(Lifecycle):
                 self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
             self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
+        elif rec.durable is not None:  # hint, durable: one state, so its own worker only
+            self._enqueue(pool, w.queue, p)
         else:  # hint: any idle worker, else the first one to free up
             self._run_anywhere(pool, p)
 
@@ -322,6 +346,8 @@ class Core(Lifecycle):
         new = self.workers.get(wid) if wid else None
         if new is not None:
             new.sessions.add(rec.id)
+        if rec.durable is not None and wid is not None:
+            self._durable_pinned(rec)
 
     def _restart_grace(self) -> float:
         return self.heartbeat_interval * self.heartbeat_liveness
@@ -369,21 +395,25 @@ class Core(Lifecycle):
         # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
         # a call that turned out long) answers QueueTimeout without running it
         queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
+        restore: list[Any] = []
         if not p.session:
             head = pack_request_head(p.client, call_ms, queue_ms)
         elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
             head = pack_request_head(p.client, call_ms, queue_ms, 0, BUDGET_EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
+            flags = 0
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
+                if rec.durable is not None:
+                    flags, restore = self._durable_head(rec, w)
+            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl), flags)
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self._send_worker(w.id, [head, p.header, *p.payload])
+            self._send_worker(w.id, [head, *restore, p.header, *p.payload])
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
@@ -393,8 +423,10 @@ class Core(Lifecycle):
     def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
         """A request ``w`` never started: route it again where the pool allows, else say so
         (a did-not-run error: the caller may retry)."""
-        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE):
-            self._route(p, pool.name, "")
+        rec = self.sessions.get(p.session) if p.session else None
+        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or (
+                rec is not None and rec.durable is not None and not rec.durable.off):
+            self._route(p, pool.name, "")  # a durable session moves with it
             return
         self._fail(p, pool, SessionWorkerUnavailable(
             f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
@@ -508,11 +540,14 @@ class Core(Lifecycle):
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
                     self._feed(w)
                 return
-            self._to_client([client, *frames[2:]])
             assert w is not None
             if command == W_PARTIAL:
+                self._to_client([client, *frames[2:]])
                 return
             p = w.inflight.pop((client, req_id), None)
+            rec = self.sessions.get(p.session) if p is not None and p.session else None
+            # a durable session's reply waits for its checkpoint to commit
+            self._durable_reply(rec, (client, req_id), [client, *frames[2:]])
             if p is not None:
                 self.running.pop((client, req_id), None)
                 outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
@@ -524,17 +559,20 @@ class Core(Lifecycle):
                     self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(frames), now=now)
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
-                rec = self.sessions.get(p.session) if p.session else None
                 if rec is not None:
                     rec.last_used = now  # idle time counts from the end of the last call
                     if rec.closing and not self._session_running(rec):
                         self._release_session(rec)
+                    elif rec.durable is not None:
+                        self._durable_call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
             elif self._over_request_limit(w):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
                 self._feed(w, now)
+        elif command == W_CHECKPOINT:
+            self._on_checkpoint(w, frames)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])
@@ -606,6 +644,7 @@ class Core(Lifecycle):
         self._event(pool.name, w, "start", "registered")
         log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         self._feed(w)
+        self._durable_worker_ready(pool)
         if pool.recycling is not None:
             # a rolling recycle waits for this replacement: go on now, not at the next sweep (an
             # operator who saw the replacement ready must not find the pool still "recycling")
@@ -638,11 +677,14 @@ class Core(Lifecycle):
         queued = list(w.queue)
         w.inflight.clear()
         w.queue.clear()
+        moving = []  # durable sessions pinned here: they move on their next call (or now, queued ones)
         for sid in list(w.sessions):
             rec = self.sessions.get(sid)
             if rec is None or rec.worker != w.id:
                 continue
-            if pool.mode is Affinity.HINT and not rec.closing:
+            if rec.durable is not None and not rec.durable.off and not rec.closing:
+                moving.append(rec)
+            elif pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
             else:  # its state is gone with the worker: the id stays as a tombstone only
                 self._retire_session(rec, w.id)
@@ -654,7 +696,13 @@ class Core(Lifecycle):
                 self._fail(p, pool, WorkerCrashed(
                     f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
                     worker=w.incarnation, session=p.session))
+        for rec in moving:
+            self._durable_call_ended(rec)  # a move that waited for its call here goes on
         for p in queued:
+            rec = self.sessions.get(p.session)
+            if rec is not None and rec.durable is not None and not rec.durable.off:
+                self._route(p, pool.name, "")  # it did not run: it moves with its session
+                continue
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))
@@ -673,7 +721,7 @@ class Core(Lifecycle):
     def _sweep(self, now: float) -> None:
         for pool in self.pools.values():
             limit = pool.config.queue_timeout
-            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
+            queues = [pool.queue, *(w.queue for w in pool.workers.values()), *pool.parked.values()]
             for queue in queues:
                 while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
                     p = queue.popleft()
@@ -693,12 +741,16 @@ class Core(Lifecycle):
                 # pins claimed by clients after a broker restart whose worker never came back
                 self._grace_over = True
                 for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
-                    if self.pools[rec.pool].mode in _STRICT:
-                        self._retire_session(rec, rec.worker)
+                    if self.pools[rec.pool].mode in _STRICT and rec.durable is None:
+                        self._retire_session(rec, rec.worker)  # (a durable one moves on its next call)
             for pool in self.pools.values():
                 awaiting, pool.awaiting = pool.awaiting, {}
                 for wid, queue in awaiting.items():
                     for p in queue:
+                        held = self.sessions.get(p.session)
+                        if held is not None and held.durable is not None and not held.durable.off:
+                            self._route(p, pool.name, "")  # its worker is not coming back: it moves
+                            continue
                         self._fail(p, pool, SessionWorkerUnavailable(
                             f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
                             f"did not re-register within {self._restart_grace():g}s of this broker's start",

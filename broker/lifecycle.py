@@ -38,6 +38,8 @@ class Lifecycle:
         def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool: ...
         def _to_peer(self, wid: bytes, frames: list[bytes]) -> None: ...
         def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None: ...
+        def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None: ...
+        def _durable_released(self, rec: SessionRecord) -> None: ...
 
     # -- sessions -------------------------------------------------------------------------
     _last_ttl_sweep = 0.0
@@ -98,6 +100,8 @@ class Lifecycle:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""
         self.sessions.pop(rec.id, None)
+        if rec.durable is not None:
+            self._durable_released(rec)
         for wid in rec.touched:
             w = self.workers.get(wid)
             if w is not None:
@@ -123,6 +127,10 @@ class Lifecycle:
         queued = list(w.queue)
         w.queue.clear()
         for p in queued:
+            rec = self.sessions.get(p.session)
+            if rec is not None and rec.durable is not None and not rec.durable.off:
+                self._route(p, pool.name, "")  # it moves, once the call it runs here has answered
+                continue
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))

@@ -95,6 +95,7 @@ class Pending:
     started: float = 0.0
     owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
     cancelled: bool = False  # its client cancelled it while it ran (B_CANCEL sent to its worker)
+    flags: int = 0  # the request header's flags (FLAG_DURABLE matters to the broker)
 
 
 class WorkerRecord:
@@ -184,6 +185,8 @@ class Pool:
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
         # strict calls pinned to an incarnation not (yet) registered with a young broker
         self.awaiting: dict[bytes, deque[Pending]] = {}
+        # calls of durable sessions being moved to another worker, waiting for their restore
+        self.parked: dict[str, deque[Pending]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
         self.latencies: deque[float] = deque(maxlen=4096)
         self.latency = Histogram(bounds)  # dispatch to reply
@@ -210,12 +213,16 @@ class Pool:
             n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
         for q in list(self.awaiting.values()):
             n += len(q)
+        for q in list(self.parked.values()):
+            n += len(q)
         return n
 
     def queues(self) -> list[deque[Pending]]:
-        """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""
+        """Every queue of the pool: its own, its workers', those awaiting a re-registration and
+        those of sessions being moved."""
         # list() copies: the metrics thread reads this while the broker thread changes them
-        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values())]
+        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values()),
+                *list(self.parked.values())]
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1
@@ -260,6 +267,28 @@ class SessionRecord:
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
     touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
     closing: str = ""  # closed while a call ran: why; released when its last call ends
+    durable: Durability | None = None  # a durable session's checkpoint bookkeeping (broker/durable.py)
+
+
+@dataclass(slots=True)
+class Durability:
+    """What the broker knows of a durable session's checkpoints (broker/durable.py)."""
+
+    needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
+    # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
+    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
+    # Its calls wait in the pool's ``parked`` meanwhile.
+    move: str = ""
+    off: str = ""  # why it is no longer durable (over a cap, the store failed): a plain session now
+    restore: list[Any] | None = None  # [restore meta, skeleton?, *blobs] for its next dispatch
+    restore_to: bytes | None = None  # ...to this worker
+    submitted: int = 0  # checkpoint writes handed to the store
+    done: int = 0  # ...and finished (in order)
+    held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
+    refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
+    bytes: int = 0  # of its last stored checkpoint
+    stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
+    seq: int = 0  # of its last stored checkpoint
 
 
 class Tombstones:
@@ -268,11 +297,11 @@ class Tombstones:
     worker left (``worker`` set), which answer ``SessionWorkerUnavailable`` instead."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._why: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._why: OrderedDict[str, tuple[str, bytes, str]] = OrderedDict()
         self._limit = limit
 
-    def add(self, session: str, why: str, worker: bytes = b"") -> None:
-        self._why[session] = (why, worker)
+    def add(self, session: str, why: str, worker: bytes = b"", lost: str = "") -> None:
+        self._why[session] = (why, worker, lost)
         self._why.move_to_end(session)
         if len(self._why) > self._limit:
             self._why.popitem(last=False)
@@ -285,6 +314,11 @@ class Tombstones:
         """The worker a session lost (b"" for a session closed or expired)."""
         found = self._why.get(session)
         return found[1] if found is not None else b""
+
+    def lost(self, session: str) -> str:
+        """Why a durable session's checkpoint could not be restored ("" for any other)."""
+        found = self._why.get(session)
+        return found[2] if found is not None else ""
 
     def __len__(self) -> int:
         return len(self._why)

@@ -45,6 +45,7 @@ W_REPLY = b"\x03"
 W_PARTIAL = b"\x04"
 W_DISCONNECT = b"\x05"
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
+W_CHECKPOINT = b"\x07"  # a durable session's checkpoint, before the reply of the call it follows
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -149,6 +150,7 @@ def log_level_of(flags: int) -> int:
 
 
 FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
+FLAG_DURABLE = 16  # the session is durable (read when the broker first sees the session)
 
 
 class RequestHeader(NamedTuple):
@@ -216,6 +218,9 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
 
 # Budget flags
 BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
+BUDGET_DURABLE = 2  # a durable session: send its checkpoint after this call (before the reply)
+BUDGET_FULL = 4  # the broker holds nothing usable of the session: a full checkpoint, changed or not
+BUDGET_RESTORE = 8  # restore frames follow the head: [head, restore meta, skeleton?, *blobs, header, ...]
 
 _REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply head carries them in 8 bytes)
 _U32 = 2**32 - 1

@@ -1,0 +1,319 @@
+"""Durable sessions in the broker's routing core (broker/durable.py), without sockets: the
+recording stub of tests/test_core.py plus a real checkpoint store (SQLite in a temp dir) whose
+jobs run when the test says so, as the store thread would run them."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from broker.checkpoints import CheckpointStore, Job
+from dspex.protocol import (
+    B_RELEASE_SESSION,
+    B_REQUEST,
+    BUDGET_DURABLE,
+    BUDGET_FULL,
+    BUDGET_RESTORE,
+    FLAG_DURABLE,
+    W_CHECKPOINT,
+    RequestHead,
+    RequestHeader,
+    pack_reply_head,
+    unpack_request_head,
+)
+from tests.test_core import A, B, C, StubCore
+
+pytestmark = pytest.mark.timeout(10)
+S = "d" * 32
+
+
+class DurableCore(StubCore):
+    def __init__(self, path: str, *specs: str, cap: int = 64 * 2**20) -> None:
+        super().__init__(*specs)
+        self.store = CheckpointStore(path, session_cap=cap)
+        self.jobs: list[Job] = []
+        self.checkpoints = True
+        self.load_durable(self.store.sessions())
+
+    def _store(self, job: Job) -> None:
+        self.jobs.append(job)
+
+    def commit(self) -> None:
+        """The store thread runs what was submitted and hands the jobs back."""
+        jobs, self.jobs = self.jobs, []
+        for job in jobs:
+            if job.op == "write":
+                job.error = self.store.apply([job.args[0]])[0]
+            else:
+                try:
+                    job.result = getattr(self.store, job.op)(*job.args)
+                except Exception as exc:  # noqa: BLE001 - handed back like the thread does
+                    job.error = exc
+        self._store_done(jobs)
+
+    def call(self, req_id: int, session: str = S, pool: str = "p", durable: bool = True) -> None:
+        self._sender = C
+        header = RequestHeader("call", req_id, pool, session, "", 0, FLAG_DURABLE if durable else 0).pack()
+        self._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
+
+    def checkpoint(self, wid: bytes, req_id: int, seq: int, set_slots: dict[int, bytes] | None = None,
+                   clear: list[int] | None = None, full: bool = False, session: str = S, **meta: Any) -> None:
+        blobs = set_slots or {}
+        body = meta or {"session": session, "seq": seq, "set": list(blobs), "clear": clear or [], "full": full,
+                        "size": 0}
+        body.setdefault("session", session)
+        frames = [wid, pack_reply_head(W_CHECKPOINT, "ok", req_id, C), msgpack.packb(body)]
+        if not meta:
+            frames += [b"skeleton %d" % seq, *blobs.values()]
+        self._on_backend([zmq.Frame(f) for f in frames])
+
+    def requests(self) -> list[tuple[bytes, RequestHead, int]]:
+        """(worker, request head, req_id) of every request sent to a worker (restore frames
+        between the head and the request header skipped)."""
+        return [(wid, unpack_request_head(f[0]), _req_id(f)) for wid, f in self.to_workers
+                if len(f[0]) > 1 and f[0][:1] == B_REQUEST]
+
+    def head_of(self, req_id: int) -> int:
+        """The flags byte of the request head of ``req_id``'s last dispatch."""
+        return [head.flags for _, head, rid in self.requests() if rid == req_id][-1]
+
+    def frames_of(self, req_id: int) -> list[bytes]:
+        found = [f for _, f in self.to_workers if len(f[0]) > 1 and f[0][:1] == B_REQUEST]
+        return [f for f in found if _req_id(f) == req_id][-1]
+
+
+def _req_id(frames: list[bytes]) -> int:
+    """The req_id of a request's frames, with or without restore frames before its header."""
+    index = 1
+    if unpack_request_head(frames[0]).flags & BUDGET_RESTORE:
+        meta = msgpack.unpackb(frames[1])
+        index = 2 + len(meta["slots"]) + (1 if meta["seq"] else 0)
+    return int(msgpack.unpackb(frames[index])[1])
+
+
+@pytest.fixture
+def path(short_tmp: str) -> str:
+    return os.path.join(short_tmp, "ck.sqlite")
+
+
+def durable_core(path: str, spec: str = "p:strict_queue", **kw: Any) -> DurableCore:
+    core = DurableCore(path, spec, **kw)
+    core.ready(A, "p")
+    core.ready(B, "p")
+    core.commit()
+    return core
+
+
+def test_a_reply_waits_for_its_checkpoint_to_commit(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None and core.head_of(1) & BUDGET_DURABLE
+    core.checkpoint(w, 1, 1, {0: b"entry"})
+    core.reply(w, C, 1)
+    assert core.outcome(C, 1) is None  # held: its checkpoint is not committed yet
+    core.commit()
+    assert core.outcome(C, 1) == "ok"
+    stored = core.store.load(S)
+    assert stored is not None and stored.seq == 1 and stored.blobs == [b"entry"]
+    rows = core.store.sessions()
+    assert [(r.id, r.pool, r.worker) for r in rows] == [(S, "p", w.decode())]
+
+
+def test_a_call_that_changed_nothing_replies_at_once_unless_an_earlier_write_is_pending(path: str) -> None:
+    core = durable_core(path, "p:strict_queue:prefetch=0")
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.reply(w, C, 1)  # no checkpoint: nothing changed
+    assert core.outcome(C, 1) == "ok"
+    core.call(2)
+    core.checkpoint(w, 2, 1)
+    core.reply(w, C, 2)
+    core.call(3)
+    core.reply(w, C, 3)  # nothing changed, but call 2's write is pending: it waits behind it
+    assert core.outcome(C, 2) is None and core.outcome(C, 3) is None
+    core.commit()
+    answered = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
+    assert answered == [1, 2, 3]
+
+
+def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0", 1 << 24: b"code"})
+    core.reply(w, C, 1)
+    core.commit()
+    core.call(2)
+    core.checkpoint(w, 2, 2, {1: b"e1"})  # its checkpoint came; then the worker died, no reply
+    core._remove_worker(core.workers[w], "crashed (connection lost)")
+    assert core.outcome(C, 2) == "worker_crashed"
+    core.call(3)
+    assert core.worker_of(3) is None  # parked while the store loads the checkpoint
+    core.commit()
+    other = core.worker_of(3)
+    assert other is not None and other != w
+    assert core.head_of(3) & BUDGET_RESTORE and core.head_of(3) & BUDGET_DURABLE
+    frames = core.frames_of(3)
+    meta = msgpack.unpackb(frames[1])
+    assert meta == {"session": S, "seq": 2, "slots": [0, 1, 1 << 24]}  # the crashed call's effects: all in
+    assert frames[2:6] == [b"skeleton 2", b"e0", b"e1", b"code"]
+    core.reply(other, C, 3)
+    core.call(4)
+    assert core.worker_of(4) == other and not core.head_of(4) & BUDGET_RESTORE
+    assert core.durable_counters["moves"] == 1 and core.durable_counters["restores"] == 1
+    core.commit()
+    assert [r.worker for r in core.store.sessions()] == [other.decode()]
+
+
+def test_a_recycled_workers_session_moves_after_its_running_call_answers(path: str) -> None:
+    core = durable_core(path, "p:strict_queue:prefetch=0")
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.recycle(core.workers[w])  # draining: it finishes call 1
+    core.call(2)
+    assert core.worker_of(2) is None and core.outcome(C, 2) is None
+    core.commit()
+    assert core.worker_of(2) is None  # waits for call 1 (whose checkpoint comes with it)
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.reply(w, C, 1)
+    core.commit()  # call 1's write, then the load after it
+    assert core.outcome(C, 1) == "ok"
+    core.commit()
+    assert core.worker_of(2) not in (None, w) and core.head_of(2) & BUDGET_RESTORE
+    assert msgpack.unpackb(core.frames_of(2)[1])["seq"] == 1
+    assert w in core.released(S) and any(f[0] == B_RELEASE_SESSION for _, f in core.to_workers)
+
+
+def test_a_session_over_its_cap_gets_a_clear_error_and_goes_on_plain(path: str) -> None:
+    core = durable_core(path, cap=1000)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"x" * 2000})
+    core.reply(w, C, 1)
+    core.commit()
+    assert core.outcome(C, 1) == "session_not_durable"
+    body = msgpack.unpackb([f for f in core.to_clients if msgpack.unpackb(f[1])[1] == 1][-1][2])
+    assert body["ran"] is True and "per-session cap" in body["reason"]
+    core.commit()
+    assert core.store.sessions() == []
+    core.call(2)
+    assert core.worker_of(2) == w and not core.head_of(2) & BUDGET_DURABLE
+    core.reply(w, C, 2)
+    assert core.outcome(C, 2) == "ok"
+
+
+def test_a_refused_restore_loses_the_session_with_checkpoint_refused(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.reply(w, C, 1)
+    core.commit()
+    core._remove_worker(core.workers[w], "crashed (connection lost)")
+    core.call(2)
+    core.commit()
+    other = core.worker_of(2)
+    assert other is not None
+    core.checkpoint(other, 2, 0, lost="is corrupt (its state does not match its digest)")
+    core.reply(other, C, 2, status="err")
+    core.commit()
+    core.call(3)
+    assert core.outcome(C, 3) == "checkpoint_refused"
+    assert core.store.sessions() == [] and core.durable_counters["lost"] == 1
+
+
+def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.reply(w, C, 1)
+    core.commit()
+    core.store.close()
+
+    again = DurableCore(path, "p:strict_queue")  # same run dir, workers kept
+    assert S in again.sessions and again.sessions[S].worker == w
+    again.ready(w, "p")
+    again.call(2)
+    assert again.worker_of(2) == w and again.head_of(2) & BUDGET_FULL  # the store may lack its last one
+    again.checkpoint(w, 2, 2, {0: b"e0"}, full=True)
+    again.reply(w, C, 2)
+    again.commit()
+    again.call(3)
+    assert not again.head_of(3) & BUDGET_FULL
+    again.store.close()
+
+    third = DurableCore(path, "p:strict_queue")  # its worker never comes back
+    third.ready(B if w == A else A, "p")
+    third.call(4)
+    assert third.worker_of(4) is None  # within the re-registration grace it waits
+    third._booted -= 60
+    third._sweep(time.monotonic())
+    third.commit()
+    moved = third.worker_of(4)
+    assert moved is not None and moved != w and third.head_of(4) & BUDGET_RESTORE
+
+
+def test_closing_a_durable_session_deletes_its_checkpoint(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.reply(w, C, 1)
+    core.commit()
+    assert core.admin(C, "close_session", session=S)["closed"]
+    core.commit()
+    assert core.store.sessions() == [] and core.store.load(S) is None
+
+
+def test_durable_on_a_none_pool_is_a_config_error(path: str) -> None:
+    from dspex.errors import ConfigError
+    from dspex.pools import parse_pool_spec
+
+    core = DurableCore(path, "p:none")
+    core.ready(A, "p")
+    core.call(1)
+    assert core.outcome(C, 1) == "config_error"
+    with pytest.raises(ConfigError, match="cannot be durable"):
+        parse_pool_spec("p:none:durable=true")
+    assert parse_pool_spec("p:hint:durable=true").durable
+    with pytest.raises(ConfigError, match="bad value"):
+        parse_pool_spec("p:hint:durable=maybe")
+
+
+def test_a_pool_setting_makes_every_session_durable_and_hint_keeps_one_worker(path: str) -> None:
+    core = durable_core(path, "p:hint:durable=true")
+    core.call(1, durable=False)
+    w = core.worker_of(1)
+    assert w is not None and core.head_of(1) & BUDGET_DURABLE
+    core.call(2, durable=False)  # its worker is busy: a durable hint session waits for it
+    assert core.worker_of(2) is None
+    core.reply(w, C, 1)
+    assert core.worker_of(2) == w
+
+
+def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    other = B if w == A else A
+    before = core.counters["garbage_backend"]
+    core.checkpoint(other, 1, 1, {0: b"forged"})
+    core.checkpoint(w, 99, 1, {0: b"unknown request"})
+    assert core.counters["garbage_backend"] == before + 2 and not [j for j in core.jobs if j.op == "write"]
+    core.reply(w, C, 1)
+    assert core.outcome(C, 1) == "ok"
