@@ -326,6 +326,21 @@ class DurableSessions:
         if pool is not None:
             pool.parked.pop(rec.id, None)
 
+    # -- what operators see ------------------------------------------------------------------------
+    def durable_view(self, rec: SessionRecord, wall: float) -> dict[str, Any]:
+        """``sessions`` / dashboard fields of a session: durable, checkpoint bytes and age."""
+        d = rec.durable
+        if d is None or d.off:
+            return {"durable": False, "checkpoint_bytes": None, "checkpoint_age_s": None}
+        return {"durable": True, "checkpoint_bytes": d.bytes,
+                "checkpoint_age_s": round(wall - d.stored, 3) if d.stored else None}
+
+    def durable_status(self) -> dict[str, Any]:
+        """The ``checkpoints`` part of ``status``."""
+        live = [r.durable for r in self.sessions.values() if r.durable is not None and not r.durable.off]
+        return {"enabled": self.checkpoints, "sessions": len(live), "bytes": sum(d.bytes for d in live),
+                **self.durable_counters}
+
     # -- a restarted broker ----------------------------------------------------------------------
     def load_durable(self, rows: list[SessionRow]) -> None:
         """The store's durable sessions, back with their pool, owner and pin: each first call

@@ -71,10 +71,12 @@ def _close_session(core: "Core", call: OpCall) -> Any:
 def _sessions(core: "Core", call: OpCall) -> Any:
     wanted = call.args.get("pool")
     now = time.monotonic()
+    wall = time.time()
     return [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
-         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
+         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created,
+         **core.durable_view(r, wall)}
         for r in core.sessions.values()
         if (not wanted or r.pool == wanted) and not r.closing and (r.owner == call.owner or core._sees_every_session(call.owner))
     ]
@@ -167,4 +169,5 @@ def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.closed), **core.counters},
         "pools": pools,
         "events": list(core.events),
+        "checkpoints": core.durable_status(),
     }

@@ -405,18 +405,30 @@ class SessionsList:
     def present(self, result: dict[str, Any]) -> str:
         sessions = result["sessions"]
         owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
-        rows = [["SESSION", "POOL", *(["OWNER"] if owners else []), "WORKER", "CALLS", "IDLE", "AGE"]]
+        rows = [["SESSION", "POOL", *(["OWNER"] if owners else []), "WORKER", "CALLS", "IDLE", "AGE", "DURABLE"]]
         now = time.time()
         for s in sessions:
             worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
             rows.append([s["id"], s["pool"], *([str(s.get("owner") or "-")] if owners else []), worker,
-                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"])])
+                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"]),
+                         _durable_cell(s)])
         if len(rows) == 1:
             return "no sessions" + (f" in {result['pool']}" if result["pool"] else "")
         return "\n".join(table(rows))
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK
+
+
+def _durable_cell(s: dict[str, Any]) -> str:
+    """"no", or the size and age of the session's last checkpoint."""
+    if not s.get("durable"):
+        return "no"
+    if s.get("checkpoint_age_s") is None:
+        return "yes (no checkpoint yet)"
+    size = float(s.get("checkpoint_bytes") or 0)
+    shown = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 1024:.1f} KB"
+    return f"yes ({shown}, {fmt_duration(s['checkpoint_age_s'])} ago)"
 
 
 class SessionsClose:
