@@ -47,6 +47,7 @@ from dspex.protocol import (
     BROKER_OPS,
     FLAG_DURABLE,
     BUDGET_EPHEMERAL,
+    GOODBYE_ABANDONED,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     PROTOCOL_VERSION,
@@ -595,7 +596,11 @@ class Core(Lifecycle, DurableSessions):
         elif command == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
             if w is not None:
-                self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
+                if len(frames) > 2 and frames[2].bytes == GOODBYE_ABANDONED:
+                    # a call of it ignored its hard time limit: what it was running may have run
+                    self._remove_worker(w, "was recycled at a call's hard time limit")
+                else:
+                    self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
                 log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)

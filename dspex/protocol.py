@@ -7,7 +7,8 @@ Frontend (client DEALER -> broker ROUTER)::
 
 Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
-    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT] | [W_DRAIN]
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN]
+                       [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED]       (the goodbye)
                        [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
     broker -> worker:  [B_REQUEST + budget + client_id, request_header, *payload] | [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
@@ -29,9 +30,11 @@ import msgpack
 
 from dspex.errors import ProtocolError
 
-# 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead). The
-# broker tells a worker of another version to leave (its READY says its version).
-PROTOCOL_VERSION = 2
+# 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead).
+# 3: one goodbye for every exit (W_DISCONNECT, acknowledged by B_BYE) that says whether the worker
+# leaves calls it started unanswered. The broker tells a worker of another version to leave (its
+# READY says its version).
+PROTOCOL_VERSION = 3
 
 
 def _packb(obj: Any) -> bytes:
@@ -43,7 +46,7 @@ W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
 W_REPLY = b"\x03"
 W_PARTIAL = b"\x04"
-W_DISCONNECT = b"\x05"
+W_DISCONNECT = b"\x05"  # the goodbye: the worker leaves now; the broker acknowledges with B_BYE
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
 W_CHECKPOINT = b"\x07"  # a durable session's checkpoint, before the reply of the call it follows
 
@@ -55,6 +58,12 @@ B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
 B_CREDIT = b"\x17"
 B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
+
+# The goodbye's optional second frame: the worker leaves with calls it started still running (a
+# call past its hard time limit), so the broker fails those as ``worker_crashed`` (they may have
+# run) instead of handing them back. Without it every request the worker has not answered never
+# started there.
+GOODBYE_ABANDONED = b"abandoned"
 
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0
