@@ -236,10 +236,12 @@ class CheckpointStore:
     def load(self, session: str) -> Stored | None:
         """The session's last checkpoint (seq 0 and no skeleton: none yet), None if it has no
         durable record."""
-        row = self._db.execute("SELECT seq, skeleton FROM sessions WHERE id = ?", (session,)).fetchone()
+        # (as BLOB: a value something else rewrote as text still reaches the worker, which refuses it)
+        row = self._db.execute("SELECT seq, CAST(skeleton AS BLOB) FROM sessions WHERE id = ?", (session,)).fetchone()
         if row is None:
             return None
-        rows = self._db.execute("SELECT slot, data FROM blobs WHERE session = ? ORDER BY slot", (session,)).fetchall()
+        rows = self._db.execute("SELECT slot, CAST(data AS BLOB) FROM blobs WHERE session = ? ORDER BY slot",
+                                (session,)).fetchall()
         return Stored(row[0], bytes(row[1] or b""), [r[0] for r in rows], [bytes(r[1]) for r in rows])
 
 

@@ -31,7 +31,7 @@ from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
 from dspex.errors import (BrokerUnreachable, Cancelled, CodeCacheMiss, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
-from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.protocol import FLAG_DURABLE, WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.ref import Ref
 from dspex.sendcache import SendCache
 
@@ -209,9 +209,10 @@ class AsyncClient:
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+                      flags: int = 0) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
             try:
                 return await self._request(ex, op, pool, session, worker)
@@ -253,10 +254,11 @@ class AsyncClient:
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None,
                      bind: Any = None, forward: bool | None = None,
-                     sender: SendCache | None = None) -> AsyncIterator[Any]:
+                     sender: SendCache | None = None, flags: int = 0) -> AsyncIterator[Any]:
         """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                            flags=flags)
         req_id, queue = await self._start(ex, worker)
         finished = False
         started = False  # an item or event arrived: the request ran
@@ -293,9 +295,10 @@ class AsyncClient:
             self._pending.pop(req_id, None)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *,
+    def session(self, pool: str, session_id: str | None = None, *, durable: bool = False,
                 forward_output: bool | None = None, client_settings: bool | None = None) -> "AsyncSession":
-        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
+        """As :meth:`dspex.Client.session` (``durable``: its state outlives its worker)."""
+        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings, durable)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -327,10 +330,12 @@ class AsyncSession:
     (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
     def __init__(self, client: AsyncClient, pool: str, session_id: str, forward_output: bool | None = None,
-                 client_settings: bool | None = None) -> None:
+                 client_settings: bool | None = None, durable: bool = False) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
+        self.durable = durable
+        self._flags = FLAG_DURABLE if durable else 0
         self.worker = ""
         self.closed = False
         self.forward_output = forward_output  # None: the client's
@@ -355,7 +360,8 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                          on_reply=self._track, on_progress=on_progress, on_output=on_output,
-                                         bind=self, forward=self.forward_output, sender=self.sender)
+                                         bind=self, forward=self.forward_output, sender=self.sender,
+                                         flags=self._flags)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
@@ -422,7 +428,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output, sender=self.sender)
+                                  forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,

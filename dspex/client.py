@@ -36,7 +36,7 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
+from dspex.protocol import FLAG_DURABLE, WORKER_OPS, Op, unpack_reply_header
 from dspex.ref import Ref
 from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
@@ -293,7 +293,8 @@ class Client:
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+                flags: int = 0) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
@@ -306,7 +307,7 @@ class Client:
         holds (a request that refers to code the worker lacks goes again in full, once).
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
             try:
                 return self._request(ex, op, pool, session, worker)
@@ -359,10 +360,12 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> "Stream":
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+               flags: int = 0) -> "Stream":
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                            flags=flags)
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -373,13 +376,15 @@ class Client:
         return Stream(self, ch, req_id, ex, worker)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
-                client_settings: bool | None = None) -> "Session":
-        """A new session on ``pool``; it is pinned to a worker on its first call. ``forward_output``
-        (default: the client's) says whether its calls' output reaches this process's streams
-        and loggers; ``client_settings`` (default: the client's) whether this process's DSPy
-        settings go with its calls."""
-        return Session(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
+    def session(self, pool: str, session_id: str | None = None, *, durable: bool = False,
+                forward_output: bool | None = None, client_settings: bool | None = None) -> "Session":
+        """A new session on ``pool``; it is pinned to a worker on its first call. ``durable``: its
+        state outlives its worker (and the broker): checkpointed after each call that changed it,
+        restored on another worker when its own is gone (a pool with ``durable = true`` makes
+        every session durable). ``forward_output`` (default: the client's) says whether its calls'
+        output reaches this process's streams and loggers; ``client_settings`` (default: the
+        client's) whether this process's DSPy settings go with its calls."""
+        return Session(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings, durable)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -541,10 +546,12 @@ class Session:
     """
 
     def __init__(self, client: Client, pool: str, session_id: str, forward_output: bool | None = None,
-                 client_settings: bool | None = None) -> None:
+                 client_settings: bool | None = None, durable: bool = False) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
+        self.durable = durable
+        self._flags = FLAG_DURABLE if durable else 0
         self.worker = ""  # incarnation id once pinned
         self.closed = False
         self.forward_output = forward_output  # None: the client's
@@ -571,7 +578,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   forward=self.forward_output, sender=self.sender)
+                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -652,7 +659,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output, sender=self.sender)
+                                  forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,

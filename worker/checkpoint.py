@@ -447,8 +447,9 @@ class Restored:
 
 
 def _refuse(session: str, why: str) -> CheckpointRefused:
-    return CheckpointRefused(f"session {session[:8]} could not be restored: its checkpoint {why}; the session "
-                             "is lost (open a new one)", session=session, reason=why)
+    reason = f"its checkpoint {why}"
+    return CheckpointRefused(f"session {session[:8]} could not be restored: {reason}; the session is lost (open a "
+                             "new one)", session=session, reason=reason)
 
 
 def read_header(frame: bytes | memoryview, session: str) -> tuple[dict[str, Any], memoryview]:

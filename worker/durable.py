@@ -11,7 +11,6 @@ a :class:`dspex.NotDurableWarning` of the call that brought it (its output goes 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import msgpack
 
 from dspex.errors import CheckpointRefused, NotDurableWarning, ProtocolError
 from dspex.protocol import BUDGET_RESTORE, unpack_request_head
-from worker import checkpoint
+from worker import checkpoint, output
 from worker.refs import RefTable, SessionState
 
 log = logging.getLogger("dspex.worker")
@@ -90,10 +89,10 @@ class DurableSessions:
                  len(state.refs), len(restored.lost))
         return state
 
-    def after_call(self, state: SessionState, full: bool) -> list[Any] | None:
+    def after_call(self, state: SessionState, full: bool, sink: output.OutputSink) -> list[Any] | None:
         """The frames after a ``W_CHECKPOINT`` head for the call that just ran (None: nothing
-        changed). Warnings name what could not be kept (inside the call's output capture they
-        reach its caller)."""
+        changed). What could not be kept is said as a warning through ``sink`` (the call's
+        output: its caller, and the worker's log)."""
         tracker = state.checkpoint
         if tracker is None:
             tracker = state.checkpoint = checkpoint.Tracker(state.id, self.history_limit)
@@ -104,7 +103,10 @@ class DurableSessions:
             log.warning("session %s cannot be checkpointed as a whole: %s", state.id[:8], reason)
             return [msgpack.packb({"session": state.id, "error": reason})]
         for why in newly:
-            warnings.warn(f"dspex: {why.message()}", NotDurableWarning, stacklevel=1)
+            try:
+                sink.warning(f"dspex: {why.message()}", NotDurableWarning, "<dspex checkpoint>", 0, None)
+            except Exception:  # noqa: BLE001 - a caller gone or cancelled: the worker's log has it
+                log.warning("session %s: %s", state.id[:8], why.message())
         if ck is None:
             return None
         return [msgpack.packb(ck.meta()), ck.skeleton, *ck.blobs]

@@ -24,6 +24,7 @@ import zmq
 from dspex import logs
 from dspex.errors import (
     Cancelled,
+    CheckpointRefused,
     DspexError,
     InternalError,
     MessageTooLarge,
@@ -33,11 +34,15 @@ from dspex.errors import (
     UsageError,
 )
 from dspex.protocol import (
+    BUDGET_DURABLE,
     BUDGET_EPHEMERAL,
+    BUDGET_FULL,
+    BUDGET_RESTORE,
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
     STREAM_WINDOW,
+    W_CHECKPOINT,
     W_PARTIAL,
     W_REPLY,
     RequestHeader,
@@ -47,6 +52,7 @@ from dspex.protocol import (
     unpack_request_head,
     unpack_request_header,
 )
+from worker.durable import DurableSessions, split_restore
 from worker.executor import Executor, StreamControl, error_frames
 from worker.limits import CallTimedOut
 from worker.sessions import SessionBook
@@ -134,7 +140,9 @@ class Runner:
         with self._lock:
             self.running += 1
         session = ""
+        checkpoint: list[Any] = []  # a durable session's checkpoint: sent before the reply
         try:
+            restore, frames = split_restore(frames) if head.flags & BUDGET_RESTORE else (None, frames)
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
             session = header.session
@@ -151,7 +159,9 @@ class Runner:
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header), client=client,
-                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
+                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL),
+                                          durable=head.flags & (BUDGET_DURABLE | BUDGET_FULL), restore=restore,
+                                          checkpoint=checkpoint)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -160,6 +170,8 @@ class Runner:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
+            if isinstance(err, CheckpointRefused):
+                checkpoint = DurableSessions.refused_frames(err)  # the broker marks the session lost
             self._log_failure(header, req_id, isinstance(stream, StreamControl), err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
@@ -175,6 +187,8 @@ class Runner:
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
+        if checkpoint:
+            send([pack_reply_head(W_CHECKPOINT, Status.OK.value, req_id, client), *checkpoint])
         send([pack_reply_head(W_REPLY, status, req_id, client),
               pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
 
