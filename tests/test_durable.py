@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import dspex
-from tests.harness import Stack, wait_for
+from tests.harness import Stack
 
 pytest.importorskip("dspy")
 pytestmark = pytest.mark.timeout(120)
