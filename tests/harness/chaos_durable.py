@@ -20,8 +20,9 @@ import random
 import threading
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import dspex
 from tests.harness.supervisord import Supervised
