@@ -44,6 +44,7 @@ _SWEEP_EVERY = 0.05
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
+_INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 _CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
@@ -98,6 +99,7 @@ class Broker(Core):
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
         self.store: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
+        self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
         self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self) -> dict[str, Any]:
@@ -118,8 +120,22 @@ class Broker(Core):
         self._map_fd(w, _source_fd(frame))
 
     def _store(self, job: Job) -> None:
+        """Small writes wait for the end of this loop turn and commit together on this thread;
+        loads, big writes and everything after them go to the store's thread, in order."""
         assert self.store is not None
+        if job.op != "load" and not self.store.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
+            self._store_here.append(job)
+            return
+        self._commit_here()  # what waits here goes first: one order for every job
         self.store.submit(job)
+
+    def _commit_here(self) -> None:
+        if not self._store_here:
+            return
+        jobs, self._store_here = self._store_here, []
+        assert self.store is not None
+        self.store.run_here(jobs)
+        self._store_done(jobs)
 
     def _forget_connection(self, w: WorkerRecord) -> None:
         self._disconnects.pop(w.id, None)
@@ -197,6 +213,7 @@ class Broker(Core):
         if self._auth is not None:
             self._auth.stop()
         if self.store is not None:
+            self._commit_here()
             self.store.close()  # the writes submitted so far are committed first
             self.store = None
         for sock in (getattr(self, "monitor", None), self.front_monitor, getattr(self, "frontend", None),
@@ -233,6 +250,7 @@ class Broker(Core):
             events = dict(poller.poll(int(timeout * 1000)))
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
+                self._commit_here()  # checkpoints committed: the replies they held go out now
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
@@ -254,6 +272,7 @@ class Broker(Core):
             if now >= next_beat:
                 self._heartbeat(now)
                 next_beat = now + interval
+            self._commit_here()
             self._flush_clients()
             if self.publisher.asked:
                 self.publisher.serve()
@@ -369,6 +388,13 @@ class Broker(Core):
             if self.fd_worker.get(w.fd) == w.id:
                 continue  # its current connection is alive: the disconnect was of an older one
             self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+
+
+def _job_bytes(job: Job) -> int:
+    if job.op != "write":
+        return 0
+    write = job.args[0]
+    return len(write.skeleton) + sum(len(b) for b in write.blobs)
 
 
 def _source_fd(frame: zmq.Frame) -> int:

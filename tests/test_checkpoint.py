@@ -400,3 +400,23 @@ def test_the_session_code_store_comes_back_with_its_keys_module_state_and_source
     assert code.sources["/client/helpers.py"][2][1] == "def record(x):\n"
     assert codestore.class_file(code.objects["k:3"]) == "/client/helpers.py"
     assert "calls.append(x)" in inspect.getsource(record)
+
+
+def test_a_history_entry_holding_a_session_class_stays_one_object_with_it() -> None:
+    """History entries are pickled on their own (once); one that refers to a class of the
+    session's namespace is written inline, so it loads after that class, as the same class."""
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    exec(namespace.compile_in_session(state, "class Note:\n    pass\n"), namespace.namespace(state))  # noqa: S102
+    note = namespace.namespace(state)["Note"]()
+    state.lm_history.append({"prompt": "p", "outputs": ["o"], "extra": note})
+    state.lm_history.append({"prompt": "q", "outputs": ["plain"]})
+    held = Held()
+    ck, _ = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and len(ck.set_slots) == 1  # the plain entry is a blob; the other is inline
+    held.apply(ck)
+    namespace.drop_session_module(state)
+    new, _ = held.restore()
+    assert type(new.lm_history[0]["extra"]) is namespace.namespace(new)["Note"]
+    assert new.lm_history[1]["outputs"] == ["plain"]
+    namespace.drop_session_module(new)

@@ -56,10 +56,19 @@ _LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
 DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
 
 
+_versions: dict[str, str] = {}
+
+
 def versions() -> dict[str, str]:
+    """The versions a checkpoint is exact for (asked per build: computed once dspy is imported)."""
+    if _versions.get("dspy"):
+        return _versions
     dspy = sys.modules.get("dspy")
-    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "cloudpickle": cloudpickle.__version__,
-            "dspy": str(getattr(dspy, "__version__", "")) if dspy is not None else ""}
+    found = {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "cloudpickle": cloudpickle.__version__,
+             "dspy": str(getattr(dspy, "__version__", "")) if dspy is not None else ""}
+    if found["dspy"]:
+        _versions.update(found)
+    return found
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,7 @@ class Tracker:
         self._excluded: dict[int, tuple[Any, NotDurable]] = {}  # id(root object) -> (it, why)
         self._lost: dict[str, NotDurable] = {}  # carried by every checkpoint (after a move too)
         self._modules: dict[str, int] = {}  # namespace id -> its module dict's slot
+        self._first: Any = None  # the first history entry at the last build
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
         self._seed_size = 0
         self.skeleton_size = 0
@@ -306,28 +316,48 @@ class Tracker:
 
     def _sync_history(self, entries: list[Any]) -> None:
         known, inline = self._entries, self._inline_entries
-        if len(entries) == len(known) + len(inline) and (
+        n = len(entries)
+        if n == len(known) + len(inline) and (
                 not entries or all(id(e) in known or id(e) in inline for e in (entries[0], entries[-1]))):
             return  # entries are appended at the end and dropped at the front: no change
+        first = self._first
+        if (n >= 2 and not inline and id(entries[-1]) not in known and id(entries[-2]) in known
+                and id(entries[0]) in known):
+            # the usual call: one entry in at the end and, at the bound, the first one out (a
+            # wrong guess only costs speed: an entry still listed but not held is pickled inline,
+            # then held again by the next full pass)
+            if n == len(known) + 1 and first is entries[0]:
+                self._add_entry(entries[-1])
+                return
+            if n == len(known) and first is not None and first is not entries[0] and id(first) in known:
+                self._drop(known.pop(id(first)))
+                self._add_entry(entries[-1])
+                self._first = entries[0]
+                return
+        current = {id(e): e for e in entries}
         current = {id(e): e for e in entries}
         for key in [k for k in known if k not in current]:
             self._drop(known.pop(key))
         for key in [k for k in inline if k not in current]:
             del inline[key]
         for key, entry in current.items():
-            if key in known or key in inline:
-                continue
-            if not isinstance(entry, dict):
-                inline[key] = entry
-                continue
-            try:
-                blob = cp.dumps_blob(entry)
-            except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
-                inline[key] = entry
-                continue
-            i = self.slots.alloc(entry, _ENTRY)
-            known[key] = i
-            self._add_blob(i, blob)
+            if key not in known and key not in inline:
+                self._add_entry(entry)
+        self._first = entries[0] if entries else None
+
+    def _add_entry(self, entry: Any) -> None:
+        """A history entry the session has not had: a blob of its own, pickled once."""
+        if not isinstance(entry, dict):
+            self._inline_entries[id(entry)] = entry
+            return
+        try:
+            blob = cp.dumps_data_blob(entry)
+        except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
+            self._inline_entries[id(entry)] = entry
+            return
+        i = self.slots.alloc(entry, _ENTRY)
+        self._entries[id(entry)] = i
+        self._add_blob(i, blob)
 
     def _add_blob(self, i: int, blob: bytes) -> None:
         self.slots.set_blob(i, blob)

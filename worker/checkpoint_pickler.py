@@ -47,6 +47,7 @@ from dspex import byvalue
 
 PROTOCOL = 5
 _DYNAMIC = "<dynamic-code>"
+SESSION_MODULE_PREFIX = b"dspex_session_"  # worker/namespace.py names the sessions' modules so
 _SIGNATURE_MODULE = "dspy.signatures.signature"
 
 
@@ -298,6 +299,19 @@ def dumps_blob(obj: Any) -> bytes:
     buf = io.BytesIO()
     BlobPickler(buf).dump(obj)
     return buf.getvalue()
+
+
+def dumps_data_blob(obj: Any) -> bytes:
+    """A blob of plain data (an LM history entry): the C pickler alone, several times faster,
+    when what it wrote refers to nothing of the session (a class of the session's namespace
+    would be looked up by name before that module is filled); :func:`dumps_blob` otherwise."""
+    try:
+        data = pickle.dumps(obj, PROTOCOL)
+    except Exception:  # noqa: BLE001 - by-value code (a lambda, a class made at runtime): cloudpickle
+        return dumps_blob(obj)
+    if SESSION_MODULE_PREFIX in data:
+        return dumps_blob(obj)
+    return data
 
 
 class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
