@@ -115,7 +115,13 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     st.start_worker("p")
     st.wait_workers("p", 2, 90, client=client)
     other = next(w for w in st.workers("p", client) if w["pid"] != int(s.eval("__import__('os').getpid()")))
-    _block(lambda: client.call("builtins", "len", [[]], pool="p"), 20)  # the other worker warm
+    # the other worker runs the same program first (a plain session: the least-loaded worker
+    # takes it), so the figure is the move, not that worker's first DSPy call
+    warmup = client.session("p")
+    warm_cot = warmup.exec(_CONFIGURE.format(question=QUESTION))["cot"]
+    if int(warmup.eval("__import__('os').getpid()")) != other["pid"]:
+        raise AssertionError("the warm-up session is not on the other worker")
+    _block(lambda: warm_cot(question=QUESTION), 20)
     pid = int(s.eval("__import__('os').getpid()"))
     os.kill(pid, signal.SIGKILL)
     t_kill = time.perf_counter()

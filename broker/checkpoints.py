@@ -98,6 +98,7 @@ class Write:
     blobs: Sequence[bytes | memoryview]
     clear_slots: Sequence[int]
     full: bool
+    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class CheckpointStore:
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions"))
+        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions"))
         self.total = sum(self._sizes.values())
 
     def wal_checkpoint(self) -> None:
@@ -159,6 +161,7 @@ class CheckpointStore:
         self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
                          (session, pool, owner, worker, created, time.time()))
         self._sizes.setdefault(session, 0)
+        self._seqs.setdefault(session, 0)
 
     def pin(self, session: str, worker: str) -> None:
         self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
@@ -169,6 +172,7 @@ class CheckpointStore:
         self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
         self._db.execute("COMMIT")
         self.total -= self._sizes.pop(session, 0)
+        self._seqs.pop(session, None)
 
     def size(self, session: str) -> int:
         return self._sizes.get(session, 0)
@@ -202,33 +206,27 @@ class CheckpointStore:
             raise
         for session in dropped:
             self.total -= self._sizes.pop(session, 0)
+            self._seqs.pop(session, None)
         for session, size in sizes.items():
             self.total += size - self._sizes.get(session, 0)
             self._sizes[session] = size
+        for w, result in zip(writes, results):
+            if result is None:
+                self._seqs[w.session] = w.seq
         return results
 
     def _apply(self, w: Write, pending: dict[str, int]) -> int:
         db = self._db
         old = pending.get(w.session, self._sizes.get(w.session))
-        if old is None:
+        seq = self._seqs.get(w.session)
+        if old is None or seq is None:
             raise StoreError(f"session {w.session[:8]} has no durable record (closed, expired or dropped)")
-        row = db.execute("SELECT size, length(skeleton), seq FROM sessions WHERE id = ?", (w.session,)).fetchone()
-        if row is None:
-            raise StoreError(f"session {w.session[:8]} has no durable record (closed, expired or dropped)")
-        _, skeleton_size, seq = row
         if w.seq <= seq:
             raise StaleCheckpoint(f"checkpoint {w.seq} of session {w.session[:8]} is not newer than the stored {seq}")
-        if w.full:
-            blob_bytes = 0
-        else:
-            blob_bytes = old - (skeleton_size or 0)
-            touched = sorted({*w.set_slots, *w.clear_slots})
-            if touched:
-                marks = ",".join("?" * len(touched))
-                (gone,) = db.execute(f"SELECT COALESCE(SUM(length(data)), 0) FROM blobs WHERE session = ? "
-                                     f"AND slot IN ({marks})", (w.session, *touched)).fetchone()
-                blob_bytes -= gone
-        new = blob_bytes + sum(map(len, w.blobs)) + len(w.skeleton)
+        new = w.size
+        if new < len(w.skeleton) + sum(map(len, w.blobs)):
+            raise StoreError(f"checkpoint {w.seq} of session {w.session[:8]} says it holds {new} bytes, less than it "
+                             "carries")
         if new > self.session_cap:
             raise OverCap(f"its checkpoint would hold {_mb(new)}, over the per-session cap of {_mb(self.session_cap)}")
         total = self.total + sum(pending.values()) - sum(self._sizes.get(s, 0) for s in pending)
@@ -239,7 +237,7 @@ class CheckpointStore:
             db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
         elif w.clear_slots:
             marks = ",".join("?" * len(w.clear_slots))
-            db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",
+            db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",  # noqa: S608 - placeholders only
                        (w.session, *w.clear_slots))
         if w.set_slots:
             db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",

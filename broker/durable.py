@@ -141,7 +141,8 @@ class DurableSessions:
             self.counters["garbage_backend"] += 1
             self._turn_off(rec, key, f"its worker sent a malformed checkpoint ({exc})")
             return
-        write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:]], clear_slots, full)
+        write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:]], clear_slots, full,
+                      size)
         if full:
             d.needs_full = False
         d.submitted += 1

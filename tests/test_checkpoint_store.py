@@ -33,7 +33,7 @@ from worker.refs import RefTable
 
 
 def write_of(ck: checkpoint.Checkpoint) -> Write:
-    return Write(ck.session, ck.seq, ck.skeleton, ck.set_slots, ck.blobs, ck.clear_slots, ck.full)
+    return Write(ck.session, ck.seq, ck.skeleton, ck.set_slots, ck.blobs, ck.clear_slots, ck.full, ck.size)
 
 
 def stored_bytes(path: str, session: str) -> int:
@@ -167,7 +167,8 @@ WRITER = textwrap.dedent("""
     while True:
         n += 1
         blob = bytes([n % 256]) * 20000
-        store.apply([Write("s" * 32, n, b"skeleton %d" % n, [n % 7], [blob], [], False)])
+        held = min(n, 7) * 20000 + len(b"skeleton %d" % n)
+        store.apply([Write("s" * 32, n, b"skeleton %d" % n, [n % 7], [blob], [], False, held)])
         print(n, flush=True)  # committed: this is what the broker would acknowledge
 """)
 

@@ -37,6 +37,7 @@ class DurableCore(StubCore):
         super().__init__(*specs)
         self.store = CheckpointStore(path, session_cap=cap)
         self.jobs: list[Job] = []
+        self.sent: dict[str, dict[int, bytes]] = {}  # the blobs a worker sent per session (its size)
         self.checkpoints = True
         self.load_durable(self.store.sessions())
 
@@ -66,6 +67,14 @@ class DurableCore(StubCore):
         blobs = set_slots or {}
         body = meta or {"session": session, "seq": seq, "set": list(blobs), "clear": clear or [], "full": full,
                         "size": 0}
+        if not meta:  # what the session holds once applied, as the worker counts it
+            held = self.sent.setdefault(session, {})
+            if full:
+                held.clear()
+            held.update(blobs)
+            for i in clear or []:
+                held.pop(i, None)
+            body["size"] = len(b"skeleton %d" % seq) + sum(map(len, held.values()))
         body.setdefault("session", session)
         frames = [wid, pack_reply_head(W_CHECKPOINT, "ok", req_id, C), msgpack.packb(body)]
         if not meta:
