@@ -22,6 +22,7 @@ from dspex.errors import (
     Cancelled,
     ConfigError,
     DspexError,
+    InternalError,
     PoolNotFound,
     PoolSaturated,
     ProtocolError,
@@ -89,10 +90,11 @@ NOTICE_EVERY = 10.0
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)
 
 
-def _error_code(frames: list[zmq.Frame]) -> str:
+def _error_code(frames: list[Any]) -> str:
     """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
     try:
-        body = msgpack.unpackb(frames[-1].buffer)
+        last = frames[-1]
+        body = msgpack.unpackb(last.buffer if hasattr(last, "buffer") else last)
         return str(body.get("code") or "error") if isinstance(body, dict) else "error"
     except Exception:
         return "error"
@@ -523,7 +525,7 @@ class Core(Lifecycle, DurableSessions):
         if w is not None:
             w.last_seen = now
             w.expiry = now + self.heartbeat_interval * self.heartbeat_liveness
-        if command == W_REPLY or command == W_PARTIAL:
+        if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
                 if len(frames) < 3:
                     raise ProtocolError("no reply header")
@@ -545,10 +547,19 @@ class Core(Lifecycle, DurableSessions):
             if command == W_PARTIAL:
                 self._to_client([client, *frames[2:]])
                 return
+            reply: list[Any] = [client, *frames[2:]]
+            if command == W_CHECKPOINT:  # a durable call's checkpoint, then its reply
+                used = self._on_checkpoint(w, w.inflight[(client, req_id)], frames)
+                if used < 0:  # (the session is no longer durable: the call is told so)
+                    ok = False
+                    reply = [client, pack_reply_header(Status.ERROR.value, req_id),
+                             pack_error(InternalError.code, "its worker sent a malformed checkpoint")]
+                else:
+                    reply = [client, *frames[2 + used:]]
             p = w.inflight.pop((client, req_id), None)
             rec = self.sessions.get(p.session) if p is not None and p.session else None
             # a durable session's reply waits for its checkpoint to commit
-            self._durable_reply(rec, (client, req_id), [client, *frames[2:]])
+            self._durable_reply(rec, (client, req_id), reply)
             if p is not None:
                 self.running.pop((client, req_id), None)
                 outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
@@ -557,7 +568,7 @@ class Core(Lifecycle, DurableSessions):
                 else:
                     if not p.cancelled:
                         w.errors += 1
-                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(frames), now=now)
+                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(reply), now=now)
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
                 if rec is not None:
@@ -572,8 +583,6 @@ class Core(Lifecycle, DurableSessions):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
                 self._feed(w, now)
-        elif command == W_CHECKPOINT:
-            self._on_checkpoint(w, frames)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])

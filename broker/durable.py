@@ -1,7 +1,7 @@
 """Durable sessions in the routing core (a mixin of ``broker.core.Core``; docs/protocol.md).
 
 A durable session's calls go out with ``BUDGET_DURABLE``; the worker sends the call's checkpoint
-(``W_CHECKPOINT``) before its reply. The checkpoint goes to the store (a job: the shell runs the
+and its reply as one message (``W_CHECKPOINT``). The checkpoint goes to the store (a job: the shell runs the
 store on a thread and hands finished jobs back to :meth:`DurableSessions._store_done`); the
 call's reply is held until every checkpoint write of its session submitted before it has
 committed, then forwarded, in order. A refused write turns its call's reply into
@@ -41,7 +41,6 @@ from dspex.protocol import (
     Status,
     pack_error,
     pack_reply_header,
-    unpack_reply_head,
 )
 
 if TYPE_CHECKING:
@@ -104,49 +103,47 @@ class DurableSessions:
         return flags, []
 
     # -- checkpoints and replies -----------------------------------------------------------------
-    def _on_checkpoint(self, w: WorkerRecord | None, frames: list[zmq.Frame]) -> None:
-        """``[wid, W_CHECKPOINT head, meta, skeleton, *blobs]`` of a call ``w`` runs."""
+    def _on_checkpoint(self, w: WorkerRecord, p: Pending, frames: list[zmq.Frame]) -> int:
+        """``frames``: ``[wid, W_CHECKPOINT head, meta, skeleton?, *blobs, reply_header, ...]`` of
+        the call ``p`` that ``w`` runs (the caller checked that). Store the checkpoint; return how
+        many frames it took after the head (the call's reply follows them), -1 if it is
+        malformed (then the session is no longer durable)."""
+        key = (p.client, p.req_id)
+        rec = self.sessions.get(p.session) if p.session else None
         try:
-            if len(frames) < 3:
-                raise ValueError("no meta")
-            _ok, req_id, client = unpack_reply_head(frames[1].bytes)
             meta = msgpack.unpackb(frames[2].buffer)
-            if not isinstance(meta, dict) or not isinstance(meta.get("session"), str):
-                raise TypeError("meta is not a map with a session")
-        except Exception:  # noqa: BLE001 - a malformed frame from the backend is counted and dropped
+            if not isinstance(meta, dict) or meta.get("session") != p.session:
+                raise ValueError("not a checkpoint of this call's session")
+            if "lost" in meta or "error" in meta:
+                used, set_slots = 1, []
+            else:
+                set_slots, clear_slots = list(meta["set"]), list(meta["clear"])
+                seq, full, size = int(meta["seq"]), bool(meta["full"]), int(meta["size"])
+                if not all(isinstance(i, int) for i in (*set_slots, *clear_slots)):
+                    raise TypeError("slots are not integers")
+                used = 2 + len(set_slots)
+            if len(frames) < 2 + used + 1:
+                raise ValueError(f"{len(frames) - 2} frames for a checkpoint of {used} and a reply")
+        except Exception as exc:  # noqa: BLE001 - whatever a malformed frame raises
             self.counters["garbage_backend"] += 1
-            return
-        key = (client, req_id)
-        p = w.inflight.get(key) if w is not None else None
-        rec = self.sessions.get(meta["session"])
+            if rec is not None and rec.durable is not None:
+                self._turn_off(rec, key, f"its worker sent a malformed checkpoint ({exc})")
+            return -1
         d = rec.durable if rec is not None else None
-        if p is None or rec is None or p.session != rec.id or d is None:
-            self.counters["garbage_backend"] += 1  # not a call of a durable session this worker runs
-            return
-        if d.off:
-            return  # no longer durable; a call sent before it turned so
+        if rec is None or d is None or d.off:
+            return used  # no longer durable (a call sent before it turned so), or closed meanwhile
         if "lost" in meta:
-            assert w is not None
             self._lose(rec, f"{meta['lost']}", w.id)
-            return
-        if "error" in meta:
+        elif "error" in meta:
             self._turn_off(rec, key, f"the session as a whole cannot be pickled ({meta['error']})")
-            return
-        try:
-            seq, set_slots, clear_slots = int(meta["seq"]), list(meta["set"]), list(meta["clear"])
-            full, size = bool(meta["full"]), int(meta["size"])
-            if len(frames) != 4 + len(set_slots) or not all(isinstance(i, int) for i in (*set_slots, *clear_slots)):
-                raise ValueError(f"{len(frames) - 4} blob frames for {len(set_slots)} slots")
-        except Exception as exc:  # noqa: BLE001 - a checkpoint the store could not apply whole
-            self.counters["garbage_backend"] += 1
-            self._turn_off(rec, key, f"its worker sent a malformed checkpoint ({exc})")
-            return
-        write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:]], clear_slots, full,
-                      size)
-        if full:
-            d.needs_full = False
-        d.submitted += 1
-        self._store(Job("write", (write,), tag=(rec.id, key, size, seq)))
+        else:
+            write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:2 + used]],
+                          clear_slots, full, size)
+            if full:
+                d.needs_full = False
+            d.submitted += 1
+            self._store(Job("write", (write,), tag=(rec.id, key, size, seq)))
+        return used
 
     def _durable_reply(self, rec: SessionRecord | None, key: Key, reply: list[Any]) -> None:
         """Forward a call's final reply, or hold it until its session's checkpoints committed."""

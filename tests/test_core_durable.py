@@ -24,6 +24,7 @@ from dspex.protocol import (
     RequestHead,
     RequestHeader,
     pack_reply_head,
+    pack_reply_header,
     unpack_request_head,
 )
 from tests.test_core import A, B, C, StubCore
@@ -63,10 +64,13 @@ class DurableCore(StubCore):
         self._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
 
     def checkpoint(self, wid: bytes, req_id: int, seq: int, set_slots: dict[int, bytes] | None = None,
-                   clear: list[int] | None = None, full: bool = False, session: str = S, **meta: Any) -> None:
+                   clear: list[int] | None = None, full: bool = False, session: str = S, status: str = "ok",
+                   **meta: Any) -> None:
+        """A durable call's checkpoint and its reply, in one message (W_CHECKPOINT)."""
         blobs = set_slots or {}
         body = meta or {"session": session, "seq": seq, "set": list(blobs), "clear": clear or [], "full": full,
                         "size": 0}
+        body.setdefault("session", session)
         if not meta:  # what the session holds once applied, as the worker counts it
             held = self.sent.setdefault(session, {})
             if full:
@@ -75,10 +79,10 @@ class DurableCore(StubCore):
             for i in clear or []:
                 held.pop(i, None)
             body["size"] = len(b"skeleton %d" % seq) + sum(map(len, held.values()))
-        body.setdefault("session", session)
-        frames = [wid, pack_reply_head(W_CHECKPOINT, "ok", req_id, C), msgpack.packb(body)]
+        frames = [wid, pack_reply_head(W_CHECKPOINT, status, req_id, C), msgpack.packb(body)]
         if not meta:
             frames += [b"skeleton %d" % seq, *blobs.values()]
+        frames += [pack_reply_header(status, req_id), b"result"]
         self._on_backend([zmq.Frame(f) for f in frames])
 
     def requests(self) -> list[tuple[bytes, RequestHead, int]]:
@@ -123,8 +127,7 @@ def test_a_reply_waits_for_its_checkpoint_to_commit(path: str) -> None:
     core.call(1)
     w = core.worker_of(1)
     assert w is not None and core.head_of(1) & BUDGET_DURABLE
-    core.checkpoint(w, 1, 1, {0: b"entry"})
-    core.reply(w, C, 1)
+    core.checkpoint(w, 1, 1, {0: b"entry"})  # with its reply
     assert core.outcome(C, 1) is None  # held: its checkpoint is not committed yet
     core.commit()
     assert core.outcome(C, 1) == "ok"
@@ -143,7 +146,6 @@ def test_a_call_that_changed_nothing_replies_at_once_unless_an_earlier_write_is_
     assert core.outcome(C, 1) == "ok"
     core.call(2)
     core.checkpoint(w, 2, 1)
-    core.reply(w, C, 2)
     core.call(3)
     core.reply(w, C, 3)  # nothing changed, but call 2's write is pending: it waits behind it
     assert core.outcome(C, 2) is None and core.outcome(C, 3) is None
@@ -158,12 +160,12 @@ def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
     w = core.worker_of(1)
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"e0", 1 << 24: b"code"})
-    core.reply(w, C, 1)
     core.commit()
     core.call(2)
-    core.checkpoint(w, 2, 2, {1: b"e1"})  # its checkpoint came; then the worker died, no reply
+    core.checkpoint(w, 2, 2, {1: b"e1"})  # its checkpoint and reply came; then the worker died
+    core.call(9)  # a call in flight when it died: its checkpoint never came
     core._remove_worker(core.workers[w], "crashed (connection lost)")
-    assert core.outcome(C, 2) == "worker_crashed"
+    assert core.outcome(C, 9) == "worker_crashed"
     core.call(3)
     assert core.worker_of(3) is None  # parked while the store loads the checkpoint
     core.commit()
@@ -172,7 +174,8 @@ def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
     assert core.head_of(3) & BUDGET_RESTORE and core.head_of(3) & BUDGET_DURABLE
     frames = core.frames_of(3)
     meta = msgpack.unpackb(frames[1])
-    assert meta == {"session": S, "seq": 2, "slots": [0, 1, 1 << 24]}  # the crashed call's effects: all in
+    assert meta == {"session": S, "seq": 2, "slots": [0, 1, 1 << 24]}  # call 2's effects, none of call 9's
+    assert core.outcome(C, 2) == "ok"
     assert frames[2:6] == [b"skeleton 2", b"e0", b"e1", b"code"]
     core.reply(other, C, 3)
     core.call(4)
@@ -193,7 +196,6 @@ def test_a_recycled_workers_session_moves_after_its_running_call_answers(path: s
     core.commit()
     assert core.worker_of(2) is None  # waits for call 1 (whose checkpoint comes with it)
     core.checkpoint(w, 1, 1, {0: b"e0"})
-    core.reply(w, C, 1)
     core.commit()  # call 1's write, then the load after it
     assert core.outcome(C, 1) == "ok"
     core.commit()
@@ -208,7 +210,6 @@ def test_a_session_over_its_cap_gets_a_clear_error_and_goes_on_plain(path: str) 
     w = core.worker_of(1)
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"x" * 2000})
-    core.reply(w, C, 1)
     core.commit()
     assert core.outcome(C, 1) == "session_not_durable"
     body = msgpack.unpackb([f for f in core.to_clients if msgpack.unpackb(f[1])[1] == 1][-1][2])
@@ -227,15 +228,14 @@ def test_a_refused_restore_loses_the_session_with_checkpoint_refused(path: str) 
     w = core.worker_of(1)
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"e0"})
-    core.reply(w, C, 1)
     core.commit()
     core._remove_worker(core.workers[w], "crashed (connection lost)")
     core.call(2)
     core.commit()
     other = core.worker_of(2)
     assert other is not None
-    core.checkpoint(other, 2, 0, lost="is corrupt (its state does not match its digest)")
-    core.reply(other, C, 2, status="err")
+    core.checkpoint(other, 2, 0, lost="its checkpoint is corrupt (its state does not match its digest)",
+                    status="err")
     core.commit()
     core.call(3)
     assert core.outcome(C, 3) == "checkpoint_refused"
@@ -248,7 +248,6 @@ def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
     w = core.worker_of(1)
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"e0"})
-    core.reply(w, C, 1)
     core.commit()
     core.store.close()
 
@@ -258,7 +257,6 @@ def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
     again.call(2)
     assert again.worker_of(2) == w and again.head_of(2) & BUDGET_FULL  # the store may lack its last one
     again.checkpoint(w, 2, 2, {0: b"e0"}, full=True)
-    again.reply(w, C, 2)
     again.commit()
     again.call(3)
     assert not again.head_of(3) & BUDGET_FULL
@@ -281,7 +279,6 @@ def test_closing_a_durable_session_deletes_its_checkpoint(path: str) -> None:
     w = core.worker_of(1)
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"e0"})
-    core.reply(w, C, 1)
     core.commit()
     assert core.admin(C, "close_session", session=S)["closed"]
     core.commit()
@@ -324,5 +321,20 @@ def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str)
     core.checkpoint(other, 1, 1, {0: b"forged"})
     core.checkpoint(w, 99, 1, {0: b"unknown request"})
     assert core.counters["garbage_backend"] == before + 2 and not [j for j in core.jobs if j.op == "write"]
+    assert core.outcome(C, 1) is None  # the forged reply was not forwarded
     core.reply(w, C, 1)
     assert core.outcome(C, 1) == "ok"
+
+
+def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    frames = [w, pack_reply_head(W_CHECKPOINT, "ok", 1, C), b"\xc1 not msgpack", pack_reply_header("ok", 1), b"r"]
+    core._on_backend([zmq.Frame(f) for f in frames])
+    assert core.outcome(C, 1) == "session_not_durable"  # the call ran; its checkpoint could not be kept
+    core.commit()
+    assert core.store.sessions() == [] and core.sessions[S].durable is not None and core.sessions[S].durable.off
+    core.call(2)
+    assert core.worker_of(2) == w and not core.head_of(2) & BUDGET_DURABLE

@@ -41,7 +41,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from dspex import codestore
+from dspex import byvalue, codestore
 from dspex.errors import CheckpointRefused
 from worker import checkpoint_pickler as cp
 from worker import namespace
@@ -53,6 +53,7 @@ _HEAD = struct.Struct("<4sBI")
 _MODULE_KEYS = frozenset({"__builtins__", "__name__", "__file__", "__doc__", "__loader__", "__spec__", "__package__"})
 _TRANSIENT_SETTINGS = frozenset({"trace"})  # DSPy's per-call trace: rebuilt empty
 _LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
+_GLOBALS_PER_BUILD = 64  # classes / functions by name a build notes for seeding
 DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
 
 
@@ -112,8 +113,8 @@ class Checkpoint:
                 "full": self.full, "size": self.size}
 
 
-_ENTRY, _MODULE, _CODE, _SIGNATURE = "entry", "module", "code", "signature"
-_SEEDED = (_ENTRY, _MODULE)
+_ENTRY, _MODULE, _CODE, _SIGNATURE, _GLOBAL = "entry", "module", "code", "signature", "global"
+_SEEDED = (_ENTRY, _MODULE, _GLOBAL)
 _SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting", "code": "code", "globals": "global"}
 _SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the code store's nsids)
 
@@ -237,6 +238,8 @@ class Tracker:
         self._lost: dict[str, NotDurable] = {}  # carried by every checkpoint (after a move too)
         self._modules: dict[str, int] = {}  # namespace id -> its module dict's slot
         self._first: Any = None  # the first history entry at the last build
+        self._new_globals: dict[int, Any] = {}  # classes / functions by name the last pickle met
+        self._globals: dict[int, str] = {}  # seeded global slot -> "module:qualname"
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
         self._seed_size = 0
         self.skeleton_size = 0
@@ -263,6 +266,8 @@ class Tracker:
         except Exception:  # noqa: BLE001 - some root cannot be pickled: find which
             newly = self._find_not_durable(state, roots)
             data = self._pickle(self._root(state, self._roots(state)))
+        if self._seed_globals():  # first met: pickled again with them seeded, as every later build will
+            data = self._pickle(self._root(state, self._roots(state)))
         for i in [i for i in self.slots.dynamic if i not in self._used]:
             self._drop(i)  # code or a signature the session no longer holds
         for key in [k for k in self._inline if k not in self._used]:
@@ -281,6 +286,22 @@ class Tracker:
         self._sent = True
         self.skeleton_size = len(frame)
         return checkpoint, newly
+
+    def _seed_globals(self) -> bool:
+        """Classes and functions the pickle wrote by name become seeded slots (a restore imports
+        them by that name): the next pickles refer to them without a Python call. True if any
+        did."""
+        before = len(self._globals)
+        for obj in self._new_globals.values():
+            name = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
+            try:
+                found = byvalue.resolve_name(name)
+            except Exception:  # noqa: BLE001 - not importable by this name after all: pickled as before
+                continue
+            if found is obj:
+                self._globals[self.slots.alloc(obj, _GLOBAL)] = name
+        self._new_globals.clear()
+        return len(self._globals) > before
 
     def _resend_all(self) -> None:
         self._clear.clear()
@@ -365,7 +386,13 @@ class Tracker:
         self._clear.discard(i)
 
     def _slot_for(self, obj: Any, kind: str) -> int | None:
-        """The blob slot of a code object or signature class the pickler met (None: inline)."""
+        """The blob slot of a code object or signature class the pickler met (None: inline); a
+        class or function importable by name (``kind`` global) is noted, to be seeded from the
+        next build on (it has no blob: a restore imports it)."""
+        if kind == _GLOBAL:
+            if id(obj) not in self.slots.of and len(self._new_globals) < _GLOBALS_PER_BUILD:
+                self._new_globals[id(obj)] = obj
+            return None
         slots = self.slots
         i = slots.of.get(id(obj))
         if i is not None and slots.kinds[i] == kind:
@@ -455,6 +482,7 @@ class Tracker:
 
     def _frame(self, data: bytes, dig: bytes) -> bytes:
         modules = [[i, nsid, self.slots.objects[i].get("__name__")] for nsid, i in self._modules.items()]
+        modules.extend([i, "global", name] for i, name in self._globals.items())
         header: bytes = msgpack.packb({**versions(), "session": self.session, "seed": self._seed_size,
                                 "modules": modules, "digest": dig,
                                 "blobs": [len(self.slots.blobs), self.slots.set_digest()]})
@@ -534,6 +562,10 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
     seeds: list[Any] = [None] * seed_size
     try:
         for i, (nsid, name) in module_slots.items():
+            if nsid == "global":  # a class or function the skeleton refers to by slot: by its name
+                if i < seed_size:
+                    seeds[i] = byvalue.resolve_name(name)
+                continue
             if nsid == _SESSION_NS:
                 module = namespace.session_module(state, name)
             elif nsid[:2] in ("m:", "g:"):
@@ -610,8 +642,11 @@ def _tracker(state: SessionState, context: cp.LoadContext, module_slots: dict[in
         elif kind == _SIGNATURE:
             table.versions[i] = cp.signature_version(obj)
     dicts = _module_dicts(state)
-    for i, (nsid, _name) in module_slots.items():
-        if nsid in dicts:
+    for i, (nsid, name) in module_slots.items():
+        if nsid == "global":
+            _put(table, i, byvalue.resolve_name(name), _GLOBAL)
+            tracker._globals[i] = name
+        elif nsid in dicts:
             _put(table, i, dicts[nsid], _MODULE)
             tracker._modules[nsid] = i
     table.free = [i for i in range(table.seed_size) if i not in table.objects]

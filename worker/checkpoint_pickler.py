@@ -374,6 +374,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def _class(self, obj: type) -> Any:
         if _class_by_reference(obj):
+            self._slot_for(obj, "global")  # seeded in the next build's memo: no call for it then
             return NotImplemented
         if is_made_signature(obj):
             slot = self._slot_for(obj, "signature")
@@ -393,6 +394,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def _function(self, func: types.FunctionType) -> Any:
         reduced = self._function_reduce(func)
         if reduced is NotImplemented:
+            self._slot_for(func, "global")  # importable by name: seeded in the next build's memo
             return reduced
         namespace = func.__globals__
         if id(namespace) in self._module_dicts:

@@ -187,9 +187,8 @@ class Runner:
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        if checkpoint:
-            send([pack_reply_head(W_CHECKPOINT, Status.OK.value, req_id, client), *checkpoint])
-        send([pack_reply_head(W_REPLY, status, req_id, client),
+        # a durable call's checkpoint and its reply: one message, the checkpoint first
+        send([pack_reply_head(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
               pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
 
     @staticmethod
