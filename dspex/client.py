@@ -1,47 +1,40 @@
-"""The synchronous client: ``dspex.connect()``, sessions, refs, and the rehydration helper.
+"""The blocking client: ``dspex.connect()``, its sessions and streams.
 
-Thread safety: a request borrows a DEALER socket from the client's small pool for its duration
-(a stream for its whole life), so threads never share a socket and need no lock or I/O thread in
-the call path, and a thread that ends leaves nothing behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS``
-(default 8) idle sockets are kept. What a request means (encoding, replies, credit, errors) is
-:mod:`dspex.core`, shared with the asyncio client.
+The user API (sessions, ops, options) is :mod:`dspex.api`, shared with the asyncio client; this
+module is how a blocking client moves a request. A request borrows a DEALER socket from the
+client's small pool for its duration (a stream for its whole life), so threads never share a
+socket and need no lock or I/O thread in the call path, and a thread that ends leaves nothing
+behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS`` (default 8) idle sockets are kept. What a request
+means (encoding, replies, credit, errors) is :mod:`dspex.core`.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
 import os
-import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
-from dspex.core import CreditMeter, Exchange, bound_name, close_monitored, control_frames  # noqa: F401 - CreditMeter: public name
-from dspex.errors import (
-    BrokerUnreachable,
-    Cancelled,
-    ConnectionError,
-    DspexError,
-    ProtocolError,
-    Refused,
-    SessionClosed,
-    SessionWorkerUnavailable,
-    Timeout,
-)
+from dspex.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
+from dspex.core import Exchange, close_monitored, control_frames
+from dspex.errors import BrokerUnreachable, Cancelled, DspexError, ProtocolError
 from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
-from dspex.ref import Ref
 from dspex.zmqfast import recv_frames, send_frames
+
+__all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "Session", "Stream", "connect"]
 
 log = logging.getLogger("dspex.client")
 
-DEFAULT_TIMEOUT = 60.0
 IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
 RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
 
@@ -52,16 +45,15 @@ Callback = Callable[[Any], None]
 class _Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("sock", "curve", "monitor", "poller", "ids", "broken", "refused")
+    __slots__ = ("broken", "curve", "ids", "monitor", "poller", "refused", "sock")
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
         self.curve = sock.mechanism == zmq.CURVE
         self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
         # A lost connection fails the requests waiting on it at once (typed ConnectionLost)
         # instead of leaving them to time out: the broker that had them is gone.
-        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
+        self.monitor = monitor
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
@@ -74,7 +66,7 @@ class _Channel:
         while True:
             # ZMQ_EVENTS first: nothing pending (every call's case) costs one getsockopt instead
             # of a failed NOBLOCK recv and the zmq.Again it raises
-            if not self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not cast(int, self.monitor.get(zmq.EVENTS)) & zmq.POLLIN:
                 return why
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
@@ -91,20 +83,14 @@ class _Channel:
         close_monitored(self.sock, self.monitor)
 
 
-class Client:
-    """A connection to a dspex broker. Safe to share between threads."""
+class Client(ClientAPI[Session]):
+    """A blocking connection to a dspex broker (see :class:`dspex.api.ClientAPI` for its options
+    and ops). Safe to share between threads."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> None:
-        self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
-        self.timeout = timeout
-        self.max_message = config.max_message_bytes()
-        if self.endpoint.startswith("tcp://") and curve_server_key is None:
-            curve_server_key, curve_keypair = config.curve_client_keys(
-                self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
-        self._curve = (curve_server_key, curve_keypair)
-        self._own_frames = not self.endpoint.startswith("inproc://")  # arrays decode without a copy
-        self._ctx = zmq.Context()
+    session_kind = Session
+
+    def _init_transport(self) -> None:
+        self._ctx: zmq.Context[Any] = zmq.Context()
         self._idle: list[_Channel] = []  # LIFO: the warmest socket first
         self._open: set[_Channel] = set()  # every socket not yet closed, lent out or idle
         self._lock = threading.Lock()
@@ -127,10 +113,10 @@ class Client:
             ch.close()
         self._ctx.term()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -138,9 +124,24 @@ class Client:
         """Sockets this client holds (lent to running requests and streams, or idle)."""
         return len(self._open)
 
+    @staticmethod
+    def _drive(steps: Steps[T]) -> T:
+        """Run an op of several steps (:mod:`dspex.api`): each step has run when it is yielded."""
+        value: Any = None
+        try:
+            while True:
+                value = steps.send(value)
+                if inspect.isawaitable(value):
+                    if inspect.iscoroutine(value):
+                        value.close()
+                    raise TypeError("an async function was given to a blocking client: use dspex.aio.connect()")
+        except StopIteration as end:
+            return end.value  # type: ignore[no-any-return]
+
     def _closed_error(self) -> BrokerUnreachable:
         return BrokerUnreachable("client is closed: nothing was sent")
 
+    # -- the socket pool ------------------------------------------------------------------------
     def _checkout(self) -> _Channel:
         """A socket for one request: an idle one that is still connected, else a new one."""
         while True:
@@ -182,39 +183,19 @@ class Client:
         with self._lock:
             if self._closed:
                 raise self._closed_error()
-            sock = self._ctx.socket(zmq.DEALER)
-        config.tune_socket(sock, max_message=self.max_message)
-        # a fixed identity lets replies find us again after the broker restarts
-        sock.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        server_key, keypair = self._curve
-        if server_key is not None:
-            if keypair is None:
-                keypair = zmq.curve_keypair()
-            sock.curve_serverkey = server_key
-            sock.curve_publickey, sock.curve_secretkey = keypair
-        try:
-            sock.connect(self.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise BrokerUnreachable(f"cannot connect to {self.endpoint}: {exc}") from None
-        ch = _Channel(sock)
-        with self._lock:
-            if self._closed:
-                ch.close()
-                raise self._closed_error()
+            ch = _Channel(*self._connect_socket(self._ctx, b"c"))
             self._open.add(ch)
         return ch
 
     # -- the request/reply loop (its meaning is dspex.core.Exchange) -------------------------
     def _send(self, ch: _Channel, frames: list[Any], timeout: float) -> None:
-        """Send within ``timeout`` (a broker that stops reading must not hang the caller)."""
+        """Send within ``timeout`` (a broker that stops reading must not hang the caller). A send
+        that times out queued nothing (zmq takes a message whole or not at all): the socket
+        stays usable."""
         try:
             ch.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)) if timeout > 0 else -1)
             send_frames(ch.sock, frames, copy=len(frames) <= 2)
         except zmq.Again:
-            ch.broken = True
             raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
                                     "reading): nothing was sent") from None
         except zmq.ZMQError as exc:
@@ -237,8 +218,8 @@ class Client:
                 why = ch.disconnected() if ch.monitor in events else ""
                 if why:
                     ch.broken = True
-                    if ch.refused:  # the CURVE handshake failed: the request never left this client
-                        raise Refused(f"{why} ({self.endpoint}); the {ex.op} did not run", op=ex.op)
+                    if ch.refused:
+                        raise self._refused(why, ex.op)
                     raise ex.lost(why)
                 if time.monotonic() < deadline:
                     continue
@@ -253,27 +234,14 @@ class Client:
                 return status, rworker, reply[1:]
             # else a late reply to a request of this socket that timed out earlier
 
-    def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
+                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None) -> Any:
+        """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C while
+        it waits stops the request on the worker (``cancel``) before ``KeyboardInterrupt``
+        propagates."""
         if self._closed:
             raise self._closed_error()
-        timeout = self.timeout if timeout is None else timeout
-        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, **options)
-
-    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *,
-                worker: str = "", timeout: float | None = None,
-                on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None) -> Any:
-        """Send one request and wait for its reply; raise the typed error it carries.
-
-        ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
-        ``dspex.progress.report``); ``on_output`` what it prints or warns
-        (``{"stream": "stdout" | "stderr" | "warning", "text": str}``). Refs in the result become
-        handles of ``bind`` (a session). Ctrl-C while it waits stops the request on the worker
-        (``cancel``) before ``KeyboardInterrupt`` propagates.
-        """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
         ch = self._checkout()
@@ -316,8 +284,10 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None) -> "Stream":
+               bind: Any = None) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
+        if self._closed:
+            raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
                             on_progress=on_progress, on_output=on_output, bind=bind)
         ch = self._checkout()
@@ -329,44 +299,13 @@ class Client:
             raise
         return Stream(self, ch, req_id, ex)
 
-    # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> "Session":
-        """A new session on ``pool``; it is pinned to a worker on its first call."""
-        return Session(self, pool, session_id or secrets.token_hex(16))
-
-    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
-        """A call outside any session: any worker of the pool; objects it returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
-                            on_progress=on_progress, on_output=on_output)
-
-    def status(self, timeout: float | None = None) -> dict[str, Any]:
-        return dict(self.request(Op.STATUS.value, body={}, timeout=timeout))
-
-    def ping(self, timeout: float | None = None) -> dict[str, Any]:
-        return dict(self.request(Op.PING.value, body={}, timeout=timeout))
-
-    def sessions(self, pool: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
-        return list(self.request(Op.SESSIONS.value, body={"pool": pool or ""}, timeout=timeout))
-
-    def close_session(self, session_id: str, timeout: float | None = None) -> dict[str, Any]:
-        return dict(self.request(Op.CLOSE_SESSION.value, session=session_id, body={"session": session_id},
-                                 timeout=timeout))
-
-    def recycle(self, pool: str, worker: str | None = None, all: bool = False,
-                timeout: float | None = None) -> dict[str, Any]:
-        """Ask the broker to recycle workers gracefully (rolling, one at a time)."""
-        return dict(self.request(Op.RECYCLE.value, pool, body={"pool": pool, "worker": worker or "", "all": all},
-                                 timeout=timeout))
-
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
         with self._lock:
             if self._closed:
                 raise self._closed_error()
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=int(os.environ.get("DSPEX_CLIENT_THREADS", 16)),
+                self._executor = ThreadPoolExecutor(max_workers=int(os.environ.get("DSPEX_CLIENT_THREADS", "16")),
                                                     thread_name_prefix="dspex-client")
             return self._executor.submit(fn, *args, **kwargs)
 
@@ -400,7 +339,7 @@ class Stream:
 
         ex.on_progress = on_progress
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> Any:
@@ -456,205 +395,22 @@ class Stream:
             if not self.done:
                 self._finish()
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
         if not self.done:
             try:
                 self.close()
-            except Exception:
-                pass
+            except Exception as exc:  # noqa: BLE001 - garbage collection must not raise
+                log.debug("closing a stream at garbage collection: %r", exc)
 
 
-class Session:
-    """Calls pinned to one worker of a pool; objects stay there as refs until released.
-
-    Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints or warns). Refs the session returns
-    are handles that read like their objects (``prog(question=...)``, ``lm.model``).
-    """
-
-    def __init__(self, client: Client, pool: str, session_id: str) -> None:
-        self.client = client
-        self.pool = pool
-        self.id = session_id
-        self.worker = ""  # incarnation id once pinned
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"<dspex.Session {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _track(self, status: str, worker: str) -> None:
-        if worker:
-            self.worker = worker
-
-    def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None = None,
-                 on_output: Callback | None = None) -> Any:
-        if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
-        return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
-
-    # -- code and objects by value -------------------------------------------------------------
-    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` on the session's worker, ``fn`` and the arguments sent by value.
-
-        The same program text as in-process: ``program()`` here, ``s.run(program)`` there. The
-        result comes back as data where it can (records, pydantic/dataclass instances...), as refs
-        for what must stay on the worker. For ``timeout=`` & co use :meth:`apply`.
-        """
-        return self.apply(fn, args, kwargs)  # type: ignore[no-any-return]
-
-    def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-              *, timeout: float | None = None, on_progress: Callback | None = None,
-              on_output: Callback | None = None) -> Any:
-        """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
-            on_output: Callback | None = None) -> Ref:
-        """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
-        ref = self._request(Op.PUT, [obj], timeout, on_progress, on_output)
-        if not isinstance(ref, Ref):
-            raise ProtocolError(f"put returned {type(ref).__name__}, not a ref")
-        return ref
-
-    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
-        """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
-        ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
-        self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
-
-    # -- the explicit API ---------------------------------------------------------------------------
-    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
-        """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Any:
-        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
-        return self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
-
-    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
-                 on_progress: Callback | None = None, on_output: Callback | None = None) -> None:
-        self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
-
-    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
-        return self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
-
-    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
-        return self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
-
-    def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> Any:
-        """Plain data of a dspy.Example / dspy.Prediction (or anything with ``toDict``)."""
-        return self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
-
-    def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> int:
-        """Release refs; other values (data that came back by value) hold nothing there: skipped."""
-        # ids, not refs: refs in a request body resolve to their objects on the worker
-        return int(self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
-                                 on_output))
-
-    # -- streams --------------------------------------------------------------------------------
-    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
-                on_output: Callback | None) -> Stream:
-        if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
-        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
-
-    def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Stream:
-        """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                      *, timeout: float | None = None, on_progress: Callback | None = None,
-                      on_output: Callback | None = None) -> Stream:
-        """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Stream:
-        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
-
-    def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
-                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
-                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Stream:
-        """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Release every ref of the session on its worker."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.client.close_session(self.id, timeout=timeout)
-        except (ConnectionError, Timeout) as err:
-            log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
-
-
-R = TypeVar("R")
-
-
-class Rehydrator(Generic[T]):
-    """A session that rebuilds itself once when its worker is gone.
-
-    ``rebuild(session)`` recreates the session's objects and returns them; ``run(fn)`` calls
-    ``fn(session, objects)`` and, on :class:`SessionWorkerUnavailable`, opens a new session,
-    rebuilds, and retries once.
-    """
-
-    def __init__(self, client: Client, pool: str, rebuild: Callable[[Session], T],
-                 on_rehydrate: Callable[[DspexError, Session], None] | None = None) -> None:
-        self.client = client
-        self.pool = pool
-        self._rebuild = rebuild
-        self._on_rehydrate = on_rehydrate
-        self.rehydrations = 0
-        self.session = client.session(pool)
-        self.objects: T = rebuild(self.session)
-
-    def run(self, fn: Callable[[Session, T], R]) -> R:
-        try:
-            return fn(self.session, self.objects)
-        except SessionWorkerUnavailable as err:
-            self.session.close(timeout=5)  # drops the broker's record; its worker and refs are gone already
-            self.session = self.client.session(self.pool)
-            if self._on_rehydrate is not None:
-                self._on_rehydrate(err, self.session)
-            self.objects = self._rebuild(self.session)
-            self.rehydrations += 1
-            return fn(self.session, self.objects)
-
-    def close(self) -> None:
-        self.session.close()
-
-
-def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Client:
-    """Connect to the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc path)."""
-    return Client(endpoint, timeout, **kwargs)
+def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> Client:
+    """A blocking client of the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc
+    path); the options are :class:`dspex.api.ClientAPI`'s."""
+    return Client(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
