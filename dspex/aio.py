@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 from collections.abc import Callable, Generator
 from typing import Any, Generic, Self, TypeVar, cast
 
@@ -33,6 +34,8 @@ from dspex.errors import BrokerUnreachable, DspexError, ProtocolError
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "connect"]
+
+log = logging.getLogger("dspex.client")
 
 T = TypeVar("T")
 _Reply = tuple[str, str, list[Any]]
@@ -185,37 +188,42 @@ class AsyncClient(ClientAPI[AsyncSession]):
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
         req_id, queue = await self._start(ex, worker)
+        ended = False  # its final reply came
         try:
             while True:
-                kind, value, credit = ex.feed(*await self._next(queue, ex))
+                reply = await self._next(queue, ex)
+                ended = reply[0] not in _EVENTS
+                kind, value, credit = ex.feed(*reply)
                 if credit:
                     await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
-        except asyncio.CancelledError:
-            if op in WORKER_OPS:
-                self._cancel(pool, session, req_id)
+        except BaseException:
+            if not ended:
+                self._cancel(ex, req_id)
             raise
         finally:
             self._pending.pop(req_id, None)  # a late reply is dropped by the reader
 
-    def _cancel(self, pool: str, session: str, req_id: int) -> None:
-        """Tell the broker to stop a request (a queued one is dropped, a running one interrupted
-        on its worker) without awaiting anything: a cancellation must not wait, and nobody waits
-        for the answer. From outside the client's loop (garbage collection) it is handed to it."""
-        if self._closed or self._broken or self._sock is None:
-            return  # the connection is gone: the broker cancels what it had for it
+    def _cancel(self, ex: Exchange, req_id: int) -> None:
+        """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
+        a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
+        running one interrupted on its worker) without awaiting anything: a cancellation must not
+        wait, and nobody waits for the answer. From outside the client's loop (garbage
+        collection) it is handed to the loop."""
+        if self._closed or self._broken or self._sock is None or ex.op not in WORKER_OPS:
+            return  # a broken connection is gone: the broker cancels what it had for it
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is not self._loop:
             if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._cancel, pool, session, req_id)
+                self._loop.call_soon_threadsafe(self._cancel, ex, req_id)
             return
         try:
             sent = cast("asyncio.Future[Any]",
-                        self._sock.send_multipart(control_frames(Op.CANCEL, pool, session, req_id, 0)))
+                        self._sock.send_multipart(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0)))
         except zmq.ZMQError:
             return
         # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
@@ -235,9 +243,11 @@ class AsyncClient(ClientAPI[AsyncSession]):
 
 class AsyncStream:
     """Items of an iterable result on a worker, as an async iterator: the asyncio twin of
-    :class:`dspex.client.Stream` (``progress``, ``result``, ``done``; ``aclose()`` or leaving an
-    ``async with`` block cancels the producer and waits for its end). The request is sent at the
-    first ``__anext__``."""
+    :class:`dspex.client.Stream`, with its ``progress``, ``result`` and ``done``. The request is
+    sent at the first ``__anext__``. A consumer that stops before the end stops the producer on the
+    worker: ``aclose()`` (or leaving an ``async with`` block) cancels it and waits for its end; the
+    awaiting task cancelled, an error inside ``__anext__``, and garbage collection (``break`` out
+    of an ``async for``) cancel it without waiting."""
 
     def __init__(self, client: AsyncClient, ex: Exchange, worker: str) -> None:
         self._client = client
@@ -248,10 +258,10 @@ class AsyncStream:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []
-        user_progress = ex.on_progress
+        progress, user_progress = self.progress, ex.on_progress
 
-        def on_progress(event: Any) -> None:
-            self.progress.append(event)
+        def on_progress(event: Any) -> None:  # holds no reference to the stream: no cycle delays __del__
+            progress.append(event)
             if user_progress is not None:
                 user_progress(event)
 
@@ -264,11 +274,14 @@ class AsyncStream:
         if self.done:
             raise StopAsyncIteration
         client, ex = self._client, self._ex
+        ended = False  # the final reply came
         try:
             if self._queue is None:
                 self._req_id, self._queue = await client._start(ex, self._worker)
             while True:
-                kind, value, credit = ex.feed(*await client._next(self._queue, ex))
+                reply = await client._next(self._queue, ex)
+                ended = reply[0] not in _EVENTS
+                kind, value, credit = ex.feed(*reply)
                 if credit:
                     await client._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                            ex.timeout)
@@ -276,17 +289,20 @@ class AsyncStream:
                     return value
                 if kind == "done":
                     self.result = value
-                    self._finish()
+                    self._end(abandon=False)
                     raise StopAsyncIteration
         except StopAsyncIteration:
             raise
         except BaseException:
-            self._finish()
+            self._end(abandon=not ended)
             raise
 
-    def _finish(self) -> None:
+    def _end(self, abandon: bool) -> None:
+        """The consumer is done with the stream; ``abandon``: the producer may still run: stop it."""
         self.done = True
         if self._req_id:
+            if abandon:
+                self._client._cancel(self._ex, self._req_id)
             self._client._pending.pop(self._req_id, None)  # a late reply is dropped by the reader
 
     async def aclose(self) -> None:
@@ -297,14 +313,16 @@ class AsyncStream:
             self.done = True  # never started: nothing was sent
             return
         client, ex = self._client, self._ex
+        cancelled = False
         try:
             await client._send_raw(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
+            cancelled = True
             while (await client._next(self._queue, ex))[0] in _EVENTS:  # the producer's end frees its slot
                 pass
         except DspexError:
             pass
         finally:
-            self._finish()
+            self._end(abandon=not cancelled)
 
     async def __aenter__(self) -> Self:
         return self
@@ -313,11 +331,11 @@ class AsyncStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        if not self.done and self._req_id:
-            self.done = True
-            ex = self._ex
-            self._client._cancel(ex.pool, ex.session, self._req_id)
-            self._client._pending.pop(self._req_id, None)
+        if not self.done:
+            try:
+                self._end(abandon=True)
+            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
+                log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
 class _Steps(Generic[T]):

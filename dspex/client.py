@@ -28,7 +28,7 @@ from dspex import config
 from dspex.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.core import Exchange, close_monitored, control_frames
 from dspex.errors import BrokerUnreachable, Cancelled, DspexError, ProtocolError
-from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
+from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.zmqfast import recv_frames, send_frames
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "Session", "Stream", "connect"]
@@ -40,6 +40,7 @@ RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
+_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 
 
 class _Channel:
@@ -237,49 +238,56 @@ class Client(ClientAPI[Session]):
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None) -> Any:
-        """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C while
-        it waits stops the request on the worker (``cancel``) before ``KeyboardInterrupt``
-        propagates."""
+        """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C (or any
+        other exception) while it waits stops the request on the worker (``cancel``) before the
+        exception propagates."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind)
         ch = self._checkout()
-        waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
-        req_id = 0
+        req_id = next(ch.ids)
+        sent = ended = False  # the request is out / its final reply came
+        sending = True  # a send is under way: an interrupt may cut it in two
         try:
-            req_id = next(ch.ids)
             self._send(ch, ex.frames(req_id, worker), ex.timeout)
-            waiting = True
+            sent, sending = True, False
             deadline = time.monotonic() + ex.wait
             while True:
-                kind, value, credit = ex.feed(*self._recv(ch, req_id, deadline, ex))
+                reply = self._recv(ch, req_id, deadline, ex)
+                ended = reply[0] not in _EVENTS
+                kind, value, credit = ex.feed(*reply)
                 if credit:
-                    waiting = False
+                    sending = True
                     self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
-                    waiting = True
+                    sending = False
                 if kind == "done":
                     return value
-        except KeyboardInterrupt:
-            self._interrupted(ch, op, pool, session, req_id, waiting)
+        except BaseException as exc:
+            cut = sending and isinstance(exc, KeyboardInterrupt)
+            if cut or (sent and not ended):
+                self._abandon(ch, ex, req_id, cut)
             raise
         finally:
             self._checkin(ch)
 
     @staticmethod
-    def _interrupted(ch: _Channel, op: str, pool: str, session: str, req_id: int, waiting: bool) -> None:
-        """Ctrl-C during a request: stop it as an asyncio cancel does (the broker drops it if still
-        queued, its worker interrupts it if running), without waiting for anything; its late reply
-        is skipped by request id. An interrupt that cut a send may leave half a message in the
-        socket: no cancel then (it would be glued to that half), and the socket is not reused."""
-        if not waiting:
+    def _abandon(ch: _Channel, ex: Exchange, req_id: int, cut: bool) -> None:
+        """The caller stopped waiting (Ctrl-C, an error, a stream left early) for a request that is
+        out and not over: stop it as an asyncio cancel does (the broker drops it if still queued,
+        its worker interrupts it if running), without waiting for anything; its late replies are
+        skipped by request id. An interrupt that ``cut`` a send in two leaves half a message in the
+        socket: it is closed instead (a cancel would be glued to that half), and the broker
+        cancels what a closed connection had."""
+        if cut:
             ch.broken = True
             return
-        if op in WORKER_OPS:
-            try:
-                send_frames(ch.sock, control_frames(Op.CANCEL, pool, session, req_id, 0), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                ch.broken = True
+        if ch.broken or ex.op not in WORKER_OPS:
+            return
+        try:
+            send_frames(ch.sock, control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            ch.broken = True
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
@@ -294,7 +302,8 @@ class Client(ClientAPI[Session]):
         try:
             req_id = next(ch.ids)
             self._send(ch, ex.frames(req_id, worker), ex.timeout)
-        except BaseException:
+        except BaseException as exc:
+            ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._checkin(ch)
             raise
         return Stream(self, ch, req_id, ex)
@@ -314,9 +323,11 @@ class Stream:
     """Items of an iterable result on a worker, as they are produced.
 
     Iterate it on the thread that started it. Items arrive with credit-based flow control: the
-    worker runs at most ``STREAM_WINDOW`` items ahead of this consumer. ``close()`` (or leaving a
-    ``with`` block, or ``break`` + garbage collection) cancels the generator on the worker.
-    Progress events sent during the stream are collected in ``progress`` (and passed to
+    worker runs at most ``STREAM_WINDOW`` items ahead of this consumer. A consumer that stops
+    before the end stops the producer on the worker: ``close()`` (or leaving a ``with`` block)
+    cancels it and waits for its end; an exception or Ctrl-C inside ``next()``, and garbage
+    collection (``break`` out of a loop over it, an exception in the loop body) cancel it without
+    waiting. Progress events sent during the stream are collected in ``progress`` (and passed to
     ``on_progress`` when given); ``result`` holds the final summary (``{"items": n}``) once the
     stream ended. The stream holds its own socket until it ends.
     """
@@ -330,10 +341,10 @@ class Stream:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []
-        user_progress = ex.on_progress
+        progress, user_progress = self.progress, ex.on_progress
 
-        def on_progress(event: Any) -> None:
-            self.progress.append(event)
+        def on_progress(event: Any) -> None:  # holds no reference to the stream: no cycle delays __del__
+            progress.append(event)
             if user_progress is not None:
                 user_progress(event)
 
@@ -347,44 +358,52 @@ class Stream:
             raise StopIteration
         if threading.get_ident() != self._thread:
             raise DspexError("a Stream must be consumed on the thread that started it")
-        ch, ex = self._ch, self._ex
-        while True:
-            try:
-                reply = self._client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
+        client, ch, ex = self._client, self._ch, self._ex
+        ended = sending = False  # the final reply came / a credit send is under way
+        try:
+            while True:
+                reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
+                ended = reply[0] not in _EVENTS
                 kind, value, credit = ex.feed(*reply)
                 if credit:
-                    self._client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
-                                       ex.timeout)
-            except BaseException:
-                self._finish()
-                raise
-            if kind == "item":
-                return value
-            if kind == "done":
-                self._finish()
-                self.result = value
-                raise StopIteration
+                    sending = True
+                    client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
+                                 ex.timeout)
+                    sending = False
+                if kind == "item":
+                    return value
+                if kind == "done":
+                    self.result = value
+                    self._end(abandon=False)
+                    raise StopIteration
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._end(abandon=not ended, cut=sending and isinstance(exc, KeyboardInterrupt))
+            raise
 
-    def _finish(self) -> None:
+    def _end(self, abandon: bool, cut: bool = False) -> None:
+        """The consumer is done with the stream; ``abandon``: the producer may still run: stop it
+        (:meth:`Client._abandon`)."""
         self.done = True
         ch, self._ch = self._ch, None
-        if ch is not None:
-            self._client._checkin(ch)
+        if ch is None:
+            return
+        if abandon:
+            self._client._abandon(ch, self._ex, self._req_id, cut)
+        self._client._checkin(ch)
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
         if self.done or self._ch is None:
             return
         if threading.get_ident() != self._thread:
-            # garbage collection on another thread: drop the socket (the worker's stall timeout
-            # ends the producer), never reuse one that may still receive this stream's items
-            self._ch.broken = True
-            self._finish()
-            return
+            raise DspexError("a Stream must be closed on the thread that started it")
+        ex, cancelled = self._ex, False
         try:
-            ex = self._ex
             self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),
                                ex.timeout)
+            cancelled = True
             while True:  # drain until the final reply (the Cancelled error) arrives
                 next(self)
         except (StopIteration, Cancelled):
@@ -393,7 +412,7 @@ class Stream:
             log.debug("stream %d ended with %s while cancelling", self._req_id, err.code)
         finally:
             if not self.done:
-                self._finish()
+                self._end(abandon=not cancelled)
 
     def __enter__(self) -> Self:
         return self
@@ -404,9 +423,9 @@ class Stream:
     def __del__(self) -> None:
         if not self.done:
             try:
-                self.close()
-            except Exception as exc:  # noqa: BLE001 - garbage collection must not raise
-                log.debug("closing a stream at garbage collection: %r", exc)
+                self._end(abandon=True)
+            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
+                log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,

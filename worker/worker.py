@@ -562,9 +562,11 @@ class Worker:
         with self._streams_lock:
             control = self._streams.get(key)
         if command == B_CANCEL:
-            if control is not None:
-                control.cancel()  # a stream stops at its next item
-            elif not self.executor.cancel(key):  # a call is interrupted (worker.limits)
+            # a stream waiting to send an item stops there; one computing an item, and any other
+            # call, is interrupted (worker.limits)
+            if control is not None and not control.cancel():
+                return
+            if not self.executor.cancel(key):
                 log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
         elif control is not None:
             control.add_credit(int(n))
