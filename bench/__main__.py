@@ -1,8 +1,8 @@
 """``python -m bench [--smoke] [--only NAME ...] [--json PATH] [--rounds N] [--profile DIR]``.
 
 Prints the table of figures (ours, the baselines measured in the same run, the ratio and the
-target), then issue 14's figures with their goals, and optionally writes everything, raw
-per-round numbers included, as JSON (issue 14's figures under ``"issue14"``).
+target), then the performance goals with this run's figures and verdicts, and optionally writes
+everything, raw per-round numbers included, as JSON (the goals under ``"goals"``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import time
 import traceback
 from typing import Any
 
-from bench.common import Row, machine_info
-from bench.figures import GROUPS, ROWS, Config, issue14
+from bench.common import Row, loadavg, machine_info
+from bench.figures import GROUPS, ROWS, Config, goals
 
 
 def _select(only: list[str]) -> list[str]:
@@ -44,14 +44,16 @@ def render(rows: list[Row]) -> str:
     return _table(head, [(r.figure, r.ours, r.baseline, r.ratio, r.target, r.verdict) for r in rows])
 
 
-def render_issue14(goals: list[dict[str, Any]]) -> str:
+def render_goals(results: list[dict[str, Any]]) -> str:
     def value(g: dict[str, Any]) -> str:
         if g["value"] is None:
-            return g["status"]
-        return f"{g['value']:.1f} µs" if g["unit"] == "µs" else f"{g['value']:.2f}×"
+            return str(g["status"])
+        if g["unit"] == "×":
+            return f"{g['value']:.2f}×"
+        return f"{g['value']:.{0 if g['value'] >= 100 else 2}f} {g['unit']}"
 
-    return _table(("issue 14 figure", "this run", "goal", "", "row"),
-                  [(g["figure"], value(g), g["goal"], g["verdict"], g["row"]) for g in goals])
+    return _table(("goal figure", "this run", "goal", "", "row"),
+                  [(g["figure"], value(g), g["goal"], g["verdict"], g["row"]) for g in results])
 
 
 def _table(head: tuple[str, ...], lines: list[tuple[Any, ...]]) -> str:
@@ -93,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     rows: list[Row] = []
     timings: dict[str, float] = {}
+    loads: dict[str, list[str]] = {}
     for g in groups:
-        log(f"== {g}")
+        loads[g] = loadavg()
+        log(f"== {g} (load average {' '.join(loads[g])})")
         t0 = time.perf_counter()
         try:
             rows.extend(GROUPS[g](cfg))
@@ -106,17 +110,21 @@ def main(argv: list[str] | None = None) -> int:
             for name in ROWS[g]:
                 rows.append(Row.error(name, name, "", f"{type(exc).__name__}: {exc}"))
         timings[g] = time.perf_counter() - t0
-        log(f"   {g}: {timings[g]:.1f}s")
+        loads[g] += loadavg()
+        log(f"   {g}: {timings[g]:.1f}s (load average at its end {' '.join(loads[g][3:])})")
     command = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    goals = issue14(rows, smoke=a.smoke)
+    results = goals(rows, smoke=a.smoke)
+    load = loadavg()
     print(render(rows))
-    print("\n" + render_issue14(goals))
-    print(f"\n{command}  ·  {info['nproc']}× {info['cpu_model']}  ·  python {info['python']}, "
-          f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}  ·  {time.time() - started:.0f}s")
+    print("\n" + render_goals(results))
+    print(f"\n{command}  ·  commit {info['commit']}  ·  {info['nproc']}× {info['cpu_model']}  ·  python {info['python']}, "
+          f"pyzmq {info['pyzmq']}, libzmq {info['libzmq']}  ·  {time.time() - started:.0f}s  ·  load average "
+          f"{' '.join(info.get('loadavg_start', []))} at the start, {' '.join(load)} at the end")
     if a.json:
-        doc = {"command": command, "smoke": a.smoke, "started": started, "wall_s": time.time() - started,
+        doc = {"command": command, "commit": info["commit"], "smoke": a.smoke, "started": started, "wall_s": time.time() - started,
                "machine": info, "group_seconds": timings,
-               "issue14": goals, "rows": [r.__dict__ for r in rows]}
+               "group_loadavg": loads,
+               "loadavg_end": load, "goals": results, "rows": [r.__dict__ for r in rows]}
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
     return 0

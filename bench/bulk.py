@@ -32,8 +32,7 @@ from bench.common import (
     verdict,
     wait_echo,
 )
-from bench.lifecycle import private_conf, stop_daemon
-
+from bench.shipped import private_conf, stop_daemon
 
 # ==========================================================================================
 # numpy round trip
@@ -98,7 +97,8 @@ def flagship(cfg: Config) -> list[Row]:
     name, label, target = "flagship", "dspexctl flagship wall (offline, stack start included)", "≤ 15 s"
     cmd = _dspexctl()
     try:
-        probe = subprocess.run([*cmd, "flagship", "--help"], env=base_env(), capture_output=True, timeout=60, cwd=REPO)
+        probe = subprocess.run([*cmd, "flagship", "--help"], env=base_env(), capture_output=True, timeout=60, cwd=REPO,
+                               check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [Row.pending(name, label, target, f"dspexctl flagship --help did not run ({exc})")]
     if probe.returncode != 0:

@@ -12,12 +12,34 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-from tests.harness.procs import (  # noqa: F401 - re-exported: the benchmarks import them from here
-    PY, REPO, Procs, Workspace, base_env, descendants, starttime, wait_for,
+from tests.harness.procs import (  # re-exported: the benchmarks import them from here
+    PY as PY,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    REPO as REPO,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    Procs as Procs,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    Workspace as Workspace,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    base_env as base_env,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    descendants as descendants,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    starttime as starttime,  # noqa: PLC0414 - an explicit re-export
+)
+from tests.harness.procs import (
+    wait_for as wait_for,  # noqa: PLC0414 - an explicit re-export
 )
 from tests.harness.stack import Stack as HarnessStack
 
@@ -43,15 +65,15 @@ class Row:
     data: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def pending(cls, name: str, figure: str, target: str, why: str) -> "Row":
+    def pending(cls, name: str, figure: str, target: str, why: str) -> Row:
         return cls(name, figure, target=target, status="pending", reason=why, ours=f"pending: {why}")
 
     @classmethod
-    def skipped(cls, name: str, figure: str, target: str, why: str) -> "Row":
+    def skipped(cls, name: str, figure: str, target: str, why: str) -> Row:
         return cls(name, figure, target=target, status="skipped", reason=why, ours=f"skipped: {why}")
 
     @classmethod
-    def error(cls, name: str, figure: str, target: str, why: str) -> "Row":
+    def error(cls, name: str, figure: str, target: str, why: str) -> Row:
         return cls(name, figure, target=target, status="error", reason=why, ours=f"error: {why}")
 
 
@@ -129,6 +151,24 @@ class Stack(HarnessStack):
 
 # -- machine ---------------------------------------------------------------------------------
 
+def commit() -> str:
+    """The checkout's commit, ``+`` when files differ from it (the figures belong to both)."""
+    git = ["git", "-C", str(REPO)]
+    try:
+        rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev.stdout.strip() + ("+" if dirty else "")
+
+
+def loadavg() -> list[str]:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg writes them."""
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def machine_info() -> dict[str, Any]:
     import msgpack
     import zmq
@@ -163,10 +203,8 @@ def machine_info() -> dict[str, Any]:
         info["ray"] = version("ray")
     except Exception:  # noqa: BLE001 - optional
         info["ray"] = None
-    try:
-        info["loadavg_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
+    info["loadavg_start"] = loadavg()
+    info["commit"] = commit()
     return info
 
 

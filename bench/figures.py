@@ -7,19 +7,25 @@ figure is a median over rounds (:mod:`bench.common`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bench.bulk import flagship, memory, numpy_rt
 from bench.common import Config, Row
 from bench.hop import noop, throughput
+from bench.idle import idle
 from bench.lifecycle import coldstart, crash, lmlike, recycle
+from bench.localmodel import localmodel
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
+from bench.scale import scale
 from bench.serving import serving
+from bench.stop import stop
+from bench.sessioncode import ROWS as CODE_ROWS
+from bench.sessioncode import code
 
-
-__all__ = ["Config", "GROUPS", "ISSUE14", "ROWS", "issue14"]
+__all__ = ["GOALS", "GROUPS", "ROWS", "Config", "goals"]
 
 GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "noop": noop,
@@ -28,11 +34,16 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "crash": crash,
     "coldstart": coldstart,
     "recycle": recycle,
+    "stop": stop,
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
     "serving": serving,
     "predict": predict,
+    "scale": scale,
+    "idle": idle,
+    "localmodel": localmodel,
+    "code": code,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -44,24 +55,30 @@ ROWS: dict[str, list[str]] = {
     "crash": ["crash"],
     "coldstart": ["coldstart"],
     "recycle": ["recycle", "recycle.nodspy"],
+    "stop": ["stop"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "predict": PREDICT_ROWS,
+    "scale": ["scale.grid", "scale.idle"],
+    "idle": ["idle.stack", "idle.busy"],
+    "localmodel": ["localmodel"],
+    "code": CODE_ROWS,
 }
 
 
 @dataclass(frozen=True)
 class Goal:
-    """One figure of issue 14's table: the row that measures it and where its number is."""
+    """One figure of the performance issue's table: the row that measures it and where its number is."""
 
     figure: str  # the issue's wording
     row: str
     key: tuple[str, ...]  # path of the number in the row's ``data``
-    unit: str
+    unit: str  # "×", "µs", "/s", "% of a core"
     goal: str
     ok: Callable[[float], bool] | None  # None: informational
+    scale: float = 1.0  # the number in the row's data times this is the figure in ``unit``
 
     def value(self, rows: dict[str, Row]) -> float | None:
         row = rows.get(self.row)
@@ -72,37 +89,48 @@ class Goal:
             if not isinstance(v, dict) or k not in v:
                 return None
             v = v[k]
-        return float(v) if isinstance(v, (int, float)) else None
+        return float(v) * self.scale if isinstance(v, (int, float)) else None
 
 
-# issue 14's table, in its order (the serving figure split into its two goals and the Ray comparison)
-ISSUE14: tuple[Goal, ...] = (
-    Goal("no-op pinned call p50 vs C zmq.proxy", "noop.p50", ("ratio_p50_vs_cproxy",), "×", "≤ 1.25× (stretch 1.15×)",
-         lambda v: v <= 1.25),
+# the performance issue's table (issue 22, which carries issue 14's figures on), in its order
+GOALS: tuple[Goal, ...] = (
+    Goal("no-op pinned call p50 vs C zmq.proxy", "noop.p50", ("ratio_p50_vs_cproxy",), "×", "≤ 1.5× (stretch 1.25×)",
+         lambda v: v <= 1.5),
     Goal("pipelined calls/s, 100 sessions, 2 capacity-1 workers, vs C proxy", "throughput", ("ratio",), "×", "≥ 0.35×",
          lambda v: v >= 0.35),
     Goal("broker CPU per request + reply", "broker_cpu", ("cpu_us_per_call", "dspex", "hub_us"), "µs", "≤ 35 µs",
          lambda v: v <= 35),
-    Goal("Predict via a session vs in-process (DummyLM, median)", "predict.predict", ("ratio",), "×", "≤ 2×",
-         lambda v: v <= 2.0),
+    Goal("Predict via a session vs in-process (DummyLM, median)", "predict.predict", ("ratio",), "×", "≤ 1.5×",
+         lambda v: v <= 1.5),
     Goal("vs a Ray actor call (no-op p50)", "noop.ray", ("ratio",), "×", "≤ 0.35×", lambda v: v <= 0.35),
     Goal("numpy float64[1M] round trip vs raw zmq", "numpy", ("ratio",), "×", "≤ 3×", lambda v: v <= 3.0),
-    Goal("LM-bound serving, dspex calls/s vs ideal", "serving.dspex", ("x_ideal", "dspex"), "×", "≥ 0.9× ideal",
-         lambda v: v >= 0.9),
+    Goal("LM-bound serving, dspex vs min(ideal, asyncify × worker processes)", "serving.dspex", ("x_linear",), "×",
+         "≥ 0.9×", lambda v: v >= 0.9),
+    Goal("LM-bound serving, dspex calls/s vs ideal", "serving.dspex", ("x_ideal", "dspex"), "×", "(info)", None),
     Goal("LM-bound serving, dspex vs in-process dspy.asyncify", "serving.dspex", ("ratios", "dspex_vs_asyncify"), "×",
-         "≥ 1× (ahead)", lambda v: v >= 1.0),
-    Goal("LM-bound serving, dspex vs Ray async actors", "serving.dspex", ("ratios", "dspex_vs_ray"), "×", "(info)", None),
-    Goal("LM-bound serving, dspex vs Ray threaded actors", "serving.dspex", ("ratios", "dspex_vs_ray_threads"), "×",
          "(info)", None),
+    Goal("LM-bound serving, dspex vs Ray async actors", "serving.dspex", ("ratios", "dspex_vs_ray"), "×", "(info)", None),
+    Goal("one broker carries (1 s ÷ its CPU per call, all threads, median of the points)", "scale.grid",
+         ("carries_calls_per_s",), "/s", "(info)", None),
+    Goal("100,000 idle sessions: broker CPU per call vs an empty broker", "scale.idle", ("cpu_ratio",), "×", "≤ 1.10×",
+         lambda v: v <= 1.10),
+    Goal("100,000 idle sessions: broker RSS vs an empty broker", "scale.idle", ("rss_ratio",), "×", "≤ 1.10×",
+         lambda v: v <= 1.10),
+    Goal("idle stack (6 workers, supervisord), CPU", "idle.stack", ("totals", "with_supervisord", "cpu"),
+         "% of a core", "≤ 0.5%", lambda v: v <= 0.5, scale=100.0),
+    Goal("idle stack (6 workers, supervisord), wake-ups", "idle.stack", ("totals", "with_supervisord", "wakeups"), "/s",
+         "≤ 30/s", lambda v: v <= 30),
+    Goal("local model: the same requests through the stack vs plain, wall", "localmodel",
+         ("ratios", "dspex_vs_plain_wall"), "×", "≤ 1.02×", lambda v: v <= 1.02),
 )
 
 
-def issue14(rows: list[Row], smoke: bool = False) -> list[dict[str, Any]]:
-    """Issue 14's figures from this run's rows: value, goal, verdict (none in smoke mode or when
+def goals(rows: list[Row], smoke: bool = False) -> list[dict[str, Any]]:
+    """The goals' figures from this run's rows: value, goal, verdict (none in smoke mode or when
     the row did not run: the ``--only`` selection, a skipped baseline)."""
     by_name = {r.name: r for r in rows}
     out = []
-    for g in ISSUE14:
+    for g in GOALS:
         v = g.value(by_name)
         row = by_name.get(g.row)
         if row is None:

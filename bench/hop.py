@@ -13,8 +13,9 @@ import json
 import multiprocessing
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import (
     PY,
@@ -267,7 +268,7 @@ def loadgen(ws: Workspace, mode: str, endpoint: str, duration: float, warmup: fl
     for pid in cpu_pids:
         args += ["--cpu-pid", str(pid)]
     proc = subprocess.run(args, env=base_env(), cwd=REPO, capture_output=True, timeout=duration + warmup + 60,
-                          start_new_session=True)
+                          start_new_session=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed: {proc.stderr.decode(errors='replace')[-2000:]}")
     return dict(json.loads(proc.stdout.decode().strip().splitlines()[-1]))

@@ -3,12 +3,12 @@
 ``lmlike``: I/O-bound calls (a 200 ms sleep, like an LM request) at capacity 1 vs 8 (issue 6).
 ``crash``: SIGKILL of a pinned worker to the typed error, against heartbeat expiry. ``coldstart``:
 a private copy of ``supervisor.conf`` under supervisord until every worker is ready.
-``recycle``: a graceful recycle until the new incarnation is ready and serving. The supervisord
-helpers here are also used by the ``flagship`` figure (:mod:`bench.bulk`).
+``recycle``: a graceful recycle until the new incarnation is ready and serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,8 +32,7 @@ from bench.common import (
     verdict,
     wait_for,
 )
-from tests.harness.supervisord import link_launcher
-
+from bench.shipped import ShippedStack, supervisord_bin
 
 # ==========================================================================================
 # LM-like I/O-bound calls: worker capacity (issue 6)
@@ -79,10 +78,8 @@ def _lm_round(client: Any, pool: str, sessions: int, duration: float, warmup: fl
     for th in threads:
         th.join(timeout=35)
     for s in mine:
-        try:
+        with contextlib.suppress(Exception):  # closing is best effort
             s.close()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            pass
     return {"calls": calls, "elapsed": t1 - t0, "rate": calls / (t1 - t0), "errors": len(errors),
             "error_codes": sorted(set(errors))}
 
@@ -154,8 +151,11 @@ def crash(cfg: Config) -> list[Row]:
         first_errors: list[str] = []
         for r in range(rounds):
             proc = st.start_worker("p", "--no-dspy")
-            wait_for(lambda: any(w["pid"] == proc.pid for w in st.workers("p", client)), 30, 0.02,
-                     "the new worker")
+
+            def registered(pid: int = proc.pid) -> bool:
+                return any(w["pid"] == pid for w in st.workers("p", client))
+
+            wait_for(registered, 30, 0.02, "the new worker")
             s = client.session("p")
             assert int(s.call("os", "getpid")) == proc.pid
             s.call("builtins", "len", [[]])
@@ -222,18 +222,6 @@ def _frozen_worker(st: Stack, client: Any) -> float:
 # cold start, recycle, flagship (need supervisord; the first and last need colleagues' files)
 # ==========================================================================================
 
-def _supervisord() -> str:
-    cand = Path(PY).parent / "supervisord"
-    if cand.exists():
-        return str(cand)
-    from shutil import which
-
-    found = which("supervisord")
-    if found is None:
-        raise FileNotFoundError("supervisord is not installed")
-    return found
-
-
 def coldstart(cfg: Config) -> list[Row]:
     name, label, target = "coldstart", "supervisord -c supervisor.conf → all 6 workers ready", "≤ 3 s"
     rounds = cfg.n_rounds(5, 1)
@@ -252,7 +240,7 @@ def coldstart(cfg: Config) -> list[Row]:
     times: list[float] = []
     try:
         for _ in range(rounds):
-            times.append(_one_cold_start(conf))
+            times.append(_one_cold_start())
     except Exception as exc:  # noqa: BLE001 - colleagues' conf may be mid-change
         row = Row.error(name, label, target, f"{type(exc).__name__}: {exc}")
         row.baseline = f"python -c 'import dspy' {secs(dspy_t)}"
@@ -262,75 +250,15 @@ def coldstart(cfg: Config) -> list[Row]:
                 target, verdict(t <= 3.0), data={"times_s": times, "import_dspy_s": dspy_times})]
 
 
-def private_conf(ws: Workspace, conf: Path) -> tuple[Path, dict[str, str]]:
-    """A copy of the project's supervisor.conf in ``ws`` (its %(here)s: sockets, pidfile, logs) and
-    the environment that points the stack at ``ws``: no clash with a stack a colleague runs."""
-    copy = Path(ws.path("supervisor.conf"))
-    copy.write_text(conf.read_text())
-    link_launcher(ws.root)  # its command= lines run %(here)s/bin/dspex-python
-    for d in ("run", "log"):
-        os.makedirs(ws.path(d), exist_ok=True)
-    env = base_env(ws.path("r"), DSPEX_PYTHON=PY, DSPEX_METRICS_PORT="0", DSPEX_SUPERVISOR_CONF=str(copy))
-    return copy, env
-
-
-def stop_daemon(ws: Workspace) -> None:
-    """A supervisord that daemonized itself from our private conf (its pidfile is in ``ws``)."""
-    from bench.common import starttime, descendants
-
-    pidfile = Path(ws.path("run", "supervisord.pid"))
-    if not pidfile.exists():
-        return
-    try:
-        pid = int(pidfile.read_text().strip())
-    except ValueError:
-        return
-    started = starttime(pid)
-    if started is None:
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if ws.root.encode() not in f.read():
-                return  # not the supervisord of our private conf
-    except OSError:
-        return
-    tree = descendants(pid)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while starttime(pid) == started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for p, st in [(pid, started), *tree]:
-        if starttime(p) == st:
-            os.kill(p, signal.SIGKILL)
-
-
-def _one_cold_start(conf: Path) -> float:
-    import dspex
-
+def _one_cold_start() -> float:
     with Workspace("dxc") as ws:
-        copy, env = private_conf(ws, conf)
-        endpoint = f"ipc://{env['DSPEX_RUN_DIR']}/frontend.sock"
+        stack = ShippedStack(ws, metrics=False)
         t0 = time.perf_counter()
-        sup = ws.procs.spawn([_supervisord(), "-n", "-c", str(copy)], "supervisord.out", env, cwd=ws.root)
-
-        def ready() -> bool:
-            ws.procs.remember_tree(sup)
-            if sup.poll() is not None:
-                raise RuntimeError("supervisord exited: " + ws.procs.log_tail("supervisord.out"))
-            if not os.path.exists(endpoint[6:]):
-                return False
-            with dspex.connect(endpoint, timeout=1) as c:
-                pools = c.status(timeout=1)["pools"]
-            n = sum(len(p["workers"]) for p in pools.values())
-            want = sum(p.get("size") or 0 for p in pools.values()) or 6
-            return n >= max(want, 6)
-
         try:
-            wait_for(ready, 60, 0.01, "all workers of supervisor.conf ready")
+            stack.start(60, interval=0.01)
             return time.perf_counter() - t0
         finally:
-            ws.procs.remember_tree(sup)
-            ws.procs.stop(sup, signal.SIGTERM, wait=30)
+            stack.stop()
 
 
 _RECYCLE_CONF = """\
@@ -391,7 +319,7 @@ def recycle(cfg: Config) -> list[Row]:
     name, label, target = "recycle", "graceful recycle → new incarnation ready", "≤ 1 s"
     rounds = cfg.n_rounds(5, 1)
     try:
-        supervisord = _supervisord()
+        supervisord = supervisord_bin()
     except FileNotFoundError as exc:
         return [Row.skipped(name, label, target, str(exc))]
     ws = Workspace("dxr")
@@ -453,7 +381,7 @@ def _one_recycle(client: Any, st: Stack, pool: str) -> dict[str, float]:
     old_ids = {w["incarnation"] for w in before}
     from bench.common import starttime
 
-    oldest = sorted(before, key=lambda w: w["uptime_s"])[-1]
+    oldest = max(before, key=lambda w: w["uptime_s"])
     victim, vpid = oldest["incarnation"], int(oldest["pid"])
     vstart = starttime(vpid)
     t0 = time.perf_counter()

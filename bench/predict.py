@@ -15,9 +15,19 @@ call through a session pays (its round trip and the executor's scopes).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from bench.common import Row, Stack, Workspace, iter_rotated, median, quantile, us, verdict
+from bench.common import (
+    Row,
+    Stack,
+    Workspace,
+    iter_rotated,
+    median,
+    quantile,
+    us,
+    verdict,
+)
 
 QUESTION = "What is the capital of France?"
 ANSWERS = {"predict": {"answer": "Paris"}, "cot": {"reasoning": "France's capital city is Paris.", "answer": "Paris"}}

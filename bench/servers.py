@@ -6,8 +6,11 @@
 * ``echo-dealer --connect EP``: an echo worker behind the proxy.
 * ``loadgen --endpoint EP ...``: pipelined load, many sessions each with one request in flight,
   over several DEALER sockets, from one thread, with the dspex wire format (the same frames for
-  the dspex broker and the C proxy). Prints one JSON line with the calls of the measured window
-  and the CPU seconds that the ``--cpu-pid`` processes used during it.
+  the dspex broker and the C proxy). Prints one JSON line with the calls of the measured window,
+  their p50/p99 latency, the CPU seconds that the ``--cpu-pid`` processes used during it and the
+  first one's RSS at its end.
+* ``open-sessions --endpoint EP --sessions N``: opens N sessions (one call each, pipelined) and
+  leaves them open and idle.
 * ``loadgen-client --endpoint EP ...``: the same load through the public ``dspex.Client``, one
   thread per group of sessions (each thread gets its own socket from the Client).
 """
@@ -20,7 +23,8 @@ import secrets
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -70,8 +74,19 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     import socket as _socket
 
     from dspex import codec
-    from dspex.protocol import (B_DISCONNECT, B_HEARTBEAT, B_REQUEST, B_REREGISTER, PROTOCOL_VERSION,
-                                REQUEST_HEAD_SIZE, W_HEARTBEAT, W_READY, W_REPLY, pack_reply_head, pack_reply_header)
+    from dspex.protocol import (
+        B_DISCONNECT,
+        B_HEARTBEAT,
+        B_REQUEST,
+        B_REREGISTER,
+        PROTOCOL_VERSION,
+        REQUEST_HEAD_SIZE,
+        W_HEARTBEAT,
+        W_READY,
+        W_REPLY,
+        pack_reply_head,
+        pack_reply_header,
+    )
 
     inc = secrets.token_hex(16)
     ready = msgpack.packb({"pool": pool, "pid": os.getpid(), "host": _socket.gethostname(), "incarnation": inc,
@@ -85,8 +100,12 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     sock.send_multipart([W_READY, ready])
     unpack = msgpack.unpackb
     send = sock.send_multipart
+    next_beat = time.monotonic() + 1.0
     while True:
         sock.poll(1000)
+        if time.monotonic() >= next_beat:  # its own heartbeats: a restarted broker learns of it and asks for READY
+            send([W_HEARTBEAT])
+            next_beat = time.monotonic() + 1.0
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -138,7 +157,7 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
         s.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
         s.connect(a.endpoint)
         socks.append(s)
-    body = codec.encode(["builtins", "len", [[]], {}])[0]  # what Session.call("builtins", "len", [[]]) sends
+    body = bytes(codec.encode(["builtins", "len", [[]], {}])[0])  # what Session.call("builtins", "len", [[]]) sends
     sessions = [secrets.token_hex(16) for _ in range(a.sessions)]
     owner = [socks[i % len(socks)] for i in range(a.sessions)]
     timeout_ms = int(a.timeout * 1000)
@@ -152,8 +171,11 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
     header ``header(req_id, si)``): ``a.warmup`` s, then ``a.duration`` s counted (CPU of
     ``a.cpu_pid`` over the same window), then drain what is in flight. Closes the sockets and ``ctx``."""
     inflight: list[dict[int, int]] = [{} for _ in socks]  # per socket: req_id -> session index
+    sent_at: list[dict[int, float]] = [{} for _ in socks]
     next_id = [1] * len(socks)
     sock_index = {s: i for i, s in enumerate(socks)}
+    clock = time.perf_counter
+    latencies: list[float] = []
 
     def send(si: int) -> None:
         s = owner[si]
@@ -161,6 +183,7 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
         rid = next_id[k]
         next_id[k] = rid + 1
         inflight[k][rid] = si
+        sent_at[k][rid] = clock()
         s.send_multipart([header(rid, si), body])
 
     poller = zmq.Poller()
@@ -190,15 +213,18 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
                     si = inflight[k].pop(head[1], None)
                     if si is None:
                         continue
+                    t_sent = sent_at[k].pop(head[1])
                     if head[0] not in ("ok", "call"):  # "call": an echo server (the C proxy's) returns the request
                         errors += 1
                     elif counting:
                         done += 1
+                        latencies.append(clock() - t_sent)
                     if resend:
                         send(si)
 
     pump(time.monotonic() + a.warmup, True)
     done = errors = 0
+    latencies.clear()
     cpu0 = _cpu(a.cpu_pid)
     own0 = time.process_time()
     t0 = time.monotonic()
@@ -206,14 +232,69 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
     t1 = time.monotonic()
     own1 = time.process_time()
     cpu1 = _cpu(a.cpu_pid)
+    hub_rss = _rss(a.cpu_pid[0]) if a.cpu_pid else 0
     calls = done
     counting = False
-    pump(time.monotonic() + 10.0, False)  # drain what is in flight so the next round starts clean
+    pump(time.monotonic() + 10.0 + len(owner) / 1000, False)  # drain what is in flight so the next round starts clean
+    left = sum(len(x) for x in inflight)
     for s in socks:
         s.close(0)
     ctx.term()
+    latencies.sort()
     return {"calls": calls, "errors": errors, "elapsed": t1 - t0, "cpu": _delta(cpu0, cpu1), "loadgen_cpu": own1 - own0,
-            "rate": calls / (t1 - t0), "left_in_flight": sum(len(x) for x in inflight)}
+            "rate": calls / (t1 - t0), "left_in_flight": left, "hub_rss": hub_rss,
+            "p50": _pick(latencies, 0.5), "p99": _pick(latencies, 0.99)}
+
+
+def _pick(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def _rss(pid: int) -> int:
+    from bench.common import rss_bytes
+
+    try:
+        return rss_bytes(pid)
+    except OSError:
+        return 0
+
+
+def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
+    """One ``builtins.len`` call in each of ``a.sessions`` new sessions (at most ``a.window`` in
+    flight), leaving them open: a broker that holds that many idle sessions."""
+    from dspex import codec
+    from dspex.protocol import RequestHeader
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(a.endpoint)
+    body = codec.encode(["builtins", "len", [[]], {}])[0]
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    t0 = time.monotonic()
+    ok = errors = sent = 0
+    while ok + errors < a.sessions:
+        while sent < a.sessions and sent - ok - errors < a.window:
+            sent += 1
+            sock.send_multipart([RequestHeader("call", sent, a.pool, secrets.token_hex(16), "",
+                                               int(a.timeout * 1000)).pack(), body])
+        if not poller.poll(int(a.timeout * 1000)):
+            break
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msgpack.unpackb(frames[0])[0] == "ok":
+                ok += 1
+            else:
+                errors += 1
+    sock.close(0)
+    ctx.term()
+    return {"opened": ok, "errors": errors, "seconds": time.monotonic() - t0}
 
 
 def loadgen_client(a: argparse.Namespace) -> dict[str, Any]:
@@ -274,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("proxy")
     x.add_argument("--frontend", required=True)
     x.add_argument("--backend", required=True)
-    for name in ("loadgen", "loadgen-client"):
+    for name in ("loadgen", "loadgen-client", "open-sessions"):
         g = sub.add_parser(name)
         g.add_argument("--endpoint", required=True)
         g.add_argument("--pool", default="p")
@@ -285,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         g.add_argument("--warmup", type=float, default=0.5)
         g.add_argument("--timeout", type=float, default=30.0)
         g.add_argument("--cpu-pid", type=int, action="append", default=[])
+        g.add_argument("--window", type=int, default=2000, help="open-sessions: calls in flight at most")
     a = p.parse_args(argv)
     if a.mode == "echo-router":
         echo(zmq.ROUTER, a.bind, bind=True)
@@ -296,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy(a.frontend, a.backend)
     elif a.mode == "loadgen":
         print(json.dumps(loadgen(a)), flush=True)
+    elif a.mode == "open-sessions":
+        print(json.dumps(open_sessions(a)), flush=True)
     else:
         print(json.dumps(loadgen_client(a)), flush=True)
     return 0

@@ -117,7 +117,7 @@ async def drive_ray(a: argparse.Namespace, loop: Any, question: str) -> dict[str
         def pids() -> list[int]:
             return ray_pids(a.ray_pid)
 
-        out = await loop(a.concurrency, a.duration, a.warmup, call, pids)
+        out: dict[str, Any] = await loop(a.concurrency, a.duration, a.warmup, call, pids)
         # the actors die with this driver: their RSS is read now, while they are up
         every = ray_pids(a.ray_pid)
         out["ray_rss"] = {"actors": _rss(actor_pids), "other": _rss([p for p in every if p not in actor_pids])}

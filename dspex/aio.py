@@ -30,8 +30,15 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
 from dspex.core import Exchange, cancel_all, close_monitored, control_frames
-from dspex.errors import BrokerUnreachable, DspexError, ProtocolError
+from dspex.errors import (
+    BrokerUnreachable,
+    Cancelled,
+    CodeCacheMiss,
+    DspexError,
+    ProtocolError,
+)
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.sendcache import SendCache
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "connect"]
 
@@ -41,6 +48,7 @@ T = TypeVar("T")
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
 _REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
+_CANCELLED = "__cancelled__"  # ... or when cancel_all() was called
 _EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
 Callback = Callable[[Any], None]
 
@@ -69,6 +77,21 @@ class AsyncClient(ClientAPI[AsyncSession]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def cancel_all(self) -> None:
+        """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
+        handed to the loop."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.cancel_all)
+            return
+        for queue in self._pending.values():
+            queue.put_nowait((_CANCELLED, "", []))
 
     async def close(self) -> None:
         if self._closed:
@@ -175,18 +198,28 @@ class AsyncClient(ClientAPI[AsyncSession]):
             raise ex.lost("lost the connection to the broker")
         if reply[0] == _REFUSED:
             raise self._refused(reply[1], ex.op)
+        if reply[0] == _CANCELLED:
+            raise Cancelled(f"{ex.op} was cancelled by AsyncClient.cancel_all() and stopped", op=ex.op)
         return reply
 
     # -- requests ---------------------------------------------------------------------------
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None) -> Any:
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+        while True:
+            try:
+                return await self._request(ex, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    async def _request(self, ex: Exchange, worker: str) -> Any:
         req_id, queue = await self._start(ex, worker)
         ended = False  # its final reply came
         try:
@@ -195,7 +228,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
                 ended = reply[0] not in _EVENTS
                 kind, value, credit = ex.feed(*reply)
                 if credit:
-                    await self._send_raw(control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                    await self._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
         except BaseException:
@@ -232,12 +265,12 @@ class AsyncClient(ClientAPI[AsyncSession]):
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None) -> AsyncStream:
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> AsyncStream:
         """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
         return AsyncStream(self, ex, worker)
 
 
@@ -255,6 +288,7 @@ class AsyncStream:
         self._worker = worker
         self._req_id = 0
         self._queue: asyncio.Queue[_Reply] | None = None
+        self._started = False  # an item or event arrived: the request ran
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []
@@ -281,7 +315,17 @@ class AsyncStream:
             while True:
                 reply = await client._next(self._queue, ex)
                 ended = reply[0] not in _EVENTS
-                kind, value, credit = ex.feed(*reply)
+                try:
+                    kind, value, credit = ex.feed(*reply)
+                except CodeCacheMiss as miss:
+                    if self._started or not ex.resend_in_full(miss):
+                        raise
+                    # nothing ran: the same request again, in full
+                    client._pending.pop(self._req_id, None)
+                    self._req_id, ended = 0, False
+                    self._req_id, self._queue = await client._start(ex, self._worker)
+                    continue
+                self._started = True
                 if credit:
                     await client._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                            ex.timeout)
@@ -371,10 +415,12 @@ class _Steps(Generic[T]):
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> AsyncClient:
+            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+            forward_output: bool = True, client_settings: bool = True) -> AsyncClient:
     """An asyncio client of the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc
     path); the options are :class:`dspex.api.ClientAPI`'s."""
-    return AsyncClient(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+    return AsyncClient(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                       forward_output=forward_output, client_settings=client_settings)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

@@ -35,6 +35,7 @@ from dspex.errors import (
 )
 from dspex.protocol import Op
 from dspex.ref import Ref
+from dspex.sendcache import SendCache
 
 log = logging.getLogger("dspex.client")
 
@@ -54,16 +55,21 @@ class ClientAPI(Generic[S]):
     ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
     key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a
     ``tcp://`` endpoint, else read from the files ``DSPEX_CURVE_SERVER_KEY`` and
-    ``DSPEX_CURVE_CLIENT_KEY`` name. Nothing is sent before the first request: an unreachable
-    broker is that request's ``BrokerUnreachable``.
+    ``DSPEX_CURVE_CLIENT_KEY`` name; ``forward_output=False``: calls' output stays off this
+    process's streams and loggers (:mod:`dspex.output`); ``client_settings=False``: this process's
+    DSPy settings do not go with its sessions' calls. Nothing is sent before the first request: an
+    unreachable broker is that request's ``BrokerUnreachable``.
     """
 
     session_kind: type[S]
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-                 curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> None:
+                 curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+                 forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
+        self.forward_output = forward_output
+        self.client_settings = client_settings
         self.max_message = config.max_message_bytes()
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = config.curve_client_keys(
@@ -81,18 +87,33 @@ class ClientAPI(Generic[S]):
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None) -> Any:
+                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+                forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """Send one request; its value (or an awaitable of it). Raises the typed error of the reply.
 
-        ``on_progress`` receives the call's progress events while it runs, ``on_output`` what it
-        prints or warns; refs in the result become handles of ``bind`` (a session).
+        ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
+        ``dspex.progress.report``); ``on_output`` what it prints, warns or logs
+        (``{"stream": "stdout" | "stderr" | "warning" | "log", "text": str, ...}``), in addition
+        to this process's streams and loggers unless ``forward`` (default: the client's
+        ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
+        ``sender``: the session's record of the code its worker holds (a request that refers to
+        code the worker lacks goes again in full, once). The caller that stops waiting before the
+        final reply (Ctrl-C, a cancelled task, any exception) stops the request on the worker.
         """
         raise NotImplementedError
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None) -> Any:
+               on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+               forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """Start a call whose iterable result is streamed item by item: a Stream (an AsyncStream)."""
+        raise NotImplementedError
+
+    def cancel_all(self) -> None:
+        """Cancel every request and stream of this client in flight: each stops as a Ctrl-C (a
+        cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
+        running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
+        run as usual."""
         raise NotImplementedError
 
     def close(self) -> Any:
@@ -104,10 +125,11 @@ class ClientAPI(Generic[S]):
 
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, **options: Any) -> Exchange:
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, **options)
+                        items=items, own_frames=self._own_frames,
+                        forward=self.forward_output if forward is None else forward, **options)
 
     def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
@@ -134,10 +156,13 @@ class ClientAPI(Generic[S]):
         return Refused(f"{why} ({self.endpoint}); the {op} did not run", op=op)
 
     # -- user ops -----------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None) -> S:
+    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
+                client_settings: bool | None = None) -> S:
         """A new session on ``pool`` (or the session ``session_id`` of this client identity); it is
-        pinned to a worker on its first call."""
-        return self.session_kind(self, pool, session_id or secrets.token_hex(16))
+        pinned to a worker on its first call. ``forward_output`` (default: the client's) says
+        whether its calls' output reaches this process's streams and loggers; ``client_settings``
+        (default: the client's) whether this process's DSPy settings go with its calls."""
+        return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -175,19 +200,25 @@ class SessionAPI:
     """Calls pinned to one worker of a pool; objects stay there as refs until released.
 
     Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints or warns). Refs the session returns
-    are handles that read like their objects (``prog(question=...)``, ``lm.model``). Through a
+    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
+    process's streams and loggers: dspex.output). Refs the session returns are handles that read
+    like their objects (``prog(question=...)``, ``lm.model``). Through a
     :class:`dspex.aio.AsyncSession` every op returns an awaitable of the same value.
     """
 
     _label = "dspex.Session"
 
-    def __init__(self, client: ClientAPI[Any], pool: str, session_id: str) -> None:
+    def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
+        self.forward_output = forward_output  # None: the client's
+        # what the session's worker holds of this client's code, and whether the client's DSPy
+        # settings go with each call
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -201,7 +232,8 @@ class SessionAPI:
         if self.closed:
             return self.client._drive(_raising(SessionClosed(f"session {self.id[:8]} is closed")))
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                   forward=self.forward_output, sender=self.sender)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -282,7 +314,8 @@ class SessionAPI:
         if self.closed:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self)
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  forward=self.forward_output, sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -316,6 +349,7 @@ class SessionAPI:
         if self.closed:
             return
         self.closed = True
+        self.sender.close()
         try:
             yield self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout) as err:

@@ -27,8 +27,15 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.core import Exchange, close_monitored, control_frames
-from dspex.errors import BrokerUnreachable, Cancelled, DspexError, ProtocolError
+from dspex.errors import (
+    BrokerUnreachable,
+    Cancelled,
+    CodeCacheMiss,
+    DspexError,
+    ProtocolError,
+)
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "Session", "Stream", "connect"]
@@ -37,10 +44,15 @@ log = logging.getLogger("dspex.client")
 
 IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
 RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
+CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
 _EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
+
+
+class _CancelRequested(Exception):
+    """cancel_all() was called while this thread waited for its reply."""
 
 
 class _Channel:
@@ -97,6 +109,7 @@ class Client(ClientAPI[Session]):
         self._lock = threading.Lock()
         self._closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
+        self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -113,6 +126,12 @@ class Client(ClientAPI[Session]):
         for ch in channels:
             ch.close()
         self._ctx.term()
+
+    def cancel_all(self) -> None:
+        """(See :meth:`ClientAPI.cancel_all`.) From any thread: a signal handler, the thread that
+        waits on ``submit`` futures; each request notices within ``CANCEL_CHECK_MS``."""
+        with self._lock:
+            self._cancels += 1
 
     def __enter__(self) -> Self:
         return self
@@ -205,13 +224,17 @@ class Client(ClientAPI[Session]):
                 raise self._closed_error() from None
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
-    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange) -> tuple[str, str, list[Any]]:
-        """The next reply frame set for ``req_id``: (status, worker, body frames)."""
+    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange,
+              cancels: int) -> tuple[str, str, list[Any]]:
+        """The next reply frame set for ``req_id``: (status, worker, body frames). A cancel_all()
+        after the request started (``cancels``: the count then) ends the wait with
+        :class:`_CancelRequested`."""
         sock = ch.sock
         while True:
             remaining = deadline - time.monotonic()
             try:
-                events = dict(ch.poller.poll(int(remaining * 1000) + 1)) if remaining > 0 else {}
+                wait_ms = min(int(remaining * 1000) + 1, CANCEL_CHECK_MS)
+                events = dict(ch.poller.poll(wait_ms)) if remaining > 0 else {}
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
@@ -222,6 +245,8 @@ class Client(ClientAPI[Session]):
                     if ch.refused:
                         raise self._refused(why, ex.op)
                     raise ex.lost(why)
+                if self._cancels != cancels:
+                    raise _CancelRequested
                 if time.monotonic() < deadline:
                     continue
                 raise ex.timed_out()
@@ -237,14 +262,24 @@ class Client(ClientAPI[Session]):
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None) -> Any:
+                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+                forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C (or any
         other exception) while it waits stops the request on the worker (``cancel``) before the
         exception propagates."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+        while True:
+            try:
+                return self._request(ex, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    def _request(self, ex: Exchange, worker: str) -> Any:
+        cancels = self._cancels
         ch = self._checkout()
         req_id = next(ch.ids)
         sent = ended = False  # the request is out / its final reply came
@@ -254,12 +289,12 @@ class Client(ClientAPI[Session]):
             sent, sending = True, False
             deadline = time.monotonic() + ex.wait
             while True:
-                reply = self._recv(ch, req_id, deadline, ex)
+                reply = self._recv(ch, req_id, deadline, ex, cancels)
                 ended = reply[0] not in _EVENTS
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     sending = True
-                    self._send(ch, control_frames(Op.CREDIT, pool, session, req_id, credit), ex.timeout)
+                    self._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
                     sending = False
                 if kind == "done":
                     return value
@@ -267,6 +302,8 @@ class Client(ClientAPI[Session]):
             cut = sending and isinstance(exc, KeyboardInterrupt)
             if cut or (sent and not ended):
                 self._abandon(ch, ex, req_id, cut)
+            if isinstance(exc, _CancelRequested):
+                raise _cancelled(ex) from None
             raise
         finally:
             self._checkin(ch)
@@ -292,12 +329,13 @@ class Client(ClientAPI[Session]):
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None) -> Stream:
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+        cancels = self._cancels
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -306,7 +344,7 @@ class Client(ClientAPI[Session]):
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._checkin(ch)
             raise
-        return Stream(self, ch, req_id, ex)
+        return Stream(self, ch, req_id, ex, worker, cancels)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
@@ -332,11 +370,14 @@ class Stream:
     stream ended. The stream holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange) -> None:
+    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
         self._client = client
         self._ch: _Channel | None = ch
         self._req_id = req_id
         self._ex = ex
+        self._worker = worker
+        self._cancels = cancels  # the client's cancel_all() count when the stream started
+        self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
         self.done = False
         self.result: Any = None
@@ -359,12 +400,22 @@ class Stream:
         if threading.get_ident() != self._thread:
             raise DspexError("a Stream must be consumed on the thread that started it")
         client, ch, ex = self._client, self._ch, self._ex
-        ended = sending = False  # the final reply came / a credit send is under way
+        ended = sending = False  # the final reply came / a send is under way
         try:
             while True:
-                reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
+                reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
                 ended = reply[0] not in _EVENTS
-                kind, value, credit = ex.feed(*reply)
+                try:
+                    kind, value, credit = ex.feed(*reply)
+                except CodeCacheMiss as miss:
+                    if self._started or not ex.resend_in_full(miss):
+                        raise
+                    # nothing ran: the same request again, in full
+                    self._req_id, ended, sending = next(ch.ids), False, True
+                    client._send(ch, ex.frames(self._req_id, self._worker), ex.timeout)
+                    sending = False
+                    continue
+                self._started = True
                 if credit:
                     sending = True
                     client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
@@ -380,6 +431,8 @@ class Stream:
             raise
         except BaseException as exc:
             self._end(abandon=not ended, cut=sending and isinstance(exc, KeyboardInterrupt))
+            if isinstance(exc, _CancelRequested):
+                raise _cancelled(ex) from None
             raise
 
     def _end(self, abandon: bool, cut: bool = False) -> None:
@@ -429,7 +482,13 @@ class Stream:
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None) -> Client:
+            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+            forward_output: bool = True, client_settings: bool = True) -> Client:
     """A blocking client of the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc
     path); the options are :class:`dspex.api.ClientAPI`'s."""
-    return Client(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+    return Client(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                  forward_output=forward_output, client_settings=client_settings)
+
+
+def _cancelled(ex: Exchange) -> Cancelled:
+    return Cancelled(f"{ex.op} was cancelled by Client.cancel_all() and stopped", op=ex.op)

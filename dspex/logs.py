@@ -32,12 +32,15 @@ def formatter(label: str) -> logging.Formatter:
 
 
 def setup(label: str, level: str = "INFO", stream: TextIO | None = None) -> None:
-    """The root logger writes ``label``'s lines to ``stream`` (stderr); replaces other handlers."""
+    """The root logger writes ``label``'s lines to ``stream`` (stderr); replaces other handlers.
+    The handler has the level too: a worker lowers the root's level while a call's caller takes
+    records below it (worker.output), and those are the caller's, not this log's."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(label))
+    handler.setLevel(level.upper())
     root.addHandler(handler)
     root.setLevel(level.upper())
     adopt("dspy")

@@ -108,7 +108,7 @@ class Status(str, enum.Enum):
     ERROR = "err"
     PARTIAL = "part"  # one streamed item
     PROGRESS = "prog"  # a progress event of a long call
-    OUTPUT = "out"  # text the call printed or warned: {"stream": "stdout"|"stderr"|"warning", "text": str}
+    OUTPUT = "out"  # what the call printed, warned or logged: {"stream": "stdout"|"stderr"|"warning"|"log", "text": str, ...}
 
 
 class Affinity(str, enum.Enum):
@@ -129,6 +129,26 @@ class WorkerState(str, enum.Enum):
 # Request header flags
 FLAG_STREAM = 1  # the caller accepts PARTIAL/PROGRESS/OUTPUT replies
 FLAG_ITEMS = 2  # the caller iterates the result (Session.stream*): any iterable streams, others are an error
+# The caller takes the call's OUTPUT events (printed text, warnings, log records), with credit flow
+# control. Unlike FLAG_STREAM it costs a call that prints nothing nothing: the worker builds the
+# stream machinery at the first event.
+FLAG_OUTPUT = 4
+# Bits 8-15 of the flags: the lowest log level the caller handles (1-255); log records below it are
+# not sent. 0: send no log records.
+_LOG_LEVEL_SHIFT = 8
+
+
+def output_flags(log_level: int) -> int:
+    """FLAG_OUTPUT with the caller's log threshold (clamped to 0-255; 0: no log records)."""
+    return FLAG_OUTPUT | (min(max(log_level, 0), 0xFF) << _LOG_LEVEL_SHIFT)
+
+
+def log_level_of(flags: int) -> int:
+    """The caller's log threshold carried in ``flags`` (0: it takes no log records)."""
+    return (flags >> _LOG_LEVEL_SHIFT) & 0xFF
+
+
+FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
 
 
 class RequestHeader(NamedTuple):

@@ -1,52 +1,104 @@
 """``dspexctl flagship``: run the flagship flow (examples/flagship_multi_pool_gepa.py).
 
-Starts the stack under supervisord when none answers (and stops it at the end unless
-``--keep-running``); against a running stack it just runs. Register it with
-``main.add_command(flagship)`` in dspexctl/cli.py.
+Starts the stack under supervisord when none answers and stops it again at the end, on every
+error and on Ctrl-C, SIGTERM or SIGHUP (``--keep-running`` leaves it up unless interrupted);
+against a running stack it just runs. An interruption first cancels the flow's calls in flight on
+their workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable
+from types import FrameType, ModuleType
+from typing import Any
 
 import click
 
 import dspex
 from dspex import config
 from dspex.errors import ConfigError, DspexError
+from dspex.supervisor import Supervisor, SupervisorConf, default_conf, pid_alive
+from dspexctl import stack
 
-EXAMPLE_NAME = "flagship_multi_pool_gepa"
-EXAMPLE_PATH = Path(__file__).resolve().parents[1] / "examples" / f"{EXAMPLE_NAME}.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE_PATH = EXAMPLES / "flagship_multi_pool_gepa.py"
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SUPERVISORD_APPEARS_S = 3.0  # after an interrupted start: how long a daemonizing supervisord may take to show up
+SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def load_example() -> ModuleType:
-    """The flagship module, loaded by path from the repository (examples/ is not installed)."""
-    name = f"dspex_examples_{EXAMPLE_NAME}"
+    """examples/flagship_multi_pool_gepa.py of this checkout, run by path as ``python
+    examples/flagship_multi_pool_gepa.py`` runs it: its folder first on ``sys.path``, since it
+    imports its sibling modules by name (examples/ is a folder of scripts, not an installed package)."""
+    name = "flagship_multi_pool_gepa"
     if name in sys.modules:
         return sys.modules[name]
-    if EXAMPLE_PATH.is_file():
-        spec = importlib.util.spec_from_file_location(name, EXAMPLE_PATH)
-        if spec is None or spec.loader is None:
-            raise ConfigError(f"cannot load {EXAMPLE_PATH}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        return module
-    try:  # an install that ships examples/ as a package
-        return importlib.import_module(f"examples.{EXAMPLE_NAME}")
-    except ImportError:
-        raise ConfigError(f"the flagship example is not installed: {EXAMPLE_PATH} does not exist "
-                          "(run dspexctl from a source checkout, or install with examples/)") from None
+    if not EXAMPLE_PATH.is_file():
+        raise ConfigError(f"the flagship example is not here: {EXAMPLE_PATH} does not exist (dspexctl flagship "
+                          "runs examples/ of a source checkout: install dspex from one with `pip install -e .`)")
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(name, EXAMPLE_PATH)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {EXAMPLE_PATH}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP, raised in the main thread. A ``KeyboardInterrupt``, so that what
+    handles Ctrl-C (the client cancelling its request in flight, the flow cancelling its calls)
+    handles the three alike."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _ignore_interrupts() -> None:
+    for sig in INTERRUPTS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """While the command runs, Ctrl-C, SIGTERM and SIGHUP raise :class:`Interrupted` once (their
+    defaults would end the process at once, leaving the stack it started and the calls in flight
+    running); further ones are ignored while that is undone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        _ignore_interrupts()
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _setting(ctx: click.Context, name: str, default: Any = None) -> Any:
@@ -58,29 +110,6 @@ def _setting(ctx: click.Context, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _stack_api() -> Any:
-    """dspexctl.stack (ensure_stack / shutdown_stack), or None until it lands."""
-    try:
-        from dspexctl import stack
-    except ImportError:
-        return None
-    return stack
-
-
-def _ensure_stack(conf: Path | None, timeout: float, progress: Callable[[str], None]) -> Any:
-    stack = _stack_api()
-    if stack is None:
-        raise dspex.ConnectionError("no dspex stack is running and this dspexctl cannot start one "
-                                    "(dspexctl.stack is missing): start it with `supervisord -c supervisor.conf`")
-    return stack.ensure_stack(conf, timeout=timeout, progress=progress)
-
-
-def _shutdown_stack(handle: Any) -> None:
-    stack = _stack_api()
-    if stack is not None:
-        stack.shutdown_stack(handle)
-
-
 def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
     try:
         with dspex.connect(endpoint, timeout=timeout) as c:
@@ -88,6 +117,56 @@ def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
         return True
     except DspexError:
         return False
+
+
+def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
+    """``ensure_stack``; when it fails or is interrupted after starting supervisord, that supervisord
+    is stopped again (this command leaves nothing behind that it started)."""
+    sc = SupervisorConf.load(conf or default_conf())
+    with Supervisor(sc, timeout=5.0) as sup:
+        was_running = sup.running()
+    try:
+        return stack.ensure_stack(sc.path, timeout=timeout, progress=progress)
+    except BaseException as err:
+        if not was_running:
+            _ignore_interrupts()
+            t0 = time.monotonic()
+            progress("the start " + ("was interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+                     + ": stopping the supervisord this command started")
+            _stop_supervisord(sc)
+            progress(f"stopped in {time.monotonic() - t0:.1f}s")
+        raise
+
+
+def _supervisord_pid(sc: SupervisorConf) -> int | None:
+    """The live supervisord named by ``sc``'s pidfile (None when there is none, or another process
+    took the pid)."""
+    try:
+        pid = int((sc.pidfile or Path("/nonexistent")).read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            is_supervisord = b"supervisord" in f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if is_supervisord and pid_alive(pid) else None
+
+
+def _stop_supervisord(sc: SupervisorConf) -> None:
+    """Stop the supervisord of ``sc`` that this command started, also one still daemonizing (it
+    answers nobody yet; SIGTERM makes it stop its programs and exit)."""
+    deadline = time.monotonic() + SUPERVISORD_APPEARS_S
+    while True:
+        with Supervisor(sc, timeout=2.0) as sup:
+            if sup.running():
+                stack.shutdown_stack(stack.StackHandle(conf=sc.path, endpoint="", started=True), SHUTDOWN_TIMEOUT_S)
+                return
+        pid = _supervisord_pid(sc)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            stack.wait_pid_exit(pid, SHUTDOWN_TIMEOUT_S)
+            return
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
 
 
 def _one_line(text: str) -> str:
@@ -108,19 +187,19 @@ def _start_progress(say: Callable[[str], None]) -> Callable[[str], None]:
     return progress
 
 
-def _exit_code(err: Exception) -> int:
+def _exit_code(err: BaseException) -> int:
     """The flagship's exit codes: its own (3 completed with failures, 5 LM too slow, 6 LM unusable),
-    else dspexctl's (2 usage/config, 4 unreachable, 1 failed) when commands.py has them."""
+    128 + the signal when interrupted, else dspexctl's (2 usage/config, 4 unreachable, 1 failed)."""
+    if isinstance(err, Interrupted):
+        return err.exit_code
     if getattr(err, "code", None) == "lm_unusable":
         return 6
     if isinstance(err, dspex.Timeout) and err.details.get("lm_too_slow"):
         return 5
     if not isinstance(err, DspexError):
         return 1
-    try:
-        from dspexctl.commands import exit_code_for
-    except ImportError:
-        return 2 if isinstance(err, ConfigError) else 1
+    from dspexctl.commands import exit_code_for
+
     code = int(exit_code_for(err))
     return 2 if isinstance(err, ConfigError) and code == 1 else code
 
@@ -136,6 +215,32 @@ def _conf(ctx: click.Context) -> Path | None:
     return repo_conf if repo_conf.exists() else (Path(conf) if conf is not None else None)
 
 
+def _echo(line: str, err: bool) -> None:
+    """click.echo that survives a terminal gone with SIGHUP."""
+    try:
+        click.echo(line, err=err)
+    except OSError:
+        pass
+
+
+class _AtLeast(click.IntRange):
+    """An integer with a lower bound that ``--help`` does not spell out (the help text says it)."""
+
+    def __init__(self, low: int) -> None:
+        super().__init__(min=low)
+
+    def _describe_range(self) -> str:
+        return ""
+
+
+class _Seconds(click.FloatRange):
+    def __init__(self, low: float) -> None:
+        super().__init__(min=low)
+
+    def _describe_range(self) -> str:
+        return ""
+
+
 @click.command("flagship")
 @click.option("--model", envvar="DSPEX_MODEL", default=None,
               help="dspy/litellm model string, e.g. gemini/gemini-flash-lite-latest "
@@ -143,112 +248,120 @@ def _conf(ctx: click.Context) -> Path | None:
 @click.option("--api-base", default=None, help="base URL of a local OpenAI-compatible server (dummy key if none set)")
 @click.option("--lm-engine", type=click.Choice(["auto", "lm15", "litellm"]), envvar="DSPEX_LM_ENGINE", default=None,
               help="dspy.LM engine for a real model (default: dspy's auto)")
-@click.option("--max-metric-calls", type=click.IntRange(min=3), default=3, show_default=True,
-              help="GEPA budget (metric calls); the first 3 score the baseline")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-              help="max_tokens of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
-@click.option("--reflection-max-tokens", type=click.IntRange(min=1), default=None,
-              help="max_tokens of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
-@click.option("--lm-timeout", type=click.FloatRange(min=0.1), default=None,
-              help="seconds per LM HTTP call (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
-@click.option("--num-retries", type=click.IntRange(min=0), default=None,
+@click.option("--max-metric-calls", type=_AtLeast(3), default=None,
+              help="GEPA budget in metric calls, at least 3 (default 30; the original flagship's 3 only scores the baseline)")
+@click.option("--max-tokens", type=_AtLeast(1), default=None,
+              help="token cap of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
+@click.option("--reflection-max-tokens", type=_AtLeast(1), default=None,
+              help="token cap of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
+@click.option("--lm-timeout", type=_Seconds(0.1), default=None,
+              help="seconds per LM HTTP call, at least 0.1 (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
+@click.option("--num-retries", type=_AtLeast(0), default=None,
               help="retries with backoff of rate-limited/5xx/dropped LM calls (DSPEX_LM_NUM_RETRIES; default 2)")
 @click.option("--lm-kwarg", "lm_kwargs", multiple=True, metavar="K=V",
               help="extra dspy.LM keyword, value read as JSON when it is JSON (repeatable; DSPEX_LM_KWARGS)")
 @click.option("--no-cache", is_flag=True, help="do not use dspy's response cache for the flow's LM calls")
 @click.option("--no-preflight", is_flag=True, help="skip the LM endpoint check made before the stack starts")
-@click.option("--no-recycle", is_flag=True, help="skip the forced worker recycles (no rehydration)")
-@click.option("--keep-running", is_flag=True, help="leave a stack this command started running")
+@click.option("--no-recycle", is_flag=True, help="skip the planned worker recycles (no rehydration)")
+@click.option("--keep-running", is_flag=True, help="leave a stack this command started running (unless interrupted)")
 @click.option("--json", "as_json", is_flag=True, help="print the results as one JSON document on stdout")
 @click.pass_context
 def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_engine: str | None,
-             max_metric_calls: int, max_tokens: int | None, reflection_max_tokens: int | None,
+             max_metric_calls: int | None, max_tokens: int | None, reflection_max_tokens: int | None,
              lm_timeout: float | None, num_retries: int | None, lm_kwargs: tuple[str, ...], no_cache: bool,
              no_preflight: bool, no_recycle: bool, keep_running: bool, as_json: bool) -> None:
     """Run the multi-pool GEPA flagship flow (offline unless --model is given).
 
-    Starts the stack under supervisord when no broker answers and stops it at the end
-    (--keep-running leaves it up); against a running stack it just runs. With --json, progress
-    goes to stderr and stdout holds one JSON document. A real model is checked first (preflight)
-    and gets bounded calls; a call whose answer fails is scored 0 and the flow goes on.
+    Starts the stack under supervisord when no broker answers and stops it at the end, on an error
+    and on Ctrl-C, SIGTERM or SIGHUP (--keep-running leaves it up unless interrupted); against a
+    running stack it just runs. An interruption cancels the calls in flight on their workers. With
+    --json, progress goes to stderr and stdout holds one JSON document. A real model is checked
+    first (preflight) and gets bounded calls; a call whose answer fails is scored 0 and the flow
+    goes on.
 
-    Exit codes: 0 completed; 3 completed with failures (some LM calls failed, scored 0);
-    1 could not run; 2 bad option or missing key; 4 the dspex stack is unreachable;
-    5 the LM is slower than the bounds allow; 6 the LM endpoint is unusable (preflight).
+    Exit codes: 0 completed, every LM call answered; 3 completed with failures (some LM calls
+    failed, scored 0); 1 could not run; 2 bad option or missing key; 4 the dspex stack is
+    unreachable; 5 the LM is slower than the bounds allow; 6 the LM endpoint is unusable
+    (preflight); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
     """
     as_json = as_json or bool(_setting(ctx, "json", False))
 
     def say(line: str) -> None:
-        click.echo(line, err=as_json)
-
-    def fail(err: Exception) -> None:
-        code = _exit_code(err)
-        message = str(getattr(err, "message", "") or err)
-        click.echo(f"Error: {getattr(err, 'code', 'error')}: {_one_line(message)}", err=True)
-        if as_json:
-            click.echo(json.dumps({"error": {"code": getattr(err, "code", "error"), "message": message,
-                                             "exit": code}}))
-        ctx.exit(code)
-
-    checked: dict[str, Any] | None = None
-    try:
-        example = load_example()
-        bounds = example.resolve_bounds(max_tokens=max_tokens, reflection_max_tokens=reflection_max_tokens,
-                                        lm_timeout=lm_timeout, num_retries=num_retries, lm_kwargs=lm_kwargs,
-                                        no_cache=no_cache)
-        # a missing key fails before anything starts, and so does an LM endpoint that cannot work
-        spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
-        if not spec.offline and not no_preflight:
-            from examples.flagship_preflight import preflight
-
-            checked = preflight(spec, say)
-    except ConfigError as err:
-        fail(err)
-        return
-    except Exception as err:  # noqa: BLE001 - only the preflight's LMUnusable is expected here
-        if getattr(err, "code", None) != "lm_unusable":
-            raise
-        fail(err)
-        return
+        _echo(line, err=as_json)
 
     endpoint: str | None = _setting(ctx, "endpoint")
-    conf = _conf(ctx)
     # the group's --timeout (default 5 s) is meant for admin requests; LM calls need longer
     timeout = max(float(_setting(ctx, "timeout", 60.0)), 60.0)
-    handle = None
+    handle: stack.StackHandle | None = None
     results: dict[str, Any] | None = None
-    try:
-        if _reachable(endpoint):
-            say(f"using the running stack at {endpoint or config.client_endpoint()}")
-        else:
-            t0 = time.monotonic()
-            say("no stack answers: starting one under supervisord")
-            handle = _ensure_stack(conf, timeout=max(timeout, 120.0), progress=_start_progress(say))
-            endpoint = handle.endpoint
-            say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
-        with dspex.connect(endpoint, timeout=timeout) as client:
-            results = example.run_flagship(client, model=model, api_base=api_base, max_metric_calls=max_metric_calls,
-                                           recycle=not no_recycle, out=say, engine=lm_engine, bounds=bounds)
-            results["preflight"] = checked
-            results["stack"] = {"endpoint": client.endpoint, "started": bool(handle and handle.started),
-                                "kept_running": bool(handle and handle.started and keep_running)}
-    except DspexError as err:
-        fail(err)
-    finally:
-        if handle is not None and handle.started:
-            if keep_running:
-                say(f"--keep-running: the stack stays up at {handle.endpoint}")
+    error: BaseException | None = None
+    example: ModuleType | None = None
+    with _interruptible():
+        try:
+            example = load_example()
+            bounds = example.resolve_bounds(max_tokens=max_tokens, reflection_max_tokens=reflection_max_tokens,
+                                            lm_timeout=lm_timeout, num_retries=num_retries, lm_kwargs=lm_kwargs,
+                                            no_cache=no_cache)
+            # a missing key fails before anything starts, and so does an LM endpoint that cannot work
+            spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
+            checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
+            stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
+            if _reachable(endpoint):
+                say(f"using the running stack at {endpoint or config.client_endpoint()}")
             else:
-                say("stopping the stack this command started")
-                try:
-                    _shutdown_stack(handle)
-                except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
-                    click.echo(f"warning: stopping the stack failed: {_one_line(str(exc))}", err=True)
-    if as_json and results is not None:
-        click.echo(json.dumps(results, default=str))
-    if results is not None and results["summary"]["failed_calls"]:
+                t0 = time.monotonic()
+                say("no stack answers: starting one under supervisord")
+                handle = _start_stack(_conf(ctx), timeout=max(timeout, 120.0), progress=_start_progress(say))
+                endpoint = handle.endpoint
+                say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
+            # its own view of the flow (stdout: one JSON document with --json): the programs' prints
+            # and logs stay in the worker log
+            with dspex.connect(endpoint, timeout=timeout, forward_output=False) as client:
+                results = example.run_flagship(
+                    client, model=model, api_base=api_base, recycle=not no_recycle, out=say, engine=lm_engine,
+                    bounds=bounds, max_metric_calls=max_metric_calls or example.DEFAULT_MAX_METRIC_CALLS)
+                results["preflight"] = checked
+                results["stack"] = {"endpoint": client.endpoint, "started": bool(handle and handle.started),
+                                    "kept_running": bool(handle and handle.started and keep_running)}
+        except Interrupted as err:
+            error = err
+        except KeyboardInterrupt:  # raised by other means than our handler (a test's runner, a debugger)
+            error = Interrupted(signal.SIGINT)
+        except DspexError as err:
+            error = err
+        except Exception as err:
+            if getattr(err, "code", None) != "lm_unusable":
+                raise
+            error = err
+        finally:
+            if handle is not None and handle.started:
+                _ignore_interrupts()  # the shutdown runs to its end
+                if keep_running and not isinstance(error, Interrupted):
+                    say(f"--keep-running: the stack stays up at {handle.endpoint}")
+                else:
+                    t0 = time.monotonic()
+                    say("stopping the stack this command started")
+                    try:
+                        stack.shutdown_stack(handle, SHUTDOWN_TIMEOUT_S)
+                        say(f"  stopped in {time.monotonic() - t0:.1f}s")
+                    except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
+                        _echo(f"warning: stopping the stack failed: {_one_line(str(exc))}", err=True)
+    if error is not None:
+        code = _exit_code(error)
+        if isinstance(error, Interrupted):
+            err_code, message = "interrupted", f"interrupted by {signal.Signals(error.signum).name}"
+        else:
+            err_code, message = str(getattr(error, "code", "error")), str(getattr(error, "message", "") or error)
+        _echo(f"Error: {err_code}: {_one_line(message)}", err=True)
+        if as_json:
+            _echo(json.dumps({"error": {"code": err_code, "message": message, "exit": code}}), err=False)
+        ctx.exit(code)
+    assert results is not None and example is not None
+    if as_json:
+        _echo(json.dumps(results, default=str), err=False)
+    if results["summary"]["failed_calls"]:
         ctx.exit(example.EXIT_COMPLETED_WITH_FAILURES)
 
 
-if __name__ == "__main__":  # python -m dspexctl.flagship (until it is registered in the CLI group)
+if __name__ == "__main__":  # python -m dspexctl.flagship
     flagship()

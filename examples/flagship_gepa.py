@@ -1,25 +1,35 @@
 """The flagship's GEPA step: run ``dspy.GEPA`` on a worker session, stream its log lines, and say
-what happened -- the budget in words, reflection outcomes counted (proposed / accepted / rejected /
-failed / without a proposal / skipped because every subsample score was already perfect), budget
-overshoot flagged, learned instructions shown whole. Public dspex client API only; no dspy."""
+what happened -- what GEPA and its valset are, the budget in words, reflection outcomes counted
+(proposed / accepted / rejected / failed / without a proposal / skipped because every subsample
+score was already perfect), GEPA's own failed predictions counted with their cause, budget
+overshoot flagged, learned instructions shown whole, advice that matches the cause. Public dspex
+client API only; no dspy."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
+from flagship_helpers import one_line, wrapped
+from flagship_lm import Failure, failure_from_record, failure_of, kinds_text
 
 import dspex
 from dspex.errors import RemoteError, Timeout
-from examples.flagship_helpers import one_line, wrapped
-from examples.flagship_lm import Failure, failure_of
 
-def budget_text(budget: int, valset: int = 3) -> str:
+ORIGINAL_MAX_METRIC_CALLS = 3  # the original flagship's budget: GEPA only scores the baseline
+
+
+def budget_text(budget: int, default: int, valset: int = 3) -> str:
     """What GEPA's metric-call budget allows, in words."""
+    original = f"--max-metric-calls {ORIGINAL_MAX_METRIC_CALLS}, the original flagship's budget"
     if budget <= valset:
-        return (f"budget {budget} = the baseline evaluation only ({valset} valset examples), as in the original; "
-                "try --max-metric-calls 30 to let GEPA reflect")
-    return (f"budget {budget}: {valset} metric calls score the baseline, the other {budget - valset} go to "
-            "reflection minibatches and to scoring new candidates")
+        which = original if budget == ORIGINAL_MAX_METRIC_CALLS else f"budget {budget}"
+        return (f"{which}: the baseline evaluation only ({valset} valset examples), no reflection; "
+                f"the default {default} lets GEPA reflect")
+    which = f"budget {budget} (the default)" if budget == default else f"budget {budget}"
+    return (f"{which}: {valset} metric calls score the baseline, the other {budget - valset} go to reflection "
+            f"minibatches and to scoring new candidates ({original}, only scores the baseline)")
 
 
 # GEPA log line -> reflection outcome (gepa 0.x's messages, forwarded by the worker as progress)
@@ -44,15 +54,20 @@ def gepa_outcome(message: str) -> str | None:
 
 
 
-def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
-             budget: int, *, metric: Callable[..., Any], trainset: list[Any]) -> tuple[dict[str, Any], dspex.Ref]:
+def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref, budget: int, *, metric: Callable[..., Any],
+             trainset: list[Any], default_budget: int) -> tuple[dict[str, Any], dspex.Ref]:
     """GEPA on the gepa session; (result, optimized program). A compile that fails is recorded and
-    the baseline program goes on as the 'optimized' one."""
+    the baseline program goes on as the 'optimized' one; GEPA's own failed predictions (it scores
+    them 0 and goes on) are recorded as the flow's failures."""
     out, spec = flow.out, flow.spec
     out(f"\n[5] GEPA on the gepa session (max_metric_calls={budget})")
-    out(f"  {budget_text(budget)}")
+    out("  GEPA (dspy.GEPA) rewrites the program's instructions: a reflection LM reads the metric's feedback "
+        "on the answers and proposes new instructions, kept when they score better")
+    out(f"  the valset is what every candidate is scored on: here the {len(trainset)} training tickets "
+        f"INC-001..INC-00{len(trainset)}")
+    out(f"  {budget_text(budget, default_budget, len(trainset))}")
     out(f"  metric: the client's {metric.__name__}() (sent by value), {len(trainset)} examples")
-    reflection_lm = gepa.call("dspy", "LM", [spec.model], spec.lm_kwargs(0.9, "reflection"))
+    reflection_lm = flow.make_lm(gepa, 0.9, "reflection")
     optimizer = gepa.call("dspy", "GEPA", [metric], {
         "reflection_lm": reflection_lm, "max_metric_calls": budget,
         "reflection_minibatch_size": 1, "track_stats": True})
@@ -87,6 +102,7 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
     t0 = time.perf_counter()
     failure: Failure | None = None
     optimized = program
+    mark = gepa.eval("dspex_ledger.mark()")
     try:
         (optimized,) = flow.wait_all([("GEPA compile", flow.client.submit(
             gepa.method, optimizer, "compile", [program], {"trainset": trainset, "valset": trainset},
@@ -101,6 +117,12 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
     except Timeout as err:
         raise flow.too_slow(err, "GEPA", "compile", gepa) from None
     seconds = time.perf_counter() - t0
+    ledger = gepa.eval("dspex_ledger.since(m)", {"m": mark})
+    inner = [failure_from_record("gepa", f"{rec.get('role') or 'task'} {i}", dict(rec), spec, session=gepa.id,
+                                 worker=gepa.worker) for i, rec in enumerate(ledger["failed"], 1)]
+    flow.failures.extend(inner)
+    flow.note_retries("gepa", "compile", list(ledger["retried"]), gepa)
+    predictions = int(ledger["answered"]) + len(inner)
     reflections = int(gepa.eval("len(lm.history)", {"lm": reflection_lm}))
     base_instr = str(gepa.eval("p.signature.instructions", {"p": program}))
     if failure is None:
@@ -118,7 +140,8 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
         "overshoot": max(0, calls - budget) if calls is not None else 0,
         "baseline_score": report["scores"][0], "optimized_score": report["scores"][report["best"]],
         "candidates": report["candidates"], "best_candidate": report["best"], "full_val_evals": report["full_evals"],
-        "reflection_calls": reflections,
+        "reflection_calls": reflections, "predictions": predictions,
+        "failed_predictions": [f.public() for f in inner],
         "reflection": {k: outcomes.get(k, 0) for k in dict.fromkeys(kind for _, kind in GEPA_OUTCOMES)},
         "seconds": round(seconds, 3), "instructions": report["instructions"],
         "improved": report["instructions"] != base_instr, "progress_events": len(events),
@@ -134,6 +157,11 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
         out(f"  reflection: {r['proposed']} proposed, {r['accepted']} accepted, {r['rejected']} rejected, "
             f"{r['failed']} failed, {idle} without a proposal, "
             f"{r['skipped_perfect']} skipped (all subsample scores perfect)")
+    if inner:
+        out(f"  ! {len(inner)} of GEPA's {predictions} predictions failed (scored 0, GEPA went on): "
+            f"{kinds_text(inner)}")
+        for line in flow.failed_line(inner[0])[1:]:
+            out(f"  {line}")
     gain = ""
     if result["optimized_score"] is not None and result["baseline_score"] is not None:
         delta = float(result["optimized_score"]) - float(result["baseline_score"])
@@ -145,8 +173,11 @@ def run_gepa(flow: Any, gepa: dspex.Session, program: dspex.Ref,
             out(ln)
     elif failure is not None:
         out("  instructions unchanged (GEPA failed, see above)")
+    elif inner:
+        out(f"  instructions unchanged: {len(inner)} of GEPA's predictions failed ({kinds_text(inner)}); fix the LM "
+            "first (see the hint): a larger budget cannot help")
     elif reflections == 0:
-        out("  instructions unchanged: the budget allowed no reflection (try --max-metric-calls 30)"
+        out(f"  instructions unchanged: the budget allowed no reflection (the default {default_budget} does)"
             if budget <= len(trainset) else
             "  instructions unchanged: GEPA did not reflect within this budget; raise --max-metric-calls")
     else:

@@ -1,12 +1,17 @@
-"""Helpers of the flagship flow that talk to the broker (pool readiness, recycles) or format what
-came back (``lm.history`` rows, labels, wrapped text). Public dspex client API only; no dspy."""
+"""Helpers of the flagship flow that talk to the broker (pool readiness, recycles), watch a local
+model server, or format what came back (``lm.history`` rows, labels, wrapped text). Public dspex
+client API only; no dspy."""
 
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
+import threading
 import time
-from typing import Any, Callable
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
 
 import dspex
 from dspex.errors import Timeout
@@ -130,7 +135,8 @@ def format_history(entries: list[Any], *, offline: bool) -> list[dict[str, Any]]
             "prompt_preview": one_line(preview, 80),
             "output_preview": one_line(outputs[0] if outputs else "", 80),
             "response_is_ref": is_ref,
-            "response": ref.type_name if ref is not None else type(response).__name__,
+            # the class name only: where a provider keeps its response type is no business of the reader
+            "response": (ref.type_name if ref is not None else type(response).__name__).rpartition(".")[2],
             "response_ref": ref.id[:8] if ref is not None else None,
             "data_keys": sorted(k for k in entry if k != "response"),
         })
@@ -150,3 +156,59 @@ def wrapped(text: str, indent: str, width: int = 100) -> list[str]:
         lines.extend(textwrap.wrap(para, width=width, initial_indent=indent, subsequent_indent=indent + "  ")
                      or [indent.rstrip()])
     return lines
+
+
+class ServerWatch:
+    """Whether a model server accepts connections, checked every ``every`` seconds on a thread.
+
+    dspy retries a refused or dropped LM call with backoff and says nothing, so a server that went
+    down and came back mid-run would leave no trace: this prints a line when the server stops
+    accepting connections and one when it accepts them again. A busy server still accepts them."""
+
+    def __init__(self, api_base: str, out: Out, every: float = 0.5) -> None:
+        url = urllib.parse.urlsplit(api_base)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.where = f"{self.host}:{self.port}"
+        self.out, self.every = out, every
+        self._outages: list[dict[str, Any]] = []
+        self._down_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="flagship-server-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def outages(self) -> list[dict[str, Any]]:
+        """``{"down_at", "up_at", "seconds"}`` per outage (``up_at``/``seconds`` None while still down)."""
+        return [dict(o) for o in self._outages]
+
+    def _accepts(self) -> tuple[bool, str]:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2.0):
+                return True, ""
+        except TimeoutError:
+            return True, ""  # a full backlog: busy, not down
+        except OSError as exc:
+            return False, exc.strerror or str(exc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            up, why = self._accepts()
+            now = time.monotonic()
+            if not up and self._down_since is None:
+                self._down_since = now
+                self._outages.append({"down_at": time.strftime("%H:%M:%S"), "up_at": None, "seconds": None,
+                                      "error": why})
+                self.out(f"  ! LM server {self.where} is down ({why}) since {time.strftime('%H:%M:%S')}: "
+                         "dspy retries the calls it refuses")
+            elif up and self._down_since is not None:
+                down = now - self._down_since
+                self._outages[-1].update(up_at=time.strftime("%H:%M:%S"), seconds=round(down, 3))
+                self._down_since = None
+                self.out(f"  LM server {self.where} accepts connections again after {down:.1f}s down")

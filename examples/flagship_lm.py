@@ -1,10 +1,10 @@
 """The flagship's LM settings: which model, its keys, the bounds every call gets, and what a failed
 call means (its type, the adapter, a hint) -- plain data, no dspy import.
 
-Real models get bounded calls by default (issue 11): ``max_tokens`` per role (triage/insights vs
-GEPA's reflection), an LM ``timeout`` shorter than dspex's call timeout, and ``num_retries`` with
-dspy's exponential backoff for rate limits, 5xx and dropped connections. Settings come from flags,
-else ``DSPEX_*`` variables, else the defaults below.
+Real models get bounded calls by default: ``max_tokens`` per role (triage/insights vs GEPA's
+reflection), an LM ``timeout`` shorter than dspex's call timeout, and ``num_retries`` with dspy's
+exponential backoff for rate limits, 5xx and dropped connections. Settings come from flags, else
+``DSPEX_*`` variables, else the defaults below.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+
+from offline_lm import OFFLINE_LABEL, OFFLINE_MODEL, is_offline_model
 
 from dspex.errors import ConfigError, DspexError, RemoteError
-from examples.offline_lm import OFFLINE_LABEL, OFFLINE_MODEL, is_offline_model
 
 # Provider -> environment variables that hold its key (any one is enough). Providers not listed
 # are checked with litellm.validate_environment when litellm is installed.
@@ -84,13 +86,20 @@ class LMBounds:
         records a failure instead of abandoning a busy worker."""
         worst = self.timeout * max(self.num_retries + 1, ADAPTER_ATTEMPTS)
         backoff = sum(min(2 ** a, 60) for a in range(self.num_retries))
-        return worst + backoff + CALL_MARGIN_S
+        return float(worst + backoff + CALL_MARGIN_S)
 
     def describe(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.extra)
         return (f"max_tokens {self.max_tokens} (triage/insights), {self.reflection_max_tokens} (GEPA reflection); "
                 f"LM timeout {self.timeout:g}s, num_retries {self.num_retries}; dspex call timeout "
                 f"{self.call_timeout:g}s; cache {'on' if self.cache else 'off (--no-cache)'}{extra}")
+
+
+# The two names OpenAI-compatible servers read the token cap from: dspy 3.4's native engine sends
+# max_completion_tokens, litellm sends max_tokens, and a server that reads the other one (llama-cpp-python
+# knows only max_tokens) generates up to its context. A local server gets both, in extra_body, which only
+# litellm can send: dspy's engine "auto" then takes litellm for these calls; "lm15" sends its one field.
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 @dataclass(frozen=True)
@@ -118,15 +127,35 @@ class LMSpec:
         if self.offline:
             return {"temperature": temperature, **self.kwargs}
         b = self.bounds
+        cap = b.reflection_max_tokens if role == "reflection" else b.max_tokens
         kwargs: dict[str, Any] = {
-            "temperature": temperature, "timeout": b.timeout, "num_retries": b.num_retries,
-            "max_tokens": b.reflection_max_tokens if role == "reflection" else b.max_tokens,
+            "temperature": temperature, "timeout": b.timeout, "num_retries": b.num_retries, "max_tokens": cap,
             # reflection never replays a cached answer: each proposal must be a fresh sample
             "cache": b.cache and role != "reflection",
         }
+        if self.token_fields():
+            kwargs["extra_body"] = dict.fromkeys(TOKEN_FIELDS, cap)
         kwargs.update(self.kwargs)
-        kwargs.update(dict(b.extra))
+        kwargs.update(dict(b.extra))  # --lm-kwarg extra_body={} sends dspy's own token field only
         return kwargs
+
+    def token_fields(self) -> tuple[str, ...]:
+        """The fields the token cap is sent in besides dspy's own: both, to a local server (unless
+        the native engine was asked for, which cannot send them, or --lm-kwarg gave extra_body)."""
+        if not self.api_base or self.kwargs.get("engine") == "lm15" or "extra_body" in dict(self.bounds.extra):
+            return ()
+        return TOKEN_FIELDS
+
+    def bounds_line(self) -> str:
+        """The header's line on the bounds, with the fields the token cap is sent in."""
+        if self.token_fields():
+            sent = "max_tokens and max_completion_tokens (extra_body: these calls go through litellm)"
+        elif self.api_base and self.kwargs.get("engine") == "lm15":
+            sent = ("max_completion_tokens only (--lm-engine lm15): a server that reads only max_tokens, "
+                    "as llama-cpp-python does, is not bounded by it")
+        else:
+            sent = "the field dspy's engine picks"
+        return f"{self.bounds.describe()}; token cap sent as {sent}"
 
     def public(self) -> dict[str, Any]:
         """What may be shown: never the key."""
@@ -255,25 +284,58 @@ def _litellm_missing_keys(model: str) -> list[str]:
 _ADAPTER_RE = re.compile(r"Adapter (\w+) failed to parse")
 
 
+def failure_kind(error: str, message: str) -> str:
+    """What happened to a failed call, in words: ``unparsed``, ``timed out``, ``connection refused``..."""
+    low = message.lower()
+    if error == "AdapterParseError":
+        return "unparsed"
+    if "refused" in low or "failed to connect" in low:
+        return "connection refused"
+    if "connection error" in low or "connection reset" in low or "disconnected" in low:
+        return "connection failed"
+    if "timed out" in low or "timeout" in error.lower():
+        return "timed out"
+    if "429" in low or "rate limit" in low or "ratelimit" in error.lower():
+        return "rate limited"
+    if "context" in low and ("window" in low or "length" in low):
+        return "context too long"
+    if "does not exist" in low or "not found" in low or "404" in low:
+        return "model not found"
+    if error in ("LMServerError", "InternalServerError") or re.search(r"\b5\d\d\b", low):
+        return "server error"
+    return "failed"
+
+
 @dataclass(frozen=True)
 class Failure:
-    """One LM-backed call of the flow that failed and was scored 0 (``dspy.Evaluate`` style)."""
+    """One LM-backed prediction of the flow that failed and was scored 0 (``dspy.Evaluate`` style).
+
+    ``error`` is the cause: the first LM error inside the prediction when there was one (DSPy's
+    ChatAdapter retries with JSONAdapter after any error, so a timed-out call often surfaces as the
+    retry's parse error), else the error the prediction raised; ``then`` is that final error when it
+    differs."""
 
     step: str
     item: str
-    error: str  # the exception's type name, e.g. AdapterParseError, LMTransportError
+    error: str  # the cause's type name, e.g. AdapterParseError, LMTransportError
     message: str
     hint: str = ""
     adapter: str | None = None
     session: str | None = None
     worker: str | None = None
     seconds: float | None = None
+    then: str | None = None
+    kind: str = "failed"
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
 
     def label(self) -> str:
-        return f"{self.error} ({self.adapter})" if self.adapter else self.error
+        return f"{self.error} ({self.adapter})" if self.adapter and self.kind == "unparsed" else self.error
+
+    def tag(self) -> str:
+        """What stands in for the answer on the console: ``<unparsed>``, ``<timed out>``..."""
+        return f"<{self.kind}>"
 
 
 def error_type(err: BaseException) -> str:
@@ -284,39 +346,63 @@ def error_type(err: BaseException) -> str:
 
 
 def hint_for(kind: str, message: str, spec: LMSpec) -> str:
-    """What to do about a failed LM call, by its type and message."""
+    """What to do about a failed LM call, by what happened (:func:`failure_kind`)."""
     low = message.lower()
-    if kind == "AdapterParseError":
+    where = spec.api_base or spec.model
+    if kind == "unparsed":
         if "empty or null" in low:
             return ("the model returned nothing: its chat template may drop the system message DSPy puts the "
                     "instructions in, or the server's token cap is 0")
         return ("the answer does not follow DSPy's field format: likely not an instruction-tuned model, or the "
                 "server has no chat template for it (see docs/flagship.md, local models); a truncated answer "
                 f"needs a larger --max-tokens (now {spec.bounds.max_tokens})")
-    if "timed out" in low or "timeout" in kind.lower():
+    if kind == "timed out":
         return (f"the LM did not answer within --lm-timeout {spec.bounds.timeout:g}s: raise it for a slow model, "
                 "or cap the answer length on the server")
-    if "refused" in low or "failed to connect" in low:
-        return f"nothing answers at {spec.api_base or spec.model}: start the model server or fix --api-base"
-    if "rate" in low and "limit" in low or "429" in low:
+    if kind in ("connection refused", "connection failed"):
+        return f"nothing answers at {where}: start the model server or fix --api-base"
+    if kind == "rate limited":
         return f"rate limited after {spec.bounds.num_retries} retries: raise --num-retries or slow down"
-    if "context" in low and ("window" in low or "length" in low):
+    if kind == "context too long":
         return "the prompt does not fit the model's context: use a model with a longer context"
+    if kind == "model not found":
+        return f"{where} does not serve model {spec.model!r}: check --model against the server's /models"
+    if kind == "server error":
+        return f"the server at {where} failed the call after {spec.bounds.num_retries} retries: see its log"
     return ""
+
+
+def make_failure(step: str, item: str, error: str, message: str, spec: LMSpec, *, then: str | None = None,
+                 session: str | None = None, worker: str | None = None, seconds: float | None = None) -> Failure:
+    kind = failure_kind(error, message)
+    m = _ADAPTER_RE.search(message) or _ADAPTER_RE.search(then or "")
+    return Failure(step, item, error, " ".join(message.split())[:500], hint_for(kind, message, spec),
+                   m[1] if m else None, session, worker, None if seconds is None else round(seconds, 3),
+                   " ".join(then.split())[:300] if then else None, kind)
 
 
 def failure_of(step: str, item: str, err: DspexError, spec: LMSpec, *, session: str | None = None,
                worker: str | None = None, seconds: float | None = None) -> Failure:
-    kind = error_type(err)
-    message = err.message or str(err)
-    m = _ADAPTER_RE.search(message)
-    return Failure(step, item, kind, " ".join(message.split())[:500], hint_for(kind, message, spec),
-                   m[1] if m else None, session, worker, None if seconds is None else round(seconds, 3))
+    """The failure record of a call that raised (a RemoteError from the worker)."""
+    return make_failure(step, item, error_type(err), err.message or str(err), spec, session=session,
+                        worker=worker, seconds=seconds)
+
+
+def failure_from_record(step: str, item: str, record: dict[str, Any], spec: LMSpec, *, session: str | None = None,
+                        worker: str | None = None, seconds: float | None = None) -> Failure:
+    """The failure record of a prediction the worker reported as data (``dspex_answer``, the ledger)."""
+    return make_failure(step, item, str(record.get("error") or "Exception"), str(record.get("message") or ""),
+                        spec, then=record.get("then"), session=session, worker=worker, seconds=seconds)
 
 
 def count_line(failures: list[Failure], total: int, what: str) -> str:
     """``2/5 tickets failed: AdapterParseError ×2``; '' when none failed."""
     if not failures:
         return ""
-    kinds = Counter(f.error for f in failures)
-    return f"{len(failures)}/{total} {what} failed: " + ", ".join(f"{k} \u00d7{n}" for k, n in kinds.most_common())
+    return f"{len(failures)}/{total} {what} failed: {kinds_text(failures)}"
+
+
+def kinds_text(failures: list[Failure]) -> str:
+    """``AdapterParseError ×2, LMTransportError (timed out) ×1``."""
+    kinds = Counter(f.error if f.kind in ("unparsed", "failed") else f"{f.error} ({f.kind})" for f in failures)
+    return ", ".join(f"{k} \u00d7{n}" for k, n in kinds.most_common())

@@ -2,21 +2,24 @@
 one small ``dspy.Predict`` parses, in this process, with the flow's own LM bounds.
 
 What cannot work is an early error (:class:`LMUnusable`, exit 6): nothing listens at ``--api-base``,
-the key is refused, the model does not exist. What degrades is a warning with the likely cause: an
-empty answer, an answer cut at ``max_tokens`` (``finish_reason=length``), an answer that does not
-parse, a slow answer. ``--no-preflight`` skips it.
+the key is refused, the server does not serve the model (not in its ``/models``, or a 404), the
+answer is empty or only echoes the field's placeholder (``{category}``), the server ignored the
+token cap. What degrades is a warning with the likely cause: an answer cut at ``max_tokens``
+(``finish_reason=length``), an answer that does not parse, a slow answer. ``--no-preflight`` skips it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from examples.flagship_lm import LMSpec, hint_for
+from flagship_lm import LMSpec, failure_kind, hint_for
 
 Out = Callable[[str], None]
 PROBE_SIGNATURE = "ticket -> category"
@@ -33,18 +36,31 @@ class LMUnusable(Exception):
         self.message = message
 
 
+def served_name(model: str) -> str:
+    """The model name a server sees: ``openai/qwen2.5-0.5b`` -> ``qwen2.5-0.5b``."""
+    return model.split("/", 1)[1] if "/" in model else model
+
+
 def check_models(spec: LMSpec, timeout: float) -> str:
-    """``GET {api_base}/models``: a refused connection or a refused key is an error; a server without
-    the route (404) or a slow one is left to the Predict probe. Returns what was seen."""
+    """``GET {api_base}/models``: a refused connection, a refused key or a model the list does not
+    name is an error; a server without the route (404) or a slow one is left to the Predict probe.
+    Returns what was seen."""
     base = (spec.api_base or "").rstrip("/")
     request = urllib.request.Request(f"{base}/models")
     key = spec.kwargs.get("api_key")
     if key:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - the user's own endpoint
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = json.loads(resp.read() or b"{}")
         names = [str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)]
+        name = served_name(spec.model)
+        if names and name not in names:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            prefix = spec.model.split("/", 1)[0] + "/" if "/" in spec.model else ""
+            raise LMUnusable(f"{base} does not serve model {name!r}: its /models lists {shown} (use --model "
+                             f"{prefix}{names[0]}, or give the server that name: llama-server --alias, "
+                             "llama_cpp.server --model_alias)")
         return f"{base}/models lists {', '.join(names[:5]) or 'no models'}"
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
@@ -103,6 +119,11 @@ def probe(spec: LMSpec) -> dict[str, Any]:
     return found
 
 
+def placeholder(answer: str) -> bool:
+    """An answer that only echoes the field: ``{category}``, ``[category]``, ``category``."""
+    return re.fullmatch(r"[\[{<(]*\s*category\s*[\]}>)]*", answer.strip(), re.IGNORECASE) is not None
+
+
 def preflight(spec: LMSpec, out: Out) -> dict[str, Any]:
     """Check the endpoint and one Predict; print what was found; raise :class:`LMUnusable` when the
     flow cannot work. Returns the findings (they go into ``--json`` under ``preflight``)."""
@@ -119,21 +140,31 @@ def preflight(spec: LMSpec, out: Out) -> dict[str, Any]:
     if error is not None:
         kind, message = error
         low = message.lower()
-        if "refused" in low or "failed to connect" in low:
-            raise LMUnusable(f"nothing answers at {spec.endpoint} ({kind}: connection refused): start the model "
+        what = failure_kind(kind, message)
+        if what in ("connection refused", "connection failed"):
+            raise LMUnusable(f"nothing answers at {spec.endpoint} ({kind}: {what}): start the model "
                              "server or fix --api-base; --no-preflight skips this check")
         if any(s in low for s in ("401", "403", "authentication", "api key", "unauthorized")):
             raise LMUnusable(f"{spec.endpoint} refused the key ({kind}): set the provider's key variable")
-        if "404" in low or ("not found" in low and "model" in low):
+        if what == "model not found":
             raise LMUnusable(f"{spec.endpoint} does not serve model {spec.model!r} ({kind}): check --model")
-        hint = hint_for(kind, message, spec)
-        warnings.append(f"{kind}: {' '.join(message.split())[:200]}" + (f" -- {hint}" if hint else ""))
+        hint = hint_for(what, message, spec)
+        warnings.append(f"{kind} ({what}): {' '.join(message.split())[:200]}" + (f" -- {hint}" if hint else ""))
+    cap, used = spec.bounds.max_tokens, found.get("completion_tokens")
+    if isinstance(used, int) and used > cap:
+        raise LMUnusable(f"{spec.endpoint} ignored the token cap: one answer took {used} tokens with max_tokens "
+                         f"{cap} (sent as {' and '.join(spec.token_fields()) or 'dspy sends it'}); an unbounded "
+                         "model runs to its context on every call. Cap it on the server (llama-server -n, "
+                         "vLLM --max-model-len) or send the field it reads with --lm-kwarg extra_body=...")
+    if found.get("empty") or (found["ok"] and (not str(found["answer"]).strip() or placeholder(str(found["answer"])))):
+        said = repr(found["answer"]) if str(found["answer"] or "").strip() else "nothing"
+        raise LMUnusable(f"{spec.endpoint} answered the probe with {said} for the category: it does not do the "
+                         "task (a chat template that drops DSPy's system message, or not an instruction-tuned "
+                         "model; see docs/flagship.md, local models); --no-preflight skips this check")
     if found.get("finish_reason") == "length":
         warnings.append(f"the answer was cut at max_tokens={spec.bounds.max_tokens} (finish_reason=length): the "
                         "model does not stop by itself -- likely not an instruction-tuned model, or no chat "
                         "template on the server; raise --max-tokens only if answers are legitimately long")
-    elif found.get("empty") and error is None:
-        warnings.append("the model returned an empty answer: its chat template may drop the system message")
     if found["seconds"] > spec.bounds.timeout / 2:
         warnings.append(f"one tiny answer took {found['seconds']:.1f}s (--lm-timeout {spec.bounds.timeout:g}s): "
                         "expect slow calls; raise --lm-timeout if calls time out")

@@ -1,11 +1,15 @@
 """A loopback OpenAI-compatible server that misbehaves on demand (tests only; stdlib http.server).
 
 ``GET /v1/models`` and ``POST /v1/chat/completions`` (plain and ``stream: true``). A request's mode is
-the first ``rules`` entry whose text occurs in the request's messages, else the server's ``mode``:
+the first ``rules`` entry whose text (or every text of a tuple) occurs in the request's messages
+(a tuple of modes: the first for the first request it matches, the next for the next, the last
+for all after), else the server's ``mode``:
 
 * ``normal``     -- the offline stand-in's answer, in the format of the adapter that built the prompt;
 * ``unparsable`` -- prose with none of the requested fields (DSPy raises ``AdapterParseError``);
 * ``empty``      -- an empty message;
+* ``placeholder``-- every requested field answered with its own placeholder (``{category}``), in the
+                    adapter's format, as a small model that echoes the prompt does;
 * ``endless``    -- generates tokens (``tokens_per_s``) until ``max_tokens`` (``finish_reason=length``),
                     the server's own ``cap_tokens`` or the client hanging up, like a base model with
                     no end-of-turn;
@@ -13,9 +17,18 @@ the first ``rules`` entry whose text occurs in the request's messages, else the 
 * ``rate_limit`` -- HTTP 429 for the first ``fail_first`` requests of that mode, then ``normal``;
 * ``error``      -- HTTP 500 for the first ``fail_first`` requests of that mode, then ``normal``.
 
-A refused connection needs no server: :func:`closed_port_base` gives a base URL nobody listens on.
-Every request is recorded in ``calls`` (mode, status, model, max_tokens, tokens sent, whether the
-client hung up before the answer was complete).
+The token cap is read from the fields in ``honours``: both ``max_tokens`` and
+``max_completion_tokens`` by default; ``("max_tokens",)`` is llama-cpp-python, which knows only that
+one; ``("max_completion_tokens",)`` a server that reads only the newer name. A request whose cap is in
+another field gets none: an ``endless`` answer then runs to ``cap_tokens`` (the server's context).
+
+``models`` names what the server serves (``GET /v1/models`` lists them; a chat request for another
+model is a 404, as vLLM and ollama answer); None serves any name and lists ``loopback``.
+
+A refused connection needs no server: :func:`closed_port_base` gives a base URL nobody listens on;
+``LMServer(port=...)`` starts a server again on the port of one that was closed (a restart).
+Every request is recorded in ``calls`` (mode, status, model, the cap it honoured, the token fields
+sent, tokens sent, whether the client hung up before the answer was complete).
 """
 
 from __future__ import annotations
@@ -29,7 +42,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-MODES = ("normal", "unparsable", "empty", "endless", "slow", "rate_limit", "error")
+MODES = ("normal", "unparsable", "empty", "placeholder", "endless", "slow", "rate_limit", "error")
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+Needle = str | tuple[str, ...]
+Rule = tuple[Needle, str | tuple[str, ...]]
 UNPARSABLE_TEXT = "Sure! This ticket looks important and someone should probably take a look at it soon."
 
 
@@ -39,7 +55,8 @@ class Call:
     mode: str
     status: int
     model: str = ""
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # the cap this server honoured (None: unbounded)
+    fields: dict[str, Any] = field(default_factory=dict)  # the token fields the request carried
     stream: bool = False
     tokens: int = 0
     hung_up: bool = False
@@ -57,8 +74,7 @@ def _text(content: Any) -> str:
 def normal_answer(messages: list[dict[str, Any]], model: str) -> str:
     """What the offline stand-in answers to these chat messages (any DSPy adapter's format)."""
     from dspy.lm15 import Message, Request
-
-    from examples.offline_lm import OfflineEngine
+    from offline_lm import OfflineEngine
 
     system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
     convo = [Message.user(_text(m.get("content"))) if m.get("role") == "user"
@@ -68,22 +84,41 @@ def normal_answer(messages: list[dict[str, Any]], model: str) -> str:
     return OfflineEngine().complete(request).text or ""
 
 
+def placeholder_answer(messages: list[dict[str, Any]]) -> str:
+    """Every output field the adapter asked for, answered with its placeholder (``{category}``)."""
+    from offline_lm import _read_prompt, _render
+
+    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
+    users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    prompt = _read_prompt(system, users[-1] if users else "")
+    if prompt.adapter == "text" or not prompt.outputs:
+        return "{answer}"
+    return _render(prompt, {name: "{" + name + "}" for name, _ in prompt.outputs})
+
+
 class LMServer:
     """Start with ``LMServer(mode=...)`` (or as a context manager); ``base`` is the ``api_base``."""
 
-    def __init__(self, mode: str = "normal", *, rules: tuple[tuple[str, str], ...] = (), delay: float = 5.0,
-                 fail_first: int = 1, tokens_per_s: float = 400.0, cap_tokens: int = 100_000) -> None:
+    def __init__(self, mode: str = "normal", *, rules: tuple[Rule, ...] = (), delay: float = 5.0,
+                 fail_first: int = 1, tokens_per_s: float = 400.0, cap_tokens: int = 100_000,
+                 honours: tuple[str, ...] = TOKEN_FIELDS, models: tuple[str, ...] | None = None,
+                 port: int = 0) -> None:
         self.mode, self.rules, self.delay, self.fail_first = mode, tuple(rules), delay, fail_first
         self.tokens_per_s, self.cap_tokens = tokens_per_s, cap_tokens
+        if not set(honours) <= set(TOKEN_FIELDS):
+            raise ValueError(f"honours: use some of {', '.join(TOKEN_FIELDS)}")
+        self.honours, self.models = tuple(honours), models
         self.calls: list[Call] = []
         self.failed: dict[str, int] = {}
+        self.hits: dict[int, int] = {}  # requests each rule matched
         self.lock = threading.Lock()
         self._check(mode, rules)
         # import dspy and the offline engine now: a first import inside two handler threads at once
         # takes seconds under load and may fail half-way, which a test would read as the model's fault
         normal_answer([{"role": "user", "content": "warm up"}], "warmup")
         handler = type("Handler", (_Handler,), {"lm": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        ThreadingHTTPServer.allow_reuse_address = True  # a restart binds the port its predecessor left
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="lmserver", daemon=True)
         self.thread.start()
@@ -91,16 +126,20 @@ class LMServer:
         self.open: set[socket.socket] = set()  # connections being answered, cut on close()
 
     @staticmethod
-    def _check(mode: str, rules: tuple[tuple[str, str], ...]) -> None:
-        for m in (mode, *(r[1] for r in rules)):
+    def _check(mode: str, rules: tuple[Rule, ...]) -> None:
+        for m in (mode, *(m for r in rules for m in ((r[1],) if isinstance(r[1], str) else r[1]))):
             if m not in MODES:
                 raise ValueError(f"unknown mode {m!r}: use one of {', '.join(MODES)}")
 
     @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}/v1"
+    def port(self) -> int:
+        return int(self.httpd.server_port)
 
-    def set(self, mode: str | None = None, *, rules: tuple[tuple[str, str], ...] | None = None,
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def set(self, mode: str | None = None, *, rules: tuple[Rule, ...] | None = None,
             **settings: Any) -> None:
         """Change the behaviour for the next requests (counters of rate_limit/error restart)."""
         self._check(mode or self.mode, rules if rules is not None else self.rules)
@@ -108,13 +147,24 @@ class LMServer:
             self.mode = mode or self.mode
             if rules is not None:
                 self.rules = tuple(rules)
+                self.hits.clear()
             for k, v in settings.items():
                 setattr(self, k, v)
             self.failed.clear()
 
     def mode_for(self, body: dict[str, Any]) -> str:
         text = "\n".join(_text(m.get("content")) for m in body.get("messages", []) if isinstance(m, dict))
-        return next((mode for needle, mode in self.rules if needle in text), self.mode)
+        for i, (needle, modes) in enumerate(self.rules):
+            if all(n in text for n in ((needle,) if isinstance(needle, str) else needle)):
+                seq = (modes,) if isinstance(modes, str) else modes
+                self.hits[i] = self.hits.get(i, 0) + 1
+                return seq[min(self.hits[i], len(seq)) - 1]
+        return self.mode
+
+    def limit(self, body: dict[str, Any]) -> int | None:
+        """The token cap of a request, read from the fields this server honours."""
+        value = next((body[f] for f in self.honours if body.get(f)), None)
+        return int(value) if value else None
 
     def completions(self, mode: str | None = None) -> list[Call]:
         return [c for c in self.calls if c.path.endswith("/chat/completions") and (mode is None or c.mode == mode)]
@@ -137,7 +187,7 @@ class LMServer:
     def __enter__(self) -> LMServer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -156,16 +206,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         call = Call(self.path, "models", 200, auth=self.headers.get("Authorization"))
         self.lm.calls.append(call)
         if self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": "loopback", "object": "model", "owned_by": "dspex"}]})
+            names = self.lm.models or ("loopback",)
+            self._json(200, {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "dspex"}
+                                                        for n in names]})
         else:
             call.status = 404
             self._json(404, {"error": {"message": f"no route {self.path}"}})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         started = time.monotonic()
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         lm = self.lm
@@ -174,9 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
             fail = mode in ("rate_limit", "error") and lm.failed.get(mode, 0) < lm.fail_first
             if fail:
                 lm.failed[mode] = lm.failed.get(mode, 0) + 1
-        limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        call = Call(self.path, mode, 200, str(body.get("model", "")), int(limit) if limit else None,
-                    bool(body.get("stream")), auth=self.headers.get("Authorization"), body=body)
+        call = Call(self.path, mode, 200, str(body.get("model", "")), lm.limit(body),
+                    {f: body[f] for f in TOKEN_FIELDS if f in body}, bool(body.get("stream")),
+                    auth=self.headers.get("Authorization"), body=body)
+        unknown = lm.models is not None and call.model not in lm.models
         lm.calls.append(call)
         with lm.lock:
             lm.open.add(self.connection)
@@ -184,6 +237,10 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path.rstrip("/") != "/v1/chat/completions":
                 call.status = 404
                 self._json(404, {"error": {"message": f"no route {self.path}"}})
+            elif unknown:
+                call.status = 404
+                self._json(404, {"error": {"message": f"The model `{call.model}` does not exist.",
+                                           "type": "invalid_request_error", "code": "model_not_found"}})
             elif fail and mode == "rate_limit":
                 call.status = 429
                 self._json(429, {"error": {"message": "Rate limit reached, retry shortly", "type": "rate_limit_error",
@@ -215,6 +272,8 @@ class _Handler(BaseHTTPRequestHandler):
             text = UNPARSABLE_TEXT
         elif mode == "empty":
             text = ""
+        elif mode == "placeholder":
+            text = placeholder_answer(body.get("messages", []))
         else:
             text = normal_answer(body.get("messages", []), str(body.get("model", "")))
         call.tokens = call.tokens or len(text.split())

@@ -1,5 +1,5 @@
-"""The benchmark registry's pure logic (issue 14's figures from a run's rows) and the private Ray
-the Ray baselines start: nothing of it may outlive the bench.
+"""The benchmark registry's pure logic (the performance goals' figures from a run's rows) and the
+private Ray the Ray baselines start: nothing of it may outlive the bench.
 
 How fast anything is stays out of tests (docs/benchmarks.md has the figures).
 """
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bench.common import Row, starttime
-from bench.figures import ISSUE14, ROWS, issue14
+from bench.figures import GOALS, ROWS, goals
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,47 +24,53 @@ def _rows() -> list[Row]:
         Row("broker_cpu", "cpu", "40 µs", data={"cpu_us_per_call": {"dspex": {"hub_us": 40.0}}}),
         Row.skipped("noop.ray", "ray", "≤ 0.35× Ray", "ray is not importable"),
         Row("numpy", "numpy", "9 ms", data={"ratio": 2.5}),
-        Row("serving.dspex", "serving", "600/s", data={"x_ideal": {"dspex": 0.91},
+        Row("serving.dspex", "serving", "600/s", data={"x_ideal": {"dspex": 0.91}, "x_linear": 0.95,
                                                        "ratios": {"dspex_vs_asyncify": 1.3}}),
+        Row("idle.stack", "idle", "3%", data={"totals": {"with_supervisord": {"cpu": 0.004, "wakeups": 95.0}}}),
     ]
 
 
-def by_row(goals: list[dict]) -> dict[str, dict]:
-    return {g["figure"]: g for g in goals}
+def by_row(results: list[dict]) -> dict[str, dict]:
+    return {g["figure"]: g for g in results}
 
 
-def test_issue14_figures_take_their_numbers_and_verdicts_from_the_rows() -> None:
-    goals = issue14(_rows())
-    assert [g["figure"] for g in goals] == [g.figure for g in ISSUE14]
-    got = by_row(goals)
+def test_goals_take_their_numbers_and_verdicts_from_the_rows() -> None:
+    results = goals(_rows())
+    assert [g["figure"] for g in results] == [g.figure for g in GOALS]
+    got = by_row(results)
     noop = got["no-op pinned call p50 vs C zmq.proxy"]
     assert (noop["value"], noop["verdict"], noop["status"]) == (1.2, "PASS", "ok")
     assert got["pipelined calls/s, 100 sessions, 2 capacity-1 workers, vs C proxy"]["verdict"] == "FAIL"
     assert got["broker CPU per request + reply"]["value"] == 40.0
     assert got["broker CPU per request + reply"]["verdict"] == "FAIL"
     assert got["numpy float64[1M] round trip vs raw zmq"]["verdict"] == "PASS"
-    assert got["LM-bound serving, dspex calls/s vs ideal"]["verdict"] == "PASS"
-    assert got["LM-bound serving, dspex vs in-process dspy.asyncify"]["verdict"] == "PASS"
+    assert got["LM-bound serving, dspex vs min(ideal, asyncify × worker processes)"]["verdict"] == "PASS"
+    # informational figures carry their number and no verdict
+    vs_ideal = got["LM-bound serving, dspex calls/s vs ideal"]
+    assert (vs_ideal["value"], vs_ideal["verdict"]) == (0.91, "")
+    # a share of a core is shown in percent; each of the idle stack's two goals has its own verdict
+    cpu = got["idle stack (6 workers, supervisord), CPU"]
+    assert (cpu["value"], cpu["unit"], cpu["verdict"]) == (0.4, "% of a core", "PASS")
+    assert got["idle stack (6 workers, supervisord), wake-ups"]["verdict"] == "FAIL"
 
 
-def test_issue14_figures_not_measured_have_no_verdict_and_say_why() -> None:
-    got = by_row(issue14(_rows()))
+def test_goals_not_measured_have_no_verdict_and_say_why() -> None:
+    got = by_row(goals(_rows()))
     assert got["vs a Ray actor call (no-op p50)"]["status"] == "skipped"
     assert got["Predict via a session vs in-process (DummyLM, median)"]["status"] == "not run"
+    assert got["local model: the same requests through the stack vs plain, wall"]["status"] == "not run"
     ray_serving = got["LM-bound serving, dspex vs Ray async actors"]
     assert ray_serving["status"] == "not measured" and ray_serving["value"] is None
     for g in got.values():
         if g["value"] is None:
             assert g["verdict"] == ""
     # smoke runs check the harness, not speed: no verdicts at all
-    assert all(g["verdict"] == "" for g in issue14(_rows(), smoke=True))
+    assert all(g["verdict"] == "" for g in goals(_rows(), smoke=True))
 
 
-def test_issue14_rows_are_rows_the_bench_produces() -> None:
+def test_goal_rows_are_rows_the_bench_produces() -> None:
     produced = {name for names in ROWS.values() for name in names}
-    # predict.* comes with the predict group (registered by its own branch)
-    missing = {g.row for g in ISSUE14} - produced - {"predict.predict"}
-    assert not missing
+    assert not {g.row for g in GOALS} - produced
 
 
 def test_private_ray_leaves_no_process_behind() -> None:

@@ -1,6 +1,7 @@
-"""The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot.
+"""The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot, and so does
+the A/B harness (``python -m bench.ab``) a maintainer reruns to compare two trees.
 
-It checks that every figure was produced, or marked pending/skipped with a reason; never how
+They check that every figure was produced, or marked pending/skipped with a reason; never how
 fast anything was (this machine is shared and noisy; see docs/benchmarks.md for the figures).
 """
 
@@ -17,15 +18,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
 
 def _expected_rows() -> list[str]:
-    from bench.figures import ROWS  # importable: pytest puts the repo root on sys.path (tests/ is a package)
+    from bench.figures import (
+        ROWS,  # importable: pytest puts the repo root on sys.path (tests/ is a package)
+    )
 
     return [name for group in ROWS.values() for name in group]
 
 
+@pytest.mark.slow
 def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     expected = _expected_rows()
 
@@ -36,7 +40,7 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--smoke", "--quiet", "--json", str(out)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=110)
+        stdout, stderr = proc.communicate(timeout=165)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)  # the bench cleans up its own processes on SIGTERM
         try:
@@ -44,7 +48,7 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-        pytest.fail("python -m bench --smoke took over 110 s")
+        pytest.fail("python -m bench --smoke took over 165 s")
     text = stdout.decode(errors="replace")
     assert proc.returncode == 0, f"bench exited {proc.returncode}\n{text}\n{stderr.decode(errors='replace')[-4000:]}"
     doc = json.loads(out.read_text())
@@ -65,6 +69,26 @@ def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
 
 def test_bench_only_filter_rejects_unknown_names() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "--only", "no_such_figure"], cwd=REPO,
-                          capture_output=True, timeout=60)
+                          capture_output=True, timeout=60, check=False)
     assert proc.returncode != 0
     assert b"unknown figure" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--what", "core", "--b", "HEAD", "--rounds", "2", "--calls", "500"],  # a git revision: archived, run apart
+    ["--what", "tree", "--b", ".", "--rounds", "1", "--duration", "0.3"],  # stacks of both sides under load
+], ids=["core-vs-HEAD", "tree"])
+def test_ab_harness_compares_two_trees(args: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", *args, "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, timeout=110, check=False, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    doc = json.loads(out.read_text())
+    rounds = int(args[args.index("--rounds") + 1])
+    assert len(doc["raw"]["a"]) == len(doc["raw"]["b"]) == rounds
+    main_figure = "core_us" if args[1] == "core" else "calls_per_s"
+    fig = doc["figures"][main_figure]
+    assert fig["a"] > 0 and fig["b"] > 0 and fig["a_vs_b"] > 0
+    if args[1] == "tree":
+        assert doc["figures"]["errors"]["a"] == doc["figures"]["errors"]["b"] == 0

@@ -277,6 +277,29 @@ def test_ctrl_c_in_the_sync_client_stops_the_call(stack: Stack, tmp_path: Path) 
     assert _outcomes(stack).get("eval:cancelled") == 1
 
 
+def test_cancel_all_stops_the_calls_other_threads_wait_on(stack: Stack, tmp_path: Path) -> None:
+    """``Client.cancel_all()`` from the main thread (what a Ctrl-C handler does) stops the calls the
+    client's ``submit`` threads wait on: each raises Cancelled at once and stops on its worker, and
+    the client's next calls run as usual."""
+    stack.env["DSPEX_HARD_GRACE"] = "60"
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    sessions = [dx.session("p"), dx.session("p")]
+    for s in sessions:
+        s.exec(SESSION_CODE)
+    markers = [tmp_path / "a", tmp_path / "b"]
+    futures = [dx.submit(s.eval, f"slow({str(m)!r}, 'not cancelled')") for s, m in zip(sessions, markers)]
+    wait_for(lambda: all(m.exists() for m in markers), 20, what="both calls to start")
+    started = time.monotonic()
+    dx.cancel_all()
+    for f in futures:
+        with pytest.raises(dspex.Cancelled, match="cancel_all"):
+            f.result(timeout=PROMPT_S)
+    assert time.monotonic() - started < PROMPT_S
+    assert [s.eval("done") for s in sessions] == [[], []]  # stopped there, and both workers free at once
+    assert time.monotonic() - started < PROMPT_S
+    assert _outcomes(stack).get("eval:cancelled") == 2
+
+
 # -- the executor's cancel bookkeeping, in-process (no processes; calls run on a non-main thread,
 # as on a pool thread, so the test process's SIGINT handler is never touched) -------------------
 def _executor_call(ex: Executor, req_id: int, source: str, client: bytes = b"c") -> Any:

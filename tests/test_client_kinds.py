@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,12 @@ def test_client_and_async_client_have_the_same_user_ops_options_and_connect() ->
     sync, aio = public(dspex.Client), public(dspex.aio.AsyncClient)
     assert sync.keys() - aio.keys() == SYNC_ONLY
     assert aio.keys() - sync.keys() == set()
-    for name in ("session", "call", "status", "ping", "sessions", "close_session", "recycle", "request", "stream",
-                 "close"):
+    for name in ("session", "call", "status", "ping", "sessions", "close_session", "recycle", "cancel_all",
+                 "request", "stream", "close"):
         assert parameters(sync[name]) == parameters(aio[name]), name
     options = parameters(dspex.Client)
-    assert [name for name, _, _ in options] == ["endpoint", "timeout", "curve_server_key", "curve_keypair"]
+    assert [name for name, _, _ in options] == ["endpoint", "timeout", "curve_server_key", "curve_keypair",
+                                                "forward_output", "client_settings"]
     assert parameters(dspex.aio.AsyncClient) == options
     assert parameters(dspex.connect) == parameters(dspex.aio.connect) == options
 
@@ -188,3 +190,34 @@ def test_async_client_reaches_no_broker_only_when_it_sends(short_tmp: str) -> No
     asyncio.run(main())
     with dspex.connect(f"ipc://{stale}", timeout=5) as dx, pytest.raises(dspex.BrokerUnreachable):
         dx.ping()
+
+
+def test_async_cancel_all_stops_the_calls_and_streams_in_flight(stack: Stack, tmp_path: Path) -> None:
+    """``AsyncClient.cancel_all()``, as ``Client.cancel_all()``: every call and stream in flight
+    raises Cancelled where it is awaited and stops on its worker; later calls run as usual."""
+    stack.env["DSPEX_HARD_GRACE"] = "60"
+    stack.pool("p:strict_queue", 2, "--no-dspy")
+    code = ("import os, time\n"
+            "def slow(marker):\n    open(marker, 'w').close()\n    time.sleep(30)\n"
+            "def gen(marker):\n    yield 0\n    slow(marker)\n    yield 1\n")
+    markers = [tmp_path / "call", tmp_path / "stream"]
+
+    async def main() -> float:
+        async with dspex.aio.connect(stack.frontend, timeout=60) as adx:
+            calling, streaming = adx.session("p"), adx.session("p")
+            for s in (calling, streaming):
+                await s.exec(code)
+            call = asyncio.create_task(calling.eval(f"slow({str(markers[0])!r})"))
+            items = streaming.stream_eval(f"gen({str(markers[1])!r})")
+            assert await anext(items) == 0
+            item = asyncio.create_task(anext(items))
+            await asyncio.to_thread(wait_for, lambda: all(m.exists() for m in markers), 20, 0.02, "both to run")
+            started = time.monotonic()
+            adx.cancel_all()
+            for task in (call, item):
+                with pytest.raises(dspex.Cancelled, match="cancel_all"):
+                    await task
+            assert await asyncio.gather(calling.eval("1"), streaming.eval("2")) == [1, 2]  # both workers free
+            return time.monotonic() - started
+
+    assert asyncio.run(main()) < 3.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_readme_from_python_example_runs(stack: Stack, short_tmp: str) -> None:
     script.write_text(from_python_example())
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=150,
                           env=base_env(str(Path(stack.frontend[len("ipc://"):]).parent),
-                                       DSPEX_ENDPOINT=stack.frontend))
+                                       DSPEX_ENDPOINT=stack.frontend,
+                                       PYTHONPATH=f"{REPO / 'examples'}{os.pathsep}{REPO}"))
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3 and "offline/triage" in lines[2], done.stdout

@@ -13,6 +13,7 @@ import pytest
 
 import dspex
 import dspex.aio
+from offline_lm import offline_lm
 from tests.harness import Stack, wait_for
 from dspex.protocol import STREAM_WINDOW
 
@@ -52,7 +53,7 @@ def test_threaded_worker_keeps_session_lms_isolated(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 1, "--capacity", "4")
     a, b = dx.session("p"), dx.session("p")
     for s, model in ((a, "offline/alpha"), (b, "offline/beta")):
-        lm = s.call("dspy", "LM", [model])
+        lm = s.put(offline_lm(model))
         s.call("dspy", "configure", kwargs={"lm": lm})
     probe = "(__import__('time').sleep(0.05), __import__('dspy').settings.lm.model)[1]"
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-
 import pytest
-
-import dspex
-from tests.flagship_example import load_flagship
-from examples.flagship_gepa import budget_text, gepa_outcome
-from examples.flagship_lm import (
+from flagship_gepa import budget_text, gepa_outcome
+from flagship_lm import (
     DEFAULT_LM_TIMEOUT,
     LMBounds,
     count_line,
+    failure_from_record,
+    failure_kind,
     failure_of,
     parse_lm_kwarg,
     resolve_bounds,
     resolve_lm,
 )
+
+import dspex
+from tests.flagship_example import load_flagship
 
 flagship = load_flagship("dspex_flagship_settings_under_test")
 
@@ -60,6 +61,38 @@ def test_kwargs_per_role_and_offline() -> None:
     assert "LM timeout 7s" in spec.bounds.describe() and "max_tokens 100 (triage/insights)" in spec.bounds.describe()
 
 
+def test_a_local_server_gets_the_token_cap_in_both_fields() -> None:
+    """dspy's native engine sends max_completion_tokens, litellm max_tokens; llama-cpp-python reads only
+    max_tokens: a local server gets both (tests/test_flagship_failures.py checks it on the wire)."""
+    local = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={}, bounds=LMBounds(max_tokens=100,
+                       reflection_max_tokens=900))
+    assert local.lm_kwargs(0.2)["extra_body"] == {"max_tokens": 100, "max_completion_tokens": 100}
+    assert local.lm_kwargs(0.9, "reflection")["extra_body"] == {"max_tokens": 900, "max_completion_tokens": 900}
+    assert "token cap sent as max_tokens and max_completion_tokens" in local.bounds_line()
+    # a hosted provider gets dspy's own field only; --lm-kwarg extra_body=... replaces ours
+    hosted = resolve_lm("gemini/g", env={"GEMINI_API_KEY": "k"})
+    assert "extra_body" not in hosted.lm_kwargs(0.2) and hosted.token_fields() == ()
+    mine = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={},
+                      bounds=resolve_bounds(lm_kwargs=["extra_body={}"], env={}))
+    assert mine.lm_kwargs(0.2)["extra_body"] == {} and mine.token_fields() == ()
+
+
+@pytest.mark.parametrize("error,message,kind", [
+    ("AdapterParseError", "Adapter JSONAdapter failed to parse the LM response.", "unparsed"),
+    ("LMTransportError", "[openai/x] failed to connect to 127.0.0.1:48015: [Errno 111] Connection refused",
+     "connection refused"),
+    ("LMServerError", "[x] litellm.InternalServerError: InternalServerError: OpenAIException - Connection error.",
+     "connection failed"),
+    ("LMTransportError", "[openai/x] read timed out waiting for headers: no bytes for 1s", "timed out"),
+    ("LMTimeoutError", "[x] litellm.Timeout: APITimeoutError - Request timed out.", "timed out"),
+    ("LMRateLimitError", "[openai/x] Rate limit reached (429)", "rate limited"),
+    ("LMServerError", "[openai/x] upstream overloaded", "server error"),
+    ("LMProviderError", "[openai/x] The model `nope` does not exist.", "model not found"),
+])
+def test_failure_kinds_name_what_happened(error: str, message: str, kind: str) -> None:
+    """The messages dspy 3.4's engines give (lm15 and litellm), labelled by what happened."""
+    assert failure_kind(error, message) == kind
+
 def test_failure_records_type_adapter_and_hint() -> None:
     spec = resolve_lm("openai/m", "http://127.0.0.1:9/v1", env={})
     err = dspex.RemoteError("LM response cannot be serialized to a JSON object.\n\nAdapter JSONAdapter failed to "
@@ -67,27 +100,43 @@ def test_failure_records_type_adapter_and_hint() -> None:
     f = failure_of("triage", "INC-002", err, spec, session="s1", worker="w1", seconds=1.23456)
     assert (f.error, f.adapter, f.seconds, f.label()) == ("AdapterParseError", "JSONAdapter", 1.235,
                                                          "AdapterParseError (JSONAdapter)")
-    assert "instruction-tuned" in f.hint and "\n" not in f.message
+    assert "instruction-tuned" in f.hint and "\n" not in f.message and f.tag() == "<unparsed>"
     slow = failure_of("triage", "INC-1", dspex.RemoteError("[openai/m] read timed out waiting for headers",
                                                            type="LMTransportError", traceback=""), spec)
-    assert "--lm-timeout 60s" in slow.hint
-    assert count_line([f, f, slow], 5, "tickets") == "3/5 tickets failed: AdapterParseError \u00d72, LMTransportError \u00d71"
+    assert "--lm-timeout 60s" in slow.hint and slow.tag() == "<timed out>"
+    assert count_line([f, f, slow], 5, "tickets") == ("3/5 tickets failed: AdapterParseError \u00d72, "
+                                                      "LMTransportError (timed out) \u00d71")
     assert count_line([], 5, "tickets") == ""
+    # a timeout the JSONAdapter fallback turned into a parse error is reported as the timeout it was
+    record = {"error": "LMTransportError", "message": "[openai/m] read timed out waiting for headers",
+              "then": "AdapterParseError: Adapter JSONAdapter failed to parse the LM response."}
+    both = failure_from_record("triage", "INC-2", record, spec)
+    assert (both.kind, both.error, both.adapter) == ("timed out", "LMTransportError", "JSONAdapter")
+    assert both.label() == "LMTransportError" and both.then and both.then.startswith("AdapterParseError")
 
 
 def test_exit_codes() -> None:
+    import signal
+
+    from dspexctl.flagship import Interrupted, _exit_code
+
     assert flagship.exit_code_for(dspex.Timeout("x", lm_too_slow=True)) == 5
     assert flagship.exit_code_for(dspex.Timeout("x")) == 1
     assert flagship.exit_code_for(dspex.ConfigError("x")) == 2
-    from examples.flagship_preflight import LMUnusable
-
-    assert flagship.exit_code_for(LMUnusable("x")) == 6
+    assert flagship.exit_code_for(flagship.LMUnusable("x")) == 6
+    for err, code in ((Interrupted(signal.SIGINT), 130), (Interrupted(signal.SIGTERM), 143),
+                      (Interrupted(signal.SIGHUP), 129), (flagship.LMUnusable("x"), 6),
+                      (dspex.Timeout("x", lm_too_slow=True), 5), (dspex.ConfigError("x"), 2),
+                      (dspex.BrokerUnreachable("x"), 4)):
+        assert _exit_code(err) == code, err
 
 
 def test_budget_words_and_gepa_outcomes() -> None:
-    assert budget_text(3) == ("budget 3 = the baseline evaluation only (3 valset examples), as in the original; "
-                              "try --max-metric-calls 30 to let GEPA reflect")
-    assert budget_text(30).startswith("budget 30: 3 metric calls score the baseline, the other 27")
+    assert flagship.DEFAULT_MAX_METRIC_CALLS == 30 and flagship.ORIGINAL_MAX_METRIC_CALLS == 3
+    assert budget_text(3, 30) == ("--max-metric-calls 3, the original flagship's budget: the baseline evaluation "
+                                  "only (3 valset examples), no reflection; the default 30 lets GEPA reflect")
+    assert budget_text(30, 30).startswith("budget 30 (the default): 3 metric calls score the baseline, the other 27")
+    assert budget_text(12, 30).startswith("budget 12: 3 metric calls")
     assert gepa_outcome("Iteration 4: All subsample scores perfect for parent 0. Skipping.") == "skipped_perfect"
     assert gepa_outcome("Iteration 2: Proposed new text for self: Do X") == "proposed"
     assert gepa_outcome("Batched reflection failed (boom); retrying per task.") == "failed"

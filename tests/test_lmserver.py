@@ -5,14 +5,18 @@ In-process (no dspex stack): each mode produces what a real model server would m
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError, LMError
 
+from tests.harness import PY, base_env
 from tests.lmserver import LMServer, closed_port_base
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,7 +42,7 @@ def test_normal_answers_parse_and_models_lists(server: LMServer) -> None:
     assert pred.category and pred.urgency in ("low", "medium", "high")
     import urllib.request
 
-    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:
         assert resp.status == 200 and b"loopback" in resp.read()
     assert [c.mode for c in server.completions()] == ["normal"]
 
@@ -103,3 +107,74 @@ def test_refused_connection() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     with pytest.raises(LMError, match="refused"):
         _triage(closed_port_base(), num_retries=0)
+
+
+# dspy calls whose engine is litellm run in a child process: litellm keeps its clients (and an event
+# loop) for the life of the process that called it, which pytest would report as leaked resources
+STRICT_CALLS = """
+import json, sys
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+base, engine = sys.argv[1], sys.argv[2]
+outcomes = []
+for extra in ({}, {"extra_body": {"max_tokens": 40, "max_completion_tokens": 40}}):
+    lm = dspy.LM("openai/loopback", api_base=base, api_key="x", cache=False, max_tokens=40, engine=engine, **extra)
+    try:
+        with dspy.context(lm=lm):
+            dspy.Predict("ticket -> category, urgency")(ticket="Refund still not received after 10 days.")
+        outcomes.append("parsed")
+    except AdapterParseError:
+        outcomes.append("unparsed")
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.mark.parametrize("engine", ["auto", "litellm"])
+@pytest.mark.parametrize("honours", [("max_tokens",), ("max_completion_tokens",)],
+                         ids=["reads-max_tokens", "reads-max_completion_tokens"])
+def test_a_strict_server_honours_only_its_own_token_field(server: LMServer, engine: str,
+                                                          honours: tuple[str, ...]) -> None:
+    """dspy 3.4's native engine sends the cap as max_completion_tokens and litellm as max_tokens, so a
+    server that reads only the other name (llama-cpp-python reads only max_tokens) generates to its
+    context; sent in both fields (what the flagship does for a local server), every server stops."""
+    server.set("endless", honours=honours, cap_tokens=300)
+    done = subprocess.run([PY, "-c", STRICT_CALLS, server.base, engine], capture_output=True, text=True, check=False,
+                          timeout=120,
+                          env=base_env(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1"))
+    assert done.returncode == 0 and json.loads(done.stdout) == ["unparsed", "unparsed"], done.stderr[-3000:]
+    sent = "max_completion_tokens" if engine == "auto" else "max_tokens"
+    one = [c for c in server.completions() if set(c.fields) == {sent}]
+    both = [c for c in server.completions() if set(c.fields) == {"max_tokens", "max_completion_tokens"}]
+    assert one and both and len(one) + len(both) == len(server.completions())
+    bounded = sent in honours
+    assert all(c.max_tokens == (40 if bounded else None) and c.tokens == (40 if bounded else 300) for c in one), one
+    assert all(c.max_tokens == 40 and c.tokens == 40 for c in both), both
+
+
+def test_a_server_serves_only_its_models(server: LMServer) -> None:
+    import json
+    import urllib.request
+
+    server.set(models=("qwen2.5-0.5b",))
+    with urllib.request.urlopen(server.base + "/models", timeout=5) as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["qwen2.5-0.5b"]
+    with pytest.raises(LMError, match="does not exist"):
+        _triage(server.base, num_retries=0)  # asks for openai/loopback
+    assert [c.status for c in server.completions()] == [404]
+
+
+def test_placeholder_answers_parse_as_the_fields_own_names(server: LMServer) -> None:
+    """A small model that echoes the prompt: DSPy parses it, and the values are the placeholders."""
+    server.set("placeholder")
+    pred = _triage(server.base)
+    assert (pred.category, pred.urgency) == ("{category}", "{urgency}")
+
+
+def test_a_server_restarts_on_the_port_of_the_one_that_was_closed(server: LMServer) -> None:
+    port = server.port
+    server.close()
+    with pytest.raises(LMError, match="refused"):
+        _triage(server.base, num_retries=0)
+    with LMServer(port=port) as again:
+        assert again.base == server.base and _triage(again.base).category

@@ -14,7 +14,7 @@ from typing import Any
 import dspy
 import pytest
 
-from examples.offline_lm import (
+from offline_lm import (
     OFFLINE_LABEL,
     RULES_HEADER,
     OfflineEngine,
@@ -141,7 +141,7 @@ def test_history_entries_carry_model_usage_cost_response(lm: dspy.LM) -> None:
 
 def test_engine_copies_pickles_and_saves(lm: dspy.LM) -> None:
     state = lm.dump_state()
-    assert state["engine"]["class"] == "examples.offline_lm:OfflineEngine"
+    assert state["engine"]["class"] == "offline_lm:OfflineEngine"
     for clone in (copy.deepcopy(lm), pickle.loads(pickle.dumps(lm)), lm.copy(),
                   dspy.LM.load_state(state, allow_custom_lm_class=True)):
         with dspy.context(lm=clone):

@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 import dspex
+from offline_lm import offline_lm
 from tests.harness import Stack, wait_for
 from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 
@@ -79,8 +80,9 @@ def test_workers_started_before_broker_register(stack: Stack) -> None:
 def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
-    obj = s.eval("[1, 2, 3]")  # plain data
+    s.exec("kept = [1, 2, 3]")  # state in the session's namespace on its worker
     ref = s.call("builtins", "object")
+    pid = s.call("os", "getpid")
     before = {w["incarnation"] for w in stack.workers("p")}
     assert stack.broker is not None
     stack.kill(stack.broker)
@@ -90,9 +92,11 @@ def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -
     elapsed = time.monotonic() - restarted
     assert {w["incarnation"] for w in after} == before, "same incarnations re-registered"
     assert elapsed < 5.0
-    # the session's pin survives: the client tells the new broker which worker it was on
-    assert obj == [1, 2, 3]
-    assert isinstance(s.attr(ref, "__class__"), dspex.Ref)
+    # the session's pin survives: the client tells the new broker which worker it was on, and
+    # the session's state and refs are there
+    assert s.call("os", "getpid") == pid
+    assert s.eval("kept") == [1, 2, 3]
+    assert s.eval("type(r).__name__", {"r": ref}) == "object"
 
 
 def test_long_call_keeps_worker_alive(stack: Stack) -> None:
@@ -107,8 +111,8 @@ def test_long_call_keeps_worker_alive(stack: Stack) -> None:
 def test_two_sessions_on_one_worker_see_only_their_own_lm(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 1)
     a, b = dx.session("p"), dx.session("p")
-    lm_a = a.call("dspy", "LM", ["offline/alpha"], {"temperature": 0.2})
-    lm_b = b.call("dspy", "LM", ["offline/beta"], {"temperature": 0.7})
+    lm_a = a.put(offline_lm("offline/alpha", temperature=0.2))  # user LMs, sent by value
+    lm_b = b.put(offline_lm("offline/beta", temperature=0.7))
     a.call("dspy", "configure", kwargs={"lm": lm_a})
     b.call("dspy", "configure", kwargs={"lm": lm_b})
     assert a.worker == b.worker
@@ -125,6 +129,30 @@ def test_two_sessions_on_one_worker_see_only_their_own_lm(stack: Stack) -> None:
     # a third session without configure sees no LM at all
     c = dx.session("p")
     assert c.eval("__import__('dspy').settings.lm") is None
+
+
+def test_offline_lm_travels_by_value_to_a_worker_that_cannot_import_it(stack: Stack, short_tmp: str) -> None:
+    """examples/offline_lm.py is user code: dspex sends it by value (with its source), and it runs on a
+    worker started in an empty working directory that can import nothing from examples/."""
+    shadow, empty = Path(short_tmp, "shadow"), Path(short_tmp, "empty")
+    (shadow / "examples").mkdir(parents=True)
+    empty.mkdir()
+    refuse = "raise ImportError('this worker cannot import examples/: user code must come by value')\n"
+    for module in (shadow / "offline_lm.py", shadow / "examples" / "__init__.py"):
+        module.write_text(refuse)
+    stack.start_broker("p:strict_queue")
+    stack.start_worker("p", env={**stack.env, "PYTHONPATH": f"{shadow}{os.pathsep}{stack.env['PYTHONPATH']}"},
+                       cwd=str(empty))
+    stack.wait_workers("p", 1, timeout=60)
+    s = stack.client(timeout=60).session("p")
+    assert s.call("os", "getcwd") == str(empty)
+    with pytest.raises(dspex.RemoteError, match="cannot import examples"):
+        s.eval("__import__('offline_lm')")
+    lm = s.put(offline_lm("offline/triage", temperature=0.2))
+    s.call("dspy", "configure", kwargs={"lm": lm})
+    pred = s.run(lambda: __import__("dspy").Predict("ticket -> category, urgency")(ticket="Refund still missing."))
+    assert (pred.category, pred.urgency) == ("billing", "medium")
+    assert s.eval("'offline_lm' in __import__('sys').modules") is False  # never imported there: by value
 
 
 NATIVE_VALUES = [

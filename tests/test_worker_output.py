@@ -7,6 +7,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import dspex
 from tests.harness import Stack, wait_for
 
@@ -19,15 +21,16 @@ def test_print_and_warnings_reach_the_caller_and_the_tagged_log(stack: Stack) ->
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     events: list[dict[str, Any]] = []
-    assert s.exec(textwrap.dedent("""
-        import sys, threading, warnings
-        print("hello from the call")
-        warnings.warn("careful now")
-        sys.stderr.write("an error line\\n")
-        t = threading.Thread(target=lambda: print("from a user thread"))
-        t.start(); t.join()
-        done = 1
-    """), on_output=events.append)["done"] == 1
+    with pytest.warns(UserWarning, match="careful now"):  # forwarded to this process too
+        assert s.exec(textwrap.dedent("""
+            import sys, threading, warnings
+            print("hello from the call")
+            warnings.warn("careful now")
+            sys.stderr.write("an error line\\n")
+            t = threading.Thread(target=lambda: print("from a user thread"))
+            t.start(); t.join()
+            done = 1
+        """), on_output=events.append)["done"] == 1
     got = [(e["stream"], e["text"]) for e in events]
     assert ("stdout", "hello from the call\n") in got
     assert ("stderr", "an error line\n") in got

@@ -1,12 +1,19 @@
-"""What user code prints or warns during a call: to its caller and to the worker log, tagged.
+"""What user code prints, warns or logs during a call: to its caller and to the worker log, tagged.
 
 ``sys.stdout``/``sys.stderr`` are replaced once by dispatchers that send a write to the sink of
 the call it belongs to (a contextvar; on a capacity-1 worker also the one running call, for
-threads user code starts), else to the real stream. ``warnings.showwarning`` likewise. A sink
-logs complete lines as ``[session req] stream: text`` and, when the caller streams, sends each
-line as an ``out`` event (``{"stream", "text"}``). A carriage return (a progress bar redrawing
-itself) replaces the pending line instead of logging it, so tqdm bars leave one line per bar in
-the log, never a smear of redraws; the caller still gets every redraw.
+threads user code starts), else to the real stream. ``warnings.showwarning`` likewise, and a
+handler on the root logger gives a call's log records (any logger's that propagate to the root)
+at or above its caller's threshold to its sink.
+
+A sink logs complete lines as ``[session req] stream: text`` and, when the caller takes output,
+sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per line (a carriage return, a
+progress bar redrawing itself, also ends a piece; a flush sends the partial line written so far,
+as a terminal would show it), one ``"warning"`` event per warning (its text, and its message,
+category and place, so the client can re-issue it) and one ``"log"`` event per record (logger,
+level, message, exception text...). A carriage return replaces the pending line in the log instead
+of logging it, so tqdm bars leave one line per bar in the log, never a smear of redraws; the
+caller still gets every redraw.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable, TextIO
@@ -26,18 +34,25 @@ from worker import limits
 log = logging.getLogger("dspex.worker.output")
 
 MAX_LINE_CHARS = 8000
+MAX_RECORD_CHARS = 100_000  # of a log record's message, and of its exception text
 # terminal control sequences (colours, tqdm's cursor moves between bars) mean nothing in a log file
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-Emit = Callable[[str, str], None]  # (stream, text)
+_OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
+_FORMATTER = logging.Formatter()
+Event = dict[str, Any]
+Emit = Callable[[Event], None]
 
 
 class OutputSink:
-    """The output of one call."""
+    """The output of one call. ``log_level``: the lowest level of log records its caller takes
+    (0: none)."""
 
-    def __init__(self, tag: str, emit: Emit | None) -> None:
+    def __init__(self, tag: str, emit: Emit | None, log_level: int = 0) -> None:
         self.tag = tag
         self.emit = emit
+        self.log_level = log_level if emit is not None else 0
         self._pending: dict[str, str] = {}
+        self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
         self._lock = threading.Lock()
 
     def write(self, stream: str, text: str) -> None:
@@ -47,6 +62,7 @@ class OutputSink:
         logged: list[str] = []
         with self._lock:
             buf = self._pending.get(stream, "") + text
+            sent = self._sent.pop(stream, 0)
             while True:
                 cut = min((i for i in (buf.find("\n"), buf.find("\r")) if i >= 0), default=-1)
                 if cut < 0:
@@ -54,19 +70,50 @@ class OutputSink:
                 line, end, buf = buf[:cut], buf[cut], buf[cut + 1:]
                 if end == "\r" and buf.startswith("\n"):  # a CRLF line end, not a redraw
                     end, buf = "\r\n", buf[1:]
-                out.append(line + end)
+                out.append((line + end)[sent:])
+                sent = 0
                 if end != "\r" and line:
                     logged.append(line)
             if len(buf) > MAX_LINE_CHARS:  # a huge write without newline: pass it on in pieces
-                out.append(buf)
+                out.append(buf[sent:])
                 logged.append(buf)
-                buf = ""
+                buf, sent = "", 0
             self._pending[stream] = buf
+            if sent:
+                self._sent[stream] = sent
         for line in logged:
             self._log(stream, line)
         if self.emit is not None:
             for piece in out:
-                self.emit(stream, piece)
+                if piece:
+                    self.emit({"stream": stream, "text": piece})
+
+    def flush(self, stream: str) -> None:
+        """Send the caller what is written of the pending line (a progress bar's latest state);
+        the log still gets the line when it ends."""
+        if self.emit is None:
+            return
+        with self._lock:
+            buf = self._pending.get(stream, "")
+            sent = self._sent.get(stream, 0)
+            if len(buf) <= sent:
+                return
+            self._sent[stream] = len(buf)
+        self.emit({"stream": stream, "text": buf[sent:]})
+
+    def warning(self, message: Any, category: type[Warning], filename: str, lineno: int, line: str | None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        for piece in text.splitlines():
+            self._log("warning", piece)
+        if self.emit is not None:
+            self.emit({"stream": "warning", "text": text, "message": str(message),
+                       "category": [getattr(category, "__module__", "builtins"),
+                                    getattr(category, "__qualname__", "UserWarning")],
+                       "filename": str(filename), "lineno": int(lineno)})
+
+    def record(self, record: logging.LogRecord) -> None:
+        if self.emit is not None:
+            self.emit(_record_event(record))
 
     def _log(self, stream: str, line: str) -> None:
         line = _ANSI.sub("", line[:MAX_LINE_CHARS])
@@ -78,11 +125,41 @@ class OutputSink:
             if not self._pending:  # nothing was written (the usual call)
                 return
             rest, self._pending = self._pending, {}
+            sent, self._sent = self._sent, {}
         for stream, text in rest.items():
             if text:
                 self._log(stream, text)
-                if self.emit is not None:
-                    self.emit(stream, text)
+                if self.emit is not None and len(text) > sent.get(stream, 0):
+                    self.emit({"stream": stream, "text": text[sent.get(stream, 0):]})
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_RECORD_CHARS:
+        return text
+    return f"{text[:MAX_RECORD_CHARS]}... ({len(text) - MAX_RECORD_CHARS} more characters; the worker log has them)"
+
+
+def _record_event(record: logging.LogRecord) -> Event:
+    """A log record as its caller re-emits it: what a formatter needs, already formatted where
+    the objects stay here (the message's arguments, the exception)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a bad format string is the worker log handler's to report
+        message = str(record.msg)
+    exc_text = record.exc_text
+    if record.exc_info and not exc_text:
+        exc_text = record.exc_text = _FORMATTER.formatException(record.exc_info)
+    message = _clip(message)
+    exc_text = _clip(exc_text) if exc_text else None
+    text = f"{record.levelname}:{record.name}:{message}\n"
+    if exc_text:
+        text += exc_text + "\n"
+    if record.stack_info:
+        text += record.stack_info + "\n"
+    return {"stream": "log", "text": text, "logger": record.name, "level": record.levelno, "message": message,
+            "exc_text": exc_text, "stack_info": record.stack_info, "pathname": record.pathname,
+            "lineno": record.lineno, "funcName": record.funcName, "created": record.created,
+            "process": record.process, "threadName": record.threadName}
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
@@ -113,7 +190,15 @@ class _Dispatch(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        self.real.flush()
+        sink = _sink()
+        if sink is None:
+            self.real.flush()
+            return
+        _local.busy = True
+        try:
+            sink.flush(self.name)
+        finally:
+            _local.busy = False
 
     def isatty(self) -> bool:
         return False
@@ -129,11 +214,33 @@ class _Dispatch(io.TextIOBase):
         return True
 
 
+class _CallRecords(logging.Handler):
+    """On the root logger: a call's log records at or above its caller's threshold go to its sink."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # no handler lock: sending may wait for the caller's credit, and other calls' threads
+        # logging meanwhile must not wait for it
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = _sink()
+        if sink is None or record.levelno < sink.log_level or not sink.log_level \
+                or record.name.startswith(_OWN_LOGGERS):
+            return
+        _local.busy = True
+        try:
+            sink.record(record)
+        finally:
+            _local.busy = False
+
+
 _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
 
 
 def install() -> None:
-    """Replace sys.stdout/sys.stderr and warnings.showwarning (once per process)."""
+    """Replace sys.stdout/sys.stderr and warnings.showwarning, add the root logger's handler of
+    call records (once per process)."""
     global _dispatchers
     if _dispatchers is not None:
         return
@@ -147,37 +254,94 @@ def install() -> None:
         if sink is None:
             real_show(message, category, filename, lineno, file, line)
             return
-        text = warnings.formatwarning(message, category, filename, lineno, line)
         _local.busy = True
         try:
-            sink.write("warning", text)
+            sink.warning(message, category, filename, lineno, line)
         finally:
             _local.busy = False
 
     warnings.showwarning = showwarning
+    logging.getLogger().addHandler(_CallRecords())
+
+
+class _RootLevel:
+    """The root logger's level while callers take records below the worker's own level: the
+    lowest level asked for, kept while such calls keep coming (``setLevel`` clears every logger's
+    level cache: done per call it would cost more than the call), and put back by :func:`relax`
+    once none has run for a while. The worker log's handler keeps the worker's own level."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._own: int | None = None  # the root's level before calls lowered it (None: not lowered)
+        self._running = 0  # calls running that take records below ``_own``
+        self._idle_since = 0.0
+
+    def ceiling(self) -> int:
+        """Records a call takes below this level need the root lowered (and counted)."""
+        return logging.root.level if self._own is None else self._own
+
+    def enter(self, level: int) -> None:
+        with self._lock:
+            root = logging.root
+            if self._own is None:
+                self._own = root.level
+            if root.level > level:
+                root.setLevel(level)
+            self._running += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if not self._running:
+                self._idle_since = time.monotonic()
+
+    def relax(self, idle: float) -> None:
+        with self._lock:
+            if self._own is not None and not self._running and time.monotonic() - self._idle_since > idle:
+                logging.root.setLevel(self._own)
+                self._own = None
+
+
+_root_level = _RootLevel()
+ROOT_LEVEL_IDLE = 30.0  # seconds without a call below the worker's level before its level is back
+
+
+def relax_root_level() -> None:
+    """Put the root logger's own level back if no call has taken records below it for a while
+    (the worker calls this every second)."""
+    _root_level.relax(ROOT_LEVEL_IDLE)
 
 
 class capture:
     """Route this call's output to a new sink for the block (``with`` gives the sink). A class,
-    not a generator context manager: it is entered on every call (~2 µs less each time)."""
+    not a generator context manager: it is entered on every call (~2 µs less each time).
+    ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
+    is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
 
-    __slots__ = ("sink", "process_wide", "_token")
+    __slots__ = ("sink", "process_wide", "_token", "_lowered")
 
-    def __init__(self, tag: str, emit: Emit | None, process_wide: bool) -> None:
-        self.sink = OutputSink(tag, emit)
+    def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0) -> None:
+        self.sink = OutputSink(tag, emit, log_level)
         self.process_wide = process_wide
+        self._lowered = False
 
     def __enter__(self) -> OutputSink:
         global _process_sink
         self._token = _current.set(self.sink)
         if self.process_wide:
             _process_sink = self.sink
+        level = self.sink.log_level
+        if level and level < _root_level.ceiling():
+            _root_level.enter(level)
+            self._lowered = True
         return self.sink
 
     def __exit__(self, *exc: object) -> None:
         global _process_sink
         sink = self.sink
         with limits.protected():
+            if self._lowered:
+                _root_level.exit()
             if self.process_wide and _process_sink is sink:
                 _process_sink = None
             _current.reset(self._token)

@@ -1,6 +1,7 @@
 """Results that are not plain values: streams, progress events, awaitables.
 
-- :class:`StreamControl`: credit-based flow control and cancellation of one streamed call.
+- :class:`StreamControl`: credit-based flow control and cancellation of one streamed call;
+  :class:`LazyStream` opens one at the first output event of a plain call.
 - :func:`progress_scope`: dspy/gepa log records and ``dspex.progress.report`` as progress events.
 - :func:`resolve_awaitable`: an awaitable result (``acall``, ``aforward``, ``dspy.asyncify``) is
   awaited on a private event loop, so the caller gets its value, as ``await`` would.
@@ -36,12 +37,14 @@ class StreamControl:
     consumer makes the producer wait instead of making the broker buffer without bound.
     """
 
-    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float) -> None:
+    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float,
+                 items: bool = True) -> None:
         self._emit = emit
         self._cond = threading.Condition()
         self.credit = window
         self.cancelled = False
         self.stall_timeout = stall_timeout
+        self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
 
     def add_credit(self, n: int) -> None:
@@ -78,6 +81,30 @@ class StreamControl:
         with limits.protected():  # a soft time limit must never cut a multipart reply in two
             self._emit(kind, frames)
         return True
+
+
+class LazyStream:
+    """The events of a call whose caller takes its output (``FLAG_OUTPUT``): the StreamControl is
+    opened at the first event, so a call that prints and logs nothing costs nothing here."""
+
+    __slots__ = ("_open", "control")
+
+    def __init__(self, open_control: Callable[[], StreamControl]) -> None:
+        self._open = open_control
+        self.control: StreamControl | None = None
+
+    def send(self, kind: str, frames: list[Any]) -> bool:
+        control = self.control
+        if control is None:
+            with _OPENING:  # a thread the call started may print at the same moment
+                if self.control is None:
+                    self.control = self._open()
+            control = self.control
+            assert control is not None
+        return control.send(kind, frames)
+
+
+_OPENING = threading.Lock()
 
 
 class _ProgressLogHandler(logging.Handler):

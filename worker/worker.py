@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +45,8 @@ from dspex.protocol import (
     B_REQUEST,
     B_REREGISTER,
     BUDGET_EPHEMERAL,
+    FLAG_ITEMS,
+    FLAG_OUTPUT,
     FLAG_STREAM,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -63,8 +66,10 @@ from dspex.protocol import (
     unpack_request_head,
     unpack_request_header,
 )
+from worker import output
 from worker.executor import Executor, RefTable, StreamControl, error_frames
 from worker.limits import CallTimedOut
+from worker.streaming import LazyStream
 
 log = logging.getLogger("dspex.worker")
 
@@ -307,7 +312,7 @@ class Worker:
         client = head.client
         req_id = 0
         header: RequestHeader | None = None
-        stream: StreamControl | None = None
+        stream: StreamControl | LazyStream | None = None
         with self._active_lock:
             self._running += 1
         session = ""
@@ -321,9 +326,12 @@ class Worker:
                                    pool=self.options.pool)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, header.req_id, header.timeout_ms, send)
+                stream = self._open_stream(client, req_id, header.timeout_ms, send, bool(header.flags & FLAG_ITEMS))
+            elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
+                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=lambda: self._hard_timeout(client, header), client=client)
+                                          on_hard=lambda: self._hard_timeout(client, header), client=client,
+                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -332,13 +340,13 @@ class Worker:
         except DspexError as err:
             self.executor.errors += 1
             reply, status = error_frames(err), Status.ERROR.value
-            self._log_failure(header, req_id, stream is not None, err)
+            self._log_failure(header, req_id, isinstance(stream, StreamControl), err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
             reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), Status.ERROR.value
         finally:
-            if stream is not None:
+            if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
             self._session_ended(session, head.session_ttl_s, head.flags)
@@ -360,7 +368,7 @@ class Worker:
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
     def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
-                     send: Callable[[list[Any]], None]) -> StreamControl:
+                     send: Callable[[list[Any]], None], items: bool) -> StreamControl:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
@@ -371,7 +379,7 @@ class Worker:
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall)
+        control = StreamControl(emit, STREAM_WINDOW, stall, items)
         self._busy_since = 0.0  # a stream needs its credit and cancels read at once: no grace
         self._wake.set()
         with self._streams_lock:
@@ -481,6 +489,7 @@ class Worker:
         if now >= self._next_backstop:
             self._next_backstop = now + 1.0
             self._backstop_sweep(now)
+            output.relax_root_level()
         if now >= self._next_beat:
             self._send_control([W_HEARTBEAT, self._stats_frame()])
             self._next_beat = now + self.options.heartbeat_interval
@@ -559,11 +568,14 @@ class Worker:
         except Exception:
             log.warning("malformed stream control from broker")
             return
+        self._control(command == B_CANCEL, key, n)
+
+    def _control(self, cancel: bool, key: tuple[bytes, int], n: Any) -> None:
         with self._streams_lock:
             control = self._streams.get(key)
-        if command == B_CANCEL:
-            # a stream waiting to send an item stops there; one computing an item, and any other
-            # call, is interrupted (worker.limits)
+        if cancel:
+            # a stream waiting for credit to send its next item stops there; one computing an item,
+            # and any other call, is interrupted (worker.limits)
             if control is not None and not control.cancel():
                 return
             if not self.executor.cancel(key):

@@ -63,10 +63,12 @@ class Stack:
             wait_for(lambda: connectable(host, int(port)) or broker.poll() is not None, what="broker port")
         return broker
 
-    def start_worker(self, pool: str, *extra: str, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(self, pool: str, *extra: str, prefix: list[str] | None = None, env: dict[str, str] | None = None,
+                     cwd: str | None = None) -> subprocess.Popen[bytes]:
+        """A worker of ``pool``; ``env``/``cwd`` replace the stack's environment and working directory."""
         proc = self.procs_reg.spawn(
             [*(prefix or []), PY, "-m", "worker", "--pool", pool, "--backend", self.backend, *self._common_args(),
-             *extra], self._log(f"worker-{pool}"), self.env)
+             *extra], self._log(f"worker-{pool}"), env or self.env, cwd)
         self.worker_procs.append(proc)
         return proc
 

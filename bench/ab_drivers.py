@@ -1,0 +1,293 @@
+"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|client``).
+
+Run as a script (``python bench/ab_drivers.py MODE [ARGS]``) with the tree under test first on
+``sys.path``, so that tree's ``broker``, ``worker`` and ``dspex`` are what is measured; it imports
+nothing from ``bench/`` (a baseline tree may not have this file). It prints ``{"ready": true}``,
+then answers each JSON command line (``{"n": ...}`` or ``{"seconds": ...}``) with one JSON line of
+figures for a block. Mode by mode:
+
+* ``core``: the broker's routing core behind a null shell, the pipelined load of ``--what tree``
+  driven by frames in memory (a ``strict_queue`` pool of 2 capacity-1 workers, 100 sessions with
+  one call each in flight, 4 clients); per request + reply: ``core_us`` of thread CPU time (the
+  machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds).
+* ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
+  ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
+* ``codec``: the codec alone on plain data, every message's common case: a request body under the
+  client policy, a small dict result and 200 rows of dicts under the worker policy (with a
+  ``to_ref`` that must never run): CPU per encode + decode of each.
+* ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential ``prog(question=...)``
+  ref calls of a ``dspy.Predict`` and the same program in-process (p50 of each and their ratio),
+  then an ``AsyncClient`` with SESSIONS sessions calling a ``ChainOfThought`` ref back to back (the
+  serving driver's path): its CPU per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+QUESTION = "What is the capital of France?"
+ANSWERS = {"predict": {"answer": "Paris"}, "cot": {"reasoning": "France's capital city is Paris.", "answer": "Paris"}}
+CONFIGURE = """
+import dspy
+from dspy.utils import DummyLM
+dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
+"""
+_SESSIONS = 100
+_CLIENTS = 4
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+# -- core ----------------------------------------------------------------------------------------
+
+class CoreLoad:
+    """The core of whichever tree is first on sys.path, a null shell, and the pipelined load."""
+
+    def __init__(self) -> None:
+        import msgpack
+        import zmq
+
+        import dspex.protocol as wire
+        from broker.core import Core
+        from dspex.pools import parse_pool_spec
+
+        self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
+        sent: deque[tuple[bytes, list[Any]]] = deque()
+
+        class Null(Core):
+            def _to_client(self, frames: list[Any]) -> None:
+                pass
+
+            def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+                sent.append((wid, frames))
+
+        self.sent = sent
+        self.core = Null([parse_pool_spec("p:strict_queue")], heartbeat_interval=1.0, heartbeat_liveness=3)
+        info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
+        for wid in (b"w" * 32, b"v" * 32):
+            self.core._on_backend([zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
+        sent.clear()
+        self.next_id = 0
+        self.body = msgpack.packb(["os", "getpid", [], {}])
+        self.result = msgpack.packb(0)
+        self.session_of: dict[tuple[bytes, int], str] = {}
+
+    def _request(self, client: bytes, session: str) -> list[Any]:
+        self.next_id += 1
+        self.session_of[(client, self.next_id)] = session
+        header = self.wire.RequestHeader("call", self.next_id, "p", session).pack()
+        z = self.zmq.Frame
+        return [z(client), z(header), z(self.body)]
+
+    def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
+        """The worker's reply to a request the core sent (frames as the backend would deliver)."""
+        z, w = self.zmq.Frame, self.wire
+        client = bytes(frames[0])[w.REQUEST_HEAD_SIZE:]
+        req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
+        return ([z(wid), z(w.pack_reply_head(w.W_REPLY, "ok", req_id, client)),
+                 z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
+
+    def block(self, calls: int) -> float:
+        """Seconds of core thread CPU per request + reply over ``calls`` of them."""
+        core, sent, clock = self.core, self.sent, time.thread_time
+        spent = 0.0
+        if not any(w.inflight for w in core.pools["p"].workers.values()):
+            for i in range(_SESSIONS):  # every session's first call
+                frames = self._request(b"c%d" % (i % _CLIENTS), f"s{i:031d}")
+                t = clock()
+                core._on_frontend(frames)
+                spent += clock() - t
+        for _ in range(calls):
+            wid, req = sent.popleft()
+            reply, client, req_id = self._reply(wid, req)
+            t = clock()
+            core._on_backend(reply)
+            spent += clock() - t
+            nxt = self._request(client, self.session_of.pop((client, req_id)))  # that session's next call
+            t = clock()
+            core._on_frontend(nxt)
+            spent += clock() - t
+        return spent / calls
+
+
+Side = tuple[Callable[[dict[str, Any]], dict[str, float]], Callable[[], None]]  # (one block, close)
+
+
+def _core() -> Side:
+    load = CoreLoad()
+    load.block(2000)  # warm-up
+    return (lambda cmd: {"core_us": load.block(int(cmd["n"])) * 1e6}), lambda: None
+
+
+# -- executor ------------------------------------------------------------------------------------
+
+def _executor() -> Side:
+    import dspy
+
+    from dspex import codec
+    from dspex.protocol import RequestHeader
+    from worker.executor import Executor
+    from worker.refs import RefTable
+
+    ex = Executor(RefTable("p", "w" * 32), capacity=1)
+    ex.install()
+    ex.enable_dspy(200)
+    sid = "s" * 32
+    every = codec.Policy.ALL
+    ex.execute(RequestHeader("exec", 1, "p", sid, "", 60000, 0),
+               codec.encode([CONFIGURE.format(question=QUESTION, answers=ANSWERS["predict"]), None], policy=every))
+    ref = ex.execute(RequestHeader("put", 2, "p", sid, "", 60000, 0),
+                     codec.encode([dspy.Predict("question -> answer")], policy=every))
+    prog = codec.decode(ref)
+    bodies = {"noop": (RequestHeader("call", 3, "p", sid, "", 60000, 0),
+                       codec.encode(["builtins", "len", [[]], {}], policy=every)),
+              "predict": (RequestHeader("method", 4, "p", sid, "", 60000, 0),
+                          codec.encode([prog, "__call__", [], {"question": QUESTION}], policy=every))}
+
+    def cpu_per_execute(op: str, n: int) -> float:
+        header, body = bodies[op]
+        c0 = time.process_time()
+        for _ in range(n):
+            ex.execute(header, body, deadline=time.monotonic() + 60)
+        return (time.process_time() - c0) / n
+
+    cpu_per_execute("noop", 500)
+    cpu_per_execute("predict", 50)
+    return (lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
+                         "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6}), lambda: None
+
+
+# -- codec -------------------------------------------------------------------------------------
+
+_ROW = {"id": 7, "text": "The capital of France is Paris.", "tokens": [101, 2003, 3007, 102], "score": 0.875,
+        "ok": True, "meta": {"source": None, "blob": b"\x00\x01\x02"}}
+
+
+def _codec() -> Side:
+    from dspex import codec
+
+    def to_ref(obj: object) -> Any:
+        raise AssertionError(f"plain data made a ref: {obj!r}")
+
+    payloads = {
+        "body": (["builtins", "len", [[1, 2, 3], "question", 2.5, None], {"flag": True, "n": 3}],
+                 codec.Policy.ALL, None),
+        "small": ({"answer": "Paris", "reasoning": "It is the capital.", "score": 0.9, "ok": True, "n": None},
+                  codec.Policy.DATA, to_ref),
+        "rows": ([dict(_ROW, id=i) for i in range(200)], codec.Policy.DATA, to_ref),
+    }
+    for value, policy, ref in payloads.values():
+        assert codec.decode(codec.encode(value, ref, policy=policy)) == value
+
+    def cpu_per(name: str, n: int) -> float:
+        value, policy, ref = payloads[name]
+        encode, decode = codec.encode, codec.decode
+        c0 = time.process_time()
+        for _ in range(n):
+            decode(encode(value, ref, policy=policy))
+        return (time.process_time() - c0) / n
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n = int(cmd["n"])
+        return {"body_us": cpu_per("body", n) * 1e6, "small_us": cpu_per("small", n) * 1e6,
+                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6}
+
+    block({"n": 2000})
+    return block, lambda: None
+
+
+# -- client --------------------------------------------------------------------------------------
+
+def _client(endpoint: str, sessions: int) -> Side:
+    import dspy
+    from dspy.utils import DummyLM
+
+    import dspex
+    import dspex.aio
+
+    progs = {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
+    client = dspex.connect(endpoint, timeout=60)
+    s = client.session("p")
+    s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["predict"]))
+    ref = s.put(progs["predict"])
+    lm = DummyLM({QUESTION: ANSWERS["predict"]})
+    loop = asyncio.new_event_loop()
+
+    ac = dspex.aio.connect(endpoint, timeout=60)
+
+    async def aio_setup() -> list[Any]:
+        ss = [ac.session("p") for _ in range(sessions)]
+        for x in ss:
+            await x.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"]))
+        return [await x.put(progs["cot"]) for x in ss]
+
+    refs = loop.run_until_complete(aio_setup())
+
+    async def aio(duration: float) -> tuple[int, float]:
+        stop = time.monotonic() + duration
+        calls = 0
+
+        async def one(i: int) -> None:
+            nonlocal calls
+            while time.monotonic() < stop:
+                pred = await refs[i](question=QUESTION)
+                assert pred.answer == "Paris"
+                calls += 1
+
+        c0 = time.process_time()
+        await asyncio.gather(*(one(i) for i in range(len(refs))))
+        return calls, time.process_time() - c0
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n = int(cmd["n"])
+        lat_s, lat_l = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            ref(question=QUESTION)
+            lat_s.append(time.perf_counter() - t)
+        with dspy.context(lm=lm):
+            for _ in range(n):
+                t = time.perf_counter()
+                progs["predict"](question=QUESTION)
+                lat_l.append(time.perf_counter() - t)
+        calls, cpu = loop.run_until_complete(aio(float(cmd["seconds"])))
+        p50_s, p50_l = _median(lat_s), _median(lat_l)
+        return {"seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
+                "seq_session_vs_inprocess": p50_s / p50_l, "aio_calls_per_s": calls / float(cmd["seconds"]),
+                "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(n + calls)}
+
+    def close() -> None:
+        loop.run_until_complete(ac.close())
+        loop.close()
+        client.close()
+
+    block({"n": 50, "seconds": 0.3})
+    return block, close
+
+
+def main(argv: list[str]) -> int:
+    mode = argv[0]
+    sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
+    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]))
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print(json.dumps(block(json.loads(line))), flush=True)
+    close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.pop(0)  # this script's directory (bench/) must not shadow anything
+    sys.exit(main(sys.argv[1:]))

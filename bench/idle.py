@@ -1,0 +1,149 @@
+"""Group ``idle``: what a stack that waits costs the rest of the machine.
+
+``idle.stack``: the shipped ``supervisor.conf`` (3 pools × 2 workers, the broker with its metrics
+port on) on a private copy under supervisord, left alone once every worker is ready and the
+stack's CPU over a second fell under 10% of a core (start-up over). Over each window (CPU in clock
+ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all threads, ``/proc/PID/stat``)
+and wake-ups (voluntary + involuntary context switches of every thread,
+``/proc/PID/task/*/status``) per second; in all for dspex (broker + workers) and with supervisord.
+
+``idle.busy``: one worker of the same stack running a long call (``time.sleep``): its wake-ups
+and CPU per second in the middle of the call against the same worker idle just before, and the
+whole stack's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from bench.common import CLK_TCK, Config, Row, Workspace, median, verdict
+from bench.shipped import ShippedStack
+
+CPU_GOAL = 0.005  # of one core, the whole idle stack
+WAKEUPS_GOAL = 30.0  # per second, the whole idle stack
+
+
+# -- /proc counters ------------------------------------------------------------------------------
+
+def counters(pid: int) -> dict[str, Any]:
+    """CPU seconds (all threads) and context switches per thread (``comm:tid`` -> count)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    threads: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            n = 0
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        n += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            continue
+        threads[f"{'main' if int(tid) == pid else comm}:{tid}"] = n
+    return {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK, "threads": threads}
+
+
+def rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """CPU share of one core and wake-ups per second between two :func:`counters` readings
+    (threads present in both; a thread that started meanwhile counts from 0)."""
+    per_thread = {k: (v - before["threads"].get(k, 0)) / seconds for k, v in after["threads"].items()}
+    return {"cpu": (after["cpu"] - before["cpu"]) / seconds, "wakeups": sum(per_thread.values()),
+            "threads": {k: round(v, 2) for k, v in per_thread.items() if v}}
+
+
+def measure(pids: dict[str, int], seconds: float) -> dict[str, dict[str, Any]]:
+    before = {k: counters(p) for k, p in pids.items()}
+    t0 = time.monotonic()
+    time.sleep(seconds)  # the measured window: nothing of ours runs in it
+    elapsed = time.monotonic() - t0
+    return {k: rates(before[k], counters(p), elapsed) for k, p in pids.items()}
+
+
+def settle(pids: dict[str, int], limit: float, quiet: float = 0.10) -> float:
+    """Wait until the processes' start-up is over (their CPU in one second under ``quiet`` of a
+    core) or ``limit`` seconds passed; the seconds it took."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if sum(x["cpu"] for x in measure(pids, 1.0).values()) < quiet:
+            break
+    return time.monotonic() - t0
+
+
+def _totals(m: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    dspex = [v for k, v in m.items() if k != "supervisord"]
+    return {"dspex": {"cpu": sum(v["cpu"] for v in dspex), "wakeups": sum(v["wakeups"] for v in dspex)},
+            "with_supervisord": {"cpu": sum(v["cpu"] for v in m.values()),
+                                 "wakeups": sum(v["wakeups"] for v in m.values())}}
+
+
+def _fmt(x: dict[str, float]) -> str:
+    return f"{x['cpu'] * 100:.2f}% of a core, {x['wakeups']:.0f} wake-ups/s"
+
+
+def idle(cfg: Config) -> list[Row]:
+    settle_limit, window = (1.0, 1.0) if cfg.smoke else (60.0, 20.0)
+    sleep_s, busy_window = (3.0, 1.0) if cfg.smoke else (10.0, 6.0)
+    rounds = cfg.n_rounds(3, 1)
+    ws = Workspace("dxi")
+    stack = ShippedStack(ws)
+    client = None
+    try:
+        pids = stack.start()
+        settled = settle(pids, settle_limit)
+        idle_rounds = [measure(pids, window) for _ in range(rounds)]
+        import dspex
+
+        client = dspex.connect(stack.endpoint, timeout=30)
+        pool = next(k for k in pids if k not in ("supervisord", "broker")).rsplit("_", 1)[0]
+        busy_rounds = []
+        for _ in range(rounds):
+            s = client.session(pool)
+            wpid = int(s.call("os", "getpid"))
+            who = next(k for k, v in pids.items() if v == wpid)
+            quiet = measure(pids, busy_window)
+            call = threading.Thread(target=s.call, args=("time", "sleep", [sleep_s]), kwargs={"timeout": sleep_s + 30},
+                                    daemon=True)
+            call.start()
+            time.sleep((sleep_s - busy_window) / 2)  # into the middle of the call
+            during = measure(pids, busy_window)
+            call.join(sleep_s + 30)
+            s.close()
+            busy_rounds.append({"worker": who, "idle": quiet[who], "busy": during[who], "stack_busy": _totals(during),
+                                "broker_busy": during["broker"]})
+    finally:
+        if client is not None:
+            client.close()
+        stack.stop()
+        ws.close()
+
+    per_proc = {k: {f: median([r[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")} for k in pids}
+    totals = {k: {f: median([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")}
+              for k in ("dspex", "with_supervisord")}
+    threads = {k: idle_rounds[-1][k]["threads"] for k in pids}
+    ok = totals["with_supervisord"]["cpu"] <= CPU_GOAL and totals["with_supervisord"]["wakeups"] <= WAKEUPS_GOAL
+    workers = [k for k in pids if k not in ("supervisord", "broker")]
+    w_cpu = median([per_proc[k]["cpu"] for k in workers])
+    w_wake = median([per_proc[k]["wakeups"] for k in workers])
+    rows = [Row("idle.stack", f"idle stack: shipped supervisor.conf ({len(workers)} workers), {window:.0f} s windows",
+                f"{_fmt(totals['with_supervisord'])} (dspex alone: {_fmt(totals['dspex'])})",
+                f"broker {_fmt(per_proc['broker'])}; a worker {_fmt({'cpu': w_cpu, 'wakeups': w_wake})}; "
+                f"supervisord {_fmt(per_proc['supervisord'])}", "",
+                f"≤ {CPU_GOAL * 100:.1f}% of a core, ≤ {WAKEUPS_GOAL:.0f} wake-ups/s", "" if cfg.smoke else verdict(ok),
+                data={"window_s": window, "rounds": rounds, "settled_s": settled, "per_process": per_proc, "totals": totals,
+                      "threads_last_round": threads, "raw": idle_rounds})]
+    busy: list[dict[str, Any]] = busy_rounds
+    b = {f: median([r["busy"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    q = {f: median([r["idle"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    st_busy = {f: median([r["stack_busy"]["with_supervisord"][f] for r in busy]) for f in ("cpu", "wakeups")}
+    rows.append(Row("idle.busy", f"a worker running time.sleep({sleep_s:g}), {busy_window:.0f} s in the middle of the call",
+                    f"worker {_fmt(b)}", f"same worker idle just before: {_fmt(q)}; whole stack during the call: "
+                    f"{_fmt(st_busy)}", f"{b['wakeups'] / q['wakeups'] if q['wakeups'] else float('inf'):.0f}× "
+                    "idle wake-ups", "(info)", "",
+                    data={"busy": b, "idle": q, "stack_busy": st_busy, "threads_busy_last_round":
+                          busy[-1]["busy"]["threads"], "raw": busy}))
+    return rows

@@ -1,0 +1,145 @@
+"""A call's output on the client, where it would go in-process (like Ray's ``log_to_driver``).
+
+What a call prints, warns or logs on its worker arrives as ``out`` events while it runs
+(worker/output.py). By default (``dspex.connect(forward_output=True)``) :func:`forward` puts each
+where the same program run in-process would have put it:
+
+- ``stdout`` / ``stderr`` text on this process's ``sys.stdout`` / ``sys.stderr`` as they are at
+  that moment (``contextlib.redirect_stdout``, pytest's capsys and capfd see it), one write per
+  line or progress-bar redraw, flushed, under one lock: lines of concurrent sessions never
+  splice, and carry no prefix (they read as the program printed them);
+- warnings re-issued through :mod:`warnings` with their category, message and place: this
+  process's filters decide whether one shows (``ignore`` drops it; ``error`` cannot raise into a
+  call that ran on past it on the worker, so it is shown), and its ``showwarning`` hook shows it
+  (``pytest.warns``, ``catch_warnings(record=True)``, ``logging.captureWarnings`` see it);
+- log records re-emitted on this process's logger of the same name when that logger is enabled
+  for their level, with the worker's message, exception text, stack, time, pid and thread name,
+  and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
+  enabled level (:func:`log_threshold`), so records below it are never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import warnings
+from typing import Any, TextIO
+
+from dspex.protocol import output_flags
+
+log = logging.getLogger("dspex.client")
+
+# Where the threshold is cached: the root logger's level cache, which logging clears whenever a
+# level changes anywhere (setLevel, logging.disable, dictConfig), so the cache is never stale.
+_THRESHOLD_KEY = "dspex.log_threshold"
+_write_lock = threading.Lock()
+_categories: dict[tuple[str, str], type[Warning]] = {}
+
+
+def log_threshold() -> int:
+    """The lowest level any logger of this process is enabled for (1-255)."""
+    cache: dict[Any, Any] | None = getattr(logging.root, "_cache", None)
+    if cache is not None:
+        cached = cache.get(_THRESHOLD_KEY)
+        if cached is not None:
+            return int(cached)
+    manager = logging.root.manager
+    level = logging.root.level or 1
+    for logger in list(manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger) and 0 < logger.level < level:
+            level = logger.level
+    level = min(max(level, manager.disable + 1), 0xFF)
+    if cache is not None:
+        cache[_THRESHOLD_KEY] = level
+    return level
+
+
+def request_flags() -> int:
+    """The flags of a request whose output this process takes (with its log threshold)."""
+    return output_flags(log_threshold())
+
+
+def forward(event: Any, session: str = "", worker: str = "") -> None:
+    """Put one output event where it goes in-process (see the module docstring). Never raises:
+    the call it came from goes on whatever this process's streams or handlers do."""
+    if not isinstance(event, dict):
+        return
+    try:
+        kind = event.get("stream")
+        if kind == "stdout" or kind == "stderr":
+            _write(sys.stdout if kind == "stdout" else sys.stderr, str(event.get("text", "")))
+        elif kind == "warning":
+            _warn(event)
+        elif kind == "log":
+            _emit(event, session, worker)
+    except Exception as exc:  # noqa: BLE001 - a closed stream, a failing handler: the call goes on
+        log.debug("could not forward a call's %s output: %r", event.get("stream"), exc)
+
+
+def _write(stream: TextIO | None, text: str) -> None:
+    if stream is None or not text:
+        return
+    with _write_lock:
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            stream.write(text.encode(encoding, "replace").decode(encoding))
+        stream.flush()  # a call runs on while its output shows: a pipe must not hold it back
+
+
+def _warn(event: dict[str, Any]) -> None:
+    category = _category(event.get("category"))
+    message = str(event.get("message", event.get("text", "")))
+    filename = str(event.get("filename", "<worker>"))
+    lineno = int(event.get("lineno") or 0)
+    try:
+        warnings.warn_explicit(message, category, filename, lineno)
+    except Exception:  # noqa: BLE001 - an ``error`` filter: the call ran on past it, so show it
+        warnings.showwarning(message, category, filename, lineno)
+
+
+def _category(spec: Any) -> type[Warning]:
+    """The warning class of ``[module, qualname]`` when this process has it, else a stand-in
+    subclass of UserWarning of the same name (its text reads the same)."""
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2):
+        return UserWarning
+    module, qualname = str(spec[0]), str(spec[1])
+    found = _categories.get((module, qualname))
+    if found is not None:
+        return found
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, Warning)):
+        obj = type(qualname.rsplit(".", 1)[-1], (UserWarning,), {"__module__": module, "__qualname__": qualname})
+    if len(_categories) < 256:
+        _categories[(module, qualname)] = obj
+    return obj  # type: ignore[no-any-return]
+
+
+def _emit(event: dict[str, Any], session: str, worker: str) -> None:
+    name = str(event.get("logger") or "root")
+    level = int(event.get("level") or logging.INFO)
+    logger = logging.getLogger(name if name != "root" else None)
+    if not logger.isEnabledFor(level):
+        return
+    stack = event.get("stack_info")
+    record = logger.makeRecord(name, level, str(event.get("pathname") or "?"), int(event.get("lineno") or 0),
+                               str(event.get("message", "")), (), None, event.get("funcName") or None,
+                               None, stack if isinstance(stack, str) else None)
+    exc_text = event.get("exc_text")
+    if isinstance(exc_text, str) and exc_text:
+        record.exc_text = exc_text  # formatters append it as they append a local exception's
+    created = event.get("created")
+    if isinstance(created, float):
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+    if isinstance(event.get("process"), int):
+        record.process = event["process"]
+    if isinstance(event.get("threadName"), str):
+        record.threadName = event["threadName"]
+    record.dspex_session = session
+    record.dspex_worker = worker
+    logger.handle(record)

@@ -1,1 +1,0 @@
-"""Runnable dspex examples (the flagship flow)."""

@@ -1,0 +1,83 @@
+"""A DSPy program that prints, warns, logs and draws a progress bar: in-process and through a
+session, the same lines reach the same places (stdout, stderr, the loggers, the warnings) with no
+``on_output`` callback: the client forwards a call's output by default (dspex.output)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Any
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+import dspex
+
+
+def exact_answer(example: Any, pred: Any, trace: Any = None) -> bool:
+    return bool(example.answer == pred.answer)
+
+
+def chatty_evaluation() -> float:
+    """Evaluate from DSPy's docs (tests/evaluate), with a user logger and a warning around it."""
+    log = logging.getLogger("conformance.app")
+    dspy.configure(lm=DummyLM([{"answer": "Paris"}, {"answer": "Rome"}, {"answer": "Paris"}]))
+    devset = [dspy.Example(question=f"Capital of France? ({i})", answer="Paris").with_inputs("question")
+              for i in range(3)]
+    log.info("evaluating %d examples", len(devset))
+    log.debug("below the level: nowhere")
+    print("starting")
+    warnings.warn("the devset is tiny", UserWarning)
+    result = dspy.Evaluate(devset=devset, metric=exact_answer, display_progress=True, num_threads=1)(
+        dspy.Predict("question -> answer"))
+    dspy.inspect_history(n=1)
+    try:
+        1 / 0  # noqa: B018 - the error to log
+    except ZeroDivisionError:
+        log.exception("a metric broke")
+    return float(result.score)
+
+
+def _lines(text: str) -> list[str]:
+    """Each line's last state (a bar redraws in place), times and rates left out."""
+    finals = [line.split("\r")[-1] for line in text.split("\n")]
+    return [re.sub(r"\d{4}[/-]\d\d[/-]\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?|\[[^\]]*\]", "<t>", line)
+            for line in finals if line.strip()]
+
+
+def _observe(fn: Any, capsys: Any, caplog: Any) -> dict[str, Any]:
+    caplog.clear()
+    with pytest.warns(UserWarning) as warned:
+        score = fn()
+    captured = capsys.readouterr()
+    return {
+        "score": score,
+        "stdout": _lines(captured.out),
+        "stderr": _lines(captured.err),
+        "records": [(r.name, r.levelname, r.getMessage(), (r.exc_text or "").splitlines()[-1:])
+                    for r in caplog.records if r.name.startswith("conformance")],
+        "warnings": [(w.category.__name__, str(w.message)) for w in warned],
+    }
+
+
+def test_print_warn_log_and_progress_reach_the_same_places(session: dspex.Session, capsys: Any,
+                                                           caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="conformance.app")
+    local = _observe(chatty_evaluation, capsys, caplog)
+    dspy.configure(lm=None)
+    remote = _observe(lambda: session.run(chatty_evaluation), capsys, caplog)
+    assert remote == local
+    assert local["score"] == pytest.approx(66.67, abs=0.01)
+    assert local["stdout"][0] == "starting"
+    assert any(line.startswith("Average Metric: 2.00 / 3 (66.7%): 100%|") for line in local["stdout"])
+    assert any("Paris" in line for line in local["stdout"])  # inspect_history
+    assert any("INFO dspy.evaluate.evaluate: Average Metric: 2 / 3 (66.7%)" in line for line in local["stderr"])
+    assert local["records"] == [
+        ("conformance.app", "INFO", "evaluating 3 examples", []),
+        ("conformance.app", "ERROR", "a metric broke", ["ZeroDivisionError: division by zero"])]
+    assert local["warnings"] == [("UserWarning", "the devset is tiny")]
+    # the forwarded records say where they come from
+    forwarded = [r for r in caplog.records if r.name == "conformance.app"]
+    assert forwarded and all(r.dspex_session == session.id and r.dspex_worker == session.worker for r in forwarded)

@@ -1,0 +1,406 @@
+"""What a call prints, warns and logs reaches the client where it would in-process (dspex.output).
+
+Most cases run the client as a subprocess (a user's script) and assert on the stdout and stderr
+it really wrote; the flow-control cases run the client here and watch the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspex.protocol import STREAM_WINDOW
+from tests.harness import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+HEAD = """
+import asyncio, contextlib, io, json, logging, sys, threading, warnings
+import dspex
+"""
+
+
+def client(stack: Stack, tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` as a user's script (``FRONTEND`` is the broker's endpoint); its output."""
+    script = tmp_path / "user_script.py"
+    script.write_text(HEAD + f"FRONTEND = {stack.frontend!r}\n" + textwrap.dedent(body))
+    raw = subprocess.run([sys.executable, str(script)], env=stack.env, cwd=tmp_path, capture_output=True,
+                         timeout=100, check=False)
+    # decoded without newline translation: a progress bar's carriage returns stay what they are
+    out = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def worker_log(stack: Stack) -> str:
+    return Path(stack.root, "worker-p.log").read_text(errors="replace")
+
+
+def test_print_and_stderr_reach_the_clients_streams_as_they_are(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def program():
+            print("hello from the worker")
+            print("to stderr", file=sys.stderr)
+            sys.stdout.write("partial ")
+            sys.stdout.write("line\\n")
+            t = threading.Thread(target=lambda: print("from a thread the program started"))
+            t.start(); t.join()
+            print("no newline at the end", end="")
+            return 42
+
+        with dspex.connect(FRONTEND) as dx:
+            s = dx.session("p")
+            print("result", s.run(program))
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):  # whatever sys.stdout is at that moment
+                s.run(print, "redirected")
+            print("buffer", repr(buf.getvalue()))
+    """)
+    assert out.stdout == ("hello from the worker\npartial line\nfrom a thread the program started\n"
+                          "no newline at the endresult 42\nbuffer 'redirected\\n'\n")
+    assert out.stderr == "to stderr\n"
+
+
+def test_warnings_are_reissued_through_the_clients_warnings(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        class OwnWarning(UserWarning):
+            pass
+
+        def warn(message, category=UserWarning):
+            warnings.warn(message, category)
+
+        with dspex.connect(FRONTEND) as dx:
+            s = dx.session("p")
+            s.run(warn, "shown as usual")
+            with warnings.catch_warnings(record=True) as got:  # what pytest.warns uses
+                warnings.simplefilter("always")
+                s.run(warn, "recorded", OwnWarning)
+                s.run(warn, "a future change", FutureWarning)
+            print(json.dumps([[w.category.__name__, str(w.message), w.category is OwnWarning] for w in got]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s.run(warn, "ignored here")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # cannot raise into a call that went on: shown
+                print("returned", s.run(warn, "an error filter") is None)
+    """)
+    lines = out.stdout.splitlines()
+    assert json.loads(lines[0]) == [["OwnWarning", "recorded", True], ["FutureWarning", "a future change", False]]
+    assert lines[1] == "returned True"
+    assert re.search(r"user_script\.py:\d+: UserWarning: shown as usual\n", out.stderr), out.stderr
+    assert "UserWarning: an error filter" in out.stderr
+    assert "ignored here" not in out.stderr and "recorded" not in out.stderr
+
+
+def test_a_progress_bar_is_drawn_on_the_clients_stderr(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def loop():
+            from tqdm import tqdm
+            for _ in tqdm(range(20), desc="bar", mininterval=0, miniters=1):
+                pass
+
+        with dspex.connect(FRONTEND) as dx:
+            dx.session("p").run(loop)
+    """)
+    assert out.stdout == ""
+    states = out.stderr.split("\r")
+    assert len(states) > 10, out.stderr  # every redraw, as tqdm wrote it
+    assert states[-1].startswith("bar: 100%|") and "20/20" in states[-1] and states[-1].endswith("\n")
+    assert out.stderr.count("\n") == 1
+
+
+PROGRAM_THAT_LOGS = """
+def logs():
+    log = logging.getLogger("myapp.tools")
+    log.debug("debug line")
+    log.info("info line %d", 1)
+    log.warning("warning line")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.exception("it broke")
+    import os
+    return os.getpid()
+"""
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING"])
+def test_log_records_are_reemitted_on_the_clients_loggers_at_its_level(stack: Stack, tmp_path: Path,
+                                                                        level: str) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, PROGRAM_THAT_LOGS + f"""
+logging.basicConfig(level=logging.{level}, format="%(levelname)s %(name)s %(process)d %(dspex_session)s: %(message)s")
+with dspex.connect(FRONTEND) as dx:
+    s = dx.session("p")
+    events = []
+    pid = s.apply(logs, on_output=events.append)
+    sent = [e["message"] for e in events if e["stream"] == "log"]
+    print(json.dumps({{"pid": pid, "session": s.id, "sent": sent}}))
+""")
+    got = json.loads(out.stdout)
+    pid, session = got["pid"], got["session"]
+    wanted = {"DEBUG": ["debug line", "info line 1", "warning line", "it broke"],
+              "INFO": ["info line 1", "warning line", "it broke"],
+              "WARNING": ["warning line", "it broke"]}[level]
+    assert got["sent"] == wanted  # records below the client's level were never sent
+    prefix = f"myapp.tools {pid} {session}: "
+    expected = "".join(f"{lvl} {prefix}{msg}\n" for lvl, msg in
+                       [("DEBUG", "debug line"), ("INFO", "info line 1"), ("WARNING", "warning line")]
+                       if msg in wanted)
+    assert out.stderr.startswith(expected + f"ERROR {prefix}it broke\nTraceback (most recent call last):\n"), out.stderr
+    assert out.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    # the worker log keeps its own level: a client at DEBUG does not make it log DEBUG records
+    wait_for(lambda: "warning line" in worker_log(stack), what="the record in the worker log")
+    assert "debug line" not in worker_log(stack)
+
+
+def test_without_logging_configured_warnings_reach_stderr_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """No handler at all: Python's last-resort handler prints WARNING and above, message only."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, PROGRAM_THAT_LOGS + """
+with dspex.connect(FRONTEND) as dx:
+    dx.session("p").run(logs)
+""")
+    assert out.stderr.startswith("warning line\nit broke\nTraceback (most recent call last):\n"), out.stderr
+
+
+def test_dspy_logs_and_bars_reach_the_client_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """DSPy's own logger (its handler and format on the client) and Evaluate's progress bar: the
+    same program in-process and through a session writes the same lines."""
+    stack.pool("p:strict_queue", 1)
+    out = client(stack, tmp_path, """
+        import dspy
+        from dspy.utils.dummies import DummyLM
+
+        def evaluate():
+            lm = DummyLM([{"answer": "Paris"}, {"answer": "Rome"}, {"answer": "Paris"}])
+            dspy.configure(lm=lm)
+            devset = [dspy.Example(question=q, answer="Paris").with_inputs("question") for q in "abc"]
+            metric = lambda example, pred, trace=None: example.answer == pred.answer
+            result = dspy.Evaluate(devset=devset, metric=metric, display_progress=True, num_threads=1)(
+                dspy.Predict("question -> answer"))
+            logging.getLogger("dspy.custom").warning("done with %d examples", len(devset))
+            return result.score
+
+        class Stream(io.StringIO):
+            encoding = "utf-8"  # as a terminal's or a pipe's (tqdm draws ASCII bars on a stream without one)
+
+        def captured(fn):
+            out, err = Stream(), Stream()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                score = fn()
+            return score, out.getvalue(), err.getvalue()
+
+        local = captured(evaluate)
+        dspy.configure(lm=None)
+        with dspex.connect(FRONTEND) as dx:
+            remote = captured(lambda: dx.session("p").run(evaluate))
+        print(json.dumps({"local": local, "remote": remote}))
+    """)
+    got = json.loads(out.stdout)
+    assert got["local"][0] == got["remote"][0] == pytest.approx(66.67, abs=0.01)
+
+    def lines(text: str) -> list[str]:
+        """Each line's last state (bars redraw in place), without times and rates."""
+        finals = [line.split("\r")[-1] for line in text.split("\n")]
+        return [re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d|\[[^\]]*\]", "<t>", line) for line in finals if line]
+
+    local = [lines(got["local"][1]), lines(got["local"][2])]
+    remote = [lines(got["remote"][1]), lines(got["remote"][2])]
+    assert remote == local  # stdout and stderr: the same lines
+    stdout, stderr = remote
+    assert any(line.startswith("Average Metric: 2.00 / 3 (66.7%): 100%|") for line in stdout), stdout
+    assert any("INFO dspy.evaluate.evaluate: Average Metric: 2 / 3 (66.7%)" in line for line in stderr), stderr
+    assert any("WARNING dspy.custom: done with 3 examples" in line for line in stderr), stderr
+
+
+def test_concurrent_sessions_print_whole_lines(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 2, "--no-dspy")
+    out = client(stack, tmp_path, """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def chatty(tag):
+            for i in range(300):
+                print(f"{tag}-{i:03d}-" + tag * 60)
+
+        with dspex.connect(FRONTEND) as dx:
+            sessions = {tag: dx.session("p") for tag in "ab"}
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(lambda tag: sessions[tag].run(chatty, tag), "ab"))
+    """)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 600
+    for tag in "ab":
+        mine = [line for line in lines if line.startswith(tag + "-")]
+        assert mine == [f"{tag}-{i:03d}-" + tag * 60 for i in range(300)]  # whole, in order
+
+
+def test_forwarding_can_be_turned_off_and_callbacks_still_receive(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+        def program():
+            from dspex.progress import report
+            print("printed")
+            logging.getLogger("myapp").info("logged")
+            report({"step": 1})
+            return "done"
+
+        with dspex.connect(FRONTEND) as dx:  # default: forwarded, and the callbacks get it too
+            events, progress = [], []
+            dx.session("p").apply(program, on_output=events.append, on_progress=progress.append)
+            print("both", json.dumps([[e["stream"], e["text"]] for e in events]), json.dumps(progress))
+            dx.session("p", forward_output=False).run(program)  # this session: off
+        with dspex.connect(FRONTEND, forward_output=False) as dx:  # this client: off
+            s = dx.session("p")
+            s.run(program)
+            events = []
+            s.apply(program, on_output=events.append)
+            print("callback only", json.dumps([[e["stream"], e["text"]] for e in events]))
+            dx.session("p", forward_output=True).run(print, "this session: on")
+    """)
+    assert out.stdout.splitlines() == [
+        "printed",
+        'both [["stdout", "printed\\n"], ["log", "INFO:myapp:logged\\n"]] [{"step": 1}]',
+        'callback only [["stdout", "printed\\n"], ["log", "INFO:myapp:logged\\n"]]',
+        "this session: on",
+    ]
+    assert out.stderr == "INFO myapp: logged\n"
+
+
+def test_the_asyncio_client_forwards_the_same(stack: Stack, tmp_path: Path) -> None:
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+        def program(n):
+            print("printed", n)
+            logging.getLogger("myapp").info("logged %d", n)
+            warnings.warn(f"warned {n}")
+            return n
+
+        async def main():
+            async with dspex.aio.connect(FRONTEND) as dx:
+                sessions = [dx.session("p") for _ in range(2)]
+                return await asyncio.gather(*(s.run(program, n) for n, s in enumerate(sessions)))
+
+        print("results", asyncio.run(main()))
+    """)
+    assert sorted(out.stdout.splitlines()) == ["printed 0", "printed 1", "results [0, 1]"]
+    assert "INFO myapp: logged 0\n" in out.stderr and "INFO myapp: logged 1\n" in out.stderr
+    assert "UserWarning: warned 0" in out.stderr and "UserWarning: warned 1" in out.stderr
+
+
+def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_path: Path) -> None:
+    """Flow control: a client that stops reading stops the printing program after one stream
+    window of events, instead of letting the broker or the client buffer without bound."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    progress = tmp_path / "printed"
+    reading = threading.Event()
+    events: list[dict[str, Any]] = []
+
+    def slow_reader(event: dict[str, Any]) -> None:
+        events.append(event)
+        reading.wait(60)
+
+    def print_loop(path: str, n: int) -> int:
+        from pathlib import Path
+
+        for i in range(n):
+            print(f"line {i}")
+            Path(path).write_text(str(i))
+        return n
+
+    s = dx.session("p", forward_output=False)
+    future = dx.submit(s.apply, print_loop, [str(progress), 3000], on_output=slow_reader)
+    seen: list[int] = []
+
+    def stalled() -> bool:  # the printed count stopped moving for a few polls
+        seen.append(int(progress.read_text() or 0) if progress.exists() else -1)
+        return len(seen) > 20 and seen[-1] >= 0 and len(set(seen[-20:])) == 1
+
+    wait_for(stalled, 30, 0.05, "the print loop to wait for the client")
+    assert seen[-1] <= STREAM_WINDOW, f"{seen[-1]} lines printed with one read"
+    reading.set()
+    assert future.result(60) == 3000
+    assert [e["text"] for e in events] == [f"line {i}\n" for i in range(3000)]
+
+
+def test_output_past_one_credit_window_all_arrives_in_order(stack: Stack, capsys: Any) -> None:
+    """More output events than one credit window: the client grants credit as it reads, nothing is
+    lost or reordered, with and without a callback."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    events: list[dict[str, Any]] = []
+    n = 5 * STREAM_WINDOW
+    assert s.run(print_many, n) == n
+    assert s.apply(print_many, [n], on_output=events.append) == n
+    assert capsys.readouterr().out == "".join(f"{i}\n" for i in range(n)) * 2
+    assert [e["text"] for e in events] == [f"{i}\n" for i in range(n)]
+
+
+def print_many(n: int) -> int:
+    for i in range(n):
+        print(i)
+    return n
+
+
+def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stack, capsys: Any,
+                                                                      caplog: Any) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    caplog.set_level(logging.INFO, logger="tests.forwarded")
+    s = dx.session("p")
+    s.run(print, "to capsys")
+    s.run(logging.getLogger("tests.forwarded").info, "to caplog")
+    assert capsys.readouterr().out == "to capsys\n"
+    [record] = [r for r in caplog.records if r.name == "tests.forwarded"]
+    assert record.getMessage() == "to caplog" and record.dspex_session == s.id
+    assert record.process != os.getpid() and record.dspex_worker == s.worker
+
+
+def test_a_flushed_partial_line_is_sent_once() -> None:
+    """A bar's redraw is sent when the program flushes it, and the rest of the line later: the
+    caller's text is exactly what was written."""
+    from worker.output import OutputSink
+
+    sent: list[str] = []
+    sink = OutputSink("t", lambda event: sent.append(event["text"]))
+    written = ["\rbar 0%", None, "\rbar 50%", None, None, "\rbar 100%", "\n", "tail", None, " end"]
+    for piece in written:
+        if piece is None:
+            sink.flush("stderr")
+        else:
+            sink.write("stderr", piece)
+    sink.close()
+    assert "".join(sent) == "".join(p for p in written if p is not None)
+    assert sent[:4] == ["\r", "bar 0%", "\r", "bar 50%"]  # each flush sends the latest state at once
+
+
+def test_the_log_threshold_follows_the_clients_levels() -> None:
+    from dspex.output import log_threshold
+
+    mine = logging.getLogger("tests.threshold.probe")
+    before = log_threshold()
+    try:
+        mine.setLevel(5)
+        assert log_threshold() == 5
+        logging.disable(logging.INFO)
+        assert log_threshold() == logging.INFO + 1
+    finally:
+        logging.disable(logging.NOTSET)
+        mine.setLevel(logging.NOTSET)
+    assert log_threshold() == before
