@@ -94,6 +94,9 @@ def _error_code(frames: list[zmq.Frame]) -> str:
         return "error"
 
 
+SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+
+
 class WorkerUnreachable(Exception):
     """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
 
@@ -667,12 +670,17 @@ class Core(Lifecycle):
         queued = list(w.queue)
         w.inflight.clear()
         w.queue.clear()
+        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
+        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
+        silent = why == SILENT
         for sid in list(w.sessions):
             rec = self.sessions.get(sid)
             if rec is None or rec.worker != w.id:
                 continue
             if pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
+            elif silent and not rec.closing:
+                continue
             else:  # its state is gone with the worker: the id stays as a tombstone only
                 self._retire_session(rec, w.id)
         for key, p in inflight:
@@ -695,7 +703,7 @@ class Core(Lifecycle):
     def _heartbeat(self, now: float) -> None:
         for w in list(self.workers.values()):
             if now > w.expiry:
-                self._remove_worker(w, "stopped answering heartbeats")
+                self._remove_worker(w, SILENT)
             else:
                 self._to_worker(w, [B_HEARTBEAT])
 
