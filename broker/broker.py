@@ -2,9 +2,10 @@
 
 The routing rules live in the socket-free ``broker.core.Core``; this class binds the sockets, polls
 them, maps worker and client connections (a socket monitor on each ROUTER reports a peer's
-disconnect within about a millisecond; ZMTP heartbeats close the connections of TCP hosts that
-vanish without closing them) and implements the core's ports. Per message the broker decodes one small msgpack header and
-forwards the payload frames untouched (``copy=False``); it drains every ready message per wake-up.
+disconnect within about a millisecond; dspex heartbeats catch worker hosts that vanish without
+closing their connection, ZMTP heartbeats such client hosts) and implements the core's ports.
+Per message the broker decodes one small msgpack header and forwards the payload frames untouched
+(``copy=False``); it drains every ready message per wake-up.
 """
 
 from __future__ import annotations
@@ -155,12 +156,11 @@ class Broker(Core):
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-            if sock is self.backend or endpoint.startswith("tcp://"):
-                # ZMTP heartbeats close the connection of a host that vanished without closing it:
-                # a worker's (No ROUTER_HANDOVER, below) and a TCP client's, whose calls are then
-                # cancelled as for any closed connection (an ipc client is on this host: its
-                # connection closes when it dies). Set before bind: a listener's connections take
-                # the options it had when it was bound.
+            if sock is self.frontend and endpoint.startswith("tcp://"):
+                # ZMTP heartbeats close the connection of a client host that vanished without
+                # closing it, and its calls are then cancelled as for any closed connection (an ipc
+                # client is on this host: its connection closes when it dies). Set before bind: a
+                # listener's connections take the options it had when it was bound.
                 sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
             config.prepare_bind(endpoint)
@@ -176,6 +176,8 @@ class Broker(Core):
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
         # that identity (and its requests) and cuts the real worker off. A worker's own stale
         # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
+        self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
         # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
         # reaches the ZAP handler: only the socket monitor sees it
         curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.backend.startswith("tcp://") else 0
