@@ -1,10 +1,11 @@
 """The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
 The routing rules live in the socket-free ``broker.core.Core``; this class binds the sockets, polls
-them, maps worker connections (a socket monitor on the backend reports a worker's disconnect
-within about a millisecond; heartbeats catch hosts that vanish without closing their connection)
-and implements the core's ports. Per message the broker decodes one small msgpack header and
-forwards the payload frames untouched (``copy=False``); it drains every ready message per wake-up.
+them, maps worker and client connections (a socket monitor on each ROUTER reports a peer's
+disconnect within about a millisecond; dspex heartbeats catch worker hosts that vanish without
+closing their connection, ZMTP heartbeats such client hosts) and implements the core's ports.
+Per message the broker decodes one small msgpack header and forwards the payload frames untouched
+(``copy=False``); it drains every ready message per wake-up.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class Broker(Core):
         self.ctx = context or zmq.Context.instance()
         self.fd_worker: dict[int, bytes] = {}
         self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
+        # clients that sent calls, by connection (fds are reused: the map is refreshed on a
+        # client's first call), and those whose connection closed, acted on after a grace
+        self.fd_client: dict[int, bytes] = {}
+        self.client_fd: dict[bytes, int] = {}
+        self._client_disconnects: dict[bytes, float] = {}
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
         self._slow_clients: set[bytes] = set()
@@ -97,7 +103,7 @@ class Broker(Core):
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
-        self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
+        self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
         self.store: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
         self._handshakes = Notices(NOTICE_EVERY)
@@ -142,6 +148,20 @@ class Broker(Core):
         if self.fd_worker.get(w.fd) == w.id:
             del self.fd_worker[w.fd]
 
+    def _client_seen(self, client: bytes, frame: Any) -> None:
+        if client in self.client_fd or client in self._client_disconnects:
+            return  # mapped already, or gone (its last messages are read before it is settled)
+        # the disconnect of an earlier connection on a reused fd must be seen before we map it
+        self._drain_front_monitor()
+        fd = _source_fd(frame)
+        if fd < 0:
+            return
+        previous = self.fd_client.get(fd)
+        if previous is not None and previous != client:
+            self._client_lost(previous)  # its fd is someone else's now: that connection closed
+        self.fd_client[fd] = client
+        self.client_fd[client] = fd
+
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
         max_message = self.options.max_message or config.max_message_bytes()
@@ -156,12 +176,20 @@ class Broker(Core):
                 self.admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
+        ivl = max(1, int(self.options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
                                       (self.backend, self.options.backend, WORKERS)):
             config.tune_socket(sock, max_message=max_message)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            if sock is self.frontend and endpoint.startswith("tcp://"):
+                # ZMTP heartbeats close the connection of a client host that vanished without
+                # closing it, and its calls are then cancelled as for any closed connection (an ipc
+                # client is on this host: its connection closes when it dies). Set before bind: a
+                # listener's connections take the options it had when it was bound.
+                sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
             config.prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
                 secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
@@ -175,15 +203,14 @@ class Broker(Core):
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
         # that identity (and its requests) and cuts the real worker off. A worker's own stale
         # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
-        ivl = max(1, int(self.options.heartbeat_interval * 1000))
         self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
         # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
         # reaches the ZAP handler: only the socket monitor sees it
         curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.backend.startswith("tcp://") else 0
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
-        if self.options.frontend.startswith("tcp://"):
-            self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.frontend.startswith("tcp://") else 0
+        self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve_failed)
         self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
@@ -216,8 +243,8 @@ class Broker(Core):
             self._commit_here()
             self.store.close()  # the writes submitted so far are committed first
             self.store = None
-        for sock in (getattr(self, "monitor", None), self.front_monitor, getattr(self, "frontend", None),
-                     getattr(self, "backend", None)):
+        for sock in (getattr(self, "monitor", None), getattr(self, "front_monitor", None),
+                     getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
@@ -235,8 +262,7 @@ class Broker(Core):
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
-        if self.front_monitor is not None:
-            poller.register(self.front_monitor, zmq.POLLIN)
+        poller.register(self.front_monitor, zmq.POLLIN)
         store_fd = self.store.fileno() if self.store is not None else -1
         if store_fd >= 0:
             poller.register(store_fd, zmq.POLLIN)
@@ -245,7 +271,7 @@ class Broker(Core):
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stop:
             timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
-            if self._disconnects:
+            if self._disconnects or self._client_disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(int(timeout * 1000)))
             if self.backend in events:
@@ -254,14 +280,16 @@ class Broker(Core):
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
-            if self.front_monitor is not None and self.front_monitor in events:
-                self._drain_front_monitor()
             if self._disconnects:
                 self._settle_disconnects()
             if store_fd in events and self.store is not None:
                 self._store_done(self.store.completed())  # checkpoints committed: held replies go
             if self.frontend in events:
                 self._drain(self.frontend, self._on_frontend)
+            if self.front_monitor in events:
+                self._drain_front_monitor()
+            if self._client_disconnects:
+                self._settle_client_disconnects()
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
@@ -351,7 +379,6 @@ class Broker(Core):
                     self._disconnects.setdefault(wid, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
-        assert self.front_monitor is not None
         while True:
             try:
                 event = parse_monitor_message(self.front_monitor.recv_multipart(zmq.NOBLOCK))
@@ -359,6 +386,26 @@ class Broker(Core):
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self._handshake_failed(CLIENTS, int(event["value"]))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                client = self.fd_client.pop(int(event["value"]), None)
+                if client is not None:
+                    self._client_lost(client)
+
+    def _client_lost(self, client: bytes) -> None:
+        if self.client_fd.pop(client, None) is not None:
+            self._client_disconnects.setdefault(client, time.monotonic())
+
+    def _settle_client_disconnects(self) -> None:
+        """Clients whose connection closed: what they sent before closing is read first (the
+        frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
+        now = time.monotonic()
+        due = [c for c, seen in self._client_disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        if not due:
+            return
+        self._drain(self.frontend, self._on_frontend)
+        for client in due:
+            del self._client_disconnects[client]
+            self._on_client_gone(client)
 
     def _handshake_failed(self, plane: str, code: int) -> None:
         """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line

@@ -4,7 +4,8 @@ Events come in as the frames a socket delivered (``_on_frontend``, ``_on_backend
 worker's connection seen or lost, and as clock ticks (``_sweep``, ``_heartbeat``); actions go out
 through four ports a shell implements: ``_to_client``, ``_send_worker`` (raises
 ``WorkerUnreachable``), ``_identity`` (who sent a frame) and ``_connection_seen`` /
-``_forget_connection`` (which connection is whose). ``broker.broker.Broker`` is the zmq shell;
+``_forget_connection`` / ``_client_seen`` (which connection is whose); the shell reports a client
+whose connection closed with ``_on_client_gone``. ``broker.broker.Broker`` is the zmq shell;
 tests/test_core.py drives the core with a recording stub, in milliseconds, no processes.
 """
 
@@ -100,6 +101,9 @@ def _error_code(frames: list[Any]) -> str:
         return "error"
 
 
+SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+
+
 class WorkerUnreachable(Exception):
     """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
 
@@ -151,6 +155,9 @@ class Core(Lifecycle, DurableSessions):
     def _forget_connection(self, w: WorkerRecord) -> None:
         """``w`` is gone: drop what ties a connection to it."""
 
+    def _client_seen(self, client: bytes, frame: Any) -> None:
+        """A request from ``client`` (a client socket's routing id) came over ``frame``'s connection."""
+
     # -- frontend -------------------------------------------------------------------------
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
@@ -168,6 +175,7 @@ class Core(Lifecycle, DurableSessions):
         op = header.op
         owner = self._identity(frames[1])
         if op in WORKER_OPS:
+            self._client_seen(client, frames[0])
             now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
@@ -214,6 +222,30 @@ class Core(Lifecycle, DurableSessions):
                     queue.remove(p)
                     self._fail(p, pool, Cancelled("cancelled while queued"))
                     return
+
+    def _on_client_gone(self, client: bytes) -> None:
+        """The connection of ``client`` (a client socket's routing id) closed: nobody reads the
+        replies of its requests any more. Its running calls are cancelled on their workers (their
+        slots free when the workers answer), its queued ones dropped; both count as ``cancelled``."""
+        running = 0
+        for w in list(self.workers.values()):
+            for (owner, req_id), p in list(w.inflight.items()):
+                if owner == client and not p.cancelled:
+                    p.cancelled = True
+                    running += 1
+                    if not self._to_worker(w, [B_CANCEL, client, msgpack.packb([req_id, 0])]):
+                        break  # that worker is gone, and its calls with it
+        queued = 0
+        for pool in self.pools.values():
+            for queue in pool.queues():
+                mine = [p for p in queue if p.client == client]
+                for p in mine:
+                    queue.remove(p)
+                    pool.outcomes[(p.op, Cancelled.code)] += 1
+                queued += len(mine)
+        if running or queued:
+            log.info("client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
+                     running, queued)
 
     def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
         self._to_client(
@@ -692,6 +724,9 @@ class Core(Lifecycle, DurableSessions):
         w.inflight.clear()
         w.queue.clear()
         moving = []  # durable sessions pinned here: they move on their next call (or now, queued ones)
+        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
+        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
+        silent = why == SILENT
         for sid in list(w.sessions):
             rec = self.sessions.get(sid)
             if rec is None or rec.worker != w.id:
@@ -700,6 +735,8 @@ class Core(Lifecycle, DurableSessions):
                 moving.append(rec)
             elif pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
+            elif silent and not rec.closing:
+                continue
             else:  # its state is gone with the worker: the id stays as a tombstone only
                 self._retire_session(rec, w.id)
         for key, p in inflight:
@@ -728,7 +765,7 @@ class Core(Lifecycle, DurableSessions):
     def _heartbeat(self, now: float) -> None:
         for w in list(self.workers.values()):
             if now > w.expiry:
-                self._remove_worker(w, "stopped answering heartbeats")
+                self._remove_worker(w, SILENT)
             else:
                 self._to_worker(w, [B_HEARTBEAT])
 

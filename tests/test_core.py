@@ -16,6 +16,7 @@ import zmq
 from broker.core import Core, WorkerUnreachable
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
+    B_CANCEL,
     B_DISCONNECT,
     B_RELEASE_SESSION,
     PROTOCOL_VERSION,
@@ -302,6 +303,49 @@ def test_sessionless_call_whose_worker_vanished_is_routed_again() -> None:
     core.unreachable.clear()
     core.ready(b"worker-c", "p")
     assert core.worker_of(1) == b"worker-c"
+
+
+# -- a client whose connection closed ----------------------------------------------------------
+D = b"client-2"
+
+
+def cancels(core: StubCore) -> list[tuple[bytes, bytes, list[int]]]:
+    """(worker, client, [req_id, n]) of every cancel sent to a worker."""
+    return [(wid, f[1], msgpack.unpackb(f[2])) for wid, f in core.to_workers if f[0] == B_CANCEL]
+
+
+def test_a_client_gone_has_its_running_calls_cancelled_and_its_queued_ones_dropped() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")  # runs on A
+    core.request(C, 2, "p", "s1")  # waits behind it
+    core.request(D, 1, "p", "s2")  # another client's, pinned to A too: waits
+    core._on_client_gone(C)
+    assert cancels(core) == [(A, C, [1, 0])]
+    assert core.pools["p"].queued == 1 and core.outcome(C, 2) is None  # dropped unanswered: nobody reads
+    core.reply(A, C, 1, "error")  # the worker stopped the call: its slot frees
+    assert core.dispatched() == [(A, C, 1), (A, D, 1)], "request 2 of the gone client never runs"
+    assert core.pools["p"].outcomes == {("call", "cancelled"): 2}
+    core._on_client_gone(C)  # again (it reconnected and left once more): nothing left to cancel
+    assert len(cancels(core)) == 1
+
+
+@pytest.mark.parametrize("spec", ["p:none", "p:hint"])
+def test_a_client_gone_leaves_other_clients_alone_in_every_queue(spec: str) -> None:
+    """Calls running at once on a capacity-2 worker and waiting in the pool's queue: only the gone
+    client's are cancelled or dropped."""
+    core = StubCore(spec)
+    core.ready(A, "p", capacity=2)
+    core.request(C, 1, "p", "s1")
+    core.request(D, 1, "p", "s2")
+    core.request(C, 2, "p", "s3")  # no free slot: the pool's queue
+    core.request(D, 2, "p", "s4")
+    core._on_client_gone(C)
+    assert cancels(core) == [(A, C, [1, 0])]
+    core.reply(A, C, 1, "error")
+    core.reply(A, D, 1)
+    assert [(c, r) for _, c, r in core.dispatched()] == [(C, 1), (D, 1), (D, 2)]
+    assert core.outcome(D, 1) == "ok" and core.pools["p"].queued == 0
 
 
 # -- lifecycle rules ----------------------------------------------------------------------------
@@ -671,3 +715,28 @@ def test_a_rolling_recycle_never_pins_a_new_session_to_a_worker_scheduled_in_it(
     assert core.pools["p"].recycling == scheduled
     core.request(C, 3, "p", "new")
     assert core.worker_of(3) == b"worker-c" and core.outcome(C, 3) is None
+
+
+def test_a_silent_workers_sessions_wait_uncounted_and_come_back_with_it() -> None:
+    """Heartbeats stopped (a partitioned host): its sessions leave every count; one called meanwhile
+    is answered session_worker_unavailable and is a tombstone from then on; the others are served
+    again when the same incarnation re-registers (it kept their state)."""
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    for req_id, session in ((1, "waits"), (2, "called")):
+        core.request(C, req_id, "p", session)
+        core.reply(A, C, req_id)
+    core.ready(B, "p")
+    later = time.monotonic() + 10
+    core.workers[B].expiry = later + 10  # only A misses its heartbeats
+    core._heartbeat(later)
+    assert A not in core.workers
+    assert core.admin(C, "status")["pools"]["p"]["sessions"] == 0
+    assert core.admin(C, "sessions") == []
+    core.request(C, 3, "p", "called")
+    assert core.outcome(C, 3) == "session_worker_unavailable"
+    core.ready(A, "p")  # the partition healed: the same incarnation
+    core.request(C, 4, "p", "waits")
+    assert core.worker_of(4) == A, "the waiting session is served where its state is"
+    core.request(C, 5, "p", "called")
+    assert core.outcome(C, 5) == "session_worker_unavailable", "a tombstone stays one"
