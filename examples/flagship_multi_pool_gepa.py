@@ -228,6 +228,14 @@ class DspexLedger(BaseCallback):
         self.failed = []
         self.retried = []  # attempts dspy retried, of calls that went on
 
+    def __getstate__(self):  # a durable session's checkpoint keeps the counts; a lock is made anew
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "local")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
     def _stack(self):
         stack = getattr(self.local, "stack", None)
         if stack is None:
@@ -756,7 +764,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         what = (f"{again_fail.tag()} ({again_fail.error})" if again_fail is not None
                 else f"{shown((again or {}).get('category'))}/{shown((again or {}).get('urgency'))}")
         where = (f"on worker {short(gepa.worker)} (was {short(gepa_worker)}, no snapshot, no rebuild)" if recycle
-                 else f"on worker {short(gepa.worker)} (not recycled: --no-recycle)")
+                 else f"on worker {short(gepa.worker)}")
         out(f"    again    : {what}  {where}: {verdict}")
 
         # ---------------------------------------------------------------- 7. prompt inspection

@@ -420,3 +420,36 @@ def test_a_history_entry_holding_a_session_class_stays_one_object_with_it() -> N
     assert type(new.lm_history[0]["extra"]) is namespace.namespace(new)["Note"]
     assert new.lm_history[1]["outputs"] == ["plain"]
     namespace.drop_session_module(new)
+
+
+def test_an_object_restoring_itself_with_its_modules_globals_finds_them() -> None:
+    """A class of the session's own code whose __setstate__ reads its module's globals (the usual
+    way to keep a lock out of a pickle) is loaded after those globals are back."""
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    source = (
+        "import threading\n"
+        "class Ledger:\n"
+        "    def __init__(self):\n"
+        "        self.lock, self.count = threading.Lock(), 0\n"
+        "    def __getstate__(self):\n"
+        "        return {'count': self.count}\n"
+        "    def __setstate__(self, state):\n"
+        "        self.__dict__.update(state)\n"
+        "        self.lock = threading.Lock()\n"
+        "ledger = Ledger()\n"
+        "ledger.count = 3\n"
+    )
+    exec(namespace.compile_in_session(state, source), namespace.namespace(state))  # noqa: S102
+    ref = table.put(state, namespace.namespace(state)["ledger"])
+    held = Held()
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and lost == []
+    held.apply(ck)
+    namespace.drop_session_module(state)
+    new, _ = held.restore()
+    ledger = new.refs[ref.id]
+    assert ledger is namespace.namespace(new)["ledger"] and ledger.count == 3
+    with ledger.lock:
+        pass
+    namespace.drop_session_module(new)

@@ -54,6 +54,8 @@ _MODULE_KEYS = frozenset({"__builtins__", "__name__", "__file__", "__doc__", "__
 _TRANSIENT_SETTINGS = frozenset({"trace"})  # DSPy's per-call trace: rebuilt empty
 _LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
 _GLOBALS_PER_BUILD = 64  # classes / functions by name a build notes for seeding
+# what a restore puts in a namespace first, in this order (classes rank 1 whatever their metaclass)
+_CODE_RANK = {types.ModuleType: 0, type: 1, types.FunctionType: 2, types.BuiltinFunctionType: 2}
 DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
 
 
@@ -436,12 +438,27 @@ class Tracker:
         return [r for r in roots if id(r[2]) not in excluded or excluded[id(r[2])][0] is not r[2]]
 
     def _root(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-        root: dict[str, Any] = {"refs": {}, "ns": {}, "settings": {}, "code": {}, "globals": {}}
+        # "fill" first: the modules, classes and functions of each namespace are put in place
+        # before anything else is loaded, so a __setstate__ or __reduce__ of the session's own
+        # code that reads a global of its module finds it there
+        root: dict[str, Any] = {"fill": [], "refs": {}, "ns": {}, "settings": {}, "code": {}, "globals": {}}
+        code_like: dict[int, tuple[dict[str, Any], list[tuple[int, str, Any]]]] = {}
         for section, key, obj in roots:
             if section == "globals":
                 root["globals"].setdefault(key[0], {})[key[1]] = obj
+                target, name = state.code.modules[key[0]].__dict__, key[1]
             else:
                 root[section][key] = obj
+                if section != "ns" or state.module is None:
+                    continue
+                target, name = state.module.__dict__, key
+            rank = _CODE_RANK.get(type(obj))
+            if rank is None and isinstance(obj, type):
+                rank = 1
+            if rank is not None:
+                code_like.setdefault(id(target), (target, []))[1].append((rank, name, obj))
+        root["fill"] = [cp.Fill(target, {name: obj for _rank, name, obj in sorted(items, key=lambda t: t[0])})
+                        for target, items in code_like.values()]
         lost = dict(self._lost)
         for _obj, why in self._excluded.values():
             lost[why.what] = why

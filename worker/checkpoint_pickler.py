@@ -192,6 +192,20 @@ def _make_lib_function(code: types.CodeType, module: str, closure: tuple[Any, ..
 
 # -- the load under way ---------------------------------------------------------------------
 
+class Fill:
+    """Names to set in a namespace (a seeded module dict) as soon as they are loaded: pickled as
+    ``_fill(namespace, names)``, which runs before the rest of the skeleton is read."""
+
+    __slots__ = ("namespace", "names")
+
+    def __init__(self, namespace: dict[str, Any], names: dict[str, Any]) -> None:
+        self.namespace, self.names = namespace, names
+
+
+def _fill(namespace: dict[str, Any], names: dict[str, Any]) -> None:
+    namespace.update(names)
+
+
 class LoadContext:
     """What a checkpoint's pickles refer to while it is loaded: slot objects, module objects."""
 
@@ -335,6 +349,8 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
+        if kind is Fill:
+            return _fill, (obj.namespace, obj.names)
         if kind is types.CodeType:
             slot = self._slot_for(obj, "code")
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
@@ -398,7 +414,11 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return reduced
         namespace = func.__globals__
         if id(namespace) in self._module_dicts:
-            return reduced
+            # its globals are the module dict itself (seeded, restored whole): the copy of the
+            # globals it reads that cloudpickle adds to its state is dropped (a global that cannot
+            # be pickled is then that global's problem, named for itself, not this function's)
+            make, args, (state, slotstate), *rest = reduced
+            return (make, args, (state, {**slotstate, "__globals__": {}}), *rest)
         name = namespace.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None
         if module is None or module.__dict__ is not namespace or _cp._is_registered_pickle_by_value(module):
