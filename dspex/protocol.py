@@ -32,9 +32,12 @@ from dspex.errors import ProtocolError
 
 # 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead).
 # 3: one goodbye for every exit (W_DISCONNECT, acknowledged by B_BYE) that says whether the worker
-# leaves calls it started unanswered. The broker tells a worker of another version to leave (its
-# READY says its version).
-PROTOCOL_VERSION = 3
+# leaves calls it started unanswered.
+# 4: durable sessions: W_CHECKPOINT (a checkpoint and its call's reply), the request head's
+# BUDGET_DURABLE / BUDGET_FULL / BUDGET_RESTORE and restore frames. A worker of 3 would answer a
+# durable session's calls without checkpoints: the session would not be durable, silently.
+# The broker tells a worker of another version to leave (its READY says its version).
+PROTOCOL_VERSION = 4
 
 
 def _packb(obj: Any) -> bytes:
