@@ -237,7 +237,7 @@ class CheckpointStore:
             db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
         elif w.clear_slots:
             marks = ",".join("?" * len(w.clear_slots))
-            db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",  # noqa: S608 - placeholders only
+            db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",
                        (w.session, *w.clear_slots))
         if w.set_slots:
             db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",

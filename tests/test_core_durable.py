@@ -338,3 +338,20 @@ def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(pat
     assert core.store.sessions() == [] and core.sessions[S].durable is not None and core.sessions[S].durable.off
     core.call(2)
     assert core.worker_of(2) == w and not core.head_of(2) & BUDGET_DURABLE
+
+
+def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
+    core = durable_core(path, "p:strict_queue:session_ttl=1")
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.commit()
+    assert [r.id for r in core.store.sessions()] == [S]
+    core.sessions[S].last_used -= 5
+    core._last_ttl_sweep = 0.0
+    core._expire_sessions(time.monotonic())
+    core.commit()
+    assert core.store.sessions() == [] and core.store.load(S) is None
+    core.call(2)
+    assert core.outcome(C, 2) == "session_closed"

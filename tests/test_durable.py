@@ -125,3 +125,30 @@ def test_a_corrupt_checkpoint_is_refused_the_session_reported_lost_and_nothing_c
     assert len(stack.workers("p")) == 1 and stack.broker is not None and stack.broker.poll() is None
     fresh = dx.session("p", durable=True)
     assert fresh.eval("2 + 2") == 4
+
+
+def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_checkpoint(stack: Stack) -> None:
+    import asyncio
+
+    stack.pool("p:strict_queue", 2, "--no-dspy")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+
+    def stored() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=30) as dx:
+            s = dx.session("p", durable=True)
+            box = await s.put({"n": 1})
+            await s.exec("counter = 41")
+            pid = int(await s.eval("__import__('os').getpid()"))
+            assert s.id in stored()
+            stack.kill(pid)
+            assert await s.eval("counter + 1") == 42  # moved, with its namespace
+            assert await s.eval("b['n']", {"b": box}) == 1  # and the same ref
+            assert int(await s.eval("__import__('os').getpid()")) != pid
+            await s.close()
+        assert s.id not in stored()
+
+    asyncio.run(main())

@@ -299,7 +299,7 @@ class Tracker:
             try:
                 found = byvalue.resolve_name(name)
             except Exception:  # noqa: BLE001 - not importable by this name after all: pickled as before
-                continue
+                found = None
             if found is obj:
                 self._globals[self.slots.alloc(obj, _GLOBAL)] = name
         self._new_globals.clear()

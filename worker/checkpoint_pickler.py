@@ -196,7 +196,7 @@ class Fill:
     """Names to set in a namespace (a seeded module dict) as soon as they are loaded: pickled as
     ``_fill(namespace, names)``, which runs before the rest of the skeleton is read."""
 
-    __slots__ = ("namespace", "names")
+    __slots__ = ("names", "namespace")
 
     def __init__(self, namespace: dict[str, Any], names: dict[str, Any]) -> None:
         self.namespace, self.names = namespace, names
