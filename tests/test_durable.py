@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import dspex
-from tests.harness import Stack
+from tests.harness import Stack, wait_for
 
 pytest.importorskip("dspy")
 pytestmark = pytest.mark.timeout(120)
@@ -56,6 +56,12 @@ def pid_of(s: dspex.Session) -> int:
     return int(s.eval("__import__('os').getpid()"))
 
 
+def gone(dx: dspex.Client, pool: str, pid: int) -> None:
+    """Until the broker has seen worker ``pid`` go (a call sent before that races the kill and may
+    get WorkerCrashed, as any call in flight when its worker dies)."""
+    wait_for(lambda: pid not in {w["pid"] for w in dx.status()["pools"][pool]["workers"]}, what=f"worker {pid} gone")
+
+
 def test_kill_9_of_the_pinned_worker_moves_the_session_with_its_state(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 2)
     s = dx.session("p", durable=True)
@@ -63,6 +69,7 @@ def test_kill_9_of_the_pinned_worker_moves_the_session_with_its_state(stack: Sta
     assert ask(s, refs["cot"], "first") == "answer 0"
     before = state_of(s, refs)
     stack.kill(before["pid"])
+    gone(dx, "p", before["pid"])
     assert ask(s, refs["cot"], "second") == "answer 1"  # its own LM, moved on by one answer
     after = state_of(s, refs)
     assert after["pid"] != before["pid"]
@@ -82,7 +89,9 @@ def test_an_object_that_cannot_be_durable_is_named_when_it_enters_and_gone_after
         lock = s.call("threading", "Lock")
     said = [str(w.message) for w in caught if issubclass(w.category, dspex.NotDurableWarning)]
     assert len(said) == 1 and f"ref {lock.id[:8]} (_thread.lock) is not durable" in said[0], said
-    stack.kill(pid_of(s))
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
     assert s.eval("x['plain']", {"x": kept}) == [1, 2, 3]
     with pytest.raises(dspex.RefNotFound, match=r"not durable \(TypeError: cannot pickle '_thread.lock' object\)"):
         s.eval("x.locked()", {"x": lock})
@@ -116,6 +125,7 @@ def test_a_corrupt_checkpoint_is_refused_the_session_reported_lost_and_nothing_c
         rotten = skeleton[:-3] + bytes([skeleton[-3] ^ 0x40]) + skeleton[-2:]
         db.execute("UPDATE sessions SET skeleton = ? WHERE id = ?", (rotten, s.id))
     stack.kill(pid)
+    gone(dx, "p", pid)
     with pytest.raises(dspex.CheckpointRefused, match="is corrupt") as info:
         s.eval("1")
     assert info.value.details["session"] == s.id
@@ -145,6 +155,9 @@ def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_c
             pid = int(await s.eval("__import__('os').getpid()"))
             assert s.id in stored()
             stack.kill(pid)
+            async with asyncio.timeout(15):
+                while pid in {w["pid"] for w in (await dx.status())["pools"]["p"]["workers"]}:
+                    await asyncio.sleep(0.01)  # (as gone(): the broker has seen the kill)
             assert await s.eval("counter + 1") == 42  # moved, with its namespace
             assert await s.eval("b['n']", {"b": box}) == 1  # and the same ref
             assert int(await s.eval("__import__('os').getpid()")) != pid

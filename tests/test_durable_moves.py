@@ -17,7 +17,7 @@ import pytest
 import dspex
 from tests.harness import REPO, short_tmpdir, wait_for
 from tests.harness.supervisord import Supervised
-from tests.test_durable import ask, state_of, typical
+from tests.test_durable import ask, gone, state_of, typical
 
 pytest.importorskip("dspy")
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -81,6 +81,7 @@ def test_broker_sigkill_and_restart_with_workers_kept_then_a_worker_kill(sup: Su
         kept = state_of(s, refs)
         assert kept["pid"] == before["pid"] and without_pid(kept) == without_pid(before)
         sup.kill(name_of(sup, before["pid"]))  # now its worker goes too: the store has its state
+        gone(dx, "p", before["pid"])
         assert ask(s, refs["cot"], "three") == "answer 2"
         moved = state_of(s, refs)
         assert moved["pid"] != before["pid"] and without_pid(moved) == without_pid(before)
