@@ -237,8 +237,10 @@ class Watchdog:
     """One thread per worker: sends the soft limit at each call's deadline, the hard one after.
 
     It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
-    next limit among them, at most ``_REVIEW``. A new call wakes it only when its deadline is
-    earlier than that, so the usual call (a deadline further away) costs no thread switch.
+    next limit among them, at most ``_REVIEW`` while calls keep starting. A new call wakes it
+    only when its deadline is earlier than that, so the usual call (a deadline further away)
+    costs no thread switch; and an idle worker's watchdog (or one whose last call runs long)
+    sleeps until the next deadline, if any.
     """
 
     def __init__(self, grace: float = DEFAULT_GRACE) -> None:
@@ -248,6 +250,7 @@ class Watchdog:
         self._calls: dict[int, _Call] = {}
         self._wake_at = math.inf
         self._ids = itertools.count()
+        self._last_token = -1  # the token of the call that started last
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
         self._signal_installed = False
@@ -282,6 +285,7 @@ class Watchdog:
         return call.deadline + self.grace if call.soft_sent else call.deadline
 
     def _loop(self) -> None:
+        seen = -1  # the last call started when it last looked
         while True:
             with self._cond:
                 while True:
@@ -289,13 +293,17 @@ class Watchdog:
                     due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
                     if due:
                         break
-                    # never longer than _REVIEW: a call that starts while it sleeps for nothing
-                    # (the last call ended) then wakes it only if its deadline is sooner than
-                    # that - a fast call ends before the woken watchdog even runs, so waking it
-                    # per call cost a thread switch and a GIL hand-off each (~10 µs of CPU)
-                    self._wake_at = min(min((self._next(c) for c in self._calls.values()), default=math.inf),
-                                        now + _REVIEW)
-                    self._cond.wait(self._wake_at - now)
+                    self._wake_at = min((self._next(c) for c in self._calls.values()), default=math.inf)
+                    if self._last_token != seen:
+                        # never longer than _REVIEW while calls come: a call that starts while it
+                        # sleeps for nothing (the last call ended) then wakes it only if its
+                        # deadline is sooner than that - a fast call ends before the woken
+                        # watchdog even runs, so waking it per call cost a thread switch and a
+                        # GIL hand-off each. Once no call has started for that long, it sleeps
+                        # until the next deadline (none: until a call with one starts).
+                        self._wake_at = min(self._wake_at, now + _REVIEW)
+                    seen = self._last_token
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
                 for c in due:
                     if c.soft_sent:
                         self._calls.pop(c.token, None)  # the hard limit acts once
@@ -371,6 +379,7 @@ class _Limit:
         with wd._lock:
             wd._start()
             wd._calls[call.token] = call
+            wd._last_token = call.token
             if deadline < wd._wake_at:
                 wd._cond.notify()
         return call
