@@ -50,8 +50,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("dspex.worker")
 
@@ -78,8 +79,8 @@ class _Call:
     timed_out: bool = False
     token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    watchdog: "Watchdog | None" = None
-    thread_state: "_ThreadState | None" = None
+    watchdog: Watchdog | None = None
+    thread_state: _ThreadState | None = None
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
@@ -315,7 +316,7 @@ class Watchdog:
                     log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
                     try:
                         call.on_hard()
-                    except Exception:  # noqa: BLE001 - the watchdog must survive
+                    except Exception:  # the watchdog must survive
                         log.exception("hard time limit handler failed")
 
     def cancel(self, call: _Call) -> bool:
@@ -350,7 +351,7 @@ class Watchdog:
                 _wake(call.loop)
             try:
                 _cancel_parallel_jobs(call.thread)
-            except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way
+            except Exception:  # best effort: the soft limit itself is on its way
                 log.exception("could not cancel the call's parallel jobs")
 
 
@@ -358,7 +359,7 @@ class _Limit:
     """The block of one call under :meth:`Watchdog.limit` (a class, not a generator context
     manager: per call it saves the generator and contextlib's wrapper, ~3 µs)."""
 
-    __slots__ = ("watchdog", "deadline", "on_hard", "call", "outer", "st")
+    __slots__ = ("call", "deadline", "on_hard", "outer", "st", "watchdog")
 
     def __init__(self, watchdog: Watchdog, deadline: float | None, on_hard: Callable[[], None]) -> None:
         self.watchdog = watchdog
