@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|executor|client [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|executor|codec|client [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -17,6 +17,8 @@ the raw blocks).
 * ``core``: the routing core alone, no sockets: thread CPU per request + reply (resolves ±2%
   where ``tree`` resolves ±10%). ``--profile``: this checkout's core under cProfile instead.
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
+* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
+  encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   Predict through a session vs in-process (p50), the asyncio driver's CPU per call with
   ``--sessions`` sessions, the worker's CPU per call.
@@ -146,6 +148,8 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
         return DriverSide(tree, ["core"], {"n": a.calls or 20_000})
     if what == "executor":
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
+    if what == "codec":
+        return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
     st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=True)
     return DriverSide(tree, ["client", st.frontend, str(a.sessions)], {"n": a.calls or 150, "seconds": a.duration},
                       worker=pids[1])
@@ -174,13 +178,13 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "executor", "client"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "executor", "codec", "client"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block")
     p.add_argument("--sessions", type=int, default=0, help="tree: calls in flight (100); client: aio sessions (8)")
-    p.add_argument("--calls", type=int, default=0, help="core/executor/client: calls per block")
+    p.add_argument("--calls", type=int, default=0, help="core/executor/codec/client: calls per block")
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
     p.add_argument("--pool-b", default="")

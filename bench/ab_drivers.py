@@ -1,4 +1,4 @@
-"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|client``).
+"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|client``).
 
 Run as a script (``python bench/ab_drivers.py MODE [ARGS]``) with the tree under test first on
 ``sys.path``, so that tree's ``broker``, ``worker`` and ``dspex`` are what is measured; it imports
@@ -12,6 +12,9 @@ figures for a block. Mode by mode:
   machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds).
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
+* ``codec``: the codec alone on plain data, every message's common case: a request body under the
+  client policy, a small dict result and 200 rows of dicts under the worker policy (with a
+  ``to_ref`` that must never run): CPU per encode + decode of each.
 * ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict`` and the same program in-process (p50 of each and their ratio),
   then an ``AsyncClient`` with SESSIONS sessions calling a ``ChainOfThought`` ref back to back (the
@@ -164,6 +167,45 @@ def _executor() -> Side:
                          "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6}), lambda: None
 
 
+# -- codec -------------------------------------------------------------------------------------
+
+_ROW = {"id": 7, "text": "The capital of France is Paris.", "tokens": [101, 2003, 3007, 102], "score": 0.875,
+        "ok": True, "meta": {"source": None, "blob": b"\x00\x01\x02"}}
+
+
+def _codec() -> Side:
+    from dspex import codec
+
+    def to_ref(obj: object) -> Any:
+        raise AssertionError(f"plain data made a ref: {obj!r}")
+
+    payloads = {
+        "body": (["builtins", "len", [[1, 2, 3], "question", 2.5, None], {"flag": True, "n": 3}],
+                 codec.Policy.ALL, None),
+        "small": ({"answer": "Paris", "reasoning": "It is the capital.", "score": 0.9, "ok": True, "n": None},
+                  codec.Policy.DATA, to_ref),
+        "rows": ([dict(_ROW, id=i) for i in range(200)], codec.Policy.DATA, to_ref),
+    }
+    for value, policy, ref in payloads.values():
+        assert codec.decode(codec.encode(value, ref, policy=policy)) == value
+
+    def cpu_per(name: str, n: int) -> float:
+        value, policy, ref = payloads[name]
+        encode, decode = codec.encode, codec.decode
+        c0 = time.process_time()
+        for _ in range(n):
+            decode(encode(value, ref, policy=policy))
+        return (time.process_time() - c0) / n
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n = int(cmd["n"])
+        return {"body_us": cpu_per("body", n) * 1e6, "small_us": cpu_per("small", n) * 1e6,
+                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6}
+
+    block({"n": 2000})
+    return block, lambda: None
+
+
 # -- client --------------------------------------------------------------------------------------
 
 def _client(endpoint: str, sessions: int) -> Side:
@@ -235,7 +277,8 @@ def _client(endpoint: str, sessions: int) -> Side:
 
 def main(argv: list[str]) -> int:
     mode = argv[0]
-    block, close = _core() if mode == "core" else _executor() if mode == "executor" else _client(argv[1], int(argv[2]))
+    sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
+    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

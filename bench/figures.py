@@ -21,6 +21,9 @@ from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.scale import scale
 from bench.serving import serving
+from bench.stop import stop
+from bench.sessioncode import ROWS as CODE_ROWS
+from bench.sessioncode import code
 
 __all__ = ["GOALS", "GROUPS", "ROWS", "Config", "goals"]
 
@@ -31,6 +34,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "crash": crash,
     "coldstart": coldstart,
     "recycle": recycle,
+    "stop": stop,
     "numpy": numpy_rt,
     "flagship": flagship,
     "memory": memory,
@@ -39,6 +43,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "scale": scale,
     "idle": idle,
     "localmodel": localmodel,
+    "code": code,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -50,6 +55,7 @@ ROWS: dict[str, list[str]] = {
     "crash": ["crash"],
     "coldstart": ["coldstart"],
     "recycle": ["recycle", "recycle.nodspy"],
+    "stop": ["stop"],
     "numpy": ["numpy"],
     "flagship": ["flagship"],
     "memory": ["memory.broker", "memory.worker"],
@@ -58,6 +64,7 @@ ROWS: dict[str, list[str]] = {
     "scale": ["scale.grid", "scale.idle"],
     "idle": ["idle.stack", "idle.worker", "idle.busy"],
     "localmodel": ["localmodel"],
+    "code": CODE_ROWS,
 }
 
 

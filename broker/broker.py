@@ -27,6 +27,7 @@ from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from broker.core import NOTICE_EVERY, Core, WorkerUnreachable
 from broker.nudge import SupervisorNudge
 from broker.ops import status as status_of
+from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.state import Notices, WorkerRecord
 
@@ -80,7 +81,12 @@ class Broker(Core):
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
         self.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
-                           "frontend": options.frontend, "backend": options.backend}
+                           "frontend": options.frontend, "backend": options.backend,
+                           "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
+                           if options.frontend.startswith("ipc://") else ""}
+        # the metrics/dashboard server: the port asked for, the one served, or why none (serve_metrics)
+        self.metrics: dict[str, Any] = {"requested": options.metrics_port, "port": None, "error": None}
+        self.publisher = StatusPublisher(self)  # the status other threads read, built on this one
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
@@ -88,7 +94,7 @@ class Broker(Core):
         self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self) -> dict[str, Any]:
-        return status_of(self, {"frontend": self.options.frontend, "backend": self.options.backend})
+        return status_of(self, {**self.stack_info, "metrics": dict(self.metrics)})
 
     # -- ports of the core ---------------------------------------------------------------------
     def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
@@ -203,6 +209,7 @@ class Broker(Core):
             now = time.monotonic()
             if now >= next_sweep:
                 self._sweep(now)
+                self.publisher.tick(now)
                 for (plane, code), n, span in self._handshakes.due(now):
                     self._log_handshakes(plane, code, n, span)
                 next_sweep = now + _SWEEP_EVERY
@@ -210,6 +217,8 @@ class Broker(Core):
                 self._heartbeat(now)
                 next_beat = now + interval
             self._flush_clients()
+            if self.publisher.asked:
+                self.publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):

@@ -34,6 +34,7 @@ from dspex.errors import (
     WorkerBusy,
     WorkerCrashed,
 )
+from dspex.health import SERVICE, failure_kind
 from dspex.pools import PoolConfig
 from dspex.protocol import (
     B_BYE,
@@ -84,6 +85,18 @@ NOTICE_EVERY = 10.0
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)
 
 
+def _error_code(frames: list[zmq.Frame]) -> str:
+    """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
+    try:
+        body = msgpack.unpackb(frames[-1].buffer)
+        return str(body.get("code") or "error") if isinstance(body, dict) else "error"
+    except Exception:
+        return "error"
+
+
+SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+
+
 class WorkerUnreachable(Exception):
     """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
 
@@ -111,6 +124,7 @@ class Core(Lifecycle):
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.started = time.time()
         self._booted = time.monotonic()
+        self._grace_over = False  # the restart grace has passed (unclaimed pins retired)
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.nudge: Any = None  # something with worker_left() (supervisord), or None
         self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
@@ -201,11 +215,19 @@ class Core(Lifecycle):
     def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
         if pool is not None:
             pool.outcomes[(p.op, err.code)] += 1
+            self._note_failure(pool, err.code, str(err.details.get("worker") or ""))
         if err.code not in _BULK_CODES:
             log.info("call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
                      pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
                      err.message)
         self._error(p.client, p.req_id, err)
+
+    def _note_failure(self, pool: Pool, code: str, worker: str = "", now: float | None = None) -> None:
+        """Count a failed answer in the pool's health window: the service's, the caller's, or
+        (a session whose worker was recycled or stopped) the operator's."""
+        wid = worker.encode()
+        cleanly = wid in self.workers or (bool(wid) and not self.gone.crashed(wid))
+        pool.recent.add(failure_kind(code, cleanly), code, time.monotonic() if now is None else now)
 
     def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None:
         """``now``: the caller's clock reading, when it has a fresh one (one per message)."""
@@ -218,7 +240,11 @@ class Core(Lifecycle):
             return
         rec = self.sessions.get(p.session)
         if rec is None and (why := self.closed.why(p.session)) is not None:
-            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
+            lost = self.closed.worker(p.session)
+            if lost:
+                self._fail(p, pool, self._worker_gone(p.session, lost, why))
+            else:
+                self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
             return
         if rec is None:
             if len(self.sessions) >= self.max_sessions:
@@ -258,12 +284,11 @@ class Core(Lifecycle):
                 self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
                 return
             if pool.mode in _STRICT:
-                why = "is being recycled" if w is not None else self.gone.why(pinned)
-                incarnation = pinned.decode(errors="replace")
-                self._fail(p, pool, SessionWorkerUnavailable(
-                    f"session {rec.id[:8]} is pinned to worker {incarnation[:8]}, which {why}",
-                    session=rec.id, worker=incarnation,
-                ))
+                if w is None:  # its worker left: from now on the session is a tombstone
+                    self._fail(p, pool, self._worker_gone(rec.id, pinned, self.gone.why(pinned)))
+                    self._retire_session(rec, pinned)
+                else:
+                    self._fail(p, pool, self._worker_gone(rec.id, pinned, "is being recycled"))
                 return
             # hint: the session re-pins to the least-loaded worker
             self._pin(rec, None)
@@ -285,6 +310,12 @@ class Core(Lifecycle):
             self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
         else:  # hint: any idle worker, else the first one to free up
             self._run_anywhere(pool, p)
+
+    @staticmethod
+    def _worker_gone(session: str, wid: bytes, why: str) -> SessionWorkerUnavailable:
+        incarnation = wid.decode(errors="replace")
+        return SessionWorkerUnavailable(f"session {session[:8]} is pinned to worker {incarnation[:8]}, which {why}",
+                                        session=session, worker=incarnation)
 
     def _pin(self, rec: SessionRecord, wid: bytes | None) -> None:
         """The one place a session's pin changes: the workers' session sets follow it."""
@@ -424,8 +455,11 @@ class Core(Lifecycle):
                     continue
             if not pool.queue:
                 return
-            p = pool.queue.popleft()
+            p = pool.queue[0]
             rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
+            if rec is not None and rec.worker is None and w.id in pool.rolling:
+                return  # a new session waits for a worker that is not about to be recycled
+            pool.queue.popleft()
             if rec is not None and rec.worker is None:
                 self._pin(rec, w.id)
             if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
@@ -440,7 +474,9 @@ class Core(Lifecycle):
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
         if target is None or target.draining:
-            self._fail(p, pool, SessionWorkerUnavailable(f"session {rec.id[:8]} lost its worker", session=rec.id))
+            self._fail(p, pool, SessionWorkerUnavailable(
+                f"session {rec.id[:8]} lost its worker", session=rec.id,
+                worker=(rec.worker or b"").decode(errors="replace")))
         elif target.can_start(p.session):
             self._dispatch(target, p)
         else:
@@ -486,8 +522,10 @@ class Core(Lifecycle):
                 outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
                 if outcome == "ok":
                     w.served += 1
-                elif not p.cancelled:
-                    w.errors += 1
+                else:
+                    if not p.cancelled:
+                        w.errors += 1
+                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(frames), now=now)
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
                 rec = self.sessions.get(p.session) if p.session else None
@@ -589,7 +627,6 @@ class Core(Lifecycle):
         self._forget_connection(w)
         pool = w.pool
         pool.workers.pop(w.id, None)
-        self.gone.add(w.id, why)
         if "recycled" in why:
             pool.recycles += 1
             event = "recycle"
@@ -598,6 +635,8 @@ class Core(Lifecycle):
         else:
             pool.crashes += 1
             event = "crash"
+            pool.recent.add(SERVICE, "crash", time.monotonic())
+        self.gone.add(w.id, why, crashed=event == "crash")
         self._event(pool.name, w, event, why)
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
         log.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
@@ -607,11 +646,19 @@ class Core(Lifecycle):
         queued = list(w.queue)
         w.inflight.clear()
         w.queue.clear()
-        if pool.mode is Affinity.HINT:
-            for sid in w.sessions:
-                rec = self.sessions.get(sid)
-                if rec is not None and rec.worker == w.id:
-                    self._pin(rec, None)
+        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
+        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
+        silent = why == SILENT
+        for sid in list(w.sessions):
+            rec = self.sessions.get(sid)
+            if rec is None or rec.worker != w.id:
+                continue
+            if pool.mode is Affinity.HINT and not rec.closing:
+                self._pin(rec, None)  # re-pins on its next call
+            elif silent and not rec.closing:
+                continue
+            else:  # its state is gone with the worker: the id stays as a tombstone only
+                self._retire_session(rec, w.id)
         for key, p in inflight:
             self.running.pop(key, None)
             if clean:
@@ -632,7 +679,7 @@ class Core(Lifecycle):
     def _heartbeat(self, now: float) -> None:
         for w in list(self.workers.values()):
             if now > w.expiry:
-                self._remove_worker(w, "stopped answering heartbeats")
+                self._remove_worker(w, SILENT)
             else:
                 self._to_worker(w, [B_HEARTBEAT])
 
@@ -655,6 +702,12 @@ class Core(Lifecycle):
             self._stop_overdue(pool, now)
             self._recycle_step(pool, now)
         if now - self._booted >= self._restart_grace():
+            if not self._grace_over:
+                # pins claimed by clients after a broker restart whose worker never came back
+                self._grace_over = True
+                for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
+                    if self.pools[rec.pool].mode in _STRICT:
+                        self._retire_session(rec, rec.worker)
             for pool in self.pools.values():
                 awaiting, pool.awaiting = pool.awaiting, {}
                 for wid, queue in awaiting.items():

@@ -4,34 +4,36 @@
     /api/status   what the page shows, as JSON; the page polls it every second
     anything else the Prometheus exposition (``/metrics``)
 
-The JSON is ``Broker.status()`` plus, per pool, the state :func:`dspex.health.pool_state` gives
-(the rules ``dspexctl pools status`` uses), per worker the supervisord process name (when the
-broker runs with ``--config``, from that conf's supervisord), and recent events. When the broker's
-status carries an ``"events"`` list it is shown as is; otherwise this module notes worker starts,
-recycles, crashes and exits itself by comparing successive snapshots (a sampler thread takes one
-every second, so events between page loads are kept too).
-
-Reading ``Broker.status()`` from this thread races the broker's own thread; a read that hits a
-resizing dict is retried (see broker/metrics.py), and a slightly stale number is harmless here.
+The JSON is a snapshot the broker's own thread made (``broker.publisher``: pools, workers,
+sessions, events, each pool's 15-minute history) joined with supervisord's processes when the
+broker runs with ``--config``: each pool gets the state ``dspexctl pools status`` would give it
+(:mod:`dspex.health`, the same rules and words), and a worker process the broker has not registered
+(stopped, starting, fatal...) is listed with supervisord's state.
 """
 
 from __future__ import annotations
 
-import collections
 import importlib.resources
 import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from dspex.health import REGISTER_GRACE_S, PoolFacts, pool_state
+from broker.publisher import StatusPublisher
+from dspex.health import (
+    REGISTER_GRACE_S,
+    facts_from_status,
+    pool_state,
+    proc_phase,
+    proc_uptime,
+    process_counts,
+)
 
 log = logging.getLogger("dspex.broker.dashboard")
 
-SAMPLE_EVERY_S = 1.0
-MAX_EVENTS = 50
-PROCESS_CACHE_S = 2.0
+PROCESS_CACHE_S = 1.0
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -41,121 +43,84 @@ def page() -> bytes:
     return importlib.resources.files("broker").joinpath("dashboard.html").read_bytes()
 
 
-class EventTracker:
-    """Worker starts and exits seen between successive status snapshots (newest first, bounded)."""
-
-    def __init__(self, maxlen: int = MAX_EVENTS) -> None:
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
-        self._workers: dict[str, tuple[str, int, str]] | None = None  # incarnation -> (pool, pid, id)
-        self._counts: dict[str, tuple[int, int]] = {}  # pool -> (recycles, crashes)
-        self._lock = threading.Lock()
-
-    def observe(self, status: dict[str, Any], now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        workers = {w["incarnation"]: (name, int(w["pid"]), str(w["id"]))
-                   for name, pool in status["pools"].items() for w in pool["workers"]}
-        counts = {name: (int(pool["recycles"]), int(pool["crashes"])) for name, pool in status["pools"].items()}
-        with self._lock:
-            if self._workers is not None:
-                for inc in self._workers.keys() - workers.keys():
-                    pool, pid, wid = self._workers[inc]
-                    recycles, crashes = counts.get(pool, (0, 0))
-                    before = self._counts.get(pool, (0, 0))
-                    kind = "crash" if crashes > before[1] else "recycle" if recycles > before[0] else "exit"
-                    self.events.appendleft({"time": now, "kind": kind, "pool": pool, "worker": wid,
-                                            "incarnation": inc, "pid": pid})
-                for inc in workers.keys() - self._workers.keys():
-                    pool, pid, wid = workers[inc]
-                    self.events.appendleft({"time": now, "kind": "start", "pool": pool, "worker": wid,
-                                            "incarnation": inc, "pid": pid})
-            self._workers = workers
-            self._counts = counts
-
-    def recent(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.events)
-
-
-class ProcessNames:
-    """pid -> ``group:name`` from the supervisord of the broker's supervisor.conf (cached briefly)."""
+class Processes:
+    """supervisord's processes of the broker's supervisor.conf (cached briefly); [] without one."""
 
     def __init__(self, conf: str | None) -> None:
         self.conf = conf
-        self._names: dict[int, str] = {}
+        self._procs: list[dict[str, Any]] = []
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self) -> dict[int, str]:
+    def get(self) -> list[dict[str, Any]]:
         if not self.conf:
-            return {}
+            return []
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._names
+                return self._procs
             self._at = time.monotonic()
             try:
-                from dspex.supervisor import Supervisor, SupervisorConf, full_name
+                from dspex.supervisor import Supervisor, SupervisorConf
 
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
-                    self._names = {int(p["pid"]): full_name(p) for p in sup.processes() if p["pid"]}
-            except Exception as exc:  # noqa: BLE001 - no supervisord is fine: names are a nicety
-                log.debug("no process names from supervisord: %s", exc)
-                self._names = {}
-            return self._names
+                    self._procs = sup.processes()
+            except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
+                log.debug("no processes from supervisord: %s", exc)
+                self._procs = []
+            return self._procs
 
 
-def view(status: dict[str, Any], names: dict[int, str], events: list[dict[str, Any]]) -> dict[str, Any]:
-    """The dashboard's JSON: the broker's status with pool states, process names and events."""
-    young = status["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
+def _unregistered(proc: dict[str, Any], registered: set[int]) -> dict[str, Any]:
+    """A worker row for a supervisord process the broker does not list, in its supervisord state."""
+    return {"incarnation": None, "id": None, "pid": proc["pid"] or None, "state": proc["statename"].lower(),
+            "phase": proc_phase(proc, registered), "process": f"{proc['group']}:{proc['name']}",
+            "uptime_s": proc_uptime(proc) or None, "registered": False}
+
+
+def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
+    processes, and events newest first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in procs:
+        groups.setdefault(p["group"], []).append(p)
+    names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
+    registered = {int(w["pid"]) for pool in snap["pools"].values() for w in pool["workers"]}
+    young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
-    for name, p in status["pools"].items():
+    for name, p in snap["pools"].items():
         up = sum(1 for w in p["workers"] if w["state"] in ("ready", "busy"))
-        expected = int(p.get("size") or len(p["workers"]))
-        verdict = pool_state(name, PoolFacts(
-            expected=expected, up=up, queued=int(p.get("queued", 0)), queue_max=p.get("queue_max"),
-            requests_ok=int(p.get("requests_ok", 0)), requests_error=int(p.get("requests_error", 0)),
-            starting=max(0, expected - up) if young else 0))
+        workers = [{**w, "process": names.get(int(w["pid"])), "registered": True} for w in p["workers"]]
+        group = groups.get(name)
+        if group is not None:  # supervisord's view: the same counts as `dspexctl pools status`
+            expected = len(group)
+            starting, broken = process_counts(group, registered)
+            workers += [_unregistered(proc, registered) for proc in group
+                        if not (proc["pid"] and proc["pid"] in registered)]
+        else:  # the broker's alone: a young broker's missing workers are probably starting
+            expected = int(p.get("size") or len(p["workers"]))
+            starting, broken = (max(0, expected - up) if young else 0), 0
+        verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken))
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
-            **{k: v for k, v in p.items() if k != "workers"},
+            **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "expected": expected, "up": up, "state": verdict.state.value, "reasons": verdict.reasons,
             "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
             "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
-            "workers": [{**w, "process": names.get(int(w["pid"]))} for w in p["workers"]],
+            "workers": workers,
         }
-    return {"time": time.time(), "broker": status["broker"], "pools": pools,
-            "events": list(status["events"]) if status.get("events") is not None else events,
-            "events_source": "broker" if status.get("events") is not None else "dashboard"}
+    return {"time": time.time(), "broker": snap["broker"], "pools": pools,
+            "events": list(reversed(snap.get("events") or [])), "sessions": snap.get("sessions") or [],
+            "supervisord": bool(procs)}
 
 
 class Dashboard:
     """The WSGI app: the page, its JSON, and everything else to ``metrics_app``."""
 
-    def __init__(self, read_status: Callable[[], dict[str, Any]], metrics_app: WsgiApp,
-                 supervisor_conf: str | None = None) -> None:
-        self.read_status = read_status
+    def __init__(self, publisher: StatusPublisher, metrics_app: WsgiApp, supervisor_conf: str | None = None) -> None:
+        self.publisher = publisher
         self.metrics_app = metrics_app
-        self.tracker = EventTracker()
-        self.names = ProcessNames(supervisor_conf)
+        self.processes = Processes(supervisor_conf)
         self._page = page()
-        self._stop = threading.Event()
-
-    def sample(self) -> dict[str, Any]:
-        status = self.read_status()
-        self.tracker.observe(status)
-        return status
-
-    def start_sampler(self) -> None:
-        def loop() -> None:
-            while not self._stop.wait(SAMPLE_EVERY_S):
-                try:
-                    self.sample()
-                except Exception as exc:  # noqa: BLE001 - a missed sample only delays an event
-                    log.debug("dashboard sample failed: %s", exc)
-
-        threading.Thread(target=loop, name="dspex-dashboard-sampler", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -165,8 +130,7 @@ class Dashboard:
             if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
                 return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only\n")
             try:
-                status = self.sample()
-                body = json.dumps(view(status, self.names.get(), self.tracker.recent()), default=str).encode()
+                body = json.dumps(view(self.publisher.read(), self.processes.get()), default=str).encode()
             except Exception as exc:  # noqa: BLE001 - the page shows the error and keeps polling
                 log.warning("dashboard status failed: %s", exc)
                 return self._send(start_response, "503 Service Unavailable", "application/json",
@@ -178,6 +142,6 @@ class Dashboard:
     def _send(start_response: StartResponse, status: str, ctype: str, body: bytes) -> list[bytes]:
         start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
                                 ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                                ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
-                                 "script-src 'unsafe-inline'; img-src data:")])
+                                ("Content-Security-Policy", ("default-src 'self'; style-src 'unsafe-inline'; "
+                                                             "script-src 'unsafe-inline'; img-src data:"))])
         return [body]

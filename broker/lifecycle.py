@@ -75,6 +75,25 @@ class Lifecycle:
             self._release_session(rec)
         return holders
 
+    def _retire_session(self, rec: SessionRecord, lost: bytes | None) -> None:
+        """A session whose pinned worker left (or one closing whose last call died with its
+        worker): it leaves every count and stays only as a tombstone, which answers
+        ``session_worker_unavailable`` (or ``session_closed`` when it was closing)."""
+        if rec.closing:
+            self.closed.add(rec.id, rec.closing)
+        else:
+            assert lost is not None
+            why = self.gone.why(lost)
+            self.closed.add(rec.id, why, worker=lost)
+            pool = self.pools.get(rec.pool)
+            for queue in pool.queues() if pool is not None else []:
+                for p in [q for q in queue if q.session == rec.id]:  # waiting for a worker to pin it
+                    queue.remove(p)
+                    self._fail(p, pool, SessionWorkerUnavailable(
+                        f"session {rec.id[:8]} is pinned to worker {lost.decode(errors='replace')[:8]}, which {why}",
+                        session=rec.id, worker=lost.decode(errors="replace")))
+        self._release_session(rec)
+
     def _release_session(self, rec: SessionRecord) -> None:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""

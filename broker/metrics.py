@@ -1,22 +1,20 @@
-"""Prometheus metrics for the broker, read from its own counters at scrape time.
+"""Prometheus metrics for the broker, read from a snapshot of its own counters at scrape time.
 
 Nothing here runs on the broker's per-message path: the broker already keeps per-pool outcome
 counters, latency and queue-wait histograms (``broker.state.Histogram``), queue depths, recycle,
-crash, start, refusal and timeout counts, and each worker's last heartbeat stats. A custom
-collector turns those into metric families when Prometheus scrapes; prometheus_client's own
-process and platform collectors add ``process_*`` and ``python_info``. The HTTP server runs in its
-own daemon thread on 127.0.0.1 only.
-
-The broker thread mutates those dicts while the HTTP thread reads them, so every read copies with
-``list(...)`` and a read that races a resize ("dictionary changed size during iteration") is
-retried.
+crash, start, refusal and timeout counts, and each worker's last heartbeat stats. When Prometheus
+scrapes, the collector asks the broker's thread for a snapshot of them (``broker.publisher``: the
+HTTP thread never reads the broker's live dicts) and turns it into metric families;
+prometheus_client's own process and platform collectors add ``process_*`` and ``python_info``. The
+HTTP server runs in its own daemon thread on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
@@ -30,40 +28,26 @@ from prometheus_client.registry import Collector
 
 import dspex
 from dspex.protocol import WorkerState
-from broker.state import Histogram
+from broker.publisher import StatusPublisher
 
 if TYPE_CHECKING:
     from broker.broker import Broker
 
 log = logging.getLogger("dspex.broker.metrics")
 
-T = TypeVar("T")
-
 _STATES = tuple(s.value for s in WorkerState)
-
-
-def _snapshot(read: Callable[[], T], attempts: int = 3) -> T:
-    """Run ``read`` (which copies shared containers), retrying when it raced a mutation."""
-    for i in range(attempts):
-        try:
-            return read()
-        except RuntimeError:  # "dictionary changed size during iteration" and friends
-            if i == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 class BrokerCollector(Collector):
     """Yields the broker's counters as Prometheus metric families."""
 
-    def __init__(self, broker: "Broker") -> None:
-        self.broker = broker
+    def __init__(self, publisher: StatusPublisher) -> None:
+        self.publisher = publisher
 
     def describe(self) -> Iterable[Metric]:
         return []  # not known before a scrape (labels come from the pools); skip the registry's probe
 
     def collect(self) -> Iterable[Metric]:
-        b = self.broker
         requests = CounterMetricFamily(
             "dspex_requests", "Requests answered by the broker's pools, by op and outcome "
             "(ok, error = an exception on the worker, or the dspex error code the broker replied with)",
@@ -101,85 +85,78 @@ class BrokerCollector(Collector):
         inflight = GaugeMetricFamily("dspex_worker_inflight", "Requests running on a worker now", labels=wlabels)
         beat_age = GaugeMetricFamily("dspex_worker_heartbeat_age_seconds", "Seconds since the broker last heard "
                                      "from a worker (a heartbeat or any other message)", labels=wlabels)
-        now = time.monotonic()
-
-        session_pools = _snapshot(lambda: [r.pool for r in list(b.sessions.values())])
-        per_pool_sessions: dict[str, int] = {}
-        for name in session_pools:
-            per_pool_sessions[name] = per_pool_sessions.get(name, 0) + 1
-
-        for pool in list(b.pools.values()):
-            name = pool.name
-            for (op, outcome), n in _snapshot(lambda: list(pool.outcomes.items())):
+        snap = self.publisher.read()
+        # heartbeat ages as of now, not as of the snapshot
+        late = max(0.0, time.monotonic() - snap["published"]["monotonic"])
+        for name, pool in snap["pools"].items():
+            for key, n in pool["outcomes"].items():
+                op, _, outcome = key.partition(":")
                 requests.add_metric([name, op, outcome], n)
-            latency.add_metric([name], *_cumulative(pool.latency))
-            wait.add_metric([name], *_cumulative(pool.queue_wait))
-            queued.add_metric([name], pool.queued)
-            queue_max.add_metric([name], pool.config.queue_max)
+            latency.add_metric([name], *_cumulative(pool["latency_hist"]))
+            wait.add_metric([name], *_cumulative(pool["wait_hist"]))
+            queued.add_metric([name], pool["queued"])
+            queue_max.add_metric([name], pool["queue_max"])
             states = dict.fromkeys(_STATES, 0)
-            for w in _snapshot(lambda: list(pool.workers.values())):
-                states[w.state.value] += 1
-                labels = [name, w.incarnation[:8], str(w.pid)]
-                rss.add_metric(labels, float(w.stats.get("rss", 0) or 0))
-                served.add_metric(labels, w.served)
-                failed.add_metric(labels, w.errors)
-                inflight.add_metric(labels, len(w.inflight) + w.adopted)
-                beat_age.add_metric(labels, max(0.0, now - w.last_seen))
+            for w in pool["workers"]:
+                states[w["state"]] += 1
+                labels = [name, w["id"], str(w["pid"])]
+                rss.add_metric(labels, float(w["rss"] or 0))
+                served.add_metric(labels, w["served"])
+                failed.add_metric(labels, w["errors"])
+                inflight.add_metric(labels, w["inflight"])
+                beat_age.add_metric(labels, max(0.0, w["last_heartbeat_s"] + late))
             for state, n in states.items():
                 workers.add_metric([name, state], n)
-            expected.add_metric([name], pool.config.size)
-            sessions.add_metric([name], per_pool_sessions.get(name, 0))
-            recycles.add_metric([name], pool.recycles)
-            crashes.add_metric([name], pool.crashes)
-            starts.add_metric([name], pool.starts)
-            saturated.add_metric([name], pool.saturated)
-            timeouts.add_metric([name], pool.queue_timeouts)
-            expired.add_metric([name], pool.sessions_expired)
+            expected.add_metric([name], pool["size"])
+            sessions.add_metric([name], pool["sessions"])
+            recycles.add_metric([name], pool["recycles"])
+            crashes.add_metric([name], pool["crashes"])
+            starts.add_metric([name], pool["starts"])
+            saturated.add_metric([name], pool["saturated"])
+            timeouts.add_metric([name], pool["queue_timeouts"])
+            expired.add_metric([name], pool["sessions_expired"])
 
         yield from (requests, latency, wait, queued, queue_max, saturated, timeouts, workers, expected, sessions,
                     expired, recycles, crashes, starts, rss, served, failed, inflight, beat_age)
         garbage = CounterMetricFamily("dspex_malformed_messages", "Messages dropped as malformed", labels=["socket"])
-        counters: dict[str, Any] = dict(_snapshot(lambda: list(b.counters.items())))
+        counters = snap["broker"]
         garbage.add_metric(["frontend"], counters.get("garbage_frontend", 0))
         garbage.add_metric(["backend"], counters.get("garbage_backend", 0))
         yield garbage
         yield CounterMetricFamily("dspex_expired_unsent", "Requests dropped because their caller had timed out",
                                   value=counters.get("expired_unsent", 0))
         yield GaugeMetricFamily("dspex_broker_start_time_seconds", "When the broker started, in seconds since "
-                                "the Unix epoch", value=b.started)
+                                "the Unix epoch", value=counters["started"])
         yield InfoMetricFamily("dspex_build", "The dspex version this broker runs",
                                value={"version": dspex.__version__})
 
 
-def _cumulative(h: Histogram) -> tuple[list[tuple[str, float]], float]:
-    """Prometheus buckets (cumulative, ending in +Inf) and the sum of one histogram."""
-    counts = list(h.counts)
+def _cumulative(h: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
+    """Prometheus buckets (cumulative, ending in +Inf) and the sum of one histogram snapshot."""
+    counts = h["counts"]
     cumulative, buckets = 0, []
-    for bound, n in zip(h.bounds, counts):
+    for bound, n in zip(h["bounds"], counts):
         cumulative += n
         buckets.append((repr(float(bound)), float(cumulative)))
     cumulative += counts[-1]
     buckets.append(("+Inf", float(cumulative)))
-    return buckets, h.sum
+    return buckets, float(h["sum"])
 
 
-def make_registry(broker: "Broker") -> CollectorRegistry:
+def make_registry(publisher: StatusPublisher) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(broker))
+    registry.register(BrokerCollector(publisher))
     # the library's own process_* (cpu, rss, fds, start time) and python_info collectors
     registry.register(PROCESS_COLLECTOR)
     registry.register(PLATFORM_COLLECTOR)
     return registry
 
 
-def read_status(broker: "Broker") -> dict[str, Any]:
-    """``broker.status()`` from another thread (retried when it races a resize)."""
-    return _snapshot(broker.status, attempts=5)
-
-
 def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
     """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``addr:port`` from a daemon
-    thread; returns the server (None if it could not bind).
+    thread; returns the server. A port in use falls back to a free one, said in the log and in the
+    broker's status (``broker.metrics``: ``requested``, ``port``, ``error``), which ``dspexctl``
+    prints; None if nothing could be bound.
 
     Only loopback by default: the numbers name pools and counts, and nothing on the network needs
     them more than a local Prometheus agent or an SSH tunnel does.
@@ -195,15 +172,26 @@ def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
             """Scrapes and page polls are not worth a log line each."""
 
-    app = Dashboard(lambda: read_status(broker), make_wsgi_app(make_registry(broker)),
+    app = Dashboard(broker.publisher, make_wsgi_app(make_registry(broker.publisher)),
                     getattr(broker.options, "supervisor_conf", None))
     try:
         server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=QuietHandler)
     except OSError as exc:
-        log.error("cannot serve metrics on %s:%d: %s; running without metrics", addr, port, exc)
-        return None
+        if exc.errno != errno.EADDRINUSE:
+            broker.metrics["error"] = f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}"
+            log.error("%s; running without metrics", broker.metrics["error"])
+            return None
+        taken = f"port {port} is in use by another program"
+        try:
+            server = make_server(addr, 0, app, ThreadingWSGIServer, handler_class=QuietHandler)
+        except OSError as again:
+            broker.metrics["error"] = f"{taken}, and no free port could be bound: {again}"
+            log.error("%s; running without metrics", broker.metrics["error"])
+            return None
+        broker.metrics["error"] = f"{taken}; serving on {server.server_port} instead"
+        log.warning("metrics: %s (set DSPEX_METRICS_PORT to a free port)", broker.metrics["error"])
+    broker.metrics["port"] = server.server_port
     threading.Thread(target=server.serve_forever, name="dspex-metrics", daemon=True).start()
-    app.start_sampler()
     log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", addr, server.server_port,
              addr, server.server_port)
     return server

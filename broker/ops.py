@@ -76,7 +76,7 @@ def _sessions(core: "Core", call: OpCall) -> Any:
          "worker_alive": r.worker in core.workers if r.worker else False,
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
         for r in core.sessions.values()
-        if (not wanted or r.pool == wanted) and not r.closing and (r.owner == call.owner or core._sees_every_session(call.owner))
+        if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or core._sees_every_session(call.owner))
     ]
 
 
@@ -103,9 +103,30 @@ def _recycle(core: "Core", call: OpCall) -> Any:
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
-def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
+def live(core: "Core", r: Any) -> bool:
+    """A session its caller can use: not closing, and not waiting for a worker that went silent
+    (a partitioned host's, which may come back with it)."""
+    return not r.closing and (r.worker is None or r.worker in core.workers)
+
+
+def session_counts(core: "Core") -> tuple[dict[str, int], dict[bytes, int]]:
+    """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
+    lists, so every count agrees."""
+    per_pool: dict[str, int] = {}
+    per_worker: dict[bytes, int] = {}
+    for r in core.sessions.values():
+        if not live(core, r):
+            continue
+        per_pool[r.pool] = per_pool.get(r.pool, 0) + 1
+        if r.worker is not None:
+            per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
+    return per_pool, per_worker
+
+
+def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
     now = time.monotonic()
     wall = time.time()
+    per_pool, per_worker = session_counts(core)
     pools = {}
     for pool in core.pools.values():
         lat = list(pool.latencies)
@@ -116,7 +137,7 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
             "queue_max": pool.config.queue_max,
             "queue_timeout": pool.config.queue_timeout,
             "queued": pool.queued,
-            "sessions": sum(1 for r in core.sessions.values() if r.pool == pool.name),
+            "sessions": per_pool.get(pool.name, 0),
             "requests_ok": ok,
             "requests_error": sum(pool.outcomes.values()) - ok,
             "outcomes": {f"{op}:{outcome}": n for (op, outcome), n in pool.outcomes.items()},
@@ -128,11 +149,13 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
             "saturated": pool.saturated,
             "queue_timeouts": pool.queue_timeouts,
             "sessions_expired": pool.sessions_expired,
+            "health_window": pool.config.health_window,
+            "recent": pool.recent.totals(now),  # failures of the health window: service, user, recycle
             "recycling": pool.recycling.decode() if pool.recycling else None,
             "workers": [
                 {
                     "id": w.incarnation[:8], "incarnation": w.incarnation, "pid": w.pid, "host": w.host,
-                    "state": w.state.value, "sessions": len(w.sessions), "served": w.served,
+                    "state": w.state.value, "sessions": per_worker.get(w.id, 0), "served": w.served,
                     "errors": w.errors, "inflight": len(w.inflight) - w.ahead, "capacity": w.capacity,
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
@@ -145,9 +168,9 @@ def status(core: "Core", endpoints: dict[str, str]) -> dict[str, Any]:
             ],
         }
     return {
-        "broker": {"pid": os.getpid(), "uptime_s": round(wall - core.started, 3),
-                   **endpoints,
-                   "sessions": len(core.sessions), "closed_sessions": len(core.closed), **core.counters},
+        "broker": {"pid": os.getpid(), "uptime_s": round(wall - core.started, 3), "started": core.started,
+                   **stack,
+                   "sessions": sum(per_pool.values()), "closed_sessions": len(core.closed), **core.counters},
         "pools": pools,
         "events": list(core.events),
     }

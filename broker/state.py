@@ -35,6 +35,36 @@ def bucket_bounds(longest: float) -> tuple[float, ...]:
     return tuple(bounds)
 
 
+class RecentFailures:
+    """Failed answers and crashes of the last ``window`` seconds, by kind (service, user, recycle)
+    and error code, in one-second buckets: at most ``window`` + 1 of them, whatever the rate."""
+
+    __slots__ = ("window", "_buckets")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._buckets: deque[tuple[int, Counter[tuple[str, str]]]] = deque()
+
+    def add(self, kind: str, code: str, now: float) -> None:
+        second = int(now)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, Counter()))
+            while self._buckets[0][0] < now - self.window - 1:
+                self._buckets.popleft()
+        self._buckets[-1][1][(kind, code)] += 1
+
+    def totals(self, now: float) -> dict[str, dict[str, int]]:
+        """kind -> code -> count over the buckets inside the window."""
+        out: dict[str, dict[str, int]] = {}
+        for second, counts in list(self._buckets):
+            if second + 1 <= now - self.window:
+                continue
+            for (kind, code), n in counts.items():
+                per = out.setdefault(kind, {})
+                per[code] = per.get(code, 0) + n
+        return out
+
+
 class Histogram:
     """Counts per bucket (the last one is +Inf) and their sum; exported cumulative."""
 
@@ -164,6 +194,7 @@ class Pool:
         self.saturated = 0  # requests refused with pool_saturated
         self.queue_timeouts = 0  # requests that waited past queue_timeout
         self.sessions_expired = 0  # sessions closed by their idle TTL
+        self.recent = RecentFailures(config.health_window)  # what the pool's health is judged on
         self.rolling: deque[bytes] = deque()  # workers waiting for a rolling recycle
         self.recycling: bytes | None = None  # the worker being recycled now
         self.recycle_started = 0.0
@@ -192,11 +223,13 @@ class Pool:
         self.latency.observe(seconds)
 
     def least_loaded(self) -> WorkerRecord | None:
-        """Fewest pinned sessions, then idle first: spreads new sessions over the pool."""
+        """Fewest pinned sessions, then idle first: spreads new sessions over the pool. Never a
+        worker that is draining or waits for its turn in a rolling recycle (its sessions would
+        lose it moments later): with none left, the session waits for a replacement."""
         best: WorkerRecord | None = None
         best_key: tuple[int, int, int] | None = None
         for w in self.workers.values():
-            if w.draining:
+            if w.draining or w.id in self.rolling:
                 continue
             key = (len(w.sessions), 0 if w.free > 0 else 1, len(w.inflight))
             if best_key is None or key < best_key:
@@ -231,39 +264,51 @@ class SessionRecord:
 
 class Tombstones:
     """Ids of closed and expired sessions (bounded), so a late call answers ``SessionClosed``
-    instead of silently opening a fresh namespace under the same id."""
+    instead of silently opening a fresh namespace under the same id; and of sessions whose pinned
+    worker left (``worker`` set), which answer ``SessionWorkerUnavailable`` instead."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._why: OrderedDict[str, str] = OrderedDict()
+        self._why: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._limit = limit
 
-    def add(self, session: str, why: str) -> None:
-        self._why[session] = why
+    def add(self, session: str, why: str, worker: bytes = b"") -> None:
+        self._why[session] = (why, worker)
         self._why.move_to_end(session)
         if len(self._why) > self._limit:
             self._why.popitem(last=False)
 
     def why(self, session: str) -> str | None:
-        return self._why.get(session)
+        found = self._why.get(session)
+        return found[0] if found is not None else None
+
+    def worker(self, session: str) -> bytes:
+        """The worker a session lost (b"" for a session closed or expired)."""
+        found = self._why.get(session)
+        return found[1] if found is not None else b""
 
     def __len__(self) -> int:
         return len(self._why)
 
 
 class GoneWorkers:
-    """Why recent incarnations left, so errors can say "crashed" or "recycled"."""
+    """Why recent incarnations left, so errors can say "crashed" or "recycled", and whether they
+    crashed (a session's lost worker is then the service's failure, not an operator's recycle)."""
 
     def __init__(self, limit: int = 10_000) -> None:
-        self._why: OrderedDict[bytes, str] = OrderedDict()
+        self._why: OrderedDict[bytes, tuple[str, bool]] = OrderedDict()
         self._limit = limit
 
-    def add(self, wid: bytes, why: str) -> None:
-        self._why[wid] = why
+    def add(self, wid: bytes, why: str, crashed: bool = False) -> None:
+        self._why[wid] = (why, crashed)
         if len(self._why) > self._limit:
             self._why.popitem(last=False)
 
     def why(self, wid: bytes) -> str:
-        return self._why.get(wid, "is not registered with this broker")
+        return self._why.get(wid, ("is not registered with this broker", True))[0]
+
+    def crashed(self, wid: bytes) -> bool:
+        """True also for an incarnation this broker never knew (it did not come back)."""
+        return self._why.get(wid, ("", True))[1]
 
     def __contains__(self, wid: object) -> bool:
         return wid in self._why

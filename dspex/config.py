@@ -42,12 +42,6 @@ def check_private_dir(path: Path) -> Path:
     return path
 
 
-def check_ipc_dir(endpoint: str) -> None:
-    """Before connecting to an ipc endpoint: its directory must be ours and 0700."""
-    if endpoint.startswith("ipc://"):
-        check_private_dir(Path(endpoint[len("ipc://"):]).parent)
-
-
 def default_frontend() -> str:
     return os.environ.get("DSPEX_FRONTEND") or os.environ.get("DSPEX_ENDPOINT") or f"ipc://{run_dir()}/frontend.sock"
 
@@ -119,22 +113,55 @@ def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: 
 
 
 def probe_ipc(endpoint: str) -> None:
-    """Fail at once on an ipc socket file nobody listens on (a broker that died leaves it behind),
-    instead of waiting out the request's timeout."""
+    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket.
+
+    Fails at once (instead of waiting out the request's timeout) when nothing listens there: no
+    directory, no socket file, or a stale file a broker that exited left behind
+    (``BrokerUnreachable``). Refuses (``ConfigError``) a path that is not a socket, a socket that
+    is not ours, one in a directory other users may write to (they could have put it there), and
+    one we may not connect to. A client creates nothing, so it never asks for a directory's mode
+    to change: the broker and workers, which create the run directory, enforce its 0700 rule.
+    """
     if not endpoint.startswith("ipc://"):
         return
-    path = endpoint[len("ipc://"):]
-    if not os.path.isdir(os.path.dirname(path)):
-        raise BrokerUnreachable(f"nothing is listening at {endpoint} (no run directory: is the broker running?)")
-    check_ipc_dir(endpoint)
-    if not os.path.exists(path):
-        raise BrokerUnreachable(f"nothing is listening at {endpoint} (is the broker running?)")
+    path = Path(endpoint[len("ipc://"):])
+    parent = path.parent
+    where = "run directory" if parent == run_dir() else "directory"
+    try:
+        dst = parent.stat()
+    except FileNotFoundError:
+        raise BrokerUnreachable(f"nothing is listening at {endpoint}: its {where} {parent} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"cannot use {endpoint}: permission denied reading its {where} {parent}") from None
+    uid = os.getuid()
+    mode = stat.S_IMODE(dst.st_mode)
+    if dst.st_uid not in (uid, 0):
+        raise ConfigError(f"refusing {endpoint}: its {where} {parent} belongs to uid {dst.st_uid}, not to us "
+                          f"(uid {uid}), so the socket there may be anyone's")
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise ConfigError(f"refusing {endpoint}: its {where} {parent} has mode {mode:04o}, writable by other "
+                          "users, so the socket there may be anyone's")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise BrokerUnreachable(f"nothing is listening at {endpoint}: no socket file {path}") from None
+    except PermissionError:
+        raise ConfigError(f"cannot use {endpoint}: permission denied on {path}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a regular file" if stat.S_ISREG(st.st_mode) \
+            else "not a socket"
+        raise ConfigError(f"cannot use {endpoint}: {path} is {kind}, not a unix socket")
+    if st.st_uid != uid:
+        raise ConfigError(f"refusing {endpoint}: the socket {path} belongs to uid {st.st_uid}, not to us (uid {uid})")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
-        probe.connect(path)
+        probe.connect(str(path))
     except ConnectionRefusedError:
-        raise BrokerUnreachable(f"nothing is listening at {endpoint} (a stale socket: is the broker running?)") from None
+        raise BrokerUnreachable(f"nothing is listening at {endpoint}: {path} is a stale socket file "
+                                "(the process that made it has exited)") from None
+    except PermissionError:
+        raise ConfigError(f"cannot use {endpoint}: permission denied connecting to {path}") from None
     except OSError:
         pass  # let the request report anything else
     finally:

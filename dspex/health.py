@@ -1,22 +1,51 @@
 """The state of a pool as an operator reads it: OK, STARTING, WARN, DEGRADED or DOWN.
 
-Pure logic shared by ``dspexctl pools status`` (which adds supervisord's view of the processes)
-and the broker's dashboard (which has only the broker's): both call :func:`pool_state` with the
-numbers they have, so the two never disagree about the same facts.
+Pure logic shared by ``dspexctl pools status`` and the broker's dashboard: both turn supervisord's
+processes into counts with :func:`process_counts` and call :func:`pool_state` with the numbers
+they have, so the two never disagree about the same facts.
+
+Health means trouble: WARN counts only the service's own failures (``SERVICE_FAILURES``) in a
+sliding window (a pool's ``health_window``, default 300 s), so it clears by itself once the window
+holds none. A user's exception (``remote_error``), a cancel or a usage error is the caller's, and an
+answer to a session whose worker an operator recycled or stopped is the operator's: both are
+counted and shown, never WARN (:func:`failure_kind`).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # a queue this full is close to refusing requests (pool_saturated at queue_max)
 WARN_QUEUE_FILL = 0.8
-# share of answered requests that failed; below WARN_MIN_REQUESTS the ratio says nothing yet
-WARN_ERROR_RATE = 0.1
-WARN_MIN_REQUESTS = 20
 # a worker process supervisord reports RUNNING may still be importing dspy before it registers
 REGISTER_GRACE_S = 60.0
+# the default sliding window of a pool's health, in seconds (the pool setting ``health_window``)
+HEALTH_WINDOW_S = 300.0
+
+SERVICE, USER, RECYCLE = "service", "user", "recycle"
+# failures that are the service's: a worker crash (the event itself, "crash"), a call lost in one,
+# a call that waited past its queue timeout or was refused because the queue (or the broker's
+# session table) was full, a call the worker stopped at its deadline, an internal error
+SERVICE_FAILURES = frozenset({"crash", "worker_crashed", "queue_timeout", "pool_saturated", "session_quota",
+                              "timeout", "internal_error"})
+# an answer to a session whose pinned worker left: the operator's when it was recycled or stopped
+WORKER_GONE = "session_worker_unavailable"
+# what each code is called in a reason line
+LABELS = {"crash": "worker crash", "worker_crashed": "call lost in a crash", "queue_timeout": "queue timeout",
+          "pool_saturated": "refused (queue full)", "session_quota": "refused (session limit)",
+          "timeout": "call stopped at its deadline", "internal_error": "internal error",
+          WORKER_GONE: "session whose worker crashed"}
+
+
+def failure_kind(code: str, worker_left_cleanly: bool = True) -> str:
+    """``service``, ``user`` or ``recycle`` for a failed answer's error code. A session whose
+    worker left is the operator's (``recycle``) unless that worker crashed."""
+    if code == WORKER_GONE:
+        return RECYCLE if worker_left_cleanly else SERVICE
+    return SERVICE if code in SERVICE_FAILURES else USER
 
 
 class State(str, enum.Enum):
@@ -24,7 +53,7 @@ class State(str, enum.Enum):
 
     OK = "ok"
     STARTING = "starting"  # processes still coming up; nothing is wrong yet
-    WARN = "warn"  # every worker is up, but a queue is nearly full or many requests fail
+    WARN = "warn"  # every worker is up, but a queue is nearly full or the service failed lately
     DEGRADED = "degraded"  # fewer workers than the pool's size (some up), or a process not running
     DOWN = "down"  # no worker of the pool is ready
     UNREACHABLE = "unreachable"  # the broker or supervisord cannot be asked
@@ -37,21 +66,51 @@ def worst(states: list[State]) -> State:
     return max(states, key=_ORDER.index, default=State.OK)
 
 
+def fmt_window(seconds: float) -> str:
+    """300 -> "5m", 90 -> "1m30s", 10 -> "10s"."""
+    s = round(seconds)
+    m, s = divmod(s, 60)
+    return (f"{m}m" if m else "") + (f"{s}s" if s or not m else "")
+
+
+# -- supervisord's processes ---------------------------------------------------------------------
+def proc_uptime(proc: Mapping[str, Any]) -> float:
+    return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
+
+
+def proc_phase(proc: Mapping[str, Any], registered: set[int]) -> str:
+    """``registered`` (the broker lists its pid), ``starting`` (supervisord says STARTING, or
+    RUNNING for under REGISTER_GRACE_S while it imports dspy) or ``broken`` (anything else)."""
+    state = proc["statename"]
+    if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
+        return "registered"
+    if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
+        return "starting"
+    return "broken"
+
+
+def process_counts(group: Iterable[Mapping[str, Any]], registered: set[int]) -> tuple[int, int]:
+    """(starting, broken) among a pool's supervisord processes the broker has not registered."""
+    phases = [proc_phase(p, registered) for p in group if not (p["pid"] and p["pid"] in registered)]
+    return phases.count("starting"), phases.count("broken")
+
+
+# -- the rule ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PoolFacts:
     """What is known of one pool. ``starting`` counts workers expected soon (their process is
     STARTING, or RUNNING unregistered for under REGISTER_GRACE_S); ``broken`` counts processes that
     are not coming back on their own (FATAL, BACKOFF, STOPPED, EXITED, or RUNNING unregistered too
-    long)."""
+    long). ``failures``: the service's failures of the last ``window_s`` seconds by code."""
 
     expected: int
     up: int  # registered and not draining
     queued: int = 0
     queue_max: int | None = None
-    requests_ok: int = 0
-    requests_error: int = 0
     starting: int = 0
     broken: int = 0
+    failures: Mapping[str, int] = field(default_factory=dict)
+    window_s: float = HEALTH_WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -72,12 +131,23 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         return Verdict(State.DEGRADED, reasons)
     if f.queue_max and f.queued >= WARN_QUEUE_FILL * f.queue_max:
         reasons.append(f"{name} queue is {f.queued}/{f.queue_max} full (pool_saturated at {f.queue_max})")
-    answered = f.requests_ok + f.requests_error
-    if answered >= WARN_MIN_REQUESTS and f.requests_error / answered >= WARN_ERROR_RATE:
-        reasons.append(f"{name}: {f.requests_error} of {answered} requests failed "
-                       f"({100 * f.requests_error / answered:.0f}%)")
+    failed = {code: n for code, n in f.failures.items() if n}
+    if failed:
+        window = fmt_window(f.window_s)
+        parts = ", ".join(f"{LABELS.get(code, code)} ×{n}" for code, n in sorted(failed.items(), key=lambda kv: -kv[1]))
+        reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts} "
+                       f"(clears after {window} without one)")
     if reasons:
         return Verdict(State.WARN, reasons)
     if f.starting:
         return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
     return Verdict(State.OK)
+
+
+def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
+                      broken: int = 0) -> PoolFacts:
+    """PoolFacts from one pool of the broker's status (its queue and its recent failures)."""
+    recent = pool.get("recent") or {}
+    return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
+                     starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
+                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dspex.errors import ConfigError
+from dspex.health import HEALTH_WINDOW_S
 from dspex.protocol import Affinity
 
 SECTION_PREFIX = "dspex:pool:"
@@ -39,6 +40,8 @@ class PoolConfig:
     # prefetch depth and wake-ups"); the requests behind a pinned worker wait for it either way
     prefetch: int = 4
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
+    # seconds of the sliding window the pool's health counts the service's failures in (WARN)
+    health_window: float = HEALTH_WINDOW_S
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
 
 

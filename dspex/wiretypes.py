@@ -52,10 +52,8 @@ EXT_DEFAULTDICT = 20  # tag: [tag, factory code | None, {k: v}]
 EXT_ENUM = 21  # tag: [tag, enum class code, value]
 EXT_SUBCLASS = 22  # tag: [tag, class code, base value, {attr: value} | None]
 EXT_SURROGATES = 23  # UTF-8 with lone surrogates kept (surrogatepass)
-# msgpack's C packer packs a bytearray as bin before any hook sees it: a body with a bin marker in
-# it is scanned for bytearrays (dspex.codec.holds_bytearray), and one that has any is re-encoded by
-# the walk, which gives them this ext
-EXT_BYTEARRAY = 24  # the bytes
+# 24: unassigned. bytearray has no ext: msgpack's C packer packs it as bin before any hook, so it
+# arrives as bytes (keeping it would take a Python walk of every message)
 
 # PosixPath / WindowsPath can only be made on their own platform: as in pickle, the other one
 # is an error there
@@ -249,7 +247,6 @@ DECODERS: dict[int, Callable[[bytes], Any]] = {
     EXT_PATH: _path_from,
     EXT_ZONED: _zoned,
     EXT_SURROGATES: lambda data: bytes(data).decode("utf-8", "surrogatepass"),
-    EXT_BYTEARRAY: bytearray,
 }
 
 

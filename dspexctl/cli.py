@@ -2,7 +2,7 @@
 
     dspexctl [--endpoint EP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
 
-    pools status [POOL...] [-v] [--json]      exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
+    pools status [POOL...] [-v] [--watch] [--json]  exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
     pools start [POOL...]                      starts supervisord first when it is not running
     pools stop [POOL...]
     workers recycle POOL [--worker ID | --all] [--hard]
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,15 @@ def run(ctx: click.Context, cmd: Any, json_out: bool, **options: Any) -> None:
         result = cmd.execute(settings, req)
     except DspexError as err:
         fail(err, as_json)
-    except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
+    except KeyboardInterrupt:  # what goes on without us, when something does
+        hint = getattr(cmd, "interrupted", "")
+        click.echo("\nError: interrupted" + (f": {hint}" if hint else ""), err=True)
         ctx.exit(130)
+    show(cmd, result, as_json)
+    ctx.exit(cmd.exit_code(result))
+
+
+def show(cmd: Any, result: Any, as_json: bool) -> None:
     if as_json:
         result = {k: v for k, v in result.items() if k != "verbose"} if isinstance(result, dict) else result
         _emit_json(result)
@@ -62,7 +69,36 @@ def run(ctx: click.Context, cmd: Any, json_out: bool, **options: Any) -> None:
         text = cmd.present(result)
         if text:
             click.echo(text)
-    ctx.exit(cmd.exit_code(result))
+
+
+def watch(ctx: click.Context, cmd: Any, json_out: bool, every: float = 1.0, **options: Any) -> None:
+    """``run`` every ``every`` seconds until Ctrl-C (exit 130), like ``watch``: on a terminal the
+    screen is redrawn; otherwise (or with --json) each refresh follows the last. An error is shown
+    in place and the next refresh tries again."""
+    settings: Settings = ctx.obj
+    as_json = json_out or settings.json
+    redraw = sys.stdout.isatty() and not as_json
+    req = cmd.request(**options)
+    while True:
+        started = time.monotonic()
+        try:
+            result: Any = cmd.execute(settings, req)
+            error = None
+        except DspexError as err:
+            result, error = None, err
+        if redraw:
+            click.echo("\x1b[H\x1b[2J", nl=False)
+        if as_json:
+            _emit_json(result if error is None else {"error": {"code": error.code, "message": error.message}})
+        else:
+            click.echo(f"Every {every:g}s: dspexctl pools status    {time.strftime('%H:%M:%S')}\n")
+            if error is None:
+                show(cmd, result, False)
+            else:
+                click.echo(f"Error: {error.message or error.code}")
+            if not redraw:
+                click.echo()
+        time.sleep(max(0.0, every - (time.monotonic() - started)))
 
 
 def fail(err: DspexError, as_json: bool) -> None:
@@ -81,6 +117,9 @@ class Seconds(click.FloatRange):
     def __init__(self) -> None:
         super().__init__(min=0, min_open=True, max=10 * 365 * 86400)
 
+    def _describe_range(self) -> str:
+        return ""  # "a number of seconds" says it; "0<x<=315360000" in --help is noise
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         rv = super().convert(value, param, ctx)
         if rv != rv:  # nan passes every comparison
@@ -92,7 +131,19 @@ POSITIVE = Seconds()
 json_option = click.option("--json", "json_out", is_flag=True, help="print one JSON document (data only)")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Dspexctl(click.Group):
+    """Ctrl-C anywhere in a command: its ``with`` blocks close what it opened as the interrupt
+    unwinds, then one line and exit 130 (the shell's code for SIGINT), never click's "Aborted!" 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nError: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Dspexctl, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dspex", prog_name="dspexctl", message="%(prog)s %(version)s")
 @click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
               help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
@@ -118,13 +169,18 @@ def pools() -> None:
 @pools.command("status")
 @click.argument("pool", nargs=-1)
 @click.option("-v", "--verbose", is_flag=True, help="one row per worker too")
+@click.option("-w", "--watch", "watch_", is_flag=True, help="refresh every second until Ctrl-C (like watch/top)")
 @json_option
 @click.pass_context
-def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, json_out: bool) -> None:
+def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, watch_: bool, json_out: bool) -> None:
     """One row per pool (-v: per worker).
 
-    Exit 0 ok, 3 degraded, 4 unreachable, 5 a pool down, 6 warn, 7 starting.
+    Exit 0 ok, 3 degraded, 4 unreachable, 5 a pool down, 6 warn, 7 starting; with --watch, 130 at
+    Ctrl-C. WARN: a queue over 80% full, or a failure of the service itself (a crash, a queue
+    timeout, a refusal...) in the pool's health window; user exceptions never.
     """
+    if watch_:
+        watch(ctx, PoolsStatus(), json_out, pools=pool, verbose=verbose)
     run(ctx, PoolsStatus(), json_out, pools=pool, verbose=verbose)
 
 
@@ -141,7 +197,8 @@ def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out
 
 @pools.command("stop")
 @click.argument("pool", nargs=-1)
-@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS")
+@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the workers to stop")
 @json_option
 @click.pass_context
 def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
@@ -184,7 +241,8 @@ def workers() -> None:
 @click.option("--worker", "worker", default=None, metavar="ID", help="incarnation id (prefix) or pid")
 @click.option("--all", "all_", is_flag=True, help="every worker of the pool, one at a time")
 @click.option("--hard", is_flag=True, help="SIGKILL through supervisord instead (the crash path)")
-@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS")
+@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for the replacements to be ready")
 @json_option
 @click.pass_context
 def workers_recycle(ctx: click.Context, pool: str, worker: str | None, all_: bool, hard: bool, wait: float,
@@ -203,7 +261,7 @@ def sessions() -> None:
 
 
 @sessions.command("list")
-@click.option("--pool", default=None)
+@click.option("--pool", default=None, metavar="POOL", help="only this pool's sessions")
 @json_option
 @click.pass_context
 def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
@@ -213,7 +271,7 @@ def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
 
 @sessions.command("close")
 @click.argument("session", required=False)
-@click.option("--pool", default=None, help="every session of this pool")
+@click.option("--pool", default=None, metavar="POOL", help="every session of this pool")
 @click.option("--idle", type=POSITIVE, default=None, metavar="SECONDS", help="sessions idle at least this long")
 @click.option("--all", "all_", is_flag=True, help="every session")
 @json_option

@@ -19,8 +19,8 @@ from typing import Any
 
 import dspex
 from dspex import config
-from dspex.errors import ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
-from dspexctl.stack import ensure_stack, expected_workers, ready_counts, wait_ready
+from dspex.errors import BrokerUnreachable, ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
+from dspexctl.stack import StackConflict, ensure_stack, expected_workers, foreign_stack, ready_counts, wait_ready
 from dspex.supervisor import (
     STOPPED_STATES,
     Supervisor,
@@ -79,7 +79,14 @@ class Settings:
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
 
     def client(self, timeout: float | None = None) -> dspex.Client:
-        config.probe_ipc(self.resolved_endpoint())
+        endpoint = self.resolved_endpoint()
+        try:
+            config.probe_ipc(endpoint)
+        except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
+            from dspexctl.diagnose import explain
+
+            raise BrokerUnreachable(err.message + explain(endpoint, self.supervisor_conf_or_none(), err.message,
+                                                          self.timeout)) from None
         return dspex.connect(self.endpoint, timeout=self.timeout if timeout is None else timeout)
 
     def resolved_endpoint(self) -> str:
@@ -104,6 +111,20 @@ def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) 
                 return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
                         f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
     return None
+
+
+def metrics_text(metrics: dict[str, Any]) -> tuple[str, bool]:
+    """The broker's metrics server (its status ``broker.metrics``) in one line, and whether that is
+    trouble (the port asked for was taken, or nothing could be served)."""
+    if not metrics.get("requested"):
+        return "metrics: off (the broker runs without DSPEX_METRICS_PORT / --metrics-port)", False
+    if not metrics.get("port"):
+        return f"metrics: off: {metrics.get('error') or 'not served'}", True
+    url = f"http://127.0.0.1:{metrics['port']}/"
+    if metrics.get("error"):
+        return (f"metrics: {metrics['error']} (set DSPEX_METRICS_PORT to a free port): dashboard {url}, "
+                f"metrics {url}metrics"), True
+    return f"dashboard: {url} (metrics: {url}metrics)", False
 
 
 def progress(msg: str) -> None:
@@ -154,6 +175,8 @@ def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list
 
 
 class PoolsStart:
+    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
+
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
 
@@ -173,19 +196,26 @@ class PoolsStart:
                 with settings.client() as dx:
                     status = dx.status()
             else:
+                conflict = foreign_stack(sc, endpoint, sup)
+                if conflict:  # our workers would join the other stack's broker
+                    raise StackConflict(conflict)
                 for p in sup.processes():
                     if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
                         progress(f"starting {full_name(p)}")
                         sup.start_process(full_name(p))
-                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress)
+                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
         counts = ready_counts(status, groups)
+        metrics = dict(status["broker"].get("metrics") or {})
+        text, trouble = metrics_text(metrics)
+        if trouble:
+            progress(f"warning: {text}")
         return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
-                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}}
+                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}, "metrics": metrics}
 
     def present(self, result: dict[str, Any]) -> str:
         head = "started supervisord; " if result["started_supervisord"] else ""
         return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
-            + f" ({result['seconds']:.1f}s)"
+            + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK
@@ -202,10 +232,15 @@ class PoolsStop:
         # current request first (up to stopwaitsecs), so give the call that long
         with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
             groups = _pool_groups(sup, sc, req["pools"])
-            for g in groups:
+            for g in groups:  # every group at once; polling wakes supervisord's loop, which reaps them
                 progress(f"stopping {g}")
-                sup.stop_group(g, wait=True)
-            states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+                sup.stop_group(g, wait=False)
+            deadline = t0 + req["wait"]
+            while True:
+                states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+                if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
         # the workers said goodbye on SIGTERM; confirm the broker has dropped them
         left: dict[str, int] = {}
         try:
@@ -234,6 +269,7 @@ class PoolsStop:
 
 # -- workers recycle ---------------------------------------------------------------------------
 class WorkersRecycle:
+    interrupted = "the broker goes on with the recycle (dspexctl pools status -v follows it)"
     def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
                 wait: float = 120.0) -> dict[str, Any]:
         if worker and all:
@@ -434,6 +470,8 @@ class SessionsClose:
 class PoolsRestart:
     """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
 
+    interrupted = PoolsStart.interrupted
+
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
 
@@ -465,16 +503,35 @@ class StackStop:
 
         sc = SupervisorConf.load(settings.supervisor_conf)
         t0 = time.monotonic()
+        deadline = t0 + req["wait"]
         with Supervisor(sc, timeout=settings.timeout) as sup:
             try:
                 pid = sup.pid()
             except SupervisorUnreachable:
                 return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
-            procs = [full_name(p) for p in sup.processes() if p["statename"] not in STOPPED_STATES]
-            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(procs)} running program(s)")
+            running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
+            # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
+            # up to a second for I/O: every worker group at once instead, the broker last, and
+            # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
+            groups = sorted({p["group"] for p in running if p["group"] != "broker"})
+            for group in groups:
+                sup.stop_group(group, wait=False)
+            while groups and time.monotonic() < deadline:
+                if all(p["statename"] in STOPPED_STATES for p in sup.processes() if p["group"] in groups):
+                    break
+                time.sleep(0.02)
             sup.shutdown()
-        wait_pid_exit(pid, req["wait"])
-        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": procs,
+            while time.monotonic() < deadline:
+                try:
+                    sup.state()  # refused while it shuts down, but the request still wakes its loop
+                except SupervisorUnreachable:
+                    break  # its socket is gone: it is exiting
+                except SupervisorError:
+                    pass
+                time.sleep(0.02)
+        wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
+        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
                 "seconds": round(time.monotonic() - t0, 3)}
 
     def present(self, result: dict[str, Any]) -> str:

@@ -223,6 +223,24 @@ def _echo(line: str, err: bool) -> None:
         pass
 
 
+class _AtLeast(click.IntRange):
+    """An integer with a lower bound that ``--help`` does not spell out (the help text says it)."""
+
+    def __init__(self, low: int) -> None:
+        super().__init__(min=low)
+
+    def _describe_range(self) -> str:
+        return ""
+
+
+class _Seconds(click.FloatRange):
+    def __init__(self, low: float) -> None:
+        super().__init__(min=low)
+
+    def _describe_range(self) -> str:
+        return ""
+
+
 @click.command("flagship")
 @click.option("--model", envvar="DSPEX_MODEL", default=None,
               help="dspy/litellm model string, e.g. gemini/gemini-flash-lite-latest "
@@ -230,15 +248,15 @@ def _echo(line: str, err: bool) -> None:
 @click.option("--api-base", default=None, help="base URL of a local OpenAI-compatible server (dummy key if none set)")
 @click.option("--lm-engine", type=click.Choice(["auto", "lm15", "litellm"]), envvar="DSPEX_LM_ENGINE", default=None,
               help="dspy.LM engine for a real model (default: dspy's auto)")
-@click.option("--max-metric-calls", type=click.IntRange(min=3), default=None,
-              help="GEPA budget in metric calls (default 30; the original flagship's 3 only scores the baseline)")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-metric-calls", type=_AtLeast(3), default=None,
+              help="GEPA budget in metric calls, at least 3 (default 30; the original flagship's 3 only scores the baseline)")
+@click.option("--max-tokens", type=_AtLeast(1), default=None,
               help="token cap of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
-@click.option("--reflection-max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--reflection-max-tokens", type=_AtLeast(1), default=None,
               help="token cap of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
-@click.option("--lm-timeout", type=click.FloatRange(min=0.1), default=None,
-              help="seconds per LM HTTP call (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
-@click.option("--num-retries", type=click.IntRange(min=0), default=None,
+@click.option("--lm-timeout", type=_Seconds(0.1), default=None,
+              help="seconds per LM HTTP call, at least 0.1 (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
+@click.option("--num-retries", type=_AtLeast(0), default=None,
               help="retries with backoff of rate-limited/5xx/dropped LM calls (DSPEX_LM_NUM_RETRIES; default 2)")
 @click.option("--lm-kwarg", "lm_kwargs", multiple=True, metavar="K=V",
               help="extra dspy.LM keyword, value read as JSON when it is JSON (repeatable; DSPEX_LM_KWARGS)")
@@ -287,6 +305,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             # a missing key fails before anything starts, and so does an LM endpoint that cannot work
             spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
             checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
+            stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
             if _reachable(endpoint):
                 say(f"using the running stack at {endpoint or config.client_endpoint()}")
             else:

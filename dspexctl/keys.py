@@ -62,11 +62,11 @@ def keys() -> None:
 
 @keys.command("generate")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("keys"), show_default=True,
-              help="where to write the key files")
-@click.option("--peer", "peers", multiple=True, default=("client", "worker"), show_default=True,
+              metavar="DIR", help="where to write the key files")
+@click.option("--peer", "peers", multiple=True, default=("client", "worker"), show_default=True, metavar="NAME",
               help="a key pair to create and allow (repeatable): names starting with 'worker' join the "
                    "worker plane, others the client plane")
-@click.option("--admin", "admins", multiple=True,
+@click.option("--admin", "admins", multiple=True, metavar="NAME",
               help="a client key pair allowed admin ops (repeatable); with one, only admin keys may "
                    "recycle or close other clients' sessions")
 def generate_command(directory: Path, peers: tuple[str, ...], admins: tuple[str, ...]) -> None:

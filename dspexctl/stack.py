@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,76 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class StackConflict(ConfigError):
+    """Another stack's broker holds this stack's run directory (one stack per run directory)."""
+
+    code = "stack_conflict"
+
+
+def _fix(run_dir: str, other_conf: str) -> str:
+    stop = f"dspexctl --supervisor-conf {other_conf} stop" if other_conf else "stop it"
+    return (f"stop that stack ({stop}), or give this one its own run directory and metrics port "
+            f"(DSPEX_RUN_DIR=/tmp/dspex-mine DSPEX_METRICS_PORT=9465 dspexctl ...; a second stack also needs "
+            f"a second checkout, whose run/ holds its supervisord's socket)")
+
+
+def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = None,
+                  confless_is_foreign: bool = True) -> str | None:
+    """Why the broker at ``endpoint`` belongs to another stack than ``conf``'s, or None (nobody
+    listens there, or it is this conf's broker). ``sup``: this conf's supervisord, when running.
+    ``confless_is_foreign``: a broker started without a supervisor.conf (by hand, by a test) counts
+    as another stack's (``pools start`` cannot start its own beside it; a flow may still use it)."""
+    try:
+        config.probe_ipc(endpoint)
+    except (ConnectionError, ConfigError):
+        return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
+    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
+    ours = [p["pid"] for p in (sup.processes() if sup is not None else [])
+            if p["group"] == "broker" and p["name"] == "broker" and p["pid"]]
+    try:
+        with dspex.connect(endpoint, timeout=2.0) as client:
+            info = client.ping(timeout=2.0)
+    except Timeout:
+        if ours:
+            return None  # our own broker, busy: not a conflict
+        return (f"another stack is using this run directory {run_dir}: a process accepts connections at "
+                f"{endpoint} but does not answer (a stopped or hung broker?); " + _fix(run_dir, ""))
+    except ConnectionError:
+        return None
+    other = str(info.get("config") or "")
+    if other == str(conf.path) or info.get("pid") in ours or not (other or confless_is_foreign):
+        return None
+    started_with = f"was started with {other}" if other else "was started without a supervisor.conf"
+    return (f"another stack is using this run directory {run_dir}: the broker there (pid {info.get('pid')}) "
+            f"{started_with}, not {conf.path}; " + _fix(run_dir, other))
+
+
+def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None:
+    """Raise :class:`StackConflict` when the broker answering at ``endpoint`` (default: this
+    environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
+    uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
+    sc = SupervisorConf.load(conf or default_conf())
+    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    with Supervisor(sc, timeout=5.0) as sup:
+        conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
+    if conflict:
+        raise StackConflict(conflict)
+
+
+def _bind_refused(sup: Supervisor) -> str | None:
+    """The broker's last log line when it refused to start because another broker is live on the
+    run directory's sockets (BACKOFF or FATAL), else None."""
+    for p in sup.processes():
+        if p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("BACKOFF", "FATAL", "EXITED"):
+            try:
+                tail = str(sup.call("supervisor.tailProcessStdoutLog", full_name(p), 0, 4000)[0])
+            except SupervisorError:
+                return None
+            lines = [ln for ln in tail.splitlines() if "another broker is live" in ln]
+            return lines[-1].split("broker: ", 1)[-1].strip() if lines else None
+    return None
+
+
 @dataclass
 class StackHandle:
     conf: Path
@@ -60,7 +131,11 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
     endpoint = config.check_endpoint(config.client_endpoint(endpoint))
     started = False
     with Supervisor(sc, timeout=5.0) as sup:
-        if not sup.running():
+        running = sup.running()
+        conflict = foreign_stack(sc, endpoint, sup if running else None)
+        if conflict:  # before anything starts: our workers would join the other stack's broker
+            raise StackConflict(conflict)
+        if not running:
             progress(f"starting supervisord -c {sc.path}")
             pid = start_supervisord(sc, timeout=max(10.0, timeout / 2))
             started = True
@@ -72,7 +147,14 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
                 sup.start_process(name)
         wanted = expected_workers(sc, sup)
         try:
-            wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress)
+            wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress, conf=sc)
+        except StackConflict as err:
+            if started:  # all or nothing: what this call started goes, before it joins the other stack
+                progress("another stack holds the run directory: stopping the supervisord this command started")
+                shutdown_stack(StackHandle(conf=sc.path, endpoint=endpoint, started=True))
+                raise StackConflict(err.message + " (this command stopped the supervisord it had started, and "
+                                    "every program of it)") from None
+            raise
         except Timeout as err:
             err.details["started"] = started
             raise
@@ -127,16 +209,20 @@ def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]
 
 
 def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *, timeout: float,
-               progress: Progress = _stderr) -> dict[str, Any]:
+               progress: Progress = _stderr, conf: SupervisorConf | None = None) -> dict[str, Any]:
     """Poll the broker until each pool of ``wanted`` has that many ready workers; return the status.
 
     Also polls supervisord, which (besides spotting a FATAL program early) wakes its main loop:
     supervisord only restarts an exited program on its next loop turn, up to 1 s later otherwise.
+    With ``conf``, raises :class:`StackConflict` as soon as the broker that answers is another
+    stack's, or this stack's broker refused to start because another one is live on the run
+    directory.
     """
     started_at = time.monotonic()
     deadline = started_at + timeout
     last_line = ""
     last_err = ""
+    checked = False  # whose broker answers: asked once
     client = dspex.connect(endpoint, timeout=1.0)
     try:
         while True:
@@ -144,6 +230,11 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
             counts = dict.fromkeys(wanted, 0)
             try:
                 status = client.status(timeout=1.0)
+                if conf is not None and not checked:
+                    conflict = foreign_stack(conf, endpoint, sup)
+                    if conflict:
+                        raise StackConflict(conflict)
+                    checked = True
                 counts = ready_counts(status, wanted)
                 unknown = [p for p in wanted if p not in status["pools"]]
                 if unknown:
@@ -158,6 +249,11 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
             if sup is not None:
                 procs = sup.processes()
                 fatal = [full_name(p) for p in procs if p["statename"] == "FATAL"]
+                refused = _bind_refused(sup) if conf is not None and status is None else None
+                if refused:
+                    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
+                    raise StackConflict(f"another stack is using this run directory {run_dir}: this stack's broker "
+                                        f"refused to start ({refused}); " + _fix(run_dir, ""))
             if fatal and sup is not None:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
                 raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once "

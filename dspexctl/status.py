@@ -13,8 +13,25 @@ from __future__ import annotations
 from typing import Any
 
 from dspex.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
-from dspex.health import REGISTER_GRACE_S, PoolFacts, State, pool_state, worst
-from dspex.supervisor import Supervisor, SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, full_name
+from dspex.health import (
+    RECYCLE,
+    SERVICE,
+    USER,
+    State,
+    facts_from_status,
+    fmt_window,
+    pool_state,
+    proc_phase,
+    proc_uptime,
+    worst,
+)
+from dspex.supervisor import (
+    Supervisor,
+    SupervisorError,
+    SupervisorNoSuchProcess,
+    SupervisorUnreachable,
+    full_name,
+)
 from dspexctl.commands import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -27,28 +44,16 @@ from dspexctl.commands import (
     fmt_duration,
     fmt_ms,
     foreign_broker,
+    metrics_text,
     table,
 )
+from dspexctl.diagnose import silent_broker
 
 EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host")
-
-
-def proc_uptime(proc: dict[str, Any]) -> float:
-    return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
-
-
-def proc_phase(proc: dict[str, Any], registered: set[int]) -> str:
-    """``registered``, ``starting`` or ``broken`` (see the module docstring)."""
-    state = proc["statename"]
-    if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
-        return "registered"
-    if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
-        return "starting"
-    return "broken"
 
 
 def last_log_line(sup: Supervisor, name: str) -> str:
@@ -126,9 +131,10 @@ class PoolsStatus:
         registered = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
         broker_starting = False
         if broker is None:
-            if broker_proc is not None and proc_phase(broker_proc, set()) == "starting":
-                broker_starting = True
-                issues.append((State.STARTING, f"the broker is starting ({broker_err})"))
+            if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err)
+                broker_starting = state is State.STARTING
+                issues.append((state, text))
             else:
                 issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
         else:
@@ -150,6 +156,8 @@ class PoolsStatus:
             if g in names:
                 continue
             for p in members:
+                if p is broker_proc and broker is None and p["statename"] in ("RUNNING", "STARTING"):
+                    continue  # said above: running but silent where we look
                 if proc_phase(p, registered) == "broken":
                     issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
 
@@ -213,12 +221,11 @@ class PoolsStatus:
         if broker is None:
             health = State.STARTING.value if broker_starting else "unknown"
         else:
-            verdict = pool_state(name, PoolFacts(
-                expected=expected, up=ready + busy, queued=bp["queued"] if bp else 0,
-                queue_max=bp["queue_max"] if bp else None, requests_ok=bp["requests_ok"] if bp else 0,
-                requests_error=bp["requests_error"] if bp else 0, starting=starting, broken=broken))
+            verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
+                                                         starting=starting, broken=broken))
             health = verdict.state.value
             issues.extend((verdict.state, r) for r in verdict.reasons)
+        recent = (bp or {}).get("recent") or {}
         return {
             "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
             "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b), "starting": starting,
@@ -227,6 +234,9 @@ class PoolsStatus:
             "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
             "latency_p50_ms": latency(bp, "latency_p50_ms"), "latency_p99_ms": latency(bp, "latency_p99_ms"),
             "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
+            "health_window": (bp or {}).get("health_window"),
+            # failed answers (and crashes) of the health window: only "service" counts for WARN
+            "failures": {kind: dict(recent.get(kind) or {}) for kind in (SERVICE, USER, RECYCLE)},
             "health": health, "in_broker": bp is not None, "workers": workers,
         }
 
@@ -257,10 +267,12 @@ class PoolsStatus:
                                   f"{hb:.1f}s ago" if hb is not None else "-"])
                 out.extend(table(wrows, indent="    "))
             lines = out
+        lines += self._failures(result["pools"])
         b = result["broker"]
         if b is not None:
             lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
                          f"{b['frontend']}")
+            lines.append(metrics_text(b.get("metrics") or {})[0])
         s = result["supervisor"]
         if s is not None and s["state"] is not None:
             lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
@@ -272,6 +284,22 @@ class PoolsStatus:
         for issue in result["issues"]:
             lines.append(f"{issue['state'].upper()}: {issue['text']}")
         return "\n".join(lines)
+
+    @staticmethod
+    def _failures(pools: list[dict[str, Any]]) -> list[str]:
+        """The health window's failed answers per pool, when any: the service's (what WARN
+        counts), the callers' own (user code raising, cancels, usage errors) and those to sessions
+        whose worker an operator recycled or stopped."""
+        def total(p: dict[str, Any], kind: str) -> int:
+            return sum(p["failures"][kind].values())
+
+        shown = [p for p in pools if p["in_broker"] and any(total(p, k) for k in (SERVICE, USER, RECYCLE))]
+        if not shown:
+            return []
+        rows = [["POOL", "LAST", "SERVICE", "USER", "RECYCLE"]]
+        rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
+                  str(total(p, RECYCLE))] for p in shown]
+        return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_FOR_STATE[State(result["health"])]

@@ -35,6 +35,29 @@ def stack(short_tmp: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
             print(s.logs())
 
 
+# fixtures that start brokers, workers, supervisord, a browser or an LM server (module.name): a
+# test that uses one (directly or through another fixture) is ``slow``, so `pytest -m "not slow"`
+# is the fast subset: pure logic and quick one-process checks
+PROCESS_FIXTURES = {
+    "tests.conftest.stack", "tests.conformance.conftest.cstack", "tests.chaos.conftest.chaos_root",
+    "tests.test_cli.started", "tests.test_dashboard.small", "tests.test_dashboard.browser",
+    "tests.test_flagship.fstack", "tests.test_flagship.chat_server", "tests.test_flagship_failures.fstack",
+    "tests.test_flagship_failures.server", "tests.test_flagship_real_model.stack", "tests.test_fuzz.inproc_broker",
+    "tests.test_fuzz.fuzz_stack", "tests.test_lmserver.server", "tests.test_ops_cli.small",
+    "tests.test_ops_health.stack", "tests.test_ops_stack.stacks", "tests.test_ops_status.small",
+    "tests.test_security.netns", "tests.test_supervisor.sup", "tests.conformance.test_http_lm.api_base",
+}  # and the conformance tests' "session" side (the ``run`` fixture's other parameter is in-process)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.items() if info is not None else ()
+        through_a_session = getattr(getattr(item, "callspec", None), "params", {}).get("run") == "session"
+        if through_a_session or any(f"{d.func.__module__}.{name}" in PROCESS_FIXTURES for name, ds in defs for d in ds):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield

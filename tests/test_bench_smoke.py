@@ -29,6 +29,7 @@ def _expected_rows() -> list[str]:
     return [name for group in ROWS.values() for name in group]
 
 
+@pytest.mark.slow
 def test_bench_smoke_produces_every_figure(tmp_path: Path) -> None:
     expected = _expected_rows()
 

@@ -251,22 +251,11 @@ def test_a_subclass_class_that_is_not_what_it_claims_is_a_protocol_error() -> No
         decode([wire])
 
 
-@pytest.mark.parametrize("policy", list(Policy))
-def test_a_bytearray_keeps_its_type_where_the_first_pass_packed_it_as_bin(policy: Policy) -> None:
-    """msgpack's C packer packs a bytearray as bin before any hook sees it; a body with a bin marker
-    is scanned and re-encoded (ext 24), at any depth, in records too, beside bytes."""
-    assert_exact(bytearray(b"ab"), through(bytearray(b"ab"), policy))
-    assert_exact(bytearray(), through(bytearray(), policy))
-    out = through([bytearray(b"ab"), b"cd", "\udcff", {"k": (bytearray(b"\xc4"),)}], policy)
-    assert out == [bytearray(b"ab"), b"cd", "\udcff", {"k": (bytearray(b"\xc4"),)}]
-    assert [type(out[0]), type(out[1]), type(out[3]["k"][0])] == [bytearray, bytes, bytearray]
-    assert_exact(b"\xc4\xc5", through(b"\xc4\xc5", policy))  # bytes stay bytes after the scan
-
-
-def test_a_bytearray_field_of_a_prediction_keeps_its_type() -> None:
-    dspy = pytest.importorskip("dspy")
-    out = through(dspy.Prediction(blob=bytearray(b"x"), text="t"), Policy.DATA)
-    assert type(out.blob) is bytearray and out.text == "t"
+def test_bytearray_arrives_as_bytes() -> None:
+    """The one exception (docs/remote-objects.md): msgpack's C packer packs a bytearray before any
+    hook sees it, on the common path and on the fallback walk alike."""
+    assert through(bytearray(b"ab"), Policy.ALL) == b"ab"
+    assert through([bytearray(b"ab"), "\udcff"], Policy.ALL) == [b"ab", "\udcff"]
 
 
 class Shelf(bytearray):
@@ -468,17 +457,3 @@ def test_a_pickle_that_imports_a_missing_package_is_a_missing_module_error(tmp_p
     assert "install it on the workers' environment" in str(info.value)
     again = pickle.loads(pickle.dumps(info.value))  # as it crosses the wire: the same typed error
     assert type(again) is MissingModule and again.name == "dspex_test_onlyhere"
-
-
-def test_the_bytearray_scan_never_reads_attributes_of_a_ref_handle() -> None:
-    """A body with a bin marker is scanned: a bound Ref in it must not ask its worker anything."""
-    from dspex.ref import Ref
-
-    class Owner:
-        def attr(self, ref: Ref, name: str) -> None:
-            raise AssertionError(f"the scan asked the worker for {name!r}")
-
-    ref = Ref("a" * 32, "s", "p", "w", "T").bind(Owner())
-    out = through([ref, b"\xc4", bytearray(b"x")], Policy.ALL)
-    assert out[0] == ref  # equality by value: the owner is not part of it
-    assert type(out[2]) is bytearray

@@ -579,3 +579,120 @@ def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
         core._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
         assert msgpack.unpackb(core.to_clients[-1][2])["code"] == "protocol_error"
     assert core.requests() == []
+
+
+# -- health window, sessions of gone workers, rolling recycles ---------------------------------
+def error_reply(core: StubCore, wid: bytes, client: bytes, req_id: int, code: str) -> None:
+    core._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, "err", req_id, client)),
+                      zmq.Frame(pack_reply_header("err", req_id)),
+                      zmq.Frame(msgpack.packb({"code": code, "message": "boom"}))])
+
+
+def recent(core: StubCore, now: float | None = None) -> dict[str, dict[str, int]]:
+    return core.pools["p"].recent.totals(time.monotonic() if now is None else now)
+
+
+def test_the_health_window_counts_the_services_failures_apart_from_users_and_recycles() -> None:
+    core = two_workers("p:strict_queue:health_window=30")
+    for i in range(50):  # user code raising: the caller's, never the service's
+        core.request(C, i, "p", "s1")
+        error_reply(core, core.worker_of(i) or b"", C, i, "remote_error")
+    core.request(C, 50, "p", "s2")
+    error_reply(core, core.worker_of(50) or b"", C, 50, "timeout")  # stopped at its deadline on the worker
+    assert recent(core) == {"user": {"remote_error": 50}, "service": {"timeout": 1}}
+    pinned = core.sessions["s1"].worker or b""
+    core.admin(C, "recycle", pool="p", worker=pinned.decode())
+    core.say(pinned, W_DISCONNECT)  # recycled: its sessions' next calls are the operator's doing
+    core.request(C, 51, "p", "s1")
+    assert core.outcome(C, 51) == "session_worker_unavailable"
+    assert recent(core)["recycle"] == {"session_worker_unavailable": 1}
+    other = next(iter(core.workers))
+    core._remove_worker(core.workers[other], "crashed (connection lost)")
+    core.request(C, 52, "p", "s2")  # its worker crashed: the service's
+    assert core.outcome(C, 52) == "session_worker_unavailable"
+    assert recent(core)["service"] == {"timeout": 1, "crash": 1, "session_worker_unavailable": 1}
+    st = core.admin(C, "status")["pools"]["p"]
+    assert st["health_window"] == 30 and st["recent"]["user"] == {"remote_error": 50}
+    assert recent(core, time.monotonic() + 32) == {}, "the window slides: old failures leave it"
+
+
+def test_failures_of_a_busy_window_stay_bounded() -> None:
+    from broker.state import RecentFailures
+
+    window = RecentFailures(10)
+    for i in range(100_000):
+        window.add("service", "queue_timeout", 1000.0 + i / 1000)  # 100 s at 1000 failures/s
+    assert len(window._buckets) <= 12
+    assert window.totals(1100.0) == {"service": {"queue_timeout": 10_000}}
+
+
+@pytest.mark.parametrize("how", ["recycled", "crashed"])
+def test_sessions_of_a_gone_worker_leave_every_count_and_answer_from_their_tombstone(how: str) -> None:
+    core = two_workers("p:strict_queue")
+    for i, sid in enumerate(["s1", "s2", "s3", "s4"]):
+        core.request(C, i, "p", sid)
+        core.reply(core.worker_of(i) or b"", C, i)
+    lost = core.sessions["s1"].worker or b""
+    kept = {sid for sid, r in core.sessions.items() if r.worker != lost}
+    if how == "recycled":
+        core.admin(C, "recycle", pool="p", worker=lost.decode())
+        core.say(lost, W_DISCONNECT)
+    else:
+        core._remove_worker(core.workers[lost], "crashed (connection lost)")
+    st = core.admin(C, "status")
+    pool = st["pools"]["p"]
+    listed = core.admin(C, "sessions")
+    assert {s["id"] for s in listed} == kept
+    assert pool["sessions"] == st["broker"]["sessions"] == sum(w["sessions"] for w in pool["workers"]) == len(kept)
+    for req_id in (10, 11):  # answered so every time, from the tombstone; never a fresh namespace
+        core.request(C, req_id, "p", "s1")
+        assert core.outcome(C, req_id) == "session_worker_unavailable"
+        assert core.worker_of(req_id) is None
+    assert "s1" not in core.sessions
+
+
+def test_a_rolling_recycle_never_pins_a_new_session_to_a_worker_scheduled_in_it() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "busy")  # keeps its worker draining a while
+    first = core.worker_of(1) or b""
+    second = B if first == A else A
+    core.admin(C, "recycle", pool="p", all=True)
+    assert core.pools["p"].recycling in (first, second)
+    draining = core.pools["p"].recycling
+    scheduled = second if draining == first else first
+    core.request(C, 2, "p", "new")  # during the roll: not pinned to the worker recycled next
+    assert core.worker_of(2) is None and core.sessions["new"].worker is None
+    if draining == first:
+        core.reply(first, C, 1)
+    core.say(draining or b"", W_DISCONNECT)
+    core.ready(b"worker-c", "p")  # the replacement takes the new session
+    assert core.sessions["new"].worker == b"worker-c" and core.worker_of(2) == b"worker-c"
+    core.reply(b"worker-c", C, 2)
+    assert core.pools["p"].recycling == scheduled
+    core.request(C, 3, "p", "new")
+    assert core.worker_of(3) == b"worker-c" and core.outcome(C, 3) is None
+
+
+def test_a_silent_workers_sessions_wait_uncounted_and_come_back_with_it() -> None:
+    """Heartbeats stopped (a partitioned host): its sessions leave every count; one called meanwhile
+    is answered session_worker_unavailable and is a tombstone from then on; the others are served
+    again when the same incarnation re-registers (it kept their state)."""
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    for req_id, session in ((1, "waits"), (2, "called")):
+        core.request(C, req_id, "p", session)
+        core.reply(A, C, req_id)
+    core.ready(B, "p")
+    later = time.monotonic() + 10
+    core.workers[B].expiry = later + 10  # only A misses its heartbeats
+    core._heartbeat(later)
+    assert A not in core.workers
+    assert core.admin(C, "status")["pools"]["p"]["sessions"] == 0
+    assert core.admin(C, "sessions") == []
+    core.request(C, 3, "p", "called")
+    assert core.outcome(C, 3) == "session_worker_unavailable"
+    core.ready(A, "p")  # the partition healed: the same incarnation
+    core.request(C, 4, "p", "waits")
+    assert core.worker_of(4) == A, "the waiting session is served where its state is"
+    core.request(C, 5, "p", "called")
+    assert core.outcome(C, 5) == "session_worker_unavailable", "a tombstone stays one"

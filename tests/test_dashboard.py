@@ -1,12 +1,14 @@
 """The broker's live dashboard, in a real headless Chromium driven by selenium.
 
 A small stack (the shipped broker, triage_pool with 2 workers, analytics_pool with 1) under a real
-supervisord; the page is loaded once, a worker is recycled with ``dspexctl``, and the page must show
-the new incarnation without a reload. Set DSPEX_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh
-the screenshot in the docs (by default it goes to the test's temp dir).
+supervisord; the page is loaded once and must follow, without a reload: the stack's identity in the
+header, sparklines drawn from the broker's history, sessions, a recycle (events newest first), a
+stopped pool (DOWN, its workers in supervisord's STOPPED state, as `dspexctl pools status` says),
+at 1280 px without clipping and in the narrow layout. DSPEX_DASHBOARD_SCREENSHOT=docs/dashboard.png
+runs the shipped supervisor.conf's whole stack under load and writes the screenshot in the docs.
 
-Skipped, with the reason printed, when chromium/chromedriver or selenium are missing (CI installs
-them: see .ci/run).
+Skipped, with the reason printed, when chromium/chromedriver or selenium are missing (Debian:
+apt-get install chromium chromium-driver; CI installs them: see .ci/run).
 """
 
 from __future__ import annotations
@@ -15,52 +17,70 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from broker.dashboard import EventTracker, view
+from broker.dashboard import view
+from broker.publisher import quantile
+from broker.state import LATENCY_BUCKETS
 from tests.harness import REPO, free_port, wait_for
+from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl
 from tests.test_ops_python import small_conf_text
-from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1500,1000"]
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900"]
 
 
 # -- pure logic ----------------------------------------------------------------------------------
-def _status(workers: dict[str, list[tuple[str, int]]], recycles: int = 0, crashes: int = 0) -> dict[str, Any]:
-    return {"broker": {"pid": 1, "uptime_s": 100.0}, "pools": {
-        name: {"size": 2, "queued": 0, "queue_max": 10, "requests_ok": 0, "requests_error": 0, "recycles": recycles,
-               "crashes": crashes, "latency_p50_ms": 0.0, "latency_p99_ms": 0.0,
+def _snap(workers: dict[str, list[tuple[str, int]]], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"broker": {"pid": 1, "uptime_s": 100.0}, "events": events or [], "sessions": [], "pools": {
+        name: {"size": 2, "queued": 0, "queue_max": 10, "requests_ok": 0, "requests_error": 0, "recycles": 0,
+               "crashes": 0, "latency_p50_ms": 0.0, "latency_p99_ms": 0.0, "health_window": 300, "recent": {},
                "workers": [{"incarnation": inc, "id": inc[:8], "pid": pid, "state": "ready"} for inc, pid in ws]}
         for name, ws in workers.items()}}
 
 
-def test_event_tracker_names_recycles_crashes_and_starts() -> None:
-    t = EventTracker()
-    t.observe(_status({"p": [("a" * 32, 10), ("b" * 32, 11)]}), now=1.0)
-    assert t.recent() == []  # the first snapshot is the baseline, not a burst of starts
-    t.observe(_status({"p": [("b" * 32, 11), ("c" * 32, 12)]}, recycles=1), now=2.0)
-    t.observe(_status({"p": [("c" * 32, 12)]}, recycles=1, crashes=1), now=3.0)
-    kinds = [(e["kind"], e["pid"]) for e in t.recent()]
-    assert kinds == [("crash", 11), ("start", 12), ("recycle", 10)]
+def _proc(group: str, i: int, state: str, pid: int = 0) -> dict[str, Any]:
+    return {"group": group, "name": f"{group}_{i:02d}", "statename": state, "pid": pid, "start": 0, "now": 1000}
 
 
-def test_view_states_no_data_and_broker_events() -> None:
-    st = _status({"p": [("a" * 32, 10)]})
-    v = view(st, {10: "p:p_00"}, [])
+def test_view_events_newest_first_and_the_brokers_view_alone() -> None:
+    events = [{"time": t, "event": e, "pool": "p"} for t, e in ((1.0, "start"), (2.0, "recycle"), (3.0, "start"))]
+    v = view(_snap({"p": [("a" * 32, 10)]}, events), [])
+    assert [e["time"] for e in v["events"]] == [3.0, 2.0, 1.0]
     pool = v["pools"]["p"]
     assert pool["state"] == "degraded" and pool["up"] == 1 and pool["expected"] == 2
-    assert pool["latency_p50_ms"] is None and pool["workers"][0]["process"] == "p:p_00"
-    assert v["events_source"] == "dashboard"
-    st["events"] = [{"time": 5.0, "kind": "recycle", "pool": "p"}]
-    assert view(st, {}, [{"kind": "start"}])["events"] == st["events"]
+    assert pool["latency_p50_ms"] is None and pool["workers"][0]["process"] is None
+
+
+def test_view_joins_supervisords_processes_like_pools_status() -> None:
+    """A stopped pool is DOWN (not "starting"), its processes listed in supervisord's state."""
+    procs = [_proc("p", 0, "RUNNING", 10), _proc("p", 1, "STARTING"), _proc("q", 0, "STOPPED"),
+             _proc("q", 1, "STOPPED")]
+    v = view(_snap({"p": [("a" * 32, 10)], "q": []}), procs)
+    p, q = v["pools"]["p"], v["pools"]["q"]
+    assert p["state"] == "starting" and p["workers"][0]["process"] == "p:p_00"
+    assert [(w["state"], w["phase"]) for w in p["workers"][1:]] == [("starting", "starting")]
+    assert q["state"] == "down" and q["reasons"] == ["q has no ready worker (0/2)"]
+    assert [w["state"] for w in q["workers"]] == ["stopped", "stopped"]
+
+
+def test_history_percentiles_come_from_the_intervals_histogram() -> None:
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    assert quantile(LATENCY_BUCKETS, counts, 0.5) is None
+    counts[LATENCY_BUCKETS.index(0.01)] = 99  # 99 calls in (5 ms, 10 ms]
+    counts[LATENCY_BUCKETS.index(1.0)] = 1  # one in (0.5 s, 1 s]
+    assert 0.005 < (quantile(LATENCY_BUCKETS, counts, 0.5) or 0) <= 0.01
+    assert 0.005 < (quantile(LATENCY_BUCKETS, counts, 0.99) or 0) <= 0.01
+    assert 0.5 < (quantile(LATENCY_BUCKETS, counts, 1.0) or 0) <= 1.0
 
 
 # -- in a browser --------------------------------------------------------------------------------
@@ -126,43 +146,98 @@ def rows(driver: Any, table: str) -> list[dict[str, str]]:
         });""", table)
 
 
+def fits(driver: Any) -> list[str]:
+    """What is wider than the window or clipped in its section (nothing, when the layout fits)."""
+    return list(driver.execute_script("""
+        const out = [];
+        const doc = document.documentElement;
+        if (doc.scrollWidth > window.innerWidth) out.push(`page ${doc.scrollWidth} > ${window.innerWidth}`);
+        for (const sec of document.querySelectorAll("section"))
+            if (sec.scrollWidth > sec.clientWidth + 1) out.push(`${sec.querySelector("h2").textContent}: `
+                + `${sec.scrollWidth} > ${sec.clientWidth}`);
+        return out;"""))
+
+
+def sparkline_points(driver: Any) -> dict[str, dict[str, int]]:
+    """pool -> sparkline -> points drawn (polyline vertices)."""
+    return dict(driver.execute_script("""
+        const out = {};
+        for (const tr of document.querySelectorAll("#history tbody tr[data-pool]")) {
+            out[tr.dataset.pool] = {};
+            for (const td of tr.querySelectorAll("td")) {
+                const svg = td.querySelector("svg");
+                if (svg) out[tr.dataset.pool][td.className] = Number(svg.dataset.points)
+                    * (svg.querySelectorAll("polyline").length ? 1 : 0);
+            }
+        }
+        return out;"""))
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_dashboard_in_a_real_browser(small: SupervisedStack, browser: Any) -> None:
+    stop = threading.Event()
+
+    def traffic() -> None:  # a call every 0.2 s, so each history interval has latencies
+        with small.client() as c:
+            while not stop.wait(0.2):
+                c.call("operator", "add", [1, 1], pool="triage_pool")
+
+    background = threading.Thread(target=traffic, daemon=True)
+    background.start()
+    try:
+        check_the_page(small, browser, stop)
+    finally:
+        stop.set()
+        background.join(30)
+
+
+def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) -> None:
     port = small.metrics_port
     url = f"http://127.0.0.1:{port}/"
     with small.client() as dx:
-        for i in range(5):
+        for i in range(20):
             assert dx.call("operator", "add", [i, 1], pool="triage_pool") == i + 1
         s = dx.session("analytics_pool")
         s.call("os", "getpid")
 
-    browser.get(url)
-    status = small.status()
-    want_pids = {str(w["pid"]) for p in status["pools"].values() for w in p["workers"]}
+        browser.get(url)
+        assert browser.execute_script("return window.innerWidth") >= 1270
+        status = small.status()
+        want_pids = {str(w["pid"]) for p in status["pools"].values() for w in p["workers"]}
 
-    def pools_rendered() -> list[dict[str, str]] | None:
-        got = rows(browser, "pools")
-        return got if {r["pool"] for r in got} == set(POOLS) else None
+        def pools_rendered() -> list[dict[str, str]] | None:
+            got = rows(browser, "pools")
+            return got if {r["pool"] for r in got} == set(POOLS) else None
 
-    pools = {r["pool"]: r for r in wait_for(pools_rendered, 30, 0.2, "the pools table")}
-    assert {p: r["state"] for p, r in pools.items()} == {"triage_pool": "ok", "analytics_pool": "ok"}
-    assert pools["triage_pool"]["td_ready"] == "2 / 2" and pools["analytics_pool"]["td_ready"] == "1 / 1"
-    assert pools["triage_pool"]["td_p50"].endswith(("ms", "s")) and pools["triage_pool"]["td_p50"] != "-"
-    workers = wait_for(lambda: (w := rows(browser, "workers")) and {r["pid"] for r in w} == want_pids and w,
-                       30, 0.2, "the worker pids")
-    assert {r["td_pid"] for r in workers} == want_pids
-    assert {r["td_process"] for r in workers} == {"triage_pool:triage_pool_00", "triage_pool:triage_pool_01",
-                                                  "analytics_pool:analytics_pool_00"}
-    assert browser.find_element("id", "broker").text.startswith(f"broker pid {status['broker']['pid']}")
+        pools = {r["pool"]: r for r in wait_for(pools_rendered, 30, 0.2, "the pools table")}
+        assert {p: r["state"] for p, r in pools.items()} == {"triage_pool": "ok", "analytics_pool": "ok"}
+        assert pools["triage_pool"]["td_ready"] == "2 / 2" and pools["analytics_pool"]["td_ready"] == "1 / 1"
+        assert pools["triage_pool"]["td_p50"].endswith(("ms", "s")) and pools["triage_pool"]["td_p50"] != "-"
+        workers = wait_for(lambda: (w := rows(browser, "workers")) and {r["pid"] for r in w} == want_pids and w,
+                           30, 0.2, "the worker pids")
+        assert {r["td_process"] for r in workers} == {"triage_pool:triage_pool_00", "triage_pool:triage_pool_01",
+                                                      "analytics_pool:analytics_pool_00"}
+        assert {r["state"] for r in workers} == {"ready"} and {r["colour"] for r in workers} == {"ok"}
+        # the header and the title say which stack this is
+        header = browser.find_element("id", "stack").text
+        assert str(small.conf) in header and small.run_dir in header
+        assert str(small.conf) in browser.title
+        assert browser.find_element("id", "broker").text.startswith(f"broker pid {status['broker']['pid']}")
+        # the session, in the sessions panel with its pool and worker
+        sessions = wait_for(lambda: rows(browser, "sessions"), 10, 0.2, "the sessions panel")
+        assert [(r["session"], r["pool"], r["td_worker"][:8]) for r in sessions] == [
+            (s.id, "analytics_pool", s.worker[:8])]
+        # sparklines: drawn from the broker's history (a point every 5 s), without a reload
+        browser.execute_script("window.__same_page = 42")
+        drawn = wait_for(lambda: (got := sparkline_points(browser)) and min(got["triage_pool"].values()) >= 2
+                         and got, 30, 0.5, "triage_pool's sparklines drawn")
+        assert set(drawn) == set(POOLS) and set(drawn["triage_pool"]) == {"calls", "latency", "queue", "errors"}
+        assert drawn["analytics_pool"]["calls"] >= 2 and drawn["analytics_pool"]["queue"] >= 2
+        stop.set()  # a quiet pool's intervals have no latency: a gap, never a made-up zero
+        assert fits(browser) == [], "at 1280 px nothing is clipped"
 
-    # nothing is fetched from anywhere but the broker: the page works offline
-    origins = browser.execute_script(
-        "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
-    assert set(origins) <= {f"http://127.0.0.1:{port}"}, origins
-    assert "http://" not in browser.page_source.replace(url, "") and "https://" not in browser.page_source
-
-    browser.execute_script("window.__same_page = 42")
+    # a recycle: the new incarnation and the events, newest first, on the same page
     old = next(r for r in workers if r["pool"] == "triage_pool")
     res = dspexctl(small, "workers", "recycle", "triage_pool", "--worker", old["incarnation"][:8], "--json")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -174,21 +249,84 @@ def test_dashboard_in_a_real_browser(small: SupervisedStack, browser: Any) -> No
         return new["new"] in incs and old["incarnation"] not in incs
 
     wait_for(replaced, 30, 0.2, "the new incarnation on the page")
-    assert browser.execute_script("return window.__same_page") == 42, "the page was reloaded"
-    events = wait_for(lambda: (e := rows(browser, "events")) and {r["kind"] for r in e} >= {"recycle", "start"} and e,
-                      15, 0.2, "the recycle in the events table")
-    assert {(r["kind"], r["td_pool"], r["td_worker"], r["td_pid"]) for r in events} >= {
-        ("recycle", "triage_pool", old["incarnation"], old["pid"]),
-        ("start", "triage_pool", new["new"], str(new["new_pid"]))}
-    recycled = next(r for r in rows(browser, "workers") if r["incarnation"] == new["new"])
-    assert recycled["td_pid"] == str(new["new_pid"])
+    events = wait_for(lambda: (e := rows(browser, "events")) and e[0]["kind"] == "start"
+                      and e[0]["incarnation"] == new["new"] and e, 15, 0.2, "the new start on top of the events")
+    assert events[1]["kind"] == "recycle" and events[1]["incarnation"] == old["incarnation"], events[:2]
+    times = [float(r["time"]) for r in events]
+    assert times == sorted(times, reverse=True), "newest first"
+    assert {r["kind"] for r in events[2:]} == {"start"}, "the stack's first starts are below the recycle"
 
-    shot = Path(os.environ.get("DSPEX_DASHBOARD_SCREENSHOT") or Path(small.root) / "dashboard.png")
-    if not shot.is_absolute():
-        shot = REPO / shot
-    assert browser.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
-    print(f"dashboard screenshot: {shot}")
+    # a stopped pool: DOWN, its worker listed in supervisord's state, as pools status says
+    res = dspexctl(small, "pools", "stop", "analytics_pool")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(lambda: {r["pool"]: r for r in rows(browser, "pools")}["analytics_pool"]["state"] == "down",
+             20, 0.2, "analytics_pool DOWN on the page")
+    stopped = wait_for(lambda: (got := [(r["td_process"], r["state"], r["colour"]) for r in rows(browser, "workers")
+                                        if r["pool"] == "analytics_pool"]) and got[0][1] == "stopped" and got,
+                       10, 0.2, "the stopped worker in supervisord's state")
+    assert stopped == [("analytics_pool:analytics_pool_00", "stopped", "down")]
+    assert "analytics_pool has no ready worker (0/1)" in browser.find_element("id", "reasons").text
+    res = dspexctl(small, "pools", "status")
+    assert res.returncode == 5 and "DOWN: analytics_pool has no ready worker (0/1)" in res.stdout, res.stdout
+    assert browser.execute_script("return window.__same_page") == 42, "the page was never reloaded"
+    assert fits(browser) == []
+
+    # the narrow layout: rows become cards, nothing wider than a phone's screen
+    browser.set_window_size(420, 900)
+    wait_for(lambda: browser.execute_script("return window.innerWidth") <= 430, 10, 0.1, "the narrow window")
+    assert browser.execute_script(
+        "return getComputedStyle(document.querySelector('#workers thead')).display") == "none"
+    assert fits(browser) == [], "the narrow layout fits"
+    shot = Path(small.root) / "dashboard-narrow.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 5_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not os.environ.get("DSPEX_DASHBOARD_SCREENSHOT"), reason="set DSPEX_DASHBOARD_SCREENSHOT=PATH")
+def test_screenshot_of_the_shipped_stack(browser: Any) -> None:
+    """docs/dashboard.png: the shipped supervisor.conf (6 workers) with sessions and calls running,
+    after a recycle, at 1280 px."""
+    stack = SupervisedStack()
+    try:
+        stack.start_foreground()
+        stack.wait_all_ready()
+        stop = threading.Event()
+
+        def load(pool: str) -> None:
+            with stack.client() as dx:
+                sessions = [dx.session(pool) for _ in range(3)]
+                while not stop.is_set():
+                    for sess in sessions:
+                        try:
+                            sess.call("time", "sleep", [0.01])
+                        except Exception:  # noqa: BLE001 - a recycle's session_worker_unavailable
+                            sessions[sessions.index(sess)] = dx.session(pool)
+
+        threads = [threading.Thread(target=load, args=(p,), daemon=True) for p in ("triage_pool", "analytics_pool")]
+        for th in threads:
+            th.start()
+        try:
+            browser.get(f"http://127.0.0.1:{stack.metrics_port}/")
+            res = dspexctl(stack, "workers", "recycle", "triage_pool")
+            assert res.returncode == 0, res.stderr
+            wait_for(lambda: min(int(r["points"]) for r in rows(browser, "history")) >= 12, 120, 1.0,
+                     "a minute of history")
+            assert fits(browser) == []
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",  # the whole page, not the window
+                                    {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+            shot = Path(os.environ["DSPEX_DASHBOARD_SCREENSHOT"])
+            shot = shot if shot.is_absolute() else REPO / shot
+            assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+            print(f"dashboard screenshot: {shot}")
+        finally:
+            stop.set()
+            for th in threads:
+                th.join(30)
+    finally:
+        stack.stop()
+        stack.cleanup()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 import dspex
-from tests.harness import wait_for
+from tests.harness import base_env, wait_for
 from dspex.errors import DidNotRun, MayHaveRun, UsageError
 from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
 from dspexctl.commands import SessionsList
@@ -198,3 +198,30 @@ def test_a_broker_that_does_not_answer_is_a_timeout_not_unreachable(short_tmp: s
     finally:
         silent.close(0)
         ctx.term()
+
+
+def test_help_describes_every_option_without_range_noise() -> None:
+    """Every command's --help, the flagship's included: each option has a description, and no click
+    range such as "0<x<=315360000" or "x>=1" is printed."""
+    import click
+
+    from dspexctl.cli import main
+
+    def commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, (*prefix, name))
+            else:
+                yield (*prefix, name), cmd
+
+    seen = 0
+    for path, cmd in [((), main), *commands(main)]:
+        for param in cmd.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"dspexctl {' '.join(path)} {param.opts[0]} has no description"
+        res = subprocess.run([sys.executable, "-m", "dspexctl", *path, "--help"], capture_output=True, text=True,
+                             timeout=60, cwd="/tmp", env=base_env())
+        assert res.returncode == 0, res.stderr
+        assert "<x" not in res.stdout and "x>" not in res.stdout and "<=" not in res.stdout, res.stdout
+        seen += 1
+    assert seen >= 10  # dspexctl, pools status/start/stop/restart, stop, workers recycle, sessions list/close, keys ...

@@ -1,0 +1,143 @@
+"""The broker's status for other threads: snapshots made on the broker's own thread.
+
+The metrics and dashboard threads never read the broker's live dicts. They ask (:meth:`read`)
+and the broker's loop builds a fresh snapshot on its next turn (:meth:`serve`): a plain dict that
+nobody changes afterwards, so a reader can walk it at leisure. Nothing is built while nobody asks.
+
+The same loop keeps each pool's history for the dashboard's sparklines (:class:`History`): a
+point every ``HISTORY_EVERY_S`` seconds for the last ``HISTORY_S`` seconds, bounded, made from
+counters the broker keeps anyway (the latency histogram's counts give each interval's p50/p99).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from broker.state import Histogram
+
+if TYPE_CHECKING:
+    from broker.core import Core
+
+HISTORY_EVERY_S = 5.0
+HISTORY_S = 900.0
+SESSIONS_SHOWN = 200  # the most recently used sessions a snapshot lists (the counts cover all)
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile of histogram ``counts`` (the last bucket is +Inf), interpolated inside
+    its bucket; None without samples."""
+    total = sum(counts)
+    if not total:
+        return None
+    target = q * total
+    seen = 0
+    lower = 0.0
+    for i, n in enumerate(counts):
+        upper = bounds[i] if i < len(bounds) else bounds[-1]
+        if n and seen + n >= target:
+            return lower + (upper - lower) * max(0.0, target - seen) / n
+        seen += n
+        lower = upper
+    return bounds[-1]
+
+
+class History:
+    """Per pool, ``[time, calls/s, p50 ms, p99 ms, queued, errors]`` every HISTORY_EVERY_S."""
+
+    def __init__(self, core: Core, every: float = HISTORY_EVERY_S, span: float = HISTORY_S) -> None:
+        self.core = core
+        self.every = every
+        self.points: dict[str, deque[list[Any]]] = {name: deque(maxlen=int(span / every)) for name in core.pools}
+        self._last: dict[str, tuple[float, int, int, list[int]]] = {
+            name: (time.monotonic(), 0, 0, [0] * len(pool.latency.counts)) for name, pool in core.pools.items()}
+        self._due = time.monotonic() + every
+
+    def tick(self, now: float) -> None:
+        if now < self._due:
+            return
+        self._due = now + self.every
+        wall = time.time()
+        for name, pool in self.core.pools.items():
+            answered = sum(pool.outcomes.values())
+            ok = sum(n for (_, outcome), n in pool.outcomes.items() if outcome == "ok")
+            counts = list(pool.latency.counts)
+            t0, answered0, errors0, counts0 = self._last[name]
+            span = max(1e-3, now - t0)
+            interval = [a - b for a, b in zip(counts, counts0)]
+            p50, p99 = (quantile(pool.latency.bounds, interval, q) for q in (0.5, 0.99))
+            self.points[name].append([round(wall, 1), round((answered - answered0) / span, 3),
+                                      None if p50 is None else round(p50 * 1000, 3),
+                                      None if p99 is None else round(p99 * 1000, 3),
+                                      pool.queued, (answered - ok) - errors0])
+            self._last[name] = (now, answered, answered - ok, counts)
+
+    def copy(self, name: str) -> list[list[Any]]:
+        return [list(p) for p in self.points.get(name, ())]
+
+
+def _histogram(h: Histogram) -> dict[str, Any]:
+    return {"bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum}
+
+
+def build_snapshot(core: Core, history: History) -> dict[str, Any]:
+    """The broker's status plus what only the metrics and the dashboard need: histograms, history,
+    the most recently used sessions. Runs on the broker's thread."""
+    snap = core.status()
+    now = time.monotonic()
+    wall = time.time()
+    for name, pool in core.pools.items():
+        p = snap["pools"][name]
+        p["latency_hist"] = _histogram(pool.latency)
+        p["wait_hist"] = _histogram(pool.queue_wait)
+        p["history"] = history.copy(name)
+        p["history_every"] = history.every
+    live = (r for r in core.sessions.values() if not r.closing)
+    snap["sessions"] = [
+        {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
+         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "age_s": round(wall - r.created, 3)}
+        for r in heapq.nlargest(SESSIONS_SHOWN, live, key=lambda r: r.last_used)]
+    snap["published"] = {"time": wall, "monotonic": now}
+    return snap
+
+
+class StatusPublisher:
+    """Snapshots on demand: readers ask from any thread, the broker's thread builds."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.history = History(core)
+        self.asked = False  # read by the broker's loop every turn: a plain attribute
+        self._latest: dict[str, Any] | None = None
+        self._waiting: list[threading.Event] = []
+        self._lock = threading.Lock()
+
+    def read(self, timeout: float = 2.0) -> dict[str, Any]:
+        """A snapshot made after this call began (or, the broker's thread being slow to turn,
+        the latest one; raises ``TimeoutError`` when there is none yet)."""
+        done = threading.Event()
+        with self._lock:
+            self._waiting.append(done)
+            self.asked = True
+        done.wait(timeout)
+        latest = self._latest
+        if latest is None:
+            raise TimeoutError(f"the broker made no status snapshot within {timeout:g}s")
+        return latest
+
+    def tick(self, now: float) -> None:
+        """The broker's periodic turn (its sweep): history points."""
+        self.history.tick(now)
+
+    def serve(self) -> None:
+        """On the broker's thread, when ``asked``: build one snapshot for every waiting reader."""
+        snap = build_snapshot(self.core, self.history)
+        with self._lock:
+            self._latest = snap
+            waiting, self._waiting = self._waiting, []
+            self.asked = False
+        for done in waiting:
+            done.set()

@@ -1,0 +1,115 @@
+"""Why the broker does not answer, when this conf's supervisord says it runs.
+
+The usual cause on a shared machine is a mismatch: the broker listens in another run directory
+than this shell's (``DSPEX_RUN_DIR`` set for one and not the other), or the command reads another
+stack's supervisor.conf. The broker process's own command line and environment (``/proc``, same
+uid) say where it listens, so the message can name the values on both sides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dspex import config
+from dspex.health import State, proc_uptime
+from dspex.supervisor import (
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+)
+
+# a broker binds its sockets within a few seconds of its start (it imports no dspy); past this,
+# RUNNING and silent at our endpoint is a problem, not a start
+BROKER_GRACE_S = 20.0
+
+
+@dataclass(frozen=True)
+class BrokerProcess:
+    """Where a broker process listens, from its command line and environment."""
+
+    pid: int
+    frontend: str
+    run_dir: str  # "" when its frontend is not ipc
+    config: str  # its --config ("" when none)
+
+
+def broker_process(pid: int) -> BrokerProcess | None:
+    """Read ``/proc/PID`` of a broker (None when it cannot be read: another host, gone, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.decode(errors="replace").partition("=")[::2] for item in f.read().split(b"\0") if item)
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+    def flag(name: str) -> str:
+        for i, arg in enumerate(argv):
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+        return ""
+
+    # what config.default_frontend() computes in that process
+    run_dir = env.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{uid}"
+    frontend = (flag("--frontend") or env.get("DSPEX_FRONTEND") or env.get("DSPEX_ENDPOINT")
+                or f"ipc://{run_dir}/frontend.sock")
+    where = os.path.dirname(frontend[len("ipc://"):]) if frontend.startswith("ipc://") else ""
+    conf = flag("--config") or env.get("DSPEX_CONFIG") or ""
+    return BrokerProcess(pid, frontend, where, os.path.abspath(conf) if conf else "")
+
+
+def here() -> str:
+    """This shell's run directory, as a reader sees it: ``DSPEX_RUN_DIR=...`` or the default."""
+    value = os.environ.get("DSPEX_RUN_DIR")
+    return f"DSPEX_RUN_DIR={value}" if value else f"DSPEX_RUN_DIR unset, so {config.run_dir()}"
+
+
+def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, error: str) -> tuple[State, str]:
+    """The state and words for this supervisord's broker process ``proc`` (RUNNING or STARTING)
+    when nothing answers at ``endpoint``: STARTING only while it is young and listens where we
+    look; otherwise UNREACHABLE, naming where it listens and the likely cause."""
+    found = broker_process(int(proc["pid"])) if proc["pid"] else None
+    up = proc_uptime(proc)
+    name = f"{proc['group']}:{proc['name']}"
+    if found is not None and found.frontend != endpoint:
+        if found.run_dir and endpoint.startswith("ipc://"):
+            cause = (f"another DSPEX_RUN_DIR: the broker's is {found.run_dir}, this command's {here()}; "
+                     f"run it with DSPEX_RUN_DIR={found.run_dir} (or --endpoint {found.frontend})")
+        else:
+            cause = f"another endpoint: run it with --endpoint {found.frontend}"
+        return State.UNREACHABLE, (
+            f"supervisord of {conf.path} reports its broker {name} RUNNING (pid {found.pid}), but it listens at "
+            f"{found.frontend}, not at {endpoint}: {cause}")
+    if proc["statename"] == "STARTING" or up < BROKER_GRACE_S:
+        return State.STARTING, f"the broker is starting (pid {proc['pid']}, up {up:.0f}s)"
+    other = f"; it was started with --config {found.config}" if found and found.config and \
+        found.config != str(conf.path) else ""
+    return State.UNREACHABLE, (
+        f"supervisord of {conf.path} reports its broker {name} RUNNING for {up:.0f}s (pid {proc['pid']}), but "
+        f"nothing answers at {endpoint} ({error}){other}. Likely causes: another stack's conf or run directory "
+        f"({here()}; --supervisor-conf {conf.path}); else see {conf.here / 'log' / 'broker.log'}")
+
+
+def explain(endpoint: str, conf: SupervisorConf | None, error: str, timeout: float = 5.0) -> str:
+    """What to add to "nothing is listening at ENDPOINT" for a command that needs the broker."""
+    if conf is None:
+        return ""
+    try:
+        with Supervisor(conf, timeout=timeout) as sup:
+            procs = sup.processes()
+    except (SupervisorUnreachable, SupervisorError):
+        return f"; supervisord of {conf.path} is not running either (start the stack: dspexctl pools start)"
+    broker = next((p for p in procs if p["group"] == "broker" and p["name"] == "broker"), None)
+    if broker is None:
+        return ""
+    if broker["statename"] not in ("RUNNING", "STARTING"):
+        return (f"; supervisord of {conf.path} reports its broker {broker['statename']} "
+                f"(see {conf.here / 'log' / 'broker.log'}, or dspexctl pools status)")
+    _, text = silent_broker(broker, endpoint, conf, error)
+    return "; " + text

@@ -1,0 +1,127 @@
+"""What a client says about the endpoint it was given: the CLI as a subprocess, no stack.
+
+A client only connects: it names what is wrong with *that* socket (nothing listening, not a
+socket, not ours, permission denied) and never asks for a directory's mode to change (the broker
+and workers, which create the run directory, keep its 0700 rule: tests/test_security.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import base_env
+from tests.test_cli import no_traceback
+
+HARMFUL = ("chmod", "mode 1777", "must be 0700", "is the broker running")
+
+
+def ctl(cwd: str, *args: str, setpriv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = base_env(os.path.join(cwd, "r"))
+    return subprocess.run([*(setpriv or []), sys.executable, "-m", "dspexctl", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def bound_socket(path: str, listen: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if listen:
+        sock.listen(1)
+    return sock
+
+
+@pytest.fixture
+def tmp_sock() -> Iterator[str]:
+    """A socket path directly in /tmp (root's sticky 1777 directory, as in the issue's typo)."""
+    path = f"/tmp/dx-{uuid.uuid4().hex[:10]}.sock"
+    try:
+        yield path
+    finally:
+        if os.path.lexists(path):
+            os.unlink(path)
+
+
+def assert_not_misleading(res: subprocess.CompletedProcess[str]) -> None:
+    no_traceback(res)
+    for text in HARMFUL:
+        assert text not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_a_mistyped_endpoint_in_tmp_says_nothing_listens_there(short_tmp: str, tmp_sock: str) -> None:
+    res = ctl(short_tmp, "--endpoint", f"ipc://{tmp_sock}", "pools", "status")
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert f"nothing is listening at ipc://{tmp_sock}: no socket file {tmp_sock}" in res.stdout
+    assert_not_misleading(res)
+    res = ctl(short_tmp, "--endpoint", f"ipc://{tmp_sock}", "sessions", "list")
+    assert res.returncode == 4 and res.stderr.count("\n") == 1, res.stderr
+    assert "no socket file" in res.stderr
+    assert_not_misleading(res)
+
+
+def test_a_missing_directory_is_named(short_tmp: str) -> None:
+    res = ctl(short_tmp, "--endpoint", f"ipc://{short_tmp}/nodir/f.sock", "sessions", "list")
+    assert res.returncode == 4, res.stderr
+    assert f"its directory {short_tmp}/nodir does not exist" in res.stderr
+    assert_not_misleading(res)
+
+
+def test_a_stale_socket_file_is_named(short_tmp: str, tmp_sock: str) -> None:
+    bound_socket(tmp_sock, listen=False).close()  # the file stays; nobody listens
+    res = ctl(short_tmp, "--endpoint", f"ipc://{tmp_sock}", "sessions", "list")
+    assert res.returncode == 4, res.stderr
+    assert f"{tmp_sock} is a stale socket file" in res.stderr
+    assert_not_misleading(res)
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_path_that_is_not_a_socket_is_a_usage_error(short_tmp: str, kind: str) -> None:
+    path = os.path.join(short_tmp, "thing")
+    if kind == "file":
+        open(path, "w").close()
+    else:
+        os.mkdir(path)
+    res = ctl(short_tmp, "--endpoint", f"ipc://{path}", "pools", "status")
+    assert res.returncode == 2, res.stdout + res.stderr
+    word = "a regular file" if kind == "file" else "a directory"
+    assert res.stderr == f"Error: cannot use ipc://{path}: {path} is {word}, not a unix socket\n"
+    assert_not_misleading(res)
+
+
+def test_a_socket_in_a_directory_others_may_write_is_refused_without_chmod_advice(short_tmp: str) -> None:
+    shared = os.path.join(short_tmp, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    sock = bound_socket(os.path.join(shared, "f.sock"), listen=True)
+    try:
+        res = ctl(short_tmp, "--endpoint", f"ipc://{shared}/f.sock", "sessions", "list")
+    finally:
+        sock.close()
+    assert res.returncode == 2, res.stderr
+    assert f"its directory {shared} has mode 0777, writable by other users" in res.stderr
+    assert_not_misleading(res)
+    assert os.stat(shared).st_mode & 0o777 == 0o777, "nothing was chmodded"
+
+
+def test_permission_denied_on_the_socket_is_named(short_tmp: str) -> None:
+    """As root the kernel skips permission checks; setpriv drops that capability for the CLI."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None and os.geteuid() == 0:
+        pytest.skip("root without setpriv cannot be denied a socket")
+    path = os.path.join(short_tmp, "f.sock")
+    sock = bound_socket(path, listen=True)
+    os.chmod(path, 0)
+    try:
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else []
+        res = ctl(short_tmp, "--endpoint", f"ipc://{path}", "sessions", "list", setpriv=prefix)
+    finally:
+        sock.close()
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == f"Error: cannot use ipc://{path}: permission denied connecting to {path}\n"
+    assert_not_misleading(res)
