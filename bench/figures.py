@@ -65,7 +65,7 @@ ROWS: dict[str, list[str]] = {
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "predict": PREDICT_ROWS,
     "scale": ["scale.grid", "scale.idle"],
-    "idle": ["idle.stack", "idle.busy"],
+    "idle": ["idle.stack", "idle.worker", "idle.busy"],
     "localmodel": ["localmodel"],
     "code": CODE_ROWS,
     "durable": DURABLE_ROWS,

@@ -15,6 +15,8 @@ if a message waits. The reader is the thread that runs :meth:`Link.read` (the wo
 thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.back` bracket
 that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
 as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
+Nothing polls: every wait ends at the next heartbeat or liveness deadline, or when woken, and
+the worker's heartbeat goes out in the same wake-up as the broker's arrives.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ log = logging.getLogger("dspex.worker")
 _get_opt = cast("Callable[[Any, int], int]", _ZmqBase.get)  # the Cython getsockopt (int option, no sugar)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_IDLE_POLL = 0.1  # the longest the reader waits without looking at the timers
+# After the broker's heartbeat our timer is set this fraction of an interval late, so the
+# broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
+# between two of ours is then 1.75 intervals, within a liveness of 2 or more.
+_ANSWER_SLACK = 0.25
 _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
@@ -86,9 +91,11 @@ class Link:
         self._silence_limit = heartbeat_interval * heartbeat_liveness
         now = time.monotonic()
         self._next_beat = now + heartbeat_interval
+        self._last_beat = now  # READY went out (counts as one)
         self._deadline = now + self._silence_limit  # broker liveness
         self._backoff = self._silence_limit
         self._beat_due = False  # a heartbeat went out: on_beat runs once the lock is let go
+        self._sent = False  # _tick sent something
         self._outbox: collections.deque[Frames] = collections.deque()  # control messages for the next turn
         self._left = False  # the goodbye is said: nothing is sent any more
         self._reader = 0  # the thread that runs read()
@@ -112,12 +119,14 @@ class Link:
                 got = self._drain()
                 timeout = self._tick(time.monotonic())
                 fds = self._fds
+                if self._sent:  # a send may have taken the fd's edge: look again before waiting
+                    got = self._drain() or got
         if left:  # a hard time limit said goodbye from the watchdog: the process ends now
             self._waker.wait((), None)
             return False
         self._after_tick()
         if not got:
-            self._waker.wait(fds, min(timeout, _IDLE_POLL))
+            self._waker.wait(fds, timeout)
         return got
 
     def away(self) -> None:
@@ -156,8 +165,11 @@ class Link:
                 send_frames(sock, frames)
             except zmq.Again:
                 log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
-            if threading.get_ident() != self._reader and _get_opt(sock, _EVENTS) & _POLLIN:
-                self._waker.poke()  # the send may have taken the edge a waiting reader needs
+            # a send may take the edge of the socket's fd that a reader waiting on it needs (a
+            # reader's own sends are followed by its drain)
+            engaged = self.standin.engaged
+            if (engaged or threading.get_ident() != self._reader) and _get_opt(sock, _EVENTS) & _POLLIN:
+                (self.standin if engaged else self._waker).poke()
 
     def leave(self, last: Frames | None = None, *, abandoned: bool = False, timeout: float = 1.0) -> None:
         """The goodbye: send ``last`` (a reply), then ``W_DISCONNECT`` (with ``abandoned``: calls
@@ -210,6 +222,8 @@ class Link:
             self._drain()
             timeout = self._tick(time.monotonic())
             fds = self._fds
+            if self._sent:  # as in read()
+                self._drain()
         self._after_tick()
         return fds, timeout
 
@@ -221,10 +235,17 @@ class Link:
         while _get_opt(sock, _EVENTS) & _POLLIN:
             frames = recv_frames(sock, NOBLOCK)
             got = True
-            self._deadline = time.monotonic() + self._silence_limit
+            now = time.monotonic()
+            self._deadline = now + self._silence_limit
             self._backoff = self._silence_limit
             command = frames[0].bytes
             if command == B_HEARTBEAT:
+                # the broker's heartbeats pace ours: ours goes out in this wake-up (unless one
+                # went out less than half an interval ago), and our timer moves to just after
+                # the broker's next one, so one wake-up serves both
+                if now - self._last_beat >= self._interval / 2:
+                    self._beat(now)
+                self._next_beat = now + self._interval * (1 + _ANSWER_SLACK)
                 continue
             if command == B_REREGISTER:
                 self._send_control([W_READY, self._ready()])
@@ -234,13 +255,13 @@ class Link:
 
     def _tick(self, now: float) -> float:
         """The timers: heartbeat, the broker's liveness, handshake failures, control messages
-        said soon. Returns the seconds to the next timer."""
+        said soon. Returns the seconds to the next timer; ``_sent`` says whether it sent (then
+        the socket is drained again before waiting on it: a send may take its fd's edge)."""
+        self._sent = False
         while self._outbox:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
-            self._send_control([W_HEARTBEAT, self._stats()])
-            self._next_beat = now + self._interval
-            self._beat_due = True
+            self._beat(now)
         if self._monitor is not None:
             self._watch_handshake()
         if now >= self._deadline:
@@ -257,6 +278,12 @@ class Link:
             self._deadline = now + self._backoff
             self._backoff = min(self._backoff * 2, 30.0)
         return max(0.0, min(self._next_beat, self._deadline) - now)
+
+    def _beat(self, now: float) -> None:
+        self._send_control([W_HEARTBEAT, self._stats()])
+        self._last_beat = now
+        self._next_beat = now + self._interval
+        self._beat_due = True
 
     def _after_tick(self) -> None:
         if self._beat_due:
@@ -282,6 +309,7 @@ class Link:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
         fills, and a blocking send would wedge the worker (holding the lock) until it returns."""
         assert self._sock is not None
+        self._sent = True
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:

@@ -3,9 +3,10 @@
 A capacity-1 worker runs calls on its main thread, which is also the socket's reader. A call
 younger than ``grace`` runs without help: waking another thread for every call costs a GIL
 hand-off and two context switches on the hot path, and most calls end long before a heartbeat
-is due. The stand-in checks this often whether the running call has become old enough to need
-it; then it runs the link's turn (read the socket, send the heartbeats) every few milliseconds
-until the main thread is back.
+is due. A call that runs longer gets the stand-in, which then waits on the socket and sends the
+heartbeats (the link's turn) until the main thread is back. Nothing polls: the stand-in sleeps
+until it is needed (the grace of the running call, the next heartbeat) or woken. The first call
+after a pause wakes it once to arm its timer; calls that follow while the timer is armed do not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 from collections.abc import Callable
 
 Turn = Callable[[], tuple[tuple[int, ...], float]]  # -> (fds to wait on, seconds until the next timer)
-_BUSY_POLL = 0.002  # how often the stand-in reads the socket while the reader runs a call
 
 
 class Waker:
@@ -64,14 +64,17 @@ class Waker:
 
 
 class StandIn:
-    """Runs ``turn`` (read the socket, run the timers) while the reader is away for longer than
-    ``grace``."""
+    """Runs ``turn`` (read the socket, run the timers) whenever something may be due while the
+    reader is away for longer than ``grace``; idle otherwise."""
 
     def __init__(self, turn: Turn, grace: float) -> None:
         self._turn = turn
         self._grace = grace
+        self._state = threading.Lock()  # guards the flags below
         self._away = False  # the reader runs user code
         self._since = 0.0  # ... since then (time.monotonic())
+        self._armed = False  # the stand-in has a timer for the current call's grace (or reads already)
+        self._engaged = False  # the stand-in reads now
         self._stopped = False
         self._waker = Waker()
         self._thread = threading.Thread(target=self._run, name="dspex-worker-io", daemon=True)
@@ -80,21 +83,41 @@ class StandIn:
         self._thread.start()
 
     def away(self) -> None:
-        self._since = time.monotonic()
-        self._away = True
+        with self._state:
+            self._away = True
+            self._since = time.monotonic()
+            wake = not self._armed
+            self._armed = True
+        if wake:
+            self._waker.poke()
 
     def back(self) -> None:
-        self._away = False
+        with self._state:
+            self._away = False
+            wake = self._engaged  # it must stop reading: the reader is back
+        if wake:
+            self._waker.poke()
 
     def urgent(self) -> None:
-        self._since = -math.inf
+        with self._state:
+            if not self._away:
+                return  # the reader reads anyway
+            self._since = -math.inf
+            self._armed = True
         self._waker.poke()
+
+    @property
+    def engaged(self) -> bool:
+        """It reads the socket now (read without the lock: it drains the socket first when it
+        engages, so a thread that sees it not engaged yet loses nothing)."""
+        return self._engaged
 
     def poke(self) -> None:
         self._waker.poke()
 
     def stop(self) -> None:
-        self._stopped = True
+        with self._state:
+            self._stopped = True
         self._waker.poke()
 
     def join(self, timeout: float) -> None:
@@ -102,12 +125,22 @@ class StandIn:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stopped:
-            if self._away and time.monotonic() - self._since >= self._grace:
-                time.sleep(_BUSY_POLL)  # outside the socket's lock: the reader never waits long for it
-            else:
-                self._waker.wait((), self._grace)  # the idle reader (or a short call) needs no help
-                continue
-            if self._away and not self._stopped:
-                self._turn()
+        while True:
+            fds: tuple[int, ...] = ()
+            timeout: float | None = None
+            with self._state:
+                if self._stopped:
+                    break
+                now = time.monotonic()
+                if not self._away:
+                    self._armed = self._engaged = False
+                elif now - self._since >= self._grace:
+                    self._engaged = True
+                else:
+                    self._engaged = False
+                    timeout = self._since + self._grace - now
+                engaged = self._engaged
+            if engaged:
+                fds, timeout = self._turn()
+            self._waker.wait(fds, timeout)
         self._waker.close()
