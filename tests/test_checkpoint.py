@@ -19,7 +19,7 @@ dspy = pytest.importorskip("dspy")
 from dspy.utils import DummyLM
 
 from dspex.errors import CheckpointRefused
-from worker import checkpoint, namespace
+from worker import checkpoint, checkpoint_restore, namespace
 from worker.checkpoint_pickler import load_seeded
 from worker.refs import RefTable, SessionState
 
@@ -44,10 +44,11 @@ class Held:
         self.skeleton, self.seq = ck.skeleton, ck.seq
         assert ck.size == len(ck.skeleton) + sum(map(len, self.blobs.values()))
 
-    def restore(self, session: str = SID) -> tuple[SessionState, checkpoint.Restored]:
+    def restore(self, session: str = SID) -> tuple[SessionState, checkpoint_restore.Restored]:
         state = RefTable("p", "w2").session(session)
         slots = sorted(self.blobs)
-        restored = checkpoint.restore(state, self.skeleton, slots, [self.blobs[i] for i in slots], self.seq)
+        restored = checkpoint_restore.restore(state, self.skeleton, slots, [self.blobs[i] for i in slots],
+                                              self.seq)
         return state, restored
 
 
@@ -329,10 +330,10 @@ def test_a_checkpoint_of_other_versions_or_another_session_is_refused(monkeypatc
     with pytest.raises(CheckpointRefused, match="belongs to another session"):
         held.restore("0" * 32)
     real = checkpoint.versions()
-    monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "dspy": "9.9.9"})
+    monkeypatch.setattr(checkpoint_restore, "versions", lambda: {**real, "dspy": "9.9.9"})
     with pytest.raises(CheckpointRefused, match=r"written with dspy .*; this worker runs 9\.9\.9"):
         held.restore()
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(checkpoint_restore, "FORMAT_VERSION", 2)
     with pytest.raises(CheckpointRefused, match="format version 1; this worker reads version 2"):
         held.restore()
 

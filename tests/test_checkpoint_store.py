@@ -28,7 +28,7 @@ from tests.harness import PY, Procs, wait_for
 dspy = pytest.importorskip("dspy")
 
 from tests.test_checkpoint import SID, call, typical_session
-from worker import checkpoint
+from worker import checkpoint, checkpoint_restore
 from worker.refs import RefTable
 
 
@@ -67,7 +67,7 @@ def test_checkpoints_applied_in_order_load_as_the_latest_state(short_tmp: str) -
     held = store.load(SID)
     assert held is not None and held.seq == tracker.seq and held.size == row.size == store.total
     new = RefTable("triage", "w2").session(SID)
-    checkpoint.restore(new, held.skeleton, held.slots, held.blobs, held.seq)
+    checkpoint_restore.restore(new, held.skeleton, held.slots, held.blobs, held.seq)
     assert [e["uuid"] for e in new.lm_history] == [e["uuid"] for e in state.lm_history]
     assert call(new, new.refs[refs["cot"].id], "next").answer == "answer 8"
     store.drop(SID)
@@ -152,7 +152,7 @@ def test_store_thread_keeps_order_groups_writes_and_wakes_the_poller(short_tmp: 
         loaded = done[-1].result
         assert loaded is not None and loaded.seq == tracker.seq  # the load saw every write before it
         restored = RefTable("p", "w2").session(SID)
-        checkpoint.restore(restored, loaded.skeleton, loaded.slots, loaded.blobs, loaded.seq)
+        checkpoint_restore.restore(restored, loaded.skeleton, loaded.slots, loaded.blobs, loaded.seq)
         assert restored.refs["n"] == 19
     finally:
         thread.close()

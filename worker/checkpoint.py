@@ -31,28 +31,36 @@ from __future__ import annotations
 
 import heapq
 import io
-import linecache
 import struct
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 import msgpack
 
 from dspex import byvalue, codestore
-from dspex.errors import CheckpointRefused
 from worker import checkpoint_pickler as cp
 from worker import namespace
+from worker.checkpoint_slots import (
+    CODE,
+    DYNAMIC_BASE,
+    ENTRY,
+    GLOBAL,
+    MODULE,
+    SIGNATURE,
+    Slots,
+    put,
+)
 from worker.refs import SessionState, type_name
 
 MAGIC = b"DXCK"
 FORMAT_VERSION = 1
-_HEAD = struct.Struct("<4sBI")
+HEAD = struct.Struct("<4sBI")
 _MODULE_KEYS = frozenset({"__builtins__", "__name__", "__file__", "__doc__", "__loader__", "__spec__", "__package__"})
 _TRANSIENT_SETTINGS = frozenset({"trace"})  # DSPy's per-call trace: rebuilt empty
-_LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
+LOST_MEMORY = 1000  # not-durable records carried from checkpoint to checkpoint
 _GLOBALS_PER_BUILD = 64  # classes / functions by name a build notes for seeding
 # what a restore puts in a namespace first, in this order (classes rank 1 whatever their metaclass)
 _CODE_RANK = {types.ModuleType: 0, type: 1, types.FunctionType: 2, types.BuiltinFunctionType: 2}
@@ -115,110 +123,17 @@ class Checkpoint:
                 "full": self.full, "size": self.size}
 
 
-_ENTRY, _MODULE, _CODE, _SIGNATURE, _GLOBAL = "entry", "module", "code", "signature", "global"
-_SEEDED = (_ENTRY, _MODULE, _GLOBAL)
 _SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting", "code": "code", "globals": "global"}
-_SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the code store's nsids)
+SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the code store's nsids)
 
 
-DYNAMIC_BASE = 1 << 24  # slot numbers of code and signature blobs: never in the pickler's memo
 
-
-def _module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
+def module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
     """Namespace id -> module dict of every module the session holds."""
     out = {nsid: mod.__dict__ for nsid, mod in state.code.modules.items()}
     if state.module is not None:
-        out[_SESSION_NS] = state.module.__dict__
+        out[SESSION_NS] = state.module.__dict__
     return out
-
-
-class _Slots:
-    """Numbered objects of one session, in two ranges.
-
-    Seeded slots (``0 ..``): module dicts and history entries, in the skeleton pickler's memo
-    (``seed``). It holds one entry per seeded slot, a placeholder nothing refers to for a free
-    one, so the pickler's own memo indices start after them. Dynamic slots (``DYNAMIC_BASE ..``):
-    code objects and signature classes, referred to as ``_slot(i)`` calls; adding one never
-    changes the memo, so an unchanged session pickles to the same bytes. Freed numbers are
-    reused, lowest first."""
-
-    def __init__(self) -> None:
-        self.objects: dict[int, Any] = {}
-        self.kinds: dict[int, str] = {}
-        self.of: dict[int, int] = {}  # id(obj) -> slot
-        self.seed: dict[int, tuple[int, Any]] = {}
-        self.placeholders: list[object] = []  # per seeded slot
-        self.free: list[int] = []  # free seeded slots
-        self.free_dynamic: list[int] = []
-        self.next_dynamic = DYNAMIC_BASE
-        self.dynamic: set[int] = set()
-        self.blobs: dict[int, tuple[bytes, int]] = {}  # slot -> (digest, size) of its blob
-        self.versions: dict[int, Any] = {}  # signature slots: signature_version at pickling
-        self._acc = 0  # XOR of the blobs' slot digests
-        self.blob_bytes = 0
-
-    @property
-    def seed_size(self) -> int:
-        return len(self.placeholders)
-
-    def alloc(self, obj: Any, kind: str) -> int:
-        if kind in _SEEDED:
-            if self.free:
-                i = heapq.heappop(self.free)
-            else:
-                i = self.grow()
-            del self.seed[id(self.placeholders[i])]
-            self.seed[id(obj)] = (i, obj)
-        else:
-            if self.free_dynamic:
-                i = heapq.heappop(self.free_dynamic)
-            else:
-                i, self.next_dynamic = self.next_dynamic, self.next_dynamic + 1
-            self.dynamic.add(i)
-        self.objects[i], self.kinds[i] = obj, kind
-        self.of[id(obj)] = i
-        return i
-
-    def grow(self) -> int:
-        """A new seeded slot number, its placeholder in the seed."""
-        i = len(self.placeholders)
-        placeholder = object()
-        self.placeholders.append(placeholder)
-        self.seed[id(placeholder)] = (i, placeholder)
-        return i
-
-    def clear(self, i: int) -> None:
-        obj, kind = self.objects.pop(i), self.kinds.pop(i)
-        self.of.pop(id(obj), None)
-        if kind in _SEEDED:
-            del self.seed[id(obj)]
-            self.seed[id(self.placeholders[i])] = (i, self.placeholders[i])
-            heapq.heappush(self.free, i)
-        else:
-            self.dynamic.discard(i)
-            heapq.heappush(self.free_dynamic, i)
-        self.drop_blob(i)
-        self.versions.pop(i, None)
-
-    def set_blob(self, i: int, blob: bytes | memoryview) -> None:
-        self.drop_blob(i)
-        dig = cp.digest(blob)
-        self.blobs[i] = (dig, len(blob))
-        self._acc ^= _slot_digest(i, dig)
-        self.blob_bytes += len(blob)
-
-    def drop_blob(self, i: int) -> None:
-        held = self.blobs.pop(i, None)
-        if held is not None:
-            self._acc ^= _slot_digest(i, held[0])
-            self.blob_bytes -= held[1]
-
-    def set_digest(self) -> bytes:
-        return self._acc.to_bytes(8, "little")
-
-
-def _slot_digest(i: int, dig: bytes) -> int:
-    return int.from_bytes(cp.digest(i.to_bytes(8, "little") + dig), "little")
 
 
 class Tracker:
@@ -228,7 +143,7 @@ class Tracker:
         self.session = session
         self.history_limit = history_limit  # entries of each LM / module history a checkpoint keeps
         self.seq = 0
-        self.slots = _Slots()
+        self.slots = Slots()
         self._last_digest = b""
         self._set: dict[int, bytes] = {}  # blob slots made since the last checkpoint sent
         self._clear: set[int] = set()  # slots the broker holds that are gone
@@ -301,7 +216,7 @@ class Tracker:
             except Exception:  # noqa: BLE001 - not importable by this name after all: pickled as before
                 found = None
             if found is obj:
-                self._globals[self.slots.alloc(obj, _GLOBAL)] = name
+                self._globals[self.slots.alloc(obj, GLOBAL)] = name
         self._new_globals.clear()
         return len(self._globals) > before
 
@@ -315,7 +230,7 @@ class Tracker:
                 self._set[i] = cp.dumps_blob(self.slots.objects[i])
             except Exception:  # noqa: BLE001 - it pickled before; if it no longer does, it goes inline
                 obj = self.slots.objects[i]
-                if self.slots.kinds[i] == _ENTRY:
+                if self.slots.kinds[i] == ENTRY:
                     self._entries.pop(id(obj), None)
                     self._inline_entries[id(obj)] = obj
                 self.slots.clear(i)
@@ -328,14 +243,14 @@ class Tracker:
 
     def _sync_modules(self, state: SessionState) -> None:
         """A slot per module dict of the session: its namespace and its code's modules."""
-        wanted = _module_dicts(state)
+        wanted = module_dicts(state)
         for nsid, i in list(self._modules.items()):
             if wanted.get(nsid) is not self.slots.objects[i]:
                 self.slots.clear(i)
                 del self._modules[nsid]
         for nsid, namespace_ in wanted.items():
             if nsid not in self._modules:
-                self._modules[nsid] = self.slots.alloc(namespace_, _MODULE)
+                self._modules[nsid] = self.slots.alloc(namespace_, MODULE)
 
     def _sync_history(self, entries: list[Any]) -> None:
         known, inline = self._entries, self._inline_entries
@@ -378,7 +293,7 @@ class Tracker:
         except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
             self._inline_entries[id(entry)] = entry
             return
-        i = self.slots.alloc(entry, _ENTRY)
+        i = self.slots.alloc(entry, ENTRY)
         self._entries[id(entry)] = i
         self._add_blob(i, blob)
 
@@ -391,14 +306,14 @@ class Tracker:
         """The blob slot of a code object or signature class the pickler met (None: inline); a
         class or function importable by name (``kind`` global) is noted, to be seeded from the
         next build on (it has no blob: a restore imports it)."""
-        if kind == _GLOBAL:
+        if kind == GLOBAL:
             if id(obj) not in self.slots.of and len(self._new_globals) < _GLOBALS_PER_BUILD:
                 self._new_globals[id(obj)] = obj
             return None
         slots = self.slots
         i = slots.of.get(id(obj))
         if i is not None and slots.kinds[i] == kind:
-            if kind != _SIGNATURE or slots.versions.get(i) == cp.signature_version(obj):
+            if kind != SIGNATURE or slots.versions.get(i) == cp.signature_version(obj):
                 self._used.add(i)
                 return i
             self._drop(i)  # changed in place (instructions, a prefix): a new blob
@@ -412,7 +327,7 @@ class Tracker:
             self._used.add(id(obj))
             return None
         i = slots.alloc(obj, kind)
-        if kind == _SIGNATURE:
+        if kind == SIGNATURE:
             slots.versions[i] = cp.signature_version(obj)
         self._add_blob(i, blob)
         self._used.add(i)
@@ -503,7 +418,7 @@ class Tracker:
         header: bytes = msgpack.packb({**versions(), "session": self.session, "seed": self._seed_size,
                                 "modules": modules, "digest": dig,
                                 "blobs": [len(self.slots.blobs), self.slots.set_digest()]})
-        return _HEAD.pack(MAGIC, FORMAT_VERSION, len(header)) + header + data
+        return HEAD.pack(MAGIC, FORMAT_VERSION, len(header)) + header + data
 
     def released(self, objects: list[Any]) -> None:
         """Objects released from the session: their not-durable records go."""
@@ -512,174 +427,42 @@ class Tracker:
             if held is not None and held[0] is obj:
                 del self._excluded[id(obj)]
 
-
-@dataclass
-class Restored:
-    """What :func:`restore` made besides the session's state."""
-
-    tracker: Tracker
-    lost: list[NotDurable] = field(default_factory=list)  # what earlier workers could not checkpoint
-
-
-def _refuse(session: str, why: str) -> CheckpointRefused:
-    reason = f"its checkpoint {why}"
-    return CheckpointRefused(f"session {session[:8]} could not be restored: {reason}; the session is lost (open a "
-                             "new one)", session=session, reason=reason)
-
-
-def read_header(frame: bytes | memoryview, session: str) -> tuple[dict[str, Any], memoryview]:
-    """The header and the pickle of a skeleton frame; refuses another format or versions."""
-    view = memoryview(frame)
-    if len(view) < _HEAD.size:
-        raise _refuse(session, "is truncated")
-    magic, version, size = _HEAD.unpack_from(view)
-    if magic != MAGIC:
-        raise _refuse(session, "is not a dspex checkpoint")
-    if version != FORMAT_VERSION:
-        raise _refuse(session, f"has format version {version}; this worker reads version {FORMAT_VERSION}")
-    try:
-        header = msgpack.unpackb(view[_HEAD.size:_HEAD.size + size])
-        if not isinstance(header, dict):
-            raise TypeError("not a map")
-    except Exception as exc:  # noqa: BLE001 - any malformed header is refused
-        raise _refuse(session, f"has a malformed header ({exc})") from None
-    ours = versions()
-    for key in ("python", "cloudpickle", "dspy"):
-        if header.get(key) != ours[key]:
-            raise _refuse(session, f"was written with {key} {header.get(key) or 'absent'}; this worker runs "
-                                   f"{ours[key] or 'none'}")
-    if header.get("session") != session:
-        raise _refuse(session, "belongs to another session")
-    return header, view[_HEAD.size + size:]
-
-
-def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
-            blobs: list[bytes | memoryview], seq: int, history_limit: int = DEFAULT_HISTORY_LIMIT) -> Restored:
-    """Fill the empty ``state`` from a checkpoint (the skeleton ``frame``, the ``blobs`` of
-    ``slots``, the broker's ``seq`` of it); raise ``CheckpointRefused`` for a corrupt, foreign or
-    unloadable one (then the caller releases ``state``)."""
-    sid = state.id
-    header, data = read_header(frame, sid)
-    try:
-        seed_size = int(header["seed"])
-        module_slots = {int(i): (str(nsid), str(name)) for i, nsid, name in header["modules"]}
-        count, set_digest = header["blobs"]
-        expected = header["digest"]
-    except Exception as exc:  # noqa: BLE001 - any malformed header is refused
-        raise _refuse(sid, f"has a malformed header ({exc})") from None
-    if cp.digest(data) != expected:
-        raise _refuse(sid, "is corrupt (its state does not match its digest)")
-    check = _Slots()
-    for i, blob in zip(slots, blobs):
-        check.set_blob(i, blob)
-    if len(slots) != count or len(set(slots)) != len(slots) or check.set_digest() != set_digest:
-        raise _refuse(sid, f"is corrupt or incomplete ({len(slots)} of {count} stored objects, their digest "
-                           f"{'matches' if check.set_digest() == set_digest else 'differs'})")
-    context = cp.LoadContext()
-    seeds: list[Any] = [None] * seed_size
-    try:
+    @classmethod
+    def adopt(cls, state: SessionState, objects: dict[int, Any], module_slots: dict[int, tuple[str, str]],
+              held: dict[int, bytes | memoryview], seq: int, frame: bytes | memoryview,
+              lost: list[NotDurable], history_limit: int) -> Tracker:
+        """The tracker of a restored session (worker/checkpoint_restore.py): the broker holds
+        exactly what it sent, so the next build sends only what the next call changes."""
+        tracker = cls(state.id, history_limit)
+        tracker.seq = seq
+        tracker._sent = True
+        tracker.skeleton_size = len(frame)
+        for why in lost:
+            tracker._lost[why.what] = why
+        table = tracker.slots
+        seeded = [i for i in (*held, *module_slots) if i < DYNAMIC_BASE]
+        for _ in range(max(seeded, default=-1) + 1):
+            table.grow()
+        for i, data in held.items():
+            obj = objects[i]
+            kind = ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType) else SIGNATURE
+            put(table, i, obj, kind)
+            table.set_blob(i, data)
+            if kind == ENTRY:
+                tracker._entries[id(obj)] = i
+            elif kind == SIGNATURE:
+                table.versions[i] = cp.signature_version(obj)
+        dicts = module_dicts(state)
         for i, (nsid, name) in module_slots.items():
-            if nsid == "global":  # a class or function the skeleton refers to by slot: by its name
-                if i < seed_size:
-                    seeds[i] = byvalue.resolve_name(name)
-                continue
-            if nsid == _SESSION_NS:
-                module = namespace.session_module(state, name)
-            elif nsid[:2] in ("m:", "g:"):
-                module = state.code.module(nsid, {"__name__": name})
-            else:
-                raise ValueError(f"unknown module slot {nsid!r}")
-            context.modules[id(module.__dict__)] = module
-            if i < seed_size:
-                seeds[i] = module.__dict__
-        with cp.loading(context):
-            for i, blob in zip(slots, blobs):
-                obj = context.objects[i] = cp.load_blob(blob)
-                if i < seed_size:
-                    seeds[i] = obj
-            root = cp.load_seeded(seeds, data)
-        lost = _apply(state, root)
-    except CheckpointRefused:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - unpickling runs user code (__setstate__, __reduce__)
-        raise _refuse(sid, f"could not be loaded ({type(exc).__name__}: {exc})"[:1000]) from None
-    tracker = _tracker(state, context, module_slots, dict(zip(slots, blobs)), seq, frame)
-    tracker.history_limit = history_limit
-    for why in lost:
-        tracker._lost[why.what] = why
-    return Restored(tracker, lost)
-
-
-def _apply(state: SessionState, root: Any) -> list[NotDurable]:
-    if not isinstance(root, dict) or not {"refs", "ns", "settings", "history", "lost", "code", "globals"} <= root.keys():
-        raise ValueError("its state is not a session's")
-    module = state.module
-    if module is not None:
-        module.__dict__.update(root["ns"])
-        if root.get("ns_lines"):
-            lines = list(root["ns_lines"])
-            linecache.cache[module.__file__ or ""] = (sum(map(len, lines)), None, lines, module.__file__ or "")
-    for rid, obj in root["refs"].items():
-        state.refs[rid] = obj
-        state.ref_of_object[id(obj)] = rid
-    state.dspy_settings.update(root["settings"])
-    state.lm_history[:] = root["history"]
-    code = state.code
-    code.objects.update(root["code"])
-    for nsid, values in root["globals"].items():
-        code.module(nsid).__dict__.update(values)
-    code.bound.update(root["bound"])
-    for filename, entry in root["sources"].items():
-        code.sources[filename] = entry
-    code.activate_sources()
-    for key, file in root["class_files"].items():
-        codestore.register_class_file(code.objects[key], file)
-    return [NotDurable(*item) for item in root["lost"]][-_LOST_MEMORY:]
-
-
-def _tracker(state: SessionState, context: cp.LoadContext, module_slots: dict[int, tuple[str, str]],
-             held: dict[int, bytes | memoryview], seq: int, frame: bytes | memoryview) -> Tracker:
-    """The tracker of a restored session: the broker holds exactly what it sent, so the next build
-    sends only what the next call changes."""
-    tracker = Tracker(state.id)
-    tracker.seq = seq
-    tracker._sent = True
-    tracker.skeleton_size = len(frame)
-    table = tracker.slots
-    seeded = [i for i in (*held, *module_slots) if i < DYNAMIC_BASE]
-    for _ in range(max(seeded, default=-1) + 1):
-        table.grow()
-    for i, data in held.items():
-        obj = context.objects[i]
-        kind = _ENTRY if i < DYNAMIC_BASE else _CODE if isinstance(obj, types.CodeType) else _SIGNATURE
-        _put(table, i, obj, kind)
-        table.set_blob(i, data)
-        if kind == _ENTRY:
-            tracker._entries[id(obj)] = i
-        elif kind == _SIGNATURE:
-            table.versions[i] = cp.signature_version(obj)
-    dicts = _module_dicts(state)
-    for i, (nsid, name) in module_slots.items():
-        if nsid == "global":
-            _put(table, i, byvalue.resolve_name(name), _GLOBAL)
-            tracker._globals[i] = name
-        elif nsid in dicts:
-            _put(table, i, dicts[nsid], _MODULE)
-            tracker._modules[nsid] = i
-    table.free = [i for i in range(table.seed_size) if i not in table.objects]
-    dynamic = [i for i in held if i >= DYNAMIC_BASE]
-    table.next_dynamic = max(dynamic, default=DYNAMIC_BASE - 1) + 1
-    table.free_dynamic = [i for i in range(DYNAMIC_BASE, table.next_dynamic) if i not in table.objects]
-    heapq.heapify(table.free)
-    return tracker
-
-
-def _put(table: _Slots, i: int, obj: Any, kind: str) -> None:
-    """Put ``obj`` in slot ``i`` of a table being rebuilt by a restore."""
-    table.objects[i], table.kinds[i] = obj, kind
-    table.of[id(obj)] = i
-    if kind in _SEEDED:
-        del table.seed[id(table.placeholders[i])]
-        table.seed[id(obj)] = (i, obj)
-    else:
-        table.dynamic.add(i)
+            if nsid == "global":
+                put(table, i, byvalue.resolve_name(name), GLOBAL)
+                tracker._globals[i] = name
+            elif nsid in dicts:
+                put(table, i, dicts[nsid], MODULE)
+                tracker._modules[nsid] = i
+        table.free = [i for i in range(table.seed_size) if i not in table.objects]
+        dynamic = [i for i in held if i >= DYNAMIC_BASE]
+        table.next_dynamic = max(dynamic, default=DYNAMIC_BASE - 1) + 1
+        table.free_dynamic = [i for i in range(DYNAMIC_BASE, table.next_dynamic) if i not in table.objects]
+        heapq.heapify(table.free)
+        return tracker

@@ -18,7 +18,7 @@ import msgpack
 
 from dspex.errors import CheckpointRefused, NotDurableWarning, ProtocolError
 from dspex.protocol import BUDGET_RESTORE, unpack_request_head
-from worker import checkpoint, output
+from worker import checkpoint, checkpoint_restore, output
 from worker.refs import RefTable, SessionState
 
 log = logging.getLogger("dspex.worker")
@@ -73,7 +73,7 @@ class DurableSessions:
             return state
         frames = [_bytes(f) for f in restore.frames]
         try:
-            restored = checkpoint.restore(state, frames[0], restore.slots, frames[1:], restore.seq,
+            restored = checkpoint_restore.restore(state, frames[0], restore.slots, frames[1:], restore.seq,
                                           self.history_limit)
         except CheckpointRefused as err:
             self.refused += 1
