@@ -25,7 +25,7 @@ from bench.common import (
     secs,
     verdict,
 )
-from bench.lifecycle import private_conf, stop_daemon
+from bench.shipped import private_conf, stop_daemon
 
 TARGET_S = 1.5
 
