@@ -9,7 +9,9 @@ figures for a block. Mode by mode:
 * ``core``: the broker's routing core behind a null shell, the pipelined load of ``--what tree``
   driven by frames in memory (a ``strict_queue`` pool of 2 capacity-1 workers, 100 sessions with
   one call each in flight, 4 clients); per request + reply: ``core_us`` of thread CPU time (the
-  machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds).
+  machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds). The
+  core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
+  of each message; a tree from before them through its private handlers, which read the clock.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
@@ -72,10 +74,19 @@ class CoreLoad:
                 sent.append((wid, frames))
 
         self.sent = sent
-        self.core = Null([parse_pool_spec("p:strict_queue")], heartbeat_interval=1.0, heartbeat_liveness=3)
+        pools = [parse_pool_spec("p:strict_queue")]
+        now = time.monotonic
+        if hasattr(Core, "on_client_frames"):
+            core = Null(pools, now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
+            self.from_client: Callable[[list[Any]], None] = lambda frames: core.on_client_frames(frames, now())
+            self.from_worker: Callable[[list[Any]], None] = lambda frames: core.on_worker_frames(frames, now())
+        else:  # a tree from before the public events
+            core = Null(pools, heartbeat_interval=1.0, heartbeat_liveness=3)
+            self.from_client, self.from_worker = core._on_frontend, core._on_backend
+        self.core = core
         info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
         for wid in (b"w" * 32, b"v" * 32):
-            self.core._on_backend([zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
+            self.from_worker([zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
         sent.clear()
         self.next_id = 0
         self.body = msgpack.packb(["os", "getpid", [], {}])
@@ -100,22 +111,23 @@ class CoreLoad:
     def block(self, calls: int) -> float:
         """Seconds of core thread CPU per request + reply over ``calls`` of them."""
         core, sent, clock = self.core, self.sent, time.thread_time
+        from_client, from_worker = self.from_client, self.from_worker
         spent = 0.0
         if not any(w.inflight for w in core.pools["p"].workers.values()):
             for i in range(_SESSIONS):  # every session's first call
                 frames = self._request(b"c%d" % (i % _CLIENTS), f"s{i:031d}")
                 t = clock()
-                core._on_frontend(frames)
+                from_client(frames)
                 spent += clock() - t
         for _ in range(calls):
             wid, req = sent.popleft()
             reply, client, req_id = self._reply(wid, req)
             t = clock()
-            core._on_backend(reply)
+            from_worker(reply)
             spent += clock() - t
             nxt = self._request(client, self.session_of.pop((client, req_id)))  # that session's next call
             t = clock()
-            core._on_frontend(nxt)
+            from_client(nxt)
             spent += clock() - t
         return spent / calls
 

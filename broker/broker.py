@@ -64,7 +64,7 @@ class Broker(Core):
     """The core behind a frontend and a backend ROUTER socket."""
 
     def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
-        super().__init__(options.pools, heartbeat_interval=options.heartbeat_interval,
+        super().__init__(options.pools, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
@@ -94,7 +94,7 @@ class Broker(Core):
         self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self) -> dict[str, Any]:
-        return status_of(self, {**self.stack_info, "metrics": dict(self.metrics)})
+        return status_of(self, {**self.stack_info, "metrics": dict(self.metrics)}, time.monotonic())
 
     # -- ports of the core ---------------------------------------------------------------------
     def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
@@ -187,16 +187,14 @@ class Broker(Core):
         poller.register(self.monitor, zmq.POLLIN)
         if self.front_monitor is not None:
             poller.register(self.front_monitor, zmq.POLLIN)
-        interval = self.options.heartbeat_interval
-        next_beat = time.monotonic() + interval
         next_sweep = time.monotonic() + _SWEEP_EVERY
         while not self._stop:
-            timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
+            timeout = max(0.0, next_sweep - time.monotonic())
             if self._disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(int(timeout * 1000)))
             if self.backend in events:
-                self._drain(self.backend, self._on_backend)
+                self._drain(self.backend, self.on_worker_frames)
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
@@ -205,17 +203,14 @@ class Broker(Core):
             if self._disconnects:
                 self._settle_disconnects()
             if self.frontend in events:
-                self._drain(self.frontend, self._on_frontend)
+                self._drain(self.frontend, self.on_client_frames)
             now = time.monotonic()
             if now >= next_sweep:
-                self._sweep(now)
+                self.tick(now)
                 self.publisher.tick(now)
                 for (plane, code), n, span in self._handshakes.due(now):
                     self._log_handshakes(plane, code, n, span)
                 next_sweep = now + _SWEEP_EVERY
-            if now >= next_beat:
-                self._heartbeat(now)
-                next_beat = now + interval
             self._flush_clients()
             if self.publisher.asked:
                 self.publisher.serve()
@@ -227,7 +222,7 @@ class Broker(Core):
             except zmq.Again:
                 return
             try:
-                handler(frames)
+                handler(frames, time.monotonic())
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
 
@@ -322,7 +317,7 @@ class Broker(Core):
         due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
         if not due:
             return
-        self._drain(self.backend, self._on_backend)
+        self._drain(self.backend, self.on_worker_frames)
         for wid in due:
             self._disconnects.pop(wid, None)
             w = self.workers.get(wid)
@@ -330,7 +325,7 @@ class Broker(Core):
                 continue  # it said goodbye meanwhile
             if self.fd_worker.get(w.fd) == w.id:
                 continue  # its current connection is alive: the disconnect was of an older one
-            self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+            self.worker_lost(wid, time.monotonic())
 
 
 def _source_fd(frame: zmq.Frame) -> int:

@@ -1,11 +1,15 @@
 """The broker's routing core: pools, workers, sessions, queues, pins and recycling, no sockets.
 
-Events come in as the frames a socket delivered (``_on_frontend``, ``_on_backend``), as a
-worker's connection seen or lost, and as clock ticks (``_sweep``, ``_heartbeat``); actions go out
-through four ports a shell implements: ``_to_client``, ``_send_worker`` (raises
-``WorkerUnreachable``), ``_identity`` (who sent a frame) and ``_connection_seen`` /
-``_forget_connection`` (which connection is whose). ``broker.broker.Broker`` is the zmq shell;
-tests/test_core.py drives the core with a recording stub, in milliseconds, no processes.
+Events come in through a small public API: the frames a socket delivered
+(:meth:`Core.on_client_frames`, :meth:`Core.on_worker_frames`), a worker's connection lost
+(:meth:`Core.worker_lost`) and the clock (:meth:`Core.tick`). Every event carries ``now``, the
+monotonic time the shell read for it: the core reads no clock of its own, so its rules run on
+the time it is given (the table tests drive it with a fake clock). Wall-clock time is only
+displayed (``wall``, injected). Actions go out through ports a shell implements: ``_to_client``,
+``_send_worker`` (raises ``WorkerUnreachable``), ``_identity`` (who sent a frame) and
+``_connection_seen`` / ``_forget_connection`` (which connection is whose).
+``broker.broker.Broker`` is the zmq shell; tests/test_core.py drives the core with a recording
+stub, in milliseconds, no processes.
 """
 
 from __future__ import annotations
@@ -100,8 +104,13 @@ class WorkerUnreachable(Exception):
 class Core(Lifecycle):
     """Routes client requests to pool workers under the pools' affinity rules."""
 
-    def __init__(self, pools: list[PoolConfig], *, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_liveness: int = HEARTBEAT_LIVENESS, max_sessions: int = 100_000) -> None:
+    def __init__(self, pools: list[PoolConfig], *, now: float, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 heartbeat_liveness: int = HEARTBEAT_LIVENESS, max_sessions: int = 100_000,
+                 wall: Callable[[], float] = time.time) -> None:
+        """``now``: the monotonic time the core starts at (its restart grace counts from it);
+        ``wall``: wall-clock time, for what is displayed (events, session creation, start)."""
+        self.now = now  # the time of the event being handled (every public event sets it)
+        self.wall = wall
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.max_sessions = max_sessions
@@ -118,8 +127,9 @@ class Core(Lifecycle):
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.gone = GoneWorkers()
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
-        self.started = time.time()
-        self._booted = time.monotonic()
+        self.started = wall()
+        self.booted = now
+        self._beat_due = now + heartbeat_interval
         self._grace_over = False  # the restart grace has passed (unclaimed pins retired)
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.nudge: Any = None  # something with worker_left() (supervisord), or None
@@ -142,7 +152,10 @@ class Core(Lifecycle):
         """``w`` is gone: drop what ties a connection to it."""
 
     # -- frontend -------------------------------------------------------------------------
-    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+    # -- events -------------------------------------------------------------------------------
+    def on_client_frames(self, frames: list[zmq.Frame], now: float) -> None:
+        """A message from a client: ``[client id, request header, *payload]``."""
+        self.now = now
         client = frames[0].bytes
         if len(frames) < 2:
             self.counters["garbage_frontend"] += 1
@@ -158,10 +171,9 @@ class Core(Lifecycle):
         op = header.op
         owner = self._identity(frames[1])
         if op in WORKER_OPS:
-            now = time.monotonic()
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
-            self._route(p, header.pool, header.worker, now)
+            self._route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
                 args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
@@ -218,15 +230,14 @@ class Core(Lifecycle):
                      err.message)
         self._error(p.client, p.req_id, err)
 
-    def _note_failure(self, pool: Pool, code: str, worker: str = "", now: float | None = None) -> None:
+    def _note_failure(self, pool: Pool, code: str, worker: str = "") -> None:
         """Count a failed answer in the pool's health window: the service's, the caller's, or
         (a session whose worker was recycled or stopped) the operator's."""
         wid = worker.encode()
         cleanly = wid in self.workers or (bool(wid) and not self.gone.crashed(wid))
-        pool.recent.add(failure_kind(code, cleanly), code, time.monotonic() if now is None else now)
+        pool.recent.add(failure_kind(code, cleanly), code, self.now)
 
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None:
-        """``now``: the caller's clock reading, when it has a fresh one (one per message)."""
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
         pool = self.pools.get(pool_name)
         if pool is None:
             self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
@@ -246,7 +257,7 @@ class Core(Lifecycle):
             if len(self.sessions) >= self.max_sessions:
                 self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
                 return
-            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, owner=p.owner)
+            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, self.wall(), self.now, owner=p.owner)
             if claimed_worker:
                 # a pin from before a broker restart: keep it if that incarnation is back
                 wid = claimed_worker.encode()
@@ -295,11 +306,11 @@ class Core(Lifecycle):
             self._pin(rec, new.id)
             w = new
         if w.can_start(p.session):
-            self._dispatch(w, p, now)
+            self._dispatch(w, p)
         elif pool.mode is Affinity.STRICT_QUEUE:
             # (pool.queued counts every queue: asked last)
-            if not w.queue and self._may_prefetch(w, now) and pool.queued < pool.config.queue_max:
-                self._dispatch(w, p, now)
+            if not w.queue and self._may_prefetch(w) and pool.queued < pool.config.queue_max:
+                self._dispatch(w, p)
             else:
                 self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
@@ -327,7 +338,7 @@ class Core(Lifecycle):
         return self.heartbeat_interval * self.heartbeat_liveness
 
     def _in_restart_grace(self, wid: bytes) -> bool:
-        return wid not in self.gone and time.monotonic() - self._booted < self._restart_grace()
+        return wid not in self.gone and self.now - self.booted < self._restart_grace()
 
     def _run_anywhere(self, pool: Pool, p: Pending) -> None:
         w = pool.idle_worker()
@@ -339,16 +350,15 @@ class Core(Lifecycle):
     def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
         if pool.queued >= pool.config.queue_max:
             pool.saturated += 1
-            if n := self.notices.note((pool.name, PoolSaturated.code), time.monotonic()):
+            if n := self.notices.note((pool.name, PoolSaturated.code), self.now):
                 self._log_notice(pool, PoolSaturated.code, n, 0.0)
             self._fail(p, pool, PoolSaturated(
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
             return
         queue.append(p)
 
-    def _dispatch(self, w: WorkerRecord, p: Pending, now: float | None = None) -> None:
-        if now is None:
-            now = time.monotonic()
+    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
+        now = self.now
         if now > p.deadline:
             self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
@@ -415,7 +425,7 @@ class Core(Lifecycle):
         except WorkerUnreachable:
             pass
 
-    def _may_prefetch(self, w: WorkerRecord, now: float | None = None) -> bool:
+    def _may_prefetch(self, w: WorkerRecord) -> bool:
         """Send ``w`` a pinned request before its running call ends (``prefetch`` per pool)?
 
         strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
@@ -427,27 +437,26 @@ class Core(Lifecycle):
         if (w.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1
                 or w.draining or w.adopted or not w.inflight or len(w.inflight) - 1 >= pool.config.prefetch):
             return False
-        if now is None:
-            now = time.monotonic()
+        now = self.now
         for p in w.inflight.values():
             if now - p.started >= PREFETCH_YOUNG:
                 return False
         return True
 
-    def _feed(self, w: WorkerRecord, now: float | None = None) -> None:
+    def _feed(self, w: WorkerRecord) -> None:
         """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w, now)
-        while w.queue and w.free <= 0 and self._may_prefetch(w, now):
-            self._dispatch(w, w.queue.popleft(), now)
+        self._feed_free(w)
+        while w.queue and w.free <= 0 and self._may_prefetch(w):
+            self._dispatch(w, w.queue.popleft())
 
-    def _feed_free(self, w: WorkerRecord, now: float | None = None) -> None:
+    def _feed_free(self, w: WorkerRecord) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
         pool = w.pool
         while w.free > 0:
             if w.queue:
                 p = w.next_queued()
                 if p is not None:
-                    self._dispatch(w, p, now)
+                    self._dispatch(w, p)
                     continue
             if not pool.queue:
                 return
@@ -465,7 +474,7 @@ class Core(Lifecycle):
             if p.session and w.capacity > 1 and not w.can_start(p.session):
                 w.queue.append(p)  # a call of a session already running here waits its turn
                 continue
-            self._dispatch(w, p, now)
+            self._dispatch(w, p)
 
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
@@ -478,7 +487,9 @@ class Core(Lifecycle):
         else:
             self._enqueue(pool, target.queue, p)
 
-    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+    def on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
+        """A message from a worker: ``[worker id, command frame, *frames]``."""
+        self.now = now
         wid = frames[0].bytes
         if len(frames) < 2:
             self.counters["garbage_backend"] += 1
@@ -486,9 +497,7 @@ class Core(Lifecycle):
         first = frames[1].bytes
         command = first[:1]
         w = self.workers.get(wid)
-        now = time.monotonic()  # the one clock reading of this message
         if w is not None:
-            w.last_seen = now
             w.expiry = now + self.heartbeat_interval * self.heartbeat_liveness
         if command == W_REPLY or command == W_PARTIAL:
             try:
@@ -521,7 +530,7 @@ class Core(Lifecycle):
                 else:
                     if not p.cancelled:
                         w.errors += 1
-                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(frames), now=now)
+                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(frames))
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
                 rec = self.sessions.get(p.session) if p.session else None
@@ -534,7 +543,7 @@ class Core(Lifecycle):
             elif self._over_request_limit(w):
                 self.recycle(w)  # exactly at the limit, not at the next sweep
             else:
-                self._feed(w, now)
+                self._feed(w)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])
@@ -594,8 +603,7 @@ class Core(Lifecycle):
             log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
             self._to_peer(wid, [B_DISCONNECT])
             return
-        expiry = time.monotonic() + self.heartbeat_interval * self.heartbeat_liveness
-        w = WorkerRecord(wid, pool, info, expiry)
+        w = WorkerRecord(wid, pool, info, self.now, self.now + self.heartbeat_interval * self.heartbeat_liveness)
         self.workers[wid] = w
         pool.workers[wid] = w
         self._connection_seen(w, frames[0])
@@ -609,7 +617,14 @@ class Core(Lifecycle):
         if pool.recycling is not None:
             # a rolling recycle waits for this replacement: go on now, not at the next sweep (an
             # operator who saw the replacement ready must not find the pool still "recycling")
-            self._recycle_step(pool, time.monotonic())
+            self._recycle_step(pool, self.now)
+
+    def worker_lost(self, wid: bytes, now: float) -> None:
+        """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
+        self.now = now
+        w = self.workers.get(wid)
+        if w is not None:
+            self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
 
     def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
         """``clean``: the worker said goodbye, so it answered every request it started; what is
@@ -627,7 +642,7 @@ class Core(Lifecycle):
         else:
             pool.crashes += 1
             event = "crash"
-            pool.recent.add(SERVICE, "crash", time.monotonic())
+            pool.recent.add(SERVICE, "crash", self.now)
         self.gone.add(w.id, why, crashed=event == "crash")
         self._event(pool.name, w, event, why)
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
@@ -661,7 +676,16 @@ class Core(Lifecycle):
         if self.nudge is not None:
             self.nudge.worker_left()
         if pool.recycling == w.id:
-            pool.recycle_started = time.monotonic()  # now wait for the replacement
+            pool.recycle_started = self.now  # now wait for the replacement
+
+    def tick(self, now: float) -> None:
+        """The clock: what is due by ``now`` (heartbeats, queue deadlines, session TTLs, drain
+        deadlines, rolling recycles, counted notices)."""
+        self.now = now
+        if now >= self._beat_due:
+            self._heartbeat(now)
+            self._beat_due = now + self.heartbeat_interval
+        self._sweep(now)
 
     def _heartbeat(self, now: float) -> None:
         for w in list(self.workers.values()):
@@ -688,7 +712,7 @@ class Core(Lifecycle):
                             pool=pool.name))
             self._stop_overdue(pool, now)
             self._recycle_step(pool, now)
-        if now - self._booted >= self._restart_grace():
+        if now - self.booted >= self._restart_grace():
             if not self._grace_over:
                 # pins claimed by clients after a broker restart whose worker never came back
                 self._grace_over = True
@@ -728,8 +752,8 @@ class Core(Lifecycle):
         return self.admins is not None and owner in self.admins()
 
     def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
-        self.events.append({"time": time.time(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
+        self.events.append({"time": self.wall(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
                             "event": event, "why": why})
 
     def status(self) -> dict[str, Any]:
-        return status_of(self, {})
+        return status_of(self, {}, self.now)

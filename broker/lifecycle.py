@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from typing import TYPE_CHECKING, Any
 
 from dspex.errors import DspexError, SessionClosed, SessionWorkerUnavailable
@@ -33,6 +32,7 @@ class Lifecycle:
         sessions: dict[str, SessionRecord]
         closed: Tombstones
         gone: GoneWorkers
+        now: float
 
         def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None: ...
         def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool: ...
@@ -108,7 +108,7 @@ class Lifecycle:
         """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
         pool = w.pool
         pool.recycling = w.id
-        pool.recycle_started = time.monotonic()
+        pool.recycle_started = self.now
         pool.size_before_recycle = max(pool.size_before_recycle, len(pool.workers))
         self._start_draining(w, "is being recycled")
         if not w.inflight:
@@ -119,7 +119,7 @@ class Lifecycle:
         """No new work for ``w``; what waits in its queue fails now (did not run)."""
         pool = w.pool
         w.draining = True
-        w.draining_since = time.monotonic()
+        w.draining_since = self.now
         queued = list(w.queue)
         w.queue.clear()
         for p in queued:
@@ -154,7 +154,7 @@ class Lifecycle:
     def _over_request_limit(self, w: WorkerRecord) -> bool:
         limit = w.pool.config.recycle.max_requests
         return bool(limit and w.served + w.errors >= limit and w.pool.recycling is None
-                    and w.pool.ready_count() >= 2 and time.time() - w.registered >= _MIN_WORKER_AGE)
+                    and w.pool.ready_count() >= 2 and self.now - w.registered >= _MIN_WORKER_AGE)
 
     def _recycle_step(self, pool: Pool, now: float) -> None:
         if pool.recycling is not None:
@@ -175,13 +175,12 @@ class Lifecycle:
         policy = pool.config.recycle
         if not (policy.max_requests or policy.max_age or policy.max_rss_mb) or pool.ready_count() < 2:
             return  # policy never takes a pool's last worker
-        wall = time.time()
         for w in pool.workers.values():
-            if wall - w.registered < _MIN_WORKER_AGE:
+            if now - w.registered < _MIN_WORKER_AGE:
                 continue  # supervisord counts an exit within startsecs as a failed start
             rss_mb = float(w.stats.get("rss", 0)) / 2**20
             if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
-                    or (w.retire_age and wall - w.registered >= w.retire_age)
+                    or (w.retire_age and now - w.registered >= w.retire_age)
                     or (policy.max_rss_mb and rss_mb >= policy.max_rss_mb)):
                 self.recycle(w)
                 return

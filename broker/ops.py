@@ -7,7 +7,6 @@ an admin key; ``recycle`` needs an admin key when the broker has an admin allow-
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -70,7 +69,7 @@ def _close_session(core: "Core", call: OpCall) -> Any:
 @_op(Op.SESSIONS)
 def _sessions(core: "Core", call: OpCall) -> Any:
     wanted = call.args.get("pool")
-    now = time.monotonic()
+    now = core.now
     return [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
@@ -99,7 +98,7 @@ def _recycle(core: "Core", call: OpCall) -> Any:
     else:  # the oldest worker
         targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
     pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
-    core._recycle_step(pool, time.monotonic())
+    core._recycle_step(pool, core.now)
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
@@ -117,9 +116,8 @@ def session_counts(core: "Core") -> tuple[dict[str, int], dict[bytes, int]]:
     return per_pool, per_worker
 
 
-def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
-    now = time.monotonic()
-    wall = time.time()
+def status(core: "Core", stack: dict[str, Any], now: float) -> dict[str, Any]:
+    """The broker's status at monotonic time ``now``."""
     per_pool, per_worker = session_counts(core)
     pools = {}
     for pool in core.pools.values():
@@ -154,7 +152,7 @@ def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
-                    "uptime_s": round(wall - w.registered, 3),
+                    "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
                 }
@@ -162,7 +160,7 @@ def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
             ],
         }
     return {
-        "broker": {"pid": os.getpid(), "uptime_s": round(wall - core.started, 3), "started": core.started,
+        "broker": {"pid": os.getpid(), "uptime_s": round(now - core.booted, 3), "started": core.started,
                    **stack,
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.closed), **core.counters},
         "pools": pools,

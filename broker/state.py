@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import random
-import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,10 +102,11 @@ class WorkerRecord:
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
         "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
-        "adopted", "last_call", "last_seen",
+        "adopted", "last_call",
     )
 
-    def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
+    def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], registered: float, expiry: float) -> None:
+        """``registered``: the monotonic time of its READY (its age counts from it)."""
         self.id = wid
         self.incarnation = wid.decode(errors="replace")
         self.pool = pool
@@ -118,9 +118,8 @@ class WorkerRecord:
         self.sessions: set[str] = set()
         self.served = 0
         self.errors = 0
-        self.registered = time.time()
+        self.registered = registered
         self.expiry = expiry
-        self.last_seen = time.monotonic()  # its last message of any kind (heartbeat age)
         self.fd = -1
         self.draining = False
         self.draining_since = 0.0
@@ -251,11 +250,11 @@ class Pool:
 class SessionRecord:
     id: str
     pool: str
-    worker: bytes | None = None
-    created: float = field(default_factory=time.time)
+    created: float  # wall-clock time (displayed)
     # idle time counts from the end of the last call: set when a call is routed and again when
-    # its reply passes, so a call longer than the TTL never expires its own session
-    last_used: float = field(default_factory=time.monotonic)
+    # its reply passes, so a call longer than the TTL never expires its own session (monotonic)
+    last_used: float
+    worker: bytes | None = None
     calls: int = 0
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
     touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state

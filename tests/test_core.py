@@ -1,12 +1,12 @@
 """The broker's routing core, table-driven, without sockets or processes (milliseconds each).
 
-A recording stub implements the core's ports (dramatiq's StubBroker idea): events go in as the
-frames a socket would deliver, actions come out as the frames the core sends.
+A recording stub implements the core's ports (dramatiq's StubBroker idea): events go in through
+the core's public API as the frames a socket would deliver, on a fake clock the test moves;
+actions come out as the frames the core sends.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgpack
@@ -14,14 +14,17 @@ import pytest
 import zmq
 
 from broker.core import Core, WorkerUnreachable
+from broker.state import Tombstones
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
     B_DISCONNECT,
+    B_HEARTBEAT,
     B_RELEASE_SESSION,
     PROTOCOL_VERSION,
     BUDGET_EPHEMERAL,
     W_DISCONNECT,
     W_DRAIN,
+    W_HEARTBEAT,
     W_READY,
     W_REPLY,
     RequestHeader,
@@ -35,9 +38,17 @@ from dspex.protocol import (
 pytestmark = pytest.mark.timeout(10)
 
 
+START = 1000.0  # the fake clock's reading when a core starts (monotonic seconds)
+HEARTBEAT = 0.25
+
+
 class StubCore(Core):
     def __init__(self, *specs: str) -> None:
-        super().__init__([parse_pool_spec(s) for s in specs], heartbeat_interval=0.25, heartbeat_liveness=3)
+        self.t = START
+        super().__init__([parse_pool_spec(s) for s in specs], now=self.t, heartbeat_interval=HEARTBEAT,
+                         heartbeat_liveness=3, wall=lambda: self.t + 1e9)
+        self.sender = b""  # the client whose message is being delivered
+        self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
         self.to_workers: list[tuple[bytes, list[bytes]]] = []
         self.to_clients: list[list[bytes]] = []
         self.unreachable: set[bytes] = set()
@@ -52,35 +63,52 @@ class StubCore(Core):
         self.to_workers.append((wid, [bytes(f) for f in frames]))
 
     def _identity(self, frame: Any) -> str:
-        return self.owners.get(self._sender, "")
+        return self.owners.get(self.sender, "")
 
     # -- events ------------------------------------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        """Move the clock, as the shell would: every live worker heartbeats each interval (PPP)
+        and the core ticks."""
+        end = self.t + seconds
+        while self.t < end:
+            self.t = min(end, self.t + HEARTBEAT)
+            for wid in list(self.workers):
+                if wid not in self.silent:
+                    self.say(wid, W_HEARTBEAT)
+            self.tick(self.t)
+
     def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
               version: int = PROTOCOL_VERSION) -> None:
         info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running,
                 "version": version}
-        self._on_backend([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
+        self.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
                 timeout_ms: int = 0) -> None:
-        self._sender = client
+        self.sender = client
         header = RequestHeader(op, req_id, pool, session, "", timeout_ms, 0).pack()
-        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")])
+        self.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")], self.t)
 
     def admin(self, client: bytes, op: str, **args: Any) -> Any:
-        self._sender = client
+        self.sender = client
         header = RequestHeader(op, 999, "", "", "", 0, 0).pack()
-        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))])
+        self.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))], self.t)
         status, _, _, _ = msgpack.unpackb(self.to_clients[-1][1])
         body = msgpack.unpackb(self.to_clients[-1][2])
         return body if status == "ok" else ("error", body["code"])
 
     def reply(self, wid: bytes, client: bytes, req_id: int, status: str = "ok") -> None:
-        self._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, status, req_id, client)),
-                          zmq.Frame(pack_reply_header(status, req_id)), zmq.Frame(b"result")])
+        self.backend(wid, pack_reply_head(W_REPLY, status, req_id, client), pack_reply_header(status, req_id), b"result")
 
     def say(self, wid: bytes, command: bytes) -> None:
-        self._on_backend([zmq.Frame(wid), zmq.Frame(command)])
+        self.backend(wid, command)
+
+    def backend(self, wid: bytes, *frames: bytes) -> None:
+        self.on_worker_frames([zmq.Frame(wid), *(zmq.Frame(f) for f in frames)], self.t)
+
+    def crash(self, wid: bytes) -> None:
+        """Its connection closed without a goodbye (what the shell's socket monitor reports)."""
+        self.worker_lost(wid, self.t)
 
     # -- actions -----------------------------------------------------------------------------
     def requests(self) -> list[tuple[bytes, RequestHead, int]]:
@@ -168,7 +196,7 @@ def test_pinned_worker_gone(mode: str, outcome: str) -> None:
     core.request(C, 1, "p", "s")
     pinned = core.worker_of(1) or b""
     core.reply(pinned, C, 1)
-    core._remove_worker(core.workers[pinned], "crashed (connection lost)")
+    core.crash(pinned)
     core.request(C, 2, "p", "s")
     if outcome == "repinned":
         assert core.worker_of(2) not in (None, pinned)
@@ -198,7 +226,9 @@ def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
     assert core.outcome(C, 3) == "pool_saturated"
     core.request(C, 4, "nope", "s")
     assert core.outcome(C, 4) == "pool_not_found"
-    core._sweep(time.monotonic() + 6)
+    core.advance(4.9)
+    assert core.outcome(C, 2) is None
+    core.advance(0.2)
     assert core.outcome(C, 2) == "queue_timeout"
 
 
@@ -268,8 +298,8 @@ def test_no_prefetch_behind_a_long_call_in_fail_fast_pools_or_when_off() -> None
     assert core.worker_of(3) == A  # strict_queue: sent ahead
     assert core.outcome(C, 6) == "worker_busy"  # strict_fail_fast: busy means busy
     assert core.worker_of(9) is None  # prefetch=0: waits in the broker
-    core.reply(A, C, 2)
-    core.workers[A].last_call = 0.5  # A's last call took long: no more prefetch
+    core.advance(0.5)
+    core.reply(A, C, 2)  # A's last call took long: no more prefetch
     core.request(C, 10, "p", "sp3")
     assert core.worker_of(10) is None
 
@@ -279,7 +309,7 @@ def test_a_request_dispatched_past_its_queue_deadline_times_out_in_the_broker() 
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
     core.request(C, 2, "p", "s")
-    core.workers[A].queue[0].enqueued -= 6  # it waited 6 s and the sweep has not come by yet
+    core.t += 6  # it waited 6 s, and the reply comes in before the clock's tick
     core.reply(A, C, 1)
     assert core.outcome(C, 2) == "queue_timeout" and core.worker_of(2) is None
 
@@ -309,18 +339,12 @@ def test_idle_time_counts_from_the_end_of_the_last_call() -> None:
     core = StubCore("p:strict_queue:session_ttl=1")
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
-    core.sessions["s"].last_used -= 100  # the call started long ago, longer than the TTL
-
-    def expire_at(now: float) -> None:
-        core._last_ttl_sweep = 0.0  # the sweep runs at most once a second: let it run now
-        core._expire_sessions(now)
-
-    expire_at(time.monotonic() + 50)
+    core.advance(50)  # a call longer than the TTL
     assert "s" in core.sessions, "a running call never expires its session"
     core.reply(A, C, 1)
-    expire_at(time.monotonic() + 0.5)
+    core.advance(0.5)
     assert "s" in core.sessions, "idle for less than the TTL since the call ended"
-    expire_at(time.monotonic() + 2.0)
+    core.advance(1.5)
     assert "s" not in core.sessions and core.released("s") == {A}
     core.request(C, 2, "p", "s")
     assert core.outcome(C, 2) == "session_closed"
@@ -339,11 +363,10 @@ def test_closed_session_answers_session_closed_never_a_fresh_namespace() -> None
 
 
 def test_tombstones_are_bounded() -> None:
-    core = StubCore("p:strict_queue")
-    core.closed._limit = 10
+    closed = Tombstones(limit=10)
     for i in range(25):
-        core.closed.add(f"s{i}", "was closed")
-    assert len(core.closed) == 10 and core.closed.why("s24") and core.closed.why("s0") is None
+        closed.add(f"s{i}", "was closed")
+    assert len(closed) == 10 and closed.why("s24") and closed.why("s0") is None
 
 
 def test_release_goes_to_every_worker_a_hint_session_touched() -> None:
@@ -415,9 +438,22 @@ def test_goodbye_hands_back_what_never_ran(mode: str, unstarted: str) -> None:
 def test_a_connection_lost_without_goodbye_is_a_crash() -> None:
     core = two_workers("p:strict_queue")
     core.request(C, 1, "p", "s")
-    w = core.workers[core.worker_of(1) or b""]
-    core._remove_worker(w, "crashed (connection lost)")
+    core.crash(core.worker_of(1) or b"")
     assert core.outcome(C, 1) == "worker_crashed" and core.pools["p"].crashes == 1
+
+
+def test_heartbeats_go_out_every_interval_and_a_silent_worker_is_dropped_after_liveness_intervals() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    silent = core.worker_of(1) or b""
+    other = B if silent == A else A
+    core.silent.add(silent)  # a host gone without closing its connection: only heartbeats tell
+    core.advance(HEARTBEAT * 3)
+    assert silent in core.workers and core.outcome(C, 1) is None, "silent for interval × liveness, not more"
+    core.advance(HEARTBEAT)
+    assert silent not in core.workers and core.outcome(C, 1) == "worker_crashed"
+    assert other in core.workers
+    assert core.to_workers.count((other, [B_HEARTBEAT])) == 4  # one per interval, idle or not
 
 
 def test_a_draining_worker_gets_nothing_new() -> None:
@@ -434,21 +470,19 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
     core.request(C, 1, "p", "s")
     hung = core.worker_of(1) or b""
     other = B if hung == A else A
-    core.admin(C, "recycle", pool="p", all=True)
-    assert core.workers[hung].draining and core.pools["p"].recycling in (hung, other)
-    if core.pools["p"].recycling == other:  # the idle one first: it leaves at once
-        core.say(other, W_DISCONNECT)
-        core.ready(b"worker-c", "p")
-        core._sweep(time.monotonic())
-    assert core.pools["p"].recycling == hung
-    core._sweep(time.monotonic() + 6)  # past the drain deadline
+    core.admin(C, "recycle", pool="p", worker=hung.decode())  # the busy one first, then the other
+    core.admin(C, "recycle", pool="p", worker=other.decode())
+    assert core.pools["p"].recycling == hung and core.workers[hung].draining
+    assert not core.workers[other].draining, "one worker of a pool at a time"
+    core.advance(4.9)
+    assert hung in core.workers and core.outcome(C, 1) is None
+    core.advance(0.2)  # past the drain deadline
     assert hung not in core.workers
     assert core.outcome(C, 1) == "worker_crashed"
     assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.events)
-    core.ready(b"worker-d", "p")
-    core._sweep(time.monotonic())
-    if other in core.workers:  # the rolling recycle went on to the other worker
-        assert (other, [B_DISCONNECT]) in core.to_workers
+    assert core.pools["p"].recycling == hung and (other, [B_DISCONNECT]) not in core.to_workers
+    core.ready(b"worker-d", "p")  # its replacement: the rolling recycle goes on to the other worker
+    assert core.pools["p"].recycling == other and (other, [B_DISCONNECT]) in core.to_workers
 
 
 def test_a_rolling_recycle_goes_on_when_the_replacement_registers_not_at_the_next_sweep() -> None:
@@ -513,8 +547,7 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
                 w, (client, rid) = rnd.choice(running)
                 core.reply(w.id, client, rid, rnd.choice(["ok", "err"]))
         elif roll < 0.9 and core.workers:
-            w = rnd.choice(list(core.workers.values()))
-            core._remove_worker(w, "crashed (connection lost)")
+            core.crash(rnd.choice(list(core.workers)))
         elif roll < 0.94 and core.workers:
             w = rnd.choice(list(core.workers.values()))
             core.say(w.id, W_DRAIN)
@@ -550,13 +583,12 @@ def test_request_head_carries_budget_and_client_and_reply_head_is_read_without_m
     assert 1000 < head.call_ms <= 2000 and 4000 < head.queue_ms <= 5000
     assert len(core.to_workers[0][1]) == 3  # [head, request header, payload]: no separate command or budget
     # the broker learns ok/req_id/client from the reply head and forwards the reply header untouched
-    core._on_backend([zmq.Frame(A), zmq.Frame(pack_reply_head(W_REPLY, "err", 1, C)),
-                      zmq.Frame(pack_reply_header("err", 1, "w", "p")), zmq.Frame(b"result")])
+    core.backend(A, pack_reply_head(W_REPLY, "err", 1, C), pack_reply_header("err", 1, "w", "p"), b"result")
     assert core.to_clients[-1] == [C, pack_reply_header("err", 1, "w", "p"), b"result"]
     assert core.pools["p"].outcomes[("call", "error")] == 1
     # a v1 reply (a bare command byte, the client id in its own frame) is garbage, not a crash
     before = core.counters["garbage_backend"]
-    core._on_backend([zmq.Frame(A), zmq.Frame(W_REPLY), zmq.Frame(C), zmq.Frame(pack_reply_header("ok", 1))])
+    core.backend(A, W_REPLY, C, pack_reply_header("ok", 1))
     assert core.counters["garbage_backend"] == before + 1
 
 
@@ -574,22 +606,21 @@ def test_a_worker_of_another_protocol_version_is_told_to_leave(caplog: pytest.Lo
 def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
     core = two_workers("p:strict_queue")
     for bad in (-1, -(2**63)):  # (msgpack itself stops at 2**64 - 1)
-        core._sender = C
+        core.sender = C
         header = msgpack.packb(["call", bad, "p", "s", "", 0, 0])
-        core._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
+        core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")], core.t)
         assert msgpack.unpackb(core.to_clients[-1][2])["code"] == "protocol_error"
     assert core.requests() == []
 
 
 # -- health window, sessions of gone workers, rolling recycles ---------------------------------
 def error_reply(core: StubCore, wid: bytes, client: bytes, req_id: int, code: str) -> None:
-    core._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, "err", req_id, client)),
-                      zmq.Frame(pack_reply_header("err", req_id)),
-                      zmq.Frame(msgpack.packb({"code": code, "message": "boom"}))])
+    core.backend(wid, pack_reply_head(W_REPLY, "err", req_id, client), pack_reply_header("err", req_id),
+                 msgpack.packb({"code": code, "message": "boom"}))
 
 
-def recent(core: StubCore, now: float | None = None) -> dict[str, dict[str, int]]:
-    return core.pools["p"].recent.totals(time.monotonic() if now is None else now)
+def recent(core: StubCore) -> dict[str, dict[str, int]]:
+    return core.pools["p"].recent.totals(core.t)
 
 
 def test_the_health_window_counts_the_services_failures_apart_from_users_and_recycles() -> None:
@@ -607,13 +638,14 @@ def test_the_health_window_counts_the_services_failures_apart_from_users_and_rec
     assert core.outcome(C, 51) == "session_worker_unavailable"
     assert recent(core)["recycle"] == {"session_worker_unavailable": 1}
     other = next(iter(core.workers))
-    core._remove_worker(core.workers[other], "crashed (connection lost)")
+    core.crash(other)
     core.request(C, 52, "p", "s2")  # its worker crashed: the service's
     assert core.outcome(C, 52) == "session_worker_unavailable"
     assert recent(core)["service"] == {"timeout": 1, "crash": 1, "session_worker_unavailable": 1}
     st = core.admin(C, "status")["pools"]["p"]
     assert st["health_window"] == 30 and st["recent"]["user"] == {"remote_error": 50}
-    assert recent(core, time.monotonic() + 32) == {}, "the window slides: old failures leave it"
+    core.advance(32)
+    assert recent(core) == {}, "the window slides: old failures leave it"
 
 
 def test_failures_of_a_busy_window_stay_bounded() -> None:
@@ -638,7 +670,7 @@ def test_sessions_of_a_gone_worker_leave_every_count_and_answer_from_their_tombs
         core.admin(C, "recycle", pool="p", worker=lost.decode())
         core.say(lost, W_DISCONNECT)
     else:
-        core._remove_worker(core.workers[lost], "crashed (connection lost)")
+        core.crash(lost)
     st = core.admin(C, "status")
     pool = st["pools"]["p"]
     listed = core.admin(C, "sessions")
