@@ -11,7 +11,8 @@ figures for a block. Mode by mode:
   one call each in flight, 4 clients); per request + reply: ``core_us`` of thread CPU time (the
   machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds). The
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
-  of each message; a tree from before them through its private handlers, which read the clock.
+  of each message, behind a null port; a tree from before them (a ``Core`` subclass as its shell)
+  through its private handlers, which read the clock.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
@@ -66,32 +67,54 @@ class CoreLoad:
         self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
-        class Null(Core):
-            def _to_client(self, frames: list[Any]) -> None:
+        class Null:
+            def to_client(self, frames: list[Any]) -> None:
                 pass
 
-            def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+            def to_worker(self, wid: bytes, frames: list[Any]) -> None:
                 sent.append((wid, frames))
+
+            def client_identity(self, frame: Any) -> str:
+                return ""
+
+            def worker_connected(self, wid: bytes, frame: Any) -> None:
+                pass
+
+            def worker_gone(self, wid: bytes) -> None:
+                pass
+
+            def stop_process(self, pid: int, host: str) -> None:
+                pass
 
         self.sent = sent
         pools = [parse_pool_spec("p:strict_queue")]
         now = time.monotonic
-        if hasattr(Core, "on_client_frames"):
-            core = Null(pools, now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
-            self.from_client: Callable[[list[Any]], None] = lambda frames: core.on_client_frames(frames, now())
-            self.from_worker: Callable[[list[Any]], None] = lambda frames: core.on_worker_frames(frames, now())
-        else:  # a tree from before the public events
-            core = Null(pools, heartbeat_interval=1.0, heartbeat_liveness=3)
+        # the shell reads the clock for each message (an older core read it itself)
+        self.clocked = hasattr(Core, "on_client_frames")
+        if self.clocked:
+            core = Core(pools, Null(), now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
+            self.from_client, self.from_worker = core.on_client_frames, core.on_worker_frames
+        else:  # a tree from before the public events: a Core subclass is its shell
+            class Shell(Core):
+                _to_client, _send_worker = Null.to_client, Null.to_worker
+
+            core = Shell(pools, heartbeat_interval=1.0, heartbeat_liveness=3)
             self.from_client, self.from_worker = core._on_frontend, core._on_backend
         self.core = core
         info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
         for wid in (b"w" * 32, b"v" * 32):
-            self.from_worker([zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
+            self._deliver(self.from_worker, [zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
         sent.clear()
         self.next_id = 0
         self.body = msgpack.packb(["os", "getpid", [], {}])
         self.result = msgpack.packb(0)
         self.session_of: dict[tuple[bytes, int], str] = {}
+
+    def _deliver(self, handler: Callable[..., None], frames: list[Any]) -> None:
+        if self.clocked:
+            handler(frames, time.monotonic())
+        else:
+            handler(frames)
 
     def _request(self, client: bytes, session: str) -> list[Any]:
         self.next_id += 1
@@ -110,24 +133,24 @@ class CoreLoad:
 
     def block(self, calls: int) -> float:
         """Seconds of core thread CPU per request + reply over ``calls`` of them."""
-        core, sent, clock = self.core, self.sent, time.thread_time
+        core, sent, clock, deliver = self.core, self.sent, time.thread_time, self._deliver
         from_client, from_worker = self.from_client, self.from_worker
         spent = 0.0
         if not any(w.inflight for w in core.pools["p"].workers.values()):
             for i in range(_SESSIONS):  # every session's first call
                 frames = self._request(b"c%d" % (i % _CLIENTS), f"s{i:031d}")
                 t = clock()
-                from_client(frames)
+                deliver(from_client, frames)
                 spent += clock() - t
         for _ in range(calls):
             wid, req = sent.popleft()
             reply, client, req_id = self._reply(wid, req)
             t = clock()
-            from_worker(reply)
+            deliver(from_worker, reply)
             spent += clock() - t
             nxt = self._request(client, self.session_of.pop((client, req_id)))  # that session's next call
             t = clock()
-            from_client(nxt)
+            deliver(from_client, nxt)
             spent += clock() - t
         return spent / calls
 

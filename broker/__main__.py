@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         broker.close()
         why = signal.Signals(stopped_by[0]).name if stopped_by else "an error"
         logging.getLogger("dspex.broker").info(
-            "broker stopped (%s): %d workers, %d sessions, %d queued requests dropped", why, len(broker.workers),
-            len(broker.sessions), sum(p.queued for p in broker.pools.values()))
+            "broker stopped (%s): %d workers, %d sessions, %d queued requests dropped", why, len(broker.core.workers),
+            len(broker.core.sessions), sum(p.queued for p in broker.core.pools.values()))
         logging.shutdown()
     return 0
 

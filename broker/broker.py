@@ -1,9 +1,10 @@
 """The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
-The routing rules live in the socket-free ``broker.core.Core``; this class binds the sockets, polls
-them, maps worker connections (a socket monitor on the backend reports a worker's disconnect
-within about a millisecond; heartbeats catch hosts that vanish without closing their connection)
-and implements the core's ports. Per message the broker decodes one small msgpack header and
+The routing rules live in the socket-free ``broker.core.Core`` this shell holds; the shell binds
+the sockets, polls them, hands the core what arrives with the time it arrived, maps worker
+connections (a socket monitor on the backend reports a worker's disconnect within about a
+millisecond; heartbeats catch hosts that vanish without closing their connection) and implements
+the core's port (``broker.port.Port``). Per message the broker decodes one small msgpack header and
 forwards the payload frames untouched (``copy=False``); it drains every ready message per wake-up.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +27,13 @@ from dspex.errors import ConfigError
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from dspex.pools import PoolConfig
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from broker.core import NOTICE_EVERY, Core, WorkerUnreachable
+from broker.core import NOTICE_EVERY, Core
 from broker.nudge import SupervisorNudge
 from broker.ops import status as status_of
+from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
-from broker.state import Notices, WorkerRecord
+from broker.state import Notices
 
 log = logging.getLogger("dspex.broker")
 
@@ -60,16 +64,18 @@ class BrokerOptions:
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
 
 
-class Broker(Core):
-    """The core behind a frontend and a backend ROUTER socket."""
+class Broker:
+    """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 
     def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
-        super().__init__(options.pools, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
+        self.core = Core(options.pools, self, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
-        self.fd_worker: dict[int, bytes] = {}
+        self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
+        self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
         self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
+        self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
         self._slow_clients: set[bytes] = set()
@@ -80,24 +86,24 @@ class Broker(Core):
         self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
-        self.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
-                           "frontend": options.frontend, "backend": options.backend,
-                           "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
-                           if options.frontend.startswith("ipc://") else ""}
         # the metrics/dashboard server: the port asked for, the one served, or why none (serve_metrics)
         self.metrics: dict[str, Any] = {"requested": options.metrics_port, "port": None, "error": None}
-        self.publisher = StatusPublisher(self)  # the status other threads read, built on this one
+        self.core.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
+                                "frontend": options.frontend, "backend": options.backend,
+                                "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
+                                if options.frontend.startswith("ipc://") else "", "metrics": self.metrics}
+        self.publisher = StatusPublisher(self.core, self.status)  # the status other threads read, built on this one
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
         self._handshakes = Notices(NOTICE_EVERY)
 
-    def status(self) -> dict[str, Any]:
-        return status_of(self, {**self.stack_info, "metrics": dict(self.metrics)}, time.monotonic())
+    def status(self, now: float) -> dict[str, Any]:
+        return status_of(self.core, now)
 
-    # -- ports of the core ---------------------------------------------------------------------
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+    # -- the core's port -----------------------------------------------------------------------
+    def to_worker(self, wid: bytes, frames: list[Any]) -> None:
         try:
             send_frames(self.backend, [wid, *frames])
         except zmq.ZMQError as exc:
@@ -105,15 +111,33 @@ class Broker(Core):
                 raise
             raise WorkerUnreachable() from None
 
-    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
+    def worker_connected(self, wid: bytes, frame: Any) -> None:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
-        self._map_fd(w, _source_fd(frame))
+        self._map_fd(wid, _source_fd(frame))
 
-    def _forget_connection(self, w: WorkerRecord) -> None:
-        self._disconnects.pop(w.id, None)
-        if self.fd_worker.get(w.fd) == w.id:
-            del self.fd_worker[w.fd]
+    def worker_gone(self, wid: bytes) -> None:
+        self._disconnects.pop(wid, None)
+        fd = self.worker_fd.pop(wid, -1)
+        if self.fd_worker.get(fd) == wid:
+            del self.fd_worker[fd]
+        if self.nudge is not None:
+            self.nudge.worker_left()
+
+    def stop_process(self, pid: int, host: str) -> None:
+        """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
+        if host != socket.gethostname() or pid <= 0:
+            return
+        try:
+            # supervisord (like setsid) makes each program lead its own process group: kill the
+            # group, so what the hung call spawned goes too (killasgroup); supervisord's
+            # autorestart then starts the next incarnation
+            if os.getpgid(pid) == pid and os.getpgid(0) != pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError) as exc:
+            log.warning("could not stop pid %d: %s", pid, exc)
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -126,7 +150,7 @@ class Broker(Core):
                     "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
             self._auth, admins = start_authenticator(self.ctx, self.options.curve_allowed_dir)
             if admins is not None and self.options.frontend.startswith("tcp://"):
-                self.admins = admins.keys
+                self.core.admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
         for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
@@ -158,7 +182,7 @@ class Broker(Core):
         if self.options.frontend.startswith("tcp://"):
             self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
-                 ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
+                 ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -194,7 +218,7 @@ class Broker(Core):
                 timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(int(timeout * 1000)))
             if self.backend in events:
-                self._drain(self.backend, self.on_worker_frames)
+                self._drain(self.backend, self.core.on_worker_frames)
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
@@ -203,10 +227,10 @@ class Broker(Core):
             if self._disconnects:
                 self._settle_disconnects()
             if self.frontend in events:
-                self._drain(self.frontend, self.on_client_frames)
+                self._drain(self.frontend, self.core.on_client_frames)
             now = time.monotonic()
             if now >= next_sweep:
-                self.tick(now)
+                self.core.tick(now)
                 self.publisher.tick(now)
                 for (plane, code), n, span in self._handshakes.due(now):
                     self._log_handshakes(plane, code, n, span)
@@ -226,7 +250,7 @@ class Broker(Core):
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
 
-    def _identity(self, frame: zmq.Frame) -> str:
+    def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
         every peer is our own uid (the run directory is 0700), so all share one identity."""
         if not self.options.frontend.startswith("tcp://"):
@@ -236,7 +260,7 @@ class Broker(Core):
         except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
             return ""
 
-    def _to_client(self, frames: list[Any]) -> None:
+    def to_client(self, frames: list[Any]) -> None:
         self._outbox.append(frames)
         if len(self._outbox) >= _OUTBOX_MAX:  # a long drain does not hold its first replies back
             self._flush_clients()
@@ -266,13 +290,14 @@ class Broker(Core):
                 raise
             self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
 
-    def _map_fd(self, w: WorkerRecord, fd: int) -> None:
+    def _map_fd(self, wid: bytes, fd: int) -> None:
         if fd < 0:
             return
-        if w.fd >= 0 and self.fd_worker.get(w.fd) == w.id:
-            del self.fd_worker[w.fd]
-        w.fd = fd
-        self.fd_worker[fd] = w.id
+        old = self.worker_fd.get(wid, -1)
+        if self.fd_worker.get(old) == wid:
+            del self.fd_worker[old]
+        self.worker_fd[wid] = fd
+        self.fd_worker[fd] = wid
 
     def _drain_monitor(self) -> None:
         while True:
@@ -285,7 +310,7 @@ class Broker(Core):
                 self._handshake_failed(WORKERS, int(event["value"]))
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 wid = self.fd_worker.pop(int(event["value"]), None)
-                if wid is not None and wid in self.workers:
+                if wid is not None and wid in self.core.workers:
                     self._disconnects.setdefault(wid, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
@@ -317,15 +342,14 @@ class Broker(Core):
         due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
         if not due:
             return
-        self._drain(self.backend, self.on_worker_frames)
+        self._drain(self.backend, self.core.on_worker_frames)
         for wid in due:
             self._disconnects.pop(wid, None)
-            w = self.workers.get(wid)
-            if w is None:
+            if wid not in self.core.workers:
                 continue  # it said goodbye meanwhile
-            if self.fd_worker.get(w.fd) == w.id:
+            if self.fd_worker.get(self.worker_fd.get(wid, -1)) == wid:
                 continue  # its current connection is alive: the disconnect was of an older one
-            self.worker_lost(wid, time.monotonic())
+            self.core.worker_lost(wid, time.monotonic())
 
 
 def _source_fd(frame: zmq.Frame) -> int:

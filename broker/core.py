@@ -5,11 +5,10 @@ Events come in through a small public API: the frames a socket delivered
 (:meth:`Core.worker_lost`) and the clock (:meth:`Core.tick`). Every event carries ``now``, the
 monotonic time the shell read for it: the core reads no clock of its own, so its rules run on
 the time it is given (the table tests drive it with a fake clock). Wall-clock time is only
-displayed (``wall``, injected). Actions go out through ports a shell implements: ``_to_client``,
-``_send_worker`` (raises ``WorkerUnreachable``), ``_identity`` (who sent a frame) and
-``_connection_seen`` / ``_forget_connection`` (which connection is whose).
-``broker.broker.Broker`` is the zmq shell; tests/test_core.py drives the core with a recording
-stub, in milliseconds, no processes.
+displayed (``wall``, injected). Everything it needs done in the world goes through one
+``broker.port.Port`` the shell implements (frames to clients and workers, a hung worker stopped).
+``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py drives one with a
+recording port, in milliseconds, no processes.
 """
 
 from __future__ import annotations
@@ -72,6 +71,7 @@ from dspex.protocol import (
 from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
+from broker.port import Port, WorkerUnreachable
 from broker.state import GoneWorkers, Notices, Pending, Pool, SessionRecord, Tombstones, WorkerRecord, bucket_bounds
 
 if TYPE_CHECKING:
@@ -97,18 +97,19 @@ def _error_code(frames: list[zmq.Frame]) -> str:
         return "error"
 
 
-class WorkerUnreachable(Exception):
-    """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
-
-
 class Core(Lifecycle):
     """Routes client requests to pool workers under the pools' affinity rules."""
 
-    def __init__(self, pools: list[PoolConfig], *, now: float, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_liveness: int = HEARTBEAT_LIVENESS, max_sessions: int = 100_000,
-                 wall: Callable[[], float] = time.time) -> None:
-        """``now``: the monotonic time the core starts at (its restart grace counts from it);
-        ``wall``: wall-clock time, for what is displayed (events, session creation, start)."""
+    def __init__(self, pools: list[PoolConfig], port: Port, *, now: float,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+                 max_sessions: int = 100_000, wall: Callable[[], float] = time.time) -> None:
+        """``port``: what acts in the world; ``now``: the monotonic time the core starts at (its
+        restart grace counts from it); ``wall``: wall-clock time, for what is displayed (events,
+        session creation, start)."""
+        self.port = port
+        # the port's two hot-path sends, bound once
+        self._to_client = port.to_client
+        self._send_worker = port.to_worker
         self.now = now  # the time of the event being handled (every public event sets it)
         self.wall = wall
         self.heartbeat_interval = heartbeat_interval
@@ -132,24 +133,7 @@ class Core(Lifecycle):
         self._beat_due = now + heartbeat_interval
         self._grace_over = False  # the restart grace has passed (unclaimed pins retired)
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
-        self.nudge: Any = None  # something with worker_left() (supervisord), or None
-        self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
-
-    # -- ports: the shell implements these ----------------------------------------------------
-    def _to_client(self, frames: list[Any]) -> None:
-        raise NotImplementedError
-
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
-        raise NotImplementedError
-
-    def _identity(self, frame: Any) -> str:
-        return ""
-
-    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
-        """A message from ``w`` on (maybe) a new connection."""
-
-    def _forget_connection(self, w: WorkerRecord) -> None:
-        """``w`` is gone: drop what ties a connection to it."""
+        self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
 
     # -- frontend -------------------------------------------------------------------------
     # -- events -------------------------------------------------------------------------------
@@ -169,7 +153,7 @@ class Core(Lifecycle):
             self._error(client, 0, err)
             return
         op = header.op
-        owner = self._identity(frames[1])
+        owner = self.port.client_identity(frames[1])
         if op in WORKER_OPS:
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
@@ -590,7 +574,7 @@ class Core(Lifecycle):
             return
         w = self.workers.get(wid)
         if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
-            self._connection_seen(w, frames[0])
+            self.port.worker_connected(wid, frames[0])
             return
         if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
             log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
@@ -606,7 +590,7 @@ class Core(Lifecycle):
         w = WorkerRecord(wid, pool, info, self.now, self.now + self.heartbeat_interval * self.heartbeat_liveness)
         self.workers[wid] = w
         pool.workers[wid] = w
-        self._connection_seen(w, frames[0])
+        self.port.worker_connected(wid, frames[0])
         # re-adopt sessions a restarted broker learned about from clients before this READY
         w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
         w.queue.extend(pool.awaiting.pop(wid, ()))
@@ -631,7 +615,6 @@ class Core(Lifecycle):
         still in flight never ran there (handed back, not ``WorkerCrashed``)."""
         if self.workers.pop(w.id, None) is None:
             return
-        self._forget_connection(w)
         pool = w.pool
         pool.workers.pop(w.id, None)
         if "recycled" in why:
@@ -673,8 +656,7 @@ class Core(Lifecycle):
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))
-        if self.nudge is not None:
-            self.nudge.worker_left()
+        self.port.worker_gone(w.id)
         if pool.recycling == w.id:
             pool.recycle_started = self.now  # now wait for the replacement
 
@@ -756,4 +738,4 @@ class Core(Lifecycle):
                             "event": event, "why": why})
 
     def status(self) -> dict[str, Any]:
-        return status_of(self, {}, self.now)
+        return status_of(self, self.now)

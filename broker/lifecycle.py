@@ -9,13 +9,11 @@ is stopped hard.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
 from typing import TYPE_CHECKING, Any
 
 from dspex.errors import DspexError, SessionClosed, SessionWorkerUnavailable
 from dspex.protocol import B_DISCONNECT, B_RELEASE_SESSION
+from broker.port import Port
 from broker.state import GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord
 
 log = logging.getLogger("dspex.broker")
@@ -33,6 +31,7 @@ class Lifecycle:
         closed: Tombstones
         gone: GoneWorkers
         now: float
+        port: Port
 
         def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None: ...
         def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool: ...
@@ -128,26 +127,15 @@ class Lifecycle:
                 session=p.session, worker=w.incarnation))
 
     def _stop_overdue(self, pool: Pool, now: float) -> None:
-        """A draining worker past the pool's drain deadline (hung in a call) is stopped hard:
-        through supervisord when it runs the pool, else SIGKILL by pid on this host. Its calls
-        get ``WorkerCrashed`` and the rolling recycle goes on."""
+        """A draining worker past the pool's drain deadline (hung in a call) is stopped hard (the
+        port's ``stop_process``). Its calls get ``WorkerCrashed`` and the rolling recycle goes on."""
         limit = pool.config.drain_timeout
         for w in list(pool.workers.values()):
             if not (w.draining and limit and now - w.draining_since > limit):
                 continue
             log.error("worker %s (pid %d, pool %s) still busy %.0fs after it began draining: stopping it hard",
                       w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
-            if w.host == socket.gethostname() and w.pid > 0:
-                try:
-                    # supervisord (like setsid) makes each program lead its own process group:
-                    # kill the group, so what the hung call spawned goes too (killasgroup);
-                    # supervisord's autorestart then starts the next incarnation
-                    if os.getpgid(w.pid) == w.pid and os.getpgid(0) != w.pid:
-                        os.killpg(w.pid, signal.SIGKILL)
-                    else:
-                        os.kill(w.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError) as exc:
-                    log.warning("could not stop pid %d: %s", w.pid, exc)
+            self.port.stop_process(w.pid, w.host)
             self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more
             self._remove_worker(w, "was recycled (stopped hard at its drain deadline)")
 

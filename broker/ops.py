@@ -116,8 +116,9 @@ def session_counts(core: "Core") -> tuple[dict[str, int], dict[bytes, int]]:
     return per_pool, per_worker
 
 
-def status(core: "Core", stack: dict[str, Any], now: float) -> dict[str, Any]:
+def status(core: "Core", now: float) -> dict[str, Any]:
     """The broker's status at monotonic time ``now``."""
+    stack = {k: dict(v) if isinstance(v, dict) else v for k, v in core.stack_info.items()}
     per_pool, per_worker = session_counts(core)
     pools = {}
     for pool in core.pools.values():

@@ -15,7 +15,7 @@ import heapq
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from broker.state import Histogram
 
@@ -83,12 +83,15 @@ def _histogram(h: Histogram) -> dict[str, Any]:
     return {"bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum}
 
 
-def build_snapshot(core: Core, history: History) -> dict[str, Any]:
+Status = Callable[[float], dict[str, Any]]  # the broker's status at a monotonic time
+
+
+def build_snapshot(core: Core, status: Status, history: History) -> dict[str, Any]:
     """The broker's status plus what only the metrics and the dashboard need: histograms, history,
     the most recently used sessions. Runs on the broker's thread."""
-    snap = core.status()
     now = time.monotonic()
     wall = time.time()
+    snap = status(now)
     for name, pool in core.pools.items():
         p = snap["pools"][name]
         p["latency_hist"] = _histogram(pool.latency)
@@ -107,8 +110,9 @@ def build_snapshot(core: Core, history: History) -> dict[str, Any]:
 class StatusPublisher:
     """Snapshots on demand: readers ask from any thread, the broker's thread builds."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, status: Status) -> None:
         self.core = core
+        self.status = status
         self.history = History(core)
         self.asked = False  # read by the broker's loop every turn: a plain attribute
         self._latest: dict[str, Any] | None = None
@@ -134,7 +138,7 @@ class StatusPublisher:
 
     def serve(self) -> None:
         """On the broker's thread, when ``asked``: build one snapshot for every waiting reader."""
-        snap = build_snapshot(self.core, self.history)
+        snap = build_snapshot(self.core, self.status, self.history)
         with self._lock:
             self._latest = snap
             waiting, self._waiting = self._waiting, []

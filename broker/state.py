@@ -101,7 +101,7 @@ class WorkerRecord:
 
     __slots__ = (
         "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
-        "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
+        "served", "errors", "registered", "expiry", "draining", "draining_since", "stats", "retire_age",
         "adopted", "last_call",
     )
 
@@ -120,7 +120,6 @@ class WorkerRecord:
         self.errors = 0
         self.registered = registered
         self.expiry = expiry
-        self.fd = -1
         self.draining = False
         self.draining_since = 0.0
         # calls it was running for an earlier broker when it registered (READY's "running"): they

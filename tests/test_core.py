@@ -1,8 +1,8 @@
 """The broker's routing core, table-driven, without sockets or processes (milliseconds each).
 
-A recording stub implements the core's ports (dramatiq's StubBroker idea): events go in through
-the core's public API as the frames a socket would deliver, on a fake clock the test moves;
-actions come out as the frames the core sends.
+A recording port stands in for the shell (dramatiq's StubBroker idea): events go in through the
+core's public API as the frames a socket would deliver, on a fake clock the test moves; actions
+come out as what the core asked its port to do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import msgpack
 import pytest
 import zmq
 
-from broker.core import Core, WorkerUnreachable
+from broker.core import Core
+from broker.port import WorkerUnreachable
 from broker.state import Tombstones
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
@@ -42,28 +43,54 @@ START = 1000.0  # the fake clock's reading when a core starts (monotonic seconds
 HEARTBEAT = 0.25
 
 
-class StubCore(Core):
-    def __init__(self, *specs: str) -> None:
-        self.t = START
-        super().__init__([parse_pool_spec(s) for s in specs], now=self.t, heartbeat_interval=HEARTBEAT,
-                         heartbeat_liveness=3, wall=lambda: self.t + 1e9)
+class RecordingPort:
+    """The core's port: records what the core asks for."""
+
+    def __init__(self) -> None:
         self.sender = b""  # the client whose message is being delivered
-        self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
         self.to_workers: list[tuple[bytes, list[bytes]]] = []
         self.to_clients: list[list[bytes]] = []
         self.unreachable: set[bytes] = set()
         self.owners: dict[bytes, str] = {}  # client id -> identity (its CURVE key)
+        self.stopped: list[tuple[int, str]] = []  # processes stopped hard: (pid, host)
+        self.gone: list[bytes] = []  # workers whose connection the shell may forget
 
-    def _to_client(self, frames: list[Any]) -> None:
+    def to_client(self, frames: list[Any]) -> None:
         self.to_clients.append([bytes(f) for f in frames])
 
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+    def to_worker(self, wid: bytes, frames: list[Any]) -> None:
         if wid in self.unreachable:
             raise WorkerUnreachable()
         self.to_workers.append((wid, [bytes(f) for f in frames]))
 
-    def _identity(self, frame: Any) -> str:
+    def client_identity(self, frame: Any) -> str:
         return self.owners.get(self.sender, "")
+
+    def worker_connected(self, wid: bytes, frame: Any) -> None:
+        pass
+
+    def worker_gone(self, wid: bytes) -> None:
+        self.gone.append(wid)
+
+    def stop_process(self, pid: int, host: str) -> None:
+        self.stopped.append((pid, host))
+
+
+class StubCore:
+    """A core on a fake clock with a recording port, and the events a test sends it. Reads of
+    anything else (``workers``, ``pools``...) are the core's."""
+
+    def __init__(self, *specs: str) -> None:
+        self.t = START
+        self.port = RecordingPort()
+        self.core = Core([parse_pool_spec(s) for s in specs], self.port, now=self.t, heartbeat_interval=HEARTBEAT,
+                         heartbeat_liveness=3, wall=lambda: self.t + 1e9)
+        self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
+        self.to_workers, self.to_clients = self.port.to_workers, self.port.to_clients
+        self.unreachable, self.owners = self.port.unreachable, self.port.owners
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
 
     # -- events ------------------------------------------------------------------------------
     def advance(self, seconds: float) -> None:
@@ -75,24 +102,24 @@ class StubCore(Core):
             for wid in list(self.workers):
                 if wid not in self.silent:
                     self.say(wid, W_HEARTBEAT)
-            self.tick(self.t)
+            self.core.tick(self.t)
 
     def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
               version: int = PROTOCOL_VERSION) -> None:
         info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running,
                 "version": version}
-        self.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
+        self.core.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
                 timeout_ms: int = 0) -> None:
-        self.sender = client
+        self.port.sender = client
         header = RequestHeader(op, req_id, pool, session, "", timeout_ms, 0).pack()
-        self.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")], self.t)
+        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")], self.t)
 
     def admin(self, client: bytes, op: str, **args: Any) -> Any:
-        self.sender = client
+        self.port.sender = client
         header = RequestHeader(op, 999, "", "", "", 0, 0).pack()
-        self.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))], self.t)
+        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))], self.t)
         status, _, _, _ = msgpack.unpackb(self.to_clients[-1][1])
         body = msgpack.unpackb(self.to_clients[-1][2])
         return body if status == "ok" else ("error", body["code"])
@@ -104,11 +131,11 @@ class StubCore(Core):
         self.backend(wid, command)
 
     def backend(self, wid: bytes, *frames: bytes) -> None:
-        self.on_worker_frames([zmq.Frame(wid), *(zmq.Frame(f) for f in frames)], self.t)
+        self.core.on_worker_frames([zmq.Frame(wid), *(zmq.Frame(f) for f in frames)], self.t)
 
     def crash(self, wid: bytes) -> None:
         """Its connection closed without a goodbye (what the shell's socket monitor reports)."""
-        self.worker_lost(wid, self.t)
+        self.core.worker_lost(wid, self.t)
 
     # -- actions -----------------------------------------------------------------------------
     def requests(self) -> list[tuple[bytes, RequestHead, int]]:
@@ -407,7 +434,7 @@ def test_sessions_belong_to_their_client_identity() -> None:
     assert core.admin(bob, "sessions") == []
     assert core.admin(bob, "close_session", session="s") == ("error", "session_not_yours")
     assert [r["id"] for r in core.admin(alice, "sessions")] == ["s"]
-    core.admins = lambda: {"OPSKEY"}
+    core.core.admins = lambda: {"OPSKEY"}
     assert core.admin(bob, "recycle", pool="p") == ("error", "refused")
     ops = b"ops-c"
     core.owners[ops] = "OPSKEY"
@@ -480,6 +507,7 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
     assert hung not in core.workers
     assert core.outcome(C, 1) == "worker_crashed"
     assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.events)
+    assert core.port.stopped == [(4242, "elsewhere")] and (hung, [B_DISCONNECT]) in core.to_workers
     assert core.pools["p"].recycling == hung and (other, [B_DISCONNECT]) not in core.to_workers
     core.ready(b"worker-d", "p")  # its replacement: the rolling recycle goes on to the other worker
     assert core.pools["p"].recycling == other and (other, [B_DISCONNECT]) in core.to_workers
@@ -606,9 +634,9 @@ def test_a_worker_of_another_protocol_version_is_told_to_leave(caplog: pytest.Lo
 def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
     core = two_workers("p:strict_queue")
     for bad in (-1, -(2**63)):  # (msgpack itself stops at 2**64 - 1)
-        core.sender = C
+        core.port.sender = C
         header = msgpack.packb(["call", bad, "p", "s", "", 0, 0])
-        core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")], core.t)
+        core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")], core.t)
         assert msgpack.unpackb(core.to_clients[-1][2])["code"] == "protocol_error"
     assert core.requests() == []
 

@@ -147,10 +147,10 @@ def test_broker_handlers_absorb_any_frames(inproc_broker: Broker, ident: bytes, 
     assume(front or not _ready_with_bad_record(frames))
     msg = [zmq.Frame(ident)] + [zmq.Frame(f) for f in frames]
     if front:
-        inproc_broker.on_client_frames(msg, time.monotonic())
+        inproc_broker.core.on_client_frames(msg, time.monotonic())
     else:
-        inproc_broker.on_worker_frames(msg, time.monotonic())
-    assert set(inproc_broker.pools) == {"p", "h"}
+        inproc_broker.core.on_worker_frames(msg, time.monotonic())
+    assert set(inproc_broker.core.pools) == {"p", "h"}
 
 
 # -- a live broker ----------------------------------------------------------------------------
@@ -294,10 +294,10 @@ def test_ready_with_unusable_fields_is_refused_as_garbage(inproc_broker: Broker)
     before = inproc_broker.counters["garbage_backend"]
     for info in ({"pool": "p", "pid": "x"}, {"pool": "h", "pid": 1, "capacity": "many"},
                  {"pool": "p", "pid": 1, "capacity": float("inf")}):
-        inproc_broker.on_worker_frames([zmq.Frame(b"bad-ready"), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))],
+        inproc_broker.core.on_worker_frames([zmq.Frame(b"bad-ready"), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))],
                                        time.monotonic())
     assert inproc_broker.counters["garbage_backend"] == before + 3
-    assert b"bad-ready" not in inproc_broker.workers
+    assert b"bad-ready" not in inproc_broker.core.workers
 
 
 @pytest.mark.timeout(60)
