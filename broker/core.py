@@ -68,11 +68,12 @@ from dspex.protocol import (
     unpack_reply_head,
     unpack_request_header,
 )
-from broker.lifecycle import Lifecycle
 from broker.ops import OpCall, run_op
 from broker.ops import status as status_of
 from broker.port import Port, WorkerUnreachable
-from broker.state import GoneWorkers, Notices, Pending, Pool, SessionRecord, Tombstones, WorkerRecord, bucket_bounds
+from broker.recycling import Recycler
+from broker.sessions import SessionBook
+from broker.state import GoneWorkers, Notices, Pending, Pool, SessionRecord, WorkerRecord, bucket_bounds
 
 if TYPE_CHECKING:
     import zmq  # frames only: the core never touches a socket
@@ -97,8 +98,9 @@ def _error_code(frames: list[zmq.Frame]) -> str:
         return "error"
 
 
-class Core(Lifecycle):
-    """Routes client requests to pool workers under the pools' affinity rules."""
+class Core:
+    """Routes client requests to pool workers under the pools' affinity rules; owns the session
+    book (``book``) and the recycler (``recycler``)."""
 
     def __init__(self, pools: list[PoolConfig], port: Port, *, now: float,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, heartbeat_liveness: int = HEARTBEAT_LIVENESS,
@@ -123,10 +125,13 @@ class Core(Lifecycle):
         self.notices = Notices(NOTICE_EVERY)
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
-        self.closed = Tombstones()  # closed and expired session ids: late calls get SessionClosed
         self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.gone = GoneWorkers()
+        self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, fail=self._fail,
+                                to_worker=self._to_worker)
+        self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
+                                 to_peer=self._to_peer, remove_worker=self._remove_worker)
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.started = wall()
         self.booted = now
@@ -230,8 +235,8 @@ class Core(Lifecycle):
             self._run_anywhere(pool, p)
             return
         rec = self.sessions.get(p.session)
-        if rec is None and (why := self.closed.why(p.session)) is not None:
-            lost = self.closed.worker(p.session)
+        if rec is None and (why := self.book.closed.why(p.session)) is not None:
+            lost = self.book.closed.worker(p.session)
             if lost:
                 self._fail(p, pool, self._worker_gone(p.session, lost, why))
             else:
@@ -277,7 +282,7 @@ class Core(Lifecycle):
             if pool.mode in _STRICT:
                 if w is None:  # its worker left: from now on the session is a tombstone
                     self._fail(p, pool, self._worker_gone(rec.id, pinned, self.gone.why(pinned)))
-                    self._retire_session(rec, pinned)
+                    self.book.retire(rec, pinned)
                 else:
                     self._fail(p, pool, self._worker_gone(rec.id, pinned, "is being recycled"))
                 return
@@ -520,12 +525,12 @@ class Core(Lifecycle):
                 rec = self.sessions.get(p.session) if p.session else None
                 if rec is not None:
                     rec.last_used = now  # idle time counts from the end of the last call
-                    if rec.closing and not self._session_running(rec):
-                        self._release_session(rec)
+                    if rec.closing and not self.book.running(rec):
+                        self.book.release(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
-            elif self._over_request_limit(w):
-                self.recycle(w)  # exactly at the limit, not at the next sweep
+            elif self.recycler.over_request_limit(w, now):
+                self.recycler.recycle(w, now)  # exactly at the limit, not at the next tick
             else:
                 self._feed(w)
         elif len(first) != 1:
@@ -554,7 +559,7 @@ class Core(Lifecycle):
         elif command == W_DRAIN:
             if w is not None and not w.draining:
                 log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
-                self._start_draining(w, "is stopping")
+                self.recycler.start_draining(w, "is stopping", now)
         else:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", command[:8], wid[:8])
@@ -601,7 +606,7 @@ class Core(Lifecycle):
         if pool.recycling is not None:
             # a rolling recycle waits for this replacement: go on now, not at the next sweep (an
             # operator who saw the replacement ready must not find the pool still "recycling")
-            self._recycle_step(pool, self.now)
+            self.recycler.step(pool, self.now)
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
@@ -643,7 +648,7 @@ class Core(Lifecycle):
             if pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
             else:  # its state is gone with the worker: the id stays as a tombstone only
-                self._retire_session(rec, w.id)
+                self.book.retire(rec, w.id)
         for key, p in inflight:
             self.running.pop(key, None)
             if clean:
@@ -692,15 +697,15 @@ class Core(Lifecycle):
                         self._fail(p, pool, QueueTimeout(
                             f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
                             pool=pool.name))
-            self._stop_overdue(pool, now)
-            self._recycle_step(pool, now)
+            self.recycler.stop_overdue(pool, now)
+            self.recycler.step(pool, now)
         if now - self.booted >= self._restart_grace():
             if not self._grace_over:
                 # pins claimed by clients after a broker restart whose worker never came back
                 self._grace_over = True
                 for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
                     if self.pools[rec.pool].mode in _STRICT:
-                        self._retire_session(rec, rec.worker)
+                        self.book.retire(rec, rec.worker)
             for pool in self.pools.values():
                 awaiting, pool.awaiting = pool.awaiting, {}
                 for wid, queue in awaiting.items():
@@ -709,7 +714,7 @@ class Core(Lifecycle):
                             f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
                             f"did not re-register within {self._restart_grace():g}s of this broker's start",
                             session=p.session, worker=wid.decode(errors="replace")))
-        self._expire_sessions(now)
+        self.book.expire(now)
         for (name, code), n, span in self.notices.due(now):
             if (pool_ := self.pools.get(name)) is not None:
                 self._log_notice(pool_, code, n, span)

@@ -63,7 +63,7 @@ def _close_session(core: "Core", call: OpCall) -> Any:
         raise SessionNotYours(f"session {sid[:8]} belongs to another client", session=sid)
     if rec is None or rec.closing:
         return {"closed": False, "released": False}
-    return {"closed": True, "released": core._close_session(rec, "was closed")}
+    return {"closed": True, "released": core.book.close(rec, "was closed")}
 
 
 @_op(Op.SESSIONS)
@@ -97,8 +97,7 @@ def _recycle(core: "Core", call: OpCall) -> Any:
         targets = list(pool.workers.values())
     else:  # the oldest worker
         targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
-    pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
-    core._recycle_step(pool, core.now)
+    core.recycler.roll(pool, targets, core.now)
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
@@ -163,7 +162,7 @@ def status(core: "Core", now: float) -> dict[str, Any]:
     return {
         "broker": {"pid": os.getpid(), "uptime_s": round(now - core.booted, 3), "started": core.started,
                    **stack,
-                   "sessions": sum(per_pool.values()), "closed_sessions": len(core.closed), **core.counters},
+                   "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
         "events": list(core.events),
     }
