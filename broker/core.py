@@ -196,14 +196,8 @@ class Core:
             self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
             return
         pool = self.pools.get(pool_name)
-        if op != Op.CANCEL.value or pool is None:
-            return
-        for queue in pool.queues():
-            for p in queue:
-                if p.client == client and p.req_id == req_id:
-                    queue.remove(p)
-                    self._fail(p, pool, Cancelled("cancelled while queued"))
-                    return
+        if op == Op.CANCEL.value and pool is not None and (p := pool.take(client, req_id)) is not None:
+            self._fail(p, pool, Cancelled("cancelled while queued"))
 
     def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
         self._to_client(
@@ -336,15 +330,12 @@ class Core:
         else:
             self._enqueue(pool, pool.queue, p)
 
-    def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
-        if pool.queued >= pool.config.queue_max:
-            pool.saturated += 1
+    def _enqueue(self, pool: Pool, queue: deque[Pending], p: Pending) -> None:
+        if not pool.admit(queue, p):
             if n := self.notices.note((pool.name, PoolSaturated.code), self.now):
                 self._log_notice(pool, PoolSaturated.code, n, 0.0)
             self._fail(p, pool, PoolSaturated(
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
-            return
-        queue.append(p)
 
     def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
         now = self.now
@@ -683,41 +674,37 @@ class Core:
 
     def _sweep(self, now: float) -> None:
         for pool in self.pools.values():
-            limit = pool.config.queue_timeout
-            queues = [pool.queue, *(w.queue for w in pool.workers.values())]
-            for queue in queues:
-                while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
-                    p = queue.popleft()
-                    if now > p.deadline:
-                        self.counters["expired_unsent"] += 1
-                    else:
-                        pool.queue_timeouts += 1
-                        if n := self.notices.note((pool.name, QueueTimeout.code), now):
-                            self._log_notice(pool, QueueTimeout.code, n, 0.0)
-                        self._fail(p, pool, QueueTimeout(
-                            f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
-                            pool=pool.name))
+            for p, gave_up in pool.expire(now):
+                if gave_up:
+                    self.counters["expired_unsent"] += 1
+                    continue
+                if n := self.notices.note((pool.name, QueueTimeout.code), now):
+                    self._log_notice(pool, QueueTimeout.code, n, 0.0)
+                self._fail(p, pool, QueueTimeout(
+                    f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
+                    f"{pool.config.queue_timeout:g}s", pool=pool.name))
             self.recycler.stop_overdue(pool, now)
             self.recycler.step(pool, now)
-        if now - self.booted >= self._restart_grace():
-            if not self._grace_over:
-                # pins claimed by clients after a broker restart whose worker never came back
-                self._grace_over = True
-                for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
-                    if self.pools[rec.pool].mode in _STRICT:
-                        self.book.retire(rec, rec.worker)
-            for pool in self.pools.values():
-                awaiting, pool.awaiting = pool.awaiting, {}
-                for wid, queue in awaiting.items():
-                    for p in queue:
-                        self._fail(p, pool, SessionWorkerUnavailable(
-                            f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
-                            f"did not re-register within {self._restart_grace():g}s of this broker's start",
-                            session=p.session, worker=wid.decode(errors="replace")))
+        if not self._grace_over and now - self.booted >= self._restart_grace():
+            self._end_restart_grace()
         self.book.expire(now)
         for (name, code), n, span in self.notices.due(now):
             if (pool_ := self.pools.get(name)) is not None:
                 self._log_notice(pool_, code, n, span)
+
+    def _end_restart_grace(self) -> None:
+        """Pins claimed by clients after a broker restart whose worker never came back: strict
+        sessions end, and the calls that waited for that worker are answered."""
+        self._grace_over = True
+        for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
+            if self.pools[rec.pool].mode in _STRICT:
+                self.book.retire(rec, rec.worker)
+        for pool in self.pools.values():
+            for wid, p in pool.take_awaiting():
+                self._fail(p, pool, SessionWorkerUnavailable(
+                    f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did not "
+                    f"re-register within {self._restart_grace():g}s of this broker's start",
+                    session=p.session, worker=wid.decode(errors="replace")))
 
     def _log_notice(self, pool: Pool, code: str, n: int, span: float) -> None:
         """One line for ``n`` refusals or queue timeouts (``span`` > 0: counted over that many seconds)."""

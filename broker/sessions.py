@@ -56,12 +56,8 @@ class SessionBook:
         call ends. Its calls still waiting in a queue never run. True if a worker holds state."""
         self.closed.add(rec.id, why)
         pool = self.pools.get(rec.pool)
-        if pool is not None:
-            for queue in pool.queues():
-                for p in [q for q in queue if q.session == rec.id]:
-                    queue.remove(p)
-                    self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran",
-                                                      session=rec.id))
+        for p in pool.take_session(rec.id) if pool is not None else []:
+            self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran", session=rec.id))
         holders = any(wid in self.workers for wid in rec.touched)
         if self.running(rec):
             rec.closing = why
@@ -80,12 +76,10 @@ class SessionBook:
             why = self.gone.why(lost)
             self.closed.add(rec.id, why, worker=lost)
             pool = self.pools.get(rec.pool)
-            for queue in pool.queues() if pool is not None else []:
-                for p in [q for q in queue if q.session == rec.id]:  # waiting for a worker to pin it
-                    queue.remove(p)
-                    self._fail(p, pool, SessionWorkerUnavailable(
-                        f"session {rec.id[:8]} is pinned to worker {lost.decode(errors='replace')[:8]}, which {why}",
-                        session=rec.id, worker=lost.decode(errors="replace")))
+            for p in pool.take_session(rec.id) if pool is not None else []:  # waiting for a worker to pin it
+                self._fail(p, pool, SessionWorkerUnavailable(
+                    f"session {rec.id[:8]} is pinned to worker {lost.decode(errors='replace')[:8]}, which {why}",
+                    session=rec.id, worker=lost.decode(errors="replace")))
         self.release(rec)
 
     def release(self, rec: SessionRecord) -> None:

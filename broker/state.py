@@ -172,7 +172,8 @@ class WorkerRecord:
 
 
 class Pool:
-    """A named pool: its settings, live workers, the shared queue and counters."""
+    """A named pool: its settings, live workers, its queues and their rules (bound, saturation,
+    queue timeout), and counters."""
 
     def __init__(self, config: PoolConfig, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.config = config
@@ -204,16 +205,62 @@ class Pool:
         waiting at their worker included. Counted from the queues themselves, so no code path
         can let it drift."""
         n = len(self.queue)
-        for w in list(self.workers.values()):  # (asked per enqueue: one pass, no generators)
+        for w in self.workers.values():  # (asked per enqueue: one pass, no generators)
             n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
-        for q in list(self.awaiting.values()):
+        for q in self.awaiting.values():
             n += len(q)
         return n
 
     def queues(self) -> list[deque[Pending]]:
         """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""
-        # list() copies: the metrics thread reads this while the broker thread changes them
-        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values())]
+        return [self.queue, *(w.queue for w in self.workers.values()), *self.awaiting.values()]
+
+    def admit(self, queue: deque[Pending], p: Pending) -> bool:
+        """Queue ``p`` in one of the pool's queues, unless they hold ``queue_max`` requests in all
+        (False: the pool is saturated, counted)."""
+        if self.queued >= self.config.queue_max:
+            self.saturated += 1
+            return False
+        queue.append(p)
+        return True
+
+    def expire(self, now: float) -> list[tuple[Pending, bool]]:
+        """Take what waited past the pool's queue timeout (counted) or past its own call deadline
+        (True: its caller gave up already) from the heads of the pool's and its workers' queues."""
+        limit = self.config.queue_timeout
+        out = []
+        for queue in [self.queue, *(w.queue for w in self.workers.values())]:
+            while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
+                p = queue.popleft()
+                gave_up = now > p.deadline
+                if not gave_up:
+                    self.queue_timeouts += 1
+                out.append((p, gave_up))
+        return out
+
+    def take(self, client: bytes, req_id: int) -> Pending | None:
+        """Take request ``req_id`` of ``client`` out of whichever queue holds it."""
+        for queue in self.queues():
+            for p in queue:
+                if p.client == client and p.req_id == req_id:
+                    queue.remove(p)
+                    return p
+        return None
+
+    def take_session(self, session: str) -> list[Pending]:
+        """Take every queued call of ``session`` (it closed, or lost its worker)."""
+        taken = []
+        for queue in self.queues():
+            mine = [p for p in queue if p.session == session]
+            for p in mine:
+                queue.remove(p)
+            taken += mine
+        return taken
+
+    def take_awaiting(self) -> list[tuple[bytes, Pending]]:
+        """Take the calls that waited for a worker to re-register: ``(worker id, request)``."""
+        awaiting, self.awaiting = self.awaiting, {}
+        return [(wid, p) for wid, queue in awaiting.items() for p in queue]
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1

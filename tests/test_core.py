@@ -18,6 +18,8 @@ from broker.port import WorkerUnreachable
 from broker.state import Tombstones
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
+    B_CANCEL,
+    B_CREDIT,
     B_DISCONNECT,
     B_HEARTBEAT,
     B_RELEASE_SESSION,
@@ -111,10 +113,10 @@ class StubCore:
         self.core.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
-                timeout_ms: int = 0) -> None:
+                timeout_ms: int = 0, body: bytes = b"payload") -> None:
         self.port.sender = client
         header = RequestHeader(op, req_id, pool, session, "", timeout_ms, 0).pack()
-        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")], self.t)
+        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(body)], self.t)
 
     def admin(self, client: bytes, op: str, **args: Any) -> Any:
         self.port.sender = client
@@ -257,6 +259,25 @@ def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
     assert core.outcome(C, 2) is None
     core.advance(0.2)
     assert core.outcome(C, 2) == "queue_timeout"
+
+
+def test_cancel_takes_a_queued_request_out_and_goes_to_the_worker_of_a_running_one() -> None:
+    core = StubCore("p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")  # queued behind 1
+    core.request(C, 2, "p", "s", op="cancel", body=msgpack.packb(0))
+    assert core.outcome(C, 2) == "cancelled" and core.pools["p"].queued == 0
+    core.request(C, 1, "p", "s", op="credit", body=msgpack.packb(32))
+    core.request(C, 1, "p", "s", op="credit", body=b"\xc1")  # garbage: counted, not forwarded
+    core.request(C, 1, "p", "s", op="cancel", body=msgpack.packb(0))
+    control = [f for wid, f in core.to_workers if wid == A and f[0] in (B_CREDIT, B_CANCEL)]
+    assert control == [[B_CREDIT, C, msgpack.packb([1, 32])], [B_CANCEL, C, msgpack.packb([1, 0])]]
+    assert core.counters["garbage_frontend"] == 1
+    core.reply(A, C, 1, "err")
+    assert core.pools["p"].outcomes[("call", "cancelled")] == 2, "its error reply counts as cancelled too"
+    core.request(C, 1, "p", "s", op="cancel", body=msgpack.packb(0))  # already answered: dropped
+    assert len([f for _, f in core.to_workers if f[0] == B_CANCEL]) == 1
 
 
 def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
