@@ -22,6 +22,8 @@ from bench.predict import predict
 from bench.scale import scale
 from bench.serving import serving
 from bench.stop import stop
+from bench.sessioncode import ROWS as CODE_ROWS
+from bench.sessioncode import code
 
 __all__ = ["GOALS", "GROUPS", "ROWS", "Config", "goals"]
 
@@ -41,6 +43,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "scale": scale,
     "idle": idle,
     "localmodel": localmodel,
+    "code": code,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -61,6 +64,7 @@ ROWS: dict[str, list[str]] = {
     "scale": ["scale.grid", "scale.idle"],
     "idle": ["idle.stack", "idle.busy"],
     "localmodel": ["localmodel"],
+    "code": CODE_ROWS,
 }
 
 

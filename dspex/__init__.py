@@ -18,6 +18,7 @@ from dspex.errors import (
     Refused,
     UsageError,
     Cancelled,
+    CodeCacheMiss,
     ConfigError,
     ConnectionError,
     DspexError,
@@ -49,7 +50,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
-    "Cancelled", "Client", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "PoolNotFound",
+    "Cancelled", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "PoolNotFound",
     "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
     "Session", "SessionClosed", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",

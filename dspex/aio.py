@@ -29,10 +29,11 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex import config
 from dspex.client import DEFAULT_TIMEOUT
 from dspex.core import Exchange, bound_name, cancel_all, close_monitored, control_frames
-from dspex.errors import (BrokerUnreachable, Cancelled, ConnectionError, DspexError, ProtocolError, Refused,
+from dspex.errors import (BrokerUnreachable, Cancelled, CodeCacheMiss, ConnectionError, DspexError, ProtocolError, Refused,
                           SessionClosed, Timeout)
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.ref import Ref
+from dspex.sendcache import SendCache
 
 _Reply = tuple[str, str, list[Any]]
 _LOST = "__lost__"  # queued to waiting calls when the broker connection drops
@@ -45,10 +46,11 @@ class AsyncClient:
     """A connection to a dspex broker for one asyncio event loop."""
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-                 forward_output: bool = True) -> None:
+                 forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
         self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
+        self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         self._curve: tuple[bytes, tuple[bytes, bytes]] | None = None
         if self.endpoint.startswith("tcp://"):
@@ -207,9 +209,17 @@ class AsyncClient:
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None, forward: bool | None = None) -> Any:
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+        while True:
+            try:
+                return await self._request(ex, op, pool, session, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    async def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
         req_id, queue = await self._start(ex, worker)
         try:
             while True:
@@ -242,16 +252,26 @@ class AsyncClient:
     async def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None,
-                     bind: Any = None, forward: bool | None = None) -> AsyncIterator[Any]:
+                     bind: Any = None, forward: bool | None = None,
+                     sender: SendCache | None = None) -> AsyncIterator[Any]:
         """Items of an iterable result, as an async iterator; leaving it early cancels the producer."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
         req_id, queue = await self._start(ex, worker)
         finished = False
+        started = False  # an item or event arrived: the request ran
         try:
             while True:
                 try:
                     kind, value, credit = ex.feed(*await self._next(queue, ex))
+                    started = True
+                except CodeCacheMiss as miss:
+                    if started or not ex.resend_in_full(miss):
+                        finished = True
+                        raise
+                    self._pending.pop(req_id, None)  # nothing ran: the same request again, in full
+                    req_id, queue = await self._start(ex, worker)
+                    continue
                 except BaseException:
                     finished = True
                     raise
@@ -274,8 +294,8 @@ class AsyncClient:
 
     # -- user API -------------------------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None, *,
-                forward_output: bool | None = None) -> "AsyncSession":
-        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output)
+                forward_output: bool | None = None, client_settings: bool | None = None) -> "AsyncSession":
+        return AsyncSession(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
 
     async def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                    *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -306,13 +326,15 @@ class AsyncSession:
     """The awaitable twin of :class:`dspex.Session`; its refs' handles return awaitables
     (``await prog(question=...)``, ``await lm.model``; use ``await s.set_attr`` to set)."""
 
-    def __init__(self, client: AsyncClient, pool: str, session_id: str, forward_output: bool | None = None) -> None:
+    def __init__(self, client: AsyncClient, pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""
         self.closed = False
         self.forward_output = forward_output  # None: the client's
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
         return f"<dspex.aio.AsyncSession {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -333,7 +355,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return await self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                          on_reply=self._track, on_progress=on_progress, on_output=on_output,
-                                         bind=self, forward=self.forward_output)
+                                         bind=self, forward=self.forward_output, sender=self.sender)
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, sent by value (see Session.run)."""
@@ -400,7 +422,7 @@ class AsyncSession:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output)
+                                  forward=self.forward_output, sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -425,6 +447,7 @@ class AsyncSession:
         if self.closed:
             return
         self.closed = True
+        self.sender.close()
         try:
             await self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout):
@@ -432,10 +455,11 @@ class AsyncSession:
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-            forward_output: bool = True) -> AsyncClient:
+            forward_output: bool = True, client_settings: bool = True) -> AsyncClient:
     """An asyncio client for the broker at ``endpoint`` (or ``DSPEX_ENDPOINT`` / the default);
-    ``forward_output=False``: calls' output stays off this process's streams and loggers."""
-    return AsyncClient(endpoint, timeout, forward_output=forward_output)
+    ``forward_output=False``: calls' output stays off this process's streams and loggers;
+    ``client_settings=False``: this process's DSPy settings do not go with its sessions' calls."""
+    return AsyncClient(endpoint, timeout, forward_output=forward_output, client_settings=client_settings)
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

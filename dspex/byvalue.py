@@ -18,7 +18,9 @@ import importlib
 import importlib.metadata
 import inspect
 import io
+import json
 import linecache
+import logging
 import os
 import pickle
 import site
@@ -37,6 +39,7 @@ _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
 MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
 _DYNAMIC = "<dynamic-code>"
+log = logging.getLogger("dspex.byvalue")
 MAX_CHAIN_LINKS = 16  # exceptions of one pickle whose __cause__/__context__ travel: chains are bounded
 
 
@@ -82,12 +85,26 @@ def _installed_prefixes() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _distributed_top_levels() -> frozenset[str]:
-    """Top-level packages of installed distributions (editable installs included)."""
+def _editable_top_levels() -> frozenset[str]:
+    """Top-level packages of distributions installed in editable mode: importable like installed
+    ones, though their files live outside site-packages. Only editable distributions are read
+    (``direct_url.json``), not every distribution's file list: ``packages_distributions()`` cost
+    more than the rest of a first call."""
+    names: set[str] = set()
     try:
-        return frozenset(importlib.metadata.packages_distributions())
-    except Exception:
-        return frozenset()
+        for dist in importlib.metadata.distributions():
+            url = dist.read_text("direct_url.json")
+            if not url or not json.loads(url).get("dir_info", {}).get("editable"):
+                continue
+            top = dist.read_text("top_level.txt")
+            if top:
+                names.update(line.strip() for line in top.splitlines() if line.strip())
+            else:
+                names.update(str(f).split("/", 1)[0].removesuffix(".py") for f in dist.files or ()
+                             if not str(f).split("/", 1)[0].endswith((".dist-info", ".pth")))
+    except (OSError, ValueError, AttributeError) as exc:  # a broken distribution must not break sending code
+        log.debug("reading editable distributions: %r", exc)
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -98,64 +115,136 @@ def is_user_module(name: str) -> bool:
     top = name.partition(".")[0]
     if top in _NEVER_BY_VALUE or top in sys.stdlib_module_names or name in sys.builtin_module_names:
         return False
-    if top in _distributed_top_levels():
-        return False
     module = sys.modules.get(name)
     if module is None:
         return False
     file = getattr(module, "__file__", None)
     if not file:
         return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
-    path = os.path.realpath(file)
-    return not path.startswith(_installed_prefixes())
+    if os.path.realpath(file).startswith(_installed_prefixes()):
+        return False
+    if top in _editable_top_levels():
+        return False
+    return top not in _installed_beside(sys.modules.get(top))
+
+
+def _installed_beside(top_module: Any) -> frozenset[str]:
+    """Top-level names of the distributions installed in the directory that holds ``top_module``
+    (``pip install --target``, a ``PYTHONPATH`` install, a setuptools develop egg-info): their code
+    goes by reference, as it always did."""
+    file = getattr(top_module, "__file__", None)
+    if not isinstance(file, str):
+        return frozenset()
+    directory = os.path.dirname(file)
+    if os.path.basename(file) == "__init__.py":
+        directory = os.path.dirname(directory)
+    return _distribution_tops(directory)
+
+
+@functools.lru_cache(maxsize=256)
+def _distribution_tops(directory: str) -> frozenset[str]:
+    names: set[str] = set()
+    try:
+        entries = [e for e in os.listdir(directory) if e.endswith((".dist-info", ".egg-info"))]
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        meta = os.path.join(directory, entry)
+        try:
+            with open(os.path.join(meta, "top_level.txt"), encoding="utf-8") as f:
+                names.update(line.strip() for line in f if line.strip())
+            continue
+        except OSError:
+            pass
+        try:
+            with open(os.path.join(meta, "RECORD"), encoding="utf-8") as f:
+                for line in f:
+                    first = line.split(",", 1)[0].split("/", 1)[0]
+                    if first and not first.endswith((".dist-info", ".egg-info", ".pth")) and first != "..":
+                        names.add(first.removesuffix(".py"))
+        except OSError:
+            pass
+    return frozenset(names)
+
+
+def register_user_module(module_name: Any) -> None:
+    """A user module's code pickles by value (``cloudpickle.register_pickle_by_value``)."""
+    if isinstance(module_name, str) and is_user_module(module_name):
+        module = sys.modules[module_name]
+        if not _cp._is_registered_pickle_by_value(module):
+            cloudpickle.register_pickle_by_value(module)
+
+
+def class_own_file(cls: type) -> str | None:
+    """The file a class's own methods were compiled from (its source is there)."""
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", value)  # classmethod / staticmethod
+        func = getattr(func, "fget", func)  # property
+        code = getattr(func, "__code__", None)
+        own = str(getattr(func, "__qualname__", "")).startswith(cls.__qualname__ + ".")
+        if code is not None and own and code.co_filename != "<string>":  # dataclass-made: <string>
+            return str(code.co_filename)
+    return None
+
+
+def class_source_file(cls: type) -> str | None:
+    """Where a class's source is on this side: its methods' file, else its module's (a
+    Signature or a plain class has no methods)."""
+    own = class_own_file(cls)
+    if own is not None:
+        return own
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return file if isinstance(file, str) else None
+
+
+def source_lines(filename: str | None) -> list[str] | None:
+    """linecache's lines of a by-value object's file, or None (no file, a library's, too big)."""
+    if not filename:
+        return None
+    if not filename.startswith("<"):
+        if os.path.realpath(filename).startswith(_installed_prefixes()):
+            return None  # a library's dynamically made function: its source is the library's, not needed
+        linecache.checkcache(filename)  # an edited file: its new text
+    lines = linecache.getlines(filename)
+    if not lines or sum(map(len, lines)) > MAX_SOURCE_FILE:
+        return None
+    return lines
 
 
 def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
     """Register ``obj``'s module for by-value pickling if it is user code; keep its source."""
-    module_name = getattr(obj, "__module__", None)
-    if not isinstance(module_name, str):
-        return
-    if is_user_module(module_name):
-        module = sys.modules[module_name]
-        if not _cp._is_registered_pickle_by_value(module):
-            cloudpickle.register_pickle_by_value(module)
+    register_user_module(getattr(obj, "__module__", None))
     try:
         if _cp._should_pickle_by_reference(obj):
             return
-    except Exception:
+    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle decides (and fails) itself
         return
     if isinstance(obj, types.FunctionType):
-        filename = obj.__code__.co_filename
+        _note_file(obj.__code__.co_filename, sources, budget)
     else:
-        filename = getattr(sys.modules.get(module_name), "__file__", None) or ""
-    if not filename or filename in sources:
-        return
-    if not filename.startswith("<") and os.path.realpath(filename).startswith(_installed_prefixes()):
-        return  # a library's dynamically made function: its source is the library's, not needed
-    lines = linecache.getlines(filename)
-    text = "".join(lines)
-    if not text or len(text) > MAX_SOURCE_FILE or len(text) > budget[0]:
-        return
-    budget[0] -= len(text)
-    sources[filename] = text
+        _note_file(getattr(sys.modules.get(obj.__module__), "__file__", None), sources, budget)
 
 
 def _note_module(module: types.ModuleType, sources: dict[str, str], budget: list[int]) -> None:
     """A user module referenced as a module (``import helpers`` ... ``helpers.normalize(x)``)
     goes by value too (cloudpickle would import it by name on the other side)."""
-    if not is_user_module(module.__name__):
+    if is_user_module(module.__name__):
+        register_user_module(module.__name__)
+        _note_file(getattr(module, "__file__", None), sources, budget)
+
+
+def _note_file(filename: Any, sources: dict[str, str], budget: list[int]) -> None:
+    if not isinstance(filename, str) or filename in sources:
         return
-    if not _cp._is_registered_pickle_by_value(module):
-        cloudpickle.register_pickle_by_value(module)
-    filename = getattr(module, "__file__", None)
-    if filename and filename not in sources:
-        text = "".join(linecache.getlines(filename))
-        if text and len(text) <= MAX_SOURCE_FILE and len(text) <= budget[0]:
-            budget[0] -= len(text)
-            sources[filename] = text
+    lines = source_lines(filename)
+    text = "".join(lines or ())
+    if not text or len(text) > budget[0]:
+        return
+    budget[0] -= len(text)
+    sources[filename] = text
 
 
-class _SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
+class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle that notes the source file of every function and class it pickles by value;
     exceptions keep their ``__cause__``/``__context__`` chain (``chain_links`` of them at most)."""
 
@@ -217,12 +306,12 @@ def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[
     """(pickle bytes, {filename: source text}) of ``obj``; raises what pickling raises."""
     buf = io.BytesIO()
     sources: dict[str, str] = {}
-    _SourcePickler(buf, sources, chain_links).dump(obj)
+    SourcePickler(buf, sources, chain_links).dump(obj)
     return buf.getvalue(), sources
 
 
 def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    """Rebuild an exception without calling its ``__init__`` (see ``_SourcePickler``)."""
+    """Rebuild an exception without calling its ``__init__`` (see ``SourcePickler``)."""
     exc = cls.__new__(cls, *args)
     exc.args = args
     exc.__dict__.update(state)
@@ -274,9 +363,49 @@ def register_sources(sources: dict[str, str]) -> None:
         linecache.cache[filename] = (len(text), None, lines, filename)
 
 
+class _Unpickler(pickle.Unpickler):
+    """``pickle.loads`` that never rewrites a class this process already has.
+
+    A class that goes by value and comes back (a client's dataclass in a result) is found again
+    by cloudpickle's class tracker, which then sets the arriving class dict on it: the client's own
+    methods would be replaced by copies whose ``__globals__`` are not their module's. Here a
+    tracked class keeps its own dict.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._found: set[int] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "cloudpickle.cloudpickle":
+            if name == "_make_skeleton_class":
+                return self._tracked(_cp._make_skeleton_class, 4)
+            if name == "_make_skeleton_enum":
+                return self._tracked(_cp._make_skeleton_enum, 5)
+            if name == "_class_setstate":
+                return self._class_setstate
+        return super().find_class(module, name)
+
+    def _tracked(self, make: Any, tracker_at: int) -> Any:
+        def skeleton(*args: Any) -> Any:
+            tracker = args[tracker_at] if len(args) > tracker_at else None
+            found = _cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker) if tracker is not None else None
+            if found is not None:
+                self._found.add(id(found))
+                return found
+            return make(*args)
+
+        return skeleton
+
+    def _class_setstate(self, cls: type, state: Any) -> Any:
+        if id(cls) in self._found:
+            return cls
+        return _cp._class_setstate(cls, state)
+
+
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     register_sources(sources)
-    return pickle.loads(data)  # noqa: S301 - peers are authenticated; a client may exec code anyway
+    return _Unpickler(io.BytesIO(data)).load()  # peers are authenticated; a client may exec code anyway
 
 
 # LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are

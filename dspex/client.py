@@ -27,6 +27,7 @@ from dspex.core import CreditMeter, Exchange, bound_name, close_monitored, contr
 from dspex.errors import (
     BrokerUnreachable,
     Cancelled,
+    CodeCacheMiss,
     ConnectionError,
     DspexError,
     ProtocolError,
@@ -37,6 +38,7 @@ from dspex.errors import (
 )
 from dspex.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.ref import Ref
+from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
 
 log = logging.getLogger("dspex.client")
@@ -101,10 +103,11 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  *, curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
-                 forward_output: bool = True) -> None:
+                 forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
         self.timeout = timeout
         self.forward_output = forward_output  # calls' output to this process's streams and loggers (dspex.output)
+        self.client_settings = client_settings  # sessions send this process's DSPy settings with their calls
         self.max_message = config.max_message_bytes()
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = config.curve_client_keys(
@@ -290,7 +293,7 @@ class Client:
                 worker: str = "", timeout: float | None = None,
                 on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None,
-                bind: Any = None, forward: bool | None = None) -> Any:
+                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
         """Send one request and wait for its reply; raise the typed error it carries.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
@@ -299,10 +302,19 @@ class Client:
         to this process's streams and loggers unless ``forward`` (default: the client's
         ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
         Ctrl-C while it waits stops the request on the worker (``cancel``) before
-        ``KeyboardInterrupt`` propagates.
+        ``KeyboardInterrupt`` propagates. ``sender``: the session's record of the code its worker
+        holds (a request that refers to code the worker lacks goes again in full, once).
         """
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+        while True:
+            try:
+                return self._request(ex, op, pool, session, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    def _request(self, ex: Exchange, op: str, pool: str, session: str, worker: str) -> Any:
         cancels = self._cancels
         ch = self._checkout()
         waiting = False  # the request is out and no send is under way (Ctrl-C may send a cancel)
@@ -347,10 +359,10 @@ class Client:
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None) -> "Stream":
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> "Stream":
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
         ch = self._checkout()
         try:
             req_id = next(ch.ids)
@@ -358,14 +370,16 @@ class Client:
         except BaseException:
             self._checkin(ch)
             raise
-        return Stream(self, ch, req_id, ex)
+        return Stream(self, ch, req_id, ex, worker)
 
     # -- user API -------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None) -> "Session":
+    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
+                client_settings: bool | None = None) -> "Session":
         """A new session on ``pool``; it is pinned to a worker on its first call. ``forward_output``
         (default: the client's) says whether its calls' output reaches this process's streams
-        and loggers."""
-        return Session(self, pool, session_id or secrets.token_hex(16), forward_output)
+        and loggers; ``client_settings`` (default: the client's) whether this process's DSPy
+        settings go with its calls."""
+        return Session(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -415,11 +429,13 @@ class Stream:
     stream ended. The stream holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange) -> None:
+    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange, worker: str = "") -> None:
         self._client = client
         self._ch: _Channel | None = ch
         self._req_id = req_id
         self._ex = ex
+        self._worker = worker
+        self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
         self.done = False
         self.result: Any = None
@@ -446,9 +462,21 @@ class Stream:
             try:
                 reply = self._client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex)
                 kind, value, credit = ex.feed(*reply)
+                self._started = True
                 if credit:
                     self._client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                        ex.timeout)
+            except CodeCacheMiss as miss:
+                if self._started or not ex.resend_in_full(miss):
+                    self._finish()
+                    raise
+                try:  # nothing ran: the same request again, in full
+                    self._req_id = next(ch.ids)
+                    self._client._send(ch, ex.frames(self._req_id, self._worker), ex.timeout)
+                except BaseException:
+                    self._finish()
+                    raise
+                continue
             except BaseException:
                 self._finish()
                 raise
@@ -512,13 +540,17 @@ class Session:
     like their objects (``prog(question=...)``, ``lm.model``).
     """
 
-    def __init__(self, client: Client, pool: str, session_id: str, forward_output: bool | None = None) -> None:
+    def __init__(self, client: Client, pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
         self.worker = ""  # incarnation id once pinned
         self.closed = False
         self.forward_output = forward_output  # None: the client's
+        # what the session's worker holds of this client's code, and whether the client's DSPy
+        # settings go with each call
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
 
     def __repr__(self) -> str:
         return f"<dspex.Session {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
@@ -539,7 +571,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   forward=self.forward_output)
+                                   forward=self.forward_output, sender=self.sender)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -620,7 +652,7 @@ class Session:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output)
+                                  forward=self.forward_output, sender=self.sender)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
@@ -649,6 +681,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.sender.close()
         try:
             self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout) as err:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import msgpack
 import numpy as np
 import zmq
 
-from dspex import byvalue
+from dspex import byvalue, codestore
 from dspex import ref as ref_module
 from dspex.errors import DspexError, EncodeError, MissingModule, ProtocolError
 from dspex.record import KINDS, build_record, record_parts
@@ -31,7 +31,11 @@ from dspex.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_NDARRAY, EXT_NPSC
                              EXT_REF, EXT_FROZENSET, EXT_SET, EXT_TUPLE, RECORD, TAGS, convert_subclass, surrogates,
                              utf8_ok)
 
-__all__ = ["EXT_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "unpackb"]
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
+           "unpackb"]
+
+# ext codes 25-29 are a session's code, sent once (dspex.sessionpickle writes, dspex.codestore reads)
+EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
 
 
 class Policy(str, enum.Enum):
@@ -97,15 +101,23 @@ def _type_name(obj: object) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+class Sender(Protocol):
+    """Pickles by-value objects for one request of a session (``dspex.sessionpickle.Message``)."""
+
+    def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
+
+
 class _Encoder:
     """The state of one ``encode``: array frames, refs made, objects pickled (each once)."""
 
-    __slots__ = ("buffers", "memo", "pickled", "policy", "sources_sent", "to_ref")
+    __slots__ = ("buffers", "memo", "pickled", "policy", "sender", "sources_sent", "to_ref")
 
-    def __init__(self, policy: Policy, buffers: Buffers | None, to_ref: ToRef | None) -> None:
+    def __init__(self, policy: Policy, buffers: Buffers | None, to_ref: ToRef | None,
+                 sender: Sender | None = None) -> None:
         self.policy = policy
         self.buffers = buffers
         self.to_ref = to_ref
+        self.sender = sender  # a session's request: objects pickled by it, as ext 25
         self.memo: dict[int, Ref] = {}  # shared by both passes so to_ref runs once per object
         # shared too: one pickle per object
         self.pickled: dict[int, tuple[object, bytes, dict[str, str], msgpack.ExtType | None]] = {}
@@ -116,13 +128,16 @@ class _Encoder:
         return self.policy is Policy.ALL or self.policy is Policy.DATA and byvalue.is_data_like(obj)
 
     def pickle(self, obj: object) -> msgpack.ExtType:
-        """ext 13 of ``obj``; raises EncodeError (with pickle's reason) when it cannot be pickled."""
+        """ext 13 (ext 25 with a sender) of ``obj``; raises EncodeError (with pickle's reason) when
+        it cannot be pickled."""
         hit = self.pickled.get(id(obj))
         if hit is not None and hit[3] is not None:
             return hit[3]
         if hit is None:
             try:
-                data, sources = byvalue.dumps(obj)
+                data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
+            except EncodeError:
+                raise  # names what it is already (a session's unpicklable global)
             except Exception as exc:
                 raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
                                   type=_type_name(obj)) from None
@@ -136,7 +151,8 @@ class _Encoder:
         else:
             sent = {name: text for name, text in sources.items() if name not in self.sources_sent}
             self.sources_sent.update(sent)
-        ext = msgpack.ExtType(EXT_PICKLE, msgpack.packb({"pickle": data, "sources": sent}))
+        code = EXT_PICKLE if self.sender is None else EXT_SESSION_PICKLE
+        ext = msgpack.ExtType(code, msgpack.packb({"pickle": data, "sources": sent}))
         self.pickled[id(obj)] = (obj, data, sources, ext)  # keeps obj alive so its id stays unique for this encode
         return ext
 
@@ -249,6 +265,8 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
             try:
                 return enc.pickle(o)
             except EncodeError as err:
+                if "global" in err.details:  # names the global and its module already
+                    raise EncodeError(err.message, **{**err.details, "path": path()}) from None
                 why = err.message
         if enc.to_ref is None:
             where = path()
@@ -317,8 +335,8 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
 
 
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
-          policy: Policy = Policy.REFS, names: Sequence[str] | None = None) -> bytes:
-    enc = _Encoder(policy, buffers, to_ref)
+          policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
+    enc = _Encoder(policy, buffers, to_ref, sender)
     body: bytes
     try:
         body = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
@@ -335,7 +353,7 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 
 def encode(
     obj: object, to_ref: ToRef | None = None, *, root: str = "result", policy: Policy = Policy.REFS,
-    names: Sequence[str] | None = None,
+    names: Sequence[str] | None = None, sender: Sender | None = None,
 ) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
@@ -343,11 +361,17 @@ def encode(
     cloudpickle) where it says so, else a ref via ``to_ref`` (once per object per call); without
     ``to_ref`` what cannot go by value raises :class:`EncodeError` naming the type and the path.
     ``root`` starts the path; with ``names`` (for a list ``obj``) the top-level items are named
-    instead: ``args[1]['reward_fn']``.
+    instead: ``args[1]['reward_fn']``. With a ``sender`` (a session's request), objects are
+    pickled by it, as ext 25.
     """
     buffers: Buffers = []
-    body = _pack(obj, to_ref, buffers, root, policy, names)
+    body = _pack(obj, to_ref, buffers, root, policy, names, sender)
     return [body, *buffers]
+
+
+def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:
+    """``obj`` as one ext 25 of ``sender`` (a request's context: the client's DSPy settings)."""
+    return _Encoder(Policy.ALL, None, None, sender).pickle(obj)
 
 
 def packb(obj: object) -> bytes:
@@ -371,6 +395,8 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         return decoder(data)
     if code == EXT_PICKLE:
         return _unpickle(data)
+    if code == EXT_SESSION_PICKLE:
+        return _unpickle(data, session=True)
     if code == EXT_REF:
         fields = msgpack.unpackb(data)
         if not (isinstance(fields, list) and len(fields) == 6 and all(type(f) is str for f in fields)):
@@ -409,7 +435,7 @@ def _missing_module(exc: BaseException) -> ModuleNotFoundError | None:
     return None
 
 
-def _unpickle(data: bytes) -> Any:
+def _unpickle(data: bytes, session: bool = False) -> Any:
     try:
         parts = msgpack.unpackb(data)
         blob, sources = parts["pickle"], parts.get("sources") or {}
@@ -418,7 +444,9 @@ def _unpickle(data: bytes) -> Any:
     except Exception as exc:
         raise ProtocolError(f"malformed by-value object: {exc}") from None
     try:
-        return byvalue.loads(blob, sources)
+        return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
+    except DspexError:
+        raise  # a code cache miss: the client sends the request again in full
     except Exception as exc:
         missing = _missing_module(exc)
         if missing is not None:

@@ -22,8 +22,11 @@ import zmq
 
 from dspex import codec, output
 from dspex.codec import Policy
-from dspex.errors import ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout, error_from_wire
-from dspex.protocol import FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
+from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
+                          error_from_wire)
+from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
+from dspex.sendcache import SendCache
+from dspex.sessionpickle import Message
 
 log = logging.getLogger("dspex.client")
 
@@ -48,6 +51,7 @@ BODY_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 Callback = Callable[[Any], None]
+_SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
 _EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
 
@@ -69,14 +73,39 @@ class CreditMeter:
         return n
 
 
-def encode_body(op: str, body: Any, max_message: int) -> list[Any]:
+def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> list[Any]:
     """Codec frames of a request body: worker ops with the client policy (everything by value)."""
-    policy = Policy.ALL if op in WORKER_OPS else Policy.REFS
-    frames = codec.encode(body if body is not None else [], policy=policy, names=BODY_NAMES.get(op))
+    return encode_request(op, body, max_message, sender)[0]
+
+
+def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> tuple[list[Any], int]:
+    """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
+    its code with what the session's worker holds (dspex.sendcache) and adds the session context
+    as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
+    forget."""
+    body = body if body is not None else []
+    if op not in WORKER_OPS:
+        frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
+        flags = 0
+    else:
+        msg = Message(sender or _SESSIONLESS)
+        frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
+        context: dict[str, Any] = {}
+        settings = msg.settings(codec.session_ext)
+        if settings is not None:
+            context["dspy"] = settings
+        drops = msg.cache.pending_drops()
+        if drops:
+            context["drop"] = drops
+        flags = 0
+        if context:
+            frames.append(msgpack.packb(context))
+            flags = FLAG_CONTEXT
+        msg.cache.commit(msg, drops)
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
-    return frames
+    return frames, flags
 
 
 def bound_name(obj: Any, name: str | None) -> str:
@@ -132,21 +161,26 @@ class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
     __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
-                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward")
+                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward", "sender", "_raw",
+                 "_max_message")
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                 own_frames: bool = False, forward: bool = False) -> None:
+                 own_frames: bool = False, forward: bool = False, sender: SendCache | None = None) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
         self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
         self.items = items
-        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0)
+        self.sender = sender
+        self._raw = body if sender is not None else None  # kept to send again in full after a cache miss
+        self._max_message = max_message
+        # before anything is sent: EncodeError costs nothing
+        self.body, context = encode_request(op, body, max_message, sender)
+        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context
         # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
         self.forward = forward and op in WORKER_OPS
         if self.forward or (on_output is not None and op in WORKER_OPS):
             self.flags |= output.request_flags()
-        self.body = encode_body(op, body, max_message)  # before anything is sent: EncodeError costs nothing
         self.on_reply, self.on_progress, self.on_output = on_reply, on_progress, on_output
         self.bind, self.own_frames, self.endpoint = bind, own_frames, endpoint
         self.meter = CreditMeter()
@@ -180,6 +214,18 @@ class Exchange:
         if self.on_reply is not None:
             self.on_reply(status, worker)
         return "done", decode_value(frames, self.own_frames, self.bind), 0
+
+    def resend_in_full(self, err: DspexError) -> bool:
+        """After ``err``: whether to send this request again, now encoded in full. True once, for
+        a :class:`CodeCacheMiss` of a session's request (nothing ran; the worker lacked code the
+        request referred to)."""
+        if self.sender is None or self._raw is None or not isinstance(err, CodeCacheMiss):
+            return False
+        raw, self._raw = self._raw, None
+        self.sender.missed(bool(err.details.get("ephemeral")))
+        self.body, context = encode_request(self.op, raw, self._max_message, self.sender)
+        self.flags = (self.flags & ~FLAG_CONTEXT) | context
+        return True
 
     def timed_out(self) -> Timeout:
         return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{REPLY_GRACE:g}s grace) from "

@@ -92,6 +92,15 @@ class SessionWorkerUnavailable(DidNotRun):
     code = "session_worker_unavailable"
 
 
+class CodeCacheMiss(DidNotRun):
+    """The request referred to code or values its session's worker does not hold (evicted, a
+    re-pinned ``hint`` session, a restarted worker, a ``none`` pool that keeps nothing). Nothing
+    ran; the client resends the request in full, once, without the caller seeing it.
+    ``details["ephemeral"]``: the worker keeps no session state between calls."""
+
+    code = "code_cache_miss"
+
+
 class SessionQuotaExceeded(DidNotRun):
     """The broker holds as many sessions as it allows."""
 
@@ -264,9 +273,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
         try:
-            import pickle
+            from dspex import byvalue  # like every ext 13 value: a client's class comes back untouched
 
-            loaded = pickle.loads(pickled)  # noqa: S301 - from our own worker, like every ext 13 value
+            loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):
                 original = loaded
         except Exception:

@@ -148,6 +148,9 @@ def log_level_of(flags: int) -> int:
     return (flags >> _LOG_LEVEL_SHIFT) & 0xFF
 
 
+FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
+
+
 class RequestHeader(NamedTuple):
     """``[op, req_id, pool, session, worker, timeout_ms, flags]`` packed as one msgpack array.
 

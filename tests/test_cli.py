@@ -243,8 +243,3 @@ def test_shutdown_stack_stops_what_dspexctl_started(started: tuple[SupervisedSta
     res = dspexctl(stack, "pools", "status")
     assert res.returncode == 4
     shutdown_stack(handle)  # nothing left to stop: fine
-
-
-def test_readme_layout_files_exist() -> None:
-    assert (REPO / "supervisor.conf").is_file()
-    assert (REPO / "docs" / "operations.md").is_file()

@@ -202,10 +202,12 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
     imposter = zmq.Context.instance().socket(zmq.DEALER)
     imposter.setsockopt(zmq.LINGER, 0)
     imposter.setsockopt(zmq.ROUTING_ID, s.worker.encode())
+    monitor = imposter.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         imposter.connect(stack.backend)
         imposter.send_multipart([W_HEARTBEAT])
-        time.sleep(0.5)
+        # the broker's ROUTER met the imposter (and silently refuses its claimed identity)
+        assert monitor.poll(10_000), "the imposter never reached the broker"
         stolen = []
         outcomes = []
         for _ in range(5):
@@ -220,6 +222,8 @@ def test_identity_claim_cannot_hijack_a_live_worker(stack: Stack) -> None:
         assert not stolen, "the imposter received a client's request"
         assert outcomes == [pid] * 5, outcomes
     finally:
+        imposter.disable_monitor()
+        monitor.close(0)
         imposter.close()
     # and the real worker is still registered once the imposter is gone
     wait_for(lambda: s.call("os", "getpid") == pid, what="the real worker still serving")
@@ -311,7 +315,10 @@ def test_a_request_id_reused_in_flight_does_not_stall_a_worker(stack: Stack) -> 
         raw.connect(stack.frontend)
         for seconds in (0.3, 0.8):  # same req_id, sessionless: one on each (idle) worker
             raw.send_multipart([RequestHeader("call", 7, "p", "").pack(), *codec.encode(["time", "sleep", [seconds], {}])])
-        time.sleep(0.1)
+        # the first runs; the second, its request id in flight, is refused at once
+        assert raw.poll(10_000), "no answer to the request whose id was in flight"
+        header = unpack_reply_header(raw.recv_multipart()[0])
+        assert header[0] == "err" and header[1] == 7, header
         results: list[Any] = []
 
         def call(s: dspex.Session) -> None:  # queued behind the sleeps, on each session's worker

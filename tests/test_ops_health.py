@@ -152,6 +152,7 @@ def test_a_reopened_session_is_never_pinned_to_the_worker_recycled_next(stack: S
     stop = threading.Event()
     failures: list[BaseException] = []
     started: set[int] = set()
+    served_by: dict[int, str] = {}  # client -> the incarnation its last call ran on
 
     def client(n: int) -> None:
         try:
@@ -160,6 +161,7 @@ def test_a_reopened_session_is_never_pinned_to_the_worker_recycled_next(stack: S
                 while not stop.is_set():
                     try:
                         s.call("time", "sleep", [0.02])
+                        served_by[n] = s.worker
                         started.add(n)
                     except dspex.SessionWorkerUnavailable:
                         errors[n] = errors.get(n, 0) + 1
@@ -172,9 +174,11 @@ def test_a_reopened_session_is_never_pinned_to_the_worker_recycled_next(stack: S
         th.start()
     try:
         wait_for(lambda: len(started) == 4, 30, 0.05, "four clients calling")
+        old = {w["incarnation"] for w in stack.status()["pools"]["triage_pool"]["workers"]}
         res = dspexctl(stack, "workers", "recycle", "triage_pool", "--all")
         assert res.returncode == 0, res.stdout + res.stderr
-        time.sleep(0.5)  # let every client make a call on the new incarnations
+        wait_for(lambda: all(served_by.get(n) not in old for n in range(4)), 60, 0.02,
+                 "every client calling on a new incarnation")
     finally:
         stop.set()
         for th in threads:

@@ -80,8 +80,9 @@ def test_workers_started_before_broker_register(stack: Stack) -> None:
 def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 2, "--no-dspy")
     s = dx.session("p")
-    obj = s.eval("[1, 2, 3]")  # plain data
+    s.exec("kept = [1, 2, 3]")  # state in the session's namespace on its worker
     ref = s.call("builtins", "object")
+    pid = s.call("os", "getpid")
     before = {w["incarnation"] for w in stack.workers("p")}
     assert stack.broker is not None
     stack.kill(stack.broker)
@@ -91,9 +92,11 @@ def test_broker_restart_workers_reregister_and_sessions_continue(stack: Stack) -
     elapsed = time.monotonic() - restarted
     assert {w["incarnation"] for w in after} == before, "same incarnations re-registered"
     assert elapsed < 5.0
-    # the session's pin survives: the client tells the new broker which worker it was on
-    assert obj == [1, 2, 3]
-    assert isinstance(s.attr(ref, "__class__"), dspex.Ref)
+    # the session's pin survives: the client tells the new broker which worker it was on, and
+    # the session's state and refs are there
+    assert s.call("os", "getpid") == pid
+    assert s.eval("kept") == [1, 2, 3]
+    assert s.eval("type(r).__name__", {"r": ref}) == "object"
 
 
 def test_long_call_keeps_worker_alive(stack: Stack) -> None:

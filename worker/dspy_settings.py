@@ -151,11 +151,11 @@ class _Scope:
         self._base: Any = None
         self._saved: dict[str, Any] | None = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Scope:  # noqa: PYI034 - a final class: Self adds nothing
         owner, state = self.owner, self.state
         self._token = current_session.set(state)
         if owner._dspy is None:
-            return
+            return self
         try:
             module = owner._module
             settings = state.dspy_settings
@@ -176,6 +176,24 @@ class _Scope:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        return self
+
+    def add_client(self, values: Any) -> None:
+        """The calling client's DSPy settings, for this call: under the session's own (a setting
+        the session configured wins, key by key)."""
+        owner = self.owner
+        if owner._dspy is None or not isinstance(values, dict) or not values:
+            return
+        own = self.state.dspy_settings
+        values = {k: v for k, v in values.items() if isinstance(k, str) and k not in own}
+        if not values:
+            return
+        module = owner._module
+        if self._saved is not None:  # capacity 1: threads the call starts see them too (restored at exit)
+            with owner._lock:
+                module.main_thread_config.update(values)
+        overrides = module.thread_local_overrides
+        overrides.set(type(overrides.get())({**overrides.get(), **values}))  # undone with the scope's own
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner

@@ -15,9 +15,9 @@ import secrets
 import sys
 from typing import Any, Callable
 
-from dspex import codec
+from dspex import codec, codestore
 from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import FLAG_ITEMS, Op, RequestHeader, Status, log_level_of
+from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, Op, RequestHeader, Status, log_level_of
 from dspex.ref import Ref
 from worker import limits, namespace, output
 from worker.dspy_settings import SessionSettings, current_session
@@ -51,6 +51,7 @@ class Executor:
         self._early_cancels: set[tuple[bytes, int]] = set()
         self.own_frames = False  # request frames come from an ipc/tcp socket: arrays decode without a copy
         refs.on_session_closed.append(namespace.drop_session_module)
+        refs.on_session_closed.append(lambda state: state.code.release())
 
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
@@ -89,7 +90,7 @@ class Executor:
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | LazyStream | None = None,
                 *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
-                client: bytes = b"") -> list[Any]:
+                client: bytes = b"", ephemeral: bool = False) -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
 
         ``deadline`` (``time.monotonic()`` scale, None for none) is when the caller stops waiting:
@@ -102,8 +103,14 @@ class Executor:
         log records, ``dspex.progress.report``). With ``FLAG_ITEMS``
         (the caller iterates the result) any iterable result is iterated here and its items sent
         as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
+
+        By-value code in the request is rebuilt in the session's code store (dspex.codestore); a
+        request that refers to code the store lacks fails ``CodeCacheMiss`` before anything runs
+        (``ephemeral``: the session keeps nothing between calls, a ``none`` pool). With
+        ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
+        (applied to this call, under the session's own) and keys the client forgot.
         """
-        ephemeral = not header.session
+        sessionless = not header.session
         state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
 
         made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
@@ -124,15 +131,23 @@ class Executor:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
                                    log_level_of(header.flags)), \
-                    self.settings.scope(state), \
+                    self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
+                context: Any = None
                 try:
-                    args = codec.decode(payload, resolve_ref=lambda r: self.refs.get(state, r),
-                                        own_frames=self.own_frames, side="worker")
+                    with codestore.loading(state.code, ephemeral or sessionless):
+                        if header.flags & FLAG_CONTEXT:
+                            body, context = payload[:-1], payload[-1]
+                        else:
+                            body = payload
+                        args = codec.decode(body, resolve_ref=lambda r: self.refs.get(state, r),
+                                            own_frames=self.own_frames, side="worker")
+                        if context is not None:
+                            context = codec.decode([context], side="worker")
                 except DspexError:
                     raise
                 except Exception as exc:
@@ -141,6 +156,11 @@ class Executor:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
                     raise remote_error(exc) from None
+                if context is not None:
+                    if not isinstance(context, dict):
+                        raise ProtocolError("malformed session context")
+                    state.code.drop(context.get("drop") or [])
+                    scope.add_client(context.get("dspy"))
                 result = self._run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
@@ -169,7 +189,7 @@ class Executor:
             raise
         finally:
             self._calls.pop(key, None)
-            if ephemeral:
+            if sessionless:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
 
     def _drop(self, state: SessionState, made: list[str]) -> None:

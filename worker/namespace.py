@@ -21,6 +21,7 @@ from typing import Any
 
 import cloudpickle
 
+from dspex import byvalue, codestore
 from worker.refs import SessionState
 
 _PREFIX = "dspex_session_"
@@ -92,18 +93,6 @@ def drop_session_module(state: SessionState) -> None:
     # started) and are freed with their last reference
 
 
-def _class_file(cls: type) -> str | None:
-    """The file a class's own methods were compiled from (its source is there)."""
-    for value in vars(cls).values():
-        func = getattr(value, "__func__", value)  # classmethod / staticmethod
-        func = getattr(func, "fget", func)  # property
-        code = getattr(func, "__code__", None)
-        own = str(getattr(func, "__qualname__", "")).startswith(cls.__qualname__ + ".")
-        if code is not None and own and code.co_filename != "<string>":  # dataclass-made: <string>
-            return str(code.co_filename)
-    return None
-
-
 _delegate = inspect.getfile  # what ``inspect.getfile`` was before (dspy patches it too)
 
 
@@ -112,13 +101,17 @@ def _getfile(obj: Any) -> str:
 
     For a class, ``inspect`` reads ``sys.modules[cls.__module__].__file__``: wrong for a class that
     arrived by value (its ``__module__`` is the client's ``__main__`` or test module, which on the
-    worker is another file or nothing). Its methods' code knows the file they came from, whose
-    lines the codec put in ``linecache``.
+    worker is another file or nothing). A session's class carries the client's file name of its
+    source (Signatures and plain classes have no methods to tell it), whose lines came with it in
+    ``linecache``; a class of an exec'd session module is found by its methods' code.
     """
     if inspect.isclass(obj):
+        sent = codestore.class_file(obj)
+        if sent is not None:
+            return sent
         module = sys.modules.get(obj.__module__)
         if module is None or not getattr(module, "__file__", None) or obj.__module__ == "__main__":
-            own = _class_file(obj)
+            own = byvalue.class_own_file(obj)
             if own is not None:
                 return own
     return _delegate(obj)

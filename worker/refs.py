@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from dspex.codestore import CodeStore
 from dspex.errors import RefNotFound, RefQuotaExceeded
 from dspex.ref import Ref
 
@@ -39,6 +40,7 @@ class SessionState:
     dspy_settings: dict[str, Any] = field(default_factory=dict)
     lm_history: list[Any] = field(default_factory=list)  # what dspy.inspect_history() shows this session
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
+    code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     last_used: float = field(default_factory=time.monotonic)
 
 

@@ -330,7 +330,8 @@ class Worker:
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=lambda: self._hard_timeout(client, header), client=client)
+                                          on_hard=lambda: self._hard_timeout(client, header), client=client,
+                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:

@@ -163,15 +163,19 @@ def test_message_size_limits_are_typed_or_cut_never_buffered(stack: Stack, monke
     broker_before = rss_kb(stack.broker.pid)
     # raw peers ignoring the limit: zmq cuts their connection at the frame header, nothing is buffered
     front, back = _raw(stack.frontend), _raw(stack.backend)
+    monitors = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in (front, back)]
     try:
         big = b"z" * (3 * MB)
         for i in range(40):
             front.send_multipart([RequestHeader("eval", i + 1, "p", "").pack(), big])
             back.send_multipart([W_HEARTBEAT, big])
-        time.sleep(0.5)
+        for monitor in monitors:  # the broker read an oversized frame header and cut the connection
+            assert monitor.poll(15_000), "the broker never cut a raw peer that broke the size limit"
     finally:
-        front.close()
-        back.close()
+        for sock, monitor in zip((front, back), monitors):
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close()
     assert rss_kb(stack.broker.pid) - broker_before < 8_000
     assert s.call("os", "getpid") == pid  # the honest session is untouched
     assert len(stack.workers("p")) == 2

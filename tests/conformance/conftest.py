@@ -32,12 +32,14 @@ POOLS = {"c1": ("c1:strict_queue", 2, ()), "c4": ("c4:strict_queue:capacity=4", 
 @pytest.fixture(scope="package")
 def cstack() -> Iterator[Stack]:
     root = tempfile.mkdtemp(prefix="dxc", dir="/tmp")
+    empty = os.path.join(root, "empty")  # the workers' working directory: the cases' code reaches them by value
+    os.mkdir(empty)
     st = Stack(root)
     try:
         st.start_broker(*(spec for spec, _, _ in POOLS.values()))
         for name, (_, n, args) in POOLS.items():
             for _ in range(n):
-                st.start_worker(name, *args)
+                st.start_worker(name, *args, cwd=empty)
         for name, (_, n, _) in POOLS.items():
             st.wait_workers(name, n, timeout=90)
         yield st

@@ -157,7 +157,7 @@ def test_sleep_in_a_pool_thread_costs_its_worker_after_the_grace(dx: dspex.Clien
             s.run(os.getpid)
     finally:
         s.close(timeout=10)
-        cstack.start_worker("t4", "--capacity", "4")
+        cstack.start_worker("t4", "--capacity", "4", cwd=os.path.join(cstack.root, "empty"))
         def replaced() -> bool:
             workers = [w["incarnation"] for w in cstack.workers("t4")]
             return len(workers) == 1 and workers[0] != old
@@ -275,7 +275,7 @@ def test_signal_handlers_set_by_user_code_do_not_outlive_the_call(dx: dspex.Clie
             return False
 
         if worker and not t_worker_alive():  # as supervisord would: a fresh worker for pool t
-            cstack.start_worker("t", "--ref-cap", str(REF_QUOTA))
+            cstack.start_worker("t", "--ref-cap", str(REF_QUOTA), cwd=os.path.join(cstack.root, "empty"))
 
             def replaced() -> bool:
                 workers = [w["incarnation"] for w in cstack.workers("t")]

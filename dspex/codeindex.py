@@ -1,0 +1,185 @@
+"""What the client knows of its own code, process-wide: what goes by value, code objects' content
+hashes, the globals a code object reads, what a module imported from where, and where an object
+that cannot be pickled lives importably. Lookups are cached (bounded) by object identity.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import linecache
+import marshal
+import sys
+import threading
+import types
+from typing import Any
+
+from cloudpickle import cloudpickle as _cp
+
+from dspex import byvalue
+
+BIG_BYTES = 1 << 20
+BIG_ITEMS = 10_000
+_SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
+
+_lock = threading.Lock()
+_digests: dict[int, tuple[types.CodeType, str]] = {}
+_code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
+_imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
+_by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
+_by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
+ABSENT = object()
+_CACHE_MAX = 8192
+
+
+def _bounded_put(table: dict[int, Any], key: int, value: Any) -> None:
+    with _lock:
+        if len(table) >= _CACHE_MAX:
+            table.clear()  # rare: recomputing is cheap, a growing table is not
+        table[key] = value
+
+
+def code_key(code: types.CodeType) -> str:
+    hit = _digests.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    key = "c:" + hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
+    _bounded_put(_digests, id(code), (code, key))
+    return key
+
+
+def globals_read(code: types.CodeType) -> tuple[str, ...]:
+    hit = _code_names.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    names = tuple(_cp._extract_code_globals(code))
+    _bounded_put(_code_names, id(code), (code, names))
+    return names
+
+
+def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
+    """``{name: (module, attribute)}`` for the module-level ``from X import Y [as name]`` of a
+    module's source (in ``if``/``try`` blocks too), relative imports resolved."""
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return {}
+    lines = linecache.getlines(file)
+    hit = _imports.get(module_name)
+    if hit is not None and hit[0] is lines:
+        return hit[1]
+    found: dict[str, tuple[str, str]] = {}
+    try:
+        tree = ast.parse("".join(lines))
+    except (SyntaxError, ValueError):
+        tree = ast.Module(body=[], type_ignores=[])
+    package = getattr(module, "__package__", None) or ""
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ImportFrom):
+            source = node.module or ""
+            if node.level:
+                try:
+                    source = importlib.util.resolve_name("." * node.level + source, package)
+                except (ImportError, ValueError):
+                    continue
+            for alias in node.names:
+                if alias.name != "*":
+                    found[alias.asname or alias.name] = (source, alias.name)
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            for part in ("body", "orelse", "finalbody", "handlers"):
+                for child in getattr(node, part, ()):
+                    todo.extend(child.body if isinstance(child, ast.ExceptHandler) else [child])
+    with _lock:
+        _imports[module_name] = (lines, found)
+    return found
+
+
+def find_importable(obj: Any) -> tuple[str, str] | None:
+    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
+    for name, module in list(sys.modules.items()):
+        if name == "__main__" or not isinstance(module, types.ModuleType) or byvalue.is_user_module(name):
+            continue
+        try:
+            items = list(vars(module).items())
+        except TypeError:
+            continue
+        for attr, value in items:
+            if value is obj:
+                return name, attr
+    return None
+
+
+def is_big(value: Any) -> bool:
+    t = type(value)
+    if t in (bytes, bytearray, str):
+        return len(value) >= BIG_BYTES
+    if t in (list, tuple, dict, set, frozenset):
+        return len(value) >= BIG_ITEMS
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays, memoryviews
+    return isinstance(nbytes, int) and nbytes >= BIG_BYTES
+
+
+def user_module(module: types.ModuleType) -> bool:
+    name = module.__name__
+    return name == "__main__" or byvalue.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
+
+
+def functions_of(cls: type) -> list[types.FunctionType]:
+    out: list[types.FunctionType] = []
+    for value in vars(cls).values():
+        value = getattr(value, "__func__", value)  # classmethod / staticmethod
+        if isinstance(value, property):
+            out.extend(f for f in (value.fget, value.fset, value.fdel) if isinstance(f, types.FunctionType))
+        elif isinstance(value, types.FunctionType):
+            out.append(value)
+    return out
+
+
+def by_value(obj: Any) -> bool:
+    """A function or class the worker cannot import, or a user module."""
+    hit = _by_value.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    t = type(obj)
+    if t is types.ModuleType:
+        answer = user_module(obj)
+    elif t is types.FunctionType or isinstance(obj, type):
+        if obj in _SPECIAL_TYPES or obj in _cp._BUILTIN_TYPE_NAMES:
+            answer = False
+        else:
+            byvalue.register_user_module(getattr(obj, "__module__", None))
+            try:
+                answer = not _cp._should_pickle_by_reference(obj)
+            except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle would fail later, by value
+                answer = True
+    else:
+        answer = False
+    _bounded_put(_by_value, id(obj), (obj, answer))
+    return answer
+
+
+def imported_reference(module_name: str, name: str, value: Any) -> tuple[str, str] | None:
+    """``(module, attribute)`` when global ``name`` of user module ``module_name`` is ``value``
+    imported from a module the worker can import (or found there earlier): send it by reference."""
+    found = imported_names(module_name).get(name)
+    if found is not None and not byvalue.is_user_module(found[0]):
+        module = sys.modules.get(found[0])
+        if module is not None and getattr(module, found[1], ABSENT) is value:
+            return found
+    return found_reference(value)
+
+
+def found_reference(value: Any) -> tuple[str, str] | None:
+    """Where :func:`find_importable` found ``value`` before, if it did."""
+    hit = _by_reference.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1], hit[2]
+    return None
+
+
+def remember_reference(value: Any, module: str, attribute: str) -> None:
+    with _lock:
+        _by_reference[id(value)] = (value, module, attribute)

@@ -1,0 +1,268 @@
+"""A session's by-value code on its worker, and the functions its pickles call to rebuild it.
+
+A client sends a session's code and the values its functions read once, and names them by key
+afterwards (:mod:`dspex.sessionpickle` writes those pickles, codec ext 25). On the worker each
+session has a :class:`CodeStore`:
+
+- ``objects``: what the client sent, by key: functions, classes and values by the client's
+  object identity (the same client object is always the same worker object for this session),
+  code objects by content hash (``c:<hash>``). A definition that arrives for a key the store
+  already holds keeps the held object (a resend after a cache miss never replaces state);
+- ``modules``: one module object per (session, user module): the ``__globals__`` of every
+  function of that module. Module globals keep what calls did to them, as in-process;
+- ``bound``: for each (namespace, name) the key of the value the client bound there last; a
+  binding is applied only when its key differs, so the worker's own rebinding
+  (``global x; x += 1``) stands until the client rebinds the name;
+- ``sources``: the linecache entries of the session's source files (``inspect.getsource``).
+
+The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
+objects kept out of ``sys.modules`` (two sessions never share one). The pickles refer to the
+``_load_*`` functions below by name; they act on the store of the load under way
+(:func:`loading`), and a key the store lacks raises :class:`dspex.errors.CodeCacheMiss` before
+anything runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import linecache
+import sys
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudpickle import cloudpickle as _cp
+
+from dspex.errors import CodeCacheMiss, ProtocolError
+
+# the file each by-value class came from on the client (inspect.getsource of a class reads it)
+_CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+LineCacheEntry = tuple[int, None, list[str], str]
+
+
+@dataclass
+class CodeStore:
+    """One session's by-value code and module state on this worker (see the module docstring)."""
+
+    objects: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, types.ModuleType] = field(default_factory=dict)
+    bound: dict[tuple[str, str], str] = field(default_factory=dict)
+    sources: dict[str, LineCacheEntry] = field(default_factory=dict)
+
+    def module(self, nsid: str, base: dict[str, Any] | None = None) -> types.ModuleType:
+        """The session's module for namespace ``nsid`` (``m:<module name>`` or ``g:<key>``)."""
+        module = self.modules.get(nsid)
+        if module is None:
+            name = str((base or {}).get("__name__") or nsid[2:])
+            module = types.ModuleType(name)
+            module.__dict__["__builtins__"] = __builtins__
+            self.modules[nsid] = module
+        if base:
+            for k in _BASE_GLOBALS:
+                if k in base:
+                    module.__dict__.setdefault(k, base[k])
+        return module
+
+    def add_sources(self, sources: dict[str, str]) -> None:
+        for filename, text in sources.items():
+            if not isinstance(filename, str) or not isinstance(text, str):
+                continue
+            lines = text.splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n"
+            # mtime None: linecache.checkcache never drops it (there may be no such file here)
+            entry: LineCacheEntry = (len(text), None, lines, filename)
+            self.sources[filename] = entry
+            linecache.cache[filename] = entry
+
+    def activate_sources(self) -> None:
+        """Put this session's source files back in linecache where another session's version of
+        the same file name replaced them."""
+        for filename, entry in self.sources.items():
+            if linecache.cache.get(filename) is not entry:
+                linecache.cache[filename] = entry
+
+    def drop(self, keys: list[Any]) -> None:
+        """The client forgot these keys (its cache bound): so does the worker."""
+        for key in keys:
+            if isinstance(key, str):
+                self.objects.pop(key, None)
+
+    def release(self) -> None:
+        """The session ended: its source files leave linecache unless another session's replaced them."""
+        for filename, entry in self.sources.items():
+            if linecache.cache.get(filename) is entry:
+                del linecache.cache[filename]
+        self.sources.clear()
+
+
+class _Load:
+    """One decode of a request of a session: its store and the objects this load made."""
+
+    __slots__ = ("ephemeral", "fresh", "store")
+
+    def __init__(self, store: CodeStore, ephemeral: bool) -> None:
+        self.store = store
+        self.fresh: set[int] = set()  # ids of objects made by this load (their state is set once)
+        self.ephemeral = ephemeral
+
+    def held(self, key: str) -> Any:
+        try:
+            return self.store.objects[key]
+        except KeyError:
+            raise CodeCacheMiss(
+                "this worker does not hold the session's code or values the request refers to "
+                f"({key!r}); nothing ran: the client sends it again in full",
+                key=key, ephemeral=self.ephemeral) from None
+
+    def bind(self, bindings: list[tuple[str, str, str, Any]] | None) -> None:
+        if not bindings:
+            return
+        bound = self.store.bound
+        for nsid, name, key, value in bindings:
+            if bound.get((nsid, name)) != key:
+                self.store.module(nsid).__dict__[name] = value
+                bound[(nsid, name)] = key
+
+
+_load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code_load", default=None)
+
+
+class loading:
+    """``with loading(store, ephemeral):`` session pickles decoded in the block use ``store``."""
+
+    __slots__ = ("_load", "_token")
+
+    def __init__(self, store: CodeStore, ephemeral: bool = False) -> None:
+        self._load = _Load(store, ephemeral)
+
+    def __enter__(self) -> None:
+        self._token = _load.set(self._load)
+        self._load.store.activate_sources()
+
+    def __exit__(self, *exc: object) -> None:
+        _load.reset(self._token)
+
+
+def _active() -> _Load:
+    load = _load.get()
+    if load is None:
+        raise ProtocolError("session code (ext 25) outside a session's request")
+    return load
+
+
+def loads(data: bytes, sources: dict[str, str]) -> Any:
+    """Unpickle a session pickle into the store of the load under way."""
+    import pickle
+
+    load = _active()
+    if sources:
+        load.store.add_sources(sources)
+    return pickle.loads(data)  # peers are authenticated; a client may exec code anyway
+
+
+def class_file(cls: type) -> str | None:
+    """The client's source file of a class that arrived by value (for ``inspect.getfile``)."""
+    try:
+        return _CLASS_FILES.get(cls)
+    except TypeError:
+        return None
+
+
+# -- what session pickles call (by name: keep these names) ------------------------------------
+
+def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None) -> Any:
+    """An object the session already holds (and the client's bindings that changed since)."""
+    load = _active()
+    obj = load.held(key)
+    load.bind(bindings)
+    return obj
+
+
+def _load_value(key: str, value: Any) -> Any:
+    """A value sent by identity: the held one if the session has it already."""
+    return _active().store.objects.setdefault(key, value)
+
+
+def _load_code(key: str, code: types.CodeType | None = None) -> Any:
+    load = _active()
+    if code is None:
+        return load.held(key)
+    return load.store.objects.setdefault(key, code)
+
+
+def _load_function(key: str, code: types.CodeType, nsid: str, base: dict[str, Any] | None, ncells: int) -> Any:
+    """A by-value function whose ``__globals__`` is the session's module ``nsid`` (a
+    ``lib:<name>`` namespace is the importable module's own)."""
+    load = _active()
+    held = load.store.objects.get(key)
+    if held is not None:
+        return held
+    if nsid.startswith("lib:"):
+        name = nsid[4:]
+        module = sys.modules.get(name) or importlib.import_module(name)
+        namespace = module.__dict__
+    else:
+        namespace = load.store.module(nsid, base).__dict__
+    cells = tuple(_cp._make_empty_cell() for _ in range(ncells)) if ncells else None
+    func = types.FunctionType(code, namespace, None, None, cells)
+    held = load.store.objects.setdefault(key, func)  # a concurrent request of the session may have won
+    if held is func:
+        load.fresh.add(id(func))
+    return held
+
+
+def _load_function_state(func: types.FunctionType, state: tuple[Any, Any, Any]) -> None:
+    fstate, slotstate, bindings = state
+    load = _active()
+    if id(func) in load.fresh:
+        _cp._function_setstate(func, (fstate, slotstate))
+    load.bind(bindings)
+
+
+def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., type], args: tuple[Any, ...]) -> Any:
+    """A by-value class of this session. cloudpickle's process-wide tracker would hand every
+    session the class the first one got (with methods whose globals are that session's): the
+    class is tracked per session here, and only registered class -> tracker id, so it travels
+    back to the client as the client's own class."""
+    load = _active()
+    held = load.store.objects.get(key)
+    if held is not None:
+        return held
+    cls = make(*args)
+    with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
+        _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
+    if file:
+        _CLASS_FILES[cls] = file
+    held = load.store.objects.setdefault(key, cls)  # a concurrent request of the session may have won
+    if held is cls:
+        load.fresh.add(id(cls))
+    return held
+
+
+def _load_class_state(cls: type, state: tuple[Any, Any]) -> None:
+    clsstate, bindings = state
+    load = _active()
+    if id(cls) in load.fresh:
+        _cp._class_setstate(cls, clsstate)
+    load.bind(bindings)
+
+
+def _load_module(nsid: str, base: dict[str, Any] | None, bindings: list[tuple[str, str, str, Any]] | None) -> Any:
+    """A user module referenced as a module (``import helpers``): the session's module object."""
+    load = _active()
+    module = load.store.module(nsid, base)
+    load.bind(bindings)
+    return module
+
+
+def _load_attribute(module: str, qualname: str) -> Any:
+    """A global of the user's code that lives in a module the worker imports: by reference."""
+    obj: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,209 @@
+"""What one session's worker already holds of this client's code and values (the sender's side).
+
+A session sends a by-value function, class, module global or big closure value the first time a
+request uses it and its key after that (:mod:`dspex.sessionpickle` writes the pickles, the
+worker keeps them in its :class:`dspex.codestore.CodeStore`). This object remembers, per session:
+
+- a key for each object sent, by identity (a strong reference keeps the id valid), and code
+  objects by content hash;
+- which keys the worker holds, least recently used first;
+- for each module global the session's functions read, the client object bound there when it was
+  last sent: an unchanged binding is not sent again, a rebound one (a new object) is;
+- which source files went with the code (``inspect.getsource`` on the worker).
+
+Module globals that were sent are the module state of the session: they stay as long as the
+binding does. Everything else (functions and classes not bound as globals, lambdas, big closure
+values, code objects) is a cache of at most ``max_entries`` keys: past it the least recently used
+are forgotten on both sides (the next request tells the worker) and sent again in full when used
+again — a function or class sent again is a new object on the worker.
+
+A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
+pool) answers :class:`dspex.errors.CodeCacheMiss` without running anything; :meth:`missed` then
+forgets what was sent and the request goes again in full, once. A miss from a ``none`` pool
+(``ephemeral``) turns the cache off for the session: every request is sent in full.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import sys
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dspex.sessionpickle import Message, SettingsSent, Walk
+
+DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
+_PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
+
+# DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
+# tracker), not to the configuration a program runs with: never sent
+_CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modules", "usage_tracker",
+                         "stream_listeners"})
+_ATOMS = (type(None), bool, int, float, str)
+
+
+class SendCache:
+    """One session's record of what its worker holds (see the module docstring). Thread-safe:
+    requests encode concurrently and commit under a lock."""
+
+    def __init__(self, *, keep: bool = True, client_settings: bool = True,
+                 max_entries: int | None = None) -> None:
+        self.keep = keep  # False: the worker keeps nothing between calls; every request goes in full
+        self.client_settings = client_settings  # send the client's DSPy settings with each request
+        self.max_entries = max_entries if max_entries is not None else int(
+            os.environ.get("DSPEX_CODE_CACHE", str(DEFAULT_MAX_ENTRIES)))
+        self._prefix = secrets.token_hex(4)  # keys never collide with another client's on a shared session id
+        self._serial = itertools.count(1)
+        self._lock = threading.Lock()
+        self.keys: dict[int, tuple[Any, str]] = {}  # id(obj) -> (obj, key)
+        self.key_ids: dict[str, int] = {}  # key -> id(obj)
+        self.sent: OrderedDict[str, None] = OrderedDict()  # keys the worker holds, least recently used first
+        self.bound: dict[tuple[str, str], tuple[Any, str]] = {}  # (namespace, name) -> (object, its key)
+        self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
+        self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
+        self.drops: list[str] = []  # keys forgotten here that the worker still holds
+        self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
+        self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
+
+    @classmethod
+    def transient(cls) -> SendCache:
+        """For a request outside any session: everything in full, nothing remembered."""
+        return cls(keep=False, client_settings=False)
+
+    def new_key(self) -> str:
+        return f"{self._prefix}.{next(self._serial)}"
+
+    def commit(self, msg: Message, drops_sent: list[str]) -> None:
+        """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
+        if not self.keep:
+            return
+        with self._lock:
+            for oid, (obj, key) in msg.new_keys.items():
+                self.keys.setdefault(oid, (obj, key))
+                self.key_ids.setdefault(key, oid)
+            for key in msg.defined:
+                self.sent[key] = None
+                self.sent.move_to_end(key)
+            for key in msg.used:
+                if key in self.sent:
+                    self.sent.move_to_end(key)
+            for key in msg.namespaces:
+                self.pins[key] = _PINNED_FOREVER
+            for where, (obj, key) in msg.bindings.items():
+                old = self.bound.get(where)
+                self.bound[where] = (obj, key)
+                self.pins[key] = self.pins.get(key, 0) + 1
+                if old is not None:
+                    self._unpin(old[1])
+            self.sources.update(msg.sources)
+            if len(self.walks) + len(msg.walks) > self.max_entries:
+                self.walks.clear()
+            self.walks.update(msg.walks)
+            if msg.settings_sent is not None:
+                self.last_settings = msg.settings_sent
+            if drops_sent:
+                sent = set(drops_sent)
+                self.drops = [k for k in self.drops if k not in sent]
+            self._evict()
+
+    def pending_drops(self) -> list[str]:
+        if not self.drops:
+            return []
+        with self._lock:
+            return list(self.drops)
+
+    def missed(self, ephemeral: bool) -> None:
+        """The worker lacked something: assume it holds nothing of this session. Keys of bound
+        globals stay (a worker that does hold them keeps its module state when they come again)."""
+        with self._lock:
+            keep = {key for key, n in self.pins.items() if n > 0}
+            self.keys = {oid: entry for oid, entry in self.keys.items() if entry[1] in keep}
+            self.key_ids = {key: oid for oid, (_, key) in self.keys.items()}
+            self.sent.clear()
+            self.bound.clear()
+            self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
+            self.sources.clear()
+            self.drops.clear()
+            self.walks.clear()
+            self.last_settings = None
+            if ephemeral:
+                self.keep = False
+
+    def close(self) -> None:
+        """The session ended: let go of everything (the worker dropped its side)."""
+        with self._lock:
+            self.keys.clear()
+            self.key_ids.clear()
+            self.sent.clear()
+            self.bound.clear()
+            self.pins.clear()
+            self.sources.clear()
+            self.drops.clear()
+            self.walks.clear()
+            self.last_settings = None
+
+    def _unpin(self, key: str) -> None:
+        n = self.pins.get(key, 0) - 1
+        if n > 0:
+            self.pins[key] = n
+            return
+        self.pins.pop(key, None)
+        if key in self.sent and not key.startswith(("c:", "ref:", "imp:", "mod:")):
+            self._forget(key)  # a rebound global: the worker need not keep the old value
+
+    def _evict(self) -> None:
+        excess = len(self.sent) - self.max_entries
+        if excess <= 0:
+            return
+        victims: list[str] = []
+        for key in self.sent:
+            if len(victims) >= excess:
+                break
+            if key not in self.pins:
+                victims.append(key)
+        for key in victims:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self.sent.pop(key, None)
+        oid = self.key_ids.pop(key, None)
+        if oid is not None:
+            self.keys.pop(oid, None)
+        self.drops.append(key)
+
+
+def client_dspy_settings() -> dict[str, Any]:
+    """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
+    from DSPy's defaults; nothing when DSPy was never imported here."""
+    module = sys.modules.get("dspy.dsp.utils.settings")
+    if module is None:
+        return {}
+    try:
+        config = module.main_thread_config
+        overrides = module.thread_local_overrides.get()
+        defaults = module.DEFAULT_CONFIG
+    except AttributeError:  # another DSPy layout: send nothing rather than guess
+        return {}
+    if overrides:
+        config = {**config, **overrides}
+    out = {}
+    for k, v in config.items():
+        default = defaults.get(k, _MISSING)
+        if v is not default and k not in _CALL_LOCAL and _differs(v, default):
+            out[k] = v
+    return out
+
+
+_MISSING = object()
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if value is default:
+        return False
+    if type(value) is type(default) and isinstance(value, _ATOMS):
+        return bool(value != default)
+    return not (type(value) is list and type(default) is list and not value and not default)

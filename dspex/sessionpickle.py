@@ -1,0 +1,479 @@
+"""Pickles of a session's requests: by-value code sent once, module globals kept on the worker.
+
+cloudpickle as :mod:`dspex.byvalue` uses it, with these differences (:class:`SessionPickler`):
+
+- A by-value function's ``__globals__`` is not a copy of the globals it reads: it is the
+  session's module object for the function's module on the worker (``m:<module name>``), one per
+  (session, user module), so module state persists across calls. The globals a function reads,
+  and those of every by-value function and class reachable from it, are sent as *bindings*
+  ``(namespace, name, key, value)`` only when the session lacks them or the client's binding
+  changed (another object): :meth:`Message.walk`.
+- Functions, classes and values of bindings are keyed by the client object's identity, code
+  objects by content hash, and closure values of 1 MiB or more (bytes, strings, arrays) or of
+  10,000 items or more by identity: each is defined in full the first time a session uses it and
+  referred to by key after (``codestore._load_held``).
+- Globals that live in modules the worker imports go by reference: objects a user module
+  imported (``from dspy.utils.callback import ACTIVE_CALL_ID``: read from the module's source),
+  functions and classes of installed modules, and an object found in an importable module when
+  by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
+  an :class:`EncodeError` naming it and its module.
+- A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
+  tracker), with the client's file name of its source, for ``inspect.getsource``.
+
+The reducers name functions of :mod:`dspex.codestore`, which runs them on the worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+from cloudpickle import cloudpickle as _cp
+
+from dspex import byvalue, codeindex, codestore
+from dspex.errors import EncodeError
+from dspex.sendcache import SendCache, client_dspy_settings
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+_MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
+
+Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
+# the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
+# keys it refers to, the values: kept so their ids stay valid)
+SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
+
+
+class _Value:
+    """A value sent once per session, by the client object's identity."""
+
+    __slots__ = ("key", "obj")
+
+    def __init__(self, key: str, obj: Any) -> None:
+        self.key, self.obj = key, obj
+
+
+class _CodeRef:
+    """A function's code object, sent once per session by content hash."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: types.CodeType) -> None:
+        self.code = code
+
+
+class _Attribute:
+    """A global that is an attribute of a module the worker imports: by reference."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+class Walk:
+    """What :meth:`Message.walk` read for a root: kept per session to check the next request."""
+
+    __slots__ = ("cells", "reached", "reads", "root", "sizes")
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []  # (globals, name, (nsid, name))
+        self.reached: dict[int, Any] = {}  # the functions, classes and modules it walked
+        self.sizes: list[tuple[dict[str, Any], int]] = []  # (a user module's dict, its size)
+        self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
+
+
+class Message:
+    """The encoding of one request of a session: its pickles share what they define (a later
+    pickle of the message refers to what an earlier one defined) and commit together."""
+
+    def __init__(self, cache: SendCache) -> None:
+        self.cache = cache
+        self.new_keys: dict[int, tuple[Any, str]] = {}
+        self.defined: set[str] = set()
+        self.used: set[str] = set()
+        self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.namespaces: set[str] = set()
+        self.sources: dict[str, list[str]] = {}
+        self.walked: dict[int, Any] = {}
+        self.walks: dict[int, Walk] = {}
+        self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
+        self._budget = byvalue.MAX_SOURCES
+        self.settings_sent: SettingsSent | None = None
+
+    # -- keys ---------------------------------------------------------------------------------
+    def key(self, obj: Any) -> str:
+        oid = id(obj)
+        hit = self.cache.keys.get(oid) if self.cache.keep else None
+        if hit is None or hit[0] is not obj:
+            hit = self.new_keys.get(oid)
+            if hit is None:
+                hit = self.new_keys[oid] = (obj, self.cache.new_key())
+        return hit[1]
+
+    def holds(self, key: str) -> bool:
+        """The worker has ``key`` by the time it reads this reference."""
+        if key in self.defined:
+            return True
+        if self.cache.keep and key in self.cache.sent:
+            self.used.add(key)
+            return True
+        return False
+
+    # -- pickling -----------------------------------------------------------------------------
+    def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
+        """(pickle, {filename: source}) of ``obj``; EncodeError naming an unpicklable global."""
+        for _ in range(_MAX_RETRIES):
+            saved = self._snapshot()
+            buf = io.BytesIO()
+            pickler = SessionPickler(buf, self)
+            try:
+                pickler.dump(obj)
+                return buf.getvalue(), pickler.sources
+            except EncodeError:
+                self._restore(saved)
+                raise
+            except Exception as exc:
+                emitted = [(where, value) for where, (value, _) in self.bindings.items() if where not in saved[2]]
+                self._restore(saved)
+                culprit = _culprit(emitted)
+                if culprit is None:
+                    raise
+                (nsid, name), value = culprit
+                found = codeindex.find_importable(value)
+                if found is None:
+                    raise _global_error(nsid, name, value, exc) from None
+                codeindex.remember_reference(value, *found)
+        raise EncodeError("cannot pickle: too many globals had to be sent by reference")
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (dict(self.new_keys), set(self.defined), dict(self.bindings), set(self.namespaces),
+                dict(self.sources), dict(self.walked), set(self.used), self._budget, dict(self.walks))
+
+    def _restore(self, saved: tuple[Any, ...]) -> None:
+        (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
+         self._budget, self.walks) = saved
+
+    def settings(self, make_ext: Callable[[Message, Any], Any]) -> Any:
+        """The client's DSPy settings for this request as one ext (``make_ext``), values by
+        identity (an LM travels once); None when there are none. The same settings as the last
+        request's, all held by the worker, reuse its ext."""
+        cache = self.cache
+        if not cache.client_settings:
+            return None
+        values = client_dspy_settings()
+        if not values:
+            return None
+        signature = tuple((k, id(v)) for k, v in values.items())
+        last = cache.last_settings if cache.keep else None
+        if last is not None and last[0] == signature and all(k in cache.sent for k in last[2]):
+            self.used.update(last[2])
+            return last[1]
+        wrapped = {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
+        try:
+            ext = make_ext(self, wrapped)
+        except EncodeError as err:
+            raise settings_error(wrapped, err) from None
+        keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
+        if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
+            self.settings_sent = (signature, ext, keys, values)
+        return ext
+
+    # -- namespaces and bindings --------------------------------------------------------------
+    def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
+        user module), ``lib:<module>`` (an importable module's own), ``g:<key>`` (other dicts)."""
+        hit = self._nsids.get(id(g))
+        if hit is not None and hit[0] is g:
+            return hit[1], hit[2]
+        name = g.get("__name__")
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        base: dict[str, Any] | None = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        if module is not None and getattr(module, "__dict__", None) is g:
+            if codeindex.user_module(module):
+                nsid = "m:" + str(name)
+            else:
+                nsid, base = "lib:" + str(name), None
+        elif isinstance(name, str) and name.startswith("dspex_session_"):
+            nsid, base = "lib:" + name, None  # a worker's exec module, come back by value
+        else:
+            nsid = "g:" + self.key(g)
+            self.namespaces.add(nsid[2:])
+        self._nsids[id(g)] = (g, nsid, base)
+        return nsid, base
+
+    def walk(self, root: Any) -> list[Binding]:
+        """The bindings to send for ``root`` (a by-value function, class or user module): the
+        globals it reads and those of every by-value function and class it reaches, where the
+        session lacks them or the client bound another object since. Each object is walked once
+        per request. A walk remembers every global it read (and the size of each user module it
+        walked, the closure cells it followed): while each still holds what the session has bound
+        there, the next request of ``root`` checks only those."""
+        keep = self.cache.keep
+        if keep and id(root) not in self.walked:
+            memo = self.cache.walks.get(id(root))
+            if memo is not None and memo.root is root and self._unchanged(memo):
+                self.walked.update(memo.reached)
+                return []
+        out: list[Binding] = []
+        memo = Walk(root)
+        reads, reached = memo.reads, memo.reached
+        complete = True  # every object it reaches was walked by this walk (not earlier in the request)
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in reached:
+                continue
+            if id(obj) in self.walked:
+                complete = False
+                continue
+            self.walked[id(obj)] = reached[id(obj)] = obj
+            if type(obj) is types.ModuleType:
+                nsid = "m:" + obj.__name__
+                g = vars(obj)
+                memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
+                for name, value in list(g.items()):
+                    if not (name.startswith("__") and name.endswith("__")):
+                        reads.append((g, name, (nsid, name)))
+                        self._bind(out, todo, nsid, name, value)
+                continue
+            if isinstance(obj, type):
+                functions = codeindex.functions_of(obj)
+                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
+            else:
+                functions = [obj]
+            for func in functions:
+                g = func.__globals__
+                nsid = self.namespace(g)[0]
+                if nsid.startswith("lib:"):
+                    continue
+                for name in codeindex.globals_read(func.__code__):
+                    reads.append((g, name, (nsid, name)))
+                    if name in g:
+                        self._bind(out, todo, nsid, name, g[name])
+                for cell in func.__closure__ or ():
+                    try:
+                        value = cell.cell_contents
+                    except ValueError:
+                        continue
+                    if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
+                        memo.cells.append((cell, value))
+                        todo.append(value)
+        if keep and complete:
+            self.walks[id(root)] = memo
+        return out
+
+    def _unchanged(self, memo: Walk) -> bool:
+        """Every global a remembered walk read still holds what the session has bound there, and
+        its modules and closure cells are as they were."""
+        bound = self.cache.bound
+        for g, name, where in memo.reads:
+            entry = bound.get(where)
+            value = g.get(name, codeindex.ABSENT)
+            if (value is not codeindex.ABSENT) if entry is None else (entry[0] is not value):
+                return False
+        if not all(len(g) == n for g, n in memo.sizes):
+            return False
+        for cell, value in memo.cells:
+            try:
+                if cell.cell_contents is not value:
+                    return False
+            except ValueError:  # emptied since
+                return False
+        return True
+
+    def _bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
+        where = (nsid, name)
+        entry = self.bindings.get(where)
+        if entry is None and self.cache.keep:
+            entry = self.cache.bound.get(where)
+        if entry is None or entry[0] is not value:
+            key, sent = self._bound_value(nsid, name, value)
+            self.bindings[where] = (value, key)
+            if entry is None or entry[1] != key:
+                out.append((nsid, name, key, sent))
+        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
+            todo.append(value)
+
+    def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
+        """(key, what to pickle) of a global's value."""
+        t = type(value)
+        if t is types.ModuleType:
+            return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
+        if t is types.FunctionType or isinstance(value, type):
+            if codeindex.by_value(value):
+                return self.key(value), value
+            return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
+        if t not in _ATOMS:
+            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
+                codeindex.found_reference(value)
+            if found is not None:
+                return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
+        key = self.key(value)
+        return key, _Value(key, value)
+
+    def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
+        """A function's closure with its big values sent by identity."""
+        out: list[types.CellType] = []
+        changed = False
+        for cell in cells:
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                out.append(cell)
+                continue
+            if codeindex.is_big(value):
+                out.append(types.CellType(_Value(self.key(value), value)))
+                changed = True
+            else:
+                out.append(cell)
+        return tuple(out) if changed else cells
+
+    def note_source(self, filename: str | None, sources: dict[str, str]) -> None:
+        """Send a by-value object's source file with it, once per session."""
+        if not filename or filename in self.sources:
+            return
+        lines = byvalue.source_lines(filename)
+        if lines is None or (self.cache.keep and self.cache.sources.get(filename) is lines):
+            return
+        text = "".join(lines)
+        if len(text) > self._budget:
+            return
+        self._budget -= len(text)
+        self.sources[filename] = lines
+        sources[filename] = text
+
+
+def _culprit(emitted: list[tuple[tuple[str, str], Any]]) -> tuple[tuple[str, str], Any] | None:
+    """Which of the globals a failed pickle was sending cannot be pickled (plain values first:
+    a function fails when a global it reads does)."""
+    ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
+    for where, value in ordered:
+        try:
+            Message(SendCache.transient()).dumps(value)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            return where, value
+    return None
+
+
+def settings_error(settings: dict[str, Any], err: EncodeError) -> EncodeError:
+    """The client's DSPy settings could not be sent: which one, and what to do."""
+    for name, value in settings.items():
+        obj = value.obj if type(value) is _Value else value
+        try:
+            Message(SendCache.transient()).dumps(obj)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            t = type(obj)
+            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+            return EncodeError(
+                f"cannot send the client's DSPy setting {name!r} ({type_name}): {err.message} (configure it in the "
+                "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
+                "dx.session(pool, client_settings=False))", type=type_name, setting=name)
+    return err
+
+
+def _global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
+    t = type(value)
+    type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
+    where = f"module {module}" if nsid.startswith("m:") else module
+    return EncodeError(
+        f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
+        "(keep it on the worker with s.put, or build it inside the function)",
+        type=type_name, module=module, **{"global": name})
+
+
+class SessionPickler(byvalue.SourcePickler):
+    """cloudpickle writing a session's code as definitions once and keys after (module docstring)."""
+
+    def __init__(self, file: io.BytesIO, msg: Message) -> None:
+        super().__init__(file, {})
+        self.msg = msg
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is types.FunctionType:
+            return self._function(obj)
+        if t is _Value:
+            return self._value(obj)
+        if t is _CodeRef:
+            return self._code(obj.code)
+        if t is _Attribute:
+            return codestore._load_attribute, (obj.module, obj.name)
+        if t is types.ModuleType:
+            if codeindex.by_value(obj):
+                return self._module(obj)
+        elif issubclass(t, type) and codeindex.by_value(obj):
+            return self._class(obj)
+        return super().reducer_override(obj)
+
+    def _held(self, key: str, bindings: list[Binding]) -> Any:
+        return codestore._load_held, ((key, bindings) if bindings else (key,))
+
+    def _function(self, func: types.FunctionType) -> Any:
+        msg = self.msg
+        if not codeindex.by_value(func):
+            return NotImplemented  # importable: by reference
+        bindings = msg.walk(func)
+        key = msg.key(func)
+        if msg.holds(key):
+            return self._held(key, bindings)
+        msg.defined.add(key)
+        nsid, base = msg.namespace(func.__globals__)
+        msg.note_source(func.__code__.co_filename, self.sources)
+        state, slotstate = _cp._function_getstate(func)
+        slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
+        if func.__closure__:
+            slotstate["__closure__"] = msg.closure(func.__closure__)
+        args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
+        return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
+                codestore._load_function_state)
+
+    def _class(self, cls: type) -> Any:
+        msg = self.msg
+        bindings = msg.walk(cls)
+        key = msg.key(cls)
+        if msg.holds(key):
+            return self._held(key, bindings)
+        msg.defined.add(key)
+        file = byvalue.class_source_file(cls)
+        msg.note_source(file, self.sources)
+        if issubclass(cls, enum.Enum):
+            make: Any = _cp._make_skeleton_enum
+            args = list(_cp._enum_getnewargs(cls))
+            tracker, args[5] = args[5], None
+            state = _cp._enum_getstate(cls)
+        else:
+            make = _cp._make_skeleton_class
+            args = list(_cp._class_getnewargs(cls))
+            tracker, args[4] = args[4], None
+            state = _cp._class_getstate(cls)
+        return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
+                None, codestore._load_class_state)
+
+    def _module(self, module: types.ModuleType) -> Any:
+        msg = self.msg
+        byvalue.register_user_module(module.__name__)
+        bindings = msg.walk(module)
+        g = vars(module)
+        msg.note_source(getattr(module, "__file__", None), self.sources)
+        base = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
+
+    def _value(self, value: _Value) -> Any:
+        if self.msg.holds(value.key):
+            return codestore._load_held, (value.key,)
+        self.msg.defined.add(value.key)
+        return codestore._load_value, (value.key, value.obj)
+
+    def _code(self, code: types.CodeType) -> Any:
+        key = codeindex.code_key(code)
+        if self.msg.holds(key):
+            return codestore._load_code, (key,)
+        self.msg.defined.add(key)
+        return codestore._load_code, (key, code)

@@ -1,0 +1,167 @@
+"""A session is the user's own Python: programs that keep module state, that configure the LM on
+the client, that read module globals of DSPy itself.
+
+Each case runs twice (``run``: in-process, then through a session) and asserts the same results,
+written out. The user modules are written to a temp dir per case (only this process has it on its
+path, so the workers get that code by value) and imported fresh for each run, so both runs start
+from the same module state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+import sys
+import textwrap
+import threading
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
+from dspy.utils.dummies import DummyLM
+
+from tests.conformance.harness import Runner, as_data
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], types.ModuleType]]:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str) -> types.ModuleType:
+        name = f"conf_{secrets.token_hex(4)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        made.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+CACHED_QA = '''
+import dspy
+
+ANSWERED = {}
+CALLS = 0
+
+
+class CachedQA(dspy.Module):
+    """A program that remembers its answers in a module-level dict and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        global CALLS
+        CALLS += 1
+        if question not in ANSWERED:
+            ANSWERED[question] = self.predict(question=question).answer
+        return dspy.Prediction(answer=ANSWERED[question], calls=CALLS, cached=len(ANSWERED))
+
+
+QA = CachedQA()
+
+
+def ask(question):
+    return QA(question=question)
+'''
+
+
+def capitals() -> DummyLM:
+    return DummyLM({"France?": {"answer": "Paris"}, "Italy?": {"answer": "Rome"}})
+
+
+def test_module_state_of_a_program_lives_across_calls(run: Runner, user_module: Any) -> None:
+    mod = user_module(CACHED_QA)
+    dspy.configure(lm=capitals())  # at the top of the client script
+    got = [run(mod.ask, q) for q in ("France?", "Italy?", "France?")]
+    assert as_data(got) == as_data([dspy.Prediction(answer="Paris", calls=1, cached=1),
+                                    dspy.Prediction(answer="Rome", calls=2, cached=2),
+                                    dspy.Prediction(answer="Paris", calls=3, cached=2)])
+
+
+def test_lm_and_adapter_configured_on_the_client(run: Runner, user_module: Any) -> None:
+    mod = user_module('''
+        import dspy
+
+
+        def triage(ticket):
+            return dspy.ChainOfThought("ticket -> category")(ticket=ticket)
+    ''')
+    dspy.configure(lm=DummyLM({"printer on fire": {"reasoning": "hardware", "category": "hardware"}}))
+    plain = run(mod.triage, "printer on fire")
+    json_lm = DummyLM({"printer on fire": {"reasoning": "hardware", "category": "hardware"}},
+                      adapter=dspy.JSONAdapter())
+    with dspy.context(lm=json_lm, adapter=dspy.JSONAdapter()):
+        in_context = run(mod.triage, "printer on fire")
+    expected = dspy.Prediction(reasoning="hardware", category="hardware")
+    assert as_data(plain) == as_data(expected) and as_data(in_context) == as_data(expected)
+    assert json_lm.history == [] if run.mode == "session" else len(json_lm.history) == 1
+
+
+def parallel_children_see_their_parent_call_id() -> tuple[Any, int, bool]:
+    """DSPy's callback lineage through ``dspy.Parallel``: each child's active call id (the
+    ContextVar this module imported from dspy) is its parent's call id."""
+
+    class Leaf(dspy.Module):
+        def forward(self, value):
+            return value * 10
+
+    class Fanout(dspy.Module):
+        def __init__(self, leaves):
+            super().__init__()
+            self.leaves = leaves
+            self.parallel = dspy.Parallel(num_threads=2, disable_progress_bar=True)
+
+        def forward(self):
+            return self.parallel([(leaf, {"value": i}) for i, leaf in enumerate(self.leaves)])
+
+    class Lineage(BaseCallback):
+        def __init__(self):
+            self.seen = []
+            self.lock = threading.Lock()
+
+        def on_module_start(self, call_id, instance, inputs):
+            with self.lock:
+                self.seen.append((instance, call_id, ACTIVE_CALL_ID.get()))
+
+    leaves = [Leaf(), Leaf()]
+    root = Fanout(leaves)
+    lineage = Lineage()
+    dspy.configure(callbacks=[lineage])
+    out = root()
+    root_call = next(c for c in lineage.seen if c[0] is root)
+    children = [c for c in lineage.seen if any(c[0] is leaf for leaf in leaves)]
+    return out, len(children), all(c[2] == root_call[1] for c in children)
+
+
+def test_parallel_children_inherit_the_parent_callback_call_id(run: Runner) -> None:
+    assert run.check(parallel_children_see_their_parent_call_id) == ([0, 10], 2, True)
+
+
+def test_a_refine_reward_reads_module_state(run: Runner, user_module: Any) -> None:
+    mod = user_module('''
+        import dspy
+
+        SCORED = []
+
+
+        def short(args, pred):
+            SCORED.append(pred.answer)
+            return 1.0 if len(pred.answer.split()) == 1 else 0.0
+
+
+        def refined(question):
+            refine = dspy.Refine(module=dspy.Predict("question -> answer"), N=2, reward_fn=short, threshold=1.0)
+            return refine(question=question).answer, list(SCORED)
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": "Paris, France"}, {"answer": "Paris"}] * 4))
+    assert run(mod.refined, "Capital of France?") == ("Paris", ["Paris, France", "Paris"])
+    assert run(mod.refined, "Capital of France?")[1][2:] == ["Paris, France", "Paris"]  # SCORED grew

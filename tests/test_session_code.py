@@ -1,0 +1,537 @@
+"""A session is the user's own Python: code sent once and remembered, module state kept per
+session, globals by reference where the worker can import them, the client's DSPy settings.
+
+User code lives in modules written to a temp dir that only this process has on its path, and the
+workers run in an empty working directory: they reach that code only by value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+import dspex
+from dspex.core import encode_request
+from dspex.protocol import Op
+from tests.conformance.harness import fresh_dspy_settings
+from tests.harness import Stack
+
+POOLS = {"p": ("p:strict_queue", 1), "n": ("n:none", 2), "h": ("h:hint", 2)}
+
+
+@pytest.fixture(scope="module")
+def code_stack() -> Iterator[Stack]:
+    root = tempfile.mkdtemp(prefix="dxs", dir="/tmp")
+    empty = os.path.join(root, "empty")
+    os.mkdir(empty)
+    st = Stack(root)
+    try:
+        st.start_broker(*(spec for spec, _ in POOLS.values()))
+        for name, (_, n) in POOLS.items():
+            for _ in range(n):
+                st.start_worker(name, cwd=empty)
+        for name, (_, n) in POOLS.items():
+            st.wait_workers(name, n, timeout=90)
+        yield st
+    finally:
+        st.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dx(code_stack: Stack) -> dspex.Client:
+    return code_stack.client(timeout=60)
+
+
+@pytest.fixture
+def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., types.ModuleType]]:
+    """``usercode(source)``: a user module of this process (the workers cannot import it)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str, name: str | None = None) -> types.ModuleType:
+        name = name or f"usr_{secrets.token_hex(4)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        made.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def misses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The cache misses the client answered (``ephemeral`` of each), in order."""
+    seen: list[bool] = []
+    real = dspex.sendcache.SendCache.missed
+
+    def spy(self: Any, ephemeral: bool) -> None:
+        seen.append(ephemeral)
+        real(self, ephemeral)
+
+    monkeypatch.setattr(dspex.sendcache.SendCache, "missed", spy)
+    return seen
+
+
+STATE = '''
+STATE = []
+TABLE = {}
+COUNT = 0
+
+
+def bump():
+    STATE.append(len(STATE) + 1)
+    return list(STATE)
+
+
+def remember(key, value):
+    if key is not None:
+        TABLE[key] = value
+    return dict(TABLE)
+
+
+def count():
+    global COUNT
+    COUNT += 1
+    return COUNT
+'''
+
+
+def store_size() -> int:
+    """How many objects this session's code store holds on the worker."""
+    from worker.dspy_settings import current_session
+
+    state = current_session.get()
+    assert state is not None
+    return len(state.code.objects)
+
+
+def forget_everything() -> None:
+    """Empty this session's code store on the worker (what an evicting or fresh worker holds)."""
+    from worker.dspy_settings import current_session
+
+    state = current_session.get()
+    assert state is not None
+    state.code.objects.clear()
+
+
+def test_module_state_lives_across_calls(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode(STATE)
+    s = dx.session("p")
+    assert [s.run(mod.bump) for _ in range(3)] == [[1], [1, 2], [1, 2, 3]]
+    assert s.run(mod.remember, "a", 1) == {"a": 1}
+    assert s.run(mod.remember, None, None) == {"a": 1}  # the entry set by the first call is there
+    assert [s.run(mod.count) for _ in range(3)] == [1, 2, 3]  # global x; x += 1
+    assert mod.STATE == [] and mod.COUNT == 0  # the client's own module is untouched
+    s.close()
+
+
+def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        BIG = b"x" * 20_000_000
+
+
+        def size():
+            return len(BIG)
+    ''')
+    s = dx.session("p")
+    first, _ = encode_request(Op.APPLY.value, [mod.size, [], {}], 2**30, s.sender)
+    assert sum(len(f) for f in first) > 20_000_000
+    s.sender.missed(False)  # that encoding was not sent: start from an empty worker again
+    assert s.run(mod.size) == 20_000_000
+    later, _ = encode_request(Op.APPLY.value, [mod.size, [], {}], 2**30, s.sender)
+    assert sum(len(f) for f in later) < 500  # the function and BIG by key
+    assert [s.run(mod.size) for _ in range(3)] == [20_000_000] * 3
+    mod.BIG = b"y" * 10  # rebound on the client: the session gets the new object
+    assert s.run(mod.size) == 10
+    s.close()
+
+
+def test_a_big_closure_value_travels_once(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        def reader(data):
+            return lambda: len(data)  # a new function object each time, over the same data
+    ''')
+    data = b"z" * 3_000_000
+    s = dx.session("p")
+    assert s.run(mod.reader(data)) == 3_000_000
+    again, _ = encode_request(Op.APPLY.value, [mod.reader(data), [], {}], 2**30, s.sender)
+    assert sum(len(f) for f in again) < 2000  # the code by hash, the 3 MB value by key
+    assert s.run(mod.reader(data)) == 3_000_000
+    s.close()
+
+
+def test_a_user_module_used_as_a_module_is_the_sessions_module(dx: dspex.Client, usercode: Any) -> None:
+    helpers = usercode('''
+        SEEN = []
+        LIMIT = 2
+
+
+        def note(x):
+            SEEN.append(x)
+            return SEEN[-LIMIT:]
+    ''')
+    mod = usercode(f'''
+        import {helpers.__name__} as helpers
+
+
+        def run(x):
+            return helpers.note(x), getattr(helpers, "extra", lambda: None)()
+    ''')
+    s = dx.session("p")
+    assert [s.run(mod.run, i) for i in range(3)] == [([0], None), ([0, 1], None), ([1, 2], None)]
+    helpers.LIMIT = 3  # rebound in the module
+    helpers.extra = lambda: "added"  # a name the module did not have
+    assert s.run(mod.run, 3) == ([1, 2, 3], "added")
+    assert helpers.SEEN == []
+    s.close()
+
+
+def test_two_sessions_keep_their_own_functions_and_classes(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        import dataclasses
+
+        SEEN = []
+
+
+        class Counter:
+            count = 0
+
+            @classmethod
+            def bump(cls):
+                cls.count += 1
+                SEEN.append(cls.count)
+                return cls.count, list(SEEN)
+
+
+        @dataclasses.dataclass
+        class Point:
+            x: int
+            y: int
+
+
+        def bump():
+            return Counter.bump()
+    ''')
+    a, b = dx.session("p"), dx.session("p")  # one worker: both sessions on it
+    assert a.run(mod.bump) == (1, [1])
+    assert a.run(mod.Counter.bump) == (2, [1, 2])
+    assert b.run(mod.bump) == (1, [1])  # b's class and module are b's own
+    assert a.run(mod.bump) == (3, [1, 2, 3])
+    assert a.worker == b.worker
+    init = mod.Point.__init__
+    point = a.run(mod.Point, 1, 2)
+    assert type(point) is mod.Point and point == mod.Point(1, 2)  # the client's own class comes back
+    assert mod.Point.__init__ is init  # ... untouched by the copy that came back
+    a.close()
+    b.close()
+
+
+def test_a_changed_function_or_global_replaces_the_old_one(dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    mod = usercode('''
+        LIMIT = 3
+        STATE = []
+
+
+        def version():
+            return 1
+
+
+        def limit():
+            return LIMIT
+
+
+        def outer():
+            return limit() * 2
+
+
+        def bump():
+            STATE.append(1)
+            return len(STATE)
+    ''', name="usr_edited")
+    s = dx.session("p")
+    assert (s.run(mod.version), s.run(mod.limit), s.run(mod.bump), s.run(mod.bump)) == (1, 3, 1, 2)
+    assert s.run(mod.outer) == 6
+    mod.LIMIT = 10  # a rebound global, read through another function, then directly
+    assert s.run(mod.outer) == 20
+    assert s.run(mod.limit) == 10
+    (tmp_path / "usr_edited.py").write_text(textwrap.dedent('''
+        LIMIT = 3
+        STATE = []
+
+
+        def version():
+            return 2  # the source was edited and the module re-run
+
+
+        def limit():
+            return LIMIT
+
+
+        def bump():
+            STATE.append(1)
+            return len(STATE)
+    '''))
+    importlib.reload(mod)
+    assert s.run(mod.version) == 2
+    assert s.run(mod.bump) == 1  # the re-run made a new STATE: the session's is replaced, as in-process
+    assert s.run(inspect.getsource, mod.version).strip().endswith("return 2  # the source was edited and the module re-run")
+    s.close()
+
+
+def test_cache_bound_forgets_on_both_sides(dx: dspex.Client, usercode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSPEX_CODE_CACHE", "6")
+    mod = usercode(STATE)
+    s = dx.session("p")
+    assert s.run(mod.bump) == [1]
+    fns = [(lambda i=i: i * 2) for i in range(20)]  # 20 functions: 20 keys, over the bound
+    assert [s.run(f) for f in fns] == [i * 2 for i in range(20)]
+    assert s.run(store_size) <= 6 + 2  # the bound, plus what the module state pins (STATE)
+    assert s.run(fns[0]) == 0  # forgotten, then sent again in full
+    assert [s.run(mod.bump) for _ in range(2)] == [[1, 2], [1, 2, 3]]  # module state is never evicted
+    s.close()
+
+
+def test_a_cache_miss_resends_in_full_once_and_keeps_module_state(dx: dspex.Client, usercode: Any,
+                                                                   misses: list[bool]) -> None:
+    mod = usercode(STATE)
+    s = dx.session("p")
+    assert [s.run(mod.bump) for _ in range(2)] == [[1], [1, 2]]
+    s.run(forget_everything)  # the worker's store is empty now: the next call refers to what it lacks
+    assert s.run(mod.bump) == [1, 2, 3]  # sent again in full; the module's state was kept
+    assert misses == [False]
+    assert s.run(mod.bump) == [1, 2, 3, 4]
+    assert misses == [False]
+    s.run(forget_everything)
+    assert list(s.stream_apply(mod.bump)) == [1, 2, 3, 4, 5]  # a stream is sent again the same way
+    assert misses == [False, False]
+    s.close()
+
+
+def test_a_none_pool_keeps_nothing_and_still_runs(dx: dspex.Client, usercode: Any, misses: list[bool]) -> None:
+    mod = usercode(STATE)
+    s = dx.session("n")
+    assert [s.run(mod.bump) for _ in range(4)] == [[1]] * 4  # a none pool keeps no session state
+    assert misses == [True]  # one miss taught the session to send everything every time
+    assert not s.sender.keep
+    s.close()
+
+
+def test_a_hint_session_repinned_to_another_worker_gets_its_code_again(
+        code_stack: Stack, dx: dspex.Client, usercode: Any, misses: list[bool]) -> None:
+    mod = usercode(STATE)
+    s = dx.session("h")
+    assert [s.run(mod.bump) for _ in range(2)] == [[1], [1, 2]]
+    pinned = next(w for w in code_stack.workers("h", dx) if w["incarnation"] == s.worker)
+    os.kill(int(pinned["pid"]), signal.SIGKILL)
+    code_stack.wait_workers("h", 1, client=dx)
+    assert s.run(mod.bump) == [1]  # re-pinned: the other worker starts from the module as sent
+    assert s.run(mod.bump) == [1, 2]
+    assert misses == [False]
+    code_stack.start_worker("h", cwd=os.path.join(code_stack.root, "empty"))  # the pool's size again
+    code_stack.wait_workers("h", 2, client=dx)
+    s.close()
+
+
+def test_globals_from_importable_modules_go_by_reference(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        import dspy.utils.callback_context as callback_context
+        from dspy.utils.callback import ACTIVE_CALL_ID
+
+        ALIAS = callback_context.ACTIVE_CALL_ID  # not imported by name: found in the module
+
+
+        def ids():
+            token = ACTIVE_CALL_ID.set("call-1")
+            try:
+                return ACTIVE_CALL_ID.get(), ALIAS.get(), ALIAS is ACTIVE_CALL_ID
+            finally:
+                ACTIVE_CALL_ID.reset(token)
+    ''')
+    s = dx.session("p")
+    assert s.run(mod.ids) == ("call-1", "call-1", True)
+    s.close()
+
+
+def test_an_unpicklable_global_names_itself_and_its_module(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        import threading
+
+        LOCK = threading.Lock()
+
+
+        def guarded():
+            with LOCK:
+                return 1
+
+
+        def fine():
+            return 2
+    ''')
+    s = dx.session("p")
+    with pytest.raises(dspex.EncodeError) as info:
+        s.run(mod.guarded)
+    message = str(info.value)
+    assert f"cannot send LOCK (_thread.lock) from module {mod.__name__}: " in message
+    assert "keep it on the worker with s.put, or build it inside the function" in message
+    assert info.value.details["global"] == "LOCK" and info.value.details["module"] == mod.__name__
+    assert s.run(mod.fine) == 2  # nothing was sent; the session goes on
+    s.close()
+
+
+def test_getsource_of_by_value_signatures_and_plain_classes(dx: dspex.Client, usercode: Any) -> None:
+    mod = usercode('''
+        import dspy
+
+
+        class Triage(dspy.Signature):
+            """Triage a ticket."""
+
+            ticket: str = dspy.InputField()
+            label: str = dspy.OutputField()
+
+
+        class Limits:
+            retries = 3
+    ''')
+    s = dx.session("p")
+    assert s.run(inspect.getsource, mod.Triage) == inspect.getsource(mod.Triage)
+    assert s.run(inspect.getsource, mod.Limits) == inspect.getsource(mod.Limits)
+    s.close()
+
+
+# -- the client's DSPy settings ---------------------------------------------------------------
+
+PROGRAM = '''
+import dspy
+
+
+def answer(question):
+    return dspy.Predict("question -> answer")(question=question).answer
+
+
+def current():
+    return id(dspy.settings.lm), type(dspy.settings.adapter).__name__, dspy.settings.track_usage
+
+
+def configure_own(text):
+    from dspy.utils import DummyLM
+
+    dspy.configure(lm=DummyLM([{"answer": text}] * 5))
+'''
+
+
+@pytest.fixture
+def fresh_settings() -> Iterator[None]:
+    with fresh_dspy_settings():
+        yield
+
+
+def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    mod = usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 10), track_usage=True)
+    s = dx.session("p")
+    assert s.run(mod.answer, "q") == "from the client"
+    first, second = s.run(mod.current), s.run(mod.current)
+    assert first == second and first[1:] == ("NoneType", True)  # one LM object on the worker: sent once
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        assert s.run(mod.current)[1] == "JSONAdapter"
+    assert s.run(mod.current)[1] == "NoneType"  # the context ended on the client
+    s.run(mod.configure_own, "from the session")
+    assert s.run(mod.answer, "q") == "from the session"  # the session's own wins
+    s.close()
+
+
+def test_client_settings_can_be_turned_off(dx: dspex.Client, code_stack: Stack, usercode: Any,
+                                           fresh_settings: None) -> None:
+    mod = usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 10))
+    s = dx.session("p", client_settings=False)
+    with pytest.raises(dspex.RemoteError, match="No LM is loaded"):
+        s.run(mod.answer, "q")
+    s.close()
+    with dspex.connect(code_stack.frontend, timeout=30, client_settings=False) as quiet:
+        s = quiet.session("p")
+        with pytest.raises(dspex.RemoteError, match="No LM is loaded"):
+            s.run(mod.answer, "q")
+        s.close()
+
+
+def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_path: Path) -> None:
+    """A client that never imported dspy sends no settings (and does not import dspy)."""
+    import subprocess
+
+    script = tmp_path / "nodspy.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import dspex
+        from dspex.core import encode_request
+
+        def f():
+            return 1
+
+        with dspex.connect(sys.argv[1], timeout=30) as dx:
+            s = dx.session("p")
+            assert s.run(f) == 1
+            frames, flags = encode_request("apply", [f, [], {}], 2**20, s.sender)
+            print(flags, "dspy" in sys.modules)
+    '''))
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "False"]
+
+
+def test_an_unpicklable_client_setting_names_itself(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    import threading
+
+    mod = usercode(PROGRAM)
+
+    class Locked(dspy.utils.callback.BaseCallback):
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+    dspy.configure(lm=DummyLM([{"answer": "a"}] * 5), callbacks=[Locked()])
+    s = dx.session("p")
+    with pytest.raises(dspex.EncodeError, match="cannot send the client's DSPy setting 'callbacks' .*client_settings=False"):
+        s.run(mod.answer, "q")
+    quiet = s.client.session("p", client_settings=False)
+    assert quiet.run(len, [1, 2]) == 2
+    quiet.close()
+    s.close()
+
+
+def test_the_asyncio_client_remembers_code_and_sends_settings(code_stack: Stack, usercode: Any,
+                                                             fresh_settings: None) -> None:
+    import asyncio
+
+    state, program = usercode(STATE), usercode(PROGRAM)
+    dspy.configure(lm=DummyLM([{"answer": "from the client"}] * 5))
+
+    async def main() -> tuple[Any, ...]:
+        async with dspex.aio.connect(code_stack.frontend, timeout=30) as adx:
+            s = adx.session("p")
+            bumps = [await s.run(state.bump) for _ in range(3)]
+            streamed = [item async for item in s.stream_apply(state.bump)]
+            answer = await s.run(program.answer, "q")
+            await s.close()
+            return bumps, streamed, answer
+
+    assert asyncio.run(main()) == ([[1], [1, 2], [1, 2, 3]], [1, 2, 3, 4], "from the client")
