@@ -92,7 +92,9 @@ class CoreLoad:
         # the shell reads the clock for each message (an older core read it itself)
         self.clocked = hasattr(Core, "on_client_frames")
         if self.clocked:
-            core = Core(pools, Null(), now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
+            from broker.ops import HANDLERS
+
+            core = Core(pools, Null(), HANDLERS, now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
             self.from_client, self.from_worker = core.on_client_frames, core.on_worker_frames
         else:  # a tree from before the public events: a Core subclass is its shell
             class Shell(Core):

@@ -29,6 +29,7 @@ from dspex.pools import PoolConfig
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from broker.core import NOTICE_EVERY, Core
 from broker.nudge import SupervisorNudge
+from broker.ops import HANDLERS
 from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
@@ -68,7 +69,7 @@ class Broker:
     """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 
     def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
-        self.core = Core(options.pools, self, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
+        self.core = Core(options.pools, self, HANDLERS, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()

@@ -17,7 +17,9 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -59,6 +61,7 @@ from dspex.protocol import (
     W_READY,
     W_REPLY,
     WORKER_OPS,
+    OPS,
     Affinity,
     Op,
     Status,
@@ -68,8 +71,6 @@ from dspex.protocol import (
     unpack_reply_head,
     unpack_request_header,
 )
-from broker.ops import OpCall, run_op
-from broker.ops import status as status_of
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
 from broker.sessions import SessionBook
@@ -89,6 +90,19 @@ NOTICE_EVERY = 10.0
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)
 
 
+@dataclass(frozen=True)
+class OpCall:
+    """A broker op as its handler gets it."""
+
+    session: str  # the request header's session
+    pool: str  # the request header's pool
+    args: dict[str, Any]  # the op's arguments, checked against its definition, defaults filled in
+    owner: str  # the caller's client identity
+
+
+Handler = Callable[["Core", OpCall], Any]  # a broker op's handler: its result is the reply
+
+
 def _error_code(frames: list[zmq.Frame]) -> str:
     """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
     try:
@@ -102,13 +116,15 @@ class Core:
     """Routes client requests to pool workers under the pools' affinity rules; owns the session
     book (``book``) and the recycler (``recycler``)."""
 
-    def __init__(self, pools: list[PoolConfig], port: Port, *, now: float,
+    def __init__(self, pools: list[PoolConfig], port: Port, ops: Mapping[str, Handler], *, now: float,
                  heartbeat_interval: float = HEARTBEAT_INTERVAL, heartbeat_liveness: int = HEARTBEAT_LIVENESS,
                  max_sessions: int = 100_000, wall: Callable[[], float] = time.time) -> None:
-        """``port``: what acts in the world; ``now``: the monotonic time the core starts at (its
-        restart grace counts from it); ``wall``: wall-clock time, for what is displayed (events,
-        session creation, start)."""
+        """``port``: what acts in the world; ``ops``: the handlers of the broker ops, by name
+        (``broker.ops.HANDLERS``); ``now``: the monotonic time the core starts at (its restart
+        grace counts from it); ``wall``: wall-clock time, for what is displayed (events, session
+        creation, start)."""
         self.port = port
+        self.ops = ops
         # the port's two hot-path sends, bound once
         self._to_client = port.to_client
         self._send_worker = port.to_worker
@@ -165,10 +181,8 @@ class Core:
             self._route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
-                args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
-                if not isinstance(args, dict):
-                    raise ProtocolError("broker op arguments must be a map")
-                result = run_op(self, op, OpCall(header.session, header.pool, args, owner))
+                args = OPS[op].bind_map(msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {})
+                result = self.ops[op](self, OpCall(header.session, header.pool, args, owner))
             except DspexError as err:
                 self._error(client, header.req_id, err)
             except Exception as exc:
@@ -717,17 +731,7 @@ class Core:
                         "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
                         pool.ready_count(), code)
 
-    def _may_administer(self, owner: str) -> bool:
-        """``recycle`` is open to every peer unless the broker has an admin allow-list (CURVE)."""
-        return self.admins is None or owner in self.admins()
-
-    def _sees_every_session(self, owner: str) -> bool:
-        """Only admin keys list, use or close other clients' sessions (never without a list)."""
-        return self.admins is not None and owner in self.admins()
-
     def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
         self.events.append({"time": self.wall(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
                             "event": event, "why": why})
 
-    def status(self) -> dict[str, Any]:
-        return status_of(self, self.now)

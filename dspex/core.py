@@ -36,19 +36,7 @@ log = logging.getLogger("dspex.client")
 REPLY_GRACE = float(os.environ.get("DSPEX_REPLY_GRACE", "7"))
 
 # What the top-level items of each worker op's body are called in an EncodeError's path.
-BODY_NAMES: dict[str, tuple[str, ...]] = {
-    Op.CALL.value: ("module", "fn", "args", "kwargs"),
-    Op.METHOD.value: ("ref", "name", "args", "kwargs"),
-    Op.GETATTR.value: ("ref", "name"),
-    Op.SETATTR.value: ("ref", "name", "value"),
-    Op.EVAL.value: ("expr", "namespace"),
-    Op.EXEC.value: ("source", "namespace"),
-    Op.TO_DATA.value: ("ref",),
-    Op.RELEASE.value: ("ref_ids",),
-    Op.APPLY.value: ("fn", "args", "kwargs"),
-    Op.BIND.value: ("name", "value"),
-    Op.PUT.value: ("value",),
-}
+BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.args) for op in Op}
 
 Callback = Callable[[Any], None]
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session

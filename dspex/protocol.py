@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
@@ -68,37 +69,159 @@ MAX_NAME_CHARS = 256
 STREAM_WINDOW = 64
 
 
+class Side(str, enum.Enum):
+    """Who answers an op."""
+
+    WORKER = "worker"  # forwarded to a worker of the request's pool, which runs it in the session
+    BROKER = "broker"  # answered by the broker
+    CONTROL = "control"  # request control: to the worker running the header's req_id; no reply
+
+
+_REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of an op: its name, the types it may have once decoded (none: any value,
+    e.g. an object a ref stands for) and its default (none: required)."""
+
+    name: str
+    types: tuple[type, ...] = ()
+    default: Any = _REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+def _arg(name: str, *types: type, default: Any = _REQUIRED) -> Arg:
+    return Arg(name, types, default)
+
+
+_NAMESPACE = _arg("namespace", dict, type(None), default=None)
+_CALL_ARGS = (_arg("args", list, tuple, type(None), default=None), _arg("kwargs", dict, type(None), default=None))
+
+
 class Op(str, enum.Enum):
-    """Request ops. Worker ops are forwarded; broker ops are answered by the broker."""
+    """Every op of the protocol, defined once: its wire name (the member's value), who answers it
+    (``side``), its arguments in order (``args``; a worker op's body is their list, a broker op's
+    a map of them by name, a control op's one integer), the client methods that send it
+    (``client``) and what it does (``doc``, the table in docs/protocol.md). The broker routes by
+    ``side``; each side registers its handlers against the members (``broker.ops``,
+    ``worker.executor``) and checks it has one for each op of its side."""
 
-    CALL = "call"
-    METHOD = "method"
-    GETATTR = "getattr"
-    SETATTR = "setattr"
-    EVAL = "eval"
-    EXEC = "exec"
-    RELEASE = "release"
-    TO_DATA = "to_data"
-    APPLY = "apply"  # [callable, args, kwargs]: a callable sent by value (or a ref), called in the session
-    BIND = "bind"  # [name, value]: bind a value (by value or a ref) in the session namespace
-    PUT = "put"  # [value]: keep a value sent by value on the worker; the result is always its ref
-    # broker ops
-    STATUS = "status"
-    CLOSE_SESSION = "close_session"
-    SESSIONS = "sessions"
-    RECYCLE = "recycle"
-    PING = "ping"
-    # stream control (client -> broker -> the worker running req_id); no reply
-    CANCEL = "cancel"
-    CREDIT = "credit"
+    side: Side
+    args: tuple[Arg, ...]
+    client: str
+    doc: str
+
+    def __new__(cls, name: str, side: Side, args: tuple[Arg, ...], client: str, doc: str) -> Op:
+        op = str.__new__(cls, name)
+        op._value_ = name
+        op.side, op.args, op.client, op.doc = side, args, client, doc
+        return op
+
+    CALL = ("call", Side.WORKER, (_arg("module", str), _arg("fn", str), *_CALL_ARGS),
+            "Session.call, Session.stream, Client.call", "`module.fn(*args, **kwargs)` (`fn` may be a dotted qualname)")
+    METHOD = ("method", Side.WORKER, (_arg("ref"), _arg("name", str), *_CALL_ARGS),
+              "Session.method, Session.stream_method, calling a ref handle", "`getattr(obj, name)(*args, **kwargs)`")
+    GETATTR = ("getattr", Side.WORKER, (_arg("ref"), _arg("name", str)), "Session.attr, a ref handle's attribute",
+               "`getattr(obj, name)`")
+    SETATTR = ("setattr", Side.WORKER, (_arg("ref"), _arg("name", str), _arg("value")), "Session.set_attr",
+               "`setattr(obj, name, value)`; `None`")
+    EVAL = ("eval", Side.WORKER, (_arg("expr", str), _NAMESPACE), "Session.eval, Session.stream_eval",
+            "the value of `expr` in the session namespace + `namespace`")
+    EXEC = ("exec", Side.WORKER, (_arg("source", str), _NAMESPACE), "Session.exec",
+            "runs `source` as the next lines of the session's module; `{name: value}` of the names it bound")
+    RELEASE = ("release", Side.WORKER, (_arg("ref_ids", list, tuple),), "Session.release",
+               "drops the session's refs of these ids; the number released")
+    TO_DATA = ("to_data", Side.WORKER, (_arg("ref"),), "Session.to_data",
+               "plain dict of a `dspy.Example`/`Prediction` (`toDict()`)")
+    APPLY = ("apply", Side.WORKER, (_arg("fn"), *_CALL_ARGS), "Session.run, Session.apply, Session.stream_apply",
+             "`fn(*args, **kwargs)`; `fn` arrives by value (ext 25) or as a ref")
+    BIND = ("bind", Side.WORKER, (_arg("name", str), _arg("value")), "Session.define",
+            "binds `value` as `name` in the session namespace; `None`")
+    PUT = ("put", Side.WORKER, (_arg("value"),), "Session.put", "a ref to `value`, always (Ray's `put`)")
+    PING = ("ping", Side.BROKER, (), "Client.ping",
+            "`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\"}` (`config`: the "
+            "broker's supervisor.conf, so `dspexctl` can tell which stack answers)")
+    STATUS = ("status", Side.BROKER, (), "Client.status",
+              "pools, workers, counters (what `dspexctl pools status --json` prints)")
+    SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), "Client.sessions",
+                "`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\"}]`: the sessions of "
+                "the caller's key (on ipc every peer shares one identity, so all of them; an admin key sees every "
+                "session); `pool`: of that pool only")
+    CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),), "Client.close_session, "
+                     "Session.close", "`{\"closed\": bool, \"released\": bool}` (`session`: else the header's); the "
+                     "broker sends `B_RELEASE_SESSION` to its workers; another client's session is `session_not_yours`")
+    RECYCLE = ("recycle", Side.BROKER, (_arg("pool", str, default=""), _arg("worker", str, int, default=""),
+                                        _arg("all", bool, default=False)), "Client.recycle",
+               "`{\"pool\", \"recycling\": [incarnation, ...]}`: starts a graceful, rolling recycle (`pool`: else the "
+               "header's; `worker`: an incarnation prefix or a pid; neither `worker` nor `all`: the oldest worker); "
+               "needs an admin key when the broker has an admin allow-list (else `refused`)")
+    CREDIT = ("credit", Side.CONTROL, (_arg("n", int),), "a stream's consumer",
+              "the consumer took `n` more items: the worker may send `n` more `part`/`prog`/`out` replies (the stream "
+              "window is 64 items)")
+    CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),), "a cancelled task (asyncio), Ctrl-C (blocking)",
+              "stop the request, streamed or not (`n`: 0): a request still queued in the broker is removed and "
+              "answered `cancelled`; a running one is forwarded to its worker as `B_CANCEL`, which stops it and "
+              "answers `cancelled`; a cancel for a request that has finished, or that the broker never saw, is "
+              "dropped silently")
+
+    def bind_list(self, body: Any) -> list[Any]:
+        """A worker op's body (the list of its arguments in order) checked against ``args``,
+        defaults filled in; a ``ProtocolError`` says what is wrong."""
+        if not isinstance(body, (list, tuple)):
+            raise ProtocolError(f"the body of {self.value!r} must be a list, got {type(body).__name__}")
+        if len(body) > len(self.args):
+            raise ProtocolError(f"{self.value!r} takes at most {len(self.args)} arguments "
+                                f"({', '.join(a.name for a in self.args)}), got {len(body)}")
+        values = list(body)
+        for i, arg in enumerate(self.args):
+            if i == len(values):
+                if arg.required:
+                    raise ProtocolError(f"{self.value!r} needs its argument {arg.name!r}")
+                values.append(arg.default)
+            elif arg.types and not isinstance(values[i], arg.types):
+                raise ProtocolError(f"{self.value!r}: {arg.name} must be {_names(arg.types)}, "
+                                    f"got {type(values[i]).__name__}")
+        return values
+
+    def bind_map(self, body: Any) -> dict[str, Any]:
+        """A broker op's body (a map of its arguments by name) checked against ``args``, defaults
+        filled in; a ``ProtocolError`` says what is wrong."""
+        if not isinstance(body, dict):
+            raise ProtocolError(f"the body of {self.value!r} must be a map, got {type(body).__name__}")
+        known = {a.name for a in self.args}
+        if unknown := [k for k in body if k not in known]:
+            raise ProtocolError(f"{self.value!r} takes no argument {unknown[0]!r} (it takes: "
+                                f"{', '.join(sorted(known)) or 'none'})")
+        out = {}
+        for arg in self.args:
+            value = body.get(arg.name, arg.default)
+            if value is _REQUIRED:
+                raise ProtocolError(f"{self.value!r} needs its argument {arg.name!r}")
+            if arg.types and not isinstance(value, arg.types):
+                raise ProtocolError(f"{self.value!r}: {arg.name} must be {_names(arg.types)}, got {type(value).__name__}")
+            out[arg.name] = value
+        return out
 
 
-WORKER_OPS = frozenset(
-    op.value for op in (Op.CALL, Op.METHOD, Op.GETATTR, Op.SETATTR, Op.EVAL, Op.EXEC, Op.RELEASE, Op.TO_DATA,
-                        Op.APPLY, Op.BIND, Op.PUT)
-)
-BROKER_OPS = frozenset(op.value for op in (Op.STATUS, Op.CLOSE_SESSION, Op.SESSIONS, Op.RECYCLE, Op.PING))
-STREAM_OPS = frozenset(op.value for op in (Op.CANCEL, Op.CREDIT))
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in types)
+
+
+OPS: dict[str, Op] = {op.value: op for op in Op}  # by wire name
+
+
+def ops_of(side: Side) -> frozenset[str]:
+    """The wire names of the ops ``side`` answers."""
+    return frozenset(op.value for op in Op if op.side is side)
+
+
+WORKER_OPS = ops_of(Side.WORKER)
+BROKER_OPS = ops_of(Side.BROKER)
+STREAM_OPS = ops_of(Side.CONTROL)
 
 
 class Status(str, enum.Enum):

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from broker.core import Core
+from broker.ops import HANDLERS
 from broker.port import WorkerUnreachable
 from broker.state import Tombstones
 from dspex.pools import parse_pool_spec
@@ -85,7 +86,7 @@ class StubCore:
     def __init__(self, *specs: str) -> None:
         self.t = START
         self.port = RecordingPort()
-        self.core = Core([parse_pool_spec(s) for s in specs], self.port, now=self.t, heartbeat_interval=HEARTBEAT,
+        self.core = Core([parse_pool_spec(s) for s in specs], self.port, HANDLERS, now=self.t, heartbeat_interval=HEARTBEAT,
                          heartbeat_liveness=3, wall=lambda: self.t + 1e9)
         self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
         self.to_workers, self.to_clients = self.port.to_workers, self.port.to_clients
@@ -302,9 +303,9 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     assert core.worker_of(4) is None  # one ahead at most (prefetch=1)
     core.reply(A, C, 2)  # 3 runs now; 4 is sent ahead of 3's reply
     assert core.worker_of(4) == A
-    worker = core.status()["pools"]["p"]["workers"][0]
+    worker = core.admin(C, "status")["pools"]["p"]["workers"][0]
     assert (worker["inflight"], worker["queued"]) == (1, 1)  # 4 waits at the worker: it counts as queued
-    assert core.status()["pools"]["p"]["queued"] == 1
+    assert core.admin(C, "status")["pools"]["p"]["queued"] == 1
 
 
 def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
@@ -316,7 +317,7 @@ def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
     for rid in range(2, 8):
         core.request(C, rid, "p", f"s{rid}")
     assert [core.worker_of(rid) for rid in range(2, 8)] == [A] * 5 + [None]  # running + 4 ahead; the 6th waits
-    assert core.status()["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
+    assert core.admin(C, "status")["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
 
 
 def test_prefetched_requests_count_against_queue_max() -> None:
