@@ -11,6 +11,7 @@ forwards the payload frames untouched (``copy=False``); it drains every ready me
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -27,7 +28,8 @@ from dspex.errors import ConfigError
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from dspex.pools import PoolConfig
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
-from broker.core import NOTICE_EVERY, Core
+from broker.answers import NOTICE_EVERY
+from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
 from broker.ops import status as status_of
@@ -39,7 +41,6 @@ from broker.state import Notices
 log = logging.getLogger("dspex.broker")
 
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
-_SWEEP_EVERY = 0.05
 # A worker's monitor disconnect is acted on this long after it is seen, after reading the
 # backend: the goodbye it queued before closing may not be readable yet (libzmq processes a
 # socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
@@ -93,7 +94,10 @@ class Broker:
                                 "frontend": options.frontend, "backend": options.backend,
                                 "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
                                 if options.frontend.startswith("ipc://") else "", "metrics": self.metrics}
-        self.publisher = StatusPublisher(self.core, self.status)  # the status other threads read, built on this one
+        # wakes the loop from another thread or a signal handler (a status wanted, a stop)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the status other threads read, built on this one
+        self.publisher = StatusPublisher(self.core, self.status, self.wake)
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
@@ -187,6 +191,14 @@ class Broker:
 
     def stop(self, *_: Any) -> None:
         self._stop = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the loop turn now (safe from any thread and from a signal handler)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is woken already
 
     def close(self) -> None:
         if self._auth is not None:
@@ -195,6 +207,8 @@ class Broker:
                      getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
         # a client would then wait out its timeout on a file nobody listens on
         # (only files this broker bound: never another live stack's sockets)
@@ -206,18 +220,23 @@ class Broker:
                 pass
 
     def run(self) -> None:
+        """Serve until :meth:`stop`. Between messages the loop sleeps until the next deadline of
+        the core (a heartbeat, a queue timeout, a session's TTL, a drain deadline...), of the
+        status history or of a logged count; never polls on a fixed period."""
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         if self.front_monitor is not None:
             poller.register(self.front_monitor, zmq.POLLIN)
-        next_sweep = time.monotonic() + _SWEEP_EVERY
+        core, publisher = self.core, self.publisher
         while not self._stop:
-            timeout = max(0.0, next_sweep - time.monotonic())
+            due = min(core.next_deadline(), publisher.next_due(), self._handshakes.next_due())
+            timeout = max(0.0, due - time.monotonic())
             if self._disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
-            events = dict(poller.poll(int(timeout * 1000)))
+            events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
             if self.backend in events:
                 self._drain(self.backend, self.core.on_worker_frames)
                 self._flush_clients()
@@ -229,16 +248,22 @@ class Broker:
                 self._settle_disconnects()
             if self.frontend in events:
                 self._drain(self.frontend, self.core.on_client_frames)
+            if self._wake_r in events:
+                while True:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        break
             now = time.monotonic()
-            if now >= next_sweep:
-                self.core.tick(now)
-                self.publisher.tick(now)
-                for (plane, code), n, span in self._handshakes.due(now):
-                    self._log_handshakes(plane, code, n, span)
-                next_sweep = now + _SWEEP_EVERY
+            if now >= core.next_deadline():
+                core.tick(now)
+            if now >= publisher.next_due():
+                publisher.tick(now)
+            for (plane, code), n, span in self._handshakes.due(now):
+                self._log_handshakes(plane, code, n, span)
             self._flush_clients()
-            if self.publisher.asked:
-                self.publisher.serve()
+            if publisher.asked:
+                publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):

@@ -44,7 +44,7 @@ def _ping(core: Core, call: OpCall) -> Any:
 
 @_handles(Op.STATUS)
 def _status(core: Core, call: OpCall) -> Any:
-    return status(core, core.now)
+    return status(core, core.clock.now)
 
 
 @_handles(Op.CLOSE_SESSION)
@@ -61,7 +61,7 @@ def _close_session(core: Core, call: OpCall) -> Any:
 @_handles(Op.SESSIONS)
 def _sessions(core: Core, call: OpCall) -> Any:
     wanted = call.args["pool"]
-    now = core.now
+    now = core.clock.now
     return [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
@@ -90,7 +90,7 @@ def _recycle(core: Core, call: OpCall) -> Any:
         targets = list(pool.workers.values())
     else:  # the oldest worker
         targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
-    core.recycler.roll(pool, targets, core.now)
+    core.recycler.roll(pool, targets, core.clock.now)
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
@@ -153,9 +153,9 @@ def status(core: Core, now: float) -> dict[str, Any]:
             ],
         }
     return {
-        "broker": {"pid": os.getpid(), "uptime_s": round(now - core.booted, 3), "started": core.started,
+        "broker": {"pid": os.getpid(), "uptime_s": round(now - core.book.booted, 3), "started": core.started,
                    **stack,
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
-        "events": list(core.events),
+        "events": list(core.roster.events),
     }

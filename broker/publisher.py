@@ -54,12 +54,12 @@ class History:
         self.points: dict[str, deque[list[Any]]] = {name: deque(maxlen=int(span / every)) for name in core.pools}
         self._last: dict[str, tuple[float, int, int, list[int]]] = {
             name: (time.monotonic(), 0, 0, [0] * len(pool.latency.counts)) for name, pool in core.pools.items()}
-        self._due = time.monotonic() + every
+        self.due = time.monotonic() + every
 
     def tick(self, now: float) -> None:
-        if now < self._due:
+        if now < self.due:
             return
-        self._due = now + self.every
+        self.due = now + self.every
         wall = time.time()
         for name, pool in self.core.pools.items():
             answered = sum(pool.outcomes.values())
@@ -110,9 +110,11 @@ def build_snapshot(core: Core, status: Status, history: History) -> dict[str, An
 class StatusPublisher:
     """Snapshots on demand: readers ask from any thread, the broker's thread builds."""
 
-    def __init__(self, core: Core, status: Status) -> None:
+    def __init__(self, core: Core, status: Status, wake: Callable[[], None]) -> None:
+        """``wake``: makes the broker's loop turn (a reader waits for it)."""
         self.core = core
         self.status = status
+        self._wake = wake
         self.history = History(core)
         self.asked = False  # read by the broker's loop every turn: a plain attribute
         self._latest: dict[str, Any] | None = None
@@ -126,14 +128,19 @@ class StatusPublisher:
         with self._lock:
             self._waiting.append(done)
             self.asked = True
+        self._wake()
         done.wait(timeout)
         latest = self._latest
         if latest is None:
             raise TimeoutError(f"the broker made no status snapshot within {timeout:g}s")
         return latest
 
+    def next_due(self) -> float:
+        """When the history's next point is due (monotonic seconds)."""
+        return self.history.due
+
     def tick(self, now: float) -> None:
-        """The broker's periodic turn (its sweep): history points."""
+        """A history point, when due."""
         self.history.tick(now)
 
     def serve(self) -> None:

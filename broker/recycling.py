@@ -32,13 +32,15 @@ class Recycler:
 
     def __init__(self, workers: dict[bytes, WorkerRecord], port: Port, *, fail: Fail,
                  to_worker: Callable[[WorkerRecord, list[Any]], bool], to_peer: Callable[[bytes, list[bytes]], None],
-                 remove_worker: Callable[[WorkerRecord, str], None]) -> None:
+                 remove_worker: Callable[[WorkerRecord, str], None], wake: Callable[[float], None]) -> None:
+        """``wake``: tell the core's timers of a new deadline (a drain's)."""
         self.workers = workers
         self.port = port
         self._fail = fail
         self._to_worker = to_worker
         self._to_peer = to_peer
         self._remove_worker = remove_worker
+        self._wake = wake
 
     def recycle(self, w: WorkerRecord, now: float) -> None:
         """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
@@ -56,6 +58,8 @@ class Recycler:
         pool = w.pool
         w.draining = True
         w.draining_since = now
+        if pool.config.drain_timeout:
+            self._wake(now + pool.config.drain_timeout)
         queued = list(w.queue)
         w.queue.clear()
         for p in queued:
@@ -68,7 +72,7 @@ class Recycler:
         port's ``stop_process``). Its calls get ``WorkerCrashed`` and the rolling recycle goes on."""
         limit = pool.config.drain_timeout
         for w in list(pool.workers.values()):
-            if not (w.draining and limit and now - w.draining_since > limit):
+            if not (w.draining and limit and now >= w.draining_since + limit):
                 continue
             log.error("worker %s (pid %d, pool %s) still busy %.0fs after it began draining: stopping it hard",
                       w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
@@ -76,10 +80,25 @@ class Recycler:
             self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more
             self._remove_worker(w, "was recycled (stopped hard at its drain deadline)")
 
+    def next_deadline(self, pool: Pool) -> float:
+        """The next time ``step`` or ``stop_overdue`` may have something to do for ``pool`` that
+        no message announces: a drain deadline, the end of a wait for a replacement, a worker
+        growing old enough to be retired by policy."""
+        soonest = pool.next_drain_deadline()
+        if pool.recycling is not None and pool.recycling not in self.workers:
+            soonest = min(soonest, pool.recycle_started + REPLACEMENT_WAIT)
+        policy = pool.config.recycle
+        if policy.max_requests or policy.max_age or policy.max_rss_mb:
+            for w in pool.workers.values():
+                soonest = min(soonest, w.registered + MIN_WORKER_AGE)
+                if w.retire_age:
+                    soonest = min(soonest, w.registered + w.retire_age)
+        return soonest
+
     def over_request_limit(self, w: WorkerRecord, now: float) -> bool:
         limit = w.pool.config.recycle.max_requests
         return bool(limit and w.served + w.errors >= limit and w.pool.recycling is None
-                    and w.pool.ready_count() >= 2 and now - w.registered >= MIN_WORKER_AGE)
+                    and w.pool.ready_count() >= 2 and now >= w.registered + MIN_WORKER_AGE)
 
     def roll(self, pool: Pool, targets: list[WorkerRecord], now: float) -> None:
         """Recycle ``targets`` one after the other (after what the pool already rolls)."""
@@ -93,7 +112,7 @@ class Recycler:
                 return
             # wait for the replacement (supervisord restarts it) before touching the next one
             target = pool.size_before_recycle or pool.config.size
-            if pool.ready_count() < target and now - pool.recycle_started < REPLACEMENT_WAIT:
+            if pool.ready_count() < target and now < pool.recycle_started + REPLACEMENT_WAIT:
                 return
             pool.recycling = None
             pool.size_before_recycle = 0
@@ -107,11 +126,11 @@ class Recycler:
         if not (policy.max_requests or policy.max_age or policy.max_rss_mb) or pool.ready_count() < 2:
             return  # policy never takes a pool's last worker
         for w in pool.workers.values():
-            if now - w.registered < MIN_WORKER_AGE:
+            if now < w.registered + MIN_WORKER_AGE:
                 continue
             rss_mb = float(w.stats.get("rss", 0)) / 2**20
             if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
-                    or (w.retire_age and now - w.registered >= w.retire_age)
+                    or (w.retire_age and now >= w.registered + w.retire_age)
                     or (policy.max_rss_mb and rss_mb >= policy.max_rss_mb)):
                 self.recycle(w, now)
                 return

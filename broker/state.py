@@ -7,14 +7,17 @@ rules can be unit-tested in-process.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dspex.pools import PoolConfig
-from dspex.protocol import WorkerState
+from dspex.protocol import Affinity, WorkerState
 
+PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
 # Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # longer bounds, used up to the longest timeout a pool is configured with (GEPA calls and queue
@@ -32,6 +35,18 @@ def bucket_bounds(longest: float) -> tuple[float, ...]:
     if bounds[-1] < longest:
         bounds.append(float(longest))
     return tuple(bounds)
+
+
+class Clock:
+    """The core's time: ``now``, the monotonic time of the event being handled (each of the
+    core's public events sets it from the time the shell read for it), and ``wall``, wall-clock
+    time, only for what is displayed. The core's rules never read a clock of their own."""
+
+    __slots__ = ("now", "wall")
+
+    def __init__(self, now: float, wall: Callable[[], float]) -> None:
+        self.now = now
+        self.wall = wall
 
 
 class RecentFailures:
@@ -146,6 +161,24 @@ class WorkerRecord:
             return WorkerState.DRAINING
         return WorkerState.BUSY if self.inflight or self.adopted else WorkerState.READY
 
+    def may_prefetch(self, now: float) -> bool:
+        """May it be sent a pinned request before its running call ends (``prefetch`` per pool)?
+
+        strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
+        > 1 already has slots), and only while its calls are short: its last call took, and its
+        running call has so far taken, under ``PREFETCH_YOUNG``. Short calls are where the idle
+        broker round trip costs; behind a long call (or on a worker that has not answered yet) the
+        request waits in the broker as before (cancellable, a crash says it did not run)."""
+        pool = self.pool
+        if (self.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or self.capacity != 1
+                or self.draining or self.adopted or not self.inflight
+                or len(self.inflight) - 1 >= pool.config.prefetch):
+            return False
+        for p in self.inflight.values():
+            if now - p.started >= PREFETCH_YOUNG:
+                return False
+        return True
+
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())
 
@@ -179,6 +212,7 @@ class Pool:
         self.config = config
         self.name = config.name
         self.mode = config.affinity
+        self.strict = config.affinity in (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)  # a pin is kept
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
         # strict calls pinned to an incarnation not (yet) registered with a young broker
@@ -230,9 +264,10 @@ class Pool:
         limit = self.config.queue_timeout
         out = []
         for queue in [self.queue, *(w.queue for w in self.workers.values())]:
-            while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
+            # (as next_expiry says: at the deadline itself, the same sum)
+            while queue and (now >= queue[0].enqueued + limit or now >= queue[0].deadline):
                 p = queue.popleft()
-                gave_up = now > p.deadline
+                gave_up = now >= p.deadline
                 if not gave_up:
                     self.queue_timeouts += 1
                 out.append((p, gave_up))
@@ -261,6 +296,22 @@ class Pool:
         """Take the calls that waited for a worker to re-register: ``(worker id, request)``."""
         awaiting, self.awaiting = self.awaiting, {}
         return [(wid, p) for wid, queue in awaiting.items() for p in queue]
+
+    def next_expiry(self) -> float:
+        """When the first request waiting in the pool's or its workers' queues times out (or its
+        caller's deadline passes): what ``expire`` takes next."""
+        limit = self.config.queue_timeout
+        soonest = math.inf
+        for queue in [self.queue, *(w.queue for w in self.workers.values())]:
+            if queue:
+                soonest = min(soonest, queue[0].enqueued + limit, queue[0].deadline)
+        return soonest
+
+    def next_drain_deadline(self) -> float:
+        """When the first of the pool's draining workers is past its drain deadline."""
+        limit = self.config.drain_timeout
+        return min((w.draining_since + limit for w in self.workers.values() if w.draining), default=math.inf) \
+            if limit else math.inf
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1
@@ -378,6 +429,10 @@ class Notices:
             return n
         self._count[key] = self._count.get(key, 0) + 1
         return 0
+
+    def next_due(self) -> float:
+        """When the first window with events left unlogged ends (inf: none)."""
+        return min((self._since[key] + self.every for key in self._count), default=math.inf)
 
     def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
         """(key, count, seconds covered) for every window that ended with events left unlogged."""

@@ -89,6 +89,8 @@ class StubCore:
         self.core = Core([parse_pool_spec(s) for s in specs], self.port, HANDLERS, now=self.t, heartbeat_interval=HEARTBEAT,
                          heartbeat_liveness=3, wall=lambda: self.t + 1e9)
         self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
+        self.next_beat = START + HEARTBEAT  # when the workers heartbeat next
+        self.ticks: list[float] = []  # when the core ticked
         self.to_workers, self.to_clients = self.port.to_workers, self.port.to_clients
         self.unreachable, self.owners = self.port.unreachable, self.port.owners
 
@@ -97,15 +99,25 @@ class StubCore:
 
     # -- events ------------------------------------------------------------------------------
     def advance(self, seconds: float) -> None:
-        """Move the clock, as the shell would: every live worker heartbeats each interval (PPP)
-        and the core ticks."""
-        end = self.t + seconds
-        while self.t < end:
-            self.t = min(end, self.t + HEARTBEAT)
-            for wid in list(self.workers):
-                if wid not in self.silent:
-                    self.say(wid, W_HEARTBEAT)
-            self.core.tick(self.t)
+        self.advance_to(self.t + seconds)
+
+    def advance_to(self, end: float) -> None:
+        """Move the clock as the shell would: the core ticks when its next deadline comes, and
+        every live worker heartbeats each interval (PPP)."""
+        while True:
+            beat = self.next_beat if self.next_beat > self.t else self.t + HEARTBEAT
+            due = self.core.next_deadline()
+            self.t = min(end, beat, max(due, self.t))
+            if self.t == beat:
+                self.next_beat = beat + HEARTBEAT
+                for wid in list(self.workers):
+                    if wid not in self.silent:
+                        self.say(wid, W_HEARTBEAT)
+            if self.t >= self.core.next_deadline():
+                self.ticks.append(self.t)
+                self.core.tick(self.t)
+            if self.t >= end:
+                return
 
     def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
               version: int = PROTOCOL_VERSION) -> None:
@@ -481,7 +493,7 @@ def test_goodbye_hands_back_what_never_ran(mode: str, unstarted: str) -> None:
         assert core.worker_of(1) not in (None, victim)
     else:
         assert core.outcome(C, 1) == unstarted
-    assert [e["event"] for e in core.events][-1] == "exit"
+    assert [e["event"] for e in core.roster.events][-1] == "exit"
 
 
 def test_a_connection_lost_without_goodbye_is_a_crash() -> None:
@@ -503,6 +515,57 @@ def test_heartbeats_go_out_every_interval_and_a_silent_worker_is_dropped_after_l
     assert silent not in core.workers and core.outcome(C, 1) == "worker_crashed"
     assert other in core.workers
     assert core.to_workers.count((other, [B_HEARTBEAT])) == 4  # one per interval, idle or not
+
+
+# -- deadlines: the core says when it next has something to do --------------------------------
+def test_an_idle_core_ticks_once_per_heartbeat_and_at_nothing_else() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    assert core.next_deadline() == START + HEARTBEAT
+    core.advance(10)
+    assert core.ticks == [START + HEARTBEAT * i for i in range(1, 41)]
+
+
+def test_a_queued_request_wakes_the_core_at_its_callers_deadline_or_its_queue_timeout() -> None:
+    core = StubCore("p:strict_queue:queue_timeout=0.1,prefetch=0")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")  # runs
+    core.request(C, 2, "p", "s", timeout_ms=60)  # waits; its caller gives up after 60 ms
+    core.request(C, 3, "p", "s")  # waits; the pool's queue timeout is 100 ms
+    assert core.next_deadline() == START + 0.06
+    core.advance_to(START + 0.06)
+    assert core.counters["expired_unsent"] == 1 and core.outcome(C, 2) is None  # nobody waits for its answer
+    assert core.next_deadline() == START + 0.1
+    core.advance_to(START + 0.1)
+    assert core.outcome(C, 3) == "queue_timeout" and core.ticks == [START + 0.06, START + 0.1]
+    assert core.next_deadline() == START + HEARTBEAT
+
+
+def test_a_draining_worker_wakes_the_core_at_its_drain_deadline() -> None:
+    core = StubCore("p:strict_queue:drain_timeout=0.15")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.advance_to(START + 0.05)
+    core.say(A, W_DRAIN)  # stopping, with a call that does not end
+    assert core.next_deadline() == START + 0.05 + 0.15
+    core.advance_to(START + 0.05 + 0.15)
+    assert A not in core.workers and core.port.stopped == [(4242, "elsewhere")]
+    assert core.ticks == [START + 0.05 + 0.15]
+
+
+def test_an_idle_session_wakes_the_core_at_its_ttl_not_before() -> None:
+    core = StubCore("p:strict_queue:session_ttl=30")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.advance(5)  # a 5 s call: idle time counts from its end
+    core.reply(A, C, 1)
+    ended = core.t
+    core.advance_to(ended + 29.9)
+    assert "s" in core.sessions
+    core.advance_to(ended + 30)
+    assert "s" not in core.sessions and core.released("s") == {A}
+    assert core.t in core.ticks
 
 
 def test_a_draining_worker_gets_nothing_new() -> None:
@@ -528,7 +591,7 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
     core.advance(0.2)  # past the drain deadline
     assert hung not in core.workers
     assert core.outcome(C, 1) == "worker_crashed"
-    assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.events)
+    assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.roster.events)
     assert core.port.stopped == [(4242, "elsewhere")] and (hung, [B_DISCONNECT]) in core.to_workers
     assert core.pools["p"].recycling == hung and (other, [B_DISCONNECT]) not in core.to_workers
     core.ready(b"worker-d", "p")  # its replacement: the rolling recycle goes on to the other worker
