@@ -128,9 +128,9 @@ class CoreLoad:
     def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
         """The worker's reply to a request the core sent (frames as the backend would deliver)."""
         z, w = self.zmq.Frame, self.wire
-        client = bytes(frames[0])[w.REQUEST_HEAD_SIZE:]
+        client = bytes(frames[0])[w.REQUEST_ENVELOPE_SIZE:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
-        return ([z(wid), z(w.pack_reply_head(w.W_REPLY, "ok", req_id, client)),
+        return ([z(wid), z(w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
                  z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:

@@ -48,7 +48,6 @@ from dspex.protocol import (
     B_DISCONNECT,
     B_REREGISTER,
     BROKER_OPS,
-    BUDGET_EPHEMERAL,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     OPS,
@@ -62,10 +61,11 @@ from dspex.protocol import (
     WORKER_OPS,
     Affinity,
     Op,
+    SessionMode,
     Status,
     pack_reply_header,
-    pack_request_head,
-    unpack_reply_head,
+    pack_request_envelope,
+    unpack_reply_envelope,
     unpack_request_header,
 )
 from broker.answers import Answers, error_code
@@ -196,7 +196,7 @@ class Core:
             try:
                 if len(frames) < 3:
                     raise ProtocolError("no reply header")
-                ok, req_id, client = unpack_reply_head(first)
+                ok, req_id, client = unpack_reply_envelope(first)
             except ProtocolError:
                 self.counters["garbage_backend"] += 1
                 log.warning("malformed reply from worker %s", wid[:8])
@@ -384,20 +384,20 @@ class Core:
         # a call that turned out long) answers QueueTimeout without running it
         queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
         if not p.session:
-            head = pack_request_head(p.client, call_ms, queue_ms)
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms)
         elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
-            head = pack_request_head(p.client, call_ms, queue_ms, 0, BUDGET_EPHEMERAL)
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms, 0, SessionMode.EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self._send_worker(w.id, [head, p.header, *p.payload])
+            self._send_worker(w.id, [envelope, p.header, *p.payload])
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)

@@ -1,4 +1,4 @@
-"""Wire protocol constants and the small headers the broker routes on.
+"""Wire protocol constants, the ops, and the small headers and envelopes the broker routes on.
 
 Frontend (client DEALER -> broker ROUTER)::
 
@@ -14,8 +14,9 @@ Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
 On the hot path the command, the fixed-size fields the other side needs and the client id share
-one frame (``pack_request_head``/``pack_reply_head``, ``struct`` layouts): one frame fewer per message and no
-msgpack on the broker's reply path. The broker decodes only the request header (a short msgpack
+one frame, the envelope around the client's request or reply (``pack_request_envelope``,
+``pack_reply_envelope``: ``struct`` layouts): one frame fewer per message and no msgpack on the
+broker's reply path. The broker decodes only the request header (a short msgpack
 array); payloads are codec frames it never touches. See docs/protocol.md for the full description.
 """
 
@@ -30,7 +31,7 @@ import msgpack
 
 from dspex.errors import ProtocolError
 
-# 2: the hot-path command frames carry the budget / reply status (RequestHead, ReplyHead). The
+# 2: the hot-path command frames are envelopes carrying the budget / reply status. The
 # broker tells a worker of another version to leave (its READY says its version).
 PROTOCOL_VERSION = 2
 
@@ -337,30 +338,37 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
     return status, req_id, str(worker), str(pool)
 
 
-# Budget flags
-BUDGET_EPHEMERAL = 1  # a ``none`` pool: keep no session state once the call is done
+class SessionMode(enum.IntEnum):
+    """What the worker keeps of a request's session once the call ends (in its envelope)."""
 
-_REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply head carries them in 8 bytes)
+    KEPT = 0  # the session's state stays for its next calls
+    EPHEMERAL = 1  # a ``none`` pool: nothing (the state is dropped when the call ends)
+
+
+_REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply envelope carries them in 8 bytes)
 _U32 = 2**32 - 1
-# B_REQUEST's first frame: command, call_ms, queue_ms, session_ttl_s, flags, then the client id
-_REQUEST_HEAD = struct.Struct("<cIIIB")
+# The envelopes the broker and a worker put around a request and a reply on the backend: the
+# fixed fields the other side needs without unpacking msgpack, then the client's routing id.
+# B_REQUEST's: command, call_ms, queue_ms, session_ttl_s, session_mode, then the client id
+_REQUEST_ENVELOPE = struct.Struct("<cIIIB")
 # W_REPLY / W_PARTIAL's first frame: command, ok (1: status "ok"), req_id, then the client id
-_REPLY_HEAD = struct.Struct("<cBQ")
-REQUEST_HEAD_SIZE = _REQUEST_HEAD.size
-REPLY_HEAD_SIZE = _REPLY_HEAD.size
+_REPLY_ENVELOPE = struct.Struct("<cBQ")
+REQUEST_ENVELOPE_SIZE = _REQUEST_ENVELOPE.size
+REPLY_ENVELOPE_SIZE = _REPLY_ENVELOPE.size
 
 
-def pack_request_head(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0, flags: int = 0) -> bytes:
-    """B_REQUEST's first frame. The budget: what is left of the call's deadline and of its queue
-    deadline when the broker hands the request to a worker (ms, 0: none). Relative, so clocks of
-    other hosts never matter: the worker adds them to its own monotonic clock on receipt.
-    ``session_ttl_s`` is the pool's session TTL (the worker's backstop TTL derives from it; 0:
-    none) and ``flags`` holds ``BUDGET_EPHEMERAL``. Values past 32 bits are capped."""
-    return _REQUEST_HEAD.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
-                              flags & 0xFF) + client
+def pack_request_envelope(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0,
+                          session_mode: SessionMode = SessionMode.KEPT) -> bytes:
+    """B_REQUEST's first frame, the broker's envelope around a client's request. The budget: what
+    is left of the call's deadline and of its queue deadline when the broker hands the request to
+    a worker (ms, 0: none). Relative, so clocks of other hosts never matter: the worker adds them
+    to its own monotonic clock on receipt. ``session_ttl_s`` is the pool's session TTL (the
+    worker's backstop TTL derives from it; 0: none). Values past 32 bits are capped."""
+    return _REQUEST_ENVELOPE.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
+                                  session_mode) + client
 
 
-class RequestHead(NamedTuple):
+class RequestEnvelope(NamedTuple):
     """B_REQUEST's first frame, parsed (by the worker, once per request; a NamedTuple for the
     reason ``RequestHeader`` is one)."""
 
@@ -368,28 +376,29 @@ class RequestHead(NamedTuple):
     call_ms: int
     queue_ms: int
     session_ttl_s: int
-    flags: int
+    session_mode: int  # a SessionMode value
 
 
-def unpack_request_head(data: bytes) -> RequestHead:
-    if len(data) <= REQUEST_HEAD_SIZE or data[:1] != B_REQUEST:
-        raise ProtocolError(f"malformed request head ({len(data)} bytes): a broker of another protocol version?")
-    _, call_ms, queue_ms, ttl, flags = _REQUEST_HEAD.unpack_from(data)
-    return RequestHead(data[REQUEST_HEAD_SIZE:], call_ms, queue_ms, ttl, flags)
+def unpack_request_envelope(data: bytes) -> RequestEnvelope:
+    if len(data) <= REQUEST_ENVELOPE_SIZE or data[:1] != B_REQUEST:
+        raise ProtocolError(f"malformed request envelope ({len(data)} bytes): a broker of another protocol version?")
+    _, call_ms, queue_ms, ttl, mode = _REQUEST_ENVELOPE.unpack_from(data)
+    return RequestEnvelope(data[REQUEST_ENVELOPE_SIZE:], call_ms, queue_ms, ttl, mode)
 
 
-def pack_reply_head(command: bytes, status: str, req_id: int, client: bytes) -> bytes:
-    """W_REPLY / W_PARTIAL's first frame: what the broker needs of the reply without unpacking
-    its msgpack reply header (which it forwards to the client untouched)."""
-    return _REPLY_HEAD.pack(command, status == "ok", req_id) + client
+def pack_reply_envelope(command: bytes, status: str, req_id: int, client: bytes) -> bytes:
+    """W_REPLY / W_PARTIAL's first frame, the worker's envelope around a reply: what the broker
+    needs of it without unpacking its msgpack reply header (which it forwards to the client
+    untouched)."""
+    return _REPLY_ENVELOPE.pack(command, status == "ok", req_id) + client
 
 
-def unpack_reply_head(data: bytes) -> tuple[bool, int, bytes]:
+def unpack_reply_envelope(data: bytes) -> tuple[bool, int, bytes]:
     """``(ok, req_id, client)`` of a W_REPLY / W_PARTIAL first frame (the command is ``data[:1]``)."""
-    if len(data) <= REPLY_HEAD_SIZE:
-        raise ProtocolError(f"malformed reply head ({len(data)} bytes)")
-    _, ok, req_id = _REPLY_HEAD.unpack_from(data)
-    return ok == 1, req_id, data[REPLY_HEAD_SIZE:]
+    if len(data) <= REPLY_ENVELOPE_SIZE:
+        raise ProtocolError(f"malformed reply envelope ({len(data)} bytes)")
+    _, ok, req_id = _REPLY_ENVELOPE.unpack_from(data)
+    return ok == 1, req_id, data[REPLY_ENVELOPE_SIZE:]
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:

@@ -25,7 +25,6 @@ from dspex.protocol import (
     B_HEARTBEAT,
     B_RELEASE_SESSION,
     PROTOCOL_VERSION,
-    BUDGET_EPHEMERAL,
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
@@ -33,9 +32,10 @@ from dspex.protocol import (
     W_REPLY,
     RequestHeader,
     pack_reply_header,
-    RequestHead,
-    pack_reply_head,
-    unpack_request_head,
+    RequestEnvelope,
+    SessionMode,
+    pack_reply_envelope,
+    unpack_request_envelope,
     unpack_request_header,
 )
 
@@ -140,7 +140,7 @@ class StubCore:
         return body if status == "ok" else ("error", body["code"])
 
     def reply(self, wid: bytes, client: bytes, req_id: int, status: str = "ok") -> None:
-        self.backend(wid, pack_reply_head(W_REPLY, status, req_id, client), pack_reply_header(status, req_id), b"result")
+        self.backend(wid, pack_reply_envelope(W_REPLY, status, req_id, client), pack_reply_header(status, req_id), b"result")
 
     def say(self, wid: bytes, command: bytes) -> None:
         self.backend(wid, command)
@@ -153,9 +153,9 @@ class StubCore:
         self.core.worker_lost(wid, self.t)
 
     # -- actions -----------------------------------------------------------------------------
-    def requests(self) -> list[tuple[bytes, RequestHead, int]]:
-        """(worker, request head, req_id) of every request sent to a worker, in order."""
-        return [(wid, unpack_request_head(f[0]), unpack_request_header(f[1]).req_id)
+    def requests(self) -> list[tuple[bytes, RequestEnvelope, int]]:
+        """(worker, request envelope, req_id) of every request sent to a worker, in order."""
+        return [(wid, unpack_request_envelope(f[0]), unpack_request_header(f[1]).req_id)
                 for wid, f in self.to_workers if len(f[0]) > 1]
 
     def dispatched(self) -> list[tuple[bytes, bytes, int]]:
@@ -256,7 +256,7 @@ def test_none_runs_anywhere_and_keeps_no_session() -> None:
     assert {core.worker_of(1), core.worker_of(2)} == {A, B}
     assert "s" not in core.sessions
     heads = [head for _, head, _ in core.requests()]
-    assert heads and all(head.flags & BUDGET_EPHEMERAL for head in heads)
+    assert heads and all(head.session_mode == SessionMode.EPHEMERAL for head in heads)
 
 
 def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
@@ -686,17 +686,17 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert len(replies) == len(set(replies)), "one answer per request"
 
 
-# -- the backend wire: hot-path heads, protocol version --------------------------------------
-def test_request_head_carries_budget_and_client_and_reply_head_is_read_without_msgpack() -> None:
+# -- the backend wire: hot-path envelopes, protocol version ----------------------------------
+def test_request_envelope_carries_budget_and_client_and_reply_envelope_is_read_without_msgpack() -> None:
     core = StubCore("p:strict_queue:queue_timeout=5,session_ttl=90")
     core.ready(A, "p")
     core.request(C, 1, "p", "s1", timeout_ms=2000)
     (wid, head, req_id), = core.requests()
-    assert (wid, head.client, req_id, head.session_ttl_s, head.flags) == (A, C, 1, 90, 0)
+    assert (wid, head.client, req_id, head.session_ttl_s, head.session_mode) == (A, C, 1, 90, SessionMode.KEPT)
     assert 1000 < head.call_ms <= 2000 and 4000 < head.queue_ms <= 5000
     assert len(core.to_workers[0][1]) == 3  # [head, request header, payload]: no separate command or budget
     # the broker learns ok/req_id/client from the reply head and forwards the reply header untouched
-    core.backend(A, pack_reply_head(W_REPLY, "err", 1, C), pack_reply_header("err", 1, "w", "p"), b"result")
+    core.backend(A, pack_reply_envelope(W_REPLY, "err", 1, C), pack_reply_header("err", 1, "w", "p"), b"result")
     assert core.to_clients[-1] == [C, pack_reply_header("err", 1, "w", "p"), b"result"]
     assert core.pools["p"].outcomes[("call", "error")] == 1
     # a v1 reply (a bare command byte, the client id in its own frame) is garbage, not a crash
@@ -728,7 +728,7 @@ def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
 
 # -- health window, sessions of gone workers, rolling recycles ---------------------------------
 def error_reply(core: StubCore, wid: bytes, client: bytes, req_id: int, code: str) -> None:
-    core.backend(wid, pack_reply_head(W_REPLY, "err", req_id, client), pack_reply_header("err", req_id),
+    core.backend(wid, pack_reply_envelope(W_REPLY, "err", req_id, client), pack_reply_header("err", req_id),
                  msgpack.packb({"code": code, "message": "boom"}))
 
 

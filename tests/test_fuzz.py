@@ -30,7 +30,7 @@ from dspex.errors import DspexError, ProtocolError
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
     B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
-    pack_reply_head, pack_reply_header, unpack_reply_header, unpack_request_head, unpack_request_header,
+    pack_reply_envelope, pack_reply_header, unpack_reply_header, unpack_request_envelope, unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -277,10 +277,10 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
             while frames[0][:1] != B_REQUEST:
                 assert fake.poll(5000)
                 frames = fake.recv_multipart()
-            client, header = unpack_request_head(frames[0]).client, unpack_request_header(frames[1])
-            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id, client),
+            client, header = unpack_request_envelope(frames[0]).client, unpack_request_header(frames[1])
+            fake.send_multipart([pack_reply_envelope(W_REPLY, "ok", header.req_id, client),
                                  pack_reply_header("ok", header.req_id, "f" * 32, "evil"), *codec.encode(0)])
-            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id + 1, client),
+            fake.send_multipart([pack_reply_envelope(W_REPLY, "ok", header.req_id + 1, client),
                                  pack_reply_header("ok", header.req_id + 1, "", "p"),
                                  *codec.encode("forged")])
 

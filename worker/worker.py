@@ -44,7 +44,6 @@ from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     B_REREGISTER,
-    BUDGET_EPHEMERAL,
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
@@ -58,12 +57,13 @@ from dspex.protocol import (
     W_PARTIAL,
     W_READY,
     W_REPLY,
-    REQUEST_HEAD_SIZE,
+    REQUEST_ENVELOPE_SIZE,
     RequestHeader,
+    SessionMode,
     Status,
-    pack_reply_head,
+    pack_reply_envelope,
     pack_reply_header,
-    unpack_request_head,
+    unpack_request_envelope,
     unpack_request_header,
 )
 from worker import output
@@ -305,10 +305,10 @@ class Worker:
             raise
 
     def _handle(self, request: tuple[float, list[zmq.Frame]], send: Callable[[list[Any]], None]) -> None:
-        """``request``: its arrival time and ``[request head, request header, *payload]`` (the
-        head was checked on arrival); each is parsed once, here."""
+        """``request``: its arrival time and ``[request envelope, request header, *payload]`` (the
+        envelope was checked on arrival); each is parsed once, here."""
         arrived, frames = request
-        head = unpack_request_head(frames[0].bytes)
+        head = unpack_request_envelope(frames[0].bytes)
         client = head.client
         req_id = 0
         header: RequestHeader | None = None
@@ -331,7 +331,7 @@ class Worker:
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=lambda: self._hard_timeout(client, header), client=client,
-                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL))
+                                          ephemeral=head.session_mode == SessionMode.EPHEMERAL)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
@@ -349,13 +349,13 @@ class Worker:
             if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
-            self._session_ended(session, head.session_ttl_s, head.flags)
+            self._session_ended(session, head.session_ttl_s, head.session_mode)
             with self._active_lock:
                 self._running -= 1
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        send([pack_reply_head(W_REPLY, status, req_id, client),
+        send([pack_reply_envelope(W_REPLY, status, req_id, client),
               pack_reply_header(status, req_id, self.incarnation, self.options.pool), *reply])
 
     @staticmethod
@@ -372,7 +372,7 @@ class Worker:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.options.pool)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
-        first = pack_reply_head(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+        first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
 
         def emit(kind: str, frames: list[Any]) -> None:
             send([first, heads[kind], *frames])
@@ -403,7 +403,7 @@ class Worker:
         self._exiting = True
         try:
             assert self._sock is not None
-            send_frames(self._sock, [pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head,
+            send_frames(self._sock, [pack_reply_envelope(W_REPLY, Status.ERROR.value, header.req_id, client), head,
                                      *error_frames(err)])
             self._sock.send(W_DISCONNECT)
             # The broker answers a heartbeat of a worker it has dropped with REREGISTER: once that
@@ -435,7 +435,7 @@ class Worker:
                 self._running_sessions[session] = self._running_sessions.get(session, 0) + 1
         return session
 
-    def _session_ended(self, session: str, ttl: int, flags: int) -> None:
+    def _session_ended(self, session: str, ttl: int, mode: int) -> None:
         if not session:
             return
         with self._active_lock:
@@ -443,7 +443,7 @@ class Worker:
             if left:
                 self._running_sessions[session] = left
             self._session_ends[session] = (time.monotonic(), ttl)
-        if flags & BUDGET_EPHEMERAL and not left:
+        if mode == SessionMode.EPHEMERAL and not left:
             self._release(session)  # a ``none`` pool keeps no session state between calls
 
     def _release(self, session: str) -> int:
@@ -539,7 +539,7 @@ class Worker:
         assert self._sock is not None
         command = frames[0].bytes
         if command[:1] == B_REQUEST:
-            if len(command) <= REQUEST_HEAD_SIZE or len(frames) < 3:
+            if len(command) <= REQUEST_ENVELOPE_SIZE or len(frames) < 3:
                 # v1 sent a bare command byte: this broker runs another dspex version
                 log.warning("ignoring a request of %d frames (head of %d bytes) from the broker: is it of "
                             "another protocol version than ours (%d)?", len(frames), len(command), PROTOCOL_VERSION)
