@@ -65,6 +65,9 @@ class CoreLoad:
         from dspex.pools import parse_pool_spec
 
         self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
+        # (a tree from before the envelopes were named so calls them heads)
+        self.envelope_size = getattr(wire, "REQUEST_ENVELOPE_SIZE", None) or wire.REQUEST_HEAD_SIZE
+        self.pack_reply_envelope = getattr(wire, "pack_reply_envelope", None) or wire.pack_reply_head
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
         class Null:
@@ -128,9 +131,9 @@ class CoreLoad:
     def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
         """The worker's reply to a request the core sent (frames as the backend would deliver)."""
         z, w = self.zmq.Frame, self.wire
-        client = bytes(frames[0])[w.REQUEST_ENVELOPE_SIZE:]
+        client = bytes(frames[0])[self.envelope_size:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
-        return ([z(wid), z(w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
+        return ([z(wid), z(self.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
                  z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:
