@@ -14,7 +14,7 @@ from typing import Any
 from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
 from dspex.protocol import Op
 from broker.core import Core, Handler, OpCall
-from broker.state import percentile
+from broker.state import SessionRecord, percentile
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -67,7 +67,7 @@ def _sessions(core: Core, call: OpCall) -> Any:
          "worker_alive": r.worker in core.workers if r.worker else False,
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
         for r in core.sessions.values()
-        if (not wanted or r.pool == wanted) and not r.closing and (r.owner == call.owner or sees_every_session(core, call.owner))
+        if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or sees_every_session(core, call.owner))
     ]
 
 
@@ -94,13 +94,19 @@ def _recycle(core: Core, call: OpCall) -> Any:
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
+def live(core: Core, r: SessionRecord) -> bool:
+    """A session its caller can use: not closing, and not waiting for a worker that went silent
+    (a partitioned host's, which may come back with it)."""
+    return not r.closing and (r.worker is None or r.worker in core.workers)
+
+
 def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:
     """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
-    lists (a closing session is gone for its caller already), so every count agrees."""
+    lists, so every count agrees."""
     per_pool: dict[str, int] = {}
     per_worker: dict[bytes, int] = {}
     for r in core.sessions.values():
-        if r.closing:
+        if not live(core, r):
             continue
         per_pool[r.pool] = per_pool.get(r.pool, 0) + 1
         if r.worker is not None:

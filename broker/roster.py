@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dspex.broker")
 
+SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+
 
 class Roster:
     def __init__(self, pools: dict[str, Pool], workers: dict[bytes, WorkerRecord], sessions: dict[str, SessionRecord],
@@ -99,7 +101,7 @@ class Roster:
         """Heartbeat every worker; remove those silent too long."""
         for w in list(self.workers.values()):
             if now > w.expiry:
-                self.remove(w, "stopped answering heartbeats")
+                self.remove(w, SILENT)
             else:
                 self._to_worker(w, [B_HEARTBEAT])
 
@@ -129,12 +131,17 @@ class Roster:
         queued = list(w.queue)
         w.inflight.clear()
         w.queue.clear()
+        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
+        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
+        silent = why == SILENT
         for sid in list(w.sessions):
             rec = self.sessions.get(sid)
             if rec is None or rec.worker != w.id:
                 continue
             if pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
+            elif silent and not rec.closing:
+                continue
             else:  # its state is gone with the worker: the id stays as a tombstone only
                 self.book.retire(rec, w.id)
         for key, p in inflight:

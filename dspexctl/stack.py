@@ -54,9 +54,12 @@ def _fix(run_dir: str, other_conf: str) -> str:
             f"a second checkout, whose run/ holds its supervisord's socket)")
 
 
-def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = None) -> str | None:
+def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = None,
+                  confless_is_foreign: bool = True) -> str | None:
     """Why the broker at ``endpoint`` belongs to another stack than ``conf``'s, or None (nobody
-    listens there, or it is this conf's broker). ``sup``: this conf's supervisord, when running."""
+    listens there, or it is this conf's broker). ``sup``: this conf's supervisord, when running.
+    ``confless_is_foreign``: a broker started without a supervisor.conf (by hand, by a test) counts
+    as another stack's (``pools start`` cannot start its own beside it; a flow may still use it)."""
     try:
         config.probe_ipc(endpoint)
     except (ConnectionError, ConfigError):
@@ -75,7 +78,7 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     except ConnectionError:
         return None
     other = str(info.get("config") or "")
-    if other == str(conf.path) or info.get("pid") in ours:
+    if other == str(conf.path) or info.get("pid") in ours or not (other or confless_is_foreign):
         return None
     started_with = f"was started with {other}" if other else "was started without a supervisor.conf"
     return (f"another stack is using this run directory {run_dir}: the broker there (pid {info.get('pid')}) "
@@ -83,12 +86,13 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
 
 
 def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None:
-    """Raise :class:`StackConflict` when another stack's broker answers at ``endpoint`` (default:
-    this environment's); ``dspexctl flagship`` calls it before it uses a running stack."""
+    """Raise :class:`StackConflict` when the broker answering at ``endpoint`` (default: this
+    environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
+    uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
     sc = SupervisorConf.load(conf or default_conf())
     endpoint = config.check_endpoint(config.client_endpoint(endpoint))
     with Supervisor(sc, timeout=5.0) as sup:
-        conflict = foreign_stack(sc, endpoint, sup if sup.running() else None)
+        conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
     if conflict:
         raise StackConflict(conflict)
 

@@ -816,3 +816,28 @@ def test_a_rolling_recycle_never_pins_a_new_session_to_a_worker_scheduled_in_it(
     assert core.pools["p"].recycling == scheduled
     core.request(C, 3, "p", "new")
     assert core.worker_of(3) == b"worker-c" and core.outcome(C, 3) is None
+
+
+def test_a_silent_workers_sessions_wait_uncounted_and_come_back_with_it() -> None:
+    """Heartbeats stopped (a partitioned host): its sessions leave every count; one called meanwhile
+    is answered session_worker_unavailable and is a tombstone from then on; the others are served
+    again when the same incarnation re-registers (it kept their state)."""
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    for req_id, session in ((1, "waits"), (2, "called")):
+        core.request(C, req_id, "p", session)
+        core.reply(A, C, req_id)
+    core.ready(B, "p")
+    core.silent.add(A)  # only A misses its heartbeats
+    core.advance(HEARTBEAT * 4)
+    assert A not in core.workers and B in core.workers
+    assert core.admin(C, "status")["pools"]["p"]["sessions"] == 0
+    assert core.admin(C, "sessions") == []
+    core.request(C, 3, "p", "called")
+    assert core.outcome(C, 3) == "session_worker_unavailable"
+    core.silent.discard(A)
+    core.ready(A, "p")  # the partition healed: the same incarnation
+    core.request(C, 4, "p", "waits")
+    assert core.worker_of(4) == A, "the waiting session is served where its state is"
+    core.request(C, 5, "p", "called")
+    assert core.outcome(C, 5) == "session_worker_unavailable", "a tombstone stays one"
