@@ -368,7 +368,7 @@ class Core:
             return
         pool = w.pool
         queue_left = p.enqueued + pool.config.queue_timeout - now
-        if queue_left < 0:  # waited out its queue time between two sweeps
+        if queue_left < 0:  # waited out its queue time before a tick came by
             self._fail(p, pool, QueueTimeout(
                 f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
                 f"{pool.config.queue_timeout:g}s", pool=pool.name))
