@@ -12,11 +12,11 @@ from typing import Any
 
 import msgpack
 
+from broker.port import Port
+from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
 from dspex.errors import DspexError, PoolSaturated, QueueTimeout
 from dspex.health import failure_kind
 from dspex.protocol import Status, pack_error, pack_reply_header
-from broker.port import Port
-from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
 
 log = logging.getLogger("dspex.broker")
 

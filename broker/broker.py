@@ -23,11 +23,6 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex import config
-from dspex.errors import ConfigError
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from dspex.pools import PoolConfig
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from broker.answers import NOTICE_EVERY
 from broker.core import Core
 from broker.nudge import SupervisorNudge
@@ -37,6 +32,11 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.state import Notices
+from dspex import config
+from dspex.errors import ConfigError
+from dspex.pools import PoolConfig
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
 

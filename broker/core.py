@@ -29,6 +29,21 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from broker.answers import Answers, error_code
+from broker.port import Port, WorkerUnreachable
+from broker.recycling import Recycler
+from broker.roster import Roster
+from broker.sessions import SessionBook, worker_gone
+from broker.state import (
+    Clock,
+    GoneWorkers,
+    Pending,
+    Pool,
+    SessionRecord,
+    WorkerRecord,
+    bucket_bounds,
+)
+from broker.timers import Timers
 from dspex.errors import (
     Cancelled,
     DspexError,
@@ -68,13 +83,6 @@ from dspex.protocol import (
     unpack_reply_envelope,
     unpack_request_header,
 )
-from broker.answers import Answers, error_code
-from broker.port import Port, WorkerUnreachable
-from broker.recycling import Recycler
-from broker.roster import Roster
-from broker.sessions import SessionBook, worker_gone
-from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord, bucket_bounds
-from broker.timers import Timers
 
 if TYPE_CHECKING:
     import zmq  # frames only: the core never touches a socket
@@ -352,11 +360,9 @@ class Core:
     def _enqueue(self, pool: Pool, queue: deque[Pending], p: Pending) -> None:
         if pool.admit(queue, p):
             when = p.enqueued + pool.config.queue_timeout  # its queue deadline, or its caller's
-            if p.deadline < when:
-                when = p.deadline
+            when = min(when, p.deadline)
             timers = self.timers
-            if when < timers.due:
-                timers.due = when
+            timers.due = min(timers.due, when)
         else:
             self.answers.fail_in_bulk(p, pool, PoolSaturated(
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))

@@ -11,10 +11,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
-from dspex.protocol import Op
 from broker.core import Core, Handler, OpCall
 from broker.state import SessionRecord, percentile
+from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
+from dspex.protocol import Op
 
 HANDLERS: dict[str, Handler] = {}
 

@@ -15,7 +15,8 @@ import heapq
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from broker.state import Histogram
 

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from dspex.errors import DspexError, SessionWorkerUnavailable
-from dspex.protocol import B_DISCONNECT
 from broker.port import Port
 from broker.state import Pending, Pool, WorkerRecord
+from dspex.errors import DspexError, SessionWorkerUnavailable
+from dspex.protocol import B_DISCONNECT
 
 log = logging.getLogger("dspex.broker")
 

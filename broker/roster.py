@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dspex.errors import SessionWorkerUnavailable, WorkerCrashed
-from dspex.health import SERVICE
-from dspex.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
 from broker.answers import Answers
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
+from dspex.errors import SessionWorkerUnavailable, WorkerCrashed
+from dspex.health import SERVICE
+from dspex.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
 
 if TYPE_CHECKING:
     import zmq

@@ -13,6 +13,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from broker.state import (
+    Clock,
+    GoneWorkers,
+    Pending,
+    Pool,
+    SessionRecord,
+    Tombstones,
+    WorkerRecord,
+)
 from dspex.errors import (
     DspexError,
     SessionClosed,
@@ -22,7 +31,6 @@ from dspex.errors import (
     SessionWorkerUnavailable,
 )
 from dspex.protocol import B_RELEASE_SESSION
-from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, Tombstones, WorkerRecord
 
 Fail = Callable[[Pending, "Pool | None", DspexError], None]  # answer a request with an error
 ToWorker = Callable[[WorkerRecord, list[Any]], bool]  # send to a worker (False: it is gone)

@@ -53,7 +53,7 @@ class RecentFailures:
     """Failed answers and crashes of the last ``window`` seconds, by kind (service, user, recycle)
     and error code, in one-second buckets: at most ``window`` + 1 of them, whatever the rate."""
 
-    __slots__ = ("window", "_buckets")
+    __slots__ = ("_buckets", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
@@ -115,12 +115,28 @@ class WorkerRecord:
     """One worker incarnation as the broker sees it."""
 
     __slots__ = (
-        "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
-        "served", "errors", "registered", "expiry", "draining", "draining_since", "stats", "retire_age",
-        "adopted", "last_call",
+        "adopted",
+        "capacity",
+        "draining",
+        "draining_since",
+        "errors",
+        "expiry",
+        "host",
+        "id",
+        "incarnation",
+        "inflight",
+        "last_call",
+        "pid",
+        "pool",
+        "queue",
+        "registered",
+        "retire_age",
+        "served",
+        "sessions",
+        "stats",
     )
 
-    def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], registered: float, expiry: float) -> None:
+    def __init__(self, wid: bytes, pool: Pool, info: dict[str, Any], registered: float, expiry: float) -> None:
         """``registered``: the monotonic time of its READY (its age counts from it)."""
         self.id = wid
         self.incarnation = wid.decode(errors="replace")
@@ -450,5 +466,5 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    idx = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[idx]

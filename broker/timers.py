@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 
-from dspex.errors import QueueTimeout
 from broker.answers import Answers
 from broker.recycling import Recycler
 from broker.roster import Roster
 from broker.sessions import SessionBook
 from broker.state import Pool
+from dspex.errors import QueueTimeout
 
 
 class Timers:
