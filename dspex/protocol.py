@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import msgpack
 
@@ -115,11 +115,17 @@ class Op(str, enum.Enum):
     args: tuple[Arg, ...]
     client: str
     doc: str
+    _required: int  # how many arguments have no default (they come first)
+    _defaults: tuple[Any, ...]
+    _typed: tuple[tuple[int, tuple[type, ...], str], ...]  # (index, types, name) of the typed ones
 
-    def __new__(cls, name: str, side: Side, args: tuple[Arg, ...], client: str, doc: str) -> Op:
+    def __new__(cls, name: str, side: Side, args: tuple[Arg, ...], client: str, doc: str) -> Self:
         op = str.__new__(cls, name)
         op._value_ = name
         op.side, op.args, op.client, op.doc = side, args, client, doc
+        op._required = sum(a.required for a in args)
+        op._defaults = tuple(a.default for a in args)
+        op._typed = tuple((i, a.types, a.name) for i, a in enumerate(args) if a.types)
         return op
 
     CALL = ("call", Side.WORKER, (_arg("module", str), _arg("fn", str), *_CALL_ARGS),
@@ -144,48 +150,50 @@ class Op(str, enum.Enum):
             "binds `value` as `name` in the session namespace; `None`")
     PUT = ("put", Side.WORKER, (_arg("value"),), "Session.put", "a ref to `value`, always (Ray's `put`)")
     PING = ("ping", Side.BROKER, (), "Client.ping",
-            "`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\"}` (`config`: the "
-            "broker's supervisor.conf, so `dspexctl` can tell which stack answers)")
+            ("`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\"}` (`config`: the "
+             "broker's supervisor.conf, so `dspexctl` can tell which stack answers)"))
     STATUS = ("status", Side.BROKER, (), "Client.status",
               "pools, workers, counters (what `dspexctl pools status --json` prints)")
     SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), "Client.sessions",
-                "`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\"}]`: the sessions of "
-                "the caller's key (on ipc every peer shares one identity, so all of them; an admin key sees every "
-                "session); `pool`: of that pool only")
-    CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),), "Client.close_session, "
-                     "Session.close", "`{\"closed\": bool, \"released\": bool}` (`session`: else the header's); the "
-                     "broker sends `B_RELEASE_SESSION` to its workers; another client's session is `session_not_yours`")
+                ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\"}]`: the "
+                 "sessions of the caller's key (on ipc every peer shares one identity, so all of them; an admin key "
+                 "sees every session); `pool`: of that pool only"))
+    CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),),
+                     "Client.close_session, Session.close",
+                     ("`{\"closed\": bool, \"released\": bool}` (`session`: else the header's); the broker sends "
+                      "`B_RELEASE_SESSION` to its workers; another client's session is `session_not_yours`"))
     RECYCLE = ("recycle", Side.BROKER, (_arg("pool", str, default=""), _arg("worker", str, int, default=""),
                                         _arg("all", bool, default=False)), "Client.recycle",
-               "`{\"pool\", \"recycling\": [incarnation, ...]}`: starts a graceful, rolling recycle (`pool`: else the "
-               "header's; `worker`: an incarnation prefix or a pid; neither `worker` nor `all`: the oldest worker); "
-               "needs an admin key when the broker has an admin allow-list (else `refused`)")
+               ("`{\"pool\", \"recycling\": [incarnation, ...]}`: starts a graceful, rolling recycle (`pool`: else "
+                "the header's; `worker`: an incarnation prefix or a pid; neither `worker` nor `all`: the oldest "
+                "worker); needs an admin key when the broker has an admin allow-list (else `refused`)"))
     CREDIT = ("credit", Side.CONTROL, (_arg("n", int),), "a stream's consumer",
-              "the consumer took `n` more items: the worker may send `n` more `part`/`prog`/`out` replies (the stream "
-              "window is 64 items)")
+              ("the consumer took `n` more items: the worker may send `n` more `part`/`prog`/`out` replies (the "
+               "stream window is 64 items)"))
     CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),), "a cancelled task (asyncio), Ctrl-C (blocking)",
-              "stop the request, streamed or not (`n`: 0): a request still queued in the broker is removed and "
-              "answered `cancelled`; a running one is forwarded to its worker as `B_CANCEL`, which stops it and "
-              "answers `cancelled`; a cancel for a request that has finished, or that the broker never saw, is "
-              "dropped silently")
+              ("stop the request, streamed or not (`n`: 0): a request still queued in the broker is removed and "
+               "answered `cancelled`; a running one is forwarded to its worker as `B_CANCEL`, which stops it and "
+               "answers `cancelled`; a cancel for a request that has finished, or that the broker never saw, is "
+               "dropped silently"))
 
-    def bind_list(self, body: Any) -> list[Any]:
+    def bind_list(self, body: Any) -> list[Any] | tuple[Any, ...]:
         """A worker op's body (the list of its arguments in order) checked against ``args``,
-        defaults filled in; a ``ProtocolError`` says what is wrong."""
+        defaults filled in; a ``ProtocolError`` says what is wrong. (Once per call on the
+        worker: the common case, every argument sent, checks their types and copies nothing.)"""
         if not isinstance(body, (list, tuple)):
             raise ProtocolError(f"the body of {self.value!r} must be a list, got {type(body).__name__}")
-        if len(body) > len(self.args):
-            raise ProtocolError(f"{self.value!r} takes at most {len(self.args)} arguments "
-                                f"({', '.join(a.name for a in self.args)}), got {len(body)}")
-        values = list(body)
-        for i, arg in enumerate(self.args):
-            if i == len(values):
-                if arg.required:
-                    raise ProtocolError(f"{self.value!r} needs its argument {arg.name!r}")
-                values.append(arg.default)
-            elif arg.types and not isinstance(values[i], arg.types):
-                raise ProtocolError(f"{self.value!r}: {arg.name} must be {_names(arg.types)}, "
-                                    f"got {type(values[i]).__name__}")
+        values: list[Any] | tuple[Any, ...] = body
+        n = len(values)
+        if n != len(self.args):
+            if n > len(self.args):
+                raise ProtocolError(f"{self.value!r} takes at most {len(self.args)} arguments "
+                                    f"({', '.join(a.name for a in self.args)}), got {n}")
+            if n < self._required:
+                raise ProtocolError(f"{self.value!r} needs its argument {self.args[n].name!r}")
+            values = [*values, *self._defaults[n:]]
+        for i, types, name in self._typed:
+            if not isinstance(values[i], types):
+                raise ProtocolError(f"{self.value!r}: {name} must be {_names(types)}, got {type(values[i]).__name__}")
         return values
 
     def bind_map(self, body: Any) -> dict[str, Any]:

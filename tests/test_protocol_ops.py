@@ -14,7 +14,15 @@ from broker.ops import HANDLERS
 from dspex import codec
 from dspex.core import BODY_NAMES, encode_body
 from dspex.errors import ProtocolError
-from dspex.protocol import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS, Op, RequestHeader, Side
+from dspex.protocol import (
+    BROKER_OPS,
+    OPS,
+    STREAM_OPS,
+    WORKER_OPS,
+    Op,
+    RequestHeader,
+    Side,
+)
 from worker.executor import Executor, RefTable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
