@@ -67,6 +67,10 @@ class RecentFailures:
                 self._buckets.popleft()
         self._buckets[-1][1][(kind, code)] += 1
 
+    def __len__(self) -> int:
+        """The one-second buckets it holds: what it costs in memory."""
+        return len(self._buckets)
+
     def totals(self, now: float) -> dict[str, dict[str, int]]:
         """kind -> code -> count over the buckets inside the window."""
         out: dict[str, dict[str, int]] = {}
