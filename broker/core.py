@@ -1,20 +1,16 @@
 """The broker's routing core: pools, workers, sessions, queues, pins and recycling, no sockets.
 
-Events come in through a small public API: the frames a socket delivered
-(:meth:`Core.on_client_frames`, :meth:`Core.on_worker_frames`), a worker's connection lost
-(:meth:`Core.worker_lost`) and the clock (:meth:`Core.tick`, due at :meth:`Core.next_deadline`).
-Every event carries ``now``, the monotonic time the shell read for it: the core reads no clock of
-its own, so its rules run on the time it is given (the table tests drive it with a fake clock);
-wall-clock time is only displayed (``wall``, injected). Everything it needs done in the world
-goes through one ``broker.port.Port`` the shell implements (frames to clients and workers, a hung
-worker stopped). ``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py
-drives one with a recording port, in milliseconds, no processes.
-
-The core routes (the affinity rules, dispatch, prefetch, the replies) and owns the rest of its
-rules as objects: the session book (``broker.sessions``), the workers' roster
-(``broker.roster``), the recycler (``broker.recycling``), the timers (``broker.timers``) and the
-answers it gives in a worker's place (``broker.answers``). Broker ops are handlers the shell
-registers (``broker.ops``).
+Events come in through a small public API: the frames a socket delivered (``on_client_frames``,
+``on_worker_frames``), a worker's connection lost (``worker_lost``) and the clock (``tick``, due
+at ``next_deadline``). Each carries ``now``, the monotonic time the shell read for it: the core
+reads no clock of its own (wall-clock time, injected, is only displayed). What it needs done in
+the world goes through one ``broker.port.Port``. The core routes (affinity, dispatch, prefetch,
+replies, request control) and owns its other rules as objects: the session book
+(``broker.sessions``), the roster of workers (``broker.roster``), the recycler
+(``broker.recycling``), the timers (``broker.timers``) and the answers it gives in a worker's
+place (``broker.answers``); broker ops are handlers the shell registers (``broker.ops``).
+``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py drives one with a
+recording port on a fake clock.
 """
 
 from __future__ import annotations
