@@ -7,8 +7,8 @@ reads no clock of its own (wall-clock time, injected, is only displayed). What i
 the world goes through one ``broker.port.Port``. The core routes (affinity, dispatch, prefetch,
 replies, request control) and owns its other rules as objects: the session book
 (``broker.sessions``), the roster of workers (``broker.roster``), the recycler
-(``broker.recycling``), the timers (``broker.timers``) and the answers it gives in a worker's
-place (``broker.answers``); broker ops are handlers the shell registers (``broker.ops``).
+(``broker.recycling``), request control (``broker.control``), the timers (``broker.timers``) and
+the answers it gives in a worker's place (``broker.answers``); broker ops are handlers the shell registers (``broker.ops``).
 ``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py drives one with a
 recording port on a fake clock.
 """
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import Answers, error_code
+from broker.control import RequestControl
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
 from broker.roster import Roster
@@ -41,7 +42,6 @@ from broker.state import (
 )
 from broker.timers import Timers
 from dspex.errors import (
-    Cancelled,
     DspexError,
     PoolNotFound,
     PoolSaturated,
@@ -54,8 +54,6 @@ from dspex.errors import (
 from dspex.pools import PoolConfig
 from dspex.protocol import (
     B_BYE,
-    B_CANCEL,
-    B_CREDIT,
     B_DISCONNECT,
     B_REREGISTER,
     BROKER_OPS,
@@ -71,7 +69,6 @@ from dspex.protocol import (
     W_REPLY,
     WORKER_OPS,
     Affinity,
-    Op,
     SessionMode,
     Status,
     pack_reply_header,
@@ -144,6 +141,8 @@ class Core:
                              pin=self.book.pin)
         self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
                                  to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake)
+        self.control = RequestControl(self.pools, self.running, answers=self.answers, counters=self.counters,
+                                      to_worker=self._to_worker)
         self.timers = Timers(self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers,
                              book=self.book, recycler=self.recycler, roster=self.roster, counters=self.counters)
 
@@ -180,7 +179,7 @@ class Core:
             else:
                 self._to_client([client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)])
         elif op in STREAM_OPS:
-            self._stream_control(client, header.req_id, header.pool, op, frames)
+            self.control.on_control(client, header.req_id, header.pool, op, frames)
         else:
             self.answers.error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
 
@@ -459,25 +458,6 @@ class Core:
             self._dispatch(target, p)
         else:
             self._enqueue(pool, target.queue, p)
-
-    def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
-        key = (client, req_id)
-        w = self.running.get(key)
-        if w is not None:
-            n = 0
-            if op == Op.CREDIT.value and len(frames) > 2:
-                try:
-                    n = int(msgpack.unpackb(frames[2].buffer))
-                except Exception:  # noqa: BLE001 - a client's garbage is counted, never fatal
-                    self.counters["garbage_frontend"] += 1
-                    return
-            elif op == Op.CANCEL.value and (p := w.inflight.get(key)) is not None:
-                p.cancelled = True  # its error reply counts as ``cancelled``, not as a worker error
-            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
-            return
-        pool = self.pools.get(pool_name)
-        if op == Op.CANCEL.value and pool is not None and (p := pool.take(client, req_id)) is not None:
-            self._fail(p, pool, Cancelled("cancelled while queued"))
 
     def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
         try:
