@@ -75,9 +75,18 @@ def test_a_broker_op_body_gets_its_defaults() -> None:
 def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing() -> None:
     ex = Executor(RefTable("p", "w" * 32), capacity=4)
     header = RequestHeader(Op.CALL.value, 1, "p", "s" * 32)
-    with pytest.raises(ProtocolError, match="takes at most 4 arguments"):
-        ex.execute(header, encode_body(Op.CALL.value, ["os", "getpid", [], {}, "extra"], 2**20))
+    with pytest.raises(ProtocolError, match="takes at most 4 arguments"):  # (a client would not send it)
+        ex.execute(header, codec.encode(["os", "getpid", [], {}, "extra"], policy=codec.Policy.ALL))
     assert codec.decode(ex.execute(header, encode_body(Op.CALL.value, ["builtins", "len", [[1, 2]]], 2**20))) == 2
+
+
+@pytest.mark.parametrize("op, body, error", [
+    (Op.EVAL, [42], "expr must be str, got int"),
+    (Op.RECYCLE, {"pool": "p", "al": True}, "takes no argument 'al'"),
+])
+def test_the_client_checks_a_body_against_its_op_before_sending(op: Op, body: object, error: str) -> None:
+    with pytest.raises(ProtocolError, match=error):
+        encode_body(op.value, body, 2**20)
 
 
 def _row(op: Op) -> str:
