@@ -1,11 +1,12 @@
 """The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
 The routing rules live in the socket-free ``broker.core.Core`` this shell holds; the shell binds
-the sockets, polls them, hands the core what arrives with the time it arrived, maps worker
-connections (a socket monitor on the backend reports a worker's disconnect within about a
-millisecond; heartbeats catch hosts that vanish without closing their connection) and implements
-the core's port (``broker.port.Port``). Per message the broker decodes one small msgpack header and
-forwards the payload frames untouched (``copy=False``); it drains every ready message per wake-up.
+the sockets, polls them, hands the core what arrives with the time it arrived, maps worker and
+client connections (a socket monitor on each ROUTER reports a peer's disconnect within about a
+millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
+ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``). Per
+message the broker decodes one small msgpack header and forwards the payload frames untouched
+(``copy=False``); it drains every ready message per wake-up.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class Broker:
         self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
         self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
         self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
+        # clients that sent calls, by connection (fds are reused: the map is refreshed on a
+        # client's first call), and those whose connection closed, acted on after a grace
+        self.fd_client: dict[int, bytes] = {}
+        self.client_fd: dict[bytes, int] = {}
+        self._client_disconnects: dict[bytes, float] = {}
         self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
@@ -101,7 +107,7 @@ class Broker:
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
-        self.front_monitor: zmq.Socket[Any] | None = None  # CURVE handshake failures of clients
+        self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
         self._handshakes = Notices(NOTICE_EVERY)
 
     def status(self, now: float) -> dict[str, Any]:
@@ -144,6 +150,20 @@ class Broker:
         except (ProcessLookupError, PermissionError) as exc:
             log.warning("could not stop pid %d: %s", pid, exc)
 
+    def client_seen(self, client: bytes, frame: Any) -> None:
+        if client in self.client_fd or client in self._client_disconnects:
+            return  # mapped already, or gone (its last messages are read before it is settled)
+        # the disconnect of an earlier connection on a reused fd must be seen before we map it
+        self._drain_front_monitor()
+        fd = _source_fd(frame)
+        if fd < 0:
+            return
+        previous = self.fd_client.get(fd)
+        if previous is not None and previous != client:
+            self._client_lost(previous)  # its fd is someone else's now: that connection closed
+        self.fd_client[fd] = client
+        self.client_fd[client] = fd
+
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
         max_message = self.options.max_message or config.max_message_bytes()
@@ -158,12 +178,20 @@ class Broker:
                 self.core.admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
+        ivl = max(1, int(self.options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
                                       (self.backend, self.options.backend, WORKERS)):
             config.tune_socket(sock, max_message=max_message)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+            if sock is self.frontend and endpoint.startswith("tcp://"):
+                # ZMTP heartbeats close the connection of a client host that vanished without
+                # closing it, and its calls are then cancelled as for any closed connection (an ipc
+                # client is on this host: its connection closes when it dies). Set before bind: a
+                # listener's connections take the options it had when it was bound.
+                sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
             config.prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
                 secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
@@ -177,15 +205,14 @@ class Broker:
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
         # that identity (and its requests) and cuts the real worker off. A worker's own stale
         # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
-        ivl = max(1, int(self.options.heartbeat_interval * 1000))
         self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
         # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
         # reaches the ZAP handler: only the socket monitor sees it
         curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.backend.startswith("tcp://") else 0
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
-        if self.options.frontend.startswith("tcp://"):
-            self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.frontend.startswith("tcp://") else 0
+        self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve_failed)
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))
 
@@ -203,8 +230,8 @@ class Broker:
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
-        for sock in (getattr(self, "monitor", None), self.front_monitor, getattr(self, "frontend", None),
-                     getattr(self, "backend", None)):
+        for sock in (getattr(self, "monitor", None), getattr(self, "front_monitor", None),
+                     getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
         for fd in (self._wake_r, self._wake_w):
@@ -228,13 +255,12 @@ class Broker:
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        if self.front_monitor is not None:
-            poller.register(self.front_monitor, zmq.POLLIN)
+        poller.register(self.front_monitor, zmq.POLLIN)
         core, publisher = self.core, self.publisher
         while not self._stop:
             due = min(core.next_deadline(), publisher.next_due(), self._handshakes.next_due())
             timeout = max(0.0, due - time.monotonic())
-            if self._disconnects:
+            if self._disconnects or self._client_disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
             events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
             if self.backend in events:
@@ -242,12 +268,14 @@ class Broker:
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
-            if self.front_monitor is not None and self.front_monitor in events:
-                self._drain_front_monitor()
             if self._disconnects:
                 self._settle_disconnects()
             if self.frontend in events:
                 self._drain(self.frontend, self.core.on_client_frames)
+            if self.front_monitor in events:
+                self._drain_front_monitor()
+            if self._client_disconnects:
+                self._settle_client_disconnects()
             if self._wake_r in events:
                 while True:
                     try:
@@ -340,7 +368,6 @@ class Broker:
                     self._disconnects.setdefault(wid, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
-        assert self.front_monitor is not None
         while True:
             try:
                 event = parse_monitor_message(self.front_monitor.recv_multipart(zmq.NOBLOCK))
@@ -348,6 +375,26 @@ class Broker:
                 return
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                 self._handshake_failed(CLIENTS, int(event["value"]))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                client = self.fd_client.pop(int(event["value"]), None)
+                if client is not None:
+                    self._client_lost(client)
+
+    def _client_lost(self, client: bytes) -> None:
+        if self.client_fd.pop(client, None) is not None:
+            self._client_disconnects.setdefault(client, time.monotonic())
+
+    def _settle_client_disconnects(self) -> None:
+        """Clients whose connection closed: what they sent before closing is read first (the
+        frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
+        now = time.monotonic()
+        due = [c for c, seen in self._client_disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        if not due:
+            return
+        self._drain(self.frontend, self.core.on_client_frames)
+        for client in due:
+            del self._client_disconnects[client]
+            self.core.client_gone(client, time.monotonic())
 
     def _handshake_failed(self, plane: str, code: int) -> None:
         """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line

@@ -1,7 +1,7 @@
 """The broker's routing core: pools, workers, sessions, queues, pins and recycling, no sockets.
 
 Events come in through a small public API: the frames a socket delivered (``on_client_frames``,
-``on_worker_frames``), a worker's connection lost (``worker_lost``) and the clock (``tick``, due
+``on_worker_frames``), a connection lost (``worker_lost``, ``client_gone``) and the clock (``tick``, due
 at ``next_deadline``). Each carries ``now``, the monotonic time the shell read for it: the core
 reads no clock of its own (wall-clock time, injected, is only displayed). What it needs done in
 the world goes through one ``broker.port.Port``. The core routes (affinity, dispatch, prefetch,
@@ -165,6 +165,7 @@ class Core:
         op = header.op
         owner = self.port.client_identity(frames[1])
         if op in WORKER_OPS:
+            self.port.client_seen(client, frames[0])
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
             self._route(p, header.pool, header.worker)
@@ -279,6 +280,12 @@ class Core:
         w = self.workers.get(wid)
         if w is not None:
             self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+
+    def client_gone(self, client: bytes, now: float) -> None:
+        """The connection of ``client`` (a client socket's routing id) closed (the shell's socket
+        monitor): its requests are cancelled."""
+        self.clock.now = now
+        self.control.client_gone(client, self.workers)
 
     def tick(self, now: float) -> None:
         """The clock: what is due by ``now`` (see ``broker.timers``)."""

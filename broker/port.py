@@ -28,6 +28,10 @@ class Port(Protocol):
         """The identity of the client that sent ``frame`` (its CURVE key; "" when all clients
         share one, as on ipc)."""
 
+    def client_seen(self, client: bytes, frame: Any) -> None:
+        """A call from ``client`` (a client socket's routing id) came over ``frame``'s connection
+        (the shell reports it with ``Core.client_gone`` when that connection closes)."""
+
     def worker_connected(self, wid: bytes, frame: Any) -> None:
         """Worker ``wid`` registered (or re-registered) with the message ``frame`` came in."""
 

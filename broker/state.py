@@ -312,6 +312,16 @@ class Pool:
             taken += mine
         return taken
 
+    def take_client(self, client: bytes) -> list[Pending]:
+        """Take every queued request of ``client`` (its connection closed)."""
+        taken = []
+        for queue in self.queues():
+            mine = [p for p in queue if p.client == client]
+            for p in mine:
+                queue.remove(p)
+            taken += mine
+        return taken
+
     def take_awaiting(self) -> list[tuple[bytes, Pending]]:
         """Take the calls that waited for a worker to re-register: ``(worker id, request)``."""
         awaiting, self.awaiting = self.awaiting, {}

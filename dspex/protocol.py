@@ -170,11 +170,12 @@ class Op(str, enum.Enum):
     CREDIT = ("credit", Side.CONTROL, (_arg("n", int),), "a stream's consumer",
               ("the consumer took `n` more items: the worker may send `n` more `part`/`prog`/`out` replies (the "
                "stream window is 64 items)"))
-    CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),), "a cancelled task (asyncio), Ctrl-C (blocking)",
+    CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),),
+              "a caller that stops waiting: a cancelled task, Ctrl-C, an exception, a stream left early",
               ("stop the request, streamed or not (`n`: 0): a request still queued in the broker is removed and "
                "answered `cancelled`; a running one is forwarded to its worker as `B_CANCEL`, which stops it and "
-               "answers `cancelled`; a cancel for a request that has finished, or that the broker never saw, is "
-               "dropped silently"))
+               "answers `cancelled` (the broker counts outcome `cancelled`); a cancel for a request that has "
+               "finished, or that the broker never saw, is dropped silently"))
 
     def bind_list(self, body: Any) -> list[Any] | tuple[Any, ...]:
         """A worker op's body (the list of its arguments in order) checked against ``args``,

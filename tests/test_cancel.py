@@ -120,6 +120,45 @@ def test_a_cancelled_call_stops_and_frees_its_slot(stack: Stack, tmp_path: Path,
     assert "eval:error" not in _outcomes(stack)
 
 
+BLOCKED_CODE = textwrap.dedent("""
+    import os, signal
+
+    def blocked(marker):
+        r, w = os.pipe()
+        signal.siginterrupt(signal.SIGINT, False)  # the kernel now restarts a read SIGINT interrupts
+        open(marker, "w").close()
+        try:
+            os.read(r, 1)  # nothing ever comes
+        finally:
+            signal.siginterrupt(signal.SIGINT, True)
+            os.close(r)
+            os.close(w)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_that_lands_before_a_blocking_system_call_still_stops_it(stack: Stack, tmp_path: Path) -> None:
+    """A cancel's SIGINT that reaches the main thread after its last look at its signals and before
+    it blocks in a system call leaves its handler pending while the call blocks (a race a loaded
+    machine makes likely: the GIL is handed to the thread sending the signal right there). The
+    watchdog nudges the thread until the handler has run. Made deterministic here: with SA_RESTART
+    on SIGINT the kernel restarts the blocked read after the signal, as if it had landed before."""
+    _start(stack, 1)
+    marker = tmp_path / "m"
+
+    async def body(client: dspex.aio.AsyncClient, s: dspex.aio.AsyncSession) -> float:
+        await s.exec(BLOCKED_CODE)
+        task = asyncio.create_task(s.eval(f"blocked({str(marker)!r})", timeout=10))
+        await _cancel_when_running(task, marker)
+        started = time.monotonic()
+        assert await s.eval("1") == 1  # without the nudge: after the 10 s deadline and more
+        return time.monotonic() - started
+
+    waited = _run(stack, body)
+    assert waited < PROMPT_S, f"the session's next call waited {waited:.1f}s behind the cancelled one"
+    assert _outcomes(stack).get("eval:cancelled") == 1
+
+
 @pytest.mark.parametrize("prefetch", [0, 1], ids=["queued-in-broker", "prefetch-allowed"])
 def test_a_cancelled_queued_request_never_runs(stack: Stack, tmp_path: Path, prefetch: int) -> None:
     """A call waiting behind the session's running call is cancelled: it never runs, the running

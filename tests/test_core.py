@@ -69,6 +69,9 @@ class RecordingPort:
     def client_identity(self, frame: Any) -> str:
         return self.owners.get(self.sender, "")
 
+    def client_seen(self, client: bytes, frame: Any) -> None:
+        pass
+
     def worker_connected(self, wid: bytes, frame: Any) -> None:
         pass
 
@@ -147,6 +150,10 @@ class StubCore:
 
     def backend(self, wid: bytes, *frames: bytes) -> None:
         self.core.on_worker_frames([zmq.Frame(wid), *(zmq.Frame(f) for f in frames)], self.t)
+
+    def client_gone(self, client: bytes) -> None:
+        """Its connection closed (what the shell's socket monitor reports)."""
+        self.core.client_gone(client, self.t)
 
     def crash(self, wid: bytes) -> None:
         """Its connection closed without a goodbye (what the shell's socket monitor reports)."""
@@ -393,6 +400,49 @@ def test_sessionless_call_whose_worker_vanished_is_routed_again() -> None:
     core.unreachable.clear()
     core.ready(b"worker-c", "p")
     assert core.worker_of(1) == b"worker-c"
+
+
+# -- a client whose connection closed ----------------------------------------------------------
+D = b"client-2"
+
+
+def cancels(core: StubCore) -> list[tuple[bytes, bytes, list[int]]]:
+    """(worker, client, [req_id, n]) of every cancel sent to a worker."""
+    return [(wid, f[1], msgpack.unpackb(f[2])) for wid, f in core.to_workers if f[0] == B_CANCEL]
+
+
+def test_a_client_gone_has_its_running_calls_cancelled_and_its_queued_ones_dropped() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s1")  # runs on A
+    core.request(C, 2, "p", "s1")  # waits behind it
+    core.request(D, 1, "p", "s2")  # another client's, pinned to A too: waits
+    core.client_gone(C)
+    assert cancels(core) == [(A, C, [1, 0])]
+    assert core.pools["p"].queued == 1 and core.outcome(C, 2) is None  # dropped unanswered: nobody reads
+    core.reply(A, C, 1, "error")  # the worker stopped the call: its slot frees
+    assert core.dispatched() == [(A, C, 1), (A, D, 1)], "request 2 of the gone client never runs"
+    assert core.pools["p"].outcomes == {("call", "cancelled"): 2}
+    core.client_gone(C)  # again (it reconnected and left once more): nothing left to cancel
+    assert len(cancels(core)) == 1
+
+
+@pytest.mark.parametrize("spec", ["p:none", "p:hint"])
+def test_a_client_gone_leaves_other_clients_alone_in_every_queue(spec: str) -> None:
+    """Calls running at once on a capacity-2 worker and waiting in the pool's queue: only the gone
+    client's are cancelled or dropped."""
+    core = StubCore(spec)
+    core.ready(A, "p", capacity=2)
+    core.request(C, 1, "p", "s1")
+    core.request(D, 1, "p", "s2")
+    core.request(C, 2, "p", "s3")  # no free slot: the pool's queue
+    core.request(D, 2, "p", "s4")
+    core.client_gone(C)
+    assert cancels(core) == [(A, C, [1, 0])]
+    core.reply(A, C, 1, "error")
+    core.reply(A, D, 1)
+    assert [(c, r) for _, c, r in core.dispatched()] == [(C, 1), (D, 1), (D, 2)]
+    assert core.outcome(D, 1) == "ok" and core.pools["p"].queued == 0
 
 
 # -- lifecycle rules ----------------------------------------------------------------------------

@@ -9,7 +9,12 @@ It derives from ``BaseException`` so user code's ``except Exception`` does not s
   it is how Python code is interrupted in-process (Ctrl-C) and code that runs threads listens
   for it: DSPy's ``ParallelExecutor`` (``Evaluate``, ``Parallel``, ``batch``) chains its own
   SIGINT handler while it runs and cancels its queued jobs. A SIGINT that is not a soft limit
-  (an operator's Ctrl-C) goes to the handler the worker had installed (stop the worker).
+  (an operator's Ctrl-C) goes to the handler the worker had installed (stop the worker). A
+  SIGINT that lands after the thread's last look at its signals and before it enters a blocking
+  system call (a long ``time.sleep``, a socket read: the GIL is handed over right there, often to
+  the thread sending the signal) is taken only when that call returns; until its handler has run,
+  the watchdog nudges the thread with SIGURG, whose handler does nothing: the blocked call returns
+  (EINTR), and the pending SIGINT handler runs.
 - A call on a pool thread (capacity > 1) gets it through ``PyThreadState_SetAsyncExc``: raised at
   the next bytecode the thread runs (a thread blocked in C sees it when the C call returns).
   There is no SIGINT for DSPy's ``ParallelExecutor`` to hear, so the watchdog sets the
@@ -58,6 +63,8 @@ log = logging.getLogger("dspex.worker")
 DEFAULT_GRACE = 5.0
 # the longest the watchdog sleeps: a new call wakes it only if its deadline comes sooner
 _REVIEW = 1.0
+_NUDGE = signal.SIGURG  # ignored by default: a nudge after its handler was replaced changes nothing
+_NUDGE_EVERY = 0.05  # seconds between nudges while a SIGINT's handler has not run
 
 
 class CallTimedOut(BaseException):
@@ -83,6 +90,8 @@ class _Call:
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
+    signalled: bool = False  # a SIGINT was sent to its (main) thread and its handler has not run yet
+    nudge_at: float = 0.0  # when the watchdog nudges the thread next, while ``signalled``
 
     def interruption(self) -> CallTimedOut:
         if self.cancelled:
@@ -148,6 +157,8 @@ def _on_sigint(signum: int, frame: Any) -> None:
         return
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
+    if call is not None:
+        call.signalled = False
     if call is None or call.done or call.settled or not (call.soft_sent or call.cancelled):
         return  # a stale signal: the call it was meant for has ended (or has returned its result)
     if st.protected:
@@ -155,6 +166,11 @@ def _on_sigint(signum: int, frame: Any) -> None:
         return
     call.timed_out = True
     raise call.interruption()
+
+
+def _on_nudge(signum: int, frame: Any) -> None:
+    """Nothing: the nudge only makes a blocked system call return, so that a pending SIGINT's
+    handler runs."""
 
 
 def _cancel_parallel_jobs(thread_id: int) -> None:
@@ -258,6 +274,7 @@ class Watchdog:
                 global _previous_sigint
                 _previous_sigint = signal.getsignal(signal.SIGINT)
                 signal.signal(signal.SIGINT, _on_sigint)
+                signal.signal(_NUDGE, _on_nudge)
                 self._signal_installed = True
             self._thread = threading.Thread(target=self._loop, name="dspex-watchdog", daemon=True)
             self._thread.start()
@@ -287,18 +304,28 @@ class Watchdog:
                 while True:
                     now = time.monotonic()
                     due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
-                    if due:
+                    nudge = [c for c in self._calls.values() if c.signalled and not c.done and c.nudge_at <= now]
+                    if due or nudge:
                         break
                     # never longer than _REVIEW: a call that starts while it sleeps for nothing
                     # (the last call ended) then wakes it only if its deadline is sooner than
                     # that - a fast call ends before the woken watchdog even runs, so waking it
                     # per call cost a thread switch and a GIL hand-off each (~10 µs of CPU)
                     self._wake_at = min(min((self._next(c) for c in self._calls.values()), default=math.inf),
+                                        min((c.nudge_at for c in self._calls.values() if c.signalled),
+                                            default=math.inf),
                                         now + _REVIEW)
                     self._cond.wait(self._wake_at - now)
                 for c in due:
                     if c.soft_sent:
                         self._calls.pop(c.token, None)  # the hard limit acts once
+                for c in nudge:
+                    c.nudge_at = now + _NUDGE_EVERY
+            for call in nudge:
+                try:
+                    signal.pthread_kill(call.thread, _NUDGE)
+                except (ProcessLookupError, OSError):
+                    pass
             for call in due:
                 if not call.soft_sent:
                     call.soft_sent = True
@@ -320,14 +347,20 @@ class Watchdog:
         if call.thread == self._main and not self._signal_installed:
             return True  # no raising SIGINT handler here (an executor outside a worker): the flag only
         self._soft(call)
+        if call.signalled:
+            with self._cond:
+                self._cond.notify()  # it nudges the thread until the SIGINT is taken
         return True
 
     def _soft(self, call: _Call) -> None:
         if call.thread == self._main:
+            call.nudge_at = time.monotonic() + _NUDGE_EVERY
+            call.signalled = True
             _limit_signals.append(1)
             try:
                 signal.pthread_kill(call.thread, signal.SIGINT)
             except (ProcessLookupError, OSError):
+                call.signalled = False
                 _limit_signals.pop()
         else:
             with call.lock:

@@ -45,23 +45,36 @@ class StreamControl:
         self.cancelled = False
         self.stall_timeout = stall_timeout
         self.items = items  # the caller iterates the result (else: only events of a plain call)
+        self._awaiting_credit = False  # the producer waits to send an item
 
     def add_credit(self, n: int) -> None:
         with self._cond:
             self.credit += n
             self._cond.notify_all()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """Stop the stream. True when the producer must also be interrupted: this is the first
+        cancel and the producer is computing (one waiting for credit stops by itself, and an
+        interruption must not cut short the ``finally`` blocks it then runs)."""
         with self._cond:
+            first = not self.cancelled
             self.cancelled = True
             self._cond.notify_all()
+            return first and not self._awaiting_credit
 
     def send(self, kind: str, frames: list[Any]) -> bool:
-        """Send one item, progress or output event; False once the consumer cancelled or went away."""
+        """Send one item, progress or output event; False once the consumer cancelled or went away.
+
+        A consumer that acknowledges nothing for ``stall_timeout`` (the stream's per-item timeout,
+        the time it waits for an item itself) is taken as gone: the stream is cancelled."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
-                log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
-                self.cancelled = True
+            self._awaiting_credit = kind == Status.PARTIAL.value
+            try:
+                if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
+                    log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
+                    self.cancelled = True
+            finally:
+                self._awaiting_credit = False
             if self.cancelled:
                 return False
             self.credit -= 1

@@ -574,10 +574,11 @@ class Worker:
         with self._streams_lock:
             control = self._streams.get(key)
         if cancel:
-            if control is not None:
-                control.cancel()  # a stream stops at its next item; a call waiting for credit, at once
-            # a call that is not a stream is interrupted (worker.limits)
-            if (control is None or not control.items) and not self.executor.cancel(key):
+            # a stream waiting for credit to send its next item stops there; one computing an item,
+            # and any other call, is interrupted (worker.limits)
+            if control is not None and not control.cancel():
+                return
+            if not self.executor.cancel(key):
                 log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
         elif control is not None:
             control.add_credit(int(n))

@@ -1,0 +1,443 @@
+"""The user API of clients and sessions, defined once for both client kinds.
+
+Every user method here builds a request and hands it to its client, which performs it in its own
+way: :class:`dspex.client.Client` (``dspex.connect``) blocks and returns the value,
+:class:`dspex.aio.AsyncClient` (``dspex.aio.connect``) returns an awaitable of it. Ref handles
+(:mod:`dspex.ref`) work the same way. A method of several steps (``Session.close``,
+:class:`Rehydrator`) is written once as a generator that yields each step's result-or-awaitable;
+the client kind drives it (``_drive``): the blocking client sends each value straight back, the
+asyncio client awaits each awaitable first and throws its exception in where it was yielded.
+
+What a client kind implements: ``_init_transport`` (its sockets), ``request`` and ``stream`` (one
+request and one streamed request, with the meaning of :class:`dspex.core.Exchange`), ``close``
+and ``_drive``. Constructor options, the ops and their arguments live here only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, Generic, Self, TypeVar
+
+import zmq
+
+from dspex import config
+from dspex.core import Exchange, bound_name, close_monitored
+from dspex.errors import (
+    BrokerUnreachable,
+    ConnectionError,
+    Refused,
+    SessionClosed,
+    SessionWorkerUnavailable,
+    Timeout,
+)
+from dspex.protocol import Op
+from dspex.ref import Ref
+from dspex.sendcache import SendCache
+
+log = logging.getLogger("dspex.client")
+
+DEFAULT_TIMEOUT = 60.0
+
+T = TypeVar("T")
+R = TypeVar("R")
+S = TypeVar("S", bound="SessionAPI")
+Callback = Callable[[Any], None]
+Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
+
+
+class ClientAPI(Generic[S]):
+    """A connection to a dspex broker: the options and user ops both client kinds share.
+
+    ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path);
+    ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
+    key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a
+    ``tcp://`` endpoint, else read from the files ``DSPEX_CURVE_SERVER_KEY`` and
+    ``DSPEX_CURVE_CLIENT_KEY`` name; ``forward_output=False``: calls' output stays off this
+    process's streams and loggers (:mod:`dspex.output`); ``client_settings=False``: this process's
+    DSPy settings do not go with its sessions' calls. Nothing is sent before the first request: an
+    unreachable broker is that request's ``BrokerUnreachable``.
+    """
+
+    session_kind: type[S]
+
+    def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+                 curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
+                 forward_output: bool = True, client_settings: bool = True) -> None:
+        self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+        self.timeout = timeout
+        self.forward_output = forward_output
+        self.client_settings = client_settings
+        self.max_message = config.max_message_bytes()
+        if self.endpoint.startswith("tcp://") and curve_server_key is None:
+            curve_server_key, curve_keypair = config.curve_client_keys(
+                self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
+        if curve_server_key is not None and curve_keypair is None:
+            # one key for all of this client's sockets: the broker knows a session's owner by it
+            curve_keypair = zmq.curve_keypair()
+        self._curve = (curve_server_key, curve_keypair)
+        self._own_frames = not self.endpoint.startswith("inproc://")  # arrays decode without a copy
+        self._init_transport()
+
+    # -- what a client kind implements ----------------------------------------------------------
+    def _init_transport(self) -> None:
+        raise NotImplementedError
+
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
+                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+                forward: bool | None = None, sender: SendCache | None = None) -> Any:
+        """Send one request; its value (or an awaitable of it). Raises the typed error of the reply.
+
+        ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
+        ``dspex.progress.report``); ``on_output`` what it prints, warns or logs
+        (``{"stream": "stdout" | "stderr" | "warning" | "log", "text": str, ...}``), in addition
+        to this process's streams and loggers unless ``forward`` (default: the client's
+        ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
+        ``sender``: the session's record of the code its worker holds (a request that refers to
+        code the worker lacks goes again in full, once). The caller that stops waiting before the
+        final reply (Ctrl-C, a cancelled task, any exception) stops the request on the worker.
+        """
+        raise NotImplementedError
+
+    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
+               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
+               forward: bool | None = None, sender: SendCache | None = None) -> Any:
+        """Start a call whose iterable result is streamed item by item: a Stream (an AsyncStream)."""
+        raise NotImplementedError
+
+    def cancel_all(self) -> None:
+        """Cancel every request and stream of this client in flight: each stops as a Ctrl-C (a
+        cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
+        running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
+        run as usual."""
+        raise NotImplementedError
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def _drive(self, steps: Steps[T]) -> Any:
+        """Run an op of several steps: its result (or an awaitable of it)."""
+        raise NotImplementedError
+
+    # -- shared by the kinds --------------------------------------------------------------------
+    def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
+                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
+        timeout = self.timeout if timeout is None else timeout
+        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
+                        items=items, own_frames=self._own_frames,
+                        forward=self.forward_output if forward is None else forward, **options)
+
+    def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
+        """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
+        sock = ctx.socket(zmq.DEALER)
+        config.tune_socket(sock, max_message=self.max_message)
+        # a fixed identity lets replies find us again after the broker restarts
+        sock.setsockopt(zmq.ROUTING_ID, prefix + secrets.token_bytes(15))
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        server_key, keypair = self._curve
+        if server_key is not None and keypair is not None:
+            sock.curve_serverkey = server_key
+            sock.curve_publickey, sock.curve_secretkey = keypair
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            close_monitored(sock, monitor)
+            raise BrokerUnreachable(f"cannot connect to {self.endpoint}: {exc}") from None
+        return sock, monitor
+
+    def _refused(self, why: str, op: str) -> Refused:
+        """The CURVE handshake failed: the request never left this client."""
+        return Refused(f"{why} ({self.endpoint}); the {op} did not run", op=op)
+
+    # -- user ops -----------------------------------------------------------------------------
+    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
+                client_settings: bool | None = None) -> S:
+        """A new session on ``pool`` (or the session ``session_id`` of this client identity); it is
+        pinned to a worker on its first call. ``forward_output`` (default: the client's) says
+        whether its calls' output reaches this process's streams and loggers; ``client_settings``
+        (default: the client's) whether this process's DSPy settings go with its calls."""
+        return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
+
+    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+             *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
+        """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
+        returns are not kept."""
+        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
+                            on_progress=on_progress, on_output=on_output)
+
+    def status(self, timeout: float | None = None) -> Any:
+        """The broker's view of its pools, workers and sessions (a dict)."""
+        return self.request(Op.STATUS.value, body={}, timeout=timeout)
+
+    def ping(self, timeout: float | None = None) -> Any:
+        """What the broker says about its stack (a dict): a cheap liveness check."""
+        return self.request(Op.PING.value, body={}, timeout=timeout)
+
+    def sessions(self, pool: str | None = None, timeout: float | None = None) -> Any:
+        """This client identity's sessions (every session for an admin key): a list of dicts."""
+        return self.request(Op.SESSIONS.value, body={"pool": pool or ""}, timeout=timeout)
+
+    def close_session(self, session_id: str, timeout: float | None = None) -> Any:
+        """Close a session by id: every worker it touched releases its objects."""
+        return self.request(Op.CLOSE_SESSION.value, session=session_id, body={"session": session_id},
+                            timeout=timeout)
+
+    def recycle(self, pool: str, worker: str | None = None, all: bool = False,
+                timeout: float | None = None) -> Any:
+        """Ask the broker to recycle workers gracefully (rolling, one at a time)."""
+        return self.request(Op.RECYCLE.value, pool, body={"pool": pool, "worker": worker or "", "all": all},
+                            timeout=timeout)
+
+
+class SessionAPI:
+    """Calls pinned to one worker of a pool; objects stay there as refs until released.
+
+    Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
+    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
+    process's streams and loggers: dspex.output). Refs the session returns are handles that read
+    like their objects (``prog(question=...)``, ``lm.model``). Through a
+    :class:`dspex.aio.AsyncSession` every op returns an awaitable of the same value.
+    """
+
+    _label = "dspex.Session"
+
+    def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
+                 client_settings: bool | None = None) -> None:
+        self.client = client
+        self.pool = pool
+        self.id = session_id
+        self.worker = ""  # incarnation id once pinned
+        self.closed = False
+        self.forward_output = forward_output  # None: the client's
+        # what the session's worker holds of this client's code, and whether the client's DSPy
+        # settings go with each call
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
+
+    def __repr__(self) -> str:
+        return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
+
+    def _track(self, status: str, worker: str) -> None:
+        if worker:
+            self.worker = worker
+
+    def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
+                 on_output: Callback | None) -> Any:
+        if self.closed:
+            return self.client._drive(_raising(SessionClosed(f"session {self.id[:8]} is closed")))
+        return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
+                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                   forward=self.forward_output, sender=self.sender)
+
+    # -- code and objects by value -------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the session's worker, ``fn`` and the arguments sent by value.
+
+        The same program text as in-process: ``program()`` here, ``s.run(program)`` there. The
+        result comes back as data where it can (records, pydantic/dataclass instances...), as refs
+        for what must stay on the worker. For ``timeout=`` & co use :meth:`apply`.
+        """
+        return self.apply(fn, args, kwargs)
+
+    def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+              *, timeout: float | None = None, on_progress: Callback | None = None,
+              on_output: Callback | None = None) -> Any:
+        """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
+        return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
+            on_output: Callback | None = None) -> Any:
+        """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
+        return self._request(Op.PUT, [obj], timeout, on_progress, on_output)
+
+    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
+        ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
+        return self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
+
+    # -- the explicit API ---------------------------------------------------------------------------
+    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+             *, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
+        """``module.fn(*args, **kwargs)`` on the session's worker."""
+        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+               *, timeout: float | None = None, on_progress: Callback | None = None,
+               on_output: Callback | None = None) -> Any:
+        """``ref.name(*args, **kwargs)`` on the worker."""
+        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
+             on_output: Callback | None = None) -> Any:
+        """``getattr(ref, name)`` on the worker."""
+        return self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
+
+    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
+                 on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """``setattr(ref, name, value)`` on the worker."""
+        return self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
+
+    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
+        return self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+
+    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
+        return self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
+
+    def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
+                on_output: Callback | None = None) -> Any:
+        """Plain data of a dspy.Example / dspy.Prediction (or anything with ``toDict``)."""
+        return self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
+
+    def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
+                on_output: Callback | None = None) -> Any:
+        """Release refs (the number released); other values (data that came back by value) hold
+        nothing there: skipped."""
+        # ids, not refs: refs in a request body resolve to their objects on the worker
+        return self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
+                             on_output)
+
+    # -- streams --------------------------------------------------------------------------------
+    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
+                on_output: Callback | None) -> Any:
+        if self.closed:
+            raise SessionClosed(f"session {self.id[:8]} is closed")
+        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
+                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
+                                  forward=self.forward_output, sender=self.sender)
+
+    def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+               *, timeout: float | None = None, on_progress: Callback | None = None,
+               on_output: Callback | None = None) -> Any:
+        """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
+        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
+                      *, timeout: float | None = None, on_progress: Callback | None = None,
+                      on_output: Callback | None = None) -> Any:
+        """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
+        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
+                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Stream the items of what an expression evaluates to."""
+        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+
+    def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
+                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
+                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+        """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
+        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+
+    def close(self, timeout: float | None = None) -> Any:
+        """Release every ref of the session on its worker. A broker that cannot be reached is
+        logged, not raised: the session's idle TTL releases it there."""
+        return self.client._drive(self._close(timeout))
+
+    def _close(self, timeout: float | None) -> Steps[None]:
+        if self.closed:
+            return
+        self.closed = True
+        self.sender.close()
+        try:
+            yield self.client.close_session(self.id, timeout=timeout)
+        except (ConnectionError, Timeout) as err:
+            log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+
+
+class Session(SessionAPI):
+    """A session of a blocking client (``dspex.connect``): every op returns its value."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSession(SessionAPI):
+    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
+    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
+    ``await s.set_attr(ref, name, value)``)."""
+
+    _label = "dspex.aio.AsyncSession"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Rehydrator(Generic[T]):
+    """A session that rebuilds itself once when its worker is gone.
+
+    ``rebuild(session)`` recreates the session's objects and returns them; ``run(fn)`` calls
+    ``fn(session, objects)`` and, on :class:`SessionWorkerUnavailable`, closes that session, opens
+    a new one, calls ``on_rehydrate(error, new_session)`` when given, rebuilds, and retries once.
+    With a blocking client the objects are built here; with an asyncio client ``rebuild``, ``fn``
+    and ``on_rehydrate`` may be coroutine functions, ``run`` and ``close`` return awaitables, and
+    the objects are built by ``await rh.start()`` (or the first run).
+    """
+
+    def __init__(self, client: ClientAPI[Any], pool: str, rebuild: Callable[[Any], Any],
+                 on_rehydrate: Callable[[Any, Any], Any] | None = None) -> None:
+        self.client = client
+        self.pool = pool
+        self._rebuild = rebuild
+        self._on_rehydrate = on_rehydrate
+        self.rehydrations = 0
+        self.session: Any = client.session(pool)
+        self.objects: T
+        self._built = False
+        # a blocking client builds now; the asyncio client's driver returns an awaitable that runs
+        # nothing until awaited (and nobody awaits this one)
+        client._drive(self._build())
+
+    def start(self) -> Any:
+        """Build the objects if not built yet; returns this Rehydrator (an awaitable of it)."""
+        return self.client._drive(self._build())
+
+    def _build(self) -> Steps[Rehydrator[T]]:
+        if not self._built:
+            self.objects = yield self._rebuild(self.session)
+            self._built = True
+        return self
+
+    def run(self, fn: Callable[[Any, T], Any]) -> Any:
+        """``fn(session, objects)``, once more on a rebuilt session if the worker was gone."""
+        return self.client._drive(self._run(fn))
+
+    def _run(self, fn: Callable[[Any, T], Any]) -> Steps[Any]:
+        yield from self._build()
+        try:
+            return (yield fn(self.session, self.objects))
+        except SessionWorkerUnavailable as err:
+            yield self.session.close(timeout=5)  # drops the broker's record; its worker and refs are gone already
+            self.session = self.client.session(self.pool)
+            self._built = False
+            if self._on_rehydrate is not None:
+                yield self._on_rehydrate(err, self.session)
+            yield from self._build()
+            self.rehydrations += 1
+        return (yield fn(self.session, self.objects))
+
+    def close(self) -> Any:
+        return self.session.close()
+
+
+def _raising(err: BaseException) -> Steps[Any]:
+    """An op whose one step is to raise ``err`` (as an awaitable's error with the asyncio client)."""
+    raise err
+    yield  # a generator: raises when driven
