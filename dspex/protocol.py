@@ -106,20 +106,22 @@ _CALL_ARGS = (_arg("args", list, tuple, type(None), default=None), _arg("kwargs"
 class Op(str, enum.Enum):
     """Every op of the protocol, defined once: its wire name (the member's value), who answers it
     (``side``), its arguments in order (``args``; a worker op's body is their list, a broker op's
-    a map of them by name, a control op's one integer), the client methods that send it
-    (``client``) and what it does (``doc``, the table in docs/protocol.md). The broker routes by
-    ``side``; each side registers its handlers against the members (``broker.ops``,
-    ``worker.executor``) and checks it has one for each op of its side."""
+    a map of them by name, a control op's one integer), the user methods of ``dspex.api`` that
+    send it (``client``: none for request control, which the client kinds send themselves) and
+    what it does (``doc``, the table in docs/protocol.md). The broker routes by ``side``; each side
+    registers its handlers against the members (``broker.ops``, ``worker.executor``); the client
+    checks a body against ``args`` before sending it (``dspex.core``); tests/test_protocol_ops.py
+    checks that every op has its handlers and that the client methods named here send it."""
 
     side: Side
     args: tuple[Arg, ...]
-    client: str
+    client: tuple[str, ...]
     doc: str
     _required: int  # how many arguments have no default (they come first)
     _defaults: tuple[Any, ...]
     _typed: tuple[tuple[int, tuple[type, ...], str], ...]  # (index, types, name) of the typed ones
 
-    def __new__(cls, name: str, side: Side, args: tuple[Arg, ...], client: str, doc: str) -> Self:
+    def __new__(cls, name: str, side: Side, args: tuple[Arg, ...], client: tuple[str, ...], doc: str) -> Self:
         op = str.__new__(cls, name)
         op._value_ = name
         op.side, op.args, op.client, op.doc = side, args, client, doc
@@ -129,50 +131,52 @@ class Op(str, enum.Enum):
         return op
 
     CALL = ("call", Side.WORKER, (_arg("module", str), _arg("fn", str), *_CALL_ARGS),
-            "Session.call, Session.stream, Client.call", "`module.fn(*args, **kwargs)` (`fn` may be a dotted qualname)")
+            ("ClientAPI.call", "SessionAPI.call", "SessionAPI.stream"),
+            "`module.fn(*args, **kwargs)` (`fn` may be a dotted qualname)")
     METHOD = ("method", Side.WORKER, (_arg("ref"), _arg("name", str), *_CALL_ARGS),
-              "Session.method, Session.stream_method, calling a ref handle", "`getattr(obj, name)(*args, **kwargs)`")
-    GETATTR = ("getattr", Side.WORKER, (_arg("ref"), _arg("name", str)), "Session.attr, a ref handle's attribute",
+              ("SessionAPI.method", "SessionAPI.stream_method"), "`getattr(obj, name)(*args, **kwargs)`")
+    GETATTR = ("getattr", Side.WORKER, (_arg("ref"), _arg("name", str)), ("SessionAPI.attr",),
                "`getattr(obj, name)`")
-    SETATTR = ("setattr", Side.WORKER, (_arg("ref"), _arg("name", str), _arg("value")), "Session.set_attr",
+    SETATTR = ("setattr", Side.WORKER, (_arg("ref"), _arg("name", str), _arg("value")), ("SessionAPI.set_attr",),
                "`setattr(obj, name, value)`; `None`")
-    EVAL = ("eval", Side.WORKER, (_arg("expr", str), _NAMESPACE), "Session.eval, Session.stream_eval",
+    EVAL = ("eval", Side.WORKER, (_arg("expr", str), _NAMESPACE), ("SessionAPI.eval", "SessionAPI.stream_eval"),
             "the value of `expr` in the session namespace + `namespace`")
-    EXEC = ("exec", Side.WORKER, (_arg("source", str), _NAMESPACE), "Session.exec",
+    EXEC = ("exec", Side.WORKER, (_arg("source", str), _NAMESPACE), ("SessionAPI.exec",),
             "runs `source` as the next lines of the session's module; `{name: value}` of the names it bound")
-    RELEASE = ("release", Side.WORKER, (_arg("ref_ids", list, tuple),), "Session.release",
+    RELEASE = ("release", Side.WORKER, (_arg("ref_ids", list, tuple),), ("SessionAPI.release",),
                "drops the session's refs of these ids; the number released")
-    TO_DATA = ("to_data", Side.WORKER, (_arg("ref"),), "Session.to_data",
+    TO_DATA = ("to_data", Side.WORKER, (_arg("ref"),), ("SessionAPI.to_data",),
                "plain dict of a `dspy.Example`/`Prediction` (`toDict()`)")
-    APPLY = ("apply", Side.WORKER, (_arg("fn"), *_CALL_ARGS), "Session.run, Session.apply, Session.stream_apply",
+    APPLY = ("apply", Side.WORKER, (_arg("fn"), *_CALL_ARGS),
+             ("SessionAPI.run", "SessionAPI.apply", "SessionAPI.stream_apply"),
              "`fn(*args, **kwargs)`; `fn` arrives by value (ext 25) or as a ref")
-    BIND = ("bind", Side.WORKER, (_arg("name", str), _arg("value")), "Session.define",
+    BIND = ("bind", Side.WORKER, (_arg("name", str), _arg("value")), ("SessionAPI.define",),
             "binds `value` as `name` in the session namespace; `None`")
-    PUT = ("put", Side.WORKER, (_arg("value"),), "Session.put", "a ref to `value`, always (Ray's `put`)")
-    PING = ("ping", Side.BROKER, (), "Client.ping",
+    PUT = ("put", Side.WORKER, (_arg("value"),), ("SessionAPI.put",), "a ref to `value`, always (Ray's `put`)")
+    PING = ("ping", Side.BROKER, (), ("ClientAPI.ping",),
             ("`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\"}` (`config`: the "
              "broker's supervisor.conf, so `dspexctl` can tell which stack answers)"))
-    STATUS = ("status", Side.BROKER, (), "Client.status",
+    STATUS = ("status", Side.BROKER, (), ("ClientAPI.status",),
               "pools, workers, counters (what `dspexctl pools status --json` prints)")
-    SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), "Client.sessions",
+    SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), ("ClientAPI.sessions",),
                 ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\"}]`: the "
                  "sessions of the caller's key (on ipc every peer shares one identity, so all of them; an admin key "
                  "sees every session); `pool`: of that pool only"))
     CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),),
-                     "Client.close_session, Session.close",
+                     ("ClientAPI.close_session", "SessionAPI.close"),
                      ("`{\"closed\": bool, \"released\": bool}` (`session`: else the header's); the broker sends "
                       "`B_RELEASE_SESSION` to its workers; another client's session is `session_not_yours`"))
     RECYCLE = ("recycle", Side.BROKER, (_arg("pool", str, default=""), _arg("worker", str, int, default=""),
-                                        _arg("all", bool, default=False)), "Client.recycle",
+                                        _arg("all", bool, default=False)), ("ClientAPI.recycle",),
                ("`{\"pool\", \"recycling\": [incarnation, ...]}`: starts a graceful, rolling recycle (`pool`: else "
                 "the header's; `worker`: an incarnation prefix or a pid; neither `worker` nor `all`: the oldest "
                 "worker); needs an admin key when the broker has an admin allow-list (else `refused`)"))
-    CREDIT = ("credit", Side.CONTROL, (_arg("n", int),), "a stream's consumer",
-              ("the consumer took `n` more items: the worker may send `n` more `part`/`prog`/`out` replies (the "
-               "stream window is 64 items)"))
-    CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),),
-              "a caller that stops waiting: a cancelled task, Ctrl-C, an exception, a stream left early",
-              ("stop the request, streamed or not (`n`: 0): a request still queued in the broker is removed and "
+    CREDIT = ("credit", Side.CONTROL, (_arg("n", int),), (),
+              ("the consumer of a stream took `n` more items: the worker may send `n` more `part`/`prog`/`out` "
+               "replies (the stream window is 64 items)"))
+    CANCEL = ("cancel", Side.CONTROL, (_arg("n", int),), (),
+              ("stop the request, streamed or not (`n`: 0; sent when its caller stops waiting: a cancelled "
+               "task, Ctrl-C, an exception, a stream left early): a request still queued in the broker is removed and "
                "answered `cancelled`; a running one is forwarded to its worker as `B_CANCEL`, which stops it and "
                "answers `cancelled` (the broker counts outcome `cancelled`); a cancel for a request that has "
                "finished, or that the broker never saw, is dropped silently"))

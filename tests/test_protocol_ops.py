@@ -6,12 +6,15 @@ get a clear ``protocol_error``, and docs/protocol.md lists the ops as the regist
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from broker.ops import HANDLERS
 from dspex import codec
+from dspex.api import ClientAPI, Session, SessionAPI
 from dspex.core import BODY_NAMES, encode_body
 from dspex.errors import ProtocolError
 from dspex.protocol import (
@@ -23,6 +26,7 @@ from dspex.protocol import (
     RequestHeader,
     Side,
 )
+from dspex.ref import Ref
 from worker.executor import Executor, RefTable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -89,6 +93,81 @@ def test_the_client_checks_a_body_against_its_op_before_sending(op: Op, body: ob
         encode_body(op.value, body, 2**20)
 
 
+# -- the client: the methods the registry names send their op, with a body the op accepts ------
+class Recording(ClientAPI[Session]):
+    """A client kind that records what its user methods ask to send (nothing is sent)."""
+
+    session_kind = Session
+
+    def _init_transport(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, **_: Any) -> Any:
+        self.sent.append((op, body))
+
+    def stream(self, op: str, pool: str, session: str, body: Any, **_: Any) -> Any:
+        self.sent.append((op, body))
+
+    def _drive(self, steps: Any) -> Any:
+        try:
+            value = next(steps)
+            while True:
+                value = steps.send(value)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _ref(s: Session) -> Ref:
+    return Ref("r" * 32, s.id, "p", "w" * 32, "builtins.list", "[]")
+
+
+# every user method of the API that may send a request, with arguments for it (``session`` and the
+# transport hooks send nothing themselves)
+CALLS: dict[str, Callable[[Recording, Session], Any]] = {
+    "ClientAPI.call": lambda c, s: c.call("os", "getpid", pool="p"),
+    "ClientAPI.status": lambda c, s: c.status(),
+    "ClientAPI.ping": lambda c, s: c.ping(),
+    "ClientAPI.sessions": lambda c, s: c.sessions("p"),
+    "ClientAPI.close_session": lambda c, s: c.close_session("s" * 32),
+    "ClientAPI.recycle": lambda c, s: c.recycle("p", all=True),
+    "SessionAPI.run": lambda c, s: s.run(len, [1]),
+    "SessionAPI.apply": lambda c, s: s.apply(len, [[1]]),
+    "SessionAPI.put": lambda c, s: s.put([1]),
+    "SessionAPI.define": lambda c, s: s.define(len),
+    "SessionAPI.call": lambda c, s: s.call("os", "getpid"),
+    "SessionAPI.method": lambda c, s: s.method(_ref(s), "copy"),
+    "SessionAPI.attr": lambda c, s: s.attr(_ref(s), "x"),
+    "SessionAPI.set_attr": lambda c, s: s.set_attr(_ref(s), "x", 1),
+    "SessionAPI.eval": lambda c, s: s.eval("1 + 1"),
+    "SessionAPI.exec": lambda c, s: s.exec("x = 1"),
+    "SessionAPI.to_data": lambda c, s: s.to_data(_ref(s)),
+    "SessionAPI.release": lambda c, s: s.release(_ref(s)),
+    "SessionAPI.stream": lambda c, s: s.stream("builtins", "range", [3]),
+    "SessionAPI.stream_method": lambda c, s: s.stream_method(_ref(s), "__iter__"),
+    "SessionAPI.stream_eval": lambda c, s: s.stream_eval("range(3)"),
+    "SessionAPI.stream_apply": lambda c, s: s.stream_apply(range, [3]),
+    "SessionAPI.close": lambda c, s: s.close(),
+}
+_NOT_OPS = {"ClientAPI.session", "ClientAPI.request", "ClientAPI.stream", "ClientAPI.cancel_all", "ClientAPI.close"}
+
+
+def test_the_user_api_sends_each_op_from_the_methods_the_registry_names_with_a_body_it_accepts() -> None:
+    public = {f"{cls.__name__}.{name}" for cls in (ClientAPI, SessionAPI) for name in vars(cls)
+              if not name.startswith("_") and callable(getattr(cls, name))}
+    assert public - _NOT_OPS == set(CALLS), "a user method of dspex.api without its row here"
+    named = {method: op for op in Op for method in op.client}
+    assert set(named) == set(CALLS), "every method that sends an op is named by it, and no other"
+    for method, call in CALLS.items():
+        client = Recording("ipc:///tmp/dspex-nowhere/frontend.sock")
+        call(client, client.session("p"))
+        (op, body), = client.sent
+        assert op == named[method].value, method
+        if named[method].side is Side.BROKER:
+            named[method].bind_map(body)
+        else:
+            named[method].bind_list(body)
+
+
 def _row(op: Op) -> str:
     if op.side is Side.WORKER:
         args = f"`[{', '.join(a.name for a in op.args)}]`"
@@ -96,7 +175,7 @@ def _row(op: Op) -> str:
         args = f"`{{{', '.join(a.name for a in op.args)}}}`" if op.args else "`{}`"
     else:
         args = "`n`"
-    return f"| `{op.value}` | {args} | {op.doc} | {op.client} |"
+    return f"| `{op.value}` | {args} | {op.doc} | {', '.join(op.client) or 'the client itself'} |"
 
 
 def test_docs_list_every_op_as_the_registry_defines_it() -> None:
