@@ -80,6 +80,9 @@ class CoreLoad:
             def client_identity(self, frame: Any) -> str:
                 return ""
 
+            def client_seen(self, client: bytes, frame: Any) -> None:
+                pass
+
             def worker_connected(self, wid: bytes, frame: Any) -> None:
                 pass
 
