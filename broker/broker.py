@@ -256,9 +256,9 @@ class Broker:
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.front_monitor, zmq.POLLIN)
-        core, publisher = self.core, self.publisher
+        core, publisher, handshakes = self.core, self.publisher, self._handshakes
         while not self._stop:
-            due = min(core.next_deadline(), publisher.next_due(), self._handshakes.next_due())
+            due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
             timeout = max(0.0, due - time.monotonic())
             if self._disconnects or self._client_disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
@@ -287,7 +287,7 @@ class Broker:
                 core.tick(now)
             if now >= publisher.next_due():
                 publisher.tick(now)
-            for (plane, code), n, span in self._handshakes.due(now):
+            for (plane, code), n, span in handshakes.due(now):
                 self._log_handshakes(plane, code, n, span)
             self._flush_clients()
             if publisher.asked:

@@ -462,11 +462,15 @@ class Notices:
 
     def next_due(self) -> float:
         """When the first window with events left unlogged ends (inf: none)."""
-        return min((self._since[key] + self.every for key in self._count), default=math.inf)
+        if not self._count:  # (asked on every turn of the broker's loop: the usual case first)
+            return math.inf
+        return min(self._since[key] + self.every for key in self._count)
 
     def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
         """(key, count, seconds covered) for every window that ended with events left unlogged."""
-        out = []
+        out: list[tuple[tuple[str, str], int, float]] = []
+        if not self._count:
+            return out
         for key, n in list(self._count.items()):
             since = self._since[key]
             if now - since >= self.every:
