@@ -139,7 +139,8 @@ def test_print_warnings_and_inspect_history_reach_the_caller(session: dspex.Sess
         assert chatty_program() == 42
     printed = capsys.readouterr().out
     events: list[dict] = []
-    assert session.apply(chatty_program, on_output=events.append) == 42  # run() with options
+    with pytest.warns(UserWarning, match="careful with that"):  # forwarded here, as in-process
+        assert session.apply(chatty_program, on_output=events.append) == 42  # run() with options
     stdout = "".join(e["text"] for e in events if e["stream"] == "stdout")
     assert "hello from the program" in stdout
     assert "Paris" in stdout and "hello from the program" in printed  # inspect_history's print, both sides
