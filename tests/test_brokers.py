@@ -1,5 +1,5 @@
 """Past one broker: a client with a pool -> endpoint map sends every request to the broker of its
-pool (dspex.routing), both client kinds.
+pool (dspex.routing), both client kinds; ``dspexctl`` shows every broker of the map.
 
 The map's parsing and the merge of several brokers' answers are pure logic (fast tests); the rest
 runs two real brokers on one machine, each with its own run directory, pools and workers, and
@@ -9,6 +9,9 @@ checks where calls and sessions land with each broker's own status.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +22,7 @@ import dspex.aio
 from dspex import config
 from dspex.client import RoutedClient
 from dspex.routing import merge
-from tests.harness import Stack, Workspace
+from tests.harness import Stack, Workspace, base_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -247,3 +250,69 @@ def test_a_broker_down_fails_only_its_own_pools_calls(brokers: tuple[Stack, Stac
             assert "error" in (await adx.status(timeout=2))["brokers"][a.frontend]
 
     asyncio.run(main())
+
+
+# -- dspexctl --------------------------------------------------------------------------------------
+def dspexctl(endpoints: str, cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = base_env(DSPEX_ENDPOINTS=endpoints)
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "--timeout", "3", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res
+
+
+def test_dspexctl_shows_every_broker_of_the_map(brokers: tuple[Stack, Stack]) -> None:
+    a, b = brokers
+    endpoints = f"alpha={a.frontend},*={b.frontend}"
+    cwd = a.root  # no supervisor.conf here: the brokers, started by hand, have none either
+    with dspex.connect(endpoints=endpoints, timeout=20) as dx:
+        sa, sb = dx.session("alpha"), dx.session("beta")
+        assert (sa.eval("1"), sb.eval("2")) == (1, 2)
+
+        res = dspexctl(endpoints, cwd, "pools", "status")
+        assert res.returncode == 0, res.stdout + res.stderr
+        sections = res.stdout.split("\n\n")
+        assert sections[0].startswith(f"broker {a.frontend} (alpha)\nPOOL")
+        assert sections[1].startswith(f"broker {b.frontend} (*)\nPOOL")
+        assert sections[-1] == "2 brokers: OK\n"
+        assert "alpha" in sections[0] and "beta" not in sections[0] and "beta" in sections[1]
+        doc = json.loads(dspexctl(endpoints, cwd, "pools", "status", "--json").stdout)
+        assert doc["health"] == "ok"
+        assert [(p["endpoint"], p["routes"], [q["name"] for q in p["pools"]]) for p in doc["brokers"]] == [
+            (a.frontend, ["alpha"], ["alpha"]), (b.frontend, ["*"], ["beta", "gamma"])]
+        assert doc["brokers"][0]["broker"]["pid"] == (a.broker.pid if a.broker else 0)
+        one = json.loads(dspexctl(endpoints, cwd, "pools", "status", "gamma", "--json").stdout)
+        assert [p["endpoint"] for p in one["brokers"]] == [b.frontend]
+
+        res = dspexctl(endpoints, cwd, "sessions", "list")
+        assert res.returncode == 0, res.stderr
+        header, *rows = res.stdout.splitlines()
+        assert header.split()[:3] == ["SESSION", "POOL", "BROKER"]
+        assert sorted(r.split()[:3] for r in rows) == sorted([[sa.id, "alpha", a.frontend], [sb.id, "beta", b.frontend]])
+
+        # a broker that cannot be asked: its section says so, the other still shows; exit 4
+        assert b.broker is not None
+        b.kill(b.broker)
+        res = dspexctl(endpoints, cwd, "pools", "status")
+        assert res.returncode == 4, res.stdout + res.stderr
+        assert f"UNREACHABLE: broker unreachable: nothing is listening at {b.frontend}" in res.stdout.split("\n\n")[1]
+        doc = json.loads(dspexctl(endpoints, cwd, "pools", "status", "--json").stdout)
+        assert (doc["health"], [p["health"] for p in doc["brokers"]]) == ("unreachable", ["ok", "unreachable"])
+        res = dspexctl(endpoints, cwd, "sessions", "list")
+        assert res.returncode == 4, res.stdout + res.stderr
+        assert sa.id in res.stdout and f"UNREACHABLE: broker {b.frontend}: nothing is listening" in res.stdout
+        res = dspexctl(endpoints, cwd, "sessions", "close", sa.id[:10])
+        assert res.returncode == 4 and f"closed {sa.id}" in res.stdout, res.stdout + res.stderr
+        assert session_ids(a) == set()
+        # the broker back (its workers register again), and a pool down on the other: exit 5
+        b.start_broker()
+        b.wait_workers("beta", 1)
+        b.wait_workers("gamma", 1)
+        a.kill(a.workers("alpha")[0]["pid"])
+        wait_for(lambda: not a.workers("alpha"), 10, what="alpha's worker dropped")
+        res = dspexctl(endpoints, cwd, "pools", "status")
+        assert res.returncode == 5 and "DOWN: alpha has no ready worker" in res.stdout, res.stdout
+        assert res.stdout.endswith("2 brokers: DOWN\n")
+        # a pool the map sends nowhere is the operator's mistake
+        res = dspexctl(f"alpha={a.frontend},beta={b.frontend}", cwd, "workers", "recycle", "gamma")
+        assert res.returncode == 2 and "no broker for pool 'gamma'" in res.stderr, res.stderr
