@@ -47,9 +47,10 @@ def open_client(one: type[C], several: type[Router[Any]], endpoint: str | None,
 def broker_keys(broker: config.Broker, server_key: ServerKey = None, keypair: tuple[bytes, bytes] | None = None
                 ) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
     """The CURVE keys of ``broker``'s client: given ones (``server_key`` by endpoint when a map),
-    else the files of its map entry; None leaves the environment to the client."""
+    else for a ``tcp://`` broker the files of its map entry or of ``DSPEX_CURVE_SERVER_KEY`` /
+    ``DSPEX_CURVE_CLIENT_KEY`` (a ``ConfigError`` when there are none)."""
     key = server_key.get(broker.endpoint) if isinstance(server_key, Mapping) else server_key
-    if key is None and (broker.server_key or broker.client_key):
+    if key is None and broker.endpoint.startswith("tcp://"):
         key, from_files = config.curve_client_keys(
             broker.endpoint, broker.server_key or os.environ.get("DSPEX_CURVE_SERVER_KEY"),
             broker.client_key or os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
@@ -78,17 +79,12 @@ class Router(ClientAPI[S]):
         self.forward_output = forward_output
         self.client_settings = client_settings
         self.max_message = config.max_message_bytes()
-        self._brokers: dict[str, ClientAPI[S]] = {}
-        try:
-            for broker in brokers.brokers:
-                server_key, keypair = broker_keys(broker, curve_server_key, curve_keypair)
-                self._brokers[broker.endpoint] = self._broker_kind(
-                    broker.endpoint, timeout, curve_server_key=server_key, curve_keypair=keypair,
-                    forward_output=forward_output, client_settings=client_settings)
-        except BaseException:
-            for client in self._brokers.values():
-                client.close()  # nothing was connected yet: nothing to await
-            raise
+        # every broker's keys first: a client is only made once nothing can fail
+        keys = {b.endpoint: broker_keys(b, curve_server_key, curve_keypair) for b in brokers.brokers}
+        self._brokers: dict[str, ClientAPI[S]] = {
+            endpoint: self._broker_kind(endpoint, timeout, curve_server_key=server_key, curve_keypair=keypair,
+                                        forward_output=forward_output, client_settings=client_settings)
+            for endpoint, (server_key, keypair) in keys.items()}
         self._init_transport()
 
     def _broker(self, pool: str) -> ClientAPI[S]:

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,10 @@ import dspex.aio
 from dspex import config
 from dspex.client import RoutedClient
 from dspex.routing import merge
-from tests.harness import Stack, Workspace, base_env, wait_for
+from dspexctl.keys import generate
+from tests.harness import Stack, Workspace, base_env, free_port, wait_for
+from tests.harness.supervisord import SupervisedStack
+from tests.test_ops_python import small_conf_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -252,6 +256,48 @@ def test_a_broker_down_fails_only_its_own_pools_calls(brokers: tuple[Stack, Stac
     asyncio.run(main())
 
 
+def test_tcp_brokers_each_with_its_own_keys(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CURVE brokers on TCP, each with its own key pair and allow-list: the map's entries name
+    each broker's public key and this client's key for it; a broker's key given for the other is
+    that broker's refusal only."""
+    monkeypatch.delenv("DSPEX_CURVE_SERVER_KEY", raising=False)
+    monkeypatch.delenv("DSPEX_CURVE_CLIENT_KEY", raising=False)
+    ws = Workspace("dxr")
+    stacks = {"a": Stack(ws, "a"), "b": Stack(ws, "b")}
+    try:
+        keys = {}
+        for name, stack in stacks.items():
+            written = keys[name] = generate(Path(ws.root, f"k{name}"))
+            stack.frontend, stack.backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            stack.env.update(DSPEX_CURVE_SERVER_KEY=str(written["broker"].with_suffix(".key")),
+                             DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+            stack.start_broker(f"{name}pool:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
+                                                                  "--curve-allowed", str(written["allowed"])])
+            stack.start_worker(f"{name}pool", "--no-dspy")
+
+        def entry(pool: str, broker: str, client: str) -> str:
+            return (f"{pool}={stacks[broker].frontend};server_key={keys[broker]['broker'].with_suffix('.key')}"
+                    f";client_key={keys[client]['client']}")
+
+        with dspex.connect(endpoints=f"{entry('apool', 'a', 'a')},{entry('bpool', 'b', 'b')}", timeout=20) as dx:
+            wait_for(lambda: all(dx.status()["pools"][p]["workers"] for p in ("apool", "bpool")), 20,
+                     what="both workers")
+            assert [dx.session(p).eval("6 * 7") for p in ("apool", "bpool")] == [42, 42]
+            assert dx.status()["brokers"].keys() == {stacks["a"].frontend, stacks["b"].frontend}
+        # b's entry with a client key that only broker a allows: b refuses it, a serves on
+        with dspex.connect(endpoints=f"{entry('apool', 'a', 'a')},{entry('bpool', 'b', 'a')}", timeout=5) as dx:
+            assert dx.session("apool").eval("1") == 1
+            with pytest.raises(dspex.Refused):
+                dx.session("bpool").eval("1")
+    finally:
+        for stack in stacks.values():
+            stack.close()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(ws.procs.logs())
+        ws.close()
+
+
 # -- dspexctl --------------------------------------------------------------------------------------
 def dspexctl(endpoints: str, cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = base_env(DSPEX_ENDPOINTS=endpoints)
@@ -316,3 +362,51 @@ def test_dspexctl_shows_every_broker_of_the_map(brokers: tuple[Stack, Stack]) ->
         # a pool the map sends nowhere is the operator's mistake
         res = dspexctl(f"alpha={a.frontend},beta={b.frontend}", cwd, "workers", "recycle", "gamma")
         assert res.returncode == 2 and "no broker for pool 'gamma'" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_dspexctl_joins_each_broker_with_its_own_supervisord(short_tmp: str) -> None:
+    """The operator's layout (docs/operations.md, "More than one broker"): two stacks, each its
+    own supervisor.conf and run directory, and one map. Each broker's section is joined with the
+    supervisord of the conf it was started with (found through the broker), and the commands
+    about one pool reach that pool's stack through the map alone."""
+    stacks = [SupervisedStack(small_conf_text({"triage_pool": 1})),
+              SupervisedStack(small_conf_text({"analytics_pool": 1}))]
+    try:
+        for stack in stacks:
+            stack.start_foreground()
+        a, b = stacks
+
+        def ready() -> bool:
+            return bool(a.processes() and b.processes() and a.ready("triage_pool") and b.ready("analytics_pool"))
+
+        wait_for(ready, 120, 0.1, "both stacks ready")
+        endpoints = f"triage_pool={a.endpoint},*={b.endpoint}"
+        cwd = short_tmp  # no supervisor.conf here: each stack's comes from its broker
+
+        doc = json.loads(dspexctl(endpoints, cwd, "pools", "status", "-v", "--json").stdout)
+        assert doc["health"] == "ok", doc
+        assert [(p["supervisor"]["conf"], [q["name"] for q in p["pools"]]) for p in doc["brokers"]] == [
+            (str(a.conf), ["triage_pool"]), (str(b.conf), ["analytics_pool"])]
+        assert [p["pools"][0]["workers"][0]["process"] for p in doc["brokers"]] == [
+            "triage_pool:triage_pool_00", "analytics_pool:analytics_pool_00"]
+
+        # a pool's command goes to its stack: the SIGKILL through that broker's supervisord
+        old = b.ready("analytics_pool")[0]["pid"]
+        res = dspexctl(endpoints, cwd, "workers", "recycle", "analytics_pool", "--hard", "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert json.loads(res.stdout)["recycled"][0]["old_pid"] == old
+        assert b.ready("analytics_pool")[0]["pid"] != old
+
+        # a stopped pool of one stack: its section is DOWN, the other stays OK
+        b.rpc("supervisor.stopProcessGroup", "analytics_pool", True)
+        res = dspexctl(endpoints, cwd, "pools", "status")
+        assert res.returncode == 5, res.stdout + res.stderr
+        first, second = res.stdout.split("\n\n")[:2]
+        assert first.startswith(f"broker {a.endpoint} (triage_pool)") and "OK" in first and "DOWN" not in first
+        assert "DOWN: analytics_pool has no ready worker" in second and "supervisord: RUNNING" in second
+    finally:
+        for stack in stacks:
+            stack.stop()
+            stack.cleanup()
