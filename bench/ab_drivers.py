@@ -18,10 +18,12 @@ figures for a block. Mode by mode:
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
   ``to_ref`` that must never run): CPU per encode + decode of each.
-* ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential ``prog(question=...)``
+* ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
+  (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict`` and the same program in-process (p50 of each and their ratio),
   then an ``AsyncClient`` with SESSIONS sessions calling a ``ChainOfThought`` ref back to back (the
-  serving driver's path): its CPU per call.
+  serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
+  brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ def _codec() -> Side:
 
 # -- client --------------------------------------------------------------------------------------
 
-def _client(endpoint: str, sessions: int) -> Side:
+def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     import dspy
     from dspy.utils import DummyLM
 
@@ -259,14 +261,16 @@ def _client(endpoint: str, sessions: int) -> Side:
     import dspex.aio
 
     progs = {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
-    client = dspex.connect(endpoint, timeout=60)
+    where: dict[str, Any] = {"endpoints": {"p": endpoint, "*": endpoint + ".nobody"}} if routed else {
+        "endpoint": endpoint}
+    client = dspex.connect(timeout=60, **where)
     s = client.session("p")
     s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["predict"]))
     ref = s.put(progs["predict"])
     lm = DummyLM({QUESTION: ANSWERS["predict"]})
     loop = asyncio.new_event_loop()
 
-    ac = dspex.aio.connect(endpoint, timeout=60)
+    ac = dspex.aio.connect(timeout=60, **where)
 
     async def aio_setup() -> list[Any]:
         ss = [ac.session("p") for _ in range(sessions)]
@@ -293,6 +297,16 @@ def _client(endpoint: str, sessions: int) -> Side:
 
     def block(cmd: dict[str, Any]) -> dict[str, float]:
         n = int(cmd["n"])
+        lat_n: list[float] = []
+        lat_c: list[float] = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s.call("builtins", "len", [[]])
+            lat_n.append(time.perf_counter() - t)
+        for _ in range(n):
+            t = time.perf_counter()
+            client.call("builtins", "len", [[]], pool="p")
+            lat_c.append(time.perf_counter() - t)
         lat_s, lat_l = [], []
         for _ in range(n):
             t = time.perf_counter()
@@ -305,7 +319,8 @@ def _client(endpoint: str, sessions: int) -> Side:
                 lat_l.append(time.perf_counter() - t)
         calls, cpu = loop.run_until_complete(aio(float(cmd["seconds"])))
         p50_s, p50_l = _median(lat_s), _median(lat_l)
-        return {"seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
+        return {"noop_session_p50_us": _median(lat_n) * 1e6, "noop_sessionless_p50_us": _median(lat_c) * 1e6,
+                "seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
                 "seq_session_vs_inprocess": p50_s / p50_l, "aio_calls_per_s": calls / float(cmd["seconds"]),
                 "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(n + calls)}
 
@@ -321,7 +336,7 @@ def _client(endpoint: str, sessions: int) -> Side:
 def main(argv: list[str]) -> int:
     mode = argv[0]
     sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
-    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]))
+    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():
