@@ -20,8 +20,9 @@ the raw blocks).
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
-  Predict through a session vs in-process (p50), the asyncio driver's CPU per call with
-  ``--sessions`` sessions, the worker's CPU per call.
+  no-op calls in and outside a session (p50), sequential Predict through a session vs in-process
+  (p50), the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
+  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.routing``).
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
     if what == "codec":
         return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
     st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=True)
-    return DriverSide(tree, ["client", st.frontend, str(a.sessions)], {"n": a.calls or 150, "seconds": a.duration},
-                      worker=pids[1])
+    routed = ["routed"] if name == "a" and a.routed_a else []
+    return DriverSide(tree, ["client", st.frontend, str(a.sessions), *routed],
+                      {"n": a.calls or 150, "seconds": a.duration}, worker=pids[1])
 
 
 def _profile_core(top: int) -> int:
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
     p.add_argument("--pool-b", default="")
+    p.add_argument("--routed-a", action="store_true", help="client: side a's clients route a map of two brokers")
     p.add_argument("--profile", action="store_true", help="core: cProfile of this checkout's core instead")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", metavar="PATH", help="also write the figures and the raw blocks here")

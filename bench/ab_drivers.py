@@ -9,16 +9,21 @@ figures for a block. Mode by mode:
 * ``core``: the broker's routing core behind a null shell, the pipelined load of ``--what tree``
   driven by frames in memory (a ``strict_queue`` pool of 2 capacity-1 workers, 100 sessions with
   one call each in flight, 4 clients); per request + reply: ``core_us`` of thread CPU time (the
-  machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds).
+  machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds). The
+  core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
+  of each message, behind a null port; a tree from before them (a ``Core`` subclass as its shell)
+  through its private handlers, which read the clock.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
   ``to_ref`` that must never run): CPU per encode + decode of each.
-* ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential ``prog(question=...)``
+* ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
+  (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict`` and the same program in-process (p50 of each and their ratio),
   then an ``AsyncClient`` with SESSIONS sessions calling a ``ChainOfThought`` ref back to back (the
-  serving driver's path): its CPU per call.
+  serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
+  brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
 """
 
 from __future__ import annotations
@@ -62,25 +67,64 @@ class CoreLoad:
         from dspex.pools import parse_pool_spec
 
         self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
+        # (a tree from before the envelopes were named so calls them heads)
+        self.envelope_size = getattr(wire, "REQUEST_ENVELOPE_SIZE", None) or wire.REQUEST_HEAD_SIZE
+        self.pack_reply_envelope = getattr(wire, "pack_reply_envelope", None) or wire.pack_reply_head
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
-        class Null(Core):
-            def _to_client(self, frames: list[Any]) -> None:
+        class Null:
+            def to_client(self, frames: list[Any]) -> None:
                 pass
 
-            def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+            def to_worker(self, wid: bytes, frames: list[Any]) -> None:
                 sent.append((wid, frames))
 
+            def client_identity(self, frame: Any) -> str:
+                return ""
+
+            def client_seen(self, client: bytes, frame: Any) -> None:
+                pass
+
+            def worker_connected(self, wid: bytes, frame: Any) -> None:
+                pass
+
+            def worker_gone(self, wid: bytes) -> None:
+                pass
+
+            def stop_process(self, pid: int, host: str) -> None:
+                pass
+
         self.sent = sent
-        self.core = Null([parse_pool_spec("p:strict_queue")], heartbeat_interval=1.0, heartbeat_liveness=3)
+        pools = [parse_pool_spec("p:strict_queue")]
+        now = time.monotonic
+        # the shell reads the clock for each message (an older core read it itself)
+        self.clocked = hasattr(Core, "on_client_frames")
+        if self.clocked:
+            from broker.ops import HANDLERS
+
+            core = Core(pools, Null(), HANDLERS, now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
+            self.from_client, self.from_worker = core.on_client_frames, core.on_worker_frames
+        else:  # a tree from before the public events: a Core subclass is its shell
+            class Shell(Core):
+                _to_client, _send_worker = Null.to_client, Null.to_worker
+
+            core = Shell(pools, heartbeat_interval=1.0, heartbeat_liveness=3)
+            self.from_client, self.from_worker = core._on_frontend, core._on_backend
+        self.core = core
         info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
         for wid in (b"w" * 32, b"v" * 32):
-            self.core._on_backend([zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
+            self._deliver(self.from_worker, [zmq.Frame(wid), zmq.Frame(wire.W_READY), zmq.Frame(msgpack.packb(info))])
         sent.clear()
         self.next_id = 0
         self.body = msgpack.packb(["os", "getpid", [], {}])
         self.result = msgpack.packb(0)
         self.session_of: dict[tuple[bytes, int], str] = {}
+
+    def _deliver(self, handler: Callable[..., None], frames: list[Any]) -> None:
+        if self.clocked:
+            handler(frames, time.monotonic())
+        else:
+            handler(frames)
 
     def _request(self, client: bytes, session: str) -> list[Any]:
         self.next_id += 1
@@ -92,30 +136,31 @@ class CoreLoad:
     def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
         """The worker's reply to a request the core sent (frames as the backend would deliver)."""
         z, w = self.zmq.Frame, self.wire
-        client = bytes(frames[0])[w.REQUEST_HEAD_SIZE:]
+        client = bytes(frames[0])[self.envelope_size:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
-        return ([z(wid), z(w.pack_reply_head(w.W_REPLY, "ok", req_id, client)),
+        return ([z(wid), z(self.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
                  z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:
         """Seconds of core thread CPU per request + reply over ``calls`` of them."""
-        core, sent, clock = self.core, self.sent, time.thread_time
+        core, sent, clock, deliver = self.core, self.sent, time.thread_time, self._deliver
+        from_client, from_worker = self.from_client, self.from_worker
         spent = 0.0
         if not any(w.inflight for w in core.pools["p"].workers.values()):
             for i in range(_SESSIONS):  # every session's first call
                 frames = self._request(b"c%d" % (i % _CLIENTS), f"s{i:031d}")
                 t = clock()
-                core._on_frontend(frames)
+                deliver(from_client, frames)
                 spent += clock() - t
         for _ in range(calls):
             wid, req = sent.popleft()
             reply, client, req_id = self._reply(wid, req)
             t = clock()
-            core._on_backend(reply)
+            deliver(from_worker, reply)
             spent += clock() - t
             nxt = self._request(client, self.session_of.pop((client, req_id)))  # that session's next call
             t = clock()
-            core._on_frontend(nxt)
+            deliver(from_client, nxt)
             spent += clock() - t
         return spent / calls
 
@@ -208,7 +253,7 @@ def _codec() -> Side:
 
 # -- client --------------------------------------------------------------------------------------
 
-def _client(endpoint: str, sessions: int) -> Side:
+def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     import dspy
     from dspy.utils import DummyLM
 
@@ -216,14 +261,16 @@ def _client(endpoint: str, sessions: int) -> Side:
     import dspex.aio
 
     progs = {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
-    client = dspex.connect(endpoint, timeout=60)
+    where: dict[str, Any] = {"endpoints": {"p": endpoint, "*": endpoint + ".nobody"}} if routed else {
+        "endpoint": endpoint}
+    client = dspex.connect(timeout=60, **where)
     s = client.session("p")
     s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["predict"]))
     ref = s.put(progs["predict"])
     lm = DummyLM({QUESTION: ANSWERS["predict"]})
     loop = asyncio.new_event_loop()
 
-    ac = dspex.aio.connect(endpoint, timeout=60)
+    ac = dspex.aio.connect(timeout=60, **where)
 
     async def aio_setup() -> list[Any]:
         ss = [ac.session("p") for _ in range(sessions)]
@@ -250,6 +297,16 @@ def _client(endpoint: str, sessions: int) -> Side:
 
     def block(cmd: dict[str, Any]) -> dict[str, float]:
         n = int(cmd["n"])
+        lat_n: list[float] = []
+        lat_c: list[float] = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s.call("builtins", "len", [[]])
+            lat_n.append(time.perf_counter() - t)
+        for _ in range(n):
+            t = time.perf_counter()
+            client.call("builtins", "len", [[]], pool="p")
+            lat_c.append(time.perf_counter() - t)
         lat_s, lat_l = [], []
         for _ in range(n):
             t = time.perf_counter()
@@ -262,7 +319,8 @@ def _client(endpoint: str, sessions: int) -> Side:
                 lat_l.append(time.perf_counter() - t)
         calls, cpu = loop.run_until_complete(aio(float(cmd["seconds"])))
         p50_s, p50_l = _median(lat_s), _median(lat_l)
-        return {"seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
+        return {"noop_session_p50_us": _median(lat_n) * 1e6, "noop_sessionless_p50_us": _median(lat_c) * 1e6,
+                "seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
                 "seq_session_vs_inprocess": p50_s / p50_l, "aio_calls_per_s": calls / float(cmd["seconds"]),
                 "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(n + calls)}
 
@@ -278,7 +336,7 @@ def _client(endpoint: str, sessions: int) -> Side:
 def main(argv: list[str]) -> int:
     mode = argv[0]
     sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
-    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]))
+    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

@@ -80,11 +80,11 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
         B_REQUEST,
         B_REREGISTER,
         PROTOCOL_VERSION,
-        REQUEST_HEAD_SIZE,
+        REQUEST_ENVELOPE_SIZE,
         W_HEARTBEAT,
         W_READY,
         W_REPLY,
-        pack_reply_head,
+        pack_reply_envelope,
         pack_reply_header,
     )
 
@@ -114,7 +114,7 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
             cmd = frames[0][:1]
             if cmd == B_REQUEST:
                 req_id = unpack(frames[1])[1]
-                send([pack_reply_head(W_REPLY, "ok", req_id, frames[0][REQUEST_HEAD_SIZE:]),
+                send([pack_reply_envelope(W_REPLY, "ok", req_id, frames[0][REQUEST_ENVELOPE_SIZE:]),
                       pack_reply_header("ok", req_id, inc, pool), body])
             elif cmd == B_HEARTBEAT:
                 send([W_HEARTBEAT])

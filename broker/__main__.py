@@ -8,11 +8,11 @@ import os
 import signal
 import sys
 
+from broker.broker import Broker, BrokerOptions
 from dspex import config, logs
 from dspex.errors import ConfigError
 from dspex.pools import PoolConfig, load_pools, parse_pool_spec
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from broker.broker import Broker, BrokerOptions
 
 
 def parse(argv: list[str] | None = None) -> BrokerOptions:
@@ -26,7 +26,7 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
     p.add_argument("--heartbeat", type=float, default=float(os.environ.get("DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL)))
     p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
     p.add_argument("--max-sessions", type=int, default=100_000)
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("DSPEX_METRICS_PORT", 0)),
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("DSPEX_METRICS_PORT", "0")),
                    help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
     p.add_argument("--curve-secret-key", default=os.environ.get("DSPEX_CURVE_SECRET"),
                    help="broker's CURVE secret key file (required for tcp:// endpoints)")
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         broker.close()
         why = signal.Signals(stopped_by[0]).name if stopped_by else "an error"
         logging.getLogger("dspex.broker").info(
-            "broker stopped (%s): %d workers, %d sessions, %d queued requests dropped", why, len(broker.workers),
-            len(broker.sessions), sum(p.queued for p in broker.pools.values()))
+            "broker stopped (%s): %d workers, %d sessions, %d queued requests dropped", why, len(broker.core.workers),
+            len(broker.core.sessions), sum(p.queued for p in broker.core.pools.values()))
         logging.shutdown()
     return 0
 

@@ -1,17 +1,21 @@
 """The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
-The routing rules live in the socket-free ``broker.core.Core``; this class binds the sockets, polls
-them, maps worker and client connections (a socket monitor on each ROUTER reports a peer's
-disconnect within about a millisecond; dspex heartbeats catch worker hosts that vanish without
-closing their connection, ZMTP heartbeats such client hosts) and implements the core's ports.
-Per message the broker decodes one small msgpack header and forwards the payload frames untouched
+The routing rules live in the socket-free ``broker.core.Core`` this shell holds; the shell binds
+the sockets, polls them, hands the core what arrives with the time it arrived, maps worker and
+client connections (a socket monitor on each ROUTER reports a peer's disconnect within about a
+millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
+ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``). Per
+message the broker decodes one small msgpack header and forwards the payload frames untouched
 (``copy=False``); it drains every ready message per wake-up.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -21,24 +25,26 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex import config
-from dspex.errors import ConfigError
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from dspex.pools import PoolConfig
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 from broker import checkpoints as checkpoints_store
+from broker.answers import NOTICE_EVERY
 from broker.checkpoints import CheckpointStore, Job, StoreThread
-from broker.core import NOTICE_EVERY, Core, WorkerUnreachable
+from broker.core import Core
 from broker.nudge import SupervisorNudge
+from broker.ops import HANDLERS
 from broker.ops import status as status_of
+from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
-from broker.state import Notices, WorkerRecord
+from broker.state import Notices
+from dspex import config
+from dspex.errors import ConfigError
+from dspex.pools import PoolConfig
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
 
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
-_SWEEP_EVERY = 0.05
 # A worker's monitor disconnect is acted on this long after it is seen, after reading the
 # backend: the goodbye it queued before closing may not be readable yet (libzmq processes a
 # socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
@@ -68,21 +74,23 @@ class BrokerOptions:
     checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
 
 
-class Broker(Core):
-    """The core behind a frontend and a backend ROUTER socket."""
+class Broker:
+    """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 
     def __init__(self, options: BrokerOptions, context: zmq.Context[Any] | None = None) -> None:
-        super().__init__(options.pools, heartbeat_interval=options.heartbeat_interval,
+        self.core = Core(options.pools, self, HANDLERS, now=time.monotonic(), heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
-        self.fd_worker: dict[int, bytes] = {}
+        self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
+        self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
         self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
         # clients that sent calls, by connection (fds are reused: the map is refreshed on a
         # client's first call), and those whose connection closed, acted on after a grace
         self.fd_client: dict[int, bytes] = {}
         self.client_fd: dict[bytes, int] = {}
         self._client_disconnects: dict[bytes, float] = {}
+        self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
         self._slow_clients: set[bytes] = set()
@@ -93,26 +101,29 @@ class Broker(Core):
         self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
         self._auth: ThreadAuthenticator | None = None
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
-        self.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
-                           "frontend": options.frontend, "backend": options.backend,
-                           "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
-                           if options.frontend.startswith("ipc://") else ""}
         # the metrics/dashboard server: the port asked for, the one served, or why none (serve_metrics)
         self.metrics: dict[str, Any] = {"requested": options.metrics_port, "port": None, "error": None}
-        self.publisher = StatusPublisher(self)  # the status other threads read, built on this one
+        self.core.stack_info = {"config": os.path.abspath(options.supervisor_conf) if options.supervisor_conf else "",
+                                "frontend": options.frontend, "backend": options.backend,
+                                "run_dir": os.path.dirname(options.frontend[len("ipc://"):])
+                                if options.frontend.startswith("ipc://") else "", "metrics": self.metrics}
+        # wakes the loop from another thread or a signal handler (a status wanted, a stop)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the status other threads read, built on this one
+        self.publisher = StatusPublisher(self.core, self.status, self.wake)
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
-        self.store: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
-        self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
         self._handshakes = Notices(NOTICE_EVERY)
+        self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
+        self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
 
-    def status(self) -> dict[str, Any]:
-        return status_of(self, {**self.stack_info, "metrics": dict(self.metrics)})
+    def status(self, now: float) -> dict[str, Any]:
+        return status_of(self.core, now)
 
-    # -- ports of the core ---------------------------------------------------------------------
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+    # -- the core's port -----------------------------------------------------------------------
+    def to_worker(self, wid: bytes, frames: list[Any]) -> None:
         try:
             send_frames(self.backend, [wid, *frames])
         except zmq.ZMQError as exc:
@@ -120,35 +131,53 @@ class Broker(Core):
                 raise
             raise WorkerUnreachable() from None
 
-    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
+    def worker_connected(self, wid: bytes, frame: Any) -> None:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
-        self._map_fd(w, _source_fd(frame))
+        self._map_fd(wid, _source_fd(frame))
 
-    def _store(self, job: Job) -> None:
+    def worker_gone(self, wid: bytes) -> None:
+        self._disconnects.pop(wid, None)
+        fd = self.worker_fd.pop(wid, -1)
+        if self.fd_worker.get(fd) == wid:
+            del self.fd_worker[fd]
+        if self.nudge is not None:
+            self.nudge.worker_left()
+
+    def store(self, job: Job) -> None:
         """Small writes wait for the end of this loop turn and commit together on this thread;
         loads, big writes and everything after them go to the store's thread, in order."""
-        assert self.store is not None
-        if job.op != "load" and not self.store.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
+        assert self.store_thread is not None
+        if job.op != "load" and not self.store_thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
             self._store_here.append(job)
             return
         self._commit_here()  # what waits here goes first: one order for every job
-        self.store.submit(job)
+        self.store_thread.submit(job)
 
     def _commit_here(self) -> None:
         if not self._store_here:
             return
         jobs, self._store_here = self._store_here, []
-        assert self.store is not None
-        self.store.run_here(jobs)
-        self._store_done(jobs)
+        assert self.store_thread is not None
+        self.store_thread.run_here(jobs)
+        self.core.store_done(jobs, time.monotonic())
 
-    def _forget_connection(self, w: WorkerRecord) -> None:
-        self._disconnects.pop(w.id, None)
-        if self.fd_worker.get(w.fd) == w.id:
-            del self.fd_worker[w.fd]
+    def stop_process(self, pid: int, host: str) -> None:
+        """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
+        if host != socket.gethostname() or pid <= 0:
+            return
+        try:
+            # supervisord (like setsid) makes each program lead its own process group: kill the
+            # group, so what the hung call spawned goes too (killasgroup); supervisord's
+            # autorestart then starts the next incarnation
+            if os.getpgid(pid) == pid and os.getpgid(0) != pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError) as exc:
+            log.warning("could not stop pid %d: %s", pid, exc)
 
-    def _client_seen(self, client: bytes, frame: Any) -> None:
+    def client_seen(self, client: bytes, frame: Any) -> None:
         if client in self.client_fd or client in self._client_disconnects:
             return  # mapped already, or gone (its last messages are read before it is settled)
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
@@ -173,7 +202,7 @@ class Broker(Core):
                     "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
             self._auth, admins = start_authenticator(self.ctx, self.options.curve_allowed_dir)
             if admins is not None and self.options.frontend.startswith("tcp://"):
-                self.admins = admins.keys
+                self.core.admins = admins.keys
         self.frontend = self.ctx.socket(zmq.ROUTER)
         self.backend = self.ctx.socket(zmq.ROUTER)
         ivl = max(1, int(self.options.heartbeat_interval * 1000))
@@ -213,7 +242,7 @@ class Broker(Core):
         self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve_failed)
         self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
-                 ",".join(f"{p.name}:{p.mode.value}" for p in self.pools.values()))
+                 ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))
 
     def _open_store(self) -> None:
         """The checkpoint store, once this broker owns its run directory (its sockets are bound);
@@ -228,25 +257,35 @@ class Broker(Core):
                                     total_cap=self.options.checkpoint_total_cap)
         except (checkpoints_store.StoreError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
-        self.load_durable(store.sessions())
-        self.store = StoreThread(store)
-        self.checkpoints = True
-        self.stack_info["checkpoints"] = path
+        self.store_thread = StoreThread(store)
+        self.core.durable.enabled = True
+        self.core.durable.load(store.sessions())
+        self.core.stack_info["checkpoints"] = path
 
     def stop(self, *_: Any) -> None:
         self._stop = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the loop turn now (safe from any thread and from a signal handler)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is woken already
 
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
-        if self.store is not None:
+        if self.store_thread is not None:
             self._commit_here()
-            self.store.close()  # the writes submitted so far are committed first
-            self.store = None
+            self.store_thread.close()  # the writes submitted so far are committed first
+            self.store_thread = None
         for sock in (getattr(self, "monitor", None), getattr(self, "front_monitor", None),
                      getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
                 sock.close(0)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         # libzmq can leave ipc socket files behind when the process exits right after closing;
         # a client would then wait out its timeout on a file nobody listens on
         # (only files this broker bound: never another live stack's sockets)
@@ -258,52 +297,58 @@ class Broker(Core):
                 pass
 
     def run(self) -> None:
+        """Serve until :meth:`stop`. Between messages the loop sleeps until the next deadline of
+        the core (a heartbeat, a queue timeout, a session's TTL, a drain deadline...), of the
+        status history or of a logged count; never polls on a fixed period."""
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.front_monitor, zmq.POLLIN)
-        store_fd = self.store.fileno() if self.store is not None else -1
+        store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
         if store_fd >= 0:
             poller.register(store_fd, zmq.POLLIN)
-        interval = self.options.heartbeat_interval
-        next_beat = time.monotonic() + interval
-        next_sweep = time.monotonic() + _SWEEP_EVERY
+        core, publisher, handshakes = self.core, self.publisher, self._handshakes
         while not self._stop:
-            timeout = max(0.0, min(next_beat, next_sweep) - time.monotonic())
+            due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
+            timeout = max(0.0, due - time.monotonic())
             if self._disconnects or self._client_disconnects:
                 timeout = min(timeout, _GOODBYE_GRACE)
-            events = dict(poller.poll(int(timeout * 1000)))
+            events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
             if self.backend in events:
-                self._drain(self.backend, self._on_backend)
+                self._drain(self.backend, self.core.on_worker_frames)
                 self._commit_here()  # checkpoints committed: the replies they held go out now
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
             if self._disconnects:
                 self._settle_disconnects()
-            if store_fd in events and self.store is not None:
-                self._store_done(self.store.completed())  # checkpoints committed: held replies go
             if self.frontend in events:
-                self._drain(self.frontend, self._on_frontend)
+                self._drain(self.frontend, self.core.on_client_frames)
             if self.front_monitor in events:
                 self._drain_front_monitor()
             if self._client_disconnects:
                 self._settle_client_disconnects()
+            if store_fd in events and self.store_thread is not None:
+                core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
+            if self._wake_r in events:
+                while True:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        break
             now = time.monotonic()
-            if now >= next_sweep:
-                self._sweep(now)
-                self.publisher.tick(now)
-                for (plane, code), n, span in self._handshakes.due(now):
-                    self._log_handshakes(plane, code, n, span)
-                next_sweep = now + _SWEEP_EVERY
-            if now >= next_beat:
-                self._heartbeat(now)
-                next_beat = now + interval
+            if now >= core.next_deadline():
+                core.tick(now)
+            if now >= publisher.next_due():
+                publisher.tick(now)
+            for (plane, code), n, span in handshakes.due(now):
+                self._log_handshakes(plane, code, n, span)
             self._commit_here()
             self._flush_clients()
-            if self.publisher.asked:
-                self.publisher.serve()
+            if publisher.asked:
+                publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):
@@ -312,11 +357,11 @@ class Broker(Core):
             except zmq.Again:
                 return
             try:
-                handler(frames)
+                handler(frames, time.monotonic())
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
 
-    def _identity(self, frame: zmq.Frame) -> str:
+    def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
         every peer is our own uid (the run directory is 0700), so all share one identity."""
         if not self.options.frontend.startswith("tcp://"):
@@ -326,7 +371,7 @@ class Broker(Core):
         except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
             return ""
 
-    def _to_client(self, frames: list[Any]) -> None:
+    def to_client(self, frames: list[Any]) -> None:
         self._outbox.append(frames)
         if len(self._outbox) >= _OUTBOX_MAX:  # a long drain does not hold its first replies back
             self._flush_clients()
@@ -356,13 +401,14 @@ class Broker(Core):
                 raise
             self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
 
-    def _map_fd(self, w: WorkerRecord, fd: int) -> None:
+    def _map_fd(self, wid: bytes, fd: int) -> None:
         if fd < 0:
             return
-        if w.fd >= 0 and self.fd_worker.get(w.fd) == w.id:
-            del self.fd_worker[w.fd]
-        w.fd = fd
-        self.fd_worker[fd] = w.id
+        old = self.worker_fd.get(wid, -1)
+        if self.fd_worker.get(old) == wid:
+            del self.fd_worker[old]
+        self.worker_fd[wid] = fd
+        self.fd_worker[fd] = wid
 
     def _drain_monitor(self) -> None:
         while True:
@@ -375,7 +421,7 @@ class Broker(Core):
                 self._handshake_failed(WORKERS, int(event["value"]))
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 wid = self.fd_worker.pop(int(event["value"]), None)
-                if wid is not None and wid in self.workers:
+                if wid is not None and wid in self.core.workers:
                     self._disconnects.setdefault(wid, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
@@ -402,10 +448,10 @@ class Broker(Core):
         due = [c for c, seen in self._client_disconnects.items() if now - seen >= _GOODBYE_GRACE]
         if not due:
             return
-        self._drain(self.frontend, self._on_frontend)
+        self._drain(self.frontend, self.core.on_client_frames)
         for client in due:
             del self._client_disconnects[client]
-            self._on_client_gone(client)
+            self.core.client_gone(client, time.monotonic())
 
     def _handshake_failed(self, plane: str, code: int) -> None:
         """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line
@@ -426,15 +472,14 @@ class Broker(Core):
         due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
         if not due:
             return
-        self._drain(self.backend, self._on_backend)
+        self._drain(self.backend, self.core.on_worker_frames)
         for wid in due:
             self._disconnects.pop(wid, None)
-            w = self.workers.get(wid)
-            if w is None:
+            if wid not in self.core.workers:
                 continue  # it said goodbye meanwhile
-            if self.fd_worker.get(w.fd) == w.id:
+            if self.fd_worker.get(self.worker_fd.get(wid, -1)) == wid:
                 continue  # its current connection is alive: the disconnect was of an older one
-            self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+            self.core.worker_lost(wid, time.monotonic())
 
 
 def _job_bytes(job: Job) -> int:

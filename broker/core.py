@@ -1,12 +1,17 @@
 """The broker's routing core: pools, workers, sessions, queues, pins and recycling, no sockets.
 
-Events come in as the frames a socket delivered (``_on_frontend``, ``_on_backend``), as a
-worker's connection seen or lost, and as clock ticks (``_sweep``, ``_heartbeat``); actions go out
-through four ports a shell implements: ``_to_client``, ``_send_worker`` (raises
-``WorkerUnreachable``), ``_identity`` (who sent a frame) and ``_connection_seen`` /
-``_forget_connection`` / ``_client_seen`` (which connection is whose); the shell reports a client
-whose connection closed with ``_on_client_gone``. ``broker.broker.Broker`` is the zmq shell;
-tests/test_core.py drives the core with a recording stub, in milliseconds, no processes.
+Events come in through a small public API: the frames a socket delivered (``on_client_frames``,
+``on_worker_frames``), a connection lost (``worker_lost``, ``client_gone``) and the clock (``tick``, due
+at ``next_deadline``). Each carries ``now``, the monotonic time the shell read for it: the core
+reads no clock of its own (wall-clock time, injected, is only displayed). What it needs done in
+the world goes through one ``broker.port.Port``. The core routes (affinity, dispatch, prefetch,
+replies, request control) and owns its other rules as objects: the session book
+(``broker.sessions``), the roster of workers (``broker.roster``), the recycler
+(``broker.recycling``), request control (``broker.control``), the timers (``broker.timers``) and
+the answers it gives in a worker's place (``broker.answers``), durable sessions
+(``broker.durable``); broker ops are handlers the shell registers (``broker.ops``).
+``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py drives one with a
+recording port on a fake clock.
 """
 
 from __future__ import annotations
@@ -15,47 +20,54 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from broker.answers import Answers, error_code
+from broker.checkpoints import Job
+from broker.control import RequestControl
+from broker.durable import DurableSessions, movable
+from broker.port import Port, WorkerUnreachable
+from broker.recycling import Recycler
+from broker.roster import Roster
+from broker.sessions import SessionBook, worker_gone
+from broker.state import (
+    Clock,
+    GoneWorkers,
+    Pending,
+    Pool,
+    SessionRecord,
+    WorkerRecord,
+    bucket_bounds,
+)
+from broker.timers import Timers
 from dspex.errors import (
-    Cancelled,
-    ConfigError,
     DspexError,
-    InternalError,
     PoolNotFound,
     PoolSaturated,
     ProtocolError,
     QueueTimeout,
-    SessionClosed,
-    SessionNotYours,
-    SessionPoolMismatch,
-    SessionQuotaExceeded,
     SessionWorkerUnavailable,
     UnknownOp,
     WorkerBusy,
-    WorkerCrashed,
 )
-from dspex.health import SERVICE, failure_kind
 from dspex.pools import PoolConfig
 from dspex.protocol import (
     B_BYE,
-    B_CANCEL,
-    B_CREDIT,
     B_DISCONNECT,
-    B_HEARTBEAT,
     B_REREGISTER,
     BROKER_OPS,
     FLAG_DURABLE,
-    BUDGET_EPHEMERAL,
     GOODBYE_ABANDONED,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
-    PROTOCOL_VERSION,
+    OPS,
     STREAM_OPS,
-    W_DISCONNECT,
     W_CHECKPOINT,
+    W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
     W_PARTIAL,
@@ -63,489 +75,129 @@ from dspex.protocol import (
     W_REPLY,
     WORKER_OPS,
     Affinity,
-    Op,
+    SessionMode,
     Status,
-    pack_error,
     pack_reply_header,
-    pack_request_head,
-    unpack_reply_head,
+    pack_request_envelope,
+    unpack_reply_envelope,
     unpack_request_header,
 )
-from broker.durable import DurableSessions
-from broker.lifecycle import Lifecycle
-from broker.ops import OpCall, run_op
-from broker.ops import status as status_of
-from broker.state import GoneWorkers, Notices, Pending, Pool, SessionRecord, Tombstones, WorkerRecord, bucket_bounds
 
 if TYPE_CHECKING:
     import zmq  # frames only: the core never touches a socket
 
 log = logging.getLogger("dspex.broker")
 
-_STRICT = (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
-PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
-# refusals and queue timeouts are logged as counts, at most once per pool and kind this often
-NOTICE_EVERY = 10.0
-# failures counted and logged in bulk (``Notices``), not one line per call
-_BULK_CODES = (PoolSaturated.code, QueueTimeout.code)
 
 
-def _error_code(frames: list[Any]) -> str:
-    """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
-    try:
-        last = frames[-1]
-        body = msgpack.unpackb(last.buffer if hasattr(last, "buffer") else last)
-        return str(body.get("code") or "error") if isinstance(body, dict) else "error"
-    except Exception:
-        return "error"
+@dataclass(frozen=True)
+class OpCall:
+    """A broker op as its handler gets it."""
+
+    session: str  # the request header's session
+    pool: str  # the request header's pool
+    args: dict[str, Any]  # the op's arguments, checked against its definition, defaults filled in
+    owner: str  # the caller's client identity
 
 
-SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+Handler = Callable[["Core", OpCall], Any]  # a broker op's handler: its result is the reply
 
 
-class WorkerUnreachable(Exception):
-    """A send to a worker whose connection is already gone (the shell's ROUTER_MANDATORY)."""
-
-
-class Core(Lifecycle, DurableSessions):
+class Core:
     """Routes client requests to pool workers under the pools' affinity rules."""
 
-    def __init__(self, pools: list[PoolConfig], *, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 heartbeat_liveness: int = HEARTBEAT_LIVENESS, max_sessions: int = 100_000) -> None:
+    def __init__(self, pools: list[PoolConfig], port: Port, ops: Mapping[str, Handler], *, now: float,
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL, heartbeat_liveness: int = HEARTBEAT_LIVENESS,
+                 max_sessions: int = 100_000, wall: Callable[[], float] = time.time) -> None:
+        """``port``: what acts in the world; ``ops``: the handlers of the broker ops, by name
+        (``broker.ops.HANDLERS``); ``now``: the monotonic time the core starts at (its restart
+        grace counts from it); ``wall``: wall-clock time, for what is displayed (events, session
+        creation, start)."""
+        self.port = port
+        self.ops = ops
+        # the port's two hot-path sends, bound once
+        self._to_client = port.to_client
+        self._send_worker = port.to_worker
+        self.clock = Clock(now, wall)
+        self.started = wall()
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
-        self.max_sessions = max_sessions
         # histogram buckets reach the longest wait a pool allows: its queue timeout, or the drain
         # deadline (the longest a call may run on a worker being recycled)
         longest = max([60.0, *(max(p.queue_timeout, p.drain_timeout) for p in pools)])
         bounds = bucket_bounds(longest)
         self.pools: dict[str, Pool] = {p.name: Pool(p, bounds) for p in pools}
-        self.notices = Notices(NOTICE_EVERY)
         self.workers: dict[bytes, WorkerRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
-        self.closed = Tombstones()  # closed and expired session ids: late calls get SessionClosed
-        self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
-        self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
-        self.gone = GoneWorkers()
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
-        self.started = time.time()
-        self._booted = time.monotonic()
-        self._grace_over = False  # the restart grace has passed (unclaimed pins retired)
+        self.gone = GoneWorkers()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
-        # durable sessions: opened, checkpoint writes stored, refused (turned plain), moves, restores
-        # sent, sessions lost (a checkpoint refused)
-        self.durable_counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
-        self.nudge: Any = None  # something with worker_left() (supervisord), or None
-        self.stack_info: dict[str, str] = {}  # what ``ping`` says about this stack
+        self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
+        self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
+        self.answers = Answers(port, self.clock, self.workers, self.gone)
+        self._fail = self.answers.fail
+        self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
+                                restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,
+                                fail=self._fail, to_worker=self._to_worker, wake=self._wake)
+        self.durable = self.book.durable = DurableSessions(
+            self.sessions, self.pools, self.workers, clock=self.clock, port=port, book=self.book, answers=self.answers,
+            to_worker=self._to_worker, dispatch=self._dispatch, route=self._route, counters=self.counters)
+        self.roster = Roster(self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock,
+                             port=port, answers=self.answers, book=self.book, counters=self.counters,
+                             heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness,
+                             to_worker=self._to_worker, to_peer=self._to_peer, hand_back=self._hand_back,
+                             pin=self.book.pin, durable=self.durable)
+        self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
+                                 to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake,
+                                 reroute=self.durable.reroute)
+        self.control = RequestControl(self.pools, self.running, answers=self.answers, counters=self.counters,
+                                      to_worker=self._to_worker)
+        self.timers = Timers(self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers,
+                             book=self.book, recycler=self.recycler, roster=self.roster, counters=self.counters)
 
-    # -- ports: the shell implements these ----------------------------------------------------
-    def _to_client(self, frames: list[Any]) -> None:
-        raise NotImplementedError
-
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
-        raise NotImplementedError
-
-    def _identity(self, frame: Any) -> str:
-        return ""
-
-    def _connection_seen(self, w: WorkerRecord, frame: Any) -> None:
-        """A message from ``w`` on (maybe) a new connection."""
-
-    def _forget_connection(self, w: WorkerRecord) -> None:
-        """``w`` is gone: drop what ties a connection to it."""
-
-    def _client_seen(self, client: bytes, frame: Any) -> None:
-        """A request from ``client`` (a client socket's routing id) came over ``frame``'s connection."""
-
-    # -- frontend -------------------------------------------------------------------------
-    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+    # -- events -------------------------------------------------------------------------------
+    def on_client_frames(self, frames: list[zmq.Frame], now: float) -> None:
+        """A message from a client: ``[client id, request header, *payload]``."""
+        self.clock.now = now
         client = frames[0].bytes
         if len(frames) < 2:
             self.counters["garbage_frontend"] += 1
-            self._error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
+            self.answers.error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
             return
         try:
             header = unpack_request_header(frames[1].buffer)
         except ProtocolError as err:
             self.counters["garbage_frontend"] += 1
             log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
-            self._error(client, 0, err)
+            self.answers.error(client, 0, err)
             return
         op = header.op
-        owner = self._identity(frames[1])
+        owner = self.port.client_identity(frames[1])
         if op in WORKER_OPS:
-            self._client_seen(client, frames[0])
-            now = time.monotonic()
+            self.port.client_seen(client, frames[0])
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
                         flags=header.flags)
-            self._route(p, header.pool, header.worker, now)
+            self._route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
-                args = msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {}
-                if not isinstance(args, dict):
-                    raise ProtocolError("broker op arguments must be a map")
-                result = run_op(self, op, OpCall(header.session, header.pool, args, owner))
+                args = OPS[op].bind_map(msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {})
+                result = self.ops[op](self, OpCall(header.session, header.pool, args, owner))
             except DspexError as err:
-                self._error(client, header.req_id, err)
-            except Exception as exc:
-                self._error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
+                self.answers.error(client, header.req_id, err)
+            except Exception as exc:  # noqa: BLE001 - a body the op cannot use is the caller's error
+                self.answers.error(client, header.req_id, ProtocolError(f"bad {op} request: {exc}"))
             else:
                 self._to_client([client, pack_reply_header(Status.OK.value, header.req_id), msgpack.packb(result)])
         elif op in STREAM_OPS:
-            self._stream_control(client, header.req_id, header.pool, op, frames)
+            self.control.on_control(client, header.req_id, header.pool, op, frames)
         else:
-            self._error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
+            self.answers.error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
 
-    def _stream_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[zmq.Frame]) -> None:
-        key = (client, req_id)
-        w = self.running.get(key)
-        if w is not None:
-            n = 0
-            if op == Op.CREDIT.value and len(frames) > 2:
-                try:
-                    n = int(msgpack.unpackb(frames[2].buffer))
-                except Exception:
-                    self.counters["garbage_frontend"] += 1
-                    return
-            elif op == Op.CANCEL.value and (p := w.inflight.get(key)) is not None:
-                p.cancelled = True  # its error reply counts as ``cancelled``, not as a worker error
-            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
-            return
-        pool = self.pools.get(pool_name)
-        if op != Op.CANCEL.value or pool is None:
-            return
-        for queue in pool.queues():
-            for p in queue:
-                if p.client == client and p.req_id == req_id:
-                    queue.remove(p)
-                    self._fail(p, pool, Cancelled("cancelled while queued"))
-                    return
-
-    def _on_client_gone(self, client: bytes) -> None:
-        """The connection of ``client`` (a client socket's routing id) closed: nobody reads the
-        replies of its requests any more. Its running calls are cancelled on their workers (their
-        slots free when the workers answer), its queued ones dropped; both count as ``cancelled``."""
-        running = 0
-        for w in list(self.workers.values()):
-            for (owner, req_id), p in list(w.inflight.items()):
-                if owner == client and not p.cancelled:
-                    p.cancelled = True
-                    running += 1
-                    if not self._to_worker(w, [B_CANCEL, client, msgpack.packb([req_id, 0])]):
-                        break  # that worker is gone, and its calls with it
-        queued = 0
-        for pool in self.pools.values():
-            for queue in pool.queues():
-                mine = [p for p in queue if p.client == client]
-                for p in mine:
-                    queue.remove(p)
-                    pool.outcomes[(p.op, Cancelled.code)] += 1
-                queued += len(mine)
-        if running or queued:
-            log.info("client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
-                     running, queued)
-
-    def _error(self, client: bytes, req_id: int, err: DspexError) -> None:
-        self._to_client(
-            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)])
-
-    def _fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
-        if pool is not None:
-            pool.outcomes[(p.op, err.code)] += 1
-            self._note_failure(pool, err.code, str(err.details.get("worker") or ""))
-        if err.code not in _BULK_CODES:
-            log.info("call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
-                     pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
-                     err.message)
-        self._error(p.client, p.req_id, err)
-
-    def _note_failure(self, pool: Pool, code: str, worker: str = "", now: float | None = None) -> None:
-        """Count a failed answer in the pool's health window: the service's, the caller's, or
-        (a session whose worker was recycled or stopped) the operator's."""
-        wid = worker.encode()
-        cleanly = wid in self.workers or (bool(wid) and not self.gone.crashed(wid))
-        pool.recent.add(failure_kind(code, cleanly), code, time.monotonic() if now is None else now)
-
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str, now: float | None = None) -> None:
-        """``now``: the caller's clock reading, when it has a fresh one (one per message)."""
-        pool = self.pools.get(pool_name)
-        if pool is None:
-            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
-            return
-        if p.session and pool.mode is Affinity.NONE and p.flags & FLAG_DURABLE:
-            self._fail(p, pool, ConfigError(f"pool {pool.name!r} keeps no session state (affinity none): a session "
-                                            "there cannot be durable"))
-            return
-        if not p.session or pool.mode is Affinity.NONE:
-            self._run_anywhere(pool, p)
-            return
-        rec = self.sessions.get(p.session)
-        if rec is None and (why := self.closed.why(p.session)) is not None:
-            lost = self.closed.worker(p.session)
-            if (reason := self.closed.lost(p.session)):
-                self._fail(p, pool, self._lost_error(p.session, reason))
-            elif lost:
-                self._fail(p, pool, self._worker_gone(p.session, lost, why))
-            else:
-                self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {why}", session=p.session))
-            return
-        if rec is None:
-            if len(self.sessions) >= self.max_sessions:
-                self._fail(p, pool, SessionQuotaExceeded(f"the broker holds {len(self.sessions)} sessions, its limit"))
-                return
-            if (p.flags & FLAG_DURABLE or pool.config.durable) and not self.checkpoints:
-                self._fail(p, pool, ConfigError("this broker keeps no checkpoints (started without a checkpoint "
-                                                "store): a session cannot be durable"))
-                return
-            rec = self.sessions[p.session] = SessionRecord(p.session, pool.name, owner=p.owner)
-            if p.flags & FLAG_DURABLE or pool.config.durable:
-                self._open_durable(rec)
-            if claimed_worker:
-                # a pin from before a broker restart: keep it if that incarnation is back
-                wid = claimed_worker.encode()
-                known = self.workers.get(wid)
-                if (known is not None and known.pool is pool) or pool.mode in _STRICT:
-                    self._pin(rec, wid)
-        elif rec.owner != p.owner:
-            self._fail(p, pool, SessionNotYours(f"session {p.session[:8]} belongs to another client", session=p.session))
-            return
-        elif rec.closing:
-            self._fail(p, pool, SessionClosed(f"session {p.session[:8]} {rec.closing}", session=p.session))
-            return
-        elif rec.pool != pool.name:
-            self._fail(p, pool, SessionPoolMismatch(
-                f"session {p.session[:8]} belongs to pool {rec.pool!r}, not {pool.name!r}", session=p.session))
-            return
-        rec.last_used = p.enqueued
-        rec.calls += 1
-        if rec.worker is None:
-            w = pool.least_loaded()
-            if w is None:
-                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
-                return
-            self._pin(rec, w.id)
-        pinned = rec.worker
-        assert pinned is not None
-        w = self.workers.get(pinned)
-        if w is None and (pool.mode in _STRICT or rec.durable) and self._in_restart_grace(pinned):
-            # just (re)started: its worker may be alive and not re-registered yet; wait for it
-            self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
-            return
-        if self._durable_route(rec, pool, p, w):
-            return  # its worker is gone or draining: it moves, with its checkpoint
-        if w is None or w.draining:
-            if pool.mode in _STRICT:
-                if w is None:  # its worker left: from now on the session is a tombstone
-                    self._fail(p, pool, self._worker_gone(rec.id, pinned, self.gone.why(pinned)))
-                    self._retire_session(rec, pinned)
-                else:
-                    self._fail(p, pool, self._worker_gone(rec.id, pinned, "is being recycled"))
-                return
-            # hint: the session re-pins to the least-loaded worker
-            self._pin(rec, None)
-            new = pool.least_loaded()
-            if new is None:
-                self._enqueue(pool, pool.queue, p)
-                return
-            self._pin(rec, new.id)
-            w = new
-        if w.can_start(p.session):
-            self._dispatch(w, p, now)
-        elif pool.mode is Affinity.STRICT_QUEUE:
-            # (pool.queued counts every queue: asked last)
-            if not w.queue and self._may_prefetch(w, now) and pool.queued < pool.config.queue_max:
-                self._dispatch(w, p, now)
-            else:
-                self._enqueue(pool, w.queue, p)
-        elif pool.mode is Affinity.STRICT_FAIL_FAST:
-            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
-        elif rec.durable is not None:  # hint, durable: one state, so its own worker only
-            self._enqueue(pool, w.queue, p)
-        else:  # hint: any idle worker, else the first one to free up
-            self._run_anywhere(pool, p)
-
-    @staticmethod
-    def _worker_gone(session: str, wid: bytes, why: str) -> SessionWorkerUnavailable:
-        incarnation = wid.decode(errors="replace")
-        return SessionWorkerUnavailable(f"session {session[:8]} is pinned to worker {incarnation[:8]}, which {why}",
-                                        session=session, worker=incarnation)
-
-    def _pin(self, rec: SessionRecord, wid: bytes | None) -> None:
-        """The one place a session's pin changes: the workers' session sets follow it."""
-        old = self.workers.get(rec.worker) if rec.worker else None
-        if old is not None:
-            old.sessions.discard(rec.id)
-        rec.worker = wid
-        new = self.workers.get(wid) if wid else None
-        if new is not None:
-            new.sessions.add(rec.id)
-        if rec.durable is not None and wid is not None:
-            self._durable_pinned(rec)
-
-    def _restart_grace(self) -> float:
-        return self.heartbeat_interval * self.heartbeat_liveness
-
-    def _in_restart_grace(self, wid: bytes) -> bool:
-        return wid not in self.gone and time.monotonic() - self._booted < self._restart_grace()
-
-    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
-        w = pool.idle_worker()
-        if w is not None and not pool.queue:
-            self._dispatch(w, p)
-        else:
-            self._enqueue(pool, pool.queue, p)
-
-    def _enqueue(self, pool: Pool, queue: Any, p: Pending) -> None:
-        if pool.queued >= pool.config.queue_max:
-            pool.saturated += 1
-            if n := self.notices.note((pool.name, PoolSaturated.code), time.monotonic()):
-                self._log_notice(pool, PoolSaturated.code, n, 0.0)
-            self._fail(p, pool, PoolSaturated(
-                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
-            return
-        queue.append(p)
-
-    def _dispatch(self, w: WorkerRecord, p: Pending, now: float | None = None) -> None:
-        if now is None:
-            now = time.monotonic()
-        if now > p.deadline:
-            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
-            return
-        pool = w.pool
-        queue_left = p.enqueued + pool.config.queue_timeout - now
-        if queue_left < 0:  # waited out its queue time between two sweeps
-            self._fail(p, pool, QueueTimeout(
-                f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
-                f"{pool.config.queue_timeout:g}s", pool=pool.name))
-            return
-        key = (p.client, p.req_id)
-        if key in self.running:  # a client reusing the id of a request still running
-            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
-            return
-        # the deadline travels with the request: the worker stops the call when it passes
-        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
-        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
-        # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
-        # a call that turned out long) answers QueueTimeout without running it
-        queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
-        restore: list[Any] = []
-        if not p.session:
-            head = pack_request_head(p.client, call_ms, queue_ms)
-        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
-            head = pack_request_head(p.client, call_ms, queue_ms, 0, BUDGET_EPHEMERAL)
-        else:
-            rec = self.sessions.get(p.session)
-            flags = 0
-            if rec is not None:
-                rec.touched.add(w.id)  # every worker that may hold its state gets the release
-                if rec.durable is not None:
-                    flags, restore = self._durable_head(rec, w)
-            head = pack_request_head(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl), flags)
-        p.started = now
-        pool.queue_wait.observe(now - p.enqueued)
-        w.inflight[key] = p
-        self.running[key] = w
-        try:
-            self._send_worker(w.id, [head, *restore, p.header, *p.payload])
-        except WorkerUnreachable:
-            del w.inflight[key]  # never delivered: not a crash mid-request
-            self.running.pop(key, None)
-            self._remove_worker(w, "crashed (connection lost)")
-            self._hand_back(p, pool, w, "crashed (connection lost)")
-
-    def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
-        """A request ``w`` never started: route it again where the pool allows, else say so
-        (a did-not-run error: the caller may retry)."""
-        rec = self.sessions.get(p.session) if p.session else None
-        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or (
-                rec is not None and rec.durable is not None and not rec.durable.off):
-            self._route(p, pool.name, "")  # a durable session moves with it
-            return
-        self._fail(p, pool, SessionWorkerUnavailable(
-            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
-            "this request (it did not run)", session=p.session, worker=w.incarnation))
-
-    def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
-        try:
-            self._send_worker(w.id, frames)
-            return True
-        except WorkerUnreachable:
-            self._remove_worker(w, "crashed (connection lost)")
-            return False
-
-    def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:
-        """Best effort to a peer we hold no record of (it may be gone already)."""
-        try:
-            self._send_worker(wid, frames)
-        except WorkerUnreachable:
-            pass
-
-    def _may_prefetch(self, w: WorkerRecord, now: float | None = None) -> bool:
-        """Send ``w`` a pinned request before its running call ends (``prefetch`` per pool)?
-
-        strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
-        > 1 already has slots), and only while its calls are short: its last call took, and its
-        running call has so far taken, under ``PREFETCH_YOUNG``. Short calls are where the idle
-        broker round trip costs; behind a long call (or on a worker that has not answered yet) the
-        request waits in the broker as before (cancellable, a crash says it did not run)."""
-        pool = w.pool
-        if (w.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or w.capacity != 1
-                or w.draining or w.adopted or not w.inflight or len(w.inflight) - 1 >= pool.config.prefetch):
-            return False
-        if now is None:
-            now = time.monotonic()
-        for p in w.inflight.values():
-            if now - p.started >= PREFETCH_YOUNG:
-                return False
-        return True
-
-    def _feed(self, w: WorkerRecord, now: float | None = None) -> None:
-        """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w, now)
-        while w.queue and w.free <= 0 and self._may_prefetch(w, now):
-            self._dispatch(w, w.queue.popleft(), now)
-
-    def _feed_free(self, w: WorkerRecord, now: float | None = None) -> None:
-        """Give a worker with free slots its next work: its own queue first, then the pool's."""
-        pool = w.pool
-        while w.free > 0:
-            if w.queue:
-                p = w.next_queued()
-                if p is not None:
-                    self._dispatch(w, p, now)
-                    continue
-            if not pool.queue:
-                return
-            p = pool.queue[0]
-            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
-            if rec is not None and rec.worker is None and w.id in pool.rolling:
-                return  # a new session waits for a worker that is not about to be recycled
-            pool.queue.popleft()
-            if rec is not None and rec.worker is None:
-                self._pin(rec, w.id)
-            if rec is not None and rec.worker != w.id and pool.mode in _STRICT:
-                # its session was pinned elsewhere while it waited: route it there
-                self._route_pinned(pool, p, rec)
-                continue
-            if p.session and w.capacity > 1 and not w.can_start(p.session):
-                w.queue.append(p)  # a call of a session already running here waits its turn
-                continue
-            self._dispatch(w, p, now)
-
-    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
-        target = self.workers.get(rec.worker) if rec.worker else None
-        if target is None or target.draining:
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {rec.id[:8]} lost its worker", session=rec.id,
-                worker=(rec.worker or b"").decode(errors="replace")))
-        elif target.can_start(p.session):
-            self._dispatch(target, p)
-        else:
-            self._enqueue(pool, target.queue, p)
-
-    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+    def on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
+        """A message from a worker: ``[worker id, command frame, *frames]``."""
+        self.clock.now = now
         wid = frames[0].bytes
         if len(frames) < 2:
             self.counters["garbage_backend"] += 1
@@ -553,15 +205,13 @@ class Core(Lifecycle, DurableSessions):
         first = frames[1].bytes
         command = first[:1]
         w = self.workers.get(wid)
-        now = time.monotonic()  # the one clock reading of this message
         if w is not None:
-            w.last_seen = now
-            w.expiry = now + self.heartbeat_interval * self.heartbeat_liveness
+            w.expiry = now + self.roster.silence
         if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
                 if len(frames) < 3:
                     raise ProtocolError("no reply header")
-                ok, req_id, client = unpack_reply_head(first)
+                ok, req_id, client = unpack_reply_envelope(first)
             except ProtocolError:
                 self.counters["garbage_backend"] += 1
                 log.warning("malformed reply from worker %s", wid[:8])
@@ -579,19 +229,12 @@ class Core(Lifecycle, DurableSessions):
             if command == W_PARTIAL:
                 self._to_client([client, *frames[2:]])
                 return
-            reply: list[Any] = [client, *frames[2:]]
-            if command == W_CHECKPOINT:  # a durable call's checkpoint, then its reply
-                used = self._on_checkpoint(w, w.inflight[(client, req_id)], frames)
-                if used < 0:  # (the session is no longer durable: the call is told so)
-                    ok = False
-                    reply = [client, pack_reply_header(Status.ERROR.value, req_id),
-                             pack_error(InternalError.code, "its worker sent a malformed checkpoint")]
-                else:
-                    reply = [client, *frames[2 + used:]]
             p = w.inflight.pop((client, req_id), None)
             rec = self.sessions.get(p.session) if p is not None and p.session else None
-            # a durable session's reply waits for its checkpoint to commit
-            self._durable_reply(rec, (client, req_id), reply)
+            if rec is not None and rec.durable is not None or command == W_CHECKPOINT:
+                ok = self.durable.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
+            else:
+                self._to_client([client, *frames[2:]])
             if p is not None:
                 self.running.pop((client, req_id), None)
                 outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
@@ -600,21 +243,21 @@ class Core(Lifecycle, DurableSessions):
                 else:
                     if not p.cancelled:
                         w.errors += 1
-                    self._note_failure(w.pool, "cancelled" if p.cancelled else _error_code(reply), now=now)
+                    self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
                 if rec is not None:
                     rec.last_used = now  # idle time counts from the end of the last call
-                    if rec.closing and not self._session_running(rec):
-                        self._release_session(rec)
+                    if rec.closing and not self.book.running(rec):
+                        self.book.release(rec)
                     elif rec.durable is not None:
-                        self._durable_call_ended(rec)
+                        self.durable.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
-            elif self._over_request_limit(w):
-                self.recycle(w)  # exactly at the limit, not at the next sweep
+            elif self.recycler.over_request_limit(w, now):
+                self.recycler.recycle(w, now)  # exactly at the limit, not at the next tick
             else:
-                self._feed(w, now)
+                self._feed(w)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])
@@ -624,215 +267,264 @@ class Core(Lifecycle, DurableSessions):
             elif len(frames) > 2:
                 try:
                     stats = msgpack.unpackb(frames[2].buffer)
-                    if isinstance(stats, dict):
-                        w.stats = stats
-                        if w.adopted:  # calls from before a broker restart that ended unseen
-                            running = int(stats.get("running", 0))
-                            w.adopted = min(w.adopted, max(0, running - len(w.inflight)))
-                            self._feed(w)
-                except Exception:
+                    if isinstance(stats, dict) and self.roster.heard(w, stats):
+                        self._feed(w)
+                except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
                     self.counters["garbage_backend"] += 1
         elif command == W_READY:
-            self._on_ready(wid, frames)
+            w = self.roster.register(wid, frames)
+            if w is not None:
+                self._feed(w)
+                if w.pool.parked:
+                    self.durable.worker_ready(w.pool)
+                if w.pool.recycling is not None:
+                    # a rolling recycle waits for this replacement: go on now, not at the next tick
+                    # (an operator who saw the replacement ready must not find the pool "recycling")
+                    self.recycler.step(w.pool, now)
         elif command == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
-            if w is not None:
-                if len(frames) > 2 and frames[2].bytes == GOODBYE_ABANDONED:
-                    # a call of it ignored its hard time limit: what it was running may have run
-                    self._remove_worker(w, "was recycled at a call's hard time limit")
-                else:
-                    self._remove_worker(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
+            # abandoned: a call of it ignored its hard time limit, so what it was running may have run
+            if w is not None and len(frames) > 2 and frames[2].bytes == GOODBYE_ABANDONED:
+                self.roster.remove(w, "was recycled at a call's hard time limit")
+            elif w is not None:
+                self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
                 log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
-                self._start_draining(w, "is stopping")
+                self.recycler.start_draining(w, "is stopping", now)
         else:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", command[:8], wid[:8])
 
-    def _on_ready(self, wid: bytes, frames: list[zmq.Frame]) -> None:
-        try:
-            info = msgpack.unpackb(frames[2].buffer)
-            pool_name = info["pool"]
-            if not isinstance(pool_name, str):
-                raise TypeError("pool must be a string")
-            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
-                raise TypeError("pid, capacity and running must be integers")
-            version = info.get("version", 1)
-        except Exception as exc:
-            self.counters["garbage_backend"] += 1
-            log.warning("malformed READY from %s: %s", wid[:8], exc)
-            return
+    def worker_lost(self, wid: bytes, now: float) -> None:
+        """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
+        self.clock.now = now
         w = self.workers.get(wid)
-        if w is not None:  # a re-READY after a reconnect: same incarnation, same sessions
-            self._connection_seen(w, frames[0])
-            return
-        if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
-            log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
-                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
-                      info.get("host", "?"), version, PROTOCOL_VERSION)
-            self._to_peer(wid, [B_DISCONNECT])
-            return
+        if w is not None:
+            self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+
+    def client_gone(self, client: bytes, now: float) -> None:
+        """The connection of ``client`` (a client socket's routing id) closed (the shell's socket
+        monitor): its requests are cancelled."""
+        self.clock.now = now
+        self.control.client_gone(client, self.workers)
+
+    def store_done(self, jobs: list[Job], now: float) -> None:
+        """Checkpoint store jobs finished, in the order they were handed to the port's ``store``:
+        the replies they held go out."""
+        self.clock.now = now
+        self.durable.store_done(jobs)
+
+    def tick(self, now: float) -> None:
+        """The clock: what is due by ``now`` (see ``broker.timers``)."""
+        self.clock.now = now
+        self.timers.tick(now)
+
+    def next_deadline(self) -> float:
+        """When the core next has something to do if no message comes (monotonic seconds): the
+        shell calls :meth:`tick` then."""
+        return self.timers.due
+
+    # -- routing ------------------------------------------------------------------------------
+    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
         pool = self.pools.get(pool_name)
         if pool is None:
-            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
-            self._to_peer(wid, [B_DISCONNECT])
+            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
             return
-        expiry = time.monotonic() + self.heartbeat_interval * self.heartbeat_liveness
-        w = WorkerRecord(wid, pool, info, expiry)
-        self.workers[wid] = w
-        pool.workers[wid] = w
-        self._connection_seen(w, frames[0])
-        # re-adopt sessions a restarted broker learned about from clients before this READY
-        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
-        w.queue.extend(pool.awaiting.pop(wid, ()))
-        pool.starts += 1
-        self._event(pool.name, w, "start", "registered")
-        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
-        self._feed(w)
-        self._durable_worker_ready(pool)
-        if pool.recycling is not None:
-            # a rolling recycle waits for this replacement: go on now, not at the next sweep (an
-            # operator who saw the replacement ready must not find the pool still "recycling")
-            self._recycle_step(pool, time.monotonic())
+        durable = p.flags & FLAG_DURABLE or pool.config.durable
+        if durable and p.session and (refused := self.durable.refusal(p, pool)):
+            self._fail(p, pool, refused)
+            return
+        if not p.session or pool.mode is Affinity.NONE:
+            self._run_anywhere(pool, p)
+            return
+        rec = self.book.admit(p, pool, claimed_worker)
+        if isinstance(rec, DspexError):
+            self._fail(p, pool, rec)
+            return
+        if durable and rec.durable is None and rec.calls == 1:
+            self.durable.open(rec)
+        if rec.worker is None:
+            w = pool.least_loaded()
+            if w is None:
+                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
+                return
+            self.book.pin(rec, w.id)
+        pinned = rec.worker
+        assert pinned is not None
+        w = self.workers.get(pinned)
+        if w is None or w.draining:
+            if w is None and (pool.strict or rec.durable is not None) and self.book.in_restart_grace(pinned):
+                # just (re)started: its worker may be alive and not re-registered yet; wait for it
+                self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
+                return
+            if rec.durable is not None and self.durable.route(rec, pool, p, w):
+                return  # it moves with its checkpoint; the call waits for the move
+            if pool.strict:
+                if w is None:  # its worker left: from now on the session is a tombstone
+                    self._fail(p, pool, worker_gone(rec.id, pinned, self.gone.why(pinned)))
+                    self.book.retire(rec, pinned)
+                else:
+                    self._fail(p, pool, worker_gone(rec.id, pinned, "is being recycled"))
+                return
+            # hint: the session re-pins to the least-loaded worker
+            self.book.pin(rec, None)
+            new = pool.least_loaded()
+            if new is None:
+                self._enqueue(pool, pool.queue, p)
+                return
+            self.book.pin(rec, new.id)
+            w = new
+        if w.can_start(p.session):
+            self._dispatch(w, p)
+        elif pool.mode is Affinity.STRICT_QUEUE:
+            # (pool.queued counts every queue: asked last)
+            if not w.queue and w.may_prefetch(self.clock.now) and pool.queued < pool.config.queue_max:
+                self._dispatch(w, p)
+            else:
+                self._enqueue(pool, w.queue, p)
+        elif pool.mode is Affinity.STRICT_FAIL_FAST:
+            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
+        elif rec.durable is not None:  # hint, durable: one state, so its own worker only
+            self._enqueue(pool, w.queue, p)
+        else:  # hint: any idle worker, else the first one to free up
+            self._run_anywhere(pool, p)
 
-    def _remove_worker(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
-        """``clean``: the worker said goodbye, so it answered every request it started; what is
-        still in flight never ran there (handed back, not ``WorkerCrashed``)."""
-        if self.workers.pop(w.id, None) is None:
+    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
+        w = pool.idle_worker()
+        if w is not None and not pool.queue:
+            self._dispatch(w, p)
+        else:
+            self._enqueue(pool, pool.queue, p)
+
+    def _enqueue(self, pool: Pool, queue: deque[Pending], p: Pending) -> None:
+        if pool.admit(queue, p):
+            when = p.enqueued + pool.config.queue_timeout  # its queue deadline, or its caller's
+            when = min(when, p.deadline)
+            timers = self.timers
+            timers.due = min(timers.due, when)
+        else:
+            self.answers.fail_in_bulk(p, pool, PoolSaturated(
+                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
+
+    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
+        now = self.clock.now
+        if now > p.deadline:
+            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
             return
-        self._forget_connection(w)
         pool = w.pool
-        pool.workers.pop(w.id, None)
-        if "recycled" in why:
-            pool.recycles += 1
-            event = "recycle"
-        elif clean:  # a clean SIGTERM exit (supervisorctl stop/restart, a deploy) is not a crash
-            event = "exit"
+        queue_left = p.enqueued + pool.config.queue_timeout - now
+        if queue_left < 0:  # waited out its queue time before a tick came by
+            self._fail(p, pool, QueueTimeout(
+                f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
+                f"{pool.config.queue_timeout:g}s", pool=pool.name))
+            return
+        key = (p.client, p.req_id)
+        if key in self.running:  # a client reusing the id of a request still running
+            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
+            return
+        # the deadline travels with the request: the worker stops the call when it passes
+        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
+        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
+        # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
+        # a call that turned out long) answers QueueTimeout without running it
+        queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
+        restore: list[Any] = []  # the checkpoint of a durable session that moved here
+        if not p.session:
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms)
+        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms, 0, SessionMode.EPHEMERAL)
         else:
-            pool.crashes += 1
-            event = "crash"
-            pool.recent.add(SERVICE, "crash", time.monotonic())
-        self.gone.add(w.id, why, crashed=event == "crash")
-        self._event(pool.name, w, event, why)
-        # an intended recycle or a clean exit is routine (INFO); anything else needs a look
-        log.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
-                "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
-                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
-        inflight = list(w.inflight.items())
-        queued = list(w.queue)
-        w.inflight.clear()
-        w.queue.clear()
-        moving = []  # durable sessions pinned here: they move on their next call (or now, queued ones)
-        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
-        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
-        silent = why == SILENT
-        for sid in list(w.sessions):
-            rec = self.sessions.get(sid)
-            if rec is None or rec.worker != w.id:
-                continue
-            if rec.durable is not None and not rec.durable.off and not rec.closing:
-                moving.append(rec)
-            elif pool.mode is Affinity.HINT and not rec.closing:
-                self._pin(rec, None)  # re-pins on its next call
-            elif silent and not rec.closing:
-                continue
-            else:  # its state is gone with the worker: the id stays as a tombstone only
-                self._retire_session(rec, w.id)
-        for key, p in inflight:
-            self.running.pop(key, None)
-            if clean:
-                self._hand_back(p, pool, w, why)
-            else:
-                self._fail(p, pool, WorkerCrashed(
-                    f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
-                    worker=w.incarnation, session=p.session))
-        for rec in moving:
-            self._durable_call_ended(rec)  # a move that waited for its call here goes on
-        for p in queued:
             rec = self.sessions.get(p.session)
-            if rec is not None and rec.durable is not None and not rec.durable.off:
-                self._route(p, pool.name, "")  # it did not run: it moves with its session
+            durable = 0
+            if rec is not None:
+                rec.touched.add(w.id)  # every worker that may hold its state gets the release
+                if rec.durable is not None:
+                    durable, restore = self.durable.envelope(rec, w)
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl),
+                                             durable=durable)
+        p.started = now
+        pool.queue_wait.observe(now - p.enqueued)
+        w.inflight[key] = p
+        self.running[key] = w
+        try:
+            self._send_worker(w.id, [envelope, *restore, p.header, *p.payload])
+        except WorkerUnreachable:
+            del w.inflight[key]  # never delivered: not a crash mid-request
+            self.running.pop(key, None)
+            self.roster.remove(w, "crashed (connection lost)")
+            self._hand_back(p, pool, w, "crashed (connection lost)")
+
+    def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
+        """A request ``w`` never started: route it again where the pool allows, else say so
+        (a did-not-run error: the caller may retry); a durable session's call moves with it."""
+        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or movable(self.sessions.get(p.session)):
+            self._route(p, pool.name, "")
+            return
+        self._fail(p, pool, SessionWorkerUnavailable(
+            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
+            "this request (it did not run)", session=p.session, worker=w.incarnation))
+
+    def _feed(self, w: WorkerRecord) -> None:
+        """Give a worker its next work: free slots first, then what it may prefetch."""
+        self._feed_free(w)
+        while w.queue and w.free <= 0 and w.may_prefetch(self.clock.now):
+            self._dispatch(w, w.queue.popleft())
+
+    def _feed_free(self, w: WorkerRecord) -> None:
+        """Give a worker with free slots its next work: its own queue first, then the pool's."""
+        pool = w.pool
+        while w.free > 0:
+            if w.queue:
+                p = w.next_queued()
+                if p is not None:
+                    self._dispatch(w, p)
+                    continue
+            if not pool.queue:
+                return
+            p = pool.queue[0]
+            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
+            if rec is not None and rec.worker is None and w.id in pool.rolling:
+                return  # a new session waits for a worker that is not about to be recycled
+            pool.queue.popleft()
+            if rec is not None and rec.worker is None:
+                self.book.pin(rec, w.id)
+            if rec is not None and rec.worker != w.id and pool.strict:
+                # its session was pinned elsewhere while it waited: route it there
+                self._route_pinned(pool, p, rec)
                 continue
+            if p.session and w.capacity > 1 and not w.can_start(p.session):
+                w.queue.append(p)  # a call of a session already running here waits its turn
+                continue
+            self._dispatch(w, p)
+
+    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
+        target = self.workers.get(rec.worker) if rec.worker else None
+        if (target is None or target.draining) and movable(rec):
+            self._route(p, pool.name, "")  # it moves with its session
+        elif target is None or target.draining:
             self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
-                session=p.session, worker=w.incarnation))
-        if self.nudge is not None:
-            self.nudge.worker_left()
-        if pool.recycling == w.id:
-            pool.recycle_started = time.monotonic()  # now wait for the replacement
-
-    def _heartbeat(self, now: float) -> None:
-        for w in list(self.workers.values()):
-            if now > w.expiry:
-                self._remove_worker(w, SILENT)
-            else:
-                self._to_worker(w, [B_HEARTBEAT])
-
-    def _sweep(self, now: float) -> None:
-        for pool in self.pools.values():
-            limit = pool.config.queue_timeout
-            queues = [pool.queue, *(w.queue for w in pool.workers.values()), *pool.parked.values()]
-            for queue in queues:
-                while queue and (now - queue[0].enqueued > limit or now > queue[0].deadline):
-                    p = queue.popleft()
-                    if now > p.deadline:
-                        self.counters["expired_unsent"] += 1
-                    else:
-                        pool.queue_timeouts += 1
-                        if n := self.notices.note((pool.name, QueueTimeout.code), now):
-                            self._log_notice(pool, QueueTimeout.code, n, 0.0)
-                        self._fail(p, pool, QueueTimeout(
-                            f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of {limit:g}s",
-                            pool=pool.name))
-            self._stop_overdue(pool, now)
-            self._recycle_step(pool, now)
-        if now - self._booted >= self._restart_grace():
-            if not self._grace_over:
-                # pins claimed by clients after a broker restart whose worker never came back
-                self._grace_over = True
-                for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
-                    if self.pools[rec.pool].mode in _STRICT and rec.durable is None:
-                        self._retire_session(rec, rec.worker)  # (a durable one moves on its next call)
-            for pool in self.pools.values():
-                awaiting, pool.awaiting = pool.awaiting, {}
-                for wid, queue in awaiting.items():
-                    for p in queue:
-                        held = self.sessions.get(p.session)
-                        if held is not None and held.durable is not None and not held.durable.off:
-                            self._route(p, pool.name, "")  # its worker is not coming back: it moves
-                            continue
-                        self._fail(p, pool, SessionWorkerUnavailable(
-                            f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which "
-                            f"did not re-register within {self._restart_grace():g}s of this broker's start",
-                            session=p.session, worker=wid.decode(errors="replace")))
-        self._expire_sessions(now)
-        for (name, code), n, span in self.notices.due(now):
-            if (pool_ := self.pools.get(name)) is not None:
-                self._log_notice(pool_, code, n, span)
-
-    def _log_notice(self, pool: Pool, code: str, n: int, span: float) -> None:
-        """One line for ``n`` refusals or queue timeouts (``span`` > 0: counted over that many seconds)."""
-        during = f" in the last {span:.0f}s" if span else ""
-        if code == PoolSaturated.code:
-            log.warning("pool %s refused %d request(s)%s: queue full (%d/%d queued; %s)", pool.name, n, during,
-                        pool.queued, pool.config.queue_max, code)
+                f"session {rec.id[:8]} lost its worker", session=rec.id,
+                worker=(rec.worker or b"").decode(errors="replace")))
+        elif target.can_start(p.session):
+            self._dispatch(target, p)
         else:
-            log.warning("pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
-                        "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
-                        pool.ready_count(), code)
+            self._enqueue(pool, target.queue, p)
 
-    def _may_administer(self, owner: str) -> bool:
-        """``recycle`` is open to every peer unless the broker has an admin allow-list (CURVE)."""
-        return self.admins is None or owner in self.admins()
+    def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
+        try:
+            self._send_worker(w.id, frames)
+            return True
+        except WorkerUnreachable:
+            self.roster.remove(w, "crashed (connection lost)")
+            return False
 
-    def _sees_every_session(self, owner: str) -> bool:
-        """Only admin keys list, use or close other clients' sessions (never without a list)."""
-        return self.admins is not None and owner in self.admins()
+    def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:
+        """Best effort to a peer we hold no record of (it may be gone already)."""
+        try:
+            self._send_worker(wid, frames)
+        except WorkerUnreachable:
+            pass
 
-    def _event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
-        self.events.append({"time": time.time(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
-                            "event": event, "why": why})
-
-    def status(self) -> dict[str, Any]:
-        return status_of(self, {})
+    def _wake(self, when: float) -> None:
+        self.timers.wake(when)  # (the timers are made last: they use every other part)

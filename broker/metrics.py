@@ -14,9 +14,15 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, make_wsgi_app
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    make_wsgi_app,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,8 +33,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import dspex
-from dspex.protocol import WorkerState
 from broker.publisher import StatusPublisher
+from dspex.protocol import WorkerState
 
 if TYPE_CHECKING:
     from broker.broker import Broker
@@ -152,7 +158,7 @@ def make_registry(publisher: StatusPublisher) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
+def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
     """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``addr:port`` from a daemon
     thread; returns the server. A port in use falls back to a free one, said in the log and in the
     broker's status (``broker.metrics``: ``requested``, ``port``, ``error``), which ``dspexctl``
@@ -169,7 +175,7 @@ def serve_metrics(broker: "Broker", port: int, addr: str = "127.0.0.1") -> Any:
     from broker.dashboard import Dashboard
 
     class QuietHandler(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:
             """Scrapes and page polls are not worth a log line each."""
 
     app = Dashboard(broker.publisher, make_wsgi_app(make_registry(broker.publisher)),

@@ -31,7 +31,7 @@ class SupervisorNudge:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, path: str | Path | None) -> "SupervisorNudge | None":
+    def from_config(cls, path: str | Path | None) -> SupervisorNudge | None:
         """A nudger when ``path`` is a supervisor.conf with a reachable control socket declared."""
         if not path:
             return None

@@ -1,4 +1,5 @@
-"""Broker ops (answered by the broker itself), one small function each, in a registry.
+"""The handlers of the broker ops (``dspex.protocol.Op`` members of ``Side.BROKER``), one small
+function each, registered against their op in ``HANDLERS``, which the shell hands the core.
 
 Session ops act only on the caller's own sessions (its client identity) unless the caller holds
 an admin key; ``recycle`` needs an admin key when the broker has an admin allow-list.
@@ -7,111 +8,101 @@ an admin key; ``recycle`` needs an admin key when the broker has an admin allow-
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours, UnknownOp
+from broker.core import Core, Handler, OpCall
+from broker.state import SessionRecord, percentile
+from dspex.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
 from dspex.protocol import Op
-from broker.state import percentile
 
-if TYPE_CHECKING:
-    from broker.core import Core
+HANDLERS: dict[str, Handler] = {}
 
 
-@dataclass(frozen=True)
-class OpCall:
-    session: str  # the request header's session
-    pool: str  # the request header's pool
-    args: dict[str, Any]
-    owner: str  # the caller's client identity
-
-
-Handler = Callable[["Core", OpCall], Any]
-OPS: dict[str, Handler] = {}
-
-
-def _op(op: Op) -> Callable[[Handler], Handler]:
+def _handles(op: Op) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
-        OPS[op.value] = fn
+        HANDLERS[op.value] = fn
         return fn
     return register
 
 
-def run_op(core: "Core", op: str, call: OpCall) -> Any:
-    handler = OPS.get(op)
-    if handler is None:
-        raise UnknownOp(f"unknown op {op!r}")
-    return handler(core, call)
+def may_administer(core: Core, owner: str) -> bool:
+    """``recycle`` is open to every peer unless the broker has an admin allow-list (CURVE)."""
+    return core.admins is None or owner in core.admins()
 
 
-@_op(Op.PING)
-def _ping(core: "Core", call: OpCall) -> Any:
+def sees_every_session(core: Core, owner: str) -> bool:
+    """Only admin keys list, use or close other clients' sessions (never without a list)."""
+    return core.admins is not None and owner in core.admins()
+
+
+@_handles(Op.PING)
+def _ping(core: Core, call: OpCall) -> Any:
     # which stack answers: dspexctl compares "config" with its own supervisor.conf
     return {"pong": True, "pid": os.getpid(), **core.stack_info}
 
 
-@_op(Op.STATUS)
-def _status(core: "Core", call: OpCall) -> Any:
-    return core.status()
+@_handles(Op.STATUS)
+def _status(core: Core, call: OpCall) -> Any:
+    return status(core, core.clock.now)
 
 
-@_op(Op.CLOSE_SESSION)
-def _close_session(core: "Core", call: OpCall) -> Any:
-    sid = str(call.args.get("session") or call.session)
+@_handles(Op.CLOSE_SESSION)
+def _close_session(core: Core, call: OpCall) -> Any:
+    sid = call.args["session"] or call.session
     rec = core.sessions.get(sid)
-    if rec is not None and rec.owner != call.owner and not core._sees_every_session(call.owner):
+    if rec is not None and rec.owner != call.owner and not sees_every_session(core, call.owner):
         raise SessionNotYours(f"session {sid[:8]} belongs to another client", session=sid)
     if rec is None or rec.closing:
         return {"closed": False, "released": False}
-    return {"closed": True, "released": core._close_session(rec, "was closed")}
+    return {"closed": True, "released": core.book.close(rec, "was closed")}
 
 
-@_op(Op.SESSIONS)
-def _sessions(core: "Core", call: OpCall) -> Any:
-    wanted = call.args.get("pool")
-    now = time.monotonic()
-    wall = time.time()
+@_handles(Op.SESSIONS)
+def _sessions(core: Core, call: OpCall) -> Any:
+    wanted = call.args["pool"]
+    now = core.clock.now
+    wall = core.clock.wall()
     return [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created,
-         **core.durable_view(r, wall)}
+         **core.durable.view(r, wall)}
         for r in core.sessions.values()
-        if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or core._sees_every_session(call.owner))
+        if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or sees_every_session(core, call.owner))
     ]
 
 
-@_op(Op.RECYCLE)
-def _recycle(core: "Core", call: OpCall) -> Any:
-    if not core._may_administer(call.owner):
+@_handles(Op.RECYCLE)
+def _recycle(core: Core, call: OpCall) -> Any:
+    if not may_administer(core, call.owner):
         raise Refused("recycle needs an admin key (the broker has an admin allow-list: --curve-allowed DIR/admins)")
-    pool = core.pools.get(str(call.args.get("pool") or call.pool))
+    name = call.args["pool"] or call.pool
+    pool = core.pools.get(name)
     if pool is None:
-        raise PoolNotFound(f"no pool named {call.args.get('pool') or call.pool!r}")
-    wanted_worker = call.args.get("worker")
+        raise PoolNotFound(f"no pool named {name!r}")
+    wanted_worker = call.args["worker"]
     if wanted_worker:
         matches = [w for w in pool.workers.values() if w.incarnation.startswith(str(wanted_worker))
                    or str(w.pid) == str(wanted_worker)]
         if len(matches) != 1:
             raise ProtocolError(f"worker {wanted_worker!r} matches {len(matches)} workers of {pool.name}")
         targets = matches
-    elif call.args.get("all"):
+    elif call.args["all"]:
         targets = list(pool.workers.values())
     else:  # the oldest worker
         targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
-    pool.rolling.extend(w.id for w in targets if w.id not in pool.rolling)
-    core._recycle_step(pool, time.monotonic())
+    core.recycler.roll(pool, targets, core.clock.now)
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
 
-def live(core: "Core", r: Any) -> bool:
+def live(core: Core, r: SessionRecord) -> bool:
     """A session its caller can use: not closing, and not waiting for a worker that went silent
     (a partitioned host's, which may come back with it)."""
     return not r.closing and (r.worker is None or r.worker in core.workers)
 
 
-def session_counts(core: "Core") -> tuple[dict[str, int], dict[bytes, int]]:
+def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:
     """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
     lists, so every count agrees."""
     per_pool: dict[str, int] = {}
@@ -125,9 +116,9 @@ def session_counts(core: "Core") -> tuple[dict[str, int], dict[bytes, int]]:
     return per_pool, per_worker
 
 
-def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
-    now = time.monotonic()
-    wall = time.time()
+def status(core: Core, now: float) -> dict[str, Any]:
+    """The broker's status at monotonic time ``now``."""
+    stack = {k: dict(v) if isinstance(v, dict) else v for k, v in core.stack_info.items()}
     per_pool, per_worker = session_counts(core)
     pools = {}
     for pool in core.pools.values():
@@ -162,7 +153,7 @@ def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
-                    "uptime_s": round(wall - w.registered, 3),
+                    "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
                 }
@@ -170,10 +161,10 @@ def status(core: "Core", stack: dict[str, Any]) -> dict[str, Any]:
             ],
         }
     return {
-        "broker": {"pid": os.getpid(), "uptime_s": round(wall - core.started, 3), "started": core.started,
+        "broker": {"pid": os.getpid(), "uptime_s": round(now - core.book.booted, 3), "started": core.started,
                    **stack,
-                   "sessions": sum(per_pool.values()), "closed_sessions": len(core.closed), **core.counters},
+                   "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
-        "events": list(core.events),
-        "checkpoints": core.durable_status(),
+        "events": list(core.roster.events),
+        "checkpoints": core.durable.status(),
     }

@@ -15,6 +15,7 @@ import heapq
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.state import Histogram
@@ -54,12 +55,12 @@ class History:
         self.points: dict[str, deque[list[Any]]] = {name: deque(maxlen=int(span / every)) for name in core.pools}
         self._last: dict[str, tuple[float, int, int, list[int]]] = {
             name: (time.monotonic(), 0, 0, [0] * len(pool.latency.counts)) for name, pool in core.pools.items()}
-        self._due = time.monotonic() + every
+        self.due = time.monotonic() + every
 
     def tick(self, now: float) -> None:
-        if now < self._due:
+        if now < self.due:
             return
-        self._due = now + self.every
+        self.due = now + self.every
         wall = time.time()
         for name, pool in self.core.pools.items():
             answered = sum(pool.outcomes.values())
@@ -83,12 +84,15 @@ def _histogram(h: Histogram) -> dict[str, Any]:
     return {"bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum}
 
 
-def build_snapshot(core: Core, history: History) -> dict[str, Any]:
+Status = Callable[[float], dict[str, Any]]  # the broker's status at a monotonic time
+
+
+def build_snapshot(core: Core, status: Status, history: History) -> dict[str, Any]:
     """The broker's status plus what only the metrics and the dashboard need: histograms, history,
     the most recently used sessions. Runs on the broker's thread."""
-    snap = core.status()
     now = time.monotonic()
     wall = time.time()
+    snap = status(now)
     for name, pool in core.pools.items():
         p = snap["pools"][name]
         p["latency_hist"] = _histogram(pool.latency)
@@ -99,7 +103,7 @@ def build_snapshot(core: Core, history: History) -> dict[str, Any]:
     snap["sessions"] = [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "age_s": round(wall - r.created, 3),
-         **core.durable_view(r, wall)}
+         **core.durable.view(r, wall)}
         for r in heapq.nlargest(SESSIONS_SHOWN, live, key=lambda r: r.last_used)]
     snap["published"] = {"time": wall, "monotonic": now}
     return snap
@@ -108,8 +112,11 @@ def build_snapshot(core: Core, history: History) -> dict[str, Any]:
 class StatusPublisher:
     """Snapshots on demand: readers ask from any thread, the broker's thread builds."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, status: Status, wake: Callable[[], None]) -> None:
+        """``wake``: makes the broker's loop turn (a reader waits for it)."""
         self.core = core
+        self.status = status
+        self._wake = wake
         self.history = History(core)
         self.asked = False  # read by the broker's loop every turn: a plain attribute
         self._latest: dict[str, Any] | None = None
@@ -123,19 +130,24 @@ class StatusPublisher:
         with self._lock:
             self._waiting.append(done)
             self.asked = True
+        self._wake()
         done.wait(timeout)
         latest = self._latest
         if latest is None:
             raise TimeoutError(f"the broker made no status snapshot within {timeout:g}s")
         return latest
 
+    def next_due(self) -> float:
+        """When the history's next point is due (monotonic seconds)."""
+        return self.history.due
+
     def tick(self, now: float) -> None:
-        """The broker's periodic turn (its sweep): history points."""
+        """A history point, when due."""
         self.history.tick(now)
 
     def serve(self) -> None:
         """On the broker's thread, when ``asked``: build one snapshot for every waiting reader."""
-        snap = build_snapshot(self.core, self.history)
+        snap = build_snapshot(self.core, self.status, self.history)
         with self._lock:
             self._latest = snap
             waiting, self._waiting = self._waiting, []

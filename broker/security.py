@@ -33,7 +33,7 @@ ADMINS = "admins"
 class AllowedKeys:
     """A ZAP credentials provider that re-reads its directory, so keys can be added live."""
 
-    def __init__(self, directory: str | Path, plane: str, auth: "PlaneAuthenticator | None" = None) -> None:
+    def __init__(self, directory: str | Path, plane: str, auth: PlaneAuthenticator | None = None) -> None:
         self.directory = Path(directory)
         self.plane = plane
         self.auth = auth

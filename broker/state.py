@@ -7,15 +7,20 @@ rules can be unit-tested in-process.
 from __future__ import annotations
 
 import bisect
+import math
 import random
-import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspex.pools import PoolConfig
-from dspex.protocol import WorkerState
+from dspex.protocol import Affinity, WorkerState
 
+if TYPE_CHECKING:
+    from broker.durable import Durability
+
+PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
 # Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # longer bounds, used up to the longest timeout a pool is configured with (GEPA calls and queue
@@ -35,11 +40,23 @@ def bucket_bounds(longest: float) -> tuple[float, ...]:
     return tuple(bounds)
 
 
+class Clock:
+    """The core's time: ``now``, the monotonic time of the event being handled (each of the
+    core's public events sets it from the time the shell read for it), and ``wall``, wall-clock
+    time, only for what is displayed. The core's rules never read a clock of their own."""
+
+    __slots__ = ("now", "wall")
+
+    def __init__(self, now: float, wall: Callable[[], float]) -> None:
+        self.now = now
+        self.wall = wall
+
+
 class RecentFailures:
     """Failed answers and crashes of the last ``window`` seconds, by kind (service, user, recycle)
     and error code, in one-second buckets: at most ``window`` + 1 of them, whatever the rate."""
 
-    __slots__ = ("window", "_buckets")
+    __slots__ = ("_buckets", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
@@ -52,6 +69,10 @@ class RecentFailures:
             while self._buckets[0][0] < now - self.window - 1:
                 self._buckets.popleft()
         self._buckets[-1][1][(kind, code)] += 1
+
+    def __len__(self) -> int:
+        """The one-second buckets it holds: what it costs in memory."""
+        return len(self._buckets)
 
     def totals(self, now: float) -> dict[str, dict[str, int]]:
         """kind -> code -> count over the buckets inside the window."""
@@ -102,12 +123,29 @@ class WorkerRecord:
     """One worker incarnation as the broker sees it."""
 
     __slots__ = (
-        "id", "incarnation", "pool", "pid", "host", "capacity", "inflight", "queue", "sessions",
-        "served", "errors", "registered", "expiry", "fd", "draining", "draining_since", "stats", "retire_age",
-        "adopted", "last_call", "last_seen",
+        "adopted",
+        "capacity",
+        "draining",
+        "draining_since",
+        "errors",
+        "expiry",
+        "host",
+        "id",
+        "incarnation",
+        "inflight",
+        "last_call",
+        "pid",
+        "pool",
+        "queue",
+        "registered",
+        "retire_age",
+        "served",
+        "sessions",
+        "stats",
     )
 
-    def __init__(self, wid: bytes, pool: "Pool", info: dict[str, Any], expiry: float) -> None:
+    def __init__(self, wid: bytes, pool: Pool, info: dict[str, Any], registered: float, expiry: float) -> None:
+        """``registered``: the monotonic time of its READY (its age counts from it)."""
         self.id = wid
         self.incarnation = wid.decode(errors="replace")
         self.pool = pool
@@ -119,10 +157,8 @@ class WorkerRecord:
         self.sessions: set[str] = set()
         self.served = 0
         self.errors = 0
-        self.registered = time.time()
+        self.registered = registered
         self.expiry = expiry
-        self.last_seen = time.monotonic()  # its last message of any kind (heartbeat age)
-        self.fd = -1
         self.draining = False
         self.draining_since = 0.0
         # calls it was running for an earlier broker when it registered (READY's "running"): they
@@ -148,6 +184,24 @@ class WorkerRecord:
         if self.draining:
             return WorkerState.DRAINING
         return WorkerState.BUSY if self.inflight or self.adopted else WorkerState.READY
+
+    def may_prefetch(self, now: float) -> bool:
+        """May it be sent a pinned request before its running call ends (``prefetch`` per pool)?
+
+        strict_queue, capacity-1 workers only (strict_fail_fast keeps "busy means busy"; capacity
+        > 1 already has slots), and only while its calls are short: its last call took, and its
+        running call has so far taken, under ``PREFETCH_YOUNG``. Short calls are where the idle
+        broker round trip costs; behind a long call (or on a worker that has not answered yet) the
+        request waits in the broker as before (cancellable, a crash says it did not run)."""
+        pool = self.pool
+        if (self.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or self.capacity != 1
+                or self.draining or self.adopted or not self.inflight
+                or len(self.inflight) - 1 >= pool.config.prefetch):
+            return False
+        for p in self.inflight.values():
+            if now - p.started >= PREFETCH_YOUNG:
+                return False
+        return True
 
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())
@@ -175,12 +229,14 @@ class WorkerRecord:
 
 
 class Pool:
-    """A named pool: its settings, live workers, the shared queue and counters."""
+    """A named pool: its settings, live workers, its queues and their rules (bound, saturation,
+    queue timeout), and counters."""
 
     def __init__(self, config: PoolConfig, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.config = config
         self.name = config.name
         self.mode = config.affinity
+        self.strict = config.affinity in (Affinity.STRICT_QUEUE, Affinity.STRICT_FAIL_FAST)  # a pin is kept
         self.workers: dict[bytes, WorkerRecord] = {}
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
         # strict calls pinned to an incarnation not (yet) registered with a young broker
@@ -209,20 +265,99 @@ class Pool:
         waiting at their worker included. Counted from the queues themselves, so no code path
         can let it drift."""
         n = len(self.queue)
-        for w in list(self.workers.values()):  # (asked per enqueue: one pass, no generators)
+        for w in self.workers.values():  # (asked per enqueue: one pass, no generators)
             n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
-        for q in list(self.awaiting.values()):
+        for q in self.awaiting.values():
             n += len(q)
-        for q in list(self.parked.values()):
+        for q in self.parked.values():
             n += len(q)
         return n
 
     def queues(self) -> list[deque[Pending]]:
         """Every queue of the pool: its own, its workers', those awaiting a re-registration and
-        those of sessions being moved."""
-        # list() copies: the metrics thread reads this while the broker thread changes them
-        return [self.queue, *(w.queue for w in list(self.workers.values())), *list(self.awaiting.values()),
-                *list(self.parked.values())]
+        those of durable sessions being moved."""
+        return [self.queue, *(w.queue for w in self.workers.values()), *self.awaiting.values(), *self.parked.values()]
+
+    def admit(self, queue: deque[Pending], p: Pending) -> bool:
+        """Queue ``p`` in one of the pool's queues, unless they hold ``queue_max`` requests in all
+        (False: the pool is saturated, counted)."""
+        if self.queued >= self.config.queue_max:
+            self.saturated += 1
+            return False
+        queue.append(p)
+        return True
+
+    def expire(self, now: float) -> list[tuple[Pending, bool]]:
+        """Take what waited past the pool's queue timeout (counted) or past its own call deadline
+        (True: its caller gave up already) from the heads of the pool's, its workers' and its moving
+        sessions' queues."""
+        limit = self.config.queue_timeout
+        out = []
+        for queue in self._expiring():
+            # (as next_expiry says: at the deadline itself, the same sum)
+            while queue and (now >= queue[0].enqueued + limit or now >= queue[0].deadline):
+                p = queue.popleft()
+                gave_up = now >= p.deadline
+                if not gave_up:
+                    self.queue_timeouts += 1
+                out.append((p, gave_up))
+        return out
+
+    def take(self, client: bytes, req_id: int) -> Pending | None:
+        """Take request ``req_id`` of ``client`` out of whichever queue holds it."""
+        for queue in self.queues():
+            for p in queue:
+                if p.client == client and p.req_id == req_id:
+                    queue.remove(p)
+                    return p
+        return None
+
+    def take_session(self, session: str) -> list[Pending]:
+        """Take every queued call of ``session`` (it closed, or lost its worker)."""
+        taken = []
+        for queue in self.queues():
+            mine = [p for p in queue if p.session == session]
+            for p in mine:
+                queue.remove(p)
+            taken += mine
+        return taken
+
+    def take_client(self, client: bytes) -> list[Pending]:
+        """Take every queued request of ``client`` (its connection closed)."""
+        taken = []
+        for queue in self.queues():
+            mine = [p for p in queue if p.client == client]
+            for p in mine:
+                queue.remove(p)
+            taken += mine
+        return taken
+
+    def take_awaiting(self) -> list[tuple[bytes, Pending]]:
+        """Take the calls that waited for a worker to re-register: ``(worker id, request)``."""
+        awaiting, self.awaiting = self.awaiting, {}
+        return [(wid, p) for wid, queue in awaiting.items() for p in queue]
+
+    def next_expiry(self) -> float:
+        """When the first request waiting in the pool's or its workers' queues times out (or its
+        caller's deadline passes): what ``expire`` takes next."""
+        limit = self.config.queue_timeout
+        soonest = math.inf
+        for queue in self._expiring():
+            if queue:
+                soonest = min(soonest, queue[0].enqueued + limit, queue[0].deadline)
+        return soonest
+
+    def _expiring(self) -> list[deque[Pending]]:
+        """The queues whose requests time out there (awaiting ones wait out the restart grace)."""
+        if self.parked:
+            return [self.queue, *(w.queue for w in self.workers.values()), *self.parked.values()]
+        return [self.queue, *(w.queue for w in self.workers.values())]
+
+    def next_drain_deadline(self) -> float:
+        """When the first of the pool's draining workers is past its drain deadline."""
+        limit = self.config.drain_timeout
+        return min((w.draining_since + limit for w in self.workers.values() if w.draining), default=math.inf) \
+            if limit else math.inf
 
     def observe(self, op: str, outcome: str, seconds: float) -> None:
         self.outcomes[(op, outcome)] += 1
@@ -258,37 +393,16 @@ class Pool:
 class SessionRecord:
     id: str
     pool: str
-    worker: bytes | None = None
-    created: float = field(default_factory=time.time)
+    created: float  # wall-clock time (displayed)
     # idle time counts from the end of the last call: set when a call is routed and again when
-    # its reply passes, so a call longer than the TTL never expires its own session
-    last_used: float = field(default_factory=time.monotonic)
+    # its reply passes, so a call longer than the TTL never expires its own session (monotonic)
+    last_used: float
+    worker: bytes | None = None
     calls: int = 0
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
     touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
     closing: str = ""  # closed while a call ran: why; released when its last call ends
     durable: Durability | None = None  # a durable session's checkpoint bookkeeping (broker/durable.py)
-
-
-@dataclass(slots=True)
-class Durability:
-    """What the broker knows of a durable session's checkpoints (broker/durable.py)."""
-
-    needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
-    # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
-    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
-    # Its calls wait in the pool's ``parked`` meanwhile.
-    move: str = ""
-    off: str = ""  # why it is no longer durable (over a cap, the store failed): a plain session now
-    restore: list[Any] | None = None  # [restore meta, skeleton?, *blobs] for its next dispatch
-    restore_to: bytes | None = None  # ...to this worker
-    submitted: int = 0  # checkpoint writes handed to the store
-    done: int = 0  # ...and finished (in order)
-    held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
-    refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
-    bytes: int = 0  # of its last stored checkpoint
-    stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
-    seq: int = 0  # of its last stored checkpoint
 
 
 class Tombstones:
@@ -368,9 +482,17 @@ class Notices:
         self._count[key] = self._count.get(key, 0) + 1
         return 0
 
+    def next_due(self) -> float:
+        """When the first window with events left unlogged ends (inf: none)."""
+        if not self._count:  # (asked on every turn of the broker's loop: the usual case first)
+            return math.inf
+        return min(self._since[key] + self.every for key in self._count)
+
     def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
         """(key, count, seconds covered) for every window that ended with events left unlogged."""
-        out = []
+        out: list[tuple[tuple[str, str], int, float]] = []
+        if not self._count:
+            return out
         for key, n in list(self._count.items()):
             since = self._since[key]
             if now - since >= self.every:
@@ -384,5 +506,5 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    idx = min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[idx]

@@ -20,7 +20,7 @@ import asyncio
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Generic, Self, TypeVar, cast
 
 import zmq
@@ -38,9 +38,10 @@ from dspex.errors import (
     ProtocolError,
 )
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.routing import Router, ServerKey, open_client
 from dspex.sendcache import SendCache
 
-__all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "connect"]
+__all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
 
 log = logging.getLogger("dspex.client")
 
@@ -417,13 +418,23 @@ class _Steps(Generic[T]):
                 value = step
 
 
+class RoutedAsyncClient(Router[AsyncSession], AsyncClient):
+    """An asyncio client of several brokers, each request sent to its pool's (:mod:`dspex.routing`)."""
+
+    _broker_kind = AsyncClient
+
+
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
-            forward_output: bool = True, client_settings: bool = True) -> AsyncClient:
-    """An asyncio client of the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc
-    path); the options are :class:`dspex.api.ClientAPI`'s."""
-    return AsyncClient(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair,
-                       forward_output=forward_output, client_settings=client_settings)
+            endpoints: Mapping[str, str] | str | None = None, curve_server_key: ServerKey = None,
+            curve_keypair: tuple[bytes, bytes] | None = None, forward_output: bool = True,
+            client_settings: bool = True) -> AsyncClient:
+    """An asyncio client of the broker at ``endpoint``, or of the brokers of ``endpoints``, as
+    :func:`dspex.connect` chooses them: an :class:`AsyncClient`, or a :class:`RoutedAsyncClient`
+    for several brokers."""
+    client: AsyncClient = open_client(AsyncClient, RoutedAsyncClient, endpoint, endpoints, timeout,
+                                      curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                                      forward_output=forward_output, client_settings=client_settings)
+    return client
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

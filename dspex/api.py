@@ -51,7 +51,9 @@ Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's val
 class ClientAPI(Generic[S]):
     """A connection to a dspex broker: the options and user ops both client kinds share.
 
-    ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path);
+    ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path;
+    ``dspex.connect`` also takes a map of several brokers, :mod:`dspex.routing`), and ``endpoints``
+    the map of pool names (``"*"``: every pool) to endpoints;
     ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
     key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a
     ``tcp://`` endpoint, else read from the files ``DSPEX_CURVE_SERVER_KEY`` and
@@ -67,6 +69,7 @@ class ClientAPI(Generic[S]):
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+        self.endpoints = {config.ANY_POOL: self.endpoint}
         self.timeout = timeout
         self.forward_output = forward_output
         self.client_settings = client_settings
@@ -178,20 +181,24 @@ class ClientAPI(Generic[S]):
         return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
                             on_progress=on_progress, on_output=on_output)
 
-    def status(self, timeout: float | None = None) -> Any:
-        """The broker's view of its pools, workers and sessions (a dict)."""
-        return self.request(Op.STATUS.value, body={}, timeout=timeout)
+    def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
+        """The broker's view of its pools, workers and sessions (a dict). With several brokers,
+        ``pool``'s broker's, or without it every broker's, merged (:func:`dspex.routing.merge`)."""
+        return self.request(Op.STATUS.value, pool or "", body={}, timeout=timeout)
 
-    def ping(self, timeout: float | None = None) -> Any:
-        """What the broker says about its stack (a dict): a cheap liveness check."""
-        return self.request(Op.PING.value, body={}, timeout=timeout)
+    def ping(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
+        """What the broker says about its stack (a dict): a cheap liveness check. With several
+        brokers, ``pool``'s broker's, or ``{"brokers": {endpoint: ...}}`` of every one."""
+        return self.request(Op.PING.value, pool or "", body={}, timeout=timeout)
 
     def sessions(self, pool: str | None = None, timeout: float | None = None) -> Any:
-        """This client identity's sessions (every session for an admin key): a list of dicts."""
-        return self.request(Op.SESSIONS.value, body={"pool": pool or ""}, timeout=timeout)
+        """This client identity's sessions (every session for an admin key): a list of dicts.
+        With several brokers, ``pool``'s broker's, or every broker's, each with its ``endpoint``."""
+        return self.request(Op.SESSIONS.value, pool or "", body={"pool": pool or ""}, timeout=timeout)
 
     def close_session(self, session_id: str, timeout: float | None = None) -> Any:
-        """Close a session by id: every worker it touched releases its objects."""
+        """Close a session by id: every worker it touched releases its objects. With several
+        brokers, every broker is asked (a session's own ``close`` asks only its broker)."""
         return self.request(Op.CLOSE_SESSION.value, session=session_id, body={"session": session_id},
                             timeout=timeout)
 

@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self, TypeVar, cast
 
@@ -35,10 +35,11 @@ from dspex.errors import (
     ProtocolError,
 )
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.routing import Router, ServerKey, open_client
 from dspex.sendcache import SendCache
 from dspex.zmqfast import recv_frames, send_frames
 
-__all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "Session", "Stream", "connect"]
+__all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
 
 log = logging.getLogger("dspex.client")
 
@@ -483,13 +484,29 @@ class Stream:
                 log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
+class RoutedClient(Router[Session], Client):
+    """A blocking client of several brokers, each request sent to its pool's (:mod:`dspex.routing`)."""
+
+    _broker_kind = Client
+
+    @property
+    def open_sockets(self) -> int:
+        return sum(cast(Client, client).open_sockets for client in self._brokers.values())
+
+
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
-            curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
-            forward_output: bool = True, client_settings: bool = True) -> Client:
-    """A blocking client of the broker at ``endpoint`` (or ``DSPEX_ENDPOINT``, or the default ipc
-    path); the options are :class:`dspex.api.ClientAPI`'s."""
-    return Client(endpoint, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair,
-                  forward_output=forward_output, client_settings=client_settings)
+            endpoints: Mapping[str, str] | str | None = None, curve_server_key: ServerKey = None,
+            curve_keypair: tuple[bytes, bytes] | None = None, forward_output: bool = True,
+            client_settings: bool = True) -> Client:
+    """A blocking client of the broker at ``endpoint``, or of the brokers of ``endpoints`` (pool ->
+    endpoint, ``"*"`` for every other pool), else of ``DSPEX_ENDPOINTS``, ``DSPEX_ENDPOINT`` or
+    the default ipc path (:func:`dspex.config.broker_map`). One broker gives a :class:`Client`,
+    several a :class:`RoutedClient`; ``curve_server_key`` may then map endpoints to their keys.
+    The other options are :class:`dspex.api.ClientAPI`'s."""
+    client: Client = open_client(Client, RoutedClient, endpoint, endpoints, timeout,
+                                 curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                                 forward_output=forward_output, client_settings=client_settings)
+    return client
 
 
 def _cancelled(ex: Exchange) -> Cancelled:

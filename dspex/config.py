@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from dspex.errors import BrokerUnreachable, ConfigError
+from dspex.errors import BrokerUnreachable, ConfigError, PoolNotFound
 from dspex.protocol import MAX_MESSAGE_BYTES
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -52,6 +54,128 @@ def default_backend() -> str:
 
 def client_endpoint(endpoint: str | None = None) -> str:
     return endpoint or os.environ.get("DSPEX_ENDPOINT") or default_frontend()
+
+
+ANY_POOL = "*"  # the entry of an endpoint map for every pool it does not name
+_KEY_OPTIONS = ("server_key", "client_key")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One broker of an endpoint map: its frontend, and for a ``tcp://`` one the CURVE key files
+    to reach it with (None: ``DSPEX_CURVE_SERVER_KEY`` / ``DSPEX_CURVE_CLIENT_KEY``)."""
+
+    endpoint: str
+    server_key: str | None = None
+    client_key: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerMap:
+    """Which broker serves each pool: ``routes`` maps a pool name, or ``"*"`` for every other
+    pool, to its broker. Made by :func:`broker_map`; one broker is the common case."""
+
+    routes: Mapping[str, Broker]
+
+    @property
+    def brokers(self) -> list[Broker]:
+        """Each broker once, in the order the map names them."""
+        return list({b.endpoint: b for b in self.routes.values()}.values())
+
+    @property
+    def several(self) -> bool:
+        return len({b.endpoint for b in self.routes.values()}) > 1
+
+    def broker_for(self, pool: str) -> Broker:
+        """The broker of ``pool``; ``PoolNotFound`` (nothing is sent) when the map names neither
+        it nor ``"*"``."""
+        broker = self.routes.get(pool) or self.routes.get(ANY_POOL)
+        if broker is None:
+            raise PoolNotFound(f"no broker for pool {pool!r} in the endpoint map (it names "
+                               f"{', '.join(sorted(self.routes))}; a '*' entry takes every other pool): "
+                               "nothing was sent", pool=pool)
+        return broker
+
+    def serves(self, endpoint: str, pool: str) -> bool:
+        """Whether this map sends ``pool``'s requests to the broker at ``endpoint``."""
+        broker = self.routes.get(pool) or self.routes.get(ANY_POOL)
+        return broker is not None and broker.endpoint == endpoint
+
+    def pools_of(self, endpoint: str) -> list[str]:
+        """The names the map routes to ``endpoint`` (``"*"`` included)."""
+        return [pool for pool, b in self.routes.items() if b.endpoint == endpoint]
+
+
+def broker_map(endpoint: str | None = None, endpoints: Mapping[str, str] | str | None = None) -> BrokerMap:
+    """The brokers a client uses: ``endpoints`` (a pool -> endpoint map, or its ``DSPEX_ENDPOINTS``
+    text), else ``endpoint`` (one broker for every pool), else ``DSPEX_ENDPOINTS``, else
+    ``DSPEX_ENDPOINT``, else the default ipc path. An argument wins over the environment; two
+    of the same rank (both arguments, or both variables) are a ``ConfigError``.
+
+    The text form is ``POOL=ENDPOINT`` entries separated by commas (or newlines), ``*`` for every
+    pool not named, each optionally followed by ``;server_key=FILE`` and ``;client_key=FILE``
+    (a ``tcp://`` broker's public key and this client's secret key file for it), e.g.
+    ``triage_pool=ipc:///tmp/dx-a/frontend.sock,*=ipc:///tmp/dx-b/frontend.sock``. A map's values
+    take the same ``ENDPOINT;server_key=FILE`` form.
+    """
+    if endpoint and endpoints is not None:
+        raise ConfigError("give endpoint (one broker) or endpoints (a pool -> endpoint map), not both")
+    if endpoints is not None:
+        return _parse_map(endpoints, "endpoints")
+    if endpoint:
+        return BrokerMap({ANY_POOL: _parse_broker(endpoint, "endpoint")})
+    text = os.environ.get("DSPEX_ENDPOINTS", "").strip()
+    if text and os.environ.get("DSPEX_ENDPOINT"):
+        raise ConfigError("DSPEX_ENDPOINT (one broker) and DSPEX_ENDPOINTS (a pool -> endpoint map) are both set: "
+                          "unset one")
+    if text:
+        return _parse_map(text, "DSPEX_ENDPOINTS")
+    return BrokerMap({ANY_POOL: Broker(check_endpoint(client_endpoint()))})
+
+
+def _parse_map(endpoints: Mapping[str, str] | str, source: str) -> BrokerMap:
+    if isinstance(endpoints, str):
+        entries: list[tuple[str, str]] = []
+        for entry in endpoints.replace("\n", ",").split(","):
+            if not entry.strip():
+                continue
+            pool, sep, value = entry.partition("=")
+            if not sep:
+                raise ConfigError(f"{source}: {entry.strip()!r} is not POOL=ENDPOINT (e.g. "
+                                  "triage_pool=ipc:///tmp/dx-a/frontend.sock,*=ipc:///tmp/dx-b/frontend.sock)")
+            entries.append((pool.strip(), value))
+    else:
+        entries = list(endpoints.items())
+    routes: dict[str, Broker] = {}
+    keys: dict[str, Broker] = {}
+    for pool, value in entries:
+        if not pool or any(c.isspace() or c in "=;," for c in pool):
+            raise ConfigError(f"{source}: {pool!r} is not a pool name (or '*')")
+        if pool in routes:
+            raise ConfigError(f"{source}: pool {pool} is named twice")
+        broker = _parse_broker(value, f"{source}[{pool}]")
+        same = keys.setdefault(broker.endpoint, broker)
+        if same != broker:
+            raise ConfigError(f"{source}: {broker.endpoint} is given different CURVE key files in two entries")
+        routes[pool] = broker
+    if not routes:
+        raise ConfigError(f"{source} names no broker")
+    return BrokerMap(routes)
+
+
+def _parse_broker(value: str, source: str) -> Broker:
+    """``ENDPOINT[;server_key=FILE][;client_key=FILE]``."""
+    endpoint, *options = (part.strip() for part in value.split(";"))
+    check_endpoint(endpoint)
+    files: dict[str, str] = {}
+    for option in options:
+        name, sep, path = (s.strip() for s in option.partition("="))
+        if not sep or name not in _KEY_OPTIONS or not path:
+            raise ConfigError(f"{source}: {option!r} is not server_key=FILE or client_key=FILE")
+        files[name] = path
+    if files and not endpoint.startswith("tcp://"):
+        raise ConfigError(f"{source}: CURVE key files are for tcp:// brokers, not {endpoint}")
+    return Broker(endpoint, files.get("server_key"), files.get("client_key"))
 
 
 def check_endpoint(endpoint: str) -> str:

@@ -24,7 +24,18 @@ from dspex import codec, output
 from dspex.codec import Policy
 from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
                           error_from_wire)
-from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, WORKER_OPS, Op, RequestHeader, Status
+from dspex.protocol import (
+    FLAG_CONTEXT,
+    FLAG_ITEMS,
+    FLAG_STREAM,
+    OPS,
+    STREAM_WINDOW,
+    WORKER_OPS,
+    Op,
+    RequestHeader,
+    Side,
+    Status,
+)
 from dspex.sendcache import SendCache
 from dspex.sessionpickle import Message
 
@@ -36,19 +47,7 @@ log = logging.getLogger("dspex.client")
 REPLY_GRACE = float(os.environ.get("DSPEX_REPLY_GRACE", "7"))
 
 # What the top-level items of each worker op's body are called in an EncodeError's path.
-BODY_NAMES: dict[str, tuple[str, ...]] = {
-    Op.CALL.value: ("module", "fn", "args", "kwargs"),
-    Op.METHOD.value: ("ref", "name", "args", "kwargs"),
-    Op.GETATTR.value: ("ref", "name"),
-    Op.SETATTR.value: ("ref", "name", "value"),
-    Op.EVAL.value: ("expr", "namespace"),
-    Op.EXEC.value: ("source", "namespace"),
-    Op.TO_DATA.value: ("ref",),
-    Op.RELEASE.value: ("ref_ids",),
-    Op.APPLY.value: ("fn", "args", "kwargs"),
-    Op.BIND.value: ("name", "value"),
-    Op.PUT.value: ("value",),
-}
+BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.args) for op in Op}
 
 Callback = Callable[[Any], None]
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
@@ -82,8 +81,13 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget."""
-    body = body if body is not None else []
+    forget. A body that does not fit its op's definition (dspex.protocol.Op) is a ProtocolError
+    here, before anything is sent."""
+    spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
+    if spec is not None and spec.side is Side.BROKER:
+        body = spec.bind_map(body if body is not None else {})
+    elif spec is not None and spec.side is Side.WORKER:
+        body = spec.bind_list(body if body is not None else [])
     if op not in WORKER_OPS:
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
         flags = 0

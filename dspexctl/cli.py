@@ -1,6 +1,6 @@
 """dspexctl: the operator's CLI.
 
-    dspexctl [--endpoint EP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
+    dspexctl [--endpoint EP | --endpoints MAP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
 
     pools status [POOL...] [-v] [--watch] [--json]  exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
     pools start [POOL...]                      starts supervisord first when it is not running
@@ -23,21 +23,24 @@ single ``Error: ...`` line on stderr and an exit code (1 failed, 2 user mistake,
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from dspex.errors import DspexError
+from dspex.supervisor import default_conf
 from dspexctl import commands
-from dspexctl.status import PoolsStatus
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
 from dspexctl.hosts import hosts
 from dspexctl.keys import keys
-from dspex.supervisor import default_conf
+from dspexctl.sessions import SessionsClose, SessionsList
+from dspexctl.status import PoolsStatus
 
 
 def _emit_json(data: Any) -> None:
@@ -122,7 +125,7 @@ class Seconds(click.FloatRange):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         rv = super().convert(value, param, ctx)
-        if rv != rv:  # nan passes every comparison
+        if math.isnan(rv):  # nan passes every comparison
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         return rv
 
@@ -147,6 +150,9 @@ class Dspexctl(click.Group):
 @click.version_option(package_name="dspex", prog_name="dspexctl", message="%(prog)s %(version)s")
 @click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
               help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
+@click.option("--endpoints", envvar="DSPEX_ENDPOINTS", default=None, metavar="MAP",
+              help="several brokers, POOL=EP,...,*=EP: pools status, sessions and workers recycle ask each "
+                   "[env DSPEX_ENDPOINTS]")
 @click.option("--supervisor-conf", envvar="DSPEX_SUPERVISOR_CONF", default=None, metavar="PATH",
               type=click.Path(dir_okay=False, path_type=Path),
               help="supervisor.conf of the stack [env DSPEX_SUPERVISOR_CONF; default ./supervisor.conf]")
@@ -154,11 +160,19 @@ class Dspexctl(click.Group):
               help="per request to the broker or supervisord")
 @click.option("--json", "json_out", is_flag=True, help="JSON output for every command that prints data")
 @click.pass_context
-def main(ctx: click.Context, endpoint: str | None, supervisor_conf: Path | None, timeout: float,
-         json_out: bool) -> None:
+def main(ctx: click.Context, endpoint: str | None, endpoints: str | None, supervisor_conf: Path | None,
+         timeout: float, json_out: bool) -> None:
     """Operate a dspex stack: pools, workers, sessions."""
-    ctx.obj = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or default_conf(), timeout=timeout,
-                       json=json_out, conf_explicit=supervisor_conf is not None)
+    settings = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or default_conf(), timeout=timeout,
+                        json=json_out, conf_explicit=supervisor_conf is not None)
+    if endpoints and endpoint:  # the command line wins over the environment; both from one of them is a mistake
+        sources = (ctx.get_parameter_source("endpoint"), ctx.get_parameter_source("endpoints"))
+        if sources == (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            endpoints = None
+        elif sources != (ParameterSource.ENVIRONMENT, ParameterSource.COMMANDLINE):
+            raise click.UsageError("give --endpoint (DSPEX_ENDPOINT) or --endpoints (DSPEX_ENDPOINTS), not both")
+    settings.endpoints = endpoints or None
+    ctx.obj = settings
 
 
 @main.group()
@@ -266,7 +280,7 @@ def sessions() -> None:
 @click.pass_context
 def sessions_list(ctx: click.Context, pool: str | None, json_out: bool) -> None:
     """Sessions, their pinned worker, calls and idle time."""
-    run(ctx, commands.SessionsList(), json_out, pool=pool)
+    run(ctx, SessionsList(), json_out, pool=pool)
 
 
 @sessions.command("close")
@@ -280,7 +294,7 @@ def sessions_close(ctx: click.Context, session: str | None, pool: str | None, id
                    json_out: bool) -> None:
     """Close a session (an id or a unique prefix), or every session matching --pool/--idle/--all
     (--pool and --idle combine), and release their refs on their workers."""
-    run(ctx, commands.SessionsClose(), json_out, session=session, pool=pool, idle=idle, all=all_)
+    run(ctx, SessionsClose(), json_out, session=session, pool=pool, idle=idle, all=all_)
 
 
 main.add_command(flagship)

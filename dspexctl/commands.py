@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import dspex
 from dspex import config
-from dspex.errors import BrokerUnreachable, ConfigError, ConnectionError, DspexError, PoolNotFound, Timeout, UsageError
-from dspexctl.stack import StackConflict, ensure_stack, expected_workers, foreign_stack, ready_counts, wait_ready
+from dspex.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    ConnectionError,
+    DspexError,
+    PoolNotFound,
+    Timeout,
+    UsageError,
+)
+from dspex.routing import broker_keys
 from dspex.supervisor import (
     STOPPED_STATES,
     Supervisor,
@@ -28,6 +36,14 @@ from dspex.supervisor import (
     SupervisorError,
     SupervisorUnreachable,
     full_name,
+)
+from dspexctl.stack import (
+    StackConflict,
+    ensure_stack,
+    expected_workers,
+    foreign_stack,
+    ready_counts,
+    wait_ready,
 )
 
 EXIT_OK = 0
@@ -70,13 +86,22 @@ class NotFound(UsageError):
 
 @dataclass
 class Settings:
-    """The group's options; ``ctx.obj`` (dspexctl flagship reads endpoint/supervisor_conf/timeout)."""
+    """The group's options; ``ctx.obj`` (dspexctl flagship reads endpoint/supervisor_conf/timeout).
+
+    ``endpoints``: a map of several brokers (``--endpoints``, ``DSPEX_ENDPOINTS``), which the
+    commands about pools and sessions ask broker by broker (:meth:`each_broker`); the commands
+    about one stack (``pools start|stop|restart``, ``stop``) use ``endpoint`` and the conf.
+    """
 
     endpoint: str | None = None
     supervisor_conf: Path = Path("supervisor.conf")
     timeout: float = 5.0
     json: bool = False
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
+    endpoints: str | None = None
+    broker: config.Broker | None = None  # one broker of a map: its endpoint and key files
+    # one broker of a map: its supervisor.conf is the one it was started with (its ``config``)
+    conf_of_broker: bool = False
 
     def client(self, timeout: float | None = None) -> dspex.Client:
         endpoint = self.resolved_endpoint()
@@ -85,18 +110,68 @@ class Settings:
         except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
             from dspexctl.diagnose import explain
 
-            raise BrokerUnreachable(err.message + explain(endpoint, self.supervisor_conf_or_none(), err.message,
-                                                          self.timeout)) from None
-        return dspex.connect(self.endpoint, timeout=self.timeout if timeout is None else timeout)
+            conf = None if self.conf_of_broker else self.supervisor_conf_or_none()
+            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.timeout)) from None
+        broker = self._own_broker()
+        server_key, keypair = broker_keys(broker) if broker is not None else (None, None)
+        return dspex.connect(endpoint, timeout=self.timeout if timeout is None else timeout,
+                             curve_server_key=server_key, curve_keypair=keypair)
 
     def resolved_endpoint(self) -> str:
+        broker = self._own_broker()
+        if broker is not None:
+            return broker.endpoint
         return config.check_endpoint(config.client_endpoint(self.endpoint))
 
+    def _own_broker(self) -> config.Broker | None:
+        """This command's broker when a map names it: a broker of the map, or a map of one."""
+        if self.broker is not None:
+            return self.broker
+        brokers = self.broker_map()
+        return brokers.brokers[0] if brokers is not None and not brokers.several else None
+
     def supervisor_conf_or_none(self) -> SupervisorConf | None:
-        """The supervisor config, or None when none was asked for and ./supervisor.conf is absent."""
+        """The supervisor config, or None when none was asked for and ./supervisor.conf is absent.
+        For a broker of a map: the one it was started with (:meth:`conf_of` its ``ping``)."""
+        if self.conf_of_broker:
+            try:
+                with self.client() as dx:
+                    return self.conf_of({"broker": dx.ping()})
+            except (ConnectionError, Timeout):
+                return None
         if not self.conf_explicit and not self.supervisor_conf.exists():
             return None
         return SupervisorConf.load(self.supervisor_conf)
+
+    def conf_of(self, broker_status: dict[str, Any] | None) -> SupervisorConf | None:
+        """The supervisor config to join with the broker's ``status`` (None: it did not answer).
+        A broker of a map has the conf it was started with when that file is on this host."""
+        if not self.conf_of_broker:
+            return self.supervisor_conf_or_none()
+        path = str((broker_status or {}).get("broker", {}).get("config") or "")
+        return SupervisorConf.load(Path(path)) if path and Path(path).is_file() else None
+
+    def broker_map(self) -> config.BrokerMap | None:
+        """The map of ``endpoints``, or None."""
+        return config.broker_map(endpoints=self.endpoints) if self.endpoints else None
+
+    def several(self) -> config.BrokerMap | None:
+        """The map when it names several brokers, else None (one broker: this command's)."""
+        brokers = self.broker_map()
+        return brokers if brokers is not None and brokers.several else None
+
+    def each_broker(self) -> list[Settings]:
+        """The settings of every broker of a map of several (each with its ``broker``), or ``[self]``."""
+        brokers = self.several()
+        return [self] if brokers is None else [self._of(b) for b in brokers.brokers]
+
+    def for_pool(self, pool: str) -> Settings:
+        """The settings of ``pool``'s broker (``PoolNotFound`` when the map has none for it)."""
+        brokers = self.several()
+        return self if brokers is None else self._of(brokers.broker_for(pool))
+
+    def _of(self, broker: config.Broker) -> Settings:
+        return replace(self, endpoint=None, endpoints=None, broker=broker, conf_explicit=False, conf_of_broker=True)
 
     def supervisor(self) -> Supervisor:
         return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
@@ -106,10 +181,10 @@ def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) 
     """Why the broker at ``endpoint`` (pid from its status) is not the broker among supervisord's
     processes ``procs``, or None."""
     for p in procs:
-        if p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("RUNNING", "STARTING"):
-            if p["pid"] and p["pid"] != broker_pid:
-                return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
-                        f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
+        if (p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("RUNNING", "STARTING")
+                and p["pid"] and p["pid"] != broker_pid):
+            return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
+                    f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
     return None
 
 
@@ -278,6 +353,7 @@ class WorkersRecycle:
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         pool = req["pool"]
+        settings = settings.for_pool(pool)
         with settings.client() as dx:
             status = dx.status()
             if pool not in status["pools"]:
@@ -383,96 +459,6 @@ class WorkersRecycle:
     def present(self, result: dict[str, Any]) -> str:
         return "\n".join(f"{result['pool']}: {r['old'][:8]} (pid {r['old_pid']}) -> {r['new'][:8]} "
                          f"(pid {r['new_pid']}) in {r['seconds']:.2f}s ({result['mode']})" for r in result["recycled"])
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
-
-
-# -- sessions ----------------------------------------------------------------------------------
-class SessionsList:
-    def request(self, pool: str | None = None) -> dict[str, Any]:
-        return {"pool": pool}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        with settings.client() as dx:
-            if req["pool"]:
-                pools = dx.status()["pools"]
-                if req["pool"] not in pools:
-                    raise PoolNotFound(f"no pool named {req['pool']!r}; pools: {', '.join(pools)}")
-            sessions = dx.sessions(req["pool"])
-        return {"pool": req["pool"], "sessions": sessions}
-
-    def present(self, result: dict[str, Any]) -> str:
-        sessions = result["sessions"]
-        owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
-        rows = [["SESSION", "POOL", *(["OWNER"] if owners else []), "WORKER", "CALLS", "IDLE", "AGE", "DURABLE"]]
-        now = time.time()
-        for s in sessions:
-            worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
-            rows.append([s["id"], s["pool"], *([str(s.get("owner") or "-")] if owners else []), worker,
-                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"]),
-                         _durable_cell(s)])
-        if len(rows) == 1:
-            return "no sessions" + (f" in {result['pool']}" if result["pool"] else "")
-        return "\n".join(table(rows))
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
-
-
-def _durable_cell(s: dict[str, Any]) -> str:
-    """"no", or the size and age of the session's last checkpoint."""
-    if not s.get("durable"):
-        return "no"
-    if s.get("checkpoint_age_s") is None:
-        return "yes (no checkpoint yet)"
-    size = float(s.get("checkpoint_bytes") or 0)
-    shown = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 1024:.1f} KB"
-    return f"yes ({shown}, {fmt_duration(s['checkpoint_age_s'])} ago)"
-
-
-class SessionsClose:
-    """Close one session (id or unique prefix) or every session matching --pool/--idle/--all."""
-
-    def request(self, session: str | None = None, pool: str | None = None, idle: float | None = None,
-                all: bool = False) -> dict[str, Any]:
-        session = (session or "").strip() or None
-        bulk = pool is not None or idle is not None or all
-        if session and bulk:
-            raise NotFound("usage", "give a session id, or --pool/--idle/--all, not both")
-        if not session and not bulk:
-            raise NotFound("usage", "which sessions? give an id (or unique prefix), --pool P, --idle SECONDS or --all")
-        return {"session": session, "pool": pool, "idle": idle, "all": all}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        with settings.client() as dx:
-            if req["pool"]:
-                pools = dx.status()["pools"]
-                if req["pool"] not in pools:
-                    raise PoolNotFound(f"no pool named {req['pool']!r}; pools: {', '.join(pools)}")
-            listed = dx.sessions(req["pool"])
-            if req["session"]:
-                key = req["session"]
-                targets = [s for s in listed if s["id"].startswith(key)]
-                if len(targets) != 1:
-                    raise NotFound("session_not_found", f"{key!r} matches {len(targets)} sessions"
-                                   + (" (give more characters)" if targets else ""))
-            else:
-                targets = [s for s in listed if req["idle"] is None or s["idle_s"] >= req["idle"]]
-            closed = []
-            for s in targets:
-                result = dx.close_session(s["id"])
-                closed.append({"session": s["id"], "pool": s["pool"], "closed": bool(result.get("closed")),
-                               "released": bool(result.get("released"))})
-        return {"criteria": {k: req[k] for k in ("session", "pool", "idle", "all")}, "sessions": closed}
-
-    def present(self, result: dict[str, Any]) -> str:
-        lines = [f"closed {s['session']}" + ("" if s["released"] else " (its worker was gone)")
-                 for s in result["sessions"] if s["closed"]]
-        gone = len(result["sessions"]) - len(lines)
-        if result["criteria"]["session"] is None:
-            lines.append(f"{len(lines)} session(s) closed" + (f", {gone} already gone" if gone else ""))
-        return "\n".join(lines)
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK

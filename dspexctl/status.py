@@ -83,6 +83,26 @@ class PoolsStatus:
         return {"pools": list(pools), "verbose": verbose}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        """One stack's status; with a map of several brokers, one such part per broker (each joined
+        with the supervisord of the conf that broker was started with), the state the worst."""
+        brokers = settings.several()
+        if brokers is None:
+            return self._stack(settings, req)
+        for pool in req["pools"]:
+            brokers.broker_for(pool)  # a pool the map sends nowhere: PoolNotFound
+        parts = []
+        for sub in settings.each_broker():
+            endpoint = sub.resolved_endpoint()
+            wanted = [p for p in req["pools"] if brokers.serves(endpoint, p)]
+            if req["pools"] and not wanted:
+                continue
+            part = self._stack(sub, {**req, "pools": wanted})
+            del part["verbose"]
+            parts.append({"endpoint": endpoint, "routes": brokers.pools_of(endpoint), **part})
+        return {"health": worst([State(p["health"]) for p in parts]).value, "brokers": parts,
+                "verbose": req["verbose"]}
+
+    def _stack(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         issues: list[tuple[State, str]] = []
         broker: dict[str, Any] | None = None
         broker_err = ""
@@ -91,7 +111,7 @@ class PoolsStatus:
                 broker = dx.status()
         except (ConnectionError, Timeout) as err:
             broker_err = err.message
-        sc = settings.supervisor_conf_or_none()
+        sc = settings.conf_of(broker)
         procs: list[dict[str, Any]] = []
         tails: dict[str, str] = {}
         sup_info: dict[str, Any] | None = None
@@ -241,6 +261,13 @@ class PoolsStatus:
         }
 
     def present(self, result: dict[str, Any]) -> str:
+        if "brokers" not in result:
+            return self._present(result)
+        sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
+                    + self._present({**part, "verbose": result["verbose"]}) for part in result["brokers"]]
+        return "\n\n".join([*sections, f"{len(result['brokers'])} brokers: {result['health'].upper()}"])
+
+    def _present(self, result: dict[str, Any]) -> str:
         rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
                  "STATE"]]
         for p in result["pools"]:

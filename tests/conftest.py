@@ -39,7 +39,7 @@ def stack(short_tmp: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
 # test that uses one (directly or through another fixture) is ``slow``, so `pytest -m "not slow"`
 # is the fast subset: pure logic and quick one-process checks
 PROCESS_FIXTURES = {
-    "tests.conftest.stack", "tests.conformance.conftest.cstack", "tests.chaos.conftest.chaos_root",
+    "tests.conftest.stack", "tests.test_brokers.brokers", "tests.conformance.conftest.cstack", "tests.chaos.conftest.chaos_root",
     "tests.test_cli.started", "tests.test_dashboard.small", "tests.test_dashboard.browser",
     "tests.test_flagship.fstack", "tests.test_flagship.chat_server", "tests.test_flagship_failures.fstack",
     "tests.test_flagship_failures.server", "tests.test_flagship_real_model.stack", "tests.test_fuzz.inproc_broker",

@@ -58,7 +58,14 @@ def test_client_and_async_client_have_the_same_user_ops_options_and_connect() ->
     assert [name for name, _, _ in options] == ["endpoint", "timeout", "curve_server_key", "curve_keypair",
                                                 "forward_output", "client_settings"]
     assert parameters(dspex.aio.AsyncClient) == options
-    assert parameters(dspex.connect) == parameters(dspex.aio.connect) == options
+    # connect also takes a map of several brokers (dspex.routing)
+    assert parameters(dspex.connect) == parameters(dspex.aio.connect)
+    assert [name for name, _, _ in parameters(dspex.connect)] == ["endpoint", "timeout", "endpoints",
+                                                                  *[name for name, _, _ in options[2:]]]
+    routed, routed_aio = public(dspex.client.RoutedClient), public(dspex.aio.RoutedAsyncClient)
+    assert routed.keys() == sync.keys() and routed_aio.keys() == aio.keys()
+    for name in ("session", "call", "status", "ping", "sessions", "close_session", "recycle", "request", "stream"):
+        assert parameters(routed[name]) == parameters(sync[name]) == parameters(routed_aio[name]), name
 
 
 def test_stream_and_async_stream_read_alike() -> None:

@@ -1,92 +1,172 @@
 """The broker's routing core, table-driven, without sockets or processes (milliseconds each).
 
-A recording stub implements the core's ports (dramatiq's StubBroker idea): events go in as the
-frames a socket would deliver, actions come out as the frames the core sends.
+A recording port stands in for the shell (dramatiq's StubBroker idea): events go in through the
+core's public API as the frames a socket would deliver, on a fake clock the test moves; actions
+come out as what the core asked its port to do.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
 
-from broker.core import Core, WorkerUnreachable
+from broker.core import Core
+from broker.ops import HANDLERS
+from broker.port import WorkerUnreachable
+from broker.state import Tombstones
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
     B_CANCEL,
+    B_CREDIT,
     B_DISCONNECT,
+    B_HEARTBEAT,
     B_RELEASE_SESSION,
     PROTOCOL_VERSION,
-    BUDGET_EPHEMERAL,
     W_DISCONNECT,
     W_DRAIN,
+    W_HEARTBEAT,
     W_READY,
     W_REPLY,
     RequestHeader,
     pack_reply_header,
-    RequestHead,
-    pack_reply_head,
-    unpack_request_head,
+    RequestEnvelope,
+    SessionMode,
+    pack_reply_envelope,
+    unpack_request_envelope,
     unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(10)
 
 
-class StubCore(Core):
-    def __init__(self, *specs: str) -> None:
-        super().__init__([parse_pool_spec(s) for s in specs], heartbeat_interval=0.25, heartbeat_liveness=3)
+START = 1000.0  # the fake clock's reading when a core starts (monotonic seconds)
+HEARTBEAT = 0.25
+
+
+class RecordingPort:
+    """The core's port: records what the core asks for."""
+
+    def __init__(self) -> None:
+        self.sender = b""  # the client whose message is being delivered
         self.to_workers: list[tuple[bytes, list[bytes]]] = []
         self.to_clients: list[list[bytes]] = []
         self.unreachable: set[bytes] = set()
         self.owners: dict[bytes, str] = {}  # client id -> identity (its CURVE key)
+        self.stopped: list[tuple[int, str]] = []  # processes stopped hard: (pid, host)
+        self.gone: list[bytes] = []  # workers whose connection the shell may forget
+        self.jobs: list[Any] = []  # checkpoint store jobs (tests/test_core_durable.py runs them)
 
-    def _to_client(self, frames: list[Any]) -> None:
+    def to_client(self, frames: list[Any]) -> None:
         self.to_clients.append([bytes(f) for f in frames])
 
-    def _send_worker(self, wid: bytes, frames: list[Any]) -> None:
+    def to_worker(self, wid: bytes, frames: list[Any]) -> None:
         if wid in self.unreachable:
             raise WorkerUnreachable()
         self.to_workers.append((wid, [bytes(f) for f in frames]))
 
-    def _identity(self, frame: Any) -> str:
-        return self.owners.get(self._sender, "")
+    def client_identity(self, frame: Any) -> str:
+        return self.owners.get(self.sender, "")
+
+    def client_seen(self, client: bytes, frame: Any) -> None:
+        pass
+
+    def worker_connected(self, wid: bytes, frame: Any) -> None:
+        pass
+
+    def worker_gone(self, wid: bytes) -> None:
+        self.gone.append(wid)
+
+    def stop_process(self, pid: int, host: str) -> None:
+        self.stopped.append((pid, host))
+
+    def store(self, job: Any) -> None:
+        self.jobs.append(job)
+
+
+class StubCore:
+    """A core on a fake clock with a recording port, and the events a test sends it. Reads of
+    anything else (``workers``, ``pools``...) are the core's."""
+
+    def __init__(self, *specs: str) -> None:
+        self.t = START
+        self.port = RecordingPort()
+        self.core = Core([parse_pool_spec(s) for s in specs], self.port, HANDLERS, now=self.t, heartbeat_interval=HEARTBEAT,
+                         heartbeat_liveness=3, wall=lambda: self.t + 1e9)
+        self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
+        self.next_beat = START + HEARTBEAT  # when the workers heartbeat next
+        self.ticks: list[float] = []  # when the core ticked
+        self.to_workers, self.to_clients = self.port.to_workers, self.port.to_clients
+        self.unreachable, self.owners = self.port.unreachable, self.port.owners
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
 
     # -- events ------------------------------------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        self.advance_to(self.t + seconds)
+
+    def advance_to(self, end: float) -> None:
+        """Move the clock as the shell would: the core ticks when its next deadline comes, and
+        every live worker heartbeats each interval (PPP)."""
+        while True:
+            beat = self.next_beat if self.next_beat > self.t else self.t + HEARTBEAT
+            due = self.core.next_deadline()
+            self.t = min(end, beat, max(due, self.t))
+            if self.t == beat:
+                self.next_beat = beat + HEARTBEAT
+                for wid in list(self.workers):
+                    if wid not in self.silent:
+                        self.say(wid, W_HEARTBEAT)
+            if self.t >= self.core.next_deadline():
+                self.ticks.append(self.t)
+                self.core.tick(self.t)
+            if self.t >= end:
+                return
+
     def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
               version: int = PROTOCOL_VERSION) -> None:
         info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running,
                 "version": version}
-        self._on_backend([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
+        self.core.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
-                timeout_ms: int = 0) -> None:
-        self._sender = client
+                timeout_ms: int = 0, body: bytes = b"payload") -> None:
+        self.port.sender = client
         header = RequestHeader(op, req_id, pool, session, "", timeout_ms, 0).pack()
-        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(b"payload")])
+        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(body)], self.t)
 
     def admin(self, client: bytes, op: str, **args: Any) -> Any:
-        self._sender = client
+        self.port.sender = client
         header = RequestHeader(op, 999, "", "", "", 0, 0).pack()
-        self._on_frontend([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))])
+        self.core.on_client_frames([zmq.Frame(client), zmq.Frame(header), zmq.Frame(msgpack.packb(args))], self.t)
         status, _, _, _ = msgpack.unpackb(self.to_clients[-1][1])
         body = msgpack.unpackb(self.to_clients[-1][2])
         return body if status == "ok" else ("error", body["code"])
 
     def reply(self, wid: bytes, client: bytes, req_id: int, status: str = "ok") -> None:
-        self._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, status, req_id, client)),
-                          zmq.Frame(pack_reply_header(status, req_id)), zmq.Frame(b"result")])
+        self.backend(wid, pack_reply_envelope(W_REPLY, status, req_id, client), pack_reply_header(status, req_id), b"result")
 
     def say(self, wid: bytes, command: bytes) -> None:
-        self._on_backend([zmq.Frame(wid), zmq.Frame(command)])
+        self.backend(wid, command)
+
+    def backend(self, wid: bytes, *frames: bytes) -> None:
+        self.core.on_worker_frames([zmq.Frame(wid), *(zmq.Frame(f) for f in frames)], self.t)
+
+    def client_gone(self, client: bytes) -> None:
+        """Its connection closed (what the shell's socket monitor reports)."""
+        self.core.client_gone(client, self.t)
+
+    def crash(self, wid: bytes) -> None:
+        """Its connection closed without a goodbye (what the shell's socket monitor reports)."""
+        self.core.worker_lost(wid, self.t)
 
     # -- actions -----------------------------------------------------------------------------
-    def requests(self) -> list[tuple[bytes, RequestHead, int]]:
-        """(worker, request head, req_id) of every request sent to a worker, in order."""
-        return [(wid, unpack_request_head(f[0]), unpack_request_header(f[1]).req_id)
+    def requests(self) -> list[tuple[bytes, RequestEnvelope, int]]:
+        """(worker, request envelope, req_id) of every request sent to a worker, in order."""
+        return [(wid, unpack_request_envelope(f[0]), unpack_request_header(f[1]).req_id)
                 for wid, f in self.to_workers if len(f[0]) > 1]
 
     def dispatched(self) -> list[tuple[bytes, bytes, int]]:
@@ -169,7 +249,7 @@ def test_pinned_worker_gone(mode: str, outcome: str) -> None:
     core.request(C, 1, "p", "s")
     pinned = core.worker_of(1) or b""
     core.reply(pinned, C, 1)
-    core._remove_worker(core.workers[pinned], "crashed (connection lost)")
+    core.crash(pinned)
     core.request(C, 2, "p", "s")
     if outcome == "repinned":
         assert core.worker_of(2) not in (None, pinned)
@@ -187,7 +267,7 @@ def test_none_runs_anywhere_and_keeps_no_session() -> None:
     assert {core.worker_of(1), core.worker_of(2)} == {A, B}
     assert "s" not in core.sessions
     heads = [head for _, head, _ in core.requests()]
-    assert heads and all(head.flags & BUDGET_EPHEMERAL for head in heads)
+    assert heads and all(head.session_mode == SessionMode.EPHEMERAL for head in heads)
 
 
 def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
@@ -199,8 +279,29 @@ def test_queue_bound_unknown_pool_and_queue_timeout() -> None:
     assert core.outcome(C, 3) == "pool_saturated"
     core.request(C, 4, "nope", "s")
     assert core.outcome(C, 4) == "pool_not_found"
-    core._sweep(time.monotonic() + 6)
+    core.advance(4.9)
+    assert core.outcome(C, 2) is None
+    core.advance(0.2)
     assert core.outcome(C, 2) == "queue_timeout"
+
+
+def test_cancel_takes_a_queued_request_out_and_goes_to_the_worker_of_a_running_one() -> None:
+    core = StubCore("p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.request(C, 2, "p", "s")  # queued behind 1
+    core.request(C, 2, "p", "s", op="cancel", body=msgpack.packb(0))
+    assert core.outcome(C, 2) == "cancelled" and core.pools["p"].queued == 0
+    core.request(C, 1, "p", "s", op="credit", body=msgpack.packb(32))
+    core.request(C, 1, "p", "s", op="credit", body=b"\xc1")  # garbage: counted, not forwarded
+    core.request(C, 1, "p", "s", op="cancel", body=msgpack.packb(0))
+    control = [f for wid, f in core.to_workers if wid == A and f[0] in (B_CREDIT, B_CANCEL)]
+    assert control == [[B_CREDIT, C, msgpack.packb([1, 32])], [B_CANCEL, C, msgpack.packb([1, 0])]]
+    assert core.counters["garbage_frontend"] == 1
+    core.reply(A, C, 1, "err")
+    assert core.pools["p"].outcomes[("call", "cancelled")] == 2, "its error reply counts as cancelled too"
+    core.request(C, 1, "p", "s", op="cancel", body=msgpack.packb(0))  # already answered: dropped
+    assert len([f for _, f in core.to_workers if f[0] == B_CANCEL]) == 1
 
 
 def budget_of(core: StubCore, req_id: int) -> tuple[int, int]:
@@ -225,9 +326,9 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     assert core.worker_of(4) is None  # one ahead at most (prefetch=1)
     core.reply(A, C, 2)  # 3 runs now; 4 is sent ahead of 3's reply
     assert core.worker_of(4) == A
-    worker = core.status()["pools"]["p"]["workers"][0]
+    worker = core.admin(C, "status")["pools"]["p"]["workers"][0]
     assert (worker["inflight"], worker["queued"]) == (1, 1)  # 4 waits at the worker: it counts as queued
-    assert core.status()["pools"]["p"]["queued"] == 1
+    assert core.admin(C, "status")["pools"]["p"]["queued"] == 1
 
 
 def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
@@ -239,7 +340,7 @@ def test_prefetch_default_depth_sends_up_to_four_ahead() -> None:
     for rid in range(2, 8):
         core.request(C, rid, "p", f"s{rid}")
     assert [core.worker_of(rid) for rid in range(2, 8)] == [A] * 5 + [None]  # running + 4 ahead; the 6th waits
-    assert core.status()["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
+    assert core.admin(C, "status")["pools"]["p"]["queued"] == 5  # 4 prefetched + 1 in the broker
 
 
 def test_prefetched_requests_count_against_queue_max() -> None:
@@ -269,8 +370,8 @@ def test_no_prefetch_behind_a_long_call_in_fail_fast_pools_or_when_off() -> None
     assert core.worker_of(3) == A  # strict_queue: sent ahead
     assert core.outcome(C, 6) == "worker_busy"  # strict_fail_fast: busy means busy
     assert core.worker_of(9) is None  # prefetch=0: waits in the broker
-    core.reply(A, C, 2)
-    core.workers[A].last_call = 0.5  # A's last call took long: no more prefetch
+    core.advance(0.5)
+    core.reply(A, C, 2)  # A's last call took long: no more prefetch
     core.request(C, 10, "p", "sp3")
     assert core.worker_of(10) is None
 
@@ -280,7 +381,7 @@ def test_a_request_dispatched_past_its_queue_deadline_times_out_in_the_broker() 
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
     core.request(C, 2, "p", "s")
-    core.workers[A].queue[0].enqueued -= 6  # it waited 6 s and the sweep has not come by yet
+    core.t += 6  # it waited 6 s, and the reply comes in before the clock's tick
     core.reply(A, C, 1)
     assert core.outcome(C, 2) == "queue_timeout" and core.worker_of(2) is None
 
@@ -320,13 +421,13 @@ def test_a_client_gone_has_its_running_calls_cancelled_and_its_queued_ones_dropp
     core.request(C, 1, "p", "s1")  # runs on A
     core.request(C, 2, "p", "s1")  # waits behind it
     core.request(D, 1, "p", "s2")  # another client's, pinned to A too: waits
-    core._on_client_gone(C)
+    core.client_gone(C)
     assert cancels(core) == [(A, C, [1, 0])]
     assert core.pools["p"].queued == 1 and core.outcome(C, 2) is None  # dropped unanswered: nobody reads
     core.reply(A, C, 1, "error")  # the worker stopped the call: its slot frees
     assert core.dispatched() == [(A, C, 1), (A, D, 1)], "request 2 of the gone client never runs"
     assert core.pools["p"].outcomes == {("call", "cancelled"): 2}
-    core._on_client_gone(C)  # again (it reconnected and left once more): nothing left to cancel
+    core.client_gone(C)  # again (it reconnected and left once more): nothing left to cancel
     assert len(cancels(core)) == 1
 
 
@@ -340,7 +441,7 @@ def test_a_client_gone_leaves_other_clients_alone_in_every_queue(spec: str) -> N
     core.request(D, 1, "p", "s2")
     core.request(C, 2, "p", "s3")  # no free slot: the pool's queue
     core.request(D, 2, "p", "s4")
-    core._on_client_gone(C)
+    core.client_gone(C)
     assert cancels(core) == [(A, C, [1, 0])]
     core.reply(A, C, 1, "error")
     core.reply(A, D, 1)
@@ -353,18 +454,12 @@ def test_idle_time_counts_from_the_end_of_the_last_call() -> None:
     core = StubCore("p:strict_queue:session_ttl=1")
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
-    core.sessions["s"].last_used -= 100  # the call started long ago, longer than the TTL
-
-    def expire_at(now: float) -> None:
-        core._last_ttl_sweep = 0.0  # the sweep runs at most once a second: let it run now
-        core._expire_sessions(now)
-
-    expire_at(time.monotonic() + 50)
+    core.advance(50)  # a call longer than the TTL
     assert "s" in core.sessions, "a running call never expires its session"
     core.reply(A, C, 1)
-    expire_at(time.monotonic() + 0.5)
+    core.advance(0.5)
     assert "s" in core.sessions, "idle for less than the TTL since the call ended"
-    expire_at(time.monotonic() + 2.0)
+    core.advance(1.5)
     assert "s" not in core.sessions and core.released("s") == {A}
     core.request(C, 2, "p", "s")
     assert core.outcome(C, 2) == "session_closed"
@@ -383,11 +478,10 @@ def test_closed_session_answers_session_closed_never_a_fresh_namespace() -> None
 
 
 def test_tombstones_are_bounded() -> None:
-    core = StubCore("p:strict_queue")
-    core.closed._limit = 10
+    closed = Tombstones(limit=10)
     for i in range(25):
-        core.closed.add(f"s{i}", "was closed")
-    assert len(core.closed) == 10 and core.closed.why("s24") and core.closed.why("s0") is None
+        closed.add(f"s{i}", "was closed")
+    assert len(closed) == 10 and closed.why("s24") and closed.why("s0") is None
 
 
 def test_release_goes_to_every_worker_a_hint_session_touched() -> None:
@@ -428,7 +522,7 @@ def test_sessions_belong_to_their_client_identity() -> None:
     assert core.admin(bob, "sessions") == []
     assert core.admin(bob, "close_session", session="s") == ("error", "session_not_yours")
     assert [r["id"] for r in core.admin(alice, "sessions")] == ["s"]
-    core.admins = lambda: {"OPSKEY"}
+    core.core.admins = lambda: {"OPSKEY"}
     assert core.admin(bob, "recycle", pool="p") == ("error", "refused")
     ops = b"ops-c"
     core.owners[ops] = "OPSKEY"
@@ -453,15 +547,79 @@ def test_goodbye_hands_back_what_never_ran(mode: str, unstarted: str) -> None:
         assert core.worker_of(1) not in (None, victim)
     else:
         assert core.outcome(C, 1) == unstarted
-    assert [e["event"] for e in core.events][-1] == "exit"
+    assert [e["event"] for e in core.roster.events][-1] == "exit"
 
 
 def test_a_connection_lost_without_goodbye_is_a_crash() -> None:
     core = two_workers("p:strict_queue")
     core.request(C, 1, "p", "s")
-    w = core.workers[core.worker_of(1) or b""]
-    core._remove_worker(w, "crashed (connection lost)")
+    core.crash(core.worker_of(1) or b"")
     assert core.outcome(C, 1) == "worker_crashed" and core.pools["p"].crashes == 1
+
+
+def test_heartbeats_go_out_every_interval_and_a_silent_worker_is_dropped_after_liveness_intervals() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    silent = core.worker_of(1) or b""
+    other = B if silent == A else A
+    core.silent.add(silent)  # a host gone without closing its connection: only heartbeats tell
+    core.advance(HEARTBEAT * 3)
+    assert silent in core.workers and core.outcome(C, 1) is None, "silent for interval × liveness, not more"
+    core.advance(HEARTBEAT)
+    assert silent not in core.workers and core.outcome(C, 1) == "worker_crashed"
+    assert other in core.workers
+    assert core.to_workers.count((other, [B_HEARTBEAT])) == 4  # one per interval, idle or not
+
+
+# -- deadlines: the core says when it next has something to do --------------------------------
+def test_an_idle_core_ticks_once_per_heartbeat_and_at_nothing_else() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    assert core.next_deadline() == START + HEARTBEAT
+    core.advance(10)
+    assert core.ticks == [START + HEARTBEAT * i for i in range(1, 41)]
+
+
+def test_a_queued_request_wakes_the_core_at_its_callers_deadline_or_its_queue_timeout() -> None:
+    core = StubCore("p:strict_queue:queue_timeout=0.1,prefetch=0")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")  # runs
+    core.request(C, 2, "p", "s", timeout_ms=60)  # waits; its caller gives up after 60 ms
+    core.request(C, 3, "p", "s")  # waits; the pool's queue timeout is 100 ms
+    assert core.next_deadline() == START + 0.06
+    core.advance_to(START + 0.06)
+    assert core.counters["expired_unsent"] == 1 and core.outcome(C, 2) is None  # nobody waits for its answer
+    assert core.next_deadline() == START + 0.1
+    core.advance_to(START + 0.1)
+    assert core.outcome(C, 3) == "queue_timeout" and core.ticks == [START + 0.06, START + 0.1]
+    assert core.next_deadline() == START + HEARTBEAT
+
+
+def test_a_draining_worker_wakes_the_core_at_its_drain_deadline() -> None:
+    core = StubCore("p:strict_queue:drain_timeout=0.15")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.advance_to(START + 0.05)
+    core.say(A, W_DRAIN)  # stopping, with a call that does not end
+    assert core.next_deadline() == START + 0.05 + 0.15
+    core.advance_to(START + 0.05 + 0.15)
+    assert A not in core.workers and core.port.stopped == [(4242, "elsewhere")]
+    assert core.ticks == [START + 0.05 + 0.15]
+
+
+def test_an_idle_session_wakes_the_core_at_its_ttl_not_before() -> None:
+    core = StubCore("p:strict_queue:session_ttl=30")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.advance(5)  # a 5 s call: idle time counts from its end
+    core.reply(A, C, 1)
+    ended = core.t
+    core.advance_to(ended + 29.9)
+    assert "s" in core.sessions
+    core.advance_to(ended + 30)
+    assert "s" not in core.sessions and core.released("s") == {A}
+    assert core.t in core.ticks
 
 
 def test_a_draining_worker_gets_nothing_new() -> None:
@@ -478,21 +636,20 @@ def test_hung_draining_worker_is_stopped_at_its_deadline_and_the_rolling_recycle
     core.request(C, 1, "p", "s")
     hung = core.worker_of(1) or b""
     other = B if hung == A else A
-    core.admin(C, "recycle", pool="p", all=True)
-    assert core.workers[hung].draining and core.pools["p"].recycling in (hung, other)
-    if core.pools["p"].recycling == other:  # the idle one first: it leaves at once
-        core.say(other, W_DISCONNECT)
-        core.ready(b"worker-c", "p")
-        core._sweep(time.monotonic())
-    assert core.pools["p"].recycling == hung
-    core._sweep(time.monotonic() + 6)  # past the drain deadline
+    core.admin(C, "recycle", pool="p", worker=hung.decode())  # the busy one first, then the other
+    core.admin(C, "recycle", pool="p", worker=other.decode())
+    assert core.pools["p"].recycling == hung and core.workers[hung].draining
+    assert not core.workers[other].draining, "one worker of a pool at a time"
+    core.advance(4.9)
+    assert hung in core.workers and core.outcome(C, 1) is None
+    core.advance(0.2)  # past the drain deadline
     assert hung not in core.workers
     assert core.outcome(C, 1) == "worker_crashed"
-    assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.events)
-    core.ready(b"worker-d", "p")
-    core._sweep(time.monotonic())
-    if other in core.workers:  # the rolling recycle went on to the other worker
-        assert (other, [B_DISCONNECT]) in core.to_workers
+    assert any(e["event"] == "recycle" and "deadline" in e["why"] for e in core.roster.events)
+    assert core.port.stopped == [(4242, "elsewhere")] and (hung, [B_DISCONNECT]) in core.to_workers
+    assert core.pools["p"].recycling == hung and (other, [B_DISCONNECT]) not in core.to_workers
+    core.ready(b"worker-d", "p")  # its replacement: the rolling recycle goes on to the other worker
+    assert core.pools["p"].recycling == other and (other, [B_DISCONNECT]) in core.to_workers
 
 
 def test_a_rolling_recycle_goes_on_when_the_replacement_registers_not_at_the_next_sweep() -> None:
@@ -557,8 +714,7 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
                 w, (client, rid) = rnd.choice(running)
                 core.reply(w.id, client, rid, rnd.choice(["ok", "err"]))
         elif roll < 0.9 and core.workers:
-            w = rnd.choice(list(core.workers.values()))
-            core._remove_worker(w, "crashed (connection lost)")
+            core.crash(rnd.choice(list(core.workers)))
         elif roll < 0.94 and core.workers:
             w = rnd.choice(list(core.workers.values()))
             core.say(w.id, W_DRAIN)
@@ -584,23 +740,22 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert len(replies) == len(set(replies)), "one answer per request"
 
 
-# -- the backend wire: hot-path heads, protocol version --------------------------------------
-def test_request_head_carries_budget_and_client_and_reply_head_is_read_without_msgpack() -> None:
+# -- the backend wire: hot-path envelopes, protocol version ----------------------------------
+def test_request_envelope_carries_budget_and_client_and_reply_envelope_is_read_without_msgpack() -> None:
     core = StubCore("p:strict_queue:queue_timeout=5,session_ttl=90")
     core.ready(A, "p")
     core.request(C, 1, "p", "s1", timeout_ms=2000)
     (wid, head, req_id), = core.requests()
-    assert (wid, head.client, req_id, head.session_ttl_s, head.flags) == (A, C, 1, 90, 0)
+    assert (wid, head.client, req_id, head.session_ttl_s, head.session_mode) == (A, C, 1, 90, SessionMode.KEPT)
     assert 1000 < head.call_ms <= 2000 and 4000 < head.queue_ms <= 5000
     assert len(core.to_workers[0][1]) == 3  # [head, request header, payload]: no separate command or budget
     # the broker learns ok/req_id/client from the reply head and forwards the reply header untouched
-    core._on_backend([zmq.Frame(A), zmq.Frame(pack_reply_head(W_REPLY, "err", 1, C)),
-                      zmq.Frame(pack_reply_header("err", 1, "w", "p")), zmq.Frame(b"result")])
+    core.backend(A, pack_reply_envelope(W_REPLY, "err", 1, C), pack_reply_header("err", 1, "w", "p"), b"result")
     assert core.to_clients[-1] == [C, pack_reply_header("err", 1, "w", "p"), b"result"]
     assert core.pools["p"].outcomes[("call", "error")] == 1
     # a v1 reply (a bare command byte, the client id in its own frame) is garbage, not a crash
     before = core.counters["garbage_backend"]
-    core._on_backend([zmq.Frame(A), zmq.Frame(W_REPLY), zmq.Frame(C), zmq.Frame(pack_reply_header("ok", 1))])
+    core.backend(A, W_REPLY, C, pack_reply_header("ok", 1))
     assert core.counters["garbage_backend"] == before + 1
 
 
@@ -618,22 +773,21 @@ def test_a_worker_of_another_protocol_version_is_told_to_leave(caplog: pytest.Lo
 def test_request_ids_outside_64_unsigned_bits_are_refused() -> None:
     core = two_workers("p:strict_queue")
     for bad in (-1, -(2**63)):  # (msgpack itself stops at 2**64 - 1)
-        core._sender = C
+        core.port.sender = C
         header = msgpack.packb(["call", bad, "p", "s", "", 0, 0])
-        core._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
+        core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")], core.t)
         assert msgpack.unpackb(core.to_clients[-1][2])["code"] == "protocol_error"
     assert core.requests() == []
 
 
 # -- health window, sessions of gone workers, rolling recycles ---------------------------------
 def error_reply(core: StubCore, wid: bytes, client: bytes, req_id: int, code: str) -> None:
-    core._on_backend([zmq.Frame(wid), zmq.Frame(pack_reply_head(W_REPLY, "err", req_id, client)),
-                      zmq.Frame(pack_reply_header("err", req_id)),
-                      zmq.Frame(msgpack.packb({"code": code, "message": "boom"}))])
+    core.backend(wid, pack_reply_envelope(W_REPLY, "err", req_id, client), pack_reply_header("err", req_id),
+                 msgpack.packb({"code": code, "message": "boom"}))
 
 
-def recent(core: StubCore, now: float | None = None) -> dict[str, dict[str, int]]:
-    return core.pools["p"].recent.totals(time.monotonic() if now is None else now)
+def recent(core: StubCore) -> dict[str, dict[str, int]]:
+    return core.pools["p"].recent.totals(core.t)
 
 
 def test_the_health_window_counts_the_services_failures_apart_from_users_and_recycles() -> None:
@@ -651,13 +805,14 @@ def test_the_health_window_counts_the_services_failures_apart_from_users_and_rec
     assert core.outcome(C, 51) == "session_worker_unavailable"
     assert recent(core)["recycle"] == {"session_worker_unavailable": 1}
     other = next(iter(core.workers))
-    core._remove_worker(core.workers[other], "crashed (connection lost)")
+    core.crash(other)
     core.request(C, 52, "p", "s2")  # its worker crashed: the service's
     assert core.outcome(C, 52) == "session_worker_unavailable"
     assert recent(core)["service"] == {"timeout": 1, "crash": 1, "session_worker_unavailable": 1}
     st = core.admin(C, "status")["pools"]["p"]
     assert st["health_window"] == 30 and st["recent"]["user"] == {"remote_error": 50}
-    assert recent(core, time.monotonic() + 32) == {}, "the window slides: old failures leave it"
+    core.advance(32)
+    assert recent(core) == {}, "the window slides: old failures leave it"
 
 
 def test_failures_of_a_busy_window_stay_bounded() -> None:
@@ -666,7 +821,7 @@ def test_failures_of_a_busy_window_stay_bounded() -> None:
     window = RecentFailures(10)
     for i in range(100_000):
         window.add("service", "queue_timeout", 1000.0 + i / 1000)  # 100 s at 1000 failures/s
-    assert len(window._buckets) <= 12
+    assert len(window) <= 12
     assert window.totals(1100.0) == {"service": {"queue_timeout": 10_000}}
 
 
@@ -682,7 +837,7 @@ def test_sessions_of_a_gone_worker_leave_every_count_and_answer_from_their_tombs
         core.admin(C, "recycle", pool="p", worker=lost.decode())
         core.say(lost, W_DISCONNECT)
     else:
-        core._remove_worker(core.workers[lost], "crashed (connection lost)")
+        core.crash(lost)
     st = core.admin(C, "status")
     pool = st["pools"]["p"]
     listed = core.admin(C, "sessions")
@@ -727,16 +882,25 @@ def test_a_silent_workers_sessions_wait_uncounted_and_come_back_with_it() -> Non
         core.request(C, req_id, "p", session)
         core.reply(A, C, req_id)
     core.ready(B, "p")
-    later = time.monotonic() + 10
-    core.workers[B].expiry = later + 10  # only A misses its heartbeats
-    core._heartbeat(later)
-    assert A not in core.workers
+    core.silent.add(A)  # only A misses its heartbeats
+    core.advance(HEARTBEAT * 4)
+    assert A not in core.workers and B in core.workers
     assert core.admin(C, "status")["pools"]["p"]["sessions"] == 0
     assert core.admin(C, "sessions") == []
     core.request(C, 3, "p", "called")
     assert core.outcome(C, 3) == "session_worker_unavailable"
+    core.silent.discard(A)
     core.ready(A, "p")  # the partition healed: the same incarnation
     core.request(C, 4, "p", "waits")
     assert core.worker_of(4) == A, "the waiting session is served where its state is"
     core.request(C, 5, "p", "called")
     assert core.outcome(C, 5) == "session_worker_unavailable", "a tombstone stays one"
+
+
+def test_a_pin_claimed_after_the_restart_grace_to_an_unknown_worker_does_not_wait() -> None:
+    core = two_workers("p:strict_queue")
+    core.advance(2.0)  # past the restart grace (heartbeat x liveness)
+    core.port.sender = C
+    header = RequestHeader("call", 5, "p", "s" * 32, "ghost-worker", 0, 0).pack()
+    core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"x")], core.t)
+    assert core.outcome(C, 5) == "session_worker_unavailable" and not core.pools["p"].awaiting

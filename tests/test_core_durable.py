@@ -5,7 +5,6 @@ jobs run when the test says so, as the store thread would run them."""
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import msgpack
@@ -16,16 +15,14 @@ from broker.checkpoints import CheckpointStore, Job
 from dspex.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
-    BUDGET_DURABLE,
-    BUDGET_FULL,
-    BUDGET_RESTORE,
     FLAG_DURABLE,
     W_CHECKPOINT,
-    RequestHead,
+    Durable,
+    RequestEnvelope,
     RequestHeader,
-    pack_reply_head,
+    pack_reply_envelope,
     pack_reply_header,
-    unpack_request_head,
+    unpack_request_envelope,
 )
 from tests.test_core import A, B, C, StubCore
 
@@ -37,17 +34,15 @@ class DurableCore(StubCore):
     def __init__(self, path: str, *specs: str, cap: int = 64 * 2**20) -> None:
         super().__init__(*specs)
         self.store = CheckpointStore(path, session_cap=cap)
-        self.jobs: list[Job] = []
+        self.jobs: list[Job] = self.port.jobs  # what the core handed the port's store, not run yet
         self.sent: dict[str, dict[int, bytes]] = {}  # the blobs a worker sent per session (its size)
-        self.checkpoints = True
-        self.load_durable(self.store.sessions())
-
-    def _store(self, job: Job) -> None:
-        self.jobs.append(job)
+        self.core.durable.enabled = True
+        self.core.durable.load(self.store.sessions())
 
     def commit(self) -> None:
         """The store thread runs what was submitted and hands the jobs back."""
-        jobs, self.jobs = self.jobs, []
+        jobs = list(self.jobs)
+        self.jobs.clear()
         for job in jobs:
             if job.op == "write":
                 job.error = self.store.apply([job.args[0]])[0]
@@ -56,12 +51,12 @@ class DurableCore(StubCore):
                     job.result = getattr(self.store, job.op)(*job.args)
                 except Exception as exc:  # noqa: BLE001 - handed back like the thread does
                     job.error = exc
-        self._store_done(jobs)
+        self.core.store_done(jobs, self.t)
 
     def call(self, req_id: int, session: str = S, pool: str = "p", durable: bool = True) -> None:
-        self._sender = C
+        self.port.sender = C
         header = RequestHeader("call", req_id, pool, session, "", 0, FLAG_DURABLE if durable else 0).pack()
-        self._on_frontend([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")])
+        self.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"payload")], self.t)
 
     def checkpoint(self, wid: bytes, req_id: int, seq: int, set_slots: dict[int, bytes] | None = None,
                    clear: list[int] | None = None, full: bool = False, session: str = S, status: str = "ok",
@@ -79,21 +74,21 @@ class DurableCore(StubCore):
             for i in clear or []:
                 held.pop(i, None)
             body["size"] = len(b"skeleton %d" % seq) + sum(map(len, held.values()))
-        frames = [wid, pack_reply_head(W_CHECKPOINT, status, req_id, C), msgpack.packb(body)]
+        frames = [wid, pack_reply_envelope(W_CHECKPOINT, status, req_id, C), msgpack.packb(body)]
         if not meta:
             frames += [b"skeleton %d" % seq, *blobs.values()]
         frames += [pack_reply_header(status, req_id), b"result"]
-        self._on_backend([zmq.Frame(f) for f in frames])
+        self.backend(*frames)
 
-    def requests(self) -> list[tuple[bytes, RequestHead, int]]:
-        """(worker, request head, req_id) of every request sent to a worker (restore frames
-        between the head and the request header skipped)."""
-        return [(wid, unpack_request_head(f[0]), _req_id(f)) for wid, f in self.to_workers
+    def requests(self) -> list[tuple[bytes, RequestEnvelope, int]]:
+        """(worker, request envelope, req_id) of every request sent to a worker (restore frames
+        between the envelope and the request header skipped)."""
+        return [(wid, unpack_request_envelope(f[0]), _req_id(f)) for wid, f in self.to_workers
                 if len(f[0]) > 1 and f[0][:1] == B_REQUEST]
 
     def head_of(self, req_id: int) -> int:
-        """The flags byte of the request head of ``req_id``'s last dispatch."""
-        return [head.flags for _, head, rid in self.requests() if rid == req_id][-1]
+        """The ``durable`` byte of the request envelope of ``req_id``'s last dispatch."""
+        return [head.durable for _, head, rid in self.requests() if rid == req_id][-1]
 
     def frames_of(self, req_id: int) -> list[bytes]:
         found = [f for _, f in self.to_workers if len(f[0]) > 1 and f[0][:1] == B_REQUEST]
@@ -103,7 +98,7 @@ class DurableCore(StubCore):
 def _req_id(frames: list[bytes]) -> int:
     """The req_id of a request's frames, with or without restore frames before its header."""
     index = 1
-    if unpack_request_head(frames[0]).flags & BUDGET_RESTORE:
+    if unpack_request_envelope(frames[0]).durable & Durable.RESTORE:
         meta = msgpack.unpackb(frames[1])
         index = 2 + len(meta["slots"]) + (1 if meta["seq"] else 0)
     return int(msgpack.unpackb(frames[index])[1])
@@ -126,7 +121,7 @@ def test_a_reply_waits_for_its_checkpoint_to_commit(path: str) -> None:
     core = durable_core(path)
     core.call(1)
     w = core.worker_of(1)
-    assert w is not None and core.head_of(1) & BUDGET_DURABLE
+    assert w is not None and core.head_of(1) & Durable.CHECKPOINT
     core.checkpoint(w, 1, 1, {0: b"entry"})  # with its reply
     assert core.outcome(C, 1) is None  # held: its checkpoint is not committed yet
     core.commit()
@@ -164,14 +159,14 @@ def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
     core.call(2)
     core.checkpoint(w, 2, 2, {1: b"e1"})  # its checkpoint and reply came; then the worker died
     core.call(9)  # a call in flight when it died: its checkpoint never came
-    core._remove_worker(core.workers[w], "crashed (connection lost)")
+    core.crash(w)
     assert core.outcome(C, 9) == "worker_crashed"
     core.call(3)
     assert core.worker_of(3) is None  # parked while the store loads the checkpoint
     core.commit()
     other = core.worker_of(3)
     assert other is not None and other != w
-    assert core.head_of(3) & BUDGET_RESTORE and core.head_of(3) & BUDGET_DURABLE
+    assert core.head_of(3) & Durable.RESTORE and core.head_of(3) & Durable.CHECKPOINT
     frames = core.frames_of(3)
     meta = msgpack.unpackb(frames[1])
     assert meta == {"session": S, "seq": 2, "slots": [0, 1, 1 << 24]}  # call 2's effects, none of call 9's
@@ -179,8 +174,8 @@ def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
     assert frames[2:6] == [b"skeleton 2", b"e0", b"e1", b"code"]
     core.reply(other, C, 3)
     core.call(4)
-    assert core.worker_of(4) == other and not core.head_of(4) & BUDGET_RESTORE
-    assert core.durable_counters["moves"] == 1 and core.durable_counters["restores"] == 1
+    assert core.worker_of(4) == other and not core.head_of(4) & Durable.RESTORE
+    assert core.durable.counters["moves"] == 1 and core.durable.counters["restores"] == 1
     core.commit()
     assert [r.worker for r in core.store.sessions()] == [other.decode()]
 
@@ -190,7 +185,7 @@ def test_a_recycled_workers_session_moves_after_its_running_call_answers(path: s
     core.call(1)
     w = core.worker_of(1)
     assert w is not None
-    core.recycle(core.workers[w])  # draining: it finishes call 1
+    core.recycler.recycle(core.workers[w], core.t)  # draining: it finishes call 1
     core.call(2)
     assert core.worker_of(2) is None and core.outcome(C, 2) is None
     core.commit()
@@ -199,7 +194,7 @@ def test_a_recycled_workers_session_moves_after_its_running_call_answers(path: s
     core.commit()  # call 1's write, then the load after it
     assert core.outcome(C, 1) == "ok"
     core.commit()
-    assert core.worker_of(2) not in (None, w) and core.head_of(2) & BUDGET_RESTORE
+    assert core.worker_of(2) not in (None, w) and core.head_of(2) & Durable.RESTORE
     assert msgpack.unpackb(core.frames_of(2)[1])["seq"] == 1
     assert w in core.released(S) and any(f[0] == B_RELEASE_SESSION for _, f in core.to_workers)
 
@@ -217,7 +212,7 @@ def test_a_session_over_its_cap_gets_a_clear_error_and_goes_on_plain(path: str) 
     core.commit()
     assert core.store.sessions() == []
     core.call(2)
-    assert core.worker_of(2) == w and not core.head_of(2) & BUDGET_DURABLE
+    assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
     core.reply(w, C, 2)
     assert core.outcome(C, 2) == "ok"
 
@@ -229,7 +224,7 @@ def test_a_refused_restore_loses_the_session_with_checkpoint_refused(path: str) 
     assert w is not None
     core.checkpoint(w, 1, 1, {0: b"e0"})
     core.commit()
-    core._remove_worker(core.workers[w], "crashed (connection lost)")
+    core.crash(w)
     core.call(2)
     core.commit()
     other = core.worker_of(2)
@@ -239,7 +234,7 @@ def test_a_refused_restore_loses_the_session_with_checkpoint_refused(path: str) 
     core.commit()
     core.call(3)
     assert core.outcome(C, 3) == "checkpoint_refused"
-    assert core.store.sessions() == [] and core.durable_counters["lost"] == 1
+    assert core.store.sessions() == [] and core.durable.counters["lost"] == 1
 
 
 def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
@@ -255,22 +250,21 @@ def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
     assert S in again.sessions and again.sessions[S].worker == w
     again.ready(w, "p")
     again.call(2)
-    assert again.worker_of(2) == w and again.head_of(2) & BUDGET_FULL  # the store may lack its last one
+    assert again.worker_of(2) == w and again.head_of(2) & Durable.FULL  # the store may lack its last one
     again.checkpoint(w, 2, 2, {0: b"e0"}, full=True)
     again.commit()
     again.call(3)
-    assert not again.head_of(3) & BUDGET_FULL
+    assert not again.head_of(3) & Durable.FULL
     again.store.close()
 
     third = DurableCore(path, "p:strict_queue")  # its worker never comes back
     third.ready(B if w == A else A, "p")
     third.call(4)
     assert third.worker_of(4) is None  # within the re-registration grace it waits
-    third._booted -= 60
-    third._sweep(time.monotonic())
+    third.advance(1.0)  # the grace (heartbeat x liveness) ends
     third.commit()
     moved = third.worker_of(4)
-    assert moved is not None and moved != w and third.head_of(4) & BUDGET_RESTORE
+    assert moved is not None and moved != w and third.head_of(4) & Durable.RESTORE
 
 
 def test_closing_a_durable_session_deletes_its_checkpoint(path: str) -> None:
@@ -304,7 +298,7 @@ def test_a_pool_setting_makes_every_session_durable_and_hint_keeps_one_worker(pa
     core = durable_core(path, "p:hint:durable=true")
     core.call(1, durable=False)
     w = core.worker_of(1)
-    assert w is not None and core.head_of(1) & BUDGET_DURABLE
+    assert w is not None and core.head_of(1) & Durable.CHECKPOINT
     core.call(2, durable=False)  # its worker is busy: a durable hint session waits for it
     assert core.worker_of(2) is None
     core.reply(w, C, 1)
@@ -331,13 +325,13 @@ def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(pat
     core.call(1)
     w = core.worker_of(1)
     assert w is not None
-    frames = [w, pack_reply_head(W_CHECKPOINT, "ok", 1, C), b"\xc1 not msgpack", pack_reply_header("ok", 1), b"r"]
-    core._on_backend([zmq.Frame(f) for f in frames])
+    frames = [w, pack_reply_envelope(W_CHECKPOINT, "ok", 1, C), b"\xc1 not msgpack", pack_reply_header("ok", 1), b"r"]
+    core.backend(*frames)
     assert core.outcome(C, 1) == "session_not_durable"  # the call ran; its checkpoint could not be kept
     core.commit()
     assert core.store.sessions() == [] and core.sessions[S].durable is not None and core.sessions[S].durable.off
     core.call(2)
-    assert core.worker_of(2) == w and not core.head_of(2) & BUDGET_DURABLE
+    assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
 
 
 def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
@@ -348,9 +342,7 @@ def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
     core.checkpoint(w, 1, 1, {0: b"e0"})
     core.commit()
     assert [r.id for r in core.store.sessions()] == [S]
-    core.sessions[S].last_used -= 5
-    core._last_ttl_sweep = 0.0
-    core._expire_sessions(time.monotonic())
+    core.advance(2.0)
     core.commit()
     assert core.store.sessions() == [] and core.store.load(S) is None
     core.call(2)

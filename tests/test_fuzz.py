@@ -30,7 +30,7 @@ from dspex.errors import DspexError, ProtocolError
 from dspex.pools import parse_pool_spec
 from dspex.protocol import (
     B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
-    pack_reply_head, pack_reply_header, unpack_reply_header, unpack_request_head, unpack_request_header,
+    pack_reply_envelope, pack_reply_header, unpack_reply_header, unpack_request_envelope, unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -147,10 +147,10 @@ def test_broker_handlers_absorb_any_frames(inproc_broker: Broker, ident: bytes, 
     assume(front or not _ready_with_bad_record(frames))
     msg = [zmq.Frame(ident)] + [zmq.Frame(f) for f in frames]
     if front:
-        inproc_broker._on_frontend(msg)
+        inproc_broker.core.on_client_frames(msg, time.monotonic())
     else:
-        inproc_broker._on_backend(msg)
-    assert set(inproc_broker.pools) == {"p", "h"}
+        inproc_broker.core.on_worker_frames(msg, time.monotonic())
+    assert set(inproc_broker.core.pools) == {"p", "h"}
 
 
 # -- a live broker ----------------------------------------------------------------------------
@@ -277,10 +277,10 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
             while frames[0][:1] != B_REQUEST:
                 assert fake.poll(5000)
                 frames = fake.recv_multipart()
-            client, header = unpack_request_head(frames[0]).client, unpack_request_header(frames[1])
-            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id, client),
+            client, header = unpack_request_envelope(frames[0]).client, unpack_request_header(frames[1])
+            fake.send_multipart([pack_reply_envelope(W_REPLY, "ok", header.req_id, client),
                                  pack_reply_header("ok", header.req_id, "f" * 32, "evil"), *codec.encode(0)])
-            fake.send_multipart([pack_reply_head(W_REPLY, "ok", header.req_id + 1, client),
+            fake.send_multipart([pack_reply_envelope(W_REPLY, "ok", header.req_id + 1, client),
                                  pack_reply_header("ok", header.req_id + 1, "", "p"),
                                  *codec.encode("forged")])
 
@@ -298,9 +298,10 @@ def test_ready_with_unusable_fields_is_refused_as_garbage(inproc_broker: Broker)
     before = inproc_broker.counters["garbage_backend"]
     for info in ({"pool": "p", "pid": "x"}, {"pool": "h", "pid": 1, "capacity": "many"},
                  {"pool": "p", "pid": 1, "capacity": float("inf")}):
-        inproc_broker._on_backend([zmq.Frame(b"bad-ready"), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))])
+        inproc_broker.core.on_worker_frames([zmq.Frame(b"bad-ready"), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))],
+                                       time.monotonic())
     assert inproc_broker.counters["garbage_backend"] == before + 3
-    assert b"bad-ready" not in inproc_broker.workers
+    assert b"bad-ready" not in inproc_broker.core.workers
 
 
 @pytest.mark.timeout(60)

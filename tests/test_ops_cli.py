@@ -21,7 +21,7 @@ import dspex
 from tests.harness import base_env, wait_for
 from dspex.errors import DidNotRun, MayHaveRun, UsageError
 from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
-from dspexctl.commands import SessionsList
+from dspexctl.sessions import SessionsList
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
 from tests.harness.supervisord import SupervisedStack
@@ -44,10 +44,11 @@ def test_supervisor_errors_are_in_the_dspex_tree() -> None:
 def test_owner_column_only_when_the_broker_reports_owners() -> None:
     base = {"id": "s1" * 16, "pool": "triage_pool", "worker": "ab" * 16, "worker_alive": True, "calls": 3,
             "idle_s": 2.0, "created": time.time() - 5}
-    plain = SessionsList().present({"pool": None, "sessions": [base]})
+    plain = SessionsList().present({"pool": None, "sessions": [base], "unreachable": []})
     assert "OWNER" not in plain.splitlines()[0]
     owned = SessionsList().present({"pool": None, "sessions": [{**base, "owner": "client-7f3a"},
-                                                               {**base, "id": "s2" * 16, "owner": None}]})
+                                                               {**base, "id": "s2" * 16, "owner": None}],
+                                  "unreachable": []})
     header, first, second = owned.splitlines()
     assert header.split() == ["SESSION", "POOL", "OWNER", "WORKER", "CALLS", "IDLE", "AGE", "DURABLE"]
     assert first.split()[2] == "client-7f3a" and second.split()[2] == "-"
@@ -58,7 +59,8 @@ def test_durable_column_says_the_checkpoints_size_and_age() -> None:
             "idle_s": 2.0, "created": time.time() - 5}
     rows = SessionsList().present({"pool": None, "sessions": [
         base, {**base, "id": "s2" * 16, "durable": True, "checkpoint_bytes": 4608, "checkpoint_age_s": 3.2},
-        {**base, "id": "s3" * 16, "durable": True, "checkpoint_bytes": 0, "checkpoint_age_s": None}]}).splitlines()
+        {**base, "id": "s3" * 16, "durable": True, "checkpoint_bytes": 0, "checkpoint_age_s": None}],
+        "unreachable": []}).splitlines()
     assert rows[1].endswith(" no")
     assert rows[2].endswith(" yes (4.5 KB, 0:00:03 ago)")
     assert rows[3].endswith(" yes (no checkpoint yet)")

@@ -32,8 +32,8 @@ from dspex.protocol import (
     W_READY,
     W_REPLY,
     RequestHeader,
-    pack_request_head,
-    unpack_reply_head,
+    pack_request_envelope,
+    unpack_reply_envelope,
 )
 from tests.harness import Stack, wait_for
 
@@ -74,7 +74,7 @@ class FakeBroker:
 
     def request(self, req_id: int, session: str, op: str, body: Any, call_ms: int = 0) -> None:
         header = RequestHeader(op, req_id, "p", session, "", call_ms).pack()
-        self.send(pack_request_head(b"client", call_ms, 0), header, *codec.encode(body))
+        self.send(pack_request_envelope(b"client", call_ms, 0), header, *codec.encode(body))
 
     def close(self) -> None:
         self.sock.close(0)
@@ -122,7 +122,7 @@ def test_a_hard_time_limit_replies_then_says_goodbye_and_waits_for_the_ack(stack
         broker.request(1, "other", "call", ["time", "sleep", [60], {}])
     broker.request(2, "stubborn", "exec", [STUBBORN], call_ms=300)
     reply = broker.recv()
-    ok, req_id, client = unpack_reply_head(reply[0])
+    ok, req_id, client = unpack_reply_envelope(reply[0])
     assert reply[0][:1] == W_REPLY and (ok, req_id, client) == (False, 2, b"client")
     err = error_from_wire(msgpack.unpackb(reply[2]))
     assert isinstance(err, dspex.Timeout) and err.details.get("hard") is True

@@ -1,9 +1,9 @@
 """A worker's side of durable sessions (docs/protocol.md, "Durable sessions").
 
-A call of a durable session comes with ``BUDGET_DURABLE`` in its request head: after it, the
+A call of a durable session comes with ``Durable.CHECKPOINT`` in its request envelope: after it, the
 session is checkpointed (worker/checkpoint.py) and the checkpoint sent before the call's reply
 (``W_CHECKPOINT``), or nothing when the call changed nothing. The first call after a move comes
-with ``BUDGET_RESTORE`` and the checkpoint between the request head and the request header: the
+with ``Durable.RESTORE`` and the checkpoint between the request envelope and the request header: the
 session is restored before the call is decoded. What a checkpoint must leave out is said once, as
 a :class:`dspex.NotDurableWarning` of the call that brought it (its output goes to the caller).
 """
@@ -17,7 +17,6 @@ from typing import Any
 import msgpack
 
 from dspex.errors import CheckpointRefused, NotDurableWarning, ProtocolError
-from dspex.protocol import BUDGET_RESTORE, unpack_request_head
 from worker import checkpoint, checkpoint_restore, output
 from worker.refs import RefTable, SessionState
 
@@ -34,10 +33,9 @@ class Restore:
     frames: list[Any]  # the skeleton (when seq > 0), then one blob per slot
 
 
-def split_restore(frames: list[Any]) -> tuple[Restore | None, list[Any]]:
-    """``[head, meta, skeleton?, *blobs, header, ...]`` -> the restore and ``[head, header, ...]``."""
-    if not unpack_request_head(_bytes(frames[0])).flags & BUDGET_RESTORE:
-        return None, frames
+def split_restore(frames: list[Any]) -> tuple[Restore, list[Any]]:
+    """``[envelope, meta, skeleton?, *blobs, header, ...]`` (an envelope with ``Durable.RESTORE``)
+    -> the restore and ``[envelope, header, ...]``."""
     try:
         meta = msgpack.unpackb(_bytes(frames[1]))
         session, seq, slots = str(meta["session"]), int(meta["seq"]), [int(i) for i in meta["slots"]]

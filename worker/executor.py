@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from dspex import codec, codestore
 from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import BUDGET_FULL, FLAG_CONTEXT, FLAG_ITEMS, Op, RequestHeader, Status, log_level_of
+from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
 from dspex.ref import Ref
 from worker import limits, namespace, output
 from worker.durable import DurableSessions, Restore
@@ -114,7 +114,7 @@ class Executor:
         ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
         (applied to this call, under the session's own) and keys the client forgot.
 
-        A durable session (``durable``: the request head's ``BUDGET_DURABLE``/``BUDGET_FULL``) is
+        A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
         checkpointed after the call, whatever its outcome; the checkpoint's frames go to
         ``checkpoint`` (left empty when nothing changed). ``restore``: the session's checkpoint,
         restored before anything else (``CheckpointRefused`` if it cannot be).
@@ -209,7 +209,7 @@ class Executor:
                 # after the call's time limit and output capture: a soft limit never cuts a
                 # checkpoint short; what it leaves out goes to the caller as a warning
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
-                checkpoint.extend(self.durable.after_call(state, bool(durable & BUDGET_FULL), sink) or ())
+                checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
 
     def _drop(self, state: SessionState, made: list[str]) -> None:
         for ref_id in made:
@@ -227,33 +227,28 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
             raise remote_error(exc) from None
 
-    def _run(self, op: str, state: SessionState, args: Any) -> Any:
-        if not isinstance(args, (list, tuple)):
-            raise ProtocolError(f"request body for {op!r} must be a list, got {type(args).__name__}")
+    def _run(self, op: str, state: SessionState, body: Any) -> Any:
         handler = self._handlers.get(op)
         if handler is None:
             raise UnknownOp(f"unknown op {op!r}")
+        args = OPS[op].bind_list(body)  # its arguments as the op's definition says
         try:
             return resolve_awaitable(handler(self, state, *args))
         except (DspexError, limits.CallTimedOut):
             raise
-        except TypeError as exc:
-            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
-                raise ProtocolError(f"wrong arguments for {op!r}: {exc}") from None
-            raise remote_error(exc) from None
         except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... never end the worker
             raise remote_error(exc) from None
 
-    def _call(self, state: SessionState, module: str, name: str, args: list[Any] | None = None,
-              kwargs: dict[str, Any] | None = None) -> Any:
-        return _invoke(_resolve_callable(module, name), args, kwargs)
+    # The handlers take the arguments of their op's definition (dspex.protocol.Op), in order.
+    def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
+              kwargs: dict[str, Any] | None) -> Any:
+        return _invoke(_resolve_callable(module, fn), args, kwargs)
 
-    def _method(self, state: SessionState, target: Any, name: str, args: list[Any] | None = None,
-                kwargs: dict[str, Any] | None = None) -> Any:
-        return _invoke(getattr(target, name), args, kwargs)
+    def _method(self, state: SessionState, ref: Any, name: str, args: list[Any] | None,
+                kwargs: dict[str, Any] | None) -> Any:
+        return _invoke(getattr(ref, name), args, kwargs)
 
-    def _apply(self, state: SessionState, fn: Any, args: list[Any] | None = None,
-               kwargs: dict[str, Any] | None = None) -> Any:
+    def _apply(self, state: SessionState, fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
         """A callable sent by value (or a ref to one), called in the session."""
         return _invoke(fn, args, kwargs)
 
@@ -267,23 +262,23 @@ class Executor:
         """Keep ``value`` on the worker; its ref is the result."""
         return self.refs.put(state, value)
 
-    def _getattr(self, state: SessionState, target: Any, name: str) -> Any:
-        return getattr(target, name)
+    def _getattr(self, state: SessionState, ref: Any, name: str) -> Any:
+        return getattr(ref, name)
 
-    def _setattr(self, state: SessionState, target: Any, name: str, value: Any) -> None:
-        setattr(target, name, value)
+    def _setattr(self, state: SessionState, ref: Any, name: str, value: Any) -> None:
+        setattr(ref, name, value)
 
-    def _eval(self, state: SessionState, expr: str, names: dict[str, Any] | None = None) -> Any:
+    def _eval(self, state: SessionState, expr: str, namespace_: dict[str, Any] | None) -> Any:
         scope = namespace.namespace(state)
-        if names:
-            scope = {**scope, **names}
+        if namespace_:
+            scope = {**scope, **namespace_}
         return eval(namespace.compile_eval(expr), scope)  # noqa: S307 - the op's purpose
 
-    def _exec(self, state: SessionState, source: str, names: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _exec(self, state: SessionState, source: str, namespace_: dict[str, Any] | None) -> dict[str, Any]:
         """Run ``source`` as the next lines of the session's module; return the names it bound."""
         scope = namespace.namespace(state)
         before = dict(scope)
-        scope.update(names or {})
+        scope.update(namespace_ or {})
         code = namespace.compile_in_session(state, source)
         exec(code, scope)  # noqa: S102 - the op's purpose
         return {k: v for k, v in scope.items()
@@ -292,15 +287,15 @@ class Executor:
     def _release(self, state: SessionState, ref_ids: list[str]) -> int:
         return sum(self.refs.release(state, str(ref_id)) for ref_id in ref_ids)
 
-    def _to_data(self, state: SessionState, target: Any) -> Any:
+    def _to_data(self, state: SessionState, ref: Any) -> Any:
         """Plain data of a dspy.Example/Prediction (or anything with toDict / a dict view)."""
         for attr in ("toDict", "to_dict"):
-            fn = getattr(target, attr, None)
+            fn = getattr(ref, attr, None)
             if callable(fn):
                 return fn()
-        if isinstance(target, dict):
-            return dict(target)
-        raise RemoteError(f"{type_name(target)} has no plain-data form", type="TypeError", module="builtins",
+        if isinstance(ref, dict):
+            return dict(ref)
+        raise RemoteError(f"{type_name(ref)} has no plain-data form", type="TypeError", module="builtins",
                           traceback="")
 
     _handlers: dict[str, Callable[..., Any]] = {

@@ -34,10 +34,6 @@ from dspex.errors import (
     UsageError,
 )
 from dspex.protocol import (
-    BUDGET_DURABLE,
-    BUDGET_EPHEMERAL,
-    BUDGET_FULL,
-    BUDGET_RESTORE,
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
@@ -45,11 +41,13 @@ from dspex.protocol import (
     W_CHECKPOINT,
     W_PARTIAL,
     W_REPLY,
+    Durable,
     RequestHeader,
+    SessionMode,
     Status,
-    pack_reply_head,
+    pack_reply_envelope,
     pack_reply_header,
-    unpack_request_head,
+    unpack_request_envelope,
     unpack_request_header,
 )
 from worker.durable import DurableSessions, split_restore
@@ -128,10 +126,10 @@ class Runner:
             self._idle()
 
     def _handle(self, request: Request) -> None:
-        """``request``: its arrival time and ``[request head, request header, *payload]`` (the
-        head was checked on arrival); each is parsed once, here."""
+        """``request``: its arrival time and ``[request envelope, request header, *payload]`` (the
+        envelope was checked on arrival); each is parsed once, here."""
         arrived, frames = request
-        head = unpack_request_head(frames[0].bytes)
+        head = unpack_request_envelope(frames[0].bytes)
         client = head.client
         req_id = 0
         header: RequestHeader | None = None
@@ -142,7 +140,7 @@ class Runner:
         session = ""
         checkpoint: list[Any] = []  # a durable session's checkpoint: sent before the reply
         try:
-            restore, frames = split_restore(frames) if head.flags & BUDGET_RESTORE else (None, frames)
+            restore, frames = split_restore(frames) if head.durable & Durable.RESTORE else (None, frames)
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
             session = header.session
@@ -159,8 +157,8 @@ class Runner:
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header), client=client,
-                                          ephemeral=bool(head.flags & BUDGET_EPHEMERAL),
-                                          durable=head.flags & (BUDGET_DURABLE | BUDGET_FULL), restore=restore,
+                                          ephemeral=head.session_mode == SessionMode.EPHEMERAL,
+                                          durable=head.durable & (Durable.CHECKPOINT | Durable.FULL), restore=restore,
                                           checkpoint=checkpoint)
             status = Status.OK.value
             size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
@@ -181,14 +179,14 @@ class Runner:
             if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
-            self.book.call_ended(session, head.session_ttl_s, bool(head.flags & BUDGET_EPHEMERAL))
+            self.book.call_ended(session, head.session_ttl_s, head.session_mode == SessionMode.EPHEMERAL)
             with self._lock:
                 self.running -= 1
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
         # a durable call's checkpoint and its reply: one message, the checkpoint first
-        send([pack_reply_head(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
+        send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
               pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
 
     @staticmethod
@@ -205,7 +203,7 @@ class Runner:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.pool_name)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
-        first = pack_reply_head(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+        first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
 
         def emit(kind: str, frames: Frames) -> None:
             send([first, heads[kind], *frames])
@@ -230,7 +228,7 @@ class Runner:
         head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
                   header.session[:8])
-        self._leave([pack_reply_head(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)],
+        self._leave([pack_reply_envelope(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)],
                     self.running > 1)
 
     # -- stream credit and cancels, from the broker ------------------------------------------

@@ -40,7 +40,7 @@ from dspex.protocol import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     PROTOCOL_VERSION,
-    REQUEST_HEAD_SIZE,
+    REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
 )
 from worker import output
@@ -185,7 +185,7 @@ class Worker:
     # -- from the broker (holding the link's socket) ----------------------------------------------
     def _from_broker(self, command: bytes, frames: list[zmq.Frame]) -> None:
         if command[:1] == B_REQUEST:
-            if len(command) <= REQUEST_HEAD_SIZE or len(frames) < 3:
+            if len(command) <= REQUEST_ENVELOPE_SIZE or len(frames) < 3:
                 # v1 sent a bare command byte: this broker runs another dspex version
                 log.warning("ignoring a request of %d frames (head of %d bytes) from the broker: is it of "
                             "another protocol version than ours (%d)?", len(frames), len(command), PROTOCOL_VERSION)

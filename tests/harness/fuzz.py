@@ -42,7 +42,7 @@ import dspex
 from dspex import codec
 from dspex.protocol import (
     B_CANCEL, B_CREDIT, B_DISCONNECT, B_HEARTBEAT, B_RELEASE_SESSION, B_REQUEST, B_REREGISTER, FLAG_STREAM,
-    W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_head, pack_reply_header,
+    W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_envelope, pack_reply_header,
 )
 from dspex.ref import Ref
 from tests.harness.procs import rss_kb, short_tmpdir, wait_for
@@ -350,8 +350,8 @@ class FrameFuzzer:
                                            self._s(32), r.choice(self.pools)),
                          self._packb(self._obj()), r.randbytes(r.randrange(6))])
         cmd = r.choice([W_REPLY, W_PARTIAL])
-        first = r.choice([pack_reply_head(cmd, r.choice(["ok", "err"]), r.randrange(0, 2**20), client),
-                          pack_reply_head(cmd, "ok", r.randrange(0, 2**64), client)[:r.randrange(0, 12)],
+        first = r.choice([pack_reply_envelope(cmd, r.choice(["ok", "err"]), r.randrange(0, 2**20), client),
+                          pack_reply_envelope(cmd, "ok", r.randrange(0, 2**64), client)[:r.randrange(0, 12)],
                           cmd, cmd + r.randbytes(r.randrange(0, 24))])
         frames = [first, head]
         frames += [self._packb(self._obj()) for _ in range(r.randrange(3))]

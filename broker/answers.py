@@ -1,0 +1,87 @@
+"""The answers the broker gives in place of a worker's reply, and what failures count for.
+
+An error reply goes to the client; a failed request counts in its pool's outcomes and health
+window (the service's failure, the caller's, or an operator's recycle); refusals and queue
+timeouts are logged in bulk, one line per pool and kind at most every ``NOTICE_EVERY`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgpack
+
+from broker.port import Port
+from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
+from dspex.errors import DspexError, PoolSaturated, QueueTimeout
+from dspex.health import failure_kind
+from dspex.protocol import Status, pack_error, pack_reply_header
+
+log = logging.getLogger("dspex.broker")
+
+NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)
+_BULK_CODES = (PoolSaturated.code, QueueTimeout.code)  # counted and logged in bulk, not per call
+
+
+def error_code(frames: list[Any]) -> str:
+    """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
+    try:
+        body = msgpack.unpackb(frames[-1].buffer)
+        return str(body.get("code") or "error") if isinstance(body, dict) else "error"
+    except Exception:  # noqa: BLE001 - a worker's garbage is its error
+        return "error"
+
+
+class Answers:
+    def __init__(self, port: Port, clock: Clock, workers: dict[bytes, WorkerRecord], gone: GoneWorkers) -> None:
+        self._to_client = port.to_client
+        self.clock = clock
+        self.workers = workers
+        self.gone = gone
+        self.notices = Notices(NOTICE_EVERY)
+
+    def error(self, client: bytes, req_id: int, err: DspexError) -> None:
+        self._to_client(
+            [client, pack_reply_header(Status.ERROR.value, req_id), pack_error(err.code, err.message, **err.details)])
+
+    def fail(self, p: Pending, pool: Pool | None, err: DspexError) -> None:
+        """Answer ``p`` with ``err``, counted against its pool."""
+        if pool is not None:
+            pool.outcomes[(p.op, err.code)] += 1
+            self.note_failure(pool, err.code, str(err.details.get("worker") or ""))
+        if err.code not in _BULK_CODES:
+            log.info("call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
+                     pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
+                     err.message)
+        self.error(p.client, p.req_id, err)
+
+    def fail_in_bulk(self, p: Pending, pool: Pool, err: PoolSaturated | QueueTimeout) -> None:
+        """``fail``, logged as a count: a refusal or a queue timeout comes in floods."""
+        if n := self.notices.note((pool.name, err.code), self.clock.now):
+            self._log_notice(pool, err.code, n, 0.0)
+        self.fail(p, pool, err)
+
+    def note_failure(self, pool: Pool, code: str, worker: str = "") -> None:
+        """Count a failed answer in the pool's health window: the service's, the caller's, or
+        (a session whose worker was recycled or stopped) the operator's."""
+        wid = worker.encode()
+        cleanly = wid in self.workers or (bool(wid) and not self.gone.crashed(wid))
+        pool.recent.add(failure_kind(code, cleanly), code, self.clock.now)
+
+    def log_due(self, pools: dict[str, Pool], now: float) -> None:
+        """The counts of the notice windows that ended."""
+        for (name, code), n, span in self.notices.due(now):
+            if (pool := pools.get(name)) is not None:
+                self._log_notice(pool, code, n, span)
+
+    def _log_notice(self, pool: Pool, code: str, n: int, span: float) -> None:
+        """One line for ``n`` refusals or queue timeouts (``span`` > 0: counted over that many seconds)."""
+        during = f" in the last {span:.0f}s" if span else ""
+        if code == PoolSaturated.code:
+            log.warning("pool %s refused %d request(s)%s: queue full (%d/%d queued; %s)", pool.name, n, during,
+                        pool.queued, pool.config.queue_max, code)
+        else:
+            log.warning("pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
+                        "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
+                        pool.ready_count(), code)

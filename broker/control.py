@@ -1,0 +1,70 @@
+"""Request control: a client's ``credit`` and ``cancel`` for a request it sent, and a client gone.
+
+A request running on a worker gets them forwarded (``B_CREDIT``, ``B_CANCEL``); a cancelled
+request still waiting in a queue is taken out and answered ``cancelled``; control for a request
+that ended (or that the broker never saw) is dropped. A client whose connection closed has its
+requests cancelled as if it had sent ``cancel`` for each (without answers: nobody reads them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from broker.answers import Answers
+from broker.state import Pool, WorkerRecord
+from dspex.errors import Cancelled
+from dspex.protocol import B_CANCEL, B_CREDIT, Op
+
+log = logging.getLogger("dspex.broker")
+
+
+class RequestControl:
+    def __init__(self, pools: dict[str, Pool], running: dict[tuple[bytes, int], WorkerRecord], *, answers: Answers,
+                 counters: dict[str, int], to_worker: Callable[[WorkerRecord, list[Any]], bool]) -> None:
+        self.pools, self.running, self.answers, self.counters = pools, running, answers, counters
+        self._to_worker = to_worker
+
+    def on_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[Any]) -> None:
+        """``op`` (credit or cancel) from ``client`` for its request ``req_id``."""
+        key = (client, req_id)
+        w = self.running.get(key)
+        if w is not None:
+            n = 0
+            if op == Op.CREDIT.value and len(frames) > 2:
+                try:
+                    n = int(msgpack.unpackb(frames[2].buffer))
+                except Exception:  # noqa: BLE001 - a client's garbage is counted, never fatal
+                    self.counters["garbage_frontend"] += 1
+                    return
+            elif op == Op.CANCEL.value and (p := w.inflight.get(key)) is not None:
+                p.cancelled = True  # its error reply counts as ``cancelled``, not as a worker error
+            self._to_worker(w, [B_CREDIT if op == Op.CREDIT.value else B_CANCEL, client, msgpack.packb([req_id, n])])
+            return
+        pool = self.pools.get(pool_name)
+        if op == Op.CANCEL.value and pool is not None and (p := pool.take(client, req_id)) is not None:
+            self.answers.fail(p, pool, Cancelled("cancelled while queued"))
+
+    def client_gone(self, client: bytes, workers: dict[bytes, WorkerRecord]) -> None:
+        """The connection of ``client`` closed: nobody reads the replies of its requests any more.
+        Its running calls are cancelled on their workers (their slots free when the workers
+        answer), its queued ones dropped; both count as ``cancelled``."""
+        running = 0
+        for w in list(workers.values()):
+            for (owner, req_id), p in list(w.inflight.items()):
+                if owner == client and not p.cancelled:
+                    p.cancelled = True
+                    running += 1
+                    if not self._to_worker(w, [B_CANCEL, client, msgpack.packb([req_id, 0])]):
+                        break  # that worker is gone, and its calls with it
+        queued = 0
+        for pool in self.pools.values():
+            for p in pool.take_client(client):
+                pool.outcomes[(p.op, Cancelled.code)] += 1
+                queued += 1
+        if running or queued:
+            log.info("client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
+                     running, queued)

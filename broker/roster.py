@@ -1,0 +1,174 @@
+"""The workers the routing core knows: registration, heartbeats, removal, and their events.
+
+A worker registers with READY (its pool, pid, host, capacity, wire version); a re-READY after a
+reconnect keeps its incarnation and sessions. Heartbeats go out every interval and a worker
+silent for interval x liveness is removed. A removed worker's requests are handed back when it
+said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``),
+move with their checkpoint (durable) or end as tombstones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from broker.answers import Answers
+from broker.durable import DurableSessions, movable
+from broker.port import Port
+from broker.sessions import SessionBook
+from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
+from dspex.errors import SessionWorkerUnavailable, WorkerCrashed
+from dspex.health import SERVICE
+from dspex.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
+
+if TYPE_CHECKING:
+    import zmq
+
+log = logging.getLogger("dspex.broker")
+
+SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
+
+
+class Roster:
+    def __init__(self, pools: dict[str, Pool], workers: dict[bytes, WorkerRecord], sessions: dict[str, SessionRecord],
+                 running: dict[tuple[bytes, int], WorkerRecord], gone: GoneWorkers, *, clock: Clock, port: Port,
+                 answers: Answers, book: SessionBook, counters: dict[str, int], heartbeat_interval: float,
+                 heartbeat_liveness: int, to_worker: Callable[[WorkerRecord, list[Any]], bool],
+                 to_peer: Callable[[bytes, list[bytes]], None],
+                 hand_back: Callable[[Pending, Pool, WorkerRecord, str], None],
+                 pin: Callable[[SessionRecord, bytes | None], None], durable: DurableSessions) -> None:
+        self.pools, self.workers, self.sessions, self.running, self.gone = pools, workers, sessions, running, gone
+        self.clock, self.port, self.answers, self.book, self.counters = clock, port, answers, book, counters
+        self.silence = heartbeat_interval * heartbeat_liveness  # a worker silent this long is dead
+        self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
+        self._to_worker, self._to_peer, self._hand_back, self._pin = to_worker, to_peer, hand_back, pin
+        self.durable = durable
+
+    def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
+        """A READY: the new worker (None for a re-READY, or one told to leave)."""
+        try:
+            info = msgpack.unpackb(frames[2].buffer)
+            pool_name = info["pool"]
+            if not isinstance(pool_name, str):
+                raise TypeError("pool must be a string")
+            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
+                raise TypeError("pid, capacity and running must be integers")
+            version = info.get("version", 1)
+        except Exception as exc:  # noqa: BLE001 - anything a peer sends must not stop the broker
+            self.counters["garbage_backend"] += 1
+            log.warning("malformed READY from %s: %s", wid[:8], exc)
+            return None
+        if wid in self.workers:  # a re-READY after a reconnect: same incarnation, same sessions
+            self.port.worker_connected(wid, frames[0])
+            return None
+        if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
+            log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
+                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
+                      info.get("host", "?"), version, PROTOCOL_VERSION)
+            self._to_peer(wid, [B_DISCONNECT])
+            return None
+        pool = self.pools.get(pool_name)
+        if pool is None:
+            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
+            self._to_peer(wid, [B_DISCONNECT])
+            return None
+        now = self.clock.now
+        w = WorkerRecord(wid, pool, info, now, now + self.silence)
+        self.workers[wid] = w
+        pool.workers[wid] = w
+        self.port.worker_connected(wid, frames[0])
+        # re-adopt sessions a restarted broker learned about from clients before this READY
+        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
+        w.queue.extend(pool.awaiting.pop(wid, ()))
+        pool.starts += 1
+        self.event(pool.name, w, "start", "registered")
+        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
+        return w
+
+    def heard(self, w: WorkerRecord, stats: Any) -> bool:
+        """A heartbeat's stats (rss, served, running...); True when calls it ran for an earlier
+        broker ended unseen (slots freed)."""
+        w.stats = stats
+        if not w.adopted:
+            return False
+        running = int(stats.get("running", 0))
+        adopted, w.adopted = w.adopted, min(w.adopted, max(0, running - len(w.inflight)))
+        return w.adopted < adopted
+
+    def heartbeat(self, now: float) -> None:
+        """Heartbeat every worker; remove those silent too long."""
+        for w in list(self.workers.values()):
+            if now > w.expiry:
+                self.remove(w, SILENT)
+            else:
+                self._to_worker(w, [B_HEARTBEAT])
+
+    def remove(self, w: WorkerRecord, why: str, clean: bool = False) -> None:
+        """``clean``: the worker said goodbye, so it answered every request it started; what is
+        still in flight never ran there (handed back, not ``WorkerCrashed``)."""
+        if self.workers.pop(w.id, None) is None:
+            return
+        pool = w.pool
+        pool.workers.pop(w.id, None)
+        if "recycled" in why:
+            pool.recycles += 1
+            event = "recycle"
+        elif clean:  # a clean SIGTERM exit (supervisorctl stop/restart, a deploy) is not a crash
+            event = "exit"
+        else:
+            pool.crashes += 1
+            event = "crash"
+            pool.recent.add(SERVICE, "crash", self.clock.now)
+        self.gone.add(w.id, why, crashed=event == "crash")
+        self.event(pool.name, w, event, why)
+        # an intended recycle or a clean exit is routine (INFO); anything else needs a look
+        log.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
+                "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
+                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
+        inflight = list(w.inflight.items())
+        queued = list(w.queue)
+        w.inflight.clear()
+        w.queue.clear()
+        moving = []  # durable sessions pinned here: they move on their next call (or now, queued ones)
+        # silent, not gone: a partitioned host's worker comes back under the same incarnation with
+        # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
+        silent = why == SILENT
+        for sid in list(w.sessions):
+            rec = self.sessions.get(sid)
+            if rec is None or rec.worker != w.id:
+                continue
+            if movable(rec) and not rec.closing:
+                moving.append(rec)
+            elif pool.mode is Affinity.HINT and not rec.closing:
+                self._pin(rec, None)  # re-pins on its next call
+            elif silent and not rec.closing:
+                continue
+            else:  # its state is gone with the worker: the id stays as a tombstone only
+                self.book.retire(rec, w.id)
+        for key, p in inflight:
+            self.running.pop(key, None)
+            if clean:
+                self._hand_back(p, pool, w, why)
+            else:
+                self.answers.fail(p, pool, WorkerCrashed(
+                    f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
+                    worker=w.incarnation, session=p.session))
+        for rec in moving:
+            self.durable.call_ended(rec)  # a move that waited for its call here goes on
+        for p in queued:
+            if self.durable.reroute(p, pool):
+                continue  # it did not run: it moves with its session
+            self.answers.fail(p, pool, SessionWorkerUnavailable(
+                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
+                session=p.session, worker=w.incarnation))
+        self.port.worker_gone(w.id)
+        if pool.recycling == w.id:
+            pool.recycle_started = self.clock.now  # now wait for the replacement
+
+    def event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
+        self.events.append({"time": self.clock.wall(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
+                            "event": event, "why": why})
