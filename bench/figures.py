@@ -17,6 +17,8 @@ from bench.hop import noop, throughput
 from bench.idle import idle
 from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.localmodel import localmodel
+from bench.durable import ROWS as DURABLE_ROWS
+from bench.durable import durable
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.scale import scale
@@ -44,6 +46,7 @@ GROUPS: dict[str, Callable[[Config], list[Row]]] = {
     "idle": idle,
     "localmodel": localmodel,
     "code": code,
+    "durable": durable,
 }
 
 # the rows each group produces (for --only and for the smoke test's completeness check)
@@ -62,9 +65,10 @@ ROWS: dict[str, list[str]] = {
     "serving": ["serving.dspex", "serving.asyncify", "serving.ray", "serving.ray_threads"],
     "predict": PREDICT_ROWS,
     "scale": ["scale.grid", "scale.idle"],
-    "idle": ["idle.stack", "idle.busy"],
+    "idle": ["idle.stack", "idle.worker", "idle.busy"],
     "localmodel": ["localmodel"],
     "code": CODE_ROWS,
+    "durable": DURABLE_ROWS,
 }
 
 
@@ -102,6 +106,10 @@ GOALS: tuple[Goal, ...] = (
          lambda v: v <= 35),
     Goal("Predict via a session vs in-process (DummyLM, median)", "predict.predict", ("ratio",), "×", "≤ 1.5×",
          lambda v: v <= 1.5),
+    Goal("durable session vs plain, ChainOfThought call (DummyLM, median)", "durable.call", ("ratio",), "×",
+         "≤ 1.2×", lambda v: v <= 1.2),
+    Goal("durable session: kill -9 of its worker to its next call, minus the call", "durable.restore",
+         ("restore_ms",), "ms", "≤ 50 ms", lambda v: v <= 50.0),
     Goal("vs a Ray actor call (no-op p50)", "noop.ray", ("ratio",), "×", "≤ 0.35×", lambda v: v <= 0.35),
     Goal("numpy float64[1M] round trip vs raw zmq", "numpy", ("ratio",), "×", "≤ 3×", lambda v: v <= 3.0),
     Goal("LM-bound serving, dspex vs min(ideal, asyncify × worker processes)", "serving.dspex", ("x_linear",), "×",

@@ -7,6 +7,10 @@ ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all thread
 and wake-ups (voluntary + involuntary context switches of every thread,
 ``/proc/PID/task/*/status``) per second; in all for dspex (broker + workers) and with supervisord.
 
+``idle.worker``: the idle workers of that stack alone (the median worker), per thread: a worker
+sleeps until its next real deadline (its heartbeat, a call's time limit), so its wake-ups are
+bounded by its heartbeats.
+
 ``idle.busy``: one worker of the same stack running a long call (``time.sleep``): its wake-ups
 and CPU per second in the middle of the call against the same worker idle just before, and the
 whole stack's.
@@ -24,6 +28,10 @@ from bench.shipped import ShippedStack
 
 CPU_GOAL = 0.005  # of one core, the whole idle stack
 WAKEUPS_GOAL = 30.0  # per second, the whole idle stack
+# per second, one idle worker: per heartbeat interval (1 s) it reads the broker's heartbeat and
+# sends its own in one wake-up, and zmq's I/O thread carries each; 5 leaves the broker its share
+# of the stack's goal
+WORKER_WAKEUPS_GOAL = 5.0
 
 
 # -- /proc counters ------------------------------------------------------------------------------
@@ -136,6 +144,14 @@ def idle(cfg: Config) -> list[Row]:
                 f"≤ {CPU_GOAL * 100:.1f}% of a core, ≤ {WAKEUPS_GOAL:.0f} wake-ups/s", "" if cfg.smoke else verdict(ok),
                 data={"window_s": window, "rounds": rounds, "settled_s": settled, "per_process": per_proc, "totals": totals,
                       "threads_last_round": threads, "raw": idle_rounds})]
+    median_worker = sorted(workers, key=lambda k: per_proc[k]["wakeups"])[len(workers) // 2]
+    rows.append(Row("idle.worker", f"an idle worker of that stack (median of {len(workers)}), {window:.0f} s windows",
+                    _fmt({"cpu": w_cpu, "wakeups": w_wake}),
+                    "its threads (last round): " + ", ".join(
+                        f"{k.split(':')[0]} {v:g}/s" for k, v in threads[median_worker].items()), "",
+                    f"≤ {WORKER_WAKEUPS_GOAL:.0f} wake-ups/s", "" if cfg.smoke else verdict(w_wake <= WORKER_WAKEUPS_GOAL),
+                    data={"cpu": w_cpu, "wakeups": w_wake, "worker": median_worker,
+                          "threads_last_round": threads[median_worker]}))
     busy: list[dict[str, Any]] = busy_rounds
     b = {f: median([r["busy"][f] for r in busy]) for f in ("cpu", "wakeups")}
     q = {f: median([r["idle"][f] for r in busy]) for f in ("cpu", "wakeups")}

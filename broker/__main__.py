@@ -32,6 +32,13 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
                    help="broker's CURVE secret key file (required for tcp:// endpoints)")
     p.add_argument("--curve-allowed", default=os.environ.get("DSPEX_CURVE_ALLOWED"),
                    help="directory of allowed client/worker public key files")
+    p.add_argument("--checkpoints", default=os.environ.get("DSPEX_CHECKPOINTS"), metavar="PATH",
+                   help="durable sessions' checkpoint store (SQLite; default: checkpoints.sqlite in the run dir; "
+                        "'none': no durable sessions)")
+    p.add_argument("--checkpoint-cap", type=float, default=64.0, metavar="MB",
+                   help="bytes a durable session's checkpoint may hold (default 64 MB)")
+    p.add_argument("--checkpoint-total-cap", type=float, default=4096.0, metavar="MB",
+                   help="bytes all checkpoints together may hold (default 4096 MB)")
     p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logs.setup(_label(), a.log_level)
@@ -59,6 +66,9 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
         curve_public=public,
         curve_allowed_dir=a.curve_allowed,
         supervisor_conf=a.config,
+        checkpoints="" if a.checkpoints == "none" else a.checkpoints,
+        checkpoint_cap=int(a.checkpoint_cap * 2**20),
+        checkpoint_total_cap=int(a.checkpoint_total_cap * 2**20),
     )
 
 

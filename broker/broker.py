@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from broker import checkpoints as checkpoints_store
 from broker.answers import NOTICE_EVERY
+from broker.checkpoints import CheckpointStore, Job, StoreThread
 from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
@@ -48,6 +51,7 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
+_INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 _CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
 
 
@@ -65,6 +69,9 @@ class BrokerOptions:
     curve_public: bytes | None = None
     curve_allowed_dir: str | None = None
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
+    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in the run dir; "": none)
+    checkpoint_cap: int = checkpoints_store.SESSION_CAP  # bytes per durable session
+    checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
 
 
 class Broker:
@@ -109,6 +116,8 @@ class Broker:
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
         self._handshakes = Notices(NOTICE_EVERY)
+        self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
+        self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
 
     def status(self, now: float) -> dict[str, Any]:
         return status_of(self.core, now)
@@ -134,6 +143,24 @@ class Broker:
             del self.fd_worker[fd]
         if self.nudge is not None:
             self.nudge.worker_left()
+
+    def store(self, job: Job) -> None:
+        """Small writes wait for the end of this loop turn and commit together on this thread;
+        loads, big writes and everything after them go to the store's thread, in order."""
+        assert self.store_thread is not None
+        if job.op != "load" and not self.store_thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
+            self._store_here.append(job)
+            return
+        self._commit_here()  # what waits here goes first: one order for every job
+        self.store_thread.submit(job)
+
+    def _commit_here(self) -> None:
+        if not self._store_here:
+            return
+        jobs, self._store_here = self._store_here, []
+        assert self.store_thread is not None
+        self.store_thread.run_here(jobs)
+        self.core.store_done(jobs, time.monotonic())
 
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
@@ -213,8 +240,27 @@ class Broker:
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
         curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.frontend.startswith("tcp://") else 0
         self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve_failed)
+        self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))
+
+    def _open_store(self) -> None:
+        """The checkpoint store, once this broker owns its run directory (its sockets are bound);
+        durable sessions of an earlier broker on it come back."""
+        path = self.options.checkpoints
+        if path == "":
+            return
+        if path is None:
+            path = str(config.ensure_private_dir(config.run_dir()) / "checkpoints.sqlite")
+        try:
+            store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
+                                    total_cap=self.options.checkpoint_total_cap)
+        except (checkpoints_store.StoreError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
+        self.store_thread = StoreThread(store)
+        self.core.durable.enabled = True
+        self.core.durable.load(store.sessions())
+        self.core.stack_info["checkpoints"] = path
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -230,6 +276,10 @@ class Broker:
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
+        if self.store_thread is not None:
+            self._commit_here()
+            self.store_thread.close()  # the writes submitted so far are committed first
+            self.store_thread = None
         for sock in (getattr(self, "monitor", None), getattr(self, "front_monitor", None),
                      getattr(self, "frontend", None), getattr(self, "backend", None)):
             if sock is not None:
@@ -256,6 +306,9 @@ class Broker:
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.front_monitor, zmq.POLLIN)
+        store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
+        if store_fd >= 0:
+            poller.register(store_fd, zmq.POLLIN)
         core, publisher, handshakes = self.core, self.publisher, self._handshakes
         while not self._stop:
             due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
@@ -265,6 +318,7 @@ class Broker:
             events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
             if self.backend in events:
                 self._drain(self.backend, self.core.on_worker_frames)
+                self._commit_here()  # checkpoints committed: the replies they held go out now
                 self._flush_clients()
             if self.monitor in events:
                 self._drain_monitor()
@@ -276,6 +330,8 @@ class Broker:
                 self._drain_front_monitor()
             if self._client_disconnects:
                 self._settle_client_disconnects()
+            if store_fd in events and self.store_thread is not None:
+                core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
             if self._wake_r in events:
                 while True:
                     try:
@@ -289,6 +345,7 @@ class Broker:
                 publisher.tick(now)
             for (plane, code), n, span in handshakes.due(now):
                 self._log_handshakes(plane, code, n, span)
+            self._commit_here()
             self._flush_clients()
             if publisher.asked:
                 publisher.serve()
@@ -423,6 +480,13 @@ class Broker:
             if self.fd_worker.get(self.worker_fd.get(wid, -1)) == wid:
                 continue  # its current connection is alive: the disconnect was of an older one
             self.core.worker_lost(wid, time.monotonic())
+
+
+def _job_bytes(job: Job) -> int:
+    if job.op != "write":
+        return 0
+    write = job.args[0]
+    return len(write.skeleton) + sum(len(b) for b in write.blobs)
 
 
 def _source_fd(frame: zmq.Frame) -> int:

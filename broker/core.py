@@ -8,7 +8,8 @@ the world goes through one ``broker.port.Port``. The core routes (affinity, disp
 replies, request control) and owns its other rules as objects: the session book
 (``broker.sessions``), the roster of workers (``broker.roster``), the recycler
 (``broker.recycling``), request control (``broker.control``), the timers (``broker.timers``) and
-the answers it gives in a worker's place (``broker.answers``); broker ops are handlers the shell registers (``broker.ops``).
+the answers it gives in a worker's place (``broker.answers``), durable sessions
+(``broker.durable``); broker ops are handlers the shell registers (``broker.ops``).
 ``broker.broker.Broker`` is the zmq shell that holds a core; tests/test_core.py drives one with a
 recording port on a fake clock.
 """
@@ -26,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import Answers, error_code
+from broker.checkpoints import Job
 from broker.control import RequestControl
+from broker.durable import DurableSessions, movable
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
 from broker.roster import Roster
@@ -57,10 +60,13 @@ from dspex.protocol import (
     B_DISCONNECT,
     B_REREGISTER,
     BROKER_OPS,
+    FLAG_DURABLE,
+    GOODBYE_ABANDONED,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     OPS,
     STREAM_OPS,
+    W_CHECKPOINT,
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
@@ -134,13 +140,17 @@ class Core:
         self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
                                 restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,
                                 fail=self._fail, to_worker=self._to_worker, wake=self._wake)
+        self.durable = self.book.durable = DurableSessions(
+            self.sessions, self.pools, self.workers, clock=self.clock, port=port, book=self.book, answers=self.answers,
+            to_worker=self._to_worker, dispatch=self._dispatch, route=self._route, counters=self.counters)
         self.roster = Roster(self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock,
                              port=port, answers=self.answers, book=self.book, counters=self.counters,
                              heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness,
                              to_worker=self._to_worker, to_peer=self._to_peer, hand_back=self._hand_back,
-                             pin=self.book.pin)
+                             pin=self.book.pin, durable=self.durable)
         self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
-                                 to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake)
+                                 to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake,
+                                 reroute=self.durable.reroute)
         self.control = RequestControl(self.pools, self.running, answers=self.answers, counters=self.counters,
                                       to_worker=self._to_worker)
         self.timers = Timers(self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers,
@@ -167,7 +177,8 @@ class Core:
         if op in WORKER_OPS:
             self.port.client_seen(client, frames[0])
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
-            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner)
+            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
+                        flags=header.flags)
             self._route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
@@ -196,7 +207,7 @@ class Core:
         w = self.workers.get(wid)
         if w is not None:
             w.expiry = now + self.roster.silence
-        if command == W_REPLY or command == W_PARTIAL:
+        if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
                 if len(frames) < 3:
                     raise ProtocolError("no reply header")
@@ -214,11 +225,16 @@ class Core:
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
                     self._feed(w)
                 return
-            self._to_client([client, *frames[2:]])
             assert w is not None
             if command == W_PARTIAL:
+                self._to_client([client, *frames[2:]])
                 return
             p = w.inflight.pop((client, req_id), None)
+            rec = self.sessions.get(p.session) if p is not None and p.session else None
+            if rec is not None and rec.durable is not None or command == W_CHECKPOINT:
+                ok = self.durable.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
+            else:
+                self._to_client([client, *frames[2:]])
             if p is not None:
                 self.running.pop((client, req_id), None)
                 outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
@@ -230,11 +246,12 @@ class Core:
                     self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
                 w.pool.observe(p.op, outcome, now - p.started)
                 w.last_call = now - p.started
-                rec = self.sessions.get(p.session) if p.session else None
                 if rec is not None:
                     rec.last_used = now  # idle time counts from the end of the last call
                     if rec.closing and not self.book.running(rec):
                         self.book.release(rec)
+                    elif rec.durable is not None:
+                        self.durable.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
             elif self.recycler.over_request_limit(w, now):
@@ -258,13 +275,18 @@ class Core:
             w = self.roster.register(wid, frames)
             if w is not None:
                 self._feed(w)
+                if w.pool.parked:
+                    self.durable.worker_ready(w.pool)
                 if w.pool.recycling is not None:
                     # a rolling recycle waits for this replacement: go on now, not at the next tick
                     # (an operator who saw the replacement ready must not find the pool "recycling")
                     self.recycler.step(w.pool, now)
         elif command == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
-            if w is not None:
+            # abandoned: a call of it ignored its hard time limit, so what it was running may have run
+            if w is not None and len(frames) > 2 and frames[2].bytes == GOODBYE_ABANDONED:
+                self.roster.remove(w, "was recycled at a call's hard time limit")
+            elif w is not None:
                 self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
@@ -287,6 +309,12 @@ class Core:
         self.clock.now = now
         self.control.client_gone(client, self.workers)
 
+    def store_done(self, jobs: list[Job], now: float) -> None:
+        """Checkpoint store jobs finished, in the order they were handed to the port's ``store``:
+        the replies they held go out."""
+        self.clock.now = now
+        self.durable.store_done(jobs)
+
     def tick(self, now: float) -> None:
         """The clock: what is due by ``now`` (see ``broker.timers``)."""
         self.clock.now = now
@@ -303,6 +331,10 @@ class Core:
         if pool is None:
             self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
             return
+        durable = p.flags & FLAG_DURABLE or pool.config.durable
+        if durable and p.session and (refused := self.durable.refusal(p, pool)):
+            self._fail(p, pool, refused)
+            return
         if not p.session or pool.mode is Affinity.NONE:
             self._run_anywhere(pool, p)
             return
@@ -310,6 +342,8 @@ class Core:
         if isinstance(rec, DspexError):
             self._fail(p, pool, rec)
             return
+        if durable and rec.durable is None and rec.calls == 1:
+            self.durable.open(rec)
         if rec.worker is None:
             w = pool.least_loaded()
             if w is None:
@@ -320,10 +354,12 @@ class Core:
         assert pinned is not None
         w = self.workers.get(pinned)
         if w is None or w.draining:
-            if w is None and pool.strict and self.book.in_restart_grace(pinned):
+            if w is None and (pool.strict or rec.durable is not None) and self.book.in_restart_grace(pinned):
                 # just (re)started: its worker may be alive and not re-registered yet; wait for it
                 self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
                 return
+            if rec.durable is not None and self.durable.route(rec, pool, p, w):
+                return  # it moves with its checkpoint; the call waits for the move
             if pool.strict:
                 if w is None:  # its worker left: from now on the session is a tombstone
                     self._fail(p, pool, worker_gone(rec.id, pinned, self.gone.why(pinned)))
@@ -349,6 +385,8 @@ class Core:
                 self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_FAIL_FAST:
             self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
+        elif rec.durable is not None:  # hint, durable: one state, so its own worker only
+            self._enqueue(pool, w.queue, p)
         else:  # hint: any idle worker, else the first one to free up
             self._run_anywhere(pool, p)
 
@@ -391,21 +429,26 @@ class Core:
         # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
         # a call that turned out long) answers QueueTimeout without running it
         queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
+        restore: list[Any] = []  # the checkpoint of a durable session that moved here
         if not p.session:
             envelope = pack_request_envelope(p.client, call_ms, queue_ms)
         elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
             envelope = pack_request_envelope(p.client, call_ms, queue_ms, 0, SessionMode.EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
+            durable = 0
             if rec is not None:
                 rec.touched.add(w.id)  # every worker that may hold its state gets the release
-            envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl))
+                if rec.durable is not None:
+                    durable, restore = self.durable.envelope(rec, w)
+            envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl),
+                                             durable=durable)
         p.started = now
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w
         try:
-            self._send_worker(w.id, [envelope, p.header, *p.payload])
+            self._send_worker(w.id, [envelope, *restore, p.header, *p.payload])
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
@@ -414,8 +457,8 @@ class Core:
 
     def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
         """A request ``w`` never started: route it again where the pool allows, else say so
-        (a did-not-run error: the caller may retry)."""
-        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE):
+        (a did-not-run error: the caller may retry); a durable session's call moves with it."""
+        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or movable(self.sessions.get(p.session)):
             self._route(p, pool.name, "")
             return
         self._fail(p, pool, SessionWorkerUnavailable(
@@ -457,7 +500,9 @@ class Core:
 
     def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
         target = self.workers.get(rec.worker) if rec.worker else None
-        if target is None or target.draining:
+        if (target is None or target.draining) and movable(rec):
+            self._route(p, pool.name, "")  # it moves with its session
+        elif target is None or target.draining:
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {rec.id[:8]} lost its worker", session=rec.id,
                 worker=(rec.worker or b"").decode(errors="replace")))

@@ -62,10 +62,12 @@ def _close_session(core: Core, call: OpCall) -> Any:
 def _sessions(core: Core, call: OpCall) -> Any:
     wanted = call.args["pool"]
     now = core.clock.now
+    wall = core.clock.wall()
     return [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
-         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created}
+         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created,
+         **core.durable.view(r, wall)}
         for r in core.sessions.values()
         if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or sees_every_session(core, call.owner))
     ]
@@ -164,4 +166,5 @@ def status(core: Core, now: float) -> dict[str, Any]:
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
         "events": list(core.roster.events),
+        "checkpoints": core.durable.status(),
     }

@@ -2,13 +2,17 @@
 
 The core (``broker.core.Core``) decides; everything it needs done outside its own state goes
 through the :class:`Port` it was given: frames to a client or a worker, who sent a client's
-message, a worker's connection to remember or forget, a hung worker process to stop.
+message, a worker's connection to remember or forget, a hung worker process to stop, a
+checkpoint store job.
 ``broker.broker.Broker`` implements it over zmq sockets and signals; tests/test_core.py records it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from broker.checkpoints import Job
 
 
 class WorkerUnreachable(Exception):
@@ -41,3 +45,7 @@ class Port(Protocol):
 
     def stop_process(self, pid: int, host: str) -> None:
         """Stop a hung worker process hard (it missed its drain deadline)."""
+
+    def store(self, job: Job) -> None:
+        """Run a checkpoint store job (``broker.checkpoints``), after every job handed over before
+        it; report it done, in that order, through ``Core.store_done``."""

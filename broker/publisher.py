@@ -102,7 +102,8 @@ def build_snapshot(core: Core, status: Status, history: History) -> dict[str, An
     live = (r for r in core.sessions.values() if not r.closing)
     snap["sessions"] = [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
-         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "age_s": round(wall - r.created, 3)}
+         "calls": r.calls, "idle_s": round(now - r.last_used, 3), "age_s": round(wall - r.created, 3),
+         **core.durable.view(r, wall)}
         for r in heapq.nlargest(SESSIONS_SHOWN, live, key=lambda r: r.last_used)]
     snap["published"] = {"time": wall, "monotonic": now}
     return snap

@@ -24,15 +24,17 @@ MIN_WORKER_AGE = 2.0  # seconds: supervisord counts an exit within startsecs as 
 REPLACEMENT_WAIT = 30.0  # seconds a rolling recycle waits for a replacement before going on
 
 Fail = Callable[[Pending, "Pool | None", DspexError], None]
+Reroute = Callable[[Pending, Pool], bool]  # a durable session's call moves with it (True), else not
 
 
 class Recycler:
-    """Recycles the core's workers; acts through the core's ``fail``, ``to_worker``, ``to_peer``
-    and ``remove_worker``, and the port (a hard stop)."""
+    """Recycles the core's workers; acts through the core's ``fail``, ``to_worker``, ``to_peer``,
+    ``remove_worker`` and ``reroute``, and the port (a hard stop)."""
 
     def __init__(self, workers: dict[bytes, WorkerRecord], port: Port, *, fail: Fail,
                  to_worker: Callable[[WorkerRecord, list[Any]], bool], to_peer: Callable[[bytes, list[bytes]], None],
-                 remove_worker: Callable[[WorkerRecord, str], None], wake: Callable[[float], None]) -> None:
+                 remove_worker: Callable[[WorkerRecord, str], None], wake: Callable[[float], None],
+                 reroute: Reroute) -> None:
         """``wake``: tell the core's timers of a new deadline (a drain's)."""
         self.workers = workers
         self.port = port
@@ -41,6 +43,7 @@ class Recycler:
         self._to_peer = to_peer
         self._remove_worker = remove_worker
         self._wake = wake
+        self._reroute = reroute
 
     def recycle(self, w: WorkerRecord, now: float) -> None:
         """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
@@ -54,7 +57,8 @@ class Recycler:
         log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
 
     def start_draining(self, w: WorkerRecord, why: str, now: float) -> None:
-        """No new work for ``w``; what waits in its queue fails now (did not run)."""
+        """No new work for ``w``; what waits in its queue fails now (did not run), or moves with
+        its durable session (once the call ``w`` runs for it has answered)."""
         pool = w.pool
         w.draining = True
         w.draining_since = now
@@ -63,6 +67,8 @@ class Recycler:
         queued = list(w.queue)
         w.queue.clear()
         for p in queued:
+            if self._reroute(p, pool):
+                continue
             self._fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))

@@ -3,8 +3,8 @@
 A worker registers with READY (its pool, pid, host, capacity, wire version); a re-READY after a
 reconnect keeps its incarnation and sessions. Heartbeats go out every interval and a worker
 silent for interval x liveness is removed. A removed worker's requests are handed back when it
-said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``) or
-end as tombstones.
+said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``),
+move with their checkpoint (durable) or end as tombstones.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import Answers
+from broker.durable import DurableSessions, movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
@@ -39,12 +40,13 @@ class Roster:
                  heartbeat_liveness: int, to_worker: Callable[[WorkerRecord, list[Any]], bool],
                  to_peer: Callable[[bytes, list[bytes]], None],
                  hand_back: Callable[[Pending, Pool, WorkerRecord, str], None],
-                 pin: Callable[[SessionRecord, bytes | None], None]) -> None:
+                 pin: Callable[[SessionRecord, bytes | None], None], durable: DurableSessions) -> None:
         self.pools, self.workers, self.sessions, self.running, self.gone = pools, workers, sessions, running, gone
         self.clock, self.port, self.answers, self.book, self.counters = clock, port, answers, book, counters
         self.silence = heartbeat_interval * heartbeat_liveness  # a worker silent this long is dead
         self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
         self._to_worker, self._to_peer, self._hand_back, self._pin = to_worker, to_peer, hand_back, pin
+        self.durable = durable
 
     def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
         """A READY: the new worker (None for a re-READY, or one told to leave)."""
@@ -131,6 +133,7 @@ class Roster:
         queued = list(w.queue)
         w.inflight.clear()
         w.queue.clear()
+        moving = []  # durable sessions pinned here: they move on their next call (or now, queued ones)
         # silent, not gone: a partitioned host's worker comes back under the same incarnation with
         # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
         silent = why == SILENT
@@ -138,7 +141,9 @@ class Roster:
             rec = self.sessions.get(sid)
             if rec is None or rec.worker != w.id:
                 continue
-            if pool.mode is Affinity.HINT and not rec.closing:
+            if movable(rec) and not rec.closing:
+                moving.append(rec)
+            elif pool.mode is Affinity.HINT and not rec.closing:
                 self._pin(rec, None)  # re-pins on its next call
             elif silent and not rec.closing:
                 continue
@@ -152,7 +157,11 @@ class Roster:
                 self.answers.fail(p, pool, WorkerCrashed(
                     f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
                     worker=w.incarnation, session=p.session))
+        for rec in moving:
+            self.durable.call_ended(rec)  # a move that waited for its call here goes on
         for p in queued:
+            if self.durable.reroute(p, pool):
+                continue  # it did not run: it moves with its session
             self.answers.fail(p, pool, SessionWorkerUnavailable(
                 f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
                 session=p.session, worker=w.incarnation))

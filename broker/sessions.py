@@ -4,14 +4,15 @@ Idle time counts from the end of a session's last call, and a running call never
 closed and expired ids are remembered, so a late call answers ``SessionClosed`` instead of
 opening a fresh namespace; a release reaches every worker the session touched, after its last
 running call. After a broker restart, clients claim their sessions' pins: a strict session's
-call waits for its worker to re-register for one restart grace (heartbeat x liveness).
+call waits for its worker to re-register for one restart grace (heartbeat x liveness). A durable
+session (``broker.durable``) hears of its pin and its release, and outlives its worker.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.state import (
     Clock,
@@ -23,6 +24,7 @@ from broker.state import (
     WorkerRecord,
 )
 from dspex.errors import (
+    CheckpointRefused,
     DspexError,
     SessionClosed,
     SessionNotYours,
@@ -31,6 +33,9 @@ from dspex.errors import (
     SessionWorkerUnavailable,
 )
 from dspex.protocol import B_RELEASE_SESSION
+
+if TYPE_CHECKING:
+    from broker.durable import DurableSessions
 
 Fail = Callable[[Pending, "Pool | None", DspexError], None]  # answer a request with an error
 ToWorker = Callable[[WorkerRecord, list[Any]], bool]  # send to a worker (False: it is gone)
@@ -42,6 +47,11 @@ def worker_gone(session: str, wid: bytes, why: str) -> SessionWorkerUnavailable:
     incarnation = wid.decode(errors="replace")
     return SessionWorkerUnavailable(f"session {session[:8]} is pinned to worker {incarnation[:8]}, which {why}",
                                     session=session, worker=incarnation)
+
+
+def checkpoint_lost(session: str, reason: str) -> CheckpointRefused:
+    return CheckpointRefused(f"session {session[:8]} could not be restored: {reason}; the session is lost "
+                             "(open a new one)", session=session, reason=reason)
 
 
 class SessionBook:
@@ -65,6 +75,7 @@ class SessionBook:
         self.booted = clock.now
         self.grace_ends = clock.now + restart_grace  # math.inf once it ended
         self.restart_grace = restart_grace
+        self.durable: DurableSessions | None = None  # the core's, once made (it uses this book)
 
     def admit(self, p: Pending, pool: Pool, claimed_worker: str) -> SessionRecord | DspexError:
         """The session call ``p`` runs in (opened on its first call: ``claimed_worker`` is the pin
@@ -73,6 +84,8 @@ class SessionBook:
         rec = self.sessions.get(p.session)
         if rec is None:
             if (why := self.closed.why(p.session)) is not None:
+                if reason := self.closed.lost(p.session):
+                    return checkpoint_lost(p.session, reason)
                 lost = self.closed.worker(p.session)
                 return worker_gone(p.session, lost, why) if lost else SessionClosed(
                     f"session {p.session[:8]} {why}", session=p.session)
@@ -112,6 +125,8 @@ class SessionBook:
         new = self.workers.get(wid) if wid else None
         if new is not None:
             new.sessions.add(rec.id)
+        if rec.durable is not None and self.durable is not None:
+            self.durable.pinned(rec)
 
     def expire(self, now: float) -> None:
         """Close the sessions idle past their pool's TTL; the sessions are looked at only when
@@ -137,17 +152,20 @@ class SessionBook:
     def in_restart_grace(self, wid: bytes) -> bool:
         """A pin to ``wid`` a client claims may still be good: the broker just started and that
         incarnation may not have re-registered yet."""
-        return self.clock.now < self.grace_ends and wid not in self.gone
+        # (grace_ends is inf once the grace ended: never again)
+        return self.clock.now < self.grace_ends != math.inf and wid not in self.gone
 
     def end_restart_grace(self) -> None:
         """Pins claimed after a broker restart whose worker never came back: strict sessions end,
-        and the calls that waited for that worker are answered."""
+        and the calls that waited for that worker are answered (a durable session's move)."""
         self.grace_ends = math.inf
         for rec in [r for r in self.sessions.values() if r.worker and r.worker not in self.workers]:
-            if self.pools[rec.pool].strict:
+            if self.pools[rec.pool].strict and (rec.durable is None or rec.durable.off):  # (a durable one moves)
                 self.retire(rec, rec.worker)
         for pool in self.pools.values():
             for wid, p in pool.take_awaiting():
+                if self.durable is not None and self.durable.reroute(p, pool):
+                    continue
                 self._fail(p, pool, SessionWorkerUnavailable(
                     f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did not "
                     f"re-register within {self.restart_grace:g}s of this broker's start",
@@ -189,6 +207,8 @@ class SessionBook:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""
         self.sessions.pop(rec.id, None)
+        if rec.durable is not None and self.durable is not None:
+            self.durable.released(rec)
         for wid in rec.touched:
             w = self.workers.get(wid)
             if w is not None:

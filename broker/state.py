@@ -12,10 +12,13 @@ import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspex.pools import PoolConfig
 from dspex.protocol import Affinity, WorkerState
+
+if TYPE_CHECKING:
+    from broker.durable import Durability
 
 PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
 # Latency histogram bucket bounds in seconds (Prometheus-style, cumulative at export time).
@@ -113,6 +116,7 @@ class Pending:
     started: float = 0.0
     owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
     cancelled: bool = False  # its client cancelled it while it ran (B_CANCEL sent to its worker)
+    flags: int = 0  # the request header's flags (FLAG_DURABLE matters to the broker)
 
 
 class WorkerRecord:
@@ -237,6 +241,8 @@ class Pool:
         self.queue: deque[Pending] = deque()  # requests any worker (or the first free one) may take
         # strict calls pinned to an incarnation not (yet) registered with a young broker
         self.awaiting: dict[bytes, deque[Pending]] = {}
+        # calls of durable sessions being moved to another worker, waiting for their restore
+        self.parked: dict[str, deque[Pending]] = {}
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (op, outcome) -> count
         self.latencies: deque[float] = deque(maxlen=4096)
         self.latency = Histogram(bounds)  # dispatch to reply
@@ -263,11 +269,14 @@ class Pool:
             n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
         for q in self.awaiting.values():
             n += len(q)
+        for q in self.parked.values():
+            n += len(q)
         return n
 
     def queues(self) -> list[deque[Pending]]:
-        """Every queue of the pool: its own, its workers', and those awaiting a re-registration."""
-        return [self.queue, *(w.queue for w in self.workers.values()), *self.awaiting.values()]
+        """Every queue of the pool: its own, its workers', those awaiting a re-registration and
+        those of durable sessions being moved."""
+        return [self.queue, *(w.queue for w in self.workers.values()), *self.awaiting.values(), *self.parked.values()]
 
     def admit(self, queue: deque[Pending], p: Pending) -> bool:
         """Queue ``p`` in one of the pool's queues, unless they hold ``queue_max`` requests in all
@@ -280,10 +289,11 @@ class Pool:
 
     def expire(self, now: float) -> list[tuple[Pending, bool]]:
         """Take what waited past the pool's queue timeout (counted) or past its own call deadline
-        (True: its caller gave up already) from the heads of the pool's and its workers' queues."""
+        (True: its caller gave up already) from the heads of the pool's, its workers' and its moving
+        sessions' queues."""
         limit = self.config.queue_timeout
         out = []
-        for queue in [self.queue, *(w.queue for w in self.workers.values())]:
+        for queue in self._expiring():
             # (as next_expiry says: at the deadline itself, the same sum)
             while queue and (now >= queue[0].enqueued + limit or now >= queue[0].deadline):
                 p = queue.popleft()
@@ -332,10 +342,16 @@ class Pool:
         caller's deadline passes): what ``expire`` takes next."""
         limit = self.config.queue_timeout
         soonest = math.inf
-        for queue in [self.queue, *(w.queue for w in self.workers.values())]:
+        for queue in self._expiring():
             if queue:
                 soonest = min(soonest, queue[0].enqueued + limit, queue[0].deadline)
         return soonest
+
+    def _expiring(self) -> list[deque[Pending]]:
+        """The queues whose requests time out there (awaiting ones wait out the restart grace)."""
+        if self.parked:
+            return [self.queue, *(w.queue for w in self.workers.values()), *self.parked.values()]
+        return [self.queue, *(w.queue for w in self.workers.values())]
 
     def next_drain_deadline(self) -> float:
         """When the first of the pool's draining workers is past its drain deadline."""
@@ -386,6 +402,7 @@ class SessionRecord:
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
     touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
     closing: str = ""  # closed while a call ran: why; released when its last call ends
+    durable: Durability | None = None  # a durable session's checkpoint bookkeeping (broker/durable.py)
 
 
 class Tombstones:
@@ -394,11 +411,11 @@ class Tombstones:
     worker left (``worker`` set), which answer ``SessionWorkerUnavailable`` instead."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._why: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._why: OrderedDict[str, tuple[str, bytes, str]] = OrderedDict()
         self._limit = limit
 
-    def add(self, session: str, why: str, worker: bytes = b"") -> None:
-        self._why[session] = (why, worker)
+    def add(self, session: str, why: str, worker: bytes = b"", lost: str = "") -> None:
+        self._why[session] = (why, worker, lost)
         self._why.move_to_end(session)
         if len(self._why) > self._limit:
             self._why.popitem(last=False)
@@ -411,6 +428,11 @@ class Tombstones:
         """The worker a session lost (b"" for a session closed or expired)."""
         found = self._why.get(session)
         return found[1] if found is not None else b""
+
+    def lost(self, session: str) -> str:
+        """Why a durable session's checkpoint could not be restored ("" for any other)."""
+        found = self._why.get(session)
+        return found[2] if found is not None else ""
 
     def __len__(self) -> int:
         return len(self._why)

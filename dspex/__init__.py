@@ -18,12 +18,14 @@ from dspex.errors import (
     Refused,
     UsageError,
     Cancelled,
+    CheckpointRefused,
     CodeCacheMiss,
     ConfigError,
     ConnectionError,
     DspexError,
     MessageTooLarge,
     MissingModule,
+    NotDurableWarning,
     PoolNotFound,
     PoolSaturated,
     ProtocolError,
@@ -32,6 +34,7 @@ from dspex.errors import (
     RefQuotaExceeded,
     RemoteError,
     SessionClosed,
+    SessionNotDurable,
     SessionNotYours,
     SessionPoolMismatch,
     SessionQuotaExceeded,
@@ -50,8 +53,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
-    "Cancelled", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "PoolNotFound",
+    "Cancelled", "CheckpointRefused", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "NotDurableWarning", "PoolNotFound",
     "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
+    "Session", "SessionClosed", "SessionNotDurable", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

@@ -207,12 +207,13 @@ class AsyncClient(ClientAPI[AsyncSession]):
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                       timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                       on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+                      flags: int = 0) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
             try:
                 return await self._request(ex, worker)
@@ -266,12 +267,14 @@ class AsyncClient(ClientAPI[AsyncSession]):
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> AsyncStream:
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+               flags: int = 0) -> AsyncStream:
         """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                            flags=flags)
         return AsyncStream(self, ex, worker)
 
 

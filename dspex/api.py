@@ -33,7 +33,7 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.protocol import Op
+from dspex.protocol import FLAG_DURABLE, Op
 from dspex.ref import Ref
 from dspex.sendcache import SendCache
 
@@ -91,7 +91,7 @@ class ClientAPI(Generic[S]):
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         """Send one request; its value (or an awaitable of it). Raises the typed error of the reply.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
@@ -100,15 +100,16 @@ class ClientAPI(Generic[S]):
         to this process's streams and loggers unless ``forward`` (default: the client's
         ``forward_output``) is false. Refs in the result become handles of ``bind`` (a session).
         ``sender``: the session's record of the code its worker holds (a request that refers to
-        code the worker lacks goes again in full, once). The caller that stops waiting before the
-        final reply (Ctrl-C, a cancelled task, any exception) stops the request on the worker.
+        code the worker lacks goes again in full, once). ``flags``: request header flags of the
+        caller's own (``FLAG_DURABLE``). The caller that stops waiting before the final reply
+        (Ctrl-C, a cancelled task, any exception) stops the request on the worker.
         """
         raise NotImplementedError
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-               forward: bool | None = None, sender: SendCache | None = None) -> Any:
+               forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         """Start a call whose iterable result is streamed item by item: a Stream (an AsyncStream)."""
         raise NotImplementedError
 
@@ -159,13 +160,18 @@ class ClientAPI(Generic[S]):
         return Refused(f"{why} ({self.endpoint}); the {op} did not run", op=op)
 
     # -- user ops -----------------------------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
-                client_settings: bool | None = None) -> S:
+    def session(self, pool: str, session_id: str | None = None, *, durable: bool = False,
+                forward_output: bool | None = None, client_settings: bool | None = None) -> S:
         """A new session on ``pool`` (or the session ``session_id`` of this client identity); it is
-        pinned to a worker on its first call. ``forward_output`` (default: the client's) says
-        whether its calls' output reaches this process's streams and loggers; ``client_settings``
-        (default: the client's) whether this process's DSPy settings go with its calls."""
-        return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings)
+        pinned to a worker on its first call. ``durable``: its state outlives its worker and the
+        broker (checkpointed after each call that changed it; when its worker is gone, its next
+        call runs on another with the state restored, the same refs valid); a pool with
+        ``durable = true`` makes every session durable. ``forward_output`` (default: the
+        client's) says whether its calls' output reaches this process's streams and loggers;
+        ``client_settings`` (default: the client's) whether this process's DSPy settings go with
+        its calls."""
+        return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings,
+                                 durable)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
@@ -216,10 +222,12 @@ class SessionAPI:
     _label = "dspex.Session"
 
     def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
-                 client_settings: bool | None = None) -> None:
+                 client_settings: bool | None = None, durable: bool = False) -> None:
         self.client = client
         self.pool = pool
         self.id = session_id
+        self.durable = durable  # asked for by this client (a pool's durable = true makes it so too)
+        self._flags = FLAG_DURABLE if durable else 0
         self.worker = ""  # incarnation id once pinned
         self.closed = False
         self.forward_output = forward_output  # None: the client's
@@ -240,7 +248,7 @@ class SessionAPI:
             return self.client._drive(_raising(SessionClosed(f"session {self.id[:8]} is closed")))
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   forward=self.forward_output, sender=self.sender)
+                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -322,7 +330,7 @@ class SessionAPI:
             raise SessionClosed(f"session {self.id[:8]} is closed")
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output, sender=self.sender)
+                                  forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,

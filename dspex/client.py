@@ -264,14 +264,14 @@ class Client(ClientAPI[Session]):
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C (or any
         other exception) while it waits stops the request on the worker (``cancel``) before the
         exception propagates."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
             try:
                 return self._request(ex, worker)
@@ -330,12 +330,14 @@ class Client(ClientAPI[Session]):
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None) -> Stream:
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+               flags: int = 0) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                            flags=flags)
         cancels = self._cancels
         ch = self._checkout()
         try:

@@ -165,6 +165,11 @@ def loads(data: bytes, sources: dict[str, str]) -> Any:
     return pickle.loads(data)  # peers are authenticated; a client may exec code anyway
 
 
+def register_class_file(cls: type, file: str) -> None:
+    """A restored session's class (worker/checkpoint.py) names its client file again."""
+    _CLASS_FILES[cls] = file
+
+
 def class_file(cls: type) -> str | None:
     """The client's source file of a class that arrived by value (for ``inspect.getfile``)."""
     try:

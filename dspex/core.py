@@ -171,7 +171,8 @@ class Exchange:
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                 own_frames: bool = False, forward: bool = False, sender: SendCache | None = None) -> None:
+                 own_frames: bool = False, forward: bool = False, sender: SendCache | None = None,
+                 flags: int = 0) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
         self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
         self.items = items
@@ -180,7 +181,8 @@ class Exchange:
         self._max_message = max_message
         # before anything is sent: EncodeError costs nothing
         self.body, context = encode_request(op, body, max_message, sender)
-        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context
+        self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context \
+            | flags  # the caller's own (FLAG_DURABLE)
         # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
         self.forward = forward and op in WORKER_OPS
         if self.forward or (on_output is not None and op in WORKER_OPS):

@@ -92,6 +92,15 @@ class SessionWorkerUnavailable(DidNotRun):
     code = "session_worker_unavailable"
 
 
+class CheckpointRefused(SessionWorkerUnavailable):
+    """A durable session moved to a new worker, and its checkpoint could not be restored there
+    (corrupt, written by other Python / cloudpickle / DSPy versions, or an object that fails to
+    load). The call did not run; the session is lost, as a session whose worker is gone:
+    ``details["reason"]`` says why. ``dspex.Rehydrator`` rebuilds it like any lost session."""
+
+    code = "checkpoint_refused"
+
+
 class CodeCacheMiss(DidNotRun):
     """The request referred to code or values its session's worker does not hold (evicted, a
     re-pinned ``hint`` session, a restarted worker, a ``none`` pool that keeps nothing). Nothing
@@ -129,6 +138,20 @@ class SessionNotYours(UsageError):
     """The session belongs to another client identity (or the op needs an admin key)."""
 
     code = "session_not_yours"
+
+
+class SessionNotDurable(UsageError):
+    """The call ran and its effects stay in the session, but its checkpoint could not be kept
+    (over the per-session or total checkpoint cap, or the session as a whole cannot be pickled):
+    its result is not returned, and the session goes on as a plain, non-durable one.
+    ``details["reason"]`` says why; ``details["ran"]`` is true."""
+
+    code = "session_not_durable"
+
+
+class NotDurableWarning(UserWarning):
+    """An object entered a durable session that its checkpoints cannot hold (an open file, a
+    socket, a lock, a generator): it stays usable on its worker, and is gone after a move."""
 
 
 class RefNotFound(UsageError):

@@ -40,6 +40,7 @@ class PoolConfig:
     # prefetch depth and wake-ups"); the requests behind a pinned worker wait for it either way
     prefetch: int = 4
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
+    durable: bool = False  # every session of the pool is durable (checkpointed, moved when its worker goes)
     # seconds of the sliding window the pool's health counts the service's failures in (WARN)
     health_window: float = HEALTH_WINDOW_S
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)
@@ -58,6 +59,8 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             cfg.affinity = Affinity(value.strip())
         elif key in _RECYCLE_KEYS:
             setattr(cfg.recycle, key, type(getattr(cfg.recycle, key))(value))
+        elif key in _POOL_KEYS and isinstance(getattr(cfg, key), bool):
+            setattr(cfg, key, _boolean(value))
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
         elif key in _REMOVED_KEYS:
@@ -66,6 +69,22 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
     except ValueError:
         raise ConfigError(f"{where}: bad value {value!r} for {key!r}") from None
+
+
+def _boolean(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def check_pool(cfg: PoolConfig, where: str) -> None:
+    """Settings that contradict each other."""
+    if cfg.durable and cfg.affinity is Affinity.NONE:
+        raise ConfigError(f"{where}: pool {cfg.name!r} keeps no session state (affinity none): its sessions cannot "
+                          "be durable; use strict_queue, strict_fail_fast or hint")
 
 
 def parse_pool_spec(spec: str) -> PoolConfig:
@@ -82,6 +101,7 @@ def parse_pool_spec(spec: str) -> PoolConfig:
             if not sep:
                 raise ConfigError(f"pool spec {spec!r}: expected key=value, got {item!r}")
             _apply(cfg, key, value, f"pool spec {spec!r}")
+    check_pool(cfg, f"pool spec {spec!r}")
     return cfg
 
 
@@ -97,6 +117,7 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
             cfg = PoolConfig(section[len(SECTION_PREFIX):])
             for key, value in parser.items(section):
                 _apply(cfg, key, value, f"{path} [{section}]")
+            check_pool(cfg, f"{path} [{section}]")
             pools.append(cfg)
     sizes = supervisor_group_sizes(path)
     for cfg in pools:

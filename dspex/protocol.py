@@ -7,9 +7,12 @@ Frontend (client DEALER -> broker ROUTER)::
 
 Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
-    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DISCONNECT] | [W_DRAIN]
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN]
+                       [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED]       (the goodbye)
                        [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
-    broker -> worker:  [B_REQUEST + budget + client_id, request_header, *payload] | [B_HEARTBEAT]
+                       [W_CHECKPOINT + ok + req_id + client_id, checkpoint meta, *checkpoint, reply_header, *payload]
+    broker -> worker:  [B_REQUEST + budget + client_id, (restore meta, *checkpoint,) request_header, *payload]
+                       [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
 
@@ -31,9 +34,14 @@ import msgpack
 
 from dspex.errors import ProtocolError
 
-# 2: the hot-path command frames are envelopes carrying the budget / reply status. The
-# broker tells a worker of another version to leave (its READY says its version).
-PROTOCOL_VERSION = 2
+# 2: the hot-path command frames are envelopes carrying the budget / reply status.
+# 3: one goodbye for every exit (W_DISCONNECT, acknowledged by B_BYE) that says whether the worker
+# leaves calls it started unanswered.
+# 4: durable sessions: W_CHECKPOINT (a checkpoint and its call's reply), the request envelope's
+# ``durable`` byte (Durable flags) and restore frames. A worker of 3 would answer a durable
+# session's calls without checkpoints: the session would not be durable, silently.
+# The broker tells a worker of another version to leave (its READY says its version).
+PROTOCOL_VERSION = 4
 
 
 def _packb(obj: Any) -> bytes:
@@ -45,8 +53,9 @@ W_READY = b"\x01"
 W_HEARTBEAT = b"\x02"
 W_REPLY = b"\x03"
 W_PARTIAL = b"\x04"
-W_DISCONNECT = b"\x05"
+W_DISCONNECT = b"\x05"  # the goodbye: the worker leaves now; the broker acknowledges with B_BYE
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
+W_CHECKPOINT = b"\x07"  # a durable session's checkpoint, before the reply of the call it follows
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -56,6 +65,12 @@ B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
 B_CREDIT = b"\x17"
 B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
+
+# The goodbye's optional second frame: the worker leaves with calls it started still running (a
+# call past its hard time limit), so the broker fails those as ``worker_crashed`` (they may have
+# run) instead of handing them back. Without it every request the worker has not answered never
+# started there.
+GOODBYE_ABANDONED = b"abandoned"
 
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0
@@ -286,6 +301,7 @@ def log_level_of(flags: int) -> int:
 
 
 FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
+FLAG_DURABLE = 16  # the session is durable (read when the broker first sees the session)
 
 
 class RequestHeader(NamedTuple):
@@ -358,12 +374,20 @@ class SessionMode(enum.IntEnum):
     EPHEMERAL = 1  # a ``none`` pool: nothing (the state is dropped when the call ends)
 
 
+class Durable(enum.IntFlag):
+    """A durable session's request envelope says what the worker does with its checkpoint."""
+
+    CHECKPOINT = 1  # send the session's checkpoint after this call, before its reply (W_CHECKPOINT)
+    FULL = 2  # the broker holds nothing usable of the session: a full checkpoint, changed or not
+    RESTORE = 4  # restore frames follow the envelope: [envelope, restore meta, skeleton?, *blobs, header, ...]
+
+
 _REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply envelope carries them in 8 bytes)
 _U32 = 2**32 - 1
 # The envelopes the broker and a worker put around a request and a reply on the backend: the
 # fixed fields the other side needs without unpacking msgpack, then the client's routing id.
-# B_REQUEST's: command, call_ms, queue_ms, session_ttl_s, session_mode, then the client id
-_REQUEST_ENVELOPE = struct.Struct("<cIIIB")
+# B_REQUEST's: command, call_ms, queue_ms, session_ttl_s, session_mode, durable, then the client id
+_REQUEST_ENVELOPE = struct.Struct("<cIIIBB")
 # W_REPLY / W_PARTIAL's first frame: command, ok (1: status "ok"), req_id, then the client id
 _REPLY_ENVELOPE = struct.Struct("<cBQ")
 REQUEST_ENVELOPE_SIZE = _REQUEST_ENVELOPE.size
@@ -371,14 +395,15 @@ REPLY_ENVELOPE_SIZE = _REPLY_ENVELOPE.size
 
 
 def pack_request_envelope(client: bytes, call_ms: int, queue_ms: int, session_ttl_s: int = 0,
-                          session_mode: SessionMode = SessionMode.KEPT) -> bytes:
+                          session_mode: SessionMode = SessionMode.KEPT, durable: int = 0) -> bytes:
     """B_REQUEST's first frame, the broker's envelope around a client's request. The budget: what
     is left of the call's deadline and of its queue deadline when the broker hands the request to
     a worker (ms, 0: none). Relative, so clocks of other hosts never matter: the worker adds them
     to its own monotonic clock on receipt. ``session_ttl_s`` is the pool's session TTL (the
-    worker's backstop TTL derives from it; 0: none). Values past 32 bits are capped."""
+    worker's backstop TTL derives from it; 0: none); ``durable``: ``Durable`` flags (0: a plain
+    session). Values past 32 bits are capped."""
     return _REQUEST_ENVELOPE.pack(B_REQUEST, min(call_ms, _U32), min(queue_ms, _U32), min(session_ttl_s, _U32),
-                                  session_mode) + client
+                                  session_mode, durable) + client
 
 
 class RequestEnvelope(NamedTuple):
@@ -390,13 +415,14 @@ class RequestEnvelope(NamedTuple):
     queue_ms: int
     session_ttl_s: int
     session_mode: int  # a SessionMode value
+    durable: int  # Durable flags
 
 
 def unpack_request_envelope(data: bytes) -> RequestEnvelope:
     if len(data) <= REQUEST_ENVELOPE_SIZE or data[:1] != B_REQUEST:
         raise ProtocolError(f"malformed request envelope ({len(data)} bytes): a broker of another protocol version?")
-    _, call_ms, queue_ms, ttl, mode = _REQUEST_ENVELOPE.unpack_from(data)
-    return RequestEnvelope(data[REQUEST_ENVELOPE_SIZE:], call_ms, queue_ms, ttl, mode)
+    _, call_ms, queue_ms, ttl, mode, durable = _REQUEST_ENVELOPE.unpack_from(data)
+    return RequestEnvelope(data[REQUEST_ENVELOPE_SIZE:], call_ms, queue_ms, ttl, mode, durable)
 
 
 def pack_reply_envelope(command: bytes, status: str, req_id: int, client: bytes) -> bytes:

@@ -91,15 +91,15 @@ class Router(ClientAPI[S]):
         return self._brokers[self._map.broker_for(pool).endpoint]
 
     # -- a pool's requests go to its broker -------------------------------------------------------
-    def session(self, pool: str, session_id: str | None = None, *, forward_output: bool | None = None,
-                client_settings: bool | None = None) -> S:
-        return self._broker(pool).session(pool, session_id, forward_output=forward_output,
+    def session(self, pool: str, session_id: str | None = None, *, durable: bool = False,
+                forward_output: bool | None = None, client_settings: bool | None = None) -> S:
+        return self._broker(pool).session(pool, session_id, durable=durable, forward_output=forward_output,
                                           client_settings=client_settings)
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None) -> Any:
+                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         if not pool and op not in WORKER_OPS:
             return self._drive(self._every(op, session, body, timeout))
         try:
@@ -107,15 +107,16 @@ class Router(ClientAPI[S]):
         except PoolNotFound as err:
             return self._drive(_raising(err))
         return client.request(op, pool, session, body, worker=worker, timeout=timeout, on_reply=on_reply,
-                              on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender)
+                              on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                              flags=flags)
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-               forward: bool | None = None, sender: SendCache | None = None) -> Any:
+               forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         return self._broker(pool).stream(op, pool, session, body, worker=worker, timeout=timeout,
                                          on_reply=on_reply, on_progress=on_progress, on_output=on_output,
-                                         bind=bind, forward=forward, sender=sender)
+                                         bind=bind, forward=forward, sender=sender, flags=flags)
 
     def _every(self, op: str, session: str, body: Any, timeout: float | None) -> Steps[Any]:
         """``op`` asked of every broker in turn; their answers (or errors) merged."""

@@ -69,18 +69,30 @@ class SessionsList:
         owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
         brokers = any("endpoint" in s for s in sessions)  # a map of several brokers
         rows = [["SESSION", "POOL", *(["BROKER"] if brokers else []), *(["OWNER"] if owners else []), "WORKER",
-                 "CALLS", "IDLE", "AGE"]]
+                 "CALLS", "IDLE", "AGE", "DURABLE"]]
         now = time.time()
         for s in sessions:
             worker = (s["worker"][:8] or "-") + ("" if s["worker_alive"] or not s["worker"] else " (gone)")
             rows.append([s["id"], s["pool"], *([s["endpoint"]] if brokers else []),
                          *([str(s.get("owner") or "-")] if owners else []), worker,
-                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"])])
+                         str(s["calls"]), fmt_duration(s["idle_s"]), fmt_duration(now - s["created"]),
+                         _durable_cell(s)])
         lines = table(rows) if len(rows) > 1 else ["no sessions" + (f" in {result['pool']}" if result["pool"] else "")]
         return "\n".join([*lines, *_unreachable_lines(result)])
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return _unreachable_exit(result)
+
+
+def _durable_cell(s: dict[str, Any]) -> str:
+    """"no", or the size and age of the session's last checkpoint."""
+    if not s.get("durable"):
+        return "no"
+    if s.get("checkpoint_age_s") is None:
+        return "yes (no checkpoint yet)"
+    size = float(s.get("checkpoint_bytes") or 0)
+    shown = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 1024:.1f} KB"
+    return f"yes ({shown}, {fmt_duration(s['checkpoint_age_s'])} ago)"
 
 
 class SessionsClose:

@@ -9,9 +9,10 @@ supervisor.conf or on the broker's command line):
 * ``triage_pool``    -- two sessions (``triage_1``, ``triage_2``), each with its own LM and Predict,
                         placed least-loaded by the broker, so they land on two different workers;
 * ``optimizer_pool`` -- ``insights`` (ChainOfThought, rebuilt by ``dspex.Rehydrator`` after its
-                        worker is recycled) and ``gepa`` (GEPA with a metric defined in the worker;
-                        its optimized program is snapshotted with ``dump_state()`` and restored on
-                        a new session after a recycle);
+                        worker is recycled), its durable twin ``insights_durable`` (the same
+                        program; a recycle moves it with its state, no rebuild code) and ``gepa``
+                        (GEPA with a metric defined in the worker, in a durable session: its
+                        optimized program answers again after its worker is recycled);
 * ``analytics_pool`` -- numpy statistics computed in the worker.
 
 A prediction whose LM answer fails (does not parse, times out, is rate limited past its retries)
@@ -77,7 +78,6 @@ from dspex.errors import (
     DspexError,
     QueueTimeout,
     RemoteError,
-    SessionWorkerUnavailable,
     Timeout,
 )
 
@@ -227,6 +227,14 @@ class DspexLedger(BaseCallback):
         self.answered = 0
         self.failed = []
         self.retried = []  # attempts dspy retried, of calls that went on
+
+    def __getstate__(self):  # a durable session's checkpoint keeps the counts; a lock is made anew
+        return {k: v for k, v in self.__dict__.items() if k not in ("lock", "local")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+        self.local = threading.local()
 
     def _stack(self):
         stack = getattr(self.local, "stack", None)
@@ -484,8 +492,8 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
     recycles: list[dict[str, Any]] = []
     recycled: set[str] = set()  # workers this flow recycled on purpose
 
-    def open_session(pool: str) -> dspex.Session:
-        s = client.session(pool)
+    def open_session(pool: str, durable: bool = False) -> dspex.Session:
+        s = client.session(pool, durable=durable)
         opened.append(s)
         return s
 
@@ -549,20 +557,26 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
 
         insights = dspex.Rehydrator(client, OPTIMIZER_POOL, build_insights, on_rehydrate=on_rehydrate)
         rehydrators.append(insights)
-        gepa = open_session(OPTIMIZER_POOL)
+        # its durable twin: the same LM and ChainOfThought, built once; a recycle moves it, state and all
+        insights_durable = open_session(OPTIMIZER_POOL, durable=True)
+        durable_objs = build_insights(insights_durable)
+        gepa = open_session(OPTIMIZER_POOL, durable=True)
         gepa_lm = flow.new_lm(gepa, 0.2)
         gepa_program = gepa.call("dspy", "Predict", [TRIAGE_SIGNATURE])
         analytics = open_session(ANALYTICS_POOL)
         analytics.define(score_stats)  # pins it; binds the client's score_stats() in the session
 
         rows = workers_by_incarnation(client)
-        sessions = {**{n: t[0] for n, t in triage.items()}, "insights": insights.session, "gepa": gepa,
-                    "analytics": analytics}
+        sessions = {**{n: t[0] for n, t in triage.items()}, "insights": insights.session,
+                    "insights_durable": insights_durable, "gepa": gepa, "analytics": analytics}
         results["sessions"] = {}
         for name, s in sessions.items():
             pid = rows.get(s.worker, {}).get("pid")
             results["sessions"][name] = {"pool": s.pool, "session": s.id, "worker": s.worker, "pid": pid}
-            out(f"  {name:<10} {s.pool:<15} session {s.id[:8]}  worker {short(s.worker)} (pid {pid})")
+            out(f"  {name:<16} {s.pool:<15} session {s.id[:8]}  worker {short(s.worker)} (pid {pid})"
+                + ("  durable" if s.durable else ""))
+        out("  insights_durable and gepa are durable sessions: checkpointed after each call that changes them, "
+            "moved with their state when their worker goes")
         distinct = triage["triage_1"][0].worker != triage["triage_2"][0].worker
         results["triage_on_distinct_workers"] = distinct
         out("  triage_1 and triage_2 run on different workers: " + ("yes" if distinct else
@@ -605,12 +619,16 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         chosen = high or ids[:2]
         out(f"  tickets: {', '.join(chosen)}" + ("" if high else " (none predicted high: the first two)"))
         before = insights.session.worker
+        durable_before = insights_durable.worker
         if recycle:
-            out("  planned: recycle the insights session's worker, so that its next call finds it gone")
-            recycled.add(before)
-            recycled_s = recycle_and_wait(client, OPTIMIZER_POOL, before, out=out)
-            recycles.append({"step": "insights", "pool": OPTIMIZER_POOL, "worker": before,
-                             "seconds": round(recycled_s, 3)})
+            out("  planned: recycle the workers of both insights sessions, so that their next calls find them gone: "
+                "the plain one is rebuilt by dspex.Rehydrator (its rebuild code: new LM, configure, "
+                "ChainOfThought), the durable one moves with its checkpoint (no rebuild code)")
+            for gone in dict.fromkeys((before, durable_before)):
+                recycled.add(gone)
+                recycled_s = recycle_and_wait(client, OPTIMIZER_POOL, gone, out=out)
+                recycles.append({"step": "insights", "pool": OPTIMIZER_POOL, "worker": gone,
+                                 "seconds": round(recycled_s, 3)})
 
         def insight(tid: str) -> Callable[[dspex.Session, tuple[dspex.Ref, dspex.Ref]], Any]:
             def run(s: dspex.Session, objs: tuple[dspex.Ref, dspex.Ref]) -> Any:
@@ -618,6 +636,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             return run
 
         insight_rows = []
+        durable_rows: list[dict[str, Any]] = []
         retried: dict[str, Any] | None = None  # the call the Rehydrator retried, and how it went
         for tid in chosen:
             fired = rehydration["fired"]
@@ -639,7 +658,22 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
                 continue
             out(f"  {tid}: summary: {one_line(shown(row['summary']), 70)}  ({secs:.2f}s)")
             out(f"           root cause: {one_line(shown(row['root_cause']), 70)}")
+        for tid in chosen:  # the durable session: the same calls, no rebuild code
+            d_data, d_fail, d_secs = predict(insights_durable, durable_objs[1], {"ticket": TICKETS[tid][0]},
+                                             step="insights_durable", item=tid)
+            d_got = d_data or {}
+            durable_rows.append({"id": tid, "summary": str(d_got.get("summary", "") or ""),
+                                 "root_cause": str(d_got.get("root_cause", "") or ""),
+                                 "worker": insights_durable.worker, "elapsed_s": round(d_secs, 4),
+                                 "failed": d_fail.public() if d_fail else None})
+            if d_fail is not None:
+                out(f"  {tid} (durable session): {d_fail.tag()} {flow.failed_line(d_fail)[0]}")
+                continue
+            out(f"  {tid} (durable session): summary: {one_line(shown(d_got.get('summary')), 54)}  ({d_secs:.2f}s)")
         answered = [r for r in insight_rows if not r["failed"]]
+        moved = insights_durable.worker != durable_before
+        same = all(d["summary"] == r["summary"] and d["root_cause"] == r["root_cause"]
+                   for d, r in zip(durable_rows, insight_rows) if not d["failed"] and not r["failed"])
         results["insights"] = {
             "tickets": chosen, "results": insight_rows, "recycled": recycle, "worker_before": before,
             "worker_after": insights.session.worker, "rehydrated": rehydration["fired"] > 0,
@@ -647,12 +681,19 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             "warnings": rehydration["warnings"], "retried": retried,
             "retry_succeeded": None if retried is None else retried["answered"],
             "failed": len(insight_rows) - len(answered),
+            "durable": {"session": insights_durable.id, "worker_before": durable_before,
+                        "worker_after": insights_durable.worker, "moved": moved, "results": durable_rows,
+                        "failed": sum(1 for d in durable_rows if d["failed"]), "same_answers": same},
         }
         if retried is not None:
             outcome = ("the retried call answered" if retried["answered"] else
                        f"the retried call failed too: {Failure(**retried['failed']).tag()}")
             out(f"  rehydrated: worker {short(before)} -> {short(insights.session.worker)}; "
                 f"{outcome} ({retried['ticket']})")
+        if moved:
+            out(f"  durable: worker {short(durable_before)} -> {short(insights_durable.worker)}: the same LM and "
+                "ChainOfThought answered after the recycle, moved with the session's checkpoint (no rebuild code)"
+                + ("; the same answers as the rebuilt session" if same else "; answers DIFFER from the rebuilt session"))
 
         # ---------------------------------------------------------------- 4. scores + numpy
         out("\n[4] scores (0.5 category + 0.5 urgency; a failed call scores 0) and numpy statistics on analytics_pool")
@@ -679,7 +720,8 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
 
         # ---------------------------------------------------------------- 6. holdout + restore
         out("\n[6] holdout: a ticket GEPA never saw, through the baseline (triage_1) and the optimized program "
-            "(gepa); then snapshot -> " + ("recycle -> restore" if recycle else "restore on a new session"))
+            "(gepa); then " + ("its worker is recycled and the durable gepa session answers again"
+                               if recycle else "the optimized program answers again"))
         (hid, (htext, hcat, hurg)), = HOLDOUT.items()
         base, base_fail, _ = predict(triage["triage_1"][0], triage["triage_1"][2], {"ticket": htext},
                                      step="holdout", item=f"{hid} baseline")
@@ -698,39 +740,16 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
             what = (f"{Failure(**g['failed']).tag()} ({g['failed']['error']})" if g["failed"]
                     else f"{shown(g['category'])}/{shown(g['urgency'])}")
             out(f"    {label}: {what}  score {g['score']:.1f}")
-        snapshot = gepa.method(optimized, "dump_state")
-        if _has_ref(snapshot):
-            raise DspexError("the optimized program's dump_state() holds objects that are not plain data; "
-                             "it cannot be restored in another session")
-        out(f"  snapshot: dump_state() -> {len(repr(snapshot))} bytes of plain data "
-            f"({len(snapshot.get('demos', []))} demos, instructions {len(gepa_result['instructions'])} chars)")
-        # prompt inspection of the gepa session must read its LM before the worker goes away
-        gepa_history = gepa.eval(f"list(lm.history[-{HISTORY_ENTRIES}:])", {"lm": gepa_lm})
         gepa_worker = gepa.worker
         if recycle:
-            out("  planned: recycle the gepa session's worker; the snapshot is restored on a new session")
+            out("  planned: recycle the gepa session's worker; the session is durable: its next call moves it, "
+                "the optimized program with its instructions and demos, the LM and its history with it")
             recycled.add(gepa_worker)
             secs = recycle_and_wait(client, OPTIMIZER_POOL, gepa_worker, out=out)
             recycles.append({"step": "gepa", "pool": OPTIMIZER_POOL, "worker": gepa_worker, "seconds": round(secs, 3)})
-            try:
-                gepa.eval("1")
-                out("WARNING: the gepa session still answers after its worker was recycled")
-            except SessionWorkerUnavailable as err:
-                out(f"  the gepa session is gone with its worker, as planned: {err.code}")
-
-        def restore(s: dspex.Session) -> dspex.Ref:
-            flow.new_lm(s, 0.2)
-            program: dspex.Ref = s.call("dspy", "Predict", [TRIAGE_SIGNATURE])
-            s.method(program, "load_state", [snapshot])
-            return program
-
-        restored = dspex.Rehydrator(client, OPTIMIZER_POOL, restore)
-        rehydrators.append(restored)
-        again, again_fail, _ = restored.run(
-            lambda s, program: predict(s, program, {"ticket": htext}, step="holdout", item=f"{hid} restored"))
-        restored_instr = restored.run(lambda s, program: s.eval("p.signature.instructions", {"p": program}))
-        hold["restored"] = {**graded(again, again_fail), "worker": restored.session.worker,
-                            "session": restored.session.id}
+        again, again_fail, _ = predict(gepa, optimized, {"ticket": htext}, step="holdout", item=f"{hid} after the move")
+        restored_instr = gepa.eval("p.signature.instructions", {"p": optimized})
+        hold["restored"] = {**graded(again, again_fail), "worker": gepa.worker, "session": gepa.id}
         both = again_fail is None and opt_fail is None
         hold["restored_matches"] = (both and _labels(again or {}) == _labels(opt or {})
                                     and restored_instr == gepa_result["instructions"])
@@ -739,12 +758,14 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         if not both:
             verdict = "not compared: an answer failed"
         elif hold["restored_matches"]:
-            verdict = "same answer and instructions as the optimized program"
+            verdict = "same answer and instructions as before"
         else:
-            verdict = "DIFFERS from the optimized program"
+            verdict = "DIFFERS from the optimized program before"
         what = (f"{again_fail.tag()} ({again_fail.error})" if again_fail is not None
                 else f"{shown((again or {}).get('category'))}/{shown((again or {}).get('urgency'))}")
-        out(f"    restored : {what}  on worker {short(restored.session.worker)} (was {short(gepa_worker)}): {verdict}")
+        where = (f"on worker {short(gepa.worker)} (was {short(gepa_worker)}, no snapshot, no rebuild)" if recycle
+                 else f"on worker {short(gepa.worker)}")
+        out(f"    again    : {what}  {where}: {verdict}")
 
         # ---------------------------------------------------------------- 7. prompt inspection
         out(f"\n[7] prompt inspection: last {HISTORY_ENTRIES} lm.history entries per session "
@@ -752,11 +773,12 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         history: dict[str, list[dict[str, Any]]] = {}
         sources: list[tuple[str, Any]] = [
             (name, s.eval(f"list(lm.history[-{HISTORY_ENTRIES}:])", {"lm": lm})) for name, (s, lm, _) in triage.items()]
-        sources.append(("gepa", gepa_history))
+        sources.append(("gepa", gepa.eval(f"list(lm.history[-{HISTORY_ENTRIES}:])", {"lm": gepa_lm})))
         for name, entries in sources:
             rows_h = format_history(list(entries), offline=spec.offline)
             history[name] = rows_h
-            suffix = " (read before its worker was recycled)" if name == "gepa" and recycle else ""
+            suffix = " (after its worker was recycled: the history moved with the session)" if (
+                name == "gepa" and recycle) else ""
             out(f"  {name}{suffix}:")
             for r in rows_h:
                 if "unexpected" in r:
@@ -776,7 +798,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         wall = time.perf_counter() - started
         failures = flow.failures
         summary = {
-            "sessions": len(results["sessions"]) + insights.rehydrations + 1 + restored.rehydrations,
+            "sessions": len(results["sessions"]) + insights.rehydrations,
             "tickets_triaged": len(triaged), "tickets_failed": len(flow.by_step("triage")),
             "insights": len(answered), "insights_failed": len(flow.by_step("insights")),
             "rehydrations": insights.rehydrations,
@@ -794,7 +816,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         results["recycles"] = recycles
         results["summary"] = summary
         out("\n[8] summary")
-        out(f"  sessions opened: {summary['sessions']} (incl. {summary['rehydrations']} rehydrated, 1 restored), "
+        out(f"  sessions opened: {summary['sessions']} (incl. {summary['rehydrations']} rehydrated), "
             f"tickets triaged: {summary['tickets_triaged']}, insights: {summary['insights']}"
             + (f", planned recycles: {summary['recycles']}" if recycle else ""))
         out(f"  triage score: mean {summary['mean_score']:.3f}, std {summary['std_score']:.3f}")
@@ -802,6 +824,7 @@ def run_flagship(client: dspex.Client, *, model: str | None = None, api_base: st
         out(f"  GEPA: {calls if calls is not None else '-'}/{max_metric_calls} metric calls, valset "
             f"{fmt(summary['gepa_baseline'])} -> {fmt(summary['gepa_optimized'])}")
         for step, total, what in (("triage", len(triaged), "tickets"), ("insights", len(chosen), "insights"),
+                                  ("insights_durable", len(chosen), "durable insights"),
                                   ("holdout", 3, "holdout answers")):
             line = count_line(flow.by_step(step), total, what)
             if line:
@@ -848,16 +871,6 @@ def _count_types(failures: list[Failure]) -> dict[str, int]:
 
 def _labels(pred: dict[str, Any]) -> dict[str, str]:
     return {k: str(pred.get(k, "")) for k in ("category", "urgency", "action")}
-
-
-def _has_ref(value: Any) -> bool:
-    if isinstance(value, dspex.Ref):
-        return True
-    if isinstance(value, dict):
-        return any(_has_ref(k) or _has_ref(v) for k, v in value.items())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(_has_ref(v) for v in value)
-    return False
 
 
 def _quiet_close(s: dspex.Session, timeout: float) -> None:

@@ -57,6 +57,7 @@ class RecordingPort:
         self.owners: dict[bytes, str] = {}  # client id -> identity (its CURVE key)
         self.stopped: list[tuple[int, str]] = []  # processes stopped hard: (pid, host)
         self.gone: list[bytes] = []  # workers whose connection the shell may forget
+        self.jobs: list[Any] = []  # checkpoint store jobs (tests/test_core_durable.py runs them)
 
     def to_client(self, frames: list[Any]) -> None:
         self.to_clients.append([bytes(f) for f in frames])
@@ -80,6 +81,9 @@ class RecordingPort:
 
     def stop_process(self, pid: int, host: str) -> None:
         self.stopped.append((pid, host))
+
+    def store(self, job: Any) -> None:
+        self.jobs.append(job)
 
 
 class StubCore:
@@ -891,3 +895,12 @@ def test_a_silent_workers_sessions_wait_uncounted_and_come_back_with_it() -> Non
     assert core.worker_of(4) == A, "the waiting session is served where its state is"
     core.request(C, 5, "p", "called")
     assert core.outcome(C, 5) == "session_worker_unavailable", "a tombstone stays one"
+
+
+def test_a_pin_claimed_after_the_restart_grace_to_an_unknown_worker_does_not_wait() -> None:
+    core = two_workers("p:strict_queue")
+    core.advance(2.0)  # past the restart grace (heartbeat x liveness)
+    core.port.sender = C
+    header = RequestHeader("call", 5, "p", "s" * 32, "ghost-worker", 0, 0).pack()
+    core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"x")], core.t)
+    assert core.outcome(C, 5) == "session_worker_unavailable" and not core.pools["p"].awaiting

@@ -350,7 +350,7 @@ def test_a_worker_of_the_previous_wire_version_is_refused_with_a_clear_log_line(
         old.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": 1, "capacity": 1, "version": 1})])
         assert old.poll(10_000), "no answer to a v1 READY"
         assert old.recv_multipart() == [B_DISCONNECT]
-        wait_for(lambda: "speaks wire protocol version 1, this broker speaks 2" in stack.logs(),
+        wait_for(lambda: f"speaks wire protocol version 1, this broker speaks {PROTOCOL_VERSION}" in stack.logs(),
                  what="the broker's refusal in its log")
         assert len(stack.workers("p")) == 1  # only the real worker is registered, and it serves
         assert dx.session("p").eval("1 + 1") == 2

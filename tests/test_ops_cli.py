@@ -50,8 +50,20 @@ def test_owner_column_only_when_the_broker_reports_owners() -> None:
                                                                {**base, "id": "s2" * 16, "owner": None}],
                                   "unreachable": []})
     header, first, second = owned.splitlines()
-    assert header.split() == ["SESSION", "POOL", "OWNER", "WORKER", "CALLS", "IDLE", "AGE"]
+    assert header.split() == ["SESSION", "POOL", "OWNER", "WORKER", "CALLS", "IDLE", "AGE", "DURABLE"]
     assert first.split()[2] == "client-7f3a" and second.split()[2] == "-"
+
+
+def test_durable_column_says_the_checkpoints_size_and_age() -> None:
+    base = {"id": "s1" * 16, "pool": "triage_pool", "worker": "ab" * 16, "worker_alive": True, "calls": 3,
+            "idle_s": 2.0, "created": time.time() - 5}
+    rows = SessionsList().present({"pool": None, "sessions": [
+        base, {**base, "id": "s2" * 16, "durable": True, "checkpoint_bytes": 4608, "checkpoint_age_s": 3.2},
+        {**base, "id": "s3" * 16, "durable": True, "checkpoint_bytes": 0, "checkpoint_age_s": None}],
+        "unreachable": []}).splitlines()
+    assert rows[1].endswith(" no")
+    assert rows[2].endswith(" yes (4.5 KB, 0:00:03 ago)")
+    assert rows[3].endswith(" yes (no checkpoint yet)")
 
 
 @pytest.mark.parametrize("args, needle", [

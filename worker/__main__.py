@@ -8,23 +8,23 @@ import sys
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch litellm's price list
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-from dspex import config, logs  # noqa: E402
-from dspex.errors import ConfigError  # noqa: E402
-from dspex.pools import load_pools  # noqa: E402
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS  # noqa: E402
-from worker.worker import WorkerOptions, main  # noqa: E402
+from dspex import config, logs
+from dspex.errors import ConfigError
+from dspex.pools import load_pools
+from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from worker.worker import WorkerOptions, main
 
 
 def parse(argv: list[str] | None = None) -> WorkerOptions:
     p = argparse.ArgumentParser(prog="python -m worker", description="dspex worker process")
     p.add_argument("--pool", required=True, help="pool this worker serves")
     p.add_argument("--backend", default=None, help="broker backend endpoint (default: DSPEX_BACKEND or the run dir)")
-    p.add_argument("--heartbeat", type=float, default=float(os.environ.get("DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL)))
-    p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
-    p.add_argument("--ref-cap", type=int, default=int(os.environ.get("DSPEX_REF_CAP", 100_000)))
-    p.add_argument("--lm-history", type=int, default=int(os.environ.get("DSPEX_LM_HISTORY", 200)))
+    p.add_argument("--heartbeat", type=float, default=float(os.environ.get("DSPEX_HEARTBEAT", str(HEARTBEAT_INTERVAL))))
+    p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", str(HEARTBEAT_LIVENESS))))
+    p.add_argument("--ref-cap", type=int, default=int(os.environ.get("DSPEX_REF_CAP", "100000")))
+    p.add_argument("--lm-history", type=int, default=int(os.environ.get("DSPEX_LM_HISTORY", "200")))
     p.add_argument("--config", default=os.environ.get("DSPEX_CONFIG"),
                    help="supervisor.conf: the pool's [dspex:pool:NAME] section gives capacity")
     p.add_argument("--capacity", type=int, default=None,
@@ -45,7 +45,7 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
             raise ConfigError(f"{a.config} declares no [dspex:pool:{a.pool}] section")
         capacity = pools[a.pool].capacity
     if capacity is None:
-        capacity = int(os.environ.get("DSPEX_CAPACITY", 1))
+        capacity = int(os.environ.get("DSPEX_CAPACITY", "1"))
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, not {capacity}")
     backend = config.check_endpoint(a.backend or config.default_backend())

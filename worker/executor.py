@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 from dspex import codec, codestore
 from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Op, RequestHeader, Status, log_level_of
+from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
 from dspex.ref import Ref
 from worker import limits, namespace, output
+from worker.durable import DurableSessions, Restore
 from worker.dspy_settings import SessionSettings, current_session
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
 from worker.remote_errors import error_frames, remote_error
@@ -50,6 +51,7 @@ class Executor:
         self._calls: dict[tuple[bytes, int], limits._Call] = {}
         self._early_cancels: set[tuple[bytes, int]] = set()
         self.own_frames = False  # request frames come from an ipc/tcp socket: arrays decode without a copy
+        self.durable = DurableSessions(refs)
         refs.on_session_closed.append(namespace.drop_session_module)
         refs.on_session_closed.append(lambda state: state.code.release())
 
@@ -63,6 +65,7 @@ class Executor:
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
+        self.durable.history_limit = max_history
         namespace.install_getsource()  # dspy replaced inspect.getfile on import: go first again
         output.share_progress_bars()
 
@@ -90,7 +93,8 @@ class Executor:
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | LazyStream | None = None,
                 *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
-                client: bytes = b"", ephemeral: bool = False) -> list[Any]:
+                client: bytes = b"", ephemeral: bool = False, durable: int = 0, restore: Restore | None = None,
+                checkpoint: list[Any] | None = None) -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
 
         ``deadline`` (``time.monotonic()`` scale, None for none) is when the caller stops waiting:
@@ -109,9 +113,19 @@ class Executor:
         (``ephemeral``: the session keeps nothing between calls, a ``none`` pool). With
         ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
         (applied to this call, under the session's own) and keys the client forgot.
+
+        A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
+        checkpointed after the call, whatever its outcome; the checkpoint's frames go to
+        ``checkpoint`` (left empty when nothing changed). ``restore``: the session's checkpoint,
+        restored before anything else (``CheckpointRefused`` if it cannot be).
         """
         sessionless = not header.session
-        state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+        if restore is not None:
+            if restore.session != header.session:
+                raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {header.session[:8]}")
+            state = self.durable.restore(restore)
+        else:
+            state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
 
         made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
 
@@ -191,6 +205,11 @@ class Executor:
             self._calls.pop(key, None)
             if sessionless:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
+            elif durable and checkpoint is not None:
+                # after the call's time limit and output capture: a soft limit never cuts a
+                # checkpoint short; what it leaves out goes to the caller as a warning
+                sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
+                checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
 
     def _drop(self, state: SessionState, made: list[str]) -> None:
         for ref_id in made:

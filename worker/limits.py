@@ -55,8 +55,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("dspex.worker")
 
@@ -85,8 +86,8 @@ class _Call:
     timed_out: bool = False
     token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    watchdog: "Watchdog | None" = None
-    thread_state: "_ThreadState | None" = None
+    watchdog: Watchdog | None = None
+    thread_state: _ThreadState | None = None
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
@@ -253,8 +254,10 @@ class Watchdog:
     """One thread per worker: sends the soft limit at each call's deadline, the hard one after.
 
     It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
-    next limit among them, at most ``_REVIEW``. A new call wakes it only when its deadline is
-    earlier than that, so the usual call (a deadline further away) costs no thread switch.
+    next limit among them, at most ``_REVIEW`` while calls keep starting. A new call wakes it
+    only when its deadline is earlier than that, so the usual call (a deadline further away)
+    costs no thread switch; and an idle worker's watchdog (or one whose last call runs long)
+    sleeps until the next deadline, if any.
     """
 
     def __init__(self, grace: float = DEFAULT_GRACE) -> None:
@@ -264,6 +267,7 @@ class Watchdog:
         self._calls: dict[int, _Call] = {}
         self._wake_at = math.inf
         self._ids = itertools.count()
+        self._last_token = -1  # the token of the call that started last
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
         self._signal_installed = False
@@ -299,6 +303,7 @@ class Watchdog:
         return call.deadline + self.grace if call.soft_sent else call.deadline
 
     def _loop(self) -> None:
+        seen = -1  # the last call started when it last looked
         while True:
             with self._cond:
                 while True:
@@ -307,15 +312,19 @@ class Watchdog:
                     nudge = [c for c in self._calls.values() if c.signalled and not c.done and c.nudge_at <= now]
                     if due or nudge:
                         break
-                    # never longer than _REVIEW: a call that starts while it sleeps for nothing
-                    # (the last call ended) then wakes it only if its deadline is sooner than
-                    # that - a fast call ends before the woken watchdog even runs, so waking it
-                    # per call cost a thread switch and a GIL hand-off each (~10 µs of CPU)
                     self._wake_at = min(min((self._next(c) for c in self._calls.values()), default=math.inf),
                                         min((c.nudge_at for c in self._calls.values() if c.signalled),
-                                            default=math.inf),
-                                        now + _REVIEW)
-                    self._cond.wait(self._wake_at - now)
+                                            default=math.inf))
+                    if self._last_token != seen:
+                        # never longer than _REVIEW while calls come: a call that starts while it
+                        # sleeps for nothing (the last call ended) then wakes it only if its
+                        # deadline is sooner than that - a fast call ends before the woken
+                        # watchdog even runs, so waking it per call cost a thread switch and a
+                        # GIL hand-off each. Once no call has started for that long, it sleeps
+                        # until the next deadline (none: until a call with one starts).
+                        self._wake_at = min(self._wake_at, now + _REVIEW)
+                    seen = self._last_token
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
                 for c in due:
                     if c.soft_sent:
                         self._calls.pop(c.token, None)  # the hard limit acts once
@@ -334,7 +343,7 @@ class Watchdog:
                     log.error("a call ignored its soft time limit for %.1fs: hard limit", self.grace)
                     try:
                         call.on_hard()
-                    except Exception:  # noqa: BLE001 - the watchdog must survive
+                    except Exception:  # the watchdog must survive
                         log.exception("hard time limit handler failed")
 
     def cancel(self, call: _Call) -> bool:
@@ -375,7 +384,7 @@ class Watchdog:
                 _wake(call.loop)
             try:
                 _cancel_parallel_jobs(call.thread)
-            except Exception:  # noqa: BLE001 - best effort: the soft limit itself is on its way
+            except Exception:  # best effort: the soft limit itself is on its way
                 log.exception("could not cancel the call's parallel jobs")
 
 
@@ -383,7 +392,7 @@ class _Limit:
     """The block of one call under :meth:`Watchdog.limit` (a class, not a generator context
     manager: per call it saves the generator and contextlib's wrapper, ~3 µs)."""
 
-    __slots__ = ("watchdog", "deadline", "on_hard", "call", "outer", "st")
+    __slots__ = ("call", "deadline", "on_hard", "outer", "st", "watchdog")
 
     def __init__(self, watchdog: Watchdog, deadline: float | None, on_hard: Callable[[], None]) -> None:
         self.watchdog = watchdog
@@ -404,6 +413,7 @@ class _Limit:
         with wd._lock:
             wd._start()
             wd._calls[call.token] = call
+            wd._last_token = call.token
             if deadline < wd._wake_at:
                 wd._cond.notify()
         return call

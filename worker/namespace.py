@@ -29,22 +29,33 @@ _serial = itertools.count(1)
 _lock = threading.Lock()
 
 
-def session_module(state: SessionState) -> types.ModuleType:
-    """The session's module, made on first use."""
+def session_module(state: SessionState, name: str | None = None, lines: list[str] | None = None) -> types.ModuleType:
+    """The session's module, made on first use. A restored session (worker/checkpoint.py) makes
+    it under the ``name`` it had on its earlier worker, with the ``lines`` of code it ran there
+    (classes it defined keep their ``__module__``; ``inspect.getsource`` finds them)."""
     module = state.module
     if module is None:
         with _lock:
             module = state.module
             if module is None:
-                name = f"{_PREFIX}{state.id[:16]}_{next(_serial)}"
+                if name is None or name in sys.modules:
+                    name = f"{_PREFIX}{state.id[:16]}_{next(_serial)}"
                 module = types.ModuleType(name, f"dspex session {state.id[:8]}")
                 module.__file__ = f"<{name}>"
                 module.__dict__["__builtins__"] = __builtins__
                 sys.modules[name] = module
                 cloudpickle.register_pickle_by_value(module)
-                linecache.cache[module.__file__] = (0, None, [], module.__file__)
+                text = lines or []
+                linecache.cache[module.__file__] = (sum(map(len, text)), None, list(text), module.__file__)
                 state.module = module
     return module
+
+
+def session_lines(state: SessionState) -> list[str]:
+    """The code the session's module ran so far (its linecache entry)."""
+    module = state.module
+    entry = linecache.cache.get(module.__file__ or "") if module is not None else None
+    return list(entry[2]) if entry is not None and len(entry) == 4 else []
 
 
 def namespace(state: SessionState) -> dict[str, Any]:

@@ -27,7 +27,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from worker import limits
 
@@ -318,7 +319,7 @@ class capture:
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
     is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
 
-    __slots__ = ("sink", "process_wide", "_token", "_lowered")
+    __slots__ = ("_lowered", "_token", "process_wide", "sink")
 
     def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0) -> None:
         self.sink = OutputSink(tag, emit, log_level)

@@ -41,6 +41,7 @@ class SessionState:
     lm_history: list[Any] = field(default_factory=list)  # what dspy.inspect_history() shows this session
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
+    checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     last_used: float = field(default_factory=time.monotonic)
 
 
@@ -118,6 +119,8 @@ class RefTable:
             session.ref_of_object.pop(id(obj), None)
             self._count -= 1
             self._forget(ref_id, why)
+        if session.checkpoint is not None:
+            session.checkpoint.released([obj])
         return True
 
     def release_session(self, session_id: str, why: str = "its session was closed") -> int:
@@ -134,6 +137,14 @@ class RefTable:
         state.refs.clear()
         state.ref_of_object.clear()
         return n
+
+    def adopt(self, session: SessionState, gone: dict[str, str]) -> None:
+        """``session`` was restored with its refs (worker/checkpoint.py): count them, and
+        remember why the ones ``gone`` (ref id -> why) did not come."""
+        with self._lock:
+            self._count += len(session.refs)
+            for ref_id, why in gone.items():
+                self._forget(ref_id, why)
 
     def _forget(self, ref_id: str, why: str) -> None:
         self._gone[hash(ref_id)] = why

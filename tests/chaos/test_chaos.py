@@ -168,3 +168,26 @@ def test_calls_during_a_broker_outage_do_not_leak_sockets(stack: Stack) -> None:
     finally:
         dx.close()  # closes whatever leaked, inside this test
     assert grown < 30, f"{grown} fds leaked by 300 failed calls"
+
+
+def test_chaos_durable_sessions_keep_every_acknowledged_append_once(chaos_root: str) -> None:
+    """Durable sessions (issue 21) append to a list their session holds while workers and the
+    broker are SIGKILLed: every acknowledged append is there exactly once, nothing that did not
+    run is there, and a call that may have run is there wholly or not at all."""
+    from tests.harness.chaos_durable import run_durable_chaos
+
+    res, sup = run_durable_chaos(chaos_root, threads=12, duration=16.0, kill_every=1.0, broker_kill_every=6.0,
+                                 timeout=8.0, seed=7)
+    try:
+        d = res.as_dict()
+        report("durable_sessions", d)
+        assert d["worker_kills"] >= 8 and d["broker_kills"] >= 1, "the chaos did not happen"
+        assert d["sessions_read"] == d["sessions"] == 12
+        assert d["lost"] == 0, "an acknowledged append is missing"
+        assert d["duplicated"] == 0, "an append applied twice"
+        assert d["phantom"] == 0 and d["disordered"] == 0
+        assert d["did_not_run"] == {} and d["other_errors"] == {}, (d["did_not_run"], d["other_errors"])
+        assert set(d["may_have_run"]) <= {"worker_crashed", "connection_lost"}, d["may_have_run"]
+        assert d["acknowledged"] > 2_000
+    finally:
+        sup.close()

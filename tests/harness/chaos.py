@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="per-call client timeout")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: by --requests)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--durable", action="store_true",
+                   help="durable sessions appending to a session-held list (tests/harness/chaos_durable.py); "
+                        "runs --duration seconds (default 60)")
     p.add_argument("--json", default="", help="write the result here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     a = p.parse_args(argv)
@@ -402,9 +405,16 @@ def main(argv: list[str] | None = None) -> int:
           f"broker kill every ~{a.broker_kill_every or '-'}s; stack in {root}", file=sys.stderr)
     sup = None
     try:
-        res, sup = run_chaos(root, a.requests, a.sessions, a.kill_every, a.broker_kill_every, a.timeout, a.seed,
-                             a.duration, progress=lambda m: print(m, file=sys.stderr))
-        out = res.as_dict()
+        if a.durable:
+            from tests.harness.chaos_durable import run_durable_chaos
+
+            durable, sup = run_durable_chaos(root, a.sessions, a.duration or 60.0, a.kill_every, a.broker_kill_every,
+                                             a.timeout, a.seed, progress=lambda m: print(m, file=sys.stderr))
+            out = durable.as_dict()
+        else:
+            res, sup = run_chaos(root, a.requests, a.sessions, a.kill_every, a.broker_kill_every, a.timeout, a.seed,
+                                 a.duration, progress=lambda m: print(m, file=sys.stderr))
+            out = res.as_dict()
         print(json.dumps(out, indent=2))
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=2))

@@ -1,0 +1,145 @@
+"""Group ``durable``: what a durable session costs per call, how long a move takes, how big it is.
+
+``durable.call``: ``dspy.ChainOfThought("question -> answer")`` with 4 demos answered by a
+``DummyLM``, called through a durable session and through a plain one on the same capacity-1
+worker (with DSPy), in alternating blocks; each session has made 200 calls first, so its LM
+history is at the worker's bound and every call adds one entry and drops one (the steady state).
+The ratio is the median over rounds of the two neighbouring blocks' p50 ratio. Goal ≤ 1.2×.
+
+``durable.restore``: the durable session's worker is SIGKILLed; the figure is the time from the
+moment the broker has seen it go (``status``) to the session's next call answering (the broker
+loads the checkpoint, pins the session to the other worker, which restores it and runs the
+call), minus that worker's own p50 of the same call once it holds the session: the restore's
+cost. Goal ≤ 50 ms (plus the new worker's first call). How long the broker took to see the kill
+is shown beside it.
+
+``durable.bytes``: the session's checkpoint as the broker holds it (the ``sessions`` op).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import (
+    Row,
+    Stack,
+    Workspace,
+    iter_rotated,
+    median,
+    ms,
+    quantile,
+    us,
+    verdict,
+    wait_for,
+)
+
+QUESTION = "What is the capital of France?"
+TARGET = "≤ 1.2× a plain session"
+_CONFIGURE = """
+import dspy
+from dspy.utils import DummyLM
+lm = DummyLM({{{question!r}: {{"reasoning": "The capital of France is Paris.", "answer": "Paris"}}}})
+dspy.configure(lm=lm)
+cot = dspy.ChainOfThought("question -> answer")
+cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Because {{i}}.", answer=f"A{{i}}")
+                     .with_inputs("question") for i in range(4)]
+"""
+
+
+def _block(fn: Callable[[], Any], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def durable(cfg: Any) -> list[Row]:
+    rounds = cfg.n_rounds(15, 2)
+    per_block = 20 if cfg.smoke else 150
+    ws = Workspace()
+    client = None
+    try:
+        st = Stack(ws, "du")
+        st.start_broker("p:strict_queue")
+        st.start_worker("p")
+        client = st.client(timeout=60)
+        st.wait_workers("p", 1, 90, client=client)
+        calls: dict[str, Callable[[], Any]] = {}
+        sessions = {}
+        for kind in ("durable", "plain"):
+            s = client.session("p", durable=kind == "durable")
+            cot = s.exec(_CONFIGURE.format(question=QUESTION))["cot"]
+
+            def call(cot: Any = cot) -> Any:
+                out = cot(question=QUESTION)
+                if out.answer != "Paris":
+                    raise AssertionError(f"unexpected answer {out!r}")
+                return out
+
+            _block(call, 200)  # the LM history at the worker's bound (--lm-history 200)
+            calls[kind], sessions[kind] = call, s
+        lat: dict[str, list[list[float]]] = {k: [] for k in calls}
+        for r in range(rounds):
+            for kind in iter_rotated(list(calls), r):
+                lat[kind].append(_block(calls[kind], per_block))
+            cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {quantile(v[-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items()))
+        p50 = {k: median([quantile(b, 0.5) for b in blocks]) for k, blocks in lat.items()}
+        ratio = median([quantile(d, 0.5) / quantile(p, 0.5) for d, p in zip(lat["durable"], lat["plain"])])
+        (row,) = [r for r in client.sessions("p") if r["id"] == sessions["durable"].id]
+        size = int(row["checkpoint_bytes"])
+        rows = [Row("durable.call", "ChainOfThought, 4 demos, DummyLM: a durable session's call vs a plain one's",
+                    f"{us(p50['durable'])} (+{us(p50['durable'] - p50['plain'])})", f"plain {us(p50['plain'])}",
+                    f"{ratio:.2f}×", TARGET, "" if cfg.smoke else verdict(ratio <= 1.2),
+                    data={"rounds": rounds, "calls_per_block": per_block, "ratio": ratio,
+                          "p50_us": {k: v * 1e6 for k, v in p50.items()},
+                          "raw_p50_us": {k: [quantile(b, 0.5) * 1e6 for b in v] for k, v in lat.items()}})]
+        rows.append(Row("durable.bytes", "that session's checkpoint (200 LM history entries)", f"{size / 1024:.1f} KB",
+                        "", "", "(info)", "", data={"bytes": size}))
+        rows.append(_restore(cfg, st, client, sessions["durable"], calls["durable"]))
+        return rows
+    finally:
+        if client is not None:
+            client.close()
+        ws.close()
+
+
+def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) -> Row:
+    """Kill the session's worker with a second one ready; time the next call."""
+    st.start_worker("p")
+    st.wait_workers("p", 2, 90, client=client)
+    other = next(w for w in st.workers("p", client) if w["pid"] != int(s.eval("__import__('os').getpid()")))
+    # the other worker runs the same program first (a plain session: the least-loaded worker
+    # takes it), so the figure is the move, not that worker's first DSPy call
+    warmup = client.session("p")
+    warm_cot = warmup.exec(_CONFIGURE.format(question=QUESTION))["cot"]
+    if int(warmup.eval("__import__('os').getpid()")) != other["pid"]:
+        raise AssertionError("the warm-up session is not on the other worker")
+    _block(lambda: warm_cot(question=QUESTION), 20)
+    pid = int(s.eval("__import__('os').getpid()"))
+    os.kill(pid, signal.SIGKILL)
+    t_kill = time.perf_counter()
+    # a call sent before the broker saw the worker go would be WorkerCrashed (it may have run)
+    wait_for(lambda: pid not in {w["pid"] for w in st.workers("p", client)}, 10, 0.001, "the kill noticed")
+    noticed = time.perf_counter() - t_kill
+    t = time.perf_counter()
+    call()
+    moved = time.perf_counter() - t
+    if int(s.eval("__import__('os').getpid()")) != other["pid"]:
+        raise AssertionError("the session did not move to the other worker")
+    warm = median([quantile(_block(call, 50 if not cfg.smoke else 10), 0.5) for _ in range(3)])
+    cost = moved - warm
+    return Row("durable.restore", "its worker killed (-9) and gone: the session's next call, minus that call warm",
+               ms(cost), f"the call: {ms(moved)}; warm {us(warm)}; kill noticed in {ms(noticed)}", "",
+               "≤ 50 ms (+ the first call)", "" if cfg.smoke else verdict(cost <= 0.050),
+               data={"restore_ms": cost * 1e3, "first_call_ms": moved * 1e3, "warm_us": warm * 1e6,
+                     "noticed_ms": noticed * 1e3})
+
+
+ROWS = ["durable.call", "durable.bytes", "durable.restore"]

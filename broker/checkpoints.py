@@ -1,0 +1,405 @@
+"""The broker's store of durable sessions: an embedded SQLite database in its run directory.
+
+One row per durable session (its pool, owner, pinned worker, creation time, the sequence number
+and skeleton frame of its last checkpoint, the bytes it holds) and one row per blob slot
+(worker/checkpoint.py). WAL journal with ``synchronous=NORMAL``: a committed write is in the
+WAL file before ``commit`` returns, so it survives the broker's SIGKILL (not a power cut: the
+WAL is synced at checkpoints, not per commit). A broker that restarts on the same run directory
+reads :meth:`CheckpointStore.sessions` to know its durable sessions again.
+
+Bounds: a session may hold ``session_cap`` bytes, all sessions together ``total_cap``; a write
+past either is refused (:class:`OverCap`) and the session's checkpoint deleted (it goes on as a
+plain session). Closing or expiring a session deletes its rows.
+
+:class:`StoreThread` runs the store on a thread of its own so the routing loop never waits for
+the disk: jobs go in a FIFO (so a load sees every write submitted before it), writes waiting
+together share one transaction, and each finished job is handed back through
+:meth:`StoreThread.completed` after a byte on a pipe the broker polls. Small writes while the
+thread has none pending run on the broker's thread instead, all of one loop turn in one
+transaction (:meth:`StoreThread.run_here`): a checkpoint of a few KB commits in tens of µs, less
+than the thread hop; a big one never holds the routing loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("dspex.broker")
+
+_CHECKPOINT_IDLE = 1.0  # seconds without jobs before the thread copies the WAL into the database
+SESSION_CAP = 64 * 1024 * 1024
+TOTAL_CAP = 4 * 1024 * 1024 * 1024
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    skeleton BLOB,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    session TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (session, slot)
+);
+"""
+
+
+class StoreError(Exception):
+    """A write the store refused; the session's checkpoint is gone (``reason`` says why)."""
+
+
+class OverCap(StoreError):
+    """Past the per-session or the total cap."""
+
+
+class StaleCheckpoint(StoreError):
+    """Not newer than the stored one: ignored, the stored one stays."""
+
+
+@dataclass
+class SessionRow:
+    """A durable session as the store keeps it (what a restarted broker needs)."""
+
+    id: str
+    pool: str
+    owner: str
+    worker: str
+    created: float
+    updated: float
+    seq: int
+    size: int
+
+
+@dataclass
+class Write:
+    """One checkpoint of a session (worker/checkpoint.py ``Checkpoint``), as it arrived."""
+
+    session: str
+    seq: int
+    skeleton: bytes | memoryview
+    set_slots: Sequence[int]
+    blobs: Sequence[bytes | memoryview]
+    clear_slots: Sequence[int]
+    full: bool
+    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
+
+
+@dataclass
+class Stored:
+    """A session's last checkpoint, for a restore."""
+
+    seq: int
+    skeleton: bytes
+    slots: list[int]
+    blobs: list[bytes]
+
+    @property
+    def size(self) -> int:
+        return len(self.skeleton) + sum(map(len, self.blobs))
+
+
+class CheckpointStore:
+    """The SQLite database; one thread at a time (the :class:`StoreThread`'s, or a test's)."""
+
+    def __init__(self, path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TOTAL_CAP) -> None:
+        self.path = path
+        self.session_cap = session_cap
+        self.total_cap = total_cap
+        fresh = not os.path.exists(path)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if fresh:
+            os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # the WAL is copied into the database (and synced) by the store's thread, never by a
+        # commit on the routing thread (wal_checkpoint)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise StoreError(f"{path} holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # loads read on a connection of their own: WAL lets them run beside a write
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions"))
+        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions"))
+        self.total = sum(self._sizes.values())
+
+    def wal_checkpoint(self) -> None:
+        """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
+        reader or writer). The store's thread runs it when idle."""
+        self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._db.close()
+
+    # -- sessions ---------------------------------------------------------------------------
+    def sessions(self) -> list[SessionRow]:
+        rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size FROM sessions")
+        return [SessionRow(*row) for row in rows]
+
+    def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
+        """A durable session exists (before its first checkpoint: an empty state to restore)."""
+        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
+                         (session, pool, owner, worker, created, time.time()))
+        self._sizes.setdefault(session, 0)
+        self._seqs.setdefault(session, 0)
+
+    def pin(self, session: str, worker: str) -> None:
+        self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
+
+    def drop(self, session: str) -> None:
+        self._db.execute("BEGIN")
+        self._db.execute("DELETE FROM blobs WHERE session = ?", (session,))
+        self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+        self._db.execute("COMMIT")
+        self.total -= self._sizes.pop(session, 0)
+        self._seqs.pop(session, None)
+
+    def size(self, session: str) -> int:
+        return self._sizes.get(session, 0)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def apply(self, writes: Sequence[Write]) -> list[StoreError | None]:
+        """Apply ``writes`` in order, in one transaction; per write None or why it was refused
+        (then that session's checkpoint is deleted). Raises sqlite3.Error if the transaction
+        fails as a whole (nothing of it is kept)."""
+        results: list[StoreError | None] = []
+        sizes: dict[str, int] = {}  # sizes changed by this transaction, committed to self._sizes after it
+        dropped: list[str] = []
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for w in writes:
+                try:
+                    sizes[w.session] = self._apply(w, sizes)
+                    results.append(None)
+                except StaleCheckpoint as exc:
+                    results.append(exc)
+                except StoreError as exc:
+                    db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
+                    db.execute("DELETE FROM sessions WHERE id = ?", (w.session,))
+                    sizes.pop(w.session, None)
+                    dropped.append(w.session)
+                    results.append(exc)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for session in dropped:
+            self.total -= self._sizes.pop(session, 0)
+            self._seqs.pop(session, None)
+        for session, size in sizes.items():
+            self.total += size - self._sizes.get(session, 0)
+            self._sizes[session] = size
+        for w, result in zip(writes, results):
+            if result is None:
+                self._seqs[w.session] = w.seq
+        return results
+
+    def _apply(self, w: Write, pending: dict[str, int]) -> int:
+        db = self._db
+        old = pending.get(w.session, self._sizes.get(w.session))
+        seq = self._seqs.get(w.session)
+        if old is None or seq is None:
+            raise StoreError(f"session {w.session[:8]} has no durable record (closed, expired or dropped)")
+        if w.seq <= seq:
+            raise StaleCheckpoint(f"checkpoint {w.seq} of session {w.session[:8]} is not newer than the stored {seq}")
+        new = w.size
+        if new < len(w.skeleton) + sum(map(len, w.blobs)):
+            raise StoreError(f"checkpoint {w.seq} of session {w.session[:8]} says it holds {new} bytes, less than it "
+                             "carries")
+        if new > self.session_cap:
+            raise OverCap(f"its checkpoint would hold {_mb(new)}, over the per-session cap of {_mb(self.session_cap)}")
+        total = self.total + sum(pending.values()) - sum(self._sizes.get(s, 0) for s in pending)
+        if total - old + new > self.total_cap:
+            raise OverCap(f"the broker's checkpoints would hold {_mb(total - old + new)}, over their total cap of "
+                          f"{_mb(self.total_cap)}")
+        if w.full:
+            db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
+        elif w.clear_slots:
+            marks = ",".join("?" * len(w.clear_slots))
+            db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",
+                       (w.session, *w.clear_slots))
+        if w.set_slots:
+            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
+                           [(w.session, slot, blob) for slot, blob in zip(w.set_slots, w.blobs)])
+        db.execute("UPDATE sessions SET seq = ?, skeleton = ?, size = ?, updated = ? WHERE id = ?",
+                   (w.seq, w.skeleton, new, time.time(), w.session))
+        return new
+
+    def load(self, session: str) -> Stored | None:
+        """The session's last checkpoint (seq 0 and no skeleton: none yet), None if it has no
+        durable record."""
+        # (as BLOB: a value something else rewrote as text still reaches the worker, which refuses it)
+        db = self._reader
+        db.execute("BEGIN")  # one snapshot: the skeleton and the blobs of the same checkpoint
+        try:
+            row = db.execute("SELECT seq, CAST(skeleton AS BLOB) FROM sessions WHERE id = ?", (session,)).fetchone()
+            rows = db.execute("SELECT slot, CAST(data AS BLOB) FROM blobs WHERE session = ? ORDER BY slot",
+                              (session,)).fetchall() if row is not None else []
+        finally:
+            db.execute("COMMIT")
+        if row is None:
+            return None
+        return Stored(row[0], bytes(row[1] or b""), [r[0] for r in rows], [bytes(r[1]) for r in rows])
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KB"
+
+
+# -- the thread --------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """Work for the store thread. ``op``: "open", "pin", "write", "load", "drop"; ``args`` its
+    arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
+    are set by the thread."""
+
+    op: str
+    args: tuple[Any, ...]
+    tag: Any = None
+    result: Any = None
+    error: BaseException | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class StoreThread:
+    """Runs a :class:`CheckpointStore` on its own thread; the broker polls :meth:`fileno`."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._done: deque[Job] = deque()
+        # jobs that write, handed to the thread and run by it (each counter has one writer thread)
+        self._writes_submitted = 0
+        self._writes_run = 0
+        self._writes_here = 0  # run on the routing thread (run_here)
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._thread = threading.Thread(target=self._run, name="dspex-checkpoints", daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._read
+
+    @property
+    def writing(self) -> bool:
+        """The thread has writes to run: a write that does not go through it now would overtake them."""
+        return self._writes_submitted != self._writes_run
+
+    def submit(self, job: Job) -> None:
+        if job.op != "load":
+            self._writes_submitted += 1
+        self._jobs.put(job)
+
+    def run_here(self, jobs: list[Job]) -> None:
+        """Run small writes on the caller's thread, in one transaction, while the thread has no
+        write of its own to run (:attr:`writing`): no thread hop for the common case."""
+        assert not self.writing
+        self._round(jobs)
+        self._writes_here += len(jobs)
+
+    def completed(self) -> list[Job]:
+        """Jobs finished since the last call, in the order they were submitted."""
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        return out
+
+    def close(self) -> None:
+        """Finish the jobs submitted so far, then stop."""
+        self._jobs.put(None)
+        self._thread.join()
+        os.close(self._read)
+        os.close(self._write)
+        self.store.close()
+
+    def _run(self) -> None:
+        wrote = 0
+        while True:
+            try:
+                job = self._jobs.get(timeout=_CHECKPOINT_IDLE)
+            except queue.Empty:
+                if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
+                    wrote = self._writes_submitted + self._writes_here
+                    try:
+                        self.store.wal_checkpoint()
+                    except sqlite3.Error as exc:
+                        log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+                continue
+            batch: list[Job] = []
+            stop = job is None
+            if job is not None:
+                batch.append(job)
+            while not stop:  # everything already waiting joins this round (one commit for its writes)
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
+            if batch:
+                self._round(batch)
+                writes = sum(1 for job in batch if job.op != "load")
+                if writes:
+                    self._writes_run += writes
+                self._done.extend(batch)
+                try:
+                    os.write(self._write, b"\x01")
+                except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
+                    pass
+            if stop:
+                return
+
+    def _round(self, batch: list[Job]) -> None:
+        i = 0
+        while i < len(batch):
+            if batch[i].op == "write":  # consecutive writes: one transaction
+                j = i
+                while j < len(batch) and batch[j].op == "write":
+                    j += 1
+                writes = batch[i:j]
+                try:
+                    for job, result in zip(writes, self.store.apply([job.args[0] for job in writes])):
+                        job.error = result
+                except Exception as exc:  # noqa: BLE001 - a disk or database failure: every write of the round failed
+                    log.error("checkpoint store %s: %s", self.store.path, exc)
+                    for job in writes:
+                        job.error = StoreError(f"the broker's checkpoint store failed ({exc})")
+                i = j
+                continue
+            job = batch[i]
+            try:
+                job.result = getattr(self.store, job.op)(*job.args)
+            except Exception as exc:  # noqa: BLE001 - handed back to the broker with the job
+                log.error("checkpoint store %s: %s failed: %s", self.store.path, job.op, exc)
+                job.error = exc
+            i += 1

@@ -1,0 +1,203 @@
+"""The broker's checkpoint store (broker/checkpoints.py): SQLite in the run directory.
+
+Real checkpoints (worker/checkpoint.py builds of a DSPy session) go in and are restored from what
+comes out; the caps refuse and delete; a writer killed with SIGKILL in the middle of its writes
+leaves every write it had committed, and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sqlite3
+import sys
+import textwrap
+
+import pytest
+
+from broker.checkpoints import (
+    CheckpointStore,
+    Job,
+    OverCap,
+    StaleCheckpoint,
+    StoreThread,
+    Write,
+)
+from tests.harness import PY, Procs, wait_for
+
+dspy = pytest.importorskip("dspy")
+
+from tests.test_checkpoint import SID, call, typical_session
+from worker import checkpoint, checkpoint_restore
+from worker.refs import RefTable
+
+
+def write_of(ck: checkpoint.Checkpoint) -> Write:
+    return Write(ck.session, ck.seq, ck.skeleton, ck.set_slots, ck.blobs, ck.clear_slots, ck.full, ck.size)
+
+
+def stored_bytes(path: str, session: str) -> int:
+    """What the database holds for ``session``, counted by SQLite itself."""
+    with sqlite3.connect(path) as db:
+        (skeleton,) = db.execute("SELECT COALESCE(SUM(length(skeleton)), 0) FROM sessions WHERE id = ?",
+                                 (session,)).fetchone()
+        (blobs,) = db.execute("SELECT COALESCE(SUM(length(data)), 0) FROM blobs WHERE session = ?", (session,)).fetchone()
+    return int(skeleton) + int(blobs)
+
+
+def test_checkpoints_applied_in_order_load_as_the_latest_state(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "ck.sqlite")
+    store = CheckpointStore(path)
+    store.open(SID, "triage", "", "w1", 1.0)
+    _, state, refs = typical_session()
+    tracker = checkpoint.Tracker(SID)
+    cot = state.refs[refs["cot"].id]
+    for i in range(5):
+        call(state, cot, f"q{i}")
+        del state.lm_history[:-3]
+        ck, _ = tracker.build(state)
+        assert ck is not None
+        assert store.apply([write_of(ck)]) == [None]
+        assert store.size(SID) == ck.size == stored_bytes(path, SID)
+    store.close()
+
+    store = CheckpointStore(path)  # a restarted broker
+    (row,) = store.sessions()
+    assert (row.id, row.pool, row.worker, row.seq) == (SID, "triage", "w1", tracker.seq)
+    held = store.load(SID)
+    assert held is not None and held.seq == tracker.seq and held.size == row.size == store.total
+    new = RefTable("triage", "w2").session(SID)
+    checkpoint_restore.restore(new, held.skeleton, held.slots, held.blobs, held.seq)
+    assert [e["uuid"] for e in new.lm_history] == [e["uuid"] for e in state.lm_history]
+    assert call(new, new.refs[refs["cot"].id], "next").answer == "answer 8"
+    store.drop(SID)
+    assert store.sessions() == [] and store.load(SID) is None and store.total == 0
+    assert stored_bytes(path, SID) == 0
+
+
+def test_a_session_over_its_cap_is_refused_and_dropped_and_others_keep_theirs(short_tmp: str) -> None:
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"), session_cap=50_000)
+    _, state, _refs = typical_session()
+    for sid in ("a" * 32, "b" * 32):
+        store.open(sid, "p", "", "w1", 1.0)
+    small = checkpoint.Tracker("a" * 32)
+    state.id = "a" * 32
+    ck, _ = small.build(state)
+    assert ck is not None and store.apply([write_of(ck)]) == [None]
+    state.id = "b" * 32
+    state.refs["big"] = os.urandom(60_000)
+    big, _ = checkpoint.Tracker("b" * 32).build(state)
+    assert big is not None
+    (refused,) = store.apply([write_of(big)])
+    assert isinstance(refused, OverCap) and "over the per-session cap of 48.8 KB" in str(refused)
+    assert store.load("b" * 32) is None and [r.id for r in store.sessions()] == ["a" * 32]
+    assert store.total == store.size("a" * 32) > 0
+
+
+def test_the_total_cap_refuses_the_write_that_crosses_it(short_tmp: str) -> None:
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"), total_cap=30_000)
+    results = []
+    for n in range(3):
+        sid = f"{n}" * 32
+        store.open(sid, "p", "", "w1", 1.0)
+        state = RefTable("p", "w1").session(sid)
+        state.refs["data"] = os.urandom(12_000)
+        ck, _ = checkpoint.Tracker(sid).build(state)
+        assert ck is not None
+        results.extend(store.apply([write_of(ck)]))
+    assert results[:2] == [None, None] and isinstance(results[2], OverCap) and "total cap" in str(results[2])
+    assert len(store.sessions()) == 2 and store.total <= 30_000
+
+
+def test_a_stale_checkpoint_is_ignored_and_the_stored_one_stays(short_tmp: str) -> None:
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    store.open(SID, "p", "", "w1", 1.0)
+    state = RefTable("p", "w1").session(SID)
+    state.refs["x"] = [1]
+    tracker = checkpoint.Tracker(SID)
+    first, _ = tracker.build(state)
+    state.refs["x"] = [2]
+    second, _ = tracker.build(state)
+    assert first is not None and second is not None
+    assert store.apply([write_of(second)]) == [None]
+    (stale,) = store.apply([write_of(first)])
+    assert isinstance(stale, StaleCheckpoint)
+    held = store.load(SID)
+    assert held is not None and held.seq == second.seq
+
+
+def test_store_thread_keeps_order_groups_writes_and_wakes_the_poller(short_tmp: str) -> None:
+    thread = StoreThread(CheckpointStore(os.path.join(short_tmp, "ck.sqlite")))
+    try:
+        state = RefTable("p", "w1").session(SID)
+        tracker = checkpoint.Tracker(SID)
+        jobs = [Job("open", (SID, "p", "", "w1", 1.0))]
+        for i in range(20):
+            state.refs["n"] = i
+            ck, _ = tracker.build(state)
+            assert ck is not None
+            jobs.append(Job("write", (write_of(ck),), tag=i))
+        jobs.append(Job("load", (SID,)))
+        for job in jobs:
+            thread.submit(job)
+        done: list[Job] = []
+
+        def finished() -> bool:
+            if select.select([thread.fileno()], [], [], 0.05)[0]:
+                done.extend(thread.completed())
+            return len(done) == len(jobs)
+
+        wait_for(finished, what="the store thread's jobs")
+        assert done == jobs and all(job.error is None for job in done)
+        loaded = done[-1].result
+        assert loaded is not None and loaded.seq == tracker.seq  # the load saw every write before it
+        restored = RefTable("p", "w2").session(SID)
+        checkpoint_restore.restore(restored, loaded.skeleton, loaded.slots, loaded.blobs, loaded.seq)
+        assert restored.refs["n"] == 19
+    finally:
+        thread.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from broker.checkpoints import CheckpointStore, Write
+    store = CheckpointStore(sys.argv[1])
+    store.open("s" * 32, "p", "", "w1", 1.0)
+    n = 0
+    while True:
+        n += 1
+        blob = bytes([n % 256]) * 20000
+        held = min(n, 7) * 20000 + len(b"skeleton %d" % n)
+        store.apply([Write("s" * 32, n, b"skeleton %d" % n, [n % 7], [blob], [], False, held)])
+        print(n, flush=True)  # committed: this is what the broker would acknowledge
+""")
+
+
+def test_every_committed_write_survives_a_sigkill_of_the_writer(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "ck.sqlite")
+    procs = Procs(short_tmp)
+    try:
+        proc = procs.spawn([PY, "-c", WRITER, path], "writer.log")
+        log = os.path.join(short_tmp, "writer.log")
+
+        def acknowledged() -> int:
+            with open(log) as f:
+                lines = [line for line in f.read().split("\n") if line.strip().isdigit()]
+            return int(lines[-1]) if lines else 0
+
+        wait_for(lambda: acknowledged() > 200, timeout=60, what="200 committed writes")
+        procs.kill(proc)
+        last = acknowledged()
+    finally:
+        procs.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    store = CheckpointStore(path)
+    held = store.load("s" * 32)
+    assert held is not None and held.seq >= last  # nothing acknowledged is lost
+    assert held.skeleton == b"skeleton %d" % held.seq  # the latest write, whole
+    assert sorted(held.slots) == sorted({n % 7 for n in range(1, held.seq + 1)})
+    newest = {n % 7: n for n in range(1, held.seq + 1)}
+    assert all(blob == bytes([newest[s] % 256]) * 20000 for s, blob in zip(held.slots, held.blobs))
+    assert store.size("s" * 32) == stored_bytes(path, "s" * 32)
+    print(f"writer killed after {last} acknowledged writes; the store holds {held.seq}", file=sys.stderr)

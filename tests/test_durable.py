@@ -1,0 +1,167 @@
+"""Durable sessions through real processes: a broker, workers with DSPy, a client (issue 21).
+
+The session's program is a ChainOfThought with 4 demos answered by a ``DummyLM`` holding a list
+of answers that it hands out in order: the answer a call gets after a move proves the session
+still talks to its own LM, and that the LM went on from where it was (a rebuilt LM would start
+again at answer 0).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import warnings
+from typing import Any
+
+import pytest
+
+import dspex
+from tests.harness import Stack, wait_for
+
+pytest.importorskip("dspy")
+pytestmark = pytest.mark.timeout(120)
+
+ANSWERS = [{"reasoning": f"step {i}", "answer": f"answer {i}"} for i in range(50)]
+SETUP = """
+import dspy
+from dspy.utils import DummyLM
+lm = DummyLM(answers)
+dspy.configure(lm=lm)
+cot = dspy.ChainOfThought("question -> answer")
+cot.predict.demos = [dspy.Example(question=f"q{i}", reasoning=f"r{i}", answer=f"a{i}").with_inputs("question")
+                     for i in range(4)]
+"""
+
+
+def typical(s: dspex.Session, n: int = 50) -> dict[str, dspex.Ref]:
+    """The session's program: its LM (``n`` answers) and ChainOfThought as refs."""
+    answers = ANSWERS if n == len(ANSWERS) else [{"reasoning": f"step {i}", "answer": f"answer {i}"} for i in range(n)]
+    made = s.exec(SETUP, {"answers": answers})
+    return {"lm": made["lm"], "cot": made["cot"]}
+
+
+def ask(s: dspex.Session, cot: dspex.Ref, question: str) -> str:
+    return str(s.method(cot, "__call__", kwargs={"question": question}).answer)
+
+
+def state_of(s: dspex.Session, refs: dict[str, dspex.Ref]) -> dict[str, Any]:
+    """What the session holds, read through the same refs."""
+    return s.eval("{'demos': [d.toDict() for d in cot.predict.demos], 'instructions': cot.predict.signature.instructions,"
+                  " 'fields': list(cot.predict.signature.fields), 'history': len(lm.history),"
+                  " 'same_lm': dspy.settings.lm is lm, 'pid': __import__('os').getpid()}",
+                  {"cot": refs["cot"], "lm": refs["lm"]})
+
+
+def pid_of(s: dspex.Session) -> int:
+    return int(s.eval("__import__('os').getpid()"))
+
+
+def gone(dx: dspex.Client, pool: str, pid: int) -> None:
+    """Until the broker has seen worker ``pid`` go (a call sent before that races the kill and may
+    get WorkerCrashed, as any call in flight when its worker dies)."""
+    wait_for(lambda: pid not in {w["pid"] for w in dx.status()["pools"][pool]["workers"]}, what=f"worker {pid} gone")
+
+
+def test_kill_9_of_the_pinned_worker_moves_the_session_with_its_state(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2)
+    s = dx.session("p", durable=True)
+    refs = typical(s)
+    assert ask(s, refs["cot"], "first") == "answer 0"
+    before = state_of(s, refs)
+    stack.kill(before["pid"])
+    gone(dx, "p", before["pid"])
+    assert ask(s, refs["cot"], "second") == "answer 1"  # its own LM, moved on by one answer
+    after = state_of(s, refs)
+    assert after["pid"] != before["pid"]
+    assert {k: v for k, v in after.items() if k != "pid"} == {**{k: v for k, v in before.items() if k != "pid"},
+                                                               "history": 2}
+    assert after["same_lm"] and len(after["demos"]) == 4
+    (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
+    assert row["durable"] and row["checkpoint_bytes"] > 0 and row["checkpoint_age_s"] is not None
+
+
+def test_an_object_that_cannot_be_durable_is_named_when_it_enters_and_gone_after_a_move(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2)
+    s = dx.session("p", durable=True)
+    kept = s.put({"plain": [1, 2, 3]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lock = s.call("threading", "Lock")
+    said = [str(w.message) for w in caught if issubclass(w.category, dspex.NotDurableWarning)]
+    assert len(said) == 1 and f"ref {lock.id[:8]} (_thread.lock) is not durable" in said[0], said
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    assert s.eval("x['plain']", {"x": kept}) == [1, 2, 3]
+    with pytest.raises(dspex.RefNotFound, match=r"not durable \(TypeError: cannot pickle '_thread.lock' object\)"):
+        s.eval("x.locked()", {"x": lock})
+
+
+def test_a_session_over_its_checkpoint_cap_gets_a_clear_error_and_stays_usable(stack: Stack) -> None:
+    stack.start_broker("p:strict_queue", extra=["--checkpoint-cap", "0.1"])
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    dx = stack.client()
+    s = dx.session("p", durable=True)
+    small = s.put([1, 2, 3])
+    with pytest.raises(dspex.SessionNotDurable, match="over the per-session cap of 102.4 KB") as info:
+        s.put(os.urandom(200_000))
+    assert info.value.details["ran"] is True
+    assert s.eval("x + [4]", {"x": small}) == [1, 2, 3, 4]  # a plain session now
+    (row,) = dx.sessions("p")
+    assert row["durable"] is False
+
+
+def test_a_corrupt_checkpoint_is_refused_the_session_reported_lost_and_nothing_crashes(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    other = dx.session("p", durable=True)
+    s.put([1, 2, 3])
+    other.put("fine")
+    pid = pid_of(s)
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    with sqlite3.connect(path) as db:  # the disk under the broker rots: one byte of the state flips
+        (skeleton,) = db.execute("SELECT skeleton FROM sessions WHERE id = ?", (s.id,)).fetchone()
+        rotten = skeleton[:-3] + bytes([skeleton[-3] ^ 0x40]) + skeleton[-2:]
+        db.execute("UPDATE sessions SET skeleton = ? WHERE id = ?", (rotten, s.id))
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    with pytest.raises(dspex.CheckpointRefused, match="is corrupt") as info:
+        s.eval("1")
+    assert info.value.details["session"] == s.id
+    with pytest.raises(dspex.CheckpointRefused):
+        s.eval("1")  # lost, from now on
+    assert other.eval("1 + 1") == 2  # the broker and the worker go on
+    assert len(stack.workers("p")) == 1 and stack.broker is not None and stack.broker.poll() is None
+    fresh = dx.session("p", durable=True)
+    assert fresh.eval("2 + 2") == 4
+
+
+def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_checkpoint(stack: Stack) -> None:
+    import asyncio
+
+    stack.pool("p:strict_queue", 2, "--no-dspy")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+
+    def stored() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=30) as dx:
+            s = dx.session("p", durable=True)
+            box = await s.put({"n": 1})
+            await s.exec("counter = 41")
+            pid = int(await s.eval("__import__('os').getpid()"))
+            assert s.id in stored()
+            stack.kill(pid)
+            async with asyncio.timeout(15):
+                while pid in {w["pid"] for w in (await dx.status())["pools"]["p"]["workers"]}:
+                    await asyncio.sleep(0.01)  # (as gone(): the broker has seen the kill)
+            assert await s.eval("counter + 1") == 42  # moved, with its namespace
+            assert await s.eval("b['n']", {"b": box}) == 1  # and the same ref
+            assert int(await s.eval("__import__('os').getpid()")) != pid
+            await s.close()
+        assert s.id not in stored()
+
+    asyncio.run(main())

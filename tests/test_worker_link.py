@@ -1,0 +1,195 @@
+"""The worker's link to the broker, seen from the broker's side: a real worker process against a
+ROUTER socket this test drives (the goodbye handshake of both exits, re-registration with
+backoff), and a real broker for what the goodbye means to callers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+import dspex
+from dspex import codec
+from dspex.errors import error_from_wire
+from dspex.protocol import (
+    B_BYE,
+    B_HEARTBEAT,
+    B_REREGISTER,
+    GOODBYE_ABANDONED,
+    PROTOCOL_VERSION,
+    W_DISCONNECT,
+    W_DRAIN,
+    W_HEARTBEAT,
+    W_READY,
+    W_REPLY,
+    RequestHeader,
+    pack_request_envelope,
+    unpack_reply_envelope,
+)
+from tests.harness import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+STUBBORN = textwrap.dedent("""
+    import time
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+""")
+
+
+class FakeBroker:
+    """The broker's end of the backend, driven by the test."""
+
+    def __init__(self, stack: Stack) -> None:
+        os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
+        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(stack.backend)
+        self.worker = b""
+
+    def recv(self, timeout: float = 15.0) -> list[bytes]:
+        """The worker's next message that is not a heartbeat."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sock.poll(int(left * 1000)), "the worker sent nothing"
+            self.worker, *frames = self.sock.recv_multipart()
+            if frames[0] != W_HEARTBEAT:
+                return frames
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart([self.worker, *frames])
+
+    def request(self, req_id: int, session: str, op: str, body: Any, call_ms: int = 0) -> None:
+        header = RequestHeader(op, req_id, "p", session, "", call_ms).pack()
+        self.send(pack_request_envelope(b"client", call_ms, 0), header, *codec.encode(body))
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+@pytest.fixture
+def broker(stack: Stack) -> Any:
+    fake = FakeBroker(stack)
+    yield fake
+    fake.close()
+
+
+def _log(stack: Stack) -> str:
+    return Path(stack.root, "worker-p.log").read_text()
+
+
+@pytest.mark.parametrize("ack", [True, False], ids=["acknowledged", "unacknowledged"])
+def test_a_stopping_worker_drains_says_goodbye_and_waits_for_the_ack(stack: Stack, broker: FakeBroker,
+                                                                   ack: bool) -> None:
+    stack.heartbeat = 5.0  # no heartbeat expiry while the test holds the acknowledgement back
+    proc = stack.start_worker("p", "--no-dspy")
+    ready = broker.recv()
+    assert ready[0] == W_READY and msgpack.unpackb(ready[1])["version"] == PROTOCOL_VERSION
+    proc.send_signal(signal.SIGTERM)
+    assert broker.recv() == [W_DRAIN]
+    assert broker.recv() == [W_DISCONNECT]  # every call it started is answered: a plain goodbye
+    if ack:
+        broker.send(B_BYE)
+    assert proc.wait(timeout=10) == 0
+    # without the acknowledgement it waited its full second for it, and says so
+    assert ("did not acknowledge our goodbye within 1s" in _log(stack)) is not ack
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_hard_time_limit_replies_then_says_goodbye_and_waits_for_the_ack(stack: Stack, broker: FakeBroker,
+                                                                         capacity: int) -> None:
+    """The call's ``Timeout(hard=True)`` goes out first, then the goodbye, which says
+    ``abandoned`` when other calls still run (capacity 2: a sleep of another session); the worker
+    exits (3) on the broker's ``B_BYE``, not on anything else."""
+    stack.heartbeat = 5.0
+    stack.env["DSPEX_HARD_GRACE"] = "0.5"
+    proc = stack.start_worker("p", "--no-dspy", "--capacity", str(capacity))
+    assert broker.recv()[0] == W_READY
+    if capacity == 2:
+        broker.request(1, "other", "call", ["time", "sleep", [60], {}])
+    broker.request(2, "stubborn", "exec", [STUBBORN], call_ms=300)
+    reply = broker.recv()
+    ok, req_id, client = unpack_reply_envelope(reply[0])
+    assert reply[0][:1] == W_REPLY and (ok, req_id, client) == (False, 2, b"client")
+    err = error_from_wire(msgpack.unpackb(reply[2]))
+    assert isinstance(err, dspex.Timeout) and err.details.get("hard") is True
+    goodbye = broker.recv()
+    assert goodbye == ([W_DISCONNECT] if capacity == 1 else [W_DISCONNECT, GOODBYE_ABANDONED])
+    assert proc.poll() is None, "the worker exited before the broker acknowledged its goodbye"
+    broker.send(B_HEARTBEAT)  # not the acknowledgement: the worker keeps waiting for B_BYE
+    broker.send(B_REREGISTER)
+    broker.send(B_BYE)
+    assert proc.wait(timeout=10) == 3
+    assert "did not acknowledge our goodbye" not in _log(stack)
+
+
+def test_a_silent_broker_gets_a_new_connection_and_ready_with_backoff(stack: Stack, broker: FakeBroker) -> None:
+    """A broker that says nothing for heartbeat × liveness is given up on: a fresh socket under
+    the same identity and READY, after twice the wait each time; a broker that talks again keeps
+    the connection, and one that asks for READY (``B_REREGISTER``) gets it."""
+    stack.heartbeat, stack.liveness = 0.2, 2  # silent for 0.4 s: a new socket
+    proc = stack.start_worker("p", "--no-dspy")
+    assert broker.recv()[0] == W_READY
+    identity = broker.worker
+    readies = [time.monotonic()]
+    for _ in range(4):
+        assert broker.recv()[0] == W_READY and broker.worker == identity
+        readies.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(readies)]
+    # the silence limit, then a backoff that doubles: 0.4, 0.4, 0.8, 1.6 s between READYs
+    assert gaps[3] > 2 * gaps[0], gaps
+    assert _log(stack).count("broker silent; new socket and READY") >= 4
+    # a broker that heartbeats keeps the connection (the retry under way when it began aside)
+    retries = _log(stack).count("broker silent")
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        broker.send(B_HEARTBEAT)
+        while broker.sock.poll(100):
+            broker.sock.recv_multipart()
+    assert _log(stack).count("broker silent") <= retries + 1
+    broker.send(B_REREGISTER)
+    assert broker.recv()[0] == W_READY
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+def test_the_other_calls_of_a_worker_leaving_at_a_hard_limit_get_worker_crashed(stack: Stack) -> None:
+    """Through a real broker: a capacity-2 worker leaves at one call's hard time limit while
+    another session's call runs on it. That call may have run: ``WorkerCrashed``, never a
+    did-not-run error; the broker counts a recycle, not a crash."""
+    stack.env["DSPEX_HARD_GRACE"] = "0.5"
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "2")
+    sleeper, stubborn = dx.session("p"), dx.session("p")
+    errors: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            sleeper.call("time", "sleep", [60], timeout=30)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=sleep)
+    t.start()
+    wait_for(lambda: stack.workers("p")[0]["inflight"] == 1, what="the sleep to run")
+    with pytest.raises(dspex.Timeout) as info:
+        stubborn.exec(STUBBORN, timeout=0.3)
+    assert info.value.details.get("hard") is True
+    t.join(10)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], dspex.WorkerCrashed), errors
+    events = dx.status()["events"]
+    assert [e["why"] for e in events if e["event"] == "recycle"] == ["was recycled at a call's hard time limit"]
+    assert not [e for e in events if e["event"] == "crash"]

@@ -1,0 +1,361 @@
+"""The worker's link to the broker: the only owner of its DEALER socket.
+
+It connects and announces the worker (READY), heartbeats both ways PPP-style, notices a silent
+broker and reconnects with backoff under the same identity, names a refused CURVE key at once
+(a socket monitor), and carries frames in and out: every message other than its own heartbeats
+and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
+whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
+wait for the broker's ``B_BYE``.
+
+Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
+barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's file descriptor
+(``zmq.FD``), so another thread can send meanwhile. That descriptor is edge-triggered: a thread
+that used the socket while not the reader checks ``zmq.EVENTS`` afterwards and wakes the reader
+if a message waits. The reader is the thread that runs :meth:`Link.read` (the worker's main
+thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.back` bracket
+that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
+as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
+Nothing polls: every wait ends at the next heartbeat or liveness deadline, or when woken, and
+the worker's heartbeat goes out in the same wake-up as the broker's arrives.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import zmq
+from zmq.backend import Socket as _ZmqBase
+from zmq.utils.monitor import parse_monitor_message
+
+from dspex import config
+from dspex.protocol import (
+    B_BYE,
+    B_HEARTBEAT,
+    B_REREGISTER,
+    GOODBYE_ABANDONED,
+    W_DISCONNECT,
+    W_HEARTBEAT,
+    W_READY,
+)
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from worker.standin import StandIn, Waker
+
+log = logging.getLogger("dspex.worker")
+
+_get_opt = cast("Callable[[Any, int], int]", _ZmqBase.get)  # the Cython getsockopt (int option, no sugar)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# After the broker's heartbeat our timer is set this fraction of an interval late, so the
+# broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
+# between two of ours is then 1.75 intervals, within a liveness of 2 or more.
+_ANSWER_SLACK = 0.25
+_SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
+
+Frames = list[Any]
+
+
+class Link:
+    """One worker incarnation's connection to the broker.
+
+    ``ready`` and ``stats`` make the READY and heartbeat payloads; ``deliver(command, frames)``
+    gets every other message from the broker (called holding the socket: it must not send);
+    ``on_beat(now)`` runs at each heartbeat, outside the socket's lock.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
+                 heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
+                 curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
+                 deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
+                 grace: float) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.identity = identity
+        self.max_message = max_message
+        self._curve = (curve_server_key, curve_keypair)
+        self._ready = ready
+        self._stats = stats
+        self._deliver = deliver
+        self._on_beat = on_beat
+        self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
+        self._sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self._fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
+        self._handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
+        self._interval = heartbeat_interval
+        self._silence_limit = heartbeat_interval * heartbeat_liveness
+        now = time.monotonic()
+        self._next_beat = now + heartbeat_interval
+        self._last_beat = now  # READY went out (counts as one)
+        self._deadline = now + self._silence_limit  # broker liveness
+        self._backoff = self._silence_limit
+        self._beat_due = False  # a heartbeat went out: on_beat runs once the lock is let go
+        self._sent = False  # _tick sent something
+        self._outbox: collections.deque[Frames] = collections.deque()  # control messages for the next turn
+        self._left = False  # the goodbye is said: nothing is sent any more
+        self._reader = 0  # the thread that runs read()
+        self._waker = Waker()  # wakes the reader
+        self.standin = StandIn(self._stand_in_turn, grace)
+
+    # -- the reader (the worker's main thread) --------------------------------------------------
+    def connect(self) -> None:
+        """The first socket and READY; from the thread that will run :meth:`read`."""
+        self._reader = threading.get_ident()
+        with self._lock:
+            self._new_socket()
+        self.standin.start()
+
+    def read(self) -> bool:
+        """Handle what the broker sent and the timers that are due; if nothing arrived, wait
+        until something may have (a message, :meth:`wake`, the next timer). True if it read."""
+        with self._lock:
+            left = self._left
+            if not left:
+                got = self._drain()
+                timeout = self._tick(time.monotonic())
+                fds = self._fds
+                if self._sent:  # a send may have taken the fd's edge: look again before waiting
+                    got = self._drain() or got
+        if left:  # a hard time limit said goodbye from the watchdog: the process ends now
+            self._waker.wait((), None)
+            return False
+        self._after_tick()
+        if not got:
+            self._waker.wait(fds, timeout)
+        return got
+
+    def away(self) -> None:
+        """The reader is about to run user code: the stand-in reads if that takes long."""
+        self.standin.away()
+
+    def back(self) -> None:
+        """The reader is back from user code and reads again."""
+        self.standin.back()
+
+    def urgent(self) -> None:
+        """What arrives must be read at once, even while the reader runs user code (a stream's
+        credit and cancels)."""
+        self.standin.urgent()
+
+    def wake(self) -> None:
+        """Wake the reader (any thread, or a signal handler)."""
+        self._waker.poke()
+
+    def say_soon(self, frames: Frames) -> None:
+        """Send a control message at the next turn of whichever thread reads (safe in a signal
+        handler: takes no lock)."""
+        self._outbox.append(frames)
+        self._waker.poke()
+        self.standin.poke()
+
+    # -- any thread -----------------------------------------------------------------------------
+    def send(self, frames: Frames) -> None:
+        """Send a reply (bounded by SNDTIMEO: a broker gone for good must not wedge us)."""
+        with self._lock:
+            if self._left:
+                return
+            sock = self._sock
+            assert sock is not None
+            try:
+                send_frames(sock, frames)
+            except zmq.Again:
+                log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
+            # a send may take the edge of the socket's fd that a reader waiting on it needs (a
+            # reader's own sends are followed by its drain)
+            engaged = self.standin.engaged
+            if (engaged or threading.get_ident() != self._reader) and _get_opt(sock, _EVENTS) & _POLLIN:
+                (self.standin if engaged else self._waker).poke()
+
+    def leave(self, last: Frames | None = None, *, abandoned: bool = False, timeout: float = 1.0) -> None:
+        """The goodbye: send ``last`` (a reply), then ``W_DISCONNECT`` (with ``abandoned``: calls
+        this worker started are still running, they may have run), and wait up to ``timeout``
+        for the broker's ``B_BYE``. A process that exits right after close() can lose what zmq has
+        not written yet (nothing terminates the context): waiting for the acknowledgement means
+        a clean stop is never taken for a crash. A broker that is gone costs ``timeout``.
+        Nothing is sent after this."""
+        self.standin.stop()
+        with self._lock:
+            if self._left:
+                return
+            self._left = True
+            sock = self._sock
+            assert sock is not None
+            if last is not None:
+                send_frames(sock, last)
+            while self._outbox:  # said soon (W_DRAIN): before the goodbye
+                self._send_control(self._outbox.popleft())
+            sock.setsockopt(zmq.LINGER, 1000)
+            try:
+                sock.send_multipart([W_DISCONNECT, GOODBYE_ABANDONED] if abandoned else [W_DISCONNECT], zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("could not say goodbye: the broker has taken nothing from us for long")
+                return
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                # anything but the acknowledgement (a request sent before the broker read our
+                # goodbye) is handed back by the broker
+                if sock.poll(int(left * 1000) + 1) and recv_frames(sock, NOBLOCK)[0].bytes == B_BYE:
+                    return
+            log.warning("the broker did not acknowledge our goodbye within %gs (is it gone?)", timeout)
+
+    def close(self) -> None:
+        self.standin.stop()
+        self.standin.join(5)
+        with self._lock:
+            self._left = True
+            self._close_monitor()
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+        self._waker.close()
+
+    # -- the stand-in's turn: it reads while the reader runs user code -------------------------
+    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+        with self._lock:
+            if self._left:
+                return (), math.inf
+            self._drain()
+            timeout = self._tick(time.monotonic())
+            fds = self._fds
+            if self._sent:  # as in read()
+                self._drain()
+        self._after_tick()
+        return fds, timeout
+
+    # -- holding the lock -------------------------------------------------------------------------
+    def _drain(self) -> bool:
+        sock = self._sock
+        assert sock is not None
+        got = False
+        while _get_opt(sock, _EVENTS) & _POLLIN:
+            frames = recv_frames(sock, NOBLOCK)
+            got = True
+            now = time.monotonic()
+            self._deadline = now + self._silence_limit
+            self._backoff = self._silence_limit
+            command = frames[0].bytes
+            if command == B_HEARTBEAT:
+                # the broker's heartbeats pace ours: ours goes out in this wake-up (unless one
+                # went out less than half an interval ago), and our timer moves to just after
+                # the broker's next one, so one wake-up serves both
+                if now - self._last_beat >= self._interval / 2:
+                    self._beat(now)
+                self._next_beat = now + self._interval * (1 + _ANSWER_SLACK)
+                continue
+            if command == B_REREGISTER:
+                self._send_control([W_READY, self._ready()])
+                continue
+            self._deliver(command, frames)
+        return got
+
+    def _tick(self, now: float) -> float:
+        """The timers: heartbeat, the broker's liveness, handshake failures, control messages
+        said soon. Returns the seconds to the next timer; ``_sent`` says whether it sent (then
+        the socket is drained again before waiting on it: a send may take its fd's edge)."""
+        self._sent = False
+        while self._outbox:
+            self._send_control(self._outbox.popleft())
+        if now >= self._next_beat:
+            self._beat(now)
+        if self._monitor is not None:
+            self._watch_handshake()
+        if now >= self._deadline:
+            # The broker is gone, restarted without hearing from us, or zmq gave up on our
+            # connection (it never reconnects after a protocol error such as a frame over
+            # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
+            # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
+            # heartbeats drop one within the same silence limit. Back off during a long outage.
+            if self._handshake:  # not silence: the broker will not talk to us with these keys
+                log.error("%s; new socket and READY (next try in %.1fs)", self._handshake, self._backoff)
+            else:
+                log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
+            self._renew_socket()
+            self._deadline = now + self._backoff
+            self._backoff = min(self._backoff * 2, 30.0)
+        return max(0.0, min(self._next_beat, self._deadline) - now)
+
+    def _beat(self, now: float) -> None:
+        self._send_control([W_HEARTBEAT, self._stats()])
+        self._last_beat = now
+        self._next_beat = now + self._interval
+        self._beat_due = True
+
+    def _after_tick(self) -> None:
+        if self._beat_due:
+            self._beat_due = False
+            self._on_beat(time.monotonic())
+
+    def _watch_handshake(self) -> None:
+        """Name a refused key or a wrong server key at once (once per reason), instead of
+        waiting silently for a broker that will never answer."""
+        monitor = self._monitor
+        assert monitor is not None
+        while _get_opt(monitor, _EVENTS) & _POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake = ""
+                continue
+            why = config.handshake_failure(event["event"], "worker", True)
+            if why and why != self._handshake:
+                self._handshake = why
+                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+
+    def _send_control(self, frames: Frames) -> None:
+        """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
+        fills, and a blocking send would wedge the worker (holding the lock) until it returns."""
+        assert self._sock is not None
+        self._sent = True
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _renew_socket(self) -> None:
+        self._close_monitor()
+        assert self._sock is not None
+        self._sock.close(0)
+        self._new_socket()
+        # a thread waiting on the old socket's fd would not see the new one's messages
+        self._waker.poke()
+        self.standin.poke()
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None and self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
+
+    def _new_socket(self) -> None:
+        server_key, keypair = self._curve
+        sock, self._monitor = _dealer(self.ctx, self.backend, self.identity, self.max_message, server_key, keypair)
+        sock.send_multipart([W_READY, self._ready()])
+        self._sock = sock
+        self._fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
+
+
+def _dealer(ctx: zmq.Context[Any], backend: str, identity: str, max_message: int, server_key: bytes | None,
+            keypair: tuple[bytes, bytes] | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
+    """A DEALER connected to ``backend`` under ``identity``, and with CURVE its handshake monitor."""
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    config.tune_socket(sock, max_message=max_message)
+    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+    monitor = None
+    if server_key is not None:
+        public, secret = keypair or zmq.curve_keypair()
+        sock.curve_serverkey = server_key
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | config.HANDSHAKE_EVENTS)
+    sock.connect(backend)
+    return sock, monitor

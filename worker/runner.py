@@ -1,0 +1,255 @@
+"""The worker's runner: requests in, replies out, ``capacity`` at a time.
+
+A capacity-1 worker runs each request on the thread that hands it over (the main thread: a
+soft time limit reaches it as a signal, and a call's DSPy settings and output capture hold for
+the threads it starts); a capacity-N worker runs them on N pool threads. Either way there is one
+reply path: the thread that made a reply, a stream item or an output event sends it itself
+through ``send`` (the link's), with no hop to another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import msgpack
+import zmq
+
+from dspex import logs
+from dspex.errors import (
+    Cancelled,
+    CheckpointRefused,
+    DspexError,
+    InternalError,
+    MessageTooLarge,
+    QueueTimeout,
+    RemoteError,
+    Timeout,
+    UsageError,
+)
+from dspex.protocol import (
+    FLAG_ITEMS,
+    FLAG_OUTPUT,
+    FLAG_STREAM,
+    STREAM_WINDOW,
+    W_CHECKPOINT,
+    W_PARTIAL,
+    W_REPLY,
+    Durable,
+    RequestHeader,
+    SessionMode,
+    Status,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
+)
+from worker.durable import DurableSessions, split_restore
+from worker.executor import Executor, StreamControl, error_frames
+from worker.limits import CallTimedOut
+from worker.sessions import SessionBook
+from worker.streaming import LazyStream
+
+log = logging.getLogger("dspex.worker")
+
+Frames = list[Any]
+Request = tuple[float, list[zmq.Frame]]  # its arrival time (its budget counts from it) and its frames
+
+
+class Runner:
+    """Runs requests with the executor and sends their replies.
+
+    ``urgent``: a stream opened, so the socket must be read at once (its credit and cancels).
+    ``leave``: a call ignored its hard time limit; it gets the call's reply and whether calls
+    other than that one were running, says goodbye and ends the process. ``idle``: a pooled call
+    ended (the loop may be waiting for the last one before its goodbye).
+    """
+
+    def __init__(self, executor: Executor, book: SessionBook, send: Callable[[Frames], None], *, pool: str,
+                 incarnation: str, capacity: int, max_message: int, hard_grace: float,
+                 urgent: Callable[[], None], leave: Callable[[Frames, bool], None],
+                 idle: Callable[[], None]) -> None:
+        self.executor = executor
+        self.book = book
+        self.pool_name = pool
+        self.incarnation = incarnation
+        self.capacity = capacity
+        self.max_message = max_message
+        self.hard_grace = hard_grace
+        self._send = send
+        self._urgent = urgent
+        self._leave = leave
+        self._idle = idle
+        self._lock = threading.Lock()  # guards the counts below
+        self.running = 0  # calls executing now (READY and heartbeats report it to the broker)
+        self.active = 0  # calls handed to the pool and not finished
+        self._streams: dict[tuple[bytes, int], StreamControl] = {}
+        self._streams_lock = threading.Lock()
+        self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
+        self._threads: ThreadPoolExecutor | None = None
+        if capacity > 1:
+            self._threads = ThreadPoolExecutor(capacity, thread_name_prefix="dspex-call")
+
+    @property
+    def inline(self) -> bool:
+        """Requests run on the thread that hands them over (capacity 1)."""
+        return self._threads is None
+
+    def dspy_logs_adopted(self) -> None:
+        self._dspy_logs = True
+
+    def start(self, request: Request) -> None:
+        """Run ``request`` here (capacity 1) or on a free pool thread."""
+        if self._threads is None:
+            self._handle(request)
+            return
+        with self._lock:
+            self.active += 1
+        self._threads.submit(self._run_pooled, request)
+
+    def shutdown(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def _run_pooled(self, request: Request) -> None:
+        try:
+            self._handle(request)
+        finally:
+            with self._lock:
+                self.active -= 1
+            self._idle()
+
+    def _handle(self, request: Request) -> None:
+        """``request``: its arrival time and ``[request envelope, request header, *payload]`` (the
+        envelope was checked on arrival); each is parsed once, here."""
+        arrived, frames = request
+        head = unpack_request_envelope(frames[0].bytes)
+        client = head.client
+        req_id = 0
+        header: RequestHeader | None = None
+        stream: StreamControl | LazyStream | None = None
+        send = self._send
+        with self._lock:
+            self.running += 1
+        session = ""
+        checkpoint: list[Any] = []  # a durable session's checkpoint: sent before the reply
+        try:
+            restore, frames = split_restore(frames) if head.durable & Durable.RESTORE else (None, frames)
+            header = unpack_request_header(frames[1].buffer)
+            req_id = header.req_id
+            session = header.session
+            self.book.call_started(session)
+            call_ms, queue_ms = head.call_ms, head.queue_ms
+            if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
+                raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
+                                   pool=self.pool_name)
+            deadline = arrived + call_ms / 1000 if call_ms else None
+            if header.flags & FLAG_STREAM:
+                stream = self._open_stream(client, req_id, header.timeout_ms, send,
+                                           bool(header.flags & FLAG_ITEMS))
+            elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
+                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
+            reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
+                                          on_hard=partial(self._hard_timeout, client, header), client=client,
+                                          ephemeral=head.session_mode == SessionMode.EPHEMERAL,
+                                          durable=head.durable & (Durable.CHECKPOINT | Durable.FULL), restore=restore,
+                                          checkpoint=checkpoint)
+            status = Status.OK.value
+            size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
+            if size > self.max_message:
+                raise MessageTooLarge(f"result is {size} bytes, over the limit of {self.max_message}")
+            self.executor.served += 1
+        except DspexError as err:
+            self.executor.errors += 1
+            reply, status = error_frames(err), Status.ERROR.value
+            if isinstance(err, CheckpointRefused):
+                checkpoint = DurableSessions.refused_frames(err)  # the broker marks the session lost
+            self._log_failure(header, req_id, isinstance(stream, StreamControl), err)
+        except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
+            log.exception("internal error handling request")
+            self.executor.errors += 1
+            reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), Status.ERROR.value
+        finally:
+            if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
+                with self._streams_lock:
+                    self._streams.pop((client, req_id), None)
+            self.book.call_ended(session, head.session_ttl_s, head.session_mode == SessionMode.EPHEMERAL)
+            with self._lock:
+                self.running -= 1
+            if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
+                self._dspy_logs = True
+                logs.adopt("dspy")
+        # a durable call's checkpoint and its reply: one message, the checkpoint first
+        send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
+              pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+
+    @staticmethod
+    def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:
+        """One line per failed call: the caller's error has the details, the log says it happened."""
+        session, op = (header.session[:8] or "-", header.op) if header is not None else ("-", "?")
+        routine = isinstance(err, (RemoteError, UsageError, Cancelled))  # the caller's code, request or choice
+        message = err.message if len(err.message) <= 300 else err.message[:300] + "..."
+        log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
+                "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
+
+    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
+                     send: Callable[[Frames], None], items: bool) -> StreamControl:
+        heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.pool_name)
+                 for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
+
+        first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+
+        def emit(kind: str, frames: Frames) -> None:
+            send([first, heads[kind], *frames])
+
+        # a consumer that stops acknowledging for this long has gone away: stop producing
+        stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
+        control = StreamControl(emit, STREAM_WINDOW, stall, items)
+        self._urgent()  # a stream needs its credit and cancels read at once
+        with self._streams_lock:
+            self._streams[(client, req_id)] = control
+        return control
+
+    def _hard_timeout(self, client: bytes, header: RequestHeader) -> None:
+        """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
+
+        The caller gets a typed ``Timeout(hard=True)`` and the session's next call
+        ``SessionWorkerUnavailable``; calls of other sessions still running here may have run.
+        """
+        err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
+                      f"{self.hard_grace:g}s; its worker was recycled (the session's objects are lost)",
+                      op=header.op, stopped=True, hard=True)
+        head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
+        log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
+                  header.session[:8])
+        self._leave([pack_reply_envelope(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)],
+                    self.running > 1)
+
+    # -- stream credit and cancels, from the broker ------------------------------------------
+    def stream_control(self, cancel: bool, frames: list[zmq.Frame]) -> None:
+        try:
+            req_id, n = msgpack.unpackb(frames[2].buffer)
+            key = (frames[1].bytes, int(req_id))
+        except Exception:  # noqa: BLE001 - whatever malformed bytes raise
+            log.warning("malformed stream control from broker")
+            return
+        self._control(cancel, key, n)
+
+    def _control(self, cancel: bool, key: tuple[bytes, int], n: Any) -> None:
+        with self._streams_lock:
+            control = self._streams.get(key)
+        if cancel:
+            # a stream waiting for credit to send its next item stops there; one computing an item,
+            # and any other call, is interrupted (worker.limits)
+            if control is not None and not control.cancel():
+                return
+            if not self.executor.cancel(key):
+                log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
+        elif control is not None:
+            control.add_credit(int(n))
