@@ -45,6 +45,12 @@ dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
 """
 _SESSIONS = 100
 _CLIENTS = 4
+_PROGRAM: Any = None  # the Predict that ``_run_predict`` calls: a global of the client's script, sent by value
+
+
+def _run_predict(question: str) -> Any:
+    """What ``s.run`` runs: the user's own function (this script is ``__main__``: sent by value)."""
+    return _PROGRAM(question=question)
 
 
 def _median(values: list[float]) -> float:
@@ -260,7 +266,9 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     import dspex
     import dspex.aio
 
+    global _PROGRAM
     progs = {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
+    _PROGRAM = progs["predict"]
     where: dict[str, Any] = {"endpoints": {"p": endpoint, "*": endpoint + ".nobody"}} if routed else {
         "endpoint": endpoint}
     client = dspex.connect(timeout=60, **where)
@@ -299,30 +307,40 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
         n = int(cmd["n"])
         lat_n: list[float] = []
         lat_c: list[float] = []
+        c0 = time.process_time()
         for _ in range(n):
             t = time.perf_counter()
             s.call("builtins", "len", [[]])
             lat_n.append(time.perf_counter() - t)
+        noop_cpu = (time.process_time() - c0) / n
         for _ in range(n):
             t = time.perf_counter()
             client.call("builtins", "len", [[]], pool="p")
             lat_c.append(time.perf_counter() - t)
-        lat_s, lat_l = [], []
+        lat_s, lat_l, lat_r = [], [], []
+        c0 = time.process_time()
         for _ in range(n):
             t = time.perf_counter()
             ref(question=QUESTION)
             lat_s.append(time.perf_counter() - t)
+        ref_cpu = (time.process_time() - c0) / n
+        for _ in range(n):
+            t = time.perf_counter()
+            s.run(_run_predict, QUESTION)
+            lat_r.append(time.perf_counter() - t)
         with dspy.context(lm=lm):
             for _ in range(n):
                 t = time.perf_counter()
                 progs["predict"](question=QUESTION)
                 lat_l.append(time.perf_counter() - t)
         calls, cpu = loop.run_until_complete(aio(float(cmd["seconds"])))
-        p50_s, p50_l = _median(lat_s), _median(lat_l)
+        p50_s, p50_l, p50_r = _median(lat_s), _median(lat_l), _median(lat_r)
         return {"noop_session_p50_us": _median(lat_n) * 1e6, "noop_sessionless_p50_us": _median(lat_c) * 1e6,
                 "seq_session_p50_us": p50_s * 1e6, "seq_inprocess_p50_us": p50_l * 1e6,
-                "seq_session_vs_inprocess": p50_s / p50_l, "aio_calls_per_s": calls / float(cmd["seconds"]),
-                "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(n + calls)}
+                "seq_session_vs_inprocess": p50_s / p50_l, "run_p50_us": p50_r * 1e6, "run_vs_inprocess": p50_r / p50_l,
+                "noop_client_cpu_us": noop_cpu * 1e6, "ref_client_cpu_us": ref_cpu * 1e6,
+                "aio_calls_per_s": calls / float(cmd["seconds"]),
+                "aio_driver_us_per_call": cpu / calls * 1e6, "calls": float(4 * n + calls)}
 
     def close() -> None:
         loop.run_until_complete(ac.close())
