@@ -37,7 +37,11 @@ from dspex.errors import (
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.routing import Router, ServerKey, open_client
 from dspex.sendcache import SendCache
+from dspex.zmqfast import EVENTS as _EVENTS_OPT
+from dspex.zmqfast import POLLIN as _POLLIN
+from dspex.zmqfast import get_opt as _get_opt
 from dspex.zmqfast import recv_frames, send_frames
+from dspex.zmqfast import zmq_poll as _zmq_poll
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
 
@@ -59,7 +63,7 @@ class _CancelRequested(Exception):
 class _Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("broken", "curve", "ids", "monitor", "poller", "refused", "sock")
+    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock")
 
     def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -68,11 +72,10 @@ class _Channel:
         # A lost connection fails the requests waiting on it at once (typed ConnectionLost)
         # instead of leaving them to time out: the broker that had them is gone.
         self.monitor = monitor
-        self.poller = zmq.Poller()
-        self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poll_items = [(sock, _POLLIN), (monitor, _POLLIN)]  # for zmq_poll, without the Poller's sugar
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
+        self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
@@ -80,7 +83,7 @@ class _Channel:
         while True:
             # ZMQ_EVENTS first: nothing pending (every call's case) costs one getsockopt instead
             # of a failed NOBLOCK recv and the zmq.Again it raises
-            if not cast(int, self.monitor.get(zmq.EVENTS)) & zmq.POLLIN:
+            if not _get_opt(self.monitor, _EVENTS_OPT) & _POLLIN:
                 return why
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
@@ -214,7 +217,10 @@ class Client(ClientAPI[Session]):
         that times out queued nothing (zmq takes a message whole or not at all): the socket
         stays usable."""
         try:
-            ch.sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)) if timeout > 0 else -1)
+            ms = max(1, int(timeout * 1000)) if timeout > 0 else -1
+            if ms != ch.sndtimeo:  # the same for most requests: one setsockopt less per call
+                ch.sock.setsockopt(zmq.SNDTIMEO, ms)
+                ch.sndtimeo = ms
             send_frames(ch.sock, frames, copy=len(frames) <= 2)
         except zmq.Again:
             raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
@@ -230,17 +236,17 @@ class Client(ClientAPI[Session]):
         """The next reply frame set for ``req_id``: (status, worker, body frames). A cancel_all()
         after the request started (``cancels``: the count then) ends the wait with
         :class:`_CancelRequested`."""
-        sock = ch.sock
+        sock, items = ch.sock, ch.poll_items
         while True:
             remaining = deadline - time.monotonic()
             try:
                 wait_ms = min(int(remaining * 1000) + 1, CANCEL_CHECK_MS)
-                events = dict(ch.poller.poll(wait_ms)) if remaining > 0 else {}
+                events = _zmq_poll(items, wait_ms) if remaining > 0 else ()
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
-            if sock not in events:
-                why = ch.disconnected() if ch.monitor in events else ""
+            if not events or events[0][0] is not sock:  # the socket comes first when both have events
+                why = ch.disconnected() if events else ""
                 if why:
                     ch.broken = True
                     if ch.refused:

@@ -9,15 +9,23 @@ same way, ``copy=False`` frames), about half the CPU (bench: docs/benchmarks.md)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import zmq
 from zmq.backend import Socket as _Base
+from zmq.backend import zmq_poll as _zmq_poll
 
 _send = _Base.send
 _recv = _Base.recv
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+get_opt = cast("Callable[[Any, int], int]", _Base.get)  # the Cython getsockopt (int option, no sugar)
+# zmq_poll([(socket or fd, events), ...], timeout_ms) -> [(socket or fd, revents), ...] in the
+# order given, only those with events (zmq.Poller.poll without its sugar)
+zmq_poll = cast("Callable[[Sequence[tuple[Any, int]], int], list[tuple[Any, int]]]", _zmq_poll)
 
 
 def send_frames(sock: Any, parts: Sequence[Any], flags: int = 0, copy: bool = False) -> None:
