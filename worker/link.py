@@ -27,10 +27,9 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import zmq
-from zmq.backend import Socket as _ZmqBase
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex import config
@@ -43,14 +42,14 @@ from dspex.protocol import (
     W_HEARTBEAT,
     W_READY,
 )
+from dspex.zmqfast import EVENTS as _EVENTS
 from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from dspex.zmqfast import POLLIN as _POLLIN
+from dspex.zmqfast import get_opt as _get_opt
 from worker.standin import StandIn, Waker
 
 log = logging.getLogger("dspex.worker")
 
-_get_opt = cast("Callable[[Any, int], int]", _ZmqBase.get)  # the Cython getsockopt (int option, no sugar)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 # After the broker's heartbeat our timer is set this fraction of an interval late, so the
 # broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
 # between two of ours is then 1.75 intervals, within a liveness of 2 or more.

@@ -60,6 +60,12 @@ log = logging.getLogger("dspex.worker")
 
 Frames = list[Any]
 Request = tuple[float, list[zmq.Frame]]  # its arrival time (its budget counts from it) and its frames
+# plain ints and strs of the enums read per request (an IntFlag's & builds a new member each time)
+_RESTORE = int(Durable.RESTORE)
+_CHECKPOINTED = int(Durable.CHECKPOINT | Durable.FULL)
+_EPHEMERAL = int(SessionMode.EPHEMERAL)
+_OK = Status.OK.value
+_ERROR = Status.ERROR.value
 
 
 class Runner:
@@ -140,7 +146,7 @@ class Runner:
         session = ""
         checkpoint: list[Any] = []  # a durable session's checkpoint: sent before the reply
         try:
-            restore, frames = split_restore(frames) if head.durable & Durable.RESTORE else (None, frames)
+            restore, frames = split_restore(frames) if head.durable & _RESTORE else (None, frames)
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
             session = header.session
@@ -157,29 +163,30 @@ class Runner:
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header), client=client,
-                                          ephemeral=head.session_mode == SessionMode.EPHEMERAL,
-                                          durable=head.durable & (Durable.CHECKPOINT | Durable.FULL), restore=restore,
+                                          ephemeral=head.session_mode == _EPHEMERAL,
+                                          durable=head.durable & _CHECKPOINTED, restore=restore,
                                           checkpoint=checkpoint)
-            status = Status.OK.value
-            size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
+            status = _OK
+            size = len(reply[0]) if len(reply) == 1 and type(reply[0]) is bytes else \
+                sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
             if size > self.max_message:
                 raise MessageTooLarge(f"result is {size} bytes, over the limit of {self.max_message}")
             self.executor.served += 1
         except DspexError as err:
             self.executor.errors += 1
-            reply, status = error_frames(err), Status.ERROR.value
+            reply, status = error_frames(err), _ERROR
             if isinstance(err, CheckpointRefused):
                 checkpoint = DurableSessions.refused_frames(err)  # the broker marks the session lost
             self._log_failure(header, req_id, isinstance(stream, StreamControl), err)
         except (Exception, CallTimedOut) as exc:  # a bug of ours must not kill the worker
             log.exception("internal error handling request")
             self.executor.errors += 1
-            reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), Status.ERROR.value
+            reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), _ERROR
         finally:
             if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
                 with self._streams_lock:
                     self._streams.pop((client, req_id), None)
-            self.book.call_ended(session, head.session_ttl_s, head.session_mode == SessionMode.EPHEMERAL)
+            self.book.call_ended(session, head.session_ttl_s, head.session_mode == _EPHEMERAL)
             with self._lock:
                 self.running -= 1
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
