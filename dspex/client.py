@@ -37,11 +37,7 @@ from dspex.errors import (
 from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.routing import Router, ServerKey, open_client
 from dspex.sendcache import SendCache
-from dspex.zmqfast import EVENTS as _EVENTS_OPT
-from dspex.zmqfast import POLLIN as _POLLIN
-from dspex.zmqfast import get_opt as _get_opt
-from dspex.zmqfast import recv_frames, send_frames
-from dspex.zmqfast import zmq_poll as _zmq_poll
+from dspex.zmqfast import EVENTS, POLLIN, get_opt, recv_frames, send_frames, zmq_poll
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
 
@@ -53,7 +49,7 @@ CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thre
 
 T = TypeVar("T")
 Callback = Callable[[Any], None]
-_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
+_EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 
 
 class _CancelRequested(Exception):
@@ -69,10 +65,8 @@ class _Channel:
         self.sock = sock
         self.curve = sock.mechanism == zmq.CURVE
         self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
-        # A lost connection fails the requests waiting on it at once (typed ConnectionLost)
-        # instead of leaving them to time out: the broker that had them is gone.
-        self.monitor = monitor
-        self.poll_items = [(sock, _POLLIN), (monitor, _POLLIN)]  # for zmq_poll, without the Poller's sugar
+        self.monitor = monitor  # a lost connection fails its waiting requests at once (ConnectionLost)
+        self.poll_items = [(sock, POLLIN), (monitor, POLLIN)]  # for zmq_poll, without the Poller's sugar
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
         self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
@@ -81,9 +75,8 @@ class _Channel:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
         why = ""
         while True:
-            # ZMQ_EVENTS first: nothing pending (every call's case) costs one getsockopt instead
-            # of a failed NOBLOCK recv and the zmq.Again it raises
-            if not _get_opt(self.monitor, _EVENTS_OPT) & _POLLIN:
+            # asking first: nothing pending (every call's case) costs less than a raised zmq.Again
+            if not get_opt(self.monitor, EVENTS) & POLLIN:
                 return why
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
@@ -132,8 +125,8 @@ class Client(ClientAPI[Session]):
         self._ctx.term()
 
     def cancel_all(self) -> None:
-        """(See :meth:`ClientAPI.cancel_all`.) From any thread: a signal handler, the thread that
-        waits on ``submit`` futures; each request notices within ``CANCEL_CHECK_MS``."""
+        """(:meth:`ClientAPI.cancel_all`.) From any thread (a signal handler, the thread that waits
+        on ``submit`` futures); each request notices within ``CANCEL_CHECK_MS``."""
         with self._lock:
             self._cancels += 1
 
@@ -174,9 +167,8 @@ class Client(ClientAPI[Session]):
                     raise self._closed_error()
                 ch = self._idle.pop() if self._idle else None
             if ch is None:
-                # shortly after a drop, skip the probe: across a broker restart the request waits
-                # in the new socket for the broker to come back (within its timeout) instead of
-                # failing at once; otherwise nothing listening is BrokerUnreachable at once
+                # shortly after a drop, no probe: across a broker restart the request waits in the
+                # new socket for the broker (within its timeout); else nobody listening fails at once
                 return self._new_channel(probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
             if not ch.broken and not ch.disconnected():
                 return ch
@@ -213,9 +205,8 @@ class Client(ClientAPI[Session]):
 
     # -- the request/reply loop (its meaning is dspex.core.Exchange) -------------------------
     def _send(self, ch: _Channel, frames: list[Any], timeout: float) -> None:
-        """Send within ``timeout`` (a broker that stops reading must not hang the caller). A send
-        that times out queued nothing (zmq takes a message whole or not at all): the socket
-        stays usable."""
+        """Send within ``timeout`` (a broker that stops reading must not hang the caller); one that
+        times out queued nothing (zmq takes a message whole or not at all)."""
         try:
             ms = max(1, int(timeout * 1000)) if timeout > 0 else -1
             if ms != ch.sndtimeo:  # the same for most requests: one setsockopt less per call
@@ -233,15 +224,14 @@ class Client(ClientAPI[Session]):
 
     def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange,
               cancels: int) -> tuple[str, str, list[Any]]:
-        """The next reply frame set for ``req_id``: (status, worker, body frames). A cancel_all()
-        after the request started (``cancels``: the count then) ends the wait with
-        :class:`_CancelRequested`."""
+        """The next reply of ``req_id``: (status, worker, body frames); a cancel_all() since the
+        request started (``cancels``: the count then) ends the wait (:class:`_CancelRequested`)."""
         sock, items = ch.sock, ch.poll_items
         while True:
             remaining = deadline - time.monotonic()
             try:
                 wait_ms = min(int(remaining * 1000) + 1, CANCEL_CHECK_MS)
-                events = _zmq_poll(items, wait_ms) if remaining > 0 else ()
+                events = zmq_poll(items, wait_ms) if remaining > 0 else ()
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
@@ -271,9 +261,8 @@ class Client(ClientAPI[Session]):
                 timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
                 on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
                 forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
-        """Send one request and wait for its reply (see :meth:`ClientAPI.request`). Ctrl-C (or any
-        other exception) while it waits stops the request on the worker (``cancel``) before the
-        exception propagates."""
+        """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
+        while it waits cancels the request on the worker before it propagates."""
         if self._closed:
             raise self._closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
@@ -297,7 +286,7 @@ class Client(ClientAPI[Session]):
             deadline = time.monotonic() + ex.wait
             while True:
                 reply = self._recv(ch, req_id, deadline, ex, cancels)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in _EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     sending = True
@@ -318,14 +307,11 @@ class Client(ClientAPI[Session]):
     @staticmethod
     def _abandon(ch: _Channel, ex: Exchange, req_id: int, cut: bool) -> None:
         """The caller stopped waiting (Ctrl-C, an error, a stream left early) for a request that is
-        out and not over: stop it as an asyncio cancel does (the broker drops it if still queued,
-        its worker interrupts it if running), without waiting for anything; its late replies are
-        skipped by request id. An interrupt that ``cut`` a send in two leaves half a message in the
-        socket: it is closed instead (a cancel would be glued to that half), and the broker
-        cancels what a closed connection had."""
+        out and not over: cancel it as asyncio does, waiting for nothing (late replies are skipped
+        by request id). An interrupt that ``cut`` a send in two leaves half a message in the socket:
+        it is closed instead, and the broker cancels what a closed connection had."""
         if cut:
-            ch.broken = True
-            return
+            ch.broken = True  # and so nothing is sent
         if ch.broken or ex.op not in WORKER_OPS:
             return
         try:
@@ -367,24 +353,19 @@ class Client(ClientAPI[Session]):
 
 
 class Stream:
-    """Items of an iterable result on a worker, as they are produced.
+    """Items of an iterable result on a worker, as they are produced, on the thread that started it.
 
-    Iterate it on the thread that started it. Items arrive with credit-based flow control: the
-    worker runs at most ``STREAM_WINDOW`` items ahead of this consumer. A consumer that stops
-    before the end stops the producer on the worker: ``close()`` (or leaving a ``with`` block)
-    cancels it and waits for its end; an exception or Ctrl-C inside ``next()``, and garbage
-    collection (``break`` out of a loop over it, an exception in the loop body) cancel it without
-    waiting. Progress events sent during the stream are collected in ``progress`` (and passed to
-    ``on_progress`` when given); ``result`` holds the final summary (``{"items": n}``) once the
-    stream ended. The stream holds its own socket until it ends.
+    The worker runs at most ``STREAM_WINDOW`` items ahead of this consumer (credit). A consumer
+    that stops early stops the producer: ``close()`` (or leaving a ``with`` block) cancels it and
+    waits for its end; an exception or Ctrl-C inside ``next()`` and garbage collection (``break``,
+    an exception in the loop body) cancel it without waiting. Progress events are collected in
+    ``progress`` (and passed to ``on_progress``); ``result`` is the final summary
+    (``{"items": n}``) once it ended. It holds its own socket until it ends.
     """
 
     def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
-        self._client = client
+        self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
         self._ch: _Channel | None = ch
-        self._req_id = req_id
-        self._ex = ex
-        self._worker = worker
         self._cancels = cancels  # the client's cancel_all() count when the stream started
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
@@ -413,7 +394,7 @@ class Stream:
         try:
             while True:
                 reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in _EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
                 except CodeCacheMiss as miss:
@@ -506,12 +487,12 @@ def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
             client_settings: bool = True) -> Client:
     """A blocking client of the broker at ``endpoint``, or of the brokers of ``endpoints`` (pool ->
     endpoint, ``"*"`` for every other pool), else of ``DSPEX_ENDPOINTS``, ``DSPEX_ENDPOINT`` or
-    the default ipc path (:func:`dspex.config.broker_map`). One broker gives a :class:`Client`,
-    several a :class:`RoutedClient`; ``curve_server_key`` may then map endpoints to their keys.
+    the default ipc path (:func:`dspex.config.broker_map`): a :class:`Client`, or a
+    :class:`RoutedClient` of several brokers (``curve_server_key`` may map endpoints to keys).
     The other options are :class:`dspex.api.ClientAPI`'s."""
-    client: Client = open_client(Client, RoutedClient, endpoint, endpoints, timeout,
-                                 curve_server_key=curve_server_key, curve_keypair=curve_keypair,
-                                 forward_output=forward_output, client_settings=client_settings)
+    client: Client = open_client(Client, RoutedClient, endpoint, endpoints, timeout, curve_server_key=curve_server_key,
+                                 curve_keypair=curve_keypair, forward_output=forward_output,
+                                 client_settings=client_settings)
     return client
 
 

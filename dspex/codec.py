@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -49,10 +49,10 @@ class Policy(str, enum.Enum):
 # deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
 MAX_WALK_DEPTH = 400
 
-Frame = Union[bytes, memoryview, zmq.Frame]
+Frame = bytes | memoryview | zmq.Frame
 ToRef = Callable[[object], Ref]
 ResolveRef = Callable[[Ref], object]
-Buffers = list[Union[bytes, memoryview]]
+Buffers = list[bytes | memoryview]
 
 
 class _Tag:
@@ -138,7 +138,7 @@ class _Encoder:
                 data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
             except EncodeError:
                 raise  # names what it is already (a session's unpicklable global)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever pickling user objects raises
                 raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
                                   type=_type_name(obj)) from None
         else:
@@ -337,17 +337,15 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
     enc = _Encoder(policy, buffers, to_ref, sender)
-    body: bytes
     try:
-        body = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
+        body: bytes = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
         return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
     if buffers is not None:
         buffers.clear()
     enc.restart()
-    clean = _sanitize(obj, enc, root, names)
-    body = msgpack.Packer(strict_types=True, default=enc.convert).pack(clean)
+    body = msgpack.Packer(strict_types=True, default=enc.convert).pack(_sanitize(obj, enc, root, names))
     return body
 
 
@@ -441,13 +439,13 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
         blob, sources = parts["pickle"], parts.get("sources") or {}
         if not isinstance(blob, bytes) or not isinstance(sources, dict):
             raise TypeError("wrong field types")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever malformed bytes raise
         raise ProtocolError(f"malformed by-value object: {exc}") from None
     try:
         return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
     except DspexError:
         raise  # a code cache miss: the client sends the request again in full
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling runs the sender's code
         missing = _missing_module(exc)
         if missing is not None:
             raise missing from None
@@ -481,11 +479,10 @@ def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, ow
            side: str = "client") -> object:
     """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs.
 
-    ``own_frames``: the ``zmq.Frame`` objects among ``frames`` were received from an ipc/tcp socket,
-    so their memory belongs to this message alone and arrays may be views of it (no copy of a
-    large array). Not for inproc, where a frame can share the sender's (even immutable) memory.
-    ``side`` (``"client"`` or ``"worker"``) is where this runs: a module missing here is a
-    :class:`MissingModule` that says where to install it.
+    ``own_frames``: the ``zmq.Frame`` objects among ``frames`` came from an ipc/tcp socket, so their
+    memory is this message's alone and arrays may be views of it (no copy); not for inproc, where
+    a frame can share the sender's (even immutable) memory. ``side`` (``"client"``/``"worker"``)
+    is where this runs: a module missing here is a :class:`MissingModule` saying where to install it.
     """
     if not frames:
         raise ProtocolError("empty message")
