@@ -40,7 +40,7 @@ from dspex import config
 from dspex.errors import ConfigError
 from dspex.pools import PoolConfig
 from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from dspex.zmqfast import EVENTS, NOBLOCK, POLLIN, get_opt, recv_frames, send_frames
+from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
 
@@ -351,8 +351,6 @@ class Broker:
                 publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
-        """Handle what waits on ``sock``, at most a batch; asking whether more waits is a third of
-        a failed read's raised ``zmq.Again``."""
         for _ in range(_DRAIN_BATCH):
             try:
                 frames = recv_frames(sock, NOBLOCK)
@@ -362,8 +360,6 @@ class Broker:
                 handler(frames, time.monotonic())
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
-            if not get_opt(sock, EVENTS) & POLLIN:
-                return
 
     def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
