@@ -20,8 +20,9 @@ the raw blocks).
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
-  no-op calls in and outside a session (p50), sequential Predict through a session vs in-process
-  (p50), the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
+  no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
+  ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
+  call, the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
   ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.routing``).
 """
 

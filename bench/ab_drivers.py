@@ -20,9 +20,10 @@ figures for a block. Mode by mode:
   ``to_ref`` that must never run): CPU per encode + decode of each.
 * ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
-  ref calls of a ``dspy.Predict`` and the same program in-process (p50 of each and their ratio),
-  then an ``AsyncClient`` with SESSIONS sessions calling a ``ChainOfThought`` ref back to back (the
-  serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
+  ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
+  value) and the same program in-process (p50 of each and their ratios; the client's process CPU
+  per no-op and per ref call), then an ``AsyncClient`` with SESSIONS sessions calling a
+  ``ChainOfThought`` ref back to back (the serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
   brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
 """
 
