@@ -9,10 +9,11 @@ import signal
 import sys
 
 from broker.broker import Broker, BrokerOptions
-from dspex import config, logs
-from dspex.errors import ConfigError
-from dspex.pools import PoolConfig, load_pools, parse_pool_spec
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.wire.sockets import check_endpoint, default_backend, default_frontend
+from dspex.stack import logs
+from dspex.wire.errors import ConfigError
+from dspex.stack.pools import PoolConfig, load_pools, parse_pool_spec
+from dspex.wire.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 
 
 def parse(argv: list[str] | None = None) -> BrokerOptions:
@@ -55,8 +56,8 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
         import zmq.auth
         public, secret = zmq.auth.load_certificate(a.curve_secret_key)
     return BrokerOptions(
-        frontend=config.check_endpoint(a.frontend or config.default_frontend()),
-        backend=config.check_endpoint(a.backend or config.default_backend()),
+        frontend=check_endpoint(a.frontend or default_frontend()),
+        backend=check_endpoint(a.backend or default_backend()),
         pools=list(pools.values()),
         heartbeat_interval=a.heartbeat,
         heartbeat_liveness=a.liveness,

@@ -36,11 +36,12 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.state import Notices
-from dspex import config
-from dspex.errors import ConfigError
-from dspex.pools import PoolConfig
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from dspex.stack.rundir import ensure_private_dir, prepare_bind
+from dspex.wire.sockets import max_message_bytes, run_dir, tune_socket
+from dspex.wire.errors import ConfigError
+from dspex.stack.pools import PoolConfig
+from dspex.wire.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
 
@@ -193,7 +194,7 @@ class Broker:
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
-        max_message = self.options.max_message or config.max_message_bytes()
+        max_message = self.options.max_message or max_message_bytes()
         tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
         if tcp:
             if not self.options.curve_secret:
@@ -208,7 +209,7 @@ class Broker:
         ivl = max(1, int(self.options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
                                       (self.backend, self.options.backend, WORKERS)):
-            config.tune_socket(sock, max_message=max_message)
+            tune_socket(sock, max_message=max_message)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
@@ -219,7 +220,7 @@ class Broker:
                 # listener's connections take the options it had when it was bound.
                 sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
-            config.prepare_bind(endpoint)
+            prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
                 secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
             sock.bind(endpoint)
@@ -251,7 +252,7 @@ class Broker:
         if path == "":
             return
         if path is None:
-            path = str(config.ensure_private_dir(config.run_dir()) / "checkpoints.sqlite")
+            path = str(ensure_private_dir(run_dir()) / "checkpoints.sqlite")
         try:
             store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
                                     total_cap=self.options.checkpoint_total_cap)

@@ -44,7 +44,7 @@ from broker.state import (
     bucket_bounds,
 )
 from broker.timers import Timers
-from dspex.errors import (
+from dspex.wire.errors import (
     DspexError,
     PoolNotFound,
     PoolSaturated,
@@ -54,8 +54,8 @@ from dspex.errors import (
     UnknownOp,
     WorkerBusy,
 )
-from dspex.pools import PoolConfig
-from dspex.protocol import (
+from dspex.stack.pools import PoolConfig
+from dspex.wire.protocol import (
     B_BYE,
     B_DISCONNECT,
     B_REREGISTER,

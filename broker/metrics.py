@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 import dspex
 from broker.publisher import StatusPublisher
-from dspex.protocol import WorkerState
+from dspex.wire.protocol import WorkerState
 
 if TYPE_CHECKING:
     from broker.broker import Broker

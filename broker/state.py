@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dspex.pools import PoolConfig
-from dspex.protocol import Affinity, WorkerState
+from dspex.stack.pools import PoolConfig
+from dspex.wire.protocol import Affinity, WorkerState
 
 if TYPE_CHECKING:
     from broker.durable import Durability

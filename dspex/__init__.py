@@ -7,8 +7,8 @@
 ...     prog(question="...").answer
 """
 
-from dspex.client import Client, Rehydrator, Session, Stream, connect
-from dspex.errors import (
+from dspex.client.sync import Client, Rehydrator, Session, Stream, connect
+from dspex.wire.errors import (
     BrokerUnreachable,
     EncodeError,
     ConnectionLost,
@@ -44,8 +44,8 @@ from dspex.errors import (
     WorkerBusy,
     WorkerCrashed,
 )
-from dspex.record import Record
-from dspex.ref import Ref, RemoteMethod
+from dspex.wire.record import Record
+from dspex.wire.ref import Ref, RemoteMethod
 
 from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
 

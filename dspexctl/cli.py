@@ -32,8 +32,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from dspex.errors import DspexError
-from dspex.supervisor import default_conf
+from dspex.wire.errors import DspexError
+from dspex.stack.supervisor import default_conf
 from dspexctl import commands
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship

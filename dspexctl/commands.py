@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import dspex
-from dspex import config
-from dspex.errors import (
+from dspex.client.endpoints import Broker, BrokerMap, broker_map, client_endpoint, probe_ipc
+from dspex.wire.sockets import check_endpoint
+from dspex.wire.errors import (
     BrokerUnreachable,
     ConfigError,
     ConnectionError,
@@ -28,8 +29,8 @@ from dspex.errors import (
     Timeout,
     UsageError,
 )
-from dspex.routing import broker_keys
-from dspex.supervisor import (
+from dspex.client.routing import broker_keys
+from dspex.stack.supervisor import (
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,
@@ -99,14 +100,14 @@ class Settings:
     json: bool = False
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
     endpoints: str | None = None
-    broker: config.Broker | None = None  # one broker of a map: its endpoint and key files
+    broker: Broker | None = None  # one broker of a map: its endpoint and key files
     # one broker of a map: its supervisor.conf is the one it was started with (its ``config``)
     conf_of_broker: bool = False
 
     def client(self, timeout: float | None = None) -> dspex.Client:
         endpoint = self.resolved_endpoint()
         try:
-            config.probe_ipc(endpoint)
+            probe_ipc(endpoint)
         except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
             from dspexctl.diagnose import explain
 
@@ -121,9 +122,9 @@ class Settings:
         broker = self._own_broker()
         if broker is not None:
             return broker.endpoint
-        return config.check_endpoint(config.client_endpoint(self.endpoint))
+        return check_endpoint(client_endpoint(self.endpoint))
 
-    def _own_broker(self) -> config.Broker | None:
+    def _own_broker(self) -> Broker | None:
         """This command's broker when a map names it: a broker of the map, or a map of one."""
         if self.broker is not None:
             return self.broker
@@ -151,11 +152,11 @@ class Settings:
         path = str((broker_status or {}).get("broker", {}).get("config") or "")
         return SupervisorConf.load(Path(path)) if path and Path(path).is_file() else None
 
-    def broker_map(self) -> config.BrokerMap | None:
+    def broker_map(self) -> BrokerMap | None:
         """The map of ``endpoints``, or None."""
-        return config.broker_map(endpoints=self.endpoints) if self.endpoints else None
+        return broker_map(endpoints=self.endpoints) if self.endpoints else None
 
-    def several(self) -> config.BrokerMap | None:
+    def several(self) -> BrokerMap | None:
         """The map when it names several brokers, else None (one broker: this command's)."""
         brokers = self.broker_map()
         return brokers if brokers is not None and brokers.several else None
@@ -170,7 +171,7 @@ class Settings:
         brokers = self.several()
         return self if brokers is None else self._of(brokers.broker_for(pool))
 
-    def _of(self, broker: config.Broker) -> Settings:
+    def _of(self, broker: Broker) -> Settings:
         return replace(self, endpoint=None, endpoints=None, broker=broker, conf_explicit=False, conf_of_broker=True)
 
     def supervisor(self) -> Supervisor:
@@ -236,7 +237,7 @@ def fmt_ms(ms: float | None) -> str:
 # -- pools start / stop ------------------------------------------------------------------------
 def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
     """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    from dspex.pools import load_pools
+    from dspex.stack.pools import load_pools
 
     groups = sup.groups()
     declared = [c.name for c in load_pools(sc.path)]

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dspex import config
-from dspex.health import State, proc_uptime
-from dspex.supervisor import (
+from dspex.wire.sockets import default_frontend, run_dir
+from dspex.stack.health import State, proc_uptime
+from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
     SupervisorError,
@@ -55,7 +55,7 @@ def broker_process(pid: int) -> BrokerProcess | None:
                 return arg.split("=", 1)[1]
         return ""
 
-    # what config.default_frontend() computes in that process
+    # what default_frontend() computes in that process
     run_dir = env.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{uid}"
     frontend = (flag("--frontend") or env.get("DSPEX_FRONTEND") or env.get("DSPEX_ENDPOINT")
                 or f"ipc://{run_dir}/frontend.sock")
@@ -67,7 +67,7 @@ def broker_process(pid: int) -> BrokerProcess | None:
 def here() -> str:
     """This shell's run directory, as a reader sees it: ``DSPEX_RUN_DIR=...`` or the default."""
     value = os.environ.get("DSPEX_RUN_DIR")
-    return f"DSPEX_RUN_DIR={value}" if value else f"DSPEX_RUN_DIR unset, so {config.run_dir()}"
+    return f"DSPEX_RUN_DIR={value}" if value else f"DSPEX_RUN_DIR unset, so {run_dir()}"
 
 
 def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, error: str) -> tuple[State, str]:

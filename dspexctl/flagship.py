@@ -24,9 +24,9 @@ from typing import Any
 import click
 
 import dspex
-from dspex import config
-from dspex.errors import ConfigError, DspexError
-from dspex.supervisor import Supervisor, SupervisorConf, default_conf, pid_alive
+from dspex.client.endpoints import client_endpoint
+from dspex.wire.errors import ConfigError, DspexError
+from dspex.stack.supervisor import Supervisor, SupervisorConf, default_conf, pid_alive
 from dspexctl import stack
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -307,7 +307,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
             stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
             if _reachable(endpoint):
-                say(f"using the running stack at {endpoint or config.client_endpoint()}")
+                say(f"using the running stack at {endpoint or client_endpoint()}")
             else:
                 t0 = time.monotonic()
                 say("no stack answers: starting one under supervisord")

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import dspex
-from dspex import config
-from dspex.errors import ConfigError, ConnectionError, Timeout
-from dspex.pools import load_pools
-from dspex.supervisor import (
+from dspex.client.endpoints import client_endpoint, probe_ipc
+from dspex.wire.sockets import check_endpoint
+from dspex.wire.errors import ConfigError, ConnectionError, Timeout
+from dspex.stack.pools import load_pools
+from dspex.stack.supervisor import (
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,
@@ -61,7 +62,7 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     ``confless_is_foreign``: a broker started without a supervisor.conf (by hand, by a test) counts
     as another stack's (``pools start`` cannot start its own beside it; a flow may still use it)."""
     try:
-        config.probe_ipc(endpoint)
+        probe_ipc(endpoint)
     except (ConnectionError, ConfigError):
         return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
     run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
@@ -90,7 +91,7 @@ def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None
     environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
     uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
     sc = SupervisorConf.load(conf or default_conf())
-    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    endpoint = check_endpoint(client_endpoint(endpoint))
     with Supervisor(sc, timeout=5.0) as sup:
         conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
     if conflict:
@@ -128,7 +129,7 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
     ``SupervisorError`` (code ``supervisor_error``) when supervisord cannot start.
     """
     sc = SupervisorConf.load(conf or default_conf())
-    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    endpoint = check_endpoint(client_endpoint(endpoint))
     started = False
     with Supervisor(sc, timeout=5.0) as sup:
         running = sup.running()

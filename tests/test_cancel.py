@@ -19,9 +19,9 @@ import zmq
 
 import dspex
 import dspex.aio
-from dspex import codec
-from dspex.core import control_frames, encode_body
-from dspex.protocol import Op, RequestHeader, unpack_reply_header
+from dspex.wire import codec
+from dspex.client.exchange import control_frames, encode_body
+from dspex.wire.protocol import Op, RequestHeader, unpack_reply_header
 from tests.harness import Stack, wait_for
 from worker.executor import Executor, RefTable
 

@@ -17,7 +17,7 @@ import pytest
 import dspex
 from tests.harness import REPO, wait_for
 from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
-from dspex.supervisor import pid_alive
+from dspex.stack.supervisor import pid_alive
 from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]

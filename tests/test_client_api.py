@@ -118,7 +118,7 @@ def test_a_method_of_a_class_from_the_users_script_is_one_round_trip(stack: Stac
     with dx.session("p") as s:
         obj = s.put(scope["Scripted"]())
         assert obj.type_name == "Scripted"
-        assert isinstance(obj.bump, dspex.ref.RemoteMethod)  # known as a method: no round trip yet
+        assert isinstance(obj.bump, dspex.wire.ref.RemoteMethod)  # known as a method: no round trip yet
         assert obj.bump(2) == 2 and obj.bump(3) == 5
         assert obj.n == 5  # a data attribute is still a getattr
 

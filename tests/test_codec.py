@@ -1,4 +1,4 @@
-"""Unit tests for dspex.codec: round trips, array frames, graceful refs, errors."""
+"""Unit tests for dspex.wire.codec: round trips, array frames, graceful refs, errors."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspex.codec import EncodeError, decode, encode, packb, unpackb
+from dspex.wire.codec import EncodeError, decode, encode, packb, unpackb
 from dspex.errors import ProtocolError
-from dspex.ref import Ref
+from dspex.wire.ref import Ref
 
 
 def assert_same(a: Any, b: Any) -> None:
@@ -332,10 +332,10 @@ import cloudpickle  # noqa: E402
 import dspy  # noqa: E402
 import pydantic  # noqa: E402
 
-from dspex import byvalue  # noqa: E402
-from dspex.codec import EXT_PICKLE, Policy  # noqa: E402
-from dspex.errors import RemoteError, error_from_wire  # noqa: E402
-from dspex.record import Record  # noqa: E402
+from dspex.wire import byvalue# noqa: E402
+from dspex.wire.codec import EXT_PICKLE, Policy  # noqa: E402
+from dspex.wire.errors import RemoteError, error_from_wire  # noqa: E402
+from dspex.wire.record import Record  # noqa: E402
 
 
 def reward_fn(example: Any, pred: Any) -> float:

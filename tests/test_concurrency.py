@@ -15,7 +15,7 @@ import dspex
 import dspex.aio
 from offline_lm import offline_lm
 from tests.harness import Stack, wait_for
-from dspex.protocol import STREAM_WINDOW
+from dspex.wire.protocol import STREAM_WINDOW
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,8 +17,8 @@ from broker.core import Core
 from broker.ops import HANDLERS
 from broker.port import WorkerUnreachable
 from broker.state import Tombstones
-from dspex.pools import parse_pool_spec
-from dspex.protocol import (
+from dspex.stack.pools import parse_pool_spec
+from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,

@@ -25,10 +25,10 @@ import dspex
 from broker.broker import Broker, BrokerOptions
 from tests.harness import Stack, rss_kb, wait_for
 from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz
-from dspex import codec
+from dspex.wire import codec
 from dspex.errors import DspexError, ProtocolError
-from dspex.pools import parse_pool_spec
-from dspex.protocol import (
+from dspex.stack.pools import parse_pool_spec
+from dspex.wire.protocol import (
     B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
     pack_reply_envelope, pack_reply_header, unpack_reply_header, unpack_request_envelope, unpack_request_header,
 )

@@ -20,7 +20,7 @@ import pytest
 import dspex
 from tests.harness import base_env, wait_for
 from dspex.errors import DidNotRun, MayHaveRun, UsageError
-from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
+from dspex.stack.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
 from dspexctl.sessions import SessionsList
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO
-from dspex.supervisor import pid_alive
+from dspex.stack.supervisor import pid_alive
 
 
 def readme_block(heading: str) -> str:

@@ -1,7 +1,7 @@
 """``dspexctl pools status`` states: STARTING, DOWN, WARN, ``-`` for no data, supervisord's view
 with an invalid dspex config, a broker that is not this supervisord's, and ``--timeout`` checks.
 
-The pure state logic (dspex.health) has fast unit tests; the rest runs the CLI as a subprocess
+The pure state logic (dspex.stack.health) has fast unit tests; the rest runs the CLI as a subprocess
 against real supervisord stacks made of the shipped conf's sections (fewer workers).
 """
 
@@ -20,8 +20,8 @@ import pytest
 
 import dspex
 from tests.harness import REPO, wait_for
-from dspex.health import PoolFacts, State, failure_kind, pool_state, worst
-from dspex.supervisor import pid_alive
+from dspex.stack.health import PoolFacts, State, failure_kind, pool_state, worst
+from dspex.stack.supervisor import pid_alive
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
 from tests.harness.supervisord import SupervisedStack

@@ -17,7 +17,7 @@ import zmq
 import dspex
 from offline_lm import offline_lm
 from tests.harness import Stack, wait_for
-from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
+from dspex.wire.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 
 pytestmark = pytest.mark.timeout(90)
 

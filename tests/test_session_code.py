@@ -26,8 +26,8 @@ import pytest
 from dspy.utils import DummyLM
 
 import dspex
-from dspex.core import encode_request
-from dspex.protocol import Op
+from dspex.client.exchange import encode_request
+from dspex.wire.protocol import Op
 from tests.conformance.harness import fresh_dspy_settings
 from tests.harness import Stack
 
@@ -80,13 +80,13 @@ def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
 def misses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """The cache misses the client answered (``ephemeral`` of each), in order."""
     seen: list[bool] = []
-    real = dspex.sendcache.SendCache.missed
+    real = dspex.client.sendcache.SendCache.missed
 
     def spy(self: Any, ephemeral: bool) -> None:
         seen.append(ephemeral)
         real(self, ephemeral)
 
-    monkeypatch.setattr(dspex.sendcache.SendCache, "missed", spy)
+    monkeypatch.setattr(dspex.client.sendcache.SendCache, "missed", spy)
     return seen
 
 
@@ -482,7 +482,7 @@ def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_pa
     script.write_text(textwrap.dedent('''
         import sys
         import dspex
-        from dspex.core import encode_request
+        from dspex.client.exchange import encode_request
 
         def f():
             return 1

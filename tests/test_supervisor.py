@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import dspex
 from tests.harness import REPO, wait_for
 from tests.harness.supervisord import BIN, POOLS, SHIPPED_CONF, SupervisedStack
-from dspex.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name
+from dspex.stack.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -53,9 +53,9 @@ def sup() -> Iterator[SupervisedStack]:
 
 # -- the shipped conf ------------------------------------------------------------------------------
 def test_shipped_conf_declares_the_flagship_pools() -> None:
-    from dspex.pools import load_pools
+    from dspex.stack.pools import load_pools
 
-    from dspex.pools import supervisor_group_sizes
+    from dspex.stack.pools import supervisor_group_sizes
 
     pools = {p.name: p for p in load_pools(SHIPPED_CONF)}
     assert {n: p.affinity.value for n, p in pools.items()} == POOLS

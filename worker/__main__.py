@@ -10,10 +10,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch lit
 
 from pathlib import Path
 
-from dspex import config, logs
-from dspex.errors import ConfigError
-from dspex.pools import load_pools
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.stack.rundir import ensure_private_dir
+from dspex.wire.sockets import check_endpoint, curve_client_keys, default_backend
+from dspex.stack import logs
+from dspex.wire.errors import ConfigError
+from dspex.stack.pools import load_pools
+from dspex.wire.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
 from worker.worker import WorkerOptions, main
 
 
@@ -48,12 +50,12 @@ def parse(argv: list[str] | None = None) -> WorkerOptions:
         capacity = int(os.environ.get("DSPEX_CAPACITY", "1"))
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, not {capacity}")
-    backend = config.check_endpoint(a.backend or config.default_backend())
+    backend = check_endpoint(a.backend or default_backend())
     if backend.startswith("ipc://"):
         # made here if the broker has not made it yet (supervisord starts both at once); an
         # existing one must be ours and 0700, or another local user receives our connection
-        config.ensure_private_dir(Path(backend[len("ipc://"):]).parent)
-    server_key, keypair = config.curve_client_keys(backend, a.curve_server_key, a.curve_key)
+        ensure_private_dir(Path(backend[len("ipc://"):]).parent)
+    server_key, keypair = curve_client_keys(backend, a.curve_server_key, a.curve_key)
     return WorkerOptions(
         pool=a.pool,
         backend=backend,

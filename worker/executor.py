@@ -15,10 +15,10 @@ import secrets
 import sys
 from typing import Any, Callable
 
-from dspex import codec, codestore
-from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
-from dspex.ref import Ref
+from dspex.wire import codec, codestore
+from dspex.wire.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
+from dspex.wire.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
+from dspex.wire.ref import Ref
 from worker import limits, namespace, output
 from worker.durable import DurableSessions, Restore
 from worker.dspy_settings import SessionSettings, current_session
@@ -108,7 +108,7 @@ class Executor:
         (the caller iterates the result) any iterable result is iterated here and its items sent
         as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
 
-        By-value code in the request is rebuilt in the session's code store (dspex.codestore); a
+        By-value code in the request is rebuilt in the session's code store (dspex.wire.codestore); a
         request that refers to code the store lacks fails ``CodeCacheMiss`` before anything runs
         (``ephemeral``: the session keeps nothing between calls, a ``none`` pool). With
         ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
@@ -239,7 +239,7 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... never end the worker
             raise remote_error(exc) from None
 
-    # The handlers take the arguments of their op's definition (dspex.protocol.Op), in order.
+    # The handlers take the arguments of their op's definition (dspex.wire.protocol.Op), in order.
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:
         return _invoke(_resolve_callable(module, fn), args, kwargs)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from dspex.codestore import CodeStore
-from dspex.errors import RefNotFound, RefQuotaExceeded
-from dspex.ref import Ref
+from dspex.wire.codestore import CodeStore
+from dspex.wire.errors import RefNotFound, RefQuotaExceeded
+from dspex.wire.ref import Ref
 
 DEFAULT_REF_QUOTA = 100_000
 # How many released ref ids we remember to explain a stale ref. Keyed by hash(ref id), an int,

@@ -18,10 +18,11 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
-from dspex import codec, progress
-from dspex.errors import Cancelled, DspexError
-from dspex.protocol import Status
-from dspex.ref import Ref
+from dspex.wire import codec
+from dspex import progress
+from dspex.wire.errors import Cancelled, DspexError
+from dspex.wire.protocol import Status
+from dspex.wire.ref import Ref
 from worker import limits
 from worker.remote_errors import remote_error
 

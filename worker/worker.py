@@ -30,8 +30,9 @@ from typing import Any
 import msgpack
 import zmq
 
-from dspex import config, logs
-from dspex.protocol import (
+from dspex.wire.sockets import max_message_bytes
+from dspex.stack import logs
+from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,
@@ -94,7 +95,7 @@ class Worker:
         self.incarnation = secrets.token_hex(16)
         self.started = time.time()
         self.capacity = max(1, options.capacity)
-        max_message = options.max_message or config.max_message_bytes()
+        max_message = options.max_message or max_message_bytes()
         self.book = SessionBook(options.pool, self.incarnation, options.ref_cap)
         self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace)
         self.executor.own_frames = not options.backend.startswith("inproc://")

@@ -39,12 +39,12 @@ import msgpack
 import zmq
 
 import dspex
-from dspex import codec
-from dspex.protocol import (
+from dspex.wire import codec
+from dspex.wire.protocol import (
     B_CANCEL, B_CREDIT, B_DISCONNECT, B_HEARTBEAT, B_RELEASE_SESSION, B_REQUEST, B_REREGISTER, FLAG_STREAM,
     W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_envelope, pack_reply_header,
 )
-from dspex.ref import Ref
+from dspex.wire.ref import Ref
 from tests.harness.procs import rss_kb, short_tmpdir, wait_for
 from tests.harness.stack import Stack
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import dspex
-from dspex.supervisor import Supervisor, SupervisorConf
+from dspex.stack.supervisor import Supervisor, SupervisorConf
 from tests.harness.procs import PY, REPO, Procs, base_env, free_port, pid_alive, short_tmpdir, wait_for
 
 BIN = Path(sys.executable).parent

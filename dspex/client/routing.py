@@ -16,11 +16,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from dspex import config
-from dspex.api import DEFAULT_TIMEOUT, ClientAPI, S, Steps, _raising
-from dspex.errors import DspexError, PoolNotFound
-from dspex.protocol import WORKER_OPS, Op
-from dspex.sendcache import SendCache
+from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
+from dspex.wire.sockets import curve_client_keys, max_message_bytes
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, S, Steps, _raising
+from dspex.wire.errors import DspexError, PoolNotFound
+from dspex.wire.protocol import WORKER_OPS, Op
+from dspex.client.sendcache import SendCache
 
 Callback = Callable[[Any], None]
 ServerKey = bytes | Mapping[str, bytes] | None
@@ -34,8 +35,8 @@ def open_client(one: type[C], several: type[Router[Any]], endpoint: str | None,
     ``several`` (its :class:`Router`) for a map of more brokers, or one that names its pools (a
     pool it does not name is then refused before anything is sent). ``curve_server_key`` may map
     endpoints to keys."""
-    brokers = config.broker_map(endpoint, endpoints)
-    if brokers.several or config.ANY_POOL not in brokers.routes:
+    brokers = broker_map(endpoint, endpoints)
+    if brokers.several or ANY_POOL not in brokers.routes:
         return several(brokers, timeout, curve_server_key=curve_server_key, curve_keypair=curve_keypair,
                        forward_output=forward_output, client_settings=client_settings)
     broker = brokers.brokers[0]
@@ -44,14 +45,14 @@ def open_client(one: type[C], several: type[Router[Any]], endpoint: str | None,
                forward_output=forward_output, client_settings=client_settings)
 
 
-def broker_keys(broker: config.Broker, server_key: ServerKey = None, keypair: tuple[bytes, bytes] | None = None
+def broker_keys(broker: Broker, server_key: ServerKey = None, keypair: tuple[bytes, bytes] | None = None
                 ) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
     """The CURVE keys of ``broker``'s client: given ones (``server_key`` by endpoint when a map),
     else for a ``tcp://`` broker the files of its map entry or of ``DSPEX_CURVE_SERVER_KEY`` /
     ``DSPEX_CURVE_CLIENT_KEY`` (a ``ConfigError`` when there are none)."""
     key = server_key.get(broker.endpoint) if isinstance(server_key, Mapping) else server_key
     if key is None and broker.endpoint.startswith("tcp://"):
-        key, from_files = config.curve_client_keys(
+        key, from_files = curve_client_keys(
             broker.endpoint, broker.server_key or os.environ.get("DSPEX_CURVE_SERVER_KEY"),
             broker.client_key or os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
         keypair = keypair or from_files
@@ -69,16 +70,16 @@ class Router(ClientAPI[S]):
 
     _broker_kind: type[ClientAPI[S]]  # the kind's client of one broker
 
-    def __init__(self, brokers: config.BrokerMap, timeout: float = DEFAULT_TIMEOUT, *,
+    def __init__(self, brokers: BrokerMap, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: ServerKey = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         self._map = brokers
         self.endpoints = {pool: b.endpoint for pool, b in brokers.routes.items()}
-        self.endpoint = self.endpoints.get(config.ANY_POOL, "")
+        self.endpoint = self.endpoints.get(ANY_POOL, "")
         self.timeout = timeout
         self.forward_output = forward_output
         self.client_settings = client_settings
-        self.max_message = config.max_message_bytes()
+        self.max_message = max_message_bytes()
         # every broker's keys first: a client is only made once nothing can fail
         keys = {b.endpoint: broker_keys(b, curve_server_key, curve_keypair) for b in brokers.brokers}
         self._brokers: dict[str, ClientAPI[S]] = {
@@ -142,7 +143,7 @@ class Router(ClientAPI[S]):
             yield client.close()
 
 
-def merge(op: str, answers: Mapping[str, Any], brokers: config.BrokerMap) -> Any:
+def merge(op: str, answers: Mapping[str, Any], brokers: BrokerMap) -> Any:
     """One answer of several brokers to an op that is about no pool. ``answers``: endpoint ->
     the broker's answer or its error (a DspexError).
 

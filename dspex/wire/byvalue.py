@@ -32,7 +32,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.record import Record
+from dspex.wire.record import Record
 
 # dspex's own packages are importable wherever dspex runs, even from an editable checkout
 _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspex.config import UNIX_PATH_MAX
-from dspex.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
+from dspex.wire.sockets import UNIX_PATH_MAX
+from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 
 # supervisor.xmlrpc.Faults values we branch on
 FAULT_BAD_NAME = 10

@@ -7,9 +7,9 @@ import configparser
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dspex.errors import ConfigError
-from dspex.health import HEALTH_WINDOW_S
-from dspex.protocol import Affinity
+from dspex.wire.errors import ConfigError
+from dspex.stack.health import HEALTH_WINDOW_S
+from dspex.wire.protocol import Affinity
 
 SECTION_PREFIX = "dspex:pool:"
 

@@ -222,7 +222,7 @@ def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None
     if dspy is None:
         return Record(kind, fields, input_keys, extra)
     if cls is not None:
-        from dspex.wiretypes import resolve_code
+        from dspex.wire.wiretypes import resolve_code
 
         return _subclass_record(dspy, kind, resolve_code(cls), fields, extra, attrs or {})
     if kind == "prediction":
@@ -253,7 +253,7 @@ def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], ext
                      attrs: dict[str, Any]) -> Any:
     """An instance of a subclass of Example/Prediction from its state, as pickle would make it
     (its ``__init__`` may take other arguments: ``EvaluationResult(score, results)``)."""
-    from dspex.errors import ProtocolError
+    from dspex.wire.errors import ProtocolError
 
     base = dspy.Prediction if kind == "prediction" else dspy.Example
     if not (isinstance(cls, type) and issubclass(cls, base)):

@@ -3,7 +3,7 @@ the socket I/O (encoding and its limits, request headers, reply handling, credit
 the reply deadline).
 
 A client sends ``exchange.frames(req_id, worker)`` and feeds each reply frame set to
-``exchange.feed(...)``, which forwards the call's output (dspex.output), calls the progress/output
+``exchange.feed(...)``, which forwards the call's output (dspex.client.output), calls the progress/output
 callbacks, says how much credit to grant,
 raises the typed error of an error reply and decodes the final result. The driver only waits:
 until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the connection drops
@@ -20,11 +20,12 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from dspex import codec, output
-from dspex.codec import Policy
-from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
+from dspex.wire import codec
+from dspex.client import output
+from dspex.wire.codec import Policy
+from dspex.wire.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
                           error_from_wire)
-from dspex.protocol import (
+from dspex.wire.protocol import (
     FLAG_CONTEXT,
     FLAG_ITEMS,
     FLAG_STREAM,
@@ -36,8 +37,8 @@ from dspex.protocol import (
     Side,
     Status,
 )
-from dspex.sendcache import SendCache
-from dspex.sessionpickle import Message
+from dspex.client.sendcache import SendCache
+from dspex.client.sessionpickle import Message
 
 log = logging.getLogger("dspex.client")
 
@@ -79,9 +80,9 @@ def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None =
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
-    its code with what the session's worker holds (dspex.sendcache) and adds the session context
+    its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget. A body that does not fit its op's definition (dspex.protocol.Op) is a ProtocolError
+    forget. A body that does not fit its op's definition (dspex.wire.protocol.Op) is a ProtocolError
     here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import msgpack
 
-from dspex import byvalue
-from dspex.errors import ProtocolError
+from dspex.wire import byvalue
+from dspex.wire.errors import ProtocolError
 
 EXT_TUPLE = 1  # tag: [tag, *items]
 EXT_SET = 2  # tag: [tag, *members]

@@ -1,8 +1,8 @@
 """What one session's worker already holds of this client's code and values (the sender's side).
 
 A session sends a by-value function, class, module global or big closure value the first time a
-request uses it and its key after that (:mod:`dspex.sessionpickle` writes the pickles, the
-worker keeps them in its :class:`dspex.codestore.CodeStore`). This object remembers, per session:
+request uses it and its key after that (:mod:`dspex.client.sessionpickle` writes the pickles, the
+worker keeps them in its :class:`dspex.wire.codestore.CodeStore`). This object remembers, per session:
 
 - a key for each object sent, by identity (a strong reference keeps the id valid), and code
   objects by content hash;
@@ -18,7 +18,7 @@ are forgotten on both sides (the next request tells the worker) and sent again i
 again — a function or class sent again is a new object on the worker.
 
 A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
-pool) answers :class:`dspex.errors.CodeCacheMiss` without running anything; :meth:`missed` then
+pool) answers :class:`dspex.wire.errors.CodeCacheMiss` without running anything; :meth:`missed` then
 forgets what was sent and the request goes again in full, once. A miss from a ``none`` pool
 (``ephemeral``) turns the cache off for the session: every request is sent in full.
 """
@@ -34,7 +34,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dspex.sessionpickle import Message, SettingsSent, Walk
+    from dspex.client.sessionpickle import Message, SettingsSent, Walk
 
 DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
