@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.core import Core, Handler, OpCall
-from broker.state import SessionRecord, percentile
+from broker.state import SessionRecord
+from broker.stats import percentile
 from dspex.wire.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
 from dspex.wire.protocol import Op
 

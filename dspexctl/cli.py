@@ -34,7 +34,7 @@ from click.core import ParameterSource
 
 from dspex.wire.errors import DspexError
 from dspex.stack.supervisor import default_conf
-from dspexctl import commands
+from dspexctl import commands, lifecycle
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
 from dspexctl.hosts import hosts
@@ -206,7 +206,7 @@ def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, watch
 @click.pass_context
 def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Start pools (all by default); start supervisord first when it is not running."""
-    run(ctx, commands.PoolsStart(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsStart(), json_out, pools=pool, wait=wait)
 
 
 @pools.command("stop")
@@ -217,7 +217,7 @@ def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out
 @click.pass_context
 def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Stop pools' workers (all pools by default); the broker keeps running."""
-    run(ctx, commands.PoolsStop(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsStop(), json_out, pools=pool, wait=wait)
 
 
 @pools.command("restart")
@@ -232,7 +232,7 @@ def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_o
     Every worker is replaced at once: sessions pinned to them get session_worker_unavailable. For a
     rolling replacement that keeps the pool serving, use `workers recycle POOL --all`.
     """
-    run(ctx, commands.PoolsRestart(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsRestart(), json_out, pools=pool, wait=wait)
 
 
 @main.command("stop")
@@ -242,7 +242,7 @@ def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_o
 @click.pass_context
 def stop(ctx: click.Context, wait: float, json_out: bool) -> None:
     """Stop the stack of this supervisor.conf: workers first, then the broker, then supervisord."""
-    run(ctx, commands.StackStop(), json_out, wait=wait)
+    run(ctx, lifecycle.StackStop(), json_out, wait=wait)
 
 
 @main.group()

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dspex.wire.sockets import default_frontend, run_dir
+from dspex.wire.sockets import run_dir
 from dspex.stack.health import State, proc_uptime
 from dspex.stack.supervisor import (
     Supervisor,

@@ -816,7 +816,7 @@ def test_the_health_window_counts_the_services_failures_apart_from_users_and_rec
 
 
 def test_failures_of_a_busy_window_stay_bounded() -> None:
-    from broker.state import RecentFailures
+    from broker.stats import RecentFailures
 
     window = RecentFailures(10)
     for i in range(100_000):

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
-from broker.state import Notices, bucket_bounds
+from broker.state import Notices
+from broker.stats import bucket_bounds
 from tests.harness import Stack, free_port, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
