@@ -14,8 +14,8 @@ import msgpack
 
 from broker.port import Port
 from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
-from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
 from dspex.stack.health import failure_kind
+from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
 from dspex.wire.protocol import Status, pack_error, pack_reply_header
 
 log = logging.getLogger("dspex.broker")

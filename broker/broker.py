@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -36,11 +37,15 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.state import Notices
-from dspex.stack.rundir import ensure_private_dir, prepare_bind
-from dspex.wire.sockets import max_message_bytes, run_dir, tune_socket
-from dspex.wire.errors import ConfigError
 from dspex.stack.pools import PoolConfig
-from dspex.wire.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
+from dspex.stack.rundir import ensure_private_dir, prepare_bind
+from dspex.wire.errors import ConfigError
+from dspex.wire.protocol import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    MAX_MESSAGE_BYTES,
+)
+from dspex.wire.sockets import tune_socket
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
@@ -53,24 +58,29 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
-_CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
+CLIENT_HWM = 100_000  # replies queued for one client that is not reading
 
 
 @dataclass
 class BrokerOptions:
+    """The broker's settings: made once by ``python -m broker`` (broker/__main__.py) from its command
+    line and the environment, the only place the broker reads either."""
+
     frontend: str
     backend: str
     pools: list[PoolConfig]
     heartbeat_interval: float = HEARTBEAT_INTERVAL
     heartbeat_liveness: int = HEARTBEAT_LIVENESS
     max_sessions: int = 100_000
-    max_message: int = 0
+    max_message: int = MAX_MESSAGE_BYTES
+    client_hwm: int = CLIENT_HWM
     metrics_port: int = 0
     curve_secret: bytes | None = None
     curve_public: bytes | None = None
     curve_allowed_dir: str | None = None
     supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
-    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in the run dir; "": none)
+    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in run_dir; "": none)
+    run_dir: str = ""  # where the sockets and the checkpoint store live by default ("": no default store)
     checkpoint_cap: int = checkpoints_store.SESSION_CAP  # bytes per durable session
     checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
 
@@ -93,7 +103,7 @@ class Broker:
         self._client_disconnects: dict[bytes, float] = {}
         self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
-        self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
+        self._client_hwm = options.client_hwm
         self._slow_clients: set[bytes] = set()
         # replies wait here until the end of the drain that produced them, then go out back to
         # back: zmq's I/O thread is woken once for the burst instead of once per reply
@@ -194,7 +204,7 @@ class Broker:
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
-        max_message = self.options.max_message or max_message_bytes()
+        max_message = self.options.max_message
         tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
         if tcp:
             if not self.options.curve_secret:
@@ -252,7 +262,9 @@ class Broker:
         if path == "":
             return
         if path is None:
-            path = str(ensure_private_dir(run_dir()) / "checkpoints.sqlite")
+            if not self.options.run_dir:
+                return
+            path = str(ensure_private_dir(Path(self.options.run_dir)) / "checkpoints.sqlite")
         try:
             store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
                                     total_cap=self.options.checkpoint_total_cap)

@@ -44,12 +44,12 @@ from broker.state import (
 )
 from broker.stats import bucket_bounds
 from broker.timers import Timers
+from dspex.stack.pools import PoolConfig
 from dspex.wire.errors import (
     DspexError,
     ProtocolError,
     UnknownOp,
 )
-from dspex.stack.pools import PoolConfig
 from dspex.wire.protocol import (
     B_BYE,
     B_DISCONNECT,

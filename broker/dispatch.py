@@ -26,7 +26,12 @@ from dspex.wire.errors import (
     SessionWorkerUnavailable,
     WorkerBusy,
 )
-from dspex.wire.protocol import FLAG_DURABLE, Affinity, SessionMode, pack_request_envelope
+from dspex.wire.protocol import (
+    FLAG_DURABLE,
+    Affinity,
+    SessionMode,
+    pack_request_envelope,
+)
 
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
 

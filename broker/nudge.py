@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from dspex.wire.errors import DspexError
 from dspex.stack.supervisor import Supervisor, SupervisorConf
+from dspex.wire.errors import DspexError
 
 log = logging.getLogger("dspex.broker.nudge")
 

@@ -7,22 +7,21 @@
 ...     prog(question="...").answer
 """
 
+from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
 from dspex.client.sync import Client, Rehydrator, Session, Stream, connect
 from dspex.wire.errors import (
     BrokerUnreachable,
-    EncodeError,
-    ConnectionLost,
-    DidNotRun,
-    InternalError,
-    MayHaveRun,
-    Refused,
-    UsageError,
     Cancelled,
     CheckpointRefused,
     CodeCacheMiss,
     ConfigError,
     ConnectionError,
+    ConnectionLost,
+    DidNotRun,
     DspexError,
+    EncodeError,
+    InternalError,
+    MayHaveRun,
     MessageTooLarge,
     MissingModule,
     NotDurableWarning,
@@ -32,6 +31,7 @@ from dspex.wire.errors import (
     QueueTimeout,
     RefNotFound,
     RefQuotaExceeded,
+    Refused,
     RemoteError,
     SessionClosed,
     SessionNotDurable,
@@ -41,13 +41,12 @@ from dspex.wire.errors import (
     SessionWorkerUnavailable,
     Timeout,
     UnknownOp,
+    UsageError,
     WorkerBusy,
     WorkerCrashed,
 )
 from dspex.wire.record import Record
 from dspex.wire.ref import Ref, RemoteMethod
-
-from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
 
 __version__ = "0.1.0"
 

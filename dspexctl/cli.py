@@ -32,8 +32,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from dspex.stack.supervisor import DEFAULT_CONF
 from dspex.wire.errors import DspexError
-from dspex.stack.supervisor import default_conf
 from dspexctl import commands, lifecycle
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
@@ -163,7 +163,7 @@ class Dspexctl(click.Group):
 def main(ctx: click.Context, endpoint: str | None, endpoints: str | None, supervisor_conf: Path | None,
          timeout: float, json_out: bool) -> None:
     """Operate a dspex stack: pools, workers, sessions."""
-    settings = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or default_conf(), timeout=timeout,
+    settings = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or DEFAULT_CONF, timeout=timeout,
                         json=json_out, conf_explicit=supervisor_conf is not None)
     if endpoints and endpoint:  # the command line wins over the environment; both from one of them is a mistake
         sources = (ctx.get_parameter_source("endpoint"), ctx.get_parameter_source("endpoints"))

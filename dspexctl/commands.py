@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dspex
-from dspex.client.endpoints import Broker, BrokerMap, broker_map, client_endpoint, probe_ipc
-from dspex.wire.sockets import check_endpoint
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
+from dspex.client.routing import broker_keys
+from dspex.stack.supervisor import (
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+    full_name,
+)
 from dspex.wire.errors import (
     BrokerUnreachable,
     ConfigError,
@@ -29,14 +37,7 @@ from dspex.wire.errors import (
     Timeout,
     UsageError,
 )
-from dspex.client.routing import broker_keys
-from dspex.stack.supervisor import (
-    Supervisor,
-    SupervisorConf,
-    SupervisorError,
-    SupervisorUnreachable,
-    full_name,
-)
+from dspex.wire.sockets import check_endpoint
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the operation failed
@@ -94,6 +95,8 @@ class Settings:
     broker: Broker | None = None  # one broker of a map: its endpoint and key files
     # one broker of a map: its supervisor.conf is the one it was started with (its ``config``)
     conf_of_broker: bool = False
+    # the rest of the environment a client reads (the run directory, CURVE key files...), read once
+    config: ClientConfig = field(default_factory=ClientConfig.from_env)
 
     def client(self, timeout: float | None = None) -> dspex.Client:
         endpoint = self.resolved_endpoint()
@@ -103,9 +106,9 @@ class Settings:
             from dspexctl.diagnose import explain
 
             conf = None if self.conf_of_broker else self.supervisor_conf_or_none()
-            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.timeout)) from None
+            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout)) from None
         broker = self._own_broker()
-        server_key, keypair = broker_keys(broker) if broker is not None else (None, None)
+        server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
         return dspex.connect(endpoint, timeout=self.timeout if timeout is None else timeout,
                              curve_server_key=server_key, curve_keypair=keypair)
 
@@ -113,7 +116,7 @@ class Settings:
         broker = self._own_broker()
         if broker is not None:
             return broker.endpoint
-        return check_endpoint(client_endpoint(self.endpoint))
+        return check_endpoint(self.config.endpoint_or_default(self.endpoint))
 
     def _own_broker(self) -> Broker | None:
         """This command's broker when a map names it: a broker of the map, or a map of one."""
@@ -145,7 +148,7 @@ class Settings:
 
     def broker_map(self) -> BrokerMap | None:
         """The map of ``endpoints``, or None."""
-        return broker_map(endpoints=self.endpoints) if self.endpoints else None
+        return broker_map(self.config, endpoints=self.endpoints) if self.endpoints else None
 
     def several(self) -> BrokerMap | None:
         """The map when it names several brokers, else None (one broker: this command's)."""

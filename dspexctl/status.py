@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspex.stack.health import (
     RECYCLE,
     SERVICE,
@@ -32,6 +31,7 @@ from dspex.stack.supervisor import (
     SupervisorUnreachable,
     full_name,
 )
+from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -152,7 +152,7 @@ class PoolsStatus:
         broker_starting = False
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
-                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err)
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config)
                 broker_starting = state is State.STARTING
                 issues.append((state, text))
             else:

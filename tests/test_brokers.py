@@ -20,9 +20,10 @@ import pytest
 
 import dspex
 import dspex.aio
+from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, broker_map
-from dspex.client.sync import RoutedClient
 from dspex.client.routing import merge
+from dspex.client.sync import RoutedClient
 from dspexctl.keys import generate
 from tests.harness import Stack, Workspace, base_env, free_port, wait_for
 from tests.harness.supervisord import SupervisedStack
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 # -- the map ---------------------------------------------------------------------------------------
 def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatch) -> None:
     text = " triage_pool=ipc:///tmp/dx-a/f.sock, analytics_pool=ipc:///tmp/dx-a/f.sock,\n*=tcp://b:5555;server_key=/k/b.key "
-    brokers = broker_map(endpoints=text)
+    brokers = broker_map(ClientConfig.from_env(), endpoints=text)
     assert brokers.several
     assert [b.endpoint for b in brokers.brokers] == ["ipc:///tmp/dx-a/f.sock", "tcp://b:5555"]
     assert brokers.broker_for("analytics_pool").endpoint == "ipc:///tmp/dx-a/f.sock"
@@ -43,14 +44,14 @@ def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatc
     assert brokers.serves("tcp://b:5555", "other") and not brokers.serves("tcp://b:5555", "triage_pool")
     # the environment, and what wins over it
     monkeypatch.setenv("DSPEX_ENDPOINTS", text)
-    assert broker_map().routes == brokers.routes
-    assert not broker_map("ipc:///tmp/x/f.sock").several
-    assert broker_map(endpoints={"p": "ipc:///tmp/y/f.sock"}).broker_for("p").endpoint == "ipc:///tmp/y/f.sock"
+    assert broker_map(ClientConfig.from_env()).routes == brokers.routes
+    assert not broker_map(ClientConfig.from_env(), "ipc:///tmp/x/f.sock").several
+    assert broker_map(ClientConfig.from_env(), endpoints={"p": "ipc:///tmp/y/f.sock"}).broker_for("p").endpoint == "ipc:///tmp/y/f.sock"
     monkeypatch.setenv("DSPEX_ENDPOINT", "ipc:///tmp/x/f.sock")
     with pytest.raises(dspex.ConfigError, match="both set"):
-        broker_map()
+        broker_map(ClientConfig.from_env())
     monkeypatch.delenv("DSPEX_ENDPOINTS")
-    assert broker_map().brokers == [Broker("ipc:///tmp/x/f.sock")]
+    assert broker_map(ClientConfig.from_env()).brokers == [Broker("ipc:///tmp/x/f.sock")]
 
 
 @pytest.mark.parametrize("endpoints, error", [
@@ -66,9 +67,9 @@ def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatc
 ])
 def test_a_bad_map_is_a_config_error(endpoints: Any, error: str) -> None:
     with pytest.raises(dspex.ConfigError, match=error):
-        broker_map(endpoints=endpoints)
+        broker_map(ClientConfig.from_env(), endpoints=endpoints)
     with pytest.raises(dspex.ConfigError, match="not both"):
-        broker_map("ipc:///a/f.sock", {"p": "ipc:///b/f.sock"})
+        broker_map(ClientConfig.from_env(), "ipc:///a/f.sock", {"p": "ipc:///b/f.sock"})
 
 
 def test_one_broker_is_the_plain_client_and_an_unknown_pool_is_refused_before_sending(short_tmp: str) -> None:
@@ -103,7 +104,7 @@ def test_one_broker_is_the_plain_client_and_an_unknown_pool_is_refused_before_se
 
 
 def test_several_brokers_answers_merge_saying_where_each_part_came_from() -> None:
-    brokers = broker_map(endpoints="alpha=ipc:///a/f.sock,*=ipc:///b/f.sock")
+    brokers = broker_map(ClientConfig.from_env(), endpoints="alpha=ipc:///a/f.sock,*=ipc:///b/f.sock")
     status_a = {"broker": {"pid": 1}, "pools": {"alpha": {"sessions": 1}, "beta": {"sessions": 9}}, "events": []}
     down = dspex.BrokerUnreachable("nothing is listening at ipc:///b/f.sock")
     merged = merge("status", {"ipc:///a/f.sock": status_a, "ipc:///b/f.sock": down}, brokers)

@@ -23,15 +23,27 @@ from hypothesis import strategies as st
 
 import dspex
 from broker.broker import Broker, BrokerOptions
-from tests.harness import Stack, rss_kb, wait_for
-from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz
-from dspex.wire import codec
 from dspex.errors import DspexError, ProtocolError
 from dspex.stack.pools import parse_pool_spec
+from dspex.wire import codec
 from dspex.wire.protocol import (
-    B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
-    pack_reply_envelope, pack_reply_header, unpack_reply_header, unpack_request_envelope, unpack_request_header,
+    B_DISCONNECT,
+    B_REQUEST,
+    PROTOCOL_VERSION,
+    W_DISCONNECT,
+    W_HEARTBEAT,
+    W_PARTIAL,
+    W_READY,
+    W_REPLY,
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
 )
+from tests.harness import Stack, rss_kb, wait_for
+from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,7 +124,7 @@ def inproc_broker() -> Iterator[Broker]:
     root = tempfile.mkdtemp(prefix="dxb", dir="/tmp")
     ctx = zmq.Context()
     b = Broker(BrokerOptions(f"ipc://{root}/r/f", f"ipc://{root}/r/b",
-                             [parse_pool_spec("p:strict_queue"), parse_pool_spec("h:hint")]), ctx)
+                             [parse_pool_spec("p:strict_queue"), parse_pool_spec("h:hint")], run_dir=f"{root}/r"), ctx)
     b.bind()
     try:
         yield b

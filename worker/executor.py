@@ -16,15 +16,38 @@ import sys
 from typing import Any, Callable
 
 from dspex.wire import codec, codestore
-from dspex.wire.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.wire.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
+from dspex.wire.errors import (
+    Cancelled,
+    DspexError,
+    ProtocolError,
+    RemoteError,
+    Timeout,
+    UnknownOp,
+)
+from dspex.wire.protocol import (
+    FLAG_CONTEXT,
+    FLAG_ITEMS,
+    OPS,
+    Durable,
+    Op,
+    RequestHeader,
+    Status,
+    log_level_of,
+)
 from dspex.wire.ref import Ref
 from worker import limits, namespace, output
-from worker.durable import DurableSessions, Restore
 from worker.dspy_settings import SessionSettings, current_session
+from worker.durable import DurableSessions, Restore
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
 from worker.remote_errors import error_frames, remote_error
-from worker.streaming import LazyStream, StreamControl, drain, is_iterable, progress_scope, resolve_awaitable
+from worker.streaming import (
+    LazyStream,
+    StreamControl,
+    drain,
+    is_iterable,
+    progress_scope,
+    resolve_awaitable,
+)
 
 __all__ = [
     "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",

@@ -33,7 +33,6 @@ import zmq
 from zmq.backend import Socket as _ZmqBase
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
 from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
@@ -43,6 +42,7 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     W_READY,
 )
+from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from worker.standin import StandIn, Waker
 

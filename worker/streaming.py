@@ -18,8 +18,8 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
-from dspex.wire import codec
 from dspex import progress
+from dspex.wire import codec
 from dspex.wire.errors import Cancelled, DspexError
 from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref

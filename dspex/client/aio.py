@@ -27,10 +27,11 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.client.endpoints import probe_ipc
-from dspex.wire.sockets import handshake_failure
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
+from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import Exchange, cancel_all, close_monitored, control_frames
+from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -39,8 +40,7 @@ from dspex.wire.errors import (
     ProtocolError,
 )
 from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
-from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.sendcache import SendCache
+from dspex.wire.sockets import handshake_failure
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
 

@@ -16,16 +16,16 @@ and ``_drive``. Constructor options, the ops and their arguments live here only.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Generic, Self, TypeVar
 
 import zmq
 
-from dspex.client.endpoints import ANY_POOL, client_endpoint
-from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, max_message_bytes, tune_socket
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Exchange, bound_name, close_monitored
+from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     ConnectionError,
@@ -36,7 +36,12 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import FLAG_DURABLE, Op
 from dspex.wire.ref import Ref
-from dspex.client.sendcache import SendCache
+from dspex.wire.sockets import (
+    HANDSHAKE_EVENTS,
+    check_endpoint,
+    curve_client_keys,
+    tune_socket,
+)
 
 log = logging.getLogger("dspex.client")
 
@@ -69,15 +74,16 @@ class ClientAPI(Generic[S]):
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
-        self.endpoint = check_endpoint(client_endpoint(endpoint))
+        self.config = config = ClientConfig.from_env()  # the environment, read when a client is made
+        self.endpoint = check_endpoint(config.endpoint_or_default(endpoint))
         self.endpoints = {ANY_POOL: self.endpoint}
         self.timeout = timeout
         self.forward_output = forward_output
         self.client_settings = client_settings
-        self.max_message = max_message_bytes()
+        self.max_message = config.max_message
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = curve_client_keys(
-                self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
+                self.endpoint, config.curve_server_key, config.curve_client_key)
         if curve_server_key is not None and curve_keypair is None:
             # one key for all of this client's sockets: the broker knows a session's owner by it
             curve_keypair = zmq.curve_keypair()
@@ -133,7 +139,7 @@ class ClientAPI(Generic[S]):
                   items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames,
+                        items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
                         forward=self.forward_output if forward is None else forward, **options)
 
     def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
@@ -234,7 +240,8 @@ class SessionAPI:
         self.forward_output = forward_output  # None: the client's
         # what the session's worker holds of this client's code, and whether the client's DSPy
         # settings go with each call
-        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings,
+                                max_entries=client.config.code_cache)
 
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"

@@ -10,13 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspex.client.config import ClientConfig
 from dspex.wire.errors import BrokerUnreachable, ConfigError, PoolNotFound
-from dspex.wire.sockets import check_endpoint, default_frontend, run_dir
-
-
-def client_endpoint(endpoint: str | None = None) -> str:
-    return endpoint or os.environ.get("DSPEX_ENDPOINT") or default_frontend()
-
+from dspex.wire.sockets import check_endpoint
 
 ANY_POOL = "*"  # the entry of an endpoint map for every pool it does not name
 _KEY_OPTIONS = ("server_key", "client_key")
@@ -68,7 +64,8 @@ class BrokerMap:
         return [pool for pool, b in self.routes.items() if b.endpoint == endpoint]
 
 
-def broker_map(endpoint: str | None = None, endpoints: Mapping[str, str] | str | None = None) -> BrokerMap:
+def broker_map(config: ClientConfig, endpoint: str | None = None,
+               endpoints: Mapping[str, str] | str | None = None) -> BrokerMap:
     """The brokers a client uses: ``endpoints`` (a pool -> endpoint map, or its ``DSPEX_ENDPOINTS``
     text), else ``endpoint`` (one broker for every pool), else ``DSPEX_ENDPOINTS``, else
     ``DSPEX_ENDPOINT``, else the default ipc path. An argument wins over the environment; two
@@ -86,13 +83,13 @@ def broker_map(endpoint: str | None = None, endpoints: Mapping[str, str] | str |
         return _parse_map(endpoints, "endpoints")
     if endpoint:
         return BrokerMap({ANY_POOL: _parse_broker(endpoint, "endpoint")})
-    text = os.environ.get("DSPEX_ENDPOINTS", "").strip()
-    if text and os.environ.get("DSPEX_ENDPOINT"):
+    text = config.endpoints
+    if text and config.endpoint:
         raise ConfigError("DSPEX_ENDPOINT (one broker) and DSPEX_ENDPOINTS (a pool -> endpoint map) are both set: "
                           "unset one")
     if text:
         return _parse_map(text, "DSPEX_ENDPOINTS")
-    return BrokerMap({ANY_POOL: Broker(check_endpoint(client_endpoint()))})
+    return BrokerMap({ANY_POOL: Broker(check_endpoint(config.endpoint_or_default()))})
 
 
 def _parse_map(endpoints: Mapping[str, str] | str, source: str) -> BrokerMap:
@@ -154,7 +151,7 @@ def probe_ipc(endpoint: str) -> None:
         return
     path = Path(endpoint[len("ipc://"):])
     parent = path.parent
-    where = "run directory" if parent == run_dir() else "directory"
+    where = "run directory" if str(parent) == ClientConfig.from_env().run_dir else "directory"
     try:
         dst = parent.stat()
     except FileNotFoundError:

@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, Callable
 
 import msgpack
 import zmq
 
-from dspex.wire import codec
 from dspex.client import output
+from dspex.client.config import DEFAULT_REPLY_GRACE
+from dspex.client.sendcache import SendCache
+from dspex.client.sessionpickle import Message
+from dspex.wire import codec
 from dspex.wire.codec import Policy
-from dspex.wire.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
-                          error_from_wire)
+from dspex.wire.errors import (
+    CodeCacheMiss,
+    ConnectionLost,
+    DspexError,
+    MessageTooLarge,
+    ProtocolError,
+    Timeout,
+    error_from_wire,
+)
 from dspex.wire.protocol import (
     FLAG_CONTEXT,
     FLAG_ITEMS,
@@ -37,15 +46,8 @@ from dspex.wire.protocol import (
     Side,
     Status,
 )
-from dspex.client.sendcache import SendCache
-from dspex.client.sessionpickle import Message
 
 log = logging.getLogger("dspex.client")
-
-# The worker stops a call at its deadline and replies Timeout(stopped=True); one that ignores the
-# interruption for its 5 s grace costs its worker, which still replies (hard=True). A client that
-# hears nothing waits this much past the deadline, so the worker's typed reply normally wins.
-REPLY_GRACE = float(os.environ.get("DSPEX_REPLY_GRACE", "7"))
 
 # What the top-level items of each worker op's body are called in an EncodeError's path.
 BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.args) for op in Op}
@@ -167,15 +169,20 @@ class Exchange:
 
     __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
                  "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward", "sender", "_raw",
-                 "_max_message")
+                 "_max_message", "grace")
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
                  own_frames: bool = False, forward: bool = False, sender: SendCache | None = None,
-                 flags: int = 0) -> None:
+                 flags: int = 0, reply_grace: float = DEFAULT_REPLY_GRACE) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
-        self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
+        # The worker stops a call at its deadline and replies Timeout(stopped=True); one that
+        # ignores the interruption for its grace costs its worker, which still replies (hard=True).
+        # A client that hears nothing waits ``reply_grace`` past the deadline, so the worker's
+        # typed reply normally wins. Broker ops have no worker to wait for.
+        self.grace = reply_grace if op in WORKER_OPS else 0.0
+        self.wait = timeout + self.grace
         self.items = items
         self.sender = sender
         self._raw = body if sender is not None else None  # kept to send again in full after a cache miss
@@ -235,7 +242,7 @@ class Exchange:
         return True
 
     def timed_out(self) -> Timeout:
-        return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{REPLY_GRACE:g}s grace) from "
+        return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{self.grace:g}s grace) from "
                        f"{self.endpoint}: the call may still be running", op=self.op, stopped=False)
 
     def lost(self, why: str) -> ConnectionLost:

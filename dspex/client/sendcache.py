@@ -26,17 +26,17 @@ forgets what was sent and the request goes again in full, once. A miss from a ``
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from dspex.client.config import DEFAULT_CODE_CACHE
+
 if TYPE_CHECKING:
     from dspex.client.sessionpickle import Message, SettingsSent, Walk
 
-DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
 # DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
@@ -54,8 +54,7 @@ class SendCache:
                  max_entries: int | None = None) -> None:
         self.keep = keep  # False: the worker keeps nothing between calls; every request goes in full
         self.client_settings = client_settings  # send the client's DSPy settings with each request
-        self.max_entries = max_entries if max_entries is not None else int(
-            os.environ.get("DSPEX_CODE_CACHE", str(DEFAULT_MAX_ENTRIES)))
+        self.max_entries = max_entries if max_entries is not None else DEFAULT_CODE_CACHE
         self._prefix = secrets.token_hex(4)  # keys never collide with another client's on a shared session id
         self._serial = itertools.count(1)
         self._lock = threading.Lock()

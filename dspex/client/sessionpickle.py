@@ -34,10 +34,10 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue, codestore
 from dspex.client import codeindex
-from dspex.wire.errors import EncodeError
 from dspex.client.sendcache import SendCache, client_dspy_settings
+from dspex.wire import byvalue, codestore
+from dspex.wire.errors import EncodeError
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")

@@ -24,10 +24,11 @@ from typing import Any, Self, TypeVar, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.client.endpoints import probe_ipc
-from dspex.wire.sockets import handshake_failure
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
+from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import Exchange, close_monitored, control_frames
+from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -36,8 +37,7 @@ from dspex.wire.errors import (
     ProtocolError,
 )
 from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
-from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.sendcache import SendCache
+from dspex.wire.sockets import handshake_failure
 from dspex.wire.zmqfast import recv_frames, send_frames
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]

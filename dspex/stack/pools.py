@@ -7,8 +7,8 @@ import configparser
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dspex.wire.errors import ConfigError
 from dspex.stack.health import HEALTH_WINDOW_S
+from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import Affinity
 
 SECTION_PREFIX = "dspex:pool:"

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspex.wire.sockets import UNIX_PATH_MAX
 from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
+from dspex.wire.sockets import UNIX_PATH_MAX
 
 # supervisor.xmlrpc.Faults values we branch on
 FAULT_BAD_NAME = 10
@@ -48,8 +48,7 @@ class SupervisorNoSuchProcess(UsageError):
     code = "supervisor_bad_name"
 
 
-def default_conf() -> Path:
-    return Path(os.environ.get("DSPEX_SUPERVISOR_CONF") or "supervisor.conf")
+DEFAULT_CONF = Path("supervisor.conf")  # dspexctl's --supervisor-conf (DSPEX_SUPERVISOR_CONF) when not given
 
 
 @dataclass(frozen=True)

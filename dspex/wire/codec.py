@@ -27,9 +27,24 @@ from dspex.wire import ref as ref_module
 from dspex.wire.errors import DspexError, EncodeError, MissingModule, ProtocolError
 from dspex.wire.record import KINDS, build_record, record_parts
 from dspex.wire.ref import Ref
-from dspex.wire.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD,
-                             EXT_REF, EXT_FROZENSET, EXT_SET, EXT_TUPLE, RECORD, TAGS, convert_subclass, surrogates,
-                             utf8_ok)
+from dspex.wire.wiretypes import (
+    BUILDERS,
+    DECODERS,
+    ENCODERS,
+    EXT_FROZENSET,
+    EXT_NDARRAY,
+    EXT_NPSCALAR,
+    EXT_PICKLE,
+    EXT_RECORD,
+    EXT_REF,
+    EXT_SET,
+    EXT_TUPLE,
+    RECORD,
+    TAGS,
+    convert_subclass,
+    surrogates,
+    utf8_ok,
+)
 
 __all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
            "unpackb"]

@@ -296,7 +296,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
         try:
-            from dspex.wire import byvalue  # like every ext 13 value: a client's class comes back untouched
+            from dspex.wire import (
+                byvalue,  # like every ext 13 value: a client's class comes back untouched
+            )
 
             loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):

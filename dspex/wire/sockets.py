@@ -1,10 +1,12 @@
 """Where dspex's sockets are and the options each one gets: the default endpoints in the run
 directory, the endpoint rules, the message size bound, CURVE keys of a connecting peer (a client
-or a worker) and what a failed CURVE handshake means. Both ends of every connection use these."""
+or a worker) and what a failed CURVE handshake means. Both ends of every connection use these.
+Nothing here reads the environment itself: a process kind's settings pass theirs in."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import zmq
@@ -15,17 +17,28 @@ from dspex.wire.protocol import MAX_MESSAGE_BYTES
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
 
-def run_dir() -> Path:
-    """``DSPEX_RUN_DIR`` or ``/tmp/dspex-<uid>``: short enough for unix socket paths."""
-    return Path(os.environ.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{os.getuid()}")
+def run_dir(environ: Mapping[str, str]) -> Path:
+    """``DSPEX_RUN_DIR`` of a process's environment, or ``/tmp/dspex-<uid>``: short enough for unix
+    socket paths. Each process kind's settings call it once (the client's, the broker's, a
+    worker's, dspexctl's)."""
+    return Path(environ.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{os.getuid()}")
 
 
-def default_frontend() -> str:
-    return os.environ.get("DSPEX_FRONTEND") or os.environ.get("DSPEX_ENDPOINT") or f"ipc://{run_dir()}/frontend.sock"
+def default_frontend(environ: Mapping[str, str]) -> str:
+    """Where the broker takes clients unless told: ``DSPEX_FRONTEND``, ``DSPEX_ENDPOINT``, else the
+    run directory's ``frontend.sock``."""
+    return environ.get("DSPEX_FRONTEND") or environ.get("DSPEX_ENDPOINT") or f"ipc://{run_dir(environ)}/frontend.sock"
 
 
-def default_backend() -> str:
-    return os.environ.get("DSPEX_BACKEND") or f"ipc://{run_dir()}/backend.sock"
+def default_backend(environ: Mapping[str, str]) -> str:
+    """Where the broker takes workers unless told: ``DSPEX_BACKEND``, else the run directory's
+    ``backend.sock``."""
+    return environ.get("DSPEX_BACKEND") or f"ipc://{run_dir(environ)}/backend.sock"
+
+
+def max_message_bytes(environ: Mapping[str, str]) -> int:
+    """The largest message a socket takes: ``DSPEX_MAX_MESSAGE``, else the protocol's bound."""
+    return int(environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -61,14 +74,10 @@ def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: 
     return server_public, (public, secret)
 
 
-def max_message_bytes() -> int:
-    return int(os.environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
-
-
-def tune_socket(sock: zmq.Socket[bytes], *, max_message: int | None = None) -> None:
+def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
     """Options every dspex socket gets: no linger on close, bounded inbound message size."""
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message if max_message is not None else max_message_bytes())
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
 
 
 # socket monitor events that say why a CURVE connection to the broker never carried a message
