@@ -7,7 +7,7 @@
 ...     prog(question="...").answer
 """
 
-from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
+from dspex import aio
 from dspex.client.sync import Client, Rehydrator, Session, Stream, connect
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -51,9 +51,47 @@ from dspex.wire.ref import Ref, RemoteMethod
 __version__ = "0.1.0"
 
 __all__ = [
-    "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
-    "Cancelled", "CheckpointRefused", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "NotDurableWarning", "PoolNotFound",
-    "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionNotDurable", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
-    "WorkerBusy", "WorkerCrashed", "connect",
+    "BrokerUnreachable",
+    "Cancelled",
+    "CheckpointRefused",
+    "Client",
+    "CodeCacheMiss",
+    "ConfigError",
+    "ConnectionError",
+    "ConnectionLost",
+    "DidNotRun",
+    "DspexError",
+    "EncodeError",
+    "InternalError",
+    "MayHaveRun",
+    "MessageTooLarge",
+    "MissingModule",
+    "NotDurableWarning",
+    "PoolNotFound",
+    "PoolSaturated",
+    "ProtocolError",
+    "QueueTimeout",
+    "Record",
+    "Ref",
+    "RefNotFound",
+    "RefQuotaExceeded",
+    "Refused",
+    "Rehydrator",
+    "RemoteError",
+    "RemoteMethod",
+    "Session",
+    "SessionClosed",
+    "SessionNotDurable",
+    "SessionNotYours",
+    "SessionPoolMismatch",
+    "SessionQuotaExceeded",
+    "SessionWorkerUnavailable",
+    "Stream",
+    "Timeout",
+    "UnknownOp",
+    "UsageError",
+    "WorkerBusy",
+    "WorkerCrashed",
+    "aio",
+    "connect",
 ]

@@ -24,9 +24,9 @@ from dspy.evaluate.evaluate import EvaluationResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dspex.errors import MissingModule, ProtocolError
 from dspex.wire import record
 from dspex.wire.codec import EncodeError, Policy, decode, encode, packb, unpackb
-from dspex.errors import MissingModule, ProtocolError
 from dspex.wire.record import Record
 from dspex.wire.ref import Ref
 from dspex.wire.wiretypes import ENUM, EXT_PICKLE, SUBCLASS

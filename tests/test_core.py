@@ -30,11 +30,11 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     W_READY,
     W_REPLY,
-    RequestHeader,
-    pack_reply_header,
     RequestEnvelope,
+    RequestHeader,
     SessionMode,
     pack_reply_envelope,
+    pack_reply_header,
     unpack_request_envelope,
     unpack_request_header,
 )
@@ -320,7 +320,7 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     assert core.worker_of(2) == A
     core.request(C, 3, "p", "s3")
     assert core.worker_of(3) == A and core.outcome(C, 3) is None
-    call_ms, queue_ms = budget_of(core, 3)
+    _call_ms, queue_ms = budget_of(core, 3)
     assert 4000 < queue_ms <= 5000  # what is left of its queue time: the worker enforces it
     core.request(C, 4, "p", "s4")
     assert core.worker_of(4) is None  # one ahead at most (prefetch=1)

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -89,7 +90,7 @@ def test_request_header_parser_only_raises_protocol_error(data: bytes) -> None:
 @given(st.one_of(st.binary(max_size=64), st.lists(objects, max_size=6).map(packed)))
 def test_reply_header_parser_only_raises_protocol_error(data: bytes) -> None:
     try:
-        status, req_id, worker, pool = unpack_reply_header(data)
+        status, req_id, _worker, _pool = unpack_reply_header(data)
     except ProtocolError:
         return
     assert isinstance(status, str) and isinstance(req_id, int)

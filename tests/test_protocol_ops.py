@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from broker.ops import HANDLERS
-from dspex.wire import codec
 from dspex.client.api import ClientAPI, Session, SessionAPI
 from dspex.client.exchange import BODY_NAMES, encode_body
 from dspex.errors import ProtocolError
+from dspex.wire import codec
 from dspex.wire.protocol import (
     BROKER_OPS,
     OPS,

@@ -13,7 +13,8 @@ import contextlib
 import importlib
 import secrets
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from dspex.wire import codec, codestore
 from dspex.wire.errors import (
@@ -187,7 +188,7 @@ class Executor:
                             context = codec.decode([context], side="worker")
                 except DspexError:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
                     raise ProtocolError(f"malformed request body: {exc}") from None
                 except limits.CallTimedOut:
                     raise
@@ -295,7 +296,7 @@ class Executor:
         scope = namespace.namespace(state)
         if namespace_:
             scope = {**scope, **namespace_}
-        return eval(namespace.compile_eval(expr), scope)  # noqa: S307 - the op's purpose
+        return eval(namespace.compile_eval(expr), scope)
 
     def _exec(self, state: SessionState, source: str, namespace_: dict[str, Any] | None) -> dict[str, Any]:
         """Run ``source`` as the next lines of the session's module; return the names it bound."""
@@ -321,7 +322,7 @@ class Executor:
         raise RemoteError(f"{type_name(ref)} has no plain-data form", type="TypeError", module="builtins",
                           traceback="")
 
-    _handlers: dict[str, Callable[..., Any]] = {
+    _handlers: ClassVar[dict[str, Callable[..., Any]]] = {
         Op.CALL.value: _call,
         Op.METHOD.value: _method,
         Op.GETATTR.value: _getattr,
@@ -366,8 +367,8 @@ def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
 
 def _resolve_callable(module: str, name: str) -> Any:
     obj: Any = sys.modules.get(module)
-    # importlib.import_module takes the module's import lock even when it is loaded (~5 µs per
-    # call); a module still initializing (imported by another thread right now) goes through it
+    # importlib.import_module takes the module's import lock even when it is loaded, on every
+    # call; a module still initializing (imported by another thread right now) goes through it
     if obj is None or getattr(getattr(obj, "__spec__", None), "_initializing", False):
         obj = importlib.import_module(module)
     for part in name.split("."):

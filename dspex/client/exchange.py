@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq
@@ -144,7 +145,7 @@ def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list
 def decode_error(frames: list[Any]) -> DspexError:
     try:
         payload = msgpack.unpackb(_buffer(frames[0]), strict_map_key=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable error reply is itself a protocol error
         payload = {"code": "protocol_error", "message": "unreadable error reply"}
     return error_from_wire(payload)
 
@@ -156,7 +157,7 @@ def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) 
         return codec.decode(frames, resolve, own_frames=own_frames)
     except DspexError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a reply's bytes make the decoder raise is a protocol error
         raise ProtocolError(f"cannot decode reply: {exc}") from None
 
 
@@ -167,9 +168,28 @@ def _buffer(frame: Any) -> Any:
 class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
-    __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
-                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward", "sender", "_raw",
-                 "_max_message", "grace")
+    __slots__ = (
+        "_max_message",
+        "_raw",
+        "bind",
+        "body",
+        "endpoint",
+        "flags",
+        "forward",
+        "grace",
+        "items",
+        "meter",
+        "on_output",
+        "on_progress",
+        "on_reply",
+        "op",
+        "own_frames",
+        "pool",
+        "sender",
+        "session",
+        "timeout",
+        "wait",
+    )
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
@@ -257,5 +277,5 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         try:
             await task
-        except (asyncio.CancelledError, Exception):
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - only their end is awaited
             pass

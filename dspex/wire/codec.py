@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -64,10 +64,10 @@ class Policy(str, enum.Enum):
 # deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
 MAX_WALK_DEPTH = 400
 
-Frame = Union[bytes, memoryview, zmq.Frame]
+Frame = bytes | memoryview | zmq.Frame
 ToRef = Callable[[object], Ref]
 ResolveRef = Callable[[Ref], object]
-Buffers = list[Union[bytes, memoryview]]
+Buffers = list[bytes | memoryview]
 
 
 class _Tag:
@@ -153,7 +153,7 @@ class _Encoder:
                 data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
             except EncodeError:
                 raise  # names what it is already (a session's unpicklable global)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever pickling raises is this value's EncodeError
                 raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
                                   type=_type_name(obj)) from None
         else:
@@ -456,13 +456,13 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
         blob, sources = parts["pickle"], parts.get("sources") or {}
         if not isinstance(blob, bytes) or not isinstance(sources, dict):
             raise TypeError("wrong field types")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever malformed bytes raise is a protocol error
         raise ProtocolError(f"malformed by-value object: {exc}") from None
     try:
         return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
     except DspexError:
         raise  # a code cache miss: the client sends the request again in full
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a by-value object that does not load, said why below
         missing = _missing_module(exc)
         if missing is not None:
             raise missing from None

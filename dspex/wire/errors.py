@@ -220,10 +220,10 @@ def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
     cls: type[RemoteError] | None = None
     if issubclass(original, Exception) and not issubclass(original, DspexError):
 
-        def __str__(self: RemoteError) -> str:  # noqa: N807 - str() reads as in-process
+        def __str__(self: RemoteError) -> str:
             try:
                 return str(original.__str__(self))
-            except Exception:
+            except Exception:  # noqa: BLE001 - the original class's __str__ may fail on our instance
                 return self._wire()[0]
 
         try:
@@ -303,7 +303,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
             loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):
                 original = loaded
-        except Exception:
+        except Exception:  # noqa: BLE001 - a pickled exception this side cannot load falls back to its recorded type
             original = None
     original_type = type(original) if original is not None else _original_type(details)
     cls = _remote_class(original_type) if original_type is not None else None
@@ -312,7 +312,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     args = original.args if original is not None else (message,)
     try:
         err = cls.__new__(cls, *args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a class whose __new__ wants other arguments
         err = cls.__new__(cls)
     if original_type.__module__ == "builtins":
         # their C fields come from init (OSError.errno, .filename) or reduce's state (ImportError.name)
@@ -324,7 +324,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
             if isinstance(state, dict):
                 for key, value in state.items():
                     setattr(err, key, value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort: the message and the wire details are set below anyway
             pass
     try:
         err.message = message
@@ -378,7 +378,7 @@ class MessageTooLarge(ProtocolError):
     code = "message_too_large"
 
 
-class ConnectionError(DspexError):  # noqa: A001 - the brief names it so; dspex.ConnectionError
+class ConnectionError(DspexError):
     """The broker cannot be reached, or the connection to it dropped (see the two subclasses)."""
 
     code = "connection_error"

@@ -310,8 +310,8 @@ class RequestHeader(NamedTuple):
     ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
     it lets a restarted broker re-adopt pins it has never seen. Immutable like the other
     messages, but a NamedTuple: the broker and the worker build one per request, and a frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost 5x as much
-    (docs/benchmarks.md, issue 14).
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs several times as much
+    (docs/benchmarks.md).
     """
 
     op: str
@@ -347,7 +347,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             raise TypeError("wrong field types")
         if max(len(op), len(pool), len(session), len(worker)) > MAX_NAME_CHARS:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed request header: {exc}") from None
     return header
 
@@ -362,7 +362,7 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
         status, req_id, worker, pool = msgpack.unpackb(data)
         if not (isinstance(status, str) and isinstance(req_id, int)):
             raise TypeError("wrong field types")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed reply header: {exc}") from None
     return status, req_id, str(worker), str(pool)
 
