@@ -42,6 +42,7 @@ from dspex.wire.wiretypes import (
     RECORD,
     TAGS,
     convert_subclass,
+    is_data_like,
     surrogates,
     utf8_ok,
 )
@@ -140,7 +141,7 @@ class _Encoder:
 
     def wants_pickled(self, obj: object) -> bool:
         """Is ``obj`` (not a value, not a record) sent by value under this policy?"""
-        return self.policy is Policy.ALL or self.policy is Policy.DATA and byvalue.is_data_like(obj)
+        return self.policy is Policy.ALL or self.policy is Policy.DATA and is_data_like(obj)
 
     def pickle(self, obj: object) -> msgpack.ExtType:
         """ext 13 (ext 25 with a sender) of ``obj``; raises EncodeError (with pickle's reason) when

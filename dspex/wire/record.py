@@ -15,6 +15,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from dspex.wire.byvalue import resolve_code
+
 KINDS = ("example", "prediction")
 
 
@@ -223,8 +225,6 @@ def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None
     if dspy is None:
         return Record(kind, fields, input_keys, extra)
     if cls is not None:
-        from dspex.wire.wiretypes import resolve_code
-
         return _subclass_record(dspy, kind, resolve_code(cls), fields, extra, attrs or {})
     if kind == "prediction":
         pred = _new_prediction(dspy.Prediction, fields)
