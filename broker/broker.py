@@ -18,7 +18,6 @@ import signal
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,10 @@ from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
+from broker.settings import BrokerOptions
 from broker.state import Notices
-from dspex.stack.pools import PoolConfig
 from dspex.stack.rundir import ensure_private_dir, prepare_bind
 from dspex.wire.errors import ConfigError
-from dspex.wire.protocol import (
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_LIVENESS,
-    MAX_MESSAGE_BYTES,
-)
 from dspex.wire.sockets import tune_socket
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 
@@ -58,33 +52,6 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
-CLIENT_HWM = 100_000  # replies queued for one client that is not reading
-
-
-@dataclass
-class BrokerOptions:
-    """The broker's settings: made once by ``python -m broker`` (broker/__main__.py) from its command
-    line and the environment, the only place the broker reads either."""
-
-    frontend: str
-    backend: str
-    pools: list[PoolConfig]
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
-    max_sessions: int = 100_000
-    max_message: int = MAX_MESSAGE_BYTES
-    client_hwm: int = CLIENT_HWM
-    metrics_port: int = 0
-    curve_secret: bytes | None = None
-    curve_public: bytes | None = None
-    curve_allowed_dir: str | None = None
-    supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
-    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in run_dir; "": none)
-    run_dir: str = ""  # where the sockets and the checkpoint store live by default ("": no default store)
-    checkpoint_cap: int = checkpoints_store.SESSION_CAP  # bytes per durable session
-    checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
-
-
 class Broker:
     """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 

@@ -1,6 +1,7 @@
 """The environment a dspex process reads: every ``DSPEX_*`` variable the code names is in the
 table of docs/operations.md (*Environment*), and each process kind reads its variables in one
-place (the broker and the worker in their ``__main__``, a client in ``dspex/client/config.py``)."""
+place (the broker in ``broker/settings.py``, a worker in ``worker/__main__.py``, a client in
+``dspex/client/config.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ NAME = re.compile(r"\bDSPEX_[A-Z][A-Z_]*[A-Z]\b")
 PRODUCT = [*(REPO / p for p in ("broker", "worker", "dspex", "dspexctl")), REPO / "bin", REPO / "supervisor.conf"]
 # where a process kind reads os.environ for DSPEX_* names (the blocking client still reads its
 # socket and thread knobs where it uses them)
-READERS = {"broker/__main__.py", "worker/__main__.py", "dspex/client/config.py", "dspex/client/sync.py"}
+READERS = {"broker/settings.py", "worker/__main__.py", "dspex/client/config.py", "dspex/client/sync.py"}
 
 
 def _product_files() -> list[Path]:

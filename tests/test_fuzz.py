@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import dspex
-from broker.broker import Broker, BrokerOptions
+from broker.broker import Broker
+from broker.settings import BrokerOptions
 from dspex.errors import DspexError, ProtocolError
 from dspex.stack.pools import parse_pool_spec
 from dspex.wire import codec
