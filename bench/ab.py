@@ -23,7 +23,7 @@ the raw blocks).
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
   call, the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
-  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.routing``).
+  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.client.routing``).
 """
 
 from __future__ import annotations
