@@ -311,8 +311,7 @@ class Client(ClientAPI[Session]):
         out and not over: cancel it as asyncio does, waiting for nothing (late replies are skipped
         by request id). An interrupt that ``cut`` a send in two leaves half a message in the socket:
         it is closed instead, and the broker cancels what a closed connection had."""
-        if cut:
-            ch.broken = True  # and so nothing is sent
+        ch.broken = ch.broken or cut  # a cut socket is closed, nothing more is sent on it
         if ch.broken or ex.op not in WORKER_OPS:
             return
         try:

@@ -9,7 +9,8 @@ Ext codes are part of the wire protocol (``dspex.wire.wiretypes``, docs/protocol
 Values keep their exact types (``dspex.wire.wiretypes``: subclasses, enum members, OrderedDict,
 Decimal, paths...). What is not a value follows the encode :class:`Policy`: by value
 (``dspy.Example`` / ``Prediction`` and their subclasses as records, ext 14; anything else with
-cloudpickle, ext 13) or as a ref.
+cloudpickle, ext 13) or as a ref. Decoding is :mod:`dspex.wire.decoding` (``decode`` and
+``unpackb`` are this module's too).
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ from typing import Any, Protocol
 
 import msgpack
 import numpy as np
-import zmq
 
-from dspex.wire import byvalue, codestore
-from dspex.wire import ref as ref_module
-from dspex.wire.errors import DspexError, EncodeError, MissingModule, ProtocolError
-from dspex.wire.record import KINDS, build_record, record_parts
+from dspex.wire import byvalue
+from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, unpackb
+from dspex.wire.errors import EncodeError
+from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
 from dspex.wire.wiretypes import (
-    BUILDERS,
-    DECODERS,
     ENCODERS,
     EXT_FROZENSET,
     EXT_NDARRAY,
@@ -50,9 +48,6 @@ from dspex.wire.wiretypes import (
 __all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
            "unpackb"]
 
-# ext codes 25-29 are a session's code, sent once (dspex.client.sessionpickle writes, dspex.wire.codestore reads)
-EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
-
 
 class Policy(str, enum.Enum):
     """What ``encode`` does with a value msgpack cannot carry."""
@@ -65,37 +60,8 @@ class Policy(str, enum.Enum):
 # deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
 MAX_WALK_DEPTH = 400
 
-Frame = bytes | memoryview | zmq.Frame
 ToRef = Callable[[object], Ref]
-ResolveRef = Callable[[Ref], object]
 Buffers = list[bytes | memoryview]
-
-
-class _Tag:
-    """Decoded form of a container tag; the list hook turns ``[tag, *items]`` into the container."""
-
-    __slots__ = ("build",)
-
-    def __init__(self, build: Callable[[list[Any]], Any]) -> None:
-        self.build = build
-
-
-def _build_record(items: list[Any]) -> Any:
-    if len(items) not in (4, 6) or items[0] not in KINDS or not isinstance(items[1], dict):
-        raise ProtocolError("malformed record")
-    keys, extra = items[2], items[3]
-    if not (keys is None or isinstance(keys, list)) or not isinstance(extra, dict):
-        raise ProtocolError("malformed record")
-    if len(items) == 4:
-        return build_record(items[0], items[1], keys, extra)
-    attrs = items[5]
-    if not isinstance(attrs, dict):
-        raise ProtocolError("malformed record")
-    return build_record(items[0], items[1], keys, extra, items[4], attrs)
-
-
-_TAGS: dict[int, _Tag] = {code: _Tag(build) for code, build in BUILDERS.items()}
-_TAGS[EXT_RECORD] = _Tag(_build_record)
 
 
 def _dtype_wire(dt: np.dtype[Any]) -> Any:
@@ -391,126 +357,3 @@ def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:
 def packb(obj: object) -> bytes:
     """Plain msgpack for small headers: same ext types, no array frames, no ``to_ref``."""
     return _pack(obj, None, None, "header")
-
-
-def _list_hook(items: list[Any]) -> Any:
-    if items and type(items[0]) is _Tag:
-        return items[0].build(items[1:])
-    return items
-
-
-def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: ResolveRef | None,
-                owned: set[int] | None = None) -> Any:
-    tag = _TAGS.get(code)
-    if tag is not None:
-        return tag
-    decoder = DECODERS.get(code)
-    if decoder is not None:
-        return decoder(data)
-    if code == EXT_PICKLE:
-        return _unpickle(data)
-    if code == EXT_SESSION_PICKLE:
-        return _unpickle(data, session=True)
-    if code == EXT_REF:
-        fields = msgpack.unpackb(data)
-        if not (isinstance(fields, list) and len(fields) == 6 and all(type(f) is str for f in fields)):
-            raise ProtocolError("malformed ref")
-        ref = Ref(*fields)
-        return ref if resolve_ref is None else resolve_ref(ref)
-    if code in (EXT_NDARRAY, EXT_NPSCALAR):
-        parts: list[Any] = unpackb(data)  # type: ignore[assignment]
-        dt = np.dtype(parts[0])
-        if dt.hasobject:
-            raise ProtocolError("object dtypes are never accepted from the wire")
-        if code == EXT_NPSCALAR:
-            return np.ndarray((), dtype=dt, buffer=parts[1])[()]
-        shape, index = parts[1:]
-        if frames is None or not 1 <= index < len(frames):
-            raise ProtocolError(f"array refers to missing frame {index}")
-        flat = np.frombuffer(frames[index], dtype=dt) if dt.itemsize else np.empty(0, dt)
-        arr = flat.reshape(shape)
-        if owned is not None and index in owned and arr.flags.aligned:
-            owned.discard(index)  # a second array on the same frame gets a copy: arrays never alias
-            return arr  # a view of the received frame, which it keeps alive: no copy
-        # one copy: frame memory may be read-only, or a writable view of an immutable bytes
-        return arr.copy()
-    return msgpack.ExtType(code, data)
-
-
-def _missing_module(exc: BaseException) -> ModuleNotFoundError | None:
-    """The ModuleNotFoundError that made loading fail, when one did (pickle may wrap it)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, ModuleNotFoundError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def _unpickle(data: bytes, session: bool = False) -> Any:
-    try:
-        parts = msgpack.unpackb(data)
-        blob, sources = parts["pickle"], parts.get("sources") or {}
-        if not isinstance(blob, bytes) or not isinstance(sources, dict):
-            raise TypeError("wrong field types")
-    except Exception as exc:  # noqa: BLE001 - whatever malformed bytes raise is a protocol error
-        raise ProtocolError(f"malformed by-value object: {exc}") from None
-    try:
-        return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
-    except DspexError:
-        raise  # a code cache miss: the client sends the request again in full
-    except Exception as exc:  # noqa: BLE001 - a by-value object that does not load, said why below
-        missing = _missing_module(exc)
-        if missing is not None:
-            raise missing from None
-        raise ProtocolError(f"cannot unpickle a by-value object here: {type(exc).__name__}: {str(exc)[:300]}"
-                            ) from None
-
-
-_ENVIRONMENT = {"client": "in the client's environment", "worker": "on the workers' environment"}
-
-
-def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
-            owned: set[int] | None = None, side: str = "client") -> object:
-    try:
-        return msgpack.unpackb(
-            body,
-            ext_hook=lambda code, data: _decode_ext(code, data, frames, resolve_ref, owned),
-            list_hook=_list_hook,
-            strict_map_key=False,
-        )
-    except DspexError:
-        raise
-    except ModuleNotFoundError as exc:  # a by-value object, or a class named by reference, needs it
-        name = exc.name or str(exc)
-        raise MissingModule(f"{exc} (needed to load a value sent to the {side}): install it "
-                            f"{_ENVIRONMENT.get(side, 'here')}", module=name, side=side) from None
-    except Exception as exc:
-        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
-
-
-def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, own_frames: bool = False,
-           side: str = "client") -> object:
-    """Inverse of :func:`encode`; refs go through ``resolve_ref`` when given, else stay Refs.
-
-    ``own_frames``: the ``zmq.Frame`` objects among ``frames`` came from an ipc/tcp socket, so their
-    memory is this message's alone and arrays may be views of it (no copy); not for inproc, where
-    a frame can share the sender's (even immutable) memory. ``side`` (``"client"``/``"worker"``)
-    is where this runs: a module missing here is a :class:`MissingModule` saying where to install it.
-    """
-    if not frames:
-        raise ProtocolError("empty message")
-    bufs = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
-    owned = {i for i, f in enumerate(frames) if isinstance(f, zmq.Frame)} if own_frames else None
-    token = ref_module.resolver.set(resolve_ref)  # refs inside by-value objects resolve too
-    try:
-        return _unpack(bufs[0], bufs, resolve_ref, owned, side)
-    finally:
-        ref_module.resolver.reset(token)
-
-
-def unpackb(data: bytes | memoryview) -> object:
-    """Inverse of :func:`packb`."""
-    return _unpack(data, None, None)
