@@ -454,3 +454,78 @@ def test_an_object_restoring_itself_with_its_modules_globals_finds_them() -> Non
     with ledger.lock:
         pass
     namespace.drop_session_module(new)
+
+
+class _Box:
+    def __init__(self) -> None:
+        self.inner = {"deep": [1, 2, {"x": "y"}]}
+
+
+@pytest.mark.parametrize("change", [
+    "demo field", "instructions", "lm kwargs", "module attribute", "nested object",
+    "adapter flag", "setting", "namespace global", "ref released"])
+def test_a_change_anywhere_in_what_the_session_holds_is_caught_by_the_next_build(change: str) -> None:
+    """The fingerprint is the skeleton's pickle (the tracker reuses its pickler from build to
+    build): whatever a call changes, however deep, makes a checkpoint, and the restore has it.
+    (Not an LM history entry changed in place after it was recorded: each is pickled once, when
+    it appears; docs/reliability.md says so.)"""
+    _, state, refs = typical_session()
+    box = _Box()
+    refs["box"] = RefTable("p", "w1").put(state, box)
+    namespace.session_module(state).__dict__["counter"] = [0]
+    tracker, held = checkpoint.Tracker(SID), Held()
+    for _ in range(2):  # the second build: nothing changed, nothing sent
+        ck, _ = tracker.build(state)
+        if ck is not None:
+            held.apply(ck)
+    assert ck is None
+    lm, cot = state.dspy_settings["lm"], state.refs[refs["cot"].id]
+    mutate: dict[str, Any] = {
+        "demo field": lambda: cot.predict.demos[2]._store.__setitem__("answer", "changed"),
+        "instructions": lambda: setattr(cot.predict, "signature", cot.predict.signature.with_instructions("new")),
+        "lm kwargs": lambda: lm.kwargs.__setitem__("temperature", 0.5),
+        "module attribute": lambda: setattr(cot, "mine", 7),
+        "nested object": lambda: box.inner["deep"][2].__setitem__("x", "z"),
+        "adapter flag": lambda: setattr(state.dspy_settings["adapter"], "use_native_function_calling", True),
+        "setting": lambda: state.dspy_settings.__setitem__("max_errors", 3),
+        "namespace global": lambda: namespace.session_module(state).__dict__["counter"].append(1),
+        "ref released": lambda: state.refs.pop(refs["box"].id),
+    }
+    mutate[change]()
+    ck, _ = tracker.build(state)
+    assert ck is not None, f"a changed {change} made no checkpoint"
+    held.apply(ck)
+    new, _ = held.restore()
+    ncot, nlm = new.refs[refs["cot"].id], new.dspy_settings["lm"]
+    seen = {
+        "demo field": lambda: ncot.predict.demos[2].answer == "changed",
+        "instructions": lambda: ncot.predict.signature.instructions == "new",
+        "lm kwargs": lambda: nlm.kwargs["temperature"] == 0.5,
+        "module attribute": lambda: ncot.mine == 7,
+        "nested object": lambda: new.refs[refs["box"].id].inner["deep"][2] == {"x": "z"},
+        "adapter flag": lambda: new.dspy_settings["adapter"].use_native_function_calling is True,
+        "setting": lambda: new.dspy_settings["max_errors"] == 3,
+        "namespace global": lambda: new.module is not None and new.module.__dict__["counter"] == [0, 1],
+        "ref released": lambda: refs["box"].id not in new.refs,
+    }
+    assert seen[change](), change
+
+
+def test_histories_of_the_lm_and_modules_restore_as_lists_of_their_own_with_the_sessions_entries() -> None:
+    """An LM's or a module's history holding the session's entries is written as one reference to
+    the session's list; it loads as a separate list of the same (restored) entry objects."""
+    _, state, refs = typical_session()
+    lm, cot = state.dspy_settings["lm"], state.refs[refs["cot"].id]
+    cot.history.insert(0, {"not": "a session entry"})  # this one is not the session's: written in full
+    held = Held()
+    ck, _ = checkpoint.Tracker(SID).build(state)
+    assert ck is not None
+    held.apply(ck)
+    new, _ = held.restore()
+    nlm, ncot = new.dspy_settings["lm"], new.refs[refs["cot"].id]
+    assert len(nlm.history) == 3 and all(a is b for a, b in zip(nlm.history, new.lm_history))
+    assert nlm.history is not new.lm_history and ncot.predict.history is not nlm.history
+    assert ncot.history[0] == {"not": "a session entry"} and ncot.history[1:] == new.lm_history
+    assert all(a is b for a, b in zip(ncot.history[1:], new.lm_history))
+    nlm.history.append("x")
+    assert len(new.lm_history) == 3 and len(ncot.predict.history) == 3
