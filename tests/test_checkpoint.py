@@ -515,7 +515,7 @@ def test_histories_of_the_lm_and_modules_restore_as_lists_of_their_own_with_the_
     """An LM's or a module's history holding the session's entries is written as one reference to
     the session's list; it loads as a separate list of the same (restored) entry objects."""
     _, state, refs = typical_session()
-    lm, cot = state.dspy_settings["lm"], state.refs[refs["cot"].id]
+    cot = state.refs[refs["cot"].id]
     cot.history.insert(0, {"not": "a session entry"})  # this one is not the session's: written in full
     held = Held()
     ck, _ = checkpoint.Tracker(SID).build(state)

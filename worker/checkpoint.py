@@ -160,9 +160,6 @@ class Tracker:
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
         self._seed_size = 0
         self.skeleton_size = 0
-        self._pickler: cp.SkeletonPickler | None = None  # reused from build to build
-        self._buffer = io.BytesIO()
-        self._head: tuple[Any, bytes] = ((), b"")  # the header's parts that rarely change, packed
 
     @property
     def size(self) -> int:
@@ -395,21 +392,10 @@ class Tracker:
 
     def _pickle(self, root: dict[str, Any]) -> bytes:
         self._used.clear()
+        buf = io.BytesIO()
         self._seed_size = self.slots.seed_size
-        dicts, pickler, buf = self._module_dicts(), self._pickler, self._buffer
-        if pickler is None or not pickler.current(dicts):
-            buf = self._buffer = io.BytesIO()
-            pickler = self._pickler = cp.SkeletonPickler(buf, self.slots.seed, dicts, self._slot_for,
-                                                         self.history_limit)
-        else:
-            buf.seek(0)
-            buf.truncate()
-        pickler.reset(self.slots.seed, root["history"])
-        try:
-            pickler.dump(root)
-        finally:
-            pickler.clear_memo()  # it keeps nothing of the session between builds
-            pickler.session_history = None
+        cp.SkeletonPickler(buf, self.slots.seed, self._module_dicts(), self._slot_for, self.history_limit,
+                           root["history"]).dump(root)
         return buf.getvalue()
 
     def _find_not_durable(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
@@ -428,20 +414,11 @@ class Tracker:
         return newly
 
     def _frame(self, data: bytes, dig: bytes) -> bytes:
-        # a msgpack map packed in two parts: the entries that rarely change (packed again only
-        # when they do) and the digests, which change with every checkpoint
-        objects = self.slots.objects
-        key = (versions().get("dspy"), self._seed_size, tuple(self._globals.items()),
-               tuple((i, nsid, objects[i].get("__name__")) for nsid, i in self._modules.items()))
-        if self._head[0] != key:
-            modules = [list(m) for m in key[3]]
-            modules.extend([i, "global", name] for i, name in self._globals.items())
-            fixed = {**versions(), "session": self.session, "seed": self._seed_size, "modules": modules}
-            packer = msgpack.Packer()
-            self._head = (key, packer.pack_map_header(len(fixed) + 2)
-                          + b"".join(packer.pack(k) + packer.pack(v) for k, v in fixed.items()))
-        header = self._head[1] + msgpack.packb("digest") + msgpack.packb(dig) + msgpack.packb("blobs") \
-            + msgpack.packb([len(self.slots.blobs), self.slots.set_digest()])
+        modules = [[i, nsid, self.slots.objects[i].get("__name__")] for nsid, i in self._modules.items()]
+        modules.extend([i, "global", name] for i, name in self._globals.items())
+        header: bytes = msgpack.packb({**versions(), "session": self.session, "seed": self._seed_size,
+                                "modules": modules, "digest": dig,
+                                "blobs": [len(self.slots.blobs), self.slots.set_digest()]})
         return HEAD.pack(MAGIC, FORMAT_VERSION, len(header)) + header + data
 
     def released(self, objects: list[Any]) -> None:

@@ -343,35 +343,23 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
     dynamic classes, session modules by slot."""
 
     def __init__(self, file: io.BytesIO, seed: dict[int, tuple[int, Any]], module_dicts: dict[int, dict[str, Any]],
-                 slot_for: Callable[[Any, str], int | None], history_limit: int) -> None:
+                 slot_for: Callable[[Any, str], int | None], history_limit: int,
+                 session_history: list[Any] | None = None) -> None:
         super().__init__(file, protocol=PROTOCOL)
-        self._table = _dispatch_table()
+        self.memo = seed
+        # functions of the session's modules keep the module dict itself (seeded) as globals
+        self.globals_ref.update(module_dicts)
         self._module_dicts = module_dicts
         self._slot_for = slot_for
         self._history_limit = history_limit
         self._history_owners = _history_owners()
-        self.session_history: list[Any] | None = None
-        self.reset(seed, None)
+        # an LM's or a module's history holding the same entries as the session's history list
+        # is written as a copy of that list: one reference, not one per entry
+        self._session_history = session_history
 
     @property
     def dispatch_table(self) -> dict[Any, Any]:  # read once, by the C pickler's __init__
         return _dispatch_table()
-
-    def reset(self, seed: dict[int, tuple[int, Any]], session_history: list[Any] | None) -> None:
-        """Ready for the next dump (a tracker reuses its pickler from build to build).
-        ``session_history``: the session's LM history list; an LM's or a module's history that
-        holds the same entries is written as a copy of it (one reference, not one per entry)."""
-        self.memo = seed
-        # functions of the session's modules keep the module dict itself (seeded) as globals
-        self.globals_ref = dict(self._module_dicts)
-        self.session_history = session_history
-
-    def current(self, module_dicts: dict[int, dict[str, Any]]) -> bool:
-        """Still right for a build with these module dicts: nothing it read when it was made has
-        changed since (the dispatch table, the classes that keep a history, the modules)."""
-        mine = self._module_dicts
-        return (self._table is _dispatch_table() and self._history_owners == _history_owners()
-                and len(mine) == len(module_dicts) and all(mine.get(k) is d for k, d in module_dicts.items()))
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
@@ -412,13 +400,14 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             if key not in state and key in obj.__dict__:
                 state[key] = obj.__dict__[key]
         history = state.get("history")
-        if type(history) is list:
+        if isinstance(history, list):
             if len(history) > self._history_limit:
-                history = history[len(history) - self._history_limit:]
-            shared = self.session_history
+                history = state["history"] = history[len(history) - self._history_limit:]
+            shared = self._session_history
             # the same entries, by identity (all/map/is_ run in C: no Python call per entry)
-            same = shared is not None and len(history) == len(shared) and all(map(operator.is_, history, shared))
-            state["history"] = _SharedHistory(shared) if same and shared else history
+            if (shared and type(history) is list and len(history) == len(shared)
+                    and all(map(operator.is_, history, shared))):
+                state["history"] = _SharedHistory(shared)
         return (reduced[0], reduced[1], state, *reduced[3:])
 
     def _class(self, obj: type) -> Any:
