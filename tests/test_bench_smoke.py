@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(180)
 # the groups in two runs of about the same length (each starts stacks of its own), so one slow
 # machine moment cannot push a single run past its bound
 HALVES = {
-    "hops": ["noop", "throughput", "lmlike", "crash", "recycle", "stop", "numpy", "memory", "predict", "code"],
+    "hops": ["noop", "throughput", "lmlike", "crash", "recycle", "stop", "numpy", "memory", "predict", "code", "durable"],
     "stacks": ["coldstart", "flagship", "serving", "scale", "idle", "localmodel"],
 }
 
