@@ -220,7 +220,8 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
                            30, 0.2, "the worker pids")
         assert {r["td_process"] for r in workers} == {"triage_pool:triage_pool_00", "triage_pool:triage_pool_01",
                                                       "analytics_pool:analytics_pool_00"}
-        assert {r["state"] for r in workers} == {"ready"} and {r["colour"] for r in workers} == {"ok"}, workers
+        assert {r["state"] for r in workers} == {"ready"} and {r["colour"] for r in workers} == {"ok"}, [
+            (r["pool"], r["state"], r["colour"]) for r in workers]
         # the header and the title say which stack this is
         header = browser.find_element("id", "stack").text
         assert str(small.conf) in header and small.run_dir in header
