@@ -46,6 +46,7 @@ from dspex.errors import (
 )
 from dspex.record import Record
 from dspex.ref import Ref, RemoteMethod
+from dspex.sessiondir import SessionDir
 
 from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
 
@@ -55,6 +56,6 @@ __all__ = [
     "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
     "Cancelled", "CheckpointRefused", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "NotDurableWarning", "PoolNotFound",
     "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionNotDurable", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
+    "Session", "SessionClosed", "SessionDir", "SessionNotDurable", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
     "WorkerBusy", "WorkerCrashed", "connect",
 ]

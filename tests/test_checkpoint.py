@@ -529,3 +529,60 @@ def test_histories_of_the_lm_and_modules_restore_as_lists_of_their_own_with_the_
     assert all(a is b for a, b in zip(ncot.history[1:], new.lm_history))
     nlm.history.append("x")
     assert len(new.lm_history) == 3 and len(ncot.predict.history) == 3
+
+
+def test_a_session_dir_comes_back_with_its_files_as_of_the_last_build() -> None:
+    """A ``dspex.SessionDir`` the session holds (GEPA's log_dir): a change to its files makes a
+    checkpoint, none sends nothing, and a restore makes the directory again elsewhere with them."""
+    import os
+
+    from dspex import SessionDir
+
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    logs = SessionDir("gepa")
+    ref = table.put(state, logs)
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 1")
+    os.makedirs(os.path.join(logs.path, "generated_best_outputs_valset", "task_0"))
+    tracker, held = checkpoint.Tracker(SID), Held()
+    ck, lost = tracker.build(state)
+    assert ck is not None and not lost
+    held.apply(ck)
+    assert tracker.build(state) == (None, [])
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 2")  # the same size: still a change
+    ck, _ = tracker.build(state)
+    assert ck is not None
+    held.apply(ck)
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 3")  # after the last build: not in what the broker holds
+
+    new, restored = held.restore()
+    moved = new.refs[ref.id]
+    assert isinstance(moved, SessionDir) and moved.path != logs.path and not restored.lost
+    with open(os.path.join(moved.path, "gepa_state.bin"), "rb") as f:
+        assert f.read() == b"\x00state 2"
+    assert os.path.isdir(os.path.join(moved.path, "generated_best_outputs_valset", "task_0"))
+    path = moved.path
+    new.refs.clear()
+    del moved, new, restored
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(path), "a session directory goes with the object that holds it"
+
+
+def test_a_session_dir_holding_a_link_is_named_not_durable() -> None:
+    import os
+
+    from dspex import SessionDir
+
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    logs = SessionDir()
+    ref = table.put(state, logs)
+    os.symlink("/etc/hostname", os.path.join(logs.path, "elsewhere"))
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and [(why.section, why.key) for why in lost] == [("ref", ref.id)]
+    assert "symbolic link" in lost[0].reason
