@@ -20,18 +20,34 @@ from typing import Any
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+class FileData:
+    """One file's bytes as a session directory last read them. The directory hands out the same
+    object while the file's bytes are equal, so a checkpoint keeps an unchanged file as the blob
+    it already holds (worker/checkpoint.py) instead of carrying it again."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FileData, (self.data,)
+
+
 class SessionDir:
     """A directory of the worker, removed when the session lets go of this object.
 
     After a move the directory is made again on the new worker, with another ``path``: read
-    ``path`` in each call (``log_dir=logs.path``), never keep it from an earlier one. Every file
-    is read and carried whole by each checkpoint of a session that changed it: meant for state
-    of kilobytes to a few megabytes (the session's checkpoint cap counts it)."""
+    ``path`` in each call (``log_dir=logs.path``), never keep it from an earlier one. Each
+    checkpoint build reads every file, and a checkpoint carries the files whose bytes changed
+    (each file is a blob of its own): meant for state of kilobytes to a few megabytes (the
+    session's checkpoint cap counts it)."""
 
     def __init__(self, name: str = "dir") -> None:
         self.name = name
         self.path = tempfile.mkdtemp(prefix=f"dspex-{_NAME.sub('_', name)[:40]}-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, True)
+        self._read: dict[str, FileData] = {}  # relative path -> its bytes as last read
 
     def __fspath__(self) -> str:
         return self.path
@@ -39,11 +55,12 @@ class SessionDir:
     def __repr__(self) -> str:
         return f"SessionDir({self.name!r}, path={self.path!r})"
 
-    def contents(self) -> tuple[list[str], dict[str, bytes]]:
-        """The directories and files under ``path`` (relative paths, sorted; symlinks are not
-        followed, and a link is refused: its target is not the session's)."""
+    def contents(self) -> tuple[list[str], dict[str, FileData]]:
+        """The directories and files under ``path`` (relative paths, sorted; a symbolic link is
+        refused: its target is not the session's). Every file is read: an unchanged one is the
+        same :class:`FileData` as the last time."""
         dirs: list[str] = []
-        files: dict[str, bytes] = {}
+        files: dict[str, FileData] = {}
         for root, subdirs, names in os.walk(self.path):
             subdirs.sort()
             for name in subdirs:
@@ -56,7 +73,11 @@ class SessionDir:
                 if os.path.islink(full):
                     raise TypeError(f"{self!r} holds a symbolic link ({full}): it cannot be part of a checkpoint")
                 with open(full, "rb") as f:
-                    files[os.path.relpath(full, self.path)] = f.read()
+                    data = f.read()
+                rel = os.path.relpath(full, self.path)
+                held = self._read.get(rel)
+                files[rel] = held if held is not None and held.data == data else FileData(data)
+        self._read = files
         return dirs, files
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -70,14 +91,15 @@ def _inside(base: str, rel: str) -> str:
     return full
 
 
-def _restore(name: str, dirs: list[str], files: dict[str, bytes]) -> SessionDir:
+def _restore(name: str, dirs: list[str], files: dict[str, FileData]) -> SessionDir:
     """A new directory on this worker with the files the pickle carried."""
     made = SessionDir(name)
     for rel in dirs:
         os.makedirs(_inside(made.path, rel), exist_ok=True)
-    for rel, data in files.items():
+    for rel, held in files.items():
         full = _inside(made.path, rel)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         with open(full, "wb") as f:
-            f.write(data)
+            f.write(held.data)
+    made._read = dict(files)  # the blobs a restored checkpoint holds stay its blobs
     return made

@@ -550,10 +550,17 @@ def test_a_session_dir_comes_back_with_its_files_as_of_the_last_build() -> None:
     assert ck is not None and not lost
     held.apply(ck)
     assert tracker.build(state) == (None, [])
+    with open(os.path.join(logs.path, "candidates.json"), "wb") as f:
+        f.write(b"[" + b"0," * 50_000 + b"0]")  # 100 KB
+    ck, _ = tracker.build(state)
+    assert ck is not None and len(ck.set_slots) == 1 and len(ck.blobs[0]) > 100_000
+    held.apply(ck)
     with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
         f.write(b"\x00state 2")  # the same size: still a change
     ck, _ = tracker.build(state)
-    assert ck is not None
+    # each file is a blob of its own: the unchanged 100 KB file is not carried again
+    assert ck is not None and len(ck.set_slots) == 1 and len(ck.blobs[0]) < 200 and ck.clear_slots
+    assert len(ck.skeleton) < 2000 and ck.size > 100_000
     held.apply(ck)
     with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
         f.write(b"\x00state 3")  # after the last build: not in what the broker holds
@@ -564,6 +571,15 @@ def test_a_session_dir_comes_back_with_its_files_as_of_the_last_build() -> None:
     with open(os.path.join(moved.path, "gepa_state.bin"), "rb") as f:
         assert f.read() == b"\x00state 2"
     assert os.path.isdir(os.path.join(moved.path, "generated_best_outputs_valset", "task_0"))
+    assert os.path.getsize(os.path.join(moved.path, "candidates.json")) == 100_003
+    # after the restore the broker's blobs are the directory's: no file sent again (at most the
+    # skeleton, pickled anew once), then only a change
+    again, _ = restored.tracker.build(new)
+    assert (again is None or not again.set_slots) and restored.tracker.build(new) == (None, [])
+    with open(os.path.join(moved.path, "run_log.json"), "wb") as f:
+        f.write(b"[]")
+    ck, _ = restored.tracker.build(new)
+    assert ck is not None and len(ck.set_slots) == 1 and not ck.clear_slots
     path = moved.path
     new.refs.clear()
     del moved, new, restored

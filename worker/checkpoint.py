@@ -41,12 +41,14 @@ import cloudpickle
 import msgpack
 
 from dspex import byvalue, codestore
+from dspex.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
 from worker.checkpoint_slots import (
     CODE,
     DYNAMIC_BASE,
     ENTRY,
+    FILE,
     GLOBAL,
     MODULE,
     SIGNATURE,
@@ -446,7 +448,8 @@ class Tracker:
             table.grow()
         for i, data in held.items():
             obj = objects[i]
-            kind = ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType) else SIGNATURE
+            kind = (ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType)
+                    else FILE if isinstance(obj, FileData) else SIGNATURE)
             put(table, i, obj, kind)
             table.set_blob(i, data)
             if kind == ENTRY:

@@ -45,6 +45,7 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
 from dspex import byvalue
+from dspex.sessiondir import FileData
 
 PROTOCOL = 5
 _DYNAMIC = "<dynamic-code>"
@@ -367,6 +368,9 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return _fill, (obj.namespace, obj.names)
         if kind is _SharedHistory:
             return list, (obj.entries,)
+        if kind is FileData:  # a session directory's file: a blob while its bytes stay the same
+            slot = self._slot_for(obj, "file")
+            return (_slot, (slot,)) if slot is not None else NotImplemented
         if kind is types.CodeType:
             slot = self._slot_for(obj, "code")
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
