@@ -22,7 +22,7 @@ the raw blocks).
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session vs in-process
   (p50), the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
-  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.routing``).
+  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.client.routing``).
 """
 
 from __future__ import annotations

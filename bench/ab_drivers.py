@@ -62,9 +62,9 @@ class CoreLoad:
         import msgpack
         import zmq
 
-        import dspex.protocol as wire
+        import dspex.wire.protocol as wire
         from broker.core import Core
-        from dspex.pools import parse_pool_spec
+        from dspex.stack.pools import parse_pool_spec
 
         self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
         # (a tree from before the envelopes were named so calls them heads)
@@ -179,8 +179,8 @@ def _core() -> Side:
 def _executor() -> Side:
     import dspy
 
-    from dspex import codec
-    from dspex.protocol import RequestHeader
+    from dspex.wire import codec
+    from dspex.wire.protocol import RequestHeader
     from worker.executor import Executor
     from worker.refs import RefTable
 
@@ -219,7 +219,7 @@ _ROW = {"id": 7, "text": "The capital of France is Paris.", "tokens": [101, 2003
 
 
 def _codec() -> Side:
-    from dspex import codec
+    from dspex.wire import codec
 
     def to_ref(obj: object) -> Any:
         raise AssertionError(f"plain data made a ref: {obj!r}")

@@ -13,19 +13,19 @@ from typing import Any
 
 from bench.bulk import flagship, memory, numpy_rt
 from bench.common import Config, Row
+from bench.durable import ROWS as DURABLE_ROWS
+from bench.durable import durable
 from bench.hop import noop, throughput
 from bench.idle import idle
 from bench.lifecycle import coldstart, crash, lmlike, recycle
 from bench.localmodel import localmodel
-from bench.durable import ROWS as DURABLE_ROWS
-from bench.durable import durable
 from bench.predict import ROWS as PREDICT_ROWS
 from bench.predict import predict
 from bench.scale import scale
 from bench.serving import serving
-from bench.stop import stop
 from bench.sessioncode import ROWS as CODE_ROWS
 from bench.sessioncode import code
+from bench.stop import stop
 
 __all__ = ["GOALS", "GROUPS", "ROWS", "Config", "goals"]
 

@@ -89,8 +89,8 @@ def _ray_actor_factory() -> Any:
 def noop(cfg: Config) -> list[Row]:
     import zmq
 
-    from dspex import codec
-    from dspex.protocol import RequestHeader
+    from dspex.wire import codec
+    from dspex.wire.protocol import RequestHeader
 
     # many short blocks, the systems interleaved block by block: noise bursts on this shared
     # 2-vCPU machine last seconds, so a ratio of neighbouring blocks is what stays stable

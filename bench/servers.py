@@ -73,8 +73,8 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     import os
     import socket as _socket
 
-    from dspex import codec
-    from dspex.protocol import (
+    from dspex.wire import codec
+    from dspex.wire.protocol import (
         B_DISCONNECT,
         B_HEARTBEAT,
         B_REQUEST,
@@ -144,8 +144,8 @@ def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def loadgen(a: argparse.Namespace) -> dict[str, Any]:
-    from dspex import codec
-    from dspex.protocol import RequestHeader
+    from dspex.wire import codec
+    from dspex.wire.protocol import RequestHeader
 
     ctx = zmq.Context()
     socks = []
@@ -262,8 +262,8 @@ def _rss(pid: int) -> int:
 def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
     """One ``builtins.len`` call in each of ``a.sessions`` new sessions (at most ``a.window`` in
     flight), leaving them open: a broker that holds that many idle sessions."""
-    from dspex import codec
-    from dspex.protocol import RequestHeader
+    from dspex.wire import codec
+    from dspex.wire.protocol import RequestHeader
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)

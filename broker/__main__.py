@@ -1,79 +1,16 @@
-"""``python -m broker [--frontend EP] [--backend EP] [--config supervisor.conf] [--pool NAME:MODE ...]``."""
+"""``python -m broker [--frontend EP] [--backend EP] [--config supervisor.conf] [--pool NAME:MODE ...]``
+(the options: :mod:`broker.settings`)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
 import sys
 
-from broker.broker import Broker, BrokerOptions
-from dspex import config, logs
-from dspex.errors import ConfigError
-from dspex.pools import PoolConfig, load_pools, parse_pool_spec
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-
-
-def parse(argv: list[str] | None = None) -> BrokerOptions:
-    p = argparse.ArgumentParser(prog="python -m broker", description="dspex broker")
-    p.add_argument("--frontend", default=None, help="client endpoint (default: DSPEX_FRONTEND or ipc in the run dir)")
-    p.add_argument("--backend", default=None, help="worker endpoint (default: DSPEX_BACKEND or ipc in the run dir)")
-    p.add_argument("--config", default=os.environ.get("DSPEX_CONFIG"),
-                   help="supervisor.conf whose [dspex:pool:NAME] sections declare the pools")
-    p.add_argument("--pool", action="append", default=[], metavar="NAME:MODE[:k=v,...]",
-                   help="declare a pool (repeatable); overrides a pool of the same name from --config")
-    p.add_argument("--heartbeat", type=float, default=float(os.environ.get("DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL)))
-    p.add_argument("--liveness", type=int, default=int(os.environ.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
-    p.add_argument("--max-sessions", type=int, default=100_000)
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("DSPEX_METRICS_PORT", "0")),
-                   help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
-    p.add_argument("--curve-secret-key", default=os.environ.get("DSPEX_CURVE_SECRET"),
-                   help="broker's CURVE secret key file (required for tcp:// endpoints)")
-    p.add_argument("--curve-allowed", default=os.environ.get("DSPEX_CURVE_ALLOWED"),
-                   help="directory of allowed client/worker public key files")
-    p.add_argument("--checkpoints", default=os.environ.get("DSPEX_CHECKPOINTS"), metavar="PATH",
-                   help="durable sessions' checkpoint store (SQLite; default: checkpoints.sqlite in the run dir; "
-                        "'none': no durable sessions)")
-    p.add_argument("--checkpoint-cap", type=float, default=64.0, metavar="MB",
-                   help="bytes a durable session's checkpoint may hold (default 64 MB)")
-    p.add_argument("--checkpoint-total-cap", type=float, default=4096.0, metavar="MB",
-                   help="bytes all checkpoints together may hold (default 4096 MB)")
-    p.add_argument("--log-level", default=os.environ.get("DSPEX_LOG_LEVEL", "INFO"))
-    a = p.parse_args(argv)
-    logs.setup(_label(), a.log_level)
-    pools: dict[str, PoolConfig] = {}
-    if a.config:
-        pools.update((c.name, c) for c in load_pools(a.config))
-    for spec in a.pool:
-        c = parse_pool_spec(spec)
-        pools[c.name] = c
-    if not pools:
-        raise ConfigError("no pools declared: pass --pool NAME:MODE or --config supervisor.conf")
-    secret = public = None
-    if a.curve_secret_key:
-        import zmq.auth
-        public, secret = zmq.auth.load_certificate(a.curve_secret_key)
-    return BrokerOptions(
-        frontend=config.check_endpoint(a.frontend or config.default_frontend()),
-        backend=config.check_endpoint(a.backend or config.default_backend()),
-        pools=list(pools.values()),
-        heartbeat_interval=a.heartbeat,
-        heartbeat_liveness=a.liveness,
-        max_sessions=a.max_sessions,
-        metrics_port=a.metrics_port,
-        curve_secret=secret,
-        curve_public=public,
-        curve_allowed_dir=a.curve_allowed,
-        supervisor_conf=a.config,
-        checkpoints="" if a.checkpoints == "none" else a.checkpoints,
-        checkpoint_cap=int(a.checkpoint_cap * 2**20),
-        checkpoint_total_cap=int(a.checkpoint_total_cap * 2**20),
-    )
-
-
-def _label() -> str:
-    return f"broker[{os.getpid()}]"
+from broker.broker import Broker
+from broker.settings import label, parse
+from dspex.stack import logs
+from dspex.wire.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         if broker is not None:
             broker.close()  # only what it bound itself
-        logs.early(_label(), f"broker: {err.message}")
+        logs.early(label(), f"broker: {err.message}")
         return 2
     stopped_by: list[int] = []
 

@@ -14,9 +14,9 @@ import msgpack
 
 from broker.port import Port
 from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
-from dspex.errors import DspexError, PoolSaturated, QueueTimeout
-from dspex.health import failure_kind
-from dspex.protocol import Status, pack_error, pack_reply_header
+from dspex.stack.health import failure_kind
+from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
+from dspex.wire.protocol import Status, pack_error, pack_reply_header
 
 log = logging.getLogger("dspex.broker")
 

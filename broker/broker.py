@@ -18,7 +18,7 @@ import signal
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -35,12 +35,12 @@ from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
+from broker.settings import BrokerOptions
 from broker.state import Notices
-from dspex import config
-from dspex.errors import ConfigError
-from dspex.pools import PoolConfig
-from dspex.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from dspex.stack.rundir import ensure_private_dir, prepare_bind
+from dspex.wire.errors import ConfigError
+from dspex.wire.sockets import tune_socket
+from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("dspex.broker")
 
@@ -52,28 +52,6 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
-_CLIENT_HWM = 100_000  # replies queued for one client that is not reading (DSPEX_CLIENT_HWM)
-
-
-@dataclass
-class BrokerOptions:
-    frontend: str
-    backend: str
-    pools: list[PoolConfig]
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
-    max_sessions: int = 100_000
-    max_message: int = 0
-    metrics_port: int = 0
-    curve_secret: bytes | None = None
-    curve_public: bytes | None = None
-    curve_allowed_dir: str | None = None
-    supervisor_conf: str | None = None  # a supervisor.conf: nudge its supervisord when workers leave
-    checkpoints: str | None = None  # the durable sessions' SQLite file (None: in the run dir; "": none)
-    checkpoint_cap: int = checkpoints_store.SESSION_CAP  # bytes per durable session
-    checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
-
-
 class Broker:
     """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 
@@ -92,7 +70,7 @@ class Broker:
         self._client_disconnects: dict[bytes, float] = {}
         self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
-        self._client_hwm = int(os.environ.get("DSPEX_CLIENT_HWM", _CLIENT_HWM))
+        self._client_hwm = options.client_hwm
         self._slow_clients: set[bytes] = set()
         # replies wait here until the end of the drain that produced them, then go out back to
         # back: zmq's I/O thread is woken once for the burst instead of once per reply
@@ -193,7 +171,7 @@ class Broker:
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
-        max_message = self.options.max_message or config.max_message_bytes()
+        max_message = self.options.max_message
         tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
         if tcp:
             if not self.options.curve_secret:
@@ -208,7 +186,7 @@ class Broker:
         ivl = max(1, int(self.options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
                                       (self.backend, self.options.backend, WORKERS)):
-            config.tune_socket(sock, max_message=max_message)
+            tune_socket(sock, max_message=max_message)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
@@ -219,7 +197,7 @@ class Broker:
                 # listener's connections take the options it had when it was bound.
                 sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
-            config.prepare_bind(endpoint)
+            prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
                 secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
             sock.bind(endpoint)
@@ -251,7 +229,9 @@ class Broker:
         if path == "":
             return
         if path is None:
-            path = str(config.ensure_private_dir(config.run_dir()) / "checkpoints.sqlite")
+            if not self.options.run_dir:
+                return
+            path = str(ensure_private_dir(Path(self.options.run_dir)) / "checkpoints.sqlite")
         try:
             store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
                                     total_cap=self.options.checkpoint_total_cap)

@@ -16,8 +16,8 @@ import msgpack
 
 from broker.answers import Answers
 from broker.state import Pool, WorkerRecord
-from dspex.errors import Cancelled
-from dspex.protocol import B_CANCEL, B_CREDIT, Op
+from dspex.wire.errors import Cancelled
+from dspex.wire.protocol import B_CANCEL, B_CREDIT, Op
 
 log = logging.getLogger("dspex.broker")
 

@@ -4,9 +4,9 @@ Events come in through a small public API: the frames a socket delivered (``on_c
 ``on_worker_frames``), a connection lost (``worker_lost``, ``client_gone``) and the clock (``tick``, due
 at ``next_deadline``). Each carries ``now``, the monotonic time the shell read for it: the core
 reads no clock of its own (wall-clock time, injected, is only displayed). What it needs done in
-the world goes through one ``broker.port.Port``. The core routes (affinity, dispatch, prefetch,
-replies, request control) and owns its other rules as objects: the session book
-(``broker.sessions``), the roster of workers (``broker.roster``), the recycler
+the world goes through one ``broker.port.Port``. The core reads frames and replies, and owns its
+rules as objects: placement (``broker.dispatch``: affinity, dispatch, prefetch), the session
+book (``broker.sessions``), the roster of workers (``broker.roster``), the recycler
 (``broker.recycling``), request control (``broker.control``), the timers (``broker.timers``) and
 the answers it gives in a worker's place (``broker.answers``), durable sessions
 (``broker.durable``); broker ops are handlers the shell registers (``broker.ops``).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,11 +28,12 @@ import msgpack
 from broker.answers import Answers, error_code
 from broker.checkpoints import Job
 from broker.control import RequestControl
-from broker.durable import DurableSessions, movable
+from broker.dispatch import Dispatcher
+from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
 from broker.roster import Roster
-from broker.sessions import SessionBook, worker_gone
+from broker.sessions import SessionBook
 from broker.state import (
     Clock,
     GoneWorkers,
@@ -41,26 +41,20 @@ from broker.state import (
     Pool,
     SessionRecord,
     WorkerRecord,
-    bucket_bounds,
 )
+from broker.stats import bucket_bounds
 from broker.timers import Timers
-from dspex.errors import (
+from dspex.stack.pools import PoolConfig
+from dspex.wire.errors import (
     DspexError,
-    PoolNotFound,
-    PoolSaturated,
     ProtocolError,
-    QueueTimeout,
-    SessionWorkerUnavailable,
     UnknownOp,
-    WorkerBusy,
 )
-from dspex.pools import PoolConfig
-from dspex.protocol import (
+from dspex.wire.protocol import (
     B_BYE,
     B_DISCONNECT,
     B_REREGISTER,
     BROKER_OPS,
-    FLAG_DURABLE,
     GOODBYE_ABANDONED,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -74,11 +68,8 @@ from dspex.protocol import (
     W_READY,
     W_REPLY,
     WORKER_OPS,
-    Affinity,
-    SessionMode,
     Status,
     pack_reply_header,
-    pack_request_envelope,
     unpack_reply_envelope,
     unpack_request_header,
 )
@@ -87,9 +78,6 @@ if TYPE_CHECKING:
     import zmq  # frames only: the core never touches a socket
 
 log = logging.getLogger("dspex.broker")
-
-_MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
-
 
 @dataclass(frozen=True)
 class OpCall:
@@ -140,21 +128,24 @@ class Core:
         self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
                                 restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,
                                 fail=self._fail, to_worker=self._to_worker, wake=self._wake)
-        self.durable = self.book.durable = DurableSessions(
+        dispatcher = self.dispatcher = Dispatcher(self.pools, self.workers, self.sessions, self.running, self.gone,
+                                                  clock=self.clock, port=port, answers=self.answers, book=self.book,
+                                                  counters=self.counters)
+        self.durable = self.book.durable = dispatcher.durable = DurableSessions(
             self.sessions, self.pools, self.workers, clock=self.clock, port=port, book=self.book, answers=self.answers,
-            to_worker=self._to_worker, dispatch=self._dispatch, route=self._route, counters=self.counters)
-        self.roster = Roster(self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock,
-                             port=port, answers=self.answers, book=self.book, counters=self.counters,
-                             heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness,
-                             to_worker=self._to_worker, to_peer=self._to_peer, hand_back=self._hand_back,
-                             pin=self.book.pin, durable=self.durable)
+            to_worker=self._to_worker, dispatch=dispatcher.dispatch, route=dispatcher.route, counters=self.counters)
+        self.roster = dispatcher.roster = Roster(
+            self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock, port=port, answers=self.answers, book=self.book, counters=self.counters,
+            heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness, to_worker=self._to_worker,
+            to_peer=self._to_peer, hand_back=dispatcher.hand_back, pin=self.book.pin, durable=self.durable)
         self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
                                  to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake,
                                  reroute=self.durable.reroute)
         self.control = RequestControl(self.pools, self.running, answers=self.answers, counters=self.counters,
                                       to_worker=self._to_worker)
-        self.timers = Timers(self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers,
-                             book=self.book, recycler=self.recycler, roster=self.roster, counters=self.counters)
+        self.timers = dispatcher.timers = Timers(
+            self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers, book=self.book,
+            recycler=self.recycler, roster=self.roster, counters=self.counters)
 
     # -- events -------------------------------------------------------------------------------
     def on_client_frames(self, frames: list[zmq.Frame], now: float) -> None:
@@ -179,7 +170,7 @@ class Core:
             deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
             p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
                         flags=header.flags)
-            self._route(p, header.pool, header.worker)
+            self.dispatcher.route(p, header.pool, header.worker)
         elif op in BROKER_OPS:
             try:
                 args = OPS[op].bind_map(msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {})
@@ -223,7 +214,7 @@ class Core:
                     self._to_peer(wid, [B_REREGISTER])
                 elif w.adopted and command == W_REPLY:
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
-                    self._feed(w)
+                    self.dispatcher.feed(w)
                 return
             assert w is not None
             if command == W_PARTIAL:
@@ -257,7 +248,7 @@ class Core:
             elif self.recycler.over_request_limit(w, now):
                 self.recycler.recycle(w, now)  # exactly at the limit, not at the next tick
             else:
-                self._feed(w)
+                self.dispatcher.feed(w)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
             log.warning("unknown command %r from worker %s", first[:8], wid[:8])
@@ -268,13 +259,13 @@ class Core:
                 try:
                     stats = msgpack.unpackb(frames[2].buffer)
                     if isinstance(stats, dict) and self.roster.heard(w, stats):
-                        self._feed(w)
+                        self.dispatcher.feed(w)
                 except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
                     self.counters["garbage_backend"] += 1
         elif command == W_READY:
             w = self.roster.register(wid, frames)
             if w is not None:
-                self._feed(w)
+                self.dispatcher.feed(w)
                 if w.pool.parked:
                     self.durable.worker_ready(w.pool)
                 if w.pool.recycling is not None:
@@ -324,192 +315,6 @@ class Core:
         """When the core next has something to do if no message comes (monotonic seconds): the
         shell calls :meth:`tick` then."""
         return self.timers.due
-
-    # -- routing ------------------------------------------------------------------------------
-    def _route(self, p: Pending, pool_name: str, claimed_worker: str) -> None:
-        pool = self.pools.get(pool_name)
-        if pool is None:
-            self._fail(p, None, PoolNotFound(f"no pool named {pool_name!r}; pools: {', '.join(sorted(self.pools))}"))
-            return
-        durable = p.flags & FLAG_DURABLE or pool.config.durable
-        if durable and p.session and (refused := self.durable.refusal(p, pool)):
-            self._fail(p, pool, refused)
-            return
-        if not p.session or pool.mode is Affinity.NONE:
-            self._run_anywhere(pool, p)
-            return
-        rec = self.book.admit(p, pool, claimed_worker)
-        if isinstance(rec, DspexError):
-            self._fail(p, pool, rec)
-            return
-        if durable and rec.durable is None and rec.calls == 1:
-            self.durable.open(rec)
-        if rec.worker is None:
-            w = pool.least_loaded()
-            if w is None:
-                self._enqueue(pool, pool.queue, p)  # pinned when a worker takes it
-                return
-            self.book.pin(rec, w.id)
-        pinned = rec.worker
-        assert pinned is not None
-        w = self.workers.get(pinned)
-        if w is None or w.draining:
-            if w is None and (pool.strict or rec.durable is not None) and self.book.in_restart_grace(pinned):
-                # just (re)started: its worker may be alive and not re-registered yet; wait for it
-                self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
-                return
-            if rec.durable is not None and self.durable.route(rec, pool, p, w):
-                return  # it moves with its checkpoint; the call waits for the move
-            if pool.strict:
-                if w is None:  # its worker left: from now on the session is a tombstone
-                    self._fail(p, pool, worker_gone(rec.id, pinned, self.gone.why(pinned)))
-                    self.book.retire(rec, pinned)
-                else:
-                    self._fail(p, pool, worker_gone(rec.id, pinned, "is being recycled"))
-                return
-            # hint: the session re-pins to the least-loaded worker
-            self.book.pin(rec, None)
-            new = pool.least_loaded()
-            if new is None:
-                self._enqueue(pool, pool.queue, p)
-                return
-            self.book.pin(rec, new.id)
-            w = new
-        if w.can_start(p.session):
-            self._dispatch(w, p)
-        elif pool.mode is Affinity.STRICT_QUEUE:
-            # (pool.queued counts every queue: asked last)
-            if not w.queue and w.may_prefetch(self.clock.now) and pool.queued < pool.config.queue_max:
-                self._dispatch(w, p)
-            else:
-                self._enqueue(pool, w.queue, p)
-        elif pool.mode is Affinity.STRICT_FAIL_FAST:
-            self._fail(p, pool, WorkerBusy(f"worker {w.incarnation[:8]} of session {rec.id[:8]} is busy", session=rec.id))
-        elif rec.durable is not None:  # hint, durable: one state, so its own worker only
-            self._enqueue(pool, w.queue, p)
-        else:  # hint: any idle worker, else the first one to free up
-            self._run_anywhere(pool, p)
-
-    def _run_anywhere(self, pool: Pool, p: Pending) -> None:
-        w = pool.idle_worker()
-        if w is not None and not pool.queue:
-            self._dispatch(w, p)
-        else:
-            self._enqueue(pool, pool.queue, p)
-
-    def _enqueue(self, pool: Pool, queue: deque[Pending], p: Pending) -> None:
-        if pool.admit(queue, p):
-            when = p.enqueued + pool.config.queue_timeout  # its queue deadline, or its caller's
-            when = min(when, p.deadline)
-            timers = self.timers
-            timers.due = min(timers.due, when)
-        else:
-            self.answers.fail_in_bulk(p, pool, PoolSaturated(
-                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
-
-    def _dispatch(self, w: WorkerRecord, p: Pending) -> None:
-        now = self.clock.now
-        if now > p.deadline:
-            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
-            return
-        pool = w.pool
-        queue_left = p.enqueued + pool.config.queue_timeout - now
-        if queue_left < 0:  # waited out its queue time before a tick came by
-            self._fail(p, pool, QueueTimeout(
-                f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "
-                f"{pool.config.queue_timeout:g}s", pool=pool.name))
-            return
-        key = (p.client, p.req_id)
-        if key in self.running:  # a client reusing the id of a request still running
-            self._fail(p, w.pool, ProtocolError(f"request id {p.req_id} is already in flight", req_id=p.req_id))
-            return
-        # the deadline travels with the request: the worker stops the call when it passes
-        # (capped: a client may send any timeout_ms, and msgpack ints stop at 64 bits)
-        call_ms = min(_MAX_BUDGET_MS, max(1, int((p.deadline - now) * 1000))) if p.deadline != math.inf else 0
-        # and so does its queue deadline: a worker that reaches it later (it was prefetched behind
-        # a call that turned out long) answers QueueTimeout without running it
-        queue_ms = min(_MAX_BUDGET_MS, max(1, int(queue_left * 1000)))
-        restore: list[Any] = []  # the checkpoint of a durable session that moved here
-        if not p.session:
-            envelope = pack_request_envelope(p.client, call_ms, queue_ms)
-        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
-            envelope = pack_request_envelope(p.client, call_ms, queue_ms, 0, SessionMode.EPHEMERAL)
-        else:
-            rec = self.sessions.get(p.session)
-            durable = 0
-            if rec is not None:
-                rec.touched.add(w.id)  # every worker that may hold its state gets the release
-                if rec.durable is not None:
-                    durable, restore = self.durable.envelope(rec, w)
-            envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl),
-                                             durable=durable)
-        p.started = now
-        pool.queue_wait.observe(now - p.enqueued)
-        w.inflight[key] = p
-        self.running[key] = w
-        try:
-            self._send_worker(w.id, [envelope, *restore, p.header, *p.payload])
-        except WorkerUnreachable:
-            del w.inflight[key]  # never delivered: not a crash mid-request
-            self.running.pop(key, None)
-            self.roster.remove(w, "crashed (connection lost)")
-            self._hand_back(p, pool, w, "crashed (connection lost)")
-
-    def _hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
-        """A request ``w`` never started: route it again where the pool allows, else say so
-        (a did-not-run error: the caller may retry); a durable session's call moves with it."""
-        if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or movable(self.sessions.get(p.session)):
-            self._route(p, pool.name, "")
-            return
-        self._fail(p, pool, SessionWorkerUnavailable(
-            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
-            "this request (it did not run)", session=p.session, worker=w.incarnation))
-
-    def _feed(self, w: WorkerRecord) -> None:
-        """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w)
-        while w.queue and w.free <= 0 and w.may_prefetch(self.clock.now):
-            self._dispatch(w, w.queue.popleft())
-
-    def _feed_free(self, w: WorkerRecord) -> None:
-        """Give a worker with free slots its next work: its own queue first, then the pool's."""
-        pool = w.pool
-        while w.free > 0:
-            if w.queue:
-                p = w.next_queued()
-                if p is not None:
-                    self._dispatch(w, p)
-                    continue
-            if not pool.queue:
-                return
-            p = pool.queue[0]
-            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
-            if rec is not None and rec.worker is None and w.id in pool.rolling:
-                return  # a new session waits for a worker that is not about to be recycled
-            pool.queue.popleft()
-            if rec is not None and rec.worker is None:
-                self.book.pin(rec, w.id)
-            if rec is not None and rec.worker != w.id and pool.strict:
-                # its session was pinned elsewhere while it waited: route it there
-                self._route_pinned(pool, p, rec)
-                continue
-            if p.session and w.capacity > 1 and not w.can_start(p.session):
-                w.queue.append(p)  # a call of a session already running here waits its turn
-                continue
-            self._dispatch(w, p)
-
-    def _route_pinned(self, pool: Pool, p: Pending, rec: SessionRecord) -> None:
-        target = self.workers.get(rec.worker) if rec.worker else None
-        if (target is None or target.draining) and movable(rec):
-            self._route(p, pool.name, "")  # it moves with its session
-        elif target is None or target.draining:
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {rec.id[:8]} lost its worker", session=rec.id,
-                worker=(rec.worker or b"").decode(errors="replace")))
-        elif target.can_start(p.session):
-            self._dispatch(target, p)
-        else:
-            self._enqueue(pool, target.queue, p)
 
     def _to_worker(self, w: WorkerRecord, frames: list[Any]) -> bool:
         try:

@@ -7,7 +7,7 @@
 The JSON is a snapshot the broker's own thread made (``broker.publisher``: pools, workers,
 sessions, events, each pool's 15-minute history) joined with supervisord's processes when the
 broker runs with ``--config``: each pool gets the state ``dspexctl pools status`` would give it
-(:mod:`dspex.health`, the same rules and words), and a worker process the broker has not registered
+(:mod:`dspex.stack.health`, the same rules and words), and a worker process the broker has not registered
 (stopped, starting, fatal...) is listed with supervisord's state.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.publisher import StatusPublisher
-from dspex.health import (
+from dspex.stack.health import (
     REGISTER_GRACE_S,
     facts_from_status,
     pool_state,
@@ -60,7 +60,7 @@ class Processes:
                 return self._procs
             self._at = time.monotonic()
             try:
-                from dspex.supervisor import Supervisor, SupervisorConf
+                from dspex.stack.supervisor import Supervisor, SupervisorConf
 
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()

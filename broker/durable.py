@@ -29,8 +29,8 @@ from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
 from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.errors import ConfigError, InternalError, SessionNotDurable
-from dspex.protocol import (
+from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable
+from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     W_CHECKPOINT,
     Affinity,

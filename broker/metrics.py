@@ -1,7 +1,7 @@
 """Prometheus metrics for the broker, read from a snapshot of its own counters at scrape time.
 
 Nothing here runs on the broker's per-message path: the broker already keeps per-pool outcome
-counters, latency and queue-wait histograms (``broker.state.Histogram``), queue depths, recycle,
+counters, latency and queue-wait histograms (``broker.stats.Histogram``), queue depths, recycle,
 crash, start, refusal and timeout counts, and each worker's last heartbeat stats. When Prometheus
 scrapes, the collector asks the broker's thread for a snapshot of them (``broker.publisher``: the
 HTTP thread never reads the broker's live dicts) and turns it into metric families;
@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 import dspex
 from broker.publisher import StatusPublisher
-from dspex.protocol import WorkerState
+from dspex.wire.protocol import WorkerState
 
 if TYPE_CHECKING:
     from broker.broker import Broker

@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from dspex.errors import DspexError
-from dspex.supervisor import Supervisor, SupervisorConf
+from dspex.stack.supervisor import Supervisor, SupervisorConf
+from dspex.wire.errors import DspexError
 
 log = logging.getLogger("dspex.broker.nudge")
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from broker.state import Histogram
+from broker.stats import Histogram
 
 if TYPE_CHECKING:
     from broker.core import Core

@@ -15,8 +15,8 @@ from typing import Any
 
 from broker.port import Port
 from broker.state import Pending, Pool, WorkerRecord
-from dspex.errors import DspexError, SessionWorkerUnavailable
-from dspex.protocol import B_DISCONNECT
+from dspex.wire.errors import DspexError, SessionWorkerUnavailable
+from dspex.wire.protocol import B_DISCONNECT
 
 log = logging.getLogger("dspex.broker")
 

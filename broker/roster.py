@@ -21,9 +21,9 @@ from broker.durable import DurableSessions, movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.errors import SessionWorkerUnavailable, WorkerCrashed
-from dspex.health import SERVICE
-from dspex.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
+from dspex.stack.health import SERVICE
+from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
+from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
 
 if TYPE_CHECKING:
     import zmq

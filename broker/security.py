@@ -21,7 +21,7 @@ import zmq
 from zmq.auth import load_certificates
 from zmq.auth.thread import ThreadAuthenticator
 
-from dspex.errors import ConfigError
+from dspex.wire.errors import ConfigError
 
 log = logging.getLogger("dspex.broker.security")
 

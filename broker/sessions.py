@@ -23,7 +23,7 @@ from broker.state import (
     Tombstones,
     WorkerRecord,
 )
-from dspex.errors import (
+from dspex.wire.errors import (
     CheckpointRefused,
     DspexError,
     SessionClosed,
@@ -32,7 +32,7 @@ from dspex.errors import (
     SessionQuotaExceeded,
     SessionWorkerUnavailable,
 )
-from dspex.protocol import B_RELEASE_SESSION
+from dspex.wire.protocol import B_RELEASE_SESSION
 
 if TYPE_CHECKING:
     from broker.durable import DurableSessions

@@ -17,7 +17,7 @@ from broker.recycling import Recycler
 from broker.roster import Roster
 from broker.sessions import SessionBook
 from broker.state import Pool
-from dspex.errors import QueueTimeout
+from dspex.wire.errors import QueueTimeout
 
 
 class Timers:

@@ -7,22 +7,21 @@
 ...     prog(question="...").answer
 """
 
-from dspex.client import Client, Rehydrator, Session, Stream, connect
-from dspex.errors import (
+from dspex import aio
+from dspex.client.sync import Client, Rehydrator, Session, Stream, connect
+from dspex.wire.errors import (
     BrokerUnreachable,
-    EncodeError,
-    ConnectionLost,
-    DidNotRun,
-    InternalError,
-    MayHaveRun,
-    Refused,
-    UsageError,
     Cancelled,
     CheckpointRefused,
     CodeCacheMiss,
     ConfigError,
     ConnectionError,
+    ConnectionLost,
+    DidNotRun,
     DspexError,
+    EncodeError,
+    InternalError,
+    MayHaveRun,
     MessageTooLarge,
     MissingModule,
     NotDurableWarning,
@@ -32,6 +31,7 @@ from dspex.errors import (
     QueueTimeout,
     RefNotFound,
     RefQuotaExceeded,
+    Refused,
     RemoteError,
     SessionClosed,
     SessionNotDurable,
@@ -41,21 +41,59 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
     UnknownOp,
+    UsageError,
     WorkerBusy,
     WorkerCrashed,
 )
-from dspex.record import Record
-from dspex.ref import Ref, RemoteMethod
-from dspex.sessiondir import SessionDir
-
-from dspex import aio  # noqa: E402 - after the client: `import dspex` then `dspex.aio.connect()` works
+from dspex.wire.record import Record
+from dspex.wire.ref import Ref, RemoteMethod
+from dspex.wire.sessiondir import SessionDir
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BrokerUnreachable", "ConnectionLost", "DidNotRun", "InternalError", "MayHaveRun", "Refused", "UsageError",
-    "Cancelled", "CheckpointRefused", "Client", "CodeCacheMiss", "ConfigError", "ConnectionError", "DspexError", "EncodeError", "MessageTooLarge", "MissingModule", "NotDurableWarning", "PoolNotFound",
-    "PoolSaturated", "ProtocolError", "QueueTimeout", "Record", "Ref", "RemoteMethod", "Stream", "aio", "RefNotFound", "RefQuotaExceeded", "Rehydrator", "RemoteError",
-    "Session", "SessionClosed", "SessionDir", "SessionNotDurable", "SessionNotYours", "SessionPoolMismatch", "SessionQuotaExceeded", "SessionWorkerUnavailable", "Timeout", "UnknownOp",
-    "WorkerBusy", "WorkerCrashed", "connect",
+    "BrokerUnreachable",
+    "Cancelled",
+    "CheckpointRefused",
+    "Client",
+    "CodeCacheMiss",
+    "ConfigError",
+    "ConnectionError",
+    "ConnectionLost",
+    "DidNotRun",
+    "DspexError",
+    "EncodeError",
+    "InternalError",
+    "MayHaveRun",
+    "MessageTooLarge",
+    "MissingModule",
+    "NotDurableWarning",
+    "PoolNotFound",
+    "PoolSaturated",
+    "ProtocolError",
+    "QueueTimeout",
+    "Record",
+    "Ref",
+    "RefNotFound",
+    "RefQuotaExceeded",
+    "Refused",
+    "Rehydrator",
+    "RemoteError",
+    "RemoteMethod",
+    "Session",
+    "SessionClosed",
+    "SessionDir",
+    "SessionNotDurable",
+    "SessionNotYours",
+    "SessionPoolMismatch",
+    "SessionQuotaExceeded",
+    "SessionWorkerUnavailable",
+    "Stream",
+    "Timeout",
+    "UnknownOp",
+    "UsageError",
+    "WorkerBusy",
+    "WorkerCrashed",
+    "aio",
+    "connect",
 ]

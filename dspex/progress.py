@@ -10,7 +10,8 @@ event reaches the caller's ``on_progress`` callback (or the stream's ``progress`
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 current_reporter: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
     "dspex_progress", default=None

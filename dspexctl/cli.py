@@ -32,9 +32,9 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from dspex.errors import DspexError
-from dspex.supervisor import default_conf
-from dspexctl import commands
+from dspex.stack.supervisor import DEFAULT_CONF
+from dspex.wire.errors import DspexError
+from dspexctl import commands, lifecycle
 from dspexctl.commands import Settings, exit_code_for
 from dspexctl.flagship import flagship
 from dspexctl.hosts import hosts
@@ -163,7 +163,7 @@ class Dspexctl(click.Group):
 def main(ctx: click.Context, endpoint: str | None, endpoints: str | None, supervisor_conf: Path | None,
          timeout: float, json_out: bool) -> None:
     """Operate a dspex stack: pools, workers, sessions."""
-    settings = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or default_conf(), timeout=timeout,
+    settings = Settings(endpoint=endpoint, supervisor_conf=supervisor_conf or DEFAULT_CONF, timeout=timeout,
                         json=json_out, conf_explicit=supervisor_conf is not None)
     if endpoints and endpoint:  # the command line wins over the environment; both from one of them is a mistake
         sources = (ctx.get_parameter_source("endpoint"), ctx.get_parameter_source("endpoints"))
@@ -206,7 +206,7 @@ def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, watch
 @click.pass_context
 def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Start pools (all by default); start supervisord first when it is not running."""
-    run(ctx, commands.PoolsStart(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsStart(), json_out, pools=pool, wait=wait)
 
 
 @pools.command("stop")
@@ -217,7 +217,7 @@ def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out
 @click.pass_context
 def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Stop pools' workers (all pools by default); the broker keeps running."""
-    run(ctx, commands.PoolsStop(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsStop(), json_out, pools=pool, wait=wait)
 
 
 @pools.command("restart")
@@ -232,7 +232,7 @@ def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_o
     Every worker is replaced at once: sessions pinned to them get session_worker_unavailable. For a
     rolling replacement that keeps the pool serving, use `workers recycle POOL --all`.
     """
-    run(ctx, commands.PoolsRestart(), json_out, pools=pool, wait=wait)
+    run(ctx, lifecycle.PoolsRestart(), json_out, pools=pool, wait=wait)
 
 
 @main.command("stop")
@@ -242,7 +242,7 @@ def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_o
 @click.pass_context
 def stop(ctx: click.Context, wait: float, json_out: bool) -> None:
     """Stop the stack of this supervisor.conf: workers first, then the broker, then supervisord."""
-    run(ctx, commands.StackStop(), json_out, wait=wait)
+    run(ctx, lifecycle.StackStop(), json_out, wait=wait)
 
 
 @main.group()

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dspex
-from dspex import config
-from dspex.errors import (
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
+from dspex.client.routing import broker_keys
+from dspex.stack.supervisor import (
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+    full_name,
+)
+from dspex.wire.errors import (
     BrokerUnreachable,
     ConfigError,
     ConnectionError,
@@ -28,23 +37,7 @@ from dspex.errors import (
     Timeout,
     UsageError,
 )
-from dspex.routing import broker_keys
-from dspex.supervisor import (
-    STOPPED_STATES,
-    Supervisor,
-    SupervisorConf,
-    SupervisorError,
-    SupervisorUnreachable,
-    full_name,
-)
-from dspexctl.stack import (
-    StackConflict,
-    ensure_stack,
-    expected_workers,
-    foreign_stack,
-    ready_counts,
-    wait_ready,
-)
+from dspex.wire.sockets import check_endpoint
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the operation failed
@@ -99,21 +92,23 @@ class Settings:
     json: bool = False
     conf_explicit: bool = False  # given by option/env: a missing file is then an error
     endpoints: str | None = None
-    broker: config.Broker | None = None  # one broker of a map: its endpoint and key files
+    broker: Broker | None = None  # one broker of a map: its endpoint and key files
     # one broker of a map: its supervisor.conf is the one it was started with (its ``config``)
     conf_of_broker: bool = False
+    # the rest of the environment a client reads (the run directory, CURVE key files...), read once
+    config: ClientConfig = field(default_factory=ClientConfig.from_env)
 
     def client(self, timeout: float | None = None) -> dspex.Client:
         endpoint = self.resolved_endpoint()
         try:
-            config.probe_ipc(endpoint)
+            probe_ipc(endpoint)
         except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
             from dspexctl.diagnose import explain
 
             conf = None if self.conf_of_broker else self.supervisor_conf_or_none()
-            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.timeout)) from None
+            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout)) from None
         broker = self._own_broker()
-        server_key, keypair = broker_keys(broker) if broker is not None else (None, None)
+        server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
         return dspex.connect(endpoint, timeout=self.timeout if timeout is None else timeout,
                              curve_server_key=server_key, curve_keypair=keypair)
 
@@ -121,9 +116,9 @@ class Settings:
         broker = self._own_broker()
         if broker is not None:
             return broker.endpoint
-        return config.check_endpoint(config.client_endpoint(self.endpoint))
+        return check_endpoint(self.config.endpoint_or_default(self.endpoint))
 
-    def _own_broker(self) -> config.Broker | None:
+    def _own_broker(self) -> Broker | None:
         """This command's broker when a map names it: a broker of the map, or a map of one."""
         if self.broker is not None:
             return self.broker
@@ -151,11 +146,11 @@ class Settings:
         path = str((broker_status or {}).get("broker", {}).get("config") or "")
         return SupervisorConf.load(Path(path)) if path and Path(path).is_file() else None
 
-    def broker_map(self) -> config.BrokerMap | None:
+    def broker_map(self) -> BrokerMap | None:
         """The map of ``endpoints``, or None."""
-        return config.broker_map(endpoints=self.endpoints) if self.endpoints else None
+        return broker_map(self.config, endpoints=self.endpoints) if self.endpoints else None
 
-    def several(self) -> config.BrokerMap | None:
+    def several(self) -> BrokerMap | None:
         """The map when it names several brokers, else None (one broker: this command's)."""
         brokers = self.broker_map()
         return brokers if brokers is not None and brokers.several else None
@@ -170,7 +165,7 @@ class Settings:
         brokers = self.several()
         return self if brokers is None else self._of(brokers.broker_for(pool))
 
-    def _of(self, broker: config.Broker) -> Settings:
+    def _of(self, broker: Broker) -> Settings:
         return replace(self, endpoint=None, endpoints=None, broker=broker, conf_explicit=False, conf_of_broker=True)
 
     def supervisor(self) -> Supervisor:
@@ -231,115 +226,6 @@ def fmt_ms(ms: float | None) -> str:
     if ms is None:
         return "-"
     return f"{ms:.1f}ms" if ms < 1000 else f"{ms / 1000:.2f}s"
-
-
-# -- pools start / stop ------------------------------------------------------------------------
-def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
-    """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    from dspex.pools import load_pools
-
-    groups = sup.groups()
-    declared = [c.name for c in load_pools(sc.path)]
-    if not wanted:
-        return [name for name in declared if name in groups]
-    bad = [name for name in wanted if name not in groups or name == "broker"]
-    if bad:
-        raise PoolNotFound(f"no pool named {', '.join(map(repr, bad))} in {sc.path}; pools: "
-                           f"{', '.join(n for n in declared if n in groups) or 'none'}")
-    return wanted
-
-
-class PoolsStart:
-    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        endpoint = settings.resolved_endpoint()
-        t0 = time.monotonic()
-        with Supervisor(sc, timeout=settings.timeout) as sup:
-            started = not sup.running()
-            if started:
-                if req["pools"]:
-                    progress("supervisord is not running: starting it, which starts every pool")
-                ensure_stack(sc.path, timeout=req["wait"], progress=progress, endpoint=endpoint)
-            groups = _pool_groups(sup, sc, req["pools"])
-            wanted = expected_workers(sc, sup, groups)
-            if started:  # ensure_stack waited for every pool already
-                with settings.client() as dx:
-                    status = dx.status()
-            else:
-                conflict = foreign_stack(sc, endpoint, sup)
-                if conflict:  # our workers would join the other stack's broker
-                    raise StackConflict(conflict)
-                for p in sup.processes():
-                    if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
-                        progress(f"starting {full_name(p)}")
-                        sup.start_process(full_name(p))
-                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
-        counts = ready_counts(status, groups)
-        metrics = dict(status["broker"].get("metrics") or {})
-        text, trouble = metrics_text(metrics)
-        if trouble:
-            progress(f"warning: {text}")
-        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
-                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}, "metrics": metrics}
-
-    def present(self, result: dict[str, Any]) -> str:
-        head = "started supervisord; " if result["started_supervisord"] else ""
-        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
-            + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
-
-
-class PoolsStop:
-    def request(self, pools: tuple[str, ...] = (), wait: float = 60.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        t0 = time.monotonic()
-        # stopProcessGroup(wait=True) returns once the group is stopped; workers finish their
-        # current request first (up to stopwaitsecs), so give the call that long
-        with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
-            groups = _pool_groups(sup, sc, req["pools"])
-            for g in groups:  # every group at once; polling wakes supervisord's loop, which reaps them
-                progress(f"stopping {g}")
-                sup.stop_group(g, wait=False)
-            deadline = t0 + req["wait"]
-            while True:
-                states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
-                if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-        # the workers said goodbye on SIGTERM; confirm the broker has dropped them
-        left: dict[str, int] = {}
-        try:
-            with settings.client() as dx:
-                deadline = time.monotonic() + 10.0
-                while True:
-                    status = dx.status()
-                    left = {g: len(status["pools"][g]["workers"]) for g in groups if g in status["pools"]}
-                    if not any(left.values()) or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-        except (ConnectionError, Timeout):
-            pass  # no broker: nothing registered either
-        return {"stopped": groups, "processes": states, "still_registered": left,
-                "seconds": round(time.monotonic() - t0, 3)}
-
-    def present(self, result: dict[str, Any]) -> str:
-        lines = [f"{name}: {state}" for name, state in sorted(result["processes"].items())]
-        lines += [f"warning: the broker still lists {n} worker(s) of {pool}"
-                  for pool, n in result["still_registered"].items() if n]
-        return "\n".join(lines)
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK if all(s in STOPPED_STATES for s in result["processes"].values()) else EXIT_ERROR
 
 
 # -- workers recycle ---------------------------------------------------------------------------
@@ -459,84 +345,6 @@ class WorkersRecycle:
     def present(self, result: dict[str, Any]) -> str:
         return "\n".join(f"{result['pool']}: {r['old'][:8]} (pid {r['old_pid']}) -> {r['new'][:8]} "
                          f"(pid {r['new_pid']}) in {r['seconds']:.2f}s ({result['mode']})" for r in result["recycled"])
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
-
-
-# -- the whole stack -----------------------------------------------------------------------------
-class PoolsRestart:
-    """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
-
-    interrupted = PoolsStart.interrupted
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.monotonic()
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        with Supervisor(sc, timeout=settings.timeout) as sup:
-            sup.state()  # a restart of a stack that is not running is an error, not a start
-        stopped = PoolsStop().execute(settings, PoolsStop().request(tuple(req["pools"]), req["wait"]))
-        started = PoolsStart().execute(settings, PoolsStart().request(tuple(stopped["stopped"]), req["wait"]))
-        return {"pools": started["pools"], "seconds": round(time.monotonic() - t0, 3)}
-
-    def present(self, result: dict[str, Any]) -> str:
-        return "restarted " + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready"
-                                        for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)"
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
-
-
-class StackStop:
-    """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
-
-    def request(self, wait: float = 60.0) -> dict[str, Any]:
-        return {"wait": wait}
-
-    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        from dspexctl.stack import wait_pid_exit
-
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        t0 = time.monotonic()
-        deadline = t0 + req["wait"]
-        with Supervisor(sc, timeout=settings.timeout) as sup:
-            try:
-                pid = sup.pid()
-            except SupervisorUnreachable:
-                return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
-            running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
-            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
-            # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
-            # up to a second for I/O: every worker group at once instead, the broker last, and
-            # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
-            groups = sorted({p["group"] for p in running if p["group"] != "broker"})
-            for group in groups:
-                sup.stop_group(group, wait=False)
-            while groups and time.monotonic() < deadline:
-                if all(p["statename"] in STOPPED_STATES for p in sup.processes() if p["group"] in groups):
-                    break
-                time.sleep(0.02)
-            sup.shutdown()
-            while time.monotonic() < deadline:
-                try:
-                    sup.state()  # refused while it shuts down, but the request still wakes its loop
-                except SupervisorUnreachable:
-                    break  # its socket is gone: it is exiting
-                except SupervisorError:
-                    pass
-                time.sleep(0.02)
-        wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
-        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
-                "seconds": round(time.monotonic() - t0, 3)}
-
-    def present(self, result: dict[str, Any]) -> str:
-        if not result["was_running"]:
-            return f"supervisord of {result['conf']} is not running: nothing to stop"
-        return (f"stopped supervisord (pid {result['pid']}) and {len(result['processes'])} program(s) "
-                f"in {result['seconds']:.1f}s")
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dspex import config
-from dspex.health import State, proc_uptime
-from dspex.supervisor import (
+from dspex.client.config import ClientConfig
+from dspex.stack.health import State, proc_uptime
+from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
     SupervisorError,
@@ -55,7 +55,7 @@ def broker_process(pid: int) -> BrokerProcess | None:
                 return arg.split("=", 1)[1]
         return ""
 
-    # what config.default_frontend() computes in that process
+    # what default_frontend() computes in that process
     run_dir = env.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{uid}"
     frontend = (flag("--frontend") or env.get("DSPEX_FRONTEND") or env.get("DSPEX_ENDPOINT")
                 or f"ipc://{run_dir}/frontend.sock")
@@ -64,13 +64,13 @@ def broker_process(pid: int) -> BrokerProcess | None:
     return BrokerProcess(pid, frontend, where, os.path.abspath(conf) if conf else "")
 
 
-def here() -> str:
+def here(config: ClientConfig) -> str:
     """This shell's run directory, as a reader sees it: ``DSPEX_RUN_DIR=...`` or the default."""
-    value = os.environ.get("DSPEX_RUN_DIR")
-    return f"DSPEX_RUN_DIR={value}" if value else f"DSPEX_RUN_DIR unset, so {config.run_dir()}"
+    return f"DSPEX_RUN_DIR={config.run_dir}" if config.run_dir_given else f"DSPEX_RUN_DIR unset, so {config.run_dir}"
 
 
-def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, error: str) -> tuple[State, str]:
+def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, error: str,
+                  config: ClientConfig) -> tuple[State, str]:
     """The state and words for this supervisord's broker process ``proc`` (RUNNING or STARTING)
     when nothing answers at ``endpoint``: STARTING only while it is young and listens where we
     look; otherwise UNREACHABLE, naming where it listens and the likely cause."""
@@ -79,7 +79,7 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
     name = f"{proc['group']}:{proc['name']}"
     if found is not None and found.frontend != endpoint:
         if found.run_dir and endpoint.startswith("ipc://"):
-            cause = (f"another DSPEX_RUN_DIR: the broker's is {found.run_dir}, this command's {here()}; "
+            cause = (f"another DSPEX_RUN_DIR: the broker's is {found.run_dir}, this command's {here(config)}; "
                      f"run it with DSPEX_RUN_DIR={found.run_dir} (or --endpoint {found.frontend})")
         else:
             cause = f"another endpoint: run it with --endpoint {found.frontend}"
@@ -93,10 +93,10 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
     return State.UNREACHABLE, (
         f"supervisord of {conf.path} reports its broker {name} RUNNING for {up:.0f}s (pid {proc['pid']}), but "
         f"nothing answers at {endpoint} ({error}){other}. Likely causes: another stack's conf or run directory "
-        f"({here()}; --supervisor-conf {conf.path}); else see {conf.here / 'log' / 'broker.log'}")
+        f"({here(config)}; --supervisor-conf {conf.path}); else see {conf.here / 'log' / 'broker.log'}")
 
 
-def explain(endpoint: str, conf: SupervisorConf | None, error: str, timeout: float = 5.0) -> str:
+def explain(endpoint: str, conf: SupervisorConf | None, error: str, config: ClientConfig, timeout: float = 5.0) -> str:
     """What to add to "nothing is listening at ENDPOINT" for a command that needs the broker."""
     if conf is None:
         return ""
@@ -111,5 +111,5 @@ def explain(endpoint: str, conf: SupervisorConf | None, error: str, timeout: flo
     if broker["statename"] not in ("RUNNING", "STARTING"):
         return (f"; supervisord of {conf.path} reports its broker {broker['statename']} "
                 f"(see {conf.here / 'log' / 'broker.log'}, or dspexctl pools status)")
-    _, text = silent_broker(broker, endpoint, conf, error)
+    _, text = silent_broker(broker, endpoint, conf, error, config)
     return "; " + text

@@ -24,9 +24,9 @@ from typing import Any
 import click
 
 import dspex
-from dspex import config
-from dspex.errors import ConfigError, DspexError
-from dspex.supervisor import Supervisor, SupervisorConf, default_conf, pid_alive
+from dspex.client.config import ClientConfig
+from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, pid_alive
+from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -122,7 +122,7 @@ def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
 def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
     """``ensure_stack``; when it fails or is interrupted after starting supervisord, that supervisord
     is stopped again (this command leaves nothing behind that it started)."""
-    sc = SupervisorConf.load(conf or default_conf())
+    sc = SupervisorConf.load(conf or DEFAULT_CONF)
     with Supervisor(sc, timeout=5.0) as sup:
         was_running = sup.running()
     try:
@@ -307,7 +307,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
             stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
             if _reachable(endpoint):
-                say(f"using the running stack at {endpoint or config.client_endpoint()}")
+                say(f"using the running stack at {ClientConfig.from_env().endpoint_or_default(endpoint)}")
             else:
                 t0 = time.monotonic()
                 say("no stack answers: starting one under supervisord")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dspex.errors import ConnectionError, PoolNotFound, Timeout
+from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
     EXIT_OK,
     NotFound,

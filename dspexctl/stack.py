@@ -12,25 +12,28 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import dspex
-from dspex import config
-from dspex.errors import ConfigError, ConnectionError, Timeout
-from dspex.pools import load_pools
-from dspex.supervisor import (
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import probe_ipc
+from dspex.stack.pools import load_pools
+from dspex.stack.supervisor import (
+    DEFAULT_CONF,
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
-    default_conf,
     full_name,
     pid_alive,
     start_supervisord,
 )
+from dspex.wire.errors import ConfigError, ConnectionError, Timeout
+from dspex.wire.sockets import check_endpoint
 
 Progress = Callable[[str], None]
 
@@ -61,7 +64,7 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     ``confless_is_foreign``: a broker started without a supervisor.conf (by hand, by a test) counts
     as another stack's (``pools start`` cannot start its own beside it; a flow may still use it)."""
     try:
-        config.probe_ipc(endpoint)
+        probe_ipc(endpoint)
     except (ConnectionError, ConfigError):
         return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
     run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
@@ -89,8 +92,8 @@ def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None
     """Raise :class:`StackConflict` when the broker answering at ``endpoint`` (default: this
     environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
     uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
-    sc = SupervisorConf.load(conf or default_conf())
-    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
     with Supervisor(sc, timeout=5.0) as sup:
         conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
     if conflict:
@@ -127,8 +130,8 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
     inspection; ``err.details["started"]`` says whether this call started it), and a
     ``SupervisorError`` (code ``supervisor_error``) when supervisord cannot start.
     """
-    sc = SupervisorConf.load(conf or default_conf())
-    endpoint = config.check_endpoint(config.client_endpoint(endpoint))
+    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
     started = False
     with Supervisor(sc, timeout=5.0) as sup:
         running = sup.running()

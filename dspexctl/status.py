@@ -2,7 +2,7 @@
 
 Each supervisord worker process is either *registered* (the broker lists its pid), *starting*
 (supervisord says STARTING, or RUNNING for under ``REGISTER_GRACE_S`` while it imports dspy), or
-*broken* (anything else). :func:`dspex.health.pool_state` turns those counts and the broker's
+*broken* (anything else). :func:`dspex.stack.health.pool_state` turns those counts and the broker's
 numbers into OK / STARTING / WARN / DEGRADED / DOWN; the stack's state is the worst of the pools'
 and of the stack-wide issues (broker unreachable, invalid dspex config, a broker that is not this
 supervisord's).
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dspex.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
-from dspex.health import (
+from dspex.stack.health import (
     RECYCLE,
     SERVICE,
     USER,
@@ -25,13 +24,14 @@ from dspex.health import (
     proc_uptime,
     worst,
 )
-from dspex.supervisor import (
+from dspex.stack.supervisor import (
     Supervisor,
     SupervisorError,
     SupervisorNoSuchProcess,
     SupervisorUnreachable,
     full_name,
 )
+from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -135,7 +135,7 @@ class PoolsStatus:
         conf_sizes: dict[str, int] = {}
         config_error = None
         if sc is not None:
-            from dspex.pools import load_pools, supervisor_group_sizes
+            from dspex.stack.pools import load_pools, supervisor_group_sizes
 
             try:
                 declared = [c.name for c in load_pools(sc.path)]
@@ -152,7 +152,7 @@ class PoolsStatus:
         broker_starting = False
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
-                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err)
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config)
                 broker_starting = state is State.STARTING
                 issues.append((state, text))
             else:

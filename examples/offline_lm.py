@@ -47,8 +47,17 @@ if TYPE_CHECKING:  # dspy costs ~0.5 s to import; the broker only needs is_offli
     from dspy.lm15 import Request, Response
 
 __all__ = [
-    "OFFLINE_LABEL", "OFFLINE_MODEL", "RULES_HEADER", "OfflineEngine", "AsyncOfflineEngine",
-    "Rule", "parse_rules", "apply_rules", "propose_instruction", "offline_lm", "is_offline_model",
+    "OFFLINE_LABEL",
+    "OFFLINE_MODEL",
+    "RULES_HEADER",
+    "AsyncOfflineEngine",
+    "OfflineEngine",
+    "Rule",
+    "apply_rules",
+    "is_offline_model",
+    "offline_lm",
+    "parse_rules",
+    "propose_instruction",
 ]
 
 OFFLINE_LABEL = "offline stand-in LM (deterministic, no network)"
@@ -73,10 +82,7 @@ _BASELINE_CATEGORIES = (  # first match wins; anything else is a "bug"
 )
 _CATEGORY_NAMES = {"category", "label", "type", "kind", "class", "topic", "intent"}
 _URGENCY_NAMES = {"urgency", "priority", "severity"}
-_STOPWORDS = frozenset("""the and with for after before from that this have has been still when what which their
-there they them users user customer customers please some into onto over under about also just cannot does
-doesn't not multiple again days since last shows being were would could should while because other only more
-most very want need needs ticket issue problem getting get gets like any all our your its it's""".split())
+_STOPWORDS = frozenset(["the", "and", "with", "for", "after", "before", "from", "that", "this", "have", "has", "been", "still", "when", "what", "which", "their", "there", "they", "them", "users", "user", "customer", "customers", "please", "some", "into", "onto", "over", "under", "about", "also", "just", "cannot", "does", "doesn't", "not", "multiple", "again", "days", "since", "last", "shows", "being", "were", "would", "could", "should", "while", "because", "other", "only", "more", "most", "very", "want", "need", "needs", "ticket", "issue", "problem", "getting", "get", "gets", "like", "any", "all", "our", "your", "its", "it's"])
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ def _typed(value: str, annotation: str, text: str) -> Any:
     a = annotation.lower()
     if a.startswith("bool"):
         return value.lower() in ("true", "yes", "1") if value else False
-    if a.startswith("int") or a.startswith("float"):
+    if a.startswith(("int", "float")):
         try:
             return int(value) if a.startswith("int") else float(value)
         except ValueError:

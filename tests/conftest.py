@@ -7,7 +7,8 @@ group, killed by pid at teardown. Tests import what they need from ``tests.harne
 from __future__ import annotations
 
 import shutil
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

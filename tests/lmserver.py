@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 MODES = ("normal", "unparsable", "empty", "placeholder", "endless", "slow", "rate_limit", "error")
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -184,7 +184,7 @@ class LMServer:
         self.httpd.server_close()
         self.thread.join(10)
 
-    def __enter__(self) -> LMServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

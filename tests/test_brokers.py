@@ -1,5 +1,5 @@
 """Past one broker: a client with a pool -> endpoint map sends every request to the broker of its
-pool (dspex.routing), both client kinds; ``dspexctl`` shows every broker of the map.
+pool (dspex.client.routing), both client kinds; ``dspexctl`` shows every broker of the map.
 
 The map's parsing and the merge of several brokers' answers are pure logic (fast tests); the rest
 runs two real brokers on one machine, each with its own run directory, pools and workers, and
@@ -20,9 +20,10 @@ import pytest
 
 import dspex
 import dspex.aio
-from dspex import config
-from dspex.client import RoutedClient
-from dspex.routing import merge
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import Broker, broker_map
+from dspex.client.routing import merge
+from dspex.client.sync import RoutedClient
 from dspexctl.keys import generate
 from tests.harness import Stack, Workspace, base_env, free_port, wait_for
 from tests.harness.supervisord import SupervisedStack
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 # -- the map ---------------------------------------------------------------------------------------
 def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatch) -> None:
     text = " triage_pool=ipc:///tmp/dx-a/f.sock, analytics_pool=ipc:///tmp/dx-a/f.sock,\n*=tcp://b:5555;server_key=/k/b.key "
-    brokers = config.broker_map(endpoints=text)
+    brokers = broker_map(ClientConfig.from_env(), endpoints=text)
     assert brokers.several
     assert [b.endpoint for b in brokers.brokers] == ["ipc:///tmp/dx-a/f.sock", "tcp://b:5555"]
     assert brokers.broker_for("analytics_pool").endpoint == "ipc:///tmp/dx-a/f.sock"
@@ -43,14 +44,14 @@ def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatc
     assert brokers.serves("tcp://b:5555", "other") and not brokers.serves("tcp://b:5555", "triage_pool")
     # the environment, and what wins over it
     monkeypatch.setenv("DSPEX_ENDPOINTS", text)
-    assert config.broker_map().routes == brokers.routes
-    assert not config.broker_map("ipc:///tmp/x/f.sock").several
-    assert config.broker_map(endpoints={"p": "ipc:///tmp/y/f.sock"}).broker_for("p").endpoint == "ipc:///tmp/y/f.sock"
+    assert broker_map(ClientConfig.from_env()).routes == brokers.routes
+    assert not broker_map(ClientConfig.from_env(), "ipc:///tmp/x/f.sock").several
+    assert broker_map(ClientConfig.from_env(), endpoints={"p": "ipc:///tmp/y/f.sock"}).broker_for("p").endpoint == "ipc:///tmp/y/f.sock"
     monkeypatch.setenv("DSPEX_ENDPOINT", "ipc:///tmp/x/f.sock")
     with pytest.raises(dspex.ConfigError, match="both set"):
-        config.broker_map()
+        broker_map(ClientConfig.from_env())
     monkeypatch.delenv("DSPEX_ENDPOINTS")
-    assert config.broker_map().brokers == [config.Broker("ipc:///tmp/x/f.sock")]
+    assert broker_map(ClientConfig.from_env()).brokers == [Broker("ipc:///tmp/x/f.sock")]
 
 
 @pytest.mark.parametrize("endpoints, error", [
@@ -66,9 +67,9 @@ def test_the_endpoints_text_maps_pools_to_brokers(monkeypatch: pytest.MonkeyPatc
 ])
 def test_a_bad_map_is_a_config_error(endpoints: Any, error: str) -> None:
     with pytest.raises(dspex.ConfigError, match=error):
-        config.broker_map(endpoints=endpoints)
+        broker_map(ClientConfig.from_env(), endpoints=endpoints)
     with pytest.raises(dspex.ConfigError, match="not both"):
-        config.broker_map("ipc:///a/f.sock", {"p": "ipc:///b/f.sock"})
+        broker_map(ClientConfig.from_env(), "ipc:///a/f.sock", {"p": "ipc:///b/f.sock"})
 
 
 def test_one_broker_is_the_plain_client_and_an_unknown_pool_is_refused_before_sending(short_tmp: str) -> None:
@@ -94,7 +95,7 @@ def test_one_broker_is_the_plain_client_and_an_unknown_pool_is_refused_before_se
 
     async def main() -> None:
         async with dspex.aio.connect(endpoints=two) as adx:
-            assert isinstance(adx, dspex.aio.RoutedAsyncClient)
+            assert isinstance(adx, dspex.client.aio.RoutedAsyncClient)
             pending = adx.call("os", "getpid", pool="gamma")  # raises where it is awaited, as every op
             with pytest.raises(dspex.PoolNotFound):
                 await pending
@@ -103,7 +104,7 @@ def test_one_broker_is_the_plain_client_and_an_unknown_pool_is_refused_before_se
 
 
 def test_several_brokers_answers_merge_saying_where_each_part_came_from() -> None:
-    brokers = config.broker_map(endpoints="alpha=ipc:///a/f.sock,*=ipc:///b/f.sock")
+    brokers = broker_map(ClientConfig.from_env(), endpoints="alpha=ipc:///a/f.sock,*=ipc:///b/f.sock")
     status_a = {"broker": {"pid": 1}, "pools": {"alpha": {"sessions": 1}, "beta": {"sessions": 9}}, "events": []}
     down = dspex.BrokerUnreachable("nothing is listening at ipc:///b/f.sock")
     merged = merge("status", {"ipc:///a/f.sock": status_a, "ipc:///b/f.sock": down}, brokers)
@@ -202,7 +203,7 @@ def test_the_asyncio_client_routes_alike(brokers: tuple[Stack, Stack]) -> None:
     async def main() -> None:
         async with dspex.aio.connect(endpoints=f"alpha={a.frontend},beta={b.frontend},gamma={b.frontend}",
                                      timeout=20) as dx:
-            assert isinstance(dx, dspex.aio.RoutedAsyncClient)
+            assert isinstance(dx, dspex.client.aio.RoutedAsyncClient)
             sessions = [dx.session(pool) for pool in ("alpha", "beta", "gamma", "alpha")]
             got = await asyncio.gather(*(s.call("os", "getpid") for s in sessions),
                                        dx.call("os", "getpid", pool="gamma"))

@@ -9,9 +9,10 @@ import signal
 import textwrap
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -19,9 +20,9 @@ import zmq
 
 import dspex
 import dspex.aio
-from dspex import codec
-from dspex.core import control_frames, encode_body
-from dspex.protocol import Op, RequestHeader, unpack_reply_header
+from dspex.client.exchange import control_frames, encode_body
+from dspex.wire import codec
+from dspex.wire.protocol import Op, RequestHeader, unpack_reply_header
 from tests.harness import Stack, wait_for
 from worker.executor import Executor, RefTable
 
@@ -208,7 +209,7 @@ def test_cancelling_a_finished_call_is_harmless(stack: Stack) -> None:
         sock.close(0)
     assert _outcomes(stack) == {"eval:ok": 2}
     noisy = [line for line in stack.logs().splitlines()
-             if re.search(r"cancel", line, re.I) and not re.search(r"\bDEBUG\b", line)]
+             if re.search(r"cancel", line, re.IGNORECASE) and not re.search(r"\bDEBUG\b", line)]
     assert not noisy, noisy
 
 

@@ -273,7 +273,7 @@ def test_two_sessions_with_the_same_class_restore_two_classes() -> None:
     client's class), but each restored session gets a class of its own."""
     import cloudpickle
 
-    from dspex import byvalue
+    from dspex.wire import byvalue
 
     namespace_: dict[str, Any] = {}
     source = "class Counter:\n    total = 0\n    def add(self):\n        type(self).total += 1\n        return type(self).total\n"
@@ -369,9 +369,9 @@ def test_seeded_memo_loads_shared_objects_as_the_given_ones() -> None:
 
 
 def test_the_session_code_store_comes_back_with_its_keys_module_state_and_sources() -> None:
-    """By-value code (dspex.codestore): objects under the client's keys, one module object per
+    """By-value code (dspex.wire.codestore): objects under the client's keys, one module object per
     user module whose globals keep their state, the client's bindings, source files."""
-    from dspex import codestore
+    from dspex.wire import codestore
 
     table = RefTable("p", "w1")
     state = table.session(SID)

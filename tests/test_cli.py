@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import dspex
-from tests.harness import REPO, wait_for
+from dspex.stack.supervisor import pid_alive
 from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
-from dspex.supervisor import pid_alive
+from tests.harness import wait_for
 from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]

@@ -110,7 +110,7 @@ def test_a_method_of_a_class_from_the_users_script_is_one_round_trip(stack: Stac
     # a class defined in the script being run (module __main__) travels by value and its refs
     # are named by the bare qualname: its methods are still known here, so no getattr first
     scope: dict[str, Any] = {"__name__": "__main__"}
-    exec("class Scripted:\n"
+    exec("class Scripted:\n"  # noqa: S102 - a class defined by a script
          "    def __init__(self):\n        self.n = 0\n"
          "    def bump(self, k):\n        self.n += k\n        return self.n\n", scope)
     monkeypatch.setattr(sys.modules["__main__"], "Scripted", scope["Scripted"], raising=False)
@@ -118,7 +118,7 @@ def test_a_method_of_a_class_from_the_users_script_is_one_round_trip(stack: Stac
     with dx.session("p") as s:
         obj = s.put(scope["Scripted"]())
         assert obj.type_name == "Scripted"
-        assert isinstance(obj.bump, dspex.ref.RemoteMethod)  # known as a method: no round trip yet
+        assert isinstance(obj.bump, dspex.wire.ref.RemoteMethod)  # known as a method: no round trip yet
         assert obj.bump(2) == 2 and obj.bump(3) == 5
         assert obj.n == 5  # a data attribute is still a getattr
 
@@ -185,10 +185,10 @@ def test_import_dspex_then_aio_connect_in_a_fresh_interpreter(stack: Stack) -> N
     stack.pool("p:strict_queue", 1, "--no-dspy")
     code = ("import asyncio, dspex\n"
             "async def main():\n"
-            "    async with dspex.aio.connect(%r, timeout=20) as dx:\n"
+            f"    async with dspex.aio.connect({stack.frontend!r}, timeout=20) as dx:\n"
             "        s = dx.session('p')\n"
             "        print(await s.run(sum, [1, 2, 3]))\n"
-            "asyncio.run(main())\n") % stack.frontend
+            "asyncio.run(main())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DSPEX_RUN_DIR": os.path.dirname(stack.frontend[len("ipc://"):])})
     assert done.returncode == 0, done.stderr

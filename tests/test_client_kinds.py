@@ -1,4 +1,4 @@
-"""One user API for the blocking and the asyncio client (dspex/api.py): the same methods with the
+"""One user API for the blocking and the asyncio client (dspex/client/api.py): the same methods with the
 same parameters, the same constructor options, the same close semantics and a Rehydrator for
 both, checked on the classes and through real broker and worker processes."""
 
@@ -58,11 +58,11 @@ def test_client_and_async_client_have_the_same_user_ops_options_and_connect() ->
     assert [name for name, _, _ in options] == ["endpoint", "timeout", "curve_server_key", "curve_keypair",
                                                 "forward_output", "client_settings"]
     assert parameters(dspex.aio.AsyncClient) == options
-    # connect also takes a map of several brokers (dspex.routing)
+    # connect also takes a map of several brokers (dspex.client.routing)
     assert parameters(dspex.connect) == parameters(dspex.aio.connect)
     assert [name for name, _, _ in parameters(dspex.connect)] == ["endpoint", "timeout", "endpoints",
                                                                   *[name for name, _, _ in options[2:]]]
-    routed, routed_aio = public(dspex.client.RoutedClient), public(dspex.aio.RoutedAsyncClient)
+    routed, routed_aio = public(dspex.client.sync.RoutedClient), public(dspex.client.aio.RoutedAsyncClient)
     assert routed.keys() == sync.keys() and routed_aio.keys() == aio.keys()
     for name in ("session", "call", "status", "ping", "sessions", "close_session", "recycle", "request", "stream"):
         assert parameters(routed[name]) == parameters(sync[name]) == parameters(routed_aio[name]), name

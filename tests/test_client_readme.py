@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(180)
 def from_python_example() -> str:
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## From Python\n"):]
-    match = re.search(r"```python\n(.*?)```\n", section, re.S)
+    match = re.search(r"```python\n(.*?)```\n", section, re.DOTALL)
     assert match, "no python block in the From Python section"
     return match.group(1)
 

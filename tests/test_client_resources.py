@@ -14,10 +14,9 @@ import pytest
 import zmq
 
 import dspex
+from dspex.client.sync import IDLE_SOCKETS
+from dspex.wire.protocol import unpack_request_header
 from tests.harness import Stack, wait_for
-from dspex import core
-from dspex.client import IDLE_SOCKETS
-from dspex.protocol import unpack_request_header
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,7 +83,7 @@ class SilentBroker:
 
 def test_no_reply_is_timeout_stopped_false_after_deadline_plus_grace(short_tmp: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "REPLY_GRACE", 0.6)
+    monkeypatch.setenv("DSPEX_REPLY_GRACE", "0.6")  # read when the client is made
     broker = SilentBroker(str(Path(short_tmp) / "silent.sock"))
     try:
         with dspex.connect(broker.endpoint, timeout=0.4) as dx:
@@ -179,7 +178,7 @@ def test_timeout_the_worker_stopped_arrives_typed_and_the_session_goes_on(stack:
     with pytest.raises(dspex.Timeout) as info:
         s.apply(time.sleep, [30], timeout=1.0)
     assert info.value.details.get("stopped") is True and not info.value.details.get("hard")
-    assert time.monotonic() - started < 1.0 + core.REPLY_GRACE  # the worker's reply, not the client's wait
+    assert time.monotonic() - started < 1.0 + dx.config.reply_grace  # the worker's reply, not the client's wait
     assert s.run(lambda: __import__("sys").dspex_marker + 1) == 42
 
 

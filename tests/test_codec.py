@@ -1,4 +1,4 @@
-"""Unit tests for dspex.codec: round trips, array frames, graceful refs, errors."""
+"""Unit tests for dspex.wire.codec: round trips, array frames, graceful refs, errors."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspex.codec import EncodeError, decode, encode, packb, unpackb
 from dspex.errors import ProtocolError
-from dspex.ref import Ref
+from dspex.wire.codec import EncodeError, decode, encode, packb, unpackb
+from dspex.wire.ref import Ref
 
 
 def assert_same(a: Any, b: Any) -> None:
@@ -73,7 +73,7 @@ NATIVE = [
     0.5, math.inf, -math.inf, "", "héllo", b"", b"\x00\xff", (), (1,), (1, (2, (3,))), [1, (2, [3])],
     {"a": 1}, {1: "x", (1, "t"): 2, b"k": 3, None: 4, 2.5: 5, frozenset({1}): 6},
     {1, 2, (3, 4)}, frozenset({"a", (1,)}), set(), 1 + 2j, complex(-0.0, math.inf),
-    dt.datetime(2024, 2, 29, 13, 5, 7, 123456), dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+    dt.datetime(2024, 2, 29, 13, 5, 7, 123456), dt.datetime(2024, 1, 1, tzinfo=dt.UTC),
     dt.datetime(1, 1, 1, 0, 0, tzinfo=UTC5), dt.date(1999, 12, 31), dt.time(23, 59, 59, 1),
     dt.time(1, 2, tzinfo=UTC5), dt.timedelta(days=-5, seconds=3, microseconds=9), dt.timedelta(),
     {"nested": [{"t": (1, 2)}, {3, 4}, [dt.date(2020, 1, 1), 3j]]},
@@ -291,7 +291,7 @@ def test_object_dtype_never_accepted_from_wire() -> None:
 
 
 offsets = st.timedeltas(min_value=-dt.timedelta(hours=23), max_value=dt.timedelta(hours=23))
-zones = st.none() | st.just(dt.timezone.utc) | st.builds(dt.timezone, offsets)
+zones = st.none() | st.just(dt.UTC) | st.builds(dt.timezone, offsets)
 keys = st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.binary(max_size=5)
 leaves = (
     keys
@@ -323,19 +323,19 @@ def test_property_round_trip(value: object) -> None:
 
 # -- by value (ext 13), records (ext 14), policies ------------------------------------------------
 
-import dataclasses  # noqa: E402
-import inspect  # noqa: E402
-import pickle  # noqa: E402
-import threading  # noqa: E402
+import dataclasses
+import inspect
+import pickle
+import threading
 
-import cloudpickle  # noqa: E402
-import dspy  # noqa: E402
-import pydantic  # noqa: E402
+import cloudpickle
+import dspy
+import pydantic
 
-from dspex import byvalue  # noqa: E402
-from dspex.codec import EXT_PICKLE, Policy  # noqa: E402
-from dspex.errors import RemoteError, error_from_wire  # noqa: E402
-from dspex.record import Record  # noqa: E402
+from dspex.wire import byvalue
+from dspex.wire.codec import EXT_PICKLE, Policy
+from dspex.wire.errors import RemoteError, error_from_wire
+from dspex.wire.record import Record
 
 
 def reward_fn(example: Any, pred: Any) -> float:

@@ -1,4 +1,4 @@
-"""Unit tests for exact types through dspex.codec (dspex.wiretypes): every value comes back as
+"""Unit tests for exact types through dspex.wire.codec (dspex.wire.wiretypes): every value comes back as
 the type it was, under each encode policy, never silently its base type."""
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from dspy.evaluate.evaluate import EvaluationResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dspex import record
-from dspex.codec import EncodeError, Policy, decode, encode, packb, unpackb
 from dspex.errors import MissingModule, ProtocolError
-from dspex.record import Record
-from dspex.ref import Ref
-from dspex.wiretypes import ENUM, EXT_PICKLE, SUBCLASS
+from dspex.wire import record
+from dspex.wire.codec import EncodeError, Policy, decode, encode, packb, unpackb
+from dspex.wire.record import Record
+from dspex.wire.ref import Ref
+from dspex.wire.wiretypes import ENUM, EXT_PICKLE, SUBCLASS
 
 
 def assert_exact(a: Any, b: Any) -> None:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from offline_lm import offline_lm
 
 import dspex
 import dspex.aio
-from offline_lm import offline_lm
+from dspex.wire.protocol import STREAM_WINDOW
 from tests.harness import Stack, wait_for
-from dspex.protocol import STREAM_WINDOW
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,7 +46,7 @@ def test_capacity_runs_sessions_in_parallel_and_one_session_in_order(stack: Stac
     one = sessions[0]
     with ThreadPoolExecutor(4) as ex:
         spans = sorted(ex.map(lambda _: one.eval(SLEEP_SPAN.format(s=0.3)), range(4)))
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 0.005, "calls of one session overlapped"
 
 

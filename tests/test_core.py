@@ -17,8 +17,8 @@ from broker.core import Core
 from broker.ops import HANDLERS
 from broker.port import WorkerUnreachable
 from broker.state import Tombstones
-from dspex.pools import parse_pool_spec
-from dspex.protocol import (
+from dspex.stack.pools import parse_pool_spec
+from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,
@@ -30,11 +30,11 @@ from dspex.protocol import (
     W_HEARTBEAT,
     W_READY,
     W_REPLY,
-    RequestHeader,
-    pack_reply_header,
     RequestEnvelope,
+    RequestHeader,
     SessionMode,
     pack_reply_envelope,
+    pack_reply_header,
     unpack_request_envelope,
     unpack_request_header,
 )
@@ -320,7 +320,7 @@ def test_prefetch_sends_a_pinned_request_ahead_behind_short_calls_with_its_queue
     assert core.worker_of(2) == A
     core.request(C, 3, "p", "s3")
     assert core.worker_of(3) == A and core.outcome(C, 3) is None
-    call_ms, queue_ms = budget_of(core, 3)
+    _call_ms, queue_ms = budget_of(core, 3)
     assert 4000 < queue_ms <= 5000  # what is left of its queue time: the worker enforces it
     core.request(C, 4, "p", "s4")
     assert core.worker_of(4) is None  # one ahead at most (prefetch=1)
@@ -816,7 +816,7 @@ def test_the_health_window_counts_the_services_failures_apart_from_users_and_rec
 
 
 def test_failures_of_a_busy_window_stay_bounded() -> None:
-    from broker.state import RecentFailures
+    from broker.stats import RecentFailures
 
     window = RecentFailures(10)
     for i in range(100_000):

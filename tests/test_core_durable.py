@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from broker.checkpoints import CheckpointStore, Job
-from dspex.protocol import (
+from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     FLAG_DURABLE,
@@ -281,7 +281,7 @@ def test_closing_a_durable_session_deletes_its_checkpoint(path: str) -> None:
 
 def test_durable_on_a_none_pool_is_a_config_error(path: str) -> None:
     from dspex.errors import ConfigError
-    from dspex.pools import parse_pool_spec
+    from dspex.stack.pools import parse_pool_spec
 
     core = DurableCore(path, "p:none")
     core.ready(A, "p")

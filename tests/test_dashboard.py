@@ -28,7 +28,7 @@ import pytest
 
 from broker.dashboard import view
 from broker.publisher import quantile
-from broker.state import LATENCY_BUCKETS
+from broker.stats import LATENCY_BUCKETS
 from tests.harness import REPO, free_port, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl

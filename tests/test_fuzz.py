@@ -13,7 +13,8 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import pytest
@@ -22,16 +23,29 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import dspex
-from broker.broker import Broker, BrokerOptions
+from broker.broker import Broker
+from broker.settings import BrokerOptions
+from dspex.errors import DspexError, ProtocolError
+from dspex.stack.pools import parse_pool_spec
+from dspex.wire import codec
+from dspex.wire.protocol import (
+    B_DISCONNECT,
+    B_REQUEST,
+    PROTOCOL_VERSION,
+    W_DISCONNECT,
+    W_HEARTBEAT,
+    W_PARTIAL,
+    W_READY,
+    W_REPLY,
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
+)
 from tests.harness import Stack, rss_kb, wait_for
 from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz
-from dspex import codec
-from dspex.errors import DspexError, ProtocolError
-from dspex.pools import parse_pool_spec
-from dspex.protocol import (
-    B_DISCONNECT, B_REQUEST, PROTOCOL_VERSION, W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, RequestHeader,
-    pack_reply_envelope, pack_reply_header, unpack_reply_header, unpack_request_envelope, unpack_request_header,
-)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,7 +91,7 @@ def test_request_header_parser_only_raises_protocol_error(data: bytes) -> None:
 @given(st.one_of(st.binary(max_size=64), st.lists(objects, max_size=6).map(packed)))
 def test_reply_header_parser_only_raises_protocol_error(data: bytes) -> None:
     try:
-        status, req_id, worker, pool = unpack_reply_header(data)
+        status, req_id, _worker, _pool = unpack_reply_header(data)
     except ProtocolError:
         return
     assert isinstance(status, str) and isinstance(req_id, int)
@@ -112,7 +126,7 @@ def inproc_broker() -> Iterator[Broker]:
     root = tempfile.mkdtemp(prefix="dxb", dir="/tmp")
     ctx = zmq.Context()
     b = Broker(BrokerOptions(f"ipc://{root}/r/f", f"ipc://{root}/r/b",
-                             [parse_pool_spec("p:strict_queue"), parse_pool_spec("h:hint")]), ctx)
+                             [parse_pool_spec("p:strict_queue"), parse_pool_spec("h:hint")], run_dir=f"{root}/r"), ctx)
     b.bind()
     try:
         yield b

@@ -219,7 +219,7 @@ def test_hung_draining_worker_is_stopped_at_its_deadline(stack: Stack) -> None:
     child = s.eval("__import__('subprocess').Popen(['sleep', '60']).pid")  # spawned by user code
     t, out = in_background(s.call, "time", "sleep", [60])
     wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p")), what="call running")
-    other = [w for w in stack.workers("p") if w["pid"] != hung][0]
+    other = next(w for w in stack.workers("p") if w["pid"] != hung)
     result = dx.recycle("p", all=True)
     assert len(result["recycling"]) == 2
     t.join(20)
@@ -285,7 +285,7 @@ def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> Non
     import msgpack
     import zmq
 
-    from dspex.protocol import RequestHeader
+    from dspex.wire.protocol import RequestHeader
 
     stack.env["DSPEX_CLIENT_HWM"] = "100"
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")

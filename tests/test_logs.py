@@ -69,7 +69,7 @@ def test_one_format_failed_calls_recycles_and_shutdown(stack: Stack) -> None:
                      r"integer division or modulo by zero", worker_log), worker_log
     assert "\r" not in worker_log
     # its own line in our format, not nested in a captured "stderr:" line with dspy's date format
-    assert re.search(r"^\S+ worker\[p:\d+\] WARNING dspy: a line from dspy$", worker_log, re.M), worker_log
+    assert re.search(r"^\S+ worker\[p:\d+\] WARNING dspy: a line from dspy$", worker_log, re.MULTILINE), worker_log
     assert len([line for line in worker_log.splitlines() if "2000/2000" in line]) == 1, worker_log
     wait_for(lambda: any(re.search(r"call failed in the broker: pool=- session=\w+ request=\d+ op=call "
                                    r"error=pool_not_found", line) for line in lines(stack, "broker.log")),

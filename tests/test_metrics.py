@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
-from broker.state import Notices, bucket_bounds
+from broker.state import Notices
+from broker.stats import bucket_bounds
 from tests.harness import Stack, free_port, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -83,7 +84,7 @@ def test_notices_fold_repeats_into_one_line_per_window() -> None:
 @pytest.mark.timeout(90)
 def test_metrics_follow_prometheus_conventions(stack: Stack) -> None:
     before = time.time()
-    port, dx = start(stack, "p:strict_queue:queue_timeout=900", 2)
+    port, _dx = start(stack, "p:strict_queue:queue_timeout=900", 2)
     samples, types = scrape(port)
     for family, kind in types.items():
         if kind == "gauge":

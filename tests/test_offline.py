@@ -13,7 +13,6 @@ from typing import Any
 
 import dspy
 import pytest
-
 from offline_lm import (
     OFFLINE_LABEL,
     RULES_HEADER,

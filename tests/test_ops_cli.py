@@ -13,18 +13,19 @@ import json
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import dspex
-from tests.harness import base_env, wait_for
 from dspex.errors import DidNotRun, MayHaveRun, UsageError
-from dspex.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
+from dspex.stack.supervisor import SupervisorError, SupervisorNoSuchProcess, SupervisorUnreachable, pid_alive
 from dspexctl.sessions import SessionsList
+from tests.harness import base_env, wait_for
+from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
-from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 

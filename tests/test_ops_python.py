@@ -17,8 +17,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -117,7 +117,7 @@ def test_no_python_with_dspex_is_one_clear_line(here: Path, program: str, what: 
     assert "/nonexistent/python" in line and str(here / ".venv" / "bin" / "python") in line and "python3" in line
     assert "set DSPEX_PYTHON" in line
     assert line[:4].isdigit() and "T" in line.split()[0], "the line starts with a UTC timestamp"
-    # the format of every dspex log line (dspex/logs.py): time, process, level, logger
+    # the format of every dspex log line (dspex/stack/logs.py): time, process, level, logger
     stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
     assert re.match(stamp + r"(broker|worker\[triage_pool:)\S* ERROR dspex: ", line), line
 

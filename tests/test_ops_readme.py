@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import shutil
 from pathlib import Path
 
 import pytest
 
+from dspex.stack.supervisor import pid_alive
 from tests.harness import REPO
-from dspex.supervisor import pid_alive
 
 
 def readme_block(heading: str) -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index(f"## {heading}\n"):]
-    match = re.search(r"```bash\n(.*?)```", section, re.S)
+    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
     assert match, heading
     return match.group(1)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dspex.supervisor import Supervisor, SupervisorConf
+from dspex.stack.supervisor import Supervisor, SupervisorConf
 from tests.harness import wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback

@@ -1,7 +1,7 @@
 """``dspexctl pools status`` states: STARTING, DOWN, WARN, ``-`` for no data, supervisord's view
 with an invalid dspex config, a broker that is not this supervisord's, and ``--timeout`` checks.
 
-The pure state logic (dspex.health) has fast unit tests; the rest runs the CLI as a subprocess
+The pure state logic (dspex.stack.health) has fast unit tests; the rest runs the CLI as a subprocess
 against real supervisord stacks made of the shipped conf's sections (fewer workers).
 """
 
@@ -14,17 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-import dspex
+from dspex.stack.health import PoolFacts, State, failure_kind, pool_state, worst
+from dspex.stack.supervisor import pid_alive
 from tests.harness import REPO, wait_for
-from dspex.health import PoolFacts, State, failure_kind, pool_state, worst
-from dspex.supervisor import pid_alive
+from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
-from tests.harness.supervisord import SupervisedStack
 
 POOLS = {"triage_pool": 2, "analytics_pool": 1}
 
@@ -59,8 +59,8 @@ def test_only_the_services_failures_count_and_the_reason_names_them() -> None:
     assert failure_kind("session_worker_unavailable") == "recycle"
     assert failure_kind("session_worker_unavailable", worker_left_cleanly=False) == "service"
     verdict = pool_state("p", PoolFacts(expected=2, up=2, failures={"crash": 3, "queue_timeout": 1}, window_s=300))
-    assert verdict.reasons == ["p failed 4 time(s) in the last 5m: worker crash ×3, queue timeout ×1 "
-                               "(clears after 5m without one)"]
+    assert verdict.reasons == [("p failed 4 time(s) in the last 5m: worker crash ×3, queue timeout ×1 "
+                               "(clears after 5m without one)")]
 
 
 def test_worst_orders_by_severity() -> None:
@@ -185,7 +185,7 @@ def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
     """dspexctl talks to the broker at its endpoint; when that is not this supervisord's broker, say so."""
     other_dir = str(small.root / "o")
     env = {**small.env, "DSPEX_RUN_DIR": other_dir}
-    log = open(small.root / "other-broker.log", "wb")
+    log = open(small.root / "other-broker.log", "wb")  # noqa: SIM115 - the child process holds it
     other = subprocess.Popen([sys.executable, "-m", "broker", "--config", str(small.conf), "--metrics-port", "0"],
                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()

@@ -1,4 +1,4 @@
-"""What a call prints, warns and logs reaches the client where it would in-process (dspex.output).
+"""What a call prints, warns and logs reaches the client where it would in-process (dspex.client.output).
 
 Most cases run the client as a subprocess (a user's script) and assert on the stdout and stderr
 it really wrote; the flow-control cases run the client here and watch the worker.
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dspex.protocol import STREAM_WINDOW
+from dspex.wire.protocol import STREAM_WINDOW
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -391,7 +391,7 @@ def test_a_flushed_partial_line_is_sent_once() -> None:
 
 
 def test_the_log_threshold_follows_the_clients_levels() -> None:
-    from dspex.output import log_threshold
+    from dspex.client.output import log_threshold
 
     mine = logging.getLogger("tests.threshold.probe")
     before = log_threshold()

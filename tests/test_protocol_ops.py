@@ -1,4 +1,4 @@
-"""One op, one definition: ``dspex.protocol.Op`` says each op's wire name, side and arguments;
+"""One op, one definition: ``dspex.wire.protocol.Op`` says each op's wire name, side and arguments;
 both sides answer exactly their ops with handlers that take exactly those arguments, bad bodies
 get a clear ``protocol_error``, and docs/protocol.md lists the ops as the registry defines them.
 """
@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from broker.ops import HANDLERS
-from dspex import codec
-from dspex.api import ClientAPI, Session, SessionAPI
-from dspex.core import BODY_NAMES, encode_body
+from dspex.client.api import ClientAPI, Session, SessionAPI
+from dspex.client.exchange import BODY_NAMES, encode_body
 from dspex.errors import ProtocolError
-from dspex.protocol import (
+from dspex.wire import codec
+from dspex.wire.protocol import (
     BROKER_OPS,
     OPS,
     STREAM_OPS,
@@ -26,7 +26,7 @@ from dspex.protocol import (
     RequestHeader,
     Side,
 )
-from dspex.ref import Ref
+from dspex.wire.ref import Ref
 from worker.executor import Executor, RefTable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -154,7 +154,7 @@ _NOT_OPS = {"ClientAPI.session", "ClientAPI.request", "ClientAPI.stream", "Clien
 def test_the_user_api_sends_each_op_from_the_methods_the_registry_names_with_a_body_it_accepts() -> None:
     public = {f"{cls.__name__}.{name}" for cls in (ClientAPI, SessionAPI) for name in vars(cls)
               if not name.startswith("_") and callable(getattr(cls, name))}
-    assert public - _NOT_OPS == set(CALLS), "a user method of dspex.api without its row here"
+    assert public - _NOT_OPS == set(CALLS), "a user method of dspex.client.api without its row here"
     named = {method: op for op in Op for method in op.client}
     assert set(named) == set(CALLS), "every method that sends an op is named by it, and no other"
     for method, call in CALLS.items():

@@ -13,11 +13,11 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from offline_lm import offline_lm
 
 import dspex
-from offline_lm import offline_lm
+from dspex.wire.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 from tests.harness import Stack, wait_for
-from dspex.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -170,7 +170,7 @@ def test_codec_round_trip_through_worker(stack: Stack) -> None:
         back = s.eval("x", {"x": value})
         assert back == value and type(back) is type(value), (value, back)
     nan = s.eval("float('nan')")
-    assert nan != nan
+    assert nan != nan  # noqa: PLR0124 - a NaN came back as a NaN
     arrays = [
         np.arange(12, dtype=np.int32).reshape(3, 4), np.linspace(0, 1, 7, dtype=np.float64),
         np.array([True, False]), np.zeros((2, 0), dtype=np.uint8), np.arange(20.0)[::3],

@@ -11,17 +11,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
 import dspex
 import dspex.aio
-from tests.harness import PY, REPO, Stack, base_env, free_port, wait_for
 from dspexctl.cli import main
 from dspexctl.keys import generate
+from tests.harness import PY, REPO, Stack, base_env, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,9 +63,9 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
     # a key pair the broker does not know
     stranger = generate(Path(stack.root, "x"), peers=("stranger",))
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(stranger["stranger"]))
-    with dspex.connect(stack.frontend, timeout=10) as dx:
-        with pytest.raises(dspex.Refused, match="the broker refused this client's key.*did not run"):
-            dx.ping()
+    with dspex.connect(stack.frontend, timeout=10) as dx, \
+            pytest.raises(dspex.Refused, match="the broker refused this client's key.*did not run"):
+        dx.ping()
 
     async def refused_async() -> None:
         async with dspex.aio.connect(stack.frontend, timeout=10) as adx:
@@ -178,9 +178,8 @@ def test_client_key_is_refused_on_the_backend(stack: Stack, monkeypatch: pytest.
         assert dx.status()["pools"]["p"]["workers"] == []
         # the worker key is no client key either
         monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["worker"]))
-    with dspex.connect(stack.frontend, timeout=10) as dx:
-        with pytest.raises(dspex.Refused):
-            dx.ping()
+    with dspex.connect(stack.frontend, timeout=10) as dx, pytest.raises(dspex.Refused):
+        dx.ping()
 
 
 def test_a_wrong_server_key_is_named(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,7 +210,7 @@ def test_a_wrong_server_key_is_named(stack: Stack, monkeypatch: pytest.MonkeyPat
     # the broker names it too (zmq gives no peer address for a HELLO it cannot decrypt)
     broker_log = Path(stack.root, "broker.log")
     for plane in ("clients", "workers"):
-        wait_for(lambda: re.search(rf"WARNING dspex.broker: \d+ CURVE handshake\(s\) failed on the {plane} plane "
+        wait_for(lambda plane=plane: re.search(rf"WARNING dspex.broker: \d+ CURVE handshake\(s\) failed on the {plane} plane "
                                    r".*another broker's public key", broker_log.read_text()),
                  timeout=10, what=f"the broker's line about the {plane} plane")
     # with the right key the same worker process could register: the broker itself is fine
@@ -289,9 +288,8 @@ def test_worker_and_client_refuse_a_run_dir_not_their_own(short_tmp: str, proble
     monkeypatch.setenv("DSPEX_RUN_DIR", str(run_dir))
     monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
     monkeypatch.delenv("DSPEX_FRONTEND", raising=False)
-    with dspex.connect(timeout=5) as dx:
-        with pytest.raises(dspex.ConfigError, match="run directory"):
-            dx.ping()
+    with dspex.connect(timeout=5) as dx, pytest.raises(dspex.ConfigError, match="run directory"):
+        dx.ping()
     broker = subprocess.run([PY, "-m", "broker", "--pool", "p"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=60)
     assert broker.returncode == 2 and "run directory" in broker.stderr

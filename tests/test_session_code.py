@@ -26,8 +26,8 @@ import pytest
 from dspy.utils import DummyLM
 
 import dspex
-from dspex.core import encode_request
-from dspex.protocol import Op
+from dspex.client.exchange import encode_request
+from dspex.wire.protocol import Op
 from tests.conformance.harness import fresh_dspy_settings
 from tests.harness import Stack
 
@@ -80,13 +80,13 @@ def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
 def misses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """The cache misses the client answered (``ephemeral`` of each), in order."""
     seen: list[bool] = []
-    real = dspex.sendcache.SendCache.missed
+    real = dspex.client.sendcache.SendCache.missed
 
     def spy(self: Any, ephemeral: bool) -> None:
         seen.append(ephemeral)
         real(self, ephemeral)
 
-    monkeypatch.setattr(dspex.sendcache.SendCache, "missed", spy)
+    monkeypatch.setattr(dspex.client.sendcache.SendCache, "missed", spy)
     return seen
 
 
@@ -297,16 +297,17 @@ def test_a_changed_function_or_global_replaces_the_old_one(dx: dspex.Client, use
 
 
 def test_cache_bound_forgets_on_both_sides(dx: dspex.Client, usercode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DSPEX_CODE_CACHE", "6")
-    mod = usercode(STATE)
-    s = dx.session("p")
-    assert s.run(mod.bump) == [1]
-    fns = [(lambda i=i: i * 2) for i in range(20)]  # 20 functions: 20 keys, over the bound
-    assert [s.run(f) for f in fns] == [i * 2 for i in range(20)]
-    assert s.run(store_size) <= 6 + 2  # the bound, plus what the module state pins (STATE)
-    assert s.run(fns[0]) == 0  # forgotten, then sent again in full
-    assert [s.run(mod.bump) for _ in range(2)] == [[1, 2], [1, 2, 3]]  # module state is never evicted
-    s.close()
+    monkeypatch.setenv("DSPEX_CODE_CACHE", "6")  # read when a client is made
+    with dspex.connect(dx.endpoint, timeout=dx.timeout) as small:
+        mod = usercode(STATE)
+        s = small.session("p")
+        assert s.run(mod.bump) == [1]
+        fns = [(lambda i=i: i * 2) for i in range(20)]  # 20 functions: 20 keys, over the bound
+        assert [s.run(f) for f in fns] == [i * 2 for i in range(20)]
+        assert s.run(store_size) <= 6 + 2  # the bound, plus what the module state pins (STATE)
+        assert s.run(fns[0]) == 0  # forgotten, then sent again in full
+        assert [s.run(mod.bump) for _ in range(2)] == [[1, 2], [1, 2, 3]]  # module state is never evicted
+        s.close()
 
 
 def test_a_cache_miss_resends_in_full_once_and_keeps_module_state(dx: dspex.Client, usercode: Any,
@@ -482,7 +483,7 @@ def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_pa
     script.write_text(textwrap.dedent('''
         import sys
         import dspex
-        from dspex.core import encode_request
+        from dspex.client.exchange import encode_request
 
         def f():
             return 1

@@ -15,25 +15,26 @@ import statistics
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
+from dspex.stack.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name
 from tests.harness import REPO, wait_for
 from tests.harness.supervisord import BIN, POOLS, SHIPPED_CONF, SupervisedStack
-from dspex.supervisor import Supervisor, SupervisorConf, SupervisorUnreachable, full_name
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def set_pool_option(conf_text: str, pool: str, key: str, value: str) -> str:
     """Change ``key`` in ``[dspex:pool:POOL]`` of a conf's text (the key must be there)."""
-    section = re.search(rf"^\[dspex:pool:{re.escape(pool)}\]\n(.*?)(?=^\[)", conf_text, re.S | re.M)
+    section = re.search(rf"^\[dspex:pool:{re.escape(pool)}\]\n(.*?)(?=^\[)", conf_text, re.DOTALL | re.MULTILINE)
     assert section, pool
-    body, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", section.group(1), flags=re.M)
+    body, n = re.subn(rf"^{key}\s*=.*$", f"{key} = {value}", section.group(1), flags=re.MULTILINE)
     assert n == 1, key
     return conf_text[:section.start(1)] + body + conf_text[section.end(1):]
 
@@ -53,9 +54,7 @@ def sup() -> Iterator[SupervisedStack]:
 
 # -- the shipped conf ------------------------------------------------------------------------------
 def test_shipped_conf_declares_the_flagship_pools() -> None:
-    from dspex.pools import load_pools
-
-    from dspex.pools import supervisor_group_sizes
+    from dspex.stack.pools import load_pools, supervisor_group_sizes
 
     pools = {p.name: p for p in load_pools(SHIPPED_CONF)}
     assert {n: p.affinity.value for n, p in pools.items()} == POOLS

@@ -18,9 +18,9 @@ import pytest
 import zmq
 
 import dspex
-from dspex import codec
-from dspex.errors import error_from_wire
-from dspex.protocol import (
+from dspex.wire import codec
+from dspex.wire.errors import error_from_wire
+from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
     B_REREGISTER,

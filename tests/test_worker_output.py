@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-import dspex
 from tests.harness import Stack, wait_for
 
 

@@ -25,8 +25,8 @@ def test_soft_limit_stops_sleeps_and_socket_reads_on_capacity_1(stack: Stack) ->
     s = dx.session("p")
     s.exec("import socket, time\nstate = ['kept']\na, b = socket.socketpair()")
     pid = s.call("os", "getpid")
-    for source in ("time.sleep(60)", "a.recv(10)", "while True:\n    try:\n        time.sleep(60)\n"
-                   "    except Exception:\n        pass\n"):
+    for source in ("time.sleep(60)", "a.recv(10)", ("while True:\n    try:\n        time.sleep(60)\n"
+                   "    except Exception:\n        pass\n")):
         err, took = _timed_out(s, source, 1.0)
         assert err.details.get("stopped") is True and not err.details.get("hard"), source
         assert took < 5, f"{source!r} took {took:.1f}s to stop"

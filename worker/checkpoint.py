@@ -3,7 +3,7 @@
 A checkpoint is the session's state as one pickle, the *skeleton*, plus *blobs* held in numbered
 slots (worker/checkpoint_pickler.py): the objects behind the session's refs (same ids), its
 namespace module, the DSPy settings it configured (its LM, adapter, callbacks; not DSPy's
-per-call ``trace``), its LM history, and its by-value code (dspex.codestore: the objects under
+per-call ``trace``), its LM history, and its by-value code (dspex.wire.codestore: the objects under
 the client's keys, one module per user module with its globals, the client's bindings, source
 files). Everything goes by value with cloudpickle, so a DSPy module comes back with its demos,
 signature, instructions and every attribute of its own (``dump_state`` would lose the fields'
@@ -40,8 +40,8 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from dspex import byvalue, codestore
-from dspex.sessiondir import FileData
+from dspex.wire import byvalue, codestore
+from dspex.wire.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
 from worker.checkpoint_slots import (

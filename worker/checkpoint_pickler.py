@@ -44,8 +44,8 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex import byvalue
-from dspex.sessiondir import FileData
+from dspex.wire import byvalue
+from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
 _DYNAMIC = "<dynamic-code>"
@@ -177,7 +177,7 @@ def _make_enum(tracker: str | None, bases: tuple[type, ...], name: str, qualname
 
 def _exception_reduce(obj: BaseException) -> Any:
     """An exception rebuilt from its state, never by calling ``__init__`` (dspy's
-    ``AdapterParseError`` takes other arguments than its ``args``), as dspex.byvalue does."""
+    ``AdapterParseError`` takes other arguments than its ``args``), as dspex.wire.byvalue does."""
     cls = type(obj)
     if cls.__module__ == "builtins" or cls.__reduce__ is not BaseException.__reduce__:
         return NotImplemented

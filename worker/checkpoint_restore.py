@@ -10,8 +10,8 @@ from typing import Any
 
 import msgpack
 
-from dspex import byvalue, codestore
-from dspex.errors import CheckpointRefused
+from dspex.wire import byvalue, codestore
+from dspex.wire.errors import CheckpointRefused
 from worker import checkpoint_pickler as cp
 from worker import namespace
 from worker.checkpoint import (

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from dspex.errors import CheckpointRefused, NotDurableWarning, ProtocolError
+from dspex.wire.errors import CheckpointRefused, NotDurableWarning, ProtocolError
 from worker import checkpoint, checkpoint_restore, output
 from worker.refs import RefTable, SessionState
 

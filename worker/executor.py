@@ -13,18 +13,42 @@ import contextlib
 import importlib
 import secrets
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-from dspex import codec, codestore
-from dspex.errors import Cancelled, DspexError, ProtocolError, RemoteError, Timeout, UnknownOp
-from dspex.protocol import FLAG_CONTEXT, FLAG_ITEMS, OPS, Durable, Op, RequestHeader, Status, log_level_of
-from dspex.ref import Ref
+from dspex.wire import codec, codestore
+from dspex.wire.errors import (
+    Cancelled,
+    DspexError,
+    ProtocolError,
+    RemoteError,
+    Timeout,
+    UnknownOp,
+)
+from dspex.wire.protocol import (
+    FLAG_CONTEXT,
+    FLAG_ITEMS,
+    OPS,
+    Durable,
+    Op,
+    RequestHeader,
+    Status,
+    log_level_of,
+)
+from dspex.wire.ref import Ref
 from worker import limits, namespace, output
-from worker.durable import DurableSessions, Restore
 from worker.dspy_settings import SessionSettings, current_session
+from worker.durable import DurableSessions, Restore
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
 from worker.remote_errors import error_frames, remote_error
-from worker.streaming import LazyStream, StreamControl, drain, is_iterable, progress_scope, resolve_awaitable
+from worker.streaming import (
+    LazyStream,
+    StreamControl,
+    drain,
+    is_iterable,
+    progress_scope,
+    resolve_awaitable,
+)
 
 __all__ = [
     "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",
@@ -108,7 +132,7 @@ class Executor:
         (the caller iterates the result) any iterable result is iterated here and its items sent
         as partial replies (the reply is ``{"items": n}``), and a non-iterable one is an error.
 
-        By-value code in the request is rebuilt in the session's code store (dspex.codestore); a
+        By-value code in the request is rebuilt in the session's code store (dspex.wire.codestore); a
         request that refers to code the store lacks fails ``CodeCacheMiss`` before anything runs
         (``ephemeral``: the session keeps nothing between calls, a ``none`` pool). With
         ``FLAG_CONTEXT`` the last payload frame is the session context: the client's DSPy settings
@@ -164,7 +188,7 @@ class Executor:
                             context = codec.decode([context], side="worker")
                 except DspexError:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
                     raise ProtocolError(f"malformed request body: {exc}") from None
                 except limits.CallTimedOut:
                     raise
@@ -239,7 +263,7 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... never end the worker
             raise remote_error(exc) from None
 
-    # The handlers take the arguments of their op's definition (dspex.protocol.Op), in order.
+    # The handlers take the arguments of their op's definition (dspex.wire.protocol.Op), in order.
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:
         return _invoke(_resolve_callable(module, fn), args, kwargs)
@@ -272,7 +296,7 @@ class Executor:
         scope = namespace.namespace(state)
         if namespace_:
             scope = {**scope, **namespace_}
-        return eval(namespace.compile_eval(expr), scope)  # noqa: S307 - the op's purpose
+        return eval(namespace.compile_eval(expr), scope)
 
     def _exec(self, state: SessionState, source: str, namespace_: dict[str, Any] | None) -> dict[str, Any]:
         """Run ``source`` as the next lines of the session's module; return the names it bound."""
@@ -298,7 +322,7 @@ class Executor:
         raise RemoteError(f"{type_name(ref)} has no plain-data form", type="TypeError", module="builtins",
                           traceback="")
 
-    _handlers: dict[str, Callable[..., Any]] = {
+    _handlers: ClassVar[dict[str, Callable[..., Any]]] = {
         Op.CALL.value: _call,
         Op.METHOD.value: _method,
         Op.GETATTR.value: _getattr,
@@ -343,8 +367,8 @@ def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
 
 def _resolve_callable(module: str, name: str) -> Any:
     obj: Any = sys.modules.get(module)
-    # importlib.import_module takes the module's import lock even when it is loaded (~5 µs per
-    # call); a module still initializing (imported by another thread right now) goes through it
+    # importlib.import_module takes the module's import lock even when it is loaded, on every
+    # call; a module still initializing (imported by another thread right now) goes through it
     if obj is None or getattr(getattr(obj, "__spec__", None), "_initializing", False):
         obj = importlib.import_module(module)
     for part in name.split("."):

@@ -33,8 +33,7 @@ import zmq
 from zmq.backend import Socket as _ZmqBase
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex import config
-from dspex.protocol import (
+from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
     B_REREGISTER,
@@ -43,7 +42,8 @@ from dspex.protocol import (
     W_HEARTBEAT,
     W_READY,
 )
-from dspex.zmqfast import NOBLOCK, recv_frames, send_frames
+from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
+from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from worker.standin import StandIn, Waker
 
 log = logging.getLogger("dspex.worker")
@@ -300,7 +300,7 @@ class Link:
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake = ""
                 continue
-            why = config.handshake_failure(event["event"], "worker", True)
+            why = handshake_failure(event["event"], "worker", True)
             if why and why != self._handshake:
                 self._handshake = why
                 log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
@@ -345,7 +345,7 @@ def _dealer(ctx: zmq.Context[Any], backend: str, identity: str, max_message: int
             keypair: tuple[bytes, bytes] | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
     """A DEALER connected to ``backend`` under ``identity``, and with CURVE its handshake monitor."""
     sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-    config.tune_socket(sock, max_message=max_message)
+    tune_socket(sock, max_message=max_message)
     sock.setsockopt(zmq.ROUTING_ID, identity.encode())
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
@@ -356,6 +356,6 @@ def _dealer(ctx: zmq.Context[Any], backend: str, identity: str, max_message: int
         sock.curve_serverkey = server_key
         sock.curve_publickey = public
         sock.curve_secretkey = secret
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | config.HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
     sock.connect(backend)
     return sock, monitor

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from dspex import byvalue, codestore
+from dspex.wire import byvalue, codestore
 from worker.refs import SessionState
 
 _PREFIX = "dspex_session_"

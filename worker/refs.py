@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from dspex.codestore import CodeStore
-from dspex.errors import RefNotFound, RefQuotaExceeded
-from dspex.ref import Ref
+from dspex.wire.codestore import CodeStore
+from dspex.wire.errors import RefNotFound, RefQuotaExceeded
+from dspex.wire.ref import Ref
 
 DEFAULT_REF_QUOTA = 100_000
 # How many released ref ids we remember to explain a stale ref. Keyed by hash(ref id), an int,
-# not the 32-char str; ~150 B an entry with the OrderedDict node, so ~1.5 MB at most (50_000 str
-# keys grew a dspy worker's RSS by ~10% over 50k session open/close cycles; target < 5%).
+# not the 32-char str, and bounded: a worker that opens and closes sessions for days must not
+# grow by what it remembers.
 _GONE_MEMORY = 10_000
 
 _REPR = reprlib.Repr()
@@ -91,7 +91,7 @@ class RefTable:
                     made.append(ref_id)
         try:
             text = _REPR.repr(obj)  # bounded: a huge or deep object must not cost a full repr
-        except Exception as exc:  # a broken __repr__ must not break the call
+        except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not break the call
             text = f"<unrepresentable: {type(exc).__name__}>"
         return Ref(ref_id, session.id, self.pool, self.worker, type_name(obj), text[:200])
 

@@ -18,8 +18,8 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from dspex import byvalue
-from dspex.errors import MAX_CHAIN, DspexError, ProtocolError, RemoteError
+from dspex.wire import byvalue
+from dspex.wire.errors import MAX_CHAIN, DspexError, ProtocolError, RemoteError
 
 log = logging.getLogger("dspex.worker")
 

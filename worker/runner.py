@@ -21,8 +21,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from dspex import logs
-from dspex.errors import (
+from dspex.stack import logs
+from dspex.wire.errors import (
     Cancelled,
     CheckpointRefused,
     DspexError,
@@ -33,7 +33,7 @@ from dspex.errors import (
     Timeout,
     UsageError,
 )
-from dspex.protocol import (
+from dspex.wire.protocol import (
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,

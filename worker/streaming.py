@@ -16,12 +16,14 @@ import contextlib
 import inspect
 import logging
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from dspex import codec, progress
-from dspex.errors import Cancelled, DspexError
-from dspex.protocol import Status
-from dspex.ref import Ref
+from dspex import progress
+from dspex.wire import codec
+from dspex.wire.errors import Cancelled, DspexError
+from dspex.wire.protocol import Status
+from dspex.wire.ref import Ref
 from worker import limits
 from worker.remote_errors import remote_error
 
@@ -120,7 +122,7 @@ class _ProgressLogHandler(logging.Handler):
             return
         try:
             message = record.getMessage()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a log record whose arguments do not format is not forwarded
             return
         self.stream.send(Status.PROGRESS.value, codec.encode({"log": record.name, "message": message[:2000]}))
 
@@ -215,7 +217,7 @@ def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> 
         frames = encode(item)
     except DspexError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a user item that does not encode is the call's error, sent as such
         raise remote_error(exc) from None
     if not stream.send(Status.PARTIAL.value, frames):
         raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)

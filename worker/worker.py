@@ -30,8 +30,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from dspex import config, logs
-from dspex.protocol import (
+from dspex.stack import logs
+from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
     B_DISCONNECT,
@@ -39,6 +39,7 @@ from dspex.protocol import (
     B_REQUEST,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
+    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
@@ -58,6 +59,9 @@ _STAND_IN_GRACE = 0.05
 
 @dataclass(frozen=True)
 class WorkerOptions:
+    """A worker's settings: made once by ``python -m worker`` (worker/__main__.py) from its command
+    line and the environment, the only place a worker reads either."""
+
     pool: str
     backend: str
     heartbeat_interval: float = HEARTBEAT_INTERVAL
@@ -65,12 +69,12 @@ class WorkerOptions:
     ref_cap: int = 100_000
     preload_dspy: bool = True
     lm_history: int = 200
-    max_message: int = 0  # 0: the configured default
+    max_message: int = MAX_MESSAGE_BYTES
     capacity: int = 1  # calls run at once, in threads
     curve_server_key: bytes | None = None
     curve_keypair: tuple[bytes, bytes] | None = None
     # a call still running this long after its deadline costs the worker (hard time limit)
-    hard_grace: float = float(os.environ.get("DSPEX_HARD_GRACE", "5"))
+    hard_grace: float = 5.0
 
 
 def _packb(obj: Any) -> bytes:
@@ -94,7 +98,7 @@ class Worker:
         self.incarnation = secrets.token_hex(16)
         self.started = time.time()
         self.capacity = max(1, options.capacity)
-        max_message = options.max_message or config.max_message_bytes()
+        max_message = options.max_message
         self.book = SessionBook(options.pool, self.incarnation, options.ref_cap)
         self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace)
         self.executor.own_frames = not options.backend.startswith("inproc://")

@@ -16,10 +16,9 @@ import pytest
 import zmq
 
 import dspex
-from tests.harness import rss_kb
-from tests.harness import Stack, wait_for
-from dspex import codec
-from dspex.protocol import W_HEARTBEAT, RequestHeader
+from dspex.wire import codec
+from dspex.wire.protocol import W_HEARTBEAT, RequestHeader
+from tests.harness import Stack, rss_kb, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(90)]
 

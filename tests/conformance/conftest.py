@@ -15,13 +15,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import shutil
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
 import dspex
-from tests.harness import Stack
 from tests.conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSession, fresh_dspy_settings
+from tests.harness import Stack
 
 REF_QUOTA = 50  # refs one session may hold on pool t's worker (a small quota to reach in a test)
 POOLS = {"c1": ("c1:strict_queue", 2, ()), "c4": ("c4:strict_queue:capacity=4", 1, ("--capacity", "4")),

@@ -13,7 +13,8 @@ import contextlib
 import copy
 import importlib
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import dspy
 import pydantic
@@ -83,7 +84,7 @@ class Runner:
         return self(program, *args, **kwargs)
 
     @contextlib.contextmanager
-    def other_worker(self) -> Iterator["Runner"]:
+    def other_worker(self) -> Iterator[Runner]:
         """A runner for a second process: another worker of the pool (in-process: fresh settings)."""
         raise NotImplementedError
         yield self

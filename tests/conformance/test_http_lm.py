@@ -10,8 +10,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import dspy
 import pytest
@@ -23,10 +24,10 @@ CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid"}
 
 
 class ChatCompletions(BaseHTTPRequestHandler):
-    requests: list[dict[str, Any]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
     release = threading.Event()  # set at teardown: a slow answer stops waiting
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         type(self).requests.append(body)
         user = str(body["messages"][-1]["content"])
@@ -79,7 +80,7 @@ def quickstart_program(api_base, countries):
 
 def test_real_lm_over_http(run: Runner, api_base: str) -> None:
     ChatCompletions.requests = []
-    answers, messages, usage = run.check(quickstart_program, api_base, ["France", "Spain"])
+    answers, _messages, usage = run.check(quickstart_program, api_base, ["France", "Spain"])
     assert answers == ["Paris", "Madrid"]
     assert usage[0]["total_tokens"] == 13
     sent = [r["messages"] for r in ChatCompletions.requests]

@@ -261,7 +261,7 @@ def simba_program(trainset):
 
 
 def test_simba_small_budget(run: Runner) -> None:
-    instructions, n_demos, strategies, failures = run.check(simba_program, qa_trainset())
+    _instructions, _n_demos, strategies, failures = run.check(simba_program, qa_trainset())
     assert strategies, "SIMBA invoked no strategy: the case does not exercise it"
     assert any("append_a_rule" in m for m in strategies)
     assert failures == []
@@ -289,7 +289,7 @@ def gepa_program(trainset):
 
 
 def test_gepa_small_budget(run: Runner) -> None:
-    instructions, val_scores, proposals, failures = run.check(gepa_program, qa_trainset())
+    _instructions, val_scores, proposals, failures = run.check(gepa_program, qa_trainset())
     assert val_scores[0] == 0.75
     assert proposals, "GEPA proposed nothing: the case does not exercise reflection"
     assert failures == []

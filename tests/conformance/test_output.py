@@ -1,6 +1,6 @@
 """A DSPy program that prints, warns, logs and draws a progress bar: in-process and through a
 session, the same lines reach the same places (stdout, stderr, the loggers, the warnings) with no
-``on_output`` callback: the client forwards a call's output by default (dspex.output)."""
+``on_output`` callback: the client forwards a call's output by default (dspex.client.output)."""
 
 from __future__ import annotations
 

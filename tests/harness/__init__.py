@@ -8,7 +8,17 @@
 """
 
 from tests.harness.procs import (
-    PY, REPO, Procs, WaitTimeout, Workspace, base_env, free_port, pid_alive, rss_kb, short_tmpdir, wait_for,
+    PY,
+    REPO,
+    Procs,
+    WaitTimeout,
+    Workspace,
+    base_env,
+    free_port,
+    pid_alive,
+    rss_kb,
+    short_tmpdir,
+    wait_for,
 )
 from tests.harness.stack import Stack
 

@@ -38,9 +38,10 @@ import tempfile
 import threading
 import time
 import xmlrpc.client
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dspex
 from tests.harness.procs import rss_kb
@@ -180,7 +181,7 @@ class Chaos:
                         return
                     try:
                         s.exec(STRICT_INIT, timeout=self.timeout)
-                    except BaseException as err:  # noqa: BLE001 - every outcome is counted
+                    except BaseException as err:
                         self._error(err, None)
                         if not isinstance(err, Exception):
                             raise
@@ -211,7 +212,7 @@ class Chaos:
                     with self._lock:
                         self.r.violations += 1  # the call ran where the session's state is not
                 self._error(err, token)
-            except BaseException as err:  # noqa: BLE001
+            except BaseException as err:
                 self._error(err, token)
                 if not isinstance(err, Exception):
                     raise

@@ -31,20 +31,36 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import zmq
 
 import dspex
-from dspex import codec
-from dspex.protocol import (
-    B_CANCEL, B_CREDIT, B_DISCONNECT, B_HEARTBEAT, B_RELEASE_SESSION, B_REQUEST, B_REREGISTER, FLAG_STREAM,
-    W_DISCONNECT, W_HEARTBEAT, W_PARTIAL, W_READY, W_REPLY, Op, RequestHeader, pack_reply_envelope, pack_reply_header,
+from dspex.wire import codec
+from dspex.wire.protocol import (
+    B_CANCEL,
+    B_CREDIT,
+    B_DISCONNECT,
+    B_HEARTBEAT,
+    B_RELEASE_SESSION,
+    B_REQUEST,
+    B_REREGISTER,
+    FLAG_STREAM,
+    W_DISCONNECT,
+    W_HEARTBEAT,
+    W_PARTIAL,
+    W_READY,
+    W_REPLY,
+    Op,
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
 )
-from dspex.ref import Ref
+from dspex.wire.ref import Ref
 from tests.harness.procs import rss_kb, short_tmpdir, wait_for
 from tests.harness.stack import Stack
 

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Self
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ class Procs:
     def spawn(self, args: Sequence[str], log_name: str, env: dict[str, str] | None = None,
               cwd: str | Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``args`` in a new session, output appended to ``root/log_name``."""
-        log = open(os.path.join(self.root, log_name), "ab")
+        log = open(os.path.join(self.root, log_name), "ab")  # noqa: SIM115 - the child process holds it
         try:
             proc = subprocess.Popen(list(args), cwd=cwd or REPO, env=env or base_env(), stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -249,8 +250,8 @@ class Workspace:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "Workspace":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -9,7 +9,6 @@ import subprocess
 from typing import Any
 
 import dspex
-
 from tests.harness.procs import PY, Procs, Workspace, base_env, connectable, wait_for
 
 

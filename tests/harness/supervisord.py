@@ -13,11 +13,12 @@ import signal
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import dspex
-from dspex.supervisor import Supervisor, SupervisorConf
+from dspex.stack.supervisor import Supervisor, SupervisorConf
 from tests.harness.procs import PY, REPO, Procs, base_env, free_port, pid_alive, short_tmpdir, wait_for
 
 BIN = Path(sys.executable).parent
@@ -224,12 +225,12 @@ class Supervised(Supervisord):
                   f"redirect_stderr=true\ndirectory={self.repo}\nenvironment={env}\n")
         text = [
             f"[unix_http_server]\nfile={self.sock}\nchmod=0700\n",
-            f"[supervisord]\nlogfile={self.root}/supervisord.log\npidfile={self.root}/supervisord.pid\n"
-            f"childlogdir={self.log_dir}\nnodaemon=true\nloglevel=info\n",
+            (f"[supervisord]\nlogfile={self.root}/supervisord.log\npidfile={self.root}/supervisord.pid\n"
+            f"childlogdir={self.log_dir}\nnodaemon=true\nloglevel=info\n"),
             "[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
-            f"[program:broker]\ncommand={PY} -m broker --frontend {self.frontend} --backend {self.backend} "
+            (f"[program:broker]\ncommand={PY} -m broker --frontend {self.frontend} --backend {self.backend} "
             f"{specs} {hb} {' '.join(self.broker_args)}\npriority=10\n{common}"
-            f"stdout_logfile={self.log_dir}/broker.log\n",
+            f"stdout_logfile={self.log_dir}/broker.log\n"),
         ]
         for name, _ in self.pools:
             text.append(

@@ -17,7 +17,7 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex import byvalue
+from dspex.wire import byvalue
 
 BIG_BYTES = 1 << 20
 BIG_ITEMS = 10_000

@@ -12,7 +12,10 @@ import importlib
 import importlib.util
 import sys
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
+
+from dspex.wire.byvalue import resolve_code
 
 KINDS = ("example", "prediction")
 
@@ -23,7 +26,7 @@ class Record:
     ``kind`` says which it was; ``input_keys`` are the example's inputs (``with_inputs``).
     """
 
-    __slots__ = ("kind", "_fields", "input_keys", "extra")
+    __slots__ = ("_fields", "extra", "input_keys", "kind")
 
     def __init__(self, kind: str, fields: dict[str, Any], input_keys: list[str] | None = None,
                  extra: dict[str, Any] | None = None) -> None:
@@ -75,7 +78,7 @@ class Record:
     def get(self, key: str, default: Any = None) -> Any:
         return self._fields.get(key, default)
 
-    def toDict(self) -> dict[str, Any]:  # noqa: N802 - dspy's spelling
+    def toDict(self) -> dict[str, Any]:
         return dict(self._fields)
 
     def __repr__(self) -> str:
@@ -150,7 +153,7 @@ def _prediction_extra(obj: Any) -> dict[str, Any]:
 
 
 # signature class -> (its __doc__, its fields dict, [spec, instructions]): computing the text form
-# walks the pydantic fields and cleans the docstring (~20 µs), for every prediction returned
+# walks the pydantic fields and cleans the docstring, for every prediction returned
 _SIGNATURE_TEXT: weakref.WeakKeyDictionary[Any, tuple[Any, Any, list[str]]] = weakref.WeakKeyDictionary()
 
 
@@ -183,10 +186,10 @@ def _signature_text(sig: Any) -> list[str] | None:
 
 @functools.lru_cache(maxsize=256)
 def _signature(spec: str, instructions: str) -> Any:
-    """Building a dspy.Signature class costs ~260 µs: predictions of one program share theirs."""
+    """Building a dspy.Signature class is slow: predictions of one program share theirs."""
     try:
         return _dspy().Signature(spec, instructions or None)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a signature DSPy cannot build stays a plain record
         return None
 
 
@@ -196,8 +199,8 @@ _PREDICTION_STATE: dict[type, bool] = {}  # Prediction class -> may its instance
 def _new_prediction(cls: Any, fields: dict[str, Any]) -> Any:
     """``cls()`` holding ``fields`` (not ``cls(**fields)``: a field may be named like a parameter).
 
-    Example.__init__ and Prediction.__init__ go through Example.__setattr__ six times (~6 µs per
-    returned prediction); when a fresh instance is exactly a store and two empty slots, as in the
+    Example.__init__ and Prediction.__init__ go through Example.__setattr__ six times for
+    every returned prediction; when a fresh instance is exactly a store and two empty slots, as in the
     dspy versions we know, the instance is made from that state instead."""
     fast = _PREDICTION_STATE.get(cls)
     if fast is None:
@@ -222,8 +225,6 @@ def build_record(kind: str, fields: dict[str, Any], input_keys: list[str] | None
     if dspy is None:
         return Record(kind, fields, input_keys, extra)
     if cls is not None:
-        from dspex.wiretypes import resolve_code
-
         return _subclass_record(dspy, kind, resolve_code(cls), fields, extra, attrs or {})
     if kind == "prediction":
         pred = _new_prediction(dspy.Prediction, fields)
@@ -253,7 +254,7 @@ def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], ext
                      attrs: dict[str, Any]) -> Any:
     """An instance of a subclass of Example/Prediction from its state, as pickle would make it
     (its ``__init__`` may take other arguments: ``EvaluationResult(score, results)``)."""
-    from dspex.errors import ProtocolError
+    from dspex.wire.errors import ProtocolError
 
     base = dspy.Prediction if kind == "prediction" else dspy.Example
     if not (isinstance(cls, type) and issubclass(cls, base)):

@@ -1,31 +1,32 @@
 """The user API of clients and sessions, defined once for both client kinds.
 
 Every user method here builds a request and hands it to its client, which performs it in its own
-way: :class:`dspex.client.Client` (``dspex.connect``) blocks and returns the value,
+way: :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns the value,
 :class:`dspex.aio.AsyncClient` (``dspex.aio.connect``) returns an awaitable of it. Ref handles
-(:mod:`dspex.ref`) work the same way. A method of several steps (``Session.close``,
+(:mod:`dspex.wire.ref`) work the same way. A method of several steps (``Session.close``,
 :class:`Rehydrator`) is written once as a generator that yields each step's result-or-awaitable;
 the client kind drives it (``_drive``): the blocking client sends each value straight back, the
 asyncio client awaits each awaitable first and throws its exception in where it was yielded.
 
 What a client kind implements: ``_init_transport`` (its sockets), ``request`` and ``stream`` (one
-request and one streamed request, with the meaning of :class:`dspex.core.Exchange`), ``close``
+request and one streamed request, with the meaning of :class:`dspex.client.exchange.Exchange`), ``close``
 and ``_drive``. Constructor options, the ops and their arguments live here only.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Generic, Self, TypeVar
 
 import zmq
 
-from dspex import config
-from dspex.core import Exchange, bound_name, close_monitored
-from dspex.errors import (
+from dspex.client.config import ClientConfig
+from dspex.client.endpoints import ANY_POOL
+from dspex.client.exchange import Exchange, bound_name, close_monitored
+from dspex.client.sendcache import SendCache
+from dspex.wire.errors import (
     BrokerUnreachable,
     ConnectionError,
     Refused,
@@ -33,9 +34,14 @@ from dspex.errors import (
     SessionWorkerUnavailable,
     Timeout,
 )
-from dspex.protocol import FLAG_DURABLE, Op
-from dspex.ref import Ref
-from dspex.sendcache import SendCache
+from dspex.wire.protocol import FLAG_DURABLE, Op
+from dspex.wire.ref import Ref
+from dspex.wire.sockets import (
+    HANDSHAKE_EVENTS,
+    check_endpoint,
+    curve_client_keys,
+    tune_socket,
+)
 
 log = logging.getLogger("dspex.client")
 
@@ -52,13 +58,13 @@ class ClientAPI(Generic[S]):
     """A connection to a dspex broker: the options and user ops both client kinds share.
 
     ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path;
-    ``dspex.connect`` also takes a map of several brokers, :mod:`dspex.routing`), and ``endpoints``
+    ``dspex.connect`` also takes a map of several brokers, :mod:`dspex.client.routing`), and ``endpoints``
     the map of pool names (``"*"``: every pool) to endpoints;
     ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
     key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a
     ``tcp://`` endpoint, else read from the files ``DSPEX_CURVE_SERVER_KEY`` and
     ``DSPEX_CURVE_CLIENT_KEY`` name; ``forward_output=False``: calls' output stays off this
-    process's streams and loggers (:mod:`dspex.output`); ``client_settings=False``: this process's
+    process's streams and loggers (:mod:`dspex.client.output`); ``client_settings=False``: this process's
     DSPy settings do not go with its sessions' calls. Nothing is sent before the first request: an
     unreachable broker is that request's ``BrokerUnreachable``.
     """
@@ -68,15 +74,16 @@ class ClientAPI(Generic[S]):
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
-        self.endpoint = config.check_endpoint(config.client_endpoint(endpoint))
-        self.endpoints = {config.ANY_POOL: self.endpoint}
+        self.config = config = ClientConfig.from_env()  # the environment, read when a client is made
+        self.endpoint = check_endpoint(config.endpoint_or_default(endpoint))
+        self.endpoints = {ANY_POOL: self.endpoint}
         self.timeout = timeout
         self.forward_output = forward_output
         self.client_settings = client_settings
-        self.max_message = config.max_message_bytes()
+        self.max_message = config.max_message
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
-            curve_server_key, curve_keypair = config.curve_client_keys(
-                self.endpoint, os.environ.get("DSPEX_CURVE_SERVER_KEY"), os.environ.get("DSPEX_CURVE_CLIENT_KEY"))
+            curve_server_key, curve_keypair = curve_client_keys(
+                self.endpoint, config.curve_server_key, config.curve_client_key)
         if curve_server_key is not None and curve_keypair is None:
             # one key for all of this client's sockets: the broker knows a session's owner by it
             curve_keypair = zmq.curve_keypair()
@@ -132,13 +139,13 @@ class ClientAPI(Generic[S]):
                   items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames,
+                        items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
                         forward=self.forward_output if forward is None else forward, **options)
 
     def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
         sock = ctx.socket(zmq.DEALER)
-        config.tune_socket(sock, max_message=self.max_message)
+        tune_socket(sock, max_message=self.max_message)
         # a fixed identity lets replies find us again after the broker restarts
         sock.setsockopt(zmq.ROUTING_ID, prefix + secrets.token_bytes(15))
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -147,7 +154,7 @@ class ClientAPI(Generic[S]):
         if server_key is not None and keypair is not None:
             sock.curve_serverkey = server_key
             sock.curve_publickey, sock.curve_secretkey = keypair
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | config.HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -183,7 +190,7 @@ class ClientAPI(Generic[S]):
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
         """The broker's view of its pools, workers and sessions (a dict). With several brokers,
-        ``pool``'s broker's, or without it every broker's, merged (:func:`dspex.routing.merge`)."""
+        ``pool``'s broker's, or without it every broker's, merged (:func:`dspex.client.routing.merge`)."""
         return self.request(Op.STATUS.value, pool or "", body={}, timeout=timeout)
 
     def ping(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
@@ -214,7 +221,7 @@ class SessionAPI:
 
     Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
     ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
-    process's streams and loggers: dspex.output). Refs the session returns are handles that read
+    process's streams and loggers: dspex.client.output). Refs the session returns are handles that read
     like their objects (``prog(question=...)``, ``lm.model``). Through a
     :class:`dspex.aio.AsyncSession` every op returns an awaitable of the same value.
     """
@@ -233,7 +240,8 @@ class SessionAPI:
         self.forward_output = forward_output  # None: the client's
         # what the session's worker holds of this client's code, and whether the client's DSPy
         # settings go with each call
-        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings)
+        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings,
+                                max_entries=client.config.code_cache)
 
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"

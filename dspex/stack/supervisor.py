@@ -17,10 +17,10 @@ import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from dspex.config import UNIX_PATH_MAX
-from dspex.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
+from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
+from dspex.wire.sockets import UNIX_PATH_MAX
 
 # supervisor.xmlrpc.Faults values we branch on
 FAULT_BAD_NAME = 10
@@ -48,8 +48,7 @@ class SupervisorNoSuchProcess(UsageError):
     code = "supervisor_bad_name"
 
 
-def default_conf() -> Path:
-    return Path(os.environ.get("DSPEX_SUPERVISOR_CONF") or "supervisor.conf")
+DEFAULT_CONF = Path("supervisor.conf")  # dspexctl's --supervisor-conf (DSPEX_SUPERVISOR_CONF) when not given
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class SupervisorConf:
         return Path(self.serverurl[len("unix://"):]) if self.serverurl.startswith("unix://") else None
 
     @classmethod
-    def load(cls, path: str | Path) -> "SupervisorConf":
+    def load(cls, path: str | Path) -> SupervisorConf:
         conf = Path(path).expanduser().absolute()
         if not conf.is_file():
             raise ConfigError(f"no supervisor config at {conf} (pass --supervisor-conf or set DSPEX_SUPERVISOR_CONF)")
@@ -142,10 +141,10 @@ class Supervisor:
     def close(self) -> None:
         self._transport.close()
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def call(self, method: str, *args: Any) -> Any:

@@ -10,9 +10,7 @@ every by-value function and class travel with the pickle, and the receiver regis
 
 from __future__ import annotations
 
-import dataclasses
 import dis
-import enum
 import functools
 import importlib
 import importlib.metadata
@@ -31,8 +29,6 @@ from typing import Any
 
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
-
-from dspex.record import Record
 
 # dspex's own packages are importable wherever dspex runs, even from an editable checkout
 _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
@@ -338,6 +334,11 @@ def importable_name(obj: Any) -> str | None:
     return f"{module}:{qualname}"
 
 
+def resolve_code(wire: Any) -> Any:
+    """The class or function a ``code`` names (imported by name) or carried (already unpickled)."""
+    return resolve_name(wire) if type(wire) is str else wire
+
+
 def resolve_name(name: str) -> Any:
     """The object ``importable_name`` named (its module imported as pickle would)."""
     module_name, _, qualname = name.partition(":")
@@ -406,26 +407,3 @@ class _Unpickler(pickle.Unpickler):
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     register_sources(sources)
     return _Unpickler(io.BytesIO(data)).load()  # peers are authenticated; a client may exec code anyway
-
-
-# LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are
-# data-like in form but large and provider-specific: the brief keeps them on the worker as refs
-# (``lm.history`` entries come back as data whose ``response`` is a ref), readable on demand.
-_PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
-
-
-def is_data_like(obj: Any) -> bool:
-    """Objects a worker returns by value: data that does not belong on the worker.
-
-    Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
-    messages, records; anything else a worker returns (LMs, modules, predictors, functions,
-    classes, open files...) stays there as a ref.
-    """
-    if isinstance(obj, type):
-        return False
-    if type(obj).__module__.startswith(_PROVIDER_MODULES):
-        return False
-    if isinstance(obj, (BaseException, enum.Enum, Record)) or dataclasses.is_dataclass(obj):
-        return True
-    pydantic = sys.modules.get("pydantic")
-    return pydantic is not None and isinstance(obj, pydantic.BaseModel)

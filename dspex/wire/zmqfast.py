@@ -9,7 +9,8 @@ same way, ``copy=False`` frames), about half the CPU (bench: docs/benchmarks.md)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import zmq
 from zmq.backend import Socket as _Base

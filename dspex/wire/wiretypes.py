@@ -13,6 +13,7 @@ protocol (docs/protocol.md): never renumber them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as _dt
 import decimal
 import enum
@@ -26,8 +27,9 @@ from typing import Any, Protocol
 
 import msgpack
 
-from dspex import byvalue
-from dspex.errors import ProtocolError
+from dspex.wire import byvalue
+from dspex.wire.errors import ProtocolError
+from dspex.wire.record import Record
 
 EXT_TUPLE = 1  # tag: [tag, *items]
 EXT_SET = 2  # tag: [tag, *members]
@@ -250,11 +252,6 @@ DECODERS: dict[int, Callable[[bytes], Any]] = {
 }
 
 
-def resolve_code(wire: Any) -> Any:
-    """The class or function a ``code`` names (imported by name) or carried (already unpickled)."""
-    return byvalue.resolve_name(wire) if type(wire) is str else wire
-
-
 def _expect(ok: bool, what: str) -> None:
     if not ok:
         raise ProtocolError(f"malformed {what}")
@@ -267,21 +264,21 @@ def _ordereddict(items: list[Any]) -> Any:
 
 def _defaultdict_from(items: list[Any]) -> Any:
     _expect(len(items) == 2 and type(items[1]) is dict, "defaultdict")
-    factory = None if items[0] is None else resolve_code(items[0])
+    factory = None if items[0] is None else byvalue.resolve_code(items[0])
     _expect(factory is None or callable(factory), "defaultdict factory")
     return collections.defaultdict(factory, items[1])
 
 
 def _enum(items: list[Any]) -> Any:
     _expect(len(items) == 2, "enum member")
-    cls = resolve_code(items[0])
+    cls = byvalue.resolve_code(items[0])
     _expect(isinstance(cls, enum.EnumMeta), "enum class")
     return cls(items[1])
 
 
 def _subclass(items: list[Any]) -> Any:
     _expect(len(items) == 3 and (items[2] is None or type(items[2]) is dict), "subclass instance")
-    cls, value, attrs = resolve_code(items[0]), items[1], items[2]
+    cls, value, attrs = byvalue.resolve_code(items[0]), items[1], items[2]
     base = plain_base(cls) if isinstance(cls, type) else None
     _expect(base is not None and type(value) is base, f"instance of {getattr(cls, '__qualname__', cls)!r}")
     make: Any = base
@@ -299,3 +296,26 @@ BUILDERS: dict[int, Callable[[list[Any]], Any]] = {
     EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset, EXT_ORDEREDDICT: _ordereddict,
     EXT_DEFAULTDICT: _defaultdict_from, EXT_ENUM: _enum, EXT_SUBCLASS: _subclass,
 }
+
+
+# LM provider responses (litellm's pydantic ModelResponse, dspy's vendored lm15 dataclasses) are
+# data-like in form but large and provider-specific: the brief keeps them on the worker as refs
+# (``lm.history`` entries come back as data whose ``response`` is a ref), readable on demand.
+_PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
+
+
+def is_data_like(obj: Any) -> bool:
+    """Objects a worker returns by value: data that does not belong on the worker.
+
+    Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
+    messages, records; anything else a worker returns (LMs, modules, predictors, functions,
+    classes, open files...) stays there as a ref.
+    """
+    if isinstance(obj, type):
+        return False
+    if type(obj).__module__.startswith(_PROVIDER_MODULES):
+        return False
+    if isinstance(obj, (BaseException, enum.Enum, Record)) or dataclasses.is_dataclass(obj):
+        return True
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(obj, pydantic.BaseModel)

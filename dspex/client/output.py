@@ -26,7 +26,7 @@ import threading
 import warnings
 from typing import Any, TextIO
 
-from dspex.protocol import output_flags
+from dspex.wire.protocol import output_flags
 
 log = logging.getLogger("dspex.client")
 

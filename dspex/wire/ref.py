@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
@@ -46,8 +47,8 @@ class Ref:
     type_name: str
     repr: str
 
-    def __init__(self, id: str, session: str, pool: str, worker: str, type_name: str,  # noqa: A002
-                 repr: str = "", _owner: Any = None) -> None:  # noqa: A002
+    def __init__(self, id: str, session: str, pool: str, worker: str, type_name: str,
+                 repr: str = "", _owner: Any = None) -> None:
         for name, value in zip(_FIELDS, (id, session, pool, worker, type_name, repr)):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_owner", _owner)
@@ -98,7 +99,7 @@ class Ref:
     def __getattr__(self, name: str) -> Any:
         # only names a Ref does not have itself reach here; protocols that probe for dunders
         # (copy, pickle, numpy, IPython's _repr_*_) must never cost a round trip
-        if name.startswith("__") or name.startswith(("_repr_", "_ipython_")):
+        if name.startswith(("__", "_repr_", "_ipython_")):
             raise AttributeError(name)
         owner = self._session(f"attribute {name!r}")
         if _is_method(self.type_name, name):
@@ -124,7 +125,7 @@ class Ref:
 class RemoteMethod:
     """``ref.name`` when ``name`` is a method of the ref's class: calling it is one round trip."""
 
-    __slots__ = ("ref", "name", "_owner")
+    __slots__ = ("_owner", "name", "ref")
 
     def __init__(self, ref: Ref, name: str, owner: Any) -> None:
         self.ref = ref

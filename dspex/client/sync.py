@@ -1,11 +1,11 @@
 """The blocking client: ``dspex.connect()``, its sessions and streams.
 
-The user API (sessions, ops, options) is :mod:`dspex.api`, shared with the asyncio client; this
+The user API (sessions, ops, options) is :mod:`dspex.client.api`, shared with the asyncio client; this
 module is how a blocking client moves a request. A request borrows a DEALER socket from the
 client's small pool for its duration (a stream for its whole life), so threads never share a
 socket and need no lock or I/O thread in the call path, and a thread that ends leaves nothing
 behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS`` (default 8) idle sockets are kept. What a request
-means (encoding, replies, credit, errors) is :mod:`dspex.core`.
+means (encoding, replies, credit, errors) is :mod:`dspex.client.exchange`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ from typing import Any, Self, TypeVar, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex import config
-from dspex.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
-from dspex.core import Exchange, close_monitored, control_frames
-from dspex.errors import (
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
+from dspex.client.endpoints import probe_ipc
+from dspex.client.exchange import Exchange, close_monitored, control_frames
+from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sendcache import SendCache
+from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
     CodeCacheMiss,
     DspexError,
     ProtocolError,
 )
-from dspex.protocol import WORKER_OPS, Op, Status, unpack_reply_header
-from dspex.routing import Router, ServerKey, open_client
-from dspex.sendcache import SendCache
-from dspex.zmqfast import recv_frames, send_frames
+from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.wire.sockets import handshake_failure
+from dspex.wire.zmqfast import recv_frames, send_frames
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
 
@@ -86,7 +87,7 @@ class _Channel:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return why
-            failure = config.handshake_failure(event["event"], "client", self.curve)
+            failure = handshake_failure(event["event"], "client", self.curve)
             if failure:
                 why = failure
                 self.refused = True
@@ -98,7 +99,7 @@ class _Channel:
 
 
 class Client(ClientAPI[Session]):
-    """A blocking connection to a dspex broker (see :class:`dspex.api.ClientAPI` for its options
+    """A blocking connection to a dspex broker (see :class:`dspex.client.api.ClientAPI` for its options
     and ops). Safe to share between threads."""
 
     session_kind = Session
@@ -147,7 +148,7 @@ class Client(ClientAPI[Session]):
 
     @staticmethod
     def _drive(steps: Steps[T]) -> T:
-        """Run an op of several steps (:mod:`dspex.api`): each step has run when it is yielded."""
+        """Run an op of several steps (:mod:`dspex.client.api`): each step has run when it is yielded."""
         value: Any = None
         try:
             while True:
@@ -200,7 +201,7 @@ class Client(ClientAPI[Session]):
 
     def _new_channel(self, probe: bool = True) -> _Channel:
         if probe:  # before making a socket: a failed probe leaves none behind
-            config.probe_ipc(self.endpoint)
+            probe_ipc(self.endpoint)
         with self._lock:
             if self._closed:
                 raise self._closed_error()
@@ -208,7 +209,7 @@ class Client(ClientAPI[Session]):
             self._open.add(ch)
         return ch
 
-    # -- the request/reply loop (its meaning is dspex.core.Exchange) -------------------------
+    # -- the request/reply loop (its meaning is dspex.client.exchange.Exchange) -------------------------
     def _send(self, ch: _Channel, frames: list[Any], timeout: float) -> None:
         """Send within ``timeout`` (a broker that stops reading must not hang the caller). A send
         that times out queued nothing (zmq takes a message whole or not at all): the socket
@@ -485,7 +486,7 @@ class Stream:
 
 
 class RoutedClient(Router[Session], Client):
-    """A blocking client of several brokers, each request sent to its pool's (:mod:`dspex.routing`)."""
+    """A blocking client of several brokers, each request sent to its pool's (:mod:`dspex.client.routing`)."""
 
     _broker_kind = Client
 
@@ -500,9 +501,9 @@ def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
             client_settings: bool = True) -> Client:
     """A blocking client of the broker at ``endpoint``, or of the brokers of ``endpoints`` (pool ->
     endpoint, ``"*"`` for every other pool), else of ``DSPEX_ENDPOINTS``, ``DSPEX_ENDPOINT`` or
-    the default ipc path (:func:`dspex.config.broker_map`). One broker gives a :class:`Client`,
+    the default ipc path (:func:`dspex.client.endpoints.broker_map`). One broker gives a :class:`Client`,
     several a :class:`RoutedClient`; ``curve_server_key`` may then map endpoints to their keys.
-    The other options are :class:`dspex.api.ClientAPI`'s."""
+    The other options are :class:`dspex.client.api.ClientAPI`'s."""
     client: Client = open_client(Client, RoutedClient, endpoint, endpoints, timeout,
                                  curve_server_key=curve_server_key, curve_keypair=curve_keypair,
                                  forward_output=forward_output, client_settings=client_settings)

@@ -1,8 +1,8 @@
 """What one session's worker already holds of this client's code and values (the sender's side).
 
 A session sends a by-value function, class, module global or big closure value the first time a
-request uses it and its key after that (:mod:`dspex.sessionpickle` writes the pickles, the
-worker keeps them in its :class:`dspex.codestore.CodeStore`). This object remembers, per session:
+request uses it and its key after that (:mod:`dspex.client.sessionpickle` writes the pickles, the
+worker keeps them in its :class:`dspex.wire.codestore.CodeStore`). This object remembers, per session:
 
 - a key for each object sent, by identity (a strong reference keeps the id valid), and code
   objects by content hash;
@@ -18,7 +18,7 @@ are forgotten on both sides (the next request tells the worker) and sent again i
 again — a function or class sent again is a new object on the worker.
 
 A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
-pool) answers :class:`dspex.errors.CodeCacheMiss` without running anything; :meth:`missed` then
+pool) answers :class:`dspex.wire.errors.CodeCacheMiss` without running anything; :meth:`missed` then
 forgets what was sent and the request goes again in full, once. A miss from a ``none`` pool
 (``ephemeral``) turns the cache off for the session: every request is sent in full.
 """
@@ -26,17 +26,17 @@ forgets what was sent and the request goes again in full, once. A miss from a ``
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from dspex.sessionpickle import Message, SettingsSent, Walk
+from dspex.client.config import DEFAULT_CODE_CACHE
 
-DEFAULT_MAX_ENTRIES = 4096  # DSPEX_CODE_CACHE
+if TYPE_CHECKING:
+    from dspex.client.sessionpickle import Message, SettingsSent, Walk
+
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
 # DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
@@ -54,8 +54,7 @@ class SendCache:
                  max_entries: int | None = None) -> None:
         self.keep = keep  # False: the worker keeps nothing between calls; every request goes in full
         self.client_settings = client_settings  # send the client's DSPy settings with each request
-        self.max_entries = max_entries if max_entries is not None else int(
-            os.environ.get("DSPEX_CODE_CACHE", str(DEFAULT_MAX_ENTRIES)))
+        self.max_entries = max_entries if max_entries is not None else DEFAULT_CODE_CACHE
         self._prefix = secrets.token_hex(4)  # keys never collide with another client's on a shared session id
         self._serial = itertools.count(1)
         self._lock = threading.Lock()

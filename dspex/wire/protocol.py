@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Self
 
 import msgpack
 
-from dspex.errors import ProtocolError
+from dspex.wire.errors import ProtocolError
 
 # 2: the hot-path command frames are envelopes carrying the budget / reply status.
 # 3: one goodbye for every exit (W_DISCONNECT, acknowledged by B_BYE) that says whether the worker
@@ -121,11 +121,11 @@ _CALL_ARGS = (_arg("args", list, tuple, type(None), default=None), _arg("kwargs"
 class Op(str, enum.Enum):
     """Every op of the protocol, defined once: its wire name (the member's value), who answers it
     (``side``), its arguments in order (``args``; a worker op's body is their list, a broker op's
-    a map of them by name, a control op's one integer), the user methods of ``dspex.api`` that
+    a map of them by name, a control op's one integer), the user methods of ``dspex.client.api`` that
     send it (``client``: none for request control, which the client kinds send themselves) and
     what it does (``doc``, the table in docs/protocol.md). The broker routes by ``side``; each side
     registers its handlers against the members (``broker.ops``, ``worker.executor``); the client
-    checks a body against ``args`` before sending it (``dspex.core``); tests/test_protocol_ops.py
+    checks a body against ``args`` before sending it (``dspex.client.exchange``); tests/test_protocol_ops.py
     checks that every op has its handlers and that the client methods named here send it."""
 
     side: Side
@@ -310,8 +310,8 @@ class RequestHeader(NamedTuple):
     ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
     it lets a restarted broker re-adopt pins it has never seen. Immutable like the other
     messages, but a NamedTuple: the broker and the worker build one per request, and a frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost 5x as much
-    (docs/benchmarks.md, issue 14).
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs several times as much
+    (docs/benchmarks.md).
     """
 
     op: str
@@ -347,7 +347,7 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             raise TypeError("wrong field types")
         if max(len(op), len(pool), len(session), len(worker)) > MAX_NAME_CHARS:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed request header: {exc}") from None
     return header
 
@@ -362,7 +362,7 @@ def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
         status, req_id, worker, pool = msgpack.unpackb(data)
         if not (isinstance(status, str) and isinstance(req_id, int)):
             raise TypeError("wrong field types")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed reply header: {exc}") from None
     return status, req_id, str(worker), str(pool)
 

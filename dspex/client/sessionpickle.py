@@ -1,6 +1,6 @@
 """Pickles of a session's requests: by-value code sent once, module globals kept on the worker.
 
-cloudpickle as :mod:`dspex.byvalue` uses it, with these differences (:class:`SessionPickler`):
+cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class:`SessionPickler`):
 
 - A by-value function's ``__globals__`` is not a copy of the globals it reads: it is the
   session's module object for the function's module on the worker (``m:<module name>``), one per
@@ -20,7 +20,7 @@ cloudpickle as :mod:`dspex.byvalue` uses it, with these differences (:class:`Ses
 - A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
   tracker), with the client's file name of its source, for ``inspect.getsource``.
 
-The reducers name functions of :mod:`dspex.codestore`, which runs them on the worker.
+The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on the worker.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex import byvalue, codeindex, codestore
-from dspex.errors import EncodeError
-from dspex.sendcache import SendCache, client_dspy_settings
+from dspex.client import codeindex
+from dspex.client.sendcache import SendCache, client_dspy_settings
+from dspex.wire import byvalue, codestore
+from dspex.wire.errors import EncodeError
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")

@@ -3,7 +3,7 @@ the socket I/O (encoding and its limits, request headers, reply handling, credit
 the reply deadline).
 
 A client sends ``exchange.frames(req_id, worker)`` and feeds each reply frame set to
-``exchange.feed(...)``, which forwards the call's output (dspex.output), calls the progress/output
+``exchange.feed(...)``, which forwards the call's output (dspex.client.output), calls the progress/output
 callbacks, says how much credit to grant,
 raises the typed error of an error reply and decodes the final result. The driver only waits:
 until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the connection drops
@@ -14,17 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import zmq
 
-from dspex import codec, output
-from dspex.codec import Policy
-from dspex.errors import (CodeCacheMiss, ConnectionLost, DspexError, MessageTooLarge, ProtocolError, Timeout,
-                          error_from_wire)
-from dspex.protocol import (
+from dspex.client import output
+from dspex.client.config import DEFAULT_REPLY_GRACE
+from dspex.client.sendcache import SendCache
+from dspex.client.sessionpickle import Message
+from dspex.wire import codec
+from dspex.wire.codec import Policy
+from dspex.wire.errors import (
+    CodeCacheMiss,
+    ConnectionLost,
+    DspexError,
+    MessageTooLarge,
+    ProtocolError,
+    Timeout,
+    error_from_wire,
+)
+from dspex.wire.protocol import (
     FLAG_CONTEXT,
     FLAG_ITEMS,
     FLAG_STREAM,
@@ -36,15 +47,8 @@ from dspex.protocol import (
     Side,
     Status,
 )
-from dspex.sendcache import SendCache
-from dspex.sessionpickle import Message
 
 log = logging.getLogger("dspex.client")
-
-# The worker stops a call at its deadline and replies Timeout(stopped=True); one that ignores the
-# interruption for its 5 s grace costs its worker, which still replies (hard=True). A client that
-# hears nothing waits this much past the deadline, so the worker's typed reply normally wins.
-REPLY_GRACE = float(os.environ.get("DSPEX_REPLY_GRACE", "7"))
 
 # What the top-level items of each worker op's body are called in an EncodeError's path.
 BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.args) for op in Op}
@@ -79,9 +83,9 @@ def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None =
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
-    its code with what the session's worker holds (dspex.sendcache) and adds the session context
+    its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget. A body that does not fit its op's definition (dspex.protocol.Op) is a ProtocolError
+    forget. A body that does not fit its op's definition (dspex.wire.protocol.Op) is a ProtocolError
     here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
@@ -141,7 +145,7 @@ def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list
 def decode_error(frames: list[Any]) -> DspexError:
     try:
         payload = msgpack.unpackb(_buffer(frames[0]), strict_map_key=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an unreadable error reply is itself a protocol error
         payload = {"code": "protocol_error", "message": "unreadable error reply"}
     return error_from_wire(payload)
 
@@ -153,7 +157,7 @@ def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) 
         return codec.decode(frames, resolve, own_frames=own_frames)
     except DspexError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a reply's bytes make the decoder raise is a protocol error
         raise ProtocolError(f"cannot decode reply: {exc}") from None
 
 
@@ -164,17 +168,41 @@ def _buffer(frame: Any) -> Any:
 class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
-    __slots__ = ("op", "pool", "session", "timeout", "wait", "flags", "body", "on_reply", "on_progress",
-                 "on_output", "bind", "own_frames", "meter", "endpoint", "items", "forward", "sender", "_raw",
-                 "_max_message")
+    __slots__ = (
+        "_max_message",
+        "_raw",
+        "bind",
+        "body",
+        "endpoint",
+        "flags",
+        "forward",
+        "grace",
+        "items",
+        "meter",
+        "on_output",
+        "on_progress",
+        "on_reply",
+        "op",
+        "own_frames",
+        "pool",
+        "sender",
+        "session",
+        "timeout",
+        "wait",
+    )
 
     def __init__(self, op: str, pool: str, session: str, body: Any, timeout: float, *, max_message: int,
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
                  own_frames: bool = False, forward: bool = False, sender: SendCache | None = None,
-                 flags: int = 0) -> None:
+                 flags: int = 0, reply_grace: float = DEFAULT_REPLY_GRACE) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
-        self.wait = timeout + REPLY_GRACE if op in WORKER_OPS else timeout  # broker ops: no worker to wait for
+        # The worker stops a call at its deadline and replies Timeout(stopped=True); one that
+        # ignores the interruption for its grace costs its worker, which still replies (hard=True).
+        # A client that hears nothing waits ``reply_grace`` past the deadline, so the worker's
+        # typed reply normally wins. Broker ops have no worker to wait for.
+        self.grace = reply_grace if op in WORKER_OPS else 0.0
+        self.wait = timeout + self.grace
         self.items = items
         self.sender = sender
         self._raw = body if sender is not None else None  # kept to send again in full after a cache miss
@@ -234,7 +262,7 @@ class Exchange:
         return True
 
     def timed_out(self) -> Timeout:
-        return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{REPLY_GRACE:g}s grace) from "
+        return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{self.grace:g}s grace) from "
                        f"{self.endpoint}: the call may still be running", op=self.op, stopped=False)
 
     def lost(self, why: str) -> ConnectionLost:
@@ -249,5 +277,5 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         try:
             await task
-        except (asyncio.CancelledError, Exception):
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - only their end is awaited
             pass

@@ -16,15 +16,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 FORMAT = "%(asctime)s {label} %(levelname)s %(name)s: %(message)s"
 
 
 class UTCFormatter(logging.Formatter):
-    converter = time.gmtime
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
+
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self.converter = time.gmtime  # every process's lines in UTC, whatever its TZ
 
 
 def formatter(label: str) -> logging.Formatter:
@@ -55,8 +60,13 @@ def adopt(name: str) -> None:
             logger.removeHandler(h)
             stream = getattr(h, "stream", None)
             if hasattr(stream, "enabled"):
-                logger.addFilter(lambda record, s=stream: bool(s.enabled))
+                logger.addFilter(_while_enabled(stream))
     logger.propagate = True
+
+
+def _while_enabled(stream: Any) -> Callable[[logging.LogRecord], bool]:
+    """A filter that passes records while dspy's stream of them is enabled."""
+    return lambda record: bool(stream.enabled)
 
 
 def line(label: str, level: str, message: str, name: str = "dspex") -> str:

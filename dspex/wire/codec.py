@@ -4,9 +4,9 @@ Frame 0 is a msgpack body; frames 1.. are raw array buffers that the body points
 so large arrays never pass through msgpack (no copy, no glibc heap churn). The common case is
 packed by msgpack's C packer in one pass; only cycles, very deep nesting, strings with lone
 surrogates or a missing ``to_ref`` fall back to a Python walk, which knows paths and ancestors.
-Ext codes are part of the wire protocol (``dspex.wiretypes``, docs/protocol.md).
+Ext codes are part of the wire protocol (``dspex.wire.wiretypes``, docs/protocol.md).
 
-Values keep their exact types (``dspex.wiretypes``: subclasses, enum members, OrderedDict,
+Values keep their exact types (``dspex.wire.wiretypes``: subclasses, enum members, OrderedDict,
 Decimal, paths...). What is not a value follows the encode :class:`Policy`: by value
 (``dspy.Example`` / ``Prediction`` and their subclasses as records, ext 14; anything else with
 cloudpickle, ext 13) or as a ref.
@@ -16,25 +16,41 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
 import zmq
 
-from dspex import byvalue, codestore
-from dspex import ref as ref_module
-from dspex.errors import DspexError, EncodeError, MissingModule, ProtocolError
-from dspex.record import KINDS, build_record, record_parts
-from dspex.ref import Ref
-from dspex.wiretypes import (BUILDERS, DECODERS, ENCODERS, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD,
-                             EXT_REF, EXT_FROZENSET, EXT_SET, EXT_TUPLE, RECORD, TAGS, convert_subclass, surrogates,
-                             utf8_ok)
+from dspex.wire import byvalue, codestore
+from dspex.wire import ref as ref_module
+from dspex.wire.errors import DspexError, EncodeError, MissingModule, ProtocolError
+from dspex.wire.record import KINDS, build_record, record_parts
+from dspex.wire.ref import Ref
+from dspex.wire.wiretypes import (
+    BUILDERS,
+    DECODERS,
+    ENCODERS,
+    EXT_FROZENSET,
+    EXT_NDARRAY,
+    EXT_NPSCALAR,
+    EXT_PICKLE,
+    EXT_RECORD,
+    EXT_REF,
+    EXT_SET,
+    EXT_TUPLE,
+    RECORD,
+    TAGS,
+    convert_subclass,
+    is_data_like,
+    surrogates,
+    utf8_ok,
+)
 
 __all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
            "unpackb"]
 
-# ext codes 25-29 are a session's code, sent once (dspex.sessionpickle writes, dspex.codestore reads)
+# ext codes 25-29 are a session's code, sent once (dspex.client.sessionpickle writes, dspex.wire.codestore reads)
 EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
 
 
@@ -49,10 +65,10 @@ class Policy(str, enum.Enum):
 # deeper structures (only reached when msgpack gave up) at a depth safe for the recursion limit.
 MAX_WALK_DEPTH = 400
 
-Frame = Union[bytes, memoryview, zmq.Frame]
+Frame = bytes | memoryview | zmq.Frame
 ToRef = Callable[[object], Ref]
 ResolveRef = Callable[[Ref], object]
-Buffers = list[Union[bytes, memoryview]]
+Buffers = list[bytes | memoryview]
 
 
 class _Tag:
@@ -102,7 +118,7 @@ def _type_name(obj: object) -> str:
 
 
 class Sender(Protocol):
-    """Pickles by-value objects for one request of a session (``dspex.sessionpickle.Message``)."""
+    """Pickles by-value objects for one request of a session (``dspex.client.sessionpickle.Message``)."""
 
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
 
@@ -125,7 +141,7 @@ class _Encoder:
 
     def wants_pickled(self, obj: object) -> bool:
         """Is ``obj`` (not a value, not a record) sent by value under this policy?"""
-        return self.policy is Policy.ALL or self.policy is Policy.DATA and byvalue.is_data_like(obj)
+        return self.policy is Policy.ALL or self.policy is Policy.DATA and is_data_like(obj)
 
     def pickle(self, obj: object) -> msgpack.ExtType:
         """ext 13 (ext 25 with a sender) of ``obj``; raises EncodeError (with pickle's reason) when
@@ -138,7 +154,7 @@ class _Encoder:
                 data, sources = byvalue.dumps(obj) if self.sender is None else self.sender.dumps(obj)
             except EncodeError:
                 raise  # names what it is already (a session's unpicklable global)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever pickling raises is this value's EncodeError
                 raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
                                   type=_type_name(obj)) from None
         else:
@@ -244,7 +260,7 @@ def _hashable(part: Any) -> Any:
 _ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
     **ENCODERS, Ref: lambda o, enc: _ref_ext(o), _KeyList: lambda o, enc: list(o), _KeyMap: lambda o, enc: dict(o)}
 
-# what the packer takes as it is (a bytearray as bin, like the first pass: see dspex.wiretypes)
+# what the packer takes as it is (a bytearray as bin, like the first pass: see dspex.wire.wiretypes)
 _LEAVES = (bool, int, float, bytes, bytearray, memoryview, msgpack.ExtType)
 
 
@@ -441,13 +457,13 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
         blob, sources = parts["pickle"], parts.get("sources") or {}
         if not isinstance(blob, bytes) or not isinstance(sources, dict):
             raise TypeError("wrong field types")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever malformed bytes raise is a protocol error
         raise ProtocolError(f"malformed by-value object: {exc}") from None
     try:
         return codestore.loads(blob, sources) if session else byvalue.loads(blob, sources)
     except DspexError:
         raise  # a code cache miss: the client sends the request again in full
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a by-value object that does not load, said why below
         missing = _missing_module(exc)
         if missing is not None:
             raise missing from None

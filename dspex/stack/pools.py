@@ -7,9 +7,9 @@ import configparser
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dspex.errors import ConfigError
-from dspex.health import HEALTH_WINDOW_S
-from dspex.protocol import Affinity
+from dspex.stack.health import HEALTH_WINDOW_S
+from dspex.wire.errors import ConfigError
+from dspex.wire.protocol import Affinity
 
 SECTION_PREFIX = "dspex:pool:"
 
@@ -36,8 +36,8 @@ class PoolConfig:
     # strict_queue, capacity-1 workers: how many pinned requests the broker may send a worker
     # ahead of the reply to its running call (behind short calls only), so it does not idle a
     # broker round trip between calls; each carries its queue deadline, which the worker enforces.
-    # 4: pipelined calls/s 1.26-1.40x depth 1, broker CPU/call -25% (docs/benchmarks.md, "Issue 14:
-    # prefetch depth and wake-ups"); the requests behind a pinned worker wait for it either way
+    # The default is the depth measured best (docs/benchmarks.md, on prefetch depth and wake-ups);
+    # the requests behind a pinned worker wait for it either way
     prefetch: int = 4
     drain_timeout: float = 600.0  # a draining (recycled, stopping) worker busy longer is stopped hard; 0: never
     durable: bool = False  # every session of the pool is durable (checkpointed, moved when its worker goes)

@@ -1,7 +1,7 @@
 """A session's by-value code on its worker, and the functions its pickles call to rebuild it.
 
 A client sends a session's code and the values its functions read once, and names them by key
-afterwards (:mod:`dspex.sessionpickle` writes those pickles, codec ext 25). On the worker each
+afterwards (:mod:`dspex.client.sessionpickle` writes those pickles, codec ext 25). On the worker each
 session has a :class:`CodeStore`:
 
 - ``objects``: what the client sent, by key: functions, classes and values by the client's
@@ -18,7 +18,7 @@ session has a :class:`CodeStore`:
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
 objects kept out of ``sys.modules`` (two sessions never share one). The pickles refer to the
 ``_load_*`` functions below by name; they act on the store of the load under way
-(:func:`loading`), and a key the store lacks raises :class:`dspex.errors.CodeCacheMiss` before
+(:func:`loading`), and a key the store lacks raises :class:`dspex.wire.errors.CodeCacheMiss` before
 anything runs.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.errors import CodeCacheMiss, ProtocolError
+from dspex.wire.errors import CodeCacheMiss, ProtocolError
 
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()

@@ -1,0 +1,443 @@
+"""The asyncio client: ``dspex.aio.connect()``, the user API of :mod:`dspex.client.api` with every op awaitable.
+
+>>> async with dspex.aio.connect() as dx:
+...     sessions = [dx.session("triage_pool") for _ in range(10)]
+...     pids = await asyncio.gather(*(s.call("os", "getpid") for s in sessions))
+
+One DEALER socket per client; a reader task routes replies to the awaiting call by request id,
+so any number of calls can be in flight from one event loop. A socket whose connection broke
+(the broker went away, or a reply over the size limit, after which zmq never reconnects) fails
+the calls waiting on it at once and is replaced before the next request. Cancelling the task that
+awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
+``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
+running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
+errors) is :mod:`dspex.client.exchange`, shared with the blocking client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Generic, Self, TypeVar, cast
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
+from dspex.client.endpoints import probe_ipc
+from dspex.client.exchange import Exchange, cancel_all, close_monitored, control_frames
+from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sendcache import SendCache
+from dspex.wire.errors import (
+    BrokerUnreachable,
+    Cancelled,
+    CodeCacheMiss,
+    DspexError,
+    ProtocolError,
+)
+from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.wire.sockets import handshake_failure
+
+__all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
+
+log = logging.getLogger("dspex.client")
+
+T = TypeVar("T")
+_Reply = tuple[str, str, list[Any]]
+_LOST = "__lost__"  # queued to waiting calls when the broker connection drops
+_REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
+_CANCELLED = "__cancelled__"  # ... or when cancel_all() was called
+_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
+Callback = Callable[[Any], None]
+
+
+class AsyncClient(ClientAPI[AsyncSession]):
+    """A connection to a dspex broker for one asyncio event loop (see :class:`dspex.client.api.ClientAPI`
+    for its options and ops)."""
+
+    session_kind = AsyncSession
+
+    def _init_transport(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue[_Reply]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._broken = False
+        self._closed = False
+        self._retiring: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.replaced_sockets = 0
+        self._sock: zmq.asyncio.Socket | None = None  # made by the first request
+        self._monitor: zmq.asyncio.Socket | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def cancel_all(self) -> None:
+        """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
+        handed to the loop."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and running is not loop:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self.cancel_all)
+            return
+        for queue in self._pending.values():
+            queue.put_nowait((_CANCELLED, "", []))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        await cancel_all(tasks)
+        for task in self._retiring:
+            await task
+        if self._sock is not None:
+            close_monitored(self._sock, self._monitor)
+        self._ctx.term()
+
+    @staticmethod
+    def _drive(steps: Steps[T]) -> _Steps[T]:
+        return _Steps(steps)
+
+    # -- the socket ---------------------------------------------------------------------------
+    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            reply = await sock.recv_multipart(copy=False)
+            try:
+                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
+            except ProtocolError:
+                continue
+            queue = self._pending.get(rid)
+            if queue is not None:  # else a late reply of a call that timed out
+                queue.put_nowait((status, worker, reply[1:]))
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
+        event = parse_monitor_message(await monitor.recv_multipart())
+        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
+        refused = handshake_failure(event["event"], "client", self._curve[0] is not None)
+        self._broken = True  # the next request gets a fresh socket
+        for queue in self._pending.values():
+            queue.put_nowait((_REFUSED if refused else _LOST, refused, []))
+
+    def _ready(self) -> zmq.asyncio.Socket:
+        """The socket, with its reader and watcher running on this loop: made at the first request,
+        replaced when its connection broke. No await: concurrent requests share one replacement."""
+        if self._closed:
+            raise BrokerUnreachable("client is closed: nothing was sent")
+        sock, monitor = self._sock, self._monitor
+        if sock is None or monitor is None or self._broken:
+            probe_ipc(self.endpoint)
+            if sock is not None:
+                retired = self._retire(self._tasks, sock, monitor)
+                self._retiring.append(asyncio.get_running_loop().create_task(retired))
+                self.replaced_sockets += 1
+            sock, monitor = self._sock, self._monitor = self._connect_socket(self._ctx, b"a")
+            self._tasks, self._broken = [], False
+        if not self._tasks:
+            loop = self._loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._read_loop(sock)), loop.create_task(self._watch(monitor))]
+        return sock
+
+    async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket, monitor: Any) -> None:
+        """Stop the tasks of a replaced socket, then close it."""
+        await cancel_all(tasks)
+        close_monitored(sock, monitor)
+
+    async def _send_raw(self, frames: list[Any], timeout: float) -> None:
+        """Send within ``timeout``. A send that times out queued nothing: the socket stays in use."""
+        assert self._sock is not None
+        try:
+            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, copy=len(frames) <= 2))
+            if sent.done():  # the usual case: no wait_for (on 3.11 it may swallow a cancellation)
+                sent.result()
+                return
+            await asyncio.wait_for(sent, timeout if timeout > 0 else None)
+        except TimeoutError:
+            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
+                                    "reading): nothing was sent") from None
+        except zmq.ZMQError as exc:
+            self._broken = True
+            raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
+
+    async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[_Reply]]:
+        self._ready()
+        req_id = next(self._ids)
+        queue: asyncio.Queue[_Reply] = asyncio.Queue()
+        self._pending[req_id] = queue
+        try:
+            await self._send_raw(ex.frames(req_id, worker), ex.timeout)
+        except BaseException:
+            self._pending.pop(req_id, None)
+            raise
+        return req_id, queue
+
+    async def _next(self, queue: asyncio.Queue[_Reply], ex: Exchange) -> _Reply:
+        if not queue.empty():
+            reply = queue.get_nowait()
+        else:
+            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own (a
+            # third of the driver's CPU per call), and a task cancelled as its reply arrives
+            # stays cancelled
+            try:
+                async with asyncio.timeout(ex.wait):
+                    reply = await queue.get()
+            except TimeoutError:
+                raise ex.timed_out() from None
+        if reply[0] == _LOST:
+            raise ex.lost("lost the connection to the broker")
+        if reply[0] == _REFUSED:
+            raise self._refused(reply[1], ex.op)
+        if reply[0] == _CANCELLED:
+            raise Cancelled(f"{ex.op} was cancelled by AsyncClient.cancel_all() and stopped", op=ex.op)
+        return reply
+
+    # -- requests ---------------------------------------------------------------------------
+    async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
+                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+                      on_progress: Callback | None = None, on_output: Callback | None = None,
+                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+                      flags: int = 0) -> Any:
+        """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
+        if self._closed:
+            raise BrokerUnreachable("client is closed: nothing was sent")
+        ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
+                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
+        while True:
+            try:
+                return await self._request(ex, worker)
+            except CodeCacheMiss as miss:
+                if not ex.resend_in_full(miss):
+                    raise
+
+    async def _request(self, ex: Exchange, worker: str) -> Any:
+        req_id, queue = await self._start(ex, worker)
+        ended = False  # its final reply came
+        try:
+            while True:
+                reply = await self._next(queue, ex)
+                ended = reply[0] not in _EVENTS
+                kind, value, credit = ex.feed(*reply)
+                if credit:
+                    await self._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
+                if kind == "done":
+                    return value
+        except BaseException:
+            if not ended:
+                self._cancel(ex, req_id)
+            raise
+        finally:
+            self._pending.pop(req_id, None)  # a late reply is dropped by the reader
+
+    def _cancel(self, ex: Exchange, req_id: int) -> None:
+        """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
+        a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
+        running one interrupted on its worker) without awaiting anything: a cancellation must not
+        wait, and nobody waits for the answer. From outside the client's loop (garbage
+        collection) it is handed to the loop."""
+        if self._closed or self._broken or self._sock is None or ex.op not in WORKER_OPS:
+            return  # a broken connection is gone: the broker cancels what it had for it
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._cancel, ex, req_id)
+            return
+        try:
+            sent = cast("asyncio.Future[Any]",
+                        self._sock.send_multipart(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0)))
+        except zmq.ZMQError:
+            return
+        # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
+        sent.add_done_callback(_ignore_outcome)
+
+    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
+               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
+               on_progress: Callback | None = None, on_output: Callback | None = None,
+               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
+               flags: int = 0) -> AsyncStream:
+        """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
+        if self._closed:
+            raise BrokerUnreachable("client is closed: nothing was sent")
+        ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
+                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
+                            flags=flags)
+        return AsyncStream(self, ex, worker)
+
+
+class AsyncStream:
+    """Items of an iterable result on a worker, as an async iterator: the asyncio twin of
+    :class:`dspex.client.sync.Stream`, with its ``progress``, ``result`` and ``done``. The request is
+    sent at the first ``__anext__``. A consumer that stops before the end stops the producer on the
+    worker: ``aclose()`` (or leaving an ``async with`` block) cancels it and waits for its end; the
+    awaiting task cancelled, an error inside ``__anext__``, and garbage collection (``break`` out
+    of an ``async for``) cancel it without waiting."""
+
+    def __init__(self, client: AsyncClient, ex: Exchange, worker: str) -> None:
+        self._client = client
+        self._ex = ex
+        self._worker = worker
+        self._req_id = 0
+        self._queue: asyncio.Queue[_Reply] | None = None
+        self._started = False  # an item or event arrived: the request ran
+        self.done = False
+        self.result: Any = None
+        self.progress: list[Any] = []
+        progress, user_progress = self.progress, ex.on_progress
+
+        def on_progress(event: Any) -> None:  # holds no reference to the stream: no cycle delays __del__
+            progress.append(event)
+            if user_progress is not None:
+                user_progress(event)
+
+        ex.on_progress = on_progress
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.done:
+            raise StopAsyncIteration
+        client, ex = self._client, self._ex
+        ended = False  # the final reply came
+        try:
+            if self._queue is None:
+                self._req_id, self._queue = await client._start(ex, self._worker)
+            while True:
+                reply = await client._next(self._queue, ex)
+                ended = reply[0] not in _EVENTS
+                try:
+                    kind, value, credit = ex.feed(*reply)
+                except CodeCacheMiss as miss:
+                    if self._started or not ex.resend_in_full(miss):
+                        raise
+                    # nothing ran: the same request again, in full
+                    client._pending.pop(self._req_id, None)
+                    self._req_id, ended = 0, False
+                    self._req_id, self._queue = await client._start(ex, self._worker)
+                    continue
+                self._started = True
+                if credit:
+                    await client._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
+                                           ex.timeout)
+                if kind == "item":
+                    return value
+                if kind == "done":
+                    self.result = value
+                    self._end(abandon=False)
+                    raise StopAsyncIteration
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            self._end(abandon=not ended)
+            raise
+
+    def _end(self, abandon: bool) -> None:
+        """The consumer is done with the stream; ``abandon``: the producer may still run: stop it."""
+        self.done = True
+        if self._req_id:
+            if abandon:
+                self._client._cancel(self._ex, self._req_id)
+            self._client._pending.pop(self._req_id, None)  # a late reply is dropped by the reader
+
+    async def aclose(self) -> None:
+        """Cancel the producer on the worker (if still running) and wait for its end."""
+        if self.done:
+            return
+        if self._queue is None:
+            self.done = True  # never started: nothing was sent
+            return
+        client, ex = self._client, self._ex
+        cancelled = False
+        try:
+            await client._send_raw(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
+            cancelled = True
+            while (await client._next(self._queue, ex))[0] in _EVENTS:  # the producer's end frees its slot
+                pass
+        except DspexError:
+            pass
+        finally:
+            self._end(abandon=not cancelled)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if not self.done:
+            try:
+                self._end(abandon=True)
+            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
+                log.debug("abandoning a stream at garbage collection: %r", exc)
+
+
+class _Steps(Generic[T]):
+    """An op of several steps (:mod:`dspex.client.api`) as an awaitable: each awaitable step is awaited
+    and its value (or exception) sent back where it was yielded. Nothing runs until it is awaited,
+    so one that nobody awaits costs nothing."""
+
+    __slots__ = ("_steps",)
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self._steps = steps
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._run().__await__()
+
+    async def _run(self) -> T:
+        steps = self._steps
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as end:
+                return end.value  # type: ignore[no-any-return]
+            value = error = None
+            if inspect.isawaitable(step):
+                try:
+                    value = await step
+                except BaseException as exc:  # noqa: BLE001 - thrown back into the op, which decides
+                    error = exc
+            else:
+                value = step
+
+
+class RoutedAsyncClient(Router[AsyncSession], AsyncClient):
+    """An asyncio client of several brokers, each request sent to its pool's (:mod:`dspex.client.routing`)."""
+
+    _broker_kind = AsyncClient
+
+
+def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
+            endpoints: Mapping[str, str] | str | None = None, curve_server_key: ServerKey = None,
+            curve_keypair: tuple[bytes, bytes] | None = None, forward_output: bool = True,
+            client_settings: bool = True) -> AsyncClient:
+    """An asyncio client of the broker at ``endpoint``, or of the brokers of ``endpoints``, as
+    :func:`dspex.connect` chooses them: an :class:`AsyncClient`, or a :class:`RoutedAsyncClient`
+    for several brokers."""
+    client: AsyncClient = open_client(AsyncClient, RoutedAsyncClient, endpoint, endpoints, timeout,
+                                      curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                                      forward_output=forward_output, client_settings=client_settings)
+    return client
+
+
+def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: no "exception was never retrieved" at garbage collection

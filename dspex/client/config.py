@@ -1,0 +1,52 @@
+"""A client's settings: what it takes from the environment, read when a client is made
+(``dspex.connect``, ``dspex.aio.connect``); an argument given to ``connect`` wins over it.
+docs/operations.md (*Environment*) lists every variable of every process kind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dspex.wire.sockets import default_frontend, max_message_bytes, run_dir
+
+DEFAULT_REPLY_GRACE = 7.0  # seconds a client waits past a call's timeout for its worker's own reply
+DEFAULT_CODE_CACHE = 4096  # code objects a session remembers its worker holds
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The environment as a client sees it (its ``client_settings`` option is another thing: this
+    process's DSPy settings sent with its calls)."""
+
+    endpoint: str | None  # DSPEX_ENDPOINT: one broker for every pool
+    endpoints: str | None  # DSPEX_ENDPOINTS: a pool -> endpoint map
+    frontend: str  # the broker's frontend when neither is given (DSPEX_FRONTEND, else the run directory's)
+    run_dir: str  # DSPEX_RUN_DIR, or its default
+    run_dir_given: bool  # whether DSPEX_RUN_DIR is set (dspexctl's diagnostics say which)
+    curve_server_key: str | None  # DSPEX_CURVE_SERVER_KEY: the broker's public key file (tcp://)
+    curve_client_key: str | None  # DSPEX_CURVE_CLIENT_KEY: this client's secret key file (tcp://)
+    max_message: int  # DSPEX_MAX_MESSAGE
+    reply_grace: float  # DSPEX_REPLY_GRACE
+    code_cache: int  # DSPEX_CODE_CACHE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientConfig:
+        env = os.environ if environ is None else environ
+        return cls(
+            endpoint=env.get("DSPEX_ENDPOINT") or None,
+            endpoints=env.get("DSPEX_ENDPOINTS", "").strip() or None,
+            frontend=default_frontend(env),
+            run_dir=str(run_dir(env)),
+            run_dir_given=bool(env.get("DSPEX_RUN_DIR")),
+            curve_server_key=env.get("DSPEX_CURVE_SERVER_KEY") or None,
+            curve_client_key=env.get("DSPEX_CURVE_CLIENT_KEY") or None,
+            max_message=max_message_bytes(env),
+            reply_grace=float(env.get("DSPEX_REPLY_GRACE", DEFAULT_REPLY_GRACE)),
+            code_cache=int(env.get("DSPEX_CODE_CACHE", DEFAULT_CODE_CACHE)),
+        )
+
+    def endpoint_or_default(self, endpoint: str | None = None) -> str:
+        """The one broker a client of ``endpoint`` talks to: that, else ``DSPEX_ENDPOINT``, else the
+        default frontend."""
+        return endpoint or self.endpoint or self.frontend

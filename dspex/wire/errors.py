@@ -1,0 +1,454 @@
+"""The dspex error tree.
+
+Every error has a stable string ``code`` used on the wire, in ``--json`` output and in logs.
+Errors cross process boundaries as ``{"code", "message", **details}`` and are rebuilt on the
+client with :func:`error_from_wire`.
+
+The tree is grouped by what the caller may do (dramatiq-style)::
+
+    DspexError
+    ├── DidNotRun      refused before any worker ran it: safe to retry (after a pause)
+    ├── MayHaveRun     the outcome is unknown: retry only what is idempotent
+    ├── UsageError     the request itself is wrong: the same request fails the same way
+    └── RemoteError    user code raised on the worker (also an instance of the original type)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DspexError(Exception):
+    """Root of every error dspex raises."""
+
+    code = "dspex_error"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.code, self.message, self.details))
+
+
+class DidNotRun(DspexError):
+    """Refused before any worker ran it (saturated, queue timeout, busy, worker unavailable,
+    refused, broker unreachable): nothing happened, so a retry is safe."""
+
+    code = "did_not_run"
+
+
+class MayHaveRun(DspexError):
+    """The outcome is unknown (worker crashed, connection lost, timeout): the call may have run,
+    wholly or in part. Retry only idempotent work."""
+
+    code = "may_have_run"
+
+
+class UsageError(DspexError):
+    """The request is wrong (unknown pool, closed session, released ref, bad frame or setting):
+    fix the call; sending it again fails the same way."""
+
+    code = "usage_error"
+
+
+class PoolNotFound(UsageError):
+    """The named pool is not declared in the broker."""
+
+    code = "pool_not_found"
+
+
+class PoolSaturated(DidNotRun):
+    """The pool's bounded queue is full."""
+
+    code = "pool_saturated"
+
+
+class QueueTimeout(DidNotRun):
+    """A request waited in a queue longer than the pool's queue timeout."""
+
+    code = "queue_timeout"
+
+
+class WorkerBusy(DidNotRun):
+    """The session's pinned worker is busy and the pool is strict_fail_fast."""
+
+    code = "worker_busy"
+
+
+class WorkerCrashed(MayHaveRun):
+    """The worker running this request died before answering."""
+
+    code = "worker_crashed"
+
+
+class SessionWorkerUnavailable(DidNotRun):
+    """The session's pinned worker (incarnation) is gone: crashed, recycled or expired."""
+
+    code = "session_worker_unavailable"
+
+
+class CheckpointRefused(SessionWorkerUnavailable):
+    """A durable session moved to a new worker, and its checkpoint could not be restored there
+    (corrupt, written by other Python / cloudpickle / DSPy versions, or an object that fails to
+    load). The call did not run; the session is lost, as a session whose worker is gone:
+    ``details["reason"]`` says why. ``dspex.Rehydrator`` rebuilds it like any lost session."""
+
+    code = "checkpoint_refused"
+
+
+class CodeCacheMiss(DidNotRun):
+    """The request referred to code or values its session's worker does not hold (evicted, a
+    re-pinned ``hint`` session, a restarted worker, a ``none`` pool that keeps nothing). Nothing
+    ran; the client resends the request in full, once, without the caller seeing it.
+    ``details["ephemeral"]``: the worker keeps no session state between calls."""
+
+    code = "code_cache_miss"
+
+
+class SessionQuotaExceeded(DidNotRun):
+    """The broker holds as many sessions as it allows."""
+
+    code = "session_quota"
+
+
+class SessionClosed(UsageError):
+    """The session was closed (by the client, the broker's idle TTL, or an operator)."""
+
+    code = "session_closed"
+
+
+class Timeout(MayHaveRun):
+    """No answer arrived within the call's timeout (raised on the client)."""
+
+    code = "timeout"
+
+
+class SessionPoolMismatch(UsageError):
+    """The session was opened in another pool: its calls go to that pool."""
+
+    code = "session_pool_mismatch"
+
+
+class SessionNotYours(UsageError):
+    """The session belongs to another client identity (or the op needs an admin key)."""
+
+    code = "session_not_yours"
+
+
+class SessionNotDurable(UsageError):
+    """The call ran and its effects stay in the session, but its checkpoint could not be kept
+    (over the per-session or total checkpoint cap, or the session as a whole cannot be pickled):
+    its result is not returned, and the session goes on as a plain, non-durable one.
+    ``details["reason"]`` says why; ``details["ran"]`` is true."""
+
+    code = "session_not_durable"
+
+
+class NotDurableWarning(UserWarning):
+    """An object entered a durable session that its checkpoints cannot hold (an open file, a
+    socket, a lock, a generator): it stays usable on its worker, and is gone after a move."""
+
+
+class RefNotFound(UsageError):
+    """A ref is unknown to its worker: released, evicted, from another session, or never existed."""
+
+    code = "ref_not_found"
+
+
+class RefQuotaExceeded(UsageError):
+    """The session holds as many refs as its per-session quota allows: release some (or close the
+    session). One session's refs never evict another session's objects."""
+
+    code = "ref_quota"
+
+
+class RemoteError(DspexError):
+    """A Python exception raised inside the worker; the worker keeps running.
+
+    When the original exception type is importable here, the error raised is also an instance of
+    it (a cached subclass of both, as Ray does for task errors) with the original's picklable
+    attributes: ``except ZeroDivisionError`` catches a remote ZeroDivisionError, and
+    ``err.lm_response`` of a remote ``AdapterParseError`` is there. ``remote_traceback`` holds the
+    worker's traceback text.
+    """
+
+    code = "remote_error"
+
+    @property
+    def type_name(self) -> str:
+        return str(self._wire()[1].get("type", "Exception"))
+
+    @property
+    def remote_module(self) -> str:
+        return str(self._wire()[1].get("module", ""))
+
+    @property
+    def remote_traceback(self) -> str:
+        return str(self._wire()[1].get("traceback", ""))
+
+    def _wire(self) -> tuple[str, dict[str, Any]]:
+        # the original's attributes may shadow ``message``/``details``: the wire form is kept apart
+        wire = self.__dict__.get("_dspex_wire")
+        return wire if wire is not None else (self.message, self.details)
+
+    def to_wire(self) -> dict[str, Any]:
+        message, details = self._wire()
+        return {"code": self.code, "message": message, **details}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        message, details = self._wire()
+        return (_rebuild, (self.code, message, details))
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self._wire()[0]}"
+
+
+_REMOTE_CLASSES: dict[type[BaseException], type[RemoteError] | None] = {}
+
+
+def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
+    """The cached subclass of (RemoteError, original), or None where no such class can exist."""
+    try:
+        return _REMOTE_CLASSES[original]
+    except KeyError:
+        pass
+    cls: type[RemoteError] | None = None
+    if issubclass(original, Exception) and not issubclass(original, DspexError):
+
+        def __str__(self: RemoteError) -> str:
+            try:
+                return str(original.__str__(self))
+            except Exception:  # noqa: BLE001 - the original class's __str__ may fail on our instance
+                return self._wire()[0]
+
+        try:
+            cls = type(f"RemoteError[{original.__qualname__}]", (RemoteError, original),
+                       {"__str__": __str__, "__module__": __name__})
+        except TypeError:  # a layout conflict (some C exception types): a plain RemoteError then
+            cls = None
+    _REMOTE_CLASSES[original] = cls
+    return cls
+
+
+def _original_type(details: dict[str, Any]) -> type[BaseException] | None:
+    """The remote exception's type when a module this process already imported defines it."""
+    import sys
+
+    module = sys.modules.get(str(details.get("module", "")))
+    obj: Any = module
+    for part in str(details.get("type", "")).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
+
+
+def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
+    """A RemoteError, also an instance of the original type (with its attributes) where possible;
+    the worker's traceback is attached as a note, so a traceback printed here shows both sides."""
+    err = _remote_instance(message, details)
+    tb = details.get("traceback")
+    if isinstance(tb, str) and tb.strip():
+        notes = getattr(err, "__notes__", None)  # the original's own notes come first
+        err.__notes__ = [*(notes if isinstance(notes, list) else []), f"Remote traceback (on the worker):\n{tb.rstrip()}"]
+    chain = details.get("chain")
+    if isinstance(chain, list) and chain:
+        _link_chain(err, details, chain)
+    return err
+
+
+# the keys of a remote error's payload that link it to the other links of its chain (indices: 0 is
+# the error itself, i the chain's item i-1)
+_LINK_KEYS = ("cause", "context", "suppress_context")
+MAX_CHAIN = 16  # links of a chain after the error itself (the worker sends no more)
+
+
+def _link_chain(top: RemoteError, details: dict[str, Any], chain: list[Any]) -> None:
+    """``__cause__``/``__context__``/``__suppress_context__`` of the worker's exception chain, each
+    link a remote error of its own type (``except ValueError as e: e.__cause__`` is a remote
+    KeyError). Its own traceback text is its ``remote_traceback``; the top's has the whole chain."""
+    links: list[RemoteError | None] = [top]
+    specs: list[Any] = [details, *chain[:MAX_CHAIN]]
+    for node in specs[1:]:
+        link: RemoteError | None = None
+        if isinstance(node, dict):
+            rest = {k: v for k, v in node.items() if k not in _LINK_KEYS and k != "message"}
+            try:
+                link = _remote_instance(str(node.get("message", "")), rest)
+            except Exception:  # noqa: BLE001 - a link that cannot be rebuilt here is left out; the error stands
+                link = None
+        links.append(link)
+    for err, spec in zip(links, specs):
+        if err is None or not isinstance(spec, dict):
+            continue
+        for attr, key in (("__cause__", "cause"), ("__context__", "context")):
+            index = spec.get(key)
+            if type(index) is int and 0 <= index < len(links) and links[index] is not None:
+                setattr(err, attr, links[index])
+        err.__suppress_context__ = bool(spec.get("suppress_context"))
+
+
+def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
+    original: BaseException | None = None
+    pickled = details.get("pickled")
+    if isinstance(pickled, bytes):
+        try:
+            from dspex.wire import (
+                byvalue,  # like every ext 13 value: a client's class comes back untouched
+            )
+
+            loaded = byvalue.loads(pickled, {})
+            if isinstance(loaded, BaseException):
+                original = loaded
+        except Exception:  # noqa: BLE001 - a pickled exception this side cannot load falls back to its recorded type
+            original = None
+    original_type = type(original) if original is not None else _original_type(details)
+    cls = _remote_class(original_type) if original_type is not None else None
+    if cls is None:
+        return RemoteError(message, **details)
+    args = original.args if original is not None else (message,)
+    try:
+        err = cls.__new__(cls, *args)
+    except Exception:  # noqa: BLE001 - a class whose __new__ wants other arguments
+        err = cls.__new__(cls)
+    if original_type.__module__ == "builtins":
+        # their C fields come from init (OSError.errno, .filename) or reduce's state (ImportError.name)
+        try:
+            reduced = original.__reduce__() if original is not None else (original_type, args)
+            original_type.__init__(err, *reduced[1])  # type: ignore[misc]
+            args = err.args
+            state = reduced[2] if len(reduced) > 2 else None
+            if isinstance(state, dict):
+                for key, value in state.items():
+                    setattr(err, key, value)
+        except Exception:  # noqa: BLE001 - best effort: the message and the wire details are set below anyway
+            pass
+    try:
+        err.message = message
+    except AttributeError:  # an ExceptionGroup's own read-only message: the same text
+        pass
+    err.details = details
+    if original is not None:
+        try:
+            err.__dict__.update(vars(original))
+        except TypeError:
+            pass
+    err.__dict__["_dspex_wire"] = (message, details)
+    err.args = tuple(args)
+    return err
+
+
+class ProtocolError(UsageError):
+    """A frame could not be understood."""
+
+    code = "protocol_error"
+
+
+class UnknownOp(ProtocolError):
+    """The op code is not one this peer serves."""
+
+    code = "unknown_op"
+
+
+class EncodeError(ProtocolError):
+    """A value cannot be encoded (and no ref could stand in for it)."""
+
+    code = "encode_error"
+
+
+class MissingModule(UsageError, ModuleNotFoundError):
+    """A value arrived that needs a module not installed where it arrived (by-value code whose
+    module imports a package the worker lacks, a result whose class the client cannot import).
+    Also a ``ModuleNotFoundError``: ``.name`` is the module; ``details["side"]`` is
+    ``"worker"`` or ``"client"``, and the message says where to install it."""
+
+    code = "missing_module"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message, **details)
+        self.name = details.get("module")
+
+
+class MessageTooLarge(ProtocolError):
+    """A message exceeds the configured size limit."""
+
+    code = "message_too_large"
+
+
+class ConnectionError(DspexError):
+    """The broker cannot be reached, or the connection to it dropped (see the two subclasses)."""
+
+    code = "connection_error"
+
+
+class BrokerUnreachable(ConnectionError, DidNotRun):
+    """Nothing answers at the endpoint (no broker, a stale socket file, a closed client): the
+    request was never sent."""
+
+    code = "broker_unreachable"
+
+
+class ConnectionLost(ConnectionError, MayHaveRun):
+    """The connection dropped while a request was out: it may or may not have run."""
+
+    code = "connection_lost"
+
+
+class Refused(DidNotRun):
+    """The broker refused this peer (its CURVE key is not allowed, or the operation needs an admin
+    key): nothing ran."""
+
+    code = "refused"
+
+
+class InternalError(MayHaveRun):
+    """A bug in dspex itself (not in user code) while handling the request."""
+
+    code = "internal_error"
+
+
+class ConfigError(UsageError):
+    """A setting is missing or invalid (a missing API key, a bad pool spec, an unsafe endpoint)."""
+
+    code = "config_error"
+
+
+class Cancelled(MayHaveRun):
+    """The call was cancelled by the caller."""
+
+    code = "cancelled"
+
+
+def _all_subclasses(cls: type[DspexError]) -> list[type[DspexError]]:
+    out: list[type[DspexError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERRORS_BY_CODE: dict[str, type[DspexError]] = {DspexError.code: DspexError}
+ERRORS_BY_CODE.update((cls.code, cls) for cls in _all_subclasses(DspexError))
+
+
+def error_from_wire(payload: Any) -> DspexError:
+    """Rebuild a typed error from its wire form; unknown codes become a plain DspexError."""
+    if not isinstance(payload, dict):
+        return ProtocolError(f"malformed error payload: {payload!r:.200}")
+    details = dict(payload)
+    code = str(details.pop("code", "dspex_error"))
+    message = str(details.pop("message", ""))
+    return _rebuild(code, message, details)
+
+
+def _rebuild(code: str, message: str, details: dict[str, Any]) -> DspexError:
+    if code == RemoteError.code:
+        return _remote_error(message, details)
+    cls = ERRORS_BY_CODE.get(code, DspexError)
+    err = cls(message, **details)
+    if cls is DspexError and code != DspexError.code:
+        err.code = code  # keep an unknown code visible rather than collapsing it
+    return err

@@ -1,0 +1,100 @@
+"""Where dspex's sockets are and the options each one gets: the default endpoints in the run
+directory, the endpoint rules, the message size bound, CURVE keys of a connecting peer (a client
+or a worker) and what a failed CURVE handshake means. Both ends of every connection use these.
+Nothing here reads the environment itself: a process kind's settings pass theirs in."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import zmq
+
+from dspex.wire.errors import ConfigError
+from dspex.wire.protocol import MAX_MESSAGE_BYTES
+
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+
+
+def run_dir(environ: Mapping[str, str]) -> Path:
+    """``DSPEX_RUN_DIR`` of a process's environment, or ``/tmp/dspex-<uid>``: short enough for unix
+    socket paths. Each process kind's settings call it once (the client's, the broker's, a
+    worker's, dspexctl's)."""
+    return Path(environ.get("DSPEX_RUN_DIR") or f"/tmp/dspex-{os.getuid()}")
+
+
+def default_frontend(environ: Mapping[str, str]) -> str:
+    """Where the broker takes clients unless told: ``DSPEX_FRONTEND``, ``DSPEX_ENDPOINT``, else the
+    run directory's ``frontend.sock``."""
+    return environ.get("DSPEX_FRONTEND") or environ.get("DSPEX_ENDPOINT") or f"ipc://{run_dir(environ)}/frontend.sock"
+
+
+def default_backend(environ: Mapping[str, str]) -> str:
+    """Where the broker takes workers unless told: ``DSPEX_BACKEND``, else the run directory's
+    ``backend.sock``."""
+    return environ.get("DSPEX_BACKEND") or f"ipc://{run_dir(environ)}/backend.sock"
+
+
+def max_message_bytes(environ: Mapping[str, str]) -> int:
+    """The largest message a socket takes: ``DSPEX_MAX_MESSAGE``, else the protocol's bound."""
+    return int(environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Refuse endpoints we cannot use before zmq gives an obscure errno."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise ConfigError(
+                f"ipc path is {len(path.encode())} bytes, over the unix socket limit of {UNIX_PATH_MAX}: {path}"
+            )
+    elif not endpoint.startswith(("tcp://", "inproc://")):
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+    return endpoint
+
+
+def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: str | None
+                      ) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+    """CURVE keys of a connecting peer (client or worker). TCP requires them."""
+    if not endpoint.startswith("tcp://"):
+        return None, None
+    if not server_key_file:
+        raise ConfigError(f"{endpoint} is TCP: CURVE is required (give the broker's public key file, "
+                          "DSPEX_CURVE_SERVER_KEY; see `dspexctl keys generate`)")
+    from zmq.auth import load_certificate
+
+    server_public, _ = load_certificate(server_key_file)
+    if not own_key_file:
+        raise ConfigError("a TCP peer needs its own secret key file (DSPEX_CURVE_CLIENT_KEY / "
+                          "DSPEX_CURVE_WORKER_KEY) whose public key the broker allows")
+    public, secret = load_certificate(own_key_file)
+    if secret is None:
+        raise ConfigError(f"{own_key_file} holds no secret key")
+    return server_public, (public, secret)
+
+
+def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
+    """Options every dspex socket gets: no linger on close, bounded inbound message size."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+
+
+# socket monitor events that say why a CURVE connection to the broker never carried a message
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: int, peer: str, curve: bool) -> str:
+    """Why the handshake with the broker failed, in the peer's words, or "" (not a handshake event).
+
+    The broker's ZAP handler refusing our public key answers with an ERROR (HANDSHAKE_FAILED_AUTH).
+    A server key that is not the broker's makes our HELLO undecryptable: the broker drops the
+    connection mid-handshake and we see FAILED_NO_DETAIL or FAILED_PROTOCOL.
+    """
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the broker refused this {peer}'s key (its public key is not in the broker's allow-list)"
+    if curve and event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("the server key does not match: the broker closed the connection during the CURVE handshake "
+                "(DSPEX_CURVE_SERVER_KEY must hold that broker's public key)")
+    return ""

@@ -1,0 +1,211 @@
+"""The commands that start and stop a stack's processes through supervisord: ``pools start``,
+``pools stop``, ``pools restart`` and ``stop`` (the whole stack). Each has the three steps of
+:mod:`dspexctl.commands`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dspex.stack.supervisor import (
+    STOPPED_STATES,
+    Supervisor,
+    SupervisorConf,
+    SupervisorError,
+    SupervisorUnreachable,
+    full_name,
+)
+from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
+from dspexctl.commands import EXIT_ERROR, EXIT_OK, Settings, metrics_text, progress
+from dspexctl.stack import (
+    StackConflict,
+    ensure_stack,
+    expected_workers,
+    foreign_stack,
+    ready_counts,
+    wait_pid_exit,
+    wait_ready,
+)
+
+
+def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
+    """The supervisord groups of the named pools (all pools of the conf when none is named)."""
+    from dspex.stack.pools import load_pools
+
+    groups = sup.groups()
+    declared = [c.name for c in load_pools(sc.path)]
+    if not wanted:
+        return [name for name in declared if name in groups]
+    bad = [name for name in wanted if name not in groups or name == "broker"]
+    if bad:
+        raise PoolNotFound(f"no pool named {', '.join(map(repr, bad))} in {sc.path}; pools: "
+                           f"{', '.join(n for n in declared if n in groups) or 'none'}")
+    return wanted
+
+
+class PoolsStart:
+    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
+
+    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        endpoint = settings.resolved_endpoint()
+        t0 = time.monotonic()
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            started = not sup.running()
+            if started:
+                if req["pools"]:
+                    progress("supervisord is not running: starting it, which starts every pool")
+                ensure_stack(sc.path, timeout=req["wait"], progress=progress, endpoint=endpoint)
+            groups = _pool_groups(sup, sc, req["pools"])
+            wanted = expected_workers(sc, sup, groups)
+            if started:  # ensure_stack waited for every pool already
+                with settings.client() as dx:
+                    status = dx.status()
+            else:
+                conflict = foreign_stack(sc, endpoint, sup)
+                if conflict:  # our workers would join the other stack's broker
+                    raise StackConflict(conflict)
+                for p in sup.processes():
+                    if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
+                        progress(f"starting {full_name(p)}")
+                        sup.start_process(full_name(p))
+                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
+        counts = ready_counts(status, groups)
+        metrics = dict(status["broker"].get("metrics") or {})
+        text, trouble = metrics_text(metrics)
+        if trouble:
+            progress(f"warning: {text}")
+        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
+                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}, "metrics": metrics}
+
+    def present(self, result: dict[str, Any]) -> str:
+        head = "started supervisord; " if result["started_supervisord"] else ""
+        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
+            + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class PoolsStop:
+    def request(self, pools: tuple[str, ...] = (), wait: float = 60.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        t0 = time.monotonic()
+        # stopProcessGroup(wait=True) returns once the group is stopped; workers finish their
+        # current request first (up to stopwaitsecs), so give the call that long
+        with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
+            groups = _pool_groups(sup, sc, req["pools"])
+            for g in groups:  # every group at once; polling wakes supervisord's loop, which reaps them
+                progress(f"stopping {g}")
+                sup.stop_group(g, wait=False)
+            deadline = t0 + req["wait"]
+            while True:
+                states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+                if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        # the workers said goodbye on SIGTERM; confirm the broker has dropped them
+        left: dict[str, int] = {}
+        try:
+            with settings.client() as dx:
+                deadline = time.monotonic() + 10.0
+                while True:
+                    status = dx.status()
+                    left = {g: len(status["pools"][g]["workers"]) for g in groups if g in status["pools"]}
+                    if not any(left.values()) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+        except (ConnectionError, Timeout):
+            pass  # no broker: nothing registered either
+        return {"stopped": groups, "processes": states, "still_registered": left,
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        lines = [f"{name}: {state}" for name, state in sorted(result["processes"].items())]
+        lines += [f"warning: the broker still lists {n} worker(s) of {pool}"
+                  for pool, n in result["still_registered"].items() if n]
+        return "\n".join(lines)
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK if all(s in STOPPED_STATES for s in result["processes"].values()) else EXIT_ERROR
+
+
+class PoolsRestart:
+    """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
+
+    interrupted = PoolsStart.interrupted
+
+    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
+        return {"pools": list(pools), "wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            sup.state()  # a restart of a stack that is not running is an error, not a start
+        stopped = PoolsStop().execute(settings, PoolsStop().request(tuple(req["pools"]), req["wait"]))
+        started = PoolsStart().execute(settings, PoolsStart().request(tuple(stopped["stopped"]), req["wait"]))
+        return {"pools": started["pools"], "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        return "restarted " + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready"
+                                        for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)"
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
+
+
+class StackStop:
+    """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
+
+    def request(self, wait: float = 60.0) -> dict[str, Any]:
+        return {"wait": wait}
+
+    def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
+        sc = SupervisorConf.load(settings.supervisor_conf)
+        t0 = time.monotonic()
+        deadline = t0 + req["wait"]
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            try:
+                pid = sup.pid()
+            except SupervisorUnreachable:
+                return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+            running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
+            # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
+            # up to a second for I/O: every worker group at once instead, the broker last, and
+            # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
+            groups = sorted({p["group"] for p in running if p["group"] != "broker"})
+            for group in groups:
+                sup.stop_group(group, wait=False)
+            while groups and time.monotonic() < deadline:
+                if all(p["statename"] in STOPPED_STATES for p in sup.processes() if p["group"] in groups):
+                    break
+                time.sleep(0.02)
+            sup.shutdown()
+            while time.monotonic() < deadline:
+                try:
+                    sup.state()  # refused while it shuts down, but the request still wakes its loop
+                except SupervisorUnreachable:
+                    break  # its socket is gone: it is exiting
+                except SupervisorError:
+                    pass
+                time.sleep(0.02)
+        wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
+        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
+                "seconds": round(time.monotonic() - t0, 3)}
+
+    def present(self, result: dict[str, Any]) -> str:
+        if not result["was_running"]:
+            return f"supervisord of {result['conf']} is not running: nothing to stop"
+        return (f"stopped supervisord (pid {result['pid']}) and {len(result['processes'])} program(s) "
+                f"in {result['seconds']:.1f}s")
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return EXIT_OK
