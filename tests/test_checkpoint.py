@@ -589,6 +589,30 @@ def test_a_session_dir_comes_back_with_its_files_as_of_the_last_build() -> None:
     assert not os.path.exists(path), "a session directory goes with the object that holds it"
 
 
+def test_the_directory_of_a_process_killed_with_9_is_removed_by_the_next_one(short_tmp: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dspex.wire import sessiondir
+
+    made = subprocess.run([sys.executable, "-c", "import dspex, os; d = dspex.SessionDir('x'); print(d.path, flush=True); os._exit(0)"],
+                          capture_output=True, text=True, check=True, env={**os.environ, "TMPDIR": short_tmp})
+    path = made.stdout.strip()
+    assert path.startswith(short_tmp) and os.path.isdir(path)  # its process left without cleaning up
+    os.makedirs(os.path.join(short_tmp, f"dspex-sd{os.getpid()}-alive-x"))  # a live process's: kept
+    import tempfile
+
+    old_tmp = tempfile.tempdir
+    tempfile.tempdir, sessiondir._swept = short_tmp, False
+    try:
+        kept = sessiondir.SessionDir("y")
+        assert not os.path.exists(path) and os.path.isdir(os.path.join(short_tmp, f"dspex-sd{os.getpid()}-alive-x"))
+        del kept
+    finally:
+        tempfile.tempdir = old_tmp
+
+
 def test_a_session_dir_holding_a_link_is_named_not_durable() -> None:
     import os
 

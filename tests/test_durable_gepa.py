@@ -30,7 +30,7 @@ TICKETS = [  # (ticket, category, urgency): the flagship's five
     ("CSV export shows incorrect timezone offsets in reports.", "bug", "medium"),
 ]
 SETUP = """
-import os, time
+import os, tempfile, time
 import dspy, dspex
 
 calls = [0]  # metric calls: session state, so they count what acknowledged calls did
@@ -60,13 +60,16 @@ def compile_to(budget, log_dir=None):
                           log_dir=log_dir or logs.path)
     optimizer.compile(program, trainset=train, valset=train)
     return calls[0] - before
+
+def compile_fresh(budget):
+    with tempfile.TemporaryDirectory() as scratch:
+        return compile_to(budget, scratch)
 """
 
 
 def step(s: dspex.Session, budget: int, fresh: bool = False) -> int:
     """Metric calls of one compile step (``fresh``: in a new directory, from scratch)."""
-    source = "compile_to(b, dspex.SessionDir('fresh').path)" if fresh else "compile_to(b)"
-    return int(s.eval(source, {"b": budget}, timeout=120))
+    return int(s.eval("compile_fresh(b)" if fresh else "compile_to(b)", {"b": budget}, timeout=120))
 
 
 def test_a_gepa_step_interrupted_by_a_kill_resumes_from_the_last_acknowledged_step(stack: Stack) -> None:
@@ -101,6 +104,9 @@ def test_a_gepa_step_interrupted_by_a_kill_resumes_from_the_last_acknowledged_st
     scratch = step(s, 150, fresh=True)  # the same step from scratch, for comparison
     print(f"GEPA step to 150 metric calls after the kill: {resumed} calls resumed, {scratch} from scratch")
     assert resumed <= 70 and scratch >= 150 and resumed < scratch / 2, (resumed, scratch)
+    # the worker removes it when the object goes (the session's module is a reference cycle: when
+    # the garbage collector gets to it); the stack's teardown kills the worker first
+    shutil.rmtree(str(s.eval("logs.path")))
 
 
 def _try(fn: Any, *args: Any) -> Any:

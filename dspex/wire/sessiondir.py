@@ -18,6 +18,35 @@ import weakref
 from typing import Any
 
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_OURS = re.compile(r"^dspex-sd(\d+)-")  # dspex-sd<pid>-<name>-<random>: the process that made it
+_swept = False
+
+
+def _sweep() -> None:
+    """Remove the directories of processes of this user that are gone (a worker killed with -9
+    never removes its own), once per process."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for entry in names:
+        found = _OURS.match(entry)
+        if found is None:
+            continue
+        path = os.path.join(base, entry)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive (another user's process: EPERM) or already gone
 
 
 class FileData:
@@ -35,7 +64,8 @@ class FileData:
 
 
 class SessionDir:
-    """A directory of the worker, removed when the session lets go of this object.
+    """A directory of the worker, removed when the session lets go of this object (or, for a
+    process killed with -9, by the next process of the host that makes one).
 
     After a move the directory is made again on the new worker, with another ``path``: read
     ``path`` in each call (``log_dir=logs.path``), never keep it from an earlier one. Each
@@ -44,8 +74,9 @@ class SessionDir:
     session's checkpoint cap counts it)."""
 
     def __init__(self, name: str = "dir") -> None:
+        _sweep()
         self.name = name
-        self.path = tempfile.mkdtemp(prefix=f"dspex-{_NAME.sub('_', name)[:40]}-")
+        self.path = tempfile.mkdtemp(prefix=f"dspex-sd{os.getpid()}-{_NAME.sub('_', name)[:40]}-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, True)
         self._read: dict[str, FileData] = {}  # relative path -> its bytes as last read
 
