@@ -2,6 +2,6 @@
 
 Frames and ops (``protocol``), the value codec (``codec``, ``wiretypes``, ``record``, ``ref``,
 ``byvalue``, ``codestore``, ``sessiondir``), the error tree (``errors``), and where sockets are
-and how they are set up (``sockets``, ``zmqfast``). It imports nothing else of dspex: the client (``dspex.client``)
-and the stack tooling (``dspex.stack``) build on it, never the other way round.
+and how they are set up (``sockets``, ``zmqfast``). It imports nothing else of dspex: the client
+(``dspex.client``) and the stack tooling (``dspex.stack``) build on it, never the other way round.
 """
