@@ -47,6 +47,7 @@ from dspex.wire.errors import (
 )
 from dspex.wire.record import Record
 from dspex.wire.ref import Ref, RemoteMethod
+from dspex.wire.sessiondir import SessionDir
 
 __version__ = "0.1.0"
 
@@ -81,6 +82,7 @@ __all__ = [
     "RemoteMethod",
     "Session",
     "SessionClosed",
+    "SessionDir",
     "SessionNotDurable",
     "SessionNotYours",
     "SessionPoolMismatch",

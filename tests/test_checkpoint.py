@@ -454,3 +454,175 @@ def test_an_object_restoring_itself_with_its_modules_globals_finds_them() -> Non
     with ledger.lock:
         pass
     namespace.drop_session_module(new)
+
+
+class _Box:
+    def __init__(self) -> None:
+        self.inner = {"deep": [1, 2, {"x": "y"}]}
+
+
+@pytest.mark.parametrize("change", [
+    "demo field", "instructions", "lm kwargs", "module attribute", "nested object",
+    "adapter flag", "setting", "namespace global", "ref released"])
+def test_a_change_anywhere_in_what_the_session_holds_is_caught_by_the_next_build(change: str) -> None:
+    """The fingerprint is the skeleton's pickle (the tracker reuses its pickler from build to
+    build): whatever a call changes, however deep, makes a checkpoint, and the restore has it.
+    (Not an LM history entry changed in place after it was recorded: each is pickled once, when
+    it appears; docs/reliability.md says so.)"""
+    _, state, refs = typical_session()
+    box = _Box()
+    refs["box"] = RefTable("p", "w1").put(state, box)
+    namespace.session_module(state).__dict__["counter"] = [0]
+    tracker, held = checkpoint.Tracker(SID), Held()
+    for _ in range(2):  # the second build: nothing changed, nothing sent
+        ck, _ = tracker.build(state)
+        if ck is not None:
+            held.apply(ck)
+    assert ck is None
+    lm, cot = state.dspy_settings["lm"], state.refs[refs["cot"].id]
+    mutate: dict[str, Any] = {
+        "demo field": lambda: cot.predict.demos[2]._store.__setitem__("answer", "changed"),
+        "instructions": lambda: setattr(cot.predict, "signature", cot.predict.signature.with_instructions("new")),
+        "lm kwargs": lambda: lm.kwargs.__setitem__("temperature", 0.5),
+        "module attribute": lambda: setattr(cot, "mine", 7),
+        "nested object": lambda: box.inner["deep"][2].__setitem__("x", "z"),
+        "adapter flag": lambda: setattr(state.dspy_settings["adapter"], "use_native_function_calling", True),
+        "setting": lambda: state.dspy_settings.__setitem__("max_errors", 3),
+        "namespace global": lambda: namespace.session_module(state).__dict__["counter"].append(1),
+        "ref released": lambda: state.refs.pop(refs["box"].id),
+    }
+    mutate[change]()
+    ck, _ = tracker.build(state)
+    assert ck is not None, f"a changed {change} made no checkpoint"
+    held.apply(ck)
+    new, _ = held.restore()
+    ncot, nlm = new.refs[refs["cot"].id], new.dspy_settings["lm"]
+    seen = {
+        "demo field": lambda: ncot.predict.demos[2].answer == "changed",
+        "instructions": lambda: ncot.predict.signature.instructions == "new",
+        "lm kwargs": lambda: nlm.kwargs["temperature"] == 0.5,
+        "module attribute": lambda: ncot.mine == 7,
+        "nested object": lambda: new.refs[refs["box"].id].inner["deep"][2] == {"x": "z"},
+        "adapter flag": lambda: new.dspy_settings["adapter"].use_native_function_calling is True,
+        "setting": lambda: new.dspy_settings["max_errors"] == 3,
+        "namespace global": lambda: new.module is not None and new.module.__dict__["counter"] == [0, 1],
+        "ref released": lambda: refs["box"].id not in new.refs,
+    }
+    assert seen[change](), change
+
+
+def test_histories_of_the_lm_and_modules_restore_as_lists_of_their_own_with_the_sessions_entries() -> None:
+    """An LM's or a module's history holding the session's entries is written as one reference to
+    the session's list; it loads as a separate list of the same (restored) entry objects."""
+    _, state, refs = typical_session()
+    cot = state.refs[refs["cot"].id]
+    cot.history.insert(0, {"not": "a session entry"})  # this one is not the session's: written in full
+    held = Held()
+    ck, _ = checkpoint.Tracker(SID).build(state)
+    assert ck is not None
+    held.apply(ck)
+    new, _ = held.restore()
+    nlm, ncot = new.dspy_settings["lm"], new.refs[refs["cot"].id]
+    assert len(nlm.history) == 3 and all(a is b for a, b in zip(nlm.history, new.lm_history))
+    assert nlm.history is not new.lm_history and ncot.predict.history is not nlm.history
+    assert ncot.history[0] == {"not": "a session entry"} and ncot.history[1:] == new.lm_history
+    assert all(a is b for a, b in zip(ncot.history[1:], new.lm_history))
+    nlm.history.append("x")
+    assert len(new.lm_history) == 3 and len(ncot.predict.history) == 3
+
+
+def test_a_session_dir_comes_back_with_its_files_as_of_the_last_build() -> None:
+    """A ``dspex.SessionDir`` the session holds (GEPA's log_dir): a change to its files makes a
+    checkpoint, none sends nothing, and a restore makes the directory again elsewhere with them."""
+    import os
+
+    from dspex import SessionDir
+
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    logs = SessionDir("gepa")
+    ref = table.put(state, logs)
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 1")
+    os.makedirs(os.path.join(logs.path, "generated_best_outputs_valset", "task_0"))
+    tracker, held = checkpoint.Tracker(SID), Held()
+    ck, lost = tracker.build(state)
+    assert ck is not None and not lost
+    held.apply(ck)
+    assert tracker.build(state) == (None, [])
+    with open(os.path.join(logs.path, "candidates.json"), "wb") as f:
+        f.write(b"[" + b"0," * 50_000 + b"0]")  # 100 KB
+    ck, _ = tracker.build(state)
+    assert ck is not None and len(ck.set_slots) == 1 and len(ck.blobs[0]) > 100_000
+    held.apply(ck)
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 2")  # the same size: still a change
+    ck, _ = tracker.build(state)
+    # each file is a blob of its own: the unchanged 100 KB file is not carried again
+    assert ck is not None and len(ck.set_slots) == 1 and len(ck.blobs[0]) < 200 and ck.clear_slots
+    assert len(ck.skeleton) < 2000 and ck.size > 100_000
+    held.apply(ck)
+    with open(os.path.join(logs.path, "gepa_state.bin"), "wb") as f:
+        f.write(b"\x00state 3")  # after the last build: not in what the broker holds
+
+    new, restored = held.restore()
+    moved = new.refs[ref.id]
+    assert isinstance(moved, SessionDir) and moved.path != logs.path and not restored.lost
+    with open(os.path.join(moved.path, "gepa_state.bin"), "rb") as f:
+        assert f.read() == b"\x00state 2"
+    assert os.path.isdir(os.path.join(moved.path, "generated_best_outputs_valset", "task_0"))
+    assert os.path.getsize(os.path.join(moved.path, "candidates.json")) == 100_003
+    # after the restore the broker's blobs are the directory's: no file sent again (at most the
+    # skeleton, pickled anew once), then only a change
+    again, _ = restored.tracker.build(new)
+    assert (again is None or not again.set_slots) and restored.tracker.build(new) == (None, [])
+    with open(os.path.join(moved.path, "run_log.json"), "wb") as f:
+        f.write(b"[]")
+    ck, _ = restored.tracker.build(new)
+    assert ck is not None and len(ck.set_slots) == 1 and not ck.clear_slots
+    path = moved.path
+    new.refs.clear()
+    del moved, new, restored
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(path), "a session directory goes with the object that holds it"
+
+
+def test_the_directory_of_a_process_killed_with_9_is_removed_by_the_next_one(short_tmp: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dspex.wire import sessiondir
+
+    made = subprocess.run([sys.executable, "-c", "import dspex, os; d = dspex.SessionDir('x'); print(d.path, flush=True); os._exit(0)"],
+                          capture_output=True, text=True, check=True, env={**os.environ, "TMPDIR": short_tmp})
+    path = made.stdout.strip()
+    assert path.startswith(short_tmp) and os.path.isdir(path)  # its process left without cleaning up
+    os.makedirs(os.path.join(short_tmp, f"dspex-sd{os.getpid()}-alive-x"))  # a live process's: kept
+    import tempfile
+
+    old_tmp = tempfile.tempdir
+    tempfile.tempdir, sessiondir._swept = short_tmp, False
+    try:
+        kept = sessiondir.SessionDir("y")
+        assert not os.path.exists(path) and os.path.isdir(os.path.join(short_tmp, f"dspex-sd{os.getpid()}-alive-x"))
+        del kept
+    finally:
+        tempfile.tempdir = old_tmp
+
+
+def test_a_session_dir_holding_a_link_is_named_not_durable() -> None:
+    import os
+
+    from dspex import SessionDir
+
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    logs = SessionDir()
+    ref = table.put(state, logs)
+    os.symlink("/etc/hostname", os.path.join(logs.path, "elsewhere"))
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and [(why.section, why.key) for why in lost] == [("ref", ref.id)]
+    assert "symbolic link" in lost[0].reason

@@ -200,6 +200,8 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
             assert dx.call("operator", "add", [i, 1], pool="triage_pool") == i + 1
         s = dx.session("analytics_pool")
         s.call("os", "getpid")
+        durable = dx.session("analytics_pool", durable=True)
+        durable.exec("kept = list(range(1000))")  # a change: its checkpoint is stored
 
         browser.get(url)
         assert browser.execute_script("return window.innerWidth") >= 1270
@@ -218,16 +220,25 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
                            30, 0.2, "the worker pids")
         assert {r["td_process"] for r in workers} == {"triage_pool:triage_pool_00", "triage_pool:triage_pool_01",
                                                       "analytics_pool:analytics_pool_00"}
-        assert {r["state"] for r in workers} == {"ready"} and {r["colour"] for r in workers} == {"ok"}
+        # the background traffic makes a triage worker busy now and then: the page follows it back to ready
+        wait_for(lambda: {(r["state"], r["colour"]) for r in rows(browser, "workers")} == {("ready", "ok")},
+                 10, 0.1, "every worker ready (green) on the page")
         # the header and the title say which stack this is
         header = browser.find_element("id", "stack").text
         assert str(small.conf) in header and small.run_dir in header
         assert str(small.conf) in browser.title
         assert browser.find_element("id", "broker").text.startswith(f"broker pid {status['broker']['pid']}")
         # the session, in the sessions panel with its pool and worker
-        sessions = wait_for(lambda: rows(browser, "sessions"), 10, 0.2, "the sessions panel")
-        assert [(r["session"], r["pool"], r["td_worker"][:8]) for r in sessions] == [
-            (s.id, "analytics_pool", s.worker[:8])]
+        sessions = wait_for(lambda: len(got := rows(browser, "sessions")) == 2 and got, 10, 0.2,
+                            "the sessions panel")
+        by_id = {r["session"]: r for r in sessions}
+        assert {sid: (r["pool"], r["td_worker"][:8], r["durable"]) for sid, r in by_id.items()} == {
+            s.id: ("analytics_pool", s.worker[:8], "0"), durable.id: ("analytics_pool", durable.worker[:8], "1")}
+        # which session is durable, with its checkpoint's size (as the broker reports it) and age
+        (listed,) = [r for r in dx.sessions("analytics_pool") if r["id"] == durable.id]
+        kb = f"{listed['checkpoint_bytes'] / 1024:.1f} KB"
+        assert listed["checkpoint_bytes"] > 1024 and by_id[durable.id]["td_checkpoint"].startswith(f"{kb}, 0:00:")
+        assert by_id[durable.id]["td_checkpoint"].endswith(" ago") and by_id[s.id]["td_checkpoint"] == "-"
         # sparklines: drawn from the broker's history (a point every 5 s), without a reload
         browser.execute_script("window.__same_page = 42")
         drawn = wait_for(lambda: (got := sparkline_points(browser)) and min(got["triage_pool"].values()) >= 2

@@ -41,12 +41,14 @@ import cloudpickle
 import msgpack
 
 from dspex.wire import byvalue, codestore
+from dspex.wire.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
 from worker.checkpoint_slots import (
     CODE,
     DYNAMIC_BASE,
     ENTRY,
+    FILE,
     GLOBAL,
     MODULE,
     SIGNATURE,
@@ -394,7 +396,8 @@ class Tracker:
         self._used.clear()
         buf = io.BytesIO()
         self._seed_size = self.slots.seed_size
-        cp.SkeletonPickler(buf, self.slots.seed, self._module_dicts(), self._slot_for, self.history_limit).dump(root)
+        cp.SkeletonPickler(buf, self.slots.seed, self._module_dicts(), self._slot_for, self.history_limit,
+                           root["history"]).dump(root)
         return buf.getvalue()
 
     def _find_not_durable(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
@@ -445,7 +448,8 @@ class Tracker:
             table.grow()
         for i, data in held.items():
             obj = objects[i]
-            kind = ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType) else SIGNATURE
+            kind = (ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType)
+                    else FILE if isinstance(obj, FileData) else SIGNATURE)
             put(table, i, obj, kind)
             table.set_blob(i, data)
             if kind == ENTRY:

@@ -32,6 +32,7 @@ import contextvars
 import copyreg
 import hashlib
 import io
+import operator
 import pickle
 import struct
 import sys
@@ -44,6 +45,7 @@ import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import byvalue
+from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
 _DYNAMIC = "<dynamic-code>"
@@ -328,12 +330,22 @@ def dumps_data_blob(obj: Any) -> bytes:
     return data
 
 
+class _SharedHistory:
+    """A history written as a copy of the session's history list (loads as a list of its own)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: list[Any]) -> None:
+        self.entries = entries
+
+
 class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle for the skeleton: seeded memo, code and signatures as slots, per-session
     dynamic classes, session modules by slot."""
 
     def __init__(self, file: io.BytesIO, seed: dict[int, tuple[int, Any]], module_dicts: dict[int, dict[str, Any]],
-                 slot_for: Callable[[Any, str], int | None], history_limit: int) -> None:
+                 slot_for: Callable[[Any, str], int | None], history_limit: int,
+                 session_history: list[Any] | None = None) -> None:
         super().__init__(file, protocol=PROTOCOL)
         self.memo = seed
         # functions of the session's modules keep the module dict itself (seeded) as globals
@@ -342,6 +354,9 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
         self._slot_for = slot_for
         self._history_limit = history_limit
         self._history_owners = _history_owners()
+        # an LM's or a module's history holding the same entries as the session's history list
+        # is written as a copy of that list: one reference, not one per entry
+        self._session_history = session_history
 
     @property
     def dispatch_table(self) -> dict[Any, Any]:  # read once, by the C pickler's __init__
@@ -351,6 +366,11 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
         kind = type(obj)
         if kind is Fill:
             return _fill, (obj.namespace, obj.names)
+        if kind is _SharedHistory:
+            return list, (obj.entries,)
+        if kind is FileData:  # a session directory's file: a blob while its bytes stay the same
+            slot = self._slot_for(obj, "file")
+            return (_slot, (slot,)) if slot is not None else NotImplemented
         if kind is types.CodeType:
             slot = self._slot_for(obj, "code")
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
@@ -384,8 +404,14 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             if key not in state and key in obj.__dict__:
                 state[key] = obj.__dict__[key]
         history = state.get("history")
-        if isinstance(history, list) and len(history) > self._history_limit:
-            state["history"] = history[len(history) - self._history_limit:]
+        if isinstance(history, list):
+            if len(history) > self._history_limit:
+                history = state["history"] = history[len(history) - self._history_limit:]
+            shared = self._session_history
+            # the same entries, by identity (all/map/is_ run in C: no Python call per entry)
+            if (shared and type(history) is list and len(history) == len(shared)
+                    and all(map(operator.is_, history, shared))):
+                state["history"] = _SharedHistory(shared)
         return (reduced[0], reduced[1], state, *reduced[3:])
 
     def _class(self, obj: type) -> Any:

@@ -8,10 +8,10 @@ from typing import Any
 
 from worker import checkpoint_pickler as cp
 
-ENTRY, MODULE, CODE, SIGNATURE, GLOBAL = "entry", "module", "code", "signature", "global"
+ENTRY, MODULE, CODE, SIGNATURE, GLOBAL, FILE = "entry", "module", "code", "signature", "global", "file"
 SEEDED = (ENTRY, MODULE, GLOBAL)
 
-DYNAMIC_BASE = 1 << 24  # slot numbers of code and signature blobs: never in the pickler's memo
+DYNAMIC_BASE = 1 << 24  # slot numbers of code, signature and file blobs: never in the pickler's memo
 
 
 class Slots:
@@ -20,7 +20,8 @@ class Slots:
     Seeded slots (``0 ..``): module dicts and history entries, in the skeleton pickler's memo
     (``seed``). It holds one entry per seeded slot, a placeholder nothing refers to for a free
     one, so the pickler's own memo indices start after them. Dynamic slots (``DYNAMIC_BASE ..``):
-    code objects and signature classes, referred to as ``_slot(i)`` calls; adding one never
+    code objects, signature classes and session directories' files, referred to as ``_slot(i)``
+    calls; adding one never
     changes the memo, so an unchanged session pickles to the same bytes. Freed numbers are
     reused, lowest first."""
 
