@@ -14,7 +14,6 @@ import pytest
 import zmq
 
 import dspex
-from dspex.client.sync import IDLE_SOCKETS
 from dspex.wire.protocol import unpack_request_header
 from tests.harness import Stack, wait_for
 
@@ -46,7 +45,7 @@ def test_a_thread_per_request_leaves_no_sockets_behind(stack: Stack) -> None:
             t.join(30)
     assert not errors, errors[:3]
     # 200 threads, each gone: the client keeps at most its idle pool, not a socket per thread
-    assert dx.open_sockets <= IDLE_SOCKETS
+    assert dx.open_sockets <= dx.config.idle_sockets
     # each socket costs ~3 descriptors (mailbox, connection, monitor pair), which zmq's I/O thread
     # frees shortly after close: 200 leaked sockets would be ~600
     wait_for(lambda: open_fds() - before <= 100, timeout=10, what=f"descriptors released ({open_fds() - before} more)")

@@ -13,9 +13,8 @@ from tests.harness import REPO
 NAME = re.compile(r"\bDSPEX_[A-Z][A-Z_]*[A-Z]\b")
 # the runtime: the four packages and what supervisord runs
 PRODUCT = [*(REPO / p for p in ("broker", "worker", "dspex", "dspexctl")), REPO / "bin", REPO / "supervisor.conf"]
-# where a process kind reads os.environ for DSPEX_* names (the blocking client still reads its
-# socket and thread knobs where it uses them)
-READERS = {"broker/settings.py", "worker/__main__.py", "dspex/client/config.py", "dspex/client/sync.py"}
+# where a process kind reads os.environ for DSPEX_* names
+READERS = {"broker/settings.py", "worker/__main__.py", "dspex/client/config.py"}
 
 
 def _product_files() -> list[Path]:

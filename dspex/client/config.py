@@ -12,6 +12,8 @@ from dspex.wire.sockets import default_frontend, max_message_bytes, run_dir
 
 DEFAULT_REPLY_GRACE = 7.0  # seconds a client waits past a call's timeout for its worker's own reply
 DEFAULT_CODE_CACHE = 4096  # code objects a session remembers its worker holds
+DEFAULT_IDLE_SOCKETS = 8  # idle sockets a blocking client keeps for its next requests
+DEFAULT_CLIENT_THREADS = 16  # threads of the pool a blocking client's ``submit`` runs calls on
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ClientConfig:
     max_message: int  # DSPEX_MAX_MESSAGE
     reply_grace: float  # DSPEX_REPLY_GRACE
     code_cache: int  # DSPEX_CODE_CACHE
+    idle_sockets: int = DEFAULT_IDLE_SOCKETS  # DSPEX_CLIENT_IDLE_SOCKETS (the blocking client)
+    threads: int = DEFAULT_CLIENT_THREADS  # DSPEX_CLIENT_THREADS (the blocking client's submit)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientConfig:
@@ -44,6 +48,8 @@ class ClientConfig:
             max_message=max_message_bytes(env),
             reply_grace=float(env.get("DSPEX_REPLY_GRACE", DEFAULT_REPLY_GRACE)),
             code_cache=int(env.get("DSPEX_CODE_CACHE", DEFAULT_CODE_CACHE)),
+            idle_sockets=int(env.get("DSPEX_CLIENT_IDLE_SOCKETS", DEFAULT_IDLE_SOCKETS)),
+            threads=int(env.get("DSPEX_CLIENT_THREADS", DEFAULT_CLIENT_THREADS)),
         )
 
     def endpoint_or_default(self, endpoint: str | None = None) -> str:

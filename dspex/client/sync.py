@@ -14,7 +14,6 @@ import inspect
 import itertools
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,7 +43,6 @@ __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session",
 
 log = logging.getLogger("dspex.client")
 
-IDLE_SOCKETS = int(os.environ.get("DSPEX_CLIENT_IDLE_SOCKETS", "8"))
 RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
 CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
 
@@ -182,7 +180,7 @@ class Client(ClientAPI[Session]):
         if ch.broken:
             self._drop_seen = time.monotonic()
         with self._lock:
-            if not self._closed and not ch.broken and len(self._idle) < IDLE_SOCKETS:
+            if not self._closed and not ch.broken and len(self._idle) < self.config.idle_sockets:
                 self._idle.append(ch)
                 return
         self._discard(ch)
@@ -347,7 +345,7 @@ class Client(ClientAPI[Session]):
             if self._closed:
                 raise self._closed_error()
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=int(os.environ.get("DSPEX_CLIENT_THREADS", "16")),
+                self._executor = ThreadPoolExecutor(max_workers=self.config.threads,
                                                     thread_name_prefix="dspex-client")
             return self._executor.submit(fn, *args, **kwargs)
 
