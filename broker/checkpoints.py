@@ -283,6 +283,9 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
 
 
+_WAKE = Job("wake", ())  # not work: makes the store thread look at its counters again
+
+
 class StoreThread:
     """Runs a :class:`CheckpointStore` on its own thread; the broker polls :meth:`fileno`."""
 
@@ -294,6 +297,9 @@ class StoreThread:
         self._writes_submitted = 0
         self._writes_run = 0
         self._writes_here = 0  # run on the routing thread (run_here)
+        # the thread waits for jobs without a timeout: no write since its last copy of the WAL (an
+        # idle broker's thread never wakes); a write on the routing thread then wakes it
+        self._asleep = False
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -319,6 +325,9 @@ class StoreThread:
         assert not self.writing
         self._round(jobs)
         self._writes_here += len(jobs)
+        if self._asleep:
+            self._asleep = False
+            self._jobs.put(_WAKE)
 
     def completed(self) -> list[Job]:
         """Jobs finished since the last call, in the order they were submitted."""
@@ -343,8 +352,15 @@ class StoreThread:
     def _run(self) -> None:
         wrote = 0
         while True:
+            # asleep first, then look: a write on the routing thread either is seen here or sees
+            # the flag and wakes the thread (a spare wake-up is harmless)
+            self._asleep = True
+            timeout: float | None = None
+            if self._writes_submitted + self._writes_here != wrote:
+                self._asleep = False
+                timeout = _CHECKPOINT_IDLE
             try:
-                job = self._jobs.get(timeout=_CHECKPOINT_IDLE)
+                job = self._jobs.get(timeout=timeout)
             except queue.Empty:
                 if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
                     wrote = self._writes_submitted + self._writes_here
@@ -352,6 +368,9 @@ class StoreThread:
                         self.store.wal_checkpoint()
                     except sqlite3.Error as exc:
                         log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+                continue
+            self._asleep = False
+            if job is _WAKE:
                 continue
             batch: list[Job] = []
             stop = job is None
@@ -362,6 +381,8 @@ class StoreThread:
                     more = self._jobs.get_nowait()
                 except queue.Empty:
                     break
+                if more is _WAKE:
+                    continue
                 if more is None:
                     stop = True
                 else:

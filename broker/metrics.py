@@ -197,7 +197,9 @@ def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
         broker.metrics["error"] = f"{taken}; serving on {server.server_port} instead"
         log.warning("metrics: %s (set DSPEX_METRICS_PORT to a free port)", broker.metrics["error"])
     broker.metrics["port"] = server.server_port
-    threading.Thread(target=server.serve_forever, name="dspex-metrics", daemon=True).start()
+    # its poll only serves shutdown(), which nothing calls (a daemon thread): wake for requests alone
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 3600.0}, name="dspex-metrics",
+                     daemon=True).start()
     log.info("metrics on http://%s:%d/metrics, dashboard on http://%s:%d/", addr, server.server_port,
              addr, server.server_port)
     return server

@@ -158,6 +158,39 @@ def test_store_thread_keeps_order_groups_writes_and_wakes_the_poller(short_tmp: 
         thread.close()
 
 
+def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each(short_tmp: str) -> None:
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    copies: list[int] = []
+    real_copy = store.wal_checkpoint
+
+    def counted_copy() -> None:
+        real_copy()
+        copies.append(1)
+
+    store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    thread = StoreThread(store)
+    try:
+        # nothing written yet: the thread waits for work without a timeout (no periodic wake-up)
+        wait_for(lambda: thread._asleep, what="the idle store thread asleep")
+        assert not copies
+        tracker = checkpoint.Tracker(SID)
+        state = RefTable("p", "w1").session(SID)
+        jobs = [Job("open", (SID, "p", "", "w1", 1.0))]
+        for n in (1, 2):
+            state.refs["n"] = n
+            ck, _ = tracker.build(state)
+            assert ck is not None
+            jobs.append(Job("write", (write_of(ck),)))
+        for job in jobs:
+            before = len(copies)
+            thread.run_here([job])  # on the routing thread, as the broker does
+            # the write wakes the sleeping thread, which copies the WAL once idle, then sleeps again
+            wait_for(lambda before=before: len(copies) > before and thread._asleep, what=f"the WAL copied after {job.op}")
+    finally:
+        thread.close()
+    assert CheckpointStore(os.path.join(short_tmp, "ck.sqlite")).load(SID).seq == tracker.seq  # type: ignore[union-attr]
+
+
 WRITER = textwrap.dedent("""
     import sys
     from broker.checkpoints import CheckpointStore, Write
