@@ -97,7 +97,10 @@ def test_user_errors_and_recycles_are_not_trouble_crashes_are_and_warn_clears(st
 
     for i in range(3):  # three crashes: SIGKILL through supervisord, which starts a new incarnation
         # a RUNNING one: supervisord counts an exit within startsecs as a failed start, not a crash
-        victim = next(p for p in stack.processes() if p["group"] == "triage_pool" and p["statename"] == "RUNNING")
+        # (after the recycle both may still be STARTING: wait for one)
+        victim = wait_for(lambda: next((p for p in stack.processes()
+                                        if p["group"] == "triage_pool" and p["statename"] == "RUNNING"), None),
+                          60, 0.1, "a RUNNING triage_pool worker")
         with stack.supervisor() as sup:
             sup.signal(f"triage_pool:{victim['name']}", "KILL")
 
