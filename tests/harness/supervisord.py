@@ -19,7 +19,7 @@ from typing import Any
 
 import dspex
 from dspex.stack.supervisor import Supervisor, SupervisorConf
-from tests.harness.procs import PY, REPO, Procs, base_env, free_port, pid_alive, short_tmpdir, wait_for
+from tests.harness.procs import PY, REPO, Procs, WaitTimeout, base_env, free_port, pid_alive, short_tmpdir, wait_for
 
 BIN = Path(sys.executable).parent
 SUPERVISORD = str(BIN / "supervisord")
@@ -274,13 +274,24 @@ class Supervised(Supervisord):
     def wait_registered(self, timeout: float = 30.0) -> float:
         t0 = time.monotonic()
 
+        seen: list[dict[str, int]] = []
+
         def all_registered() -> bool:
             if not os.path.exists(self.frontend[6:]):
                 return False
             reg = self.registered()
+            seen[:] = [reg]
             return all(reg.get(p, 0) >= self.workers_per_pool for p, _ in self.pools)
 
-        wait_for(all_registered, timeout, 0.05, f"workers registered (see {self.root}/log)")
+        try:
+            wait_for(all_registered, timeout, 0.05, "workers registered")
+        except WaitTimeout as exc:  # the root goes with the test: say what was seen while it is here
+            try:
+                procs: Any = [(p["name"], p["statename"]) for p in self.processes()]
+            except Exception as why:  # noqa: BLE001 - supervisord itself may be what went wrong
+                procs = f"supervisord did not answer: {why!r}"
+            raise WaitTimeout(f"{exc}; last registered: {seen[0] if seen else 'never answered'}; "
+                              f"processes: {procs}\n{self.logs(1500)}") from None
         return time.monotonic() - t0
 
     def close(self) -> None:
