@@ -352,8 +352,13 @@ def resolve_name(name: str) -> Any:
 
 
 
-def register_sources(sources: dict[str, str]) -> None:
-    """Make ``inspect.getsource`` find code that arrived by value (linecache, like IPython)."""
+LineCacheEntry = tuple[int, None, list[str], str]
+
+
+def register_sources(sources: dict[str, str]) -> dict[str, LineCacheEntry]:
+    """Make ``inspect.getsource`` find code that arrived by value (linecache, like IPython);
+    returns the entries made (a session's code store keeps them to put back after a move)."""
+    made: dict[str, LineCacheEntry] = {}
     for filename, text in sources.items():
         if not isinstance(filename, str) or not isinstance(text, str):
             continue
@@ -361,7 +366,8 @@ def register_sources(sources: dict[str, str]) -> None:
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
         # mtime None: linecache.checkcache never drops the entry (there may be no such file here)
-        linecache.cache[filename] = (len(text), None, lines, filename)
+        made[filename] = linecache.cache[filename] = (len(text), None, lines, filename)
+    return made
 
 
 class _Unpickler(pickle.Unpickler):

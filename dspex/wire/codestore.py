@@ -36,12 +36,12 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
+from dspex.wire.byvalue import LineCacheEntry, register_sources
 from dspex.wire.errors import CodeCacheMiss, ProtocolError
 
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
-LineCacheEntry = tuple[int, None, list[str], str]
 
 
 @dataclass
@@ -68,16 +68,7 @@ class CodeStore:
         return module
 
     def add_sources(self, sources: dict[str, str]) -> None:
-        for filename, text in sources.items():
-            if not isinstance(filename, str) or not isinstance(text, str):
-                continue
-            lines = text.splitlines(keepends=True)
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n"
-            # mtime None: linecache.checkcache never drops it (there may be no such file here)
-            entry: LineCacheEntry = (len(text), None, lines, filename)
-            self.sources[filename] = entry
-            linecache.cache[filename] = entry
+        self.sources.update(register_sources(sources))
 
     def activate_sources(self) -> None:
         """Put this session's source files back in linecache where another session's version of
