@@ -249,6 +249,20 @@ class Exchange:
             self.on_reply(status, worker)
         return "done", decode_value(frames, self.own_frames, self.bind), 0
 
+    def collect_progress(self) -> list[Any]:
+        """A stream's list of the progress events it receives (also passed to ``on_progress``).
+        The list, not the stream, is held here: no cycle delays the stream's ``__del__``."""
+        progress: list[Any] = []
+        user_progress = self.on_progress
+
+        def on_progress(event: Any) -> None:
+            progress.append(event)
+            if user_progress is not None:
+                user_progress(event)
+
+        self.on_progress = on_progress
+        return progress
+
     def resend_in_full(self, err: DspexError) -> bool:
         """After ``err``: whether to send this request again, now encoded in full. True once, for
         a :class:`CodeCacheMiss` of a session's request (nothing ran; the worker lacked code the

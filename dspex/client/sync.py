@@ -369,15 +369,7 @@ class Stream:
         self._thread = threading.get_ident()
         self.done = False
         self.result: Any = None
-        self.progress: list[Any] = []
-        progress, user_progress = self.progress, ex.on_progress
-
-        def on_progress(event: Any) -> None:  # holds no reference to the stream: no cycle delays __del__
-            progress.append(event)
-            if user_progress is not None:
-                user_progress(event)
-
-        ex.on_progress = on_progress
+        self.progress: list[Any] = ex.collect_progress()
 
     def __iter__(self) -> Self:
         return self
