@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|executor|codec|client [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|shell|executor|codec|client [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -16,6 +16,10 @@ the raw blocks).
   zmq threads × user / system (``/proc``).
 * ``core``: the routing core alone, no sockets: thread CPU per request + reply (resolves ±2%
   where ``tree`` resolves ±10%). ``--profile``: this checkout's core under cProfile instead.
+* ``shell``: the broker's main thread alone: its zmq shell (``Broker.turn``) and core in one
+  thread over inproc sockets, fed the pipelined load of ``tree`` by protocol-echo workers and
+  clients that are sockets of the same thread; thread CPU per request + reply, with the same
+  messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``).
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
@@ -148,6 +152,8 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
         return TreeSide(ws, name, tree, a, pool)
     if what == "core":
         return DriverSide(tree, ["core"], {"n": a.calls or 20_000})
+    if what == "shell":
+        return DriverSide(tree, ["shell"], {"n": a.calls or 20_000})
     if what == "executor":
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
     if what == "codec":
@@ -181,13 +187,13 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "executor", "codec", "client"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block")
     p.add_argument("--sessions", type=int, default=0, help="tree: calls in flight (100); client: aio sessions (8)")
-    p.add_argument("--calls", type=int, default=0, help="core/executor/codec/client: calls per block")
+    p.add_argument("--calls", type=int, default=0, help="core/shell/executor/codec/client: calls per block")
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
     p.add_argument("--pool-b", default="")

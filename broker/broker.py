@@ -96,6 +96,7 @@ class Broker:
         self._handshakes = Notices(NOTICE_EVERY)
         self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
+        self._poller: zmq.Poller | None = None  # what the loop waits on (made by its first turn)
 
     def status(self, now: float) -> dict[str, Any]:
         return status_of(self.core, now)
@@ -280,55 +281,59 @@ class Broker:
         """Serve until :meth:`stop`. Between messages the loop sleeps until the next deadline of
         the core (a heartbeat, a queue timeout, a session's TTL, a drain deadline...), of the
         status history or of a logged count; never polls on a fixed period."""
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(self.front_monitor, zmq.POLLIN)
-        store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
-        if store_fd >= 0:
-            poller.register(store_fd, zmq.POLLIN)
-        core, publisher, handshakes = self.core, self.publisher, self._handshakes
         while not self._stop:
-            due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
-            timeout = max(0.0, due - time.monotonic())
-            if self._disconnects or self._client_disconnects:
-                timeout = min(timeout, _GOODBYE_GRACE)
-            events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
-            if self.backend in events:
-                self._drain(self.backend, self.core.on_worker_frames)
-                self._commit_here()  # checkpoints committed: the replies they held go out now
-                self._flush_clients()
-            if self.monitor in events:
-                self._drain_monitor()
-            if self._disconnects:
-                self._settle_disconnects()
-            if self.frontend in events:
-                self._drain(self.frontend, self.core.on_client_frames)
-            if self.front_monitor in events:
-                self._drain_front_monitor()
-            if self._client_disconnects:
-                self._settle_client_disconnects()
-            if store_fd in events and self.store_thread is not None:
-                core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
-            if self._wake_r in events:
-                while True:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        break
-            now = time.monotonic()
-            if now >= core.next_deadline():
-                core.tick(now)
-            if now >= publisher.next_due():
-                publisher.tick(now)
-            for (plane, code), n, span in handshakes.due(now):
-                self._log_handshakes(plane, code, n, span)
-            self._commit_here()
+            self.turn()
+
+    def turn(self) -> None:
+        """One turn of the loop: sleep until a socket is readable or the next deadline, handle
+        every message that is ready, then what is due."""
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = zmq.Poller()
+            for sock in (self.frontend, self.backend, self.monitor, self._wake_r, self.front_monitor):
+                poller.register(sock, zmq.POLLIN)
+            if self.store_thread is not None:
+                poller.register(self.store_thread.fileno(), zmq.POLLIN)
+        store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
+        core, publisher, handshakes = self.core, self.publisher, self._handshakes
+        due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
+        timeout = max(0.0, due - time.monotonic())
+        if self._disconnects or self._client_disconnects:
+            timeout = min(timeout, _GOODBYE_GRACE)
+        events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
+        if self.backend in events:
+            self._drain(self.backend, self.core.on_worker_frames)
+            self._commit_here()  # checkpoints committed: the replies they held go out now
             self._flush_clients()
-            if publisher.asked:
-                publisher.serve()
+        if self.monitor in events:
+            self._drain_monitor()
+        if self._disconnects:
+            self._settle_disconnects()
+        if self.frontend in events:
+            self._drain(self.frontend, self.core.on_client_frames)
+        if self.front_monitor in events:
+            self._drain_front_monitor()
+        if self._client_disconnects:
+            self._settle_client_disconnects()
+        if store_fd in events and self.store_thread is not None:
+            core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
+        if self._wake_r in events:
+            while True:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    break
+        now = time.monotonic()
+        if now >= core.next_deadline():
+            core.tick(now)
+        if now >= publisher.next_due():
+            publisher.tick(now)
+        for (plane, code), n, span in handshakes.due(now):
+            self._log_handshakes(plane, code, n, span)
+        self._commit_here()
+        self._flush_clients()
+        if publisher.asked:
+            publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
         for _ in range(_DRAIN_BATCH):
