@@ -40,7 +40,7 @@ from broker.state import Notices
 from dspex.stack.rundir import ensure_private_dir, prepare_bind
 from dspex.wire.errors import ConfigError
 from dspex.wire.sockets import tune_socket
-from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
+from dspex.wire.zmqfast import NOBLOCK, SNDMORE, recv_frame, send_frame
 
 log = logging.getLogger("dspex.broker")
 
@@ -51,6 +51,8 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
+_MORE = SNDMORE
+_MORE_NOBLOCK = SNDMORE | NOBLOCK
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 class Broker:
     """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
@@ -103,8 +105,13 @@ class Broker:
 
     # -- the core's port -----------------------------------------------------------------------
     def to_worker(self, wid: bytes, frames: list[Any]) -> None:
+        sock = self.backend
         try:
-            send_frames(self.backend, [wid, *frames])
+            send_frame(sock, wid, _MORE, False)  # (ROUTER_MANDATORY: raises here, before any frame goes)
+            last = len(frames) - 1
+            for i in range(last):
+                send_frame(sock, frames[i], _MORE, False)
+            send_frame(sock, frames[last], 0, False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -336,13 +343,18 @@ class Broker:
             publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
+        recv, clock = recv_frame, time.monotonic  # (per message: no lookups, no helper call)
         for _ in range(_DRAIN_BATCH):
             try:
-                frames = recv_frames(sock, NOBLOCK)
+                f = recv(sock, NOBLOCK, False)
             except zmq.Again:
                 return
+            frames = [f]
+            while f.more:
+                f = recv(sock, 0, False)
+                frames.append(f)
             try:
-                handler(frames, time.monotonic())
+                handler(frames, clock())
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
 
@@ -362,17 +374,25 @@ class Broker:
             self._flush_clients()
 
     def _flush_clients(self) -> None:
+        if not self._outbox:
+            return
         outbox, self._outbox = self._outbox, []
+        sock = self.frontend
         for frames in outbox:
-            self._send_client(frames)
+            try:
+                last = len(frames) - 1
+                for i in range(last):
+                    send_frame(sock, frames[i], _MORE_NOBLOCK, False)
+                send_frame(sock, frames[last], NOBLOCK, False)
+            except zmq.ZMQError as exc:
+                self._not_sent(frames, exc)
 
-    def _send_client(self, frames: list[Any]) -> None:
+    def _not_sent(self, frames: list[Any], exc: zmq.ZMQError) -> None:
         """Replies queue per client up to the frontend's SNDHWM: a client that stops reading
         loses replies past it (counted, logged once per client; its calls time out) instead of
-        growing the broker without bound."""
-        try:
-            send_frames(self.frontend, frames, NOBLOCK)
-        except zmq.Again:
+        growing the broker without bound. (A full or gone client refuses the id frame, before
+        any frame of the reply went.)"""
+        if isinstance(exc, zmq.Again):
             self.counters["replies_dropped_slow_client"] += 1
             client = bytes(frames[0])
             if client not in self._slow_clients:
@@ -381,10 +401,10 @@ class Broker:
                 self._slow_clients.add(client)
                 log.warning("client %s is not reading its replies: %d queued, its limit; dropping replies",
                             client.hex()[:12], self._client_hwm)
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
+        elif exc.errno == zmq.EHOSTUNREACH:
             self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
+        else:
+            raise exc
 
     def _map_fd(self, wid: bytes, fd: int) -> None:
         if fd < 0:

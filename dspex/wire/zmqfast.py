@@ -18,6 +18,9 @@ from zmq.backend import zmq_poll as _zmq_poll
 
 _send = _Base.send
 _recv = _Base.recv
+# one frame: send_frame(sock, data, flags, copy) / recv_frame(sock, flags, copy) -> Frame (copy False)
+send_frame = cast("Callable[[Any, Any, int, bool], None]", _send)
+recv_frame = cast("Callable[[Any, int, bool], Any]", _recv)
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 EVENTS = int(zmq.EVENTS)
