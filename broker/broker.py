@@ -51,6 +51,9 @@ _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others 
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 _GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
+# Sends: the small frames the broker makes itself (ids, commands, envelopes) go with copy=True,
+# which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
+# a frame received from a peer is forwarded without a copy either way, a large one of ours too.
 _MORE = SNDMORE
 _MORE_NOBLOCK = SNDMORE | NOBLOCK
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
@@ -107,9 +110,14 @@ class Broker:
     def to_worker(self, wid: bytes, frames: list[Any]) -> None:
         sock = self.backend
         try:
-            send_frame(sock, wid, _MORE, False)  # (ROUTER_MANDATORY: raises here, before any frame goes)
+            # (ROUTER_MANDATORY: an unreachable worker raises at the id, before any frame goes)
+            send_frame(sock, wid, _MORE, True)
             last = len(frames) - 1
-            for i in range(last):
+            if last == 0:
+                send_frame(sock, frames[0], 0, True)
+                return
+            send_frame(sock, frames[0], _MORE, True)  # the command or envelope: ours, small
+            for i in range(1, last):
                 send_frame(sock, frames[i], _MORE, False)
             send_frame(sock, frames[last], 0, False)
         except zmq.ZMQError as exc:
@@ -346,10 +354,13 @@ class Broker:
         recv, clock = recv_frame, time.monotonic  # (per message: no lookups, no helper call)
         for _ in range(_DRAIN_BATCH):
             try:
-                f = recv(sock, NOBLOCK, False)
+                # the sender's routing id, as bytes: a ROUTER always delivers it before the
+                # message's own frames (at least one), so it needs no "more" check
+                ident = recv(sock, NOBLOCK, True)
             except zmq.Again:
                 return
-            frames = [f]
+            f = recv(sock, 0, False)
+            frames = [ident, f]
             while f.more:
                 f = recv(sock, 0, False)
                 frames.append(f)
@@ -380,8 +391,9 @@ class Broker:
         sock = self.frontend
         for frames in outbox:
             try:
+                send_frame(sock, frames[0], _MORE_NOBLOCK, True)  # the client's id
                 last = len(frames) - 1
-                for i in range(last):
+                for i in range(1, last):
                     send_frame(sock, frames[i], _MORE_NOBLOCK, False)
                 send_frame(sock, frames[last], NOBLOCK, False)
             except zmq.ZMQError as exc:

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
@@ -74,9 +74,6 @@ from dspex.wire.protocol import (
     unpack_request_header,
 )
 
-if TYPE_CHECKING:
-    import zmq  # frames only: the core never touches a socket
-
 log = logging.getLogger("dspex.broker")
 
 @dataclass(frozen=True)
@@ -104,9 +101,11 @@ class Core:
         creation, start)."""
         self.port = port
         self.ops = ops
-        # the port's two hot-path sends, bound once
+        # the port's hot-path methods, bound once
         self._to_client = port.to_client
         self._send_worker = port.to_worker
+        self._identity = port.client_identity
+        self._client_seen = port.client_seen
         self.clock = Clock(now, wall)
         self.started = wall()
         self.heartbeat_interval = heartbeat_interval
@@ -148,29 +147,30 @@ class Core:
             recycler=self.recycler, roster=self.roster, counters=self.counters)
 
     # -- events -------------------------------------------------------------------------------
-    def on_client_frames(self, frames: list[zmq.Frame], now: float) -> None:
-        """A message from a client: ``[client id, request header, *payload]``."""
+    def on_client_frames(self, frames: list[Any], now: float) -> None:
+        """A message from a client: ``[client id, request header, *payload]`` (the id as bytes or
+        a frame, the rest frames)."""
         self.clock.now = now
-        client = frames[0].bytes
+        client = bytes(frames[0])
         if len(frames) < 2:
             self.counters["garbage_frontend"] += 1
             self.answers.error(client, 0, ProtocolError("empty message: expected [header, *payload]"))
             return
         try:
-            header = unpack_request_header(frames[1].buffer)
+            header = unpack_request_header(frames[1])
         except ProtocolError as err:
             self.counters["garbage_frontend"] += 1
             log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
             self.answers.error(client, 0, err)
             return
-        op = header.op
-        owner = self.port.client_identity(frames[1])
+        op, req_id, pool, session, worker, timeout_ms, flags = header
+        owner = self._identity(frames[1])
         if op in WORKER_OPS:
-            self.port.client_seen(client, frames[0])
-            deadline = now + header.timeout_ms / 1000 if header.timeout_ms > 0 else math.inf
-            p = Pending(client, header.req_id, op, header.session, frames[1], frames[2:], now, deadline, owner=owner,
-                        flags=header.flags)
-            self.dispatcher.route(p, header.pool, header.worker)
+            self._client_seen(client, frames[1])
+            deadline = now + timeout_ms / 1000 if timeout_ms > 0 else math.inf
+            # (positional: the hot path's one Pending per request)
+            p = Pending(client, req_id, op, session, frames[1], frames[2:], now, deadline, 0.0, owner, False, flags)
+            self.dispatcher.route(p, pool, worker)
         elif op in BROKER_OPS:
             try:
                 args = OPS[op].bind_map(msgpack.unpackb(frames[2].buffer) if len(frames) > 2 else {})
@@ -186,10 +186,11 @@ class Core:
         else:
             self.answers.error(client, header.req_id, UnknownOp(f"unknown op {op!r}"))
 
-    def on_worker_frames(self, frames: list[zmq.Frame], now: float) -> None:
-        """A message from a worker: ``[worker id, command frame, *frames]``."""
+    def on_worker_frames(self, frames: list[Any], now: float) -> None:
+        """A message from a worker: ``[worker id, command frame, *frames]`` (the id as bytes or a
+        frame, the rest frames)."""
         self.clock.now = now
-        wid = frames[0].bytes
+        wid = bytes(frames[0])
         if len(frames) < 2:
             self.counters["garbage_backend"] += 1
             return

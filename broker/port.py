@@ -34,10 +34,12 @@ class Port(Protocol):
 
     def client_seen(self, client: bytes, frame: Any) -> None:
         """A call from ``client`` (a client socket's routing id) came over ``frame``'s connection
+        (a frame of its message)
         (the shell reports it with ``Core.client_gone`` when that connection closes)."""
 
     def worker_connected(self, wid: bytes, frame: Any) -> None:
-        """Worker ``wid`` registered (or re-registered) with the message ``frame`` came in."""
+        """Worker ``wid`` registered (or re-registered) with the message ``frame`` (one of its
+        frames) came in."""
 
     def worker_gone(self, wid: bytes) -> None:
         """Worker ``wid`` left the core's books (goodbye, crash, recycle): forget its

@@ -63,7 +63,7 @@ class Roster:
             log.warning("malformed READY from %s: %s", wid[:8], exc)
             return None
         if wid in self.workers:  # a re-READY after a reconnect: same incarnation, same sessions
-            self.port.worker_connected(wid, frames[0])
+            self.port.worker_connected(wid, frames[1])
             return None
         if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
             log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
@@ -80,7 +80,7 @@ class Roster:
         w = WorkerRecord(wid, pool, info, now, now + self.silence)
         self.workers[wid] = w
         pool.workers[wid] = w
-        self.port.worker_connected(wid, frames[0])
+        self.port.worker_connected(wid, frames[1])
         # re-adopt sessions a restarted broker learned about from clients before this READY
         w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
         w.queue.extend(pool.awaiting.pop(wid, ()))

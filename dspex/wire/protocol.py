@@ -328,11 +328,16 @@ class RequestHeader(NamedTuple):
         )
 
 
-def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
+_unpackb = msgpack.unpackb
+_make_request_header = RequestHeader._make
+
+
+def unpack_request_header(data: Any) -> RequestHeader:
+    """The request header in ``data``: bytes, a memoryview or a zmq frame (any buffer)."""
     if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
         raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
     try:
-        header = RequestHeader._make(msgpack.unpackb(data))
+        header = _make_request_header(_unpackb(data, use_list=False))  # (a tuple: no list to copy)
         op, req_id, pool, session, worker, timeout_ms, flags = header
         if not (
             isinstance(op, str)
@@ -345,7 +350,8 @@ def unpack_request_header(data: bytes | memoryview) -> RequestHeader:
             and isinstance(flags, int)
         ):
             raise TypeError("wrong field types")
-        if max(len(op), len(pool), len(session), len(worker)) > MAX_NAME_CHARS:
+        if len(op) > MAX_NAME_CHARS or len(pool) > MAX_NAME_CHARS or len(session) > MAX_NAME_CHARS \
+                or len(worker) > MAX_NAME_CHARS:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
     except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed request header: {exc}") from None
