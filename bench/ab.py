@@ -19,7 +19,8 @@ the raw blocks).
 * ``shell``: the broker's main thread alone: its zmq shell (``Broker.turn``) and core in one
   thread over inproc sockets, fed the pipelined load of ``tree`` by protocol-echo workers and
   clients that are sockets of the same thread; thread CPU per request + reply, with the same
-  messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``).
+  messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``);
+  ``--sessions 1``: sequential round trips (two turns per call: the cost of a wake-up).
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
@@ -153,7 +154,7 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
     if what == "core":
         return DriverSide(tree, ["core"], {"n": a.calls or 20_000})
     if what == "shell":
-        return DriverSide(tree, ["shell"], {"n": a.calls or 20_000})
+        return DriverSide(tree, ["shell", str(a.sessions)], {"n": a.calls or 20_000})
     if what == "executor":
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
     if what == "codec":
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block")
-    p.add_argument("--sessions", type=int, default=0, help="tree: calls in flight (100); client: aio sessions (8)")
+    p.add_argument("--sessions", type=int, default=0, help="tree/shell: calls in flight (100); client: aio sessions (8)")
     p.add_argument("--calls", type=int, default=0, help="core/shell/executor/codec/client: calls per block")
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.profile:
         return _profile_core(a.top)
-    a.sessions = a.sessions or (100 if a.what == "tree" else 8)
+    a.sessions = a.sessions or (100 if a.what in ("tree", "shell") else 8)
     ws = Workspace("dxab")
     tmp = tempfile.mkdtemp(prefix="dxab-trees-")
     sides: dict[str, Any] = {}

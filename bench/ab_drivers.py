@@ -1,4 +1,4 @@
-"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|client``).
+"""The in-process sides of ``python -m bench.ab`` (``--what core|shell|executor|codec|client``).
 
 Run as a script (``python bench/ab_drivers.py MODE [ARGS]``) with the tree under test first on
 ``sys.path``, so that tree's ``broker``, ``worker`` and ``dspex`` are what is measured; it imports
@@ -13,6 +13,9 @@ figures for a block. Mode by mode:
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
   of each message, behind a null port; a tree from before them (a ``Core`` subclass as its shell)
   through its private handlers, which read the clock.
+* ``shell SESSIONS``: the broker's ``Broker`` (its zmq shell and core) in this thread over inproc
+  sockets, turn by turn, under the load of ``--what tree`` from sockets of this thread
+  (``ShellLoad``): thread CPU per request + reply of its turns.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
@@ -187,12 +190,13 @@ class ShellLoad:
     """The broker of whichever tree is first on sys.path, its zmq shell and core, in this thread
     over inproc sockets (no I/O thread: what is measured is the broker's main thread), with 2
     protocol-echo workers and 4 clients as sockets of this thread too: the pipelined load of
-    ``--what tree``, 100 sessions with one call each in flight. A step: one turn of the broker's
+    ``--what tree``, 100 sessions (``SESSIONS``; 1: sequential round trips, two turns each) with
+    one call each in flight. A step: one turn of the broker's
     loop (``Broker.turn``, timed in thread CPU), then every worker answers what it was sent and
     every client sends its sessions' next calls for the replies it got. The same messages reach
     each turn of both trees, so the figure does not move with the machine's scheduling."""
 
-    def __init__(self) -> None:
+    def __init__(self, sessions: int = _SESSIONS) -> None:
         import msgpack
         import zmq
 
@@ -232,7 +236,7 @@ class ShellLoad:
         self.result = msgpack.packb(0)
         self.next_id = 0
         self.session_of: dict[int, str] = {}
-        for i in range(_SESSIONS):  # every session's first call
+        for i in range(sessions):  # every session's first call
             self._send(self.clients[i % _CLIENTS], f"s{i:031d}")
 
     def _send(self, client: Any, session: str) -> None:
@@ -274,8 +278,8 @@ class ShellLoad:
         return spent / done
 
 
-def _shell() -> Side:
-    load = ShellLoad()
+def _shell(sessions: int) -> Side:
+    load = ShellLoad(sessions)
     load.block(2000)  # warm-up
     return (lambda cmd: {"shell_us": load.block(int(cmd["n"])) * 1e6}), lambda: None
 
@@ -453,9 +457,13 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
 
 def main(argv: list[str]) -> int:
     mode = argv[0]
-    sides: dict[str, Callable[[], Side]] = {"core": _core, "shell": _shell, "executor": _executor,
-                                            "codec": _codec}
-    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
+    sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
+    if mode == "shell":
+        block, close = _shell(int(argv[1]))
+    elif mode in sides:
+        block, close = sides[mode]()
+    else:
+        block, close = _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

@@ -40,7 +40,7 @@ from broker.state import Notices
 from dspex.stack.rundir import ensure_private_dir, prepare_bind
 from dspex.wire.errors import ConfigError
 from dspex.wire.sockets import tune_socket
-from dspex.wire.zmqfast import NOBLOCK, SNDMORE, recv_frame, send_frame
+from dspex.wire.zmqfast import EVENTS, NOBLOCK, POLLIN, SNDMORE, get_opt, recv_frame, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
 
@@ -101,7 +101,8 @@ class Broker:
         self._handshakes = Notices(NOTICE_EVERY)
         self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
-        self._poller: zmq.Poller | None = None  # what the loop waits on (made by its first turn)
+        self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
+        self._one_at_a_time: set[zmq.Socket[Any]] = set()  # sockets whose last drain held one message
 
     def status(self, now: float) -> dict[str, Any]:
         return status_of(self.core, now)
@@ -302,20 +303,19 @@ class Broker:
     def turn(self) -> None:
         """One turn of the loop: sleep until a socket is readable or the next deadline, handle
         every message that is ready, then what is due."""
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = zmq.Poller()
-            for sock in (self.frontend, self.backend, self.monitor, self._wake_r, self.front_monitor):
-                poller.register(sock, zmq.POLLIN)
+        items = self._poll_items
+        if not items:  # (zmq_poll on a list made once: no Poller sugar per turn)
+            items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
+                                                               self.front_monitor)]
             if self.store_thread is not None:
-                poller.register(self.store_thread.fileno(), zmq.POLLIN)
+                items.append((self.store_thread.fileno(), POLLIN))
         store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
         core, publisher, handshakes = self.core, self.publisher, self._handshakes
         due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
         timeout = max(0.0, due - time.monotonic())
         if self._disconnects or self._client_disconnects:
             timeout = min(timeout, _GOODBYE_GRACE)
-        events = dict(poller.poll(math.ceil(timeout * 1000)))  # rounded up: not woken before it
+        events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
         if self.backend in events:
             self._drain(self.backend, self.core.on_worker_frames)
             self._commit_here()  # checkpoints committed: the replies they held go out now
@@ -351,14 +351,22 @@ class Broker:
             publisher.serve()
 
     def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
+        """Handle the messages waiting on ``sock`` (at most ``_DRAIN_BATCH``), reading until
+        ``zmq.Again``. A socket whose last drain held one message (calls that come one at a time)
+        is asked whether a second waits instead (an EVENTS read is cheaper than the exception,
+        but one question per message would cost more than one exception per drain)."""
         recv, clock = recv_frame, time.monotonic  # (per message: no lookups, no helper call)
-        for _ in range(_DRAIN_BATCH):
+        ask = sock in self._one_at_a_time
+        n = 0
+        for n in range(_DRAIN_BATCH):
+            if n == 1 and ask and not get_opt(sock, EVENTS) & POLLIN:
+                break
             try:
                 # the sender's routing id, as bytes: a ROUTER always delivers it before the
                 # message's own frames (at least one), so it needs no "more" check
                 ident = recv(sock, NOBLOCK, True)
             except zmq.Again:
-                return
+                break
             f = recv(sock, 0, False)
             frames = [ident, f]
             while f.more:
@@ -368,6 +376,10 @@ class Broker:
                 handler(frames, clock())
             except Exception:  # one bad message must never stop the broker
                 log.exception("error handling a message; dropped it")
+        if n == 1:
+            self._one_at_a_time.add(sock)
+        else:
+            self._one_at_a_time.discard(sock)
 
     def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc

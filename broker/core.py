@@ -208,8 +208,8 @@ class Core:
                 self.counters["garbage_backend"] += 1
                 log.warning("malformed reply from worker %s", wid[:8])
                 return
-            known = w is not None and (client, req_id) in w.inflight
-            if not known:  # never sent to this worker (forged, or from before a restart): drop it
+            key = (client, req_id)
+            if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
                 self.counters["garbage_backend"] += 1
                 if w is None:
                     self._to_peer(wid, [B_REREGISTER])
@@ -217,33 +217,33 @@ class Core:
                     w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
                     self.dispatcher.feed(w)
                 return
-            assert w is not None
             if command == W_PARTIAL:
                 self._to_client([client, *frames[2:]])
                 return
-            p = w.inflight.pop((client, req_id), None)
-            rec = self.sessions.get(p.session) if p is not None and p.session else None
+            p = w.inflight.pop(key)
+            rec = self.sessions.get(p.session) if p.session else None
             if rec is not None and rec.durable is not None or command == W_CHECKPOINT:
                 ok = self.durable.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
             else:
                 self._to_client([client, *frames[2:]])
-            if p is not None:
-                self.running.pop((client, req_id), None)
-                outcome = "ok" if ok else "cancelled" if p.cancelled else "error"
-                if outcome == "ok":
-                    w.served += 1
-                else:
-                    if not p.cancelled:
-                        w.errors += 1
-                    self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
-                w.pool.observe(p.op, outcome, now - p.started)
-                w.last_call = now - p.started
-                if rec is not None:
-                    rec.last_used = now  # idle time counts from the end of the last call
-                    if rec.closing and not self.book.running(rec):
-                        self.book.release(rec)
-                    elif rec.durable is not None:
-                        self.durable.call_ended(rec)
+            self.running.pop(key, None)
+            took = now - p.started
+            if ok:
+                outcome = "ok"
+                w.served += 1
+            else:
+                outcome = "cancelled" if p.cancelled else "error"
+                if not p.cancelled:
+                    w.errors += 1
+                self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
+            w.pool.observe(p.op, outcome, took)
+            w.last_call = took
+            if rec is not None:
+                rec.last_used = now  # idle time counts from the end of the last call
+                if rec.closing and not self.book.running(rec):
+                    self.book.release(rec)
+                elif rec.durable is not None:
+                    self.durable.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
             elif self.recycler.over_request_limit(w, now):
