@@ -196,7 +196,8 @@ class Dispatcher:
 
     def feed(self, w: WorkerRecord) -> None:
         """Give a worker its next work: free slots first, then what it may prefetch."""
-        self._feed_free(w)
+        if w.free > 0:
+            self._feed_free(w)
         while w.queue and w.free <= 0 and w.may_prefetch(self.clock.now):
             self.dispatch(w, w.queue.popleft())
 

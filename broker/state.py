@@ -128,11 +128,12 @@ class WorkerRecord:
         broker round trip costs; behind a long call (or on a worker that has not answered yet) the
         request waits in the broker as before (cancellable, a crash says it did not run)."""
         pool = self.pool
-        if (self.last_call >= PREFETCH_YOUNG or pool.mode is not Affinity.STRICT_QUEUE or self.capacity != 1
-                or self.draining or self.adopted or not self.inflight
-                or len(self.inflight) - 1 >= pool.config.prefetch):
+        inflight = self.inflight
+        # (asked after each reply until it says no, usually for the depth: that first)
+        if (not inflight or len(inflight) > pool.config.prefetch or self.last_call >= PREFETCH_YOUNG
+                or self.capacity != 1 or pool.mode is not Affinity.STRICT_QUEUE or self.draining or self.adopted):
             return False
-        for p in self.inflight.values():
+        for p in inflight.values():
             if now - p.started >= PREFETCH_YOUNG:
                 return False
         return True
@@ -199,8 +200,9 @@ class Pool:
         waiting at their worker included. Counted from the queues themselves, so no code path
         can let it drift."""
         n = len(self.queue)
-        for w in self.workers.values():  # (asked per enqueue: one pass, no generators)
-            n += len(w.queue) + max(0, len(w.inflight) + w.adopted - w.capacity)  # + w.ahead
+        for w in self.workers.values():  # (asked per enqueue: one pass, no generators or calls)
+            ahead = len(w.inflight) + w.adopted - w.capacity  # (w.ahead)
+            n += len(w.queue) + ahead if ahead > 0 else len(w.queue)
         for q in self.awaiting.values():
             n += len(q)
         for q in self.parked.values():
