@@ -101,6 +101,7 @@ class Broker:
         self._handshakes = Notices(NOTICE_EVERY)
         self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
+        self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
         self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
         self._one_at_a_time: set[zmq.Socket[Any]] = set()  # sockets whose last drain held one message
 
@@ -384,7 +385,7 @@ class Broker:
     def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
         every peer is our own uid (the run directory is 0700), so all share one identity."""
-        if not self.options.frontend.startswith("tcp://"):
+        if not self._curve_clients:
             return ""
         try:
             return str(frame.get("User-Id"))

@@ -329,7 +329,7 @@ class RequestHeader(NamedTuple):
 
 
 _unpackb = msgpack.unpackb
-_make_request_header = RequestHeader._make
+_new_tuple = tuple.__new__
 
 
 def unpack_request_header(data: Any) -> RequestHeader:
@@ -337,8 +337,8 @@ def unpack_request_header(data: Any) -> RequestHeader:
     if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
         raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
     try:
-        header = _make_request_header(_unpackb(data, use_list=False))  # (a tuple: no list to copy)
-        op, req_id, pool, session, worker, timeout_ms, flags = header
+        fields = _unpackb(data, use_list=False)  # (a tuple: no list to copy)
+        op, req_id, pool, session, worker, timeout_ms, flags = fields  # (exactly seven)
         if not (
             isinstance(op, str)
             and isinstance(req_id, int)
@@ -355,7 +355,7 @@ def unpack_request_header(data: Any) -> RequestHeader:
             raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
     except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
         raise ProtocolError(f"malformed request header: {exc}") from None
-    return header
+    return _new_tuple(RequestHeader, fields)  # (RequestHeader._make without its second length check)
 
 
 def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
