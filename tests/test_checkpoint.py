@@ -8,8 +8,10 @@ in order, so the answer a restored program gets proves which LM it talks to and 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
+import pickle
 import threading
 from typing import Any
 
@@ -19,7 +21,7 @@ dspy = pytest.importorskip("dspy")
 from dspy.utils import DummyLM
 
 from dspex.errors import CheckpointRefused
-from worker import checkpoint, checkpoint_restore, namespace
+from worker import checkpoint, checkpoint_pickler, checkpoint_restore, namespace
 from worker.checkpoint_pickler import load_seeded
 from worker.refs import RefTable, SessionState
 
@@ -119,6 +121,51 @@ def test_an_unchanged_session_sends_nothing_and_a_call_sends_its_new_history_ent
     assert ck is not None and not ck.full and ck.seq == first.seq + 1
     assert len(ck.set_slots) == 1 and ck.clear_slots == []  # the new history entry only
     assert len(ck.skeleton) < len(first.skeleton) + 200
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Part:
+    kind: str
+    text: str
+
+
+@dataclasses.dataclass(slots=True)
+class _Reply:
+    parts: list[_Part]
+    tokens: int = 0
+    note: dataclasses.InitVar[str] = ""
+
+    def __post_init__(self, note: str) -> None:
+        pass
+
+
+@dataclasses.dataclass(slots=True)
+class _OwnState:
+    value: int
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"value": self.value * 2}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.value = state["value"] // 2
+
+
+@dataclasses.dataclass(slots=True)
+class _OneField:
+    only: complex  # copyreg's reducer for complex inside
+
+
+def test_a_history_entry_is_pickled_as_pickle_itself_would() -> None:
+    """History entries go through the checkpoint's data pickler (a faster path for slotted
+    dataclasses, DSPy's LM responses): the bytes are pickle's own, for DSPy's entries and for
+    dataclasses with InitVars, their own __getstate__, one field, copyreg reducers."""
+    _, state, _ = typical_session()
+    entries = [*state.lm_history, {"response": _Reply([_Part("text", "a"), _Part("image", "b")], 3),
+                                   "own": _OwnState(21), "one": _OneField(1 + 2j), "cls": _Part, "n": None}]
+    for entry in entries:
+        blob = checkpoint_pickler.dumps_data_blob(entry)
+        assert blob == pickle.dumps(entry, checkpoint_pickler.PROTOCOL)
+        assert checkpoint_pickler.load_blob(blob) == entry
 
 
 def test_deltas_applied_in_order_restore_the_latest_state_and_history_drops_its_old_entries() -> None:
