@@ -69,7 +69,7 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         pools = {c.name: c for c in load_pools(a.config)}
         if a.pool not in pools:
             raise ConfigError(f"{a.config} declares no [dspex:pool:{a.pool}] section")
-        capacity = pools[a.pool].capacity
+        capacity = pools[a.pool].capacity or None  # 0: the section does not set it
     if capacity is None:
         capacity = int(env.get("DSPEX_CAPACITY", "1"))
     if capacity < 1:
