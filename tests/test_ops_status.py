@@ -76,7 +76,7 @@ def test_timeout_is_validated(value: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", "--timeout", value, "pools", "status"],
                          capture_output=True, text=True, timeout=60, cwd="/tmp")
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "Invalid value for '--timeout'" in res.stderr
+    assert f"Invalid value for '--timeout': '{value}' is not a" in res.stderr
     no_traceback(res)
 
 
