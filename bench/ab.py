@@ -17,7 +17,7 @@ the raw blocks).
 * ``core``: the routing core alone, no sockets: thread CPU per request + reply (resolves ±2%
   where ``tree`` resolves ±10%). ``--profile``: this checkout's core under cProfile instead.
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
-* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
+* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and

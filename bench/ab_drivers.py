@@ -242,6 +242,8 @@ def _codec() -> Side:
         "small": ({"answer": "Paris", "reasoning": "It is the capital.", "score": 0.9, "ok": True, "n": None},
                   codec.Policy.DATA, to_ref),
         "rows": ([dict(_ROW, id=i) for i in range(200)], codec.Policy.DATA, to_ref),
+        # 10 000 floats: most bodies of them hold a bin marker byte (dspex.wire.codec's bytearray check)
+        "floats": ([i / 7 for i in range(10_000)], codec.Policy.DATA, to_ref),
     }
     for value, policy, ref in payloads.values():
         assert codec.decode(codec.encode(value, ref, policy=policy)) == value
@@ -257,7 +259,8 @@ def _codec() -> Side:
     def block(cmd: dict[str, Any]) -> dict[str, float]:
         n = int(cmd["n"])
         return {"body_us": cpu_per("body", n) * 1e6, "small_us": cpu_per("small", n) * 1e6,
-                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6}
+                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6,
+                "floats_us": cpu_per("floats", max(1, n // 200)) * 1e6}
 
     block({"n": 2000})
     return block, lambda: None
