@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|shell|executor|codec|client [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|shell|executor|codec|client|durable [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -22,13 +22,16 @@ the raw blocks).
   messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``);
   ``--sessions 1``: sequential round trips (two turns per call: the cost of a wake-up).
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
-* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows): CPU per
+* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
   call, the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
   ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.client.routing``).
+* ``durable``: each tree's stack (broker + one capacity-1 worker with dspy) and client: the
+  ``durable.call`` row (a ChainOfThought with 4 demos, DummyLM) in a durable and in a plain
+  session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from bench.common import (
 from bench.hop import loadgen
 
 DRIVERS = str(Path(__file__).resolve().with_name("ab_drivers.py"))
+SHELL_DRIVER = str(Path(__file__).resolve().with_name("ab_shell.py"))
 
 
 def tree_of(rev: str, tmp: str) -> str:
@@ -112,10 +116,11 @@ class TreeSide:
 class DriverSide:
     """A long-lived ``ab_drivers.py`` process of one tree, asked for one block at a time."""
 
-    def __init__(self, tree: str, args: list[str], command: dict[str, Any], worker: int = 0) -> None:
+    def __init__(self, tree: str, args: list[str], command: dict[str, Any], worker: int = 0,
+                 script: str = DRIVERS) -> None:
         env = base_env()
         env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([PY, DRIVERS, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen([PY, script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=tree, start_new_session=True)
         self.command, self.worker = command, worker
         if not json.loads(self._line()).get("ready"):
@@ -154,12 +159,14 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
     if what == "core":
         return DriverSide(tree, ["core"], {"n": a.calls or 20_000})
     if what == "shell":
-        return DriverSide(tree, ["shell", str(a.sessions)], {"n": a.calls or 20_000})
+        return DriverSide(tree, [str(a.sessions)], {"n": a.calls or 20_000}, script=SHELL_DRIVER)
     if what == "executor":
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
     if what == "codec":
         return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
     st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=True)
+    if what == "durable":
+        return DriverSide(tree, ["durable", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 150})
     routed = ["routed"] if name == "a" and a.routed_a else []
     return DriverSide(tree, ["client", st.frontend, str(a.sessions), *routed],
                       {"n": a.calls or 150, "seconds": a.duration}, worker=pids[1])
@@ -188,7 +195,7 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client", "durable"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)

@@ -1,4 +1,4 @@
-"""The in-process sides of ``python -m bench.ab`` (``--what core|shell|executor|codec|client``).
+"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|client|durable``).
 
 Run as a script (``python bench/ab_drivers.py MODE [ARGS]``) with the tree under test first on
 ``sys.path``, so that tree's ``broker``, ``worker`` and ``dspex`` are what is measured; it imports
@@ -13,9 +13,6 @@ figures for a block. Mode by mode:
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
   of each message, behind a null port; a tree from before them (a ``Core`` subclass as its shell)
   through its private handlers, which read the clock.
-* ``shell SESSIONS``: the broker's ``Broker`` (its zmq shell and core) in this thread over inproc
-  sockets, turn by turn, under the load of ``--what tree`` from sockets of this thread
-  (``ShellLoad``): thread CPU per request + reply of its turns.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
@@ -28,6 +25,11 @@ figures for a block. Mode by mode:
   per no-op and per ref call), then an ``AsyncClient`` with SESSIONS sessions calling a
   ``ChainOfThought`` ref back to back (the serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
   brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
+* ``durable ENDPOINT BROKER_PID WORKER_PID``: against a stack of the same tree, the row of
+  ``python -m bench --only durable``: a ``ChainOfThought`` with 4 demos and a DummyLM in a durable
+  session and in a plain one (each past 200 calls: the LM history at its bound), ``n`` calls of
+  each in turn: p50 of each, their ratio, and the broker's and the worker's CPU per call of each
+  (``/proc`` schedstat, all threads).
 """
 
 from __future__ import annotations
@@ -184,106 +186,6 @@ def _core() -> Side:
     return (lambda cmd: {"core_us": load.block(int(cmd["n"])) * 1e6}), lambda: None
 
 
-# -- shell ---------------------------------------------------------------------------------------
-
-class ShellLoad:
-    """The broker of whichever tree is first on sys.path, its zmq shell and core, in this thread
-    over inproc sockets (no I/O thread: what is measured is the broker's main thread), with 2
-    protocol-echo workers and 4 clients as sockets of this thread too: the pipelined load of
-    ``--what tree``, 100 sessions (``SESSIONS``; 1: sequential round trips, two turns each) with
-    one call each in flight. A step: one turn of the broker's
-    loop (``Broker.turn``, timed in thread CPU), then every worker answers what it was sent and
-    every client sends its sessions' next calls for the replies it got. The same messages reach
-    each turn of both trees, so the figure does not move with the machine's scheduling."""
-
-    def __init__(self, sessions: int = _SESSIONS) -> None:
-        import msgpack
-        import zmq
-
-        import dspex.wire.protocol as wire
-        from broker.broker import Broker
-        from broker.settings import parse
-
-        self.zmq, self.wire = zmq, wire
-        tag = f"{id(self):x}"
-        self.ctx = zmq.Context()
-        opts = parse(["--frontend", f"inproc://dxab-f-{tag}", "--backend", f"inproc://dxab-b-{tag}", "--pool",
-                      "p:strict_queue", "--checkpoints", "", "--heartbeat", "1.0", "--liveness", "3", "--log-level", "WARNING"])
-        self.broker = broker = Broker(opts, self.ctx)
-        if not hasattr(broker, "turn"):
-            raise SystemExit("--what shell needs a tree whose Broker has turn()")
-        broker.bind()
-        self.workers = []
-        info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
-        for wid in (b"w" * 32, b"v" * 32):
-            w = self.ctx.socket(zmq.DEALER)
-            w.setsockopt(zmq.ROUTING_ID, wid)
-            w.connect(opts.backend)
-            w.send_multipart([wire.W_READY, msgpack.packb({**info, "incarnation": wid.decode()})])
-            self.workers.append((wid, w))
-        while len(broker.core.workers) < 2:
-            broker.turn()
-        self.clients = []
-        for i in range(_CLIENTS):
-            c = self.ctx.socket(zmq.DEALER)
-            c.setsockopt(zmq.ROUTING_ID, b"c%d" % i)
-            c.connect(opts.frontend)
-            self.clients.append(c)
-            # an ipc broker maps a client to its connection on its first call; inproc has no fds,
-            # so the load maps them (else every call would look for the mapping again)
-            broker.client_fd[b"c%d" % i] = 1_000_000 + i
-        self.body = msgpack.packb(["os", "getpid", [], {}])
-        self.result = msgpack.packb(0)
-        self.next_id = 0
-        self.session_of: dict[int, str] = {}
-        for i in range(sessions):  # every session's first call
-            self._send(self.clients[i % _CLIENTS], f"s{i:031d}")
-
-    def _send(self, client: Any, session: str) -> None:
-        self.next_id += 1
-        self.session_of[self.next_id] = session
-        client.send_multipart([self.wire.RequestHeader("call", self.next_id, "p", session).pack(), self.body])
-
-    def _step_peers(self) -> int:
-        """Workers answer what they were sent; clients send their next calls. Replies seen."""
-        zmq, w = self.zmq, self.wire
-        for wid, sock in self.workers:
-            while sock.poll(0):
-                frames = sock.recv_multipart()
-                if frames[0][:1] == w.B_REQUEST:
-                    client = frames[0][w.REQUEST_ENVELOPE_SIZE:]
-                    req_id = w.unpack_request_header(frames[1]).req_id
-                    sock.send_multipart([w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client),
-                                         w.pack_reply_header("ok", req_id, wid.decode(), "p"), self.result])
-                elif frames[0][:1] == w.B_HEARTBEAT:
-                    sock.send_multipart([w.W_HEARTBEAT])
-        replies = 0
-        for c in self.clients:
-            while c.poll(0):
-                frames = c.recv_multipart(zmq.NOBLOCK)
-                req_id = w.unpack_reply_header(frames[0])[1]
-                replies += 1
-                self._send(c, self.session_of.pop(req_id))
-        return replies
-
-    def block(self, calls: int) -> float:
-        """Seconds of the broker's thread CPU per request + reply over ``calls`` of them."""
-        broker, clock = self.broker, time.thread_time
-        spent, done = 0.0, 0
-        while done < calls:
-            t = clock()
-            broker.turn()
-            spent += clock() - t
-            done += self._step_peers()
-        return spent / done
-
-
-def _shell(sessions: int) -> Side:
-    load = ShellLoad(sessions)
-    load.block(2000)  # warm-up
-    return (lambda cmd: {"shell_us": load.block(int(cmd["n"])) * 1e6}), lambda: None
-
-
 # -- executor ------------------------------------------------------------------------------------
 
 def _executor() -> Side:
@@ -340,6 +242,8 @@ def _codec() -> Side:
         "small": ({"answer": "Paris", "reasoning": "It is the capital.", "score": 0.9, "ok": True, "n": None},
                   codec.Policy.DATA, to_ref),
         "rows": ([dict(_ROW, id=i) for i in range(200)], codec.Policy.DATA, to_ref),
+        # 10 000 floats: most bodies of them hold a bin marker byte (dspex.wire.codec's bytearray check)
+        "floats": ([i / 7 for i in range(10_000)], codec.Policy.DATA, to_ref),
     }
     for value, policy, ref in payloads.values():
         assert codec.decode(codec.encode(value, ref, policy=policy)) == value
@@ -355,7 +259,8 @@ def _codec() -> Side:
     def block(cmd: dict[str, Any]) -> dict[str, float]:
         n = int(cmd["n"])
         return {"body_us": cpu_per("body", n) * 1e6, "small_us": cpu_per("small", n) * 1e6,
-                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6}
+                "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6,
+                "floats_us": cpu_per("floats", max(1, n // 200)) * 1e6}
 
     block({"n": 2000})
     return block, lambda: None
@@ -455,15 +360,77 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     return block, close
 
 
+# -- durable -------------------------------------------------------------------------------------
+
+DURABLE_CONFIGURE = """
+import dspy
+from dspy.utils import DummyLM
+dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
+cot = dspy.ChainOfThought("question -> answer")
+cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Because {{i}}.", answer=f"A{{i}}")
+                     .with_inputs("question") for i in range(4)]
+"""
+
+
+def _cpu_ns(pid: int) -> int:
+    import os
+
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def _durable(endpoint: str, broker: int, worker: int) -> Side:
+    import dspex
+
+    client = dspex.connect(timeout=60, endpoint=endpoint)
+    progs = {}
+    for kind in ("durable", "plain"):
+        s = client.session("p", durable=kind == "durable")
+        progs[kind] = s.exec(DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"]))["cot"]
+        for _ in range(200):
+            progs[kind](question=QUESTION)
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n = int(cmd["n"])
+        out: dict[str, float] = {}
+        for kind, prog in progs.items():
+            lat = []
+            b0, w0 = _cpu_ns(broker), _cpu_ns(worker)
+            for _ in range(n):
+                t = time.perf_counter()
+                if prog(question=QUESTION).answer != "Paris":
+                    raise AssertionError("unexpected answer")
+                lat.append(time.perf_counter() - t)
+            out[f"{kind}_broker_cpu_us"] = (_cpu_ns(broker) - b0) / n / 1e3
+            out[f"{kind}_worker_cpu_us"] = (_cpu_ns(worker) - w0) / n / 1e3
+            out[f"{kind}_p50_us"] = _median(lat) * 1e6
+        out["durable_vs_plain"] = out["durable_p50_us"] / out["plain_p50_us"]
+        return {k: out[k] for k in ("durable_vs_plain", "durable_p50_us", "plain_p50_us", "durable_broker_cpu_us",
+                                    "plain_broker_cpu_us", "durable_worker_cpu_us", "plain_worker_cpu_us")}
+
+    return block, client.close
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
-    if mode == "shell":
-        block, close = _shell(int(argv[1]))
-    elif mode in sides:
+    if mode in sides:
         block, close = sides[mode]()
+    elif mode == "durable":
+        block, close = _durable(argv[1], int(argv[2]), int(argv[3]))
     else:
         block, close = _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
+    return serve(block, close)
+
+
+def serve(block: Callable[[dict[str, Any]], dict[str, float]], close: Callable[[], None]) -> int:
+    """Say ready, then answer each command line with one block's figures until stdin ends."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

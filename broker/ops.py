@@ -68,6 +68,8 @@ def _sessions(core: Core, call: OpCall) -> Any:
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "worker_alive": r.worker in core.workers if r.worker else False,
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "created": r.created,
+         # the CURVE key that opened it; on ipc every client shares one identity, so none is named
+         **({"owner": r.owner} if r.owner else {}),
          **core.durable.view(r, wall)}
         for r in core.sessions.values()
         if (not wanted or r.pool == wanted) and live(core, r) and (r.owner == call.owner or sees_every_session(core, call.owner))

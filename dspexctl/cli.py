@@ -124,9 +124,10 @@ class Seconds(click.FloatRange):
         return ""  # "a number of seconds" says it; "0<x<=315360000" in --help is noise
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if math.isnan(rv):  # nan passes every comparison
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        rv = click.FLOAT.convert(value, param, ctx)
+        # nan passes every comparison; the range's own message would read "not in the range ."
+        if math.isnan(rv) or not 0 < rv <= self.max:  # type: ignore[operator]
+            self.fail(f"{value!r} is not a number of seconds above 0 (and at most ten years)", param, ctx)
         return rv
 
 

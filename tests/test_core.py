@@ -526,8 +526,18 @@ def test_sessions_belong_to_their_client_identity() -> None:
     assert core.admin(bob, "recycle", pool="p") == ("error", "refused")
     ops = b"ops-c"
     core.owners[ops] = "OPSKEY"
-    assert [r["id"] for r in core.admin(ops, "sessions")] == ["s"]
+    assert [(r["id"], r["owner"]) for r in core.admin(ops, "sessions")] == [("s", "ALICEKEY")], \
+        "an admin sees whose session it is (dspexctl sessions list's OWNER column)"
     assert core.admin(ops, "close_session", session="s")["closed"]
+
+
+def test_sessions_of_the_shared_ipc_identity_name_no_owner() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    (row,) = core.admin(C, "sessions")
+    assert "owner" not in row
 
 
 # -- stops, drains and recycling -----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The environment a dspex process reads: every ``DSPEX_*`` variable the code names is in the
 table of docs/operations.md (*Environment*), and each process kind reads its variables in one
-place (the broker in ``broker/settings.py``, a worker in ``worker/__main__.py``, a client in
+place (the broker in ``broker/settings.py``, a worker in ``worker/settings.py``, a client in
 ``dspex/client/config.py``)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ NAME = re.compile(r"\bDSPEX_[A-Z][A-Z_]*[A-Z]\b")
 # the runtime: the four packages and what supervisord runs
 PRODUCT = [*(REPO / p for p in ("broker", "worker", "dspex", "dspexctl")), REPO / "bin", REPO / "supervisor.conf"]
 # where a process kind reads os.environ for DSPEX_* names
-READERS = {"broker/settings.py", "worker/__main__.py", "dspex/client/config.py"}
+READERS = {"broker/settings.py", "worker/settings.py", "dspex/client/config.py"}
 
 
 def _product_files() -> list[Path]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import dspex
+from dspex.stack.pools import parse_pool_spec
 from tests.harness import PY, REPO, Stack, base_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -163,6 +164,28 @@ def test_capacity_from_supervisor_conf_reaches_workers(stack: Stack) -> None:
     with ThreadPoolExecutor(4) as ex:
         list(ex.map(lambda _: dx.call("time", "sleep", [1.0], pool="p"), range(4)))
     assert time.monotonic() - started < 2.5, "4 one-second calls on a capacity-4 worker run at once"
+
+
+def test_dspex_capacity_applies_when_the_pool_section_does_not_set_one(stack: Stack) -> None:
+    """docs/operations.md: DSPEX_CAPACITY is a worker's capacity when neither --capacity nor its
+    pool's section in --config says; a section's capacity wins over it, --capacity over both."""
+    conf = Path(stack.root, "supervisor.conf")
+    conf.write_text("[dspex:pool:p]\naffinity = none\n\n[dspex:pool:q]\naffinity = none\ncapacity = 2\n")
+    stack.broker_args = ["--config", str(conf)]
+    stack.start_broker()
+    env = {**stack.env, "DSPEX_CAPACITY": "3"}
+    stack.start_worker("p", "--no-dspy", "--config", str(conf), env=env)
+    stack.start_worker("q", "--no-dspy", "--config", str(conf), env=env)
+    stack.start_worker("q", "--no-dspy", "--config", str(conf), "--capacity", "5", env=env)
+    (p,) = stack.wait_workers("p", 1)
+    assert p["capacity"] == 3
+    assert sorted(w["capacity"] for w in stack.wait_workers("q", 2)) == [2, 5]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_pool_capacity_below_one_is_refused(value: str) -> None:
+    with pytest.raises(dspex.ConfigError, match="capacity must be at least 1"):
+        parse_pool_spec(f"p:none:capacity={value}")
 
 
 # -- graceful stops -----------------------------------------------------------------------------

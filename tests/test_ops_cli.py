@@ -74,7 +74,7 @@ def test_durable_column_says_the_checkpoints_size_and_age() -> None:
 ])
 def test_sessions_close_usage(args: list[str], needle: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,
-                         cwd="/tmp")
+                         cwd="/tmp", env=base_env())
     assert res.returncode == 2 and needle in res.stderr, res.stderr
     no_traceback(res)
 

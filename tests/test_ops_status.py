@@ -21,7 +21,7 @@ import pytest
 
 from dspex.stack.health import PoolFacts, State, failure_kind, pool_state, worst
 from dspex.stack.supervisor import pid_alive
-from tests.harness import REPO, wait_for
+from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
@@ -74,9 +74,9 @@ def test_worst_orders_by_severity() -> None:
 @pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "abc"])
 def test_timeout_is_validated(value: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", "--timeout", value, "pools", "status"],
-                         capture_output=True, text=True, timeout=60, cwd="/tmp")
+                         capture_output=True, text=True, timeout=60, cwd="/tmp", env=base_env())
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "Invalid value for '--timeout'" in res.stderr
+    assert f"Invalid value for '--timeout': '{value}' is not a" in res.stderr
     no_traceback(res)
 
 

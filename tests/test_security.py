@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq.auth
 from click.testing import CliRunner
 
 import dspex
@@ -262,6 +263,8 @@ def test_sessions_belong_to_the_client_key_that_opened_them(stack: Stack, monkey
             bob.recycle("p")
         assert s.eval("secret") == "alice"
         assert [r["id"] for r in ops.sessions("p")] == [s.id], "an admin key sees every session"
+        alice_public, _ = zmq.auth.load_certificate(str(written["alice"]))
+        assert [r["owner"] for r in ops.sessions("p")] == [alice_public.decode()], "and whose each one is"
         assert ops.close_session(s.id)["closed"]
         with pytest.raises(dspex.SessionClosed):
             s.eval("secret")

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -37,9 +36,6 @@ from dspex.wire.protocol import (
     B_DISCONNECT,
     B_RELEASE_SESSION,
     B_REQUEST,
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_LIVENESS,
-    MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
@@ -49,32 +45,13 @@ from worker.executor import Executor
 from worker.link import Link
 from worker.runner import Frames, Request, Runner
 from worker.sessions import SessionBook
+from worker.settings import WorkerOptions
 
 log = logging.getLogger("dspex.worker")
 
 # A call younger than this runs without the link's stand-in reading for the main thread (it
 # reads the socket when the call ends).
 _STAND_IN_GRACE = 0.05
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """A worker's settings: made once by ``python -m worker`` (worker/__main__.py) from its command
-    line and the environment, the only place a worker reads either."""
-
-    pool: str
-    backend: str
-    heartbeat_interval: float = HEARTBEAT_INTERVAL
-    heartbeat_liveness: int = HEARTBEAT_LIVENESS
-    ref_cap: int = 100_000
-    preload_dspy: bool = True
-    lm_history: int = 200
-    max_message: int = MAX_MESSAGE_BYTES
-    capacity: int = 1  # calls run at once, in threads
-    curve_server_key: bytes | None = None
-    curve_keypair: tuple[bytes, bytes] | None = None
-    # a call still running this long after its deadline costs the worker (hard time limit)
-    hard_grace: float = 5.0
 
 
 def _packb(obj: Any) -> bytes:

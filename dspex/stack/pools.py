@@ -32,7 +32,9 @@ class PoolConfig:
     queue_timeout: float = 30.0
     session_ttl: float = 3600.0
     size: int = 0  # expected workers (from supervisor.conf); 0 = unknown
-    capacity: int = 1  # calls one worker runs at once (threads); read by the workers
+    # calls one worker runs at once (threads); read by the workers. 0: the section does not say, so
+    # a worker takes its --capacity, else DSPEX_CAPACITY, else 1
+    capacity: int = 0
     # strict_queue, capacity-1 workers: how many pinned requests the broker may send a worker
     # ahead of the reply to its running call (behind short calls only), so it does not idle a
     # broker round trip between calls; each carries its queue deadline, which the worker enforces.
@@ -63,6 +65,8 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             setattr(cfg, key, _boolean(value))
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
+            if key == "capacity" and cfg.capacity < 1:
+                raise ConfigError(f"{where}: capacity must be at least 1, not {cfg.capacity}")
         elif key in _REMOVED_KEYS:
             raise ConfigError(f"{where}: pool setting {key!r} was removed ({_REMOVED_KEYS[key]}); delete it")
         else:

@@ -3,7 +3,8 @@
 Frame 0 is a msgpack body; frames 1.. are raw array buffers that the body points at by index,
 so large arrays never pass through msgpack (no copy, no glibc heap churn). The common case is
 packed by msgpack's C packer in one pass; only cycles, very deep nesting, strings with lone
-surrogates or a missing ``to_ref`` fall back to a Python walk, which knows paths and ancestors.
+surrogates, a bytearray (the C packer takes it for bytes: a body with a bin marker is checked) or a
+missing ``to_ref`` fall back to a Python walk, which knows paths and ancestors.
 Ext codes are part of the wire protocol (``dspex.wire.wiretypes``, docs/protocol.md).
 
 Values keep their exact types (``dspex.wire.wiretypes``: subclasses, enum members, OrderedDict,
@@ -29,6 +30,7 @@ from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
 from dspex.wire.wiretypes import (
     ENCODERS,
+    EXT_BYTEARRAY,
     EXT_FROZENSET,
     EXT_NDARRAY,
     EXT_NPSCALAR,
@@ -92,7 +94,7 @@ class Sender(Protocol):
 class _Encoder:
     """The state of one ``encode``: array frames, refs made, objects pickled (each once)."""
 
-    __slots__ = ("buffers", "memo", "pickled", "policy", "sender", "sources_sent", "to_ref")
+    __slots__ = ("buffers", "memo", "parts", "pickled", "policy", "sender", "sources_sent", "to_ref")
 
     def __init__(self, policy: Policy, buffers: Buffers | None, to_ref: ToRef | None,
                  sender: Sender | None = None) -> None:
@@ -104,6 +106,9 @@ class _Encoder:
         # shared too: one pickle per object
         self.pickled: dict[int, tuple[object, bytes, dict[str, str], msgpack.ExtType | None]] = {}
         self.sources_sent: set[str] | None = None  # source files already in an ext 13 of this message
+        # the tagged lists ``convert`` gave the packer: with the body's exact lists and dicts, all
+        # the packer walked (where a bytearray it packed as bin may sit)
+        self.parts: list[list[Any]] = []
 
     def wants_pickled(self, obj: object) -> bool:
         """Is ``obj`` (not a value, not a record) sent by value under this policy?"""
@@ -141,6 +146,7 @@ class _Encoder:
     def restart(self) -> None:
         """Before a second pass: pickles are kept, their source texts are sent again."""
         self.sources_sent = None
+        self.parts.clear()
         for key, (obj, data, sources, _) in self.pickled.items():
             self.pickled[key] = (obj, data, sources, None)
 
@@ -174,7 +180,10 @@ class _Encoder:
         ext, a tagged list of parts (the packer goes on into them), or a ref."""
         conv = _ENCODERS.get(type(obj))
         if conv is not None:
-            return conv(obj, self)
+            out = conv(obj, self)
+            if type(out) is list:
+                self.parts.append(out)
+            return out
         if _native_array(obj):
             if self.buffers is None:
                 raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
@@ -186,6 +195,7 @@ class _Encoder:
             return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
         rec = self.record(obj)
         if rec is not None:
+            self.parts.append(rec)
             return rec
         if not isinstance(obj, np.ndarray):
             try:
@@ -195,6 +205,8 @@ class _Encoder:
                     raise
                 return self.ref(obj)
             if value is not NotImplemented:
+                if type(value) is list:
+                    self.parts.append(value)
                 return value
         if self.wants_pickled(obj):
             try:
@@ -226,8 +238,8 @@ def _hashable(part: Any) -> Any:
 _ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
     **ENCODERS, Ref: lambda o, enc: _ref_ext(o), _KeyList: lambda o, enc: list(o), _KeyMap: lambda o, enc: dict(o)}
 
-# what the packer takes as it is (a bytearray as bin, like the first pass: see dspex.wire.wiretypes)
-_LEAVES = (bool, int, float, bytes, bytearray, memoryview, msgpack.ExtType)
+# what the packer takes as it is
+_LEAVES = (bool, int, float, bytes, memoryview, msgpack.ExtType)
 
 
 def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None = None) -> object:
@@ -268,6 +280,8 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
         t = type(o)
         if t is str:
             return o if utf8_ok(o) else surrogates(o)
+        if t is bytearray:
+            return msgpack.ExtType(EXT_BYTEARRAY, bytes(o))
         if o is None or t in _LEAVES or _native_array(o):
             return enc.convert(o) if t is int else o
         if t is not list and t is not dict:
@@ -316,12 +330,39 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
     return walk(obj, 0)
 
 
+def _packed_bytearray(body: bytes, obj: object, enc: _Encoder) -> bool:
+    """Whether the C packer packed a bytearray of ``obj`` as bin (it does so before any hook)."""
+    if 0xC4 not in body and 0xC5 not in body and 0xC6 not in body:  # no bin marker (an int: memchr)
+        return False
+    if type(obj) is bytearray:
+        return True
+    todo: list[Any] = [*enc.parts, obj] if type(obj) is list or type(obj) is dict else [*enc.parts]
+    while todo:
+        o = todo.pop()
+        values = o.values() if type(o) is dict else o  # a key is hashable: never a bytearray
+        if len(values) > 24:  # a long one: its types gathered at C speed (a list of floats)
+            kinds = set(map(type, values))
+            if bytearray in kinds:
+                return True
+            if list in kinds or dict in kinds:
+                todo += [v for v in values if type(v) is list or type(v) is dict]
+            continue
+        for v in values:
+            t = type(v)
+            if t is list or t is dict:
+                todo.append(v)
+            elif t is bytearray:
+                return True
+    return False
+
+
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
     enc = _Encoder(policy, buffers, to_ref, sender)
     try:
         body: bytes = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
-        return body
+        if not _packed_bytearray(body, obj, enc):
+            return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
     if buffers is not None:

@@ -169,14 +169,16 @@ class Op(str, enum.Enum):
             "binds `value` as `name` in the session namespace; `None`")
     PUT = ("put", Side.WORKER, (_arg("value"),), ("SessionAPI.put",), "a ref to `value`, always (Ray's `put`)")
     PING = ("ping", Side.BROKER, (), ("ClientAPI.ping",),
-            ("`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\"}` (`config`: the "
-             "broker's supervisor.conf, so `dspexctl` can tell which stack answers)"))
+            ("`{\"pong\": true, \"pid\", \"config\", \"frontend\", \"backend\", \"run_dir\", \"metrics\", "
+             "\"checkpoints\"}` (`config`: the broker's supervisor.conf, so `dspexctl` can tell which stack answers; "
+             "`checkpoints`: the durable sessions' store file, absent without one)"))
     STATUS = ("status", Side.BROKER, (), ("ClientAPI.status",),
               "pools, workers, counters (what `dspexctl pools status --json` prints)")
     SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), ("ClientAPI.sessions",),
-                ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\"}]`: the "
-                 "sessions of the caller's key (on ipc every peer shares one identity, so all of them; an admin key "
-                 "sees every session); `pool`: of that pool only"))
+                ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\", "
+                 "\"durable\", \"checkpoint_bytes\", \"checkpoint_age_s\"}]` (and `\"owner\"`, the CURVE key that opened "
+                 "it, on a TCP frontend): the sessions of the caller's key (on ipc every peer shares one identity, so all "
+                 "of them; an admin key sees every session); `pool`: of that pool only"))
     CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),),
                      ("ClientAPI.close_session", "SessionAPI.close"),
                      ("`{\"closed\": bool, \"released\": bool}` (`session`: else the header's); the broker sends "

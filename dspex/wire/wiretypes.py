@@ -54,8 +54,8 @@ EXT_DEFAULTDICT = 20  # tag: [tag, factory code | None, {k: v}]
 EXT_ENUM = 21  # tag: [tag, enum class code, value]
 EXT_SUBCLASS = 22  # tag: [tag, class code, base value, {attr: value} | None]
 EXT_SURROGATES = 23  # UTF-8 with lone surrogates kept (surrogatepass)
-# 24: unassigned. bytearray has no ext: msgpack's C packer packs it as bin before any hook, so it
-# arrives as bytes (keeping it would take a Python walk of every message)
+EXT_BYTEARRAY = 24  # the bytes; msgpack's C packer packs a bytearray as bin before any hook, so the
+# codec re-encodes a message that holds one (dspex.wire.codec)
 
 # PosixPath / WindowsPath can only be made on their own platform: as in pickle, the other one
 # is an error there
@@ -105,9 +105,10 @@ def _int(o: int, enc: Encoder) -> Any:
 
 
 def _plain_offset(tz: _dt.tzinfo | None) -> bool:
-    """None, or an unnamed datetime.timezone: what an isoformat string says exactly."""
+    """None, or an unnamed datetime.timezone: what an isoformat string says exactly (an offset
+    with microseconds is not: Python 3.11 reads "+00:00:00.000001" back as UTC)."""
     return tz is None or tz is _dt.UTC or (
-        type(tz) is _dt.timezone and tz == _dt.timezone(tz.utcoffset(None)) and
+        type(tz) is _dt.timezone and not tz.utcoffset(None).microseconds and tz == _dt.timezone(tz.utcoffset(None)) and
         tz.tzname(None) == _dt.timezone(tz.utcoffset(None)).tzname(None))
 
 
@@ -249,6 +250,7 @@ DECODERS: dict[int, Callable[[bytes], Any]] = {
     EXT_PATH: _path_from,
     EXT_ZONED: _zoned,
     EXT_SURROGATES: lambda data: bytes(data).decode("utf-8", "surrogatepass"),
+    EXT_BYTEARRAY: bytearray,
 }
 
 
