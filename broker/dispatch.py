@@ -204,7 +204,10 @@ class Dispatcher:
     def _feed_free(self, w: WorkerRecord) -> None:
         """Give a worker with free slots its next work: its own queue first, then the pool's."""
         pool = w.pool
-        while w.free > 0:
+        workers = self.workers
+        # (a send that finds its connection gone removes it: from then on it is fed nothing, or a
+        # call handed back to the pool's queue would be taken by it again, forever)
+        while w.free > 0 and workers.get(w.id) is w:
             if w.queue:
                 p = w.next_queued()
                 if p is not None:

@@ -406,6 +406,23 @@ def test_sessionless_call_whose_worker_vanished_is_routed_again() -> None:
     assert core.worker_of(1) == b"worker-c"
 
 
+@pytest.mark.timeout(10)
+def test_a_worker_found_gone_while_fed_from_the_pool_queue_is_fed_no_more() -> None:
+    # its reply frees its slot, the pool's queue gives it the next call, the send finds its
+    # connection gone: the call goes back to the pool's queue, and the gone worker must not take
+    # it again (it did, forever: the broker hung)
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p")
+    core.request(C, 2, "p")  # sessionless, the only worker busy: it waits in the pool's queue
+    assert core.worker_of(1) == A and core.pools["p"].queued == 1
+    core.unreachable.add(A)
+    core.reply(A, C, 1)
+    assert A not in core.workers and core.outcome(C, 2) is None and core.pools["p"].queued == 1
+    core.ready(B, "p")
+    assert core.worker_of(2) == B
+
+
 # -- a client whose connection closed ----------------------------------------------------------
 D = b"client-2"
 
