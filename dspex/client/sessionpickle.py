@@ -301,6 +301,21 @@ class Message:
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)
 
+    def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
+        """``bindings`` plus the module global that names ``obj`` where it was defined (a
+        top-level ``def`` or ``class`` of a user module), so that code looking names up at run
+        time (``globals()[name]``, DSPy's ``ToolCall.execute()``) finds every function and class
+        of the module that reached the session, as in-process."""
+        name = obj.__name__
+        if not nsid.startswith("m:") or obj.__qualname__ != name:
+            return bindings
+        module = sys.modules.get(nsid[2:])
+        if module is None or vars(module).get(name) is not obj:
+            return bindings
+        out = list(bindings)
+        self._bind(out, [], nsid, name, obj)
+        return out
+
     def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
         """(key, what to pickle) of a global's value."""
         t = type(value)
@@ -426,6 +441,7 @@ class SessionPickler(byvalue.SourcePickler):
             return self._held(key, bindings)
         msg.defined.add(key)
         nsid, base = msg.namespace(func.__globals__)
+        bindings = msg.own_name(nsid, func, bindings)
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
@@ -442,6 +458,9 @@ class SessionPickler(byvalue.SourcePickler):
         if msg.holds(key):
             return self._held(key, bindings)
         msg.defined.add(key)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and codeindex.user_module(module):
+            bindings = msg.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
         if issubclass(cls, enum.Enum):
