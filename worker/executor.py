@@ -198,7 +198,7 @@ class Executor:
                     if not isinstance(context, dict):
                         raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
-                    scope.add_client(context.get("dspy"))
+                    scope.add_client(context.get("dspy"), context.get("pinned"))
                 result = self._run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:

@@ -102,6 +102,8 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         settings = msg.settings(codec.session_ext)
         if settings is not None:
             context["dspy"] = settings
+            if msg.pinned:
+                context["pinned"] = msg.pinned
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops

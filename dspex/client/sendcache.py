@@ -175,26 +175,31 @@ class SendCache:
         self.drops.append(key)
 
 
-def client_dspy_settings() -> dict[str, Any]:
+def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
-    from DSPy's defaults; nothing when DSPy was never imported here."""
+    from DSPy's defaults, and the names among them that a ``dspy.context`` block of the calling
+    thread or task holds at another value than the configuration's: in-process such a block wins
+    over any ``dspy.configure``, the session's own included. Nothing when DSPy was never imported
+    here."""
     module = sys.modules.get("dspy.dsp.utils.settings")
     if module is None:
-        return {}
+        return {}, []
     try:
         config = module.main_thread_config
         overrides = module.thread_local_overrides.get()
         defaults = module.DEFAULT_CONFIG
     except AttributeError:  # another DSPy layout: send nothing rather than guess
-        return {}
+        return {}, []
+    pinned: list[str] = []
     if overrides:
+        pinned = [k for k, v in overrides.items() if k not in _CALL_LOCAL and config.get(k, _MISSING) is not v]
         config = {**config, **overrides}
     out = {}
     for k, v in config.items():
         default = defaults.get(k, _MISSING)
-        if v is not default and k not in _CALL_LOCAL and _differs(v, default):
+        if k in pinned or (v is not default and k not in _CALL_LOCAL and _differs(v, default)):
             out[k] = v
-    return out
+    return out, pinned
 
 
 _MISSING = object()

@@ -106,6 +106,7 @@ class Message:
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
         self.settings_sent: SettingsSent | None = None
+        self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
 
     # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
@@ -167,7 +168,7 @@ class Message:
         cache = self.cache
         if not cache.client_settings:
             return None
-        values = client_dspy_settings()
+        values, self.pinned = client_dspy_settings()
         if not values:
             return None
         signature = tuple((k, id(v)) for k, v in values.items())

@@ -106,6 +106,33 @@ def test_lm_and_adapter_configured_on_the_client(run: Runner, user_module: Any) 
     assert json_lm.history == [] if run.mode == "session" else len(json_lm.history) == 1
 
 
+def test_a_client_context_wins_over_the_lm_the_program_configured(run: Runner, user_module: Any) -> None:
+    """DSPy's docs: ``dspy.context`` overrides ``dspy.configure`` for one block, whoever configured
+    (here a setup call of the session), also when the program configures again inside the block."""
+    mod = user_module('''
+        import dspy
+        from dspy.utils.dummies import DummyLM
+
+
+        def setup():
+            dspy.configure(lm=DummyLM([{"answer": "configured"}] * 5))
+
+
+        def ask():
+            return dspy.Predict("question -> answer")(question="which LM?").answer
+
+
+        def configure_then_ask():
+            setup()
+            return ask()
+    ''')
+    run(mod.setup)
+    assert run(mod.ask) == "configured"
+    with dspy.context(lm=DummyLM([{"answer": "from the context"}] * 5)):
+        assert [run(mod.ask), run(mod.configure_then_ask)] == ["from the context"] * 2
+    assert run(mod.ask) == "configured"  # the block ended
+
+
 def parallel_children_see_their_parent_call_id() -> tuple[Any, int, bool]:
     """DSPy's callback lineage through ``dspy.Parallel``: each child's active call id (the
     ContextVar this module imported from dspy) is its parent's call id."""
