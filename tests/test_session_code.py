@@ -460,6 +460,25 @@ def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fr
     s.close()
 
 
+def test_a_ref_in_the_client_settings_is_the_worker_object(dx: dspex.Client, usercode: Any,
+                                                          fresh_settings: None) -> None:
+    """An LM kept on the worker (``s.put``, or read back as a ref) and configured on the client is
+    that LM on the worker, as a ref passed as an argument is."""
+    mod = usercode(PROGRAM)
+    s = dx.session("p")
+    lm = s.put(DummyLM([{"answer": "the session's LM"}] * 5))
+    with dspy.context(lm=lm):
+        assert s.run(mod.answer, "q") == "the session's LM"
+    dspy.configure(lm=lm)
+    assert s.run(mod.answer, "q") == "the session's LM"
+    assert len(lm.history) == 2  # the very object the ref names
+    other = dx.session("p")
+    with pytest.raises(dspex.RefNotFound, match="the client's DSPy settings hold a ref this session cannot use"):
+        other.run(mod.answer, "q")
+    other.close()
+    s.close()
+
+
 def test_client_settings_can_be_turned_off(dx: dspex.Client, code_stack: Stack, usercode: Any,
                                            fresh_settings: None) -> None:
     mod = usercode(PROGRAM)

@@ -10,6 +10,7 @@ payloads (worker.remote_errors).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import secrets
 import sys
@@ -21,6 +22,7 @@ from dspex.wire.errors import (
     Cancelled,
     DspexError,
     ProtocolError,
+    RefNotFound,
     RemoteError,
     Timeout,
     UnknownOp,
@@ -182,10 +184,11 @@ class Executor:
                             body, context = payload[:-1], payload[-1]
                         else:
                             body = payload
-                        args = codec.decode(body, resolve_ref=lambda r: self.refs.get(state, r),
-                                            own_frames=self.own_frames, side="worker")
-                        if context is not None:
-                            context = codec.decode([context], side="worker")
+                        resolve_ref = functools.partial(self.refs.get, state)
+                        args = codec.decode(body, resolve_ref=resolve_ref, own_frames=self.own_frames, side="worker")
+                        if context is not None:  # the client's settings may hold refs (an LM it s.put)
+                            context = codec.decode([context], resolve_ref=functools.partial(_setting_ref, resolve_ref),
+                                                   side="worker")
                 except DspexError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
@@ -340,6 +343,15 @@ class Executor:
 _MISSING = object()
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 _EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)
+
+
+def _setting_ref(resolve: Callable[[Ref], Any], ref: Ref) -> Any:
+    try:
+        return resolve(ref)
+    except RefNotFound as err:
+        raise RefNotFound(f"the client's DSPy settings hold a ref this session cannot use: {err.message} (configure "
+                          "the object of this session, or open the session with client_settings=False)",
+                          **err.details) from None
 
 
 def _no_hard() -> None:
