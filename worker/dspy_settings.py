@@ -208,6 +208,19 @@ class _Scope:
         # undone with the scope's own
         overrides.set(type(overrides.get())({**overrides.get(), **under, **{k: values[k] for k in pins}}))
 
+    def track_usage(self) -> Any:
+        """A ``dspy.track_usage()`` tracker of this call, standing in for the calling client's
+        (its block is around the call there): None without DSPy."""
+        owner = self.owner
+        if owner._dspy is None:
+            return None
+        from dspy.utils.usage_tracker import UsageTracker
+
+        tracker = UsageTracker()
+        overrides = owner._module.thread_local_overrides
+        overrides.set(type(overrides.get())({**overrides.get(), "usage_tracker": tracker}))  # undone with the scope's own
+        return tracker
+
     def __exit__(self, *exc: object) -> None:
         owner = self.owner
         try:

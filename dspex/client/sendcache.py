@@ -202,6 +202,27 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     return out, pinned
 
 
+def client_usage_tracker() -> Any:
+    """The ``dspy.track_usage()`` tracker of the calling thread or task (None without one): what a
+    session's call spends on LMs is added to it, as in-process."""
+    module = sys.modules.get("dspy.dsp.utils.settings")
+    if module is None:
+        return None
+    try:
+        return module.thread_local_overrides.get().get("usage_tracker")
+    except AttributeError:
+        return None
+
+
+def add_usage(tracker: Any, usage: Any) -> None:
+    """Add what a call's LM calls used on the worker (``{lm: [entry, ...]}``) to ``tracker``, as a
+    nested ``dspy.track_usage()`` block rolls its entries up into its parent's."""
+    if isinstance(usage, dict):
+        for lm, entries in usage.items():
+            if isinstance(entries, list):
+                tracker.usage_data[lm].extend(entries)
+
+
 _MISSING = object()
 
 
