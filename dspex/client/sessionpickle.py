@@ -38,8 +38,11 @@ from dspex.client import codeindex
 from dspex.client.sendcache import SendCache, client_dspy_settings
 from dspex.wire import byvalue, codestore
 from dspex.wire.errors import EncodeError
+from dspex.wire.ref import Ref
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_DATA = frozenset({list, tuple, dict, set, frozenset})
+_NOT_GLOBALS = frozenset({types.FunctionType, types.MethodType, Ref})  # sent as they are (a method: its object)
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
@@ -74,6 +77,52 @@ class _Attribute:
 
     def __init__(self, module: str, name: str) -> None:
         self.module, self.name = module, name
+
+
+class ModuleGlobal:
+    """An argument of a request that is a global of the client's code: on the worker, the
+    session's global of that name (:meth:`SessionPickler._global`)."""
+
+    __slots__ = ("module", "name", "obj")
+
+    def __init__(self, module: str, name: str, obj: Any) -> None:
+        self.module, self.name, self.obj = module, name, obj
+
+
+def as_module_globals(op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
+    """``body`` of a worker op with each argument that is an object bound as a global of the
+    client's code (at the top: the callable, an element of ``args``, a value of ``kwargs`` or
+    ``namespace``) wrapped as a :class:`ModuleGlobal`. Data (lists, dicts, tuples, sets) stays an
+    argument sent with each call, with its exact types."""
+    out = body
+    index: Any = None
+
+    def wrapped(value: Any) -> Any:
+        nonlocal index
+        t = type(value)
+        if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
+            return value
+        if index is None:
+            index = codeindex.module_globals()
+        found = codeindex.module_global(value, index)
+        return value if found is None else ModuleGlobal(found[0], found[1], value)
+
+    for i, (name, value) in enumerate(zip(op_args, body)):
+        if name in ("fn", "value"):
+            new = wrapped(value)
+        elif name == "args" and type(value) in (list, tuple):
+            items = [wrapped(v) for v in value]
+            new = items if any(a is not b for a, b in zip(items, value)) else value
+        elif name in ("kwargs", "namespace") and type(value) is dict:
+            items_d = {k: wrapped(v) for k, v in value.items()}
+            new = items_d if any(items_d[k] is not value[k] for k in value) else value
+        else:
+            continue
+        if new is not value:
+            if out is body:
+                out = list(body)
+            out[i] = new
+    return out
 
 
 class Walk:
@@ -411,11 +460,26 @@ class SessionPickler(byvalue.SourcePickler):
     def __init__(self, file: io.BytesIO, msg: Message) -> None:
         super().__init__(file, {})
         self.msg = msg
+        self._defining: set[int] = set()  # values of bindings pickled here: themselves, not their global
+        self._globals: dict[int, tuple[str, str, dict[str, Any]]] | None = None  # codeindex.module_globals()
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
         if t is types.FunctionType:
             return self._function(obj)
+        if t is ModuleGlobal:
+            return self._global("m:" + obj.module, obj.name, obj.obj)
+        if id(obj) not in self._defining and t not in _ATOMS:
+            if self._globals is None:
+                self._globals = codeindex.module_globals()
+            if t is types.BuiltinMethodType and not isinstance(obj.__self__, types.ModuleType):
+                found = codeindex.module_global(obj.__self__, self._globals)  # NOTES.append of a global list
+                if found is not None:
+                    return getattr, (ModuleGlobal(found[0], found[1], obj.__self__), obj.__name__)
+            else:
+                found = codeindex.module_global(obj, self._globals)
+                if found is not None:  # a part of an argument that is a global of the client's code
+                    return self._global("m:" + found[0], found[1], obj)
         if t is _Value:
             return self._value(obj)
         if t is _CodeRef:
@@ -490,7 +554,16 @@ class SessionPickler(byvalue.SourcePickler):
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
+        self._defining.add(id(value.obj))
         return codestore._load_value, (value.key, value.obj)
+
+    def _global(self, nsid: str, name: str, obj: Any) -> Any:
+        """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
+        session lacks it: within a session a global is one object, whether code reads it or a call
+        is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
+        bindings: list[Binding] = []
+        self.msg._bind(bindings, [], nsid, name, obj)
+        return codestore._load_global, (nsid, name, bindings or None)
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)

@@ -256,6 +256,18 @@ def _load_module(nsid: str, base: dict[str, Any] | None, bindings: list[tuple[st
     return module
 
 
+def _load_global(nsid: str, name: str, bindings: list[tuple[str, str, str, Any]] | None = None) -> Any:
+    """A global of the session's module ``nsid``: a call's argument that is a module global on the
+    client is the session's global (bound first when the client sent it with the request)."""
+    load = _active()
+    load.bind(bindings)
+    module = load.store.modules.get(nsid)
+    try:
+        return module.__dict__[name] if module is not None else load.held(f"{nsid}.{name}")
+    except KeyError:
+        return load.held(f"{nsid}.{name}")  # a worker that lacks it: CodeCacheMiss, sent again in full
+
+
 def _load_attribute(module: str, qualname: str) -> Any:
     """A global of the user's code that lives in a module the worker imports: by reference."""
     obj: Any = sys.modules.get(module) or importlib.import_module(module)

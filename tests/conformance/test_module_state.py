@@ -192,3 +192,36 @@ def test_a_refine_reward_reads_module_state(run: Runner, user_module: Any) -> No
     dspy.configure(lm=DummyLM([{"answer": "Paris, France"}, {"answer": "Paris"}] * 4))
     assert run(mod.refined, "Capital of France?") == ("Paris", ["Paris, France", "Paris"])
     assert run(mod.refined, "Capital of France?")[1][2:] == ["Paris, France", "Paris"]  # SCORED grew
+
+
+def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+    """``s.run(QA, question=...)`` with ``QA`` a program at the top of the script, or a method of
+    such an object (``COUNTER.bump``, ``NOTES.append``), calls that global as in-process calls it:
+    its state (its history, a counter) is the one the session's code reads, and lives across calls."""
+    mod = user_module('''
+        import dspy
+
+
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def bump(self):
+                self.n += 1
+                return self.n
+
+
+        COUNTER = Counter()
+        QA = dspy.Predict("question -> answer")
+        NOTES = []
+
+
+        def seen():
+            return COUNTER.n, len(QA.history), list(NOTES)
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": str(i)} for i in range(5)]))
+    assert [run(mod.COUNTER.bump) for _ in range(3)] == [1, 2, 3]
+    assert [run(mod.QA, question=q).answer for q in ("a", "b")] == ["0", "1"]
+    run(mod.NOTES.append, "noted")
+    assert run(mod.seen) == (3, 2, ["noted"])
+    assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
