@@ -538,6 +538,7 @@ class SessionPickler(byvalue.SourcePickler):
             args = list(_cp._class_getnewargs(cls))
             tracker, args[4] = args[4], None
             state = _cp._class_getstate(cls)
+        state = (byvalue.class_state(cls, state[0]), state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
                 None, codestore._load_class_state)
 

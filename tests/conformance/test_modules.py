@@ -625,6 +625,54 @@ def test_pydantic_model_output_field(run: Runner) -> None:
     assert ticket == Ticket(category="billing", urgent=True)
 
 
+def local_output_types_program():
+    """DSPy's own tests define their types inside the test function (tests/adapters)."""
+
+    class LineItem(BaseModel):
+        name: str
+        quantity: int
+
+    class Order(dspy.Signature):
+        """Read an order."""
+
+        text: str = dspy.InputField()
+        lines: list[LineItem] = dspy.OutputField()
+
+    dspy.configure(lm=DummyLM([{"lines": [{"name": "egg", "quantity": 2}]}], adapter=dspy.JSONAdapter()),
+                   adapter=dspy.JSONAdapter())
+    return dspy.Predict(Order)(text="two eggs")
+
+
+def test_local_output_types_keep_their_qualified_names(run: Runner) -> None:
+    """Classes defined inside a function keep ``__qualname__`` both ways (their repr, ``type(x)``)."""
+    pred = run.check(local_output_types_program)
+    assert type(pred.lines[0]).__qualname__ == "local_output_types_program.<locals>.LineItem"
+
+    class Local(BaseModel):
+        x: int
+
+    assert run(lambda obj: type(obj).__qualname__, Local(x=1)) == Local.__qualname__
+
+
+def test_output_types_defined_beside_a_session_travel_without_it(run: Runner) -> None:
+    """A script's ``main()`` defines its output types next to its client and session (here: ``run``,
+    which holds sockets): pydantic keeps the defining function's locals on each class, which
+    must not travel with it."""
+
+    class Verdict(BaseModel):
+        label: str
+
+    class Judge(dspy.Signature):
+        """Judge a text."""
+
+        text: str = dspy.InputField()
+        verdict: Verdict = dspy.OutputField()
+
+    dspy.configure(lm=DummyLM([{"verdict": {"label": "fine"}}]))
+    verdict = run(lambda: dspy.Predict(Judge)(text="all good").verdict)
+    assert verdict.label == "fine" and type(verdict).__qualname__ == Verdict.__qualname__
+
+
 def parse_error_program():
     dspy.configure(lm=DummyLM([{"something_else": "no answer field"}] * 3), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
     return dspy.Predict("question -> answer")(question="What is the capital of France?")
