@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|executor|codec|client [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|executor|codec|client|durable [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -24,6 +24,9 @@ the raw blocks).
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
   call, the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
   ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.client.routing``).
+* ``durable``: each tree's stack (broker + one capacity-1 worker with dspy) and client: the
+  ``durable.call`` row (a ChainOfThought with 4 demos, DummyLM) in a durable and in a plain
+  session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
     if what == "codec":
         return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
     st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=True)
+    if what == "durable":
+        return DriverSide(tree, ["durable", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 150})
     routed = ["routed"] if name == "a" and a.routed_a else []
     return DriverSide(tree, ["client", st.frontend, str(a.sessions), *routed],
                       {"n": a.calls or 150, "seconds": a.duration}, worker=pids[1])
@@ -181,7 +186,7 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "executor", "codec", "client"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "executor", "codec", "client", "durable"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)

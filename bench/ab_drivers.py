@@ -25,6 +25,11 @@ figures for a block. Mode by mode:
   per no-op and per ref call), then an ``AsyncClient`` with SESSIONS sessions calling a
   ``ChainOfThought`` ref back to back (the serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
   brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
+* ``durable ENDPOINT BROKER_PID WORKER_PID``: against a stack of the same tree, the row of
+  ``python -m bench --only durable``: a ``ChainOfThought`` with 4 demos and a DummyLM in a durable
+  session and in a plain one (each past 200 calls: the LM history at its bound), ``n`` calls of
+  each in turn: p50 of each, their ratio, and the broker's and the worker's CPU per call of each
+  (``/proc`` schedstat, all threads).
 """
 
 from __future__ import annotations
@@ -355,10 +360,72 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     return block, close
 
 
+# -- durable -------------------------------------------------------------------------------------
+
+DURABLE_CONFIGURE = """
+import dspy
+from dspy.utils import DummyLM
+dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
+cot = dspy.ChainOfThought("question -> answer")
+cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Because {{i}}.", answer=f"A{{i}}")
+                     .with_inputs("question") for i in range(4)]
+"""
+
+
+def _cpu_ns(pid: int) -> int:
+    import os
+
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def _durable(endpoint: str, broker: int, worker: int) -> Side:
+    import dspex
+
+    client = dspex.connect(timeout=60, endpoint=endpoint)
+    progs = {}
+    for kind in ("durable", "plain"):
+        s = client.session("p", durable=kind == "durable")
+        progs[kind] = s.exec(DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"]))["cot"]
+        for _ in range(200):
+            progs[kind](question=QUESTION)
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n = int(cmd["n"])
+        out: dict[str, float] = {}
+        for kind, prog in progs.items():
+            lat = []
+            b0, w0 = _cpu_ns(broker), _cpu_ns(worker)
+            for _ in range(n):
+                t = time.perf_counter()
+                if prog(question=QUESTION).answer != "Paris":
+                    raise AssertionError("unexpected answer")
+                lat.append(time.perf_counter() - t)
+            out[f"{kind}_broker_cpu_us"] = (_cpu_ns(broker) - b0) / n / 1e3
+            out[f"{kind}_worker_cpu_us"] = (_cpu_ns(worker) - w0) / n / 1e3
+            out[f"{kind}_p50_us"] = _median(lat) * 1e6
+        out["durable_vs_plain"] = out["durable_p50_us"] / out["plain_p50_us"]
+        return {k: out[k] for k in ("durable_vs_plain", "durable_p50_us", "plain_p50_us", "durable_broker_cpu_us",
+                                    "plain_broker_cpu_us", "durable_worker_cpu_us", "plain_worker_cpu_us")}
+
+    return block, client.close
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
-    block, close = sides[mode]() if mode in sides else _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
+    if mode in sides:
+        block, close = sides[mode]()
+    elif mode == "durable":
+        block, close = _durable(argv[1], int(argv[2]), int(argv[3]))
+    else:
+        block, close = _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if not line.strip():

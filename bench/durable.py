@@ -5,6 +5,9 @@
 worker (with DSPy), in alternating blocks; each session has made 200 calls first, so its LM
 history is at the worker's bound and every call adds one entry and drops one (the steady state).
 The ratio is the median over rounds of the two neighbouring blocks' p50 ratio. Goal ≤ 1.2×.
+Beside it, the broker's and the worker's CPU per call of each session (``/proc`` schedstat, all
+threads, medians over the blocks): what the durable call costs each process, which the latency
+ratio of a loaded machine resolves less well.
 
 ``durable.restore``: the durable session's worker is SIGKILLed; the figure is the time from the
 moment the broker has seen it go (``status``) to the session's next call answering (the broker
@@ -50,6 +53,18 @@ cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Becau
 """
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time a process has run, all its threads (``/proc/PID/task/*/schedstat``: ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return total
+
+
 def _block(fn: Callable[[], Any], n: int) -> list[float]:
     out = []
     for _ in range(n):
@@ -66,8 +81,8 @@ def durable(cfg: Any) -> list[Row]:
     client = None
     try:
         st = Stack(ws, "du")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p")
+        broker = st.start_broker("p:strict_queue")
+        worker = st.start_worker("p")
         client = st.client(timeout=60)
         st.wait_workers("p", 1, 90, client=client)
         calls: dict[str, Callable[[], Any]] = {}
@@ -85,20 +100,30 @@ def durable(cfg: Any) -> list[Row]:
             _block(call, 200)  # the LM history at the worker's bound (--lm-history 200)
             calls[kind], sessions[kind] = call, s
         lat: dict[str, list[list[float]]] = {k: [] for k in calls}
+        cpu: dict[str, dict[str, list[float]]] = {k: {"broker": [], "worker": []} for k in calls}
+        pids = {"broker": broker.pid, "worker": worker.pid}
         for r in range(rounds):
             for kind in iter_rotated(list(calls), r):
+                before = {who: cpu_ns(pid) for who, pid in pids.items()}
                 lat[kind].append(_block(calls[kind], per_block))
+                for who, pid in pids.items():
+                    cpu[kind][who].append((cpu_ns(pid) - before[who]) / per_block / 1e9)
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {quantile(v[-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items()))
         p50 = {k: median([quantile(b, 0.5) for b in blocks]) for k, blocks in lat.items()}
         ratio = median([quantile(d, 0.5) / quantile(p, 0.5) for d, p in zip(lat["durable"], lat["plain"])])
+        per_call = {k: {who: median(v) for who, v in by.items()} for k, by in cpu.items()}
+        extra = {who: per_call["durable"][who] - per_call["plain"][who] for who in pids}
         (row,) = [r for r in client.sessions("p") if r["id"] == sessions["durable"].id]
         size = int(row["checkpoint_bytes"])
         rows = [Row("durable.call", "ChainOfThought, 4 demos, DummyLM: a durable session's call vs a plain one's",
-                    f"{us(p50['durable'])} (+{us(p50['durable'] - p50['plain'])})", f"plain {us(p50['plain'])}",
+                    f"{us(p50['durable'])} (+{us(p50['durable'] - p50['plain'])})",
+                    f"plain {us(p50['plain'])}; CPU per call +{us(extra['worker'])} worker, "
+                    f"+{us(extra['broker'])} broker",
                     f"{ratio:.2f}×", TARGET, "" if cfg.smoke else verdict(ratio <= 1.2),
                     data={"rounds": rounds, "calls_per_block": per_block, "ratio": ratio,
                           "p50_us": {k: v * 1e6 for k, v in p50.items()},
+                          "cpu_per_call_us": {k: {who: v * 1e6 for who, v in by.items()} for k, by in per_call.items()},
                           "raw_p50_us": {k: [quantile(b, 0.5) * 1e6 for b in v] for k, v in lat.items()}})]
         rows.append(Row("durable.bytes", "that session's checkpoint (200 LM history entries)", f"{size / 1024:.1f} KB",
                         "", "", "(info)", "", data={"bytes": size}))

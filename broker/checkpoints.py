@@ -240,8 +240,10 @@ class CheckpointStore:
             db.execute(f"DELETE FROM blobs WHERE session = ? AND slot IN ({marks})",
                        (w.session, *w.clear_slots))
         if w.set_slots:
-            db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?)",
-                           [(w.session, slot, blob) for slot, blob in zip(w.set_slots, w.blobs)])
+            # an upsert rewrites a slot's row in place; INSERT OR REPLACE would delete it and insert
+            # it again under a new rowid, several more pages into the WAL per commit
+            db.executemany("INSERT INTO blobs VALUES (?, ?, ?) ON CONFLICT (session, slot) DO UPDATE SET data = "
+                           "excluded.data", [(w.session, slot, blob) for slot, blob in zip(w.set_slots, w.blobs)])
         db.execute("UPDATE sessions SET seq = ?, skeleton = ?, size = ?, updated = ? WHERE id = ?",
                    (w.seq, w.skeleton, new, time.time(), w.session))
         return new

@@ -86,7 +86,8 @@ def test_bench_only_filter_rejects_unknown_names() -> None:
 @pytest.mark.parametrize("args", [
     ["--what", "core", "--b", "HEAD", "--rounds", "2", "--calls", "500"],  # a git revision: archived, run apart
     ["--what", "tree", "--b", ".", "--rounds", "1", "--duration", "0.3"],  # stacks of both sides under load
-], ids=["core-vs-HEAD", "tree"])
+    ["--what", "durable", "--b", ".", "--rounds", "1", "--calls", "20"],  # durable vs plain sessions, both sides
+], ids=["core-vs-HEAD", "tree", "durable"])
 def test_ab_harness_compares_two_trees(args: list[str], tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -96,8 +97,11 @@ def test_ab_harness_compares_two_trees(args: list[str], tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     rounds = int(args[args.index("--rounds") + 1])
     assert len(doc["raw"]["a"]) == len(doc["raw"]["b"]) == rounds
-    main_figure = "core_us" if args[1] == "core" else "calls_per_s"
+    main_figure = {"core": "core_us", "tree": "calls_per_s", "durable": "durable_vs_plain"}[args[1]]
     fig = doc["figures"][main_figure]
     assert fig["a"] > 0 and fig["b"] > 0 and fig["a_vs_b"] > 0
     if args[1] == "tree":
         assert doc["figures"]["errors"]["a"] == doc["figures"]["errors"]["b"] == 0
+    if args[1] == "durable":  # each side's broker and worker did work for each session
+        assert all(doc["figures"][f"{kind}_{who}_cpu_us"]["a"] > 0 for kind in ("durable", "plain")
+                   for who in ("broker", "worker"))

@@ -8,8 +8,10 @@ in order, so the answer a restored program gets proves which LM it talks to and 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
+import pickle
 import threading
 from typing import Any
 
@@ -19,7 +21,7 @@ dspy = pytest.importorskip("dspy")
 from dspy.utils import DummyLM
 
 from dspex.errors import CheckpointRefused
-from worker import checkpoint, checkpoint_restore, namespace
+from worker import checkpoint, checkpoint_pickler, checkpoint_restore, namespace
 from worker.checkpoint_pickler import load_seeded
 from worker.refs import RefTable, SessionState
 
@@ -119,6 +121,51 @@ def test_an_unchanged_session_sends_nothing_and_a_call_sends_its_new_history_ent
     assert ck is not None and not ck.full and ck.seq == first.seq + 1
     assert len(ck.set_slots) == 1 and ck.clear_slots == []  # the new history entry only
     assert len(ck.skeleton) < len(first.skeleton) + 200
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Part:
+    kind: str
+    text: str
+
+
+@dataclasses.dataclass(slots=True)
+class _Reply:
+    parts: list[_Part]
+    tokens: int = 0
+    note: dataclasses.InitVar[str] = ""
+
+    def __post_init__(self, note: str) -> None:
+        pass
+
+
+@dataclasses.dataclass(slots=True)
+class _OwnState:
+    value: int
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"value": self.value * 2}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.value = state["value"] // 2
+
+
+@dataclasses.dataclass(slots=True)
+class _OneField:
+    only: complex  # copyreg's reducer for complex inside
+
+
+def test_a_history_entry_is_pickled_as_pickle_itself_would() -> None:
+    """History entries go through the checkpoint's data pickler (a faster path for slotted
+    dataclasses, DSPy's LM responses): the bytes are pickle's own, for DSPy's entries and for
+    dataclasses with InitVars, their own __getstate__, one field, copyreg reducers."""
+    _, state, _ = typical_session()
+    entries = [*state.lm_history, {"response": _Reply([_Part("text", "a"), _Part("image", "b")], 3),
+                                   "own": _OwnState(21), "one": _OneField(1 + 2j), "cls": _Part, "n": None}]
+    for entry in entries:
+        blob = checkpoint_pickler.dumps_data_blob(entry)
+        assert blob == pickle.dumps(entry, checkpoint_pickler.PROTOCOL)
+        assert checkpoint_pickler.load_blob(blob) == entry
 
 
 def test_deltas_applied_in_order_restore_the_latest_state_and_history_drops_its_old_entries() -> None:
@@ -461,18 +508,49 @@ class _Box:
         self.inner = {"deep": [1, 2, {"x": "y"}]}
 
 
-@pytest.mark.parametrize("change", [
-    "demo field", "instructions", "lm kwargs", "module attribute", "nested object",
-    "adapter flag", "setting", "namespace global", "ref released"])
+_SESSION_CODE = (
+    "class Bag:\n"
+    "    limit = 3\n"
+    "    def __init__(self):\n"
+    "        self.items = []\n"
+    "def scale(x, by=2):\n"
+    "    return x * by\n"
+    "def make_counter():\n"
+    "    seen = [0]\n"
+    "    def count():\n"
+    "        return seen[0]\n"
+    "    return count\n"
+    "bag = Bag()\n"
+    "count = make_counter()\n"
+)
+
+
+class _Note(dspy.utils.callback.BaseCallback):
+    pass
+
+
+_CHANGES = [
+    "demo field", "demo added", "instructions", "field description", "lm kwargs", "lm history cleared",
+    "module attribute", "module callback", "nested object", "adapter flag", "setting", "namespace global",
+    "session class instance", "session class attribute", "session function default", "session function code",
+    "closure cell", "by-value module global", "by-value module global rebound", "ref released"]
+
+
+@pytest.mark.parametrize("change", _CHANGES)
 def test_a_change_anywhere_in_what_the_session_holds_is_caught_by_the_next_build(change: str) -> None:
-    """The fingerprint is the skeleton's pickle (the tracker reuses its pickler from build to
-    build): whatever a call changes, however deep, makes a checkpoint, and the restore has it.
+    """Whatever a call changes, however deep, makes a checkpoint, and the restore has it: inside
+    demos and signatures, the LM, module attributes and callbacks, nested containers, objects
+    and classes of the session's own code (by value), closures, the globals of by-value modules.
     (Not an LM history entry changed in place after it was recorded: each is pickled once, when
     it appears; docs/reliability.md says so.)"""
-    _, state, refs = typical_session()
+    table, state, refs = typical_session()
     box = _Box()
-    refs["box"] = RefTable("p", "w1").put(state, box)
-    namespace.session_module(state).__dict__["counter"] = [0]
+    refs["box"] = table.put(state, box)
+    ns = namespace.namespace(state)
+    ns["counter"] = [0]
+    exec(namespace.compile_in_session(state, _SESSION_CODE), ns)  # noqa: S102 - the session's own code
+    helpers = state.code.module("m:helpers", {"__name__": "helpers", "__file__": "/client/helpers.py"})
+    exec(compile("calls = []\nlimit = 1\n", "/client/helpers.py", "exec"), helpers.__dict__)  # noqa: S102
     tracker, held = checkpoint.Tracker(SID), Held()
     for _ in range(2):  # the second build: nothing changed, nothing sent
         ck, _ = tracker.build(state)
@@ -482,33 +560,62 @@ def test_a_change_anywhere_in_what_the_session_holds_is_caught_by_the_next_build
     lm, cot = state.dspy_settings["lm"], state.refs[refs["cot"].id]
     mutate: dict[str, Any] = {
         "demo field": lambda: cot.predict.demos[2]._store.__setitem__("answer", "changed"),
+        "demo added": lambda: cot.predict.demos.append(dspy.Example(question="q9", answer="a9")),
         "instructions": lambda: setattr(cot.predict, "signature", cot.predict.signature.with_instructions("new")),
+        "field description": lambda: cot.predict.signature.output_fields["answer"].json_schema_extra.__setitem__(
+            "desc", "the city"),
         "lm kwargs": lambda: lm.kwargs.__setitem__("temperature", 0.5),
+        "lm history cleared": lambda: lm.history.clear(),
         "module attribute": lambda: setattr(cot, "mine", 7),
+        "module callback": lambda: cot.callbacks.append(_Note()),
         "nested object": lambda: box.inner["deep"][2].__setitem__("x", "z"),
         "adapter flag": lambda: setattr(state.dspy_settings["adapter"], "use_native_function_calling", True),
         "setting": lambda: state.dspy_settings.__setitem__("max_errors", 3),
-        "namespace global": lambda: namespace.session_module(state).__dict__["counter"].append(1),
+        "namespace global": lambda: ns["counter"].append(1),
+        "session class instance": lambda: ns["bag"].items.append("x"),
+        "session class attribute": lambda: setattr(ns["Bag"], "limit", 5),
+        "session function default": lambda: setattr(ns["scale"], "__defaults__", (10,)),
+        "session function code": lambda: setattr(ns["scale"], "__code__", (lambda x, by=2: x + by).__code__),
+        "closure cell": lambda: ns["count"].__closure__[0].cell_contents.__setitem__(0, 4),
+        "by-value module global": lambda: helpers.__dict__["calls"].append(1),
+        "by-value module global rebound": lambda: helpers.__dict__.__setitem__("limit", 9),
         "ref released": lambda: state.refs.pop(refs["box"].id),
     }
     mutate[change]()
     ck, _ = tracker.build(state)
     assert ck is not None, f"a changed {change} made no checkpoint"
     held.apply(ck)
+    namespace.drop_session_module(state)
     new, _ = held.restore()
-    ncot, nlm = new.refs[refs["cot"].id], new.dspy_settings["lm"]
+    ncot, nlm, nns = new.refs[refs["cot"].id], new.dspy_settings["lm"], namespace.namespace(new)
+    nhelpers = new.code.modules["m:helpers"].__dict__
     seen = {
         "demo field": lambda: ncot.predict.demos[2].answer == "changed",
+        "demo added": lambda: len(ncot.predict.demos) == 5 and ncot.predict.demos[4].answer == "a9",
         "instructions": lambda: ncot.predict.signature.instructions == "new",
+        "field description": lambda: ncot.predict.signature.output_fields["answer"].json_schema_extra["desc"]
+        == "the city",
         "lm kwargs": lambda: nlm.kwargs["temperature"] == 0.5,
+        "lm history cleared": lambda: nlm.history == [] and len(new.lm_history) == 3,
         "module attribute": lambda: ncot.mine == 7,
+        "module callback": lambda: [type(c) for c in ncot.callbacks] == [_Note],
         "nested object": lambda: new.refs[refs["box"].id].inner["deep"][2] == {"x": "z"},
         "adapter flag": lambda: new.dspy_settings["adapter"].use_native_function_calling is True,
         "setting": lambda: new.dspy_settings["max_errors"] == 3,
-        "namespace global": lambda: new.module is not None and new.module.__dict__["counter"] == [0, 1],
+        "namespace global": lambda: nns["counter"] == [0, 1],
+        "session class instance": lambda: nns["bag"].items == ["x"] and type(nns["bag"]) is nns["Bag"],
+        "session class attribute": lambda: nns["Bag"].limit == 5 and nns["bag"].limit == 5,
+        "session function default": lambda: nns["scale"](1) == 10,
+        "session function code": lambda: nns["scale"](1) == 3,
+        "closure cell": lambda: nns["count"]() == 4,
+        "by-value module global": lambda: nhelpers["calls"] == [1],
+        "by-value module global rebound": lambda: nhelpers["limit"] == 9,
         "ref released": lambda: refs["box"].id not in new.refs,
     }
-    assert seen[change](), change
+    try:
+        assert seen[change](), change
+    finally:
+        namespace.drop_session_module(new)
 
 
 def test_histories_of_the_lm_and_modules_restore_as_lists_of_their_own_with_the_sessions_entries() -> None:
