@@ -69,7 +69,7 @@ def make_stdlib_values() -> list[Any]:
     import types
 
     return [fractions.Fraction(1, 3), collections.deque([1, 2], maxlen=5), types.SimpleNamespace(a=1, b=[2]),
-            range(3, 10, 2), slice(1, None, 2), array.array("i", [1, 2]), re.compile("a+b", re.I), ...,
+            range(3, 10, 2), slice(1, None, 2), array.array("i", [1, 2]), re.compile("a+b", re.IGNORECASE), ...,
             collections.ChainMap({"a": 1}, {"b": 2})]
 
 
