@@ -18,6 +18,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import byvalue
+from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
 BIG_ITEMS = 10_000
@@ -35,7 +36,7 @@ _user_modules: tuple[tuple[int, Any], list[types.ModuleType]] = ((-1, None), [])
 _module_globals: dict[str, tuple[dict[str, Any], int, dict[int, str]]] = {}
 _merged: dict[int, tuple[str, str, dict[str, Any]]] | None = None
 _NOT_STATE = (type(None), bool, int, float, complex, str, bytes, types.FunctionType, types.ModuleType,
-              types.BuiltinFunctionType)
+              types.BuiltinFunctionType, Ref)  # a ref is a handle: it names its object already
 ABSENT = object()
 _CACHE_MAX = 8192
 
