@@ -351,6 +351,37 @@ def test_a_hint_session_repinned_to_another_worker_gets_its_code_again(
     s.close()
 
 
+COUNTED = '''
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def bump(self):
+        self.n += 1
+        return self.n
+
+
+COUNTER = Counter()
+'''
+
+
+def test_a_module_global_given_to_a_call_keeps_its_state_through_a_cache_miss(dx: dspex.Client, usercode: Any,
+                                                                               misses: list[bool]) -> None:
+    """``s.run(COUNTER.bump)``: the session's COUNTER, also after the worker forgot the code it
+    was sent (the module state stays); in a ``none`` pool, the client's COUNTER as it is each time."""
+    mod = usercode(COUNTED)
+    s = dx.session("p")
+    assert [s.run(mod.COUNTER.bump) for _ in range(2)] == [1, 2]
+    s.run(forget_everything)
+    assert s.run(mod.COUNTER.bump) == 3
+    assert s.run(lambda: mod.COUNTER.n) == 3  # read by code: the same object
+    s.close()
+    n = dx.session("n")
+    assert [n.run(mod.COUNTER.bump) for _ in range(3)] == [1, 1, 1]
+    assert mod.COUNTER.n == 0  # the client's own was never changed
+    n.close()
+
+
 def test_globals_from_importable_modules_go_by_reference(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         import dspy.utils.callback_context as callback_context

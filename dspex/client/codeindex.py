@@ -18,7 +18,6 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import byvalue
-from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
 BIG_ITEMS = 10_000
@@ -30,13 +29,6 @@ _code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
 _imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 _by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
 _by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
-# (how sys.modules looked: its length and last module, the user modules then)
-_user_modules: tuple[tuple[int, Any], list[types.ModuleType]] = ((-1, None), [])
-# a user module's name -> (its globals dict, how many names it had, id(value) -> name of the value)
-_module_globals: dict[str, tuple[dict[str, Any], int, dict[int, str]]] = {}
-_merged: dict[int, tuple[str, str, dict[str, Any]]] | None = None
-_NOT_STATE = (type(None), bool, int, float, complex, str, bytes, types.FunctionType, types.ModuleType,
-              types.BuiltinFunctionType, Ref)  # a ref is a handle: it names its object already
 ABSENT = object()
 _CACHE_MAX = 8192
 
@@ -193,44 +185,14 @@ def remember_reference(value: Any, module: str, attribute: str) -> None:
         _by_reference[id(value)] = (value, module, attribute)
 
 
-def module_globals() -> dict[int, tuple[str, str, dict[str, Any]]]:
-    """``id(value) -> (module, name, the module's globals)`` for the globals of the client's own
-    code that can hold state (not atoms, functions, classes or modules). Each module is indexed
-    once, and again when its number of names changed (a global rebound in place of another is
-    found again after that); the merged index is rebuilt only when one was."""
-    global _user_modules, _merged
-    seen, modules = _user_modules
-    now: tuple[int, Any]
-    try:  # a module imported or removed since changes the length or the last one (dicts keep order)
-        now = (len(sys.modules), sys.modules[next(reversed(sys.modules))])
-    except (StopIteration, KeyError, RuntimeError):
-        now = (-1, None)
-    changed = seen[0] != now[0] or seen[1] is not now[1] or now[0] < 0
-    if changed:
-        modules = [m for m in list(sys.modules.values()) if isinstance(m, types.ModuleType) and user_module(m)]
-        _user_modules = (now, modules)
-    for module in modules:
-        g = vars(module)
-        entry = _module_globals.get(module.__name__)
-        if entry is None or entry[0] is not g or entry[1] != len(g):
-            index = {id(v): k for k, v in list(g.items())
-                     if not isinstance(v, _NOT_STATE) and not isinstance(v, type) and not k.startswith("__")}
-            _module_globals[module.__name__] = (g, len(g), index)
-            changed = True
-    if changed or _merged is None:
-        merged: dict[int, tuple[str, str, dict[str, Any]]] = {}
-        for module in modules:
-            g, _, index = _module_globals[module.__name__]
-            for oid, name in index.items():
-                merged.setdefault(oid, (module.__name__, name, g))
-        _merged = merged
-    return _merged
-
-
-def module_global(obj: Any, index: dict[int, tuple[str, str, dict[str, Any]]]) -> tuple[str, str] | None:
-    """``(module, name)`` when ``obj`` itself is bound to that global of the client's code
-    (``index``: :func:`module_globals`)."""
-    hit = index.get(id(obj))
-    if hit is not None and hit[2].get(hit[1]) is obj:
-        return hit[0], hit[1]
+def global_name(obj: Any, modules: list[str]) -> tuple[str, str] | None:
+    """``(module, name)`` when ``obj`` itself is bound to a global of one of these user modules
+    (looked up as they are now: a global rebound since is found under its new object)."""
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        if module is None or not user_module(module):
+            continue
+        for name, value in list(vars(module).items()):
+            if value is obj and not name.startswith("__"):
+                return module_name, name
     return None

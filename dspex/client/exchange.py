@@ -99,7 +99,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     else:
         msg = Message(sender or _SESSIONLESS)
         if sender is not None and spec is not None:
-            body = as_module_globals(BODY_NAMES[op], body)
+            body = as_module_globals(msg, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
         settings = msg.settings(codec.session_ext)

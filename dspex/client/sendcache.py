@@ -67,6 +67,7 @@ class SendCache:
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
+        self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
 
     @classmethod
     def transient(cls) -> SendCache:
@@ -93,6 +94,8 @@ class SendCache:
             for key in msg.namespaces:
                 self.pins[key] = _PINNED_FOREVER
             for where, (obj, key) in msg.bindings.items():
+                if where[0].startswith("m:") and where[0][2:] not in self.modules:
+                    self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
                 self.bound[where] = (obj, key)
                 self.pins[key] = self.pins.get(key, 0) + 1
@@ -144,6 +147,7 @@ class SendCache:
             self.drops.clear()
             self.walks.clear()
             self.last_settings = None
+            self.modules.clear()
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1

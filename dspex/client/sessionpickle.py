@@ -42,7 +42,7 @@ from dspex.wire.ref import Ref
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _DATA = frozenset({list, tuple, dict, set, frozenset})
-_NOT_GLOBALS = frozenset({types.FunctionType, types.MethodType, Ref})  # sent as they are (a method: its object)
+_NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
@@ -80,31 +80,33 @@ class _Attribute:
 
 
 class ModuleGlobal:
-    """An argument of a request that is a global of the client's code: on the worker, the
-    session's global of that name (:meth:`SessionPickler._global`)."""
+    """An argument of a request that is a global of the client's code (or a method of one,
+    ``attr``): on the worker, the session's global of that name (:meth:`SessionPickler._global`)."""
 
-    __slots__ = ("module", "name", "obj")
+    __slots__ = ("attr", "module", "name", "obj")
 
-    def __init__(self, module: str, name: str, obj: Any) -> None:
-        self.module, self.name, self.obj = module, name, obj
+    def __init__(self, module: str, name: str, obj: Any, attr: str | None = None) -> None:
+        self.module, self.name, self.obj, self.attr = module, name, obj, attr
 
 
-def as_module_globals(op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
+def as_module_globals(msg: Message, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
     """``body`` of a worker op with each argument that is an object bound as a global of the
-    client's code (at the top: the callable, an element of ``args``, a value of ``kwargs`` or
-    ``namespace``) wrapped as a :class:`ModuleGlobal`. Data (lists, dicts, tuples, sets) stays an
-    argument sent with each call, with its exact types."""
+    client's code, or a method of one (at the top: the callable, an element of ``args``, a value
+    of ``kwargs`` or ``namespace``), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
+    tuples, sets) stays an argument sent with each call, with its exact types."""
     out = body
-    index: Any = None
 
     def wrapped(value: Any) -> Any:
-        nonlocal index
         t = type(value)
         if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
             return value
-        if index is None:
-            index = codeindex.module_globals()
-        found = codeindex.module_global(value, index)
+        if t is types.MethodType or t is types.BuiltinMethodType:  # COUNTER.bump, NOTES.append
+            owner = value.__self__
+            if owner is None or isinstance(owner, (types.ModuleType, type)):
+                return value
+            found = msg.global_of(owner)
+            return value if found is None else ModuleGlobal(found[0], found[1], owner, value.__name__)
+        found = msg.global_of(value)
         return value if found is None else ModuleGlobal(found[0], found[1], value)
 
     for i, (name, value) in enumerate(zip(op_args, body)):
@@ -234,6 +236,13 @@ class Message:
         if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
             self.settings_sent = (signature, ext, keys, values)
         return ext
+
+    def global_of(self, obj: Any) -> tuple[str, str] | None:
+        """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
+        script's ``__main__``, of the module of its class, or of a module this session's code
+        uses."""
+        modules = ["__main__", getattr(type(obj), "__module__", ""), *self.cache.modules]
+        return codeindex.global_name(obj, list(dict.fromkeys(modules)))
 
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -460,37 +469,29 @@ class SessionPickler(byvalue.SourcePickler):
     def __init__(self, file: io.BytesIO, msg: Message) -> None:
         super().__init__(file, {})
         self.msg = msg
-        self._defining: set[int] = set()  # values of bindings pickled here: themselves, not their global
-        self._globals: dict[int, tuple[str, str, dict[str, Any]]] | None = None  # codeindex.module_globals()
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
         if t is types.FunctionType:
             return self._function(obj)
-        if t is ModuleGlobal:
-            return self._global("m:" + obj.module, obj.name, obj.obj)
-        if id(obj) not in self._defining and t not in _ATOMS:
-            if self._globals is None:
-                self._globals = codeindex.module_globals()
-            if t is types.BuiltinMethodType and not isinstance(obj.__self__, types.ModuleType):
-                found = codeindex.module_global(obj.__self__, self._globals)  # NOTES.append of a global list
-                if found is not None:
-                    return getattr, (ModuleGlobal(found[0], found[1], obj.__self__), obj.__name__)
-            else:
-                found = codeindex.module_global(obj, self._globals)
-                if found is not None:  # a part of an argument that is a global of the client's code
-                    return self._global("m:" + found[0], found[1], obj)
         if t is _Value:
             return self._value(obj)
         if t is _CodeRef:
             return self._code(obj.code)
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
+        if t is ModuleGlobal:
+            if obj.attr is not None:
+                return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)
+            return self._global("m:" + obj.module, obj.name, obj.obj)
         if t is types.ModuleType:
             if codeindex.by_value(obj):
                 return self._module(obj)
-        elif issubclass(t, type) and codeindex.by_value(obj):
-            return self._class(obj)
+            return super().reducer_override(obj)
+        if issubclass(t, type):
+            if codeindex.by_value(obj):
+                return self._class(obj)
+            return super().reducer_override(obj)
         return super().reducer_override(obj)
 
     def _held(self, key: str, bindings: list[Binding]) -> Any:
@@ -555,7 +556,6 @@ class SessionPickler(byvalue.SourcePickler):
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
-        self._defining.add(id(value.obj))
         return codestore._load_value, (value.key, value.obj)
 
     def _global(self, nsid: str, name: str, obj: Any) -> Any:
@@ -564,7 +564,13 @@ class SessionPickler(byvalue.SourcePickler):
         is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
         bindings: list[Binding] = []
         self.msg._bind(bindings, [], nsid, name, obj)
-        return codestore._load_global, (nsid, name, bindings or None)
+        if not bindings:
+            return codestore._load_global, (nsid, name)
+        # a pickle of its own: pickled here, the value would be memoized as ``obj`` itself, and
+        # the copy sent would stand for the global even where the session keeps its own
+        data, sources = self.msg.dumps(bindings)
+        self.sources.update(sources)
+        return codestore._load_global, (nsid, name, data)
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)
