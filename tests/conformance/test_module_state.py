@@ -225,3 +225,5 @@ def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, u
     run(mod.NOTES.append, "noted")
     assert run(mod.seen) == (3, 2, ["noted"])
     assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
+    mod.COUNTER = mod.Counter()  # rebound, as re-running the cell that made it does
+    assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1
