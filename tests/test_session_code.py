@@ -351,6 +351,37 @@ def test_a_hint_session_repinned_to_another_worker_gets_its_code_again(
     s.close()
 
 
+COUNTED = '''
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def bump(self):
+        self.n += 1
+        return self.n
+
+
+COUNTER = Counter()
+'''
+
+
+def test_a_module_global_given_to_a_call_keeps_its_state_through_a_cache_miss(dx: dspex.Client, usercode: Any,
+                                                                               misses: list[bool]) -> None:
+    """``s.run(COUNTER.bump)``: the session's COUNTER, also after the worker forgot the code it
+    was sent (the module state stays); in a ``none`` pool, the client's COUNTER as it is each time."""
+    mod = usercode(COUNTED)
+    s = dx.session("p")
+    assert [s.run(mod.COUNTER.bump) for _ in range(2)] == [1, 2]
+    s.run(forget_everything)
+    assert s.run(mod.COUNTER.bump) == 3
+    assert s.run(lambda: mod.COUNTER.n) == 3  # read by code: the same object
+    s.close()
+    n = dx.session("n")
+    assert [n.run(mod.COUNTER.bump) for _ in range(3)] == [1, 1, 1]
+    assert mod.COUNTER.n == 0  # the client's own was never changed
+    n.close()
+
+
 def test_globals_from_importable_modules_go_by_reference(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         import dspy.utils.callback_context as callback_context
@@ -457,6 +488,25 @@ def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fr
     assert s.run(mod.current)[1] == "NoneType"  # the context ended on the client
     s.run(mod.configure_own, "from the session")
     assert s.run(mod.answer, "q") == "from the session"  # the session's own wins
+    s.close()
+
+
+def test_a_ref_in_the_client_settings_is_the_worker_object(dx: dspex.Client, usercode: Any,
+                                                          fresh_settings: None) -> None:
+    """An LM kept on the worker (``s.put``, or read back as a ref) and configured on the client is
+    that LM on the worker, as a ref passed as an argument is."""
+    mod = usercode(PROGRAM)
+    s = dx.session("p")
+    lm = s.put(DummyLM([{"answer": "the session's LM"}] * 5))
+    with dspy.context(lm=lm):
+        assert s.run(mod.answer, "q") == "the session's LM"
+    dspy.configure(lm=lm)
+    assert s.run(mod.answer, "q") == "the session's LM"
+    assert len(lm.history) == 2  # the very object the ref names
+    other = dx.session("p")
+    with pytest.raises(dspex.RefNotFound, match="the client's DSPy settings hold a ref this session cannot use"):
+        other.run(mod.answer, "q")
+    other.close()
     s.close()
 
 

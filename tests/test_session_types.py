@@ -61,6 +61,28 @@ def test_values_made_on_the_worker_come_back_exact(dx: dspex.Client) -> None:
     assert out[5] == "lone \udcff"
 
 
+def make_stdlib_values() -> list[Any]:
+    import array
+    import collections
+    import fractions
+    import re
+    import types
+
+    return [fractions.Fraction(1, 3), collections.deque([1, 2], maxlen=5), types.SimpleNamespace(a=1, b=[2]),
+            range(3, 10, 2), slice(1, None, 2), array.array("i", [1, 2]), re.compile("a+b", re.IGNORECASE), ...,
+            collections.ChainMap({"a": 1}, {"b": 2})]
+
+
+def test_standard_library_values_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:
+    """Values of the standard library's value types are data: they come back as themselves, not
+    as refs to the worker's copy."""
+    s = dx.session("p")
+    got, expected = s.run(make_stdlib_values), make_stdlib_values()
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert [repr(v) for v in got] == [repr(v) for v in expected]
+    assert got[1].maxlen == 5 and got[7] is ...
+
+
 def test_a_class_defined_in_the_session_comes_back_as_that_class(dx: dspex.Client) -> None:
     s = dx.session("p")
     s.exec("import typing\nclass Hit(typing.NamedTuple):\n    doc: str\n    score: float\n")

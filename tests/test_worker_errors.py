@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 import textwrap
 
 import pytest
 
 import dspex
-from tests.harness import Stack
+from tests.harness import Stack, wait_for
 
 RAISERS = {
     "SystemExit": ("raise SystemExit(3)", "SystemExit"),
@@ -105,3 +107,55 @@ def test_an_argument_that_exits_while_unpickled_is_contained(stack: Stack) -> No
         s.run(lambda x: 1, ExitsOnLoad())
     assert info.value.details["type"] == "SystemExit"
     assert s.call("os", "getpid") == pid
+
+
+def test_a_sigterm_handler_set_by_user_code_does_not_outlive_the_call(stack: Stack) -> None:
+    """A program (or a library it imports) that ignores SIGTERM must not leave its worker deaf
+    to supervisord's stop: after the call the worker's own handler is back and it exits cleanly."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    (proc,) = stack.worker_procs
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for(lambda: proc.poll() is not None, 15, what="the worker's exit after SIGTERM")
+    assert proc.returncode == 0
+    wait_for(lambda: any(e["event"] == "exit" for e in dx.status()["events"]), what="the broker saw a clean exit")
+    assert dx.status()["pools"]["p"]["crashes"] == 0
+
+
+def forked_child_dies_of_sigterm() -> bool:
+    """What multiprocessing's Pool.terminate() relies on: a forked child ends on SIGTERM."""
+    import os
+    import signal
+    import time
+
+    ready, started = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(started, b"1")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.read(ready, 1)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def pool_of_processes() -> list[int]:
+    import multiprocessing
+
+    with multiprocessing.Pool(2) as pool:
+        return pool.map(abs, [-1, -2, -3])
+
+
+def test_processes_forked_by_user_code_have_default_signal_handlers(stack: Stack) -> None:
+    """A process user code forks (multiprocessing's default on Linux) is a fresh program's child,
+    not a worker: SIGTERM ends it, so Pool.terminate() never hangs a call."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert forked_child_dies_of_sigterm()  # in-process
+    assert s.apply(forked_child_dies_of_sigterm, timeout=15) is True
+    for _ in range(5):
+        assert s.apply(pool_of_processes, timeout=15) == [1, 2, 3]

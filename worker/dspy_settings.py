@@ -34,6 +34,9 @@ from worker.refs import SessionState
 # The session a request runs in; read by the configure interceptor.
 current_session: contextvars.ContextVar[SessionState | None] = contextvars.ContextVar(
     "dspex_session", default=None)
+# The settings the calling client's dspy.context holds for this call: a dspy.configure in the call
+# does not change them for the rest of the call, as in-process it does not inside such a block.
+client_pins: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dspex_client_pins", default=frozenset())
 
 
 class SessionHistory(list):  # type: ignore[type-arg]
@@ -129,8 +132,10 @@ class SessionSettings:
         module = self._module
         state.dspy_settings.update(kwargs)
         # visible for the rest of this call (the enclosing dspy.context restores it after)
+        pins = client_pins.get()
+        visible = {k: v for k, v in kwargs.items() if k not in pins} if pins else kwargs
         overrides = module.thread_local_overrides.get()
-        module.thread_local_overrides.set(type(overrides)({**overrides, **kwargs}))
+        module.thread_local_overrides.set(type(overrides)({**overrides, **visible}))
         if self._process_owner is state:
             module.main_thread_config.update(kwargs)
 
@@ -144,12 +149,13 @@ class _Scope:
     (capacity 1) and the overrides. A class, not generator context managers: it is entered on
     every call, and a class is cheaper to enter than each nested generator."""
 
-    __slots__ = ("_base", "_saved", "_token", "owner", "state")
+    __slots__ = ("_base", "_pins", "_saved", "_token", "owner", "state")
 
     def __init__(self, owner: SessionSettings, state: SessionState) -> None:
         self.owner = owner
         self.state = state
         self._base: Any = None
+        self._pins: Any = None
         self._saved: dict[str, Any] | None = None
 
     def __enter__(self) -> _Scope:  # noqa: PYI034 - a final class: Self adds nothing
@@ -179,22 +185,41 @@ class _Scope:
             raise
         return self
 
-    def add_client(self, values: Any) -> None:
+    def add_client(self, values: Any, pinned: Any = None) -> None:
         """The calling client's DSPy settings, for this call: under the session's own (a setting
-        the session configured wins, key by key)."""
+        the session configured wins, key by key), except those of ``pinned``, which the client's
+        ``dspy.context`` holds: they win, as a ``dspy.context`` block wins over ``dspy.configure``
+        in-process."""
         owner = self.owner
         if owner._dspy is None or not isinstance(values, dict) or not values:
             return
         own = self.state.dspy_settings
-        values = {k: v for k, v in values.items() if isinstance(k, str) and k not in own}
-        if not values:
+        pins = frozenset(k for k in pinned if isinstance(k, str) and k in values) if isinstance(pinned, list) else ()
+        under = {k: v for k, v in values.items() if isinstance(k, str) and k not in own}
+        if pins:
+            self._pins = client_pins.set(pins)
+        elif not under:
             return
         module = owner._module
-        if self._saved is not None:  # capacity 1: threads the call starts see them too (restored at exit)
+        if self._saved is not None and under:  # capacity 1: threads the call starts see them too (restored at exit)
             with owner._lock:
-                module.main_thread_config.update(values)
+                module.main_thread_config.update(under)
         overrides = module.thread_local_overrides
-        overrides.set(type(overrides.get())({**overrides.get(), **values}))  # undone with the scope's own
+        # undone with the scope's own
+        overrides.set(type(overrides.get())({**overrides.get(), **under, **{k: values[k] for k in pins}}))
+
+    def track_usage(self) -> Any:
+        """A ``dspy.track_usage()`` tracker of this call, standing in for the calling client's
+        (its block is around the call there): None without DSPy."""
+        owner = self.owner
+        if owner._dspy is None:
+            return None
+        from dspy.utils.usage_tracker import UsageTracker
+
+        tracker = UsageTracker()
+        overrides = owner._module.thread_local_overrides
+        overrides.set(type(overrides.get())({**overrides.get(), "usage_tracker": tracker}))  # undone with the scope's own
+        return tracker
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner
@@ -208,6 +233,8 @@ class _Scope:
                     config.update(saved)
         finally:
             try:
+                if self._pins is not None:
+                    client_pins.reset(self._pins)
                 if self._base is not None:
                     owner._module.thread_local_overrides.reset(self._base)
             finally:

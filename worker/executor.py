@@ -10,7 +10,9 @@ payloads (worker.remote_errors).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import json
 import secrets
 import sys
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from dspex.wire.errors import (
     Cancelled,
     DspexError,
     ProtocolError,
+    RefNotFound,
     RemoteError,
     Timeout,
     UnknownOp,
@@ -165,6 +168,8 @@ class Executor:
 
         call = None
         key = (client, header.req_id)
+        usage: Any = None  # the call's usage tracker (dspy.track_usage() around the call on the client)
+        wants_usage = False
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
@@ -182,10 +187,11 @@ class Executor:
                             body, context = payload[:-1], payload[-1]
                         else:
                             body = payload
-                        args = codec.decode(body, resolve_ref=lambda r: self.refs.get(state, r),
-                                            own_frames=self.own_frames, side="worker")
-                        if context is not None:
-                            context = codec.decode([context], side="worker")
+                        resolve_ref = functools.partial(self.refs.get, state)
+                        args = codec.decode(body, resolve_ref=resolve_ref, own_frames=self.own_frames, side="worker")
+                        if context is not None:  # the client's settings may hold refs (an LM it s.put)
+                            context = codec.decode([context], resolve_ref=functools.partial(_setting_ref, resolve_ref),
+                                                   side="worker")
                 except DspexError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
@@ -198,7 +204,10 @@ class Executor:
                     if not isinstance(context, dict):
                         raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
-                    scope.add_client(context.get("dspy"))
+                    scope.add_client(context.get("dspy"), context.get("pinned"))
+                    wants_usage = bool(context.get("usage"))
+                    if wants_usage:
+                        usage = scope.track_usage()
                 result = self._run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
@@ -212,19 +221,19 @@ class Executor:
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
-                frames = self._encode(result, to_ref)
+                frames = self._encode([result, _usage_data(usage)] if wants_usage else result, to_ref)
                 limits.settle(call)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
         except limits.CallTimedOut:
             self._drop(state, made)
-            raise _stopped(header, call) from None
-        except DspexError:
+            raise _with_usage(_stopped(header, call), usage) from None
+        except DspexError as err:
             self._drop(state, made)
             if call is not None and call.timed_out:  # user code turned the interruption into an error
-                raise _stopped(header, call) from None
-            raise
+                raise _with_usage(_stopped(header, call), usage) from None
+            raise _with_usage(err, usage)
         finally:
             self._calls.pop(key, None)
             if sessionless:
@@ -340,6 +349,34 @@ class Executor:
 _MISSING = object()
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 _EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)
+
+
+def _usage_data(tracker: Any) -> dict[str, list[Any]]:
+    """What a call's LM calls used (``{lm: [entry, ...]}``), as plain data (an error reply's
+    details must pack with msgpack)."""
+    if tracker is None:  # a worker without DSPy: no LM call
+        return {}
+    try:
+        data = json.loads(json.dumps(dict(tracker.usage_data), default=str))
+    except (TypeError, ValueError):  # a provider's odd usage fields: better none than no reply
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _with_usage(err: DspexError, tracker: Any) -> DspexError:
+    """``err`` carrying what the call used before it failed, for the caller's usage tracker."""
+    if tracker is not None:
+        err.details["usage"] = _usage_data(tracker)
+    return err
+
+
+def _setting_ref(resolve: Callable[[Ref], Any], ref: Ref) -> Any:
+    try:
+        return resolve(ref)
+    except RefNotFound as err:
+        raise RefNotFound(f"the client's DSPy settings hold a ref this session cannot use: {err.message} (configure "
+                          "the object of this session, or open the session with client_settings=False)",
+                          **err.details) from None
 
 
 def _no_hard() -> None:

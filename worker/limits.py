@@ -271,12 +271,14 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
         self._signal_installed = False
+        self._sigterm: Any = None
 
     def _start(self) -> None:
         if self._thread is None:
             if threading.current_thread() is threading.main_thread() and not self._signal_installed:
                 global _previous_sigint
                 _previous_sigint = signal.getsignal(signal.SIGINT)
+                self._sigterm = _signal.getsignal(signal.SIGTERM)  # the worker's stop (supervisord's)
                 signal.signal(signal.SIGINT, _on_sigint)
                 signal.signal(_NUDGE, _on_nudge)
                 self._signal_installed = True
@@ -429,7 +431,10 @@ class _Limit:
             wd._calls.pop(call.token, None)
         st.active = self.outer
         st.pending = False
-        if call.thread == wd._main and wd._signal_installed and _signal.getsignal(signal.SIGINT) is not _on_sigint:
+        if call.thread == wd._main and wd._signal_installed:
             # _signal's getsignal: signal.getsignal converts to its enum first, raising and
             # catching a ValueError for every function handler, on every call
-            signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
+            if _signal.getsignal(signal.SIGINT) is not _on_sigint:
+                signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
+            if wd._sigterm is not None and _signal.getsignal(signal.SIGTERM) is not wd._sigterm:
+                signal.signal(signal.SIGTERM, wd._sigterm)  # else the worker would not stop when told

@@ -205,10 +205,19 @@ class Worker:
                        "sessions": self.book.count, "running": self.runner.running})
 
 
+def _child_of_user_code() -> None:
+    """A process user code forks (``multiprocessing``'s default on Linux) is that program's child,
+    not a worker: it gets a new program's signal handlers, so SIGTERM ends it (``Pool.terminate``
+    relies on that) and SIGINT raises KeyboardInterrupt."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(options: WorkerOptions) -> int:
     worker = Worker(options)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
+    os.register_at_fork(after_in_child=_child_of_user_code)
     log.info("worker %s pool=%s pid=%d capacity=%d backend=%s", worker.incarnation[:8], options.pool,
              os.getpid(), worker.capacity, options.backend)
     try:

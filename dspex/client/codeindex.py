@@ -183,3 +183,16 @@ def found_reference(value: Any) -> tuple[str, str] | None:
 def remember_reference(value: Any, module: str, attribute: str) -> None:
     with _lock:
         _by_reference[id(value)] = (value, module, attribute)
+
+
+def global_name(obj: Any, modules: list[str]) -> tuple[str, str] | None:
+    """``(module, name)`` when ``obj`` itself is bound to a global of one of these user modules
+    (looked up as they are now: a global rebound since is found under its new object)."""
+    for module_name in modules:
+        module = sys.modules.get(module_name)
+        if module is None or not user_module(module):
+            continue
+        for name, value in list(vars(module).items()):
+            if value is obj and not name.startswith("__"):
+                return module_name, name
+    return None

@@ -22,8 +22,8 @@ import zmq
 
 from dspex.client import output
 from dspex.client.config import DEFAULT_REPLY_GRACE
-from dspex.client.sendcache import SendCache
-from dspex.client.sessionpickle import Message
+from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
+from dspex.client.sessionpickle import Message, as_module_globals
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
@@ -81,7 +81,8 @@ def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None =
     return encode_request(op, body, max_message, sender)[0]
 
 
-def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> tuple[list[Any], int]:
+def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
+                   usage: bool = False) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
@@ -97,11 +98,17 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         flags = 0
     else:
         msg = Message(sender or _SESSIONLESS)
+        if sender is not None and spec is not None:
+            body = as_module_globals(msg, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
         settings = msg.settings(codec.session_ext)
         if settings is not None:
             context["dspy"] = settings
+            if msg.pinned:
+                context["pinned"] = msg.pinned
+        if usage:
+            context["usage"] = True
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops
@@ -188,6 +195,7 @@ class Exchange:
         "sender",
         "session",
         "timeout",
+        "usage",
         "wait",
     )
 
@@ -207,8 +215,11 @@ class Exchange:
         self.sender = sender
         self._raw = body if sender is not None else None  # kept to send again in full after a cache miss
         self._max_message = max_message
+        # the caller's dspy.track_usage() block: the worker sends back what the call used
+        self.usage = client_usage_tracker() if sender is not None and sender.client_settings and op in WORKER_OPS \
+            else None
         # before anything is sent: EncodeError costs nothing
-        self.body, context = encode_request(op, body, max_message, sender)
+        self.body, context = encode_request(op, body, max_message, sender, self.usage is not None)
         self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context \
             | flags  # the caller's own (FLAG_DURABLE)
         # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
@@ -244,10 +255,17 @@ class Exchange:
                 self.on_progress(value)
             return "more", None, credit
         if status == Status.ERROR.value:
-            raise decode_error(frames)
+            err = decode_error(frames)
+            if self.usage is not None:
+                add_usage(self.usage, err.details.pop("usage", None))
+            raise err
         if self.on_reply is not None:
             self.on_reply(status, worker)
-        return "done", decode_value(frames, self.own_frames, self.bind), 0
+        value = decode_value(frames, self.own_frames, self.bind)
+        if self.usage is not None:  # [value, usage]: the worker answers so when the request asked
+            value, used = value
+            add_usage(self.usage, used)
+        return "done", value, 0
 
     def collect_progress(self) -> list[Any]:
         """A stream's list of the progress events it receives (also passed to ``on_progress``).
@@ -271,7 +289,7 @@ class Exchange:
             return False
         raw, self._raw = self._raw, None
         self.sender.missed(bool(err.details.get("ephemeral")))
-        self.body, context = encode_request(self.op, raw, self._max_message, self.sender)
+        self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None)
         self.flags = (self.flags & ~FLAG_CONTEXT) | context
         return True
 

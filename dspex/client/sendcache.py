@@ -67,6 +67,7 @@ class SendCache:
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
+        self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
 
     @classmethod
     def transient(cls) -> SendCache:
@@ -93,6 +94,8 @@ class SendCache:
             for key in msg.namespaces:
                 self.pins[key] = _PINNED_FOREVER
             for where, (obj, key) in msg.bindings.items():
+                if where[0].startswith("m:") and where[0][2:] not in self.modules:
+                    self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
                 self.bound[where] = (obj, key)
                 self.pins[key] = self.pins.get(key, 0) + 1
@@ -144,6 +147,7 @@ class SendCache:
             self.drops.clear()
             self.walks.clear()
             self.last_settings = None
+            self.modules.clear()
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1
@@ -175,26 +179,52 @@ class SendCache:
         self.drops.append(key)
 
 
-def client_dspy_settings() -> dict[str, Any]:
+def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
-    from DSPy's defaults; nothing when DSPy was never imported here."""
+    from DSPy's defaults, and the names among them that a ``dspy.context`` block of the calling
+    thread or task holds at another value than the configuration's: in-process such a block wins
+    over any ``dspy.configure``, the session's own included. Nothing when DSPy was never imported
+    here."""
     module = sys.modules.get("dspy.dsp.utils.settings")
     if module is None:
-        return {}
+        return {}, []
     try:
         config = module.main_thread_config
         overrides = module.thread_local_overrides.get()
         defaults = module.DEFAULT_CONFIG
     except AttributeError:  # another DSPy layout: send nothing rather than guess
-        return {}
+        return {}, []
+    pinned: list[str] = []
     if overrides:
+        pinned = [k for k, v in overrides.items() if k not in _CALL_LOCAL and config.get(k, _MISSING) is not v]
         config = {**config, **overrides}
     out = {}
     for k, v in config.items():
         default = defaults.get(k, _MISSING)
-        if v is not default and k not in _CALL_LOCAL and _differs(v, default):
+        if k in pinned or (v is not default and k not in _CALL_LOCAL and _differs(v, default)):
             out[k] = v
-    return out
+    return out, pinned
+
+
+def client_usage_tracker() -> Any:
+    """The ``dspy.track_usage()`` tracker of the calling thread or task (None without one): what a
+    session's call spends on LMs is added to it, as in-process."""
+    module = sys.modules.get("dspy.dsp.utils.settings")
+    if module is None:
+        return None
+    try:
+        return module.thread_local_overrides.get().get("usage_tracker")
+    except AttributeError:
+        return None
+
+
+def add_usage(tracker: Any, usage: Any) -> None:
+    """Add what a call's LM calls used on the worker (``{lm: [entry, ...]}``) to ``tracker``, as a
+    nested ``dspy.track_usage()`` block rolls its entries up into its parent's."""
+    if isinstance(usage, dict):
+        for lm, entries in usage.items():
+            if isinstance(entries, list):
+                tracker.usage_data[lm].extend(entries)
 
 
 _MISSING = object()

@@ -38,8 +38,11 @@ from dspex.client import codeindex
 from dspex.client.sendcache import SendCache, client_dspy_settings
 from dspex.wire import byvalue, codestore
 from dspex.wire.errors import EncodeError
+from dspex.wire.ref import Ref
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_DATA = frozenset({list, tuple, dict, set, frozenset})
+_NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
@@ -76,6 +79,54 @@ class _Attribute:
         self.module, self.name = module, name
 
 
+class ModuleGlobal:
+    """An argument of a request that is a global of the client's code (or a method of one,
+    ``attr``): on the worker, the session's global of that name (:meth:`SessionPickler._global`)."""
+
+    __slots__ = ("attr", "module", "name", "obj")
+
+    def __init__(self, module: str, name: str, obj: Any, attr: str | None = None) -> None:
+        self.module, self.name, self.obj, self.attr = module, name, obj, attr
+
+
+def as_module_globals(msg: Message, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
+    """``body`` of a worker op with each argument that is an object bound as a global of the
+    client's code, or a method of one (at the top: the callable, an element of ``args``, a value
+    of ``kwargs`` or ``namespace``), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
+    tuples, sets) stays an argument sent with each call, with its exact types."""
+    out = body
+
+    def wrapped(value: Any) -> Any:
+        t = type(value)
+        if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
+            return value
+        if t is types.MethodType or t is types.BuiltinMethodType:  # COUNTER.bump, NOTES.append
+            owner = value.__self__
+            if owner is None or isinstance(owner, (types.ModuleType, type)):
+                return value
+            found = msg.global_of(owner)
+            return value if found is None else ModuleGlobal(found[0], found[1], owner, value.__name__)
+        found = msg.global_of(value)
+        return value if found is None else ModuleGlobal(found[0], found[1], value)
+
+    for i, (name, value) in enumerate(zip(op_args, body)):
+        if name in ("fn", "value"):
+            new = wrapped(value)
+        elif name == "args" and type(value) in (list, tuple):
+            items = [wrapped(v) for v in value]
+            new = items if any(a is not b for a, b in zip(items, value)) else value
+        elif name in ("kwargs", "namespace") and type(value) is dict:
+            items_d = {k: wrapped(v) for k, v in value.items()}
+            new = items_d if any(items_d[k] is not value[k] for k in value) else value
+        else:
+            continue
+        if new is not value:
+            if out is body:
+                out = list(body)
+            out[i] = new
+    return out
+
+
 class Walk:
     """What :meth:`Message.walk` read for a root: kept per session to check the next request."""
 
@@ -106,6 +157,7 @@ class Message:
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
         self.settings_sent: SettingsSent | None = None
+        self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
 
     # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
@@ -167,7 +219,7 @@ class Message:
         cache = self.cache
         if not cache.client_settings:
             return None
-        values = client_dspy_settings()
+        values, self.pinned = client_dspy_settings()
         if not values:
             return None
         signature = tuple((k, id(v)) for k, v in values.items())
@@ -184,6 +236,13 @@ class Message:
         if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
             self.settings_sent = (signature, ext, keys, values)
         return ext
+
+    def global_of(self, obj: Any) -> tuple[str, str] | None:
+        """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
+        script's ``__main__``, of the module of its class, or of a module this session's code
+        uses."""
+        modules = ["__main__", getattr(type(obj), "__module__", ""), *self.cache.modules]
+        return codeindex.global_name(obj, list(dict.fromkeys(modules)))
 
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -301,6 +360,21 @@ class Message:
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)
 
+    def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
+        """``bindings`` plus the module global that names ``obj`` where it was defined (a
+        top-level ``def`` or ``class`` of a user module), so that code looking names up at run
+        time (``globals()[name]``, DSPy's ``ToolCall.execute()``) finds every function and class
+        of the module that reached the session, as in-process."""
+        name = obj.__name__
+        if not nsid.startswith("m:") or obj.__qualname__ != name:
+            return bindings
+        module = sys.modules.get(nsid[2:])
+        if module is None or vars(module).get(name) is not obj:
+            return bindings
+        out = list(bindings)
+        self._bind(out, [], nsid, name, obj)
+        return out
+
     def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
         """(key, what to pickle) of a global's value."""
         t = type(value)
@@ -406,11 +480,18 @@ class SessionPickler(byvalue.SourcePickler):
             return self._code(obj.code)
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
+        if t is ModuleGlobal:
+            if obj.attr is not None:
+                return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)
+            return self._global("m:" + obj.module, obj.name, obj.obj)
         if t is types.ModuleType:
             if codeindex.by_value(obj):
                 return self._module(obj)
-        elif issubclass(t, type) and codeindex.by_value(obj):
-            return self._class(obj)
+            return super().reducer_override(obj)
+        if issubclass(t, type):
+            if codeindex.by_value(obj):
+                return self._class(obj)
+            return super().reducer_override(obj)
         return super().reducer_override(obj)
 
     def _held(self, key: str, bindings: list[Binding]) -> Any:
@@ -426,6 +507,7 @@ class SessionPickler(byvalue.SourcePickler):
             return self._held(key, bindings)
         msg.defined.add(key)
         nsid, base = msg.namespace(func.__globals__)
+        bindings = msg.own_name(nsid, func, bindings)
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
@@ -442,6 +524,9 @@ class SessionPickler(byvalue.SourcePickler):
         if msg.holds(key):
             return self._held(key, bindings)
         msg.defined.add(key)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and codeindex.user_module(module):
+            bindings = msg.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
         if issubclass(cls, enum.Enum):
@@ -454,6 +539,7 @@ class SessionPickler(byvalue.SourcePickler):
             args = list(_cp._class_getnewargs(cls))
             tracker, args[4] = args[4], None
             state = _cp._class_getstate(cls)
+        state = (byvalue.class_state(cls, state[0]), state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
                 None, codestore._load_class_state)
 
@@ -471,6 +557,20 @@ class SessionPickler(byvalue.SourcePickler):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
         return codestore._load_value, (value.key, value.obj)
+
+    def _global(self, nsid: str, name: str, obj: Any) -> Any:
+        """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
+        session lacks it: within a session a global is one object, whether code reads it or a call
+        is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
+        bindings: list[Binding] = []
+        self.msg._bind(bindings, [], nsid, name, obj)
+        if not bindings:
+            return codestore._load_global, (nsid, name)
+        # a pickle of its own: pickled here, the value would be memoized as ``obj`` itself, and
+        # the copy sent would stand for the global even where the session keeps its own
+        data, sources = self.msg.dumps(bindings)
+        self.sources.update(sources)
+        return codestore._load_global, (nsid, name, data)
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)

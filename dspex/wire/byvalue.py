@@ -286,7 +286,10 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = self._exception(obj)
             if reduced is not NotImplemented:
                 return reduced
-        if isinstance(obj, (types.FunctionType, type)):
+        if isinstance(obj, type):
+            _note_code(obj, self.sources, self._budget)
+            return _class_reduced(obj, super().reducer_override(obj))
+        if isinstance(obj, types.FunctionType):
             _note_code(obj, self.sources, self._budget)
         elif isinstance(obj, types.ModuleType):
             _note_module(obj, self.sources, self._budget)
@@ -296,6 +299,31 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             make, args = _cp._code_reduce(obj)
             return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
         return super().reducer_override(obj)
+
+
+def class_state(cls: type, clsdict: dict[str, Any]) -> dict[str, Any]:
+    """cloudpickle's state of a class by value, as it was defined in a function: with its
+    ``__qualname__`` (cloudpickle rebuilds a class under its bare name), and a complete Pydantic
+    model (DSPy Signatures too) without the defining function's locals that Pydantic keeps for
+    forward references (``__pydantic_parent_namespace__``: a script's client and session, a lock)."""
+    if cls.__qualname__ == cls.__name__ and "__pydantic_parent_namespace__" not in clsdict:
+        return clsdict
+    clsdict = dict(clsdict)
+    if cls.__qualname__ != cls.__name__:
+        clsdict["__qualname__"] = cls.__qualname__
+    if clsdict.get("__pydantic_parent_namespace__") is not None and clsdict.get("__pydantic_complete__") is True:
+        clsdict["__pydantic_parent_namespace__"] = None
+    return clsdict
+
+
+def _class_reduced(cls: type, reduced: Any) -> Any:
+    """cloudpickle's reduction of a class by value with :func:`class_state`."""
+    if not isinstance(reduced, tuple) or len(reduced) < 3:
+        return reduced
+    state = reduced[2]
+    if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict)):
+        return reduced
+    return (*reduced[:2], (class_state(cls, state[0]), state[1]), *reduced[3:])
 
 
 def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[str, str]]:

@@ -180,8 +180,17 @@ def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None
 
 
 def _load_value(key: str, value: Any) -> Any:
-    """A value sent by identity: the held one if the session has it already."""
-    return _active().store.objects.setdefault(key, value)
+    """A value sent by identity: the held one if the session has it already; after the store
+    forgot it (a resend in full), the module global the session bound under that key, which
+    keeps its state, rather than the copy sent again."""
+    store = _active().store
+    if key not in store.objects:
+        for (nsid, name), bound_key in store.bound.items():
+            module = store.modules.get(nsid) if bound_key == key else None
+            if module is not None and name in module.__dict__:
+                value = module.__dict__[name]
+                break
+    return store.objects.setdefault(key, value)
 
 
 def _load_code(key: str, code: types.CodeType | None = None) -> Any:
@@ -254,6 +263,23 @@ def _load_module(nsid: str, base: dict[str, Any] | None, bindings: list[tuple[st
     module = load.store.module(nsid, base)
     load.bind(bindings)
     return module
+
+
+def _load_global(nsid: str, name: str, bindings: bytes | None = None) -> Any:
+    """A global of the session's module ``nsid``: a call's argument that is a module global on the
+    client is the session's global, bound first when the client sent it with the request
+    (``bindings``: a pickle of its own, so that the value sent is never taken for the global the
+    session keeps)."""
+    import pickle
+
+    load = _active()
+    if bindings is not None:
+        load.bind(pickle.loads(bindings))  # peers are authenticated; a client may exec code anyway
+    module = load.store.modules.get(nsid)
+    try:
+        return module.__dict__[name] if module is not None else load.held(f"{nsid}.{name}")
+    except KeyError:
+        return load.held(f"{nsid}.{name}")  # a worker that lacks it: CodeCacheMiss, sent again in full
 
 
 def _load_attribute(module: str, qualname: str) -> Any:

@@ -12,14 +12,18 @@ protocol (docs/protocol.md): never renumber them.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import datetime as _dt
 import decimal
 import enum
+import fractions
 import pathlib
+import re
 import struct
 import sys
+import types
 import uuid
 import weakref
 from collections.abc import Callable
@@ -304,17 +308,24 @@ BUILDERS: dict[int, Callable[[list[Any]], Any]] = {
 # data-like in form but large and provider-specific: the brief keeps them on the worker as refs
 # (``lm.history`` entries come back as data whose ``response`` is a ref), readable on demand.
 _PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
+# the standard library's value types that the codec has no form of its own for: by value
+_STDLIB_VALUES = frozenset({fractions.Fraction, collections.deque, collections.ChainMap, types.SimpleNamespace, range,
+                            slice, array.array, re.Pattern, type(Ellipsis), type(NotImplemented)})
 
 
 def is_data_like(obj: Any) -> bool:
     """Objects a worker returns by value: data that does not belong on the worker.
 
     Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
-    messages, records; anything else a worker returns (LMs, modules, predictors, functions,
-    classes, open files...) stays there as a ref.
+    messages, records, values of the standard library's value types (``Fraction``, ``deque``,
+    ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``);
+    anything else a worker returns (LMs, modules, predictors, functions, classes, open files...)
+    stays there as a ref.
     """
     if isinstance(obj, type):
         return False
+    if type(obj) in _STDLIB_VALUES:
+        return True
     if type(obj).__module__.startswith(_PROVIDER_MODULES):
         return False
     if isinstance(obj, (BaseException, enum.Enum, Record)) or dataclasses.is_dataclass(obj):

@@ -90,6 +90,35 @@ def test_real_lm_over_http(run: Runner, api_base: str) -> None:
         assert len(sent) == 2
 
 
+def ask_capitals(countries):
+    qa = dspy.Predict("question -> answer")
+    preds = [qa(question=f"What is the capital of {c}?") for c in countries]
+    return [p.answer for p in preds], [p.get_lm_usage() for p in preds]
+
+
+def fail_after_one_call(country):
+    dspy.Predict("question -> answer")(question=f"What is the capital of {country}?")
+    raise ValueError("after the LM call")
+
+
+@pytest.mark.parametrize("track_usage", [False, True], ids=["plain", "track_usage"])
+def test_track_usage_around_calls_counts_what_they_used(run: Runner, api_base: str, track_usage: bool) -> None:
+    """DSPy docs "Tracking usage": ``with dspy.track_usage() as usage:`` around a program counts
+    every LM call it made, also when it raised (and then a prediction carries no usage of its own)."""
+    dspy.configure(lm=dspy.LM("openai/conformance-model", api_base=api_base, api_key="not-a-key", cache=False),
+                   track_usage=track_usage)
+    with dspy.track_usage() as usage:
+        answers, per_prediction = run(ask_capitals, ["France", "Italy"])
+        with pytest.raises(ValueError, match="after the LM call"):
+            run(fail_after_one_call, "Spain")
+    assert answers == ["Paris", "Rome"] and per_prediction == [None, None]
+    totals = usage.get_total_tokens()["openai/conformance-model"]
+    assert (totals["prompt_tokens"], totals["completion_tokens"], totals["total_tokens"]) == (30, 9, 39)
+    # outside the block a prediction carries its own usage when track_usage is set
+    (alone,) = run(ask_capitals, ["Spain"])[1]
+    assert (alone["openai/conformance-model"]["total_tokens"] == 13) if track_usage else alone is None
+
+
 def async_quickstart_program(api_base, countries):
     import asyncio
 

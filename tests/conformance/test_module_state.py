@@ -106,6 +106,33 @@ def test_lm_and_adapter_configured_on_the_client(run: Runner, user_module: Any) 
     assert json_lm.history == [] if run.mode == "session" else len(json_lm.history) == 1
 
 
+def test_a_client_context_wins_over_the_lm_the_program_configured(run: Runner, user_module: Any) -> None:
+    """DSPy's docs: ``dspy.context`` overrides ``dspy.configure`` for one block, whoever configured
+    (here a setup call of the session), also when the program configures again inside the block."""
+    mod = user_module('''
+        import dspy
+        from dspy.utils.dummies import DummyLM
+
+
+        def setup():
+            dspy.configure(lm=DummyLM([{"answer": "configured"}] * 5))
+
+
+        def ask():
+            return dspy.Predict("question -> answer")(question="which LM?").answer
+
+
+        def configure_then_ask():
+            setup()
+            return ask()
+    ''')
+    run(mod.setup)
+    assert run(mod.ask) == "configured"
+    with dspy.context(lm=DummyLM([{"answer": "from the context"}] * 5)):
+        assert [run(mod.ask), run(mod.configure_then_ask)] == ["from the context"] * 2
+    assert run(mod.ask) == "configured"  # the block ended
+
+
 def parallel_children_see_their_parent_call_id() -> tuple[Any, int, bool]:
     """DSPy's callback lineage through ``dspy.Parallel``: each child's active call id (the
     ContextVar this module imported from dspy) is its parent's call id."""
@@ -165,3 +192,38 @@ def test_a_refine_reward_reads_module_state(run: Runner, user_module: Any) -> No
     dspy.configure(lm=DummyLM([{"answer": "Paris, France"}, {"answer": "Paris"}] * 4))
     assert run(mod.refined, "Capital of France?") == ("Paris", ["Paris, France", "Paris"])
     assert run(mod.refined, "Capital of France?")[1][2:] == ["Paris, France", "Paris"]  # SCORED grew
+
+
+def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+    """``s.run(QA, question=...)`` with ``QA`` a program at the top of the script, or a method of
+    such an object (``COUNTER.bump``, ``NOTES.append``), calls that global as in-process calls it:
+    its state (its history, a counter) is the one the session's code reads, and lives across calls."""
+    mod = user_module('''
+        import dspy
+
+
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def bump(self):
+                self.n += 1
+                return self.n
+
+
+        COUNTER = Counter()
+        QA = dspy.Predict("question -> answer")
+        NOTES = []
+
+
+        def seen():
+            return COUNTER.n, len(QA.history), list(NOTES)
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": str(i)} for i in range(5)]))
+    assert [run(mod.COUNTER.bump) for _ in range(3)] == [1, 2, 3]
+    assert [run(mod.QA, question=q).answer for q in ("a", "b")] == ["0", "1"]
+    run(mod.NOTES.append, "noted")
+    assert run(mod.seen) == (3, 2, ["noted"])
+    assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
+    mod.COUNTER = mod.Counter()  # rebound, as re-running the cell that made it does
+    assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1

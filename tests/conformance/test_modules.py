@@ -7,6 +7,7 @@ test modules do not use it, and local Pydantic classes in signatures must stay r
 
 import asyncio
 import base64
+import json
 import warnings
 from typing import Literal
 
@@ -132,6 +133,45 @@ def test_react_with_pydantic_tool_argument(run: Runner) -> None:
     assert outputs.trajectory["observation_0"] == "It's my honor to invite Alice to event Science Fair on Friday"
     assert outputs.trajectory["tool_args_0"]["event_info"]["participants"] == {"Alice": "female", "Bob": "male"}
     assert outputs.trajectory["observation_1"] == "Completed."
+
+
+# -- manual tool handling (DSPy docs "Tools": dspy.ToolCalls and ToolCall.execute()) ---------------
+
+
+class ToolSignature(dspy.Signature):
+    """Signature for manual tool handling."""
+
+    question: str = dspy.InputField()
+    tools: list[dspy.Tool] = dspy.InputField()
+    outputs: dspy.ToolCalls = dspy.OutputField()
+
+
+def weather(city: str) -> str:
+    """Get weather information for a city."""
+    return f"The weather in {city} is sunny"
+
+
+def calculator(expression: str) -> str:
+    """Add the numbers of an expression such as 2+3."""
+    return f"The result is {sum(int(term) for term in expression.split('+'))}"
+
+
+TOOLS = {"weather": dspy.Tool(weather), "calculator": dspy.Tool(calculator)}
+
+
+def manual_tool_calls_program():
+    calls = [{"name": "weather", "args": {"city": "New York"}}, {"name": "calculator", "args": {"expression": "2+3"}}]
+    dspy.configure(lm=DummyLM([{"outputs": json.dumps({"tool_calls": calls})}]))
+    predictor = dspy.Predict(ToolSignature)
+    response = predictor(question="What's the weather in New York?", tools=list(TOOLS.values()))
+    # execute() without functions= finds each tool by name in the caller's module globals
+    return [(call.name, call.args, call.execute()) for call in response.outputs.tool_calls]
+
+
+def test_tool_calls_execute_finds_the_module_functions_by_name(run: Runner) -> None:
+    assert run.check(manual_tool_calls_program) == [
+        ("weather", {"city": "New York"}, "The weather in New York is sunny"),
+        ("calculator", {"expression": "2+3"}, "The result is 5")]
 
 
 # -- ProgramOfThought with dspy.LocalInterpreter -------------------------------------------------
@@ -583,6 +623,54 @@ def test_pydantic_model_output_field(run: Runner) -> None:
     ticket = run.check(pydantic_output_program)
     assert isinstance(ticket, Ticket)
     assert ticket == Ticket(category="billing", urgent=True)
+
+
+def local_output_types_program():
+    """DSPy's own tests define their types inside the test function (tests/adapters)."""
+
+    class LineItem(BaseModel):
+        name: str
+        quantity: int
+
+    class Order(dspy.Signature):
+        """Read an order."""
+
+        text: str = dspy.InputField()
+        lines: list[LineItem] = dspy.OutputField()
+
+    dspy.configure(lm=DummyLM([{"lines": [{"name": "egg", "quantity": 2}]}], adapter=dspy.JSONAdapter()),
+                   adapter=dspy.JSONAdapter())
+    return dspy.Predict(Order)(text="two eggs")
+
+
+def test_local_output_types_keep_their_qualified_names(run: Runner) -> None:
+    """Classes defined inside a function keep ``__qualname__`` both ways (their repr, ``type(x)``)."""
+    pred = run.check(local_output_types_program)
+    assert type(pred.lines[0]).__qualname__ == "local_output_types_program.<locals>.LineItem"
+
+    class Local(BaseModel):
+        x: int
+
+    assert run(lambda obj: type(obj).__qualname__, Local(x=1)) == Local.__qualname__
+
+
+def test_output_types_defined_beside_a_session_travel_without_it(run: Runner) -> None:
+    """A script's ``main()`` defines its output types next to its client and session (here: ``run``,
+    which holds sockets): pydantic keeps the defining function's locals on each class, which
+    must not travel with it."""
+
+    class Verdict(BaseModel):
+        label: str
+
+    class Judge(dspy.Signature):
+        """Judge a text."""
+
+        text: str = dspy.InputField()
+        verdict: Verdict = dspy.OutputField()
+
+    dspy.configure(lm=DummyLM([{"verdict": {"label": "fine"}}]))
+    verdict = run(lambda: dspy.Predict(Judge)(text="all good").verdict)
+    assert verdict.label == "fine" and type(verdict).__qualname__ == Verdict.__qualname__
 
 
 def parse_error_program():
