@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    BROKER_CPU_GOAL_US,
+    NOOP_GOAL,
     PY,
     REPO,
     Config,
@@ -168,7 +170,7 @@ def noop(cfg: Config) -> list[Row]:
                 "ratios_p50": {k: ratio_p50(lat, k, "cproxy") for k in lat}}
         rows.append(Row("noop.p50", "no-op pinned call p50 (sequential)", us(p50["dspex"]),
                         f"C proxy {us(p50['cproxy'])}; direct echo {us(p50['direct'])}",
-                        f"{r50:.2f}× C proxy", "≤ 1.15× C proxy", verdict(r50 <= 1.15), data=data))
+                        f"{r50:.2f}× C proxy", f"≤ {NOOP_GOAL}× C proxy", verdict(r50 <= NOOP_GOAL), data=data))
         rows.append(Row("noop.p99", "no-op pinned call p99 (sequential)", us(p99["dspex"]),
                         f"C proxy p99 {us(p99['cproxy'])}", f"{r99:.2f}× own p50", "≤ 2× own p50",
                         verdict(r99 <= 2.0)))
@@ -380,7 +382,8 @@ def throughput(cfg: Config) -> list[Row]:
                         f"{b:.1f} µs (main {split['main_user']:.0f}u+{split['main_sys']:.0f}s, "
                         f"zmq threads {split['threads_user']:.0f}u+{split['threads_sys']:.0f}s)",
                         f"C proxy {px:.1f} µs; same broker, echo workers cap 4: {bo:.1f} µs",
-                        f"{ratio_of(b, px):.1f}× C proxy", "≤ 15 µs", verdict(b <= 15), data={"cpu_us_per_call": cpu}))
+                        f"{ratio_of(b, px):.1f}× C proxy", f"≤ {BROKER_CPU_GOAL_US} µs", verdict(b <= BROKER_CPU_GOAL_US),
+                        data={"cpu_us_per_call": cpu}))
         rows.append(Row("worker_cpu", "CPU per call in the 2 workers (throughput run)",
                         f"{cpu['dspex']['workers_us']:.1f} µs",
                         f"protocol-echo worker {cpu['broker_only']['workers_us']:.1f} µs; "
