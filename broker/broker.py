@@ -1,8 +1,8 @@
 """The broker's zmq shell: a ROUTER frontend for clients, a ROUTER backend for workers.
 
 The routing rules live in the socket-free ``broker.core.Core`` this shell holds; the shell binds
-the sockets, polls them, hands the core what arrives with the time it arrived, maps worker and
-client connections (a socket monitor on each ROUTER reports a peer's disconnect within about a
+the sockets, polls them, hands the core what arrives with the time it arrived, feeds the
+ROUTERs' socket monitors to ``broker.connections`` (a peer's disconnect within about a
 millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
 ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``). Per
 message the broker decodes one small msgpack header and forwards the payload frames untouched
@@ -26,8 +26,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from broker import checkpoints as checkpoints_store
-from broker.answers import NOTICE_EVERY
 from broker.checkpoints import CheckpointStore, Job, StoreThread
+from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
@@ -36,7 +36,6 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.settings import BrokerOptions
-from broker.state import Notices
 from dspex.stack.rundir import ensure_private_dir, prepare_bind
 from dspex.wire.errors import ConfigError
 from dspex.wire.sockets import tune_socket
@@ -45,11 +44,6 @@ from dspex.wire.zmqfast import EVENTS, NOBLOCK, POLLIN, SNDMORE, get_opt, recv_f
 log = logging.getLogger("dspex.broker")
 
 _DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
-# A worker's monitor disconnect is acted on this long after it is seen, after reading the
-# backend: the goodbye it queued before closing may not be readable yet (libzmq processes a
-# socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
-# exit must never count as a crash. Short, because it delays crash detection by as much.
-_GOODBYE_GRACE = 0.003
 _OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 # Sends: the small frames the broker makes itself (ids, commands, envelopes) go with copy=True,
 # which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
@@ -65,14 +59,7 @@ class Broker:
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
-        self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
-        self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
-        self._disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
-        # clients that sent calls, by connection (fds are reused: the map is refreshed on a
-        # client's first call), and those whose connection closed, acted on after a grace
-        self.fd_client: dict[int, bytes] = {}
-        self.client_fd: dict[bytes, int] = {}
-        self._client_disconnects: dict[bytes, float] = {}
+        self.connections = Connections()
         self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
         self._client_hwm = options.client_hwm
@@ -98,7 +85,6 @@ class Broker:
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
-        self._handshakes = Notices(NOTICE_EVERY)
         self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
         self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
         self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
@@ -130,13 +116,10 @@ class Broker:
     def worker_connected(self, wid: bytes, frame: Any) -> None:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
-        self._map_fd(wid, _source_fd(frame))
+        self.connections.worker_connected(wid, source_fd(frame))
 
     def worker_gone(self, wid: bytes) -> None:
-        self._disconnects.pop(wid, None)
-        fd = self.worker_fd.pop(wid, -1)
-        if self.fd_worker.get(fd) == wid:
-            del self.fd_worker[fd]
+        self.connections.worker_gone(wid)
         if self.nudge is not None:
             self.nudge.worker_left()
 
@@ -174,18 +157,11 @@ class Broker:
             log.warning("could not stop pid %d: %s", pid, exc)
 
     def client_seen(self, client: bytes, frame: Any) -> None:
-        if client in self.client_fd or client in self._client_disconnects:
-            return  # mapped already, or gone (its last messages are read before it is settled)
+        if self.connections.client_known(client):
+            return
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_front_monitor()
-        fd = _source_fd(frame)
-        if fd < 0:
-            return
-        previous = self.fd_client.get(fd)
-        if previous is not None and previous != client:
-            self._client_lost(previous)  # its fd is someone else's now: that connection closed
-        self.fd_client[fd] = client
-        self.client_fd[client] = fd
+        self.connections.client_connected(client, source_fd(frame), time.monotonic())
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -311,11 +287,11 @@ class Broker:
             if self.store_thread is not None:
                 items.append((self.store_thread.fileno(), POLLIN))
         store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
-        core, publisher, handshakes = self.core, self.publisher, self._handshakes
-        due = min(core.next_deadline(), publisher.next_due(), handshakes.next_due())
+        core, publisher, conns = self.core, self.publisher, self.connections
+        due = min(core.next_deadline(), publisher.next_due(), conns.handshakes.next_due())
         timeout = max(0.0, due - time.monotonic())
-        if self._disconnects or self._client_disconnects:
-            timeout = min(timeout, _GOODBYE_GRACE)
+        if conns.worker_disconnects or conns.client_disconnects:
+            timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
         if self.backend in events:
             self._drain(self.backend, self.core.on_worker_frames)
@@ -323,13 +299,13 @@ class Broker:
             self._flush_clients()
         if self.monitor in events:
             self._drain_monitor()
-        if self._disconnects:
+        if conns.worker_disconnects:
             self._settle_disconnects()
         if self.frontend in events:
             self._drain(self.frontend, self.core.on_client_frames)
         if self.front_monitor in events:
             self._drain_front_monitor()
-        if self._client_disconnects:
+        if conns.client_disconnects:
             self._settle_client_disconnects()
         if store_fd in events and self.store_thread is not None:
             core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
@@ -344,8 +320,7 @@ class Broker:
             core.tick(now)
         if now >= publisher.next_due():
             publisher.tick(now)
-        for (plane, code), n, span in handshakes.due(now):
-            self._log_handshakes(plane, code, n, span)
+        conns.log_handshakes_due(now)
         self._commit_here()
         self._flush_clients()
         if publisher.asked:
@@ -431,28 +406,13 @@ class Broker:
         else:
             raise exc
 
-    def _map_fd(self, wid: bytes, fd: int) -> None:
-        if fd < 0:
-            return
-        old = self.worker_fd.get(wid, -1)
-        if self.fd_worker.get(old) == wid:
-            del self.fd_worker[old]
-        self.worker_fd[wid] = fd
-        self.fd_worker[fd] = wid
-
     def _drain_monitor(self) -> None:
         while True:
             try:
-                msg = self.monitor.recv_multipart(zmq.NOBLOCK)
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            event = parse_monitor_message(msg)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                self._handshake_failed(WORKERS, int(event["value"]))
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                wid = self.fd_worker.pop(int(event["value"]), None)
-                if wid is not None and wid in self.core.workers:
-                    self._disconnects.setdefault(wid, time.monotonic())
+            self.connections.worker_event(event, self.core.workers, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
         while True:
@@ -460,56 +420,31 @@ class Broker:
                 event = parse_monitor_message(self.front_monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                self._handshake_failed(CLIENTS, int(event["value"]))
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                client = self.fd_client.pop(int(event["value"]), None)
-                if client is not None:
-                    self._client_lost(client)
-
-    def _client_lost(self, client: bytes) -> None:
-        if self.client_fd.pop(client, None) is not None:
-            self._client_disconnects.setdefault(client, time.monotonic())
+            self.connections.client_event(event, time.monotonic())
 
     def _settle_client_disconnects(self) -> None:
         """Clients whose connection closed: what they sent before closing is read first (the
         frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
-        now = time.monotonic()
-        due = [c for c, seen in self._client_disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        due = self.connections.clients_due(time.monotonic())
         if not due:
             return
         self._drain(self.frontend, self.core.on_client_frames)
         for client in due:
-            del self._client_disconnects[client]
+            self.connections.settle_client(client)
             self.core.client_gone(client, time.monotonic())
-
-    def _handshake_failed(self, plane: str, code: int) -> None:
-        """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line
-        at once, then counts (``Notices``). zmq does not say which peer; the error code says why."""
-        if n := self._handshakes.note((plane, hex(code)), time.monotonic()):
-            self._log_handshakes(plane, hex(code), n, 0.0)
-
-    def _log_handshakes(self, plane: str, code: str, n: int, span: float) -> None:
-        during = f" in the last {span:.0f}s" if span else ""
-        log.warning("%d CURVE handshake(s) failed on the %s plane%s (zmq protocol error %s): the peer most likely "
-                    "holds another broker's public key as its server key", n, plane, during, code)
 
     def _settle_disconnects(self) -> None:
         """Workers whose connection closed: a goodbye queued before the close is read first (it
         travels through the backend socket, the disconnect through the monitor, in no fixed
         order), so a clean exit is never counted as a crash."""
-        now = time.monotonic()
-        due = [wid for wid, seen in self._disconnects.items() if now - seen >= _GOODBYE_GRACE]
+        due = self.connections.workers_due(time.monotonic())
         if not due:
             return
         self._drain(self.backend, self.core.on_worker_frames)
         for wid in due:
-            self._disconnects.pop(wid, None)
-            if wid not in self.core.workers:
-                continue  # it said goodbye meanwhile
-            if self.fd_worker.get(self.worker_fd.get(wid, -1)) == wid:
-                continue  # its current connection is alive: the disconnect was of an older one
-            self.core.worker_lost(wid, time.monotonic())
+            # not gone meanwhile (a goodbye), and the disconnect was of its current connection
+            if self.connections.settle_worker(wid) and wid in self.core.workers:
+                self.core.worker_lost(wid, time.monotonic())
 
 
 def _job_bytes(job: Job) -> int:
@@ -517,10 +452,3 @@ def _job_bytes(job: Job) -> int:
         return 0
     write = job.args[0]
     return len(write.skeleton) + sum(len(b) for b in write.blobs)
-
-
-def _source_fd(frame: zmq.Frame) -> int:
-    try:
-        return int(frame.get(zmq.SRCFD))
-    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
-        return -1

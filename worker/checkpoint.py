@@ -44,6 +44,7 @@ from dspex.wire import byvalue, codestore
 from dspex.wire.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
+from worker.checkpoint_data import dumps_data_blob
 from worker.checkpoint_slots import (
     CODE,
     DYNAMIC_BASE,
@@ -291,7 +292,7 @@ class Tracker:
             self._inline_entries[id(entry)] = entry
             return
         try:
-            blob = cp.dumps_data_blob(entry)
+            blob = dumps_data_blob(entry)
         except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
             self._inline_entries[id(entry)] = entry
             return

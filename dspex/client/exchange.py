@@ -21,9 +21,10 @@ import msgpack
 import zmq
 
 from dspex.client import output
+from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
-from dspex.client.sessionpickle import Message, as_module_globals
+from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
@@ -99,7 +100,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     else:
         msg = Message(sender or _SESSIONLESS)
         if sender is not None and spec is not None:
-            body = as_module_globals(msg, BODY_NAMES[op], body)
+            body = as_module_globals(msg.cache, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
         settings = msg.settings(codec.session_ext)

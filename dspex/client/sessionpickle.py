@@ -34,15 +34,13 @@ from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.client import codeindex
+from dspex.client import codeindex, senderrors
+from dspex.client.callglobals import ModuleGlobal
 from dspex.client.sendcache import SendCache, client_dspy_settings
 from dspex.wire import byvalue, codestore
 from dspex.wire.errors import EncodeError
-from dspex.wire.ref import Ref
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
-_DATA = frozenset({list, tuple, dict, set, frozenset})
-_NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
@@ -77,54 +75,6 @@ class _Attribute:
 
     def __init__(self, module: str, name: str) -> None:
         self.module, self.name = module, name
-
-
-class ModuleGlobal:
-    """An argument of a request that is a global of the client's code (or a method of one,
-    ``attr``): on the worker, the session's global of that name (:meth:`SessionPickler._global`)."""
-
-    __slots__ = ("attr", "module", "name", "obj")
-
-    def __init__(self, module: str, name: str, obj: Any, attr: str | None = None) -> None:
-        self.module, self.name, self.obj, self.attr = module, name, obj, attr
-
-
-def as_module_globals(msg: Message, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
-    """``body`` of a worker op with each argument that is an object bound as a global of the
-    client's code, or a method of one (at the top: the callable, an element of ``args``, a value
-    of ``kwargs`` or ``namespace``), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
-    tuples, sets) stays an argument sent with each call, with its exact types."""
-    out = body
-
-    def wrapped(value: Any) -> Any:
-        t = type(value)
-        if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
-            return value
-        if t is types.MethodType or t is types.BuiltinMethodType:  # COUNTER.bump, NOTES.append
-            owner = value.__self__
-            if owner is None or isinstance(owner, (types.ModuleType, type)):
-                return value
-            found = msg.global_of(owner)
-            return value if found is None else ModuleGlobal(found[0], found[1], owner, value.__name__)
-        found = msg.global_of(value)
-        return value if found is None else ModuleGlobal(found[0], found[1], value)
-
-    for i, (name, value) in enumerate(zip(op_args, body)):
-        if name in ("fn", "value"):
-            new = wrapped(value)
-        elif name == "args" and type(value) in (list, tuple):
-            items = [wrapped(v) for v in value]
-            new = items if any(a is not b for a, b in zip(items, value)) else value
-        elif name in ("kwargs", "namespace") and type(value) is dict:
-            items_d = {k: wrapped(v) for k, v in value.items()}
-            new = items_d if any(items_d[k] is not value[k] for k in value) else value
-        else:
-            continue
-        if new is not value:
-            if out is body:
-                out = list(body)
-            out[i] = new
-    return out
 
 
 class Walk:
@@ -194,13 +144,13 @@ class Message:
             except Exception as exc:
                 emitted = [(where, value) for where, (value, _) in self.bindings.items() if where not in saved[2]]
                 self._restore(saved)
-                culprit = _culprit(emitted)
+                culprit = senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
                 found = codeindex.find_importable(value)
                 if found is None:
-                    raise _global_error(nsid, name, value, exc) from None
+                    raise senderrors.global_error(nsid, name, value, exc) from None
                 codeindex.remember_reference(value, *found)
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
 
@@ -231,18 +181,11 @@ class Message:
         try:
             ext = make_ext(self, wrapped)
         except EncodeError as err:
-            raise settings_error(wrapped, err) from None
+            raise senderrors.settings_error(values, err, _transient_dumps) from None
         keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
         if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
             self.settings_sent = (signature, ext, keys, values)
         return ext
-
-    def global_of(self, obj: Any) -> tuple[str, str] | None:
-        """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
-        script's ``__main__``, of the module of its class, or of a module this session's code
-        uses."""
-        modules = ["__main__", getattr(type(obj), "__module__", ""), *self.cache.modules]
-        return codeindex.global_name(obj, list(dict.fromkeys(modules)))
 
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
@@ -424,45 +367,6 @@ class Message:
         sources[filename] = text
 
 
-def _culprit(emitted: list[tuple[tuple[str, str], Any]]) -> tuple[tuple[str, str], Any] | None:
-    """Which of the globals a failed pickle was sending cannot be pickled (plain values first:
-    a function fails when a global it reads does)."""
-    ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
-    for where, value in ordered:
-        try:
-            Message(SendCache.transient()).dumps(value)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
-            return where, value
-    return None
-
-
-def settings_error(settings: dict[str, Any], err: EncodeError) -> EncodeError:
-    """The client's DSPy settings could not be sent: which one, and what to do."""
-    for name, value in settings.items():
-        obj = value.obj if type(value) is _Value else value
-        try:
-            Message(SendCache.transient()).dumps(obj)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
-            t = type(obj)
-            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-            return EncodeError(
-                f"cannot send the client's DSPy setting {name!r} ({type_name}): {err.message} (configure it in the "
-                "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
-                "dx.session(pool, client_settings=False))", type=type_name, setting=name)
-    return err
-
-
-def _global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
-    t = type(value)
-    type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
-    where = f"module {module}" if nsid.startswith("m:") else module
-    return EncodeError(
-        f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
-        "(keep it on the worker with s.put, or build it inside the function)",
-        type=type_name, module=module, **{"global": name})
-
-
 class SessionPickler(byvalue.SourcePickler):
     """cloudpickle writing a session's code as definitions once and keys after (module docstring)."""
 
@@ -578,3 +482,8 @@ class SessionPickler(byvalue.SourcePickler):
             return codestore._load_code, (key,)
         self.msg.defined.add(key)
         return codestore._load_code, (key, code)
+
+
+def _transient_dumps(obj: Any) -> object:
+    """A session pickle of ``obj`` on its own (raises what pickling it raises)."""
+    return Message(SendCache.transient()).dumps(obj)

@@ -1,0 +1,78 @@
+"""A request's arguments that are globals of the client's code.
+
+In-process, ``fn(QA)`` or ``COUNTER.bump()`` work on the module's one object; through a session,
+such an argument (the callable, an element of ``args``, a value of ``kwargs``) is wrapped as a
+:class:`ModuleGlobal`, which the session pickler sends as the session's global of that name
+(bound once, then kept by the worker with the rest of the module's state).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import TYPE_CHECKING, Any
+
+from dspex.client import codeindex
+from dspex.wire.ref import Ref
+
+if TYPE_CHECKING:
+    from dspex.client.sendcache import SendCache
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_DATA = frozenset({list, tuple, dict, set, frozenset})
+_NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
+
+
+class ModuleGlobal:
+    """An argument of a request that is a global of the client's code (or a method of one,
+    ``attr``): on the worker, the session's global of that name (``dspex.client.sessionpickle.SessionPickler._global``)."""
+
+    __slots__ = ("attr", "module", "name", "obj")
+
+    def __init__(self, module: str, name: str, obj: Any, attr: str | None = None) -> None:
+        self.module, self.name, self.obj, self.attr = module, name, obj, attr
+
+
+def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
+    """``body`` of a worker op with each argument that is an object bound as a global of the
+    client's code, or a method of one (at the top: the callable, an element of ``args``, a value
+    of ``kwargs`` or ``namespace``), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
+    tuples, sets) stays an argument sent with each call, with its exact types."""
+    out = body
+
+    def wrapped(value: Any) -> Any:
+        t = type(value)
+        if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
+            return value
+        if t is types.MethodType or t is types.BuiltinMethodType:  # COUNTER.bump, NOTES.append
+            owner = value.__self__
+            if owner is None or isinstance(owner, (types.ModuleType, type)):
+                return value
+            found = _global_of(cache, owner)
+            return value if found is None else ModuleGlobal(found[0], found[1], owner, value.__name__)
+        found = _global_of(cache, value)
+        return value if found is None else ModuleGlobal(found[0], found[1], value)
+
+    for i, (name, value) in enumerate(zip(op_args, body)):
+        if name in ("fn", "value"):
+            new = wrapped(value)
+        elif name == "args" and type(value) in (list, tuple):
+            items = [wrapped(v) for v in value]
+            new = items if any(a is not b for a, b in zip(items, value)) else value
+        elif name in ("kwargs", "namespace") and type(value) is dict:
+            items_d = {k: wrapped(v) for k, v in value.items()}
+            new = items_d if any(items_d[k] is not value[k] for k in value) else value
+        else:
+            continue
+        if new is not value:
+            if out is body:
+                out = list(body)
+            out[i] = new
+    return out
+
+
+def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
+    """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
+    script's ``__main__``, of the module of its class, or of a module this session's code
+    uses."""
+    modules = ["__main__", getattr(type(obj), "__module__", ""), *cache.modules]
+    return codeindex.global_name(obj, list(dict.fromkeys(modules)))

@@ -1,0 +1,50 @@
+"""The errors of a session's request that cannot be sent, naming what cannot be and what to do:
+the global of the user's code (``cannot send LOCK (_thread.lock) from module myapp.tools``) or
+the client's DSPy setting. ``dumps`` is a session pickle of one object alone
+(``dspex.client.sessionpickle``), tried on each candidate to find the one that fails."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+from dspex.wire.errors import EncodeError
+
+
+def culprit(emitted: list[tuple[tuple[str, str], Any]], dumps: Callable[[Any], object]) -> tuple[tuple[str, str], Any] | None:
+    """Which of the globals a failed pickle was sending cannot be pickled (plain values first:
+    a function fails when a global it reads does)."""
+    ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
+    for where, value in ordered:
+        try:
+            dumps(value)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            return where, value
+    return None
+
+
+def settings_error(settings: dict[str, Any], err: EncodeError, dumps: Callable[[Any], object]) -> EncodeError:
+    """The client's DSPy settings could not be sent: which one, and what to do."""
+    for name, obj in settings.items():
+        try:
+            dumps(obj)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            t = type(obj)
+            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+            return EncodeError(
+                f"cannot send the client's DSPy setting {name!r} ({type_name}): {err.message} (configure it in the "
+                "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
+                "dx.session(pool, client_settings=False))", type=type_name, setting=name)
+    return err
+
+
+def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
+    t = type(value)
+    type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
+    where = f"module {module}" if nsid.startswith("m:") else module
+    return EncodeError(
+        f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
+        "(keep it on the worker with s.put, or build it inside the function)",
+        type=type_name, module=module, **{"global": name})
