@@ -372,7 +372,8 @@ cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Becau
 """
 
 
-def _cpu_ns(pid: int) -> int:
+def cpu_ns(pid: int) -> int:
+    """CPU time a process has run, all its threads (``/proc/PID/task/*/schedstat``: ns)."""
     import os
 
     total = 0
@@ -401,14 +402,14 @@ def _durable(endpoint: str, broker: int, worker: int) -> Side:
         out: dict[str, float] = {}
         for kind, prog in progs.items():
             lat = []
-            b0, w0 = _cpu_ns(broker), _cpu_ns(worker)
+            b0, w0 = cpu_ns(broker), cpu_ns(worker)
             for _ in range(n):
                 t = time.perf_counter()
                 if prog(question=QUESTION).answer != "Paris":
                     raise AssertionError("unexpected answer")
                 lat.append(time.perf_counter() - t)
-            out[f"{kind}_broker_cpu_us"] = (_cpu_ns(broker) - b0) / n / 1e3
-            out[f"{kind}_worker_cpu_us"] = (_cpu_ns(worker) - w0) / n / 1e3
+            out[f"{kind}_broker_cpu_us"] = (cpu_ns(broker) - b0) / n / 1e3
+            out[f"{kind}_worker_cpu_us"] = (cpu_ns(worker) - w0) / n / 1e3
             out[f"{kind}_p50_us"] = _median(lat) * 1e6
         out["durable_vs_plain"] = out["durable_p50_us"] / out["plain_p50_us"]
         return {k: out[k] for k in ("durable_vs_plain", "durable_p50_us", "plain_p50_us", "durable_broker_cpu_us",

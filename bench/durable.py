@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.ab_drivers import ANSWERS, DURABLE_CONFIGURE, QUESTION, cpu_ns
 from bench.common import (
     Row,
     Stack,
@@ -40,29 +41,9 @@ from bench.common import (
     wait_for,
 )
 
-QUESTION = "What is the capital of France?"
 TARGET = "≤ 1.2× a plain session"
-_CONFIGURE = """
-import dspy
-from dspy.utils import DummyLM
-lm = DummyLM({{{question!r}: {{"reasoning": "The capital of France is Paris.", "answer": "Paris"}}}})
-dspy.configure(lm=lm)
-cot = dspy.ChainOfThought("question -> answer")
-cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Because {{i}}.", answer=f"A{{i}}")
-                     .with_inputs("question") for i in range(4)]
-"""
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time a process has run, all its threads (``/proc/PID/task/*/schedstat``: ns)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return total
+# the typical session: a ChainOfThought with 4 demos (the same as bench.ab --what durable's)
+_CONFIGURE = DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"])
 
 
 def _block(fn: Callable[[], Any], n: int) -> list[float]:
@@ -89,7 +70,7 @@ def durable(cfg: Any) -> list[Row]:
         sessions = {}
         for kind in ("durable", "plain"):
             s = client.session("p", durable=kind == "durable")
-            cot = s.exec(_CONFIGURE.format(question=QUESTION))["cot"]
+            cot = s.exec(_CONFIGURE)["cot"]
 
             def call(cot: Any = cot) -> Any:
                 out = cot(question=QUESTION)
@@ -143,7 +124,7 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     # the other worker runs the same program first (a plain session: the least-loaded worker
     # takes it), so the figure is the move, not that worker's first DSPy call
     warmup = client.session("p")
-    warm_cot = warmup.exec(_CONFIGURE.format(question=QUESTION))["cot"]
+    warm_cot = warmup.exec(_CONFIGURE)["cot"]
     if int(warmup.eval("__import__('os').getpid()")) != other["pid"]:
         raise AssertionError("the warm-up session is not on the other worker")
     _block(lambda: warm_cot(question=QUESTION), 20)
