@@ -73,6 +73,10 @@ class StaleCheckpoint(StoreError):
     """Not newer than the stored one: ignored, the stored one stays."""
 
 
+class UnusableStore(StoreError):
+    """The file is no store this broker can read: damaged, not a database, another schema."""
+
+
 @dataclass
 class SessionRow:
     """A durable session as the store keeps it (what a restarted broker needs)."""
@@ -133,7 +137,7 @@ class CheckpointStore:
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
-            raise StoreError(f"{path} holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
+            raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # loads read on a connection of their own: WAL lets them run beside a write
@@ -263,6 +267,29 @@ class CheckpointStore:
         if row is None:
             return None
         return Stored(row[0], bytes(row[1] or b""), [r[0] for r in rows], [bytes(r[1]) for r in rows])
+
+
+def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TOTAL_CAP) -> CheckpointStore:
+    """The store at ``path``. A file there that is no store this broker can read is set aside
+    under a new name (kept for a post-mortem) and a fresh store begins: the durable sessions it
+    held are lost, and the broker serves. Refusing to start would not bring them back, and
+    supervisord would start the broker again on the same file, for ever."""
+    try:
+        return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
+    except (UnusableStore, sqlite3.DatabaseError) as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not isinstance(exc, UnusableStore) and (code is None or code & 0xFF not in _DAMAGED):
+            raise  # cannot open or lock it (permissions, a full disk): an operator's to fix
+        aside = f"{path}.unusable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        for extra in ("", "-wal", "-shm"):
+            if os.path.exists(path + extra):
+                os.replace(path + extra, aside + extra)
+        log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost", path, exc,
+                  aside)
+    return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
+
+
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file
 
 
 def _mb(n: int) -> str:

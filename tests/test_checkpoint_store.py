@@ -22,6 +22,7 @@ from broker.checkpoints import (
     StaleCheckpoint,
     StoreThread,
     Write,
+    open_store,
 )
 from tests.harness import PY, Procs, wait_for
 
@@ -234,3 +235,20 @@ def test_every_committed_write_survives_a_sigkill_of_the_writer(short_tmp: str) 
     assert all(blob == bytes([newest[s] % 256]) * 20000 for s, blob in zip(held.slots, held.blobs))
     assert store.size("s" * 32) == stored_bytes(path, "s" * 32)
     print(f"writer killed after {last} acknowledged writes; the store holds {held.seq}", file=sys.stderr)
+
+
+def test_a_store_of_another_schema_is_set_aside_and_one_that_cannot_be_opened_is_an_error(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "checkpoints.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("PRAGMA user_version = 99")  # a newer broker's store
+    store = open_store(path)
+    assert store.sessions() == []
+    store.close()
+    (aside,) = [f for f in os.listdir(short_tmp) if f.startswith("checkpoints.sqlite.unusable-") and "-wal" not in f
+                and "-shm" not in f]
+    with sqlite3.connect(os.path.join(short_tmp, aside)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 99  # kept as it was
+    os.mkdir(os.path.join(short_tmp, "dir.sqlite"))
+    with pytest.raises(sqlite3.OperationalError):  # not damaged: nothing set aside, the broker says why
+        open_store(os.path.join(short_tmp, "dir.sqlite"))

@@ -1,0 +1,60 @@
+"""The broker's checkpoint store through real processes: what a broker does with a store file it
+cannot use, and checkpoints that cannot travel in one message."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sqlite3
+
+import pytest
+
+from tests.harness import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _rot(path: str, how: str) -> None:
+    """The store as the disk gives it back after ``how`` (the WAL copied into it first, as the
+    store's thread does when idle, so nothing of it is left in a WAL that would mask the damage)."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for extra in ("-wal", "-shm"):
+        if os.path.exists(path + extra):
+            os.unlink(path + extra)
+    with open(path, "r+b") as f:
+        if how == "header":
+            f.write(b"\x00" * 100)  # the page-1 header: "file is not a database"
+        else:
+            f.truncate(os.path.getsize(path) // 3)  # "database disk image is malformed"
+
+
+@pytest.mark.parametrize("how", ["header", "truncated"])
+def test_a_damaged_store_at_start_is_set_aside_and_the_broker_serves(stack: Stack, how: str) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    for _ in range(40):
+        s.put(os.urandom(4000))  # pages enough for the damage to reach the tables
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    _rot(path, how)
+    damaged = os.path.getsize(path)
+
+    broker = stack.start_broker()  # under supervisord a broker that exits here would restart, and exit, for ever
+    stack.wait_workers("p", 1)
+    fresh = dx.session("p", durable=True)
+    assert fresh.eval("6 * 7") == 42
+    assert broker.poll() is None
+    (aside,) = [f for f in glob.glob(path + ".unusable-*") if not f.endswith(("-wal", "-shm"))]
+    assert os.path.getsize(aside) == damaged  # kept for a post-mortem, never deleted
+    assert dx.status()["checkpoints"]["enabled"] is True
+
+    def stored() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+
+    wait_for(lambda: stored() == {fresh.id}, what="the new session in a fresh store")
+    log = stack.logs()
+    assert "is unusable" in log and aside in log and "its durable sessions are lost" in log
