@@ -185,7 +185,7 @@ class DurableSessions:
         if "lost" in meta:
             self._lose(rec, f"{meta['lost']}", w.id)
         elif "error" in meta:
-            self._turn_off(rec, key, f"the session as a whole cannot be pickled ({meta['error']})")
+            self._turn_off(rec, key, str(meta["error"]))
         else:
             write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:2 + used]],
                           clear_slots, full, size)

@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+import dspex
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,6 +28,10 @@ def _rot(path: str, how: str) -> None:
             f.write(b"\x00" * 100)  # the page-1 header: "file is not a database"
         else:
             f.truncate(os.path.getsize(path) // 3)  # "database disk image is malformed"
+
+
+def pid_of(s: dspex.Session) -> int:
+    return int(s.eval("__import__('os').getpid()"))
 
 
 @pytest.mark.parametrize("how", ["header", "truncated"])
@@ -58,3 +63,23 @@ def test_a_damaged_store_at_start_is_set_aside_and_the_broker_serves(stack: Stac
     wait_for(lambda: stored() == {fresh.id}, what="the new session in a fresh store")
     log = stack.logs()
     assert "is unusable" in log and aside in log and "its durable sessions are lost" in log
+
+
+def test_a_checkpoint_too_big_for_one_message_is_refused_clearly_and_its_worker_stays(stack: Stack) -> None:
+    stack.env["DSPEX_MAX_MESSAGE"] = str(4 * 2**20)  # broker and workers: a checkpoint travels in one message
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    other = dx.session("p", durable=True)
+    s.exec("import os\ndef grow(name):\n    globals()[name] = os.urandom(1_500_000)")
+    s.eval("grow('a')")
+    s.eval("grow('b')")
+    other.put([1, 2, 3])
+    pid = pid_of(s)
+    with pytest.raises(dspex.SessionNotDurable, match=r"more than one message may carry \(4.0 MB") as info:
+        s.eval("grow('c')")  # the state is now over the bound
+    assert info.value.details["ran"] is True
+    assert s.eval("[len(a) + len(b) + len(c), os.getpid()]") == [4_500_000, pid]  # a plain session, same worker
+    assert {w["pid"] for w in stack.workers("p", dx)} == {w.pid for w in stack.worker_procs}  # none left
+    assert dx.status()["pools"]["p"]["crashes"] == 0
+    (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
+    assert row["durable"] is False

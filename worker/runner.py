@@ -193,6 +193,8 @@ class Runner:
                 self._dspy_logs = True
                 logs.adopt("dspy")
         # a durable call's checkpoint and its reply: one message, the checkpoint first
+        if checkpoint:
+            checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
         send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
               pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
 

@@ -142,7 +142,8 @@ class SessionNotYours(UsageError):
 
 class SessionNotDurable(UsageError):
     """The call ran and its effects stay in the session, but its checkpoint could not be kept
-    (over the per-session or total checkpoint cap, or the session as a whole cannot be pickled):
+    (over the per-session or total checkpoint cap, too big for one message, or the session as a
+    whole cannot be pickled):
     its result is not returned, and the session goes on as a plain, non-durable one.
     ``details["reason"]`` says why; ``details["ran"]`` is true."""
 
