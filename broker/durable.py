@@ -107,8 +107,10 @@ class DurableSessions:
         return None
 
     def open(self, rec: SessionRecord) -> None:
-        """``rec`` was just opened by a call that wants it durable."""
-        rec.durable = Durability()
+        """``rec`` was just opened by a call that wants it durable. Its first checkpoint is a full
+        one: a session this broker never knew is new, but one it forgot (its store was set aside
+        or deleted) lives on in its worker, whose tracker would send only what the call changed."""
+        rec.durable = Durability(needs_full=True)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
         self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created)))
         self.counters["opened"] += 1

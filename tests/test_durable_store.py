@@ -83,3 +83,24 @@ def test_a_checkpoint_too_big_for_one_message_is_refused_clearly_and_its_worker_
     assert dx.status()["pools"]["p"]["crashes"] == 0
     (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
     assert row["durable"] is False
+
+
+def test_a_session_the_broker_forgot_is_checkpointed_whole_by_its_live_worker(stack: Stack) -> None:
+    """The store set aside (or deleted) while the broker was down: a durable session whose worker
+    lives on is known again at its next call, and that call's checkpoint is all of it."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put({"n": 1})
+    s.exec("counter = 41")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    _rot(path, "header")
+    stack.start_broker()
+    stack.wait_workers("p", 2)
+    pid = pid_of(s)  # on its worker, which kept it: the broker learns of it again here
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what=f"worker {pid} gone")
+    assert s.eval("counter + b['n']", {"b": box}) == 42  # moved with all of it, not an empty session
+    assert pid_of(s) != pid
