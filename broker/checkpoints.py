@@ -272,7 +272,7 @@ class CheckpointStore:
 def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TOTAL_CAP) -> CheckpointStore:
     """The store at ``path``. A file there that is no store this broker can read is set aside
     under a new name (kept for a post-mortem) and a fresh store begins: the durable sessions it
-    held are lost, and the broker serves. Refusing to start would not bring them back, and
+    held are lost (but for those their workers still hold), and the broker serves. Refusing to start would not bring them back, and
     supervisord would start the broker again on the same file, for ever."""
     try:
         return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
@@ -284,8 +284,8 @@ def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TO
         for extra in ("", "-wal", "-shm"):
             if os.path.exists(path + extra):
                 os.replace(path + extra, aside + extra)
-        log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost", path, exc,
-                  aside)
+        log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost, but for "
+                  "those their workers still hold (checkpointed whole again at their next call)", path, exc, aside)
     return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
 
 

@@ -53,6 +53,7 @@ class Durability:
     """What the broker knows of a durable session's checkpoints (broker/durable.py)."""
 
     needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
+    forgotten: bool = False  # opened for a pin a client claims: a session of an earlier broker not in the store
     # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
     # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
     # Its calls wait in the pool's ``parked`` meanwhile.
@@ -106,11 +107,12 @@ class DurableSessions:
                                "cannot be durable")
         return None
 
-    def open(self, rec: SessionRecord) -> None:
+    def open(self, rec: SessionRecord, forgotten: bool) -> None:
         """``rec`` was just opened by a call that wants it durable. Its first checkpoint is a full
-        one: a session this broker never knew is new, but one it forgot (its store was set aside
-        or deleted) lives on in its worker, whose tracker would send only what the call changed."""
-        rec.durable = Durability(needs_full=True)
+        one: a session this broker never knew is new, but one it ``forgotten`` (its client claims
+        a pin from an earlier broker: the store was set aside or deleted) lives on in its worker
+        if anywhere, whose tracker would send only what the call changed."""
+        rec.durable = Durability(needs_full=True, forgotten=forgotten)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
         self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created)))
         self.counters["opened"] += 1
@@ -303,8 +305,10 @@ class DurableSessions:
         if rec is None or d is None or d.move != "loading":
             return  # closed (its parked calls were answered) or turned plain meanwhile
         stored = job.result
-        if job.error is not None or stored is None:
-            why = f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
+        if job.error is not None or stored is None or (d.forgotten and not stored.seq):
+            why = (f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
+                   if stored is None else "the checkpoint store has no checkpoint of it (the store was set aside "
+                   "or deleted while the broker was down, and the worker that held it is gone)")
             self._lose(rec, why, rec.worker or b"")
             return
         meta = msgpack.packb({"session": sid, "seq": stored.seq, "slots": stored.slots})

@@ -104,3 +104,23 @@ def test_a_session_the_broker_forgot_is_checkpointed_whole_by_its_live_worker(st
     wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what=f"worker {pid} gone")
     assert s.eval("counter + b['n']", {"b": box}) == 42  # moved with all of it, not an empty session
     assert pid_of(s) != pid
+
+
+def test_a_forgotten_session_whose_worker_is_gone_too_is_reported_lost_never_restored_empty(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put({"n": 1})
+    pid = pid_of(s)
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.kill(pid)  # its worker dies with the broker down: the store was its only copy
+    _rot(path, "header")
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    with pytest.raises(dspex.CheckpointRefused, match="no checkpoint of it"):
+        s.eval("b['n']", {"b": box})
+    with pytest.raises(dspex.CheckpointRefused):
+        s.eval("1")  # lost, from now on
+    assert dx.session("p", durable=True).eval("1 + 1") == 2
