@@ -380,6 +380,7 @@ class StoreThread:
 
     def _run(self) -> None:
         wrote = 0
+        copied = time.monotonic()
         while True:
             # asleep first, then look: a write on the routing thread either is seen here or sees
             # the flag and wakes the thread (a spare wake-up is harmless)
@@ -392,11 +393,7 @@ class StoreThread:
                 job = self._jobs.get(timeout=timeout)
             except queue.Empty:
                 if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
-                    wrote = self._writes_submitted + self._writes_here
-                    try:
-                        self.store.wal_checkpoint()
-                    except sqlite3.Error as exc:
-                        log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+                    wrote, copied = self._copy_wal()
                 continue
             self._asleep = False
             if job is _WAKE:
@@ -428,6 +425,18 @@ class StoreThread:
                     pass
             if stop:
                 return
+            if time.monotonic() >= copied + _CHECKPOINT_IDLE and self._writes_submitted + self._writes_here != wrote:
+                # never idle (writes back to back): copied anyway, or the WAL grows for ever
+                wrote, copied = self._copy_wal()
+
+    def _copy_wal(self) -> tuple[int, float]:
+        """Copy the WAL into the database; the write count and the time it was done at."""
+        wrote = self._writes_submitted + self._writes_here
+        try:
+            self.store.wal_checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+        return wrote, time.monotonic()
 
     def _round(self, batch: list[Job]) -> None:
         i = 0

@@ -192,6 +192,37 @@ def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each
     assert CheckpointStore(os.path.join(short_tmp, "ck.sqlite")).load(SID).seq == tracker.seq  # type: ignore[union-attr]
 
 
+def test_a_store_thread_busy_with_writes_still_copies_the_wal(short_tmp: str) -> None:
+    """Writes reaching the thread back to back (big checkpoints, one after the other) never
+    leave it idle; its WAL must still be copied into the database, or it grows for ever."""
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    copies: list[int] = []
+    real_copy = store.wal_checkpoint
+
+    def counted_copy() -> None:
+        real_copy()
+        copies.append(1)
+
+    store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    thread = StoreThread(store)
+    try:
+        thread.run_here([Job("open", (SID, "p", "", "w1", 1.0))])
+        seq = 0
+
+        def one_more_write_then_copied() -> bool:
+            nonlocal seq
+            seq += 1
+            blob = os.urandom(100_000)
+            thread.submit(Job("write", (Write(SID, seq, b"skeleton", [0], [blob], [], False, 100_008),)))
+            wait_for(lambda: select.select([thread.fileno()], [], [], 0.05)[0] and thread.completed(),
+                     what=f"write {seq} done")
+            return bool(copies)
+
+        wait_for(one_more_write_then_copied, timeout=8, interval=0, what="a WAL copy while writes keep coming")
+    finally:
+        thread.close()
+
+
 WRITER = textwrap.dedent("""
     import sys
     from broker.checkpoints import CheckpointStore, Write
