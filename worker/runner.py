@@ -151,6 +151,8 @@ class Runner:
             req_id = header.req_id
             session = header.session
             self.book.call_started(session)
+            if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
+                self.executor.restore(session, restore)
             call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
@@ -164,8 +166,7 @@ class Runner:
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header), client=client,
                                           ephemeral=head.session_mode == _EPHEMERAL,
-                                          durable=head.durable & _CHECKPOINTED, restore=restore,
-                                          checkpoint=checkpoint)
+                                          durable=head.durable & _CHECKPOINTED, checkpoint=checkpoint)
             status = _OK
             size = len(reply[0]) if len(reply) == 1 and type(reply[0]) is bytes else \
                 sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
