@@ -35,7 +35,7 @@ from typing import Any
 
 log = logging.getLogger("dspex.broker")
 
-_CHECKPOINT_IDLE = 1.0  # seconds without jobs before the thread copies the WAL into the database
+_CHECKPOINT_IDLE = 1.0  # seconds idle (or at most between copies, while busy) before the WAL is copied into the database
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
