@@ -165,3 +165,16 @@ def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_c
         assert s.id not in stored()
 
     asyncio.run(main())
+
+
+def test_a_ref_released_before_a_move_is_gone_after_it_and_the_error_says_why(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    kept, dropped = s.put({"k": 1}), s.put({"d": 2})
+    s.release(dropped)
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    assert s.eval("x['k']", {"x": kept}) == 1
+    with pytest.raises(dspex.RefNotFound, match=r"not in its session's checkpoint \(released, or made by a call"):
+        s.eval("x", {"x": dropped})
