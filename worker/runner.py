@@ -164,7 +164,8 @@ class Runner:
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=partial(self._hard_timeout, client, header), client=client,
+                                          on_hard=partial(self._hard_timeout, client, header,
+                                                          bool(head.durable & _CHECKPOINTED)), client=client,
                                           ephemeral=head.session_mode == _EPHEMERAL,
                                           durable=head.durable & _CHECKPOINTED, checkpoint=checkpoint)
             status = _OK
@@ -226,14 +227,17 @@ class Runner:
             self._streams[(client, req_id)] = control
         return control
 
-    def _hard_timeout(self, client: bytes, header: RequestHeader) -> None:
+    def _hard_timeout(self, client: bytes, header: RequestHeader, durable: bool) -> None:
         """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
 
         The caller gets a typed ``Timeout(hard=True)`` and the session's next call
-        ``SessionWorkerUnavailable``; calls of other sessions still running here may have run.
+        ``SessionWorkerUnavailable`` (a ``durable`` one moves without this call's effects); calls
+        of other sessions still running here may have run.
         """
+        fate = ("the session moves with its last checkpoint, without this call's effects" if durable
+                else "the session's objects are lost")
         err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
-                      f"{self.hard_grace:g}s; its worker was recycled (the session's objects are lost)",
+                      f"{self.hard_grace:g}s; its worker was recycled ({fate})",
                       op=header.op, stopped=True, hard=True)
         head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
