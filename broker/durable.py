@@ -24,15 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.answers import Answers
+from broker.answers import Answers, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
 from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable
+from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     W_CHECKPOINT,
+    W_REPLY,
     Affinity,
     Durable,
     Status,
@@ -133,7 +134,8 @@ class DurableSessions:
             frames, d.restore, d.restore_to = d.restore, None, None
             self.counters["restores"] += 1
             return flags | Durable.RESTORE, frames
-        return flags, []
+        # a stored checkpoint: the worker must hold the session (it answers session_not_held if not)
+        return flags | (Durable.HELD if d.seq else 0), []
 
     # -- checkpoints and replies -------------------------------------------------------------------
     def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
@@ -144,6 +146,10 @@ class DurableSessions:
         committed. Returns whether the reply is a success."""
         if p is None:  # (the core checked it ran there: never)
             return ok
+        if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
+            assert rec is not None
+            self._not_held(rec, w, p)
+            return False
         client = p.client
         reply: list[Any] = [client, *frames[2:]]
         if frames[1].bytes[:1] == W_CHECKPOINT:
@@ -293,6 +299,20 @@ class DurableSessions:
             old = self.workers.get(rec.worker) if rec.worker else None
             if old is None or not old.runs_session(rec.id):
                 self._load(rec, d)
+
+    def _not_held(self, rec: SessionRecord, w: WorkerRecord, p: Pending) -> None:
+        """``w`` does not hold ``rec``, though pinned there (a broker that stored the pin of a move
+        and died before the worker got the checkpoint): the call did not run; it goes with the
+        session's checkpoint, as after a move."""
+        d, pool = rec.durable, self.pools.get(rec.pool)
+        assert d is not None
+        if pool is None:
+            return
+        log.warning("session %s is not on worker %s (pid %d), where it is pinned: it moves with its checkpoint %d",
+                    rec.id[:8], w.incarnation[:8], w.pid, d.seq)
+        pool.parked.setdefault(rec.id, deque()).append(p)
+        if not d.move:
+            self._load(rec, d)
 
     def _load(self, rec: SessionRecord, d: Durability) -> None:
         d.move = "loading"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -124,3 +125,34 @@ def test_a_forgotten_session_whose_worker_is_gone_too_is_reported_lost_never_res
     with pytest.raises(dspex.CheckpointRefused):
         s.eval("1")  # lost, from now on
     assert dx.session("p", durable=True).eval("1 + 1") == 2
+
+
+def test_a_move_cut_short_by_a_broker_restart_restores_on_the_new_worker_not_an_empty_session(stack: Stack) -> None:
+    """The broker pins a moving session to its new worker (and stores the pin) before that worker
+    has received the checkpoint: here it is busy, and the broker is SIGKILLed meanwhile. The next
+    broker finds the session pinned to a live worker that never held it."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("counter = 41")
+    pid = pid_of(s)
+    busy = dx.session("p")
+    while pid_of(busy) == pid:  # a session on the other worker
+        busy = dx.session("p")
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what=f"worker {pid} gone")
+    with ThreadPoolExecutor(2) as pool:
+        long_call = pool.submit(busy.eval, "__import__('time').sleep(2)")
+        wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p", dx)), what="the other worker busy")
+        moving = pool.submit(s.eval, "counter + 1")  # queued behind the long call, pinned there
+        wait_for(lambda: dx.status()["checkpoints"]["moves"] == 1, what="the move pinned")
+        assert stack.broker is not None
+        stack.kill(stack.broker)
+        with pytest.raises(dspex.ConnectionError):
+            moving.result(10)
+        with pytest.raises(dspex.ConnectionError):
+            long_call.result(10)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    assert s.eval("counter + 1") == 42  # restored there from its checkpoint, not run on an empty session
+    assert "where it is pinned: it moves with its checkpoint" in stack.logs()
+    assert s.eval("counter + 2") == 43

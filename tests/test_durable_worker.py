@@ -11,7 +11,7 @@ import pytest
 
 import dspex
 from dspex.wire import codec
-from dspex.wire.errors import error_from_wire
+from dspex.wire.errors import SessionNotHeld, error_from_wire
 from dspex.wire.protocol import (
     W_CHECKPOINT,
     W_READY,
@@ -82,3 +82,19 @@ def test_a_restore_whose_call_is_refused_for_its_queue_deadline_still_restores(s
     assert req_id == 2 and isinstance(err, dspex.QueueTimeout), err
     send(broker, 3, SID, "counter + 1", durable=Durable.CHECKPOINT)
     assert reply(broker) == (3, 42)
+
+
+def test_a_call_for_a_session_the_worker_should_hold_and_does_not_is_refused_unrun(stack: Stack, broker: FakeBroker,
+                                                                                  tmp_path: Any) -> None:
+    stack.heartbeat = 5.0
+    stack.start_worker("p")
+    assert broker.recv()[0] == W_READY
+    marker = tmp_path / "ran"
+    send(broker, 1, SID, f"__import__('os').mkdir({str(marker)!r})", durable=Durable.CHECKPOINT | Durable.HELD)
+    req_id, err = reply(broker)
+    assert req_id == 1 and isinstance(err, SessionNotHeld) and err.details["session"] == SID, err
+    assert not marker.exists()
+    send(broker, 2, SID, "counter + 1", durable=Durable.CHECKPOINT | Durable.RESTORE, restore=restore_frames())
+    assert reply(broker) == (2, 42)
+    send(broker, 3, SID, "counter + 2", durable=Durable.CHECKPOINT | Durable.HELD)  # held now
+    assert reply(broker) == (3, 43)

@@ -239,6 +239,11 @@ class Executor:
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
 
+    def holds(self, session: str) -> bool:
+        """This worker holds durable session ``session`` (it ran or restored it)."""
+        state = self.refs.sessions.get(session)
+        return state is not None and state.checkpoint is not None
+
     def restore(self, session: str, restore: Restore) -> None:
         """The checkpoint a call of ``session`` carries (its first call after a move), restored
         before anything may refuse the call: the broker sends it once (``CheckpointRefused`` if

@@ -30,6 +30,7 @@ from dspex.wire.errors import (
     MessageTooLarge,
     QueueTimeout,
     RemoteError,
+    SessionNotHeld,
     Timeout,
     UsageError,
 )
@@ -63,6 +64,7 @@ Request = tuple[float, list[zmq.Frame]]  # its arrival time (its budget counts f
 # plain ints and strs of the enums read per request (an IntFlag's & builds a new member each time)
 _RESTORE = int(Durable.RESTORE)
 _CHECKPOINTED = int(Durable.CHECKPOINT | Durable.FULL)
+_HELD = int(Durable.HELD)
 _EPHEMERAL = int(SessionMode.EPHEMERAL)
 _OK = Status.OK.value
 _ERROR = Status.ERROR.value
@@ -153,6 +155,9 @@ class Runner:
             self.book.call_started(session)
             if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
                 self.executor.restore(session, restore)
+            elif head.durable & _HELD and not self.executor.holds(session):
+                raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
+                                     "its checkpoint", session=session)
             call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
