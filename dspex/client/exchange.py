@@ -77,11 +77,6 @@ class CreditMeter:
         return n
 
 
-def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> list[Any]:
-    """Codec frames of a request body: worker ops with the client policy (everything by value)."""
-    return encode_request(op, body, max_message, sender)[0]
-
-
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
                    usage: bool = False) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
