@@ -141,6 +141,9 @@ class Broker:
         self.store_thread.run_here(jobs)
         self.core.store_done(jobs, time.monotonic())
 
+    def log(self, level: int, message: str, *args: Any) -> None:
+        log.log(level, message, *args)
+
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
         if host != socket.gethostname() or pid <= 0:

@@ -44,7 +44,6 @@ from dspex.wire.protocol import (
 if TYPE_CHECKING:
     import zmq
 
-log = logging.getLogger("dspex.broker")
 
 Key = tuple[bytes, int]  # (client, req_id)
 
@@ -234,7 +233,7 @@ class DurableSessions:
             d.off = reason
             self.port.store(Job("drop", (rec.id,)))
             self.counters["refused"] += 1
-            log.warning("session %s is no longer durable: %s", rec.id[:8], reason)
+            self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:
             d.refused[key] = SessionNotDurable(
                 f"the call ran and its effects stay in session {rec.id[:8]}, but its checkpoint could not be kept: "
@@ -255,7 +254,7 @@ class DurableSessions:
                     d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
                     self.counters["writes"] += 1
                 elif isinstance(job.error, StaleCheckpoint):
-                    log.warning("session %s: %s", sid[:8], job.error)
+                    self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
                 else:
                     self._turn_off(rec, key, str(job.error))
                 self._release_held(d)
@@ -308,7 +307,7 @@ class DurableSessions:
         assert d is not None
         if pool is None:
             return
-        log.warning("session %s is not on worker %s (pid %d), where it is pinned: it moves with its checkpoint %d",
+        self.port.log(logging.WARNING, "session %s is not on worker %s (pid %d), where it is pinned: it moves with its checkpoint %d",
                     rec.id[:8], w.incarnation[:8], w.pid, d.seq)
         pool.parked.setdefault(rec.id, deque()).append(p)
         if not d.move:
@@ -351,7 +350,7 @@ class DurableSessions:
         self.counters["moves"] += 1
         if old is not None and old is not new:
             self._to_worker(old, [B_RELEASE_SESSION, rec.id.encode()])  # a draining worker's copy
-        log.info("session %s moves to worker %s (pid %d) with its checkpoint %d", rec.id[:8], new.incarnation[:8],
+        self.port.log(logging.INFO, "session %s moves to worker %s (pid %d) with its checkpoint %d", rec.id[:8], new.incarnation[:8],
                  new.pid, d.seq)
         for p in pool.parked.pop(rec.id, deque()):
             if new.can_start(p.session):
@@ -374,7 +373,7 @@ class DurableSessions:
         d.off = f"lost: {reason}"
         self.port.store(Job("drop", (rec.id,)))
         self.counters["lost"] += 1
-        log.error("durable session %s is lost: %s", rec.id[:8], reason)
+        self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
         err = checkpoint_lost(rec.id, reason)
         pool = self.pools.get(rec.pool)
         for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
@@ -430,4 +429,4 @@ class DurableSessions:
             self.sessions[row.id] = rec
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
-            log.info("%d durable sessions back from the checkpoint store", len(self.sessions))
+            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store", len(self.sessions))
