@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from dspex.client import afterfork
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import Exchange, cancel_all, close_monitored, control_frames
@@ -73,6 +74,15 @@ class AsyncClient(ClientAPI[AsyncSession]):
         self.replaced_sockets = 0
         self._sock: zmq.asyncio.Socket | None = None  # made by the first request
         self._monitor: zmq.asyncio.Socket | None = None
+        afterfork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (:mod:`dspex.client.afterfork`): a new context; the socket and its
+        tasks are made at the child's first request, on the child's loop. The parent's stay behind."""
+        afterfork.keep(self._ctx, self._sock, self._monitor, self._tasks, self._retiring, self._pending)
+        closed = self._closed
+        self._init_transport()
+        self._closed = closed
 
     async def __aenter__(self) -> Self:
         return self

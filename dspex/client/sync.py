@@ -23,6 +23,7 @@ from typing import Any, Self, TypeVar, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from dspex.client import afterfork
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import Exchange, close_monitored, control_frames
@@ -107,6 +108,15 @@ class Client(ClientAPI[Session]):
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
+        afterfork.register(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (:mod:`dspex.client.afterfork`): a new context and socket pool, lock
+        and thread pool; the parent's stay behind, unused."""
+        afterfork.keep(self._ctx, *self._open)
+        closed = self._closed
+        self._init_transport()
+        self._closed = closed
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
