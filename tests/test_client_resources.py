@@ -219,3 +219,50 @@ def test_concurrent_async_calls_after_a_break_share_one_replacement(
             assert dx.replaced_sockets == 1
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_call_made_while_the_broker_restarts_waits_for_the_new_one(stack: Stack, kind: str) -> None:
+    """A service keeps calling while its broker is SIGKILLed and started again on the same run
+    directory: the call in flight is ``ConnectionLost``; one made while no broker listens (the dead
+    one's socket file still there) waits for the new broker and answers, with either client kind,
+    as docs/reliability.md says (fix 4), instead of failing at once."""
+    stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "2")
+    assert stack.broker is not None
+    dead = stack.broker
+
+    if kind == "sync":
+        dx = stack.client(timeout=20)
+        s = dx.session("p")
+        assert s.eval("1") == 1
+        in_flight = dx.submit(s.run, time.sleep, 30)
+        wait_for(lambda: stack.workers("p", dx)[0].get("inflight"), timeout=10, what="the call running")
+        stack.kill(dead)
+        with pytest.raises(dspex.ConnectionLost):
+            in_flight.result(15)
+        during = dx.submit(s.eval, "2")  # no broker listens now
+        stack.start_broker()
+        assert during.result(25) == 2
+        assert s.eval("3") == 3
+        return
+
+    async def main() -> None:
+        dx = dspex.aio.connect(stack.frontend, timeout=20)
+        try:
+            s = dx.session("p")
+            assert await s.eval("1") == 1
+            in_flight = asyncio.create_task(s.run(time.sleep, 30))
+            await asyncio.to_thread(wait_for, lambda: stack.workers("p")[0].get("inflight"), 10, 0.02,
+                                    "the call running")
+            stack.kill(dead)
+            with pytest.raises(dspex.ConnectionLost):
+                await asyncio.wait_for(in_flight, 15)
+            during = asyncio.create_task(s.eval("2"))  # no broker listens now
+            await asyncio.sleep(0)  # it is sent (or refused) before the new broker starts
+            await asyncio.to_thread(stack.start_broker)
+            assert await asyncio.wait_for(during, 25) == 2
+            assert await s.eval("3") == 3
+        finally:
+            await dx.close()
+
+    asyncio.run(main())

@@ -20,6 +20,8 @@ import asyncio
 import inspect
 import itertools
 import logging
+import math
+import time
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Generic, Self, TypeVar, cast
 
@@ -30,7 +32,7 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex.client import afterfork
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
 from dspex.client.endpoints import probe_ipc
-from dspex.client.exchange import Exchange, cancel_all, close_monitored, control_frames
+from dspex.client.exchange import RIDE_THROUGH, Exchange, cancel_all, close_monitored, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
@@ -68,6 +70,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
         self._pending: dict[int, asyncio.Queue[_Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._broken = False
+        self._drop_seen = -math.inf  # when a connection drop was last seen
         self._closed = False
         self._retiring: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,6 +142,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
         # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
         refused = handshake_failure(event["event"], "client", self._curve[0] is not None)
         self._broken = True  # the next request gets a fresh socket
+        self._drop_seen = time.monotonic()
         for queue in self._pending.values():
             queue.put_nowait((_REFUSED if refused else _LOST, refused, []))
 
@@ -149,7 +153,8 @@ class AsyncClient(ClientAPI[AsyncSession]):
             raise BrokerUnreachable("client is closed: nothing was sent")
         sock, monitor = self._sock, self._monitor
         if sock is None or monitor is None or self._broken:
-            probe_ipc(self.endpoint)
+            if time.monotonic() - self._drop_seen > RIDE_THROUGH:  # else wait for a restarting broker
+                probe_ipc(self.endpoint)
             if sock is not None:
                 retired = self._retire(self._tasks, sock, monitor)
                 self._retiring.append(asyncio.get_running_loop().create_task(retired))

@@ -59,6 +59,10 @@ Callback = Callable[[Any], None]
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
 _EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
+# seconds after a dropped connection during which a new socket is made without the ipc probe: a
+# request made while the broker restarts waits for the new one (within its timeout) instead of
+# failing at once on the dead broker's socket file
+RIDE_THROUGH = 5.0
 
 
 class CreditMeter:

@@ -26,7 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex.client import afterfork
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.client.endpoints import probe_ipc
-from dspex.client.exchange import Exchange, close_monitored, control_frames
+from dspex.client.exchange import RIDE_THROUGH, Exchange, close_monitored, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
@@ -44,7 +44,6 @@ __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session",
 
 log = logging.getLogger("dspex.client")
 
-RIDE_THROUGH = 5.0  # seconds after a drop during which new sockets wait for the broker to return
 CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
 
 T = TypeVar("T")
