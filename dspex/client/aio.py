@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.client import afterfork
+from dspex.client import processwide
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, Exchange, cancel_all, close_monitored, control_frames
@@ -37,7 +37,6 @@ from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
-    Cancelled,
     CodeCacheMiss,
     DspexError,
     ProtocolError,
@@ -51,7 +50,7 @@ log = logging.getLogger("dspex.client")
 
 T = TypeVar("T")
 _Reply = tuple[str, str, list[Any]]
-_LOST = "__lost__"  # queued to waiting calls when the broker connection drops
+_LOST = "__lost__"  # queued to waiting calls when the broker connection drops or the client closes
 _REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
 _CANCELLED = "__cancelled__"  # ... or when cancel_all() was called
 _EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
@@ -65,7 +64,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
     session_kind = AsyncSession
 
     def _init_transport(self) -> None:
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = processwide.context(zmq.asyncio.Context)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue[_Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,12 +76,12 @@ class AsyncClient(ClientAPI[AsyncSession]):
         self.replaced_sockets = 0
         self._sock: zmq.asyncio.Socket | None = None  # made by the first request
         self._monitor: zmq.asyncio.Socket | None = None
-        afterfork.register(self)
+        processwide.register(self)
 
     def _after_fork(self) -> None:
-        """In a forked child (:mod:`dspex.client.afterfork`): a new context; the socket and its
-        tasks are made at the child's first request, on the child's loop. The parent's stay behind."""
-        afterfork.keep(self._ctx, self._sock, self._monitor, self._tasks, self._retiring, self._pending)
+        """In a forked child (:mod:`dspex.client.processwide`): the child's context; the socket and
+        its tasks are made at the child's first request, on the child's loop. The parent's stay behind."""
+        processwide.keep(self._sock, self._monitor, self._tasks, self._retiring, self._pending)
         closed = self._closed
         self._init_transport()
         self._closed = closed
@@ -109,16 +108,19 @@ class AsyncClient(ClientAPI[AsyncSession]):
             queue.put_nowait((_CANCELLED, "", []))
 
     async def close(self) -> None:
+        """Close the socket: the calls and streams awaiting it end at once with ``ConnectionLost``
+        (the broker cancels them on their workers when the connection closes)."""
         if self._closed:
             return
         self._closed = True
+        for queue in self._pending.values():
+            queue.put_nowait((_LOST, "the client was closed", []))
         tasks, self._tasks = self._tasks, []
         await cancel_all(tasks)
         for task in self._retiring:
             await task
         if self._sock is not None:
             close_monitored(self._sock, self._monitor)
-        self._ctx.term()
 
     @staticmethod
     def _drive(steps: Steps[T]) -> _Steps[T]:
@@ -212,11 +214,11 @@ class AsyncClient(ClientAPI[AsyncSession]):
             except TimeoutError:
                 raise ex.timed_out() from None
         if reply[0] == _LOST:
-            raise ex.lost("lost the connection to the broker")
+            raise ex.lost(reply[1] or "lost the connection to the broker")
         if reply[0] == _REFUSED:
             raise self._refused(reply[1], ex.op)
         if reply[0] == _CANCELLED:
-            raise Cancelled(f"{ex.op} was cancelled by AsyncClient.cancel_all() and stopped", op=ex.op)
+            raise ex.cancelled("AsyncClient")
         return reply
 
     # -- requests ---------------------------------------------------------------------------

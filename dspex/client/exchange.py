@@ -28,6 +28,7 @@ from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
+    Cancelled,
     CodeCacheMiss,
     ConnectionLost,
     DspexError,
@@ -293,6 +294,9 @@ class Exchange:
     def timed_out(self) -> Timeout:
         return Timeout(f"no reply to {self.op} within {self.timeout:g}s (+{self.grace:g}s grace) from "
                        f"{self.endpoint}: the call may still be running", op=self.op, stopped=False)
+
+    def cancelled(self, client_kind: str) -> Cancelled:
+        return Cancelled(f"{self.op} was cancelled by {client_kind}.cancel_all() and stopped", op=self.op)
 
     def lost(self, why: str) -> ConnectionLost:
         return ConnectionLost(f"{why} ({self.endpoint}) while waiting for {self.op}; the call may or may not have "

@@ -32,7 +32,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from dspex.client import afterfork
+from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class SendCache:
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
-        afterfork.register(self)
+        processwide.register(self)
 
     def _after_fork(self) -> None:
         """In a forked child that shares the session with its parent: keys of its own from now on

@@ -23,7 +23,7 @@ from typing import Any, Self, TypeVar, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.client import afterfork
+from dspex.client import processwide
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, Exchange, close_monitored, control_frames
@@ -99,7 +99,7 @@ class Client(ClientAPI[Session]):
     session_kind = Session
 
     def _init_transport(self) -> None:
-        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
         self._idle: list[_Channel] = []  # LIFO: the warmest socket first
         self._open: set[_Channel] = set()  # every socket not yet closed, lent out or idle
         self._lock = threading.Lock()
@@ -107,30 +107,32 @@ class Client(ClientAPI[Session]):
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
-        afterfork.register(self)
+        processwide.register(self)
 
     def _after_fork(self) -> None:
-        """In a forked child (:mod:`dspex.client.afterfork`): a new context and socket pool, lock
-        and thread pool; the parent's stay behind, unused."""
-        afterfork.keep(self._ctx, *self._open)
+        """In a forked child (:mod:`dspex.client.processwide`): the child's context, a new socket
+        pool, lock and thread pool; the parent's sockets stay behind, unused."""
+        processwide.keep(*self._open)
         closed = self._closed
         self._init_transport()
         self._closed = closed
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
+        """Close the idle sockets; a request or stream in flight on another thread ends within
+        ``CANCEL_CHECK_MS`` (``ConnectionLost``, cancelled on its worker) and closes its own socket
+        (zmq sockets belong to one thread at a time)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             executor, self._executor = self._executor, None
+            idle, self._idle = self._idle, []
+            self._open.difference_update(idle)
+        for ch in idle:
+            ch.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
-            channels, self._open, self._idle = list(self._open), set(), []
-        for ch in channels:
-            ch.close()
-        self._ctx.term()
 
     def cancel_all(self) -> None:
         """(:meth:`ClientAPI.cancel_all`.) From any thread (a signal handler, the thread that waits
@@ -252,6 +254,8 @@ class Client(ClientAPI[Session]):
                     raise ex.lost(why)
                 if self._cancels != cancels:
                     raise _CancelRequested
+                if self._closed:
+                    raise ex.lost("the client was closed")
                 if time.monotonic() < deadline:
                     continue
                 raise ex.timed_out()
@@ -307,7 +311,7 @@ class Client(ClientAPI[Session]):
             if cut or (sent and not ended):
                 self._abandon(ch, ex, req_id, cut)
             if isinstance(exc, _CancelRequested):
-                raise _cancelled(ex) from None
+                raise ex.cancelled("Client") from None
             raise
         finally:
             self._checkin(ch)
@@ -421,7 +425,7 @@ class Stream:
         except BaseException as exc:
             self._end(abandon=not ended, cut=sending and isinstance(exc, KeyboardInterrupt))
             if isinstance(exc, _CancelRequested):
-                raise _cancelled(ex) from None
+                raise ex.cancelled("Client") from None
             raise
 
     def _end(self, abandon: bool, cut: bool = False) -> None:
@@ -493,7 +497,3 @@ def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                                  curve_keypair=curve_keypair, forward_output=forward_output,
                                  client_settings=client_settings)
     return client
-
-
-def _cancelled(ex: Exchange) -> Cancelled:
-    return Cancelled(f"{ex.op} was cancelled by Client.cancel_all() and stopped", op=ex.op)
