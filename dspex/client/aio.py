@@ -40,6 +40,7 @@ from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
     ProtocolError,
+    UsageError,
 )
 from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
 from dspex.wire.sockets import handshake_failure
@@ -58,8 +59,8 @@ Callback = Callable[[Any], None]
 
 
 class AsyncClient(ClientAPI[AsyncSession]):
-    """A connection to a dspex broker for one asyncio event loop (see :class:`dspex.client.api.ClientAPI`
-    for its options and ops)."""
+    """A connection to a dspex broker for one running asyncio event loop at a time (see
+    :class:`dspex.client.api.ClientAPI` for its options and ops)."""
 
     session_kind = AsyncSession
 
@@ -153,6 +154,8 @@ class AsyncClient(ClientAPI[AsyncSession]):
         replaced when its connection broke. No await: concurrent requests share one replacement."""
         if self._closed:
             raise BrokerUnreachable("client is closed: nothing was sent")
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            self._leave_loop(self._loop)
         sock, monitor = self._sock, self._monitor
         if sock is None or monitor is None or self._broken:
             if time.monotonic() - self._drop_seen > RIDE_THROUGH:  # else wait for a restarting broker
@@ -167,6 +170,22 @@ class AsyncClient(ClientAPI[AsyncSession]):
             loop = self._loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._read_loop(sock)), loop.create_task(self._watch(monitor))]
         return sock
+
+    def _leave_loop(self, old: asyncio.AbstractEventLoop) -> None:
+        """A request from another loop than the one the socket's tasks run on. One still running
+        (in another thread) owns the client: a usage error, before anything is sent. One that
+        stopped (``asyncio.run`` again) has the socket closed and what still waited there failed;
+        this loop gets a socket of its own."""
+        if old.is_running():
+            raise UsageError("this dspex.aio client belongs to an event loop that runs in another thread: make "
+                             "one client per event loop (dspex.aio.connect() in each); nothing was sent")
+        for queue in self._pending.values():
+            if not old.is_closed():
+                queue.put_nowait((_LOST, "the client moved to another event loop", []))
+        if self._sock is not None:
+            close_monitored(self._sock, self._monitor)
+        self._sock = self._monitor = self._loop = None
+        self._pending, self._tasks, self._retiring = {}, [], []
 
     async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket, monitor: Any) -> None:
         """Stop the tasks of a replaced socket, then close it."""
