@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,54 @@ def test_async_cancel_all_stops_the_calls_and_streams_in_flight(stack: Stack, tm
             return time.monotonic() - started
 
     assert asyncio.run(main()) < 3.0
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_rehydrator_shared_by_concurrent_callers_rebuilds_once_per_lost_session(stack: Stack, kind: str) -> None:
+    """A service keeps one Rehydrator per user and its requests run at once (threads of one
+    blocking client, tasks of one asyncio client). When the worker dies, every caller gets its
+    result from the one new session: none closes a session another just opened, none uses
+    objects built for another session."""
+    stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    callers = 10
+
+    def rebuild(s: Any) -> Any:
+        return {"box": s.put([])} if kind == "sync" else _async_rebuild(s)
+
+    async def _async_rebuild(s: dspex.aio.AsyncSession) -> dict[str, Any]:
+        return {"box": await s.put([])}
+
+    def use(s: Any, objs: dict[str, Any]) -> Any:
+        return s.method(objs["box"], "__len__")
+
+    def kill_the_worker(pid: int) -> None:
+        stack.kill(pid)
+        stack.start_worker("p", "--no-dspy", "--capacity", "4")
+        wait_for(lambda: [w["pid"] for w in stack.workers("p")] not in ([], [pid]), 20, 0.05, "the replacement worker")
+
+    if kind == "sync":
+        dx = stack.client(timeout=20)
+        rh: dspex.Rehydrator[dict[str, Any]] = dspex.Rehydrator(dx, "p", rebuild)
+        assert rh.run(use) == 0
+        kill_the_worker(rh.session.call("os", "getpid"))
+        with ThreadPoolExecutor(callers) as pool:
+            outcomes = list(pool.map(lambda _: _outcome(lambda: rh.run(use)), range(callers)))
+        assert rh.session.call("os", "getpid") and rh.run(use) == 0
+    else:
+        async def main() -> list[Any]:
+            async with dspex.aio.connect(stack.frontend, timeout=20) as adx:
+                arh: dspex.aio.Rehydrator[dict[str, Any]] = dspex.aio.Rehydrator(adx, "p", rebuild)
+                assert await arh.run(use) == 0
+                await asyncio.to_thread(kill_the_worker, await arh.session.call("os", "getpid"))
+                done = await asyncio.gather(*(arh.run(use) for _ in range(callers)), return_exceptions=True)
+                assert await arh.run(use) == 0
+                return list(done)
+        outcomes = asyncio.run(main())
+    assert outcomes == [0] * callers, outcomes
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return call()
+    except dspex.DspexError as err:
+        return err

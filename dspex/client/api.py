@@ -409,6 +409,8 @@ class Rehydrator(Generic[T]):
     ``rebuild(session)`` recreates the session's objects and returns them; ``run(fn)`` calls
     ``fn(session, objects)`` and, on :class:`SessionWorkerUnavailable`, closes that session, opens
     a new one, calls ``on_rehydrate(error, new_session)`` when given, rebuilds, and retries once.
+    Callers at once (threads of a blocking client, tasks of an asyncio one) share it: one of them
+    replaces a lost session, and each retries on the replacement.
     With a blocking client the objects are built here; with an asyncio client ``rebuild``, ``fn``
     and ``on_rehydrate`` may be coroutine functions, ``run`` and ``close`` return awaitables, and
     the objects are built by ``await rh.start()`` (or the first run).
@@ -423,38 +425,51 @@ class Rehydrator(Generic[T]):
         self.rehydrations = 0
         self.session: Any = client.session(pool)
         self.objects: T
-        self._built = False
+        self._built_for: Any = None  # the session ``objects`` were built on
         # a blocking client builds now; the asyncio client's driver returns an awaitable that runs
         # nothing until awaited (and nobody awaits this one)
         client._drive(self._build())
 
     def start(self) -> Any:
         """Build the objects if not built yet; returns this Rehydrator (an awaitable of it)."""
-        return self.client._drive(self._build())
+        return self.client._drive(self._started())
 
-    def _build(self) -> Steps[Rehydrator[T]]:
-        if not self._built:
-            self.objects = yield self._rebuild(self.session)
-            self._built = True
+    def _started(self) -> Steps[Rehydrator[T]]:
+        yield from self._build()
         return self
+
+    def _build(self) -> Steps[tuple[Any, T]]:
+        """The current session and its objects, built on it first if they are not yet. Callers
+        at once (threads, tasks) may each build: each uses its own build; the first is kept."""
+        session = self.session
+        if self._built_for is session:
+            return session, self.objects
+        objects = yield self._rebuild(session)
+        if self.session is session and self._built_for is not session:
+            self.objects, self._built_for = objects, session
+        return session, objects
 
     def run(self, fn: Callable[[Any, T], Any]) -> Any:
         """``fn(session, objects)``, once more on a rebuilt session if the worker was gone."""
         return self.client._drive(self._run(fn))
 
     def _run(self, fn: Callable[[Any, T], Any]) -> Steps[Any]:
-        yield from self._build()
+        session, objects = yield from self._build()
         try:
-            return (yield fn(self.session, self.objects))
+            return (yield fn(session, objects))
         except SessionWorkerUnavailable as err:
-            yield self.session.close(timeout=5)  # drops the broker's record; its worker and refs are gone already
-            self.session = self.client.session(self.pool)
-            self._built = False
-            if self._on_rehydrate is not None:
-                yield self._on_rehydrate(err, self.session)
-            yield from self._build()
-            self.rehydrations += 1
-        return (yield fn(self.session, self.objects))
+            # only the first caller to see this session gone replaces it, before it yields: the
+            # others (threads, tasks running at once) retry on its replacement
+            replacing = self.session is session
+            if replacing:
+                self.session = new = self.client.session(self.pool)
+                yield session.close(timeout=5)  # drops the broker's record; its worker and refs are gone already
+                if self._on_rehydrate is not None:
+                    yield self._on_rehydrate(err, new)
+            session, objects = yield from self._build()
+            if replacing:
+                self.rehydrations += 1
+        return (yield fn(session, objects))
 
     def close(self) -> Any:
         return self.session.close()
