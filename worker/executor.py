@@ -322,8 +322,7 @@ class Executor:
         scope = namespace.namespace(state)
         before = dict(scope)
         scope.update(namespace_ or {})
-        code = namespace.compile_in_session(state, source)
-        exec(code, scope)  # noqa: S102 - the op's purpose
+        namespace.exec_in_session(state, source, scope)
         return {k: v for k, v in scope.items()
                 if not k.startswith("__") and before.get(k, _MISSING) is not v}
 
