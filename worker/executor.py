@@ -240,6 +240,8 @@ class Executor:
                 # checkpoint short; what it leaves out goes to the caller as a warning
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
+            elif state.checkpoint is not None:  # the broker turned the session plain: what it held goes
+                state.checkpoint = None
 
     def holds(self, session: str) -> bool:
         """This worker holds durable session ``session`` (it ran or restored it)."""
