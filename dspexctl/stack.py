@@ -132,6 +132,10 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
     """
     sc = SupervisorConf.load(conf or DEFAULT_CONF)
     endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
+    try:  # all or nothing: a conf whose broker and workers would only go FATAL starts nothing
+        load_pools(sc.path)
+    except ConfigError as err:
+        raise ConfigError(f"invalid dspex config, nothing started: {err.message}") from None
     started = False
     with Supervisor(sc, timeout=5.0) as sup:
         running = sup.running()

@@ -111,10 +111,8 @@ def parse_pool_spec(spec: str) -> PoolConfig:
 
 def load_pools(conf_path: str | Path) -> list[PoolConfig]:
     """The ``[dspex:pool:NAME]`` sections of a supervisor.conf, in file order."""
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
     path = Path(conf_path)
-    if not parser.read(path):
-        raise ConfigError(f"cannot read {path}")
+    parser = _read_conf(path)
     pools = []
     for section in parser.sections():
         if section.startswith(SECTION_PREFIX):
@@ -128,6 +126,32 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
         if not cfg.size:  # a size in the pool's own section wins over numprocs
             cfg.size = sizes.get(cfg.name, 0)
     return pools
+
+
+def _read_conf(path: Path) -> configparser.RawConfigParser:
+    """The conf, parsed as supervisord parses it (a repeated key or section elsewhere is its
+    business: the last one wins), except that a ``[dspex:pool:NAME]`` section or key given twice
+    is refused: which of the two the operator meant is a guess."""
+    def parser(strict: bool) -> configparser.RawConfigParser:
+        return configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=strict)
+
+    try:
+        strict = parser(True)
+        if not strict.read(path):
+            raise ConfigError(f"cannot read {path}")
+        return strict
+    except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as err:
+        if err.section.startswith(SECTION_PREFIX):
+            what = f"[{err.section}]" if isinstance(err, configparser.DuplicateSectionError) else \
+                f"{err.option!r} of [{err.section}]"
+            raise ConfigError(f"{path}, line {err.lineno}: {what} is given twice; keep one") from None
+        lenient = parser(False)
+        lenient.read(path)
+        return lenient
+    except (configparser.Error, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def supervisor_group_sizes(conf_path: str | Path) -> dict[str, int]:

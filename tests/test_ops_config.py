@@ -1,0 +1,99 @@
+"""A wrong stack configuration, as an operator meets it: a ``[dspex:pool:NAME]`` section or key
+given twice, a setting out of its range, a malformed ``DSPEX_*`` number, a CURVE key file that is
+not there. Each is one line naming the file (or variable) and the fix, with a usage exit code, in
+``dspexctl`` (a subprocess), the broker and the workers: never a traceback, never accepted as is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import base_env, short_tmpdir
+from tests.harness.supervisord import SupervisedStack
+from tests.test_cli import no_traceback
+from tests.test_ops_python import small_conf_text
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def here() -> Iterator[Path]:
+    import shutil
+
+    root = Path(short_tmpdir("dxc"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=base_env(str(cwd / "r"), **env), capture_output=True,
+                          text=True, timeout=60)
+
+
+def one_error_line(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    no_traceback(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+TWICE = {
+    "key": ("[dspex:pool:triage_pool]\n", "[dspex:pool:triage_pool]\nqueue_max = 5\n",
+            "'queue_max' of [dspex:pool:triage_pool] is given twice"),
+    "section": ("[group:triage_pool]\n", "[dspex:pool:triage_pool]\nqueue_max = 5\n\n[group:triage_pool]\n",
+                "[dspex:pool:triage_pool] is given twice"),
+}
+
+
+@pytest.mark.parametrize("what", list(TWICE))
+def test_a_pool_section_or_key_given_twice_is_one_line_in_every_process(here: Path, what: str) -> None:
+    old, new, needle = TWICE[what]
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text().replace(old, new, 1))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status"], here)
+    assert res.returncode == 4, res.stdout + res.stderr  # nothing runs: unreachable, and the config said
+    no_traceback(res)
+    assert f"DEGRADED: invalid dspex config: {conf}, line" in res.stdout and needle in res.stdout, res.stdout
+    res = run(["-m", "dspexctl", "pools", "status", "--json"], here)
+    assert any(needle in p for p in json.loads(res.stdout)["problems"]), res.stdout
+    for args in (["-m", "broker", "--config", str(conf)], ["-m", "worker", "--pool", "triage_pool", "--no-dspy",
+                                                          "--config", str(conf)]):
+        res = run(args, here)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, needle)
+
+
+def test_a_key_given_twice_outside_the_pool_sections_is_supervisords_business(here: Path) -> None:
+    """supervisord takes the last of a repeated key of its own sections; so does dspex."""
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text().replace("[program:broker]\n", "[program:broker]\npriority = 50\n", 1))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status", "--json"], here)
+    assert res.returncode == 4 and not any("invalid" in p for p in json.loads(res.stdout)["problems"]), res.stdout
+
+
+@pytest.mark.slow
+def test_pools_start_with_an_invalid_pool_section_starts_nothing() -> None:
+    """Its broker and workers would only go FATAL: refused before supervisord starts."""
+    old, new, needle = TWICE["key"]
+    stack = SupervisedStack(small_conf_text().replace(old, new, 1), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "20"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=90)
+        try:
+            stack.adopt_daemon()
+        except AssertionError:
+            pass
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, "invalid dspex config, nothing started: ")
+        assert needle in res.stderr
+        assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
