@@ -97,3 +97,32 @@ def test_pools_start_with_an_invalid_pool_section_starts_nothing() -> None:
     finally:
         stack.stop()
         stack.cleanup()
+
+
+OUT_OF_RANGE = [  # (key, value, what the error says): values that would misbehave rather than fail
+    ("queue_max", "0", "queue_max must be at least 1, not 0"),  # every request refused
+    ("queue_timeout", "-1", "queue_timeout must be above 0, not -1"),
+    ("queue_timeout", "nan", "queue_timeout must be above 0 and finite, not nan"),  # never times out
+    ("session_ttl", "inf", "session_ttl must be above 0 and finite, not inf"),  # the broker's dispatch raised
+    ("health_window", "0", "health_window must be above 0, not 0"),
+    ("max_requests", "-1", "max_requests must be at least 0, not -1"),  # a recycle storm
+    ("max_rss_mb", "-1", "max_rss_mb must be at least 0, not -1"),
+    ("age_jitter", "5", "age_jitter must be between 0 and 1, not 5"),  # a negative age: a recycle storm
+    ("prefetch", "-3", "prefetch must be at least 0, not -3"),
+]
+
+
+@pytest.mark.parametrize("key, value, needle", OUT_OF_RANGE)
+def test_a_pool_setting_out_of_its_range_is_refused(here: Path, key: str, value: str, needle: str) -> None:
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text(triage_pool={key: value}))
+    (here / "run").mkdir()
+    res = run(["-m", "broker", "--config", str(conf)], here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"{conf} [dspex:pool:triage_pool]: {needle}")
+    res = run(["-m", "broker", "--pool", f"p:strict_queue:{key}={value}"], here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, needle)
+    res = run(["-m", "dspexctl", "pools", "status"], here)
+    assert res.returncode == 4 and f"DEGRADED: invalid dspex config: {conf} [dspex:pool:triage_pool]: {needle}" \
+        in res.stdout, res.stdout
