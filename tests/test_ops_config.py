@@ -126,3 +126,57 @@ def test_a_pool_setting_out_of_its_range_is_refused(here: Path, key: str, value:
     res = run(["-m", "dspexctl", "pools", "status"], here)
     assert res.returncode == 4 and f"DEGRADED: invalid dspex config: {conf} [dspex:pool:triage_pool]: {needle}" \
         in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("args, name, value", [
+    (["-m", "dspexctl", "sessions", "list"], "DSPEX_REPLY_GRACE", "7s"),
+    (["-m", "dspexctl", "--json", "pools", "status"], "DSPEX_CODE_CACHE", "1.5"),
+    (["-m", "dspexctl", "pools", "status"], "DSPEX_MAX_MESSAGE", "256MB"),
+    (["-m", "broker", "--pool", "p"], "DSPEX_HEARTBEAT", "1s"),
+    (["-m", "broker", "--pool", "p"], "DSPEX_CLIENT_HWM", "lots"),
+    (["-m", "worker", "--pool", "p", "--no-dspy"], "DSPEX_CAPACITY", "two"),
+    (["-m", "worker", "--pool", "p", "--no-dspy"], "DSPEX_HARD_GRACE", "5s"),
+    (["-c", "import dspex; dspex.connect()"], "DSPEX_CLIENT_THREADS", "x"),
+])
+def test_a_malformed_dspex_number_is_one_line_naming_the_variable(here: Path, args: list[str], name: str,
+                                                                  value: str) -> None:
+    res = run(args, here, **{name: value})
+    kind = "a whole number" if name in ("DSPEX_CODE_CACHE", "DSPEX_MAX_MESSAGE", "DSPEX_CLIENT_HWM",
+                                        "DSPEX_CAPACITY", "DSPEX_CLIENT_THREADS") else "a number"
+    needle = f"{name}={value!r} is not {kind}"
+    if args[0] == "-c":  # the library raises the typed error
+        assert "dspex.wire.errors.ConfigError: " + needle in res.stderr, res.stderr
+        return
+    assert res.returncode == 2, res.stdout + res.stderr
+    one_error_line(res, needle)
+    if "--json" in args:
+        assert json.loads(res.stdout)["error"]["code"] == "config_error"
+
+
+def test_a_missing_or_wrong_curve_key_file_is_one_line(here: Path) -> None:
+    keys = here / "keys"
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys)], here)
+    assert res.returncode == 0, res.stderr
+    tcp = "tcp://127.0.0.1:1"
+    cases = [  # (argv, environment, what the line says)
+        (["-m", "dspexctl", "--endpoint", tcp, "pools", "status"],
+         {"DSPEX_CURVE_SERVER_KEY": str(keys / "nope.key"), "DSPEX_CURVE_CLIENT_KEY": str(keys / "client.key_secret")},
+         f"the broker's public key file {keys / 'nope.key'} does not exist"),
+        (["-m", "dspexctl", "--endpoint", tcp, "sessions", "list"],
+         {"DSPEX_CURVE_SERVER_KEY": str(keys / "broker.key"), "DSPEX_CURVE_CLIENT_KEY": str(here / "supervisor.conf")},
+         f"the secret key file {here / 'supervisor.conf'} is not a CURVE key file"),
+        (["-m", "broker", "--pool", "p", "--frontend", tcp, "--backend", "tcp://127.0.0.1:2", "--curve-allowed",
+          str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key_secrett")], {},
+         f"the broker's secret key file {keys / 'broker.key_secrett'} does not exist"),
+        (["-m", "broker", "--pool", "p", "--frontend", tcp, "--backend", "tcp://127.0.0.1:2", "--curve-allowed",
+          str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key")], {},
+         f"{keys / 'broker.key'} holds no secret key"),
+        (["-m", "worker", "--pool", "p", "--no-dspy", "--backend", tcp, "--curve-server-key", str(keys / "nope"),
+          "--curve-key", str(keys / "worker.key_secret")], {},
+         f"the broker's public key file {keys / 'nope'} does not exist"),
+    ]
+    (here / "supervisor.conf").write_text("[supervisord]\n")
+    for argv, env, needle in cases:
+        res = run(argv, here, **env)
+        assert res.returncode == 2, (argv, res.stdout + res.stderr)
+        one_error_line(res, needle)
