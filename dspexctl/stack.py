@@ -263,8 +263,9 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                                         f"refused to start ({refused}); " + _fix(run_dir, ""))
             if fatal and sup is not None:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
-                raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once "
-                                      f"{sup.conf.path.name} startretries times); see the logs in {logs}")
+                why = "; ".join(f"{name}: {sup.last_log_line(name) or 'no output'}" for name in fatal)
+                raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once on every "
+                                      f"try); its last log line: {why} (more in {logs})")
             if status is not None and all(counts[p] >= n for p, n in wanted.items()):
                 progress("ready: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items()))
                 return status

@@ -26,8 +26,6 @@ from dspex.stack.health import (
 )
 from dspex.stack.supervisor import (
     Supervisor,
-    SupervisorError,
-    SupervisorNoSuchProcess,
     SupervisorUnreachable,
     full_name,
 )
@@ -54,16 +52,6 @@ EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: 
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host")
-
-
-def last_log_line(sup: Supervisor, name: str) -> str:
-    """The last line a program wrote (its stdout log, which has its stderr too): usually why it died."""
-    try:
-        text = str(sup.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
-    except (SupervisorError, SupervisorNoSuchProcess):
-        return ""
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
@@ -122,7 +110,7 @@ class PoolsStatus:
                     sup_info["state"] = sup.state()
                     sup_info["pid"] = sup.pid()
                     procs = sup.processes()
-                    tails = {full_name(p): last_log_line(sup, full_name(p)) for p in procs
+                    tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
             except SupervisorUnreachable as err:
                 issues.append((State.UNREACHABLE, err.message))

@@ -180,3 +180,24 @@ def test_a_missing_or_wrong_curve_key_file_is_one_line(here: Path) -> None:
         res = run(argv, here, **env)
         assert res.returncode == 2, (argv, res.stdout + res.stderr)
         one_error_line(res, needle)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_start_names_why_a_program_went_fatal() -> None:
+    """A worker whose command line is wrong: the error says what its log says, not only where."""
+    text = small_conf_text({"triage_pool": 1, "analytics_pool": 1}).replace(
+        "-m worker --pool analytics_pool", "-m worker --pool analytics_pool --capacity 0", 1)
+    stack = SupervisedStack(text, venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "90"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        stack.adopt_daemon()
+        assert res.returncode == 1, res.stdout + res.stderr
+        no_traceback(res)
+        error = res.stderr.splitlines()[-1]
+        assert error.startswith("Error: supervisord gave up on analytics_pool:analytics_pool_00 (FATAL"), error
+        assert "worker: capacity must be at least 1, not 0" in error, error
+    finally:
+        stack.stop()
+        stack.cleanup()
