@@ -10,6 +10,7 @@ supervisord's).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dspex.stack.health import (
@@ -22,6 +23,7 @@ from dspex.stack.health import (
     pool_state,
     proc_phase,
     proc_uptime,
+    silent_pids,
     worst,
 )
 from dspex.stack.supervisor import (
@@ -210,16 +212,23 @@ class PoolsStatus:
                             "process_state": proc["statename"] if proc else None})
         starting = broken = 0
         seen = {w["pid"] for w in workers_b}
+        silent = silent_pids((broker or {}).get("events") or [])
         for proc in group or []:
             if proc["pid"] and proc["pid"] in seen:
                 continue
-            phase = proc_phase(proc, registered)
+            phase = proc_phase(proc, registered, silent)
             if phase == "starting":
                 starting += 1
             elif phase == "broken":
                 broken += 1
-                what = proc["statename"] + why(tails, proc) if proc["statename"] != "RUNNING" else \
-                    f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
+                if proc["statename"] != "RUNNING":
+                    what = proc["statename"] + why(tails, proc)
+                elif proc["pid"] in silent:
+                    what = (f"RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+                            f"{fmt_duration(time.time() - silent[proc['pid']])} ago: wedged, in a call that holds the "
+                            f"GIL? dspexctl workers recycle {name} --worker {proc['pid']} --hard kills it")
+                else:
+                    what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
                     issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
