@@ -201,3 +201,17 @@ def test_pools_start_names_why_a_program_went_fatal() -> None:
     finally:
         stack.stop()
         stack.cleanup()
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(here: Path) -> None:
+    """A file where a directory of DSPEX_RUN_DIR's path should be (as a read-only file system or a
+    missing permission, mkdir fails): the broker and workers say so and exit 2, dspexctl too."""
+    (here / "file").write_text("")
+    run_dir = str(here / "file" / "r")
+    for args in (["-m", "broker", "--pool", "p"], ["-m", "worker", "--pool", "p", "--no-dspy"]):
+        res = run(args, here, DSPEX_RUN_DIR=run_dir)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, f"cannot create the run directory {run_dir}: Not a directory (set DSPEX_RUN_DIR")
+    res = run(["-m", "dspexctl", "sessions", "list"], here, DSPEX_RUN_DIR=run_dir)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir}: Not a directory")
