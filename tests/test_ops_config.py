@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import base_env, short_tmpdir
+from tests.harness import base_env, short_tmpdir, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import no_traceback
 from tests.test_ops_python import small_conf_text
@@ -215,3 +215,35 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(here: Path) -> None:
     res = run(["-m", "dspexctl", "sessions", "list"], here, DSPEX_RUN_DIR=run_dir)
     assert res.returncode == 2, res.stderr
     one_error_line(res, f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir}: Not a directory")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_broker_that_is_not_running_is_named_with_its_cause_or_its_fix() -> None:
+    """Stopped by an operator: the fix. Died (here: its conf broken after supervisord read it,
+    so it fails at its next start): its log's last line, the cause."""
+    text = small_conf_text({"triage_pool": 1})
+    stack = SupervisedStack(text, venv_link=False)
+    try:
+        stack.start_foreground()
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "RUNNING" for p in stack.processes()), 60,
+                 0.1, "the broker RUNNING")
+        stack.rpc("supervisor.stopProcess", "broker:broker")
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "sessions", "list"], cwd=stack.root,
+                             env={**stack.env, "DSPEX_SUPERVISOR_CONF": ""}, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 4, res.stderr
+        one_error_line(res, f"supervisord of {stack.conf} reports its broker STOPPED: start it with dspexctl pools "
+                            "start")
+        stack.conf.write_text(text.replace(*TWICE["key"][:2], 1))
+        stack.rpc("supervisor.startProcess", "broker:broker", False)
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "FATAL" for p in stack.processes()), 60,
+                 0.1, "the broker FATAL")
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 4, res.stderr
+        one_error_line(res, "reports its broker FATAL, its last log line: ")
+        assert "ERROR dspex: broker: " in res.stderr and TWICE["key"][2] in res.stderr, res.stderr
+    finally:
+        stack.stop()
+        stack.cleanup()
