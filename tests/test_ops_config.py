@@ -247,3 +247,22 @@ def test_a_broker_that_is_not_running_is_named_with_its_cause_or_its_fix() -> No
     finally:
         stack.stop()
         stack.cleanup()
+
+
+def test_keys_generate_never_replaces_a_broker_key_pair_and_speaks_json(here: Path) -> None:
+    keys = here / "keys"
+    res = run(["-m", "dspexctl", "--json", "keys", "generate", "--dir", str(keys), "--peer", "client", "--peer",
+               "worker1"], here)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)  # the same facts as the text: the files written, what uses them
+    assert doc["written"] == {"broker": str(keys / "broker.key_secret"), "client": str(keys / "client.key_secret"),
+                              "worker1": str(keys / "worker1.key_secret"), "allowed": str(keys / "allowed")}
+    assert doc["server_key"] == str(keys / "broker.key") and set(doc["use"]) == {"broker", "workers", "clients"}
+    secret = (keys / "broker.key_secret").read_bytes()
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys), "--peer", "bob"], here)
+    assert res.returncode == 2, res.stdout + res.stderr
+    one_error_line(res, f"{keys} already holds a broker key pair")
+    assert (keys / "broker.key_secret").read_bytes() == secret and not (keys / "bob.key").exists()
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(here / "k2"), "--admin", "worker9"], here)
+    assert res.returncode == 2 and "worker9 is a worker key" in res.stderr, res.stderr
+    assert not (here / "k2").exists(), "nothing written for a refused run"
