@@ -289,7 +289,8 @@ class PoolsStatus:
                                   str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
                                   fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",
                                   f"{hb:.1f}s ago" if hb is not None else "-"])
-                out.extend(table(wrows, indent="    "))
+                if len(wrows) > 1:  # no header over nothing (supervisord down: no processes known)
+                    out.extend(table(wrows, indent="    "))
             lines = out
         lines += self._failures(result["pools"])
         b = result["broker"]

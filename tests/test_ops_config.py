@@ -266,3 +266,12 @@ def test_keys_generate_never_replaces_a_broker_key_pair_and_speaks_json(here: Pa
     res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(here / "k2"), "--admin", "worker9"], here)
     assert res.returncode == 2 and "worker9 is a worker key" in res.stderr, res.stderr
     assert not (here / "k2").exists(), "nothing written for a refused run"
+
+
+def test_status_verbose_with_nothing_running_shows_no_empty_worker_tables(here: Path) -> None:
+    (here / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status", "-v"], here)
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert "PROCESS" not in res.stdout, res.stdout  # no worker is known: no worker header either
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[:3]] == ["POOL", "triage_pool", "analytics_pool"]
