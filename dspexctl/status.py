@@ -115,7 +115,12 @@ class PoolsStatus:
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
             except SupervisorUnreachable as err:
-                issues.append((State.UNREACHABLE, err.message))
+                if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
+                    # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
+                    sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
+                                          "its supervisord is not running: its pools are not expected")
+                else:
+                    issues.append((State.UNREACHABLE, err.message))
             for p in procs:
                 sup_info["processes"].append({
                     "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
@@ -124,7 +129,7 @@ class PoolsStatus:
         declared: list[str] = []
         conf_sizes: dict[str, int] = {}
         config_error = None
-        if sc is not None:
+        if sc is not None and not (sup_info or {}).get("unused"):
             from dspex.stack.pools import load_pools, supervisor_group_sizes
 
             try:
@@ -299,6 +304,8 @@ class PoolsStatus:
                          f"{b['frontend']}")
             lines.append(metrics_text(b.get("metrics") or {})[0])
         s = result["supervisor"]
+        if s is not None and s.get("unused"):
+            lines.append(f"supervisord: not used: {s['unused']}")
         if s is not None and s["state"] is not None:
             lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
             pool_names = {q["name"] for q in result["pools"]}

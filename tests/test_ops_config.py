@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import base_env, short_tmpdir, wait_for
+from tests.harness.stack import Stack
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import no_traceback
 from tests.test_ops_python import small_conf_text
@@ -275,3 +276,25 @@ def test_status_verbose_with_nothing_running_shows_no_empty_worker_tables(here: 
     assert res.returncode == 4, res.stdout + res.stderr
     assert "PROCESS" not in res.stdout, res.stdout  # no worker is known: no worker header either
     assert [ln.split()[0] for ln in res.stdout.splitlines()[:3]] == ["POOL", "triage_pool", "analytics_pool"]
+
+
+def test_a_broker_started_by_hand_beside_a_conf_nobody_runs_is_not_judged_by_it(stack: Stack) -> None:
+    """The README's by-hand block runs in the checkout, beside supervisor.conf: its pools, which
+    that broker never declared, are not DOWN, and the supervisord nobody started is not trouble."""
+    stack.pool("triage_pool:strict_queue", 1, "--no-dspy").close()
+    root = Path(stack.root)
+    (root / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
+    (root / "run").mkdir()
+    env = {**stack.env, "DSPEX_ENDPOINT": stack.frontend}
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[:2]] == ["POOL", "triage_pool"], res.stdout
+    assert f"supervisord: not used: {root / 'supervisor.conf'} is not this broker's" in res.stdout
+    doc = json.loads(subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status", "--json"], cwd=root,
+                                    env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert doc["health"] == "ok" and doc["supervisor"]["unused"] and not doc["problems"], doc
+    # asked for by name, the conf is joined: its pools are expected, its supervisord is missing
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "--supervisor-conf", "supervisor.conf", "pools",
+                          "status"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4 and "UNREACHABLE: supervisord is not running" in res.stdout, res.stdout
