@@ -1,4 +1,4 @@
-"""Durable sessions through real processes: a broker, workers with DSPy, a client (issue 21).
+"""Durable sessions through real processes: a broker, workers with DSPy, a client.
 
 The session's program is a ChainOfThought with 4 demos answered by a ``DummyLM`` holding a list
 of answers that it hands out in order: the answer a call gets after a move proves the session
@@ -165,3 +165,40 @@ def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_c
         assert s.id not in stored()
 
     asyncio.run(main())
+
+
+def test_a_ref_released_before_a_move_is_gone_after_it_and_the_error_says_why(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    kept, dropped = s.put({"k": 1}), s.put({"d": 2})
+    s.release(dropped)
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    assert s.eval("x['k']", {"x": kept}) == 1
+    with pytest.raises(dspex.RefNotFound, match=r"not in its session's checkpoint \(released, or made by a call"):
+        s.eval("x", {"x": dropped})
+
+
+STUBBORN = """
+import time
+def stubborn():
+    global counter
+    counter = 1000  # an effect of the call that its worker's end takes with it
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+"""
+
+
+def test_a_call_past_its_hard_limit_moves_the_session_without_its_effects_and_says_so(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "0.5"
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("counter = 41" + STUBBORN)
+    with pytest.raises(dspex.Timeout, match="the session moves with its last checkpoint") as info:
+        s.eval("stubborn()", timeout=0.5)
+    assert info.value.details["hard"] is True and "objects are lost" not in info.value.message
+    assert s.eval("counter") == 41  # none of the call's effects

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from dspex.wire.errors import CheckpointRefused, NotDurableWarning, ProtocolError
+from dspex.wire.zmqfast import frame_buffer
 from worker import checkpoint, checkpoint_restore, output
 from worker.refs import RefTable, SessionState
 
@@ -37,7 +38,7 @@ def split_restore(frames: list[Any]) -> tuple[Restore, list[Any]]:
     """``[envelope, meta, skeleton?, *blobs, header, ...]`` (an envelope with ``Durable.RESTORE``)
     -> the restore and ``[envelope, header, ...]``."""
     try:
-        meta = msgpack.unpackb(_bytes(frames[1]))
+        meta = msgpack.unpackb(frame_buffer(frames[1]))
         session, seq, slots = str(meta["session"]), int(meta["seq"]), [int(i) for i in meta["slots"]]
     except Exception as exc:  # noqa: BLE001 - any malformed restore meta is the broker's bug, refused
         raise ProtocolError(f"malformed restore frames: {exc}") from None
@@ -45,10 +46,6 @@ def split_restore(frames: list[Any]) -> tuple[Restore, list[Any]]:
     if len(frames) < 3 + n:
         raise ProtocolError(f"restore frames: {len(frames) - 3} of {n}")
     return Restore(session, seq, slots, frames[2:2 + n]), [frames[0], *frames[2 + n:]]
-
-
-def _bytes(frame: Any) -> Any:
-    return frame.buffer if hasattr(frame, "buffer") else frame
 
 
 class DurableSessions:
@@ -69,7 +66,7 @@ class DurableSessions:
         if not restore.seq:  # durable, but no call of it changed anything yet
             state.checkpoint = checkpoint.Tracker(sid, self.history_limit)
             return state
-        frames = [_bytes(f) for f in restore.frames]
+        frames = [frame_buffer(f) for f in restore.frames]
         try:
             restored = checkpoint_restore.restore(state, frames[0], restore.slots, frames[1:], restore.seq,
                                           self.history_limit)
@@ -99,7 +96,7 @@ class DurableSessions:
         except Exception as exc:  # noqa: BLE001 - pickling runs user code (__reduce__, __getstate__)
             reason = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("session %s cannot be checkpointed as a whole: %s", state.id[:8], reason)
-            return [msgpack.packb({"session": state.id, "error": reason})]
+            return [msgpack.packb({"session": state.id, "error": f"the session as a whole cannot be pickled ({reason})"})]
         for why in newly:
             try:
                 sink.warning(f"dspex: {why.message()}", NotDurableWarning, "<dspex checkpoint>", 0, None)
@@ -108,6 +105,23 @@ class DurableSessions:
         if ck is None:
             return None
         return [msgpack.packb(ck.meta()), ck.skeleton, *ck.blobs]
+
+    @staticmethod
+    def fitted(frames: list[Any], reply: list[Any], bound: int) -> list[Any]:
+        """``frames`` (of :meth:`after_call`), or frames telling the broker the session cannot stay
+        durable when its checkpoint cannot travel in one message under ``bound`` (the message
+        bound, DSPEX_MAX_MESSAGE): with the call's ``reply`` now, and whole (everything the
+        broker holds) with a call after a move. The broker's socket drops a bigger message and the
+        worker's connection with it, as if the worker had crashed."""
+        meta = msgpack.unpackb(frames[0])
+        held = max(int(meta.get("size", 0)), sum(map(len, frames)))
+        if "size" not in meta or held + sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+                                            for f in reply) <= bound:
+            return frames
+        reason = (f"its checkpoint would hold {held / 2**20:.1f} MB, more than one message may carry "
+                  f"({bound / 2**20:.1f} MB, DSPEX_MAX_MESSAGE)")
+        log.warning("session %s cannot stay durable: %s", meta["session"][:8], reason)
+        return [msgpack.packb({"session": meta["session"], "error": reason})]
 
     @staticmethod
     def refused_frames(err: CheckpointRefused) -> list[Any]:

@@ -39,7 +39,7 @@ from dspex.wire.protocol import (
     log_level_of,
 )
 from dspex.wire.ref import Ref
-from worker import limits, namespace, output
+from worker import forking, limits, namespace, output
 from worker.dspy_settings import SessionSettings, current_session
 from worker.durable import DurableSessions, Restore
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
@@ -84,9 +84,11 @@ class Executor:
 
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
-        time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes."""
+        time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes, the
+        session's code in processes user code starts (``multiprocessing``)."""
         output.install()
         namespace.install_getsource()
+        forking.install()
         self.watchdog.install()
 
     def enable_dspy(self, max_history: int = 200) -> None:
@@ -120,7 +122,7 @@ class Executor:
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | LazyStream | None = None,
                 *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
-                client: bytes = b"", ephemeral: bool = False, durable: int = 0, restore: Restore | None = None,
+                client: bytes = b"", ephemeral: bool = False, durable: int = 0,
                 checkpoint: list[Any] | None = None) -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
 
@@ -143,16 +145,11 @@ class Executor:
 
         A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
         checkpointed after the call, whatever its outcome; the checkpoint's frames go to
-        ``checkpoint`` (left empty when nothing changed). ``restore``: the session's checkpoint,
-        restored before anything else (``CheckpointRefused`` if it cannot be).
+        ``checkpoint`` (left empty when nothing changed); one that moved here was restored first
+        (:meth:`restore`).
         """
         sessionless = not header.session
-        if restore is not None:
-            if restore.session != header.session:
-                raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {header.session[:8]}")
-            state = self.durable.restore(restore)
-        else:
-            state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+        state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
 
         made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
 
@@ -243,6 +240,19 @@ class Executor:
                 # checkpoint short; what it leaves out goes to the caller as a warning
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
+
+    def holds(self, session: str) -> bool:
+        """This worker holds durable session ``session`` (it ran or restored it)."""
+        state = self.refs.sessions.get(session)
+        return state is not None and state.checkpoint is not None
+
+    def restore(self, session: str, restore: Restore) -> None:
+        """The checkpoint a call of ``session`` carries (its first call after a move), restored
+        before anything may refuse the call: the broker sends it once (``CheckpointRefused`` if
+        it cannot be restored)."""
+        if restore.session != session:
+            raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {session[:8]}")
+        self.durable.restore(restore)
 
     def _drop(self, state: SessionState, made: list[str]) -> None:
         for ref_id in made:

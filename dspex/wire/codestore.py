@@ -41,6 +41,8 @@ from dspex.wire.errors import CodeCacheMiss, ProtocolError
 
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+# every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
+SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 
 
@@ -61,6 +63,7 @@ class CodeStore:
             module = types.ModuleType(name)
             module.__dict__["__builtins__"] = __builtins__
             self.modules[nsid] = module
+            SESSION_MODULES[id(module)] = module
         if base:
             for k in _BASE_GLOBALS:
                 if k in base:
