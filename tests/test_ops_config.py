@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dspex.stack.supervisor import pid_alive
 from tests.harness import base_env, short_tmpdir, wait_for
 from tests.harness.stack import Stack
 from tests.harness.supervisord import SupervisedStack
@@ -298,3 +299,30 @@ def test_a_broker_started_by_hand_beside_a_conf_nobody_runs_is_not_judged_by_it(
     res = subprocess.run([sys.executable, "-m", "dspexctl", "--supervisor-conf", "supervisor.conf", "pools",
                           "status"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 4 and "UNREACHABLE: supervisord is not running" in res.stdout, res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_stop_says_what_it_waits_for_while_a_worker_finishes_its_call() -> None:
+    stack = SupervisedStack(small_conf_text({"triage_pool": 1}), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "90"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        stack.adopt_daemon()
+        assert res.returncode == 0, res.stdout + res.stderr
+        (worker,) = stack.ready("triage_pool")
+        with stack.client(60) as dx:
+            s = dx.session("triage_pool")
+            call = dx.submit(lambda: s.call("time", "sleep", [4]))
+            wait_for(lambda: stack.ready("triage_pool")[0]["inflight"] == 1, 20, 0.05, "the call running")
+            res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "stop"], cwd=stack.root, env=stack.env,
+                                 capture_output=True, text=True, timeout=60)
+            assert call.result(30) is None  # it finished: the stop waited for it
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert ("waiting for triage_pool:triage_pool_00 to stop (a worker finishes its running calls first)"
+                in res.stderr.splitlines()), res.stderr
+        assert res.stdout.splitlines() == ["triage_pool:triage_pool_00: STOPPED"], res.stdout
+        assert not pid_alive(worker["pid"])
+    finally:
+        stack.stop()
+        stack.cleanup()
