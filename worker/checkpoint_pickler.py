@@ -44,7 +44,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue
+from dspex.wire import byvalue, codestore
 from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
@@ -287,6 +287,14 @@ def load_blob(data: bytes | memoryview) -> Any:
 
 # -- writing ---------------------------------------------------------------------------------
 
+def _make_session_function(code: types.CodeType, globals_: dict[str, Any], name: str, argdefs: Any,
+                           closure: Any) -> types.FunctionType:
+    """A function of a session's module, made with the module's own builtins (cloudpickle's
+    ``_make_function`` puts Python's in the module first: the session's ``__import__``, which
+    finds its modules, would be lost: dspex.wire.codestore.CodeStore.importer)."""
+    return types.FunctionType(code, globals_, name, argdefs, closure)
+
+
 class BlobPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Pickles one blob that must load on its own: by-value code or modules are refused."""
 
@@ -433,6 +441,9 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             # globals it reads that cloudpickle adds to its state is dropped (a global that cannot
             # be pickled is then that global's problem, named for itself, not this function's)
             make, args, (state, slotstate), *rest = reduced
+            if make is _cp._make_function:  # the module's own builtins kept (its __import__)
+                make = _make_session_function
+                rest = [codestore.function_setstate if f is _cp._function_setstate else f for f in rest]
             return (make, args, (state, {**slotstate, "__globals__": {}}), *rest)
         name = namespace.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None

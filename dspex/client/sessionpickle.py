@@ -17,6 +17,8 @@ cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class
   functions and classes of installed modules, and an object found in an importable module when
   by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
   an :class:`EncodeError` naming it and its module.
+- The user modules an ``import`` statement in a function's body names go with it (namespace
+  ``codestore.IMPORTED``), so that the statement finds the session's module on the worker.
 - A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
   tracker), with the client's file name of its source, for ``inspect.getsource``.
 
@@ -259,6 +261,10 @@ class Message:
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
+                for module in codeindex.user_modules_imported(func.__code__, g):
+                    # an import in the body finds the session's module (codestore.CodeStore.importer)
+                    reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
+                    self._bind(out, todo, codestore.IMPORTED, module.__name__, module)
                 for cell in func.__closure__ or ():
                     try:
                         value = cell.cell_contents

@@ -124,6 +124,19 @@ def is_user_module(name: str) -> bool:
     return top not in _installed_beside(sys.modules.get(top))
 
 
+def is_user_file(top: str, file: str) -> bool:
+    """True when top-level module ``top``, found at ``file`` but not imported yet, is the user's
+    own code (the rules of :func:`is_user_module`)."""
+    if top in _NEVER_BY_VALUE or os.path.realpath(file).startswith(_installed_prefixes()):
+        return False
+    if top in _editable_top_levels():
+        return False
+    directory = os.path.dirname(file)
+    if os.path.basename(file) == "__init__.py":
+        directory = os.path.dirname(directory)
+    return top not in _distribution_tops(directory)
+
+
 def _installed_beside(top_module: Any) -> frozenset[str]:
     """Top-level names of the distributions installed in the directory that holds ``top_module``
     (``pip install --target``, a ``PYTHONPATH`` install, a setuptools develop egg-info): their code

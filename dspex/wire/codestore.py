@@ -13,6 +13,8 @@ session has a :class:`CodeStore`:
 - ``bound``: for each (namespace, name) the key of the value the client bound there last; a
   binding is applied only when its key differs, so the worker's own rebinding
   (``global x; x += 1``) stands until the client rebinds the name;
+- an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
+  an ``import`` in a function of a user module gives the session's module of that name;
 - ``sources``: the linecache entries of the session's source files (``inspect.getsource``).
 
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
@@ -24,8 +26,11 @@ anything runs.
 
 from __future__ import annotations
 
+import builtins
 import contextvars
+import functools
 import importlib
+import importlib.util
 import linecache
 import sys
 import types
@@ -42,6 +47,7 @@ from dspex.wire.errors import CodeCacheMiss, ProtocolError
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 
 
 @dataclass
@@ -59,13 +65,47 @@ class CodeStore:
         if module is None:
             name = str((base or {}).get("__name__") or nsid[2:])
             module = types.ModuleType(name)
-            module.__dict__["__builtins__"] = __builtins__
+            module.__dict__["__builtins__"] = self._builtins
             self.modules[nsid] = module
         if base:
+            g = module.__dict__
             for k in _BASE_GLOBALS:
-                if k in base:
-                    module.__dict__.setdefault(k, base[k])
+                if k in base and g.get(k) is None:  # a new module's __package__ is None
+                    g[k] = base[k]
         return module
+
+    @functools.cached_property
+    def _builtins(self) -> dict[str, Any]:
+        """The builtins of the session's modules: Python's, with an ``__import__`` that finds the
+        session's own modules first (:meth:`importer`)."""
+        return {**builtins.__dict__, "__import__": self.importer}
+
+    def importer(self, name: str, globals: dict[str, Any] | None = None, locals: Any = None,
+                 fromlist: Any = (), level: int = 0) -> types.ModuleType:
+        """``__import__`` for the session's code: an ``import`` in a function of a user module
+        (``from .sub import helpers``, ``import app.tools``) gives the session's module of that
+        name, which the client sent with the function (bound under :data:`IMPORTED`), with its
+        state; any other name is imported as usual."""
+        absolute = name
+        if level:
+            try:
+                absolute = importlib.util.resolve_name("." * level + name, _package_of(globals or {}))
+            except (ImportError, ValueError):
+                absolute = ""
+        modules = self.modules
+        module = modules.get("m:" + absolute) if absolute else None
+        if module is None:
+            return builtins.__import__(name, globals, locals, fromlist, level)
+        if fromlist:
+            for item in fromlist:
+                sub = modules.get(f"m:{absolute}.{item}")
+                if sub is not None and not hasattr(module, item):
+                    setattr(module, item, sub)
+            return module
+        if level:
+            return module
+        return modules.get("m:" + absolute.partition(".")[0]) or \
+            builtins.__import__(name, globals, locals, fromlist, level)
 
     def add_sources(self, sources: dict[str, str]) -> None:
         self.sources.update(register_sources(sources))
@@ -89,6 +129,16 @@ class CodeStore:
             if linecache.cache.get(filename) is entry:
                 del linecache.cache[filename]
         self.sources.clear()
+
+
+def _package_of(g: dict[str, Any]) -> str:
+    """The package a relative import in code with globals ``g`` is relative to (as Python's)."""
+    package = g.get("__package__")
+    if package is None:
+        package = str(g.get("__name__", ""))
+        if "__path__" not in g:
+            package = package.rpartition(".")[0]
+    return str(package)
 
 
 class _Load:
@@ -225,8 +275,18 @@ def _load_function_state(func: types.FunctionType, state: tuple[Any, Any, Any]) 
     fstate, slotstate, bindings = state
     load = _active()
     if id(func) in load.fresh:
-        _cp._function_setstate(func, (fstate, slotstate))
+        function_setstate(func, (fstate, slotstate))
     load.bind(bindings)
+
+
+def function_setstate(func: types.FunctionType, state: tuple[Any, Any]) -> None:
+    """cloudpickle's ``_function_setstate``, leaving the builtins of the function's module as they
+    were (it puts Python's there: the session's ``__import__`` would be lost, CodeStore.importer)."""
+    g = func.__globals__
+    own = g.get("__builtins__")
+    _cp._function_setstate(func, state)
+    if own is not None:
+        g["__builtins__"] = own
 
 
 def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., type], args: tuple[Any, ...]) -> Any:

@@ -1,0 +1,115 @@
+"""A session is the user's own Python: a package of the user's (relative imports, submodules,
+imports inside functions) and decorated functions behave through ``s.run`` as in-process.
+
+The package is written to a temp dir only this process has on its path; the workers run in an
+empty working directory, so they reach it only by value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dspex
+from tests.test_session_code import code_stack, dx  # noqa: F401 - the module's stack and client
+
+Package = Callable[[dict[str, str]], str]
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Package]:
+    """``package({"__init__.py": src, "sub/helpers.py": src, ...})``: a user package of this
+    process under a fresh name (returned), imported; the workers cannot import it."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(files: dict[str, str]) -> str:
+        name = f"upkg_{secrets.token_hex(4)}"
+        for rel, source in files.items():
+            path = tmp_path / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(source))
+        for directory in [tmp_path / name, *(p for p in (tmp_path / name).rglob("*") if p.is_dir())]:
+            (directory / "__init__.py").touch()
+        importlib.invalidate_caches()
+        made.append(name)
+        importlib.import_module(name)
+        return name
+
+    yield make
+    for mod in [m for m in sys.modules if m.split(".")[0] in made]:
+        sys.modules.pop(mod, None)
+
+
+def _mod(name: str) -> types.ModuleType:
+    return importlib.import_module(name)
+
+
+PACKAGE = {
+    "__init__.py": "from .core import bump, STATE\n",
+    "core.py": """
+        from .sub.helpers import double
+        STATE = []
+
+        def bump(x):
+            STATE.append(double(x))
+            return list(STATE)
+        """,
+    "sub/helpers.py": """
+        def double(x):
+            return 2 * x
+        """,
+    "lazy.py": """
+        def relative():
+            from .sub import helpers
+            from . import core
+            return helpers.double(3), core.bump(1), __package__
+
+        def absolute():
+            import {pkg}.sub.helpers
+            from {pkg} import core
+            return {pkg}.sub.helpers.double(4), core.bump(2)
+        """,
+}
+
+
+def test_imports_inside_functions_of_a_user_package(dx: dspex.Client, package: Package,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """``from .sub import helpers`` / ``import pkg.sub.helpers`` in a function body find the
+    session's modules (with their state), as in-process."""
+    name = package({k: v for k, v in PACKAGE.items() if k != "lazy.py"})
+    (tmp_path / name / "lazy.py").write_text(textwrap.dedent(PACKAGE["lazy.py"]).replace("{pkg}", name))
+    importlib.invalidate_caches()
+    lazy = _mod(f"{name}.lazy")
+    s = dx.session("p")
+    try:
+        assert s.run(lazy.relative) == (6, [2], name)
+        assert s.run(lazy.absolute) == (8, [2, 4])  # the one core module of the session: its STATE
+        assert s.run(lambda: lazy.__package__) == name
+    finally:
+        s.close()
+    assert _mod(f"{name}.core").STATE == []  # the client's module was not touched
+    assert lazy.relative() == (6, [2], name)  # in-process, the same
+
+
+def test_an_import_inside_a_script_function_of_a_sibling_module(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A function (of ``__main__``, of a test module) importing a user module in its body."""
+    name = package({"tools.py": "COUNT = [0]\ndef tick():\n    COUNT[0] += 1\n    return COUNT[0]\n"})
+
+    code = compile(f"def program():\n    from {name} import tools\n    return tools.tick()\n", "<script>", "exec")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(code, ns)  # noqa: S102 - a function of __main__ as a script would define it
+    s = dx.session("p")
+    try:
+        assert [s.run(ns["program"]) for _ in range(3)] == [1, 2, 3]
+    finally:
+        s.close()
+
