@@ -8,6 +8,7 @@ empty working directory, so they reach it only by value.
 from __future__ import annotations
 
 import importlib
+import os
 import secrets
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 import dspex
+from tests.harness import Stack, wait_for
 from tests.test_session_code import code_stack, dx  # noqa: F401 - the module's stack and client
 
 Package = Callable[[dict[str, str]], str]
@@ -113,3 +115,70 @@ def test_an_import_inside_a_script_function_of_a_sibling_module(dx: dspex.Client
     finally:
         s.close()
 
+
+def test_lru_cache_of_a_user_function_keeps_its_cache_in_the_session(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``@functools.lru_cache`` / ``@functools.cache`` on a user function: the session's one
+    wrapper, whose cache lives across calls (and whose misses call the session's function)."""
+    name = package({"memo.py": """
+        import functools
+        CALLS = []
+
+        @functools.lru_cache(maxsize=8)
+        def square(n):
+            CALLS.append(n)
+            return n * n
+
+        @functools.cache
+        def cube(n):
+            CALLS.append(-n)
+            return n ** 3
+
+        def both(n):
+            return square(n), cube(n)
+        """})
+    memo = _mod(f"{name}.memo")
+    s = dx.session("p")
+    try:
+        assert s.run(memo.square, 3) == 9
+        assert s.run(memo.square, 3) == 9
+        assert s.run(memo.both, 3) == (9, 27)
+        assert s.run(memo.both, 3) == (9, 27)
+        assert s.run(lambda: (list(memo.CALLS), memo.square.cache_info().hits, memo.cube.cache_info().hits)) \
+            == ([3, -3], 3, 1)
+        assert s.run(lambda: memo.square.cache_parameters()) == {"maxsize": 8, "typed": False}
+    finally:
+        s.close()
+    assert memo.CALLS == []  # the client's module was not touched
+
+
+def test_a_durable_session_keeps_its_imports_and_cached_functions_after_kill_9(stack: Stack, package: Package,
+                                                                              tmp_path: Path) -> None:
+    """After its worker is SIGKILLed, a durable session's functions still import its modules (the
+    restored functions keep the session's ``__import__``) and its lru_cache wrapper is still the
+    session's, an empty cache around the session's function (a cache is not state a checkpoint
+    keeps: the next call computes again)."""
+    name = package({k: v for k, v in PACKAGE.items() if k != "lazy.py"})
+    (tmp_path / name / "lazy.py").write_text(textwrap.dedent(PACKAGE["lazy.py"]).replace("{pkg}", name) + textwrap.dedent("""
+        import functools
+
+        @functools.lru_cache(maxsize=None)
+        def cached(n):
+            from .core import bump
+            return bump(n)
+        """))
+    importlib.invalidate_caches()
+    lazy = _mod(f"{name}.lazy")
+    client = stack.pool("d:strict_queue:durable=true", 2)
+    s = client.session("d", durable=True)
+    try:
+        assert s.run(lazy.relative) == (6, [2], name)
+        assert [s.run(lazy.cached, 5), s.run(lazy.cached, 5)] == [[2, 10], [2, 10]]
+        pid = s.run(os.getpid)
+        stack.kill(pid)
+        wait_for(lambda: pid not in {w["pid"] for w in client.status()["pools"]["d"]["workers"]}, what="worker gone")
+        assert s.run(lazy.absolute) == (8, [2, 10, 4])
+        assert s.run(lazy.cached, 5) == [2, 10, 4, 10]
+        assert s.run(lazy.cached, 5) == [2, 10, 4, 10]
+        assert s.run(os.getpid) != pid
+    finally:
+        s.close()

@@ -373,6 +373,12 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
         if kind is types.FunctionType:
             return self._function(obj)
+        if kind is byvalue.LRU_WRAPPER and type(obj.__wrapped__) is types.FunctionType \
+                and self._function_reduce(obj.__wrapped__) is not NotImplemented:
+            # the session's functools.lru_cache of its own function: made again around it (by
+            # name the wrapper is not importable); its cache starts empty after a move
+            params = obj.cache_parameters()
+            return byvalue.make_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"]), dict(vars(obj))
         if kind is types.ModuleType:
             if id(obj.__dict__) in self._module_dicts:
                 return _module_of, (obj.__dict__,)

@@ -299,6 +299,10 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = self._exception(obj)
             if reduced is not NotImplemented:
                 return reduced
+        if type(obj) is LRU_WRAPPER and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType):
+            reduced = _lru_reduced(obj)
+            if reduced is not NotImplemented:
+                return reduced
         if isinstance(obj, type):
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
@@ -312,6 +316,29 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             make, args = _cp._code_reduce(obj)
             return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
         return super().reducer_override(obj)
+
+
+LRU_WRAPPER = type(functools.lru_cache(lambda: None))
+
+
+def _lru_reduced(wrapper: Any) -> Any:
+    """A ``functools.lru_cache`` / ``functools.cache`` wrapper of by-value code: made again on the
+    other side around the function sent by value (pickle would name the wrapper by module and
+    qualname, which the other side cannot import). Its cache starts empty there; within a
+    session the wrapper is sent once, so its cache lives across calls."""
+    func = wrapper.__wrapped__
+    register_user_module(getattr(func, "__module__", None))
+    try:
+        if _cp._should_pickle_by_reference(func):
+            return NotImplemented
+    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle decides (and fails) itself
+        return NotImplemented
+    params = wrapper.cache_parameters()
+    return make_lru_cache, (func, params["maxsize"], params["typed"]), dict(vars(wrapper))
+
+
+def make_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
 def class_state(cls: type, clsdict: dict[str, Any]) -> dict[str, Any]:
