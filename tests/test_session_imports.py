@@ -182,3 +182,29 @@ def test_a_durable_session_keeps_its_imports_and_cached_functions_after_kill_9(s
         assert s.run(os.getpid) != pid
     finally:
         s.close()
+
+
+def test_a_singledispatch_function_of_a_user_module(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``@functools.singledispatch`` with registered implementations: callable through a session,
+    and it does not make its whole module unsendable (its closure holds a weak-keyed cache)."""
+    name = package({"misc.py": """
+        import functools
+
+        @functools.singledispatch
+        def describe(x):
+            return "thing"
+
+        @describe.register
+        def _(x: int):
+            return "int"
+
+        def other():
+            return "other"
+        """})
+    misc = _mod(f"{name}.misc")
+    s = dx.session("p")
+    try:
+        assert (s.run(misc.describe, 1), s.run(misc.describe, "a")) == ("int", "thing")
+        assert s.run(lambda: (misc.other(), misc.describe(2), misc.describe(2.5))) == ("other", "int", "thing")
+    finally:
+        s.close()

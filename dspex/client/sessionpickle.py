@@ -411,6 +411,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not codeindex.by_value(func):
             return NotImplemented  # importable: by reference
+        if func.__code__ is byvalue.SINGLEDISPATCH_CODE:
+            return byvalue.singledispatch_reduced(func)
         bindings = msg.walk(func)
         key = msg.key(func)
         if msg.holds(key):

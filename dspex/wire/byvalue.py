@@ -307,6 +307,8 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
         if isinstance(obj, types.FunctionType):
+            if obj.__code__ is SINGLEDISPATCH_CODE:
+                return singledispatch_reduced(obj)
             _note_code(obj, self.sources, self._budget)
         elif isinstance(obj, types.ModuleType):
             _note_module(obj, self.sources, self._budget)
@@ -339,6 +341,24 @@ def _lru_reduced(wrapper: Any) -> Any:
 
 def make_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+SINGLEDISPATCH_CODE: types.CodeType = getattr(functools.singledispatch(lambda x: x), "__code__")  # noqa: B009 - a function at run time
+
+
+def singledispatch_reduced(wrapper: Any) -> Any:
+    """A ``functools.singledispatch`` function of by-value code: made again around the function
+    and its registered implementations (its closure holds a weak-keyed dispatch cache, which
+    cannot be pickled)."""
+    impls = [(cls, impl) for cls, impl in wrapper.registry.items() if cls is not object]
+    return make_singledispatch, (wrapper.__wrapped__, impls)
+
+
+def make_singledispatch(func: Any, impls: list[tuple[type, Any]]) -> Any:
+    made = functools.singledispatch(func)
+    for cls, impl in impls:
+        made.register(cls, impl)
+    return made
 
 
 def class_state(cls: type, clsdict: dict[str, Any]) -> dict[str, Any]:
