@@ -157,7 +157,7 @@ def test_a_durable_session_keeps_its_imports_and_cached_functions_after_kill_9(s
     restored functions keep the session's ``__import__``) and its lru_cache wrapper is still the
     session's, an empty cache around the session's function (a cache is not state a checkpoint
     keeps: the next call computes again)."""
-    name = package({k: v for k, v in PACKAGE.items() if k != "lazy.py"})
+    name = package({**{k: v for k, v in PACKAGE.items() if k != "lazy.py"}, "plugins.py": PLUGINS})
     (tmp_path / name / "lazy.py").write_text(textwrap.dedent(PACKAGE["lazy.py"]).replace("{pkg}", name) + textwrap.dedent("""
         import functools
 
@@ -168,7 +168,7 @@ def test_a_durable_session_keeps_its_imports_and_cached_functions_after_kill_9(s
         """))
     importlib.invalidate_caches()
     lazy = _mod(f"{name}.lazy")
-    client = stack.pool("d:strict_queue:durable=true", 2)
+    client = stack.pool("d:strict_queue:durable=true", 3)  # two are killed
     s = client.session("d", durable=True)
     try:
         assert s.run(lazy.relative) == (6, [2], name)
@@ -180,6 +180,12 @@ def test_a_durable_session_keeps_its_imports_and_cached_functions_after_kill_9(s
         assert s.run(lazy.cached, 5) == [2, 10, 4, 10]
         assert s.run(lazy.cached, 5) == [2, 10, 4, 10]
         assert s.run(os.getpid) != pid
+        plugins = _mod(f"{name}.plugins")
+        assert s.run(plugins.define, "Extra") == (["Child", "Extra"], ["Child", "Extra"], True)
+        pid = s.run(os.getpid)
+        stack.kill(pid)
+        wait_for(lambda: pid not in {w["pid"] for w in client.status()["pools"]["d"]["workers"]}, what="worker gone")
+        assert s.run(plugins.registry) == (["Child", "Extra"], ["Child", "Extra"], True)
     finally:
         s.close()
 
@@ -208,3 +214,43 @@ def test_a_singledispatch_function_of_a_user_module(dx: dspex.Client, package: P
         assert s.run(lambda: (misc.other(), misc.describe(2), misc.describe(2.5))) == ("other", "int", "thing")
     finally:
         s.close()
+
+
+def test_a_class_registry_filled_by_init_subclass(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A plugin registry: ``__init_subclass__`` of a user base class records each subclass in a
+    module global. Through a session the registry is the client's (the subclasses defined when the
+    client imported the module), and a subclass defined in a call registers itself, as in-process;
+    rebuilding the classes on the worker does not run ``__init_subclass__`` again (it ran on the
+    client, and what it did travelled with the module's state)."""
+    name = package({"plugins.py": PLUGINS})
+    plugins = _mod(f"{name}.plugins")
+    s = dx.session("p")
+    try:
+        assert s.run(plugins.registry) == (["Child"], ["Child"], True)
+        assert s.run(plugins.define, "Extra") == (["Child", "Extra"], ["Child", "Extra"], True)
+        assert s.run(lambda: plugins.REG["Child"] is plugins.Child) is True
+    finally:
+        s.close()
+    assert plugins.registry() == (["Child"], ["Child"], True)
+
+
+PLUGINS = """
+        REG = {}
+        CREATED = []
+
+        class Base:
+            def __init_subclass__(cls, **kw):
+                super().__init_subclass__(**kw)
+                CREATED.append(cls.__name__)
+                REG[cls.__name__] = cls
+
+        class Child(Base):
+            pass
+
+        def registry():
+            return sorted(REG), list(CREATED), REG["Child"] is Child
+
+        def define(name):
+            type(name, (Base,), {})
+            return registry()
+        """

@@ -27,6 +27,7 @@ anything runs.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -35,7 +36,7 @@ import linecache
 import sys
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,7 +299,8 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
     held = load.store.objects.get(key)
     if held is not None:
         return held
-    cls = make(*args)
+    with init_subclass_skipped(args[2] if make is _cp._make_skeleton_class else ()):
+        cls = make(*args)
     with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
         _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
     if file:
@@ -307,6 +309,34 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
     if held is cls:
         load.fresh.add(id(cls))
     return held
+
+
+@contextlib.contextmanager
+def init_subclass_skipped(bases: tuple[type, ...]) -> Iterator[None]:
+    """Rebuilding a class that arrived by value does not run the ``__init_subclass__`` of its
+    bases that arrived by value too: it ran when the client defined the class, and what it did
+    travels with the class's and the module's state (a registry in a module global, which is not
+    even bound yet while the class is rebuilt). The bases' own are put back at once."""
+    tracked = _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS
+    patched: list[tuple[type, Any]] = []
+    for base in dict.fromkeys(c for b in bases for c in b.__mro__):
+        own = vars(base).get("__init_subclass__")
+        if own is not None and base in tracked:
+            patched.append((base, own))
+            type.__setattr__(base, "__init_subclass__", classmethod(_next_init_subclass(base)))
+    try:
+        yield
+    finally:
+        for base, own in patched:
+            type.__setattr__(base, "__init_subclass__", own)
+
+
+def _next_init_subclass(base: type) -> Callable[..., None]:
+    def skip(cls: type, **kwargs: Any) -> None:
+        # the libraries' further up the MRO still run (mypy wants a class statement's name here)
+        super(base, cls).__init_subclass__(**kwargs)  # type: ignore[arg-type]
+
+    return skip
 
 
 def _load_class_state(cls: type, state: tuple[Any, Any]) -> None:
