@@ -254,3 +254,49 @@ PLUGINS = """
             type(name, (Base,), {})
             return registry()
         """
+
+
+def test_a_request_that_did_not_load_on_the_worker_is_sent_in_full_next_time(dx: dspex.Client,  # noqa: F811
+                                                                             package: Package) -> None:
+    """A global whose unpickling fails on the worker (here: the first time only) fails that call
+    with a typed error; the session's next call that uses the module is not left with a module
+    the worker never got (the client does not count what that request sent as held)."""
+    name = package({"fragile.py": """
+        import os
+
+        class Fragile:
+            def __reduce__(self):
+                return (_load, ())
+
+        def _load():
+            marker = "/tmp/dx-fragile-" + str(os.getpid())
+            if not os.path.exists(marker) and __name__ != "__main__":
+                open(marker, "w").close()
+                raise RuntimeError("not loadable the first time")
+            return Fragile()
+
+        ITEM = Fragile()
+        TOTAL = [10]
+
+        def use():
+            return type(ITEM).__name__, TOTAL[0]
+
+        def total():
+            return TOTAL[0]
+        """})
+    fragile = _mod(f"{name}.fragile")
+    s = dx.session("p")
+    try:
+        pid = s.run(os.getpid)
+        marker = f"/tmp/dx-fragile-{pid}"
+        if os.path.exists(marker):
+            os.unlink(marker)
+        with pytest.raises(dspex.errors.ProtocolError, match="not loadable the first time"):
+            s.run(fragile.use)
+        assert s.run(fragile.total) == 10
+        assert s.run(lambda: fragile.TOTAL[0] + 1) == 11
+        assert s.run(fragile.use) == ("Fragile", 10)
+    finally:
+        s.close()
+        if os.path.exists(marker):
+            os.unlink(marker)
