@@ -44,7 +44,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
@@ -300,6 +300,7 @@ class BlobPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Pickles one blob that must load on its own: by-value code or modules are refused."""
 
     def __init__(self, file: io.BytesIO) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=PROTOCOL)
 
     def reducer_override(self, obj: Any) -> Any:
@@ -342,6 +343,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, file: io.BytesIO, seed: dict[int, tuple[int, Any]], module_dicts: dict[int, dict[str, Any]],
                  slot_for: Callable[[Any, str], int | None], history_limit: int,
                  session_history: list[Any] | None = None) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=PROTOCOL)
         self.memo = seed
         # functions of the session's modules keep the module dict itself (seeded) as globals
@@ -374,12 +376,12 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
         if kind is types.FunctionType:
             return self._function(obj)
-        if kind is byvalue.LRU_WRAPPER and type(obj.__wrapped__) is types.FunctionType \
+        if kind is reducers.LRU_WRAPPER and type(obj.__wrapped__) is types.FunctionType \
                 and self._function_reduce(obj.__wrapped__) is not NotImplemented:
             # the session's functools.lru_cache of its own function: made again around it (by
             # name the wrapper is not importable); its cache starts empty after a move
             params = obj.cache_parameters()
-            return byvalue.make_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"]), dict(vars(obj))
+            return reducers.make_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"]), dict(vars(obj))
         if kind is types.ModuleType:
             if id(obj.__dict__) in self._module_dicts:
                 return _module_of, (obj.__dict__,)

@@ -39,7 +39,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.callglobals import ModuleGlobal
 from dspex.client.sendcache import SendCache, client_dspy_settings
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -411,8 +411,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not codeindex.by_value(func):
             return NotImplemented  # importable: by reference
-        if func.__code__ is byvalue.SINGLEDISPATCH_CODE:
-            return byvalue.singledispatch_reduced(func)
+        if func.__code__ is reducers.SINGLEDISPATCH_CODE:
+            return reducers.singledispatch_reduced(func)
         bindings = msg.walk(func)
         key = msg.key(func)
         if msg.holds(key):

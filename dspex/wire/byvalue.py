@@ -30,6 +30,8 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
+from dspex.wire import reducers
+
 # dspex's own packages are importable wherever dspex runs, even from an editable checkout
 _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
@@ -258,6 +260,7 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
     exceptions keep their ``__cause__``/``__context__`` chain (``chain_links`` of them at most)."""
 
     def __init__(self, file: io.BytesIO, sources: dict[str, str], chain_links: int = MAX_CHAIN_LINKS) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.sources = sources
         self._budget = [MAX_SOURCES]
@@ -299,16 +302,17 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = self._exception(obj)
             if reduced is not NotImplemented:
                 return reduced
-        if type(obj) is LRU_WRAPPER and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType):
-            reduced = _lru_reduced(obj)
+        if type(obj) is reducers.LRU_WRAPPER and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType):
+            register_user_module(getattr(obj.__wrapped__, "__module__", None))
+            reduced = reducers.lru_reduced(obj)
             if reduced is not NotImplemented:
                 return reduced
         if isinstance(obj, type):
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
         if isinstance(obj, types.FunctionType):
-            if obj.__code__ is SINGLEDISPATCH_CODE:
-                return singledispatch_reduced(obj)
+            if obj.__code__ is reducers.SINGLEDISPATCH_CODE:
+                return reducers.singledispatch_reduced(obj)
             _note_code(obj, self.sources, self._budget)
         elif isinstance(obj, types.ModuleType):
             _note_module(obj, self.sources, self._budget)
@@ -318,47 +322,6 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             make, args = _cp._code_reduce(obj)
             return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
         return super().reducer_override(obj)
-
-
-LRU_WRAPPER = type(functools.lru_cache(lambda: None))
-
-
-def _lru_reduced(wrapper: Any) -> Any:
-    """A ``functools.lru_cache`` / ``functools.cache`` wrapper of by-value code: made again on the
-    other side around the function sent by value (pickle would name the wrapper by module and
-    qualname, which the other side cannot import). Its cache starts empty there; within a
-    session the wrapper is sent once, so its cache lives across calls."""
-    func = wrapper.__wrapped__
-    register_user_module(getattr(func, "__module__", None))
-    try:
-        if _cp._should_pickle_by_reference(func):
-            return NotImplemented
-    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle decides (and fails) itself
-        return NotImplemented
-    params = wrapper.cache_parameters()
-    return make_lru_cache, (func, params["maxsize"], params["typed"]), dict(vars(wrapper))
-
-
-def make_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
-    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
-
-
-SINGLEDISPATCH_CODE: types.CodeType = getattr(functools.singledispatch(lambda x: x), "__code__")  # noqa: B009 - a function at run time
-
-
-def singledispatch_reduced(wrapper: Any) -> Any:
-    """A ``functools.singledispatch`` function of by-value code: made again around the function
-    and its registered implementations (its closure holds a weak-keyed dispatch cache, which
-    cannot be pickled)."""
-    impls = [(cls, impl) for cls, impl in wrapper.registry.items() if cls is not object]
-    return make_singledispatch, (wrapper.__wrapped__, impls)
-
-
-def make_singledispatch(func: Any, impls: list[tuple[type, Any]]) -> Any:
-    made = functools.singledispatch(func)
-    for cls, impl in impls:
-        made.register(cls, impl)
-    return made
 
 
 def class_state(cls: type, clsdict: dict[str, Any]) -> dict[str, Any]:
