@@ -300,3 +300,30 @@ def test_a_request_that_did_not_load_on_the_worker_is_sent_in_full_next_time(dx:
         s.close()
         if os.path.exists(marker):
             os.unlink(marker)
+
+
+def test_an_unpicklable_global_read_by_a_global_objects_class_is_named(dx: dspex.Client,  # noqa: F811
+                                                                       package: Package) -> None:
+    """A program global whose class's method reads a module-level lock: the EncodeError names the
+    lock, not the program object that led to it."""
+    name = package({"locked.py": """
+        import threading
+        LOCK = threading.Lock()
+
+        class Prog:
+            def forward(self, x):
+                with LOCK:
+                    return x
+
+        PROG = Prog()
+
+        def run(x):
+            return PROG.forward(x)
+        """})
+    locked = _mod(f"{name}.locked")
+    s = dx.session("p")
+    try:
+        with pytest.raises(dspex.errors.EncodeError, match=r"cannot send LOCK \(_thread.lock\) from module"):
+            s.run(locked.run, 1)
+    finally:
+        s.close()
