@@ -217,8 +217,8 @@ def test_a_singledispatch_function_of_a_user_module(dx: dspex.Client, package: P
 
 
 def test_a_class_registry_filled_by_init_subclass(dx: dspex.Client, package: Package) -> None:  # noqa: F811
-    """A plugin registry: ``__init_subclass__`` of a user base class records each subclass in a
-    module global. Through a session the registry is the client's (the subclasses defined when the
+    """A plugin registry: ``__init_subclass__`` of a user base class (or a user metaclass) records
+    each subclass in a module global. Through a session the registry is the client's (the subclasses defined when the
     client imported the module), and a subclass defined in a call registers itself, as in-process;
     rebuilding the classes on the worker does not run ``__init_subclass__`` again (it ran on the
     client, and what it did travelled with the module's state)."""
@@ -229,9 +229,15 @@ def test_a_class_registry_filled_by_init_subclass(dx: dspex.Client, package: Pac
         assert s.run(plugins.registry) == (["Child"], ["Child"], True)
         assert s.run(plugins.define, "Extra") == (["Child", "Extra"], ["Child", "Extra"], True)
         assert s.run(lambda: plugins.REG["Child"] is plugins.Child) is True
+        assert s.run(plugins.kinds, "Extra") == (["Plugin", "Tool", "Extra"], "tool")
     finally:
         s.close()
     assert plugins.registry() == (["Child"], ["Child"], True)
+    s2 = dx.session("p")
+    try:  # the module arrives whole (an import of its package): its classes are rebuilt first
+        assert s2.run(lambda: plugins.kinds()) == (["Plugin", "Tool"], "tool")
+    finally:
+        s2.close()
 
 
 PLUGINS = """
@@ -253,6 +259,28 @@ PLUGINS = """
         def define(name):
             type(name, (Base,), {})
             return registry()
+
+        KINDS = []
+
+        class Meta(type):
+            def __new__(mcs, name, bases, ns):
+                ns.setdefault("kind", name.lower())
+                return super().__new__(mcs, name, bases, ns)
+
+            def __init__(cls, name, bases, ns):
+                super().__init__(name, bases, ns)
+                KINDS.append(name)
+
+        class Plugin(metaclass=Meta):
+            pass
+
+        class Tool(Plugin):
+            pass
+
+        def kinds(new=None):
+            if new:
+                Meta(new, (Plugin,), {})
+            return list(KINDS), Tool.kind
         """
 
 

@@ -299,7 +299,10 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
     held = load.store.objects.get(key)
     if held is not None:
         return held
-    with init_subclass_skipped(args[2] if make is _cp._make_skeleton_class else ()):
+    if make is _cp._make_skeleton_class:
+        with class_hooks_skipped(args[0], args[2]):
+            cls = make(*args)
+    else:
         cls = make(*args)
     with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
         _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
@@ -312,29 +315,47 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
 
 
 @contextlib.contextmanager
-def init_subclass_skipped(bases: tuple[type, ...]) -> Iterator[None]:
-    """Rebuilding a class that arrived by value does not run the ``__init_subclass__`` of its
-    bases that arrived by value too: it ran when the client defined the class, and what it did
+def class_hooks_skipped(metaclass: type, bases: tuple[type, ...]) -> Iterator[None]:
+    """Rebuilding a class that arrived by value does not run again the hooks of class creation
+    that arrived by value too: the ``__init_subclass__`` of its bases, the ``__new__`` and
+    ``__init__`` of its metaclass. They ran when the client defined the class, and what they did
     travels with the class's and the module's state (a registry in a module global, which is not
-    even bound yet while the class is rebuilt). The bases' own are put back at once."""
+    even bound yet while the class is rebuilt). Libraries' hooks run; the patched ones are put
+    back at once."""
     tracked = _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS
-    patched: list[tuple[type, Any]] = []
+    patched: list[tuple[type, str, Any]] = []
+
+    def patch(owner: type, name: str, replacement: Any) -> None:
+        own = vars(owner).get(name)
+        if own is not None and owner in tracked:
+            patched.append((owner, name, own))
+            type.__setattr__(owner, name, replacement)
+
     for base in dict.fromkeys(c for b in bases for c in b.__mro__):
-        own = vars(base).get("__init_subclass__")
-        if own is not None and base in tracked:
-            patched.append((base, own))
-            type.__setattr__(base, "__init_subclass__", classmethod(_next_init_subclass(base)))
+        patch(base, "__init_subclass__", classmethod(_next_hook(base, "__init_subclass__")))
+    for meta in metaclass.__mro__:
+        patch(meta, "__new__", staticmethod(_next_new(meta)))
+        patch(meta, "__init__", _next_hook(meta, "__init__"))
     try:
         yield
     finally:
-        for base, own in patched:
-            type.__setattr__(base, "__init_subclass__", own)
+        for owner, name, own in reversed(patched):
+            type.__setattr__(owner, name, own)
 
 
-def _next_init_subclass(base: type) -> Callable[..., None]:
-    def skip(cls: type, **kwargs: Any) -> None:
-        # the libraries' further up the MRO still run (mypy wants a class statement's name here)
-        super(base, cls).__init_subclass__(**kwargs)  # type: ignore[arg-type]
+def _next_hook(owner: type, name: str) -> Callable[..., None]:
+    """The hook ``name`` of the class after ``owner`` in the MRO."""
+    def skip(cls: type, *args: Any, **kwargs: Any) -> None:
+        getattr(super(owner, cls), name)(*args, **kwargs)
+
+    return skip
+
+
+def _next_new(owner: type) -> Callable[..., Any]:
+    """``__new__`` of the metaclass after ``owner`` (mypy wants a class statement's name as
+    ``super``'s first argument)."""
+    def skip(mcs: type, *args: Any, **kwargs: Any) -> Any:
+        return super(owner, mcs).__new__(mcs, *args, **kwargs)  # type: ignore[arg-type]
 
     return skip
 
