@@ -331,9 +331,10 @@ def class_hooks_skipped(metaclass: type, bases: tuple[type, ...]) -> Iterator[No
             patched.append((owner, name, own))
             type.__setattr__(owner, name, replacement)
 
-    for base in dict.fromkeys(c for b in bases for c in b.__mro__):
+    # (``__orig_bases__``: a base may be ``typing.NamedTuple``, a function, or a generic alias)
+    for base in dict.fromkeys(c for b in bases if isinstance(b, type) for c in b.__mro__):
         patch(base, "__init_subclass__", classmethod(_next_hook(base, "__init_subclass__")))
-    for meta in metaclass.__mro__:
+    for meta in metaclass.__mro__ if isinstance(metaclass, type) else ():
         patch(meta, "__new__", staticmethod(_next_new(meta)))
         patch(meta, "__init__", _next_hook(meta, "__init__"))
     try:
