@@ -1,5 +1,7 @@
 """A session is the user's own Python: a package of the user's (relative imports, submodules,
-imports inside functions) and decorated functions behave through ``s.run`` as in-process.
+imports inside functions), decorated functions (lru_cache, singledispatch), class registries
+filled by ``__init_subclass__`` or a metaclass behave through ``s.run`` as in-process; a global
+that cannot travel is named; a request that did not load leaves the session whole.
 
 The package is written to a temp dir only this process has on its path; the workers run in an
 empty working directory, so they reach it only by value.
