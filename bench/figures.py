@@ -96,7 +96,7 @@ class Goal:
         return float(v) * self.scale if isinstance(v, (int, float)) else None
 
 
-# the performance issue's table (issue 22, which carries issue 14's figures on), in its order
+# the performance goals table of docs/benchmarks.md, in its order
 GOALS: tuple[Goal, ...] = (
     Goal("no-op pinned call p50 vs C zmq.proxy", "noop.p50", ("ratio_p50_vs_cproxy",), "×",
          f"≤ {NOOP_GOAL}× (stretch 1.25×)", lambda v: v <= NOOP_GOAL),

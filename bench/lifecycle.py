@@ -1,6 +1,6 @@
 """Groups ``lmlike``, ``crash``, ``coldstart`` and ``recycle``: workers' capacity and lifecycle.
 
-``lmlike``: I/O-bound calls (a 200 ms sleep, like an LM request) at capacity 1 vs 8 (issue 6).
+``lmlike``: I/O-bound calls (a 200 ms sleep, like an LM request) at capacity 1 vs 8.
 ``crash``: SIGKILL of a pinned worker to the typed error, against heartbeat expiry. ``coldstart``:
 a private copy of ``supervisor.conf`` under supervisord until every worker is ready.
 ``recycle``: a graceful recycle until the new incarnation is ready and serving.
@@ -35,7 +35,7 @@ from bench.common import (
 from bench.shipped import ShippedStack, supervisord_bin
 
 # ==========================================================================================
-# LM-like I/O-bound calls: worker capacity (issue 6)
+# LM-like I/O-bound calls: worker capacity
 # ==========================================================================================
 
 LM_SLEEP = 0.2  # one "LM call": the worker's thread sleeps, the GIL is free

@@ -1,4 +1,4 @@
-"""LM-bound serving: ``dspy.ChainOfThought`` through the real ``dspy.LM`` HTTP path (issue 14).
+"""LM-bound serving: ``dspy.ChainOfThought`` through the real ``dspy.LM`` HTTP path.
 
 A local OpenAI-compatible server (``bench.lmserver``, its own process) answers every chat
 completion after a fixed latency. N concurrent sessions each run ``ChainOfThought("question ->

@@ -16,8 +16,9 @@ the disk: jobs go in a FIFO (so a load sees every write submitted before it), wr
 together share one transaction, and each finished job is handed back through
 :meth:`StoreThread.completed` after a byte on a pipe the broker polls. Small writes while the
 thread has none pending run on the broker's thread instead, all of one loop turn in one
-transaction (:meth:`StoreThread.run_here`): a checkpoint of a few KB commits in tens of µs, less
-than the thread hop; a big one never holds the routing loop.
+transaction (:meth:`StoreThread.run_here`): a checkpoint of a few KB commits in less time than
+the thread hop takes (docs/benchmarks.md, *durable sessions*); a big one never holds the routing
+loop.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("dspex.broker")
@@ -282,7 +283,6 @@ class Job:
     tag: Any = None
     result: Any = None
     error: BaseException | None = None
-    submitted: float = field(default_factory=time.monotonic)
 
 
 _WAKE = Job("wake", ())  # not work: makes the store thread look at its counters again

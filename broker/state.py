@@ -250,19 +250,16 @@ class Pool:
 
     def take_session(self, session: str) -> list[Pending]:
         """Take every queued call of ``session`` (it closed, or lost its worker)."""
-        taken = []
-        for queue in self.queues():
-            mine = [p for p in queue if p.session == session]
-            for p in mine:
-                queue.remove(p)
-            taken += mine
-        return taken
+        return self._take_all(lambda p: p.session == session)
 
     def take_client(self, client: bytes) -> list[Pending]:
         """Take every queued request of ``client`` (its connection closed)."""
+        return self._take_all(lambda p: p.client == client)
+
+    def _take_all(self, matches: Callable[[Pending], bool]) -> list[Pending]:
         taken = []
         for queue in self.queues():
-            mine = [p for p in queue if p.client == client]
+            mine = [p for p in queue if matches(p)]
             for p in mine:
                 queue.remove(p)
             taken += mine

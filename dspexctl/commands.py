@@ -168,9 +168,6 @@ class Settings:
     def _of(self, broker: Broker) -> Settings:
         return replace(self, endpoint=None, endpoints=None, broker=broker, conf_explicit=False, conf_of_broker=True)
 
-    def supervisor(self) -> Supervisor:
-        return Supervisor(SupervisorConf.load(self.supervisor_conf), timeout=self.timeout)
-
 
 def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) -> str | None:
     """Why the broker at ``endpoint`` (pid from its status) is not the broker among supervisord's

@@ -20,7 +20,7 @@ import zmq
 
 import dspex
 import dspex.aio
-from dspex.client.exchange import control_frames, encode_body
+from dspex.client.exchange import control_frames, encode_request
 from dspex.wire import codec
 from dspex.wire.protocol import Op, RequestHeader, unpack_reply_header
 from tests.harness import Stack, wait_for
@@ -192,7 +192,7 @@ def test_cancelling_a_finished_call_is_harmless(stack: Stack) -> None:
     sock.connect(stack.frontend)
     try:
         def call(req_id: int, expr: str) -> Any:
-            frames = encode_body(Op.EVAL.value, [expr, {}], 2**20)
+            frames = encode_request(Op.EVAL.value, [expr, {}], 2**20)[0]
             sock.send_multipart([RequestHeader(Op.EVAL.value, req_id, "p", "s" * 32).pack(), *frames])
             assert sock.poll(20_000), "no reply"
             reply = sock.recv_multipart()
@@ -304,8 +304,8 @@ def test_cancel_all_stops_the_calls_other_threads_wait_on(stack: Stack, tmp_path
 # -- the executor's cancel bookkeeping, in-process (no processes; calls run on a non-main thread,
 # as on a pool thread, so the test process's SIGINT handler is never touched) -------------------
 def _executor_call(ex: Executor, req_id: int, source: str, client: bytes = b"c") -> Any:
-    frames = ex.execute(RequestHeader(Op.EXEC.value, req_id, "p", "s" * 32), encode_body(Op.EXEC.value, [source, {}],
-                                                                                         2**20), client=client)
+    body = encode_request(Op.EXEC.value, [source, {}], 2**20)[0]
+    frames = ex.execute(RequestHeader(Op.EXEC.value, req_id, "p", "s" * 32), body, client=client)
     return codec.decode(frames)
 
 

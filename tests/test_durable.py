@@ -1,4 +1,4 @@
-"""Durable sessions through real processes: a broker, workers with DSPy, a client (issue 21).
+"""Durable sessions through real processes: a broker, workers with DSPy, a client.
 
 The session's program is a ChainOfThought with 4 demos answered by a ``DummyLM`` holding a list
 of answers that it hands out in order: the answer a call gets after a move proves the session

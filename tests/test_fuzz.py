@@ -298,11 +298,19 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
                                  pack_reply_header("ok", header.req_id + 1, "", "p"),
                                  *codec.encode("forged")])
 
+        watcher = stack.client(timeout=5)  # its own sockets: dx's next request id stays the forged one
+
+        def refused() -> int:
+            return int(watcher.status()["broker"]["garbage_backend"])
+
+        before = refused()
         server = threading.Thread(target=serve_one_then_forge)
         server.start()
         assert evil.eval("0") == 0
         server.join(10)
-        time.sleep(0.2)  # the forged reply is now waiting in this thread's socket
+        # the broker has judged the forged reply (had it forwarded it, it would be waiting in this
+        # thread's socket for the next call to read)
+        wait_for(lambda: refused() > before, what="the broker to refuse the forged reply")
         assert honest.eval("1 + 1") == 2, "a reply forged by another pool's worker was accepted"
     finally:
         fake.close()

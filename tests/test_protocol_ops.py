@@ -14,7 +14,7 @@ import pytest
 
 from broker.ops import HANDLERS
 from dspex.client.api import ClientAPI, Session, SessionAPI
-from dspex.client.exchange import BODY_NAMES, encode_body
+from dspex.client.exchange import BODY_NAMES, encode_request
 from dspex.errors import ProtocolError
 from dspex.wire import codec
 from dspex.wire.protocol import (
@@ -81,7 +81,7 @@ def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing(
     header = RequestHeader(Op.CALL.value, 1, "p", "s" * 32)
     with pytest.raises(ProtocolError, match="takes at most 4 arguments"):  # (a client would not send it)
         ex.execute(header, codec.encode(["os", "getpid", [], {}, "extra"], policy=codec.Policy.ALL))
-    assert codec.decode(ex.execute(header, encode_body(Op.CALL.value, ["builtins", "len", [[1, 2]]], 2**20))) == 2
+    assert codec.decode(ex.execute(header, encode_request(Op.CALL.value, ["builtins", "len", [[1, 2]]], 2**20)[0])) == 2
 
 
 @pytest.mark.parametrize("op, body, error", [
@@ -90,7 +90,7 @@ def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing(
 ])
 def test_the_client_checks_a_body_against_its_op_before_sending(op: Op, body: object, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
-        encode_body(op.value, body, 2**20)
+        encode_request(op.value, body, 2**20)[0]
 
 
 # -- the client: the methods the registry names send their op, with a body the op accepts ------

@@ -586,3 +586,55 @@ def test_the_asyncio_client_remembers_code_and_sends_settings(code_stack: Stack,
             return bumps, streamed, answer
 
     assert asyncio.run(main()) == ([[1], [1, 2], [1, 2, 3]], [1, 2, 3, 4], "from the client")
+
+
+POOL_OF_PROCESSES = '''
+import multiprocessing
+
+
+class Item:
+    def __init__(self, x):
+        self.x = x
+
+
+def square(x):
+    return x * x
+
+
+def make(x):
+    return Item(x * 10)
+
+
+def grow(item):
+    return Item(item.x + 1)
+
+
+def fan_out():
+    with multiprocessing.Pool(2) as pool:
+        squares = pool.map(square, [1, 2, 3])
+        made = pool.map(make, [1, 2])
+        grown = pool.map(grow, [Item(5)])
+    return squares, [type(i) is Item for i in made + grown], [i.x for i in made + grown]
+
+
+def a_lambda_in_a_pool():
+    with multiprocessing.Pool(1) as pool:
+        return pool.map(lambda x: x, [1])
+'''
+
+
+def test_a_process_pool_runs_the_sessions_own_functions_and_classes(dx: dspex.Client, usercode: Any) -> None:
+    """``multiprocessing`` names a task's function and its values' classes by module and name; a
+    session's by-value code is found in its session module, so a ``Pool`` runs the script's own
+    function on a worker as in-process, and a result's class is the session's class."""
+    mod = usercode(POOL_OF_PROCESSES)
+    expected = ([1, 4, 9], [True, True, True], [10, 20, 6])
+    assert mod.fan_out() == expected  # in-process
+    with dx.session("p") as s:
+        for _ in range(2):  # the second call: the session's code held from the first
+            assert s.apply(mod.fan_out, timeout=30) == expected
+        with pytest.raises(AttributeError) as in_process:
+            mod.a_lambda_in_a_pool()
+        with pytest.raises(AttributeError) as remote:  # what pickle cannot name fails as in-process
+            s.apply(mod.a_lambda_in_a_pool, timeout=30)
+        assert str(remote.value) == str(in_process.value)

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from dspex.wire.errors import CheckpointRefused, NotDurableWarning, ProtocolError
+from dspex.wire.zmqfast import frame_buffer
 from worker import checkpoint, checkpoint_restore, output
 from worker.refs import RefTable, SessionState
 
@@ -37,7 +38,7 @@ def split_restore(frames: list[Any]) -> tuple[Restore, list[Any]]:
     """``[envelope, meta, skeleton?, *blobs, header, ...]`` (an envelope with ``Durable.RESTORE``)
     -> the restore and ``[envelope, header, ...]``."""
     try:
-        meta = msgpack.unpackb(_bytes(frames[1]))
+        meta = msgpack.unpackb(frame_buffer(frames[1]))
         session, seq, slots = str(meta["session"]), int(meta["seq"]), [int(i) for i in meta["slots"]]
     except Exception as exc:  # noqa: BLE001 - any malformed restore meta is the broker's bug, refused
         raise ProtocolError(f"malformed restore frames: {exc}") from None
@@ -45,10 +46,6 @@ def split_restore(frames: list[Any]) -> tuple[Restore, list[Any]]:
     if len(frames) < 3 + n:
         raise ProtocolError(f"restore frames: {len(frames) - 3} of {n}")
     return Restore(session, seq, slots, frames[2:2 + n]), [frames[0], *frames[2 + n:]]
-
-
-def _bytes(frame: Any) -> Any:
-    return frame.buffer if hasattr(frame, "buffer") else frame
 
 
 class DurableSessions:
@@ -69,7 +66,7 @@ class DurableSessions:
         if not restore.seq:  # durable, but no call of it changed anything yet
             state.checkpoint = checkpoint.Tracker(sid, self.history_limit)
             return state
-        frames = [_bytes(f) for f in restore.frames]
+        frames = [frame_buffer(f) for f in restore.frames]
         try:
             restored = checkpoint_restore.restore(state, frames[0], restore.slots, frames[1:], restore.seq,
                                           self.history_limit)

@@ -39,7 +39,7 @@ from dspex.wire.protocol import (
     log_level_of,
 )
 from dspex.wire.ref import Ref
-from worker import limits, namespace, output
+from worker import forking, limits, namespace, output
 from worker.dspy_settings import SessionSettings, current_session
 from worker.durable import DurableSessions, Restore
 from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
@@ -84,9 +84,11 @@ class Executor:
 
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
-        time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes."""
+        time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes, the
+        session's code in processes user code starts (``multiprocessing``)."""
         output.install()
         namespace.install_getsource()
+        forking.install()
         self.watchdog.install()
 
     def enable_dspy(self, max_history: int = 200) -> None:

@@ -14,20 +14,10 @@ import logging
 import math
 import threading
 import time
-from typing import NamedTuple
 
 from worker.refs import RefTable, SessionState
 
 log = logging.getLogger("dspex.worker")
-
-
-class SessionInfo(NamedTuple):
-    """One line of :meth:`SessionBook.list`."""
-
-    id: str
-    refs: int
-    running: int  # calls of the session running now
-    idle_since: float | None  # ``time.monotonic()`` at the end of its last call (None: none ended yet)
 
 
 class SessionBook:
@@ -54,12 +44,6 @@ class SessionBook:
         with self._lock:
             self._ended.pop(session_id, None)
         return self.refs.release_session(session_id, why)
-
-    def list(self) -> list[SessionInfo]:
-        with self._lock:
-            running, ended = dict(self._running), dict(self._ended)
-        return [SessionInfo(sid, len(state.refs), running.get(sid, 0), ended[sid][0] if sid in ended else None)
-                for sid, state in list(self.refs.sessions.items())]
 
     @property
     def count(self) -> int:

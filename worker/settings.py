@@ -92,5 +92,5 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         preload_dspy=not a.no_dspy,
         lm_history=a.lm_history,
         max_message=max_message_bytes(env),
-        hard_grace=float(env.get("DSPEX_HARD_GRACE", "5")),
+        hard_grace=float(env.get("DSPEX_HARD_GRACE", WorkerOptions.hard_grace)),
     )

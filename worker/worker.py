@@ -26,7 +26,6 @@ import time
 from collections import deque
 from typing import Any
 
-import msgpack
 import zmq
 
 from dspex.stack import logs
@@ -39,6 +38,7 @@ from dspex.wire.protocol import (
     PROTOCOL_VERSION,
     REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
+    packb,
 )
 from worker import output
 from worker.executor import Executor
@@ -52,11 +52,6 @@ log = logging.getLogger("dspex.worker")
 # A call younger than this runs without the link's stand-in reading for the main thread (it
 # reads the socket when the call ends).
 _STAND_IN_GRACE = 0.05
-
-
-def _packb(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj)
-    return data
 
 
 def rss_bytes() -> int:
@@ -186,7 +181,7 @@ class Worker:
 
     # -- frames -------------------------------------------------------------------------------
     def _ready_frame(self) -> bytes:
-        return _packb(
+        return packb(
             {
                 "pool": self.options.pool,
                 "pid": os.getpid(),
@@ -201,7 +196,7 @@ class Worker:
 
     def _stats_frame(self) -> bytes:
         ex = self.executor
-        return _packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
+        return packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
                        "sessions": self.book.count, "running": self.runner.running})
 
 

@@ -49,6 +49,7 @@ from dspex.wire.protocol import (
     Side,
     Status,
 )
+from dspex.wire.zmqfast import frame_buffer
 
 log = logging.getLogger("dspex.client")
 
@@ -76,11 +77,6 @@ class CreditMeter:
             return 0
         n, self.unacked = self.unacked, 0
         return n
-
-
-def encode_body(op: str, body: Any, max_message: int, sender: SendCache | None = None) -> list[Any]:
-    """Codec frames of a request body: worker ops with the client policy (everything by value)."""
-    return encode_request(op, body, max_message, sender)[0]
 
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
@@ -153,7 +149,7 @@ def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list
 
 def decode_error(frames: list[Any]) -> DspexError:
     try:
-        payload = msgpack.unpackb(_buffer(frames[0]), strict_map_key=False)
+        payload = msgpack.unpackb(frame_buffer(frames[0]), strict_map_key=False)
     except Exception:  # noqa: BLE001 - an unreadable error reply is itself a protocol error
         payload = {"code": "protocol_error", "message": "unreadable error reply"}
     return error_from_wire(payload)
@@ -168,10 +164,6 @@ def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) 
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a reply's bytes make the decoder raise is a protocol error
         raise ProtocolError(f"cannot decode reply: {exc}") from None
-
-
-def _buffer(frame: Any) -> Any:
-    return frame.buffer if hasattr(frame, "buffer") else frame
 
 
 class Exchange:

@@ -185,9 +185,6 @@ class Supervisor:
             out.setdefault(p["group"], []).append(p)
         return out
 
-    def start_group(self, group: str) -> None:
-        self.call("supervisor.startProcessGroup", group, False)
-
     def stop_group(self, group: str, wait: bool = True) -> None:
         self.call("supervisor.stopProcessGroup", group, wait)
 

@@ -47,6 +47,8 @@ from dspex.wire.errors import CodeCacheMiss, ProtocolError
 
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+# every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
+SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 
@@ -68,6 +70,7 @@ class CodeStore:
             module = types.ModuleType(name)
             module.__dict__["__builtins__"] = self._builtins
             self.modules[nsid] = module
+            SESSION_MODULES[id(module)] = module
         if base:
             g = module.__dict__
             for k in _BASE_GLOBALS:

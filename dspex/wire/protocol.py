@@ -44,7 +44,8 @@ from dspex.wire.errors import ProtocolError
 PROTOCOL_VERSION = 4
 
 
-def _packb(obj: Any) -> bytes:
+def packb(obj: Any) -> bytes:
+    """``msgpack.packb``, typed."""
     data: bytes = msgpack.packb(obj)
     return data
 
@@ -55,7 +56,7 @@ W_REPLY = b"\x03"
 W_PARTIAL = b"\x04"
 W_DISCONNECT = b"\x05"  # the goodbye: the worker leaves now; the broker acknowledges with B_BYE
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
-W_CHECKPOINT = b"\x07"  # a durable session's checkpoint, before the reply of the call it follows
+W_CHECKPOINT = b"\x07"  # a durable session's checkpoint and the reply of the call it follows, in one message
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -325,7 +326,7 @@ class RequestHeader(NamedTuple):
     flags: int = 0
 
     def pack(self) -> bytes:
-        return _packb(
+        return packb(
             [self.op, self.req_id, self.pool, self.session, self.worker, self.timeout_ms, self.flags]
         )
 
@@ -362,7 +363,7 @@ def unpack_request_header(data: Any) -> RequestHeader:
 
 def pack_reply_header(status: str, req_id: int, worker: str = "", pool: str = "") -> bytes:
     """``[status, req_id, worker, pool]``: the worker the reply came from lets clients track pins."""
-    return _packb([status, req_id, worker, pool])
+    return packb([status, req_id, worker, pool])
 
 
 def unpack_reply_header(data: bytes | memoryview) -> tuple[str, int, str, str]:
@@ -385,7 +386,7 @@ class SessionMode(enum.IntEnum):
 class Durable(enum.IntFlag):
     """A durable session's request envelope says what the worker does with its checkpoint."""
 
-    CHECKPOINT = 1  # send the session's checkpoint after this call, before its reply (W_CHECKPOINT)
+    CHECKPOINT = 1  # send the session's checkpoint after this call, with its reply (W_CHECKPOINT)
     FULL = 2  # the broker holds nothing usable of the session: a full checkpoint, changed or not
     RESTORE = 4  # restore frames follow the envelope: [envelope, restore meta, skeleton?, *blobs, header, ...]
 
@@ -449,4 +450,4 @@ def unpack_reply_envelope(data: bytes) -> tuple[bool, int, bytes]:
 
 
 def pack_error(code: str, message: str, **details: Any) -> bytes:
-    return _packb({"code": code, "message": message, **details})
+    return packb({"code": code, "message": message, **details})

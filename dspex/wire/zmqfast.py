@@ -47,3 +47,8 @@ def recv_frames(sock: Any, flags: int = 0) -> list[zmq.Frame]:
         f = _recv(sock, 0, False)
         frames.append(f)
     return frames
+
+
+def frame_buffer(frame: Any) -> Any:
+    """The bytes of a received frame without a copy: a ``zmq.Frame``'s buffer, else the value."""
+    return frame.buffer if hasattr(frame, "buffer") else frame

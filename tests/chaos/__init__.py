@@ -1,1 +1,1 @@
-"""Chaos under load: supervisord-managed stacks with workers and brokers SIGKILLed (issue 5)."""
+"""Chaos under load: supervisord-managed stacks with workers and brokers SIGKILLed."""

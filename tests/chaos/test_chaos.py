@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 
 # typed errors a worker SIGKILL may legitimately produce
 # typed answers a caller may get while workers die: its worker crashed mid-call; its session's
-# worker is gone; or (prefetch, issue 14) its request waited behind a call that a loaded machine
+# worker is gone; or (prefetch) its request waited behind a call that a loaded machine
 # made long, past the pool's queue timeout, and the worker answered it unrun ("did not run")
 KILL_ERRORS = {"worker_crashed", "session_worker_unavailable", "queue_timeout"}
 
@@ -171,7 +171,7 @@ def test_calls_during_a_broker_outage_do_not_leak_sockets(stack: Stack) -> None:
 
 
 def test_chaos_durable_sessions_keep_every_acknowledged_append_once(chaos_root: str) -> None:
-    """Durable sessions (issue 21) append to a list their session holds while workers and the
+    """Durable sessions append to a list their session holds while workers and the
     broker are SIGKILLed: every acknowledged append is there exactly once, nothing that did not
     run is there, and a call that may have run is there wholly or not at all."""
     from tests.harness.chaos_durable import run_durable_chaos
