@@ -357,3 +357,40 @@ def test_an_unpicklable_global_read_by_a_global_objects_class_is_named(dx: dspex
             s.run(locked.run, 1)
     finally:
         s.close()
+
+
+def test_string_annotations_of_a_function_resolve_in_the_session(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A tool of a module with ``from __future__ import annotations`` whose argument is a Pydantic
+    model of that module: ``typing.get_type_hints`` and ``dspy.Tool`` (which reads them) see the
+    model on the worker, as in-process, though the function's code never names it."""
+    name = package({"tools.py": """
+        from __future__ import annotations
+        import typing
+        import pydantic
+        import dspy
+
+        class Order(pydantic.BaseModel):
+            order_id: str
+            qty: int
+
+        def lookup(order: Order, note: typing.Optional[Note] = None) -> str:
+            \"\"\"Look up an order.\"\"\"
+            return f"order {order['order_id'] if isinstance(order, dict) else order.order_id}"
+
+        class Note(pydantic.BaseModel):
+            text: str
+
+        def hints():
+            return sorted((k, getattr(v, "__name__", str(v))) for k, v in typing.get_type_hints(lookup).items())
+
+        def tool():
+            t = dspy.Tool(lookup)
+            return t.args, t(order={"order_id": "A7", "qty": 2})
+        """})
+    tools = _mod(f"{name}.tools")
+    s = dx.session("p")
+    try:
+        assert s.run(tools.hints) == tools.hints()
+        assert s.run(tools.tool) == tools.tool()
+    finally:
+        s.close()

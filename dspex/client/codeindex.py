@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dis
+import functools
 import hashlib
 import importlib.util
 import linecache
@@ -58,6 +59,28 @@ def globals_read(code: types.CodeType) -> tuple[str, ...]:
     names = tuple(_cp._extract_code_globals(code))
     _bounded_put(_code_names, id(code), (code, names))
     return names
+
+
+def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
+    """The names a function's string annotations (``from __future__ import annotations``) read:
+    ``typing.get_type_hints`` (and ``dspy.Tool``) looks them up in the function's globals."""
+    annotations = getattr(func, "__annotations__", None)
+    if not annotations:
+        return ()
+    names: dict[str, None] = {}
+    for value in annotations.values():
+        if isinstance(value, str):
+            names.update(dict.fromkeys(_names_in(value)))
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_in(annotation: str) -> tuple[str, ...]:
+    try:
+        tree = ast.parse(annotation, mode="eval")
+    except SyntaxError:
+        return ()
+    return tuple(dict.fromkeys(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)))
 
 
 def imports_in(code: types.CodeType) -> tuple[tuple[str, int, tuple[str, ...]], ...]:

@@ -257,7 +257,7 @@ class Message:
                 nsid = self.namespace(g)[0]
                 if nsid.startswith("lib:"):
                     continue
-                for name in codeindex.globals_read(func.__code__):
+                for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
