@@ -106,6 +106,9 @@ class CoreLoad:
             def stop_process(self, pid: int, host: str) -> None:
                 pass
 
+            def log(self, level: int, message: str, *args: Any) -> None:
+                pass
+
         self.sent = sent
         pools = [parse_pool_spec("p:strict_queue")]
         now = time.monotonic

@@ -18,8 +18,6 @@ from dspex.stack.health import failure_kind
 from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
 from dspex.wire.protocol import Status, pack_error, pack_reply_header
 
-log = logging.getLogger("dspex.broker")
-
 NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)  # counted and logged in bulk, not per call
 
@@ -35,6 +33,7 @@ def error_code(frames: list[Any]) -> str:
 
 class Answers:
     def __init__(self, port: Port, clock: Clock, workers: dict[bytes, WorkerRecord], gone: GoneWorkers) -> None:
+        self.port = port
         self._to_client = port.to_client
         self.clock = clock
         self.workers = workers
@@ -51,7 +50,7 @@ class Answers:
             pool.outcomes[(p.op, err.code)] += 1
             self.note_failure(pool, err.code, str(err.details.get("worker") or ""))
         if err.code not in _BULK_CODES:
-            log.info("call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
+            self.port.log(logging.INFO, "call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
                      pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
                      err.message)
         self.error(p.client, p.req_id, err)
@@ -79,9 +78,9 @@ class Answers:
         """One line for ``n`` refusals or queue timeouts (``span`` > 0: counted over that many seconds)."""
         during = f" in the last {span:.0f}s" if span else ""
         if code == PoolSaturated.code:
-            log.warning("pool %s refused %d request(s)%s: queue full (%d/%d queued; %s)", pool.name, n, during,
+            self.port.log(logging.WARNING, "pool %s refused %d request(s)%s: queue full (%d/%d queued; %s)", pool.name, n, during,
                         pool.queued, pool.config.queue_max, code)
         else:
-            log.warning("pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
+            self.port.log(logging.WARNING, "pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
                         "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
                         pool.ready_count(), code)

@@ -26,7 +26,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from broker import checkpoints as checkpoints_store
-from broker.checkpoints import CheckpointStore, Job, StoreThread
+from broker.checkpoints import Job, StoreThread, open_store
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
@@ -141,6 +141,9 @@ class Broker:
         self.store_thread.run_here(jobs)
         self.core.store_done(jobs, time.monotonic())
 
+    def log(self, level: int, message: str, *args: Any) -> None:
+        log.log(level, message, *args)
+
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
         if host != socket.gethostname() or pid <= 0:
@@ -227,8 +230,8 @@ class Broker:
                 return
             path = str(ensure_private_dir(Path(self.options.run_dir)) / "checkpoints.sqlite")
         try:
-            store = CheckpointStore(path, session_cap=self.options.checkpoint_cap,
-                                    total_cap=self.options.checkpoint_total_cap)
+            store = open_store(path, session_cap=self.options.checkpoint_cap,
+                               total_cap=self.options.checkpoint_total_cap)
         except (checkpoints_store.StoreError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
         self.store_thread = StoreThread(store)

@@ -36,7 +36,7 @@ from typing import Any
 
 log = logging.getLogger("dspex.broker")
 
-_CHECKPOINT_IDLE = 1.0  # seconds without jobs before the thread copies the WAL into the database
+_CHECKPOINT_IDLE = 1.0  # seconds idle (or at most between copies, while busy) before the WAL is copied into the database
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
@@ -72,6 +72,10 @@ class OverCap(StoreError):
 
 class StaleCheckpoint(StoreError):
     """Not newer than the stored one: ignored, the stored one stays."""
+
+
+class UnusableStore(StoreError):
+    """The file is no store this broker can read: damaged, not a database, another schema."""
 
 
 @dataclass
@@ -134,7 +138,7 @@ class CheckpointStore:
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
-            raise StoreError(f"{path} holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
+            raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # loads read on a connection of their own: WAL lets them run beside a write
@@ -266,6 +270,29 @@ class CheckpointStore:
         return Stored(row[0], bytes(row[1] or b""), [r[0] for r in rows], [bytes(r[1]) for r in rows])
 
 
+def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TOTAL_CAP) -> CheckpointStore:
+    """The store at ``path``. A file there that is no store this broker can read is set aside
+    under a new name (kept for a post-mortem) and a fresh store begins: the durable sessions it
+    held are lost (but for those their workers still hold), and the broker serves. Refusing to start would not bring them back, and
+    supervisord would start the broker again on the same file, for ever."""
+    try:
+        return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
+    except (UnusableStore, sqlite3.DatabaseError) as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if not isinstance(exc, UnusableStore) and (code is None or code & 0xFF not in _DAMAGED):
+            raise  # cannot open or lock it (permissions, a full disk): an operator's to fix
+        aside = f"{path}.unusable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        for extra in ("", "-wal", "-shm"):
+            if os.path.exists(path + extra):
+                os.replace(path + extra, aside + extra)
+        log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost, but for "
+                  "those their workers still hold (checkpointed whole again at their next call)", path, exc, aside)
+    return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
+
+
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file
+
+
 def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KB"
 
@@ -353,6 +380,7 @@ class StoreThread:
 
     def _run(self) -> None:
         wrote = 0
+        copied = time.monotonic()
         while True:
             # asleep first, then look: a write on the routing thread either is seen here or sees
             # the flag and wakes the thread (a spare wake-up is harmless)
@@ -365,11 +393,7 @@ class StoreThread:
                 job = self._jobs.get(timeout=timeout)
             except queue.Empty:
                 if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
-                    wrote = self._writes_submitted + self._writes_here
-                    try:
-                        self.store.wal_checkpoint()
-                    except sqlite3.Error as exc:
-                        log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+                    wrote, copied = self._copy_wal()
                 continue
             self._asleep = False
             if job is _WAKE:
@@ -401,6 +425,18 @@ class StoreThread:
                     pass
             if stop:
                 return
+            if time.monotonic() >= copied + _CHECKPOINT_IDLE and self._writes_submitted + self._writes_here != wrote:
+                # never idle (writes back to back): copied anyway, or the WAL grows for ever
+                wrote, copied = self._copy_wal()
+
+    def _copy_wal(self) -> tuple[int, float]:
+        """Copy the WAL into the database; the write count and the time it was done at."""
+        wrote = self._writes_submitted + self._writes_here
+        try:
+            self.store.wal_checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
+        return wrote, time.monotonic()
 
     def _round(self, batch: list[Job]) -> None:
         i = 0

@@ -15,17 +15,17 @@ from typing import Any
 import msgpack
 
 from broker.answers import Answers
+from broker.port import Port
 from broker.state import Pool, WorkerRecord
 from dspex.wire.errors import Cancelled
 from dspex.wire.protocol import B_CANCEL, B_CREDIT, Op
 
-log = logging.getLogger("dspex.broker")
-
 
 class RequestControl:
-    def __init__(self, pools: dict[str, Pool], running: dict[tuple[bytes, int], WorkerRecord], *, answers: Answers,
-                 counters: dict[str, int], to_worker: Callable[[WorkerRecord, list[Any]], bool]) -> None:
-        self.pools, self.running, self.answers, self.counters = pools, running, answers, counters
+    def __init__(self, pools: dict[str, Pool], running: dict[tuple[bytes, int], WorkerRecord], *, port: Port,
+                 answers: Answers, counters: dict[str, int],
+                 to_worker: Callable[[WorkerRecord, list[Any]], bool]) -> None:
+        self.pools, self.running, self.port, self.answers, self.counters = pools, running, port, answers, counters
         self._to_worker = to_worker
 
     def on_control(self, client: bytes, req_id: int, pool_name: str, op: str, frames: list[Any]) -> None:
@@ -66,5 +66,5 @@ class RequestControl:
                 pool.outcomes[(p.op, Cancelled.code)] += 1
                 queued += 1
         if running or queued:
-            log.info("client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
+            self.port.log(logging.INFO, "client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
                      running, queued)

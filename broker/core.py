@@ -74,7 +74,6 @@ from dspex.wire.protocol import (
     unpack_request_header,
 )
 
-log = logging.getLogger("dspex.broker")
 
 @dataclass(frozen=True)
 class OpCall:
@@ -140,7 +139,7 @@ class Core:
         self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
                                  to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake,
                                  reroute=self.durable.reroute)
-        self.control = RequestControl(self.pools, self.running, answers=self.answers, counters=self.counters,
+        self.control = RequestControl(self.pools, self.running, port=port, answers=self.answers, counters=self.counters,
                                       to_worker=self._to_worker)
         self.timers = dispatcher.timers = Timers(
             self.pools, now=now, heartbeat_interval=heartbeat_interval, answers=self.answers, book=self.book,
@@ -160,7 +159,7 @@ class Core:
             header = unpack_request_header(frames[1])
         except ProtocolError as err:
             self.counters["garbage_frontend"] += 1
-            log.warning("malformed request header from client %s: %s", client.hex()[:12], err.message)
+            self.port.log(logging.WARNING, "malformed request header from client %s: %s", client.hex()[:12], err.message)
             self.answers.error(client, 0, err)
             return
         op, req_id, pool, session, worker, timeout_ms, flags = header
@@ -206,7 +205,7 @@ class Core:
                 ok, req_id, client = unpack_reply_envelope(first)
             except ProtocolError:
                 self.counters["garbage_backend"] += 1
-                log.warning("malformed reply from worker %s", wid[:8])
+                self.port.log(logging.WARNING, "malformed reply from worker %s", wid[:8])
                 return
             key = (client, req_id)
             if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
@@ -252,7 +251,7 @@ class Core:
                 self.dispatcher.feed(w)
         elif len(first) != 1:
             self.counters["garbage_backend"] += 1
-            log.warning("unknown command %r from worker %s", first[:8], wid[:8])
+            self.port.log(logging.WARNING, "unknown command %r from worker %s", first[:8], wid[:8])
         elif command == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
@@ -282,11 +281,11 @@ class Core:
                 self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
-                log.info("worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
+                self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
                 self.recycler.start_draining(w, "is stopping", now)
         else:
             self.counters["garbage_backend"] += 1
-            log.warning("unknown command %r from worker %s", command[:8], wid[:8])
+            self.port.log(logging.WARNING, "unknown command %r from worker %s", command[:8], wid[:8])
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""

@@ -67,12 +67,12 @@ class Dispatcher:
         if not p.session or pool.mode is Affinity.NONE:
             self._run_anywhere(pool, p)
             return
-        rec = self.book.admit(p, pool, claimed_worker)
+        rec = self.book.admit(p, pool, claimed_worker, keep_claim=bool(durable))
         if isinstance(rec, DspexError):
             self._fail(p, pool, rec)
             return
         if durable and rec.durable is None and rec.calls == 1:
-            self.durable.open(rec)
+            self.durable.open(rec, forgotten=bool(claimed_worker))
         if rec.worker is None:
             w = pool.least_loaded()
             if w is None:

@@ -24,15 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.answers import Answers
+from broker.answers import Answers, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
 from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable
+from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     W_CHECKPOINT,
+    W_REPLY,
     Affinity,
     Durable,
     Status,
@@ -43,7 +44,6 @@ from dspex.wire.protocol import (
 if TYPE_CHECKING:
     import zmq
 
-log = logging.getLogger("dspex.broker")
 
 Key = tuple[bytes, int]  # (client, req_id)
 
@@ -53,6 +53,7 @@ class Durability:
     """What the broker knows of a durable session's checkpoints (broker/durable.py)."""
 
     needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
+    forgotten: bool = False  # opened for a pin a client claims: a session of an earlier broker not in the store
     # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
     # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
     # Its calls wait in the pool's ``parked`` meanwhile.
@@ -106,9 +107,12 @@ class DurableSessions:
                                "cannot be durable")
         return None
 
-    def open(self, rec: SessionRecord) -> None:
-        """``rec`` was just opened by a call that wants it durable."""
-        rec.durable = Durability()
+    def open(self, rec: SessionRecord, forgotten: bool) -> None:
+        """``rec`` was just opened by a call that wants it durable. Its first checkpoint is a full
+        one: a session this broker never knew is new, but one it ``forgotten`` (its client claims
+        a pin from an earlier broker: the store was set aside or deleted) lives on in its worker
+        if anywhere, whose tracker would send only what the call changed."""
+        rec.durable = Durability(needs_full=True, forgotten=forgotten)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
         self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created)))
         self.counters["opened"] += 1
@@ -129,7 +133,8 @@ class DurableSessions:
             frames, d.restore, d.restore_to = d.restore, None, None
             self.counters["restores"] += 1
             return flags | Durable.RESTORE, frames
-        return flags, []
+        # a stored checkpoint: the worker must hold the session (it answers session_not_held if not)
+        return flags | (Durable.HELD if d.seq else 0), []
 
     # -- checkpoints and replies -------------------------------------------------------------------
     def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
@@ -140,6 +145,10 @@ class DurableSessions:
         committed. Returns whether the reply is a success."""
         if p is None:  # (the core checked it ran there: never)
             return ok
+        if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
+            assert rec is not None
+            self._not_held(rec, w, p)
+            return False
         client = p.client
         reply: list[Any] = [client, *frames[2:]]
         if frames[1].bytes[:1] == W_CHECKPOINT:
@@ -185,7 +194,7 @@ class DurableSessions:
         if "lost" in meta:
             self._lose(rec, f"{meta['lost']}", w.id)
         elif "error" in meta:
-            self._turn_off(rec, key, f"the session as a whole cannot be pickled ({meta['error']})")
+            self._turn_off(rec, key, str(meta["error"]))
         else:
             write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:2 + used]],
                           clear_slots, full, size)
@@ -224,7 +233,7 @@ class DurableSessions:
             d.off = reason
             self.port.store(Job("drop", (rec.id,)))
             self.counters["refused"] += 1
-            log.warning("session %s is no longer durable: %s", rec.id[:8], reason)
+            self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:
             d.refused[key] = SessionNotDurable(
                 f"the call ran and its effects stay in session {rec.id[:8]}, but its checkpoint could not be kept: "
@@ -245,7 +254,7 @@ class DurableSessions:
                     d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
                     self.counters["writes"] += 1
                 elif isinstance(job.error, StaleCheckpoint):
-                    log.warning("session %s: %s", sid[:8], job.error)
+                    self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
                 else:
                     self._turn_off(rec, key, str(job.error))
                 self._release_held(d)
@@ -290,6 +299,20 @@ class DurableSessions:
             if old is None or not old.runs_session(rec.id):
                 self._load(rec, d)
 
+    def _not_held(self, rec: SessionRecord, w: WorkerRecord, p: Pending) -> None:
+        """``w`` does not hold ``rec``, though pinned there (a broker that stored the pin of a move
+        and died before the worker got the checkpoint): the call did not run; it goes with the
+        session's checkpoint, as after a move."""
+        d, pool = rec.durable, self.pools.get(rec.pool)
+        assert d is not None
+        if pool is None:
+            return
+        self.port.log(logging.WARNING, "session %s is not on worker %s (pid %d), where it is pinned: it moves with its checkpoint %d",
+                    rec.id[:8], w.incarnation[:8], w.pid, d.seq)
+        pool.parked.setdefault(rec.id, deque()).append(p)
+        if not d.move:
+            self._load(rec, d)
+
     def _load(self, rec: SessionRecord, d: Durability) -> None:
         d.move = "loading"
         self.port.store(Job("load", (rec.id,)))
@@ -301,8 +324,10 @@ class DurableSessions:
         if rec is None or d is None or d.move != "loading":
             return  # closed (its parked calls were answered) or turned plain meanwhile
         stored = job.result
-        if job.error is not None or stored is None:
-            why = f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
+        if job.error is not None or stored is None or (d.forgotten and not stored.seq):
+            why = (f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
+                   if stored is None else "the checkpoint store has no checkpoint of it (the store was set aside "
+                   "or deleted while the broker was down, and the worker that held it is gone)")
             self._lose(rec, why, rec.worker or b"")
             return
         meta = msgpack.packb({"session": sid, "seq": stored.seq, "slots": stored.slots})
@@ -325,7 +350,7 @@ class DurableSessions:
         self.counters["moves"] += 1
         if old is not None and old is not new:
             self._to_worker(old, [B_RELEASE_SESSION, rec.id.encode()])  # a draining worker's copy
-        log.info("session %s moves to worker %s (pid %d) with its checkpoint %d", rec.id[:8], new.incarnation[:8],
+        self.port.log(logging.INFO, "session %s moves to worker %s (pid %d) with its checkpoint %d", rec.id[:8], new.incarnation[:8],
                  new.pid, d.seq)
         for p in pool.parked.pop(rec.id, deque()):
             if new.can_start(p.session):
@@ -348,7 +373,7 @@ class DurableSessions:
         d.off = f"lost: {reason}"
         self.port.store(Job("drop", (rec.id,)))
         self.counters["lost"] += 1
-        log.error("durable session %s is lost: %s", rec.id[:8], reason)
+        self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
         err = checkpoint_lost(rec.id, reason)
         pool = self.pools.get(rec.pool)
         for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
@@ -404,4 +429,4 @@ class DurableSessions:
             self.sessions[row.id] = rec
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
-            log.info("%d durable sessions back from the checkpoint store", len(self.sessions))
+            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store", len(self.sessions))

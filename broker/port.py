@@ -3,7 +3,7 @@
 The core (``broker.core.Core``) decides; everything it needs done outside its own state goes
 through the :class:`Port` it was given: frames to a client or a worker, who sent a client's
 message, a worker's connection to remember or forget, a hung worker process to stop, a
-checkpoint store job.
+checkpoint store job, a line for the broker's log.
 ``broker.broker.Broker`` implements it over zmq sockets and signals; tests/test_core.py records it.
 """
 
@@ -47,6 +47,10 @@ class Port(Protocol):
 
     def stop_process(self, pid: int, host: str) -> None:
         """Stop a hung worker process hard (it missed its drain deadline)."""
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        """A record of the broker's log (``logging`` level; ``message % args``, formatted only if
+        it is emitted)."""
 
     def store(self, job: Job) -> None:
         """Run a checkpoint store job (``broker.checkpoints``), after every job handed over before

@@ -18,8 +18,6 @@ from broker.state import Pending, Pool, WorkerRecord
 from dspex.wire.errors import DspexError, SessionWorkerUnavailable
 from dspex.wire.protocol import B_DISCONNECT
 
-log = logging.getLogger("dspex.broker")
-
 MIN_WORKER_AGE = 2.0  # seconds: supervisord counts an exit within startsecs as a failed start
 REPLACEMENT_WAIT = 30.0  # seconds a rolling recycle waits for a replacement before going on
 
@@ -54,7 +52,7 @@ class Recycler:
         self.start_draining(w, "is being recycled", now)
         if not w.inflight:
             self._to_worker(w, [B_DISCONNECT])
-        log.info("recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
+        self.port.log(logging.INFO, "recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
 
     def start_draining(self, w: WorkerRecord, why: str, now: float) -> None:
         """No new work for ``w``; what waits in its queue fails now (did not run), or moves with
@@ -80,7 +78,7 @@ class Recycler:
         for w in list(pool.workers.values()):
             if not (w.draining and limit and now >= w.draining_since + limit):
                 continue
-            log.error("worker %s (pid %d, pool %s) still busy %.0fs after it began draining: stopping it hard",
+            self.port.log(logging.ERROR, "worker %s (pid %d, pool %s) still busy %.0fs after it began draining: stopping it hard",
                       w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
             self.port.stop_process(w.pid, w.host)
             self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more

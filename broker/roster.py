@@ -28,7 +28,6 @@ from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Aff
 if TYPE_CHECKING:
     import zmq
 
-log = logging.getLogger("dspex.broker")
 
 SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
 
@@ -60,20 +59,20 @@ class Roster:
             version = info.get("version", 1)
         except Exception as exc:  # noqa: BLE001 - anything a peer sends must not stop the broker
             self.counters["garbage_backend"] += 1
-            log.warning("malformed READY from %s: %s", wid[:8], exc)
+            self.port.log(logging.WARNING, "malformed READY from %s: %s", wid[:8], exc)
             return None
         if wid in self.workers:  # a re-READY after a reconnect: same incarnation, same sessions
             self.port.worker_connected(wid, frames[1])
             return None
         if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
-            log.error("worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
+            self.port.log(logging.ERROR, "worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
                       "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
                       info.get("host", "?"), version, PROTOCOL_VERSION)
             self._to_peer(wid, [B_DISCONNECT])
             return None
         pool = self.pools.get(pool_name)
         if pool is None:
-            log.error("worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
+            self.port.log(logging.ERROR, "worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
             self._to_peer(wid, [B_DISCONNECT])
             return None
         now = self.clock.now
@@ -86,7 +85,7 @@ class Roster:
         w.queue.extend(pool.awaiting.pop(wid, ()))
         pool.starts += 1
         self.event(pool.name, w, "start", "registered")
-        log.info("worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
+        self.port.log(logging.INFO, "worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         return w
 
     def heard(self, w: WorkerRecord, stats: Any) -> bool:
@@ -126,7 +125,7 @@ class Roster:
         self.gone.add(w.id, why, crashed=event == "crash")
         self.event(pool.name, w, event, why)
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
-        log.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
+        self.port.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
                 "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                 w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
         inflight = list(w.inflight.items())

@@ -77,10 +77,11 @@ class SessionBook:
         self.restart_grace = restart_grace
         self.durable: DurableSessions | None = None  # the core's, once made (it uses this book)
 
-    def admit(self, p: Pending, pool: Pool, claimed_worker: str) -> SessionRecord | DspexError:
+    def admit(self, p: Pending, pool: Pool, claimed_worker: str, *, keep_claim: bool = False) -> SessionRecord | DspexError:
         """The session call ``p`` runs in (opened on its first call: ``claimed_worker`` is the pin
-        a client claims after a broker restart), or why it may not: closed or its worker gone (a
-        tombstone), another client's, closing, another pool's, or one session too many."""
+        a client claims after a broker restart, kept in a strict pool or with ``keep_claim``: a
+        durable session's state is on that worker only), or why it may not: closed or its worker
+        gone (a tombstone), another client's, closing, another pool's, or one session too many."""
         rec = self.sessions.get(p.session)
         if rec is None:
             if (why := self.closed.why(p.session)) is not None:
@@ -95,7 +96,7 @@ class SessionBook:
             if claimed_worker:  # a pin from before a broker restart: kept if that incarnation is back
                 wid = claimed_worker.encode()
                 known = self.workers.get(wid)
-                if (known is not None and known.pool is pool) or pool.strict:
+                if (known is not None and known.pool is pool) or pool.strict or keep_claim:
                     self.pin(rec, wid)
         elif rec.owner != p.owner:
             return SessionNotYours(f"session {p.session[:8]} belongs to another client", session=p.session)

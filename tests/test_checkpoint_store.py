@@ -22,6 +22,7 @@ from broker.checkpoints import (
     StaleCheckpoint,
     StoreThread,
     Write,
+    open_store,
 )
 from tests.harness import PY, Procs, wait_for
 
@@ -191,6 +192,37 @@ def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each
     assert CheckpointStore(os.path.join(short_tmp, "ck.sqlite")).load(SID).seq == tracker.seq  # type: ignore[union-attr]
 
 
+def test_a_store_thread_busy_with_writes_still_copies_the_wal(short_tmp: str) -> None:
+    """Writes reaching the thread back to back (big checkpoints, one after the other) never
+    leave it idle; its WAL must still be copied into the database, or it grows for ever."""
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    copies: list[int] = []
+    real_copy = store.wal_checkpoint
+
+    def counted_copy() -> None:
+        real_copy()
+        copies.append(1)
+
+    store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    thread = StoreThread(store)
+    try:
+        thread.run_here([Job("open", (SID, "p", "", "w1", 1.0))])
+        seq = 0
+
+        def one_more_write_then_copied() -> bool:
+            nonlocal seq
+            seq += 1
+            blob = os.urandom(100_000)
+            thread.submit(Job("write", (Write(SID, seq, b"skeleton", [0], [blob], [], False, 100_008),)))
+            wait_for(lambda: select.select([thread.fileno()], [], [], 0.05)[0] and thread.completed(),
+                     what=f"write {seq} done")
+            return bool(copies)
+
+        wait_for(one_more_write_then_copied, timeout=8, interval=0, what="a WAL copy while writes keep coming")
+    finally:
+        thread.close()
+
+
 WRITER = textwrap.dedent("""
     import sys
     from broker.checkpoints import CheckpointStore, Write
@@ -234,3 +266,20 @@ def test_every_committed_write_survives_a_sigkill_of_the_writer(short_tmp: str) 
     assert all(blob == bytes([newest[s] % 256]) * 20000 for s, blob in zip(held.slots, held.blobs))
     assert store.size("s" * 32) == stored_bytes(path, "s" * 32)
     print(f"writer killed after {last} acknowledged writes; the store holds {held.seq}", file=sys.stderr)
+
+
+def test_a_store_of_another_schema_is_set_aside_and_one_that_cannot_be_opened_is_an_error(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "checkpoints.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("PRAGMA user_version = 99")  # a newer broker's store
+    store = open_store(path)
+    assert store.sessions() == []
+    store.close()
+    (aside,) = [f for f in os.listdir(short_tmp) if f.startswith("checkpoints.sqlite.unusable-") and "-wal" not in f
+                and "-shm" not in f]
+    with sqlite3.connect(os.path.join(short_tmp, aside)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 99  # kept as it was
+    os.mkdir(os.path.join(short_tmp, "dir.sqlite"))
+    with pytest.raises(sqlite3.OperationalError):  # not damaged: nothing set aside, the broker says why
+        open_store(os.path.join(short_tmp, "dir.sqlite"))

@@ -110,6 +110,16 @@ def test_a_session_over_its_checkpoint_cap_gets_a_clear_error_and_stays_usable(s
     assert s.eval("x + [4]", {"x": small}) == [1, 2, 3, 4]  # a plain session now
     (row,) = dx.sessions("p")
     assert row["durable"] is False
+    # and the worker lets go of what it kept of the session's checkpoint (up to the cap, in memory)
+    assert s.apply(holds_a_checkpoint) is False
+
+
+def holds_a_checkpoint() -> bool:
+    from worker.dspy_settings import current_session
+
+    state = current_session.get()
+    assert state is not None
+    return state.checkpoint is not None
 
 
 def test_a_corrupt_checkpoint_is_refused_the_session_reported_lost_and_nothing_crashes(stack: Stack) -> None:
@@ -165,3 +175,40 @@ def test_the_asyncio_client_opens_durable_sessions_too_and_closing_deletes_the_c
         assert s.id not in stored()
 
     asyncio.run(main())
+
+
+def test_a_ref_released_before_a_move_is_gone_after_it_and_the_error_says_why(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    kept, dropped = s.put({"k": 1}), s.put({"d": 2})
+    s.release(dropped)
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    assert s.eval("x['k']", {"x": kept}) == 1
+    with pytest.raises(dspex.RefNotFound, match=r"not in its session's checkpoint \(released, or made by a call"):
+        s.eval("x", {"x": dropped})
+
+
+STUBBORN = """
+import time
+def stubborn():
+    global counter
+    counter = 1000  # an effect of the call that its worker's end takes with it
+    while True:
+        try:
+            time.sleep(60)
+        except BaseException:
+            pass
+"""
+
+
+def test_a_call_past_its_hard_limit_moves_the_session_without_its_effects_and_says_so(stack: Stack) -> None:
+    stack.env["DSPEX_HARD_GRACE"] = "0.5"
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("counter = 41" + STUBBORN)
+    with pytest.raises(dspex.Timeout, match="the session moves with its last checkpoint") as info:
+        s.eval("stubborn()", timeout=0.5)
+    assert info.value.details["hard"] is True and "objects are lost" not in info.value.message
+    assert s.eval("counter") == 41  # none of the call's effects

@@ -96,7 +96,7 @@ class DurableSessions:
         except Exception as exc:  # noqa: BLE001 - pickling runs user code (__reduce__, __getstate__)
             reason = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("session %s cannot be checkpointed as a whole: %s", state.id[:8], reason)
-            return [msgpack.packb({"session": state.id, "error": reason})]
+            return [msgpack.packb({"session": state.id, "error": f"the session as a whole cannot be pickled ({reason})"})]
         for why in newly:
             try:
                 sink.warning(f"dspex: {why.message()}", NotDurableWarning, "<dspex checkpoint>", 0, None)
@@ -105,6 +105,23 @@ class DurableSessions:
         if ck is None:
             return None
         return [msgpack.packb(ck.meta()), ck.skeleton, *ck.blobs]
+
+    @staticmethod
+    def fitted(frames: list[Any], reply: list[Any], bound: int) -> list[Any]:
+        """``frames`` (of :meth:`after_call`), or frames telling the broker the session cannot stay
+        durable when its checkpoint cannot travel in one message under ``bound`` (the message
+        bound, DSPEX_MAX_MESSAGE): with the call's ``reply`` now, and whole (everything the
+        broker holds) with a call after a move. The broker's socket drops a bigger message and the
+        worker's connection with it, as if the worker had crashed."""
+        meta = msgpack.unpackb(frames[0])
+        held = max(int(meta.get("size", 0)), sum(map(len, frames)))
+        if "size" not in meta or held + sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+                                            for f in reply) <= bound:
+            return frames
+        reason = (f"its checkpoint would hold {held / 2**20:.1f} MB, more than one message may carry "
+                  f"({bound / 2**20:.1f} MB, DSPEX_MAX_MESSAGE)")
+        log.warning("session %s cannot stay durable: %s", meta["session"][:8], reason)
+        return [msgpack.packb({"session": meta["session"], "error": reason})]
 
     @staticmethod
     def refused_frames(err: CheckpointRefused) -> list[Any]:

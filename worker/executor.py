@@ -122,7 +122,7 @@ class Executor:
     # -- ops ---------------------------------------------------------------------------------
     def execute(self, header: RequestHeader, payload: list[Any], stream: StreamControl | LazyStream | None = None,
                 *, deadline: float | None = None, on_hard: Callable[[], None] | None = None,
-                client: bytes = b"", ephemeral: bool = False, durable: int = 0, restore: Restore | None = None,
+                client: bytes = b"", ephemeral: bool = False, durable: int = 0,
                 checkpoint: list[Any] | None = None) -> list[Any]:
         """Return codec frames of the result; raise DspexError for a typed failure.
 
@@ -145,16 +145,11 @@ class Executor:
 
         A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
         checkpointed after the call, whatever its outcome; the checkpoint's frames go to
-        ``checkpoint`` (left empty when nothing changed). ``restore``: the session's checkpoint,
-        restored before anything else (``CheckpointRefused`` if it cannot be).
+        ``checkpoint`` (left empty when nothing changed); one that moved here was restored first
+        (:meth:`restore`).
         """
         sessionless = not header.session
-        if restore is not None:
-            if restore.session != header.session:
-                raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {header.session[:8]}")
-            state = self.durable.restore(restore)
-        else:
-            state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+        state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
 
         made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
 
@@ -245,6 +240,21 @@ class Executor:
                 # checkpoint short; what it leaves out goes to the caller as a warning
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
+            elif state.checkpoint is not None:  # the broker turned the session plain: what it held goes
+                state.checkpoint = None
+
+    def holds(self, session: str) -> bool:
+        """This worker holds durable session ``session`` (it ran or restored it)."""
+        state = self.refs.sessions.get(session)
+        return state is not None and state.checkpoint is not None
+
+    def restore(self, session: str, restore: Restore) -> None:
+        """The checkpoint a call of ``session`` carries (its first call after a move), restored
+        before anything may refuse the call: the broker sends it once (``CheckpointRefused`` if
+        it cannot be restored)."""
+        if restore.session != session:
+            raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {session[:8]}")
+        self.durable.restore(restore)
 
     def _drop(self, state: SessionState, made: list[str]) -> None:
         for ref_id in made:
@@ -314,8 +324,7 @@ class Executor:
         scope = namespace.namespace(state)
         before = dict(scope)
         scope.update(namespace_ or {})
-        code = namespace.compile_in_session(state, source)
-        exec(code, scope)  # noqa: S102 - the op's purpose
+        namespace.exec_in_session(state, source, scope)
         return {k: v for k, v in scope.items()
                 if not k.startswith("__") and before.get(k, _MISSING) is not v}
 

@@ -108,6 +108,9 @@ class RefTable:
                 why = self._gone.get(hash(ref.id))
                 if why is None and ref.worker != self.worker:
                     why = f"it was made by worker {ref.worker[:8]}, not this one ({self.worker[:8]})"
+                    if session.checkpoint is not None:  # durable: its refs moved here with it
+                        why += (", and is not in its session's checkpoint (released, or made by a call whose "
+                                "effects were lost with its worker)")
                 raise RefNotFound(f"ref {ref.id[:8]} ({ref.type_name}) is gone: {why or 'unknown ref'}",
                                   ref=ref.id) from None
 

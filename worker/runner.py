@@ -30,6 +30,7 @@ from dspex.wire.errors import (
     MessageTooLarge,
     QueueTimeout,
     RemoteError,
+    SessionNotHeld,
     Timeout,
     UsageError,
 )
@@ -63,6 +64,7 @@ Request = tuple[float, list[zmq.Frame]]  # its arrival time (its budget counts f
 # plain ints and strs of the enums read per request (an IntFlag's & builds a new member each time)
 _RESTORE = int(Durable.RESTORE)
 _CHECKPOINTED = int(Durable.CHECKPOINT | Durable.FULL)
+_HELD = int(Durable.HELD)
 _EPHEMERAL = int(SessionMode.EPHEMERAL)
 _OK = Status.OK.value
 _ERROR = Status.ERROR.value
@@ -151,6 +153,11 @@ class Runner:
             req_id = header.req_id
             session = header.session
             self.book.call_started(session)
+            if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
+                self.executor.restore(session, restore)
+            elif head.durable & _HELD and not self.executor.holds(session):
+                raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
+                                     "its checkpoint", session=session)
             call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
@@ -162,10 +169,10 @@ class Runner:
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
                 stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
-                                          on_hard=partial(self._hard_timeout, client, header), client=client,
+                                          on_hard=partial(self._hard_timeout, client, header,
+                                                          bool(head.durable & _CHECKPOINTED)), client=client,
                                           ephemeral=head.session_mode == _EPHEMERAL,
-                                          durable=head.durable & _CHECKPOINTED, restore=restore,
-                                          checkpoint=checkpoint)
+                                          durable=head.durable & _CHECKPOINTED, checkpoint=checkpoint)
             status = _OK
             size = len(reply[0]) if len(reply) == 1 and type(reply[0]) is bytes else \
                 sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
@@ -193,6 +200,8 @@ class Runner:
                 self._dspy_logs = True
                 logs.adopt("dspy")
         # a durable call's checkpoint and its reply: one message, the checkpoint first
+        if checkpoint:
+            checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
         send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
               pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
 
@@ -223,14 +232,17 @@ class Runner:
             self._streams[(client, req_id)] = control
         return control
 
-    def _hard_timeout(self, client: bytes, header: RequestHeader) -> None:
+    def _hard_timeout(self, client: bytes, header: RequestHeader, durable: bool) -> None:
         """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
 
         The caller gets a typed ``Timeout(hard=True)`` and the session's next call
-        ``SessionWorkerUnavailable``; calls of other sessions still running here may have run.
+        ``SessionWorkerUnavailable`` (a ``durable`` one moves without this call's effects); calls
+        of other sessions still running here may have run.
         """
+        fate = ("the session moves with its last checkpoint, without this call's effects" if durable
+                else "the session's objects are lost")
         err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
-                      f"{self.hard_grace:g}s; its worker was recycled (the session's objects are lost)",
+                      f"{self.hard_grace:g}s; its worker was recycled ({fate})",
                       op=header.op, stopped=True, hard=True)
         head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,

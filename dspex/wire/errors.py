@@ -110,6 +110,15 @@ class CodeCacheMiss(DidNotRun):
     code = "code_cache_miss"
 
 
+class SessionNotHeld(DidNotRun):
+    """Between a worker and the broker: a durable session's call reached a worker that does not
+    hold the session (the broker stored its pin there before the worker got its checkpoint, and
+    restarted). Nothing ran; the broker restores the session from its checkpoint and runs the call
+    there, without its caller seeing this."""
+
+    code = "session_not_held"
+
+
 class SessionQuotaExceeded(DidNotRun):
     """The broker holds as many sessions as it allows."""
 
@@ -142,7 +151,8 @@ class SessionNotYours(UsageError):
 
 class SessionNotDurable(UsageError):
     """The call ran and its effects stay in the session, but its checkpoint could not be kept
-    (over the per-session or total checkpoint cap, or the session as a whole cannot be pickled):
+    (over the per-session or total checkpoint cap, too big for one message, or the session as a
+    whole cannot be pickled):
     its result is not returned, and the session goes on as a plain, non-durable one.
     ``details["reason"]`` says why; ``details["ran"]`` is true."""
 

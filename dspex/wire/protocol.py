@@ -389,6 +389,7 @@ class Durable(enum.IntFlag):
     CHECKPOINT = 1  # send the session's checkpoint after this call, with its reply (W_CHECKPOINT)
     FULL = 2  # the broker holds nothing usable of the session: a full checkpoint, changed or not
     RESTORE = 4  # restore frames follow the envelope: [envelope, restore meta, skeleton?, *blobs, header, ...]
+    HELD = 8  # the broker stored a checkpoint of it and has it pinned here: not held here, answer session_not_held
 
 
 _REQ_ID_END = 2**64  # request ids are unsigned 64-bit (the reply envelope carries them in 8 bytes)

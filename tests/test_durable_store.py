@@ -1,0 +1,158 @@
+"""The broker's checkpoint store through real processes: what a broker does with a store file it
+cannot use, and checkpoints that cannot travel in one message."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import dspex
+from tests.harness import Stack, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _rot(path: str, how: str) -> None:
+    """The store as the disk gives it back after ``how`` (the WAL copied into it first, as the
+    store's thread does when idle, so nothing of it is left in a WAL that would mask the damage)."""
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for extra in ("-wal", "-shm"):
+        if os.path.exists(path + extra):
+            os.unlink(path + extra)
+    with open(path, "r+b") as f:
+        if how == "header":
+            f.write(b"\x00" * 100)  # the page-1 header: "file is not a database"
+        else:
+            f.truncate(os.path.getsize(path) // 3)  # "database disk image is malformed"
+
+
+def pid_of(s: dspex.Session) -> int:
+    return int(s.eval("__import__('os').getpid()"))
+
+
+@pytest.mark.parametrize("how", ["header", "truncated"])
+def test_a_damaged_store_at_start_is_set_aside_and_the_broker_serves(stack: Stack, how: str) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    for _ in range(40):
+        s.put(os.urandom(4000))  # pages enough for the damage to reach the tables
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    _rot(path, how)
+    damaged = os.path.getsize(path)
+
+    broker = stack.start_broker()  # under supervisord a broker that exits here would restart, and exit, for ever
+    stack.wait_workers("p", 1)
+    fresh = dx.session("p", durable=True)
+    assert fresh.eval("6 * 7") == 42
+    assert broker.poll() is None
+    (aside,) = [f for f in glob.glob(path + ".unusable-*") if not f.endswith(("-wal", "-shm"))]
+    assert os.path.getsize(aside) == damaged  # kept for a post-mortem, never deleted
+    assert dx.status()["checkpoints"]["enabled"] is True
+
+    def stored() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+
+    wait_for(lambda: stored() == {fresh.id}, what="the new session in a fresh store")
+    log = stack.logs()
+    assert "is unusable" in log and aside in log and "its durable sessions are lost" in log
+
+
+def test_a_checkpoint_too_big_for_one_message_is_refused_clearly_and_its_worker_stays(stack: Stack) -> None:
+    stack.env["DSPEX_MAX_MESSAGE"] = str(4 * 2**20)  # broker and workers: a checkpoint travels in one message
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    other = dx.session("p", durable=True)
+    s.exec("import os\ndef grow(name):\n    globals()[name] = os.urandom(1_500_000)")
+    s.eval("grow('a')")
+    s.eval("grow('b')")
+    other.put([1, 2, 3])
+    pid = pid_of(s)
+    with pytest.raises(dspex.SessionNotDurable, match=r"more than one message may carry \(4.0 MB") as info:
+        s.eval("grow('c')")  # the state is now over the bound
+    assert info.value.details["ran"] is True
+    assert s.eval("[len(a) + len(b) + len(c), os.getpid()]") == [4_500_000, pid]  # a plain session, same worker
+    assert {w["pid"] for w in stack.workers("p", dx)} == {w.pid for w in stack.worker_procs}  # none left
+    assert dx.status()["pools"]["p"]["crashes"] == 0
+    (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
+    assert row["durable"] is False
+
+
+def test_a_session_the_broker_forgot_is_checkpointed_whole_by_its_live_worker(stack: Stack) -> None:
+    """The store set aside (or deleted) while the broker was down: a durable session whose worker
+    lives on is known again at its next call, and that call's checkpoint is all of it."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put({"n": 1})
+    s.exec("counter = 41")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    _rot(path, "header")
+    stack.start_broker()
+    stack.wait_workers("p", 2)
+    pid = pid_of(s)  # on its worker, which kept it: the broker learns of it again here
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what=f"worker {pid} gone")
+    assert s.eval("counter + b['n']", {"b": box}) == 42  # moved with all of it, not an empty session
+    assert pid_of(s) != pid
+
+
+def test_a_forgotten_session_whose_worker_is_gone_too_is_reported_lost_never_restored_empty(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put({"n": 1})
+    pid = pid_of(s)
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.kill(pid)  # its worker dies with the broker down: the store was its only copy
+    _rot(path, "header")
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    with pytest.raises(dspex.CheckpointRefused, match="no checkpoint of it"):
+        s.eval("b['n']", {"b": box})
+    with pytest.raises(dspex.CheckpointRefused):
+        s.eval("1")  # lost, from now on
+    assert dx.session("p", durable=True).eval("1 + 1") == 2
+
+
+def test_a_move_cut_short_by_a_broker_restart_restores_on_the_new_worker_not_an_empty_session(stack: Stack) -> None:
+    """The broker pins a moving session to its new worker (and stores the pin) before that worker
+    has received the checkpoint: here it is busy, and the broker is SIGKILLed meanwhile. The next
+    broker finds the session pinned to a live worker that never held it."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("counter = 41")
+    pid = pid_of(s)
+    busy = dx.session("p")
+    while pid_of(busy) == pid:  # a session on the other worker
+        busy = dx.session("p")
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what=f"worker {pid} gone")
+    with ThreadPoolExecutor(2) as pool:
+        long_call = pool.submit(busy.eval, "__import__('time').sleep(2)")
+        wait_for(lambda: any(w["state"] == "busy" for w in stack.workers("p", dx)), what="the other worker busy")
+        moving = pool.submit(s.eval, "counter + 1")  # queued behind the long call, pinned there
+        wait_for(lambda: dx.status()["checkpoints"]["moves"] == 1, what="the move pinned")
+        assert stack.broker is not None
+        stack.kill(stack.broker)
+        with pytest.raises(dspex.ConnectionError):
+            moving.result(10)
+        with pytest.raises(dspex.ConnectionError):
+            long_call.result(10)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    assert s.eval("counter + 1") == 42  # restored there from its checkpoint, not run on an empty session
+    assert "where it is pinned: it moves with its checkpoint" in stack.logs()
+    assert s.eval("counter + 2") == 43
