@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from broker.publisher import StatusPublisher
@@ -29,6 +29,7 @@ from dspex.stack.health import (
     proc_phase,
     proc_uptime,
     process_counts,
+    silent_pids,
 )
 
 log = logging.getLogger("dspex.broker.dashboard")
@@ -70,10 +71,10 @@ class Processes:
             return self._procs
 
 
-def _unregistered(proc: dict[str, Any], registered: set[int]) -> dict[str, Any]:
+def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[int]) -> dict[str, Any]:
     """A worker row for a supervisord process the broker does not list, in its supervisord state."""
     return {"incarnation": None, "id": None, "pid": proc["pid"] or None, "state": proc["statename"].lower(),
-            "phase": proc_phase(proc, registered), "process": f"{proc['group']}:{proc['name']}",
+            "phase": proc_phase(proc, registered, silent), "process": f"{proc['group']}:{proc['name']}",
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 
 
@@ -85,6 +86,7 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
         groups.setdefault(p["group"], []).append(p)
     names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
     registered = {int(w["pid"]) for pool in snap["pools"].values() for w in pool["workers"]}
+    silent = silent_pids(snap.get("events") or [])
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
     for name, p in snap["pools"].items():
@@ -93,8 +95,8 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
         group = groups.get(name)
         if group is not None:  # supervisord's view: the same counts as `dspexctl pools status`
             expected = len(group)
-            starting, broken = process_counts(group, registered)
-            workers += [_unregistered(proc, registered) for proc in group
+            starting, broken = process_counts(group, registered, silent)
+            workers += [_unregistered(proc, registered, silent) for proc in group
                         if not (proc["pid"] and proc["pid"] in registered)]
         else:  # the broker's alone: a young broker's missing workers are probably starting
             expected = int(p.get("size") or len(p["workers"]))

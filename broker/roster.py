@@ -21,7 +21,7 @@ from broker.durable import DurableSessions, movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.stack.health import SERVICE
+from dspex.stack.health import SERVICE, SILENT
 from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
 from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
 
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     import zmq
 
 
-SILENT = "stopped answering heartbeats"  # why a worker is dropped when only its heartbeats stopped
 
 
 class Roster:

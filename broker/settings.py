@@ -14,7 +14,15 @@ from dspex.stack import logs
 from dspex.stack.pools import PoolConfig, load_pools, parse_pool_spec
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, MAX_MESSAGE_BYTES
-from dspex.wire.sockets import check_endpoint, default_backend, default_frontend, max_message_bytes, run_dir
+from dspex.wire.sockets import (
+    check_endpoint,
+    default_backend,
+    default_frontend,
+    env_number,
+    max_message_bytes,
+    read_key_file,
+    run_dir,
+)
 
 CLIENT_HWM = 100_000  # replies queued for one client that is not reading
 
@@ -51,10 +59,10 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
                    help="supervisor.conf whose [dspex:pool:NAME] sections declare the pools")
     p.add_argument("--pool", action="append", default=[], metavar="NAME:MODE[:k=v,...]",
                    help="declare a pool (repeatable); overrides a pool of the same name from --config")
-    p.add_argument("--heartbeat", type=float, default=float(env.get("DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL)))
-    p.add_argument("--liveness", type=int, default=int(env.get("DSPEX_LIVENESS", HEARTBEAT_LIVENESS)))
+    p.add_argument("--heartbeat", type=float, default=env_number(env, "DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL))
+    p.add_argument("--liveness", type=int, default=env_number(env, "DSPEX_LIVENESS", HEARTBEAT_LIVENESS))
     p.add_argument("--max-sessions", type=int, default=100_000)
-    p.add_argument("--metrics-port", type=int, default=int(env.get("DSPEX_METRICS_PORT", "0")),
+    p.add_argument("--metrics-port", type=int, default=env_number(env, "DSPEX_METRICS_PORT", 0),
                    help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
     p.add_argument("--curve-secret-key", default=env.get("DSPEX_CURVE_SECRET"),
                    help="broker's CURVE secret key file (required for tcp:// endpoints)")
@@ -80,14 +88,15 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         raise ConfigError("no pools declared: pass --pool NAME:MODE or --config supervisor.conf")
     secret = public = None
     if a.curve_secret_key:
-        import zmq.auth
-        public, secret = zmq.auth.load_certificate(a.curve_secret_key)
+        public, secret = read_key_file(a.curve_secret_key, "the broker's secret key file")
+        if secret is None:
+            raise ConfigError(f"{a.curve_secret_key} holds no secret key (--curve-secret-key takes broker.key_secret)")
     return BrokerOptions(
         frontend=check_endpoint(a.frontend or default_frontend(env)),
         backend=check_endpoint(a.backend or default_backend(env)),
         run_dir=str(run_dir(env)),
         max_message=max_message_bytes(env),
-        client_hwm=int(env.get("DSPEX_CLIENT_HWM", CLIENT_HWM)),
+        client_hwm=env_number(env, "DSPEX_CLIENT_HWM", CLIENT_HWM),
         pools=list(pools.values()),
         heartbeat_interval=a.heartbeat,
         heartbeat_liveness=a.liveness,

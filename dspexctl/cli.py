@@ -137,7 +137,8 @@ json_option = click.option("--json", "json_out", is_flag=True, help="print one J
 
 class Dspexctl(click.Group):
     """Ctrl-C anywhere in a command: its ``with`` blocks close what it opened as the interrupt
-    unwinds, then one line and exit 130 (the shell's code for SIGINT), never click's "Aborted!" 1."""
+    unwinds, then one line and exit 130 (the shell's code for SIGINT), never click's "Aborted!" 1.
+    A dspex error before a command runs (a malformed ``DSPEX_*`` number) is one line too."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -145,6 +146,8 @@ class Dspexctl(click.Group):
         except KeyboardInterrupt:
             click.echo("\nError: interrupted", err=True)
             ctx.exit(130)
+        except DspexError as err:
+            fail(err, bool(ctx.params.get("json_out")))
 
 
 @click.group(cls=Dspexctl, context_settings={"help_option_names": ["-h", "--help"]})

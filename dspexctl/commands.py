@@ -226,6 +226,18 @@ def fmt_ms(ms: float | None) -> str:
 
 
 # -- workers recycle ---------------------------------------------------------------------------
+def unregistered_worker(sup: Supervisor, pool: str, pid: str, status: dict[str, Any]) -> list[dict[str, Any]]:
+    """The process of ``pool``'s supervisord group with this pid when the broker does not list it
+    (it stopped answering heartbeats: wedged, say, in user code that holds the GIL), as a target of
+    ``--hard``: its incarnation is the one the broker last knew under that pid."""
+    procs = [p for p in sup.processes() if p["group"] == pool and str(p["pid"]) == pid and p["statename"] == "RUNNING"]
+    if not procs:
+        return []
+    known = [e["worker"] for e in status.get("events") or [] if str(e.get("pid")) == pid and e.get("worker")]
+    incarnation = known[-1] if known else f"pid-{pid}"
+    return [{"incarnation": incarnation, "id": incarnation[:8], "pid": procs[0]["pid"]}]
+
+
 class WorkersRecycle:
     interrupted = "the broker goes on with the recycle (dspexctl pools status -v follows it)"
     def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
@@ -242,18 +254,6 @@ class WorkersRecycle:
             if pool not in status["pools"]:
                 raise PoolNotFound(f"no pool named {pool!r}; pools: {', '.join(status['pools'])}")
             before = [w for w in status["pools"][pool]["workers"] if w["state"] != "draining"]
-            if not before:
-                raise DspexError(f"pool {pool} has no ready worker to recycle")
-            if req["worker"]:
-                key = str(req["worker"])
-                targets = [w for w in before if w["incarnation"].startswith(key) or str(w["pid"]) == key]
-                if len(targets) != 1:
-                    raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
-                                   + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
-            elif req["all"]:
-                targets = list(before)
-            else:  # the oldest, as the broker picks
-                targets = sorted(before, key=lambda w: -w["uptime_s"])[:1]
             sup = None
             sc = settings.supervisor_conf_or_none()
             if req["hard"]:
@@ -265,11 +265,25 @@ class WorkersRecycle:
                 if not sup.running():
                     sup.close()
                     sup = None
-            if sup is not None:
-                warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
-                if warning:
-                    progress(f"warning: {warning}")
             try:
+                if req["worker"]:
+                    key = str(req["worker"])
+                    targets = [w for w in before if w["incarnation"].startswith(key) or str(w["pid"]) == key]
+                    if not targets and sup is not None and req["hard"]:  # a process the broker dropped: wedged
+                        targets = unregistered_worker(sup, pool, key, status)
+                    if len(targets) != 1:
+                        raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
+                                       + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
+                elif not before:
+                    raise DspexError(f"pool {pool} has no ready worker to recycle (dspexctl pools status {pool} says why)")
+                elif req["all"]:
+                    targets = list(before)
+                else:  # the oldest, as the broker picks
+                    targets = sorted(before, key=lambda w: -w["uptime_s"])[:1]
+                if sup is not None:
+                    warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
+                    if warning:
+                        progress(f"warning: {warning}")
                 recycled = self._run(dx, sup, pool, targets, len(before), req)
             finally:
                 if sup is not None:

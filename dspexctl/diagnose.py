@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dspex.client.config import ClientConfig
@@ -19,8 +20,11 @@ from dspex.stack.supervisor import (
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
+    full_name,
 )
 
+# supervisord states of a broker that exited by itself (its log says why)
+DIED = ("FATAL", "BACKOFF", "EXITED")
 # a broker binds its sockets within a few seconds of its start (it imports no dspy); past this,
 # RUNNING and silent at our endpoint is a problem, not a start
 BROKER_GRACE_S = 20.0
@@ -103,13 +107,20 @@ def explain(endpoint: str, conf: SupervisorConf | None, error: str, config: Clie
     try:
         with Supervisor(conf, timeout=timeout) as sup:
             procs = sup.processes()
+            broker = next((p for p in procs if p["group"] == "broker" and p["name"] == "broker"), None)
+            # a broker that died says why in its log's last line (a bad config, a held run directory)
+            tail = sup.last_log_line(full_name(broker)) if broker and broker["statename"] in DIED else ""
     except (SupervisorUnreachable, SupervisorError):
         return f"; supervisord of {conf.path} is not running either (start the stack: dspexctl pools start)"
-    broker = next((p for p in procs if p["group"] == "broker" and p["name"] == "broker"), None)
     if broker is None:
         return ""
-    if broker["statename"] not in ("RUNNING", "STARTING"):
-        return (f"; supervisord of {conf.path} reports its broker {broker['statename']} "
-                f"(see {conf.here / 'log' / 'broker.log'}, or dspexctl pools status)")
+    state = broker["statename"]
+    if state in DIED:
+        return (f"; supervisord of {conf.path} reports its broker {state}, its last log line: "
+                f"{tail or '(none)'}")
+    if state not in ("RUNNING", "STARTING"):  # STOPPED: someone stopped it
+        conf_opt = "" if conf.path == Path("supervisor.conf").absolute() else f" --supervisor-conf {conf.path}"
+        return (f"; supervisord of {conf.path} reports its broker {state}: start it with "
+                f"dspexctl{conf_opt} pools start")
     _, text = silent_broker(broker, endpoint, conf, error, config)
     return "; " + text

@@ -187,15 +187,15 @@ def _start_progress(say: Callable[[str], None]) -> Callable[[str], None]:
     return progress
 
 
-def _exit_code(err: BaseException) -> int:
-    """The flagship's exit codes: its own (3 completed with failures, 5 LM too slow, 6 LM unusable),
-    128 + the signal when interrupted, else dspexctl's (2 usage/config, 4 unreachable, 1 failed)."""
+def _exit_code(err: BaseException, example: ModuleType | None) -> int:
+    """The flagship's exit codes: its own, defined by the ``example`` it runs (9 completed with
+    failures, 10 LM too slow, 11 LM unusable), 128 + the signal when interrupted, else dspexctl's
+    (2 usage/config, 4 unreachable, 1 failed)."""
     if isinstance(err, Interrupted):
         return err.exit_code
-    if getattr(err, "code", None) == "lm_unusable":
-        return 6
-    if isinstance(err, dspex.Timeout) and err.details.get("lm_too_slow"):
-        return 5
+    lm_unusable = getattr(err, "code", None) == "lm_unusable"
+    if example is not None and (lm_unusable or isinstance(err, dspex.Timeout) and err.details.get("lm_too_slow")):
+        return int(example.exit_code_for(err))
     if not isinstance(err, DspexError):
         return 1
     from dspexctl.commands import exit_code_for
@@ -347,7 +347,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
                     except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
                         _echo(f"warning: stopping the stack failed: {_one_line(str(exc))}", err=True)
     if error is not None:
-        code = _exit_code(error)
+        code = _exit_code(error, example)
         if isinstance(error, Interrupted):
             err_code, message = "interrupted", f"interrupted by {signal.Signals(error.signum).name}"
         else:

@@ -16,6 +16,7 @@ Clients and workers also need ``broker.key`` (public only: DSPEX_CURVE_SERVER_KE
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,11 +24,16 @@ from pathlib import Path
 import click
 import zmq.auth
 
+from dspex.wire.errors import ConfigError
+
 
 def generate(directory: Path, peers: tuple[str, ...] = ("client", "worker"),
              admins: tuple[str, ...] = ()) -> dict[str, Path]:
     """Key pairs for the broker and each peer. A peer named ``worker*`` is allowed on the
     worker plane, any other on the client plane; ``admins`` (client peers) also get admin ops."""
+    workers = [a for a in admins if a.startswith("worker")]
+    if workers:  # before anything is written
+        raise click.UsageError(f"{workers[0]} is a worker key: admin keys are client keys")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)  # a directory we just made (or our own key store): never a run dir
     allowed = directory / "allowed"
@@ -48,8 +54,6 @@ def generate(directory: Path, peers: tuple[str, ...] = ("client", "worker"),
         plane = "workers" if name.startswith("worker") else "clients"
         shutil.copy(public, planes[plane] / Path(public).name)
         if name in admins:
-            if plane == "workers":
-                raise click.UsageError(f"{name} is a worker key: admin keys are client keys")
             shutil.copy(public, planes["admins"] / Path(public).name)
     written["allowed"] = allowed
     return written
@@ -62,21 +66,36 @@ def keys() -> None:
 
 @keys.command("generate")
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("keys"), show_default=True,
-              metavar="DIR", help="where to write the key files")
+              metavar="DIR", help="where to write the key files (a directory without a broker key pair)")
 @click.option("--peer", "peers", multiple=True, default=("client", "worker"), show_default=True, metavar="NAME",
               help="a key pair to create and allow (repeatable): names starting with 'worker' join the "
                    "worker plane, others the client plane")
 @click.option("--admin", "admins", multiple=True, metavar="NAME",
               help="a client key pair allowed admin ops (repeatable); with one, only admin keys may "
                    "recycle or close other clients' sessions")
-def generate_command(directory: Path, peers: tuple[str, ...], admins: tuple[str, ...]) -> None:
+@click.option("--json", "json_out", is_flag=True, help="print one JSON document (data only)")
+@click.pass_context
+def generate_command(ctx: click.Context, directory: Path, peers: tuple[str, ...], admins: tuple[str, ...],
+                     json_out: bool) -> None:
     """Create the broker's key pair and allowed peer key pairs."""
+    if (directory / "broker.key_secret").exists():
+        # a run makes a new broker pair: every peer holding the old broker.key would be refused
+        raise ConfigError(f"{directory} already holds a broker key pair ({directory / 'broker.key_secret'}); a new "
+                          "run would replace it and lock out every peer given the old broker.key: use another "
+                          "--dir (or move this one away first)")
     written = generate(directory, peers, admins)
+    commands = {
+        "broker": f"python -m broker --frontend tcp://HOST:PORT --curve-secret-key {written['broker']} "
+                  f"--curve-allowed {written['allowed']}",
+        "workers": f"DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} "
+                   f"DSPEX_CURVE_WORKER_KEY={written.get('worker', '…')}",
+        "clients": f"DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} "
+                   f"DSPEX_CURVE_CLIENT_KEY={written.get('client', '…')}",
+    }
+    if json_out or getattr(ctx.obj, "json", False):
+        click.echo(json.dumps({"written": {name: str(path) for name, path in written.items()},
+                               "server_key": str(directory / "broker.key"), "use": commands}, indent=2))
+        return
     for name, path in written.items():
         click.echo(f"{name:8} {path}")
-    click.echo(
-        f"broker:  python -m broker --frontend tcp://HOST:PORT --curve-secret-key {written['broker']} "
-        f"--curve-allowed {written['allowed']}\n"
-        f"workers: DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} DSPEX_CURVE_WORKER_KEY={written.get('worker', '…')}\n"
-        f"clients: DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} DSPEX_CURVE_CLIENT_KEY={written.get('client', '…')}"
-    )
+    click.echo("\n".join(f"{(who + ':'):8} {line}" for who, line in commands.items()))

@@ -43,6 +43,20 @@ def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list
     return wanted
 
 
+class Waiting:
+    """A line on stderr while processes take their time to stop (a worker finishing its calls,
+    up to its stopwaitsecs), once they have taken a second, and again when the set changes."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.last: list[str] = []
+
+    def say(self, names: list[str]) -> None:
+        if names != self.last and time.monotonic() - self.since >= 1.0:
+            progress(f"waiting for {', '.join(names)} to stop (a worker finishes its running calls first)")
+            self.last = names
+
+
 class PoolsStart:
     interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
 
@@ -105,10 +119,12 @@ class PoolsStop:
                 progress(f"stopping {g}")
                 sup.stop_group(g, wait=False)
             deadline = t0 + req["wait"]
+            waiting = Waiting(t0)
             while True:
                 states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
                 if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
                     break
+                waiting.say([name for name, s in states.items() if s not in STOPPED_STATES])
                 time.sleep(0.02)
         # the workers said goodbye on SIGTERM; confirm the broker has dropped them
         left: dict[str, int] = {}
@@ -184,9 +200,13 @@ class StackStop:
             groups = sorted({p["group"] for p in running if p["group"] != "broker"})
             for group in groups:
                 sup.stop_group(group, wait=False)
+            waiting = Waiting(t0)
             while groups and time.monotonic() < deadline:
-                if all(p["statename"] in STOPPED_STATES for p in sup.processes() if p["group"] in groups):
+                left = [full_name(p) for p in sup.processes()
+                        if p["group"] in groups and p["statename"] not in STOPPED_STATES]
+                if not left:
                     break
+                waiting.say(left)
                 time.sleep(0.02)
             sup.shutdown()
             while time.monotonic() < deadline:

@@ -132,6 +132,10 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
     """
     sc = SupervisorConf.load(conf or DEFAULT_CONF)
     endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
+    try:  # all or nothing: a conf whose broker and workers would only go FATAL starts nothing
+        load_pools(sc.path)
+    except ConfigError as err:
+        raise ConfigError(f"invalid dspex config, nothing started: {err.message}") from None
     started = False
     with Supervisor(sc, timeout=5.0) as sup:
         running = sup.running()
@@ -259,8 +263,9 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                                         f"refused to start ({refused}); " + _fix(run_dir, ""))
             if fatal and sup is not None:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
-                raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once "
-                                      f"{sup.conf.path.name} startretries times); see the logs in {logs}")
+                why = "; ".join(f"{name}: {sup.last_log_line(name) or 'no output'}" for name in fatal)
+                raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once on every "
+                                      f"try); its last log line: {why} (more in {logs})")
             if status is not None and all(counts[p] >= n for p, n in wanted.items()):
                 progress("ready: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items()))
                 return status

@@ -10,6 +10,7 @@ supervisord's).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dspex.stack.health import (
@@ -22,12 +23,11 @@ from dspex.stack.health import (
     pool_state,
     proc_phase,
     proc_uptime,
+    silent_pids,
     worst,
 )
 from dspex.stack.supervisor import (
     Supervisor,
-    SupervisorError,
-    SupervisorNoSuchProcess,
     SupervisorUnreachable,
     full_name,
 )
@@ -54,16 +54,6 @@ EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: 
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host")
-
-
-def last_log_line(sup: Supervisor, name: str) -> str:
-    """The last line a program wrote (its stdout log, which has its stderr too): usually why it died."""
-    try:
-        text = str(sup.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
-    except (SupervisorError, SupervisorNoSuchProcess):
-        return ""
-    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
@@ -122,10 +112,15 @@ class PoolsStatus:
                     sup_info["state"] = sup.state()
                     sup_info["pid"] = sup.pid()
                     procs = sup.processes()
-                    tails = {full_name(p): last_log_line(sup, full_name(p)) for p in procs
+                    tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
             except SupervisorUnreachable as err:
-                issues.append((State.UNREACHABLE, err.message))
+                if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
+                    # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
+                    sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
+                                          "its supervisord is not running: its pools are not expected")
+                else:
+                    issues.append((State.UNREACHABLE, err.message))
             for p in procs:
                 sup_info["processes"].append({
                     "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
@@ -134,7 +129,7 @@ class PoolsStatus:
         declared: list[str] = []
         conf_sizes: dict[str, int] = {}
         config_error = None
-        if sc is not None:
+        if sc is not None and not (sup_info or {}).get("unused"):
             from dspex.stack.pools import load_pools, supervisor_group_sizes
 
             try:
@@ -222,16 +217,23 @@ class PoolsStatus:
                             "process_state": proc["statename"] if proc else None})
         starting = broken = 0
         seen = {w["pid"] for w in workers_b}
+        silent = silent_pids((broker or {}).get("events") or [])
         for proc in group or []:
             if proc["pid"] and proc["pid"] in seen:
                 continue
-            phase = proc_phase(proc, registered)
+            phase = proc_phase(proc, registered, silent)
             if phase == "starting":
                 starting += 1
             elif phase == "broken":
                 broken += 1
-                what = proc["statename"] + why(tails, proc) if proc["statename"] != "RUNNING" else \
-                    f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
+                if proc["statename"] != "RUNNING":
+                    what = proc["statename"] + why(tails, proc)
+                elif proc["pid"] in silent:
+                    what = (f"RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+                            f"{fmt_duration(time.time() - silent[proc['pid']])} ago: wedged, in a call that holds the "
+                            f"GIL? dspexctl workers recycle {name} --worker {proc['pid']} --hard kills it")
+                else:
+                    what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
                     issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
@@ -292,7 +294,8 @@ class PoolsStatus:
                                   str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
                                   fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",
                                   f"{hb:.1f}s ago" if hb is not None else "-"])
-                out.extend(table(wrows, indent="    "))
+                if len(wrows) > 1:  # no header over nothing (supervisord down: no processes known)
+                    out.extend(table(wrows, indent="    "))
             lines = out
         lines += self._failures(result["pools"])
         b = result["broker"]
@@ -301,6 +304,8 @@ class PoolsStatus:
                          f"{b['frontend']}")
             lines.append(metrics_text(b.get("metrics") or {})[0])
         s = result["supervisor"]
+        if s is not None and s.get("unused"):
+            lines.append(f"supervisord: not used: {s['unused']}")
         if s is not None and s["state"] is not None:
             lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
             pool_names = {q["name"] for q in result["pools"]}

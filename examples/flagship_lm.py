@@ -52,14 +52,15 @@ ADAPTER_ATTEMPTS = 2
 CALL_MARGIN_S = 15.0
 
 # The flagship's exit codes (docs/flagship.md). 1, 2 and 4 mean what they mean for every dspexctl
-# command; 3, 5 and 6 are the flagship's own.
+# command; 9, 10 and 11 are the flagship's own, and no other dspexctl command uses them (3 and 5-8
+# are the states of `pools status`).
 EXIT_OK = 0
 EXIT_FAILED = 1  # could not run: the flow stopped on an error
 EXIT_USAGE = 2  # a bad option, a missing key, a bad config
-EXIT_COMPLETED_WITH_FAILURES = 3  # the flow completed; some LM calls failed and scored 0
 EXIT_UNREACHABLE = 4  # the dspex stack (broker/supervisord) cannot be reached
-EXIT_LM_TOO_SLOW = 5  # a call outlived dspex's call timeout: the LM is slower than the bounds allow
-EXIT_LM_UNUSABLE = 6  # the preflight found the LM endpoint refusing, missing or rejecting the key
+EXIT_COMPLETED_WITH_FAILURES = 9  # the flow completed; some LM calls failed and scored 0
+EXIT_LM_TOO_SLOW = 10  # a call outlived dspex's call timeout: the LM is slower than the bounds allow
+EXIT_LM_UNUSABLE = 11  # the preflight found the LM endpoint refusing, missing or rejecting the key
 
 ENV = {
     "max_tokens": "DSPEX_MAX_TOKENS", "reflection_max_tokens": "DSPEX_REFLECTION_MAX_TOKENS",

@@ -1,7 +1,7 @@
 """The flagship's preflight: before any stack starts, check that the model endpoint answers and that
 one small ``dspy.Predict`` parses, in this process, with the flow's own LM bounds.
 
-What cannot work is an early error (:class:`LMUnusable`, exit 6): nothing listens at ``--api-base``,
+What cannot work is an early error (:class:`LMUnusable`, exit 11): nothing listens at ``--api-base``,
 the key is refused, the server does not serve the model (not in its ``/models``, or a 404), the
 answer is empty or only echoes the field's placeholder (``{category}``), the server ignored the
 token cap. What degrades is a warning with the likely cause: an answer cut at ``max_tokens``

@@ -231,7 +231,7 @@ def test_session_namespace_functions_keep_the_module_as_globals_and_classes_thei
         "        return 2 * self.v\n"
         "box = Box(21)\n"
     )
-    exec(namespace.compile_in_session(state, source), namespace.namespace(state))  # noqa: S102 - a session's exec, as the worker runs it
+    namespace.exec_in_session(state, source)
     namespace.namespace(state)["bump"]()
     ref = table.put(state, namespace.namespace(state)["box"])
     held = Held()
@@ -455,7 +455,7 @@ def test_a_history_entry_holding_a_session_class_stays_one_object_with_it() -> N
     session's namespace is written inline, so it loads after that class, as the same class."""
     table = RefTable("p", "w1")
     state = table.session(SID)
-    exec(namespace.compile_in_session(state, "class Note:\n    pass\n"), namespace.namespace(state))  # noqa: S102
+    namespace.exec_in_session(state, "class Note:\n    pass\n")
     note = namespace.namespace(state)["Note"]()
     state.lm_history.append({"prompt": "p", "outputs": ["o"], "extra": note})
     state.lm_history.append({"prompt": "q", "outputs": ["plain"]})
@@ -488,7 +488,7 @@ def test_an_object_restoring_itself_with_its_modules_globals_finds_them() -> Non
         "ledger = Ledger()\n"
         "ledger.count = 3\n"
     )
-    exec(namespace.compile_in_session(state, source), namespace.namespace(state))  # noqa: S102
+    namespace.exec_in_session(state, source)
     ref = table.put(state, namespace.namespace(state)["ledger"])
     held = Held()
     ck, lost = checkpoint.Tracker(SID).build(state)
@@ -548,7 +548,7 @@ def test_a_change_anywhere_in_what_the_session_holds_is_caught_by_the_next_build
     refs["box"] = table.put(state, box)
     ns = namespace.namespace(state)
     ns["counter"] = [0]
-    exec(namespace.compile_in_session(state, _SESSION_CODE), ns)  # noqa: S102 - the session's own code
+    namespace.exec_in_session(state, _SESSION_CODE, ns)
     helpers = state.code.module("m:helpers", {"__name__": "helpers", "__file__": "/client/helpers.py"})
     exec(compile("calls = []\nlimit = 1\n", "/client/helpers.py", "exec"), helpers.__dict__)  # noqa: S102
     tracker, held = checkpoint.Tracker(SID), Held()

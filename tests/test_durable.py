@@ -110,6 +110,16 @@ def test_a_session_over_its_checkpoint_cap_gets_a_clear_error_and_stays_usable(s
     assert s.eval("x + [4]", {"x": small}) == [1, 2, 3, 4]  # a plain session now
     (row,) = dx.sessions("p")
     assert row["durable"] is False
+    # and the worker lets go of what it kept of the session's checkpoint (up to the cap, in memory)
+    assert s.apply(holds_a_checkpoint) is False
+
+
+def holds_a_checkpoint() -> bool:
+    from worker.dspy_settings import current_session
+
+    state = current_session.get()
+    assert state is not None
+    return state.checkpoint is not None
 
 
 def test_a_corrupt_checkpoint_is_refused_the_session_reported_lost_and_nothing_crashes(stack: Stack) -> None:

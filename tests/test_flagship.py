@@ -285,14 +285,14 @@ def test_the_real_provider_path_on_loopback(running: Stack, engine: str) -> None
 
 def test_a_retry_that_fails_after_rehydration_is_reported_as_failed(running: Stack) -> None:
     """The Rehydrator's retry gets an answer that does not parse: the report says the retry failed
-    (never "succeeded"), counts it and exits 3."""
+    (never "succeeded"), counts it and exits 9."""
     name = "retry-fails"
     rules = ((("root_cause", "Checkout fails"), "unparsable"),)  # the insight of INC-001, the retried call
     with LMServer(models=(name,), rules=rules) as srv:
         code, res, text = _against(running, "--model", f"openai/{name}", "--api-base", srv.base, "--no-preflight",
                                    "--max-metric-calls", "3")
     ins = res["insights"]
-    assert code == 3 and ins["rehydrated"] and ins["retry_succeeded"] is False
+    assert code == 9 and ins["rehydrated"] and ins["retry_succeeded"] is False
     assert ins["retried"]["ticket"] == "INC-001" and ins["retried"]["failed"]["kind"] == "unparsed"
     assert "the retried call failed too: <unparsed> (INC-001)" in text
     assert "succeeded" not in text and "retried call answered" not in text

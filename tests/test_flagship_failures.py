@@ -82,7 +82,7 @@ def _run(stack: Stack, srv: LMServer, name: str, *extra: str, env: dict[str, str
     if "summary" in res:
         assert res["summary"]["failed_calls"] == len(res["failures"])
         assert len(res["triage"]) == 5 and "[8] summary" in run.err
-        assert code == (3 if res["failures"] else 0), (code, res["failures"])  # 0 only when every LM call answered
+        assert code == (9 if res["failures"] else 0), (code, res["failures"])  # 0 only when every LM call answered
         assert ("every LM call answered" in run.err) is (code == 0)
     return code, res, run.err
 
@@ -142,7 +142,7 @@ def test_the_token_cap_reaches_a_server_that_reads_only_one_field(stack: Stack, 
         assert endless and all(c.max_tokens == 40 and c.tokens == 40 for c in endless), endless
         assert all(c.max_tokens is not None for c in srv.completions())  # every call bounded
         assert [r["id"] for r in res["triage"] if r["failed"]] == ["INC-002"]
-        assert "1/5 tickets failed: AdapterParseError \u00d71" in err and code == 3
+        assert "1/5 tickets failed: AdapterParseError \u00d71" in err and code == 9
         assert "a truncated answer needs a larger --max-tokens (now 40)" in err
 
 
@@ -201,7 +201,7 @@ def test_rate_limit_past_the_retries_is_a_counted_failure(stack: Stack) -> None:
     with _server("ratelimited", rules=(("Refund still", "rate_limit"),), fail_first=1000) as srv:
         code, res, err = _run(stack, srv, "ratelimited", "--num-retries", "0", "--no-preflight")
         (row,) = [r for r in res["triage"] if r["failed"]]
-        assert row["id"] == "INC-002" and row["failed"]["kind"] == "rate limited" and code == 3
+        assert row["id"] == "INC-002" and row["failed"]["kind"] == "rate limited" and code == 9
         assert "INC-002 -> <rate limited>" in err and "raise --num-retries" in err
 
 
@@ -212,7 +212,7 @@ def test_a_refused_connection_is_labelled_refused_and_advice_names_the_server(st
     code, run = run_flagship(["--model", "openai/nobody", "--api-base", base, "--no-recycle", "--no-preflight",
                               "--num-retries", "0"], group_args=["--endpoint", stack.frontend])
     res, err = run.json, run.err
-    assert code == 3 and all(r["failed"]["kind"] == "connection refused" for r in res["triage"])
+    assert code == 9 and all(r["failed"]["kind"] == "connection refused" for r in res["triage"])
     assert "INC-001 -> <connection refused>" in err and "<unparsed>" not in err
     assert f"nothing answers at {base}: start the model server or fix --api-base" in err
     assert "raise --max-metric-calls" not in err
@@ -223,16 +223,16 @@ def test_a_refused_connection_is_labelled_refused_and_advice_names_the_server(st
 def test_nothing_parsed_gets_advice_about_the_lm_not_the_budget(stack: Stack) -> None:
     with _server("never-parses", mode="unparsable") as srv:
         code, res, err = _run(stack, srv, "never-parses", "--no-preflight", "--max-metric-calls", "6")
-        assert code == 3 and all(r["failed"] for r in res["triage"])
+        assert code == 9 and all(r["failed"] for r in res["triage"])
         g = res["gepa"]
         assert g["failed_predictions"] and {f["kind"] for f in g["failed_predictions"]} == {"unparsed"}
         assert f"{len(g['failed_predictions'])} of GEPA's {g['predictions']} predictions failed" in err
         assert "fix the LM first" in err and "raise --max-metric-calls" not in err
 
 
-def test_failed_reflection_is_counted_exits_3_and_is_never_replayed_from_the_cache(stack: Stack) -> None:
+def test_failed_reflection_is_counted_exits_9_and_is_never_replayed_from_the_cache(stack: Stack) -> None:
     """GEPA's reflection answers do not parse: GEPA's own failure lines reach the console, the
-    failures count (exit 3: not every LM call answered), the advice names the LM, and every
+    failures count (exit 9: not every LM call answered), the advice names the LM, and every
     reflection call is a real request (the reflection LM never uses dspy's cache)."""
     with _server("reflection-fails", rules=(("current_instruction", "unparsable"),)) as srv:
         code, res, err = _run(stack, srv, "reflection-fails", "--max-metric-calls", "12", "--no-preflight")
@@ -240,7 +240,7 @@ def test_failed_reflection_is_counted_exits_3_and_is_never_replayed_from_the_cac
         assert g["reflection_calls"] >= 2 and not g["improved"]
         r = g["reflection"]
         assert r["failed"] + r["no_proposal"] >= 1 and r["proposed"] == 0, r
-        assert code == 3 and g["failed_predictions"] and all(f["step"] == "gepa" for f in res["failures"])
+        assert code == 9 and g["failed_predictions"] and all(f["step"] == "gepa" for f in res["failures"])
         assert {f["item"].split()[0] for f in g["failed_predictions"]} == {"reflection"}
         assert f"reflection: 0 proposed, 0 accepted, 0 rejected, {r['failed']} failed" in err
         assert "raise --max-metric-calls" not in err and "fix the LM first" in err
@@ -276,17 +276,17 @@ def test_a_server_down_mid_run_is_reported_and_recovered(stack: Stack) -> None:
     assert "was down 1 time(s)" in run.err and "every LM call answered" in run.err
 
 
-def test_lm_slower_than_the_call_timeout_is_exit_5_with_what_to_change(stack: Stack) -> None:
+def test_lm_slower_than_the_call_timeout_is_exit_10_with_what_to_change(stack: Stack) -> None:
     """The LM's own timeout is overridden to be longer than dspex's call timeout (derived from
     --lm-timeout): the call times out in dspex, the error names where and what to change, and the
     other call in flight is cancelled on its worker."""
     with _server("too-slow", rules=(("Checkout fails", "slow"), ("Refund still", "slow")), delay=60) as srv:
         code, run = run_flagship(_args(srv, "too-slow", "--no-preflight", "--lm-timeout", "0.5", "--num-retries", "0",
                                        "--lm-kwarg", "timeout=120"), group_args=["--endpoint", stack.frontend])
-        assert code == 5, run.err
+        assert code == 10, run.err
         assert run.seconds < 120
         err = run.json["error"]
-        assert err["exit"] == 5 and err["code"] == "timeout"
+        assert err["exit"] == 10 and err["code"] == "timeout"
         for part in ("triage INC-00", "on session ", "(worker ", "triage_pool", "openai/too-slow at " + srv.base,
                      "--lm-timeout"):
             assert part in err["message"], (part, err["message"])
@@ -323,13 +323,13 @@ def test_sighup_cancels_the_calls_in_flight_on_a_running_stack(stack: Stack) -> 
 
 
 def test_refused_connection_is_an_early_clear_error_before_anything_starts(short_tmp: str) -> None:
-    """The preflight: nothing listens at --api-base -> exit 6 before any stack is started."""
+    """The preflight: nothing listens at --api-base -> exit 11 before any stack is started."""
     base = closed_port_base()
     conf = Path(short_tmp, "supervisor.conf")
     shutil.copy(Path(__file__).resolve().parents[1] / "supervisor.conf", conf)
     code, run = run_flagship(["--model", "openai/nobody", "--api-base", base],
                              group_args=["--supervisor-conf", str(conf)], env=cli_env(os.path.join(short_tmp, "r")))
-    assert code == 6, run.err
+    assert code == 11, run.err
     err = run.err.strip().splitlines()[-1]
     assert err.startswith("Error: lm_unusable: nothing is listening at " + base)
     assert "connection refused" in err and "--api-base" in err and "Traceback" not in run.err
@@ -347,7 +347,7 @@ def test_the_preflight_refuses_an_lm_that_cannot_do_the_task(short_tmp: str, ser
     with LMServer(mode, models=(served,) if served else ("pre",)) as srv:
         code, run = run_flagship(["--model", "openai/pre", "--api-base", srv.base],
                                  group_args=["--endpoint", f"ipc://{short_tmp}/nobody.sock"])
-    assert code == 6, run.err
+    assert code == 11, run.err
     assert run.json["error"]["code"] == "lm_unusable" and expected in run.json["error"]["message"]
     assert "no stack answers" not in run.err  # it stopped before looking for one
 

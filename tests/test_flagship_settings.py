@@ -120,15 +120,29 @@ def test_exit_codes() -> None:
 
     from dspexctl.flagship import Interrupted, _exit_code
 
-    assert flagship.exit_code_for(dspex.Timeout("x", lm_too_slow=True)) == 5
+    assert flagship.exit_code_for(dspex.Timeout("x", lm_too_slow=True)) == 10
     assert flagship.exit_code_for(dspex.Timeout("x")) == 1
     assert flagship.exit_code_for(dspex.ConfigError("x")) == 2
-    assert flagship.exit_code_for(flagship.LMUnusable("x")) == 6
+    assert flagship.exit_code_for(flagship.LMUnusable("x")) == 11
     for err, code in ((Interrupted(signal.SIGINT), 130), (Interrupted(signal.SIGTERM), 143),
-                      (Interrupted(signal.SIGHUP), 129), (flagship.LMUnusable("x"), 6),
-                      (dspex.Timeout("x", lm_too_slow=True), 5), (dspex.ConfigError("x"), 2),
-                      (dspex.BrokerUnreachable("x"), 4)):
-        assert _exit_code(err) == code, err
+                      (Interrupted(signal.SIGHUP), 129), (flagship.LMUnusable("x"), 11),
+                      (dspex.Timeout("x", lm_too_slow=True), 10), (dspex.ConfigError("x"), 2),
+                      (dspex.BrokerUnreachable("x"), 4), (dspex.Timeout("x"), 8)):
+        assert _exit_code(err, flagship) == code, err
+
+
+def test_a_dspexctl_exit_code_means_one_thing_whichever_command_returns_it() -> None:
+    """The flagship's own codes (defined by the example it runs) and every other command's
+    (dspexctl.commands) share a number only where they share the meaning."""
+    from dspexctl import commands
+
+    same = {"EXIT_OK": "EXIT_OK", "EXIT_FAILED": "EXIT_ERROR", "EXIT_USAGE": "EXIT_USAGE",
+            "EXIT_UNREACHABLE": "EXIT_UNREACHABLE"}  # the flagship's name -> dspexctl's
+    theirs = {getattr(commands, n): n for n in dir(commands) if n.startswith("EXIT_") and n != "EXIT_CODES"}
+    assert len(theirs) == len([n for n in dir(commands) if n.startswith("EXIT_") and n != "EXIT_CODES"])
+    for name in (n for n in dir(flagship) if n.startswith("EXIT_")):
+        code = getattr(flagship, name)
+        assert theirs.get(code, same.get(name)) == same.get(name), f"{name} = {code} is {theirs.get(code)} too"
 
 
 def test_budget_words_and_gepa_outcomes() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import dspex
+from dspex.stack.supervisor import pid_alive
 from tests.harness import wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
@@ -189,3 +190,41 @@ def test_a_reopened_session_is_never_pinned_to_the_worker_recycled_next(stack: S
     assert not failures, failures
     assert sum(errors.values()) >= 1, "the recycle reached the clients' sessions"
     assert max(errors.values()) == 1, f"a client got the error more than once: {errors}"
+
+
+def wedge() -> Any:
+    """User code that never returns and holds the GIL all along (a regex backtracking
+    exponentially): the worker's heartbeat thread cannot run either."""
+    import re
+
+    return re.match(r"(a+)+$", "a" * 64 + "b")
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_wedged_in_user_code_is_named_and_recycle_hard_kills_it(stack: SupervisedStack) -> None:
+    before = {w["pid"] for w in stack.ready("triage_pool")}  # remembered: killed at the end if still there
+    with stack.client(60) as dx:
+        s = dx.session("triage_pool")
+        pid = s.call("os", "getpid")
+        with pytest.raises(dspex.WorkerCrashed, match="stopped answering heartbeats"):
+            s.run(wedge)
+    assert pid in before
+    name = next(f"{p['group']}:{p['name']}" for p in stack.processes() if p["pid"] == pid)
+    rc, doc, text = status(stack)
+    # at once, not after the 60 s a starting worker is given: the process is RUNNING, not coming back
+    assert rc == 3, text
+    line = next((ln for ln in text.splitlines() if ln.startswith(f"DEGRADED: {name} is RUNNING (pid {pid}) but "
+                                                                      "stopped answering heartbeats")), None)
+    assert line is not None and line.endswith(f"dspexctl workers recycle triage_pool --worker {pid} --hard kills it"), \
+        text
+    assert any(p.startswith(f"{name} is RUNNING (pid {pid}) but stopped answering heartbeats") and p.endswith(
+        "--hard kills it") for p in doc["problems"]), doc["problems"]  # the same fact (its age a second later)
+    assert dashboard_state(stack) == "degraded"  # the same rule on the dashboard
+    res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
+    no_traceback(res)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"(pid {pid}) -> " in res.stdout and res.stdout.rstrip().endswith("(hard)"), res.stdout
+    wait_for(lambda: not pid_alive(pid), 20, 0.1, "the wedged worker killed")
+    assert len(stack.ready("triage_pool")) == 2
+    rc, doc, text = status(stack)
+    assert rc == 6 and "worker crash" in text, text  # the crash stays in the health window, nothing else

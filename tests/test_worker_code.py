@@ -48,6 +48,28 @@ def test_exec_code_is_module_code(dx: dspex.Client) -> None:
     assert other.eval("Ticket.__module__") != module
 
 
+def test_a_loop_of_exec_calls_keeps_only_the_code_that_defines_something(dx: dspex.Client) -> None:
+    """A session driven by ``exec`` (a service running ``s.exec("answer = prog(q)")`` per request)
+    must not grow its module's source, nor a durable session's checkpoint, with every call: code
+    that leaves no function, class or lambda behind has no later reader of its lines."""
+    s = dx.session("p")
+    s.exec("import inspect, linecache\ntotal = 0\nsquares = [i * i for i in range(3)]\n")
+    s.exec("def bump(n):\n    return n + 1\n")
+    lines = s.eval("len(linecache.getlines(bump.__code__.co_filename))")
+    for _ in range(200):
+        s.exec("total = bump(total)\n")
+    assert s.eval("total") == 200
+    assert s.eval("len(linecache.getlines(bump.__code__.co_filename))") == lines
+    assert s.eval("inspect.getsource(bump)") == "def bump(n):\n    return n + 1\n"
+    s.exec("later = lambda: 1 / 0\n")  # a lambda keeps its line: its traceback reads it
+    with pytest.raises(dspex.RemoteError) as info:
+        s.eval("later()")
+    assert "later = lambda: 1 / 0" in info.value.remote_traceback
+    with pytest.raises(dspex.RemoteError) as info:  # a failing exec's traceback shows its own line
+        s.exec("total = total / 0\n")
+    assert "total = total / 0" in info.value.remote_traceback
+
+
 def test_exec_user_future_import_applies_to_that_code_only(dx: dspex.Client) -> None:
     s = dx.session("p")
     s.exec("from __future__ import annotations\ndef f(x: int): pass\n")

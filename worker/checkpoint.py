@@ -139,6 +139,61 @@ def module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
     return out
 
 
+def session_roots(state: SessionState, excluded: dict[int, tuple[Any, NotDurable]]) -> list[tuple[str, Any, Any]]:
+    """(section, key, object) of everything the session holds, but what is ``excluded`` (not
+    durable: id -> (the object, why))."""
+    roots: list[tuple[str, Any, Any]] = [("refs", rid, obj) for rid, obj in list(state.refs.items())]
+    module = state.module
+    if module is not None:
+        roots.extend(("ns", name, value) for name, value in list(module.__dict__.items())
+                     if name not in _MODULE_KEYS)
+    roots.extend(("settings", key, value) for key, value in list(state.dspy_settings.items())
+                 if key not in _TRANSIENT_SETTINGS)
+    code = state.code
+    roots.extend(("code", key, obj) for key, obj in list(code.objects.items()))
+    for nsid, mod in list(code.modules.items()):
+        roots.extend(("globals", (nsid, name), value) for name, value in list(mod.__dict__.items())
+                     if name != "__builtins__")
+    if not excluded:
+        return roots
+    return [r for r in roots if id(r[2]) not in excluded or excluded[id(r[2])][0] is not r[2]]
+
+
+def session_root(state: SessionState, roots: list[tuple[str, Any, Any]], lost: dict[str, NotDurable]) -> dict[str, Any]:
+    """What a checkpoint's skeleton pickles: the ``roots`` by section, and what restores them
+    (the session module's lines, the LM history, what was ``lost``, the code's bindings...)."""
+    # "fill" first: the modules, classes and functions of each namespace are put in place
+    # before anything else is loaded, so a __setstate__ or __reduce__ of the session's own
+    # code that reads a global of its module finds it there
+    root: dict[str, Any] = {"fill": [], "refs": {}, "ns": {}, "settings": {}, "code": {}, "globals": {}}
+    code_like: dict[int, tuple[dict[str, Any], list[tuple[int, str, Any]]]] = {}
+    for section, key, obj in roots:
+        if section == "globals":
+            root["globals"].setdefault(key[0], {})[key[1]] = obj
+            target, name = state.code.modules[key[0]].__dict__, key[1]
+        else:
+            root[section][key] = obj
+            if section != "ns" or state.module is None:
+                continue
+            target, name = state.module.__dict__, key
+        rank = _CODE_RANK.get(type(obj))
+        if rank is None and isinstance(obj, type):
+            rank = 1
+        if rank is not None:
+            code_like.setdefault(id(target), (target, []))[1].append((rank, name, obj))
+    root["fill"] = [cp.Fill(target, {name: obj for _rank, name, obj in sorted(items, key=lambda t: t[0])})
+                    for target, items in code_like.values()]
+    code = state.code
+    root["ns_lines"] = namespace.session_lines(state) if state.module is not None else None
+    root["history"] = state.lm_history
+    root["lost"] = [(v.section, v.key, v.type_name, v.reason) for v in lost.values()]
+    root["bound"] = code.bound
+    root["sources"] = code.sources
+    root["class_files"] = {key: file for key, obj in code.objects.items()
+                           if isinstance(obj, type) and (file := codestore.class_file(obj)) is not None}
+    return root
+
+
 class Tracker:
     """What the broker holds of one durable session, and the builds that bring it up to date."""
 
@@ -180,14 +235,14 @@ class Tracker:
         self._sync_modules(state)
         self._sync_history(state.lm_history)
         newly: list[NotDurable] = []
-        roots = self._roots(state)
+        roots = session_roots(state, self._excluded)
         try:
             data = self._pickle(self._root(state, roots))
         except Exception:  # noqa: BLE001 - some root cannot be pickled: find which
             newly = self._find_not_durable(state, roots)
-            data = self._pickle(self._root(state, self._roots(state)))
+            data = self._pickle(self._root(state, session_roots(state, self._excluded)))
         if self._seed_globals():  # first met: pickled again with them seeded, as every later build will
-            data = self._pickle(self._root(state, self._roots(state)))
+            data = self._pickle(self._root(state, session_roots(state, self._excluded)))
         for i in [i for i in self.slots.dynamic if i not in self._used]:
             self._drop(i)  # code or a signature the session no longer holds
         for key in [k for k in self._inline if k not in self._used]:
@@ -276,7 +331,6 @@ class Tracker:
                 self._first = entries[0]
                 return
         current = {id(e): e for e in entries}
-        current = {id(e): e for e in entries}
         for key in [k for k in known if k not in current]:
             self._drop(known.pop(key))
         for key in [k for k in inline if k not in current]:
@@ -336,59 +390,11 @@ class Tracker:
         self._used.add(i)
         return i
 
-    def _roots(self, state: SessionState) -> list[tuple[str, Any, Any]]:
-        """(section, key, object) of everything the session holds, not excluded."""
-        roots: list[tuple[str, Any, Any]] = [("refs", rid, obj) for rid, obj in list(state.refs.items())]
-        module = state.module
-        if module is not None:
-            roots.extend(("ns", name, value) for name, value in list(module.__dict__.items())
-                         if name not in _MODULE_KEYS)
-        roots.extend(("settings", key, value) for key, value in list(state.dspy_settings.items())
-                     if key not in _TRANSIENT_SETTINGS)
-        code = state.code
-        roots.extend(("code", key, obj) for key, obj in list(code.objects.items()))
-        for nsid, mod in list(code.modules.items()):
-            roots.extend(("globals", (nsid, name), value) for name, value in list(mod.__dict__.items())
-                         if name != "__builtins__")
-        excluded = self._excluded
-        if not excluded:
-            return roots
-        return [r for r in roots if id(r[2]) not in excluded or excluded[id(r[2])][0] is not r[2]]
-
     def _root(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-        # "fill" first: the modules, classes and functions of each namespace are put in place
-        # before anything else is loaded, so a __setstate__ or __reduce__ of the session's own
-        # code that reads a global of its module finds it there
-        root: dict[str, Any] = {"fill": [], "refs": {}, "ns": {}, "settings": {}, "code": {}, "globals": {}}
-        code_like: dict[int, tuple[dict[str, Any], list[tuple[int, str, Any]]]] = {}
-        for section, key, obj in roots:
-            if section == "globals":
-                root["globals"].setdefault(key[0], {})[key[1]] = obj
-                target, name = state.code.modules[key[0]].__dict__, key[1]
-            else:
-                root[section][key] = obj
-                if section != "ns" or state.module is None:
-                    continue
-                target, name = state.module.__dict__, key
-            rank = _CODE_RANK.get(type(obj))
-            if rank is None and isinstance(obj, type):
-                rank = 1
-            if rank is not None:
-                code_like.setdefault(id(target), (target, []))[1].append((rank, name, obj))
-        root["fill"] = [cp.Fill(target, {name: obj for _rank, name, obj in sorted(items, key=lambda t: t[0])})
-                        for target, items in code_like.values()]
         lost = dict(self._lost)
         for _obj, why in self._excluded.values():
             lost[why.what] = why
-        code = state.code
-        root["ns_lines"] = namespace.session_lines(state) if state.module is not None else None
-        root["history"] = state.lm_history
-        root["lost"] = [(v.section, v.key, v.type_name, v.reason) for v in lost.values()]
-        root["bound"] = code.bound
-        root["sources"] = code.sources
-        root["class_files"] = {key: file for key, obj in code.objects.items()
-                               if isinstance(obj, type) and (file := codestore.class_file(obj)) is not None}
-        return root
+        return session_root(state, roots, lost)
 
     def _module_dicts(self) -> dict[int, dict[str, Any]]:
         return {id(self.slots.objects[i]): self.slots.objects[i] for i in self._modules.values()}

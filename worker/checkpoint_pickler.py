@@ -44,7 +44,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue
+from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
@@ -159,7 +159,8 @@ def _make_class(tracker: str | None, type_constructor: type, name: str, bases: t
     """A dynamic class of this session only: made fresh, registered class -> tracker id (so it
     pickles back to the client as the client's class), never tracker id -> class (another
     session's copy of it must stay another class)."""
-    cls: type = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
+    with codestore.class_hooks_skipped(type_constructor, bases):  # it ran on the client; its effects are restored
+        cls: type = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
     if tracker is not None:
         with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
             _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
@@ -287,10 +288,19 @@ def load_blob(data: bytes | memoryview) -> Any:
 
 # -- writing ---------------------------------------------------------------------------------
 
+def _make_session_function(code: types.CodeType, globals_: dict[str, Any], name: str, argdefs: Any,
+                           closure: Any) -> types.FunctionType:
+    """A function of a session's module, made with the module's own builtins (cloudpickle's
+    ``_make_function`` puts Python's in the module first: the session's ``__import__``, which
+    finds its modules, would be lost: dspex.wire.codestore.CodeStore.importer)."""
+    return types.FunctionType(code, globals_, name, argdefs, closure)
+
+
 class BlobPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """Pickles one blob that must load on its own: by-value code or modules are refused."""
 
     def __init__(self, file: io.BytesIO) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=PROTOCOL)
 
     def reducer_override(self, obj: Any) -> Any:
@@ -333,6 +343,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def __init__(self, file: io.BytesIO, seed: dict[int, tuple[int, Any]], module_dicts: dict[int, dict[str, Any]],
                  slot_for: Callable[[Any, str], int | None], history_limit: int,
                  session_history: list[Any] | None = None) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=PROTOCOL)
         self.memo = seed
         # functions of the session's modules keep the module dict itself (seeded) as globals
@@ -365,6 +376,12 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return (_slot, (slot,)) if slot is not None else _code_reduce(obj)
         if kind is types.FunctionType:
             return self._function(obj)
+        if kind is reducers.LRU_WRAPPER and type(obj.__wrapped__) is types.FunctionType \
+                and self._function_reduce(obj.__wrapped__) is not NotImplemented:
+            # the session's functools.lru_cache of its own function: made again around it (by
+            # name the wrapper is not importable); its cache starts empty after a move
+            params = obj.cache_parameters()
+            return reducers.make_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"]), dict(vars(obj))
         if kind is types.ModuleType:
             if id(obj.__dict__) in self._module_dicts:
                 return _module_of, (obj.__dict__,)
@@ -433,6 +450,9 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             # globals it reads that cloudpickle adds to its state is dropped (a global that cannot
             # be pickled is then that global's problem, named for itself, not this function's)
             make, args, (state, slotstate), *rest = reduced
+            if make is _cp._make_function:  # the module's own builtins kept (its __import__)
+                make = _make_session_function
+                rest = [codestore.function_setstate if f is _cp._function_setstate else f for f in rest]
             return (make, args, (state, {**slotstate, "__globals__": {}}), *rest)
         name = namespace.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None

@@ -101,7 +101,7 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
                 continue
             if nsid == SESSION_NS:
                 module = namespace.session_module(state, name)
-            elif nsid[:2] in ("m:", "g:"):
+            elif nsid[:2] in ("m:", "g:", codestore.IMPORTED):
                 module = state.code.module(nsid, {"__name__": name})
             else:
                 raise ValueError(f"unknown module slot {nsid!r}")

@@ -240,6 +240,8 @@ class Executor:
                 # checkpoint short; what it leaves out goes to the caller as a warning
                 sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
+            elif state.checkpoint is not None:  # the broker turned the session plain: what it held goes
+                state.checkpoint = None
 
     def holds(self, session: str) -> bool:
         """This worker holds durable session ``session`` (it ran or restored it)."""
@@ -322,8 +324,7 @@ class Executor:
         scope = namespace.namespace(state)
         before = dict(scope)
         scope.update(namespace_ or {})
-        code = namespace.compile_in_session(state, source)
-        exec(code, scope)  # noqa: S102 - the op's purpose
+        namespace.exec_in_session(state, source, scope)
         return {k: v for k, v in scope.items()
                 if not k.startswith("__") and before.get(k, _MISSING) is not v}
 

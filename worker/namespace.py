@@ -67,8 +67,20 @@ def compile_eval(source: str) -> types.CodeType:
     return compile(source, "<dspex eval>", "eval", dont_inherit=True)
 
 
-def compile_in_session(state: SessionState, source: str, mode: str = "exec") -> types.CodeType:
-    """Compile ``source`` as the next lines of the session module's file.
+def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:
+    """Run ``source`` as the next lines of the session's module, in ``scope`` (default: the
+    module's namespace). Its lines stay in the module's source only if it left something that
+    reads them later (a function, class or lambda): a loop of ``exec`` calls must not grow the
+    source, nor a durable session's checkpoint, without bound."""
+    code, span = _compile_in_session(state, source)
+    exec(code, namespace(state) if scope is None else scope)  # noqa: S102 - the op's purpose
+    if not _defines_code(code):
+        _forget_lines(state, span)
+
+
+def _compile_in_session(state: SessionState, source: str) -> tuple[types.CodeType, range]:
+    """Compile ``source`` as the next lines of the session module's file; return the code and
+    the lines it took there.
 
     Every piece of code a session runs is appended to one linecache entry (the module's
     ``__file__``); it is compiled padded with blank lines to its offset there, so tracebacks and
@@ -84,7 +96,33 @@ def compile_in_session(state: SessionState, source: str, mode: str = "exec") -> 
         text = source if source.endswith("\n") else source + "\n"
         lines.extend(text.splitlines(keepends=True))
         linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
-    return compile("\n" * offset + source, filename, mode, dont_inherit=True)
+        span = range(offset, len(lines))
+    return compile("\n" * offset + source, filename, "exec", dont_inherit=True), span
+
+
+# nested code that finishes with the code that runs it (3.11 compiles comprehensions as functions)
+_FINISHING = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
+
+
+def _defines_code(code: types.CodeType) -> bool:
+    """Whether running ``code`` may leave functions, classes or lambdas behind, whose source and
+    tracebacks read its lines later."""
+    return any(isinstance(const, types.CodeType) and (const.co_name not in _FINISHING or _defines_code(const))
+               for const in code.co_consts)
+
+
+def _forget_lines(state: SessionState, span: range) -> None:
+    """Take the lines ``span`` out of the session's linecache entry, if they are still its last."""
+    module = state.module
+    filename = module.__file__ if module is not None else None
+    if not filename:
+        return
+    with _lock:
+        entry = linecache.cache.get(filename)
+        if entry is None or len(entry) != 4 or len(entry[2]) != span.stop:
+            return
+        lines = entry[2][:span.start]
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
 def drop_session_module(state: SessionState) -> None:

@@ -19,6 +19,7 @@ from dspex.wire.sockets import (
     check_endpoint,
     curve_client_keys,
     default_backend,
+    env_number,
     max_message_bytes,
 )
 
@@ -47,10 +48,10 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
     p = argparse.ArgumentParser(prog="python -m worker", description="dspex worker process")
     p.add_argument("--pool", required=True, help="pool this worker serves")
     p.add_argument("--backend", default=None, help="broker backend endpoint (default: DSPEX_BACKEND or the run dir)")
-    p.add_argument("--heartbeat", type=float, default=float(env.get("DSPEX_HEARTBEAT", str(HEARTBEAT_INTERVAL))))
-    p.add_argument("--liveness", type=int, default=int(env.get("DSPEX_LIVENESS", str(HEARTBEAT_LIVENESS))))
-    p.add_argument("--ref-cap", type=int, default=int(env.get("DSPEX_REF_CAP", "100000")))
-    p.add_argument("--lm-history", type=int, default=int(env.get("DSPEX_LM_HISTORY", "200")))
+    p.add_argument("--heartbeat", type=float, default=env_number(env, "DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL))
+    p.add_argument("--liveness", type=int, default=env_number(env, "DSPEX_LIVENESS", HEARTBEAT_LIVENESS))
+    p.add_argument("--ref-cap", type=int, default=env_number(env, "DSPEX_REF_CAP", 100000))
+    p.add_argument("--lm-history", type=int, default=env_number(env, "DSPEX_LM_HISTORY", 200))
     p.add_argument("--config", default=env.get("DSPEX_CONFIG"),
                    help="supervisor.conf: the pool's [dspex:pool:NAME] section gives capacity")
     p.add_argument("--capacity", type=int, default=None,
@@ -71,7 +72,7 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
             raise ConfigError(f"{a.config} declares no [dspex:pool:{a.pool}] section")
         capacity = pools[a.pool].capacity or None  # 0: the section does not set it
     if capacity is None:
-        capacity = int(env.get("DSPEX_CAPACITY", "1"))
+        capacity = env_number(env, "DSPEX_CAPACITY", 1)
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, not {capacity}")
     backend = check_endpoint(a.backend or default_backend(env))
@@ -92,5 +93,5 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         preload_dspy=not a.no_dspy,
         lm_history=a.lm_history,
         max_message=max_message_bytes(env),
-        hard_grace=float(env.get("DSPEX_HARD_GRACE", WorkerOptions.hard_grace)),
+        hard_grace=env_number(env, "DSPEX_HARD_GRACE", WorkerOptions.hard_grace),
     )

@@ -72,7 +72,9 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
 
 def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
     """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
-    script's ``__main__``, of the module of its class, or of a module this session's code
-    uses."""
-    modules = ["__main__", getattr(type(obj), "__module__", ""), *cache.modules]
+    script's ``__main__``, of the module it or its class names (a decorated function's wrapper
+    names the function's), or of a module this session's code uses."""
+    own = getattr(obj, "__module__", None)
+    modules = ["__main__", getattr(type(obj), "__module__", ""), *([own] if isinstance(own, str) else []),
+               *cache.modules]
     return codeindex.global_name(obj, list(dict.fromkeys(modules)))

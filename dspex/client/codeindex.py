@@ -6,6 +6,8 @@ that cannot be pickled lives importably. Lookups are cached (bounded) by object 
 from __future__ import annotations
 
 import ast
+import dis
+import functools
 import hashlib
 import importlib.util
 import linecache
@@ -26,6 +28,7 @@ _SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
 _lock = threading.Lock()
 _digests: dict[int, tuple[types.CodeType, str]] = {}
 _code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
+_code_imports: dict[int, tuple[types.CodeType, tuple[tuple[str, int, tuple[str, ...]], ...]]] = {}
 _imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 _by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
 _by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
@@ -56,6 +59,101 @@ def globals_read(code: types.CodeType) -> tuple[str, ...]:
     names = tuple(_cp._extract_code_globals(code))
     _bounded_put(_code_names, id(code), (code, names))
     return names
+
+
+def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
+    """The names a function's string annotations (``from __future__ import annotations``) read:
+    ``typing.get_type_hints`` (and ``dspy.Tool``) looks them up in the function's globals."""
+    annotations = getattr(func, "__annotations__", None)
+    if not annotations:
+        return ()
+    names: dict[str, None] = {}
+    for value in annotations.values():
+        if isinstance(value, str):
+            names.update(dict.fromkeys(_names_in(value)))
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_in(annotation: str) -> tuple[str, ...]:
+    try:
+        tree = ast.parse(annotation, mode="eval")
+    except SyntaxError:
+        return ()
+    return tuple(dict.fromkeys(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)))
+
+
+def imports_in(code: types.CodeType) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
+    """``(name, level, fromlist)`` of every ``import`` statement in a code object's body and in
+    the bodies it defines (nested functions, classes, comprehensions)."""
+    hit = _code_imports.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    found: list[tuple[str, int, tuple[str, ...]]] = []
+    todo = [code]
+    while todo:
+        co = todo.pop()
+        consts: list[Any] = []
+        for ins in dis.get_instructions(co):
+            if ins.opname == "LOAD_CONST":
+                consts = [*consts[-1:], ins.argval]
+                continue
+            if ins.opname == "IMPORT_NAME" and len(consts) == 2 and isinstance(consts[0], int):
+                fromlist = consts[1] if isinstance(consts[1], tuple) else ()
+                found.append((str(ins.argval), consts[0], tuple(str(n) for n in fromlist)))
+            consts = []
+        todo.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    names = tuple(dict.fromkeys(found))
+    _bounded_put(_code_imports, id(code), (code, names))
+    return names
+
+
+def user_modules_imported(code: types.CodeType, g: dict[str, Any]) -> list[types.ModuleType]:
+    """The user modules an ``import`` in ``code`` (run with globals ``g``) binds or reads: the
+    module named, its parent packages and the submodules its ``from`` list names, as they are
+    loaded in this process (an import the client never ran is not known here)."""
+    out: list[types.ModuleType] = []
+    for name, level, fromlist in imports_in(code):
+        if level:
+            package = g.get("__package__") or ""
+            if not package and "__path__" not in g:
+                package = str(g.get("__name__", "")).rpartition(".")[0]
+            try:
+                name = importlib.util.resolve_name("." * level + name, str(package))
+            except (ImportError, ValueError):
+                continue
+        parts = name.split(".")
+        names = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] + [f"{name}.{n}" for n in fromlist]
+        for full in names:
+            module = sys.modules.get(full) or _import_user_module(full)
+            if isinstance(module, types.ModuleType) and full != "__main__" and user_module(module):
+                out.append(module)
+    return out
+
+
+def _import_user_module(name: str) -> types.ModuleType | None:
+    """The user module ``name``, imported here if it is not loaded yet (in-process the call would
+    import it in this very process); None for a name that is not one of the user's modules (the
+    standard library's, an installed package's: the worker imports those itself, and nothing of
+    theirs is imported here), or that does not import."""
+    top = name.partition(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return None
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            return None
+        origin = spec.origin if spec is not None else None
+        if not origin or not byvalue.is_user_file(top, origin):
+            return None
+    elif not user_module(loaded):
+        return None
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - not a module (``from pkg import function``), or broken: the worker says
+        return None
 
 
 def imported_names(module_name: str) -> dict[str, tuple[str, str]]:

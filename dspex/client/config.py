@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dspex.wire.sockets import default_frontend, max_message_bytes, run_dir
+from dspex.wire.sockets import default_frontend, env_number, max_message_bytes, run_dir
 
 DEFAULT_REPLY_GRACE = 7.0  # seconds a client waits past a call's timeout for its worker's own reply
 DEFAULT_CODE_CACHE = 4096  # code objects a session remembers its worker holds
@@ -46,10 +46,10 @@ class ClientConfig:
             curve_server_key=env.get("DSPEX_CURVE_SERVER_KEY") or None,
             curve_client_key=env.get("DSPEX_CURVE_CLIENT_KEY") or None,
             max_message=max_message_bytes(env),
-            reply_grace=float(env.get("DSPEX_REPLY_GRACE", DEFAULT_REPLY_GRACE)),
-            code_cache=int(env.get("DSPEX_CODE_CACHE", DEFAULT_CODE_CACHE)),
-            idle_sockets=int(env.get("DSPEX_CLIENT_IDLE_SOCKETS", DEFAULT_IDLE_SOCKETS)),
-            threads=int(env.get("DSPEX_CLIENT_THREADS", DEFAULT_CLIENT_THREADS)),
+            reply_grace=env_number(env, "DSPEX_REPLY_GRACE", DEFAULT_REPLY_GRACE),
+            code_cache=env_number(env, "DSPEX_CODE_CACHE", DEFAULT_CODE_CACHE),
+            idle_sockets=env_number(env, "DSPEX_CLIENT_IDLE_SOCKETS", DEFAULT_IDLE_SOCKETS),
+            threads=env_number(env, "DSPEX_CLIENT_THREADS", DEFAULT_CLIENT_THREADS),
         )
 
     def endpoint_or_default(self, endpoint: str | None = None) -> str:

@@ -158,6 +158,8 @@ def probe_ipc(endpoint: str) -> None:
         raise BrokerUnreachable(f"nothing is listening at {endpoint}: its {where} {parent} does not exist") from None
     except PermissionError:
         raise ConfigError(f"cannot use {endpoint}: permission denied reading its {where} {parent}") from None
+    except OSError as err:  # a file where a directory of the path should be
+        raise ConfigError(f"cannot use {endpoint}: its {where} {parent}: {err.strerror or err}") from None
     uid = os.getuid()
     mode = stat.S_IMODE(dst.st_mode)
     if dst.st_uid not in (uid, 0):

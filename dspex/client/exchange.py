@@ -33,6 +33,7 @@ from dspex.wire.errors import (
     ConnectionLost,
     DspexError,
     MessageTooLarge,
+    MissingModule,
     ProtocolError,
     Timeout,
     error_from_wire,
@@ -256,6 +257,9 @@ class Exchange:
             err = decode_error(frames)
             if self.usage is not None:
                 add_usage(self.usage, err.details.pop("usage", None))
+            if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
+                # the request did not load on the worker: what it sent is not held there
+                self.sender.missed(False)
             raise err
         if self.on_reply is not None:
             self.on_reply(status, worker)

@@ -14,8 +14,11 @@ from dspex.wire.errors import EncodeError
 
 def culprit(emitted: list[tuple[tuple[str, str], Any]], dumps: Callable[[Any], object]) -> tuple[tuple[str, str], Any] | None:
     """Which of the globals a failed pickle was sending cannot be pickled (plain values first:
-    a function fails when a global it reads does)."""
-    ordered = sorted(emitted, key=lambda item: isinstance(item[1], (types.FunctionType, type, types.ModuleType)))
+    a function fails when a global it reads does; the last bound first: an object fails when a
+    global its class's code reads does, and that global was bound after it)."""
+    last_first = emitted[::-1]
+    is_code = [isinstance(value, (types.FunctionType, type, types.ModuleType)) for _, value in last_first]
+    ordered = [item for item, c in zip(last_first, is_code) if not c] + [item for item, c in zip(last_first, is_code) if c]
     for where, value in ordered:
         try:
             dumps(value)

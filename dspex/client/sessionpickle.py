@@ -17,6 +17,8 @@ cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class
   functions and classes of installed modules, and an object found in an importable module when
   by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
   an :class:`EncodeError` naming it and its module.
+- The user modules an ``import`` statement in a function's body names go with it (namespace
+  ``codestore.IMPORTED``), so that the statement finds the session's module on the worker.
 - A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
   tracker), with the client's file name of its source, for ``inspect.getsource``.
 
@@ -37,7 +39,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.callglobals import ModuleGlobal
 from dspex.client.sendcache import SendCache, client_dspy_settings
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -255,10 +257,14 @@ class Message:
                 nsid = self.namespace(g)[0]
                 if nsid.startswith("lib:"):
                     continue
-                for name in codeindex.globals_read(func.__code__):
+                for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
+                for module in codeindex.user_modules_imported(func.__code__, g):
+                    # an import in the body finds the session's module (codestore.CodeStore.importer)
+                    reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
+                    self._bind(out, todo, codestore.IMPORTED, module.__name__, module)
                 for cell in func.__closure__ or ():
                     try:
                         value = cell.cell_contents
@@ -405,6 +411,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not codeindex.by_value(func):
             return NotImplemented  # importable: by reference
+        if func.__code__ is reducers.SINGLEDISPATCH_CODE:
+            return reducers.singledispatch_reduced(func)
         bindings = msg.walk(func)
         key = msg.key(func)
         if msg.holds(key):

@@ -14,7 +14,7 @@ counted and shown, never WARN (:func:`failure_kind`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,24 +74,43 @@ def fmt_window(seconds: float) -> str:
 
 
 # -- supervisord's processes ---------------------------------------------------------------------
+# why the broker drops a worker whose heartbeats stopped (its event's ``why``)
+SILENT = "stopped answering heartbeats"
+
+
+def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
+    """Pids whose last event in the broker's ``events`` is being dropped for silence, with when.
+    Such a process that supervisord still reports RUNNING is wedged (in a call that holds the
+    GIL, say), not starting."""
+    last: dict[int, Mapping[str, Any]] = {}
+    for e in sorted(events, key=lambda e: float(e.get("time") or 0)):
+        if e.get("pid"):
+            last[int(e["pid"])] = e
+    return {pid: float(e["time"]) for pid, e in last.items() if e.get("event") == "crash" and e.get("why") == SILENT}
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
 
-def proc_phase(proc: Mapping[str, Any], registered: set[int]) -> str:
+def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[int] = ()) -> str:
     """``registered`` (the broker lists its pid), ``starting`` (supervisord says STARTING, or
-    RUNNING for under REGISTER_GRACE_S while it imports dspy) or ``broken`` (anything else)."""
+    RUNNING for under REGISTER_GRACE_S while it imports dspy) or ``broken`` (anything else, and a
+    RUNNING process the broker dropped for ``silent``)."""
     state = proc["statename"]
     if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
         return "registered"
+    if state == "RUNNING" and proc["pid"] in silent:
+        return "broken"
     if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
         return "starting"
     return "broken"
 
 
-def process_counts(group: Iterable[Mapping[str, Any]], registered: set[int]) -> tuple[int, int]:
+def process_counts(group: Iterable[Mapping[str, Any]], registered: set[int], silent: Container[int] = ()
+                   ) -> tuple[int, int]:
     """(starting, broken) among a pool's supervisord processes the broker has not registered."""
-    phases = [proc_phase(p, registered) for p in group if not (p["pid"] and p["pid"] in registered)]
+    phases = [proc_phase(p, registered, silent) for p in group if not (p["pid"] and p["pid"] in registered)]
     return phases.count("starting"), phases.count("broken")
 
 

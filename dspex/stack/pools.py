@@ -4,6 +4,7 @@ sections in supervisor.conf (supervisord ignores sections it does not know)."""
 from __future__ import annotations
 
 import configparser
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -50,6 +51,14 @@ class PoolConfig:
 
 _POOL_KEYS = {f.name: f.type for f in fields(PoolConfig) if f.name not in ("name", "affinity", "recycle")}
 _RECYCLE_KEYS = {f.name for f in fields(RecyclePolicy)}
+# the range of each number (lowest, whether the lowest itself is allowed, highest); a value out of
+# it would not fail at once but misbehave (a queue that refuses everything, a recycle storm)
+_RANGES: dict[str, tuple[float, bool, float]] = {
+    "queue_max": (1, True, math.inf), "capacity": (1, True, math.inf), "queue_timeout": (0, False, math.inf),
+    "session_ttl": (0, False, math.inf), "health_window": (0, False, math.inf), "age_jitter": (0, True, 1),
+    **dict.fromkeys(("drain_timeout", "prefetch", "size", "max_requests", "max_age", "max_rss_mb"),
+                    (0, True, math.inf)),
+}
 # settings earlier versions had: a conf that still sets one is told why it is refused
 _REMOVED_KEYS = {"direct": "direct pools were removed: every call goes through the broker"}
 
@@ -65,14 +74,26 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             setattr(cfg, key, _boolean(value))
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
-            if key == "capacity" and cfg.capacity < 1:
-                raise ConfigError(f"{where}: capacity must be at least 1, not {cfg.capacity}")
         elif key in _REMOVED_KEYS:
             raise ConfigError(f"{where}: pool setting {key!r} was removed ({_REMOVED_KEYS[key]}); delete it")
         else:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
     except ValueError:
         raise ConfigError(f"{where}: bad value {value!r} for {key!r}") from None
+    if key in _RANGES:
+        _check_range(key, getattr(cfg.recycle if key in _RECYCLE_KEYS else cfg, key), where)
+
+
+def _check_range(key: str, number: float, where: str) -> None:
+    low, low_ok, high = _RANGES[key]
+    if math.isfinite(number) and (number > low or (low_ok and number == low)) and number <= high:
+        return
+    if high < math.inf:
+        rule = f"between {low:g} and {high:g}"
+    else:
+        rule = f"at least {low:g}" if low_ok else f"above {low:g}"
+    finite = "" if math.isfinite(number) else " and finite"
+    raise ConfigError(f"{where}: {key} must be {rule}{finite}, not {number:g}")
 
 
 def _boolean(value: str) -> bool:
@@ -111,10 +132,8 @@ def parse_pool_spec(spec: str) -> PoolConfig:
 
 def load_pools(conf_path: str | Path) -> list[PoolConfig]:
     """The ``[dspex:pool:NAME]`` sections of a supervisor.conf, in file order."""
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
     path = Path(conf_path)
-    if not parser.read(path):
-        raise ConfigError(f"cannot read {path}")
+    parser = _read_conf(path)
     pools = []
     for section in parser.sections():
         if section.startswith(SECTION_PREFIX):
@@ -128,6 +147,32 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
         if not cfg.size:  # a size in the pool's own section wins over numprocs
             cfg.size = sizes.get(cfg.name, 0)
     return pools
+
+
+def _read_conf(path: Path) -> configparser.RawConfigParser:
+    """The conf, parsed as supervisord parses it (a repeated key or section elsewhere is its
+    business: the last one wins), except that a ``[dspex:pool:NAME]`` section or key given twice
+    is refused: which of the two the operator meant is a guess."""
+    def parser(strict: bool) -> configparser.RawConfigParser:
+        return configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=strict)
+
+    try:
+        strict = parser(True)
+        if not strict.read(path):
+            raise ConfigError(f"cannot read {path}")
+        return strict
+    except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as err:
+        if err.section.startswith(SECTION_PREFIX):
+            what = f"[{err.section}]" if isinstance(err, configparser.DuplicateSectionError) else \
+                f"{err.option!r} of [{err.section}]"
+            raise ConfigError(f"{path}, line {err.lineno}: {what} is given twice; keep one") from None
+        lenient = parser(False)
+        lenient.read(path)
+        return lenient
+    except (configparser.Error, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot parse {path}: {' '.join(str(err).split())}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def supervisor_group_sizes(conf_path: str | Path) -> dict[str, int]:

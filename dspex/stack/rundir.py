@@ -15,7 +15,11 @@ from dspex.wire.sockets import check_endpoint
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` with mode 0700, or check an existing one is ours and private (never
     chmod it: a directory someone else made wider may already hold their sockets)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:  # a read-only file system, a file in the path, no permission
+        raise ConfigError(f"cannot create the run directory {path}: {err.strerror or err} "
+                          "(set DSPEX_RUN_DIR to a directory this user may create)") from None
     return check_private_dir(path)
 
 

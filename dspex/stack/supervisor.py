@@ -195,6 +195,16 @@ class Supervisor:
             if err.details.get("fault") != FAULT_ALREADY_STARTED:
                 raise
 
+    def last_log_line(self, name: str) -> str:
+        """The last line process ``name`` wrote (its stdout log, which has its stderr too): for a
+        FATAL or BACKOFF program, usually why it died. "" when there is none."""
+        try:
+            text = str(self.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
+        except (SupervisorError, SupervisorNoSuchProcess):
+            return ""
+        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+        return lines[-1][:300] if lines else ""
+
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
 

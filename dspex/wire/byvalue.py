@@ -30,6 +30,8 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
+from dspex.wire import reducers
+
 # dspex's own packages are importable wherever dspex runs, even from an editable checkout
 _NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
@@ -122,6 +124,19 @@ def is_user_module(name: str) -> bool:
     if top in _editable_top_levels():
         return False
     return top not in _installed_beside(sys.modules.get(top))
+
+
+def is_user_file(top: str, file: str) -> bool:
+    """True when top-level module ``top``, found at ``file`` but not imported yet, is the user's
+    own code (the rules of :func:`is_user_module`)."""
+    if top in _NEVER_BY_VALUE or os.path.realpath(file).startswith(_installed_prefixes()):
+        return False
+    if top in _editable_top_levels():
+        return False
+    directory = os.path.dirname(file)
+    if os.path.basename(file) == "__init__.py":
+        directory = os.path.dirname(directory)
+    return top not in _distribution_tops(directory)
 
 
 def _installed_beside(top_module: Any) -> frozenset[str]:
@@ -245,6 +260,7 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
     exceptions keep their ``__cause__``/``__context__`` chain (``chain_links`` of them at most)."""
 
     def __init__(self, file: io.BytesIO, sources: dict[str, str], chain_links: int = MAX_CHAIN_LINKS) -> None:
+        reducers.register_library_reducers()
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.sources = sources
         self._budget = [MAX_SOURCES]
@@ -286,10 +302,17 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = self._exception(obj)
             if reduced is not NotImplemented:
                 return reduced
+        if type(obj) is reducers.LRU_WRAPPER and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType):
+            register_user_module(getattr(obj.__wrapped__, "__module__", None))
+            reduced = reducers.lru_reduced(obj)
+            if reduced is not NotImplemented:
+                return reduced
         if isinstance(obj, type):
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
         if isinstance(obj, types.FunctionType):
+            if obj.__code__ is reducers.SINGLEDISPATCH_CODE:
+                return reducers.singledispatch_reduced(obj)
             _note_code(obj, self.sources, self._budget)
         elif isinstance(obj, types.ModuleType):
             _note_module(obj, self.sources, self._budget)

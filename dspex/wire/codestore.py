@@ -13,6 +13,8 @@ session has a :class:`CodeStore`:
 - ``bound``: for each (namespace, name) the key of the value the client bound there last; a
   binding is applied only when its key differs, so the worker's own rebinding
   (``global x; x += 1``) stands until the client rebinds the name;
+- an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
+  an ``import`` in a function of a user module gives the session's module of that name;
 - ``sources``: the linecache entries of the session's source files (``inspect.getsource``).
 
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
@@ -24,13 +26,17 @@ anything runs.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import contextvars
+import functools
 import importlib
+import importlib.util
 import linecache
 import sys
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +50,7 @@ _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 
 
 @dataclass
@@ -61,14 +68,48 @@ class CodeStore:
         if module is None:
             name = str((base or {}).get("__name__") or nsid[2:])
             module = types.ModuleType(name)
-            module.__dict__["__builtins__"] = __builtins__
+            module.__dict__["__builtins__"] = self._builtins
             self.modules[nsid] = module
             SESSION_MODULES[id(module)] = module
         if base:
+            g = module.__dict__
             for k in _BASE_GLOBALS:
-                if k in base:
-                    module.__dict__.setdefault(k, base[k])
+                if k in base and g.get(k) is None:  # a new module's __package__ is None
+                    g[k] = base[k]
         return module
+
+    @functools.cached_property
+    def _builtins(self) -> dict[str, Any]:
+        """The builtins of the session's modules: Python's, with an ``__import__`` that finds the
+        session's own modules first (:meth:`importer`)."""
+        return {**builtins.__dict__, "__import__": self.importer}
+
+    def importer(self, name: str, globals: dict[str, Any] | None = None, locals: Any = None,
+                 fromlist: Any = (), level: int = 0) -> types.ModuleType:
+        """``__import__`` for the session's code: an ``import`` in a function of a user module
+        (``from .sub import helpers``, ``import app.tools``) gives the session's module of that
+        name, which the client sent with the function (bound under :data:`IMPORTED`), with its
+        state; any other name is imported as usual."""
+        absolute = name
+        if level:
+            try:
+                absolute = importlib.util.resolve_name("." * level + name, _package_of(globals or {}))
+            except (ImportError, ValueError):
+                absolute = ""
+        modules = self.modules
+        module = modules.get("m:" + absolute) if absolute else None
+        if module is None:
+            return builtins.__import__(name, globals, locals, fromlist, level)
+        if fromlist:
+            for item in fromlist:
+                sub = modules.get(f"m:{absolute}.{item}")
+                if sub is not None and not hasattr(module, item):
+                    setattr(module, item, sub)
+            return module
+        if level:
+            return module
+        return modules.get("m:" + absolute.partition(".")[0]) or \
+            builtins.__import__(name, globals, locals, fromlist, level)
 
     def add_sources(self, sources: dict[str, str]) -> None:
         self.sources.update(register_sources(sources))
@@ -92,6 +133,16 @@ class CodeStore:
             if linecache.cache.get(filename) is entry:
                 del linecache.cache[filename]
         self.sources.clear()
+
+
+def _package_of(g: dict[str, Any]) -> str:
+    """The package a relative import in code with globals ``g`` is relative to (as Python's)."""
+    package = g.get("__package__")
+    if package is None:
+        package = str(g.get("__name__", ""))
+        if "__path__" not in g:
+            package = package.rpartition(".")[0]
+    return str(package)
 
 
 class _Load:
@@ -228,8 +279,18 @@ def _load_function_state(func: types.FunctionType, state: tuple[Any, Any, Any]) 
     fstate, slotstate, bindings = state
     load = _active()
     if id(func) in load.fresh:
-        _cp._function_setstate(func, (fstate, slotstate))
+        function_setstate(func, (fstate, slotstate))
     load.bind(bindings)
+
+
+def function_setstate(func: types.FunctionType, state: tuple[Any, Any]) -> None:
+    """cloudpickle's ``_function_setstate``, leaving the builtins of the function's module as they
+    were (it puts Python's there: the session's ``__import__`` would be lost, CodeStore.importer)."""
+    g = func.__globals__
+    own = g.get("__builtins__")
+    _cp._function_setstate(func, state)
+    if own is not None:
+        g["__builtins__"] = own
 
 
 def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., type], args: tuple[Any, ...]) -> Any:
@@ -241,7 +302,11 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
     held = load.store.objects.get(key)
     if held is not None:
         return held
-    cls = make(*args)
+    if make is _cp._make_skeleton_class:
+        with class_hooks_skipped(args[0], args[2]):
+            cls = make(*args)
+    else:
+        cls = make(*args)
     with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
         _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
     if file:
@@ -250,6 +315,53 @@ def _load_class(key: str, tracker: str, file: str | None, make: Callable[..., ty
     if held is cls:
         load.fresh.add(id(cls))
     return held
+
+
+@contextlib.contextmanager
+def class_hooks_skipped(metaclass: type, bases: tuple[type, ...]) -> Iterator[None]:
+    """Rebuilding a class that arrived by value does not run again the hooks of class creation
+    that arrived by value too: the ``__init_subclass__`` of its bases, the ``__new__`` and
+    ``__init__`` of its metaclass. They ran when the client defined the class, and what they did
+    travels with the class's and the module's state (a registry in a module global, which is not
+    even bound yet while the class is rebuilt). Libraries' hooks run; the patched ones are put
+    back at once."""
+    tracked = _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS
+    patched: list[tuple[type, str, Any]] = []
+
+    def patch(owner: type, name: str, replacement: Any) -> None:
+        own = vars(owner).get(name)
+        if own is not None and owner in tracked:
+            patched.append((owner, name, own))
+            type.__setattr__(owner, name, replacement)
+
+    # (``__orig_bases__``: a base may be ``typing.NamedTuple``, a function, or a generic alias)
+    for base in dict.fromkeys(c for b in bases if isinstance(b, type) for c in b.__mro__):
+        patch(base, "__init_subclass__", classmethod(_next_hook(base, "__init_subclass__")))
+    for meta in metaclass.__mro__ if isinstance(metaclass, type) else ():
+        patch(meta, "__new__", staticmethod(_next_new(meta)))
+        patch(meta, "__init__", _next_hook(meta, "__init__"))
+    try:
+        yield
+    finally:
+        for owner, name, own in reversed(patched):
+            type.__setattr__(owner, name, own)
+
+
+def _next_hook(owner: type, name: str) -> Callable[..., None]:
+    """The hook ``name`` of the class after ``owner`` in the MRO."""
+    def skip(cls: type, *args: Any, **kwargs: Any) -> None:
+        getattr(super(owner, cls), name)(*args, **kwargs)
+
+    return skip
+
+
+def _next_new(owner: type) -> Callable[..., Any]:
+    """``__new__`` of the metaclass after ``owner`` (mypy wants a class statement's name as
+    ``super``'s first argument)."""
+    def skip(mcs: type, *args: Any, **kwargs: Any) -> Any:
+        return super(owner, mcs).__new__(mcs, *args, **kwargs)  # type: ignore[arg-type]
+
+    return skip
 
 
 def _load_class_state(cls: type, state: tuple[Any, Any]) -> None:

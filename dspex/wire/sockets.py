@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import zmq
 
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import MAX_MESSAGE_BYTES
+
+Number = TypeVar("Number", int, float)
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 
@@ -36,9 +39,23 @@ def default_backend(environ: Mapping[str, str]) -> str:
     return environ.get("DSPEX_BACKEND") or f"ipc://{run_dir(environ)}/backend.sock"
 
 
+def env_number(environ: Mapping[str, str], name: str, default: Number) -> Number:
+    """A number of the environment, of the type of ``default`` (int or float), or ``default``
+    when unset or empty; a variable that is not one is a ``ConfigError`` naming it (not a
+    ValueError traceback in whichever process read it)."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return type(default)(text)
+    except ValueError:
+        noun = "a whole number" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{name}={text!r} is not {noun}; unset it or give {noun} (default {default})") from None
+
+
 def max_message_bytes(environ: Mapping[str, str]) -> int:
     """The largest message a socket takes: ``DSPEX_MAX_MESSAGE``, else the protocol's bound."""
-    return int(environ.get("DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES))
+    return env_number(environ, "DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES)
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -62,16 +79,27 @@ def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: 
     if not server_key_file:
         raise ConfigError(f"{endpoint} is TCP: CURVE is required (give the broker's public key file, "
                           "DSPEX_CURVE_SERVER_KEY; see `dspexctl keys generate`)")
-    from zmq.auth import load_certificate
-
-    server_public, _ = load_certificate(server_key_file)
+    server_public, _ = read_key_file(server_key_file, "the broker's public key file")
     if not own_key_file:
         raise ConfigError("a TCP peer needs its own secret key file (DSPEX_CURVE_CLIENT_KEY / "
                           "DSPEX_CURVE_WORKER_KEY) whose public key the broker allows")
-    public, secret = load_certificate(own_key_file)
+    public, secret = read_key_file(own_key_file, "the secret key file")
     if secret is None:
         raise ConfigError(f"{own_key_file} holds no secret key")
     return server_public, (public, secret)
+
+
+def read_key_file(path: str, what: str) -> tuple[bytes, bytes | None]:
+    """A CURVE key file (``dspexctl keys generate`` writes them): its public key and its secret key
+    (None in a public key file). One that is missing or not a key file is a ``ConfigError``."""
+    from zmq.auth import load_certificate
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path} does not exist (see `dspexctl keys generate`)")
+    try:
+        return load_certificate(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what} {path} is not a CURVE key file ({err})") from None
 
 
 def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:

@@ -1,0 +1,71 @@
+"""Reductions of objects that plain pickling names by reference or cannot pickle, made again
+where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache`` wrapper and
+``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
+:mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
+that hold a thread (registered in ``copyreg``). The ``make_*`` functions are named in pickles:
+keep their names.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import functools
+import sys
+import types
+from typing import Any
+
+from cloudpickle import cloudpickle as _cp
+
+
+def register_library_reducers() -> None:
+    """Library objects that hold a thread, made again from their arguments where they arrive:
+    DSPy's ``Unbatchify`` (the batching thread of ``dspy.retrievers.Embeddings``, which DSPy's RAG
+    tutorial builds at the top of the script). Registered in ``copyreg`` once DSPy loaded it, so
+    every pickler of this process (a session's, a checkpoint's) uses it."""
+    cls = getattr(sys.modules.get("dspy.utils.unbatchify"), "Unbatchify", None)
+    if isinstance(cls, type) and cls not in copyreg.dispatch_table:
+        copyreg.pickle(cls, _unbatchify_reduced)
+
+
+def _unbatchify_reduced(obj: Any) -> Any:
+    return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
+
+
+LRU_WRAPPER = type(functools.lru_cache(lambda: None))
+
+
+def lru_reduced(wrapper: Any) -> Any:
+    """A ``functools.lru_cache`` / ``functools.cache`` wrapper of by-value code: made again on the
+    other side around the function sent by value (pickle would name the wrapper by module and
+    qualname, which the other side cannot import). Its cache starts empty there; within a
+    session the wrapper is sent once, so its cache lives across calls."""
+    func = wrapper.__wrapped__
+    try:
+        if _cp._should_pickle_by_reference(func):
+            return NotImplemented
+    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle decides (and fails) itself
+        return NotImplemented
+    params = wrapper.cache_parameters()
+    return make_lru_cache, (func, params["maxsize"], params["typed"]), dict(vars(wrapper))
+
+
+def make_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+SINGLEDISPATCH_CODE: types.CodeType = getattr(functools.singledispatch(lambda x: x), "__code__")  # noqa: B009 - a function at run time
+
+
+def singledispatch_reduced(wrapper: Any) -> Any:
+    """A ``functools.singledispatch`` function of by-value code: made again around the function
+    and its registered implementations (its closure holds a weak-keyed dispatch cache, which
+    cannot be pickled)."""
+    impls = [(cls, impl) for cls, impl in wrapper.registry.items() if cls is not object]
+    return make_singledispatch, (wrapper.__wrapped__, impls)
+
+
+def make_singledispatch(func: Any, impls: list[tuple[type, Any]]) -> Any:
+    made = functools.singledispatch(func)
+    for cls, impl in impls:
+        made.register(cls, impl)
+    return made

@@ -1,0 +1,328 @@
+"""A wrong stack configuration, as an operator meets it: a ``[dspex:pool:NAME]`` section or key
+given twice, a setting out of its range, a malformed ``DSPEX_*`` number, a CURVE key file that is
+not there. Each is one line naming the file (or variable) and the fix, with a usage exit code, in
+``dspexctl`` (a subprocess), the broker and the workers: never a traceback, never accepted as is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dspex.stack.supervisor import pid_alive
+from tests.harness import base_env, short_tmpdir, wait_for
+from tests.harness.stack import Stack
+from tests.harness.supervisord import SupervisedStack
+from tests.test_cli import no_traceback
+from tests.test_ops_python import small_conf_text
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def here() -> Iterator[Path]:
+    import shutil
+
+    root = Path(short_tmpdir("dxc"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=base_env(str(cwd / "r"), **env), capture_output=True,
+                          text=True, timeout=60)
+
+
+def one_error_line(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    no_traceback(res)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+TWICE = {
+    "key": ("[dspex:pool:triage_pool]\n", "[dspex:pool:triage_pool]\nqueue_max = 5\n",
+            "'queue_max' of [dspex:pool:triage_pool] is given twice"),
+    "section": ("[group:triage_pool]\n", "[dspex:pool:triage_pool]\nqueue_max = 5\n\n[group:triage_pool]\n",
+                "[dspex:pool:triage_pool] is given twice"),
+}
+
+
+@pytest.mark.parametrize("what", list(TWICE))
+def test_a_pool_section_or_key_given_twice_is_one_line_in_every_process(here: Path, what: str) -> None:
+    old, new, needle = TWICE[what]
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text().replace(old, new, 1))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status"], here)
+    assert res.returncode == 4, res.stdout + res.stderr  # nothing runs: unreachable, and the config said
+    no_traceback(res)
+    assert f"DEGRADED: invalid dspex config: {conf}, line" in res.stdout and needle in res.stdout, res.stdout
+    res = run(["-m", "dspexctl", "pools", "status", "--json"], here)
+    assert any(needle in p for p in json.loads(res.stdout)["problems"]), res.stdout
+    for args in (["-m", "broker", "--config", str(conf)], ["-m", "worker", "--pool", "triage_pool", "--no-dspy",
+                                                          "--config", str(conf)]):
+        res = run(args, here)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, needle)
+
+
+def test_a_key_given_twice_outside_the_pool_sections_is_supervisords_business(here: Path) -> None:
+    """supervisord takes the last of a repeated key of its own sections; so does dspex."""
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text().replace("[program:broker]\n", "[program:broker]\npriority = 50\n", 1))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status", "--json"], here)
+    assert res.returncode == 4 and not any("invalid" in p for p in json.loads(res.stdout)["problems"]), res.stdout
+
+
+@pytest.mark.slow
+def test_pools_start_with_an_invalid_pool_section_starts_nothing() -> None:
+    """Its broker and workers would only go FATAL: refused before supervisord starts."""
+    old, new, needle = TWICE["key"]
+    stack = SupervisedStack(small_conf_text().replace(old, new, 1), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "20"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=90)
+        try:
+            stack.adopt_daemon()
+        except AssertionError:
+            pass
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, "invalid dspex config, nothing started: ")
+        assert needle in res.stderr
+        assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+OUT_OF_RANGE = [  # (key, value, what the error says): values that would misbehave rather than fail
+    ("queue_max", "0", "queue_max must be at least 1, not 0"),  # every request refused
+    ("queue_timeout", "-1", "queue_timeout must be above 0, not -1"),
+    ("queue_timeout", "nan", "queue_timeout must be above 0 and finite, not nan"),  # never times out
+    ("session_ttl", "inf", "session_ttl must be above 0 and finite, not inf"),  # the broker's dispatch raised
+    ("health_window", "0", "health_window must be above 0, not 0"),
+    ("max_requests", "-1", "max_requests must be at least 0, not -1"),  # a recycle storm
+    ("max_rss_mb", "-1", "max_rss_mb must be at least 0, not -1"),
+    ("age_jitter", "5", "age_jitter must be between 0 and 1, not 5"),  # a negative age: a recycle storm
+    ("prefetch", "-3", "prefetch must be at least 0, not -3"),
+]
+
+
+@pytest.mark.parametrize("key, value, needle", OUT_OF_RANGE)
+def test_a_pool_setting_out_of_its_range_is_refused(here: Path, key: str, value: str, needle: str) -> None:
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text(triage_pool={key: value}))
+    (here / "run").mkdir()
+    res = run(["-m", "broker", "--config", str(conf)], here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"{conf} [dspex:pool:triage_pool]: {needle}")
+    res = run(["-m", "broker", "--pool", f"p:strict_queue:{key}={value}"], here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, needle)
+    res = run(["-m", "dspexctl", "pools", "status"], here)
+    assert res.returncode == 4 and f"DEGRADED: invalid dspex config: {conf} [dspex:pool:triage_pool]: {needle}" \
+        in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("args, name, value", [
+    (["-m", "dspexctl", "sessions", "list"], "DSPEX_REPLY_GRACE", "7s"),
+    (["-m", "dspexctl", "--json", "pools", "status"], "DSPEX_CODE_CACHE", "1.5"),
+    (["-m", "dspexctl", "pools", "status"], "DSPEX_MAX_MESSAGE", "256MB"),
+    (["-m", "broker", "--pool", "p"], "DSPEX_HEARTBEAT", "1s"),
+    (["-m", "broker", "--pool", "p"], "DSPEX_CLIENT_HWM", "lots"),
+    (["-m", "worker", "--pool", "p", "--no-dspy"], "DSPEX_CAPACITY", "two"),
+    (["-m", "worker", "--pool", "p", "--no-dspy"], "DSPEX_HARD_GRACE", "5s"),
+    (["-c", "import dspex; dspex.connect()"], "DSPEX_CLIENT_THREADS", "x"),
+])
+def test_a_malformed_dspex_number_is_one_line_naming_the_variable(here: Path, args: list[str], name: str,
+                                                                  value: str) -> None:
+    res = run(args, here, **{name: value})
+    kind = "a whole number" if name in ("DSPEX_CODE_CACHE", "DSPEX_MAX_MESSAGE", "DSPEX_CLIENT_HWM",
+                                        "DSPEX_CAPACITY", "DSPEX_CLIENT_THREADS") else "a number"
+    needle = f"{name}={value!r} is not {kind}"
+    if args[0] == "-c":  # the library raises the typed error
+        assert "dspex.wire.errors.ConfigError: " + needle in res.stderr, res.stderr
+        return
+    assert res.returncode == 2, res.stdout + res.stderr
+    one_error_line(res, needle)
+    if "--json" in args:
+        assert json.loads(res.stdout)["error"]["code"] == "config_error"
+
+
+def test_a_missing_or_wrong_curve_key_file_is_one_line(here: Path) -> None:
+    keys = here / "keys"
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys)], here)
+    assert res.returncode == 0, res.stderr
+    tcp = "tcp://127.0.0.1:1"
+    cases = [  # (argv, environment, what the line says)
+        (["-m", "dspexctl", "--endpoint", tcp, "pools", "status"],
+         {"DSPEX_CURVE_SERVER_KEY": str(keys / "nope.key"), "DSPEX_CURVE_CLIENT_KEY": str(keys / "client.key_secret")},
+         f"the broker's public key file {keys / 'nope.key'} does not exist"),
+        (["-m", "dspexctl", "--endpoint", tcp, "sessions", "list"],
+         {"DSPEX_CURVE_SERVER_KEY": str(keys / "broker.key"), "DSPEX_CURVE_CLIENT_KEY": str(here / "supervisor.conf")},
+         f"the secret key file {here / 'supervisor.conf'} is not a CURVE key file"),
+        (["-m", "broker", "--pool", "p", "--frontend", tcp, "--backend", "tcp://127.0.0.1:2", "--curve-allowed",
+          str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key_secrett")], {},
+         f"the broker's secret key file {keys / 'broker.key_secrett'} does not exist"),
+        (["-m", "broker", "--pool", "p", "--frontend", tcp, "--backend", "tcp://127.0.0.1:2", "--curve-allowed",
+          str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key")], {},
+         f"{keys / 'broker.key'} holds no secret key"),
+        (["-m", "worker", "--pool", "p", "--no-dspy", "--backend", tcp, "--curve-server-key", str(keys / "nope"),
+          "--curve-key", str(keys / "worker.key_secret")], {},
+         f"the broker's public key file {keys / 'nope'} does not exist"),
+    ]
+    (here / "supervisor.conf").write_text("[supervisord]\n")
+    for argv, env, needle in cases:
+        res = run(argv, here, **env)
+        assert res.returncode == 2, (argv, res.stdout + res.stderr)
+        one_error_line(res, needle)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_start_names_why_a_program_went_fatal() -> None:
+    """A worker whose command line is wrong: the error says what its log says, not only where."""
+    text = small_conf_text({"triage_pool": 1, "analytics_pool": 1}).replace(
+        "-m worker --pool analytics_pool", "-m worker --pool analytics_pool --capacity 0", 1)
+    stack = SupervisedStack(text, venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "90"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        stack.adopt_daemon()
+        assert res.returncode == 1, res.stdout + res.stderr
+        no_traceback(res)
+        error = res.stderr.splitlines()[-1]
+        assert error.startswith("Error: supervisord gave up on analytics_pool:analytics_pool_00 (FATAL"), error
+        assert "worker: capacity must be at least 1, not 0" in error, error
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(here: Path) -> None:
+    """A file where a directory of DSPEX_RUN_DIR's path should be (as a read-only file system or a
+    missing permission, mkdir fails): the broker and workers say so and exit 2, dspexctl too."""
+    (here / "file").write_text("")
+    run_dir = str(here / "file" / "r")
+    for args in (["-m", "broker", "--pool", "p"], ["-m", "worker", "--pool", "p", "--no-dspy"]):
+        res = run(args, here, DSPEX_RUN_DIR=run_dir)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, f"cannot create the run directory {run_dir}: Not a directory (set DSPEX_RUN_DIR")
+    res = run(["-m", "dspexctl", "sessions", "list"], here, DSPEX_RUN_DIR=run_dir)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir}: Not a directory")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_broker_that_is_not_running_is_named_with_its_cause_or_its_fix() -> None:
+    """Stopped by an operator: the fix. Died (here: its conf broken after supervisord read it,
+    so it fails at its next start): its log's last line, the cause."""
+    text = small_conf_text({"triage_pool": 1})
+    stack = SupervisedStack(text, venv_link=False)
+    try:
+        stack.start_foreground()
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "RUNNING" for p in stack.processes()), 60,
+                 0.1, "the broker RUNNING")
+        stack.rpc("supervisor.stopProcess", "broker:broker")
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "sessions", "list"], cwd=stack.root,
+                             env={**stack.env, "DSPEX_SUPERVISOR_CONF": ""}, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 4, res.stderr
+        one_error_line(res, f"supervisord of {stack.conf} reports its broker STOPPED: start it with dspexctl pools "
+                            "start")
+        stack.conf.write_text(text.replace(*TWICE["key"][:2], 1))
+        stack.rpc("supervisor.startProcess", "broker:broker", False)
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "FATAL" for p in stack.processes()), 60,
+                 0.1, "the broker FATAL")
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 4, res.stderr
+        one_error_line(res, "reports its broker FATAL, its last log line: ")
+        assert "ERROR dspex: broker: " in res.stderr and TWICE["key"][2] in res.stderr, res.stderr
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+def test_keys_generate_never_replaces_a_broker_key_pair_and_speaks_json(here: Path) -> None:
+    keys = here / "keys"
+    res = run(["-m", "dspexctl", "--json", "keys", "generate", "--dir", str(keys), "--peer", "client", "--peer",
+               "worker1"], here)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)  # the same facts as the text: the files written, what uses them
+    assert doc["written"] == {"broker": str(keys / "broker.key_secret"), "client": str(keys / "client.key_secret"),
+                              "worker1": str(keys / "worker1.key_secret"), "allowed": str(keys / "allowed")}
+    assert doc["server_key"] == str(keys / "broker.key") and set(doc["use"]) == {"broker", "workers", "clients"}
+    secret = (keys / "broker.key_secret").read_bytes()
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys), "--peer", "bob"], here)
+    assert res.returncode == 2, res.stdout + res.stderr
+    one_error_line(res, f"{keys} already holds a broker key pair")
+    assert (keys / "broker.key_secret").read_bytes() == secret and not (keys / "bob.key").exists()
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(here / "k2"), "--admin", "worker9"], here)
+    assert res.returncode == 2 and "worker9 is a worker key" in res.stderr, res.stderr
+    assert not (here / "k2").exists(), "nothing written for a refused run"
+
+
+def test_status_verbose_with_nothing_running_shows_no_empty_worker_tables(here: Path) -> None:
+    (here / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
+    (here / "run").mkdir()
+    res = run(["-m", "dspexctl", "pools", "status", "-v"], here)
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert "PROCESS" not in res.stdout, res.stdout  # no worker is known: no worker header either
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[:3]] == ["POOL", "triage_pool", "analytics_pool"]
+
+
+def test_a_broker_started_by_hand_beside_a_conf_nobody_runs_is_not_judged_by_it(stack: Stack) -> None:
+    """The README's by-hand block runs in the checkout, beside supervisor.conf: its pools, which
+    that broker never declared, are not DOWN, and the supervisord nobody started is not trouble."""
+    stack.pool("triage_pool:strict_queue", 1, "--no-dspy").close()
+    root = Path(stack.root)
+    (root / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
+    (root / "run").mkdir()
+    env = {**stack.env, "DSPEX_ENDPOINT": stack.frontend}
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [ln.split()[0] for ln in res.stdout.splitlines()[:2]] == ["POOL", "triage_pool"], res.stdout
+    assert f"supervisord: not used: {root / 'supervisor.conf'} is not this broker's" in res.stdout
+    doc = json.loads(subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status", "--json"], cwd=root,
+                                    env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert doc["health"] == "ok" and doc["supervisor"]["unused"] and not doc["problems"], doc
+    # asked for by name, the conf is joined: its pools are expected, its supervisord is missing
+    res = subprocess.run([sys.executable, "-m", "dspexctl", "--supervisor-conf", "supervisor.conf", "pools",
+                          "status"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4 and "UNREACHABLE: supervisord is not running" in res.stdout, res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_stop_says_what_it_waits_for_while_a_worker_finishes_its_call() -> None:
+    stack = SupervisedStack(small_conf_text({"triage_pool": 1}), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "90"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        stack.adopt_daemon()
+        assert res.returncode == 0, res.stdout + res.stderr
+        (worker,) = stack.ready("triage_pool")
+        with stack.client(60) as dx:
+            s = dx.session("triage_pool")
+            call = dx.submit(lambda: s.call("time", "sleep", [4]))
+            wait_for(lambda: stack.ready("triage_pool")[0]["inflight"] == 1, 20, 0.05, "the call running")
+            res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "stop"], cwd=stack.root, env=stack.env,
+                                 capture_output=True, text=True, timeout=60)
+            assert call.result(30) is None  # it finished: the stop waited for it
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert ("waiting for triage_pool:triage_pool_00 to stop (a worker finishes its running calls first)"
+                in res.stderr.splitlines()), res.stderr
+        assert res.stdout.splitlines() == ["triage_pool:triage_pool_00: STOPPED"], res.stdout
+        assert not pid_alive(worker["pid"])
+    finally:
+        stack.stop()
+        stack.cleanup()
