@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from broker import checkpoints as checkpoints_store
@@ -34,11 +33,10 @@ from broker.ops import HANDLERS
 from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
-from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
 from broker.settings import BrokerOptions
-from dspex.stack.rundir import ensure_private_dir, prepare_bind
+from broker.sockets import BrokerSockets, bind_sockets
+from dspex.stack.rundir import ensure_private_dir
 from dspex.wire.errors import ConfigError
-from dspex.wire.sockets import tune_socket
 from dspex.wire.zmqfast import EVENTS, NOBLOCK, POLLIN, SNDMORE, get_opt, recv_frame, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
@@ -62,14 +60,12 @@ class Broker:
         self.connections = Connections()
         self.counters = self.core.counters  # the shell's own counters show in the status too
         self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
-        self._client_hwm = options.client_hwm
         self._slow_clients: set[bytes] = set()
         # replies wait here until the end of the drain that produced them, then go out back to
         # back: zmq's I/O thread is woken once for the burst instead of once per reply
         self._outbox: list[list[Any]] = []
         self._stop = False
-        self._bound: dict[str, int] = {}  # ipc socket files this broker bound -> their inode
-        self._auth: ThreadAuthenticator | None = None
+        self.sockets: BrokerSockets | None = None  # (made by bind)
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
         # the metrics/dashboard server: the port asked for, the one served, or why none (serve_metrics)
         self.metrics: dict[str, Any] = {"requested": options.metrics_port, "port": None, "error": None}
@@ -168,53 +164,12 @@ class Broker:
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
-        max_message = self.options.max_message
-        tcp = [ep for ep in (self.options.frontend, self.options.backend) if ep.startswith("tcp://")]
-        if tcp:
-            if not self.options.curve_secret:
-                raise ConfigError(
-                    f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
-                    "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
-            self._auth, admins = start_authenticator(self.ctx, self.options.curve_allowed_dir)
-            if admins is not None and self.options.frontend.startswith("tcp://"):
-                self.core.admins = admins.keys
-        self.frontend = self.ctx.socket(zmq.ROUTER)
-        self.backend = self.ctx.socket(zmq.ROUTER)
-        ivl = max(1, int(self.options.heartbeat_interval * 1000))
-        for sock, endpoint, plane in ((self.frontend, self.options.frontend, CLIENTS),
-                                      (self.backend, self.options.backend, WORKERS)):
-            tune_socket(sock, max_message=max_message)
-            # bounded replies per client (frontend); workers' queues are bounded by pool limits
-            sock.setsockopt(zmq.SNDHWM, self._client_hwm if sock is self.frontend else 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            if sock is self.frontend and endpoint.startswith("tcp://"):
-                # ZMTP heartbeats close the connection of a client host that vanished without
-                # closing it, and its calls are then cancelled as for any closed connection (an ipc
-                # client is on this host: its connection closes when it dies). Set before bind: a
-                # listener's connections take the options it had when it was bound.
-                sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
-            prepare_bind(endpoint)
-            if endpoint.startswith("tcp://"):
-                secure_server(sock, endpoint, self.options.curve_secret, self.options.curve_public, plane)
-            sock.bind(endpoint)
-            if endpoint.startswith("ipc://"):  # ours to unlink at exit, and only this very file
-                self._bound[endpoint[len("ipc://"):]] = os.stat(endpoint[len("ipc://"):]).st_ino
-        # a send to a worker whose connection is already gone raises instead of vanishing; on the
-        # frontend, a full or gone client raises too (counted in _to_client), never blocks
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
-        # that identity (and its requests) and cuts the real worker off. A worker's own stale
-        # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
-        self.backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        self.backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * self.options.heartbeat_liveness)
-        # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
-        # reaches the ZAP handler: only the socket monitor sees it
-        curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.backend.startswith("tcp://") else 0
-        self.monitor = self.backend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | curve_failed)
-        curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if self.options.frontend.startswith("tcp://") else 0
-        self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve_failed)
+        """Bind the two sockets (broker/sockets.py), then open the checkpoint store."""
+        sockets = self.sockets = bind_sockets(self.ctx, self.options)
+        self.frontend, self.backend = sockets.frontend, sockets.backend
+        self.monitor, self.front_monitor = sockets.monitor, sockets.front_monitor
+        if sockets.admins is not None:
+            self.core.admins = sockets.admins
         self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))
@@ -251,27 +206,14 @@ class Broker:
             pass  # the pipe is full: the loop is woken already
 
     def close(self) -> None:
-        if self._auth is not None:
-            self._auth.stop()
         if self.store_thread is not None:
             self._commit_here()
             self.store_thread.close()  # the writes submitted so far are committed first
             self.store_thread = None
-        for sock in (getattr(self, "monitor", None), getattr(self, "front_monitor", None),
-                     getattr(self, "frontend", None), getattr(self, "backend", None)):
-            if sock is not None:
-                sock.close(0)
+        if self.sockets is not None:
+            self.sockets.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
-        # libzmq can leave ipc socket files behind when the process exits right after closing;
-        # a client would then wait out its timeout on a file nobody listens on
-        # (only files this broker bound: never another live stack's sockets)
-        for path, inode in self._bound.items():
-            try:
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-            except OSError:
-                pass
 
     def run(self) -> None:
         """Serve until :meth:`stop`. Between messages the loop sleeps until the next deadline of
@@ -403,7 +345,7 @@ class Broker:
                     self._slow_clients.clear()
                 self._slow_clients.add(client)
                 log.warning("client %s is not reading its replies: %d queued, its limit; dropping replies",
-                            client.hex()[:12], self._client_hwm)
+                            client.hex()[:12], self.options.client_hwm)
         elif exc.errno == zmq.EHOSTUNREACH:
             self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
         else:
