@@ -39,7 +39,9 @@ from dspex.wire.protocol import (
     Status,
     pack_error,
     pack_reply_header,
+    unpack_reply_header,
 )
+from dspex.wire.zmqfast import frame_buffer
 
 if TYPE_CHECKING:
     import zmq
@@ -222,8 +224,15 @@ class DurableSessions:
 
     @staticmethod
     def _refusal(d: Durability, key: Key, reply: list[Any]) -> list[Any]:
+        """The call's ``session_not_durable`` in place of its ``reply``; a call that failed says
+        its own error too (the caller would not see it otherwise)."""
         err = d.refused.pop(key)
-        return [reply[0], pack_reply_header(Status.ERROR.value, key[1]), pack_error(err.code, err.message, **err.details)]
+        message, details = err.message, dict(err.details)
+        failed = _call_error(reply)
+        if failed:
+            message = f"{message}. The call itself failed: {failed}"
+            details["call_error"] = failed
+        return [reply[0], pack_reply_header(Status.ERROR.value, key[1]), pack_error(err.code, message, **details)]
 
     def _turn_off(self, rec: SessionRecord, key: Key | None, reason: str) -> None:
         """The session is no longer durable; the call ``key`` gets ``session_not_durable``."""
@@ -430,3 +439,17 @@ class DurableSessions:
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
             self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store", len(self.sessions))
+
+
+def _call_error(reply: list[Any]) -> str:
+    """``Type: message`` of a call's own error reply (``[client, header, error map]``); "" for a
+    success, or a reply that does not read as an error."""
+    try:
+        if unpack_reply_header(frame_buffer(reply[1]))[0] == Status.OK.value:
+            return ""
+        body = msgpack.unpackb(frame_buffer(reply[-1]))
+        if not isinstance(body, dict):
+            return ""
+        return f"{body.get('type') or body.get('code') or 'error'}: {str(body.get('message', ''))[:1000]}"
+    except Exception:  # noqa: BLE001 - a worker's garbage: the refusal alone
+        return ""

@@ -114,6 +114,20 @@ def test_a_session_over_its_checkpoint_cap_gets_a_clear_error_and_stays_usable(s
     assert s.apply(holds_a_checkpoint) is False
 
 
+def test_a_failed_call_whose_checkpoint_is_refused_says_its_own_error_too(stack: Stack) -> None:
+    """The refusal replaces the call's reply; a call that raised would lose its error with it."""
+    stack.start_broker("p:strict_queue", extra=["--checkpoint-cap", "0.1"])
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    s = stack.client().session("p", durable=True)
+    with pytest.raises(dspex.SessionNotDurable, match="over the per-session cap") as info:
+        s.exec("import os\nbig = os.urandom(200_000)\nraise ValueError('the tickets file is empty')\n")
+    assert "The call itself failed: ValueError: the tickets file is empty" in str(info.value)
+    assert info.value.details["call_error"] == "ValueError: the tickets file is empty"
+    assert info.value.details["ran"] is True
+    assert s.eval("len(big)") == 200_000  # the session goes on, plain, with what the call did
+
+
 def holds_a_checkpoint() -> bool:
     from worker.dspy_settings import current_session
 
