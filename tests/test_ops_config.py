@@ -7,6 +7,7 @@ not there. Each is one line naming the file (or variable) and the fix, with a us
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -313,8 +314,12 @@ def test_pools_stop_says_what_it_waits_for_while_a_worker_finishes_its_call() ->
         (worker,) = stack.ready("triage_pool")
         with stack.client(60) as dx:
             s = dx.session("triage_pool")
-            call = dx.submit(lambda: s.call("time", "sleep", [4]))
-            wait_for(lambda: stack.ready("triage_pool")[0]["inflight"] == 1, 20, 0.05, "the call running")
+            s.exec("import pathlib, time\ndef slow(started):\n    pathlib.Path(started).touch()\n    time.sleep(4)\n")
+            started = os.path.join(stack.root, "started")
+            call = dx.submit(lambda: s.eval("slow(p)", {"p": started}))
+            # running on the worker, not only sent to it: a request the worker has not started
+            # when the stop comes is answered "did not run" (SessionWorkerUnavailable)
+            wait_for(lambda: os.path.exists(started), 20, 0.05, "the call running")
             res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "stop"], cwd=stack.root, env=stack.env,
                                  capture_output=True, text=True, timeout=60)
             assert call.result(30) is None  # it finished: the stop waited for it

@@ -326,6 +326,30 @@ def test_a_cache_miss_resends_in_full_once_and_keeps_module_state(dx: dspex.Clie
     s.close()
 
 
+def test_a_resend_after_a_miss_is_whole_whatever_another_request_claimed_meanwhile(
+        dx: dspex.Client, usercode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads sharing a session (a service's requests of one user): between one request's miss
+    and its resend, another request of the session encodes and counts the code as held, though
+    its own request has not reached the worker yet. The resend must not trust that: it goes in
+    full, or it misses again and the caller gets CodeCacheMiss."""
+    mod = usercode(STATE)
+    s = dx.session("p")
+    assert s.run(mod.bump) == [1]
+    real = dspex.client.sendcache.SendCache.missed
+    claimed: list[int] = []
+
+    def another_request_meanwhile(self: Any, ephemeral: bool) -> None:
+        real(self, ephemeral)
+        encode_request(Op.APPLY.value, [mod.bump, [], {}], 2**30, self)  # encoded, not yet sent
+        claimed.append(1)
+
+    monkeypatch.setattr(dspex.client.sendcache.SendCache, "missed", another_request_meanwhile)
+    s.run(forget_everything)
+    assert s.run(mod.bump) == [1, 2]  # sent again in full; the module's state was kept
+    assert claimed == [1]
+    s.close()
+
+
 def test_a_none_pool_keeps_nothing_and_still_runs(dx: dspex.Client, usercode: Any, misses: list[bool]) -> None:
     mod = usercode(STATE)
     s = dx.session("n")

@@ -85,7 +85,7 @@ class CreditMeter:
 
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
-                   usage: bool = False) -> tuple[list[Any], int]:
+                   usage: bool = False, *, full: bool = False) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
@@ -100,7 +100,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
         flags = 0
     else:
-        msg = Message(sender or _SESSIONLESS)
+        msg = Message(sender or _SESSIONLESS, full=full)
         if sender is not None and spec is not None:
             body = as_module_globals(msg.cache, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
@@ -291,7 +291,8 @@ class Exchange:
             return False
         raw, self._raw = self._raw, None
         self.sender.missed(bool(err.details.get("ephemeral")))
-        self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None)
+        self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None,
+                                            full=True)
         self.flags = (self.flags & ~FLAG_CONTEXT) | context
         return True
 

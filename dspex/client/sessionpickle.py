@@ -96,8 +96,11 @@ class Message:
     """The encoding of one request of a session: its pickles share what they define (a later
     pickle of the message refers to what an earlier one defined) and commit together."""
 
-    def __init__(self, cache: SendCache) -> None:
+    def __init__(self, cache: SendCache, *, full: bool = False) -> None:
         self.cache = cache
+        # ``full``: a resend after a miss trusts nothing the cache says the worker holds (another
+        # request of the session, still in flight, may have claimed it)
+        self.trusted = cache.keep and not full
         self.new_keys: dict[int, tuple[Any, str]] = {}
         self.defined: set[str] = set()
         self.used: set[str] = set()
@@ -125,7 +128,7 @@ class Message:
         """The worker has ``key`` by the time it reads this reference."""
         if key in self.defined:
             return True
-        if self.cache.keep and key in self.cache.sent:
+        if self.trusted and key in self.cache.sent:
             self.used.add(key)
             return True
         return False
@@ -175,7 +178,7 @@ class Message:
         if not values:
             return None
         signature = tuple((k, id(v)) for k, v in values.items())
-        last = cache.last_settings if cache.keep else None
+        last = cache.last_settings if self.trusted else None
         if last is not None and last[0] == signature and all(k in cache.sent for k in last[2]):
             self.used.update(last[2])
             return last[1]
@@ -185,7 +188,7 @@ class Message:
         except EncodeError as err:
             raise senderrors.settings_error(values, err, _transient_dumps) from None
         keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
-        if cache.keep and all(k in cache.sent for k in keys):  # by key only: reusable as it is
+        if self.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
             self.settings_sent = (signature, ext, keys, values)
         return ext
 
@@ -219,7 +222,7 @@ class Message:
         per request. A walk remembers every global it read (and the size of each user module it
         walked, the closure cells it followed): while each still holds what the session has bound
         there, the next request of ``root`` checks only those."""
-        keep = self.cache.keep
+        keep = self.trusted
         if keep and id(root) not in self.walked:
             memo = self.cache.walks.get(id(root))
             if memo is not None and memo.root is root and self._unchanged(memo):
@@ -299,7 +302,7 @@ class Message:
     def _bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
         where = (nsid, name)
         entry = self.bindings.get(where)
-        if entry is None and self.cache.keep:
+        if entry is None and self.trusted:
             entry = self.cache.bound.get(where)
         if entry is None or entry[0] is not value:
             key, sent = self._bound_value(nsid, name, value)
@@ -363,7 +366,7 @@ class Message:
         if not filename or filename in self.sources:
             return
         lines = byvalue.source_lines(filename)
-        if lines is None or (self.cache.keep and self.cache.sources.get(filename) is lines):
+        if lines is None or (self.trusted and self.cache.sources.get(filename) is lines):
             return
         text = "".join(lines)
         if len(text) > self._budget:
