@@ -159,8 +159,8 @@ def test_store_thread_keeps_order_groups_writes_and_wakes_the_poller(short_tmp: 
         thread.close()
 
 
-def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each(short_tmp: str) -> None:
-    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+def counted_wal_copies(store: CheckpointStore) -> list[int]:
+    """A list that gets one item per copy of the store's WAL into its database."""
     copies: list[int] = []
     real_copy = store.wal_checkpoint
 
@@ -169,6 +169,12 @@ def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each
         copies.append(1)
 
     store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    return copies
+
+
+def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each(short_tmp: str) -> None:
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    copies = counted_wal_copies(store)
     thread = StoreThread(store)
     try:
         # nothing written yet: the thread waits for work without a timeout (no periodic wake-up)
@@ -196,14 +202,7 @@ def test_a_store_thread_busy_with_writes_still_copies_the_wal(short_tmp: str) ->
     """Writes reaching the thread back to back (big checkpoints, one after the other) never
     leave it idle; its WAL must still be copied into the database, or it grows for ever."""
     store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
-    copies: list[int] = []
-    real_copy = store.wal_checkpoint
-
-    def counted_copy() -> None:
-        real_copy()
-        copies.append(1)
-
-    store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    copies = counted_wal_copies(store)
     thread = StoreThread(store)
     try:
         thread.run_here([Job("open", (SID, "p", "", "w1", 1.0))])

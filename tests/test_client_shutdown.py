@@ -163,7 +163,8 @@ EXIT_SCRIPT = textwrap.dedent("""
             agen = a.session("p").stream_eval("__import__('itertools').count()")
             await agen.__anext__()
             globals()["left"] = (agen, asyncio.create_task(a.session("p").eval(sys.argv[3])))
-            await asyncio.sleep(0.5)
+            while not open(sys.argv[4]).read():  # until the test saw the streams and the call running
+                await asyncio.sleep(0.01)
         asyncio.run(main())
     while mode == "thread" and threading.active_count() > 1 and not open(sys.argv[4]).read():
         time.sleep(0.01)
@@ -181,8 +182,9 @@ def test_exit_with_open_clients_streams_and_calls_is_prompt_and_quiet(stack: Sta
     marker.write_text("")
     started = time.monotonic()
     proc = stack.procs_reg.spawn([PY, str(script), stack.frontend, mode, LONG_CALL, str(marker)], f"exit-{mode}.log")
-    if mode == "thread":
-        wait_for(lambda: _running(stack) == 2, timeout=20, what="the stream and the call running")
+    if mode != "plain":  # the sync stream and the call (and in aio mode the asyncio stream) running
+        in_flight = 2 if mode == "thread" else 3
+        wait_for(lambda: _running(stack) == in_flight, timeout=20, what="the streams and the call running")
         marker.write_text("x")
     code = wait_for(lambda: proc.poll() is not None and (proc.returncode, ), timeout=30, what="the process to exit")
     took = time.monotonic() - started
