@@ -28,16 +28,17 @@ from dspex.wire.protocol import (
 )
 from dspex.wire.ref import Ref
 from worker.executor import Executor, RefTable
+from worker.ops import SessionOps
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
 def test_every_op_is_answered_by_its_side_with_a_handler_taking_its_arguments() -> None:
     assert set(HANDLERS) == BROKER_OPS == {op.value for op in Op if op.side is Side.BROKER}
-    assert set(Executor._handlers) == WORKER_OPS == {op.value for op in Op if op.side is Side.WORKER}
+    assert set(SessionOps._handlers) == WORKER_OPS == {op.value for op in Op if op.side is Side.WORKER}
     assert STREAM_OPS == {"credit", "cancel"}
     assert WORKER_OPS | BROKER_OPS | STREAM_OPS == set(OPS) and len(OPS) == len(Op)
-    for name, handler in Executor._handlers.items():
+    for name, handler in SessionOps._handlers.items():
         params = list(inspect.signature(handler).parameters.values())[2:]  # after self, state
         assert [p.name.rstrip("_") for p in params] == [a.name for a in OPS[name].args], name
         assert all(p.default is inspect.Parameter.empty for p in params), f"{name}: defaults live in the registry"
