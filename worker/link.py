@@ -2,9 +2,9 @@
 
 It connects and announces the worker (READY), heartbeats both ways PPP-style, notices a silent
 broker and reconnects with backoff under the same identity, names a refused CURVE key at once
-(a socket monitor), and carries frames in and out: every message other than its own heartbeats
-and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
-whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
+(the socket and its monitor: :mod:`worker.dealer`), and carries frames in and out: every message
+other than its own heartbeats and re-registration requests goes to ``deliver``; replies go out
+through :meth:`Link.send` from whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
 wait for the broker's ``B_BYE``.
 
 Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from dspex.wire.protocol import (
     B_BYE,
@@ -41,11 +40,11 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     W_READY,
 )
-from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
 from dspex.wire.zmqfast import get_opt as _get_opt
+from worker.dealer import SEND_TIMEOUT_MS, BrokerSocket
 from worker.standin import StandIn, Waker
 
 log = logging.getLogger("dspex.worker")
@@ -54,7 +53,6 @@ log = logging.getLogger("dspex.worker")
 # broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
 # between two of ours is then 1.75 intervals, within a liveness of 2 or more.
 _ANSWER_SLACK = 0.25
-_SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
 
@@ -72,20 +70,13 @@ class Link:
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
                  deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
                  grace: float) -> None:
-        self.ctx = ctx
-        self.backend = backend
-        self.identity = identity
-        self.max_message = max_message
-        self._curve = (curve_server_key, curve_keypair)
+        self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
+                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
         self._on_beat = on_beat
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
-        self._sock: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
-        self._fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
-        self._handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
         self._interval = heartbeat_interval
         self._silence_limit = heartbeat_interval * heartbeat_liveness
         now = time.monotonic()
@@ -106,7 +97,7 @@ class Link:
         """The first socket and READY; from the thread that will run :meth:`read`."""
         self._reader = threading.get_ident()
         with self._lock:
-            self._new_socket()
+            self._dealer.open(self._ready())
         self.standin.start()
 
     def read(self) -> bool:
@@ -117,7 +108,7 @@ class Link:
             if not left:
                 got = self._drain()
                 timeout = self._tick(time.monotonic())
-                fds = self._fds
+                fds = self._dealer.fds
                 if self._sent:  # a send may have taken the fd's edge: look again before waiting
                     got = self._drain() or got
         if left:  # a hard time limit said goodbye from the watchdog: the process ends now
@@ -158,12 +149,12 @@ class Link:
         with self._lock:
             if self._left:
                 return
-            sock = self._sock
+            sock = self._dealer.sock
             assert sock is not None
             try:
                 send_frames(sock, frames)
             except zmq.Again:
-                log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
+                log.error("dropped a reply: the broker has not taken messages for %.0fs", SEND_TIMEOUT_MS / 1000)
             # a send may take the edge of the socket's fd that a reader waiting on it needs (a
             # reader's own sends are followed by its drain)
             engaged = self.standin.engaged
@@ -182,7 +173,7 @@ class Link:
             if self._left:
                 return
             self._left = True
-            sock = self._sock
+            sock = self._dealer.sock
             assert sock is not None
             if last is not None:
                 send_frames(sock, last)
@@ -207,10 +198,7 @@ class Link:
         self.standin.join(5)
         with self._lock:
             self._left = True
-            self._close_monitor()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            self._dealer.close()
         self._waker.close()
 
     # -- the stand-in's turn: it reads while the reader runs user code -------------------------
@@ -220,7 +208,7 @@ class Link:
                 return (), math.inf
             self._drain()
             timeout = self._tick(time.monotonic())
-            fds = self._fds
+            fds = self._dealer.fds
             if self._sent:  # as in read()
                 self._drain()
         self._after_tick()
@@ -228,7 +216,7 @@ class Link:
 
     # -- holding the lock -------------------------------------------------------------------------
     def _drain(self) -> bool:
-        sock = self._sock
+        sock = self._dealer.sock
         assert sock is not None
         got = False
         while _get_opt(sock, _EVENTS) & _POLLIN:
@@ -261,16 +249,15 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
-        if self._monitor is not None:
-            self._watch_handshake()
+        self._dealer.watch_handshake()
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
             # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
             # heartbeats drop one within the same silence limit. Back off during a long outage.
-            if self._handshake:  # not silence: the broker will not talk to us with these keys
-                log.error("%s; new socket and READY (next try in %.1fs)", self._handshake, self._backoff)
+            if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
+                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, self._backoff)
             else:
                 log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
             self._renew_socket()
@@ -289,72 +276,20 @@ class Link:
             self._beat_due = False
             self._on_beat(time.monotonic())
 
-    def _watch_handshake(self) -> None:
-        """Name a refused key or a wrong server key at once (once per reason), instead of
-        waiting silently for a broker that will never answer."""
-        monitor = self._monitor
-        assert monitor is not None
-        while _get_opt(monitor, _EVENTS) & _POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake = ""
-                continue
-            why = handshake_failure(event["event"], "worker", True)
-            if why and why != self._handshake:
-                self._handshake = why
-                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
-
     def _send_control(self, frames: Frames) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
         fills, and a blocking send would wedge the worker (holding the lock) until it returns."""
-        assert self._sock is not None
+        sock = self._dealer.sock
+        assert sock is not None
         self._sent = True
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def _renew_socket(self) -> None:
-        self._close_monitor()
-        assert self._sock is not None
-        self._sock.close(0)
-        self._new_socket()
+        self._dealer.close(0)
+        self._dealer.open(self._ready())
         # a thread waiting on the old socket's fd would not see the new one's messages
         self._waker.poke()
         self.standin.poke()
-
-    def _close_monitor(self) -> None:
-        if self._monitor is not None and self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
-            self._monitor = None
-
-    def _new_socket(self) -> None:
-        server_key, keypair = self._curve
-        sock, self._monitor = _dealer(self.ctx, self.backend, self.identity, self.max_message, server_key, keypair)
-        sock.send_multipart([W_READY, self._ready()])
-        self._sock = sock
-        self._fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
-
-
-def _dealer(ctx: zmq.Context[Any], backend: str, identity: str, max_message: int, server_key: bytes | None,
-            keypair: tuple[bytes, bytes] | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
-    """A DEALER connected to ``backend`` under ``identity``, and with CURVE its handshake monitor."""
-    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-    tune_socket(sock, max_message=max_message)
-    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-    monitor = None
-    if server_key is not None:
-        public, secret = keypair or zmq.curve_keypair()
-        sock.curve_serverkey = server_key
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
-    sock.connect(backend)
-    return sock, monitor
