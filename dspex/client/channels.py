@@ -18,16 +18,11 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client.endpoints import probe_ipc
-from dspex.client.exchange import RIDE_THROUGH, close_monitored
-from dspex.wire.errors import BrokerUnreachable
+from dspex.client.exchange import RIDE_THROUGH, close_monitored, closed_error
 from dspex.wire.sockets import handshake_failure
 from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt
 
 Connect = Callable[[], tuple[zmq.Socket[Any], zmq.Socket[Any]]]
-
-
-def closed_error() -> BrokerUnreachable:
-    return BrokerUnreachable("client is closed: nothing was sent")
 
 
 class Channel:

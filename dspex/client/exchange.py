@@ -28,6 +28,7 @@ from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
+    BrokerUnreachable,
     Cancelled,
     CodeCacheMiss,
     ConnectionLost,
@@ -135,6 +136,11 @@ def bound_name(obj: Any, name: str | None) -> str:
     if not name.isidentifier():
         raise ValueError(f"define: {name!r} is not a Python identifier")
     return name
+
+
+def closed_error() -> BrokerUnreachable:
+    """What a request to a closed client raises (either kind)."""
+    return BrokerUnreachable("client is closed: nothing was sent")
 
 
 def close_monitored(sock: Any, monitor: Any) -> None:

@@ -19,8 +19,8 @@ import zmq
 
 from dspex.client import processwide
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
-from dspex.client.channels import Channel, ChannelPool, closed_error
-from dspex.client.exchange import Exchange, control_frames
+from dspex.client.channels import Channel, ChannelPool
+from dspex.client.exchange import Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
