@@ -19,6 +19,7 @@ from dspex.stack.health import (
     USER,
     State,
     facts_from_status,
+    fmt_window,
     pool_state,
     proc_phase,
     proc_uptime,
@@ -39,11 +40,14 @@ from dspexctl.commands import (
     EXIT_UNREACHABLE,
     EXIT_WARN,
     Settings,
+    fmt_bytes,
     fmt_duration,
+    fmt_ms,
     foreign_broker,
+    metrics_text,
+    table,
 )
 from dspexctl.diagnose import silent_broker
-from dspexctl.status_text import StatusText
 
 EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
@@ -263,3 +267,80 @@ class PoolsStatus:
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_FOR_STATE[State(result["health"])]
+
+
+class StatusText:
+    """The text ``pools status`` prints for a :class:`PoolsStatus` result: the pools table (with
+    ``--verbose`` each pool's workers), the failed answers of the health window, the broker's and
+    supervisord's lines and the issues; one section per broker for a map of several."""
+
+    def present(self, result: dict[str, Any]) -> str:
+        if "brokers" not in result:
+            return self._present(result)
+        sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
+                    + self._present({**part, "verbose": result["verbose"]}) for part in result["brokers"]]
+        return "\n\n".join([*sections, f"{len(result['brokers'])} brokers: {result['health'].upper()}"])
+
+    def _present(self, result: dict[str, Any]) -> str:
+        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
+                 "STATE"]]
+        for p in result["pools"]:
+            known = p["in_broker"]
+            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}",
+                         str(p["ready"]) if known else "-", str(p["busy"]) if known else "-",
+                         str(p["sessions"]) if known else "-", str(p["queued"]) if known else "-",
+                         str(p["requests_ok"]) if known else "-", str(p["requests_error"]) if known else "-",
+                         fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
+        lines = table(rows)
+        if result["verbose"]:
+            out = [lines[0]]
+            for line, p in zip(lines[1:], result["pools"]):
+                out.append(line)
+                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                for w in p["workers"]:
+                    hb = w["last_heartbeat_s"]
+                    reg = w["id"] is not None
+                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
+                                  w["state"] if reg else (w["process_state"] or "?").lower(),
+                                  f"{w['inflight']}/{w['capacity']}" if reg else "-",
+                                  str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
+                                  fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",
+                                  f"{hb:.1f}s ago" if hb is not None else "-"])
+                if len(wrows) > 1:  # no header over nothing (supervisord down: no processes known)
+                    out.extend(table(wrows, indent="    "))
+            lines = out
+        lines += self._failures(result["pools"])
+        b = result["broker"]
+        if b is not None:
+            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
+                         f"{b['frontend']}")
+            lines.append(metrics_text(b.get("metrics") or {})[0])
+        s = result["supervisor"]
+        if s is not None and s.get("unused"):
+            lines.append(f"supervisord: not used: {s['unused']}")
+        if s is not None and s["state"] is not None:
+            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
+            pool_names = {q["name"] for q in result["pools"]}
+            others = [p for p in s["processes"] if p["group"] not in pool_names]
+            if result["verbose"] or result["broker"] is None:  # without a broker, supervisord's view is all there is
+                shown = s["processes"] if result["broker"] is None else others
+                lines.extend(table([[p["name"], p["state"], p["description"]] for p in shown], indent="    "))
+        for issue in result["issues"]:
+            lines.append(f"{issue['state'].upper()}: {issue['text']}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _failures(pools: list[dict[str, Any]]) -> list[str]:
+        """The health window's failed answers per pool, when any: the service's (what WARN
+        counts), the callers' own (user code raising, cancels, usage errors) and those to sessions
+        whose worker an operator recycled or stopped."""
+        def total(p: dict[str, Any], kind: str) -> int:
+            return sum(p["failures"][kind].values())
+
+        shown = [p for p in pools if p["in_broker"] and any(total(p, k) for k in (SERVICE, USER, RECYCLE))]
+        if not shown:
+            return []
+        rows = [["POOL", "LAST", "SERVICE", "USER", "RECYCLE"]]
+        rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
+                  str(total(p, RECYCLE))] for p in shown]
+        return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
