@@ -2,10 +2,11 @@
 
 It connects and announces the worker (READY), heartbeats both ways PPP-style, notices a silent
 broker and reconnects with backoff under the same identity, names a refused CURVE key at once
-(the socket and its monitor: :mod:`worker.dealer`), and carries frames in and out: every message
-other than its own heartbeats and re-registration requests goes to ``deliver``; replies go out
-through :meth:`Link.send` from whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
-wait for the broker's ``B_BYE``.
+(a socket monitor), and carries frames in and out: every message other than its own heartbeats
+and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
+whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
+wait for the broker's ``B_BYE``. The socket itself, its options and its monitor, is a
+:class:`BrokerSocket` the link holds.
 
 Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
 barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's file descriptor
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from dspex.wire.protocol import (
     B_BYE,
@@ -40,11 +42,11 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     W_READY,
 )
+from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
 from dspex.wire.zmqfast import get_opt as _get_opt
-from worker.dealer import SEND_TIMEOUT_MS, BrokerSocket
 from worker.standin import StandIn, Waker
 
 log = logging.getLogger("dspex.worker")
@@ -53,8 +55,80 @@ log = logging.getLogger("dspex.worker")
 # broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
 # between two of ours is then 1.75 intervals, within a liveness of 2 or more.
 _ANSWER_SLACK = 0.25
+_SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
+
+
+class BrokerSocket:
+    """The worker's DEALER to the broker, and with CURVE the monitor that names a failed handshake
+    at once (a refused key, a wrong server key) instead of waiting silently for a broker that will
+    never answer; a new one, under the same identity, after the broker fell silent."""
+
+    def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
+                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.identity = identity
+        self.max_message = max_message
+        self._curve = (curve_server_key, curve_keypair)
+        self.sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
+        self.handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
+
+    def open(self, ready: bytes) -> None:
+        """A new socket, connected, its READY (payload ``ready``) queued."""
+        sock, self._monitor = self._dealer()
+        sock.send_multipart([W_READY, ready])
+        self.sock = sock
+        self.fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
+
+    def close(self, linger: int | None = None) -> None:
+        if self._monitor is not None and self.sock is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
+        if self.sock is not None:
+            self.sock.close(linger)
+            self.sock = None
+
+    def watch_handshake(self) -> None:
+        """Log a failed handshake once per reason; :attr:`handshake` says why the last failed."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        while _get_opt(monitor, _EVENTS) & _POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake = ""
+                continue
+            why = handshake_failure(event["event"], "worker", True)
+            if why and why != self.handshake:
+                self.handshake = why
+                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+
+    def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
+        """A DEALER connected to the backend under the identity, and with CURVE its handshake monitor."""
+        server_key, keypair = self._curve
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
+        tune_socket(sock, max_message=self.max_message)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        monitor = None
+        if server_key is not None:
+            public, secret = keypair or zmq.curve_keypair()
+            sock.curve_serverkey = server_key
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
+        sock.connect(self.backend)
+        return sock, monitor
 
 
 class Link:
@@ -154,7 +228,7 @@ class Link:
             try:
                 send_frames(sock, frames)
             except zmq.Again:
-                log.error("dropped a reply: the broker has not taken messages for %.0fs", SEND_TIMEOUT_MS / 1000)
+                log.error("dropped a reply: the broker has not taken messages for %.0fs", _SEND_TIMEOUT_MS / 1000)
             # a send may take the edge of the socket's fd that a reader waiting on it needs (a
             # reader's own sends are followed by its drain)
             engaged = self.standin.engaged
