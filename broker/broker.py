@@ -4,9 +4,11 @@ The routing rules live in the socket-free ``broker.core.Core`` this shell holds;
 the sockets, polls them, hands the core what arrives with the time it arrived, feeds the
 ROUTERs' socket monitors to ``broker.connections`` (a peer's disconnect within about a
 millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
-ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``); what goes in and
-out of the ROUTERs per message is ``broker.frames``, the checkpoint store's side
-``broker.store_link``.
+ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``); what
+goes in and out of the ROUTERs per message is ``broker.frames``. The checkpoint store's jobs
+(:class:`StoreLink`): small writes wait for the end of the loop turn and commit together on the routing thread; loads,
+big writes and everything after them go to the store's own thread (``broker.checkpoints``), in
+order, and come back to the core (``Core.store_done``) in the order they were handed over.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
 from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
-from broker.checkpoints import Job
+from broker import checkpoints
+from broker.checkpoints import CheckpointStore, Job, StoreThread
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.frames import ClientOutbox, SocketDrain
@@ -34,7 +39,8 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
 from broker.sockets import BrokerSockets, bind_sockets
-from broker.store_link import StoreLink, open_store
+from dspex.stack.rundir import ensure_private_dir
+from dspex.wire.errors import ConfigError
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
@@ -43,6 +49,7 @@ log = logging.getLogger("dspex.broker")
 # which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
 # a frame received from a peer is forwarded without a copy either way, a large one of ours too.
 _MORE = SNDMORE
+_INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 
 
 class Broker:
@@ -162,7 +169,7 @@ class Broker:
     def _open_store(self) -> None:
         """The checkpoint store, once this broker owns its run directory (its sockets are bound);
         durable sessions of an earlier broker on it come back."""
-        opened = open_store(self.options)
+        opened = _store_of(self.options)
         if opened is None:
             return
         store, path = opened
@@ -297,3 +304,60 @@ def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
             yield parse_monitor_message(sock.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             return
+
+
+def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str] | None:
+    """The checkpoint store ``options`` ask for and its path (None: durable sessions are off)."""
+    path = options.checkpoints
+    if path == "":
+        return None
+    if path is None:
+        if not options.run_dir:
+            return None
+        path = str(ensure_private_dir(Path(options.run_dir)) / "checkpoints.sqlite")
+    try:
+        store = checkpoints.open_store(path, session_cap=options.checkpoint_cap, total_cap=options.checkpoint_total_cap)
+    except (checkpoints.StoreError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
+    return store, path
+
+
+class StoreLink:
+    """Checkpoint jobs from the routing thread to the store, and back to ``done`` when finished."""
+
+    def __init__(self, store: CheckpointStore, done: Callable[[list[Job], float], None]) -> None:
+        self.thread = StoreThread(store)
+        self._done = done
+        self._here: list[Job] = []  # small writes committed at the end of this loop turn
+
+    def fileno(self) -> int:
+        return self.thread.fileno()
+
+    def submit(self, job: Job) -> None:
+        if job.op != "load" and not self.thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
+            self._here.append(job)
+            return
+        self.commit_here()  # what waits here goes first: one order for every job
+        self.thread.submit(job)
+
+    def commit_here(self) -> None:
+        if not self._here:
+            return
+        jobs, self._here = self._here, []
+        self.thread.run_here(jobs)
+        self._done(jobs, time.monotonic())
+
+    def collect(self) -> None:
+        """Hand back what the store's thread finished."""
+        self._done(self.thread.completed(), time.monotonic())
+
+    def close(self) -> None:
+        self.commit_here()
+        self.thread.close()  # the writes submitted so far are committed first
+
+
+def _job_bytes(job: Job) -> int:
+    if job.op != "write":
+        return 0
+    write = job.args[0]
+    return len(write.skeleton) + sum(len(b) for b in write.blobs)
