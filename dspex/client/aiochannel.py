@@ -58,11 +58,7 @@ class AsyncChannel:
         """(``ClientAPI.cancel_all``.) From any thread: from outside the client's loop it is handed
         to the loop."""
         loop = self._loop
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is not None and running is not loop:
+        if loop is not None and _running_loop() is not loop:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self.cancel_all)
             return
@@ -165,11 +161,7 @@ class AsyncChannel:
         handed to the loop. A broken connection is gone: the broker cancels what it had for it."""
         if self.closed or self.broken or self._sock is None:
             return
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self._loop:
+        if _running_loop() is not self._loop:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self.send_nowait, frames)
             return
@@ -179,6 +171,13 @@ class AsyncChannel:
             return
         # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
         sent.add_done_callback(_ignore_outcome)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _ignore_outcome(fut: asyncio.Future[Any]) -> None:

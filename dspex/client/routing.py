@@ -75,13 +75,9 @@ class Router(ClientAPI[S]):
                  curve_server_key: ServerKey = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         self._map = brokers
-        self.config = config = ClientConfig.from_env()  # the environment, read when a client is made
+        config = self._options(timeout, forward_output, client_settings)
         self.endpoints = {pool: b.endpoint for pool, b in brokers.routes.items()}
         self.endpoint = self.endpoints.get(ANY_POOL, "")
-        self.timeout = timeout
-        self.forward_output = forward_output
-        self.client_settings = client_settings
-        self.max_message = config.max_message
         # every broker's keys first: a client is only made once nothing can fail
         keys = {b.endpoint: broker_keys(b, config, curve_server_key, curve_keypair) for b in brokers.brokers}
         self._brokers: dict[str, ClientAPI[S]] = {
