@@ -5,7 +5,7 @@ the sockets, polls them, hands the core what arrives with the time it arrived, f
 ROUTERs' socket monitors to ``broker.connections`` (a peer's disconnect within about a
 millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
 ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``); what
-goes in and out of the ROUTERs per message is ``broker.frames``. The checkpoint store's jobs
+goes in and out of the ROUTERs per message is ``broker.sockets``. The checkpoint store's jobs
 (:class:`StoreLink`): small writes wait for the end of the loop turn and commit together on the routing thread; loads,
 big writes and everything after them go to the store's own thread (``broker.checkpoints``), in
 order, and come back to the core (``Core.store_done``) in the order they were handed over.
@@ -31,14 +31,13 @@ from broker import checkpoints
 from broker.checkpoints import CheckpointStore, Job, StoreThread
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
-from broker.frames import ClientOutbox, SocketDrain
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
 from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
-from broker.sockets import BrokerSockets, bind_sockets
+from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_sockets
 from dspex.stack.rundir import ensure_private_dir
 from dspex.wire.errors import ConfigError
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
