@@ -27,22 +27,20 @@ import zmq.asyncio
 from dspex.client import processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
-from dspex.client.exchange import Exchange, closed_error, control_frames
+from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op, Status
+from dspex.wire.protocol import WORKER_OPS, Op
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
 
 log = logging.getLogger("dspex.client")
 
 T = TypeVar("T")
-_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
-Callback = Callable[[Any], None]
 
 
 class AsyncClient(ClientAPI[AsyncSession]):
@@ -150,7 +148,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
         try:
             while True:
                 reply = await self._next(queue, ex)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     await self._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
@@ -216,7 +214,7 @@ class AsyncStream:
                 self._req_id, self._queue = await client._start(ex, self._worker)
             while True:
                 reply = await client._next(self._queue, ex)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
                 except CodeCacheMiss as miss:
@@ -263,7 +261,7 @@ class AsyncStream:
         try:
             await client._channel.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
             cancelled = True
-            while (await client._next(self._queue, ex))[0] in _EVENTS:  # the producer's end frees its slot
+            while (await client._next(self._queue, ex))[0] in EVENT_STATUSES:  # the producer's end frees its slot
                 pass
         except DspexError:
             pass

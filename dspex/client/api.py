@@ -24,7 +24,7 @@ import zmq
 
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Exchange, bound_name, close_monitored
+from dspex.client.exchange import Callback, Exchange, bound_name, close_monitored
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -50,7 +50,6 @@ DEFAULT_TIMEOUT = 60.0
 T = TypeVar("T")
 R = TypeVar("R")
 S = TypeVar("S", bound="SessionAPI")
-Callback = Callable[[Any], None]
 Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
 
 

@@ -61,7 +61,7 @@ BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.arg
 Callback = Callable[[Any], None]
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
-_EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
+EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 # seconds after a dropped connection during which a new socket is made without the ipc probe: a
 # request made while the broker restarts waits for the new one (within its timeout) instead of
 # failing at once on the dead broker's socket file
@@ -246,7 +246,7 @@ class Exchange:
         kind: ``"item"`` (a streamed item, in item mode), ``"more"`` (an event was handled),
         ``"done"`` (the final value). An error reply raises its typed error.
         """
-        if status in _EVENTS:
+        if status in EVENT_STATUSES:
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:

@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, S, Steps, _raising
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
+from dspex.client.exchange import Callback
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import DspexError, PoolNotFound
 from dspex.wire.protocol import WORKER_OPS, Op
 from dspex.wire.sockets import curve_client_keys
 
-Callback = Callable[[Any], None]
 ServerKey = bytes | Mapping[str, bytes] | None
 C = TypeVar("C", bound=ClientAPI[Any])
 

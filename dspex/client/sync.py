@@ -20,7 +20,7 @@ import zmq
 from dspex.client import processwide
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
 from dspex.client.channels import Channel, ChannelPool
-from dspex.client.exchange import Exchange, closed_error, control_frames
+from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
@@ -30,7 +30,7 @@ from dspex.wire.errors import (
     DspexError,
     ProtocolError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
+from dspex.wire.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
@@ -40,8 +40,6 @@ log = logging.getLogger("dspex.client")
 CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
 
 T = TypeVar("T")
-Callback = Callable[[Any], None]
-_EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 
 
 class _CancelRequested(Exception):
@@ -201,7 +199,7 @@ class Client(ClientAPI[Session]):
             deadline = time.monotonic() + ex.wait
             while True:
                 reply = self._recv(ch, req_id, deadline, ex, cancels)
-                ended = reply[0] not in _EVENT_STATUSES
+                ended = reply[0] not in EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     sending = True
@@ -300,7 +298,7 @@ class Stream:
         try:
             while True:
                 reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
-                ended = reply[0] not in _EVENT_STATUSES
+                ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
                 except CodeCacheMiss as miss:
