@@ -27,8 +27,9 @@ from dspex.wire.protocol import (
     Side,
 )
 from dspex.wire.ref import Ref
-from worker.executor import Executor, RefTable
+from worker.executor import Executor
 from worker.ops import SessionOps
+from worker.refs import RefTable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 

@@ -35,11 +35,11 @@ from dspex.wire.protocol import (
 )
 from dspex.wire.ref import Ref
 from worker import forking, limits, namespace, output
-from worker.dspy_settings import SessionSettings, current_session
+from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
-from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
-from worker.remote_errors import error_frames, remote_error
+from worker.refs import RefTable, SessionState, type_name
+from worker.remote_errors import remote_error
 from worker.streaming import (
     LazyStream,
     StreamControl,
@@ -48,10 +48,6 @@ from worker.streaming import (
     progress_scope,
 )
 
-__all__ = [
-    "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",
-    "error_frames",
-]
 
 class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
