@@ -177,18 +177,11 @@ class Link:
     def read(self) -> bool:
         """Handle what the broker sent and the timers that are due; if nothing arrived, wait
         until something may have (a message, :meth:`wake`, the next timer). True if it read."""
-        with self._lock:
-            left = self._left
-            if not left:
-                got = self._drain()
-                timeout = self._tick(time.monotonic())
-                fds = self._dealer.fds
-                if self._sent:  # a send may have taken the fd's edge: look again before waiting
-                    got = self._drain() or got
-        if left:  # a hard time limit said goodbye from the watchdog: the process ends now
+        turn = self._turn()
+        if turn is None:  # a hard time limit said goodbye from the watchdog: the process ends now
             self._waker.wait((), None)
             return False
-        self._after_tick()
+        got, fds, timeout = turn
         if not got:
             self._waker.wait(fds, timeout)
         return got
@@ -275,18 +268,24 @@ class Link:
             self._dealer.close()
         self._waker.close()
 
-    # -- the stand-in's turn: it reads while the reader runs user code -------------------------
-    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+    # -- a turn of whichever thread reads: the reader, or the stand-in while it runs user code -----
+    def _turn(self) -> tuple[bool, tuple[int, ...], float] | None:
+        """Handle what arrived and the timers that are due: whether anything arrived, what to wait
+        on and for how long; None once the goodbye is said."""
         with self._lock:
             if self._left:
-                return (), math.inf
-            self._drain()
+                return None
+            got = self._drain()
             timeout = self._tick(time.monotonic())
+            if self._sent:  # a send may have taken the fd's edge: look again before waiting
+                got = self._drain() or got
             fds = self._dealer.fds
-            if self._sent:  # as in read()
-                self._drain()
         self._after_tick()
-        return fds, timeout
+        return got, fds, timeout
+
+    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+        turn = self._turn()
+        return ((), math.inf) if turn is None else (turn[1], turn[2])
 
     # -- holding the lock -------------------------------------------------------------------------
     def _drain(self) -> bool:
