@@ -6,7 +6,8 @@ get a clear ``protocol_error``, and docs/protocol.md lists the ops as the regist
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,17 @@ def test_a_broker_op_body_gets_its_defaults() -> None:
     assert Op.RECYCLE.bind_map({"worker": 4242}) == {"pool": "", "worker": 4242, "all": False}
 
 
-def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing() -> None:
+@pytest.fixture
+def worker_signals() -> Iterator[None]:
+    """An executor run in this process installs the worker's SIGINT and nudge handlers (its call
+    limits): give the test process its own back, or a later test's Ctrl-C goes to them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGURG)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing(worker_signals: None) -> None:
     ex = Executor(RefTable("p", "w" * 32), capacity=4)
     header = RequestHeader(Op.CALL.value, 1, "p", "s" * 32)
     with pytest.raises(ProtocolError, match="takes at most 4 arguments"):  # (a client would not send it)
