@@ -146,6 +146,10 @@ class CheckpointStore:
         self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions"))
         self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions"))
         self.total = sum(self._sizes.values())
+        # sessions dropped whose rows could not be deleted yet (a full disk: a delete needs room in
+        # the WAL too): deleted at the next job that writes. Left in the file, a restarted broker
+        # would bring such a session back as durable, with the state of before it went plain.
+        self._undeleted: set[str] = set()
 
     def wal_checkpoint(self) -> None:
         """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
@@ -163,6 +167,7 @@ class CheckpointStore:
 
     def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
         """A durable session exists (before its first checkpoint: an empty state to restore)."""
+        self._delete_dropped()
         self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
                          (session, pool, owner, worker, created, time.time()))
         self._sizes.setdefault(session, 0)
@@ -172,12 +177,32 @@ class CheckpointStore:
         self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
 
     def drop(self, session: str) -> None:
-        self._db.execute("BEGIN")
-        self._db.execute("DELETE FROM blobs WHERE session = ?", (session,))
-        self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
-        self._db.execute("COMMIT")
+        """The session is no longer durable (closed, expired, turned plain, lost): its rows go,
+        now or, if the disk refuses even that, at the next job that writes."""
         self.total -= self._sizes.pop(session, 0)
         self._seqs.pop(session, None)
+        self._undeleted.add(session)
+        try:
+            self._delete_dropped()
+        except sqlite3.Error as exc:
+            log.error("checkpoint store %s: the checkpoint of session %s could not be deleted yet (%s): it is "
+                      "deleted at the next write", self.path, session[:8], exc)
+
+    def _delete_dropped(self) -> None:
+        """Delete the rows of the sessions dropped (raises sqlite3.Error if it cannot, keeping them to do)."""
+        if not self._undeleted:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for session in self._undeleted:
+                db.execute("DELETE FROM blobs WHERE session = ?", (session,))
+                db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        self._undeleted.clear()
 
     def size(self, session: str) -> int:
         return self._sizes.get(session, 0)
@@ -190,6 +215,7 @@ class CheckpointStore:
         results: list[StoreError | None] = []
         sizes: dict[str, int] = {}  # sizes changed by this transaction, committed to self._sizes after it
         dropped: list[str] = []
+        self._delete_dropped()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -207,7 +233,7 @@ class CheckpointStore:
                     results.append(exc)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         for session in dropped:
             self.total -= self._sizes.pop(session, 0)
@@ -288,6 +314,13 @@ def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TO
         log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost, but for "
                   "those their workers still hold (checkpointed whole again at their next call)", path, exc, aside)
     return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what a failed statement left open. SQLite rolls a transaction back by itself
+    after some errors (a full disk): a ROLLBACK then would raise, hiding the error that matters."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file

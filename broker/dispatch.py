@@ -72,7 +72,7 @@ class Dispatcher:
             self._fail(p, pool, rec)
             return
         if durable and rec.durable is None and rec.calls == 1:
-            self.durable.open(rec, forgotten=bool(claimed_worker))
+            self.durable.open(rec, p, forgotten=bool(claimed_worker))
         if rec.worker is None:
             w = pool.least_loaded()
             if w is None:

@@ -109,14 +109,16 @@ class DurableSessions:
                                "cannot be durable")
         return None
 
-    def open(self, rec: SessionRecord, forgotten: bool) -> None:
-        """``rec`` was just opened by a call that wants it durable. Its first checkpoint is a full
-        one: a session this broker never knew is new, but one it ``forgotten`` (its client claims
-        a pin from an earlier broker: the store was set aside or deleted) lives on in its worker
-        if anywhere, whose tracker would send only what the call changed."""
-        rec.durable = Durability(needs_full=True, forgotten=forgotten)
+    def open(self, rec: SessionRecord, p: Pending, forgotten: bool) -> None:
+        """``rec`` was just opened by the call ``p``, which wants it durable. Its first checkpoint
+        is a full one: a session this broker never knew is new, but one it ``forgotten`` (its
+        client claims a pin from an earlier broker: the store was set aside or deleted) lives on
+        in its worker if anywhere, whose tracker would send only what the call changed. The
+        store's record counts as the session's first write: the call's reply waits for it, and
+        if the store fails it, the call is told the session is not durable."""
+        rec.durable = Durability(needs_full=True, forgotten=forgotten, submitted=1)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
-        self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created)))
+        self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created), tag=(p.client, p.req_id)))
         self.counters["opened"] += 1
 
     def pinned(self, rec: SessionRecord) -> None:
@@ -269,10 +271,15 @@ class DurableSessions:
                 self._release_held(d)
             elif job.op == "load":
                 self._loaded(job)
-            elif job.error is not None and job.op == "open":
+            elif job.op == "open":
                 rec = self.sessions.get(job.args[0])
-                if rec is not None and rec.durable is not None:
-                    self._turn_off(rec, None, f"the broker's checkpoint store failed ({job.error})")
+                d = rec.durable if rec is not None else None
+                if rec is None or d is None:
+                    continue
+                d.done += 1
+                if job.error is not None:
+                    self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})")
+                self._release_held(d)
 
     # -- moves --------------------------------------------------------------------------------------
     def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:

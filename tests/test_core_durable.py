@@ -135,6 +135,7 @@ def test_a_reply_waits_for_its_checkpoint_to_commit(path: str) -> None:
 def test_a_call_that_changed_nothing_replies_at_once_unless_an_earlier_write_is_pending(path: str) -> None:
     core = durable_core(path, "p:strict_queue:prefetch=0")
     core.call(1)
+    core.commit()  # the session's record (the broker commits it at the end of the turn that opened it)
     w = core.worker_of(1)
     assert w is not None
     core.reply(w, C, 1)  # no checkpoint: nothing changed
@@ -308,6 +309,7 @@ def test_a_pool_setting_makes_every_session_durable_and_hint_keeps_one_worker(pa
 def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str) -> None:
     core = durable_core(path)
     core.call(1)
+    core.commit()  # the session's record, as the broker commits it at the end of the turn
     w = core.worker_of(1)
     assert w is not None
     other = B if w == A else A
@@ -323,6 +325,7 @@ def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str)
 def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(path: str) -> None:
     core = durable_core(path)
     core.call(1)
+    core.commit()  # the session's record, as the broker commits it at the end of the turn
     w = core.worker_of(1)
     assert w is not None
     frames = [w, pack_reply_envelope(W_CHECKPOINT, "ok", 1, C), b"\xc1 not msgpack", pack_reply_header("ok", 1), b"r"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import glob
 import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -156,3 +158,70 @@ def test_a_move_cut_short_by_a_broker_restart_restores_on_the_new_worker_not_an_
     assert s.eval("counter + 1") == 42  # restored there from its checkpoint, not run on an empty session
     assert "where it is pinned: it moves with its checkpoint" in stack.logs()
     assert s.eval("counter + 2") == 43
+
+
+@pytest.fixture
+def small_disk(short_tmp: str) -> Iterator[str]:
+    """A 4 MB tmpfs of the test's own (root only): a disk that fills up."""
+    path = os.path.join(short_tmp, "disk")
+    os.mkdir(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+
+
+def _fill(disk: str) -> str:
+    filler = os.path.join(disk, "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_says_so_on_each_call_it_fails_and_leaves_no_stale_checkpoint(stack: Stack, small_disk: str) -> None:
+    path = os.path.join(small_disk, "checkpoints.sqlite")
+    stack.start_broker("p:strict_queue", extra=["--checkpoints", path])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    s = dx.session("p", durable=True)
+    box = s.put([1])
+    s.eval("b.append(2)", {"b": box})
+    filler = _fill(small_disk)
+
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        s.eval("b.append(3)", {"b": box})  # the disk's own error, not what a rollback said after it
+    late = dx.session("p", durable=True)
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        late.put([1])  # opened while the disk is full: never durable, and told so
+    assert not [r for r in dx.sessions("p") if r["durable"]]
+
+    os.unlink(filler)
+    fresh = dx.session("p", durable=True)
+    fresh.put([1])  # durable sessions work again
+
+    def stored() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+
+    wait_for(lambda: stored() == {fresh.id}, what="the checkpoints of the sessions turned plain deleted")
+    # so a restarted broker never brings back a session its client was told is plain, as it was
+    # before the disk filled: its worker gone, it is a plain session whose worker is gone
+    pid = pid_of(s)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.kill(pid)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.eval("b", {"b": box})
