@@ -29,7 +29,7 @@ from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
 from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable, SessionNotHeld
+from dspex.wire.errors import ConfigError, InternalError, PoolSaturated, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     W_CHECKPOINT,
@@ -284,12 +284,15 @@ class DurableSessions:
     # -- moves --------------------------------------------------------------------------------------
     def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:
         """Park ``p`` if its durable session must move (its pinned worker ``w`` is gone or
-        draining) or is moving; True if it did."""
+        draining) or is moving, or refuse it (``pool_saturated``: it did not run, the session
+        stays durable) when the pool's queue is full; True if it did either."""
         d = rec.durable
         if d is None or d.off:
             return False
         if pool.queued >= pool.config.queue_max:
-            return False  # the caller refuses it (pool_saturated)
+            self.answers.fail_in_bulk(p, pool, PoolSaturated(
+                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
+            return True
         pool.parked.setdefault(rec.id, deque()).append(p)
         if not d.move:
             old = self.workers.get(rec.worker) if rec.worker else None
