@@ -28,6 +28,7 @@ from broker.answers import Answers, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
+from broker.spread import to_spread
 from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.wire.errors import ConfigError, InternalError, PoolSaturated, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
@@ -67,6 +68,8 @@ class Durability:
     done: int = 0  # ...and finished (in order)
     held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
     refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
+    partial: bool = False  # its last checkpoint leaves out objects its worker holds (not moved but by need)
+    move_to: bytes | None = None  # the worker a move that is not forced goes to (spread)
     bytes: int = 0  # of its last stored checkpoint
     stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
     seq: int = 0  # of its last stored checkpoint
@@ -204,6 +207,7 @@ class DurableSessions:
                           clear_slots, full, size)
             if full:
                 d.needs_full = False
+            d.partial = bool(meta.get("partial"))
             d.submitted += 1
             self.port.store(Job("write", (write,), tag=(rec.id, key, size, seq)))
         return used
@@ -343,6 +347,14 @@ class DurableSessions:
         if rec is None or d is None or d.move != "loading":
             return  # closed (its parked calls were answered) or turned plain meanwhile
         stored = job.result
+        old = self.workers.get(rec.worker) if rec.worker else None
+        if d.move_to is not None and (job.error is not None or stored is None) and old is not None and not old.draining:
+            # a spread the store cannot serve: the session stays on its worker, which holds it
+            d.move, d.move_to = "", None
+            pool = self.pools.get(rec.pool)
+            for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
+                self._route(p, rec.pool, "")
+            return
         if job.error is not None or stored is None or (d.forgotten and not stored.seq):
             why = (f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
                    if stored is None else "the checkpoint store has no checkpoint of it (the store was set aside "
@@ -355,11 +367,15 @@ class DurableSessions:
         self._finish_move(rec, d)
 
     def _finish_move(self, rec: SessionRecord, d: Durability) -> None:
-        """Pin a loaded session to the pool's least-loaded worker and send it its calls."""
+        """Pin a loaded session to the worker it spreads to, else the pool's least-loaded one, and
+        send it its calls."""
         pool = self.pools.get(rec.pool)
         if pool is None:
             return
-        new = pool.least_loaded()
+        new = self.workers.get(d.move_to) if d.move_to else None
+        d.move_to = None
+        if new is None or new.draining or new.id in pool.rolling:
+            new = pool.least_loaded()
         if new is None:
             return  # no worker yet: the next READY goes on (worker_ready)
         old = self.workers.get(rec.worker) if rec.worker else None
@@ -376,6 +392,14 @@ class DurableSessions:
                 self._dispatch(new, p)
             else:
                 new.queue.append(p)  # already counted in the pool's queue bound
+
+    def spread(self, new: WorkerRecord) -> None:
+        """``new`` registered: idle durable sessions of its pool move to it (broker/spread.py),
+        each with its stored checkpoint, which its next call restores there."""
+        for rec in to_spread(new, self.workers, self.sessions):
+            assert rec.durable is not None
+            rec.durable.move_to = new.id
+            self._load(rec, rec.durable)
 
     def worker_ready(self, pool: Pool) -> None:
         """A worker registered: sessions loaded while the pool had none go there."""

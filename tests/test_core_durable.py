@@ -350,3 +350,28 @@ def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
     assert core.store.sessions() == [] and core.store.load(S) is None
     core.call(2)
     assert core.outcome(C, 2) == "session_closed"
+
+
+def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wait_for_the_move(path: str) -> None:
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "abcd"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.call(9, session=sids[3])  # running on A: it stays there
+    core.ready(B, "p")  # half of A's sessions move to it, idle ones: their checkpoints load
+    moving = [j.args[0] for j in core.jobs if j.op == "load"]
+    assert len(moving) == 2 and sids[3] not in moving
+    core.call(10, session=moving[0])
+    assert core.worker_of(10) is None  # waits for its move, never sent to A meanwhile
+    core.commit()
+    assert core.worker_of(10) == B and core.head_of(10) & Durable.RESTORE
+    assert msgpack.unpackb(core.frames_of(10)[1])["seq"] == 1
+    assert all(core.released(sid) == {A} for sid in moving) and not core.released(sids[3])
+    core.reply(B, C, 10)
+    core.call(11, session=moving[1])
+    assert core.worker_of(11) == B and core.head_of(11) & Durable.RESTORE
+    assert sorted(len(core.workers[w].sessions) for w in (A, B)) == [2, 2]
