@@ -442,12 +442,14 @@ class DurableSessions:
     # -- what operators see ---------------------------------------------------------------------------
     @staticmethod
     def view(rec: SessionRecord, wall: float) -> dict[str, Any]:
-        """``sessions`` / dashboard fields of a session: durable, checkpoint bytes and age."""
+        """``sessions`` / dashboard fields of a session: durable, checkpoint bytes and age, and
+        why a session that was durable no longer is (over a cap, the store failed)."""
         d = rec.durable
         if d is None or d.off:
-            return {"durable": False, "checkpoint_bytes": None, "checkpoint_age_s": None}
+            return {"durable": False, "checkpoint_bytes": None, "checkpoint_age_s": None,
+                    "no_longer_durable": d.off if d is not None else None}
         return {"durable": True, "checkpoint_bytes": d.bytes,
-                "checkpoint_age_s": round(wall - d.stored, 3) if d.stored else None}
+                "checkpoint_age_s": round(wall - d.stored, 3) if d.stored else None, "no_longer_durable": None}
 
     def status(self) -> dict[str, Any]:
         """The ``checkpoints`` part of ``status``."""
