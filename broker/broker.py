@@ -25,7 +25,8 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker import checkpoints as checkpoints_store
-from broker.checkpoints import Job, StoreThread, open_store
+from broker.checkpoint_thread import StoreThread
+from broker.checkpoints import Job, open_store
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge

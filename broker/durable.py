@@ -221,7 +221,7 @@ class DurableSessions:
         assert d is not None
         if not d.off:
             d.off = reason
-            self.port.store(Job("drop", (rec.id,)))
+            self.port.store(Job("plain", (rec.id, reason)))
             self.counters["refused"] += 1
             self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:
@@ -408,8 +408,7 @@ class DurableSessions:
         while d.held:
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
-        if not d.off:
-            self.port.store(Job("drop", (rec.id,)))
+        self.port.store(Job("drop", (rec.id,)))  # (a plain one's row too)
         pool = self.pools.get(rec.pool)
         if pool is not None:
             pool.parked.pop(rec.id, None)
@@ -441,15 +440,20 @@ class DurableSessions:
                 self.port.store(Job("drop", (row.id,)))
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)
-            rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
-                                     stored=row.updated if row.seq else 0.0)
+            if row.plain:  # it went plain: so it stays (never made durable again by a claim of its pin)
+                rec.durable = Durability(off=row.plain)
+            else:
+                rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
+                                         stored=row.updated if row.seq else 0.0)
             if row.worker:
                 rec.worker = row.worker.encode()
                 rec.touched.add(rec.worker)
             self.sessions[row.id] = rec
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
-            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store", len(self.sessions))
+            plain = sum(1 for r in self.sessions.values() if r.durable is not None and r.durable.off)
+            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store (and %d that went plain)",
+                          len(self.sessions) - plain, plain)
 
 
 def _call_error(reply: list[Any]) -> str:

@@ -211,7 +211,8 @@ def test_a_session_over_its_cap_gets_a_clear_error_and_goes_on_plain(path: str) 
     body = msgpack.unpackb([f for f in core.to_clients if msgpack.unpackb(f[1])[1] == 1][-1][2])
     assert body["ran"] is True and "per-session cap" in body["reason"]
     core.commit()
-    assert core.store.sessions() == []
+    assert [(r.seq, "per-session cap" in r.plain) for r in core.store.sessions()] == [(-1, True)]
+    assert core.store.load(S) is None
     core.call(2)
     assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
     core.reply(w, C, 2)
@@ -332,7 +333,9 @@ def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(pat
     core.backend(*frames)
     assert core.outcome(C, 1) == "session_not_durable"  # the call ran; its checkpoint could not be kept
     core.commit()
-    assert core.store.sessions() == [] and core.sessions[S].durable is not None and core.sessions[S].durable.off
+    # no checkpoint kept, and its row says it went plain (a restarted broker keeps it plain)
+    assert [(r.id, r.seq, bool(r.plain)) for r in core.store.sessions()] == [(S, -1, True)]
+    assert core.store.load(S) is None and core.sessions[S].durable is not None and core.sessions[S].durable.off
     core.call(2)
     assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
 

@@ -209,11 +209,12 @@ def test_a_full_disk_says_so_on_each_call_it_fails_and_leaves_no_stale_checkpoin
     fresh = dx.session("p", durable=True)
     fresh.put([1])  # durable sessions work again
 
-    def stored() -> set[str]:
+    def stored() -> dict[str, int]:
         with sqlite3.connect(path) as db:
-            return {row[0] for row in db.execute("SELECT id FROM sessions")}
+            return dict(db.execute("SELECT id, seq FROM sessions"))
 
-    wait_for(lambda: stored() == {fresh.id}, what="the checkpoints of the sessions turned plain deleted")
+    # the checkpoint of the session turned plain deleted (its row marked plain: seq -1)
+    wait_for(lambda: stored() == {fresh.id: 1, s.id: -1}, what="the checkpoint of the session turned plain deleted")
     # so a restarted broker never brings back a session its client was told is plain, as it was
     # before the disk filled: its worker gone, it is a plain session whose worker is gone
     pid = pid_of(s)
@@ -225,3 +226,35 @@ def test_a_full_disk_says_so_on_each_call_it_fails_and_leaves_no_stale_checkpoin
     stack.wait_workers("p", 1)
     with pytest.raises(dspex.SessionWorkerUnavailable):
         s.eval("b", {"b": box})
+
+
+def test_a_session_that_went_plain_stays_plain_after_a_broker_restart(stack: Stack) -> None:
+    """Told once that it is no longer durable, a session is not made durable again by a restarted
+    broker (whose first full checkpoint of it would be refused again, with that call's result)."""
+    stack.start_broker("p:strict_queue", extra=["--checkpoint-cap", "0.1"])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    s = dx.session("p", durable=True)
+    box = s.put([1])
+    with pytest.raises(dspex.SessionNotDurable):
+        s.put(os.urandom(200_000))
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.wait_workers("p", 2)
+    assert s.eval("b + [2]", {"b": box}) == [1, 2]  # a plain session on its worker, as before
+    (row,) = dx.sessions("p")
+    assert row["durable"] is False and "over the per-session cap" in row["no_longer_durable"]
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM blobs").fetchone() == (0,)  # no checkpoint kept of it
+    s.close()
+
+    def rows() -> int:
+        with sqlite3.connect(path) as db:
+            return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+    wait_for(lambda: rows() == 0, what="its row gone with the session")
