@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.answers import Answers, error_code
+from broker import spread
+from broker.answers import Answers, call_error, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
-from broker.spread import to_spread
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.wire.errors import ConfigError, InternalError, PoolSaturated, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
@@ -39,9 +39,7 @@ from dspex.wire.protocol import (
     Status,
     pack_error,
     pack_reply_header,
-    unpack_reply_header,
 )
-from dspex.wire.zmqfast import frame_buffer
 
 if TYPE_CHECKING:
     import zmq
@@ -74,6 +72,8 @@ class DurableSessions:
         # opened, checkpoint writes stored, refused (turned plain), moves, restores sent, sessions
         # lost (a checkpoint refused)
         self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
+        self.uneven: set[str] = set()  # pools whose sessions spread to a worker that holds fewer
+        self.spreading: dict[str, str] = {}  # pool -> the session moving to spread them (one at a time)
 
     # -- opening, pins, envelopes ---------------------------------------------------------------
     def refusal(self, p: Pending, pool: Pool) -> ConfigError | None:
@@ -209,7 +209,7 @@ class DurableSessions:
         its own error too (the caller would not see it otherwise)."""
         err = d.refused.pop(key)
         message, details = err.message, dict(err.details)
-        failed = _call_error(reply)
+        failed = call_error(reply)
         if failed:
             message = f"{message}. The call itself failed: {failed}"
             details["call_error"] = failed
@@ -248,6 +248,8 @@ class DurableSessions:
                 else:
                     self._turn_off(rec, key, str(job.error))
                 self._release_held(d)
+                if self.uneven:
+                    self._spread_on(rec)
             elif job.op == "load":
                 self._loaded(job)
             elif job.op == "open":
@@ -296,6 +298,8 @@ class DurableSessions:
             old = self.workers.get(rec.worker) if rec.worker else None
             if old is None or not old.runs_session(rec.id):
                 self._load(rec, d)
+        elif self.uneven:
+            self._spread_on(rec)
 
     def _not_held(self, rec: SessionRecord, w: WorkerRecord, p: Pending) -> None:
         """``w`` does not hold ``rec``, though pinned there (a broker that stored the pin of a move
@@ -326,6 +330,7 @@ class DurableSessions:
         if d.move_to is not None and (job.error is not None or stored is None) and old is not None and not old.draining:
             # a spread the store cannot serve: the session stays on its worker, which holds it
             d.move, d.move_to = "", None
+            self._spread_done(rec)
             pool = self.pools.get(rec.pool)
             for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
                 self._route(p, rec.pool, "")
@@ -349,6 +354,7 @@ class DurableSessions:
             return
         new = self.workers.get(d.move_to) if d.move_to else None
         d.move_to = None
+        spread_next = self._spread_done(rec)
         if new is None or new.draining or new.id in pool.rolling:
             new = pool.least_loaded()
         if new is None:
@@ -367,14 +373,43 @@ class DurableSessions:
                 self._dispatch(new, p)
             else:
                 new.queue.append(p)  # already counted in the pool's queue bound
+        if spread_next and (found := spread.first_to_spread(pool, self.sessions)):
+            self._spread(*found)
 
     def spread(self, new: WorkerRecord) -> None:
-        """``new`` registered: idle durable sessions of its pool move to it (broker/spread.py),
-        each with its stored checkpoint, which its next call restores there."""
-        for rec in to_spread(new, self.workers, self.sessions):
-            assert rec.durable is not None
-            rec.durable.move_to = new.id
-            self._load(rec, rec.durable)
+        """``new`` registered: sessions of its pool move to the workers holding the fewest, one
+        at a time, each when idle (broker/spread.py): the first now, the next ones as calls end."""
+        if not spread.even(new.pool):
+            self.uneven.add(new.pool.name)
+            if new.pool.name not in self.spreading and (found := spread.first_to_spread(new.pool, self.sessions)):
+                self._spread(*found)
+
+    def _spread_on(self, rec: SessionRecord) -> None:
+        """``rec``'s call ended and its write (if any) committed: in a pool whose sessions are
+        uneven, it moves now if it should (one move in flight per pool)."""
+        if rec.pool not in self.uneven or rec.pool in self.spreading:
+            return
+        w = self.workers.get(rec.worker) if rec.worker else None
+        if w is None:
+            return
+        target = spread.target_for(rec, w)
+        if target is not None:
+            self._spread(rec, target)
+        elif spread.even(w.pool):
+            self.uneven.discard(rec.pool)
+
+    def _spread_done(self, rec: SessionRecord) -> bool:
+        """``rec``'s spread move ended (or it was not one): True if it was."""
+        if self.spreading.get(rec.pool) != rec.id:
+            return False
+        del self.spreading[rec.pool]
+        return True
+
+    def _spread(self, rec: SessionRecord, target: WorkerRecord) -> None:
+        assert rec.durable is not None
+        self.spreading[rec.pool] = rec.id
+        rec.durable.move_to = target.id
+        self._load(rec, rec.durable)
 
     def worker_ready(self, pool: Pool) -> None:
         """A worker registered: sessions loaded while the pool had none go there."""
@@ -389,6 +424,7 @@ class DurableSessions:
         d = rec.durable
         assert d is not None
         d.off = f"lost: {reason}"
+        self._spread_done(rec)
         self.port.store(Job("drop", (rec.id,)))
         self.counters["lost"] += 1
         self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
@@ -405,6 +441,7 @@ class DurableSessions:
         d = rec.durable
         if d is None:
             return
+        self._spread_done(rec)
         while d.held:
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
@@ -455,16 +492,3 @@ class DurableSessions:
             self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store (and %d that went plain)",
                           len(self.sessions) - plain, plain)
 
-
-def _call_error(reply: list[Any]) -> str:
-    """``Type: message`` of a call's own error reply (``[client, header, error map]``); "" for a
-    success, or a reply that does not read as an error."""
-    try:
-        if unpack_reply_header(frame_buffer(reply[1]))[0] == Status.OK.value:
-            return ""
-        body = msgpack.unpackb(frame_buffer(reply[-1]))
-        if not isinstance(body, dict):
-            return ""
-        return f"{body.get('type') or body.get('code') or 'error'}: {str(body.get('message', ''))[:1000]}"
-    except Exception:  # noqa: BLE001 - a worker's garbage: the refusal alone
-        return ""

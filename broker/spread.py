@@ -1,43 +1,47 @@
-"""Which durable sessions move to a worker that just registered (``DurableSessions.spread``).
+"""Which durable session moves next to a worker that holds fewer (``DurableSessions.spread``).
 
 A crash or a rolling recycle moves a worker's durable sessions to the workers left; nothing
-moves them back, so without this they all stay on the worker that took them while the
-replacements idle (a rolling ``recycle --all`` ends with every session on one worker). A durable
-session can move between two calls at the price of a restore, so when a worker registers, idle
-sessions move to it from the workers that hold the most until it holds about as many.
+moved them back, so they all stayed on the worker that took them while the replacements idled
+(a rolling ``recycle --all`` ended with every session on one worker). A durable session can move
+between two calls at the price of a restore, so after a worker registers, sessions move from the
+workers holding the most to the one holding the fewest, one at a time, each when it is idle (at
+the registration, then as each call ends), until no worker holds two more than another.
 """
 
 from __future__ import annotations
 
-from broker.state import SessionRecord, WorkerRecord
+from broker.state import Pool, SessionRecord, WorkerRecord
 
 
-def to_spread(new: WorkerRecord, workers: dict[bytes, WorkerRecord],
-              sessions: dict[str, SessionRecord]) -> list[SessionRecord]:
-    """Sessions of ``new``'s pool to move to it: one at a time from the worker holding the most,
-    while that one holds two more than ``new`` would. Only a session whose store holds all of it
-    (:func:`may_move`); none to a worker that is draining or waits for its turn in a recycle."""
-    pool = new.pool
-    if new.draining or new.id in pool.rolling:
-        return []
-    held = {w.id: len(w.sessions) for w in pool.workers.values() if w is not new and not w.draining}
-    mine = len(new.sessions)
-    chosen: list[SessionRecord] = []
-    while held:
-        wid = max(held, key=lambda k: held[k])
-        if held[wid] <= mine + 1:
-            break
-        old = workers[wid]
-        taken = {r.id for r in chosen}
-        rec = next((r for sid in old.sessions if sid not in taken and (r := sessions.get(sid)) is not None
-                    and may_move(r, old)), None)
-        if rec is None:
-            del held[wid]
-            continue
-        chosen.append(rec)
-        held[wid] -= 1
-        mine += 1
-    return chosen
+def targets(pool: Pool) -> list[WorkerRecord]:
+    """Workers a session may move to: not draining, not waiting for their turn in a recycle."""
+    return [w for w in pool.workers.values() if not w.draining and w.id not in pool.rolling]
+
+
+def even(pool: Pool) -> bool:
+    """No worker that may take sessions holds two fewer than another."""
+    counts = [len(w.sessions) for w in targets(pool)]
+    return not counts or max(counts) - min(counts) <= 1
+
+
+def target_for(rec: SessionRecord, w: WorkerRecord) -> WorkerRecord | None:
+    """Where ``rec``, pinned to ``w``, should move: the worker holding the fewest sessions, if it
+    holds two fewer than ``w`` and ``rec`` may move (:func:`may_move`); else None."""
+    fewest = min(targets(w.pool), key=lambda t: len(t.sessions), default=None)
+    if fewest is None or len(fewest.sessions) + 2 > len(w.sessions) or not may_move(rec, w):
+        return None
+    return fewest
+
+
+def first_to_spread(pool: Pool, sessions: dict[str, SessionRecord]) -> tuple[SessionRecord, WorkerRecord] | None:
+    """A session to move now, from the worker holding the most (None: none may move now)."""
+    for w in sorted(pool.workers.values(), key=lambda w: -len(w.sessions)):
+        for sid in w.sessions:
+            rec = sessions.get(sid)
+            target = target_for(rec, w) if rec is not None else None
+            if rec is not None and target is not None:
+                return rec, target
+    return None
 
 
 def may_move(rec: SessionRecord, w: WorkerRecord) -> bool:

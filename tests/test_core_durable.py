@@ -356,6 +356,8 @@ def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
 
 
 def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wait_for_the_move(path: str) -> None:
+    """One move at a time per pool, each of a session that is idle: the first when the worker
+    registers, the next ones as each move ends or a call ends, until the workers are even."""
     core = DurableCore(path, "p:strict_queue:prefetch=0")
     core.ready(A, "p")
     sids = [c * 32 for c in "abcd"]
@@ -364,17 +366,50 @@ def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wai
         core.commit()
         core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
         core.commit()
-    core.call(9, session=sids[3])  # running on A: it stays there
-    core.ready(B, "p")  # half of A's sessions move to it, idle ones: their checkpoints load
-    moving = [j.args[0] for j in core.jobs if j.op == "load"]
-    assert len(moving) == 2 and sids[3] not in moving
-    core.call(10, session=moving[0])
+    core.call(9, session=sids[3])  # running on A: it stays there while it runs
+    core.ready(B, "p")
+    (first,) = [j.args[0] for j in core.jobs if j.op == "load"]
+    assert first != sids[3]
+    core.call(10, session=first)
     assert core.worker_of(10) is None  # waits for its move, never sent to A meanwhile
-    core.commit()
+    core.commit()  # loaded: moved to B; the next idle one starts moving
     assert core.worker_of(10) == B and core.head_of(10) & Durable.RESTORE
     assert msgpack.unpackb(core.frames_of(10)[1])["seq"] == 1
-    assert all(core.released(sid) == {A} for sid in moving) and not core.released(sids[3])
+    assert core.released(first) == {A}
+    (second,) = [j.args[0] for j in core.jobs if j.op == "load"]
+    assert second not in (first, sids[3])
+    core.commit()
+    assert core.released(second) == {A} and not [j for j in core.jobs if j.op == "load"]  # even: 2 and 2
     core.reply(B, C, 10)
-    core.call(11, session=moving[1])
+    core.call(11, session=second)
     assert core.worker_of(11) == B and core.head_of(11) & Durable.RESTORE
     assert sorted(len(core.workers[w].sessions) for w in (A, B)) == [2, 2]
+    core.checkpoint(A, 9, 2, {1: b"x"}, session=sids[3])  # its call ends: even already, it stays
+    core.commit()
+    assert not [j for j in core.jobs if j.op == "load"] and core.sessions[sids[3]].worker == A
+
+
+def test_sessions_never_idle_when_a_worker_registers_spread_as_their_calls_end(path: str) -> None:
+    """Under steady load every session has a call running or queued at any instant: they move
+    one by one as their calls end (their checkpoints committed)."""
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "abc"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+    for n, sid in enumerate(sids, 1):  # one runs on A, two wait in its queue
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.call(4, session=sids[0])
+    core.call(5, session=sids[1])
+    core.call(6, session=sids[2])
+    core.ready(B, "p")
+    assert not [j for j in core.jobs if j.op == "load"]  # none idle
+    core.checkpoint(A, 4, 2, {1: b"x"}, session=sids[0])
+    core.commit()  # call 4's write: sids[0] is idle now, and moves
+    assert [j.args[0] for j in core.jobs if j.op == "load"] == [sids[0]]
+    core.commit()
+    core.call(7, session=sids[0])
+    assert core.worker_of(7) == B and core.head_of(7) & Durable.RESTORE
+    assert msgpack.unpackb(core.frames_of(7)[1])["seq"] == 2  # with call 4's effects
