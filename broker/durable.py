@@ -472,9 +472,11 @@ class DurableSessions:
         """The store's durable sessions, back with their pool, owner and pin: each first call
         asks its worker for a full checkpoint (the store may lack the last one)."""
         now = self.clock.now
+        dropped: dict[str, int] = {}
         for row in rows:
             if row.pool not in self.pools or self.pools[row.pool].mode.value == "none":
                 self.port.store(Job("drop", (row.id,)))
+                dropped[row.pool] = dropped.get(row.pool, 0) + 1
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)
             if row.plain:  # it went plain: so it stays (never made durable again by a claim of its pin)
@@ -486,6 +488,9 @@ class DurableSessions:
                 rec.worker = row.worker.encode()
                 rec.touched.add(rec.worker)
             self.sessions[row.id] = rec
+        for pool, n in dropped.items():
+            self.port.log(logging.WARNING, "%d durable session%s of pool %r dropped from the checkpoint store: this "
+                          "broker has no pool %r that keeps session state", n, "" if n == 1 else "s", pool, pool)
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
             plain = sum(1 for r in self.sessions.values() if r.durable is not None and r.durable.off)

@@ -4,6 +4,7 @@ jobs run when the test says so, as the store thread would run them."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -413,3 +414,18 @@ def test_sessions_never_idle_when_a_worker_registers_spread_as_their_calls_end(p
     core.call(7, session=sids[0])
     assert core.worker_of(7) == B and core.head_of(7) & Durable.RESTORE
     assert msgpack.unpackb(core.frames_of(7)[1])["seq"] == 2  # with call 4's effects
+
+
+def test_durable_sessions_of_a_pool_the_restarted_broker_lacks_are_dropped_and_logged(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"}, full=True)
+    core.commit()
+    core.store.close()
+    again = DurableCore(path, "q:strict_queue")  # the conf lost pool p
+    again.commit()
+    assert S not in again.sessions and again.store.sessions() == []
+    assert any(level == logging.WARNING and "1 durable session of pool 'p' dropped" in text
+               and "no pool 'p'" in text for level, text in again.port.logs), again.port.logs
