@@ -73,7 +73,6 @@ class DurableSessions:
         # lost (a checkpoint refused)
         self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
         self.uneven: set[str] = set()  # pools whose sessions spread to a worker that holds fewer
-        self.spreading: dict[str, str] = {}  # pool -> the session moving to spread them (one at a time)
 
     # -- opening, pins, envelopes ---------------------------------------------------------------
     def refusal(self, p: Pending, pool: Pool) -> ConfigError | None:
@@ -281,6 +280,8 @@ class DurableSessions:
                 d.move = "waiting"  # its call there answers first (with its checkpoint)
             else:
                 self._load(rec, d)
+        elif d.move == "spread":
+            self._load(rec, d)
         return True
 
     def reroute(self, p: Pending, pool: Pool) -> bool:
@@ -326,11 +327,11 @@ class DurableSessions:
         if rec is None or d is None or d.move != "loading":
             return  # closed (its parked calls were answered) or turned plain meanwhile
         stored = job.result
-        old = self.workers.get(rec.worker) if rec.worker else None
-        if d.move_to is not None and (job.error is not None or stored is None) and old is not None and not old.draining:
-            # a spread the store cannot serve: the session stays on its worker, which holds it
-            d.move, d.move_to = "", None
-            self._spread_done(rec)
+        back = self.workers.get(d.spread_from) if d.spread_from else None
+        if back is not None and not back.draining and (job.error is not None or stored is None):
+            # a spread the store cannot serve: the session goes back to its worker, which holds it
+            d.move, d.spread_from = "", None
+            self.book.pin(rec, back.id)
             pool = self.pools.get(rec.pool)
             for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
                 self._route(p, rec.pool, "")
@@ -347,19 +348,18 @@ class DurableSessions:
         self._finish_move(rec, d)
 
     def _finish_move(self, rec: SessionRecord, d: Durability) -> None:
-        """Pin a loaded session to the worker it spreads to, else the pool's least-loaded one, and
-        send it its calls."""
+        """Pin a loaded session to the pool's least-loaded worker (a spread: to the worker it is
+        pinned to already) and send it its calls."""
         pool = self.pools.get(rec.pool)
         if pool is None:
             return
-        new = self.workers.get(d.move_to) if d.move_to else None
-        d.move_to = None
-        spread_next = self._spread_done(rec)
+        new = self.workers.get(rec.worker) if d.spread_from and rec.worker else None
         if new is None or new.draining or new.id in pool.rolling:
             new = pool.least_loaded()
         if new is None:
             return  # no worker yet: the next READY goes on (worker_ready)
-        old = self.workers.get(rec.worker) if rec.worker else None
+        old = self.workers.get(d.spread_from or rec.worker or b"")
+        d.spread_from = None
         self.book.pin(rec, new.id)
         rec.touched.add(new.id)
         d.restore_to, d.move = new.id, ""
@@ -373,23 +373,19 @@ class DurableSessions:
                 self._dispatch(new, p)
             else:
                 new.queue.append(p)  # already counted in the pool's queue bound
-        if spread_next and (found := spread.first_to_spread(pool, self.sessions)):
-            self._spread(*found)
 
     def spread(self, new: WorkerRecord) -> None:
-        """``new`` registered: sessions of its pool move to the workers holding the fewest, one
-        at a time, each when idle (broker/spread.py): the first now, the next ones as calls end."""
+        """``new`` registered: sessions of its pool move to the workers holding the fewest, each
+        when idle (broker/spread.py): those idle now, the others as their calls end."""
         if not spread.even(new.pool):
             self.uneven.add(new.pool.name)
-            if new.pool.name not in self.spreading and (found := spread.first_to_spread(new.pool, self.sessions)):
-                self._spread(*found)
+            for rec, target in spread.to_spread(new.pool, self.sessions):
+                self._spread(rec, target)
 
     def _spread_on(self, rec: SessionRecord) -> None:
         """``rec``'s call ended and its write (if any) committed: in a pool whose sessions are
-        uneven, it moves now if it should (one move in flight per pool)."""
-        if rec.pool not in self.uneven or rec.pool in self.spreading:
-            return
-        w = self.workers.get(rec.worker) if rec.worker else None
+        uneven, it moves now if it should."""
+        w = self.workers.get(rec.worker) if rec.worker and rec.pool in self.uneven else None
         if w is None:
             return
         target = spread.target_for(rec, w)
@@ -398,18 +394,15 @@ class DurableSessions:
         elif spread.even(w.pool):
             self.uneven.discard(rec.pool)
 
-    def _spread_done(self, rec: SessionRecord) -> bool:
-        """``rec``'s spread move ended (or it was not one): True if it was."""
-        if self.spreading.get(rec.pool) != rec.id:
-            return False
-        del self.spreading[rec.pool]
-        return True
-
     def _spread(self, rec: SessionRecord, target: WorkerRecord) -> None:
-        assert rec.durable is not None
-        self.spreading[rec.pool] = rec.id
-        rec.durable.move_to = target.id
-        self._load(rec, rec.durable)
+        """Pin ``rec`` to ``target`` now (the counts the next choice reads); its checkpoint loads
+        at its next call, and its old worker holds it until then (it goes back there if the
+        store cannot serve it)."""
+        d = rec.durable
+        assert d is not None
+        d.move, d.spread_from = "spread", rec.worker
+        self.book.pin(rec, target.id)
+        rec.touched.add(target.id)
 
     def worker_ready(self, pool: Pool) -> None:
         """A worker registered: sessions loaded while the pool had none go there."""
@@ -424,7 +417,6 @@ class DurableSessions:
         d = rec.durable
         assert d is not None
         d.off = f"lost: {reason}"
-        self._spread_done(rec)
         self.port.store(Job("drop", (rec.id,)))
         self.counters["lost"] += 1
         self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
@@ -441,7 +433,6 @@ class DurableSessions:
         d = rec.durable
         if d is None:
             return
-        self._spread_done(rec)
         while d.held:
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)

@@ -4,11 +4,14 @@ A crash or a rolling recycle moves a worker's durable sessions to the workers le
 moved them back, so they all stayed on the worker that took them while the replacements idled
 (a rolling ``recycle --all`` ended with every session on one worker). A durable session can move
 between two calls at the price of a restore, so after a worker registers, sessions move from the
-workers holding the most to the one holding the fewest, one at a time, each when it is idle (at
-the registration, then as each call ends), until no worker holds two more than another.
+workers holding the most to the one holding the fewest, each when it is idle (at the
+registration, then as each call ends), until no worker holds two more than another. A move is a
+pin at once; the checkpoint loads at the session's next call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from broker.state import Pool, SessionRecord, WorkerRecord
 
@@ -33,15 +36,15 @@ def target_for(rec: SessionRecord, w: WorkerRecord) -> WorkerRecord | None:
     return fewest
 
 
-def first_to_spread(pool: Pool, sessions: dict[str, SessionRecord]) -> tuple[SessionRecord, WorkerRecord] | None:
-    """A session to move now, from the worker holding the most (None: none may move now)."""
+def to_spread(pool: Pool, sessions: dict[str, SessionRecord]) -> Iterator[tuple[SessionRecord, WorkerRecord]]:
+    """Sessions to move now and where, from the workers holding the most; the caller moves
+    each (re-pins it) before the next is chosen."""
     for w in sorted(pool.workers.values(), key=lambda w: -len(w.sessions)):
-        for sid in w.sessions:
+        for sid in list(w.sessions):
             rec = sessions.get(sid)
             target = target_for(rec, w) if rec is not None else None
             if rec is not None and target is not None:
-                return rec, target
-    return None
+                yield rec, target
 
 
 def may_move(rec: SessionRecord, w: WorkerRecord) -> bool:

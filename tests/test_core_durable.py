@@ -357,8 +357,8 @@ def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
 
 
 def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wait_for_the_move(path: str) -> None:
-    """One move at a time per pool, each of a session that is idle: the first when the worker
-    registers, the next ones as each move ends or a call ends, until the workers are even."""
+    """Idle sessions are pinned to the new worker at once; each one's checkpoint loads at its next
+    call, which waits for it, and its old worker holds it until then."""
     core = DurableCore(path, "p:strict_queue:prefetch=0")
     core.ready(A, "p")
     sids = [c * 32 for c in "abcd"]
@@ -367,27 +367,24 @@ def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wai
         core.commit()
         core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
         core.commit()
-    core.call(9, session=sids[3])  # running on A: it stays there while it runs
+    core.call(9, session=sids[3])  # running on A: it stays there
     core.ready(B, "p")
-    (first,) = [j.args[0] for j in core.jobs if j.op == "load"]
-    assert first != sids[3]
-    core.call(10, session=first)
-    assert core.worker_of(10) is None  # waits for its move, never sent to A meanwhile
-    core.commit()  # loaded: moved to B; the next idle one starts moving
+    moved = [sid for sid in sids if core.sessions[sid].worker == B]
+    assert len(moved) == 2 and sids[3] not in moved and len(core.workers[A].sessions) == 2
+    assert not [j for j in core.jobs if j.op == "load"] and not core.released(moved[0])  # nothing loaded or released yet
+    core.call(10, session=moved[0])
+    assert core.worker_of(10) is None  # waits for its checkpoint, never sent to A
+    core.commit()
     assert core.worker_of(10) == B and core.head_of(10) & Durable.RESTORE
     assert msgpack.unpackb(core.frames_of(10)[1])["seq"] == 1
-    assert core.released(first) == {A}
-    (second,) = [j.args[0] for j in core.jobs if j.op == "load"]
-    assert second not in (first, sids[3])
-    core.commit()
-    assert core.released(second) == {A} and not [j for j in core.jobs if j.op == "load"]  # even: 2 and 2
+    assert core.released(moved[0]) == {A} and not core.released(moved[1])
     core.reply(B, C, 10)
-    core.call(11, session=second)
-    assert core.worker_of(11) == B and core.head_of(11) & Durable.RESTORE
-    assert sorted(len(core.workers[w].sessions) for w in (A, B)) == [2, 2]
+    core.call(11, session=moved[1])
+    core.commit()
+    assert core.worker_of(11) == B and core.head_of(11) & Durable.RESTORE and core.released(moved[1]) == {A}
     core.checkpoint(A, 9, 2, {1: b"x"}, session=sids[3])  # its call ends: even already, it stays
     core.commit()
-    assert not [j for j in core.jobs if j.op == "load"] and core.sessions[sids[3]].worker == A
+    assert core.sessions[sids[3]].worker == A and not [j for j in core.jobs if j.op == "load"]
 
 
 def test_sessions_never_idle_when_a_worker_registers_spread_as_their_calls_end(path: str) -> None:
@@ -406,12 +403,12 @@ def test_sessions_never_idle_when_a_worker_registers_spread_as_their_calls_end(p
     core.call(5, session=sids[1])
     core.call(6, session=sids[2])
     core.ready(B, "p")
-    assert not [j for j in core.jobs if j.op == "load"]  # none idle
+    assert {core.sessions[sid].worker for sid in sids} == {A}  # none idle
     core.checkpoint(A, 4, 2, {1: b"x"}, session=sids[0])
     core.commit()  # call 4's write: sids[0] is idle now, and moves
-    assert [j.args[0] for j in core.jobs if j.op == "load"] == [sids[0]]
-    core.commit()
+    assert core.sessions[sids[0]].worker == B
     core.call(7, session=sids[0])
+    core.commit()
     assert core.worker_of(7) == B and core.head_of(7) & Durable.RESTORE
     assert msgpack.unpackb(core.frames_of(7)[1])["seq"] == 2  # with call 4's effects
 
@@ -429,3 +426,21 @@ def test_durable_sessions_of_a_pool_the_restarted_broker_lacks_are_dropped_and_l
     assert S not in again.sessions and again.store.sessions() == []
     assert any(level == logging.WARNING and "1 durable session of pool 'p' dropped" in text
                and "no pool 'p'" in text for level, text in again.port.logs), again.port.logs
+
+
+def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_session(path: str) -> None:
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "ab"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.ready(B, "p")
+    (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
+    core.store.drop(moved)  # its checkpoint unreadable (the store lost it)
+    core.call(3, session=moved)
+    core.commit()
+    assert core.worker_of(3) == A and not core.head_of(3) & Durable.RESTORE  # where it lives, unharmed
+    assert not core.released(moved) and core.sessions[moved].worker == A
