@@ -11,7 +11,8 @@ When a durable session's worker is gone or draining, its calls wait in the pool'
 while the session moves: (after the call it runs on a draining worker answers) the store loads
 its checkpoint, the session is pinned to the pool's least-loaded worker, and its first call there
 carries the checkpoint (``Durable.RESTORE``). A worker that refuses the checkpoint makes the
-session lost: its rows go and its calls answer ``checkpoint_refused``.
+session lost: its rows go and its calls answer ``checkpoint_refused``. After a worker registers,
+idle sessions move the same way to the workers holding the fewest (broker/spread.py).
 """
 
 from __future__ import annotations
