@@ -135,8 +135,8 @@ class Broker:
             return
         jobs, self._store_here = self._store_here, []
         assert self.store_thread is not None
-        self.store_thread.run_here(jobs)
-        self.core.store_done(jobs, time.monotonic())
+        done = self.store_thread.run_here(jobs)  # (the others go to the store's thread)
+        self.core.store_done(done, time.monotonic())
 
     def log(self, level: int, message: str, *args: Any) -> None:
         log.log(level, message, *args)

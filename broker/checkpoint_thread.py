@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 
-from broker.checkpoints import CheckpointStore, Job, StoreError
+from broker.checkpoints import CheckpointStore, Job, StoreError, locked
 
 log = logging.getLogger("dspex.broker")
 
@@ -61,15 +61,23 @@ class StoreThread:
             self._writes_submitted += 1
         self._jobs.put(job)
 
-    def run_here(self, jobs: list[Job]) -> None:
+    def run_here(self, jobs: list[Job]) -> list[Job]:
         """Run small writes on the caller's thread, in one transaction, while the thread has no
-        write of its own to run (:attr:`writing`): no thread hop for the common case."""
+        write of its own to run (:attr:`writing`): no thread hop for the common case. Never
+        waits for a lock another process holds on the file (an operator's write, a VACUUM: the
+        routing loop would stall): from the first job that meets one, the jobs go to the thread,
+        which waits. Returns the jobs done here."""
         assert not self.writing
-        self._round(jobs)
-        self._writes_here += len(jobs)
+        self.store.wait_for_locks(False)  # (the thread waits again once it has writes: _round)
+        left = self._round(jobs, here=True)
+        done = jobs[:len(jobs) - len(left)]
+        self._writes_here += len(done)
+        for job in left:
+            self.submit(job)
         if self._asleep:
             self._asleep = False
             self._jobs.put(_WAKE)
+        return done
 
     def completed(self) -> list[Job]:
         """Jobs finished since the last call, in the order they were submitted."""
@@ -151,7 +159,11 @@ class StoreThread:
             log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
         return wrote, time.monotonic()
 
-    def _round(self, batch: list[Job]) -> None:
+    def _round(self, batch: list[Job], here: bool = False) -> list[Job]:
+        """Run ``batch``; ``here`` (the routing thread): stop at a lock another process holds and
+        return the jobs from there on, untouched (else none)."""
+        if not here and any(job.op != "load" for job in batch):
+            self.store.wait_for_locks(True)  # (no write runs here meanwhile: run_here waits for these)
         i = 0
         while i < len(batch):
             if batch[i].op == "write":  # consecutive writes: one transaction
@@ -163,6 +175,8 @@ class StoreThread:
                     for job, result in zip(writes, self.store.apply([job.args[0] for job in writes])):
                         job.error = result
                 except Exception as exc:  # noqa: BLE001 - a disk or database failure: every write of the round failed
+                    if here and locked(exc):
+                        return batch[i:]
                     log.error("checkpoint store %s: %s", self.store.path, exc)
                     for job in writes:
                         job.error = StoreError(f"the broker's checkpoint store failed ({exc})")
@@ -172,6 +186,9 @@ class StoreThread:
             try:
                 job.result = getattr(self.store, job.op)(*job.args)
             except Exception as exc:  # noqa: BLE001 - handed back to the broker with the job
+                if here and locked(exc):
+                    return batch[i:]
                 log.error("checkpoint store %s: %s failed: %s", self.store.path, job.op, exc)
                 job.error = exc
             i += 1
+        return []

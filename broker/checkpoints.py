@@ -29,6 +29,9 @@ log = logging.getLogger("dspex.broker")
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
+# seconds a write on the store's thread waits for a lock another process holds on the file (an
+# operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
+LOCK_WAIT = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -118,7 +121,8 @@ class CheckpointStore:
         self.session_cap = session_cap
         self.total_cap = total_cap
         fresh = not os.path.exists(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+        self._waits = True
         if fresh:
             os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -145,6 +149,13 @@ class CheckpointStore:
         """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
         reader or writer). The store's thread runs it when idle."""
         self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def wait_for_locks(self, wait: bool) -> None:
+        """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
+        file, or fails at once (``locked``)."""
+        if wait != self._waits:
+            self._db.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT * 1000) if wait else 0}")
+            self._waits = wait
 
     def close(self) -> None:
         self._reader.close()
@@ -322,6 +333,12 @@ def _forget_rows(db: sqlite3.Connection, session: str, plain: str) -> None:
         db.execute("UPDATE sessions SET seq = -1, skeleton = ?, size = 0 WHERE id = ?", (plain, session))
     else:
         db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+
+def locked(exc: BaseException) -> bool:
+    """``exc`` is SQLite's "database is locked" (busy or locked: another connection holds it)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _rollback(db: sqlite3.Connection) -> None:

@@ -7,6 +7,8 @@ import glob
 import os
 import sqlite3
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -261,3 +263,46 @@ def test_a_session_that_went_plain_stays_plain_after_a_broker_restart(stack: Sta
             return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
 
     wait_for(lambda: rows() == 0, what="its row gone with the session")
+
+
+def test_a_lock_held_on_the_store_stalls_only_durable_replies_and_turns_nothing_plain(stack: Stack) -> None:
+    """An operator's write on the store file (a ``sqlite3`` shell, a ``VACUUM``) holds its lock
+    for a while: the broker's loop must not wait for it (every pool would stall and the workers
+    would be taken for dead); durable replies wait for their checkpoints, then go on."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put([])
+    plain = dx.session("p")
+    plain.eval("1")
+    pids = {w["pid"] for w in stack.workers("p", dx)}
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sqlite3.connect(path, isolation_level=None) as db:
+            db.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(20)
+            db.execute("COMMIT")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with ThreadPoolExecutor(1) as pool:
+            durable = pool.submit(s.eval, "(b.append(1), len(b))[1]", {"b": box})
+            started = time.monotonic()
+            for _ in range(20):
+                plain.eval("1")  # the broker answers as ever
+                dx.ping()
+            assert time.monotonic() - started < 2.0
+            assert not durable.done()  # its reply waits for its checkpoint
+            release.set()
+            assert durable.result(30) == 1  # then it is acknowledged: no SessionNotDurable
+    finally:
+        release.set()
+        holder.join(30)
+    assert s.eval("len(b)", {"b": box}) == 1
+    (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
+    assert row["durable"] is True
+    assert {w["pid"] for w in stack.workers("p", dx)} == pids and dx.status()["pools"]["p"]["crashes"] == 0
