@@ -9,6 +9,7 @@ give what its program gives in-process, as if it had the worker to itself.
 
 import concurrent.futures
 import importlib
+import sys
 import threading
 
 import dspy
@@ -205,3 +206,24 @@ def test_threads_a_program_starts_carry_its_settings_output_and_history(
     finally:
         other.close(timeout=10)
         s.close(timeout=10)
+
+
+def ask_through_a_shared_executor(country):
+    """An executor that outlives calls and serves several sessions, as one an installed library
+    keeps in a module global would (here on ``sys``, shared by every session of the worker)."""
+    if not hasattr(sys, "dspex_shared_executor"):
+        sys.dspex_shared_executor = concurrent.futures.ThreadPoolExecutor(1)
+    return sys.dspex_shared_executor.submit(current_lm_answer, country).result()
+
+
+def test_a_shared_executor_runs_each_sessions_task_as_that_sessions(dx: dspex.Client) -> None:
+    a, b = dx.session("c4"), dx.session("c4")
+    try:
+        a.run(set_lm, "dspy.configure", lm_of("alpha"))
+        b.run(set_lm, "dspy.configure", lm_of("beta"))
+        assert a.run(ask_through_a_shared_executor, "Italy") == "Italy says alpha"  # a's call starts its thread
+        assert b.run(ask_through_a_shared_executor, "Spain") == "Spain says beta"
+        assert a.worker == b.worker
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
