@@ -24,6 +24,7 @@ from dspex.client import output
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
+from dspex.client.sendsettings import settings_ext
 from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
@@ -105,7 +106,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             body = as_module_globals(msg.cache, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
-        settings = msg.settings(codec.session_ext)
+        settings = settings_ext(msg, codec.session_ext)
         if settings is not None:
             context["dspy"] = settings
             if msg.pinned:

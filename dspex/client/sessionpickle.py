@@ -31,14 +31,13 @@ import enum
 import io
 import sys
 import types
-from collections.abc import Callable
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
 from dspex.client.callglobals import ModuleGlobal
-from dspex.client.sendcache import SendCache, client_dspy_settings
+from dspex.client.sendcache import SendCache
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -166,31 +165,6 @@ class Message:
     def _restore(self, saved: tuple[Any, ...]) -> None:
         (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
          self._budget, self.walks) = saved
-
-    def settings(self, make_ext: Callable[[Message, Any], Any]) -> Any:
-        """The client's DSPy settings for this request as one ext (``make_ext``), values by
-        identity (an LM travels once); None when there are none. The same settings as the last
-        request's, all held by the worker, reuse its ext."""
-        cache = self.cache
-        if not cache.client_settings:
-            return None
-        values, self.pinned = client_dspy_settings()
-        if not values:
-            return None
-        signature = tuple((k, id(v)) for k, v in values.items())
-        last = cache.last_settings if self.trusted else None
-        if last is not None and last[0] == signature and all(k in cache.sent for k in last[2]):
-            self.used.update(last[2])
-            return last[1]
-        wrapped = {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
-        try:
-            ext = make_ext(self, wrapped)
-        except EncodeError as err:
-            raise senderrors.settings_error(values, err, _transient_dumps) from None
-        keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
-        if self.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
-            self.settings_sent = (signature, ext, keys, values)
-        return ext
 
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:

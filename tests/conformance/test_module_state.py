@@ -227,3 +227,36 @@ def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, u
     assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
     mod.COUNTER = mod.Counter()  # rebound, as re-running the cell that made it does
     assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1
+
+
+def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, user_module: Any) -> None:
+    """DSPy docs "Callbacks": a ``BaseCallback`` that records what runs, made at the top of the
+    user's module and configured on the client; the program's code reads the same object (one
+    object in-process, so one in the session: the callback the settings carry is the module's
+    global, not a copy of it)."""
+    mod = user_module('''
+        import dspy
+        from dspy.utils.callback import BaseCallback
+
+
+        class Recorder(BaseCallback):
+            def __init__(self):
+                self.events = []
+
+            def on_module_start(self, call_id, instance, inputs):
+                self.events.append((type(instance).__name__, inputs["kwargs"]))
+
+
+        RECORDER = Recorder()
+
+
+        def answer(question):
+            return dspy.Predict("question -> answer")(question=question).answer
+
+
+        def recorded():
+            return list(RECORDER.events), dspy.settings.callbacks[0] is RECORDER
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": "one"}, {"answer": "two"}]), callbacks=[mod.RECORDER])
+    assert [run(mod.answer, "q1"), run(mod.answer, "q2")] == ["one", "two"]
+    assert as_data(run(mod.recorded)) == [[["Predict", {"question": "q1"}], ["Predict", {"question": "q2"}]], True]
