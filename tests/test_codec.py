@@ -487,6 +487,20 @@ def test_remote_error_is_an_instance_of_the_original_type_with_its_attributes() 
     assert type(error_from_wire(_wire_of(KeyError("k")))) is type(error_from_wire(_wire_of(KeyError("j"))))
 
 
+class Adapter:
+    class Failure(ValueError):
+        """An exception class nested in another (or defined in a function): a dotted qualname."""
+
+
+def test_a_remote_error_of_a_nested_class_reads_as_its_class() -> None:
+    err = error_from_wire(_wire_of(Adapter.Failure("could not parse")))
+    assert isinstance(err, Adapter.Failure)
+    # repr takes the class name after its last dot: the qualname's dots must not cut it
+    assert repr(err) == "RemoteError[Failure]('could not parse')"
+    assert type(err).__qualname__ == "RemoteError[Adapter.Failure]"
+    assert "RemoteError[Adapter.Failure]: could not parse" in "".join(traceback.format_exception_only(err))
+
+
 def test_remote_error_builtin_fields_and_fallbacks() -> None:
     err = error_from_wire(_wire_of(FileNotFoundError(2, "No such file", "/x")))
     assert isinstance(err, FileNotFoundError) and err.errno == 2 and err.filename == "/x"

@@ -237,8 +237,10 @@ def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
                 return self._wire()[0]
 
         try:
-            cls = type(f"RemoteError[{original.__qualname__}]", (RemoteError, original),
-                       {"__str__": __str__, "__module__": __name__})
+            # __name__ without the qualname's dots: repr() shows the name after the last one
+            cls = type(f"RemoteError[{original.__name__}]", (RemoteError, original),
+                       {"__str__": __str__, "__module__": __name__,
+                        "__qualname__": f"RemoteError[{original.__qualname__}]"})
         except TypeError:  # a layout conflict (some C exception types): a plain RemoteError then
             cls = None
     _REMOTE_CLASSES[original] = cls
