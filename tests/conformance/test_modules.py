@@ -8,6 +8,7 @@ test modules do not use it, and local Pydantic classes in signatures must stay r
 import asyncio
 import base64
 import json
+import threading
 import warnings
 from typing import Literal
 
@@ -507,6 +508,29 @@ def test_user_exception_keeps_its_class_and_payload(run: Runner) -> None:
     assert str(info.value) == "asked for 5"
     if run.mode == SESSION:
         assert "spend_quota" in info.value.remote_traceback
+
+
+class ProviderError(Exception):
+    """An error that keeps what failed, like an SDK's: a status code and the client's lock."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+        self.lock = threading.Lock()
+
+
+def call_provider():
+    raise ProviderError("rate limited", code=429)
+
+
+def test_user_exception_with_an_attribute_that_cannot_travel_keeps_the_others(run: Runner) -> None:
+    """A lock cannot be pickled, so the exception cannot go whole: its other attributes still do
+    (never the ``code`` of RemoteError in place of the user's own)."""
+    with pytest.raises(ProviderError) as info:
+        run(call_provider)
+    assert info.value.code == 429 and str(info.value) == "rate limited" and info.value.args == ("rate limited",)
+    if run.mode == SESSION:
+        assert not hasattr(info.value, "lock") and "call_provider" in info.value.remote_traceback
 
 
 # -- a tool that fails, a callback, a conversation history ----------------------------------------
