@@ -257,7 +257,7 @@ class Exchange:
         if status == Status.ERROR.value:
             err = decode_error(frames)
             if self.usage is not None:
-                add_usage(self.usage, err.details.pop("usage", None))
+                add_usage(self.usage, err.wire_details.pop("usage", None))
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
                 self.sender.missed(False)

@@ -533,6 +533,31 @@ def test_user_exception_with_an_attribute_that_cannot_travel_keeps_the_others(ru
         assert not hasattr(info.value, "lock") and "call_provider" in info.value.remote_traceback
 
 
+class PageMissing(LookupError):
+    """A web framework's kind of HTTP error: class-level ``code``, ``message`` and ``details``."""
+
+    code = 404
+    message = "The requested URL was not found."
+    details = {"retry": False}  # noqa: RUF012 - as such classes are written
+
+
+def fetch_after_asking(question):
+    dspy.Predict("question -> answer")(question=question)
+    raise PageMissing(f"no page for {question}")
+
+
+def test_user_exception_class_attributes_are_its_own(run: Runner) -> None:
+    """``code``, ``message`` and ``details`` are RemoteError's names too: the user's class wins,
+    also around ``dspy.track_usage()`` (whose counts ride in the error's wire details)."""
+    dspy.configure(lm=DummyLM([{"answer": "x"}]), track_usage=True)
+    with dspy.track_usage() as usage, pytest.raises(PageMissing) as info:
+        run(fetch_after_asking, "where")
+    err = info.value
+    assert (err.code, err.message, err.details, str(err)) == (404, "The requested URL was not found.",
+                                                              {"retry": False}, "no page for where")
+    assert PageMissing.details == {"retry": False} and list(usage.get_total_tokens()) == ["dummy"]
+
+
 # -- a tool that fails, a callback, a conversation history ----------------------------------------
 
 
