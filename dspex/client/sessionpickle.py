@@ -238,6 +238,10 @@ class Message:
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self._bind(out, todo, nsid, name, g[name])
+                for name in codeindex.signature_type_names(func.__code__):  # DSPy's custom types: a class or module
+                    if isinstance(g.get(name), (type, types.ModuleType)):
+                        reads.append((g, name, (nsid, name)))
+                        self._bind(out, todo, nsid, name, g[name])
                 for module in codeindex.user_modules_imported(func.__code__, g):
                     # an import in the body finds the session's module (codestore.CodeStore.importer)
                     reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))

@@ -489,6 +489,23 @@ def test_pydantic_instance_argument_matches_the_signature_type_sent_earlier(run:
     assert '"quantity": 2' in str(lm.history[-1]["messages"])
 
 
+class SpamVerdict(BaseModel):
+    label: str
+    confidence: float
+
+
+def judge_with_a_string_signature(text):
+    """DSPy docs "Signatures": a custom type named in a string signature is found in the caller's
+    module, which the program's code never reads otherwise."""
+    dspy.configure(lm=DummyLM([{"verdict": '{"label": "spam", "confidence": 0.9}'}]))
+    return dspy.Predict("text: str -> verdict: SpamVerdict")(text=text)
+
+
+def test_a_custom_type_named_in_a_string_signature(run: Runner) -> None:
+    result = run.check(judge_with_a_string_signature, "buy now")
+    assert isinstance(result.verdict, SpamVerdict) and result.verdict.label == "spam"
+
+
 class QuotaError(Exception):
     def __init__(self, message, remaining):
         super().__init__(message)
