@@ -28,6 +28,7 @@ The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on t
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import sys
 import types
@@ -36,7 +37,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
-from dspex.client.callglobals import ModuleGlobal
+from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import SendCache, SettingsSent, Walk
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
@@ -355,6 +356,8 @@ class SessionPickler(byvalue.SourcePickler):
             return self._code(obj.code)
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
+        if t is PartialOfGlobals:
+            return functools.partial, (obj.func,), (obj.func, obj.args, obj.keywords, obj.state)
         if t is ModuleGlobal:
             if obj.attr is not None:
                 return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)

@@ -9,6 +9,7 @@ from the same module state.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import secrets
 import sys
@@ -227,6 +228,47 @@ def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, u
     assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
     mod.COUNTER = mod.Counter()  # rebound, as re-running the cell that made it does
     assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1
+
+
+def test_module_globals_bound_in_a_partial_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+    """``functools.partial`` over a global program or a method of a global object (``partial(ask,
+    QA)``, ``partial(COUNTER.bump, by=2)``), as the callable or an argument: the partial's function
+    and arguments are those globals, as in-process."""
+    mod = user_module('''
+        import functools
+
+        import dspy
+
+
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def bump(self, by=1):
+                self.n += by
+                return self.n
+
+
+        COUNTER = Counter()
+        QA = dspy.Predict("question -> answer")
+
+
+        def ask(program, question):
+            return program(question=question).answer
+
+
+        def seen():
+            return COUNTER.n, len(QA.history)
+
+
+        def call(fn, *args):
+            return fn(*args)
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": str(i)} for i in range(5)]))
+    assert [run(functools.partial(mod.COUNTER.bump, by=2)) for _ in range(2)] == [2, 4]
+    assert [run(functools.partial(mod.ask, mod.QA), q) for q in ("a", "b")] == ["0", "1"]
+    assert run(mod.call, functools.partial(mod.COUNTER.bump, 3)) == 7
+    assert run(mod.seen) == (7, 2)
 
 
 def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, user_module: Any) -> None:
