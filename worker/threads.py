@@ -56,9 +56,11 @@ def install(entry: Entry) -> None:
     submit = ThreadPoolExecutor.submit
 
     def start_carried(self: threading.Thread) -> None:
-        run = _carried(self.run)
-        if run is not None:
-            self.run = run  # type: ignore[method-assign]
+        # the whole life of the thread, not only run(): threading.excepthook prints an uncaught
+        # exception after run() returns, and it belongs to the call's stderr too
+        bootstrap = _carried(self._bootstrap)  # type: ignore[attr-defined]
+        if bootstrap is not None:
+            self._bootstrap = bootstrap  # type: ignore[attr-defined]
         start(self)
 
     def submit_carried(self: ThreadPoolExecutor, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:

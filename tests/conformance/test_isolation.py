@@ -227,3 +227,28 @@ def test_a_shared_executor_runs_each_sessions_task_as_that_sessions(dx: dspex.Cl
     finally:
         a.close(timeout=10)
         b.close(timeout=10)
+
+
+def a_thread_fails():
+    def fail():
+        raise LookupError("no answer for Atlantis")
+
+    thread = threading.Thread(target=fail)
+    thread.start()
+    thread.join()
+    return "joined"
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_a_failing_threads_traceback_reaches_the_callers_stderr(dx: dspex.Client, capsys: pytest.CaptureFixture[str],
+                                                               pool: str) -> None:
+    """In-process, Python's default ``threading.excepthook`` prints an uncaught exception of a thread
+    to ``sys.stderr`` ("Exception in thread ..."); pytest replaces that hook here, so the session's
+    half alone is checked: the traceback is written where the program's stderr goes."""
+    s = dx.session(pool)
+    try:
+        assert s.run(a_thread_fails) == "joined"
+        err = capsys.readouterr().err
+        assert "Exception in thread" in err and "LookupError: no answer for Atlantis" in err
+    finally:
+        s.close(timeout=10)
