@@ -3,11 +3,13 @@
 What the calling thread or task configured (``sendcache.client_dspy_settings``) goes as one ext
 of the request's context; its values by the client object's identity, as module globals' values
 go (an LM travels once per session), and so do the items of a list (``callbacks``): a callback
-the client's code also holds as a global is one object in the session, as in-process.
+the client's code also holds as a global is one object in the session, as in-process. Functions
+and classes (``rm=search``) are the session pickler's, sent once by key like any other.
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -43,8 +45,8 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any]) -> Any:
 
 
 def _by_identity(msg: Message, value: Any) -> Any:
-    if type(value) in _ATOMS:
-        return value
+    if type(value) in _ATOMS or type(value) is types.FunctionType or isinstance(value, type):
+        return value  # functions and classes go once per session by key anyway (SessionPickler)
     items = type(value)(_by_identity(msg, v) for v in value) if type(value) in (list, tuple) else value
     return _Value(msg.key(value), items)
 

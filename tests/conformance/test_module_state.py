@@ -302,3 +302,28 @@ def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, 
     dspy.configure(lm=DummyLM([{"answer": "one"}, {"answer": "two"}]), callbacks=[mod.RECORDER])
     assert [run(mod.answer, "q1"), run(mod.answer, "q2")] == ["one", "two"]
     assert as_data(run(mod.recorded)) == [[["Predict", {"question": "q1"}], ["Predict", {"question": "q2"}]], True]
+
+
+def test_a_retriever_function_configured_on_the_client(run: Runner, user_module: Any) -> None:
+    """DSPy's ``dspy.configure(rm=...)`` with the user's own search function, then ``dspy.Retrieve``
+    in the program: a function as a setting is the module's function in the session (its module
+    state, the queries it logged, included)."""
+    mod = user_module('''
+        import dspy
+        from dspy.dsp.utils import dotdict
+
+        CORPUS = ["Paris is the capital of France.", "Rome is the capital of Italy.", "Berlin is in Germany."]
+        QUERIES = []
+
+
+        def search(query, k=3, **kwargs):
+            QUERIES.append(query)
+            return [dotdict(long_text=p) for p in CORPUS if any(w in p for w in query.split())][:k]
+
+
+        def retrieve(question):
+            return dspy.Retrieve(k=2)(question).passages, list(QUERIES)
+    ''')
+    dspy.configure(rm=mod.search)
+    assert run(mod.retrieve, "Paris France") == (["Paris is the capital of France."], ["Paris France"])
+    assert run(mod.retrieve, "Rome")[1] == ["Paris France", "Rome"]
