@@ -13,7 +13,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from dspex.client import senderrors
+from dspex.client import codeindex, senderrors
 from dspex.client.sendcache import client_dspy_settings
 from dspex.client.sessionpickle import _ATOMS, Message, _transient_dumps, _Value
 from dspex.wire.errors import EncodeError
@@ -38,7 +38,7 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any]) -> Any:
         ext = make_ext(msg, wrapped)
     except EncodeError as err:
         raise senderrors.settings_error(values, err, _transient_dumps) from None
-    keys = tuple(_keys(wrapped.values()))
+    keys = tuple(_keys(msg, wrapped.values()))
     if msg.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
         msg.settings_sent = (signature, ext, keys, values)
     return ext
@@ -51,8 +51,11 @@ def _by_identity(msg: Message, value: Any) -> Any:
     return _Value(msg.key(value), items)
 
 
-def _keys(values: Iterable[Any]) -> Iterator[str]:
+def _keys(msg: Message, values: Iterable[Any]) -> Iterator[str]:
+    """The keys the settings' ext refers to: reused as it is only while the worker holds them all."""
     for v in values:
         if type(v) is _Value:
             yield v.key
-            yield from _keys(v.obj if type(v.obj) in (list, tuple) else ())
+            yield from _keys(msg, v.obj if type(v.obj) in (list, tuple) else ())
+        elif (type(v) is types.FunctionType or isinstance(v, type)) and codeindex.by_value(v):
+            yield msg.key(v)
