@@ -3,8 +3,9 @@
 What the calling thread or task configured (``sendcache.client_dspy_settings``) goes as one ext
 of the request's context; its values by the client object's identity, as module globals' values
 go (an LM travels once per session), and so do the items of a list (``callbacks``): a callback
-the client's code also holds as a global is one object in the session, as in-process. Functions
-and classes (``rm=search``) are the session pickler's, sent once by key like any other.
+the client's code also holds as a global is one object in the session, as in-process, and so is
+the object of a method (``rm=RETRIEVER.search``). Functions and classes (``rm=search``) are the
+session pickler's, sent once by key like any other.
 """
 
 from __future__ import annotations
@@ -44,9 +45,24 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any]) -> Any:
     return ext
 
 
+class _BoundMethod:
+    """A method setting (``rm=RETRIEVER.search``) with its object by identity: in the session, the
+    method of the session's object, the one the program's code reads as a global too."""
+
+    __slots__ = ("func", "owner")
+
+    def __init__(self, func: Any, owner: Any) -> None:
+        self.func, self.owner = func, owner
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return types.MethodType, (self.func, self.owner)
+
+
 def _by_identity(msg: Message, value: Any) -> Any:
     if type(value) in _ATOMS or type(value) is types.FunctionType or isinstance(value, type):
         return value  # functions and classes go once per session by key anyway (SessionPickler)
+    if type(value) is types.MethodType and not isinstance(value.__self__, (type, types.ModuleType)):
+        return _Value(msg.key(value), _BoundMethod(value.__func__, _by_identity(msg, value.__self__)))
     items = type(value)(_by_identity(msg, v) for v in value) if type(value) in (list, tuple) else value
     return _Value(msg.key(value), items)
 
@@ -56,6 +72,8 @@ def _keys(msg: Message, values: Iterable[Any]) -> Iterator[str]:
     for v in values:
         if type(v) is _Value:
             yield v.key
-            yield from _keys(msg, v.obj if type(v.obj) in (list, tuple) else ())
+            inner = v.obj
+            yield from _keys(msg, inner if type(inner) in (list, tuple) else
+                             (inner.owner,) if type(inner) is _BoundMethod else ())
         elif (type(v) is types.FunctionType or isinstance(v, type)) and codeindex.by_value(v):
             yield msg.key(v)

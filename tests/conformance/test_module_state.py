@@ -304,10 +304,12 @@ def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, 
     assert as_data(run(mod.recorded)) == [[["Predict", {"question": "q1"}], ["Predict", {"question": "q2"}]], True]
 
 
-def test_a_retriever_function_configured_on_the_client(run: Runner, user_module: Any) -> None:
-    """DSPy's ``dspy.configure(rm=...)`` with the user's own search function, then ``dspy.Retrieve``
-    in the program: a function as a setting is the module's function in the session (its module
-    state, the queries it logged, included)."""
+@pytest.mark.parametrize("kind", ["function", "method"])
+def test_a_retriever_configured_on_the_client(run: Runner, user_module: Any, kind: str) -> None:
+    """DSPy's ``dspy.configure(rm=...)`` with the user's own search function, or a method of the
+    user's retriever object, then ``dspy.Retrieve`` in the program: the setting is the module's
+    function or the method of the module's object in the session (the queries it logged
+    included)."""
     mod = user_module('''
         import dspy
         from dspy.dsp.utils import dotdict
@@ -321,9 +323,22 @@ def test_a_retriever_function_configured_on_the_client(run: Runner, user_module:
             return [dotdict(long_text=p) for p in CORPUS if any(w in p for w in query.split())][:k]
 
 
+        class Retriever:
+            def __init__(self):
+                self.queries = []
+
+            def search(self, query, k=3, **kwargs):
+                self.queries.append(query)
+                return search(query, k)
+
+
+        RETRIEVER = Retriever()
+
+
         def retrieve(question):
-            return dspy.Retrieve(k=2)(question).passages, list(QUERIES)
+            return dspy.Retrieve(k=2)(question).passages, list(QUERIES), list(RETRIEVER.queries)
     ''')
-    dspy.configure(rm=mod.search)
-    assert run(mod.retrieve, "Paris France") == (["Paris is the capital of France."], ["Paris France"])
-    assert run(mod.retrieve, "Rome")[1] == ["Paris France", "Rome"]
+    dspy.configure(rm=mod.search if kind == "function" else mod.RETRIEVER.search)
+    logged = ["Paris France"] if kind == "method" else []
+    assert run(mod.retrieve, "Paris France") == (["Paris is the capital of France."], ["Paris France"], logged)
+    assert run(mod.retrieve, "Rome")[1:] == (["Paris France", "Rome"], [*logged, "Rome"] if logged else [])
