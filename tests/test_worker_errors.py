@@ -83,10 +83,16 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     with pytest.raises(dspex.RemoteError) as info:
         s.eval("1 / 0")
     assert isinstance(_original(info.value), ZeroDivisionError)
-    # an exception that cannot be pickled still comes back, without the pickle
+    # an exception with an attribute that cannot be pickled comes back without that attribute
     with pytest.raises(dspex.RemoteError) as info:
-        s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\nraise e")
-    assert info.value.details["type"] == "ValueError" and "pickled" not in info.value.details
+        s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\ne.status = 503\nraise e")
+    original = _original(info.value)
+    assert type(original) is ValueError and original.args == ("x",)
+    assert original.status == 503 and not hasattr(original, "lock")  # type: ignore[attr-defined]
+    # one that cannot be pickled at all (its class's __reduce__ raises) still comes back, without the pickle
+    with pytest.raises(dspex.RemoteError) as info:
+        s.exec("class Sealed(Exception):\n    def __reduce__(self):\n        raise TypeError('sealed')\nraise Sealed('x')")
+    assert info.value.details["type"] == "Sealed" and "pickled" not in info.value.details
 
 
 class ExitsOnLoad:
