@@ -317,12 +317,12 @@ def test_reply_for_a_request_never_sent_is_not_forwarded(stack: Stack) -> None:
 
 
 def test_ready_with_unusable_fields_is_refused_as_garbage(inproc_broker: Broker) -> None:
-    before = inproc_broker.counters["garbage_backend"]
+    before = inproc_broker.core.counters["garbage_backend"]
     for info in ({"pool": "p", "pid": "x"}, {"pool": "h", "pid": 1, "capacity": "many"},
                  {"pool": "p", "pid": 1, "capacity": float("inf")}):
         inproc_broker.core.on_worker_frames([zmq.Frame(b"bad-ready"), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))],
                                        time.monotonic())
-    assert inproc_broker.counters["garbage_backend"] == before + 3
+    assert inproc_broker.core.counters["garbage_backend"] == before + 3
     assert b"bad-ready" not in inproc_broker.core.workers
 
 
