@@ -169,4 +169,4 @@ class Roster:
 
     def event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
         self.events.append({"time": self.clock.wall(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
-                            "event": event, "why": why})
+                            "host": w.host, "event": event, "why": why})

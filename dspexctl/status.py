@@ -10,16 +10,22 @@ supervisord's).
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
 from dspex.stack.health import (
     RECYCLE,
+    REGISTER_GRACE_S,
     SERVICE,
     USER,
+    Lost,
     State,
     facts_from_status,
     fmt_window,
+    is_here,
+    local_pids,
+    other_hosts,
     pool_state,
     proc_phase,
     proc_uptime,
@@ -130,11 +136,12 @@ class PoolsStatus:
         conf_sizes: dict[str, int] = {}
         config_error = None
         if sc is not None and not (sup_info or {}).get("unused"):
-            from dspex.stack.pools import load_pools, supervisor_group_sizes
+            from dspex.stack.pools import load_pools
 
             try:
-                declared = [c.name for c in load_pools(sc.path)]
-                conf_sizes = supervisor_group_sizes(sc.path)
+                pools_conf = load_pools(sc.path)
+                declared = [c.name for c in pools_conf]
+                conf_sizes = {c.name: c.size for c in pools_conf}
             except ConfigError as err:  # still show supervisord's view: it is what explains a FATAL broker
                 config_error = err.message
                 issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
@@ -143,7 +150,8 @@ class PoolsStatus:
         for p in procs:
             groups.setdefault(p["group"], []).append(p)
         broker_proc = next((p for p in groups.get("broker", []) if p["name"] == "broker"), None)
-        registered = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
+        # the pids of this host's workers: supervisord's pids say nothing of another host's
+        registered = local_pids(w for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"])
         broker_starting = False
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
@@ -176,8 +184,10 @@ class PoolsStatus:
                 if proc_phase(p, registered) == "broken":
                     issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
 
-        pools = [self._pool(name, broker, broker_starting, groups.get(name), conf_sizes, registered, tails, issues)
-                 for name in names]
+        # with supervisord's view, a pool without a group here has all its workers on other hosts
+        local_view = bool(sup_info and sup_info["state"] is not None)
+        pools = [self._pool(name, broker, broker_starting, groups.get(name, [] if local_view else None), conf_sizes,
+                            registered, tails, issues) for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
         return {
@@ -197,8 +207,14 @@ class PoolsStatus:
               tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
-        if group is not None:
-            expected = len(group)
+        group_pids = {p["pid"] for p in group or [] if p["pid"]}
+        events = (broker or {}).get("events") or []
+        starting_there, lost = 0, list[Lost]()
+        if group is not None and broker is not None:
+            young = float(broker["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S
+            expected, starting_there, lost = other_hosts(bp or {}, name, group_pids, len(group), events, young)
+        elif group is not None:
+            expected = max(len(group), conf_sizes.get(name, 0))
         elif bp and bp.get("size"):
             expected = int(bp["size"])
         elif name in conf_sizes:
@@ -211,13 +227,13 @@ class PoolsStatus:
         by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
         workers = []
         for w in workers_b:
-            proc = by_pid.get(w["pid"])
+            proc = by_pid.get(w["pid"]) if is_here(w) else None
             workers.append({**{k: w.get(k) for k in WORKER_KEYS},
                             "process": full_name(proc) if proc else None,
                             "process_state": proc["statename"] if proc else None})
-        starting = broken = 0
-        seen = {w["pid"] for w in workers_b}
-        silent = silent_pids((broker or {}).get("events") or [])
+        starting, broken = starting_there, 0
+        seen = local_pids(workers_b)
+        silent = silent_pids(w for w in events if is_here(w))
         for proc in group or []:
             if proc["pid"] and proc["pid"] in seen:
                 continue
@@ -236,7 +252,8 @@ class PoolsStatus:
                     what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
                     issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
-            workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
+            workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
+                            "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
                             "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],
                             "phase": phase})
@@ -244,7 +261,8 @@ class PoolsStatus:
             health = State.STARTING.value if broker_starting else "unknown"
         else:
             verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
-                                                         starting=starting, broken=broken))
+                                                         starting=starting, broken=broken,
+                                                         here=None if group is None else len(group), lost=lost))
             health = verdict.state.value
             issues.extend((verdict.state, r) for r in verdict.reasons)
         recent = (bp or {}).get("recent") or {}
@@ -284,11 +302,12 @@ class PoolsStatus:
             out = [lines[0]]
             for line, p in zip(lines[1:], result["pools"]):
                 out.append(line)
-                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                wrows = [["PROCESS", "HOST", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME",
+                          "HEARTBEAT"]]
                 for w in p["workers"]:
                     hb = w["last_heartbeat_s"]
                     reg = w["id"] is not None
-                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
+                    wrows.append([w["process"] or "-", w["host"] or "-", w["id"] or "-", str(w["pid"] or "-"),
                                   w["state"] if reg else (w["process_state"] or "?").lower(),
                                   f"{w['inflight']}/{w['capacity']}" if reg else "-",
                                   str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
