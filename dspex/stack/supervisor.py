@@ -76,8 +76,11 @@ class SupervisorConf:
         parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
         try:
             parser.read(conf)
-        except configparser.Error as exc:
-            raise ConfigError(f"cannot parse {conf}: {exc}") from None
+        except configparser.MissingSectionHeaderError as exc:
+            raise ConfigError(f"{conf}: line {exc.lineno} comes before any [section] header ({exc.line.strip()!r}): "
+                              "is it a supervisord conf?") from None
+        except configparser.Error as exc:  # its message spans lines: one line for the operator
+            raise ConfigError(f"cannot parse {conf}: {' '.join(str(exc).split())}") from None
         names = {"here": str(conf.parent), **{f"ENV_{k}": v for k, v in os.environ.items()}}
 
         def get(section: str, key: str) -> str | None:
