@@ -117,10 +117,10 @@ class Lost:
 
 
 def lost_elsewhere(events: Iterable[Mapping[str, Any]], pool: str, here: str | None = None,
-                   now: float | None = None) -> list[Lost]:
+                   now: float | None = None, limit: int | None = None) -> list[Lost]:
     """A pool's workers on other hosts that left (crashed, went silent, stopped) and were not
-    replaced, by host and cause, from the broker's ``events``: each ``start`` of a host's worker
-    counts as the replacement of that host's oldest loss."""
+    replaced, by host and cause, from the broker's ``events`` (the newest ``limit`` of them): each
+    ``start`` of a host's worker counts as the replacement of that host's oldest loss."""
     here = here or socket.gethostname()
     lost: dict[str, list[tuple[float, str]]] = {}
     for e in sorted(events, key=lambda e: float(e.get("time") or 0)):
@@ -133,18 +133,16 @@ def lost_elsewhere(events: Iterable[Mapping[str, Any]], pool: str, here: str | N
         elif e.get("event") in ("crash", "exit"):
             lost.setdefault(host, []).append((float(e.get("time") or 0), str(e.get("why") or "left")))
     now = time.time() if now is None else now
-    out = []
-    for host, gone in sorted(lost.items()):
-        by_why: dict[str, list[float]] = {}
-        for at, why in gone:
-            by_why.setdefault(why, []).append(at)
-        out += [Lost(host, why, len(ats), max(0.0, now - max(ats))) for why, ats in by_why.items()]
-    return out
+    newest = sorted(((at, host, why) for host, gone in lost.items() for at, why in gone), reverse=True)[:limit]
+    by_cause: dict[tuple[str, str], list[float]] = {}
+    for at, host, why in sorted(newest, key=lambda x: (x[1], x[0])):
+        by_cause.setdefault((host, why), []).append(at)
+    return [Lost(host, why, len(ats), max(0.0, now - max(ats))) for (host, why), ats in by_cause.items()]
 
 
 def other_hosts(pool: Mapping[str, Any], name: str, group_pids: Container[int], local: int,
-                events: Iterable[Mapping[str, Any]], young: bool, here: str | None = None
-                ) -> tuple[int, int, list[Lost]]:
+                events: Iterable[Mapping[str, Any]], young: bool, here: str | None = None,
+                now: float | None = None) -> tuple[int, int, list[Lost]]:
     """A pool's workers beyond the ``local`` processes of this host's supervisord (``group_pids``):
     (expected workers in all, those of other hosts counted as starting, those lost there). While the
     broker is ``young`` the workers of other hosts it has not heard from yet are starting, unless
@@ -153,7 +151,7 @@ def other_hosts(pool: Mapping[str, Any], name: str, group_pids: Container[int], 
     up_there = sum(1 for w in pool.get("workers") or [] if w.get("state") in ("ready", "busy")
                    and not (is_here(w, here) and w.get("pid") in group_pids))
     missing = max(0, expected - local - up_there)
-    lost = lost_elsewhere(events, name, here) if missing else []
+    lost = lost_elsewhere(events, name, here, now, limit=missing) if missing else []
     starting = max(0, missing - sum(x.count for x in lost)) if young else 0
     return expected, starting, lost
 
