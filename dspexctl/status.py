@@ -14,6 +14,7 @@ import socket
 import time
 from typing import Any
 
+from dspex.client.endpoints import ANY_POOL
 from dspex.stack.health import (
     RECYCLE,
     REGISTER_GRACE_S,
@@ -92,7 +93,9 @@ class PoolsStatus:
             wanted = [p for p in req["pools"] if brokers.serves(endpoint, p)]
             if req["pools"] and not wanted:
                 continue
-            part = self._stack(sub, {**req, "pools": wanted})
+            # the pools the map names for this broker (or asks of it): rows even when it cannot be asked
+            routed = [*(r for r in brokers.pools_of(endpoint) if r != ANY_POOL), *wanted]
+            part = self._stack(sub, {**req, "pools": wanted, "routed": list(dict.fromkeys(routed))})
             del part["verbose"]
             parts.append({"endpoint": endpoint, "routes": brokers.pools_of(endpoint), **part})
         return {"health": worst([State(p["health"]) for p in parts]).value, "brokers": parts,
@@ -166,11 +169,21 @@ class PoolsStatus:
             if mismatch:
                     issues.append((State.DEGRADED, mismatch))
 
+        routed = req.get("routed") or []
         names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
+        if broker is None:  # what it serves is known from the map alone: its pools' state is not
+            names += [n for n in routed if n not in names]
+        else:
+            for n in routed:
+                if n not in broker["pools"]:
+                    its = ", ".join(broker["pools"]) or "none"
+                    text = (f"the endpoint map sends pool {n} to {settings.resolved_endpoint()}, whose broker has no "
+                            f"pool {n} (its pools: {its}): its calls get pool_not_found")
+                    issues.append((State.DOWN, text))
         if config_error is not None:
             names += [g for g in groups if g != "broker" and g not in names]
         if req["pools"]:
-            missing = [n for n in req["pools"] if n not in names]
+            missing = [n for n in req["pools"] if n not in names and n not in routed]
             if missing:
                 raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; "
                                    f"pools: {', '.join(names) or 'none'}")
@@ -297,7 +310,7 @@ class PoolsStatus:
                          str(p["sessions"]) if known else "-", str(p["queued"]) if known else "-",
                          str(p["requests_ok"]) if known else "-", str(p["requests_error"]) if known else "-",
                          fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
-        lines = table(rows)
+        lines = table(rows) if result["pools"] else []  # no header over nothing (no pool known)
         if result["verbose"]:
             out = [lines[0]]
             for line, p in zip(lines[1:], result["pools"]):
