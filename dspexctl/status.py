@@ -44,6 +44,7 @@ from dspexctl.commands import (
     EXIT_DOWN,
     EXIT_OK,
     EXIT_STARTING,
+    EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_WARN,
     Settings,
@@ -105,11 +106,13 @@ class PoolsStatus:
         issues: list[tuple[State, str]] = []
         broker: dict[str, Any] | None = None
         broker_err = ""
+        timed_out = False  # the broker accepted the request and did not answer: exit 8, as every command
         try:
             with settings.client() as dx:
                 broker = dx.status()
         except (ConnectionError, Timeout) as err:
             broker_err = err.message
+            timed_out = isinstance(err, Timeout)
         sc = settings.conf_of(broker)
         procs: list[dict[str, Any]] = []
         tails: dict[str, str] = {}
@@ -158,11 +161,12 @@ class PoolsStatus:
         broker_starting = False
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
-                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config)
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config,
+                                            settings.timeout if timed_out else None)
                 broker_starting = state is State.STARTING
                 issues.append((state, text))
             else:
-                issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
+                issues.append((State.UNREACHABLE, f"broker {'did not answer' if timed_out else 'unreachable'}: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
             mismatch = foreign_broker(procs, broker["broker"]["pid"], settings.resolved_endpoint())
@@ -213,6 +217,8 @@ class PoolsStatus:
             "pools": pools,
             "events": list((broker or {}).get("events") or []),
             "verbose": req["verbose"],
+            # unreachable only because the broker did not answer in time (exit 8, not 4)
+            "timed_out": timed_out and [s for s, _ in issues if s == State.UNREACHABLE] == [State.UNREACHABLE],
         }
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
@@ -366,4 +372,8 @@ class PoolsStatus:
         return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
 
     def exit_code(self, result: dict[str, Any]) -> int:
+        if result["health"] == State.UNREACHABLE.value:
+            parts = result.get("brokers") or [result]
+            if all(p["timed_out"] for p in parts if p["health"] == State.UNREACHABLE.value):
+                return EXIT_TIMEOUT
         return EXIT_FOR_STATE[State(result["health"])]

@@ -212,6 +212,38 @@ def test_pool_without_a_ready_worker_is_down(small: SupervisedStack) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_a_broker_that_accepts_but_does_not_answer_is_a_timeout_named(small: SupervisedStack) -> None:
+    """This stack's broker, where dspexctl looks, but hung (here: SIGSTOP): exit 8 as for every
+    command that waits past --timeout, saying it accepts connections and does not answer and what
+    its process is doing, not "another stack's conf or run directory" (exit 4)."""
+    broker_pid = small.status()["broker"]["pid"]
+    wait_for(lambda: small.status()["broker"]["uptime_s"] > 21, 30, 0.5, "the broker past its start-up")
+    env = {k: v for k, v in small.env.items() if k != "DSPEX_SUPERVISOR_CONF"}
+    # both at once, so the broker is stopped well under the workers' liveness (3 s): past it they
+    # would renew their sockets, and the stack would not be the same for the next test
+    runs = [subprocess.Popen([sys.executable, "-m", "dspexctl", "--timeout", "1", "pools", "status", *extra],
+                             cwd=small.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["--json"], [])]
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
+        outs = [run.communicate(timeout=60) for run in runs]
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    doc_res, text_res = (subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outs))
+    for res in (doc_res, text_res):
+        no_traceback(res)
+        assert res.returncode == 8, res.stdout + res.stderr
+    assert json.loads(doc_res.stdout)["health"] == "unreachable"
+    line = next(ln for ln in text_res.stdout.splitlines() if ln.startswith("UNREACHABLE: "))
+    assert line.startswith(f"UNREACHABLE: the broker broker:broker of {small.conf} (pid {broker_pid}, RUNNING for "), line
+    assert line.endswith(f"accepts connections at {small.endpoint} but did not answer within 1s: its process is "
+                         f"stopped (a SIGSTOP or a debugger; kill -CONT {broker_pid} resumes it)"), line
+    assert "another stack" not in line, line
+    wait_for(lambda: small.status(), 15, 0.2, "the broker answering again")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
     """dspexctl talks to the broker at its endpoint; when that is not this supervisord's broker, say so."""
     other_dir = str(small.root / "o")
