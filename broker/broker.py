@@ -4,9 +4,11 @@ The routing rules live in the socket-free ``broker.core.Core`` this shell holds;
 the sockets, polls them, hands the core what arrives with the time it arrived, feeds the
 ROUTERs' socket monitors to ``broker.connections`` (a peer's disconnect within about a
 millisecond; dspex heartbeats catch worker hosts that vanish without closing their connection,
-ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``). Per
-message the broker decodes one small msgpack header and forwards the payload frames untouched
-(``copy=False``); it drains every ready message per wake-up.
+ZMTP heartbeats such client hosts) and implements the core's port (``broker.port.Port``); what
+goes in and out of the ROUTERs per message is ``broker.sockets``. The checkpoint store's jobs
+(:class:`StoreLink`): small writes wait for the end of the loop turn and commit together on the routing thread; loads,
+big writes and everything after them go to the store's own thread (``broker.checkpoints``), in
+order, and come back to the core (``Core.store_done``) in the order they were handed over.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import signal
 import socket
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
+from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
-from broker import checkpoints as checkpoints_store
-from broker.checkpoints import Job, StoreThread, open_store
+from broker import checkpoints
+from broker.checkpoints import CheckpointStore, Job, StoreThread
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
@@ -34,21 +37,20 @@ from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
-from broker.sockets import BrokerSockets, bind_sockets
+from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_sockets
 from dspex.stack.rundir import ensure_private_dir
 from dspex.wire.errors import ConfigError
-from dspex.wire.zmqfast import EVENTS, NOBLOCK, POLLIN, SNDMORE, get_opt, recv_frame, send_frame, zmq_poll
+from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
 
-_DRAIN_BATCH = 2000  # messages per socket per wake-up before giving the others a turn
-_OUTBOX_MAX = 64  # replies held back at most before the end of a drain sends them
 # Sends: the small frames the broker makes itself (ids, commands, envelopes) go with copy=True,
 # which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
 # a frame received from a peer is forwarded without a copy either way, a large one of ours too.
 _MORE = SNDMORE
-_MORE_NOBLOCK = SNDMORE | NOBLOCK
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
+
+
 class Broker:
     """A routing core behind a frontend and a backend ROUTER socket; the core's port."""
 
@@ -58,12 +60,7 @@ class Broker:
         self.options = options
         self.ctx = context or zmq.Context.instance()
         self.connections = Connections()
-        self.counters = self.core.counters  # the shell's own counters show in the status too
-        self.counters.update(replies_dropped_slow_client=0, replies_to_gone_clients=0)
-        self._slow_clients: set[bytes] = set()
-        # replies wait here until the end of the drain that produced them, then go out back to
-        # back: zmq's I/O thread is woken once for the burst instead of once per reply
-        self._outbox: list[list[Any]] = []
+        self.outbox = ClientOutbox(self.core.counters, options.client_hwm)
         self._stop = False
         self.sockets: BrokerSockets | None = None  # (made by bind)
         self.nudge = SupervisorNudge.from_config(options.supervisor_conf)
@@ -81,11 +78,9 @@ class Broker:
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
-        self.store_thread: StoreThread | None = None  # durable sessions' checkpoints (opened by bind)
-        self._store_here: list[Job] = []  # small writes committed at the end of this loop turn
+        self.store_link: StoreLink | None = None  # durable sessions' checkpoints (opened by bind)
         self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
         self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
-        self._one_at_a_time: set[zmq.Socket[Any]] = set()  # sockets whose last drain held one message
 
     def status(self, now: float) -> dict[str, Any]:
         return status_of(self.core, now)
@@ -120,22 +115,15 @@ class Broker:
             self.nudge.worker_left()
 
     def store(self, job: Job) -> None:
-        """Small writes wait for the end of this loop turn and commit together on this thread;
-        loads, big writes and everything after them go to the store's thread, in order."""
-        assert self.store_thread is not None
-        if job.op != "load" and not self.store_thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
-            self._store_here.append(job)
-            return
-        self._commit_here()  # what waits here goes first: one order for every job
-        self.store_thread.submit(job)
+        assert self.store_link is not None
+        self.store_link.submit(job)
+
+    def to_client(self, frames: list[Any]) -> None:
+        self.outbox.add(frames)
 
     def _commit_here(self) -> None:
-        if not self._store_here:
-            return
-        jobs, self._store_here = self._store_here, []
-        assert self.store_thread is not None
-        self.store_thread.run_here(jobs)
-        self.core.store_done(jobs, time.monotonic())
+        if self.store_link is not None:
+            self.store_link.commit_here()
 
     def log(self, level: int, message: str, *args: Any) -> None:
         log.log(level, message, *args)
@@ -167,6 +155,9 @@ class Broker:
         """Bind the two sockets (broker/sockets.py), then open the checkpoint store."""
         sockets = self.sockets = bind_sockets(self.ctx, self.options)
         self.frontend, self.backend = sockets.frontend, sockets.backend
+        self.outbox.frontend = sockets.frontend
+        self.from_clients = SocketDrain(sockets.frontend, self.core.on_client_frames)
+        self.from_workers = SocketDrain(sockets.backend, self.core.on_worker_frames)
         self.monitor, self.front_monitor = sockets.monitor, sockets.front_monitor
         if sockets.admins is not None:
             self.core.admins = sockets.admins
@@ -177,19 +168,11 @@ class Broker:
     def _open_store(self) -> None:
         """The checkpoint store, once this broker owns its run directory (its sockets are bound);
         durable sessions of an earlier broker on it come back."""
-        path = self.options.checkpoints
-        if path == "":
+        opened = _store_of(self.options)
+        if opened is None:
             return
-        if path is None:
-            if not self.options.run_dir:
-                return
-            path = str(ensure_private_dir(Path(self.options.run_dir)) / "checkpoints.sqlite")
-        try:
-            store = open_store(path, session_cap=self.options.checkpoint_cap,
-                               total_cap=self.options.checkpoint_total_cap)
-        except (checkpoints_store.StoreError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
-        self.store_thread = StoreThread(store)
+        store, path = opened
+        self.store_link = StoreLink(store, self.core.store_done)
         self.core.durable.enabled = True
         self.core.durable.load(store.sessions())
         self.core.stack_info["checkpoints"] = path
@@ -206,10 +189,9 @@ class Broker:
             pass  # the pipe is full: the loop is woken already
 
     def close(self) -> None:
-        if self.store_thread is not None:
-            self._commit_here()
-            self.store_thread.close()  # the writes submitted so far are committed first
-            self.store_thread = None
+        if self.store_link is not None:
+            self.store_link.close()
+            self.store_link = None
         if self.sockets is not None:
             self.sockets.close()
         for fd in (self._wake_r, self._wake_w):
@@ -229,9 +211,9 @@ class Broker:
         if not items:  # (zmq_poll on a list made once: no Poller sugar per turn)
             items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
                                                                self.front_monitor)]
-            if self.store_thread is not None:
-                items.append((self.store_thread.fileno(), POLLIN))
-        store_fd = self.store_thread.fileno() if self.store_thread is not None else -1
+            if self.store_link is not None:
+                items.append((self.store_link.fileno(), POLLIN))
+        store_fd = self.store_link.fileno() if self.store_link is not None else -1
         core, publisher, conns = self.core, self.publisher, self.connections
         due = min(core.next_deadline(), publisher.next_due(), conns.handshakes.next_due())
         timeout = max(0.0, due - time.monotonic())
@@ -239,21 +221,21 @@ class Broker:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
         if self.backend in events:
-            self._drain(self.backend, self.core.on_worker_frames)
+            self.from_workers.drain()
             self._commit_here()  # checkpoints committed: the replies they held go out now
-            self._flush_clients()
+            self.outbox.flush()
         if self.monitor in events:
             self._drain_monitor()
         if conns.worker_disconnects:
             self._settle_disconnects()
         if self.frontend in events:
-            self._drain(self.frontend, self.core.on_client_frames)
+            self.from_clients.drain()
         if self.front_monitor in events:
             self._drain_front_monitor()
         if conns.client_disconnects:
             self._settle_client_disconnects()
-        if store_fd in events and self.store_thread is not None:
-            core.store_done(self.store_thread.completed(), time.monotonic())  # held replies go out
+        if store_fd in events and self.store_link is not None:
+            self.store_link.collect()  # held replies go out
         if self._wake_r in events:
             while True:
                 try:
@@ -267,40 +249,9 @@ class Broker:
             publisher.tick(now)
         conns.log_handshakes_due(now)
         self._commit_here()
-        self._flush_clients()
+        self.outbox.flush()
         if publisher.asked:
             publisher.serve()
-
-    def _drain(self, sock: zmq.Socket[Any], handler: Any) -> None:
-        """Handle the messages waiting on ``sock`` (at most ``_DRAIN_BATCH``), reading until
-        ``zmq.Again``. A socket whose last drain held one message (calls that come one at a time)
-        is asked whether a second waits instead (an EVENTS read is cheaper than the exception,
-        but one question per message would cost more than one exception per drain)."""
-        recv, clock = recv_frame, time.monotonic  # (per message: no lookups, no helper call)
-        ask = sock in self._one_at_a_time
-        n = 0
-        for n in range(_DRAIN_BATCH):
-            if n == 1 and ask and not get_opt(sock, EVENTS) & POLLIN:
-                break
-            try:
-                # the sender's routing id, as bytes: a ROUTER always delivers it before the
-                # message's own frames (at least one), so it needs no "more" check
-                ident = recv(sock, NOBLOCK, True)
-            except zmq.Again:
-                break
-            f = recv(sock, 0, False)
-            frames = [ident, f]
-            while f.more:
-                f = recv(sock, 0, False)
-                frames.append(f)
-            try:
-                handler(frames, clock())
-            except Exception:  # one bad message must never stop the broker
-                log.exception("error handling a message; dropped it")
-        if n == 1:
-            self._one_at_a_time.add(sock)
-        else:
-            self._one_at_a_time.discard(sock)
 
     def client_identity(self, frame: zmq.Frame) -> str:
         """Who sent this: the CURVE key ZAP authenticated (its User-Id) on a TCP frontend. On ipc
@@ -312,59 +263,12 @@ class Broker:
         except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
             return ""
 
-    def to_client(self, frames: list[Any]) -> None:
-        self._outbox.append(frames)
-        if len(self._outbox) >= _OUTBOX_MAX:  # a long drain does not hold its first replies back
-            self._flush_clients()
-
-    def _flush_clients(self) -> None:
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, []
-        sock = self.frontend
-        for frames in outbox:
-            try:
-                send_frame(sock, frames[0], _MORE_NOBLOCK, True)  # the client's id
-                last = len(frames) - 1
-                for i in range(1, last):
-                    send_frame(sock, frames[i], _MORE_NOBLOCK, False)
-                send_frame(sock, frames[last], NOBLOCK, False)
-            except zmq.ZMQError as exc:
-                self._not_sent(frames, exc)
-
-    def _not_sent(self, frames: list[Any], exc: zmq.ZMQError) -> None:
-        """Replies queue per client up to the frontend's SNDHWM: a client that stops reading
-        loses replies past it (counted, logged once per client; its calls time out) instead of
-        growing the broker without bound. (A full or gone client refuses the id frame, before
-        any frame of the reply went.)"""
-        if isinstance(exc, zmq.Again):
-            self.counters["replies_dropped_slow_client"] += 1
-            client = bytes(frames[0])
-            if client not in self._slow_clients:
-                if len(self._slow_clients) > 10_000:
-                    self._slow_clients.clear()
-                self._slow_clients.add(client)
-                log.warning("client %s is not reading its replies: %d queued, its limit; dropping replies",
-                            client.hex()[:12], self.options.client_hwm)
-        elif exc.errno == zmq.EHOSTUNREACH:
-            self.counters["replies_to_gone_clients"] += 1  # it disconnected; nobody waits for this
-        else:
-            raise exc
-
     def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        for event in _monitor_events(self.monitor):
             self.connections.worker_event(event, self.core.workers, time.monotonic())
 
     def _drain_front_monitor(self) -> None:
-        while True:
-            try:
-                event = parse_monitor_message(self.front_monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        for event in _monitor_events(self.front_monitor):
             self.connections.client_event(event, time.monotonic())
 
     def _settle_client_disconnects(self) -> None:
@@ -373,7 +277,7 @@ class Broker:
         due = self.connections.clients_due(time.monotonic())
         if not due:
             return
-        self._drain(self.frontend, self.core.on_client_frames)
+        self.from_clients.drain()
         for client in due:
             self.connections.settle_client(client)
             self.core.client_gone(client, time.monotonic())
@@ -385,11 +289,70 @@ class Broker:
         due = self.connections.workers_due(time.monotonic())
         if not due:
             return
-        self._drain(self.backend, self.core.on_worker_frames)
+        self.from_workers.drain()
         for wid in due:
             # not gone meanwhile (a goodbye), and the disconnect was of its current connection
             if self.connections.settle_worker(wid) and wid in self.core.workers:
                 self.core.worker_lost(wid, time.monotonic())
+
+
+def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
+    """The events waiting on a socket monitor."""
+    while True:
+        try:
+            yield parse_monitor_message(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return
+
+
+def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str] | None:
+    """The checkpoint store ``options`` ask for and its path (None: durable sessions are off)."""
+    path = options.checkpoints
+    if path == "":
+        return None
+    if path is None:
+        if not options.run_dir:
+            return None
+        path = str(ensure_private_dir(Path(options.run_dir)) / "checkpoints.sqlite")
+    try:
+        store = checkpoints.open_store(path, session_cap=options.checkpoint_cap, total_cap=options.checkpoint_total_cap)
+    except (checkpoints.StoreError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
+    return store, path
+
+
+class StoreLink:
+    """Checkpoint jobs from the routing thread to the store, and back to ``done`` when finished."""
+
+    def __init__(self, store: CheckpointStore, done: Callable[[list[Job], float], None]) -> None:
+        self.thread = StoreThread(store)
+        self._done = done
+        self._here: list[Job] = []  # small writes committed at the end of this loop turn
+
+    def fileno(self) -> int:
+        return self.thread.fileno()
+
+    def submit(self, job: Job) -> None:
+        if job.op != "load" and not self.thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
+            self._here.append(job)
+            return
+        self.commit_here()  # what waits here goes first: one order for every job
+        self.thread.submit(job)
+
+    def commit_here(self) -> None:
+        if not self._here:
+            return
+        jobs, self._here = self._here, []
+        self.thread.run_here(jobs)
+        self._done(jobs, time.monotonic())
+
+    def collect(self) -> None:
+        """Hand back what the store's thread finished."""
+        self._done(self.thread.completed(), time.monotonic())
+
+    def close(self) -> None:
+        self.commit_here()
+        self.thread.close()  # the writes submitted so far are committed first
 
 
 def _job_bytes(job: Job) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -28,7 +27,7 @@ from broker.answers import Answers, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
-from broker.state import Clock, Pending, Pool, SessionRecord, WorkerRecord
+from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
     B_RELEASE_SESSION,
@@ -48,28 +47,6 @@ if TYPE_CHECKING:
 
 
 Key = tuple[bytes, int]  # (client, req_id)
-
-
-@dataclass(slots=True)
-class Durability:
-    """What the broker knows of a durable session's checkpoints (broker/durable.py)."""
-
-    needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
-    forgotten: bool = False  # opened for a pin a client claims: a session of an earlier broker not in the store
-    # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
-    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
-    # Its calls wait in the pool's ``parked`` meanwhile.
-    move: str = ""
-    off: str = ""  # why it is no longer durable (over a cap, the store failed): a plain session now
-    restore: list[Any] | None = None  # [restore meta, skeleton?, *blobs] for its next dispatch
-    restore_to: bytes | None = None  # ...to this worker
-    submitted: int = 0  # checkpoint writes handed to the store
-    done: int = 0  # ...and finished (in order)
-    held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
-    refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
-    bytes: int = 0  # of its last stored checkpoint
-    stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
-    seq: int = 0  # of its last stored checkpoint
 
 
 def movable(rec: SessionRecord | None) -> bool:

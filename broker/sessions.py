@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from broker.state import (
     Clock,
@@ -34,9 +34,6 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import B_RELEASE_SESSION
 
-if TYPE_CHECKING:
-    from broker.durable import DurableSessions
-
 Fail = Callable[[Pending, "Pool | None", DspexError], None]  # answer a request with an error
 ToWorker = Callable[[WorkerRecord, list[Any]], bool]  # send to a worker (False: it is gone)
 
@@ -52,6 +49,14 @@ def worker_gone(session: str, wid: bytes, why: str) -> SessionWorkerUnavailable:
 def checkpoint_lost(session: str, reason: str) -> CheckpointRefused:
     return CheckpointRefused(f"session {session[:8]} could not be restored: {reason}; the session is lost "
                              "(open a new one)", session=session, reason=reason)
+
+
+class DurableHooks(Protocol):
+    """What the book tells the durable sessions' keeper (``broker.durable.DurableSessions``)."""
+
+    def pinned(self, rec: SessionRecord) -> None: ...
+    def released(self, rec: SessionRecord) -> None: ...
+    def reroute(self, p: Pending, pool: Pool) -> bool: ...
 
 
 class SessionBook:
@@ -75,7 +80,7 @@ class SessionBook:
         self.booted = clock.now
         self.grace_ends = clock.now + restart_grace  # math.inf once it ended
         self.restart_grace = restart_grace
-        self.durable: DurableSessions | None = None  # the core's, once made (it uses this book)
+        self.durable: DurableHooks | None = None  # the core's, once made (it uses this book)
 
     def admit(self, p: Pending, pool: Pool, claimed_worker: str, *, keep_claim: bool = False) -> SessionRecord | DspexError:
         """The session call ``p`` runs in (opened on its first call: ``claimed_worker`` is the pin

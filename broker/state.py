@@ -11,14 +11,11 @@ import random
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.stats import LATENCY_BUCKETS, Histogram, RecentFailures
 from dspex.stack.pools import PoolConfig
 from dspex.wire.protocol import Affinity, WorkerState
-
-if TYPE_CHECKING:
-    from broker.durable import Durability
 
 PREFETCH_YOUNG = 0.010  # seconds: prefetch only behind a call that started this recently
 
@@ -320,6 +317,28 @@ class Pool:
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if not w.draining)
+
+
+@dataclass(slots=True)
+class Durability:
+    """What the broker knows of a durable session's checkpoints (kept by ``broker.durable``)."""
+
+    needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
+    forgotten: bool = False  # opened for a pin a client claims: a session of an earlier broker not in the store
+    # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
+    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
+    # Its calls wait in the pool's ``parked`` meanwhile.
+    move: str = ""
+    off: str = ""  # why it is no longer durable (over a cap, the store failed): a plain session now
+    restore: list[Any] | None = None  # [restore meta, skeleton?, *blobs] for its next dispatch
+    restore_to: bytes | None = None  # ...to this worker
+    submitted: int = 0  # checkpoint writes handed to the store
+    done: int = 0  # ...and finished (in order)
+    held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
+    refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
+    bytes: int = 0  # of its last stored checkpoint
+    stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
+    seq: int = 0  # of its last stored checkpoint
 
 
 @dataclass(slots=True)

@@ -300,6 +300,22 @@ class PoolsStatus:
         }
 
     def present(self, result: dict[str, Any]) -> str:
+        return StatusText().present(result)
+
+    def exit_code(self, result: dict[str, Any]) -> int:
+        if result["health"] == State.UNREACHABLE.value:
+            parts = result.get("brokers") or [result]
+            if all(p["timed_out"] for p in parts if p["health"] == State.UNREACHABLE.value):
+                return EXIT_TIMEOUT
+        return EXIT_FOR_STATE[State(result["health"])]
+
+
+class StatusText:
+    """The text ``pools status`` prints for a :class:`PoolsStatus` result: the pools table (with
+    ``--verbose`` each pool's workers), the failed answers of the health window, the broker's and
+    supervisord's lines and the issues; one section per broker for a map of several."""
+
+    def present(self, result: dict[str, Any]) -> str:
         if "brokers" not in result:
             return self._present(result)
         sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
@@ -370,10 +386,3 @@ class PoolsStatus:
         rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
                   str(total(p, RECYCLE))] for p in shown]
         return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        if result["health"] == State.UNREACHABLE.value:
-            parts = result.get("brokers") or [result]
-            if all(p["timed_out"] for p in parts if p["health"] == State.UNREACHABLE.value):
-                return EXIT_TIMEOUT
-        return EXIT_FOR_STATE[State(result["health"])]

@@ -24,7 +24,8 @@ from dspex.client.exchange import control_frames, encode_request
 from dspex.wire import codec
 from dspex.wire.protocol import Op, RequestHeader, unpack_reply_header
 from tests.harness import Stack, wait_for
-from worker.executor import Executor, RefTable
+from worker.executor import Executor
+from worker.refs import RefTable
 
 # The session's code: ``done`` records each call's side effect after its cancel point; a call
 # first creates its marker file, so the test cancels it only once it runs.

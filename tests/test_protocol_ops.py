@@ -6,7 +6,8 @@ get a clear ``protocol_error``, and docs/protocol.md lists the ops as the regist
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,19 @@ from dspex.wire.protocol import (
     Side,
 )
 from dspex.wire.ref import Ref
-from worker.executor import Executor, RefTable
+from worker.executor import Executor
+from worker.ops import SessionOps
+from worker.refs import RefTable
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
 def test_every_op_is_answered_by_its_side_with_a_handler_taking_its_arguments() -> None:
     assert set(HANDLERS) == BROKER_OPS == {op.value for op in Op if op.side is Side.BROKER}
-    assert set(Executor._handlers) == WORKER_OPS == {op.value for op in Op if op.side is Side.WORKER}
+    assert set(SessionOps._handlers) == WORKER_OPS == {op.value for op in Op if op.side is Side.WORKER}
     assert STREAM_OPS == {"credit", "cancel"}
     assert WORKER_OPS | BROKER_OPS | STREAM_OPS == set(OPS) and len(OPS) == len(Op)
-    for name, handler in Executor._handlers.items():
+    for name, handler in SessionOps._handlers.items():
         params = list(inspect.signature(handler).parameters.values())[2:]  # after self, state
         assert [p.name.rstrip("_") for p in params] == [a.name for a in OPS[name].args], name
         assert all(p.default is inspect.Parameter.empty for p in params), f"{name}: defaults live in the registry"
@@ -76,7 +79,17 @@ def test_a_broker_op_body_gets_its_defaults() -> None:
     assert Op.RECYCLE.bind_map({"worker": 4242}) == {"pool": "", "worker": 4242, "all": False}
 
 
-def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing() -> None:
+@pytest.fixture
+def worker_signals() -> Iterator[None]:
+    """An executor run in this process installs the worker's SIGINT and nudge handlers (its call
+    limits): give the test process its own back, or a later test's Ctrl-C goes to them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGURG)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing(worker_signals: None) -> None:
     ex = Executor(RefTable("p", "w" * 32), capacity=4)
     header = RequestHeader(Op.CALL.value, 1, "p", "s" * 32)
     with pytest.raises(ProtocolError, match="takes at most 4 arguments"):  # (a client would not send it)

@@ -1,22 +1,20 @@
 """What a worker does with a request: resolve refs, run the op in its session, encode the result.
 
 The executor knows nothing about sockets: it turns (header, payload frames) into reply frames.
-Its parts live in modules of one job each: refs (worker.refs), the session's module
-(worker.namespace), DSPy settings isolation (worker.dspy_settings), time limits (worker.limits),
-output capture (worker.output), streams/progress/awaitables (worker.streaming) and exception
-payloads (worker.remote_errors).
+Its parts live in modules of one job each: what each op does (worker.ops), refs (worker.refs),
+the session's module (worker.namespace), DSPy settings isolation (worker.dspy_settings), time
+limits (worker.limits), output capture (worker.output), streams/progress/awaitables
+(worker.streaming) and exception payloads (worker.remote_errors).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import json
 import secrets
-import sys
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 from dspex.wire import codec, codestore
 from dspex.wire.errors import (
@@ -26,37 +24,30 @@ from dspex.wire.errors import (
     RefNotFound,
     RemoteError,
     Timeout,
-    UnknownOp,
 )
 from dspex.wire.protocol import (
     FLAG_CONTEXT,
     FLAG_ITEMS,
-    OPS,
     Durable,
-    Op,
     RequestHeader,
     Status,
     log_level_of,
 )
 from dspex.wire.ref import Ref
 from worker import forking, limits, namespace, output
-from worker.dspy_settings import SessionSettings, current_session
+from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
-from worker.refs import DEFAULT_REF_QUOTA, RefTable, SessionState, type_name
-from worker.remote_errors import error_frames, remote_error
+from worker.ops import SessionOps
+from worker.refs import RefTable, SessionState, type_name
+from worker.remote_errors import remote_error
 from worker.streaming import (
     LazyStream,
     StreamControl,
     drain,
     is_iterable,
     progress_scope,
-    resolve_awaitable,
 )
 
-__all__ = [
-    "DEFAULT_REF_QUOTA", "Executor", "RefTable", "SessionState", "StreamControl", "current_session",
-    "error_frames",
-]
 
 class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
@@ -79,6 +70,7 @@ class Executor:
         self._early_cancels: set[tuple[bytes, int]] = set()
         self.own_frames = False  # request frames come from an ipc/tcp socket: arrays decode without a copy
         self.durable = DurableSessions(refs)
+        self.ops = SessionOps(refs)
         refs.on_session_closed.append(namespace.drop_session_module)
         refs.on_session_closed.append(lambda state: state.code.release())
 
@@ -205,7 +197,7 @@ class Executor:
                     wants_usage = bool(context.get("usage"))
                     if wants_usage:
                         usage = scope.track_usage()
-                result = self._run(header.op, state, args)
+                result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
                         frames = self._encode(item, to_ref)
@@ -272,92 +264,6 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
             raise remote_error(exc) from None
 
-    def _run(self, op: str, state: SessionState, body: Any) -> Any:
-        handler = self._handlers.get(op)
-        if handler is None:
-            raise UnknownOp(f"unknown op {op!r}")
-        args = OPS[op].bind_list(body)  # its arguments as the op's definition says
-        try:
-            return resolve_awaitable(handler(self, state, *args))
-        except (DspexError, limits.CallTimedOut):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... never end the worker
-            raise remote_error(exc) from None
-
-    # The handlers take the arguments of their op's definition (dspex.wire.protocol.Op), in order.
-    def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
-              kwargs: dict[str, Any] | None) -> Any:
-        return _invoke(_resolve_callable(module, fn), args, kwargs)
-
-    def _method(self, state: SessionState, ref: Any, name: str, args: list[Any] | None,
-                kwargs: dict[str, Any] | None) -> Any:
-        return _invoke(getattr(ref, name), args, kwargs)
-
-    def _apply(self, state: SessionState, fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
-        """A callable sent by value (or a ref to one), called in the session."""
-        return _invoke(fn, args, kwargs)
-
-    def _bind(self, state: SessionState, name: str, value: Any) -> None:
-        """Bind ``value`` as ``name`` in the session's namespace (for eval/exec code)."""
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ProtocolError(f"bind needs an identifier for the name, got {name!r:.80}")
-        namespace.namespace(state)[name] = value
-
-    def _put(self, state: SessionState, value: Any) -> Ref:
-        """Keep ``value`` on the worker; its ref is the result."""
-        return self.refs.put(state, value)
-
-    def _getattr(self, state: SessionState, ref: Any, name: str) -> Any:
-        return getattr(ref, name)
-
-    def _setattr(self, state: SessionState, ref: Any, name: str, value: Any) -> None:
-        setattr(ref, name, value)
-
-    def _eval(self, state: SessionState, expr: str, namespace_: dict[str, Any] | None) -> Any:
-        scope = namespace.namespace(state)
-        if namespace_:
-            scope = {**scope, **namespace_}
-        return eval(namespace.compile_eval(expr), scope)
-
-    def _exec(self, state: SessionState, source: str, namespace_: dict[str, Any] | None) -> dict[str, Any]:
-        """Run ``source`` as the next lines of the session's module; return the names it bound."""
-        scope = namespace.namespace(state)
-        before = dict(scope)
-        scope.update(namespace_ or {})
-        namespace.exec_in_session(state, source, scope)
-        return {k: v for k, v in scope.items()
-                if not k.startswith("__") and before.get(k, _MISSING) is not v}
-
-    def _release(self, state: SessionState, ref_ids: list[str]) -> int:
-        return sum(self.refs.release(state, str(ref_id)) for ref_id in ref_ids)
-
-    def _to_data(self, state: SessionState, ref: Any) -> Any:
-        """Plain data of a dspy.Example/Prediction (or anything with toDict / a dict view)."""
-        for attr in ("toDict", "to_dict"):
-            fn = getattr(ref, attr, None)
-            if callable(fn):
-                return fn()
-        if isinstance(ref, dict):
-            return dict(ref)
-        raise RemoteError(f"{type_name(ref)} has no plain-data form", type="TypeError", module="builtins",
-                          traceback="")
-
-    _handlers: ClassVar[dict[str, Callable[..., Any]]] = {
-        Op.CALL.value: _call,
-        Op.METHOD.value: _method,
-        Op.GETATTR.value: _getattr,
-        Op.SETATTR.value: _setattr,
-        Op.EVAL.value: _eval,
-        Op.EXEC.value: _exec,
-        Op.RELEASE.value: _release,
-        Op.TO_DATA.value: _to_data,
-        Op.APPLY.value: _apply,
-        Op.BIND.value: _bind,
-        Op.PUT.value: _put,
-    }
-
-
-_MISSING = object()
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 _EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)
 
@@ -411,21 +317,3 @@ def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
                          "intact", op=header.op, stopped=True)
     return Timeout(f"{header.op} ran past its deadline ({header.timeout_ms / 1000:g}s) and was stopped; "
                    "the session and its objects are intact", op=header.op, stopped=True, hard=False)
-
-
-def _resolve_callable(module: str, name: str) -> Any:
-    obj: Any = sys.modules.get(module)
-    # importlib.import_module takes the module's import lock even when it is loaded, on every
-    # call; a module still initializing (imported by another thread right now) goes through it
-    if obj is None or getattr(getattr(obj, "__spec__", None), "_initializing", False):
-        obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _invoke(fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
-    if not callable(fn):
-        raise RemoteError(f"{type_name(fn)} object is not callable", type="TypeError", module="builtins",
-                          traceback="")
-    return fn(*(args or ()), **(kwargs or {}))

@@ -5,7 +5,8 @@ broker and reconnects with backoff under the same identity, names a refused CURV
 (a socket monitor), and carries frames in and out: every message other than its own heartbeats
 and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
 whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
-wait for the broker's ``B_BYE``.
+wait for the broker's ``B_BYE``. The socket itself, its options and its monitor, is a
+:class:`BrokerSocket` the link holds.
 
 Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
 barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's file descriptor
@@ -59,6 +60,77 @@ _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (
 Frames = list[Any]
 
 
+class BrokerSocket:
+    """The worker's DEALER to the broker, and with CURVE the monitor that names a failed handshake
+    at once (a refused key, a wrong server key) instead of waiting silently for a broker that will
+    never answer; a new one, under the same identity, after the broker fell silent."""
+
+    def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
+                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.identity = identity
+        self.max_message = max_message
+        self._curve = (curve_server_key, curve_keypair)
+        self.sock: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
+        self.handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
+
+    def open(self, ready: bytes) -> None:
+        """A new socket, connected, its READY (payload ``ready``) queued."""
+        sock, self._monitor = self._dealer()
+        sock.send_multipart([W_READY, ready])
+        self.sock = sock
+        self.fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
+
+    def close(self, linger: int | None = None) -> None:
+        if self._monitor is not None and self.sock is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+            self._monitor = None
+        if self.sock is not None:
+            self.sock.close(linger)
+            self.sock = None
+
+    def watch_handshake(self) -> None:
+        """Log a failed handshake once per reason; :attr:`handshake` says why the last failed."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        while _get_opt(monitor, _EVENTS) & _POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake = ""
+                continue
+            why = handshake_failure(event["event"], "worker", True)
+            if why and why != self.handshake:
+                self.handshake = why
+                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+
+    def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
+        """A DEALER connected to the backend under the identity, and with CURVE its handshake monitor."""
+        server_key, keypair = self._curve
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
+        tune_socket(sock, max_message=self.max_message)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
+        monitor = None
+        if server_key is not None:
+            public, secret = keypair or zmq.curve_keypair()
+            sock.curve_serverkey = server_key
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
+        sock.connect(self.backend)
+        return sock, monitor
+
+
 class Link:
     """One worker incarnation's connection to the broker.
 
@@ -72,20 +144,13 @@ class Link:
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
                  deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
                  grace: float) -> None:
-        self.ctx = ctx
-        self.backend = backend
-        self.identity = identity
-        self.max_message = max_message
-        self._curve = (curve_server_key, curve_keypair)
+        self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
+                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
         self._on_beat = on_beat
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
-        self._sock: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
-        self._fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
-        self._handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
         self._interval = heartbeat_interval
         self._silence_limit = heartbeat_interval * heartbeat_liveness
         now = time.monotonic()
@@ -106,24 +171,17 @@ class Link:
         """The first socket and READY; from the thread that will run :meth:`read`."""
         self._reader = threading.get_ident()
         with self._lock:
-            self._new_socket()
+            self._dealer.open(self._ready())
         self.standin.start()
 
     def read(self) -> bool:
         """Handle what the broker sent and the timers that are due; if nothing arrived, wait
         until something may have (a message, :meth:`wake`, the next timer). True if it read."""
-        with self._lock:
-            left = self._left
-            if not left:
-                got = self._drain()
-                timeout = self._tick(time.monotonic())
-                fds = self._fds
-                if self._sent:  # a send may have taken the fd's edge: look again before waiting
-                    got = self._drain() or got
-        if left:  # a hard time limit said goodbye from the watchdog: the process ends now
+        turn = self._turn()
+        if turn is None:  # a hard time limit said goodbye from the watchdog: the process ends now
             self._waker.wait((), None)
             return False
-        self._after_tick()
+        got, fds, timeout = turn
         if not got:
             self._waker.wait(fds, timeout)
         return got
@@ -158,7 +216,7 @@ class Link:
         with self._lock:
             if self._left:
                 return
-            sock = self._sock
+            sock = self._dealer.sock
             assert sock is not None
             try:
                 send_frames(sock, frames)
@@ -182,7 +240,7 @@ class Link:
             if self._left:
                 return
             self._left = True
-            sock = self._sock
+            sock = self._dealer.sock
             assert sock is not None
             if last is not None:
                 send_frames(sock, last)
@@ -207,28 +265,31 @@ class Link:
         self.standin.join(5)
         with self._lock:
             self._left = True
-            self._close_monitor()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
+            self._dealer.close()
         self._waker.close()
 
-    # -- the stand-in's turn: it reads while the reader runs user code -------------------------
-    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+    # -- a turn of whichever thread reads: the reader, or the stand-in while it runs user code -----
+    def _turn(self) -> tuple[bool, tuple[int, ...], float] | None:
+        """Handle what arrived and the timers that are due: whether anything arrived, what to wait
+        on and for how long; None once the goodbye is said."""
         with self._lock:
             if self._left:
-                return (), math.inf
-            self._drain()
+                return None
+            got = self._drain()
             timeout = self._tick(time.monotonic())
-            fds = self._fds
-            if self._sent:  # as in read()
-                self._drain()
+            if self._sent:  # a send may have taken the fd's edge: look again before waiting
+                got = self._drain() or got
+            fds = self._dealer.fds
         self._after_tick()
-        return fds, timeout
+        return got, fds, timeout
+
+    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+        turn = self._turn()
+        return ((), math.inf) if turn is None else (turn[1], turn[2])
 
     # -- holding the lock -------------------------------------------------------------------------
     def _drain(self) -> bool:
-        sock = self._sock
+        sock = self._dealer.sock
         assert sock is not None
         got = False
         while _get_opt(sock, _EVENTS) & _POLLIN:
@@ -261,16 +322,15 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
-        if self._monitor is not None:
-            self._watch_handshake()
+        self._dealer.watch_handshake()
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
             # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
             # heartbeats drop one within the same silence limit. Back off during a long outage.
-            if self._handshake:  # not silence: the broker will not talk to us with these keys
-                log.error("%s; new socket and READY (next try in %.1fs)", self._handshake, self._backoff)
+            if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
+                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, self._backoff)
             else:
                 log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
             self._renew_socket()
@@ -289,72 +349,20 @@ class Link:
             self._beat_due = False
             self._on_beat(time.monotonic())
 
-    def _watch_handshake(self) -> None:
-        """Name a refused key or a wrong server key at once (once per reason), instead of
-        waiting silently for a broker that will never answer."""
-        monitor = self._monitor
-        assert monitor is not None
-        while _get_opt(monitor, _EVENTS) & _POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake = ""
-                continue
-            why = handshake_failure(event["event"], "worker", True)
-            if why and why != self._handshake:
-                self._handshake = why
-                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
-
     def _send_control(self, frames: Frames) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
         fills, and a blocking send would wedge the worker (holding the lock) until it returns."""
-        assert self._sock is not None
+        sock = self._dealer.sock
+        assert sock is not None
         self._sent = True
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def _renew_socket(self) -> None:
-        self._close_monitor()
-        assert self._sock is not None
-        self._sock.close(0)
-        self._new_socket()
+        self._dealer.close(0)
+        self._dealer.open(self._ready())
         # a thread waiting on the old socket's fd would not see the new one's messages
         self._waker.poke()
         self.standin.poke()
-
-    def _close_monitor(self) -> None:
-        if self._monitor is not None and self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(0)
-            self._monitor = None
-
-    def _new_socket(self) -> None:
-        server_key, keypair = self._curve
-        sock, self._monitor = _dealer(self.ctx, self.backend, self.identity, self.max_message, server_key, keypair)
-        sock.send_multipart([W_READY, self._ready()])
-        self._sock = sock
-        self._fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
-
-
-def _dealer(ctx: zmq.Context[Any], backend: str, identity: str, max_message: int, server_key: bytes | None,
-            keypair: tuple[bytes, bytes] | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
-    """A DEALER connected to ``backend`` under ``identity``, and with CURVE its handshake monitor."""
-    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-    tune_socket(sock, max_message=max_message)
-    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-    monitor = None
-    if server_key is not None:
-        public, secret = keypair or zmq.curve_keypair()
-        sock.curve_serverkey = server_key
-        sock.curve_publickey = public
-        sock.curve_secretkey = secret
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
-    sock.connect(backend)
-    return sock, monitor

@@ -52,10 +52,11 @@ from dspex.wire.protocol import (
     unpack_request_header,
 )
 from worker.durable import DurableSessions, split_restore
-from worker.executor import Executor, StreamControl, error_frames
+from worker.executor import Executor
 from worker.limits import CallTimedOut
+from worker.remote_errors import error_frames
 from worker.sessions import SessionBook
-from worker.streaming import LazyStream
+from worker.streaming import LazyStream, StreamControl
 
 log = logging.getLogger("dspex.worker")
 

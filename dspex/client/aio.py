@@ -4,10 +4,9 @@
 ...     sessions = [dx.session("triage_pool") for _ in range(10)]
 ...     pids = await asyncio.gather(*(s.call("os", "getpid") for s in sessions))
 
-One DEALER socket per client; a reader task routes replies to the awaiting call by request id,
-so any number of calls can be in flight from one event loop. A socket whose connection broke
-(the broker went away, or a reply over the size limit, after which zmq never reconnects) fails
-the calls waiting on it at once and is replaced before the next request. Cancelling the task that
+One DEALER socket per client (:mod:`dspex.client.aiochannel`); a reader task routes replies to
+the awaiting call by request id, so any number of calls can be in flight from one event loop.
+Cancelling the task that
 awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
 ``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
 running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
@@ -18,44 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
-import math
-import time
 from collections.abc import Callable, Generator, Mapping
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Self, TypeVar
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client import processwide
+from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
-from dspex.client.endpoints import probe_ipc
-from dspex.client.exchange import RIDE_THROUGH, Exchange, cancel_all, close_monitored, control_frames
+from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
-    BrokerUnreachable,
     CodeCacheMiss,
     DspexError,
-    ProtocolError,
-    UsageError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
-from dspex.wire.sockets import handshake_failure
+from dspex.wire.protocol import WORKER_OPS, Op
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
 
 log = logging.getLogger("dspex.client")
 
 T = TypeVar("T")
-_Reply = tuple[str, str, list[Any]]
-_LOST = "__lost__"  # queued to waiting calls when the broker connection drops or the client closes
-_REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
-_CANCELLED = "__cancelled__"  # ... or when cancel_all() was called
-_EVENTS = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)
-Callback = Callable[[Any], None]
 
 
 class AsyncClient(ClientAPI[AsyncSession]):
@@ -66,26 +51,21 @@ class AsyncClient(ClientAPI[AsyncSession]):
 
     def _init_transport(self) -> None:
         self._ctx = processwide.context(zmq.asyncio.Context)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Queue[_Reply]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._broken = False
-        self._drop_seen = -math.inf  # when a connection drop was last seen
-        self._closed = False
-        self._retiring: list[asyncio.Task[None]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.replaced_sockets = 0
-        self._sock: zmq.asyncio.Socket | None = None  # made by the first request
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._channel = AsyncChannel(self.endpoint)
         processwide.register(self)
 
     def _after_fork(self) -> None:
         """In a forked child (:mod:`dspex.client.processwide`): the child's context; the socket and
         its tasks are made at the child's first request, on the child's loop. The parent's stay behind."""
-        processwide.keep(self._sock, self._monitor, self._tasks, self._retiring, self._pending)
-        closed = self._closed
+        old = self._channel
+        processwide.keep(old)
         self._init_transport()
-        self._closed = closed
+        self._channel.closed = old.closed
+
+    @property
+    def replaced_sockets(self) -> int:
+        """Sockets replaced after their connection broke."""
+        return self._channel.replaced
 
     async def __aenter__(self) -> Self:
         return self
@@ -96,131 +76,35 @@ class AsyncClient(ClientAPI[AsyncSession]):
     def cancel_all(self) -> None:
         """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
         handed to the loop."""
-        loop = self._loop
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is not None and running is not loop:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self.cancel_all)
-            return
-        for queue in self._pending.values():
-            queue.put_nowait((_CANCELLED, "", []))
+        self._channel.cancel_all()
 
     async def close(self) -> None:
         """Close the socket: the calls and streams awaiting it end at once with ``ConnectionLost``
         (the broker cancels them on their workers when the connection closes)."""
-        if self._closed:
-            return
-        self._closed = True
-        for queue in self._pending.values():
-            queue.put_nowait((_LOST, "the client was closed", []))
-        tasks, self._tasks = self._tasks, []
-        await cancel_all(tasks)
-        for task in self._retiring:
-            await task
-        if self._sock is not None:
-            close_monitored(self._sock, self._monitor)
+        await self._channel.close()
 
     @staticmethod
     def _drive(steps: Steps[T]) -> _Steps[T]:
         return _Steps(steps)
 
-    # -- the socket ---------------------------------------------------------------------------
-    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            reply = await sock.recv_multipart(copy=False)
-            try:
-                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
-            except ProtocolError:
-                continue
-            queue = self._pending.get(rid)
-            if queue is not None:  # else a late reply of a call that timed out
-                queue.put_nowait((status, worker, reply[1:]))
+    # -- the socket (dspex.client.aiochannel) --------------------------------------------------
+    def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        return self._connect_socket(self._ctx, b"a")
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
-        event = parse_monitor_message(await monitor.recv_multipart())
-        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
-        refused = handshake_failure(event["event"], "client", self._curve[0] is not None)
-        self._broken = True  # the next request gets a fresh socket
-        self._drop_seen = time.monotonic()
-        for queue in self._pending.values():
-            queue.put_nowait((_REFUSED if refused else _LOST, refused, []))
-
-    def _ready(self) -> zmq.asyncio.Socket:
-        """The socket, with its reader and watcher running on this loop: made at the first request,
-        replaced when its connection broke. No await: concurrent requests share one replacement."""
-        if self._closed:
-            raise BrokerUnreachable("client is closed: nothing was sent")
-        if self._loop is not None and self._loop is not asyncio.get_running_loop():
-            self._leave_loop(self._loop)
-        sock, monitor = self._sock, self._monitor
-        if sock is None or monitor is None or self._broken:
-            if time.monotonic() - self._drop_seen > RIDE_THROUGH:  # else wait for a restarting broker
-                probe_ipc(self.endpoint)
-            if sock is not None:
-                retired = self._retire(self._tasks, sock, monitor)
-                self._retiring.append(asyncio.get_running_loop().create_task(retired))
-                self.replaced_sockets += 1
-            sock, monitor = self._sock, self._monitor = self._connect_socket(self._ctx, b"a")
-            self._tasks, self._broken = [], False
-        if not self._tasks:
-            loop = self._loop = asyncio.get_running_loop()
-            self._tasks = [loop.create_task(self._read_loop(sock)), loop.create_task(self._watch(monitor))]
-        return sock
-
-    def _leave_loop(self, old: asyncio.AbstractEventLoop) -> None:
-        """A request from another loop than the one the socket's tasks run on. One still running
-        (in another thread) owns the client: a usage error, before anything is sent. One that
-        stopped (``asyncio.run`` again) has the socket closed and what still waited there failed;
-        this loop gets a socket of its own."""
-        if old.is_running():
-            raise UsageError("this dspex.aio client belongs to an event loop that runs in another thread: make "
-                             "one client per event loop (dspex.aio.connect() in each); nothing was sent")
-        for queue in self._pending.values():
-            if not old.is_closed():
-                queue.put_nowait((_LOST, "the client moved to another event loop", []))
-        if self._sock is not None:
-            close_monitored(self._sock, self._monitor)
-        self._sock = self._monitor = self._loop = None
-        self._pending, self._tasks, self._retiring = {}, [], []
-
-    async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket, monitor: Any) -> None:
-        """Stop the tasks of a replaced socket, then close it."""
-        await cancel_all(tasks)
-        close_monitored(sock, monitor)
-
-    async def _send_raw(self, frames: list[Any], timeout: float) -> None:
-        """Send within ``timeout``. A send that times out queued nothing: the socket stays in use."""
-        assert self._sock is not None
+    async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[Reply]]:
+        channel = self._channel
+        channel.ready(self._connect)
+        req_id = next(channel.ids)
+        queue: asyncio.Queue[Reply] = asyncio.Queue()
+        channel.pending[req_id] = queue
         try:
-            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, copy=len(frames) <= 2))
-            if sent.done():  # the usual case: no wait_for (on 3.11 it may swallow a cancellation)
-                sent.result()
-                return
-            await asyncio.wait_for(sent, timeout if timeout > 0 else None)
-        except TimeoutError:
-            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
-                                    "reading): nothing was sent") from None
-        except zmq.ZMQError as exc:
-            self._broken = True
-            raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
-
-    async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[_Reply]]:
-        self._ready()
-        req_id = next(self._ids)
-        queue: asyncio.Queue[_Reply] = asyncio.Queue()
-        self._pending[req_id] = queue
-        try:
-            await self._send_raw(ex.frames(req_id, worker), ex.timeout)
+            await channel.send(ex.frames(req_id, worker), ex.timeout)
         except BaseException:
-            self._pending.pop(req_id, None)
+            channel.pending.pop(req_id, None)
             raise
         return req_id, queue
 
-    async def _next(self, queue: asyncio.Queue[_Reply], ex: Exchange) -> _Reply:
+    async def _next(self, queue: asyncio.Queue[Reply], ex: Exchange) -> Reply:
         if not queue.empty():
             reply = queue.get_nowait()
         else:
@@ -232,11 +116,11 @@ class AsyncClient(ClientAPI[AsyncSession]):
                     reply = await queue.get()
             except TimeoutError:
                 raise ex.timed_out() from None
-        if reply[0] == _LOST:
+        if reply[0] == LOST:
             raise ex.lost(reply[1] or "lost the connection to the broker")
-        if reply[0] == _REFUSED:
+        if reply[0] == REFUSED:
             raise self._refused(reply[1], ex.op)
-        if reply[0] == _CANCELLED:
+        if reply[0] == CANCELLED:
             raise ex.cancelled("AsyncClient")
         return reply
 
@@ -247,8 +131,8 @@ class AsyncClient(ClientAPI[AsyncSession]):
                       bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
                       flags: int = 0) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
-        if self._closed:
-            raise BrokerUnreachable("client is closed: nothing was sent")
+        if self._channel.closed:
+            raise closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
@@ -264,10 +148,10 @@ class AsyncClient(ClientAPI[AsyncSession]):
         try:
             while True:
                 reply = await self._next(queue, ex)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
                 if credit:
-                    await self._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
+                    await self._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
         except BaseException:
@@ -275,31 +159,14 @@ class AsyncClient(ClientAPI[AsyncSession]):
                 self._cancel(ex, req_id)
             raise
         finally:
-            self._pending.pop(req_id, None)  # a late reply is dropped by the reader
+            self._channel.pending.pop(req_id, None)  # a late reply is dropped by the reader
 
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
         a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
-        running one interrupted on its worker) without awaiting anything: a cancellation must not
-        wait, and nobody waits for the answer. From outside the client's loop (garbage
-        collection) it is handed to the loop."""
-        if self._closed or self._broken or self._sock is None or ex.op not in WORKER_OPS:
-            return  # a broken connection is gone: the broker cancels what it had for it
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not self._loop:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._cancel, ex, req_id)
-            return
-        try:
-            sent = cast("asyncio.Future[Any]",
-                        self._sock.send_multipart(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0)))
-        except zmq.ZMQError:
-            return
-        # queued behind other sends (a full pipe) it goes out when they do; its failure is nobody's
-        sent.add_done_callback(_ignore_outcome)
+        running one interrupted on its worker) without awaiting anything."""
+        if ex.op in WORKER_OPS:
+            self._channel.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
 
     def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
@@ -307,8 +174,8 @@ class AsyncClient(ClientAPI[AsyncSession]):
                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
                flags: int = 0) -> AsyncStream:
         """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
-        if self._closed:
-            raise BrokerUnreachable("client is closed: nothing was sent")
+        if self._channel.closed:
+            raise closed_error()
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
                             on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
                             flags=flags)
@@ -328,7 +195,7 @@ class AsyncStream:
         self._ex = ex
         self._worker = worker
         self._req_id = 0
-        self._queue: asyncio.Queue[_Reply] | None = None
+        self._queue: asyncio.Queue[Reply] | None = None
         self._started = False  # an item or event arrived: the request ran
         self.done = False
         self.result: Any = None
@@ -347,21 +214,21 @@ class AsyncStream:
                 self._req_id, self._queue = await client._start(ex, self._worker)
             while True:
                 reply = await client._next(self._queue, ex)
-                ended = reply[0] not in _EVENTS
+                ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
                 except CodeCacheMiss as miss:
                     if self._started or not ex.resend_in_full(miss):
                         raise
                     # nothing ran: the same request again, in full
-                    client._pending.pop(self._req_id, None)
+                    client._channel.pending.pop(self._req_id, None)
                     self._req_id, ended = 0, False
                     self._req_id, self._queue = await client._start(ex, self._worker)
                     continue
                 self._started = True
                 if credit:
-                    await client._send_raw(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
-                                           ex.timeout)
+                    await client._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
+                                               ex.timeout)
                 if kind == "item":
                     return value
                 if kind == "done":
@@ -380,7 +247,7 @@ class AsyncStream:
         if self._req_id:
             if abandon:
                 self._client._cancel(self._ex, self._req_id)
-            self._client._pending.pop(self._req_id, None)  # a late reply is dropped by the reader
+            self._client._channel.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
 
     async def aclose(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
@@ -392,9 +259,9 @@ class AsyncStream:
         client, ex = self._client, self._ex
         cancelled = False
         try:
-            await client._send_raw(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
+            await client._channel.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
             cancelled = True
-            while (await client._next(self._queue, ex))[0] in _EVENTS:  # the producer's end frees its slot
+            while (await client._next(self._queue, ex))[0] in EVENT_STATUSES:  # the producer's end frees its slot
                 pass
         except DspexError:
             pass
@@ -465,7 +332,3 @@ def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                                       forward_output=forward_output, client_settings=client_settings)
     return client
 
-
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: no "exception was never retrieved" at garbage collection

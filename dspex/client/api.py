@@ -24,7 +24,7 @@ import zmq
 
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Exchange, bound_name, close_monitored
+from dspex.client.exchange import Callback, Exchange, bound_name, close_monitored
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -50,7 +50,6 @@ DEFAULT_TIMEOUT = 60.0
 T = TypeVar("T")
 R = TypeVar("R")
 S = TypeVar("S", bound="SessionAPI")
-Callback = Callable[[Any], None]
 Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
 
 
@@ -74,13 +73,9 @@ class ClientAPI(Generic[S]):
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
-        self.config = config = ClientConfig.from_env()  # the environment, read when a client is made
+        config = self._options(timeout, forward_output, client_settings)
         self.endpoint = check_endpoint(config.endpoint_or_default(endpoint))
         self.endpoints = {ANY_POOL: self.endpoint}
-        self.timeout = timeout
-        self.forward_output = forward_output
-        self.client_settings = client_settings
-        self.max_message = config.max_message
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = curve_client_keys(
                 self.endpoint, config.curve_server_key, config.curve_client_key)
@@ -90,6 +85,15 @@ class ClientAPI(Generic[S]):
         self._curve = (curve_server_key, curve_keypair)
         self._own_frames = not self.endpoint.startswith("inproc://")  # arrays decode without a copy
         self._init_transport()
+
+    def _options(self, timeout: float, forward_output: bool, client_settings: bool) -> ClientConfig:
+        """The options every client has, and the environment, read when a client is made."""
+        self.config = config = ClientConfig.from_env()
+        self.timeout = timeout
+        self.forward_output = forward_output
+        self.client_settings = client_settings
+        self.max_message = config.max_message
+        return config
 
     # -- what a client kind implements ----------------------------------------------------------
     def _init_transport(self) -> None:

@@ -28,6 +28,7 @@ from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
+    BrokerUnreachable,
     Cancelled,
     CodeCacheMiss,
     ConnectionLost,
@@ -60,7 +61,7 @@ BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.arg
 Callback = Callable[[Any], None]
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
-_EVENTS = (Status.PROGRESS.value, Status.PARTIAL.value, Status.OUTPUT.value)
+EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 # seconds after a dropped connection during which a new socket is made without the ipc probe: a
 # request made while the broker restarts waits for the new one (within its timeout) instead of
 # failing at once on the dead broker's socket file
@@ -135,6 +136,11 @@ def bound_name(obj: Any, name: str | None) -> str:
     if not name.isidentifier():
         raise ValueError(f"define: {name!r} is not a Python identifier")
     return name
+
+
+def closed_error() -> BrokerUnreachable:
+    """What a request to a closed client raises (either kind)."""
+    return BrokerUnreachable("client is closed: nothing was sent")
 
 
 def close_monitored(sock: Any, monitor: Any) -> None:
@@ -240,7 +246,7 @@ class Exchange:
         kind: ``"item"`` (a streamed item, in item mode), ``"more"`` (an event was handled),
         ``"done"`` (the final value). An error reply raises its typed error.
         """
-        if status in _EVENTS:
+        if status in EVENT_STATUSES:
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:

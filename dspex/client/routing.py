@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, S, Steps, _raising
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
+from dspex.client.exchange import Callback
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import DspexError, PoolNotFound
 from dspex.wire.protocol import WORKER_OPS, Op
 from dspex.wire.sockets import curve_client_keys
 
-Callback = Callable[[Any], None]
 ServerKey = bytes | Mapping[str, bytes] | None
 C = TypeVar("C", bound=ClientAPI[Any])
 
@@ -75,13 +75,9 @@ class Router(ClientAPI[S]):
                  curve_server_key: ServerKey = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         self._map = brokers
-        self.config = config = ClientConfig.from_env()  # the environment, read when a client is made
+        config = self._options(timeout, forward_output, client_settings)
         self.endpoints = {pool: b.endpoint for pool, b in brokers.routes.items()}
         self.endpoint = self.endpoints.get(ANY_POOL, "")
-        self.timeout = timeout
-        self.forward_output = forward_output
-        self.client_settings = client_settings
-        self.max_message = config.max_message
         # every broker's keys first: a client is only made once nothing can fail
         keys = {b.endpoint: broker_keys(b, config, curve_server_key, curve_keypair) for b in brokers.brokers}
         self._brokers: dict[str, ClientAPI[S]] = {

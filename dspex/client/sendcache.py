@@ -29,14 +29,12 @@ import itertools
 import secrets
 import sys
 import threading
+import types
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
-
-if TYPE_CHECKING:
-    from dspex.client.sessionpickle import Message, SettingsSent, Walk
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
@@ -45,6 +43,38 @@ _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's ident
 _CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modules", "usage_tracker",
                          "stream_listeners"})
 _ATOMS = (type(None), bool, int, float, str)
+
+
+# the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
+# keys it refers to, the values: kept so their ids stay valid)
+SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
+
+
+class Walk:
+    """What :meth:`dspex.client.sessionpickle.Message.walk` read for a root: kept per session to check the next request."""
+
+    __slots__ = ("cells", "reached", "reads", "root", "sizes")
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []  # (globals, name, (nsid, name))
+        self.reached: dict[int, Any] = {}  # the functions, classes and modules it walked
+        self.sizes: list[tuple[dict[str, Any], int]] = []  # (a user module's dict, its size)
+        self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
+
+
+class Encoded(Protocol):
+    """What a request's encoding (:class:`dspex.client.sessionpickle.Message`) sent, as
+    :meth:`SendCache.commit` records it."""
+
+    new_keys: dict[int, tuple[Any, str]]
+    defined: set[str]
+    used: set[str]
+    namespaces: set[str]
+    bindings: dict[tuple[str, str], tuple[Any, str]]
+    sources: dict[str, list[str]]
+    walks: dict[int, Walk]
+    settings_sent: SettingsSent | None
 
 
 class SendCache:
@@ -86,7 +116,7 @@ class SendCache:
     def new_key(self) -> str:
         return f"{self._prefix}.{next(self._serial)}"
 
-    def commit(self, msg: Message, drops_sent: list[str]) -> None:
+    def commit(self, msg: Encoded, drops_sent: list[str]) -> None:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
         if not self.keep:
             return

@@ -38,7 +38,7 @@ from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
 from dspex.client.callglobals import ModuleGlobal
-from dspex.client.sendcache import SendCache, client_dspy_settings
+from dspex.client.sendcache import SendCache, SettingsSent, Walk, client_dspy_settings
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -47,9 +47,6 @@ _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
-# the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
-# keys it refers to, the values: kept so their ids stay valid)
-SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
 
 
 class _Value:
@@ -77,19 +74,6 @@ class _Attribute:
 
     def __init__(self, module: str, name: str) -> None:
         self.module, self.name = module, name
-
-
-class Walk:
-    """What :meth:`Message.walk` read for a root: kept per session to check the next request."""
-
-    __slots__ = ("cells", "reached", "reads", "root", "sizes")
-
-    def __init__(self, root: Any) -> None:
-        self.root = root
-        self.reads: list[tuple[dict[str, Any], str, tuple[str, str]]] = []  # (globals, name, (nsid, name))
-        self.reached: dict[int, Any] = {}  # the functions, classes and modules it walked
-        self.sizes: list[tuple[dict[str, Any], int]] = []  # (a user module's dict, its size)
-        self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
 
 
 class Message:

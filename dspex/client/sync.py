@@ -1,19 +1,14 @@
 """The blocking client: ``dspex.connect()``, its sessions and streams.
 
 The user API (sessions, ops, options) is :mod:`dspex.client.api`, shared with the asyncio client; this
-module is how a blocking client moves a request. A request borrows a DEALER socket from the
-client's small pool for its duration (a stream for its whole life), so threads never share a
-socket and need no lock or I/O thread in the call path, and a thread that ends leaves nothing
-behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS`` (default 8) idle sockets are kept. What a request
-means (encoding, replies, credit, errors) is :mod:`dspex.client.exchange`.
+module is how a blocking client moves a request, on a DEALER socket it borrows from the client's
+small pool (:mod:`dspex.client.channels`) for its duration. What a request means (encoding, replies, credit, errors) is :mod:`dspex.client.exchange`.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,12 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self, TypeVar, cast
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client import processwide
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
-from dspex.client.endpoints import probe_ipc
-from dspex.client.exchange import RIDE_THROUGH, Exchange, close_monitored, control_frames
+from dspex.client.channels import Channel, ChannelPool
+from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
@@ -36,9 +30,8 @@ from dspex.wire.errors import (
     DspexError,
     ProtocolError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op, Status, unpack_reply_header
-from dspex.wire.sockets import handshake_failure
-from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt, recv_frames, send_frames, zmq_poll
+from dspex.wire.protocol import WORKER_OPS, Op, unpack_reply_header
+from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
 
@@ -47,49 +40,10 @@ log = logging.getLogger("dspex.client")
 CANCEL_CHECK_MS = 100  # a waiting request sees a cancel_all() from another thread within this
 
 T = TypeVar("T")
-Callback = Callable[[Any], None]
-_EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 
 
 class _CancelRequested(Exception):
     """cancel_all() was called while this thread waited for its reply."""
-
-
-class _Channel:
-    """One socket to the broker, used by one request (or stream) at a time."""
-
-    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock")
-
-    def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
-        self.sock = sock
-        self.curve = sock.mechanism == zmq.CURVE
-        self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
-        self.monitor = monitor  # a lost connection fails its waiting requests at once (ConnectionLost)
-        self.poll_items = [(sock, POLLIN), (monitor, POLLIN)]  # for zmq_poll, without the Poller's sugar
-        self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
-        self.refused = False  # the broker refused our CURVE key (nothing we send can run)
-        self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
-
-    def disconnected(self) -> str:
-        """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
-        why = ""
-        while True:
-            # asking first: nothing pending (every call's case) costs less than a raised zmq.Again
-            if not get_opt(self.monitor, EVENTS) & POLLIN:
-                return why
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return why
-            failure = handshake_failure(event["event"], "client", self.curve)
-            if failure:
-                why = failure
-                self.refused = True
-            elif not why:
-                why = "lost the connection to the broker"
-
-    def close(self) -> None:
-        close_monitored(self.sock, self.monitor)
 
 
 class Client(ClientAPI[Session]):
@@ -100,11 +54,8 @@ class Client(ClientAPI[Session]):
 
     def _init_transport(self) -> None:
         self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
-        self._idle: list[_Channel] = []  # LIFO: the warmest socket first
-        self._open: set[_Channel] = set()  # every socket not yet closed, lent out or idle
+        self._channels = ChannelPool(self.endpoint, self.config.idle_sockets)
         self._lock = threading.Lock()
-        self._closed = False
-        self._drop_seen = -math.inf  # when a connection drop was last seen
         self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
         processwide.register(self)
@@ -112,25 +63,20 @@ class Client(ClientAPI[Session]):
     def _after_fork(self) -> None:
         """In a forked child (:mod:`dspex.client.processwide`): the child's context, a new socket
         pool, lock and thread pool; the parent's sockets stay behind, unused."""
-        processwide.keep(*self._open)
-        closed = self._closed
+        old = self._channels
+        processwide.keep(old)
         self._init_transport()
-        self._closed = closed
+        self._channels.closed = old.closed
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
         """Close the idle sockets; a request or stream in flight on another thread ends within
         ``CANCEL_CHECK_MS`` (``ConnectionLost``, cancelled on its worker) and closes its own socket
         (zmq sockets belong to one thread at a time)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._channels.close():
+            return
+        with self._lock:  # (after the pool closed: submit() sees it closed or its executor is taken here)
             executor, self._executor = self._executor, None
-            idle, self._idle = self._idle, []
-            self._open.difference_update(idle)
-        for ch in idle:
-            ch.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
@@ -149,7 +95,7 @@ class Client(ClientAPI[Session]):
     @property
     def open_sockets(self) -> int:
         """Sockets this client holds (lent to running requests and streams, or idle)."""
-        return len(self._open)
+        return len(self._channels)
 
     @staticmethod
     def _drive(steps: Steps[T]) -> T:
@@ -165,56 +111,11 @@ class Client(ClientAPI[Session]):
         except StopIteration as end:
             return end.value  # type: ignore[no-any-return]
 
-    def _closed_error(self) -> BrokerUnreachable:
-        return BrokerUnreachable("client is closed: nothing was sent")
-
-    # -- the socket pool ------------------------------------------------------------------------
-    def _checkout(self) -> _Channel:
-        """A socket for one request: an idle one that is still connected, else a new one."""
-        while True:
-            with self._lock:
-                if self._closed:
-                    raise self._closed_error()
-                ch = self._idle.pop() if self._idle else None
-            if ch is None:
-                # shortly after a drop, no probe: across a broker restart the request waits in the
-                # new socket for the broker (within its timeout); else nobody listening fails at once
-                return self._new_channel(probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
-            if not ch.broken and not ch.disconnected():
-                return ch
-            # zmq reconnects by itself after a broker restart, but never after a protocol error
-            # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
-            self._drop_seen = time.monotonic()
-            self._discard(ch)
-
-    def _checkin(self, ch: _Channel) -> None:
-        if ch.broken:
-            self._drop_seen = time.monotonic()
-        with self._lock:
-            if not self._closed and not ch.broken and len(self._idle) < self.config.idle_sockets:
-                self._idle.append(ch)
-                return
-        self._discard(ch)
-
-    def _discard(self, ch: _Channel) -> None:
-        with self._lock:
-            if ch not in self._open:
-                return  # closed by close() already
-            self._open.discard(ch)
-        ch.close()
-
-    def _new_channel(self, probe: bool = True) -> _Channel:
-        if probe:  # before making a socket: a failed probe leaves none behind
-            probe_ipc(self.endpoint)
-        with self._lock:
-            if self._closed:
-                raise self._closed_error()
-            ch = _Channel(*self._connect_socket(self._ctx, b"c"))
-            self._open.add(ch)
-        return ch
+    def _connect(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        return self._connect_socket(self._ctx, b"c")
 
     # -- the request/reply loop (its meaning is dspex.client.exchange.Exchange) -------------------------
-    def _send(self, ch: _Channel, frames: list[Any], timeout: float) -> None:
+    def _send(self, ch: Channel, frames: list[Any], timeout: float) -> None:
         """Send within ``timeout`` (a broker that stops reading must not hang the caller); one that
         times out queued nothing (zmq takes a message whole or not at all)."""
         try:
@@ -228,11 +129,11 @@ class Client(ClientAPI[Session]):
                                     "reading): nothing was sent") from None
         except zmq.ZMQError as exc:
             ch.broken = True
-            if self._closed:
-                raise self._closed_error() from None
+            if self._channels.closed:
+                raise closed_error() from None
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
-    def _recv(self, ch: _Channel, req_id: int, deadline: float, ex: Exchange,
+    def _recv(self, ch: Channel, req_id: int, deadline: float, ex: Exchange,
               cancels: int) -> tuple[str, str, list[Any]]:
         """The next reply of ``req_id``: (status, worker, body frames); a cancel_all() since the
         request started (``cancels``: the count then) ends the wait (:class:`_CancelRequested`)."""
@@ -254,7 +155,7 @@ class Client(ClientAPI[Session]):
                     raise ex.lost(why)
                 if self._cancels != cancels:
                     raise _CancelRequested
-                if self._closed:
+                if self._channels.closed:
                     raise ex.lost("the client was closed")
                 if time.monotonic() < deadline:
                     continue
@@ -275,8 +176,8 @@ class Client(ClientAPI[Session]):
                 forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
         """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
         while it waits cancels the request on the worker before it propagates."""
-        if self._closed:
-            raise self._closed_error()
+        if self._channels.closed:
+            raise closed_error()
         ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
                             on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
         while True:
@@ -288,7 +189,7 @@ class Client(ClientAPI[Session]):
 
     def _request(self, ex: Exchange, worker: str) -> Any:
         cancels = self._cancels
-        ch = self._checkout()
+        ch = self._channels.checkout(self._connect)
         req_id = next(ch.ids)
         sent = ended = False  # the request is out / its final reply came
         sending = True  # a send is under way: an interrupt may cut it in two
@@ -298,7 +199,7 @@ class Client(ClientAPI[Session]):
             deadline = time.monotonic() + ex.wait
             while True:
                 reply = self._recv(ch, req_id, deadline, ex, cancels)
-                ended = reply[0] not in _EVENT_STATUSES
+                ended = reply[0] not in EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     sending = True
@@ -314,10 +215,10 @@ class Client(ClientAPI[Session]):
                 raise ex.cancelled("Client") from None
             raise
         finally:
-            self._checkin(ch)
+            self._channels.checkin(ch)
 
     @staticmethod
-    def _abandon(ch: _Channel, ex: Exchange, req_id: int, cut: bool) -> None:
+    def _abandon(ch: Channel, ex: Exchange, req_id: int, cut: bool) -> None:
         """The caller stopped waiting (Ctrl-C, an error, a stream left early) for a request that is
         out and not over: cancel it as asyncio does, waiting for nothing (late replies are skipped
         by request id). An interrupt that ``cut`` a send in two leaves half a message in the socket:
@@ -336,27 +237,27 @@ class Client(ClientAPI[Session]):
                bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
                flags: int = 0) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
-        if self._closed:
-            raise self._closed_error()
+        if self._channels.closed:
+            raise closed_error()
         ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
                             on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
                             flags=flags)
         cancels = self._cancels
-        ch = self._checkout()
+        ch = self._channels.checkout(self._connect)
         try:
             req_id = next(ch.ids)
             self._send(ch, ex.frames(req_id, worker), ex.timeout)
         except BaseException as exc:
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
-            self._checkin(ch)
+            self._channels.checkin(ch)
             raise
         return Stream(self, ch, req_id, ex, worker, cancels)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
         with self._lock:
-            if self._closed:
-                raise self._closed_error()
+            if self._channels.closed:
+                raise closed_error()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.config.threads,
                                                     thread_name_prefix="dspex-client")
@@ -374,9 +275,9 @@ class Stream:
     (``{"items": n}``) once it ended. It holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: _Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
+    def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
         self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
-        self._ch: _Channel | None = ch
+        self._ch: Channel | None = ch
         self._cancels = cancels  # the client's cancel_all() count when the stream started
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
@@ -397,7 +298,7 @@ class Stream:
         try:
             while True:
                 reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
-                ended = reply[0] not in _EVENT_STATUSES
+                ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
                 except CodeCacheMiss as miss:
@@ -437,7 +338,7 @@ class Stream:
             return
         if abandon:
             self._client._abandon(ch, self._ex, self._req_id, cut)
-        self._client._checkin(ch)
+        self._client._channels.checkin(ch)
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""

@@ -1,0 +1,138 @@
+"""The blocking client's sockets: a small pool of DEALER channels to one broker.
+
+A request borrows a channel for its duration (a stream for its whole life), so threads never
+share a socket and need no lock or I/O thread in the call path, and a thread that ends leaves
+nothing behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS`` (default 8) idle channels are kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from dspex.client.endpoints import probe_ipc
+from dspex.client.exchange import RIDE_THROUGH, close_monitored, closed_error
+from dspex.wire.sockets import handshake_failure
+from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt
+
+Connect = Callable[[], tuple[zmq.Socket[Any], zmq.Socket[Any]]]
+
+
+class Channel:
+    """One socket to the broker, used by one request (or stream) at a time."""
+
+    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock")
+
+    def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+        self.sock = sock
+        self.curve = sock.mechanism == zmq.CURVE
+        self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
+        self.monitor = monitor  # a lost connection fails its waiting requests at once (ConnectionLost)
+        self.poll_items = [(sock, POLLIN), (monitor, POLLIN)]  # for zmq_poll, without the Poller's sugar
+        self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
+        self.refused = False  # the broker refused our CURVE key (nothing we send can run)
+        self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
+
+    def disconnected(self) -> str:
+        """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
+        why = ""
+        while True:
+            # asking first: nothing pending (every call's case) costs less than a raised zmq.Again
+            if not get_opt(self.monitor, EVENTS) & POLLIN:
+                return why
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return why
+            failure = handshake_failure(event["event"], "client", self.curve)
+            if failure:
+                why = failure
+                self.refused = True
+            elif not why:
+                why = "lost the connection to the broker"
+
+    def close(self) -> None:
+        close_monitored(self.sock, self.monitor)
+
+
+class ChannelPool:
+    """The channels of one client: lent out one per request, the idle ones kept (LIFO: the warmest
+    first) up to ``idle_max``."""
+
+    def __init__(self, endpoint: str, idle_max: int) -> None:
+        self.endpoint = endpoint
+        self.idle_max = idle_max
+        self._idle: list[Channel] = []
+        self._open: set[Channel] = set()  # every channel not yet closed, lent out or idle
+        self._lock = threading.Lock()
+        self.closed = False
+        self._drop_seen = -math.inf  # when a connection drop was last seen
+
+    def __len__(self) -> int:
+        """Channels open (lent to running requests and streams, or idle)."""
+        return len(self._open)
+
+    def close(self) -> bool:
+        """Close the idle channels (a lent one is closed by its request: zmq sockets belong to one
+        thread at a time); False if closed already."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.closed = True
+            idle, self._idle = self._idle, []
+            self._open.difference_update(idle)
+        for ch in idle:
+            ch.close()
+        return True
+
+    def checkout(self, connect: Connect) -> Channel:
+        """A channel for one request: an idle one that is still connected, else a new one
+        (``connect`` makes its socket and monitor)."""
+        while True:
+            with self._lock:
+                if self.closed:
+                    raise closed_error()
+                ch = self._idle.pop() if self._idle else None
+            if ch is None:
+                # shortly after a drop, no probe: across a broker restart the request waits in the
+                # new socket for the broker (within its timeout); else nobody listening fails at once
+                return self._new(connect, probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
+            if not ch.broken and not ch.disconnected():
+                return ch
+            # zmq reconnects by itself after a broker restart, but never after a protocol error
+            # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
+            self._drop_seen = time.monotonic()
+            self._discard(ch)
+
+    def checkin(self, ch: Channel) -> None:
+        if ch.broken:
+            self._drop_seen = time.monotonic()
+        with self._lock:
+            if not self.closed and not ch.broken and len(self._idle) < self.idle_max:
+                self._idle.append(ch)
+                return
+        self._discard(ch)
+
+    def _discard(self, ch: Channel) -> None:
+        with self._lock:
+            if ch not in self._open:
+                return  # closed by close() already
+            self._open.discard(ch)
+        ch.close()
+
+    def _new(self, connect: Connect, probe: bool) -> Channel:
+        if probe:  # before making a socket: a failed probe leaves none behind
+            probe_ipc(self.endpoint)
+        with self._lock:
+            if self.closed:
+                raise closed_error()
+            ch = Channel(*connect())
+            self._open.add(ch)
+        return ch
