@@ -259,7 +259,10 @@ def start_supervisord(conf: SupervisorConf, timeout: float = 30.0) -> int:
         text = err.read().decode(errors="replace").strip()
     if rc != 0:
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("For help")]
-        raise SupervisorError(f"supervisord -c {conf.path} failed (exit {rc}): " + (" ".join(lines) or "no output"))
+        said = " ".join(lines) or "no output"
+        if rc == 2:  # supervisord's usage exit: it refused its conf (or options), nothing started
+            raise ConfigError(f"supervisord refused {conf.path}: {said.removeprefix('Error: ')}")
+        raise SupervisorError(f"supervisord -c {conf.path} failed (exit {rc}): {said}")
     deadline = time.monotonic() + timeout
     with Supervisor(conf, timeout=2.0) as sup:
         while True:
