@@ -172,6 +172,16 @@ def test_the_broker_host_counts_the_workers_of_other_hosts(deployment: Deploymen
     for pid in remote:  # each of the worker host's workers is listed with its host
         assert any(str(pid) in line and d.hostname in line for line in text.splitlines()), text
 
+    # --hard is a SIGKILL through this host's supervisord: refused, before anything is killed, for a
+    # worker of another host (its pid here may be any process's)
+    local_pid = next(w["pid"] for w in pools["triage_pool"]["workers"] if w["process"] is not None)
+    remote_pid = next(iter(remote))
+    for args in (["--worker", str(remote_pid)], ["--all"]) if d.hostname == WORKER_HOST else ():
+        out = run("workers", "recycle", "triage_pool", *args, "--hard", cwd=d.broker_host.root, env=d.env)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stdout + out.stderr
+        assert f"(pid {remote_pid}) runs on host {d.hostname}, not this one" in out.stderr, out.stderr
+        assert "without --hard" in out.stderr, out.stderr
+    assert {w["pid"] for w in pools_of(d.status()[1])["triage_pool"]["workers"]} == {local_pid, *remote}
     if d.hostname != WORKER_HOST:  # one host name for both: the broker cannot tell losses here from there,
         broker_up = float(doc["broker"]["uptime_s"])  # so wait until missing workers are no longer "starting"
         time.sleep(max(0.0, REGISTER_GRACE_S - broker_up + 1))
