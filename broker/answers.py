@@ -16,7 +16,8 @@ from broker.port import Port
 from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
 from dspex.stack.health import failure_kind
 from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
-from dspex.wire.protocol import Status, pack_error, pack_reply_header
+from dspex.wire.protocol import Status, pack_error, pack_reply_header, unpack_reply_header
+from dspex.wire.zmqfast import frame_buffer
 
 NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)  # counted and logged in bulk, not per call
@@ -29,6 +30,20 @@ def error_code(frames: list[Any]) -> str:
         return str(body.get("code") or "error") if isinstance(body, dict) else "error"
     except Exception:  # noqa: BLE001 - a worker's garbage is its error
         return "error"
+
+
+def call_error(reply: list[Any]) -> str:
+    """``Type: message`` of a call's own error reply (``[client, header, error map]``); "" for a
+    success, or a reply that does not read as an error."""
+    try:
+        if unpack_reply_header(frame_buffer(reply[1]))[0] == Status.OK.value:
+            return ""
+        body = msgpack.unpackb(frame_buffer(reply[-1]))
+        if not isinstance(body, dict):
+            return ""
+        return f"{body.get('type') or body.get('code') or 'error'}: {str(body.get('message', ''))[:1000]}"
+    except Exception:  # noqa: BLE001 - a worker's garbage: the refusal alone
+        return ""
 
 
 class Answers:

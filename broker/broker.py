@@ -28,7 +28,8 @@ import zmq
 from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
 from broker import checkpoints
-from broker.checkpoints import CheckpointStore, Job, StoreThread
+from broker.checkpoint_thread import StoreThread
+from broker.checkpoints import CheckpointStore, Job
 from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
@@ -343,8 +344,8 @@ class StoreLink:
         if not self._here:
             return
         jobs, self._here = self._here, []
-        self.thread.run_here(jobs)
-        self._done(jobs, time.monotonic())
+        done = self.thread.run_here(jobs)  # (the others go to the store's thread)
+        self._done(done, time.monotonic())
 
     def collect(self) -> None:
         """Hand back what the store's thread finished."""

@@ -9,37 +9,29 @@ reads :meth:`CheckpointStore.sessions` to know its durable sessions again.
 
 Bounds: a session may hold ``session_cap`` bytes, all sessions together ``total_cap``; a write
 past either is refused (:class:`OverCap`) and the session's checkpoint deleted (it goes on as a
-plain session). Closing or expiring a session deletes its rows.
+plain session: its row stays, marked plain). Closing or expiring a session deletes its rows.
 
-:class:`StoreThread` runs the store on a thread of its own so the routing loop never waits for
-the disk: jobs go in a FIFO (so a load sees every write submitted before it), writes waiting
-together share one transaction, and each finished job is handed back through
-:meth:`StoreThread.completed` after a byte on a pipe the broker polls. Small writes while the
-thread has none pending run on the broker's thread instead, all of one loop turn in one
-transaction (:meth:`StoreThread.run_here`): a checkpoint of a few KB commits in less time than
-the thread hop takes (docs/benchmarks.md, *durable sessions*); a big one never holds the routing
-loop.
+The thread that runs it beside the routing loop: broker/checkpoint_thread.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("dspex.broker")
 
-_CHECKPOINT_IDLE = 1.0  # seconds idle (or at most between copies, while busy) before the WAL is copied into the database
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
+# seconds a write on the store's thread waits for a lock another process holds on the file (an
+# operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
+LOCK_WAIT = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -90,6 +82,7 @@ class SessionRow:
     updated: float
     seq: int
     size: int
+    plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
 
 
 @dataclass
@@ -128,7 +121,8 @@ class CheckpointStore:
         self.session_cap = session_cap
         self.total_cap = total_cap
         fresh = not os.path.exists(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+        self._waits = True
         if fresh:
             os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -143,14 +137,25 @@ class CheckpointStore:
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions"))
-        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions"))
+        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
+        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
         self.total = sum(self._sizes.values())
+        # sessions dropped ("") or gone plain (why) whose rows a full disk would not change yet (a
+        # delete needs room in the WAL too): done at the next job that writes. Left as they were,
+        # a restarted broker would bring such a session back durable, with its state of before.
+        self._unwritten: dict[str, str] = {}
 
     def wal_checkpoint(self) -> None:
         """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
         reader or writer). The store's thread runs it when idle."""
         self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def wait_for_locks(self, wait: bool) -> None:
+        """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
+        file, or fails at once (``locked``)."""
+        if wait != self._waits:
+            self._db.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT * 1000) if wait else 0}")
+            self._waits = wait
 
     def close(self) -> None:
         self._reader.close()
@@ -158,11 +163,13 @@ class CheckpointStore:
 
     # -- sessions ---------------------------------------------------------------------------
     def sessions(self) -> list[SessionRow]:
-        rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size FROM sessions")
+        rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size, CASE WHEN seq < 0 THEN "
+                                "CAST(skeleton AS TEXT) ELSE '' END FROM sessions")
         return [SessionRow(*row) for row in rows]
 
     def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
         """A durable session exists (before its first checkpoint: an empty state to restore)."""
+        self._write_forgotten()
         self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
                          (session, pool, owner, worker, created, time.time()))
         self._sizes.setdefault(session, 0)
@@ -172,12 +179,40 @@ class CheckpointStore:
         self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
 
     def drop(self, session: str) -> None:
-        self._db.execute("BEGIN")
-        self._db.execute("DELETE FROM blobs WHERE session = ?", (session,))
-        self._db.execute("DELETE FROM sessions WHERE id = ?", (session,))
-        self._db.execute("COMMIT")
+        """The session is closed, expired or lost: its rows go."""
+        self._forget(session, "")
+
+    def plain(self, session: str, reason: str) -> None:
+        """The session went plain (``reason``): its checkpoint goes and its row stays (``seq`` -1,
+        the reason in place of a skeleton) until it is closed, so that a restarted broker knows
+        it as plain, not as a durable session to checkpoint whole again."""
+        self._forget(session, reason)
+
+    def _forget(self, session: str, plain: str) -> None:
         self.total -= self._sizes.pop(session, 0)
         self._seqs.pop(session, None)
+        self._unwritten[session] = plain
+        try:
+            self._write_forgotten()
+        except sqlite3.Error as exc:
+            log.error("checkpoint store %s: the checkpoint of session %s could not be deleted yet (%s): it is "
+                      "deleted at the next write", self.path, session[:8], exc)
+
+    def _write_forgotten(self) -> None:
+        """Delete the checkpoints of the sessions dropped or gone plain (raises sqlite3.Error if
+        it cannot, keeping them to do)."""
+        if not self._unwritten:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for session, plain in self._unwritten.items():
+                _forget_rows(db, session, plain)
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+        self._unwritten.clear()
 
     def size(self, session: str) -> int:
         return self._sizes.get(session, 0)
@@ -190,6 +225,7 @@ class CheckpointStore:
         results: list[StoreError | None] = []
         sizes: dict[str, int] = {}  # sizes changed by this transaction, committed to self._sizes after it
         dropped: list[str] = []
+        self._write_forgotten()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -200,14 +236,13 @@ class CheckpointStore:
                 except StaleCheckpoint as exc:
                     results.append(exc)
                 except StoreError as exc:
-                    db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
-                    db.execute("DELETE FROM sessions WHERE id = ?", (w.session,))
+                    _forget_rows(db, w.session, str(exc))
                     sizes.pop(w.session, None)
                     dropped.append(w.session)
                     results.append(exc)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         for session in dropped:
             self.total -= self._sizes.pop(session, 0)
@@ -260,7 +295,8 @@ class CheckpointStore:
         db = self._reader
         db.execute("BEGIN")  # one snapshot: the skeleton and the blobs of the same checkpoint
         try:
-            row = db.execute("SELECT seq, CAST(skeleton AS BLOB) FROM sessions WHERE id = ?", (session,)).fetchone()
+            row = db.execute("SELECT seq, CAST(skeleton AS BLOB) FROM sessions WHERE id = ? AND seq >= 0",
+                             (session,)).fetchone()
             rows = db.execute("SELECT slot, CAST(data AS BLOB) FROM blobs WHERE session = ? ORDER BY slot",
                               (session,)).fetchall() if row is not None else []
         finally:
@@ -290,6 +326,28 @@ def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TO
     return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
 
 
+def _forget_rows(db: sqlite3.Connection, session: str, plain: str) -> None:
+    """Delete a session's checkpoint; its row too, unless it went ``plain`` (then marked so)."""
+    db.execute("DELETE FROM blobs WHERE session = ?", (session,))
+    if plain:
+        db.execute("UPDATE sessions SET seq = -1, skeleton = ?, size = 0 WHERE id = ?", (plain, session))
+    else:
+        db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+
+def locked(exc: BaseException) -> bool:
+    """``exc`` is SQLite's "database is locked" (busy or locked: another connection holds it)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what a failed statement left open. SQLite rolls a transaction back by itself
+    after some errors (a full disk): a ROLLBACK then would raise, hiding the error that matters."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 _DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file
 
 
@@ -301,7 +359,7 @@ def _mb(n: int) -> str:
 
 @dataclass
 class Job:
-    """Work for the store thread. ``op``: "open", "pin", "write", "load", "drop"; ``args`` its
+    """Work for the store thread. ``op``: "open", "pin", "write", "load", "plain", "drop"; ``args`` its
     arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
     are set by the thread."""
 
@@ -310,155 +368,3 @@ class Job:
     tag: Any = None
     result: Any = None
     error: BaseException | None = None
-
-
-_WAKE = Job("wake", ())  # not work: makes the store thread look at its counters again
-
-
-class StoreThread:
-    """Runs a :class:`CheckpointStore` on its own thread; the broker polls :meth:`fileno`."""
-
-    def __init__(self, store: CheckpointStore) -> None:
-        self.store = store
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._done: deque[Job] = deque()
-        # jobs that write, handed to the thread and run by it (each counter has one writer thread)
-        self._writes_submitted = 0
-        self._writes_run = 0
-        self._writes_here = 0  # run on the routing thread (run_here)
-        # the thread waits for jobs without a timeout: no write since its last copy of the WAL (an
-        # idle broker's thread never wakes); a write on the routing thread then wakes it
-        self._asleep = False
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        self._thread = threading.Thread(target=self._run, name="dspex-checkpoints", daemon=True)
-        self._thread.start()
-
-    def fileno(self) -> int:
-        return self._read
-
-    @property
-    def writing(self) -> bool:
-        """The thread has writes to run: a write that does not go through it now would overtake them."""
-        return self._writes_submitted != self._writes_run
-
-    def submit(self, job: Job) -> None:
-        if job.op != "load":
-            self._writes_submitted += 1
-        self._jobs.put(job)
-
-    def run_here(self, jobs: list[Job]) -> None:
-        """Run small writes on the caller's thread, in one transaction, while the thread has no
-        write of its own to run (:attr:`writing`): no thread hop for the common case."""
-        assert not self.writing
-        self._round(jobs)
-        self._writes_here += len(jobs)
-        if self._asleep:
-            self._asleep = False
-            self._jobs.put(_WAKE)
-
-    def completed(self) -> list[Job]:
-        """Jobs finished since the last call, in the order they were submitted."""
-        try:
-            while os.read(self._read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
-        return out
-
-    def close(self) -> None:
-        """Finish the jobs submitted so far, then stop."""
-        self._jobs.put(None)
-        self._thread.join()
-        os.close(self._read)
-        os.close(self._write)
-        self.store.close()
-
-    def _run(self) -> None:
-        wrote = 0
-        copied = time.monotonic()
-        while True:
-            # asleep first, then look: a write on the routing thread either is seen here or sees
-            # the flag and wakes the thread (a spare wake-up is harmless)
-            self._asleep = True
-            timeout: float | None = None
-            if self._writes_submitted + self._writes_here != wrote:
-                self._asleep = False
-                timeout = _CHECKPOINT_IDLE
-            try:
-                job = self._jobs.get(timeout=timeout)
-            except queue.Empty:
-                if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
-                    wrote, copied = self._copy_wal()
-                continue
-            self._asleep = False
-            if job is _WAKE:
-                continue
-            batch: list[Job] = []
-            stop = job is None
-            if job is not None:
-                batch.append(job)
-            while not stop:  # everything already waiting joins this round (one commit for its writes)
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _WAKE:
-                    continue
-                if more is None:
-                    stop = True
-                else:
-                    batch.append(more)
-            if batch:
-                self._round(batch)
-                writes = sum(1 for job in batch if job.op != "load")
-                if writes:
-                    self._writes_run += writes
-                self._done.extend(batch)
-                try:
-                    os.write(self._write, b"\x01")
-                except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
-                    pass
-            if stop:
-                return
-            if time.monotonic() >= copied + _CHECKPOINT_IDLE and self._writes_submitted + self._writes_here != wrote:
-                # never idle (writes back to back): copied anyway, or the WAL grows for ever
-                wrote, copied = self._copy_wal()
-
-    def _copy_wal(self) -> tuple[int, float]:
-        """Copy the WAL into the database; the write count and the time it was done at."""
-        wrote = self._writes_submitted + self._writes_here
-        try:
-            self.store.wal_checkpoint()
-        except sqlite3.Error as exc:
-            log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
-        return wrote, time.monotonic()
-
-    def _round(self, batch: list[Job]) -> None:
-        i = 0
-        while i < len(batch):
-            if batch[i].op == "write":  # consecutive writes: one transaction
-                j = i
-                while j < len(batch) and batch[j].op == "write":
-                    j += 1
-                writes = batch[i:j]
-                try:
-                    for job, result in zip(writes, self.store.apply([job.args[0] for job in writes])):
-                        job.error = result
-                except Exception as exc:  # noqa: BLE001 - a disk or database failure: every write of the round failed
-                    log.error("checkpoint store %s: %s", self.store.path, exc)
-                    for job in writes:
-                        job.error = StoreError(f"the broker's checkpoint store failed ({exc})")
-                i = j
-                continue
-            job = batch[i]
-            try:
-                job.result = getattr(self.store, job.op)(*job.args)
-            except Exception as exc:  # noqa: BLE001 - handed back to the broker with the job
-                log.error("checkpoint store %s: %s failed: %s", self.store.path, job.op, exc)
-                job.error = exc
-            i += 1

@@ -268,6 +268,7 @@ class Core:
                 self.dispatcher.feed(w)
                 if w.pool.parked:
                     self.durable.worker_ready(w.pool)
+                self.durable.spread(w)
                 if w.pool.recycling is not None:
                     # a rolling recycle waits for this replacement: go on now, not at the next tick
                     # (an operator who saw the replacement ready must not find the pool "recycling")

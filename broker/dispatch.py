@@ -72,7 +72,7 @@ class Dispatcher:
             self._fail(p, pool, rec)
             return
         if durable and rec.durable is None and rec.calls == 1:
-            self.durable.open(rec, forgotten=bool(claimed_worker))
+            self.durable.open(rec, p, forgotten=bool(claimed_worker))
         if rec.worker is None:
             w = pool.least_loaded()
             if w is None:
@@ -82,6 +82,8 @@ class Dispatcher:
         pinned = rec.worker
         assert pinned is not None
         w = self.workers.get(pinned)
+        if rec.durable is not None and rec.durable.move and self.durable.route(rec, pool, p, w):
+            return  # moving (to a worker that came up) while its worker lives: it waits for the move
         if w is None or w.draining:
             if w is None and (pool.strict or rec.durable is not None) and self.book.in_restart_grace(pinned):
                 # just (re)started: its worker may be alive and not re-registered yet; wait for it

@@ -11,7 +11,8 @@ When a durable session's worker is gone or draining, its calls wait in the pool'
 while the session moves: (after the call it runs on a draining worker answers) the store loads
 its checkpoint, the session is pinned to the pool's least-loaded worker, and its first call there
 carries the checkpoint (``Durable.RESTORE``). A worker that refuses the checkpoint makes the
-session lost: its rows go and its calls answer ``checkpoint_refused``.
+session lost: its rows go and its calls answer ``checkpoint_refused``. After a worker registers,
+idle sessions move the same way to the workers holding the fewest (broker/spread.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.answers import Answers, error_code
+from broker import spread
+from broker.answers import Answers, call_error, error_code
 from broker.checkpoints import Job, SessionRow, StaleCheckpoint, Write
 from broker.port import Port
 from broker.sessions import SessionBook, checkpoint_lost
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
-from dspex.wire.errors import ConfigError, InternalError, SessionNotDurable, SessionNotHeld
+from dspex.wire.errors import ConfigError, InternalError, PoolSaturated, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     W_CHECKPOINT,
@@ -38,9 +40,7 @@ from dspex.wire.protocol import (
     Status,
     pack_error,
     pack_reply_header,
-    unpack_reply_header,
 )
-from dspex.wire.zmqfast import frame_buffer
 
 if TYPE_CHECKING:
     import zmq
@@ -73,6 +73,7 @@ class DurableSessions:
         # opened, checkpoint writes stored, refused (turned plain), moves, restores sent, sessions
         # lost (a checkpoint refused)
         self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
+        self.uneven: set[str] = set()  # pools whose sessions spread to a worker that holds fewer
 
     # -- opening, pins, envelopes ---------------------------------------------------------------
     def refusal(self, p: Pending, pool: Pool) -> ConfigError | None:
@@ -86,14 +87,16 @@ class DurableSessions:
                                "cannot be durable")
         return None
 
-    def open(self, rec: SessionRecord, forgotten: bool) -> None:
-        """``rec`` was just opened by a call that wants it durable. Its first checkpoint is a full
-        one: a session this broker never knew is new, but one it ``forgotten`` (its client claims
-        a pin from an earlier broker: the store was set aside or deleted) lives on in its worker
-        if anywhere, whose tracker would send only what the call changed."""
-        rec.durable = Durability(needs_full=True, forgotten=forgotten)
+    def open(self, rec: SessionRecord, p: Pending, forgotten: bool) -> None:
+        """``rec`` was just opened by the call ``p``, which wants it durable. Its first checkpoint
+        is a full one: a session this broker never knew is new, but one it ``forgotten`` (its
+        client claims a pin from an earlier broker: the store was set aside or deleted) lives on
+        in its worker if anywhere, whose tracker would send only what the call changed. The
+        store's record counts as the session's first write: the call's reply waits for it, and
+        if the store fails it, the call is told the session is not durable."""
+        rec.durable = Durability(needs_full=True, forgotten=forgotten, submitted=1)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
-        self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created)))
+        self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created), tag=(p.client, p.req_id)))
         self.counters["opened"] += 1
 
     def pinned(self, rec: SessionRecord) -> None:
@@ -179,6 +182,7 @@ class DurableSessions:
                           clear_slots, full, size)
             if full:
                 d.needs_full = False
+            d.partial = bool(meta.get("partial"))
             d.submitted += 1
             self.port.store(Job("write", (write,), tag=(rec.id, key, size, seq)))
         return used
@@ -205,7 +209,7 @@ class DurableSessions:
         its own error too (the caller would not see it otherwise)."""
         err = d.refused.pop(key)
         message, details = err.message, dict(err.details)
-        failed = _call_error(reply)
+        failed = call_error(reply)
         if failed:
             message = f"{message}. The call itself failed: {failed}"
             details["call_error"] = failed
@@ -217,7 +221,7 @@ class DurableSessions:
         assert d is not None
         if not d.off:
             d.off = reason
-            self.port.store(Job("drop", (rec.id,)))
+            self.port.store(Job("plain", (rec.id, reason)))
             self.counters["refused"] += 1
             self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:
@@ -244,22 +248,32 @@ class DurableSessions:
                 else:
                     self._turn_off(rec, key, str(job.error))
                 self._release_held(d)
+                if self.uneven:
+                    self._spread_on(rec)
             elif job.op == "load":
                 self._loaded(job)
-            elif job.error is not None and job.op == "open":
+            elif job.op == "open":
                 rec = self.sessions.get(job.args[0])
-                if rec is not None and rec.durable is not None:
-                    self._turn_off(rec, None, f"the broker's checkpoint store failed ({job.error})")
+                d = rec.durable if rec is not None else None
+                if rec is None or d is None:
+                    continue
+                d.done += 1
+                if job.error is not None:
+                    self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})")
+                self._release_held(d)
 
     # -- moves --------------------------------------------------------------------------------------
     def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:
         """Park ``p`` if its durable session must move (its pinned worker ``w`` is gone or
-        draining) or is moving; True if it did."""
+        draining) or is moving, or refuse it (``pool_saturated``: it did not run, the session
+        stays durable) when the pool's queue is full; True if it did either."""
         d = rec.durable
         if d is None or d.off:
             return False
         if pool.queued >= pool.config.queue_max:
-            return False  # the caller refuses it (pool_saturated)
+            self.answers.fail_in_bulk(p, pool, PoolSaturated(
+                f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))
+            return True
         pool.parked.setdefault(rec.id, deque()).append(p)
         if not d.move:
             old = self.workers.get(rec.worker) if rec.worker else None
@@ -267,6 +281,8 @@ class DurableSessions:
                 d.move = "waiting"  # its call there answers first (with its checkpoint)
             else:
                 self._load(rec, d)
+        elif d.move == "spread":
+            self._load(rec, d)
         return True
 
     def reroute(self, p: Pending, pool: Pool) -> bool:
@@ -284,6 +300,8 @@ class DurableSessions:
             old = self.workers.get(rec.worker) if rec.worker else None
             if old is None or not old.runs_session(rec.id):
                 self._load(rec, d)
+        elif self.uneven:
+            self._spread_on(rec)
 
     def _not_held(self, rec: SessionRecord, w: WorkerRecord, p: Pending) -> None:
         """``w`` does not hold ``rec``, though pinned there (a broker that stored the pin of a move
@@ -310,6 +328,15 @@ class DurableSessions:
         if rec is None or d is None or d.move != "loading":
             return  # closed (its parked calls were answered) or turned plain meanwhile
         stored = job.result
+        back = self.workers.get(d.spread_from) if d.spread_from else None
+        if back is not None and not back.draining and (job.error is not None or stored is None):
+            # a spread the store cannot serve: the session goes back to its worker, which holds it
+            d.move, d.spread_from = "", None
+            self.book.pin(rec, back.id)
+            pool = self.pools.get(rec.pool)
+            for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
+                self._route(p, rec.pool, "")
+            return
         if job.error is not None or stored is None or (d.forgotten and not stored.seq):
             why = (f"its checkpoint could not be read ({job.error})" if job.error else "its checkpoint is gone"
                    if stored is None else "the checkpoint store has no checkpoint of it (the store was set aside "
@@ -322,14 +349,18 @@ class DurableSessions:
         self._finish_move(rec, d)
 
     def _finish_move(self, rec: SessionRecord, d: Durability) -> None:
-        """Pin a loaded session to the pool's least-loaded worker and send it its calls."""
+        """Pin a loaded session to the pool's least-loaded worker (a spread: to the worker it is
+        pinned to already) and send it its calls."""
         pool = self.pools.get(rec.pool)
         if pool is None:
             return
-        new = pool.least_loaded()
+        new = self.workers.get(rec.worker) if d.spread_from and rec.worker else None
+        if new is None or new.draining or new.id in pool.rolling:
+            new = pool.least_loaded()
         if new is None:
             return  # no worker yet: the next READY goes on (worker_ready)
-        old = self.workers.get(rec.worker) if rec.worker else None
+        old = self.workers.get(d.spread_from or rec.worker or b"")
+        d.spread_from = None
         self.book.pin(rec, new.id)
         rec.touched.add(new.id)
         d.restore_to, d.move = new.id, ""
@@ -343,6 +374,36 @@ class DurableSessions:
                 self._dispatch(new, p)
             else:
                 new.queue.append(p)  # already counted in the pool's queue bound
+
+    def spread(self, new: WorkerRecord) -> None:
+        """``new`` registered: sessions of its pool move to the workers holding the fewest, each
+        when idle (broker/spread.py): those idle now, the others as their calls end."""
+        if not spread.even(new.pool):
+            self.uneven.add(new.pool.name)
+            for rec, target in spread.to_spread(new.pool, self.sessions):
+                self._spread(rec, target)
+
+    def _spread_on(self, rec: SessionRecord) -> None:
+        """``rec``'s call ended and its write (if any) committed: in a pool whose sessions are
+        uneven, it moves now if it should."""
+        w = self.workers.get(rec.worker) if rec.worker and rec.pool in self.uneven else None
+        if w is None:
+            return
+        target = spread.target_for(rec, w)
+        if target is not None:
+            self._spread(rec, target)
+        elif spread.even(w.pool):
+            self.uneven.discard(rec.pool)
+
+    def _spread(self, rec: SessionRecord, target: WorkerRecord) -> None:
+        """Pin ``rec`` to ``target`` now (the counts the next choice reads); its checkpoint loads
+        at its next call, and its old worker holds it until then (it goes back there if the
+        store cannot serve it)."""
+        d = rec.durable
+        assert d is not None
+        d.move, d.spread_from = "spread", rec.worker
+        self.book.pin(rec, target.id)
+        rec.touched.add(target.id)
 
     def worker_ready(self, pool: Pool) -> None:
         """A worker registered: sessions loaded while the pool had none go there."""
@@ -376,8 +437,7 @@ class DurableSessions:
         while d.held:
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
-        if not d.off:
-            self.port.store(Job("drop", (rec.id,)))
+        self.port.store(Job("drop", (rec.id,)))  # (a plain one's row too)
         pool = self.pools.get(rec.pool)
         if pool is not None:
             pool.parked.pop(rec.id, None)
@@ -385,12 +445,14 @@ class DurableSessions:
     # -- what operators see ---------------------------------------------------------------------------
     @staticmethod
     def view(rec: SessionRecord, wall: float) -> dict[str, Any]:
-        """``sessions`` / dashboard fields of a session: durable, checkpoint bytes and age."""
+        """``sessions`` / dashboard fields of a session: durable, checkpoint bytes and age, and
+        why a session that was durable no longer is (over a cap, the store failed)."""
         d = rec.durable
         if d is None or d.off:
-            return {"durable": False, "checkpoint_bytes": None, "checkpoint_age_s": None}
+            return {"durable": False, "checkpoint_bytes": None, "checkpoint_age_s": None,
+                    "no_longer_durable": d.off if d is not None else None}
         return {"durable": True, "checkpoint_bytes": d.bytes,
-                "checkpoint_age_s": round(wall - d.stored, 3) if d.stored else None}
+                "checkpoint_age_s": round(wall - d.stored, 3) if d.stored else None, "no_longer_durable": None}
 
     def status(self) -> dict[str, Any]:
         """The ``checkpoints`` part of ``status``."""
@@ -402,31 +464,28 @@ class DurableSessions:
         """The store's durable sessions, back with their pool, owner and pin: each first call
         asks its worker for a full checkpoint (the store may lack the last one)."""
         now = self.clock.now
+        dropped: dict[str, int] = {}
         for row in rows:
             if row.pool not in self.pools or self.pools[row.pool].mode.value == "none":
                 self.port.store(Job("drop", (row.id,)))
+                dropped[row.pool] = dropped.get(row.pool, 0) + 1
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)
-            rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
-                                     stored=row.updated if row.seq else 0.0)
+            if row.plain:  # it went plain: so it stays (never made durable again by a claim of its pin)
+                rec.durable = Durability(off=row.plain)
+            else:
+                rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
+                                         stored=row.updated if row.seq else 0.0)
             if row.worker:
                 rec.worker = row.worker.encode()
                 rec.touched.add(rec.worker)
             self.sessions[row.id] = rec
+        for pool, n in dropped.items():
+            self.port.log(logging.WARNING, "%d durable session%s of pool %r dropped from the checkpoint store: this "
+                          "broker has no pool %r that keeps session state", n, "" if n == 1 else "s", pool, pool)
         if rows:
             self.book.next_expiry = now  # (their TTLs count from now)
-            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store", len(self.sessions))
+            plain = sum(1 for r in self.sessions.values() if r.durable is not None and r.durable.off)
+            self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store (and %d that went plain)",
+                          len(self.sessions) - plain, plain)
 
-
-def _call_error(reply: list[Any]) -> str:
-    """``Type: message`` of a call's own error reply (``[client, header, error map]``); "" for a
-    success, or a reply that does not read as an error."""
-    try:
-        if unpack_reply_header(frame_buffer(reply[1]))[0] == Status.OK.value:
-            return ""
-        body = msgpack.unpackb(frame_buffer(reply[-1]))
-        if not isinstance(body, dict):
-            return ""
-        return f"{body.get('type') or body.get('code') or 'error'}: {str(body.get('message', ''))[:1000]}"
-    except Exception:  # noqa: BLE001 - a worker's garbage: the refusal alone
-        return ""

@@ -326,7 +326,8 @@ class Durability:
     needs_full: bool = False  # the store may lack its worker's last checkpoint (a broker restart)
     forgotten: bool = False  # opened for a pin a client claims: a session of an earlier broker not in the store
     # a move to another worker: "" (none), "waiting" (for its call on the old worker to answer),
-    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet).
+    # "loading" (the store reads its checkpoint), "ready" (loaded; no worker to take it yet),
+    # "spread" (pinned to a worker holding fewer sessions: its checkpoint loads at its next call).
     # Its calls wait in the pool's ``parked`` meanwhile.
     move: str = ""
     off: str = ""  # why it is no longer durable (over a cap, the store failed): a plain session now
@@ -336,6 +337,8 @@ class Durability:
     done: int = 0  # ...and finished (in order)
     held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
     refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
+    partial: bool = False  # its last checkpoint leaves out objects its worker holds (not moved but by need)
+    spread_from: bytes | None = None  # a spread (move "spread"): pinned to its new worker; the old one holds it until the restore
     bytes: int = 0  # of its last stored checkpoint
     stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
     seq: int = 0  # of its last stored checkpoint

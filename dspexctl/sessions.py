@@ -85,9 +85,11 @@ class SessionsList:
 
 
 def _durable_cell(s: dict[str, Any]) -> str:
-    """"no", or the size and age of the session's last checkpoint."""
+    """"no" (and why, for a session that was durable), or the size and age of the session's
+    last checkpoint."""
     if not s.get("durable"):
-        return "no"
+        why = str(s.get("no_longer_durable") or "")
+        return f"no (no longer: {why if len(why) <= 80 else why[:77] + '...'})" if why else "no"
     if s.get("checkpoint_age_s") is None:
         return "yes (no checkpoint yet)"
     size = float(s.get("checkpoint_bytes") or 0)

@@ -46,6 +46,9 @@ class Counter:
     def __call__(self, x: int) -> int:
         return self.value * x
 
+    def shifted(this, self: int) -> int:  # a keyword named like the handle's own first parameter
+        return this.value + self
+
     def __getitem__(self, key: str) -> int:
         return self.items[key]
 
@@ -81,6 +84,25 @@ def test_run_sends_code_by_value_and_returns_data(stack: Stack) -> None:
         assert s.run(lambda: [n for n in range(20) if n > threshold]) == list(range(11, 20))  # closures travel
         # the source travels with by-value code: inspect.getsource works on the worker
         assert "A client function using client classes" in s.run(source_of, triage)
+
+
+def apply_to(fn: Any, items: list[int], self: int = 0) -> list[int]:
+    return [fn(x) + self for x in items]
+
+
+def test_any_keyword_argument_reaches_the_function(stack: Stack) -> None:
+    """``fn(fn=..., self=...)`` in-process: the same keywords through ``s.run``, ``dx.submit`` and a
+    handle's call are the function's, never the API's own parameters."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    expected = apply_to(fn=abs, items=[-1, 2], self=1)
+    with dx.session("p") as s:
+        assert s.run(apply_to, fn=abs, items=[-1, 2], self=1) == expected
+        assert dx.submit(apply_to, fn=abs, items=[-1, 2], self=1).result(timeout=30) == expected
+        assert dx.submit(s.run, apply_to, fn=abs, items=[-1, 2], self=1).result(timeout=30) == expected
+        handle = s.put(apply_to)
+        assert handle(fn=abs, items=[-1, 2], self=1) == expected
+        counter = s.put(Counter(5))
+        assert counter.shifted(self=2) == 7  # a method of a handle: its keywords too
 
 
 def test_put_gives_a_handle_that_reads_like_the_object(stack: Stack) -> None:

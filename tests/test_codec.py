@@ -487,6 +487,40 @@ def test_remote_error_is_an_instance_of_the_original_type_with_its_attributes() 
     assert type(error_from_wire(_wire_of(KeyError("k")))) is type(error_from_wire(_wire_of(KeyError("j"))))
 
 
+class Adapter:
+    class Failure(ValueError):
+        """An exception class nested in another (or defined in a function): a dotted qualname."""
+
+
+def test_a_remote_error_of_a_nested_class_reads_as_its_class() -> None:
+    err = error_from_wire(_wire_of(Adapter.Failure("could not parse")))
+    assert isinstance(err, Adapter.Failure)
+    # repr takes the class name after its last dot: the qualname's dots must not cut it
+    assert repr(err) == "RemoteError[Failure]('could not parse')"
+    assert type(err).__qualname__ == "RemoteError[Adapter.Failure]"
+    assert "RemoteError[Adapter.Failure]: could not parse" in "".join(traceback.format_exception_only(err))
+
+
+class NotFound(LookupError):
+    """An error class with class-level attributes named like RemoteError's own (web frameworks'
+    HTTP errors have a class-level ``code``)."""
+
+    code = 404
+    message = "the page is not here"
+    details = {"retry": False}  # noqa: RUF012 - as such classes are written
+
+
+def test_a_remote_error_keeps_the_class_attributes_of_its_type() -> None:
+    err = error_from_wire(_wire_of(NotFound("no /x")))
+    assert isinstance(err, NotFound) and isinstance(err, RemoteError)
+    assert (err.code, err.message, err.details) == (404, "the page is not here", {"retry": False})
+    assert str(err) == "no /x" and err.remote_traceback == "Traceback ...\n" and err.type_name == "NotFound"
+    assert err.to_wire()["code"] == "remote_error"  # the wire form is the remote error's, kept apart
+    assert err.wire_details["type"] == "NotFound" and NotFound.details == {"retry": False}
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and again.code == 404 and str(again) == "no /x"
+
+
 def test_remote_error_builtin_fields_and_fallbacks() -> None:
     err = error_from_wire(_wire_of(FileNotFoundError(2, "No such file", "/x")))
     assert isinstance(err, FileNotFoundError) and err.errno == 2 and err.filename == "/x"

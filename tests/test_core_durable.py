@@ -4,6 +4,7 @@ jobs run when the test says so, as the store thread would run them."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -135,6 +136,7 @@ def test_a_reply_waits_for_its_checkpoint_to_commit(path: str) -> None:
 def test_a_call_that_changed_nothing_replies_at_once_unless_an_earlier_write_is_pending(path: str) -> None:
     core = durable_core(path, "p:strict_queue:prefetch=0")
     core.call(1)
+    core.commit()  # the session's record (the broker commits it at the end of the turn that opened it)
     w = core.worker_of(1)
     assert w is not None
     core.reply(w, C, 1)  # no checkpoint: nothing changed
@@ -210,7 +212,8 @@ def test_a_session_over_its_cap_gets_a_clear_error_and_goes_on_plain(path: str) 
     body = msgpack.unpackb([f for f in core.to_clients if msgpack.unpackb(f[1])[1] == 1][-1][2])
     assert body["ran"] is True and "per-session cap" in body["reason"]
     core.commit()
-    assert core.store.sessions() == []
+    assert [(r.seq, "per-session cap" in r.plain) for r in core.store.sessions()] == [(-1, True)]
+    assert core.store.load(S) is None
     core.call(2)
     assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
     core.reply(w, C, 2)
@@ -308,6 +311,7 @@ def test_a_pool_setting_makes_every_session_durable_and_hint_keeps_one_worker(pa
 def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str) -> None:
     core = durable_core(path)
     core.call(1)
+    core.commit()  # the session's record, as the broker commits it at the end of the turn
     w = core.worker_of(1)
     assert w is not None
     other = B if w == A else A
@@ -323,13 +327,16 @@ def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str)
 def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(path: str) -> None:
     core = durable_core(path)
     core.call(1)
+    core.commit()  # the session's record, as the broker commits it at the end of the turn
     w = core.worker_of(1)
     assert w is not None
     frames = [w, pack_reply_envelope(W_CHECKPOINT, "ok", 1, C), b"\xc1 not msgpack", pack_reply_header("ok", 1), b"r"]
     core.backend(*frames)
     assert core.outcome(C, 1) == "session_not_durable"  # the call ran; its checkpoint could not be kept
     core.commit()
-    assert core.store.sessions() == [] and core.sessions[S].durable is not None and core.sessions[S].durable.off
+    # no checkpoint kept, and its row says it went plain (a restarted broker keeps it plain)
+    assert [(r.id, r.seq, bool(r.plain)) for r in core.store.sessions()] == [(S, -1, True)]
+    assert core.store.load(S) is None and core.sessions[S].durable is not None and core.sessions[S].durable.off
     core.call(2)
     assert core.worker_of(2) == w and not core.head_of(2) & Durable.CHECKPOINT
 
@@ -347,3 +354,93 @@ def test_an_expired_durable_session_deletes_its_checkpoint(path: str) -> None:
     assert core.store.sessions() == [] and core.store.load(S) is None
     core.call(2)
     assert core.outcome(C, 2) == "session_closed"
+
+
+def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wait_for_the_move(path: str) -> None:
+    """Idle sessions are pinned to the new worker at once; each one's checkpoint loads at its next
+    call, which waits for it, and its old worker holds it until then."""
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "abcd"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.call(9, session=sids[3])  # running on A: it stays there
+    core.ready(B, "p")
+    moved = [sid for sid in sids if core.sessions[sid].worker == B]
+    assert len(moved) == 2 and sids[3] not in moved and len(core.workers[A].sessions) == 2
+    assert not [j for j in core.jobs if j.op == "load"] and not core.released(moved[0])  # nothing loaded or released yet
+    core.call(10, session=moved[0])
+    assert core.worker_of(10) is None  # waits for its checkpoint, never sent to A
+    core.commit()
+    assert core.worker_of(10) == B and core.head_of(10) & Durable.RESTORE
+    assert msgpack.unpackb(core.frames_of(10)[1])["seq"] == 1
+    assert core.released(moved[0]) == {A} and not core.released(moved[1])
+    core.reply(B, C, 10)
+    core.call(11, session=moved[1])
+    core.commit()
+    assert core.worker_of(11) == B and core.head_of(11) & Durable.RESTORE and core.released(moved[1]) == {A}
+    core.checkpoint(A, 9, 2, {1: b"x"}, session=sids[3])  # its call ends: even already, it stays
+    core.commit()
+    assert core.sessions[sids[3]].worker == A and not [j for j in core.jobs if j.op == "load"]
+
+
+def test_sessions_never_idle_when_a_worker_registers_spread_as_their_calls_end(path: str) -> None:
+    """Under steady load every session has a call running or queued at any instant: they move
+    one by one as their calls end (their checkpoints committed)."""
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "abc"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+    for n, sid in enumerate(sids, 1):  # one runs on A, two wait in its queue
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.call(4, session=sids[0])
+    core.call(5, session=sids[1])
+    core.call(6, session=sids[2])
+    core.ready(B, "p")
+    assert {core.sessions[sid].worker for sid in sids} == {A}  # none idle
+    core.checkpoint(A, 4, 2, {1: b"x"}, session=sids[0])
+    core.commit()  # call 4's write: sids[0] is idle now, and moves
+    assert core.sessions[sids[0]].worker == B
+    core.call(7, session=sids[0])
+    core.commit()
+    assert core.worker_of(7) == B and core.head_of(7) & Durable.RESTORE
+    assert msgpack.unpackb(core.frames_of(7)[1])["seq"] == 2  # with call 4's effects
+
+
+def test_durable_sessions_of_a_pool_the_restarted_broker_lacks_are_dropped_and_logged(path: str) -> None:
+    core = durable_core(path)
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"}, full=True)
+    core.commit()
+    core.store.close()
+    again = DurableCore(path, "q:strict_queue")  # the conf lost pool p
+    again.commit()
+    assert S not in again.sessions and again.store.sessions() == []
+    assert any(level == logging.WARNING and "1 durable session of pool 'p' dropped" in text
+               and "no pool 'p'" in text for level, text in again.port.logs), again.port.logs
+
+
+def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_session(path: str) -> None:
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "ab"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.ready(B, "p")
+    (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
+    core.store.drop(moved)  # its checkpoint unreadable (the store lost it)
+    core.call(3, session=moved)
+    core.commit()
+    assert core.worker_of(3) == A and not core.head_of(3) & Durable.RESTORE  # where it lives, unharmed
+    assert not core.released(moved) and core.sessions[moved].worker == A

@@ -6,6 +6,10 @@ from __future__ import annotations
 import glob
 import os
 import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -156,3 +160,149 @@ def test_a_move_cut_short_by_a_broker_restart_restores_on_the_new_worker_not_an_
     assert s.eval("counter + 1") == 42  # restored there from its checkpoint, not run on an empty session
     assert "where it is pinned: it moves with its checkpoint" in stack.logs()
     assert s.eval("counter + 2") == 43
+
+
+@pytest.fixture
+def small_disk(short_tmp: str) -> Iterator[str]:
+    """A 4 MB tmpfs of the test's own (root only): a disk that fills up."""
+    path = os.path.join(short_tmp, "disk")
+    os.mkdir(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+
+
+def _fill(disk: str) -> str:
+    filler = os.path.join(disk, "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_says_so_on_each_call_it_fails_and_leaves_no_stale_checkpoint(stack: Stack, small_disk: str) -> None:
+    path = os.path.join(small_disk, "checkpoints.sqlite")
+    stack.start_broker("p:strict_queue", extra=["--checkpoints", path])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    s = dx.session("p", durable=True)
+    s.exec("import os")
+    box = s.put([1])
+    s.eval("b.append(2)", {"b": box})
+    filler = _fill(small_disk)
+
+    # (bigger than the WAL so far: a write that fits in WAL pages copied out already needs no disk)
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        s.eval("b.append(os.urandom(300_000))", {"b": box})  # the disk's error, not what a rollback said after it
+    late = dx.session("p", durable=True)
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        late.put(os.urandom(300_000))  # opened while the disk is full: never durable, and told so
+    assert not [r for r in dx.sessions("p") if r["durable"]]
+
+    os.unlink(filler)
+    fresh = dx.session("p", durable=True)
+    fresh.put([1])  # durable sessions work again
+
+    def stored() -> dict[str, int]:
+        with sqlite3.connect(path) as db:
+            return dict(db.execute("SELECT id, seq FROM sessions"))
+
+    # the checkpoints of the sessions turned plain deleted (their rows marked plain: seq -1)
+    wait_for(lambda: {k: v for k, v in stored().items() if k != late.id} == {fresh.id: 1, s.id: -1}
+             and stored().get(late.id, -1) == -1, what="the checkpoints of the sessions turned plain deleted")
+    # so a restarted broker never brings back a session its client was told is plain, as it was
+    # before the disk filled: its worker gone, it is a plain session whose worker is gone
+    pid = pid_of(s)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.kill(pid)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    with pytest.raises(dspex.SessionWorkerUnavailable):
+        s.eval("b", {"b": box})
+
+
+def test_a_session_that_went_plain_stays_plain_after_a_broker_restart(stack: Stack) -> None:
+    """Told once that it is no longer durable, a session is not made durable again by a restarted
+    broker (whose first full checkpoint of it would be refused again, with that call's result)."""
+    stack.start_broker("p:strict_queue", extra=["--checkpoint-cap", "0.1"])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    s = dx.session("p", durable=True)
+    box = s.put([1])
+    with pytest.raises(dspex.SessionNotDurable):
+        s.put(os.urandom(200_000))
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.wait_workers("p", 2)
+    assert s.eval("b + [2]", {"b": box}) == [1, 2]  # a plain session on its worker, as before
+    (row,) = dx.sessions("p")
+    assert row["durable"] is False and "over the per-session cap" in row["no_longer_durable"]
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM blobs").fetchone() == (0,)  # no checkpoint kept of it
+    s.close()
+
+    def rows() -> int:
+        with sqlite3.connect(path) as db:
+            return int(db.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+    wait_for(lambda: rows() == 0, what="its row gone with the session")
+
+
+def test_a_lock_held_on_the_store_stalls_only_durable_replies_and_turns_nothing_plain(stack: Stack) -> None:
+    """An operator's write on the store file (a ``sqlite3`` shell, a ``VACUUM``) holds its lock
+    for a while: the broker's loop must not wait for it (every pool would stall and the workers
+    would be taken for dead); durable replies wait for their checkpoints, then go on."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    box = s.put([])
+    plain = dx.session("p")
+    plain.eval("1")
+    pids = {w["pid"] for w in stack.workers("p", dx)}
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sqlite3.connect(path, isolation_level=None) as db:
+            db.execute("BEGIN IMMEDIATE")
+            locked.set()
+            release.wait(20)
+            db.execute("COMMIT")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with ThreadPoolExecutor(1) as pool:
+            durable = pool.submit(s.eval, "(b.append(1), len(b))[1]", {"b": box})
+            for _ in range(5):  # the broker answers as ever (waiting for the lock, it stalled 5 s)
+                started = time.monotonic()
+                plain.eval("1")
+                dx.ping()
+                assert time.monotonic() - started < 2.5
+            assert not durable.done()  # its reply waits for its checkpoint
+            release.set()
+            assert durable.result(30) == 1  # then it is acknowledged: no SessionNotDurable
+    finally:
+        release.set()
+        holder.join(30)
+    assert s.eval("len(b)", {"b": box}) == 1
+    (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
+    assert row["durable"] is True
+    assert {w["pid"] for w in stack.workers("p", dx)} == pids and dx.status()["pools"]["p"]["crashes"] == 0

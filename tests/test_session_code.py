@@ -310,6 +310,51 @@ def test_cache_bound_forgets_on_both_sides(dx: dspex.Client, usercode: Any, monk
         s.close()
 
 
+SEARCH = '''
+import dspy
+from dspy.dsp.utils import dotdict
+
+QUERIES = []
+
+
+def make_search(prefix):
+    def search(query, k=3, **kwargs):  # a closure: no module global names it
+        QUERIES.append(query)
+        return [dotdict(long_text=prefix + query.upper())]
+    return search
+
+
+def retrieve(question):
+    return dspy.Retrieve(k=1)(question).passages, len(QUERIES)
+'''
+
+
+def rm_id() -> int:
+    return id(dspy.settings.rm)
+
+
+def test_a_function_setting_forgotten_by_the_bound_is_sent_again_before_it_is_missed(
+        dx: dspex.Client, code_stack: Stack, usercode: Any, monkeypatch: pytest.MonkeyPatch, fresh_settings: None) -> None:
+    """``dspy.configure(rm=make_search(...))``: a function setting is sent once (one object on the
+    worker across calls, not a new one per call), the settings a request reuses refer to it by
+    key, and once the bound forgot that key they are encoded anew (the function in full), never
+    sent referring to what the worker no longer holds."""
+    monkeypatch.setenv("DSPEX_CODE_CACHE", "6")
+    with dspex.connect(dx.endpoint, timeout=dx.timeout) as small:
+        mod = usercode(SEARCH)
+        dspy.configure(rm=mod.make_search(">"))
+        s = small.session("p")
+        assert [s.run(mod.retrieve, q) for q in ("a", "b")] == [([">A"], 1), ([">B"], 2)]
+        ids = {s.run(rm_id) for _ in range(3)}
+        misses = code_stack.logs().count(f"session={s.id[:8]}")
+        fns = [(lambda i=i: i * 2) for i in range(20)]  # over the bound: the settings' key is forgotten
+        assert [s.run(f) for f in fns] == [i * 2 for i in range(20)]
+        assert s.run(mod.retrieve, "c") == ([">C"], 3)  # the module state stays
+        assert code_stack.logs().count(f"session={s.id[:8]}") == misses, "a request referred to a forgotten key"
+        assert len(ids) == 1, "the function was sent again with each call"
+        s.close()
+
+
 def test_a_cache_miss_resends_in_full_once_and_keeps_module_state(dx: dspex.Client, usercode: Any,
                                                                    misses: list[bool]) -> None:
     mod = usercode(STATE)

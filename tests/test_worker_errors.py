@@ -83,10 +83,16 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     with pytest.raises(dspex.RemoteError) as info:
         s.eval("1 / 0")
     assert isinstance(_original(info.value), ZeroDivisionError)
-    # an exception that cannot be pickled still comes back, without the pickle
+    # an exception with an attribute that cannot be pickled comes back without that attribute
     with pytest.raises(dspex.RemoteError) as info:
-        s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\nraise e")
-    assert info.value.details["type"] == "ValueError" and "pickled" not in info.value.details
+        s.exec("import threading\ne = ValueError('x')\ne.lock = threading.Lock()\ne.status = 503\nraise e")
+    original = _original(info.value)
+    assert type(original) is ValueError and original.args == ("x",)
+    assert original.status == 503 and not hasattr(original, "lock")  # type: ignore[attr-defined]
+    # one that cannot be pickled at all (its class's __reduce__ raises) still comes back, without the pickle
+    with pytest.raises(dspex.RemoteError) as info:
+        s.exec("class Sealed(Exception):\n    def __reduce__(self):\n        raise TypeError('sealed')\nraise Sealed('x')")
+    assert info.value.details["type"] == "Sealed" and "pickled" not in info.value.details
 
 
 class ExitsOnLoad:
@@ -159,3 +165,41 @@ def test_processes_forked_by_user_code_have_default_signal_handlers(stack: Stack
     assert s.apply(forked_child_dies_of_sigterm, timeout=15) is True
     for _ in range(5):
         assert s.apply(pool_of_processes, timeout=15) == [1, 2, 3]
+
+
+def forked_children_die_of_a_sigterm_sent_at_once(n: int) -> int:
+    """How many of ``n`` forked children, each sent SIGTERM the moment ``fork`` returns in the
+    parent (before the child can have run anything: ``Pool.terminate`` right after the pool
+    started), end of it within 5 s."""
+    import os
+    import signal
+    import time
+
+    ended = 0
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        elif os.WIFSIGNALED(done[1]) and os.WTERMSIG(done[1]) == signal.SIGTERM:
+            ended += 1
+    return ended
+
+
+def test_a_sigterm_that_reaches_a_forked_child_before_its_handlers_are_reset_still_ends_it(stack: Stack) -> None:
+    """The window between ``fork`` and the child's new handlers: a SIGTERM sent then is held and
+    delivered to the default handler, never run by the worker's or dropped (the child would live
+    on and ``Pool.terminate`` would wait for it forever)."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    assert forked_children_die_of_a_sigterm_sent_at_once(20) == 20  # in-process
+    assert s.apply(forked_children_die_of_a_sigterm_sent_at_once, [20], timeout=120) == 20

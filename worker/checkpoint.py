@@ -120,10 +120,11 @@ class Checkpoint:
     clear_slots: list[int]
     full: bool  # the broker drops every slot it holds for the session first
     size: int  # bytes the broker holds for the session once applied
+    partial: bool = False  # it leaves out objects the session holds here (a move would lose them)
 
     def meta(self) -> dict[str, Any]:
         return {"session": self.session, "seq": self.seq, "set": self.set_slots, "clear": self.clear_slots,
-                "full": self.full, "size": self.size}
+                "full": self.full, "size": self.size, "partial": self.partial}
 
 
 _SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting", "code": "code", "globals": "global"}
@@ -255,7 +256,8 @@ class Tracker:
         self._last_digest = dig
         set_slots = sorted(self._set)
         checkpoint = Checkpoint(self.session, self.seq, frame, set_slots, [self._set[i] for i in set_slots],
-                                sorted(self._clear), not self._sent, len(frame) + self.slots.blob_bytes)
+                                sorted(self._clear), not self._sent, len(frame) + self.slots.blob_bytes,
+                                bool(self._excluded))
         self._set.clear()
         self._clear.clear()
         self._sent = True

@@ -14,8 +14,9 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
 - On a capacity-1 worker the session's settings are also written into the process-wide
   configuration for the duration of the call (and restored after), so threads user code starts
   (which do not inherit contextvars) see them, as they would in-process. On a capacity-N worker
-  calls of several sessions run at once, so a bare ``threading.Thread`` started by user code sees
-  DSPy's defaults; DSPy's own ``Parallel``/``asyncify`` copy the context and see the session's.
+  calls of several sessions run at once: threads and executor tasks a call starts carry it
+  (worker.threads) and see the session's settings as configured (``thread_settings``), as a
+  thread sees ``dspy.configure``'s in-process, not the ``dspy.context`` blocks around its start.
 - DSPy's global LM history (``dspy.inspect_history()``) is per session too, and bounded by the
   worker's ``--lm-history``: one session never sees another's prompts.
 """
@@ -37,6 +38,14 @@ current_session: contextvars.ContextVar[SessionState | None] = contextvars.Conte
 # The settings the calling client's dspy.context holds for this call: a dspy.configure in the call
 # does not change them for the rest of the call, as in-process it does not inside such a block.
 client_pins: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dspex_client_pins", default=frozenset())
+# Capacity N: what threads the call starts see as DSPy's configuration (in-process: what
+# dspy.configure set), kept up to date by configure calls in the call; None outside calls.
+thread_settings: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "dspex_thread_settings", default=None)
+
+
+def _as_it_is() -> None:
+    """A thread of a call on a worker without DSPy: its copy of the call's context is enough."""
 
 
 class SessionHistory(list):  # type: ignore[type-arg]
@@ -138,6 +147,24 @@ class SessionSettings:
         module.thread_local_overrides.set(type(overrides)({**overrides, **visible}))
         if self._process_owner is state:
             module.main_thread_config.update(kwargs)
+        layer = thread_settings.get()
+        if layer is not None:
+            layer.update(kwargs)
+
+    def thread_entry(self) -> Callable[[], None] | None:
+        """For worker.threads: None outside a call; inside one, what a thread or task it starts
+        does first, in its copy of the call's context: take the settings as configured."""
+        if current_session.get() is None:
+            return None
+        layer = thread_settings.get()
+        if layer is None or self._module is None:
+            return _as_it_is
+        overrides = self._module.thread_local_overrides
+
+        def configured() -> None:
+            overrides.set(layer)
+
+        return configured
 
     def scope(self, state: SessionState) -> _Scope:
         """``with`` runs the block in the session's settings."""
@@ -149,13 +176,14 @@ class _Scope:
     (capacity 1) and the overrides. A class, not generator context managers: it is entered on
     every call, and a class is cheaper to enter than each nested generator."""
 
-    __slots__ = ("_base", "_pins", "_saved", "_token", "owner", "state")
+    __slots__ = ("_base", "_layer", "_pins", "_saved", "_token", "owner", "state")
 
     def __init__(self, owner: SessionSettings, state: SessionState) -> None:
         self.owner = owner
         self.state = state
         self._base: Any = None
         self._pins: Any = None
+        self._layer: Any = None
         self._saved: dict[str, Any] | None = None
 
     def __enter__(self) -> _Scope:  # noqa: PYI034 - a final class: Self adds nothing
@@ -180,6 +208,8 @@ class _Scope:
             # dspy's generator)
             overrides = module.thread_local_overrides
             self._base = overrides.set(type(overrides.get())({**config, **settings}))
+            if not owner.process_wide:
+                self._layer = thread_settings.set(type(overrides.get())({**config, **settings}))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -204,6 +234,9 @@ class _Scope:
         if self._saved is not None and under:  # capacity 1: threads the call starts see them too (restored at exit)
             with owner._lock:
                 module.main_thread_config.update(under)
+        layer = thread_settings.get()
+        if layer is not None and under:  # capacity N: the same, for threads the call starts
+            layer.update(under)
         overrides = module.thread_local_overrides
         # undone with the scope's own
         overrides.set(type(overrides.get())({**overrides.get(), **under, **{k: values[k] for k in pins}}))
@@ -235,6 +268,8 @@ class _Scope:
             try:
                 if self._pins is not None:
                     client_pins.reset(self._pins)
+                if self._layer is not None:
+                    thread_settings.reset(self._layer)
                 if self._base is not None:
                     owner._module.thread_local_overrides.reset(self._base)
             finally:

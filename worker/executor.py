@@ -34,7 +34,7 @@ from dspex.wire.protocol import (
     log_level_of,
 )
 from dspex.wire.ref import Ref
-from worker import forking, limits, namespace, output
+from worker import forking, limits, namespace, output, threads
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
@@ -53,8 +53,9 @@ class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
 
     ``capacity`` is how many calls the worker runs at once: with 1 (calls on the main thread),
-    a call's DSPy settings and output capture also hold for threads it starts, and the soft time
-    limit interrupts blocking sleeps and socket reads (a signal).
+    a call's DSPy settings and output capture hold process-wide while it runs, and the soft time
+    limit interrupts blocking sleeps and socket reads (a signal); with N, threads a call starts
+    carry it (worker.threads).
     """
 
     def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE) -> None:
@@ -77,11 +78,14 @@ class Executor:
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
         time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes, the
-        session's code in processes user code starts (``multiprocessing``)."""
+        session's code in processes user code starts (``multiprocessing``), and on a capacity-N
+        worker the call in threads it starts."""
         output.install()
         namespace.install_getsource()
         forking.install()
         self.watchdog.install()
+        if not self.process_wide:
+            threads.install(self.settings.thread_entry)
 
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""

@@ -1,8 +1,9 @@
 """What user code prints, warns or logs during a call: to its caller and to the worker log, tagged.
 
 ``sys.stdout``/``sys.stderr`` are replaced once by dispatchers that send a write to the sink of
-the call it belongs to (a contextvar; on a capacity-1 worker also the one running call, for
-threads user code starts), else to the real stream. ``warnings.showwarning`` likewise, and a
+the call it belongs to (a contextvar, which threads a call starts carry on a capacity-N worker:
+worker.threads; on a capacity-1 worker also the one running call, for threads user code starts),
+else to the real stream. ``warnings.showwarning`` likewise, and a
 handler on the root logger gives a call's log records (any logger's that propagate to the root)
 at or above its caller's threshold to its sink.
 
@@ -55,6 +56,7 @@ class OutputSink:
         self._pending: dict[str, str] = {}
         self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
         self._lock = threading.Lock()
+        self.closed = False  # the call ended: a thread it started that writes on goes to the real stream
 
     def write(self, stream: str, text: str) -> None:
         if not text:
@@ -123,6 +125,7 @@ class OutputSink:
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             if not self._pending:  # nothing was written (the usual call)
                 return
             rest, self._pending = self._pending, {}
@@ -171,7 +174,8 @@ _local = threading.local()
 def _sink() -> OutputSink | None:
     if getattr(_local, "busy", False):
         return None  # writing from inside a sink (a log handler on stderr): the real stream
-    return _current.get() or _process_sink
+    sink = _current.get()
+    return sink if sink is not None and not sink.closed else _process_sink
 
 
 class _Dispatch(io.TextIOBase):

@@ -2,8 +2,8 @@
 
 The payload (docs/remote-objects.md): ``{"code": "remote_error", "message", "type" (qualname),
 "module", "traceback", "pickled"}``; ``pickled`` is the exception by value (cloudpickle), bounded,
-absent when it cannot be pickled or would not load again, so the client can raise an instance
-of the original type with its attributes. An exception with a ``__cause__``/``__context__`` also
+without the attributes that cannot be pickled, absent when it still cannot be pickled or would not
+load again, so the client can raise an instance of the original type with its attributes. An exception with a ``__cause__``/``__context__`` also
 has ``chain`` (the other links, each such a payload without ``code``) and ``cause``/``context``
 (indices: 0 is the exception itself, i is ``chain[i-1]``), ``suppress_context`` when true. Any exception encodes: a ``__str__`` that raises falls
 back to ``repr``, lone surrogates are escaped (msgpack only packs valid UTF-8), sizes are bounded.
@@ -64,6 +64,15 @@ def _traceback(exc: BaseException, chain: bool = True) -> str:
 
 
 def _pickled(exc: BaseException, limit: int = MAX_PICKLED_BYTES) -> bytes | None:
+    data = _loadable_pickle(exc, limit)
+    if data is None:
+        traveling = _without_what_cannot_travel(exc)
+        if traveling is not None:
+            data = _loadable_pickle(traveling, limit)
+    return data
+
+
+def _loadable_pickle(exc: BaseException, limit: int) -> bytes | None:
     try:
         data = byvalue.dumps_exception(exc)
         if len(data) > limit:
@@ -71,6 +80,29 @@ def _pickled(exc: BaseException, limit: int = MAX_PICKLED_BYTES) -> bytes | None
         cloudpickle.loads(data)  # an exception whose __init__ needs other args would not load
         return data
     except BaseException:  # noqa: BLE001 - pickling runs user code (__reduce__, __getstate__)
+        return None
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        byvalue.dumps(value, chain_links=0)
+        return True
+    except BaseException:  # noqa: BLE001 - pickling runs user code
+        return False
+
+
+def _without_what_cannot_travel(exc: BaseException) -> BaseException | None:
+    """A copy of ``exc`` without the attributes that cannot be pickled (a lock, a connection), so
+    that its type and its other attributes still travel: without it the client's error would
+    fall back to RemoteError's own attributes (``code``) where the user's were. None when every
+    attribute pickles, or no copy can be made."""
+    try:
+        attrs = dict(vars(exc))
+        kept = {name: value for name, value in attrs.items() if _picklable(value)}
+        if len(kept) == len(attrs):
+            return None
+        return byvalue.exception_from_state(type(exc), exc.args, kept)
+    except BaseException:  # noqa: BLE001 - a class whose __new__ wants other arguments
         return None
 
 

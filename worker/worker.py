@@ -200,19 +200,36 @@ class Worker:
                        "sessions": self.book.count, "running": self.runner.running})
 
 
+# The stop signals stay blocked across a fork until the child has a new program's handlers: a
+# SIGTERM that reaches the child before then (``Pool.terminate`` right after the pool started)
+# would run the worker's handler, or be dropped by the reset, and the child would never end
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_forking = threading.local()
+
+
+def _before_fork() -> None:
+    _forking.mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _after_fork_in_parent() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, _forking.mask)
+
+
 def _child_of_user_code() -> None:
     """A process user code forks (``multiprocessing``'s default on Linux) is that program's child,
     not a worker: it gets a new program's signal handlers, so SIGTERM ends it (``Pool.terminate``
-    relies on that) and SIGINT raises KeyboardInterrupt."""
+    relies on that) and SIGINT raises KeyboardInterrupt; one sent meanwhile is delivered now."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _forking.mask)
 
 
 def main(options: WorkerOptions) -> int:
     worker = Worker(options)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
-    os.register_at_fork(after_in_child=_child_of_user_code)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_child_of_user_code)
     log.info("worker %s pool=%s pid=%d capacity=%d backend=%s", worker.incarnation[:8], options.pool,
              os.getpid(), worker.capacity, options.backend)
     try:

@@ -263,7 +263,7 @@ class SessionAPI:
                                    forward=self.forward_output, sender=self.sender, flags=self._flags)
 
     # -- code and objects by value -------------------------------------------------------------
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` on the session's worker, ``fn`` and the arguments sent by value.
 
         The same program text as in-process: ``program()`` here, ``s.run(program)`` there. The

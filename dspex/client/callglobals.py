@@ -8,6 +8,7 @@ such an argument (the callable, an element of ``args``, a value of ``kwargs``) i
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,21 @@ class ModuleGlobal:
         self.module, self.name, self.obj, self.attr = module, name, obj, attr
 
 
+class PartialOfGlobals:
+    """A ``functools.partial`` argument whose function or arguments are :class:`ModuleGlobal`
+    (a partial cannot hold them: they are not callable); pickled as that partial."""
+
+    __slots__ = ("args", "func", "keywords", "state")
+
+    def __init__(self, func: Any, args: tuple[Any, ...], keywords: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.func, self.args, self.keywords, self.state = func, args, keywords, state
+
+
 def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
     """``body`` of a worker op with each argument that is an object bound as a global of the
     client's code, or a method of one (at the top: the callable, an element of ``args``, a value
-    of ``kwargs`` or ``namespace``), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
+    of ``kwargs`` or ``namespace``, and the function and arguments of a ``functools.partial``
+    there), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
     tuples, sets) stays an argument sent with each call, with its exact types."""
     out = body
 
@@ -43,6 +55,13 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
         t = type(value)
         if t in _ATOMS or t in _DATA or t in _NOT_GLOBALS or isinstance(value, type):
             return value
+        if t is functools.partial:  # partial(ask, QA), partial(COUNTER.bump, by=2): the same rule inside
+            func, args = wrapped(value.func), tuple(wrapped(v) for v in value.args)
+            keywords = {k: wrapped(v) for k, v in value.keywords.items()}
+            if func is value.func and all(a is b for a, b in zip(args, value.args)) and \
+                    all(keywords[k] is v for k, v in value.keywords.items()):
+                return value
+            return PartialOfGlobals(func, args, keywords, value.__dict__ or None)
         if t is types.MethodType or t is types.BuiltinMethodType:  # COUNTER.bump, NOTES.append
             owner = value.__self__
             if owner is None or isinstance(owner, (types.ModuleType, type)):

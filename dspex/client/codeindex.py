@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import linecache
 import marshal
+import re
 import sys
 import threading
 import types
@@ -28,6 +29,7 @@ _SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
 _lock = threading.Lock()
 _digests: dict[int, tuple[types.CodeType, str]] = {}
 _code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
+_signature_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
 _code_imports: dict[int, tuple[types.CodeType, tuple[tuple[str, int, tuple[str, ...]], ...]]] = {}
 _imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 _by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
@@ -72,6 +74,27 @@ def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
         if isinstance(value, str):
             names.update(dict.fromkeys(_names_in(value)))
     return tuple(names)
+
+
+# DSPy's own pattern (SignatureMeta._detect_custom_types_from_caller): the type after a field's colon
+_SIGNATURE_TYPE = re.compile(r":\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def signature_type_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names a string signature in ``code`` gives as field types (``dspy.Predict("text ->
+    verdict: Verdict")``): DSPy looks them up in the caller's globals, which no bytecode reads."""
+    hit = _signature_names.get(id(code))
+    if hit is not None and hit[0] is code:
+        return hit[1]
+    names: dict[str, None] = {}
+    for const in code.co_consts:
+        if isinstance(const, str) and "->" in const:
+            names.update(dict.fromkeys(_SIGNATURE_TYPE.findall(const)))
+        elif isinstance(const, types.CodeType):
+            names.update(dict.fromkeys(signature_type_names(const)))
+    found = tuple(names)
+    _bounded_put(_signature_names, id(code), (code, found))
+    return found
 
 
 @functools.lru_cache(maxsize=4096)

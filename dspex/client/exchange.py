@@ -24,6 +24,7 @@ from dspex.client import output
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
+from dspex.client.sendsettings import settings_ext
 from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
@@ -106,7 +107,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             body = as_module_globals(msg.cache, BODY_NAMES[op], body)
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
         context: dict[str, Any] = {}
-        settings = msg.settings(codec.session_ext)
+        settings = settings_ext(msg, codec.session_ext)
         if settings is not None:
             context["dspy"] = settings
             if msg.pinned:
@@ -262,7 +263,7 @@ class Exchange:
         if status == Status.ERROR.value:
             err = decode_error(frames)
             if self.usage is not None:
-                add_usage(self.usage, err.details.pop("usage", None))
+                add_usage(self.usage, err.wire_details.pop("usage", None))
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
                 self.sender.missed(False)

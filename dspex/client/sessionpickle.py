@@ -28,17 +28,17 @@ The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on t
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import sys
 import types
-from collections.abc import Callable
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
-from dspex.client.callglobals import ModuleGlobal
-from dspex.client.sendcache import SendCache, SettingsSent, Walk, client_dspy_settings
+from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
+from dspex.client.sendcache import SendCache, SettingsSent, Walk
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -151,31 +151,6 @@ class Message:
         (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
          self._budget, self.walks) = saved
 
-    def settings(self, make_ext: Callable[[Message, Any], Any]) -> Any:
-        """The client's DSPy settings for this request as one ext (``make_ext``), values by
-        identity (an LM travels once); None when there are none. The same settings as the last
-        request's, all held by the worker, reuse its ext."""
-        cache = self.cache
-        if not cache.client_settings:
-            return None
-        values, self.pinned = client_dspy_settings()
-        if not values:
-            return None
-        signature = tuple((k, id(v)) for k, v in values.items())
-        last = cache.last_settings if self.trusted else None
-        if last is not None and last[0] == signature and all(k in cache.sent for k in last[2]):
-            self.used.update(last[2])
-            return last[1]
-        wrapped = {k: v if type(v) in _ATOMS else _Value(self.key(v), v) for k, v in values.items()}
-        try:
-            ext = make_ext(self, wrapped)
-        except EncodeError as err:
-            raise senderrors.settings_error(values, err, _transient_dumps) from None
-        keys = tuple(v.key for v in wrapped.values() if type(v) is _Value)
-        if self.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
-            self.settings_sent = (signature, ext, keys, values)
-        return ext
-
     # -- namespaces and bindings --------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
@@ -247,6 +222,10 @@ class Message:
                 for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
+                        self._bind(out, todo, nsid, name, g[name])
+                for name in codeindex.signature_type_names(func.__code__):  # DSPy's custom types: a class or module
+                    if isinstance(g.get(name), (type, types.ModuleType)):
+                        reads.append((g, name, (nsid, name)))
                         self._bind(out, todo, nsid, name, g[name])
                 for module in codeindex.user_modules_imported(func.__code__, g):
                     # an import in the body finds the session's module (codestore.CodeStore.importer)
@@ -377,6 +356,8 @@ class SessionPickler(byvalue.SourcePickler):
             return self._code(obj.code)
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
+        if t is PartialOfGlobals:
+            return functools.partial, (obj.func,), (obj.func, obj.args, obj.keywords, obj.state)
         if t is ModuleGlobal:
             if obj.attr is not None:
                 return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)

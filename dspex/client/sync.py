@@ -253,7 +253,7 @@ class Client(ClientAPI[Session]):
             raise
         return Stream(self, ch, req_id, ex, worker, cancels)
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
         with self._lock:
             if self._channels.closed:

@@ -28,6 +28,12 @@ class DspexError(Exception):
         self.message = message
         self.details = details
 
+    @property
+    def wire_details(self) -> dict[str, Any]:
+        """The details that came with the error (a remote error's ``details`` may be its user
+        class's own)."""
+        return self.details
+
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, **self.details}
 
@@ -201,24 +207,34 @@ class RemoteError(DspexError):
     def remote_traceback(self) -> str:
         return str(self._wire()[1].get("traceback", ""))
 
+    @property
+    def wire_details(self) -> dict[str, Any]:
+        return self._wire()[1]
+
     def _wire(self) -> tuple[str, dict[str, Any]]:
-        # the original's attributes may shadow ``message``/``details``: the wire form is kept apart
+        # the original's attributes may shadow ``code``/``message``/``details``: the wire form is kept apart
         wire = self.__dict__.get("_dspex_wire")
         return wire if wire is not None else (self.message, self.details)
 
     def to_wire(self) -> dict[str, Any]:
         message, details = self._wire()
-        return {"code": self.code, "message": message, **details}
+        return {"code": RemoteError.code, "message": message, **details}
 
     def __reduce__(self) -> tuple[Any, ...]:
         message, details = self._wire()
-        return (_rebuild, (self.code, message, details))
+        return (_rebuild, (RemoteError.code, message, details))
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self._wire()[0]}"
 
 
 _REMOTE_CLASSES: dict[type[BaseException], type[RemoteError] | None] = {}
+_SHADOWED = ("code", "message", "details")  # RemoteError's attributes a user's exception may have too
+
+
+def _defines(original: type[BaseException], name: str) -> bool:
+    """The user's exception class (or a base of it of its own) has class attribute ``name``."""
+    return any(name in vars(base) for base in original.__mro__ if base not in (BaseException, Exception, object))
 
 
 def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
@@ -236,9 +252,13 @@ def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
             except Exception:  # noqa: BLE001 - the original class's __str__ may fail on our instance
                 return self._wire()[0]
 
+        # the original's own class attributes of RemoteError's names (an HTTP error's ``code``) win
+        own = {name: getattr(original, name) for name in _SHADOWED if _defines(original, name)}
         try:
-            cls = type(f"RemoteError[{original.__qualname__}]", (RemoteError, original),
-                       {"__str__": __str__, "__module__": __name__})
+            # __name__ without the qualname's dots: repr() shows the name after the last one
+            cls = type(f"RemoteError[{original.__name__}]", (RemoteError, original),
+                       {"__str__": __str__, "__module__": __name__,
+                        "__qualname__": f"RemoteError[{original.__qualname__}]", **own})
         except TypeError:  # a layout conflict (some C exception types): a plain RemoteError then
             cls = None
     _REMOTE_CLASSES[original] = cls
@@ -317,7 +337,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
             original = None
     original_type = type(original) if original is not None else _original_type(details)
     cls = _remote_class(original_type) if original_type is not None else None
-    if cls is None:
+    if cls is None or original_type is None:
         return RemoteError(message, **details)
     args = original.args if original is not None else (message,)
     try:
@@ -328,7 +348,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
         # their C fields come from init (OSError.errno, .filename) or reduce's state (ImportError.name)
         try:
             reduced = original.__reduce__() if original is not None else (original_type, args)
-            original_type.__init__(err, *reduced[1])  # type: ignore[misc]
+            original_type.__init__(err, *reduced[1])
             args = err.args
             state = reduced[2] if len(reduced) > 2 else None
             if isinstance(state, dict):
@@ -336,11 +356,13 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
                     setattr(err, key, value)
         except Exception:  # noqa: BLE001 - best effort: the message and the wire details are set below anyway
             pass
-    try:
-        err.message = message
-    except AttributeError:  # an ExceptionGroup's own read-only message: the same text
-        pass
-    err.details = details
+    if not _defines(original_type, "message"):
+        try:
+            err.message = message
+        except AttributeError:  # an ExceptionGroup's own read-only message: the same text
+            pass
+    if not _defines(original_type, "details"):
+        err.details = details
     if original is not None:
         try:
             err.__dict__.update(vars(original))

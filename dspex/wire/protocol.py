@@ -177,7 +177,7 @@ class Op(str, enum.Enum):
               "pools, workers, counters (what `dspexctl pools status --json` prints)")
     SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), ("ClientAPI.sessions",),
                 ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\", "
-                 "\"durable\", \"checkpoint_bytes\", \"checkpoint_age_s\"}]` (and `\"owner\"`, the CURVE key that opened "
+                 "\"durable\", \"checkpoint_bytes\", \"checkpoint_age_s\", \"no_longer_durable\"}]` (and `\"owner\"`, the CURVE key that opened "
                  "it, on a TCP frontend): the sessions of the caller's key (on ipc every peer shares one identity, so all "
                  "of them; an admin key sees every session); `pool`: of that pool only"))
     CLOSE_SESSION = ("close_session", Side.BROKER, (_arg("session", str, default=""),),

@@ -106,7 +106,7 @@ class Ref:
             return RemoteMethod(self, name, owner)
         return owner.attr(self, name)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._session("calling").method(self, "__call__", list(args), kwargs)
 
     def __iter__(self) -> Any:
@@ -132,7 +132,7 @@ class RemoteMethod:
         self.name = name
         self._owner = owner
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._owner.method(self.ref, self.name, list(args), kwargs)
 
     def __repr__(self) -> str:

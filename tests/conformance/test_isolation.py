@@ -7,6 +7,9 @@ in-process half of each case is the same program run here with fresh settings: e
 give what its program gives in-process, as if it had the worker to itself.
 """
 
+import concurrent.futures
+import importlib
+import sys
 import threading
 
 import dspy
@@ -148,3 +151,104 @@ def test_other_settings_stay_in_their_session(dx: dspex.Client, pool: str) -> No
     finally:
         a.close(timeout=10)
         b.close(timeout=10)
+
+
+def threaded_program(configure_here):
+    """A program that spreads its questions over threads the way DSPy users do: a
+    ``ThreadPoolExecutor``, a bare ``threading.Thread`` and ``dspy.Parallel``, each printing as it
+    asks; then what the session's ``dspy.inspect_history`` holds of it."""
+    base_lm = importlib.import_module("dspy.clients.base_lm")
+    base_lm.GLOBAL_HISTORY.clear()
+    if configure_here:
+        dspy.configure(lm=lm_of("threaded"))
+    predict = dspy.Predict("country -> answer")
+
+    def ask(country):
+        print(f"asking about {country}")
+        return predict(country=country).answer
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pooled = list(pool.map(ask, ["France", "Italy"]))
+    box = []
+    thread = threading.Thread(target=lambda: box.append(ask("Spain")))
+    thread.start()
+    thread.join()
+    loud = dspy.Predict("country -> answer")
+    loud.forward = lambda **kw: (print(f"parallel asks about {kw['country']}"), dspy.Predict.forward(loud, **kw))[1]
+    parallel = dspy.Parallel(num_threads=2, disable_progress_bar=True)([(loud, {"country": c}) for c in ("Italy", "Spain")])
+    return pooled, box, [p.answer for p in parallel], len(base_lm.GLOBAL_HISTORY)
+
+
+@pytest.mark.parametrize("configure_here", [True, False], ids=["program_configures", "client_configures"])
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_threads_a_program_starts_carry_its_settings_output_and_history(
+        dx: dspex.Client, capsys: pytest.CaptureFixture[str], pool: str, configure_here: bool) -> None:
+    """In-process, a thread sees what ``dspy.configure`` set and prints where the program prints;
+    a session's threads must too, also on a worker that runs other sessions' calls at once."""
+    with fresh_dspy_settings():
+        if not configure_here:
+            dspy.configure(lm=lm_of("threaded"))
+        expected = threaded_program(configure_here)
+    expected_lines = sorted(capsys.readouterr().out.splitlines())
+    assert expected == (["France says threaded", "Italy says threaded"], ["Spain says threaded"],
+                        ["Italy says threaded", "Spain says threaded"], 5)
+    other, s = dx.session(pool), dx.session(pool)
+    try:
+        other.run(set_lm, "dspy.configure", lm_of("other"))
+        if not configure_here:
+            dspy.configure(lm=lm_of("threaded"))
+        futures = [dx.submit(s.run, threaded_program, configure_here),
+                   dx.submit(other.run, current_lm_answer, "France")]
+        got, other_answer = (f.result(timeout=60) for f in futures)
+        assert got == expected
+        assert other_answer == "France says other"
+        assert sorted(capsys.readouterr().out.splitlines()) == expected_lines
+    finally:
+        other.close(timeout=10)
+        s.close(timeout=10)
+
+
+def ask_through_a_shared_executor(country):
+    """An executor that outlives calls and serves several sessions, as one an installed library
+    keeps in a module global would (here on ``sys``, shared by every session of the worker)."""
+    if not hasattr(sys, "dspex_shared_executor"):
+        sys.dspex_shared_executor = concurrent.futures.ThreadPoolExecutor(1)
+    return sys.dspex_shared_executor.submit(current_lm_answer, country).result()
+
+
+def test_a_shared_executor_runs_each_sessions_task_as_that_sessions(dx: dspex.Client) -> None:
+    a, b = dx.session("c4"), dx.session("c4")
+    try:
+        a.run(set_lm, "dspy.configure", lm_of("alpha"))
+        b.run(set_lm, "dspy.configure", lm_of("beta"))
+        assert a.run(ask_through_a_shared_executor, "Italy") == "Italy says alpha"  # a's call starts its thread
+        assert b.run(ask_through_a_shared_executor, "Spain") == "Spain says beta"
+        assert a.worker == b.worker
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
+
+
+def a_thread_fails():
+    def fail():
+        raise LookupError("no answer for Atlantis")
+
+    thread = threading.Thread(target=fail)
+    thread.start()
+    thread.join()
+    return "joined"
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_a_failing_threads_traceback_reaches_the_callers_stderr(dx: dspex.Client, capsys: pytest.CaptureFixture[str],
+                                                               pool: str) -> None:
+    """In-process, Python's default ``threading.excepthook`` prints an uncaught exception of a thread
+    to ``sys.stderr`` ("Exception in thread ..."); pytest replaces that hook here, so the session's
+    half alone is checked: the traceback is written where the program's stderr goes."""
+    s = dx.session(pool)
+    try:
+        assert s.run(a_thread_fails) == "joined"
+        err = capsys.readouterr().err
+        assert "Exception in thread" in err and "LookupError: no answer for Atlantis" in err
+    finally:
+        s.close(timeout=10)

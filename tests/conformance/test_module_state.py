@@ -9,6 +9,7 @@ from the same module state.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import secrets
 import sys
@@ -227,3 +228,117 @@ def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, u
     assert run(mod.COUNTER.bump) == 4  # the same object the session's code read
     mod.COUNTER = mod.Counter()  # rebound, as re-running the cell that made it does
     assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1
+
+
+def test_module_globals_bound_in_a_partial_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+    """``functools.partial`` over a global program or a method of a global object (``partial(ask,
+    QA)``, ``partial(COUNTER.bump, by=2)``), as the callable or an argument: the partial's function
+    and arguments are those globals, as in-process."""
+    mod = user_module('''
+        import functools
+
+        import dspy
+
+
+        class Counter:
+            def __init__(self):
+                self.n = 0
+
+            def bump(self, by=1):
+                self.n += by
+                return self.n
+
+
+        COUNTER = Counter()
+        QA = dspy.Predict("question -> answer")
+
+
+        def ask(program, question):
+            return program(question=question).answer
+
+
+        def seen():
+            return COUNTER.n, len(QA.history)
+
+
+        def call(fn, *args):
+            return fn(*args)
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": str(i)} for i in range(5)]))
+    assert [run(functools.partial(mod.COUNTER.bump, by=2)) for _ in range(2)] == [2, 4]
+    assert [run(functools.partial(mod.ask, mod.QA), q) for q in ("a", "b")] == ["0", "1"]
+    assert run(mod.call, functools.partial(mod.COUNTER.bump, 3)) == 7
+    assert run(mod.seen) == (7, 2)
+
+
+def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, user_module: Any) -> None:
+    """DSPy docs "Callbacks": a ``BaseCallback`` that records what runs, made at the top of the
+    user's module and configured on the client; the program's code reads the same object (one
+    object in-process, so one in the session: the callback the settings carry is the module's
+    global, not a copy of it)."""
+    mod = user_module('''
+        import dspy
+        from dspy.utils.callback import BaseCallback
+
+
+        class Recorder(BaseCallback):
+            def __init__(self):
+                self.events = []
+
+            def on_module_start(self, call_id, instance, inputs):
+                self.events.append((type(instance).__name__, inputs["kwargs"]))
+
+
+        RECORDER = Recorder()
+
+
+        def answer(question):
+            return dspy.Predict("question -> answer")(question=question).answer
+
+
+        def recorded():
+            return list(RECORDER.events), dspy.settings.callbacks[0] is RECORDER
+    ''')
+    dspy.configure(lm=DummyLM([{"answer": "one"}, {"answer": "two"}]), callbacks=[mod.RECORDER])
+    assert [run(mod.answer, "q1"), run(mod.answer, "q2")] == ["one", "two"]
+    assert as_data(run(mod.recorded)) == [[["Predict", {"question": "q1"}], ["Predict", {"question": "q2"}]], True]
+
+
+@pytest.mark.parametrize("kind", ["function", "method"])
+def test_a_retriever_configured_on_the_client(run: Runner, user_module: Any, kind: str) -> None:
+    """DSPy's ``dspy.configure(rm=...)`` with the user's own search function, or a method of the
+    user's retriever object, then ``dspy.Retrieve`` in the program: the setting is the module's
+    function or the method of the module's object in the session (the queries it logged
+    included)."""
+    mod = user_module('''
+        import dspy
+        from dspy.dsp.utils import dotdict
+
+        CORPUS = ["Paris is the capital of France.", "Rome is the capital of Italy.", "Berlin is in Germany."]
+        QUERIES = []
+
+
+        def search(query, k=3, **kwargs):
+            QUERIES.append(query)
+            return [dotdict(long_text=p) for p in CORPUS if any(w in p for w in query.split())][:k]
+
+
+        class Retriever:
+            def __init__(self):
+                self.queries = []
+
+            def search(self, query, k=3, **kwargs):
+                self.queries.append(query)
+                return search(query, k)
+
+
+        RETRIEVER = Retriever()
+
+
+        def retrieve(question):
+            return dspy.Retrieve(k=2)(question).passages, list(QUERIES), list(RETRIEVER.queries)
+    ''')
+    dspy.configure(rm=mod.search if kind == "function" else mod.RETRIEVER.search)
+    logged = ["Paris France"] if kind == "method" else []
+    assert run(mod.retrieve, "Paris France") == (["Paris is the capital of France."], ["Paris France"], logged)
+    assert run(mod.retrieve, "Rome")[1:] == (["Paris France", "Rome"], [*logged, "Rome"] if logged else [])

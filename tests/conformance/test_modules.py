@@ -8,6 +8,7 @@ test modules do not use it, and local Pydantic classes in signatures must stay r
 import asyncio
 import base64
 import json
+import threading
 import warnings
 from typing import Literal
 
@@ -488,6 +489,23 @@ def test_pydantic_instance_argument_matches_the_signature_type_sent_earlier(run:
     assert '"quantity": 2' in str(lm.history[-1]["messages"])
 
 
+class SpamVerdict(BaseModel):
+    label: str
+    confidence: float
+
+
+def judge_with_a_string_signature(text):
+    """DSPy docs "Signatures": a custom type named in a string signature is found in the caller's
+    module, which the program's code never reads otherwise."""
+    dspy.configure(lm=DummyLM([{"verdict": '{"label": "spam", "confidence": 0.9}'}]))
+    return dspy.Predict("text: str -> verdict: SpamVerdict")(text=text)
+
+
+def test_a_custom_type_named_in_a_string_signature(run: Runner) -> None:
+    result = run.check(judge_with_a_string_signature, "buy now")
+    assert isinstance(result.verdict, SpamVerdict) and result.verdict.label == "spam"
+
+
 class QuotaError(Exception):
     def __init__(self, message, remaining):
         super().__init__(message)
@@ -507,6 +525,54 @@ def test_user_exception_keeps_its_class_and_payload(run: Runner) -> None:
     assert str(info.value) == "asked for 5"
     if run.mode == SESSION:
         assert "spend_quota" in info.value.remote_traceback
+
+
+class ProviderError(Exception):
+    """An error that keeps what failed, like an SDK's: a status code and the client's lock."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+        self.lock = threading.Lock()
+
+
+def call_provider():
+    raise ProviderError("rate limited", code=429)
+
+
+def test_user_exception_with_an_attribute_that_cannot_travel_keeps_the_others(run: Runner) -> None:
+    """A lock cannot be pickled, so the exception cannot go whole: its other attributes still do
+    (never the ``code`` of RemoteError in place of the user's own)."""
+    with pytest.raises(ProviderError) as info:
+        run(call_provider)
+    assert info.value.code == 429 and str(info.value) == "rate limited" and info.value.args == ("rate limited",)
+    if run.mode == SESSION:
+        assert not hasattr(info.value, "lock") and "call_provider" in info.value.remote_traceback
+
+
+class PageMissing(LookupError):
+    """A web framework's kind of HTTP error: class-level ``code``, ``message`` and ``details``."""
+
+    code = 404
+    message = "The requested URL was not found."
+    details = {"retry": False}  # noqa: RUF012 - as such classes are written
+
+
+def fetch_after_asking(question):
+    dspy.Predict("question -> answer")(question=question)
+    raise PageMissing(f"no page for {question}")
+
+
+def test_user_exception_class_attributes_are_its_own(run: Runner) -> None:
+    """``code``, ``message`` and ``details`` are RemoteError's names too: the user's class wins,
+    also around ``dspy.track_usage()`` (whose counts ride in the error's wire details)."""
+    dspy.configure(lm=DummyLM([{"answer": "x"}]), track_usage=True)
+    with dspy.track_usage() as usage, pytest.raises(PageMissing) as info:
+        run(fetch_after_asking, "where")
+    err = info.value
+    assert (err.code, err.message, err.details, str(err)) == (404, "The requested URL was not found.",
+                                                              {"retry": False}, "no page for where")
+    assert PageMissing.details == {"retry": False} and list(usage.get_total_tokens()) == ["dummy"]
 
 
 # -- a tool that fails, a callback, a conversation history ----------------------------------------

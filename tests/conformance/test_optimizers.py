@@ -355,3 +355,28 @@ def test_save_whole_program_and_load_it_on_another_worker(run: Runner) -> None:
         with run.other_worker() as other:
             name, n_demos, prediction = other.check(load_whole_program, path)
     assert (name, n_demos, prediction.answer) == ("QAModule", 2, "10")
+
+
+def compile_qa():
+    dspy.configure(lm=DummyLM([{"answer": "10"}]))
+    return LabeledFewShot(k=2).compile(QAModule(), trainset=qa_trainset())
+
+
+def test_a_program_compiled_in_the_session_is_saved_on_the_client(run: Runner) -> None:
+    """DSPy docs "Saving and loading": ``compiled.save(path)``. A program compiled in a session
+    is a ref, and its methods run on the worker, where a relative path names a file of the worker's
+    working directory; the state comes back as data (``dump_state``), and saving it here writes
+    the client's file, which loads as the in-process save does (docs/remote-objects.md)."""
+    compiled = run(compile_qa)
+    state = compiled.dump_state()
+    here = QAModule()
+    here.load_state(state)
+    with tempfile.TemporaryDirectory(prefix="dxcf") as tmp:
+        path = os.path.join(tmp, "program.json")
+        here.save(path)
+        with fresh_dspy_settings():
+            dspy.configure(lm=DummyLM([{"answer": "10"}]))
+            loaded = QAModule()
+            loaded.load(path)
+            assert [d["question"] for d in loaded.predict.demos] == [d["question"] for d in state["predict"]["demos"]]
+            assert len(loaded.predict.demos) == 2 and loaded(question="What is 5+5?").answer == "10"

@@ -1,0 +1,72 @@
+"""Threads a call starts carry the call, on a worker that runs several calls at once.
+
+A capacity-1 worker makes a call's DSPy settings and output capture process-wide while the call
+runs, so any thread sees them. A capacity-N worker runs calls of several sessions at once, so a
+thread can only know its call through its context, which Python threads do not inherit. Here a
+``threading.Thread`` started during a call, and each task a call submits to a
+``concurrent.futures.ThreadPoolExecutor`` (``loop.run_in_executor`` too; DSPy's ``Parallel``,
+``Evaluate`` and ``batch`` run their jobs that way), run in a copy of the context that started
+them: the call's session (its ``dspy.inspect_history``, its ``dspy.configure``), its output, and
+then what ``enter`` makes of them (DSPy's settings as configured, worker.dspy_settings). An
+executor task is carried per task, not per thread, so an executor of an installed library shared
+by sessions runs each session's tasks as that session's. Outside calls nothing changes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+# Called where a thread or task is started: None outside a call, else what the thread or task does
+# first, inside its copy of the call's context.
+Entry = Callable[[], Callable[[], None] | None]
+
+_entry: Entry | None = None
+
+
+def _carried(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    entry = _entry
+    enter = entry() if entry is not None else None
+    if enter is None:
+        return None
+    context = contextvars.copy_context()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return context.run(_run, enter, fn, args, kwargs)
+
+    return run
+
+
+def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    enter()
+    return fn(*args, **kwargs)
+
+
+def install(entry: Entry) -> None:
+    """Carry calls into the threads and executor tasks they start (once per process)."""
+    global _entry
+    if _entry is not None:
+        _entry = entry
+        return
+    _entry = entry
+    start = threading.Thread.start
+    submit = ThreadPoolExecutor.submit
+
+    def start_carried(self: threading.Thread) -> None:
+        # the whole life of the thread, not only run(): threading.excepthook prints an uncaught
+        # exception after run() returns, and it belongs to the call's stderr too
+        bootstrap = _carried(self._bootstrap)  # type: ignore[attr-defined]
+        if bootstrap is not None:
+            self._bootstrap = bootstrap  # type: ignore[attr-defined]
+        start(self)
+
+    def submit_carried(self: ThreadPoolExecutor, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return submit(self, _carried(fn) or fn, *args, **kwargs)
+
+    start_carried.__doc__ = start.__doc__
+    submit_carried.__doc__ = submit.__doc__
+    threading.Thread.start = start_carried  # type: ignore[method-assign]
+    ThreadPoolExecutor.submit = submit_carried  # type: ignore[method-assign,assignment]
