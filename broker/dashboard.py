@@ -24,7 +24,11 @@ from typing import Any
 from broker.publisher import StatusPublisher
 from dspex.stack.health import (
     REGISTER_GRACE_S,
+    Lost,
     facts_from_status,
+    is_here,
+    local_pids,
+    other_hosts,
     pool_state,
     proc_phase,
     proc_uptime,
@@ -85,23 +89,32 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
     for p in procs:
         groups.setdefault(p["group"], []).append(p)
     names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
-    registered = {int(w["pid"]) for pool in snap["pools"].values() for w in pool["workers"]}
-    silent = silent_pids(snap.get("events") or [])
+    # supervisord's pids name this host's workers only
+    registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
+    events = snap.get("events") or []
+    silent = silent_pids(e for e in events if is_here(e))
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
     for name, p in snap["pools"].items():
         up = sum(1 for w in p["workers"] if w["state"] in ("ready", "busy"))
-        workers = [{**w, "process": names.get(int(w["pid"])), "registered": True} for w in p["workers"]]
-        group = groups.get(name)
-        if group is not None:  # supervisord's view: the same counts as `dspexctl pools status`
-            expected = len(group)
+        workers = [{**w, "process": names.get(int(w["pid"])) if is_here(w) else None, "registered": True}
+                   for w in p["workers"]]
+        here: int | None = None
+        lost: list[Lost] = []
+        if procs:  # supervisord's view: the same counts as `dspexctl pools status` (no group: all elsewhere)
+            group = groups.get(name, [])
+            here = len(group)
             starting, broken = process_counts(group, registered, silent)
+            group_pids = {proc["pid"] for proc in group if proc["pid"]}
+            expected, starting_there, lost = other_hosts(p, name, group_pids, here, events, young)
+            starting += starting_there
             workers += [_unregistered(proc, registered, silent) for proc in group
                         if not (proc["pid"] and proc["pid"] in registered)]
         else:  # the broker's alone: a young broker's missing workers are probably starting
             expected = int(p.get("size") or len(p["workers"]))
             starting, broken = (max(0, expected - up) if young else 0), 0
-        verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken))
+        verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken,
+                                                     here=here, lost=lost))
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},

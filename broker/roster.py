@@ -97,6 +97,11 @@ class Roster:
         adopted, w.adopted = w.adopted, min(w.adopted, max(0, running - len(w.inflight)))
         return w.adopted < adopted
 
+    def excuse(self, seconds: float) -> None:
+        """The broker itself did not run for ``seconds``: every worker's silence deadline moves on."""
+        for w in self.workers.values():
+            w.expiry += seconds
+
     def heartbeat(self, now: float) -> None:
         """Heartbeat every worker; remove those silent too long."""
         for w in list(self.workers.values()):
@@ -169,4 +174,4 @@ class Roster:
 
     def event(self, pool: str, w: WorkerRecord, event: str, why: str) -> None:
         self.events.append({"time": self.clock.wall(), "pool": pool, "worker": w.incarnation, "pid": w.pid,
-                            "event": event, "why": why})
+                            "host": w.host, "event": event, "why": why})

@@ -21,6 +21,7 @@ import dspex
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
 from dspex.client.routing import broker_keys
+from dspex.stack.health import is_here
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
@@ -284,11 +285,27 @@ class WorkersRecycle:
                     warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
                     if warning:
                         progress(f"warning: {warning}")
+                if req["hard"]:
+                    assert sup is not None
+                    self._check_local(sup, targets)
                 recycled = self._run(dx, sup, pool, targets, len(before), req)
             finally:
                 if sup is not None:
                     sup.close()
         return {"pool": pool, "mode": "hard" if req["hard"] else "graceful", "recycled": recycled}
+
+    @staticmethod
+    def _check_local(sup: Supervisor, targets: list[dict[str, Any]]) -> None:
+        """--hard kills through this host's supervisord: every target must be one of its processes
+        (a pid of another host's worker may be any process's here), checked before any is killed."""
+        pids = {p["pid"] for p in sup.processes()}
+        for w in targets:
+            if not is_here(w) or w["pid"] not in pids:
+                where = (f"runs on host {w['host']}, not this one" if not is_here(w)
+                         else f"is not a process of this supervisord ({sup.conf.path})")
+                raise NotFound("worker_not_here", f"worker {w['id']} (pid {w['pid']}) {where}: --hard kills through "
+                               "this host's supervisord; recycle it without --hard (the broker tells it to leave), "
+                               "or kill it where it runs")
 
     def _run(self, dx: dspex.Client, sup: Supervisor | None, pool: str, targets: list[dict[str, Any]],
              size: int, req: dict[str, Any]) -> list[dict[str, Any]]:
@@ -308,9 +325,9 @@ class WorkersRecycle:
             procs = {p["pid"]: p for p in sup.processes()}
             for w in targets:  # rolling: the next one only once the previous replacement is ready
                 proc = procs.get(w["pid"])
-                if proc is None:
-                    raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is not a process of this supervisord "
-                                          f"({sup.conf.path})")
+                if proc is None:  # gone since _check_local
+                    raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is no longer a process of this "
+                                          f"supervisord ({sup.conf.path})")
                 progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
                 sup.signal(full_name(proc), "KILL")
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},

@@ -68,16 +68,34 @@ def broker_process(pid: int) -> BrokerProcess | None:
     return BrokerProcess(pid, frontend, where, os.path.abspath(conf) if conf else "")
 
 
+# /proc/PID/stat's state letter, as an operator reads it
+PROCESS_STATES = {"R": "running (busy: a long drain of messages, or a loop)", "S": "sleeping",
+                  "D": "in uninterruptible I/O (a disk or a network file system)",
+                  "T": "stopped (a SIGSTOP or a debugger; kill -CONT {pid} resumes it)",
+                  "t": "stopped by a debugger", "Z": "a zombie (exited, not reaped)"}
+
+
+def process_state(pid: int) -> str:
+    """What ``/proc/PID/stat`` says the process is doing, in words ("" when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            letter = f.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+    return PROCESS_STATES.get(letter, f"in state {letter}").format(pid=pid)
+
+
 def here(config: ClientConfig) -> str:
     """This shell's run directory, as a reader sees it: ``DSPEX_RUN_DIR=...`` or the default."""
     return f"DSPEX_RUN_DIR={config.run_dir}" if config.run_dir_given else f"DSPEX_RUN_DIR unset, so {config.run_dir}"
 
 
 def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, error: str,
-                  config: ClientConfig) -> tuple[State, str]:
+                  config: ClientConfig, timeout: float | None = None) -> tuple[State, str]:
     """The state and words for this supervisord's broker process ``proc`` (RUNNING or STARTING)
     when nothing answers at ``endpoint``: STARTING only while it is young and listens where we
-    look; otherwise UNREACHABLE, naming where it listens and the likely cause."""
+    look; otherwise UNREACHABLE, naming where it listens and the likely cause. ``timeout``: the
+    request was accepted and not answered within that many seconds (not "nothing listens")."""
     found = broker_process(int(proc["pid"])) if proc["pid"] else None
     up = proc_uptime(proc)
     name = f"{proc['group']}:{proc['name']}"
@@ -92,6 +110,14 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
             f"{found.frontend}, not at {endpoint}: {cause}")
     if proc["statename"] == "STARTING" or up < BROKER_GRACE_S:
         return State.STARTING, f"the broker is starting (pid {proc['pid']}, up {up:.0f}s)"
+    if timeout is not None and found is not None:  # ours, where we look: hung or overloaded, not elsewhere
+        doing = process_state(found.pid)
+        hint = "" if doing.startswith(("stopped", "a zombie")) else \
+            f" (busy: raise --timeout; hung: see {conf.here / 'log' / 'broker.log'})"
+        return State.UNREACHABLE, (
+            f"the broker {name} of {conf.path} (pid {found.pid}, RUNNING for {up:.0f}s) accepts connections at "
+            f"{endpoint} but did not answer within {timeout:g}s: its process is "
+            f"{doing or 'hung or overloaded'}{hint}")
     other = f"; it was started with --config {found.config}" if found and found.config and \
         found.config != str(conf.path) else ""
     return State.UNREACHABLE, (

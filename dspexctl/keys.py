@@ -34,6 +34,15 @@ def generate(directory: Path, peers: tuple[str, ...] = ("client", "worker"),
     workers = [a for a in admins if a.startswith("worker")]
     if workers:  # before anything is written
         raise click.UsageError(f"{workers[0]} is a worker key: admin keys are client keys")
+    try:
+        return _write(directory, peers, admins)
+    except OSError as exc:  # a --dir that cannot be made or written (a typo, no permission, a file)
+        raise ConfigError(f"cannot write keys into {directory}: {exc.strerror or exc}"
+                          + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(directory) else "")
+                          ) from None
+
+
+def _write(directory: Path, peers: tuple[str, ...], admins: tuple[str, ...]) -> dict[str, Path]:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)  # a directory we just made (or our own key store): never a run dir
     allowed = directory / "allowed"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
     STOPPED_STATES,
     Supervisor,
@@ -30,8 +31,6 @@ from dspexctl.stack import (
 
 def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
     """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    from dspex.stack.pools import load_pools
-
     groups = sup.groups()
     declared = [c.name for c in load_pools(sc.path)]
     if not wanted:
@@ -87,18 +86,23 @@ class PoolsStart:
                         progress(f"starting {full_name(p)}")
                         sup.start_process(full_name(p))
                 status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
-        counts = ready_counts(status, groups)
+        # the pools' sizes count the workers of other hosts too, which their own supervisord starts
+        sizes = {c.name: c.size for c in load_pools(sc.path)}
+        shown = [*groups, *([n for n in sizes if n not in groups] if not req["pools"] else [])]
+        counts = ready_counts(status, shown)
         metrics = dict(status["broker"].get("metrics") or {})
         text, trouble = metrics_text(metrics)
         if trouble:
             progress(f"warning: {text}")
         return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
-                "pools": {g: {"ready": counts[g], "expected": wanted[g]} for g in groups}, "metrics": metrics}
+                "pools": {g: {"ready": counts[g], "expected": max(sizes.get(g, 0), wanted.get(g, 0)),
+                              "here": wanted.get(g, 0)} for g in shown}, "metrics": metrics}
 
     def present(self, result: dict[str, Any]) -> str:
         head = "started supervisord; " if result["started_supervisord"] else ""
-        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" for name, p in result["pools"].items()) \
-            + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
+        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" + (
+            f" ({p['expected'] - p['here']} expected from other hosts)" if p["expected"] > p["here"] else "")
+            for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
 
     def exit_code(self, result: dict[str, Any]) -> int:
         return EXIT_OK

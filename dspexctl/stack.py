@@ -124,7 +124,8 @@ class StackHandle:
 def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: Progress = _stderr,
                  endpoint: str | None = None) -> StackHandle:
     """Start supervisord with ``conf`` when it is not running (and any stopped program when it is),
-    then wait until every pool of the conf has its numprocs workers ready in the broker.
+    then wait until every pool of the conf has its numprocs workers ready in the broker (the
+    workers of other hosts, which their own supervisord starts, are not waited for).
 
     Raises :class:`dspex.Timeout` naming the pools still short (supervisord is left running for
     inspection; ``err.details["started"]`` says whether this call started it), and a
@@ -195,15 +196,12 @@ def wait_pid_exit(pid: int, timeout: float) -> None:
 
 def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
                      pools: Iterable[str] | None = None) -> dict[str, int]:
-    """Workers each pool should have: the processes of its supervisord group (numprocs).
-
-    A pool without a group of that name (workers started elsewhere) expects its ``size`` setting.
-    """
+    """Workers each pool should have once this supervisord has started them: the processes of its
+    group (numprocs). A pool without a group here has its workers on other hosts (its ``size``
+    counts them), which this supervisord cannot start: 0."""
     groups = sup.groups() if sup is not None else {}
-    declared = {p.name: p for p in load_pools(sc.path)}
-    names = list(pools) if pools is not None else list(declared)
-    return {name: len(groups[name]) if name in groups else (declared[name].size if name in declared else 0)
-            for name in names}
+    names = list(pools) if pools is not None else [p.name for p in load_pools(sc.path)]
+    return {name: len(groups.get(name, ())) for name in names}
 
 
 def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]:

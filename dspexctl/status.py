@@ -10,16 +10,23 @@ supervisord's).
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
+from dspex.client.endpoints import ANY_POOL
 from dspex.stack.health import (
     RECYCLE,
+    REGISTER_GRACE_S,
     SERVICE,
     USER,
+    Lost,
     State,
     facts_from_status,
     fmt_window,
+    is_here,
+    local_pids,
+    other_hosts,
     pool_state,
     proc_phase,
     proc_uptime,
@@ -37,6 +44,7 @@ from dspexctl.commands import (
     EXIT_DOWN,
     EXIT_OK,
     EXIT_STARTING,
+    EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_WARN,
     Settings,
@@ -86,7 +94,9 @@ class PoolsStatus:
             wanted = [p for p in req["pools"] if brokers.serves(endpoint, p)]
             if req["pools"] and not wanted:
                 continue
-            part = self._stack(sub, {**req, "pools": wanted})
+            # the pools the map names for this broker (or asks of it): rows even when it cannot be asked
+            routed = [*(r for r in brokers.pools_of(endpoint) if r != ANY_POOL), *wanted]
+            part = self._stack(sub, {**req, "pools": wanted, "routed": list(dict.fromkeys(routed))})
             del part["verbose"]
             parts.append({"endpoint": endpoint, "routes": brokers.pools_of(endpoint), **part})
         return {"health": worst([State(p["health"]) for p in parts]).value, "brokers": parts,
@@ -96,11 +106,13 @@ class PoolsStatus:
         issues: list[tuple[State, str]] = []
         broker: dict[str, Any] | None = None
         broker_err = ""
+        timed_out = False  # the broker accepted the request and did not answer: exit 8, as every command
         try:
             with settings.client() as dx:
                 broker = dx.status()
         except (ConnectionError, Timeout) as err:
             broker_err = err.message
+            timed_out = isinstance(err, Timeout)
         sc = settings.conf_of(broker)
         procs: list[dict[str, Any]] = []
         tails: dict[str, str] = {}
@@ -130,11 +142,12 @@ class PoolsStatus:
         conf_sizes: dict[str, int] = {}
         config_error = None
         if sc is not None and not (sup_info or {}).get("unused"):
-            from dspex.stack.pools import load_pools, supervisor_group_sizes
+            from dspex.stack.pools import load_pools
 
             try:
-                declared = [c.name for c in load_pools(sc.path)]
-                conf_sizes = supervisor_group_sizes(sc.path)
+                pools_conf = load_pools(sc.path)
+                declared = [c.name for c in pools_conf]
+                conf_sizes = {c.name: c.size for c in pools_conf}
             except ConfigError as err:  # still show supervisord's view: it is what explains a FATAL broker
                 config_error = err.message
                 issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
@@ -143,26 +156,38 @@ class PoolsStatus:
         for p in procs:
             groups.setdefault(p["group"], []).append(p)
         broker_proc = next((p for p in groups.get("broker", []) if p["name"] == "broker"), None)
-        registered = {w["pid"] for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"]}
+        # the pids of this host's workers: supervisord's pids say nothing of another host's
+        registered = local_pids(w for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"])
         broker_starting = False
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
-                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config)
+                state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config,
+                                            settings.timeout if timed_out else None)
                 broker_starting = state is State.STARTING
                 issues.append((state, text))
             else:
-                issues.append((State.UNREACHABLE, f"broker unreachable: {broker_err}"))
+                issues.append((State.UNREACHABLE, f"broker {'did not answer' if timed_out else 'unreachable'}: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
             mismatch = foreign_broker(procs, broker["broker"]["pid"], settings.resolved_endpoint())
             if mismatch:
                     issues.append((State.DEGRADED, mismatch))
 
+        routed = req.get("routed") or []
         names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
+        if broker is None:  # what it serves is known from the map alone: its pools' state is not
+            names += [n for n in routed if n not in names]
+        else:
+            for n in routed:
+                if n not in broker["pools"]:
+                    its = ", ".join(broker["pools"]) or "none"
+                    text = (f"the endpoint map sends pool {n} to {settings.resolved_endpoint()}, whose broker has no "
+                            f"pool {n} (its pools: {its}): its calls get pool_not_found")
+                    issues.append((State.DOWN, text))
         if config_error is not None:
             names += [g for g in groups if g != "broker" and g not in names]
         if req["pools"]:
-            missing = [n for n in req["pools"] if n not in names]
+            missing = [n for n in req["pools"] if n not in names and n not in routed]
             if missing:
                 raise PoolNotFound(f"no pool named {', '.join(map(repr, missing))}; "
                                    f"pools: {', '.join(names) or 'none'}")
@@ -176,8 +201,10 @@ class PoolsStatus:
                 if proc_phase(p, registered) == "broken":
                     issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
 
-        pools = [self._pool(name, broker, broker_starting, groups.get(name), conf_sizes, registered, tails, issues)
-                 for name in names]
+        # with supervisord's view, a pool without a group here has all its workers on other hosts
+        local_view = bool(sup_info and sup_info["state"] is not None)
+        pools = [self._pool(name, broker, broker_starting, groups.get(name, [] if local_view else None), conf_sizes,
+                            registered, tails, issues) for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
         return {
@@ -190,6 +217,8 @@ class PoolsStatus:
             "pools": pools,
             "events": list((broker or {}).get("events") or []),
             "verbose": req["verbose"],
+            # unreachable only because the broker did not answer in time (exit 8, not 4)
+            "timed_out": timed_out and [s for s, _ in issues if s == State.UNREACHABLE] == [State.UNREACHABLE],
         }
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
@@ -197,8 +226,14 @@ class PoolsStatus:
               tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
-        if group is not None:
-            expected = len(group)
+        group_pids = {p["pid"] for p in group or [] if p["pid"]}
+        events = (broker or {}).get("events") or []
+        starting_there, lost = 0, list[Lost]()
+        if group is not None and broker is not None:
+            young = float(broker["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S
+            expected, starting_there, lost = other_hosts(bp or {}, name, group_pids, len(group), events, young)
+        elif group is not None:
+            expected = max(len(group), conf_sizes.get(name, 0))
         elif bp and bp.get("size"):
             expected = int(bp["size"])
         elif name in conf_sizes:
@@ -211,13 +246,13 @@ class PoolsStatus:
         by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
         workers = []
         for w in workers_b:
-            proc = by_pid.get(w["pid"])
+            proc = by_pid.get(w["pid"]) if is_here(w) else None
             workers.append({**{k: w.get(k) for k in WORKER_KEYS},
                             "process": full_name(proc) if proc else None,
                             "process_state": proc["statename"] if proc else None})
-        starting = broken = 0
-        seen = {w["pid"] for w in workers_b}
-        silent = silent_pids((broker or {}).get("events") or [])
+        starting, broken = starting_there, 0
+        seen = local_pids(workers_b)
+        silent = silent_pids(w for w in events if is_here(w))
         for proc in group or []:
             if proc["pid"] and proc["pid"] in seen:
                 continue
@@ -236,7 +271,8 @@ class PoolsStatus:
                     what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
                     issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
-            workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "state": "unregistered",
+            workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
+                            "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
                             "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],
                             "phase": phase})
@@ -244,7 +280,8 @@ class PoolsStatus:
             health = State.STARTING.value if broker_starting else "unknown"
         else:
             verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
-                                                         starting=starting, broken=broken))
+                                                         starting=starting, broken=broken,
+                                                         here=None if group is None else len(group), lost=lost))
             health = verdict.state.value
             issues.extend((verdict.state, r) for r in verdict.reasons)
         recent = (bp or {}).get("recent") or {}
@@ -266,6 +303,10 @@ class PoolsStatus:
         return StatusText().present(result)
 
     def exit_code(self, result: dict[str, Any]) -> int:
+        if result["health"] == State.UNREACHABLE.value:
+            parts = result.get("brokers") or [result]
+            if all(p["timed_out"] for p in parts if p["health"] == State.UNREACHABLE.value):
+                return EXIT_TIMEOUT
         return EXIT_FOR_STATE[State(result["health"])]
 
 
@@ -291,16 +332,17 @@ class StatusText:
                          str(p["sessions"]) if known else "-", str(p["queued"]) if known else "-",
                          str(p["requests_ok"]) if known else "-", str(p["requests_error"]) if known else "-",
                          fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
-        lines = table(rows)
+        lines = table(rows) if result["pools"] else []  # no header over nothing (no pool known)
         if result["verbose"]:
             out = [lines[0]]
             for line, p in zip(lines[1:], result["pools"]):
                 out.append(line)
-                wrows = [["PROCESS", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME", "HEARTBEAT"]]
+                wrows = [["PROCESS", "HOST", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME",
+                          "HEARTBEAT"]]
                 for w in p["workers"]:
                     hb = w["last_heartbeat_s"]
                     reg = w["id"] is not None
-                    wrows.append([w["process"] or "-", w["id"] or "-", str(w["pid"] or "-"),
+                    wrows.append([w["process"] or "-", w["host"] or "-", w["id"] or "-", str(w["pid"] or "-"),
                                   w["state"] if reg else (w["process_state"] or "?").lower(),
                                   f"{w['inflight']}/{w['capacity']}" if reg else "-",
                                   str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",

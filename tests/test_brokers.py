@@ -365,6 +365,39 @@ def test_dspexctl_shows_every_broker_of_the_map(brokers: tuple[Stack, Stack]) ->
         assert res.returncode == 2 and "no broker for pool 'gamma'" in res.stderr, res.stderr
 
 
+def test_a_pool_whose_broker_is_down_is_unknown_not_missing(brokers: tuple[Stack, Stack]) -> None:
+    """The map names the pools of a broker that cannot be asked: they are its section's rows,
+    UNKNOWN, and asking for one of them is that broker's UNREACHABLE (exit 4), not a pool that does
+    not exist (exit 2). A pool the map sends to a broker that has no such pool is DOWN, said."""
+    a, b = brokers
+    cwd = a.root
+    res = dspexctl(f"alpha={a.frontend},delta={a.frontend},*={b.frontend}", cwd, "pools", "status")
+    assert res.returncode == 5, res.stdout + res.stderr
+    assert (f"DOWN: the endpoint map sends pool delta to {a.frontend}, whose broker has no pool delta "
+            "(its pools: alpha): its calls get pool_not_found") in res.stdout.split("\n\n")[0], res.stdout
+    assert b.broker is not None
+    b.kill(b.broker)
+    endpoints = f"alpha={a.frontend},beta={b.frontend},gamma={b.frontend}"
+    for args in (["pools", "status", "beta"], ["pools", "status"]):
+        res = dspexctl(endpoints, cwd, *args)
+        assert res.returncode == 4, res.stdout + res.stderr
+        section = res.stdout.split("\n\n")[-2 if args == ["pools", "status"] else 0]
+        rows = {line.split()[0]: line.split()[-1] for line in section.splitlines()[2:] if line.split()[0] in
+                ("beta", "gamma")}
+        assert rows == ({"beta": "UNKNOWN"} if "beta" in args else {"beta": "UNKNOWN", "gamma": "UNKNOWN"}), res.stdout
+        assert f"UNREACHABLE: broker unreachable: nothing is listening at {b.frontend}" in section
+        doc = json.loads(dspexctl(endpoints, cwd, *args, "--json").stdout)
+        part = doc["brokers"][-1]
+        assert (doc["health"], part["endpoint"], [(p["name"], p["health"]) for p in part["pools"]]) == (
+            "unreachable", b.frontend, [("beta", "unknown")] + ([("gamma", "unknown")] if "beta" not in args else []))
+    # a broker the map reaches only through '*': nothing to list, and no table header over nothing
+    res = dspexctl(f"alpha={a.frontend},*={b.frontend}", cwd, "pools", "status")
+    assert res.returncode == 4, res.stdout
+    assert res.stdout.split("\n\n")[1].splitlines()[1].startswith("UNREACHABLE: "), res.stdout
+    res = dspexctl(f"alpha={a.frontend},*={b.frontend}", cwd, "pools", "status", "beta")
+    assert res.returncode == 4 and "UNREACHABLE: broker unreachable" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_dspexctl_joins_each_broker_with_its_own_supervisord(short_tmp: str) -> None:

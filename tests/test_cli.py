@@ -87,6 +87,10 @@ def test_nothing_running_exits_4_without_traceback() -> None:
     (["--endpoint", "ipc:///tmp/" + "x" * 120, "sessions", "list"], "over the unix socket limit"),
     (["--supervisor-conf", "/nonexistent/supervisor.conf", "pools", "status"], "no supervisor config"),
     (["workers", "recycle", "triage_pool", "--worker", "1", "--all"], "exclude each other"),
+    (["--supervisor-conf", "/etc/passwd", "pools", "status"], "/etc/passwd: line 1 comes before any [section]"),
+    (["--json", "--supervisor-conf", "/etc/passwd", "sessions", "list"], "/etc/passwd: line 1 comes before"),
+    (["keys", "generate", "--dir", "/proc/no-such-pid/keys"], "cannot write keys into /proc/no-such-pid/keys"),
+    (["--json", "keys", "generate", "--dir", "/proc/no-such-pid/keys"], "cannot write keys into"),
 ])
 def test_user_mistakes_are_one_line_errors(args: list[str], needle: str) -> None:
     s = SupervisedStack(venv_link=False)
@@ -95,6 +99,9 @@ def test_user_mistakes_are_one_line_errors(args: list[str], needle: str) -> None
         assert res.returncode == 2, res.stdout + res.stderr
         assert res.stderr.startswith("Error: ") and needle in res.stderr and res.stderr.count("\n") == 1, res.stderr
         no_traceback(res)
+        if "--json" in args:  # the same fact as one document on stdout
+            error = json.loads(res.stdout)["error"]
+            assert error["exit"] == 2 and needle in error["message"], res.stdout
     finally:
         s.cleanup()
 

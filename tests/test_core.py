@@ -603,6 +603,22 @@ def test_heartbeats_go_out_every_interval_and_a_silent_worker_is_dropped_after_l
     assert core.to_workers.count((other, [B_HEARTBEAT])) == 4  # one per interval, idle or not
 
 
+def test_a_broker_that_did_not_run_does_not_blame_its_workers_for_the_silence() -> None:
+    """The broker process stopped (SIGSTOP, swapped out, a VM pause) past interval × liveness: its
+    first tick comes before it has read the heartbeats waiting in its sockets. Its own silence is
+    not the workers': none is dropped; one that really stays silent goes liveness intervals later."""
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    core.t += HEARTBEAT * 10  # nothing ran meanwhile: no tick, no heartbeat read
+    core.core.tick(core.t)
+    assert A in core.workers and B in core.workers and core.outcome(C, 1) is None
+    core.next_beat = core.t
+    silent = core.worker_of(1) or b""
+    core.silent.add(silent)
+    core.advance(HEARTBEAT * 5)
+    assert silent not in core.workers and core.outcome(C, 1) == "worker_crashed"
+
+
 # -- deadlines: the core says when it next has something to do --------------------------------
 def test_an_idle_core_ticks_once_per_heartbeat_and_at_nothing_else() -> None:
     core = two_workers("p:strict_queue")

@@ -112,7 +112,8 @@ def test_pools_restart_replaces_the_pools_workers(small: SupervisedStack) -> Non
     res = dspexctl(small, "pools", "restart", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["pools"] == {"triage_pool": {"ready": 2, "expected": 2}, "analytics_pool": {"ready": 1, "expected": 1}}
+    assert doc["pools"] == {"triage_pool": {"ready": 2, "expected": 2, "here": 2},
+                           "analytics_pool": {"ready": 1, "expected": 1, "here": 1}}
     assert not ready_ids(small, "triage_pool") & old_t
     res = dspexctl(small, "pools", "restart", "nope")
     assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
@@ -208,6 +209,13 @@ def test_a_broker_that_does_not_answer_is_a_timeout_not_unreachable(short_tmp: s
         assert res.returncode == 8, res.stdout + res.stderr
         assert res.stderr.startswith("Error: ") and res.stderr.count("\n") == 1, res.stderr
         assert "within 0.5s" in res.stderr
+        no_traceback(res)
+        # pools status: the same exit code, the stack UNREACHABLE, saying it did not answer
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "--endpoint", endpoint, "--timeout", "0.5",
+                              "pools", "status"], capture_output=True, text=True, timeout=60, cwd=short_tmp,
+                             env=base_env(run_dir, DSPEX_REPLY_GRACE="0.2"))  # no ./supervisor.conf there
+        assert res.returncode == 8, res.stdout + res.stderr
+        assert "UNREACHABLE: broker did not answer: no reply to status within 0.5s" in res.stdout, res.stdout
         no_traceback(res)
     finally:
         silent.close(0)

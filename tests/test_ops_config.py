@@ -102,6 +102,32 @@ def test_pools_start_with_an_invalid_pool_section_starts_nothing() -> None:
         stack.cleanup()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("old, new, needle", [
+    ("numprocs = 1", "numprocs = two", "invalid literal for int() with base 10: 'two' in section 'program:triage_pool'"),
+    ("autorestart = true", "autorestart = yes please", "invalid 'autorestart' value 'yes please'"),
+])
+def test_a_supervisord_setting_it_refuses_is_a_config_error(old: str, new: str, needle: str) -> None:
+    """supervisord refuses the conf (its exit 2): nothing started, the operator's mistake (exit 2,
+    config_error in --json), its words on one line, not an operation that failed (exit 1)."""
+    stack = SupervisedStack(small_conf_text().replace(old, new, 1), venv_link=False)
+    try:
+        for json_out in ([], ["--json"]):
+            res = subprocess.run([sys.executable, "-m", "dspexctl", *json_out, "pools", "start", "--wait", "20"],
+                                 cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=90)
+            assert res.returncode == 2, res.stdout + res.stderr
+            no_traceback(res)
+            *progress, last = res.stderr.strip().splitlines()  # "starting supervisord -c ...", then the error
+            assert last.startswith(f"Error: supervisord refused {stack.conf}: ") and needle in last, res.stderr
+            assert all(line.startswith("starting supervisord") for line in progress), res.stderr
+            if json_out:
+                assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
+        assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
 OUT_OF_RANGE = [  # (key, value, what the error says): values that would misbehave rather than fail
     ("queue_max", "0", "queue_max must be at least 1, not 0"),  # every request refused
     ("queue_timeout", "-1", "queue_timeout must be above 0, not -1"),

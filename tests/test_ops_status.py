@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dspex.stack.health import PoolFacts, State, failure_kind, pool_state, worst
+from dspex.stack.health import PoolFacts, State, failure_kind, other_hosts, pool_state, worst
 from dspex.stack.supervisor import pid_alive
 from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack
@@ -61,6 +61,37 @@ def test_only_the_services_failures_count_and_the_reason_names_them() -> None:
     verdict = pool_state("p", PoolFacts(expected=2, up=2, failures={"crash": 3, "queue_timeout": 1}, window_s=300))
     assert verdict.reasons == [("p failed 4 time(s) in the last 5m: worker crash ×3, queue timeout ×1 "
                                "(clears after 5m without one)")]
+
+
+def test_workers_of_other_hosts_count_against_the_pools_size() -> None:
+    """A pool of size 4, one process here (pid 10): workers of host b fill the rest; those b lost
+    and never replaced are named, by host and cause; a young broker's unseen ones are starting."""
+    def w(pid: int, host: str, state: str = "ready") -> dict[str, Any]:
+        return {"pid": pid, "host": host, "state": state}
+
+    def e(t: float, event: str, pid: int, host: str, why: str = "stopped answering heartbeats") -> dict[str, Any]:
+        return {"time": t, "pool": "p", "event": event, "pid": pid, "host": host, "why": why}
+
+    here = "a"
+    full = {"size": 4, "workers": [w(10, here), w(10, "b"), w(11, "b"), w(12, "b")]}  # pid 10 twice: two hosts
+    assert other_hosts(full, "p", {10}, 1, [], young=False, here=here) == (4, 0, [])
+    events = [e(1, "start", 10, "b"), e(2, "start", 11, "b"), e(3, "start", 12, "b"), e(50, "crash", 11, "b"),
+              e(50, "crash", 12, "b"), e(60, "crash", 13, "b", "exited"), e(70, "start", 14, "b"),
+              e(80, "crash", 9, here)]  # a loss here is supervisord's business: not listed
+    half = {"size": 4, "workers": [w(10, here), w(10, "b"), w(14, "b")]}
+    expected, starting, lost = other_hosts(half, "p", {10}, 1, events, young=True, here=here, now=114)
+    assert (expected, starting) == (4, 0), "known losses are not starting, even for a young broker"
+    assert [str(x) for x in lost] == ["host b: 1 exited 54s ago"], "one missing: the newest loss"
+    fewer = {**half, "workers": half["workers"][:2]}
+    lost = other_hosts(fewer, "p", {10}, 1, events, young=True, here=here, now=114)[2]
+    assert [str(x) for x in lost] == ["host b: 1 stopped answering heartbeats 1m4s ago", "host b: 1 exited 54s ago"]
+    verdict = pool_state("p", PoolFacts(expected=4, up=3, here=1, lost=tuple(lost)))
+    assert verdict.state == State.DEGRADED
+    assert verdict.reasons[0].startswith("p has 3/4 workers ready (1 here, 3 expected from other hosts); host b: ")
+    assert other_hosts(half, "p", {10}, 1, [], young=True, here=here)[1] == 1, "unheard of yet: starting"
+    assert other_hosts(half, "p", {10}, 1, [], young=False, here=here)[1] == 0
+    assert other_hosts({"size": 0, "workers": []}, "p", set(), 2, [], young=False, here=here)[0] == 2, \
+        "a group bigger than size: the group"
 
 
 def test_worst_orders_by_severity() -> None:
@@ -177,6 +208,38 @@ def test_pool_without_a_ready_worker_is_down(small: SupervisedStack) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     rc, doc, text = status(small)
     assert rc == 0, text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_broker_that_accepts_but_does_not_answer_is_a_timeout_named(small: SupervisedStack) -> None:
+    """This stack's broker, where dspexctl looks, but hung (here: SIGSTOP): exit 8 as for every
+    command that waits past --timeout, saying it accepts connections and does not answer and what
+    its process is doing, not "another stack's conf or run directory" (exit 4)."""
+    broker_pid = small.status()["broker"]["pid"]
+    wait_for(lambda: small.status()["broker"]["uptime_s"] > 21, 30, 0.5, "the broker past its start-up")
+    env = {k: v for k, v in small.env.items() if k != "DSPEX_SUPERVISOR_CONF"}
+    # both at once, so the broker is stopped well under the workers' liveness (3 s): past it they
+    # would renew their sockets, and the stack would not be the same for the next test
+    runs = [subprocess.Popen([sys.executable, "-m", "dspexctl", "--timeout", "1", "pools", "status", *extra],
+                             cwd=small.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in (["--json"], [])]
+    os.kill(broker_pid, signal.SIGSTOP)
+    try:
+        outs = [run.communicate(timeout=60) for run in runs]
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    doc_res, text_res = (subprocess.CompletedProcess(r.args, r.returncode, out, err) for r, (out, err) in zip(runs, outs))
+    for res in (doc_res, text_res):
+        no_traceback(res)
+        assert res.returncode == 8, res.stdout + res.stderr
+    assert json.loads(doc_res.stdout)["health"] == "unreachable"
+    line = next(ln for ln in text_res.stdout.splitlines() if ln.startswith("UNREACHABLE: "))
+    assert line.startswith(f"UNREACHABLE: the broker broker:broker of {small.conf} (pid {broker_pid}, RUNNING for "), line
+    assert line.endswith(f"accepts connections at {small.endpoint} but did not answer within 1s: its process is "
+                         f"stopped (a SIGSTOP or a debugger; kill -CONT {broker_pid} resumes it)"), line
+    assert "another stack" not in line, line
+    wait_for(lambda: small.status(), 15, 0.2, "the broker answering again")
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ counted and shown, never WARN (:func:`failure_kind`).
 from __future__ import annotations
 
 import enum
+import socket
+import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +91,71 @@ def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
     return {pid: float(e["time"]) for pid, e in last.items() if e.get("event") == "crash" and e.get("why") == SILENT}
 
 
+# -- workers of this host and of others -----------------------------------------------------------
+def is_here(worker: Mapping[str, Any], here: str | None = None) -> bool:
+    """A worker of this host (whose supervisord the caller joins), by the host name its READY gave;
+    supervisord's pids mean nothing for a worker of another host."""
+    host = worker.get("host")
+    return not host or host == (here or socket.gethostname())
+
+
+def local_pids(workers: Iterable[Mapping[str, Any]], here: str | None = None) -> set[int]:
+    return {int(w["pid"]) for w in workers if w.get("pid") and is_here(w, here)}
+
+
+@dataclass(frozen=True)
+class Lost:
+    """Workers of a pool on another host that left (for one cause) and were not replaced."""
+
+    host: str
+    why: str
+    count: int
+    ago_s: float
+
+    def __str__(self) -> str:
+        return f"host {self.host}: {self.count} {self.why} {fmt_window(self.ago_s)} ago"
+
+
+def lost_elsewhere(events: Iterable[Mapping[str, Any]], pool: str, here: str | None = None,
+                   now: float | None = None, limit: int | None = None) -> list[Lost]:
+    """A pool's workers on other hosts that left (crashed, went silent, stopped) and were not
+    replaced, by host and cause, from the broker's ``events`` (the newest ``limit`` of them): each
+    ``start`` of a host's worker counts as the replacement of that host's oldest loss."""
+    here = here or socket.gethostname()
+    lost: dict[str, list[tuple[float, str]]] = {}
+    for e in sorted(events, key=lambda e: float(e.get("time") or 0)):
+        host = str(e.get("host") or "")
+        if e.get("pool") != pool or not host or host == here:
+            continue
+        if e.get("event") == "start":
+            if lost.get(host):
+                lost[host].pop(0)
+        elif e.get("event") in ("crash", "exit"):
+            lost.setdefault(host, []).append((float(e.get("time") or 0), str(e.get("why") or "left")))
+    now = time.time() if now is None else now
+    newest = sorted(((at, host, why) for host, gone in lost.items() for at, why in gone), reverse=True)[:limit]
+    by_cause: dict[tuple[str, str], list[float]] = {}
+    for at, host, why in sorted(newest, key=lambda x: (x[1], x[0])):
+        by_cause.setdefault((host, why), []).append(at)
+    return [Lost(host, why, len(ats), max(0.0, now - max(ats))) for (host, why), ats in by_cause.items()]
+
+
+def other_hosts(pool: Mapping[str, Any], name: str, group_pids: Container[int], local: int,
+                events: Iterable[Mapping[str, Any]], young: bool, here: str | None = None,
+                now: float | None = None) -> tuple[int, int, list[Lost]]:
+    """A pool's workers beyond the ``local`` processes of this host's supervisord (``group_pids``):
+    (expected workers in all, those of other hosts counted as starting, those lost there). While the
+    broker is ``young`` the workers of other hosts it has not heard from yet are starting, unless
+    the events say they were lost."""
+    expected = max(int(pool.get("size") or 0), local)  # size counts every host's workers
+    up_there = sum(1 for w in pool.get("workers") or [] if w.get("state") in ("ready", "busy")
+                   and not (is_here(w, here) and w.get("pid") in group_pids))
+    missing = max(0, expected - local - up_there)
+    lost = lost_elsewhere(events, name, here, now, limit=missing) if missing else []
+    starting = max(0, missing - sum(x.count for x in lost)) if young else 0
+    return expected, starting, lost
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
@@ -130,6 +197,8 @@ class PoolFacts:
     broken: int = 0
     failures: Mapping[str, int] = field(default_factory=dict)
     window_s: float = HEALTH_WINDOW_S
+    here: int | None = None  # of ``expected``, the processes of this host's supervisord (None: not known)
+    lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
 
 
 @dataclass(frozen=True)
@@ -141,12 +210,16 @@ class Verdict:
 def pool_state(name: str, f: PoolFacts) -> Verdict:
     """The pool's state and why (one reason per line an operator should read)."""
     reasons: list[str] = []
+    where = ""
+    if f.here is not None and f.expected > f.here:
+        where = f" ({f.here} here, {f.expected - f.here} expected from other hosts)"
+    lost = "".join(f"; {phrase}" for phrase in f.lost)
     if f.expected and f.up == 0:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
-        return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected})"])
+        return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}"])
     if f.up + f.starting < f.expected or f.broken:
-        reasons.append(f"{name} has {f.up}/{f.expected} workers ready")
+        reasons.append(f"{name} has {f.up}/{f.expected} workers ready{where}{lost}")
         return Verdict(State.DEGRADED, reasons)
     if f.queue_max and f.queued >= WARN_QUEUE_FILL * f.queue_max:
         reasons.append(f"{name} queue is {f.queued}/{f.queue_max} full (pool_saturated at {f.queue_max})")
@@ -164,9 +237,9 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
 
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
-                      broken: int = 0) -> PoolFacts:
+                      broken: int = 0, here: int | None = None, lost: Iterable[Lost] = ()) -> PoolFacts:
     """PoolFacts from one pool of the broker's status (its queue and its recent failures)."""
     recent = pool.get("recent") or {}
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
-                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)))
+                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost))

@@ -76,8 +76,11 @@ class SupervisorConf:
         parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
         try:
             parser.read(conf)
-        except configparser.Error as exc:
-            raise ConfigError(f"cannot parse {conf}: {exc}") from None
+        except configparser.MissingSectionHeaderError as exc:
+            raise ConfigError(f"{conf}: line {exc.lineno} comes before any [section] header ({exc.line.strip()!r}): "
+                              "is it a supervisord conf?") from None
+        except configparser.Error as exc:  # its message spans lines: one line for the operator
+            raise ConfigError(f"cannot parse {conf}: {' '.join(str(exc).split())}") from None
         names = {"here": str(conf.parent), **{f"ENV_{k}": v for k, v in os.environ.items()}}
 
         def get(section: str, key: str) -> str | None:
@@ -256,7 +259,10 @@ def start_supervisord(conf: SupervisorConf, timeout: float = 30.0) -> int:
         text = err.read().decode(errors="replace").strip()
     if rc != 0:
         lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("For help")]
-        raise SupervisorError(f"supervisord -c {conf.path} failed (exit {rc}): " + (" ".join(lines) or "no output"))
+        said = " ".join(lines) or "no output"
+        if rc == 2:  # supervisord's usage exit: it refused its conf (or options), nothing started
+            raise ConfigError(f"supervisord refused {conf.path}: {said.removeprefix('Error: ')}")
+        raise SupervisorError(f"supervisord -c {conf.path} failed (exit {rc}): {said}")
     deadline = time.monotonic() + timeout
     with Supervisor(conf, timeout=2.0) as sup:
         while True:
