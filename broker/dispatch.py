@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.answers import Answers
-from broker.durable import DurableSessions, movable
+from broker.durable import DurableSessions
+from broker.moves import movable
 from broker.port import Port, WorkerUnreachable
 from broker.roster import Roster
 from broker.sessions import SessionBook, worker_gone

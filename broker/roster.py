@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import Answers
-from broker.durable import DurableSessions, movable
+from broker.durable import DurableSessions
+from broker.moves import movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord

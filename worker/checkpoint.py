@@ -44,7 +44,7 @@ from dspex.wire import byvalue, codestore
 from dspex.wire.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
-from worker.checkpoint_data import dumps_data_blob
+from worker.checkpoint_history import HistoryEntries
 from worker.checkpoint_slots import (
     CODE,
     DYNAMIC_BASE,
@@ -203,17 +203,15 @@ class Tracker:
         self.history_limit = history_limit  # entries of each LM / module history a checkpoint keeps
         self.seq = 0
         self.slots = Slots()
+        self.history = HistoryEntries(self.slots, add_blob=self._add_blob, drop=self._drop)
         self._last_digest = b""
         self._set: dict[int, bytes] = {}  # blob slots made since the last checkpoint sent
         self._clear: set[int] = set()  # slots the broker holds that are gone
         self._used: set[int] = set()  # dynamic slots (and inline objects) the pickle under way met
-        self._entries: dict[int, int] = {}  # id(history entry) -> slot
-        self._inline_entries: dict[int, Any] = {}  # history entries that cannot be blobs
         self._inline: dict[int, Any] = {}  # code / signatures that cannot be blobs (written inline)
         self._excluded: dict[int, tuple[Any, NotDurable]] = {}  # id(root object) -> (it, why)
         self._lost: dict[str, NotDurable] = {}  # carried by every checkpoint (after a move too)
         self._modules: dict[str, int] = {}  # namespace id -> its module dict's slot
-        self._first: Any = None  # the first history entry at the last build
         self._new_globals: dict[int, Any] = {}  # classes / functions by name the last pickle met
         self._globals: dict[int, str] = {}  # seeded global slot -> "module:qualname"
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
@@ -234,7 +232,7 @@ class Tracker:
         if full:
             self._resend_all()
         self._sync_modules(state)
-        self._sync_history(state.lm_history)
+        self.history.sync(state.lm_history)
         newly: list[NotDurable] = []
         roots = session_roots(state, self._excluded)
         try:
@@ -291,8 +289,8 @@ class Tracker:
             except Exception:  # noqa: BLE001 - it pickled before; if it no longer does, it goes inline
                 obj = self.slots.objects[i]
                 if self.slots.kinds[i] == ENTRY:
-                    self._entries.pop(id(obj), None)
-                    self._inline_entries[id(obj)] = obj
+                    self.history.entries.pop(id(obj), None)
+                    self.history.inline[id(obj)] = obj
                 self.slots.clear(i)
                 self._set.pop(i, None)
 
@@ -312,49 +310,6 @@ class Tracker:
             if nsid not in self._modules:
                 self._modules[nsid] = self.slots.alloc(namespace_, MODULE)
 
-    def _sync_history(self, entries: list[Any]) -> None:
-        known, inline = self._entries, self._inline_entries
-        n = len(entries)
-        if n == len(known) + len(inline) and (
-                not entries or all(id(e) in known or id(e) in inline for e in (entries[0], entries[-1]))):
-            return  # entries are appended at the end and dropped at the front: no change
-        first = self._first
-        if (n >= 2 and not inline and id(entries[-1]) not in known and id(entries[-2]) in known
-                and id(entries[0]) in known):
-            # the usual call: one entry in at the end and, at the bound, the first one out (a
-            # wrong guess only costs speed: an entry still listed but not held is pickled inline,
-            # then held again by the next full pass)
-            if n == len(known) + 1 and first is entries[0]:
-                self._add_entry(entries[-1])
-                return
-            if n == len(known) and first is not None and first is not entries[0] and id(first) in known:
-                self._drop(known.pop(id(first)))
-                self._add_entry(entries[-1])
-                self._first = entries[0]
-                return
-        current = {id(e): e for e in entries}
-        for key in [k for k in known if k not in current]:
-            self._drop(known.pop(key))
-        for key in [k for k in inline if k not in current]:
-            del inline[key]
-        for key, entry in current.items():
-            if key not in known and key not in inline:
-                self._add_entry(entry)
-        self._first = entries[0] if entries else None
-
-    def _add_entry(self, entry: Any) -> None:
-        """A history entry the session has not had: a blob of its own, pickled once."""
-        if not isinstance(entry, dict):
-            self._inline_entries[id(entry)] = entry
-            return
-        try:
-            blob = dumps_data_blob(entry)
-        except Exception:  # noqa: BLE001 - needs session objects, or fails: inline, where a failure names its root
-            self._inline_entries[id(entry)] = entry
-            return
-        i = self.slots.alloc(entry, ENTRY)
-        self._entries[id(entry)] = i
-        self._add_blob(i, blob)
 
     def _add_blob(self, i: int, blob: bytes) -> None:
         self.slots.set_blob(i, blob)
@@ -462,7 +417,7 @@ class Tracker:
             put(table, i, obj, kind)
             table.set_blob(i, data)
             if kind == ENTRY:
-                tracker._entries[id(obj)] = i
+                tracker.history.entries[id(obj)] = i
             elif kind == SIGNATURE:
                 table.versions[i] = cp.signature_version(obj)
         dicts = module_dicts(state)

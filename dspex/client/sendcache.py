@@ -51,7 +51,7 @@ SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str
 
 
 class Walk:
-    """What :meth:`dspex.client.sessionpickle.Message.walk` read for a root: kept per session to check the next request."""
+    """What :meth:`dspex.client.bindings.Bindings.walk` read for a root: kept per session to check the next request."""
 
     __slots__ = ("cells", "reached", "reads", "root", "sizes")
 
@@ -63,6 +63,13 @@ class Walk:
         self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
 
 
+class EncodedGlobals(Protocol):
+    """The module globals a request bound (:class:`dspex.client.bindings.Bindings`)."""
+
+    bindings: dict[tuple[str, str], tuple[Any, str]]
+    walks: dict[int, Walk]
+
+
 class Encoded(Protocol):
     """What a request's encoding (:class:`dspex.client.sessionpickle.Message`) sent, as
     :meth:`SendCache.commit` records it."""
@@ -71,10 +78,11 @@ class Encoded(Protocol):
     defined: set[str]
     used: set[str]
     namespaces: set[str]
-    bindings: dict[tuple[str, str], tuple[Any, str]]
     sources: dict[str, list[str]]
-    walks: dict[int, Walk]
     settings_sent: SettingsSent | None
+
+    @property
+    def globals(self) -> EncodedGlobals: ...
 
 
 class SendCache:
@@ -96,7 +104,7 @@ class SendCache:
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
-        self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Message.walk's shortcut
+        self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
         processwide.register(self)
@@ -132,7 +140,7 @@ class SendCache:
                     self.sent.move_to_end(key)
             for key in msg.namespaces:
                 self.pins[key] = _PINNED_FOREVER
-            for where, (obj, key) in msg.bindings.items():
+            for where, (obj, key) in msg.globals.bindings.items():
                 if where[0].startswith("m:") and where[0][2:] not in self.modules:
                     self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
@@ -141,9 +149,9 @@ class SendCache:
                 if old is not None:
                     self._unpin(old[1])
             self.sources.update(msg.sources)
-            if len(self.walks) + len(msg.walks) > self.max_entries:
+            if len(self.walks) + len(msg.globals.walks) > self.max_entries:
                 self.walks.clear()
-            self.walks.update(msg.walks)
+            self.walks.update(msg.globals.walks)
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
             if drops_sent:

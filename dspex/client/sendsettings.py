@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from dspex.client import codeindex, senderrors
+from dspex.client.bindings import _ATOMS, _Value
 from dspex.client.sendcache import client_dspy_settings
-from dspex.client.sessionpickle import _ATOMS, Message, _transient_dumps, _Value
+from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire.errors import EncodeError
 
 

@@ -7,7 +7,7 @@ cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class
   (session, user module), so module state persists across calls. The globals a function reads,
   and those of every by-value function and class reachable from it, are sent as *bindings*
   ``(namespace, name, key, value)`` only when the session lacks them or the client's binding
-  changed (another object): :meth:`Message.walk`.
+  changed (another object): :meth:`dspex.client.bindings.Bindings.walk`.
 - Functions, classes and values of bindings are keyed by the client object's identity, code
   objects by content hash, and closure values of 1 MiB or more (bytes, strings, arrays) or of
   10,000 items or more by identity: each is defined in full the first time a session uses it and
@@ -37,25 +37,14 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
+from dspex.client.bindings import Binding, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import SendCache, SettingsSent, Walk
+from dspex.client.sendcache import SendCache, SettingsSent
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
-_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
-
-Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
-
-
-class _Value:
-    """A value sent once per session, by the client object's identity."""
-
-    __slots__ = ("key", "obj")
-
-    def __init__(self, key: str, obj: Any) -> None:
-        self.key, self.obj = key, obj
 
 
 class _CodeRef:
@@ -65,15 +54,6 @@ class _CodeRef:
 
     def __init__(self, code: types.CodeType) -> None:
         self.code = code
-
-
-class _Attribute:
-    """A global that is an attribute of a module the worker imports: by reference."""
-
-    __slots__ = ("module", "name")
-
-    def __init__(self, module: str, name: str) -> None:
-        self.module, self.name = module, name
 
 
 class Message:
@@ -88,11 +68,9 @@ class Message:
         self.new_keys: dict[int, tuple[Any, str]] = {}
         self.defined: set[str] = set()
         self.used: set[str] = set()
-        self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.globals = Bindings(cache, trusted=self.trusted, key=self.key, namespace=self.namespace)
         self.namespaces: set[str] = set()
         self.sources: dict[str, list[str]] = {}
-        self.walked: dict[int, Any] = {}
-        self.walks: dict[int, Walk] = {}
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
         self.settings_sent: SettingsSent | None = None
@@ -131,7 +109,8 @@ class Message:
                 self._restore(saved)
                 raise
             except Exception as exc:
-                emitted = [(where, value) for where, (value, _) in self.bindings.items() if where not in saved[2]]
+                before = saved[2][0]  # the bindings made before this pickle
+                emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
                 self._restore(saved)
                 culprit = senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
@@ -144,14 +123,14 @@ class Message:
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
 
     def _snapshot(self) -> tuple[Any, ...]:
-        return (dict(self.new_keys), set(self.defined), dict(self.bindings), set(self.namespaces),
-                dict(self.sources), dict(self.walked), set(self.used), self._budget, dict(self.walks))
+        return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),
+                dict(self.sources), set(self.used), self._budget)
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        (self.new_keys, self.defined, self.bindings, self.namespaces, self.sources, self.walked, self.used,
-         self._budget, self.walks) = saved
+        self.new_keys, self.defined, bindings, self.namespaces, self.sources, self.used, self._budget = saved
+        self.globals.restore(bindings)
 
-    # -- namespaces and bindings --------------------------------------------------------------
+    # -- namespaces ---------------------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
         user module), ``lib:<module>`` (an importable module's own), ``g:<key>`` (other dicts)."""
@@ -174,138 +153,6 @@ class Message:
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
 
-    def walk(self, root: Any) -> list[Binding]:
-        """The bindings to send for ``root`` (a by-value function, class or user module): the
-        globals it reads and those of every by-value function and class it reaches, where the
-        session lacks them or the client bound another object since. Each object is walked once
-        per request. A walk remembers every global it read (and the size of each user module it
-        walked, the closure cells it followed): while each still holds what the session has bound
-        there, the next request of ``root`` checks only those."""
-        keep = self.trusted
-        if keep and id(root) not in self.walked:
-            memo = self.cache.walks.get(id(root))
-            if memo is not None and memo.root is root and self._unchanged(memo):
-                self.walked.update(memo.reached)
-                return []
-        out: list[Binding] = []
-        memo = Walk(root)
-        reads, reached = memo.reads, memo.reached
-        complete = True  # every object it reaches was walked by this walk (not earlier in the request)
-        todo = [root]
-        while todo:
-            obj = todo.pop()
-            if id(obj) in reached:
-                continue
-            if id(obj) in self.walked:
-                complete = False
-                continue
-            self.walked[id(obj)] = reached[id(obj)] = obj
-            if type(obj) is types.ModuleType:
-                nsid = "m:" + obj.__name__
-                g = vars(obj)
-                memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
-                for name, value in list(g.items()):
-                    if not (name.startswith("__") and name.endswith("__")):
-                        reads.append((g, name, (nsid, name)))
-                        self._bind(out, todo, nsid, name, value)
-                continue
-            if isinstance(obj, type):
-                functions = codeindex.functions_of(obj)
-                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
-            else:
-                functions = [obj]
-            for func in functions:
-                g = func.__globals__
-                nsid = self.namespace(g)[0]
-                if nsid.startswith("lib:"):
-                    continue
-                for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
-                    reads.append((g, name, (nsid, name)))
-                    if name in g:
-                        self._bind(out, todo, nsid, name, g[name])
-                for name in codeindex.signature_type_names(func.__code__):  # DSPy's custom types: a class or module
-                    if isinstance(g.get(name), (type, types.ModuleType)):
-                        reads.append((g, name, (nsid, name)))
-                        self._bind(out, todo, nsid, name, g[name])
-                for module in codeindex.user_modules_imported(func.__code__, g):
-                    # an import in the body finds the session's module (codestore.CodeStore.importer)
-                    reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
-                    self._bind(out, todo, codestore.IMPORTED, module.__name__, module)
-                for cell in func.__closure__ or ():
-                    try:
-                        value = cell.cell_contents
-                    except ValueError:
-                        continue
-                    if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
-                        memo.cells.append((cell, value))
-                        todo.append(value)
-        if keep and complete:
-            self.walks[id(root)] = memo
-        return out
-
-    def _unchanged(self, memo: Walk) -> bool:
-        """Every global a remembered walk read still holds what the session has bound there, and
-        its modules and closure cells are as they were."""
-        bound = self.cache.bound
-        for g, name, where in memo.reads:
-            entry = bound.get(where)
-            value = g.get(name, codeindex.ABSENT)
-            if (value is not codeindex.ABSENT) if entry is None else (entry[0] is not value):
-                return False
-        if not all(len(g) == n for g, n in memo.sizes):
-            return False
-        for cell, value in memo.cells:
-            try:
-                if cell.cell_contents is not value:
-                    return False
-            except ValueError:  # emptied since
-                return False
-        return True
-
-    def _bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
-        where = (nsid, name)
-        entry = self.bindings.get(where)
-        if entry is None and self.trusted:
-            entry = self.cache.bound.get(where)
-        if entry is None or entry[0] is not value:
-            key, sent = self._bound_value(nsid, name, value)
-            self.bindings[where] = (value, key)
-            if entry is None or entry[1] != key:
-                out.append((nsid, name, key, sent))
-        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
-            todo.append(value)
-
-    def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
-        """``bindings`` plus the module global that names ``obj`` where it was defined (a
-        top-level ``def`` or ``class`` of a user module), so that code looking names up at run
-        time (``globals()[name]``, DSPy's ``ToolCall.execute()``) finds every function and class
-        of the module that reached the session, as in-process."""
-        name = obj.__name__
-        if not nsid.startswith("m:") or obj.__qualname__ != name:
-            return bindings
-        module = sys.modules.get(nsid[2:])
-        if module is None or vars(module).get(name) is not obj:
-            return bindings
-        out = list(bindings)
-        self._bind(out, [], nsid, name, obj)
-        return out
-
-    def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
-        """(key, what to pickle) of a global's value."""
-        t = type(value)
-        if t is types.ModuleType:
-            return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
-        if t is types.FunctionType or isinstance(value, type):
-            if codeindex.by_value(value):
-                return self.key(value), value
-            return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
-        if t not in _ATOMS:
-            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
-                codeindex.found_reference(value)
-            if found is not None:
-                return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
-        key = self.key(value)
-        return key, _Value(key, value)
 
     def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
         """A function's closure with its big values sent by identity."""
@@ -381,13 +228,13 @@ class SessionPickler(byvalue.SourcePickler):
             return NotImplemented  # importable: by reference
         if func.__code__ is reducers.SINGLEDISPATCH_CODE:
             return reducers.singledispatch_reduced(func)
-        bindings = msg.walk(func)
+        bindings = msg.globals.walk(func)
         key = msg.key(func)
         if msg.holds(key):
             return self._held(key, bindings)
         msg.defined.add(key)
         nsid, base = msg.namespace(func.__globals__)
-        bindings = msg.own_name(nsid, func, bindings)
+        bindings = msg.globals.own_name(nsid, func, bindings)
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
@@ -399,14 +246,14 @@ class SessionPickler(byvalue.SourcePickler):
 
     def _class(self, cls: type) -> Any:
         msg = self.msg
-        bindings = msg.walk(cls)
+        bindings = msg.globals.walk(cls)
         key = msg.key(cls)
         if msg.holds(key):
             return self._held(key, bindings)
         msg.defined.add(key)
         module = sys.modules.get(cls.__module__)
         if module is not None and codeindex.user_module(module):
-            bindings = msg.own_name("m:" + cls.__module__, cls, bindings)
+            bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
         if issubclass(cls, enum.Enum):
@@ -426,7 +273,7 @@ class SessionPickler(byvalue.SourcePickler):
     def _module(self, module: types.ModuleType) -> Any:
         msg = self.msg
         byvalue.register_user_module(module.__name__)
-        bindings = msg.walk(module)
+        bindings = msg.globals.walk(module)
         g = vars(module)
         msg.note_source(getattr(module, "__file__", None), self.sources)
         base = {k: g[k] for k in _BASE_GLOBALS if k in g}
@@ -443,7 +290,7 @@ class SessionPickler(byvalue.SourcePickler):
         session lacks it: within a session a global is one object, whether code reads it or a call
         is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
         bindings: list[Binding] = []
-        self.msg._bind(bindings, [], nsid, name, obj)
+        self.msg.globals.bind(bindings, [], nsid, name, obj)
         if not bindings:
             return codestore._load_global, (nsid, name)
         # a pickle of its own: pickled here, the value would be memoized as ``obj`` itself, and

@@ -1,0 +1,193 @@
+"""The module globals one request of a session binds on the worker (``Message.globals``;
+dspex/client/sessionpickle.py): the globals a by-value function, class or user module reads, and
+those of every by-value function and class reachable from it, sent as *bindings*
+``(namespace, name, key, value)`` only when the session lacks them or the client's binding
+changed (another object). A value goes by reference where the worker can import it, else once per
+session by the client object's identity.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+from dspex.client import codeindex
+from dspex.client.sendcache import SendCache, Walk
+from dspex.wire import codestore
+
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
+
+
+class _Value:
+    """A value sent once per session, by the client object's identity."""
+
+    __slots__ = ("key", "obj")
+
+    def __init__(self, key: str, obj: Any) -> None:
+        self.key, self.obj = key, obj
+
+
+class _Attribute:
+    """A global that is an attribute of a module the worker imports: by reference."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+class Bindings:
+    """The bindings of one request (``bindings``: (namespace, name) -> (value, key)), the objects
+    its walks reached and the walks it remembers for the session; keys come from the message's
+    ``key`` and a function's namespace id from its ``namespace``."""
+
+    def __init__(self, cache: SendCache, *, trusted: bool, key: Callable[[Any], str],
+                 namespace: Callable[[dict[str, Any]], tuple[str, dict[str, Any] | None]]) -> None:
+        self.cache, self.trusted = cache, trusted
+        self._key, self._namespace = key, namespace
+        self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.walked: dict[int, Any] = {}
+        self.walks: dict[int, Walk] = {}
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]:
+        return dict(self.bindings), dict(self.walked), dict(self.walks)
+
+    def restore(self, saved: tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]) -> None:
+        self.bindings, self.walked, self.walks = saved
+
+    def walk(self, root: Any) -> list[Binding]:
+        """The bindings to send for ``root`` (a by-value function, class or user module): the
+        globals it reads and those of every by-value function and class it reaches, where the
+        session lacks them or the client bound another object since. Each object is walked once
+        per request. A walk remembers every global it read (and the size of each user module it
+        walked, the closure cells it followed): while each still holds what the session has bound
+        there, the next request of ``root`` checks only those."""
+        keep = self.trusted
+        if keep and id(root) not in self.walked:
+            memo = self.cache.walks.get(id(root))
+            if memo is not None and memo.root is root and self._unchanged(memo):
+                self.walked.update(memo.reached)
+                return []
+        out: list[Binding] = []
+        memo = Walk(root)
+        reads, reached = memo.reads, memo.reached
+        complete = True  # every object it reaches was walked by this walk (not earlier in the request)
+        todo = [root]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in reached:
+                continue
+            if id(obj) in self.walked:
+                complete = False
+                continue
+            self.walked[id(obj)] = reached[id(obj)] = obj
+            if type(obj) is types.ModuleType:
+                nsid = "m:" + obj.__name__
+                g = vars(obj)
+                memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
+                for name, value in list(g.items()):
+                    if not (name.startswith("__") and name.endswith("__")):
+                        reads.append((g, name, (nsid, name)))
+                        self.bind(out, todo, nsid, name, value)
+                continue
+            if isinstance(obj, type):
+                functions = codeindex.functions_of(obj)
+                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
+            else:
+                functions = [obj]
+            for func in functions:
+                g = func.__globals__
+                nsid = self._namespace(g)[0]
+                if nsid.startswith("lib:"):
+                    continue
+                for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
+                    reads.append((g, name, (nsid, name)))
+                    if name in g:
+                        self.bind(out, todo, nsid, name, g[name])
+                for name in codeindex.signature_type_names(func.__code__):  # DSPy's custom types: a class or module
+                    if isinstance(g.get(name), (type, types.ModuleType)):
+                        reads.append((g, name, (nsid, name)))
+                        self.bind(out, todo, nsid, name, g[name])
+                for module in codeindex.user_modules_imported(func.__code__, g):
+                    # an import in the body finds the session's module (codestore.CodeStore.importer)
+                    reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
+                    self.bind(out, todo, codestore.IMPORTED, module.__name__, module)
+                for cell in func.__closure__ or ():
+                    try:
+                        value = cell.cell_contents
+                    except ValueError:
+                        continue
+                    if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
+                        memo.cells.append((cell, value))
+                        todo.append(value)
+        if keep and complete:
+            self.walks[id(root)] = memo
+        return out
+
+    def _unchanged(self, memo: Walk) -> bool:
+        """Every global a remembered walk read still holds what the session has bound there, and
+        its modules and closure cells are as they were."""
+        bound = self.cache.bound
+        for g, name, where in memo.reads:
+            entry = bound.get(where)
+            value = g.get(name, codeindex.ABSENT)
+            if (value is not codeindex.ABSENT) if entry is None else (entry[0] is not value):
+                return False
+        if not all(len(g) == n for g, n in memo.sizes):
+            return False
+        for cell, value in memo.cells:
+            try:
+                if cell.cell_contents is not value:
+                    return False
+            except ValueError:  # emptied since
+                return False
+        return True
+
+    def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
+        where = (nsid, name)
+        entry = self.bindings.get(where)
+        if entry is None and self.trusted:
+            entry = self.cache.bound.get(where)
+        if entry is None or entry[0] is not value:
+            key, sent = self._bound_value(nsid, name, value)
+            self.bindings[where] = (value, key)
+            if entry is None or entry[1] != key:
+                out.append((nsid, name, key, sent))
+        if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
+            todo.append(value)
+
+    def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
+        """``bindings`` plus the module global that names ``obj`` where it was defined (a
+        top-level ``def`` or ``class`` of a user module), so that code looking names up at run
+        time (``globals()[name]``, DSPy's ``ToolCall.execute()``) finds every function and class
+        of the module that reached the session, as in-process."""
+        name = obj.__name__
+        if not nsid.startswith("m:") or obj.__qualname__ != name:
+            return bindings
+        module = sys.modules.get(nsid[2:])
+        if module is None or vars(module).get(name) is not obj:
+            return bindings
+        out = list(bindings)
+        self.bind(out, [], nsid, name, obj)
+        return out
+
+    def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
+        """(key, what to pickle) of a global's value."""
+        t = type(value)
+        if t is types.ModuleType:
+            return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
+        if t is types.FunctionType or isinstance(value, type):
+            if codeindex.by_value(value):
+                return self._key(value), value
+            return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
+        if t not in _ATOMS:
+            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
+                codeindex.found_reference(value)
+            if found is not None:
+                return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
+        key = self._key(value)
+        return key, _Value(key, value)
