@@ -154,8 +154,8 @@ class Runner:
             req_id = header.req_id
             session = header.session
             call_ms, queue_ms = head.call_ms, head.queue_ms
-            if not self.book.call_started(session, arrived + (queue_ms or call_ms) / 1000 if queue_ms or call_ms
-                                          else None):
+            if not self.book.call_started(session, bool(head.durable), arrived + (queue_ms or call_ms) / 1000
+                                          if queue_ms or call_ms else None):
                 if restore is not None:  # not applied: the session's next call finds it not held, and brings it
                     self.book.release(session, "its session was restored from a checkpoint elsewhere")
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline for a call of its session "

@@ -51,19 +51,21 @@ class SessionBook:
         return len(self.refs.sessions)
 
     # -- calls --------------------------------------------------------------------------------
-    def call_started(self, session_id: str, until: float | None = None) -> bool:
-        """A call of ``session_id`` is about to run ("" for a sessionless call: nothing to count):
-        it waits for the session's running call to end, up to ``until`` (``time.monotonic()``;
-        None: no limit). False if that call still runs then (the call is counted all the same).
+    def call_started(self, session_id: str, durable: bool = False, until: float | None = None) -> bool:
+        """A call of ``session_id`` is about to run ("" for a sessionless call: nothing to count).
+        A ``durable`` one waits for the session's running call to end, up to ``until``
+        (``time.monotonic()``; None: no limit); False if that call still runs then (the call is
+        counted all the same).
 
-        The broker sends a session's calls one at a time, but a broker that restarted does not
-        know a call still running here from before: its session's next call must not run beside
-        it (it would see half of it, and its checkpoint would keep that half)."""
+        The broker sends a durable session's calls one at a time, but a broker that restarted does
+        not know a call still running here from before: the session's next call must not run
+        beside it (it would see half of it, and its checkpoint would keep that half). A hint
+        session's calls may run side by side on purpose (the broker sends one to any free slot)."""
         if not session_id:
             return True
         with self._turn:
-            free = self._turn.wait_for(lambda: session_id not in self._running,
-                                       None if until is None else max(0.0, until - time.monotonic()))
+            free = not durable or self._turn.wait_for(
+                lambda: session_id not in self._running, None if until is None else max(0.0, until - time.monotonic()))
             self._running[session_id] = self._running.get(session_id, 0) + 1
         return free
 
