@@ -116,8 +116,10 @@ class SessionMoves:
         stored = job.result
         back = self.workers.get(d.spread_from) if d.spread_from else None
         if back is not None and not back.draining and (job.error is not None or stored is None):
-            # a spread the store cannot serve: the session goes back to its worker, which holds it
-            d.move, d.spread_from = "", None
+            # a spread the store cannot serve: the session goes back to its worker, which holds it,
+            # and stays there until a write says the store holds all of it (else each call that
+            # ended would spread it again, and the next wait for a load that fails)
+            d.move, d.spread_from, d.partial = "", None, True
             self.book.pin(rec, back.id)
             pool = self.pools.get(rec.pool)
             for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():

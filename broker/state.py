@@ -337,7 +337,9 @@ class Durability:
     done: int = 0  # ...and finished (in order)
     held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
     refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
-    partial: bool = False  # its last checkpoint leaves out objects its worker holds (not moved but by need)
+    # its last checkpoint leaves out objects its worker holds, or the store could not give it back to a
+    # spread: not moved but by need, until its next stored checkpoint says otherwise
+    partial: bool = False
     spread_from: bytes | None = None  # a spread (move "spread"): pinned to its new worker; the old one holds it until the restore
     bytes: int = 0  # of its last stored checkpoint
     stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)

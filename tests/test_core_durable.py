@@ -444,3 +444,28 @@ def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_
     core.commit()
     assert core.worker_of(3) == A and not core.head_of(3) & Durable.RESTORE  # where it lives, unharmed
     assert not core.released(moved) and core.sessions[moved].worker == A
+
+
+def test_a_session_whose_spread_went_back_is_not_spread_again_until_its_store_holds_it(path: str) -> None:
+    """Without this, each call that ended spread it again, and each next call waited for a load
+    that failed and re-pinned it back: a move without end (two stored pins and a load per call)."""
+    core = DurableCore(path, "p:strict_queue:prefetch=0")
+    core.ready(A, "p")
+    sids = [c * 32 for c in "ab"]
+    for n, sid in enumerate(sids, 1):
+        core.call(n, session=sid)
+        core.commit()
+        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
+        core.commit()
+    core.ready(B, "p")
+    (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
+    core.store.drop(moved)  # its checkpoint unreadable
+    core.call(3, session=moved)
+    core.commit()
+    assert core.worker_of(3) == A
+    core.commit()  # its pin back to A
+    for req_id in (4, 5, 6):  # calls that change nothing: no write tells the store holds it
+        core.reply(A, C, req_id - 1)
+        assert core.sessions[moved].worker == A and not core.jobs  # no new pin, nothing to load
+        core.call(req_id, session=moved)
+        assert core.worker_of(req_id) == A and not core.head_of(req_id) & Durable.RESTORE

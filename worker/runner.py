@@ -153,13 +153,18 @@ class Runner:
             header = unpack_request_header(frames[1].buffer)
             req_id = header.req_id
             session = header.session
-            self.book.call_started(session)
+            call_ms, queue_ms = head.call_ms, head.queue_ms
+            if not self.book.call_started(session, bool(head.durable), arrived + (queue_ms or call_ms) / 1000
+                                          if queue_ms or call_ms else None):
+                if restore is not None:  # not applied: the session's next call finds it not held, and brings it
+                    self.book.release(session, "its session was restored from a checkpoint elsewhere")
+                raise QueueTimeout(f"request {req_id} waited past its queue deadline for a call of its session "
+                                   "still running on this worker (from before a broker restart)", pool=self.pool_name)
             if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
                 self.executor.restore(session, restore)
             elif head.durable & _HELD and not self.executor.holds(session):
                 raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
                                      "its checkpoint", session=session)
-            call_ms, queue_ms = head.call_ms, head.queue_ms
             if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
                                    pool=self.pool_name)

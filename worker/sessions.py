@@ -26,6 +26,7 @@ class SessionBook:
     def __init__(self, pool: str, worker: str, ref_cap: int) -> None:
         self.refs = RefTable(pool, worker, ref_cap)
         self._lock = threading.Lock()
+        self._turn = threading.Condition(self._lock)  # a call of a session ended: the next one may start
         self._running: dict[str, int] = {}  # session -> calls running now
         self._ended: dict[str, tuple[float, int]] = {}  # session -> (end of its last call, pool TTL s)
         self._next_due = math.inf  # no backstop release is due before this (time.monotonic())
@@ -50,11 +51,23 @@ class SessionBook:
         return len(self.refs.sessions)
 
     # -- calls --------------------------------------------------------------------------------
-    def call_started(self, session_id: str) -> None:
-        """A call of ``session_id`` is about to run ("" for a sessionless call: nothing to count)."""
-        if session_id:
-            with self._lock:
-                self._running[session_id] = self._running.get(session_id, 0) + 1
+    def call_started(self, session_id: str, durable: bool = False, until: float | None = None) -> bool:
+        """A call of ``session_id`` is about to run ("" for a sessionless call: nothing to count).
+        A ``durable`` one waits for the session's running call to end, up to ``until``
+        (``time.monotonic()``; None: no limit); False if that call still runs then (the call is
+        counted all the same).
+
+        The broker sends a durable session's calls one at a time, but a broker that restarted does
+        not know a call still running here from before: the session's next call must not run
+        beside it (it would see half of it, and its checkpoint would keep that half). A hint
+        session's calls may run side by side on purpose (the broker sends one to any free slot)."""
+        if not session_id:
+            return True
+        with self._turn:
+            free = not durable or self._turn.wait_for(
+                lambda: session_id not in self._running, None if until is None else max(0.0, until - time.monotonic()))
+            self._running[session_id] = self._running.get(session_id, 0) + 1
+        return free
 
     def call_ended(self, session_id: str, ttl: int, ephemeral: bool) -> None:
         """A call of ``session_id`` ended; its idle time counts from now. ``ttl``: the pool's
@@ -70,6 +83,8 @@ class SessionBook:
             self._ended[session_id] = (now, ttl)
             if ttl and now + 2 * ttl < self._next_due:
                 self._next_due = now + 2 * ttl
+            if not left:
+                self._turn.notify_all()
         if ephemeral and not left:
             self.release(session_id)
 

@@ -395,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="per-call client timeout")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: by --requests)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="workers per pool")
+    p.add_argument("--capacity", type=int, default=1, help="calls each worker runs at once")
     p.add_argument("--durable", action="store_true",
                    help="durable sessions appending to a session-held list (tests/harness/chaos_durable.py); "
                         "runs --duration seconds (default 60)")
@@ -405,16 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: {a.requests} requests, {a.sessions} sessions, worker kill every ~{a.kill_every}s, "
           f"broker kill every ~{a.broker_kill_every or '-'}s; stack in {root}", file=sys.stderr)
     sup = None
+    stack: dict[str, Any] = {"workers_per_pool": a.workers, "worker_args": ("--no-dspy", "--capacity", str(a.capacity))}
     try:
         if a.durable:
             from tests.harness.chaos_durable import run_durable_chaos
 
             durable, sup = run_durable_chaos(root, a.sessions, a.duration or 60.0, a.kill_every, a.broker_kill_every,
-                                             a.timeout, a.seed, progress=lambda m: print(m, file=sys.stderr))
+                                             a.timeout, a.seed, progress=lambda m: print(m, file=sys.stderr), **stack)
             out = durable.as_dict()
         else:
             res, sup = run_chaos(root, a.requests, a.sessions, a.kill_every, a.broker_kill_every, a.timeout, a.seed,
-                                 a.duration, progress=lambda m: print(m, file=sys.stderr))
+                                 a.duration, progress=lambda m: print(m, file=sys.stderr), **stack)
             out = res.as_dict()
         print(json.dumps(out, indent=2))
         if a.json:

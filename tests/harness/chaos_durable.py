@@ -16,6 +16,7 @@ run (a did-not-run error). After the run each session's list is read once more a
 from __future__ import annotations
 
 import collections
+import os
 import random
 import threading
 import time
@@ -49,6 +50,7 @@ class DurableResult:
     worker_kills: int = 0
     broker_kills: int = 0
     moves: int = 0  # sessions moved to another worker (the broker's count; reset by a broker restart)
+    moves_all: int = 0  # ... by every broker of the run (its log's lines)
     restores: int = 0
     seconds: float = 0.0
 
@@ -152,6 +154,9 @@ class DurableChaos:
             self.sup.wait_registered(60)
             st = dx.status(timeout=10)
             self.r.moves, self.r.restores = st["checkpoints"]["moves"], st["checkpoints"]["restores"]
+            log = os.path.join(self.sup.log_dir, "broker.log")
+            with open(log, errors="replace") as f:
+                self.r.moves_all = sum(1 for line in f if "moves to worker" in line)
             for s in self._sessions:
                 self._check(s)
         return self.r
