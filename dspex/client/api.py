@@ -231,6 +231,7 @@ class SessionAPI:
     """
 
     _label = "dspex.Session"
+    _ops_awaitable = False  # its ops return awaitables (what a ref handle needs to know)
 
     def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
                  client_settings: bool | None = None, durable: bool = False) -> None:
@@ -399,6 +400,7 @@ class AsyncSession(SessionAPI):
     ``await s.set_attr(ref, name, value)``)."""
 
     _label = "dspex.aio.AsyncSession"
+    _ops_awaitable = True
 
     async def __aenter__(self) -> Self:
         return self

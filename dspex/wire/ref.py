@@ -84,17 +84,41 @@ class Ref:
         return self if self._owner is None else Ref(*self.as_tuple())
 
     # -- the handle -----------------------------------------------------------------------
-    def _session(self, what: str) -> Any:
+    def _session(self, what: str, error: type[Exception] = AttributeError) -> Any:
         owner = self._owner
         if owner is None:
-            raise AttributeError(
+            raise error(
                 f"{what}: this ref is not bound to a session; use session.attr/method, or a ref a session returned")
         return owner
+
+    def _owner_now(self, what: str, instead: str) -> Any:
+        """The owner, for what Python needs an answer to at once (``len``, ``in``, ``del``,
+        ``with``): an asyncio session's ref cannot give one, so it raises before anything is sent."""
+        owner = self._session(what, TypeError)
+        if owner._ops_awaitable:
+            raise TypeError(f"{what} on an asyncio session's ref cannot be awaited: use {instead}")
+        return owner
+
+    def _run_there(self, what: str, fn: str, *args: Any) -> Any:
+        """``fn(*args)`` on the worker (``module.name``), the ref among ``args`` being its object
+        there: Python's own protocol runs where the object is, reflected operands and all."""
+        module, _, name = fn.rpartition(".")
+        return self._session(what, TypeError).call(module, name, list(args))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OWN or name.startswith("__"):
             raise AttributeError(f"a Ref's own field {name!r} cannot be set")
-        _sync(self._session(f"setting {name!r}").set_attr(self, name, value), f"await session.set_attr(ref, {name!r}, value)")
+        owner = self._session(f"setting {name!r}")
+        if owner._ops_awaitable:
+            raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use "
+                            f"await session.set_attr(ref, {name!r}, value)")
+        owner.set_attr(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _OWN or name.startswith("__"):
+            raise AttributeError(f"a Ref's own field {name!r} cannot be deleted")
+        self._owner_now(f"del ref.{name}", f"await session.run(delattr, ref, {name!r})").call(
+            "builtins", "delattr", [self, name])
 
     def __getattr__(self, name: str) -> Any:
         # only names a Ref does not have itself reach here; protocols that probe for dunders
@@ -109,17 +133,104 @@ class Ref:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._session("calling").method(self, "__call__", list(args), kwargs)
 
-    def __iter__(self) -> Any:
-        # without this, iter() would fall back to remote __getitem__(0), (1)... one round trip each
-        raise TypeError("a Ref is not iterable here: stream it (session.stream_method(ref, '__iter__')) or "
-                        "fetch it as data")
-
     def __getitem__(self, key: Any) -> Any:
         return self._session("item access").method(self, "__getitem__", [key], {})
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        _sync(self._session("item assignment").method(self, "__setitem__", [key, value], {}),
-              'await session.method(ref, "__setitem__", [key, value])')
+        self._owner_now("item assignment", 'await session.method(ref, "__setitem__", [key, value])').method(
+            self, "__setitem__", [key, value], {})
+
+    def __delitem__(self, key: Any) -> None:
+        self._owner_now("del ref[key]", "await session.run(operator.delitem, ref, key)").call(
+            "operator", "delitem", [self, key])
+
+    def __len__(self) -> int:
+        return int(self._owner_now("len()", "await session.run(len, ref)").call("builtins", "len", [self]))
+
+    def __contains__(self, item: Any) -> bool:
+        return bool(self._owner_now("in", "await session.run(operator.contains, ref, item)").call(
+            "operator", "contains", [self, item]))
+
+    def __bool__(self) -> bool:
+        # a handle is true, as an object without __bool__/__len__ is (and a Ray ObjectRef): `if ref:`
+        # and `ref or default` never cost a round trip; the object's own truth is s.run(bool, ref)
+        return True
+
+    def __iter__(self) -> Any:
+        # a stream, one request with flow control: never a silent __getitem__(0), (1)... loop
+        owner = self._session("iterating", TypeError)
+        if owner._ops_awaitable:
+            raise TypeError("an asyncio session's ref is iterated with `async for`")
+        return owner.stream("builtins", "iter", [self])
+
+    def __aiter__(self) -> Any:
+        owner = self._session("iterating", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref is iterated with `for`")
+        return owner.stream("builtins", "aiter", [self])
+
+    def __enter__(self) -> Any:
+        return self._owner_now("with", "async with").method(self, "__enter__", [], {})
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        # the traceback stays here (frames cannot travel); the worker's __exit__ gets type and value
+        return bool(self._owner_now("with", "async with").method(self, "__exit__", [exc_type, exc, None], {}))
+
+    def __aenter__(self) -> Any:
+        owner = self._session("async with", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref is entered with `with`")
+        return owner.method(self, "__aenter__", [], {})
+
+    def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> Any:
+        return self._session("async with", TypeError).method(self, "__aexit__", [exc_type, exc, None], {})
+
+    def __str__(self) -> str:
+        return self.__format__("")
+
+    def __format__(self, spec: str) -> str:
+        # print(prog) and f"{prog}" read like the object; the repr (local, never failing) where no
+        # answer can come: a ref without a session, an asyncio session's, one whose session is gone
+        owner = self._owner
+        if owner is None or owner._ops_awaitable or owner.closed:
+            return format(self.__repr__(), spec)
+        return str(owner.call("builtins", "format", [self, spec]))
+
+
+def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
+    def op(self: Ref, other: Any) -> Any:
+        if self._owner is None:
+            return NotImplemented
+        return self._run_there(name, f"operator.{name}", *((other, self) if reflected else (self, other)))
+    return op
+
+
+def _in_place(name: str) -> Callable[[Ref, Any], Any]:
+    def op(self: Ref, other: Any) -> Any:
+        # `ref += x` rebinds the name to what comes back: an awaitable could never be awaited there
+        return self._owner_now(f"{name} (an in-place operator)", f"ref = await session.run(operator.{name}, ref, x)").call(
+            "operator", name, [self, other])
+    return op
+
+
+def _unary(name: str) -> Callable[[Ref], Any]:
+    def op(self: Ref) -> Any:
+        return self._run_there(name, f"operator.{name}", self)
+    return op
+
+
+# operators run on the worker as Python runs them there (reflected operands, NotImplemented and
+# all); == and != stay a ref's value equality, so refs keep working as dict keys and set members
+for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and_",
+              "xor", "or_"):
+    _dunder = _name.rstrip("_")
+    setattr(Ref, f"__{_dunder}__", _operator(_name, False))
+    setattr(Ref, f"__r{_dunder}__", _operator(_name, True))
+    setattr(Ref, f"__i{_dunder}__", _in_place(f"i{_name}"))
+for _name in ("lt", "le", "gt", "ge"):
+    setattr(Ref, f"__{_name}__", _operator(_name, False))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(Ref, f"__{_name}__", _unary(_name))
 
 
 class RemoteMethod:
@@ -137,13 +248,6 @@ class RemoteMethod:
 
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.ref!r}>"
-
-
-def _sync(result: Any, instead: str) -> None:
-    """Assignments cannot be awaited: through an asyncio session they need the explicit call."""
-    if inspect.iscoroutine(result):
-        result.close()
-        raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use {instead}")
 
 
 def _find_class(type_name: str) -> type | None:
