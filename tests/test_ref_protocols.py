@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -106,6 +107,12 @@ class Box:
             yield i
 
 
+class Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
 def state(box: Any) -> Any:
     """A Box's data, here or through a ref (attribute reads are round trips then)."""
     return (box.items, box.tag if hasattr(box, "tag") else None, box.entered)
@@ -199,8 +206,11 @@ def test_a_with_block_gives_the_exception_to_the_objects_exit(s: dspex.Session) 
         raise ValueError("body")
     with box:  # __exit__ answers True for a KeyError: suppressed, as in-process
         raise KeyError("swallowed")
+    with pytest.raises(Unpicklable) as raised, box:  # its lock cannot travel: its type and message do
+        raise Unpicklable("held")
+    assert raised.value.__context__ is None  # the body's own exception, nothing of dspex's
     exits = s.run(lambda b: [(t.__name__, msg, tb) for t, msg, tb in b.exits], box)
-    assert exits == [("ValueError", "body", None), ("KeyError", "'swallowed'", None)]
+    assert exits == [("ValueError", "body", None), ("KeyError", "'swallowed'", None), ("Unpicklable", "held", None)]
     assert box.entered == 0
 
 
@@ -258,6 +268,10 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             async with box as inner:
                 assert await inner.entered == 1
             assert await box.entered == 0
+            with pytest.raises(Unpicklable):
+                async with box:
+                    raise Unpicklable("held")
+            assert await s.run(lambda b: b.exits[-1][1:], box) == ("held", None)
             assert str(box) == repr(box)  # str() cannot await: the handle's repr
             for attempt, hint in ((lambda: len(box), "session.run(len, ref)"), (lambda: 1 in box, "contains"),
                                   (lambda: iter(box), "async for"), (lambda: box.__enter__(), "async with")):

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from dspex.wire.errors import EncodeError
+
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
 
@@ -174,7 +176,15 @@ class Ref:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         # the traceback stays here (frames cannot travel); the worker's __exit__ gets type and value
-        return bool(self._owner_now("with", "async with").method(self, "__exit__", [exc_type, exc, None], {}))
+        owner = self._owner_now("with", "async with")
+        try:
+            return bool(owner.method(self, "__exit__", [exc_type, exc, None], {}))
+        except EncodeError:
+            if exc is None:
+                raise
+        # an exception that cannot travel (it holds a lock...) must still reach __exit__, or a
+        # transaction would commit: its type with its message, and the body's exception goes on
+        return bool(owner.method(self, "__exit__", [exc_type, _stand_in(exc), None], {}))
 
     def __aenter__(self) -> Any:
         owner = self._session("async with", TypeError)
@@ -182,8 +192,14 @@ class Ref:
             raise TypeError("a blocking session's ref is entered with `with`")
         return owner.method(self, "__aenter__", [], {})
 
-    def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> Any:
-        return self._session("async with", TypeError).method(self, "__aexit__", [exc_type, exc, None], {})
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        owner = self._session("async with", TypeError)
+        try:
+            return bool(await owner.method(self, "__aexit__", [exc_type, exc, None], {}))
+        except EncodeError:
+            if exc is None:
+                raise
+        return bool(await owner.method(self, "__aexit__", [exc_type, _stand_in(exc), None], {}))
 
     def __str__(self) -> str:
         return self.__format__("")
@@ -195,6 +211,13 @@ class Ref:
         if owner is None or owner._ops_awaitable or owner.closed:
             return format(self.__repr__(), spec)
         return str(owner.call("builtins", "format", [self, spec]))
+
+
+def _stand_in(exc: BaseException) -> BaseException:
+    """``exc``'s class with its message alone: what an exception that cannot be pickled sends."""
+    stand_in = BaseException.__new__(type(exc))
+    stand_in.args = (str(exc),)
+    return stand_in
 
 
 def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
