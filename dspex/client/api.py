@@ -144,7 +144,8 @@ class ClientAPI(Generic[S]):
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
                         items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
-                        forward=self.forward_output if forward is None else forward, **options)
+                        forward=self.forward_output if forward is None else forward,
+                        awaits=self.session_kind._ops_awaitable, **options)
 
     def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
