@@ -224,6 +224,9 @@ def test_iterating_a_generator_ref_streams_it_and_leaving_early_closes_it(s: dsp
     # the stream is collected on leaving the loop: the generator's finally ran on the worker
     wait_for(lambda: box.closed_gens == 1, 10, what="the generator closed")
     assert list(box.gen(3)) == [0, 1, 2]
+    assert list(box.agen(3)) == [0, 1, 2]  # an async generator streams to a blocking `for` too
+    with pytest.raises(TypeError, match="not iterable"):
+        list(s.put(Unpicklable))  # a class without __iter__: iter() raises there, as here
 
 
 def test_a_ref_captured_by_a_closure_is_not_probed(s: dspex.Session) -> None:
@@ -262,8 +265,7 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             s = adx.session("p")
             box = await s.put(Box([1, 2, 3]))
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
-            with pytest.raises(TypeError, match="not an async iterable"):  # as `async for` over a Box in-process
-                _ = [x async for x in box]
+            assert [x async for x in box] == [1, 2, 3]  # a plain iterable streams to `async for` too
             assert await (box < 5) and await (await (box + [4])).items == [1, 2, 3, 4]
             async with box as inner:
                 assert await inner.entered == 1

@@ -163,13 +163,13 @@ class Ref:
         owner = self._session("iterating", TypeError)
         if owner._ops_awaitable:
             raise TypeError("an asyncio session's ref is iterated with `async for`")
-        return owner.stream("builtins", "iter", [self])
+        return owner.stream(__name__, "items_of", [self])
 
     def __aiter__(self) -> Any:
         owner = self._session("iterating", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref is iterated with `for`")
-        return owner.stream("builtins", "aiter", [self])
+        return owner.stream(__name__, "items_of", [self])
 
     def __enter__(self) -> Any:
         return self._owner_now("with", "async with").method(self, "__enter__", [], {})
@@ -211,6 +211,13 @@ class Ref:
         if owner is None or owner._ops_awaitable or owner.closed:
             return format(self.__repr__(), spec)
         return str(owner.call("builtins", "format", [self, spec]))
+
+
+def items_of(obj: Any) -> Any:
+    """What iterating a ref streams, run on the worker: an async iterable as it is, anything else
+    as ``iter`` makes it an iterator (``__getitem__`` sequences too). Either client kind streams
+    either (``for`` over an async generator's ref, ``async for`` over a list's)."""
+    return obj if hasattr(type(obj), "__aiter__") else iter(obj)
 
 
 def _stand_in(exc: BaseException) -> BaseException:
