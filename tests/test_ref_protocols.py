@@ -7,9 +7,11 @@ cannot be answered at once through an asyncio session (``len``, ``in``, ``with``
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -284,6 +286,14 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             with pytest.raises(TypeError, match="delattr"):
                 del box.tag
             assert await s.run(len, box) == 3
+            # a class the client does not have (made on the worker): its method is still one call
+            made = (await s.exec("class Made:\n    def plus(self, x):\n        return x + 1\nmade = Made()"))["made"]
+            assert await made.plus(1) == 2 and await (await made.plus)(2) == 3
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert hasattr(made, "anything")  # an attribute to await: nothing is sent, nothing left unawaited
+                gc.collect()
+            assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
             await s.close()
 
     asyncio.run(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from dspex.wire.errors import EncodeError
@@ -128,6 +128,8 @@ class Ref:
         if name.startswith(("__", "_repr_", "_ipython_")):
             raise AttributeError(name)
         owner = self._session(f"attribute {name!r}")
+        if owner._ops_awaitable:
+            return RemoteAttribute(self, name, owner)  # nothing is sent until it is awaited or called
         if _is_method(self.type_name, name):
             return RemoteMethod(self, name, owner)
         return owner.attr(self, name)
@@ -278,6 +280,20 @@ class RemoteMethod:
 
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.ref!r}>"
+
+
+class RemoteAttribute(RemoteMethod):
+    """``ref.name`` through an asyncio session: ``await ref.name`` reads the attribute (``getattr``),
+    ``await ref.name(...)`` calls it (one ``method`` round trip, whatever the client knows of the
+    object's class). Until then nothing is sent, so a name only probed (``hasattr``) costs nothing."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._owner.attr(self.ref, self.name).__await__()  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<remote attribute {self.name} of {self.ref!r}>"
 
 
 def _find_class(type_name: str) -> type | None:
