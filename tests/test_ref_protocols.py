@@ -48,6 +48,9 @@ class Box:
     def __getitem__(self, k: Any) -> Any:
         return self.items[k]
 
+    def __reversed__(self) -> Iterator[int]:
+        return reversed(self.items)
+
     def __delitem__(self, k: Any) -> None:
         del self.items[k]
 
@@ -157,6 +160,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "iter": list,
     "for-break": _for_break,
     "sorted": sorted,
+    "reversed": lambda b: list(reversed(b)),  # one stream, not len() and a __getitem__ per item
     "index": lambda b: (b[0], b[-1], b[1:]),
     "str": str,
     "format": lambda b: (f"{b}", f"{b:>12}", "%s" % b),  # noqa: UP031 - %-formatting is what's tested

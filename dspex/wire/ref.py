@@ -167,6 +167,11 @@ class Ref:
             raise TypeError("an asyncio session's ref is iterated with `async for`")
         return owner.stream(__name__, "items_of", [self])
 
+    def __reversed__(self) -> Any:
+        # else reversed() would run len() and __getitem__(n - 1), (n - 2)... a round trip each
+        return self._owner_now("reversed()", "async for x in session.stream('builtins', 'reversed', [ref])").stream(
+            "builtins", "reversed", [self])
+
     def __aiter__(self) -> Any:
         owner = self._session("iterating", TypeError)
         if not owner._ops_awaitable:
