@@ -7,6 +7,7 @@ cannot be answered at once through an asyncio session (``len``, ``in``, ``with``
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 import dspex
 import dspex.aio
+from dspex.wire.ref import RemoteMethod
 from tests.harness import Stack, short_tmpdir, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,6 +49,10 @@ class Box:
 
     def __getitem__(self, k: Any) -> Any:
         return self.items[k]
+
+    def push(self, x: int) -> int:
+        self.items.append(x)
+        return len(self.items)
 
     def __reversed__(self) -> Iterator[int]:
         return reversed(self.items)
@@ -243,6 +249,25 @@ def test_a_ref_captured_by_a_closure_is_not_probed(s: dspex.Session) -> None:
 
     assert s.run(reads) == [1]
     assert s.run(lambda: box.probes) == []
+
+
+def test_a_handles_method_given_to_a_call_is_the_objects_method_there(dx: dspex.Client, s: dspex.Session) -> None:
+    box = s.put(Box([]))
+    assert isinstance(box.push, RemoteMethod)
+    assert s.run(box.push, 5) == 1  # as `fn = obj.push; fn(5)` in-process
+    assert s.run(functools.partial(box.push, 6)) == 2
+    assert dx.submit(s.run, box.push, 7).result(timeout=30) == 3
+    assert box.items == [5, 6, 7]
+    with dx.session("p") as other, pytest.raises(dspex.RefNotFound, match="belongs to session"):
+        other.run(box.push, 8)
+
+    async def main() -> list[int]:
+        async with dspex.aio.connect(dx.endpoint, timeout=20) as adx:
+            a = adx.session("p")
+            abox = await a.put(Box([]))
+            return list(await asyncio.gather(*(a.run(abox.push, i) for i in range(3))))
+
+    assert sorted(asyncio.run(main())) == [1, 2, 3]
 
 
 def test_without_a_session_protocols_are_type_errors(s: dspex.Session) -> None:

@@ -286,6 +286,10 @@ class RemoteMethod:
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.ref!r}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # sent in a call (``s.run(prog.acall, ...)``, a partial of it), it is the bound method there
+        return (getattr, (self.ref, self.name))
+
 
 class RemoteAttribute(RemoteMethod):
     """``ref.name`` through an asyncio session: ``await ref.name`` reads the attribute (``getattr``),
