@@ -124,6 +124,34 @@ class Unpicklable(Exception):
         self.lock = threading.Lock()
 
 
+class Plain:
+    """A context manager without the async protocol."""
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    def __enter__(self) -> Self:
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.entered = False
+
+
+class AsyncOnly:
+    """A context manager with the async protocol only."""
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    async def __aenter__(self) -> Self:
+        self.entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.entered = False
+
+
 def state(box: Any) -> Any:
     """A Box's data, here or through a ref (attribute reads are round trips then)."""
     return (box.items, box.tag if hasattr(box, "tag") else None, box.entered)
@@ -221,6 +249,11 @@ def test_a_with_block_gives_the_exception_to_the_objects_exit(s: dspex.Session) 
     with pytest.raises(Unpicklable) as raised, box:  # its lock cannot travel: its type and message do
         raise Unpicklable("held")
     assert raised.value.__context__ is None  # the body's own exception, nothing of dspex's
+    with s.put(AsyncOnly()) as entered:  # an async context manager: a blocking `with` enters it there
+        assert entered.entered
+    assert not entered.entered
+    with pytest.raises(TypeError, match="does not support the context manager protocol"), s.put(Unpicklable):
+        pass
     exits = s.run(lambda b: [(t.__name__, msg, tb) for t, msg, tb in b.exits], box)
     assert exits == [("ValueError", "body", None), ("KeyError", "'swallowed'", None), ("Unpicklable", "held", None)]
     assert box.entered == 0
@@ -304,6 +337,8 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             with pytest.raises(Unpicklable):
                 async with box:
                     raise Unpicklable("held")
+            async with await s.run(Plain) as plain:  # a plain context manager: `async with` enters it too
+                assert await plain.entered
             assert await s.run(lambda b: b.exits[-1][1:], box) == ("held", None)
             assert str(box) == repr(box)  # str() cannot await: the handle's repr
             for attempt, hint in ((lambda: len(box), "session.run(len, ref)"), (lambda: 1 in box, "contains"),

@@ -179,34 +179,33 @@ class Ref:
         return owner.stream(__name__, "items_of", [self])
 
     def __enter__(self) -> Any:
-        return self._owner_now("with", "async with").method(self, "__enter__", [], {})
+        return self._owner_now("with", "async with").call(__name__, "enter", [self, False])
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
-        # the traceback stays here (frames cannot travel); the worker's __exit__ gets type and value
         owner = self._owner_now("with", "async with")
         try:
-            return bool(owner.method(self, "__exit__", [exc_type, exc, None], {}))
+            return bool(owner.call(__name__, "leave", [self, False, exc_type, exc]))
         except EncodeError:
             if exc is None:
                 raise
         # an exception that cannot travel (it holds a lock...) must still reach __exit__, or a
         # transaction would commit: its type with its message, and the body's exception goes on
-        return bool(owner.method(self, "__exit__", [exc_type, _stand_in(exc), None], {}))
+        return bool(owner.call(__name__, "leave", [self, False, exc_type, _stand_in(exc)]))
 
     def __aenter__(self) -> Any:
         owner = self._session("async with", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref is entered with `with`")
-        return owner.method(self, "__aenter__", [], {})
+        return owner.call(__name__, "enter", [self, True])
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         owner = self._session("async with", TypeError)
         try:
-            return bool(await owner.method(self, "__aexit__", [exc_type, exc, None], {}))
+            return bool(await owner.call(__name__, "leave", [self, True, exc_type, exc]))
         except EncodeError:
             if exc is None:
                 raise
-        return bool(await owner.method(self, "__aexit__", [exc_type, _stand_in(exc), None], {}))
+        return bool(await owner.call(__name__, "leave", [self, True, exc_type, _stand_in(exc)]))
 
     def __str__(self) -> str:
         return self.__format__("")
@@ -225,6 +224,28 @@ def items_of(obj: Any) -> Any:
     as ``iter`` makes it an iterator (``__getitem__`` sequences too). Either client kind streams
     either (``for`` over an async generator's ref, ``async for`` over a list's)."""
     return obj if hasattr(type(obj), "__aiter__") else iter(obj)
+
+
+def _context_methods(obj: Any, asynchronous: bool) -> tuple[Any, Any]:
+    cls = type(obj)
+    kinds = (("__aenter__", "__aexit__"), ("__enter__", "__exit__"))
+    for enter_name, exit_name in kinds if asynchronous else kinds[::-1]:
+        if hasattr(cls, enter_name) and hasattr(cls, exit_name):
+            return getattr(obj, enter_name), getattr(obj, exit_name)
+    raise TypeError(f"{cls.__name__!r} object does not support the context manager protocol")
+
+
+def enter(obj: Any, asynchronous: bool) -> Any:
+    """What ``with ref`` (``async with ref``) runs on the worker: the object's ``__enter__`` (its
+    ``__aenter__``), or the other kind's when it has only that (an awaitable is awaited there):
+    a blocking client enters an async context manager, an asyncio one a plain one."""
+    return _context_methods(obj, asynchronous)[0]()
+
+
+def leave(obj: Any, asynchronous: bool, exc_type: type[BaseException] | None, exc: BaseException | None) -> Any:
+    """The ``__exit__`` (``__aexit__``) that matches :func:`enter`; the traceback stays on the
+    client (frames cannot travel)."""
+    return _context_methods(obj, asynchronous)[1](exc_type, exc, None)
 
 
 def _stand_in(exc: BaseException) -> BaseException:
