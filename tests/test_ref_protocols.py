@@ -313,6 +313,14 @@ def test_without_a_session_protocols_are_type_errors(s: dspex.Session) -> None:
     assert str(ref) == repr(ref) and bool(ref)
 
 
+def test_a_ref_from_a_call_outside_any_session_says_its_object_was_not_kept(dx: dspex.Client) -> None:
+    ref = dx.call("builtins", "object", pool="p")
+    assert isinstance(ref, dspex.Ref)
+    for attempt in (lambda: ref.anything, lambda: len(ref)):
+        with pytest.raises((AttributeError, TypeError), match="outside any session"):
+            attempt()
+
+
 def test_after_its_session_closed_a_ref_says_so(dx: dspex.Client) -> None:
     s = dx.session("p")
     box = s.put(Box([1]))

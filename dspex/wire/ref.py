@@ -17,6 +17,7 @@ from typing import Any
 
 from dspex.wire.errors import EncodeError
 
+EPHEMERAL_SESSION = "eph-"  # the session id prefix of a call outside any session (nothing is kept)
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
 
@@ -89,6 +90,9 @@ class Ref:
     def _session(self, what: str, error: type[Exception] = AttributeError) -> Any:
         owner = self._owner
         if owner is None:
+            if self.session.startswith(EPHEMERAL_SESSION):
+                raise error(f"{what}: this ref came from a call outside any session (client.call), whose objects "
+                            "the worker does not keep; make it in a session (session.call, session.run)")
             raise error(
                 f"{what}: this ref is not bound to a session; use session.attr/method, or a ref a session returned")
         return owner
