@@ -328,7 +328,11 @@ def test_after_its_session_closed_a_ref_says_so(dx: dspex.Client) -> None:
     for attempt in (lambda: len(box), lambda: list(box), lambda: box + [1]):
         with pytest.raises(dspex.SessionClosed):
             attempt()
-    assert str(box) == repr(box)  # printing a handle never fails
+    assert str(box) == repr(box)  # printing a handle never fails for what became of its session
+    with dx.session("p") as live:
+        released = live.put(Box([1]))
+        live.release(released)
+        assert str(released) == repr(released)
 
 
 def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx: dspex.Client) -> None:

@@ -15,7 +15,13 @@ import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
-from dspex.wire.errors import EncodeError
+from dspex.wire.errors import (
+    ConnectionError,
+    EncodeError,
+    RefNotFound,
+    SessionClosed,
+    SessionWorkerUnavailable,
+)
 
 EPHEMERAL_SESSION = "eph-"  # the session id prefix of a call outside any session (nothing is kept)
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
@@ -216,11 +222,15 @@ class Ref:
 
     def __format__(self, spec: str) -> str:
         # print(prog) and f"{prog}" read like the object; the repr (local, never failing) where no
-        # answer can come: a ref without a session, an asyncio session's, one whose session is gone
+        # answer can come: a ref without a session, an asyncio session's, one whose session,
+        # worker, object or connection is gone (a log line must not fail for that)
         owner = self._owner
-        if owner is None or owner._ops_awaitable or owner.closed:
-            return format(self.__repr__(), spec)
-        return str(owner.call("builtins", "format", [self, spec]))
+        if owner is not None and not owner._ops_awaitable and not owner.closed:
+            try:
+                return str(owner.call("builtins", "format", [self, spec]))
+            except (ConnectionError, RefNotFound, SessionClosed, SessionWorkerUnavailable):
+                pass  # the object cannot be reached (its format raising is raised, as here)
+        return format(self.__repr__(), spec)
 
 
 def items_of(obj: Any) -> Any:
