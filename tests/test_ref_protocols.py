@@ -274,6 +274,18 @@ def test_iterating_a_generator_ref_streams_it_and_leaving_early_closes_it(s: dsp
         list(s.put(Unpicklable))  # a class without __iter__: iter() raises there, as here
 
 
+def test_listing_a_generator_ref_is_one_stream(s: dspex.Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = s.put(Box([])).gen(3)
+    calls: list[tuple[Any, ...]] = []
+    for op in ("call", "stream"):
+        real = getattr(s, op)
+        monkeypatch.setattr(s, op, lambda *args, real=real, **kwargs: calls.append(args[:2]) or real(*args, **kwargs))
+    assert list(gen) == [0, 1, 2]
+    assert calls == [("dspex.wire.ref", "items_of")]  # list()'s length hint asked nothing: a generator has no len
+    with pytest.raises(TypeError, match="'generator' has no len"):
+        len(s.put(Box([])).gen(1))
+
+
 def test_a_ref_captured_by_a_closure_is_not_probed(s: dspex.Session) -> None:
     box = s.put(Box([1]))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
+import types
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -159,7 +160,12 @@ class Ref:
             "operator", "delitem", [self, key])
 
     def __len__(self) -> int:
-        return int(self._owner_now("len()", "await session.run(len, ref)").call("builtins", "len", [self]))
+        owner = self._owner_now("len()", "await session.run(len, ref)")
+        cls = _find_class(self.type_name)
+        if cls is not None and not hasattr(cls, "__len__"):
+            # known here to have none: list(gen_ref) asks len() first (a length hint), for nothing
+            raise TypeError(f"object of type {cls.__name__!r} has no len()")
+        return int(owner.call("builtins", "len", [self]))
 
     def __contains__(self, item: Any) -> bool:
         return bool(self._owner_now("in", "await session.run(operator.contains, ref, item)").call(
@@ -347,11 +353,13 @@ def _find_class(type_name: str) -> type | None:
         return _walk(sys.modules[module_name], qualname)
     # builtins and __main__ classes travel as their qualname alone (worker.refs.type_name): a
     # class of the user's script, sent by value, is found in this process's __main__
-    for module in ("builtins", "__main__"):
-        found = _walk(sys.modules.get(module), type_name)
-        if found is not None:
-            return found
-    return None
+    return _walk(sys.modules["builtins"], type_name) or _UNNAMED_BUILTINS.get(type_name) \
+        or _walk(sys.modules.get("__main__"), type_name)
+
+
+# builtin classes the builtins module does not name: generator, coroutine, function, method...
+_UNNAMED_BUILTINS = {cls.__name__: cls for cls in vars(types).values()
+                     if isinstance(cls, type) and cls.__module__ == "builtins"}
 
 
 def _walk(obj: Any, qualname: str) -> type | None:
