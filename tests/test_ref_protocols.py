@@ -259,29 +259,51 @@ def test_a_with_block_gives_the_exception_to_the_objects_exit(s: dspex.Session) 
     assert box.entered == 0
 
 
-def test_iterating_a_generator_ref_streams_it_and_leaving_early_closes_it(s: dspex.Session) -> None:
+def test_iterating_a_generator_ref_takes_batches_and_leaving_early_leaves_it_there(s: dspex.Session) -> None:
     box = s.put(Box([]))
     gen = box.gen(10**6)
     assert isinstance(gen, dspex.Ref) and gen.type_name == "generator"
     for x in gen:
-        if x == 3:
+        if x == 0:
             break
-    # the stream is collected on leaving the loop: the generator's finally ran on the worker
-    wait_for(lambda: box.closed_gens == 1, 10, what="the generator closed")
+    # the first batch is one item: the generator stays where the loop left it, as in-process
+    assert s.run(next, gen) == 1 and box.closed_gens == 0
+    for x in gen:
+        if x == 5:
+            break
+    assert s.run(next, gen) == 9  # later batches (1, 2, 4 items) take a few items ahead
     assert list(box.gen(3)) == [0, 1, 2]
     assert list(box.agen(3)) == [0, 1, 2]  # an async generator streams to a blocking `for` too
     with pytest.raises(TypeError, match="not iterable"):
         list(s.put(Unpicklable))  # a class without __iter__: iter() raises there, as here
 
 
-def test_listing_a_generator_ref_is_one_stream(s: dspex.Session, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_loops_body_may_call_the_session_and_loops_may_nest(dx: dspex.Client, s: dspex.Session) -> None:
+    """Each batch is a call of its own: the session is free between them (a stream would hold it
+    until its end, and a call of the loop's body would wait for that until its timeout)."""
+    def refs() -> int:  # what the worker holds, as its heartbeat reports it
+        return sum(int(w["refs"]) for w in dx.status()["pools"]["p"]["workers"])
+
+    many = s.put(Box(list(range(600))))
+    other = s.put(Box(list(range(600, 1200))))
+    wait_for(lambda: refs() == 2, 10, what="the two boxes held")
+    assert sum(s.run(abs, -x) for x in many) == sum(range(600))
+    assert len(list(zip(many, other))) == 600
+    assert sum(1 for x in many if x < 2 for _ in other) == 1200
+    for x in many:
+        if x == 100:
+            break  # the iterator is released when the loop's generator is collected
+    wait_for(lambda: refs() == 2, 10, what="every iterator made for a loop released")
+
+
+def test_listing_a_generator_ref_asks_no_length(s: dspex.Session, monkeypatch: pytest.MonkeyPatch) -> None:
     gen = s.put(Box([])).gen(3)
-    calls: list[tuple[Any, ...]] = []
+    calls: list[Any] = []
     for op in ("call", "stream"):
         real = getattr(s, op)
-        monkeypatch.setattr(s, op, lambda *args, real=real, **kwargs: calls.append(args[:2]) or real(*args, **kwargs))
+        monkeypatch.setattr(s, op, lambda *args, real=real, **kwargs: calls.append(args[1]) or real(*args, **kwargs))
     assert list(gen) == [0, 1, 2]
-    assert calls == [("dspex.wire.ref", "items_of")]  # list()'s length hint asked nothing: a generator has no len
+    assert "len" not in calls  # list()'s length hint asked nothing: a generator has no len
     with pytest.raises(TypeError, match="'generator' has no len"):
         len(s.put(Box([])).gen(1))
 

@@ -16,6 +16,7 @@ import types
 from collections.abc import Callable, Generator
 from typing import Any
 
+from dspex.wire import refprotocols
 from dspex.wire.errors import (
     ConnectionError,
     EncodeError,
@@ -177,51 +178,52 @@ class Ref:
         return True
 
     def __iter__(self) -> Any:
-        # a stream, one request with flow control: never a silent __getitem__(0), (1)... loop
+        # in batches, each a call (dspex.wire.refprotocols): never a silent __getitem__(0), (1)...
+        # loop, and never a stream holding the session while the loop's body calls it
         owner = self._session("iterating", TypeError)
         if owner._ops_awaitable:
             raise TypeError("an asyncio session's ref is iterated with `async for`")
-        return owner.stream(__name__, "items_of", [self])
+        return refprotocols.items(owner, self)
 
     def __reversed__(self) -> Any:
         # else reversed() would run len() and __getitem__(n - 1), (n - 2)... a round trip each
-        return self._owner_now("reversed()", "async for x in session.stream('builtins', 'reversed', [ref])").stream(
-            "builtins", "reversed", [self])
+        owner = self._owner_now("reversed()", "async for x in await session.call('builtins', 'reversed', [ref])")
+        return refprotocols.items(owner, self, reverse=True)
 
     def __aiter__(self) -> Any:
         owner = self._session("iterating", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref is iterated with `for`")
-        return owner.stream(__name__, "items_of", [self])
+        return refprotocols.aitems(owner, self)
 
     def __enter__(self) -> Any:
-        return self._owner_now("with", "async with").call(__name__, "enter", [self, False])
+        return self._owner_now("with", "async with").call(refprotocols.MODULE, "enter", [self, False])
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         owner = self._owner_now("with", "async with")
         try:
-            return bool(owner.call(__name__, "leave", [self, False, exc_type, exc]))
+            return bool(owner.call(refprotocols.MODULE, "leave", [self, False, exc_type, exc]))
         except EncodeError:
             if exc is None:
                 raise
         # an exception that cannot travel (it holds a lock...) must still reach __exit__, or a
         # transaction would commit: its type with its message, and the body's exception goes on
-        return bool(owner.call(__name__, "leave", [self, False, exc_type, _stand_in(exc)]))
+        return bool(owner.call(refprotocols.MODULE, "leave", [self, False, exc_type, refprotocols.stand_in(exc)]))
 
     def __aenter__(self) -> Any:
         owner = self._session("async with", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref is entered with `with`")
-        return owner.call(__name__, "enter", [self, True])
+        return owner.call(refprotocols.MODULE, "enter", [self, True])
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         owner = self._session("async with", TypeError)
         try:
-            return bool(await owner.call(__name__, "leave", [self, True, exc_type, exc]))
+            return bool(await owner.call(refprotocols.MODULE, "leave", [self, True, exc_type, exc]))
         except EncodeError:
             if exc is None:
                 raise
-        return bool(await owner.call(__name__, "leave", [self, True, exc_type, _stand_in(exc)]))
+        return bool(await owner.call(refprotocols.MODULE, "leave", [self, True, exc_type, refprotocols.stand_in(exc)]))
 
     def __str__(self) -> str:
         return self.__format__("")
@@ -237,42 +239,6 @@ class Ref:
             except (ConnectionError, RefNotFound, SessionClosed, SessionWorkerUnavailable):
                 pass  # the object cannot be reached (its format raising is raised, as here)
         return format(self.__repr__(), spec)
-
-
-def items_of(obj: Any) -> Any:
-    """What iterating a ref streams, run on the worker: an async iterable as it is, anything else
-    as ``iter`` makes it an iterator (``__getitem__`` sequences too). Either client kind streams
-    either (``for`` over an async generator's ref, ``async for`` over a list's)."""
-    return obj if hasattr(type(obj), "__aiter__") else iter(obj)
-
-
-def _context_methods(obj: Any, asynchronous: bool) -> tuple[Any, Any]:
-    cls = type(obj)
-    kinds = (("__aenter__", "__aexit__"), ("__enter__", "__exit__"))
-    for enter_name, exit_name in kinds if asynchronous else kinds[::-1]:
-        if hasattr(cls, enter_name) and hasattr(cls, exit_name):
-            return getattr(obj, enter_name), getattr(obj, exit_name)
-    raise TypeError(f"{cls.__name__!r} object does not support the context manager protocol")
-
-
-def enter(obj: Any, asynchronous: bool) -> Any:
-    """What ``with ref`` (``async with ref``) runs on the worker: the object's ``__enter__`` (its
-    ``__aenter__``), or the other kind's when it has only that (an awaitable is awaited there):
-    a blocking client enters an async context manager, an asyncio one a plain one."""
-    return _context_methods(obj, asynchronous)[0]()
-
-
-def leave(obj: Any, asynchronous: bool, exc_type: type[BaseException] | None, exc: BaseException | None) -> Any:
-    """The ``__exit__`` (``__aexit__``) that matches :func:`enter`; the traceback stays on the
-    client (frames cannot travel)."""
-    return _context_methods(obj, asynchronous)[1](exc_type, exc, None)
-
-
-def _stand_in(exc: BaseException) -> BaseException:
-    """``exc``'s class with its message alone: what an exception that cannot be pickled sends."""
-    stand_in = BaseException.__new__(type(exc))
-    stand_in.args = (str(exc),)
-    return stand_in
 
 
 def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
