@@ -375,7 +375,9 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             s = adx.session("p")
             box = await s.put(Box([1, 2, 3]))
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
-            assert [x async for x in box] == [1, 2, 3]  # a plain iterable streams to `async for` too
+            assert [x async for x in box] == [1, 2, 3]  # a plain iterable is iterated by `async for` too
+            many = await s.put(Box(list(range(300))))
+            assert sum([await s.run(abs, -x) async for x in many]) == sum(range(300))  # the body calls the session
             assert await (box < 5) and await (await (box + [4])).items == [1, 2, 3, 4]
             async with box as inner:
                 assert await inner.entered == 1
