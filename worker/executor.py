@@ -33,7 +33,7 @@ from dspex.wire.protocol import (
     Status,
     log_level_of,
 )
-from dspex.wire.ref import Ref
+from dspex.wire.ref import EPHEMERAL_SESSION, Ref
 from worker import forking, limits, namespace, output, threads
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
@@ -145,7 +145,7 @@ class Executor:
         (:meth:`restore`).
         """
         sessionless = not header.session
-        state = self.refs.session(header.session or "eph-" + secrets.token_hex(8))
+        state = self.refs.session(header.session or EPHEMERAL_SESSION + secrets.token_hex(8))
 
         made: list[str] = []  # refs this call made: dropped if it fails (the caller never sees them)
 

@@ -150,6 +150,7 @@ class AsyncClient(ClientAPI[AsyncSession]):
                 reply = await self._next(queue, ex)
                 ended = reply[0] not in EVENT_STATUSES
                 kind, value, credit = ex.feed(*reply)
+                await _callbacks_done(ex)
                 if credit:
                     await self._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
                 if kind == "done":
@@ -180,6 +181,14 @@ class AsyncClient(ClientAPI[AsyncSession]):
                             on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
                             flags=flags)
         return AsyncStream(self, ex, worker)
+
+
+async def _callbacks_done(ex: Exchange) -> None:
+    """Await what the call's async callbacks returned, before the next reply is taken (and the
+    worker granted credit for more): a slow callback paces the call, as a plain one does."""
+    awaiting = ex.awaiting
+    while awaiting:
+        await awaiting.pop(0)
 
 
 class AsyncStream:
@@ -226,6 +235,7 @@ class AsyncStream:
                     self._req_id, self._queue = await client._start(ex, self._worker)
                     continue
                 self._started = True
+                await _callbacks_done(ex)
                 if credit:
                     await client._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                                ex.timeout)

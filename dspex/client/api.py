@@ -144,7 +144,8 @@ class ClientAPI(Generic[S]):
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
                         items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
-                        forward=self.forward_output if forward is None else forward, **options)
+                        forward=self.forward_output if forward is None else forward,
+                        awaits=self.session_kind._ops_awaitable, **options)
 
     def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
@@ -231,6 +232,7 @@ class SessionAPI:
     """
 
     _label = "dspex.Session"
+    _ops_awaitable = False  # its ops return awaitables (what a ref handle needs to know)
 
     def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
                  client_settings: bool | None = None, durable: bool = False) -> None:
@@ -399,6 +401,7 @@ class AsyncSession(SessionAPI):
     ``await s.set_attr(ref, name, value)``)."""
 
     _label = "dspex.aio.AsyncSession"
+    _ops_awaitable = True
 
     async def __aenter__(self) -> Self:
         return self

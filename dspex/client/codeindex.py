@@ -21,6 +21,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import byvalue
+from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
 BIG_ITEMS = 10_000
@@ -239,6 +240,8 @@ def is_big(value: Any) -> bool:
         return len(value) >= BIG_BYTES
     if t in (list, tuple, dict, set, frozenset):
         return len(value) >= BIG_ITEMS
+    if t is Ref:
+        return False  # a handle: its getattr would be a round trip to its object
     nbytes = getattr(value, "nbytes", None)  # numpy arrays, memoryviews
     return isinstance(nbytes, int) and nbytes >= BIG_BYTES
 

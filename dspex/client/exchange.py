@@ -13,9 +13,10 @@ until ``exchange.wait`` seconds pass (then ``exchange.timed_out()``), or the con
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import msgpack
 import zmq
@@ -59,7 +60,7 @@ log = logging.getLogger("dspex.client")
 # What the top-level items of each worker op's body are called in an EncodeError's path.
 BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.args) for op in Op}
 
-Callback = Callable[[Any], None]
+Callback = Callable[[Any], Any]  # a plain function; an asyncio client's may be async def
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
 EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
@@ -178,12 +179,19 @@ def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) 
         raise ProtocolError(f"cannot decode reply: {exc}") from None
 
 
+
+def _refuse(callback: Callback) -> NoReturn:
+    raise TypeError(f"{callback!r} is async: a blocking client's callbacks are plain functions (an asyncio "
+                    "client, dspex.aio, awaits async ones)")
+
+
 class Exchange:
     """One request from the client's side: what to send, and what each reply means."""
 
     __slots__ = (
         "_max_message",
         "_raw",
+        "awaiting",
         "bind",
         "body",
         "endpoint",
@@ -209,8 +217,14 @@ class Exchange:
                  endpoint: str = "", items: bool = False, on_reply: OnReply | None = None,
                  on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
                  own_frames: bool = False, forward: bool = False, sender: SendCache | None = None,
-                 flags: int = 0, reply_grace: float = DEFAULT_REPLY_GRACE) -> None:
+                 flags: int = 0, reply_grace: float = DEFAULT_REPLY_GRACE, awaits: bool = False) -> None:
         self.op, self.pool, self.session, self.timeout = op, pool, session, timeout
+        # what the callbacks returned to await (an asyncio client's async def callbacks) before
+        # the next reply; None: the client kind cannot await them
+        self.awaiting: list[Awaitable[Any]] | None = [] if awaits else None
+        for callback in (on_progress, on_output) if not awaits else ():
+            if inspect.iscoroutinefunction(callback):
+                _refuse(callback)  # before anything is sent
         # The worker stops a call at its deadline and replies Timeout(stopped=True); one that
         # ignores the interruption for its grace costs its worker, which still replies (hard=True).
         # A client that hears nothing waits ``reply_grace`` past the deadline, so the worker's
@@ -241,6 +255,15 @@ class Exchange:
                                self.flags).pack()
         return [header, *self.body]
 
+    def _notify(self, callback: Callback, value: Any) -> None:
+        result = callback(value)
+        if inspect.isawaitable(result):
+            if self.awaiting is None:
+                if inspect.iscoroutine(result):
+                    result.close()
+                _refuse(callback)
+            self.awaiting.append(result)
+
     def feed(self, status: str, worker: str, frames: list[Any]) -> tuple[str, Any, int]:
         """One reply of this request -> (kind, value, credit to grant now).
 
@@ -254,11 +277,11 @@ class Exchange:
                 if self.forward:
                     output.forward(value, self.session, worker)
                 if self.on_output is not None:
-                    self.on_output(value)
+                    self._notify(self.on_output, value)
             elif status == Status.PARTIAL.value and self.items:
                 return "item", value, credit
             elif self.on_progress is not None:
-                self.on_progress(value)
+                self._notify(self.on_progress, value)
             return "more", None, credit
         if status == Status.ERROR.value:
             err = decode_error(frames)

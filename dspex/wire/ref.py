@@ -12,9 +12,20 @@ from __future__ import annotations
 import contextvars
 import inspect
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Generator
 from typing import Any
 
+from dspex.wire import refprotocols
+from dspex.wire.errors import (
+    ConnectionError,
+    EncodeError,
+    RefNotFound,
+    SessionClosed,
+    SessionWorkerUnavailable,
+)
+
+EPHEMERAL_SESSION = "eph-"  # the session id prefix of a call outside any session (nothing is kept)
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
 _OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
 
@@ -84,17 +95,44 @@ class Ref:
         return self if self._owner is None else Ref(*self.as_tuple())
 
     # -- the handle -----------------------------------------------------------------------
-    def _session(self, what: str) -> Any:
+    def _session(self, what: str, error: type[Exception] = AttributeError) -> Any:
         owner = self._owner
         if owner is None:
-            raise AttributeError(
+            if self.session.startswith(EPHEMERAL_SESSION):
+                raise error(f"{what}: this ref came from a call outside any session (client.call), whose objects "
+                            "the worker does not keep; make it in a session (session.call, session.run)")
+            raise error(
                 f"{what}: this ref is not bound to a session; use session.attr/method, or a ref a session returned")
         return owner
+
+    def _owner_now(self, what: str, instead: str) -> Any:
+        """The owner, for what Python needs an answer to at once (``len``, ``in``, ``del``,
+        ``with``): an asyncio session's ref cannot give one, so it raises before anything is sent."""
+        owner = self._session(what, TypeError)
+        if owner._ops_awaitable:
+            raise TypeError(f"{what} on an asyncio session's ref cannot be awaited: use {instead}")
+        return owner
+
+    def _run_there(self, what: str, fn: str, *args: Any) -> Any:
+        """``fn(*args)`` on the worker (``module.name``), the ref among ``args`` being its object
+        there: Python's own protocol runs where the object is, reflected operands and all."""
+        module, _, name = fn.rpartition(".")
+        return self._session(what, TypeError).call(module, name, list(args))
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OWN or name.startswith("__"):
             raise AttributeError(f"a Ref's own field {name!r} cannot be set")
-        _sync(self._session(f"setting {name!r}").set_attr(self, name, value), f"await session.set_attr(ref, {name!r}, value)")
+        owner = self._session(f"setting {name!r}")
+        if owner._ops_awaitable:
+            raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use "
+                            f"await session.set_attr(ref, {name!r}, value)")
+        owner.set_attr(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _OWN or name.startswith("__"):
+            raise AttributeError(f"a Ref's own field {name!r} cannot be deleted")
+        self._owner_now(f"del ref.{name}", f"await session.run(delattr, ref, {name!r})").call(
+            "builtins", "delattr", [self, name])
 
     def __getattr__(self, name: str) -> Any:
         # only names a Ref does not have itself reach here; protocols that probe for dunders
@@ -102,6 +140,8 @@ class Ref:
         if name.startswith(("__", "_repr_", "_ipython_")):
             raise AttributeError(name)
         owner = self._session(f"attribute {name!r}")
+        if owner._ops_awaitable:
+            return RemoteAttribute(self, name, owner)  # nothing is sent until it is awaited or called
         if _is_method(self.type_name, name):
             return RemoteMethod(self, name, owner)
         return owner.attr(self, name)
@@ -109,17 +149,132 @@ class Ref:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         return self._session("calling").method(self, "__call__", list(args), kwargs)
 
-    def __iter__(self) -> Any:
-        # without this, iter() would fall back to remote __getitem__(0), (1)... one round trip each
-        raise TypeError("a Ref is not iterable here: stream it (session.stream_method(ref, '__iter__')) or "
-                        "fetch it as data")
-
     def __getitem__(self, key: Any) -> Any:
         return self._session("item access").method(self, "__getitem__", [key], {})
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        _sync(self._session("item assignment").method(self, "__setitem__", [key, value], {}),
-              'await session.method(ref, "__setitem__", [key, value])')
+        self._owner_now("item assignment", 'await session.method(ref, "__setitem__", [key, value])').method(
+            self, "__setitem__", [key, value], {})
+
+    def __delitem__(self, key: Any) -> None:
+        self._owner_now("del ref[key]", "await session.run(operator.delitem, ref, key)").call(
+            "operator", "delitem", [self, key])
+
+    def __len__(self) -> int:
+        owner = self._owner_now("len()", "await session.run(len, ref)")
+        cls = _find_class(self.type_name)
+        if cls is not None and not hasattr(cls, "__len__"):
+            # known here to have none: list(gen_ref) asks len() first (a length hint), for nothing
+            raise TypeError(f"object of type {cls.__name__!r} has no len()")
+        return int(owner.call("builtins", "len", [self]))
+
+    def __contains__(self, item: Any) -> bool:
+        return bool(self._owner_now("in", "await session.run(operator.contains, ref, item)").call(
+            "operator", "contains", [self, item]))
+
+    def __bool__(self) -> bool:
+        # a handle is true, as an object without __bool__/__len__ is (and a Ray ObjectRef): `if ref:`
+        # and `ref or default` never cost a round trip; the object's own truth is s.run(bool, ref)
+        return True
+
+    def __iter__(self) -> Any:
+        # in batches, each a call (dspex.wire.refprotocols): never a silent __getitem__(0), (1)...
+        # loop, and never a stream holding the session while the loop's body calls it
+        owner = self._session("iterating", TypeError)
+        if owner._ops_awaitable:
+            raise TypeError("an asyncio session's ref is iterated with `async for`")
+        return refprotocols.items(owner, self)
+
+    def __reversed__(self) -> Any:
+        # else reversed() would run len() and __getitem__(n - 1), (n - 2)... a round trip each
+        owner = self._owner_now("reversed()", "async for x in await session.call('builtins', 'reversed', [ref])")
+        return refprotocols.items(owner, self, reverse=True)
+
+    def __aiter__(self) -> Any:
+        owner = self._session("iterating", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref is iterated with `for`")
+        return refprotocols.aitems(owner, self)
+
+    def __enter__(self) -> Any:
+        return self._owner_now("with", "async with").call(refprotocols.MODULE, "enter", [self, False])
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        owner = self._owner_now("with", "async with")
+        try:
+            return bool(owner.call(refprotocols.MODULE, "leave", [self, False, exc_type, exc]))
+        except EncodeError:
+            if exc is None:
+                raise
+        # an exception that cannot travel (it holds a lock...) must still reach __exit__, or a
+        # transaction would commit: its type with its message, and the body's exception goes on
+        return bool(owner.call(refprotocols.MODULE, "leave", [self, False, exc_type, refprotocols.stand_in(exc)]))
+
+    def __aenter__(self) -> Any:
+        owner = self._session("async with", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref is entered with `with`")
+        return owner.call(refprotocols.MODULE, "enter", [self, True])
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        owner = self._session("async with", TypeError)
+        try:
+            return bool(await owner.call(refprotocols.MODULE, "leave", [self, True, exc_type, exc]))
+        except EncodeError:
+            if exc is None:
+                raise
+        return bool(await owner.call(refprotocols.MODULE, "leave", [self, True, exc_type, refprotocols.stand_in(exc)]))
+
+    def __str__(self) -> str:
+        return self.__format__("")
+
+    def __format__(self, spec: str) -> str:
+        # print(prog) and f"{prog}" read like the object; the repr (local, never failing) where no
+        # answer can come: a ref without a session, an asyncio session's, one whose session,
+        # worker, object or connection is gone (a log line must not fail for that)
+        owner = self._owner
+        if owner is not None and not owner._ops_awaitable and not owner.closed:
+            try:
+                return str(owner.call("builtins", "format", [self, spec]))
+            except (ConnectionError, RefNotFound, SessionClosed, SessionWorkerUnavailable):
+                pass  # the object cannot be reached (its format raising is raised, as here)
+        return format(self.__repr__(), spec)
+
+
+def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
+    def op(self: Ref, other: Any) -> Any:
+        if self._owner is None:
+            return NotImplemented
+        return self._run_there(name, f"operator.{name}", *((other, self) if reflected else (self, other)))
+    return op
+
+
+def _in_place(name: str) -> Callable[[Ref, Any], Any]:
+    def op(self: Ref, other: Any) -> Any:
+        # `ref += x` rebinds the name to what comes back: an awaitable could never be awaited there
+        return self._owner_now(f"{name} (an in-place operator)", f"ref = await session.run(operator.{name}, ref, x)").call(
+            "operator", name, [self, other])
+    return op
+
+
+def _unary(name: str) -> Callable[[Ref], Any]:
+    def op(self: Ref) -> Any:
+        return self._run_there(name, f"operator.{name}", self)
+    return op
+
+
+# operators run on the worker as Python runs them there (reflected operands, NotImplemented and
+# all); == and != stay a ref's value equality, so refs keep working as dict keys and set members
+for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and_",
+              "xor", "or_"):
+    _dunder = _name.rstrip("_")
+    setattr(Ref, f"__{_dunder}__", _operator(_name, False))
+    setattr(Ref, f"__r{_dunder}__", _operator(_name, True))
+    setattr(Ref, f"__i{_dunder}__", _in_place(f"i{_name}"))
+for _name in ("lt", "le", "gt", "ge"):
+    setattr(Ref, f"__{_name}__", _operator(_name, False))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(Ref, f"__{_name}__", _unary(_name))
 
 
 class RemoteMethod:
@@ -138,12 +293,23 @@ class RemoteMethod:
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.ref!r}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # sent in a call (``s.run(prog.acall, ...)``, a partial of it), it is the bound method there
+        return (getattr, (self.ref, self.name))
 
-def _sync(result: Any, instead: str) -> None:
-    """Assignments cannot be awaited: through an asyncio session they need the explicit call."""
-    if inspect.iscoroutine(result):
-        result.close()
-        raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use {instead}")
+
+class RemoteAttribute(RemoteMethod):
+    """``ref.name`` through an asyncio session: ``await ref.name`` reads the attribute (``getattr``),
+    ``await ref.name(...)`` calls it (one ``method`` round trip, whatever the client knows of the
+    object's class). Until then nothing is sent, so a name only probed (``hasattr``) costs nothing."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._owner.attr(self.ref, self.name).__await__()  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<remote attribute {self.name} of {self.ref!r}>"
 
 
 def _find_class(type_name: str) -> type | None:
@@ -153,11 +319,13 @@ def _find_class(type_name: str) -> type | None:
         return _walk(sys.modules[module_name], qualname)
     # builtins and __main__ classes travel as their qualname alone (worker.refs.type_name): a
     # class of the user's script, sent by value, is found in this process's __main__
-    for module in ("builtins", "__main__"):
-        found = _walk(sys.modules.get(module), type_name)
-        if found is not None:
-            return found
-    return None
+    return _walk(sys.modules["builtins"], type_name) or _UNNAMED_BUILTINS.get(type_name) \
+        or _walk(sys.modules.get("__main__"), type_name)
+
+
+# builtin classes the builtins module does not name: generator, coroutine, function, method...
+_UNNAMED_BUILTINS = {cls.__name__: cls for cls in vars(types).values()
+                     if isinstance(cls, type) and cls.__module__ == "builtins"}
 
 
 def _walk(obj: Any, qualname: str) -> type | None:

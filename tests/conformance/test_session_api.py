@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 import dspex
 from dspex.errors import EncodeError
-from tests.conformance.harness import as_data, fresh_dspy_settings
+from tests.conformance.harness import Runner, as_data, fresh_dspy_settings
 
 
 class Ticket(BaseModel):
@@ -332,3 +332,30 @@ def test_cancelling_an_asyncio_call_stops_it_on_the_worker(cstack) -> None:
     waited, calls_after_cancel, calls_later = asyncio.run(main())
     assert waited < 3, f"the next call waited {waited:.1f}s behind the cancelled one"
     assert calls_later == calls_after_cancel
+
+
+class QA(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return self.predict(question=question)
+
+
+def test_a_program_handle_reads_like_the_program(run: Runner) -> None:
+    """DSPy's Module API through a handle, with Python's protocols: the same answers as the object."""
+    lm = run.put(DummyLM([{"answer": "a"}] * 10))
+    run(dspy.configure, lm=lm)
+    prog = run.put(QA())
+    assert str(prog) == str(QA()) and f"{prog}".startswith("predict = Predict(")  # print(program)
+    assert [name for name, _ in prog.named_parameters()] == ["predict"]
+    assert len(prog.predictors()) == 1 and prog.predictors()[0] == prog.predict
+    twin = prog.deepcopy()  # DSPy's copy: an independent program
+    twin.predict.demos = [dspy.Example(question="q", answer="a")]
+    assert (len(prog.predict.demos), len(twin.predict.demos)) == (0, 1)
+    prog.load_state(twin.dump_state())
+    assert len(prog.predict.demos) == 1 and len(prog.reset_copy().predict.demos) == 0
+    assert prog(question="x").answer == "a" and prog.forward(question="x").answer == "a"
+    assert len(lm.history) == 2 and "x" in str(lm.history[-1]["messages"])
+    assert len(prog.predict.signature.output_fields) == 1 and "answer" in prog.predict.signature.output_fields

@@ -1,0 +1,120 @@
+"""Python's protocols on a ref handle (``for``, ``with``): what the client drives and what runs on
+the worker, by this module's name (a ``call`` op: ``dspex.wire.refprotocols.next_items``...).
+
+Iterating a ref takes its items in batches, each batch one call of its own (1, 2, 4... up to
+:data:`MAX_BATCH` items): between batches the session is free, so the loop's body may call the
+same session (``for x in box: prog(x)``), two loops may run at once (``zip(a, b)``, nested loops),
+and leaving the loop early leaves an iterator where the last batch left it. An async iterable is
+streamed instead, by one task for its whole life (anyio cancel scopes must stay in one task).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from dspex.wire.errors import DspexError
+
+MODULE = __name__
+MAX_BATCH = 256
+
+
+# -- on the worker ------------------------------------------------------------------------------
+def iterator_of(obj: Any, reverse: bool) -> Any:
+    """``iter(obj)`` (``reversed(obj)``) for a plain iterable; None for an async iterable, which
+    the client streams (:func:`items_of`)."""
+    if not reverse and hasattr(type(obj), "__aiter__"):
+        return None
+    return reversed(obj) if reverse else iter(obj)
+
+
+def next_items(iterator: Any, n: int) -> tuple[list[Any], bool]:
+    """The next ``n`` items at most, and whether more may follow."""
+    items = list(itertools.islice(iterator, n))
+    return items, len(items) == n
+
+
+def items_of(obj: Any) -> Any:
+    """What a stream of an async iterable's ref is: the object itself."""
+    return obj
+
+
+def _context_methods(obj: Any, asynchronous: bool) -> tuple[Any, Any]:
+    cls = type(obj)
+    kinds = (("__aenter__", "__aexit__"), ("__enter__", "__exit__"))
+    for enter_name, exit_name in kinds if asynchronous else kinds[::-1]:
+        if hasattr(cls, enter_name) and hasattr(cls, exit_name):
+            return getattr(obj, enter_name), getattr(obj, exit_name)
+    raise TypeError(f"{cls.__name__!r} object does not support the context manager protocol")
+
+
+def enter(obj: Any, asynchronous: bool) -> Any:
+    """What ``with ref`` (``async with ref``) runs on the worker: the object's ``__enter__`` (its
+    ``__aenter__``), or the other kind's when it has only that (an awaitable is awaited there):
+    a blocking client enters an async context manager, an asyncio one a plain one."""
+    return _context_methods(obj, asynchronous)[0]()
+
+
+def leave(obj: Any, asynchronous: bool, exc_type: type[BaseException] | None, exc: BaseException | None) -> Any:
+    """The ``__exit__`` (``__aexit__``) that matches :func:`enter`; the traceback stays on the
+    client (frames cannot travel)."""
+    return _context_methods(obj, asynchronous)[1](exc_type, exc, None)
+
+
+def stand_in(exc: BaseException) -> BaseException:
+    """``exc``'s class with its message alone: what an exception that cannot be pickled sends."""
+    stand = BaseException.__new__(type(exc))
+    stand.args = (str(exc),)
+    return stand
+
+
+# -- on the client ------------------------------------------------------------------------------
+def items(owner: Any, ref: Any, reverse: bool = False) -> Iterator[Any]:
+    """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for."""
+    it = owner.call(MODULE, "iterator_of", [ref, reverse])
+    if not isinstance(it, type(ref)):  # an async iterable (None), or an iterator that came back as data
+        yield from owner.stream("builtins", "reversed", [ref]) if reverse else owner.stream(MODULE, "items_of", [ref])
+        return
+    try:
+        size = 1
+        while True:
+            batch, more = owner.call(MODULE, "next_items", [it, size])
+            yield from batch
+            if not more:
+                return
+            size = min(size * 2, MAX_BATCH)
+    finally:
+        if it != ref:  # an iterator made for this loop (a generator is its own)
+            _release(owner, it)
+
+
+async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
+    """An asyncio session's ``async for x in ref``: :func:`items`, awaited."""
+    it = await owner.call(MODULE, "iterator_of", [ref, False])
+    if not isinstance(it, type(ref)):
+        async for item in owner.stream(MODULE, "items_of", [ref]):
+            yield item
+        return
+    try:
+        size = 1
+        while True:
+            batch, more = await owner.call(MODULE, "next_items", [it, size])
+            for item in batch:
+                yield item
+            if not more:
+                return
+            size = min(size * 2, MAX_BATCH)
+    finally:
+        if it != ref:
+            try:
+                await owner.release(it)
+            except DspexError:
+                pass  # the session is gone, and the iterator with it
+
+
+def _release(owner: Any, it: Any) -> None:
+    try:
+        owner.release(it)
+    except DspexError:
+        pass  # the session is gone, and the iterator with it

@@ -1,0 +1,101 @@
+"""The asyncio client as its own Python: an ``async def`` callback (``on_output=``, ``on_progress=``)
+is awaited, in order, before the call goes on (a slow one paces the call, as a plain one does); a
+blocking client given one says so at once instead of dropping its events unawaited."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dspex
+import dspex.aio
+from dspex.progress import report
+from tests.harness import Stack, short_tmpdir
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def dx() -> Iterator[dspex.Client]:
+    root = short_tmpdir("dx")
+    st = Stack(root)
+    try:
+        yield st.pool("p:strict_queue", 1, "--no-dspy")
+    finally:
+        st.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def chatty(n: int) -> int:
+    for i in range(n):
+        print("line", i)
+        report({"step": i})
+    return n
+
+
+def steps(n: int) -> Iterator[int]:
+    for i in range(n):
+        print("item", i)
+        yield i
+
+
+def test_async_callbacks_are_awaited_in_order(dx: dspex.Client) -> None:
+    async def main() -> tuple[list[str], list[Any], list[int], list[str]]:
+        async with dspex.aio.connect(dx.endpoint, timeout=20, forward_output=False) as adx:
+            s = adx.session("p")
+            texts: list[str] = []
+            progress: list[Any] = []
+
+            async def on_output(event: dict[str, Any]) -> None:
+                await asyncio.sleep(0.001)  # a callback that awaits (a websocket send, a queue put)
+                texts.append(event["text"])
+
+            async def on_progress(event: Any) -> None:
+                await asyncio.sleep(0)
+                progress.append(event)
+
+            assert await s.apply(chatty, [3], on_output=on_output, on_progress=on_progress) == 3
+            streamed: list[str] = []
+
+            async def collect(event: dict[str, Any]) -> None:
+                streamed.append(event["text"])
+
+            items = [x async for x in s.stream_apply(steps, [3], on_output=collect)]
+            await s.close()
+            return texts, progress, items, streamed
+
+    texts, progress, items, streamed = asyncio.run(main())
+    assert texts == ["line 0\n", "line 1\n", "line 2\n"]
+    assert progress == [{"step": 0}, {"step": 1}, {"step": 2}]
+    assert items == [0, 1, 2] and streamed == ["item 0\n", "item 1\n", "item 2\n"]
+
+
+def test_a_failing_async_callback_stops_the_call_like_a_plain_one(dx: dspex.Client) -> None:
+    async def main() -> Any:
+        async with dspex.aio.connect(dx.endpoint, timeout=20, forward_output=False) as adx:
+            s = adx.session("p")
+
+            async def on_output(event: dict[str, Any]) -> None:
+                raise RuntimeError("callback bug")
+
+            with pytest.raises(RuntimeError, match="callback bug"):
+                await s.apply(chatty, [3], on_output=on_output)
+            return await s.run(abs, -4)  # the session serves on
+
+    assert asyncio.run(main()) == 4
+
+
+def test_a_blocking_client_given_an_async_callback_says_so(dx: dspex.Client) -> None:
+    async def on_output(event: dict[str, Any]) -> None:
+        pass
+
+    with dx.session("p") as s:
+        with pytest.raises(TypeError, match="dspex.aio"):
+            s.apply(chatty, [2], on_output=on_output)  # refused before anything is sent
+        with pytest.raises(TypeError, match="dspex.aio"):
+            s.apply(chatty, [2], on_output=lambda event: on_output(event))  # known by what it returns
+        assert s.run(abs, -4) == 4
