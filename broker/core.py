@@ -32,7 +32,7 @@ from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import Roster
+from broker.roster import LOST, Roster
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -263,16 +263,18 @@ class Core:
                 except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
                     self.counters["garbage_backend"] += 1
         elif command == W_READY:
-            w = self.roster.register(wid, frames)
-            if w is not None:
-                self.dispatcher.feed(w)
-                if w.pool.parked:
-                    self.durable.worker_ready(w.pool)
-                self.durable.spread(w)
-                if w.pool.recycling is not None:
+            new = self.roster.register(wid, frames)
+            if new is not None:
+                self.dispatcher.feed(new)
+                if new.pool.parked:
+                    self.durable.worker_ready(new.pool)
+                self.durable.spread(new)
+                if new.pool.recycling is not None:
                     # a rolling recycle waits for this replacement: go on now, not at the next tick
                     # (an operator who saw the replacement ready must not find the pool "recycling")
-                    self.recycler.step(w.pool, now)
+                    self.recycler.step(new.pool, now)
+            elif w is not None:
+                self.dispatcher.feed(w)  # back on a new connection: what waited for it goes now
         elif command == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
             # abandoned: a call of it ignored its hard time limit, so what it was running may have run
@@ -293,7 +295,7 @@ class Core:
         self.clock.now = now
         w = self.workers.get(wid)
         if w is not None:
-            self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "crashed (connection lost)")
+            self.roster.lost(w, "was recycled" if w.pool.recycling == w.id else LOST)
 
     def client_gone(self, client: bytes, now: float) -> None:
         """The connection of ``client`` (a client socket's routing id) closed (the shell's socket
@@ -322,7 +324,7 @@ class Core:
             self._send_worker(w.id, frames)
             return True
         except WorkerUnreachable:
-            self.roster.remove(w, "crashed (connection lost)")
+            self.roster.lost(w)
             return False
 
     def _to_peer(self, wid: bytes, frames: list[bytes]) -> None:

@@ -14,7 +14,7 @@ from broker.answers import Answers
 from broker.durable import DurableSessions
 from broker.moves import movable
 from broker.port import Port, WorkerUnreachable
-from broker.roster import Roster
+from broker.roster import LOST, Roster
 from broker.sessions import SessionBook, worker_gone
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from broker.timers import Timers
@@ -109,6 +109,8 @@ class Dispatcher:
             w = new
         if w.can_start(p.session):
             self.dispatch(w, p)
+        elif w.away:  # renewing its connection: the call waits for it
+            self._enqueue(pool, w.queue, p)
         elif pool.mode is Affinity.STRICT_QUEUE:
             # (pool.queued counts every queue: asked last)
             if not w.queue and w.may_prefetch(self.clock.now) and pool.queued < pool.config.queue_max:
@@ -184,8 +186,11 @@ class Dispatcher:
         except WorkerUnreachable:
             del w.inflight[key]  # never delivered: not a crash mid-request
             self.running.pop(key, None)
-            self.roster.remove(w, "crashed (connection lost)")
-            self.hand_back(p, pool, w, "crashed (connection lost)")
+            self.roster.lost(w)
+            if w.away:
+                w.queue.appendleft(p)  # first in line for its worker's return
+            else:
+                self.hand_back(p, pool, w, LOST)
 
     def hand_back(self, p: Pending, pool: Pool, w: WorkerRecord, why: str) -> None:
         """A request ``w`` never started: route it again where the pool allows, else say so

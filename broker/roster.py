@@ -10,6 +10,7 @@ move with their checkpoint (durable) or end as tombstones.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Aff
 if TYPE_CHECKING:
     import zmq
 
-
+LOST = "crashed (connection lost)"  # its connection closed without a goodbye
 
 
 class Roster:
@@ -46,6 +47,9 @@ class Roster:
         self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
         self._to_worker, self._to_peer, self._hand_back, self._pin = to_worker, to_peer, hand_back, pin
         self.durable = durable
+        # until then a lost connection may be a worker renewing its socket: it gave the broker up
+        # while the broker did not run, and its new connection's READY is on its way
+        self.renewals_until = -math.inf
 
     def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
         """A READY: the new worker (None for a re-READY, or one told to leave)."""
@@ -61,8 +65,12 @@ class Roster:
             self.counters["garbage_backend"] += 1
             self.port.log(logging.WARNING, "malformed READY from %s: %s", wid[:8], exc)
             return None
-        if wid in self.workers:  # a re-READY after a reconnect: same incarnation, same sessions
+        known = self.workers.get(wid)
+        if known is not None:  # a re-READY after a reconnect: same incarnation, same sessions
             self.port.worker_connected(wid, frames[1])
+            if known.away:
+                known.away = ""
+                self.port.log(logging.INFO, "worker %s (pid %d) is back on a new connection", known.incarnation[:8], known.pid)
             return None
         if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
             self.port.log(logging.ERROR, "worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
@@ -99,16 +107,31 @@ class Roster:
         return w.adopted < adopted
 
     def excuse(self, seconds: float) -> None:
-        """The broker itself did not run for ``seconds``: every worker's silence deadline moves on."""
+        """The broker itself did not run for ``seconds``: every worker's silence deadline moves on,
+        and for the liveness from now a lost connection is taken for a renewal (:meth:`lost`)."""
         for w in self.workers.values():
             w.expiry += seconds
+        self.renewals_until = self.clock.now + self.silence
+
+    def lost(self, w: WorkerRecord, why: str = LOST) -> None:
+        """``w``'s connection closed without a goodbye (or a send found it gone). Just after the
+        broker itself did not run, that is most likely the worker renewing its socket (it heard
+        nothing for its liveness): it stays, its sessions pinned, taking no calls, until its READY
+        on the new connection, or until the liveness passes without it (then ``why``, a crash)."""
+        if self.clock.now >= self.renewals_until:
+            self.remove(w, why)
+        elif not w.away:
+            w.away = why
+            w.expiry = self.clock.now + self.silence
+            self.port.log(logging.INFO, "worker %s (pid %d) lost its connection while this broker did not run: "
+                          "waiting up to %gs for it on a new one", w.incarnation[:8], w.pid, self.silence)
 
     def heartbeat(self, now: float) -> None:
         """Heartbeat every worker; remove those silent too long."""
         for w in list(self.workers.values()):
             if now > w.expiry:
-                self.remove(w, SILENT)
-            else:
+                self.remove(w, w.away or SILENT)
+            elif not w.away:
                 self._to_worker(w, [B_HEARTBEAT])
 
     def remove(self, w: WorkerRecord, why: str, clean: bool = False) -> None:

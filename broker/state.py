@@ -55,6 +55,7 @@ class WorkerRecord:
 
     __slots__ = (
         "adopted",
+        "away",
         "capacity",
         "draining",
         "draining_since",
@@ -92,6 +93,9 @@ class WorkerRecord:
         self.expiry = expiry
         self.draining = False
         self.draining_since = 0.0
+        # why it is gone if it does not come back by its expiry ("": here): its connection closed
+        # just after the broker itself did not run, so it may be renewing its socket
+        self.away = ""
         # calls it was running for an earlier broker when it registered (READY's "running"): they
         # hold slots until their replies pass (or its heartbeats say they ended)
         self.adopted = max(0, int(info.get("running", 0)))
@@ -103,7 +107,7 @@ class WorkerRecord:
 
     @property
     def free(self) -> int:
-        return 0 if self.draining else self.capacity - len(self.inflight) - self.adopted
+        return 0 if self.draining or self.away else self.capacity - len(self.inflight) - self.adopted
 
     @property
     def ahead(self) -> int:
@@ -128,7 +132,8 @@ class WorkerRecord:
         inflight = self.inflight
         # (asked after each reply until it says no, usually for the depth: that first)
         if (not inflight or len(inflight) > pool.config.prefetch or self.last_call >= PREFETCH_YOUNG
-                or self.capacity != 1 or pool.mode is not Affinity.STRICT_QUEUE or self.draining or self.adopted):
+                or self.capacity != 1 or pool.mode is not Affinity.STRICT_QUEUE or self.draining or self.away
+                or self.adopted):
             return False
         for p in inflight.values():
             if now - p.started >= PREFETCH_YOUNG:

@@ -619,6 +619,54 @@ def test_a_broker_that_did_not_run_does_not_blame_its_workers_for_the_silence() 
     assert silent not in core.workers and core.outcome(C, 1) == "worker_crashed"
 
 
+def _broker_paused(core: StubCore) -> None:
+    """The broker process did not run past the workers' liveness; its first tick notices."""
+    core.t += HEARTBEAT * 10
+    core.core.tick(core.t)
+    core.next_beat = core.t
+
+
+def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessions() -> None:
+    """Each worker renewed its socket while the broker did not run: the old connection's close
+    (a send finding it gone, the monitor's disconnect) is no crash. Calls wait for the same
+    incarnation's READY on its new connection, then run there."""
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    core.reply(w, C, 1)
+    core.unreachable.add(w)  # the first heartbeat after the pause finds its old connection gone
+    _broker_paused(core)
+    core.crash(w)  # and the monitor reports that connection's close
+    core.request(C, 2, "p", "s")
+    assert w in core.workers and core.outcome(C, 2) is None and core.worker_of(2) is None
+    core.unreachable.discard(w)
+    core.ready(w, "p")
+    assert core.worker_of(2) == w
+    core.reply(w, C, 2)
+    core.advance(HEARTBEAT * 10)
+    assert core.outcome(C, 2) == "ok" and w in core.workers
+    assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
+
+
+def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_later() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    other = B if w == A else A
+    _broker_paused(core)
+    core.crash(w)
+    core.silent.add(w)
+    core.request(C, 2, "p", "s")
+    core.advance(HEARTBEAT * 3)
+    assert w in core.workers and core.outcome(C, 1) is None and core.outcome(C, 2) is None
+    core.advance(HEARTBEAT)
+    assert w not in core.workers and core.pools["p"].crashes == 1
+    assert core.outcome(C, 1) == "worker_crashed" and core.outcome(C, 2) == "session_worker_unavailable"
+    assert core.roster.events[-1]["why"] == "crashed (connection lost)"
+    core.crash(other)  # a liveness after the pause, a lost connection is a crash at once
+    assert other not in core.workers and core.pools["p"].crashes == 2
+
+
 # -- deadlines: the core says when it next has something to do --------------------------------
 def test_an_idle_core_ticks_once_per_heartbeat_and_at_nothing_else() -> None:
     core = two_workers("p:strict_queue")

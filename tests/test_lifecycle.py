@@ -256,6 +256,49 @@ def test_hung_draining_worker_is_stopped_at_its_deadline(stack: Stack) -> None:
     assert any(e["event"] == "recycle" and "deadline" in e["why"] and e["pid"] == hung for e in events)
 
 
+def _renewals(stack: Stack) -> int:
+    return stack.procs_reg.log_tail("worker-p.log", 1 << 20).count("broker silent; new socket and READY")
+
+
+def test_a_paused_broker_keeps_its_workers_and_their_sessions(stack: Stack) -> None:
+    """The broker does not run past the workers' liveness (SIGSTOP, a VM pause): each worker
+    renews its socket. When the broker runs again, the old connection's close is not a crash: the
+    same incarnation is back on a new connection with its sessions."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 41")
+    pid = pid_of(s)
+    assert stack.broker is not None
+    renewed = _renewals(stack)
+    paused = time.monotonic()
+    os.kill(stack.broker.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: _renewals(stack) > renewed, timeout=20, what="the worker renewed its socket")
+        took = time.monotonic() - paused
+    finally:
+        os.kill(stack.broker.pid, signal.SIGCONT)
+    assert took >= stack.heartbeat * stack.liveness
+    assert s.eval("x + 1") == 42 and pid_of(s) == pid
+    status = dx.status()
+    assert status["pools"]["p"]["crashes"] == 0, status["events"]
+    assert [e["event"] for e in status["events"]] == ["start"], status["events"]
+    assert [w["pid"] for w in stack.workers("p")] == [pid]
+
+
+def test_a_paused_worker_past_its_liveness_is_dropped(stack: Stack) -> None:
+    """The other way round: a worker that does not run past its liveness is gone for the broker."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 41")
+    pid = pid_of(s)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: pid not in [w["pid"] for w in stack.workers("p")], timeout=20, what="paused worker dropped")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _crashes(dx, "p") == 1
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
