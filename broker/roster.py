@@ -2,7 +2,8 @@
 
 A worker registers with READY (its pool, pid, host, capacity, wire version); a re-READY after a
 reconnect keeps its incarnation and sessions. Heartbeats go out every interval and a worker
-silent for interval x liveness is removed. A removed worker's requests are handed back when it
+silent for interval x liveness is removed. A lost connection is a crash at once, except just after
+the broker itself did not run: then the worker is away, waited for on a new connection. A removed worker's requests are handed back when it
 said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``),
 move with their checkpoint (durable) or end as tombstones.
 """

@@ -285,6 +285,28 @@ def test_a_paused_broker_keeps_its_workers_and_their_sessions(stack: Stack) -> N
     assert [w["pid"] for w in stack.workers("p")] == [pid]
 
 
+def test_a_worker_killed_while_the_broker_is_paused_is_a_crash_a_liveness_after_it_runs(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("x = 41")
+    pid = pid_of(s)
+    assert stack.broker is not None
+    silence = stack.heartbeat * stack.liveness
+    paused = time.monotonic()
+    os.kill(stack.broker.pid, signal.SIGSTOP)
+    try:
+        stack.kill(pid)
+        wait_for(lambda: _gone(pid), what="worker killed")
+        wait_for(lambda: time.monotonic() - paused > 2 * silence, what="a pause past the liveness")
+    finally:
+        os.kill(stack.broker.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    with pytest.raises(dspex.SessionWorkerUnavailable, match="crashed"):
+        s.eval("x")
+    assert time.monotonic() - resumed < 10  # within the liveness, not at the call's 20 s timeout
+    assert _crashes(dx, "p") == 1
+
+
 def test_a_paused_worker_past_its_liveness_is_dropped(stack: Stack) -> None:
     """The other way round: a worker that does not run past its liveness is gone for the broker."""
     dx = stack.pool("p:strict_queue", 2, "--no-dspy")
