@@ -260,28 +260,35 @@ def _renewals(stack: Stack) -> int:
     return stack.procs_reg.log_tail("worker-p.log", 1 << 20).count("broker silent; new socket and READY")
 
 
-def test_a_paused_broker_keeps_its_workers_and_their_sessions(stack: Stack) -> None:
-    """The broker does not run past the workers' liveness (SIGSTOP, a VM pause): each worker
-    renews its socket. When the broker runs again, the old connection's close is not a crash: the
-    same incarnation is back on a new connection with its sessions."""
+@pytest.mark.parametrize(("durable", "renewals"), [(False, 1), (True, 2)], ids=["strict", "durable-renewed-twice"])
+def test_a_paused_broker_keeps_its_workers_and_their_sessions(stack: Stack, durable: bool, renewals: int) -> None:
+    """The broker does not run past the workers' liveness (SIGSTOP, a VM pause) while a call
+    runs: each worker renews its socket (again, with backoff, for a longer pause). When the broker
+    runs again, the old connection's close is not a crash: the same incarnation is back on a new
+    connection with its sessions (a durable one does not move), and the call's reply arrives."""
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
-    s = dx.session("p")
+    s = dx.session("p", durable=durable)
     s.exec("x = 41")
     pid = pid_of(s)
     assert stack.broker is not None
+    running, out = in_background(s.call, "time", "sleep", [0.3])
+    wait_for(lambda: stack.workers("p")[0]["inflight"], what="call running")
     renewed = _renewals(stack)
     paused = time.monotonic()
     os.kill(stack.broker.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: _renewals(stack) > renewed, timeout=20, what="the worker renewed its socket")
+        wait_for(lambda: _renewals(stack) >= renewed + renewals, timeout=20, what="the worker renewed its socket")
         took = time.monotonic() - paused
     finally:
         os.kill(stack.broker.pid, signal.SIGCONT)
     assert took >= stack.heartbeat * stack.liveness
+    running.join(20)
+    assert out == [None]
     assert s.eval("x + 1") == 42 and pid_of(s) == pid
     status = dx.status()
     assert status["pools"]["p"]["crashes"] == 0, status["events"]
     assert [e["event"] for e in status["events"]] == ["start"], status["events"]
+    assert status["checkpoints"]["moves"] == status["checkpoints"]["restores"] == 0
     assert [w["pid"] for w in stack.workers("p")] == [pid]
 
 
