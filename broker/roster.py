@@ -119,6 +119,8 @@ class Roster:
         broker itself did not run, that is most likely the worker renewing its socket (it heard
         nothing for its liveness): it stays, its sessions pinned, taking no calls, until its READY
         on the new connection, or until the liveness passes without it (then ``why``, a crash)."""
+        if self.workers.get(w.id) is not w:
+            return
         if self.clock.now >= self.renewals_until:
             self.remove(w, why)
         elif not w.away:

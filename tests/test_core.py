@@ -648,6 +648,25 @@ def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessio
     assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
 
 
+def test_a_call_whose_send_finds_the_connection_renewed_after_a_broker_pause_waits_for_the_worker() -> None:
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    core.reply(w, C, 1)
+    _broker_paused(core)
+    core.unreachable.add(w)  # gone since that tick's heartbeat: the call's send finds it so
+    core.request(C, 2, "p", "s")
+    core.request(C, 3, "p", "s")
+    assert w in core.workers and core.outcome(C, 2) is None and core.worker_of(2) is None
+    core.unreachable.discard(w)
+    core.ready(w, "p")
+    assert [rid for wid, _, rid in core.dispatched() if rid > 1] == [2, 3]  # in order, on w (3 prefetched)
+    assert core.worker_of(2) == core.worker_of(3) == w
+    core.reply(w, C, 2)
+    core.reply(w, C, 3)
+    assert core.outcome(C, 2) == core.outcome(C, 3) == "ok" and core.pools["p"].crashes == 0
+
+
 def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_later() -> None:
     core = two_workers("p:strict_queue")
     core.request(C, 1, "p", "s")
