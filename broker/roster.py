@@ -44,7 +44,9 @@ class Roster:
                  pin: Callable[[SessionRecord, bytes | None], None], durable: DurableSessions) -> None:
         self.pools, self.workers, self.sessions, self.running, self.gone = pools, workers, sessions, running, gone
         self.clock, self.port, self.answers, self.book, self.counters = clock, port, answers, book, counters
+        self.interval = heartbeat_interval
         self.silence = heartbeat_interval * heartbeat_liveness  # a worker silent this long is dead
+        self.last_round = clock.now  # the last heartbeat round
         self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
         self._to_worker, self._to_peer, self._hand_back, self._pin = to_worker, to_peer, hand_back, pin
         self.durable = durable
@@ -107,30 +109,44 @@ class Roster:
         adopted, w.adopted = w.adopted, min(w.adopted, max(0, running - len(w.inflight)))
         return w.adopted < adopted
 
-    def excuse(self, seconds: float) -> None:
-        """The broker itself did not run for ``seconds``: every worker's silence deadline moves on,
-        and for the liveness from now a lost connection is taken for a renewal (:meth:`lost`)."""
+    def did_not_run(self, now: float) -> float:
+        """How long this process did not run before ``now`` (stopped, swapped out, a VM pause), as
+        its heartbeat rounds tell: the next one more than an interval late (0.0: it ran)."""
+        late = now - self.last_round - self.interval
+        return late if late > self.interval else 0.0
+
+    def _excuse(self, seconds: float) -> None:
+        """The broker itself did not run for ``seconds``: the heartbeats it has not read yet are in
+        its sockets, not missing, so every worker's silence deadline moves on; and for the
+        liveness from now a lost connection is taken for a renewal (:meth:`lost`)."""
         for w in self.workers.values():
-            w.expiry += seconds
+            if not w.away:  # (one lost since it ran again waits the liveness from then)
+                w.expiry += seconds
         self.renewals_until = self.clock.now + self.silence
 
     def lost(self, w: WorkerRecord, why: str = LOST) -> None:
         """``w``'s connection closed without a goodbye (or a send found it gone). Just after the
-        broker itself did not run, that is most likely the worker renewing its socket (it heard
-        nothing for its liveness): it stays, its sessions pinned, taking no calls, until its READY
-        on the new connection, or until the liveness passes without it (then ``why``, a crash)."""
+        broker itself did not run (before its first heartbeat round since, and for the liveness
+        after it), that is most likely the worker renewing its socket (it heard nothing for its
+        liveness): it stays, its sessions pinned, taking no calls, until its READY on the new
+        connection, or until the liveness passes without it (then ``why``, a crash)."""
         if self.workers.get(w.id) is not w:
             return
-        if self.clock.now >= self.renewals_until:
+        now = self.clock.now
+        if now >= self.renewals_until and not self.did_not_run(now):
             self.remove(w, why)
         elif not w.away:
             w.away = why
-            w.expiry = self.clock.now + self.silence
+            w.expiry = now + self.silence
             self.port.log(logging.INFO, "worker %s (pid %d) lost its connection while this broker did not run: "
                           "waiting up to %gs for it on a new one", w.incarnation[:8], w.pid, self.silence)
 
     def heartbeat(self, now: float) -> None:
         """Heartbeat every worker; remove those silent too long."""
+        late = self.did_not_run(now)
+        if late:
+            self._excuse(late)
+        self.last_round = now
         for w in list(self.workers.values()):
             if now > w.expiry:
                 self.remove(w, w.away or SILENT)

@@ -36,9 +36,6 @@ class Timers:
     def tick(self, now: float) -> None:
         """Do what is due by ``now``."""
         if now >= self.beat_due:
-            late = now - self.beat_due
-            if late > self.interval:  # this process did not run (stopped, swapped out, a VM pause): the
-                self.roster.excuse(late)  # heartbeats it has not read yet are in its sockets, not missing
             self.roster.heartbeat(now)
             self.beat_due = now + self.interval
         for pool in self.pools.values():

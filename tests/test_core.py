@@ -653,8 +653,8 @@ def test_a_call_whose_send_finds_the_connection_renewed_after_a_broker_pause_wai
     core.request(C, 1, "p", "s")
     w = core.worker_of(1) or b""
     core.reply(w, C, 1)
-    _broker_paused(core)
-    core.unreachable.add(w)  # gone since that tick's heartbeat: the call's send finds it so
+    core.t += HEARTBEAT * 10  # the broker did not run; the first thing it reads after is a call
+    core.unreachable.add(w)  # whose send finds the old connection gone, before any tick
     core.request(C, 2, "p", "s")
     core.request(C, 3, "p", "s")
     assert w in core.workers and core.outcome(C, 2) is None and core.worker_of(2) is None
@@ -667,13 +667,20 @@ def test_a_call_whose_send_finds_the_connection_renewed_after_a_broker_pause_wai
     assert core.outcome(C, 2) == core.outcome(C, 3) == "ok" and core.pools["p"].crashes == 0
 
 
-def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_later() -> None:
+@pytest.mark.parametrize("ticked", [True, False], ids=["lost-after-its-tick", "lost-before-its-tick"])
+def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_later(ticked: bool) -> None:
     core = two_workers("p:strict_queue")
     core.request(C, 1, "p", "s")
     w = core.worker_of(1) or b""
     other = B if w == A else A
-    _broker_paused(core)
-    core.crash(w)
+    if ticked:
+        _broker_paused(core)
+        core.crash(w)
+    else:
+        core.t += HEARTBEAT * 10
+        core.crash(w)
+        core.core.tick(core.t)
+        core.next_beat = core.t
     core.silent.add(w)
     core.request(C, 2, "p", "s")
     core.advance(HEARTBEAT * 3)
