@@ -26,7 +26,7 @@ from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import SERVICE, SILENT
 from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
-from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, Affinity
+from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, RENEW_BACKOFF_MAX, Affinity
 
 if TYPE_CHECKING:
     import zmq
@@ -53,6 +53,7 @@ class Roster:
         # until then a lost connection may be a worker renewing its socket: it gave the broker up
         # while the broker did not run, and its new connection's READY is on its way
         self.renewals_until = -math.inf
+        self.renewal_wait = 0.0  # how long a worker lost then is waited for
 
     def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
         """A READY: the new worker (None for a re-READY, or one told to leave)."""
@@ -117,29 +118,40 @@ class Roster:
 
     def _excuse(self, seconds: float) -> None:
         """The broker itself did not run for ``seconds``: the heartbeats it has not read yet are in
-        its sockets, not missing, so every worker's silence deadline moves on; and for the
-        liveness from now a lost connection is taken for a renewal (:meth:`lost`)."""
+        its sockets, not missing, so every worker's silence deadline moves on; and for a renewal
+        wait from now a lost connection is taken for a renewal (:meth:`lost`)."""
         for w in self.workers.values():
-            if not w.away:  # (one lost since it ran again waits the liveness from then)
+            if not w.away:  # (one lost since it ran again is waited for from then)
                 w.expiry += seconds
-        self.renewals_until = self.clock.now + self.silence
+        self.renewal_wait = self._renewal_wait(seconds)
+        self.renewals_until = self.clock.now + self.renewal_wait
+
+    def _renewal_wait(self, paused: float) -> float:
+        """How long a worker that lost its connection after a pause of ``paused`` seconds is waited
+        for. Its READY on the new connection usually comes at once; but while the broker still
+        reads the old connection's last messages, the ROUTER ignores a new one under the same
+        identity (no handover), and that READY is lost: the worker's next renewal then comes at
+        most its backoff later, which doubled with each renewal during the pause."""
+        return self.silence + self.interval + min(paused + self.interval, RENEW_BACKOFF_MAX)
 
     def lost(self, w: WorkerRecord, why: str = LOST) -> None:
         """``w``'s connection closed without a goodbye (or a send found it gone). Just after the
-        broker itself did not run (before its first heartbeat round since, and for the liveness
+        broker itself did not run (before its first heartbeat round since, and for a renewal wait
         after it), that is most likely the worker renewing its socket (it heard nothing for its
         liveness): it stays, its sessions pinned, taking no calls, until its READY on the new
-        connection, or until the liveness passes without it (then ``why``, a crash)."""
+        connection, or until :meth:`_renewal_wait` passes without it (then ``why``, a crash)."""
         if self.workers.get(w.id) is not w:
             return
         now = self.clock.now
-        if now >= self.renewals_until and not self.did_not_run(now):
+        paused = self.did_not_run(now)  # (not ticked since it ran again)
+        if now >= self.renewals_until and not paused:
             self.remove(w, why)
         elif not w.away:
             w.away = why
-            w.expiry = now + self.silence
+            wait = self._renewal_wait(paused) if paused else self.renewal_wait
+            w.expiry = now + wait
             self.port.log(logging.INFO, "worker %s (pid %d) lost its connection while this broker did not run: "
-                          "waiting up to %gs for it on a new one", w.incarnation[:8], w.pid, self.silence)
+                          "waiting up to %.1fs for it on a new one", w.incarnation[:8], w.pid, wait)
 
     def heartbeat(self, now: float) -> None:
         """Heartbeat every worker; remove those silent too long."""

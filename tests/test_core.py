@@ -683,13 +683,15 @@ def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_l
         core.next_beat = core.t
     core.silent.add(w)
     core.request(C, 2, "p", "s")
-    core.advance(HEARTBEAT * 3)
+    # waited for up to the liveness, an interval, and its backoff (which grew through the pause)
+    wait = HEARTBEAT * 3 + HEARTBEAT + HEARTBEAT * 10
+    core.advance(wait - HEARTBEAT)
     assert w in core.workers and core.outcome(C, 1) is None and core.outcome(C, 2) is None
-    core.advance(HEARTBEAT)
+    core.advance(HEARTBEAT * 2)
     assert w not in core.workers and core.pools["p"].crashes == 1
     assert core.outcome(C, 1) == "worker_crashed" and core.outcome(C, 2) == "session_worker_unavailable"
     assert core.roster.events[-1]["why"] == "crashed (connection lost)"
-    core.crash(other)  # a liveness after the pause, a lost connection is a crash at once
+    core.crash(other)  # that long after the pause, a lost connection is a crash at once
     assert other not in core.workers and core.pools["p"].crashes == 2
 
 

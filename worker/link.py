@@ -38,6 +38,7 @@ from dspex.wire.protocol import (
     B_HEARTBEAT,
     B_REREGISTER,
     GOODBYE_ABANDONED,
+    RENEW_BACKOFF_MAX,
     W_DISCONNECT,
     W_HEARTBEAT,
     W_READY,
@@ -335,7 +336,7 @@ class Link:
                 log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
             self._renew_socket()
             self._deadline = now + self._backoff
-            self._backoff = min(self._backoff * 2, 30.0)
+            self._backoff = min(self._backoff * 2, RENEW_BACKOFF_MAX)
         return max(0.0, min(self._next_beat, self._deadline) - now)
 
     def _beat(self, now: float) -> None:

@@ -76,6 +76,10 @@ GOODBYE_ABANDONED = b"abandoned"
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
+# A worker that hears nothing from the broker renews its socket after interval x liveness, then
+# at intervals doubling up to this (seconds); the broker waits as long for a worker it lost while
+# it did not run itself.
+RENEW_BACKOFF_MAX = 30.0
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Request headers are ~100 bytes (ids are 32 hex chars); their names are bounded so that what
 # the broker and workers keep per session (its id, its pin) stays small.
