@@ -103,6 +103,9 @@ class CoreLoad:
             def worker_gone(self, wid: bytes) -> None:
                 pass
 
+            def process_exited(self, pid: int, host: str) -> bool:
+                return False
+
             def stop_process(self, pid: int, host: str) -> None:
                 pass
 

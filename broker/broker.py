@@ -129,6 +129,17 @@ class Broker:
     def log(self, level: int, message: str, *args: Any) -> None:
         log.log(level, message, *args)
 
+    def process_exited(self, pid: int, host: str) -> bool:
+        if host != socket.gethostname() or pid <= 0:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # exited, not yet reaped
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        except OSError:
+            return False
+
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
         if host != socket.gethostname() or pid <= 0:

@@ -2,8 +2,8 @@
 
 The core (``broker.core.Core``) decides; everything it needs done outside its own state goes
 through the :class:`Port` it was given: frames to a client or a worker, who sent a client's
-message, a worker's connection to remember or forget, a hung worker process to stop, a
-checkpoint store job, a line for the broker's log.
+message, a worker's connection to remember or forget, whether a worker process exited, a hung
+worker process to stop, a checkpoint store job, a line for the broker's log.
 ``broker.broker.Broker`` implements it over zmq sockets and signals; tests/test_core.py records it.
 """
 
@@ -44,6 +44,10 @@ class Port(Protocol):
     def worker_gone(self, wid: bytes) -> None:
         """Worker ``wid`` left the core's books (goodbye, crash, recycle): forget its
         connection, let its supervisor start the next incarnation."""
+
+    def process_exited(self, pid: int, host: str) -> bool:
+        """True if worker process ``pid`` of ``host`` is known to have exited: only a process of
+        the broker's own host can be known (False for any other)."""
 
     def stop_process(self, pid: int, host: str) -> None:
         """Stop a hung worker process hard (it missed its drain deadline)."""

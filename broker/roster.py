@@ -139,12 +139,13 @@ class Roster:
         broker itself did not run (before its first heartbeat round since, and for a renewal wait
         after it), that is most likely the worker renewing its socket (it heard nothing for its
         liveness): it stays, its sessions pinned, taking no calls, until its READY on the new
-        connection, or until :meth:`_renewal_wait` passes without it (then ``why``, a crash)."""
+        connection, or until :meth:`_renewal_wait` passes without it (then ``why``, a crash). A
+        worker of the broker's host whose process has exited is a crash at once all the same."""
         if self.workers.get(w.id) is not w:
             return
         now = self.clock.now
         paused = self.did_not_run(now)  # (not ticked since it ran again)
-        if now >= self.renewals_until and not paused:
+        if (now >= self.renewals_until and not paused) or self.port.process_exited(w.pid, w.host):
             self.remove(w, why)
         elif not w.away:
             w.away = why

@@ -58,6 +58,7 @@ class RecordingPort:
         self.owners: dict[bytes, str] = {}  # client id -> identity (its CURVE key)
         self.stopped: list[tuple[int, str]] = []  # processes stopped hard: (pid, host)
         self.gone: list[bytes] = []  # workers whose connection the shell may forget
+        self.exited: set[int] = set()  # worker pids the shell knows have exited
         self.jobs: list[Any] = []  # checkpoint store jobs (tests/test_core_durable.py runs them)
         self.logs: list[tuple[int, str]] = []  # the broker log's records: (level, text)
 
@@ -80,6 +81,9 @@ class RecordingPort:
 
     def worker_gone(self, wid: bytes) -> None:
         self.gone.append(wid)
+
+    def process_exited(self, pid: int, host: str) -> bool:
+        return pid in self.exited
 
     def stop_process(self, pid: int, host: str) -> None:
         self.stopped.append((pid, host))
@@ -693,6 +697,18 @@ def test_a_worker_that_died_while_the_broker_did_not_run_is_a_crash_a_liveness_l
     assert core.roster.events[-1]["why"] == "crashed (connection lost)"
     core.crash(other)  # that long after the pause, a lost connection is a crash at once
     assert other not in core.workers and core.pools["p"].crashes == 2
+
+
+def test_a_worker_whose_process_exited_while_the_broker_did_not_run_is_a_crash_at_once() -> None:
+    """No renewal is waited for from a process the shell knows has exited (one of its host)."""
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    _broker_paused(core)
+    core.port.exited.add(core.workers[w].pid)
+    core.crash(w)
+    assert w not in core.workers and core.pools["p"].crashes == 1
+    assert core.outcome(C, 1) == "worker_crashed"
 
 
 # -- deadlines: the core says when it next has something to do --------------------------------

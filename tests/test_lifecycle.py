@@ -292,7 +292,8 @@ def test_a_paused_broker_keeps_its_workers_and_their_sessions(stack: Stack, dura
     assert [w["pid"] for w in stack.workers("p")] == [pid]
 
 
-def test_a_worker_killed_while_the_broker_is_paused_is_a_crash_after_the_renewal_wait(stack: Stack) -> None:
+def test_a_worker_killed_while_the_broker_is_paused_is_a_crash_at_once(stack: Stack) -> None:
+    """A worker of the broker's host whose process exited is no renewal to wait for."""
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     s.exec("x = 41")
@@ -310,7 +311,7 @@ def test_a_worker_killed_while_the_broker_is_paused_is_a_crash_after_the_renewal
     resumed = time.monotonic()
     with pytest.raises(dspex.SessionWorkerUnavailable, match="crashed"):
         s.eval("x")
-    assert time.monotonic() - resumed < 10  # after the renewal wait (about 3 s here), not the call's 20 s timeout
+    assert time.monotonic() - resumed < 1.5  # at once: not after the renewal wait (about 3 s here)
     assert _crashes(dx, "p") == 1
 
 
