@@ -5,7 +5,6 @@ blocking client given one says so at once instead of dropping its events unawait
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,20 +13,14 @@ import pytest
 import dspex
 import dspex.aio
 from dspex.progress import report
-from tests.harness import Stack, short_tmpdir
+from tests.harness import shared_pool
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def dx() -> Iterator[dspex.Client]:
-    root = short_tmpdir("dx")
-    st = Stack(root)
-    try:
-        yield st.pool("p:strict_queue", 1, "--no-dspy")
-    finally:
-        st.close()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from shared_pool("p:strict_queue", 1, "--no-dspy")
 
 
 def chatty(n: int) -> int:

@@ -428,7 +428,9 @@ def test_durable_sessions_of_a_pool_the_restarted_broker_lacks_are_dropped_and_l
                and "no pool 'p'" in text for level, text in again.port.logs), again.port.logs
 
 
-def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_session(path: str) -> None:
+def _spread_the_store_cannot_serve(path: str) -> tuple[DurableCore, str]:
+    """Two durable sessions on A with their checkpoints stored; B registers and one spreads to it;
+    the store then loses that one's checkpoint: (the core, the spread session)."""
     core = DurableCore(path, "p:strict_queue:prefetch=0")
     core.ready(A, "p")
     sids = [c * 32 for c in "ab"]
@@ -439,7 +441,12 @@ def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_
         core.commit()
     core.ready(B, "p")
     (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
-    core.store.drop(moved)  # its checkpoint unreadable (the store lost it)
+    core.store.drop(moved)
+    return core, moved
+
+
+def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_session(path: str) -> None:
+    core, moved = _spread_the_store_cannot_serve(path)
     core.call(3, session=moved)
     core.commit()
     assert core.worker_of(3) == A and not core.head_of(3) & Durable.RESTORE  # where it lives, unharmed
@@ -449,17 +456,7 @@ def test_a_spread_the_store_cannot_serve_goes_back_to_the_worker_that_holds_the_
 def test_a_session_whose_spread_went_back_is_not_spread_again_until_its_store_holds_it(path: str) -> None:
     """Without this, each call that ended spread it again, and each next call waited for a load
     that failed and re-pinned it back: a move without end (two stored pins and a load per call)."""
-    core = DurableCore(path, "p:strict_queue:prefetch=0")
-    core.ready(A, "p")
-    sids = [c * 32 for c in "ab"]
-    for n, sid in enumerate(sids, 1):
-        core.call(n, session=sid)
-        core.commit()
-        core.checkpoint(A, n, 1, {0: b"e%d" % n}, full=True, session=sid)
-        core.commit()
-    core.ready(B, "p")
-    (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
-    core.store.drop(moved)  # its checkpoint unreadable
+    core, moved = _spread_the_store_cannot_serve(path)
     core.call(3, session=moved)
     core.commit()
     assert core.worker_of(3) == A

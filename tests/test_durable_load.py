@@ -3,6 +3,7 @@ queue, and where a pool's durable sessions go when its workers come back."""
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -65,10 +66,7 @@ def test_a_replacement_worker_takes_its_share_of_the_durable_sessions(stack: Sta
     stack.wait_workers("p", 2, client=dx)
 
     def spread() -> bool:
-        held: dict[str, int] = {}
-        for row in dx.sessions("p"):
-            held[row["worker"]] = held.get(row["worker"], 0) + 1
-        return sorted(held.values()) == [3, 3]
+        return sorted(Counter(row["worker"] for row in dx.sessions("p")).values()) == [3, 3]
 
     wait_for(spread, what="the sessions spread over both workers")
     assert [s.eval("counter") for s in sessions] == list(range(6))  # each with its state

@@ -4,6 +4,7 @@ takes its share (broker/spread.py) while calls, kills and broker restarts race t
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -54,10 +55,7 @@ def _spread(stack: Stack, dx: dspex.Client, sessions: list[dspex.Session]) -> tu
     stack.wait_workers("p", 2, client=dx)
 
     def even() -> bool:
-        held: dict[str, int] = {}
-        for row in dx.sessions("p"):
-            held[row["worker"]] = held.get(row["worker"], 0) + 1
-        return sorted(held.values()) == [len(sessions) // 2] * 2
+        return sorted(Counter(row["worker"] for row in dx.sessions("p")).values()) == [len(sessions) // 2] * 2
 
     wait_for(even, what="the sessions spread over both workers")
     return old, new.pid

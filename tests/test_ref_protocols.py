@@ -10,7 +10,6 @@ import asyncio
 import functools
 import gc
 import re
-import shutil
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import pytest
 import dspex
 import dspex.aio
 from dspex.wire.ref import RemoteMethod
-from tests.harness import Stack, short_tmpdir, wait_for
+from tests.harness import shared_pool, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,13 +214,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
 
 @pytest.fixture(scope="module")
 def dx() -> Iterator[dspex.Client]:
-    root = short_tmpdir("dx")
-    st = Stack(root)
-    try:
-        yield st.pool("p:strict_queue", 1, "--no-dspy")
-    finally:
-        st.close()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from shared_pool("p:strict_queue", 1, "--no-dspy")
 
 
 @pytest.fixture

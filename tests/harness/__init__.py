@@ -20,7 +20,7 @@ from tests.harness.procs import (
     short_tmpdir,
     wait_for,
 )
-from tests.harness.stack import Stack
+from tests.harness.stack import Stack, shared_pool
 
 __all__ = ["PY", "REPO", "Procs", "Stack", "WaitTimeout", "Workspace", "base_env", "free_port", "pid_alive",
-           "rss_kb", "short_tmpdir", "wait_for"]
+           "rss_kb", "shared_pool", "short_tmpdir", "wait_for"]

@@ -4,12 +4,14 @@ the fuzzer)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import dspex
-from tests.harness.procs import PY, Procs, Workspace, base_env, connectable, wait_for
+from tests.harness.procs import PY, Procs, Workspace, base_env, connectable, short_tmpdir, wait_for
 
 
 class Stack:
@@ -120,3 +122,15 @@ class Stack:
 
     def logs(self) -> str:
         return self.procs_reg.logs()
+
+
+def shared_pool(spec: str, n: int = 1, *worker_args: str) -> Iterator[dspex.Client]:
+    """A client to a broker with one pool of ``n`` workers in a temp dir of its own, stopped and
+    removed when the generator ends: the body of a module-scoped fixture (``yield from``)."""
+    root = short_tmpdir("dx")
+    st = Stack(root)
+    try:
+        yield st.pool(spec, n, *worker_args)
+    finally:
+        st.close()
+        shutil.rmtree(root, ignore_errors=True)
