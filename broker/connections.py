@@ -58,6 +58,7 @@ class Connections:
         # client's first call), and those whose connection closed, acted on after the grace
         self.fd_client: dict[int, bytes] = {}
         self.client_fd: dict[bytes, int] = {}
+        self.fd_client_inode: dict[int, int | None] = {}  # the socket on that fd when it was mapped
         self.client_disconnects: dict[bytes, float] = {}
         self.handshakes = Notices(NOTICE_EVERY)
 
@@ -120,14 +121,19 @@ class Connections:
             self._client_lost(previous, now)  # its fd is someone else's now: that connection closed
         self.fd_client[fd] = client
         self.client_fd[client] = fd
+        self.fd_client_inode[fd] = _inode(fd)
 
     def client_event(self, event: _MonitorMessage, now: float) -> None:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.handshake_failed(CLIENTS, int(event["value"]), now)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            client = self.fd_client.pop(int(event["value"]), None)
-            if client is not None:
-                self._client_lost(client, now)
+            fd = int(event["value"])
+            inode = self.fd_client_inode.get(fd)
+            if fd not in self.fd_client or (inode is not None and inode == _inode(fd)):
+                return  # nobody's, or an earlier connection's on the same fd number (read late)
+            client = self.fd_client.pop(fd)
+            del self.fd_client_inode[fd]
+            self._client_lost(client, now)
 
     def _client_lost(self, client: bytes, now: float) -> None:
         if self.client_fd.pop(client, None) is not None:

@@ -60,3 +60,24 @@ def test_the_disconnect_of_the_workers_connection_whose_fd_another_took_is_its()
     finally:
         for s in (conn, peer, other, other_peer):
             s.close()
+
+
+def test_a_late_disconnect_of_an_earlier_clients_connection_on_the_same_fd_is_not_the_new_clients() -> None:
+    """Client A left and client B's connection got A's fd number; B's first call is read before
+    A's disconnect: A is gone (its fd is B's now), and A's disconnect does not cancel B's calls."""
+    c = Connections()
+    conn, peer = socket.socketpair()
+    try:
+        c.client_connected(b"A", conn.fileno(), 1.0)
+        c.client_connected(b"B", conn.fileno(), 2.0)
+        assert c.client_disconnects == {b"A": 2.0}
+        c.client_event(_disconnected(conn.fileno()), 3.0)
+        assert c.client_disconnects == {b"A": 2.0} and c.client_fd == {b"B": conn.fileno()}
+        fd = conn.fileno()
+        conn.close()
+        c.client_event(_disconnected(fd), 4.0)  # now B's own connection closed
+        assert c.client_disconnects == {b"A": 2.0, b"B": 4.0}
+    finally:
+        peer.close()
+        if conn.fileno() >= 0:
+            conn.close()
