@@ -87,7 +87,8 @@ class Record:
 
 
 _NO_DSPY: list[bool] = []  # set once dspy turned out not to be installed
-_DSPY: list[Any] = []  # dspy and its Completions class, once imported in full
+_DSPY: list[Any] = []  # dspy once imported in full
+_COMPLETIONS: list[Any] = []  # dspy's Completions class, once needed
 
 
 def _dspy() -> Any:
@@ -104,9 +105,8 @@ def _dspy() -> Any:
         _NO_DSPY.append(True)
         return None
     dspy = importlib.import_module("dspy")
-    completions = importlib.import_module("dspy.primitives.prediction").Completions
     if not _DSPY:
-        _DSPY.extend((dspy, completions))
+        _DSPY.append(dspy)
     return dspy
 
 
@@ -253,7 +253,11 @@ def _set_prediction_extra(pred: Any, extra: dict[str, Any]) -> None:
         spec = extra.get("signature")
         ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
         signature = _signature(spec[0], spec[1]) if ok and isinstance(spec, list) else None
-        pred._completions = _DSPY[1](completions, signature=signature)  # _dspy() made the prediction
+        if not _COMPLETIONS:
+            from dspy.primitives.prediction import Completions
+
+            _COMPLETIONS.append(Completions)
+        pred._completions = _COMPLETIONS[0](completions, signature=signature)
 
 
 def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], extra: dict[str, Any],
