@@ -27,6 +27,7 @@ from dspy.utils import DummyLM
 
 import dspex
 from dspex.client.exchange import encode_request
+from dspex.client.sessionpickle import Message
 from dspex.wire.protocol import Op
 from tests.conformance.harness import fresh_dspy_settings
 from tests.harness import Stack
@@ -161,6 +162,35 @@ def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
     assert [s.run(mod.size) for _ in range(3)] == [20_000_000] * 3
     mod.BIG = b"y" * 10  # rebound on the client: the session gets the new object
     assert s.run(mod.size) == 10
+    s.close()
+
+
+def test_a_held_function_is_sent_by_its_key_as_the_pickler_writes_it(dx: dspex.Client, usercode: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call of a function the session holds, its globals unchanged, is encoded without building
+    a pickler: the same bytes the pickler writes. A rebound global goes with the call again."""
+    mod = usercode('''
+        LIMIT = 3
+
+
+        def limit():
+            return LIMIT
+    ''', name="usr_held")
+    s = dx.session("p")
+    assert s.run(mod.limit) == 3
+    body = [mod.limit, [], {}]
+    held, _ = encode_request(Op.APPLY.value, body, 2**30, s.sender)
+    monkeypatch.setattr(Message, "_held_function", lambda self, func: None)
+    pickled, _ = encode_request(Op.APPLY.value, body, 2**30, s.sender)
+    assert held == pickled
+    monkeypatch.undo()
+    mod.LIMIT = 10
+    rebound, _ = encode_request(Op.APPLY.value, body, 2**30, s.sender)
+    assert b"LIMIT" in rebound[0]  # the new binding, not the key alone
+    s.sender.missed(False)  # that encoding was not sent: the session starts again from an empty worker
+    assert [s.run(mod.limit) for _ in range(2)] == [10, 10]
+    mod.LIMIT = 4
+    assert s.run(mod.limit) == 4
     s.close()
 
 

@@ -67,11 +67,8 @@ class Bindings:
         walked, the closure cells it followed): while each still holds what the session has bound
         there, the next request of ``root`` checks only those."""
         keep = self.trusted
-        if keep and id(root) not in self.walked:
-            memo = self.cache.walks.get(id(root))
-            if memo is not None and memo.root is root and self._unchanged(memo):
-                self.walked.update(memo.reached)
-                return []
+        if self.unchanged(root):
+            return []
         out: list[Binding] = []
         memo = Walk(root)
         reads, reached = memo.reads, memo.reached
@@ -127,6 +124,18 @@ class Bindings:
         if keep and complete:
             self.walks[id(root)] = memo
         return out
+
+    def unchanged(self, root: Any) -> bool:
+        """The walk of ``root`` this request would make binds nothing: the session's last walk of
+        it is remembered and every global it read still holds what the session has bound there
+        (what it reached counts as walked by this request)."""
+        if not self.trusted or id(root) in self.walked:
+            return False
+        memo = self.cache.walks.get(id(root))
+        if memo is None or memo.root is not root or not self._unchanged(memo):
+            return False
+        self.walked.update(memo.reached)
+        return True
 
     def _unchanged(self, memo: Walk) -> bool:
         """Every global a remembered walk read still holds what the session has bound there, and

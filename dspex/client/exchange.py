@@ -223,7 +223,7 @@ class Exchange:
         # the next reply; None: the client kind cannot await them
         self.awaiting: list[Awaitable[Any]] | None = [] if awaits else None
         for callback in (on_progress, on_output) if not awaits else ():
-            if inspect.iscoroutinefunction(callback):
+            if callback is not None and inspect.iscoroutinefunction(callback):
                 _refuse(callback)  # before anything is sent
         # The worker stops a call at its deadline and replies Timeout(stopped=True); one that
         # ignores the interruption for its grace costs its worker, which still replies (hard=True).

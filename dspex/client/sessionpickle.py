@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import functools
 import io
+import pickle
 import sys
 import types
 from typing import Any
@@ -54,6 +55,18 @@ class _CodeRef:
 
     def __init__(self, code: types.CodeType) -> None:
         self.code = code
+
+
+class _Held:
+    """An object the worker holds, by key (the reduction ``SessionPickler._held`` gives it)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return codestore._load_held, (self.key,)
 
 
 class Message:
@@ -98,6 +111,10 @@ class Message:
     # -- pickling -----------------------------------------------------------------------------
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
         """(pickle, {filename: source}) of ``obj``; EncodeError naming an unpicklable global."""
+        if type(obj) is types.FunctionType:
+            held = self._held_function(obj)
+            if held is not None:
+                return held, {}
         for _ in range(_MAX_RETRIES):
             saved = self._snapshot()
             buf = io.BytesIO()
@@ -121,6 +138,22 @@ class Message:
                     raise senderrors.global_error(nsid, name, value, exc) from None
                 codeindex.remember_reference(value, *found)
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
+
+    def _held_function(self, func: types.FunctionType) -> bytes | None:
+        """The pickle :class:`SessionPickler` writes for a by-value function the worker holds and
+        whose globals are as the session has them (``s.run(fn)`` after its first call): the
+        function's key, made without a pickler. None when anything must be sent with it."""
+        if not self.trusted:
+            return None
+        hit = self.cache.keys.get(id(func))
+        if hit is None or hit[0] is not func or hit[1] not in self.cache.sent:
+            return None
+        if func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func):
+            return None
+        if not self.globals.unchanged(func):
+            return None
+        self.used.add(hit[1])
+        return pickle.dumps(_Held(hit[1]), pickle.HIGHEST_PROTOCOL)
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),

@@ -87,19 +87,27 @@ class Record:
 
 
 _NO_DSPY: list[bool] = []  # set once dspy turned out not to be installed
+_DSPY: list[Any] = []  # dspy once imported in full
+_COMPLETIONS: list[Any] = []  # dspy's Completions class, once needed
 
 
 def _dspy() -> Any:
     """dspy when this process has it (imported on first need; None when it is not installed).
 
     import_module, not sys.modules: while another thread is still importing dspy, sys.modules
-    holds a half-initialized module; import_module waits for that import to finish."""
+    holds a half-initialized module; import_module waits for that import to finish. Once it
+    returned, the module is complete and kept (every returned record asks)."""
+    if _DSPY:
+        return _DSPY[0]
     if _NO_DSPY:
         return None
     if "dspy" not in sys.modules and importlib.util.find_spec("dspy") is None:
         _NO_DSPY.append(True)
         return None
-    return importlib.import_module("dspy")
+    dspy = importlib.import_module("dspy")
+    if not _DSPY:
+        _DSPY.append(dspy)
+    return dspy
 
 
 # what the record's fields and extra carry; the rest of a subclass instance's __dict__ travels as attrs
@@ -245,9 +253,11 @@ def _set_prediction_extra(pred: Any, extra: dict[str, Any]) -> None:
         spec = extra.get("signature")
         ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
         signature = _signature(spec[0], spec[1]) if ok and isinstance(spec, list) else None
-        from dspy.primitives.prediction import Completions
+        if not _COMPLETIONS:
+            from dspy.primitives.prediction import Completions
 
-        pred._completions = Completions(completions, signature=signature)
+            _COMPLETIONS.append(Completions)
+        pred._completions = _COMPLETIONS[0](completions, signature=signature)
 
 
 def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], extra: dict[str, Any],
