@@ -453,7 +453,11 @@ def test_cyclic_containers_go_by_value_under_the_client_policy() -> None:
     cyclic: list[Any] = [1]
     cyclic.append(cyclic)
     out: Any = decode(encode([cyclic], policy=Policy.ALL))
-    assert out[0][0] == 1 and out[0][1][1] is out[0][1]
+    assert out[0][0] == 1 and out[0][1] is out[0]  # the list itself, not a copy holding the cycle
+    table: dict[str, Any] = {"n": 2}
+    table["rows"] = [table, (table,)]
+    back: Any = decode(encode({"t": table}, policy=Policy.DATA, to_ref=Refs()))
+    assert back["t"]["rows"][0] is back["t"] and back["t"]["rows"][1][0] is back["t"]
 
 
 def test_malformed_pickle_ext_is_a_protocol_error() -> None:
