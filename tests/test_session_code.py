@@ -143,6 +143,48 @@ def test_module_state_lives_across_calls(dx: dspex.Client, usercode: Any) -> Non
     s.close()
 
 
+DEFAULTS = '''
+STATE = []
+REGISTRY = {}
+
+
+def seen():
+    return list(STATE), dict(REGISTRY)
+
+
+def add(x, acc=STATE):
+    acc.append(x)
+    return acc is STATE
+
+
+def add_kw(x, *, acc=STATE):
+    acc.append(x)
+    return acc is STATE
+
+
+class Plugins:
+    registry = REGISTRY
+
+    def register(self, name):
+        self.registry[name] = len(self.registry)
+        return self.registry is REGISTRY
+'''
+
+
+def test_defaults_and_class_attributes_bound_to_module_globals_are_those_globals(dx: dspex.Client,
+                                                                              usercode: Any) -> None:
+    """``def add(x, acc=STATE)`` and ``class Plugins: registry = REGISTRY`` hold the module's own
+    objects in-process, whichever call sent the global first."""
+    mod = usercode(DEFAULTS)
+    s = dx.session("p")
+    assert s.run(mod.seen) == ([], {})  # the session has STATE and REGISTRY before the others come
+    assert s.run(mod.add, 1) is True
+    assert s.run(mod.add_kw, 2) is True
+    assert s.run(mod.Plugins().register, "a") is True
+    assert s.run(mod.seen) == ([1, 2], {"a": 0})
+    assert (mod.STATE, mod.REGISTRY) == ([], {})  # the client's module is not changed by calls
+
+
 def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         BIG = b"x" * 20_000_000

@@ -44,6 +44,9 @@ from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+# values whose identity means nothing (a default of None or 0 is no module's global) or that are
+# one object per session already (functions: by key)
+_NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 
@@ -238,6 +241,13 @@ class SessionPickler(byvalue.SourcePickler):
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
+        module = func.__globals__.get("__name__")
+        if isinstance(module, str):
+            defaults, kwdefaults = slotstate["__defaults__"], slotstate["__kwdefaults__"]
+            if defaults:
+                slotstate["__defaults__"] = tuple(_module_globals(module, dict(enumerate(defaults))).values())
+            if kwdefaults:
+                slotstate["__kwdefaults__"] = _module_globals(module, kwdefaults)
         if func.__closure__:
             slotstate["__closure__"] = msg.closure(func.__closure__)
         args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
@@ -266,7 +276,10 @@ class SessionPickler(byvalue.SourcePickler):
             args = list(_cp._class_getnewargs(cls))
             tracker, args[4] = args[4], None
             state = _cp._class_getstate(cls)
-        state = (byvalue.class_state(cls, state[0]), state[1])
+        clsdict = byvalue.class_state(cls, state[0])
+        if not issubclass(cls, enum.Enum):  # members named again as module globals are the class's own
+            clsdict = _module_globals(cls.__module__, clsdict)
+        state = (clsdict, state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
                 None, codestore._load_class_state)
 
@@ -305,6 +318,31 @@ class SessionPickler(byvalue.SourcePickler):
             return codestore._load_code, (key,)
         self.msg.defined.add(key)
         return codestore._load_code, (key, code)
+
+
+def _module_globals(module: str, values: dict[Any, Any]) -> dict[Any, Any]:
+    """``values`` (a function's defaults, a class's attributes) with each object that is bound as
+    a global of the user module ``module`` as the session's global of that name: in-process
+    ``def add(x, acc=STATE)`` and ``class Plugins: registry = REGISTRY`` hold the module's own
+    object, which a copy sent with the function or class would not be once the session has it."""
+    names: dict[int, str] | None = None
+    out = values
+    for k, value in values.items():
+        t = type(value)
+        if t in _NOT_GLOBALS or isinstance(value, type):
+            continue
+        if names is None:
+            mod = sys.modules.get(module)
+            if mod is None or not codeindex.user_module(mod):
+                return values
+            names = {id(v): n for n, v in list(vars(mod).items())
+                     if not n.startswith("__") and type(v) not in _NOT_GLOBALS}
+        name = names.get(id(value))
+        if name is not None:
+            if out is values:
+                out = dict(values)
+            out[k] = ModuleGlobal(module, name, value)
+    return out
 
 
 def _transient_dumps(obj: Any) -> object:
