@@ -185,6 +185,49 @@ def test_defaults_and_class_attributes_bound_to_module_globals_are_those_globals
     assert (mod.STATE, mod.REGISTRY) == ([], {})  # the client's module is not changed by calls
 
 
+ALIASES = '''
+STORE = []
+
+
+class Holder:
+    def __init__(self, store):
+        self.store = store
+
+
+HOLDER = Holder(STORE)
+LOOKUP = {"store": STORE}
+
+
+def size():
+    return len(STORE)
+
+
+def through_holder(x):
+    HOLDER.store.append(x)
+    return HOLDER.store is STORE
+
+
+def through_lookup(x):
+    LOOKUP["store"].append(x)
+    return LOOKUP["store"] is STORE
+
+
+def seen():
+    return list(STORE)
+'''
+
+
+def test_a_global_reached_through_another_global_is_the_sessions(dx: dspex.Client, usercode: Any) -> None:
+    """Globals that hold each other (``HOLDER = Holder(STORE)``, ``LOOKUP = {"store": STORE}``)
+    are one object each in the session, as in-process, whichever call sent which first."""
+    mod = usercode(ALIASES)
+    s = dx.session("p")
+    assert s.run(mod.size) == 0  # the session binds STORE first
+    assert s.run(mod.through_holder, 1) is True
+    assert s.run(mod.through_lookup, 2) is True
+    assert s.run(mod.seen) == [1, 2]
+
+
 def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         BIG = b"x" * 20_000_000

@@ -47,6 +47,7 @@ _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 # values whose identity means nothing (a default of None or 0 is no module's global) or that are
 # one object per session already (functions: by key)
 _NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
+_NOT_HELD = _NOT_GLOBALS | {types.ModuleType, tuple}
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 
@@ -57,6 +58,13 @@ class _CodeRef:
 
     def __init__(self, code: types.CodeType) -> None:
         self.code = code
+
+
+class _EndOfValue:
+    """Pickled after a global's value (``SessionPickler._value``): the pickle left it."""
+
+
+_END_OF_VALUE = _EndOfValue()
 
 
 class Message:
@@ -195,6 +203,7 @@ class SessionPickler(byvalue.SourcePickler):
     def __init__(self, file: io.BytesIO, msg: Message) -> None:
         super().__init__(file, {})
         self.msg = msg
+        self._defining = 0  # the values being defined that this pickle is inside of
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -204,6 +213,9 @@ class SessionPickler(byvalue.SourcePickler):
             return self._value(obj)
         if t is _CodeRef:
             return self._code(obj.code)
+        if t is _EndOfValue:
+            self._defining -= 1
+            return bool, ()
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
         if t is PartialOfGlobals:
@@ -221,6 +233,28 @@ class SessionPickler(byvalue.SourcePickler):
                 return self._class(obj)
             return super().reducer_override(obj)
         return super().reducer_override(obj)
+
+    def _held_id(self, obj: Any) -> str | None:
+        """The pickler's ``persistent_id`` once a global's value is being defined: inside such a
+        value (not elsewhere: ``_defining``), the key of the session's own object where ``obj``
+        is a value the session holds by identity from an earlier request (another module global:
+        ``HOLDER = Holder(STORE)`` sent after ``STORE``), as in-process it is that one object;
+        ``codestore.SessionUnpickler`` loads it as the held object. Functions, classes and modules
+        are the reducers' (a held function still sends its changed bindings); lists and dicts
+        never reach ``reducer_override``, hence this hook, installed only in pickles that define
+        a value, as it costs a call per object pickled."""
+        t = type(obj)
+        if not self._defining or t in _NOT_HELD:
+            return None
+        msg = self.msg
+        hit = msg.cache.keys.get(id(obj)) if msg.trusted else None
+        if hit is None or hit[0] is not obj or isinstance(obj, type):
+            return None
+        key = hit[1]
+        if key in msg.defined or key not in msg.cache.sent:  # being defined by this request: a copy it is
+            return None
+        msg.used.add(key)
+        return key
 
     def _held(self, key: str, bindings: list[Binding]) -> Any:
         return codestore._load_held, ((key, bindings) if bindings else (key,))
@@ -296,7 +330,12 @@ class SessionPickler(byvalue.SourcePickler):
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
-        return codestore._load_value, (value.key, value.obj)
+        if type(value.obj) in _NOT_HELD:
+            return codestore._load_value, (value.key, value.obj)
+        if self._defining == 0 and self.msg.trusted:
+            self.persistent_id = self._held_id
+        self._defining += 1  # until the _EndOfValue after it
+        return codestore._load_value, (value.key, value.obj, _END_OF_VALUE)
 
     def _global(self, nsid: str, name: str, obj: Any) -> Any:
         """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
