@@ -207,6 +207,11 @@ def through_holder(x):
     return HOLDER.store is STORE
 
 
+def only_the_holder(x):
+    HOLDER.store.append(x)
+    return len(HOLDER.store)
+
+
 def through_lookup(x):
     LOOKUP["store"].append(x)
     return LOOKUP["store"] is STORE
@@ -226,6 +231,11 @@ def test_a_global_reached_through_another_global_is_the_sessions(dx: dspex.Clien
     assert s.run(mod.through_holder, 1) is True
     assert s.run(mod.through_lookup, 2) is True
     assert s.run(mod.seen) == [1, 2]
+    other = dx.session("p")
+    assert other.run(mod.only_the_holder, 1) == 1  # the holder first: STORE comes inside it
+    assert other.run(mod.size) == 1
+    assert other.run(mod.through_lookup, 2) is True
+    assert other.run(mod.seen) == [1, 2]
 
 
 def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:

@@ -204,6 +204,7 @@ class SessionPickler(byvalue.SourcePickler):
         super().__init__(file, {})
         self.msg = msg
         self._defining = 0  # the values being defined that this pickle is inside of
+        self._globals: dict[int, tuple[str, str, Any]] | None = None
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -234,27 +235,58 @@ class SessionPickler(byvalue.SourcePickler):
             return super().reducer_override(obj)
         return super().reducer_override(obj)
 
-    def _held_id(self, obj: Any) -> str | None:
-        """The pickler's ``persistent_id`` once a global's value is being defined: inside such a
-        value (not elsewhere: ``_defining``), the key of the session's own object where ``obj``
-        is a value the session holds by identity from an earlier request (another module global:
-        ``HOLDER = Holder(STORE)`` sent after ``STORE``), as in-process it is that one object;
-        ``codestore.SessionUnpickler`` loads it as the held object. Functions, classes and modules
-        are the reducers' (a held function still sends its changed bindings); lists and dicts
-        never reach ``reducer_override``, hence this hook, installed only in pickles that define
-        a value, as it costs a call per object pickled."""
+    def _held_id(self, obj: Any) -> Any:
+        """The pickler's ``persistent_id`` once a global's value is being defined. Inside such a
+        value (not elsewhere: ``_defining``), an object that is another global of the user's
+        modules (``HOLDER = Holder(STORE)``) is the session's global, as in-process it is that
+        one object: the key of the object the session holds from an earlier request, or, for a
+        global the session lacks, ``("g", namespace, name, bindings)`` that binds it first (a
+        pickle of its own, as :meth:`_global`); ``codestore.SessionUnpickler`` loads either.
+        A global bound by this request already is left to the pickle's memo. Functions, classes
+        and modules are the reducers' (a held function still sends its changed bindings); lists
+        and dicts never reach ``reducer_override``, hence this hook, installed only in pickles
+        that define a value, as it costs a call per object pickled."""
         t = type(obj)
-        if not self._defining or t in _NOT_HELD:
+        if not self._defining or t in _NOT_HELD or isinstance(obj, type):
             return None
         msg = self.msg
-        hit = msg.cache.keys.get(id(obj)) if msg.trusted else None
-        if hit is None or hit[0] is not obj or isinstance(obj, type):
+        if not msg.trusted:
             return None
-        key = hit[1]
-        if key in msg.defined or key not in msg.cache.sent:  # being defined by this request: a copy it is
+        hit = msg.cache.keys.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            key = hit[1]
+            if key in msg.defined or key not in msg.cache.sent:  # being defined by this request
+                return None
+            msg.used.add(key)
+            return key
+        found = self._module_globals().get(id(obj))
+        if found is None or found[2] is not obj:
             return None
-        msg.used.add(key)
-        return key
+        nsid, name = "m:" + found[0], found[1]
+        if (nsid, name) in msg.globals.bindings:
+            return None
+        bindings: list[Binding] = []
+        msg.globals.bind(bindings, [], nsid, name, obj)
+        if not bindings:
+            return None
+        data, sources = msg.dumps(bindings)
+        self.sources.update(sources)
+        return ("g", nsid, name, data)
+
+    def _module_globals(self) -> dict[int, tuple[str, str, Any]]:
+        """id -> (module, name, value) of the globals of the user modules this session uses."""
+        if self._globals is None:
+            msg = self.msg
+            modules = {nsid[2:] for nsid, _ in msg.globals.bindings if nsid.startswith("m:")}
+            self._globals = {}
+            for module_name in (*msg.cache.modules, *modules):
+                module = sys.modules.get(module_name)
+                if module is None or not codeindex.user_module(module):
+                    continue
+                for name, value in list(vars(module).items()):
+                    if not name.startswith("__") and type(value) not in _NOT_HELD and not isinstance(value, type):
+                        self._globals.setdefault(id(value), (module_name, name, value))
+        return self._globals
 
     def _held(self, key: str, bindings: list[Binding]) -> Any:
         return codestore._load_held, ((key, bindings) if bindings else (key,))

@@ -203,13 +203,15 @@ def _active() -> _Load:
 
 
 class SessionUnpickler(pickle.Unpickler):
-    """Loads a session pickle: a persistent id is the key of an object the session holds
-    (``dspex.client.sessionpickle.SessionPickler.persistent_id``)."""
+    """Loads a session pickle: a persistent id is the key of an object the session holds, or a
+    global of one of its modules (``dspex.client.sessionpickle.SessionPickler._held_id``)."""
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is not str:
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.60}")
-        return _active().held(pid)
+        if type(pid) is str:
+            return _active().held(pid)
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "g":
+            return _load_global(*pid[1:])
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.60}")
 
 
 def _unpickle(data: bytes) -> Any:
