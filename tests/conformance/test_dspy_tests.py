@@ -6,10 +6,19 @@ From tests/predict/test_multi_chain_comparison.py: a list of client-made Predict
 argument of a module, and a ``KeyError`` DSPy raises for a completion without the answer. (Its
 ``test_multi_chain_comparison_without_rationale`` is left out: it fails in-process on DSPy 3.4.1,
 written for a later DSPy.)
+
+From tests/predict/test_predict.py, the tests that hold on DSPy 3.4.1 in-process (not
+``test_reset_method``: 3.4.1's ``reset()`` keeps the adapter) and need no mock: state
+dumped and loaded (demos through orjson, Pydantic-typed demos, instructions, a signature's fields
+through a file), ``reset()``, a call; each test function runs whole, its asserts on either side
+(renamed ``dspy_test_*`` so that pytest does not collect it here as well).
 """
 
 import dspy
+import orjson
+import pydantic
 import pytest
+from dspy import Predict, Signature
 from dspy.utils.dummies import DummyLM
 
 from tests.conformance.harness import Runner
@@ -74,3 +83,155 @@ def test_multi_chain_comparison_basic_example(run: Runner) -> None:
 def test_multi_chain_comparison_requires_answer(run: Runner) -> None:
     with pytest.raises(KeyError):
         run(multi_chain_comparison_requires_answer)
+
+
+# -- tests/predict/test_predict.py, unchanged but for the names -----------------------------------
+
+
+def dspy_test_initialization_with_string_signature():
+    signature_string = "input1, input2 -> output"
+    predict = Predict(signature_string)
+    expected_instruction = "Given the fields `input1`, `input2`, produce the fields `output`."
+    assert predict.signature.instructions == expected_instruction
+    assert predict.signature.instructions == Signature(signature_string).instructions
+
+
+def dspy_test_call_method():
+    predict_instance = Predict("input -> output")
+    lm = DummyLM([{"output": "test output"}])
+    dspy.configure(lm=lm)
+    result = predict_instance(input="test input")
+    assert result.output == "test output"
+
+
+def dspy_test_instructions_after_dump_and_load_state():
+    predict_instance = Predict(Signature("input -> output", "original instructions"))
+    dumped_state = predict_instance.dump_state()
+    new_instance = Predict(Signature("input -> output", "new instructions"))
+    new_instance.load_state(dumped_state)
+    assert new_instance.signature.instructions == "original instructions"
+
+
+def dspy_test_demos_after_dump_and_load_state():
+    class TranslateToEnglish(dspy.Signature):
+        """Translate content from a language to English."""
+
+        content: str = dspy.InputField()
+        language: str = dspy.InputField()
+        translation: str = dspy.OutputField()
+
+    original_instance = Predict(TranslateToEnglish)
+    original_instance.demos = [
+        dspy.Example(
+            content="¿Qué tal?",
+            language="SPANISH",
+            translation="Hello there",
+        ).with_inputs("content", "language"),
+    ]
+
+    dumped_state = original_instance.dump_state()
+    assert len(dumped_state["demos"]) == len(original_instance.demos)
+    assert dumped_state["demos"][0]["content"] == original_instance.demos[0].content
+
+    saved_state = orjson.dumps(dumped_state).decode()
+    loaded_state = orjson.loads(saved_state)
+
+    new_instance = Predict(TranslateToEnglish)
+    new_instance.load_state(loaded_state)
+    assert len(new_instance.demos) == len(original_instance.demos)
+    # Demos don't need to keep the same types after saving and loading the state.
+    assert new_instance.demos[0]["content"] == original_instance.demos[0].content
+
+
+def dspy_test_typed_demos_after_dump_and_load_state():
+    class Item(pydantic.BaseModel):
+        name: str
+        quantity: int
+
+    class InventorySignature(dspy.Signature):
+        """Handle inventory items and their translations."""
+
+        items: list[Item] = dspy.InputField()
+        language: str = dspy.InputField()
+        translated_items: list[Item] = dspy.OutputField()
+        total_quantity: int = dspy.OutputField()
+
+    original_instance = Predict(InventorySignature)
+    original_instance.demos = [
+        dspy.Example(
+            items=[Item(name="apple", quantity=5), Item(name="banana", quantity=3)],
+            language="SPANISH",
+            translated_items=[Item(name="manzana", quantity=5), Item(name="plátano", quantity=3)],
+            total_quantity=8,
+        ).with_inputs("items", "language"),
+    ]
+
+    # Test dump_state
+    dumped_state = original_instance.dump_state()
+    assert len(dumped_state["demos"]) == len(original_instance.demos)
+    # Verify the input items were properly serialized
+    assert isinstance(dumped_state["demos"][0]["items"], list)
+    assert len(dumped_state["demos"][0]["items"]) == 2
+    assert dumped_state["demos"][0]["items"][0] == {"name": "apple", "quantity": 5}
+
+    # Test serialization/deserialization
+    saved_state = orjson.dumps(dumped_state).decode()
+    loaded_state = orjson.loads(saved_state)
+
+    # Test load_state
+    new_instance = Predict(InventorySignature)
+    new_instance.load_state(loaded_state)
+    assert len(new_instance.demos) == len(original_instance.demos)
+
+    # Verify the structure is maintained after loading
+    loaded_demo = new_instance.demos[0]
+    assert isinstance(loaded_demo["items"], list)
+    assert len(loaded_demo["items"]) == 2
+    assert loaded_demo["items"][0]["name"] == "apple"
+    assert loaded_demo["items"][0]["quantity"] == 5
+    assert loaded_demo["items"][1]["name"] == "banana"
+    assert loaded_demo["items"][1]["quantity"] == 3
+
+    # Verify output items were also properly maintained
+    assert isinstance(loaded_demo["translated_items"], list)
+    assert len(loaded_demo["translated_items"]) == 2
+    assert loaded_demo["translated_items"][0]["name"] == "manzana"
+    assert loaded_demo["translated_items"][1]["name"] == "plátano"
+
+
+def dspy_test_signature_fields_after_dump_and_load_state(tmp_path):
+    class CustomSignature(dspy.Signature):
+        """I am just an instruction."""
+
+        sentence = dspy.InputField(desc="I am an innocent input!")
+        sentiment = dspy.OutputField()
+
+    file_path = tmp_path / "tmp.json"
+    original_instance = Predict(CustomSignature)
+    original_instance.save(file_path)
+
+    class CustomSignature2(dspy.Signature):
+        """I am not a pure instruction."""
+
+        sentence = dspy.InputField(desc="I am a malicious input!")
+        sentiment = dspy.OutputField(desc="I am a malicious output!", prefix="I am a prefix!")
+
+    new_instance = Predict(CustomSignature2)
+    assert new_instance.signature.dump_state() != original_instance.signature.dump_state()
+    # After loading, the fields should be the same.
+    new_instance.load(file_path)
+    assert new_instance.signature.dump_state() == original_instance.signature.dump_state()
+
+
+PREDICT_TESTS = [dspy_test_initialization_with_string_signature, dspy_test_call_method,
+                 dspy_test_instructions_after_dump_and_load_state, dspy_test_demos_after_dump_and_load_state,
+                 dspy_test_typed_demos_after_dump_and_load_state]
+
+
+@pytest.mark.parametrize("dspy_test", PREDICT_TESTS, ids=lambda f: f.__name__.removeprefix("dspy_"))
+def test_predict_tests_of_dspy(run: Runner, dspy_test) -> None:
+    assert run.check(dspy_test) is None  # its asserts held where it ran
+
+
+def test_signature_fields_after_dump_and_load_state(run: Runner, tmp_path) -> None:
+    assert run(dspy_test_signature_fields_after_dump_and_load_state, tmp_path) is None
