@@ -685,3 +685,24 @@ def test_remote_exception_groups_top_and_in_a_chain() -> None:
         except ValueError as exc:
             chained = _over_the_wire(exc)
     assert isinstance(chained, ValueError) and isinstance(chained.__context__, ExceptionGroup)
+
+
+def test_queues_go_by_value_as_copies_with_their_items() -> None:
+    import queue
+
+    fifo: queue.Queue[int] = queue.Queue(maxsize=5)
+    for i in (3, 1, 2):
+        fifo.put(i)
+    fifo.get()
+    lifo: queue.LifoQueue[int] = queue.LifoQueue()
+    prio: queue.PriorityQueue[int] = queue.PriorityQueue()
+    for i in (3, 1, 2):
+        lifo.put(i)
+        prio.put(i)
+    out: Any = decode(encode([fifo, lifo, prio], policy=Policy.ALL))
+    assert [type(q) for q in out] == [queue.Queue, queue.LifoQueue, queue.PriorityQueue]
+    assert out[0].maxsize == 5 and out[0].unfinished_tasks == 3
+    assert [q.get_nowait() for q in out for _ in range(q.qsize())] == [1, 2, 2, 1, 3, 1, 2, 3]
+    out[0].task_done()  # a working queue: its own locks and conditions
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(queue.Queue())  # only dspex's by-value pickles copy a queue

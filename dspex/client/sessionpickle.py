@@ -314,8 +314,9 @@ class SessionPickler(byvalue.SourcePickler):
                 slotstate["__defaults__"] = tuple(_module_globals(module, dict(enumerate(defaults))).values())
             if kwdefaults:
                 slotstate["__kwdefaults__"] = _module_globals(module, kwdefaults)
-        if func.__closure__:
-            slotstate["__closure__"] = msg.closure(func.__closure__)
+        cells = reducers.closure_cells(func)
+        if cells:
+            slotstate["__closure__"] = msg.closure(cells)
         args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
         return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
                 codestore._load_function_state)
