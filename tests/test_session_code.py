@@ -183,6 +183,10 @@ def test_defaults_and_class_attributes_bound_to_module_globals_are_those_globals
     assert s.run(mod.Plugins().register, "a") is True
     assert s.run(mod.seen) == ([1, 2], {"a": 0})
     assert (mod.STATE, mod.REGISTRY) == ([], {})  # the client's module is not changed by calls
+    first = dx.session("p")  # the function and the global it reads sent by one request
+    assert first.run(mod.add, 1) is True
+    assert first.run(mod.Plugins().register, "b") is True
+    assert first.run(mod.seen) == ([1], {"b": 0})
 
 
 ALIASES = '''

@@ -311,9 +311,9 @@ class SessionPickler(byvalue.SourcePickler):
         if isinstance(module, str):
             defaults, kwdefaults = slotstate["__defaults__"], slotstate["__kwdefaults__"]
             if defaults:
-                slotstate["__defaults__"] = tuple(_module_globals(module, dict(enumerate(defaults))).values())
+                slotstate["__defaults__"] = tuple(_module_globals(msg, module, dict(enumerate(defaults))).values())
             if kwdefaults:
-                slotstate["__kwdefaults__"] = _module_globals(module, kwdefaults)
+                slotstate["__kwdefaults__"] = _module_globals(msg, module, kwdefaults)
         cells = reducers.closure_cells(func)
         if cells:
             slotstate["__closure__"] = msg.closure(cells)
@@ -345,7 +345,7 @@ class SessionPickler(byvalue.SourcePickler):
             state = _cp._class_getstate(cls)
         clsdict = byvalue.class_state(cls, state[0])
         if not issubclass(cls, enum.Enum):  # members named again as module globals are the class's own
-            clsdict = _module_globals(cls.__module__, clsdict)
+            clsdict = _module_globals(msg, cls.__module__, clsdict)
         state = (clsdict, state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
                 None, codestore._load_class_state)
@@ -392,11 +392,13 @@ class SessionPickler(byvalue.SourcePickler):
         return codestore._load_code, (key, code)
 
 
-def _module_globals(module: str, values: dict[Any, Any]) -> dict[Any, Any]:
+def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[Any, Any]:
     """``values`` (a function's defaults, a class's attributes) with each object that is bound as
     a global of the user module ``module`` as the session's global of that name: in-process
     ``def add(x, acc=STATE)`` and ``class Plugins: registry = REGISTRY`` hold the module's own
-    object, which a copy sent with the function or class would not be once the session has it."""
+    object, which a copy sent with the function or class would not be once the session has it.
+    A global this request binds (the function reads it too) stays in place: the binding, in the
+    same pickle, is that same object."""
     names: dict[int, str] | None = None
     out = values
     for k, value in values.items():
@@ -410,7 +412,7 @@ def _module_globals(module: str, values: dict[Any, Any]) -> dict[Any, Any]:
             names = {id(v): n for n, v in list(vars(mod).items())
                      if not n.startswith("__") and type(v) not in _NOT_GLOBALS}
         name = names.get(id(value))
-        if name is not None:
+        if name is not None and ("m:" + module, name) not in msg.globals.bindings:
             if out is values:
                 out = dict(values)
             out[k] = ModuleGlobal(module, name, value)
