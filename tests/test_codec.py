@@ -453,7 +453,11 @@ def test_cyclic_containers_go_by_value_under_the_client_policy() -> None:
     cyclic: list[Any] = [1]
     cyclic.append(cyclic)
     out: Any = decode(encode([cyclic], policy=Policy.ALL))
-    assert out[0][0] == 1 and out[0][1][1] is out[0][1]
+    assert out[0][0] == 1 and out[0][1] is out[0]  # the list itself, not a copy holding the cycle
+    table: dict[str, Any] = {"n": 2}
+    table["rows"] = [table, (table,)]
+    back: Any = decode(encode({"t": table}, policy=Policy.DATA, to_ref=Refs()))
+    assert back["t"]["rows"][0] is back["t"] and back["t"]["rows"][1][0] is back["t"]
 
 
 def test_malformed_pickle_ext_is_a_protocol_error() -> None:
@@ -681,3 +685,24 @@ def test_remote_exception_groups_top_and_in_a_chain() -> None:
         except ValueError as exc:
             chained = _over_the_wire(exc)
     assert isinstance(chained, ValueError) and isinstance(chained.__context__, ExceptionGroup)
+
+
+def test_queues_go_by_value_as_copies_with_their_items() -> None:
+    import queue
+
+    fifo: queue.Queue[int] = queue.Queue(maxsize=5)
+    for i in (3, 1, 2):
+        fifo.put(i)
+    fifo.get()
+    lifo: queue.LifoQueue[int] = queue.LifoQueue()
+    prio: queue.PriorityQueue[int] = queue.PriorityQueue()
+    for i in (3, 1, 2):
+        lifo.put(i)
+        prio.put(i)
+    out: Any = decode(encode([fifo, lifo, prio], policy=Policy.ALL))
+    assert [type(q) for q in out] == [queue.Queue, queue.LifoQueue, queue.PriorityQueue]
+    assert out[0].maxsize == 5 and out[0].unfinished_tasks == 3
+    assert [q.get_nowait() for q in out for _ in range(q.qsize())] == [1, 2, 2, 1, 3, 1, 2, 3]
+    out[0].task_done()  # a working queue: its own locks and conditions
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(queue.Queue())  # only dspex's by-value pickles copy a queue

@@ -144,6 +144,105 @@ def test_module_state_lives_across_calls(dx: dspex.Client, usercode: Any) -> Non
     s.close()
 
 
+DEFAULTS = '''
+STATE = []
+REGISTRY = {}
+
+
+def seen():
+    return list(STATE), dict(REGISTRY)
+
+
+def add(x, acc=STATE):
+    acc.append(x)
+    return acc is STATE
+
+
+def add_kw(x, *, acc=STATE):
+    acc.append(x)
+    return acc is STATE
+
+
+class Plugins:
+    registry = REGISTRY
+
+    def register(self, name):
+        self.registry[name] = len(self.registry)
+        return self.registry is REGISTRY
+'''
+
+
+def test_defaults_and_class_attributes_bound_to_module_globals_are_those_globals(dx: dspex.Client,
+                                                                              usercode: Any) -> None:
+    """``def add(x, acc=STATE)`` and ``class Plugins: registry = REGISTRY`` hold the module's own
+    objects in-process, whichever call sent the global first."""
+    mod = usercode(DEFAULTS)
+    s = dx.session("p")
+    assert s.run(mod.seen) == ([], {})  # the session has STATE and REGISTRY before the others come
+    assert s.run(mod.add, 1) is True
+    assert s.run(mod.add_kw, 2) is True
+    assert s.run(mod.Plugins().register, "a") is True
+    assert s.run(mod.seen) == ([1, 2], {"a": 0})
+    assert (mod.STATE, mod.REGISTRY) == ([], {})  # the client's module is not changed by calls
+    first = dx.session("p")  # the function and the global it reads sent by one request
+    assert first.run(mod.add, 1) is True
+    assert first.run(mod.Plugins().register, "b") is True
+    assert first.run(mod.seen) == ([1], {"b": 0})
+
+
+ALIASES = '''
+STORE = []
+
+
+class Holder:
+    def __init__(self, store):
+        self.store = store
+
+
+HOLDER = Holder(STORE)
+LOOKUP = {"store": STORE}
+
+
+def size():
+    return len(STORE)
+
+
+def through_holder(x):
+    HOLDER.store.append(x)
+    return HOLDER.store is STORE
+
+
+def only_the_holder(x):
+    HOLDER.store.append(x)
+    return len(HOLDER.store)
+
+
+def through_lookup(x):
+    LOOKUP["store"].append(x)
+    return LOOKUP["store"] is STORE
+
+
+def seen():
+    return list(STORE)
+'''
+
+
+def test_a_global_reached_through_another_global_is_the_sessions(dx: dspex.Client, usercode: Any) -> None:
+    """Globals that hold each other (``HOLDER = Holder(STORE)``, ``LOOKUP = {"store": STORE}``)
+    are one object each in the session, as in-process, whichever call sent which first."""
+    mod = usercode(ALIASES)
+    s = dx.session("p")
+    assert s.run(mod.size) == 0  # the session binds STORE first
+    assert s.run(mod.through_holder, 1) is True
+    assert s.run(mod.through_lookup, 2) is True
+    assert s.run(mod.seen) == [1, 2]
+    other = dx.session("p")
+    assert other.run(mod.only_the_holder, 1) == 1  # the holder first: STORE comes inside it
+    assert other.run(mod.size) == 1
+    assert other.run(mod.through_lookup, 2) is True
+    assert other.run(mod.seen) == [1, 2]
+
+
 def test_code_and_globals_travel_once(dx: dspex.Client, usercode: Any) -> None:
     mod = usercode('''
         BIG = b"x" * 20_000_000

@@ -152,6 +152,30 @@ def test_lone_surrogates_travel_both_ways(dx: dspex.Client) -> None:
     assert s.eval("b'caf\\xe9'.decode('utf-8', 'surrogateescape')") == "caf\udce9"
 
 
+def cycle_shapes(items: list[Any], table: dict[str, Any]) -> tuple[bool, bool, bool]:
+    return items[1] is items, table["self"] is table, table["rows"][0] is table
+
+
+def make_cycles() -> tuple[list[Any], dict[str, Any]]:
+    items: list[Any] = [1]
+    items.append(items)
+    table: dict[str, Any] = {"n": 2}
+    table["self"] = table
+    table["rows"] = [table]
+    return items, table
+
+
+def test_a_recursive_structure_stays_recursive_both_ways(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    items, table = make_cycles()
+    assert cycle_shapes(items, table) == (True, True, True)  # in-process
+    assert s.run(cycle_shapes, items, table) == (True, True, True)
+    back_items, back_table = s.run(make_cycles)
+    assert back_items[0] == 1 and back_items[1] is back_items
+    assert back_table["n"] == 2 and back_table["self"] is back_table and back_table["rows"][0] is back_table
+    assert s.run(len, [items]) == 1  # one inside another argument too
+
+
 def test_import_of_a_package_the_worker_lacks_names_it(dx: dspex.Client) -> None:
     s = dx.session("p")
     with pytest.raises(ModuleNotFoundError) as info:

@@ -45,6 +45,10 @@ from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+# values whose identity means nothing (a default of None or 0 is no module's global) or that are
+# one object per session already (functions: by key)
+_NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
+_NOT_HELD = _NOT_GLOBALS | {types.ModuleType, tuple}
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
 
@@ -67,6 +71,13 @@ class _Held:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return codestore._load_held, (self.key,)
+
+
+class _EndOfValue:
+    """Pickled after a global's value (``SessionPickler._value``): the pickle left it."""
+
+
+_END_OF_VALUE = _EndOfValue()
 
 
 class Message:
@@ -225,6 +236,8 @@ class SessionPickler(byvalue.SourcePickler):
     def __init__(self, file: io.BytesIO, msg: Message) -> None:
         super().__init__(file, {})
         self.msg = msg
+        self._defining = 0  # the values being defined that this pickle is inside of
+        self._globals: dict[int, tuple[str, str, Any]] | None = None
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -234,6 +247,9 @@ class SessionPickler(byvalue.SourcePickler):
             return self._value(obj)
         if t is _CodeRef:
             return self._code(obj.code)
+        if t is _EndOfValue:
+            self._defining -= 1
+            return bool, ()
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
         if t is PartialOfGlobals:
@@ -251,6 +267,59 @@ class SessionPickler(byvalue.SourcePickler):
                 return self._class(obj)
             return super().reducer_override(obj)
         return super().reducer_override(obj)
+
+    def _held_id(self, obj: Any) -> Any:
+        """The pickler's ``persistent_id`` once a global's value is being defined. Inside such a
+        value (not elsewhere: ``_defining``), an object that is another global of the user's
+        modules (``HOLDER = Holder(STORE)``) is the session's global, as in-process it is that
+        one object: the key of the object the session holds from an earlier request, or, for a
+        global the session lacks, ``("g", namespace, name, bindings)`` that binds it first (a
+        pickle of its own, as :meth:`_global`); ``codestore.SessionUnpickler`` loads either.
+        A global bound by this request already is left to the pickle's memo. Functions, classes
+        and modules are the reducers' (a held function still sends its changed bindings); lists
+        and dicts never reach ``reducer_override``, hence this hook, installed only in pickles
+        that define a value, as it costs a call per object pickled."""
+        t = type(obj)
+        if not self._defining or t in _NOT_HELD or isinstance(obj, type):
+            return None
+        msg = self.msg
+        if not msg.trusted:
+            return None
+        hit = msg.cache.keys.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            key = hit[1]
+            if key in msg.defined or key not in msg.cache.sent:  # being defined by this request
+                return None
+            msg.used.add(key)
+            return key
+        found = self._module_globals().get(id(obj))
+        if found is None or found[2] is not obj:
+            return None
+        nsid, name = "m:" + found[0], found[1]
+        if (nsid, name) in msg.globals.bindings:
+            return None
+        bindings: list[Binding] = []
+        msg.globals.bind(bindings, [], nsid, name, obj)
+        if not bindings:
+            return None
+        data, sources = msg.dumps(bindings)
+        self.sources.update(sources)
+        return ("g", nsid, name, data)
+
+    def _module_globals(self) -> dict[int, tuple[str, str, Any]]:
+        """id -> (module, name, value) of the globals of the user modules this session uses."""
+        if self._globals is None:
+            msg = self.msg
+            modules = {nsid[2:] for nsid, _ in msg.globals.bindings if nsid.startswith("m:")}
+            self._globals = {}
+            for module_name in (*msg.cache.modules, *modules):
+                module = sys.modules.get(module_name)
+                if module is None or not codeindex.user_module(module):
+                    continue
+                for name, value in list(vars(module).items()):
+                    if not name.startswith("__") and type(value) not in _NOT_HELD and not isinstance(value, type):
+                        self._globals.setdefault(id(value), (module_name, name, value))
+        return self._globals
 
     def _held(self, key: str, bindings: list[Binding]) -> Any:
         return codestore._load_held, ((key, bindings) if bindings else (key,))
@@ -271,8 +340,16 @@ class SessionPickler(byvalue.SourcePickler):
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
-        if func.__closure__:
-            slotstate["__closure__"] = msg.closure(func.__closure__)
+        module = func.__globals__.get("__name__")
+        if isinstance(module, str):
+            defaults, kwdefaults = slotstate["__defaults__"], slotstate["__kwdefaults__"]
+            if defaults:
+                slotstate["__defaults__"] = tuple(_module_globals(msg, module, dict(enumerate(defaults))).values())
+            if kwdefaults:
+                slotstate["__kwdefaults__"] = _module_globals(msg, module, kwdefaults)
+        cells = reducers.closure_cells(func)
+        if cells:
+            slotstate["__closure__"] = msg.closure(cells)
         args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
         return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
                 codestore._load_function_state)
@@ -299,7 +376,10 @@ class SessionPickler(byvalue.SourcePickler):
             args = list(_cp._class_getnewargs(cls))
             tracker, args[4] = args[4], None
             state = _cp._class_getstate(cls)
-        state = (byvalue.class_state(cls, state[0]), state[1])
+        clsdict = byvalue.class_state(cls, state[0])
+        if not issubclass(cls, enum.Enum):  # members named again as module globals are the class's own
+            clsdict = _module_globals(msg, cls.__module__, clsdict)
+        state = (clsdict, state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
                 None, codestore._load_class_state)
 
@@ -316,7 +396,12 @@ class SessionPickler(byvalue.SourcePickler):
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
-        return codestore._load_value, (value.key, value.obj)
+        if type(value.obj) in _NOT_HELD:
+            return codestore._load_value, (value.key, value.obj)
+        if self._defining == 0 and self.msg.trusted:
+            self.persistent_id = self._held_id
+        self._defining += 1  # until the _EndOfValue after it
+        return codestore._load_value, (value.key, value.obj, _END_OF_VALUE)
 
     def _global(self, nsid: str, name: str, obj: Any) -> Any:
         """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
@@ -338,6 +423,33 @@ class SessionPickler(byvalue.SourcePickler):
             return codestore._load_code, (key,)
         self.msg.defined.add(key)
         return codestore._load_code, (key, code)
+
+
+def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[Any, Any]:
+    """``values`` (a function's defaults, a class's attributes) with each object that is bound as
+    a global of the user module ``module`` as the session's global of that name: in-process
+    ``def add(x, acc=STATE)`` and ``class Plugins: registry = REGISTRY`` hold the module's own
+    object, which a copy sent with the function or class would not be once the session has it.
+    A global this request binds (the function reads it too) stays in place: the binding, in the
+    same pickle, is that same object."""
+    names: dict[int, str] | None = None
+    out = values
+    for k, value in values.items():
+        t = type(value)
+        if t in _NOT_GLOBALS or isinstance(value, type):
+            continue
+        if names is None:
+            mod = sys.modules.get(module)
+            if mod is None or not codeindex.user_module(mod):
+                return values
+            names = {id(v): n for n, v in list(vars(mod).items())
+                     if not n.startswith("__") and type(v) not in _NOT_GLOBALS}
+        name = names.get(id(value))
+        if name is not None and ("m:" + module, name) not in msg.globals.bindings:
+            if out is values:
+                out = dict(values)
+            out[k] = ModuleGlobal(module, name, value)
+    return out
 
 
 def _transient_dumps(obj: Any) -> object:

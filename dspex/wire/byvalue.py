@@ -307,6 +307,8 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             reduced = reducers.lru_reduced(obj)
             if reduced is not NotImplemented:
                 return reduced
+        if type(obj) in reducers.QUEUES:
+            return reducers.queue_reduced(obj)
         if isinstance(obj, type):
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
@@ -314,6 +316,12 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
             if obj.__code__ is reducers.SINGLEDISPATCH_CODE:
                 return reducers.singledispatch_reduced(obj)
             _note_code(obj, self.sources, self._budget)
+            cells = reducers.closure_cells(obj)
+            if cells is not obj.__closure__:
+                reduced = super().reducer_override(obj)
+                if isinstance(reduced, tuple) and len(reduced) > 2 and isinstance(reduced[2], tuple):
+                    reduced[2][1]["__closure__"] = cells  # cloudpickle's (state, slotstate) of a function
+                return reduced
         elif isinstance(obj, types.ModuleType):
             _note_module(obj, self.sources, self._budget)
         elif isinstance(obj, types.CodeType):

@@ -242,10 +242,21 @@ _ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
 _LEAVES = (bool, int, float, bytes, memoryview, msgpack.ExtType)
 
 
+class _Cycle(Exception):
+    """Raised where a walk meets a container it is inside of, caught by that container's walk."""
+
+    def __init__(self, container: int) -> None:
+        self.container = container
+
+
 def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None = None) -> object:
     """Copy ``obj`` in msgpack form with cycle-closing containers, too-deep containers and what
     cannot be encoded as refs (or by value, as the policy says), strings with lone surrogates as
-    ext 23; errors name the path (``args[1]['reward_fn']``)."""
+    ext 23; errors name the path (``args[1]['reward_fn']``).
+
+    Under a by-value policy a container that holds itself goes whole by value (pickle keeps the
+    cycle: ``x[1] is x`` on the other side too); a copy of it inside a msgpack copy of it would
+    not be the same object."""
     stack: set[int] = set()
     trail: list[str] = []
 
@@ -255,7 +266,7 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
         return root + "".join(trail)
 
     def ref_for(o: object, why: str) -> object:
-        if enc.wants_pickled(o):
+        if enc.wants_pickled(o) or why == "cycle" and enc.policy is not Policy.REFS:
             try:
                 return enc.pickle(o)
             except EncodeError as err:
@@ -294,38 +305,48 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
         else:
             o_rep = o
         if id(o) in stack:
+            if enc.policy is not Policy.REFS:
+                raise _Cycle(id(o))
             return ref_for(o, "cycle")
         if depth >= MAX_WALK_DEPTH:
             return ref_for(o, "nested too deeply")
         stack.add(id(o))
-        out: Any
-        if t is dict:
-            out = {}
-            for n, (k, v) in enumerate(o.items()):
-                trail.append(f"<key #{n}>")
-                key = _hashable(walk(k, depth + 1))
-                trail[-1] = f"[{k!r:.40}]"
-                out[key] = walk(v, depth + 1)
-                trail.pop()
-        elif t is list:
-            if depth == 0 and names is not None:
-                out = items(o, depth, lambda n: names[n] if n < len(names) else f"[{n}]")
-            else:
-                out = items(o, depth, lambda n: f"[{n}]")
-        elif o_rep[0].code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET):
-            out = items(o_rep, depth, (lambda n: f"[{n}]") if o_rep[0].code == EXT_TUPLE else (lambda n: f"{{#{n}}}"),
-                        start=1)
-        elif o_rep[0].code == EXT_RECORD:
-            fields = {}
-            for k, v in o_rep[2].items():
-                trail.append(f".{k}")
-                fields[k] = walk(v, depth + 1)
-                trail.pop()
-            out = [*o_rep[:2], fields, *(walk(part, depth + 1) for part in o_rep[3:])]
-        else:  # the parts of a subclass instance, an enum member, an OrderedDict: the value's own path
-            out = [o_rep[0], *(walk(part, depth + 1) for part in o_rep[1:])]
-        stack.discard(id(o))
-        return out
+        mark = len(trail)
+        try:
+            out: Any
+            if t is dict:
+                out = {}
+                for n, (k, v) in enumerate(o.items()):
+                    trail.append(f"<key #{n}>")
+                    key = _hashable(walk(k, depth + 1))
+                    trail[-1] = f"[{k!r:.40}]"
+                    out[key] = walk(v, depth + 1)
+                    trail.pop()
+            elif t is list:
+                if depth == 0 and names is not None:
+                    out = items(o, depth, lambda n: names[n] if n < len(names) else f"[{n}]")
+                else:
+                    out = items(o, depth, lambda n: f"[{n}]")
+            elif o_rep[0].code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET):
+                out = items(o_rep, depth, (lambda n: f"[{n}]") if o_rep[0].code == EXT_TUPLE else (lambda n: f"{{#{n}}}"),
+                            start=1)
+            elif o_rep[0].code == EXT_RECORD:
+                fields = {}
+                for k, v in o_rep[2].items():
+                    trail.append(f".{k}")
+                    fields[k] = walk(v, depth + 1)
+                    trail.pop()
+                out = [*o_rep[:2], fields, *(walk(part, depth + 1) for part in o_rep[3:])]
+            else:  # the parts of a subclass instance, an enum member, an OrderedDict: the value's own path
+                out = [o_rep[0], *(walk(part, depth + 1) for part in o_rep[1:])]
+            return out
+        except _Cycle as cycle:
+            if cycle.container != id(o):
+                raise
+            del trail[mark:]
+            return ref_for(o, "cycle")
+        finally:
+            stack.discard(id(o))
 
     return walk(obj, 0)
 

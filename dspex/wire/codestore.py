@@ -32,7 +32,9 @@ import contextvars
 import functools
 import importlib
 import importlib.util
+import io
 import linecache
+import pickle
 import sys
 import types
 import weakref
@@ -200,14 +202,28 @@ def _active() -> _Load:
     return load
 
 
+class SessionUnpickler(pickle.Unpickler):
+    """Loads a session pickle: a persistent id is the key of an object the session holds, or a
+    global of one of its modules (``dspex.client.sessionpickle.SessionPickler._held_id``)."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is str:
+            return _active().held(pid)
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "g":
+            return _load_global(*pid[1:])
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.60}")
+
+
+def _unpickle(data: bytes) -> Any:
+    return SessionUnpickler(io.BytesIO(data)).load()  # peers are authenticated; a client may exec code anyway
+
+
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     """Unpickle a session pickle into the store of the load under way."""
-    import pickle
-
     load = _active()
     if sources:
         load.store.add_sources(sources)
-    return pickle.loads(data)  # peers are authenticated; a client may exec code anyway
+    return _unpickle(data)
 
 
 def register_class_file(cls: type, file: str) -> None:
@@ -233,10 +249,11 @@ def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None
     return obj
 
 
-def _load_value(key: str, value: Any) -> Any:
+def _load_value(key: str, value: Any, _end: object = None) -> Any:
     """A value sent by identity: the held one if the session has it already; after the store
     forgot it (a resend in full), the module global the session bound under that key, which
-    keeps its state, rather than the copy sent again."""
+    keeps its state, rather than the copy sent again. (``_end`` marks, in the pickle, where the
+    value ended.)"""
     store = _active().store
     if key not in store.objects:
         for (nsid, name), bound_key in store.bound.items():
@@ -385,11 +402,9 @@ def _load_global(nsid: str, name: str, bindings: bytes | None = None) -> Any:
     client is the session's global, bound first when the client sent it with the request
     (``bindings``: a pickle of its own, so that the value sent is never taken for the global the
     session keeps)."""
-    import pickle
-
     load = _active()
     if bindings is not None:
-        load.bind(pickle.loads(bindings))  # peers are authenticated; a client may exec code anyway
+        load.bind(_unpickle(bindings))
     module = load.store.modules.get(nsid)
     try:
         return module.__dict__[name] if module is not None else load.held(f"{nsid}.{name}")

@@ -2,14 +2,17 @@
 where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache`` wrapper and
 ``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
-that hold a thread (registered in ``copyreg``). The ``make_*`` functions are named in pickles:
+that hold a thread (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
+by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import functools
+import queue
 import sys
 import types
 from typing import Any
@@ -29,6 +32,69 @@ def register_library_reducers() -> None:
 
 def _unbatchify_reduced(obj: Any) -> Any:
     return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
+
+
+# a queue's locks and conditions cannot be pickled; its items, size and count of unfinished tasks can
+QUEUES = frozenset({queue.Queue, queue.LifoQueue, queue.PriorityQueue})
+
+
+def queue_reduced(q: Any) -> Any:
+    """A ``queue.Queue`` (``LifoQueue``, ``PriorityQueue``) as a copy with its own locks: its
+    items (in their order), ``maxsize`` and unfinished-task count, and its instance attributes.
+    DSPy's ``StreamListener`` holds one, so a ``dspy.streamify`` program built on the client
+    travels."""
+    with q.mutex:
+        items = list(q.queue)
+        unfinished = q.unfinished_tasks
+    own = {k: v for k, v in vars(q).items() if k not in _QUEUE_PARTS}
+    return make_queue, (type(q), q.maxsize, items, unfinished), own or None
+
+
+_QUEUE_PARTS = frozenset(vars(queue.Queue()))
+
+
+def make_queue(cls: Any, maxsize: int, items: list[Any], unfinished: int) -> Any:
+    made = cls(maxsize)
+    made.queue.extend(items)  # a PriorityQueue's list is a heap already: its order is kept
+    made.unfinished_tasks = unfinished
+    return made
+
+
+def closure_cells(func: types.FunctionType) -> tuple[types.CellType, ...] | None:
+    """``func.__closure__`` to pickle: for ``dspy.streamify``'s inner ``_stream_program``, its
+    listeners indexed by ``id(listener.predict)`` become a :class:`ListenerIndex`, which indexes
+    them again by the ids of the predictors where the program arrives (the ids of this process
+    would match no predictor there, and no chunk would stream)."""
+    cells = func.__closure__
+    if cells is None or func.__code__.co_name != "_stream_program" or \
+            func.__module__ != "dspy.streaming.streamify" or "predict_id_to_listener" not in func.__code__.co_freevars:
+        return cells
+    at = func.__code__.co_freevars.index("predict_id_to_listener")
+    try:
+        index = cells[at].cell_contents
+    except ValueError:
+        return cells
+    listeners = [listener for group in index.values() for listener in group]
+    return (*cells[:at], types.CellType(ListenerIndex(listeners)), *cells[at + 1:])
+
+
+class ListenerIndex:
+    """``dspy.streamify``'s listeners by predictor, made again where it arrives (:func:`closure_cells`)."""
+
+    __slots__ = ("listeners",)
+
+    def __init__(self, listeners: list[Any]) -> None:
+        self.listeners = listeners
+
+    def __reduce__(self) -> Any:
+        return make_listener_index, (self.listeners,)
+
+
+def make_listener_index(listeners: list[Any]) -> Any:
+    index: collections.defaultdict[int, list[Any]] = collections.defaultdict(list)
+    for listener in listeners:
+        index[id(listener.predict)].append(listener)
+    return index
 
 
 LRU_WRAPPER = type(functools.lru_cache(lambda: None))

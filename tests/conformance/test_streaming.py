@@ -105,12 +105,28 @@ def streamed_items(run: Runner, stream_predict, **kwargs):
 def test_streamify_streams_item_by_item(run: Runner, async_streaming: bool) -> None:
     """streamify's defaults (async) through ``stream_method``: items arrive as data, then the stream ends."""
     run(dspy.configure, lm=streaming_dummy_lm([{"answer": ANSWER}] * 2))
-    # built where it runs: streamify's wrapper holds a lock, so it cannot travel by value
+    # built where it runs, as a ref: one program streamed twice (test_a_streamify_program_built_on_the_client_streams
+    # sends one built here)
     stream_predict = run(make_stream_predict, async_streaming)
     first = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
     check_chunks(first)
     again = streamed_items(run, stream_predict, question="Why did a chicken cross the road?")
     assert as_data(again) == as_data(first)
+
+
+@pytest.mark.parametrize("async_streaming", [True, False], ids=["async", "sync"])
+def test_a_streamify_program_built_on_the_client_streams(run: Runner, async_streaming: bool) -> None:
+    """DSPy's docs ("Streaming"): ``stream_predict = dspy.streamify(predict, stream_listeners=[...])``
+    at the top of the script, then iterate ``stream_predict(question=...)``; through a session the
+    program built here goes by value (its listener's queue too) and streams there."""
+    run(dspy.configure, lm=streaming_dummy_lm([{"answer": ANSWER}] * 2))
+    stream_predict = make_stream_predict(async_streaming)
+    kwargs = {"question": "Why did a chicken cross the road?"}
+    if run.mode == SESSION:
+        items = list(run.s.stream_apply(stream_predict, (), kwargs))
+    else:
+        items = streamed_items(run, stream_predict, **kwargs)
+    check_chunks(items)
 
 
 def test_stream_any_iterable_and_refuse_a_non_iterable(session: dspex.Session) -> None:
