@@ -104,6 +104,38 @@ def test_warnings_are_reissued_through_the_clients_warnings(stack: Stack, tmp_pa
     assert "ignored here" not in out.stderr and "recorded" not in out.stderr
 
 
+def test_a_warning_shows_once_per_place_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """Python's default filter shows a warning once per place (the registry of the module that
+    warns): a loop that warns, run by two sessions (each has its own copy of the module on the
+    worker), through the asyncio client, then in-process, shows each warning once."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def warn_in_a_loop():
+            for _ in range(3):
+                warnings.warn("repeated")
+            warnings.warn("another place")
+
+        async def through_asyncio():
+            async with dspex.aio.connect(FRONTEND) as dx:
+                await dx.session("p").run(warn_in_a_loop)
+
+        with dspex.connect(FRONTEND) as dx:
+            dx.session("p").run(warn_in_a_loop)
+            dx.session("p").run(warn_in_a_loop)
+        asyncio.run(through_asyncio())
+        warn_in_a_loop()  # in-process, at the same places: shown already
+        with warnings.catch_warnings(record=True) as got:  # the filters changed: shown again, once
+            warnings.simplefilter("default")
+            with dspex.connect(FRONTEND) as dx:
+                dx.session("p").run(warn_in_a_loop)
+                dx.session("p").run(warn_in_a_loop)
+        print(json.dumps([str(w.message) for w in got]))
+    """)
+    assert out.stderr.count("UserWarning: repeated") == 1, out.stderr
+    assert out.stderr.count("UserWarning: another place") == 1, out.stderr
+    assert json.loads(out.stdout) == ["repeated", "another place"]
+
+
 def test_a_progress_bar_is_drawn_on_the_clients_stderr(stack: Stack, tmp_path: Path) -> None:
     stack.pool("p:strict_queue", 1, "--no-dspy")
     out = client(stack, tmp_path, """
