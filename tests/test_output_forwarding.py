@@ -404,6 +404,51 @@ def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stac
     assert record.process != os.getpid() and record.dspex_worker == s.worker
 
 
+def test_a_large_print_arrives_whole(stack: Stack, tmp_path: Path) -> None:
+    """10 MB of lines printed at once (a report, a dump) reaches the client's stdout byte for
+    byte, well within the call's timeout; so do 100,000 lines printed one by one."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def dump(n, at_once):
+            lines = [f"{i:09d}" + "x" * 90 + "\\n" for i in range(n)]
+            if at_once:
+                print("".join(lines), end="")
+            else:
+                for line in lines:
+                    sys.stdout.write(line)
+            return n
+
+        with dspex.connect(FRONTEND) as dx:
+            s = dx.session("p")
+            results = [s.apply(dump, [100_000, True], timeout=30), s.apply(dump, [100_000, False], timeout=60)]
+        print(json.dumps(results))
+    """)
+    *printed, results = out.stdout.split("\n")[:-1]
+    assert results == "[100000, 100000]"
+    expected = [f"{i:09d}" + "x" * 90 for i in range(100_000)]
+    assert printed == expected + expected
+
+
+def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
+    """One write of many lines goes to the caller as one event per 64 KiB or so, cut at line
+    ends (so concurrent sessions' lines still never splice); the worker log gets every line."""
+    from worker import output
+    from worker.output import OutputSink
+
+    sent: list[str] = []
+    logged: list[str] = []
+    sink = OutputSink("t", lambda event: sent.append(event["text"]))
+    sink._log = lambda stream, line: logged.append(line)  # type: ignore[method-assign]
+    lines = [f"{i:05d} " + "y" * 94 + "\n" for i in range(10_000)]  # 1 MB
+    sink.write("stdout", "".join(lines) + "tail")
+    sink.write("stdout", " end\r\nbar 1\rbar 2\n")
+    sink.close()
+    assert "".join(sent) == "".join(lines) + "tail end\r\nbar 1\rbar 2\n"
+    assert len(sent) <= 2 + len("".join(lines)) // output.MAX_EVENT_CHARS + 2
+    assert all(piece.endswith(("\n", "\r")) for piece in sent)
+    assert logged == [line[:-1] for line in lines] + ["tail end", "bar 2"]
+
+
 def test_a_flushed_partial_line_is_sent_once() -> None:
     """A bar's redraw is sent when the program flushes it, and the rest of the line later: the
     caller's text is exactly what was written."""

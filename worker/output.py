@@ -8,8 +8,9 @@ handler on the root logger gives a call's log records (any logger's that propaga
 at or above its caller's threshold to its sink.
 
 A sink logs complete lines as ``[session req] stream: text`` and, when the caller takes output,
-sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per line (a carriage return, a
-progress bar redrawing itself, also ends a piece; a flush sends the partial line written so far,
+sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per write, up to its last line end
+(a carriage return, a progress bar redrawing itself, also ends a piece; a write of more than
+MAX_EVENT_CHARS goes in pieces cut at line ends; a flush sends the partial line written so far,
 as a terminal would show it), one ``"warning"`` event per warning (its text, and its message,
 category and place, so the client can re-issue it) and one ``"log"`` event per record (logger,
 level, message, exception text...). A carriage return replaces the pending line in the log instead
@@ -36,6 +37,7 @@ from worker import limits
 log = logging.getLogger("dspex.worker.output")
 
 MAX_LINE_CHARS = 8000
+MAX_EVENT_CHARS = 64 * 1024  # of the text of one output event
 MAX_RECORD_CHARS = 100_000  # of a log record's message, and of its exception text
 # terminal control sequences (colours, tqdm's cursor moves between bars) mean nothing in a log file
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -62,34 +64,27 @@ class OutputSink:
         if not text:
             return
         out: list[str] = []
-        logged: list[str] = []
         with self._lock:
             buf = self._pending.get(stream, "") + text
             sent = self._sent.pop(stream, 0)
-            while True:
-                cut = min((i for i in (buf.find("\n"), buf.find("\r")) if i >= 0), default=-1)
-                if cut < 0:
-                    break
-                line, end, buf = buf[:cut], buf[cut], buf[cut + 1:]
-                if end == "\r" and buf.startswith("\n"):  # a CRLF line end, not a redraw
-                    end, buf = "\r\n", buf[1:]
-                out.append((line + end)[sent:])
+            end = max(buf.rfind("\n"), buf.rfind("\r")) + 1  # what precedes it is whole lines and redraws
+            done, buf = buf[:end], buf[end:]
+            if done:
+                out.append(done[sent:])
                 sent = 0
-                if end != "\r" and line:
-                    logged.append(line)
             if len(buf) > MAX_LINE_CHARS:  # a huge write without newline: pass it on in pieces
                 out.append(buf[sent:])
-                logged.append(buf)
+                done += buf + "\n"
                 buf, sent = "", 0
             self._pending[stream] = buf
             if sent:
                 self._sent[stream] = sent
-        for line in logged:
+        for line in _log_lines(done):
             self._log(stream, line)
         if self.emit is not None:
             for piece in out:
-                if piece:
-                    self.emit({"stream": stream, "text": piece})
+                for event_text in _cut(piece):
+                    self.emit({"stream": stream, "text": event_text})
 
     def flush(self, stream: str) -> None:
         """Send the caller what is written of the pending line (a progress bar's latest state);
@@ -135,6 +130,30 @@ class OutputSink:
                 self._log(stream, text)
                 if self.emit is not None and len(text) > sent.get(stream, 0):
                     self.emit({"stream": stream, "text": text[sent.get(stream, 0):]})
+
+
+def _log_lines(text: str) -> list[str]:
+    """The lines of ``text`` (whole lines and redraws) the worker log keeps: each line's last
+    state (a carriage return is a redraw of the line; ``\\r\\n`` a line end)."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: redraws of a line still open (a bar), not logged
+    return [line for line in (line.removesuffix("\r").rpartition("\r")[2] for line in lines) if line]
+
+
+def _cut(text: str) -> list[str]:
+    """``text`` in events of at most about MAX_EVENT_CHARS, cut after a line end where there is
+    one: a whole print is one event (one write on the client), and a huge one is not held in
+    memory at once by the broker and the client."""
+    pieces, start = [], 0
+    while len(text) - start > MAX_EVENT_CHARS:
+        cut = text.rfind("\n", start, start + MAX_EVENT_CHARS) + 1 or start + MAX_EVENT_CHARS
+        pieces.append(text[start:cut])
+        start = cut
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
 
 
 def _clip(text: str) -> str:
