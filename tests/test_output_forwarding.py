@@ -72,6 +72,35 @@ def test_print_and_stderr_reach_the_clients_streams_as_they_are(stack: Stack, tm
     assert out.stderr == "to stderr\n"
 
 
+def test_bytes_written_to_the_binary_streams_arrive_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """``sys.stdout.buffer`` / ``sys.stderr.buffer`` (what ``click.echo`` and other CLIs' helpers
+    write bytes to) and ``reconfigure`` exist on the worker as in-process: a program that uses
+    them writes the same text, a UTF-8 character split across two writes included."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        import click
+
+        def program():
+            sys.stdout.reconfigure(line_buffering=True)
+            sys.stdout.buffer.write("caf\\u00e9 ".encode()[:4])
+            sys.stdout.buffer.write("caf\\u00e9 ".encode()[4:] + b"bytes\\n")
+            sys.stdout.flush()
+            sys.stderr.buffer.write(b"to stderr\\n")
+            click.echo("click says hi")
+            click.echo("click to stderr", err=True)
+            print("text after bytes")
+            return [sys.stdout.buffer.writable(), sys.stdout.buffer.fileno() == sys.stdout.fileno()]
+
+        local = program()
+        with dspex.connect(FRONTEND) as dx:
+            remote = dx.session("p").run(program)
+        print(json.dumps([local, remote]))
+    """)
+    once = "caf\u00e9 bytes\nclick says hi\ntext after bytes\n"
+    assert out.stdout == once + once + "[[true, true], [true, true]]\n"
+    assert out.stderr == "to stderr\nclick to stderr\n" * 2
+
+
 def test_warnings_are_reissued_through_the_clients_warnings(stack: Stack, tmp_path: Path) -> None:
     stack.pool("p:strict_queue", 1, "--no-dspy")
     out = client(stack, tmp_path, """

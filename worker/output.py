@@ -20,6 +20,7 @@ caller still gets every redraw.
 
 from __future__ import annotations
 
+import codecs
 import contextvars
 import io
 import logging
@@ -57,6 +58,7 @@ class OutputSink:
         self.log_level = log_level if emit is not None else 0
         self._pending: dict[str, str] = {}
         self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
+        self._decoders: dict[str, codecs.IncrementalDecoder] = {}  # of bytes written to a stream's buffer
         self._lock = threading.Lock()
         self.closed = False  # the call ended: a thread it started that writes on goes to the real stream
 
@@ -85,6 +87,16 @@ class OutputSink:
             for piece in out:
                 for event_text in _cut(piece):
                     self.emit({"stream": stream, "text": event_text})
+
+    def write_bytes(self, stream: str, data: bytes) -> None:
+        """Bytes written to ``sys.stdout.buffer``/``sys.stderr.buffer``: decoded as UTF-8 (what the
+        worker's streams write), a character cut between two writes kept for the next."""
+        with self._lock:
+            decoder = self._decoders.get(stream)
+            if decoder is None:
+                decoder = self._decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+            text = decoder.decode(data)
+        self.write(stream, text)
 
     def flush(self, stream: str) -> None:
         """Send the caller what is written of the pending line (a progress bar's latest state);
@@ -201,8 +213,11 @@ class _Dispatch(io.TextIOBase):
     def __init__(self, name: str, real: TextIO) -> None:
         self.name = name
         self.real = real
+        self.buffer = _BinaryDispatch(self)
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # as a text file refuses it (click probes a stream with b"")
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         sink = _sink()
         if sink is None:
             return self.real.write(text)
@@ -233,6 +248,54 @@ class _Dispatch(io.TextIOBase):
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.real, "encoding", "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "errors", "strict")
+
+    @property
+    def line_buffering(self) -> bool:
+        return True  # every write reaches the call's sink at once
+
+    def reconfigure(self, **_options: Any) -> None:
+        """Accepted and ignored (scripts call ``sys.stdout.reconfigure(encoding="utf-8")``):
+        output is already UTF-8 and forwarded per write."""
+
+
+class _BinaryDispatch(io.BufferedIOBase):
+    """``sys.stdout.buffer`` of a :class:`_Dispatch`: bytes a call writes go to its sink as
+    text, as the same program's bytes reach a terminal in-process."""
+
+    def __init__(self, text: _Dispatch) -> None:
+        self.text = text
+
+    def write(self, data: Any) -> int:
+        raw = bytes(data)
+        sink = _sink()
+        if sink is None:
+            real = getattr(self.text.real, "buffer", None)
+            if real is not None:
+                return int(real.write(raw))
+            self.text.real.write(raw.decode(self.text.encoding, "replace"))
+            return len(raw)
+        _local.busy = True
+        try:
+            sink.write_bytes(self.text.name, raw)
+        finally:
+            _local.busy = False
+        return len(raw)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+    def fileno(self) -> int:
+        return self.text.fileno()
+
+    def isatty(self) -> bool:
+        return False
 
     def writable(self) -> bool:
         return True
