@@ -228,6 +228,26 @@ with dspex.connect(FRONTEND) as dx:
     assert "debug line" not in worker_log(stack)
 
 
+def test_a_records_extra_fields_reach_the_clients_formatter(stack: Stack, tmp_path: Path) -> None:
+    """``log.info(..., extra={...})`` (structured logging): the client's format that names the
+    extra fields formats the forwarded record as the local one, instead of a logging error."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(user)s %(attempt)d %(tags)s] %(message)s")
+
+        def program():
+            logging.getLogger("myapp").info("signed in", extra={"user": "ada", "attempt": 2, "tags": {"a": 1}})
+
+        program()
+        with dspex.connect(FRONTEND) as dx:
+            events = []
+            dx.session("p").apply(program, on_output=events.append)
+        print(json.dumps(events[0]["extra"]))
+    """)
+    assert out.stderr == "INFO myapp [ada 2 {'a': 1}] signed in\n" * 2
+    assert json.loads(out.stdout) == {"user": "ada", "attempt": 2, "tags": "{'a': 1}"}
+
+
 def test_without_logging_configured_warnings_reach_stderr_as_in_process(stack: Stack, tmp_path: Path) -> None:
     """No handler at all: Python's last-resort handler prints WARNING and above, message only."""
     stack.pool("p:strict_queue", 1, "--no-dspy")

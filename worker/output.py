@@ -44,6 +44,10 @@ MAX_RECORD_CHARS = 100_000  # of a log record's message, and of its exception te
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
 _FORMATTER = logging.Formatter()
+# a record's own attributes; any other is an ``extra=`` field of the call that logged it
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+MAX_EXTRA_FIELDS = 32
+_PLAIN = (str, int, float, bool, type(None))
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
@@ -194,7 +198,23 @@ def _record_event(record: logging.LogRecord) -> Event:
     return {"stream": "log", "text": text, "logger": record.name, "level": record.levelno, "message": message,
             "exc_text": exc_text, "stack_info": record.stack_info, "pathname": record.pathname,
             "lineno": record.lineno, "funcName": record.funcName, "created": record.created,
-            "process": record.process, "threadName": record.threadName}
+            "process": record.process, "threadName": record.threadName, "extra": _extra(record)}
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's ``extra=`` fields, for the client's formatters that name them: plain values
+    as they are, others as their repr (what ``%(field)s`` would have shown of most)."""
+    extra: dict[str, Any] = {}
+    for key, value in record.__dict__.items():
+        if key in _RECORD_FIELDS or key.startswith("dspex_") or not isinstance(key, str):
+            continue
+        if len(extra) == MAX_EXTRA_FIELDS:
+            break
+        try:
+            extra[key] = value if type(value) in _PLAIN else _clip(repr(value))
+        except Exception:  # noqa: BLE001 - a repr that fails must not lose the record
+            extra[key] = f"<{type(value).__name__}>"
+    return extra
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)

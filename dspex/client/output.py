@@ -17,7 +17,7 @@ where the same program run in-process would have put it:
   see it);
 - log records re-emitted on this process's logger of the same name when that logger is enabled
   for their level, with the worker's message, exception text, stack, time, pid and thread name,
-  and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
+  its ``extra=`` fields, and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
   enabled level (:func:`log_threshold`), so records below it are never sent.
 """
 
@@ -159,6 +159,11 @@ def _emit(event: dict[str, Any], session: str, worker: str) -> None:
         record.process = event["process"]
     if isinstance(event.get("threadName"), str):
         record.threadName = event["threadName"]
+    extra = event.get("extra")
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            if isinstance(key, str) and key not in record.__dict__:
+                setattr(record, key, value)
     record.dspex_session = session
     record.dspex_worker = worker
     logger.handle(record)
