@@ -16,6 +16,7 @@ import pytest
 
 import dspex
 from tests.harness import Stack, wait_for
+from tests.harness.procs import PY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -306,3 +307,23 @@ def test_a_lock_held_on_the_store_stalls_only_durable_replies_and_turns_nothing_
     (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
     assert row["durable"] is True
     assert {w["pid"] for w in stack.workers("p", dx)} == pids and dx.status()["pools"]["p"]["crashes"] == 0
+
+
+def test_a_second_broker_on_the_same_store_refuses_to_start_and_the_first_keeps_its_sessions(stack: Stack) -> None:
+    """Two brokers on one run directory by mistake (other socket names, another conf): the second
+    would read, expire and drop the first one's checkpoints (a pool it lacks: all of them)."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("kept = 42")
+    second = stack.procs_reg.spawn(
+        [PY, "-m", "broker", "--frontend", f"ipc://{stack.run_dir}/f2.sock", "--backend",
+         f"ipc://{stack.run_dir}/b2.sock", "--pool", "q:strict_queue"], "broker2.log", stack.env)
+    wait_for(lambda: second.poll() is not None, timeout=20, what="the second broker's exit")
+    assert second.returncode == 2  # a config error: under supervisord, FATAL after its retries
+    said = stack.procs_reg.log_tail("broker2.log")
+    assert "checkpoints.sqlite" in said and "another broker" in said and "Traceback" not in said
+    pid = pid_of(s)
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
+    assert s.eval("kept") == 42  # moved with its checkpoint, which the second broker left alone
+    assert "dropped from the checkpoint store" not in stack.logs()
