@@ -146,9 +146,13 @@ class CheckpointStore:
         self._unwritten: dict[str, str] = {}
 
     def wal_checkpoint(self) -> None:
-        """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
-        reader or writer). The store's thread runs it when idle."""
-        self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Copy the committed WAL into the database file and truncate the WAL. The store's thread
+        runs it when idle, and once a second while busy. A passive copy never let the WAL start
+        again from its beginning under back-to-back writes (a write ran during every copy): it
+        grew by every write, and its file kept its largest size for good. This one holds writes
+        off while it runs: the routing thread's meet the lock and go to the store's thread
+        (``run_here``), which runs them after it."""
+        self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def wait_for_locks(self, wait: bool) -> None:
         """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the

@@ -327,3 +327,29 @@ def test_a_second_broker_on_the_same_store_refuses_to_start_and_the_first_keeps_
     wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
     assert s.eval("kept") == 42  # moved with its checkpoint, which the second broker left alone
     assert "dropped from the checkpoint store" not in stack.logs()
+
+
+def test_the_wal_stays_bounded_under_back_to_back_writes_and_shrinks_when_idle(stack: Stack) -> None:
+    """Many small durable sessions opened back to back (a steady load of short calls): the WAL
+    is copied into the database while busy, but it only restarts from its beginning if no write
+    runs during the copy; it grew by every write of the load, and its file never shrank."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+
+    def wal() -> int:
+        return os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+
+    largest = i = 0
+    ends = time.monotonic() + 4.0  # a few of the store thread's copies while busy
+    while time.monotonic() < ends:
+        s = dx.session("p", durable=True)
+        s.exec(f"blob = b'x' * 4000 + ({i}).to_bytes(4, 'big')")
+        if i % 20 == 0:
+            largest = max(largest, wal())
+        i += 1
+    largest = max(largest, wal())
+    wait_for(lambda: wal() < 1024 * 1024, timeout=10, what="the WAL file given back once the broker is idle")
+    database = os.path.getsize(path)  # every checkpoint copied into it by now
+    # (every write of the load in the WAL: about 3.5 times the database it makes)
+    assert largest < 2 * database, f"the WAL reached {largest} bytes for a database of {database}"
+    assert s.eval("len(blob)") == 4004
