@@ -54,6 +54,13 @@ CREATE TABLE IF NOT EXISTS blobs (
 """
 
 
+# what a row needs to be read back (the SQLite column types are not enforced)
+_SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 'text' AND typeof(worker) = 'text' "
+              "AND typeof(created) IN ('integer', 'real') AND typeof(updated) IN ('integer', 'real') "
+              "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
+              "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
+
+
 class StoreError(Exception):
     """A write the store refused; the session's checkpoint is gone (``reason`` says why)."""
 
@@ -135,6 +142,7 @@ class CheckpointStore:
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
@@ -144,6 +152,25 @@ class CheckpointStore:
         # delete needs room in the WAL too): done at the next job that writes. Left as they were,
         # a restarted broker would bring such a session back durable, with its state of before.
         self._unwritten: dict[str, str] = {}
+
+    def _drop_damaged_rows(self) -> None:
+        """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
+        the broker would fail on them at start or at their session's next write. Their sessions
+        are lost (their workers, if alive, checkpoint them whole again at their next call)."""
+        bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({_SOUND_ROW})").fetchall()
+        if not bad:
+            return
+        self._db.execute("BEGIN")
+        try:
+            for session, _ in bad:
+                _forget_rows(self._db, session, "")
+            self._db.execute("COMMIT")
+        except BaseException:
+            _rollback(self._db)
+            raise
+        log.error("checkpoint store %s: %d damaged session rows (fields of the wrong types) deleted; their "
+                  "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
+                  ", ".join(f"{str(session)[:8]} (pool {pool!r})" for session, pool in bad))
 
     def wal_checkpoint(self) -> None:
         """Copy the committed WAL into the database file and truncate the WAL. The store's thread

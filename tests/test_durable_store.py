@@ -353,3 +353,32 @@ def test_the_wal_stays_bounded_under_back_to_back_writes_and_shrinks_when_idle(s
     # (every write of the load in the WAL: about 3.5 times the database it makes)
     assert largest < 2 * database, f"the WAL reached {largest} bytes for a database of {database}"
     assert s.eval("len(blob)") == 4004
+
+
+@pytest.mark.parametrize("edit", ["size = 'big'", "seq = 'garbage'", "created = 'yesterday', updated = x'00'"])
+def test_a_row_edited_by_hand_is_refused_at_start_and_only_its_session_is_lost(stack: Stack, edit: str) -> None:
+    """A store row of the wrong types (an operator's ``UPDATE``, a tool's bug): the broker crashed
+    at every start on it (a restart loop, every pool down), or took it and later turned the
+    session plain with an error that named a Python comparison."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    edited, intact = dx.session("p", durable=True), dx.session("p", durable=True)
+    edited.exec("x = 1")
+    intact.exec("y = 2")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    with sqlite3.connect(os.path.join(stack.run_dir, "checkpoints.sqlite")) as db:
+        db.execute(f"UPDATE sessions SET {edit} WHERE id = ?", (edited.id,))
+    broker = stack.start_broker()
+    stack.wait_workers("p", 2)
+    for w in stack.workers("p", dx):  # neither session's worker holds it now: only the store can
+        stack.kill(w["pid"])
+    wait_for(lambda: not stack.workers("p", dx), what="the kills seen")
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert intact.eval("y") == 2  # restored from its row
+    with pytest.raises(dspex.CheckpointRefused):
+        edited.eval("x")  # lost, and said so: never an empty session
+    assert broker.poll() is None
+    log = stack.logs()
+    assert "damaged" in log and edited.id[:8] in log and "Traceback" not in log
