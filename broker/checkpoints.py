@@ -141,7 +141,8 @@ class CheckpointStore:
         if version not in (0, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:  # (only a new store: a broker restarted on a full disk writes nothing here)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -382,3 +382,33 @@ def test_a_row_edited_by_hand_is_refused_at_start_and_only_its_session_is_lost(s
     assert broker.poll() is None
     log = stack.logs()
     assert "damaged" in log and edited.id[:8] in log and "Traceback" not in log
+
+
+def test_a_broker_restarted_on_a_full_disk_serves_and_its_durable_sessions_wait_for_room(stack: Stack, small_disk: str) -> None:
+    """The store's disk fills while the broker is down (or it restarts because of it): the broker
+    exited at every start ("cannot open the checkpoint store: database or disk is full"), so under
+    supervisord every pool was down, plain sessions too, until someone made room."""
+    path = os.path.join(small_disk, "checkpoints.sqlite")
+    stack.start_broker("p:strict_queue", extra=["--checkpoints", path])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    kept, called = dx.session("p", durable=True), dx.session("p", durable=True)
+    kept.exec("x = 1")
+    called.exec("y = 2")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    filler = _fill(small_disk)
+    broker = stack.start_broker()
+    stack.wait_workers("p", 2)
+    assert dx.session("p").eval("6 * 7") == 42  # plain sessions are served
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        called.eval("y")  # its first call needs a write: told, as any call while the disk is full
+    os.unlink(filler)
+    pid = pid_of(kept)
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
+    assert kept.eval("x") == 1  # its checkpoint, written before the disk filled, was kept
+    assert broker.poll() is None
