@@ -340,7 +340,7 @@ def test_the_wal_stays_bounded_under_back_to_back_writes_and_shrinks_when_idle(s
         return os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
 
     largest = i = 0
-    ends = time.monotonic() + 4.0  # a few of the store thread's copies while busy
+    ends = time.monotonic() + 8.0  # several of the store thread's copies while busy
     while time.monotonic() < ends:
         s = dx.session("p", durable=True)
         s.exec(f"blob = b'x' * 4000 + ({i}).to_bytes(4, 'big')")
@@ -350,8 +350,9 @@ def test_the_wal_stays_bounded_under_back_to_back_writes_and_shrinks_when_idle(s
     largest = max(largest, wal())
     wait_for(lambda: wal() < 1024 * 1024, timeout=10, what="the WAL file given back once the broker is idle")
     database = os.path.getsize(path)  # every checkpoint copied into it by now
-    # (every write of the load in the WAL: about 3.5 times the database it makes)
-    assert largest < 2 * database, f"the WAL reached {largest} bytes for a database of {database}"
+    # (every write of the load in the WAL: about 8 times the database it makes; a copy a second
+    # keeps about a second of them, once the load lasts long enough)
+    assert largest < 3 * database, f"the WAL reached {largest} bytes for a database of {database}"
     assert s.eval("len(blob)") == 4004
 
 
@@ -412,3 +413,4 @@ def test_a_broker_restarted_on_a_full_disk_serves_and_its_durable_sessions_wait_
     wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
     assert kept.eval("x") == 1  # its checkpoint, written before the disk filled, was kept
     assert broker.poll() is None
+
