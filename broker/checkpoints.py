@@ -29,6 +29,7 @@ log = logging.getLogger("dspex.broker")
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
+_SHRINK_MIN, _SHRINK_PAGES = 64, 512  # free pages in the file before it is shrunk; pages given back per copy
 # seconds a write on the store's thread waits for a lock another process holds on the file (an
 # operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
 LOCK_WAIT = 30.0
@@ -132,6 +133,9 @@ class CheckpointStore:
         self._waits = True
         if fresh:
             os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
+            # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
+            # table exists, or it takes a VACUUM of the whole file
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # the WAL is copied into the database (and synced) by the store's thread, never by a
@@ -173,14 +177,22 @@ class CheckpointStore:
                   "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
                   ", ".join(f"{str(session)[:8]} (pool {pool!r})" for session, pool in bad))
 
-    def wal_checkpoint(self) -> None:
+    def wal_checkpoint(self) -> bool:
         """Copy the committed WAL into the database file and truncate the WAL. The store's thread
         runs it when idle, and once a second while busy. A passive copy never let the WAL start
         again from its beginning under back-to-back writes (a write ran during every copy): it
         grew by every write, and its file kept its largest size for good. This one holds writes
         off while it runs: the routing thread's meet the lock and go to the store's thread
-        (``run_here``), which runs them after it."""
+        (``run_here``), which runs them after it. Once a quarter of a store made with
+        ``auto_vacuum`` is free (closed sessions), it gives back ``_SHRINK_PAGES`` pages to the
+        disk; True: there is more to give back."""
+        free, pages = (int(self._reader.execute(f"PRAGMA {name}").fetchone()[0])
+                       for name in ("freelist_count", "page_count"))
+        shrink = free >= _SHRINK_MIN and free * 4 >= pages  # (a quarter of the file free: no churn at each copy)
+        if shrink:  # a step at a time: it holds writes off too (executescript: execute frees one page)
+            self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
         self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return shrink and free > _SHRINK_PAGES
 
     def wait_for_locks(self, wait: bool) -> None:
         """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
