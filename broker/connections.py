@@ -11,6 +11,7 @@ through the monitor, in no fixed order. Failed CURVE handshakes are logged once,
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Container
 
 import zmq
@@ -29,6 +30,14 @@ log = logging.getLogger("dspex.broker")
 GOODBYE_GRACE = 0.003
 
 
+def _inode(fd: int) -> int | None:
+    """The socket open on ``fd`` now (None: none is), which a reused fd number does not share."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
 def source_fd(frame: zmq.Frame) -> int:
     """The connection a received frame came from (-1: not known, e.g. inproc)."""
     try:
@@ -43,6 +52,7 @@ class Connections:
     def __init__(self) -> None:
         self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
         self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
+        self.worker_inode: dict[bytes, int | None] = {}  # the socket on that fd when it was mapped
         self.worker_disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
         # clients that sent calls, by connection (fds are reused: the map is refreshed on a
         # client's first call), and those whose connection closed, acted on after the grace
@@ -60,9 +70,11 @@ class Connections:
             del self.fd_worker[old]
         self.worker_fd[wid] = fd
         self.fd_worker[fd] = wid
+        self.worker_inode[wid] = _inode(fd)
 
     def worker_gone(self, wid: bytes) -> None:
         self.worker_disconnects.pop(wid, None)
+        self.worker_inode.pop(wid, None)
         fd = self.worker_fd.pop(wid, -1)
         if self.fd_worker.get(fd) == wid:
             del self.fd_worker[fd]
@@ -72,8 +84,18 @@ class Connections:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.handshake_failed(WORKERS, int(event["value"]), now)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            wid = self.fd_worker.pop(int(event["value"]), None)
-            if wid is not None and wid in known:
+            fd = int(event["value"])
+            wid = self.fd_worker.get(fd)
+            if wid is None:
+                return
+            inode = self.worker_inode.get(wid)
+            if inode is not None and inode == _inode(fd):
+                # The connection mapped on this fd is still open: the event is of an earlier one
+                # that had the same fd number, read late (the monitor's pipe can lag the
+                # backend's, so a worker's READY on its new connection may be read first).
+                return
+            del self.fd_worker[fd]
+            if wid in known:
                 self.worker_disconnects.setdefault(wid, now)
 
     def workers_due(self, now: float) -> list[bytes]:

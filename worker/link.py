@@ -56,15 +56,18 @@ log = logging.getLogger("dspex.worker")
 # broker's next heartbeat (same interval, its own jitter) arrives before it. The longest gap
 # between two of ours is then 1.75 intervals, within a liveness of 2 or more.
 _ANSWER_SLACK = 0.25
+# renewals one silence limit after a handshake the broker then did not answer, before the backoff
+_QUICK_TRIES = 2
 _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
 
 
 class BrokerSocket:
-    """The worker's DEALER to the broker, and with CURVE the monitor that names a failed handshake
-    at once (a refused key, a wrong server key) instead of waiting silently for a broker that will
-    never answer; a new one, under the same identity, after the broker fell silent."""
+    """The worker's DEALER to the broker, and the monitor of its handshakes: a failed one (a
+    refused CURVE key, a wrong server key) is named at once instead of waiting silently for a
+    broker that will never answer, and a successful one says the broker runs. A new socket, under
+    the same identity, after the broker fell silent."""
 
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None) -> None:
@@ -74,7 +77,7 @@ class BrokerSocket:
         self.max_message = max_message
         self._curve = (curve_server_key, curve_keypair)
         self.sock: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshake failures (CURVE)
+        self._monitor: zmq.Socket[Any] | None = None  # the socket's handshakes
         self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
         self.handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
 
@@ -97,23 +100,27 @@ class BrokerSocket:
             self.sock.close(linger)
             self.sock = None
 
-    def watch_handshake(self) -> None:
-        """Log a failed handshake once per reason; :attr:`handshake` says why the last failed."""
+    def watch_handshake(self) -> bool:
+        """Log a failed handshake once per reason; :attr:`handshake` says why the last failed.
+        True if a handshake succeeded since the last look."""
         monitor = self._monitor
+        succeeded = False
         if monitor is None:
-            return
+            return succeeded
         while _get_opt(monitor, _EVENTS) & _POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshake = ""
+                succeeded = True
                 continue
             why = handshake_failure(event["event"], "worker", True)
             if why and why != self.handshake:
                 self.handshake = why
                 log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+        return succeeded
 
-    def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
-        """A DEALER connected to the backend under the identity, and with CURVE its handshake monitor."""
+    def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        """A DEALER connected to the backend under the identity, and its handshake monitor."""
         server_key, keypair = self._curve
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
         tune_socket(sock, max_message=self.max_message)
@@ -121,13 +128,14 @@ class BrokerSocket:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SNDTIMEO, _SEND_TIMEOUT_MS)
-        monitor = None
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED
         if server_key is not None:
             public, secret = keypair or zmq.curve_keypair()
             sock.curve_serverkey = server_key
             sock.curve_publickey = public
             sock.curve_secretkey = secret
-            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
+            events |= HANDSHAKE_EVENTS
+        monitor = sock.get_monitor_socket(events)
         sock.connect(self.backend)
         return sock, monitor
 
@@ -159,6 +167,7 @@ class Link:
         self._last_beat = now  # READY went out (counts as one)
         self._deadline = now + self._silence_limit  # broker liveness
         self._backoff = self._silence_limit
+        self._quick_tries = _QUICK_TRIES
         self._beat_due = False  # a heartbeat went out: on_beat runs once the lock is let go
         self._sent = False  # _tick sent something
         self._outbox: collections.deque[Frames] = collections.deque()  # control messages for the next turn
@@ -299,6 +308,7 @@ class Link:
             now = time.monotonic()
             self._deadline = now + self._silence_limit
             self._backoff = self._silence_limit
+            self._quick_tries = _QUICK_TRIES
             command = frames[0].bytes
             if command == B_HEARTBEAT:
                 # the broker's heartbeats pace ours: ours goes out in this wake-up (unless one
@@ -323,7 +333,14 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
-        self._dealer.watch_handshake()
+        if self._dealer.watch_handshake() and self._backoff > self._silence_limit and self._quick_tries:
+            # A renewed connection's handshake: the broker runs. If it ignored the connection (our
+            # old one, closed while the broker did not run, still held the identity: no handover)
+            # and the READY with it, the next try comes one silence limit from now, not after the
+            # backoff grown meanwhile. Twice at most until it is heard: a broker whose zmq thread
+            # answers handshakes while its loop is stuck gets the backoff.
+            self._quick_tries -= 1
+            self._deadline = min(self._deadline, now + self._silence_limit)
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
