@@ -199,6 +199,7 @@ class PoolFacts:
     window_s: float = HEALTH_WINDOW_S
     here: int | None = None  # of ``expected``, the processes of this host's supervisord (None: not known)
     lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
+    away: int = 0  # registered workers whose connection closed, waited for on a new one
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     if f.here is not None and f.expected > f.here:
         where = f" ({f.here} here, {f.expected - f.here} expected from other hosts)"
     lost = "".join(f"; {phrase}" for phrase in f.lost)
+    if f.away:
+        lost += f"; {f.away} away (connection lost, waited for on a new one; its sessions' calls wait)"
     if f.expected and f.up == 0:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
@@ -242,4 +245,5 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
     recent = pool.get("recent") or {}
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
-                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost))
+                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
+                     away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"))
