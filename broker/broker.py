@@ -40,6 +40,7 @@ from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
 from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_sockets
 from dspex.stack.rundir import claim, ensure_private_dir
+from dspex.stack.supervisor import pid_alive
 from dspex.wire.errors import ConfigError
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
@@ -131,15 +132,7 @@ class Broker:
         log.log(level, message, *args)
 
     def process_exited(self, pid: int, host: str) -> bool:
-        if host != socket.gethostname() or pid <= 0:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # exited, not yet reaped
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        except OSError:
-            return False
+        return host == socket.gethostname() and pid > 0 and not pid_alive(pid)
 
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""

@@ -8,6 +8,7 @@ an admin key; ``recycle`` needs an admin key when the broker has an admin allow-
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -108,14 +109,13 @@ def live(core: Core, r: SessionRecord) -> bool:
 def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:
     """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
     lists, so every count agrees."""
-    per_pool: dict[str, int] = {}
-    per_worker: dict[bytes, int] = {}
+    per_pool: Counter[str] = Counter()
+    per_worker: Counter[bytes] = Counter()
     for r in core.sessions.values():
-        if not live(core, r):
-            continue
-        per_pool[r.pool] = per_pool.get(r.pool, 0) + 1
-        if r.worker is not None:
-            per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
+        if live(core, r):
+            per_pool[r.pool] += 1
+            if r.worker is not None:
+                per_worker[r.worker] += 1
     return per_pool, per_worker
 
 

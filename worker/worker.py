@@ -129,11 +129,9 @@ class Worker:
         return 0
 
     def request_stop(self, *_: Any) -> None:
-        """SIGTERM: finish what started, say goodbye. The broker hears W_DRAIN at the link's next
-        turn (a signal handler must not take the socket's lock) and sends nothing new."""
-        self._stopping()
-
-    def _stopping(self) -> None:
+        """SIGTERM, or the broker's DISCONNECT: finish what started, say goodbye. The broker hears
+        W_DRAIN at the link's next turn (a signal handler must not take the socket's lock) and
+        sends nothing new."""
         if not self._stop.is_set():
             self._stop.set()
             self.link.say_soon([W_DRAIN])
@@ -175,7 +173,7 @@ class Worker:
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
             log.info("broker asked us to exit (recycle); finishing current work")
-            self._stopping()
+            self.request_stop()
         else:
             log.warning("ignoring unknown command %r from broker", command[:8])
 
