@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -237,6 +238,12 @@ class _Seconds(click.FloatRange):
 
     def _describe_range(self) -> str:
         return ""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):  # nan passes every comparison of the range check
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return rv
 
 
 @click.command("flagship")

@@ -71,6 +71,8 @@ def test_durable_column_says_the_checkpoints_size_and_age() -> None:
     (["sessions", "close"], "which sessions?"),
     (["sessions", "close", "abc", "--all"], "not both"),
     (["sessions", "close", "--idle", "-3"], "Invalid value for '--idle'"),
+    (["flagship", "--lm-timeout", "nan"], "'nan' is not a finite number of seconds"),
+    (["flagship", "--lm-timeout", "inf"], "'inf' is not a finite number of seconds"),
 ])
 def test_sessions_close_usage(args: list[str], needle: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,
