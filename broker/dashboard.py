@@ -27,6 +27,7 @@ from dspex.stack.health import (
     Lost,
     facts_from_status,
     is_here,
+    last_crash,
     local_pids,
     other_hosts,
     pool_state,
@@ -34,6 +35,7 @@ from dspex.stack.health import (
     proc_uptime,
     process_counts,
     silent_pids,
+    with_exits,
 )
 
 log = logging.getLogger("dspex.broker.dashboard")
@@ -49,30 +51,34 @@ def page() -> bytes:
 
 
 class Processes:
-    """supervisord's processes of the broker's supervisor.conf (cached briefly); [] without one."""
+    """supervisord's processes of the broker's supervisor.conf and how the processes that exited
+    lately ended (pid -> ``terminated by SIGSEGV``), cached briefly; nothing without one."""
 
     def __init__(self, conf: str | None) -> None:
         self.conf = conf
         self._procs: list[dict[str, Any]] = []
+        self._exits: dict[int, str] = {}
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self) -> list[dict[str, Any]]:
+    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str]]:
+        """``crashed``: the broker's events hold a crash, so read how processes ended too."""
         if not self.conf:
-            return []
+            return [], {}
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._procs
+                return self._procs, self._exits
             self._at = time.monotonic()
             try:
                 from dspex.stack.supervisor import Supervisor, SupervisorConf
 
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
+                    self._exits = sup.exit_causes() if crashed else {}
             except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
                 log.debug("no processes from supervisord: %s", exc)
-                self._procs = []
-            return self._procs
+                self._procs, self._exits = [], {}
+            return self._procs, self._exits
 
 
 def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[int]) -> dict[str, Any]:
@@ -82,16 +88,16 @@ def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 
 
-def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
+def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
-    processes, and events newest first."""
+    processes, and events newest first (a crash with how its process ended, from ``exits``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
         groups.setdefault(p["group"], []).append(p)
     names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
-    events = snap.get("events") or []
+    events = with_exits(snap.get("events") or [], exits or {})
     silent = silent_pids(e for e in events if is_here(e))
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
@@ -114,7 +120,7 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
             expected = int(p.get("size") or len(p["workers"]))
             starting, broken = (max(0, expected - up) if young else 0), 0
         verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken,
-                                                     here=here, lost=lost))
+                                                     here=here, lost=lost, last_crash=last_crash(events, name)))
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
@@ -124,7 +130,7 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
             "workers": workers,
         }
     return {"time": time.time(), "broker": snap["broker"], "pools": pools,
-            "events": list(reversed(snap.get("events") or [])), "sessions": snap.get("sessions") or [],
+            "events": list(reversed(events)), "sessions": snap.get("sessions") or [],
             "supervisord": bool(procs)}
 
 
@@ -145,7 +151,9 @@ class Dashboard:
             if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
                 return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only\n")
             try:
-                body = json.dumps(view(self.publisher.read(), self.processes.get()), default=str).encode()
+                snap = self.publisher.read()
+                crashed = any(e.get("event") == "crash" for e in snap.get("events") or [])
+                body = json.dumps(view(snap, *self.processes.get(crashed)), default=str).encode()
             except Exception as exc:  # noqa: BLE001 - the page shows the error and keeps polling
                 log.warning("dashboard status failed: %s", exc)
                 return self._send(start_response, "503 Service Unavailable", "application/json",

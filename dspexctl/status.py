@@ -25,12 +25,14 @@ from dspex.stack.health import (
     facts_from_status,
     fmt_window,
     is_here,
+    last_crash,
     local_pids,
     other_hosts,
     pool_state,
     proc_phase,
     proc_uptime,
     silent_pids,
+    with_exits,
     worst,
 )
 from dspex.stack.supervisor import (
@@ -126,6 +128,8 @@ class PoolsStatus:
                     procs = sup.processes()
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
+                    if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
+                        broker["events"] = with_exits(broker["events"], sup.exit_causes())
             except SupervisorUnreachable as err:
                 if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
                     # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
@@ -281,7 +285,8 @@ class PoolsStatus:
         else:
             verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
                                                          starting=starting, broken=broken,
-                                                         here=None if group is None else len(group), lost=lost))
+                                                         here=None if group is None else len(group), lost=lost,
+                                                         last_crash=last_crash(events, name)))
             health = verdict.state.value
             issues.extend((verdict.state, r) for r in verdict.reasons)
         recent = (bp or {}).get("recent") or {}

@@ -91,6 +91,35 @@ def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
     return {pid: float(e["time"]) for pid, e in last.items() if e.get("event") == "crash" and e.get("why") == SILENT}
 
 
+# -- how a crashed worker ended -------------------------------------------------------------------
+# a SIGKILL nobody in dspex sent: the kernel's OOM killer is the usual sender in production
+_HINTS = {"terminated by SIGKILL": "out of memory? the kernel's OOM killer sends SIGKILL: see dmesg"}
+
+
+def with_exits(events: Iterable[Mapping[str, Any]], causes: Mapping[int, str],
+               here: str | None = None) -> list[dict[str, Any]]:
+    """The broker's ``events`` with ``exit`` (how the process ended, from supervisord's
+    :meth:`~dspex.stack.supervisor.Supervisor.exit_causes`) on each crash of this host's workers
+    whose end supervisord saw. The broker only sees the connection drop; the parent saw the signal."""
+    return [{**e, "exit": causes[int(e["pid"])]}
+            if e.get("event") == "crash" and e.get("pid") and int(e["pid"]) in causes and is_here(e, here)
+            else dict(e) for e in events]
+
+
+def last_crash(events: Iterable[Mapping[str, Any]], pool: str, now: float | None = None) -> str:
+    """The newest crash of a pool's worker in words, with how it ended when known: "worker
+    3f2a9c1e (pid 4250) 12s ago: terminated by SIGSEGV"; "" when the events hold none."""
+    crashes = [e for e in events if e.get("event") == "crash" and e.get("pool") == pool]
+    if not crashes:
+        return ""
+    e = max(crashes, key=lambda e: float(e.get("time") or 0))
+    ago = fmt_window(max(0.0, (time.time() if now is None else now) - float(e.get("time") or 0)))
+    how = str(e.get("exit") or e.get("why") or "")
+    hint = next((f" ({h})" for prefix, h in _HINTS.items() if how.startswith(prefix)), "")
+    who = f"worker {str(e.get('worker') or '?')[:8]} (pid {e.get('pid')})"
+    return f"{who} {ago} ago" + (f": {how}{hint}" if how else "")
+
+
 # -- workers of this host and of others -----------------------------------------------------------
 def is_here(worker: Mapping[str, Any], here: str | None = None) -> bool:
     """A worker of this host (whose supervisord the caller joins), by the host name its READY gave;
@@ -199,6 +228,7 @@ class PoolFacts:
     window_s: float = HEALTH_WINDOW_S
     here: int | None = None  # of ``expected``, the processes of this host's supervisord (None: not known)
     lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
+    last_crash: str = ""  # the newest crash of the pool's workers in words (last_crash)
 
 
 @dataclass(frozen=True)
@@ -227,7 +257,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     if failed:
         window = fmt_window(f.window_s)
         parts = ", ".join(f"{LABELS.get(code, code)} ×{n}" for code, n in sorted(failed.items(), key=lambda kv: -kv[1]))
-        reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts} "
+        crash = f"; last crash: {f.last_crash}" if f.last_crash and failed.get("crash") else ""
+        reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts}{crash} "
                        f"(clears after {window} without one)")
     if reasons:
         return Verdict(State.WARN, reasons)
@@ -237,9 +268,11 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
 
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
-                      broken: int = 0, here: int | None = None, lost: Iterable[Lost] = ()) -> PoolFacts:
+                      broken: int = 0, here: int | None = None, lost: Iterable[Lost] = (),
+                      last_crash: str = "") -> PoolFacts:
     """PoolFacts from one pool of the broker's status (its queue and its recent failures)."""
     recent = pool.get("recent") or {}
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
-                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost))
+                     window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
+                     last_crash=last_crash)
