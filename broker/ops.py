@@ -156,6 +156,8 @@ def status(core: Core, now: float) -> dict[str, Any]:
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
+                    # what keeps it from its job, by its own account (its dspy import failed); None: nothing
+                    "problem": str(w.stats["problem"]) if w.stats.get("problem") else None,
                     "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),

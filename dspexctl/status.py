@@ -63,7 +63,7 @@ EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: 
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
-               "rss", "uptime_s", "last_heartbeat_s", "host")
+               "rss", "uptime_s", "last_heartbeat_s", "host", "problem")
 
 
 def why(tails: dict[str, str], proc: dict[str, Any]) -> str:

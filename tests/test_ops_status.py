@@ -54,6 +54,7 @@ POOLS = {"triage_pool": 2, "analytics_pool": 1}
     (PoolFacts(expected=2, up=2, failures={"queue_timeout": 2, "worker_crashed": 1}), State.WARN),
     (PoolFacts(expected=2, up=2, failures={"crash": 0}), State.OK),
     (PoolFacts(expected=2, up=1, broken=1, queued=999, queue_max=1000), State.DEGRADED),
+    (PoolFacts(expected=2, up=2, problems=("worker x (pid 1) cannot import dspy: ImportError: y",)), State.DEGRADED),
 ])
 def test_pool_state(facts: PoolFacts, state: State) -> None:
     verdict = pool_state("p", facts)

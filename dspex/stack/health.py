@@ -229,6 +229,7 @@ class PoolFacts:
     here: int | None = None  # of ``expected``, the processes of this host's supervisord (None: not known)
     lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
     last_crash: str = ""  # the newest crash of the pool's workers in words (last_crash)
+    problems: tuple[str, ...] = ()  # registered workers that say they cannot do their job, one line each
 
 
 @dataclass(frozen=True)
@@ -248,9 +249,12 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
         return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}"])
+    problems = [f"{name}: {p}" for p in f.problems]
     if f.up + f.starting < f.expected or f.broken:
         reasons.append(f"{name} has {f.up}/{f.expected} workers ready{where}{lost}")
-        return Verdict(State.DEGRADED, reasons)
+        return Verdict(State.DEGRADED, reasons + problems)
+    if problems:  # up, but not able to do what the pool is for
+        return Verdict(State.DEGRADED, problems)
     if f.queue_max and f.queued >= WARN_QUEUE_FILL * f.queue_max:
         reasons.append(f"{name} queue is {f.queued}/{f.queue_max} full (pool_saturated at {f.queue_max})")
     failed = {code: n for code, n in f.failures.items() if n}
@@ -275,4 +279,10 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
                      window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
-                     last_crash=last_crash)
+                     last_crash=last_crash, problems=worker_problems(pool.get("workers") or []))
+
+
+def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """One line per worker that reports a problem in its heartbeats (its dspy import failed)."""
+    return tuple(f"worker {str(w.get('incarnation') or w.get('id') or '?')[:8]} (pid {w.get('pid')}) "
+                 f"{w['problem']} (its log has the traceback)" for w in workers if w.get("problem"))
