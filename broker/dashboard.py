@@ -26,6 +26,7 @@ from dspex.stack.health import (
     REGISTER_GRACE_S,
     Lost,
     facts_from_status,
+    gave_up,
     is_here,
     last_crash,
     local_pids,
@@ -41,6 +42,7 @@ from dspex.stack.health import (
 log = logging.getLogger("dspex.broker.dashboard")
 
 PROCESS_CACHE_S = 1.0
+GAVE_UP = ("FATAL", "BACKOFF")  # supervisord states whose last log line the page quotes (pools status too)
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -58,27 +60,32 @@ class Processes:
         self.conf = conf
         self._procs: list[dict[str, Any]] = []
         self._exits: dict[int, str] = {}
+        self._tails: dict[str, str] = {}
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str]]:
-        """``crashed``: the broker's events hold a crash, so read how processes ended too."""
+    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str]]:
+        """(processes, how crashed processes ended by pid, the last log line of each process
+        supervisord gave up on or backs off, by full name). ``crashed``: the broker's events hold a
+        crash, so read how processes ended too."""
         if not self.conf:
-            return [], {}
+            return [], {}, {}
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._procs, self._exits
+                return self._procs, self._exits, self._tails
             self._at = time.monotonic()
             try:
-                from dspex.stack.supervisor import Supervisor, SupervisorConf
+                from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
 
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
                     self._exits = sup.exit_causes() if crashed else {}
+                    self._tails = {full_name(p): sup.last_log_line(full_name(p)) for p in self._procs
+                                   if p["statename"] in GAVE_UP}
             except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
                 log.debug("no processes from supervisord: %s", exc)
-                self._procs, self._exits = [], {}
-            return self._procs, self._exits
+                self._procs, self._exits, self._tails = [], {}, {}
+            return self._procs, self._exits, self._tails
 
 
 def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[int]) -> dict[str, Any]:
@@ -88,9 +95,11 @@ def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 
 
-def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None) -> dict[str, Any]:
+def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None,
+         tails: dict[str, str] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
-    processes, and events newest first (a crash with how its process ended, from ``exits``)."""
+    processes, and events newest first (a crash with how its process ended, from ``exits``); a
+    process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
         groups.setdefault(p["group"], []).append(p)
@@ -121,10 +130,13 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
             starting, broken = (max(0, expected - up) if young else 0), 0
         verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken,
                                                      here=here, lost=lost, last_crash=last_crash(events, name)))
+        gone = [gave_up(f"{proc['group']}:{proc['name']}", proc["statename"],
+                        (tails or {}).get(f"{proc['group']}:{proc['name']}", ""))
+                for proc in groups.get(name, []) if proc["statename"] in GAVE_UP]
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
-            "expected": expected, "up": up, "state": verdict.state.value, "reasons": verdict.reasons,
+            "expected": expected, "up": up, "state": verdict.state.value, "reasons": gone + verdict.reasons,
             "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
             "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
             "workers": workers,

@@ -24,6 +24,7 @@ from dspex.stack.health import (
     State,
     facts_from_status,
     fmt_window,
+    gave_up,
     is_here,
     last_crash,
     local_pids,
@@ -66,9 +67,8 @@ WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "error
                "rss", "uptime_s", "last_heartbeat_s", "host", "problem")
 
 
-def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
-    tail = tails.get(full_name(proc))
-    return f" (last log line: {tail})" if tail else ""
+def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
+    return gave_up(full_name(proc), proc["statename"], tails.get(full_name(proc), ""))
 
 
 def latency(bp: dict[str, Any] | None, key: str) -> float | None:
@@ -203,7 +203,7 @@ class PoolsStatus:
                 if p is broker_proc and broker is None and p["statename"] in ("RUNNING", "STARTING"):
                     continue  # said above: running but silent where we look
                 if proc_phase(p, registered) == "broken":
-                    issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
+                    issues.append((State.DEGRADED, gave_up_line(tails, p)))
 
         # with supervisord's view, a pool without a group here has all its workers on other hosts
         local_view = bool(sup_info and sup_info["state"] is not None)
@@ -266,15 +266,16 @@ class PoolsStatus:
             elif phase == "broken":
                 broken += 1
                 if proc["statename"] != "RUNNING":
-                    what = proc["statename"] + why(tails, proc)
+                    text = gave_up_line(tails, proc)
                 elif proc["pid"] in silent:
-                    what = (f"RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+                    text = (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
                             f"{fmt_duration(time.time() - silent[proc['pid']])} ago: wedged, in a call that holds the "
                             f"GIL? dspexctl workers recycle {name} --worker {proc['pid']} --hard kills it")
                 else:
-                    what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
+                    text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
+                            "broker (see its log)")
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
-                    issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
+                    issues.append((State.DEGRADED, text))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
                             "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,

@@ -185,6 +185,12 @@ def other_hosts(pool: Mapping[str, Any], name: str, group_pids: Container[int], 
     return expected, starting, lost
 
 
+def gave_up(name: str, state: str, tail: str) -> str:
+    """A process supervisord does not run (FATAL, BACKOFF, ...) with the last line of its log,
+    usually its cause: "triage_pool:triage_pool_00 is FATAL (last log line: ImportError: ...)"."""
+    return f"{name} is {state}" + (f" (last log line: {tail})" if tail else "")
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
