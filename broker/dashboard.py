@@ -5,7 +5,7 @@
     anything else the Prometheus exposition (``/metrics``)
 
 The JSON is a snapshot the broker's own thread made (``broker.publisher``: pools, workers,
-sessions, events, each pool's 15-minute history) joined with supervisord's processes when the
+sessions, events, each pool's last hour) joined with supervisord's processes when the
 broker runs with ``--config``: each pool gets the state ``dspexctl pools status`` would give it
 (:mod:`dspex.stack.health`, the same rules and words), and a worker process the broker has not registered
 (stopped, starting, fatal...) is listed with supervisord's state.
