@@ -133,6 +133,9 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "queue_max": pool.config.queue_max,
             "queue_timeout": pool.config.queue_timeout,
             "queued": pool.queued,
+            # how long the request waiting longest has waited (each queue's head is its oldest)
+            "oldest_wait_s": round(now - min(heads), 3) if (heads := [q[0].enqueued for q in pool.queues() if q])
+            else None,
             "sessions": per_pool.get(pool.name, 0),
             "requests_ok": ok,
             "requests_error": sum(pool.outcomes.values()) - ok,

@@ -295,6 +295,7 @@ class PoolsStatus:
             "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
             "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b), "starting": starting,
             "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
+            "oldest_wait_s": (bp or {}).get("oldest_wait_s"),
             "queue_max": bp["queue_max"] if bp else None,
             "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
             "latency_p50_ms": latency(bp, "latency_p50_ms"), "latency_p99_ms": latency(bp, "latency_p99_ms"),

@@ -55,6 +55,8 @@ POOLS = {"triage_pool": 2, "analytics_pool": 1}
     (PoolFacts(expected=2, up=2, failures={"crash": 0}), State.OK),
     (PoolFacts(expected=2, up=1, broken=1, queued=999, queue_max=1000), State.DEGRADED),
     (PoolFacts(expected=2, up=2, problems=("worker x (pid 1) cannot import dspy: ImportError: y",)), State.DEGRADED),
+    (PoolFacts(expected=1, up=1, queued=1, oldest_wait_s=4.0, queue_timeout=8.0, free=0), State.WARN),
+    (PoolFacts(expected=1, up=1, queued=1, oldest_wait_s=3.9, queue_timeout=8.0, free=0), State.OK),
 ])
 def test_pool_state(facts: PoolFacts, state: State) -> None:
     verdict = pool_state("p", facts)

@@ -22,6 +22,8 @@ from typing import Any
 
 # a queue this full is close to refusing requests (pool_saturated at queue_max)
 WARN_QUEUE_FILL = 0.8
+# a request that waited this part of its queue timeout is close to failing with queue_timeout
+WARN_QUEUE_WAIT = 0.5
 # a worker process supervisord reports RUNNING may still be importing dspy before it registers
 REGISTER_GRACE_S = 60.0
 # the default sliding window of a pool's health, in seconds (the pool setting ``health_window``)
@@ -236,6 +238,9 @@ class PoolFacts:
     lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
     last_crash: str = ""  # the newest crash of the pool's workers in words (last_crash)
     problems: tuple[str, ...] = ()  # registered workers that say they cannot do their job, one line each
+    oldest_wait_s: float | None = None  # how long the request waiting longest has waited (None: none waits)
+    queue_timeout: float | None = None
+    free: int | None = None  # of ``up``, workers with a free slot (None: not known)
 
 
 @dataclass(frozen=True)
@@ -263,6 +268,12 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         return Verdict(State.DEGRADED, problems)
     if f.queue_max and f.queued >= WARN_QUEUE_FILL * f.queue_max:
         reasons.append(f"{name} queue is {f.queued}/{f.queue_max} full (pool_saturated at {f.queue_max})")
+    if f.oldest_wait_s is not None and f.queue_timeout and f.oldest_wait_s >= WARN_QUEUE_WAIT * f.queue_timeout:
+        workers = "" if f.free is None else (f"all {f.up} worker(s) busy; " if f.free == 0 else
+                                             f"{f.free} of {f.up} worker(s) free, but not for these sessions; ")
+        reasons.append(f"{name}: the oldest of {f.queued} queued request(s) has waited {fmt_window(f.oldest_wait_s)} "
+                       f"of its {fmt_window(f.queue_timeout)} queue timeout ({workers}queue_timeout comes next: "
+                       "add workers, or see what keeps them busy with pools status -v)")
     failed = {code: n for code, n in f.failures.items() if n}
     if failed:
         window = fmt_window(f.window_s)
@@ -285,7 +296,9 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
                      window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
-                     last_crash=last_crash, problems=worker_problems(pool.get("workers") or []))
+                     last_crash=last_crash, problems=worker_problems(pool.get("workers") or []),
+                     oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
+                     free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None)
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
