@@ -124,3 +124,22 @@ def test_the_dashboard_shows_how_a_worker_died(stack: SupervisedStack, browser: 
     reasons = browser.find_element("id", "reasons").text
     assert f"last crash: worker {row['incarnation'][:8]} (pid {victim})" in reasons, reasons
     assert "terminated by SIGSEGV" in reasons, reasons
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_stuck_in_c_code_past_its_hard_limit_is_named_so(stack: SupervisedStack) -> None:
+    with stack.client() as dx:
+        s = dx.session("triage_pool")
+        victim = s.call("os", "getpid")
+        with pytest.raises(dspex.Timeout, match="ignored the interruption"):
+            # C code that blocks every signal: the soft limit cannot interrupt it, the hard one ends the worker
+            s.exec("import ctypes, signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))\n"
+                   "ctypes.CDLL(None).sleep(600)\n", timeout=1)
+    replaced(stack, victim)
+
+    rc, doc, text = status(stack)
+    assert rc == 6 and "call stopped at its deadline ×1" in text, text
+    left = [e for e in doc["events"] if e.get("pid") == victim and e["event"] != "start"]
+    assert [(e["event"], e["why"]) for e in left] == [("recycle", "was recycled at a call's hard time limit")], left
+    assert [(e["event"], e["why"]) for e in dashboard_events(stack) if e.get("pid") == victim
+            and e["event"] != "start"] == [("recycle", "was recycled at a call's hard time limit")]

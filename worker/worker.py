@@ -151,7 +151,7 @@ class Worker:
         """From the watchdog: a call ignored its hard time limit. Its reply and the goodbye reach
         the broker before the exit; no other thread touches the socket again."""
         try:
-            self.link.leave(last, abandoned=abandoned, timeout=3.0)
+            self.link.leave(last, abandoned=abandoned, hard_limit=True, timeout=3.0)
         except BaseException:
             log.exception("could not say goodbye before the hard exit")
         finally:
