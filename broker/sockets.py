@@ -100,10 +100,9 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
         backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No ROUTER_HANDOVER: with it, any peer connecting with a live worker's identity takes
-        # that identity (and its requests) and cuts the real worker off. A worker's own stale
-        # connection (a host gone without a FIN) is closed by ZMTP heartbeats instead.
-        backend.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        backend.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * options.heartbeat_liveness)
+        # that identity (and its requests) and cuts the real worker off. A worker's renewed
+        # connection is ignored by libzmq until its old one is closed; no ZMTP heartbeats on the
+        # backend (they would race the dspex heartbeat: docs/reliability.md, fix 11).
         # a peer whose HELLO cannot be decrypted (it holds another broker's public key) never
         # reaches the ZAP handler: only the socket monitor sees it
         curve_failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL if options.backend.startswith("tcp://") else 0

@@ -116,6 +116,8 @@ class WorkerRecord:
 
     @property
     def state(self) -> WorkerState:
+        if self.away:
+            return WorkerState.AWAY
         if self.draining:
             return WorkerState.DRAINING
         return WorkerState.BUSY if self.inflight or self.adopted else WorkerState.READY

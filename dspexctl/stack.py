@@ -205,11 +205,11 @@ def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
 
 
 def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]:
-    """Registered, non-draining workers per pool in a broker status."""
+    """Registered workers per pool in a broker status that are neither draining nor away."""
     out = {}
     for name in pools:
         p = status.get("pools", {}).get(name)
-        out[name] = sum(1 for w in p["workers"] if w["state"] != "draining") if p else 0
+        out[name] = sum(1 for w in p["workers"] if w["state"] not in ("draining", "away")) if p else 0
     return out
 
 

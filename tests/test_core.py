@@ -15,9 +15,10 @@ import pytest
 import zmq
 
 from broker.core import Core
-from broker.ops import HANDLERS
+from broker.ops import HANDLERS, status
 from broker.port import WorkerUnreachable
 from broker.state import Tombstones
+from dspex.stack.health import State, Verdict, facts_from_status, pool_state
 from dspex.stack.pools import parse_pool_spec
 from dspex.wire.protocol import (
     B_CANCEL,
@@ -650,6 +651,35 @@ def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessio
     core.advance(HEARTBEAT * 10)
     assert core.outcome(C, 2) == "ok" and w in core.workers
     assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
+
+
+def test_an_away_worker_is_shown_away_and_its_pool_degraded_until_it_is_back() -> None:
+    """The operator's view of a worker waited for on a new connection: not ``ready`` (it may be
+    gone), and the pool's health says how many are away and that their sessions' calls wait."""
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    core.reply(w, C, 1)
+    core.unreachable.add(w)
+    _broker_paused(core)
+    core.crash(w)
+
+    def view() -> tuple[dict[bytes, str], Verdict]:
+        pool = status(core.core, core.t)["pools"]["p"]
+        states = {x.id: pool_w["state"] for x in core.pools["p"].workers.values() for pool_w in pool["workers"]
+                  if pool_w["incarnation"] == x.incarnation}
+        up = sum(1 for x in pool["workers"] if x["state"] in ("ready", "busy"))
+        return states, pool_state("p", facts_from_status(pool, expected=2, up=up))
+
+    states, verdict = view()
+    assert states[w] == "away" and set(states.values()) == {"away", "ready"}
+    assert verdict.state == State.DEGRADED
+    assert verdict.reasons == [("p has 1/2 workers ready; 1 away (connection lost, waited for on a new one; "
+                                "its sessions' calls wait)")]
+    core.unreachable.discard(w)
+    core.ready(w, "p")
+    states, verdict = view()
+    assert set(states.values()) == {"ready"} and verdict.state == State.OK
 
 
 def test_a_call_whose_send_finds_the_connection_renewed_after_a_broker_pause_waits_for_the_worker() -> None:

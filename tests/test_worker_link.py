@@ -57,6 +57,12 @@ class FakeBroker:
         os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
         self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # The worker's renewed connection reuses its identity. Without handover, libzmq ignores
+        # a connection whose identity an old one still holds (the old one's close is processed
+        # asynchronously), and its READY is lost until the next renewal: a race in the stand-in,
+        # not the worker's behaviour under test. The real broker's side of it is covered by the
+        # broker-pause tests.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.bind(stack.backend)
         self.worker = b""
 

@@ -332,8 +332,9 @@ class Link:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
-            # broker has no handover, so a stale connection of ours must be gone first: its ZMTP
-            # heartbeats drop one within the same silence limit. Back off during a long outage.
+            # broker has no handover: it ignores the new connection until our old one's close
+            # reaches it, and a READY lost that way is sent again at the next try. Back off
+            # during a long outage.
             if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
                 log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, self._backoff)
             else:

@@ -241,6 +241,7 @@ class PoolFacts:
     oldest_wait_s: float | None = None  # how long the request waiting longest has waited (None: none waits)
     queue_timeout: float | None = None
     free: int | None = None  # of ``up``, workers with a free slot (None: not known)
+    away: int = 0  # registered workers whose connection closed, waited for on a new one
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     if f.here is not None and f.expected > f.here:
         where = f" ({f.here} here, {f.expected - f.here} expected from other hosts)"
     lost = "".join(f"; {phrase}" for phrase in f.lost)
+    if f.away:
+        lost += f"; {f.away} away (connection lost, waited for on a new one; its sessions' calls wait)"
     if f.expected and f.up == 0:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
@@ -298,7 +301,8 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
                      last_crash=last_crash, problems=worker_problems(pool.get("workers") or []),
                      oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
-                     free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None)
+                     free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
+                     away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"))
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:

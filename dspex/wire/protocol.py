@@ -286,6 +286,7 @@ class WorkerState(str, enum.Enum):
     READY = "ready"
     BUSY = "busy"
     DRAINING = "draining"
+    AWAY = "away"  # its connection closed while it lives on: waited for on a new one
 
 
 # Request header flags
