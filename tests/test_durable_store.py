@@ -473,8 +473,6 @@ def test_a_store_deleted_under_the_running_broker_is_written_again_and_a_restart
     stack.kill(stack.broker)
     stack.kill(worker)  # the store is the sessions' only copy now
     stack.broker.wait(10)
-    wait_for(lambda: not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z",
-             what=f"worker {worker} gone")
 
     stack.start_broker()
     stack.start_worker("p", "--no-dspy")
