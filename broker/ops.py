@@ -133,6 +133,9 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "queue_max": pool.config.queue_max,
             "queue_timeout": pool.config.queue_timeout,
             "queued": pool.queued,
+            # how long the request waiting longest has waited (each queue's head is its oldest)
+            "oldest_wait_s": round(now - min(heads), 3) if (heads := [q[0].enqueued for q in pool.queues() if q])
+            else None,
             "sessions": per_pool.get(pool.name, 0),
             "requests_ok": ok,
             "requests_error": sum(pool.outcomes.values()) - ok,
@@ -156,6 +159,8 @@ def status(core: Core, now: float) -> dict[str, Any]:
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
+                    # what keeps it from its job, by its own account (its dspy import failed); None: nothing
+                    "problem": str(w.stats["problem"]) if w.stats.get("problem") else None,
                     "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
