@@ -7,7 +7,9 @@ together share one transaction, and each finished job is handed back through
 thread has none pending run on the broker's thread instead, all of one loop turn in one
 transaction (:meth:`StoreThread.run_here`): a checkpoint of a few KB commits in less time than
 the thread hop takes (docs/benchmarks.md, *durable sessions*); a big one never holds the routing
-loop.
+loop. Once a second the thread copies the WAL into the database and looks at the store's file: one
+deleted or replaced under the running broker is written again from the open connections, which it
+then swaps while the routing thread's writes are held off (they go to the thread meanwhile).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from broker.checkpoints import CheckpointStore, Job, StoreError, locked
 
 log = logging.getLogger("dspex.broker")
 
-_CHECKPOINT_IDLE = 1.0  # seconds idle (or at most between copies, while busy) before the WAL is copied into the database
-_WAKE = Job("wake", ())  # not work: makes the store thread look at its counters again
+# seconds between two looks of the store's thread at its file: the WAL copied into the database
+# (if written since), and the file written again if it went (CheckpointStore.gone)
+_LOOK_EVERY = 1.0
+_NOTHING = Job("nothing", ())  # (a look, no job)
 
 
 class StoreThread:
@@ -39,9 +43,10 @@ class StoreThread:
         self._writes_submitted = 0
         self._writes_run = 0
         self._writes_here = 0  # run on the routing thread (run_here)
-        # the thread waits for jobs without a timeout: no write since its last copy of the WAL (an
-        # idle broker's thread never wakes); a write on the routing thread then wakes it
-        self._asleep = False
+        # held by the routing thread while it runs writes (run_here), by the store's thread while
+        # it swaps the store's connections (_rewrite_if_gone): run_here never waits for it
+        self._connections = threading.Lock()
+        self._rewrite_failed = ""  # (logged once until it succeeds)
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -68,15 +73,19 @@ class StoreThread:
         routing loop would stall): from the first job that meets one, the jobs go to the thread,
         which waits. Returns the jobs done here."""
         assert not self.writing
-        self.store.wait_for_locks(False)  # (the thread waits again once it has writes: _round)
-        left = self._round(jobs, here=True)
+        if not self._connections.acquire(blocking=False):  # the thread writes the file again: it runs them after
+            for job in jobs:
+                self.submit(job)
+            return []
+        try:
+            self.store.wait_for_locks(False)  # (the thread waits again once it has writes: _round)
+            left = self._round(jobs, here=True)
+        finally:
+            self._connections.release()
         done = jobs[:len(jobs) - len(left)]
         self._writes_here += len(done)
         for job in left:
             self.submit(job)
-        if self._asleep:
-            self._asleep = False
-            self._jobs.put(_WAKE)
         return done
 
     def completed(self) -> list[Job]:
@@ -100,65 +109,77 @@ class StoreThread:
         self.store.close()
 
     def _run(self) -> None:
-        wrote = 0
-        copied = time.monotonic()
+        wrote = 0  # writes (submitted and run here) as of the last copy of the WAL
+        looked = time.monotonic()
         while True:
-            # asleep first, then look: a write on the routing thread either is seen here or sees
-            # the flag and wakes the thread (a spare wake-up is harmless)
-            self._asleep = True
-            timeout: float | None = None
-            if self._writes_submitted + self._writes_here != wrote:
-                self._asleep = False
-                timeout = _CHECKPOINT_IDLE
             try:
-                job = self._jobs.get(timeout=timeout)
+                job = self._jobs.get(timeout=max(0.0, looked + _LOOK_EVERY - time.monotonic()))
             except queue.Empty:
-                if self._writes_submitted + self._writes_here != wrote:  # writes since the last copy
-                    wrote, copied = self._copy_wal()
-                continue
-            self._asleep = False
-            if job is _WAKE:
-                continue
-            batch: list[Job] = []
-            stop = job is None
-            if job is not None:
-                batch.append(job)
-            while not stop:  # everything already waiting joins this round (one commit for its writes)
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _WAKE:
-                    continue
-                if more is None:
-                    stop = True
-                else:
-                    batch.append(more)
-            if batch:
-                self._round(batch)
-                writes = sum(1 for job in batch if job.op != "load")
-                if writes:
-                    self._writes_run += writes
-                self._done.extend(batch)
-                try:
-                    os.write(self._write, b"\x01")
-                except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
-                    pass
-            if stop:
-                return
-            if time.monotonic() >= copied + _CHECKPOINT_IDLE and self._writes_submitted + self._writes_here != wrote:
-                # never idle (writes back to back): copied anyway, or the WAL grows for ever
-                wrote, copied = self._copy_wal()
+                job = _NOTHING
+            if job is not _NOTHING:
+                batch: list[Job] = []
+                stop = job is None
+                if job is not None:
+                    batch.append(job)
+                while not stop:  # everything already waiting joins this round (one commit for its writes)
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                    else:
+                        batch.append(more)
+                if batch:
+                    self._round(batch)
+                    writes = sum(1 for job in batch if job.op != "load")
+                    if writes:
+                        self._writes_run += writes
+                    self._done.extend(batch)
+                    try:
+                        os.write(self._write, b"\x01")
+                    except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
+                        pass
+                if stop:
+                    self._rewrite_if_gone()  # (a broker stopped right after it went keeps its sessions)
+                    return
+            # once a second, idle or busy (writes back to back never leave the thread idle: the WAL
+            # would grow for ever)
+            if time.monotonic() >= looked + _LOOK_EVERY:
+                self._rewrite_if_gone()
+                if self._writes_submitted + self._writes_here != wrote:  # written since the last copy
+                    wrote = self._copy_wal()
+                looked = time.monotonic()
 
-    def _copy_wal(self) -> tuple[int, float]:
-        """Copy the WAL into the database; the write count and the time it was done at."""
+    def _rewrite_if_gone(self) -> None:
+        """Write the store's file again if it went (:meth:`CheckpointStore.rewrite`), the
+        routing thread's writes held off meanwhile."""
+        gone = self.store.gone()
+        if not gone:
+            return
+        with self._connections:
+            try:
+                sessions, aside = self.store.rewrite()
+            except (sqlite3.Error, OSError) as exc:
+                if str(exc) != self._rewrite_failed:
+                    self._rewrite_failed = str(exc)
+                    log.error("checkpoint store %s %s while the broker ran, and writing it again failed (%s): "
+                              "tried again every second; until then a broker restart loses its durable sessions",
+                              self.store.path, gone, exc)
+                return
+        self._rewrite_failed = ""
+        log.warning("checkpoint store %s %s while the broker ran: written again from memory, %d sessions%s",
+                    self.store.path, gone, sessions, f"; the file found in its place set aside as {aside}" if aside else "")
+
+    def _copy_wal(self) -> int:
+        """Copy the WAL into the database; the write count it was done at."""
         wrote = self._writes_submitted + self._writes_here
         try:
             if self.store.wal_checkpoint():
                 wrote -= 1  # more room to give back: copied again as if written, a second later
         except sqlite3.Error as exc:
             log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
-        return wrote, time.monotonic()
+        return wrote
 
     def _round(self, batch: list[Job], here: bool = False) -> list[Job]:
         """Run ``batch``; ``here`` (the routing thread): stop at a lock another process holds and

@@ -130,17 +130,12 @@ class CheckpointStore:
         self.total_cap = total_cap
         fresh = not os.path.exists(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
-        self._waits = True
         if fresh:
             os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
             # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
             # table exists, or it takes a VACUUM of the whole file
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # the WAL is copied into the database (and synced) by the store's thread, never by a
-        # commit on the routing thread (wal_checkpoint)
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._configure()
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
@@ -150,6 +145,7 @@ class CheckpointStore:
         self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._files = _identities(path)  # the files the connections write, to know if they go (gone)
         self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
         self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
         self.total = sum(self._sizes.values())
@@ -157,6 +153,14 @@ class CheckpointStore:
         # delete needs room in the WAL too): done at the next job that writes. Left as they were,
         # a restarted broker would bring such a session back durable, with its state of before.
         self._unwritten: dict[str, str] = {}
+
+    def _configure(self) -> None:
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # the WAL is copied into the database (and synced) by the store's thread, never by a
+        # commit on the routing thread (wal_checkpoint)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._waits = True  # (the timeout given to connect)
 
     def _drop_damaged_rows(self) -> None:
         """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
@@ -193,6 +197,56 @@ class CheckpointStore:
             self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
         self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return shrink and free > _SHRINK_PAGES
+
+    def gone(self) -> str:
+        """What became of the file the store writes, or of its WAL, if it is no longer at its
+        path ("" if it is): the connections would go on writing into the unlinked file, lost at
+        the broker's next start (:meth:`rewrite`)."""
+        found, ours = _identities(self.path), self._files
+        if found[0] is None:
+            return "was deleted"
+        if found[0] != ours[0]:
+            return "was replaced by another file"
+        if found[1] != ours[1]:  # (the -wal stays while a connection is open)
+            return "lost its WAL file (-wal deleted or replaced)"
+        return ""
+
+    def rewrite(self) -> tuple[int, str]:
+        """Write all of the store at its path again, from its open connections, and reopen it
+        there. Files found in the place of the store's (it, its -wal, its -shm) are set aside
+        (``PATH.replaced-<UTC time>``), never read as the store. Returns the durable sessions
+        written and where such a file went ("" if none). Both connections must be idle (the
+        store's thread holds the routing thread's writes off). Raises sqlite3.Error or OSError
+        if it cannot (the store as it was)."""
+        fresh = f"{self.path}.rewrite"
+        if os.path.exists(fresh):
+            os.unlink(fresh)  # (left by a broker killed while it wrote one)
+        os.close(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # VACUUM INTO fills an empty file
+        aside = ""
+        try:
+            self._db.execute("VACUUM INTO ?", (fresh,))  # every committed write, as one consistent file
+            # a -wal or -shm at the path is read as the new file's at its opening: any not the
+            # old file's goes (set aside) before it is there; the old file's once it is closed
+            for extra, found, ours in zip(("", "-wal", "-shm"), _identities(self.path), self._files):
+                if found not in (None, ours):
+                    aside = aside or f"{self.path}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                    os.replace(self.path + extra, aside + extra)
+            os.replace(fresh, self.path)
+        except BaseException:
+            if os.path.exists(fresh):
+                os.unlink(fresh)
+            raise
+        self._reader.close()
+        self._db.close()
+        for extra in ("-wal", "-shm"):  # (SQLite keeps them when the file it closes was deleted)
+            if os.path.exists(self.path + extra):
+                os.unlink(self.path + extra)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+        self._configure()
+        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        sessions = int(self._db.execute("SELECT count(*) FROM sessions WHERE seq >= 0").fetchone()[0])
+        self._files = _identities(self.path)  # (its -wal and -shm made by the reads above)
+        return sessions, aside
 
     def wait_for_locks(self, wait: bool) -> None:
         """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
@@ -377,6 +431,18 @@ def _forget_rows(db: sqlite3.Connection, session: str, plain: str) -> None:
         db.execute("UPDATE sessions SET seq = -1, skeleton = ?, size = 0 WHERE id = ?", (plain, session))
     else:
         db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+
+def _identities(path: str) -> list[tuple[int, int] | None]:
+    """The device and inode of the store's file, its -wal and its -shm (None: none there)."""
+    found: list[tuple[int, int] | None] = []
+    for extra in ("", "-wal", "-shm"):
+        try:
+            st = os.stat(path + extra)
+            found.append((st.st_dev, st.st_ino))
+        except FileNotFoundError:
+            found.append(None)
+    return found
 
 
 def locked(exc: BaseException) -> bool:

@@ -174,14 +174,28 @@ def counted_wal_copies(store: CheckpointStore) -> list[int]:
     return copies
 
 
-def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each(short_tmp: str) -> None:
+def counted_looks(store: CheckpointStore) -> list[int]:
+    """A list that gets one item per look of the store's thread at its file."""
+    looks: list[int] = []
+    real_gone = store.gone
+
+    def counted_gone() -> str:
+        looks.append(1)
+        return real_gone()
+
+    store.gone = counted_gone  # type: ignore[method-assign]
+    return looks
+
+
+def test_an_idle_store_thread_copies_the_wal_once_after_each_write_and_not_while_nothing_is_written(
+        short_tmp: str) -> None:
     store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
     copies = counted_wal_copies(store)
+    looks = counted_looks(store)
     thread = StoreThread(store)
     try:
-        # nothing written yet: the thread waits for work without a timeout (no periodic wake-up)
-        wait_for(lambda: thread._asleep, what="the idle store thread asleep")
-        assert not copies
+        wait_for(lambda: len(looks) >= 2, what="the idle store thread looking at its file")
+        assert not copies  # nothing written yet
         tracker = checkpoint.Tracker(SID)
         state = RefTable("p", "w1").session(SID)
         jobs = [Job("open", (SID, "p", "", "w1", 1.0))]
@@ -193,8 +207,10 @@ def test_an_idle_store_thread_sleeps_until_a_write_and_copies_the_wal_after_each
         for job in jobs:
             before = len(copies)
             thread.run_here([job])  # on the routing thread, as the broker does
-            # the write wakes the sleeping thread, which copies the WAL once idle, then sleeps again
-            wait_for(lambda before=before: len(copies) > before and thread._asleep, what=f"the WAL copied after {job.op}")
+            wait_for(lambda before=before: len(copies) > before, what=f"the WAL copied after {job.op}")
+            seen = len(looks)
+            wait_for(lambda seen=seen: len(looks) >= seen + 2, what="two more looks")
+            assert len(copies) == before + 1  # nothing written since: not copied again
     finally:
         thread.close()
     assert CheckpointStore(os.path.join(short_tmp, "ck.sqlite")).load(SID).seq == tracker.seq  # type: ignore[union-attr]
@@ -284,3 +300,35 @@ def test_a_store_of_another_schema_is_set_aside_and_one_that_cannot_be_opened_is
     os.mkdir(os.path.join(short_tmp, "dir.sqlite"))
     with pytest.raises(sqlite3.OperationalError):  # not damaged: nothing set aside, the broker says why
         open_store(os.path.join(short_tmp, "dir.sqlite"))
+
+
+def test_writes_on_the_routing_thread_while_the_store_file_is_deleted_again_and_again_are_all_kept(
+        short_tmp: str) -> None:
+    """The store's thread writes the file again (its connections swapped) while the routing thread
+    commits small writes (run_here): each write it acknowledged is in the file at the path."""
+    path = os.path.join(short_tmp, "ck.sqlite")
+    thread = StoreThread(CheckpointStore(path))
+    acknowledged = 0
+    try:
+        thread.run_here([Job("open", (SID, "p", "", "w1", 1.0))])
+        rewrites = 0
+        seq = 0
+        while rewrites < 3:
+            seq += 1
+            skeleton = b"skeleton %d" % seq
+            job = Job("write", (Write(SID, seq, skeleton, [0], [b"x" * 100], [], False, 100 + len(skeleton)),))
+            if thread.writing:  # as the broker does: behind the thread's writes, never beside them
+                thread.submit(job)
+                wait_for(lambda: select.select([thread.fileno()], [], [], 0.05)[0] and thread.completed(),
+                         what=f"write {seq} done by the store's thread")
+            elif thread.run_here([job]) != [job]:
+                wait_for(lambda: select.select([thread.fileno()], [], [], 0.05)[0] and thread.completed(),
+                         what=f"write {seq} handed to the store's thread")
+            assert job.error is None
+            acknowledged = seq
+            if seq % 50 == 0 and os.path.exists(path) and os.path.exists(path + "-wal"):  # (written again since)
+                os.unlink(path if rewrites % 2 == 0 else path + "-wal")
+                rewrites += 1
+    finally:
+        thread.close()  # (it looks a last time: the last deletion is written again too)
+    assert CheckpointStore(path).load(SID).seq == acknowledged  # type: ignore[union-attr]

@@ -428,3 +428,68 @@ def test_the_store_file_gives_back_the_room_of_closed_sessions(stack: Stack) -> 
         s.close()
     wait_for(lambda: os.path.getsize(path) < 1024 * 1024, timeout=15,
              what="the database file shrunk")
+
+
+def _take_away(path: str, how: str) -> None:
+    """What an operator or a cleanup job does to the store of a running broker."""
+    if how == "wal":
+        os.unlink(path + "-wal")
+        return
+    for extra in ("", "-wal", "-shm") if how == "all" else ("",):
+        os.unlink(path + extra)
+    if how == "empty":
+        open(path, "wb").close()
+    elif how == "other":
+        other = path + ".other"
+        with sqlite3.connect(other) as db:
+            db.execute("CREATE TABLE sessions (id TEXT)")  # a store's name, not its rows
+            db.execute("INSERT INTO sessions VALUES ('not ours')")
+        db.close()
+        os.replace(other, path)
+
+
+@pytest.mark.parametrize("how", ["main", "all", "wal", "empty", "other"])
+def test_a_store_deleted_under_the_running_broker_is_written_again_and_a_restart_keeps_every_session(
+        stack: Stack, how: str) -> None:
+    """The store file deleted (alone, with its -wal and -shm, or only its -wal) or replaced while
+    the broker runs: the broker wrote on into the unlinked file, and its next start found no
+    session; those whose workers died too were lost. Now every acknowledged call is in the store
+    at the path once more, and a file found in its place is set aside, never read as the store."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    sessions = [dx.session("p", durable=True) for _ in range(3)]
+    boxes = [s.put({"n": i}) for i, s in enumerate(sessions)]
+    for s in sessions:
+        s.exec("counter = 0")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    _take_away(path, how)
+    for s in sessions:  # into the file that went, before the broker looks again
+        s.exec("counter += 1")
+    wait_for(lambda: "while the broker ran: written again from memory, 3 sessions" in stack.logs(),
+             what="the store written again")
+    for s in sessions:
+        s.exec("counter += 1")
+    worker = pid_of(sessions[0])
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.kill(worker)  # the store is the sessions' only copy now
+    stack.broker.wait(10)
+
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    for i, (s, box) in enumerate(zip(sessions, boxes)):
+        assert s.eval("(counter, b['n'])", {"b": box}) == (2, i)  # the last acknowledged call's state
+    assert pid_of(sessions[0]) != worker
+    asides = [f for f in glob.glob(path + ".replaced-*") if not f.endswith(("-wal", "-shm"))]
+    if how == "empty":
+        (aside,) = asides
+        assert os.path.getsize(aside) == 0  # kept as it was
+    elif how == "other":
+        (aside,) = asides
+        with sqlite3.connect(aside) as db:
+            assert db.execute("SELECT id FROM sessions").fetchall() == [("not ours",)]
+        db.close()
+    else:
+        assert not asides
+    log = stack.logs()
+    assert "written again failed" not in log and "is unusable" not in log
