@@ -30,6 +30,7 @@ log = logging.getLogger("dspex.broker")
 # (if written since), and the file written again if it went (CheckpointStore.gone)
 _LOOK_EVERY = 1.0
 _NOTHING = Job("nothing", ())  # (a look, no job)
+_WAKE = Job("wake", ())  # not work: a write ran on the routing thread while the thread slept
 
 
 class StoreThread:
@@ -47,6 +48,10 @@ class StoreThread:
         # it swaps the store's connections (_rewrite_if_gone): run_here never waits for it
         self._connections = threading.Lock()
         self._rewrite_failed = ""  # (logged once until it succeeds)
+        # a store that holds no session, not written since the thread's last look, has nothing
+        # to copy or to lose: the thread waits without a timeout (an idle broker's thread never
+        # wakes) until a job, or a write on the routing thread wakes it
+        self._asleep = False
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -86,6 +91,9 @@ class StoreThread:
         self._writes_here += len(done)
         for job in left:
             self.submit(job)
+        if self._asleep:  # (counted first: the thread either sees the count or is woken)
+            self._asleep = False
+            self._jobs.put(_WAKE)
         return done
 
     def completed(self) -> list[Job]:
@@ -111,10 +119,19 @@ class StoreThread:
     def _run(self) -> None:
         wrote = 0  # writes (submitted and run here) as of the last copy of the WAL
         looked = time.monotonic()
+        empty = self._holds_nothing()
         while True:
+            timeout: float | None = max(0.0, looked + _LOOK_EVERY - time.monotonic())
+            if empty:
+                self._asleep = True  # then look: a write on the routing thread is seen or wakes it
+                if self._writes_submitted + self._writes_here == wrote:
+                    timeout = None
             try:
-                job = self._jobs.get(timeout=max(0.0, looked + _LOOK_EVERY - time.monotonic()))
+                job = self._jobs.get(timeout=timeout)
             except queue.Empty:
+                job = _NOTHING
+            self._asleep = False
+            if job is _WAKE:
                 job = _NOTHING
             if job is not _NOTHING:
                 batch: list[Job] = []
@@ -149,7 +166,15 @@ class StoreThread:
                 self._rewrite_if_gone()
                 if self._writes_submitted + self._writes_here != wrote:  # written since the last copy
                     wrote = self._copy_wal()
+                    empty = self._holds_nothing()
                 looked = time.monotonic()
+
+    def _holds_nothing(self) -> bool:
+        with self._connections:  # (the routing thread's writes use the connections too)
+            try:
+                return self.store.empty()
+            except sqlite3.Error:
+                return False
 
     def _rewrite_if_gone(self) -> None:
         """Write the store's file again if it went (:meth:`CheckpointStore.rewrite`), the

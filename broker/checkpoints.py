@@ -211,6 +211,10 @@ class CheckpointStore:
             return "lost its WAL file (-wal deleted or replaced)"
         return ""
 
+    def empty(self) -> bool:
+        """No session's row: a store deleted now loses nothing."""
+        return bool(self._reader.execute("SELECT NOT EXISTS (SELECT 1 FROM sessions)").fetchone()[0])
+
     def rewrite(self) -> tuple[int, str]:
         """Write all of the store at its path again, from its open connections, and reopen it
         there. Files found in the place of the store's (it, its -wal, its -shm) are set aside
