@@ -39,7 +39,8 @@ from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
 from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_sockets
-from dspex.stack.rundir import ensure_private_dir
+from dspex.stack.rundir import claim, ensure_private_dir
+from dspex.stack.supervisor import pid_alive
 from dspex.wire.errors import ConfigError
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
@@ -80,6 +81,7 @@ class Broker:
         self.monitor: zmq.Socket[Any]
         self.front_monitor: zmq.Socket[Any]  # clients' disconnects and CURVE handshake failures
         self.store_link: StoreLink | None = None  # durable sessions' checkpoints (opened by bind)
+        self._store_claim = -1  # the lock that makes the store this broker's alone (rundir.claim)
         self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
         self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
 
@@ -130,15 +132,7 @@ class Broker:
         log.log(level, message, *args)
 
     def process_exited(self, pid: int, host: str) -> bool:
-        if host != socket.gethostname() or pid <= 0:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # exited, not yet reaped
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        except OSError:
-            return False
+        return host == socket.gethostname() and pid > 0 and not pid_alive(pid)
 
     def stop_process(self, pid: int, host: str) -> None:
         """SIGKILL a worker of this host (one on another host is asked to leave by the core)."""
@@ -183,7 +177,7 @@ class Broker:
         opened = _store_of(self.options)
         if opened is None:
             return
-        store, path = opened
+        store, path, self._store_claim = opened
         self.store_link = StoreLink(store, self.core.store_done)
         self.core.durable.enabled = True
         self.core.durable.load(store.sessions())
@@ -204,6 +198,9 @@ class Broker:
         if self.store_link is not None:
             self.store_link.close()
             self.store_link = None
+        if self._store_claim >= 0:
+            os.close(self._store_claim)
+            self._store_claim = -1
         if self.sockets is not None:
             self.sockets.close()
         for fd in (self._wake_r, self._wake_w):
@@ -317,8 +314,10 @@ def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
             return
 
 
-def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str] | None:
-    """The checkpoint store ``options`` ask for and its path (None: durable sessions are off)."""
+def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str, int] | None:
+    """The checkpoint store ``options`` ask for, its path and the lock held on it (None: durable
+    sessions are off). Another broker on the same file, started by mistake on the same run
+    directory with other sockets, would read, expire and drop this one's sessions: refused."""
     path = options.checkpoints
     if path == "":
         return None
@@ -326,11 +325,13 @@ def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str] | None:
         if not options.run_dir:
             return None
         path = str(ensure_private_dir(Path(options.run_dir)) / "checkpoints.sqlite")
+    lock = claim(path + ".lock", f"the checkpoint store {path}")
     try:
         store = checkpoints.open_store(path, session_cap=options.checkpoint_cap, total_cap=options.checkpoint_total_cap)
     except (checkpoints.StoreError, sqlite3.Error) as exc:
+        os.close(lock)
         raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
-    return store, path
+    return store, path, lock
 
 
 class StoreLink:

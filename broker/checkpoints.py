@@ -29,6 +29,7 @@ log = logging.getLogger("dspex.broker")
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
 SCHEMA_VERSION = 1
+_SHRINK_MIN, _SHRINK_PAGES = 64, 512  # free pages in the file before it is shrunk; pages given back per copy
 # seconds a write on the store's thread waits for a lock another process holds on the file (an
 # operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
 LOCK_WAIT = 30.0
@@ -52,6 +53,13 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (session, slot)
 );
 """
+
+
+# what a row needs to be read back (the SQLite column types are not enforced)
+_SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 'text' AND typeof(worker) = 'text' "
+              "AND typeof(created) IN ('integer', 'real') AND typeof(updated) IN ('integer', 'real') "
+              "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
+              "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
 
 
 class StoreError(Exception):
@@ -125,6 +133,9 @@ class CheckpointStore:
         self._waits = True
         if fresh:
             os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
+            # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
+            # table exists, or it takes a VACUUM of the whole file
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # the WAL is copied into the database (and synced) by the store's thread, never by a
@@ -134,7 +145,9 @@ class CheckpointStore:
         if version not in (0, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:  # (only a new store: a broker restarted on a full disk writes nothing here)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
@@ -145,10 +158,41 @@ class CheckpointStore:
         # a restarted broker would bring such a session back durable, with its state of before.
         self._unwritten: dict[str, str] = {}
 
-    def wal_checkpoint(self) -> None:
-        """Copy the committed WAL into the database file (a passive checkpoint: it waits for no
-        reader or writer). The store's thread runs it when idle."""
-        self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def _drop_damaged_rows(self) -> None:
+        """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
+        the broker would fail on them at start or at their session's next write. Their sessions
+        are lost (their workers, if alive, checkpoint them whole again at their next call)."""
+        bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({_SOUND_ROW})").fetchall()
+        if not bad:
+            return
+        self._db.execute("BEGIN")
+        try:
+            for session, _ in bad:
+                _forget_rows(self._db, session, "")
+            self._db.execute("COMMIT")
+        except BaseException:
+            _rollback(self._db)
+            raise
+        log.error("checkpoint store %s: %d damaged session rows (fields of the wrong types) deleted; their "
+                  "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
+                  ", ".join(f"{str(session)[:8]} (pool {pool!r})" for session, pool in bad))
+
+    def wal_checkpoint(self) -> bool:
+        """Copy the committed WAL into the database file and truncate the WAL. The store's thread
+        runs it when idle, and once a second while busy. A passive copy never let the WAL start
+        again from its beginning under back-to-back writes (a write ran during every copy): it
+        grew by every write, and its file kept its largest size for good. This one holds writes
+        off while it runs: the routing thread's meet the lock and go to the store's thread
+        (``run_here``), which runs them after it. Once a quarter of a store made with
+        ``auto_vacuum`` is free (closed sessions), it gives back ``_SHRINK_PAGES`` pages to the
+        disk; True: there is more to give back."""
+        free, pages = (int(self._reader.execute(f"PRAGMA {name}").fetchone()[0])
+                       for name in ("freelist_count", "page_count"))
+        shrink = free >= _SHRINK_MIN and free * 4 >= pages  # (a quarter of the file free: no churn at each copy)
+        if shrink:  # a step at a time: it holds writes off too (executescript: execute frees one page)
+            self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
+        self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return shrink and free > _SHRINK_PAGES
 
     def wait_for_locks(self, wait: bool) -> None:
         """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the

@@ -32,7 +32,7 @@ from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import LOST, Roster
+from broker.roster import HARD_LIMIT, LOST, Roster
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -56,6 +56,7 @@ from dspex.wire.protocol import (
     B_REREGISTER,
     BROKER_OPS,
     GOODBYE_ABANDONED,
+    GOODBYE_HARD_LIMIT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     OPS,
@@ -278,8 +279,11 @@ class Core:
         elif command == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
             # abandoned: a call of it ignored its hard time limit, so what it was running may have run
-            if w is not None and len(frames) > 2 and frames[2].bytes == GOODBYE_ABANDONED:
-                self.roster.remove(w, "was recycled at a call's hard time limit")
+            goodbye = frames[2].bytes if len(frames) > 2 else b""
+            if w is not None and goodbye == GOODBYE_ABANDONED:
+                self.roster.remove(w, HARD_LIMIT)
+            elif w is not None and goodbye == GOODBYE_HARD_LIMIT:  # its calls all answered: nothing failed
+                self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
                 self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:

@@ -5,7 +5,7 @@
     anything else the Prometheus exposition (``/metrics``)
 
 The JSON is a snapshot the broker's own thread made (``broker.publisher``: pools, workers,
-sessions, events, each pool's 15-minute history) joined with supervisord's processes when the
+sessions, events, each pool's last hour) joined with supervisord's processes when the
 broker runs with ``--config``: each pool gets the state ``dspexctl pools status`` would give it
 (:mod:`dspex.stack.health`, the same rules and words), and a worker process the broker has not registered
 (stopped, starting, fatal...) is listed with supervisord's state.
@@ -26,7 +26,9 @@ from dspex.stack.health import (
     REGISTER_GRACE_S,
     Lost,
     facts_from_status,
+    gave_up,
     is_here,
+    last_crash,
     local_pids,
     other_hosts,
     pool_state,
@@ -34,11 +36,13 @@ from dspex.stack.health import (
     proc_uptime,
     process_counts,
     silent_pids,
+    with_exits,
 )
 
 log = logging.getLogger("dspex.broker.dashboard")
 
 PROCESS_CACHE_S = 1.0
+GAVE_UP = ("FATAL", "BACKOFF")  # supervisord states whose last log line the page quotes (pools status too)
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -49,30 +53,39 @@ def page() -> bytes:
 
 
 class Processes:
-    """supervisord's processes of the broker's supervisor.conf (cached briefly); [] without one."""
+    """supervisord's processes of the broker's supervisor.conf and how the processes that exited
+    lately ended (pid -> ``terminated by SIGSEGV``), cached briefly; nothing without one."""
 
     def __init__(self, conf: str | None) -> None:
         self.conf = conf
         self._procs: list[dict[str, Any]] = []
+        self._exits: dict[int, str] = {}
+        self._tails: dict[str, str] = {}
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self) -> list[dict[str, Any]]:
+    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str]]:
+        """(processes, how crashed processes ended by pid, the last log line of each process
+        supervisord gave up on or backs off, by full name). ``crashed``: the broker's events hold a
+        crash, so read how processes ended too."""
         if not self.conf:
-            return []
+            return [], {}, {}
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._procs
+                return self._procs, self._exits, self._tails
             self._at = time.monotonic()
             try:
-                from dspex.stack.supervisor import Supervisor, SupervisorConf
+                from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
 
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
+                    self._exits = sup.exit_causes() if crashed else {}
+                    self._tails = {full_name(p): sup.last_log_line(full_name(p)) for p in self._procs
+                                   if p["statename"] in GAVE_UP}
             except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
                 log.debug("no processes from supervisord: %s", exc)
-                self._procs = []
-            return self._procs
+                self._procs, self._exits, self._tails = [], {}, {}
+            return self._procs, self._exits, self._tails
 
 
 def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[int]) -> dict[str, Any]:
@@ -82,16 +95,18 @@ def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 
 
-def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
+def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None,
+         tails: dict[str, str] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
-    processes, and events newest first."""
+    processes, and events newest first (a crash with how its process ended, from ``exits``); a
+    process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
         groups.setdefault(p["group"], []).append(p)
     names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
-    events = snap.get("events") or []
+    events = with_exits(snap.get("events") or [], exits or {})
     silent = silent_pids(e for e in events if is_here(e))
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
@@ -114,17 +129,20 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]]) -> dict[str, Any]:
             expected = int(p.get("size") or len(p["workers"]))
             starting, broken = (max(0, expected - up) if young else 0), 0
         verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken,
-                                                     here=here, lost=lost))
+                                                     here=here, lost=lost, last_crash=last_crash(events, name)))
+        gone = [gave_up(f"{proc['group']}:{proc['name']}", proc["statename"],
+                        (tails or {}).get(f"{proc['group']}:{proc['name']}", ""))
+                for proc in groups.get(name, []) if proc["statename"] in GAVE_UP]
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
-            "expected": expected, "up": up, "state": verdict.state.value, "reasons": verdict.reasons,
+            "expected": expected, "up": up, "state": verdict.state.value, "reasons": gone + verdict.reasons,
             "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
             "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
             "workers": workers,
         }
     return {"time": time.time(), "broker": snap["broker"], "pools": pools,
-            "events": list(reversed(snap.get("events") or [])), "sessions": snap.get("sessions") or [],
+            "events": list(reversed(events)), "sessions": snap.get("sessions") or [],
             "supervisord": bool(procs)}
 
 
@@ -145,7 +163,9 @@ class Dashboard:
             if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
                 return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only\n")
             try:
-                body = json.dumps(view(self.publisher.read(), self.processes.get()), default=str).encode()
+                snap = self.publisher.read()
+                crashed = any(e.get("event") == "crash" for e in snap.get("events") or [])
+                body = json.dumps(view(snap, *self.processes.get(crashed)), default=str).encode()
             except Exception as exc:  # noqa: BLE001 - the page shows the error and keeps polling
                 log.warning("dashboard status failed: %s", exc)
                 return self._send(start_response, "503 Service Unavailable", "application/json",

@@ -8,6 +8,7 @@ an admin key; ``recycle`` needs an admin key when the broker has an admin allow-
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -108,14 +109,13 @@ def live(core: Core, r: SessionRecord) -> bool:
 def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:
     """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
     lists, so every count agrees."""
-    per_pool: dict[str, int] = {}
-    per_worker: dict[bytes, int] = {}
+    per_pool: Counter[str] = Counter()
+    per_worker: Counter[bytes] = Counter()
     for r in core.sessions.values():
-        if not live(core, r):
-            continue
-        per_pool[r.pool] = per_pool.get(r.pool, 0) + 1
-        if r.worker is not None:
-            per_worker[r.worker] = per_worker.get(r.worker, 0) + 1
+        if live(core, r):
+            per_pool[r.pool] += 1
+            if r.worker is not None:
+                per_worker[r.worker] += 1
     return per_pool, per_worker
 
 
@@ -133,6 +133,9 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "queue_max": pool.config.queue_max,
             "queue_timeout": pool.config.queue_timeout,
             "queued": pool.queued,
+            # how long the request waiting longest has waited (each queue's head is its oldest)
+            "oldest_wait_s": round(now - min(heads), 3) if (heads := [q[0].enqueued for q in pool.queues() if q])
+            else None,
             "sessions": per_pool.get(pool.name, 0),
             "requests_ok": ok,
             "requests_error": sum(pool.outcomes.values()) - ok,
@@ -156,6 +159,8 @@ def status(core: Core, now: float) -> dict[str, Any]:
                     "queued": len(w.queue) + w.ahead, "rss": int(w.stats.get("rss", 0)),
                     "refs": int(w.stats.get("refs", 0)),
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
+                    # what keeps it from its job, by its own account (its dspy import failed); None: nothing
+                    "problem": str(w.stats["problem"]) if w.stats.get("problem") else None,
                     "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),

@@ -23,8 +23,8 @@ from broker.stats import Histogram
 if TYPE_CHECKING:
     from broker.core import Core
 
-HISTORY_EVERY_S = 5.0
-HISTORY_S = 900.0
+HISTORY_EVERY_S = 10.0
+HISTORY_S = 3600.0  # kept in the broker's memory: a broker restart starts it empty
 SESSIONS_SHOWN = 200  # the most recently used sessions a snapshot lists (the counts cover all)
 
 
@@ -47,14 +47,17 @@ def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | 
 
 
 class History:
-    """Per pool, ``[time, calls/s, p50 ms, p99 ms, queued, errors]`` every HISTORY_EVERY_S."""
+    """Per pool, ``[time, calls/s, p50 ms, p99 ms, queued, errors, crashes, recycles]`` every
+    HISTORY_EVERY_S (errors, crashes and recycles: those of the interval). A point is never changed
+    once made, so a snapshot shares them."""
 
     def __init__(self, core: Core, every: float = HISTORY_EVERY_S, span: float = HISTORY_S) -> None:
         self.core = core
         self.every = every
         self.points: dict[str, deque[list[Any]]] = {name: deque(maxlen=int(span / every)) for name in core.pools}
-        self._last: dict[str, tuple[float, int, int, list[int]]] = {
-            name: (time.monotonic(), 0, 0, [0] * len(pool.latency.counts)) for name, pool in core.pools.items()}
+        self._last: dict[str, tuple[float, int, int, list[int], int, int]] = {
+            name: (time.monotonic(), 0, 0, [0] * len(pool.latency.counts), pool.crashes, pool.recycles)
+            for name, pool in core.pools.items()}
         self.due = time.monotonic() + every
 
     def tick(self, now: float) -> None:
@@ -66,18 +69,19 @@ class History:
             answered = sum(pool.outcomes.values())
             ok = sum(n for (_, outcome), n in pool.outcomes.items() if outcome == "ok")
             counts = list(pool.latency.counts)
-            t0, answered0, errors0, counts0 = self._last[name]
+            t0, answered0, errors0, counts0, crashes0, recycles0 = self._last[name]
             span = max(1e-3, now - t0)
             interval = [a - b for a, b in zip(counts, counts0)]
             p50, p99 = (quantile(pool.latency.bounds, interval, q) for q in (0.5, 0.99))
             self.points[name].append([round(wall, 1), round((answered - answered0) / span, 3),
                                       None if p50 is None else round(p50 * 1000, 3),
                                       None if p99 is None else round(p99 * 1000, 3),
-                                      pool.queued, (answered - ok) - errors0])
-            self._last[name] = (now, answered, answered - ok, counts)
+                                      pool.queued, (answered - ok) - errors0, pool.crashes - crashes0,
+                                      pool.recycles - recycles0])
+            self._last[name] = (now, answered, answered - ok, counts, pool.crashes, pool.recycles)
 
     def copy(self, name: str) -> list[list[Any]]:
-        return [list(p) for p in self.points.get(name, ())]
+        return list(self.points.get(name, ()))
 
 
 def _histogram(h: Histogram) -> dict[str, Any]:

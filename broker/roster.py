@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import zmq
 
 LOST = "crashed (connection lost)"  # its connection closed without a goodbye
+# why a worker left at a call's hard time limit (the call ignored its interruption)
+HARD_LIMIT = "was recycled at a call's hard time limit"
 
 
 class Roster:

@@ -137,10 +137,7 @@ class WorkerRecord:
                 or self.capacity != 1 or pool.mode is not Affinity.STRICT_QUEUE or self.draining or self.away
                 or self.adopted):
             return False
-        for p in inflight.values():
-            if now - p.started >= PREFETCH_YOUNG:
-                return False
-        return True
+        return all(now - p.started < PREFETCH_YOUNG for p in inflight.values())
 
     def runs_session(self, session: str) -> bool:
         return any(p.session == session for p in self.inflight.values())
@@ -441,8 +438,7 @@ class Notices:
         last = self._since.get(key)
         if last is None or now - last >= self.every:
             self._since[key] = now
-            n = self._count.pop(key, 0) + 1
-            return n
+            return self._count.pop(key, 0) + 1
         self._count[key] = self._count.get(key, 0) + 1
         return 0
 

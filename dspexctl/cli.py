@@ -138,7 +138,21 @@ json_option = click.option("--json", "json_out", is_flag=True, help="print one J
 class Dspexctl(click.Group):
     """Ctrl-C anywhere in a command: its ``with`` blocks close what it opened as the interrupt
     unwinds, then one line and exit 130 (the shell's code for SIGINT), never click's "Aborted!" 1.
-    A dspex error before a command runs (a malformed ``DSPEX_*`` number) is one line too."""
+    A dspex error before a command runs (a malformed ``DSPEX_*`` number) is one line too. Under
+    ``--json`` click's own usage errors (an unknown option, a missing argument, a bad value) also
+    answer on stdout as ``{"error": {"code": "usage", ...}}``, as dspexctl's do: a script parses
+    stdout whatever went wrong."""
+
+    wants_json = False  # --json among the arguments, known before they are parsed
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        self.wants_json = "--json" in args
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as err:
+            self._usage_json(err)
+            raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -148,6 +162,15 @@ class Dspexctl(click.Group):
             ctx.exit(130)
         except DspexError as err:
             fail(err, bool(ctx.params.get("json_out")))
+        except click.ClickException as err:
+            self._usage_json(err)
+            raise
+
+    def _usage_json(self, err: click.ClickException) -> None:
+        """click prints its own message on stderr and exits with ``err.exit_code`` after this."""
+        if self.wants_json:
+            code = "usage" if isinstance(err, click.UsageError) else "error"
+            _emit_json({"error": {"code": code, "message": err.format_message(), "exit": err.exit_code}})
 
 
 @click.group(cls=Dspexctl, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@
 * ``present(result)``: the human text. ``--json`` skips only this step.
 
 ``exit_code(result)`` says how the shell sees the outcome. Errors are dspex errors (each with a
-``code``); cli.py turns them into one ``Error: ...`` line and an exit code (see ``EXIT_CODES``).
+``code``); cli.py turns them into one ``Error: ...`` line and an exit code (:func:`exit_code_for`).
 """
 
 from __future__ import annotations
@@ -50,24 +50,12 @@ EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requ
 EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
 EXIT_TIMEOUT = 8  # the broker or supervisord is there but did not answer within --timeout
 
-EXIT_CODES = {
-    ConnectionError.code: EXIT_UNREACHABLE,
-    Timeout.code: EXIT_TIMEOUT,
-    SupervisorUnreachable.code: EXIT_UNREACHABLE,
-    PoolNotFound.code: EXIT_USAGE,
-    ConfigError.code: EXIT_USAGE,
-    "worker_not_found": EXIT_USAGE,
-    "session_not_found": EXIT_USAGE,
-    "usage": EXIT_USAGE,
-}
-
-
 def exit_code_for(err: DspexError) -> int:
-    if isinstance(err, ConnectionError):  # unreachable, or lost on the way: both mean "no broker"
+    if isinstance(err, (ConnectionError, SupervisorUnreachable)):  # lost on the way too: "no broker"
         return EXIT_UNREACHABLE
     if isinstance(err, UsageError):
         return EXIT_USAGE
-    return EXIT_CODES.get(err.code, EXIT_ERROR)
+    return EXIT_TIMEOUT if isinstance(err, Timeout) else EXIT_ERROR
 
 
 class NotFound(UsageError):

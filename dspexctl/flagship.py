@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -28,6 +29,7 @@ from dspex.client.config import ClientConfig
 from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, pid_alive
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
+from dspexctl.commands import exit_code_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_PATH = EXAMPLES / "flagship_multi_pool_gepa.py"
@@ -198,10 +200,7 @@ def _exit_code(err: BaseException, example: ModuleType | None) -> int:
         return int(example.exit_code_for(err))
     if not isinstance(err, DspexError):
         return 1
-    from dspexctl.commands import exit_code_for
-
-    code = int(exit_code_for(err))
-    return 2 if isinstance(err, ConfigError) and code == 1 else code
+    return exit_code_for(err)
 
 
 def _conf(ctx: click.Context) -> Path | None:
@@ -239,6 +238,12 @@ class _Seconds(click.FloatRange):
 
     def _describe_range(self) -> str:
         return ""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):  # nan passes every comparison of the range check
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return rv
 
 
 @click.command("flagship")
@@ -279,9 +284,9 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
     first (preflight) and gets bounded calls; a call whose answer fails is scored 0 and the flow
     goes on.
 
-    Exit codes: 0 completed, every LM call answered; 3 completed with failures (some LM calls
+    Exit codes: 0 completed, every LM call answered; 9 completed with failures (some LM calls
     failed, scored 0); 1 could not run; 2 bad option or missing key; 4 the dspex stack is
-    unreachable; 5 the LM is slower than the bounds allow; 6 the LM endpoint is unusable
+    unreachable; 10 the LM is slower than the bounds allow; 11 the LM endpoint is unusable
     (preflight); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
     """
     as_json = as_json or bool(_setting(ctx, "json", False))

@@ -42,18 +42,23 @@ def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list
     return wanted
 
 
-class Waiting:
-    """A line on stderr while processes take their time to stop (a worker finishing its calls,
-    up to its stopwaitsecs), once they have taken a second, and again when the set changes."""
-
-    def __init__(self, since: float) -> None:
-        self.since = since
-        self.last: list[str] = []
-
-    def say(self, names: list[str]) -> None:
-        if names != self.last and time.monotonic() - self.since >= 1.0:
-            progress(f"waiting for {', '.join(names)} to stop (a worker finishes its running calls first)")
-            self.last = names
+def stop_groups(sup: Supervisor, groups: list[str], since: float, deadline: float) -> dict[str, str]:
+    """Stop ``groups`` all at once and wait until their processes stopped (or ``deadline``): their
+    states. The polling wakes supervisord's loop, which reaps the exits. A line on stderr while
+    processes take their time (a worker finishing its calls, up to its stopwaitsecs), once they
+    have taken a second, and again when the set changes."""
+    for group in groups:
+        sup.stop_group(group, wait=False)
+    said: list[str] = []
+    while True:
+        states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+        left = [name for name, state in states.items() if state not in STOPPED_STATES]
+        if not left or time.monotonic() > deadline:
+            return states
+        if left != said and time.monotonic() - since >= 1.0:
+            progress(f"waiting for {', '.join(left)} to stop (a worker finishes its running calls first)")
+            said = left
+        time.sleep(0.02)
 
 
 class PoolsStart:
@@ -119,17 +124,9 @@ class PoolsStop:
         # current request first (up to stopwaitsecs), so give the call that long
         with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
             groups = _pool_groups(sup, sc, req["pools"])
-            for g in groups:  # every group at once; polling wakes supervisord's loop, which reaps them
+            for g in groups:
                 progress(f"stopping {g}")
-                sup.stop_group(g, wait=False)
-            deadline = t0 + req["wait"]
-            waiting = Waiting(t0)
-            while True:
-                states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
-                if all(s in STOPPED_STATES for s in states.values()) or time.monotonic() > deadline:
-                    break
-                waiting.say([name for name, s in states.items() if s not in STOPPED_STATES])
-                time.sleep(0.02)
+            states = stop_groups(sup, groups, t0, t0 + req["wait"])
         # the workers said goodbye on SIGTERM; confirm the broker has dropped them
         left: dict[str, int] = {}
         try:
@@ -201,17 +198,7 @@ class StackStop:
             # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
             # up to a second for I/O: every worker group at once instead, the broker last, and
             # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
-            groups = sorted({p["group"] for p in running if p["group"] != "broker"})
-            for group in groups:
-                sup.stop_group(group, wait=False)
-            waiting = Waiting(t0)
-            while groups and time.monotonic() < deadline:
-                left = [full_name(p) for p in sup.processes()
-                        if p["group"] in groups and p["statename"] not in STOPPED_STATES]
-                if not left:
-                    break
-                waiting.say(left)
-                time.sleep(0.02)
+            stop_groups(sup, sorted({p["group"] for p in running if p["group"] != "broker"}), t0, deadline)
             sup.shutdown()
             while time.monotonic() < deadline:
                 try:

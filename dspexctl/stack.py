@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,14 +33,11 @@ from dspex.stack.supervisor import (
 )
 from dspex.wire.errors import ConfigError, ConnectionError, Timeout
 from dspex.wire.sockets import check_endpoint
+from dspexctl import commands
 
 Progress = Callable[[str], None]
 
 BROKER_SLOW_S = 30.0  # a broker silent this long (a loaded machine takes seconds) gets its error in the progress line
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class StackConflict(ConfigError):
@@ -121,7 +117,7 @@ class StackHandle:
     started: bool  # True if ensure_stack launched supervisord (then shutdown_stack stops it)
 
 
-def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: Progress = _stderr,
+def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: Progress = commands.progress,
                  endpoint: str | None = None) -> StackHandle:
     """Start supervisord with ``conf`` when it is not running (and any stopped program when it is),
     then wait until every pool of the conf has its numprocs workers ready in the broker (the
@@ -214,7 +210,7 @@ def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]
 
 
 def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *, timeout: float,
-               progress: Progress = _stderr, conf: SupervisorConf | None = None) -> dict[str, Any]:
+               progress: Progress = commands.progress, conf: SupervisorConf | None = None) -> dict[str, Any]:
     """Poll the broker until each pool of ``wanted`` has that many ready workers; return the status.
 
     Also polls supervisord, which (besides spotting a FATAL program early) wakes its main loop:

@@ -24,13 +24,16 @@ from dspex.stack.health import (
     State,
     facts_from_status,
     fmt_window,
+    gave_up,
     is_here,
+    last_crash,
     local_pids,
     other_hosts,
     pool_state,
     proc_phase,
     proc_uptime,
     silent_pids,
+    with_exits,
     worst,
 )
 from dspex.stack.supervisor import (
@@ -61,12 +64,11 @@ EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: 
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
-               "rss", "uptime_s", "last_heartbeat_s", "host")
+               "rss", "uptime_s", "last_heartbeat_s", "host", "problem")
 
 
-def why(tails: dict[str, str], proc: dict[str, Any]) -> str:
-    tail = tails.get(full_name(proc))
-    return f" (last log line: {tail})" if tail else ""
+def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
+    return gave_up(full_name(proc), proc["statename"], tails.get(full_name(proc), ""))
 
 
 def latency(bp: dict[str, Any] | None, key: str) -> float | None:
@@ -126,6 +128,8 @@ class PoolsStatus:
                     procs = sup.processes()
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
+                    if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
+                        broker["events"] = with_exits(broker["events"], sup.exit_causes())
             except SupervisorUnreachable as err:
                 if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
                     # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
@@ -199,7 +203,7 @@ class PoolsStatus:
                 if p is broker_proc and broker is None and p["statename"] in ("RUNNING", "STARTING"):
                     continue  # said above: running but silent where we look
                 if proc_phase(p, registered) == "broken":
-                    issues.append((State.DEGRADED, f"{full_name(p)} is {p['statename']}" + why(tails, p)))
+                    issues.append((State.DEGRADED, gave_up_line(tails, p)))
 
         # with supervisord's view, a pool without a group here has all its workers on other hosts
         local_view = bool(sup_info and sup_info["state"] is not None)
@@ -262,15 +266,16 @@ class PoolsStatus:
             elif phase == "broken":
                 broken += 1
                 if proc["statename"] != "RUNNING":
-                    what = proc["statename"] + why(tails, proc)
+                    text = gave_up_line(tails, proc)
                 elif proc["pid"] in silent:
-                    what = (f"RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+                    text = (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
                             f"{fmt_duration(time.time() - silent[proc['pid']])} ago: wedged, in a call that holds the "
                             f"GIL? dspexctl workers recycle {name} --worker {proc['pid']} --hard kills it")
                 else:
-                    what = f"RUNNING for {proc_uptime(proc):.0f}s but not registered with the broker (see its log)"
+                    text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
+                            "broker (see its log)")
                 if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
-                    issues.append((State.DEGRADED, f"{full_name(proc)} is {what}"))
+                    issues.append((State.DEGRADED, text))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
                             "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
@@ -281,7 +286,8 @@ class PoolsStatus:
         else:
             verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
                                                          starting=starting, broken=broken,
-                                                         here=None if group is None else len(group), lost=lost))
+                                                         here=None if group is None else len(group), lost=lost,
+                                                         last_crash=last_crash(events, name)))
             health = verdict.state.value
             issues.extend((verdict.state, r) for r in verdict.reasons)
         recent = (bp or {}).get("recent") or {}
@@ -289,6 +295,7 @@ class PoolsStatus:
             "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
             "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b), "starting": starting,
             "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
+            "oldest_wait_s": (bp or {}).get("oldest_wait_s"),
             "queue_max": bp["queue_max"] if bp else None,
             "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
             "latency_p50_ms": latency(bp, "latency_p50_ms"), "latency_p99_ms": latency(bp, "latency_p99_ms"),

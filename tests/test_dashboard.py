@@ -22,13 +22,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from broker.dashboard import view
-from broker.publisher import quantile
-from broker.stats import LATENCY_BUCKETS
+from broker.publisher import HISTORY_EVERY_S, HISTORY_S, History, quantile
+from broker.stats import LATENCY_BUCKETS, Histogram
 from tests.harness import REPO, free_port, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl
@@ -81,6 +82,25 @@ def test_history_percentiles_come_from_the_intervals_histogram() -> None:
     assert 0.005 < (quantile(LATENCY_BUCKETS, counts, 0.5) or 0) <= 0.01
     assert 0.005 < (quantile(LATENCY_BUCKETS, counts, 0.99) or 0) <= 0.01
     assert 0.5 < (quantile(LATENCY_BUCKETS, counts, 1.0) or 0) <= 1.0
+
+
+def test_history_keeps_the_last_hour_of_calls_errors_and_restarts_per_pool_bounded() -> None:
+    pool = SimpleNamespace(outcomes={}, latency=Histogram(), queued=0, crashes=0, recycles=0)
+    history = History(SimpleNamespace(pools={"p": pool}))  # type: ignore[arg-type]
+    assert HISTORY_S >= 3600 and history.points["p"].maxlen == int(HISTORY_S / HISTORY_EVERY_S)
+    now = history.due
+    for i in range(history.points["p"].maxlen + 50):  # longer than the span: the oldest points go
+        pool.outcomes = {("call", "ok"): 10 * (i + 1), ("call", "error"): i + 1}
+        pool.crashes, pool.recycles = i // 100, i // 50
+        history.tick(now)
+        now += HISTORY_EVERY_S
+    points = history.copy("p")
+    assert len(points) == history.points["p"].maxlen
+    _t, calls_s, _p50, _p99, queued, errors, _crashes, _recycles = points[-1]
+    assert calls_s == pytest.approx(11 / HISTORY_EVERY_S) and errors == 1 and queued == 0
+    # per interval: a crash every 100 ticks, a recycle every 50, never a running total
+    assert {p[6] for p in points} == {0, 1} and {p[7] for p in points} == {0, 1}
+    assert sum(p[7] for p in points) in (len(points) // 50, len(points) // 50 + 1)
 
 
 # -- in a browser --------------------------------------------------------------------------------
@@ -239,11 +259,13 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
         kb = f"{listed['checkpoint_bytes'] / 1024:.1f} KB"
         assert listed["checkpoint_bytes"] > 1024 and by_id[durable.id]["td_checkpoint"].startswith(f"{kb}, 0:00:")
         assert by_id[durable.id]["td_checkpoint"].endswith(" ago") and by_id[s.id]["td_checkpoint"] == "-"
-        # sparklines: drawn from the broker's history (a point every 5 s), without a reload
+        # sparklines: drawn from the broker's history (a point every 10 s), without a reload
         browser.execute_script("window.__same_page = 42")
         drawn = wait_for(lambda: (got := sparkline_points(browser)) and min(got["triage_pool"].values()) >= 2
                          and got, 30, 0.5, "triage_pool's sparklines drawn")
-        assert set(drawn) == set(POOLS) and set(drawn["triage_pool"]) == {"calls", "latency", "queue", "errors"}
+        assert set(drawn) == set(POOLS)
+        assert set(drawn["triage_pool"]) == {"calls", "latency", "queue", "errors", "restarts"}
+        assert browser.find_element("id", "history-title").get_attribute("textContent") == "Last hour"
         assert drawn["analytics_pool"]["calls"] >= 2 and drawn["analytics_pool"]["queue"] >= 2
         stop.set()  # a quiet pool's intervals have no latency: a gap, never a made-up zero
         assert fits(browser) == [], "at 1280 px nothing is clipped"
@@ -266,6 +288,9 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
     times = [float(r["time"]) for r in events]
     assert times == sorted(times, reverse=True), "newest first"
     assert {r["kind"] for r in events[2:]} == {"start"}, "the stack's first starts are below the recycle"
+    # the hour's history counts the recycle in its restarts column
+    wait_for(lambda: {r["pool"]: r for r in rows(browser, "history")}["triage_pool"]["td_restarts"]
+             == "0 crashed, 1 recycled", 30, 0.2, "the recycle in the history")
 
     # a stopped pool: DOWN, its worker listed in supervisord's state, as pools status says
     res = dspexctl(small, "pools", "stop", "analytics_pool")

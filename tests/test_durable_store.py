@@ -16,6 +16,7 @@ import pytest
 
 import dspex
 from tests.harness import Stack, wait_for
+from tests.harness.procs import PY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -306,3 +307,124 @@ def test_a_lock_held_on_the_store_stalls_only_durable_replies_and_turns_nothing_
     (row,) = [r for r in dx.sessions("p") if r["id"] == s.id]
     assert row["durable"] is True
     assert {w["pid"] for w in stack.workers("p", dx)} == pids and dx.status()["pools"]["p"]["crashes"] == 0
+
+
+def test_a_second_broker_on_the_same_store_refuses_to_start_and_the_first_keeps_its_sessions(stack: Stack) -> None:
+    """Two brokers on one run directory by mistake (other socket names, another conf): the second
+    would read, expire and drop the first one's checkpoints (a pool it lacks: all of them)."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("kept = 42")
+    second = stack.procs_reg.spawn(
+        [PY, "-m", "broker", "--frontend", f"ipc://{stack.run_dir}/f2.sock", "--backend",
+         f"ipc://{stack.run_dir}/b2.sock", "--pool", "q:strict_queue"], "broker2.log", stack.env)
+    wait_for(lambda: second.poll() is not None, timeout=20, what="the second broker's exit")
+    assert second.returncode == 2  # a config error: under supervisord, FATAL after its retries
+    said = stack.procs_reg.log_tail("broker2.log")
+    assert "checkpoints.sqlite" in said and "another broker" in said and "Traceback" not in said
+    pid = pid_of(s)
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
+    assert s.eval("kept") == 42  # moved with its checkpoint, which the second broker left alone
+    assert "dropped from the checkpoint store" not in stack.logs()
+
+
+def test_the_wal_stays_bounded_under_back_to_back_writes_and_shrinks_when_idle(stack: Stack) -> None:
+    """Many small durable sessions opened back to back (a steady load of short calls): the WAL
+    is copied into the database while busy, but it only restarts from its beginning if no write
+    runs during the copy; it grew by every write of the load, and its file never shrank."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+
+    def wal() -> int:
+        return os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0
+
+    largest = i = 0
+    ends = time.monotonic() + 8.0  # several of the store thread's copies while busy
+    while time.monotonic() < ends:
+        s = dx.session("p", durable=True)
+        s.exec(f"blob = b'x' * 4000 + ({i}).to_bytes(4, 'big')")
+        if i % 20 == 0:
+            largest = max(largest, wal())
+        i += 1
+    largest = max(largest, wal())
+    wait_for(lambda: wal() < 1024 * 1024, timeout=10, what="the WAL file given back once the broker is idle")
+    database = os.path.getsize(path)  # every checkpoint copied into it by now
+    # (every write of the load in the WAL: about 8 times the database it makes; a copy a second
+    # keeps about a second of them, once the load lasts long enough)
+    assert largest < 3 * database, f"the WAL reached {largest} bytes for a database of {database}"
+    assert s.eval("len(blob)") == 4004
+
+
+@pytest.mark.parametrize("edit", ["size = 'big'", "seq = 'garbage'", "created = 'yesterday', updated = x'00'"])
+def test_a_row_edited_by_hand_is_refused_at_start_and_only_its_session_is_lost(stack: Stack, edit: str) -> None:
+    """A store row of the wrong types (an operator's ``UPDATE``, a tool's bug): the broker crashed
+    at every start on it (a restart loop, every pool down), or took it and later turned the
+    session plain with an error that named a Python comparison."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    edited, intact = dx.session("p", durable=True), dx.session("p", durable=True)
+    edited.exec("x = 1")
+    intact.exec("y = 2")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    with sqlite3.connect(os.path.join(stack.run_dir, "checkpoints.sqlite")) as db:
+        db.execute(f"UPDATE sessions SET {edit} WHERE id = ?", (edited.id,))
+    broker = stack.start_broker()
+    stack.wait_workers("p", 2)
+    for w in stack.workers("p", dx):  # neither session's worker holds it now: only the store can
+        stack.kill(w["pid"])
+    wait_for(lambda: not stack.workers("p", dx), what="the kills seen")
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert intact.eval("y") == 2  # restored from its row
+    with pytest.raises(dspex.CheckpointRefused):
+        edited.eval("x")  # lost, and said so: never an empty session
+    assert broker.poll() is None
+    log = stack.logs()
+    assert "damaged" in log and edited.id[:8] in log and "Traceback" not in log
+
+
+def test_a_broker_restarted_on_a_full_disk_serves_and_its_durable_sessions_wait_for_room(stack: Stack, small_disk: str) -> None:
+    """The store's disk fills while the broker is down (or it restarts because of it): the broker
+    exited at every start ("cannot open the checkpoint store: database or disk is full"), so under
+    supervisord every pool was down, plain sessions too, until someone made room."""
+    path = os.path.join(small_disk, "checkpoints.sqlite")
+    stack.start_broker("p:strict_queue", extra=["--checkpoints", path])
+    for _ in range(2):
+        stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 2)
+    dx = stack.client()
+    kept, called = dx.session("p", durable=True), dx.session("p", durable=True)
+    kept.exec("x = 1")
+    called.exec("y = 2")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    filler = _fill(small_disk)
+    broker = stack.start_broker()
+    stack.wait_workers("p", 2)
+    assert dx.session("p").eval("6 * 7") == 42  # plain sessions are served
+    with pytest.raises(dspex.SessionNotDurable, match="database or disk is full"):
+        called.eval("y")  # its first call needs a write: told, as any call while the disk is full
+    os.unlink(filler)
+    pid = pid_of(kept)
+    stack.kill(pid)
+    wait_for(lambda: pid not in {w["pid"] for w in stack.workers("p", dx)}, what="the kill seen")
+    assert kept.eval("x") == 1  # its checkpoint, written before the disk filled, was kept
+    assert broker.poll() is None
+
+
+def test_the_store_file_gives_back_the_room_of_closed_sessions(stack: Stack) -> None:
+    """A peak of durable sessions, all closed: their pages were free inside the file for good (a
+    store that once held 10,000 sessions of 4 KB kept 46 MB with nothing in it)."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    sessions = [dx.session("p", durable=True) for _ in range(300)]
+    for i, s in enumerate(sessions):
+        s.exec(f"blob = b'x' * 40_000 + ({i}).to_bytes(4, 'big')")
+    wait_for(lambda: os.path.getsize(path) > 300 * 40_000, what="their checkpoints copied into the database")
+    for s in sessions:
+        s.close()
+    wait_for(lambda: os.path.getsize(path) < 1024 * 1024, timeout=15,
+             what="the database file shrunk")

@@ -71,12 +71,36 @@ def test_durable_column_says_the_checkpoints_size_and_age() -> None:
     (["sessions", "close"], "which sessions?"),
     (["sessions", "close", "abc", "--all"], "not both"),
     (["sessions", "close", "--idle", "-3"], "Invalid value for '--idle'"),
+    (["flagship", "--lm-timeout", "nan"], "'nan' is not a finite number of seconds"),
+    (["flagship", "--lm-timeout", "inf"], "'inf' is not a finite number of seconds"),
 ])
 def test_sessions_close_usage(args: list[str], needle: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,
                          cwd="/tmp", env=base_env())
     assert res.returncode == 2 and needle in res.stderr, res.stderr
     no_traceback(res)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--json", "sessions", "list", "--bogus"], "No such option '--bogus'"),
+    (["sessions", "list", "--json", "--pool"], "requires an argument"),
+    (["--json", "--timeout", "0", "pools", "status"], "Invalid value for '--timeout'"),
+    (["--json", "workers", "recycle"], "Missing argument 'POOL'"),
+    (["--json", "pools", "status", "--watch", "--bogus"], "No such option '--bogus'"),
+    (["--json", "hosts", "conf", "--broker", "tcp://h:1", "--pool", "p=1", "--worker-key", "/nonexistent"],
+     "Invalid value for '--worker-key'"),
+    (["--json", "sessions", "close"], "which sessions?"),  # dspexctl's own usage error, for comparison
+])
+def test_every_usage_error_under_json_is_one_json_document_on_stdout(args: list[str], needle: str) -> None:
+    """A script that asks for --json parses stdout: click's own usage errors (an unknown option, a
+    missing argument, a bad value) answer there as dspexctl's do, exit 2, and the line on stderr."""
+    res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,
+                         cwd="/tmp", env=base_env())
+    no_traceback(res)
+    assert res.returncode == 2, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["error"]["code"] == "usage" and doc["error"]["exit"] == 2, doc
+    assert needle in doc["error"]["message"] and needle in res.stderr, (doc, res.stderr)
 
 
 @pytest.fixture(scope="module")

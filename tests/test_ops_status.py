@@ -19,8 +19,17 @@ from typing import Any
 
 import pytest
 
-from dspex.stack.health import PoolFacts, State, failure_kind, other_hosts, pool_state, worst
-from dspex.stack.supervisor import pid_alive
+from dspex.stack.health import (
+    PoolFacts,
+    State,
+    failure_kind,
+    last_crash,
+    other_hosts,
+    pool_state,
+    with_exits,
+    worst,
+)
+from dspex.stack.supervisor import exit_causes, pid_alive
 from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
@@ -45,6 +54,9 @@ POOLS = {"triage_pool": 2, "analytics_pool": 1}
     (PoolFacts(expected=2, up=2, failures={"queue_timeout": 2, "worker_crashed": 1}), State.WARN),
     (PoolFacts(expected=2, up=2, failures={"crash": 0}), State.OK),
     (PoolFacts(expected=2, up=1, broken=1, queued=999, queue_max=1000), State.DEGRADED),
+    (PoolFacts(expected=2, up=2, problems=("worker x (pid 1) cannot import dspy: ImportError: y",)), State.DEGRADED),
+    (PoolFacts(expected=1, up=1, queued=1, oldest_wait_s=4.0, queue_timeout=8.0, free=0), State.WARN),
+    (PoolFacts(expected=1, up=1, queued=1, oldest_wait_s=3.9, queue_timeout=8.0, free=0), State.OK),
 ])
 def test_pool_state(facts: PoolFacts, state: State) -> None:
     verdict = pool_state("p", facts)
@@ -61,6 +73,35 @@ def test_only_the_services_failures_count_and_the_reason_names_them() -> None:
     verdict = pool_state("p", PoolFacts(expected=2, up=2, failures={"crash": 3, "queue_timeout": 1}, window_s=300))
     assert verdict.reasons == [("p failed 4 time(s) in the last 5m: worker crash ×3, queue timeout ×1 "
                                "(clears after 5m without one)")]
+
+
+def test_a_crash_is_named_with_how_its_process_ended_as_supervisord_logged_it() -> None:
+    log = """\
+2026-12-07 03:28:07,501 INFO spawned: 'triage_pool_00' with pid 100
+2026-12-07 03:28:07,502 INFO spawned: 'triage_pool_01' with pid 101
+2026-12-07 03:28:11,958 WARN exited: triage_pool_00 (terminated by SIGSEGV (core dumped); not expected)
+2026-12-07 03:28:12,960 INFO spawned: 'triage_pool_00' with pid 102
+2026-12-07 03:28:20,001 INFO exited: triage_pool_00 (exit status 0; expected)
+2026-12-07 03:28:21,001 INFO spawned: 'triage_pool_00' with pid 103
+2026-12-07 03:29:00,000 WARN exited: triage_pool_01 (terminated by SIGKILL; not expected)
+2026-12-07 03:29:01,000 WARN exited: other_00 (exit status 1; not expected)
+"""  # other_00 was spawned before the tail: no pid to name
+    causes = exit_causes(log)
+    assert causes == {100: "terminated by SIGSEGV (core dumped)", 102: "exit status 0", 101: "terminated by SIGKILL"}
+    events = [{"time": 10.0, "event": "crash", "pool": "p", "worker": "aaaaaaaa1", "pid": 100, "host": "h",
+               "why": "connection lost"},
+              {"time": 20.0, "event": "start", "pool": "p", "worker": "bbbbbbbb1", "pid": 102, "host": "h"},
+              {"time": 30.0, "event": "crash", "pool": "p", "worker": "cccccccc1", "pid": 101, "host": "other",
+               "why": "connection lost"}]
+    seen = with_exits(events, causes, here="h")
+    assert [e.get("exit") for e in seen] == ["terminated by SIGSEGV (core dumped)", None, None]  # pids of this host only
+    assert last_crash(seen, "p", now=40.0) == "worker cccccccc (pid 101) 10s ago: connection lost"
+    assert last_crash(seen[:2], "p", now=40.0) == "worker aaaaaaaa (pid 100) 30s ago: terminated by SIGSEGV (core dumped)"
+    assert "OOM killer" in last_crash([{**events[0], "exit": "terminated by SIGKILL"}], "p", now=40.0)
+    assert last_crash(seen, "q") == ""
+    verdict = pool_state("p", PoolFacts(expected=1, up=1, failures={"crash": 1}, last_crash="worker x (pid 1) 1s ago"))
+    assert verdict.reasons == [("p failed 1 time(s) in the last 5m: worker crash ×1; last crash: worker x (pid 1) 1s ago "
+                                "(clears after 5m without one)")]
 
 
 def test_workers_of_other_hosts_count_against_the_pools_size() -> None:

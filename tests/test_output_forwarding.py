@@ -72,6 +72,35 @@ def test_print_and_stderr_reach_the_clients_streams_as_they_are(stack: Stack, tm
     assert out.stderr == "to stderr\n"
 
 
+def test_bytes_written_to_the_binary_streams_arrive_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """``sys.stdout.buffer`` / ``sys.stderr.buffer`` (what ``click.echo`` and other CLIs' helpers
+    write bytes to) and ``reconfigure`` exist on the worker as in-process: a program that uses
+    them writes the same text, a UTF-8 character split across two writes included."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        import click
+
+        def program():
+            sys.stdout.reconfigure(line_buffering=True)
+            sys.stdout.buffer.write("caf\\u00e9 ".encode()[:4])
+            sys.stdout.buffer.write("caf\\u00e9 ".encode()[4:] + b"bytes\\n")
+            sys.stdout.flush()
+            sys.stderr.buffer.write(b"to stderr\\n")
+            click.echo("click says hi")
+            click.echo("click to stderr", err=True)
+            print("text after bytes")
+            return [sys.stdout.buffer.writable(), sys.stdout.buffer.fileno() == sys.stdout.fileno()]
+
+        local = program()
+        with dspex.connect(FRONTEND) as dx:
+            remote = dx.session("p").run(program)
+        print(json.dumps([local, remote]))
+    """)
+    once = "caf\u00e9 bytes\nclick says hi\ntext after bytes\n"
+    assert out.stdout == once + once + "[[true, true], [true, true]]\n"
+    assert out.stderr == "to stderr\nclick to stderr\n" * 2
+
+
 def test_warnings_are_reissued_through_the_clients_warnings(stack: Stack, tmp_path: Path) -> None:
     stack.pool("p:strict_queue", 1, "--no-dspy")
     out = client(stack, tmp_path, """
@@ -102,6 +131,38 @@ def test_warnings_are_reissued_through_the_clients_warnings(stack: Stack, tmp_pa
     assert re.search(r"user_script\.py:\d+: UserWarning: shown as usual\n", out.stderr), out.stderr
     assert "UserWarning: an error filter" in out.stderr
     assert "ignored here" not in out.stderr and "recorded" not in out.stderr
+
+
+def test_a_warning_shows_once_per_place_as_in_process(stack: Stack, tmp_path: Path) -> None:
+    """Python's default filter shows a warning once per place (the registry of the module that
+    warns): a loop that warns, run by two sessions (each has its own copy of the module on the
+    worker), through the asyncio client, then in-process, shows each warning once."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def warn_in_a_loop():
+            for _ in range(3):
+                warnings.warn("repeated")
+            warnings.warn("another place")
+
+        async def through_asyncio():
+            async with dspex.aio.connect(FRONTEND) as dx:
+                await dx.session("p").run(warn_in_a_loop)
+
+        with dspex.connect(FRONTEND) as dx:
+            dx.session("p").run(warn_in_a_loop)
+            dx.session("p").run(warn_in_a_loop)
+        asyncio.run(through_asyncio())
+        warn_in_a_loop()  # in-process, at the same places: shown already
+        with warnings.catch_warnings(record=True) as got:  # the filters changed: shown again, once
+            warnings.simplefilter("default")
+            with dspex.connect(FRONTEND) as dx:
+                dx.session("p").run(warn_in_a_loop)
+                dx.session("p").run(warn_in_a_loop)
+        print(json.dumps([str(w.message) for w in got]))
+    """)
+    assert out.stderr.count("UserWarning: repeated") == 1, out.stderr
+    assert out.stderr.count("UserWarning: another place") == 1, out.stderr
+    assert json.loads(out.stdout) == ["repeated", "another place"]
 
 
 def test_a_progress_bar_is_drawn_on_the_clients_stderr(stack: Stack, tmp_path: Path) -> None:
@@ -165,6 +226,26 @@ with dspex.connect(FRONTEND) as dx:
     # the worker log keeps its own level: a client at DEBUG does not make it log DEBUG records
     wait_for(lambda: "warning line" in worker_log(stack), what="the record in the worker log")
     assert "debug line" not in worker_log(stack)
+
+
+def test_a_records_extra_fields_reach_the_clients_formatter(stack: Stack, tmp_path: Path) -> None:
+    """``log.info(..., extra={...})`` (structured logging): the client's format that names the
+    extra fields formats the forwarded record as the local one, instead of a logging error."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(user)s %(attempt)d %(tags)s] %(message)s")
+
+        def program():
+            logging.getLogger("myapp").info("signed in", extra={"user": "ada", "attempt": 2, "tags": {"a": 1}})
+
+        program()
+        with dspex.connect(FRONTEND) as dx:
+            events = []
+            dx.session("p").apply(program, on_output=events.append)
+        print(json.dumps(events[0]["extra"]))
+    """)
+    assert out.stderr == "INFO myapp [ada 2 {'a': 1}] signed in\n" * 2
+    assert json.loads(out.stdout) == {"user": "ada", "attempt": 2, "tags": "{'a': 1}"}
 
 
 def test_without_logging_configured_warnings_reach_stderr_as_in_process(stack: Stack, tmp_path: Path) -> None:
@@ -370,6 +451,51 @@ def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stac
     [record] = [r for r in caplog.records if r.name == "tests.forwarded"]
     assert record.getMessage() == "to caplog" and record.dspex_session == s.id
     assert record.process != os.getpid() and record.dspex_worker == s.worker
+
+
+def test_a_large_print_arrives_whole(stack: Stack, tmp_path: Path) -> None:
+    """10 MB of lines printed at once (a report, a dump) reaches the client's stdout byte for
+    byte, well within the call's timeout; so do 100,000 lines printed one by one."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+        def dump(n, at_once):
+            lines = [f"{i:09d}" + "x" * 90 + "\\n" for i in range(n)]
+            if at_once:
+                print("".join(lines), end="")
+            else:
+                for line in lines:
+                    sys.stdout.write(line)
+            return n
+
+        with dspex.connect(FRONTEND) as dx:
+            s = dx.session("p")
+            results = [s.apply(dump, [100_000, True], timeout=30), s.apply(dump, [100_000, False], timeout=60)]
+        print(json.dumps(results))
+    """)
+    *printed, results = out.stdout.split("\n")[:-1]
+    assert results == "[100000, 100000]"
+    expected = [f"{i:09d}" + "x" * 90 for i in range(100_000)]
+    assert printed == expected + expected
+
+
+def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
+    """One write of many lines goes to the caller as one event per 64 KiB or so, cut at line
+    ends (so concurrent sessions' lines still never splice); the worker log gets every line."""
+    from worker import output
+    from worker.output import OutputSink
+
+    sent: list[str] = []
+    logged: list[str] = []
+    sink = OutputSink("t", lambda event: sent.append(event["text"]))
+    sink._log = lambda stream, line: logged.append(line)  # type: ignore[method-assign]
+    lines = [f"{i:05d} " + "y" * 94 + "\n" for i in range(10_000)]  # 1 MB
+    sink.write("stdout", "".join(lines) + "tail")
+    sink.write("stdout", " end\r\nbar 1\rbar 2\n")
+    sink.close()
+    assert "".join(sent) == "".join(lines) + "tail end\r\nbar 1\rbar 2\n"
+    assert len(sent) <= 2 + len("".join(lines)) // output.MAX_EVENT_CHARS + 2
+    assert all(piece.endswith(("\n", "\r")) for piece in sent)
+    assert logged == [line[:-1] for line in lines] + ["tail end", "bar 2"]
 
 
 def test_a_flushed_partial_line_is_sent_once() -> None:

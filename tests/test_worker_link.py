@@ -25,6 +25,7 @@ from dspex.wire.protocol import (
     B_HEARTBEAT,
     B_REREGISTER,
     GOODBYE_ABANDONED,
+    GOODBYE_HARD_LIMIT,
     PROTOCOL_VERSION,
     W_DISCONNECT,
     W_DRAIN,
@@ -118,8 +119,8 @@ def test_a_stopping_worker_drains_says_goodbye_and_waits_for_the_ack(stack: Stac
 def test_a_hard_time_limit_replies_then_says_goodbye_and_waits_for_the_ack(stack: Stack, broker: FakeBroker,
                                                                          capacity: int) -> None:
     """The call's ``Timeout(hard=True)`` goes out first, then the goodbye, which says
-    ``abandoned`` when other calls still run (capacity 2: a sleep of another session); the worker
-    exits (3) on the broker's ``B_BYE``, not on anything else."""
+    ``abandoned`` when other calls still run (capacity 2: a sleep of another session), else
+    ``hard_limit``; the worker exits (3) on the broker's ``B_BYE``, not on anything else."""
     stack.heartbeat = 5.0
     stack.env["DSPEX_HARD_GRACE"] = "0.5"
     proc = stack.start_worker("p", "--no-dspy", "--capacity", str(capacity))
@@ -133,7 +134,7 @@ def test_a_hard_time_limit_replies_then_says_goodbye_and_waits_for_the_ack(stack
     err = error_from_wire(msgpack.unpackb(reply[2]))
     assert isinstance(err, dspex.Timeout) and err.details.get("hard") is True
     goodbye = broker.recv()
-    assert goodbye == ([W_DISCONNECT] if capacity == 1 else [W_DISCONNECT, GOODBYE_ABANDONED])
+    assert goodbye == ([W_DISCONNECT, GOODBYE_HARD_LIMIT] if capacity == 1 else [W_DISCONNECT, GOODBYE_ABANDONED])
     assert proc.poll() is None, "the worker exited before the broker acknowledged its goodbye"
     broker.send(B_HEARTBEAT)  # not the acknowledgement: the worker keeps waiting for B_BYE
     broker.send(B_REREGISTER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -14,6 +15,9 @@ from worker.worker import main
 
 
 def run(argv: list[str] | None = None) -> int:
+    # a segfault or abort in C code a call reached (ctypes, an extension) kills the process: its log
+    # (stderr, under supervisord) then shows every thread's Python stack, the call's among them
+    faulthandler.enable()
     try:
         options = parse(argv)
     except ConfigError as err:

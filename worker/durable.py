@@ -54,8 +54,6 @@ class DurableSessions:
     def __init__(self, refs: RefTable, history_limit: int = checkpoint.DEFAULT_HISTORY_LIMIT) -> None:
         self.refs = refs
         self.history_limit = history_limit
-        self.restores = 0
-        self.refused = 0
 
     def restore(self, restore: Restore) -> SessionState:
         """The session as its checkpoint holds it, replacing anything this worker held of it;
@@ -71,7 +69,6 @@ class DurableSessions:
             restored = checkpoint_restore.restore(state, frames[0], restore.slots, frames[1:], restore.seq,
                                           self.history_limit)
         except CheckpointRefused as err:
-            self.refused += 1
             self.refs.release_session(sid, "its checkpoint was refused")
             log.error("session %s: %s", sid[:8], err.message)
             raise
@@ -79,7 +76,6 @@ class DurableSessions:
         gone = {why.key: f"it was not durable ({why.reason}); its session moved to this worker"
                 for why in restored.lost if why.section == "ref"}
         self.refs.adopt(state, gone)
-        self.restores += 1
         log.info("session %s restored from its checkpoint %d (%d refs, %d not durable)", sid[:8], restore.seq,
                  len(state.refs), len(restored.lost))
         return state

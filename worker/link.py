@@ -38,6 +38,7 @@ from dspex.wire.protocol import (
     B_HEARTBEAT,
     B_REREGISTER,
     GOODBYE_ABANDONED,
+    GOODBYE_HARD_LIMIT,
     RENEW_BACKOFF_MAX,
     W_DISCONNECT,
     W_HEARTBEAT,
@@ -238,9 +239,11 @@ class Link:
             if (engaged or threading.get_ident() != self._reader) and _get_opt(sock, _EVENTS) & _POLLIN:
                 (self.standin if engaged else self._waker).poke()
 
-    def leave(self, last: Frames | None = None, *, abandoned: bool = False, timeout: float = 1.0) -> None:
+    def leave(self, last: Frames | None = None, *, abandoned: bool = False, hard_limit: bool = False,
+              timeout: float = 1.0) -> None:
         """The goodbye: send ``last`` (a reply), then ``W_DISCONNECT`` (with ``abandoned``: calls
-        this worker started are still running, they may have run), and wait up to ``timeout``
+        this worker started are still running, they may have run; with ``hard_limit``: it leaves
+        because a call ignored its hard time limit), and wait up to ``timeout``
         for the broker's ``B_BYE``. A process that exits right after close() can lose what zmq has
         not written yet (nothing terminates the context): waiting for the acknowledgement means
         a clean stop is never taken for a crash. A broker that is gone costs ``timeout``.
@@ -258,7 +261,8 @@ class Link:
                 self._send_control(self._outbox.popleft())
             sock.setsockopt(zmq.LINGER, 1000)
             try:
-                sock.send_multipart([W_DISCONNECT, GOODBYE_ABANDONED] if abandoned else [W_DISCONNECT], zmq.NOBLOCK)
+                why = [GOODBYE_ABANDONED] if abandoned else [GOODBYE_HARD_LIMIT] if hard_limit else []
+                sock.send_multipart([W_DISCONNECT, *why], zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("could not say goodbye: the broker has taken nothing from us for long")
                 return

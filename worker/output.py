@@ -8,8 +8,9 @@ handler on the root logger gives a call's log records (any logger's that propaga
 at or above its caller's threshold to its sink.
 
 A sink logs complete lines as ``[session req] stream: text`` and, when the caller takes output,
-sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per line (a carriage return, a
-progress bar redrawing itself, also ends a piece; a flush sends the partial line written so far,
+sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per write, up to its last line end
+(a carriage return, a progress bar redrawing itself, also ends a piece; a write of more than
+MAX_EVENT_CHARS goes in pieces cut at line ends; a flush sends the partial line written so far,
 as a terminal would show it), one ``"warning"`` event per warning (its text, and its message,
 category and place, so the client can re-issue it) and one ``"log"`` event per record (logger,
 level, message, exception text...). A carriage return replaces the pending line in the log instead
@@ -19,6 +20,7 @@ caller still gets every redraw.
 
 from __future__ import annotations
 
+import codecs
 import contextvars
 import io
 import logging
@@ -36,11 +38,16 @@ from worker import limits
 log = logging.getLogger("dspex.worker.output")
 
 MAX_LINE_CHARS = 8000
+MAX_EVENT_CHARS = 64 * 1024  # of the text of one output event
 MAX_RECORD_CHARS = 100_000  # of a log record's message, and of its exception text
 # terminal control sequences (colours, tqdm's cursor moves between bars) mean nothing in a log file
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
 _FORMATTER = logging.Formatter()
+# a record's own attributes; any other is an ``extra=`` field of the call that logged it
+_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+MAX_EXTRA_FIELDS = 32
+_PLAIN = (str, int, float, bool, type(None))
 Event = dict[str, Any]
 Emit = Callable[[Event], None]
 
@@ -55,6 +62,7 @@ class OutputSink:
         self.log_level = log_level if emit is not None else 0
         self._pending: dict[str, str] = {}
         self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
+        self._decoders: dict[str, codecs.IncrementalDecoder] = {}  # of bytes written to a stream's buffer
         self._lock = threading.Lock()
         self.closed = False  # the call ended: a thread it started that writes on goes to the real stream
 
@@ -62,34 +70,37 @@ class OutputSink:
         if not text:
             return
         out: list[str] = []
-        logged: list[str] = []
         with self._lock:
             buf = self._pending.get(stream, "") + text
             sent = self._sent.pop(stream, 0)
-            while True:
-                cut = min((i for i in (buf.find("\n"), buf.find("\r")) if i >= 0), default=-1)
-                if cut < 0:
-                    break
-                line, end, buf = buf[:cut], buf[cut], buf[cut + 1:]
-                if end == "\r" and buf.startswith("\n"):  # a CRLF line end, not a redraw
-                    end, buf = "\r\n", buf[1:]
-                out.append((line + end)[sent:])
+            end = max(buf.rfind("\n"), buf.rfind("\r")) + 1  # what precedes it is whole lines and redraws
+            done, buf = buf[:end], buf[end:]
+            if done:
+                out.append(done[sent:])
                 sent = 0
-                if end != "\r" and line:
-                    logged.append(line)
             if len(buf) > MAX_LINE_CHARS:  # a huge write without newline: pass it on in pieces
                 out.append(buf[sent:])
-                logged.append(buf)
+                done += buf + "\n"
                 buf, sent = "", 0
             self._pending[stream] = buf
             if sent:
                 self._sent[stream] = sent
-        for line in logged:
+        for line in _log_lines(done):
             self._log(stream, line)
         if self.emit is not None:
             for piece in out:
-                if piece:
-                    self.emit({"stream": stream, "text": piece})
+                for event_text in _cut(piece):
+                    self.emit({"stream": stream, "text": event_text})
+
+    def write_bytes(self, stream: str, data: bytes) -> None:
+        """Bytes written to ``sys.stdout.buffer``/``sys.stderr.buffer``: decoded as UTF-8 (what the
+        worker's streams write), a character cut between two writes kept for the next."""
+        with self._lock:
+            decoder = self._decoders.get(stream)
+            if decoder is None:
+                decoder = self._decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
+            text = decoder.decode(data)
+        self.write(stream, text)
 
     def flush(self, stream: str) -> None:
         """Send the caller what is written of the pending line (a progress bar's latest state);
@@ -137,6 +148,30 @@ class OutputSink:
                     self.emit({"stream": stream, "text": text[sent.get(stream, 0):]})
 
 
+def _log_lines(text: str) -> list[str]:
+    """The lines of ``text`` (whole lines and redraws) the worker log keeps: each line's last
+    state (a carriage return is a redraw of the line; ``\\r\\n`` a line end)."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    lines.pop()  # after the last newline: redraws of a line still open (a bar), not logged
+    return [line for line in (line.removesuffix("\r").rpartition("\r")[2] for line in lines) if line]
+
+
+def _cut(text: str) -> list[str]:
+    """``text`` in events of at most about MAX_EVENT_CHARS, cut after a line end where there is
+    one: a whole print is one event (one write on the client), and a huge one is not held in
+    memory at once by the broker and the client."""
+    pieces, start = [], 0
+    while len(text) - start > MAX_EVENT_CHARS:
+        cut = text.rfind("\n", start, start + MAX_EVENT_CHARS) + 1 or start + MAX_EVENT_CHARS
+        pieces.append(text[start:cut])
+        start = cut
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
 def _clip(text: str) -> str:
     if len(text) <= MAX_RECORD_CHARS:
         return text
@@ -163,7 +198,23 @@ def _record_event(record: logging.LogRecord) -> Event:
     return {"stream": "log", "text": text, "logger": record.name, "level": record.levelno, "message": message,
             "exc_text": exc_text, "stack_info": record.stack_info, "pathname": record.pathname,
             "lineno": record.lineno, "funcName": record.funcName, "created": record.created,
-            "process": record.process, "threadName": record.threadName}
+            "process": record.process, "threadName": record.threadName, "extra": _extra(record)}
+
+
+def _extra(record: logging.LogRecord) -> dict[str, Any]:
+    """A record's ``extra=`` fields, for the client's formatters that name them: plain values
+    as they are, others as their repr (what ``%(field)s`` would have shown of most)."""
+    extra: dict[str, Any] = {}
+    for key, value in record.__dict__.items():
+        if key in _RECORD_FIELDS or key.startswith("dspex_") or not isinstance(key, str):
+            continue
+        if len(extra) == MAX_EXTRA_FIELDS:
+            break
+        try:
+            extra[key] = value if type(value) in _PLAIN else _clip(repr(value))
+        except Exception:  # noqa: BLE001 - a repr that fails must not lose the record
+            extra[key] = f"<{type(value).__name__}>"
+    return extra
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
@@ -182,8 +233,11 @@ class _Dispatch(io.TextIOBase):
     def __init__(self, name: str, real: TextIO) -> None:
         self.name = name
         self.real = real
+        self.buffer = _BinaryDispatch(self)
 
     def write(self, text: str) -> int:
+        if not isinstance(text, str):  # as a text file refuses it (click probes a stream with b"")
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         sink = _sink()
         if sink is None:
             return self.real.write(text)
@@ -214,6 +268,54 @@ class _Dispatch(io.TextIOBase):
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.real, "encoding", "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "errors", "strict")
+
+    @property
+    def line_buffering(self) -> bool:
+        return True  # every write reaches the call's sink at once
+
+    def reconfigure(self, **_options: Any) -> None:
+        """Accepted and ignored (scripts call ``sys.stdout.reconfigure(encoding="utf-8")``):
+        output is already UTF-8 and forwarded per write."""
+
+
+class _BinaryDispatch(io.BufferedIOBase):
+    """``sys.stdout.buffer`` of a :class:`_Dispatch`: bytes a call writes go to its sink as
+    text, as the same program's bytes reach a terminal in-process."""
+
+    def __init__(self, text: _Dispatch) -> None:
+        self.text = text
+
+    def write(self, data: Any) -> int:
+        raw = bytes(data)
+        sink = _sink()
+        if sink is None:
+            real = getattr(self.text.real, "buffer", None)
+            if real is not None:
+                return int(real.write(raw))
+            self.text.real.write(raw.decode(self.text.encoding, "replace"))
+            return len(raw)
+        _local.busy = True
+        try:
+            sink.write_bytes(self.text.name, raw)
+        finally:
+            _local.busy = False
+        return len(raw)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+    def fileno(self) -> int:
+        return self.text.fileno()
+
+    def isatty(self) -> bool:
+        return False
 
     def writable(self) -> bool:
         return True

@@ -52,6 +52,7 @@ log = logging.getLogger("dspex.worker")
 # A call younger than this runs without the link's stand-in reading for the main thread (it
 # reads the socket when the call ends).
 _STAND_IN_GRACE = 0.05
+PROBLEM_MAX = 500  # characters of a problem a heartbeat carries
 
 
 def rss_bytes() -> int:
@@ -83,6 +84,9 @@ class Worker:
                              incarnation=self.incarnation, capacity=self.capacity, max_message=max_message,
                              hard_grace=options.hard_grace, urgent=self.link.urgent, leave=self._hard_exit,
                              idle=self._pooled_call_ended)
+        # what keeps this worker from its job (its dspy import failed): the broker shows it to the
+        # operator as the pool's DEGRADED reason, so a broken install does not look healthy
+        self.problem = ""
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         # requests read by whichever thread read the socket, with their arrival time
         self._inbox: deque[Request] = deque()
@@ -98,8 +102,9 @@ class Worker:
                 self.executor.enable_dspy(self.options.lm_history)
                 logs.adopt("dspy")  # dspy's import installed its own handler and date format
                 runner.dspy_logs_adopted()
-            except Exception:  # a worker without dspy still serves plain Python
-                log.exception("could not import dspy; serving without per-session DSPy settings")
+            except Exception as exc:  # it still serves plain Python; its heartbeats tell the operator
+                self.problem = f"cannot import dspy: {type(exc).__name__}: {exc}"[:PROBLEM_MAX]
+                log.exception("could not import dspy; serving plain Python only (run with --no-dspy to mean it)")
             finally:
                 link.back()
         inbox = self._inbox
@@ -129,11 +134,9 @@ class Worker:
         return 0
 
     def request_stop(self, *_: Any) -> None:
-        """SIGTERM: finish what started, say goodbye. The broker hears W_DRAIN at the link's next
-        turn (a signal handler must not take the socket's lock) and sends nothing new."""
-        self._stopping()
-
-    def _stopping(self) -> None:
+        """SIGTERM, or the broker's DISCONNECT: finish what started, say goodbye. The broker hears
+        W_DRAIN at the link's next turn (a signal handler must not take the socket's lock) and
+        sends nothing new."""
         if not self._stop.is_set():
             self._stop.set()
             self.link.say_soon([W_DRAIN])
@@ -146,7 +149,7 @@ class Worker:
         """From the watchdog: a call ignored its hard time limit. Its reply and the goodbye reach
         the broker before the exit; no other thread touches the socket again."""
         try:
-            self.link.leave(last, abandoned=abandoned, timeout=3.0)
+            self.link.leave(last, abandoned=abandoned, hard_limit=True, timeout=3.0)
         except BaseException:
             log.exception("could not say goodbye before the hard exit")
         finally:
@@ -175,7 +178,7 @@ class Worker:
             log.debug("released session %s (%d refs)", session_id[:8], n)
         elif command == B_DISCONNECT:
             log.info("broker asked us to exit (recycle); finishing current work")
-            self._stopping()
+            self.request_stop()
         else:
             log.warning("ignoring unknown command %r from broker", command[:8])
 
@@ -197,7 +200,8 @@ class Worker:
     def _stats_frame(self) -> bytes:
         ex = self.executor
         return packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
-                       "sessions": self.book.count, "running": self.runner.running})
+                       "sessions": self.book.count, "running": self.runner.running,
+                       **({"problem": self.problem} if self.problem else {})})
 
 
 # The stop signals stay blocked across a fork until the child has a new program's handlers: a

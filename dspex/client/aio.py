@@ -18,18 +18,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Generator, Mapping
-from typing import Any, Generic, Self, TypeVar
+from collections.abc import Generator, Mapping
+from typing import Any, Generic, Self, TypeVar, Unpack
 
 import zmq
 import zmq.asyncio
 
 from dspex.client import processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
-from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, Steps
-from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
+from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, RequestOptions, Steps
+from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
@@ -125,16 +124,13 @@ class AsyncClient(ClientAPI[AsyncSession]):
         return reply
 
     # -- requests ---------------------------------------------------------------------------
-    async def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
-                      timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                      on_progress: Callback | None = None, on_output: Callback | None = None,
-                      bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
-                      flags: int = 0) -> Any:
+    async def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
+                      **options: Unpack[RequestOptions]) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
         if self._channel.closed:
             raise closed_error()
-        ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
+        worker = options.pop("worker", "")
+        ex = self._exchange(op, pool, session, body, **options)
         while True:
             try:
                 return await self._request(ex, worker)
@@ -169,18 +165,13 @@ class AsyncClient(ClientAPI[AsyncSession]):
         if ex.op in WORKER_OPS:
             self._channel.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
 
-    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
-               flags: int = 0) -> AsyncStream:
+    def stream(self, op: str, pool: str, session: str, body: Any,
+               **options: Unpack[RequestOptions]) -> AsyncStream:
         """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
         if self._channel.closed:
             raise closed_error()
-        ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
-                            flags=flags)
-        return AsyncStream(self, ex, worker)
+        worker = options.pop("worker", "")
+        return AsyncStream(self, self._exchange(op, pool, session, body, items=True, **options), worker)
 
 
 async def _callbacks_done(ex: Exchange) -> None:

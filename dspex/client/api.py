@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
@@ -51,6 +51,20 @@ T = TypeVar("T")
 R = TypeVar("R")
 S = TypeVar("S", bound="SessionAPI")
 Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
+
+
+class RequestOptions(TypedDict, total=False):
+    """What a request may say besides its op, pool, session and body (:meth:`ClientAPI.request`)."""
+
+    worker: str  # the incarnation its session is pinned to ("": none yet)
+    timeout: float | None
+    on_reply: Callable[[str, str], None] | None
+    on_progress: Callback | None
+    on_output: Callback | None
+    bind: Any
+    forward: bool | None
+    sender: SendCache | None
+    flags: int
 
 
 class ClientAPI(Generic[S]):
@@ -99,10 +113,8 @@ class ClientAPI(Generic[S]):
     def _init_transport(self) -> None:
         raise NotImplementedError
 
-    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
-                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
+                **options: Unpack[RequestOptions]) -> Any:
         """Send one request; its value (or an awaitable of it). Raises the typed error of the reply.
 
         ``on_progress`` receives the call's progress events while it runs (dspy/gepa log records,
@@ -117,10 +129,7 @@ class ClientAPI(Generic[S]):
         """
         raise NotImplementedError
 
-    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-               forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
+    def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Any:
         """Start a call whose iterable result is streamed item by item: a Stream (an AsyncStream)."""
         raise NotImplementedError
 
@@ -139,8 +148,8 @@ class ClientAPI(Generic[S]):
         raise NotImplementedError
 
     # -- shared by the kinds --------------------------------------------------------------------
-    def _exchange(self, op: str, pool: str, session: str, body: Any, timeout: float | None, *,
-                  items: bool = False, forward: bool | None = None, **options: Any) -> Exchange:
+    def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
+                  timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
         timeout = self.timeout if timeout is None else timeout
         return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
                         items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,

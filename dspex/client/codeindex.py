@@ -16,7 +16,8 @@ import re
 import sys
 import threading
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from cloudpickle import cloudpickle as _cp
 
@@ -28,40 +29,41 @@ BIG_ITEMS = 10_000
 _SPECIAL_TYPES = (type(None), type(Ellipsis), type(NotImplemented))
 
 _lock = threading.Lock()
-_digests: dict[int, tuple[types.CodeType, str]] = {}
-_code_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
-_signature_names: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
-_code_imports: dict[int, tuple[types.CodeType, tuple[tuple[str, int, tuple[str, ...]], ...]]] = {}
 _imports: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 _by_reference: dict[int, tuple[Any, str, str]] = {}  # id -> (obj, module, attribute): found importable
-_by_value: dict[int, tuple[Any, bool]] = {}  # id -> (function, class or module, goes by value)
 ABSENT = object()
 _CACHE_MAX = 8192
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-def _bounded_put(table: dict[int, Any], key: int, value: Any) -> None:
-    with _lock:
-        if len(table) >= _CACHE_MAX:
-            table.clear()  # rare: recomputing is cheap, a growing table is not
-        table[key] = value
+def _by_identity(fn: Callable[[K], V]) -> Callable[[K], V]:
+    """``fn`` cached by its argument's identity (the argument is kept with its value, so its id
+    cannot be reused meanwhile), in a table that is cleared when full."""
+    table: dict[int, tuple[K, V]] = {}
+
+    @functools.wraps(fn)
+    def cached(arg: K) -> V:
+        hit = table.get(id(arg))
+        if hit is not None and hit[0] is arg:
+            return hit[1]
+        value = fn(arg)
+        with _lock:
+            if len(table) >= _CACHE_MAX:
+                table.clear()  # rare: recomputing is cheap, a growing table is not
+            table[id(arg)] = (arg, value)
+        return value
+    return cached
 
 
+@_by_identity
 def code_key(code: types.CodeType) -> str:
-    hit = _digests.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    key = "c:" + hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
-    _bounded_put(_digests, id(code), (code, key))
-    return key
+    return "c:" + hashlib.blake2b(marshal.dumps(code), digest_size=16).hexdigest()
 
 
+@_by_identity
 def globals_read(code: types.CodeType) -> tuple[str, ...]:
-    hit = _code_names.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
-    names = tuple(_cp._extract_code_globals(code))
-    _bounded_put(_code_names, id(code), (code, names))
-    return names
+    return tuple(_cp._extract_code_globals(code))
 
 
 def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
@@ -81,21 +83,17 @@ def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
 _SIGNATURE_TYPE = re.compile(r":\s*([A-Za-z_][A-Za-z0-9_]*)")
 
 
+@_by_identity
 def signature_type_names(code: types.CodeType) -> tuple[str, ...]:
     """The names a string signature in ``code`` gives as field types (``dspy.Predict("text ->
     verdict: Verdict")``): DSPy looks them up in the caller's globals, which no bytecode reads."""
-    hit = _signature_names.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
     names: dict[str, None] = {}
     for const in code.co_consts:
         if isinstance(const, str) and "->" in const:
             names.update(dict.fromkeys(_SIGNATURE_TYPE.findall(const)))
         elif isinstance(const, types.CodeType):
             names.update(dict.fromkeys(signature_type_names(const)))
-    found = tuple(names)
-    _bounded_put(_signature_names, id(code), (code, found))
-    return found
+    return tuple(names)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,12 +105,10 @@ def _names_in(annotation: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)))
 
 
+@_by_identity
 def imports_in(code: types.CodeType) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
     """``(name, level, fromlist)`` of every ``import`` statement in a code object's body and in
     the bodies it defines (nested functions, classes, comprehensions)."""
-    hit = _code_imports.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
     found: list[tuple[str, int, tuple[str, ...]]] = []
     todo = [code]
     while todo:
@@ -127,9 +123,7 @@ def imports_in(code: types.CodeType) -> tuple[tuple[str, int, tuple[str, ...]], 
                 found.append((str(ins.argval), consts[0], tuple(str(n) for n in fromlist)))
             consts = []
         todo.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
-    names = tuple(dict.fromkeys(found))
-    _bounded_put(_code_imports, id(code), (code, names))
-    return names
+    return tuple(dict.fromkeys(found))
 
 
 def user_modules_imported(code: types.CodeType, g: dict[str, Any]) -> list[types.ModuleType]:
@@ -262,27 +256,21 @@ def functions_of(cls: type) -> list[types.FunctionType]:
     return out
 
 
+@_by_identity
 def by_value(obj: Any) -> bool:
     """A function or class the worker cannot import, or a user module."""
-    hit = _by_value.get(id(obj))
-    if hit is not None and hit[0] is obj:
-        return hit[1]
     t = type(obj)
     if t is types.ModuleType:
-        answer = user_module(obj)
-    elif t is types.FunctionType or isinstance(obj, type):
-        if obj in _SPECIAL_TYPES or obj in _cp._BUILTIN_TYPE_NAMES:
-            answer = False
-        else:
-            byvalue.register_user_module(getattr(obj, "__module__", None))
-            try:
-                answer = not _cp._should_pickle_by_reference(obj)
-            except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle would fail later, by value
-                answer = True
-    else:
-        answer = False
-    _bounded_put(_by_value, id(obj), (obj, answer))
-    return answer
+        return user_module(obj)
+    if t is not types.FunctionType and not isinstance(obj, type):
+        return False
+    if obj in _SPECIAL_TYPES or obj in _cp._BUILTIN_TYPE_NAMES:
+        return False
+    byvalue.register_user_module(getattr(obj, "__module__", None))
+    try:
+        return not _cp._should_pickle_by_reference(obj)
+    except Exception:  # noqa: BLE001 - an odd __module__: cloudpickle would fail later, by value
+        return True
 
 
 def imported_reference(module_name: str, name: str, value: Any) -> tuple[str, str] | None:

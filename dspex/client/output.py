@@ -6,15 +6,18 @@ where the same program run in-process would have put it:
 
 - ``stdout`` / ``stderr`` text on this process's ``sys.stdout`` / ``sys.stderr`` as they are at
   that moment (``contextlib.redirect_stdout``, pytest's capsys and capfd see it), one write per
-  line or progress-bar redraw, flushed, under one lock: lines of concurrent sessions never
-  splice, and carry no prefix (they read as the program printed them);
+  write of the program's (whole lines, or a progress-bar redraw), flushed, under one lock: lines
+  of concurrent sessions never splice, and carry no prefix (they read as the program printed
+  them);
 - warnings re-issued through :mod:`warnings` with their category, message and place: this
-  process's filters decide whether one shows (``ignore`` drops it; ``error`` cannot raise into a
-  call that ran on past it on the worker, so it is shown), and its ``showwarning`` hook shows it
-  (``pytest.warns``, ``catch_warnings(record=True)``, ``logging.captureWarnings`` see it);
+  process's filters decide whether one shows, with the registry of the module that would have
+  warned in-process (``default`` shows it once per place; ``ignore`` drops it; ``error`` cannot
+  raise into a call that ran on past it on the worker, so it is shown), and its ``showwarning``
+  hook shows it (``pytest.warns``, ``catch_warnings(record=True)``, ``logging.captureWarnings``
+  see it);
 - log records re-emitted on this process's logger of the same name when that logger is enabled
   for their level, with the worker's message, exception text, stack, time, pid and thread name,
-  and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
+  its ``extra=`` fields, and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
   enabled level (:func:`log_threshold`), so records below it are never sent.
 """
 
@@ -35,6 +38,7 @@ log = logging.getLogger("dspex.client")
 _THRESHOLD_KEY = "dspex.log_threshold"
 _write_lock = threading.Lock()
 _categories: dict[tuple[str, str], type[Warning]] = {}
+_registries: dict[str, dict[Any, Any]] = {}  # a place's file -> the registry of warnings shown there
 
 
 def log_threshold() -> int:
@@ -95,9 +99,24 @@ def _warn(event: dict[str, Any]) -> None:
     filename = str(event.get("filename", "<worker>"))
     lineno = int(event.get("lineno") or 0)
     try:
-        warnings.warn_explicit(message, category, filename, lineno)
+        warnings.warn_explicit(message, category, filename, lineno, registry=_registry(filename))
     except Exception:  # noqa: BLE001 - an ``error`` filter: the call ran on past it, so show it
         warnings.showwarning(message, category, filename, lineno)
+
+
+def _registry(filename: str) -> dict[Any, Any]:
+    """Where Python's filters note the warnings shown at ``filename``'s places: the
+    ``__warningregistry__`` of this process's module of that file, as in-process (a warning the
+    script itself showed is not shown again), else one kept here. Without it the ``default``
+    action ("once per place") would show a warning every time a call (another session's, or the
+    same program again) sends it."""
+    found = _registries.get(filename)
+    if found is None:
+        found = next((vars(module).setdefault("__warningregistry__", {}) for module in list(sys.modules.values())
+                      if getattr(module, "__file__", None) == filename), {})
+        if len(_registries) < 1024:
+            _registries[filename] = found
+    return found
 
 
 def _category(spec: Any) -> type[Warning]:
@@ -140,6 +159,11 @@ def _emit(event: dict[str, Any], session: str, worker: str) -> None:
         record.process = event["process"]
     if isinstance(event.get("threadName"), str):
         record.threadName = event["threadName"]
+    extra = event.get("extra")
+    if isinstance(extra, dict):
+        for key, value in extra.items():
+            if isinstance(key, str) and key not in record.__dict__:
+                setattr(record, key, value)
     record.dspex_session = session
     record.dspex_worker = worker
     logger.handle(record)

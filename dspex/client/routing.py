@@ -12,14 +12,12 @@ by id) ask every broker in turn and merge the answers, each part saying which br
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar, Unpack
 
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, S, Steps, _raising
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, RequestOptions, S, Steps, _raising
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
-from dspex.client.exchange import Callback
-from dspex.client.sendcache import SendCache
 from dspex.wire.errors import DspexError, PoolNotFound
 from dspex.wire.protocol import WORKER_OPS, Op
 from dspex.wire.sockets import curve_client_keys
@@ -95,27 +93,18 @@ class Router(ClientAPI[S]):
         return self._broker(pool).session(pool, session_id, durable=durable, forward_output=forward_output,
                                           client_settings=client_settings)
 
-    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
-                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
+                **options: Unpack[RequestOptions]) -> Any:
         if not pool and op not in WORKER_OPS:
-            return self._drive(self._every(op, session, body, timeout))
+            return self._drive(self._every(op, session, body, options.get("timeout")))
         try:
             client = self._broker(pool)
         except PoolNotFound as err:
             return self._drive(_raising(err))
-        return client.request(op, pool, session, body, worker=worker, timeout=timeout, on_reply=on_reply,
-                              on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
-                              flags=flags)
+        return client.request(op, pool, session, body, **options)
 
-    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-               forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
-        return self._broker(pool).stream(op, pool, session, body, worker=worker, timeout=timeout,
-                                         on_reply=on_reply, on_progress=on_progress, on_output=on_output,
-                                         bind=bind, forward=forward, sender=sender, flags=flags)
+    def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Any:
+        return self._broker(pool).stream(op, pool, session, body, **options)
 
     def _every(self, op: str, session: str, body: Any, timeout: float | None) -> Steps[Any]:
         """``op`` asked of every broker in turn; their answers (or errors) merged."""

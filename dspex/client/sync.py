@@ -13,16 +13,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar, Unpack, cast
 
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, Session, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, RequestOptions, Session, Steps
 from dspex.client.channels import Channel, ChannelPool
-from dspex.client.exchange import EVENT_STATUSES, Callback, Exchange, closed_error, control_frames
+from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -170,16 +169,14 @@ class Client(ClientAPI[Session]):
                 return status, rworker, reply[1:]
             # else a late reply to a request of this socket that timed out earlier
 
-    def request(self, op: str, pool: str = "", session: str = "", body: Any = None, *, worker: str = "",
-                timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-                on_progress: Callback | None = None, on_output: Callback | None = None, bind: Any = None,
-                forward: bool | None = None, sender: SendCache | None = None, flags: int = 0) -> Any:
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
+                **options: Unpack[RequestOptions]) -> Any:
         """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
         while it waits cancels the request on the worker before it propagates."""
         if self._channels.closed:
             raise closed_error()
-        ex = self._exchange(op, pool, session, body, timeout, on_reply=on_reply, on_progress=on_progress,
-                            on_output=on_output, bind=bind, forward=forward, sender=sender, flags=flags)
+        worker = options.pop("worker", "")
+        ex = self._exchange(op, pool, session, body, **options)
         while True:
             try:
                 return self._request(ex, worker)
@@ -231,17 +228,12 @@ class Client(ClientAPI[Session]):
         except zmq.ZMQError:
             ch.broken = True
 
-    def stream(self, op: str, pool: str, session: str, body: Any, *, worker: str = "",
-               timeout: float | None = None, on_reply: Callable[[str, str], None] | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None,
-               bind: Any = None, forward: bool | None = None, sender: SendCache | None = None,
-               flags: int = 0) -> Stream:
+    def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         if self._channels.closed:
             raise closed_error()
-        ex = self._exchange(op, pool, session, body, timeout, items=True, on_reply=on_reply,
-                            on_progress=on_progress, on_output=on_output, bind=bind, forward=forward, sender=sender,
-                            flags=flags)
+        worker = options.pop("worker", "")
+        ex = self._exchange(op, pool, session, body, items=True, **options)
         cancels = self._cancels
         ch = self._channels.checkout(self._connect)
         try:

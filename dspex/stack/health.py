@@ -22,6 +22,8 @@ from typing import Any
 
 # a queue this full is close to refusing requests (pool_saturated at queue_max)
 WARN_QUEUE_FILL = 0.8
+# a request that waited this part of its queue timeout is close to failing with queue_timeout
+WARN_QUEUE_WAIT = 0.5
 # a worker process supervisord reports RUNNING may still be importing dspy before it registers
 REGISTER_GRACE_S = 60.0
 # the default sliding window of a pool's health, in seconds (the pool setting ``health_window``)
@@ -91,6 +93,35 @@ def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
     return {pid: float(e["time"]) for pid, e in last.items() if e.get("event") == "crash" and e.get("why") == SILENT}
 
 
+# -- how a crashed worker ended -------------------------------------------------------------------
+# a SIGKILL nobody in dspex sent: the kernel's OOM killer is the usual sender in production
+_HINTS = {"terminated by SIGKILL": "out of memory? the kernel's OOM killer sends SIGKILL: see dmesg"}
+
+
+def with_exits(events: Iterable[Mapping[str, Any]], causes: Mapping[int, str],
+               here: str | None = None) -> list[dict[str, Any]]:
+    """The broker's ``events`` with ``exit`` (how the process ended, from supervisord's
+    :meth:`~dspex.stack.supervisor.Supervisor.exit_causes`) on each crash of this host's workers
+    whose end supervisord saw. The broker only sees the connection drop; the parent saw the signal."""
+    return [{**e, "exit": causes[int(e["pid"])]}
+            if e.get("event") == "crash" and e.get("pid") and int(e["pid"]) in causes and is_here(e, here)
+            else dict(e) for e in events]
+
+
+def last_crash(events: Iterable[Mapping[str, Any]], pool: str, now: float | None = None) -> str:
+    """The newest crash of a pool's worker in words, with how it ended when known: "worker
+    3f2a9c1e (pid 4250) 12s ago: terminated by SIGSEGV"; "" when the events hold none."""
+    crashes = [e for e in events if e.get("event") == "crash" and e.get("pool") == pool]
+    if not crashes:
+        return ""
+    e = max(crashes, key=lambda e: float(e.get("time") or 0))
+    ago = fmt_window(max(0.0, (time.time() if now is None else now) - float(e.get("time") or 0)))
+    how = str(e.get("exit") or e.get("why") or "")
+    hint = next((f" ({h})" for prefix, h in _HINTS.items() if how.startswith(prefix)), "")
+    who = f"worker {str(e.get('worker') or '?')[:8]} (pid {e.get('pid')})"
+    return f"{who} {ago} ago" + (f": {how}{hint}" if how else "")
+
+
 # -- workers of this host and of others -----------------------------------------------------------
 def is_here(worker: Mapping[str, Any], here: str | None = None) -> bool:
     """A worker of this host (whose supervisord the caller joins), by the host name its READY gave;
@@ -156,6 +187,12 @@ def other_hosts(pool: Mapping[str, Any], name: str, group_pids: Container[int], 
     return expected, starting, lost
 
 
+def gave_up(name: str, state: str, tail: str) -> str:
+    """A process supervisord does not run (FATAL, BACKOFF, ...) with the last line of its log,
+    usually its cause: "triage_pool:triage_pool_00 is FATAL (last log line: ImportError: ...)"."""
+    return f"{name} is {state}" + (f" (last log line: {tail})" if tail else "")
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
@@ -199,6 +236,11 @@ class PoolFacts:
     window_s: float = HEALTH_WINDOW_S
     here: int | None = None  # of ``expected``, the processes of this host's supervisord (None: not known)
     lost: tuple[Lost, ...] = ()  # missing workers of other hosts, by host and cause (lost_elsewhere)
+    last_crash: str = ""  # the newest crash of the pool's workers in words (last_crash)
+    problems: tuple[str, ...] = ()  # registered workers that say they cannot do their job, one line each
+    oldest_wait_s: float | None = None  # how long the request waiting longest has waited (None: none waits)
+    queue_timeout: float | None = None
+    free: int | None = None  # of ``up``, workers with a free slot (None: not known)
     away: int = 0  # registered workers whose connection closed, waited for on a new one
 
 
@@ -221,16 +263,26 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
         return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}"])
+    problems = [f"{name}: {p}" for p in f.problems]
     if f.up + f.starting < f.expected or f.broken:
         reasons.append(f"{name} has {f.up}/{f.expected} workers ready{where}{lost}")
-        return Verdict(State.DEGRADED, reasons)
+        return Verdict(State.DEGRADED, reasons + problems)
+    if problems:  # up, but not able to do what the pool is for
+        return Verdict(State.DEGRADED, problems)
     if f.queue_max and f.queued >= WARN_QUEUE_FILL * f.queue_max:
         reasons.append(f"{name} queue is {f.queued}/{f.queue_max} full (pool_saturated at {f.queue_max})")
+    if f.oldest_wait_s is not None and f.queue_timeout and f.oldest_wait_s >= WARN_QUEUE_WAIT * f.queue_timeout:
+        workers = "" if f.free is None else (f"all {f.up} worker(s) busy; " if f.free == 0 else
+                                             f"{f.free} of {f.up} worker(s) free, but not for these sessions; ")
+        reasons.append(f"{name}: the oldest of {f.queued} queued request(s) has waited {fmt_window(f.oldest_wait_s)} "
+                       f"of its {fmt_window(f.queue_timeout)} queue timeout ({workers}queue_timeout comes next: "
+                       "add workers, or see what keeps them busy with pools status -v)")
     failed = {code: n for code, n in f.failures.items() if n}
     if failed:
         window = fmt_window(f.window_s)
         parts = ", ".join(f"{LABELS.get(code, code)} ×{n}" for code, n in sorted(failed.items(), key=lambda kv: -kv[1]))
-        reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts} "
+        crash = f"; last crash: {f.last_crash}" if f.last_crash and failed.get("crash") else ""
+        reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts}{crash} "
                        f"(clears after {window} without one)")
     if reasons:
         return Verdict(State.WARN, reasons)
@@ -240,10 +292,20 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
 
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
-                      broken: int = 0, here: int | None = None, lost: Iterable[Lost] = ()) -> PoolFacts:
+                      broken: int = 0, here: int | None = None, lost: Iterable[Lost] = (),
+                      last_crash: str = "") -> PoolFacts:
     """PoolFacts from one pool of the broker's status (its queue and its recent failures)."""
     recent = pool.get("recent") or {}
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
                      window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),
+                     last_crash=last_crash, problems=worker_problems(pool.get("workers") or []),
+                     oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
+                     free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
                      away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"))
+
+
+def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
+    """One line per worker that reports a problem in its heartbeats (its dspy import failed)."""
+    return tuple(f"worker {str(w.get('incarnation') or w.get('id') or '?')[:8]} (pid {w.get('pid')}) "
+                 f"{w['problem']} (its log has the traceback)" for w in workers if w.get("problem"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,16 @@ class Supervisor:
         lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
         return lines[-1][:300] if lines else ""
 
+    def exit_causes(self, tail_bytes: int = 65536) -> dict[int, str]:
+        """How each process that exited lately ended, by pid, as supervisord saw it when it reaped
+        it (``terminated by SIGSEGV``, ``exit status 1``): only its parent knows, and supervisord
+        writes it to its own log. {} when that log cannot be read (``logfile = syslog``, say)."""
+        try:
+            text = str(self.call("supervisor.readLog", -tail_bytes, 0))
+        except (SupervisorError, SupervisorNoSuchProcess):
+            return {}
+        return exit_causes(text)
+
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
 
@@ -220,6 +231,23 @@ class Supervisor:
         except SupervisorUnreachable:
             return False
         return True
+
+
+_SPAWNED = re.compile(r"spawned: '(?P<name>[^']+)' with pid (?P<pid>\d+)")
+_EXITED = re.compile(r"exited: (?P<name>\S+) \((?P<how>.+?); (?:not )?expected\)")
+
+
+def exit_causes(log_text: str) -> dict[int, str]:
+    """pid -> how it ended, from supervisord's log: its ``spawned: 'NAME' with pid N`` lines say
+    which pid a process name had when its ``exited: NAME (HOW; ...)`` line came."""
+    pid_of: dict[str, int] = {}
+    causes: dict[int, str] = {}
+    for line in log_text.splitlines():
+        if m := _SPAWNED.search(line):
+            pid_of[m["name"]] = int(m["pid"])
+        elif (m := _EXITED.search(line)) and m["name"] in pid_of:
+            causes[pid_of.pop(m["name"])] = m["how"]
+    return causes
 
 
 def full_name(proc: dict[str, Any]) -> str:

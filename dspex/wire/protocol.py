@@ -8,7 +8,7 @@ Frontend (client DEALER -> broker ROUTER)::
 Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
     worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN]
-                       [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED]       (the goodbye)
+                       [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED | GOODBYE_HARD_LIMIT]  (the goodbye)
                        [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
                        [W_CHECKPOINT + ok + req_id + client_id, checkpoint meta, *checkpoint, reply_header, *payload]
     broker -> worker:  [B_REQUEST + budget + client_id, (restore meta, *checkpoint,) request_header, *payload]
@@ -72,6 +72,9 @@ B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
 # run) instead of handing them back. Without it every request the worker has not answered never
 # started there.
 GOODBYE_ABANDONED = b"abandoned"
+# The same at a hard time limit when the worker's other calls all ended: nothing is failed, but the
+# broker names why the worker left (a recycle at the hard limit, not a plain exit).
+GOODBYE_HARD_LIMIT = b"hard_limit"
 
 # Defaults fixed by the brief (PPP-style heartbeats).
 HEARTBEAT_INTERVAL = 1.0

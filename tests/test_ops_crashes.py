@@ -1,0 +1,145 @@
+"""A worker that dies the way workers die in production is named with its cause: the CLI as a
+subprocess and the dashboard's JSON against a real supervisord stack (the shipped broker and
+triage_pool sections, one worker).
+
+* A segfault in user code (``ctypes.string_at(0)``): the caller gets ``WorkerCrashed``;
+  ``pools status`` says WARN with the crashed worker's pid and "terminated by SIGSEGV" (what
+  supervisord saw when it reaped it), ``--json`` events and the dashboard's events carry it as
+  ``exit``, and the worker's log holds Python's fatal-error report with the call's stack.
+* A SIGKILL from outside dspex (what the kernel's OOM killer sends): named, with the hint that it
+  is most likely the OOM killer.
+* The dashboard in a real browser shows a crash's cause in its events and its reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dspex
+from tests.harness import wait_for
+from tests.harness.supervisord import SupervisedStack
+from tests.test_cli import dspexctl, no_traceback
+from tests.test_dashboard import browser, rows  # noqa: F401 - the fixture, for the page's test
+from tests.test_ops_python import small_conf_text
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[SupervisedStack]:
+    s = SupervisedStack(small_conf_text({"triage_pool": 1}))
+    try:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+        yield s
+    finally:
+        s.stop()
+        s.cleanup()
+
+
+def replaced(stack: SupervisedStack, gone: int) -> None:
+    def check() -> bool:
+        stack.processes()  # supervisord's loop turns, and the harness records the new pid
+        pids = {w["pid"] for w in stack.ready("triage_pool")}
+        return len(pids) == 1 and gone not in pids
+
+    wait_for(check, 60, 0.1, f"the replacement of pid {gone}")
+
+
+def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
+    doc = dspexctl(stack, "pools", "status", "--json")
+    text = dspexctl(stack, "pools", "status")
+    no_traceback(doc)
+    no_traceback(text)
+    assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
+    return doc.returncode, json.loads(doc.stdout), text.stdout
+
+
+def crash_of(events: list[dict[str, Any]], pid: int) -> dict[str, Any]:
+    crashes = [e for e in events if e.get("event") == "crash" and e.get("pid") == pid]
+    assert len(crashes) == 1, events
+    return crashes[0]
+
+
+def dashboard_events(stack: SupervisedStack) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
+        return list(json.loads(resp.read())["events"])
+
+
+@pytest.mark.timeout(180)
+def test_a_segfault_in_user_code_is_named_with_its_signal_and_its_stack(stack: SupervisedStack) -> None:
+    with stack.client() as dx:
+        s = dx.session("triage_pool")
+        victim = s.call("os", "getpid")
+        with pytest.raises(dspex.WorkerCrashed):
+            s.exec("import ctypes\n\ndef read_null():\n    return ctypes.string_at(0)\n\nread_null()\n")
+    replaced(stack, victim)
+
+    rc, doc, text = status(stack)
+    assert rc == 6, text
+    warn = next(line for line in text.splitlines() if line.startswith("WARN: triage_pool"))
+    assert f"pid {victim}" in warn and "terminated by SIGSEGV" in warn, text
+    assert crash_of(doc["events"], victim)["exit"].startswith("terminated by SIGSEGV"), doc["events"]
+    assert crash_of(dashboard_events(stack), victim)["exit"].startswith("terminated by SIGSEGV")
+
+    log = "".join(p.read_text(errors="replace") for p in (stack.root / "log").glob("triage_pool_*.log"))
+    assert "Fatal Python error: Segmentation fault" in log, log[-3000:]
+    assert "in read_null" in log, "the worker's log shows where in the user's code it died"
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkill_from_outside_is_named_as_the_oom_killers(stack: SupervisedStack) -> None:
+    victim = stack.ready("triage_pool")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)  # what the kernel's OOM killer does
+    replaced(stack, victim)
+
+    rc, doc, text = status(stack)
+    assert rc == 6, text
+    warn = next(line for line in text.splitlines() if line.startswith("WARN: triage_pool"))
+    assert f"pid {victim}" in warn and "terminated by SIGKILL" in warn and "OOM killer" in warn, text
+    assert crash_of(doc["events"], victim)["exit"].startswith("terminated by SIGKILL")
+    assert crash_of(dashboard_events(stack), victim)["exit"].startswith("terminated by SIGKILL")
+
+
+@pytest.mark.timeout(180)
+def test_the_dashboard_shows_how_a_worker_died(stack: SupervisedStack, browser: Any) -> None:  # noqa: F811
+    browser.get(f"http://127.0.0.1:{stack.metrics_port}/")
+    wait_for(lambda: [r["pool"] for r in rows(browser, "pools")] == ["triage_pool"], 30, 0.2, "the pools table")
+    victim = stack.ready("triage_pool")[0]["pid"]
+    os.kill(victim, signal.SIGSEGV)
+    replaced(stack, victim)
+
+    def crash_row() -> dict[str, str] | None:
+        return next((r for r in rows(browser, "events") if r["kind"] == "crash" and r["td_pid"] == str(victim)), None)
+
+    row = wait_for(crash_row, 30, 0.2, "the crash on the page")
+    assert row["td_why"].startswith("crashed (connection lost): terminated by SIGSEGV"), row
+    reasons = browser.find_element("id", "reasons").text
+    assert f"last crash: worker {row['incarnation'][:8]} (pid {victim})" in reasons, reasons
+    assert "terminated by SIGSEGV" in reasons, reasons
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_stuck_in_c_code_past_its_hard_limit_is_named_so(stack: SupervisedStack) -> None:
+    with stack.client() as dx:
+        s = dx.session("triage_pool")
+        victim = s.call("os", "getpid")
+        with pytest.raises(dspex.Timeout, match="ignored the interruption"):
+            # C code that blocks every signal: the soft limit cannot interrupt it, the hard one ends the worker
+            s.exec("import ctypes, signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals))\n"
+                   "ctypes.CDLL(None).sleep(600)\n", timeout=1)
+    replaced(stack, victim)
+
+    rc, doc, text = status(stack)
+    assert rc == 6 and "call stopped at its deadline ×1" in text, text
+    left = [e for e in doc["events"] if e.get("pid") == victim and e["event"] != "start"]
+    assert [(e["event"], e["why"]) for e in left] == [("recycle", "was recycled at a call's hard time limit")], left
+    assert [(e["event"], e["why"]) for e in dashboard_events(stack) if e.get("pid") == victim
+            and e["event"] != "start"] == [("recycle", "was recycled at a call's hard time limit")]

@@ -1,0 +1,88 @@
+"""A pool whose workers are all busy while requests wait says so before they time out, and is OK
+again once the queue moves: the CLI as a subprocess and the dashboard's JSON against a real
+supervisord stack (the shipped broker and triage_pool sections, one worker, an 8 s queue timeout).
+
+A call holds the only worker for 7 s; a second call waits behind it. Once it has waited half its
+queue timeout, ``pools status`` is WARN (exit 6) with a line that says how long the oldest request
+has waited of its timeout and that every worker is busy; the dashboard says the same. The second
+call then runs (it never timed out), and the pool is OK (exit 0) with no failure counted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.harness import wait_for
+from tests.harness.supervisord import SupervisedStack
+from tests.test_cli import dspexctl, no_traceback
+from tests.test_ops_python import small_conf_text
+
+pytestmark = [pytest.mark.slow]
+
+QUEUE_TIMEOUT = 8
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[SupervisedStack]:
+    s = SupervisedStack(small_conf_text({"triage_pool": 1}, triage_pool={"queue_timeout": str(QUEUE_TIMEOUT)}))
+    try:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+        yield s
+    finally:
+        s.stop()
+        s.cleanup()
+
+
+def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
+    doc = dspexctl(stack, "pools", "status", "--json")
+    text = dspexctl(stack, "pools", "status")
+    no_traceback(doc)
+    no_traceback(text)
+    return text.returncode, json.loads(doc.stdout), text.stdout
+
+
+def dashboard(stack: SupervisedStack) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
+        return dict(json.loads(resp.read())["pools"]["triage_pool"])
+
+
+@pytest.mark.timeout(120)
+def test_requests_waiting_long_behind_busy_workers_warn_before_they_time_out(stack: SupervisedStack) -> None:
+    results: list[Any] = []
+
+    def call(seconds: float) -> None:
+        with stack.client() as dx:
+            results.append(dx.call("time", "sleep", [seconds], pool="triage_pool", timeout=60))
+
+    blocker = threading.Thread(target=call, args=(7.0,))
+    blocker.start()
+    wait_for(lambda: stack.status()["pools"]["triage_pool"]["workers"][0]["state"] == "busy", 10, 0.05,
+             "the worker busy")
+    queued_at = time.monotonic()
+    waiter = threading.Thread(target=call, args=(0.0,))
+    waiter.start()
+    try:
+        rc, doc, text = wait_for(lambda: (got := status(stack))[0] == 6 and got, 10, 0.3, "WARN while it waits")
+        assert time.monotonic() - queued_at >= QUEUE_TIMEOUT / 2 - 0.5, "not before half the queue timeout"
+        line = next(ln for ln in text.splitlines() if ln.startswith("WARN: triage_pool"))
+        assert "the oldest of 1 queued request(s) has waited" in line and f"of its {QUEUE_TIMEOUT}s queue timeout" in line
+        assert "all 1 worker(s) busy" in line, line
+        assert doc["pools"][0]["oldest_wait_s"] >= QUEUE_TIMEOUT / 2
+        pool = dashboard(stack)
+        assert pool["state"] == "warn" and any("has waited" in r for r in pool["reasons"]), pool["reasons"]
+    finally:
+        blocker.join(30)
+        waiter.join(30)
+    assert results == [None, None], "both ran: the waiting one never timed out"
+    rc, doc, text = status(stack)
+    assert rc == 0 and "WARN" not in text, text
+    assert doc["pools"][0]["failures"]["service"] == {} and doc["pools"][0]["oldest_wait_s"] is None
+    assert dashboard(stack)["state"] == "ok"

@@ -1,0 +1,115 @@
+"""A worker that cannot do its job from its start is named, with the cause, instead of looking
+healthy: the CLI as a subprocess and the dashboard's JSON against a real supervisord stack whose
+triage_pool workers find a broken ``dspy`` first on their ``PYTHONPATH`` (the shipped broker and
+triage_pool sections, one worker).
+
+The worker stays up and serves plain Python (supervisord has nothing to restart, so nothing
+flaps), but ``pools status`` is DEGRADED (exit 3) with a line naming the worker and the import's
+error, ``--json`` has it on the worker's row as ``problem``, and the dashboard says the same.
+
+A worker that dies at its start every time (a broken ``msgpack`` first on its ``PYTHONPATH``):
+supervisord gives up after ``startretries`` (FATAL, not restarted forever), and ``pools status``
+and the dashboard both quote the last line of its log, the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, wait_for
+from tests.harness.procs import short_tmpdir
+from tests.harness.supervisord import SupervisedStack
+from tests.test_cli import dspexctl, no_traceback
+from tests.test_ops_python import small_conf_text
+
+pytestmark = [pytest.mark.slow]
+
+BROKEN = "cannot import name 'BaseLM' from 'dspy.clients' (a half-installed upgrade)"
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[SupervisedStack]:
+    shadow = Path(short_tmpdir())
+    (shadow / "dspy").mkdir()
+    (shadow / "dspy" / "__init__.py").write_text(f"raise ImportError({BROKEN!r})\n")
+    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+    conf = small_conf_text({"triage_pool": 1})
+    assert worker in conf
+    conf = conf.replace(worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}')
+    s = SupervisedStack(conf)
+    try:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the worker registered")
+        yield s
+    finally:
+        s.stop()
+        s.cleanup()
+        (shadow / "dspy" / "__init__.py").unlink()
+        (shadow / "dspy").rmdir()
+        shadow.rmdir()
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_whose_dspy_import_failed_is_degraded_and_named(stack: SupervisedStack) -> None:
+    (worker,) = stack.ready("triage_pool")
+    with stack.client() as dx:
+        assert dx.call("operator", "add", [1, 2], pool="triage_pool") == 3, "plain Python still runs there"
+    line = f"worker {worker['incarnation'][:8]} (pid {worker['pid']}) cannot import dspy: ImportError: {BROKEN}"
+
+    def degraded() -> tuple[int, dict, str] | None:
+        doc = dspexctl(stack, "pools", "status", "--json")
+        text = dspexctl(stack, "pools", "status")
+        no_traceback(doc)
+        no_traceback(text)
+        return (doc.returncode, json.loads(doc.stdout), text.stdout) if text.returncode == 3 else None
+
+    rc, doc, text = wait_for(degraded, 30, 0.5, "pools status DEGRADED")
+    assert doc["health"] == "degraded" and rc == 3
+    assert f"DEGRADED: triage_pool: {line} (its log has the traceback)" in text, text
+    (row,) = doc["pools"][0]["workers"]
+    assert row["problem"] == f"cannot import dspy: ImportError: {BROKEN}"
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
+        pool = json.loads(resp.read())["pools"]["triage_pool"]
+    assert pool["state"] == "degraded" and any(line in r for r in pool["reasons"]), pool["reasons"]
+    assert len(stack.processes()) == 2 and all(p["statename"] == "RUNNING" for p in stack.processes()), "no flapping"
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
+    shadow = Path(short_tmpdir())
+    (shadow / "msgpack").mkdir()
+    missing = "libmsgpack.so.2: cannot open shared object file"
+    (shadow / "msgpack" / "__init__.py").write_text(f"raise ImportError({missing!r})\n")
+    cause = f"ImportError: {missing}"
+    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+    conf = small_conf_text({"triage_pool": 1}, startretries=2)
+    s = SupervisedStack(conf.replace(worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
+    try:
+        s.start_foreground()
+        wait_for(lambda: [p["statename"] for p in s.processes() if p["group"] == "triage_pool"] == ["FATAL"],
+                 60, 0.2, "supervisord giving up on the worker")
+        res = dspexctl(s, "pools", "status")
+        no_traceback(res)
+        assert res.returncode == 5, res.stdout
+        line = f"triage_pool:triage_pool_00 is FATAL (last log line: {cause})"
+        assert f"DEGRADED: {line}" in res.stdout, res.stdout
+        assert "DOWN: triage_pool has no ready worker (0/1)" in res.stdout
+
+        def dashboard() -> list[str] | None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/api/status", timeout=10) as resp:
+                pool = json.loads(resp.read())["pools"]["triage_pool"]
+            return pool["reasons"] if pool["state"] == "down" else None
+
+        reasons = wait_for(dashboard, 20, 0.2, "the dashboard's DOWN")
+        assert line in reasons, reasons
+    finally:
+        s.stop()
+        s.cleanup()
+        (shadow / "msgpack" / "__init__.py").unlink()
+        (shadow / "msgpack").rmdir()
+        shadow.rmdir()
