@@ -2,10 +2,14 @@
 
 A socket monitor on each ROUTER reports a peer's disconnect within about a millisecond, by file
 descriptor; the broker maps each worker (on its READY) and each client (on its first call) to
-the fd its messages came from (``SRCFD``). A disconnect is acted on only after
-:data:`GOODBYE_GRACE` and after the broker has read the socket again: what the peer sent before
-closing (a worker's goodbye, a client's last calls) travels through the ROUTER, the disconnect
-through the monitor, in no fixed order. Failed CURVE handshakes are logged once, then counted.
+the fd its messages came from (``SRCFD``) and the socket open on it then (its inode: fd numbers
+are reused at once). A disconnect is acted on only after :data:`GOODBYE_GRACE` and after the
+broker has read the socket again: what the peer sent before closing (a worker's goodbye, a
+client's last calls) travels through the ROUTER, the disconnect through the monitor, in no fixed
+order. It is the mapped peer's only once the mapped socket is closed: libzmq reports a disconnect
+just before it closes the fd (so the socket may still be open when the event is read), and a
+disconnect read late may be of an earlier connection whose fd number the peer's has now (the
+monitor's pipe can lag the ROUTER's). Failed CURVE handshakes are logged once, then counted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ log = logging.getLogger("dspex.broker")
 # socket's pipe activations at most about once a millisecond on non-blocking reads), and a clean
 # exit must never count as a crash. Short, because it delays crash detection by as much.
 GOODBYE_GRACE = 0.003
+# A disconnect whose mapped socket is still open this long after it was seen was of an earlier
+# connection on the same fd number (libzmq closes the fd microseconds after it reports one).
+CLOSE_WAIT = 1.0
 
 
 def _inode(fd: int) -> int | None:
@@ -36,6 +43,11 @@ def _inode(fd: int) -> int | None:
         return os.fstat(fd).st_ino
     except OSError:
         return None
+
+
+def _closed(fd: int, inode: int | None) -> bool:
+    """Whether the socket mapped on ``fd`` (``inode``; None: not known) is closed now."""
+    return fd < 0 or inode is None or _inode(fd) != inode
 
 
 def source_fd(frame: zmq.Frame) -> int:
@@ -85,28 +97,37 @@ class Connections:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.handshake_failed(WORKERS, int(event["value"]), now)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            fd = int(event["value"])
-            wid = self.fd_worker.get(fd)
-            if wid is None:
-                return
-            inode = self.worker_inode.get(wid)
-            if inode is not None and inode == _inode(fd):
-                # The connection mapped on this fd is still open: the event is of an earlier one
-                # that had the same fd number, read late (the monitor's pipe can lag the
-                # backend's, so a worker's READY on its new connection may be read first).
-                return
-            del self.fd_worker[fd]
-            if wid in known:
+            wid = self.fd_worker.get(int(event["value"]))
+            if wid is not None and wid in known:
                 self.worker_disconnects.setdefault(wid, now)
 
+    def _worker_closed(self, wid: bytes) -> bool:
+        fd = self.worker_fd.get(wid, -1)
+        return self.fd_worker.get(fd) != wid or _closed(fd, self.worker_inode.get(wid))
+
     def workers_due(self, now: float) -> list[bytes]:
-        return [wid for wid, seen in self.worker_disconnects.items() if now - seen >= GOODBYE_GRACE]
+        """Workers whose disconnect is past its grace and whose current connection is closed; a
+        disconnect whose worker's connection stays open (an earlier one's) is dropped."""
+        due = []
+        for wid, seen in list(self.worker_disconnects.items()):
+            if now - seen < GOODBYE_GRACE:
+                continue
+            if self._worker_closed(wid):
+                due.append(wid)
+            elif now - seen >= CLOSE_WAIT:
+                del self.worker_disconnects[wid]
+        return due
 
     def settle_worker(self, wid: bytes) -> bool:
         """Forget ``wid``'s disconnect; whether it was of its current connection (a crash if the
         core still holds it), not of an older one."""
         self.worker_disconnects.pop(wid, None)
-        return self.fd_worker.get(self.worker_fd.get(wid, -1)) != wid
+        if not self._worker_closed(wid):
+            return False
+        fd = self.worker_fd.get(wid, -1)
+        if self.fd_worker.get(fd) == wid:
+            del self.fd_worker[fd]
+        return True
 
     # -- clients ----------------------------------------------------------------------------
     def client_known(self, client: bytes) -> bool:
@@ -127,23 +148,34 @@ class Connections:
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             self.handshake_failed(CLIENTS, int(event["value"]), now)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            fd = int(event["value"])
-            inode = self.fd_client_inode.get(fd)
-            if fd not in self.fd_client or (inode is not None and inode == _inode(fd)):
-                return  # nobody's, or an earlier connection's on the same fd number (read late)
-            client = self.fd_client.pop(fd)
-            del self.fd_client_inode[fd]
-            self._client_lost(client, now)
+            client = self.fd_client.get(int(event["value"]))
+            if client is not None:
+                self.client_disconnects.setdefault(client, now)
 
     def _client_lost(self, client: bytes, now: float) -> None:
         if self.client_fd.pop(client, None) is not None:
             self.client_disconnects.setdefault(client, now)
 
     def clients_due(self, now: float) -> list[bytes]:
-        return [c for c, seen in self.client_disconnects.items() if now - seen >= GOODBYE_GRACE]
+        """Clients whose disconnect is past its grace and whose connection is closed; a disconnect
+        whose client's connection stays open (an earlier one's) is dropped."""
+        due = []
+        for client, seen in list(self.client_disconnects.items()):
+            if now - seen < GOODBYE_GRACE:
+                continue
+            fd = self.client_fd.get(client, -1)
+            if _closed(fd, self.fd_client_inode.get(fd)):
+                due.append(client)
+            elif now - seen >= CLOSE_WAIT:
+                del self.client_disconnects[client]
+        return due
 
     def settle_client(self, client: bytes) -> None:
         self.client_disconnects.pop(client, None)
+        fd = self.client_fd.pop(client, -1)
+        if self.fd_client.get(fd) == client:
+            del self.fd_client[fd]
+            self.fd_client_inode.pop(fd, None)
 
     # -- CURVE handshakes -------------------------------------------------------------------
     def handshake_failed(self, plane: str, code: int, now: float) -> None:
