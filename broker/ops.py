@@ -161,6 +161,8 @@ def status(core: Core, now: float) -> dict[str, Any]:
                     "held_sessions": int(w.stats.get("sessions", 0)),  # session states the worker holds
                     # what keeps it from its job, by its own account (its dspy import failed); None: nothing
                     "problem": str(w.stats["problem"]) if w.stats.get("problem") else None,
+                    # still importing dspy (its problem, if any, is not known yet)
+                    "preparing": bool(w.stats.get("preparing")),
                     "uptime_s": round(now - w.registered, 3),
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),

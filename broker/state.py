@@ -99,7 +99,8 @@ class WorkerRecord:
         # calls it was running for an earlier broker when it registered (READY's "running"): they
         # hold slots until their replies pass (or its heartbeats say they ended)
         self.adopted = max(0, int(info.get("running", 0)))
-        self.stats: dict[str, Any] = {}
+        # its last heartbeat's stats; until the first, what READY said of its dspy import
+        self.stats: dict[str, Any] = {"preparing": True} if info.get("preparing") else {}
         self.last_call = float("inf")  # seconds from dispatch to reply of its last call (prefetch)
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0

@@ -21,7 +21,7 @@ import dspex
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
 from dspex.client.routing import broker_keys
-from dspex.stack.health import is_here
+from dspex.stack.health import State, is_here
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
@@ -49,6 +49,9 @@ EXIT_DOWN = 5  # pools status: a pool has no ready worker
 EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
 EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
 EXIT_TIMEOUT = 8  # the broker or supervisord is there but did not answer within --timeout
+# a state's code: pools status, and pools start/restart for the pools they started
+EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
+                  State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
 
 def exit_code_for(err: DspexError) -> int:
     if isinstance(err, (ConnectionError, SupervisorUnreachable)):  # lost on the way too: "no broker"

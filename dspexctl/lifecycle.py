@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dspex.stack.health import State, worker_problems, worst
 from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
     STOPPED_STATES,
@@ -17,7 +18,7 @@ from dspex.stack.supervisor import (
     full_name,
 )
 from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
-from dspexctl.commands import EXIT_ERROR, EXIT_OK, Settings, metrics_text, progress
+from dspexctl.commands import EXIT_ERROR, EXIT_FOR_STATE, EXIT_OK, Settings, metrics_text, progress
 from dspexctl.stack import (
     StackConflict,
     ensure_stack,
@@ -99,18 +100,36 @@ class PoolsStart:
         text, trouble = metrics_text(metrics)
         if trouble:
             progress(f"warning: {text}")
-        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3),
-                "pools": {g: {"ready": counts[g], "expected": max(sizes.get(g, 0), wanted.get(g, 0)),
-                              "here": wanted.get(g, 0)} for g in shown}, "metrics": metrics}
+        pools = {}
+        for g in shown:
+            # a worker that registered but cannot do its job (its dspy import failed): the pool is
+            # not ready, in the words and with the exit code of pools status
+            problems = list(worker_problems((status["pools"].get(g) or {}).get("workers") or []))
+            pools[g] = {"ready": counts[g], "expected": max(sizes.get(g, 0), wanted.get(g, 0)),
+                        "here": wanted.get(g, 0), "state": (State.DEGRADED if problems else State.OK).value,
+                        "problems": problems}
+        health = worst([State(p["state"]) for p in pools.values()])
+        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3), "health": health.value,
+                "pools": pools, "metrics": metrics}
 
     def present(self, result: dict[str, Any]) -> str:
         head = "started supervisord; " if result["started_supervisord"] else ""
-        return head + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready" + (
-            f" ({p['expected'] - p['here']} expected from other hosts)" if p["expected"] > p["here"] else "")
-            for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0]
+        return head + ", ".join(_pool_line(name, p) for name, p in result["pools"].items()) + (
+            f" ({result['seconds']:.1f}s)\n" + metrics_text(result["metrics"])[0] + _problem_lines(result["pools"]))
 
     def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
+        return EXIT_FOR_STATE[State(result["health"])]
+
+
+def _pool_line(name: str, p: dict[str, Any]) -> str:
+    there = f" ({p['expected'] - p['here']} expected from other hosts)" if p["expected"] > p["here"] else ""
+    if p["problems"]:
+        return f"{name}: {p['ready']}/{p['expected']} up{there}, {p['state'].upper()}"
+    return f"{name}: {p['ready']}/{p['expected']} ready{there}"
+
+
+def _problem_lines(pools: dict[str, Any]) -> str:
+    return "".join(f"\n{p['state'].upper()}: {name}: {text}" for name, p in pools.items() for text in p["problems"])
 
 
 class PoolsStop:
@@ -168,14 +187,14 @@ class PoolsRestart:
             sup.state()  # a restart of a stack that is not running is an error, not a start
         stopped = PoolsStop().execute(settings, PoolsStop().request(tuple(req["pools"]), req["wait"]))
         started = PoolsStart().execute(settings, PoolsStart().request(tuple(stopped["stopped"]), req["wait"]))
-        return {"pools": started["pools"], "seconds": round(time.monotonic() - t0, 3)}
+        return {"pools": started["pools"], "health": started["health"], "seconds": round(time.monotonic() - t0, 3)}
 
     def present(self, result: dict[str, Any]) -> str:
-        return "restarted " + ", ".join(f"{name}: {p['ready']}/{p['expected']} ready"
-                                        for name, p in result["pools"].items()) + f" ({result['seconds']:.1f}s)"
+        return ("restarted " + ", ".join(_pool_line(name, p) for name, p in result["pools"].items())
+                + f" ({result['seconds']:.1f}s)" + _problem_lines(result["pools"]))
 
     def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
+        return EXIT_FOR_STATE[State(result["health"])]
 
 
 class StackStop:

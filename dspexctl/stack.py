@@ -201,11 +201,13 @@ def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
 
 
 def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]:
-    """Registered workers per pool in a broker status that are neither draining nor away."""
+    """Registered workers per pool in a broker status that are neither draining nor away, nor
+    still importing dspy (whether that worked is known only once it is done)."""
     out = {}
     for name in pools:
         p = status.get("pools", {}).get(name)
-        out[name] = sum(1 for w in p["workers"] if w["state"] not in ("draining", "away")) if p else 0
+        out[name] = sum(1 for w in p["workers"] if w["state"] not in ("draining", "away")
+                        and not w.get("preparing")) if p else 0
     return out
 
 
@@ -261,7 +263,11 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                 raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once on every "
                                       f"try); its last log line: {why} (more in {logs})")
             if status is not None and all(counts[p] >= n for p, n in wanted.items()):
-                progress("ready: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items()))
+                troubled = {p: n for p in wanted if (n := sum(1 for w in status["pools"][p]["workers"]
+                                                              if w.get("problem")))}
+                progress(("registered: " if troubled else "ready: ") + ", ".join(
+                    f"{p} {counts[p]}/{n}" + (f" ({troubled[p]} reporting a problem)" if p in troubled else "")
+                    for p, n in wanted.items()))
                 return status
             line = "waiting for workers: " + ", ".join(f"{p} {counts[p]}/{n}" for p, n in wanted.items())
             if status is None:  # normal for a moment while it starts; its error only once that is unusual

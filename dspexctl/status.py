@@ -43,13 +43,8 @@ from dspex.stack.supervisor import (
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
-    EXIT_DEGRADED,
-    EXIT_DOWN,
-    EXIT_OK,
-    EXIT_STARTING,
+    EXIT_FOR_STATE,
     EXIT_TIMEOUT,
-    EXIT_UNREACHABLE,
-    EXIT_WARN,
     Settings,
     fmt_bytes,
     fmt_duration,
@@ -59,9 +54,6 @@ from dspexctl.commands import (
     table,
 )
 from dspexctl.diagnose import silent_broker
-
-EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
-                  State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host", "problem")

@@ -79,6 +79,42 @@ def test_a_worker_whose_dspy_import_failed_is_degraded_and_named(stack: Supervis
     assert len(stack.processes()) == 2 and all(p["statename"] == "RUNNING" for p in stack.processes()), "no flapping"
 
 
+@pytest.mark.timeout(300)
+def test_pools_start_does_not_call_a_pool_ready_whose_workers_cannot_import_dspy() -> None:
+    """``pools start`` waits for the workers' dspy import and says what ``pools status`` says of
+    the outcome: DEGRADED, exit 3, the worker and the import's error named; the same for a start
+    that finds supervisord running."""
+    shadow = Path(short_tmpdir())
+    (shadow / "dspy").mkdir()
+    (shadow / "dspy" / "__init__.py").write_text(f"raise ImportError({BROKEN!r})\n")
+    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+    s = SupervisedStack(small_conf_text({"triage_pool": 1}).replace(
+        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
+    try:
+        res = dspexctl(s, "pools", "start", "--wait", "120")
+        s.adopt_daemon()
+        no_traceback(res)
+        (w,) = s.ready("triage_pool")
+        line = f"DEGRADED: triage_pool: worker {w['incarnation'][:8]} (pid {w['pid']}) cannot import dspy: ImportError: {BROKEN}"
+        assert res.returncode == 3, res.stdout + res.stderr
+        assert line in res.stdout, res.stdout
+        assert "triage_pool: 1/1 ready" not in res.stdout, "a pool whose worker reports a problem is not ready"
+        again = dspexctl(s, "--json", "pools", "start", "--wait", "60")
+        no_traceback(again)
+        doc = json.loads(again.stdout)
+        assert again.returncode == 3, again.stdout + again.stderr
+        assert doc["health"] == "degraded" and doc["pools"]["triage_pool"]["state"] == "degraded", doc
+        assert doc["pools"]["triage_pool"]["problems"] == [line.removeprefix("DEGRADED: triage_pool: ") + " (its log has the traceback)"], doc
+        status = dspexctl(s, "pools", "status")
+        assert status.returncode == 3 and line in status.stdout, status.stdout
+    finally:
+        s.stop()
+        s.cleanup()
+        (shadow / "dspy" / "__init__.py").unlink()
+        (shadow / "dspy").rmdir()
+        shadow.rmdir()
+
+
 @pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
     shadow = Path(short_tmpdir())

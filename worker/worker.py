@@ -38,6 +38,7 @@ from dspex.wire.protocol import (
     PROTOCOL_VERSION,
     REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
+    W_HEARTBEAT,
     packb,
 )
 from worker import output
@@ -87,6 +88,8 @@ class Worker:
         # what keeps this worker from its job (its dspy import failed): the broker shows it to the
         # operator as the pool's DEGRADED reason, so a broken install does not look healthy
         self.problem = ""
+        # its dspy import is under way: the broker says so, and `pools start` waits for its outcome
+        self.preparing = options.preload_dspy
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
         # requests read by whichever thread read the socket, with their arrival time
         self._inbox: deque[Request] = deque()
@@ -107,6 +110,9 @@ class Worker:
                 log.exception("could not import dspy; serving plain Python only (run with --no-dspy to mean it)")
             finally:
                 link.back()
+                self.preparing = False
+                # the outcome (a problem, or none) reaches the broker now, not at the next heartbeat
+                link.say_soon([W_HEARTBEAT, self._stats_frame()])
         inbox = self._inbox
         try:
             while not (self._stop.is_set() and runner.active == 0):
@@ -194,6 +200,7 @@ class Worker:
                 "running": self.runner.running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
+                **({"preparing": True} if self.preparing else {}),
             }
         )
 
@@ -201,7 +208,8 @@ class Worker:
         ex = self.executor
         return packb({"rss": rss_bytes(), "served": ex.served, "errors": ex.errors, "refs": ex.refs.count,
                        "sessions": self.book.count, "running": self.runner.running,
-                       **({"problem": self.problem} if self.problem else {})})
+                       **({"problem": self.problem} if self.problem else {}),
+                       **({"preparing": True} if self.preparing else {})})
 
 
 # The stop signals stay blocked across a fork until the child has a new program's handlers: a
