@@ -32,7 +32,7 @@ from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import HARD_LIMIT, LOST, Roster
+from broker.roster import HARD_LIMIT, LOST, RECYCLED, Roster
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -285,7 +285,7 @@ class Core:
             elif w is not None and goodbye == GOODBYE_HARD_LIMIT:  # its calls all answered: nothing failed
                 self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
-                self.roster.remove(w, "was recycled" if w.pool.recycling == w.id else "exited", clean=True)
+                self.roster.remove(w, RECYCLED if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
                 self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
@@ -299,7 +299,7 @@ class Core:
         self.clock.now = now
         w = self.workers.get(wid)
         if w is not None:
-            self.roster.lost(w, "was recycled" if w.pool.recycling == w.id else LOST)
+            self.roster.lost(w, RECYCLED if w.pool.recycling == w.id else LOST)
 
     def client_gone(self, client: bytes, now: float) -> None:
         """The connection of ``client`` (a client socket's routing id) closed (the shell's socket

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 import dspex
 from broker.publisher import StatusPublisher
+from broker.roster import CRASH_WHYS, RECYCLE_WHYS
 from dspex.wire.protocol import WorkerState
 
 if TYPE_CHECKING:
@@ -69,10 +70,14 @@ class BrokerCollector(Collector):
             "dspex_queue_wait_seconds", "Time from a request's arrival until its dispatch to a worker "
             "(requests that never left the queue are counted in dspex_queue_timeouts_total)", labels=["pool"])
         sessions = GaugeMetricFamily("dspex_sessions", "Sessions the broker holds, by pool", labels=["pool"])
-        recycles = CounterMetricFamily("dspex_worker_recycles", "Workers retired gracefully (on demand or by policy)",
-                                       labels=["pool"])
-        crashes = CounterMetricFamily("dspex_worker_crashes", "Workers that left without being recycled "
-                                      "(crashed, killed, stopped answering heartbeats)", labels=["pool"])
+        recycles = CounterMetricFamily(
+            "dspex_worker_recycles", "Workers retired by the broker, by why: recycled (on demand or by policy), "
+            "hard_limit (a call ignored its hard time limit), drain_deadline (stopped hard, still busy at the pool's "
+            "drain deadline)", labels=["pool", "why"])
+        crashes = CounterMetricFamily(
+            "dspex_worker_crashes", "Workers that left without being recycled, by why: connection_lost (the process "
+            "died: crashed or killed), silent (stopped answering heartbeats: wedged, or its host gone)",
+            labels=["pool", "why"])
         starts = CounterMetricFamily("dspex_worker_starts", "Worker incarnations that registered with this broker "
                                      "(after a broker restart the live ones register again)", labels=["pool"])
         saturated = CounterMetricFamily("dspex_pool_saturated", "Requests refused because the pool's queue was full "
@@ -115,8 +120,10 @@ class BrokerCollector(Collector):
                 workers.add_metric([name, state], n)
             expected.add_metric([name], pool["size"])
             sessions.add_metric([name], pool["sessions"])
-            recycles.add_metric([name], pool["recycles"])
-            crashes.add_metric([name], pool["crashes"])
+            for why in RECYCLE_WHYS:  # every value from the start: rate() and alerts see the first one
+                recycles.add_metric([name, why], pool["recycles_by"].get(why, 0))
+            for why in CRASH_WHYS:
+                crashes.add_metric([name, why], pool["crashes_by"].get(why, 0))
             starts.add_metric([name], pool["starts"])
             saturated.add_metric([name], pool["saturated"])
             timeouts.add_metric([name], pool["queue_timeouts"])

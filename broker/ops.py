@@ -144,6 +144,8 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "latency_p99_ms": round(percentile(lat, 0.99) * 1000, 3),
             "recycles": pool.recycles,
             "crashes": pool.crashes,
+            "recycles_by": dict(pool.recycles_by),
+            "crashes_by": dict(pool.crashes_by),
             "starts": pool.starts,
             "saturated": pool.saturated,
             "queue_timeouts": pool.queue_timeouts,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.port import Port
+from broker.roster import DRAIN_DEADLINE
 from broker.state import Pending, Pool, WorkerRecord
 from dspex.wire.errors import DspexError, SessionWorkerUnavailable
 from dspex.wire.protocol import B_DISCONNECT
@@ -82,7 +83,7 @@ class Recycler:
                       w.incarnation[:8], w.pid, pool.name, now - w.draining_since)
             self.port.stop_process(w.pid, w.host)
             self._to_peer(w.id, [B_DISCONNECT])  # a worker on another host: ask once more
-            self._remove_worker(w, "was recycled (stopped hard at its drain deadline)")
+            self._remove_worker(w, DRAIN_DEADLINE)
 
     def next_deadline(self, pool: Pool) -> float:
         """The next time ``step`` or ``stop_overdue`` may have something to do for ``pool`` that

@@ -34,6 +34,21 @@ if TYPE_CHECKING:
 LOST = "crashed (connection lost)"  # its connection closed without a goodbye
 # why a worker left at a call's hard time limit (the call ignored its interruption)
 HARD_LIMIT = "was recycled at a call's hard time limit"
+RECYCLED = "was recycled"
+DRAIN_DEADLINE = "was recycled (stopped hard at its drain deadline)"
+# how a worker left, as the metrics' ``why`` label: a small fixed set (the broker's words and the
+# exit cause supervisord saw stay in the events, where free text does not multiply series)
+CRASH_WHYS = ("connection_lost", "silent")
+RECYCLE_WHYS = ("recycled", "hard_limit", "drain_deadline")
+
+
+def why_label(why: str, crashed: bool) -> str:
+    """The label of a crash (``crashed``) or a recycle, from the broker's ``why``. A crash is a
+    connection that closed without a goodbye unless the worker went silent (its process wedged,
+    its host or the network gone)."""
+    if crashed:
+        return "silent" if why == SILENT else "connection_lost"
+    return {HARD_LIMIT: "hard_limit", DRAIN_DEADLINE: "drain_deadline"}.get(why, "recycled")
 
 
 class Roster:
@@ -177,17 +192,21 @@ class Roster:
         pool.workers.pop(w.id, None)
         if "recycled" in why:
             pool.recycles += 1
+            label = why_label(why, crashed=False)
+            pool.recycles_by[label] = pool.recycles_by.get(label, 0) + 1
             event = "recycle"
         elif clean:  # a clean SIGTERM exit (supervisorctl stop/restart, a deploy) is not a crash
             event = "exit"
         else:
             pool.crashes += 1
+            label = why_label(why, crashed=True)
+            pool.crashes_by[label] = pool.crashes_by.get(label, 0) + 1
             event = "crash"
             pool.recent.add(SERVICE, "crash", self.clock.now)
         self.gone.add(w.id, why, crashed=event == "crash")
         self.event(pool.name, w, event, why)
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
-        self.port.log(logging.INFO if clean or why == "was recycled" else logging.WARNING,
+        self.port.log(logging.INFO if clean or why == RECYCLED else logging.WARNING,
                 "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                 w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
         inflight = list(w.inflight.items())

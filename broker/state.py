@@ -186,6 +186,9 @@ class Pool:
         self.queue_wait = Histogram(bounds)  # arrival to dispatch
         self.recycles = 0
         self.crashes = 0
+        # the same by how the worker left (``broker.roster.why_label``)
+        self.recycles_by: dict[str, int] = {}
+        self.crashes_by: dict[str, int] = {}
         self.starts = 0  # incarnations that registered with this broker
         self.saturated = 0  # requests refused with pool_saturated
         self.queue_timeouts = 0  # requests that waited past queue_timeout

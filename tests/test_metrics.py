@@ -5,7 +5,9 @@ for refusals and queue timeouts."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -149,7 +151,7 @@ def test_counters_and_per_worker_series_move(stack: Stack) -> None:
              30, 0.1, "a replacement worker")
     samples, _ = scrape(port)
     assert value(samples, "dspex_worker_starts_total", pool="p") == 3
-    assert value(samples, "dspex_worker_crashes_total", pool="p") == 1
+    assert value(samples, "dspex_worker_crashes_total", pool="p", why="connection_lost") == 1
     assert pid not in worker_series(samples, "dspex_worker_rss_bytes", "p"), "a gone worker's series go"
 
 
@@ -221,3 +223,50 @@ def test_a_nearly_full_queue_warns_on_the_dashboard(stack: Stack) -> None:
         assert pool_view()["saturated"] == 1
         assert all(isinstance(f.result(30), int) for f in waiting), "every queued call ran"
     busy.join(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_crashes_and_recycles_are_counted_by_why_from_a_bounded_set(stack: Stack) -> None:
+    """How a worker left, as a ``why`` label a Prometheus user can alert on: a killed worker's
+    connection closed (``connection_lost``), a stopped one's heartbeats stopped (``silent``), a
+    recycle (``recycled``). Every value of the bounded set is there from the start (at 0), and
+    nothing else: no pid, incarnation or free text in a label."""
+    port, dx = start(stack, "p:none", 3)
+    samples, _ = scrape(port)
+    crash_whys = {"connection_lost", "silent"}
+    recycle_whys = {"recycled", "hard_limit", "drain_deadline"}
+    for why in crash_whys:
+        assert value(samples, "dspex_worker_crashes_total", pool="p", why=why) == 0
+    for why in recycle_whys:
+        assert value(samples, "dspex_worker_recycles_total", pool="p", why=why) == 0
+    recycled, killed, stopped = stack.workers("p")
+    dx.recycle("p", worker=recycled["incarnation"])
+    wait_for(lambda: value(scrape(port)[0], "dspex_worker_recycles_total", pool="p", why="recycled") == 1, 30, 0.1,
+             "the recycle counted")
+    stack.kill(int(killed["pid"]))
+    os.kill(int(stopped["pid"]), signal.SIGSTOP)  # alive, silent: dropped at heartbeat expiry (close kills it)
+    samples = wait_for(lambda: (got := scrape(port)[0])
+                       and value(got, "dspex_worker_crashes_total", pool="p", why="silent") == 1 and got,
+                       30, 0.2, "the silent worker dropped")
+    assert value(samples, "dspex_worker_crashes_total", pool="p", why="connection_lost") == 1
+    assert value(samples, "dspex_worker_recycles_total", pool="p", why="recycled") == 1
+    seen = {dict(k[1])["why"] for k in samples if k[0] in ("dspex_worker_crashes_total", "dspex_worker_recycles_total")}
+    assert seen == crash_whys | recycle_whys, seen
+    # the status keeps its totals and says the same per why
+    pool = dx.status()["pools"]["p"]
+    assert pool["crashes"] == 2 and pool["crashes_by"] == {"connection_lost": 1, "silent": 1}, pool
+    assert pool["recycles"] == 1 and pool["recycles_by"] == {"recycled": 1}, pool
+
+
+def test_why_labels_are_the_bounded_set_for_every_way_a_worker_leaves() -> None:
+    from broker.roster import CRASH_WHYS, DRAIN_DEADLINE, HARD_LIMIT, LOST, RECYCLE_WHYS, RECYCLED, why_label
+    from dspex.stack.health import SILENT
+
+    assert why_label(LOST, crashed=True) == "connection_lost"
+    assert why_label(SILENT, crashed=True) == "silent"
+    assert why_label(RECYCLED, crashed=False) == "recycled"
+    assert why_label(HARD_LIMIT, crashed=False) == "hard_limit"
+    assert why_label(DRAIN_DEADLINE, crashed=False) == "drain_deadline"
+    assert why_label("anything a future change says", crashed=True) in CRASH_WHYS
+    assert why_label("was recycled (by a new rule)", crashed=False) in RECYCLE_WHYS

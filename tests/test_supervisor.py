@@ -211,8 +211,10 @@ def test_metrics_counters_move(sup: SupervisedStack) -> None:
         assert after[("dspex_workers", (("pool", pool), ("state", "ready")))] == 2
         assert after[("dspex_workers_expected", (("pool", pool),))] == 2
         assert ("dspex_queue_depth", (("pool", pool),)) in after
-        assert ("dspex_worker_recycles_total", (("pool", pool),)) in after
-        assert ("dspex_worker_crashes_total", (("pool", pool),)) in after
+        for why in ("recycled", "hard_limit", "drain_deadline"):
+            assert ("dspex_worker_recycles_total", (("pool", pool), ("why", why))) in after
+        for why in ("connection_lost", "silent"):
+            assert ("dspex_worker_crashes_total", (("pool", pool), ("why", why))) in after
     assert after[("dspex_sessions", (("pool", "optimizer_pool"),))] >= 1
     assert ("dspex_sessions_total", ()) not in after, "a gauge is never named _total"
     # optimizer_pool waits up to 900 s in its queue: the histograms' buckets reach that far
