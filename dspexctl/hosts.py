@@ -16,6 +16,7 @@ own and nothing else must exist.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -197,8 +198,11 @@ def hosts() -> None:
 @click.option("--python", default=sys.executable, show_default="the interpreter running dspexctl", metavar="PATH",
               callback=lambda _c, _p, v: check_python(v),
               help="the interpreter that runs the workers on this host; it must import dspex")
-def conf_command(broker: str, pools: tuple[tuple[str, int], ...], worker_key: Path, server_key: Path,
-                 python: str) -> None:
+@click.option("--json", "json_out", is_flag=True, help="print one JSON document: the conf's text and what it "
+              "was written from")
+@click.pass_context
+def conf_command(ctx: click.Context, broker: str, pools: tuple[tuple[str, int], ...], worker_key: Path,
+                 server_key: Path, python: str, json_out: bool) -> None:
     """Print a supervisord conf that runs workers of the named pools on this host.
 
     Run it on the worker host and save the output in a directory of its own (supervisord writes
@@ -206,7 +210,12 @@ def conf_command(broker: str, pools: tuple[tuple[str, int], ...], worker_key: Pa
     `supervisord -c workers.conf`. The key files and the interpreter are checked here and written
     as absolute paths.
     """
-    click.echo(render(HostConf(broker, pools, worker_key, server_key, python)), nl=False)
+    text = render(HostConf(broker, pools, worker_key, server_key, python))
+    if json_out or getattr(ctx.obj, "json", False):
+        click.echo(json.dumps({"conf": text, "broker": broker, "pools": dict(pools), "worker_key": str(worker_key),
+                               "server_key": str(server_key), "python": python}, indent=2))
+        return
+    click.echo(text, nl=False)
 
 
 def _unique_pools(pools: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:

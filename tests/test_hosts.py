@@ -4,6 +4,7 @@ its generated conf over TCP + CURVE) where one host vanishes and comes back."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -91,6 +92,23 @@ def test_conf_is_read_by_supervisord_as_intended(keys: Path) -> None:
             assert p.directory == str(host)
             assert p.stdout_logfile == str(host / f"{p.name}.log")
     assert not any(host.glob("*.log")), "writing the conf starts nothing"
+
+
+def test_conf_under_json_is_one_json_document_with_the_same_conf(keys: Path) -> None:
+    """--json (the global one, or the command's) only changes the presentation: the conf's text
+    as a field beside what it was written from; the plain output stays the conf itself."""
+    host = host_dir(keys.parent, keys, "wh")
+    argv = ["--broker", "tcp://broker.example:5556", "--pool", "triage_pool=3", "--pool", "analytics_pool=1"]
+    plain = dspexctl("hosts", "conf", *argv, cwd=host)
+    assert plain.returncode == 0 and plain.stdout.startswith("; dspex workers of"), plain.stdout
+    for args in (["--json", "hosts", "conf", *argv], ["hosts", "conf", *argv, "--json"]):
+        out = dspexctl(*args, cwd=host)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        doc = json.loads(out.stdout)
+        assert doc == {"conf": plain.stdout, "broker": "tcp://broker.example:5556",
+                       "pools": {"triage_pool": 3, "analytics_pool": 1},
+                       "worker_key": str(host / "keys" / "worker.key_secret"),
+                       "server_key": str(host / "keys" / "broker.key"), "python": sys.executable}, doc
 
 
 def test_conf_help_describes_every_option(keys: Path) -> None:
