@@ -56,7 +56,7 @@ from dspexctl.commands import (
 from dspexctl.diagnose import silent_broker
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
-               "rss", "uptime_s", "last_heartbeat_s", "host", "problem")
+               "rss", "uptime_s", "last_heartbeat_s", "host", "problem", "preparing")
 
 
 def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
@@ -203,11 +203,12 @@ class PoolsStatus:
                             registered, tails, issues) for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
+        owner = {text: p["name"] for p in pools for text in p["reasons"]}
         return {
             "health": health.value,
             "problems": [text for s, text in issues if s != State.STARTING],
             "starting": [text for s, text in issues if s == State.STARTING],
-            "issues": [{"state": s.value, "text": text} for s, text in issues],
+            "issues": [{"state": s.value, "text": text, "pool": owner.get(text)} for s, text in issues],
             "broker": None if broker is None else {**broker["broker"]},
             "supervisor": sup_info,
             "pools": pools,
@@ -220,6 +221,7 @@ class PoolsStatus:
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
               group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
               tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
+        mark = len(issues)  # the issues from here on are this pool's (its "reasons")
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
         group_pids = {p["pid"] for p in group or [] if p["pid"]}
@@ -295,7 +297,8 @@ class PoolsStatus:
             "health_window": (bp or {}).get("health_window"),
             # failed answers (and crashes) of the health window: only "service" counts for WARN
             "failures": {kind: dict(recent.get(kind) or {}) for kind in (SERVICE, USER, RECYCLE)},
-            "health": health, "in_broker": bp is not None, "workers": workers,
+            "health": health, "reasons": [text for _, text in issues[mark:]], "in_broker": bp is not None,
+            "workers": workers,
         }
 
     def present(self, result: dict[str, Any]) -> str:

@@ -378,6 +378,11 @@ def test_a_nearly_full_queue_warns(small: SupervisedStack) -> None:
         assert res.returncode == 6, res.stdout
         assert row(res.stdout, "analytics_pool")[-1] == "WARN"
         assert "WARN: analytics_pool queue is 2/2 full (pool_saturated at 2)" in res.stdout
+        # --json has the lines the text shows under the table, with the pool each is about
+        doc = json.loads(dspexctl(small, "pools", "status", "analytics_pool", "--json").stdout)
+        reason = "analytics_pool queue is 2/2 full (pool_saturated at 2)"
+        assert reason in doc["pools"][0]["reasons"], doc["pools"][0]
+        assert {"state": "warn", "text": reason, "pool": "analytics_pool"} in doc["issues"], doc["issues"]
     finally:
         for th in threads:
             th.join(60)
