@@ -21,7 +21,7 @@ import dspex
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
 from dspex.client.routing import broker_keys
-from dspex.stack.health import State, is_here
+from dspex.stack.health import State, is_here, worker_problems
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
@@ -327,7 +327,7 @@ class WorkersRecycle:
         prev = t0
         for old, new in zip(targets, news):
             out.append({"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"],
-                        "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3)})
+                        "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3), "problem": new.get("problem")})
             prev = new["seen"]
         return out
 
@@ -339,13 +339,14 @@ class WorkersRecycle:
         while True:
             workers = dx.status()["pools"][pool]["workers"]
             now = time.monotonic()
-            for w in workers:
-                if w["incarnation"] not in old_ids and w["incarnation"] not in seen and w["state"] != "draining":
+            for w in workers:  # a new incarnation is ready once its dspy import is over (its problem known)
+                if (w["incarnation"] not in old_ids and w["incarnation"] not in seen and w["state"] != "draining"
+                        and not w.get("preparing")):
                     seen[w["incarnation"]] = {**w, "seen": now}
                     progress(f"new incarnation {w['id']} (pid {w['pid']}) ready")
             current = {w["incarnation"] for w in workers}
             gone = targets - current
-            ready = sum(1 for w in workers if w["state"] != "draining")
+            ready = sum(1 for w in workers if w["state"] != "draining" and not w.get("preparing"))
             if gone == targets and len(seen) >= len(targets) and ready >= size:
                 return sorted(seen.values(), key=lambda w: w["seen"])
             line = f"waiting: {len(gone)}/{len(targets)} retired, {len(seen)}/{len(targets)} replacements ready"
@@ -362,8 +363,12 @@ class WorkersRecycle:
             time.sleep(0.05)
 
     def present(self, result: dict[str, Any]) -> str:
-        return "\n".join(f"{result['pool']}: {r['old'][:8]} (pid {r['old_pid']}) -> {r['new'][:8]} "
-                         f"(pid {r['new_pid']}) in {r['seconds']:.2f}s ({result['mode']})" for r in result["recycled"])
+        lines = [f"{result['pool']}: {r['old'][:8]} (pid {r['old_pid']}) -> {r['new'][:8]} "
+                 f"(pid {r['new_pid']}) in {r['seconds']:.2f}s ({result['mode']})" for r in result["recycled"]]
+        problems = worker_problems({"incarnation": r["new"], "pid": r["new_pid"], "problem": r["problem"]}
+                                   for r in result["recycled"])
+        return "\n".join([*lines, *(f"DEGRADED: {result['pool']}: {p}" for p in problems)])
 
     def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_OK
+        # a replacement that cannot do its job (its dspy import failed): as pools status says it
+        return EXIT_DEGRADED if any(r.get("problem") for r in result["recycled"]) else EXIT_OK

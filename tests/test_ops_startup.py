@@ -79,6 +79,25 @@ def test_a_worker_whose_dspy_import_failed_is_degraded_and_named(stack: Supervis
     assert len(stack.processes()) == 2 and all(p["statename"] == "RUNNING" for p in stack.processes()), "no flapping"
 
 
+@pytest.mark.timeout(180)
+def test_a_recycle_whose_replacement_cannot_import_dspy_says_so(stack: SupervisedStack) -> None:
+    """``workers recycle`` waits for the new incarnation's dspy import, and a replacement that
+    reports a problem is named as pools status names it (exit 3), not called ready."""
+    (old,) = stack.ready("triage_pool")
+    res = dspexctl(stack, "--json", "workers", "recycle", "triage_pool")
+    no_traceback(res)
+    assert res.returncode == 3, res.stdout + res.stderr
+    (r,) = json.loads(res.stdout)["recycled"]
+    assert r["old"] == old["incarnation"] and r["problem"] == f"cannot import dspy: ImportError: {BROKEN}", r
+    (new,) = stack.ready("triage_pool")
+    assert new["incarnation"] == r["new"] and not new["preparing"], "its import was over when the command said so"
+    text = dspexctl(stack, "workers", "recycle", "triage_pool")
+    (newer,) = stack.ready("triage_pool")
+    assert text.returncode == 3, text.stdout + text.stderr
+    assert (f"DEGRADED: triage_pool: worker {newer['incarnation'][:8]} (pid {newer['pid']}) cannot import dspy: "
+            f"ImportError: {BROKEN}") in text.stdout, text.stdout
+
+
 @pytest.mark.timeout(300)
 def test_pools_start_does_not_call_a_pool_ready_whose_workers_cannot_import_dspy() -> None:
     """``pools start`` waits for the workers' dspy import and says what ``pools status`` says of
