@@ -228,3 +228,29 @@ def test_a_worker_wedged_in_user_code_is_named_and_recycle_hard_kills_it(stack: 
     assert len(stack.ready("triage_pool")) == 2
     rc, doc, text = status(stack)
     assert rc == 6 and "worker crash" in text, text  # the crash stays in the health window, nothing else
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_worker_is_named_as_stopped_not_guessed_wedged(stack: SupervisedStack) -> None:
+    """A worker whose heartbeats stopped because its process is stopped (SIGSTOP, a debugger) is
+    named so, with what resumes it, from /proc: not guessed to be in user code holding the GIL."""
+    import os
+    import signal
+
+    (w, *_) = stack.ready("triage_pool")
+    pid = w["pid"]
+    name = next(f"{p['group']}:{p['name']}" for p in stack.processes() if p["pid"] == pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: pid not in {x["pid"] for x in stack.ready("triage_pool")}, 30, 0.2, "the broker dropping it")
+        rc, doc, text = status(stack)
+        assert rc == 3, text
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"DEGRADED: {name} is RUNNING (pid {pid}) but "
+                                                                          "stopped answering heartbeats")), "")
+        assert (f"its process is stopped (a SIGSTOP or a debugger; kill -CONT {pid} resumes it); dspexctl" in line
+                and "holds the GIL" not in line and line.endswith(f"--worker {pid} --hard kills it")), text
+    finally:
+        res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
+        assert res.returncode == 0, res.stdout + res.stderr
+        wait_for(lambda: not pid_alive(pid), 20, 0.1, "the stopped worker killed")
+    wait_for(lambda: len(stack.ready("triage_pool")) == 2, 60, 0.2, "its replacement")
