@@ -44,7 +44,8 @@ def stack() -> Iterator[SupervisedStack]:
     s = SupervisedStack(conf)
     try:
         s.start_foreground()
-        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the worker registered")
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 1,
+                 120, 0.1, "the worker registered, its process RUNNING")
         yield s
     finally:
         s.stop()

@@ -22,6 +22,7 @@ import pytest
 from dspex.stack.health import (
     PoolFacts,
     State,
+    facts_from_status,
     failure_kind,
     last_crash,
     other_hosts,
@@ -135,6 +136,22 @@ def test_workers_of_other_hosts_count_against_the_pools_size() -> None:
         "a group bigger than size: the group"
 
 
+def test_a_worker_still_importing_dspy_is_starting_not_ready() -> None:
+    """Registered, but whether its dspy import works is not known yet: STARTING (as pools start
+    waits for it), then OK, or DEGRADED with its problem once the import is over."""
+    def verdict(*workers: dict[str, Any]) -> State:
+        pool = {"workers": list(workers), "size": 2}
+        up = sum(1 for w in workers if w["state"] in ("ready", "busy"))
+        return pool_state("p", facts_from_status(pool, expected=2, up=up)).state
+
+    ready = {"state": "ready", "pid": 1}
+    importing = {"state": "ready", "pid": 2, "preparing": True}
+    assert verdict(ready, importing) is State.STARTING
+    assert verdict(dict(importing, pid=1), importing) is State.STARTING, "not DOWN: nothing failed yet"
+    assert verdict(ready, dict(ready, pid=2)) is State.OK
+    assert verdict(ready, dict(ready, pid=2, problem="cannot import dspy: ImportError: x")) is State.DEGRADED
+
+
 def test_worst_orders_by_severity() -> None:
     assert worst([]) == State.OK
     assert worst([State.OK, State.STARTING]) == State.STARTING
@@ -201,8 +218,7 @@ def small() -> Iterator[SupervisedStack]:
 
         def ready() -> bool:
             stack.processes()
-            st = stack.status()
-            return all(len(st["pools"][p]["workers"]) == n for p, n in POOLS.items())
+            return all(len(stack.ready(p)) == n for p, n in POOLS.items())
 
         wait_for(ready, 120, 0.1, "the small stack ready")
         yield stack

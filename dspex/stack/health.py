@@ -294,8 +294,12 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
                       broken: int = 0, here: int | None = None, lost: Iterable[Lost] = (),
                       last_crash: str = "") -> PoolFacts:
-    """PoolFacts from one pool of the broker's status (its queue and its recent failures)."""
+    """PoolFacts from one pool of the broker's status (its queue and its recent failures). A
+    registered worker still importing dspy counts as starting, not up: whether it can do its job
+    is not known yet."""
     recent = pool.get("recent") or {}
+    preparing = sum(1 for w in pool.get("workers") or [] if w.get("preparing") and w.get("state") in ("ready", "busy"))
+    up, starting = up - preparing, starting + preparing
     return PoolFacts(expected=expected, up=up, queued=int(pool.get("queued", 0)), queue_max=pool.get("queue_max"),
                      starting=starting, broken=broken, failures=dict(recent.get(SERVICE) or {}),
                      window_s=float(pool.get("health_window", HEALTH_WINDOW_S)), here=here, lost=tuple(lost),

@@ -134,7 +134,8 @@ class SupervisedStack(Supervisord):
         return st
 
     def ready(self, pool: str) -> list[dict[str, Any]]:
-        return [w for w in self.status()["pools"][pool]["workers"] if w["state"] != "draining"]
+        """Registered workers that are not draining and whose dspy import is over."""
+        return [w for w in self.status()["pools"][pool]["workers"] if w["state"] != "draining" and not w["preparing"]]
 
     def wait_all_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
@@ -143,7 +144,8 @@ class SupervisedStack(Supervisord):
             procs = self.processes()  # also wakes supervisord's loop so restarts are prompt
             st = self.status()
             ok = (len(procs) == 7 and all(p["statename"] == "RUNNING" for p in procs)
-                  and all(sum(w["state"] != "draining" for w in st["pools"][p]["workers"]) == 2 for p in POOLS))
+                  and all(sum(w["state"] != "draining" and not w["preparing"] for w in st["pools"][p]["workers"]) == 2
+                          for p in POOLS))
             return st if ok else None
         try:
             found: dict[str, Any] = wait_for(check, timeout, 0.1, "7 RUNNING processes and 6 ready workers")
