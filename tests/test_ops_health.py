@@ -249,6 +249,7 @@ def test_a_stopped_worker_is_named_as_stopped_not_guessed_wedged(stack: Supervis
                                                                           "stopped answering heartbeats")), "")
         assert (f"its process is stopped (a SIGSTOP or a debugger; kill -CONT {pid} resumes it); dspexctl" in line
                 and "holds the GIL" not in line and line.endswith(f"--worker {pid} --hard kills it")), text
+        assert any(f"kill -CONT {pid} resumes it" in p for p in doc["pools"][0]["reasons"]), doc["pools"][0]
     finally:
         res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
         assert res.returncode == 0, res.stdout + res.stderr
