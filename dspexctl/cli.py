@@ -64,10 +64,14 @@ def run(ctx: click.Context, cmd: Any, json_out: bool, **options: Any) -> None:
     ctx.exit(cmd.exit_code(result))
 
 
+def _data(result: Any) -> Any:
+    """What --json prints of a result: all but the presentation's own switch."""
+    return {k: v for k, v in result.items() if k != "verbose"} if isinstance(result, dict) else result
+
+
 def show(cmd: Any, result: Any, as_json: bool) -> None:
     if as_json:
-        result = {k: v for k, v in result.items() if k != "verbose"} if isinstance(result, dict) else result
-        _emit_json(result)
+        _emit_json(_data(result))
     else:
         text = cmd.present(result)
         if text:
@@ -92,7 +96,7 @@ def watch(ctx: click.Context, cmd: Any, json_out: bool, every: float = 1.0, **op
         if redraw:
             click.echo("\x1b[H\x1b[2J", nl=False)
         if as_json:
-            _emit_json(result if error is None else {"error": {"code": error.code, "message": error.message}})
+            _emit_json(_data(result) if error is None else error_doc(error))
         else:
             click.echo(f"Every {every:g}s: dspexctl pools status    {time.strftime('%H:%M:%S')}\n")
             if error is None:
@@ -104,12 +108,15 @@ def watch(ctx: click.Context, cmd: Any, json_out: bool, every: float = 1.0, **op
         time.sleep(max(0.0, every - (time.monotonic() - started)))
 
 
+def error_doc(err: DspexError) -> dict[str, Any]:
+    return {"error": {"code": err.code, "message": err.message, "exit": exit_code_for(err)}}
+
+
 def fail(err: DspexError, as_json: bool) -> None:
-    code = exit_code_for(err)
     if as_json:
-        _emit_json({"error": {"code": err.code, "message": err.message, "exit": code}})
+        _emit_json(error_doc(err))
     click.echo(f"Error: {err.message or err.code}", err=True)
-    sys.exit(code)
+    sys.exit(exit_code_for(err))
 
 
 class Seconds(click.FloatRange):

@@ -103,6 +103,29 @@ def test_every_usage_error_under_json_is_one_json_document_on_stdout(args: list[
     assert needle in doc["error"]["message"] and needle in res.stderr, (doc, res.stderr)
 
 
+def test_an_error_under_watch_json_is_the_document_a_single_run_prints(short_tmp: str) -> None:
+    """``pools status --watch --json`` shows an error in place, as the same JSON document (its
+    ``exit`` included) that ``pools status --json`` prints, and goes on until Ctrl-C."""
+    import signal
+
+    env = base_env(f"{short_tmp}/r")
+    args = [sys.executable, "-m", "dspexctl", "pools", "status", "nope", "--json"]
+    once = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=short_tmp, env=env)
+    assert once.returncode == 2, once.stderr
+    watch = subprocess.Popen([*args, "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=short_tmp, env=env)
+    assert watch.stdout is not None
+    text = ""
+    while not text.endswith("\n}\n"):
+        line = watch.stdout.readline()
+        assert line, text
+        text += line
+    watch.send_signal(signal.SIGINT)
+    _, err = watch.communicate(timeout=30)
+    assert watch.returncode == 130 and "Traceback" not in err, err
+    assert json.loads(text) == json.loads(once.stdout), (text, once.stdout)
+
+
 @pytest.fixture(scope="module")
 def small() -> Iterator[SupervisedStack]:
     stack = SupervisedStack(small_conf_text(POOLS), venv_link=False)

@@ -220,3 +220,22 @@ def test_ctrl_c_exits_130_and_watch_refreshes(stacks: list[SupervisedStack]) -> 
     assert watch.returncode == 130 and err.strip() == "Error: interrupted", err
     rows = [ln.split() for ln in lines if ln.startswith("triage_pool ")]
     assert len(rows) >= 2 and all(r[-1] == "OK" for r in rows), "".join(lines)
+
+    # --watch --json: each refresh is the document a single `pools status --json` prints
+    once = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status", "--json"], cwd=stack.root, env=env,
+                          text=True, capture_output=True, timeout=60)
+    watch = ctl("pools", "status", "--watch", "--json")
+    assert watch.stdout is not None
+    text = ""
+    docs: list[dict[str, object]] = []
+    decoder = json.JSONDecoder()
+    while len(docs) < 2:
+        line = watch.stdout.readline()
+        assert line, text
+        text += line
+        if line == "}\n":  # the end of one indented document
+            docs.append(decoder.decode(text))
+            text = ""
+    watch.send_signal(signal.SIGINT)
+    watch.communicate(timeout=30)
+    assert all(set(d) == set(json.loads(once.stdout)) for d in docs), (set(docs[0]), set(json.loads(once.stdout)))
