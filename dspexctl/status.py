@@ -239,6 +239,8 @@ class PoolsStatus:
         else:
             expected = len(workers_b)
         ready = sum(1 for w in workers_b if w["state"] == "ready")
+        # registered, their dspy import still running: starting, not ready (facts_from_status's rule)
+        preparing = sum(1 for w in workers_b if w["state"] in ("ready", "busy") and w.get("preparing"))
         busy = sum(1 for w in workers_b if w["state"] == "busy")
         draining = sum(1 for w in workers_b if w["state"] == "draining")
         by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
@@ -291,7 +293,8 @@ class PoolsStatus:
         recent = (bp or {}).get("recent") or {}
         return {
             "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
-            "ready": ready, "busy": busy, "draining": draining, "total": len(workers_b), "starting": starting,
+            "ready": ready - sum(1 for w in workers_b if w["state"] == "ready" and w.get("preparing")), "busy": busy,
+            "draining": draining, "total": len(workers_b), "starting": starting + preparing,
             "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
             "oldest_wait_s": (bp or {}).get("oldest_wait_s"),
             "queue_max": bp["queue_max"] if bp else None,
@@ -349,7 +352,8 @@ class StatusText:
                     hb = w["last_heartbeat_s"]
                     reg = w["id"] is not None
                     wrows.append([w["process"] or "-", w["host"] or "-", w["id"] or "-", str(w["pid"] or "-"),
-                                  w["state"] if reg else (w["process_state"] or "?").lower(),
+                                  ("preparing" if w.get("preparing") else w["state"]) if reg
+                                  else (w["process_state"] or "?").lower(),
                                   f"{w['inflight']}/{w['capacity']}" if reg else "-",
                                   str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
                                   fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",

@@ -136,6 +136,42 @@ def test_pools_start_does_not_call_a_pool_ready_whose_workers_cannot_import_dspy
 
 
 @pytest.mark.timeout(180)
+def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it() -> None:
+    """A dspy whose import takes 6 s before it fails: meanwhile the registered worker is STARTING
+    (exit 7, its -v row ``preparing``), not OK; ``pools start`` waits for the import's end and
+    then says DEGRADED."""
+    shadow = Path(short_tmpdir())
+    (shadow / "dspy").mkdir()
+    (shadow / "dspy" / "__init__.py").write_text(f"import time\ntime.sleep(6)\nraise ImportError({BROKEN!r})\n")
+    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+    s = SupervisedStack(small_conf_text({"triage_pool": 1}).replace(
+        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
+    try:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), s.status()["pools"]["triage_pool"]["workers"])[1], 60, 0.05,
+                 "the worker registered")
+        res = dspexctl(s, "pools", "status", "-v")
+        no_traceback(res)
+        (w,) = s.status()["pools"]["triage_pool"]["workers"]
+        assert w["preparing"], "the import still ran after pools status: make the shadow dspy slower"
+        assert res.returncode == 7, res.stdout
+        assert "STARTING: triage_pool: 1 worker(s) starting" in res.stdout, res.stdout
+        pool_row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("triage_pool "))
+        assert pool_row[2:4] == ["1/1", "0"], "registered, not ready yet"
+        assert any(ln.split()[4:5] == ["preparing"] for ln in res.stdout.splitlines() if w["id"] in ln), res.stdout
+        start = dspexctl(s, "pools", "start", "--wait", "60")
+        no_traceback(start)
+        assert start.returncode == 3 and "cannot import dspy" in start.stdout, start.stdout + start.stderr
+        assert not s.status()["pools"]["triage_pool"]["workers"][0]["preparing"]
+    finally:
+        s.stop()
+        s.cleanup()
+        (shadow / "dspy" / "__init__.py").unlink()
+        (shadow / "dspy").rmdir()
+        shadow.rmdir()
+
+
+@pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
     shadow = Path(short_tmpdir())
     (shadow / "msgpack").mkdir()
