@@ -136,6 +136,14 @@ def test_workers_of_other_hosts_count_against_the_pools_size() -> None:
         "a group bigger than size: the group"
 
 
+def test_a_down_pool_names_the_requests_waiting_for_a_worker() -> None:
+    down = pool_state("p", PoolFacts(expected=2, up=0, broken=2, queued=5, queue_max=5, queue_timeout=20))
+    assert down.state is State.DOWN
+    assert down.reasons == ["p has no ready worker (0/2); 5 queued request(s) wait for one "
+                            "(queue_timeout after 20s)"], down.reasons
+    assert pool_state("p", PoolFacts(expected=2, up=0, broken=2)).reasons == ["p has no ready worker (0/2)"]
+
+
 def test_a_worker_still_importing_dspy_is_starting_not_ready() -> None:
     """Registered, but whether its dspy import works is not known yet: STARTING (as pools start
     waits for it), then OK, or DEGRADED with its problem once the import is over."""

@@ -262,7 +262,9 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     if f.expected and f.up == 0:
         if f.starting and not f.broken:
             return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
-        return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}"])
+        waiting = (f"; {f.queued} queued request(s) wait for one" + (
+            f" (queue_timeout after {fmt_window(f.queue_timeout)})" if f.queue_timeout else "")) if f.queued else ""
+        return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}{waiting}"])
     problems = [f"{name}: {p}" for p in f.problems]
     if f.up + f.starting < f.expected or f.broken:
         reasons.append(f"{name} has {f.up}/{f.expected} workers ready{where}{lost}")
