@@ -158,6 +158,9 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
         assert "STARTING: triage_pool: 1 worker(s) starting" in res.stdout, res.stdout
         pool_row = next(ln.split() for ln in res.stdout.splitlines() if ln.startswith("triage_pool "))
         assert pool_row[2:4] == ["1/1", "0"], "registered, not ready yet"
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/api/status", timeout=10) as resp:
+            pool = json.loads(resp.read())["pools"]["triage_pool"]
+        assert pool["state"] == "starting" and pool["workers"][0]["preparing"], pool  # the dashboard's rule too
         assert any(ln.split()[4:5] == ["preparing"] for ln in res.stdout.splitlines() if w["id"] in ln), res.stdout
         start = dspexctl(s, "pools", "start", "--wait", "60")
         no_traceback(start)
