@@ -259,8 +259,12 @@ class Core:
             elif len(frames) > 2:
                 try:
                     stats = msgpack.unpackb(frames[2].buffer)
+                    prepared = w.stats.get("preparing") and isinstance(stats, dict) and not stats.get("preparing")
                     if isinstance(stats, dict) and self.roster.heard(w, stats):
                         self.dispatcher.feed(w)
+                    if prepared and w.pool.recycling is not None:
+                        # a rolling recycle waits for a replacement able to run calls: its dspy import is over
+                        self.recycler.step(w.pool, now)
                 except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
                     self.counters["garbage_backend"] += 1
         elif command == W_READY:

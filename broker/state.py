@@ -324,7 +324,8 @@ class Pool:
         return best
 
     def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values() if not w.draining)
+        """Workers that run calls now or soon: not draining, their dspy import over."""
+        return sum(1 for w in self.workers.values() if not w.draining and not w.stats.get("preparing"))
 
 
 @dataclass(slots=True)

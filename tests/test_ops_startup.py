@@ -174,6 +174,47 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
         shadow.rmdir()
 
 
+@pytest.mark.timeout(240)
+def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> None:
+    """``workers recycle --all`` keeps the pool serving: the next worker retires only once the
+    previous one's replacement can run calls, not as soon as it registered while its dspy import
+    (here 4 s) still runs."""
+    shadow = Path(short_tmpdir())
+    (shadow / "dspy").mkdir()
+    slow = shadow / "dspy" / "__init__.py"
+    # sleeps, then steps aside for the installed dspy, which the import of "dspy" then returns
+    slow.write_text("import sys, time\ntime.sleep(4)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+                    "del sys.modules['dspy']\nimport dspy\n")
+    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+    s = SupervisedStack(small_conf_text({"triage_pool": 2}).replace(
+        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
+    try:
+        s.start_foreground()
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 2,
+                 120, 0.1, "two workers ready")
+        import subprocess
+        import sys
+
+        env = dict(s.env)
+        env.pop("DSPEX_SUPERVISOR_CONF", None)
+        roll = subprocess.Popen([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool", "--all"],
+                                cwd=s.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fewest = 2
+        with s.client(10) as dx:
+            while roll.poll() is None:
+                workers = dx.status()["pools"]["triage_pool"]["workers"]
+                fewest = min(fewest, sum(1 for w in workers if w["state"] != "draining" and not w["preparing"]))
+        out, err = roll.communicate(timeout=10)
+        assert roll.returncode == 0, out + err
+        assert fewest >= 1, "the pool had no worker able to run a call during the rolling recycle"
+    finally:
+        s.stop()
+        s.cleanup()
+        slow.unlink()
+        (shadow / "dspy").rmdir()
+        shadow.rmdir()
+
+
 @pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
     shadow = Path(short_tmpdir())
