@@ -3,7 +3,8 @@
     dspexctl [--endpoint EP | --endpoints MAP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
 
     pools status [POOL...] [-v] [--watch] [--json]  exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
-    pools start [POOL...]                      starts supervisord first when it is not running
+    pools start [POOL...]                      starts supervisord first when it is not running; exit 3 when a
+                                               worker it started reports a problem (its dspy import failed)
     pools stop [POOL...]
     workers recycle POOL [--worker ID | --all] [--hard]
     sessions list [--pool P] [--json]         OWNER column when the broker reports one
@@ -239,7 +240,11 @@ def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, watch
 @json_option
 @click.pass_context
 def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
-    """Start pools (all by default); start supervisord first when it is not running."""
+    """Start pools (all by default); start supervisord first when it is not running.
+
+    Waits until their workers are ready (their dspy import over). Exit 3 (DEGRADED, as pools
+    status) when a worker it started reports a problem, such as a failed dspy import.
+    """
     run(ctx, lifecycle.PoolsStart(), json_out, pools=pool, wait=wait)
 
 
