@@ -159,8 +159,9 @@ def test_pools_restart_replaces_the_pools_workers(small: SupervisedStack) -> Non
     res = dspexctl(small, "pools", "restart", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["pools"] == {"triage_pool": {"ready": 2, "expected": 2, "here": 2},
-                           "analytics_pool": {"ready": 1, "expected": 1, "here": 1}}
+    assert doc["pools"] == {"triage_pool": {"ready": 2, "expected": 2, "here": 2, "state": "ok", "problems": []},
+                           "analytics_pool": {"ready": 1, "expected": 1, "here": 1, "state": "ok", "problems": []}}
+    assert doc["health"] == "ok"
     assert not ready_ids(small, "triage_pool") & old_t
     res = dspexctl(small, "pools", "restart", "nope")
     assert res.returncode == 2 and "no pool named 'nope'" in res.stderr
