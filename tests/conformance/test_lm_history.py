@@ -192,3 +192,39 @@ def test_entries_holding_the_sessions_own_objects_come_back_by_value(session: ds
         assert session.run(quick_start) == "Paris 4"
     assert [type(e["verdict"]).__name__ for e in lm.history] == ["Verdict", "Verdict"]
     assert [e["verdict"].text for e in lm.history] == [e["outputs"][0] for e in lm.history]
+
+
+def answers_one_by_one():
+    qa = dspy.Predict("question -> answer")
+    for q in ("What is the capital of France?", "What is 2 + 2?"):
+        yield qa(question=q).answer
+
+
+def test_a_streamed_call_brings_its_history_too(session: dspex.Session) -> None:
+    lm = make_lm()
+    with fresh_dspy_settings():
+        dspy.configure(lm=lm)
+        assert list(session.stream_apply(answers_one_by_one)) == ["Paris", "4"]
+    assert [e["outputs"][0].rsplit("\n", 1)[-1] for e in lm.history] == ["Paris", "4"]
+
+
+def test_the_asyncio_client_brings_it_too(cstack: Any) -> None:
+    import asyncio
+
+    lm = make_lm()
+
+    async def main() -> str:
+        client = dspex.aio.connect(cstack.frontend, timeout=60)
+        try:
+            s = client.session("c1")
+            try:
+                return str(await s.run(quick_start))
+            finally:
+                await s.close()
+        finally:
+            await client.close()
+
+    with fresh_dspy_settings():
+        dspy.configure(lm=lm)
+        assert asyncio.run(main()) == "Paris 4"
+    assert len(lm.history) == 2 and "What is 2 + 2?" in str(lm.history[-1]["messages"])
