@@ -153,11 +153,15 @@ class Executor:
             return self.refs.put(state, obj, made)
 
         emit: output.Emit | None = None
+        offer: output.Offer | None = None
         if stream is not None:
             live = stream
 
             def emit(event: output.Event) -> None:
                 live.send(Status.OUTPUT.value, codec.encode(event))
+
+            def offer(event: output.Event, on_credit: Callable[[], None]) -> bool:
+                return live.offer(Status.OUTPUT.value, codec.encode(event), on_credit)
 
         call = None
         key = (client, header.req_id)
@@ -166,10 +170,12 @@ class Executor:
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
-                                   log_level_of(header.flags)), \
+                                   log_level_of(header.flags), offer) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
+                if isinstance(stream, StreamControl):
+                    stream.before_item = sink.send_pending  # what it printed before goes first
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)

@@ -49,7 +49,7 @@ from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
 from dspex.wire.zmqfast import get_opt as _get_opt
-from worker.standin import StandIn, Waker
+from worker.standin import StandIn, Timers, Waker
 
 log = logging.getLogger("dspex.worker")
 
@@ -146,20 +146,23 @@ class Link:
 
     ``ready`` and ``stats`` make the READY and heartbeat payloads; ``deliver(command, frames)``
     gets every other message from the broker (called holding the socket: it must not send);
-    ``on_beat(now)`` runs at each heartbeat, outside the socket's lock.
+    ``on_beat(now)`` runs at each heartbeat, outside the socket's lock; ``timers(now)`` (a call's
+    waiting output) runs at every turn of whichever thread waits, outside the lock, and says how
+    soon it is due again (:meth:`wake_timers` when that is sooner than the waiting thread wakes).
     """
 
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
                  deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
-                 grace: float) -> None:
+                 grace: float, timers: Timers = lambda now: math.inf) -> None:
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
                                     curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
         self._on_beat = on_beat
+        self._timers = timers
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._interval = heartbeat_interval
         self._silence_limit = heartbeat_interval * heartbeat_liveness
@@ -175,7 +178,7 @@ class Link:
         self._left = False  # the goodbye is said: nothing is sent any more
         self._reader = 0  # the thread that runs read()
         self._waker = Waker()  # wakes the reader
-        self.standin = StandIn(self._stand_in_turn, grace)
+        self.standin = StandIn(self._stand_in_turn, grace, timers)
 
     # -- the reader (the worker's main thread) --------------------------------------------------
     def connect(self) -> None:
@@ -213,6 +216,13 @@ class Link:
     def wake(self) -> None:
         """Wake the reader (any thread, or a signal handler)."""
         self._waker.poke()
+
+    def wake_timers(self) -> None:
+        """A timer is due sooner than the thread that runs them wakes: wake it (any thread)."""
+        if self.standin.covering:
+            self.standin.poke()
+        else:
+            self._waker.poke()
 
     def say_soon(self, frames: Frames) -> None:
         """Send a control message at the next turn of whichever thread reads (safe in a signal
@@ -295,7 +305,7 @@ class Link:
                 got = self._drain() or got
             fds = self._dealer.fds
         self._after_tick()
-        return got, fds, timeout
+        return got, fds, min(timeout, self._timers(time.monotonic()))
 
     def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
         turn = self._turn()

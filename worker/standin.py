@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 Turn = Callable[[], tuple[tuple[int, ...], float]]  # -> (fds to wait on, seconds until the next timer)
+Timers = Callable[[float], float]  # run what is due at this time.monotonic(); -> seconds until the next
 
 
 class Waker:
@@ -65,11 +66,14 @@ class Waker:
 
 class StandIn:
     """Runs ``turn`` (read the socket, run the timers) whenever something may be due while the
-    reader is away for longer than ``grace``; idle otherwise."""
+    reader is away for longer than ``grace``; idle otherwise. While the reader is away and the
+    stand-in does not read yet, it still runs ``timers`` (the call's output to send: the reader
+    runs them in its turn, and so does ``turn``)."""
 
-    def __init__(self, turn: Turn, grace: float) -> None:
+    def __init__(self, turn: Turn, grace: float, timers: Timers) -> None:
         self._turn = turn
         self._grace = grace
+        self._timers = timers
         self._state = threading.Lock()  # guards the flags below
         self._away = False  # the reader runs user code
         self._since = 0.0  # ... since then (time.monotonic())
@@ -107,6 +111,11 @@ class StandIn:
         self._waker.poke()
 
     @property
+    def covering(self) -> bool:
+        """The reader is away: the stand-in runs the timers."""
+        return self._away
+
+    @property
     def engaged(self) -> bool:
         """It reads the socket now (read without the lock: it drains the socket first when it
         engages, so a thread that sees it not engaged yet loses nothing)."""
@@ -142,5 +151,7 @@ class StandIn:
                 engaged = self._engaged
             if engaged:
                 fds, timeout = self._turn()
+            elif timeout is not None:  # away, not reading yet
+                timeout = min(timeout, self._timers(now))
             self._waker.wait(fds, timeout)
         self._waker.close()
