@@ -344,8 +344,8 @@ def _log_lines(text: str) -> list[str]:
 
 def _cut(text: str) -> list[str]:
     """``text`` in events of at most about MAX_EVENT_CHARS, cut after a line end where there is
-    one: a whole print is one event (one write on the client), and a huge one is not held in
-    memory at once by the broker and the client."""
+    one: whole lines are one write on the client, and a huge print is not held in memory at once
+    by the broker and the client."""
     pieces, start = [], 0
     while len(text) - start > MAX_EVENT_CHARS:
         cut = text.rfind("\n", start, start + MAX_EVENT_CHARS) + 1 or start + MAX_EVENT_CHARS
@@ -466,7 +466,7 @@ class _Dispatch(io.TextIOBase):
 
     def reconfigure(self, **_options: Any) -> None:
         """Accepted and ignored (scripts call ``sys.stdout.reconfigure(encoding="utf-8")``):
-        output is already UTF-8 and forwarded per write."""
+        output is already UTF-8 and forwarded as written."""
 
 
 class _BinaryDispatch(io.BufferedIOBase):
