@@ -16,7 +16,8 @@ if a message waits. The reader is the thread that runs :meth:`Link.read` (the wo
 thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.back` bracket
 that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
 as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
-Nothing polls: every wait ends at the next heartbeat or liveness deadline, or when woken, and
+Nothing polls: every wait ends at the next heartbeat or liveness deadline, when a call's waiting
+output is due (worker.output's flush timer, run by whichever thread waits), or when woken, and
 the worker's heartbeat goes out in the same wake-up as the broker's arrives.
 """
 

@@ -17,7 +17,7 @@ of logging it, so tqdm bars leave one line per bar in the log, never a smear of 
 caller still gets every redraw.
 
 Text is coalesced: each event costs a message through the broker and a write on the client, so a
-loop of small prints would cost ~100× what it costs in-process. The first text after a quiet
+loop of small prints sent one event per write costs many times what it costs in-process. The first text after a quiet
 spell (no event for COALESCE_WINDOW) goes at once; text that follows within the window waits and
 goes as one event per stream run when the window ends, when MAX_EVENT_CHARS are waiting (events
 are cut at line ends, at most about that long), before a warning, a record, a stream item or a

@@ -5,7 +5,8 @@ younger than ``grace`` runs without help: waking another thread for every call c
 hand-off and two context switches on the hot path, and most calls end long before a heartbeat
 is due. A call that runs longer gets the stand-in, which then waits on the socket and sends the
 heartbeats (the link's turn) until the main thread is back. Nothing polls: the stand-in sleeps
-until it is needed (the grace of the running call, the next heartbeat) or woken. The first call
+until it is needed (the grace of the running call, the next heartbeat, the end of the window of
+output the call left waiting) or woken. The first call
 after a pause wakes it once to arm its timer; calls that follow while the timer is armed do not.
 """
 
