@@ -1,4 +1,4 @@
-"""Many small writes travel as few events, and nothing arrives late (worker/output.py).
+"""Many small writes travel as few events, and nothing arrives late (worker/sink.py).
 
 A print loop's lines are coalesced into a few events; the first line after a quiet spell goes at
 once, the last one before a wait (a sleep, an LM call) shows while the call waits, on a
@@ -28,7 +28,7 @@ def print_lines(n: int) -> int:
 
 
 def test_a_burst_of_prints_travels_as_few_events(stack: Stack) -> None:
-    from worker.output import COALESCE_WINDOW, MAX_EVENT_CHARS
+    from worker.sink import COALESCE_WINDOW, MAX_EVENT_CHARS
 
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p", forward_output=False)
@@ -152,7 +152,7 @@ def test_a_flushed_partial_line_shows_within_the_window() -> None:
     """A bar's redraw (a partial line the program flushes) goes at once after a quiet spell; one
     that follows soon goes when the window ends, without another write; the caller's text is
     exactly what was written."""
-    from worker.output import COALESCE_WINDOW, OutputSink, flush_timer
+    from worker.sink import COALESCE_WINDOW, OutputSink, flush_timer
 
     sent: list[str] = []
     sink = OutputSink("t", lambda event: sent.append(event["text"]))
@@ -175,7 +175,7 @@ def test_a_flushed_partial_line_shows_within_the_window() -> None:
 def test_text_waits_for_credit_without_blocking_the_timer() -> None:
     """The timer's thread reads the socket credit comes on: without credit it leaves the text
     waiting (in order, ahead of what is written next) and sends it when credit comes."""
-    from worker.output import COALESCE_WINDOW, OutputSink, flush_timer
+    from worker.sink import COALESCE_WINDOW, OutputSink, flush_timer
 
     sent: list[str] = []
     credit = {"n": 1}

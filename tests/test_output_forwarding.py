@@ -390,7 +390,7 @@ def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_pa
     """Flow control: a client that stops reading stops the printing program after one stream
     window of events (each at most MAX_EVENT_CHARS of coalesced lines), instead of letting the
     broker or the client buffer without bound."""
-    from worker.output import MAX_EVENT_CHARS
+    from worker.sink import MAX_EVENT_CHARS
 
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     progress = tmp_path / "printed"
@@ -429,7 +429,7 @@ def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_pa
 def test_output_past_one_credit_window_all_arrives_in_order(stack: Stack, capsys: Any) -> None:
     """More output events than one credit window: the client grants credit as it reads, nothing is
     lost or reordered, with and without a callback."""
-    from worker.output import MAX_EVENT_CHARS
+    from worker.sink import MAX_EVENT_CHARS
 
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
@@ -490,8 +490,7 @@ def test_a_large_print_arrives_whole(stack: Stack, tmp_path: Path) -> None:
 def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
     """One write of many lines goes to the caller as one event per 64 KiB or so, cut at line
     ends (so concurrent sessions' lines still never splice); the worker log gets every line."""
-    from worker import output
-    from worker.output import OutputSink
+    from worker.sink import MAX_EVENT_CHARS, OutputSink
 
     sent: list[str] = []
     logged: list[str] = []
@@ -502,7 +501,7 @@ def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
     sink.write("stdout", " end\r\nbar 1\rbar 2\n")
     sink.close()
     assert "".join(sent) == "".join(lines) + "tail end\r\nbar 1\rbar 2\n"
-    assert len(sent) <= 2 + len("".join(lines)) // output.MAX_EVENT_CHARS + 2
+    assert len(sent) <= 2 + len("".join(lines)) // MAX_EVENT_CHARS + 2
     assert all(piece.endswith(("\n", "\r")) for piece in sent)
     assert logged == [line[:-1] for line in lines] + ["tail end", "bar 2"]
 

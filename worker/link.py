@@ -17,7 +17,7 @@ thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.ba
 that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
 as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
 Nothing polls: every wait ends at the next heartbeat or liveness deadline, when a call's waiting
-output is due (worker.output's flush timer, run by whichever thread waits), or when woken, and
+output is due (worker.sink's flush timer, run by whichever thread waits), or when woken, and
 the worker's heartbeat goes out in the same wake-up as the broker's arrives.
 """
 
