@@ -3,7 +3,7 @@
 The executor knows nothing about sockets: it turns (header, payload frames) into reply frames.
 Its parts live in modules of one job each: what each op does (worker.ops), refs (worker.refs),
 the session's module (worker.namespace), DSPy settings isolation (worker.dspy_settings), time
-limits (worker.limits), output capture (worker.output), streams/progress/awaitables
+limits (worker.limits), output capture (worker.output, worker.sink), streams/progress/awaitables
 (worker.streaming) and exception payloads (worker.remote_errors).
 """
 
@@ -40,6 +40,7 @@ from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import remote_error
+from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
     LazyStream,
     StreamControl,
@@ -153,12 +154,16 @@ class Executor:
         def to_ref(obj: Any) -> Ref:
             return self.refs.put(state, obj, made)
 
-        emit: output.Emit | None = None
+        emit: Emit | None = None
+        offer: Offer | None = None
         if stream is not None:
             live = stream
 
-            def emit(event: output.Event) -> None:
+            def emit(event: Event) -> None:
                 live.send(Status.OUTPUT.value, codec.encode(event))
+
+            def offer(event: Event, on_credit: Callable[[], None]) -> bool:
+                return live.offer(Status.OUTPUT.value, codec.encode(event), on_credit)
 
         call = None
         key = (client, header.req_id)
@@ -169,10 +174,12 @@ class Executor:
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
-                                   log_level_of(header.flags)), \
+                                   log_level_of(header.flags), offer) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
+                if isinstance(stream, StreamControl):
+                    stream.before_item = sink.send_pending  # what it printed before goes first
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
@@ -243,7 +250,7 @@ class Executor:
             elif durable and checkpoint is not None:
                 # after the call's time limit and output capture: a soft limit never cuts a
                 # checkpoint short; what it leaves out goes to the caller as a warning
-                sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
+                sink = OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
             elif state.checkpoint is not None:  # the broker turned the session plain: what it held goes
                 state.checkpoint = None
