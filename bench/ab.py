@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|shell|executor|codec|client|durable [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|shell|executor|codec|client|durable|output [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -32,6 +32,9 @@ the raw blocks).
 * ``durable``: each tree's stack (broker + one capacity-1 worker with dspy) and client: the
   ``durable.call`` row (a ChainOfThought with 4 demos, DummyLM) in a durable and in a plain
   session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
+* ``output``: each tree's stack (broker + one capacity-1 ``--no-dspy`` worker) and client: a burst
+  of ``--calls`` (100,000) separate prints, 1,000 prints 1 ms apart, one print before a 2 s sleep
+  (bench/ab_drivers.py, ``output``).
 """
 
 from __future__ import annotations
@@ -164,7 +167,9 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
     if what == "codec":
         return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
-    st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=True)
+    st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=what != "output")
+    if what == "output":
+        return DriverSide(tree, ["output", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 100_000})
     if what == "durable":
         return DriverSide(tree, ["durable", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 150})
     routed = ["routed"] if name == "a" and a.routed_a else []
@@ -195,7 +200,8 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client", "durable"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client", "durable",
+                                                  "output"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)

@@ -30,6 +30,12 @@ figures for a block. Mode by mode:
   session and in a plain one (each past 200 calls: the LM history at its bound), ``n`` calls of
   each in turn: p50 of each, their ratio, and the broker's and the worker's CPU per call of each
   (``/proc`` schedstat, all threads).
+* ``output ENDPOINT BROKER_PID WORKER_PID``: against a stack of the same tree (``--no-dspy``), what
+  a call's printing costs, with the client forwarding it (to ``/dev/null``) and counting its
+  events: ``n`` separate prints in-process and through ``s.apply`` (seconds, events, the worker's,
+  the broker's and the client's CPU), 1,000 prints with a 1 ms sleep after each (seconds, events),
+  and one print followed by a 2 s sleep (ms from the call's start until the line reached the
+  client's stdout).
 """
 
 from __future__ import annotations
@@ -424,6 +430,98 @@ def _durable(endpoint: str, broker: int, worker: int) -> Side:
     return block, client.close
 
 
+# -- output --------------------------------------------------------------------------------------
+
+def print_burst(n: int) -> int:
+    """A user's ``print(i)`` loop: n separate prints."""
+    for i in range(n):
+        print(i)
+    return n
+
+
+def print_paced(n: int, pause: float) -> int:
+    """Progress lines of a slow loop (one per item of an Evaluate, a tqdm-less bar)."""
+    for i in range(n):
+        print(f"item {i} done")
+        time.sleep(pause)
+    return n
+
+
+def print_then_wait(seconds: float) -> None:
+    """One line, then a long wait (an LM call): the line must show while it waits."""
+    print("waiting for the LM")
+    time.sleep(seconds)
+
+
+class _Stamp:
+    """A stdout that notes when the first text reached it."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+
+    def write(self, text: str) -> int:
+        if not self.first:
+            self.first = time.perf_counter()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _output(endpoint: str, broker: int, worker: int) -> Side:
+    import contextlib
+    import os
+
+    import dspex
+
+    client = dspex.connect(timeout=300, endpoint=endpoint)
+    s = client.session("p")
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - the forwarded text's destination for the driver's life
+    with contextlib.redirect_stdout(devnull):  # this driver's stdout is its answers
+        s.run(print_burst, 10)
+
+    def block(cmd: dict[str, Any]) -> dict[str, float]:
+        n, paced, wait = int(cmd["n"]), int(cmd.get("paced", 1000)), float(cmd.get("wait", 2.0))
+        out: dict[str, float] = {}
+        events = [0]
+
+        def count(event: Any) -> None:
+            events[0] += 1
+
+        with contextlib.redirect_stdout(devnull):
+            t = time.perf_counter()
+            print_burst(n)
+            out["burst_inprocess_s"] = time.perf_counter() - t
+            b0, w0, c0 = cpu_ns(broker), cpu_ns(worker), time.process_time()
+            t = time.perf_counter()
+            s.apply(print_burst, [n], on_output=count)
+            out["burst_s"] = time.perf_counter() - t
+            out["burst_events"] = events[0]
+            out["burst_worker_cpu_s"] = (cpu_ns(worker) - w0) / 1e9
+            out["burst_broker_cpu_s"] = (cpu_ns(broker) - b0) / 1e9
+            out["burst_client_cpu_s"] = time.process_time() - c0
+            t = time.perf_counter()
+            print_paced(paced, 0.001)
+            out["paced_inprocess_s"] = time.perf_counter() - t
+            events[0] = 0
+            t = time.perf_counter()
+            s.apply(print_paced, [paced, 0.001], on_output=count)
+            out["paced_s"] = time.perf_counter() - t
+            out["paced_events"] = events[0]
+        stamp = _Stamp()
+        with contextlib.redirect_stdout(stamp):
+            t = time.perf_counter()
+            s.run(print_then_wait, wait)
+            out["wait_latency_ms"] = (stamp.first - t) * 1e3
+        return out
+
+    def close() -> None:
+        client.close()
+        devnull.close()
+
+    return block, close
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
@@ -431,6 +529,8 @@ def main(argv: list[str]) -> int:
         block, close = sides[mode]()
     elif mode == "durable":
         block, close = _durable(argv[1], int(argv[2]), int(argv[3]))
+    elif mode == "output":
+        block, close = _output(argv[1], int(argv[2]), int(argv[3]))
     else:
         block, close = _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
     return serve(block, close)

@@ -12,7 +12,9 @@ median latency, and the ratio is the median over rounds of the two neighbouring 
 A no-op call (``builtins.len``) on the same worker is measured in the same rounds: the floor any
 call through a session pays (its round trip and the executor's scopes). The Predict is also
 called through ``s.run(run_predict, question)``: a function of this module (user code to dspex,
-so sent by value, once per session) that calls the program, a global of this module.
+so sent by value, once per session) that calls the program, a global of this module; and so
+again under the client's ``dspy.context(lm=...)`` (row ``run_client_lm``): the LM travels once
+per session and each call's history entry comes back to it, as in-process.
 """
 
 from __future__ import annotations
@@ -121,6 +123,16 @@ def predict(cfg: Any) -> list[Row]:
 
                 _check(run(), kind)
                 systems[kind]["run"] = run
+                client_lm = dummy_lm(kind)
+
+                def run_client_lm(s: Any = s, client_lm: Any = client_lm) -> Any:
+                    with dspy.context(lm=client_lm):  # the client's LM: travels once, its history comes back
+                        return s.run(run_predict, QUESTION)
+
+                _check(run_client_lm(), kind)
+                if len(client_lm.history) != 1:
+                    raise AssertionError("the client's LM did not record the call made through the session")
+                systems[kind]["client_lm"] = run_client_lm
         # the floor: a no-op call on the same worker (its round trip and the executor's scopes)
         floor_session = sessions[0]
 
@@ -145,7 +157,8 @@ def predict(cfg: Any) -> list[Row]:
         for kind, res in lat.items():
             p50 = {side: median([quantile(b, 0.5) for b in blocks]) for side, blocks in res.items()}
             for side, name, how in (("session", kind, "via a session (ref call)"),
-                                    ("run", "run", "via s.run (the user's function, sent by value)")):
+                                    ("run", "run", "via s.run (the user's function, sent by value)"),
+                                    ("client_lm", "run_client_lm", "via s.run with the client's LM, its history back")):
                 if side not in res:
                     continue
                 ratio = median([quantile(s, 0.5) / quantile(i, 0.5) for s, i in zip(res[side], res["inprocess"])])
@@ -168,4 +181,4 @@ def predict(cfg: Any) -> list[Row]:
         ws.close()
 
 
-ROWS = ["predict.predict", "predict.run", "predict.cot"]
+ROWS = ["predict.predict", "predict.run", "predict.run_client_lm", "predict.cot"]

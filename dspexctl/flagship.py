@@ -231,6 +231,14 @@ class _AtLeast(click.IntRange):
     def _describe_range(self) -> str:
         return ""
 
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        # click's own range message is built from _describe_range, blank here: it would read
+        # "2 is not in the range ."
+        rv = click.INT.convert(value, param, ctx)
+        if rv < self.min:  # type: ignore[operator]
+            self.fail(f"{rv} is less than the minimum {self.min}", param, ctx)
+        return rv
+
 
 class _Seconds(click.FloatRange):
     def __init__(self, low: float) -> None:
@@ -240,9 +248,11 @@ class _Seconds(click.FloatRange):
         return ""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):  # nan passes every comparison of the range check
+        rv = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(rv):  # nan passes every comparison of a range check
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if rv < self.min:  # type: ignore[operator]
+            self.fail(f"{rv:g} is less than the minimum {self.min:g}", param, ctx)
         return rv
 
 

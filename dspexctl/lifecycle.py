@@ -10,6 +10,7 @@ from typing import Any
 from dspex.stack.health import State, worker_problems, worst
 from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
+    FAULT_SHUTDOWN_STATE,
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,
@@ -197,6 +198,25 @@ class PoolsRestart:
         return EXIT_FOR_STATE[State(result["health"])]
 
 
+def _await_shutdown(sup: Supervisor, deadline: float) -> None:
+    """Poll a supervisord that shuts down until its socket is gone (or ``deadline``)."""
+    while time.monotonic() < deadline:
+        try:
+            sup.state()  # refused while it shuts down, but the request still wakes its loop
+        except SupervisorUnreachable:
+            return  # its socket is gone: it is exiting
+        except SupervisorError:
+            pass
+        time.sleep(0.02)
+
+
+def _pidfile_pid(sc: SupervisorConf) -> int | None:
+    try:
+        return int(sc.pidfile.read_text().strip()) if sc.pidfile else None
+    except (OSError, ValueError):
+        return None
+
+
 class StackStop:
     """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
 
@@ -212,6 +232,18 @@ class StackStop:
                 pid = sup.pid()
             except SupervisorUnreachable:
                 return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+            except SupervisorError as err:
+                if err.details.get("fault") != FAULT_SHUTDOWN_STATE:
+                    raise
+                # another stop is under way (one that ran out of --wait, another operator's):
+                # supervisord refuses every call now, so its pid comes from its pidfile
+                daemon = _pidfile_pid(sc)
+                progress(f"supervisord (pid {daemon}) of {sc.path} is shutting down already: waiting for it to exit")
+                _await_shutdown(sup, deadline)
+                if daemon:
+                    wait_pid_exit(daemon, max(0.1, deadline - time.monotonic()))
+                return {"conf": str(sc.path), "was_running": True, "pid": daemon, "processes": [],
+                        "seconds": round(time.monotonic() - t0, 3), "already_shutting_down": True}
             running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
             progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
             # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
@@ -219,14 +251,7 @@ class StackStop:
             # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
             stop_groups(sup, sorted({p["group"] for p in running if p["group"] != "broker"}), t0, deadline)
             sup.shutdown()
-            while time.monotonic() < deadline:
-                try:
-                    sup.state()  # refused while it shuts down, but the request still wakes its loop
-                except SupervisorUnreachable:
-                    break  # its socket is gone: it is exiting
-                except SupervisorError:
-                    pass
-                time.sleep(0.02)
+            _await_shutdown(sup, deadline)
         wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
         return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
                 "seconds": round(time.monotonic() - t0, 3)}
@@ -234,6 +259,9 @@ class StackStop:
     def present(self, result: dict[str, Any]) -> str:
         if not result["was_running"]:
             return f"supervisord of {result['conf']} is not running: nothing to stop"
+        if result.get("already_shutting_down"):
+            return (f"supervisord (pid {result['pid']}) of {result['conf']} was shutting down already; it exited "
+                    f"after {result['seconds']:.1f}s")
         return (f"stopped supervisord (pid {result['pid']}) and {len(result['processes'])} program(s) "
                 f"in {result['seconds']:.1f}s")
 

@@ -706,3 +706,20 @@ def test_queues_go_by_value_as_copies_with_their_items() -> None:
     out[0].task_done()  # a working queue: its own locks and conditions
     with pytest.raises(TypeError, match="pickle"):
         pickle.dumps(queue.Queue())  # only dspex's by-value pickles copy a queue
+
+
+class _Thing:
+    pass
+
+
+def test_repeats_tells_an_object_that_went_by_value_twice() -> None:
+    import dspy
+
+    from dspex.wire.codec import Repeats
+
+    thing, example = _Thing(), dspy.Example(q="a")
+    for value, repeated in (([thing, thing], True), ([thing, [{"x": thing}]], True), ([example, example], True),
+                            ([_Thing(), _Thing()], False), ([_Thing, _Thing], False), ([[1], [1]], False)):
+        repeats = Repeats()
+        encode(value, policy=Policy.ALL, repeats=repeats)
+        assert repeats.seen is repeated, value

@@ -73,6 +73,9 @@ def test_durable_column_says_the_checkpoints_size_and_age() -> None:
     (["sessions", "close", "--idle", "-3"], "Invalid value for '--idle'"),
     (["flagship", "--lm-timeout", "nan"], "'nan' is not a finite number of seconds"),
     (["flagship", "--lm-timeout", "inf"], "'inf' is not a finite number of seconds"),
+    (["flagship", "--lm-timeout", "0.05"], "0.05 is less than the minimum 0.1"),
+    (["flagship", "--max-metric-calls", "2"], "2 is less than the minimum 3"),
+    (["flagship", "--max-tokens", "0"], "0 is less than the minimum 1"),
 ])
 def test_sessions_close_usage(args: list[str], needle: str) -> None:
     res = subprocess.run([sys.executable, "-m", "dspexctl", *args], capture_output=True, text=True, timeout=60,

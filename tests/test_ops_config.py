@@ -357,3 +357,37 @@ def test_pools_stop_says_what_it_waits_for_while_a_worker_finishes_its_call() ->
     finally:
         stack.stop()
         stack.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_stop_while_supervisord_shuts_down_waits_for_it() -> None:
+    """A second `dspexctl stop` (after a first one ran out of --wait, or another operator's) finds
+    supervisord shutting down, which refuses every XML-RPC call: it waits for the exit, exit 0."""
+    stack = SupervisedStack(small_conf_text({"triage_pool": 1}), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "90"], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=120)
+        stack.adopt_daemon()
+        assert res.returncode == 0, res.stdout + res.stderr
+        pid = stack.supervisord_pid
+        assert pid
+        with stack.client(60) as dx:
+            s = dx.session("triage_pool")
+            s.exec("import pathlib, time\ndef slow(started):\n    pathlib.Path(started).touch()\n    time.sleep(4)\n")
+            started = os.path.join(stack.root, "started")
+            call = dx.submit(lambda: s.eval("slow(p)", {"p": started}))
+            wait_for(lambda: os.path.exists(started), 20, 0.05, "the call running")
+            with stack.supervisor() as sup:
+                sup.shutdown()  # the worker finishes its call first: supervisord shuts down for seconds
+            res = subprocess.run([sys.executable, "-m", "dspexctl", "stop"], cwd=stack.root, env=stack.env,
+                                 capture_output=True, text=True, timeout=60)
+            call.result(30)
+        no_traceback(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.startswith(f"supervisord (pid {pid}) of {stack.root}"), res.stdout
+        assert "was shutting down already; it exited" in res.stdout, res.stdout
+        assert not pid_alive(pid)
+    finally:
+        stack.stop()
+        stack.cleanup()

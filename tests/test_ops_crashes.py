@@ -46,9 +46,12 @@ def stack() -> Iterator[SupervisedStack]:
 
 def replaced(stack: SupervisedStack, gone: int) -> None:
     def check() -> bool:
-        stack.processes()  # supervisord's loop turns, and the harness records the new pid
+        # supervisord's loop turns, and the harness records the new pid; RUNNING (past startsecs)
+        # before the next test kills it, or supervisord counts that as a failed start (FATAL at
+        # startretries=1) however fast the worker registered
+        running = {p["pid"] for p in stack.processes() if p["statename"] == "RUNNING"}
         pids = {w["pid"] for w in stack.ready("triage_pool")}
-        return len(pids) == 1 and gone not in pids
+        return len(pids) == 1 and gone not in pids and pids <= running
 
     wait_for(check, 60, 0.1, f"the replacement of pid {gone}")
 

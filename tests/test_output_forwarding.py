@@ -388,7 +388,10 @@ def test_the_asyncio_client_forwards_the_same(stack: Stack, tmp_path: Path) -> N
 
 def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_path: Path) -> None:
     """Flow control: a client that stops reading stops the printing program after one stream
-    window of events, instead of letting the broker or the client buffer without bound."""
+    window of events (each at most MAX_EVENT_CHARS of coalesced lines), instead of letting the
+    broker or the client buffer without bound."""
+    from worker.sink import MAX_EVENT_CHARS
+
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     progress = tmp_path / "printed"
     reading = threading.Event()
@@ -402,12 +405,13 @@ def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_pa
         from pathlib import Path
 
         for i in range(n):
-            print(f"line {i}")
+            print(f"line {i:05d} " + "x" * 989)
             Path(path).write_text(str(i))
         return n
 
+    n = 20_000  # 20 MB of 1,000-character lines: far more than one window of events holds
     s = dx.session("p", forward_output=False)
-    future = dx.submit(s.apply, print_loop, [str(progress), 3000], on_output=slow_reader)
+    future = dx.submit(s.apply, print_loop, [str(progress), n], on_output=slow_reader)
     seen: list[int] = []
 
     def stalled() -> bool:  # the printed count stopped moving for a few polls
@@ -415,28 +419,33 @@ def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_pa
         return len(seen) > 20 and seen[-1] >= 0 and len(set(seen[-20:])) == 1
 
     wait_for(stalled, 30, 0.05, "the print loop to wait for the client")
-    assert seen[-1] <= STREAM_WINDOW, f"{seen[-1]} lines printed with one read"
+    most = (STREAM_WINDOW + 1) * (MAX_EVENT_CHARS // 1000 + 1)
+    assert seen[-1] <= most, f"{seen[-1]} lines printed with one read"
     reading.set()
-    assert future.result(60) == 3000
-    assert [e["text"] for e in events] == [f"line {i}\n" for i in range(3000)]
+    assert future.result(60) == n
+    assert "".join(e["text"] for e in events) == "".join(f"line {i:05d} " + "x" * 989 + "\n" for i in range(n))
 
 
 def test_output_past_one_credit_window_all_arrives_in_order(stack: Stack, capsys: Any) -> None:
     """More output events than one credit window: the client grants credit as it reads, nothing is
     lost or reordered, with and without a callback."""
+    from worker.sink import MAX_EVENT_CHARS
+
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
     events: list[dict[str, Any]] = []
-    n = 5 * STREAM_WINDOW
-    assert s.run(print_many, n) == n
-    assert s.apply(print_many, [n], on_output=events.append) == n
-    assert capsys.readouterr().out == "".join(f"{i}\n" for i in range(n)) * 2
-    assert [e["text"] for e in events] == [f"{i}\n" for i in range(n)]
+    n = 3 * STREAM_WINDOW * MAX_EVENT_CHARS // 2000  # lines of 2,000 characters: 3 windows of full events
+    assert s.run(print_many, n, 2000) == n
+    assert s.apply(print_many, [n, 2000], on_output=events.append) == n
+    expected = "".join(f"{i:06d}".ljust(1999, "-") + "\n" for i in range(n))
+    assert capsys.readouterr().out == expected * 2
+    assert "".join(e["text"] for e in events) == expected
+    assert len(events) > STREAM_WINDOW
 
 
-def print_many(n: int) -> int:
+def print_many(n: int, width: int) -> int:
     for i in range(n):
-        print(i)
+        print(f"{i:06d}".ljust(width - 1, "-"))
     return n
 
 
@@ -481,8 +490,7 @@ def test_a_large_print_arrives_whole(stack: Stack, tmp_path: Path) -> None:
 def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
     """One write of many lines goes to the caller as one event per 64 KiB or so, cut at line
     ends (so concurrent sessions' lines still never splice); the worker log gets every line."""
-    from worker import output
-    from worker.output import OutputSink
+    from worker.sink import MAX_EVENT_CHARS, OutputSink
 
     sent: list[str] = []
     logged: list[str] = []
@@ -493,27 +501,9 @@ def test_a_write_of_many_lines_is_sent_in_few_events() -> None:
     sink.write("stdout", " end\r\nbar 1\rbar 2\n")
     sink.close()
     assert "".join(sent) == "".join(lines) + "tail end\r\nbar 1\rbar 2\n"
-    assert len(sent) <= 2 + len("".join(lines)) // output.MAX_EVENT_CHARS + 2
+    assert len(sent) <= 2 + len("".join(lines)) // MAX_EVENT_CHARS + 2
     assert all(piece.endswith(("\n", "\r")) for piece in sent)
     assert logged == [line[:-1] for line in lines] + ["tail end", "bar 2"]
-
-
-def test_a_flushed_partial_line_is_sent_once() -> None:
-    """A bar's redraw is sent when the program flushes it, and the rest of the line later: the
-    caller's text is exactly what was written."""
-    from worker.output import OutputSink
-
-    sent: list[str] = []
-    sink = OutputSink("t", lambda event: sent.append(event["text"]))
-    written = ["\rbar 0%", None, "\rbar 50%", None, None, "\rbar 100%", "\n", "tail", None, " end"]
-    for piece in written:
-        if piece is None:
-            sink.flush("stderr")
-        else:
-            sink.write("stderr", piece)
-    sink.close()
-    assert "".join(sent) == "".join(p for p in written if p is not None)
-    assert sent[:4] == ["\r", "bar 0%", "\r", "bar 50%"]  # each flush sends the latest state at once
 
 
 def test_the_log_threshold_follows_the_clients_levels() -> None:

@@ -18,8 +18,9 @@ import msgpack
 
 from dspex.wire.errors import CheckpointRefused, NotDurableWarning, ProtocolError
 from dspex.wire.zmqfast import frame_buffer
-from worker import checkpoint, checkpoint_restore, output
+from worker import checkpoint, checkpoint_restore
 from worker.refs import RefTable, SessionState
+from worker.sink import OutputSink
 
 log = logging.getLogger("dspex.worker")
 
@@ -80,7 +81,7 @@ class DurableSessions:
                  len(state.refs), len(restored.lost))
         return state
 
-    def after_call(self, state: SessionState, full: bool, sink: output.OutputSink) -> list[Any] | None:
+    def after_call(self, state: SessionState, full: bool, sink: OutputSink) -> list[Any] | None:
         """The frames after a ``W_CHECKPOINT`` head for the call that just ran (None: nothing
         changed). What could not be kept is said as a warning through ``sink`` (the call's
         output: its caller, and the worker's log)."""

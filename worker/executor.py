@@ -3,7 +3,7 @@
 The executor knows nothing about sockets: it turns (header, payload frames) into reply frames.
 Its parts live in modules of one job each: what each op does (worker.ops), refs (worker.refs),
 the session's module (worker.namespace), DSPy settings isolation (worker.dspy_settings), time
-limits (worker.limits), output capture (worker.output), streams/progress/awaitables
+limits (worker.limits), output capture (worker.output, worker.sink), streams/progress/awaitables
 (worker.streaming) and exception payloads (worker.remote_errors).
 """
 
@@ -34,12 +34,13 @@ from dspex.wire.protocol import (
     log_level_of,
 )
 from dspex.wire.ref import EPHEMERAL_SESSION, Ref
-from worker import forking, limits, namespace, output, threads
+from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import remote_error
+from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
     LazyStream,
     StreamControl,
@@ -90,6 +91,7 @@ class Executor:
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
+        lm_history.install()
         self.durable.history_limit = max_history
         namespace.install_getsource()  # dspy replaced inspect.getfile on import: go first again
         output.share_progress_bars()
@@ -152,24 +154,32 @@ class Executor:
         def to_ref(obj: Any) -> Ref:
             return self.refs.put(state, obj, made)
 
-        emit: output.Emit | None = None
+        emit: Emit | None = None
+        offer: Offer | None = None
         if stream is not None:
             live = stream
 
-            def emit(event: output.Event) -> None:
+            def emit(event: Event) -> None:
                 live.send(Status.OUTPUT.value, codec.encode(event))
+
+            def offer(event: Event, on_credit: Callable[[], None]) -> bool:
+                return live.offer(Status.OUTPUT.value, codec.encode(event), on_credit)
 
         call = None
         key = (client, header.req_id)
         usage: Any = None  # the call's usage tracker (dspy.track_usage() around the call on the client)
         wants_usage = False
+        history: Any = None  # the log of the client's LMs' history entries (lm_history.start)
+        extras = False  # the reply is [result, {"usage", "history"}]
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
-                                   log_level_of(header.flags)), \
+                                   log_level_of(header.flags), offer) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
+                if isinstance(stream, StreamControl):
+                    stream.before_item = sink.send_pending  # what it printed before goes first
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
@@ -201,6 +211,10 @@ class Executor:
                     wants_usage = bool(context.get("usage"))
                     if wants_usage:
                         usage = scope.track_usage()
+                    if "history" in context:
+                        extras = True
+                        history = lm_history.start(context["history"], state.code.objects, self.process_wide)
+                    extras = extras or wants_usage
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
@@ -214,27 +228,29 @@ class Executor:
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
-                frames = self._encode([result, _usage_data(usage)] if wants_usage else result, to_ref)
+                frames = self._encode([result, _extras(usage, history)] if extras else result, to_ref)
                 limits.settle(call)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
         except limits.CallTimedOut:
             self._drop(state, made)
-            raise _with_usage(_stopped(header, call), usage) from None
+            raise _with_extras(_stopped(header, call), usage, history) from None
         except DspexError as err:
             self._drop(state, made)
             if call is not None and call.timed_out:  # user code turned the interruption into an error
-                raise _with_usage(_stopped(header, call), usage) from None
-            raise _with_usage(err, usage)
+                raise _with_extras(_stopped(header, call), usage, history) from None
+            raise _with_extras(err, usage, history)
         finally:
+            if history is not None:
+                lm_history.stop(history)
             self._calls.pop(key, None)
             if sessionless:
                 self.refs.release_session(state.id, "it came from a sessionless call; use a session to keep objects")
             elif durable and checkpoint is not None:
                 # after the call's time limit and output capture: a soft limit never cuts a
                 # checkpoint short; what it leaves out goes to the caller as a warning
-                sink = output.OutputSink(f"{state.id[:8]} {header.req_id}", emit)
+                sink = OutputSink(f"{state.id[:8]} {header.req_id}", emit)
                 checkpoint.extend(self.durable.after_call(state, bool(durable & Durable.FULL), sink) or ())
             elif state.checkpoint is not None:  # the broker turned the session plain: what it held goes
                 state.checkpoint = None
@@ -284,10 +300,20 @@ def _usage_data(tracker: Any) -> dict[str, list[Any]]:
     return data if isinstance(data, dict) else {}
 
 
-def _with_usage(err: DspexError, tracker: Any) -> DspexError:
-    """``err`` carrying what the call used before it failed, for the caller's usage tracker."""
+def _extras(tracker: Any, history: Any) -> dict[str, Any]:
+    """What comes back beside a call's result when the request asked (its context's ``"usage"``,
+    ``"history"``): what its LM calls used, and the history entries of the client's LMs."""
+    out: dict[str, Any] = {}
     if tracker is not None:
-        err.details["usage"] = _usage_data(tracker)
+        out["usage"] = _usage_data(tracker)
+    if history is not None and history[0].entries:
+        out.update(lm_history.extras(history[0]))
+    return out
+
+
+def _with_extras(err: DspexError, tracker: Any, history: Any) -> DspexError:
+    """``err`` carrying what the call used and recorded before it failed, for the caller."""
+    err.details.update(_extras(tracker, history))
     return err
 
 

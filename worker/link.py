@@ -16,7 +16,8 @@ if a message waits. The reader is the thread that runs :meth:`Link.read` (the wo
 thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.back` bracket
 that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
 as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
-Nothing polls: every wait ends at the next heartbeat or liveness deadline, or when woken, and
+Nothing polls: every wait ends at the next heartbeat or liveness deadline, when a call's waiting
+output is due (worker.sink's flush timer, run by whichever thread waits), or when woken, and
 the worker's heartbeat goes out in the same wake-up as the broker's arrives.
 """
 
@@ -49,7 +50,7 @@ from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
 from dspex.wire.zmqfast import get_opt as _get_opt
-from worker.standin import StandIn, Waker
+from worker.standin import StandIn, Timers, Waker
 
 log = logging.getLogger("dspex.worker")
 
@@ -146,20 +147,23 @@ class Link:
 
     ``ready`` and ``stats`` make the READY and heartbeat payloads; ``deliver(command, frames)``
     gets every other message from the broker (called holding the socket: it must not send);
-    ``on_beat(now)`` runs at each heartbeat, outside the socket's lock.
+    ``on_beat(now)`` runs at each heartbeat, outside the socket's lock; ``timers(now)`` (a call's
+    waiting output) runs at every turn of whichever thread waits, outside the lock, and says how
+    soon it is due again (:meth:`wake_timers` when that is sooner than the waiting thread wakes).
     """
 
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
                  deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
-                 grace: float) -> None:
+                 grace: float, timers: Timers = lambda now: math.inf) -> None:
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
                                     curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
         self._on_beat = on_beat
+        self._timers = timers
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._interval = heartbeat_interval
         self._silence_limit = heartbeat_interval * heartbeat_liveness
@@ -175,7 +179,7 @@ class Link:
         self._left = False  # the goodbye is said: nothing is sent any more
         self._reader = 0  # the thread that runs read()
         self._waker = Waker()  # wakes the reader
-        self.standin = StandIn(self._stand_in_turn, grace)
+        self.standin = StandIn(self._stand_in_turn, grace, timers)
 
     # -- the reader (the worker's main thread) --------------------------------------------------
     def connect(self) -> None:
@@ -213,6 +217,13 @@ class Link:
     def wake(self) -> None:
         """Wake the reader (any thread, or a signal handler)."""
         self._waker.poke()
+
+    def wake_timers(self) -> None:
+        """A timer is due sooner than the thread that runs them wakes: wake it (any thread)."""
+        if self.standin.covering:
+            self.standin.poke()
+        else:
+            self._waker.poke()
 
     def say_soon(self, frames: Frames) -> None:
         """Send a control message at the next turn of whichever thread reads (safe in a signal
@@ -295,7 +306,7 @@ class Link:
                 got = self._drain() or got
             fds = self._dealer.fds
         self._after_tick()
-        return got, fds, timeout
+        return got, fds, min(timeout, self._timers(time.monotonic()))
 
     def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
         turn = self._turn()

@@ -5,216 +5,26 @@ the call it belongs to (a contextvar, which threads a call starts carry on a cap
 worker.threads; on a capacity-1 worker also the one running call, for threads user code starts),
 else to the real stream. ``warnings.showwarning`` likewise, and a
 handler on the root logger gives a call's log records (any logger's that propagate to the root)
-at or above its caller's threshold to its sink.
-
-A sink logs complete lines as ``[session req] stream: text`` and, when the caller takes output,
-sends it events: ``{"stream": "stdout" | "stderr", "text"}`` per write, up to its last line end
-(a carriage return, a progress bar redrawing itself, also ends a piece; a write of more than
-MAX_EVENT_CHARS goes in pieces cut at line ends; a flush sends the partial line written so far,
-as a terminal would show it), one ``"warning"`` event per warning (its text, and its message,
-category and place, so the client can re-issue it) and one ``"log"`` event per record (logger,
-level, message, exception text...). A carriage return replaces the pending line in the log instead
-of logging it, so tqdm bars leave one line per bar in the log, never a smear of redraws; the
-caller still gets every redraw.
+at or above its caller's threshold to its sink. What a sink logs and sends, and when
+(coalesced text, the flush timer): worker.sink.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextvars
 import io
 import logging
-import re
 import sys
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker import limits
+from worker.sink import Emit, Offer, OutputSink
 
-log = logging.getLogger("dspex.worker.output")
-
-MAX_LINE_CHARS = 8000
-MAX_EVENT_CHARS = 64 * 1024  # of the text of one output event
-MAX_RECORD_CHARS = 100_000  # of a log record's message, and of its exception text
-# terminal control sequences (colours, tqdm's cursor moves between bars) mean nothing in a log file
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
-_FORMATTER = logging.Formatter()
-# a record's own attributes; any other is an ``extra=`` field of the call that logged it
-_RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
-MAX_EXTRA_FIELDS = 32
-_PLAIN = (str, int, float, bool, type(None))
-Event = dict[str, Any]
-Emit = Callable[[Event], None]
-
-
-class OutputSink:
-    """The output of one call. ``log_level``: the lowest level of log records its caller takes
-    (0: none)."""
-
-    def __init__(self, tag: str, emit: Emit | None, log_level: int = 0) -> None:
-        self.tag = tag
-        self.emit = emit
-        self.log_level = log_level if emit is not None else 0
-        self._pending: dict[str, str] = {}
-        self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
-        self._decoders: dict[str, codecs.IncrementalDecoder] = {}  # of bytes written to a stream's buffer
-        self._lock = threading.Lock()
-        self.closed = False  # the call ended: a thread it started that writes on goes to the real stream
-
-    def write(self, stream: str, text: str) -> None:
-        if not text:
-            return
-        out: list[str] = []
-        with self._lock:
-            buf = self._pending.get(stream, "") + text
-            sent = self._sent.pop(stream, 0)
-            end = max(buf.rfind("\n"), buf.rfind("\r")) + 1  # what precedes it is whole lines and redraws
-            done, buf = buf[:end], buf[end:]
-            if done:
-                out.append(done[sent:])
-                sent = 0
-            if len(buf) > MAX_LINE_CHARS:  # a huge write without newline: pass it on in pieces
-                out.append(buf[sent:])
-                done += buf + "\n"
-                buf, sent = "", 0
-            self._pending[stream] = buf
-            if sent:
-                self._sent[stream] = sent
-        for line in _log_lines(done):
-            self._log(stream, line)
-        if self.emit is not None:
-            for piece in out:
-                for event_text in _cut(piece):
-                    self.emit({"stream": stream, "text": event_text})
-
-    def write_bytes(self, stream: str, data: bytes) -> None:
-        """Bytes written to ``sys.stdout.buffer``/``sys.stderr.buffer``: decoded as UTF-8 (what the
-        worker's streams write), a character cut between two writes kept for the next."""
-        with self._lock:
-            decoder = self._decoders.get(stream)
-            if decoder is None:
-                decoder = self._decoders[stream] = codecs.getincrementaldecoder("utf-8")("replace")
-            text = decoder.decode(data)
-        self.write(stream, text)
-
-    def flush(self, stream: str) -> None:
-        """Send the caller what is written of the pending line (a progress bar's latest state);
-        the log still gets the line when it ends."""
-        if self.emit is None:
-            return
-        with self._lock:
-            buf = self._pending.get(stream, "")
-            sent = self._sent.get(stream, 0)
-            if len(buf) <= sent:
-                return
-            self._sent[stream] = len(buf)
-        self.emit({"stream": stream, "text": buf[sent:]})
-
-    def warning(self, message: Any, category: type[Warning], filename: str, lineno: int, line: str | None) -> None:
-        text = warnings.formatwarning(message, category, filename, lineno, line)
-        for piece in text.splitlines():
-            self._log("warning", piece)
-        if self.emit is not None:
-            self.emit({"stream": "warning", "text": text, "message": str(message),
-                       "category": [getattr(category, "__module__", "builtins"),
-                                    getattr(category, "__qualname__", "UserWarning")],
-                       "filename": str(filename), "lineno": int(lineno)})
-
-    def record(self, record: logging.LogRecord) -> None:
-        if self.emit is not None:
-            self.emit(_record_event(record))
-
-    def _log(self, stream: str, line: str) -> None:
-        line = _ANSI.sub("", line[:MAX_LINE_CHARS])
-        if line.strip():
-            log.info("[%s] %s: %s", self.tag, stream, line)
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            if not self._pending:  # nothing was written (the usual call)
-                return
-            rest, self._pending = self._pending, {}
-            sent, self._sent = self._sent, {}
-        for stream, text in rest.items():
-            if text:
-                self._log(stream, text)
-                if self.emit is not None and len(text) > sent.get(stream, 0):
-                    self.emit({"stream": stream, "text": text[sent.get(stream, 0):]})
-
-
-def _log_lines(text: str) -> list[str]:
-    """The lines of ``text`` (whole lines and redraws) the worker log keeps: each line's last
-    state (a carriage return is a redraw of the line; ``\\r\\n`` a line end)."""
-    if not text:
-        return []
-    lines = text.split("\n")
-    lines.pop()  # after the last newline: redraws of a line still open (a bar), not logged
-    return [line for line in (line.removesuffix("\r").rpartition("\r")[2] for line in lines) if line]
-
-
-def _cut(text: str) -> list[str]:
-    """``text`` in events of at most about MAX_EVENT_CHARS, cut after a line end where there is
-    one: a whole print is one event (one write on the client), and a huge one is not held in
-    memory at once by the broker and the client."""
-    pieces, start = [], 0
-    while len(text) - start > MAX_EVENT_CHARS:
-        cut = text.rfind("\n", start, start + MAX_EVENT_CHARS) + 1 or start + MAX_EVENT_CHARS
-        pieces.append(text[start:cut])
-        start = cut
-    if start < len(text):
-        pieces.append(text[start:])
-    return pieces
-
-
-def _clip(text: str) -> str:
-    if len(text) <= MAX_RECORD_CHARS:
-        return text
-    return f"{text[:MAX_RECORD_CHARS]}... ({len(text) - MAX_RECORD_CHARS} more characters; the worker log has them)"
-
-
-def _record_event(record: logging.LogRecord) -> Event:
-    """A log record as its caller re-emits it: what a formatter needs, already formatted where
-    the objects stay here (the message's arguments, the exception)."""
-    try:
-        message = record.getMessage()
-    except Exception:  # noqa: BLE001 - a bad format string is the worker log handler's to report
-        message = str(record.msg)
-    exc_text = record.exc_text
-    if record.exc_info and not exc_text:
-        exc_text = record.exc_text = _FORMATTER.formatException(record.exc_info)
-    message = _clip(message)
-    exc_text = _clip(exc_text) if exc_text else None
-    text = f"{record.levelname}:{record.name}:{message}\n"
-    if exc_text:
-        text += exc_text + "\n"
-    if record.stack_info:
-        text += record.stack_info + "\n"
-    return {"stream": "log", "text": text, "logger": record.name, "level": record.levelno, "message": message,
-            "exc_text": exc_text, "stack_info": record.stack_info, "pathname": record.pathname,
-            "lineno": record.lineno, "funcName": record.funcName, "created": record.created,
-            "process": record.process, "threadName": record.threadName, "extra": _extra(record)}
-
-
-def _extra(record: logging.LogRecord) -> dict[str, Any]:
-    """A record's ``extra=`` fields, for the client's formatters that name them: plain values
-    as they are, others as their repr (what ``%(field)s`` would have shown of most)."""
-    extra: dict[str, Any] = {}
-    for key, value in record.__dict__.items():
-        if key in _RECORD_FIELDS or key.startswith("dspex_") or not isinstance(key, str):
-            continue
-        if len(extra) == MAX_EXTRA_FIELDS:
-            break
-        try:
-            extra[key] = value if type(value) in _PLAIN else _clip(repr(value))
-        except Exception:  # noqa: BLE001 - a repr that fails must not lose the record
-            extra[key] = f"<{type(value).__name__}>"
-    return extra
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
@@ -282,7 +92,7 @@ class _Dispatch(io.TextIOBase):
 
     def reconfigure(self, **_options: Any) -> None:
         """Accepted and ignored (scripts call ``sys.stdout.reconfigure(encoding="utf-8")``):
-        output is already UTF-8 and forwarded per write."""
+        output is already UTF-8 and forwarded as written."""
 
 
 class _BinaryDispatch(io.BufferedIOBase):
@@ -427,8 +237,9 @@ class capture:
 
     __slots__ = ("_lowered", "_token", "process_wide", "sink")
 
-    def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0) -> None:
-        self.sink = OutputSink(tag, emit, log_level)
+    def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0,
+                 offer: Offer | None = None) -> None:
+        self.sink = OutputSink(tag, emit, log_level, offer)
         self.process_wide = process_wide
         self._lowered = False
 

@@ -5,7 +5,8 @@ younger than ``grace`` runs without help: waking another thread for every call c
 hand-off and two context switches on the hot path, and most calls end long before a heartbeat
 is due. A call that runs longer gets the stand-in, which then waits on the socket and sends the
 heartbeats (the link's turn) until the main thread is back. Nothing polls: the stand-in sleeps
-until it is needed (the grace of the running call, the next heartbeat) or woken. The first call
+until it is needed (the grace of the running call, the next heartbeat, the end of the window of
+output the call left waiting) or woken. The first call
 after a pause wakes it once to arm its timer; calls that follow while the timer is armed do not.
 """
 
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 
 Turn = Callable[[], tuple[tuple[int, ...], float]]  # -> (fds to wait on, seconds until the next timer)
+Timers = Callable[[float], float]  # run what is due at this time.monotonic(); -> seconds until the next
 
 
 class Waker:
@@ -65,11 +67,14 @@ class Waker:
 
 class StandIn:
     """Runs ``turn`` (read the socket, run the timers) whenever something may be due while the
-    reader is away for longer than ``grace``; idle otherwise."""
+    reader is away for longer than ``grace``; idle otherwise. While the reader is away and the
+    stand-in does not read yet, it still runs ``timers`` (the call's output to send: the reader
+    runs them in its turn, and so does ``turn``)."""
 
-    def __init__(self, turn: Turn, grace: float) -> None:
+    def __init__(self, turn: Turn, grace: float, timers: Timers) -> None:
         self._turn = turn
         self._grace = grace
+        self._timers = timers
         self._state = threading.Lock()  # guards the flags below
         self._away = False  # the reader runs user code
         self._since = 0.0  # ... since then (time.monotonic())
@@ -107,6 +112,11 @@ class StandIn:
         self._waker.poke()
 
     @property
+    def covering(self) -> bool:
+        """The reader is away: the stand-in runs the timers."""
+        return self._away
+
+    @property
     def engaged(self) -> bool:
         """It reads the socket now (read without the lock: it drains the socket first when it
         engages, so a thread that sees it not engaged yet loses nothing)."""
@@ -142,5 +152,7 @@ class StandIn:
                 engaged = self._engaged
             if engaged:
                 fds, timeout = self._turn()
+            elif timeout is not None:  # away, not reading yet
+                timeout = min(timeout, self._timers(now))
             self._waker.wait(fds, timeout)
         self._waker.close()

@@ -30,6 +30,7 @@ from worker.remote_errors import remote_error
 log = logging.getLogger("dspex.worker")
 
 Encode = Callable[[Any], list[Any]]
+_OUTPUT = Status.OUTPUT.value
 
 
 class StreamControl:
@@ -48,11 +49,17 @@ class StreamControl:
         self.stall_timeout = stall_timeout
         self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
+        self._on_credit: Callable[[], None] | None = None  # an offer found no credit: told when some comes
+        # sends the call's waiting output before an item or a progress event (it was written first)
+        self.before_item: Callable[[], None] | None = None
 
     def add_credit(self, n: int) -> None:
         with self._cond:
             self.credit += n
             self._cond.notify_all()
+            told, self._on_credit = self._on_credit, None
+        if told is not None:
+            told()
 
     def cancel(self) -> bool:
         """Stop the stream. True when the producer must also be interrupted: this is the first
@@ -69,6 +76,8 @@ class StreamControl:
 
         A consumer that acknowledges nothing for ``stall_timeout`` (the stream's per-item timeout,
         the time it waits for an item itself) is taken as gone: the stream is cancelled."""
+        if kind != _OUTPUT and self.before_item is not None:
+            self.before_item()
         with self._cond:
             self._awaiting_credit = kind == Status.PARTIAL.value
             try:
@@ -84,6 +93,21 @@ class StreamControl:
             self._emit(kind, frames)
         return True
 
+    def offer(self, kind: str, frames: list[Any], on_credit: Callable[[], None]) -> bool:
+        """Send only if credit allows it now (never wait: the thread that reads the credit may be
+        the one sending); False if not sent, and ``on_credit`` runs when credit comes. A cancelled
+        stream takes nothing more: True."""
+        with self._cond:
+            if self.cancelled:
+                return True
+            if self.credit <= 0:
+                self._on_credit = on_credit
+                return False
+            self.credit -= 1
+        with limits.protected():
+            self._emit(kind, frames)
+        return True
+
 
 class LazyStream:
     """The events of a call whose caller takes its output (``FLAG_OUTPUT``): the StreamControl is
@@ -96,6 +120,12 @@ class LazyStream:
         self.control: StreamControl | None = None
 
     def send(self, kind: str, frames: list[Any]) -> bool:
+        return self._control().send(kind, frames)
+
+    def offer(self, kind: str, frames: list[Any], on_credit: Callable[[], None]) -> bool:
+        return self._control().offer(kind, frames, on_credit)
+
+    def _control(self) -> StreamControl:
         control = self.control
         if control is None:
             with _OPENING:  # a thread the call started may print at the same moment
@@ -103,7 +133,7 @@ class LazyStream:
                     self.control = self._open()
             control = self.control
             assert control is not None
-        return control.send(kind, frames)
+        return control
 
 
 _OPENING = threading.Lock()

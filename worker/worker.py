@@ -47,6 +47,7 @@ from worker.link import Link
 from worker.runner import Frames, Request, Runner
 from worker.sessions import SessionBook
 from worker.settings import WorkerOptions
+from worker.sink import flush_timer
 
 log = logging.getLogger("dspex.worker")
 
@@ -80,7 +81,9 @@ class Worker:
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
-                         deliver=self._from_broker, on_beat=self._on_beat, grace=_STAND_IN_GRACE)
+                         deliver=self._from_broker, on_beat=self._on_beat, grace=_STAND_IN_GRACE,
+                         timers=flush_timer.run)
+        flush_timer.wake = self.link.wake_timers
         self.runner = Runner(self.executor, self.book, self.link.send, pool=options.pool,
                              incarnation=self.incarnation, capacity=self.capacity, max_message=max_message,
                              hard_grace=options.hard_grace, urgent=self.link.urgent, leave=self._hard_exit,

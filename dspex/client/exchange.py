@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -24,6 +25,7 @@ import zmq
 from dspex.client import output
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
+from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
 from dspex.client.sendsettings import settings_ext
 from dspex.client.sessionpickle import Message
@@ -53,6 +55,7 @@ from dspex.wire.protocol import (
     Side,
     Status,
 )
+from dspex.wire.ref import Ref
 from dspex.wire.zmqfast import frame_buffer
 
 log = logging.getLogger("dspex.client")
@@ -63,6 +66,7 @@ BODY_NAMES: dict[str, tuple[str, ...]] = {op.value: tuple(a.name for a in op.arg
 Callback = Callable[[Any], Any]  # a plain function; an asyncio client's may be async def
 _SESSIONLESS = SendCache.transient()  # remembers nothing: one serves every request outside a session
 OnReply = Callable[[str, str], None]
+_EXTRAS = ("usage", "history", "history_codec", "history_left")  # what an error reply's details carry beside the error
 EVENT_STATUSES = (Status.PARTIAL.value, Status.PROGRESS.value, Status.OUTPUT.value)  # replies before the final one
 # seconds after a dropped connection during which a new socket is made without the ipc probe: a
 # request made while the broker restarts waits for the new one (within its timeout) instead of
@@ -88,12 +92,14 @@ class CreditMeter:
 
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
-                   usage: bool = False, *, full: bool = False) -> tuple[list[Any], int]:
+                   usage: bool = False, *, full: bool = False,
+                   lms: dict[str, Any] | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
     as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget. A body that does not fit its op's definition (dspex.wire.protocol.Op) is a ProtocolError
-    here, before anything is sent."""
+    forget; with ``lms`` (filled here: key -> LM) also the keys of this client's LMs the worker
+    holds, whose history entries come back. A body that does not fit its op's definition
+    (dspex.wire.protocol.Op) is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
         body = spec.bind_map(body if body is not None else {})
@@ -106,7 +112,13 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         msg = Message(sender or _SESSIONLESS, full=full)
         if sender is not None and spec is not None:
             body = as_module_globals(msg.cache, BODY_NAMES[op], body)
-        frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg)
+        repeats = codec.Repeats()
+        frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg, repeats=repeats)
+        if repeats.seen or _repeated_argument(body, BODY_NAMES.get(op, ())):
+            # one object in two places of the arguments: the whole body as one pickle, which keeps
+            # it one object there, as in-process (what the first encoding defined is not sent)
+            msg = Message(msg.cache, full=full)
+            frames = [codec.packb(codec.session_ext(msg, body))]
         context: dict[str, Any] = {}
         settings = settings_ext(msg, codec.session_ext)
         if settings is not None:
@@ -115,6 +127,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
                 context["pinned"] = msg.pinned
         if usage:
             context["usage"] = True
+        if lms is not None and sender is not None:
+            lms.update(msg.cache.held_lms(msg))
+            if lms:
+                context["history"] = list(lms)
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops
@@ -127,6 +143,30 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
     return frames, flags
+
+
+_NO_IDENTITY = (str, bytes, int, float, bool, type(None), complex, types.FunctionType, type)
+
+
+_SPREAD = frozenset({"args", "kwargs", "namespace"})  # the body items whose items are arguments
+
+
+def _repeated_argument(body: Any, names: tuple[str, ...]) -> bool:
+    """Whether one object is two of a request's arguments (``fn(a, a)``, ``fn(a, b=a)``): the
+    items of the body and those of its ``args``, ``kwargs`` and ``namespace``. Values without
+    identity of their own (strings, numbers; functions and classes, one object per session
+    anyway) do not count."""
+    seen: set[int] = set()
+    for name, item in zip(names, body if type(body) is list else ()):
+        spread = name in _SPREAD and type(item) in (list, tuple, dict)
+        inner = (item.values() if type(item) is dict else item) if spread else (item,)
+        for value in inner:
+            if isinstance(value, _NO_IDENTITY) or type(value) is Ref:
+                continue
+            if id(value) in seen:
+                return True
+            seen.add(id(value))
+    return False
 
 
 def bound_name(obj: Any, name: str | None) -> str:
@@ -199,6 +239,7 @@ class Exchange:
         "forward",
         "grace",
         "items",
+        "lms",
         "meter",
         "on_output",
         "on_progress",
@@ -238,8 +279,10 @@ class Exchange:
         # the caller's dspy.track_usage() block: the worker sends back what the call used
         self.usage = client_usage_tracker() if sender is not None and sender.client_settings and op in WORKER_OPS \
             else None
+        # the client's LMs the worker holds (key -> LM): the call's entries in their history come back
+        self.lms: dict[str, Any] = {}
         # before anything is sent: EncodeError costs nothing
-        self.body, context = encode_request(op, body, max_message, sender, self.usage is not None)
+        self.body, context = encode_request(op, body, max_message, sender, self.usage is not None, lms=self.lms)
         self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context \
             | flags  # the caller's own (FLAG_DURABLE)
         # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
@@ -285,8 +328,9 @@ class Exchange:
             return "more", None, credit
         if status == Status.ERROR.value:
             err = decode_error(frames)
-            if self.usage is not None:
-                add_usage(self.usage, err.wire_details.pop("usage", None))
+            if self.usage is not None or self.lms:
+                details = err.wire_details
+                self._extras({k: details.pop(k) for k in _EXTRAS if k in details})
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
                 self.sender.missed(False)
@@ -294,10 +338,20 @@ class Exchange:
         if self.on_reply is not None:
             self.on_reply(status, worker)
         value = decode_value(frames, self.own_frames, self.bind)
-        if self.usage is not None:  # [value, usage]: the worker answers so when the request asked
-            value, used = value
-            add_usage(self.usage, used)
+        if self.usage is not None or self.lms:  # [value, extras]: the worker answers so when the request asked
+            value, extras = value
+            self._extras(extras)
         return "done", value, 0
+
+    def _extras(self, extras: Any) -> None:
+        """What came back beside the result: usage for the caller's ``dspy.track_usage()``, the
+        history entries of its LMs (recorded as in-process, in call order)."""
+        if not isinstance(extras, dict):
+            return
+        if self.usage is not None:
+            add_usage(self.usage, extras.get("usage"))
+        if self.lms and ("history" in extras or "history_codec" in extras):
+            record_history(self.lms, extras)
 
     def collect_progress(self) -> list[Any]:
         """A stream's list of the progress events it receives (also passed to ``on_progress``).
@@ -321,8 +375,9 @@ class Exchange:
             return False
         raw, self._raw = self._raw, None
         self.sender.missed(bool(err.details.get("ephemeral")))
+        self.lms.clear()
         self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None,
-                                            full=True)
+                                            full=True, lms=self.lms)
         self.flags = (self.flags & ~FLAG_CONTEXT) | context
         return True
 

@@ -6,7 +6,7 @@ where the same program run in-process would have put it:
 
 - ``stdout`` / ``stderr`` text on this process's ``sys.stdout`` / ``sys.stderr`` as they are at
   that moment (``contextlib.redirect_stdout``, pytest's capsys and capfd see it), one write per
-  write of the program's (whole lines, or a progress-bar redraw), flushed, under one lock: lines
+  event (whole lines or progress-bar redraws, coalesced on the worker), flushed, under one lock: lines
   of concurrent sessions never splice, and carry no prefix (they read as the program printed
   them);
 - warnings re-issued through :mod:`warnings` with their category, message and place: this

@@ -107,6 +107,7 @@ class SendCache:
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
+        self.lms: dict[str, Any] = {}  # key -> a DSPy LM of this client the worker holds: its history comes back
         processwide.register(self)
 
     def _after_fork(self) -> None:
@@ -128,10 +129,13 @@ class SendCache:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
         if not self.keep:
             return
+        lm_class = _lm_class()
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
                 self.keys.setdefault(oid, (obj, key))
                 self.key_ids.setdefault(key, oid)
+                if lm_class is not None and key in msg.defined and isinstance(obj, lm_class):
+                    self.lms[key] = obj
             for key in msg.defined:
                 self.sent[key] = None
                 self.sent.move_to_end(key)
@@ -172,6 +176,7 @@ class SendCache:
             keep = {key for key, n in self.pins.items() if n > 0}
             self.keys = {oid: entry for oid, entry in self.keys.items() if entry[1] in keep}
             self.key_ids = {key: oid for oid, (_, key) in self.keys.items()}
+            self.lms = {key: obj for key, obj in self.lms.items() if key in keep}
             self.sent.clear()
             self.bound.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
@@ -195,6 +200,7 @@ class SendCache:
             self.walks.clear()
             self.last_settings = None
             self.modules.clear()
+            self.lms.clear()
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1
@@ -223,7 +229,18 @@ class SendCache:
         oid = self.key_ids.pop(key, None)
         if oid is not None:
             self.keys.pop(oid, None)
+        self.lms.pop(key, None)
         self.drops.append(key)
+
+    def held_lms(self, msg: Encoded) -> dict[str, Any]:
+        """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose
+        history entries the call sends back."""
+        lms = {key: lm for key, lm in self.lms.items() if key in self.sent or key in msg.defined} if self.lms else {}
+        lm_class = _lm_class() if msg.new_keys else None
+        if lm_class is not None:
+            lms.update((key, obj) for obj, key in msg.new_keys.values()
+                       if key in msg.defined and isinstance(obj, lm_class))
+        return lms
 
 
 def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
@@ -251,6 +268,12 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
         if k in pinned or (v is not default and k not in _CALL_LOCAL and _differs(v, default)):
             out[k] = v
     return out, pinned
+
+
+def _lm_class() -> Any:
+    """DSPy's ``BaseLM`` when DSPy is imported here, else None."""
+    module = sys.modules.get("dspy.clients.base_lm")
+    return getattr(module, "BaseLM", None) if module is not None else None
 
 
 def client_usage_tracker() -> Any:

@@ -24,6 +24,7 @@ from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 from dspex.wire.sockets import UNIX_PATH_MAX
 
 # supervisor.xmlrpc.Faults values we branch on
+FAULT_SHUTDOWN_STATE = 6
 FAULT_BAD_NAME = 10
 FAULT_ALREADY_STARTED = 60
 

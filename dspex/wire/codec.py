@@ -17,6 +17,7 @@ cloudpickle, ext 13) or as a ref. Decoding is :mod:`dspex.wire.decoding` (``deco
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -47,8 +48,8 @@ from dspex.wire.wiretypes import (
     utf8_ok,
 )
 
-__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "decode", "encode", "packb", "session_ext",
-           "unpackb"]
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "packb",
+           "session_ext", "unpackb"]
 
 
 class Policy(str, enum.Enum):
@@ -91,13 +92,25 @@ class Sender(Protocol):
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
 
 
+class Repeats:
+    """Told by ``encode`` whether an object went twice by value (pickled or as a record): each
+    occurrence arrives as its own copy, where in-process they are one object."""
+
+    __slots__ = ("records", "seen")
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.records: set[int] = set()
+
+
 class _Encoder:
     """The state of one ``encode``: array frames, refs made, objects pickled (each once)."""
 
-    __slots__ = ("buffers", "memo", "parts", "pickled", "policy", "sender", "sources_sent", "to_ref")
+    __slots__ = ("buffers", "memo", "parts", "pickled", "policy", "repeats", "sender", "sources_sent", "to_ref")
 
     def __init__(self, policy: Policy, buffers: Buffers | None, to_ref: ToRef | None,
-                 sender: Sender | None = None) -> None:
+                 sender: Sender | None = None, repeats: Repeats | None = None) -> None:
+        self.repeats = repeats
         self.policy = policy
         self.buffers = buffers
         self.to_ref = to_ref
@@ -119,6 +132,8 @@ class _Encoder:
         it cannot be pickled."""
         hit = self.pickled.get(id(obj))
         if hit is not None and hit[3] is not None:
+            if self.repeats is not None and not isinstance(obj, type) and type(obj) is not types.FunctionType:
+                self.repeats.seen = True  # (functions and classes are one object per session anyway)
             return hit[3]
         if hit is None:
             try:
@@ -147,6 +162,8 @@ class _Encoder:
         """Before a second pass: pickles are kept, their source texts are sent again."""
         self.sources_sent = None
         self.parts.clear()
+        if self.repeats is not None:
+            self.repeats.records.clear()
         for key, (obj, data, sources, _) in self.pickled.items():
             self.pickled[key] = (obj, data, sources, None)
 
@@ -170,6 +187,10 @@ class _Encoder:
         parts = record_parts(obj)
         if parts is None:
             return None
+        if self.repeats is not None:
+            if id(obj) in self.repeats.records:
+                self.repeats.seen = True
+            self.repeats.records.add(id(obj))
         kind, fields, keys, extra, attrs = parts
         if attrs is None:
             return [RECORD, kind, fields, keys, extra]
@@ -378,8 +399,9 @@ def _packed_bytearray(body: bytes, obj: object, enc: _Encoder) -> bool:
 
 
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
-          policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None) -> bytes:
-    enc = _Encoder(policy, buffers, to_ref, sender)
+          policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None,
+          repeats: Repeats | None = None) -> bytes:
+    enc = _Encoder(policy, buffers, to_ref, sender, repeats)
     try:
         body: bytes = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
         if not _packed_bytearray(body, obj, enc):
@@ -395,7 +417,7 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 
 def encode(
     obj: object, to_ref: ToRef | None = None, *, root: str = "result", policy: Policy = Policy.REFS,
-    names: Sequence[str] | None = None, sender: Sender | None = None,
+    names: Sequence[str] | None = None, sender: Sender | None = None, repeats: Repeats | None = None,
 ) -> list[bytes | memoryview]:
     """frame 0 = msgpack body; frames 1.. = raw numpy buffers referenced from the body.
 
@@ -404,10 +426,10 @@ def encode(
     ``to_ref`` what cannot go by value raises :class:`EncodeError` naming the type and the path.
     ``root`` starts the path; with ``names`` (for a list ``obj``) the top-level items are named
     instead: ``args[1]['reward_fn']``. With a ``sender`` (a session's request), objects are
-    pickled by it, as ext 25.
+    pickled by it, as ext 25. ``repeats`` is told whether an object went by value twice.
     """
     buffers: Buffers = []
-    body = _pack(obj, to_ref, buffers, root, policy, names, sender)
+    body = _pack(obj, to_ref, buffers, root, policy, names, sender, repeats)
     return [body, *buffers]
 
 

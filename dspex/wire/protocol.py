@@ -40,8 +40,12 @@ from dspex.wire.errors import ProtocolError
 # 4: durable sessions: W_CHECKPOINT (a checkpoint and its call's reply), the request envelope's
 # ``durable`` byte (Durable flags) and restore frames. A worker of 3 would answer a durable
 # session's calls without checkpoints: the session would not be durable, silently.
+# 5: what a client and a worker exchange through the broker: a reply's extras map (usage and the
+# LM history that comes back to the client), session pickles' held globals. A worker of 4 would
+# answer a client of 5 with a usage map read as extras (and load no held global); a broker of 5
+# refuses it, so clients upgraded with their broker never meet one.
 # The broker tells a worker of another version to leave (its READY says its version).
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 def packb(obj: Any) -> bytes:

@@ -6,6 +6,7 @@ must send the same requests and get the same results. A question containing "slo
 server wait: a timeout must stop the call blocked in its socket read (capacity 1: SIGALRM).
 """
 
+import importlib
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ import dspy
 import pytest
 
 import dspex
-from tests.conformance.harness import SESSION, Runner
+from tests.conformance.harness import SESSION, Runner, fresh_dspy_settings
 
 CAPITALS = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid"}
 
@@ -151,3 +152,27 @@ def test_timeout_stops_a_call_blocked_on_a_slow_provider(dx: dspex.Client, api_b
         assert s.run(os.getpid) == pid
     finally:
         s.close(timeout=10)
+
+
+def test_the_clients_lm_history_is_as_in_process(session: dspex.Session, api_base: str) -> None:
+    """DSPy's quick-start debugging: ``dspy.configure(lm=dspy.LM(...))`` here, the program run, then
+    ``lm.history`` and ``dspy.inspect_history``. Through a session the history is the same: the
+    provider's response comes back by value, of its own class."""
+    import io
+    import re
+
+    base_lm = importlib.import_module("dspy.clients.base_lm")
+    seen = []
+    for mode in ("inprocess", "session"):
+        base_lm.GLOBAL_HISTORY.clear()
+        lm = dspy.LM("openai/conformance-model", api_base=api_base, api_key="not-a-key", cache=False)
+        with fresh_dspy_settings():
+            dspy.configure(lm=lm)
+            answers = ask_capitals(["France", "Spain"]) if mode == "inprocess" else \
+                session.run(ask_capitals, ["France", "Spain"])
+        out = io.StringIO()
+        dspy.inspect_history(n=2, file=out)
+        seen.append((answers, [(e["messages"], e["outputs"], e["usage"], e["model"], type(e["response"]))
+                               for e in lm.history], re.sub(r"\[\d{4}-[\d\-T:.]+\]", "", out.getvalue())))
+    assert seen[1] == seen[0]
+    assert len(seen[0][1]) == 2 and "What is the capital of Spain?" in seen[0][2]

@@ -1,0 +1,56 @@
+"""The worker's log of history entries of the client's LMs: what a reply carries (pure logic)."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+
+from dspex.client.lmhistory import record_history
+from dspex.wire import codec
+from worker import lm_history
+
+
+class _LM:
+    def __init__(self) -> None:
+        self.history: list[object] = []
+
+    def update_history(self, entry: object) -> None:
+        self.history.append(entry)
+
+
+def _log(*entries: object) -> lm_history.CallLog:
+    log = lm_history.CallLog({}, 100)
+    log.entries.extend(("k.1", e) for e in entries)
+    return log
+
+
+def test_plain_entries_go_as_one_pickle_in_order() -> None:
+    extras = lm_history.extras(_log({"outputs": ["a"]}, {"outputs": ["b"]}))
+    assert set(extras) == {"history"}
+    assert pickle.loads(extras["history"]) == [["k.1", {"outputs": ["a"]}], ["k.1", {"outputs": ["b"]}]]
+
+
+def test_over_the_cap_the_newest_entries_that_fit_go() -> None:
+    entries = [{"outputs": [str(i) * 100]} for i in range(10)]
+    extras = lm_history.extras(_log(*entries), cap=450)
+    assert extras["history_left"] == 7  # ~120 bytes an entry: the 3 newest fit
+    got = codec.decode([extras["history_codec"]])
+    assert [e for _, e in got] == entries[-3:]
+    lm = _LM()
+    record_history({"k.1": lm}, extras)
+    assert lm.history == entries[-3:]
+
+
+def test_a_field_that_cannot_travel_goes_as_its_repr() -> None:
+    lock = threading.Lock()
+    extras = lm_history.extras(_log({"outputs": ["a"], "lock": lock}))
+    [[key, entry]] = codec.decode([extras["history_codec"]])
+    assert key == "k.1" and entry == {"outputs": ["a"], "lock": repr(lock)}
+
+
+def test_entries_of_lms_the_client_does_not_have_are_left_out() -> None:
+    lm = _LM()
+    log = lm_history.CallLog({}, 100)
+    log.entries.extend([("k.1", {"n": 1}), ("k.9", {"n": 2}), ("k.1", {"n": 3})])
+    record_history({"k.1": lm}, lm_history.extras(log))
+    assert lm.history == [{"n": 1}, {"n": 3}]

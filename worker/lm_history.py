@@ -1,0 +1,175 @@
+"""The LM history entries a call records in the client's LMs, sent back with its reply.
+
+In-process, every LM call appends an entry to the LM's ``history`` and to DSPy's global history
+(``dspy.inspect_history()``). Through a session the client's LM is a copy on the worker (sent once
+per session, by key: a setting or a module global), so the client's own LM would record nothing.
+A request names the keys of the client's LMs the session holds (context ``"history"``); while the
+call runs, each entry DSPy records in one of those copies is logged here, in call order, with the
+LM's key, and the reply carries the log (:func:`encoded`) for the client to record in its own LM
+(``lm.update_history``: DSPy's own bounds, and its global history). An LM the session made or
+configured itself has no client key: its history stays on the worker.
+
+DSPy records through ``dspy.clients.base_lm.record_history`` (``BaseLM.update_history``, and
+modules that imported the function by name): :func:`install` wraps it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import pickle
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dspex.wire import codec
+from dspex.wire.errors import EncodeError
+
+# bytes of history one reply carries at most: the newest entries that fit (in-process, the
+# newest are also the ones DSPy's bounded history keeps)
+REPLY_CAP = 8 * 1024 * 1024
+_DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSPy does not say
+
+
+class CallLog:
+    """The history entries one call recorded in the client's LMs: ``(key, entry)`` in order."""
+
+    __slots__ = ("entries", "lms")
+
+    def __init__(self, lms: dict[int, tuple[Any, str]], max_entries: int) -> None:
+        self.lms = lms  # id(worker LM) -> (that LM, the client's key for it)
+        self.entries: deque[tuple[str, Any]] = deque(maxlen=max_entries)
+
+    def record(self, lm: Any, entry: Any) -> None:
+        hit = self.lms.get(id(lm))
+        if hit is not None and hit[0] is lm:
+            self.entries.append((hit[1], entry))
+
+
+_current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
+# capacity 1: the running call's log, for threads it starts (they do not inherit contextvars)
+_process_log: CallLog | None = None
+_max_entries = _DEFAULT_MAX_ENTRIES
+
+
+def install() -> None:
+    """Wrap DSPy's ``record_history`` (once per process; DSPy imported)."""
+    global _max_entries
+    base_lm: Any = sys.modules.get("dspy.clients.base_lm")
+    if base_lm is None or getattr(base_lm.record_history, "_dspex", False):
+        return
+    original: Callable[[Any, Any], None] = base_lm.record_history
+    _max_entries = int(getattr(base_lm, "MAX_HISTORY_SIZE", _DEFAULT_MAX_ENTRIES))
+    settings = base_lm.settings
+
+    def record_history(client: Any, entry: Any) -> None:
+        original(client, entry)
+        log = _current.get() or _process_log
+        if log is not None and not settings.disable_history:
+            log.record(client, entry)
+
+    record_history._dspex = True  # type: ignore[attr-defined]
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dspy") and getattr(module, "record_history", None) is original:
+            setattr(module, "record_history", record_history)  # noqa: B010 - a module global, not an attribute mypy knows
+
+
+def start(keys: Any, objects: dict[str, Any], process_wide: bool) -> tuple[CallLog, contextvars.Token[Any]] | None:
+    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call;
+    None when the request named none the session holds."""
+    global _process_log
+    if not isinstance(keys, list):
+        return None
+    lms = {}
+    for key in keys:
+        obj = objects.get(key) if isinstance(key, str) else None
+        if obj is not None:
+            lms[id(obj)] = (obj, key)
+    if not lms:
+        return None
+    log = CallLog(lms, _max_entries)
+    if process_wide:
+        _process_log = log
+    return log, _current.set(log)
+
+
+def stop(started: tuple[CallLog, contextvars.Token[Any]]) -> None:
+    global _process_log
+    log, token = started
+    if _process_log is log:
+        _process_log = None
+    _current.reset(token)
+
+
+def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
+    """The reply's part of the log: a list of ``[key, entry]`` as ``"history"`` (a plain pickle:
+    entries hold importable objects, a provider's response, whose class the client imports) or,
+    when that cannot be, ``"history_codec"`` (one codec body: by value, a field that cannot be
+    encoded as its ``repr``); ``"history_left"``: the oldest entries left out to stay under ``cap``."""
+    entries = [[k, e] for k, e in log.entries]
+    try:
+        data = pickle.dumps(entries, pickle.HIGHEST_PROTOCOL)
+        if len(data) <= cap:
+            return {"history": data}
+    except Exception:  # noqa: BLE001 - a session's own class, something unpicklable: by value below
+        pass
+    body, left = encoded(log, cap)
+    return {"history_codec": body, "history_left": left} if left else {"history_codec": body}
+
+
+def encoded(log: CallLog, cap: int = REPLY_CAP) -> tuple[bytes, int]:
+    """(the log as one codec body: a list of ``[key, entry]``, entries left out over ``cap``).
+    Entries go by value (a provider response with its class); a field that cannot be encoded goes
+    as its ``repr``."""
+    entries = list(log.entries)
+    try:
+        body = _body([[k, e] for k, e in entries])
+        if body is not None and len(body) <= cap:
+            return body, 0
+    except EncodeError:
+        pass
+    parts: list[bytes] = []  # one entry at a time, newest first, until the cap
+    size = 0
+    for key, entry in reversed(entries):
+        part = _entry_body(key, entry)
+        if part is None or size + len(part) > cap:
+            break
+        parts.append(part)
+        size += len(part)
+    parts.reverse()
+    return _list_of(parts), len(entries) - len(parts)
+
+
+def _body(value: Any) -> bytes | None:
+    frames = codec.encode(value, policy=codec.Policy.ALL)
+    return bytes(frames[0]) if len(frames) == 1 else None  # array frames: only in a field, handled below
+
+
+def _entry_body(key: str, entry: Any) -> bytes | None:
+    try:
+        body = _body([key, entry])
+        if body is not None:
+            return body
+    except EncodeError:
+        pass
+    if not isinstance(entry, dict):
+        return None
+    fields = {}
+    for name, value in entry.items():
+        try:
+            fields[name] = value if _body(value) is not None else repr(value)
+        except EncodeError:
+            fields[name] = repr(value)
+    try:
+        return _body([key, fields])
+    except EncodeError:
+        return None
+
+
+def _list_of(parts: Iterable[bytes]) -> bytes:
+    """A msgpack array of already packed items."""
+    items = list(parts)
+    n = len(items)
+    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536 else \
+        b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(items)
