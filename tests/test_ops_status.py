@@ -139,8 +139,8 @@ def test_workers_of_other_hosts_count_against_the_pools_size() -> None:
 def test_a_down_pool_names_the_requests_waiting_for_a_worker() -> None:
     down = pool_state("p", PoolFacts(expected=2, up=0, broken=2, queued=5, queue_max=5, queue_timeout=20))
     assert down.state is State.DOWN
-    assert down.reasons == ["p has no ready worker (0/2); 5 queued request(s) wait for one "
-                            "(queue_timeout after 20s)"], down.reasons
+    assert down.reasons == [("p has no ready worker (0/2); 5 queued request(s) wait for one "
+                             "(queue_timeout after 20s)")], down.reasons
     assert pool_state("p", PoolFacts(expected=2, up=0, broken=2)).reasons == ["p has no ready worker (0/2)"]
 
 
