@@ -198,7 +198,9 @@ class Core:
         command = first[:1]
         w = self.workers.get(wid)
         if w is not None:
-            w.expiry = now + self.roster.silence
+            # an away worker's deadline is its renewal wait: a message its old connection still
+            # held, read after that connection's loss, does not cut it short
+            w.expiry = max(w.expiry, now + self.roster.silence) if w.away else now + self.roster.silence
         if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
                 if len(frames) < 3:

@@ -653,6 +653,28 @@ def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessio
     assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
 
 
+def test_a_heartbeat_read_late_from_an_away_workers_old_connection_does_not_cut_its_wait() -> None:
+    """After a pause the broker reads what the old connection still held (a heartbeat sent
+    before the worker gave the broker up) after that connection's loss: the worker is still
+    waited for its renewal wait, not one silence limit from that heartbeat."""
+    core = two_workers("p:strict_queue")
+    core.request(C, 1, "p", "s")
+    w = core.worker_of(1) or b""
+    core.reply(w, C, 1)
+    core.unreachable.add(w)
+    _broker_paused(core)
+    core.crash(w)
+    assert core.workers[w].away
+    core.say(w, W_HEARTBEAT)  # from the old connection, read late
+    core.silent.add(w)
+    core.advance(HEARTBEAT * 6)  # twice a silence limit, within the renewal wait
+    assert w in core.workers and core.pools["p"].crashes == 0
+    core.silent.discard(w)
+    core.unreachable.discard(w)
+    core.ready(w, "p")
+    assert not core.workers[w].away and core.pools["p"].crashes == 0
+
+
 def test_an_away_worker_is_shown_away_and_its_pool_degraded_until_it_is_back() -> None:
     """The operator's view of a worker waited for on a new connection: not ``ready`` (it may be
     gone), and the pool's health says how many are away and that their sessions' calls wait."""
