@@ -145,7 +145,7 @@ class StoreThread:
                         break
                     if more is None:
                         stop = True
-                    else:
+                    elif more is not _WAKE:
                         batch.append(more)
                 if batch:
                     self._round(batch)

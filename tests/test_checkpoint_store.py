@@ -337,3 +337,24 @@ def test_writes_on_the_routing_thread_while_the_store_file_is_deleted_again_and_
     finally:
         thread.close()  # (it looks a last time: the last deletion is written again too)
     assert CheckpointStore(path).load(SID).seq == acknowledged  # type: ignore[union-attr]
+
+
+def test_a_wake_queued_behind_a_job_is_no_write(short_tmp: str) -> None:
+    """A write on the routing thread wakes the sleeping store thread with a wake-up queued behind
+    whatever the thread was handed first: taken in the same round, it is no job and no write
+    (counted as one, the thread would seem to have writes for ever and the routing thread's next
+    inline write would fail)."""
+    store = CheckpointStore(os.path.join(short_tmp, "ck.sqlite"))
+    thread = StoreThread(store)
+    try:
+        for n in range(20):
+            wait_for(lambda: thread._asleep, what="the idle store thread asleep")
+            thread.submit(Job("load", (SID,)))  # wakes it; the wake-up below queues behind it
+            sid = f"{n:032d}"
+            thread.run_here([Job("open", (sid, "p", "", "w1", 1.0))])
+            wait_for(lambda: not thread.writing and select.select([thread.fileno()], [], [], 0.01)[0] != [],
+                     what="the load done and no write left")
+            thread.completed()
+            thread.run_here([Job("drop", (sid,))])
+    finally:
+        thread.close()
