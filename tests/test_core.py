@@ -653,10 +653,9 @@ def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessio
     assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
 
 
-def test_a_heartbeat_read_late_from_an_away_workers_old_connection_does_not_cut_its_wait() -> None:
-    """After a pause the broker reads what the old connection still held (a heartbeat sent
-    before the worker gave the broker up) after that connection's loss: the worker is still
-    waited for its renewal wait, not one silence limit from that heartbeat."""
+def _away_after_a_pause() -> tuple[StubCore, bytes]:
+    """Two workers; the one that ran a session's call lost its connection while the broker did
+    not run: it is away, waited for on a new connection."""
     core = two_workers("p:strict_queue")
     core.request(C, 1, "p", "s")
     w = core.worker_of(1) or b""
@@ -664,6 +663,14 @@ def test_a_heartbeat_read_late_from_an_away_workers_old_connection_does_not_cut_
     core.unreachable.add(w)
     _broker_paused(core)
     core.crash(w)
+    return core, w
+
+
+def test_a_heartbeat_read_late_from_an_away_workers_old_connection_does_not_cut_its_wait() -> None:
+    """After a pause the broker reads what the old connection still held (a heartbeat sent
+    before the worker gave the broker up) after that connection's loss: the worker is still
+    waited for its renewal wait, not one silence limit from that heartbeat."""
+    core, w = _away_after_a_pause()
     assert core.workers[w].away
     core.say(w, W_HEARTBEAT)  # from the old connection, read late
     core.silent.add(w)
@@ -678,13 +685,7 @@ def test_a_heartbeat_read_late_from_an_away_workers_old_connection_does_not_cut_
 def test_an_away_worker_is_shown_away_and_its_pool_degraded_until_it_is_back() -> None:
     """The operator's view of a worker waited for on a new connection: not ``ready`` (it may be
     gone), and the pool's health says how many are away and that their sessions' calls wait."""
-    core = two_workers("p:strict_queue")
-    core.request(C, 1, "p", "s")
-    w = core.worker_of(1) or b""
-    core.reply(w, C, 1)
-    core.unreachable.add(w)
-    _broker_paused(core)
-    core.crash(w)
+    core, w = _away_after_a_pause()
 
     def view() -> tuple[dict[bytes, str], Verdict]:
         pool = status(core.core, core.t)["pools"]["p"]
