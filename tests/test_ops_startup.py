@@ -14,7 +14,9 @@ and the dashboard both quote the last line of its log, the cause.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,27 +34,33 @@ pytestmark = [pytest.mark.slow]
 BROKEN = "cannot import name 'BaseLM' from 'dspy.clients' (a half-installed upgrade)"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[SupervisedStack]:
+WORKER = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
+
+
+@contextlib.contextmanager
+def shadowed_stack(package: str, init: str, conf: str) -> Iterator[SupervisedStack]:
+    """A supervised stack of ``conf`` whose triage_pool workers find ``package`` first on their
+    PYTHONPATH, its ``__init__`` being ``init``; stopped, and the package removed, after."""
     shadow = Path(short_tmpdir())
-    (shadow / "dspy").mkdir()
-    (shadow / "dspy" / "__init__.py").write_text(f"raise ImportError({BROKEN!r})\n")
-    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
-    conf = small_conf_text({"triage_pool": 1})
-    assert worker in conf
-    conf = conf.replace(worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}')
-    s = SupervisedStack(conf)
+    (shadow / package).mkdir()
+    (shadow / package / "__init__.py").write_text(init)
+    assert WORKER in conf
+    s = SupervisedStack(conf.replace(WORKER, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{WORKER}'))
     try:
-        s.start_foreground()
-        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 1,
-                 120, 0.1, "the worker registered, its process RUNNING")
         yield s
     finally:
         s.stop()
         s.cleanup()
-        (shadow / "dspy" / "__init__.py").unlink()
-        (shadow / "dspy").rmdir()
-        shadow.rmdir()
+        shutil.rmtree(shadow)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[SupervisedStack]:
+    with shadowed_stack("dspy", f"raise ImportError({BROKEN!r})\n", small_conf_text({"triage_pool": 1})) as s:
+        s.start_foreground()
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 1,
+                 120, 0.1, "the worker registered, its process RUNNING")
+        yield s
 
 
 @pytest.mark.timeout(180)
@@ -104,13 +112,7 @@ def test_pools_start_does_not_call_a_pool_ready_whose_workers_cannot_import_dspy
     """``pools start`` waits for the workers' dspy import and says what ``pools status`` says of
     the outcome: DEGRADED, exit 3, the worker and the import's error named; the same for a start
     that finds supervisord running."""
-    shadow = Path(short_tmpdir())
-    (shadow / "dspy").mkdir()
-    (shadow / "dspy" / "__init__.py").write_text(f"raise ImportError({BROKEN!r})\n")
-    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}).replace(
-        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
-    try:
+    with shadowed_stack("dspy", f"raise ImportError({BROKEN!r})\n", small_conf_text({"triage_pool": 1})) as s:
         res = dspexctl(s, "pools", "start", "--wait", "120")
         s.adopt_daemon()
         no_traceback(res)
@@ -127,12 +129,6 @@ def test_pools_start_does_not_call_a_pool_ready_whose_workers_cannot_import_dspy
         assert doc["pools"]["triage_pool"]["problems"] == [line.removeprefix("DEGRADED: triage_pool: ") + " (its log has the traceback)"], doc
         status = dspexctl(s, "pools", "status")
         assert status.returncode == 3 and line in status.stdout, status.stdout
-    finally:
-        s.stop()
-        s.cleanup()
-        (shadow / "dspy" / "__init__.py").unlink()
-        (shadow / "dspy").rmdir()
-        shadow.rmdir()
 
 
 @pytest.mark.timeout(180)
@@ -140,13 +136,8 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
     """A dspy whose import takes 6 s before it fails: meanwhile the registered worker is STARTING
     (exit 7, its -v row ``preparing``), not OK; ``pools start`` waits for the import's end and
     then says DEGRADED."""
-    shadow = Path(short_tmpdir())
-    (shadow / "dspy").mkdir()
-    (shadow / "dspy" / "__init__.py").write_text(f"import time\ntime.sleep(6)\nraise ImportError({BROKEN!r})\n")
-    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}).replace(
-        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
-    try:
+    slow_fail = f"import time\ntime.sleep(6)\nraise ImportError({BROKEN!r})\n"
+    with shadowed_stack("dspy", slow_fail, small_conf_text({"triage_pool": 1})) as s:
         s.start_foreground()
         wait_for(lambda: (s.processes(), s.status()["pools"]["triage_pool"]["workers"])[1], 60, 0.05,
                  "the worker registered")
@@ -166,12 +157,6 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
         no_traceback(start)
         assert start.returncode == 3 and "cannot import dspy" in start.stdout, start.stdout + start.stderr
         assert not s.status()["pools"]["triage_pool"]["workers"][0]["preparing"]
-    finally:
-        s.stop()
-        s.cleanup()
-        (shadow / "dspy" / "__init__.py").unlink()
-        (shadow / "dspy").rmdir()
-        shadow.rmdir()
 
 
 @pytest.mark.timeout(240)
@@ -179,16 +164,10 @@ def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> 
     """``workers recycle --all`` keeps the pool serving: the next worker retires only once the
     previous one's replacement can run calls, not as soon as it registered while its dspy import
     (here 4 s) still runs."""
-    shadow = Path(short_tmpdir())
-    (shadow / "dspy").mkdir()
-    slow = shadow / "dspy" / "__init__.py"
     # sleeps, then steps aside for the installed dspy, which the import of "dspy" then returns
-    slow.write_text("import sys, time\ntime.sleep(4)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
-                    "del sys.modules['dspy']\nimport dspy\n")
-    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
-    s = SupervisedStack(small_conf_text({"triage_pool": 2}).replace(
-        worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
-    try:
+    slow = ("import sys, time\ntime.sleep(4)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+            "del sys.modules['dspy']\nimport dspy\n")
+    with shadowed_stack("dspy", slow, small_conf_text({"triage_pool": 2})) as s:
         s.start_foreground()
         wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 2,
                  120, 0.1, "two workers ready")
@@ -207,25 +186,14 @@ def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> 
         out, err = roll.communicate(timeout=10)
         assert roll.returncode == 0, out + err
         assert fewest >= 1, "the pool had no worker able to run a call during the rolling recycle"
-    finally:
-        s.stop()
-        s.cleanup()
-        slow.unlink()
-        (shadow / "dspy").rmdir()
-        shadow.rmdir()
 
 
 @pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
-    shadow = Path(short_tmpdir())
-    (shadow / "msgpack").mkdir()
     missing = "libmsgpack.so.2: cannot open shared object file"
-    (shadow / "msgpack" / "__init__.py").write_text(f"raise ImportError({missing!r})\n")
     cause = f"ImportError: {missing}"
-    worker = 'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool triage_pool'
     conf = small_conf_text({"triage_pool": 1}, startretries=2)
-    s = SupervisedStack(conf.replace(worker, f'environment = PYTHONPATH="{shadow}:{REPO}"\n{worker}'))
-    try:
+    with shadowed_stack("msgpack", f"raise ImportError({missing!r})\n", conf) as s:
         s.start_foreground()
         wait_for(lambda: [p["statename"] for p in s.processes() if p["group"] == "triage_pool"] == ["FATAL"],
                  60, 0.2, "supervisord giving up on the worker")
@@ -243,9 +211,3 @@ def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_an
 
         reasons = wait_for(dashboard, 20, 0.2, "the dashboard's DOWN")
         assert line in reasons, reasons
-    finally:
-        s.stop()
-        s.cleanup()
-        (shadow / "msgpack" / "__init__.py").unlink()
-        (shadow / "msgpack").rmdir()
-        shadow.rmdir()
