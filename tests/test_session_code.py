@@ -689,6 +689,48 @@ def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fr
     s.close()
 
 
+TWO_LMS = '''
+import dspy
+from dspy.utils import DummyLM
+
+LM_A = DummyLM([{"answer": f"A{i}"} for i in range(10)])
+LM_B = DummyLM([{"answer": f"B{i}"} for i in range(10)])
+
+
+def answer(question):
+    return dspy.Predict("question -> answer")(question=question).answer
+
+
+def configured():
+    return "A" if dspy.settings.lm is LM_A else "B" if dspy.settings.lm is LM_B else None
+'''
+
+
+def test_module_global_lms_configured_on_the_client_keep_their_state(dx: dspex.Client, usercode: Any,
+                                                                      fresh_settings: None,
+                                                                      misses: list[bool]) -> None:
+    """DSPy's docs: ``lm = dspy.LM(...)`` at the top of the script, ``dspy.configure(lm=lm)``, a
+    ``dspy.context(lm=other)`` around some calls. Each LM is one object in the session, sent with
+    the first call that uses it (no cache miss), and keeps its state when the settings switch
+    back and forth, as in-process (a DummyLM answers in sequence)."""
+
+    def calls(run: Callable[..., Any], mod: types.ModuleType) -> list[str]:
+        dspy.configure(lm=mod.LM_A)
+        out = [run(mod.answer, "q")]
+        with dspy.context(lm=mod.LM_B):
+            out += [run(mod.answer, "q"), run(mod.answer, "q")]
+        out.append(run(mod.answer, "q"))
+        with dspy.context(lm=mod.LM_B):
+            out += [run(mod.answer, "q"), run(mod.configured)]
+        return [*out, run(mod.configured)]  # the setting is the global the program reads
+
+    expected = calls(lambda fn, *args: fn(*args), usercode(TWO_LMS))
+    assert expected == ["A0", "B0", "B1", "A1", "B2", "B", "A"]
+    with dx.session("p") as s:
+        assert calls(s.run, usercode(TWO_LMS)) == expected
+    assert misses == []
+
+
 def test_a_ref_in_the_client_settings_is_the_worker_object(dx: dspex.Client, usercode: Any,
                                                           fresh_settings: None) -> None:
     """An LM kept on the worker (``s.put``, or read back as a ref) and configured on the client is

@@ -292,6 +292,12 @@ class SessionPickler(byvalue.SourcePickler):
                 return None
             msg.used.add(key)
             return key
+        new = msg.new_keys.get(id(obj))
+        if new is not None and new[0] is obj and new[1] in msg.defined:
+            # defined by this request under its own key (a client setting that is also a module
+            # global: ``LM = dspy.LM(...)``, ``dspy.configure(lm=LM)``): bound as the global, it
+            # would refer to that key before the definition loaded
+            return None
         found = self._module_globals().get(id(obj))
         if found is None or found[2] is not obj:
             return None
