@@ -25,6 +25,7 @@ from dspex.wire.errors import Cancelled, DspexError
 from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
+from worker.dspy_settings import claim_configure
 from worker.remote_errors import remote_error
 
 log = logging.getLogger("dspex.worker")
@@ -196,6 +197,7 @@ def resolve_awaitable(result: Any) -> Any:
         return result
     while inspect.isawaitable(result):
         async def wait(aw: Any = result) -> Any:
+            claim_configure()
             return await aw
 
         result = _run(wait())
@@ -228,6 +230,7 @@ def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
 
 
 async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
+    claim_configure()
     count = 0
     iterator = result.__aiter__()
     try:
