@@ -27,7 +27,7 @@ from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
-from dspex.client.sendsettings import settings_ext
+from dspex.client.sendsettings import client_settings, settings_ext
 from dspex.client.sessionpickle import Message
 from dspex.wire import codec
 from dspex.wire.codec import Policy
@@ -110,8 +110,9 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         flags = 0
     else:
         msg = Message(sender or _SESSIONLESS, full=full)
+        client = client_settings(msg)
         if sender is not None and spec is not None:
-            body = as_module_globals(msg.cache, BODY_NAMES[op], body)
+            body = as_module_globals(msg.cache, BODY_NAMES[op], body, client[0])
         repeats = codec.Repeats()
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg, repeats=repeats)
         if repeats.seen or _repeated_argument(body, BODY_NAMES.get(op, ())):
@@ -120,7 +121,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             msg = Message(msg.cache, full=full)
             frames = [codec.packb(codec.session_ext(msg, body))]
         context: dict[str, Any] = {}
-        settings = settings_ext(msg, codec.session_ext)
+        settings = settings_ext(msg, codec.session_ext, client)
         if settings is not None:
             context["dspy"] = settings
             if msg.pinned:

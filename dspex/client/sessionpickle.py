@@ -399,6 +399,8 @@ class SessionPickler(byvalue.SourcePickler):
         return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
 
     def _value(self, value: _Value) -> Any:
+        if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
+            value = _Value(self.msg.key(value.obj), value.obj)
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
