@@ -47,6 +47,7 @@ class StreamControl:
         self._cond = threading.Condition()
         self.credit = window
         self.cancelled = False
+        self.gone = False  # the consumer stopped acknowledging: nothing more is sent
         self.stall_timeout = stall_timeout
         self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
@@ -84,12 +85,16 @@ class StreamControl:
             try:
                 if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
                     log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
-                    self.cancelled = True
+                    self.cancelled = self.gone = True
             finally:
                 self._awaiting_credit = False
             if self.cancelled:
-                return False
-            self.credit -= 1
+                if kind != _OUTPUT or self.gone:
+                    return False
+                # what the producer prints while it stops (its finally blocks) goes without credit:
+                # a consumer that closed the stream waits for its end and shows it, as in-process
+            else:
+                self.credit -= 1
         with limits.protected():  # a soft time limit must never cut a multipart reply in two
             self._emit(kind, frames)
         return True
@@ -97,14 +102,17 @@ class StreamControl:
     def offer(self, kind: str, frames: list[Any], on_credit: Callable[[], None]) -> bool:
         """Send only if credit allows it now (never wait: the thread that reads the credit may be
         the one sending); False if not sent, and ``on_credit`` runs when credit comes. A cancelled
-        stream takes nothing more: True."""
+        stream sends without credit (what its producer prints while it stops), and once its
+        consumer went away takes nothing more: True."""
         with self._cond:
             if self.cancelled:
-                return True
-            if self.credit <= 0:
+                if self.gone:
+                    return True
+            elif self.credit <= 0:
                 self._on_credit = on_credit
                 return False
-            self.credit -= 1
+            else:
+                self.credit -= 1
         with limits.protected():
             self._emit(kind, frames)
         return True

@@ -352,6 +352,32 @@ def test_async_streams_stop_and_leave_the_session_serving(arun: AsyncRunner) -> 
     assert arun.check(main) == ([0, 1, 2], [0, 1, 2], [0, 1, 2], "one two three", True, "Prediction")
 
 
+async def numbers_with_cleanup(n):
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+    finally:
+        print("cleaned up")
+
+
+def test_what_an_async_stream_prints_while_it_stops_reaches_the_client(arun: AsyncRunner,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An async generator's ``finally`` prints when ``aclose()`` stops it (``contextlib.aclosing``
+    around the loop): the line shows on the client's stdout before ``aclose`` returns."""
+
+    async def main(arun: AsyncRunner) -> Any:
+        items = []
+        async with contextlib.aclosing(await stream_of(arun, numbers_with_cleanup, 1000)) as stream:
+            async for x in stream:
+                items.append(x)
+                if x == 2:
+                    break
+        return items, capsys.readouterr().out
+
+    assert arun.go(main) == ([0, 1, 2], "cleaned up\n")
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 class LookupFailed(Exception):
