@@ -7,6 +7,7 @@ workers run in an empty working directory: they reach that code only by value.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -729,6 +730,55 @@ def test_module_global_lms_configured_on_the_client_keep_their_state(dx: dspex.C
     with dx.session("p") as s:
         assert calls(s.run, usercode(TWO_LMS)) == expected
     assert misses == []
+
+
+CONTEXT_VARS = '''
+import contextvars
+import threading
+
+REQUEST_ID = contextvars.ContextVar("request_id", default="none")
+
+
+def current():
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(REQUEST_ID.get()))  # a thread the call starts
+    thread.start()
+    thread.join()
+    return REQUEST_ID.get(), seen[0]
+
+
+def set_inside(value):
+    REQUEST_ID.set(value)
+    return REQUEST_ID.get()
+'''
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+def test_a_context_variable_of_the_users_code_travels_with_each_call(dx: dspex.Client, usercode: Any,
+                                                                     durable: bool) -> None:
+    """A ``ContextVar`` at the top of the user's module is one variable of the session; each call
+    sees the value the calling thread's context holds (the default where it is unset), and what
+    a call sets stays in that call. In a durable session the variable itself is not durable (a
+    ``NotDurableWarning``; made again from the client's after a move), and works the same."""
+    mod = usercode(CONTEXT_VARS)
+    warned = pytest.warns(dspex.NotDurableWarning, match="_contextvars.ContextVar") if durable else contextlib.nullcontext()
+    token = mod.REQUEST_ID.set("r-1")
+    try:
+        in_process = mod.current()  # (a thread starts with an empty context: the default)
+    finally:
+        mod.REQUEST_ID.reset(token)
+    assert in_process == ("r-1", "none")
+    with warned, dx.session("p", durable=durable) as s:
+        assert s.run(mod.current) == ("none", "none")
+        token = mod.REQUEST_ID.set("r-1")
+        try:
+            assert s.run(mod.current) == in_process
+            assert dx.submit(s.run, mod.current).result(30) == ("none", "none")  # another thread's context
+            assert s.run(mod.set_inside, "inside") == "inside"
+            assert mod.REQUEST_ID.get() == "r-1" and s.run(mod.current) == in_process
+        finally:
+            mod.REQUEST_ID.reset(token)
+        assert s.run(mod.current) == ("none", "none")
 
 
 def test_a_ref_in_the_client_settings_is_the_worker_object(dx: dspex.Client, usercode: Any,

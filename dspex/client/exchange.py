@@ -126,6 +126,9 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             context["dspy"] = settings
             if msg.pinned:
                 context["pinned"] = msg.pinned
+        values = msg.cache.context_values(msg) if sender is not None else None
+        if values:  # the user's ContextVars as the calling task sees them
+            context["vars"] = codec.session_ext(msg, values)
         if usage:
             context["usage"] = True
         if lms is not None and sender is not None:

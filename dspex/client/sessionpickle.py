@@ -27,6 +27,7 @@ The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on t
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import io
@@ -406,6 +407,8 @@ class SessionPickler(byvalue.SourcePickler):
         self.msg.defined.add(value.key)
         if type(value.obj) in _NOT_HELD:
             return codestore._load_value, (value.key, value.obj)
+        if type(value.obj) is contextvars.ContextVar:  # a variable, not its value: that goes per call
+            return codestore._load_context_var, (value.key, value.obj.name, *_default_of(value.obj))
         if self._defining == 0 and self.msg.trusted:
             self.persistent_id = self._held_id
         self._defining += 1  # until the _EndOfValue after it
@@ -458,6 +461,14 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
                 out = dict(values)
             out[k] = ModuleGlobal(module, name, value)
     return out
+
+
+def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
+    """``(default,)`` of a ContextVar made with one, else ``()`` (what it gives where it is unset)."""
+    try:
+        return (contextvars.Context().run(variable.get),)
+    except LookupError:
+        return ()
 
 
 def _transient_dumps(obj: Any) -> object:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -207,6 +208,38 @@ def test_contexts_of_concurrent_tasks_do_not_bleed(arun: AsyncRunner) -> None:
     got = arun.check(main)
     assert [sorted(a[0] for a in got), sorted(a[2] for a in got)] == [["A0", "B0"], ["A1", "B1"]]
     assert sorted(x for a in got for x in (a[1], a[3])) == ["top0", "top1", "top2", "top3"]
+
+
+# -- the user's own context variables ------------------------------------------------------------
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+
+
+async def handle(question):
+    async def child() -> str:  # a task the call starts copies the call's context
+        await asyncio.sleep(0.01)
+        return REQUEST_ID.get()
+
+    return question, REQUEST_ID.get(), TENANT.get("no tenant"), await asyncio.create_task(child())
+
+
+def test_context_variables_of_the_users_code_travel_with_each_call(arun: AsyncRunner) -> None:
+    """A web service's request-scoped ``ContextVar`` (a request id set by a middleware, per task):
+    each call sees the value its awaiting task holds, concurrent tasks their own, and a call from a
+    context where it is unset sees its default, as ``await handle(...)`` does in-process."""
+
+    async def request(arun: AsyncRunner, rid: str, question: str) -> Any:
+        REQUEST_ID.set(rid)
+        TENANT.set(f"tenant of {rid}")
+        return await arun(handle, question)
+
+    async def main(arun: AsyncRunner) -> Any:
+        served = await asyncio.gather(request(arun, "r1", "a"), request(arun, "r2", "b"))
+        return served, await arun(handle, "c")
+
+    assert arun.check(main) == ([("a", "r1", "tenant of r1", "r1"), ("b", "r2", "tenant of r2", "r2")],
+                                ("c", "none", "no tenant", "none"))
 
 
 # -- callbacks and usage configured on the client ------------------------------------------------
