@@ -81,6 +81,42 @@ def test_acall_gather_asyncify_wait_for_and_aforward(arun: AsyncRunner) -> None:
     assert arun.check(main) == ["a0", ["a1", "a2", "a3"], "a4", "a5", "A6"]
 
 
+async def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    await asyncio.sleep(0.01)
+    return f"sunny in {city}"
+
+
+async def react_with_an_async_tool(question):
+    """DSPy docs "Tools" (async tools): ReAct awaited with ``acall``, its tool an ``async def``."""
+    agent = dspy.ReAct("question -> answer", tools=[get_weather])
+    prediction = await agent.acall(question=question)
+    return prediction.answer, prediction.trajectory
+
+
+async def parallel_inside_async(questions):
+    """``dspy.Parallel`` (threads) called from an ``async def``: its jobs see the caller's LM."""
+    predict = dspy.Predict("question -> answer")
+    jobs = [(predict, dspy.Example(question=q).with_inputs("question")) for q in questions]
+    return sorted(p.answer for p in dspy.Parallel(num_threads=2)(jobs))
+
+
+def test_react_with_async_tools_and_parallel(arun: AsyncRunner) -> None:
+    async def main(arun: AsyncRunner) -> Any:
+        dspy.configure(lm=DummyLM([
+            {"next_thought": "look it up", "next_tool_name": "get_weather", "next_tool_args": {"city": "Paris"}},
+            {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+            {"reasoning": "it is sunny", "answer": "sunny"},
+        ]))
+        react = await arun(react_with_an_async_tool, "Weather in Paris?")
+        with dspy.context(lm=DummyLM([{"answer": "p"}] * 4)):
+            parallel = await arun(parallel_inside_async, ["a", "b", "c"])
+        return react, parallel
+
+    (answer, trajectory), parallel = arun.check(main)
+    assert answer == "sunny" and trajectory["observation_0"] == "sunny in Paris" and parallel == ["p", "p", "p"]
+
+
 # -- DSPy's tests/utils/test_settings.py ---------------------------------------------------------
 
 async def dspy_context_with_async_task_group():
