@@ -22,7 +22,6 @@ import pytest
 from dspy.utils.callback import BaseCallback
 from dspy.utils.dummies import DummyLM
 
-import dspex
 from tests.conformance.harness import INPROCESS, AsyncRunner
 
 pytestmark = pytest.mark.timeout(180)
@@ -580,12 +579,3 @@ def test_one_session_from_two_tasks(arun: AsyncRunner) -> None:
 
     assert arun.check(main) == ([1, 2, 3, 4, 5, 6], ["a0", "a1", "a2", "b0", "b1", "b2"])
 
-
-def test_an_async_session_is_a_dspex_aio_session(arun: AsyncRunner) -> None:
-    if arun.mode == INPROCESS:
-        pytest.skip("the session's own type")
-
-    async def main(arun: AsyncRunner) -> Any:
-        return type(arun.s)  # type: ignore[attr-defined]
-
-    assert arun.go(main) is dspex.aio.AsyncSession
