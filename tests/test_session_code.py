@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -776,6 +777,15 @@ def test_a_context_variable_of_the_users_code_travels_with_each_call(dx: dspex.C
             assert dx.submit(s.run, mod.current).result(30) == ("none", "none")  # another thread's context
             assert s.run(mod.set_inside, "inside") == "inside"
             assert mod.REQUEST_ID.get() == "r-1" and s.run(mod.current) == in_process
+        finally:
+            mod.REQUEST_ID.reset(token)
+        assert s.run(mod.current) == ("none", "none")
+        token = mod.REQUEST_ID.set(threading.Lock())  # a value that cannot travel: named, nothing sent
+        try:
+            with pytest.raises(dspex.EncodeError, match="value of the context variable 'request_id' "
+                                                        r"\(_thread.lock\)") as info:
+                s.run(mod.current)
+            assert info.value.details["context_var"] == "request_id"
         finally:
             mod.REQUEST_ID.reset(token)
         assert s.run(mod.current) == ("none", "none")

@@ -22,13 +22,13 @@ from typing import Any, NoReturn
 import msgpack
 import zmq
 
-from dspex.client import output
+from dspex.client import output, senderrors
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
 from dspex.client.sendsettings import client_settings, settings_ext
-from dspex.client.sessionpickle import Message
+from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
@@ -37,6 +37,7 @@ from dspex.wire.errors import (
     CodeCacheMiss,
     ConnectionLost,
     DspexError,
+    EncodeError,
     MessageTooLarge,
     MissingModule,
     ProtocolError,
@@ -126,9 +127,12 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             context["dspy"] = settings
             if msg.pinned:
                 context["pinned"] = msg.pinned
-        values = msg.cache.context_values(msg) if sender is not None else None
-        if values:  # the user's ContextVars as the calling task sees them
-            context["vars"] = codec.session_ext(msg, values)
+        variables = msg.cache.context_values(msg) if sender is not None else None
+        if variables:  # the user's ContextVars as the calling task sees them
+            try:
+                context["vars"] = codec.session_ext(msg, {key: value for key, (_, value) in variables.items()})
+            except EncodeError as err:
+                raise senderrors.context_value_error(list(variables.values()), err, _transient_dumps) from None
         if usage:
             context["usage"] = True
         if lms is not None and sender is not None:

@@ -239,15 +239,15 @@ class SendCache:
         self.context_vars.pop(key, None)
         self.drops.append(key)
 
-    def context_values(self, msg: Encoded) -> dict[str, Any]:
-        """{key: value} of the user's ContextVars the worker holds once ``msg`` is sent, for those
-        set in the calling thread's or task's context: the call runs with them set."""
+    def context_values(self, msg: Encoded) -> dict[str, tuple[Any, Any]]:
+        """{key: (variable, value)} of the user's ContextVars the worker holds once ``msg`` is
+        sent, for those set in the calling thread's or task's context: the call runs with them set."""
         found = {key: var for key, var in self.context_vars.items() if key in self.sent or key in msg.defined} \
             if self.context_vars else {}
         found.update((key, obj) for obj, key in msg.new_keys.values()
                      if key in msg.defined and type(obj) is contextvars.ContextVar)
-        values = {key: var.get(_MISSING) for key, var in found.items()}
-        return {key: value for key, value in values.items() if value is not _MISSING}
+        values = {key: (var, var.get(_MISSING)) for key, var in found.items()}
+        return {key: item for key, item in values.items() if item[1] is not _MISSING}
 
     def held_lms(self, msg: Encoded) -> dict[str, Any]:
         """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose
