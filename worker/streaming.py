@@ -48,6 +48,7 @@ class StreamControl:
         self.credit = window
         self.cancelled = False
         self.gone = False  # the consumer stopped acknowledging: nothing more is sent
+        self._stopping_output = window  # output events sent without credit once cancelled
         self.stall_timeout = stall_timeout
         self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
@@ -89,10 +90,11 @@ class StreamControl:
             finally:
                 self._awaiting_credit = False
             if self.cancelled:
-                if kind != _OUTPUT or self.gone:
+                # what the producer prints while it stops (its finally blocks) goes without credit,
+                # up to one window: a consumer that closed the stream waits for its end and shows it
+                if kind != _OUTPUT or self.gone or self._stopping_output <= 0:
                     return False
-                # what the producer prints while it stops (its finally blocks) goes without credit:
-                # a consumer that closed the stream waits for its end and shows it, as in-process
+                self._stopping_output -= 1
             else:
                 self.credit -= 1
         with limits.protected():  # a soft time limit must never cut a multipart reply in two
@@ -102,12 +104,13 @@ class StreamControl:
     def offer(self, kind: str, frames: list[Any], on_credit: Callable[[], None]) -> bool:
         """Send only if credit allows it now (never wait: the thread that reads the credit may be
         the one sending); False if not sent, and ``on_credit`` runs when credit comes. A cancelled
-        stream sends without credit (what its producer prints while it stops), and once its
-        consumer went away takes nothing more: True."""
+        stream sends up to a window without credit (what its producer prints while it stops), and
+        once its consumer went away takes nothing more: True."""
         with self._cond:
             if self.cancelled:
-                if self.gone:
+                if self.gone or self._stopping_output <= 0:
                     return True
+                self._stopping_output -= 1
             elif self.credit <= 0:
                 self._on_credit = on_credit
                 return False
