@@ -220,3 +220,8 @@ class AsyncThroughSession(AsyncRunner):
         assert as_data(got) == as_data(expected), \
             f"through a session the program gave another result than in-process: {got!r} != {expected!r}"
         return got
+
+
+def dspy_test_id(test: Callable[..., Any]) -> str:
+    """The pytest id of a DSPy test function copied here as ``dspy_test_*``: DSPy's own name."""
+    return test.__name__.removeprefix("dspy_")
