@@ -13,10 +13,8 @@ triage_pool sections, one worker).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,24 +22,16 @@ import pytest
 
 import dspex
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, small_stack
 from tests.test_dashboard import browser, rows  # noqa: F401 - the fixture, for the page's test
-from tests.test_ops_python import small_conf_text
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}))
-    try:
-        s.start_foreground()
-        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 1}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def replaced(stack: SupervisedStack, gone: int) -> None:
@@ -57,12 +47,7 @@ def replaced(stack: SupervisedStack, gone: int) -> None:
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status")
-    no_traceback(doc)
-    no_traceback(text)
-    assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
-    return doc.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack)
 
 
 def crash_of(events: list[dict[str, Any]], pid: int) -> dict[str, Any]:
@@ -72,8 +57,7 @@ def crash_of(events: list[dict[str, Any]], pid: int) -> dict[str, Any]:
 
 
 def dashboard_events(stack: SupervisedStack) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return list(json.loads(resp.read())["events"])
+    return list(dashboard_status(stack)["events"])
 
 
 @pytest.mark.timeout(180)
@@ -148,3 +132,4 @@ def test_a_worker_stuck_in_c_code_past_its_hard_limit_is_named_so(stack: Supervi
     assert [(e["event"], e["why"]) for e in left] == [("recycle", "was recycled at a call's hard time limit")], left
     assert [(e["event"], e["why"]) for e in dashboard_events(stack) if e.get("pid") == victim
             and e["event"] != "start"] == [("recycle", "was recycled at a call's hard time limit")]
+

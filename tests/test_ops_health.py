@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +21,7 @@ import pytest
 import dspex
 from dspex.stack.supervisor import pid_alive
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
-from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, dspexctl, no_traceback, small_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -33,33 +30,16 @@ WINDOW = 15
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 2}, triage_pool={"health_window": str(WINDOW)}))
-    try:
-        s.start_foreground()
-
-        def ready() -> bool:
-            s.processes()
-            return len(s.ready("triage_pool")) == 2
-
-        wait_for(ready, 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 2}, triage_pool={"health_window": str(WINDOW)}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status", "-v")
-    no_traceback(doc)
-    no_traceback(text)
-    assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
-    return doc.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack, "-v")
 
 
 def dashboard_state(stack: SupervisedStack) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return str(json.loads(resp.read())["pools"]["triage_pool"]["state"])
+    return str(dashboard_status(stack)["pools"]["triage_pool"]["state"])
 
 
 def pinned_sessions(dx: dspex.Client, n: int) -> list[dspex.Session]:

@@ -10,19 +10,15 @@ call then runs (it never timed out), and the pool is OK (exit 0) with no failure
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
-from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, small_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -31,27 +27,16 @@ QUEUE_TIMEOUT = 8
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}, triage_pool={"queue_timeout": str(QUEUE_TIMEOUT)}))
-    try:
-        s.start_foreground()
-        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 1}, triage_pool={"queue_timeout": str(QUEUE_TIMEOUT)}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status")
-    no_traceback(doc)
-    no_traceback(text)
-    return text.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack, same_exit=False)
 
 
 def dashboard(stack: SupervisedStack) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return dict(json.loads(resp.read())["pools"]["triage_pool"])
+    return dict(dashboard_status(stack)["pools"]["triage_pool"])
 
 
 @pytest.mark.timeout(120)
