@@ -20,6 +20,7 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from tests.harness import REPO, wait_for
 from tests.harness.procs import short_tmpdir
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
+from tests.test_dashboard import browser, rows  # noqa: F401 - the fixture, for the page's test
 from tests.test_ops_python import small_conf_text
 
 pytestmark = [pytest.mark.slow]
@@ -157,6 +159,33 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
         no_traceback(start)
         assert start.returncode == 3 and "cannot import dspy" in start.stdout, start.stdout + start.stderr
         assert not s.status()["pools"]["triage_pool"]["workers"][0]["preparing"]
+
+
+@pytest.mark.timeout(180)
+def test_the_dashboard_shows_a_worker_still_importing_dspy_as_preparing_then_ready(browser: Any) -> None:  # noqa: F811
+    """In a real browser: while its dspy import runs (8 s here), the registered worker's row says
+    ``preparing`` in the colour of a start, the pool is STARTING with 0 of 1 ready; once the import is
+    over, ``ready`` and OK, without a reload."""
+    slow = ("import sys, time\ntime.sleep(8)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+            "del sys.modules['dspy']\nimport dspy\n")
+    with shadowed_stack("dspy", slow, small_conf_text({"triage_pool": 1})) as s:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), s.status()["pools"]["triage_pool"]["workers"])[1], 60, 0.05,
+                 "the worker registered")
+        browser.get(f"http://127.0.0.1:{s.metrics_port}/")
+
+        def worker_row() -> dict[str, str] | None:
+            return next((r for r in rows(browser, "workers") if r.get("incarnation")), None)
+
+        row = wait_for(worker_row, 30, 0.1, "the registered worker's row")
+        (pool,) = rows(browser, "pools")
+        assert s.status()["pools"]["triage_pool"]["workers"][0]["preparing"], "make the shadow dspy slower"
+        assert (row["td_wstate"], row["colour"]) == ("preparing", "starting"), row
+        assert (pool["state"], pool["td_ready"]) == ("starting", "0 / 1"), pool
+        wait_for(lambda: (r := worker_row()) is not None and (r["td_wstate"], r["colour"]) == ("ready", "ok"), 60, 0.2,
+                 "the row ready once the import is over")
+        wait_for(lambda: [(p["state"], p["td_ready"]) for p in rows(browser, "pools")] == [("ok", "1 / 1")], 30, 0.2,
+                 "the pool OK")
 
 
 @pytest.mark.timeout(240)
