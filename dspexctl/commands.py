@@ -21,7 +21,7 @@ import dspex
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
 from dspex.client.routing import broker_keys
-from dspex.stack.health import State, is_here, worker_problems
+from dspex.stack.health import State, is_here, silent_pids, worker_problems
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
@@ -48,7 +48,7 @@ EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
 EXIT_DOWN = 5  # pools status: a pool has no ready worker
 EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
 EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
-EXIT_TIMEOUT = 8  # the broker or supervisord is there but did not answer within --timeout
+EXIT_TIMEOUT = 8  # the broker or supervisord did not answer within --timeout, or a --wait ran out
 # a state's code: pools status, and pools start/restart for the pools they started
 EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
@@ -230,6 +230,26 @@ def unregistered_worker(sup: Supervisor, pool: str, pid: str, status: dict[str, 
     return [{"incarnation": incarnation, "id": incarnation[:8], "pid": procs[0]["pid"]}]
 
 
+class NothingToRecycle(DspexError):
+    """``workers recycle`` of a pool the broker lists no worker of: nothing to ask to leave."""
+
+    code = "nothing_to_recycle"
+
+
+def nothing_to_recycle(pool: str, sup: Supervisor | None, status: dict[str, Any]) -> str:
+    """Why ``workers recycle POOL`` has no target, and what ends the processes of the pool that
+    supervisord still runs while the broker dropped them for silence (wedged): ``--hard``."""
+    silent = silent_pids(e for e in status.get("events") or [] if is_here(e))
+    wedged = [p for p in (sup.processes() if sup is not None else [])
+              if p["group"] == pool and p["statename"] == "RUNNING" and p["pid"] in silent]
+    if not wedged:
+        return f"pool {pool} has no ready worker to recycle (dspexctl pools status {pool} says why)"
+    return f"pool {pool} has no ready worker to recycle: " + "; ".join(
+        f"{full_name(p)} (pid {p['pid']}) stopped answering heartbeats {fmt_duration(time.time() - silent[p['pid']])} "
+        "ago (wedged, in a call that holds the GIL?) and cannot hear a graceful recycle: "
+        f"dspexctl workers recycle {pool} --worker {p['pid']} --hard kills it" for p in wedged)
+
+
 class WorkersRecycle:
     interrupted = "the broker goes on with the recycle (dspexctl pools status -v follows it)"
     def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
@@ -267,7 +287,7 @@ class WorkersRecycle:
                         raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
                                        + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
                 elif not before:
-                    raise DspexError(f"pool {pool} has no ready worker to recycle (dspexctl pools status {pool} says why)")
+                    raise NothingToRecycle(nothing_to_recycle(pool, sup, status))
                 elif req["all"]:
                     targets = list(before)
                 else:  # the oldest, as the broker picks
@@ -320,7 +340,7 @@ class WorkersRecycle:
                     raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is no longer a process of this "
                                           f"supervisord ({sup.conf.path})")
                 progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
-                sup.signal(full_name(proc), "KILL")
+                sup.kill(full_name(proc), w["pid"])
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
                                                 {w["incarnation"]}, size, deadline)
         out = []

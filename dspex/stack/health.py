@@ -94,7 +94,8 @@ def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
 
 
 # -- how a crashed worker ended -------------------------------------------------------------------
-# a SIGKILL nobody in dspex sent: the kernel's OOM killer is the usual sender in production
+# a SIGKILL nobody in dspex sent (dspexctl's own kills are named: Supervisor.kill): the kernel's OOM
+# killer is the usual sender in production
 _HINTS = {"terminated by SIGKILL": "out of memory? the kernel's OOM killer sends SIGKILL: see dmesg"}
 
 
@@ -116,8 +117,10 @@ def last_crash(events: Iterable[Mapping[str, Any]], pool: str, now: float | None
         return ""
     e = max(crashes, key=lambda e: float(e.get("time") or 0))
     ago = fmt_window(max(0.0, (time.time() if now is None else now) - float(e.get("time") or 0)))
-    how = str(e.get("exit") or e.get("why") or "")
-    hint = next((f" ({h})" for prefix, h in _HINTS.items() if how.startswith(prefix)), "")
+    why, end = str(e.get("why") or ""), str(e.get("exit") or "")
+    # a wedged worker that was then killed: both, in their order
+    how = f"{why}, then {end}" if why == SILENT and end else end or why
+    hint = f" ({_HINTS[end]})" if end in _HINTS else ""
     who = f"worker {str(e.get('worker') or '?')[:8]} (pid {e.get('pid')})"
     return f"{who} {ago} ago" + (f": {how}{hint}" if how else "")
 
