@@ -217,6 +217,47 @@ def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> 
         assert fewest >= 1, "the pool had no worker able to run a call during the rolling recycle"
 
 
+@pytest.mark.timeout(240)
+def test_status_during_a_rolling_recycle_says_a_recycle_is_replacing_the_workers() -> None:
+    """While ``workers recycle --all`` waits for a replacement's dspy import (4 s here), the pool is
+    STARTING (exit 7) and its line says why, naming the worker being replaced: not a start out of
+    nowhere. The dashboard says the same."""
+    slow = ("import sys, time\ntime.sleep(4)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+            "del sys.modules['dspy']\nimport dspy\n")
+    with shadowed_stack("dspy", slow, small_conf_text({"triage_pool": 2})) as s:
+        s.start_foreground()
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 2,
+                 120, 0.1, "two workers ready")
+        old = {w["incarnation"][:8] for w in s.ready("triage_pool")}
+        import subprocess
+        import sys
+
+        env = dict(s.env)
+        env.pop("DSPEX_SUPERVISOR_CONF", None)
+        roll = subprocess.Popen([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool", "--all"],
+                                cwd=s.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def starting() -> str | None:
+                res = dspexctl(s, "pools", "status")
+                no_traceback(res)
+                return res.stdout if res.returncode == 7 else None
+
+            text = wait_for(starting, 60, 0.1, "pools status STARTING during the roll")
+            line = next(ln for ln in text.splitlines() if ln.startswith("STARTING: triage_pool"))
+            assert "a recycle replaces worker" in line and line.rstrip(")").split()[-1] in old, line
+
+            def dashboard_starting() -> list[str] | None:
+                with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/api/status", timeout=10) as resp:
+                    pool = json.loads(resp.read())["pools"]["triage_pool"]
+                return pool["reasons"] if pool["state"] == "starting" else None
+
+            reasons = wait_for(dashboard_starting, 30, 0.1, "the dashboard's STARTING during the roll")
+            assert any("a recycle replaces worker" in r for r in reasons), reasons
+        finally:
+            out, err = roll.communicate(timeout=120)
+        assert roll.returncode == 0, out + err
+
+
 @pytest.mark.timeout(180)
 def test_a_worker_that_dies_at_every_start_is_fatal_with_its_cause_in_the_cli_and_the_dashboard() -> None:
     missing = "libmsgpack.so.2: cannot open shared object file"
