@@ -369,7 +369,11 @@ class WorkersRecycle:
             ready = sum(1 for w in workers if w["state"] != "draining" and not w.get("preparing"))
             if gone == targets and len(seen) >= len(targets) and ready >= size:
                 return sorted(seen.values(), key=lambda w: w["seen"])
-            line = f"waiting: {len(gone)}/{len(targets)} retired, {len(seen)}/{len(targets)} replacements ready"
+            # a target still running calls retires only once they end (up to the pool's drain_timeout)
+            busy = [f"{w['id']} finishes its {w['inflight']} running call(s) first" for w in workers
+                    if w["incarnation"] in targets and w["inflight"]]
+            line = (f"waiting: {len(gone)}/{len(targets)} retired" + (f" ({'; '.join(busy)})" if busy else "")
+                    + f", {len(seen)}/{len(targets)} replacements ready")
             if line != last:
                 progress(line)
                 last = line
