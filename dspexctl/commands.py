@@ -236,18 +236,14 @@ class NothingToRecycle(DspexError):
     code = "nothing_to_recycle"
 
 
-def nothing_to_recycle(pool: str, sup: Supervisor | None, status: dict[str, Any]) -> str:
-    """Why ``workers recycle POOL`` has no target, and what ends the processes of the pool that
-    supervisord still runs while the broker dropped them for silence (wedged): ``--hard``."""
+def wedged(pool: str, sup: Supervisor | None, status: dict[str, Any]) -> list[str]:
+    """The processes of ``pool`` that supervisord still runs while the broker dropped them for
+    silence, each as ``pools status`` names it, with the command that ends it."""
+    from dspexctl.diagnose import silent_process
+
     silent = silent_pids(e for e in status.get("events") or [] if is_here(e))
-    wedged = [p for p in (sup.processes() if sup is not None else [])
-              if p["group"] == pool and p["statename"] == "RUNNING" and p["pid"] in silent]
-    if not wedged:
-        return f"pool {pool} has no ready worker to recycle (dspexctl pools status {pool} says why)"
-    return f"pool {pool} has no ready worker to recycle: " + "; ".join(
-        f"{full_name(p)} (pid {p['pid']}) stopped answering heartbeats {fmt_duration(time.time() - silent[p['pid']])} "
-        "ago (wedged, in a call that holds the GIL?) and cannot hear a graceful recycle: "
-        f"dspexctl workers recycle {pool} --worker {p['pid']} --hard kills it" for p in wedged)
+    return [silent_process(p, pool, silent[p["pid"]]) for p in (sup.processes() if sup is not None else [])
+            if p["group"] == pool and p["statename"] == "RUNNING" and p["pid"] in silent]
 
 
 class WorkersRecycle:
@@ -287,7 +283,9 @@ class WorkersRecycle:
                         raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
                                        + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
                 elif not before:
-                    raise NothingToRecycle(nothing_to_recycle(pool, sup, status))
+                    stuck = wedged(pool, sup, status)
+                    raise NothingToRecycle(f"pool {pool} has no ready worker to recycle" + (
+                        ": " + "; ".join(stuck) if stuck else f" (dspexctl pools status {pool} says why)"))
                 elif req["all"]:
                     targets = list(before)
                 else:  # the oldest, as the broker picks
@@ -296,6 +294,9 @@ class WorkersRecycle:
                     warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
                     if warning:
                         progress(f"warning: {warning}")
+                if not req["worker"]:  # the broker's workers are recycled, not the one the operator may mean
+                    for line in wedged(pool, sup, status):
+                        progress(f"warning: {line}")
                 if req["hard"]:
                     assert sup is not None
                     self._check_local(sup, targets)

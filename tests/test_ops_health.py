@@ -235,3 +235,34 @@ def test_a_stopped_worker_is_named_as_stopped_not_guessed_wedged(stack: Supervis
         assert res.returncode == 0, res.stdout + res.stderr
         wait_for(lambda: not pid_alive(pid), 20, 0.1, "the stopped worker killed")
     wait_for(lambda: len(stack.ready("triage_pool")) == 2, 60, 0.2, "its replacement")
+
+
+@pytest.mark.timeout(300)
+def test_a_recycle_beside_a_silent_worker_says_which_command_ends_that_one(stack: SupervisedStack) -> None:
+    """``workers recycle POOL`` recycles a worker the broker lists; a process of the pool the broker
+    dropped for silence (here SIGSTOPped) is not among them: the command warns, naming it as
+    ``pools status`` does, with the command that ends it."""
+    import os
+    import signal
+
+    (w, *_) = stack.ready("triage_pool")
+    pid = w["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: pid not in {x["pid"] for x in stack.ready("triage_pool")}, 30, 0.2, "the broker dropping it")
+        res = dspexctl(stack, "workers", "recycle", "triage_pool")
+        no_traceback(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        warning = next((ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")), "")
+        assert f"(pid {pid}) but stopped answering heartbeats" in warning, res.stderr
+        assert f"kill -CONT {pid} resumes it" in warning, warning
+        assert warning.endswith(f"dspexctl workers recycle triage_pool --worker {pid} --hard kills it"), warning
+        _, _, text = status(stack)
+        head, _, tail = warning.removeprefix("warning: ").partition(" ago: ")  # (the time has moved on since)
+        head = head.rsplit(" ", 1)[0]
+        assert any(ln.startswith(f"DEGRADED: {head}") and ln.endswith(tail) for ln in text.splitlines()), text
+    finally:
+        res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
+        assert res.returncode == 0, res.stdout + res.stderr
+        wait_for(lambda: not pid_alive(pid), 20, 0.1, "the stopped worker killed")
+    wait_for(lambda: len(stack.ready("triage_pool")) == 2, 60, 0.2, "its replacement")
