@@ -236,11 +236,24 @@ class NothingToRecycle(DspexError):
     code = "nothing_to_recycle"
 
 
+def silent_process(proc: dict[str, Any], pool: str, since: float) -> str:
+    """A process of ``pool`` that supervisord runs while the broker dropped it for silence at
+    ``since`` (wall time), in words, with the command that ends it: only a SIGKILL does, since a
+    graceful recycle asks the worker. A process the kernel does not run says so in /proc; one that
+    runs is guessed at."""
+    from dspexctl.diagnose import process_state
+
+    held = process_state(int(proc["pid"]))
+    why = (f"its process is {held};" if held.startswith(("stopped", "in uninterruptible", "a zombie"))
+           else "wedged, in a call that holds the GIL?")
+    return (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+            f"{fmt_duration(time.time() - since)} ago: {why} "
+            f"dspexctl workers recycle {pool} --worker {proc['pid']} --hard kills it")
+
+
 def wedged(pool: str, sup: Supervisor | None, status: dict[str, Any]) -> list[str]:
     """The processes of ``pool`` that supervisord still runs while the broker dropped them for
     silence, each as ``pools status`` names it, with the command that ends it."""
-    from dspexctl.diagnose import silent_process
-
     silent = silent_pids(e for e in status.get("events") or [] if is_here(e))
     return [silent_process(p, pool, silent[p["pid"]]) for p in (sup.processes() if sup is not None else [])
             if p["group"] == pool and p["statename"] == "RUNNING" and p["pid"] in silent]

@@ -9,7 +9,6 @@ uid) say where it listens, so the message can name the values on both sides.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from dspex.stack.supervisor import (
     SupervisorUnreachable,
     full_name,
 )
-from dspexctl.commands import fmt_duration
 
 # supervisord states of a broker that exited by itself (its log says why)
 DIED = ("FATAL", "BACKOFF", "EXITED")
@@ -85,19 +83,6 @@ def process_state(pid: int) -> str:
     except (OSError, IndexError):
         return ""
     return PROCESS_STATES.get(letter, f"in state {letter}").format(pid=pid)
-
-
-def silent_process(proc: dict[str, Any], pool: str, since: float) -> str:
-    """A process of ``pool`` that supervisord runs while the broker dropped it for silence at
-    ``since`` (wall time), in words, with the command that ends it: only a SIGKILL does, since a
-    graceful recycle asks the worker. A process the kernel does not run says so in /proc; one that
-    runs is guessed at."""
-    held = process_state(int(proc["pid"]))
-    why = (f"its process is {held};" if held.startswith(("stopped", "in uninterruptible", "a zombie"))
-           else "wedged, in a call that holds the GIL?")
-    return (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
-            f"{fmt_duration(time.time() - since)} ago: {why} "
-            f"dspexctl workers recycle {pool} --worker {proc['pid']} --hard kills it")
 
 
 def here(config: ClientConfig) -> str:

@@ -50,9 +50,10 @@ from dspexctl.commands import (
     fmt_ms,
     foreign_broker,
     metrics_text,
+    silent_process,
     table,
 )
-from dspexctl.diagnose import silent_broker, silent_process
+from dspexctl.diagnose import silent_broker
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host", "problem", "preparing")
