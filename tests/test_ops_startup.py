@@ -182,6 +182,12 @@ def test_the_dashboard_shows_a_worker_still_importing_dspy_as_preparing_then_rea
         assert s.status()["pools"]["triage_pool"]["workers"][0]["preparing"], "make the shadow dspy slower"
         assert (row["td_wstate"], row["colour"]) == ("preparing", "starting"), row
         assert (pool["state"], pool["td_ready"]) == ("starting", "0 / 1"), pool
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert s.status()["pools"]["triage_pool"]["workers"][0]["preparing"], "make the shadow dspy slower"
+        # an alert on ready workers sees it as not ready yet, as the page does
+        assert 'dspex_workers{pool="triage_pool",state="preparing"} 1.0' in metrics.splitlines(), metrics
+        assert 'dspex_workers{pool="triage_pool",state="ready"} 0.0' in metrics.splitlines(), metrics
         wait_for(lambda: (r := worker_row()) is not None and (r["td_wstate"], r["colour"]) == ("ready", "ok"), 60, 0.2,
                  "the row ready once the import is over")
         wait_for(lambda: [(p["state"], p["td_ready"]) for p in rows(browser, "pools")] == [("ok", "1 / 1")], 30, 0.2,
