@@ -1388,8 +1388,8 @@ def dspy_test_optional_type_syntax_output_fields_fall_back_to_defaults():
     class OptionalSyntaxSignature(dspy.Signature):
         question: str = dspy.InputField()
         answer: str = dspy.OutputField()
-        note: Optional[str] = dspy.OutputField(default="No note")  # noqa: UP045
-        maybe: Optional[str] = dspy.OutputField()  # noqa: UP045
+        note: Optional[str] = dspy.OutputField(default="No note")
+        maybe: Optional[str] = dspy.OutputField()
 
     with dspy.context(lm=DummyLM([{"answer": "42"}]), adapter=dspy.ChatAdapter()):
         pred = dspy.Predict(OptionalSyntaxSignature)(question="anything")
@@ -1408,8 +1408,8 @@ def dspy_test_optional_type_syntax_missing_required_output_field_still_raises():
     class OptionalSyntaxSignature(dspy.Signature):
         question: str = dspy.InputField()
         answer: str = dspy.OutputField()
-        note: Optional[str] = dspy.OutputField(default="No note")  # noqa: UP045
-        maybe: Optional[str] = dspy.OutputField()  # noqa: UP045
+        note: Optional[str] = dspy.OutputField(default="No note")
+        maybe: Optional[str] = dspy.OutputField()
 
     responses = [{"note": "present"}, {"maybe": "present"}]
     with dspy.context(lm=DummyLM(responses), adapter=dspy.ChatAdapter()), pytest.raises(AdapterParseError):
