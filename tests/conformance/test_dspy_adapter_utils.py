@@ -1,6 +1,7 @@
-"""DSPy's own tests/adapters/test_adapter_utils.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_adapter_utils.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -113,9 +114,13 @@ def dspy_test_parse_value_json_repair():
         parse_value(malformed, dict)
 
 
-# -- the cases: each test function of DSPy's adapters/test_adapter_utils.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_parse_value_str_annotation, dspy_test_parse_value_pydantic_types, dspy_test_parse_value_basic_types, dspy_test_parse_value_literal, dspy_test_parse_value_union, dspy_test_parse_value_json_repair]
+SYNC_TESTS = [
+    dspy_test_parse_value_str_annotation, dspy_test_parse_value_pydantic_types,
+    dspy_test_parse_value_basic_types, dspy_test_parse_value_literal, dspy_test_parse_value_union,
+    dspy_test_parse_value_json_repair,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

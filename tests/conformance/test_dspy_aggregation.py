@@ -1,6 +1,7 @@
-"""DSPy's own tests/predict/test_aggregation.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/predict/test_aggregation.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests: ``dspy.majority`` over Predictions, Completions and lists.
 """
@@ -53,9 +54,12 @@ def dspy_test_majority_with_no_majority():
     assert result.completions[0]["answer"] == "2"  # The first completion is returned in case of a tie
 
 
-# -- the cases: each test function of DSPy's predict/test_aggregation.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_majority_with_prediction, dspy_test_majority_with_completions, dspy_test_majority_with_list, dspy_test_majority_with_normalize, dspy_test_majority_with_field, dspy_test_majority_with_no_majority]
+SYNC_TESTS = [
+    dspy_test_majority_with_prediction, dspy_test_majority_with_completions, dspy_test_majority_with_list,
+    dspy_test_majority_with_normalize, dspy_test_majority_with_field, dspy_test_majority_with_no_majority,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/utils/test_annotation.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_annotation.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -101,9 +102,16 @@ def dspy_test_experimental_decorator_with_version_callable_syntax():
     assert decorated() == "callable_version"
 
 
-# -- the cases: each test function of DSPy's utils/test_annotation.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_experimental_decorator_on_function, dspy_test_experimental_decorator_on_function_with_version, dspy_test_experimental_decorator_on_class, dspy_test_experimental_decorator_on_class_with_version, dspy_test_experimental_decorator_without_docstring, dspy_test_experimental_decorator_without_docstring_with_version, dspy_test_experimental_decorator_with_callable_syntax, dspy_test_experimental_decorator_with_version_callable_syntax]
+SYNC_TESTS = [
+    dspy_test_experimental_decorator_on_function, dspy_test_experimental_decorator_on_function_with_version,
+    dspy_test_experimental_decorator_on_class, dspy_test_experimental_decorator_on_class_with_version,
+    dspy_test_experimental_decorator_without_docstring,
+    dspy_test_experimental_decorator_without_docstring_with_version,
+    dspy_test_experimental_decorator_with_callable_syntax,
+    dspy_test_experimental_decorator_with_version_callable_syntax,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

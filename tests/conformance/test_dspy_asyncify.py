@@ -1,6 +1,7 @@
-"""DSPy's own tests/utils/test_asyncify.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_asyncify.py (stanfordnlp/dspy), unchanged but for the names (``test_*``
+→ ``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
 All its tests.
 """
@@ -60,7 +61,7 @@ async def dspy_test_asyncify():
     await verify_asyncify(8, 30)
 
 
-# -- the cases: each test function of DSPy's utils/test_asyncify.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 
 

@@ -1,6 +1,7 @@
-"""DSPy's own tests/adapters/test_base_type.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_base_type.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -60,9 +61,12 @@ def dspy_test_extract_custom_type_from_annotation_with_nested_type():
     ]
 
 
-# -- the cases: each test function of DSPy's adapters/test_base_type.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_basic_extract_custom_type_from_annotation, dspy_test_extract_custom_type_from_annotation_with_nested_type]
+SYNC_TESTS = [
+    dspy_test_basic_extract_custom_type_from_annotation,
+    dspy_test_extract_custom_type_from_annotation_with_nested_type,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

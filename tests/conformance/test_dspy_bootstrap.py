@@ -1,10 +1,9 @@
-"""DSPy's own tests/teleprompt/test_bootstrap.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/teleprompt/test_bootstrap.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 BootstrapFewShot compile, effectiveness, errors during bootstrap, a validation set.
-
-
 """
 
 import dspy
@@ -144,9 +143,13 @@ def dspy_test_validation_set_usage():
     assert len(compiled_student.predictor.demos) >= len(valset), "Validation set not used in compiled student demos"
 
 
-# -- the cases: each test function of DSPy's teleprompt/test_bootstrap.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_bootstrap_initialization, dspy_test_compile_with_predict_instances, dspy_test_bootstrap_effectiveness, dspy_test_error_handling_during_bootstrap, dspy_test_validation_set_usage]
+SYNC_TESTS = [
+    dspy_test_bootstrap_initialization, dspy_test_compile_with_predict_instances,
+    dspy_test_bootstrap_effectiveness, dspy_test_error_handling_during_bootstrap,
+    dspy_test_validation_set_usage,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,8 +1,10 @@
-"""DSPy's own tests/callback/test_callback.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/callback/test_callback.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here: its autouse ``reset_settings`` fixture (the suite's own resets DSPy's settings around every case).
+Not here: its autouse ``reset_settings`` fixture (the suite's own resets DSPy's settings around
+every case).
 """
 
 import asyncio
@@ -367,9 +369,13 @@ def dspy_test_active_id():
     assert callback.parent_call_ids == [None, parent_call_id, parent_call_id]
 
 
-# -- the cases: each test function of DSPy's callback/test_callback.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_bind_active_call_id_restores_context_after_exception, dspy_test_callback_injection_local, dspy_test_callback_error_handling, dspy_test_multiple_callbacks, dspy_test_callback_complex_module, dspy_test_tool_calls, dspy_test_active_id]
+SYNC_TESTS = [
+    dspy_test_bind_active_call_id_restores_context_after_exception, dspy_test_callback_injection_local,
+    dspy_test_callback_error_handling, dspy_test_multiple_callbacks, dspy_test_callback_complex_module,
+    dspy_test_tool_calls, dspy_test_active_id,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
@@ -377,7 +383,10 @@ def test_callback_tests_of_dspy(run: Runner, dspy_test) -> None:
     assert run.check(dspy_test) is None  # its asserts held where it ran
 
 
-ASYNC_TESTS = [dspy_test_with_callbacks_wrappers_round_trip_through_cloudpickle, dspy_test_callback_reports_and_propagates_async_cancellation, dspy_test_callback_async_module]
+ASYNC_TESTS = [
+    dspy_test_with_callbacks_wrappers_round_trip_through_cloudpickle,
+    dspy_test_callback_reports_and_propagates_async_cancellation, dspy_test_callback_async_module,
+]
 
 
 @pytest.mark.parametrize("dspy_test", ASYNC_TESTS, ids=dspy_test_id)
@@ -394,7 +403,9 @@ def test_callback_injection_of_dspy(run: Runner, args, kwargs) -> None:
     assert run.check(dspy_test_callback_injection, args, kwargs) is None
 
 
-@pytest.mark.parametrize("expected_error", dspy_test_callback_reports_and_propagates_base_exception.pytestmark[0].args[1],
-                         ids=lambda e: type(e).__name__)
+BASE_EXCEPTIONS = dspy_test_callback_reports_and_propagates_base_exception.pytestmark[0].args[1]
+
+
+@pytest.mark.parametrize("expected_error", BASE_EXCEPTIONS, ids=lambda e: type(e).__name__)
 def test_callback_reports_and_propagates_base_exception_of_dspy(run: Runner, expected_error) -> None:
     assert run.check(dspy_test_callback_reports_and_propagates_base_exception, expected_error) is None

@@ -1,13 +1,36 @@
-"""DSPy's own tests/adapters/test_chat_adapter.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_chat_adapter.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-formatting and parsing without a model.
-
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_chat_adapter_quotes_literals_as_expected``, ``test_chat_adapter_with_pydantic_models``, ``test_chat_adapter_signature_information``, ``test_chat_adapter_with_code``, ``test_chat_adapter_fallback_to_json_adapter_on_exception``, ``test_chat_adapter_fallback_preserves_native_function_calling_flag``, ``test_chat_adapter_respects_use_json_adapter_fallback_flag``, ``test_chat_adapter_fallback_to_json_adapter_on_exception_async``, ``test_chat_adapter_async_fallback_preserves_native_function_calling_flag``, ``test_chat_adapter_toolcalls_native_function_calling``, ``test_chat_adapter_toolcalls_vague_match``, ``test_chat_adapter_native_reasoning``, ``test_chat_adapter_parses_float_with_underscores``, ``test_null_content_raises_adapter_parse_error``, ``test_empty_string_content_raises_adapter_parse_error``, ``test_responses_model_native_tool_calling_round_trips_tool_only_output``.
-Not here, because they call a real model (``lm_for_test``, ``llm_call``, an API key): ``test_chat_adapter_format_exact_messages_with_citations_output_demo``.
-Not here, because they parametrized (left for later): ``test_adapter_native_tool_calling_can_request_parallel_tool_calls``, ``test_chat_adapter_native_tool_history_skips_unmatched_tool_calls``, ``test_non_native_tool_history_remains_text_based``, ``test_tool_call_with_null_or_missing_content_does_not_raise``.
-Not here, because they fail in-process on DSPy 3.4.1 (prompts of another DSPy version): ``test_chat_adapter_format_exact_messages_with_history``, ``test_chat_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``, ``test_chat_adapter_format_exact_messages_with_non_native_tool_history``, ``test_chat_adapter_format_exact_messages_kitchen_sink``, ``test_chat_adapter_formats_conversation_history``.
+Not here, because they parametrized (left for later):
+``test_chat_adapter_quotes_literals_as_expected``,
+``test_adapter_native_tool_calling_can_request_parallel_tool_calls``,
+``test_chat_adapter_native_tool_history_skips_unmatched_tool_calls``,
+``test_non_native_tool_history_remains_text_based``,
+``test_tool_call_with_null_or_missing_content_does_not_raise``. Not here, because they call a real
+model (``lm_for_test``, ``llm_call``, an API key):
+``test_chat_adapter_format_exact_messages_with_citations_output_demo``. Not here, because they fail
+in-process on DSPy 3.4.1 (written for another DSPy version: most build a ``dspy.LM("openai/...")``
+with no API key, which 3.4.1 refuses before the litellm function they patch is reached; the others
+assert prompts or fields of another version):
+``test_chat_adapter_format_exact_messages_with_history``,
+``test_chat_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``,
+``test_chat_adapter_format_exact_messages_with_non_native_tool_history``,
+``test_chat_adapter_format_exact_messages_kitchen_sink``,
+``test_chat_adapter_formats_conversation_history``, ``test_chat_adapter_with_pydantic_models``,
+``test_chat_adapter_signature_information``, ``test_chat_adapter_with_code``,
+``test_chat_adapter_fallback_to_json_adapter_on_exception``,
+``test_chat_adapter_fallback_preserves_native_function_calling_flag``,
+``test_chat_adapter_respects_use_json_adapter_fallback_flag``,
+``test_chat_adapter_toolcalls_native_function_calling``,
+``test_chat_adapter_toolcalls_vague_match``, ``test_chat_adapter_native_reasoning``,
+``test_chat_adapter_parses_float_with_underscores``,
+``test_null_content_raises_adapter_parse_error``,
+``test_empty_string_content_raises_adapter_parse_error``,
+``test_responses_model_native_tool_calling_round_trips_tool_only_output``,
+``test_chat_adapter_fallback_to_json_adapter_on_exception_async``,
+``test_chat_adapter_async_fallback_preserves_native_function_calling_flag``.
 """
 
 import json
@@ -1376,8 +1399,9 @@ def dspy_test_missing_required_output_field_still_raises():
 
     # Two identical responses: ChatAdapter retries via the JSONAdapter fallback before raising.
     responses = [{"note": "present"}, {"note": "present"}]
-    with dspy.context(lm=DummyLM(responses), adapter=dspy.ChatAdapter()), pytest.raises(AdapterParseError):
-        dspy.Predict(OptionalOutputSignature)(question="anything")
+    with dspy.context(lm=DummyLM(responses), adapter=dspy.ChatAdapter()):
+        with pytest.raises(AdapterParseError):
+            dspy.Predict(OptionalOutputSignature)(question="anything")
 
 
 def dspy_test_optional_type_syntax_output_fields_fall_back_to_defaults():
@@ -1412,13 +1436,53 @@ def dspy_test_optional_type_syntax_missing_required_output_field_still_raises():
         maybe: Optional[str] = dspy.OutputField()
 
     responses = [{"note": "present"}, {"maybe": "present"}]
-    with dspy.context(lm=DummyLM(responses), adapter=dspy.ChatAdapter()), pytest.raises(AdapterParseError):
-        dspy.Predict(OptionalSyntaxSignature)(question="anything")
+    with dspy.context(lm=DummyLM(responses), adapter=dspy.ChatAdapter()):
+        with pytest.raises(AdapterParseError):
+            dspy.Predict(OptionalSyntaxSignature)(question="anything")
 
 
-# -- the cases: each test function of DSPy's adapters/test_chat_adapter.py is the program, run in-process and through a session --
+# pydantic warns once per process when it first builds a schema of litellm's types: not the case's
+pytestmark = pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning")
 
-SYNC_TESTS = [dspy_test_chat_adapter_sync_call, dspy_test_chat_adapter_format_exact_messages_for_simple_signature, dspy_test_chat_adapter_format_exact_messages_with_demo_and_typed_outputs, dspy_test_chat_adapter_format_exact_messages_with_nested_pydantic_models, dspy_test_chat_adapter_format_exact_messages_with_incomplete_demo, dspy_test_chat_adapter_format_exact_messages_with_list_value_for_string_input, dspy_test_chat_adapter_format_exact_messages_with_literal_output, dspy_test_chat_adapter_format_exact_messages_with_multimodal_custom_type_inputs, dspy_test_chat_adapter_format_exact_messages_with_base_custom_type_input, dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_citations, dspy_test_chat_adapter_format_exact_messages_preserves_passthrough_lm_kwargs, dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_reasoning, dspy_test_chat_adapter_native_tool_calling_still_enables_native_reasoning, dspy_test_chat_adapter_nonnative_strips_native_tool_kwargs, dspy_test_chat_adapter_format_exact_messages_with_reasoning_and_code_outputs, dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_tool_calling, dspy_test_adapter_native_tool_calling_respects_lm_kwargs_parallel_tool_call_override, dspy_test_chat_adapter_native_tool_history_replay, dspy_test_chat_adapter_native_tool_history_replays_parallel_tool_results, dspy_test_chat_adapter_native_tool_history_skips_empty_user_message, dspy_test_chat_adapter_format_accepts_custom_history_formatter_returning_messages_only, dspy_test_chat_adapter_format_exact_messages_with_tool_input, dspy_test_chat_adapter_exception_raised_on_failure, dspy_test_chat_adapter_formats_image, dspy_test_chat_adapter_formats_image_with_few_shot_examples, dspy_test_chat_adapter_formats_image_with_nested_images, dspy_test_chat_adapter_formats_image_with_few_shot_examples_with_nested_images, dspy_test_chat_adapter_with_tool, dspy_test_code_output_field_omits_json_schema_in_prompt, dspy_test_citations_output_field_keeps_json_schema_in_prompt, dspy_test_format_system_message, dspy_test_tool_call_with_unstructured_content_does_not_raise, dspy_test_tool_call_with_structured_content_preserves_other_outputs, dspy_test_provider_tool_calls_preserve_id_and_repair_arguments, dspy_test_missing_optional_output_fields_fall_back_to_defaults, dspy_test_output_field_default_is_overridden_by_lm_response, dspy_test_missing_required_output_field_still_raises, dspy_test_optional_type_syntax_output_fields_fall_back_to_defaults, dspy_test_optional_type_syntax_missing_required_output_field_still_raises]
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_chat_adapter_sync_call, dspy_test_chat_adapter_format_exact_messages_for_simple_signature,
+    dspy_test_chat_adapter_format_exact_messages_with_demo_and_typed_outputs,
+    dspy_test_chat_adapter_format_exact_messages_with_nested_pydantic_models,
+    dspy_test_chat_adapter_format_exact_messages_with_incomplete_demo,
+    dspy_test_chat_adapter_format_exact_messages_with_list_value_for_string_input,
+    dspy_test_chat_adapter_format_exact_messages_with_literal_output,
+    dspy_test_chat_adapter_format_exact_messages_with_multimodal_custom_type_inputs,
+    dspy_test_chat_adapter_format_exact_messages_with_base_custom_type_input,
+    dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_citations,
+    dspy_test_chat_adapter_format_exact_messages_preserves_passthrough_lm_kwargs,
+    dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_reasoning,
+    dspy_test_chat_adapter_native_tool_calling_still_enables_native_reasoning,
+    dspy_test_chat_adapter_nonnative_strips_native_tool_kwargs,
+    dspy_test_chat_adapter_format_exact_messages_with_reasoning_and_code_outputs,
+    dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_tool_calling,
+    dspy_test_adapter_native_tool_calling_respects_lm_kwargs_parallel_tool_call_override,
+    dspy_test_chat_adapter_native_tool_history_replay,
+    dspy_test_chat_adapter_native_tool_history_replays_parallel_tool_results,
+    dspy_test_chat_adapter_native_tool_history_skips_empty_user_message,
+    dspy_test_chat_adapter_format_accepts_custom_history_formatter_returning_messages_only,
+    dspy_test_chat_adapter_format_exact_messages_with_tool_input,
+    dspy_test_chat_adapter_exception_raised_on_failure, dspy_test_chat_adapter_formats_image,
+    dspy_test_chat_adapter_formats_image_with_few_shot_examples,
+    dspy_test_chat_adapter_formats_image_with_nested_images,
+    dspy_test_chat_adapter_formats_image_with_few_shot_examples_with_nested_images,
+    dspy_test_chat_adapter_with_tool, dspy_test_code_output_field_omits_json_schema_in_prompt,
+    dspy_test_citations_output_field_keeps_json_schema_in_prompt, dspy_test_format_system_message,
+    dspy_test_tool_call_with_unstructured_content_does_not_raise,
+    dspy_test_tool_call_with_structured_content_preserves_other_outputs,
+    dspy_test_provider_tool_calls_preserve_id_and_repair_arguments,
+    dspy_test_missing_optional_output_fields_fall_back_to_defaults,
+    dspy_test_output_field_default_is_overridden_by_lm_response,
+    dspy_test_missing_required_output_field_still_raises,
+    dspy_test_optional_type_syntax_output_fields_fall_back_to_defaults,
+    dspy_test_optional_type_syntax_missing_required_output_field_still_raises,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,8 +1,9 @@
-"""DSPy's own tests/adapters/test_citation.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_citation.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_citation_extraction_from_lm_response``.
+All its tests.
 """
 
 import dspy
@@ -174,9 +175,41 @@ def dspy_test_citations_postprocessing():
     assert result[0]["citations"][0].cited_text == "The sky is blue"
 
 
-# -- the cases: each test function of DSPy's adapters/test_citation.py is the program, run in-process and through a session --
+def dspy_test_citation_extraction_from_lm_response():
+    from unittest.mock import MagicMock
 
-SYNC_TESTS = [dspy_test_citation_validate_input, dspy_test_citations_in_nested_type, dspy_test_citation_with_all_fields, dspy_test_citation_format, dspy_test_citations_format, dspy_test_citations_from_dict_list, dspy_test_citations_postprocessing]
+    mock_choice = MagicMock(message=MagicMock(provider_specific_fields={"citations": [[
+        {
+            "type": "char_location",
+            "cited_text": "The sky is blue",
+            "document_index": 0,
+            "document_title": "Weather Guide",
+            "start_char_index": 10,
+            "end_char_index": 25,
+            "supported_text": "The sky is blue"
+        }
+    ]]}))
+
+    lm = dspy.LM(model="test")
+    citations = lm._extract_citations_from_response(mock_choice)
+
+    assert citations is not None
+    assert len(citations) == 1
+    assert citations[0]["cited_text"] == "The sky is blue"
+    assert citations[0]["document_index"] == 0
+    assert citations[0]["document_title"] == "Weather Guide"
+    assert citations[0]["start_char_index"] == 10
+    assert citations[0]["end_char_index"] == 25
+    assert citations[0]["supported_text"] == "The sky is blue"
+
+
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_citation_validate_input, dspy_test_citations_in_nested_type, dspy_test_citation_with_all_fields,
+    dspy_test_citation_format, dspy_test_citations_format, dspy_test_citations_from_dict_list,
+    dspy_test_citations_postprocessing, dspy_test_citation_extraction_from_lm_response,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/adapters/test_code.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_code.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` →
+``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
 All its tests.
 """
@@ -71,9 +72,12 @@ The code is a simple print statement.
     assert code.code == "print('Hello, world!')"
 
 
-# -- the cases: each test function of DSPy's adapters/test_code.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_code_validate_input, dspy_test_code_in_nested_type, dspy_test_code_with_language, dspy_test_code_parses_from_dirty_code]
+SYNC_TESTS = [
+    dspy_test_code_validate_input, dspy_test_code_in_nested_type, dspy_test_code_with_language,
+    dspy_test_code_parses_from_dirty_code,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

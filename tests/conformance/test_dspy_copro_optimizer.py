@@ -1,6 +1,7 @@
-"""DSPy's own tests/teleprompt/test_copro_optimizer.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/teleprompt/test_copro_optimizer.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -188,9 +189,13 @@ def dspy_test_statistics_tracking_during_optimization():
     # Additional detailed checks can be added here to verify the contents of the tracked statistics
 
 
-# -- the cases: each test function of DSPy's teleprompt/test_copro_optimizer.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_signature_optimizer_initialization, dspy_test_signature_optimizer_optimization_process, dspy_test_compile_without_eval_kwargs, dspy_test_signature_optimizer_statistics_tracking, dspy_test_optimization_and_output_verification, dspy_test_statistics_tracking_during_optimization]
+SYNC_TESTS = [
+    dspy_test_signature_optimizer_initialization, dspy_test_signature_optimizer_optimization_process,
+    dspy_test_compile_without_eval_kwargs, dspy_test_signature_optimizer_statistics_tracking,
+    dspy_test_optimization_and_output_verification, dspy_test_statistics_tracking_during_optimization,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/signatures/test_custom_types.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/signatures/test_custom_types.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -153,9 +154,13 @@ def dspy_test_explicit_custom_types_do_not_depend_on_the_caller_frame():
     assert with_instructions.instructions == "Find it."
 
 
-# -- the cases: each test function of DSPy's signatures/test_custom_types.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_basic_custom_type_resolution, dspy_test_type_alias_for_nested_types, dspy_test_module_level_type_resolution, dspy_test_recommended_patterns, dspy_test_expected_failure, dspy_test_module_type_resolution, dspy_test_explicit_custom_types_do_not_depend_on_the_caller_frame]
+SYNC_TESTS = [
+    dspy_test_basic_custom_type_resolution, dspy_test_type_alias_for_nested_types,
+    dspy_test_module_level_type_resolution, dspy_test_recommended_patterns, dspy_test_expected_failure,
+    dspy_test_module_type_resolution, dspy_test_explicit_custom_types_do_not_depend_on_the_caller_frame,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

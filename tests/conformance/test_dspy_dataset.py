@@ -1,8 +1,10 @@
-"""DSPy's own tests/datasets/test_dataset.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/datasets/test_dataset.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they ``pytest.mark.extra``: DSPy skips them without its extras: ``test_input_keys``.
+Not here, because they ``pytest.mark.extra``: DSPy skips them without its extras:
+``test_input_keys``.
 """
 
 import uuid
@@ -60,7 +62,7 @@ def dspy_test_reset_seeds_keeps_existing_values_when_omitted():
     assert dataset.test_size == 30
 
 
-# -- the cases: each test function of DSPy's datasets/test_dataset.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 SYNC_TESTS = [dspy_test_reset_seeds_accepts_zero, dspy_test_reset_seeds_keeps_existing_values_when_omitted]
 

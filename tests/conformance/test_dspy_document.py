@@ -1,6 +1,7 @@
-"""DSPy's own tests/adapters/test_document.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_document.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -65,9 +66,12 @@ def dspy_test_document_format():
     assert doc_block["citations"]["enabled"] is True
 
 
-# -- the cases: each test function of DSPy's adapters/test_document.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_document_validate_input, dspy_test_document_in_nested_type, dspy_test_document_with_all_fields, dspy_test_document_format]
+SYNC_TESTS = [
+    dspy_test_document_validate_input, dspy_test_document_in_nested_type, dspy_test_document_with_all_fields,
+    dspy_test_document_format,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/retrievers/test_embeddings.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/retrievers/test_embeddings.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -176,9 +177,14 @@ def dspy_test_embeddings_with_scores_save_load():
         assert loaded_result.scores == pytest.approx(original_result.scores)
 
 
-# -- the cases: each test function of DSPy's retrievers/test_embeddings.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_embeddings_basic_search, dspy_test_embeddings_multithreaded_search, dspy_test_embeddings_save_load, dspy_test_embeddings_from_saved, dspy_test_embeddings_load_nonexistent_path, dspy_test_embeddings_with_scores_basic_search, dspy_test_embeddings_with_scores_save_load]
+SYNC_TESTS = [
+    dspy_test_embeddings_basic_search, dspy_test_embeddings_multithreaded_search,
+    dspy_test_embeddings_save_load, dspy_test_embeddings_from_saved,
+    dspy_test_embeddings_load_nonexistent_path, dspy_test_embeddings_with_scores_basic_search,
+    dspy_test_embeddings_with_scores_save_load,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

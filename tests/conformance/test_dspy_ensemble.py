@@ -1,8 +1,9 @@
-"""DSPy's own tests/teleprompt/test_ensemble.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/teleprompt/test_ensemble.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_ensemble_without_reduction``, ``test_ensemble_with_reduction``, ``test_ensemble_with_size_limitation``.
+All its tests.
 """
 
 import dspy
@@ -26,6 +27,38 @@ def mock_reduce_fn(outputs):
     return sum(outputs) / len(outputs)
 
 
+def dspy_test_ensemble_without_reduction():
+    """Test that Ensemble correctly combines outputs without applying a reduce_fn."""
+    programs = [MockProgram(i) for i in range(5)]
+    ensemble = Ensemble()
+    ensembled_program = ensemble.compile(programs)
+
+    outputs = ensembled_program()
+    assert len(outputs) == 5, "Ensemble did not combine the correct number of outputs"
+
+
+def dspy_test_ensemble_with_reduction():
+    """Test that Ensemble correctly applies a reduce_fn to combine outputs."""
+    programs = [MockProgram(i) for i in range(5)]
+    ensemble = Ensemble(reduce_fn=mock_reduce_fn)
+    ensembled_program = ensemble.compile(programs)
+
+    output = ensembled_program()
+    expected_output = sum(range(5)) / 5
+    assert output == expected_output, "Ensemble did not correctly apply the reduce_fn"
+
+
+def dspy_test_ensemble_with_size_limitation():
+    """Test that specifying a size limits the number of programs used in the ensemble."""
+    programs = [MockProgram(i) for i in range(10)]
+    ensemble_size = 3
+    ensemble = Ensemble(size=ensemble_size)
+    ensembled_program = ensemble.compile(programs)
+
+    outputs = ensembled_program()
+    assert len(outputs) == ensemble_size, "Ensemble did not respect the specified size limitation"
+
+
 def dspy_test_ensemble_deterministic_behavior():
     """Verify that the Ensemble class raises an assertion for deterministic behavior."""
     with pytest.raises(
@@ -35,9 +68,12 @@ def dspy_test_ensemble_deterministic_behavior():
         Ensemble(deterministic=True)
 
 
-# -- the cases: each test function of DSPy's teleprompt/test_ensemble.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_ensemble_deterministic_behavior]
+SYNC_TESTS = [
+    dspy_test_ensemble_without_reduction, dspy_test_ensemble_with_reduction,
+    dspy_test_ensemble_with_size_limitation, dspy_test_ensemble_deterministic_behavior,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,10 +1,11 @@
-"""DSPy's own tests/evaluate/test_evaluate.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/evaluate/test_evaluate.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here: ``test_construct_result_df`` and ``test_evaluate_call_wrong_answer`` (``pytest.mark.extra``:
-pandas), ``test_multi_thread_evaluate_call_cancelled`` (``monkeypatch``, a SIGINT to the test process),
-``test_evaluate_display_table`` (``unittest.mock.patch`` of IPython detection, ``capfd``).
+Not here, because they ``pytest.mark.extra``: DSPy skips them without its extras:
+``test_construct_result_df``, ``test_evaluate_display_table``. Not here, because they monkeypatch:
+``test_multi_thread_evaluate_call_cancelled``.
 """
 
 import json
@@ -104,6 +105,19 @@ def dspy_test_multithread_evaluate_call():
     )
     result = ev(program)
     assert result.score == 100.0
+
+
+def dspy_test_evaluate_call_wrong_answer():
+    dspy.configure(lm=DummyLM({"What is 1+1?": {"answer": "0"}, "What is 2+2?": {"answer": "0"}}))
+    devset = [new_example("What is 1+1?", "2"), new_example("What is 2+2?", "4")]
+    program = Predict("question -> answer")
+    ev = Evaluate(
+        devset=devset,
+        metric=answer_exact_match,
+        display_progress=False,
+    )
+    result = ev(program)
+    assert result.score == 0.0
 
 
 def dspy_test_evaluate_callback():
@@ -332,9 +346,15 @@ def dspy_test_evaluate_save_as_csv_with_history():
             os.unlink(temp_csv)
 
 
-# -- the cases: each test function of DSPy's evaluate/test_evaluate.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_evaluate_initialization, dspy_test_evaluate_call, dspy_test_evaluate_single_thread_runs_in_main_thread, dspy_test_multithread_evaluate_call, dspy_test_evaluate_callback, dspy_test_parallel_program_callbacks_are_children_of_evaluate_callback, dspy_test_evaluation_result_repr, dspy_test_evaluate_save_as_json_with_history, dspy_test_evaluate_save_as_csv_with_history]
+SYNC_TESTS = [
+    dspy_test_evaluate_initialization, dspy_test_evaluate_call,
+    dspy_test_evaluate_single_thread_runs_in_main_thread, dspy_test_multithread_evaluate_call,
+    dspy_test_evaluate_call_wrong_answer, dspy_test_evaluate_callback,
+    dspy_test_parallel_program_callbacks_are_children_of_evaluate_callback, dspy_test_evaluation_result_repr,
+    dspy_test_evaluate_save_as_json_with_history, dspy_test_evaluate_save_as_csv_with_history,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

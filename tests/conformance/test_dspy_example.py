@@ -1,6 +1,7 @@
-"""DSPy's own tests/primitives/test_example.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/primitives/test_example.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests: ``dspy.Example`` built, read, compared, hashed, copied on either side.
 """
@@ -164,9 +165,17 @@ def dspy_test_example_to_dict_with_history():
     assert restored["history"]["messages"] == result["history"]["messages"]
 
 
-# -- the cases: each test function of DSPy's primitives/test_example.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_example_initialization, dspy_test_example_initialization_from_base, dspy_test_example_initialization_from_dict, dspy_test_example_set_get_item, dspy_test_example_attribute_access, dspy_test_example_deletion, dspy_test_example_len, dspy_test_example_repr_str_img, dspy_test_example_repr_str, dspy_test_example_eq, dspy_test_example_hash, dspy_test_example_keys_values_items, dspy_test_example_get, dspy_test_example_with_inputs, dspy_test_example_inputs_labels, dspy_test_example_copy_without, dspy_test_example_to_dict, dspy_test_example_to_dict_with_history]
+SYNC_TESTS = [
+    dspy_test_example_initialization, dspy_test_example_initialization_from_base,
+    dspy_test_example_initialization_from_dict, dspy_test_example_set_get_item,
+    dspy_test_example_attribute_access, dspy_test_example_deletion, dspy_test_example_len,
+    dspy_test_example_repr_str_img, dspy_test_example_repr_str, dspy_test_example_eq, dspy_test_example_hash,
+    dspy_test_example_keys_values_items, dspy_test_example_get, dspy_test_example_with_inputs,
+    dspy_test_example_inputs_labels, dspy_test_example_copy_without, dspy_test_example_to_dict,
+    dspy_test_example_to_dict_with_history,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

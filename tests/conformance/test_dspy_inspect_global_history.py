@@ -1,8 +1,11 @@
-"""DSPy's own tests/clients/test_inspect_global_history.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/clients/test_inspect_global_history.py (stanfordnlp/dspy), unchanged but for the
+names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they read ``capsys`` of the test process inside the test body: ``test_inspect_history_basic``, ``test_inspect_history_with_n``, ``test_inspect_empty_history``, ``test_inspect_history_n_larger_than_history``.
+Not here, because they read ``capsys`` of the test process inside the test body:
+``test_inspect_history_basic``, ``test_inspect_history_with_n``, ``test_inspect_empty_history``,
+``test_inspect_history_n_larger_than_history``.
 """
 
 from io import StringIO
@@ -72,9 +75,12 @@ def dspy_test_inspect_history_renders_output_tool_calls_without_text():
     assert 'search: {"query": "dogs"}' in text
 
 
-# -- the cases: each test function of DSPy's clients/test_inspect_global_history.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_inspect_history_renders_message_tool_calls, dspy_test_inspect_history_renders_output_tool_calls_without_text]
+SYNC_TESTS = [
+    dspy_test_inspect_history_renders_message_tool_calls,
+    dspy_test_inspect_history_renders_output_tool_calls_without_text,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,17 +1,36 @@
-"""DSPy's own tests/adapters/test_json_adapter.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_json_adapter.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_json_adapter_passes_structured_output_when_supported_by_model``, ``test_json_adapter_not_using_structured_outputs_when_not_supported_by_model``, ``test_json_adapter_with_structured_outputs_does_not_mutate_original_signature``, ``test_json_adapter_on_pydantic_model``, ``test_json_adapter_parse_raise_error_on_mismatch_fields``, ``test_json_adapter_with_tool``, ``test_json_adapter_with_code``, ``test_json_adapter_on_pydantic_model_async``, ``test_json_adapter_does_not_fallback_to_json_mode_on_structured_output_lm_error``, ``test_json_adapter_json_mode_no_structured_outputs``, ``test_json_adapter_json_mode_no_structured_outputs_async``, ``test_json_adapter_does_not_fallback_to_json_mode_on_structured_output_lm_error_async``, ``test_error_message_on_json_adapter_failure``, ``test_error_message_on_json_adapter_failure_async``, ``test_json_adapter_toolcalls_native_function_calling``, ``test_json_adapter_toolcalls_no_native_function_calling``, ``test_json_adapter_native_reasoning``, ``test_json_adapter_with_responses_api``.
-Not here, because they fail in-process on DSPy 3.4.1 (prompts of another DSPy version): ``test_json_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``, ``test_json_adapter_formats_conversation_history``.
+Not here, because they fail in-process on DSPy 3.4.1 (written for another DSPy version: most build a
+``dspy.LM("openai/...")`` with no API key, which 3.4.1 refuses before the litellm function they
+patch is reached; the others assert prompts or fields of another version):
+``test_json_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``,
+``test_json_adapter_formats_conversation_history``,
+``test_json_adapter_passes_structured_output_when_supported_by_model``,
+``test_json_adapter_with_structured_outputs_does_not_mutate_original_signature``,
+``test_json_adapter_on_pydantic_model``, ``test_json_adapter_parse_raise_error_on_mismatch_fields``,
+``test_json_adapter_with_tool``, ``test_json_adapter_with_code``,
+``test_json_adapter_does_not_fallback_to_json_mode_on_structured_output_lm_error``,
+``test_json_adapter_json_mode_no_structured_outputs``,
+``test_error_message_on_json_adapter_failure``,
+``test_json_adapter_toolcalls_native_function_calling``,
+``test_json_adapter_toolcalls_no_native_function_calling``, ``test_json_adapter_native_reasoning``,
+``test_json_adapter_with_responses_api``, ``test_json_adapter_on_pydantic_model_async``,
+``test_json_adapter_json_mode_no_structured_outputs_async``,
+``test_json_adapter_does_not_fallback_to_json_mode_on_structured_output_lm_error_async``,
+``test_error_message_on_json_adapter_failure_async``.
 """
 
 import enum
 from typing import Literal
+from unittest import mock
 
 import dspy
 import pydantic
 import pytest
+from litellm.utils import Choices, Message, ModelResponse
 
 from tests.conformance.dspy_adapter_capture import format_messages_and_lm_kwargs
 from tests.conformance.harness import AsyncRunner, Runner, dspy_test_id
@@ -549,6 +568,29 @@ def dspy_test_json_adapter_format_exact_non_native_tool_result_history_field():
     )
 
 
+def dspy_test_json_adapter_not_using_structured_outputs_when_not_supported_by_model():
+    class TestSignature(dspy.Signature):
+        input1: str = dspy.InputField()
+        output1: str = dspy.OutputField()
+        output2: bool = dspy.OutputField()
+
+    program = dspy.Predict(TestSignature)
+
+    # Configure DSPy to use a model from a fake provider that doesn't support structured outputs
+    dspy.configure(lm=dspy.LM(model="fakeprovider/fakemodel", cache=False), adapter=dspy.JSONAdapter())
+    with mock.patch("litellm.completion") as mock_completion:
+        mock_completion.return_value = ModelResponse(
+            choices=[Choices(message=Message(content=("{'output1': 'Test output', 'output2': True}")))],
+            model="openai/gpt-4o",
+        )
+
+        program(input1="Test input")
+
+    mock_completion.assert_called_once()
+    _, call_kwargs = mock_completion.call_args
+    assert "response_format" not in call_kwargs
+
+
 def dspy_test_json_adapter_sync_call():
     signature = dspy.make_signature("question->answer")
     adapter = dspy.JSONAdapter()
@@ -766,9 +808,30 @@ def dspy_test_missing_optional_output_fields_fall_back_to_defaults():
         adapter.parse(OptionalOutputSignature, '{"note": "present"}')
 
 
-# -- the cases: each test function of DSPy's adapters/test_json_adapter.py is the program, run in-process and through a session --
+# pydantic warns once per process when it first builds a schema of litellm's types: not the case's
+pytestmark = pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning")
 
-SYNC_TESTS = [dspy_test_json_adapter_format_exact_messages_for_simple_signature, dspy_test_json_adapter_format_exact_messages_with_demo_and_typed_output, dspy_test_json_adapter_format_exact_messages_with_described_and_bool_outputs, dspy_test_json_adapter_format_exact_messages_with_int_and_mapping_outputs, dspy_test_json_adapter_format_exact_messages_with_literal_and_enum_outputs, dspy_test_json_adapter_format_exact_messages_with_nested_pydantic_output, dspy_test_json_adapter_format_exact_messages_with_incomplete_demo, dspy_test_json_adapter_format_exact_messages_and_lm_kwargs_with_native_tool_calling, dspy_test_json_adapter_format_exact_messages_with_tool_calls_output_demo, dspy_test_json_adapter_format_exact_non_native_tool_result_history_field, dspy_test_json_adapter_sync_call, dspy_test_json_adapter_formats_image, dspy_test_json_adapter_formats_image_with_few_shot_examples, dspy_test_json_adapter_formats_image_with_nested_images, dspy_test_json_adapter_formats_with_nested_documents, dspy_test_json_adapter_formats_image_with_few_shot_examples_with_nested_images, dspy_test_format_system_message, dspy_test_missing_optional_output_fields_fall_back_to_defaults]
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_json_adapter_format_exact_messages_for_simple_signature,
+    dspy_test_json_adapter_format_exact_messages_with_demo_and_typed_output,
+    dspy_test_json_adapter_format_exact_messages_with_described_and_bool_outputs,
+    dspy_test_json_adapter_format_exact_messages_with_int_and_mapping_outputs,
+    dspy_test_json_adapter_format_exact_messages_with_literal_and_enum_outputs,
+    dspy_test_json_adapter_format_exact_messages_with_nested_pydantic_output,
+    dspy_test_json_adapter_format_exact_messages_with_incomplete_demo,
+    dspy_test_json_adapter_format_exact_messages_and_lm_kwargs_with_native_tool_calling,
+    dspy_test_json_adapter_format_exact_messages_with_tool_calls_output_demo,
+    dspy_test_json_adapter_format_exact_non_native_tool_result_history_field,
+    dspy_test_json_adapter_not_using_structured_outputs_when_not_supported_by_model,
+    dspy_test_json_adapter_sync_call, dspy_test_json_adapter_formats_image,
+    dspy_test_json_adapter_formats_image_with_few_shot_examples,
+    dspy_test_json_adapter_formats_image_with_nested_images,
+    dspy_test_json_adapter_formats_with_nested_documents,
+    dspy_test_json_adapter_formats_image_with_few_shot_examples_with_nested_images,
+    dspy_test_format_system_message, dspy_test_missing_optional_output_fields_fall_back_to_defaults,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/utils/test_magicattr.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_magicattr.py (stanfordnlp/dspy), unchanged but for the names (``test_*``
+→ ``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
 Not here, because they parametrized (left for later): ``test_magicattr_get``.
 """
@@ -107,7 +108,7 @@ def dspy_test_empty():
         magicattr.get(obj, obj)
 
 
-# -- the cases: each test function of DSPy's utils/test_magicattr.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 SYNC_TESTS = [dspy_test_empty]
 

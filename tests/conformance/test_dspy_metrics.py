@@ -1,6 +1,7 @@
-"""DSPy's own tests/evaluate/test_metrics.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/evaluate/test_metrics.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -44,9 +45,12 @@ def dspy_test_answer_exact_match_no_match():
     assert not answer_exact_match(example, pred)
 
 
-# -- the cases: each test function of DSPy's evaluate/test_metrics.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_answer_exact_match_string, dspy_test_answer_exact_match_list, dspy_test_answer_exact_match_no_match]
+SYNC_TESTS = [
+    dspy_test_answer_exact_match_string, dspy_test_answer_exact_match_list,
+    dspy_test_answer_exact_match_no_match,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

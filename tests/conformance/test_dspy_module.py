@@ -1,6 +1,7 @@
-"""DSPy's own tests/primitives/test_module.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/primitives/test_module.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests: predictors, named_parameters, set_attribute_by_name, loading a saved program
 (``Path(__file__).parent / "resources"``: the file beside this module), load_state all-or-nothing.
@@ -254,9 +255,16 @@ def dspy_test_load_state_is_transactional():
         )
 
 
-# -- the cases: each test function of DSPy's primitives/test_module.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_module_initialization, dspy_test_named_predictors, dspy_test_predictors, dspy_test_forward, dspy_test_nested_named_predictors, dspy_test_empty_module, dspy_test_single_level, dspy_test_multiple_levels, dspy_test_multiple_sub_modules, dspy_test_non_base_module_attributes, dspy_test_complex_module_traversal, dspy_test_complex_module_traversal_with_same_module, dspy_test_complex_module_set_attribute_by_name, dspy_test_named_parameters_duplicate_references, dspy_test_load_dspy_program_cross_version, dspy_test_load_state_is_transactional]
+SYNC_TESTS = [
+    dspy_test_module_initialization, dspy_test_named_predictors, dspy_test_predictors, dspy_test_forward,
+    dspy_test_nested_named_predictors, dspy_test_empty_module, dspy_test_single_level,
+    dspy_test_multiple_levels, dspy_test_multiple_sub_modules, dspy_test_non_base_module_attributes,
+    dspy_test_complex_module_traversal, dspy_test_complex_module_traversal_with_same_module,
+    dspy_test_complex_module_set_attribute_by_name, dspy_test_named_parameters_duplicate_references,
+    dspy_test_load_dspy_program_cross_version, dspy_test_load_state_is_transactional,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,9 +1,10 @@
-"""DSPy's own tests/predict/test_parallel.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/predict/test_parallel.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-All its tests: ``dspy.Parallel``, ``Module.batch``, nested, failed examples, timeouts, and
-children inheriting the parent's ``ACTIVE_CALL_ID`` (a ContextVar global of DSPy's).
+All its tests: ``dspy.Parallel``, ``Module.batch``, nested, failed examples, timeouts, and children
+inheriting the parent's ``ACTIVE_CALL_ID`` (a ContextVar global of DSPy's).
 """
 
 import threading
@@ -272,9 +273,14 @@ def dspy_test_batch_timeout_and_straggler_limit_params():
     assert results == [2, 4, 6]
 
 
-# -- the cases: each test function of DSPy's predict/test_parallel.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_parallel_module, dspy_test_parallel_children_inherit_parent_callback_call_id, dspy_test_batch_module, dspy_test_nested_parallel_module, dspy_test_nested_batch_method, dspy_test_batch_with_failed_examples, dspy_test_parallel_timeout_and_straggler_limit_params, dspy_test_batch_timeout_and_straggler_limit_params]
+SYNC_TESTS = [
+    dspy_test_parallel_module, dspy_test_parallel_children_inherit_parent_callback_call_id,
+    dspy_test_batch_module, dspy_test_nested_parallel_module, dspy_test_nested_batch_method,
+    dspy_test_batch_with_failed_examples, dspy_test_parallel_timeout_and_straggler_limit_params,
+    dspy_test_batch_timeout_and_straggler_limit_params,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

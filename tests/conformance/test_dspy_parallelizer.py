@@ -1,9 +1,11 @@
-"""DSPy's own tests/utils/test_parallelizer.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_parallelizer.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here, because they parametrized (left for later): ``test_workers_inherit_active_callback_call_id``.
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_none_returning_tasks_are_counted_as_complete``.
+Not here, because they parametrized (left for later):
+``test_workers_inherit_active_callback_call_id``,
+``test_none_returning_tasks_are_counted_as_complete``.
 """
 
 import threading
@@ -177,9 +179,15 @@ def dspy_test_sequential_compare_results():
     assert results == [(1, False), (2, False), (3, True), (4, True), (5, True)]
 
 
-# -- the cases: each test function of DSPy's utils/test_parallelizer.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_worker_threads_independence, dspy_test_parallel_execution_speed, dspy_test_max_errors_handling, dspy_test_max_errors_not_met, dspy_test_parallel_executor_tracks_failed_indices_and_exceptions, dspy_test_sequential_execution_runs_on_main_thread, dspy_test_sequential_max_errors_not_met, dspy_test_sequential_max_errors_exceeded, dspy_test_sequential_tracks_failed_indices_and_exceptions, dspy_test_sequential_compare_results]
+SYNC_TESTS = [
+    dspy_test_worker_threads_independence, dspy_test_parallel_execution_speed, dspy_test_max_errors_handling,
+    dspy_test_max_errors_not_met, dspy_test_parallel_executor_tracks_failed_indices_and_exceptions,
+    dspy_test_sequential_execution_runs_on_main_thread, dspy_test_sequential_max_errors_not_met,
+    dspy_test_sequential_max_errors_exceeded, dspy_test_sequential_tracks_failed_indices_and_exceptions,
+    dspy_test_sequential_compare_results,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

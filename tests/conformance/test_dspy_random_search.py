@@ -1,6 +1,7 @@
-"""DSPy's own tests/teleprompt/test_random_search.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/teleprompt/test_random_search.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -84,9 +85,12 @@ def dspy_test_restrict_as_single_use_iterator_still_matches_a_valid_seed():
     assert result is not None
 
 
-# -- the cases: each test function of DSPy's teleprompt/test_random_search.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_basic_workflow, dspy_test_restrict_matching_no_candidate_seed_raises_clear_error, dspy_test_restrict_as_single_use_iterator_still_matches_a_valid_seed]
+SYNC_TESTS = [
+    dspy_test_basic_workflow, dspy_test_restrict_matching_no_candidate_seed_raises_clear_error,
+    dspy_test_restrict_as_single_use_iterator_still_matches_a_valid_seed,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,10 +1,12 @@
-"""DSPy's own tests/predict/test_react.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/predict/test_react.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` →
+``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
-Not here: ``test_react_with_tools_skips_native_response_issubclass_for_generic_alias`` (``monkeypatch``
-of DSPy's adapter modules in the test process), ``test_tool_observation_preserves_custom_type``
-(``pytest.mark.extra``: DSPy skips it without its extras).
+Not here: ``test_react_with_tools_skips_native_response_issubclass_for_generic_alias``
+(``monkeypatch`` of DSPy's adapter modules in the test process),
+``test_tool_observation_preserves_custom_type`` (``pytest.mark.extra``: DSPy skips it without its
+extras).
 """
 
 import re
@@ -450,9 +452,14 @@ async def dspy_test_async_error_retry():
         assert re.search(r"\btool error\b", obs), f"unexpected observation_{i!r}: {obs}"
 
 
-# -- the cases: each test function of DSPy's predict/test_react.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_tool_calling_with_pydantic_args, dspy_test_tool_calling_without_typehint, dspy_test_trajectory_truncation, dspy_test_truncate_trajectory_raises_on_single_tool_call, dspy_test_truncation_exhausted_raises_context_window_exceeded_error, dspy_test_error_retry, dspy_test_tool_error_observation_format]
+SYNC_TESTS = [
+    dspy_test_tool_calling_with_pydantic_args, dspy_test_tool_calling_without_typehint,
+    dspy_test_trajectory_truncation, dspy_test_truncate_trajectory_raises_on_single_tool_call,
+    dspy_test_truncation_exhausted_raises_context_window_exceeded_error, dspy_test_error_retry,
+    dspy_test_tool_error_observation_format,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
@@ -460,7 +467,10 @@ def test_react_tests_of_dspy(run: Runner, dspy_test) -> None:
     assert run.check(dspy_test) is None  # its asserts held where it ran
 
 
-ASYNC_TESTS = [dspy_test_context_window_exceeded_after_retries, dspy_test_async_tool_calling_with_pydantic_args, dspy_test_async_error_retry]
+ASYNC_TESTS = [
+    dspy_test_context_window_exceeded_after_retries, dspy_test_async_tool_calling_with_pydantic_args,
+    dspy_test_async_error_retry,
+]
 
 
 @pytest.mark.parametrize("dspy_test", ASYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/adapters/test_reasoning.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_reasoning.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -137,9 +138,13 @@ def dspy_test_native_reasoning_default_survives_provider_omission():
     assert value["reasoning"] == dspy.Reasoning(content="(omitted)")
 
 
-# -- the cases: each test function of DSPy's adapters/test_reasoning.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_reasoning_basic_operations, dspy_test_reasoning_concatenation, dspy_test_reasoning_string_methods, dspy_test_reasoning_with_chain_of_thought, dspy_test_reasoning_error_message, dspy_test_native_reasoning_default_survives_provider_omission]
+SYNC_TESTS = [
+    dspy_test_reasoning_basic_operations, dspy_test_reasoning_concatenation,
+    dspy_test_reasoning_string_methods, dspy_test_reasoning_with_chain_of_thought,
+    dspy_test_reasoning_error_message, dspy_test_native_reasoning_default_survives_provider_omission,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

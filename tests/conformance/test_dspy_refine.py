@@ -1,6 +1,7 @@
-"""DSPy's own tests/predict/test_refine.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/predict/test_refine.py (stanfordnlp/dspy), unchanged but for the names (``test_*``
+→ ``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
 All its tests.
 """
@@ -88,9 +89,12 @@ def dspy_test_refine_module_custom_fail_count():
     )
 
 
-# -- the cases: each test function of DSPy's predict/test_refine.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_refine_forward_success_first_attempt, dspy_test_refine_module_default_fail_count, dspy_test_refine_module_custom_fail_count]
+SYNC_TESTS = [
+    dspy_test_refine_forward_success_first_attempt, dspy_test_refine_module_default_fail_count,
+    dspy_test_refine_module_custom_fail_count,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,11 +1,14 @@
-"""DSPy's own tests/utils/test_saving.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_saving.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` →
+``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
-Not here, because they ``pytest.mark.extra``: DSPy skips them without its extras: ``test_save_compiled_model``.
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_load_with_version_mismatch``.
+Not here, because they ``pytest.mark.extra``: DSPy skips them without its extras:
+``test_save_compiled_model``.
 """
 
+import logging
+from unittest.mock import patch
 
 import dspy
 import pytest
@@ -63,6 +66,57 @@ def dspy_test_save_model_with_custom_signature(tmp_path):
     assert predict.signature == loaded_predict.signature
 
 
+def dspy_test_load_with_version_mismatch(tmp_path):
+    from dspy.utils.saving import logger
+
+    # Mock versions during save
+    save_versions = {"python": "3.9", "dspy": "2.4.0", "cloudpickle": "2.0"}
+
+    # Mock versions during load
+    load_versions = {"python": "3.10", "dspy": "2.5.0", "cloudpickle": "2.1"}
+
+    predict = dspy.Predict("question->answer")
+
+    # Create a custom handler to capture log messages
+    class ListHandler(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    # Add handler and set level
+    handler = ListHandler()
+    original_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+    try:
+        # Mock version during save
+        with patch("dspy.primitives.base_module.get_dependency_versions", return_value=save_versions):
+            predict.save(tmp_path, save_program=True)
+
+        # Mock version during load
+        with patch("dspy.utils.saving.get_dependency_versions", return_value=load_versions):
+            loaded_predict = dspy.load(tmp_path, allow_pickle=True)
+
+        # Assert warnings were logged, and one warning for each mismatched dependency.
+        assert len(handler.messages) == 3
+
+        for msg in handler.messages:
+            assert "There is a mismatch of" in msg
+
+        # Verify the model still loads correctly despite version mismatches
+        assert isinstance(loaded_predict, dspy.Predict)
+        assert predict.signature == loaded_predict.signature
+
+    finally:
+        # Clean up: restore original level and remove handler
+        logger.setLevel(original_level)
+        logger.removeHandler(handler)
+
+
 def dspy_test_pickle_loading_requires_explicit_permission(tmp_path):
     """Test that loading pickle files requires explicit permission."""
     predict = dspy.Predict("question->answer")
@@ -105,11 +159,16 @@ def dspy_test_json_file_loading_works_without_permission(tmp_path):
     assert new_predict.dump_state() == predict.dump_state()
 
 
-# -- the cases: each test function of DSPy's utils/test_saving.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 
 
-TMP_PATH_TESTS = [dspy_test_save_predict, dspy_test_save_custom_model, dspy_test_save_model_with_custom_signature, dspy_test_pickle_loading_requires_explicit_permission, dspy_test_pkl_file_loading_requires_explicit_permission, dspy_test_json_file_loading_works_without_permission]
+TMP_PATH_TESTS = [
+    dspy_test_save_predict, dspy_test_save_custom_model, dspy_test_save_model_with_custom_signature,
+    dspy_test_load_with_version_mismatch, dspy_test_pickle_loading_requires_explicit_permission,
+    dspy_test_pkl_file_loading_requires_explicit_permission,
+    dspy_test_json_file_loading_works_without_permission,
+]
 
 
 @pytest.mark.parametrize("dspy_test", TMP_PATH_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/signatures/test_signature.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/signatures/test_signature.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -651,9 +652,30 @@ def dspy_test_predict_cloudpickle_roundtrip():
     assert list(loaded.signature.fields.keys()) == ["question", "answer"]
 
 
-# -- the cases: each test function of DSPy's signatures/test_signature.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_field_types_and_custom_attributes, dspy_test_no_input_output, dspy_test_no_input_output2, dspy_test_all_fields_have_prefix, dspy_test_signature_parsing, dspy_test_duplicate_input_output_field_names_raise, dspy_test_with_signature, dspy_test_append_instructions, dspy_test_append_instructions_chains, dspy_test_append_instructions_preserves_default_instructions, dspy_test_with_updated_field, dspy_test_empty_signature, dspy_test_instructions_signature, dspy_test_signature_instructions, dspy_test_signature_instructions_none, dspy_test_signature_from_dict, dspy_test_signature_equality, dspy_test_signature_inequality, dspy_test_equality_format, dspy_test_signature_reverse, dspy_test_insert_field_at_various_positions, dspy_test_order_preserved_with_mixed_annotations, dspy_test_infer_prefix, dspy_test_insantiating, dspy_test_insantiating2, dspy_test_multiline_instructions, dspy_test_dump_and_load_state, dspy_test_typed_signatures_basic_types, dspy_test_typed_signatures_generics, dspy_test_typed_signatures_unions_and_optionals, dspy_test_typed_signatures_any, dspy_test_typed_signatures_nested, dspy_test_typed_signatures_from_dict, dspy_test_typed_signatures_complex_combinations, dspy_test_make_signature_from_string, dspy_test_signature_field_with_constraints, dspy_test_basic_custom_type, dspy_test_custom_type_from_different_module, dspy_test_pep604_union_type_inline, dspy_test_pep604_union_type_inline_equivalence, dspy_test_pep604_union_type_inline_nested, dspy_test_pep604_union_type_class_nested, dspy_test_pep604_union_type_class_equivalence, dspy_test_pep604_union_type_insert, dspy_test_pep604_union_type_with_custom_types, dspy_test_signature_cloudpickle_roundtrip, dspy_test_predict_cloudpickle_roundtrip]
+SYNC_TESTS = [
+    dspy_test_field_types_and_custom_attributes, dspy_test_no_input_output, dspy_test_no_input_output2,
+    dspy_test_all_fields_have_prefix, dspy_test_signature_parsing,
+    dspy_test_duplicate_input_output_field_names_raise, dspy_test_with_signature,
+    dspy_test_append_instructions, dspy_test_append_instructions_chains,
+    dspy_test_append_instructions_preserves_default_instructions, dspy_test_with_updated_field,
+    dspy_test_empty_signature, dspy_test_instructions_signature, dspy_test_signature_instructions,
+    dspy_test_signature_instructions_none, dspy_test_signature_from_dict, dspy_test_signature_equality,
+    dspy_test_signature_inequality, dspy_test_equality_format, dspy_test_signature_reverse,
+    dspy_test_insert_field_at_various_positions, dspy_test_order_preserved_with_mixed_annotations,
+    dspy_test_infer_prefix, dspy_test_insantiating, dspy_test_insantiating2, dspy_test_multiline_instructions,
+    dspy_test_dump_and_load_state, dspy_test_typed_signatures_basic_types,
+    dspy_test_typed_signatures_generics, dspy_test_typed_signatures_unions_and_optionals,
+    dspy_test_typed_signatures_any, dspy_test_typed_signatures_nested, dspy_test_typed_signatures_from_dict,
+    dspy_test_typed_signatures_complex_combinations, dspy_test_make_signature_from_string,
+    dspy_test_signature_field_with_constraints, dspy_test_basic_custom_type,
+    dspy_test_custom_type_from_different_module, dspy_test_pep604_union_type_inline,
+    dspy_test_pep604_union_type_inline_equivalence, dspy_test_pep604_union_type_inline_nested,
+    dspy_test_pep604_union_type_class_nested, dspy_test_pep604_union_type_class_equivalence,
+    dspy_test_pep604_union_type_insert, dspy_test_pep604_union_type_with_custom_types,
+    dspy_test_signature_cloudpickle_roundtrip, dspy_test_predict_cloudpickle_roundtrip,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,22 +1,43 @@
-"""DSPy's own tests/streaming/test_streaming.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/streaming/test_streaming.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-streaming with DummyLM / without a network.
-
-Not here, because they need DSPy's ``litellm_test_server`` fixture (a proxy server): ``test_streamify_yields_expected_response_chunks``, ``test_streaming_response_yields_expected_response_chunks``.
-Not here, because they call a real model (``lm_for_test``, ``llm_call``, an API key): ``test_stream_listener_chat_adapter``, ``test_stream_listener_json_adapter``, ``test_sync_streaming``.
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_streaming_handles_space_correctly``, ``test_stream_listener_returns_correct_chunk_chat_adapter``, ``test_stream_listener_returns_correct_chunk_json_adapter``, ``test_stream_listener_returns_correct_chunk_chat_adapter_untokenized_stream``, ``test_stream_listener_missing_completion_marker_chat_adapter``, ``test_stream_listener_returns_correct_chunk_json_adapter_untokenized_stream``, ``test_status_message_non_blocking``, ``test_status_message_non_blocking_async_program``, ``test_stream_listener_allow_reuse``, ``test_stream_listener_returns_correct_chunk_xml_adapter``, ``test_streaming_allows_custom_streamable_type``, ``test_streaming_with_citations``, ``test_chat_adapter_simple_pydantic_streaming``, ``test_chat_adapter_with_generic_type_annotation``, ``test_chat_adapter_nested_pydantic_streaming``, ``test_chat_adapter_mixed_fields_streaming``, ``test_json_adapter_simple_pydantic_streaming``, ``test_json_adapter_bracket_balance_detection``, ``test_json_adapter_multiple_fields_detection``, ``test_streaming_reasoning_model``, ``test_stream_listener_empty_last_chunk_chat_adapter``, ``test_stream_listener_empty_last_chunk_json_adapter``, ``test_streaming_reasoning_fallback``.
+Not here, because they need DSPy's ``litellm_test_server`` fixture (a proxy server):
+``test_streamify_yields_expected_response_chunks``,
+``test_streaming_response_yields_expected_response_chunks``. Not here, because they call a real
+model (``lm_for_test``, ``llm_call``, an API key): ``test_stream_listener_chat_adapter``,
+``test_stream_listener_json_adapter``, ``test_sync_streaming``. Not here, because they fail
+in-process on DSPy 3.4.1 (written for another DSPy version: most build a ``dspy.LM("openai/...")``
+with no API key, which 3.4.1 refuses before the litellm function they patch is reached; the others
+assert prompts or fields of another version): ``test_streaming_handles_space_correctly``,
+``test_stream_listener_returns_correct_chunk_chat_adapter``,
+``test_stream_listener_returns_correct_chunk_json_adapter``,
+``test_stream_listener_returns_correct_chunk_chat_adapter_untokenized_stream``,
+``test_stream_listener_missing_completion_marker_chat_adapter``,
+``test_stream_listener_returns_correct_chunk_json_adapter_untokenized_stream``,
+``test_stream_listener_allow_reuse``, ``test_stream_listener_returns_correct_chunk_xml_adapter``,
+``test_streaming_allows_custom_streamable_type``, ``test_chat_adapter_simple_pydantic_streaming``,
+``test_chat_adapter_with_generic_type_annotation``, ``test_chat_adapter_nested_pydantic_streaming``,
+``test_chat_adapter_mixed_fields_streaming``, ``test_json_adapter_simple_pydantic_streaming``,
+``test_json_adapter_bracket_balance_detection``, ``test_json_adapter_multiple_fields_detection``,
+``test_streaming_reasoning_model``, ``test_stream_listener_empty_last_chunk_chat_adapter``,
+``test_stream_listener_empty_last_chunk_json_adapter``, ``test_streaming_reasoning_fallback``.
 """
 
 import asyncio
+import time
 from dataclasses import dataclass
+from unittest import mock
+from unittest.mock import AsyncMock
 
 import anyio.from_thread
 import dspy
 import pydantic
 import pytest
+from dspy.experimental import Citations, Document
 from dspy.streaming import StatusMessage, StatusMessageProvider
+from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
 
 from tests.conformance.harness import AsyncRunner, Runner, dspy_test_id
 
@@ -221,6 +242,62 @@ def dspy_test_sync_status_streaming():
 
 
 @pytest.mark.anyio
+async def dspy_test_status_message_non_blocking():
+    def dummy_tool():
+        time.sleep(1)
+        return "dummy_tool_output"
+
+    class MyProgram(dspy.Module):
+        def forward(self, question, **kwargs):
+            dspy.Tool(dummy_tool)()
+            return dspy.Prediction(answer="dummy_tool_output")
+
+    program = dspy.streamify(MyProgram(), status_message_provider=StatusMessageProvider())
+
+    with mock.patch("litellm.acompletion", new_callable=AsyncMock, side_effect=[dummy_tool]):
+        with dspy.context(lm=dspy.LM("openai/gpt-4o-mini", cache=False)):
+            output = program(question="why did a chicken cross the kitchen?")
+            timestamps = []
+            async for value in output:
+                if isinstance(value, dspy.streaming.StatusMessage):
+                    timestamps.append(time.time())
+
+    # timestamps[0]: tool start message
+    # timestamps[1]: tool end message
+    # There should be ~1 second delay between the tool start and end messages because we explicitly sleep for 1 second
+    # in the tool.
+    assert timestamps[1] - timestamps[0] >= 1
+
+
+@pytest.mark.anyio
+async def dspy_test_status_message_non_blocking_async_program():
+    async def dummy_tool():
+        await asyncio.sleep(1)
+        return "dummy_tool_output"
+
+    class MyProgram(dspy.Module):
+        async def aforward(self, question, **kwargs):
+            await dspy.Tool(dummy_tool).acall()
+            return dspy.Prediction(answer="dummy_tool_output")
+
+    program = dspy.streamify(MyProgram(), status_message_provider=StatusMessageProvider(), is_async_program=True)
+
+    with mock.patch("litellm.acompletion", new_callable=AsyncMock, side_effect=[dummy_tool]):
+        with dspy.context(lm=dspy.LM("openai/gpt-4o-mini", cache=False)):
+            output = program(question="why did a chicken cross the kitchen?")
+            timestamps = []
+            async for value in output:
+                if isinstance(value, dspy.streaming.StatusMessage):
+                    timestamps.append(time.time())
+
+    # timestamps[0]: tool start message
+    # timestamps[1]: tool end message
+    # There should be ~1 second delay between the tool start and end messages because we explicitly sleep for 1 second
+    # in the tool.
+    assert timestamps[1] - timestamps[0] >= 1
+
+
+@pytest.mark.anyio
 async def dspy_test_streaming_allows_custom_chunk_types():
     @dataclass
     class CustomChunk:
@@ -244,6 +321,115 @@ async def dspy_test_streaming_allows_custom_chunk_types():
 
     assert isinstance(all_chunks[0], CustomChunk)
     assert isinstance(all_chunks[1], dspy.Prediction)
+
+
+@pytest.mark.anyio
+async def dspy_test_streaming_with_citations():
+    class AnswerWithSources(dspy.Signature):
+        """Answer questions using provided documents with citations."""
+
+        documents: list[Document] = dspy.InputField()
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField()
+        citations: Citations = dspy.OutputField()
+
+    class MyProgram(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.predict = dspy.Predict(AnswerWithSources)
+
+        def forward(self, documents, question, **kwargs):
+            return self.predict(documents=documents, question=question, **kwargs)
+
+    async def citation_stream(*args, **kwargs):
+        # Stream chunks with citation data in provider_specific_fields
+        # To verify the realistic scenario with more than 10 chunks in the stream, include more than 10 chunks before the citation.
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="[[ ##"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" answer"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" ## ]]\n\n"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="A"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="c"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="c"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="o"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="r"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="d"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="i"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="n"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="g"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" to "))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content="the references,"))])
+        yield ModelResponseStream(
+            model="claude",
+            choices=[
+                StreamingChoices(
+                    delta=Delta(
+                        content="",
+                        provider_specific_fields={
+                            "citation": {
+                                "type": "char_location",
+                                "cited_text": "water boils at 100°C",
+                                "document_index": 0,
+                                "document_title": "Physics Facts",
+                                "start_char_index": 0,
+                                "end_char_index": 19,
+                            }
+                        },
+                    )
+                )
+            ],
+        )
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" water"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" boils"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" at"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" 100°C"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=".\n\n[[ ##"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" completed"))])
+        yield ModelResponseStream(model="claude", choices=[StreamingChoices(delta=Delta(content=" ## ]]"))])
+
+    # Mock the final response choice to include provider_specific_fields with citations
+    with mock.patch("litellm.acompletion", return_value=citation_stream()):
+        program = dspy.streamify(
+            MyProgram(),
+            stream_listeners=[
+                dspy.streaming.StreamListener(signature_field_name="answer"),
+                dspy.streaming.StreamListener(signature_field_name="citations"),
+            ],
+        )
+
+        # Create test documents
+        docs = [Document(data="Water boils at 100°C at standard pressure.", title="Physics Facts")]
+
+        with dspy.context(
+            lm=dspy.LM("anthropic/claude-3-5-sonnet-20241022", cache=False),
+            adapter=dspy.ChatAdapter(native_response_types=[Citations]),
+        ):
+            output = program(documents=docs, question="What temperature does water boil?")
+            citation_chunks = []
+            answer_chunks = []
+            final_prediction = None
+            async for value in output:
+                if isinstance(value, dspy.streaming.StreamResponse) and value.signature_field_name == "citations":
+                    citation_chunks.append(value)
+                elif isinstance(value, dspy.streaming.StreamResponse) and value.signature_field_name == "answer":
+                    answer_chunks.append(value.chunk)
+                elif isinstance(value, dspy.Prediction):
+                    final_prediction = value
+
+            # Test that we received citation chunks from streaming
+            assert len(citation_chunks) > 0
+            citation_chunk = citation_chunks[0]
+            assert isinstance(citation_chunk.chunk, Citations)
+            assert len(citation_chunk.chunk) == 1
+            assert citation_chunk.chunk[0].cited_text == "water boils at 100°C"
+            assert citation_chunk.chunk[0].document_title == "Physics Facts"
+
+            # Verify the answer chunks are correct
+            assert "".join(answer_chunks) == "According to the references, water boils at 100°C."
+
+            # Test that prediction contains the expected fields
+            assert final_prediction is not None
+            assert hasattr(final_prediction, "answer")
+            assert hasattr(final_prediction, "citations")
 
 
 # Test Pydantic Models
@@ -311,9 +497,16 @@ def dspy_test_stream_listener_could_form_end_identifier_xml_adapter():
     assert listener._could_form_end_identifier("some text", "XMLAdapter") is False
 
 
-# -- the cases: each test function of DSPy's streaming/test_streaming.py is the program, run in-process and through a session --
+# pydantic warns once per process when it first builds a schema of litellm's types: not the case's
+pytestmark = pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning")
 
-SYNC_TESTS = [dspy_test_sync_status_streaming, dspy_test_stream_listener_could_form_end_identifier_chat_adapter, dspy_test_stream_listener_could_form_end_identifier_json_adapter, dspy_test_stream_listener_could_form_end_identifier_xml_adapter]
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_sync_status_streaming, dspy_test_stream_listener_could_form_end_identifier_chat_adapter,
+    dspy_test_stream_listener_could_form_end_identifier_json_adapter,
+    dspy_test_stream_listener_could_form_end_identifier_xml_adapter,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
@@ -321,7 +514,12 @@ def test_streaming_tests_of_dspy(run: Runner, dspy_test) -> None:
     assert run.check(dspy_test) is None  # its asserts held where it ran
 
 
-ASYNC_TESTS = [dspy_test_default_status_streaming, dspy_test_custom_status_streaming, dspy_test_concurrent_status_message_providers, dspy_test_default_status_streaming_in_async_program, dspy_test_streaming_allows_custom_chunk_types]
+ASYNC_TESTS = [
+    dspy_test_default_status_streaming, dspy_test_custom_status_streaming,
+    dspy_test_concurrent_status_message_providers, dspy_test_default_status_streaming_in_async_program,
+    dspy_test_status_message_non_blocking, dspy_test_status_message_non_blocking_async_program,
+    dspy_test_streaming_allows_custom_chunk_types, dspy_test_streaming_with_citations,
+]
 
 
 @pytest.mark.parametrize("dspy_test", ASYNC_TESTS, ids=dspy_test_id)

@@ -1,6 +1,7 @@
-"""DSPy's own tests/utils/test_syncify.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_syncify.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` →
+``dspy_test_*``, so that pytest does not collect them here as well): each test function is the
+program, run in-process and through a session (``run.check``: its asserts hold on either side, it
+returns None).
 
 All its tests.
 """
@@ -67,9 +68,11 @@ def dspy_test_syncify_works_with_optimizers():
     assert len(optimized_program.predictors()[0].demos) == 2
 
 
-# -- the cases: each test function of DSPy's utils/test_syncify.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_syncify_in_place, dspy_test_syncify_with_wrapper, dspy_test_syncify_works_with_optimizers]
+SYNC_TESTS = [
+    dspy_test_syncify_in_place, dspy_test_syncify_with_wrapper, dspy_test_syncify_works_with_optimizers,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

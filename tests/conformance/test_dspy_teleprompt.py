@@ -1,6 +1,7 @@
-"""DSPy's own tests/teleprompt/test_teleprompt.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/teleprompt/test_teleprompt.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests.
 """
@@ -27,7 +28,7 @@ def dspy_test_get_params():
     assert params == {"param1": 1, "param2": "test"}
 
 
-# -- the cases: each test function of DSPy's teleprompt/test_teleprompt.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 SYNC_TESTS = [dspy_test_get_params]
 

@@ -1,11 +1,15 @@
-"""DSPy's own tests/utils/test_usage_tracker.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_usage_tracker.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-Not here: ``test_track_usage_context_manager`` (DSPy's ``lm_for_test`` fixture: a real model over the
-network), ``test_parallel_executor_with_usage_tracker`` (a ``unittest.mock.MagicMock`` LM).
+Not here, because they call a real model (``lm_for_test``, ``llm_call``, an API key):
+``test_track_usage_context_manager``.
 """
 
+from unittest import mock
+
+import dspy
 import pytest
 from dspy.utils.usage_tracker import UsageTracker
 from pydantic import BaseModel
@@ -328,9 +332,71 @@ def dspy_test_merge_usage_entries_with_pydantic_models():
     assert total_usage["gpt-4o-mini"]["completion_tokens_details"]["rejected_prediction_tokens"] == 1
 
 
-# -- the cases: each test function of DSPy's utils/test_usage_tracker.py is the program, run in-process and through a session --
+def dspy_test_parallel_executor_with_usage_tracker():
+    """Test that usage tracking works correctly with ParallelExecutor and mocked LM calls."""
 
-SYNC_TESTS = [dspy_test_add_usage_entry, dspy_test_get_total_tokens, dspy_test_track_usage_with_multiple_models, dspy_test_merge_usage_entries_with_new_keys, dspy_test_merge_usage_entries_with_none_values, dspy_test_merge_usage_entries_with_pydantic_models]
+    parent_tracker = UsageTracker()
+
+    # Mock LM with different responses
+    mock_lm = mock.MagicMock(spec=dspy.LM)
+    mock_lm.return_value = ['{"answer": "Mocked answer"}']
+    mock_lm.kwargs = {}
+    mock_lm.model = "openai/gpt-4o-mini"
+
+    dspy.configure(lm=mock_lm, adapter=dspy.JSONAdapter())
+
+    def task1():
+        # Simulate LM usage tracking for task 1
+        dspy.settings.usage_tracker.add_usage(
+            "openai/gpt-4o-mini",
+            {
+                "prompt_tokens": 50,
+                "completion_tokens": 10,
+                "total_tokens": 60,
+            },
+        )
+        return dspy.settings.usage_tracker.get_total_tokens()
+
+    def task2():
+        # Simulate LM usage tracking for task 2 with different values
+        dspy.settings.usage_tracker.add_usage(
+            "openai/gpt-4o-mini",
+            {
+                "prompt_tokens": 80,
+                "completion_tokens": 15,
+                "total_tokens": 95,
+            },
+        )
+        return dspy.settings.usage_tracker.get_total_tokens()
+
+    # Execute tasks in parallel
+    with dspy.context(track_usage=True, usage_tracker=parent_tracker):
+        executor = dspy.Parallel()
+        results = executor([(task1, {}), (task2, {})])
+    # Verify that the two workers had different usage
+    usage1 = results[0]
+    usage2 = results[1]
+
+    # Task 1 should have 50 prompt tokens, task 2 should have 80
+    assert usage1["openai/gpt-4o-mini"]["prompt_tokens"] == 50
+    assert usage1["openai/gpt-4o-mini"]["completion_tokens"] == 10
+    assert usage2["openai/gpt-4o-mini"]["prompt_tokens"] == 80
+    assert usage2["openai/gpt-4o-mini"]["completion_tokens"] == 15
+
+    # Parent tracker should remain unchanged (workers have independent copies)
+    assert len(parent_tracker.usage_data) == 0
+
+
+# pydantic warns once per process when it first builds a schema of litellm's types: not the case's
+pytestmark = pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning")
+
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_add_usage_entry, dspy_test_get_total_tokens, dspy_test_track_usage_with_multiple_models,
+    dspy_test_merge_usage_entries_with_new_keys, dspy_test_merge_usage_entries_with_none_values,
+    dspy_test_merge_usage_entries_with_pydantic_models, dspy_test_parallel_executor_with_usage_tracker,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

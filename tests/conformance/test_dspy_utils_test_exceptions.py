@@ -1,6 +1,7 @@
-"""DSPy's own tests/utils/test_exceptions.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/utils/test_exceptions.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
 All its tests. This module's name ends in ``test_exceptions.py`` because
 ``test_format_error_for_lm_with_traceback`` asserts that file name is in the traceback (here the
@@ -186,9 +187,17 @@ def dspy_test_format_error_for_lm_limits_traceback_frames():
     assert full.endswith("RuntimeError: deep failure")
 
 
-# -- the cases: each test function of DSPy's utils/test_exceptions.py is the program, run in-process and through a session --
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
 
-SYNC_TESTS = [dspy_test_lm_errors_are_exported_from_dspy, dspy_test_retryable_lm_errors_classification, dspy_test_lm_error_metadata, dspy_test_context_window_exceeded_error_defaults, dspy_test_context_window_exceeded_error_with_model, dspy_test_context_window_exceeded_error_with_message, dspy_test_context_window_exceeded_error_message_without_model, dspy_test_adapter_parse_error_basic, dspy_test_adapter_parse_error_with_message, dspy_test_adapter_parse_error_with_parsed_result, dspy_test_format_error_for_lm_without_traceback, dspy_test_format_error_for_lm_with_traceback, dspy_test_format_error_for_lm_limits_traceback_frames]
+SYNC_TESTS = [
+    dspy_test_lm_errors_are_exported_from_dspy, dspy_test_retryable_lm_errors_classification,
+    dspy_test_lm_error_metadata, dspy_test_context_window_exceeded_error_defaults,
+    dspy_test_context_window_exceeded_error_with_model, dspy_test_context_window_exceeded_error_with_message,
+    dspy_test_context_window_exceeded_error_message_without_model, dspy_test_adapter_parse_error_basic,
+    dspy_test_adapter_parse_error_with_message, dspy_test_adapter_parse_error_with_parsed_result,
+    dspy_test_format_error_for_lm_without_traceback, dspy_test_format_error_for_lm_with_traceback,
+    dspy_test_format_error_for_lm_limits_traceback_frames,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)

@@ -1,13 +1,15 @@
-"""DSPy's own tests/adapters/test_xml_adapter.py (stanfordnlp/dspy), unchanged but for the names (``test_*`` → ``dspy_test_*``, so that pytest does not collect them here
-as well): each test function is the program, run
-in-process and through a session (``run.check``: its asserts hold on either side, it returns None).
+"""DSPy's own tests/adapters/test_xml_adapter.py (stanfordnlp/dspy), unchanged but for the names
+(``test_*`` → ``dspy_test_*``, so that pytest does not collect them here as well): each test
+function is the program, run in-process and through a session (``run.check``: its asserts hold on
+either side, it returns None).
 
-formatting and parsing without a model.
-
-Not here, because they patch litellm or DSPy internals of the test process with ``unittest.mock`` (meaningless on a worker): ``test_xml_adapter_with_code``.
-Not here, because they fail in-process on DSPy 3.4.1 (prompts of another DSPy version): ``test_xml_adapter_full_prompt``, ``test_xml_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``.
+Not here, because they fail in-process on DSPy 3.4.1 (written for another DSPy version: most build a
+``dspy.LM("openai/...")`` with no API key, which 3.4.1 refuses before the litellm function they
+patch is reached; the others assert prompts or fields of another version):
+``test_xml_adapter_full_prompt``,
+``test_xml_adapter_format_exact_messages_with_history_demo_pydantic_tools_and_image``,
+``test_xml_adapter_with_code``.
 """
-
 
 import dspy
 import pydantic
@@ -778,9 +780,32 @@ def dspy_test_xml_adapter_missing_optional_output_fields_fall_back_to_defaults()
     assert parsed == {"answer": "Paris", "note": "No note", "maybe": None}
 
 
-# -- the cases: each test function of DSPy's adapters/test_xml_adapter.py is the program, run in-process and through a session --
+# pydantic warns once per process when it first builds a schema of litellm's types: not the case's
+pytestmark = pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning")
 
-SYNC_TESTS = [dspy_test_xml_adapter_format_and_parse_basic, dspy_test_xml_adapter_parse_multiple_fields, dspy_test_xml_adapter_parse_raises_on_missing_field, dspy_test_xml_adapter_parse_casts_types, dspy_test_xml_adapter_parse_raises_on_type_error, dspy_test_xml_adapter_repeated_dict_elements_and_empty_lists, dspy_test_xml_adapter_uses_pydantic_field_names_as_xml_tags, dspy_test_xml_adapter_typed_dict_schema_and_parsing, dspy_test_xml_adapter_parses_nullable_and_structured_union_fields, dspy_test_xml_adapter_recursive_model_schema_terminates, dspy_test_xml_adapter_escapes_closing_tags_and_rejects_malformed_xml, dspy_test_xml_adapter_format_and_parse_nested_model, dspy_test_xml_adapter_format_and_parse_list_of_models, dspy_test_xml_adapter_with_tool_like_output, dspy_test_xml_adapter_formats_nested_images, dspy_test_xml_adapter_format_exact_messages_for_simple_signature, dspy_test_xml_adapter_format_exact_non_native_tool_result_history_field, dspy_test_xml_adapter_format_exact_messages_for_two_input_signature, dspy_test_xml_adapter_format_exact_messages_with_demo_and_typed_output, dspy_test_xml_adapter_format_exact_messages_with_nested_pydantic_output, dspy_test_xml_adapter_format_exact_messages_with_incomplete_demo, dspy_test_format_system_message, dspy_test_xml_adapter_missing_optional_output_fields_fall_back_to_defaults]
+# -- the cases: DSPy's test functions as programs, in-process and through a session --
+
+SYNC_TESTS = [
+    dspy_test_xml_adapter_format_and_parse_basic, dspy_test_xml_adapter_parse_multiple_fields,
+    dspy_test_xml_adapter_parse_raises_on_missing_field, dspy_test_xml_adapter_parse_casts_types,
+    dspy_test_xml_adapter_parse_raises_on_type_error,
+    dspy_test_xml_adapter_repeated_dict_elements_and_empty_lists,
+    dspy_test_xml_adapter_uses_pydantic_field_names_as_xml_tags,
+    dspy_test_xml_adapter_typed_dict_schema_and_parsing,
+    dspy_test_xml_adapter_parses_nullable_and_structured_union_fields,
+    dspy_test_xml_adapter_recursive_model_schema_terminates,
+    dspy_test_xml_adapter_escapes_closing_tags_and_rejects_malformed_xml,
+    dspy_test_xml_adapter_format_and_parse_nested_model,
+    dspy_test_xml_adapter_format_and_parse_list_of_models, dspy_test_xml_adapter_with_tool_like_output,
+    dspy_test_xml_adapter_formats_nested_images,
+    dspy_test_xml_adapter_format_exact_messages_for_simple_signature,
+    dspy_test_xml_adapter_format_exact_non_native_tool_result_history_field,
+    dspy_test_xml_adapter_format_exact_messages_for_two_input_signature,
+    dspy_test_xml_adapter_format_exact_messages_with_demo_and_typed_output,
+    dspy_test_xml_adapter_format_exact_messages_with_nested_pydantic_output,
+    dspy_test_xml_adapter_format_exact_messages_with_incomplete_demo, dspy_test_format_system_message,
+    dspy_test_xml_adapter_missing_optional_output_fields_fall_back_to_defaults,
+]
 
 
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
