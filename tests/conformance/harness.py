@@ -225,3 +225,12 @@ class AsyncThroughSession(AsyncRunner):
 def dspy_test_id(test: Callable[..., Any]) -> str:
     """The pytest id of a DSPy test function copied here as ``dspy_test_*``: DSPy's own name."""
     return test.__name__.removeprefix("dspy_")
+
+
+def dspy_test_params(test: Callable[..., Any]) -> list[tuple[Any, ...]]:
+    """The argument tuples of a DSPy test function's one ``pytest.mark.parametrize``, as DSPy wrote it."""
+    (mark,) = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+    names, values = mark.args[0], mark.args[1]
+    several = len(names.split(",") if isinstance(names, str) else names) > 1
+    rows = [getattr(v, "values", v) for v in values]  # a ``pytest.param(...)`` row keeps its values there
+    return [tuple(row) if several else (row,) for row in rows]

@@ -3,13 +3,7 @@
 function is the program, run in-process and through a session (``run.check``: its asserts hold on
 either side, it returns None).
 
-Not here, because they parametrized (left for later):
-``test_chat_adapter_quotes_literals_as_expected``,
-``test_adapter_native_tool_calling_can_request_parallel_tool_calls``,
-``test_chat_adapter_native_tool_history_skips_unmatched_tool_calls``,
-``test_non_native_tool_history_remains_text_based``,
-``test_tool_call_with_null_or_missing_content_does_not_raise``. Not here, because they call a real
-model (``lm_for_test``, ``llm_call``, an API key):
+Not here, because they call a real model (``lm_for_test``, ``llm_call``, an API key):
 ``test_chat_adapter_format_exact_messages_with_citations_output_demo``. Not here, because they fail
 in-process on DSPy 3.4.1 (written for another DSPy version: most build a ``dspy.LM("openai/...")``
 with no API key, which 3.4.1 refuses before the litellm function they patch is reached; the others
@@ -30,7 +24,9 @@ assert prompts or fields of another version):
 ``test_empty_string_content_raises_adapter_parse_error``,
 ``test_responses_model_native_tool_calling_round_trips_tool_only_output``,
 ``test_chat_adapter_fallback_to_json_adapter_on_exception_async``,
-``test_chat_adapter_async_fallback_preserves_native_function_calling_flag``.
+``test_chat_adapter_async_fallback_preserves_native_function_calling_flag``,
+``test_chat_adapter_quotes_literals_as_expected``,
+``test_tool_call_with_null_or_missing_content_does_not_raise``.
 """
 
 import json
@@ -42,7 +38,7 @@ import pytest
 from dspy.experimental import Citations, Document
 
 from tests.conformance.dspy_adapter_capture import format_messages_and_lm_kwargs
-from tests.conformance.harness import AsyncRunner, Runner, dspy_test_id
+from tests.conformance.harness import AsyncRunner, Runner, dspy_test_id, dspy_test_params
 
 
 def dspy_test_chat_adapter_sync_call():
@@ -797,6 +793,40 @@ def dspy_test_chat_adapter_format_exact_messages_and_lm_kwargs_with_native_tool_
     assert lm_kwargs == expected_lm_kwargs
 
 
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        dspy.ChatAdapter(use_native_function_calling=True, parallel_tool_calls=True),
+        dspy.JSONAdapter(use_native_function_calling=True, parallel_tool_calls=True),
+        dspy.XMLAdapter(use_native_function_calling=True, parallel_tool_calls=True),
+    ],
+)
+def dspy_test_adapter_native_tool_calling_can_request_parallel_tool_calls(adapter):
+    class FunctionCallingLM(dspy.utils.DummyLM):
+        @property
+        def supports_function_calling(self):
+            return True
+
+    def search(query: str) -> str:
+        return query
+
+    class NativeToolSignature(dspy.Signature):
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        tool_calls: dspy.ToolCalls = dspy.OutputField()
+
+    _messages, lm_kwargs = format_messages_and_lm_kwargs(
+        adapter,
+        NativeToolSignature,
+        [],
+        {"question": "Q?", "tools": [dspy.Tool(search)]},
+        lm=FunctionCallingLM([{}]),
+    )
+
+    assert lm_kwargs["tool_choice"] == "auto"
+    assert lm_kwargs["parallel_tool_calls"] is True
+
+
 def dspy_test_adapter_native_tool_calling_respects_lm_kwargs_parallel_tool_call_override():
     class FunctionCallingLM(dspy.utils.DummyLM):
         @property
@@ -980,6 +1010,117 @@ def dspy_test_chat_adapter_native_tool_history_skips_empty_user_message():
     assert messages[1]["role"] == "assistant"
     assert messages[1]["content"] is None
     assert messages[2]["role"] == "tool"
+
+
+@pytest.mark.parametrize(
+    "tool_call_id, tool_call_results",
+    [
+        ("call_1", None),
+        (
+            "call_1",
+            dspy.ToolCallResults(
+                tool_call_results=[
+                    dspy.ToolCallResults.ToolCallResult(call_id="other_call", name="search", value="cat result")
+                ]
+            ),
+        ),
+        (
+            None,
+            dspy.ToolCallResults(
+                tool_call_results=[
+                    dspy.ToolCallResults.ToolCallResult(call_id=None, name="search", value="cat result")
+                ]
+            ),
+        ),
+    ],
+)
+def dspy_test_chat_adapter_native_tool_history_skips_unmatched_tool_calls(tool_call_id, tool_call_results):
+    class FunctionCallingLM(dspy.utils.DummyLM):
+        @property
+        def supports_function_calling(self):
+            return True
+
+    def search(query: str) -> str:
+        return query
+
+    class NativeToolHistorySignature(dspy.Signature):
+        question: str = dspy.InputField()
+        history: dspy.History = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        next_thought: dspy.Reasoning = dspy.OutputField()
+        tool_calls: dspy.ToolCalls = dspy.OutputField()
+
+    tool_call = dspy.ToolCalls.ToolCall(id=tool_call_id, name="search", args={"query": "cats"})
+    tool_calls = dspy.ToolCalls(tool_calls=[tool_call], tool_call_results=tool_call_results)
+    history = dspy.History(
+        messages=[
+            {
+                "question": "Q1",
+                "next_thought": dspy.Reasoning(content="I should search."),
+                "tool_calls": tool_calls,
+            }
+        ]
+    )
+
+    messages, _ = format_messages_and_lm_kwargs(
+        dspy.ChatAdapter(use_native_function_calling=True),
+        NativeToolHistorySignature,
+        [],
+        {"question": "Q2", "history": history, "tools": [dspy.Tool(search)]},
+        lm=FunctionCallingLM([{}]),
+    )
+
+    assert all("tool_calls" not in message for message in messages)
+    assert all(message["role"] != "tool" for message in messages)
+    assert messages[2]["role"] == "assistant"
+    assert "I should search." in messages[2]["content"]
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [dspy.ChatAdapter(use_native_function_calling=False), dspy.JSONAdapter(use_native_function_calling=False)],
+)
+def dspy_test_non_native_tool_history_remains_text_based(adapter):
+    def search(query: str) -> str:
+        return query
+
+    class ToolHistorySignature(dspy.Signature):
+        question: str = dspy.InputField()
+        history: dspy.History = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        next_thought: str = dspy.OutputField()
+        tool_calls: dspy.ToolCalls = dspy.OutputField()
+
+    tool_call = dspy.ToolCalls.ToolCall(id="call_1", name="search", args={"query": "cats"})
+    tool_call_results = dspy.ToolCallResults.from_tool_calls_and_values([tool_call], ["cat"])
+    messages = adapter.format(
+        ToolHistorySignature,
+        [],
+        {
+            "question": "Q2",
+            "history": dspy.History(
+                messages=[
+                    {
+                        "question": "Q1",
+                        "next_thought": "I should search.",
+                        "tool_calls": dspy.ToolCalls(tool_calls=[tool_call], tool_call_results=tool_call_results),
+                    }
+                ]
+            ),
+            "tools": [dspy.Tool(search)],
+        },
+    )
+
+    assert all(message["role"] != "tool" for message in messages)
+    assert [message["role"] for message in messages[1:]] == ["user", "assistant", "user", "user"]
+    assert "Q1" in messages[1]["content"]
+    assert "tool_call_results" not in messages[1]["content"]
+    assert "tool_calls" in messages[2]["content"]
+    assert "[[ ## tool_call_results ## ]]" in messages[3]["content"]
+    assert "cat" in messages[3]["content"]
+    assert "Q2" not in messages[3]["content"]
+    assert "Q2" in messages[4]["content"]
+    assert "None" not in messages[3]["content"]
 
 
 def dspy_test_chat_adapter_format_accepts_custom_history_formatter_returning_messages_only():
@@ -1499,3 +1640,21 @@ def test_async_chat_adapter_tests_of_dspy(arun: AsyncRunner, dspy_test) -> None:
         return await arun(dspy_test)
 
     assert arun.check(main) is None  # its asserts held where it ran
+
+
+# its parametrized tests, with DSPy's own parameters (read from their marks)
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_adapter_native_tool_calling_can_request_parallel_tool_calls))
+def test_adapter_native_tool_calling_can_request_parallel_tool_calls_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_adapter_native_tool_calling_can_request_parallel_tool_calls, *args) is None  # its asserts held where it ran
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_chat_adapter_native_tool_history_skips_unmatched_tool_calls))
+def test_chat_adapter_native_tool_history_skips_unmatched_tool_calls_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_chat_adapter_native_tool_history_skips_unmatched_tool_calls, *args) is None  # its asserts held where it ran
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_non_native_tool_history_remains_text_based))
+def test_non_native_tool_history_remains_text_based_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_non_native_tool_history_remains_text_based, *args) is None  # its asserts held where it ran

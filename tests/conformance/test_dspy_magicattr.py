@@ -3,7 +3,7 @@
 program, run in-process and through a session (``run.check``: its asserts hold on either side, it
 returns None).
 
-Not here, because they parametrized (left for later): ``test_magicattr_get``.
+All its tests.
 """
 
 import copy
@@ -11,7 +11,7 @@ import copy
 import pytest
 from dspy.utils import magicattr
 
-from tests.conformance.harness import SESSION, Runner, dspy_test_id
+from tests.conformance.harness import SESSION, Runner, dspy_test_id, dspy_test_params
 
 
 class Test:
@@ -32,6 +32,36 @@ class Person:
         self.name = name
         self.age = age
         self.friends = friends
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("l", Test.l),
+        ("t.t.t.t.z", "z"),
+        ("a[0]", 0),
+        ("a[1][0]", 1),
+        ("a[1][2]", [3, 4]),
+        ('b["x"]', {"y": "y"}),
+        ('b["x"]["y"]', "y"),
+        ('b["z"]', [1, 2]),
+        ('b["z"][1]', 2),
+        ('b["w"].z', "z"),
+        ('b["w"].t.l', [1, 2]),
+        ("a[-1].z", "z"),
+        ("l[-1]", 2),
+        ("a[2].t.a[-1].z", "z"),
+        ('a[2].t.b["z"][0]', 1),
+        ("a[-1].t.z", "z"),
+    ],
+)
+def dspy_test_magicattr_get(key, value):
+    obj = Test()
+    obj.t = obj
+    obj.a.append(obj)
+    obj.b["w"] = obj
+
+    assert magicattr.get(obj, key) == value
 
 
 def dspy_test_person_example():
@@ -116,6 +146,14 @@ SYNC_TESTS = [dspy_test_empty]
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
 def test_magicattr_tests_of_dspy(run: Runner, dspy_test) -> None:
     assert run.check(dspy_test) is None  # its asserts held where it ran
+
+
+# its parametrized tests, with DSPy's own parameters (read from their marks)
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_magicattr_get))
+def test_magicattr_get_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_magicattr_get, *args) is None  # its asserts held where it ran
 
 
 def test_person_example_of_dspy(run: Runner) -> None:

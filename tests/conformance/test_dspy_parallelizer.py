@@ -3,18 +3,18 @@
 function is the program, run in-process and through a session (``run.check``: its asserts hold on
 either side, it returns None).
 
-Not here, because they parametrized (left for later):
-``test_workers_inherit_active_callback_call_id``,
-``test_none_returning_tasks_are_counted_as_complete``.
+All its tests.
 """
 
 import threading
 import time
+from unittest import mock
 
 import pytest
+from dspy.utils.callback import ACTIVE_CALL_ID
 from dspy.utils.parallelizer import ParallelExecutor
 
-from tests.conformance.harness import Runner, dspy_test_id
+from tests.conformance.harness import Runner, dspy_test_id, dspy_test_params
 
 
 def dspy_test_worker_threads_independence():
@@ -27,6 +27,21 @@ def dspy_test_worker_threads_independence():
     results = executor.execute(task, data)
 
     assert results == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def dspy_test_workers_inherit_active_callback_call_id(num_threads):
+    executor = ParallelExecutor(num_threads=num_threads)
+
+    for parent_call_id in ["first-parent", "second-parent"]:
+        token = ACTIVE_CALL_ID.set(parent_call_id)
+        try:
+            observed_call_ids = executor.execute(lambda _: ACTIVE_CALL_ID.get(), range(5))
+
+            assert observed_call_ids == [parent_call_id] * 5
+            assert ACTIVE_CALL_ID.get() == parent_call_id
+        finally:
+            ACTIVE_CALL_ID.reset(token)
 
 
 def dspy_test_parallel_execution_speed():
@@ -179,6 +194,18 @@ def dspy_test_sequential_compare_results():
     assert results == [(1, False), (2, False), (3, True), (4, True), (5, True)]
 
 
+@pytest.mark.parametrize("num_threads", [1, 3])
+def dspy_test_none_returning_tasks_are_counted_as_complete(num_threads):
+    data = [1, 2, 3, 4, 5]
+    executor = ParallelExecutor(num_threads=num_threads, disable_progress_bar=True)
+
+    with mock.patch.object(executor, "_update_progress") as update_progress:
+        results = executor.execute(lambda _: None, data)
+
+    assert results == [None] * len(data)
+    assert update_progress.call_args == mock.call(mock.ANY, len(data), len(data))
+
+
 # -- the cases: DSPy's test functions as programs, in-process and through a session --
 
 SYNC_TESTS = [
@@ -193,3 +220,16 @@ SYNC_TESTS = [
 @pytest.mark.parametrize("dspy_test", SYNC_TESTS, ids=dspy_test_id)
 def test_parallelizer_tests_of_dspy(run: Runner, dspy_test) -> None:
     assert run.check(dspy_test) is None  # its asserts held where it ran
+
+
+# its parametrized tests, with DSPy's own parameters (read from their marks)
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_workers_inherit_active_callback_call_id))
+def test_workers_inherit_active_callback_call_id_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_workers_inherit_active_callback_call_id, *args) is None  # its asserts held where it ran
+
+
+@pytest.mark.parametrize("args", dspy_test_params(dspy_test_none_returning_tasks_are_counted_as_complete))
+def test_none_returning_tasks_are_counted_as_complete_of_dspy(run: Runner, args) -> None:
+    assert run.check(dspy_test_none_returning_tasks_are_counted_as_complete, *args) is None  # its asserts held where it ran
