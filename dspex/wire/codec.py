@@ -17,6 +17,7 @@ cloudpickle, ext 13) or as a ref. Decoding is :mod:`dspex.wire.decoding` (``deco
 from __future__ import annotations
 
 import enum
+import gc
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -93,14 +94,23 @@ class Sender(Protocol):
 
 
 class Repeats:
-    """Told by ``encode`` whether an object went twice by value (pickled or as a record): each
-    occurrence arrives as its own copy, where in-process they are one object."""
+    """Told by ``encode`` whether one object with an identity of its own went twice: by value
+    (pickled or as a record) or as a container (a list, dict, tuple, set, array, subclass value...)
+    anywhere in the value. Each occurrence arrives as its own copy, where in-process they are one
+    object."""
 
-    __slots__ = ("records", "seen")
+    __slots__ = ("met", "seen")
 
     def __init__(self) -> None:
         self.seen = False
-        self.records: set[int] = set()
+        # what convert met, kept alive so that an id stays that object's for the encode
+        self.met: dict[int, object] = {}
+
+    def meet(self, obj: object) -> None:
+        if id(obj) in self.met:
+            self.seen = True
+        else:
+            self.met[id(obj)] = obj
 
 
 class _Encoder:
@@ -163,7 +173,7 @@ class _Encoder:
         self.sources_sent = None
         self.parts.clear()
         if self.repeats is not None:
-            self.repeats.records.clear()
+            self.repeats.met.clear()
         for key, (obj, data, sources, _) in self.pickled.items():
             self.pickled[key] = (obj, data, sources, None)
 
@@ -188,9 +198,7 @@ class _Encoder:
         if parts is None:
             return None
         if self.repeats is not None:
-            if id(obj) in self.repeats.records:
-                self.repeats.seen = True
-            self.repeats.records.add(id(obj))
+            self.repeats.meet(obj)
         kind, fields, keys, extra, attrs = parts
         if attrs is None:
             return [RECORD, kind, fields, keys, extra]
@@ -204,13 +212,21 @@ class _Encoder:
             out = conv(obj, self)
             if type(out) is list:
                 self.parts.append(out)
+                if self.repeats is not None and (obj or type(obj) not in _IMMUTABLE):
+                    self.repeats.meet(obj)
             return out
         if _native_array(obj):
+            if self.repeats is not None:
+                self.repeats.meet(obj)
             if self.buffers is None:
                 raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
-            flat = np.ascontiguousarray(obj)  # copies only when not already C-contiguous
+            # a Fortran-ordered array goes in its own order (as pickle keeps it); any other layout
+            # (a strided view) as a C-contiguous copy
+            fortran = obj.flags.f_contiguous and not obj.flags.c_contiguous
+            flat = obj.T if fortran else np.ascontiguousarray(obj)  # copies only when not contiguous
             self.buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
-            payload = packb([_dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)])
+            header = [_dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)]
+            payload = packb([*header, "F"] if fortran else header)
             return msgpack.ExtType(EXT_NDARRAY, payload)
         if isinstance(obj, np.generic):  # before the subclasses: np.float64 is a float subclass
             return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
@@ -228,6 +244,8 @@ class _Encoder:
             if value is not NotImplemented:
                 if type(value) is list:
                     self.parts.append(value)
+                    if self.repeats is not None and not isinstance(obj, enum.Enum):  # (members are singletons)
+                        self.repeats.meet(obj)
                 return value
         if self.wants_pickled(obj):
             try:
@@ -255,6 +273,8 @@ def _hashable(part: Any) -> Any:
         return _KeyMap((_hashable(k), _hashable(v)) for k, v in part.items())
     return part
 
+
+_IMMUTABLE = (tuple, frozenset)  # empty ones: one object or many, nothing tells them apart
 
 _ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
     **ENCODERS, Ref: lambda o, enc: _ref_ext(o), _KeyList: lambda o, enc: list(o), _KeyMap: lambda o, enc: dict(o)}
@@ -398,6 +418,32 @@ def _packed_bytearray(body: bytes, obj: object, enc: _Encoder) -> bool:
     return False
 
 
+def _list_or_dict_twice(obj: object, parts: list[list[Any]]) -> bool:
+    """Whether one list or dict is in two places of ``obj``, or inside itself. The packer takes
+    them without a hook; the other containers went through ``convert`` (``parts``: their items)."""
+    todo: list[Any] = [obj] if type(obj) is list or type(obj) is dict else []
+    for part in parts:
+        todo += [v for v in part if type(v) is list or type(v) is dict]
+    seen: set[int] = set()
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            return True
+        seen.add(id(o))
+        if type(o) is dict:
+            if not gc.is_tracked(o):  # CPython tracks a dict once it holds a container: this one holds none
+                continue
+            values: Any = o.values()
+        else:
+            values = o
+        if len(values) > 24:  # a long one: its types gathered at C speed (a list of floats)
+            kinds = set(map(type, values))
+            if list not in kinds and dict not in kinds:
+                continue
+        todo += [v for v in values if type(v) is list or type(v) is dict]
+    return False
+
+
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None,
           repeats: Repeats | None = None) -> bytes:
@@ -405,6 +451,7 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
     try:
         body: bytes = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
         if not _packed_bytearray(body, obj, enc):
+            _note_shared_containers(obj, enc)
             return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
@@ -412,7 +459,13 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
         buffers.clear()
     enc.restart()
     body = msgpack.Packer(strict_types=True, default=enc.convert).pack(_sanitize(obj, enc, root, names))
+    _note_shared_containers(obj, enc)
     return body
+
+
+def _note_shared_containers(obj: object, enc: _Encoder) -> None:
+    if enc.repeats is not None and not enc.repeats.seen and _list_or_dict_twice(obj, enc.parts):
+        enc.repeats.seen = True
 
 
 def encode(

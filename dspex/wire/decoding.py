@@ -89,16 +89,16 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
             raise ProtocolError("object dtypes are never accepted from the wire")
         if code == EXT_NPSCALAR:
             return np.ndarray((), dtype=dt, buffer=parts[1])[()]
-        shape, index = parts[1:]
+        shape, index, *order = parts[1:]
         if frames is None or not 1 <= index < len(frames):
             raise ProtocolError(f"array refers to missing frame {index}")
         flat = np.frombuffer(frames[index], dtype=dt) if dt.itemsize else np.empty(0, dt)
-        arr = flat.reshape(shape)
+        arr = flat.reshape(shape, order="F" if order == ["F"] else "C")
         if owned is not None and index in owned and arr.flags.aligned:
             owned.discard(index)  # a second array on the same frame gets a copy: arrays never alias
             return arr  # a view of the received frame, which it keeps alive: no copy
         # one copy: frame memory may be read-only, or a writable view of an immutable bytes
-        return arr.copy()
+        return arr.copy(order="K")
     return msgpack.ExtType(code, data)
 
 
