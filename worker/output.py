@@ -22,13 +22,16 @@ import weakref
 from typing import Any, TextIO
 
 from worker import limits
-from worker.sink import Emit, Offer, OutputSink
+from worker.sink import Emit, LateOutput, Offer, OutputSink
 
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
 _process_sink: OutputSink | None = None  # capacity 1: the one running call, for threads it starts
+# capacity 1: threads a call started that outlived it, and its (closed) sink; their output is
+# that call's session's, never the next call's
+_outlived: weakref.WeakKeyDictionary[threading.Thread, OutputSink] = weakref.WeakKeyDictionary()
 _local = threading.local()
 
 
@@ -36,7 +39,9 @@ def _sink() -> OutputSink | None:
     if getattr(_local, "busy", False):
         return None  # writing from inside a sink (a log handler on stderr): the real stream
     sink = _current.get()
-    return sink if sink is not None and not sink.closed else _process_sink
+    if sink is None:  # (an ended call's sink is kept: what its threads write is its session's)
+        return _outlived.get(threading.current_thread(), _process_sink) if _outlived else _process_sink
+    return sink
 
 
 class _Dispatch(io.TextIOBase):
@@ -235,12 +240,13 @@ class capture:
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
     is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
 
-    __slots__ = ("_lowered", "_token", "process_wide", "sink")
+    __slots__ = ("_before", "_lowered", "_token", "late", "process_wide", "sink")
 
     def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0,
-                 offer: Offer | None = None) -> None:
+                 offer: Offer | None = None, late: LateOutput | None = None) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
         self.process_wide = process_wide
+        self.late = late  # the session's: what threads of its ended calls wrote comes with this one
         self._lowered = False
 
     def __enter__(self) -> OutputSink:
@@ -248,6 +254,9 @@ class capture:
         self._token = _current.set(self.sink)
         if self.process_wide:
             _process_sink = self.sink
+            self._before = threading.enumerate()  # the threads that are not this call's
+        if self.late is not None:
+            self.late.attach(self.sink)
         level = self.sink.log_level
         if level and level < _root_level.ceiling():
             _root_level.enter(level)
@@ -262,7 +271,14 @@ class capture:
                 _root_level.exit()
             if self.process_wide and _process_sink is sink:
                 _process_sink = None
+                before = set(self._before)
+                for thread in threading.enumerate():
+                    if thread not in before:
+                        _outlived[thread] = sink
             _current.reset(self._token)
+            if self.late is not None:
+                self.late.detach(sink)
+            sink.late = self.late
             sink.close()
             if self.process_wide and _dispatchers is not None:
                 # a call that rebound sys.stdout/stderr for good must not take the next call's
