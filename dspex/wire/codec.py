@@ -420,16 +420,23 @@ def _packed_bytearray(body: bytes, obj: object, enc: _Encoder) -> bool:
 
 def _list_or_dict_twice(obj: object, parts: list[list[Any]]) -> bool:
     """Whether one list or dict is in two places of ``obj``, or inside itself. The packer takes
-    them without a hook; the other containers went through ``convert`` (``parts``: their items)."""
-    todo: list[Any] = [obj] if type(obj) is list or type(obj) is dict else []
+    them without a hook; the other containers went through ``convert`` (``parts``: their items).
+    Plain loops: a comprehension costs a frame, and most bodies hold a few short lists."""
+    todo: list[Any] = []
+    push = todo.append
+    if type(obj) is list or type(obj) is dict:
+        push(obj)
     for part in parts:
-        todo += [v for v in part if type(v) is list or type(v) is dict]
+        for v in part:
+            if type(v) is list or type(v) is dict:
+                push(v)
     seen: set[int] = set()
+    pop, add = todo.pop, seen.add
     while todo:
-        o = todo.pop()
+        o = pop()
         if id(o) in seen:
             return True
-        seen.add(id(o))
+        add(id(o))
         if type(o) is dict:
             if not gc.is_tracked(o):  # CPython tracks a dict once it holds a container: this one holds none
                 continue
@@ -440,7 +447,9 @@ def _list_or_dict_twice(obj: object, parts: list[list[Any]]) -> bool:
             kinds = set(map(type, values))
             if list not in kinds and dict not in kinds:
                 continue
-        todo += [v for v in values if type(v) is list or type(v) is dict]
+        for v in values:
+            if type(v) is list or type(v) is dict:
+                push(v)
     return False
 
 
