@@ -123,6 +123,12 @@ ARRAYS = {
     "unicode": np.array(["a", "héllo"]),
     "bytes": np.array([b"x", b"yz"]),
     "structured": np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    # padding between fields: no field of its own on the other side either (names, offsets kept)
+    "aligned": np.array([(1, 2)], dtype=np.dtype([("a", "i1"), ("b", "<i4")], align=True)),
+    "offsets": np.array([(1, 2.5)], dtype=np.dtype({"names": ["x", "y"], "formats": ["<i2", "<f8"],
+                                                   "offsets": [0, 8], "itemsize": 24})),
+    "nested": np.zeros(2, dtype=[("p", np.dtype([("a", "i1"), ("b", "<i8")], align=True)), ("v", "<f4", (3,))]),
+    "titled": np.zeros(1, dtype=np.dtype({"names": ["a"], "formats": ["<i4"], "titles": ["The A"]})),
     "slice": A[:, ::2],
     "transposed": A.T,
     "fortran": np.asfortranarray(A),
@@ -139,6 +145,8 @@ def test_arrays_round_trip(name: str) -> None:
     assert len(frames) == 2
     out = decode(frames)["arr"]  # type: ignore[index]
     assert type(out) is np.ndarray and out.dtype == arr.dtype and out.shape == arr.shape
+    assert out.dtype.names == arr.dtype.names and out.dtype.isalignedstruct == arr.dtype.isalignedstruct
+    assert out.dtype.fields == arr.dtype.fields
     np.testing.assert_array_equal(out, arr)
     # as pickle has it: a Fortran-ordered array stays Fortran-ordered (same strides), any other
     # layout (a strided view) arrives as a C-contiguous copy

@@ -17,6 +17,7 @@ cloudpickle, ext 13) or as a ref. Decoding is :mod:`dspex.wire.decoding` (``deco
 from __future__ import annotations
 
 import enum
+import functools
 import gc
 import types
 from collections.abc import Callable, Sequence
@@ -69,8 +70,36 @@ Buffers = list[bytes | memoryview]
 
 
 def _dtype_wire(dt: np.dtype[Any]) -> Any:
-    # dtype.str drops field names, so structured dtypes travel as their descr list
-    return dt.str if dt.fields is None else dt.descr
+    # dtype.str drops field names, so structured dtypes travel as their descr list; a descr turns
+    # padding between fields into fields of its own, so those travel as names and offsets
+    if dt.fields is None:
+        return dt.str
+    return _structured_wire(dt)
+
+
+@functools.lru_cache(maxsize=256)
+def _structured_wire(dt: np.dtype[Any]) -> Any:
+    descr = dt.descr
+    if np.dtype(descr) == dt and np.dtype(descr).names == dt.names:
+        return descr
+    return _fields_wire(dt)
+
+
+def _fields_wire(dt: np.dtype[Any]) -> Any:
+    """``{"names", "formats", "offsets", "itemsize", "aligned"}`` (a format: a dtype str, such a
+    map, or ``{"base", "shape"}`` of a subarray), read back by ``decoding.wire_dtype``."""
+    if dt.subdtype is not None:
+        base, shape = dt.subdtype
+        return {"base": _fields_wire(base), "shape": list(shape)}
+    if dt.fields is None:
+        return dt.str
+    names = list(dt.names or ())
+    fields = [dt.fields[name] for name in names]
+    out = {"names": names, "formats": [_fields_wire(f[0]) for f in fields], "offsets": [f[1] for f in fields],
+           "itemsize": dt.itemsize, "aligned": dt.isalignedstruct}
+    if any(len(f) > 2 for f in fields):
+        out["titles"] = [f[2] if len(f) > 2 else None for f in fields]
+    return out
 
 
 def _ref_ext(ref: Ref) -> msgpack.ExtType:

@@ -51,6 +51,10 @@ def layout(a: np.ndarray[Any, Any]) -> tuple[str, tuple[int, ...], tuple[int, ..
     return a.dtype.str, a.shape, a.strides, a.flags.f_contiguous, a.flags.c_contiguous
 
 
+def describe_fields(a: np.ndarray[Any, Any]) -> tuple[Any, bool, int]:
+    return a.dtype.names, a.dtype.isalignedstruct, a.dtype.itemsize
+
+
 def fortran() -> np.ndarray[Any, Any]:
     return np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4))
 
@@ -61,6 +65,9 @@ def test_array_order_dtype_and_shape_both_ways(run: Runner) -> None:
     assert layout(run(fortran)) == layout(f)  # comes back Fortran-ordered
     t = np.zeros((3, 5), dtype=">f4").T
     assert run(layout, t) == layout(t)
+    padded = np.zeros(2, dtype=np.dtype([("a", "i1"), ("b", "<i4")], align=True))
+    assert run(describe_fields, padded) == describe_fields(padded)  # padding is no field there either
+    assert describe_fields(run(lambda a: a, padded)) == describe_fields(padded)
     view = np.arange(10.0)[::2]
     np.testing.assert_array_equal(run(lambda a: a, view), view)
     if run.mode == SESSION:  # a strided view travels as a C-contiguous copy (as pickle makes it)
