@@ -571,3 +571,36 @@ def test_what_a_thread_prints_after_its_call_returned_reaches_its_own_session_on
     assert "".join(e["text"] for e in events if e["stream"] == "stdout") == "late line of session a\na's next call\n"
     assert "and a second one\n" in out.stderr
     assert re.search(r"\] stdout: late line of session a", worker_log(stack))  # the log has it too, tagged
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_shared_pool_thread_prints_for_the_call_that_gave_it_the_task(stack: Stack, tmp_path: Path,
+                                                                         capacity: int) -> None:
+    """A thread pool shared by sessions (a library's) whose thread a call of session a started:
+    a task session b's call submits there prints to b, as the task is b's."""
+    stack.pool(f"p:strict_queue:capacity={capacity}", 1, "--no-dspy", "--capacity", str(capacity))
+    out = client(stack, tmp_path, """
+        def start_shared_pool():
+            import builtins
+            from concurrent.futures import ThreadPoolExecutor
+            builtins.SHARED_POOL = ThreadPoolExecutor(1)
+            builtins.SHARED_POOL.submit(print, "a's task").result()  # its thread starts in a's call
+
+        def use_shared_pool():
+            import builtins
+            builtins.SHARED_POOL.submit(print, "b's task").result()
+
+        with dspex.connect(FRONTEND) as dx:
+            a, b = dx.session("p"), dx.session("p")
+            a.run(start_shared_pool)
+            b_events = []
+            b.apply(use_shared_pool, on_output=b_events.append)
+            print("b's events:", json.dumps(b_events))
+            a_events = []
+            a.apply(int, on_output=a_events.append)
+            print("a's events:", json.dumps(a_events))
+    """)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "a's task"
+    assert json.loads(lines[-2].removeprefix("b's events: ")) == [{"stream": "stdout", "text": "b's task\n"}]
+    assert json.loads(lines[-1].removeprefix("a's events: ")) == []

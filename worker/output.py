@@ -11,6 +11,7 @@ at or above its caller's threshold to its sink. What a sink logs and sends, and 
 
 from __future__ import annotations
 
+import concurrent.futures.thread
 import contextvars
 import io
 import logging
@@ -33,6 +34,7 @@ _process_sink: OutputSink | None = None  # capacity 1: the one running call, for
 # that call's session's, never the next call's
 _outlived: weakref.WeakKeyDictionary[threading.Thread, OutputSink] = weakref.WeakKeyDictionary()
 _local = threading.local()
+_POOL_WORKER = concurrent.futures.thread._worker  # what a ThreadPoolExecutor's threads run
 
 
 def _sink() -> OutputSink | None:
@@ -273,7 +275,9 @@ class capture:
                 _process_sink = None
                 before = set(self._before)
                 for thread in threading.enumerate():
-                    if thread not in before:
+                    # a pool's thread runs the tasks of whoever submits them (a library's shared
+                    # pool serves the next calls too): only the call running is known there
+                    if thread not in before and getattr(thread, "_target", None) is not _POOL_WORKER:
                         _outlived[thread] = sink
             _current.reset(self._token)
             if self.late is not None:
