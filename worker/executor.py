@@ -20,6 +20,7 @@ from dspex.wire import codec, codestore
 from dspex.wire.errors import (
     Cancelled,
     DspexError,
+    EncodeError,
     ProtocolError,
     RefNotFound,
     RemoteError,
@@ -276,7 +277,15 @@ class Executor:
     def _encode(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
         try:
             # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
-            return codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA)
+            repeats = codec.Repeats()
+            frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
+            if repeats.seen and repeats.plain:
+                # one object in two places of plain data: one pickle keeps it one object there
+                try:
+                    return codec.encode_whole(result)
+                except EncodeError:
+                    pass  # (what the walk made of it still stands: equal copies)
+            return frames
         except DspexError:
             raise
         except limits.CallTimedOut:

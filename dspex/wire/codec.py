@@ -50,8 +50,8 @@ from dspex.wire.wiretypes import (
     utf8_ok,
 )
 
-__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "packb",
-           "session_ext", "unpackb"]
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "encode_whole",
+           "packb", "session_ext", "unpackb"]
 
 
 class Policy(str, enum.Enum):
@@ -128,10 +128,11 @@ class Repeats:
     anywhere in the value. Each occurrence arrives as its own copy, where in-process they are one
     object."""
 
-    __slots__ = ("met", "seen")
+    __slots__ = ("met", "plain", "seen")
 
     def __init__(self) -> None:
         self.seen = False
+        self.plain = True  # no ref made, no record: one pickle of the whole value loses nothing
         # what convert met, kept alive so that an id stays that object's for the encode
         self.met: dict[int, object] = {}
 
@@ -213,6 +214,8 @@ class _Encoder:
 
     def ref(self, obj: object) -> msgpack.ExtType:
         assert self.to_ref is not None
+        if self.repeats is not None:
+            self.repeats.plain = False
         ref = self.memo.get(id(obj))
         if ref is None:
             ref = self.memo[id(obj)] = self.to_ref(obj)
@@ -228,6 +231,7 @@ class _Encoder:
             return None
         if self.repeats is not None:
             self.repeats.meet(obj)
+            self.repeats.plain = False  # (a client without dspy reads a record, not a pickle of one)
         kind, fields, keys, extra, attrs = parts
         if attrs is None:
             return [RECORD, kind, fields, keys, extra]
@@ -522,6 +526,12 @@ def encode(
     buffers: Buffers = []
     body = _pack(obj, to_ref, buffers, root, policy, names, sender, repeats)
     return [body, *buffers]
+
+
+def encode_whole(obj: object) -> list[bytes | memoryview]:
+    """``obj`` as one pickle (ext 13), which keeps an object it holds twice one object; raises
+    EncodeError when it cannot be pickled."""
+    return [msgpack.packb(_Encoder(Policy.ALL, None, None).pickle(obj))]
 
 
 def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:

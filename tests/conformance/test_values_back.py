@@ -4,6 +4,7 @@ array keeps its dtype, shape and memory order, as in-process (and as pickle keep
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 from typing import Any
 
@@ -72,3 +73,42 @@ def test_array_order_dtype_and_shape_both_ways(run: Runner) -> None:
     np.testing.assert_array_equal(run(lambda a: a, view), view)
     if run.mode == SESSION:  # a strided view travels as a C-contiguous copy (as pickle makes it)
         assert run(layout, view) == layout(np.ascontiguousarray(view))
+
+
+@dataclasses.dataclass
+class Box:
+    items: list[int] = dataclasses.field(default_factory=list)
+
+
+def a_list_twice() -> list[list[int]]:
+    x = [1]
+    return [x, x]
+
+
+def a_dict_and_an_object_twice() -> dict[str, Any]:
+    d = {"k": [1, 2]}
+    box = Box()
+    return {"a": d, "b": d, "boxes": (box, box), "inner": [d["k"]]}
+
+
+def test_an_object_twice_in_a_result_is_one_object(run: Runner) -> None:
+    pair = run(a_list_twice)
+    assert pair == [[1], [1]] and pair[0] is pair[1]
+    out = run(a_dict_and_an_object_twice)
+    assert out["a"] is out["b"] and out["boxes"][0] is out["boxes"][1] and out["inner"][0] is out["a"]["k"]
+    assert isinstance(out["boxes"][0], Box)
+
+
+def twice_beside_a_lock() -> list[Any]:
+    import threading
+
+    x = [1]
+    return [x, x, threading.Lock()]
+
+
+def test_a_result_twice_beside_what_stays_a_ref(run: Runner) -> None:
+    """What cannot travel still comes back as a ref; the rest is data (one object twice then
+    comes back as two equal copies: a documented limit)."""
+    out = run(twice_beside_a_lock)
+    assert out[0] == out[1] == [1]
+    assert hasattr(out[2], "acquire")
