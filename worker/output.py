@@ -30,9 +30,9 @@ _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, neve
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
 _process_sink: OutputSink | None = None  # capacity 1: the one running call, for threads it starts
-# capacity 1: threads a call started that outlived it, and its (closed) sink; their output is
-# that call's session's, never the next call's
-_outlived: weakref.WeakKeyDictionary[threading.Thread, OutputSink] = weakref.WeakKeyDictionary()
+# capacity 1: the threads calls started, and the sink of each one's call; once that call has
+# ended, what the thread writes is that call's session's, never the next call's
+_started: weakref.WeakKeyDictionary[threading.Thread, OutputSink] = weakref.WeakKeyDictionary()
 _local = threading.local()
 _POOL_WORKER = concurrent.futures.thread._worker  # what a ThreadPoolExecutor's threads run
 
@@ -42,7 +42,7 @@ def _sink() -> OutputSink | None:
         return None  # writing from inside a sink (a log handler on stderr): the real stream
     sink = _current.get()
     if sink is None:  # (an ended call's sink is kept: what its threads write is its session's)
-        return _outlived.get(threading.current_thread(), _process_sink) if _outlived else _process_sink
+        return _started.get(threading.current_thread(), _process_sink) if _started else _process_sink
     return sink
 
 
@@ -164,7 +164,8 @@ _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
 
 def install() -> None:
     """Replace sys.stdout/sys.stderr and warnings.showwarning, add the root logger's handler of
-    call records (once per process)."""
+    call records, and note the call that starts each thread on a capacity-1 worker (once per
+    process)."""
     global _dispatchers
     if _dispatchers is not None:
         return
@@ -186,6 +187,18 @@ def install() -> None:
 
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
+    start = threading.Thread.start
+
+    def start_owned(self: threading.Thread) -> None:
+        sink = _process_sink
+        # a pool's thread runs the tasks of whoever submits them (a library's shared pool serves
+        # later calls too): only the call running is known there
+        if sink is not None and getattr(self, "_target", None) is not _POOL_WORKER:
+            _started[self] = sink
+        start(self)
+
+    start_owned.__doc__ = start.__doc__
+    threading.Thread.start = start_owned  # type: ignore[method-assign]
 
 
 class _RootLevel:
@@ -242,7 +255,7 @@ class capture:
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
     is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
 
-    __slots__ = ("_before", "_lowered", "_token", "late", "process_wide", "sink")
+    __slots__ = ("_lowered", "_token", "late", "process_wide", "sink")
 
     def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0,
                  offer: Offer | None = None, late: LateOutput | None = None) -> None:
@@ -256,7 +269,6 @@ class capture:
         self._token = _current.set(self.sink)
         if self.process_wide:
             _process_sink = self.sink
-            self._before = threading.enumerate()  # the threads that are not this call's
         if self.late is not None:
             self.late.attach(self.sink)
         level = self.sink.log_level
@@ -273,12 +285,6 @@ class capture:
                 _root_level.exit()
             if self.process_wide and _process_sink is sink:
                 _process_sink = None
-                before = set(self._before)
-                for thread in threading.enumerate():
-                    # a pool's thread runs the tasks of whoever submits them (a library's shared
-                    # pool serves the next calls too): only the call running is known there
-                    if thread not in before and getattr(thread, "_target", None) is not _POOL_WORKER:
-                        _outlived[thread] = sink
             _current.reset(self._token)
             if self.late is not None:
                 self.late.detach(sink)

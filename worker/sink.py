@@ -444,6 +444,9 @@ class LateOutput:
 
     def attach(self, sink: OutputSink) -> None:
         """A call of the session starts: what is held goes first, then it takes what comes."""
+        if not self._held and not self._left_out:  # the usual call: one store, no lock
+            self._live = sink
+            return
         with self._lock:
             held, self._held, self._held_chars = self._held, [], 0
             left_out, self._left_out = self._left_out, 0
@@ -456,6 +459,5 @@ class LateOutput:
             sink.relay(stream, text)
 
     def detach(self, sink: OutputSink) -> None:
-        with self._lock:
-            if self._live is sink:
-                self._live = None
+        if self._live is sink:  # (a write that still finds it is refused by the closed sink, and held)
+            self._live = None

@@ -506,7 +506,9 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 
 
 def _note_shared_containers(obj: object, enc: _Encoder) -> None:
-    if enc.repeats is not None and not enc.repeats.seen and _list_or_dict_twice(obj, enc.parts):
+    if enc.repeats is None or enc.repeats.seen or not enc.parts and type(obj) is not list and type(obj) is not dict:
+        return  # (a scalar result: nothing to look through)
+    if _list_or_dict_twice(obj, enc.parts):
         enc.repeats.seen = True
 
 
