@@ -17,8 +17,6 @@ cloudpickle, ext 13) or as a ref. Decoding is :mod:`dspex.wire.decoding` (``deco
 from __future__ import annotations
 
 import enum
-import functools
-import gc
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -27,10 +25,12 @@ import msgpack
 import numpy as np
 
 from dspex.wire import byvalue
+from dspex.wire.arrays import dtype_wire
 from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, unpackb
 from dspex.wire.errors import EncodeError
 from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
+from dspex.wire.repeats import Repeats, list_or_dict_twice
 from dspex.wire.wiretypes import (
     ENCODERS,
     EXT_BYTEARRAY,
@@ -69,39 +69,6 @@ ToRef = Callable[[object], Ref]
 Buffers = list[bytes | memoryview]
 
 
-def _dtype_wire(dt: np.dtype[Any]) -> Any:
-    # dtype.str drops field names, so structured dtypes travel as their descr list; a descr turns
-    # padding between fields into fields of its own, so those travel as names and offsets
-    if dt.fields is None:
-        return dt.str
-    return _structured_wire(dt)
-
-
-@functools.lru_cache(maxsize=256)
-def _structured_wire(dt: np.dtype[Any]) -> Any:
-    descr = dt.descr
-    if np.dtype(descr) == dt and np.dtype(descr).names == dt.names:
-        return descr
-    return _fields_wire(dt)
-
-
-def _fields_wire(dt: np.dtype[Any]) -> Any:
-    """``{"names", "formats", "offsets", "itemsize", "aligned"}`` (a format: a dtype str, such a
-    map, or ``{"base", "shape"}`` of a subarray), read back by ``decoding.wire_dtype``."""
-    if dt.subdtype is not None:
-        base, shape = dt.subdtype
-        return {"base": _fields_wire(base), "shape": list(shape)}
-    if dt.fields is None:
-        return dt.str
-    names = list(dt.names or ())
-    fields = [dt.fields[name] for name in names]
-    out = {"names": names, "formats": [_fields_wire(f[0]) for f in fields], "offsets": [f[1] for f in fields],
-           "itemsize": dt.itemsize, "aligned": dt.isalignedstruct}
-    if any(len(f) > 2 for f in fields):
-        out["titles"] = [f[2] if len(f) > 2 else None for f in fields]
-    return out
-
-
 def _ref_ext(ref: Ref) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_REF, msgpack.packb(list(ref.as_tuple())))
 
@@ -120,27 +87,6 @@ class Sender(Protocol):
     """Pickles by-value objects for one request of a session (``dspex.client.sessionpickle.Message``)."""
 
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
-
-
-class Repeats:
-    """Told by ``encode`` whether one object with an identity of its own went twice: by value
-    (pickled or as a record) or as a container (a list, dict, tuple, set, array, subclass value...)
-    anywhere in the value. Each occurrence arrives as its own copy, where in-process they are one
-    object."""
-
-    __slots__ = ("met", "plain", "seen")
-
-    def __init__(self) -> None:
-        self.seen = False
-        self.plain = True  # no ref made, no record: one pickle of the whole value loses nothing
-        # what convert met, kept alive so that an id stays that object's for the encode
-        self.met: dict[int, object] = {}
-
-    def meet(self, obj: object) -> None:
-        if id(obj) in self.met:
-            self.seen = True
-        else:
-            self.met[id(obj)] = obj
 
 
 class _Encoder:
@@ -258,11 +204,11 @@ class _Encoder:
             fortran = obj.flags.f_contiguous and not obj.flags.c_contiguous
             flat = obj.T if fortran else np.ascontiguousarray(obj)  # copies only when not contiguous
             self.buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
-            header = [_dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)]
+            header = [dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)]
             payload = packb([*header, "F"] if fortran else header)
             return msgpack.ExtType(EXT_NDARRAY, payload)
         if isinstance(obj, np.generic):  # before the subclasses: np.float64 is a float subclass
-            return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
+            return msgpack.ExtType(EXT_NPSCALAR, packb([dtype_wire(obj.dtype), obj.tobytes()]))
         rec = self.record(obj)
         if rec is not None:
             self.parts.append(rec)
@@ -451,41 +397,6 @@ def _packed_bytearray(body: bytes, obj: object, enc: _Encoder) -> bool:
     return False
 
 
-def _list_or_dict_twice(obj: object, parts: list[list[Any]]) -> bool:
-    """Whether one list or dict is in two places of ``obj``, or inside itself. The packer takes
-    them without a hook; the other containers went through ``convert`` (``parts``: their items).
-    Plain loops: a comprehension costs a frame, and most bodies hold a few short lists."""
-    todo: list[Any] = []
-    push = todo.append
-    if type(obj) is list or type(obj) is dict:
-        push(obj)
-    for part in parts:
-        for v in part:
-            if type(v) is list or type(v) is dict:
-                push(v)
-    seen: set[int] = set()
-    pop, add = todo.pop, seen.add
-    while todo:
-        o = pop()
-        if id(o) in seen:
-            return True
-        add(id(o))
-        if type(o) is dict:
-            if not gc.is_tracked(o):  # CPython tracks a dict once it holds a container: this one holds none
-                continue
-            values: Any = o.values()
-        else:
-            values = o
-        if len(values) > 24:  # a long one: its types gathered at C speed (a list of floats)
-            kinds = set(map(type, values))
-            if list not in kinds and dict not in kinds:
-                continue
-        for v in values:
-            if type(v) is list or type(v) is dict:
-                push(v)
-    return False
-
-
 def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
           policy: Policy = Policy.REFS, names: Sequence[str] | None = None, sender: Sender | None = None,
           repeats: Repeats | None = None) -> bytes:
@@ -508,7 +419,7 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 def _note_shared_containers(obj: object, enc: _Encoder) -> None:
     if enc.repeats is None or enc.repeats.seen or not enc.parts and type(obj) is not list and type(obj) is not dict:
         return  # (a scalar result: nothing to look through)
-    if _list_or_dict_twice(obj, enc.parts):
+    if list_or_dict_twice(obj, enc.parts):
         enc.repeats.seen = True
 
 

@@ -17,6 +17,7 @@ import zmq
 
 from dspex.wire import byvalue, codestore
 from dspex.wire import ref as ref_module
+from dspex.wire.arrays import wire_dtype
 from dspex.wire.errors import DspexError, MissingModule, ProtocolError
 from dspex.wire.record import KINDS, build_record
 from dspex.wire.ref import Ref
@@ -100,22 +101,6 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         # one copy: frame memory may be read-only, or a writable view of an immutable bytes
         return arr.copy(order="K")
     return msgpack.ExtType(code, data)
-
-
-def wire_dtype(wire: Any) -> np.dtype[Any]:
-    """The dtype ``codec._dtype_wire`` sent: a dtype str, a descr list, or a map of fields."""
-    dt: np.dtype[Any]
-    if type(wire) is not dict:
-        dt = np.dtype(wire)
-    elif "base" in wire:
-        dt = np.dtype((wire_dtype(wire["base"]), tuple(wire["shape"])))
-    else:
-        spec: Any = {"names": wire["names"], "formats": [wire_dtype(f) for f in wire["formats"]],
-                     "offsets": wire["offsets"], "itemsize": wire["itemsize"]}
-        if wire.get("titles") is not None:
-            spec["titles"] = wire["titles"]
-        dt = np.dtype(spec, align=bool(wire.get("aligned")))
-    return dt
 
 
 def _missing_module(exc: BaseException) -> ModuleNotFoundError | None:
