@@ -96,6 +96,23 @@ def typed():
             pred.reading.model_dump(mode="json"), Note(pred.label) == Note("pos")]
 
 both(typed)
+
+class Judge(dspy.Signature):
+    """Read the mood."""
+    text: str = dspy.InputField()
+    reading: Reading = dspy.OutputField()
+    mood: Mood = dspy.OutputField()
+
+def judge_answers():
+    return DummyLM([{"reading": '{"mood": "sad", "why": "rain"}', "mood": "happy"}])
+
+with dspy.context(lm=judge_answers()):
+    local = dspy.Predict(Judge)(text="rainy")
+judge = s.put(dspy.Predict(Judge))  # through a ref: the program lives in the session
+s.run(lambda: dspy.configure(lm=judge_answers()))
+remote = judge(text="rainy")
+RESULTS.append([[type(p.reading) is Reading, p.mood is Mood.HAPPY, p.reading.model_dump(mode="json")]
+                for p in (local, remote)])
 ''', '''
 class Reading(pydantic.BaseModel):  # redefined with another field
     mood: Mood
@@ -144,7 +161,8 @@ def test_cells_of_a_notebook_run_the_same_in_process_and_in_a_session(cstack: St
         assert remote == local
     assert [local for local, _ in results[:6]] == [42, ["a"], ["a", "b"], 2100, ["a", "b", "c"], "def scale(x):  # redefined: the session must run this one, keeping the module's state"]
     assert results[6][0] == [True, True, "pos", True, {"mood": "happy", "why": "sun"}, True]
-    assert results[7][0] == [["mood", "score"], {"mood": "sad", "score": 0.5}]
-    assert [results[8][0], results[9][0], results[10][0]] == [0, 1, 500]
+    assert results[7][0] == [True, True, {"mood": "sad", "why": "rain"}]
+    assert results[8][0] == [["mood", "score"], {"mood": "sad", "score": 0.5}]
+    assert [results[9][0], results[10][0], results[11][0]] == [0, 1, 500]
     history, remote_history = results[-1]
     assert history == ["a", "b", "c"] and remote_history == ["a", "b", "c"]
