@@ -523,15 +523,19 @@ def test_the_log_threshold_follows_the_clients_levels() -> None:
 
 
 @pytest.mark.parametrize("capacity", [1, 4])
+@pytest.mark.parametrize("how", ["thread", "pool task"])
 def test_what_a_thread_prints_after_its_call_returned_reaches_its_own_session_only(
-        stack: Stack, tmp_path: Path, capacity: int) -> None:
-    """A thread a call started and left running prints after that call returned: in-process the
-    line shows; through a session it reaches that session's client with its next call (before
-    that call's own output), never another session's call that runs meanwhile on the worker."""
+        stack: Stack, tmp_path: Path, capacity: int, how: str) -> None:
+    """A thread (or a thread pool's task) a call started and left running prints after that call
+    returned: in-process the line shows; through a session it reaches that session's client with
+    its next call (before that call's own output), never another session's call that runs
+    meanwhile on the worker."""
     stack.pool(f"p:strict_queue:capacity={capacity}", 1, "--no-dspy", "--capacity", str(capacity))
     out = client(stack, tmp_path, f"""
         import os, time
+        from concurrent.futures import ThreadPoolExecutor
         FLAGS = {str(tmp_path)!r}
+        HOW = {how!r}
 
         def start_background():
             def later():
@@ -540,7 +544,10 @@ def test_what_a_thread_prints_after_its_call_returned_reaches_its_own_session_on
                 print("late line of session a", flush=True)
                 print("and a second one", file=sys.stderr, flush=True)
                 open(os.path.join(FLAGS, "a-printed"), "w").close()
-            threading.Thread(target=later, daemon=True).start()
+            if HOW == "thread":
+                threading.Thread(target=later, daemon=True).start()
+            else:
+                ThreadPoolExecutor(1).submit(later)
             return "started"
 
         def other_session_call():

@@ -11,8 +11,10 @@ at or above its caller's threshold to its sink. What a sink logs and sends, and 
 
 from __future__ import annotations
 
+import concurrent.futures
 import concurrent.futures.thread
 import contextvars
+import functools
 import io
 import logging
 import sys
@@ -20,6 +22,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker import limits
@@ -199,6 +202,25 @@ def install() -> None:
 
     start_owned.__doc__ = start.__doc__
     threading.Thread.start = start_owned  # type: ignore[method-assign]
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    def submit_owned(self: concurrent.futures.ThreadPoolExecutor, fn: Callable[..., Any], /, *args: Any,
+                     **kwargs: Any) -> concurrent.futures.Future[Any]:
+        sink = _process_sink
+        return submit(self, fn if sink is None else functools.partial(_task_of, sink, fn), *args, **kwargs)
+
+    submit_owned.__doc__ = submit.__doc__
+    concurrent.futures.ThreadPoolExecutor.submit = submit_owned  # type: ignore[method-assign,assignment]
+
+
+def _task_of(sink: OutputSink, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """A pool task a call submitted on a capacity-1 worker: its output is that call's (its
+    session's once the call has ended), whichever call runs while it writes."""
+    token = _current.set(sink)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
 
 
 class _RootLevel:
