@@ -80,14 +80,13 @@ class Executor:
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
         time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes, the
-        session's code in processes user code starts (``multiprocessing``), and on a capacity-N
-        worker the call in threads it starts."""
+        session's code in processes user code starts (``multiprocessing``), and the call in
+        threads it starts."""
         output.install()
         namespace.install_getsource()
         forking.install()
         self.watchdog.install()
-        if not self.process_wide:
-            threads.install(self.settings.thread_entry)
+        threads.install(self.settings.thread_entry)
 
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""

@@ -1,9 +1,10 @@
 """What user code prints, warns or logs during a call: to its caller and to the worker log, tagged.
 
 ``sys.stdout``/``sys.stderr`` are replaced once by dispatchers that send a write to the sink of
-the call it belongs to (a contextvar, which threads a call starts carry on a capacity-N worker:
-worker.threads; on a capacity-1 worker also the one running call, for threads user code starts),
-else to the real stream. ``warnings.showwarning`` likewise, and a
+the call it belongs to (a contextvar, which threads and pool tasks a call starts carry:
+worker.threads; after the call, what they write goes to its session's LateOutput; on a
+capacity-1 worker, threads no call started write to the one running call), else to the real
+stream. ``warnings.showwarning`` likewise, and a
 handler on the root logger gives a call's log records (any logger's that propagate to the root)
 at or above its caller's threshold to its sink. What a sink logs and sends, and when
 (coalesced text, the flush timer): worker.sink.
@@ -11,10 +12,7 @@ at or above its caller's threshold to its sink. What a sink logs and sends, and 
 
 from __future__ import annotations
 
-import concurrent.futures
-import concurrent.futures.thread
 import contextvars
-import functools
 import io
 import logging
 import sys
@@ -22,7 +20,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker import limits
@@ -33,20 +30,15 @@ _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, neve
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
 _process_sink: OutputSink | None = None  # capacity 1: the one running call, for threads it starts
-# capacity 1: the threads calls started, and the sink of each one's call; once that call has
-# ended, what the thread writes is that call's session's, never the next call's
-_started: weakref.WeakKeyDictionary[threading.Thread, OutputSink] = weakref.WeakKeyDictionary()
 _local = threading.local()
-_POOL_WORKER = concurrent.futures.thread._worker  # what a ThreadPoolExecutor's threads run
 
 
 def _sink() -> OutputSink | None:
     if getattr(_local, "busy", False):
         return None  # writing from inside a sink (a log handler on stderr): the real stream
     sink = _current.get()
-    if sink is None:  # (an ended call's sink is kept: what its threads write is its session's)
-        return _started.get(threading.current_thread(), _process_sink) if _started else _process_sink
-    return sink
+    # (an ended call's sink is kept: what the threads it started write is its session's)
+    return _process_sink if sink is None else sink
 
 
 class _Dispatch(io.TextIOBase):
@@ -167,8 +159,7 @@ _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
 
 def install() -> None:
     """Replace sys.stdout/sys.stderr and warnings.showwarning, add the root logger's handler of
-    call records, and note the call that starts each thread on a capacity-1 worker (once per
-    process)."""
+    call records (once per process)."""
     global _dispatchers
     if _dispatchers is not None:
         return
@@ -190,37 +181,6 @@ def install() -> None:
 
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
-    start = threading.Thread.start
-
-    def start_owned(self: threading.Thread) -> None:
-        sink = _process_sink
-        # a pool's thread runs the tasks of whoever submits them (a library's shared pool serves
-        # later calls too): only the call running is known there
-        if sink is not None and getattr(self, "_target", None) is not _POOL_WORKER:
-            _started[self] = sink
-        start(self)
-
-    start_owned.__doc__ = start.__doc__
-    threading.Thread.start = start_owned  # type: ignore[method-assign]
-    submit = concurrent.futures.ThreadPoolExecutor.submit
-
-    def submit_owned(self: concurrent.futures.ThreadPoolExecutor, fn: Callable[..., Any], /, *args: Any,
-                     **kwargs: Any) -> concurrent.futures.Future[Any]:
-        sink = _process_sink
-        return submit(self, fn if sink is None else functools.partial(_task_of, sink, fn), *args, **kwargs)
-
-    submit_owned.__doc__ = submit.__doc__
-    concurrent.futures.ThreadPoolExecutor.submit = submit_owned  # type: ignore[method-assign,assignment]
-
-
-def _task_of(sink: OutputSink, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-    """A pool task a call submitted on a capacity-1 worker: its output is that call's (its
-    session's once the call has ended), whichever call runs while it writes."""
-    token = _current.set(sink)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _current.reset(token)
 
 
 class _RootLevel:

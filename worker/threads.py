@@ -1,8 +1,8 @@
-"""Threads a call starts carry the call, on a worker that runs several calls at once.
+"""Threads a call starts carry the call.
 
-A capacity-1 worker makes a call's DSPy settings and output capture process-wide while the call
-runs, so any thread sees them. A capacity-N worker runs calls of several sessions at once, so a
-thread can only know its call through its context, which Python threads do not inherit. Here a
+A capacity-N worker runs calls of several sessions at once, and a capacity-1 worker runs other
+sessions' calls while a thread one call left running goes on, so a thread can only know its call
+through its context, which Python threads do not inherit. Here a
 ``threading.Thread`` started during a call, and each task a call submits to a
 ``concurrent.futures.ThreadPoolExecutor`` (``loop.run_in_executor`` too; DSPy's ``Parallel``,
 ``Evaluate`` and ``batch`` run their jobs that way), run in a copy of the context that started
