@@ -206,8 +206,10 @@ class _Scope:
             # earlier call left on this thread leaks in (one contextvar set instead of two and
             # dspy's generator)
             overrides = module.thread_local_overrides
-            self._base = overrides.set(type(overrides.get())({**config, **settings}))
-            self._layer = thread_settings.set(type(overrides.get())({**config, **settings}))
+            base = type(overrides.get())(config if owner.process_wide else {**config, **settings})
+            self._base = overrides.set(base)
+            # (capacity 1: config holds the settings already)
+            self._layer = thread_settings.set(type(base)(base))
         except BaseException:
             self.__exit__(None, None, None)
             raise
