@@ -135,3 +135,28 @@ def test_a_thread_left_running_keeps_its_sessions_settings(stack: Stack, capacit
             time.sleep(0.01)
     """))
     assert a.eval("seen") == ["from a"]
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_thread_a_call_starts_inherits_no_context_variable_of_the_users(stack: Stack, capacity: int) -> None:
+    """In-process a new thread starts with an empty context: a ContextVar set before its start
+    reads its default there. The same on the worker, where the thread still carries its call."""
+    dx = stack.pool("p:strict_queue", 1, "--capacity", str(capacity))
+    a = _session(dx, "threaded")
+    a.exec("dspy.configure(lm=lm)")
+    source = textwrap.dedent("""
+        import contextvars, threading
+        REQUEST = contextvars.ContextVar("request", default="none")
+        REQUEST.set("set in the call")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append((REQUEST.get(), qa(question='q').answer)))
+        t.start(); t.join()
+    """)
+    in_process: dict[str, object] = {}
+    exec(compile(SETUP.format(answer="threaded") + "dspy.configure(lm=lm)\n", "<setup>", "exec"), in_process)  # noqa: S102
+    try:
+        exec(compile(source, "<case>", "exec"), in_process)  # noqa: S102 - the same code in-process
+    finally:
+        in_process["dspy"].configure(lm=None)  # type: ignore[attr-defined]
+    assert in_process["seen"] == [("none", "threaded")]
+    assert a.exec(source)["seen"] == [("none", "threaded")]
