@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.answers import Answers
 from broker.checkpoint_writes import CheckpointWrites
@@ -24,9 +24,6 @@ from broker.sessions import SessionBook
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import Affinity, Durable
-
-if TYPE_CHECKING:
-    import zmq
 
 
 class DurableSessions:
@@ -94,25 +91,9 @@ class DurableSessions:
         # a stored checkpoint: the worker must hold the session (it answers session_not_held if not)
         return flags | (Durable.HELD if d.seq else 0), []
 
-    # -- the parts' entry points (routing, the roster, the recycler and the core reach them here) ----
-    def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
-                 ok: bool) -> bool:
-        return self.writes.answered(w, p, rec, frames, ok)
-
-    def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:
-        return self.moves.route(rec, pool, p, w)
-
     def reroute(self, p: Pending, pool: Pool) -> bool:
+        """``SessionMoves.reroute``, for the session book (which knows this object by ``DurableHooks``)."""
         return self.moves.reroute(p, pool)
-
-    def call_ended(self, rec: SessionRecord) -> None:
-        self.moves.call_ended(rec)
-
-    def spread(self, new: WorkerRecord) -> None:
-        self.moves.spread(new)
-
-    def worker_ready(self, pool: Pool) -> None:
-        self.moves.worker_ready(pool)
 
     def store_done(self, jobs: list[Job]) -> None:
         """Jobs the store finished, in the order they were submitted."""

@@ -200,10 +200,6 @@ class RemoteError(DspexError):
         return str(self._wire()[1].get("type", "Exception"))
 
     @property
-    def remote_module(self) -> str:
-        return str(self._wire()[1].get("module", ""))
-
-    @property
     def remote_traceback(self) -> str:
         return str(self._wire()[1].get("traceback", ""))
 
