@@ -493,3 +493,33 @@ def test_a_store_deleted_under_the_running_broker_is_written_again_and_a_restart
         assert not asides
     log = stack.logs()
     assert "written again failed" not in log and "is unusable" not in log
+
+
+def test_a_store_removed_with_a_glob_still_keeps_a_second_broker_off_it(stack: Stack) -> None:
+    """`rm checkpoints.sqlite*` under a running broker took the store's lock file with it: a
+    second broker started by mistake then locked a new one and opened the store the first one
+    writes again (fix 41), reading, expiring and dropping its sessions."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("kept = 42")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    for found in glob.glob(path + "*"):
+        os.unlink(found)
+    wait_for(lambda: "written again from memory, 1 sessions" in stack.logs(), what="the store written again")
+    second = stack.procs_reg.spawn(
+        [PY, "-m", "broker", "--frontend", f"ipc://{stack.run_dir}/f2.sock", "--backend",
+         f"ipc://{stack.run_dir}/b2.sock", "--pool", "q:strict_queue"], "broker2.log", stack.env)
+    wait_for(lambda: second.poll() is not None, timeout=20, what="the second broker's exit")
+    assert second.returncode == 2
+    said = stack.procs_reg.log_tail("broker2.log")
+    assert "checkpoints.sqlite" in said and "another broker" in said and "Traceback" not in said
+    pid = pid_of(s)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.kill(pid)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert s.eval("kept") == 42  # the second broker never touched the store
+    assert "dropped from the checkpoint store" not in stack.logs()
