@@ -1,7 +1,7 @@
 """The broker's store of durable sessions: an embedded SQLite database in its run directory.
 
 One row per durable session (its pool, owner, pinned worker, creation time, the sequence number
-and skeleton frame of its last checkpoint, the bytes it holds) and one row per blob slot
+and skeleton frame of its last checkpoint, the bytes it holds, when it was last used) and one row per blob slot
 (worker/checkpoint.py). WAL journal with ``synchronous=NORMAL``: a committed write is in the
 WAL file before ``commit`` returns, so it survives the broker's SIGKILL (not a power cut: the
 WAL is synced at checkpoints, not per commit). A broker that restarts on the same run directory
@@ -28,7 +28,7 @@ log = logging.getLogger("dspex.broker")
 
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions.used
 _SHRINK_MIN, _SHRINK_PAGES = 64, 512  # free pages in the file before it is shrunk; pages given back per copy
 # seconds a write on the store's thread waits for a lock another process holds on the file (an
 # operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated REAL NOT NULL,
     seq INTEGER NOT NULL,
     skeleton BLOB,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    used REAL
 );
 CREATE TABLE IF NOT EXISTS blobs (
     session TEXT NOT NULL,
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 _SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 'text' AND typeof(worker) = 'text' "
               "AND typeof(created) IN ('integer', 'real') AND typeof(updated) IN ('integer', 'real') "
               "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
+              "AND typeof(used) IN ('null', 'integer', 'real') "
               "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
 
 
@@ -91,6 +93,9 @@ class SessionRow:
     seq: int
     size: int
     plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
+    # wall time of its last use as the broker saved it (DurableSessions.call_ended); None: not
+    # known (a row of a store schema 1)
+    used: float | None = None
 
 
 @dataclass
@@ -137,10 +142,12 @@ class CheckpointStore:
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._configure()
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
-        if version != SCHEMA_VERSION:  # (only a new store: a broker restarted on a full disk writes nothing here)
+        if version == 1:  # its rows' last use is not known: their idle time counts from this start
+            self._db.execute("ALTER TABLE sessions ADD COLUMN used REAL")
+        if version != SCHEMA_VERSION:  # (a new or older store: a broker restarted on a full disk writes nothing here)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
@@ -266,19 +273,23 @@ class CheckpointStore:
     # -- sessions ---------------------------------------------------------------------------
     def sessions(self) -> list[SessionRow]:
         rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size, CASE WHEN seq < 0 THEN "
-                                "CAST(skeleton AS TEXT) ELSE '' END FROM sessions")
+                                "CAST(skeleton AS TEXT) ELSE '' END, used FROM sessions")
         return [SessionRow(*row) for row in rows]
 
     def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
         """A durable session exists (before its first checkpoint: an empty state to restore)."""
         self._write_forgotten()
-        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
-                         (session, pool, owner, worker, created, time.time()))
+        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0, ?)",
+                         (session, pool, owner, worker, created, time.time(), created))
         self._sizes.setdefault(session, 0)
         self._seqs.setdefault(session, 0)
 
     def pin(self, session: str, worker: str) -> None:
         self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
+
+    def used(self, session: str, when: float) -> None:
+        """The session's last call ended at wall time ``when`` (its idle time after a restart)."""
+        self._db.execute("UPDATE sessions SET used = ? WHERE id = ?", (when, session))
 
     def drop(self, session: str) -> None:
         """The session is closed, expired or lost: its rows go."""
@@ -473,7 +484,7 @@ def _mb(n: int) -> str:
 
 @dataclass
 class Job:
-    """Work for the store thread. ``op``: "open", "pin", "write", "load", "plain", "drop"; ``args`` its
+    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "plain", "drop"; ``args`` its
     arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
     are set by the thread."""
 

@@ -307,6 +307,30 @@ def test_a_store_of_another_schema_is_set_aside_and_one_that_cannot_be_opened_is
         open_store(os.path.join(short_tmp, "dir.sqlite"))
 
 
+def test_a_store_of_schema_1_is_upgraded_in_place_with_its_sessions_last_use_unknown(short_tmp: str) -> None:
+    """An earlier broker's store (no last-use column) keeps every checkpoint; its rows' last use
+    is unknown (their idle time counts from the broker's start), new rows have theirs."""
+    path = os.path.join(short_tmp, "checkpoints.sqlite")
+    store = CheckpointStore(path)
+    store.open("a" * 32, "p", "", "w1", 1000.0)
+    store.apply([Write("a" * 32, 1, b"skeleton", [0], [b"blob"], [], True, 12)])
+    store.close()
+    with sqlite3.connect(path) as db:  # what schema 1 was
+        db.execute("ALTER TABLE sessions DROP COLUMN used")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    store = CheckpointStore(path)
+    assert [(r.id, r.seq, r.used) for r in store.sessions()] == [("a" * 32, 1, None)]
+    assert store.load("a" * 32) is not None and store.load("a" * 32).blobs == [b"blob"]  # type: ignore[union-attr]
+    store.open("b" * 32, "p", "", "w1", 2000.0)
+    store.used("a" * 32, 3000.0)
+    assert {r.id[0]: r.used for r in store.sessions()} == {"a": 3000.0, "b": 2000.0}
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+
+
 def test_writes_on_the_routing_thread_while_the_store_file_is_deleted_again_and_again_are_all_kept(
         short_tmp: str) -> None:
     """The store's thread writes the file again (its connections swapped) while the routing thread
