@@ -133,8 +133,20 @@ class DurableSessions:
         for job in jobs:
             if job.op == "load":
                 self.moves.loaded(job)
+            elif job.op == "reset":
+                self._store_reset()
             else:
                 self.writes.done(job)
+
+    def _store_reset(self) -> None:
+        """The store's file was damaged under the broker and a fresh one began with every session
+        but no checkpoint: each durable session's next call asks its worker for a whole one, and
+        a move before it finds none (the session is lost: never restored empty)."""
+        for rec in self.sessions.values():
+            d = rec.durable
+            if d is not None and not d.off:
+                d.needs_full = d.forgotten = True
+                d.bytes, d.stored = 0, 0.0
 
     def released(self, rec: SessionRecord) -> None:
         """The session is closed, expired or lost (``SessionBook.release``): its held replies go
@@ -184,7 +196,7 @@ class DurableSessions:
             if row.plain:  # it went plain: so it stays (never made durable again by a claim of its pin)
                 rec.durable = Durability(off=row.plain, used=used)
             else:
-                rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
+                rec.durable = Durability(needs_full=True, forgotten=row.checkpoint_lost, bytes=row.size, seq=row.seq,
                                          stored=row.updated if row.seq else 0.0, used=used)
             if row.worker:
                 rec.worker = row.worker.encode()

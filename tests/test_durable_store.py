@@ -523,3 +523,47 @@ def test_a_store_removed_with_a_glob_still_keeps_a_second_broker_off_it(stack: S
     stack.wait_workers("p", 1)
     assert s.eval("kept") == 42  # the second broker never touched the store
     assert "dropped from the checkpoint store" not in stack.logs()
+
+
+@pytest.mark.parametrize("cut", ["to nothing", "to a third"])
+def test_a_store_truncated_under_the_running_broker_begins_afresh_and_its_sessions_stay_durable(
+        stack: Stack, cut: str) -> None:
+    """The store file truncated in place (same inode: fix 41's look saw nothing): every durable
+    session's next call got SessionNotDurable (its result withheld, the session plain for good),
+    new durable sessions too, until a restart. Now the damaged file is set aside and a fresh store
+    begins: each session is checkpointed whole by its worker at its next call and comes back after
+    a kill of the broker and its workers; one not called since is lost, never restored empty."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    sessions = [dx.session("p", durable=True) for _ in range(4)]
+    for i, s in enumerate(sessions):
+        s.exec(f"blob = b'x' * 20_000; counter = {i}")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    wait_for(lambda: os.path.getsize(path + "-wal") == 0, what="the WAL copied into the file")
+    os.truncate(path, 0 if cut == "to nothing" else os.path.getsize(path) // 3)
+    called, idle = sessions[:3], sessions[3]
+    for s in called:
+        s.exec("counter += 10")  # no SessionNotDurable, before or after the broker looks
+    wait_for(lambda: "was truncated while the broker ran: set aside as" in stack.logs()
+             or "is damaged" in stack.logs(), what="the store begun afresh")
+    for s in called:
+        s.exec("counter += 100")
+    fresh = dx.session("p", durable=True)
+    fresh.exec("counter = 7")
+    workers = [w["pid"] for w in stack.workers("p", dx)]
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    for pid in workers:
+        stack.kill(pid)
+    stack.broker.wait(10)
+
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    for i, s in enumerate(called):
+        assert s.eval("(counter, len(blob))") == (i + 110, 20_000)
+    assert fresh.eval("counter") == 7
+    with pytest.raises(dspex.CheckpointRefused):
+        idle.eval("counter")
+    log = stack.logs()
+    assert "no longer durable" not in log and "Traceback" not in log
+    assert glob.glob(path + ".unusable-*")  # the damaged file, kept for a post-mortem
