@@ -24,7 +24,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.store_schema import SCHEMA, SCHEMA_VERSION, SOUND_ROW, damaged, forget_rows, identities, rollback, set_aside
+from broker.store_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    SOUND_ROW,
+    SessionRow,
+    Stored,
+    Write,
+    damaged,
+    forget_rows,
+    identities,
+    locked,
+    rollback,
+    set_aside,
+)
 
 log = logging.getLogger("dspex.broker")
 
@@ -55,55 +68,6 @@ class NotKept(StaleCheckpoint):
     """A checkpoint of what changed, for a session whose stored checkpoint was lost with a damaged
     file (:meth:`CheckpointStore.reset`): not kept (it would restore as the whole state); the
     session's next checkpoint is a whole one."""
-
-
-@dataclass
-class SessionRow:
-    """A durable session as the store keeps it (what a restarted broker needs)."""
-
-    id: str
-    pool: str
-    owner: str
-    worker: str
-    created: float
-    updated: float
-    seq: int
-    size: int
-    plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
-    # wall time of its last use as the broker saved it (DurableSessions.call_ended); None: not
-    # known (a row of a store schema 1)
-    used: float | None = None
-    # its checkpoint was lost with a damaged store file (reset) and none stored since: a move finds
-    # none (the session is lost, never restored empty)
-    checkpoint_lost: bool = False
-
-
-@dataclass
-class Write:
-    """One checkpoint of a session (worker/checkpoint.py ``Checkpoint``), as it arrived."""
-
-    session: str
-    seq: int
-    skeleton: bytes | memoryview
-    set_slots: Sequence[int]
-    blobs: Sequence[bytes | memoryview]
-    clear_slots: Sequence[int]
-    full: bool
-    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
-
-
-@dataclass
-class Stored:
-    """A session's last checkpoint, for a restore."""
-
-    seq: int
-    skeleton: bytes
-    slots: list[int]
-    blobs: list[bytes]
-
-    @property
-    def size(self) -> int:
-        return len(self.skeleton) + sum(map(len, self.blobs))
 
 
 class CheckpointStore:
@@ -208,9 +172,25 @@ class CheckpointStore:
             return "was replaced by another file"
         if found[1] != ours[1]:  # (the -wal stays while a connection is open)
             return "lost its WAL file (-wal deleted or replaced)"
-        if os.path.getsize(self.path) < self._length:  # (pages cut off: rewrite() cannot read them back)
-            return "was truncated"
+        size = os.path.getsize(self.path)
+        if size < self._length:  # pages cut off (rewrite() cannot read them back), or another connection's VACUUM
+            sound = self._sound()
+            if sound is False:
+                return "was truncated"
+            if sound:
+                self._length = size
         return ""
+
+    def _sound(self) -> bool | None:
+        """SQLite finds every page the store's tables use (a file some other connection made
+        smaller, a VACUUM, is sound; a truncated one is not); None: it could not look."""
+        try:
+            return self._reader.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        except sqlite3.DatabaseError as exc:
+            if damaged(exc):
+                return False
+            log.warning("checkpoint store %s: checking the file failed (%s): looked at again in a second", self.path, exc)
+            return None
 
     def empty(self) -> bool:
         """No session's row: a store deleted now loses nothing."""
@@ -339,6 +319,8 @@ class CheckpointStore:
         try:
             self._write_forgotten()
         except sqlite3.Error as exc:
+            if locked(exc) and not self._waits:
+                raise  # (on the routing thread: the job goes to the store's thread, which waits for the lock)
             log.error("checkpoint store %s: the checkpoint of session %s could not be deleted yet (%s): it is "
                       "deleted at the next write", self.path, session[:8], exc)
 

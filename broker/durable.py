@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from broker.answers import Answers
 from broker.checkpoint_writes import CheckpointWrites
-from broker.checkpoints import Job, SessionRow
+from broker.checkpoints import Job
 from broker.moves import SessionMoves, movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
+from broker.store_schema import SessionRow
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import Affinity, Durable
 

@@ -1,12 +1,14 @@
-"""The checkpoint store's file (broker/checkpoints.py): its tables, what a sound row is, and
-what the store does with the files at its path (their identities, setting one aside) and with
-SQLite's errors about them."""
+"""The checkpoint store's file (broker/checkpoints.py): its tables, what a sound row is, the rows
+and checkpoints it reads and writes, what the store does with the files at its path (their
+identities, setting one aside) and with SQLite's errors about them."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 SCHEMA_VERSION = 2  # 2: sessions.used
 
@@ -38,6 +40,55 @@ SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 
               "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
               "AND typeof(used) IN ('null', 'integer', 'real') "
               "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
+
+
+@dataclass
+class SessionRow:
+    """A durable session as the store keeps it (what a restarted broker needs)."""
+
+    id: str
+    pool: str
+    owner: str
+    worker: str
+    created: float
+    updated: float
+    seq: int
+    size: int
+    plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
+    # wall time of its last use as the broker saved it (DurableSessions.call_ended); None: not
+    # known (a row of a store schema 1)
+    used: float | None = None
+    # its checkpoint was lost with a damaged store file (reset) and none stored since: a move finds
+    # none (the session is lost, never restored empty)
+    checkpoint_lost: bool = False
+
+
+@dataclass
+class Write:
+    """One checkpoint of a session (worker/checkpoint.py ``Checkpoint``), as it arrived."""
+
+    session: str
+    seq: int
+    skeleton: bytes | memoryview
+    set_slots: Sequence[int]
+    blobs: Sequence[bytes | memoryview]
+    clear_slots: Sequence[int]
+    full: bool
+    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
+
+
+@dataclass
+class Stored:
+    """A session's last checkpoint, for a restore."""
+
+    seq: int
+    skeleton: bytes
+    slots: list[int]
+    blobs: list[bytes]
+
+    @property
+    def size(self) -> int:
+        return len(self.skeleton) + sum(map(len, self.blobs))
 
 
 def set_aside(path: str, why: str) -> str:

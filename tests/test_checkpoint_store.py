@@ -21,9 +21,9 @@ from broker.checkpoints import (
     Job,
     OverCap,
     StaleCheckpoint,
-    Write,
     open_store,
 )
+from broker.store_schema import Write
 from tests.harness import PY, Procs, wait_for
 
 dspy = pytest.importorskip("dspy")
@@ -247,7 +247,8 @@ def test_a_store_thread_busy_with_writes_still_copies_the_wal(short_tmp: str) ->
 
 WRITER = textwrap.dedent("""
     import sys
-    from broker.checkpoints import CheckpointStore, Write
+    from broker.checkpoints import CheckpointStore
+    from broker.store_schema import Write
     store = CheckpointStore(sys.argv[1])
     store.open("s" * 32, "p", "", "w1", 1.0)
     n = 0

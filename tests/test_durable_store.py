@@ -567,3 +567,71 @@ def test_a_store_truncated_under_the_running_broker_begins_afresh_and_its_sessio
     log = stack.logs()
     assert "no longer durable" not in log and "Traceback" not in log
     assert glob.glob(path + ".unusable-*")  # the damaged file, kept for a post-mortem
+
+
+def test_a_vacuum_of_the_store_while_the_broker_runs_keeps_every_checkpoint(stack: Stack) -> None:
+    """An operator's VACUUM and WAL copy (docs/operations.md: safe while the broker runs, it only
+    holds writes off) shrinks the file as a truncation does: it must not be taken for one (the store begun
+    afresh, every checkpoint lost until its session's next call)."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    kept, closed = dx.session("p", durable=True), dx.session("p", durable=True)
+    kept.exec("counter = 1")
+    closed.exec("import os; blob = os.urandom(6_000_000)")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    wait_for(lambda: os.path.getsize(path) > 6_000_000, what="the WAL copied into the file")
+    closed.close()
+
+    def vacuumed() -> bool:
+        with sqlite3.connect(path, timeout=30) as db:
+            db.execute("VACUUM")
+            # (else the WAL goes into the file at the broker's next copy; a read of the broker's
+            # may keep this one from finishing: then once more)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        return os.path.getsize(path) < 1_000_000
+
+    wait_for(vacuumed, what="the store vacuumed")
+    kept.exec("counter += 1")
+    time.sleep(2)  # two looks of the store's thread at its file (nothing to poll for: it must not act)
+    assert "was truncated" not in stack.logs() and not glob.glob(path + ".unusable-*")
+    worker = pid_of(kept)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.kill(worker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert kept.eval("counter") == 2
+
+
+def test_a_session_closed_while_the_store_is_locked_is_deleted_once_the_lock_goes(stack: Stack) -> None:
+    """A close whose delete met a lock on the store (another process's write, or the store's own
+    copy of the WAL, which holds writes off once a second) was put off "to the next write": with
+    none, the closed session's checkpoint stayed, and a restarted broker brought it back."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("x = 1")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    holder = sqlite3.connect(path, timeout=30, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        s.close()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+    def rows() -> list[str]:
+        with sqlite3.connect(path, timeout=30) as db:
+            found = [r[0] for r in db.execute("SELECT id FROM sessions")]
+        db.close()
+        return found
+
+    wait_for(lambda: rows() == [], what="the closed session's rows deleted")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    assert s.id not in {r["id"] for r in dx.sessions("p")}
+    assert "could not be deleted yet" not in stack.logs()
