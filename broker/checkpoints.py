@@ -115,6 +115,7 @@ class CheckpointStore:
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._files = identities(path)  # the files the connections write, to know if they go (gone)
         self._length = os.path.getsize(path)  # the file's; only the store's WAL copies change it (gone)
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
 
     def _configure(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -158,7 +159,9 @@ class CheckpointStore:
         if shrink:  # a step at a time: it holds writes off too (executescript: execute frees one page)
             self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
         self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        self._length = os.path.getsize(self.path)
+        # the size SQLite gave the file, not the one found now: a truncation just after the copy
+        # would be taken for its result
+        self._length = int(self._reader.execute("PRAGMA page_count").fetchone()[0]) * self._page_size
         return shrink and free > _SHRINK_PAGES
 
     def gone(self) -> str:
