@@ -225,7 +225,7 @@ class Core:
             p = w.inflight.pop(key)
             rec = self.sessions.get(p.session) if p.session else None
             if rec is not None and rec.durable is not None or command == W_CHECKPOINT:
-                ok = self.durable.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
+                ok = self.durable.writes.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
             else:
                 self._to_client([client, *frames[2:]])
             self.running.pop(key, None)
@@ -245,7 +245,8 @@ class Core:
                 if rec.closing and not self.book.running(rec):
                     self.book.release(rec)
                 elif rec.durable is not None:
-                    self.durable.call_ended(rec)
+                    self.durable.note_use(rec)
+                    self.durable.moves.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
             elif self.recycler.over_request_limit(w, now):
@@ -274,8 +275,8 @@ class Core:
             if new is not None:
                 self.dispatcher.feed(new)
                 if new.pool.parked:
-                    self.durable.worker_ready(new.pool)
-                self.durable.spread(new)
+                    self.durable.moves.worker_ready(new.pool)
+                self.durable.moves.spread(new)
                 if new.pool.recycling is not None:
                     # a rolling recycle waits for this replacement: go on now, not at the next tick
                     # (an operator who saw the replacement ready must not find the pool "recycling")

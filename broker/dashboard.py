@@ -134,9 +134,11 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
                         (tails or {}).get(f"{proc['group']}:{proc['name']}", ""))
                 for proc in groups.get(name, []) if proc["statename"] in GAVE_UP]
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
+        # registered, their dspy import still running: not ready yet (facts_from_status counts them starting)
+        preparing = sum(1 for w in p["workers"] if w["state"] in ("ready", "busy") and w.get("preparing"))
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
-            "expected": expected, "up": up, "state": verdict.state.value, "reasons": gone + verdict.reasons,
+            "expected": expected, "up": up - preparing, "state": verdict.state.value, "reasons": gone + verdict.reasons,
             "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
             "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
             "workers": workers,

@@ -83,14 +83,14 @@ class Dispatcher:
         pinned = rec.worker
         assert pinned is not None
         w = self.workers.get(pinned)
-        if rec.durable is not None and rec.durable.move and self.durable.route(rec, pool, p, w):
+        if rec.durable is not None and rec.durable.move and self.durable.moves.route(rec, pool, p):
             return  # moving (to a worker that came up) while its worker lives: it waits for the move
         if w is None or w.draining:
             if w is None and (pool.strict or rec.durable is not None) and self.book.in_restart_grace(pinned):
                 # just (re)started: its worker may be alive and not re-registered yet; wait for it
                 self._enqueue(pool, pool.awaiting.setdefault(pinned, deque()), p)
                 return
-            if rec.durable is not None and self.durable.route(rec, pool, p, w):
+            if rec.durable is not None and self.durable.moves.route(rec, pool, p):
                 return  # it moves with its checkpoint; the call waits for the move
             if pool.strict:
                 if w is None:  # its worker left: from now on the session is a tombstone

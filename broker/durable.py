@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.answers import Answers
 from broker.checkpoint_writes import CheckpointWrites
@@ -25,9 +25,6 @@ from broker.state import Clock, Durability, Pending, Pool, SessionRecord, Worker
 from broker.store_schema import SessionRow
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import Affinity, Durable
-
-if TYPE_CHECKING:
-    import zmq
 
 
 class DurableSessions:
@@ -95,26 +92,16 @@ class DurableSessions:
         # a stored checkpoint: the worker must hold the session (it answers session_not_held if not)
         return flags | (Durable.HELD if d.seq else 0), []
 
-    # -- the parts' entry points (routing, the roster, the recycler and the core reach them here) ----
-    def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
-                 ok: bool) -> bool:
-        return self.writes.answered(w, p, rec, frames, ok)
-
-    def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:
-        return self.moves.route(rec, pool, p, w)
-
     def reroute(self, p: Pending, pool: Pool) -> bool:
+        """``SessionMoves.reroute``, for the session book (which knows this object by ``DurableHooks``)."""
         return self.moves.reroute(p, pool)
 
-    def call_ended(self, rec: SessionRecord) -> None:
-        self._save_use(rec)
-        self.moves.call_ended(rec)
-
-    def _save_use(self, rec: SessionRecord) -> None:
-        """Keep when ``rec`` was last used in the store, for a restarted broker's TTL; at most once
-        per :func:`_use_slack` of its pool's TTL (a call that changed nothing writes no checkpoint:
-        one more commit per call would tax the quickest calls), which a restarted broker adds to
-        the saved time: its TTL never ends early, at most that much late."""
+    def note_use(self, rec: SessionRecord) -> None:
+        """A call of ``rec`` ended: keep when it was last used in the store, for a restarted
+        broker's TTL; at most once per :func:`_use_slack` of its pool's TTL (a call that changed
+        nothing writes no checkpoint: one more commit per call would tax the quickest calls),
+        which a restarted broker adds to the saved time: its TTL never ends early, at most that
+        much late."""
         d, pool = rec.durable, self.pools.get(rec.pool)
         if d is None or pool is None or not pool.config.session_ttl:
             return
@@ -122,12 +109,6 @@ class DurableSessions:
         if used - d.used >= _use_slack(pool.config.session_ttl):
             d.used = used
             self.port.store(Job("used", (rec.id, used)))
-
-    def spread(self, new: WorkerRecord) -> None:
-        self.moves.spread(new)
-
-    def worker_ready(self, pool: Pool) -> None:
-        self.moves.worker_ready(pool)
 
     def store_done(self, jobs: list[Job]) -> None:
         """Jobs the store finished, in the order they were submitted."""

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dspex.broker.metrics")
 
-_STATES = tuple(s.value for s in WorkerState)
+# a registered worker whose dspy import still runs is "preparing", not "ready": an alert on ready workers
+# must not count one that may yet fail its import (pools status and the dashboard say so too)
+_STATES = (*(s.value for s in WorkerState), "preparing")
 
 
 class BrokerCollector(Collector):
@@ -109,7 +111,7 @@ class BrokerCollector(Collector):
             queue_max.add_metric([name], pool["queue_max"])
             states = dict.fromkeys(_STATES, 0)
             for w in pool["workers"]:
-                states[w["state"]] += 1
+                states["preparing" if w.get("preparing") and w["state"] in ("ready", "busy") else w["state"]] += 1
                 labels = [name, w["id"], str(w["pid"])]
                 rss.add_metric(labels, float(w["rss"] or 0))
                 served.add_metric(labels, w["served"])

@@ -49,9 +49,9 @@ class SessionMoves:
         self.counters = counters
         self.uneven: set[str] = set()  # pools whose sessions spread to a worker that holds fewer
 
-    def route(self, rec: SessionRecord, pool: Pool, p: Pending, w: WorkerRecord | None) -> bool:
-        """Park ``p`` if its durable session must move (its pinned worker ``w`` is gone or
-        draining) or is moving, or refuse it (``pool_saturated``: it did not run, the session
+    def route(self, rec: SessionRecord, pool: Pool, p: Pending) -> bool:
+        """Park ``p`` if its durable session must move (its pinned worker is gone or draining)
+        or is moving, or refuse it (``pool_saturated``: it did not run, the session
         stays durable) when the pool's queue is full; True if it did either."""
         d = rec.durable
         if d is None or d.off:

@@ -238,7 +238,7 @@ class Roster:
                     f"worker {w.incarnation[:8]} (pid {w.pid}) {why} while running this request",
                     worker=w.incarnation, session=p.session))
         for rec in moving:
-            self.durable.call_ended(rec)  # a move that waited for its call here goes on
+            self.durable.moves.call_ended(rec)  # a move that waited for its call here goes on
         for p in queued:
             if self.durable.reroute(p, pool):
                 continue  # it did not run: it moves with its session

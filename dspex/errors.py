@@ -1,44 +1,9 @@
 """The error tree's public module: ``from dspex.errors import Timeout``. Both ends of the wire
 define it in :mod:`dspex.wire.errors`; this is the path users import it by."""
 
-from dspex.wire.errors import (
-    BrokerUnreachable,
-    Cancelled,
-    CheckpointRefused,
-    CodeCacheMiss,
-    ConfigError,
-    ConnectionError,
-    ConnectionLost,
-    DidNotRun,
-    DspexError,
-    EncodeError,
-    InternalError,
-    MayHaveRun,
-    MessageTooLarge,
-    MissingModule,
-    NotDurableWarning,
-    PoolNotFound,
-    PoolSaturated,
-    ProtocolError,
-    QueueTimeout,
-    RefNotFound,
-    RefQuotaExceeded,
-    Refused,
-    RemoteError,
-    SessionClosed,
-    SessionNotDurable,
-    SessionNotHeld,
-    SessionNotYours,
-    SessionPoolMismatch,
-    SessionQuotaExceeded,
-    SessionWorkerUnavailable,
-    Timeout,
-    UnknownOp,
-    UsageError,
-    WorkerBusy,
-    WorkerCrashed,
-)
+from dspex.wire.errors import *
 
+# the error classes, the public part of what the star import brings
 __all__ = [
     "BrokerUnreachable",
     "Cancelled",

@@ -21,7 +21,7 @@ import dspex
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
 from dspex.client.routing import broker_keys
-from dspex.stack.health import State, is_here, worker_problems
+from dspex.stack.health import State, is_here, silent_pids, worker_problems
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorConf,
@@ -48,7 +48,7 @@ EXIT_UNREACHABLE = 4  # the broker or supervisord cannot be reached
 EXIT_DOWN = 5  # pools status: a pool has no ready worker
 EXIT_WARN = 6  # pools status: all up, but a queue is over 80% full or many requests fail
 EXIT_STARTING = 7  # pools status: processes still starting, nothing wrong (yet)
-EXIT_TIMEOUT = 8  # the broker or supervisord is there but did not answer within --timeout
+EXIT_TIMEOUT = 8  # the broker or supervisord did not answer within --timeout, or a --wait ran out
 # a state's code: pools status, and pools start/restart for the pools they started
 EXIT_FOR_STATE = {State.OK: EXIT_OK, State.STARTING: EXIT_STARTING, State.WARN: EXIT_WARN,
                   State.DEGRADED: EXIT_DEGRADED, State.DOWN: EXIT_DOWN, State.UNREACHABLE: EXIT_UNREACHABLE}
@@ -230,6 +230,35 @@ def unregistered_worker(sup: Supervisor, pool: str, pid: str, status: dict[str, 
     return [{"incarnation": incarnation, "id": incarnation[:8], "pid": procs[0]["pid"]}]
 
 
+class NothingToRecycle(DspexError):
+    """``workers recycle`` of a pool the broker lists no worker of: nothing to ask to leave."""
+
+    code = "nothing_to_recycle"
+
+
+def silent_process(proc: dict[str, Any], pool: str, since: float) -> str:
+    """A process of ``pool`` that supervisord runs while the broker dropped it for silence at
+    ``since`` (wall time), in words, with the command that ends it: only a SIGKILL does, since a
+    graceful recycle asks the worker. A process the kernel does not run says so in /proc; one that
+    runs is guessed at."""
+    from dspexctl.diagnose import process_state
+
+    held = process_state(int(proc["pid"]))
+    why = (f"its process is {held};" if held.startswith(("stopped", "in uninterruptible", "a zombie"))
+           else "wedged, in a call that holds the GIL?")
+    return (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
+            f"{fmt_duration(time.time() - since)} ago: {why} "
+            f"dspexctl workers recycle {pool} --worker {proc['pid']} --hard kills it")
+
+
+def wedged(pool: str, sup: Supervisor | None, status: dict[str, Any]) -> list[str]:
+    """The processes of ``pool`` that supervisord still runs while the broker dropped them for
+    silence, each as ``pools status`` names it, with the command that ends it."""
+    silent = silent_pids(e for e in status.get("events") or [] if is_here(e))
+    return [silent_process(p, pool, silent[p["pid"]]) for p in (sup.processes() if sup is not None else [])
+            if p["group"] == pool and p["statename"] == "RUNNING" and p["pid"] in silent]
+
+
 class WorkersRecycle:
     interrupted = "the broker goes on with the recycle (dspexctl pools status -v follows it)"
     def request(self, pool: str, worker: str | None = None, all: bool = False, hard: bool = False,
@@ -267,7 +296,9 @@ class WorkersRecycle:
                         raise NotFound("worker_not_found", f"{key!r} matches {len(targets)} workers of {pool}; workers: "
                                        + ", ".join(f"{w['id']} (pid {w['pid']})" for w in before))
                 elif not before:
-                    raise DspexError(f"pool {pool} has no ready worker to recycle (dspexctl pools status {pool} says why)")
+                    stuck = wedged(pool, sup, status)
+                    raise NothingToRecycle(f"pool {pool} has no ready worker to recycle" + (
+                        ": " + "; ".join(stuck) if stuck else f" (dspexctl pools status {pool} says why)"))
                 elif req["all"]:
                     targets = list(before)
                 else:  # the oldest, as the broker picks
@@ -276,6 +307,9 @@ class WorkersRecycle:
                     warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
                     if warning:
                         progress(f"warning: {warning}")
+                if not req["worker"]:  # the broker's workers are recycled, not the one the operator may mean
+                    for line in wedged(pool, sup, status):
+                        progress(f"warning: {line}")
                 if req["hard"]:
                     assert sup is not None
                     self._check_local(sup, targets)
@@ -320,7 +354,7 @@ class WorkersRecycle:
                     raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is no longer a process of this "
                                           f"supervisord ({sup.conf.path})")
                 progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
-                sup.signal(full_name(proc), "KILL")
+                sup.kill(full_name(proc), w["pid"])
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
                                                 {w["incarnation"]}, size, deadline)
         out = []
@@ -349,7 +383,11 @@ class WorkersRecycle:
             ready = sum(1 for w in workers if w["state"] != "draining" and not w.get("preparing"))
             if gone == targets and len(seen) >= len(targets) and ready >= size:
                 return sorted(seen.values(), key=lambda w: w["seen"])
-            line = f"waiting: {len(gone)}/{len(targets)} retired, {len(seen)}/{len(targets)} replacements ready"
+            # a target still running calls retires only once they end (up to the pool's drain_timeout)
+            busy = [f"{w['id']} finishes its {w['inflight']} running call(s) first" for w in workers
+                    if w["incarnation"] in targets and w["inflight"]]
+            line = (f"waiting: {len(gone)}/{len(targets)} retired" + (f" ({'; '.join(busy)})" if busy else "")
+                    + f", {len(seen)}/{len(targets)} replacements ready")
             if line != last:
                 progress(line)
                 last = line

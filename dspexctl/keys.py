@@ -68,6 +68,31 @@ def _write(directory: Path, peers: tuple[str, ...], admins: tuple[str, ...]) -> 
     return written
 
 
+# the ports of docs/operations.md's "Many hosts": the broker's worker plane and its client plane
+BACKEND_PORT, FRONTEND_PORT = 5556, 5555
+
+
+def uses(directory: Path, written: dict[str, Path]) -> dict[str, str]:
+    """How each side uses what :func:`generate` wrote, one command line each: the broker binds its
+    backend on TCP for workers of other hosts (a worker key was written) and its frontend for clients
+    of other hosts (a client key was written); a worker host's conf comes from ``hosts conf``."""
+    worker = next((path for name, path in written.items() if name.startswith("worker")), None)
+    client = next((path for name, path in written.items() if name not in ("broker", "allowed")
+                   and not name.startswith("worker")), None)
+    server_key = directory / "broker.key"
+    binds = ((f" --backend tcp://0.0.0.0:{BACKEND_PORT}" if worker else "")
+             + (f" --frontend tcp://0.0.0.0:{FRONTEND_PORT}" if client else ""))
+    out = {"broker": f"python -m broker{binds} --curve-secret-key {written['broker']} "
+                     f"--curve-allowed {written['allowed']}"}
+    if worker:
+        out["workers"] = (f"dspexctl hosts conf --broker tcp://BROKER_HOST:{BACKEND_PORT} --pool POOL=N "
+                          f"--worker-key {worker} --server-key {server_key} > workers.conf")
+    if client:
+        out["clients"] = (f"DSPEX_ENDPOINT=tcp://BROKER_HOST:{FRONTEND_PORT} DSPEX_CURVE_SERVER_KEY={server_key} "
+                          f"DSPEX_CURVE_CLIENT_KEY={client}")
+    return out
+
+
 @click.group()
 def keys() -> None:
     """CURVE keys for TCP endpoints."""
@@ -93,14 +118,7 @@ def generate_command(ctx: click.Context, directory: Path, peers: tuple[str, ...]
                           "run would replace it and lock out every peer given the old broker.key: use another "
                           "--dir (or move this one away first)")
     written = generate(directory, peers, admins)
-    commands = {
-        "broker": f"python -m broker --frontend tcp://HOST:PORT --curve-secret-key {written['broker']} "
-                  f"--curve-allowed {written['allowed']}",
-        "workers": f"DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} "
-                   f"DSPEX_CURVE_WORKER_KEY={written.get('worker', '…')}",
-        "clients": f"DSPEX_CURVE_SERVER_KEY={directory / 'broker.key'} "
-                   f"DSPEX_CURVE_CLIENT_KEY={written.get('client', '…')}",
-    }
+    commands = uses(directory, written)
     if json_out or getattr(ctx.obj, "json", False):
         click.echo(json.dumps({"written": {name: str(path) for name, path in written.items()},
                                "server_key": str(directory / "broker.key"), "use": commands}, indent=2))

@@ -11,7 +11,6 @@ supervisord's).
 from __future__ import annotations
 
 import socket
-import time
 from typing import Any
 
 from dspex.client.endpoints import ANY_POOL
@@ -51,9 +50,10 @@ from dspexctl.commands import (
     fmt_ms,
     foreign_broker,
     metrics_text,
+    silent_process,
     table,
 )
-from dspexctl.diagnose import process_state, silent_broker
+from dspexctl.diagnose import silent_broker
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host", "problem", "preparing")
@@ -264,13 +264,7 @@ class PoolsStatus:
                 if proc["statename"] != "RUNNING":
                     text = gave_up_line(tails, proc)
                 elif proc["pid"] in silent:
-                    # a process the kernel does not run says so in /proc; one that runs is guessed at
-                    held = process_state(proc["pid"])
-                    why = (f"its process is {held};" if held.startswith(("stopped", "in uninterruptible", "a zombie"))
-                           else "wedged, in a call that holds the GIL?")
-                    text = (f"{full_name(proc)} is RUNNING (pid {proc['pid']}) but stopped answering heartbeats "
-                            f"{fmt_duration(time.time() - silent[proc['pid']])} ago: {why} "
-                            f"dspexctl workers recycle {name} --worker {proc['pid']} --hard kills it")
+                    text = silent_process(proc, name, silent[proc["pid"]])
                 else:
                     text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
                             "broker (see its log)")

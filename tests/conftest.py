@@ -47,14 +47,15 @@ PROCESS_FIXTURES = {
     "tests.test_fuzz.fuzz_stack", "tests.test_lmserver.server", "tests.test_ops_cli.small",
     "tests.test_ops_health.stack", "tests.test_ops_stack.stacks", "tests.test_ops_status.small",
     "tests.test_security.netns", "tests.test_supervisor.sup", "tests.conformance.test_http_lm.api_base",
-}  # and the conformance tests' "session" side (the ``run`` fixture's other parameter is in-process)
+}  # and the conformance tests' "session" side (the ``run``/``arun`` fixtures' other parameter is in-process)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         defs = info.name2fixturedefs.items() if info is not None else ()
-        through_a_session = getattr(getattr(item, "callspec", None), "params", {}).get("run") == "session"
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        through_a_session = "session" in (params.get("run"), params.get("arun"))
         if through_a_session or any(f"{d.func.__module__}.{name}" in PROCESS_FIXTURES for name, ds in defs for d in ds):
             item.add_marker(pytest.mark.slow)
 

@@ -19,21 +19,9 @@ import dspex
 from dspex.stack.supervisor import pid_alive
 from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
 from tests.harness import wait_for
-from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack
+from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack, dspexctl, no_traceback
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
-
-
-def dspexctl(stack: SupervisedStack, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    """The real entry point, as a person runs it (cwd: the stack's dir, so ./supervisor.conf is found)."""
-    env = dict(stack.env)
-    env.pop("DSPEX_SUPERVISOR_CONF", None)
-    return subprocess.run([sys.executable, "-m", "dspexctl", *args], cwd=stack.root, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def no_traceback(res: Any) -> None:
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,12 @@ def test_stream_and_async_stream_read_alike() -> None:
     sync, aio = public(dspex.Stream), public(dspex.aio.AsyncStream)
     assert sync.keys() - {"close"} == aio.keys() - {"aclose"}
     assert inspect.iscoroutinefunction(dspex.aio.AsyncStream.aclose)
+    # each kind iterates and closes as its own kind of iterator does (``contextlib.closing`` /
+    # ``aclosing`` take them), and no other's
+    assert all(hasattr(dspex.Stream, name) for name in ("__iter__", "__next__", "__enter__", "__exit__"))
+    assert all(hasattr(dspex.aio.AsyncStream, name) for name in ("__aiter__", "__anext__", "__aenter__", "__aexit__"))
+    assert not any(hasattr(dspex.Stream, name) for name in ("__aiter__", "__aenter__"))
+    assert not any(hasattr(dspex.aio.AsyncStream, name) for name in ("__iter__", "__enter__"))
 
 
 def test_constructor_curve_keys_for_both_kinds(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,6 +74,16 @@ def test_view_joins_supervisords_processes_like_pools_status() -> None:
     assert [w["state"] for w in q["workers"]] == ["stopped", "stopped"]
 
 
+def test_view_a_worker_still_importing_dspy_is_not_counted_ready() -> None:
+    """Registered, its dspy import still running: the pool is STARTING and its Ready count leaves it
+    out, as `dspexctl pools status` does (whether it can do its job is not known yet)."""
+    snap = _snap({"p": [("a" * 32, 10), ("b" * 32, 11)]})
+    snap["pools"]["p"]["workers"][1]["preparing"] = True
+    pool = view(snap, [_proc("p", 0, "RUNNING", 10), _proc("p", 1, "RUNNING", 11)])["pools"]["p"]
+    assert (pool["state"], pool["up"], pool["expected"]) == ("starting", 1, 2), pool
+    assert pool["reasons"] == ["p: 1 worker(s) starting"]
+
+
 def test_history_percentiles_come_from_the_intervals_histogram() -> None:
     counts = [0] * (len(LATENCY_BUCKETS) + 1)
     assert quantile(LATENCY_BUCKETS, counts, 0.5) is None

@@ -297,6 +297,61 @@ def test_keys_generate_never_replaces_a_broker_key_pair_and_speaks_json(here: Pa
     assert not (here / "k2").exists(), "nothing written for a refused run"
 
 
+def test_keys_generate_says_how_each_side_uses_the_keys_it_wrote(here: Path) -> None:
+    """The lines after the files: the broker binds its worker plane on TCP (``--backend``: the keys
+    are for workers on other hosts) and, for clients elsewhere, its frontend; each worker host's conf
+    comes from ``hosts conf`` with the worker key written, whatever its name; a client needs the
+    endpoint too. ``--json`` has the same lines under ``use``."""
+    keys = here / "keys"
+    res = run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys), "--peer", "alice", "--peer", "worker-gpu1"],
+              here)
+    assert res.returncode == 0, res.stderr
+    use = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in res.stdout.splitlines()[-3:]}
+    assert set(use) == {"broker", "workers", "clients"}, res.stdout
+    assert "--backend tcp://" in use["broker"] and "--frontend tcp://" in use["broker"], use["broker"]
+    assert f"--curve-secret-key {keys / 'broker.key_secret'} --curve-allowed {keys / 'allowed'}" in use["broker"]
+    assert use["workers"].startswith("dspexctl hosts conf --broker tcp://"), use["workers"]
+    assert f"--worker-key {keys / 'worker-gpu1.key_secret'} --server-key {keys / 'broker.key'}" in use["workers"]
+    assert "…" not in res.stdout, "every line names a key this run wrote"
+    assert use["clients"].startswith("DSPEX_ENDPOINT=tcp://"), use["clients"]
+    assert f"DSPEX_CURVE_CLIENT_KEY={keys / 'alice.key_secret'}" in use["clients"], use["clients"]
+    doc = json.loads(run(["-m", "dspexctl", "--json", "keys", "generate", "--dir", str(here / "k2"), "--peer",
+                          "worker"], here).stdout)
+    assert "--backend tcp://" in doc["use"]["broker"] and "--frontend" not in doc["use"]["broker"], doc["use"]
+    assert set(doc["use"]) == {"broker", "workers"}, "no client key written: no client line"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_stop_that_runs_out_of_its_wait_exits_8_naming_what_still_stops() -> None:
+    """``pools stop --wait 1`` while a worker finishes a 6 s call: the exit code of every command
+    whose --wait runs out (8), one line naming the process still stopping, ``--json``'s error
+    document; and it returns when its wait is over, not once the worker is gone."""
+    from tests.harness.supervisord import dspexctl, small_stack
+
+    with small_stack({"triage_pool": 1}) as stack, stack.client(60) as dx:
+        s = dx.session("triage_pool")
+        s.exec("import pathlib, time\ndef slow(started):\n    pathlib.Path(started).touch()\n    time.sleep(6)\n")
+        started = os.path.join(stack.root, "started")
+        call = dx.submit(lambda: s.eval("slow(p)", {"p": started}))
+        wait_for(lambda: os.path.exists(started), 20, 0.05, "the call running")
+        res = dspexctl(stack, "pools", "stop", "--wait", "1")
+        assert not call.done(), "the command waited past its --wait, until the worker was gone"
+        again = dspexctl(stack, "--json", "pools", "stop", "--wait", "1")
+        assert not call.done()
+        assert call.result(30) is None, "supervisord let the worker finish its call"
+        for r in (res, again):
+            no_traceback(r)
+            assert r.returncode == 8, r.stdout + r.stderr
+        line = "triage_pool:triage_pool_00 is still STOPPING after 1s"
+        last = res.stderr.splitlines()[-1]  # after the progress lines ("stopping triage_pool")
+        assert last.startswith("Error: ") and line in last and res.stdout == "", res.stdout + res.stderr
+        error = json.loads(again.stdout)["error"]
+        assert error["code"] == "timeout" and error["exit"] == 8 and line in error["message"], error
+        done = dspexctl(stack, "pools", "stop")
+        assert done.returncode == 0 and done.stdout.splitlines() == ["triage_pool:triage_pool_00: STOPPED"], done
+
+
 def test_status_verbose_with_nothing_running_shows_no_empty_worker_tables(here: Path) -> None:
     (here / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
     (here / "run").mkdir()

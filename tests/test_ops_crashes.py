@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,24 +23,16 @@ import pytest
 
 import dspex
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, dspexctl, no_traceback, small_stack
 from tests.test_dashboard import browser, rows  # noqa: F401 - the fixture, for the page's test
-from tests.test_ops_python import small_conf_text
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}))
-    try:
-        s.start_foreground()
-        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 1}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def replaced(stack: SupervisedStack, gone: int) -> None:
@@ -57,12 +48,7 @@ def replaced(stack: SupervisedStack, gone: int) -> None:
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status")
-    no_traceback(doc)
-    no_traceback(text)
-    assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
-    return doc.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack)
 
 
 def crash_of(events: list[dict[str, Any]], pid: int) -> dict[str, Any]:
@@ -72,8 +58,7 @@ def crash_of(events: list[dict[str, Any]], pid: int) -> dict[str, Any]:
 
 
 def dashboard_events(stack: SupervisedStack) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return list(json.loads(resp.read())["events"])
+    return list(dashboard_status(stack)["events"])
 
 
 @pytest.mark.timeout(180)
@@ -126,7 +111,9 @@ def test_the_dashboard_shows_how_a_worker_died(stack: SupervisedStack, browser: 
 
     row = wait_for(crash_row, 30, 0.2, "the crash on the page")
     assert row["td_why"].startswith("crashed (connection lost): terminated by SIGSEGV"), row
-    reasons = browser.find_element("id", "reasons").text
+    # the page polls every second: what it shows may still be the replacement's dspy import (STARTING)
+    reasons = wait_for(lambda: "last crash" in (text := browser.find_element("id", "reasons").text) and text, 10, 0.2,
+                       "the crash among the page's reasons")
     assert f"last crash: worker {row['incarnation'][:8]} (pid {victim})" in reasons, reasons
     assert "terminated by SIGSEGV" in reasons, reasons
 
@@ -148,3 +135,58 @@ def test_a_worker_stuck_in_c_code_past_its_hard_limit_is_named_so(stack: Supervi
     assert [(e["event"], e["why"]) for e in left] == [("recycle", "was recycled at a call's hard time limit")], left
     assert [(e["event"], e["why"]) for e in dashboard_events(stack) if e.get("pid") == victim
             and e["event"] != "start"] == [("recycle", "was recycled at a call's hard time limit")]
+
+
+HARD = "terminated by SIGKILL, sent by dspexctl workers recycle --hard"
+
+
+@pytest.mark.timeout(180)
+def test_a_hard_recycle_is_named_as_the_operators_kill_not_the_oom_killers(stack: SupervisedStack) -> None:
+    victim = stack.ready("triage_pool")[0]["pid"]
+    res = dspexctl(stack, "workers", "recycle", "triage_pool", "--hard")
+    no_traceback(res)
+    assert res.returncode == 0, res.stdout + res.stderr
+    replaced(stack, victim)
+
+    rc, doc, text = status(stack)
+    assert rc == 6, text  # the crash path, counted as a crash (docs/operations.md)
+    warn = next(line for line in text.splitlines() if line.startswith("WARN: triage_pool"))
+    assert f"pid {victim}" in warn and HARD in warn and "OOM" not in warn, text
+    assert crash_of(doc["events"], victim)["exit"] == HARD, doc["events"]
+    wait_for(lambda: crash_of(dashboard_events(stack), victim).get("exit") == HARD, 10, 0.2,
+             "the dashboard's crash named as the operator's kill")
+    pool = dashboard_status(stack)["pools"]["triage_pool"]
+    assert any(HARD in r and "OOM" not in r for r in pool["reasons"]), pool["reasons"]
+
+
+@pytest.mark.timeout(180)
+def test_recycling_a_wedged_only_worker_points_at_hard_which_ends_it(stack: SupervisedStack) -> None:
+    """A call that holds the GIL (a catastrophic regex) wedges the pool's only worker: the broker
+    drops it for silence while supervisord still runs it. A graceful recycle has nothing to ask to
+    leave: it says so and gives the command that ends the process (exit 1, the JSON error too);
+    that command works, and the crash is named: silent first, then killed by the operator."""
+    victim = stack.ready("triage_pool")[0]["pid"]
+    with stack.client() as dx:
+        wedged = dx.submit(lambda: dx.call("re", "match", ["(a*)*b", "a" * 40], pool="triage_pool", timeout=120))
+        wait_for(lambda: not stack.status()["pools"]["triage_pool"]["workers"], 30, 0.2, "the broker dropping it")
+        with pytest.raises(dspex.WorkerCrashed):
+            wedged.result(30)
+    hint = f"dspexctl workers recycle triage_pool --worker {victim} --hard"
+    res = dspexctl(stack, "workers", "recycle", "triage_pool")
+    no_traceback(res)
+    assert res.returncode == 1 and hint in res.stderr and "stopped answering heartbeats" in res.stderr, res.stderr
+    as_json = dspexctl(stack, "--json", "workers", "recycle", "triage_pool")
+    error = json.loads(as_json.stdout)["error"]
+    assert as_json.returncode == 1 and error["exit"] == 1 and hint in error["message"], as_json.stdout
+    assert error["code"] == "nothing_to_recycle", error
+
+    res = dspexctl(stack, *hint.split()[1:])
+    assert res.returncode == 0, res.stdout + res.stderr
+    replaced(stack, victim)
+    rc, doc, text = status(stack)
+    assert rc == 6, text
+    warn = next(line for line in text.splitlines() if line.startswith("WARN: triage_pool"))
+    assert f"pid {victim}" in warn and f"stopped answering heartbeats, then {HARD}" in warn, warn
+    assert "OOM" not in warn, warn
+    crash = crash_of(doc["events"], victim)
+    assert (crash["why"], crash["exit"]) == ("stopped answering heartbeats", HARD), crash

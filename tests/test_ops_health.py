@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +21,7 @@ import pytest
 import dspex
 from dspex.stack.supervisor import pid_alive
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
-from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, dspexctl, no_traceback, small_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -33,33 +30,16 @@ WINDOW = 15
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 2}, triage_pool={"health_window": str(WINDOW)}))
-    try:
-        s.start_foreground()
-
-        def ready() -> bool:
-            s.processes()
-            return len(s.ready("triage_pool")) == 2
-
-        wait_for(ready, 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 2}, triage_pool={"health_window": str(WINDOW)}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status", "-v")
-    no_traceback(doc)
-    no_traceback(text)
-    assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
-    return doc.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack, "-v")
 
 
 def dashboard_state(stack: SupervisedStack) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return str(json.loads(resp.read())["pools"]["triage_pool"]["state"])
+    return str(dashboard_status(stack)["pools"]["triage_pool"]["state"])
 
 
 def pinned_sessions(dx: dspex.Client, n: int) -> list[dspex.Session]:
@@ -250,6 +230,37 @@ def test_a_stopped_worker_is_named_as_stopped_not_guessed_wedged(stack: Supervis
         assert (f"its process is stopped (a SIGSTOP or a debugger; kill -CONT {pid} resumes it); dspexctl" in line
                 and "holds the GIL" not in line and line.endswith(f"--worker {pid} --hard kills it")), text
         assert any(f"kill -CONT {pid} resumes it" in p for p in doc["pools"][0]["reasons"]), doc["pools"][0]
+    finally:
+        res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
+        assert res.returncode == 0, res.stdout + res.stderr
+        wait_for(lambda: not pid_alive(pid), 20, 0.1, "the stopped worker killed")
+    wait_for(lambda: len(stack.ready("triage_pool")) == 2, 60, 0.2, "its replacement")
+
+
+@pytest.mark.timeout(300)
+def test_a_recycle_beside_a_silent_worker_says_which_command_ends_that_one(stack: SupervisedStack) -> None:
+    """``workers recycle POOL`` recycles a worker the broker lists; a process of the pool the broker
+    dropped for silence (here SIGSTOPped) is not among them: the command warns, naming it as
+    ``pools status`` does, with the command that ends it."""
+    import os
+    import signal
+
+    (w, *_) = stack.ready("triage_pool")
+    pid = w["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: pid not in {x["pid"] for x in stack.ready("triage_pool")}, 30, 0.2, "the broker dropping it")
+        res = dspexctl(stack, "workers", "recycle", "triage_pool")
+        no_traceback(res)
+        assert res.returncode == 0, res.stdout + res.stderr
+        warning = next((ln for ln in res.stderr.splitlines() if ln.startswith("warning: ")), "")
+        assert f"(pid {pid}) but stopped answering heartbeats" in warning, res.stderr
+        assert f"kill -CONT {pid} resumes it" in warning, warning
+        assert warning.endswith(f"dspexctl workers recycle triage_pool --worker {pid} --hard kills it"), warning
+        _, _, text = status(stack)
+        head, _, tail = warning.removeprefix("warning: ").partition(" ago: ")  # (the time has moved on since)
+        head = head.rsplit(" ", 1)[0]
+        assert any(ln.startswith(f"DEGRADED: {head}") and ln.endswith(tail) for ln in text.splitlines()), text
     finally:
         res = dspexctl(stack, "workers", "recycle", "triage_pool", "--worker", str(pid), "--hard")
         assert res.returncode == 0, res.stdout + res.stderr

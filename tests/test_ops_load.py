@@ -10,19 +10,15 @@ call then runs (it never timed out), and the pool is OK (exit 0) with no failure
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack
-from tests.test_cli import dspexctl, no_traceback
-from tests.test_ops_python import small_conf_text
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, dspexctl, no_traceback, small_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -31,27 +27,16 @@ QUEUE_TIMEOUT = 8
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[SupervisedStack]:
-    s = SupervisedStack(small_conf_text({"triage_pool": 1}, triage_pool={"queue_timeout": str(QUEUE_TIMEOUT)}))
-    try:
-        s.start_foreground()
-        wait_for(lambda: (s.processes(), len(s.ready("triage_pool")) == 1)[1], 120, 0.1, "the stack ready")
+    with small_stack({"triage_pool": 1}, triage_pool={"queue_timeout": str(QUEUE_TIMEOUT)}) as s:
         yield s
-    finally:
-        s.stop()
-        s.cleanup()
 
 
 def status(stack: SupervisedStack) -> tuple[int, dict[str, Any], str]:
-    doc = dspexctl(stack, "pools", "status", "--json")
-    text = dspexctl(stack, "pools", "status")
-    no_traceback(doc)
-    no_traceback(text)
-    return text.returncode, json.loads(doc.stdout), text.stdout
+    return cli_status(stack, same_exit=False)
 
 
 def dashboard(stack: SupervisedStack) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
-        return dict(json.loads(resp.read())["pools"]["triage_pool"])
+    return dict(dashboard_status(stack)["pools"]["triage_pool"])
 
 
 @pytest.mark.timeout(120)
@@ -70,7 +55,9 @@ def test_requests_waiting_long_behind_busy_workers_warn_before_they_time_out(sta
     waiter = threading.Thread(target=call, args=(0.0,))
     waiter.start()
     try:
-        rc, doc, text = wait_for(lambda: (got := status(stack))[0] == 6 and got, 10, 0.3, "WARN while it waits")
+        # both views WARN: taken one after the other, either may fall outside the 3 s the state lasts
+        rc, doc, text = wait_for(lambda: (got := status(stack))[0] == 6 and got[1]["health"] == "warn" and got, 10, 0.3,
+                                 "WARN while it waits")
         assert time.monotonic() - queued_at >= QUEUE_TIMEOUT / 2 - 0.5, "not before half the queue timeout"
         line = next(ln for ln in text.splitlines() if ln.startswith("WARN: triage_pool"))
         assert "the oldest of 1 queued request(s) has waited" in line and f"of its {QUEUE_TIMEOUT}s queue timeout" in line
@@ -86,3 +73,28 @@ def test_requests_waiting_long_behind_busy_workers_warn_before_they_time_out(sta
     assert rc == 0 and "WARN" not in text, text
     assert doc["pools"][0]["failures"]["service"] == {} and doc["pools"][0]["oldest_wait_s"] is None
     assert dashboard(stack)["state"] == "ok"
+
+
+@pytest.mark.timeout(120)
+def test_a_recycle_waiting_for_a_busy_worker_says_what_it_waits_for(stack: SupervisedStack) -> None:
+    """``workers recycle`` of a worker running a 5 s call: the progress line says the worker
+    finishes its running call first, not only "0/1 retired" for as long as the call takes."""
+    (old,) = stack.ready("triage_pool")
+    results: list[Any] = []
+
+    def call() -> None:
+        with stack.client() as dx:
+            results.append(dx.call("time", "sleep", [5.0], pool="triage_pool", timeout=60))
+
+    busy = threading.Thread(target=call)
+    busy.start()
+    try:
+        wait_for(lambda: stack.status()["pools"]["triage_pool"]["workers"][0]["state"] == "busy", 10, 0.05,
+                 "the worker busy")
+        res = dspexctl(stack, "workers", "recycle", "triage_pool")
+    finally:
+        busy.join(30)
+    no_traceback(res)
+    assert res.returncode == 0 and results == [None], res.stdout + res.stderr
+    assert (f"waiting: 0/1 retired ({old['id']} finishes its 1 running call(s) first), 0/1 replacements ready"
+            in res.stderr.splitlines()), res.stderr

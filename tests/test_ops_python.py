@@ -24,7 +24,7 @@ import pytest
 
 import dspex
 from tests.harness import wait_for
-from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord, link_launcher
+from tests.harness.supervisord import BIN, SHIPPED_CONF, Supervisord, link_launcher, small_conf_text
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 PRINT_PYTHON = ["-c", "import sys;print(sys.executable)"]
@@ -123,48 +123,6 @@ def test_no_python_with_dspex_is_one_clear_line(here: Path, program: str, what: 
 
 
 # -- under a real supervisord ----------------------------------------------------------------------
-SMALL = """
-[unix_http_server]
-file = %(here)s/run/supervisor.sock
-
-[supervisorctl]
-serverurl = unix://%(here)s/run/supervisor.sock
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisord]
-logfile = %(here)s/log/supervisord.log
-pidfile = %(here)s/run/supervisord.pid
-childlogdir = %(here)s/log
-environment = LITELLM_LOCAL_MODEL_COST_MAP="True",PYTHONUNBUFFERED="1"
-"""
-
-
-def small_conf_text(pools: dict[str, int] | None = None, startretries: int = 1,
-                    **settings: dict[str, str]) -> str:
-    """The shipped broker and pool sections (``pools``: name -> numprocs; default one triage_pool
-    worker), nothing else; ``settings[pool]`` overrides keys of ``[dspex:pool:POOL]``."""
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
-    parser.read(SHIPPED_CONF)
-    text = SMALL
-    sections = ["program:broker"]
-    for pool in pools or {"triage_pool": 1}:
-        sections += [f"dspex:pool:{pool}", f"group:{pool}", f"program:{pool}"]
-    for section in sections:
-        text += f"\n[{section}]\n"
-        pool = section.split(":")[-1]
-        overrides = dict(settings.get(pool, {})) if section.startswith("dspex:pool:") else {}
-        for key, value in parser.items(section):
-            if key == "numprocs":
-                value = str((pools or {"triage_pool": 1})[pool])
-            if key == "startretries":
-                value = str(startretries)
-            text += f"{key} = {overrides.pop(key, value)}\n"
-        text += "".join(f"{k} = {v}\n" for k, v in overrides.items())
-    return text
-
-
 def small_conf(here: Path) -> Path:
     conf = here / "supervisor.conf"
     conf.write_text(small_conf_text())

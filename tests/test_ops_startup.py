@@ -20,6 +20,7 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from tests.harness import REPO, wait_for
 from tests.harness.procs import short_tmpdir
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
+from tests.test_dashboard import browser, rows  # noqa: F401 - the fixture, for the page's test
 from tests.test_ops_python import small_conf_text
 
 pytestmark = [pytest.mark.slow]
@@ -159,6 +161,39 @@ def test_a_worker_still_importing_dspy_is_starting_and_pools_start_waits_for_it(
         assert not s.status()["pools"]["triage_pool"]["workers"][0]["preparing"]
 
 
+@pytest.mark.timeout(180)
+def test_the_dashboard_shows_a_worker_still_importing_dspy_as_preparing_then_ready(browser: Any) -> None:  # noqa: F811
+    """In a real browser: while its dspy import runs (8 s here), the registered worker's row says
+    ``preparing`` in the colour of a start, the pool is STARTING with 0 of 1 ready; once the import is
+    over, ``ready`` and OK, without a reload."""
+    slow = ("import sys, time\ntime.sleep(8)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+            "del sys.modules['dspy']\nimport dspy\n")
+    with shadowed_stack("dspy", slow, small_conf_text({"triage_pool": 1})) as s:
+        s.start_foreground()
+        wait_for(lambda: (s.processes(), s.status()["pools"]["triage_pool"]["workers"])[1], 60, 0.05,
+                 "the worker registered")
+        browser.get(f"http://127.0.0.1:{s.metrics_port}/")
+
+        def worker_row() -> dict[str, str] | None:
+            return next((r for r in rows(browser, "workers") if r.get("incarnation")), None)
+
+        row = wait_for(worker_row, 30, 0.1, "the registered worker's row")
+        (pool,) = rows(browser, "pools")
+        assert s.status()["pools"]["triage_pool"]["workers"][0]["preparing"], "make the shadow dspy slower"
+        assert (row["td_wstate"], row["colour"]) == ("preparing", "starting"), row
+        assert (pool["state"], pool["td_ready"]) == ("starting", "0 / 1"), pool
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert s.status()["pools"]["triage_pool"]["workers"][0]["preparing"], "make the shadow dspy slower"
+        # an alert on ready workers sees it as not ready yet, as the page does
+        assert 'dspex_workers{pool="triage_pool",state="preparing"} 1.0' in metrics.splitlines(), metrics
+        assert 'dspex_workers{pool="triage_pool",state="ready"} 0.0' in metrics.splitlines(), metrics
+        wait_for(lambda: (r := worker_row()) is not None and (r["td_wstate"], r["colour"]) == ("ready", "ok"), 60, 0.2,
+                 "the row ready once the import is over")
+        wait_for(lambda: [(p["state"], p["td_ready"]) for p in rows(browser, "pools")] == [("ok", "1 / 1")], 30, 0.2,
+                 "the pool OK")
+
+
 @pytest.mark.timeout(240)
 def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> None:
     """``workers recycle --all`` keeps the pool serving: the next worker retires only once the
@@ -186,6 +221,47 @@ def test_a_rolling_recycle_goes_on_only_once_the_replacement_imported_dspy() -> 
         out, err = roll.communicate(timeout=10)
         assert roll.returncode == 0, out + err
         assert fewest >= 1, "the pool had no worker able to run a call during the rolling recycle"
+
+
+@pytest.mark.timeout(240)
+def test_status_during_a_rolling_recycle_says_a_recycle_is_replacing_the_workers() -> None:
+    """While ``workers recycle --all`` waits for a replacement's dspy import (4 s here), the pool is
+    STARTING (exit 7) and its line says why, naming the worker being replaced: not a start out of
+    nowhere. The dashboard says the same."""
+    slow = ("import sys, time\ntime.sleep(4)\nsys.path.remove(__path__[0].rpartition('/')[0])\n"
+            "del sys.modules['dspy']\nimport dspy\n")
+    with shadowed_stack("dspy", slow, small_conf_text({"triage_pool": 2})) as s:
+        s.start_foreground()
+        wait_for(lambda: all(p["statename"] == "RUNNING" for p in s.processes()) and len(s.ready("triage_pool")) == 2,
+                 120, 0.1, "two workers ready")
+        old = {w["incarnation"][:8] for w in s.ready("triage_pool")}
+        import subprocess
+        import sys
+
+        env = dict(s.env)
+        env.pop("DSPEX_SUPERVISOR_CONF", None)
+        roll = subprocess.Popen([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool", "--all"],
+                                cwd=s.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def starting() -> str | None:
+                res = dspexctl(s, "pools", "status")
+                no_traceback(res)
+                return res.stdout if res.returncode == 7 else None
+
+            text = wait_for(starting, 60, 0.1, "pools status STARTING during the roll")
+            line = next(ln for ln in text.splitlines() if ln.startswith("STARTING: triage_pool"))
+            assert "a recycle replaces worker" in line and line.rstrip(")").split()[-1] in old, line
+
+            def dashboard_starting() -> list[str] | None:
+                with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/api/status", timeout=10) as resp:
+                    pool = json.loads(resp.read())["pools"]["triage_pool"]
+                return pool["reasons"] if pool["state"] == "starting" else None
+
+            reasons = wait_for(dashboard_starting, 30, 0.1, "the dashboard's STARTING during the roll")
+            assert any("a recycle replaces worker" in r for r in reasons), reasons
+        finally:
+            out, err = roll.communicate(timeout=120)
+        assert roll.returncode == 0, out + err
 
 
 @pytest.mark.timeout(180)

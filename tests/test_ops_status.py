@@ -105,6 +105,33 @@ def test_a_crash_is_named_with_how_its_process_ended_as_supervisord_logged_it() 
                                 "(clears after 5m without one)")]
 
 
+def test_a_sigkill_an_operators_command_sent_is_named_so_not_the_oom_killers() -> None:
+    """``workers recycle --hard`` notes its kill (pid and process) beside supervisord's log; the
+    exit of that process is named as the operator's, a SIGKILL of any other as before, and a
+    note whose pid a later process of another name got again names nothing."""
+    log = """\
+2026-12-07 03:28:07,501 INFO spawned: 'triage_pool_00' with pid 100
+2026-12-07 03:28:07,502 INFO spawned: 'triage_pool_01' with pid 101
+2026-12-07 03:28:07,503 INFO spawned: 'other_00' with pid 102
+2026-12-07 03:28:11,958 WARN exited: triage_pool_00 (terminated by SIGKILL; not expected)
+2026-12-07 03:28:11,959 WARN exited: triage_pool_01 (terminated by SIGKILL; not expected)
+2026-12-07 03:28:11,960 WARN exited: other_00 (terminated by SIGKILL; not expected)
+"""
+    killed = {100: "triage_pool:triage_pool_00", 102: "triage_pool:triage_pool_01"}
+    causes = exit_causes(log, killed)
+    hard = "terminated by SIGKILL, sent by dspexctl workers recycle --hard"
+    assert causes == {100: hard, 101: "terminated by SIGKILL", 102: "terminated by SIGKILL"}
+    crash = {"time": 10.0, "event": "crash", "pool": "p", "worker": "aaaaaaaa1", "pid": 100,
+             "why": "crashed (connection lost)"}
+    assert last_crash(with_exits([crash], causes, here="h"), "p", now=40.0) == f"worker aaaaaaaa (pid 100) 30s ago: {hard}"
+    silent = {**crash, "why": "stopped answering heartbeats"}
+    assert last_crash(with_exits([silent], causes), "p", now=40.0).endswith(
+        f": stopped answering heartbeats, then {hard}")
+    other = last_crash(with_exits([{**silent, "pid": 101}], causes), "p", now=40.0)
+    assert other.endswith("stopped answering heartbeats, then terminated by SIGKILL (out of memory? the kernel's OOM "
+                          "killer sends SIGKILL: see dmesg)"), other
+
+
 def test_workers_of_other_hosts_count_against_the_pools_size() -> None:
     """A pool of size 4, one process here (pid 10): workers of host b fill the rest; those b lost
     and never replaced are named, by host and cause; a young broker's unseen ones are starting."""

@@ -7,6 +7,7 @@ workers run in an empty working directory: they reach that code only by value.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -687,6 +689,106 @@ def test_client_settings_apply_on_the_worker(dx: dspex.Client, usercode: Any, fr
     s.run(mod.configure_own, "from the session")
     assert s.run(mod.answer, "q") == "from the session"  # the session's own wins
     s.close()
+
+
+TWO_LMS = '''
+import dspy
+from dspy.utils import DummyLM
+
+LM_A = DummyLM([{"answer": f"A{i}"} for i in range(10)])
+LM_B = DummyLM([{"answer": f"B{i}"} for i in range(10)])
+
+
+def answer(question):
+    return dspy.Predict("question -> answer")(question=question).answer
+
+
+def configured():
+    return "A" if dspy.settings.lm is LM_A else "B" if dspy.settings.lm is LM_B else None
+'''
+
+
+def test_module_global_lms_configured_on_the_client_keep_their_state(dx: dspex.Client, usercode: Any,
+                                                                      fresh_settings: None,
+                                                                      misses: list[bool]) -> None:
+    """DSPy's docs: ``lm = dspy.LM(...)`` at the top of the script, ``dspy.configure(lm=lm)``, a
+    ``dspy.context(lm=other)`` around some calls. Each LM is one object in the session, sent with
+    the first call that uses it (no cache miss), and keeps its state when the settings switch
+    back and forth, as in-process (a DummyLM answers in sequence)."""
+
+    def calls(run: Callable[..., Any], mod: types.ModuleType) -> list[str]:
+        dspy.configure(lm=mod.LM_A)
+        out = [run(mod.answer, "q")]
+        with dspy.context(lm=mod.LM_B):
+            out += [run(mod.answer, "q"), run(mod.answer, "q")]
+        out.append(run(mod.answer, "q"))
+        with dspy.context(lm=mod.LM_B):
+            out += [run(mod.answer, "q"), run(mod.configured)]
+        return [*out, run(mod.configured)]  # the setting is the global the program reads
+
+    expected = calls(lambda fn, *args: fn(*args), usercode(TWO_LMS))
+    assert expected == ["A0", "B0", "B1", "A1", "B2", "B", "A"]
+    with dx.session("p") as s:
+        assert calls(s.run, usercode(TWO_LMS)) == expected
+    assert misses == []
+
+
+CONTEXT_VARS = '''
+import contextvars
+import threading
+
+REQUEST_ID = contextvars.ContextVar("request_id", default="none")
+
+
+def current():
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(REQUEST_ID.get()))  # a thread the call starts
+    thread.start()
+    thread.join()
+    return REQUEST_ID.get(), seen[0]
+
+
+def set_inside(value):
+    REQUEST_ID.set(value)
+    return REQUEST_ID.get()
+'''
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+def test_a_context_variable_of_the_users_code_travels_with_each_call(dx: dspex.Client, usercode: Any,
+                                                                     durable: bool) -> None:
+    """A ``ContextVar`` at the top of the user's module is one variable of the session; each call
+    sees the value the calling thread's context holds (the default where it is unset), and what
+    a call sets stays in that call. In a durable session the variable itself is not durable (a
+    ``NotDurableWarning``; made again from the client's after a move), and works the same."""
+    mod = usercode(CONTEXT_VARS)
+    warned = pytest.warns(dspex.NotDurableWarning, match="_contextvars.ContextVar") if durable else contextlib.nullcontext()
+    token = mod.REQUEST_ID.set("r-1")
+    try:
+        in_process = mod.current()  # (a thread starts with an empty context: the default)
+    finally:
+        mod.REQUEST_ID.reset(token)
+    assert in_process == ("r-1", "none")
+    with warned, dx.session("p", durable=durable) as s:
+        assert s.run(mod.current) == ("none", "none")
+        token = mod.REQUEST_ID.set("r-1")
+        try:
+            assert s.run(mod.current) == in_process
+            assert dx.submit(s.run, mod.current).result(30) == ("none", "none")  # another thread's context
+            assert s.run(mod.set_inside, "inside") == "inside"
+            assert mod.REQUEST_ID.get() == "r-1" and s.run(mod.current) == in_process
+        finally:
+            mod.REQUEST_ID.reset(token)
+        assert s.run(mod.current) == ("none", "none")
+        token = mod.REQUEST_ID.set(threading.Lock())  # a value that cannot travel: named, nothing sent
+        try:
+            with pytest.raises(dspex.EncodeError, match="value of the context variable 'request_id' "
+                                                        r"\(_thread.lock\)") as info:
+                s.run(mod.current)
+            assert info.value.details["context_var"] == "request_id"
+        finally:
+            mod.REQUEST_ID.reset(token)
+        assert s.run(mod.current) == ("none", "none")
 
 
 def test_a_ref_in_the_client_settings_is_the_worker_object(dx: dspex.Client, usercode: Any,

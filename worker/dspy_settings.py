@@ -7,8 +7,11 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
 
 - ``Settings.configure`` is replaced: called inside a session's call, it stores the values on the
   session and applies them to the rest of the call; outside any session it is DSPy's own.
-  So every spelling works from any thread (no "can only be changed by the thread that initially
-  configured it") and one session never sees another's LM. A new session sees DSPy's defaults.
+  So every spelling works on whichever thread runs the call, and one session never sees
+  another's LM. A new session sees DSPy's defaults. DSPy's ownership rule holds within a call as
+  it holds in-process for the code the client runs: the call's thread and its first task that
+  configures (an awaitable call's own task) own the configuration, and ``dspy.configure`` from a
+  thread or another task the call started raises DSPy's ``RuntimeError`` (use ``dspy.context``).
 - Each call runs inside ``dspy.context(**session settings)``; ``dspy.context`` in user code nests
   inside it as usual.
 - On a capacity-1 worker the session's settings are also written into the process-wide
@@ -23,6 +26,7 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import importlib
 import threading
@@ -42,6 +46,50 @@ client_pins: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("ds
 # dspy.configure set), kept up to date by configure calls in the call; None outside calls.
 thread_settings: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "dspex_thread_settings", default=None)
+
+
+class ConfigureOwner:
+    """Who may call ``dspy.configure`` during one call: its thread, and its first task that does
+    (DSPy's rule for the process, applied to the call as the client's code runs it)."""
+
+    __slots__ = ("task", "thread")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.task: Any = None
+
+
+configure_owner: contextvars.ContextVar[ConfigureOwner | None] = contextvars.ContextVar(
+    "dspex_configure_owner", default=None)
+
+
+def claim_configure() -> None:
+    """The running task is the call's own (its awaitable, its async generator's driver): it owns
+    the configuration, as the client's task that awaits the call owns it in-process."""
+    owner = configure_owner.get()
+    if owner is not None and owner.task is None:
+        owner.task = asyncio.current_task()
+
+
+def _ensure_configure_allowed() -> None:
+    """DSPy's ``Settings._ensure_configure_allowed`` for a call (same errors and messages)."""
+    owner = configure_owner.get()
+    if owner is None:
+        return
+    if owner.thread != threading.get_ident():
+        raise RuntimeError("dspy.settings can only be changed by the thread that initially configured it.")
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop on this thread
+        return
+    if task is None:
+        return
+    if owner.task is None:
+        owner.task = task
+    elif owner.task is not task:
+        raise RuntimeError(
+            "dspy.configure(...) can only be called from the same async task that called it first. Please "
+            "use `dspy.context(...)` in other async tasks instead.")
 
 
 def _as_it_is() -> None:
@@ -124,6 +172,7 @@ class SessionSettings:
             if state is None:
                 original(settings, **kwargs)
                 return
+            _ensure_configure_allowed()
             scoped._configure(state, kwargs)
 
         configure.__doc__ = original.__doc__
@@ -176,7 +225,7 @@ class _Scope:
     (capacity 1) and the overrides. A class, not generator context managers: it is entered on
     every call, and a class is cheaper to enter than each nested generator."""
 
-    __slots__ = ("_base", "_layer", "_pins", "_saved", "_token", "owner", "state")
+    __slots__ = ("_base", "_layer", "_owner", "_pins", "_saved", "_token", "owner", "state")
 
     def __init__(self, owner: SessionSettings, state: SessionState) -> None:
         self.owner = owner
@@ -189,6 +238,7 @@ class _Scope:
     def __enter__(self) -> _Scope:  # noqa: PYI034 - a final class: Self adds nothing
         owner, state = self.owner, self.state
         self._token = current_session.set(state)
+        self._owner = configure_owner.set(ConfigureOwner())
         if owner._dspy is None:
             return self
         try:
@@ -273,4 +323,5 @@ class _Scope:
                 if self._base is not None:
                     owner._module.thread_local_overrides.reset(self._base)
             finally:
+                configure_owner.reset(self._owner)
                 current_session.reset(self._token)

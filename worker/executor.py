@@ -10,6 +10,7 @@ limits (worker.limits), output capture (worker.output, worker.sink), streams/pro
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import secrets
@@ -170,6 +171,7 @@ class Executor:
         usage: Any = None  # the call's usage tracker (dspy.track_usage() around the call on the client)
         wants_usage = False
         history: Any = None  # the log of the client's LMs' history entries (lm_history.start)
+        context_vars: list[tuple[Any, Any]] = []  # (variable, token) of the client's ContextVars set for the call
         extras = False  # the reply is [result, {"usage", "history"}]
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
@@ -208,6 +210,7 @@ class Executor:
                         raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
                     scope.add_client(context.get("dspy"), context.get("pinned"))
+                    context_vars = _set_context_vars(context.get("vars"), state.code.objects)
                     wants_usage = bool(context.get("usage"))
                     if wants_usage:
                         usage = scope.track_usage()
@@ -242,6 +245,8 @@ class Executor:
                 raise _with_extras(_stopped(header, call), usage, history) from None
             raise _with_extras(err, usage, history)
         finally:
+            for variable, token in reversed(context_vars):
+                variable.reset(token)
             if history is not None:
                 lm_history.stop(history)
             self._calls.pop(key, None)
@@ -283,6 +288,19 @@ class Executor:
             raise
         except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
             raise remote_error(exc) from None
+
+def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """Set the session's ContextVars (of the client's code, held by key) to the values the calling
+    client's context holds, for this call: (variable, token) to reset after it."""
+    if not isinstance(values, dict):
+        return []
+    out = []
+    for key, value in values.items():
+        variable = objects.get(key) if isinstance(key, str) else None
+        if type(variable) is contextvars.ContextVar:
+            out.append((variable, variable.set(value)))
+    return out
+
 
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 _EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)

@@ -156,7 +156,7 @@ class Link:
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
                  deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
-                 grace: float, timers: Timers = lambda now: math.inf) -> None:
+                 grace: float, timers: Timers) -> None:
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
                                     curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready

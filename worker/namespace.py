@@ -29,10 +29,10 @@ _serial = itertools.count(1)
 _lock = threading.Lock()
 
 
-def session_module(state: SessionState, name: str | None = None, lines: list[str] | None = None) -> types.ModuleType:
-    """The session's module, made on first use. A restored session (worker/checkpoint.py) makes
-    it under the ``name`` it had on its earlier worker, with the ``lines`` of code it ran there
-    (classes it defined keep their ``__module__``; ``inspect.getsource`` finds them)."""
+def session_module(state: SessionState, name: str | None = None) -> types.ModuleType:
+    """The session's module, made on first use. A restored session (worker/checkpoint_restore.py)
+    makes it under the ``name`` it had on its earlier worker (classes it defined keep their
+    ``__module__``), and puts back the lines of code it ran there (``inspect.getsource`` finds them)."""
     module = state.module
     if module is None:
         with _lock:
@@ -45,8 +45,7 @@ def session_module(state: SessionState, name: str | None = None, lines: list[str
                 module.__dict__["__builtins__"] = __builtins__
                 sys.modules[name] = module
                 cloudpickle.register_pickle_by_value(module)
-                text = lines or []
-                linecache.cache[module.__file__] = (sum(map(len, text)), None, list(text), module.__file__)
+                linecache.cache[module.__file__] = (0, None, [], module.__file__)
                 state.module = module
     return module
 

@@ -289,11 +289,9 @@ class _SharedBars(weakref.WeakSet):  # type: ignore[type-arg]
 
 
 def share_progress_bars() -> None:
-    """Install :class:`_SharedBars` as tqdm's registry (no-op without tqdm)."""
-    try:
-        import tqdm
-    except ImportError:
-        return
+    """Install :class:`_SharedBars` as tqdm's registry (tqdm comes with DSPy)."""
+    import tqdm
+
     cls = tqdm.tqdm
     if not isinstance(cls._instances, _SharedBars):
         bars = _SharedBars()

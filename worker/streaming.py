@@ -25,6 +25,7 @@ from dspex.wire.errors import Cancelled, DspexError
 from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
+from worker.dspy_settings import claim_configure
 from worker.remote_errors import remote_error
 
 log = logging.getLogger("dspex.worker")
@@ -46,6 +47,8 @@ class StreamControl:
         self._cond = threading.Condition()
         self.credit = window
         self.cancelled = False
+        self.gone = False  # the consumer stopped acknowledging: nothing more is sent
+        self._stopping_output = window  # output events sent without credit once cancelled
         self.stall_timeout = stall_timeout
         self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
@@ -83,12 +86,17 @@ class StreamControl:
             try:
                 if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
                     log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
-                    self.cancelled = True
+                    self.cancelled = self.gone = True
             finally:
                 self._awaiting_credit = False
             if self.cancelled:
-                return False
-            self.credit -= 1
+                # what the producer prints while it stops (its finally blocks) goes without credit,
+                # up to one window: a consumer that closed the stream waits for its end and shows it
+                if kind != _OUTPUT or self.gone or self._stopping_output <= 0:
+                    return False
+                self._stopping_output -= 1
+            else:
+                self.credit -= 1
         with limits.protected():  # a soft time limit must never cut a multipart reply in two
             self._emit(kind, frames)
         return True
@@ -96,14 +104,18 @@ class StreamControl:
     def offer(self, kind: str, frames: list[Any], on_credit: Callable[[], None]) -> bool:
         """Send only if credit allows it now (never wait: the thread that reads the credit may be
         the one sending); False if not sent, and ``on_credit`` runs when credit comes. A cancelled
-        stream takes nothing more: True."""
+        stream sends up to a window without credit (what its producer prints while it stops), and
+        once its consumer went away takes nothing more: True."""
         with self._cond:
             if self.cancelled:
-                return True
-            if self.credit <= 0:
+                if self.gone or self._stopping_output <= 0:
+                    return True
+                self._stopping_output -= 1
+            elif self.credit <= 0:
                 self._on_credit = on_credit
                 return False
-            self.credit -= 1
+            else:
+                self.credit -= 1
         with limits.protected():
             self._emit(kind, frames)
         return True
@@ -196,6 +208,7 @@ def resolve_awaitable(result: Any) -> Any:
         return result
     while inspect.isawaitable(result):
         async def wait(aw: Any = result) -> Any:
+            claim_configure()
             return await aw
 
         result = _run(wait())
@@ -228,6 +241,7 @@ def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
 
 
 async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
+    claim_configure()
     count = 0
     iterator = result.__aiter__()
     try:

@@ -262,8 +262,12 @@ class AsyncStream:
         try:
             await client._channel.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
             cancelled = True
-            while (await client._next(self._queue, ex))[0] in EVENT_STATUSES:  # the producer's end frees its slot
-                pass
+            while True:  # until the producer's end (its Cancelled error), which frees its slot: what it
+                reply = await client._next(self._queue, ex)  # prints while it stops is forwarded
+                if reply[0] not in EVENT_STATUSES:
+                    break
+                ex.feed(*reply)
+                await _callbacks_done(ex)
         except DspexError:
             pass
         finally:

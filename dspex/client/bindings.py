@@ -8,6 +8,7 @@ session by the client object's identity.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import types
 from collections.abc import Callable
@@ -196,6 +197,11 @@ class Bindings:
         if t not in _ATOMS:
             found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
                 codeindex.found_reference(value)
+            if found is None and t is contextvars.ContextVar:
+                # a library's variable (ALIAS = module.VAR) is the worker's own; only yours go by value
+                found = codeindex.find_importable(value)
+                if found is not None:
+                    codeindex.remember_reference(value, *found)
             if found is not None:
                 return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
         key = self._key(value)

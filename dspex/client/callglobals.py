@@ -1,9 +1,12 @@
-"""A request's arguments that are globals of the client's code.
+"""A request's arguments that are globals of the client's code, or objects the session holds.
 
 In-process, ``fn(QA)`` or ``COUNTER.bump()`` work on the module's one object; through a session,
 such an argument (the callable, an element of ``args``, a value of ``kwargs``) is wrapped as a
 :class:`ModuleGlobal`, which the session pickler sends as the session's global of that name
-(bound once, then kept by the worker with the rest of the module's state).
+(bound once, then kept by the worker with the rest of the module's state). An argument that the
+session holds by the client object's identity already (a value of the client's DSPy settings:
+``dspy.configure(lm=lm)``, then ``s.run(program, lm)``) is that held object, as in-process it is
+the configured one.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from dspex.client import codeindex
+from dspex.client.bindings import _Value
 from dspex.wire.ref import Ref
 
 if TYPE_CHECKING:
@@ -43,13 +47,17 @@ class PartialOfGlobals:
         self.func, self.args, self.keywords, self.state = func, args, keywords, state
 
 
-def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any]) -> list[Any]:
+def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any],
+                      settings: dict[str, Any] | None = None) -> list[Any]:
     """``body`` of a worker op with each argument that is an object bound as a global of the
     client's code, or a method of one (at the top: the callable, an element of ``args``, a value
     of ``kwargs`` or ``namespace``, and the function and arguments of a ``functools.partial``
-    there), wrapped as a :class:`ModuleGlobal`. Data (lists, dicts,
-    tuples, sets) stays an argument sent with each call, with its exact types."""
+    there), wrapped as a :class:`ModuleGlobal`; one that is a value of the client's DSPy
+    ``settings`` sent with the request (or of a list there: ``callbacks``), or that the session
+    holds by identity already, as a value sent by identity. Data (lists, dicts, tuples, sets)
+    stays an argument sent with each call, with its exact types."""
     out = body
+    configured = _by_id(settings) if settings else {}
 
     def wrapped(value: Any) -> Any:
         t = type(value)
@@ -69,7 +77,12 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
             found = _global_of(cache, owner)
             return value if found is None else ModuleGlobal(found[0], found[1], owner, value.__name__)
         found = _global_of(cache, value)
-        return value if found is None else ModuleGlobal(found[0], found[1], value)
+        if found is not None:
+            return ModuleGlobal(found[0], found[1], value)
+        held = cache.keys.get(id(value))
+        if configured.get(id(value)) is value or (held is not None and held[0] is value and held[1] in cache.sent):
+            return _Value("", value)  # keyed by identity as it is pickled (SessionPickler._value)
+        return value
 
     for i, (name, value) in enumerate(zip(op_args, body)):
         if name in ("fn", "value"):
@@ -97,3 +110,13 @@ def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
     modules = ["__main__", getattr(type(obj), "__module__", ""), *([own] if isinstance(own, str) else []),
                *cache.modules]
     return codeindex.global_name(obj, list(dict.fromkeys(modules)))
+
+
+def _by_id(settings: dict[str, Any]) -> dict[int, Any]:
+    """id -> object of the settings' values that go by identity, and of the items of their lists."""
+    out: dict[int, Any] = {}
+    for value in settings.values():
+        for item in value if type(value) in (list, tuple) else (value,):
+            if type(item) not in _ATOMS:
+                out[id(item)] = item
+    return out

@@ -22,13 +22,13 @@ from typing import Any, NoReturn
 import msgpack
 import zmq
 
-from dspex.client import output
+from dspex.client import output, senderrors
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
-from dspex.client.sendsettings import settings_ext
-from dspex.client.sessionpickle import Message
+from dspex.client.sendsettings import client_settings, settings_ext
+from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire import codec
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
@@ -37,6 +37,7 @@ from dspex.wire.errors import (
     CodeCacheMiss,
     ConnectionLost,
     DspexError,
+    EncodeError,
     MessageTooLarge,
     MissingModule,
     ProtocolError,
@@ -110,8 +111,9 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         flags = 0
     else:
         msg = Message(sender or _SESSIONLESS, full=full)
+        client = client_settings(msg)
         if sender is not None and spec is not None:
-            body = as_module_globals(msg.cache, BODY_NAMES[op], body)
+            body = as_module_globals(msg.cache, BODY_NAMES[op], body, client[0])
         repeats = codec.Repeats()
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg, repeats=repeats)
         if repeats.seen or _repeated_argument(body, BODY_NAMES.get(op, ())):
@@ -120,11 +122,17 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             msg = Message(msg.cache, full=full)
             frames = [codec.packb(codec.session_ext(msg, body))]
         context: dict[str, Any] = {}
-        settings = settings_ext(msg, codec.session_ext)
+        settings = settings_ext(msg, codec.session_ext, client)
         if settings is not None:
             context["dspy"] = settings
             if msg.pinned:
                 context["pinned"] = msg.pinned
+        variables = msg.cache.context_values(msg) if sender is not None else None
+        if variables:  # the user's ContextVars as the calling task sees them
+            try:
+                context["vars"] = codec.session_ext(msg, {key: value for key, (_, value) in variables.items()})
+            except EncodeError as err:
+                raise senderrors.context_value_error(list(variables.values()), err, _transient_dumps) from None
         if usage:
             context["usage"] = True
         if lms is not None and sender is not None:

@@ -25,6 +25,7 @@ forgets what was sent and the request goes again in full, once. A miss from a ``
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import secrets
 import sys
@@ -108,6 +109,7 @@ class SendCache:
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
         self.lms: dict[str, Any] = {}  # key -> a DSPy LM of this client the worker holds: its history comes back
+        self.context_vars: dict[str, Any] = {}  # key -> a ContextVar of the user's code: its value goes per call
         processwide.register(self)
 
     def _after_fork(self) -> None:
@@ -136,6 +138,8 @@ class SendCache:
                 self.key_ids.setdefault(key, oid)
                 if lm_class is not None and key in msg.defined and isinstance(obj, lm_class):
                     self.lms[key] = obj
+                elif key in msg.defined and type(obj) is contextvars.ContextVar:
+                    self.context_vars[key] = obj
             for key in msg.defined:
                 self.sent[key] = None
                 self.sent.move_to_end(key)
@@ -177,6 +181,7 @@ class SendCache:
             self.keys = {oid: entry for oid, entry in self.keys.items() if entry[1] in keep}
             self.key_ids = {key: oid for oid, (_, key) in self.keys.items()}
             self.lms = {key: obj for key, obj in self.lms.items() if key in keep}
+            self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in keep}
             self.sent.clear()
             self.bound.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
@@ -201,6 +206,7 @@ class SendCache:
             self.last_settings = None
             self.modules.clear()
             self.lms.clear()
+            self.context_vars.clear()
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1
@@ -230,7 +236,18 @@ class SendCache:
         if oid is not None:
             self.keys.pop(oid, None)
         self.lms.pop(key, None)
+        self.context_vars.pop(key, None)
         self.drops.append(key)
+
+    def context_values(self, msg: Encoded) -> dict[str, tuple[Any, Any]]:
+        """{key: (variable, value)} of the user's ContextVars the worker holds once ``msg`` is
+        sent, for those set in the calling thread's or task's context: the call runs with them set."""
+        found = {key: var for key, var in self.context_vars.items() if key in self.sent or key in msg.defined} \
+            if self.context_vars else {}
+        found.update((key, obj) for obj, key in msg.new_keys.values()
+                     if key in msg.defined and type(obj) is contextvars.ContextVar)
+        values = {key: (var, var.get(_MISSING)) for key, var in found.items()}
+        return {key: item for key, item in values.items() if item[1] is not _MISSING}
 
     def held_lms(self, msg: Encoded) -> dict[str, Any]:
         """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose

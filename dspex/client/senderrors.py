@@ -42,6 +42,23 @@ def settings_error(settings: dict[str, Any], err: EncodeError, dumps: Callable[[
     return err
 
 
+def context_value_error(variables: list[tuple[Any, Any]], err: EncodeError,
+                        dumps: Callable[[Any], object]) -> EncodeError:
+    """The value a context variable of the user's code holds in the calling context could not be
+    sent with the call: which variable, and what to do."""
+    for variable, value in variables:
+        try:
+            dumps(value)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            t = type(value)
+            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+            return EncodeError(
+                f"cannot send the value of the context variable {variable.name!r} ({type_name}) with the call: "
+                f"{err.message} (give the call what it needs from it as an argument, or set the variable inside "
+                "the call)", type=type_name, context_var=variable.name)
+    return err
+
+
 def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
     t = type(value)
     type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

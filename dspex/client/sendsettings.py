@@ -21,13 +21,19 @@ from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire.errors import EncodeError
 
 
-def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any]) -> Any:
-    """The client's DSPy settings for request ``msg`` as one ext (``make_ext``); None when there
-    are none. The same settings as the last request's, all held by the worker, reuse its ext."""
+def client_settings(msg: Message) -> tuple[dict[str, Any], list[str]]:
+    """The client's DSPy settings request ``msg`` sends, and the names a ``dspy.context`` holds
+    (``sendcache.client_dspy_settings``); none when the session does not send them."""
+    return client_dspy_settings() if msg.cache.client_settings else ({}, [])
+
+
+def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any],
+                 settings: tuple[dict[str, Any], list[str]]) -> Any:
+    """The client's DSPy ``settings`` (:func:`client_settings`) for request ``msg`` as one ext
+    (``make_ext``); None when there are none. The same settings as the last request's, all held
+    by the worker, reuse its ext."""
     cache = msg.cache
-    if not cache.client_settings:
-        return None
-    values, msg.pinned = client_dspy_settings()
+    values, msg.pinned = settings
     if not values:
         return None
     signature = tuple((k, id(v)) for k, v in values.items())

@@ -27,6 +27,7 @@ The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on t
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import functools
 import io
@@ -292,6 +293,12 @@ class SessionPickler(byvalue.SourcePickler):
                 return None
             msg.used.add(key)
             return key
+        new = msg.new_keys.get(id(obj))
+        if new is not None and new[0] is obj and new[1] in msg.defined:
+            # defined by this request under its own key (a client setting that is also a module
+            # global: ``LM = dspy.LM(...)``, ``dspy.configure(lm=LM)``): bound as the global, it
+            # would refer to that key before the definition loaded
+            return None
         found = self._module_globals().get(id(obj))
         if found is None or found[2] is not obj:
             return None
@@ -393,11 +400,15 @@ class SessionPickler(byvalue.SourcePickler):
         return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
 
     def _value(self, value: _Value) -> Any:
+        if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
+            value = _Value(self.msg.key(value.obj), value.obj)
         if self.msg.holds(value.key):
             return codestore._load_held, (value.key,)
         self.msg.defined.add(value.key)
         if type(value.obj) in _NOT_HELD:
             return codestore._load_value, (value.key, value.obj)
+        if type(value.obj) is contextvars.ContextVar:  # a variable, not its value: that goes per call
+            return codestore._load_context_var, (value.key, value.obj.name, *_default_of(value.obj))
         if self._defining == 0 and self.msg.trusted:
             self.persistent_id = self._held_id
         self._defining += 1  # until the _EndOfValue after it
@@ -450,6 +461,14 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
                 out = dict(values)
             out[k] = ModuleGlobal(module, name, value)
     return out
+
+
+def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
+    """``(default,)`` of a ContextVar made with one, else ``()`` (what it gives where it is unset)."""
+    try:
+        return (contextvars.Context().run(variable.get),)
+    except LookupError:
+        return ()
 
 
 def _transient_dumps(obj: Any) -> object:

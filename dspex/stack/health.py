@@ -94,7 +94,8 @@ def silent_pids(events: Iterable[Mapping[str, Any]]) -> dict[int, float]:
 
 
 # -- how a crashed worker ended -------------------------------------------------------------------
-# a SIGKILL nobody in dspex sent: the kernel's OOM killer is the usual sender in production
+# a SIGKILL nobody in dspex sent (dspexctl's own kills are named: Supervisor.kill): the kernel's OOM
+# killer is the usual sender in production
 _HINTS = {"terminated by SIGKILL": "out of memory? the kernel's OOM killer sends SIGKILL: see dmesg"}
 
 
@@ -116,8 +117,10 @@ def last_crash(events: Iterable[Mapping[str, Any]], pool: str, now: float | None
         return ""
     e = max(crashes, key=lambda e: float(e.get("time") or 0))
     ago = fmt_window(max(0.0, (time.time() if now is None else now) - float(e.get("time") or 0)))
-    how = str(e.get("exit") or e.get("why") or "")
-    hint = next((f" ({h})" for prefix, h in _HINTS.items() if how.startswith(prefix)), "")
+    why, end = str(e.get("why") or ""), str(e.get("exit") or "")
+    # a wedged worker that was then killed: both, in their order
+    how = f"{why}, then {end}" if why == SILENT and end else end or why
+    hint = f" ({_HINTS[end]})" if end in _HINTS else ""
     who = f"worker {str(e.get('worker') or '?')[:8]} (pid {e.get('pid')})"
     return f"{who} {ago} ago" + (f": {how}{hint}" if how else "")
 
@@ -242,6 +245,7 @@ class PoolFacts:
     queue_timeout: float | None = None
     free: int | None = None  # of ``up``, workers with a free slot (None: not known)
     away: int = 0  # registered workers whose connection closed, waited for on a new one
+    recycling: str = ""  # the worker a rolling recycle replaces now (its id), "" when none
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         lost += f"; {f.away} away (connection lost, waited for on a new one; its sessions' calls wait)"
     if f.expected and f.up == 0:
         if f.starting and not f.broken:
-            return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
+            return Verdict(State.STARTING, [_starting(name, f)])
         waiting = (f"; {f.queued} queued request(s) wait for one" + (
             f" (queue_timeout after {fmt_window(f.queue_timeout)})" if f.queue_timeout else "")) if f.queued else ""
         return Verdict(State.DOWN, [f"{name} has no ready worker (0/{f.expected}){where}{lost}{waiting}"])
@@ -289,8 +293,14 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     if reasons:
         return Verdict(State.WARN, reasons)
     if f.starting:
-        return Verdict(State.STARTING, [f"{name}: {f.starting} worker(s) starting"])
+        return Verdict(State.STARTING, [_starting(name, f)])
     return Verdict(State.OK)
+
+
+def _starting(name: str, f: PoolFacts) -> str:
+    # a start in the middle of a serving pool is a recycle's replacement: say whose
+    why = f" (a recycle replaces worker {f.recycling})" if f.recycling else ""
+    return f"{name}: {f.starting} worker(s) starting{why}"
 
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
@@ -308,7 +318,8 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      last_crash=last_crash, problems=worker_problems(pool.get("workers") or []),
                      oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
                      free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
-                     away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"))
+                     away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"),
+                     recycling=str(pool.get("recycling") or "")[:8])
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:

@@ -30,6 +30,10 @@ FAULT_ALREADY_STARTED = 60
 
 STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
 
+# beside supervisord's log: the processes an operator's command SIGKILLed (Supervisor.kill)
+KILLS_FILE = "dspexctl-kills.log"
+KILLED_BY_OPERATOR = "sent by dspexctl workers recycle --hard"
+
 
 class SupervisorUnreachable(DidNotRun):
     """supervisord is not running, or its socket cannot be reached: nothing was asked of it."""
@@ -213,15 +217,53 @@ class Supervisor:
     def exit_causes(self, tail_bytes: int = 65536) -> dict[int, str]:
         """How each process that exited lately ended, by pid, as supervisord saw it when it reaped
         it (``terminated by SIGSEGV``, ``exit status 1``): only its parent knows, and supervisord
-        writes it to its own log. {} when that log cannot be read (``logfile = syslog``, say)."""
+        writes it to its own log; a SIGKILL that :meth:`kill` sent says so. {} when that log cannot
+        be read (``logfile = syslog``, say)."""
         try:
             text = str(self.call("supervisor.readLog", -tail_bytes, 0))
         except (SupervisorError, SupervisorNoSuchProcess):
             return {}
-        return exit_causes(text)
+        return exit_causes(text, self.killed())
 
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
+
+    def kills_file(self) -> Path | None:
+        """Where :meth:`kill` notes its kills: beside supervisord's log (None: it logs to syslog)."""
+        logfile = self.conf.logfile
+        return logfile.parent / KILLS_FILE if logfile is not None and str(logfile) != "syslog" else None
+
+    def kill(self, name: str, pid: int) -> None:
+        """SIGKILL process ``name`` (pid ``pid``) as an operator's command: supervisord logs how a
+        process ended, not who sent the signal, so the kill is noted first beside its log, and
+        :meth:`exit_causes` names it instead of leaving a SIGKILL to look like the OOM killer's. A
+        note that cannot be written leaves the kill unnamed, not undone."""
+        path = self.kills_file()
+        if path is not None:
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(f"{time.time():.3f} {pid} {name}\n")
+            except OSError:
+                pass
+        self.signal(name, "KILL")
+
+    def killed(self, tail_bytes: int = 65536) -> dict[int, str]:
+        """The pids :meth:`kill` killed lately, with their process names (the file's last lines)."""
+        path = self.kills_file()
+        if path is None:
+            return {}
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - tail_bytes))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return {}
+        out: dict[int, str] = {}
+        for line in lines:
+            parts = line.split()
+            if len(parts) == 3 and parts[1].isdigit():
+                out[int(parts[1])] = parts[2]
+        return out
 
     def shutdown(self) -> None:
         self.call("supervisor.shutdown")
@@ -238,16 +280,20 @@ _SPAWNED = re.compile(r"spawned: '(?P<name>[^']+)' with pid (?P<pid>\d+)")
 _EXITED = re.compile(r"exited: (?P<name>\S+) \((?P<how>.+?); (?:not )?expected\)")
 
 
-def exit_causes(log_text: str) -> dict[int, str]:
+def exit_causes(log_text: str, killed: dict[int, str] | None = None) -> dict[int, str]:
     """pid -> how it ended, from supervisord's log: its ``spawned: 'NAME' with pid N`` lines say
-    which pid a process name had when its ``exited: NAME (HOW; ...)`` line came."""
+    which pid a process name had when its ``exited: NAME (HOW; ...)`` line came. ``killed``: the
+    pids (with their ``group:name``) an operator's command SIGKILLed (:meth:`Supervisor.kill`)."""
     pid_of: dict[str, int] = {}
     causes: dict[int, str] = {}
     for line in log_text.splitlines():
         if m := _SPAWNED.search(line):
             pid_of[m["name"]] = int(m["pid"])
         elif (m := _EXITED.search(line)) and m["name"] in pid_of:
-            causes[pid_of.pop(m["name"])] = m["how"]
+            pid = pid_of.pop(m["name"])
+            operator = (killed or {}).get(pid, "").rpartition(":")[2] == m["name"]
+            causes[pid] = f"{m['how']}, {KILLED_BY_OPERATOR}" if operator and m["how"] == "terminated by SIGKILL" \
+                else m["how"]
     return causes
 
 

@@ -264,6 +264,16 @@ def _load_value(key: str, value: Any, _end: object = None) -> Any:
     return store.objects.setdefault(key, value)
 
 
+def _load_context_var(key: str, name: str, *default: Any) -> Any:
+    """A ``contextvars.ContextVar`` of the user's code (a module global): one variable of that
+    name and default per session, as the module's one variable in-process. Its value in the
+    caller's context travels with each request (the request context's ``vars``)."""
+    held = _active().store.objects.get(key)
+    if held is not None:
+        return held
+    return _load_value(key, contextvars.ContextVar(name, default=default[0]) if default else contextvars.ContextVar(name))
+
+
 def _load_code(key: str, code: types.CodeType | None = None) -> Any:
     load = _active()
     if code is None:

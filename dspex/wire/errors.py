@@ -200,10 +200,6 @@ class RemoteError(DspexError):
         return str(self._wire()[1].get("type", "Exception"))
 
     @property
-    def remote_module(self) -> str:
-        return str(self._wire()[1].get("module", ""))
-
-    @property
     def remote_traceback(self) -> str:
         return str(self._wire()[1].get("traceback", ""))
 
@@ -287,6 +283,8 @@ def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
     chain = details.get("chain")
     if isinstance(chain, list) and chain:
         _link_chain(err, details, chain)
+    else:  # ``raise ... from None`` (an asyncio.TaskGroup's ExceptionGroup) has no chain, only this
+        err.__suppress_context__ = bool(details.get("suppress_context"))
     return err
 
 

@@ -20,7 +20,17 @@ from collections.abc import Iterator
 import pytest
 
 import dspex
-from tests.conformance.harness import INPROCESS, SESSION, InProcess, Runner, ThroughSession, fresh_dspy_settings
+from tests.conformance.harness import (
+    INPROCESS,
+    SESSION,
+    AsyncInProcess,
+    AsyncRunner,
+    AsyncThroughSession,
+    InProcess,
+    Runner,
+    ThroughSession,
+    fresh_dspy_settings,
+)
 from tests.harness import Stack
 
 REF_QUOTA = 50  # refs one session may hold on pool t's worker (a small quota to reach in a test)
@@ -83,3 +93,12 @@ def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
         yield ThroughSession(s)
     finally:
         s.close(timeout=10)
+
+
+@pytest.fixture(params=[INPROCESS, SESSION])
+def arun(request: pytest.FixtureRequest) -> AsyncRunner:
+    """The asyncio user's ``run``: in-process, or through a ``dspex.aio`` session of pool c1 (the
+    client is made in the case's event loop: ``arun.go(main)``)."""
+    if request.param == INPROCESS:
+        return AsyncInProcess()
+    return AsyncThroughSession(request.getfixturevalue("cstack").frontend, "c1")

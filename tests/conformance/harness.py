@@ -9,9 +9,11 @@ in-process with fresh DSPy settings and asserts both give the same result (by ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import importlib
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -144,4 +146,77 @@ class ThroughSession(Runner):
             expected = program(*args, **kwargs)
         got = self.s.run(program, *args, **kwargs)
         assert as_data(got) == as_data(expected), "through a session the program gave another result than in-process"
+        return got
+
+
+class AsyncRunner:
+    """The asyncio twin of :class:`Runner`: ``await arun(fn, *args, **kwargs)`` is ``fn(...)``
+    (awaited when it returns an awaitable, as the worker awaits it) here, ``await s.run(fn, ...)``
+    through a ``dspex.aio`` session there. ``arun.go(main)`` runs ``main(arun)`` in a new event
+    loop (``asyncio.run``), with the session open in session mode; ``arun.session()`` opens
+    another session of the same client there."""
+
+    mode = ""
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def go(self, main: Callable[[AsyncRunner], Any]) -> Any:
+        raise NotImplementedError
+
+    def session(self) -> AsyncRunner:
+        raise NotImplementedError
+
+    def check(self, main: Callable[[AsyncRunner], Any]) -> Any:
+        return self.go(main)
+
+
+class AsyncInProcess(AsyncRunner):
+    mode = INPROCESS
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+    def go(self, main: Callable[[AsyncRunner], Any]) -> Any:
+        return asyncio.run(main(self))
+
+    def session(self) -> AsyncRunner:
+        return self
+
+
+class AsyncThroughSession(AsyncRunner):
+    mode = SESSION
+
+    def __init__(self, frontend: str, pool: str) -> None:
+        self.frontend, self.pool = frontend, pool
+        self.client: Any = None
+        self.s: Any = None
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self.s.run(fn, *args, **kwargs)
+
+    def go(self, main: Callable[[AsyncRunner], Any]) -> Any:
+        async def in_a_session() -> Any:
+            async with dspex.aio.connect(self.frontend, timeout=60) as client:
+                self.client, self.s = client, client.session(self.pool)
+                try:
+                    return await main(self)
+                finally:
+                    await self.s.close(timeout=10)
+
+        return asyncio.run(in_a_session())
+
+    def session(self) -> AsyncRunner:
+        other = AsyncThroughSession(self.frontend, self.pool)
+        other.client, other.s = self.client, self.client.session(self.pool)
+        return other
+
+    def check(self, main: Callable[[AsyncRunner], Any]) -> Any:
+        """Run ``main`` in-process (fresh DSPy settings) and through the session: the same result."""
+        with fresh_dspy_settings():
+            expected = AsyncInProcess().go(main)
+        got = self.go(main)
+        assert as_data(got) == as_data(expected), \
+            f"through a session the program gave another result than in-process: {got!r} != {expected!r}"
         return got

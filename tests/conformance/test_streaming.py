@@ -7,6 +7,7 @@ custom-engine API instead, streamed word by word (DummyLM alone answers in one p
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 
@@ -241,3 +242,23 @@ def test_an_error_after_streamed_chunks_arrives_typed_after_them(run: Runner) ->
                 items.append(item)  # noqa: PERF402 - the same, in-process
     assert items and all(isinstance(i, dspy.streaming.StreamResponse) for i in items)
     assert "".join(i.chunk for i in items).strip() == ANSWER
+
+
+def counting_with_cleanup(n):
+    try:
+        yield from range(n)
+    finally:
+        print("cleaned up")
+
+
+def test_what_a_stream_prints_while_it_stops_reaches_the_client(run: Runner, capsys: pytest.CaptureFixture[str]) -> None:
+    """A generator's ``finally`` prints when its consumer closes it (``with`` around the loop, as
+    ``closing`` in-process): the line shows on the client's stdout, as in-process."""
+    if run.mode == SESSION:
+        with run.s.stream_apply(counting_with_cleanup, [1000]) as stream:
+            items = [item for _, item in zip(range(3), stream)]
+    else:
+        with contextlib.closing(counting_with_cleanup(1000)) as gen:
+            items = [item for _, item in zip(range(3), gen)]
+    assert items == [0, 1, 2]
+    assert capsys.readouterr().out == "cleaned up\n"

@@ -1,5 +1,8 @@
-"""A real supervisord as a subprocess: the shipped supervisor.conf (``SupervisedStack``) or a
-generated one (``Supervised``, the chaos runs), torn down by pid.
+"""A real supervisord as a subprocess: the shipped supervisor.conf (``SupervisedStack``, or its
+broker and pool sections alone: ``small_conf_text``, ``small_stack``) or a generated one
+(``Supervised``, the chaos runs), torn down by pid; and ``dspexctl`` against such a stack as an
+operator runs it (a subprocess), with what the ops tests read of it (``cli_status``,
+``dashboard_status``).
 
 supervisord puts its programs in process groups of their own, so killing its group is not
 enough: every child pid seen (through XML-RPC or the broker's status) is recorded with its start
@@ -8,12 +11,17 @@ time and SIGKILLed at the end if it is still that process.
 
 from __future__ import annotations
 
+import configparser
+import contextlib
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
+import urllib.request
 import xmlrpc.client
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +184,99 @@ class SupervisedStack(Supervisord):
                "DSPEX_METRICS_PORT": str(self.metrics_port), "DSPEX_ENDPOINT": None, "DSPEX_FRONTEND": None,
                "DSPEX_BACKEND": None, "DSPEX_PYTHON": None}
         return CliRunner().invoke(dspexctl, list(args), env=env, catch_exceptions=False)
+
+
+SMALL = """
+[unix_http_server]
+file = %(here)s/run/supervisor.sock
+
+[supervisorctl]
+serverurl = unix://%(here)s/run/supervisor.sock
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisord]
+logfile = %(here)s/log/supervisord.log
+pidfile = %(here)s/run/supervisord.pid
+childlogdir = %(here)s/log
+environment = LITELLM_LOCAL_MODEL_COST_MAP="True",PYTHONUNBUFFERED="1"
+"""
+
+
+def small_conf_text(pools: dict[str, int] | None = None, startretries: int = 1,
+                    **settings: dict[str, str]) -> str:
+    """The shipped broker and pool sections (``pools``: name -> numprocs; default one triage_pool
+    worker), nothing else; ``settings[pool]`` overrides keys of ``[dspex:pool:POOL]``."""
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"))
+    parser.read(SHIPPED_CONF)
+    text = SMALL
+    sections = ["program:broker"]
+    for pool in pools or {"triage_pool": 1}:
+        sections += [f"dspex:pool:{pool}", f"group:{pool}", f"program:{pool}"]
+    for section in sections:
+        text += f"\n[{section}]\n"
+        pool = section.split(":")[-1]
+        overrides = dict(settings.get(pool, {})) if section.startswith("dspex:pool:") else {}
+        for key, value in parser.items(section):
+            if key == "numprocs":
+                value = str((pools or {"triage_pool": 1})[pool])
+            if key == "startretries":
+                value = str(startretries)
+            text += f"{key} = {overrides.pop(key, value)}\n"
+        text += "".join(f"{k} = {v}\n" for k, v in overrides.items())
+    return text
+
+
+@contextlib.contextmanager
+def small_stack(pools: dict[str, int], **settings: dict[str, str]) -> Iterator[SupervisedStack]:
+    """A :class:`SupervisedStack` of :func:`small_conf_text` under supervisord in the foreground,
+    yielded once each pool has its workers ready (their dspy import over); stopped and removed after."""
+    s = SupervisedStack(small_conf_text(pools, **settings))
+    try:
+        s.start_foreground()
+
+        def ready() -> bool:
+            s.processes()  # records the pids (killed at the end) and wakes supervisord's loop
+            return all(len(s.ready(pool)) == n for pool, n in pools.items())
+
+        wait_for(ready, 120, 0.1, "the stack ready")
+        yield s
+    finally:
+        s.stop()
+        s.cleanup()
+
+
+def dspexctl(stack: SupervisedStack, *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    """The real entry point, as a person runs it (cwd: the stack's dir, so ./supervisor.conf is found)."""
+    env = dict(stack.env)
+    env.pop("DSPEX_SUPERVISOR_CONF", None)
+    return subprocess.run([sys.executable, "-m", "dspexctl", *args], cwd=stack.root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def no_traceback(res: Any) -> None:
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, res.stderr
+
+
+def cli_status(stack: SupervisedStack, *text_args: str, same_exit: bool = True) -> tuple[int, dict[str, Any], str]:
+    """``pools status TEXT_ARGS`` then ``pools status --json``, neither with a traceback: (the text's
+    exit code, the JSON document, the text). ``same_exit``: both exited with the same code. The
+    document comes second: a state the text's exit code shows (a wait past half the queue timeout)
+    has lasted at least as long in it."""
+    text = dspexctl(stack, "pools", "status", *text_args)
+    doc = dspexctl(stack, "pools", "status", "--json")
+    no_traceback(doc)
+    no_traceback(text)
+    if same_exit:
+        assert doc.returncode == text.returncode, (doc.stdout, text.stdout)
+    return text.returncode, json.loads(doc.stdout), text.stdout
+
+
+def dashboard_status(stack: SupervisedStack) -> dict[str, Any]:
+    """The dashboard's ``/api/status`` document."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/api/status", timeout=10) as resp:
+        return dict(json.loads(resp.read()))
 
 
 CHAOS_POOLS = (
