@@ -22,7 +22,8 @@ the raw blocks).
   messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``);
   ``--sessions 1``: sequential round trips (two turns per call: the cost of a wake-up).
 * ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call.
-* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats): CPU per
+* ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats; rows and floats as a
+  call's argument too): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and

@@ -17,7 +17,8 @@ figures for a block. Mode by mode:
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
-  ``to_ref`` that must never run): CPU per encode + decode of each.
+  ``to_ref`` that must never run), 200 rows and 10,000 floats as a call's argument (the client
+  policy, with the look for an object given twice): CPU per encode + decode of each.
 * ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
@@ -256,23 +257,32 @@ def _codec() -> Side:
         "rows": ([dict(_ROW, id=i) for i in range(200)], codec.Policy.DATA, to_ref),
         # 10 000 floats: most bodies of them hold a bin marker byte (dspex.wire.codec's bytearray check)
         "floats": ([i / 7 for i in range(10_000)], codec.Policy.DATA, to_ref),
+        # the same as a call's arguments: the client policy, looking for an object given twice
+        "arg_rows": ([[dict(_ROW, id=i) for i in range(200)]], codec.Policy.ALL, None),
+        "arg_floats": ([[i / 7 for i in range(10_000)]], codec.Policy.ALL, None),
     }
     for value, policy, ref in payloads.values():
         assert codec.decode(codec.encode(value, ref, policy=policy)) == value
 
     def cpu_per(name: str, n: int) -> float:
         value, policy, ref = payloads[name]
-        encode, decode = codec.encode, codec.decode
+        encode, decode, repeats = codec.encode, codec.decode, codec.Repeats
         c0 = time.process_time()
-        for _ in range(n):
-            decode(encode(value, ref, policy=policy))
+        if policy is codec.Policy.ALL:  # as the client encodes a request (dspex.client.exchange)
+            for _ in range(n):
+                decode(encode(value, ref, policy=policy, repeats=repeats()))
+        else:
+            for _ in range(n):
+                decode(encode(value, ref, policy=policy))
         return (time.process_time() - c0) / n
 
     def block(cmd: dict[str, Any]) -> dict[str, float]:
         n = int(cmd["n"])
         return {"body_us": cpu_per("body", n) * 1e6, "small_us": cpu_per("small", n) * 1e6,
                 "rows_us": cpu_per("rows", max(1, n // 100)) * 1e6,
-                "floats_us": cpu_per("floats", max(1, n // 200)) * 1e6}
+                "floats_us": cpu_per("floats", max(1, n // 200)) * 1e6,
+                "arg_rows_us": cpu_per("arg_rows", max(1, n // 100)) * 1e6,
+                "arg_floats_us": cpu_per("arg_floats", max(1, n // 200)) * 1e6}
 
     block({"n": 2000})
     return block, lambda: None

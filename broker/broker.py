@@ -325,7 +325,9 @@ def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str, int] | None
         if not options.run_dir:
             return None
         path = str(ensure_private_dir(Path(options.run_dir)) / "checkpoints.sqlite")
-    lock = claim(path + ".lock", f"the checkpoint store {path}")
+    # a name no glob of the store's own files matches (`rm checkpoints.sqlite*` takes the store,
+    # which the broker writes again, not the lock that keeps a second broker off it)
+    lock = claim(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), f"the checkpoint store {path}")
     try:
         store = checkpoints.open_store(path, session_cap=options.checkpoint_cap, total_cap=options.checkpoint_total_cap)
     except (checkpoints.StoreError, sqlite3.Error) as exc:

@@ -22,7 +22,8 @@ import threading
 import time
 from collections import deque
 
-from broker.checkpoints import CheckpointStore, Job, StoreError, locked
+from broker.checkpoints import CheckpointStore, Job, StoreError
+from broker.store_schema import damaged, locked
 
 log = logging.getLogger("dspex.broker")
 
@@ -48,6 +49,7 @@ class StoreThread:
         # it swaps the store's connections (_rewrite_if_gone): run_here never waits for it
         self._connections = threading.Lock()
         self._rewrite_failed = ""  # (logged once until it succeeds)
+        self._resets_in_round = 0  # (a round resets a damaged file once, then its jobs fail)
         # a store that holds no session, not written since the thread's last look, has nothing
         # to copy or to lose: the thread waits without a timeout (an idle broker's thread never
         # wakes) until a job, or a write on the routing thread wakes it
@@ -178,15 +180,20 @@ class StoreThread:
 
     def _rewrite_if_gone(self) -> None:
         """Write the store's file again if it went (:meth:`CheckpointStore.rewrite`), the
-        routing thread's writes held off meanwhile."""
+        routing thread's writes held off meanwhile; begin a fresh one if it is damaged."""
         gone = self.store.gone()
         if not gone:
             return
         with self._connections:
+            if gone == "was truncated":  # (what a rewrite would read back is not all there)
+                self._reset(gone)
+                return
             try:
                 sessions, aside = self.store.rewrite()
             except (sqlite3.Error, OSError) as exc:
-                if str(exc) != self._rewrite_failed:
+                if damaged(exc):
+                    self._reset(f"{gone} and is damaged ({exc})")
+                elif str(exc) != self._rewrite_failed:
                     self._rewrite_failed = str(exc)
                     log.error("checkpoint store %s %s while the broker ran, and writing it again failed (%s): "
                               "tried again every second; until then a broker restart loses its durable sessions",
@@ -195,6 +202,25 @@ class StoreThread:
         self._rewrite_failed = ""
         log.warning("checkpoint store %s %s while the broker ran: written again from memory, %d sessions%s",
                     self.store.path, gone, sessions, f"; the file found in its place set aside as {aside}" if aside else "")
+
+    def _reset(self, why: str) -> None:
+        """The store's file is damaged: a fresh one (:meth:`CheckpointStore.reset`), and the
+        broker told (a ``reset`` job: each durable session's next checkpoint is a whole one).
+        Called with the connections held."""
+        try:
+            sessions, aside = self.store.reset()
+        except (sqlite3.Error, OSError) as exc:
+            log.error("checkpoint store %s %s, and beginning a fresh one failed (%s)", self.store.path, why, exc)
+            return
+        log.error("checkpoint store %s %s while the broker ran: set aside as %s; a fresh store begins with every "
+                  "session, and the checkpoints of %d durable sessions are lost until their next call (their workers "
+                  "hold them: each is checkpointed whole at its next call; one whose worker goes first is lost)",
+                  self.store.path, why, aside, sessions)
+        self._done.append(Job("reset", ()))
+        try:
+            os.write(self._write, b"\x01")
+        except BlockingIOError:
+            pass
 
     def _copy_wal(self) -> int:
         """Copy the WAL into the database; the write count it was done at."""
@@ -206,11 +232,22 @@ class StoreThread:
             log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
         return wrote
 
+    def _reset_damaged(self, exc: BaseException) -> bool:
+        """A job met a damaged file: reset it (once: True) unless it was reset already since."""
+        if self._resets_in_round:
+            return False
+        self._resets_in_round += 1
+        with self._connections:
+            self._reset(f"is damaged ({exc})")
+        return True
+
     def _round(self, batch: list[Job], here: bool = False) -> list[Job]:
         """Run ``batch``; ``here`` (the routing thread): stop at a lock another process holds and
         return the jobs from there on, untouched (else none)."""
         if not here and any(job.op != "load" for job in batch):
             self.store.wait_for_locks(True)  # (no write runs here meanwhile: run_here waits for these)
+        if not here:
+            self._resets_in_round = 0
         i = 0
         while i < len(batch):
             if batch[i].op == "write":  # consecutive writes: one transaction
@@ -222,8 +259,10 @@ class StoreThread:
                     for job, result in zip(writes, self.store.apply([job.args[0] for job in writes])):
                         job.error = result
                 except Exception as exc:  # noqa: BLE001 - a disk or database failure: every write of the round failed
-                    if here and locked(exc):
-                        return batch[i:]
+                    if here and (locked(exc) or damaged(exc)):
+                        return batch[i:]  # (the thread resets a damaged file first)
+                    if damaged(exc) and self._reset_damaged(exc):
+                        continue  # the same writes, on the fresh store
                     log.error("checkpoint store %s: %s", self.store.path, exc)
                     for job in writes:
                         job.error = StoreError(f"the broker's checkpoint store failed ({exc})")
@@ -233,8 +272,10 @@ class StoreThread:
             try:
                 job.result = getattr(self.store, job.op)(*job.args)
             except Exception as exc:  # noqa: BLE001 - handed back to the broker with the job
-                if here and locked(exc):
+                if here and (locked(exc) or damaged(exc)):
                     return batch[i:]
+                if damaged(exc) and self._reset_damaged(exc):
+                    continue
                 log.error("checkpoint store %s: %s failed: %s", self.store.path, job.op, exc)
                 job.error = exc
             i += 1

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import call_error, error_code
-from broker.checkpoints import Job, StaleCheckpoint, Write
+from broker.checkpoints import Job, StaleCheckpoint
 from broker.moves import SessionMoves, movable
 from broker.port import Port
 from broker.state import Clock, Durability, Pending, SessionRecord, WorkerRecord
+from broker.store_schema import Write
 from dspex.wire.errors import InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.protocol import W_CHECKPOINT, W_REPLY, Status, pack_error, pack_reply_header
 

@@ -1,7 +1,7 @@
 """The broker's store of durable sessions: an embedded SQLite database in its run directory.
 
 One row per durable session (its pool, owner, pinned worker, creation time, the sequence number
-and skeleton frame of its last checkpoint, the bytes it holds) and one row per blob slot
+and skeleton frame of its last checkpoint, the bytes it holds, when it was last used) and one row per blob slot
 (worker/checkpoint.py). WAL journal with ``synchronous=NORMAL``: a committed write is in the
 WAL file before ``commit`` returns, so it survives the broker's SIGKILL (not a power cut: the
 WAL is synced at checkpoints, not per commit). A broker that restarts on the same run directory
@@ -24,43 +24,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.store_schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    SOUND_ROW,
+    SessionRow,
+    Stored,
+    Write,
+    damaged,
+    forget_rows,
+    identities,
+    locked,
+    rollback,
+    set_aside,
+)
+
 log = logging.getLogger("dspex.broker")
 
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
-SCHEMA_VERSION = 1
 _SHRINK_MIN, _SHRINK_PAGES = 64, 512  # free pages in the file before it is shrunk; pages given back per copy
 # seconds a write on the store's thread waits for a lock another process holds on the file (an
 # operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
 LOCK_WAIT = 30.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    pool TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    worker TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    seq INTEGER NOT NULL,
-    skeleton BLOB,
-    size INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS blobs (
-    session TEXT NOT NULL,
-    slot INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (session, slot)
-);
-"""
-
-
-# what a row needs to be read back (the SQLite column types are not enforced)
-_SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 'text' AND typeof(worker) = 'text' "
-              "AND typeof(created) IN ('integer', 'real') AND typeof(updated) IN ('integer', 'real') "
-              "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
-              "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
-
 
 class StoreError(Exception):
     """A write the store refused; the session's checkpoint is gone (``reason`` says why)."""
@@ -78,47 +64,10 @@ class UnusableStore(StoreError):
     """The file is no store this broker can read: damaged, not a database, another schema."""
 
 
-@dataclass
-class SessionRow:
-    """A durable session as the store keeps it (what a restarted broker needs)."""
-
-    id: str
-    pool: str
-    owner: str
-    worker: str
-    created: float
-    updated: float
-    seq: int
-    size: int
-    plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
-
-
-@dataclass
-class Write:
-    """One checkpoint of a session (worker/checkpoint.py ``Checkpoint``), as it arrived."""
-
-    session: str
-    seq: int
-    skeleton: bytes | memoryview
-    set_slots: Sequence[int]
-    blobs: Sequence[bytes | memoryview]
-    clear_slots: Sequence[int]
-    full: bool
-    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
-
-
-@dataclass
-class Stored:
-    """A session's last checkpoint, for a restore."""
-
-    seq: int
-    skeleton: bytes
-    slots: list[int]
-    blobs: list[bytes]
-
-    @property
-    def size(self) -> int:
-        return len(self.skeleton) + sum(map(len, self.blobs))
+class NotKept(StaleCheckpoint):
+    """A checkpoint of what changed, for a session whose stored checkpoint was lost with a damaged
+    file (:meth:`CheckpointStore.reset`): not kept (it would restore as the whole state); the
+    session's next checkpoint is a whole one."""
 
 
 class CheckpointStore:
@@ -128,6 +77,24 @@ class CheckpointStore:
         self.path = path
         self.session_cap = session_cap
         self.total_cap = total_cap
+        self._connect()
+        self._drop_damaged_rows()
+        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
+        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
+        self.total = sum(self._sizes.values())
+        # every session's row but its checkpoint, kept to write them again if the file is damaged
+        # under the broker (reset): [pool, owner, worker, created, used, why it went plain]
+        self._rows: dict[str, list[Any]] = {
+            r.id: [r.pool, r.owner, r.worker, r.created, r.used, r.plain] for r in self.sessions()}
+        self._need_full: set[str] = set()  # sessions whose checkpoint the damage took (reset)
+        # sessions dropped ("") or gone plain (why) whose rows a full disk would not change yet (a
+        # delete needs room in the WAL too): done at the next job that writes. Left as they were,
+        # a restarted broker would bring such a session back durable, with its state of before.
+        self._unwritten: dict[str, str] = {}
+
+    def _connect(self) -> None:
+        """Open the file at the path (a new store if there is none) on both connections."""
+        path = self.path
         fresh = not os.path.exists(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
         if fresh:
@@ -137,22 +104,18 @@ class CheckpointStore:
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._configure()
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
-        self._db.executescript(_SCHEMA)
-        if version != SCHEMA_VERSION:  # (only a new store: a broker restarted on a full disk writes nothing here)
+        self._db.executescript(SCHEMA)
+        if version == 1:  # its rows' last use is not known: their idle time counts from this start
+            self._db.execute("ALTER TABLE sessions ADD COLUMN used REAL")
+        if version != SCHEMA_VERSION:  # (a new or older store: a broker restarted on a full disk writes nothing here)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._drop_damaged_rows()
         # loads read on a connection of their own: WAL lets them run beside a write
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._files = _identities(path)  # the files the connections write, to know if they go (gone)
-        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
-        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
-        self.total = sum(self._sizes.values())
-        # sessions dropped ("") or gone plain (why) whose rows a full disk would not change yet (a
-        # delete needs room in the WAL too): done at the next job that writes. Left as they were,
-        # a restarted broker would bring such a session back durable, with its state of before.
-        self._unwritten: dict[str, str] = {}
+        self._files = identities(path)  # the files the connections write, to know if they go (gone)
+        self._length = os.path.getsize(path)  # the file's; only the store's WAL copies change it (gone)
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
 
     def _configure(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -166,16 +129,16 @@ class CheckpointStore:
         """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
         the broker would fail on them at start or at their session's next write. Their sessions
         are lost (their workers, if alive, checkpoint them whole again at their next call)."""
-        bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({_SOUND_ROW})").fetchall()
+        bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({SOUND_ROW})").fetchall()
         if not bad:
             return
         self._db.execute("BEGIN")
         try:
             for session, _ in bad:
-                _forget_rows(self._db, session, "")
+                forget_rows(self._db, session, "")
             self._db.execute("COMMIT")
         except BaseException:
-            _rollback(self._db)
+            rollback(self._db)
             raise
         log.error("checkpoint store %s: %d damaged session rows (fields of the wrong types) deleted; their "
                   "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
@@ -196,20 +159,41 @@ class CheckpointStore:
         if shrink:  # a step at a time: it holds writes off too (executescript: execute frees one page)
             self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
         self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        # the size SQLite gave the file, not the one found now: a truncation just after the copy
+        # would be taken for its result
+        self._length = int(self._reader.execute("PRAGMA page_count").fetchone()[0]) * self._page_size
         return shrink and free > _SHRINK_PAGES
 
     def gone(self) -> str:
         """What became of the file the store writes, or of its WAL, if it is no longer at its
         path ("" if it is): the connections would go on writing into the unlinked file, lost at
         the broker's next start (:meth:`rewrite`)."""
-        found, ours = _identities(self.path), self._files
+        found, ours = identities(self.path), self._files
         if found[0] is None:
             return "was deleted"
         if found[0] != ours[0]:
             return "was replaced by another file"
         if found[1] != ours[1]:  # (the -wal stays while a connection is open)
             return "lost its WAL file (-wal deleted or replaced)"
+        size = os.path.getsize(self.path)
+        if size < self._length:  # pages cut off (rewrite() cannot read them back), or another connection's VACUUM
+            sound = self._sound()
+            if sound is False:
+                return "was truncated"
+            if sound:
+                self._length = size
         return ""
+
+    def _sound(self) -> bool | None:
+        """SQLite finds every page the store's tables use (a file some other connection made
+        smaller, a VACUUM, is sound; a truncated one is not); None: it could not look."""
+        try:
+            return self._reader.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        except sqlite3.DatabaseError as exc:
+            if damaged(exc):
+                return False
+            log.warning("checkpoint store %s: checking the file failed (%s): looked at again in a second", self.path, exc)
+            return None
 
     def empty(self) -> bool:
         """No session's row: a store deleted now loses nothing."""
@@ -231,7 +215,7 @@ class CheckpointStore:
             self._db.execute("VACUUM INTO ?", (fresh,))  # every committed write, as one consistent file
             # a -wal or -shm at the path is read as the new file's at its opening: any not the
             # old file's goes (set aside) before it is there; the old file's once it is closed
-            for extra, found, ours in zip(("", "-wal", "-shm"), _identities(self.path), self._files):
+            for extra, found, ours in zip(("", "-wal", "-shm"), identities(self.path), self._files):
                 if found not in (None, ours):
                     aside = aside or f"{self.path}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
                     os.replace(self.path + extra, aside + extra)
@@ -245,12 +229,42 @@ class CheckpointStore:
         for extra in ("-wal", "-shm"):  # (SQLite keeps them when the file it closes was deleted)
             if os.path.exists(self.path + extra):
                 os.unlink(self.path + extra)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
-        self._configure()
-        self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._connect()
         sessions = int(self._db.execute("SELECT count(*) FROM sessions WHERE seq >= 0").fetchone()[0])
-        self._files = _identities(self.path)  # (its -wal and -shm made by the reads above)
+        self._files = identities(self.path)  # (its -wal and -shm made by the reads above)
         return sessions, aside
+
+    def reset(self) -> tuple[int, str]:
+        """The file is damaged under the broker (truncated, overwritten): what it held cannot be
+        read back, nor trusted where it can. Set it aside (``PATH.unusable-<UTC time>``, with its
+        -wal and -shm) and begin a fresh store at the path with every session's row (pool, owner,
+        pin, last use; a plain one's reason) and no checkpoint: a durable session's next stored
+        checkpoint must be a whole one (:class:`NotKept` until then). Returns the durable
+        sessions whose checkpoint was lost and where the file went. Both connections must be idle."""
+        aside = set_aside(self.path, "unusable")
+        for db in (self._reader, self._db):
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._connect()
+        # (a durable one's skeleton empty, not NULL: its checkpoint_lost for a restarted broker)
+        rows = [(sid, pool, owner, worker, created, time.time(), -1 if plain else 0, plain or b"", 0, used)
+                for sid, (pool, owner, worker, created, used, plain) in self._rows.items()]
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            rollback(self._db)
+            raise
+        self._files = identities(self.path)
+        self._unwritten.clear()  # (their rows are not in the fresh store)
+        self._need_full = set(self._seqs)
+        self._sizes = dict.fromkeys(self._seqs, 0)
+        self._seqs = dict.fromkeys(self._seqs, 0)
+        self.total = 0
+        return len(self._need_full), aside
 
     def wait_for_locks(self, wait: bool) -> None:
         """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
@@ -266,19 +280,29 @@ class CheckpointStore:
     # -- sessions ---------------------------------------------------------------------------
     def sessions(self) -> list[SessionRow]:
         rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size, CASE WHEN seq < 0 THEN "
-                                "CAST(skeleton AS TEXT) ELSE '' END FROM sessions")
-        return [SessionRow(*row) for row in rows]
+                                "CAST(skeleton AS TEXT) ELSE '' END, used, seq = 0 AND skeleton IS NOT NULL FROM sessions")
+        return [SessionRow(sid, pool, owner, worker, created, updated, seq, size, plain, used, bool(lost))
+                for sid, pool, owner, worker, created, updated, seq, size, plain, used, lost in rows]
 
     def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
         """A durable session exists (before its first checkpoint: an empty state to restore)."""
         self._write_forgotten()
-        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0)",
-                         (session, pool, owner, worker, created, time.time()))
+        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0, ?)",
+                         (session, pool, owner, worker, created, time.time(), created))
+        self._rows.setdefault(session, [pool, owner, worker, created, created, ""])
         self._sizes.setdefault(session, 0)
         self._seqs.setdefault(session, 0)
 
     def pin(self, session: str, worker: str) -> None:
         self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
+        if session in self._rows:
+            self._rows[session][2] = worker
+
+    def used(self, session: str, when: float) -> None:
+        """The session's last call ended at wall time ``when`` (its idle time after a restart)."""
+        self._db.execute("UPDATE sessions SET used = ? WHERE id = ?", (when, session))
+        if session in self._rows:
+            self._rows[session][4] = when
 
     def drop(self, session: str) -> None:
         """The session is closed, expired or lost: its rows go."""
@@ -293,10 +317,13 @@ class CheckpointStore:
     def _forget(self, session: str, plain: str) -> None:
         self.total -= self._sizes.pop(session, 0)
         self._seqs.pop(session, None)
+        self._plain_row(session, plain)
         self._unwritten[session] = plain
         try:
             self._write_forgotten()
         except sqlite3.Error as exc:
+            if locked(exc) and not self._waits:
+                raise  # (on the routing thread: the job goes to the store's thread, which waits for the lock)
             log.error("checkpoint store %s: the checkpoint of session %s could not be deleted yet (%s): it is "
                       "deleted at the next write", self.path, session[:8], exc)
 
@@ -309,12 +336,19 @@ class CheckpointStore:
         db.execute("BEGIN")
         try:
             for session, plain in self._unwritten.items():
-                _forget_rows(db, session, plain)
+                forget_rows(db, session, plain)
             db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
+            rollback(db)
             raise
         self._unwritten.clear()
+
+    def _plain_row(self, session: str, plain: str) -> None:
+        self._need_full.discard(session)
+        if not plain:
+            self._rows.pop(session, None)
+        elif session in self._rows:
+            self._rows[session][5] = plain
 
     def size(self, session: str) -> int:
         return self._sizes.get(session, 0)
@@ -326,7 +360,7 @@ class CheckpointStore:
         fails as a whole (nothing of it is kept)."""
         results: list[StoreError | None] = []
         sizes: dict[str, int] = {}  # sizes changed by this transaction, committed to self._sizes after it
-        dropped: list[str] = []
+        dropped: list[tuple[str, str]] = []  # (session, why)
         self._write_forgotten()
         db = self._db
         db.execute("BEGIN")
@@ -338,23 +372,25 @@ class CheckpointStore:
                 except StaleCheckpoint as exc:
                     results.append(exc)
                 except StoreError as exc:
-                    _forget_rows(db, w.session, str(exc))
+                    forget_rows(db, w.session, str(exc))
                     sizes.pop(w.session, None)
-                    dropped.append(w.session)
+                    dropped.append((w.session, str(exc)))
                     results.append(exc)
             db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
+            rollback(db)
             raise
-        for session in dropped:
+        for session, why in dropped:
             self.total -= self._sizes.pop(session, 0)
             self._seqs.pop(session, None)
+            self._plain_row(session, why)
         for session, size in sizes.items():
             self.total += size - self._sizes.get(session, 0)
             self._sizes[session] = size
         for w, result in zip(writes, results):
             if result is None:
                 self._seqs[w.session] = w.seq
+                self._need_full.discard(w.session)
         return results
 
     def _apply(self, w: Write, pending: dict[str, int]) -> int:
@@ -365,6 +401,9 @@ class CheckpointStore:
             raise StoreError(f"session {w.session[:8]} has no durable record (closed, expired or dropped)")
         if w.seq <= seq:
             raise StaleCheckpoint(f"checkpoint {w.seq} of session {w.session[:8]} is not newer than the stored {seq}")
+        if not w.full and w.session in self._need_full:
+            raise NotKept(f"checkpoint {w.seq} of session {w.session[:8]} holds what changed, and the stored one was "
+                          "lost with the damaged store file: not kept (its next checkpoint is a whole one)")
         new = w.size
         if new < len(w.skeleton) + sum(map(len, w.blobs)):
             raise StoreError(f"checkpoint {w.seq} of session {w.session[:8]} says it holds {new} bytes, less than it "
@@ -416,53 +455,12 @@ def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TO
     try:
         return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
     except (UnusableStore, sqlite3.DatabaseError) as exc:
-        code = getattr(exc, "sqlite_errorcode", None)
-        if not isinstance(exc, UnusableStore) and (code is None or code & 0xFF not in _DAMAGED):
+        if not isinstance(exc, UnusableStore) and not damaged(exc):
             raise  # cannot open or lock it (permissions, a full disk): an operator's to fix
-        aside = f"{path}.unusable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        for extra in ("", "-wal", "-shm"):
-            if os.path.exists(path + extra):
-                os.replace(path + extra, aside + extra)
+        aside = set_aside(path, "unusable")
         log.error("checkpoint store %s is unusable (%s): set aside as %s; its durable sessions are lost, but for "
                   "those their workers still hold (checkpointed whole again at their next call)", path, exc, aside)
     return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
-
-
-def _forget_rows(db: sqlite3.Connection, session: str, plain: str) -> None:
-    """Delete a session's checkpoint; its row too, unless it went ``plain`` (then marked so)."""
-    db.execute("DELETE FROM blobs WHERE session = ?", (session,))
-    if plain:
-        db.execute("UPDATE sessions SET seq = -1, skeleton = ?, size = 0 WHERE id = ?", (plain, session))
-    else:
-        db.execute("DELETE FROM sessions WHERE id = ?", (session,))
-
-
-def _identities(path: str) -> list[tuple[int, int] | None]:
-    """The device and inode of the store's file, its -wal and its -shm (None: none there)."""
-    found: list[tuple[int, int] | None] = []
-    for extra in ("", "-wal", "-shm"):
-        try:
-            st = os.stat(path + extra)
-            found.append((st.st_dev, st.st_ino))
-        except FileNotFoundError:
-            found.append(None)
-    return found
-
-
-def locked(exc: BaseException) -> bool:
-    """``exc`` is SQLite's "database is locked" (busy or locked: another connection holds it)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    """Roll back what a failed statement left open. SQLite rolls a transaction back by itself
-    after some errors (a full disk): a ROLLBACK then would raise, hiding the error that matters."""
-    if db.in_transaction:
-        db.execute("ROLLBACK")
-
-
-_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file
 
 
 def _mb(n: int) -> str:
@@ -473,7 +471,7 @@ def _mb(n: int) -> str:
 
 @dataclass
 class Job:
-    """Work for the store thread. ``op``: "open", "pin", "write", "load", "plain", "drop"; ``args`` its
+    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "plain", "drop"; ``args`` its
     arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
     are set by the thread."""
 

@@ -245,6 +245,7 @@ class Core:
                 if rec.closing and not self.book.running(rec):
                     self.book.release(rec)
                 elif rec.durable is not None:
+                    self.durable.note_use(rec)
                     self.durable.moves.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])

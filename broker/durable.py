@@ -17,11 +17,12 @@ from typing import Any
 
 from broker.answers import Answers
 from broker.checkpoint_writes import CheckpointWrites
-from broker.checkpoints import Job, SessionRow
+from broker.checkpoints import Job
 from broker.moves import SessionMoves, movable
 from broker.port import Port
 from broker.sessions import SessionBook
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
+from broker.store_schema import SessionRow
 from dspex.wire.errors import ConfigError
 from dspex.wire.protocol import Affinity, Durable
 
@@ -67,7 +68,7 @@ class DurableSessions:
         in its worker if anywhere, whose tracker would send only what the call changed. The
         store's record counts as the session's first write: the call's reply waits for it, and
         if the store fails it, the call is told the session is not durable."""
-        rec.durable = Durability(needs_full=True, forgotten=forgotten, submitted=1)
+        rec.durable = Durability(needs_full=True, forgotten=forgotten, submitted=1, used=rec.created)
         worker = rec.worker.decode(errors="replace") if rec.worker else ""
         self.port.store(Job("open", (rec.id, rec.pool, rec.owner, worker, rec.created), tag=(p.client, p.req_id)))
         self.counters["opened"] += 1
@@ -95,13 +96,39 @@ class DurableSessions:
         """``SessionMoves.reroute``, for the session book (which knows this object by ``DurableHooks``)."""
         return self.moves.reroute(p, pool)
 
+    def note_use(self, rec: SessionRecord) -> None:
+        """A call of ``rec`` ended: keep when it was last used in the store, for a restarted
+        broker's TTL; at most once per :func:`_use_slack` of its pool's TTL (a call that changed
+        nothing writes no checkpoint: one more commit per call would tax the quickest calls),
+        which a restarted broker adds to the saved time: its TTL never ends early, at most that
+        much late."""
+        d, pool = rec.durable, self.pools.get(rec.pool)
+        if d is None or pool is None or not pool.config.session_ttl:
+            return
+        used = self.clock.wall() - (self.clock.now - rec.last_used)
+        if used - d.used >= _use_slack(pool.config.session_ttl):
+            d.used = used
+            self.port.store(Job("used", (rec.id, used)))
+
     def store_done(self, jobs: list[Job]) -> None:
         """Jobs the store finished, in the order they were submitted."""
         for job in jobs:
             if job.op == "load":
                 self.moves.loaded(job)
+            elif job.op == "reset":
+                self._store_reset()
             else:
                 self.writes.done(job)
+
+    def _store_reset(self) -> None:
+        """The store's file was damaged under the broker and a fresh one began with every session
+        but no checkpoint: each durable session's next call asks its worker for a whole one, and
+        a move before it finds none (the session is lost: never restored empty)."""
+        for rec in self.sessions.values():
+            d = rec.durable
+            if d is not None and not d.off:
+                d.needs_full = d.forgotten = True
+                d.bytes, d.stored = 0, 0.0
 
     def released(self, rec: SessionRecord) -> None:
         """The session is closed, expired or lost (``SessionBook.release``): its held replies go
@@ -136,7 +163,7 @@ class DurableSessions:
     def load(self, rows: list[SessionRow]) -> None:
         """The store's durable sessions, back with their pool, owner and pin: each first call
         asks its worker for a full checkpoint (the store may lack the last one)."""
-        now = self.clock.now
+        now, wall = self.clock.now, self.clock.wall()
         dropped: dict[str, int] = {}
         for row in rows:
             if row.pool not in self.pools or self.pools[row.pool].mode.value == "none":
@@ -144,11 +171,15 @@ class DurableSessions:
                 dropped[row.pool] = dropped.get(row.pool, 0) + 1
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)
+            ttl = self.pools[row.pool].config.session_ttl
+            if row.used is not None and ttl:  # idle since its last use, as saved, or up to a slack later
+                rec.last_used = now - max(0.0, wall - row.used - _use_slack(ttl))
+            used = row.used or 0.0
             if row.plain:  # it went plain: so it stays (never made durable again by a claim of its pin)
-                rec.durable = Durability(off=row.plain)
+                rec.durable = Durability(off=row.plain, used=used)
             else:
-                rec.durable = Durability(needs_full=True, bytes=row.size, seq=row.seq,
-                                         stored=row.updated if row.seq else 0.0)
+                rec.durable = Durability(needs_full=True, forgotten=row.checkpoint_lost, bytes=row.size, seq=row.seq,
+                                         stored=row.updated if row.seq else 0.0, used=used)
             if row.worker:
                 rec.worker = row.worker.encode()
                 rec.touched.add(rec.worker)
@@ -157,8 +188,12 @@ class DurableSessions:
             self.port.log(logging.WARNING, "%d durable session%s of pool %r dropped from the checkpoint store: this "
                           "broker has no pool %r that keeps session state", n, "" if n == 1 else "s", pool, pool)
         if rows:
-            self.book.next_expiry = now  # (their TTLs count from now)
+            self.book.next_expiry = now  # (some may be past their TTL already)
             plain = sum(1 for r in self.sessions.values() if r.durable is not None and r.durable.off)
             self.port.log(logging.INFO, "%d durable sessions back from the checkpoint store (and %d that went plain)",
                           len(self.sessions) - plain, plain)
 
+
+def _use_slack(ttl: float) -> float:
+    """How late the store may know a session's last use: a tenth of its TTL, at most a minute."""
+    return min(ttl / 10, 60.0)

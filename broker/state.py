@@ -352,6 +352,7 @@ class Durability:
     spread_from: bytes | None = None  # a spread (move "spread"): pinned to its new worker; the old one holds it until the restore
     bytes: int = 0  # of its last stored checkpoint
     stored: float = 0.0  # wall time of its last stored checkpoint (0: none yet)
+    used: float = 0.0  # wall time of its last use the store keeps (for a restarted broker's TTL)
     seq: int = 0  # of its last stored checkpoint
 
 

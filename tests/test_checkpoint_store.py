@@ -21,9 +21,9 @@ from broker.checkpoints import (
     Job,
     OverCap,
     StaleCheckpoint,
-    Write,
     open_store,
 )
+from broker.store_schema import Write
 from tests.harness import PY, Procs, wait_for
 
 dspy = pytest.importorskip("dspy")
@@ -247,7 +247,8 @@ def test_a_store_thread_busy_with_writes_still_copies_the_wal(short_tmp: str) ->
 
 WRITER = textwrap.dedent("""
     import sys
-    from broker.checkpoints import CheckpointStore, Write
+    from broker.checkpoints import CheckpointStore
+    from broker.store_schema import Write
     store = CheckpointStore(sys.argv[1])
     store.open("s" * 32, "p", "", "w1", 1.0)
     n = 0
@@ -305,6 +306,30 @@ def test_a_store_of_another_schema_is_set_aside_and_one_that_cannot_be_opened_is
     os.mkdir(os.path.join(short_tmp, "dir.sqlite"))
     with pytest.raises(sqlite3.OperationalError):  # not damaged: nothing set aside, the broker says why
         open_store(os.path.join(short_tmp, "dir.sqlite"))
+
+
+def test_a_store_of_schema_1_is_upgraded_in_place_with_its_sessions_last_use_unknown(short_tmp: str) -> None:
+    """An earlier broker's store (no last-use column) keeps every checkpoint; its rows' last use
+    is unknown (their idle time counts from the broker's start), new rows have theirs."""
+    path = os.path.join(short_tmp, "checkpoints.sqlite")
+    store = CheckpointStore(path)
+    store.open("a" * 32, "p", "", "w1", 1000.0)
+    store.apply([Write("a" * 32, 1, b"skeleton", [0], [b"blob"], [], True, 12)])
+    store.close()
+    with sqlite3.connect(path) as db:  # what schema 1 was
+        db.execute("ALTER TABLE sessions DROP COLUMN used")
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    store = CheckpointStore(path)
+    assert [(r.id, r.seq, r.used) for r in store.sessions()] == [("a" * 32, 1, None)]
+    assert store.load("a" * 32) is not None and store.load("a" * 32).blobs == [b"blob"]  # type: ignore[union-attr]
+    store.open("b" * 32, "p", "", "w1", 2000.0)
+    store.used("a" * 32, 3000.0)
+    assert {r.id[0]: r.used for r in store.sessions()} == {"a": 3000.0, "b": 2000.0}
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
 
 
 def test_writes_on_the_routing_thread_while_the_store_file_is_deleted_again_and_again_are_all_kept(

@@ -123,6 +123,12 @@ ARRAYS = {
     "unicode": np.array(["a", "héllo"]),
     "bytes": np.array([b"x", b"yz"]),
     "structured": np.array([(1, 2.5)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    # padding between fields: no field of its own on the other side either (names, offsets kept)
+    "aligned": np.array([(1, 2)], dtype=np.dtype([("a", "i1"), ("b", "<i4")], align=True)),
+    "offsets": np.array([(1, 2.5)], dtype=np.dtype({"names": ["x", "y"], "formats": ["<i2", "<f8"],
+                                                   "offsets": [0, 8], "itemsize": 24})),
+    "nested": np.zeros(2, dtype=[("p", np.dtype([("a", "i1"), ("b", "<i8")], align=True)), ("v", "<f4", (3,))]),
+    "titled": np.zeros(1, dtype=np.dtype({"names": ["a"], "formats": ["<i4"], "titles": ["The A"]})),
     "slice": A[:, ::2],
     "transposed": A.T,
     "fortran": np.asfortranarray(A),
@@ -139,8 +145,15 @@ def test_arrays_round_trip(name: str) -> None:
     assert len(frames) == 2
     out = decode(frames)["arr"]  # type: ignore[index]
     assert type(out) is np.ndarray and out.dtype == arr.dtype and out.shape == arr.shape
+    assert out.dtype.names == arr.dtype.names and out.dtype.isalignedstruct == arr.dtype.isalignedstruct
+    assert out.dtype.fields == arr.dtype.fields
     np.testing.assert_array_equal(out, arr)
-    assert out.flags.writeable and out.flags.c_contiguous
+    # as pickle has it: a Fortran-ordered array stays Fortran-ordered (same strides), any other
+    # layout (a strided view) arrives as a C-contiguous copy
+    fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
+    assert out.flags.writeable and (out.flags.f_contiguous if fortran else out.flags.c_contiguous)
+    if arr.size:
+        assert out.strides == pickle.loads(pickle.dumps(arr)).strides
     out[...] = arr  # really writable
 
 
@@ -723,3 +736,31 @@ def test_repeats_tells_an_object_that_went_by_value_twice() -> None:
         repeats = Repeats()
         encode(value, policy=Policy.ALL, repeats=repeats)
         assert repeats.seen is repeated, value
+
+
+def test_repeats_tells_a_container_met_twice_anywhere() -> None:
+    """A list, dict, set, tuple or subclass value met twice in one encode (in-process
+    ``fn([x, x])`` gets one object twice); equal values that are two objects are two."""
+    import collections
+
+    from dspex.wire.codec import Repeats
+
+    x, d, st, t, od = [1], {"k": 1}, {1}, (1, [2]), collections.OrderedDict(a=1)
+    many = list(range(100))
+    for value, repeated in (([x, x], True), ({"a": d, "b": d}, True), ([[x], {"k": x}], True), ([st, st], True),
+                            ([t, t], True), ([od, od], True), ([many, [many]], True), ([[*many, x], x], True),
+                            ([[1], [1]], False), ([{"k": 1}, {"k": 1}], False), ([(1, 2), (1, 3)], False),
+                            ([many, list(many)], False), ([(), ()], False), (["s", "s", 10**30, 10**30], False)):
+        repeats = Repeats()
+        encode(value, policy=Policy.ALL, repeats=repeats)
+        assert repeats.seen is repeated, value
+
+
+def test_a_repeated_container_with_a_cycle_is_a_repeat() -> None:
+    from dspex.wire.codec import Repeats
+
+    x: list[object] = [1]
+    x.append(x)
+    repeats = Repeats()
+    encode([x, x], policy=Policy.ALL, repeats=repeats)
+    assert repeats.seen

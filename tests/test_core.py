@@ -102,9 +102,10 @@ class StubCore:
 
     def __init__(self, *specs: str) -> None:
         self.t = START
+        self.wall_offset = 1e9  # wall-clock time minus self.t
         self.port = RecordingPort()
         self.core = Core([parse_pool_spec(s) for s in specs], self.port, HANDLERS, now=self.t, heartbeat_interval=HEARTBEAT,
-                         heartbeat_liveness=3, wall=lambda: self.t + 1e9)
+                         heartbeat_liveness=3, wall=lambda: self.t + self.wall_offset)
         self.silent: set[bytes] = set()  # workers that stopped heartbeating (a vanished host)
         self.next_beat = START + HEARTBEAT  # when the workers heartbeat next
         self.ticks: list[float] = []  # when the core ticked

@@ -32,8 +32,12 @@ S = "d" * 32
 
 
 class DurableCore(StubCore):
-    def __init__(self, path: str, *specs: str, cap: int = 64 * 2**20) -> None:
+    def __init__(self, path: str, *specs: str, cap: int = 64 * 2**20, wall: float | None = None) -> None:
+        """``wall``: the wall-clock time the core starts at (a restarted broker's, later than the
+        one before it)."""
         super().__init__(*specs)
+        if wall is not None:
+            self.wall_offset = wall - self.t
         self.store = CheckpointStore(path, session_cap=cap)
         self.jobs: list[Job] = self.port.jobs  # what the core handed the port's store, not run yet
         self.sent: dict[str, dict[int, bytes]] = {}  # the blobs a worker sent per session (its size)
@@ -268,6 +272,42 @@ def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:
     third.commit()
     moved = third.worker_of(4)
     assert moved is not None and moved != w and third.head_of(4) & Durable.RESTORE
+
+
+@pytest.mark.parametrize("changed", [True, False])
+def test_a_restarted_broker_counts_a_durable_sessions_idle_time_from_its_last_call(path: str, changed: bool) -> None:
+    """A restarted broker counted every durable session's TTL from its own start: one idle for
+    most of its TTL lived a whole TTL more (docs/operations.md: idle time counts from the end of
+    the session's last call). ``changed``: the last call wrote a checkpoint, or changed nothing."""
+    core = durable_core(path, "p:strict_queue:session_ttl=100")
+    core.call(1)
+    w = core.worker_of(1)
+    assert w is not None
+    core.checkpoint(w, 1, 1, {0: b"e0"})
+    core.commit()
+    core.advance(50)
+    core.call(2)
+    if changed:
+        core.checkpoint(w, 2, 2, {0: b"e1"})
+    else:
+        core.reply(w, C, 2)
+    core.commit()
+    assert core.outcome(C, 2) == "ok"
+    last_call = core.t + core.wall_offset
+    core.advance(80)
+    core.store.close()
+
+    again = DurableCore(path, "p:strict_queue:session_ttl=100", wall=last_call + 85)  # down for 5 s
+    again.ready(w, "p")
+    assert again.sessions[S].durable is not None
+    again.advance(14)  # 99 s after its last call: never early
+    again.commit()
+    assert S in again.sessions
+    again.advance(16)  # 115 s after its last call, 30 s after the restart: at most a tenth of its TTL late
+    again.commit()
+    assert S not in again.sessions and again.store.sessions() == []  # expired: its rows went
+    again.call(3)
+    assert again.outcome(C, 3) == "session_closed"
 
 
 def test_closing_a_durable_session_deletes_its_checkpoint(path: str) -> None:

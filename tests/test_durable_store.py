@@ -493,3 +493,145 @@ def test_a_store_deleted_under_the_running_broker_is_written_again_and_a_restart
         assert not asides
     log = stack.logs()
     assert "written again failed" not in log and "is unusable" not in log
+
+
+def test_a_store_removed_with_a_glob_still_keeps_a_second_broker_off_it(stack: Stack) -> None:
+    """`rm checkpoints.sqlite*` under a running broker took the store's lock file with it: a
+    second broker started by mistake then locked a new one and opened the store the first one
+    writes again (fix 41), reading, expiring and dropping its sessions."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("kept = 42")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    for found in glob.glob(path + "*"):
+        os.unlink(found)
+    wait_for(lambda: "written again from memory, 1 sessions" in stack.logs(), what="the store written again")
+    second = stack.procs_reg.spawn(
+        [PY, "-m", "broker", "--frontend", f"ipc://{stack.run_dir}/f2.sock", "--backend",
+         f"ipc://{stack.run_dir}/b2.sock", "--pool", "q:strict_queue"], "broker2.log", stack.env)
+    wait_for(lambda: second.poll() is not None, timeout=20, what="the second broker's exit")
+    assert second.returncode == 2
+    said = stack.procs_reg.log_tail("broker2.log")
+    assert "checkpoints.sqlite" in said and "another broker" in said and "Traceback" not in said
+    pid = pid_of(s)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.kill(pid)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert s.eval("kept") == 42  # the second broker never touched the store
+    assert "dropped from the checkpoint store" not in stack.logs()
+
+
+@pytest.mark.parametrize("cut", ["to nothing", "to a third"])
+def test_a_store_truncated_under_the_running_broker_begins_afresh_and_its_sessions_stay_durable(
+        stack: Stack, cut: str) -> None:
+    """The store file truncated in place (same inode: fix 41's look saw nothing): every durable
+    session's next call got SessionNotDurable (its result withheld, the session plain for good),
+    new durable sessions too, until a restart. Now the damaged file is set aside and a fresh store
+    begins: each session is checkpointed whole by its worker at its next call and comes back after
+    a kill of the broker and its workers; one not called since is lost, never restored empty."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    sessions = [dx.session("p", durable=True) for _ in range(4)]
+    for i, s in enumerate(sessions):
+        s.exec(f"blob = b'x' * 20_000; counter = {i}")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    wait_for(lambda: os.path.getsize(path + "-wal") == 0, what="the WAL copied into the file")
+    os.truncate(path, 0 if cut == "to nothing" else os.path.getsize(path) // 3)
+    called, idle = sessions[:3], sessions[3]
+    for s in called:
+        s.exec("counter += 10")  # no SessionNotDurable, before or after the broker looks
+    wait_for(lambda: "was truncated while the broker ran: set aside as" in stack.logs()
+             or "is damaged" in stack.logs(), what="the store begun afresh")
+    for s in called:
+        s.exec("counter += 100")
+    fresh = dx.session("p", durable=True)
+    fresh.exec("counter = 7")
+    workers = [w["pid"] for w in stack.workers("p", dx)]
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    for pid in workers:
+        stack.kill(pid)
+    stack.broker.wait(10)
+
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    for i, s in enumerate(called):
+        assert s.eval("(counter, len(blob))") == (i + 110, 20_000)
+    assert fresh.eval("counter") == 7
+    with pytest.raises(dspex.CheckpointRefused):
+        idle.eval("counter")
+    log = stack.logs()
+    assert "no longer durable" not in log and "Traceback" not in log
+    assert glob.glob(path + ".unusable-*")  # the damaged file, kept for a post-mortem
+
+
+def test_a_vacuum_of_the_store_while_the_broker_runs_keeps_every_checkpoint(stack: Stack) -> None:
+    """An operator's VACUUM and WAL copy (docs/operations.md: safe while the broker runs, it only
+    holds writes off) shrinks the file as a truncation does: it must not be taken for one (the store begun
+    afresh, every checkpoint lost until its session's next call)."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    kept, closed = dx.session("p", durable=True), dx.session("p", durable=True)
+    kept.exec("counter = 1")
+    closed.exec("import os; blob = os.urandom(6_000_000)")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    wait_for(lambda: os.path.getsize(path) > 6_000_000, what="the WAL copied into the file")
+    closed.close()
+
+    def vacuumed() -> bool:
+        with sqlite3.connect(path, timeout=30) as db:
+            db.execute("VACUUM")
+            # (else the WAL goes into the file at the broker's next copy; a read of the broker's
+            # may keep this one from finishing: then once more)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        return os.path.getsize(path) < 1_000_000
+
+    wait_for(vacuumed, what="the store vacuumed")
+    kept.exec("counter += 1")
+    time.sleep(2)  # two looks of the store's thread at its file (nothing to poll for: it must not act)
+    assert "was truncated" not in stack.logs() and not glob.glob(path + ".unusable-*")
+    worker = pid_of(kept)
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.kill(worker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    assert kept.eval("counter") == 2
+
+
+def test_a_session_closed_while_the_store_is_locked_is_deleted_once_the_lock_goes(stack: Stack) -> None:
+    """A close whose delete met a lock on the store (another process's write, or the store's own
+    copy of the WAL, which holds writes off once a second) was put off "to the next write": with
+    none, the closed session's checkpoint stayed, and a restarted broker brought it back."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p", durable=True)
+    s.exec("x = 1")
+    path = os.path.join(stack.run_dir, "checkpoints.sqlite")
+    holder = sqlite3.connect(path, timeout=30, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        s.close()
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+
+    def rows() -> list[str]:
+        with sqlite3.connect(path, timeout=30) as db:
+            found = [r[0] for r in db.execute("SELECT id FROM sessions")]
+        db.close()
+        return found
+
+    wait_for(lambda: rows() == [], what="the closed session's rows deleted")
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.wait_workers("p", 1)
+    assert s.id not in {r["id"] for r in dx.sessions("p")}
+    assert "could not be deleted yet" not in stack.logs()

@@ -520,3 +520,94 @@ def test_the_log_threshold_follows_the_clients_levels() -> None:
         logging.disable(logging.NOTSET)
         mine.setLevel(logging.NOTSET)
     assert log_threshold() == before
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+@pytest.mark.parametrize("how", ["thread", "pool task"])
+def test_what_a_thread_prints_after_its_call_returned_reaches_its_own_session_only(
+        stack: Stack, tmp_path: Path, capacity: int, how: str) -> None:
+    """A thread (or a thread pool's task) a call started and left running prints after that call
+    returned: in-process the line shows; through a session it reaches that session's client with
+    its next call (before that call's own output), never another session's call that runs
+    meanwhile on the worker."""
+    stack.pool(f"p:strict_queue:capacity={capacity}", 1, "--no-dspy", "--capacity", str(capacity))
+    out = client(stack, tmp_path, f"""
+        import os, time
+        from concurrent.futures import ThreadPoolExecutor
+        FLAGS = {str(tmp_path)!r}
+        HOW = {how!r}
+
+        def start_background():
+            def later():
+                while not os.path.exists(os.path.join(FLAGS, "b-running")):
+                    time.sleep(0.01)
+                print("late line of session a", flush=True)
+                print("and a second one", file=sys.stderr, flush=True)
+                open(os.path.join(FLAGS, "a-printed"), "w").close()
+            if HOW == "thread":
+                threading.Thread(target=later, daemon=True).start()
+            else:
+                ThreadPoolExecutor(1).submit(later)
+            return "started"
+
+        def other_session_call():
+            open(os.path.join(FLAGS, "b-running"), "w").close()
+            deadline = time.monotonic() + 20
+            while not os.path.exists(os.path.join(FLAGS, "a-printed")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return "b done"
+
+        def next_call():
+            print("a's next call")
+            return 1
+
+        with dspex.connect(FRONTEND) as dx:
+            a, b = dx.session("p"), dx.session("p")
+            print("a:", a.run(start_background))
+            b_events = []
+            print("b:", b.apply(other_session_call, on_output=b_events.append))
+            print("b's events:", json.dumps(b_events))
+            a_events = []
+            a.apply(next_call, on_output=a_events.append)
+            print("a's events:", json.dumps(a_events))
+    """)
+    lines = out.stdout.splitlines()
+    assert lines[:3] == ["a: started", "b: b done", "b's events: []"], out.stdout  # nothing of a's reaches b
+    assert lines[3:5] == ["late line of session a", "a's next call"], out.stdout
+    events = json.loads(lines[5].removeprefix("a's events: "))
+    assert "".join(e["text"] for e in events if e["stream"] == "stdout") == "late line of session a\na's next call\n"
+    assert "and a second one\n" in out.stderr
+    assert re.search(r"\] stdout: late line of session a", worker_log(stack))  # the log has it too, tagged
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_shared_pool_thread_prints_for_the_call_that_gave_it_the_task(stack: Stack, tmp_path: Path,
+                                                                         capacity: int) -> None:
+    """A thread pool shared by sessions (a library's) whose thread a call of session a started:
+    a task session b's call submits there prints to b, as the task is b's."""
+    stack.pool(f"p:strict_queue:capacity={capacity}", 1, "--no-dspy", "--capacity", str(capacity))
+    out = client(stack, tmp_path, """
+        def start_shared_pool():
+            import builtins
+            from concurrent.futures import ThreadPoolExecutor
+            builtins.SHARED_POOL = ThreadPoolExecutor(1)
+            builtins.SHARED_POOL.submit(print, "a's task").result()  # its thread starts in a's call
+
+        def use_shared_pool():
+            import builtins
+            builtins.SHARED_POOL.submit(print, "b's task").result()
+
+        with dspex.connect(FRONTEND) as dx:
+            a, b = dx.session("p"), dx.session("p")
+            a.run(start_shared_pool)
+            b_events = []
+            b.apply(use_shared_pool, on_output=b_events.append)
+            print("b's events:", json.dumps(b_events))
+            a_events = []
+            a.apply(int, on_output=a_events.append)
+            print("a's events:", json.dumps(a_events))
+    """)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "a's task"
+    assert json.loads(lines[-2].removeprefix("b's events: ")) == [{"stream": "stdout", "text": "b's task\n"}]
+    assert json.loads(lines[-1].removeprefix("a's events: ")) == []

@@ -616,15 +616,26 @@ def test_an_unpicklable_global_names_itself_and_its_module(dx: dspex.Client, use
 
         def fine():
             return 2
+
+
+        def guarded_by(lock):
+            with lock:
+                return 3
     ''')
     s = dx.session("p")
     with pytest.raises(dspex.EncodeError) as info:
         s.run(mod.guarded)
     message = str(info.value)
     assert f"cannot send LOCK (_thread.lock) from module {mod.__name__}: " in message
-    assert "keep it on the worker with s.put, or build it inside the function" in message
+    assert message.endswith("(it cannot be copied to the worker: make it there instead, inside the function, or "
+                            "once with ref = s.run(make_it) and pass the ref)")
     assert info.value.details["global"] == "LOCK" and info.value.details["module"] == mod.__name__
     assert s.run(mod.fine) == 2  # nothing was sent; the session goes on
+    # what the message says to do works (s.put would not: it copies, and a lock cannot be copied)
+    with pytest.raises(dspex.EncodeError):
+        s.put(mod.LOCK)
+    lock = s.run(threading.Lock)
+    assert isinstance(lock, dspex.Ref) and s.run(mod.guarded_by, lock) == 3
     s.close()
 
 

@@ -105,3 +105,58 @@ def test_lm_history_is_per_session(stack: Stack) -> None:
     assert "secret of a" in shown_a and "secret of b" not in shown_a
     assert "secret of b" in shown_b and "secret of a" not in shown_b
     assert dx.session("p").exec(show.replace("import io", "import io, dspy"))["shown"].strip() == ""
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_thread_left_running_keeps_its_sessions_settings(stack: Stack, capacity: int, tmp_path) -> None:
+    """A thread one session's call started and left running reads DSPy's settings while another
+    session's call runs: it sees its own session's LM (in-process: its program's), never the other
+    session's (its LM, its API key)."""
+    dx = stack.pool("p:strict_queue", 1, "--capacity", str(capacity))
+    a, b = _session(dx, "from a"), _session(dx, "from b")
+    flags = str(tmp_path)
+    a.exec("dspy.configure(lm=lm)")
+    a.exec(textwrap.dedent(f"""
+        import os
+        seen = []
+        def watch():
+            while not os.path.exists(os.path.join({flags!r}, "b-running")):
+                time.sleep(0.01)
+            seen.append(qa(question='q').answer)
+            open(os.path.join({flags!r}, "a-read"), "w").close()
+        threading.Thread(target=watch, daemon=True).start()
+    """))
+    b.exec("dspy.configure(lm=lm)")
+    b.exec(textwrap.dedent(f"""
+        import os
+        open(os.path.join({flags!r}, "b-running"), "w").close()
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join({flags!r}, "a-read")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    """))
+    assert a.eval("seen") == ["from a"]
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_thread_a_call_starts_inherits_no_context_variable_of_the_users(stack: Stack, capacity: int) -> None:
+    """In-process a new thread starts with an empty context: a ContextVar set before its start
+    reads its default there. The same on the worker, where the thread still carries its call."""
+    dx = stack.pool("p:strict_queue", 1, "--capacity", str(capacity))
+    a = _session(dx, "threaded")
+    a.exec("dspy.configure(lm=lm)")
+    source = textwrap.dedent("""
+        import contextvars, threading
+        REQUEST = contextvars.ContextVar("request", default="none")
+        REQUEST.set("set in the call")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append((REQUEST.get(), qa(question='q').answer)))
+        t.start(); t.join()
+    """)
+    in_process: dict[str, object] = {}
+    exec(compile(SETUP.format(answer="threaded") + "dspy.configure(lm=lm)\n", "<setup>", "exec"), in_process)  # noqa: S102
+    try:
+        exec(compile(source, "<case>", "exec"), in_process)  # noqa: S102 - the same code in-process
+    finally:
+        in_process["dspy"].configure(lm=None)  # type: ignore[attr-defined]
+    assert in_process["seen"] == [("none", "threaded")]
+    assert a.exec(source)["seen"] == [("none", "threaded")]

@@ -92,3 +92,33 @@ def test_a_bar_created_while_dspy_clears_the_registry_does_not_fail() -> None:
         assert bar.disable
     finally:
         tqdm.tqdm._instances = saved
+
+
+def test_late_output_held_for_the_next_call_is_bounded_and_says_what_it_left_out() -> None:
+    from worker.sink import MAX_LATE_CHARS, LateOutput, OutputSink
+
+    late = LateOutput()
+    ended = OutputSink("ended 1", lambda event: None)
+    ended.late = late
+    ended.close()
+    line = "x" * 99 + "\n"
+    n = MAX_LATE_CHARS // len(line) + 10
+    for _ in range(n):
+        ended.write("stdout", line)  # a thread of the ended call, writing on
+    events: list[dict[str, Any]] = []
+    nxt = OutputSink("next 2", events.append)
+    late.attach(nxt)
+    nxt.write("stdout", "the next call's own line\n")
+    late.detach(nxt)
+    nxt.close()
+    out = "".join(e["text"] for e in events if e["stream"] == "stdout")
+    kept = MAX_LATE_CHARS // len(line)
+    assert out == line * kept + "the next call's own line\n"
+    err = "".join(e["text"] for e in events if e["stream"] == "stderr")
+    assert f"[dspex: {(n - kept) * len(line)} more characters" in err
+    again: list[dict[str, Any]] = []
+    third = OutputSink("third 3", again.append)
+    late.attach(third)  # nothing held any more
+    late.detach(third)
+    third.close()
+    assert again == []

@@ -14,12 +14,11 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
   thread or another task the call started raises DSPy's ``RuntimeError`` (use ``dspy.context``).
 - Each call runs inside ``dspy.context(**session settings)``; ``dspy.context`` in user code nests
   inside it as usual.
-- On a capacity-1 worker the session's settings are also written into the process-wide
-  configuration for the duration of the call (and restored after), so threads user code starts
-  (which do not inherit contextvars) see them, as they would in-process. On a capacity-N worker
-  calls of several sessions run at once: threads and executor tasks a call starts carry it
-  (worker.threads) and see the session's settings as configured (``thread_settings``), as a
-  thread sees ``dspy.configure``'s in-process, not the ``dspy.context`` blocks around its start.
+- Threads and executor tasks a call starts carry it (worker.threads) and see the session's
+  settings as configured (``thread_settings``), as a thread sees ``dspy.configure``'s in-process,
+  not the ``dspy.context`` blocks around its start; one left running after its call keeps them.
+  On a capacity-1 worker the session's settings are also written into the process-wide
+  configuration for the duration of the call (and restored after), for threads no call started.
 - DSPy's global LM history (``dspy.inspect_history()``) is per session too, and bounded by the
   worker's ``--lm-history``: one session never sees another's prompts.
 """
@@ -257,9 +256,10 @@ class _Scope:
             # earlier call left on this thread leaks in (one contextvar set instead of two and
             # dspy's generator)
             overrides = module.thread_local_overrides
-            self._base = overrides.set(type(overrides.get())({**config, **settings}))
-            if not owner.process_wide:
-                self._layer = thread_settings.set(type(overrides.get())({**config, **settings}))
+            base = type(overrides.get())(config if owner.process_wide else {**config, **settings})
+            self._base = overrides.set(base)
+            # (capacity 1: config holds the settings already)
+            self._layer = thread_settings.set(type(base)(base))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -285,7 +285,7 @@ class _Scope:
             with owner._lock:
                 module.main_thread_config.update(under)
         layer = thread_settings.get()
-        if layer is not None and under:  # capacity N: the same, for threads the call starts
+        if layer is not None and under:  # the same, for threads the call starts (worker.threads)
             layer.update(under)
         overrides = module.thread_local_overrides
         # undone with the scope's own

@@ -21,6 +21,7 @@ from dspex.wire import codec, codestore
 from dspex.wire.errors import (
     Cancelled,
     DspexError,
+    EncodeError,
     ProtocolError,
     RefNotFound,
     RemoteError,
@@ -80,14 +81,13 @@ class Executor:
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the
         time-limit signal handler and watchdog, ``inspect.getsource`` for by-value classes, the
-        session's code in processes user code starts (``multiprocessing``), and on a capacity-N
-        worker the call in threads it starts."""
+        session's code in processes user code starts (``multiprocessing``), and the call in
+        threads it starts."""
         output.install()
         namespace.install_getsource()
         forking.install()
         self.watchdog.install()
-        if not self.process_wide:
-            threads.install(self.settings.thread_entry)
+        threads.install(self.settings.thread_entry)
 
     def enable_dspy(self, max_history: int = 200) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
@@ -176,7 +176,7 @@ class Executor:
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
-                                   log_level_of(header.flags), offer) as sink, \
+                                   log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
                 self._calls[key] = call
@@ -281,7 +281,15 @@ class Executor:
     def _encode(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
         try:
             # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
-            return codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA)
+            repeats = codec.Repeats()
+            frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
+            if repeats.seen and repeats.plain:
+                # one object in two places of plain data: one pickle keeps it one object there
+                try:
+                    return codec.encode_whole(result)
+                except EncodeError:
+                    pass  # (what the walk made of it still stands: equal copies)
+            return frames
         except DspexError:
             raise
         except limits.CallTimedOut:

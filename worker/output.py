@@ -1,9 +1,10 @@
 """What user code prints, warns or logs during a call: to its caller and to the worker log, tagged.
 
 ``sys.stdout``/``sys.stderr`` are replaced once by dispatchers that send a write to the sink of
-the call it belongs to (a contextvar, which threads a call starts carry on a capacity-N worker:
-worker.threads; on a capacity-1 worker also the one running call, for threads user code starts),
-else to the real stream. ``warnings.showwarning`` likewise, and a
+the call it belongs to (a contextvar, which threads and pool tasks a call starts carry:
+worker.threads; after the call, what they write goes to its session's LateOutput; on a
+capacity-1 worker, threads no call started write to the one running call), else to the real
+stream. ``warnings.showwarning`` likewise, and a
 handler on the root logger gives a call's log records (any logger's that propagate to the root)
 at or above its caller's threshold to its sink. What a sink logs and sends, and when
 (coalesced text, the flush timer): worker.sink.
@@ -22,7 +23,7 @@ import weakref
 from typing import Any, TextIO
 
 from worker import limits
-from worker.sink import Emit, Offer, OutputSink
+from worker.sink import Emit, LateOutput, Offer, OutputSink
 
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
 
@@ -36,7 +37,8 @@ def _sink() -> OutputSink | None:
     if getattr(_local, "busy", False):
         return None  # writing from inside a sink (a log handler on stderr): the real stream
     sink = _current.get()
-    return sink if sink is not None and not sink.closed else _process_sink
+    # (an ended call's sink is kept: what the threads it started write is its session's)
+    return _process_sink if sink is None else sink
 
 
 class _Dispatch(io.TextIOBase):
@@ -235,12 +237,13 @@ class capture:
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
     is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
 
-    __slots__ = ("_lowered", "_token", "process_wide", "sink")
+    __slots__ = ("_lowered", "_token", "late", "process_wide", "sink")
 
     def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0,
-                 offer: Offer | None = None) -> None:
+                 offer: Offer | None = None, late: LateOutput | None = None) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
         self.process_wide = process_wide
+        self.late = late  # the session's: what threads of its ended calls wrote comes with this one
         self._lowered = False
 
     def __enter__(self) -> OutputSink:
@@ -248,6 +251,8 @@ class capture:
         self._token = _current.set(self.sink)
         if self.process_wide:
             _process_sink = self.sink
+        if self.late is not None:
+            self.late.attach(self.sink)
         level = self.sink.log_level
         if level and level < _root_level.ceiling():
             _root_level.enter(level)
@@ -263,6 +268,9 @@ class capture:
             if self.process_wide and _process_sink is sink:
                 _process_sink = None
             _current.reset(self._token)
+            if self.late is not None:
+                self.late.detach(sink)
+            sink.late = self.late
             sink.close()
             if self.process_wide and _dispatchers is not None:
                 # a call that rebound sys.stdout/stderr for good must not take the next call's

@@ -19,6 +19,7 @@ from typing import Any
 from dspex.wire.codestore import CodeStore
 from dspex.wire.errors import RefNotFound, RefQuotaExceeded
 from dspex.wire.ref import Ref
+from worker.sink import LateOutput
 
 DEFAULT_REF_QUOTA = 100_000
 # How many released ref ids we remember to explain a stale ref. Keyed by hash(ref id), an int,
@@ -43,6 +44,7 @@ class SessionState:
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     last_used: float = field(default_factory=time.monotonic)
+    late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
 
 
 def type_name(obj: Any) -> str:

@@ -114,7 +114,8 @@ class OutputSink:
         self._sent: dict[str, int] = {}  # stream -> chars of its pending line a flush sent already
         self._decoders: dict[str, codecs.IncrementalDecoder] = {}  # of bytes written to a stream's buffer
         self._lock = threading.Lock()
-        self.closed = False  # the call ended: a thread it started that writes on goes to the real stream
+        self.closed = False  # the call ended: what a thread it started writes on goes to ``late``
+        self.late: LateOutput | None = None  # the session's, once the call has ended
         # text waiting to go, in order: [stream, pieces] runs (the caller gets one event per run)
         self._out: list[tuple[str, list[str]]] = []
         self._out_chars = 0
@@ -149,10 +150,14 @@ class OutputSink:
                 for piece in out:
                     self._queue(stream, piece)
                 now_due = self._due_now()
+            late = self.late if out and self.closed else None
         for line in _log_lines(done):
             self._log(stream, line)
         if now_due:
             self.send_pending()
+        if late is not None:
+            for piece in out:
+                late.write(stream, piece)
 
     def write_bytes(self, stream: str, data: bytes) -> None:
         """Bytes written to ``sys.stdout.buffer``/``sys.stderr.buffer``: decoded as UTF-8 (what the
@@ -184,15 +189,32 @@ class OutputSink:
         text = warnings.formatwarning(message, category, filename, lineno, line)
         for piece in text.splitlines():
             self._log("warning", piece)
-        if self.emit is not None:
+        if self.closed:  # a thread of an ended call: as text on stderr, where the warning would show
+            if self.late is not None:
+                self.late.write("stderr", text)
+        elif self.emit is not None:
             self.send_pending({"stream": "warning", "text": text, "message": str(message),
                                "category": [getattr(category, "__module__", "builtins"),
                                             getattr(category, "__qualname__", "UserWarning")],
                                "filename": str(filename), "lineno": int(lineno)})
 
     def record(self, record: logging.LogRecord) -> None:
-        if self.emit is not None:
+        if self.emit is not None and not self.closed:  # (an ended call's thread: the worker log has it)
             self.send_pending(_record_event(record))
+
+    def relay(self, stream: str, text: str) -> bool:
+        """Send ``text`` (whole lines an ended call's thread wrote, logged under that call's tag
+        already) with this call's output; False when this call has ended too."""
+        with self._lock:
+            if self.closed:
+                return False
+            if self.emit is None:
+                return True  # its caller takes no output
+            self._queue(stream, text)
+            now_due = self._due_now()
+        if now_due:
+            self.send_pending()
+        return True
 
     def _log(self, stream: str, line: str) -> None:
         line = _ANSI.sub("", line[:MAX_LINE_CHARS])
@@ -388,3 +410,54 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a repr that fails must not lose the record
             extra[key] = f"<{type(value).__name__}>"
     return extra
+
+
+MAX_LATE_CHARS = MAX_EVENT_CHARS  # of text held for a session's next call
+
+
+class LateOutput:
+    """What threads a session's calls started write after their call ended (one per session):
+    sent with the session's running call, else held for its next call, which sends it before
+    its own output. At most MAX_LATE_CHARS are held; what is left out is counted and said (the
+    worker log has every line, under the tag of the call that started the thread)."""
+
+    __slots__ = ("_held", "_held_chars", "_left_out", "_live", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: OutputSink | None = None
+        self._held: list[tuple[str, str]] = []
+        self._held_chars = 0
+        self._left_out = 0
+
+    def write(self, stream: str, text: str) -> None:
+        with self._lock:
+            live = self._live
+        if live is not None and live.relay(stream, text):
+            return
+        with self._lock:
+            if self._held_chars + len(text) > MAX_LATE_CHARS:
+                self._left_out += len(text)
+                return
+            self._held.append((stream, text))
+            self._held_chars += len(text)
+
+    def attach(self, sink: OutputSink) -> None:
+        """A call of the session starts: what is held goes first, then it takes what comes."""
+        if not self._held and not self._left_out:  # the usual call: one store, no lock
+            self._live = sink
+            return
+        with self._lock:
+            held, self._held, self._held_chars = self._held, [], 0
+            left_out, self._left_out = self._left_out, 0
+            self._live = sink
+        if left_out:
+            note = (f"[dspex: {left_out} more characters that threads of this session wrote after their call "
+                    "ended are only in the worker log]\n")
+            held.append(("stderr", note))
+        for stream, text in held:
+            sink.relay(stream, text)
+
+    def detach(self, sink: OutputSink) -> None:
+        if self._live is sink:  # (a write that still finds it is refused by the closed sink, and held)
+            self._live = None

@@ -1,13 +1,15 @@
-"""Threads a call starts carry the call, on a worker that runs several calls at once.
+"""Threads a call starts carry the call.
 
-A capacity-1 worker makes a call's DSPy settings and output capture process-wide while the call
-runs, so any thread sees them. A capacity-N worker runs calls of several sessions at once, so a
-thread can only know its call through its context, which Python threads do not inherit. Here a
+A capacity-N worker runs calls of several sessions at once, and a capacity-1 worker runs other
+sessions' calls while a thread one call left running goes on, so a thread can only know its call
+through its context, which Python threads do not inherit. Here a
 ``threading.Thread`` started during a call, and each task a call submits to a
 ``concurrent.futures.ThreadPoolExecutor`` (``loop.run_in_executor`` too; DSPy's ``Parallel``,
 ``Evaluate`` and ``batch`` run their jobs that way), run in a copy of the context that started
-them: the call's session (its ``dspy.inspect_history``, its ``dspy.configure``), its output, and
-then what ``enter`` makes of them (DSPy's settings as configured, worker.dspy_settings). An
+them with the call's own variables: the call's session (its ``dspy.inspect_history``, its
+``dspy.configure``), its output, and then what ``enter`` makes of them (DSPy's settings as
+configured, worker.dspy_settings); the user's and libraries' context variables are not carried,
+as a new thread does not inherit them in-process. An
 executor task is carried per task, not per thread, so an executor of an installed library shared
 by sessions runs each session's tasks as that session's. Outside calls nothing changes.
 """
@@ -32,12 +34,28 @@ def _carried(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     enter = entry() if entry is not None else None
     if enter is None:
         return None
-    context = contextvars.copy_context()
+    context = _thread_context()
 
     def run(*args: Any, **kwargs: Any) -> Any:
         return context.run(_run, enter, fn, args, kwargs)
 
     return run
+
+
+def _thread_context() -> contextvars.Context:
+    """The context a thread or task a call starts runs in: the call's own variables (dspex's,
+    all named ``dspex_*``: its session, output, history...), nothing else. In-process a new thread
+    inherits no context variable (the user's, a library's): here neither; ``enter`` then sets
+    DSPy's settings as configured."""
+    carried = [(var, value) for var, value in contextvars.copy_context().items() if var.name.startswith("dspex_")]
+    context = contextvars.Context()
+    context.run(_set_all, carried)
+    return context
+
+
+def _set_all(carried: list[tuple[contextvars.ContextVar[Any], Any]]) -> None:
+    for var, value in carried:
+        var.set(value)
 
 
 def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import types
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -56,7 +55,6 @@ from dspex.wire.protocol import (
     Side,
     Status,
 )
-from dspex.wire.ref import Ref
 from dspex.wire.zmqfast import frame_buffer
 
 log = logging.getLogger("dspex.client")
@@ -116,9 +114,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             body = as_module_globals(msg.cache, BODY_NAMES[op], body, client[0])
         repeats = codec.Repeats()
         frames = codec.encode(body, policy=Policy.ALL, names=BODY_NAMES.get(op), sender=msg, repeats=repeats)
-        if repeats.seen or _repeated_argument(body, BODY_NAMES.get(op, ())):
-            # one object in two places of the arguments: the whole body as one pickle, which keeps
-            # it one object there, as in-process (what the first encoding defined is not sent)
+        if repeats.seen:
+            # one object in two places of the arguments (or inside itself): the whole body as one
+            # pickle, which keeps it one object there, as in-process (what the first encoding
+            # defined is not sent)
             msg = Message(msg.cache, full=full)
             frames = [codec.packb(codec.session_ext(msg, body))]
         context: dict[str, Any] = {}
@@ -151,30 +150,6 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
     return frames, flags
-
-
-_NO_IDENTITY = (str, bytes, int, float, bool, type(None), complex, types.FunctionType, type)
-
-
-_SPREAD = frozenset({"args", "kwargs", "namespace"})  # the body items whose items are arguments
-
-
-def _repeated_argument(body: Any, names: tuple[str, ...]) -> bool:
-    """Whether one object is two of a request's arguments (``fn(a, a)``, ``fn(a, b=a)``): the
-    items of the body and those of its ``args``, ``kwargs`` and ``namespace``. Values without
-    identity of their own (strings, numbers; functions and classes, one object per session
-    anyway) do not count."""
-    seen: set[int] = set()
-    for name, item in zip(names, body if type(body) is list else ()):
-        spread = name in _SPREAD and type(item) in (list, tuple, dict)
-        inner = (item.values() if type(item) is dict else item) if spread else (item,)
-        for value in inner:
-            if isinstance(value, _NO_IDENTITY) or type(value) is Ref:
-                continue
-            if id(value) in seen:
-                return True
-            seen.add(id(value))
-    return False
 
 
 def bound_name(obj: Any, name: str | None) -> str:

@@ -66,5 +66,7 @@ def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> Encode
     where = f"module {module}" if nsid.startswith("m:") else module
     return EncodeError(
         f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
-        "(keep it on the worker with s.put, or build it inside the function)",
+        # (not "s.put it": put copies it too)
+        "(it cannot be copied to the worker: make it there instead, inside the function, or once with "
+        "ref = s.run(make_it) and pass the ref)",
         type=type_name, module=module, **{"global": name})

@@ -59,6 +59,8 @@ _RANGES: dict[str, tuple[float, bool, float]] = {
     **dict.fromkeys(("drain_timeout", "prefetch", "size", "max_requests", "max_age", "max_rss_mb"),
                     (0, True, math.inf)),
 }
+# settings earlier versions had: a conf that still sets one is told why it is refused
+_REMOVED_KEYS = {"direct": "direct pools were removed: every call goes through the broker"}
 
 
 def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
@@ -72,6 +74,8 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
             setattr(cfg, key, _boolean(value))
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
+        elif key in _REMOVED_KEYS:
+            raise ConfigError(f"{where}: pool setting {key!r} was removed ({_REMOVED_KEYS[key]}); delete it")
         else:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
     except ValueError:

@@ -25,10 +25,12 @@ import msgpack
 import numpy as np
 
 from dspex.wire import byvalue
+from dspex.wire.arrays import dtype_wire
 from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, unpackb
 from dspex.wire.errors import EncodeError
 from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
+from dspex.wire.repeats import Repeats, list_or_dict_twice
 from dspex.wire.wiretypes import (
     ENCODERS,
     EXT_BYTEARRAY,
@@ -48,8 +50,8 @@ from dspex.wire.wiretypes import (
     utf8_ok,
 )
 
-__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "packb",
-           "session_ext", "unpackb"]
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "encode_whole",
+           "packb", "session_ext", "unpackb"]
 
 
 class Policy(str, enum.Enum):
@@ -65,11 +67,6 @@ MAX_WALK_DEPTH = 400
 
 ToRef = Callable[[object], Ref]
 Buffers = list[bytes | memoryview]
-
-
-def _dtype_wire(dt: np.dtype[Any]) -> Any:
-    # dtype.str drops field names, so structured dtypes travel as their descr list
-    return dt.str if dt.fields is None else dt.descr
 
 
 def _ref_ext(ref: Ref) -> msgpack.ExtType:
@@ -90,17 +87,6 @@ class Sender(Protocol):
     """Pickles by-value objects for one request of a session (``dspex.client.sessionpickle.Message``)."""
 
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]: ...
-
-
-class Repeats:
-    """Told by ``encode`` whether an object went twice by value (pickled or as a record): each
-    occurrence arrives as its own copy, where in-process they are one object."""
-
-    __slots__ = ("records", "seen")
-
-    def __init__(self) -> None:
-        self.seen = False
-        self.records: set[int] = set()
 
 
 class _Encoder:
@@ -163,7 +149,7 @@ class _Encoder:
         self.sources_sent = None
         self.parts.clear()
         if self.repeats is not None:
-            self.repeats.records.clear()
+            self.repeats.met.clear()
         for key, (obj, data, sources, _) in self.pickled.items():
             self.pickled[key] = (obj, data, sources, None)
 
@@ -174,6 +160,8 @@ class _Encoder:
 
     def ref(self, obj: object) -> msgpack.ExtType:
         assert self.to_ref is not None
+        if self.repeats is not None:
+            self.repeats.plain = False
         ref = self.memo.get(id(obj))
         if ref is None:
             ref = self.memo[id(obj)] = self.to_ref(obj)
@@ -188,9 +176,8 @@ class _Encoder:
         if parts is None:
             return None
         if self.repeats is not None:
-            if id(obj) in self.repeats.records:
-                self.repeats.seen = True
-            self.repeats.records.add(id(obj))
+            self.repeats.meet(obj)
+            self.repeats.plain = False  # (a client without dspy reads a record, not a pickle of one)
         kind, fields, keys, extra, attrs = parts
         if attrs is None:
             return [RECORD, kind, fields, keys, extra]
@@ -204,16 +191,24 @@ class _Encoder:
             out = conv(obj, self)
             if type(out) is list:
                 self.parts.append(out)
+                if self.repeats is not None and (obj or type(obj) not in _IMMUTABLE):
+                    self.repeats.meet(obj)
             return out
         if _native_array(obj):
+            if self.repeats is not None:
+                self.repeats.meet(obj)
             if self.buffers is None:
                 raise EncodeError("numpy arrays travel as frames: use encode(), not packb()")
-            flat = np.ascontiguousarray(obj)  # copies only when not already C-contiguous
+            # a Fortran-ordered array goes in its own order (as pickle keeps it); any other layout
+            # (a strided view) as a C-contiguous copy
+            fortran = obj.flags.f_contiguous and not obj.flags.c_contiguous
+            flat = obj.T if fortran else np.ascontiguousarray(obj)  # copies only when not contiguous
             self.buffers.append(flat.reshape(-1).view(np.uint8).data if flat.dtype.itemsize else b"")
-            payload = packb([_dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)])
+            header = [dtype_wire(obj.dtype), list(obj.shape), len(self.buffers)]
+            payload = packb([*header, "F"] if fortran else header)
             return msgpack.ExtType(EXT_NDARRAY, payload)
         if isinstance(obj, np.generic):  # before the subclasses: np.float64 is a float subclass
-            return msgpack.ExtType(EXT_NPSCALAR, packb([_dtype_wire(obj.dtype), obj.tobytes()]))
+            return msgpack.ExtType(EXT_NPSCALAR, packb([dtype_wire(obj.dtype), obj.tobytes()]))
         rec = self.record(obj)
         if rec is not None:
             self.parts.append(rec)
@@ -228,6 +223,8 @@ class _Encoder:
             if value is not NotImplemented:
                 if type(value) is list:
                     self.parts.append(value)
+                    if self.repeats is not None and not isinstance(obj, enum.Enum):  # (members are singletons)
+                        self.repeats.meet(obj)
                 return value
         if self.wants_pickled(obj):
             try:
@@ -255,6 +252,8 @@ def _hashable(part: Any) -> Any:
         return _KeyMap((_hashable(k), _hashable(v)) for k, v in part.items())
     return part
 
+
+_IMMUTABLE = (tuple, frozenset)  # empty ones: one object or many, nothing tells them apart
 
 _ENCODERS: dict[type, Callable[[Any, _Encoder], Any]] = {
     **ENCODERS, Ref: lambda o, enc: _ref_ext(o), _KeyList: lambda o, enc: list(o), _KeyMap: lambda o, enc: dict(o)}
@@ -405,6 +404,7 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
     try:
         body: bytes = msgpack.Packer(strict_types=True, default=enc.convert).pack(obj)
         if not _packed_bytearray(body, obj, enc):
+            _note_shared_containers(obj, enc)
             return body
     except (ValueError, EncodeError):  # ValueError: msgpack's nesting limit (a cycle, or >1024 deep), surrogates
         pass
@@ -412,7 +412,15 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
         buffers.clear()
     enc.restart()
     body = msgpack.Packer(strict_types=True, default=enc.convert).pack(_sanitize(obj, enc, root, names))
+    _note_shared_containers(obj, enc)
     return body
+
+
+def _note_shared_containers(obj: object, enc: _Encoder) -> None:
+    if enc.repeats is None or enc.repeats.seen or not enc.parts and type(obj) is not list and type(obj) is not dict:
+        return  # (a scalar result: nothing to look through)
+    if list_or_dict_twice(obj, enc.parts):
+        enc.repeats.seen = True
 
 
 def encode(
@@ -431,6 +439,12 @@ def encode(
     buffers: Buffers = []
     body = _pack(obj, to_ref, buffers, root, policy, names, sender, repeats)
     return [body, *buffers]
+
+
+def encode_whole(obj: object) -> list[bytes | memoryview]:
+    """``obj`` as one pickle (ext 13), which keeps an object it holds twice one object; raises
+    EncodeError when it cannot be pickled."""
+    return [msgpack.packb(_Encoder(Policy.ALL, None, None).pickle(obj))]
 
 
 def session_ext(sender: Sender, obj: object) -> msgpack.ExtType:

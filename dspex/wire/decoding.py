@@ -17,6 +17,7 @@ import zmq
 
 from dspex.wire import byvalue, codestore
 from dspex.wire import ref as ref_module
+from dspex.wire.arrays import wire_dtype
 from dspex.wire.errors import DspexError, MissingModule, ProtocolError
 from dspex.wire.record import KINDS, build_record
 from dspex.wire.ref import Ref
@@ -84,21 +85,21 @@ def _decode_ext(code: int, data: bytes, frames: list[Any] | None, resolve_ref: R
         return ref if resolve_ref is None else resolve_ref(ref)
     if code in (EXT_NDARRAY, EXT_NPSCALAR):
         parts: list[Any] = unpackb(data)  # type: ignore[assignment]
-        dt = np.dtype(parts[0])
+        dt = wire_dtype(parts[0])
         if dt.hasobject:
             raise ProtocolError("object dtypes are never accepted from the wire")
         if code == EXT_NPSCALAR:
             return np.ndarray((), dtype=dt, buffer=parts[1])[()]
-        shape, index = parts[1:]
+        shape, index, *order = parts[1:]
         if frames is None or not 1 <= index < len(frames):
             raise ProtocolError(f"array refers to missing frame {index}")
         flat = np.frombuffer(frames[index], dtype=dt) if dt.itemsize else np.empty(0, dt)
-        arr = flat.reshape(shape)
+        arr = flat.reshape(shape, order="F" if order == ["F"] else "C")
         if owned is not None and index in owned and arr.flags.aligned:
             owned.discard(index)  # a second array on the same frame gets a copy: arrays never alias
             return arr  # a view of the received frame, which it keeps alive: no copy
         # one copy: frame memory may be read-only, or a writable view of an immutable bytes
-        return arr.copy()
+        return arr.copy(order="K")
     return msgpack.ExtType(code, data)
 
 

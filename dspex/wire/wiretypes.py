@@ -44,8 +44,8 @@ EXT_DATETIME = 6  # UTF-8 isoformat: naive, or a datetime.timezone offset; fold 
 EXT_DATE = 7  # UTF-8 isoformat
 EXT_TIME = 8  # UTF-8 isoformat: naive, or a datetime.timezone offset; fold 0
 EXT_TIMEDELTA = 9  # struct "<iii" days, seconds, microseconds
-EXT_NDARRAY = 10  # packb([dtype str or descr, shape, frame index])
-EXT_NPSCALAR = 11  # packb([dtype str or descr, raw bytes])
+EXT_NDARRAY = 10  # packb([dtype, shape, frame index(, "F")]); dtype: a str, a descr list or a map of fields
+EXT_NPSCALAR = 11  # packb([dtype as in ext 10, raw bytes])
 EXT_REF = 12  # packb([id, session, pool, worker, type_name, repr])
 EXT_PICKLE = 13  # packb({"pickle": cloudpickle bytes, "sources": {filename: source text}})
 EXT_RECORD = 14  # tag: [tag, kind, {field: value}, input_keys | None, extra(, class, attrs)]
@@ -316,14 +316,15 @@ _STDLIB_VALUES = frozenset({fractions.Fraction, collections.deque, collections.C
 def is_data_like(obj: Any) -> bool:
     """Objects a worker returns by value: data that does not belong on the worker.
 
-    Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
+    Classes (a class from the client is the client's own class again; an importable one goes by
+    name), Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
     messages, records, values of the standard library's value types (``Fraction``, ``deque``,
     ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``);
-    anything else a worker returns (LMs, modules, predictors, functions, classes, open files...)
-    stays there as a ref.
+    anything else a worker returns (LMs, modules, predictors, functions, open files...) stays there
+    as a ref.
     """
     if isinstance(obj, type):
-        return False
+        return True
     if type(obj) in _STDLIB_VALUES:
         return True
     if type(obj).__module__.startswith(_PROVIDER_MODULES):

@@ -77,3 +77,39 @@ def test_a_ref_beside_a_repeated_object_is_its_object(run: Runner) -> None:
     ref = run.put(Box())
     box = Box()
     assert run(holds_a_box_and_a_pair, ref, box, box) == (True, True)
+
+
+def second_of_pair_after_append(xs: list[list[int]]) -> list[int]:
+    xs[0].append(2)
+    return xs[1]
+
+
+def values_are_one(m: dict[str, object]) -> bool:
+    return m["a"] is m["b"]
+
+
+def nested_pair_is_one(xs: list[object]) -> bool:
+    return xs[0][0] is xs[1]["k"]  # type: ignore[index]
+
+
+def test_a_container_twice_inside_one_argument_is_one_object(run: Runner) -> None:
+    """Any container, not only by-value objects: ``[x, x]`` is one list twice, so appending
+    through one is seen through the other, at any depth and in dicts, tuples, sets too."""
+    x = [1]
+    assert run(pair_is_one, [x, x]) is True
+    assert run(second_of_pair_after_append, [x, x]) == [1, 2]
+    d = {"k": 1}
+    assert run(pair_is_one, [d, d]) is True
+    assert run(values_are_one, {"a": d, "b": d}) is True
+    assert run(values_are_one, {"a": x, "b": x}) is True
+    assert run(nested_pair_is_one, [[x], {"k": x}]) is True
+    assert run(pair_is_one, [{1, 2}] * 2) is True
+    assert run(pair_is_one, [(1, x)] * 2) is True
+    assert run(pair_is_one, [np.arange(3)] * 2) is True
+    assert run(keyword_pair_is_one, items=[x, x]) is True
+
+
+def test_equal_containers_inside_one_argument_stay_two(run: Runner) -> None:
+    assert run(pair_is_one, [[1], [1]]) is False
+    assert run(values_are_one, {"a": {"k": 1}, "b": {"k": 1}}) is False
+    assert run(second_of_pair_after_append, [[1], [1]]) == [1]

@@ -1,0 +1,143 @@
+"""The checkpoint store's file (broker/checkpoints.py): its tables, what a sound row is, the rows
+and checkpoints it reads and writes, what the store does with the files at its path (their
+identities, setting one aside) and with SQLite's errors about them."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 2  # 2: sessions.used
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    skeleton BLOB,
+    size INTEGER NOT NULL,
+    used REAL
+);
+CREATE TABLE IF NOT EXISTS blobs (
+    session TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (session, slot)
+);
+"""
+
+
+# what a row needs to be read back (the SQLite column types are not enforced)
+SOUND_ROW = ("typeof(id) = 'text' AND typeof(pool) = 'text' AND typeof(owner) = 'text' AND typeof(worker) = 'text' "
+              "AND typeof(created) IN ('integer', 'real') AND typeof(updated) IN ('integer', 'real') "
+              "AND typeof(seq) = 'integer' AND typeof(size) = 'integer' AND size >= 0 "
+              "AND typeof(used) IN ('null', 'integer', 'real') "
+              "AND typeof(skeleton) IN ('null', CASE WHEN seq < 0 THEN 'text' ELSE 'blob' END)")
+
+
+@dataclass
+class SessionRow:
+    """A durable session as the store keeps it (what a restarted broker needs)."""
+
+    id: str
+    pool: str
+    owner: str
+    worker: str
+    created: float
+    updated: float
+    seq: int
+    size: int
+    plain: str = ""  # why it went plain (over a cap, the store failed): it has no checkpoint
+    # wall time of its last use as the broker saved it (DurableSessions.call_ended); None: not
+    # known (a row of a store schema 1)
+    used: float | None = None
+    # its checkpoint was lost with a damaged store file (reset) and none stored since: a move finds
+    # none (the session is lost, never restored empty)
+    checkpoint_lost: bool = False
+
+
+@dataclass
+class Write:
+    """One checkpoint of a session (worker/checkpoint.py ``Checkpoint``), as it arrived."""
+
+    session: str
+    seq: int
+    skeleton: bytes | memoryview
+    set_slots: Sequence[int]
+    blobs: Sequence[bytes | memoryview]
+    clear_slots: Sequence[int]
+    full: bool
+    size: int  # bytes the session holds once applied (the worker keeps every blob's size)
+
+
+@dataclass
+class Stored:
+    """A session's last checkpoint, for a restore."""
+
+    seq: int
+    skeleton: bytes
+    slots: list[int]
+    blobs: list[bytes]
+
+    @property
+    def size(self) -> int:
+        return len(self.skeleton) + sum(map(len, self.blobs))
+
+
+def set_aside(path: str, why: str) -> str:
+    """Rename the file at ``path`` and its -wal and -shm to ``PATH.<why>-<UTC time>``; that name."""
+    aside = f"{path}.{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    for extra in ("", "-wal", "-shm"):
+        if os.path.exists(path + extra):
+            os.replace(path + extra, aside + extra)
+    return aside
+
+
+def damaged(exc: BaseException) -> bool:
+    """``exc`` says the file is damaged (malformed, not a database)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in DAMAGED
+
+
+def forget_rows(db: sqlite3.Connection, session: str, plain: str) -> None:
+    """Delete a session's checkpoint; its row too, unless it went ``plain`` (then marked so)."""
+    db.execute("DELETE FROM blobs WHERE session = ?", (session,))
+    if plain:
+        db.execute("UPDATE sessions SET seq = -1, skeleton = ?, size = 0 WHERE id = ?", (plain, session))
+    else:
+        db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+
+
+def identities(path: str) -> list[tuple[int, int] | None]:
+    """The device and inode of the store's file, its -wal and its -shm (None: none there)."""
+    found: list[tuple[int, int] | None] = []
+    for extra in ("", "-wal", "-shm"):
+        try:
+            st = os.stat(path + extra)
+            found.append((st.st_dev, st.st_ino))
+        except FileNotFoundError:
+            found.append(None)
+    return found
+
+
+def locked(exc: BaseException) -> bool:
+    """``exc`` is SQLite's "database is locked" (busy or locked: another connection holds it)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """Roll back what a failed statement left open. SQLite rolls a transaction back by itself
+    after some errors (a full disk): a ROLLBACK then would raise, hiding the error that matters."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file
