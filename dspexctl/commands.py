@@ -367,15 +367,16 @@ class WorkersRecycle:
         """SIGKILL ``w``'s process, unless it already left: told to recycle, an idle worker may
         say goodbye and exit first, and supervisord signals by name, so a kill after that
         would hit its replacement."""
-        proc = next((p for p in sup.processes() if p["pid"] == w["pid"]), None)
-        if proc is None or proc["statename"] != "RUNNING":
+        proc = next((p for p in sup.processes() if p["pid"] == w["pid"] and p["statename"] in ("RUNNING", "STARTING")),
+                    None)
+        if proc is None:
             progress(f"{pool} worker {w['id']} (pid {w['pid']}) left before its SIGKILL")
             return
         progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
         try:
             sup.kill(full_name(proc), w["pid"])
         except SupervisorError as err:
-            if any(p["pid"] == w["pid"] and p["statename"] == "RUNNING" for p in sup.processes()):
+            if any(p["pid"] == w["pid"] and p["statename"] in ("RUNNING", "STARTING") for p in sup.processes()):
                 raise
             progress(f"{pool} worker {w['id']} (pid {w['pid']}) left before its SIGKILL ({err.message})")
 

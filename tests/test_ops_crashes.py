@@ -177,6 +177,21 @@ def hard_recycle_is_a_recycle(stack: SupervisedStack) -> None:
     pool = dashboard_status(stack)["pools"]["triage_pool"]
     assert pool["state"] == "ok", pool["reasons"]
 
+    # busy: no goodbye can come first, so the SIGKILL ends the call it runs, and still no crash is counted
+    victim = stack.ready("triage_pool")[0]["pid"]
+    with stack.client() as dx:
+        running = dx.submit(lambda: dx.call("time", "sleep", [120], pool="triage_pool", timeout=150))
+        wait_for(lambda: stack.status()["pools"]["triage_pool"]["workers"][0]["inflight"] == 1, 30, 0.1, "the call")
+        res = dspexctl(stack, "workers", "recycle", "triage_pool", "--hard")
+        assert res.returncode == 0 and f"(pid {victim}, triage_pool:triage_pool_00) with SIGKILL" in res.stderr, \
+            res.stdout + res.stderr
+        with pytest.raises(dspex.WorkerCrashed, match="was recycled while running this request"):
+            running.result(30)
+    replaced(stack, victim)
+    events = [(e["event"], e["why"]) for e in stack.status()["events"] if e.get("pid") == victim and e["event"] != "start"]
+    assert events == [("recycle", "was recycled")], events
+    assert crashes_total(stack) == crashes
+
 
 @pytest.mark.timeout(180)
 def test_recycling_a_wedged_only_worker_points_at_hard_which_ends_it(stack: SupervisedStack) -> None:
