@@ -6,8 +6,8 @@
 
 The JSON is a snapshot the broker's own thread made (``broker.publisher``: pools, workers,
 sessions, events, each pool's last hour) joined with supervisord's processes when the
-broker runs with ``--config``: each pool gets the state ``dspexctl pools status`` would give it
-(:mod:`dspex.stack.health`, the same rules and words), and a worker process the broker has not registered
+broker runs with ``--config``: each pool gets the counts and state ``dspexctl pools status`` gives
+it (one function computes both: :func:`dspex.stack.poolstatus.summarize`), and a worker process the broker has not registered
 (stopped, starting, fatal...) is listed with supervisord's state.
 """
 
@@ -18,26 +18,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.publisher import StatusPublisher
 from dspex.stack.health import (
     REGISTER_GRACE_S,
-    Lost,
-    facts_from_status,
     gave_up,
     is_here,
-    last_crash,
     local_pids,
-    other_hosts,
-    pool_state,
-    proc_phase,
     proc_uptime,
-    process_counts,
     silent_pids,
     with_exits,
 )
+from dspex.stack.poolstatus import summarize
+from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
 
 log = logging.getLogger("dspex.broker.dashboard")
 
@@ -75,8 +70,6 @@ class Processes:
                 return self._procs, self._exits, self._tails
             self._at = time.monotonic()
             try:
-                from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
-
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
                     self._exits = sup.exit_causes() if crashed else {}
@@ -88,10 +81,10 @@ class Processes:
             return self._procs, self._exits, self._tails
 
 
-def _unregistered(proc: dict[str, Any], registered: set[int], silent: Container[int]) -> dict[str, Any]:
+def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
     """A worker row for a supervisord process the broker does not list, in its supervisord state."""
     return {"incarnation": None, "id": None, "pid": proc["pid"] or None, "state": proc["statename"].lower(),
-            "phase": proc_phase(proc, registered, silent), "process": f"{proc['group']}:{proc['name']}",
+            "phase": phase, "process": full_name(proc),
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 
 
@@ -103,7 +96,6 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
         groups.setdefault(p["group"], []).append(p)
-    names = {int(p["pid"]): f"{p['group']}:{p['name']}" for p in procs if p["pid"]}
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
     events = with_exits(snap.get("events") or [], exits or {})
@@ -111,34 +103,20 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
     for name, p in snap["pools"].items():
-        up = sum(1 for w in p["workers"] if w["state"] in ("ready", "busy"))
-        workers = [{**w, "process": names.get(int(w["pid"])) if is_here(w) else None, "registered": True}
-                   for w in p["workers"]]
-        here: int | None = None
-        lost: list[Lost] = []
-        if procs:  # supervisord's view: the same counts as `dspexctl pools status` (no group: all elsewhere)
-            group = groups.get(name, [])
-            here = len(group)
-            starting, broken = process_counts(group, registered, silent)
-            group_pids = {proc["pid"] for proc in group if proc["pid"]}
-            expected, starting_there, lost = other_hosts(p, name, group_pids, here, events, young)
-            starting += starting_there
-            workers += [_unregistered(proc, registered, silent) for proc in group
-                        if not (proc["pid"] and proc["pid"] in registered)]
-        else:  # the broker's alone: a young broker's missing workers are probably starting
-            expected = int(p.get("size") or len(p["workers"]))
-            starting, broken = (max(0, expected - up) if young else 0), 0
-        verdict = pool_state(name, facts_from_status(p, expected=expected, up=up, starting=starting, broken=broken,
-                                                     here=here, lost=lost, last_crash=last_crash(events, name)))
-        gone = [gave_up(f"{proc['group']}:{proc['name']}", proc["statename"],
-                        (tails or {}).get(f"{proc['group']}:{proc['name']}", ""))
-                for proc in groups.get(name, []) if proc["statename"] in GAVE_UP]
+        # supervisord's view when there is one (no group: all its workers are elsewhere), as `pools status`
+        s = summarize(name, p, groups.get(name, []) if procs else None, events=events, registered=registered,
+                      silent=silent, young=young)
+        assert s.verdict is not None  # the broker's own view: it answered
+        workers = [{**w, "process": full_name(s.process_of[w["pid"]]) if is_here(w) and w["pid"] in s.process_of
+                    else None, "registered": True} for w in p["workers"]]
+        workers += [_unregistered(proc, phase) for proc, phase in s.unregistered]
+        # the page lists every process in its state: the reasons add the last log line of those given up on
+        gone = [gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
+                for proc in s.broken if proc["statename"] in GAVE_UP]
         no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
-        # registered, their dspy import still running: not ready yet (facts_from_status counts them starting)
-        preparing = sum(1 for w in p["workers"] if w["state"] in ("ready", "busy") and w.get("preparing"))
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
-            "expected": expected, "up": up - preparing, "state": verdict.state.value, "reasons": gone + verdict.reasons,
+            "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,
             "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
             "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
             "workers": workers,

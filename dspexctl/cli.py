@@ -293,7 +293,7 @@ def workers() -> None:
 @click.argument("pool")
 @click.option("--worker", "worker", default=None, metavar="ID", help="incarnation id (prefix) or pid")
 @click.option("--all", "all_", is_flag=True, help="every worker of the pool, one at a time")
-@click.option("--hard", is_flag=True, help="SIGKILL through supervisord instead (the crash path)")
+@click.option("--hard", is_flag=True, help="SIGKILL through supervisord instead (a recycle the broker is told of; its running calls fail)")
 @click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
               help="how long to wait for the replacements to be ready")
 @json_option

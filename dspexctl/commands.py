@@ -347,14 +347,11 @@ class WorkersRecycle:
         else:
             assert sup is not None
             news = []
-            procs = {p["pid"]: p for p in sup.processes()}
             for w in targets:  # rolling: the next one only once the previous replacement is ready
-                proc = procs.get(w["pid"])
-                if proc is None:  # gone since _check_local
-                    raise SupervisorError(f"worker {w['id']} (pid {w['pid']}) is no longer a process of this "
-                                          f"supervisord ({sup.conf.path})")
-                progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
-                sup.kill(full_name(proc), w["pid"])
+                if w["incarnation"] in old_ids:
+                    # the broker counts the lost connection of the worker it recycles as a recycle, not a crash
+                    dx.recycle(pool, worker=w["incarnation"])
+                self._kill(sup, pool, w)
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
                                                 {w["incarnation"]}, size, deadline)
         out = []
@@ -364,6 +361,24 @@ class WorkersRecycle:
                         "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3), "problem": new.get("problem")})
             prev = new["seen"]
         return out
+
+    @staticmethod
+    def _kill(sup: Supervisor, pool: str, w: dict[str, Any]) -> None:
+        """SIGKILL ``w``'s process, unless it already left: told to recycle, an idle worker may
+        say goodbye and exit first, and supervisord signals by name, so a kill after that
+        would hit its replacement."""
+        proc = next((p for p in sup.processes() if p["pid"] == w["pid"] and p["statename"] in ("RUNNING", "STARTING")),
+                    None)
+        if proc is None:
+            progress(f"{pool} worker {w['id']} (pid {w['pid']}) left before its SIGKILL")
+            return
+        progress(f"killing {pool} worker {w['id']} (pid {w['pid']}, {full_name(proc)}) with SIGKILL")
+        try:
+            sup.kill(full_name(proc), w["pid"])
+        except SupervisorError as err:
+            if any(p["pid"] == w["pid"] and p["statename"] in ("RUNNING", "STARTING") for p in sup.processes()):
+                raise
+            progress(f"{pool} worker {w['id']} (pid {w['pid']}) left before its SIGKILL ({err.message})")
 
     def _wait_replacements(self, dx: dspex.Client, sup: Supervisor | None, pool: str, old_ids: set[str],
                            targets: set[str], size: int, deadline: float) -> list[dict[str, Any]]:

@@ -19,22 +19,18 @@ from dspex.stack.health import (
     REGISTER_GRACE_S,
     SERVICE,
     USER,
-    Lost,
     State,
-    facts_from_status,
     fmt_window,
     gave_up,
     is_here,
-    last_crash,
     local_pids,
-    other_hosts,
-    pool_state,
     proc_phase,
     proc_uptime,
     silent_pids,
     with_exits,
     worst,
 )
+from dspex.stack.poolstatus import summarize
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorUnreachable,
@@ -224,43 +220,19 @@ class PoolsStatus:
         mark = len(issues)  # the issues from here on are this pool's (its "reasons")
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
-        group_pids = {p["pid"] for p in group or [] if p["pid"]}
         events = (broker or {}).get("events") or []
-        starting_there, lost = 0, list[Lost]()
-        if group is not None and broker is not None:
-            young = float(broker["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S
-            expected, starting_there, lost = other_hosts(bp or {}, name, group_pids, len(group), events, young)
-        elif group is not None:
-            expected = max(len(group), conf_sizes.get(name, 0))
-        elif bp and bp.get("size"):
-            expected = int(bp["size"])
-        elif name in conf_sizes:
-            expected = conf_sizes[name]
-        else:
-            expected = len(workers_b)
-        ready = sum(1 for w in workers_b if w["state"] == "ready")
-        # registered, their dspy import still running: starting, not ready (facts_from_status's rule)
-        preparing = sum(1 for w in workers_b if w["state"] in ("ready", "busy") and w.get("preparing"))
-        busy = sum(1 for w in workers_b if w["state"] == "busy")
-        draining = sum(1 for w in workers_b if w["state"] == "draining")
-        by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
+        silent = silent_pids(w for w in events if is_here(w))
+        s = summarize(name, bp, group, events=events, registered=registered, silent=silent,
+                      young=float((broker or {"broker": {}})["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S,
+                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None)
         workers = []
         for w in workers_b:
-            proc = by_pid.get(w["pid"]) if is_here(w) else None
+            proc = s.process_of.get(w["pid"]) if is_here(w) else None
             workers.append({**{k: w.get(k) for k in WORKER_KEYS},
                             "process": full_name(proc) if proc else None,
                             "process_state": proc["statename"] if proc else None})
-        starting, broken = starting_there, 0
-        seen = local_pids(workers_b)
-        silent = silent_pids(w for w in events if is_here(w))
-        for proc in group or []:
-            if proc["pid"] and proc["pid"] in seen:
-                continue
-            phase = proc_phase(proc, registered, silent)
-            if phase == "starting":
-                starting += 1
-            elif phase == "broken":
-                broken += 1
+        for proc, phase in s.unregistered:
+            if phase == "broken" and (broker is not None or proc["statename"] in ("FATAL", "BACKOFF")):
                 if proc["statename"] != "RUNNING":
                     text = gave_up_line(tails, proc)
                 elif proc["pid"] in silent:
@@ -268,27 +240,21 @@ class PoolsStatus:
                 else:
                     text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
                             "broker (see its log)")
-                if broker is not None or proc["statename"] in ("FATAL", "BACKOFF"):
-                    issues.append((State.DEGRADED, text))
+                issues.append((State.DEGRADED, text))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
                             "state": "unregistered",
                             "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
                             "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],
                             "phase": phase})
-        if broker is None:
+        if s.verdict is None:
             health = State.STARTING.value if broker_starting else "unknown"
         else:
-            verdict = pool_state(name, facts_from_status(bp or {}, expected=expected, up=ready + busy,
-                                                         starting=starting, broken=broken,
-                                                         here=None if group is None else len(group), lost=lost,
-                                                         last_crash=last_crash(events, name)))
-            health = verdict.state.value
-            issues.extend((verdict.state, r) for r in verdict.reasons)
+            health = s.verdict.state.value
+            issues.extend((s.verdict.state, r) for r in s.verdict.reasons)
         recent = (bp or {}).get("recent") or {}
         return {
-            "name": name, "affinity": bp["affinity"] if bp else None, "expected": expected,
-            "ready": ready - sum(1 for w in workers_b if w["state"] == "ready" and w.get("preparing")), "busy": busy,
-            "draining": draining, "total": len(workers_b), "starting": starting + preparing,
+            "name": name, "affinity": bp["affinity"] if bp else None, "expected": s.expected,
+            "ready": s.ready, "busy": s.busy, "draining": s.draining, "total": len(workers_b), "starting": s.starting,
             "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
             "oldest_wait_s": (bp or {}).get("oldest_wait_s"),
             "queue_max": bp["queue_max"] if bp else None,

@@ -1,8 +1,9 @@
 """What a client says about the endpoint it was given: the CLI as a subprocess, no stack.
 
 A client only connects: it names what is wrong with *that* socket (nothing listening, not a
-socket, not ours, permission denied) and never asks for a directory's mode to change (the broker
-and workers, which create the run directory, keep its 0700 rule: tests/test_security.py).
+socket, not ours, permission denied) and never asks for the mode of a directory it was merely
+pointed at to change; its own run directory, which the broker and workers keep 0700
+(tests/test_security.py), gets the ``chmod 700`` that fixes it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import base_env
+from tests.harness.supervisord import small_conf_text
 from tests.test_cli import no_traceback
 
 HARMFUL = ("chmod", "mode 1777", "must be 0700", "is the broker running")
@@ -125,3 +127,66 @@ def test_permission_denied_on_the_socket_is_named(short_tmp: str) -> None:
     assert res.returncode == 2, res.stderr
     assert res.stderr == f"Error: cannot use ipc://{path}: permission denied connecting to {path}\n"
     assert_not_misleading(res)
+
+
+def run_dir_with_socket(short_tmp: str, mode: int) -> tuple[str, socket.socket]:
+    """The run directory ``ctl`` uses (short_tmp/r) with a listening frontend.sock, then ``mode``."""
+    run_dir = os.path.join(short_tmp, "r")
+    os.mkdir(run_dir, 0o700)
+    sock = bound_socket(os.path.join(run_dir, "frontend.sock"), listen=True)
+    os.chmod(run_dir, mode)
+    return run_dir, sock
+
+
+def test_a_run_dir_others_may_write_is_refused_with_the_chmod_that_fixes_it(short_tmp: str) -> None:
+    """The run directory is the stack's own and must be 0700 (the broker keeps that rule): for it,
+    and only for it, the refusal gives the command that makes it so."""
+    run_dir, sock = run_dir_with_socket(short_tmp, 0o777)
+    try:
+        res = ctl(short_tmp, "sessions", "list")
+    finally:
+        sock.close()
+    no_traceback(res)
+    assert res.returncode == 2, res.stderr
+    assert f"its run directory {run_dir} has mode 0777, writable by other users" in res.stderr, res.stderr
+    assert f"chmod 700 {run_dir}" in res.stderr, res.stderr
+    assert os.stat(run_dir).st_mode & 0o777 == 0o777, "nothing was chmodded"
+
+
+def test_a_run_dir_of_another_user_is_refused_with_the_way_out(short_tmp: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another uid")
+    run_dir, sock = run_dir_with_socket(short_tmp, 0o700)
+    os.chown(run_dir, 65534, 65534)
+    try:
+        res = ctl(short_tmp, "sessions", "list")
+    finally:
+        sock.close()
+    assert_not_misleading(res)
+    assert res.returncode == 2, res.stderr
+    assert f"its run directory {run_dir} belongs to uid 65534" in res.stderr, res.stderr
+    assert "set DSPEX_RUN_DIR to a directory of your own" in res.stderr, res.stderr
+
+
+def test_a_run_dir_too_deep_for_a_socket_path_says_how_short_it_must_be(short_tmp: str) -> None:
+    """``DSPEX_RUN_DIR`` deep in /tmp: the client, the broker and ``pools start`` each refuse it
+    before binding or connecting, naming the limit and the longest directory that fits."""
+    deep = os.path.join(short_tmp, "d" * 100)
+    os.makedirs(deep, 0o700)
+    fits = 107 - len("/frontend.sock")
+    env = {**base_env(deep), "DSPEX_METRICS_PORT": "0"}
+    conf = os.path.join(short_tmp, "supervisor.conf")
+    with open(conf, "w") as f:
+        f.write(small_conf_text())
+    runs = {
+        "client": [sys.executable, "-m", "dspexctl", "sessions", "list"],
+        "broker": [sys.executable, "-m", "broker", "--pool", "p"],
+        "pools start": [sys.executable, "-m", "dspexctl", "--supervisor-conf", conf, "pools", "start"],
+    }
+    for who, cmd in runs.items():
+        res = subprocess.run(cmd, cwd=short_tmp, env=env, capture_output=True, text=True, timeout=60, check=False)
+        no_traceback(res)
+        assert res.returncode == 2, (who, res.stdout + res.stderr)
+        assert "over the unix socket limit of 107 bytes" in res.stderr, (who, res.stderr)
+        assert f"DSPEX_RUN_DIR of at most {fits} bytes" in res.stderr, (who, res.stderr)
+    assert not os.path.exists(os.path.join(short_tmp, "run", "supervisord.pid")), "pools start started nothing"

@@ -32,7 +32,7 @@ from dspex.stack.health import (
 )
 from dspex.stack.supervisor import exit_causes, pid_alive
 from tests.harness import REPO, base_env, wait_for
-from tests.harness.supervisord import SupervisedStack
+from tests.harness.supervisord import SupervisedStack, dashboard_status
 from tests.test_cli import dspexctl, no_traceback
 from tests.test_ops_python import small_conf_text
 
@@ -300,6 +300,51 @@ def test_pool_without_a_ready_worker_is_down(small: SupervisedStack) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     rc, doc, text = status(small)
     assert rc == 0, text
+
+
+def pool_views(stack: SupervisedStack) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each pool as the dashboard's ``/api/status`` and as ``pools status --json`` present it, in
+    the fields both have: counts, state, reasons, each worker's process and phase."""
+    dash = dashboard_status(stack)["pools"]
+    res = dspexctl(stack, "pools", "status", "--json")
+    no_traceback(res)
+    cli = {p["name"]: p for p in json.loads(res.stdout)["pools"]}
+    processes = [f"{p['group']}:{p['name']} is " for p in stack.processes()]
+
+    def verdict(reasons: list[str]) -> list[str]:  # without the lines of single processes
+        return [r for r in reasons if not r.startswith(tuple(processes))]
+
+    def workers(ws: list[dict[str, Any]], registered: Any) -> list[tuple[Any, ...]]:
+        return sorted(((w["pid"] or 0, w["process"], bool(registered(w)), w.get("phase")) for w in ws), key=str)
+
+    return ({name: {"expected": p["expected"], "up": p["up"], "state": p["state"], "reasons": verdict(p["reasons"]),
+                    "workers": workers(p["workers"], lambda w: w["registered"])} for name, p in dash.items()},
+            {name: {"expected": p["expected"], "up": p["ready"] + p["busy"], "state": p["health"],
+                    "reasons": verdict(p["reasons"]), "workers": workers(p["workers"], lambda w: w["id"] is not None)}
+             for name, p in cli.items()})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_dashboard_and_pools_status_agree_on_each_pool(small: SupervisedStack) -> None:
+    """One definition of a pool's status: the dashboard's JSON and the CLI's give the same counts,
+    state, reasons and processes, with every worker up and with a pool stopped and a worker of
+    another stopped (once the dashboard's one-second process cache has seen the stop)."""
+    dash, cli = pool_views(small)
+    assert dash == cli and {p["state"] for p in dash.values()} == {"ok"}, (dash, cli)
+    assert dspexctl(small, "pools", "stop", "analytics_pool").returncode == 0
+    with small.supervisor() as sup:
+        sup.call("supervisor.stopProcess", "triage_pool:triage_pool_01", True)
+    try:
+        wait_for(lambda: dashboard_status(small)["pools"]["triage_pool"]["state"] == "degraded", 15, 0.2,
+                 "the dashboard seeing the stopped worker")
+        dash, cli = pool_views(small)
+        assert dash == cli, (dash, cli)
+        assert (dash["analytics_pool"]["state"], dash["triage_pool"]["state"]) == ("down", "degraded"), dash
+        assert [w[3] for w in dash["triage_pool"]["workers"] if not w[2]] == ["broken"], dash
+    finally:
+        res = dspexctl(small, "pools", "start")
+        assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.slow

@@ -287,6 +287,8 @@ def test_worker_and_client_refuse_a_run_dir_not_their_own(short_tmp: str, proble
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert ("must be 0700" if problem == "mode" else "belongs to uid 65534") in proc.stderr
+    fix = f"chmod 700 {run_dir}" if problem == "mode" else "set DSPEX_RUN_DIR to a directory of your own"
+    assert fix in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     monkeypatch.setenv("DSPEX_RUN_DIR", str(run_dir))
     monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
@@ -295,5 +297,5 @@ def test_worker_and_client_refuse_a_run_dir_not_their_own(short_tmp: str, proble
         dx.ping()
     broker = subprocess.run([PY, "-m", "broker", "--pool", "p"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=60)
-    assert broker.returncode == 2 and "run directory" in broker.stderr
+    assert broker.returncode == 2 and "run directory" in broker.stderr and fix in broker.stderr, broker.stderr
     assert stat.S_IMODE(run_dir.stat().st_mode) == before, "never chmod silently"

@@ -162,12 +162,18 @@ def probe_ipc(endpoint: str) -> None:
         raise ConfigError(f"cannot use {endpoint}: its {where} {parent}: {err.strerror or err}") from None
     uid = os.getuid()
     mode = stat.S_IMODE(dst.st_mode)
+    # the way out: a directory of one's own; chmod only for the stack's own run directory, whose
+    # rule it is (advice to chmod a directory one was merely pointed at, /tmp say, does harm)
+    own_dir = ("set DSPEX_RUN_DIR to a directory of your own" if where == "run directory"
+               else "use an ipc:// endpoint in a directory of your own")
     if dst.st_uid not in (uid, 0):
         raise ConfigError(f"refusing {endpoint}: its {where} {parent} belongs to uid {dst.st_uid}, not to us "
-                          f"(uid {uid}), so the socket there may be anyone's")
+                          f"(uid {uid}), so the socket there may be anyone's ({own_dir})")
     if mode & 0o022 and not mode & stat.S_ISVTX:
+        fix = (f"chmod 700 {parent}, as the broker requires, or {own_dir}"
+               if where == "run directory" and dst.st_uid == uid else own_dir)
         raise ConfigError(f"refusing {endpoint}: its {where} {parent} has mode {mode:04o}, writable by other "
-                          "users, so the socket there may be anyone's")
+                          f"users, so the socket there may be anyone's ({fix})")
     try:
         st = path.stat()
     except FileNotFoundError:

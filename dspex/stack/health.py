@@ -214,13 +214,6 @@ def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[
     return "broken"
 
 
-def process_counts(group: Iterable[Mapping[str, Any]], registered: set[int], silent: Container[int] = ()
-                   ) -> tuple[int, int]:
-    """(starting, broken) among a pool's supervisord processes the broker has not registered."""
-    phases = [proc_phase(p, registered, silent) for p in group if not (p["pid"] and p["pid"] in registered)]
-    return phases.count("starting"), phases.count("broken")
-
-
 # -- the rule ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PoolFacts:

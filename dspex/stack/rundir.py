@@ -32,7 +32,8 @@ def check_private_dir(path: Path) -> Path:
     except FileNotFoundError:
         raise ConfigError(f"run directory {path} does not exist (is the broker running?)") from None
     if st.st_uid != os.getuid():
-        raise ConfigError(f"run directory {path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): refusing it")
+        raise ConfigError(f"run directory {path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}): refusing it "
+                          "(set DSPEX_RUN_DIR to a directory of your own)")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         raise ConfigError(f"run directory {path} has mode {mode:04o}; it must be 0700 (chmod 700 {path})")

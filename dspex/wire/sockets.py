@@ -63,8 +63,12 @@ def check_endpoint(endpoint: str) -> str:
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
         if len(path.encode()) > UNIX_PATH_MAX:
+            # a kernel limit (sun_path), so the only fix is a shorter directory: say how short
+            fits = UNIX_PATH_MAX - len(os.path.basename(path).encode()) - 1
             raise ConfigError(
-                f"ipc path is {len(path.encode())} bytes, over the unix socket limit of {UNIX_PATH_MAX}: {path}"
+                f"ipc path is {len(path.encode())} bytes, over the unix socket limit of {UNIX_PATH_MAX} bytes: {path} "
+                f"(use a DSPEX_RUN_DIR of at most {fits} bytes, such as the default /tmp/dspex-{os.getuid()}, "
+                "or a shorter ipc:// endpoint)"
             )
     elif not endpoint.startswith(("tcp://", "inproc://")):
         raise ConfigError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")

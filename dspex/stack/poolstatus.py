@@ -1,0 +1,85 @@
+"""One pool's status, as ``dspexctl pools status`` and the broker's dashboard both present it.
+
+The broker's view of a pool (its status: workers, queue, recent failures, events) joined with this
+host's supervisord processes of the pool's group: how many workers are expected, ready, busy,
+draining, starting and broken, which processes the broker has not registered (and in which
+phase), and the pool's state and reasons (:func:`dspex.stack.health.pool_state`). Computed here
+once; the presentations (the text table, ``--json``, the dashboard's JSON and page) only format it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dspex.stack.health import (
+    Lost,
+    Verdict,
+    facts_from_status,
+    is_here,
+    last_crash,
+    local_pids,
+    other_hosts,
+    pool_state,
+    proc_phase,
+)
+
+Proc = dict[str, Any]  # a supervisord process (getAllProcessInfo's dict)
+
+
+@dataclass
+class PoolSummary:
+    """``verdict`` is None when the broker did not answer (the pool's state is not known)."""
+
+    expected: int
+    ready: int  # registered, ready, its dspy import over
+    busy: int
+    draining: int
+    up: int  # ready or busy, its dspy import over: what the state counts as up
+    starting: int  # processes starting, workers of other hosts expected soon, registered workers still importing dspy
+    broken: list[Proc]  # processes of the group not coming back on their own
+    unregistered: list[tuple[Proc, str]]  # processes of the group the broker does not list, with their phase
+    process_of: dict[int, Proc]  # the process of each registered worker of this host, by pid
+    verdict: Verdict | None
+
+
+def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,
+              events: Sequence[Mapping[str, Any]], registered: set[int], silent: Container[int],
+              young: bool, conf_size: int = 0, broker_answered: bool = True) -> PoolSummary:
+    """Pool ``name``: ``pool`` its part of the broker's status (None: the broker does not list
+    it); ``group`` the pool's processes of this host's supervisord (None: supervisord's view is not
+    known; empty: all its workers are on other hosts); ``registered`` the pids of this host's
+    registered workers of every pool; ``silent`` the pids the broker dropped for silence;
+    ``young``: the broker started lately (workers of other hosts it has not heard from yet are
+    starting); ``conf_size`` the pool's size in the dspex config (0: not known)."""
+    bp = pool or {}
+    workers = list(bp.get("workers") or [])
+    lost: list[Lost] = []
+    starting = 0
+    if group is not None and broker_answered:
+        group_pids = {p["pid"] for p in group if p["pid"]}
+        expected, starting, lost = other_hosts(bp, name, group_pids, len(group), events, young)
+    elif group is not None:
+        expected = max(len(group), conf_size)
+    else:
+        expected = int(bp.get("size") or conf_size or len(workers))
+    preparing = sum(1 for w in workers if w["state"] in ("ready", "busy") and w.get("preparing"))
+    ready = sum(1 for w in workers if w["state"] == "ready")
+    busy = sum(1 for w in workers if w["state"] == "busy")
+    seen = local_pids(workers)
+    unregistered = [(p, proc_phase(p, registered, silent)) for p in group or [] if not (p["pid"] and p["pid"] in seen)]
+    starting += sum(1 for _, phase in unregistered if phase == "starting")
+    broken = [p for p, phase in unregistered if phase == "broken"]
+    by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
+    verdict = None
+    if broker_answered:
+        verdict = pool_state(name, facts_from_status(bp, expected=expected, up=ready + busy, starting=starting,
+                                                     broken=len(broken), here=None if group is None else len(group),
+                                                     lost=lost, last_crash=last_crash(events, name)))
+    return PoolSummary(
+        expected=expected, ready=ready - sum(1 for w in workers if w["state"] == "ready" and w.get("preparing")),
+        busy=busy, draining=sum(1 for w in workers if w["state"] == "draining"), up=ready + busy - preparing,
+        starting=starting + preparing, broken=broken, unregistered=unregistered,
+        process_of={int(w["pid"]): by_pid[w["pid"]] for w in workers if is_here(w) and w["pid"] in by_pid},
+        verdict=verdict)
