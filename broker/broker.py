@@ -107,10 +107,10 @@ class Broker:
                 raise
             raise WorkerUnreachable() from None
 
-    def worker_connected(self, wid: bytes, frame: Any) -> None:
+    def worker_connected(self, wid: bytes, frame: Any) -> bool:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
-        self.connections.worker_connected(wid, source_fd(frame))
+        return self.connections.worker_connected(wid, source_fd(frame))
 
     def worker_gone(self, wid: bytes) -> None:
         self.connections.worker_gone(wid)

@@ -75,15 +75,20 @@ class Connections:
         self.handshakes = Notices(NOTICE_EVERY)
 
     # -- workers ----------------------------------------------------------------------------
-    def worker_connected(self, wid: bytes, fd: int) -> None:
+    def worker_connected(self, wid: bytes, fd: int) -> bool:
+        """Map ``wid`` to connection ``fd``; whether that is another connection than its last (a
+        reused fd number holds another socket; True when not known: inproc)."""
         if fd < 0:
-            return
+            return True
         old = self.worker_fd.get(wid, -1)
+        inode = _inode(fd)
+        renewed = old != fd or self.worker_inode.get(wid) != inode
         if self.fd_worker.get(old) == wid:
             del self.fd_worker[old]
         self.worker_fd[wid] = fd
         self.fd_worker[fd] = wid
-        self.worker_inode[wid] = _inode(fd)
+        self.worker_inode[wid] = inode
+        return renewed
 
     def worker_gone(self, wid: bytes) -> None:
         self.worker_disconnects.pop(wid, None)

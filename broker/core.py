@@ -65,6 +65,7 @@ from dspex.wire.protocol import (
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
+    W_HELD,
     W_PARTIAL,
     W_READY,
     W_REPLY,
@@ -293,6 +294,12 @@ class Core:
                 self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
                 self.roster.remove(w, RECYCLED if w.pool.recycling == w.id else "exited", clean=True)
+        elif command == W_HELD:
+            if w is not None and self.roster.held(w, frames):
+                if w.draining and not w.inflight:
+                    self._to_worker(w, [B_DISCONNECT])
+                else:
+                    self.dispatcher.feed(w)
         elif command == W_DRAIN:
             if w is not None and not w.draining:
                 self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)

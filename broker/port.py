@@ -37,9 +37,10 @@ class Port(Protocol):
         (a frame of its message)
         (the shell reports it with ``Core.client_gone`` when that connection closes)."""
 
-    def worker_connected(self, wid: bytes, frame: Any) -> None:
+    def worker_connected(self, wid: bytes, frame: Any) -> bool:
         """Worker ``wid`` registered (or re-registered) with the message ``frame`` (one of its
-        frames) came in."""
+        frames) came in; whether that is another connection than the one it had (True when the
+        shell cannot tell)."""
 
     def worker_gone(self, wid: bytes) -> None:
         """Worker ``wid`` left the core's books (goodbye, crash, recycle): forget its

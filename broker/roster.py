@@ -26,7 +26,7 @@ from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import SERVICE, SILENT
 from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
-from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, PROTOCOL_VERSION, RENEW_BACKOFF_MAX, Affinity
+from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, B_SYNC, PROTOCOL_VERSION, RENEW_BACKOFF_MAX, Affinity
 
 if TYPE_CHECKING:
     import zmq
@@ -88,7 +88,13 @@ class Roster:
             return None
         known = self.workers.get(wid)
         if known is not None:  # a re-READY after a reconnect: same incarnation, same sessions
-            self.port.worker_connected(wid, frames[1])
+            if self.port.worker_connected(wid, frames[1]) and known.inflight:
+                # until the ROUTER let go of its old connection, a request sent to it went there
+                # and was lost without an error (and a reply it wrote there may be lost too): ask
+                # what it holds; a B_SYNC goes on the new connection, after whatever arrived
+                known.sync += 1
+                known.syncing = set(known.inflight)
+                self._to_worker(known, [B_SYNC, b"%d" % known.sync])
             if known.away:
                 known.away = ""
                 self.port.log(logging.INFO, "worker %s (pid %d) is back on a new connection", known.incarnation[:8], known.pid)
@@ -116,6 +122,36 @@ class Roster:
         self.event(pool.name, w, "start", "registered")
         self.port.log(logging.INFO, "worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
         return w
+
+    def held(self, w: WorkerRecord, frames: list[zmq.Frame]) -> bool:
+        """``w``'s answer to its last B_SYNC (W_HELD): a request in flight when it was asked that
+        it neither holds nor answered since (its replies come in order, before the answer) was
+        lost with its old connection, or its reply was. It may have run: failed ``WorkerCrashed``;
+        its session stays on ``w``, state intact. True when slots were freed."""
+        if not w.syncing or len(frames) < 4 or frames[2].bytes != b"%d" % w.sync:
+            return False  # an answer to an earlier ask (that one's requests are asked again)
+        try:
+            holds = {(bytes(client), int(req_id)) for client, req_id in msgpack.unpackb(frames[3].buffer)}
+        except Exception:  # noqa: BLE001 - anything a peer sends must not stop the broker
+            self.counters["garbage_backend"] += 1
+            return False
+        lost = [key for key in w.syncing if key in w.inflight and key not in holds]
+        w.syncing = set()
+        if lost:
+            self.port.log(logging.WARNING, "worker %s (pid %d) lost %d request(s) with its old connection: "
+                          "failed as crashed (they may have run)", w.incarnation[:8], w.pid, len(lost))
+        for key in lost:
+            p = w.inflight.pop(key)
+            self.running.pop(key, None)
+            self.answers.fail(p, w.pool, WorkerCrashed(
+                f"worker {w.incarnation[:8]} (pid {w.pid}) lost this request with its connection to the broker "
+                "(renewed while the broker did not run); it may have run", worker=w.incarnation, session=p.session))
+            rec = self.sessions.get(p.session) if p.session else None
+            if rec is not None and rec.closing and not self.book.running(rec):
+                self.book.release(rec)
+            elif rec is not None and rec.durable is not None:
+                self.durable.moves.call_ended(rec)
+        return bool(lost)
 
     def heard(self, w: WorkerRecord, stats: Any) -> bool:
         """A heartbeat's stats (rss, served, running...); True when calls it ran for an earlier

@@ -74,6 +74,8 @@ class WorkerRecord:
         "served",
         "sessions",
         "stats",
+        "sync",
+        "syncing",
     )
 
     def __init__(self, wid: bytes, pool: Pool, info: dict[str, Any], registered: float, expiry: float) -> None:
@@ -102,6 +104,10 @@ class WorkerRecord:
         # its last heartbeat's stats; until the first, what READY said of its dspy import
         self.stats: dict[str, Any] = {"preparing": True} if info.get("preparing") else {}
         self.last_call = float("inf")  # seconds from dispatch to reply of its last call (prefetch)
+        # back on a new connection, it was asked (B_SYNC number ``sync``) which requests it holds;
+        # ``syncing``: those in flight then, until its answer (W_HELD) says which its old connection lost
+        self.sync = 0
+        self.syncing: set[tuple[bytes, int]] = set()
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0
         self.retire_age = policy.max_age - jitter if policy.max_age else 0.0

@@ -26,10 +26,12 @@ from dspex.wire.protocol import (
     B_DISCONNECT,
     B_HEARTBEAT,
     B_RELEASE_SESSION,
+    B_SYNC,
     PROTOCOL_VERSION,
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
+    W_HELD,
     W_READY,
     W_REPLY,
     RequestEnvelope,
@@ -62,6 +64,7 @@ class RecordingPort:
         self.exited: set[int] = set()  # worker pids the shell knows have exited
         self.jobs: list[Any] = []  # checkpoint store jobs (tests/test_core_durable.py runs them)
         self.logs: list[tuple[int, str]] = []  # the broker log's records: (level, text)
+        self.renewed = True  # a worker's READY comes on another connection than its last one
 
     def to_client(self, frames: list[Any]) -> None:
         self.to_clients.append([bytes(f) for f in frames])
@@ -77,8 +80,8 @@ class RecordingPort:
     def client_seen(self, client: bytes, frame: Any) -> None:
         pass
 
-    def worker_connected(self, wid: bytes, frame: Any) -> None:
-        pass
+    def worker_connected(self, wid: bytes, frame: Any) -> bool:
+        return self.renewed
 
     def worker_gone(self, wid: bytes) -> None:
         self.gone.append(wid)
@@ -652,6 +655,72 @@ def test_a_worker_back_on_a_new_connection_after_a_broker_pause_keeps_its_sessio
     core.advance(HEARTBEAT * 10)
     assert core.outcome(C, 2) == "ok" and w in core.workers
     assert core.pools["p"].crashes == 0 and [e["event"] for e in core.roster.events] == ["start", "start"]
+
+
+def _syncs(core: StubCore, wid: bytes) -> list[bytes]:
+    """The sync numbers of the B_SYNCs sent to ``wid``."""
+    return [f[1] for w, f in core.to_workers if w == wid and f[0] == B_SYNC]
+
+
+def _held(core: StubCore, wid: bytes, sync: bytes, *req_ids: int) -> None:
+    """``wid`` answers B_SYNC ``sync``: it holds ``req_ids`` (of client C)."""
+    core.backend(wid, W_HELD, sync, msgpack.packb([[C, r] for r in req_ids]))
+
+
+def test_requests_a_renewed_connection_lost_fail_as_may_have_run_and_free_their_slots() -> None:
+    """Until the broker's ROUTER let go of a worker's old connection (closed while the broker did
+    not run), a request sent to the worker went there and was lost without an error. Back on a
+    new connection it says which requests it holds: one it neither holds nor answered is failed
+    ``worker_crashed`` (it, or its reply, may be lost after it ran) and its slot is free; its
+    session stays on the worker. One it holds runs on; one answered meanwhile is answered once."""
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p", capacity=3)
+    for req_id in (1, 2, 3):
+        core.request(C, req_id, "p", "s" if req_id == 1 else "")
+    assert [rid for _, _, rid in core.dispatched()] == [1, 2, 3]
+    core.ready(A, "p")  # its re-READY on the new connection
+    assert len(_syncs(core, A)) == 1
+    core.reply(A, C, 3)  # answered before its answer to the sync
+    _held(core, A, _syncs(core, A)[0], 2)
+    assert core.outcome(C, 1) == "worker_crashed" and core.outcome(C, 2) is None
+    assert [f[0] for f in core.to_clients].count(C) == 2  # 1 failed, 3 answered: each once
+    assert set(core.workers[A].inflight) == {(C, 2)} and A in core.workers
+    assert core.sessions["s"].worker == A and core.pools["p"].crashes == 0
+    core.request(C, 4, "p", "s")  # the session goes on on its worker, in the freed slot
+    assert core.worker_of(4) == A
+    core.reply(A, C, 2)
+    core.reply(A, C, 4)
+    assert core.outcome(C, 2) == core.outcome(C, 4) == "ok" and core.outcome(C, 3) == "ok"
+
+
+def test_a_capacity_one_workers_session_is_not_wedged_by_a_request_its_old_connection_lost() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p")
+    core.request(C, 1, "p", "s")
+    core.ready(A, "p")
+    core.request(C, 2, "p", "s")  # waits for the slot request 1 holds
+    assert core.worker_of(2) is None
+    _held(core, A, _syncs(core, A)[0])
+    assert core.outcome(C, 1) == "worker_crashed" and core.worker_of(2) == A
+
+
+def test_only_a_re_ready_on_a_new_connection_with_calls_in_flight_asks_and_only_its_last_ask_counts() -> None:
+    core = StubCore("p:strict_queue")
+    core.ready(A, "p", capacity=2)
+    core.ready(A, "p")  # nothing in flight: nothing to ask
+    core.request(C, 1, "p")
+    core.port.renewed = False
+    core.ready(A, "p")  # on the same connection (after B_REREGISTER): nothing was lost
+    assert _syncs(core, A) == []
+    core.port.renewed = True
+    core.ready(A, "p")
+    core.ready(A, "p")  # renewed again before it answered the first ask
+    first, last = _syncs(core, A)
+    _held(core, A, first)  # the first ask's answer, read late: not this connection's
+    assert core.outcome(C, 1) is None
+    _held(core, A, last, 1)
+    core.reply(A, C, 1)
+    assert core.outcome(C, 1) == "ok"
 
 
 def _away_after_a_pause() -> tuple[StubCore, bytes]:

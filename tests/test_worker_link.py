@@ -24,12 +24,14 @@ from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
     B_REREGISTER,
+    B_SYNC,
     GOODBYE_ABANDONED,
     GOODBYE_HARD_LIMIT,
     PROTOCOL_VERSION,
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
+    W_HELD,
     W_READY,
     W_REPLY,
     RequestHeader,
@@ -171,6 +173,32 @@ def test_a_silent_broker_gets_a_new_connection_and_ready_with_backoff(stack: Sta
     broker.send(B_REREGISTER)
     assert broker.recv()[0] == W_READY
     proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_a_worker_says_which_requests_it_holds_at_once_while_its_calls_run(stack: Stack, broker: FakeBroker,
+                                                                          capacity: int) -> None:
+    """B_SYNC (the broker saw the worker back on a new connection) is answered by the link, not
+    after the calls: W_HELD names every request delivered and not yet answered, running or
+    queued behind them, and none once their replies went out (before the answer)."""
+    stack.heartbeat = 5.0
+    proc = stack.start_worker("p", "--no-dspy", "--capacity", str(capacity))
+    assert broker.recv()[0] == W_READY
+    for req_id in range(1, capacity + 2):  # one more than it runs at once: that one waits
+        broker.request(req_id, f"s{req_id}", "call", ["time", "sleep", [2], {}])
+    broker.send(B_SYNC, b"7")
+    held = broker.recv()
+    assert held[:2] == [W_HELD, b"7"], held
+    assert sorted(map(tuple, msgpack.unpackb(held[2]))) == [(b"client", r) for r in range(1, capacity + 2)]
+    replies = {unpack_reply_envelope(broker.recv(timeout=30)[0])[1] for _ in range(capacity + 1)}
+    assert replies == set(range(1, capacity + 2))
+    broker.send(B_SYNC, b"8")
+    assert broker.recv() == [W_HELD, b"8", msgpack.packb([])]
+    proc.send_signal(signal.SIGTERM)
+    assert broker.recv()[0] == W_DRAIN
+    assert broker.recv()[0] == W_DISCONNECT
+    broker.send(B_BYE)
     assert proc.wait(timeout=10) == 0
 
 

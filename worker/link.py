@@ -38,12 +38,15 @@ from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
     B_REREGISTER,
+    B_SYNC,
     GOODBYE_ABANDONED,
     GOODBYE_HARD_LIMIT,
     RENEW_BACKOFF_MAX,
     W_DISCONNECT,
     W_HEARTBEAT,
+    W_HELD,
     W_READY,
+    packb,
 )
 from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS
@@ -60,6 +63,7 @@ log = logging.getLogger("dspex.worker")
 _ANSWER_SLACK = 0.25
 # renewals one silence limit after a handshake the broker then did not answer, before the backoff
 _QUICK_TRIES = 2
+_RENEW_LINGER_MS = 200
 _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
@@ -145,7 +149,8 @@ class BrokerSocket:
 class Link:
     """One worker incarnation's connection to the broker.
 
-    ``ready`` and ``stats`` make the READY and heartbeat payloads; ``deliver(command, frames)``
+    ``ready`` and ``stats`` make the READY and heartbeat payloads; ``held()`` the requests it
+    holds, ``(client, req_id)``, the answer to the broker's B_SYNC; ``deliver(command, frames)``
     gets every other message from the broker (called holding the socket: it must not send);
     ``on_beat(now)`` runs at each heartbeat, outside the socket's lock; ``timers(now)`` (a call's
     waiting output) runs at every turn of whichever thread waits, outside the lock, and says how
@@ -155,13 +160,15 @@ class Link:
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
-                 deliver: Callable[[bytes, list[zmq.Frame]], None], on_beat: Callable[[float], None],
+                 deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], list[tuple[bytes, int]]],
+                 on_beat: Callable[[float], None],
                  grace: float, timers: Timers) -> None:
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
                                     curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
+        self._held = held
         self._on_beat = on_beat
         self._timers = timers
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
@@ -336,6 +343,9 @@ class Link:
             if command == B_REREGISTER:
                 self._send_control([W_READY, self._ready()])
                 continue
+            if command == B_SYNC and len(frames) >= 2:  # answered here, even while calls run
+                self._send_control([W_HELD, frames[1].bytes, packb(self._held())])
+                continue
             self._deliver(command, frames)
         return got
 
@@ -395,7 +405,10 @@ class Link:
             pass
 
     def _renew_socket(self) -> None:
-        self._dealer.close(0)
+        # a reply written just before this may not have left yet: the old socket gets a moment to
+        # write it (zmq closes in the background; nothing here waits), short so that the broker
+        # soon lets go of the identity for the new connection (it has no handover)
+        self._dealer.close(_RENEW_LINGER_MS)
         self._dealer.open(self._ready())
         # a thread waiting on the old socket's fd would not see the new one's messages
         self._waker.poke()

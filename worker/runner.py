@@ -71,6 +71,16 @@ _OK = Status.OK.value
 _ERROR = Status.ERROR.value
 
 
+def _request_key(frames: list[zmq.Frame]) -> tuple[bytes, int] | None:
+    """``(client, req_id)`` of a request's frames (None: malformed, answered as such)."""
+    try:
+        head = unpack_request_envelope(frames[0].bytes)
+        frames = split_restore(frames)[1] if head.durable & _RESTORE else frames
+        return head.client, unpack_request_header(frames[1].buffer).req_id
+    except Exception:  # noqa: BLE001 - whatever the broker sent must not stop the link
+        return None
+
+
 class Runner:
     """Runs requests with the executor and sends their replies.
 
@@ -99,11 +109,23 @@ class Runner:
         self.running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self.active = 0  # calls handed to the pool and not finished
         self._streams: dict[tuple[bytes, int], StreamControl] = {}
+        # requests delivered and not yet finally answered (queued or running), by id: what this
+        # worker holds when the broker asks after a reconnect (B_SYNC). One leaves only after its
+        # reply is sent, so the broker, reading in order, has that reply before an answer without it
+        self.held: dict[int, Request] = {}
         self._streams_lock = threading.Lock()
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._threads: ThreadPoolExecutor | None = None
         if capacity > 1:
             self._threads = ThreadPoolExecutor(capacity, thread_name_prefix="dspex-call")
+
+    def deliver(self, request: Request) -> None:
+        """``request`` arrived (the link's reader, holding the socket): held until answered."""
+        self.held[id(request)] = request
+
+    def held_keys(self) -> list[tuple[bytes, int]]:
+        """``(client, req_id)`` of every request held (any thread; parsed only here: a rare ask)."""
+        return [key for _, frames in list(self.held.values()) if (key := _request_key(frames)) is not None]
 
     @property
     def inline(self) -> bool:
@@ -208,8 +230,11 @@ class Runner:
         # a durable call's checkpoint and its reply: one message, the checkpoint first
         if checkpoint:
             checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
-        send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
-              pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+        try:
+            send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
+                  pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+        finally:
+            self.held.pop(id(request), None)
 
     @staticmethod
     def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:

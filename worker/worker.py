@@ -81,7 +81,8 @@ class Worker:
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
-                         deliver=self._from_broker, on_beat=self._on_beat, grace=_STAND_IN_GRACE,
+                         deliver=self._from_broker, held=lambda: self.runner.held_keys(), on_beat=self._on_beat,
+                         grace=_STAND_IN_GRACE,
                          timers=flush_timer.run)
         flush_timer.wake = self.link.wake_timers
         self.runner = Runner(self.executor, self.book, self.link.send, pool=options.pool,
@@ -178,7 +179,9 @@ class Worker:
                 log.warning("ignoring a request of %d frames (head of %d bytes) from the broker: is it of "
                             "another protocol version than ours (%d)?", len(frames), len(command), PROTOCOL_VERSION)
                 return
-            self._inbox.append((time.monotonic(), frames))
+            request = (time.monotonic(), frames)
+            self.runner.deliver(request)
+            self._inbox.append(request)
         elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
             self.runner.stream_control(command == B_CANCEL, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:

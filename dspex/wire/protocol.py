@@ -7,14 +7,14 @@ Frontend (client DEALER -> broker ROUTER)::
 
 Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
-    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN]
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN] | [W_HELD, sync, msgpack keys]
                        [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED | GOODBYE_HARD_LIMIT]  (the goodbye)
                        [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
                        [W_CHECKPOINT + ok + req_id + client_id, checkpoint meta, *checkpoint, reply_header, *payload]
     broker -> worker:  [B_REQUEST + budget + client_id, (restore meta, *checkpoint,) request_header, *payload]
                        [B_HEARTBEAT]
                        [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
-                       [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE]
+                       [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE] | [B_SYNC, sync]
 
 On the hot path the command, the fixed-size fields the other side needs and the client id share
 one frame, the envelope around the client's request or reply (``pack_request_envelope``,
@@ -44,8 +44,11 @@ from dspex.wire.errors import ProtocolError
 # LM history that comes back to the client), session pickles' held globals. A worker of 4 would
 # answer a client of 5 with a usage map read as extras (and load no held global); a broker of 5
 # refuses it, so clients upgraded with their broker never meet one.
+# 6: B_SYNC / W_HELD: a worker back on a new connection says which requests it holds, so the broker
+# fails those its old connection lost instead of waiting for them for ever. A worker of 5 would
+# ignore B_SYNC: its lost requests would hang, silently.
 # The broker tells a worker of another version to leave (its READY says its version).
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 def packb(obj: Any) -> bytes:
@@ -61,6 +64,7 @@ W_PARTIAL = b"\x04"
 W_DISCONNECT = b"\x05"  # the goodbye: the worker leaves now; the broker acknowledges with B_BYE
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
 W_CHECKPOINT = b"\x07"  # a durable session's checkpoint and the reply of the call it follows, in one message
+W_HELD = b"\x08"  # the answer to B_SYNC: its sync frame, then [[client_id, req_id], ...] of the requests it holds
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -70,6 +74,9 @@ B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
 B_CREDIT = b"\x17"
 B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
+# the worker is back on a new connection: say which requests you hold (delivered, not yet finally
+# answered); what the broker sent on the old connection and you do not hold was lost with it
+B_SYNC = b"\x19"
 
 # The goodbye's optional second frame: the worker leaves with calls it started still running (a
 # call past its hard time limit), so the broker fails those as ``worker_crashed`` (they may have
