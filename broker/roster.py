@@ -1,7 +1,8 @@
 """The workers the routing core knows: registration, heartbeats, removal, and their events.
 
 A worker registers with READY (its pool, pid, host, capacity, wire version); a re-READY after a
-reconnect keeps its incarnation and sessions. Heartbeats go out every interval and a worker
+reconnect keeps its incarnation and sessions; on a new connection it is asked which requests it
+holds (B_SYNC), and those its old connection lost are failed (:meth:`Roster.held`). Heartbeats go out every interval and a worker
 silent for interval x liveness is removed. A lost connection is a crash at once, except just after
 the broker itself did not run: then the worker is away, waited for on a new connection. A removed worker's requests are handed back when it
 said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``),
