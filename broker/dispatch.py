@@ -178,6 +178,8 @@ class Dispatcher:
             envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl),
                                              durable=durable)
         p.started = now
+        w.sent += 1
+        p.sent = w.sent
         pool.queue_wait.observe(now - p.enqueued)
         w.inflight[key] = p
         self.running[key] = w

@@ -27,7 +27,15 @@ from broker.sessions import SessionBook
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import SERVICE, SILENT
 from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
-from dspex.wire.protocol import B_DISCONNECT, B_HEARTBEAT, B_SYNC, PROTOCOL_VERSION, RENEW_BACKOFF_MAX, Affinity
+from dspex.wire.protocol import (
+    B_DISCONNECT,
+    B_HEARTBEAT,
+    B_SYNC,
+    PROTOCOL_VERSION,
+    RECEIVED_WINDOW,
+    RENEW_BACKOFF_MAX,
+    Affinity,
+)
 
 if TYPE_CHECKING:
     import zmq
@@ -127,31 +135,47 @@ class Roster:
     def held(self, w: WorkerRecord, frames: list[zmq.Frame]) -> bool:
         """``w``'s answer to its last B_SYNC (W_HELD): a request in flight when it was asked that
         it neither holds nor answered since (its replies come in order, before the answer) was
-        lost with its old connection, or its reply was. It may have run: failed ``WorkerCrashed``;
-        its session stays on ``w``, state intact. True when slots were freed."""
-        if not w.syncing or len(frames) < 4 or frames[2].bytes != b"%d" % w.sync:
+        lost with its old connection, or its reply was. One it received may have run: failed
+        ``WorkerCrashed``. One it did not receive (sent fewer than its window of received
+        requests ago) never ran: sent again, first in line. Its sessions stay on ``w``, state
+        intact. True when slots were freed."""
+        if not w.syncing or len(frames) < 5 or frames[2].bytes != b"%d" % w.sync:
             return False  # an answer to an earlier ask (that one's requests are asked again)
         try:
-            holds = {(bytes(client), int(req_id)) for client, req_id in msgpack.unpackb(frames[3].buffer)}
+            holds, received = ({(bytes(client), int(req_id)) for client, req_id in msgpack.unpackb(f.buffer)}
+                               for f in frames[3:5])
         except Exception:  # noqa: BLE001 - anything a peer sends must not stop the broker
             self.counters["garbage_backend"] += 1
             return False
-        lost = [key for key in w.syncing if key in w.inflight and key not in holds]
+        lost = [p for key, p in w.inflight.items() if key in w.syncing and key not in holds]
         w.syncing = set()
-        if lost:
-            self.port.log(logging.WARNING, "worker %s (pid %d) lost %d request(s) with its old connection: "
-                          "failed as crashed (they may have run)", w.incarnation[:8], w.pid, len(lost))
-        for key in lost:
-            p = w.inflight.pop(key)
+        again: list[Pending] = []
+        for p in lost:
+            key = (p.client, p.req_id)
+            del w.inflight[key]
             self.running.pop(key, None)
+            if key not in received and w.sent - p.sent < RECEIVED_WINDOW:
+                again.append(p)
+                continue
             self.answers.fail(p, w.pool, WorkerCrashed(
-                f"worker {w.incarnation[:8]} (pid {w.pid}) lost this request with its connection to the broker "
-                "(renewed while the broker did not run); it may have run", worker=w.incarnation, session=p.session))
+                f"worker {w.incarnation[:8]} (pid {w.pid}) lost this request's reply with its connection to the "
+                "broker (renewed while the broker did not run); it may have run", worker=w.incarnation,
+                session=p.session))
             rec = self.sessions.get(p.session) if p.session else None
             if rec is not None and rec.closing and not self.book.running(rec):
                 self.book.release(rec)
             elif rec is not None and rec.durable is not None:
                 self.durable.moves.call_ended(rec)
+        for p in reversed(again):  # first in line for this worker, in their order
+            rec = self.sessions.get(p.session) if p.session else None
+            if rec is not None and rec.worker == w.id:
+                w.queue.appendleft(p)
+            else:
+                self._hand_back(p, w.pool, w, "lost it with its old connection")
+        if lost:
+            self.port.log(logging.WARNING, "worker %s (pid %d) lost %d request(s) with its old connection: %d sent "
+                          "again (it never had them), %d failed as crashed (they may have run)", w.incarnation[:8],
+                          w.pid, len(lost), len(again), len(lost) - len(again))
         return bool(lost)
 
     def heard(self, w: WorkerRecord, stats: Any) -> bool:

@@ -48,6 +48,7 @@ class Pending:
     owner: str = ""  # the client identity that sent it (its CURVE key; "" on ipc)
     cancelled: bool = False  # its client cancelled it while it ran (B_CANCEL sent to its worker)
     flags: int = 0  # the request header's flags (FLAG_DURABLE matters to the broker)
+    sent: int = 0  # its place in what was sent to its worker (WorkerRecord.sent then)
 
 
 class WorkerRecord:
@@ -71,6 +72,7 @@ class WorkerRecord:
         "queue",
         "registered",
         "retire_age",
+        "sent",
         "served",
         "sessions",
         "stats",
@@ -107,6 +109,7 @@ class WorkerRecord:
         # back on a new connection, it was asked (B_SYNC number ``sync``) which requests it holds;
         # ``syncing``: those in flight then, until its answer (W_HELD) says which its old connection lost
         self.sync = 0
+        self.sent = 0  # requests sent to it
         self.syncing: set[tuple[bytes, int]] = set()
         policy = pool.config.recycle
         jitter = random.uniform(0, policy.age_jitter * policy.max_age) if policy.max_age else 0.0

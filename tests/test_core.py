@@ -28,6 +28,7 @@ from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     B_SYNC,
     PROTOCOL_VERSION,
+    RECEIVED_WINDOW,
     W_DISCONNECT,
     W_DRAIN,
     W_HEARTBEAT,
@@ -662,46 +663,62 @@ def _syncs(core: StubCore, wid: bytes) -> list[bytes]:
     return [f[1] for w, f in core.to_workers if w == wid and f[0] == B_SYNC]
 
 
-def _held(core: StubCore, wid: bytes, sync: bytes, *req_ids: int) -> None:
-    """``wid`` answers B_SYNC ``sync``: it holds ``req_ids`` (of client C)."""
-    core.backend(wid, W_HELD, sync, msgpack.packb([[C, r] for r in req_ids]))
+def _held(core: StubCore, wid: bytes, sync: bytes, held: tuple[int, ...], received: tuple[int, ...]) -> None:
+    """``wid`` answers B_SYNC ``sync``: it holds requests ``held`` and received ``received`` last
+    (of client C)."""
+    core.backend(wid, W_HELD, sync, msgpack.packb([[C, r] for r in held]), msgpack.packb([[C, r] for r in received]))
 
 
-def test_requests_a_renewed_connection_lost_fail_as_may_have_run_and_free_their_slots() -> None:
+def test_requests_a_renewed_connection_lost_fail_as_may_have_run_or_go_again_and_free_their_slots() -> None:
     """Until the broker's ROUTER let go of a worker's old connection (closed while the broker did
     not run), a request sent to the worker went there and was lost without an error. Back on a
-    new connection it says which requests it holds: one it neither holds nor answered is failed
-    ``worker_crashed`` (it, or its reply, may be lost after it ran) and its slot is free; its
-    session stays on the worker. One it holds runs on; one answered meanwhile is answered once."""
+    new connection it says which requests it holds and which it received last. One it received
+    but neither holds nor answered is failed ``worker_crashed`` (its reply was lost after it
+    ran) and its slot is free; its session stays on the worker. One it never received is sent
+    again. One it holds runs on; one answered meanwhile is answered once."""
     core = StubCore("p:strict_queue")
-    core.ready(A, "p", capacity=3)
-    for req_id in (1, 2, 3):
+    core.ready(A, "p", capacity=4)
+    for req_id in (1, 2, 3, 4):
         core.request(C, req_id, "p", "s" if req_id == 1 else "")
-    assert [rid for _, _, rid in core.dispatched()] == [1, 2, 3]
+    assert [rid for _, _, rid in core.dispatched()] == [1, 2, 3, 4]
     core.ready(A, "p")  # its re-READY on the new connection
     assert len(_syncs(core, A)) == 1
     core.reply(A, C, 3)  # answered before its answer to the sync
-    _held(core, A, _syncs(core, A)[0], 2)
+    _held(core, A, _syncs(core, A)[0], (2,), (1, 2, 3))
     assert core.outcome(C, 1) == "worker_crashed" and core.outcome(C, 2) is None
     assert [f[0] for f in core.to_clients].count(C) == 2  # 1 failed, 3 answered: each once
-    assert set(core.workers[A].inflight) == {(C, 2)} and A in core.workers
+    assert [rid for _, _, rid in core.dispatched()] == [1, 2, 3, 4, 4]  # 4 never reached it: sent again
+    assert set(core.workers[A].inflight) == {(C, 2), (C, 4)} and A in core.workers
     assert core.sessions["s"].worker == A and core.pools["p"].crashes == 0
-    core.request(C, 4, "p", "s")  # the session goes on on its worker, in the freed slot
-    assert core.worker_of(4) == A
-    core.reply(A, C, 2)
-    core.reply(A, C, 4)
-    assert core.outcome(C, 2) == core.outcome(C, 4) == "ok" and core.outcome(C, 3) == "ok"
+    core.request(C, 5, "p", "s")  # the session goes on on its worker, in the freed slot
+    assert core.worker_of(5) == A
+    for req_id in (2, 4, 5):
+        core.reply(A, C, req_id)
+    assert [core.outcome(C, r) for r in (2, 3, 4, 5)] == ["ok"] * 4
 
 
-def test_a_capacity_one_workers_session_is_not_wedged_by_a_request_its_old_connection_lost() -> None:
+@pytest.mark.parametrize("received", ["received", "not-received", "not-received-long-ago"])
+def test_a_capacity_one_workers_session_is_not_wedged_by_a_request_its_old_connection_lost(received: str) -> None:
+    """Request 1 of a session, on a capacity-1 worker, is lost with its old connection; 2 waits
+    for its slot. Received there, 1 may have run: ``worker_crashed``; not received, it never
+    ran and goes again, first; unless the worker was sent too many requests since for its
+    window of received ones to say."""
     core = StubCore("p:strict_queue")
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
     core.ready(A, "p")
     core.request(C, 2, "p", "s")  # waits for the slot request 1 holds
     assert core.worker_of(2) is None
-    _held(core, A, _syncs(core, A)[0])
-    assert core.outcome(C, 1) == "worker_crashed" and core.worker_of(2) == A
+    if received == "not-received-long-ago":
+        core.workers[A].sent += RECEIVED_WINDOW
+    _held(core, A, _syncs(core, A)[0], (), (1,) if received == "received" else ())
+    if received == "not-received":
+        assert core.outcome(C, 1) is None and [rid for _, _, rid in core.dispatched()] == [1, 1]
+        core.reply(A, C, 1)
+        assert core.outcome(C, 1) == "ok"
+    else:
+        assert core.outcome(C, 1) == "worker_crashed"
+    assert core.worker_of(2) == A
 
 
 def test_only_a_re_ready_on_a_new_connection_with_calls_in_flight_asks_and_only_its_last_ask_counts() -> None:
@@ -716,9 +733,9 @@ def test_only_a_re_ready_on_a_new_connection_with_calls_in_flight_asks_and_only_
     core.ready(A, "p")
     core.ready(A, "p")  # renewed again before it answered the first ask
     first, last = _syncs(core, A)
-    _held(core, A, first)  # the first ask's answer, read late: not this connection's
+    _held(core, A, first, (), (1,))  # the first ask's answer, read late: not this connection's
     assert core.outcome(C, 1) is None
-    _held(core, A, last, 1)
+    _held(core, A, last, (1,), (1,))
     core.reply(A, C, 1)
     assert core.outcome(C, 1) == "ok"
 

@@ -181,7 +181,8 @@ def test_a_worker_says_which_requests_it_holds_at_once_while_its_calls_run(stack
                                                                           capacity: int) -> None:
     """B_SYNC (the broker saw the worker back on a new connection) is answered by the link, not
     after the calls: W_HELD names every request delivered and not yet answered, running or
-    queued behind them, and none once their replies went out (before the answer)."""
+    queued behind them, and none once their replies went out (before the answer); and the
+    requests it received last, answered or not (those not named never reached it)."""
     stack.heartbeat = 5.0
     proc = stack.start_worker("p", "--no-dspy", "--capacity", str(capacity))
     assert broker.recv()[0] == W_READY
@@ -190,11 +191,15 @@ def test_a_worker_says_which_requests_it_holds_at_once_while_its_calls_run(stack
     broker.send(B_SYNC, b"7")
     held = broker.recv()
     assert held[:2] == [W_HELD, b"7"], held
-    assert sorted(map(tuple, msgpack.unpackb(held[2]))) == [(b"client", r) for r in range(1, capacity + 2)]
+    sent = [(b"client", r) for r in range(1, capacity + 2)]
+    assert sorted(map(tuple, msgpack.unpackb(held[2]))) == sent
+    assert [tuple(k) for k in msgpack.unpackb(held[3])] == sent  # received, in order
     replies = {unpack_reply_envelope(broker.recv(timeout=30)[0])[1] for _ in range(capacity + 1)}
     assert replies == set(range(1, capacity + 2))
     broker.send(B_SYNC, b"8")
-    assert broker.recv() == [W_HELD, b"8", msgpack.packb([])]
+    held = broker.recv()
+    assert held[:3] == [W_HELD, b"8", msgpack.packb([])]  # answered: none held, still received
+    assert [tuple(k) for k in msgpack.unpackb(held[3])] == sent
     proc.send_signal(signal.SIGTERM)
     assert broker.recv()[0] == W_DRAIN
     assert broker.recv()[0] == W_DISCONNECT

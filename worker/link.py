@@ -150,7 +150,7 @@ class Link:
     """One worker incarnation's connection to the broker.
 
     ``ready`` and ``stats`` make the READY and heartbeat payloads; ``held()`` the requests it
-    holds, ``(client, req_id)``, the answer to the broker's B_SYNC; ``deliver(command, frames)``
+    holds and the last it received, ``(client, req_id)``, the answer to the broker's B_SYNC; ``deliver(command, frames)``
     gets every other message from the broker (called holding the socket: it must not send);
     ``on_beat(now)`` runs at each heartbeat, outside the socket's lock; ``timers(now)`` (a call's
     waiting output) runs at every turn of whichever thread waits, outside the lock, and says how
@@ -160,7 +160,7 @@ class Link:
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
-                 deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], list[tuple[bytes, int]]],
+                 deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]],
                  on_beat: Callable[[float], None],
                  grace: float, timers: Timers) -> None:
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
@@ -344,7 +344,8 @@ class Link:
                 self._send_control([W_READY, self._ready()])
                 continue
             if command == B_SYNC and len(frames) >= 2:  # answered here, even while calls run
-                self._send_control([W_HELD, frames[1].bytes, packb(self._held())])
+                held, received = self._held()
+                self._send_control([W_HELD, frames[1].bytes, packb(held), packb(received)])
                 continue
             self._deliver(command, frames)
         return got

@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,6 +29,7 @@ from dspex.wire.errors import (
     DspexError,
     InternalError,
     MessageTooLarge,
+    ProtocolError,
     QueueTimeout,
     RemoteError,
     SessionNotHeld,
@@ -38,6 +40,8 @@ from dspex.wire.protocol import (
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
+    RECEIVED_WINDOW,
+    REQUEST_ENVELOPE_SIZE,
     STREAM_WINDOW,
     W_CHECKPOINT,
     W_PARTIAL,
@@ -64,6 +68,7 @@ Frames = list[Any]
 Request = tuple[float, list[zmq.Frame]]  # its arrival time (its budget counts from it) and its frames
 # plain ints and strs of the enums read per request (an IntFlag's & builds a new member each time)
 _RESTORE = int(Durable.RESTORE)
+_DURABLE_AT = REQUEST_ENVELOPE_SIZE - 1  # the request envelope's last fixed byte: its Durable flags
 _CHECKPOINTED = int(Durable.CHECKPOINT | Durable.FULL)
 _HELD = int(Durable.HELD)
 _EPHEMERAL = int(SessionMode.EPHEMERAL)
@@ -75,7 +80,8 @@ def _request_key(frames: list[zmq.Frame]) -> tuple[bytes, int] | None:
     """``(client, req_id)`` of a request's frames (None: malformed, answered as such)."""
     try:
         head = unpack_request_envelope(frames[0].bytes)
-        frames = split_restore(frames)[1] if head.durable & _RESTORE else frames
+        if head.durable & _RESTORE and len(frames) > 2:  # (received keeps the header, no restore)
+            frames = split_restore(frames)[1]
         return head.client, unpack_request_header(frames[1].buffer).req_id
     except Exception:  # noqa: BLE001 - whatever the broker sent must not stop the link
         return None
@@ -113,6 +119,9 @@ class Runner:
         # worker holds when the broker asks after a reconnect (B_SYNC). One leaves only after its
         # reply is sent, so the broker, reading in order, has that reply before an answer without it
         self.held: dict[int, Request] = {}
+        # the envelope and header frames of the last requests received: one the broker sent that
+        # is not among them (nor held) never reached this worker
+        self.received: deque[tuple[zmq.Frame, zmq.Frame]] = deque(maxlen=RECEIVED_WINDOW)
         self._streams_lock = threading.Lock()
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._threads: ThreadPoolExecutor | None = None
@@ -122,10 +131,21 @@ class Runner:
     def deliver(self, request: Request) -> None:
         """``request`` arrived (the link's reader, holding the socket): held until answered."""
         self.held[id(request)] = request
+        frames = request[1]
+        header = frames[1]
+        if frames[0].bytes[_DURABLE_AT] & _RESTORE:  # (a moved durable session's first call: rare)
+            try:
+                header = split_restore(frames)[1][1]
+            except ProtocolError:
+                pass  # answered as malformed; not named as received
+        self.received.append((frames[0], header))
 
-    def held_keys(self) -> list[tuple[bytes, int]]:
-        """``(client, req_id)`` of every request held (any thread; parsed only here: a rare ask)."""
-        return [key for _, frames in list(self.held.values()) if (key := _request_key(frames)) is not None]
+    def held_keys(self) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+        """``(client, req_id)`` of every request held and of the last received (any thread;
+        parsed only here: a rare ask)."""
+        held = [key for _, frames in list(self.held.values()) if (key := _request_key(frames)) is not None]
+        received = [key for frames in list(self.received) if (key := _request_key(list(frames))) is not None]
+        return held, received
 
     @property
     def inline(self) -> bool:

@@ -7,7 +7,7 @@ Frontend (client DEALER -> broker ROUTER)::
 
 Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte command::
 
-    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN] | [W_HELD, sync, msgpack keys]
+    worker -> broker:  [W_READY, ready_info] | [W_HEARTBEAT, stats?] | [W_DRAIN] | [W_HELD, sync, msgpack held, msgpack received]
                        [W_DISCONNECT] | [W_DISCONNECT, GOODBYE_ABANDONED | GOODBYE_HARD_LIMIT]  (the goodbye)
                        [W_REPLY | W_PARTIAL + ok + req_id + client_id, reply_header, *payload]
                        [W_CHECKPOINT + ok + req_id + client_id, checkpoint meta, *checkpoint, reply_header, *payload]
@@ -64,7 +64,7 @@ W_PARTIAL = b"\x04"
 W_DISCONNECT = b"\x05"  # the goodbye: the worker leaves now; the broker acknowledges with B_BYE
 W_DRAIN = b"\x06"  # the worker is stopping (SIGTERM): send it nothing new; goodbye follows
 W_CHECKPOINT = b"\x07"  # a durable session's checkpoint and the reply of the call it follows, in one message
-W_HELD = b"\x08"  # the answer to B_SYNC: its sync frame, then [[client_id, req_id], ...] of the requests it holds
+W_HELD = b"\x08"  # the answer to B_SYNC: its sync frame, the requests it holds, those it received last
 
 B_REQUEST = b"\x11"
 B_HEARTBEAT = b"\x12"
@@ -77,6 +77,9 @@ B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
 # the worker is back on a new connection: say which requests you hold (delivered, not yet finally
 # answered); what the broker sent on the old connection and you do not hold was lost with it
 B_SYNC = b"\x19"
+# W_HELD also names the last this many requests the worker received: a request the broker sent it
+# fewer than this many requests ago that it names in neither list never reached it (it did not run)
+RECEIVED_WINDOW = 1024
 
 # The goodbye's optional second frame: the worker leaves with calls it started still running (a
 # call past its hard time limit), so the broker fails those as ``worker_crashed`` (they may have
