@@ -63,7 +63,6 @@ log = logging.getLogger("dspex.worker")
 _ANSWER_SLACK = 0.25
 # renewals one silence limit after a handshake the broker then did not answer, before the backoff
 _QUICK_TRIES = 2
-_RENEW_LINGER_MS = 200
 _SEND_TIMEOUT_MS = 5000  # a reply the broker has not taken by then is dropped (the caller times out)
 
 Frames = list[Any]
@@ -406,10 +405,10 @@ class Link:
             pass
 
     def _renew_socket(self) -> None:
-        # a reply written just before this may not have left yet: the old socket gets a moment to
-        # write it (zmq closes in the background; nothing here waits), short so that the broker
-        # soon lets go of the identity for the new connection (it has no handover)
-        self._dealer.close(_RENEW_LINGER_MS)
+        # linger 0: a lingering old socket finishes its handshake with a broker that runs again and
+        # hands it our identity, then closes, and what the broker sends meanwhile is lost. A reply
+        # dropped here is found by the broker's B_SYNC (it fails that call: it ran)
+        self._dealer.close(0)
         self._dealer.open(self._ready())
         # a thread waiting on the old socket's fd would not see the new one's messages
         self._waker.poke()
