@@ -297,6 +297,7 @@ class Executor:
         except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
             raise remote_error(exc) from None
 
+
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:
     """Set the session's ContextVars (of the client's code, held by key) to the values the calling
     client's context holds, for this call: (variable, token) to reset after it."""
