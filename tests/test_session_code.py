@@ -526,6 +526,39 @@ def test_a_resend_after_a_miss_is_whole_whatever_another_request_claimed_meanwhi
     s.close()
 
 
+def test_requests_of_a_session_encoded_at_once_keep_one_module_state(dx: dspex.Client, usercode: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads sharing a session (a service's requests of one user) that both send code the
+    worker does not hold yet: the second encodes it in full while the first has not committed.
+    Both must name the module's globals alike, or the later binding on the worker replaces the
+    list the earlier call appended to, as a fresh copy of the client's."""
+    mod = usercode(STATE)
+    s = dx.session("p")
+    real = dspex.client.sendcache.SendCache.commit
+    first_encoded, second_committed = threading.Event(), threading.Event()
+    commits: list[int] = []
+
+    def commit(self: Any, msg: Any, drops: list[str]) -> None:
+        commits.append(1)
+        if len(commits) == 1:  # the first request waits, encoded, until the second was sent
+            first_encoded.set()
+            assert second_committed.wait(30)
+        real(self, msg, drops)
+        if len(commits) == 2:
+            second_committed.set()
+
+    monkeypatch.setattr(dspex.client.sendcache.SendCache, "commit", commit)
+    got: list[Any] = []
+    first = threading.Thread(target=lambda: got.append(s.run(mod.bump)))
+    first.start()
+    assert first_encoded.wait(30)
+    got.append(s.run(mod.bump))
+    first.join(30)
+    assert sorted(got) == [[1], [1, 2]]
+    assert s.run(mod.bump) == [1, 2, 3]
+    s.close()
+
+
 def test_a_none_pool_keeps_nothing_and_still_runs(dx: dspex.Client, usercode: Any, misses: list[bool]) -> None:
     mod = usercode(STATE)
     s = dx.session("n")

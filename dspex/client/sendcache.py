@@ -4,8 +4,8 @@ A session sends a by-value function, class, module global or big closure value t
 request uses it and its key after that (:mod:`dspex.client.sessionpickle` writes the pickles, the
 worker keeps them in its :class:`dspex.wire.codestore.CodeStore`). This object remembers, per session:
 
-- a key for each object sent, by identity (a strong reference keeps the id valid), and code
-  objects by content hash;
+- a key for each object named to the worker, by identity (a strong reference keeps the id
+  valid), and code objects by content hash;
 - which keys the worker holds, least recently used first;
 - for each module global the session's functions read, the client object bound there when it was
   last sent: an unchanged binding is not sent again, a rebound one (a new object) is;
@@ -127,6 +127,21 @@ class SendCache:
     def new_key(self) -> str:
         return f"{self._prefix}.{next(self._serial)}"
 
+    def key_of(self, obj: Any) -> str:
+        """The key that names ``obj`` to the worker: one per client object for the session,
+        whichever request encodes it first. Two requests that encode it at once (threads sharing
+        the session) name it alike, so the worker keeps one object: under two keys, the later
+        binding of a module global would replace the state the earlier call made."""
+        if not self.keep:
+            return self.new_key()
+        oid = id(obj)
+        with self._lock:
+            hit = self.keys.get(oid)
+            if hit is None or hit[0] is not obj:
+                hit = self.keys[oid] = (obj, self.new_key())
+                self.key_ids[hit[1]] = oid
+            return hit[1]
+
     def commit(self, msg: Encoded, drops_sent: list[str]) -> None:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
         if not self.keep:
@@ -174,14 +189,17 @@ class SendCache:
             return list(self.drops)
 
     def missed(self, ephemeral: bool) -> None:
-        """The worker lacked something: assume it holds nothing of this session. Keys of bound
-        globals stay (a worker that does hold them keeps its module state when they come again)."""
+        """The worker lacked something: assume it holds nothing of this session. The keys of
+        bound globals stay (a worker that does hold them keeps its module state when they come
+        again), and so do those of requests still being encoded, which name their objects by
+        them (key_of)."""
         with self._lock:
-            keep = {key for key, n in self.pins.items() if n > 0}
-            self.keys = {oid: entry for oid, entry in self.keys.items() if entry[1] in keep}
+            keep = {key for key, n in self.pins.items() if n > 0} if not ephemeral else set()
+            self.keys = {oid: entry for oid, entry in self.keys.items()
+                         if entry[1] in keep or (entry[1] not in self.sent and not ephemeral)}
             self.key_ids = {key: oid for oid, (_, key) in self.keys.items()}
-            self.lms = {key: obj for key, obj in self.lms.items() if key in keep}
-            self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in keep}
+            self.lms = {key: obj for key, obj in self.lms.items() if key in self.key_ids}
+            self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in self.key_ids}
             self.sent.clear()
             self.bound.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}

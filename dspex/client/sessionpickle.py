@@ -105,10 +105,11 @@ class Message:
     def key(self, obj: Any) -> str:
         oid = id(obj)
         hit = self.cache.keys.get(oid) if self.cache.keep else None
-        if hit is None or hit[0] is not obj:
-            hit = self.new_keys.get(oid)
-            if hit is None:
-                hit = self.new_keys[oid] = (obj, self.cache.new_key())
+        if hit is not None and hit[0] is obj and hit[1] in self.cache.sent:
+            return hit[1]
+        hit = self.new_keys.get(oid)
+        if hit is None:
+            hit = self.new_keys[oid] = (obj, self.cache.key_of(obj))
         return hit[1]
 
     def holds(self, key: str) -> bool:
@@ -287,9 +288,9 @@ class SessionPickler(byvalue.SourcePickler):
         if not msg.trusted:
             return None
         hit = msg.cache.keys.get(id(obj))
-        if hit is not None and hit[0] is obj:
+        if hit is not None and hit[0] is obj and hit[1] in msg.cache.sent:
             key = hit[1]
-            if key in msg.defined or key not in msg.cache.sent:  # being defined by this request
+            if key in msg.defined:  # being defined by this request
                 return None
             msg.used.add(key)
             return key
