@@ -141,7 +141,9 @@ class Bindings:
     def _unchanged(self, memo: Walk) -> bool:
         """Every global a remembered walk read still holds what the session has bound there, and
         its modules and closure cells are as they were."""
-        bound = self.cache.bound
+        bound, unconfirmed = self.cache.bound, self.cache.unconfirmed
+        if unconfirmed and any(where in unconfirmed for _, _, where in memo.reads):
+            return False  # walked again: those bindings go again (bind)
         for g, name, where in memo.reads:
             entry = bound.get(where)
             value = g.get(name, codeindex.ABSENT)
@@ -160,12 +162,14 @@ class Bindings:
     def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
         where = (nsid, name)
         entry = self.bindings.get(where)
+        again = False  # a binding the worker may lack yet (SendCache.commit): sent again, its value by key
         if entry is None and self.trusted:
             entry = self.cache.bound.get(where)
-        if entry is None or entry[0] is not value:
+            again = entry is not None and where in self.cache.unconfirmed
+        if entry is None or entry[0] is not value or again:
             key, sent = self._bound_value(nsid, name, value)
             self.bindings[where] = (value, key)
-            if entry is None or entry[1] != key:
+            if entry is None or entry[1] != key or again:
                 out.append((nsid, name, key, sent))
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)

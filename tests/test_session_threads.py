@@ -1,0 +1,154 @@
+"""One client shared by many threads and asyncio tasks, sessions shared by them: the same answers
+as the same code run in-process with threads and tasks.
+
+User code lives in modules written to a temp dir that only this process has on its path, and the
+workers (capacity > 1: calls of different sessions run at once, those of one session in order)
+run in an empty working directory: they reach that code only by value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import textwrap
+import threading
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dspex
+import dspex.aio
+from dspex.wire.errors import Timeout
+from tests.harness import Stack, wait_for
+
+
+@pytest.fixture(scope="module")
+def tstack() -> Iterator[Stack]:
+    root = tempfile.mkdtemp(prefix="dxt", dir="/tmp")
+    empty = os.path.join(root, "empty")
+    os.mkdir(empty)
+    st = Stack(root)
+    try:
+        st.start_broker("p:strict_queue")
+        st.start_worker("p", "--capacity", "4", cwd=empty)
+        st.wait_workers("p", 1, timeout=90)
+        yield st
+    finally:
+        st.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dx(tstack: Stack) -> dspex.Client:
+    return tstack.client(timeout=60)
+
+
+@pytest.fixture
+def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., types.ModuleType]]:
+    """``usercode(source)``: a user module of this process (the workers cannot import it)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str) -> types.ModuleType:
+        name = f"usr_{secrets.token_hex(4)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        made.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+GATED = '''
+import os
+import time
+
+X = 1
+
+
+def get_x():
+    return X
+
+
+def hold(gate):
+    """Keep the session busy until the file ``gate`` exists (its calls queue behind this one)."""
+    open(gate + ".running", "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "held"
+'''
+
+
+class Gate:
+    """A call that holds its session on the worker until :meth:`open` (files the call polls)."""
+
+    def __init__(self, where: Path) -> None:
+        self.path = str(where / f"gate-{secrets.token_hex(4)}")
+
+    def running(self) -> bool:
+        return os.path.exists(self.path + ".running")
+
+    def open(self) -> None:
+        Path(self.path).touch()
+
+
+def test_a_rebound_global_reaches_the_worker_though_the_call_that_carried_it_timed_out_queued(
+        dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    """In-process, ``mod.X = 2`` is what every later call reads. The first call after the rebinding
+    carries it; if that call times out while queued behind another call of the session (the
+    broker drops it, it never runs), the next call must still carry it, not read the old value."""
+    mod = usercode(GATED)
+    s = dx.session("p")
+    assert s.run(mod.get_x) == 1
+    mod.X = 2
+    gate = Gate(tmp_path)
+    holder = threading.Thread(target=s.run, args=(mod.hold, gate.path))
+    holder.start()
+    try:
+        wait_for(gate.running, 30, what="the holding call to run")
+        with pytest.raises(Timeout):
+            s.apply(mod.get_x, timeout=0.3)  # queued behind hold: never runs
+    finally:
+        gate.open()
+        holder.join(30)
+    assert s.run(mod.get_x) == 2
+    s.close()
+
+
+def test_a_rebound_global_reaches_the_worker_though_the_task_that_carried_it_was_cancelled(
+        tstack: Stack, usercode: Any, tmp_path: Path) -> None:
+    """The asyncio twin: the task whose call carried the rebinding is cancelled while the call is
+    queued; a call made meanwhile (queued behind it) and one made after both read the new value."""
+    mod = usercode(GATED)
+    gate = Gate(tmp_path)
+
+    async def main() -> tuple[Any, ...]:
+        async with dspex.aio.connect(tstack.frontend, timeout=60) as adx:
+            s = adx.session("p")
+            assert await s.run(mod.get_x) == 1
+            mod.X = 3
+            holder = asyncio.ensure_future(s.run(mod.hold, gate.path))
+            await asyncio.to_thread(wait_for, gate.running, 30, what="the holding call to run")
+            carrier = asyncio.ensure_future(s.run(mod.get_x))
+            await asyncio.sleep(0)  # sent
+            meanwhile = asyncio.ensure_future(s.run(mod.get_x))
+            await asyncio.sleep(0)
+            carrier.cancel()
+            gate.open()
+            results = (await holder, await meanwhile, await s.run(mod.get_x))
+            await s.close()
+            return results
+
+    assert asyncio.run(main()) == ("held", 3, 3)
+
