@@ -18,15 +18,20 @@ import tempfile
 import textwrap
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dspy
 import pytest
 
 import dspex
 import dspex.aio
+from dspex.client.exchange import encode_request
+from dspex.client.sendcache import SendCache
 from dspex.wire.errors import Timeout
+from dspex.wire.protocol import Op
 from tests.harness import Stack, wait_for
 
 
@@ -152,3 +157,55 @@ def test_a_rebound_global_reaches_the_worker_though_the_task_that_carried_it_was
 
     assert asyncio.run(main()) == ("held", 3, 3)
 
+
+VARS = '''
+import contextvars
+
+REQUEST = contextvars.ContextVar("REQUEST", default="none")
+
+
+def who():
+    return REQUEST.get()
+'''
+
+
+def test_a_request_encoded_while_another_thread_commits_new_lms_and_context_vars(usercode: Any) -> None:
+    """A service that makes an LM per request (``dspy.context(lm=dspy.LM(..., api_key=user_key))``)
+    and sets a ContextVar per request: while one thread's request reads which LMs and variables
+    the session holds, another thread's request commits new ones. The read must not fail
+    (``RuntimeError: dictionary changed size during iteration`` failed the request)."""
+    first, second = usercode(VARS), usercode(VARS)
+    cache = SendCache()
+
+    def encode(fn: Any, lm: Any) -> dict[str, Any]:
+        lms: dict[str, Any] = {}
+        with dspy.context(lm=lm):
+            encode_request(Op.APPLY.value, [fn, [], {}], 2**30, cache, lms=lms)
+        return lms
+
+    first.REQUEST.set("a")
+    for i in range(3):
+        encode(first.who, dspy.LM(f"openai/m{i}"))
+    meddled: list[str] = []
+    reading = threading.get_ident()
+
+    class Meddling(OrderedDict[str, None]):
+        """The session's ``sent``: another thread commits while held_lms/context_values read."""
+
+        def __contains__(self, key: object) -> bool:
+            reader = sys._getframe(2).f_code.co_name
+            if reader in ("held_lms", "context_values") and reader not in meddled and threading.get_ident() == reading:
+                meddled.append(reader)
+                second.REQUEST.set("b")
+                other = threading.Thread(target=encode, args=(second.who, dspy.LM(f"openai/{reader}")))
+                other.start()
+                other.join(30)
+            return super().__contains__(key)
+
+    cache.sent = Meddling(cache.sent)
+    lms = encode(first.who, dspy.LM("openai/last"))
+    assert sorted(meddled) == ["context_values", "held_lms"]
+    # the 4 of these requests and the one the other thread committed before held_lms looked (the
+    # one it committed while held_lms looked is the next request's)
+    assert [lm.model for lm in lms.values()] == ["openai/m0", "openai/m1", "openai/m2", "openai/context_values",
+                                                 "openai/last"]

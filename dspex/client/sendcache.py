@@ -282,11 +282,18 @@ class SendCache:
         self.context_vars.pop(key, None)
         self.drops.append(key)
 
+    def _snapshot(self, held: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The items of ``held`` (:attr:`lms`, :attr:`context_vars`) as they are now: another
+        thread's request of the session commits new ones while this one is encoded."""
+        if not held:
+            return []
+        with self._lock:
+            return list(held.items())
+
     def context_values(self, msg: Encoded) -> dict[str, tuple[Any, Any]]:
         """{key: (variable, value)} of the user's ContextVars the worker holds once ``msg`` is
         sent, for those set in the calling thread's or task's context: the call runs with them set."""
-        found = {key: var for key, var in self.context_vars.items() if key in self.sent or key in msg.defined} \
-            if self.context_vars else {}
+        found = {key: var for key, var in self._snapshot(self.context_vars) if key in self.sent or key in msg.defined}
         found.update((key, obj) for obj, key in msg.new_keys.values()
                      if key in msg.defined and type(obj) is contextvars.ContextVar)
         values = {key: (var, var.get(_MISSING)) for key, var in found.items()}
@@ -295,7 +302,7 @@ class SendCache:
     def held_lms(self, msg: Encoded) -> dict[str, Any]:
         """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose
         history entries the call sends back."""
-        lms = {key: lm for key, lm in self.lms.items() if key in self.sent or key in msg.defined} if self.lms else {}
+        lms = {key: lm for key, lm in self._snapshot(self.lms) if key in self.sent or key in msg.defined}
         lm_class = _lm_class() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()
