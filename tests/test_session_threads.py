@@ -2,8 +2,10 @@
 as the same code run in-process with threads and tasks.
 
 User code lives in modules written to a temp dir that only this process has on its path, and the
-workers (capacity > 1: calls of different sessions run at once, those of one session in order)
-run in an empty working directory: they reach that code only by value.
+workers run in an empty working directory: they reach that code only by value. Pool ``p``
+(``strict_queue``, one worker of capacity 4): calls of different sessions run at once, those of
+one session in order. Pool ``h`` (``hint``, two workers): a session's call runs on the free worker
+when its own is busy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 
 import dspex
 import dspex.aio
+import dspex.client.bindings
 from dspex.client.exchange import encode_request
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import Timeout
@@ -42,9 +45,12 @@ def tstack() -> Iterator[Stack]:
     os.mkdir(empty)
     st = Stack(root)
     try:
-        st.start_broker("p:strict_queue")
+        st.start_broker("p:strict_queue", "h:hint")
         st.start_worker("p", "--capacity", "4", cwd=empty)
+        for _ in range(2):
+            st.start_worker("h", cwd=empty)
         st.wait_workers("p", 1, timeout=90)
+        st.wait_workers("h", 2, timeout=90)
         yield st
     finally:
         st.close()
@@ -209,3 +215,64 @@ def test_a_request_encoded_while_another_thread_commits_new_lms_and_context_vars
     # one it committed while held_lms looked is the next request's)
     assert [lm.model for lm in lms.values()] == ["openai/m0", "openai/m1", "openai/m2", "openai/context_values",
                                                  "openai/last"]
+
+
+
+def forget_the_session() -> None:
+    """Empty this session's code and modules on the worker (what a worker it moves to holds)."""
+    from dspex.wire.codestore import CodeStore
+    from worker.dspy_settings import current_session
+
+    state = current_session.get()
+    assert state is not None
+    state.code = CodeStore()
+
+
+def test_new_code_of_a_hint_session_sent_to_another_worker_finds_the_globals_it_reads(
+        dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    """A ``hint`` session whose worker is busy (another thread's call of the session) has its next
+    call run by a free worker, which holds nothing of it. A call of a function new to the session
+    defines it in full there, but not the globals it reads (the session holds them, on the other
+    worker): it must get them too, not fail with NameError."""
+    mod = usercode(GATED + "\n\ndef via():\n    return get_x()\n")
+    s = dx.session("h")
+    assert s.run(mod.get_x) == 1
+    first = s.worker
+    gate = Gate(tmp_path)
+    holder = threading.Thread(target=s.run, args=(mod.hold, gate.path))
+    holder.start()
+    try:
+        wait_for(gate.running, 30, what="the holding call to run")
+        assert s.run(mod.via) == 1
+        assert s.worker != first  # it ran on the other worker
+    finally:
+        gate.open()
+        holder.join(30)
+    s.close()
+
+
+def test_a_miss_answered_to_another_thread_while_a_request_is_encoded(dx: dspex.Client, usercode: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread B's request gets CodeCacheMiss (the session's worker holds nothing of it) and resets
+    what the session counts as held while thread C's request is being encoded: C left out the
+    globals its new function reads (held, when it walked them), then finds the session holding
+    nothing. C must still be refused by that worker and sent in full, not run without them."""
+    mod = usercode(GATED + "\n\ndef via():\n    return get_x()\n")
+    s = dx.session("p")
+    assert s.run(mod.get_x) == 1
+    s.run(forget_the_session)
+    real = dspex.client.bindings.Bindings.walk
+    missed: list[int] = []
+
+    def walk(self: Any, root: Any) -> Any:
+        found = real(self, root)
+        if root is mod.via and self.trusted and not missed:
+            missed.append(1)
+            s.sender.missed(False)  # what B's thread does on its miss, between C's walk and its end
+        return found
+
+    monkeypatch.setattr(dspex.client.bindings.Bindings, "walk", walk)
+    assert s.run(mod.via) == 1
+    assert missed == [1]
+    s.close()
+

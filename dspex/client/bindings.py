@@ -53,6 +53,7 @@ class Bindings:
         self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
         self.walked: dict[int, Any] = {}
         self.walks: dict[int, Walk] = {}
+        self.relied = False  # a global was left out because the session holds it (Message.relies)
 
     def snapshot(self) -> tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]:
         return dict(self.bindings), dict(self.walked), dict(self.walks)
@@ -136,6 +137,7 @@ class Bindings:
         if memo is None or memo.root is not root or not self._unchanged(memo):
             return False
         self.walked.update(memo.reached)
+        self.relied = True
         return True
 
     def _unchanged(self, memo: Walk) -> bool:
@@ -171,6 +173,8 @@ class Bindings:
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key or again:
                 out.append((nsid, name, key, sent))
+        elif entry is not None and where not in self.bindings:
+            self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)
 

@@ -46,6 +46,7 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import (
     FLAG_CONTEXT,
+    FLAG_HELD,
     FLAG_ITEMS,
     FLAG_STREAM,
     OPS,
@@ -95,12 +96,13 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
                    usage: bool = False, *, full: bool = False, lms: dict[str, Any] | None = None,
                    receipt: list[Receipt] | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
-    its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
-    as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget; with ``lms`` (filled here: key -> LM) also the keys of this client's LMs the worker
-    holds, whose history entries come back; with ``receipt`` (filled here) what the session
-    holds only once the worker loads the request (``SendCache.confirm``). A body that does not fit its op's definition
-    (dspex.wire.protocol.Op) is a ProtocolError here, before anything is sent."""
+    its code with what the session's worker holds (dspex.client.sendcache), says whether it refers
+    to that (``FLAG_HELD``) and adds the session context as the last frame (``FLAG_CONTEXT``): the
+    client's DSPy settings and the keys the worker may forget; with ``lms`` (filled here: key ->
+    LM) also the keys of this client's LMs the worker holds, whose history entries come back; with
+    ``receipt`` (filled here) what the session holds only once the worker loads the request
+    (``SendCache.confirm``). A body that does not fit its op's definition (dspex.wire.protocol.Op)
+    is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
         body = spec.bind_map(body if body is not None else {})
@@ -143,10 +145,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops
-        flags = 0
+        flags = FLAG_HELD if sender is not None and msg.relies else 0
         if context:
             frames.append(msgpack.packb(context))
-            flags = FLAG_CONTEXT
+            flags |= FLAG_CONTEXT
         sent = msg.cache.commit(msg, drops)
         if sent is not None and receipt is not None:
             receipt.append(sent)
@@ -379,7 +381,7 @@ class Exchange:
         self.receipt.clear()
         self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None,
                                             full=True, lms=self.lms, receipt=self.receipt)
-        self.flags = (self.flags & ~FLAG_CONTEXT) | context
+        self.flags = (self.flags & ~(FLAG_CONTEXT | FLAG_HELD)) | context
         return True
 
     def timed_out(self) -> Timeout:
