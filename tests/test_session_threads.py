@@ -22,6 +22,7 @@ import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,89 @@ def test_a_miss_answered_to_another_thread_while_a_request_is_encoded(dx: dspex.
     assert missed == [1]
     s.close()
 
+
+MODULE = '''
+import contextvars
+
+STATE = []
+COUNT = 0
+TABLE = {}
+REQUEST = contextvars.ContextVar("REQUEST", default="none")
+
+
+def bump():
+    STATE.append(len(STATE) + 1)
+    return len(STATE)
+
+
+def add(n):
+    global COUNT
+    COUNT += n
+    return COUNT
+
+
+def remember(key):
+    TABLE[key] = REQUEST.get()
+    return TABLE[key]
+
+
+def lm_model():
+    import dspy
+    return dspy.settings.lm.model
+
+
+def totals():
+    return len(STATE), COUNT, len(TABLE)
+'''
+
+
+def test_threads_sharing_a_session_keep_one_module_state_as_in_process(
+        tstack: Stack, usercode: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 threads of one client, one session, first calls of three functions of one module at once
+    (a barrier), a code cache of 4 entries so that lambdas evict and drop while other calls are in
+    flight, each thread with its own ContextVar value and its own ``dspy.context(lm=...)``: the
+    same totals and per-thread answers as the threads in-process."""
+    monkeypatch.setenv("DSPEX_CODE_CACHE", "4")
+    mod = usercode(MODULE)
+    lms = [dspy.LM(f"openai/m{i}") for i in range(4)]
+    start = threading.Barrier(16)
+
+    def work(i: int) -> tuple[Any, ...]:
+        mod.REQUEST.set(f"r{i}")
+        start.wait(30)
+        with dspy.context(lm=lms[i % 4]):
+            return (s.run(mod.bump) > 0, s.run(mod.add, 1) > 0, s.run(mod.remember, i),
+                    s.run(lambda: i * 2), s.run(mod.lm_model))
+
+    def answers(i: int) -> tuple[Any, ...]:
+        return True, True, f"r{i}", i * 2, f"openai/m{i % 4}"
+
+    with dspex.connect(tstack.frontend, timeout=60) as small:
+        s = small.session("p")
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(work, range(48)))
+        assert got == [answers(i) for i in range(48)]
+        assert s.run(mod.totals) == (48, 48, 48)
+        s.close()
+
+
+def test_a_gather_of_many_calls_of_one_async_session_counts_exactly(tstack: Stack, usercode: Any) -> None:
+    """``asyncio.gather`` of 150 calls of one AsyncSession that mutate module state, each task
+    with its own ContextVar value: every increment counted once, each task its own value."""
+    mod = usercode(MODULE)
+
+    async def main() -> tuple[list[Any], Any]:
+        async with dspex.aio.connect(tstack.frontend, timeout=120) as adx:
+            s = adx.session("p")
+
+            async def one(i: int) -> Any:
+                mod.REQUEST.set(f"t{i}")
+                return await (s.run(mod.remember, i) if i % 3 == 0 else s.run(mod.add, 1))
+
+            got = await asyncio.gather(*(one(i) for i in range(150)))
+            return got, await s.run(mod.totals)
+
+    got, totals = asyncio.run(main())
+    assert [g for i, g in enumerate(got) if i % 3 == 0] == [f"t{i}" for i in range(0, 150, 3)]
+    assert sorted(g for i, g in enumerate(got) if i % 3) == list(range(1, 101))
+    assert totals == (0, 100, 50)
