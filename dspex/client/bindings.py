@@ -173,7 +173,7 @@ class Bindings:
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key or again:
                 out.append((nsid, name, key, sent))
-        elif entry is not None and where not in self.bindings:
+        elif where not in self.bindings:
             self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)

@@ -40,7 +40,6 @@ from dspex.wire.errors import (
     MessageTooLarge,
     MissingModule,
     ProtocolError,
-    RemoteError,
     Timeout,
     error_from_wire,
 )
@@ -328,8 +327,6 @@ class Exchange:
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
                 self.sender.missed(False)
-            elif isinstance(err, RemoteError):  # the program raised it: it ran
-                self._loaded()
             raise err
         self._loaded()
         if self.on_reply is not None:
@@ -341,7 +338,9 @@ class Exchange:
         return "done", value, 0
 
     def _loaded(self) -> None:
-        """A reply that shows the worker loaded the request: what it sent is the session's there."""
+        """A reply that shows the worker loaded the request (an event, the result): what it sent is
+        the session's there. Not an error: one raised while the request was loaded (a by-value
+        object's ``__setstate__``) may have left the rest of it unloaded."""
         if self.receipt and self.sender is not None:
             self.sender.confirm(self.receipt.pop())
 
