@@ -878,6 +878,7 @@ def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_pa
         import sys
         import dspex
         from dspex.client.exchange import encode_request
+        from dspex.wire.protocol import FLAG_CONTEXT
 
         def f():
             return 1
@@ -886,7 +887,7 @@ def test_settings_are_cheap_without_dspy_in_the_client(code_stack: Stack, tmp_pa
             s = dx.session("p")
             assert s.run(f) == 1
             frames, flags = encode_request("apply", [f, [], {}], 2**20, s.sender)
-            print(flags, "dspy" in sys.modules)
+            print(flags & FLAG_CONTEXT, "dspy" in sys.modules)  # no context frame: no settings
     '''))
     out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)

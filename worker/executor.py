@@ -29,6 +29,7 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import (
     FLAG_CONTEXT,
+    FLAG_HELD,
     FLAG_ITEMS,
     Durable,
     RequestHeader,
@@ -188,6 +189,8 @@ class Executor:
                 context: Any = None
                 try:
                     with codestore.loading(state.code, ephemeral or sessionless):
+                        if header.flags & FLAG_HELD:
+                            codestore.check_held()
                         if header.flags & FLAG_CONTEXT:
                             body, context = payload[:-1], payload[-1]
                         else:

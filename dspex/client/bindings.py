@@ -53,6 +53,7 @@ class Bindings:
         self.bindings: dict[tuple[str, str], tuple[Any, str]] = {}
         self.walked: dict[int, Any] = {}
         self.walks: dict[int, Walk] = {}
+        self.relied = False  # a global was left out because the session holds it (Message.relies)
 
     def snapshot(self) -> tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]:
         return dict(self.bindings), dict(self.walked), dict(self.walks)
@@ -136,12 +137,15 @@ class Bindings:
         if memo is None or memo.root is not root or not self._unchanged(memo):
             return False
         self.walked.update(memo.reached)
+        self.relied = True
         return True
 
     def _unchanged(self, memo: Walk) -> bool:
         """Every global a remembered walk read still holds what the session has bound there, and
         its modules and closure cells are as they were."""
-        bound = self.cache.bound
+        bound, unconfirmed = self.cache.bound, self.cache.unconfirmed
+        if unconfirmed and any(where in unconfirmed for _, _, where in memo.reads):
+            return False  # walked again: those bindings go again (bind)
         for g, name, where in memo.reads:
             entry = bound.get(where)
             value = g.get(name, codeindex.ABSENT)
@@ -160,13 +164,17 @@ class Bindings:
     def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
         where = (nsid, name)
         entry = self.bindings.get(where)
+        again = False  # a binding the worker may lack yet (SendCache.commit): sent again, its value by key
         if entry is None and self.trusted:
             entry = self.cache.bound.get(where)
-        if entry is None or entry[0] is not value:
+            again = entry is not None and where in self.cache.unconfirmed
+        if entry is None or entry[0] is not value or again:
             key, sent = self._bound_value(nsid, name, value)
             self.bindings[where] = (value, key)
-            if entry is None or entry[1] != key:
+            if entry is None or entry[1] != key or again:
                 out.append((nsid, name, key, sent))
+        elif where not in self.bindings:
+            self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append(value)
 

@@ -25,7 +25,7 @@ from dspex.client import output, senderrors
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
-from dspex.client.sendcache import SendCache, add_usage, client_usage_tracker
+from dspex.client.sendcache import Receipt, SendCache, add_usage, client_usage_tracker
 from dspex.client.sendsettings import client_settings, settings_ext
 from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire import codec
@@ -45,6 +45,7 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import (
     FLAG_CONTEXT,
+    FLAG_HELD,
     FLAG_ITEMS,
     FLAG_STREAM,
     OPS,
@@ -91,14 +92,16 @@ class CreditMeter:
 
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
-                   usage: bool = False, *, full: bool = False,
-                   lms: dict[str, Any] | None = None) -> tuple[list[Any], int]:
+                   usage: bool = False, *, full: bool = False, lms: dict[str, Any] | None = None,
+                   receipt: list[Receipt] | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
-    its code with what the session's worker holds (dspex.client.sendcache) and adds the session context
-    as the last frame (``FLAG_CONTEXT``): the client's DSPy settings and the keys the worker may
-    forget; with ``lms`` (filled here: key -> LM) also the keys of this client's LMs the worker
-    holds, whose history entries come back. A body that does not fit its op's definition
-    (dspex.wire.protocol.Op) is a ProtocolError here, before anything is sent."""
+    its code with what the session's worker holds (dspex.client.sendcache), says whether it refers
+    to that (``FLAG_HELD``) and adds the session context as the last frame (``FLAG_CONTEXT``): the
+    client's DSPy settings and the keys the worker may forget; with ``lms`` (filled here: key ->
+    LM) also the keys of this client's LMs the worker holds, whose history entries come back; with
+    ``receipt`` (filled here) what the session holds only once the worker loads the request
+    (``SendCache.confirm``). A body that does not fit its op's definition (dspex.wire.protocol.Op)
+    is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
         body = spec.bind_map(body if body is not None else {})
@@ -141,11 +144,13 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         drops = msg.cache.pending_drops()
         if drops:
             context["drop"] = drops
-        flags = 0
+        flags = FLAG_HELD if sender is not None and msg.relies else 0
         if context:
             frames.append(msgpack.packb(context))
-            flags = FLAG_CONTEXT
-        msg.cache.commit(msg, drops)
+            flags |= FLAG_CONTEXT
+        sent = msg.cache.commit(msg, drops)
+        if sent is not None and receipt is not None:
+            receipt.append(sent)
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
@@ -230,6 +235,7 @@ class Exchange:
         "op",
         "own_frames",
         "pool",
+        "receipt",
         "sender",
         "session",
         "timeout",
@@ -264,8 +270,11 @@ class Exchange:
             else None
         # the client's LMs the worker holds (key -> LM): the call's entries in their history come back
         self.lms: dict[str, Any] = {}
+        # what the session counts as held once the worker shows it loaded the request (_loaded)
+        self.receipt: list[Receipt] = []
         # before anything is sent: EncodeError costs nothing
-        self.body, context = encode_request(op, body, max_message, sender, self.usage is not None, lms=self.lms)
+        self.body, context = encode_request(op, body, max_message, sender, self.usage is not None, lms=self.lms,
+                                            receipt=self.receipt)
         self.flags = (FLAG_STREAM if items or on_progress is not None else 0) | (FLAG_ITEMS if items else 0) | context \
             | flags  # the caller's own (FLAG_DURABLE)
         # the call's output goes where it would in-process (``forward``) and/or to ``on_output``
@@ -297,6 +306,7 @@ class Exchange:
         ``"done"`` (the final value). An error reply raises its typed error.
         """
         if status in EVENT_STATUSES:
+            self._loaded()
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:
@@ -318,6 +328,7 @@ class Exchange:
                 # the request did not load on the worker: what it sent is not held there
                 self.sender.missed(False)
             raise err
+        self._loaded()
         if self.on_reply is not None:
             self.on_reply(status, worker)
         value = decode_value(frames, self.own_frames, self.bind)
@@ -325,6 +336,13 @@ class Exchange:
             value, extras = value
             self._extras(extras)
         return "done", value, 0
+
+    def _loaded(self) -> None:
+        """A reply that shows the worker loaded the request (an event, the result): what it sent is
+        the session's there. Not an error: one raised while the request was loaded (a by-value
+        object's ``__setstate__``) may have left the rest of it unloaded."""
+        if self.receipt and self.sender is not None:
+            self.sender.confirm(self.receipt.pop())
 
     def _extras(self, extras: Any) -> None:
         """What came back beside the result: usage for the caller's ``dspy.track_usage()``, the
@@ -359,9 +377,10 @@ class Exchange:
         raw, self._raw = self._raw, None
         self.sender.missed(bool(err.details.get("ephemeral")))
         self.lms.clear()
+        self.receipt.clear()
         self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None,
-                                            full=True, lms=self.lms)
-        self.flags = (self.flags & ~FLAG_CONTEXT) | context
+                                            full=True, lms=self.lms, receipt=self.receipt)
+        self.flags = (self.flags & ~(FLAG_CONTEXT | FLAG_HELD)) | context
         return True
 
     def timed_out(self) -> Timeout:

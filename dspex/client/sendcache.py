@@ -46,6 +46,10 @@ _CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modul
 _ATOMS = (type(None), bool, int, float, str)
 
 
+# what a committed request sent that the worker has it only once the request reaches it: its
+# bindings ((namespace, name), key) and the keys it told the worker to drop (SendCache.confirm)
+Receipt = tuple[tuple[tuple[tuple[str, str], str], ...], tuple[str, ...]]
+
 # the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
 # keys it refers to, the values: kept so their ids stay valid)
 SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
@@ -102,6 +106,8 @@ class SendCache:
         self.key_ids: dict[str, int] = {}  # key -> id(obj)
         self.sent: OrderedDict[str, None] = OrderedDict()  # keys the worker holds, least recently used first
         self.bound: dict[tuple[str, str], tuple[Any, str]] = {}  # (namespace, name) -> (object, its key)
+        # bindings of requests no reply has shown the worker loaded yet: (namespace, name) -> key
+        self.unconfirmed: dict[tuple[str, str], str] = {}
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
@@ -142,10 +148,15 @@ class SendCache:
                 self.key_ids[hit[1]] = oid
             return hit[1]
 
-    def commit(self, msg: Encoded, drops_sent: list[str]) -> None:
-        """``msg`` was encoded in full (and is about to be sent): remember what it sent."""
+    def commit(self, msg: Encoded, drops_sent: list[str]) -> Receipt | None:
+        """``msg`` was encoded in full (and is about to be sent): remember what it sent. Its
+        bindings and drops count as the worker's only once :meth:`confirm` says the worker loaded
+        the request (the :class:`Receipt` returned): a request that never reaches the worker
+        (cancelled or timed out while queued, its send failed) would otherwise leave a rebound
+        global at its old value there, while later requests, trusting the binding, send nothing
+        of it. Until then later requests send those bindings again, by key."""
         if not self.keep:
-            return
+            return None
         lm_class = _lm_class()
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
@@ -168,6 +179,7 @@ class SendCache:
                     self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
                 self.bound[where] = (obj, key)
+                self.unconfirmed[where] = key
                 self.pins[key] = self.pins.get(key, 0) + 1
                 if old is not None:
                     self._unpin(old[1])
@@ -177,10 +189,21 @@ class SendCache:
             self.walks.update(msg.globals.walks)
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
-            if drops_sent:
-                sent = set(drops_sent)
-                self.drops = [k for k in self.drops if k not in sent]
             self._evict()
+        return tuple((where, key) for where, (_, key) in msg.globals.bindings.items()), tuple(drops_sent)
+
+    def confirm(self, receipt: Receipt) -> None:
+        """The worker loaded the request of ``receipt``: its bindings are the session's there,
+        and its drops were done (until then every request sends them again: dropping is idempotent,
+        and a dropped key is never used again)."""
+        bindings, drops = receipt
+        with self._lock:
+            for where, key in bindings:
+                if self.unconfirmed.get(where) == key:
+                    del self.unconfirmed[where]
+            if drops:
+                done = set(drops)
+                self.drops = [k for k in self.drops if k not in done]
 
     def pending_drops(self) -> list[str]:
         if not self.drops:
@@ -202,6 +225,7 @@ class SendCache:
             self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in self.key_ids}
             self.sent.clear()
             self.bound.clear()
+            self.unconfirmed.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
             self.sources.clear()
             self.drops.clear()
@@ -217,6 +241,7 @@ class SendCache:
             self.key_ids.clear()
             self.sent.clear()
             self.bound.clear()
+            self.unconfirmed.clear()
             self.pins.clear()
             self.sources.clear()
             self.drops.clear()
@@ -257,11 +282,18 @@ class SendCache:
         self.context_vars.pop(key, None)
         self.drops.append(key)
 
+    def _snapshot(self, held: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The items of ``held`` (:attr:`lms`, :attr:`context_vars`) as they are now: another
+        thread's request of the session commits new ones while this one is encoded."""
+        if not held:
+            return []
+        with self._lock:
+            return list(held.items())
+
     def context_values(self, msg: Encoded) -> dict[str, tuple[Any, Any]]:
         """{key: (variable, value)} of the user's ContextVars the worker holds once ``msg`` is
         sent, for those set in the calling thread's or task's context: the call runs with them set."""
-        found = {key: var for key, var in self.context_vars.items() if key in self.sent or key in msg.defined} \
-            if self.context_vars else {}
+        found = {key: var for key, var in self._snapshot(self.context_vars) if key in self.sent or key in msg.defined}
         found.update((key, obj) for obj, key in msg.new_keys.values()
                      if key in msg.defined and type(obj) is contextvars.ContextVar)
         values = {key: (var, var.get(_MISSING)) for key, var in found.items()}
@@ -270,7 +302,7 @@ class SendCache:
     def held_lms(self, msg: Encoded) -> dict[str, Any]:
         """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose
         history entries the call sends back."""
-        lms = {key: lm for key, lm in self.lms.items() if key in self.sent or key in msg.defined} if self.lms else {}
+        lms = {key: lm for key, lm in self._snapshot(self.lms) if key in self.sent or key in msg.defined}
         lm_class = _lm_class() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()

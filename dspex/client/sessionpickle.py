@@ -101,6 +101,12 @@ class Message:
         self.settings_sent: SettingsSent | None = None
         self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
 
+    @property
+    def relies(self) -> bool:
+        """It refers to what the session's worker holds (a key, a global left out): a worker
+        that holds nothing of the session (one it moved to) must refuse it (``FLAG_HELD``)."""
+        return bool(self.used) or self.globals.relied
+
     # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
         oid = id(obj)

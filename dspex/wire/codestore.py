@@ -195,6 +195,19 @@ class loading:
         _load.reset(self._token)
 
 
+def check_held() -> None:
+    """Refuse a request that refers to what the session holds (``FLAG_HELD``: code by key,
+    globals left out as bound) when this worker's store of the session holds nothing: the session
+    moved here (a ``hint`` session's call sent to a free worker). Loaded, it would run without the
+    globals its new code reads (NameError); refused with :class:`CodeCacheMiss` before anything is
+    loaded, it comes again in full."""
+    load = _active()
+    store = load.store
+    if not (store.objects or store.modules or store.bound):
+        raise CodeCacheMiss("this worker holds nothing of the session the request refers to (it moved here); "
+                            "nothing ran: the client sends it again in full", ephemeral=load.ephemeral)
+
+
 def _active() -> _Load:
     load = _load.get()
     if load is None:

@@ -327,6 +327,9 @@ def log_level_of(flags: int) -> int:
 
 FLAG_CONTEXT = 8  # the payload's last frame is the session context (client DSPy settings, dropped keys)
 FLAG_DURABLE = 16  # the session is durable (read when the broker first sees the session)
+# the request refers to what the session's worker holds (code by key, globals left out as bound):
+# a worker that holds nothing of the session refuses it (CodeCacheMiss; dspex.wire.codestore.check_held)
+FLAG_HELD = 32
 
 
 class RequestHeader(NamedTuple):
