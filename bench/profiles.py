@@ -5,6 +5,7 @@
   the measured calls (started and stopped by two ``exec`` calls of the session). The call is a
   no-op (``builtins.len``, a ``--no-dspy`` worker) or a ``dspy.Predict`` / ``ChainOfThought`` ref
   answered by a DummyLM (then the same program in-process is profiled too). Own time per call.
+  ``--durable``: through a durable session (the checkpoint's build is in the worker's part).
 * ``perf [--seconds S]``: ``perf record`` (cpu-clock, all threads, native frames) of the broker
   under the pipelined load of ``bench.servers loadgen`` (2 capacity-1 ``--no-dspy`` workers, 100
   sessions): the interpreter, pyzmq, libzmq and the kernel of its main thread and of zmq's I/O
@@ -59,7 +60,8 @@ def call(a: argparse.Namespace) -> int:
         client = st.client(timeout=60)
         try:
             st.wait_workers("p", 1, 90, client=client)
-            s = client.session("p")
+            s = client.session("p", durable=a.durable)
+            profiled = client.session("p")  # the profiler lives in a plain session: never in a checkpoint
             if kind == "noop":
                 def one() -> Any:
                     return s.call("builtins", "len", [[]])
@@ -87,7 +89,7 @@ def call(a: argparse.Namespace) -> int:
                         return prog(question=QUESTION)
             for _ in range(200):
                 one()
-            s.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
+            profiled.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
             prof = cProfile.Profile()
             t0 = time.perf_counter()
             prof.enable()
@@ -95,10 +97,10 @@ def call(a: argparse.Namespace) -> int:
                 one()
             prof.disable()
             wall = time.perf_counter() - t0
-            s.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
+            profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
         finally:
             client.close()
-        print(f"{a.calls} sequential {kind} calls through a session: {wall / a.calls * 1e6:.0f} µs per call "
+        print(f"{a.calls} sequential {kind} calls through a {'durable ' if a.durable else ''}session: {wall / a.calls * 1e6:.0f} µs per call "
               "under cProfile\n\nclient:")
         print(_table(pstats.Stats(prof, stream=io.StringIO()), a.calls, a.top, a.sort))
         print("\nworker main thread:")
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--predict", action="store_true")
     kind.add_argument("--cot", action="store_true")
     c.add_argument("--calls", type=int, default=2000)
+    c.add_argument("--durable", action="store_true", help="through a durable session")
     c.add_argument("--sort", default="tottime", choices=("tottime", "cumtime"))
     f = sub.add_parser("perf")
     f.add_argument("--seconds", type=float, default=4.0)

@@ -216,8 +216,10 @@ class Core:
                 self.counters["garbage_backend"] += 1
                 if w is None:
                     self._to_peer(wid, [B_REREGISTER])
-                elif w.adopted and command == W_REPLY:
-                    w.adopted -= 1  # a call it ran for the broker before us ended: a slot frees
+                elif w.adopted and command != W_PARTIAL:
+                    # a call it ran for the broker before us ended (its reply, or a durable
+                    # call's checkpoint with it): a slot frees
+                    w.adopted -= 1
                     self.dispatcher.feed(w)
                 return
             if command == W_PARTIAL:

@@ -364,6 +364,21 @@ def test_a_checkpoint_of_a_request_the_worker_does_not_run_is_dropped(path: str)
     assert core.outcome(C, 1) == "ok"
 
 
+def test_the_checkpoint_of_a_call_run_for_the_broker_before_frees_its_slot(path: str) -> None:
+    """A restarted broker counts the calls a worker says it runs (its READY) as taking slots; the
+    end of one frees its slot, whether it ends with a reply or, a durable call's, with its
+    checkpoint (W_CHECKPOINT): a call waiting for the worker goes at once, not at its next
+    heartbeat."""
+    core = DurableCore(path, "p:strict_queue")
+    core.ready(A, "p", capacity=1, running=1)
+    core.commit()
+    core.call(1)
+    core.commit()
+    assert core.worker_of(1) is None  # the slot is the earlier broker's call's
+    core.checkpoint(A, 99, 7, {0: b"state"})  # that call ended: its checkpoint and reply, for a broker gone
+    assert core.worker_of(1) == A
+
+
 def test_a_malformed_checkpoint_answers_its_call_and_turns_the_session_plain(path: str) -> None:
     core = durable_core(path)
     core.call(1)

@@ -4,6 +4,7 @@ takes its share (broker/spread.py) while calls, kills and broker restarts race t
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,6 +46,41 @@ def test_a_call_left_running_by_a_broker_restart_ends_before_its_sessions_next_c
     stack.start_worker("p", "--no-dspy", "--capacity", "2")
     wait_for(lambda: pid not in {w["pid"] for w in stack.wait_workers("p", 1, client=dx)}, what="the replacement")
     assert s.eval("list(log)") == [1, 2]  # restored with all of it
+
+
+def test_a_durable_call_left_running_by_a_broker_restart_frees_its_workers_slot_when_it_ends(short_tmp: str) -> None:
+    """A restarted broker counts the calls a worker still runs for its predecessor (adopted) as
+    taking slots; one that ends frees its slot at once. A durable session's call ends with its
+    checkpoint and reply in one message (``W_CHECKPOINT``), which did not free it: the worker
+    stayed busy until its next heartbeat (1 s by default), the pool's calls waiting for it."""
+    stack = Stack(short_tmp, heartbeat=10.0)  # heartbeats far apart: only the call's end may free the slot soon
+    try:
+        dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+        s = dx.session("p", durable=True)
+        s.exec("log = []")
+        started, go = os.path.join(short_tmp, "started"), os.path.join(short_tmp, "go")
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(s.exec, "import os, time\nopen(started, 'w').close()\nt = time.monotonic() + 60\n"
+                                          "while not os.path.exists(go) and time.monotonic() < t:\n    time.sleep(0.01)\n"
+                                          "log.append(1)", {"started": started, "go": go})
+            wait_for(lambda: os.path.exists(started), what="the call started")
+            assert stack.broker is not None
+            stack.kill(stack.broker)
+            with pytest.raises(dspex.ConnectionError):
+                running.result(10)
+            stack.start_broker()
+            (worker,) = stack.wait_workers("p", 1, 30, client=dx)
+            assert worker["state"] == "busy"  # it still runs the call
+            other = dx.session("p")
+            queued = pool.submit(other.eval, "__import__('time').monotonic()")  # waits for the worker's slot
+            wait_for(lambda: dx.status()["pools"]["p"]["queued"] == 1, what="the other session's call waiting")
+            open(go, "w").close()
+            ended = time.monotonic()  # (the worker's clock too: CLOCK_MONOTONIC)
+            ran = queued.result(30)
+        assert ran - ended < 1.0, f"the waiting call ran {ran - ended:.2f} s after the slot's call ended"
+        assert s.eval("list(log)") == [1]
+    finally:
+        stack.close()
 
 
 def _spread(stack: Stack, dx: dspex.Client, sessions: list[dspex.Session]) -> tuple[int, int]:
