@@ -56,15 +56,14 @@ class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
 
     ``capacity`` is how many calls the worker runs at once: with 1 (calls on the main thread),
-    a call's DSPy settings and output capture hold process-wide while it runs, and the soft time
-    limit interrupts blocking sleeps and socket reads (a signal); with N, threads a call starts
-    carry it (worker.threads).
+    the soft time limit interrupts blocking sleeps and socket reads (a signal). Threads a call
+    starts carry it (worker.threads).
     """
 
     def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE) -> None:
         self.refs = refs
-        self.process_wide = capacity <= 1
-        self.settings = SessionSettings(process_wide=self.process_wide)
+        self.alone = capacity <= 1
+        self.settings = SessionSettings()
         self.watchdog = limits.Watchdog(grace)
         self.served = 0
         self.errors = 0
@@ -175,7 +174,7 @@ class Executor:
         extras = False  # the reply is [result, {"usage", "history"}]
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
-                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
+                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
                                    log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
@@ -216,7 +215,7 @@ class Executor:
                         usage = scope.track_usage()
                     if "history" in context:
                         extras = True
-                        history = lm_history.start(context["history"], state.code.objects, self.process_wide)
+                        history = lm_history.start(context["history"], state.code.objects)
                     extras = extras or wants_usage
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):

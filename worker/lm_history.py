@@ -47,8 +47,6 @@ class CallLog:
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
-# capacity 1: the running call's log, for threads it starts (they do not inherit contextvars)
-_process_log: CallLog | None = None
 _max_entries = _DEFAULT_MAX_ENTRIES
 
 
@@ -64,7 +62,7 @@ def install() -> None:
 
     def record_history(client: Any, entry: Any) -> None:
         original(client, entry)
-        log = _current.get() or _process_log
+        log = _current.get()
         if log is not None and not settings.disable_history:
             log.record(client, entry)
 
@@ -74,10 +72,9 @@ def install() -> None:
             setattr(module, "record_history", record_history)  # noqa: B010 - a module global, not an attribute mypy knows
 
 
-def start(keys: Any, objects: dict[str, Any], process_wide: bool) -> tuple[CallLog, contextvars.Token[Any]] | None:
-    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call;
-    None when the request named none the session holds."""
-    global _process_log
+def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
+    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call
+    (and the threads it starts: worker.threads); None when the request named none the session holds."""
     if not isinstance(keys, list):
         return None
     lms = {}
@@ -88,17 +85,11 @@ def start(keys: Any, objects: dict[str, Any], process_wide: bool) -> tuple[CallL
     if not lms:
         return None
     log = CallLog(lms, _max_entries)
-    if process_wide:
-        _process_log = log
     return log, _current.set(log)
 
 
 def stop(started: tuple[CallLog, contextvars.Token[Any]]) -> None:
-    global _process_log
-    log, token = started
-    if _process_log is log:
-        _process_log = None
-    _current.reset(token)
+    _current.reset(started[1])
 
 
 def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
