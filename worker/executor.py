@@ -41,7 +41,7 @@ from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
 from worker.refs import RefTable, SessionState, type_name
-from worker.remote_errors import remote_error
+from worker.remote_errors import guarded, remote_error
 from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
     LazyStream,
@@ -220,17 +220,17 @@ class Executor:
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
-                        frames = self._encode(item, to_ref)
+                        frames = guarded(_encoded, item, to_ref)
                         made.clear()  # streamed out: the caller holds these refs now
                         if call is not None and header.timeout_ms > 0:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
-                    result = _guard(drain, result, stream, encode_item)
+                    result = guarded(drain, result, stream, encode_item)
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
-                frames = self._encode([result, _extras(usage, history)] if extras else result, to_ref)
+                frames = guarded(_encoded, [result, _extras(usage, history)] if extras else result, to_ref)
                 limits.settle(call)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
@@ -276,25 +276,20 @@ class Executor:
         for ref_id in made:
             self.refs.release(state, ref_id, "the call that made it failed")
 
-    @staticmethod
-    def _encode(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
+
+def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
+    """The reply frames of ``result`` (run it under ``guarded``: encoding runs user code,
+    ``__reduce__``, ``__iter__``)."""
+    # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
+    repeats = codec.Repeats()
+    frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
+    if repeats.seen and repeats.plain:
+        # one object in two places of plain data: one pickle keeps it one object there
         try:
-            # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
-            repeats = codec.Repeats()
-            frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
-            if repeats.seen and repeats.plain:
-                # one object in two places of plain data: one pickle keeps it one object there
-                try:
-                    return codec.encode_whole(result)
-                except EncodeError:
-                    pass  # (what the walk made of it still stands: equal copies)
-            return frames
-        except DspexError:
-            raise
-        except limits.CallTimedOut:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
-            raise remote_error(exc) from None
+            return codec.encode_whole(result)
+        except EncodeError:
+            pass  # (what the walk made of it still stands: equal copies)
+    return frames
 
 
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -354,16 +349,6 @@ def _setting_ref(resolve: Callable[[Ref], Any], ref: Ref) -> Any:
 
 def _no_hard() -> None:
     """No hard-limit action given (an executor used without a worker process)."""
-
-
-def _guard(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run worker-side iteration of user objects: their exceptions are RemoteErrors."""
-    try:
-        return fn(*args)
-    except (DspexError, limits.CallTimedOut):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - a generator may raise SystemExit too
-        raise remote_error(exc) from None
 
 
 def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
