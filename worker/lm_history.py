@@ -19,8 +19,10 @@ import contextvars
 import pickle
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
+
+import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
@@ -157,10 +159,6 @@ def _entry_body(key: str, entry: Any) -> bytes | None:
         return None
 
 
-def _list_of(parts: Iterable[bytes]) -> bytes:
+def _list_of(parts: list[bytes]) -> bytes:
     """A msgpack array of already packed items."""
-    items = list(parts)
-    n = len(items)
-    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536 else \
-        b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(items)
+    return bytes(msgpack.Packer().pack_array_header(len(parts))) + b"".join(parts)
