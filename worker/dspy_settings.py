@@ -145,10 +145,6 @@ class SessionSettings:
         self._dspy: Any = None
         self._module: Any = None
 
-    @property
-    def enabled(self) -> bool:
-        return self._dspy is not None
-
     def install(self, max_history: int = 200) -> None:
         import dspy
 
