@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker import limits
@@ -38,6 +39,15 @@ def _sink() -> OutputSink | None:
     return _current.get()
 
 
+def _in_sink(method: Callable[..., None], *args: Any) -> None:
+    """A sink's ``method(*args)``, marked busy: what the sink writes itself goes to the real stream."""
+    _local.busy = True
+    try:
+        method(*args)
+    finally:
+        _local.busy = False
+
+
 class _Dispatch(io.TextIOBase):
     def __init__(self, name: str, real: TextIO) -> None:
         self.name = name
@@ -50,11 +60,7 @@ class _Dispatch(io.TextIOBase):
         sink = _sink()
         if sink is None:
             return self.real.write(text)
-        _local.busy = True
-        try:
-            sink.write(self.name, text)
-        finally:
-            _local.busy = False
+        _in_sink(sink.write, self.name, text)
         return len(text)
 
     def flush(self) -> None:
@@ -62,11 +68,7 @@ class _Dispatch(io.TextIOBase):
         if sink is None:
             self.real.flush()
             return
-        _local.busy = True
-        try:
-            sink.flush(self.name)
-        finally:
-            _local.busy = False
+        _in_sink(sink.flush, self.name)
 
     def isatty(self) -> bool:
         return False
@@ -110,11 +112,7 @@ class _BinaryDispatch(io.BufferedIOBase):
                 return int(real.write(raw))
             self.text.real.write(raw.decode(self.text.encoding, "replace"))
             return len(raw)
-        _local.busy = True
-        try:
-            sink.write_bytes(self.text.name, raw)
-        finally:
-            _local.busy = False
+        _in_sink(sink.write_bytes, self.text.name, raw)
         return len(raw)
 
     def flush(self) -> None:
@@ -144,11 +142,7 @@ class _CallRecords(logging.Handler):
         if sink is None or record.levelno < sink.log_level or not sink.log_level \
                 or record.name.startswith(_OWN_LOGGERS):
             return
-        _local.busy = True
-        try:
-            sink.record(record)
-        finally:
-            _local.busy = False
+        _in_sink(sink.record, record)
 
 
 _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
@@ -170,11 +164,7 @@ def install() -> None:
         if sink is None:
             real_show(message, category, filename, lineno, file, line)
             return
-        _local.busy = True
-        try:
-            sink.warning(message, category, filename, lineno, line)
-        finally:
-            _local.busy = False
+        _in_sink(sink.warning, message, category, filename, lineno, line)
 
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
