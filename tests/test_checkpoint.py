@@ -711,7 +711,8 @@ def test_the_directory_of_a_process_killed_with_9_is_removed_by_the_next_one(sho
     import tempfile
 
     old_tmp = tempfile.tempdir
-    tempfile.tempdir, sessiondir._swept = short_tmp, False
+    tempfile.tempdir = short_tmp
+    sessiondir._sweep.cache_clear()  # this process swept already: again, in short_tmp
     try:
         kept = sessiondir.SessionDir("y")
         assert not os.path.exists(path) and os.path.isdir(os.path.join(short_tmp, f"dspex-sd{os.getpid()}-alive-x"))

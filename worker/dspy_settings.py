@@ -17,8 +17,8 @@ DSPy keeps one process-wide configuration (``main_thread_config``), changed by `
 - Threads and executor tasks a call starts carry it (worker.threads) and see the session's
   settings as configured (``thread_settings``), as a thread sees ``dspy.configure``'s in-process,
   not the ``dspy.context`` blocks around its start; one left running after its call keeps them.
-  On a capacity-1 worker the session's settings are also written into the process-wide
-  configuration for the duration of the call (and restored after), for threads no call started.
+  DSPy's process-wide configuration stays the worker's: a thread no call started never sees a
+  session's settings.
 - DSPy's global LM history (``dspy.inspect_history()``) is per session too, and bounded by the
   worker's ``--lm-history``: one session never sees another's prompts.
 """
@@ -32,7 +32,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from worker import limits
 from worker.refs import SessionState
 
 # The session a request runs in; read by the configure interceptor.
@@ -41,7 +40,7 @@ current_session: contextvars.ContextVar[SessionState | None] = contextvars.Conte
 # The settings the calling client's dspy.context holds for this call: a dspy.configure in the call
 # does not change them for the rest of the call, as in-process it does not inside such a block.
 client_pins: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dspex_client_pins", default=frozenset())
-# Capacity N: what threads the call starts see as DSPy's configuration (in-process: what
+# What threads the call starts see as DSPy's configuration (in-process: what
 # dspy.configure set), kept up to date by configure calls in the call; None outside calls.
 thread_settings: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "dspex_thread_settings", default=None)
@@ -103,13 +102,12 @@ class SessionHistory(list):  # type: ignore[type-arg]
     (outside a session: this object's own storage).
     """
 
-    def __init__(self, limit: int, fallback: Callable[[], SessionState | None]) -> None:
+    def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
-        self.fallback = fallback  # the session a thread without one works for (capacity 1)
 
     def _target(self) -> list[Any]:
-        state = current_session.get() or self.fallback()
+        state = current_session.get()
         return state.lm_history if state is not None else self  # list.* on self: its own storage
 
     def append(self, entry: Any) -> None:
@@ -143,16 +141,9 @@ class SessionHistory(list):  # type: ignore[type-arg]
 class SessionSettings:
     """Installs the interceptor once per process; scopes each call in its session's settings."""
 
-    def __init__(self, process_wide: bool) -> None:
-        self.process_wide = process_wide  # capacity 1: apply the settings process-wide per call
+    def __init__(self) -> None:
         self._dspy: Any = None
         self._module: Any = None
-        self._process_owner: SessionState | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self._dspy is not None
 
     def install(self, max_history: int = 200) -> None:
         import dspy
@@ -179,7 +170,7 @@ class SessionSettings:
         cls.configure = configure  # dspy.settings.configure and dspy.settings.X = ... go here
         dspy.configure = dspy.settings.configure  # the alias was bound to the original at import
         base_lm: Any = importlib.import_module("dspy.clients.base_lm")
-        history = SessionHistory(max_history, lambda: self._process_owner)
+        history = SessionHistory(max_history)
         list.extend(history, base_lm.GLOBAL_HISTORY)
         base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
         self._module = module
@@ -193,8 +184,6 @@ class SessionSettings:
         visible = {k: v for k, v in kwargs.items() if k not in pins} if pins else kwargs
         overrides = module.thread_local_overrides.get()
         module.thread_local_overrides.set(type(overrides)({**overrides, **visible}))
-        if self._process_owner is state:
-            module.main_thread_config.update(kwargs)
         layer = thread_settings.get()
         if layer is not None:
             layer.update(kwargs)
@@ -220,11 +209,10 @@ class SessionSettings:
 
 
 class _Scope:
-    """One call's block in its session's settings: the session, the process-wide config
-    (capacity 1) and the overrides. A class, not generator context managers: it is entered on
+    """One call's block in its session's settings: the session and the overrides. A class, not generator context managers: it is entered on
     every call, and a class is cheaper to enter than each nested generator."""
 
-    __slots__ = ("_base", "_layer", "_owner", "_pins", "_saved", "_token", "owner", "state")
+    __slots__ = ("_base", "_layer", "_owner", "_pins", "_token", "owner", "state")
 
     def __init__(self, owner: SessionSettings, state: SessionState) -> None:
         self.owner = owner
@@ -232,7 +220,6 @@ class _Scope:
         self._base: Any = None
         self._pins: Any = None
         self._layer: Any = None
-        self._saved: dict[str, Any] | None = None
 
     def __enter__(self) -> _Scope:  # noqa: PYI034 - a final class: Self adds nothing
         owner, state = self.owner, self.state
@@ -245,20 +232,12 @@ class _Scope:
             settings = state.dspy_settings
             # a trace of its own: DSPy appends to the configured list in place
             settings.setdefault("trace", [])
-            config = module.main_thread_config
-            if owner.process_wide:
-                # capacity 1: the settings hold process-wide too, for threads the call starts
-                with owner._lock:
-                    self._saved = dict(config)
-                    config.update(settings)
-                    owner._process_owner = state
             # what ``dspy.context(**settings)`` does, on top of no overrides: nothing a cut-short
             # earlier call left on this thread leaks in (one contextvar set instead of two and
             # dspy's generator)
             overrides = module.thread_local_overrides
-            base = type(overrides.get())(config if owner.process_wide else {**config, **settings})
+            base = type(overrides.get())({**module.main_thread_config, **settings})
             self._base = overrides.set(base)
-            # (capacity 1: config holds the settings already)
             self._layer = thread_settings.set(type(base)(base))
         except BaseException:
             self.__exit__(None, None, None)
@@ -280,14 +259,10 @@ class _Scope:
             self._pins = client_pins.set(pins)
         elif not under:
             return
-        module = owner._module
-        if self._saved is not None and under:  # capacity 1: threads the call starts see them too (restored at exit)
-            with owner._lock:
-                module.main_thread_config.update(under)
         layer = thread_settings.get()
-        if layer is not None and under:  # the same, for threads the call starts (worker.threads)
+        if layer is not None and under:  # threads the call starts see them too (worker.threads)
             layer.update(under)
-        overrides = module.thread_local_overrides
+        overrides = owner._module.thread_local_overrides
         # undone with the scope's own
         overrides.set(type(overrides.get())({**overrides.get(), **under, **{k: values[k] for k in pins}}))
 
@@ -305,23 +280,13 @@ class _Scope:
         return tracker
 
     def __exit__(self, *exc: object) -> None:
-        owner = self.owner
         try:
-            if self._saved is not None:
-                saved, self._saved = self._saved, None
-                with limits.protected(), owner._lock:  # a soft limit must not leave the session's LM behind
-                    owner._process_owner = None
-                    config = owner._module.main_thread_config
-                    config.clear()
-                    config.update(saved)
+            if self._pins is not None:
+                client_pins.reset(self._pins)
+            if self._layer is not None:
+                thread_settings.reset(self._layer)
+            if self._base is not None:
+                self.owner._module.thread_local_overrides.reset(self._base)
         finally:
-            try:
-                if self._pins is not None:
-                    client_pins.reset(self._pins)
-                if self._layer is not None:
-                    thread_settings.reset(self._layer)
-                if self._base is not None:
-                    owner._module.thread_local_overrides.reset(self._base)
-            finally:
-                configure_owner.reset(self._owner)
-                current_session.reset(self._token)
+            configure_owner.reset(self._owner)
+            current_session.reset(self._token)

@@ -42,7 +42,7 @@ from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
 from worker.ops import SessionOps
 from worker.refs import RefTable, SessionState, type_name
-from worker.remote_errors import remote_error
+from worker.remote_errors import guarded, remote_error
 from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
     LazyStream,
@@ -57,15 +57,14 @@ class Executor:
     """Runs worker ops against a RefTable, each call in its session's module and DSPy settings.
 
     ``capacity`` is how many calls the worker runs at once: with 1 (calls on the main thread),
-    a call's DSPy settings and output capture hold process-wide while it runs, and the soft time
-    limit interrupts blocking sleeps and socket reads (a signal); with N, threads a call starts
-    carry it (worker.threads).
+    the soft time limit interrupts blocking sleeps and socket reads (a signal). Threads a call
+    starts carry it (worker.threads).
     """
 
     def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE) -> None:
         self.refs = refs
-        self.process_wide = capacity <= 1
-        self.settings = SessionSettings(process_wide=self.process_wide)
+        self.alone = capacity <= 1
+        self.settings = SessionSettings()
         self.watchdog = limits.Watchdog(grace)
         self.served = 0
         self.errors = 0
@@ -176,7 +175,7 @@ class Executor:
         extras = False  # the reply is [result, {"usage", "history"}]
         try:
             with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
-                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.process_wide,
+                    output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
                                    log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
@@ -219,22 +218,22 @@ class Executor:
                         usage = scope.track_usage()
                     if "history" in context:
                         extras = True
-                        history = lm_history.start(context["history"], state.code.objects, self.process_wide)
+                        history = lm_history.start(context["history"], state.code.objects)
                     extras = extras or wants_usage
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
-                        frames = self._encode(item, to_ref)
+                        frames = guarded(_encoded, item, to_ref)
                         made.clear()  # streamed out: the caller holds these refs now
                         if call is not None and header.timeout_ms > 0:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
-                    result = _guard(drain, result, stream, encode_item)
+                    result = guarded(drain, result, stream, encode_item)
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
-                frames = self._encode([result, _extras(usage, history)] if extras else result, to_ref)
+                frames = guarded(_encoded, [result, _extras(usage, history)] if extras else result, to_ref)
                 limits.settle(call)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
@@ -280,25 +279,20 @@ class Executor:
         for ref_id in made:
             self.refs.release(state, ref_id, "the call that made it failed")
 
-    @staticmethod
-    def _encode(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
+
+def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
+    """The reply frames of ``result`` (run it under ``guarded``: encoding runs user code,
+    ``__reduce__``, ``__iter__``)."""
+    # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
+    repeats = codec.Repeats()
+    frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
+    if repeats.seen and repeats.plain:
+        # one object in two places of plain data: one pickle keeps it one object there
         try:
-            # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
-            repeats = codec.Repeats()
-            frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
-            if repeats.seen and repeats.plain:
-                # one object in two places of plain data: one pickle keeps it one object there
-                try:
-                    return codec.encode_whole(result)
-                except EncodeError:
-                    pass  # (what the walk made of it still stands: equal copies)
-            return frames
-        except DspexError:
-            raise
-        except limits.CallTimedOut:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - encoding runs user code (__reduce__, __iter__)
-            raise remote_error(exc) from None
+            return codec.encode_whole(result)
+        except EncodeError:
+            pass  # (what the walk made of it still stands: equal copies)
+    return frames
 
 
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -358,16 +352,6 @@ def _setting_ref(resolve: Callable[[Ref], Any], ref: Ref) -> Any:
 
 def _no_hard() -> None:
     """No hard-limit action given (an executor used without a worker process)."""
-
-
-def _guard(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run worker-side iteration of user objects: their exceptions are RemoteErrors."""
-    try:
-        return fn(*args)
-    except (DspexError, limits.CallTimedOut):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - a generator may raise SystemExit too
-        raise remote_error(exc) from None
 
 
 def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:

@@ -196,11 +196,6 @@ def _cancel_parallel_jobs(thread_id: int) -> None:
         frame = frame.f_back
 
 
-def _async_raise(thread_id: int, exc: type[BaseException] = CallTimedOut) -> bool:
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc))
-    return int(n) == 1
-
-
 def settle(call: _Call | None) -> None:
     """The call's code has returned and its result is encoded: an interruption from now on (a
     cancel, the soft limit) changes nothing. One already on its way is raised here, in the call's
@@ -382,7 +377,8 @@ class Watchdog:
                     st.pending = True  # raised when the protected block ends
                     return
                 call.timed_out = True
-                _async_raise(call.thread, CallCancelled if call.cancelled else CallTimedOut)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
                 _wake(call.loop)
             try:
                 _cancel_parallel_jobs(call.thread)

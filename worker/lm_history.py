@@ -19,8 +19,10 @@ import contextvars
 import pickle
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
+
+import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
@@ -47,8 +49,6 @@ class CallLog:
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
-# capacity 1: the running call's log, for threads it starts (they do not inherit contextvars)
-_process_log: CallLog | None = None
 _max_entries = _DEFAULT_MAX_ENTRIES
 
 
@@ -64,7 +64,7 @@ def install() -> None:
 
     def record_history(client: Any, entry: Any) -> None:
         original(client, entry)
-        log = _current.get() or _process_log
+        log = _current.get()
         if log is not None and not settings.disable_history:
             log.record(client, entry)
 
@@ -74,10 +74,9 @@ def install() -> None:
             setattr(module, "record_history", record_history)  # noqa: B010 - a module global, not an attribute mypy knows
 
 
-def start(keys: Any, objects: dict[str, Any], process_wide: bool) -> tuple[CallLog, contextvars.Token[Any]] | None:
-    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call;
-    None when the request named none the session holds."""
-    global _process_log
+def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
+    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call
+    (and the threads it starts: worker.threads); None when the request named none the session holds."""
     if not isinstance(keys, list):
         return None
     lms = {}
@@ -88,17 +87,11 @@ def start(keys: Any, objects: dict[str, Any], process_wide: bool) -> tuple[CallL
     if not lms:
         return None
     log = CallLog(lms, _max_entries)
-    if process_wide:
-        _process_log = log
     return log, _current.set(log)
 
 
 def stop(started: tuple[CallLog, contextvars.Token[Any]]) -> None:
-    global _process_log
-    log, token = started
-    if _process_log is log:
-        _process_log = None
-    _current.reset(token)
+    _current.reset(started[1])
 
 
 def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
@@ -166,10 +159,6 @@ def _entry_body(key: str, entry: Any) -> bytes | None:
         return None
 
 
-def _list_of(parts: Iterable[bytes]) -> bytes:
+def _list_of(parts: list[bytes]) -> bytes:
     """A msgpack array of already packed items."""
-    items = list(parts)
-    n = len(items)
-    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536 else \
-        b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(items)
+    return bytes(msgpack.Packer().pack_array_header(len(parts))) + b"".join(parts)

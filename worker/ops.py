@@ -12,12 +12,12 @@ import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from dspex.wire.errors import DspexError, ProtocolError, RemoteError, UnknownOp
+from dspex.wire.errors import ProtocolError, RemoteError, UnknownOp
 from dspex.wire.protocol import OPS, Op
 from dspex.wire.ref import Ref
-from worker import limits, namespace
+from worker import namespace
 from worker.refs import RefTable, SessionState, type_name
-from worker.remote_errors import remote_error
+from worker.remote_errors import guarded
 from worker.streaming import resolve_awaitable
 
 
@@ -32,12 +32,7 @@ class SessionOps:
         if handler is None:
             raise UnknownOp(f"unknown op {op!r}")
         args = OPS[op].bind_list(body)  # its arguments as the op's definition says
-        try:
-            return resolve_awaitable(handler(self, state, *args))
-        except (DspexError, limits.CallTimedOut):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt... never end the worker
-            raise remote_error(exc) from None
+        return guarded(lambda: resolve_awaitable(handler(self, state, *args)))
 
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:

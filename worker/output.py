@@ -2,9 +2,8 @@
 
 ``sys.stdout``/``sys.stderr`` are replaced once by dispatchers that send a write to the sink of
 the call it belongs to (a contextvar, which threads and pool tasks a call starts carry:
-worker.threads; after the call, what they write goes to its session's LateOutput; on a
-capacity-1 worker, threads no call started write to the one running call), else to the real
-stream. ``warnings.showwarning`` likewise, and a
+worker.threads; after the call, what they write goes to its session's LateOutput), else to the
+real stream. ``warnings.showwarning`` likewise, and a
 handler on the root logger gives a call's log records (any logger's that propagate to the root)
 at or above its caller's threshold to its sink. What a sink logs and sends, and when
 (coalesced text, the flush timer): worker.sink.
@@ -20,6 +19,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from worker import limits
@@ -29,16 +29,23 @@ _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, neve
 
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
-_process_sink: OutputSink | None = None  # capacity 1: the one running call, for threads it starts
 _local = threading.local()
 
 
 def _sink() -> OutputSink | None:
     if getattr(_local, "busy", False):
         return None  # writing from inside a sink (a log handler on stderr): the real stream
-    sink = _current.get()
     # (an ended call's sink is kept: what the threads it started write is its session's)
-    return _process_sink if sink is None else sink
+    return _current.get()
+
+
+def _in_sink(method: Callable[..., None], *args: Any) -> None:
+    """A sink's ``method(*args)``, marked busy: what the sink writes itself goes to the real stream."""
+    _local.busy = True
+    try:
+        method(*args)
+    finally:
+        _local.busy = False
 
 
 class _Dispatch(io.TextIOBase):
@@ -53,11 +60,7 @@ class _Dispatch(io.TextIOBase):
         sink = _sink()
         if sink is None:
             return self.real.write(text)
-        _local.busy = True
-        try:
-            sink.write(self.name, text)
-        finally:
-            _local.busy = False
+        _in_sink(sink.write, self.name, text)
         return len(text)
 
     def flush(self) -> None:
@@ -65,11 +68,7 @@ class _Dispatch(io.TextIOBase):
         if sink is None:
             self.real.flush()
             return
-        _local.busy = True
-        try:
-            sink.flush(self.name)
-        finally:
-            _local.busy = False
+        _in_sink(sink.flush, self.name)
 
     def isatty(self) -> bool:
         return False
@@ -113,11 +112,7 @@ class _BinaryDispatch(io.BufferedIOBase):
                 return int(real.write(raw))
             self.text.real.write(raw.decode(self.text.encoding, "replace"))
             return len(raw)
-        _local.busy = True
-        try:
-            sink.write_bytes(self.text.name, raw)
-        finally:
-            _local.busy = False
+        _in_sink(sink.write_bytes, self.text.name, raw)
         return len(raw)
 
     def flush(self) -> None:
@@ -147,11 +142,7 @@ class _CallRecords(logging.Handler):
         if sink is None or record.levelno < sink.log_level or not sink.log_level \
                 or record.name.startswith(_OWN_LOGGERS):
             return
-        _local.busy = True
-        try:
-            sink.record(record)
-        finally:
-            _local.busy = False
+        _in_sink(sink.record, record)
 
 
 _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
@@ -173,11 +164,7 @@ def install() -> None:
         if sink is None:
             real_show(message, category, filename, lineno, file, line)
             return
-        _local.busy = True
-        try:
-            sink.warning(message, category, filename, lineno, line)
-        finally:
-            _local.busy = False
+        _in_sink(sink.warning, message, category, filename, lineno, line)
 
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
@@ -235,22 +222,20 @@ class capture:
     """Route this call's output to a new sink for the block (``with`` gives the sink). A class,
     not a generator context manager: it is entered on every call, and a class is cheaper to enter.
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
-    is lowered to it when the worker's level is above it (:class:`_RootLevel`)."""
+    is lowered to it when the worker's level is above it (:class:`_RootLevel`). ``alone``: no other
+    call runs meanwhile (capacity 1), so the block may put back ``sys.stdout``/``sys.stderr``."""
 
-    __slots__ = ("_lowered", "_token", "late", "process_wide", "sink")
+    __slots__ = ("_lowered", "_token", "alone", "late", "sink")
 
-    def __init__(self, tag: str, emit: Emit | None, process_wide: bool, log_level: int = 0,
+    def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int = 0,
                  offer: Offer | None = None, late: LateOutput | None = None) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
-        self.process_wide = process_wide
+        self.alone = alone
         self.late = late  # the session's: what threads of its ended calls wrote comes with this one
         self._lowered = False
 
     def __enter__(self) -> OutputSink:
-        global _process_sink
         self._token = _current.set(self.sink)
-        if self.process_wide:
-            _process_sink = self.sink
         if self.late is not None:
             self.late.attach(self.sink)
         level = self.sink.log_level
@@ -260,19 +245,16 @@ class capture:
         return self.sink
 
     def __exit__(self, *exc: object) -> None:
-        global _process_sink
         sink = self.sink
         with limits.protected():
             if self._lowered:
                 _root_level.exit()
-            if self.process_wide and _process_sink is sink:
-                _process_sink = None
             _current.reset(self._token)
             if self.late is not None:
                 self.late.detach(sink)
             sink.late = self.late
             sink.close()
-            if self.process_wide and _dispatchers is not None:
+            if self.alone and _dispatchers is not None:
                 # a call that rebound sys.stdout/stderr for good must not take the next call's
                 # output (another session's) with it
                 sys.stdout, sys.stderr = _dispatchers

@@ -10,7 +10,6 @@ from __future__ import annotations
 import reprlib
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -43,7 +42,6 @@ class SessionState:
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
-    last_used: float = field(default_factory=time.monotonic)
     late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
 
 
@@ -71,7 +69,6 @@ class RefTable:
             state = self.sessions.get(session_id)
             if state is None:
                 state = self.sessions[session_id] = SessionState(session_id)
-        state.last_used = time.monotonic()
         return state
 
     def put(self, session: SessionState, obj: Any, made: list[str] | None = None) -> Ref:

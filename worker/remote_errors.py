@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import cloudpickle
 import msgpack
 
 from dspex.wire import byvalue
 from dspex.wire.errors import MAX_CHAIN, DspexError, ProtocolError, RemoteError
+from worker.limits import CallTimedOut
 
 log = logging.getLogger("dspex.worker")
 
@@ -29,6 +31,7 @@ MAX_PICKLED_BYTES = 1 << 20
 MAX_LINK_CHARS = 4_000  # message and traceback of each link
 MAX_LINK_PICKLED_BYTES = 64 << 10
 INSTALL_HINT = "install it on the workers' environment"
+T = TypeVar("T")
 
 
 def clean_text(text: str, limit: int) -> str:
@@ -172,6 +175,18 @@ def remote_error(exc: BaseException) -> RemoteError:
             details.pop(key, None)
     message = details.pop("message")
     return RemoteError(message, **details)
+
+
+def guarded(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, where user code runs (an op, iterating or encoding user objects): whatever
+    it raises is a ``RemoteError``, SystemExit and KeyboardInterrupt too (they never end the
+    worker), but dspex's own errors and the call's interruption pass as they are."""
+    try:
+        return fn(*args)
+    except (DspexError, CallTimedOut):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+        raise remote_error(exc) from None
 
 
 def error_frames(err: DspexError) -> list[bytes]:

@@ -1,8 +1,7 @@
 """The worker's runner: requests in, replies out, ``capacity`` at a time.
 
 A capacity-1 worker runs each request on the thread that hands it over (the main thread: a
-soft time limit reaches it as a signal, and a call's DSPy settings and output capture hold for
-the threads it starts); a capacity-N worker runs them on N pool threads. Either way there is one
+soft time limit reaches it as a signal); a capacity-N worker runs them on N pool threads. Either way there is one
 reply path: the thread that made a reply, a stream item or an output event sends it itself
 through ``send`` (the link's), with no hop to another thread.
 """

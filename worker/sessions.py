@@ -15,7 +15,7 @@ import math
 import threading
 import time
 
-from worker.refs import RefTable, SessionState
+from worker.refs import RefTable
 
 log = logging.getLogger("dspex.worker")
 
@@ -32,14 +32,6 @@ class SessionBook:
         self._next_due = math.inf  # no backstop release is due before this (time.monotonic())
 
     # -- the sessions themselves --------------------------------------------------------------
-    def get(self, session_id: str) -> SessionState | None:
-        """The state of ``session_id`` if this worker holds any."""
-        return self.refs.sessions.get(session_id)
-
-    def open(self, session_id: str) -> SessionState:
-        """The state of ``session_id``, made empty if this worker holds none yet."""
-        return self.refs.session(session_id)
-
     def release(self, session_id: str, why: str = "its session was closed") -> int:
         """Drop everything ``session_id`` holds here; how many refs it held."""
         with self._lock:

@@ -193,12 +193,6 @@ def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -
             lg.removeHandler(handler)
 
 
-def _run(coro: Any) -> Any:
-    """Run a coroutine to its end on a private loop (the worker thread has none running), as a
-    task that a cancel or the soft time limit can cancel (worker.limits.run_async)."""
-    return limits.run_async(coro)
-
-
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
 
@@ -211,7 +205,7 @@ def resolve_awaitable(result: Any) -> Any:
             claim_configure()
             return await aw
 
-        result = _run(wait())
+        result = limits.run_async(wait())
     return result
 
 
@@ -225,7 +219,7 @@ def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
     A consumer that cancels stops the producer (its ``finally`` blocks run now).
     """
     if hasattr(result, "__aiter__"):
-        summary: dict[str, Any] = _run(_drain_async(result, stream, encode))
+        summary: dict[str, Any] = limits.run_async(_drain_async(result, stream, encode))
         return summary
     count = 0
     iterator = iter(result)

@@ -123,7 +123,8 @@ def is_user_module(name: str) -> bool:
         return False
     if top in _editable_top_levels():
         return False
-    return top not in _installed_beside(sys.modules.get(top))
+    top_file = getattr(sys.modules.get(top), "__file__", None)
+    return not isinstance(top_file, str) or top not in _installed_beside(top_file)
 
 
 def is_user_file(top: str, file: str) -> bool:
@@ -133,19 +134,13 @@ def is_user_file(top: str, file: str) -> bool:
         return False
     if top in _editable_top_levels():
         return False
-    directory = os.path.dirname(file)
-    if os.path.basename(file) == "__init__.py":
-        directory = os.path.dirname(directory)
-    return top not in _distribution_tops(directory)
+    return top not in _installed_beside(file)
 
 
-def _installed_beside(top_module: Any) -> frozenset[str]:
-    """Top-level names of the distributions installed in the directory that holds ``top_module``
-    (``pip install --target``, a ``PYTHONPATH`` install, a setuptools develop egg-info): their code
-    goes by reference, as it always did."""
-    file = getattr(top_module, "__file__", None)
-    if not isinstance(file, str):
-        return frozenset()
+def _installed_beside(file: str) -> frozenset[str]:
+    """Top-level names of the distributions installed in the directory that holds the top-level
+    module or package at ``file`` (``pip install --target``, a ``PYTHONPATH`` install, a setuptools
+    develop egg-info): their code goes by reference, as it always did."""
     directory = os.path.dirname(file)
     if os.path.basename(file) == "__init__.py":
         directory = os.path.dirname(directory)

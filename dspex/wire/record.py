@@ -86,28 +86,19 @@ class Record:
         return f"Record[{self.kind}](\n    {body}\n)"
 
 
-_NO_DSPY: list[bool] = []  # set once dspy turned out not to be installed
-_DSPY: list[Any] = []  # dspy once imported in full
 _COMPLETIONS: list[Any] = []  # dspy's Completions class, once needed
 
 
+@functools.cache
 def _dspy() -> Any:
     """dspy when this process has it (imported on first need; None when it is not installed).
 
     import_module, not sys.modules: while another thread is still importing dspy, sys.modules
     holds a half-initialized module; import_module waits for that import to finish. Once it
     returned, the module is complete and kept (every returned record asks)."""
-    if _DSPY:
-        return _DSPY[0]
-    if _NO_DSPY:
-        return None
     if "dspy" not in sys.modules and importlib.util.find_spec("dspy") is None:
-        _NO_DSPY.append(True)
         return None
-    dspy = importlib.import_module("dspy")
-    if not _DSPY:
-        _DSPY.append(dspy)
-    return dspy
+    return importlib.import_module("dspy")
 
 
 # what the record's fields and extra carry; the rest of a subclass instance's __dict__ travels as attrs

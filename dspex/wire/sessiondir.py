@@ -10,6 +10,7 @@ directory holds the files of the last acknowledged call, never a half-written ca
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -19,16 +20,12 @@ from typing import Any
 
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _OURS = re.compile(r"^dspex-sd(\d+)-")  # dspex-sd<pid>-<name>-<random>: the process that made it
-_swept = False
 
 
+@functools.cache
 def _sweep() -> None:
     """Remove the directories of processes of this user that are gone (a worker killed with -9
     never removes its own), once per process."""
-    global _swept
-    if _swept:
-        return
-    _swept = True
     base = tempfile.gettempdir()
     try:
         names = os.listdir(base)
