@@ -172,10 +172,8 @@ class SessionBook:
             for wid, p in pool.take_awaiting():
                 if self.durable is not None and self.durable.reroute(p, pool):
                     continue
-                self._fail(p, pool, SessionWorkerUnavailable(
-                    f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did not "
-                    f"re-register within {self.restart_grace:g}s of this broker's start",
-                    session=p.session, worker=wid.decode(errors="replace")))
+                self._fail(p, pool, worker_gone(
+                    p.session, wid, f"did not re-register within {self.restart_grace:g}s of this broker's start"))
 
     def running(self, rec: SessionRecord) -> bool:
         return any(w.runs_session(rec.id) for wid in rec.touched if (w := self.workers.get(wid)) is not None)
