@@ -26,7 +26,7 @@ import click
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, pid_alive
+from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, supervisord_pid
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
 from dspexctl.commands import exit_code_for
@@ -140,18 +140,6 @@ def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], No
         raise
 
 
-def _supervisord_pid(sc: SupervisorConf) -> int | None:
-    """The live supervisord named by ``sc``'s pidfile (None when there is none, or another process
-    took the pid)."""
-    try:
-        pid = int((sc.pidfile or Path("/nonexistent")).read_text().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            is_supervisord = b"supervisord" in f.read()
-    except (OSError, ValueError):
-        return None
-    return pid if is_supervisord and pid_alive(pid) else None
-
-
 def _stop_supervisord(sc: SupervisorConf) -> None:
     """Stop the supervisord of ``sc`` that this command started, also one still daemonizing (it
     answers nobody yet; SIGTERM makes it stop its programs and exit)."""
@@ -161,7 +149,7 @@ def _stop_supervisord(sc: SupervisorConf) -> None:
             if sup.running():
                 stack.shutdown_stack(stack.StackHandle(conf=sc.path, endpoint="", started=True), SHUTDOWN_TIMEOUT_S)
                 return
-        pid = _supervisord_pid(sc)
+        pid = supervisord_pid(sc)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             stack.wait_pid_exit(pid, SHUTDOWN_TIMEOUT_S)

@@ -17,6 +17,7 @@ from dspex.stack.supervisor import (
     SupervisorError,
     SupervisorUnreachable,
     full_name,
+    supervisord_pid,
 )
 from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import EXIT_FOR_STATE, EXIT_OK, Settings, metrics_text, progress
@@ -217,13 +218,6 @@ def _await_shutdown(sup: Supervisor, deadline: float) -> None:
         time.sleep(0.02)
 
 
-def _pidfile_pid(sc: SupervisorConf) -> int | None:
-    try:
-        return int(sc.pidfile.read_text().strip()) if sc.pidfile else None
-    except (OSError, ValueError):
-        return None
-
-
 class StackStop:
     """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
 
@@ -244,7 +238,7 @@ class StackStop:
                     raise
                 # another stop is under way (one that ran out of --wait, another operator's):
                 # supervisord refuses every call now, so its pid comes from its pidfile
-                daemon = _pidfile_pid(sc)
+                daemon = supervisord_pid(sc)
                 progress(f"supervisord (pid {daemon}) of {sc.path} is shutting down already: waiting for it to exit")
                 _await_shutdown(sup, deadline)
                 if daemon:

@@ -350,6 +350,18 @@ def start_supervisord(conf: SupervisorConf, timeout: float = 30.0) -> int:
                 time.sleep(0.05)
 
 
+def supervisord_pid(conf: SupervisorConf) -> int | None:
+    """The live supervisord named by ``conf``'s pidfile (None when there is none, or another
+    process took the pid): also one that answers nobody (daemonizing, or shutting down)."""
+    try:
+        pid = int((conf.pidfile or Path("/nonexistent")).read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            is_supervisord = b"supervisord" in f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if is_supervisord and pid_alive(pid) else None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
