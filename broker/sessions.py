@@ -89,10 +89,10 @@ class SessionBook:
         gone (a tombstone), another client's, closing, another pool's, or one session too many."""
         rec = self.sessions.get(p.session)
         if rec is None:
-            if (why := self.closed.why(p.session)) is not None:
-                if reason := self.closed.lost(p.session):
+            if (tombstone := self.closed.get(p.session)) is not None:
+                why, lost, reason = tombstone
+                if reason:
                     return checkpoint_lost(p.session, reason)
-                lost = self.closed.worker(p.session)
                 return worker_gone(p.session, lost, why) if lost else SessionClosed(
                     f"session {p.session[:8]} {why}", session=p.session)
             if len(self.sessions) >= self.max_sessions:
