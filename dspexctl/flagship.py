@@ -29,7 +29,7 @@ from dspex.client.config import ClientConfig
 from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, supervisord_pid
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
-from dspexctl.commands import exit_code_for
+from dspexctl.commands import Settings, exit_code_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_PATH = EXAMPLES / "flagship_multi_pool_gepa.py"
@@ -101,15 +101,6 @@ def _interruptible() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _setting(ctx: click.Context, name: str, default: Any = None) -> Any:
-    obj = ctx.find_root().obj if ctx.find_root().obj is not None else ctx.obj
-    if isinstance(obj, dict):
-        value = obj.get(name, default)
-    else:
-        value = getattr(obj, name, default)
-    return default if value is None else value
 
 
 def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
@@ -191,15 +182,13 @@ def _exit_code(err: BaseException, example: ModuleType | None) -> int:
     return exit_code_for(err)
 
 
-def _conf(ctx: click.Context) -> Path | None:
+def _conf(settings: Settings) -> Path:
     """The group's supervisor.conf; when none was asked for and ./supervisor.conf is absent, the
     one of this source checkout (so `dspexctl flagship` works from any directory)."""
-    conf = _setting(ctx, "supervisor_conf")
-    explicit = bool(_setting(ctx, "conf_explicit", False))
-    if conf is not None and (explicit or Path(conf).exists()):
-        return Path(conf)
+    if settings.conf_explicit or settings.supervisor_conf.exists():
+        return settings.supervisor_conf
     repo_conf = Path(__file__).resolve().parents[1] / "supervisor.conf"
-    return repo_conf if repo_conf.exists() else (Path(conf) if conf is not None else None)
+    return repo_conf if repo_conf.exists() else settings.supervisor_conf
 
 
 def _echo(line: str, err: bool) -> None:
@@ -287,14 +276,15 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
     unreachable; 10 the LM is slower than the bounds allow; 11 the LM endpoint is unusable
     (preflight); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
     """
-    as_json = as_json or bool(_setting(ctx, "json", False))
+    settings: Settings = ctx.obj
+    as_json = as_json or settings.json
 
     def say(line: str) -> None:
         _echo(line, err=as_json)
 
-    endpoint: str | None = _setting(ctx, "endpoint")
+    endpoint = settings.endpoint
     # the group's --timeout (default 5 s) is meant for admin requests; LM calls need longer
-    timeout = max(float(_setting(ctx, "timeout", 60.0)), 60.0)
+    timeout = max(settings.timeout, 60.0)
     handle: stack.StackHandle | None = None
     results: dict[str, Any] | None = None
     error: BaseException | None = None
@@ -308,13 +298,13 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             # a missing key fails before anything starts, and so does an LM endpoint that cannot work
             spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
             checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
-            stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
+            stack.check_run_dir(_conf(settings), endpoint)  # another stack's broker on this run dir: say so
             if _reachable(endpoint):
                 say(f"using the running stack at {ClientConfig.from_env().endpoint_or_default(endpoint)}")
             else:
                 t0 = time.monotonic()
                 say("no stack answers: starting one under supervisord")
-                handle = _start_stack(_conf(ctx), timeout=max(timeout, 120.0), progress=_start_progress(say))
+                handle = _start_stack(_conf(settings), timeout=max(timeout, 120.0), progress=_start_progress(say))
                 endpoint = handle.endpoint
                 say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
             # its own view of the flow (stdout: one JSON document with --json): the programs' prints
@@ -364,7 +354,3 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
         _echo(json.dumps(results, default=str), err=False)
     if results["summary"]["failed_calls"]:
         ctx.exit(example.EXIT_COMPLETED_WITH_FAILURES)
-
-
-if __name__ == "__main__":  # python -m dspexctl.flagship
-    flagship()
