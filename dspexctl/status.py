@@ -268,9 +268,6 @@ class PoolsStatus:
             "workers": workers,
         }
 
-    def present(self, result: dict[str, Any]) -> str:
-        return StatusText().present(result)
-
     def exit_code(self, result: dict[str, Any]) -> int:
         if result["health"] == State.UNREACHABLE.value:
             parts = result.get("brokers") or [result]
@@ -278,13 +275,10 @@ class PoolsStatus:
                 return EXIT_TIMEOUT
         return EXIT_FOR_STATE[State(result["health"])]
 
-
-class StatusText:
-    """The text ``pools status`` prints for a :class:`PoolsStatus` result: the pools table (with
-    ``--verbose`` each pool's workers), the failed answers of the health window, the broker's and
-    supervisord's lines and the issues; one section per broker for a map of several."""
-
     def present(self, result: dict[str, Any]) -> str:
+        """The pools table (with ``--verbose`` each pool's workers), the failed answers of the
+        health window, the broker's and supervisord's lines and the issues; one section per broker
+        for a map of several."""
         if "brokers" not in result:
             return self._present(result)
         sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
