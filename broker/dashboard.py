@@ -32,7 +32,7 @@ from dspex.stack.health import (
     with_exits,
 )
 from dspex.stack.poolstatus import summarize
-from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
+from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
 log = logging.getLogger("dspex.broker.dashboard")
 
@@ -93,9 +93,7 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
     processes, and events newest first (a crash with how its process ended, from ``exits``); a
     process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for p in procs:
-        groups.setdefault(p["group"], []).append(p)
+    groups = by_group(procs)
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
     events = with_exits(snap.get("events") or [], exits or {})

@@ -16,6 +16,7 @@ from dspex.stack.supervisor import (
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
+    by_group,
     full_name,
     supervisord_pid,
 )
@@ -34,7 +35,7 @@ from dspexctl.stack import (
 
 def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
     """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    groups = sup.groups()
+    groups = by_group(sup.processes())
     declared = [c.name for c in load_pools(sc.path)]
     if not wanted:
         return [name for name in declared if name in groups]

@@ -27,6 +27,7 @@ from dspex.stack.supervisor import (
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
+    by_group,
     full_name,
     pid_alive,
     start_supervisord,
@@ -195,7 +196,7 @@ def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
     """Workers each pool should have once this supervisord has started them: the processes of its
     group (numprocs). A pool without a group here has its workers on other hosts (its ``size``
     counts them), which this supervisord cannot start: 0."""
-    groups = sup.groups() if sup is not None else {}
+    groups = by_group(sup.processes()) if sup is not None else {}
     names = list(pools) if pools is not None else [p.name for p in load_pools(sc.path)]
     return {name: len(groups.get(name, ())) for name in names}
 

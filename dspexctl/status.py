@@ -34,6 +34,7 @@ from dspex.stack.poolstatus import summarize
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorUnreachable,
+    by_group,
     full_name,
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
@@ -144,9 +145,7 @@ class PoolsStatus:
                 config_error = err.message
                 issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
 
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for p in procs:
-            groups.setdefault(p["group"], []).append(p)
+        groups = by_group(procs)
         broker_proc = next((p for p in groups.get("broker", []) if p["name"] == "broker"), None)
         # the pids of this host's workers: supervisord's pids say nothing of another host's
         registered = local_pids(w for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"])

@@ -188,12 +188,6 @@ class Supervisor:
     def processes(self) -> list[dict[str, Any]]:
         return list(self.call("supervisor.getAllProcessInfo"))
 
-    def groups(self) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for p in self.processes():
-            out.setdefault(p["group"], []).append(p)
-        return out
-
     def stop_group(self, group: str, wait: bool = True) -> None:
         self.call("supervisor.stopProcessGroup", group, wait)
 
@@ -295,6 +289,14 @@ def exit_causes(log_text: str, killed: dict[int, str] | None = None) -> dict[int
             causes[pid] = f"{m['how']}, {KILLED_BY_OPERATOR}" if operator and m["how"] == "terminated by SIGKILL" \
                 else m["how"]
     return causes
+
+
+def by_group(procs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """supervisord's processes by group (a pool's workers are its group's processes)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in procs:
+        out.setdefault(p["group"], []).append(p)
+    return out
 
 
 def full_name(proc: dict[str, Any]) -> str:
