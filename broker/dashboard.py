@@ -43,10 +43,6 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def page() -> bytes:
-    return importlib.resources.files("broker").joinpath("dashboard.html").read_bytes()
-
-
 class Processes:
     """supervisord's processes of the broker's supervisor.conf and how the processes that exited
     lately ended (pid -> ``terminated by SIGSEGV``), cached briefly; nothing without one."""
@@ -131,7 +127,7 @@ class Dashboard:
         self.publisher = publisher
         self.metrics_app = metrics_app
         self.processes = Processes(supervisor_conf)
-        self._page = page()
+        self._page = importlib.resources.files("broker").joinpath("dashboard.html").read_bytes()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
