@@ -31,7 +31,7 @@ from dspex.stack.health import (
     silent_pids,
     with_exits,
 )
-from dspex.stack.poolstatus import summarize
+from dspex.stack.poolstatus import latency, summarize
 from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
 log = logging.getLogger("dspex.broker.dashboard")
@@ -107,12 +107,10 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
         # the page lists every process in its state: the reasons add the last log line of those given up on
         gone = [gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
                 for proc in s.broken if proc["statename"] in GAVE_UP]
-        no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,
-            "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
-            "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
+            "latency_p50_ms": latency(p, "latency_p50_ms"), "latency_p99_ms": latency(p, "latency_p99_ms"),
             "workers": workers,
         }
     return {"time": time.time(), "broker": snap["broker"], "pools": pools,

@@ -30,7 +30,7 @@ from dspex.stack.health import (
     with_exits,
     worst,
 )
-from dspex.stack.poolstatus import summarize
+from dspex.stack.poolstatus import latency, summarize
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorUnreachable,
@@ -58,13 +58,6 @@ WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "error
 
 def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
     return gave_up(full_name(proc), proc["statename"], tails.get(full_name(proc), ""))
-
-
-def latency(bp: dict[str, Any] | None, key: str) -> float | None:
-    """None where there is no sample (the broker reports 0.0 for an empty window)."""
-    if not bp or (not bp.get("latency_p50_ms") and not bp.get("latency_p99_ms")):
-        return None
-    return float(bp[key])
 
 
 class PoolsStatus:
