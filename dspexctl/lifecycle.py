@@ -65,11 +65,15 @@ def stop_groups(sup: Supervisor, groups: list[str], since: float, deadline: floa
         time.sleep(0.02)
 
 
-class PoolsStart:
-    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
+class PoolsCommand:
+    """``pools start|stop|restart``: the pools named (all of the conf's by default), and how long to wait."""
 
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
+
+
+class PoolsStart(PoolsCommand):
+    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         sc = SupervisorConf.load(settings.supervisor_conf)
@@ -135,11 +139,8 @@ def _problem_lines(pools: dict[str, Any]) -> str:
     return "".join(f"\n{p['state'].upper()}: {name}: {text}" for name, p in pools.items() for text in p["problems"])
 
 
-class PoolsStop:
+class PoolsStop(PoolsCommand):
     interrupted = "supervisord goes on stopping the workers (dspexctl pools status follows it)"
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 60.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         sc = SupervisorConf.load(settings.supervisor_conf)
@@ -182,13 +183,10 @@ class PoolsStop:
         return EXIT_OK
 
 
-class PoolsRestart:
+class PoolsRestart(PoolsCommand):
     """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
 
     interrupted = PoolsStart.interrupted
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
