@@ -31,8 +31,8 @@ from dspex.stack.health import (
     silent_pids,
     with_exits,
 )
-from dspex.stack.poolstatus import summarize
-from dspex.stack.supervisor import Supervisor, SupervisorConf, full_name
+from dspex.stack.poolstatus import latency, summarize
+from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
 log = logging.getLogger("dspex.broker.dashboard")
 
@@ -41,10 +41,6 @@ GAVE_UP = ("FATAL", "BACKOFF")  # supervisord states whose last log line the pag
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-
-def page() -> bytes:
-    return importlib.resources.files("broker").joinpath("dashboard.html").read_bytes()
 
 
 class Processes:
@@ -93,9 +89,7 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
     processes, and events newest first (a crash with how its process ended, from ``exits``); a
     process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for p in procs:
-        groups.setdefault(p["group"], []).append(p)
+    groups = by_group(procs)
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
     events = with_exits(snap.get("events") or [], exits or {})
@@ -113,12 +107,10 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
         # the page lists every process in its state: the reasons add the last log line of those given up on
         gone = [gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
                 for proc in s.broken if proc["statename"] in GAVE_UP]
-        no_data = not p.get("latency_p50_ms") and not p.get("latency_p99_ms")
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,
-            "latency_p50_ms": None if no_data else p.get("latency_p50_ms"),
-            "latency_p99_ms": None if no_data else p.get("latency_p99_ms"),
+            "latency_p50_ms": latency(p, "latency_p50_ms"), "latency_p99_ms": latency(p, "latency_p99_ms"),
             "workers": workers,
         }
     return {"time": time.time(), "broker": snap["broker"], "pools": pools,
@@ -133,7 +125,7 @@ class Dashboard:
         self.publisher = publisher
         self.metrics_app = metrics_app
         self.processes = Processes(supervisor_conf)
-        self._page = page()
+        self._page = importlib.resources.files("broker").joinpath("dashboard.html").read_bytes()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")

@@ -200,9 +200,7 @@ class Dispatcher:
         if not p.session or pool.mode in (Affinity.HINT, Affinity.NONE) or movable(self.sessions.get(p.session)):
             self.route(p, pool.name, "")
             return
-        self._fail(p, pool, SessionWorkerUnavailable(
-            f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why} before running "
-            "this request (it did not run)", session=p.session, worker=w.incarnation))
+        self._fail(p, pool, worker_gone(p.session, w.id, f"{why} before running this request (it did not run)"))
 
     def feed(self, w: WorkerRecord) -> None:
         """Give a worker its next work: free slots first, then what it may prefetch."""

@@ -53,9 +53,6 @@ class BrokerCollector(Collector):
     def __init__(self, publisher: StatusPublisher) -> None:
         self.publisher = publisher
 
-    def describe(self) -> Iterable[Metric]:
-        return []  # not known before a scrape (labels come from the pools); skip the registry's probe
-
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
             "dspex_requests", "Requests answered by the broker's pools, by op and outcome "
@@ -159,6 +156,7 @@ def _cumulative(h: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
 
 
 def make_registry(publisher: StatusPublisher) -> CollectorRegistry:
+    # the names are not known before a scrape (labels come from the pools): never probed by a collect
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(publisher))
     # the library's own process_* (cpu, rss, fds, start time) and python_info collectors

@@ -15,8 +15,9 @@ from typing import Any
 
 from broker.port import Port
 from broker.roster import DRAIN_DEADLINE
+from broker.sessions import worker_gone
 from broker.state import Pending, Pool, WorkerRecord
-from dspex.wire.errors import DspexError, SessionWorkerUnavailable
+from dspex.wire.errors import DspexError
 from dspex.wire.protocol import B_DISCONNECT
 
 MIN_WORKER_AGE = 2.0  # seconds: supervisord counts an exit within startsecs as a failed start
@@ -68,9 +69,7 @@ class Recycler:
         for p in queued:
             if self._reroute(p, pool):
                 continue
-            self._fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
-                session=p.session, worker=w.incarnation))
+            self._fail(p, pool, worker_gone(p.session, w.id, why))
 
     def stop_overdue(self, pool: Pool, now: float) -> None:
         """A draining worker past the pool's drain deadline (hung in a call) is stopped hard (the

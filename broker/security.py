@@ -88,16 +88,3 @@ def start_authenticator(ctx: zmq.Context[Any], allowed_dir: str | None) -> tuple
     auth.configure_curve_callback(WORKERS, AllowedKeys(dirs[WORKERS], WORKERS, auth))
     admins = AllowedKeys(dirs[ADMINS], ADMINS) if ADMINS in dirs else None
     return auth, admins
-
-
-def secure_server(sock: zmq.Socket[Any], endpoint: str, secret: bytes | None, public: bytes | None,
-                  plane: str) -> None:
-    if not secret or not public:
-        raise ConfigError(
-            f"refusing to bind {endpoint} without CURVE keys: TCP endpoints need --curve-secret-key "
-            "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)"
-        )
-    sock.zap_domain = plane.encode()
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True

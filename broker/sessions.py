@@ -89,10 +89,10 @@ class SessionBook:
         gone (a tombstone), another client's, closing, another pool's, or one session too many."""
         rec = self.sessions.get(p.session)
         if rec is None:
-            if (why := self.closed.why(p.session)) is not None:
-                if reason := self.closed.lost(p.session):
+            if (tombstone := self.closed.get(p.session)) is not None:
+                why, lost, reason = tombstone
+                if reason:
                     return checkpoint_lost(p.session, reason)
-                lost = self.closed.worker(p.session)
                 return worker_gone(p.session, lost, why) if lost else SessionClosed(
                     f"session {p.session[:8]} {why}", session=p.session)
             if len(self.sessions) >= self.max_sessions:
@@ -172,10 +172,8 @@ class SessionBook:
             for wid, p in pool.take_awaiting():
                 if self.durable is not None and self.durable.reroute(p, pool):
                     continue
-                self._fail(p, pool, SessionWorkerUnavailable(
-                    f"session {p.session[:8]} is pinned to worker {wid.decode(errors='replace')[:8]}, which did not "
-                    f"re-register within {self.restart_grace:g}s of this broker's start",
-                    session=p.session, worker=wid.decode(errors="replace")))
+                self._fail(p, pool, worker_gone(
+                    p.session, wid, f"did not re-register within {self.restart_grace:g}s of this broker's start"))
 
     def running(self, rec: SessionRecord) -> bool:
         return any(w.runs_session(rec.id) for wid in rec.touched if (w := self.workers.get(wid)) is not None)

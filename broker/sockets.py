@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from broker.security import CLIENTS, WORKERS, secure_server, start_authenticator
+from broker.security import CLIENTS, WORKERS, start_authenticator
 from broker.settings import BrokerOptions
 from dspex.stack.rundir import prepare_bind
 from dspex.wire.errors import ConfigError
@@ -64,7 +64,7 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
     auth: ThreadAuthenticator | None = None
     admins: Callable[[], set[str]] | None = None
     if tcp:
-        if not options.curve_secret:
+        if not options.curve_secret or not options.curve_public:
             raise ConfigError(
                 f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
                 "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
@@ -91,7 +91,9 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * options.heartbeat_liveness)
             prepare_bind(endpoint)
             if endpoint.startswith("tcp://"):
-                secure_server(sock, endpoint, options.curve_secret, options.curve_public, plane)
+                sock.zap_domain = plane.encode()  # the plane's allow-list (broker.security)
+                sock.curve_secretkey, sock.curve_publickey = options.curve_secret, options.curve_public
+                sock.curve_server = True
             sock.bind(endpoint)
             if endpoint.startswith("ipc://"):  # ours to unlink at exit, and only this very file
                 bound[endpoint[len("ipc://"):]] = os.stat(endpoint[len("ipc://"):]).st_ino

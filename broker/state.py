@@ -396,19 +396,10 @@ class Tombstones:
         if len(self._why) > self._limit:
             self._why.popitem(last=False)
 
-    def why(self, session: str) -> str | None:
-        found = self._why.get(session)
-        return found[0] if found is not None else None
-
-    def worker(self, session: str) -> bytes:
-        """The worker a session lost (b"" for a session closed or expired)."""
-        found = self._why.get(session)
-        return found[1] if found is not None else b""
-
-    def lost(self, session: str) -> str:
-        """Why a durable session's checkpoint could not be restored ("" for any other)."""
-        found = self._why.get(session)
-        return found[2] if found is not None else ""
+    def get(self, session: str) -> tuple[str, bytes, str] | None:
+        """(why it ended, the worker it lost: b"" for a session closed or expired, why a durable
+        session's checkpoint could not be restored: "" for any other), or None: no tombstone."""
+        return self._why.get(session)
 
     def __len__(self) -> int:
         return len(self._why)

@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +234,16 @@ def pools_status(ctx: click.Context, pool: tuple[str, ...], verbose: bool, watch
     run(ctx, PoolsStatus(), json_out, pools=pool, verbose=verbose)
 
 
-@pools.command("start")
-@click.argument("pool", nargs=-1)
-@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for the workers to be ready")
-@json_option
-@click.pass_context
+def pools_command(name: str, wait: float, wait_help: str) -> Callable[[Callable[..., None]], click.Command]:
+    """``pools start|stop|restart``: the pools named (all by default), ``--wait`` and ``--json``."""
+    def decorate(fn: Callable[..., None]) -> click.Command:
+        fn = json_option(click.pass_context(fn))
+        fn = click.option("--wait", type=POSITIVE, default=wait, show_default=True, metavar="SECONDS", help=wait_help)(fn)
+        return pools.command(name)(click.argument("pool", nargs=-1)(fn))
+    return decorate
+
+
+@pools_command("start", 120.0, "how long to wait for the workers to be ready")
 def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Start pools (all by default); start supervisord first when it is not running.
 
@@ -248,23 +253,13 @@ def pools_start(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out
     run(ctx, lifecycle.PoolsStart(), json_out, pools=pool, wait=wait)
 
 
-@pools.command("stop")
-@click.argument("pool", nargs=-1)
-@click.option("--wait", type=POSITIVE, default=60.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for the workers to stop")
-@json_option
-@click.pass_context
+@pools_command("stop", 60.0, "how long to wait for the workers to stop")
 def pools_stop(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Stop pools' workers (all pools by default); the broker keeps running."""
     run(ctx, lifecycle.PoolsStop(), json_out, pools=pool, wait=wait)
 
 
-@pools.command("restart")
-@click.argument("pool", nargs=-1)
-@click.option("--wait", type=POSITIVE, default=120.0, show_default=True, metavar="SECONDS",
-              help="how long to wait for the stop, then for the workers to be ready")
-@json_option
-@click.pass_context
+@pools_command("restart", 120.0, "how long to wait for the stop, then for the workers to be ready")
 def pools_restart(ctx: click.Context, pool: tuple[str, ...], wait: float, json_out: bool) -> None:
     """Stop pools' workers (all pools by default), start them again, wait until they are ready.
 

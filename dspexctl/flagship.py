@@ -26,10 +26,10 @@ import click
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, pid_alive
+from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, supervisord_pid
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
-from dspexctl.commands import exit_code_for
+from dspexctl.commands import Settings, exit_code_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_PATH = EXAMPLES / "flagship_multi_pool_gepa.py"
@@ -103,15 +103,6 @@ def _interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _setting(ctx: click.Context, name: str, default: Any = None) -> Any:
-    obj = ctx.find_root().obj if ctx.find_root().obj is not None else ctx.obj
-    if isinstance(obj, dict):
-        value = obj.get(name, default)
-    else:
-        value = getattr(obj, name, default)
-    return default if value is None else value
-
-
 def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
     try:
         with dspex.connect(endpoint, timeout=timeout) as c:
@@ -140,18 +131,6 @@ def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], No
         raise
 
 
-def _supervisord_pid(sc: SupervisorConf) -> int | None:
-    """The live supervisord named by ``sc``'s pidfile (None when there is none, or another process
-    took the pid)."""
-    try:
-        pid = int((sc.pidfile or Path("/nonexistent")).read_text().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            is_supervisord = b"supervisord" in f.read()
-    except (OSError, ValueError):
-        return None
-    return pid if is_supervisord and pid_alive(pid) else None
-
-
 def _stop_supervisord(sc: SupervisorConf) -> None:
     """Stop the supervisord of ``sc`` that this command started, also one still daemonizing (it
     answers nobody yet; SIGTERM makes it stop its programs and exit)."""
@@ -161,7 +140,7 @@ def _stop_supervisord(sc: SupervisorConf) -> None:
             if sup.running():
                 stack.shutdown_stack(stack.StackHandle(conf=sc.path, endpoint="", started=True), SHUTDOWN_TIMEOUT_S)
                 return
-        pid = _supervisord_pid(sc)
+        pid = supervisord_pid(sc)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             stack.wait_pid_exit(pid, SHUTDOWN_TIMEOUT_S)
@@ -203,15 +182,13 @@ def _exit_code(err: BaseException, example: ModuleType | None) -> int:
     return exit_code_for(err)
 
 
-def _conf(ctx: click.Context) -> Path | None:
+def _conf(settings: Settings) -> Path:
     """The group's supervisor.conf; when none was asked for and ./supervisor.conf is absent, the
     one of this source checkout (so `dspexctl flagship` works from any directory)."""
-    conf = _setting(ctx, "supervisor_conf")
-    explicit = bool(_setting(ctx, "conf_explicit", False))
-    if conf is not None and (explicit or Path(conf).exists()):
-        return Path(conf)
+    if settings.conf_explicit or settings.supervisor_conf.exists():
+        return settings.supervisor_conf
     repo_conf = Path(__file__).resolve().parents[1] / "supervisor.conf"
-    return repo_conf if repo_conf.exists() else (Path(conf) if conf is not None else None)
+    return repo_conf if repo_conf.exists() else settings.supervisor_conf
 
 
 def _echo(line: str, err: bool) -> None:
@@ -299,14 +276,15 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
     unreachable; 10 the LM is slower than the bounds allow; 11 the LM endpoint is unusable
     (preflight); 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
     """
-    as_json = as_json or bool(_setting(ctx, "json", False))
+    settings: Settings = ctx.obj
+    as_json = as_json or settings.json
 
     def say(line: str) -> None:
         _echo(line, err=as_json)
 
-    endpoint: str | None = _setting(ctx, "endpoint")
+    endpoint = settings.endpoint
     # the group's --timeout (default 5 s) is meant for admin requests; LM calls need longer
-    timeout = max(float(_setting(ctx, "timeout", 60.0)), 60.0)
+    timeout = max(settings.timeout, 60.0)
     handle: stack.StackHandle | None = None
     results: dict[str, Any] | None = None
     error: BaseException | None = None
@@ -320,13 +298,13 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             # a missing key fails before anything starts, and so does an LM endpoint that cannot work
             spec = example.resolve_lm(model, api_base, engine=lm_engine, bounds=bounds)
             checked = example.preflight(spec, say) if not spec.offline and not no_preflight else None
-            stack.check_run_dir(_conf(ctx), endpoint)  # another stack's broker on this run dir: say so
+            stack.check_run_dir(_conf(settings), endpoint)  # another stack's broker on this run dir: say so
             if _reachable(endpoint):
                 say(f"using the running stack at {ClientConfig.from_env().endpoint_or_default(endpoint)}")
             else:
                 t0 = time.monotonic()
                 say("no stack answers: starting one under supervisord")
-                handle = _start_stack(_conf(ctx), timeout=max(timeout, 120.0), progress=_start_progress(say))
+                handle = _start_stack(_conf(settings), timeout=max(timeout, 120.0), progress=_start_progress(say))
                 endpoint = handle.endpoint
                 say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
             # its own view of the flow (stdout: one JSON document with --json): the programs' prints
@@ -376,7 +354,3 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
         _echo(json.dumps(results, default=str), err=False)
     if results["summary"]["failed_calls"]:
         ctx.exit(example.EXIT_COMPLETED_WITH_FAILURES)
-
-
-if __name__ == "__main__":  # python -m dspexctl.flagship
-    flagship()

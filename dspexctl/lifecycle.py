@@ -16,7 +16,9 @@ from dspex.stack.supervisor import (
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
+    by_group,
     full_name,
+    supervisord_pid,
 )
 from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import EXIT_FOR_STATE, EXIT_OK, Settings, metrics_text, progress
@@ -33,7 +35,7 @@ from dspexctl.stack import (
 
 def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
     """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    groups = sup.groups()
+    groups = by_group(sup.processes())
     declared = [c.name for c in load_pools(sc.path)]
     if not wanted:
         return [name for name in declared if name in groups]
@@ -63,11 +65,15 @@ def stop_groups(sup: Supervisor, groups: list[str], since: float, deadline: floa
         time.sleep(0.02)
 
 
-class PoolsStart:
-    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
+class PoolsCommand:
+    """``pools start|stop|restart``: the pools named (all of the conf's by default), and how long to wait."""
 
     def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
         return {"pools": list(pools), "wait": wait}
+
+
+class PoolsStart(PoolsCommand):
+    interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         sc = SupervisorConf.load(settings.supervisor_conf)
@@ -133,11 +139,8 @@ def _problem_lines(pools: dict[str, Any]) -> str:
     return "".join(f"\n{p['state'].upper()}: {name}: {text}" for name, p in pools.items() for text in p["problems"])
 
 
-class PoolsStop:
+class PoolsStop(PoolsCommand):
     interrupted = "supervisord goes on stopping the workers (dspexctl pools status follows it)"
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 60.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         sc = SupervisorConf.load(settings.supervisor_conf)
@@ -180,13 +183,10 @@ class PoolsStop:
         return EXIT_OK
 
 
-class PoolsRestart:
+class PoolsRestart(PoolsCommand):
     """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
 
     interrupted = PoolsStart.interrupted
-
-    def request(self, pools: tuple[str, ...] = (), wait: float = 120.0) -> dict[str, Any]:
-        return {"pools": list(pools), "wait": wait}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -217,13 +217,6 @@ def _await_shutdown(sup: Supervisor, deadline: float) -> None:
         time.sleep(0.02)
 
 
-def _pidfile_pid(sc: SupervisorConf) -> int | None:
-    try:
-        return int(sc.pidfile.read_text().strip()) if sc.pidfile else None
-    except (OSError, ValueError):
-        return None
-
-
 class StackStop:
     """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
 
@@ -244,7 +237,7 @@ class StackStop:
                     raise
                 # another stop is under way (one that ran out of --wait, another operator's):
                 # supervisord refuses every call now, so its pid comes from its pidfile
-                daemon = _pidfile_pid(sc)
+                daemon = supervisord_pid(sc)
                 progress(f"supervisord (pid {daemon}) of {sc.path} is shutting down already: waiting for it to exit")
                 _await_shutdown(sup, deadline)
                 if daemon:

@@ -27,6 +27,7 @@ from dspex.stack.supervisor import (
     SupervisorConf,
     SupervisorError,
     SupervisorUnreachable,
+    by_group,
     full_name,
     pid_alive,
     start_supervisord,
@@ -46,9 +47,12 @@ class StackConflict(ConfigError):
     code = "stack_conflict"
 
 
-def _fix(run_dir: str, other_conf: str) -> str:
+def _conflict(endpoint: str, what: str, other_conf: str = "") -> str:
+    """Another stack holds the run directory of ``endpoint``: ``what`` shows it, and the fix."""
+    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
     stop = f"dspexctl --supervisor-conf {other_conf} stop" if other_conf else "stop it"
-    return (f"stop that stack ({stop}), or give this one its own run directory and metrics port "
+    return (f"another stack is using this run directory {run_dir}: {what}; "
+            f"stop that stack ({stop}), or give this one its own run directory and metrics port "
             f"(DSPEX_RUN_DIR=/tmp/dspex-mine DSPEX_METRICS_PORT=9465 dspexctl ...; a second stack also needs "
             f"a second checkout, whose run/ holds its supervisord's socket)")
 
@@ -63,7 +67,6 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
         probe_ipc(endpoint)
     except (ConnectionError, ConfigError):
         return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
-    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
     ours = [p["pid"] for p in (sup.processes() if sup is not None else [])
             if p["group"] == "broker" and p["name"] == "broker" and p["pid"]]
     try:
@@ -72,16 +75,15 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     except Timeout:
         if ours:
             return None  # our own broker, busy: not a conflict
-        return (f"another stack is using this run directory {run_dir}: a process accepts connections at "
-                f"{endpoint} but does not answer (a stopped or hung broker?); " + _fix(run_dir, ""))
+        return _conflict(endpoint, f"a process accepts connections at {endpoint} but does not answer (a stopped or "
+                                   "hung broker?)")
     except ConnectionError:
         return None
     other = str(info.get("config") or "")
     if other == str(conf.path) or info.get("pid") in ours or not (other or confless_is_foreign):
         return None
     started_with = f"was started with {other}" if other else "was started without a supervisor.conf"
-    return (f"another stack is using this run directory {run_dir}: the broker there (pid {info.get('pid')}) "
-            f"{started_with}, not {conf.path}; " + _fix(run_dir, other))
+    return _conflict(endpoint, f"the broker there (pid {info.get('pid')}) {started_with}, not {conf.path}", other)
 
 
 def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None:
@@ -195,7 +197,7 @@ def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
     """Workers each pool should have once this supervisord has started them: the processes of its
     group (numprocs). A pool without a group here has its workers on other hosts (its ``size``
     counts them), which this supervisord cannot start: 0."""
-    groups = sup.groups() if sup is not None else {}
+    groups = by_group(sup.processes()) if sup is not None else {}
     names = list(pools) if pools is not None else [p.name for p in load_pools(sc.path)]
     return {name: len(groups.get(name, ())) for name in names}
 
@@ -254,9 +256,7 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                 fatal = [full_name(p) for p in procs if p["statename"] == "FATAL"]
                 refused = _bind_refused(sup) if conf is not None and status is None else None
                 if refused:
-                    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
-                    raise StackConflict(f"another stack is using this run directory {run_dir}: this stack's broker "
-                                        f"refused to start ({refused}); " + _fix(run_dir, ""))
+                    raise StackConflict(_conflict(endpoint, f"this stack's broker refused to start ({refused})"))
             if fatal and sup is not None:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
                 why = "; ".join(f"{name}: {sup.last_log_line(name) or 'no output'}" for name in fatal)

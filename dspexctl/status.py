@@ -30,10 +30,11 @@ from dspex.stack.health import (
     with_exits,
     worst,
 )
-from dspex.stack.poolstatus import summarize
+from dspex.stack.poolstatus import latency, summarize
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorUnreachable,
+    by_group,
     full_name,
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
@@ -57,13 +58,6 @@ WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "error
 
 def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
     return gave_up(full_name(proc), proc["statename"], tails.get(full_name(proc), ""))
-
-
-def latency(bp: dict[str, Any] | None, key: str) -> float | None:
-    """None where there is no sample (the broker reports 0.0 for an empty window)."""
-    if not bp or (not bp.get("latency_p50_ms") and not bp.get("latency_p99_ms")):
-        return None
-    return float(bp[key])
 
 
 class PoolsStatus:
@@ -144,9 +138,7 @@ class PoolsStatus:
                 config_error = err.message
                 issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
 
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for p in procs:
-            groups.setdefault(p["group"], []).append(p)
+        groups = by_group(procs)
         broker_proc = next((p for p in groups.get("broker", []) if p["name"] == "broker"), None)
         # the pids of this host's workers: supervisord's pids say nothing of another host's
         registered = local_pids(w for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"])
@@ -268,9 +260,6 @@ class PoolsStatus:
             "workers": workers,
         }
 
-    def present(self, result: dict[str, Any]) -> str:
-        return StatusText().present(result)
-
     def exit_code(self, result: dict[str, Any]) -> int:
         if result["health"] == State.UNREACHABLE.value:
             parts = result.get("brokers") or [result]
@@ -278,13 +267,10 @@ class PoolsStatus:
                 return EXIT_TIMEOUT
         return EXIT_FOR_STATE[State(result["health"])]
 
-
-class StatusText:
-    """The text ``pools status`` prints for a :class:`PoolsStatus` result: the pools table (with
-    ``--verbose`` each pool's workers), the failed answers of the health window, the broker's and
-    supervisord's lines and the issues; one section per broker for a map of several."""
-
     def present(self, result: dict[str, Any]) -> str:
+        """The pools table (with ``--verbose`` each pool's workers), the failed answers of the
+        health window, the broker's and supervisord's lines and the issues; one section per broker
+        for a map of several."""
         if "brokers" not in result:
             return self._present(result)
         sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"

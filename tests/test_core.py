@@ -513,7 +513,7 @@ def test_tombstones_are_bounded() -> None:
     closed = Tombstones(limit=10)
     for i in range(25):
         closed.add(f"s{i}", "was closed")
-    assert len(closed) == 10 and closed.why("s24") and closed.why("s0") is None
+    assert len(closed) == 10 and closed.get("s24") and closed.get("s0") is None
 
 
 def test_release_goes_to_every_worker_a_hint_session_touched() -> None:

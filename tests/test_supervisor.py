@@ -54,12 +54,11 @@ def sup() -> Iterator[SupervisedStack]:
 
 # -- the shipped conf ------------------------------------------------------------------------------
 def test_shipped_conf_declares_the_flagship_pools() -> None:
-    from dspex.stack.pools import load_pools, supervisor_group_sizes
+    from dspex.stack.pools import load_pools
 
     pools = {p.name: p for p in load_pools(SHIPPED_CONF)}
     assert {n: p.affinity.value for n, p in pools.items()} == POOLS
-    assert supervisor_group_sizes(SHIPPED_CONF) == {"broker": 1, "triage_pool": 2, "optimizer_pool": 2,
-                                                    "analytics_pool": 2}
+    assert {n: p.size for n, p in pools.items()} == {"triage_pool": 2, "optimizer_pool": 2, "analytics_pool": 2}
     text = SHIPPED_CONF.read_text()
     for line in text.splitlines():
         if line.startswith("command"):

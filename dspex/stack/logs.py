@@ -4,7 +4,7 @@
 
 UTC ISO 8601 timestamps with milliseconds, the process (``broker[pid]``, ``worker[pool:pid]``),
 the level, the logger, the message. Lines written before logging is set up (a bad option, a
-config error) use the same format through :func:`line`, so ``grep``/``sort`` over the log files
+config error) use the same format through :func:`early`, so ``grep``/``sort`` over the log files
 of a stack see one shape. DSPy installs its own handler and date format on the ``dspy`` logger
 when it is imported, writing to whatever ``sys.stderr`` is at the time (in a worker: the running
 call's output capture, which would nest its line inside a ``stderr:`` line of ours);
@@ -69,12 +69,7 @@ def _while_enabled(stream: Any) -> Callable[[logging.LogRecord], bool]:
     return lambda record: bool(stream.enabled)
 
 
-def line(label: str, level: str, message: str, name: str = "dspex") -> str:
-    """A line in the log format, for what is written before (or without) logging set up."""
-    record = logging.LogRecord(name, logging.getLevelName(level), __file__, 0, message, None, None)
-    return formatter(label).format(record)
-
-
 def early(label: str, message: str, level: str = "ERROR") -> None:
-    """Write one formatted line to stderr (config errors before logging is set up)."""
-    print(line(label, level, message), file=sys.stderr, flush=True)
+    """Write one line in the log format to stderr (config errors before logging is set up)."""
+    record = logging.LogRecord("dspex", logging.getLevelName(level), __file__, 0, message, None, None)
+    print(formatter(label).format(record), file=sys.stderr, flush=True)

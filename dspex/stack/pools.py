@@ -142,7 +142,7 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
                 _apply(cfg, key, value, f"{path} [{section}]")
             check_pool(cfg, f"{path} [{section}]")
             pools.append(cfg)
-    sizes = supervisor_group_sizes(path)
+    sizes = _group_sizes(parser)
     for cfg in pools:
         if not cfg.size:  # a size in the pool's own section wins over numprocs
             cfg.size = sizes.get(cfg.name, 0)
@@ -175,18 +175,12 @@ def _read_conf(path: Path) -> configparser.RawConfigParser:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
 
 
-def supervisor_group_sizes(conf_path: str | Path) -> dict[str, int]:
+def _group_sizes(parser: configparser.RawConfigParser) -> dict[str, int]:
     """Processes per supervisord group: a pool's size is the numprocs of its ``[group:POOL]``.
 
     A ``size`` in ``[dspex:pool:NAME]`` wins; a numprocs supervisord would expand (``%(ENV_X)s``)
     is not guessed at and counts as unknown (0).
     """
-    parser = configparser.RawConfigParser(inline_comment_prefixes=(";", "#"), strict=False)
-    try:
-        parser.read(conf_path)
-    except configparser.Error:
-        return {}
-
     def numprocs(program: str) -> int:
         section = f"program:{program.strip()}"
         if not parser.has_section(section):

@@ -44,6 +44,14 @@ class PoolSummary:
     verdict: Verdict | None
 
 
+def latency(pool: Mapping[str, Any] | None, key: str) -> float | None:
+    """A pool's ``latency_p50_ms`` or ``latency_p99_ms``; None where there is no sample (the broker
+    reports 0.0 for an empty window)."""
+    if not pool or (not pool.get("latency_p50_ms") and not pool.get("latency_p99_ms")):
+        return None
+    return float(pool[key])
+
+
 def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,
               events: Sequence[Mapping[str, Any]], registered: set[int], silent: Container[int],
               young: bool, conf_size: int = 0, broker_answered: bool = True) -> PoolSummary:

@@ -188,12 +188,6 @@ class Supervisor:
     def processes(self) -> list[dict[str, Any]]:
         return list(self.call("supervisor.getAllProcessInfo"))
 
-    def groups(self) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for p in self.processes():
-            out.setdefault(p["group"], []).append(p)
-        return out
-
     def stop_group(self, group: str, wait: bool = True) -> None:
         self.call("supervisor.stopProcessGroup", group, wait)
 
@@ -297,6 +291,14 @@ def exit_causes(log_text: str, killed: dict[int, str] | None = None) -> dict[int
     return causes
 
 
+def by_group(procs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """supervisord's processes by group (a pool's workers are its group's processes)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in procs:
+        out.setdefault(p["group"], []).append(p)
+    return out
+
+
 def full_name(proc: dict[str, Any]) -> str:
     """``group:name`` as supervisord's process calls want it (a lone program is ``name:name``)."""
     return f"{proc['group']}:{proc['name']}"
@@ -348,6 +350,18 @@ def start_supervisord(conf: SupervisorConf, timeout: float = 30.0) -> int:
                     raise SupervisorError(f"supervisord started but does not answer at {conf.serverurl}; "
                                           f"see {conf.logfile}") from None
                 time.sleep(0.05)
+
+
+def supervisord_pid(conf: SupervisorConf) -> int | None:
+    """The live supervisord named by ``conf``'s pidfile (None when there is none, or another
+    process took the pid): also one that answers nobody (daemonizing, or shutting down)."""
+    try:
+        pid = int((conf.pidfile or Path("/nonexistent")).read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            is_supervisord = b"supervisord" in f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if is_supervisord and pid_alive(pid) else None
 
 
 def pid_alive(pid: int) -> bool:
