@@ -161,6 +161,52 @@ def test_a_cancel_that_lands_before_a_blocking_system_call_still_stops_it(stack:
     assert _outcomes(stack).get("eval:cancelled") == 1
 
 
+FINALIZER_CODE = textwrap.dedent("""
+    import time, weakref
+
+    class Box:
+        pass
+
+    def busy_callback(ref):
+        end = time.monotonic() + 3.0  # the cancel arrives while this runs
+        while time.monotonic() < end:
+            pass
+
+    def collected(marker, tag):
+        box = Box()
+        keep = weakref.ref(box, busy_callback)
+        open(marker, "w").close()
+        del box  # the callback runs here: Python ignores what it raises ("Exception ignored in")
+        for _ in range(3000):
+            time.sleep(0.01)
+        done.append((tag, keep() is None))
+""")
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_that_lands_in_a_weakref_callback_still_stops_the_call(stack: Stack, tmp_path: Path) -> None:
+    """A cancel's interruption raised while a weakref callback (or a ``__del__``, a garbage
+    collection's finalizer) runs on the call's thread is swallowed by Python, which prints it as
+    "Exception ignored in" and goes on: the call must still stop. Seen in the conformance suite:
+    a cancel landed in a ``WeakKeyDictionary`` callback and the call ran on for 7 s."""
+    stack.env["DSPEX_HARD_GRACE"] = "60"  # the cancel must stop the call by itself
+    _start(stack, 1)
+    marker = tmp_path / "m"
+
+    async def body(client: dspex.aio.AsyncClient, s: dspex.aio.AsyncSession) -> tuple[float, Any]:
+        await s.exec(FINALIZER_CODE)
+        task = asyncio.create_task(s.eval(f"collected({str(marker)!r}, 'cancelled')"))
+        await _cancel_when_running(task, marker)
+        started = time.monotonic()
+        done = await s.eval("done")
+        return time.monotonic() - started, done
+
+    waited, done = _run(stack, body)
+    assert waited < PROMPT_S + 3.0, f"the session's next call waited {waited:.1f}s behind the cancelled one"
+    assert done == [], "the cancelled call went on past its cancel point"
+    assert _outcomes(stack).get("eval:cancelled") == 1
+
+
 @pytest.mark.parametrize("prefetch", [0, 1], ids=["queued-in-broker", "prefetch-allowed"])
 def test_a_cancelled_queued_request_never_runs(stack: Stack, tmp_path: Path, prefetch: int) -> None:
     """A call waiting behind the session's running call is cancelled: it never runs, the running

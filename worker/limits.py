@@ -36,7 +36,10 @@ run, as with an in-process ``task.cancel()``.
 
 Cancellation (the caller gave up: ``B_CANCEL``) stops a running call the same way, at once:
 :meth:`Watchdog.cancel` raises :class:`CallCancelled` (a ``CallTimedOut``, so code that handles
-the interruption of a call handles both). A cancel is not escalated: a call that swallows it runs
+the interruption of a call handles both). An interruption Python itself ignores (raised while a
+weakref callback, a ``__del__`` or a finalizer ran on the call's thread: "Exception ignored in")
+reaches the worker's ``sys.unraisablehook``, and the watchdog raises it again once that has
+returned. A cancel is not escalated: a call that swallows it runs
 on until its own deadline, where the limits above act. Once the call's code has returned
 (:func:`settle`) a cancel changes nothing: the result goes out.
 """
@@ -92,6 +95,7 @@ class _Call:
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
     signalled: bool = False  # a SIGINT was sent to its (main) thread and its handler has not run yet
+    resend: bool = False  # its interruption was raised where Python ignores it: the watchdog sends it again
     nudge_at: float = 0.0  # when the watchdog nudges the thread next, while ``signalled``
 
     def interruption(self) -> CallTimedOut:
@@ -267,6 +271,7 @@ class Watchdog:
         self._main = threading.main_thread().ident
         self._signal_installed = False
         self._sigterm: Any = None
+        self._previous_unraisablehook: Callable[[Any], Any] = sys.unraisablehook
 
     def _start(self) -> None:
         if self._thread is None:
@@ -276,9 +281,24 @@ class Watchdog:
                 self._sigterm = _signal.getsignal(signal.SIGTERM)  # the worker's stop (supervisord's)
                 signal.signal(signal.SIGINT, _on_sigint)
                 signal.signal(_NUDGE, _on_nudge)
+                self._previous_unraisablehook = sys.unraisablehook
+                sys.unraisablehook = self._on_unraisable
                 self._signal_installed = True
             self._thread = threading.Thread(target=self._loop, name="dspex-watchdog", daemon=True)
             self._thread.start()
+
+    def _on_unraisable(self, unraisable: Any) -> None:
+        """Python ignores what a weakref callback, a ``__del__`` or a garbage collection's
+        finalizer raises (it prints "Exception ignored in"): a call's interruption raised there
+        (its handler ran while one ran on the call's thread) is sent again by the watchdog, once
+        this has returned, so the call still stops."""
+        call = _state().active
+        if isinstance(unraisable.exc_value, CallTimedOut) and call is not None and not (call.done or call.settled):
+            with self._cond:
+                call.resend = True
+                self._cond.notify()
+            return
+        self._previous_unraisablehook(unraisable)
 
     def install(self) -> None:
         """From the main thread, before any call: the SIGINT handler and the watchdog thread."""
@@ -307,7 +327,8 @@ class Watchdog:
                     now = time.monotonic()
                     due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
                     nudge = [c for c in self._calls.values() if c.signalled and not c.done and c.nudge_at <= now]
-                    if due or nudge:
+                    resend = [c for c in self._calls.values() if c.resend and not c.done]
+                    if due or nudge or resend:
                         break
                     self._wake_at = min(min((self._next(c) for c in self._calls.values()), default=math.inf),
                                         min((c.nudge_at for c in self._calls.values() if c.signalled),
@@ -327,11 +348,15 @@ class Watchdog:
                         self._calls.pop(c.token, None)  # the hard limit acts once
                 for c in nudge:
                     c.nudge_at = now + _NUDGE_EVERY
+                for c in resend:
+                    c.resend = False
             for call in nudge:
                 try:
                     signal.pthread_kill(call.thread, _NUDGE)
                 except (ProcessLookupError, OSError):
                     pass
+            for call in resend:
+                self._soft(call)
             for call in due:
                 if not call.soft_sent:
                     call.soft_sent = True

@@ -14,12 +14,14 @@ import contextlib
 import copy
 import importlib
 import inspect
+import pathlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dspy
 import pydantic
+import pytest
 from dspy.dsp.utils.utils import dotdict
 
 import dspex
@@ -234,3 +236,68 @@ def dspy_test_params(test: Callable[..., Any]) -> list[tuple[Any, ...]]:
     several = len(names.split(",") if isinstance(names, str) else names) > 1
     rows = [getattr(v, "values", v) for v in values]  # a ``pytest.param(...)`` row keeps its values there
     return [tuple(row) if several else (row,) for row in rows]
+
+
+PARAMETER_SET = type(pytest.param())  # a ``pytest.param(...)`` row of a parametrize mark
+
+# What DSPy 3.4.1 itself warns while its own tests run (DSPy runs them with warnings shown, not
+# raised): its deprecations of the APIs those tests exercise, and pydantic's schema warning about
+# litellm's types. The marks of every DSPy test module copied here whole (``pytestmark``).
+DSPY_TEST_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:Item '.*' on TypedDict class:UserWarning"),
+    pytest.mark.filterwarnings("ignore:ProgramOfThought is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Implementing custom LMs through BaseLM:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Passing OpenAI-style message dictionaries:DeprecationWarning"),
+]
+
+
+def dspy_test_cases(tests: list[Callable[..., Any]]) -> list[Any]:
+    """``(test, kwargs)`` pytest params for DSPy test functions: one per row of their
+    ``pytest.mark.parametrize`` marks (stacked marks multiply, as in pytest), named as DSPy's."""
+    cases: list[Any] = []
+    for test in tests:
+        rows: list[tuple[dict[str, Any], list[str]]] = [({}, [])]
+        for mark in [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]:
+            names = mark.args[0]
+            names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+            ids = mark.kwargs.get("ids")
+            values = [v.values if isinstance(v, PARAMETER_SET) else v for v in mark.args[1]]
+            marked_ids = [v.id if isinstance(v, PARAMETER_SET) else None for v in mark.args[1]]
+            expanded = []
+            for i, value in enumerate(values):
+                row = dict(zip(names, value if len(names) > 1 else (value,), strict=True))
+                label = marked_ids[i] or (ids[i] if isinstance(ids, list) else str(i))
+                expanded += [({**kwargs, **row}, [*labels, label]) for kwargs, labels in rows]
+            rows = expanded
+        name = dspy_test_id(test)
+        cases += [pytest.param(test, kwargs, id=f"{name}[{'-'.join(labels)}]" if labels else name)
+                  for kwargs, labels in rows]
+    return cases
+
+
+def _pytest_fixtures(test: Callable[..., Any], tmp_path: pathlib.Path,
+                     monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    taken = inspect.signature(test).parameters
+    return {name: value for name, value in (("tmp_path", tmp_path), ("monkeypatch", monkeypatch)) if name in taken}
+
+
+def run_dspy_test(test: Callable[..., Any], tmp_path: pathlib.Path, /, **kwargs: Any) -> Any:
+    """Call a DSPy test function as pytest would: its parameters, ``tmp_path`` if it takes it, and a
+    ``monkeypatch`` of this process (undone when it returns) if it takes one. The program of a case:
+    it runs where the case runs it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return test(**kwargs, **_pytest_fixtures(test, tmp_path, monkeypatch))
+
+
+def run_dspy_test_from(root: pathlib.Path, test: Callable[..., Any], tmp_path: pathlib.Path, /,
+                       **kwargs: Any) -> Any:
+    """:func:`run_dspy_test` in ``root`` as the working directory: DSPy's tests that open files by
+    paths relative to DSPy's repository (``open("tests/teleprompt/...json")``) run from its root."""
+    with contextlib.chdir(root):
+        return run_dspy_test(test, tmp_path, **kwargs)
+
+
+async def arun_dspy_test(test: Callable[..., Any], tmp_path: pathlib.Path, /, **kwargs: Any) -> Any:
+    """:func:`run_dspy_test` of an ``async def`` test, awaited."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return await test(**kwargs, **_pytest_fixtures(test, tmp_path, monkeypatch))
