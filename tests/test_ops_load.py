@@ -10,15 +10,18 @@ call then runs (it never timed out), and the pool is OK (exit 0) with no failure
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness import wait_for
-from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, dspexctl, no_traceback, small_stack
+from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_status, small_stack
 
 pytestmark = [pytest.mark.slow]
 
@@ -77,24 +80,50 @@ def test_requests_waiting_long_behind_busy_workers_warn_before_they_time_out(sta
 
 @pytest.mark.timeout(120)
 def test_a_recycle_waiting_for_a_busy_worker_says_what_it_waits_for(stack: SupervisedStack) -> None:
-    """``workers recycle`` of a worker running a 5 s call: the progress line says the worker
-    finishes its running call first, not only "0/1 retired" for as long as the call takes."""
+    """``workers recycle`` of a worker running a call: the progress line says the worker finishes
+    its running call first, not only "0/1 retired" for as long as the call takes. The call ends
+    once that line is out (a call of fixed length, 5 s, could end before a dspexctl started on a
+    loaded host printed it)."""
     (old,) = stack.ready("triage_pool")
     results: list[Any] = []
+    release = Path(stack.root, "release-recycle")
 
     def call() -> None:
-        with stack.client() as dx:
-            results.append(dx.call("time", "sleep", [5.0], pool="triage_pool", timeout=60))
+        with stack.client() as dx, dx.session("triage_pool") as s:
+            s.exec("import os, time\nwhile not os.path.exists(release):\n    time.sleep(0.02)\n", {"release": str(release)},
+                   timeout=60)
+            results.append("let go")
 
     busy = threading.Thread(target=call)
     busy.start()
+    progress: list[str] = []
     try:
         wait_for(lambda: stack.status()["pools"]["triage_pool"]["workers"][0]["state"] == "busy", 10, 0.05,
                  "the worker busy")
-        res = dspexctl(stack, "workers", "recycle", "triage_pool")
+        env = {k: v for k, v in stack.env.items() if k != "DSPEX_SUPERVISOR_CONF"}  # as harness.dspexctl runs it
+        recycle = subprocess.Popen([sys.executable, "-m", "dspexctl", "workers", "recycle", "triage_pool"], cwd=stack.root,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            def read_progress() -> None:
+                assert recycle.stderr is not None
+                for line in recycle.stderr:
+                    progress.append(line.rstrip("\n"))
+
+            reader = threading.Thread(target=read_progress)
+            reader.start()
+            wait_for(lambda: any(ln.startswith("waiting:") for ln in progress), 60, 0.05, "the recycle's first wait line")
+            release.touch()
+            out, _ = recycle.communicate(timeout=60)
+            reader.join(10)
+        finally:
+            if recycle.poll() is None:
+                recycle.kill()
+                recycle.wait()
     finally:
+        release.touch()
         busy.join(30)
-    no_traceback(res)
-    assert res.returncode == 0 and results == [None], res.stdout + res.stderr
+    text = out + "\n".join(progress)
+    assert "Traceback" not in text, text
+    assert recycle.returncode == 0 and results == ["let go"], text
     assert (f"waiting: 0/1 retired ({old['id']} finishes its 1 running call(s) first), 0/1 replacements ready"
-            in res.stderr.splitlines()), res.stderr
+            in progress), text
