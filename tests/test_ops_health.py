@@ -1,5 +1,5 @@
 """Health means trouble, and session counts tell the truth: the CLI as a subprocess against a real
-supervisord stack (the shipped broker and triage_pool sections, 2 workers, a 15 s health window).
+supervisord stack (the shipped broker and triage_pool sections, 2 workers, a 30 s health window).
 
 * 50 user exceptions and a ``workers recycle --all`` leave the pool OK (exit 0), counted apart;
   3 worker crashes make it WARN (exit 6), and it is OK again once the window holds no crash.
@@ -25,7 +25,9 @@ from tests.harness.supervisord import SupervisedStack, cli_status, dashboard_sta
 
 pytestmark = [pytest.mark.slow]
 
-WINDOW = 15
+# a crash a test makes must still be in the window when it reads the status after it: a hard
+# recycle's kill and replacement plus five dspexctl runs took 15 s on a loaded 2-core host
+WINDOW = 30
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,10 @@ def answer(question: str) -> tuple[str, int]:
 
 
 def test_a_threaded_http_service_shares_one_client_among_its_request_threads(stack: Stack) -> None:
+    # the shipped heartbeat (1 s x liveness 3), not the tests' quicker one (0.75 s of silence): two
+    # capacity-4 workers running DSPy beside 80 client and server threads on a loaded 2-core host
+    # can leave a worker's reader without the CPU for that long, and its calls fail as crashed
+    stack.heartbeat = 1.0
     stack.pool("p:strict_queue:queue_max=1000", 2, "--capacity", "4")
     dx = stack.client(timeout=30)
     lm = DummyLM({q: {"answer": "answer to " + q} for q in QUESTIONS})
