@@ -143,6 +143,7 @@ class PoolsStatus:
         # the pids of this host's workers: supervisord's pids say nothing of another host's
         registered = local_pids(w for pool in (broker or {}).get("pools", {}).values() for w in pool["workers"])
         broker_starting = False
+        mismatch = None
         if broker is None:
             if sc is not None and broker_proc is not None and broker_proc["statename"] in ("RUNNING", "STARTING"):
                 state, text = silent_broker(broker_proc, settings.resolved_endpoint(), sc, broker_err, settings.config,
@@ -185,9 +186,11 @@ class PoolsStatus:
                 if proc_phase(p, registered) == "broken":
                     issues.append((State.DEGRADED, gave_up_line(tails, p)))
 
-        # with supervisord's view, a pool without a group here has all its workers on other hosts
+        # with supervisord's view, a pool without a group here has all its workers on other hosts;
+        # another stack's broker (mismatch) says nothing of whether this supervisord's workers registered
         local_view = bool(sup_info and sup_info["state"] is not None)
-        pools = [self._pool(name, broker, broker_starting, groups.get(name, [] if local_view else None), conf_sizes,
+        pools = [self._pool(name, broker, broker_starting,
+                            None if mismatch else groups.get(name, [] if local_view else None), conf_sizes,
                             registered, tails, issues) for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)

@@ -382,7 +382,10 @@ def test_a_broker_that_accepts_but_does_not_answer_is_a_timeout_named(small: Sup
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
-    """dspexctl talks to the broker at its endpoint; when that is not this supervisord's broker, say so."""
+    """dspexctl talks to the broker at its endpoint; when that is not this supervisord's broker, say so.
+    Its pools are as that broker has them (no worker registered there: DOWN, however long this
+    supervisord's workers have run), and this supervisord's workers are not blamed for not
+    registering with a broker they never were meant for."""
     other_dir = str(small.root / "o")
     env = {**small.env, "DSPEX_RUN_DIR": other_dir}
     log = open(small.root / "other-broker.log", "wb")  # noqa: SIM115 - the child process holds it
@@ -393,8 +396,10 @@ def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
         wait_for(lambda: os.path.exists(f"{other_dir}/frontend.sock"), 30, 0.05, "the other broker's socket")
         res = dspexctl(small, "--endpoint", f"ipc://{other_dir}/frontend.sock", "pools", "status")
         no_traceback(res)
-        assert res.returncode == 3, res.stdout
+        assert res.returncode == 5, res.stdout
         assert f"is pid {other.pid}, not this supervisord's broker" in res.stdout
+        assert "DOWN: triage_pool has no ready worker" in res.stdout
+        assert "not registered" not in res.stdout and "unregistered" not in res.stdout
     finally:
         other.send_signal(signal.SIGTERM)
         try:
