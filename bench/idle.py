@@ -5,7 +5,9 @@ port on) on a private copy under supervisord, left alone once every worker is re
 stack's CPU over a second fell under 10% of a core (start-up over). Over each window (CPU in clock
 ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all threads, ``/proc/PID/stat``)
 and wake-ups (voluntary + involuntary context switches of every thread,
-``/proc/PID/task/*/status``) per second; in all for dspex (broker + workers) and with supervisord.
+``/proc/PID/task/*/status``) per second, the involuntary ones (a thread preempted, most often by
+another thread of the stack that a heartbeat woke on the same core) also apart; in all for dspex
+(broker + workers) and with supervisord.
 
 ``idle.worker``: the idle workers of that stack alone (the median worker), per thread: a worker
 sleeps until its next real deadline (its heartbeat, a call's time limit), so its wake-ups are
@@ -37,31 +39,38 @@ WORKER_WAKEUPS_GOAL = 5.0
 # -- /proc counters ------------------------------------------------------------------------------
 
 def counters(pid: int) -> dict[str, Any]:
-    """CPU seconds (all threads) and context switches per thread (``comm:tid`` -> count)."""
+    """CPU seconds (all threads), context switches per thread (``comm:tid`` -> count) and the
+    involuntary ones among them."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     threads: dict[str, int] = {}
+    preempted: dict[str, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
-            n = 0
+            switches = {}
             with open(f"/proc/{pid}/task/{tid}/status") as f:
                 for line in f:
                     if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        n += int(line.split()[1])
+                        name, n = line.split()
+                        switches[name] = int(n)
         except OSError:  # the thread ended meanwhile
             continue
-        threads[f"{'main' if int(tid) == pid else comm}:{tid}"] = n
-    return {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK, "threads": threads}
+        key = f"{'main' if int(tid) == pid else comm}:{tid}"
+        threads[key] = sum(switches.values())
+        preempted[key] = switches.get("nonvoluntary_ctxt_switches:", 0)
+    return {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK, "threads": threads, "preempted": preempted}
 
 
 def rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """CPU share of one core and wake-ups per second between two :func:`counters` readings
-    (threads present in both; a thread that started meanwhile counts from 0)."""
+    """CPU share of one core, wake-ups and the preemptions among them per second between two
+    :func:`counters` readings (threads present in both; a thread that started meanwhile counts
+    from 0)."""
     per_thread = {k: (v - before["threads"].get(k, 0)) / seconds for k, v in after["threads"].items()}
+    preempted = sum(v - before["preempted"].get(k, 0) for k, v in after["preempted"].items()) / seconds
     return {"cpu": (after["cpu"] - before["cpu"]) / seconds, "wakeups": sum(per_thread.values()),
-            "threads": {k: round(v, 2) for k, v in per_thread.items() if v}}
+            "preempted": preempted, "threads": {k: round(v, 2) for k, v in per_thread.items() if v}}
 
 
 def measure(pids: dict[str, int], seconds: float) -> dict[str, dict[str, Any]]:
@@ -84,9 +93,8 @@ def settle(pids: dict[str, int], limit: float, quiet: float = 0.10) -> float:
 
 def _totals(m: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     dspex = [v for k, v in m.items() if k != "supervisord"]
-    return {"dspex": {"cpu": sum(v["cpu"] for v in dspex), "wakeups": sum(v["wakeups"] for v in dspex)},
-            "with_supervisord": {"cpu": sum(v["cpu"] for v in m.values()),
-                                 "wakeups": sum(v["wakeups"] for v in m.values())}}
+    return {name: {f: sum(v[f] for v in procs) for f in ("cpu", "wakeups", "preempted")}
+            for name, procs in (("dspex", dspex), ("with_supervisord", list(m.values())))}
 
 
 def _fmt(x: dict[str, float]) -> str:
@@ -130,7 +138,7 @@ def idle(cfg: Config) -> list[Row]:
         ws.close()
 
     per_proc = {k: {f: median([r[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")} for k in pids}
-    totals = {k: {f: median([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups")}
+    totals = {k: {f: median([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups", "preempted")}
               for k in ("dspex", "with_supervisord")}
     threads = {k: idle_rounds[-1][k]["threads"] for k in pids}
     ok = totals["with_supervisord"]["cpu"] <= CPU_GOAL and totals["with_supervisord"]["wakeups"] <= WAKEUPS_GOAL
@@ -140,7 +148,8 @@ def idle(cfg: Config) -> list[Row]:
     rows = [Row("idle.stack", f"idle stack: shipped supervisor.conf ({len(workers)} workers), {window:.0f} s windows",
                 f"{_fmt(totals['with_supervisord'])} (dspex alone: {_fmt(totals['dspex'])})",
                 f"broker {_fmt(per_proc['broker'])}; a worker {_fmt({'cpu': w_cpu, 'wakeups': w_wake})}; "
-                f"supervisord {_fmt(per_proc['supervisord'])}", "",
+                f"supervisord {_fmt(per_proc['supervisord'])}; of all the wake-ups, "
+                f"{totals['with_supervisord']['preempted']:.1f}/s were preemptions", "",
                 f"≤ {CPU_GOAL * 100:.1f}% of a core, ≤ {WAKEUPS_GOAL:.0f} wake-ups/s", "" if cfg.smoke else verdict(ok),
                 data={"window_s": window, "rounds": rounds, "settled_s": settled, "per_process": per_proc, "totals": totals,
                       "threads_last_round": threads, "raw": idle_rounds})]

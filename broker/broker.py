@@ -84,6 +84,7 @@ class Broker:
         self._store_claim = -1  # the lock that makes the store this broker's alone (rundir.claim)
         self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
         self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
+        self._poll_but_backend: list[tuple[Any, int]] = []  # ... while the workers' answers wait (Roster.answers_wait_until)
 
     def status(self, now: float) -> dict[str, Any]:
         return status_of(self.core, now)
@@ -215,17 +216,25 @@ class Broker:
 
     def turn(self) -> None:
         """One turn of the loop: sleep until a socket is readable or the next deadline, handle
-        every message that is ready, then what is due."""
+        every message that is ready, then what is due. Just after a heartbeat round with no
+        request in flight, the backend is read once when the workers' answers are in, not at
+        each (``Roster.answers_wait_until``)."""
         items = self._poll_items
-        if not items:  # (zmq_poll on a list made once: no Poller sugar per turn)
+        if not items:  # (zmq_poll on lists made once: no Poller sugar per turn)
             items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
                                                                self.front_monitor)]
             if self.store_link is not None:
                 items.append((self.store_link.fileno(), POLLIN))
+            self._poll_but_backend = [item for item in items if item[0] is not self.backend]
         store_fd = self.store_link.fileno() if self.store_link is not None else -1
         core, publisher, conns = self.core, self.publisher, self.connections
         due = min(core.next_deadline(), publisher.next_due(), conns.handshakes.next_due())
-        timeout = max(0.0, due - time.monotonic())
+        now = time.monotonic()
+        answers_wait = core.roster.answers_wait_until()  # the workers' answers to a heartbeat round
+        if answers_wait > now:
+            items = self._poll_but_backend
+            due = min(due, answers_wait)
+        timeout = max(0.0, due - now)
         if conns.worker_disconnects or conns.client_disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it

@@ -49,6 +49,9 @@ DRAIN_DEADLINE = "was recycled (stopped hard at its drain deadline)"
 # exit cause supervisord saw stay in the events, where free text does not multiply series)
 CRASH_WHYS = ("connection_lost", "silent")
 RECYCLE_WHYS = ("recycled", "hard_limit", "drain_deadline")
+# the share of a heartbeat interval after a round during which the workers' answers wait unread
+# while no request is in flight (:meth:`Roster.answers_wait_until`)
+ANSWERS_WAIT = 0.1
 
 
 def why_label(why: str, crashed: bool) -> str:
@@ -231,6 +234,17 @@ class Roster:
             w.expiry = now + wait
             self.port.log(logging.INFO, "worker %s (pid %d) lost its connection while this broker did not run: "
                           "waiting up to %.1fs for it on a new one", w.incarnation[:8], w.pid, wait)
+
+    def answers_wait_until(self) -> float:
+        """Until when the backend may go unread (-inf: not now). The workers answer a heartbeat
+        round within milliseconds of each other but not together: read as they come, each answer
+        would wake the routing thread; read once, a tenth of an interval after the round, they wake
+        it once. Only with no request in flight, so no reply waits: what else a worker may say then
+        (READY, a goodbye, a drain) waits that long at most, a worker's silence is judged at the
+        rounds and its answer still counts from when it is read."""
+        if self.running or not self.workers:
+            return -math.inf
+        return self.last_round + self.interval * ANSWERS_WAIT
 
     def heartbeat(self, now: float) -> None:
         """Heartbeat every worker; remove those silent too long."""

@@ -1,0 +1,91 @@
+"""An idle stack stays out of the way: the broker reads the workers' answers to a heartbeat round
+in one wake-up of its routing thread, not in one each, and only while no request is in flight
+(issue 22 item 6; bench/idle.py measures the stack)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from broker.roster import ANSWERS_WAIT
+from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_HEARTBEAT, W_READY
+from tests.harness.stack import Stack
+from tests.test_core import HEARTBEAT, START, StubCore
+
+C, A = b"client-1", b"worker-a"
+
+
+def test_the_answers_to_a_round_wait_only_while_no_request_is_in_flight() -> None:
+    core = StubCore("p:strict_queue")
+    assert core.roster.answers_wait_until() == -math.inf  # no worker: nothing to wait for
+    core.ready(A, "p")
+    core.advance_to(START + HEARTBEAT)  # a round
+    assert core.roster.answers_wait_until() == START + HEARTBEAT * (1 + ANSWERS_WAIT)
+    core.request(C, 1, "p", "s")
+    assert core.worker_of(1) == A
+    assert core.roster.answers_wait_until() == -math.inf  # its reply must not wait
+    core.reply(A, C, 1)
+    assert core.roster.answers_wait_until() == START + HEARTBEAT * (1 + ANSWERS_WAIT)
+
+
+def _voluntary_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack: Stack) -> None:
+    """Three workers (DEALERs of this test) answer each heartbeat 0, 15 and 30 ms after it came:
+    read as they arrive, each answer would wake the broker's routing thread, 4 wake-ups a round
+    with its heartbeat timer; read together, 2. The heartbeats still reach every worker each
+    round, and their answers keep them registered."""
+    stack.heartbeat = 0.5
+    broker = stack.start_broker("p:strict_queue")
+    ctx = zmq.Context()
+    dealers = []
+    try:
+        for i in range(3):
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.setsockopt(zmq.ROUTING_ID, b"fake-worker-%d" % i)
+            d.connect(stack.backend)
+            d.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": os.getpid(), "host": socket.gethostname(),
+                                                      "capacity": 1, "running": 0, "version": PROTOCOL_VERSION})])
+            dealers.append(d)
+        stack.wait_workers("p", 3)
+        poller = zmq.Poller()
+        for d in dealers:
+            poller.register(d, zmq.POLLIN)
+        stats = msgpack.packb({"rss": 1, "served": 0, "errors": 0, "refs": 0, "sessions": 0, "running": 0})
+        beats = [0, 0, 0]
+        answers: list[tuple[float, zmq.Socket[bytes]]] = []  # (when, to whom)
+
+        def serve(until: float) -> None:
+            while (now := time.monotonic()) < until:
+                for when, d in [a for a in answers if a[0] <= now]:
+                    d.send_multipart([W_HEARTBEAT, stats])
+                    answers.remove((when, d))
+                wait = min([until, *(when for when, _ in answers)]) - now
+                for d, _ in poller.poll(max(1, math.ceil(wait * 1000))):
+                    i = dealers.index(d)
+                    if d.recv_multipart()[0] == B_HEARTBEAT:
+                        beats[i] += 1
+                        answers.append((time.monotonic() + 0.015 * i, d))
+
+        serve(time.monotonic() + 1.0)  # settled: the registrations' traffic is over
+        before, rounds_before = _voluntary_switches(broker.pid), beats[0]
+        serve(time.monotonic() + 5.0)
+        woke, rounds = _voluntary_switches(broker.pid) - before, beats[0] - rounds_before
+        assert rounds >= 8 and min(beats) >= beats[0] - 1  # every worker heard each round
+        assert woke <= 2.5 * rounds, f"the routing thread woke {woke} times in {rounds} heartbeat rounds"
+        assert len(stack.workers("p")) == 3
+    finally:
+        for d in dealers:
+            d.close(0)
+        ctx.term()
