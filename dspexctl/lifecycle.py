@@ -28,6 +28,7 @@ from dspexctl.stack import (
     expected_workers,
     foreign_stack,
     ready_counts,
+    start_stopped,
     wait_pid_exit,
     wait_ready,
 )
@@ -94,10 +95,7 @@ class PoolsStart(PoolsCommand):
                 conflict = foreign_stack(sc, endpoint, sup)
                 if conflict:  # our workers would join the other stack's broker
                     raise StackConflict(conflict)
-                for p in sup.processes():
-                    if p["group"] in (*groups, "broker") and p["statename"] in STOPPED_STATES:
-                        progress(f"starting {full_name(p)}")
-                        sup.start_process(full_name(p))
+                start_stopped(sup, (*groups, "broker"), timeout=req["wait"], progress=progress)
                 status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
         # the pools' sizes count the workers of other hosts too, which their own supervisord starts
         sizes = {c.name: c.size for c in load_pools(sc.path)}

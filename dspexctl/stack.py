@@ -147,10 +147,7 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
             started = True
             progress(f"supervisord running (pid {pid})")
         else:
-            stopped = [full_name(p) for p in sup.processes() if p["statename"] in STOPPED_STATES]
-            for name in stopped:
-                progress(f"starting {name}")
-                sup.start_process(name)
+            start_stopped(sup, None, timeout=timeout, progress=progress)
         wanted = expected_workers(sc, sup)
         try:
             wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress, conf=sc)
@@ -165,6 +162,35 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
             err.details["started"] = started
             raise
     return StackHandle(conf=sc.path, endpoint=endpoint, started=started)
+
+
+def start_stopped(sup: Supervisor, groups: Iterable[str] | None, *, timeout: float, progress: Progress) -> None:
+    """Start the stopped processes of ``groups`` (None: every group). One still stopping (a worker
+    finishing its calls after a ``pools stop`` whose --wait ran out) is started once it has stopped,
+    within ``timeout``: supervisord cannot start a stopping process, and would leave it stopped."""
+    deadline = time.monotonic() + timeout
+    wanted = None if groups is None else set(groups)
+    started: set[str] = set()
+    awaited: set[str] = set()
+    while True:
+        stopping = []
+        for p in sup.processes():
+            name = full_name(p)
+            if (wanted is not None and p["group"] not in wanted) or name in started:
+                continue
+            if p["statename"] in STOPPED_STATES:
+                progress(f"starting {name}")
+                sup.start_process(name)
+                started.add(name)
+            elif p["statename"] == "STOPPING":
+                stopping.append(name)
+        if not stopping or time.monotonic() >= deadline:
+            return
+        for name in stopping:
+            if name not in awaited:
+                progress(f"waiting for {name} to stop, to start it")
+                awaited.add(name)
+        time.sleep(0.1)
 
 
 def shutdown_stack(handle: StackHandle, timeout: float = 60.0) -> None:

@@ -352,6 +352,47 @@ def test_pools_stop_that_runs_out_of_its_wait_exits_8_naming_what_still_stops() 
         assert done.returncode == 0 and done.stdout.splitlines() == ["triage_pool:triage_pool_00: STOPPED"], done
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_pools_start_starts_a_worker_that_was_still_stopping_once_it_stopped() -> None:
+    """After a ``pools stop`` whose --wait ran out, supervisord goes on stopping the worker (it
+    finishes its call): a ``pools start`` then cannot start it at once, and must start it once it
+    has stopped rather than wait for a worker nobody starts."""
+    from tests.harness.supervisord import dspexctl, small_stack
+
+    with small_stack({"triage_pool": 1}) as stack, stack.client(60) as dx:
+        s = dx.session("triage_pool")
+        s.exec("import os, time\n"
+               "def held(started, release):\n"
+               "    open(started, 'w').close()\n"
+               "    deadline = time.monotonic() + 60\n"
+               "    while not os.path.exists(release) and time.monotonic() < deadline:\n"
+               "        time.sleep(0.05)\n")
+        started, release = os.path.join(stack.root, "started"), os.path.join(stack.root, "release")
+        call = dx.submit(lambda: s.eval("held(a, b)", {"a": started, "b": release}))
+        wait_for(lambda: os.path.exists(started), 20, 0.05, "the call running")
+        assert dspexctl(stack, "pools", "stop", "--wait", "0.5").returncode == 8
+        env = {k: v for k, v in stack.env.items() if k != "DSPEX_SUPERVISOR_CONF"}
+        start = subprocess.Popen([sys.executable, "-m", "dspexctl", "pools", "start", "--wait", "30"], cwd=stack.root,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert start.stderr is not None
+            lines = []
+            while not lines or not lines[-1].startswith("waiting"):  # it has seen the worker stopping
+                lines.append(start.stderr.readline())
+                assert lines[-1], "".join(lines)
+            open(release, "w").close()
+            out, err = start.communicate(timeout=60)
+        finally:
+            if start.poll() is None:
+                start.kill()
+                start.wait()
+        assert call.result(30) is None, "supervisord let the worker finish its call"
+        assert start.returncode == 0, "".join(lines) + err + out
+        assert out.startswith("triage_pool: 1/1 ready"), out
+        assert len(stack.ready("triage_pool")) == 1
+
+
 def test_status_verbose_with_nothing_running_shows_no_empty_worker_tables(here: Path) -> None:
     (here / "supervisor.conf").write_text(small_conf_text({"triage_pool": 2, "analytics_pool": 1}))
     (here / "run").mkdir()
