@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from dspex.client import processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
-from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, RequestOptions, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, Rehydrator, RequestOptions, Steps
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.wire.errors import (
@@ -42,7 +42,7 @@ log = logging.getLogger("dspex.client")
 T = TypeVar("T")
 
 
-class AsyncClient(ClientAPI[AsyncSession]):
+class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     """A connection to a dspex broker for one running asyncio event loop at a time (see
     :class:`dspex.client.api.ClientAPI` for its options and ops)."""
 
@@ -65,12 +65,6 @@ class AsyncClient(ClientAPI[AsyncSession]):
     def replaced_sockets(self) -> int:
         """Sockets replaced after their connection broke."""
         return self._channel.replaced
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def cancel_all(self) -> None:
         """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is

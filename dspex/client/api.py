@@ -394,8 +394,12 @@ class SessionAPI:
             log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
 
 
-class Session(SessionAPI):
-    """A session of a blocking client (``dspex.connect``): every op returns its value."""
+class Closing:
+    """``with`` it closes it: a blocking client, session or stream (the asyncio kinds close by
+    ``async with``, :class:`AsyncClosing`)."""
+
+    def close(self) -> Any:
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -404,19 +408,30 @@ class Session(SessionAPI):
         self.close()
 
 
-class AsyncSession(SessionAPI):
-    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
-    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
-    ``await s.set_attr(ref, name, value)``)."""
+class AsyncClosing:
+    """``async with`` it closes it: an asyncio client or session."""
 
-    _label = "dspex.aio.AsyncSession"
-    _ops_awaitable = True
+    def close(self) -> Any:
+        raise NotImplementedError
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class Session(SessionAPI, Closing):
+    """A session of a blocking client (``dspex.connect``): every op returns its value."""
+
+
+class AsyncSession(SessionAPI, AsyncClosing):
+    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
+    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
+    ``await s.set_attr(ref, name, value)``)."""
+
+    _label = "dspex.aio.AsyncSession"
+    _ops_awaitable = True
 
 
 class Rehydrator(Generic[T]):

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar, Unpack, cast
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, RequestOptions, Session, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, Rehydrator, RequestOptions, Session, Steps
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
@@ -45,7 +45,7 @@ class _CancelRequested(Exception):
     """cancel_all() was called while this thread waited for its reply."""
 
 
-class Client(ClientAPI[Session]):
+class Client(ClientAPI[Session], Closing):
     """A blocking connection to a dspex broker (see :class:`dspex.client.api.ClientAPI` for its options
     and ops). Safe to share between threads."""
 
@@ -84,12 +84,6 @@ class Client(ClientAPI[Session]):
         on ``submit`` futures); each request notices within ``CANCEL_CHECK_MS``."""
         with self._lock:
             self._cancels += 1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def open_sockets(self) -> int:
@@ -256,7 +250,7 @@ class Client(ClientAPI[Session]):
             return self._executor.submit(fn, *args, **kwargs)
 
 
-class Stream:
+class Stream(Closing):
     """Items of an iterable result on a worker, as they are produced, on the thread that started it.
 
     The worker runs at most ``STREAM_WINDOW`` items ahead of this consumer (credit). A consumer
@@ -352,12 +346,6 @@ class Stream:
         finally:
             if not self.done:
                 self._end(abandon=not cancelled)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if not self.done:
