@@ -421,6 +421,26 @@ class AsyncClosing:
         await self.close()
 
 
+class StreamAPI:
+    """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
+    One collected before its end stops its producer (``_end``)."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.done = False
+        self.result: Any = None
+        self.progress: list[Any] = ex.collect_progress()
+
+    def _end(self, abandon: bool) -> None:
+        raise NotImplementedError
+
+    def __del__(self) -> None:
+        if not self.done:
+            try:
+                self._end(abandon=True)
+            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
+                log.debug("abandoning a stream at garbage collection: %r", exc)
+
+
 class Session(SessionAPI, Closing):
     """A session of a blocking client (``dspex.connect``): every op returns its value."""
 

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar, Unpack, cast
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, Rehydrator, RequestOptions, Session, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, Rehydrator, RequestOptions, Session, Steps, StreamAPI
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
@@ -250,7 +250,7 @@ class Client(ClientAPI[Session], Closing):
             return self._executor.submit(fn, *args, **kwargs)
 
 
-class Stream(Closing):
+class Stream(StreamAPI, Closing):
     """Items of an iterable result on a worker, as they are produced, on the thread that started it.
 
     The worker runs at most ``STREAM_WINDOW`` items ahead of this consumer (credit). A consumer
@@ -262,14 +262,12 @@ class Stream(Closing):
     """
 
     def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
+        super().__init__(ex)
         self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
         self._ch: Channel | None = ch
         self._cancels = cancels  # the client's cancel_all() count when the stream started
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
-        self.done = False
-        self.result: Any = None
-        self.progress: list[Any] = ex.collect_progress()
 
     def __iter__(self) -> Self:
         return self
@@ -346,13 +344,6 @@ class Stream(Closing):
         finally:
             if not self.done:
                 self._end(abandon=not cancelled)
-
-    def __del__(self) -> None:
-        if not self.done:
-            try:
-                self._end(abandon=True)
-            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
-                log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
 class RoutedClient(Router[Session], Client):
