@@ -47,6 +47,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     :class:`dspex.client.api.ClientAPI` for its options and ops)."""
 
     session_kind = AsyncSession
+    _socket_prefix = b"a"
 
     def _init_transport(self) -> None:
         self._ctx = processwide.context(zmq.asyncio.Context)
@@ -81,9 +82,6 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         return _Steps(steps)
 
     # -- the socket (dspex.client.aiochannel) --------------------------------------------------
-    def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
-        return self._connect_socket(self._ctx, b"a")
-
     async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[Reply]]:
         channel = self._channel
         channel.ready(self._connect)

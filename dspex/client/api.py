@@ -83,6 +83,8 @@ class ClientAPI(Generic[S]):
     """
 
     session_kind: type[S]
+    _socket_prefix: bytes  # its sockets' routing ids start with it (b"c" blocking, b"a" asyncio)
+    _ctx: Any  # this process's zmq context of its kind (dspex.client.processwide), set by _init_transport
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
@@ -156,12 +158,12 @@ class ClientAPI(Generic[S]):
                         forward=self.forward_output if forward is None else forward,
                         awaits=self.session_kind._ops_awaitable, **options)
 
-    def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
+    def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
-        sock = ctx.socket(zmq.DEALER)
+        sock = self._ctx.socket(zmq.DEALER)
         tune_socket(sock, max_message=self.max_message)
         # a fixed identity lets replies find us again after the broker restarts
-        sock.setsockopt(zmq.ROUTING_ID, prefix + secrets.token_bytes(15))
+        sock.setsockopt(zmq.ROUTING_ID, self._socket_prefix + secrets.token_bytes(15))
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         server_key, keypair = self._curve

@@ -50,6 +50,7 @@ class Client(ClientAPI[Session], Closing):
     and ops). Safe to share between threads."""
 
     session_kind = Session
+    _socket_prefix = b"c"
 
     def _init_transport(self) -> None:
         self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
@@ -103,9 +104,6 @@ class Client(ClientAPI[Session], Closing):
                     raise TypeError("an async function was given to a blocking client: use dspex.aio.connect()")
         except StopIteration as end:
             return end.value  # type: ignore[no-any-return]
-
-    def _connect(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-        return self._connect_socket(self._ctx, b"c")
 
     # -- the request/reply loop (its meaning is dspex.client.exchange.Exchange) -------------------------
     def _send(self, ch: Channel, frames: list[Any], timeout: float) -> None:
