@@ -400,8 +400,7 @@ class Closing:
     """``with`` it closes it: a blocking client, session or stream (the asyncio kinds close by
     ``async with``, :class:`AsyncClosing`)."""
 
-    def close(self) -> Any:
-        raise NotImplementedError
+    close: Callable[..., Any]
 
     def __enter__(self) -> Self:
         return self
@@ -413,8 +412,7 @@ class Closing:
 class AsyncClosing:
     """``async with`` it closes it: an asyncio client or session."""
 
-    def close(self) -> Any:
-        raise NotImplementedError
+    close: Callable[..., Any]
 
     async def __aenter__(self) -> Self:
         return self
@@ -427,13 +425,12 @@ class StreamAPI:
     """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
     One collected before its end stops its producer (``_end``)."""
 
+    _end: Callable[..., None]
+
     def __init__(self, ex: Exchange) -> None:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = ex.collect_progress()
-
-    def _end(self, abandon: bool) -> None:
-        raise NotImplementedError
 
     def __del__(self) -> None:
         if not self.done:
