@@ -112,8 +112,8 @@ class ClientAPI(Generic[S]):
         return config
 
     # -- what a client kind implements ----------------------------------------------------------
-    def _init_transport(self) -> None:
-        raise NotImplementedError
+    _init_transport: Callable[[], None]  # its sockets
+    close: Callable[[], Any]
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:
@@ -140,9 +140,6 @@ class ClientAPI(Generic[S]):
         cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
         running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
         run as usual."""
-        raise NotImplementedError
-
-    def close(self) -> Any:
         raise NotImplementedError
 
     def _drive(self, steps: Steps[T]) -> Any:
