@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from dspex.client import processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
-from dspex.client.api import DEFAULT_TIMEOUT, AsyncSession, ClientAPI, Rehydrator, RequestOptions, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps, StreamAPI
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.wire.errors import (
@@ -35,18 +35,19 @@ from dspex.wire.errors import (
 )
 from dspex.wire.protocol import WORKER_OPS, Op
 
-__all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "Rehydrator", "RoutedAsyncClient", "connect"]
+__all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "RoutedAsyncClient", "connect"]
 
 log = logging.getLogger("dspex.client")
 
 T = TypeVar("T")
 
 
-class AsyncClient(ClientAPI[AsyncSession]):
+class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     """A connection to a dspex broker for one running asyncio event loop at a time (see
     :class:`dspex.client.api.ClientAPI` for its options and ops)."""
 
     session_kind = AsyncSession
+    _socket_prefix = b"a"
 
     def _init_transport(self) -> None:
         self._ctx = processwide.context(zmq.asyncio.Context)
@@ -66,12 +67,6 @@ class AsyncClient(ClientAPI[AsyncSession]):
         """Sockets replaced after their connection broke."""
         return self._channel.replaced
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     def cancel_all(self) -> None:
         """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
         handed to the loop."""
@@ -87,9 +82,6 @@ class AsyncClient(ClientAPI[AsyncSession]):
         return _Steps(steps)
 
     # -- the socket (dspex.client.aiochannel) --------------------------------------------------
-    def _connect(self) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
-        return self._connect_socket(self._ctx, b"a")
-
     async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[Reply]]:
         channel = self._channel
         channel.ready(self._connect)
@@ -182,7 +174,7 @@ async def _callbacks_done(ex: Exchange) -> None:
         await awaiting.pop(0)
 
 
-class AsyncStream:
+class AsyncStream(StreamAPI):
     """Items of an iterable result on a worker, as an async iterator: the asyncio twin of
     :class:`dspex.client.sync.Stream`, with its ``progress``, ``result`` and ``done``. The request is
     sent at the first ``__anext__``. A consumer that stops before the end stops the producer on the
@@ -191,15 +183,13 @@ class AsyncStream:
     of an ``async for``) cancel it without waiting."""
 
     def __init__(self, client: AsyncClient, ex: Exchange, worker: str) -> None:
+        super().__init__(ex)
         self._client = client
         self._ex = ex
         self._worker = worker
         self._req_id = 0
         self._queue: asyncio.Queue[Reply] | None = None
         self._started = False  # an item or event arrived: the request ran
-        self.done = False
-        self.result: Any = None
-        self.progress: list[Any] = ex.collect_progress()
 
     def __aiter__(self) -> Self:
         return self
@@ -278,13 +268,6 @@ class AsyncStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def __del__(self) -> None:
-        if not self.done:
-            try:
-                self._end(abandon=True)
-            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
-                log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
 class _Steps(Generic[T]):

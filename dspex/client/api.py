@@ -83,6 +83,8 @@ class ClientAPI(Generic[S]):
     """
 
     session_kind: type[S]
+    _socket_prefix: bytes  # its sockets' routing ids start with it (b"c" blocking, b"a" asyncio)
+    _ctx: Any  # this process's zmq context of its kind (dspex.client.processwide), set by _init_transport
 
     def __init__(self, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
@@ -110,8 +112,8 @@ class ClientAPI(Generic[S]):
         return config
 
     # -- what a client kind implements ----------------------------------------------------------
-    def _init_transport(self) -> None:
-        raise NotImplementedError
+    _init_transport: Callable[[], None]  # its sockets
+    close: Callable[[], Any]
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:
@@ -140,9 +142,6 @@ class ClientAPI(Generic[S]):
         run as usual."""
         raise NotImplementedError
 
-    def close(self) -> Any:
-        raise NotImplementedError
-
     def _drive(self, steps: Steps[T]) -> Any:
         """Run an op of several steps: its result (or an awaitable of it)."""
         raise NotImplementedError
@@ -156,12 +155,12 @@ class ClientAPI(Generic[S]):
                         forward=self.forward_output if forward is None else forward,
                         awaits=self.session_kind._ops_awaitable, **options)
 
-    def _connect_socket(self, ctx: Any, prefix: bytes) -> tuple[Any, Any]:
+    def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
-        sock = ctx.socket(zmq.DEALER)
+        sock = self._ctx.socket(zmq.DEALER)
         tune_socket(sock, max_message=self.max_message)
         # a fixed identity lets replies find us again after the broker restarts
-        sock.setsockopt(zmq.ROUTING_ID, prefix + secrets.token_bytes(15))
+        sock.setsockopt(zmq.ROUTING_ID, self._socket_prefix + secrets.token_bytes(15))
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         server_key, keypair = self._curve
@@ -394,8 +393,11 @@ class SessionAPI:
             log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
 
 
-class Session(SessionAPI):
-    """A session of a blocking client (``dspex.connect``): every op returns its value."""
+class Closing:
+    """``with`` it closes it: a blocking client, session or stream (the asyncio kinds close by
+    ``async with``, :class:`AsyncClosing`)."""
+
+    close: Callable[..., Any]
 
     def __enter__(self) -> Self:
         return self
@@ -404,19 +406,48 @@ class Session(SessionAPI):
         self.close()
 
 
-class AsyncSession(SessionAPI):
-    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
-    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
-    ``await s.set_attr(ref, name, value)``)."""
+class AsyncClosing:
+    """``async with`` it closes it: an asyncio client or session."""
 
-    _label = "dspex.aio.AsyncSession"
-    _ops_awaitable = True
+    close: Callable[..., Any]
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class StreamAPI:
+    """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
+    One collected before its end stops its producer (``_end``)."""
+
+    _end: Callable[..., None]
+
+    def __init__(self, ex: Exchange) -> None:
+        self.done = False
+        self.result: Any = None
+        self.progress: list[Any] = ex.collect_progress()
+
+    def __del__(self) -> None:
+        if not self.done:
+            try:
+                self._end(abandon=True)
+            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
+                log.debug("abandoning a stream at garbage collection: %r", exc)
+
+
+class Session(SessionAPI, Closing):
+    """A session of a blocking client (``dspex.connect``): every op returns its value."""
+
+
+class AsyncSession(SessionAPI, AsyncClosing):
+    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
+    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
+    ``await s.set_attr(ref, name, value)``)."""
+
+    _label = "dspex.aio.AsyncSession"
+    _ops_awaitable = True
 
 
 class Rehydrator(Generic[T]):

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar, Unpack, cast
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Rehydrator, RequestOptions, Session, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, Rehydrator, RequestOptions, Session, Steps, StreamAPI
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
@@ -45,11 +45,12 @@ class _CancelRequested(Exception):
     """cancel_all() was called while this thread waited for its reply."""
 
 
-class Client(ClientAPI[Session]):
+class Client(ClientAPI[Session], Closing):
     """A blocking connection to a dspex broker (see :class:`dspex.client.api.ClientAPI` for its options
     and ops). Safe to share between threads."""
 
     session_kind = Session
+    _socket_prefix = b"c"
 
     def _init_transport(self) -> None:
         self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
@@ -85,12 +86,6 @@ class Client(ClientAPI[Session]):
         with self._lock:
             self._cancels += 1
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def open_sockets(self) -> int:
         """Sockets this client holds (lent to running requests and streams, or idle)."""
@@ -109,9 +104,6 @@ class Client(ClientAPI[Session]):
                     raise TypeError("an async function was given to a blocking client: use dspex.aio.connect()")
         except StopIteration as end:
             return end.value  # type: ignore[no-any-return]
-
-    def _connect(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-        return self._connect_socket(self._ctx, b"c")
 
     # -- the request/reply loop (its meaning is dspex.client.exchange.Exchange) -------------------------
     def _send(self, ch: Channel, frames: list[Any], timeout: float) -> None:
@@ -256,7 +248,7 @@ class Client(ClientAPI[Session]):
             return self._executor.submit(fn, *args, **kwargs)
 
 
-class Stream:
+class Stream(StreamAPI, Closing):
     """Items of an iterable result on a worker, as they are produced, on the thread that started it.
 
     The worker runs at most ``STREAM_WINDOW`` items ahead of this consumer (credit). A consumer
@@ -268,14 +260,12 @@ class Stream:
     """
 
     def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
+        super().__init__(ex)
         self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
         self._ch: Channel | None = ch
         self._cancels = cancels  # the client's cancel_all() count when the stream started
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
-        self.done = False
-        self.result: Any = None
-        self.progress: list[Any] = ex.collect_progress()
 
     def __iter__(self) -> Self:
         return self
@@ -352,19 +342,6 @@ class Stream:
         finally:
             if not self.done:
                 self._end(abandon=not cancelled)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not self.done:
-            try:
-                self._end(abandon=True)
-            except Exception as exc:  # noqa: BLE001 - garbage collection (maybe at interpreter exit) must not raise
-                log.debug("abandoning a stream at garbage collection: %r", exc)
 
 
 class RoutedClient(Router[Session], Client):

@@ -86,7 +86,10 @@ def items(owner: Any, ref: Any, reverse: bool = False) -> Iterator[Any]:
             size = min(size * 2, MAX_BATCH)
     finally:
         if it != ref:  # an iterator made for this loop (a generator is its own)
-            _release(owner, it)
+            try:
+                owner.release(it)
+            except DspexError:
+                pass  # the session is gone, and the iterator with it
 
 
 async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
@@ -111,10 +114,3 @@ async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
                 await owner.release(it)
             except DspexError:
                 pass  # the session is gone, and the iterator with it
-
-
-def _release(owner: Any, it: Any) -> None:
-    try:
-        owner.release(it)
-    except DspexError:
-        pass  # the session is gone, and the iterator with it
