@@ -8,7 +8,8 @@
 """
 
 from dspex import aio, errors
-from dspex.client.sync import Client, Rehydrator, Session, Stream, connect
+from dspex.client.rehydrator import Rehydrator
+from dspex.client.sync import Client, Session, Stream, connect
 from dspex.errors import *  # the error tree is in the top-level API too
 from dspex.wire.record import Record
 from dspex.wire.ref import Ref, RemoteMethod

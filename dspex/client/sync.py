@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar, Unpack, cast
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, Rehydrator, RequestOptions, Session, Steps, StreamAPI
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions, Session, Steps, StreamAPI
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
@@ -32,7 +32,7 @@ from dspex.wire.errors import (
 from dspex.wire.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
 
-__all__ = ["DEFAULT_TIMEOUT", "Client", "Rehydrator", "RoutedClient", "Session", "Stream", "connect"]
+__all__ = ["DEFAULT_TIMEOUT", "Client", "RoutedClient", "Session", "Stream", "connect"]
 
 log = logging.getLogger("dspex.client")
 
