@@ -100,7 +100,8 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     client's DSPy settings and the keys the worker may forget; with ``lms`` (filled here: key ->
     LM) also the keys of this client's LMs the worker holds, whose history entries come back; with
     ``receipt`` (filled here) what the session holds only once the worker loads the request
-    (``SendCache.confirm``). A body that does not fit its op's definition (dspex.wire.protocol.Op)
+    (``SendCache.confirm``); with the binding version the request relies on (``v``: a worker
+    whose store has not loaded it refuses the request) and the one it brings the store to (``to``). A body that does not fit its op's definition (dspex.wire.protocol.Op)
     is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
@@ -145,12 +146,18 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         if drops:
             context["drop"] = drops
         flags = FLAG_HELD if sender is not None and msg.relies else 0
+        sent = msg.cache.commit(msg, drops)
+        if sent is not None:
+            held, relies, reaches = sent
+            if receipt is not None:
+                receipt.append(held)
+            if reaches > relies:
+                context["to"] = reaches
+            if relies and (msg.globals.relied or "to" in context):  # (a key the worker lacks is a miss anyway)
+                context["v"] = relies
         if context:
             frames.append(msgpack.packb(context))
             flags |= FLAG_CONTEXT
-        sent = msg.cache.commit(msg, drops)
-        if sent is not None and receipt is not None:
-            receipt.append(sent)
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")

@@ -17,6 +17,13 @@ values, code objects) is a cache of at most ``max_entries`` keys: past it the le
 are forgotten on both sides (the next request tells the worker) and sent again in full when used
 again — a function or class sent again is a new object on the worker.
 
+Which worker runs a call is not known when it is encoded: a ``hint`` session's call runs on
+another worker when its own is busy, and later ones on either. What the client took as held may
+then hold on the other worker only (a global rebound by a call that ran there). Each change of a
+binding gets the next number of the session's binding *version*; a request that relies on held
+bindings says the version they reach (:meth:`SendCache.commit`), and the worker's store refuses it
+as a miss unless it has loaded that version (``dspex.wire.codestore.check_held``).
+
 A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
 pool) answers :class:`dspex.wire.errors.CodeCacheMiss` without running anything; :meth:`missed` then
 forgets what was sent and the request goes again in full, once. A miss from a ``none`` pool
@@ -108,6 +115,11 @@ class SendCache:
         self.bound: dict[tuple[str, str], tuple[Any, str]] = {}  # (namespace, name) -> (object, its key)
         # bindings of requests no reply has shown the worker loaded yet: (namespace, name) -> key
         self.unconfirmed: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> (key, the binding version that bound it): kept through a miss, so
+        # that a binding sent again unchanged keeps its number (a worker that has it is not refused)
+        self.set_at: dict[tuple[str, str], tuple[str, int]] = {}
+        self.version = 0  # the number of the session's latest binding change
+        self.view_version = 0  # the highest binding version in ``bound``
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
@@ -148,13 +160,18 @@ class SendCache:
                 self.key_ids[hit[1]] = oid
             return hit[1]
 
-    def commit(self, msg: Encoded, drops_sent: list[str]) -> Receipt | None:
+    def commit(self, msg: Encoded, drops_sent: list[str]) -> tuple[Receipt, int, int] | None:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent. Its
         bindings and drops count as the worker's only once :meth:`confirm` says the worker loaded
         the request (the :class:`Receipt` returned): a request that never reaches the worker
         (cancelled or timed out while queued, its send failed) would otherwise leave a rebound
         global at its old value there, while later requests, trusting the binding, send nothing
-        of it. Until then later requests send those bindings again, by key."""
+        of it. Until then later requests send those bindings again, by key.
+
+        Also (the receipt, the binding version the request relies on, the version it brings the
+        worker to): the worker must hold every binding of ``bound`` the request does not carry,
+        which all have a version up to the first; once it has loaded the request it holds every
+        binding up to the second."""
         if not self.keep:
             return None
         lm_class = _lm_class()
@@ -174,7 +191,14 @@ class SendCache:
                     self.sent.move_to_end(key)
             for key in msg.namespaces:
                 self.pins[key] = _PINNED_FOREVER
-            for where, (obj, key) in msg.globals.bindings.items():
+            carried = msg.globals.bindings
+            reaches = 0
+            for where, (obj, key) in carried.items():
+                changed = self.set_at.get(where)
+                if changed is None or changed[0] != key:
+                    self.version += 1
+                    changed = self.set_at[where] = (key, self.version)
+                reaches = max(reaches, changed[1])
                 if where[0].startswith("m:") and where[0][2:] not in self.modules:
                     self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
@@ -183,6 +207,10 @@ class SendCache:
                 self.pins[key] = self.pins.get(key, 0) + 1
                 if old is not None:
                     self._unpin(old[1])
+            relies = self.view_version
+            if carried:
+                relies = max((self.set_at[where][1] for where in self.bound if where not in carried), default=0)
+                self.view_version = max(self.view_version, reaches)
             self.sources.update(msg.sources)
             if len(self.walks) + len(msg.globals.walks) > self.max_entries:
                 self.walks.clear()
@@ -190,7 +218,8 @@ class SendCache:
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
             self._evict()
-        return tuple((where, key) for where, (_, key) in msg.globals.bindings.items()), tuple(drops_sent)
+        receipt = tuple((where, key) for where, (_, key) in carried.items()), tuple(drops_sent)
+        return receipt, relies, max(relies, reaches)
 
     def confirm(self, receipt: Receipt) -> None:
         """The worker loaded the request of ``receipt``: its bindings are the session's there,
@@ -225,6 +254,7 @@ class SendCache:
             self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in self.key_ids}
             self.sent.clear()
             self.bound.clear()
+            self.view_version = 0
             self.unconfirmed.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
             self.sources.clear()
@@ -241,6 +271,8 @@ class SendCache:
             self.key_ids.clear()
             self.sent.clear()
             self.bound.clear()
+            self.set_at.clear()
+            self.version = self.view_version = 0
             self.unconfirmed.clear()
             self.pins.clear()
             self.sources.clear()
