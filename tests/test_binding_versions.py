@@ -38,14 +38,18 @@ def test_each_change_of_a_binding_takes_the_next_version() -> None:
 
 
 def test_a_binding_sent_again_after_a_miss_keeps_its_version() -> None:
-    """A worker that held it is not refused because another worker missed."""
+    """A worker that held it is not refused because another worker missed; one that missed is
+    sent every binding changed since the version it holds."""
     cache = SendCache()
-    value = object()
-    assert versions(cache, {("m:a", "X"): (value, "k1")}) == (0, 1)
+    one, two = object(), object()
+    assert versions(cache, {("m:a", "X"): (one, "k1"), ("m:a", "Y"): (two, "k2")}) == (0, 2)
+    assert cache.changed_since(1) == [(("m:a", "Y"), two)]
     cache.missed(False)
-    assert versions(cache, {}) == (0, 0)  # the client counts nothing as held any more
-    assert versions(cache, {("m:a", "X"): (value, "k1")}) == (0, 1)
-    assert versions(cache, {}) == (1, 1)
+    assert versions(cache, {}) == (2, 2)  # every binding of the session, held or not by the client's count
+    assert versions(cache, {("m:a", "X"): (one, "k1")}) == (2, 2)
+    assert cache.changed_since(0) == [(("m:a", "X"), one), (("m:a", "Y"), two)]
+    cache.missed(True)  # a none pool: nothing to catch up on
+    assert cache.changed_since(0) == []
 
 
 def test_a_store_behind_the_version_a_request_relies_on_refuses_it() -> None:

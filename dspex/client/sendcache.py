@@ -21,8 +21,12 @@ Which worker runs a call is not known when it is encoded: a ``hint`` session's c
 another worker when its own is busy, and later ones on either. What the client took as held may
 then hold on the other worker only (a global rebound by a call that ran there). Each change of a
 binding gets the next number of the session's binding *version*; a request that relies on held
-bindings says the version they reach (:meth:`SendCache.commit`), and the worker's store refuses it
-as a miss unless it has loaded that version (``dspex.wire.codestore.check_held``).
+bindings says the version of the session's bindings it does not carry (:meth:`SendCache.commit`),
+and the worker's store refuses it as a miss unless it holds every binding up to that version
+(``dspex.wire.codestore.check_held``). The miss says the version the store holds; the request
+goes again in full with every binding changed since (:meth:`SendCache.changed_since`), which
+brings the store up to date: a worker behind is refused once per change, whichever global its
+call reads.
 
 A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
 pool) answers :class:`dspex.wire.errors.CodeCacheMiss` without running anything; :meth:`missed` then
@@ -115,11 +119,10 @@ class SendCache:
         self.bound: dict[tuple[str, str], tuple[Any, str]] = {}  # (namespace, name) -> (object, its key)
         # bindings of requests no reply has shown the worker loaded yet: (namespace, name) -> key
         self.unconfirmed: dict[tuple[str, str], str] = {}
-        # (namespace, name) -> (key, the binding version that bound it): kept through a miss, so
-        # that a binding sent again unchanged keeps its number (a worker that has it is not refused)
-        self.set_at: dict[tuple[str, str], tuple[str, int]] = {}
+        # (namespace, name) -> (object, key, the binding version that bound it): every binding of
+        # the session, kept through a miss (one sent again unchanged keeps its number)
+        self.set_at: dict[tuple[str, str], tuple[Any, str, int]] = {}
         self.version = 0  # the number of the session's latest binding change
-        self.view_version = 0  # the highest binding version in ``bound``
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
@@ -169,9 +172,9 @@ class SendCache:
         of it. Until then later requests send those bindings again, by key.
 
         Also (the receipt, the binding version the request relies on, the version it brings the
-        worker to): the worker must hold every binding of ``bound`` the request does not carry,
-        which all have a version up to the first; once it has loaded the request it holds every
-        binding up to the second."""
+        worker to): the bindings of the session the request does not carry all have a version up
+        to the first; a store that holds every binding up to it holds every binding up to the
+        second once it has loaded the request."""
         if not self.keep:
             return None
         lm_class = _lm_class()
@@ -195,10 +198,10 @@ class SendCache:
             reaches = 0
             for where, (obj, key) in carried.items():
                 changed = self.set_at.get(where)
-                if changed is None or changed[0] != key:
+                if changed is None or changed[1] != key:
                     self.version += 1
-                    changed = self.set_at[where] = (key, self.version)
-                reaches = max(reaches, changed[1])
+                    changed = self.set_at[where] = (obj, key, self.version)
+                reaches = max(reaches, changed[2])
                 if where[0].startswith("m:") and where[0][2:] not in self.modules:
                     self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
@@ -207,10 +210,9 @@ class SendCache:
                 self.pins[key] = self.pins.get(key, 0) + 1
                 if old is not None:
                     self._unpin(old[1])
-            relies = self.view_version
+            relies = self.version
             if carried:
-                relies = max((self.set_at[where][1] for where in self.bound if where not in carried), default=0)
-                self.view_version = max(self.view_version, reaches)
+                relies = max((n for where, (_, _, n) in self.set_at.items() if where not in carried), default=0)
             self.sources.update(msg.sources)
             if len(self.walks) + len(msg.globals.walks) > self.max_entries:
                 self.walks.clear()
@@ -234,6 +236,12 @@ class SendCache:
                 done = set(drops)
                 self.drops = [k for k in self.drops if k not in done]
 
+    def changed_since(self, version: int) -> list[tuple[tuple[str, str], Any]]:
+        """The session's bindings set after binding ``version`` ((namespace, name), object): what
+        a worker whose store holds every binding up to it lacks."""
+        with self._lock:
+            return [(where, obj) for where, (obj, _, n) in self.set_at.items() if n > version]
+
     def pending_drops(self) -> list[str]:
         if not self.drops:
             return []
@@ -254,7 +262,6 @@ class SendCache:
             self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in self.key_ids}
             self.sent.clear()
             self.bound.clear()
-            self.view_version = 0
             self.unconfirmed.clear()
             self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
             self.sources.clear()
@@ -263,6 +270,7 @@ class SendCache:
             self.last_settings = None
             if ephemeral:
                 self.keep = False
+                self.set_at.clear()
 
     def close(self) -> None:
         """The session ended: let go of everything (the worker dropped its side)."""
@@ -272,7 +280,7 @@ class SendCache:
             self.sent.clear()
             self.bound.clear()
             self.set_at.clear()
-            self.version = self.view_version = 0
+            self.version = 0
             self.unconfirmed.clear()
             self.pins.clear()
             self.sources.clear()

@@ -174,7 +174,7 @@ class _Load:
             raise CodeCacheMiss(
                 "this worker does not hold the session's code or values the request refers to "
                 f"({key!r}); nothing ran: the client sends it again in full",
-                key=key, ephemeral=self.ephemeral) from None
+                key=key, ephemeral=self.ephemeral, version=self.store.version) from None
 
     def bind(self, bindings: list[tuple[str, str, str, Any]] | None) -> None:
         if not bindings:
@@ -211,12 +211,14 @@ def check_held(relied: int) -> None:
     session holds nothing, or not every binding up to that version: the session moved here (a
     ``hint`` session's call sent to a free worker), or calls that rebound globals ran on the other
     worker. Loaded, it would run without the globals its new code reads (NameError), or with their
-    old values; refused with :class:`CodeCacheMiss` before anything is loaded, it comes again in full."""
+    old values; refused with :class:`CodeCacheMiss` (``details["version"]``: the version the store
+    holds) before anything is loaded, it comes again in full with every binding changed since."""
     load = _active()
     store = load.store
     if store.version < relied or not (store.objects or store.modules or store.bound):
-        raise CodeCacheMiss("this worker holds nothing of the session the request refers to (it moved here); "
-                            "nothing ran: the client sends it again in full", ephemeral=load.ephemeral)
+        raise CodeCacheMiss("this worker does not hold the session's bindings the request relies on (calls ran on "
+                            "another worker); nothing ran: the client sends it again in full with them",
+                            ephemeral=load.ephemeral, version=store.version)
 
 
 def _active() -> _Load:
@@ -271,6 +273,12 @@ def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None
     obj = load.held(key)
     load.bind(bindings)
     return obj
+
+
+def _load_bindings(bindings: list[tuple[str, str, str, Any]]) -> None:
+    """Bindings a request carries beside its code: the session's bindings changed since the
+    version this store holds (a resend after :func:`check_held` refused it)."""
+    _active().bind(bindings)
 
 
 def _load_value(key: str, value: Any, _end: object = None) -> Any:
