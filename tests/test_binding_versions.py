@@ -71,3 +71,15 @@ def test_a_store_behind_the_version_a_request_relies_on_refuses_it() -> None:
 def test_an_empty_store_refuses_a_request_that_relies_on_what_the_session_holds() -> None:
     with codestore.loading(codestore.CodeStore()), pytest.raises(CodeCacheMiss):
         codestore.check_held(0)
+
+
+def test_the_bindings_of_a_request_the_worker_could_not_load_are_not_caught_up_on() -> None:
+    """A global needing a package the worker lacks fails its call; the calls after it do not
+    carry it to catch up (each would fail alike)."""
+    cache = SendCache()
+    ok, lacking = object(), object()
+    assert versions(cache, {("m:a", "X"): (ok, "k1")}) == (0, 1)
+    sent = cache.commit(request({("m:a", "MOD"): (lacking, "k2")}), [])
+    assert sent is not None and sent[1:] == (1, 2)
+    cache.missed(False, sent[0])
+    assert cache.changed_since(0) == [(("m:a", "X"), ok)]

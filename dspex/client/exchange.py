@@ -361,7 +361,7 @@ class Exchange:
                 self._extras({k: details.pop(k) for k in _EXTRAS if k in details})
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
-                self.sender.missed(False)
+                self.sender.missed(False, self.receipt[-1] if self.receipt else None)
             raise err
         self._loaded()
         if self.on_reply is not None:

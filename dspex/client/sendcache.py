@@ -248,12 +248,18 @@ class SendCache:
         with self._lock:
             return list(self.drops)
 
-    def missed(self, ephemeral: bool) -> None:
+    def missed(self, ephemeral: bool, failed: Receipt | None = None) -> None:
         """The worker lacked something: assume it holds nothing of this session. The keys of
         bound globals stay (a worker that does hold them keeps its module state when they come
         again), and so do those of requests still being encoded, which name their objects by
-        them (key_of)."""
+        them (key_of). ``failed``: the receipt of a request the worker could not load (a package
+        it lacks): its bindings are not the session's, no worker is sent them to catch up (each
+        call would fail alike); a call that reads them sends them again."""
         with self._lock:
+            for where, key in failed[0] if failed is not None else ():
+                changed = self.set_at.get(where)
+                if changed is not None and changed[1] == key:
+                    del self.set_at[where]
             keep = {key for key, n in self.pins.items() if n > 0} if not ephemeral else set()
             self.keys = {oid: entry for oid, entry in self.keys.items()
                          if entry[1] in keep or (entry[1] not in self.sent and not ephemeral)}
