@@ -252,6 +252,74 @@ def test_new_code_of_a_hint_session_sent_to_another_worker_finds_the_globals_it_
     s.close()
 
 
+def test_a_rebound_global_or_redefined_function_reaches_both_workers_of_a_hint_session(
+        dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    """A ``hint`` session's calls alternate between its two workers (a call holds its own worker
+    busy, the next runs on the other). The client rebinds a global, and redefines a function that
+    another calls, between calls: every call sees the client's latest, as in-process, on whichever
+    worker it runs. (Each worker once held the old binding; the call that carried the new one ran
+    on the other.)"""
+    mod = usercode(GATED + "\n\ndef helper():\n    return 'old'\n\n\ndef via():\n    return helper()\n")
+    s = dx.session("h")
+    assert (s.run(mod.get_x), s.run(mod.via)) == (1, "old")
+    ran: set[str] = set()
+    for value in (2, 3, 4):
+        gate = Gate(tmp_path)
+        holder = threading.Thread(target=s.run, args=(mod.hold, gate.path))
+        holder.start()
+        try:
+            wait_for(gate.running, 30, what="the holding call to run")
+            busy = s.worker
+            mod.X = value
+            exec(f"def helper():\n    return 'v{value}'", mod.__dict__)  # noqa: S102 - the client redefines it
+            assert (s.run(mod.get_x), s.run(mod.via)) == (value, f"v{value}")
+            assert s.worker != busy  # it ran on the other worker
+            ran.update((busy, s.worker))
+        finally:
+            gate.open()
+            holder.join(30)
+        for _ in range(2):  # back on the worker that ran the holding call, or on the other
+            assert (s.run(mod.get_x), s.run(mod.via)) == (value, f"v{value}")
+            ran.add(s.worker)
+    assert len(ran) == 2
+    s.close()
+
+
+def test_a_binding_changed_before_a_miss_reaches_the_worker_that_missed_it(
+        dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    """After a miss the client counts nothing as held: a global changed before it (``Z``, sent to
+    the other worker only) must still reach the session's own worker before a call there relies
+    on it, though that worker has loaded a later change (``X``) since."""
+    mod = usercode(GATED + "\nZ = 1\n\n\ndef get_z():\n    return Z\n")
+    s = dx.session("h")
+    assert (s.run(mod.get_x), s.run(mod.get_z)) == (1, 1)
+    own = s.worker
+
+    def on_the_other_worker(call: Callable[[], Any]) -> Any:
+        gate = Gate(tmp_path)
+        holder = threading.Thread(target=s.run, args=(mod.hold, gate.path))
+        holder.start()
+        try:
+            wait_for(gate.running, 30, what="the holding call to run")
+            result = call()
+            assert s.worker != own
+            return result
+        finally:
+            gate.open()
+            holder.join(30)
+
+    mod.Z = 2
+    assert on_the_other_worker(lambda: s.run(mod.get_z)) == 2
+    mod.X = 2
+    assert on_the_other_worker(lambda: s.run(mod.get_x)) == 2
+    assert s.run(mod.get_x) == 2
+    assert s.worker == own
+    assert on_the_other_worker(lambda: s.run(mod.get_z)) == 2
+    assert s.run(mod.get_z) == 2
+    assert s.worker == own
+    s.close()
+
+
 def test_a_miss_answered_to_another_thread_while_a_request_is_encoded(dx: dspex.Client, usercode: Any,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Thread B's request gets CodeCacheMiss (the session's worker holds nothing of it) and resets

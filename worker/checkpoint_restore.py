@@ -143,6 +143,7 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     for nsid, values in root["globals"].items():
         code.module(nsid).__dict__.update(values)
     code.bound.update(root["bound"])
+    code.version = root.get("version", 0)  # (a checkpoint of before binding versions: 0)
     for filename, entry in root["sources"].items():
         code.sources[filename] = entry
     code.activate_sources()

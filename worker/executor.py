@@ -17,6 +17,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
+
 from dspex.wire import codec, codestore
 from dspex.wire.errors import (
     Cancelled,
@@ -37,6 +39,7 @@ from dspex.wire.protocol import (
     log_level_of,
 )
 from dspex.wire.ref import EPHEMERAL_SESSION, Ref
+from dspex.wire.zmqfast import frame_buffer
 from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions, Restore
@@ -189,7 +192,7 @@ class Executor:
                 try:
                     with codestore.loading(state.code, ephemeral or sessionless):
                         if header.flags & FLAG_HELD:
-                            codestore.check_held()
+                            codestore.check_held(_relied_version(payload[-1]) if header.flags & FLAG_CONTEXT else 0)
                         if header.flags & FLAG_CONTEXT:
                             body, context = payload[:-1], payload[-1]
                         else:
@@ -211,6 +214,7 @@ class Executor:
                     if not isinstance(context, dict):
                         raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
+                    state.code.reached(context.get("v", 0), context.get("to", 0))
                     scope.add_client(context.get("dspy"), context.get("pinned"))
                     context_vars = _set_context_vars(context.get("vars"), state.code.objects)
                     wants_usage = bool(context.get("usage"))
@@ -293,6 +297,14 @@ def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
         except EncodeError:
             pass  # (what the walk made of it still stands: equal copies)
     return frames
+
+
+def _relied_version(context: Any) -> int:
+    """The binding version a request relies on (the ``v`` of its session context frame), read
+    before anything of the request is loaded (its ext values stay undecoded here)."""
+    value = msgpack.unpackb(frame_buffer(context))
+    version = value.get("v", 0) if isinstance(value, dict) else 0
+    return version if isinstance(version, int) else 0
 
 
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:

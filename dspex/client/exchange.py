@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -27,8 +28,8 @@ from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import Receipt, SendCache, add_usage, client_usage_tracker
 from dspex.client.sendsettings import client_settings, settings_ext
-from dspex.client.sessionpickle import Message, _transient_dumps
-from dspex.wire import codec
+from dspex.client.sessionpickle import Message, Rebind, _transient_dumps
+from dspex.wire import codec, codestore
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -93,14 +94,17 @@ class CreditMeter:
 
 def encode_request(op: str, body: Any, max_message: int, sender: SendCache | None = None,
                    usage: bool = False, *, full: bool = False, lms: dict[str, Any] | None = None,
-                   receipt: list[Receipt] | None = None) -> tuple[list[Any], int]:
+                   receipt: list[Receipt] | None = None, since: int | None = None) -> tuple[list[Any], int]:
     """(payload frames, header flags) of a request. A worker op of a session (``sender``) pickles
     its code with what the session's worker holds (dspex.client.sendcache), says whether it refers
     to that (``FLAG_HELD``) and adds the session context as the last frame (``FLAG_CONTEXT``): the
     client's DSPy settings and the keys the worker may forget; with ``lms`` (filled here: key ->
     LM) also the keys of this client's LMs the worker holds, whose history entries come back; with
     ``receipt`` (filled here) what the session holds only once the worker loads the request
-    (``SendCache.confirm``). A body that does not fit its op's definition (dspex.wire.protocol.Op)
+    (``SendCache.confirm``); with the binding version the request relies on (``v``: a worker
+    whose store has not loaded it refuses the request) and the one it brings the store to (``to``).
+    ``since`` (with ``full``): the binding version the store that refused the request holds; the
+    request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.protocol.Op)
     is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:
@@ -124,6 +128,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             msg = Message(msg.cache, full=full)
             frames = [codec.packb(codec.session_ext(msg, body))]
         context: dict[str, Any] = {}
+        if since is not None:
+            changed = catch_up(msg, since)
+            if changed is not None:
+                context["bind"] = changed
         settings = settings_ext(msg, codec.session_ext, client)
         if settings is not None:
             context["dspy"] = settings
@@ -145,16 +153,43 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
         if drops:
             context["drop"] = drops
         flags = FLAG_HELD if sender is not None and msg.relies else 0
+        sent = msg.cache.commit(msg, drops)
+        if sent is not None:
+            held, relies, reaches = sent
+            if since is not None:  # it carries every binding after ``since``
+                relies = since
+            if receipt is not None:
+                receipt.append(held)
+            if reaches > relies:
+                context["to"] = reaches
+            if relies and (msg.globals.relied or "to" in context):  # (a key the worker lacks is a miss anyway)
+                context["v"] = relies
         if context:
             frames.append(msgpack.packb(context))
             flags |= FLAG_CONTEXT
-        sent = msg.cache.commit(msg, drops)
-        if sent is not None and receipt is not None:
-            receipt.append(sent)
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
         raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
     return frames, flags
+
+
+def catch_up(msg: Message, since: int) -> Any:
+    """The session's bindings changed after binding version ``since`` that ``msg`` does not carry
+    yet, as an ext 25 the worker binds when it loads it (None: none)."""
+    extra: list[Any] = []
+    for (nsid, name), obj in msg.cache.changed_since(since):
+        if (nsid, name) not in msg.globals.bindings:
+            msg.globals.bind(extra, [], nsid, name, _bound_now(nsid, name, obj))
+    return codec.session_ext(msg, Rebind(extra)) if extra else None
+
+
+def _bound_now(nsid: str, name: str, sent: Any) -> Any:
+    """What the client binds at (``nsid``, ``name``) now (``sent``, the object sent last, when it
+    cannot tell): the catch-up must not bind an older object than the request's own code reads."""
+    if nsid == codestore.IMPORTED:
+        return sys.modules.get(name, sent)
+    module = sys.modules.get(nsid[2:]) if nsid.startswith("m:") else None
+    return vars(module).get(name, sent) if module is not None else sent
 
 
 def bound_name(obj: Any, name: str | None) -> str:
@@ -326,7 +361,7 @@ class Exchange:
                 self._extras({k: details.pop(k) for k in _EXTRAS if k in details})
             if self.sender is not None and isinstance(err, (ProtocolError, MissingModule)):
                 # the request did not load on the worker: what it sent is not held there
-                self.sender.missed(False)
+                self.sender.missed(False, self.receipt[-1] if self.receipt else None)
             raise err
         self._loaded()
         if self.on_reply is not None:
@@ -378,8 +413,10 @@ class Exchange:
         self.sender.missed(bool(err.details.get("ephemeral")))
         self.lms.clear()
         self.receipt.clear()
+        since = err.details.get("version")
         self.body, context = encode_request(self.op, raw, self._max_message, self.sender, self.usage is not None,
-                                            full=True, lms=self.lms, receipt=self.receipt)
+                                            full=True, lms=self.lms, receipt=self.receipt,
+                                            since=since if isinstance(since, int) and self.sender.keep else None)
         self.flags = (self.flags & ~(FLAG_CONTEXT | FLAG_HELD)) | context
         return True
 

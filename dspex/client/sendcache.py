@@ -17,6 +17,17 @@ values, code objects) is a cache of at most ``max_entries`` keys: past it the le
 are forgotten on both sides (the next request tells the worker) and sent again in full when used
 again — a function or class sent again is a new object on the worker.
 
+Which worker runs a call is not known when it is encoded: a ``hint`` session's call runs on
+another worker when its own is busy, and later ones on either. What the client took as held may
+then hold on the other worker only (a global rebound by a call that ran there). Each change of a
+binding gets the next number of the session's binding *version*; a request that relies on held
+bindings says the version of the session's bindings it does not carry (:meth:`SendCache.commit`),
+and the worker's store refuses it as a miss unless it holds every binding up to that version
+(``dspex.wire.codestore.check_held``). The miss says the version the store holds; the request
+goes again in full with every binding changed since (:meth:`SendCache.changed_since`), which
+brings the store up to date: a worker behind is refused once per change, whichever global its
+call reads.
+
 A worker that lacks a key (evicted, a re-pinned ``hint`` session, a restarted worker, a ``none``
 pool) answers :class:`dspex.wire.errors.CodeCacheMiss` without running anything; :meth:`missed` then
 forgets what was sent and the request goes again in full, once. A miss from a ``none`` pool
@@ -108,6 +119,10 @@ class SendCache:
         self.bound: dict[tuple[str, str], tuple[Any, str]] = {}  # (namespace, name) -> (object, its key)
         # bindings of requests no reply has shown the worker loaded yet: (namespace, name) -> key
         self.unconfirmed: dict[tuple[str, str], str] = {}
+        # (namespace, name) -> (object, key, the binding version that bound it): every binding of
+        # the session, kept through a miss (one sent again unchanged keeps its number)
+        self.set_at: dict[tuple[str, str], tuple[Any, str, int]] = {}
+        self.version = 0  # the number of the session's latest binding change
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
@@ -148,13 +163,18 @@ class SendCache:
                 self.key_ids[hit[1]] = oid
             return hit[1]
 
-    def commit(self, msg: Encoded, drops_sent: list[str]) -> Receipt | None:
+    def commit(self, msg: Encoded, drops_sent: list[str]) -> tuple[Receipt, int, int] | None:
         """``msg`` was encoded in full (and is about to be sent): remember what it sent. Its
         bindings and drops count as the worker's only once :meth:`confirm` says the worker loaded
         the request (the :class:`Receipt` returned): a request that never reaches the worker
         (cancelled or timed out while queued, its send failed) would otherwise leave a rebound
         global at its old value there, while later requests, trusting the binding, send nothing
-        of it. Until then later requests send those bindings again, by key."""
+        of it. Until then later requests send those bindings again, by key.
+
+        Also (the receipt, the binding version the request relies on, the version it brings the
+        worker to): the bindings of the session the request does not carry all have a version up
+        to the first; a store that holds every binding up to it holds every binding up to the
+        second once it has loaded the request."""
         if not self.keep:
             return None
         lm_class = _lm_class()
@@ -174,7 +194,14 @@ class SendCache:
                     self.sent.move_to_end(key)
             for key in msg.namespaces:
                 self.pins[key] = _PINNED_FOREVER
-            for where, (obj, key) in msg.globals.bindings.items():
+            carried = msg.globals.bindings
+            reaches = 0
+            for where, (obj, key) in carried.items():
+                changed = self.set_at.get(where)
+                if changed is None or changed[1] != key:
+                    self.version += 1
+                    changed = self.set_at[where] = (obj, key, self.version)
+                reaches = max(reaches, changed[2])
                 if where[0].startswith("m:") and where[0][2:] not in self.modules:
                     self.modules[where[0][2:]] = None
                 old = self.bound.get(where)
@@ -183,6 +210,9 @@ class SendCache:
                 self.pins[key] = self.pins.get(key, 0) + 1
                 if old is not None:
                     self._unpin(old[1])
+            relies = self.version
+            if carried:
+                relies = max((n for where, (_, _, n) in self.set_at.items() if where not in carried), default=0)
             self.sources.update(msg.sources)
             if len(self.walks) + len(msg.globals.walks) > self.max_entries:
                 self.walks.clear()
@@ -190,7 +220,8 @@ class SendCache:
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
             self._evict()
-        return tuple((where, key) for where, (_, key) in msg.globals.bindings.items()), tuple(drops_sent)
+        receipt = tuple((where, key) for where, (_, key) in carried.items()), tuple(drops_sent)
+        return receipt, relies, max(relies, reaches)
 
     def confirm(self, receipt: Receipt) -> None:
         """The worker loaded the request of ``receipt``: its bindings are the session's there,
@@ -205,18 +236,30 @@ class SendCache:
                 done = set(drops)
                 self.drops = [k for k in self.drops if k not in done]
 
+    def changed_since(self, version: int) -> list[tuple[tuple[str, str], Any]]:
+        """The session's bindings set after binding ``version`` ((namespace, name), object): what
+        a worker whose store holds every binding up to it lacks."""
+        with self._lock:
+            return [(where, obj) for where, (obj, _, n) in self.set_at.items() if n > version]
+
     def pending_drops(self) -> list[str]:
         if not self.drops:
             return []
         with self._lock:
             return list(self.drops)
 
-    def missed(self, ephemeral: bool) -> None:
+    def missed(self, ephemeral: bool, failed: Receipt | None = None) -> None:
         """The worker lacked something: assume it holds nothing of this session. The keys of
         bound globals stay (a worker that does hold them keeps its module state when they come
         again), and so do those of requests still being encoded, which name their objects by
-        them (key_of)."""
+        them (key_of). ``failed``: the receipt of a request the worker could not load (a package
+        it lacks): its bindings are not the session's, no worker is sent them to catch up (each
+        call would fail alike); a call that reads them sends them again."""
         with self._lock:
+            for where, key in failed[0] if failed is not None else ():
+                changed = self.set_at.get(where)
+                if changed is not None and changed[1] == key:
+                    del self.set_at[where]
             keep = {key for key, n in self.pins.items() if n > 0} if not ephemeral else set()
             self.keys = {oid: entry for oid, entry in self.keys.items()
                          if entry[1] in keep or (entry[1] not in self.sent and not ephemeral)}
@@ -233,6 +276,7 @@ class SendCache:
             self.last_settings = None
             if ephemeral:
                 self.keep = False
+                self.set_at.clear()
 
     def close(self) -> None:
         """The session ended: let go of everything (the worker dropped its side)."""
@@ -241,6 +285,8 @@ class SendCache:
             self.key_ids.clear()
             self.sent.clear()
             self.bound.clear()
+            self.set_at.clear()
+            self.version = 0
             self.unconfirmed.clear()
             self.pins.clear()
             self.sources.clear()

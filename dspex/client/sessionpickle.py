@@ -74,6 +74,19 @@ class _Held:
         return codestore._load_held, (self.key,)
 
 
+class Rebind:
+    """Bindings a request carries beside its code (a store catching up on the session's bindings:
+    ``exchange.catch_up``): the worker binds them when it loads this."""
+
+    __slots__ = ("bindings",)
+
+    def __init__(self, bindings: list[Binding]) -> None:
+        self.bindings = bindings
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return codestore._load_bindings, (self.bindings,)
+
+
 class _EndOfValue:
     """Pickled after a global's value (``SessionPickler._value``): the pickle left it."""
 

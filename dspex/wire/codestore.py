@@ -15,7 +15,9 @@ session has a :class:`CodeStore`:
   (``global x; x += 1``) stands until the client rebinds the name;
 - an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
   an ``import`` in a function of a user module gives the session's module of that name;
-- ``sources``: the linecache entries of the session's source files (``inspect.getsource``).
+- ``sources``: the linecache entries of the session's source files (``inspect.getsource``);
+- ``version``: the session's binding version the store holds every binding up to (a ``hint``
+  session's other worker may have loaded later ones: :func:`check_held`).
 
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
 objects kept out of ``sys.modules`` (two sessions never share one). The pickles refer to the
@@ -63,6 +65,14 @@ class CodeStore:
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
+    version: int = 0
+
+    def reached(self, relied: int, reaches: int) -> None:
+        """A request that relied on binding version ``relied`` and carried the changes up to
+        ``reaches`` was loaded: the store holds every binding up to ``reaches`` when it held
+        those up to ``relied`` (a request that relied on nothing was not checked)."""
+        if self.version >= relied:
+            self.version = max(self.version, reaches)
 
     def module(self, nsid: str, base: dict[str, Any] | None = None) -> types.ModuleType:
         """The session's module for namespace ``nsid`` (``m:<module name>`` or ``g:<key>``)."""
@@ -164,7 +174,7 @@ class _Load:
             raise CodeCacheMiss(
                 "this worker does not hold the session's code or values the request refers to "
                 f"({key!r}); nothing ran: the client sends it again in full",
-                key=key, ephemeral=self.ephemeral) from None
+                key=key, ephemeral=self.ephemeral, version=self.store.version) from None
 
     def bind(self, bindings: list[tuple[str, str, str, Any]] | None) -> None:
         if not bindings:
@@ -195,17 +205,20 @@ class loading:
         _load.reset(self._token)
 
 
-def check_held() -> None:
+def check_held(relied: int) -> None:
     """Refuse a request that refers to what the session holds (``FLAG_HELD``: code by key,
-    globals left out as bound) when this worker's store of the session holds nothing: the session
-    moved here (a ``hint`` session's call sent to a free worker). Loaded, it would run without the
-    globals its new code reads (NameError); refused with :class:`CodeCacheMiss` before anything is
-    loaded, it comes again in full."""
+    globals left out as bound up to binding version ``relied``) when this worker's store of the
+    session holds nothing, or not every binding up to that version: the session moved here (a
+    ``hint`` session's call sent to a free worker), or calls that rebound globals ran on the other
+    worker. Loaded, it would run without the globals its new code reads (NameError), or with their
+    old values; refused with :class:`CodeCacheMiss` (``details["version"]``: the version the store
+    holds) before anything is loaded, it comes again in full with every binding changed since."""
     load = _active()
     store = load.store
-    if not (store.objects or store.modules or store.bound):
-        raise CodeCacheMiss("this worker holds nothing of the session the request refers to (it moved here); "
-                            "nothing ran: the client sends it again in full", ephemeral=load.ephemeral)
+    if store.version < relied or not (store.objects or store.modules or store.bound):
+        raise CodeCacheMiss("this worker does not hold the session's bindings the request relies on (calls ran on "
+                            "another worker); nothing ran: the client sends it again in full with them",
+                            ephemeral=load.ephemeral, version=store.version)
 
 
 def _active() -> _Load:
@@ -260,6 +273,12 @@ def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None
     obj = load.held(key)
     load.bind(bindings)
     return obj
+
+
+def _load_bindings(bindings: list[tuple[str, str, str, Any]]) -> None:
+    """Bindings a request carries beside its code: the session's bindings changed since the
+    version this store holds (a resend after :func:`check_held` refused it)."""
+    _active().bind(bindings)
 
 
 def _load_value(key: str, value: Any, _end: object = None) -> Any:

@@ -1,0 +1,85 @@
+"""The binding versions of a session (pure logic): what a request relies on and brings a worker's
+store to (dspex.client.sendcache.SendCache.commit), and when the store refuses a request
+(dspex.wire.codestore.check_held). The real hint pool: test_session_threads."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from dspex.client.sendcache import SendCache
+from dspex.wire import codestore
+from dspex.wire.errors import CodeCacheMiss
+
+
+def request(bindings: dict[tuple[str, str], tuple[Any, str]]) -> Any:
+    """A request's encoding that carries ``bindings`` and defines nothing."""
+    return types.SimpleNamespace(new_keys={}, defined=set(), used=set(), namespaces=set(), sources={},
+                                 settings_sent=None,
+                                 globals=types.SimpleNamespace(bindings=bindings, walks={}))
+
+
+def versions(cache: SendCache, bindings: dict[tuple[str, str], tuple[Any, str]]) -> tuple[int, int]:
+    sent = cache.commit(request(bindings), [])
+    assert sent is not None
+    return sent[1], sent[2]
+
+
+def test_each_change_of_a_binding_takes_the_next_version() -> None:
+    cache = SendCache()
+    one, two = object(), object()
+    assert versions(cache, {("m:a", "X"): (one, "k1"), ("m:a", "Y"): (one, "k1")}) == (0, 2)
+    assert versions(cache, {}) == (2, 2)  # a steady request relies on every binding held
+    assert versions(cache, {("m:a", "X"): (one, "k1")}) == (2, 2)  # sent again unchanged: no change
+    assert versions(cache, {("m:a", "X"): (two, "k2")}) == (2, 3)  # relies on Y (2), brings X to 3
+    assert versions(cache, {}) == (3, 3)
+
+
+def test_a_binding_sent_again_after_a_miss_keeps_its_version() -> None:
+    """A worker that held it is not refused because another worker missed; one that missed is
+    sent every binding changed since the version it holds."""
+    cache = SendCache()
+    one, two = object(), object()
+    assert versions(cache, {("m:a", "X"): (one, "k1"), ("m:a", "Y"): (two, "k2")}) == (0, 2)
+    assert cache.changed_since(1) == [(("m:a", "Y"), two)]
+    cache.missed(False)
+    assert versions(cache, {}) == (2, 2)  # every binding of the session, held or not by the client's count
+    assert versions(cache, {("m:a", "X"): (one, "k1")}) == (2, 2)
+    assert cache.changed_since(0) == [(("m:a", "X"), one), (("m:a", "Y"), two)]
+    cache.missed(True)  # a none pool: nothing to catch up on
+    assert cache.changed_since(0) == []
+
+
+def test_a_store_behind_the_version_a_request_relies_on_refuses_it() -> None:
+    store = codestore.CodeStore()
+    store.bound[("m:a", "X")] = "k1"
+    store.reached(0, 1)
+    with codestore.loading(store):
+        codestore.check_held(1)
+        with pytest.raises(CodeCacheMiss):
+            codestore.check_held(2)  # the change to version 2 ran on another worker
+    store.reached(2, 3)  # a request the store could not have been checked for does not advance it
+    assert store.version == 1
+    store.reached(1, 3)
+    assert store.version == 3
+    store.reached(0, 2)  # an older request loaded late
+    assert store.version == 3
+
+
+def test_an_empty_store_refuses_a_request_that_relies_on_what_the_session_holds() -> None:
+    with codestore.loading(codestore.CodeStore()), pytest.raises(CodeCacheMiss):
+        codestore.check_held(0)
+
+
+def test_the_bindings_of_a_request_the_worker_could_not_load_are_not_caught_up_on() -> None:
+    """A global needing a package the worker lacks fails its call; the calls after it do not
+    carry it to catch up (each would fail alike)."""
+    cache = SendCache()
+    ok, lacking = object(), object()
+    assert versions(cache, {("m:a", "X"): (ok, "k1")}) == (0, 1)
+    sent = cache.commit(request({("m:a", "MOD"): (lacking, "k2")}), [])
+    assert sent is not None and sent[1:] == (1, 2)
+    cache.missed(False, sent[0])
+    assert cache.changed_since(0) == [(("m:a", "X"), ok)]
