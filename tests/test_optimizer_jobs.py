@@ -3,7 +3,7 @@ against the loopback server (tests/lmserver.py): the same job in-process and thr
 (plain or durable, capacity-1 or capacity-4 workers) gives the same results: BootstrapFewShot and
 its random search, ``dspy.Evaluate(num_threads=4)``, ``program.batch``, ``dspy.Parallel``,
 ``dspy.streamify``, ``dspy.asyncify``, one ticket's answers garbage (AdapterParseError, counted as
-failed). (MIPROv2 needs optuna, which this environment lacks.)
+failed), another's first request a 429. (MIPROv2 needs optuna, which this environment lacks.)
 
 The durable job compiles in one call and evaluates in the next; between its steps the session's
 worker is recycled by ``max_requests``, SIGKILLed, or the broker is SIGKILLed and restarted, and the
@@ -102,8 +102,10 @@ def load(path: str) -> Any:
 
 @pytest.fixture(scope="module")
 def lmserver() -> Iterator[LMServer]:
-    # one ticket's answers are garbage (DSPy raises AdapterParseError: the evaluation counts it failed)
-    with LMServer(rules=(("slowly", "slow"), ("CSV export", "unparsable")), delay=21.0) as server:
+    # one ticket's answers are garbage (DSPy raises AdapterParseError: the evaluation counts it
+    # failed); another's first request after each set() is a 429 (the LM retries)
+    with LMServer(rules=(("slowly", "slow"), ("CSV export", "unparsable"), ("Admin login", "rate_limit")),
+                  delay=21.0) as server:
         yield server
 
 
@@ -189,8 +191,11 @@ def test_a_durable_optimizer_job_survives_moves_between_its_steps(stack: Stack, 
     dx = stack.pool("p:strict_queue:max_requests=4" if "max_requests" in moves else "p:strict_queue", 2,
                     "--capacity", capacity)
     s = dx.session("p", durable=True)
+    lmserver.set()
+    refused = len(lmserver.completions("rate_limit"))
     got = job(s.run, lmserver.base, mover(stack, dx, s, moves, capacity), os.path.join(stack.root, "prog.json"))
     assert not moves  # each happened
+    assert lmserver.completions("rate_limit")[refused].status == 429
     assert as_data(got) == as_data(expected)
     s.close()
 
