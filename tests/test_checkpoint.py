@@ -215,6 +215,23 @@ def test_full_resend_after_a_broker_restart_holds_everything() -> None:
     assert call(new, new.refs[refs["cot"].id], "x").answer == "answer 3"
 
 
+def test_full_resend_after_a_move_then_a_broker_restart_claims_the_size_it_carries() -> None:
+    """The restored session's objects pickle again to other bytes than the checkpoint it came from
+    (the broker refused such a checkpoint as "says it holds N bytes, less than it carries")."""
+    _, state, refs = typical_session()
+    moved = Held()
+    ck, _ = checkpoint.Tracker(SID).build(state)
+    assert ck is not None
+    moved.apply(ck)
+    new, restored = moved.restore()
+    fresh = Held()  # then the broker restarted: it asks for the whole session
+    ck2, _ = restored.tracker.build(new, full=True)
+    assert ck2 is not None and ck2.full
+    fresh.apply(ck2)  # asserts the size it claims is the bytes it carries
+    again, _ = fresh.restore()
+    assert call(again, again.refs[refs["cot"].id], "x").answer == "answer 3"
+
+
 def test_session_namespace_functions_keep_the_module_as_globals_and_classes_their_source() -> None:
     table = RefTable("p", "w1")
     state = table.session(SID)

@@ -285,8 +285,8 @@ class Tracker:
         self._sent = False
         self._last_digest = b""
         for i in list(self.slots.blobs):
-            try:
-                self._set[i] = cp.dumps_blob(self.slots.objects[i])
+            try:  # pickled again, its size may differ: the size a checkpoint claims counts the new one
+                self._add_blob(i, cp.dumps_blob(self.slots.objects[i]))
             except Exception:  # noqa: BLE001 - it pickled before; if it no longer does, it goes inline
                 obj = self.slots.objects[i]
                 if self.slots.kinds[i] == ENTRY:
