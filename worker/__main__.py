@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
+import logging
 import os
 import sys
+import threading
+from typing import NoReturn
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch litellm's price list
 
@@ -26,5 +30,29 @@ def run(argv: list[str] | None = None) -> int:
     return main(options)
 
 
+# how long the atexit handlers (user code registers some) may run once the worker has stopped
+ATEXIT_BOUND = 3.0
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process after the worker's goodbye, never hanging on what user code left behind: the
+    atexit handlers run for at most ``ATEXIT_BOUND`` seconds (one that never returns would make
+    every stop wait for supervisord's SIGKILL), and threads it started are not waited for (the
+    interpreter's exit joins every non-daemon thread)."""
+    handlers = threading.Thread(target=atexit._run_exitfuncs, name="dspex-atexit", daemon=True)
+    handlers.start()
+    handlers.join(ATEXIT_BOUND)
+    if handlers.is_alive():
+        logging.getLogger("dspex.worker").warning("atexit handlers still running after %gs: exiting without them",
+                                                  ATEXIT_BOUND)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # closed, or a broken pipe: nothing more to say there
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    exit_now(run())

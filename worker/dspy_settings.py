@@ -144,6 +144,9 @@ class SessionSettings:
     def __init__(self) -> None:
         self._dspy: Any = None
         self._module: Any = None
+        # DSPy's process-wide configuration as the worker set it, and its values (put_back)
+        self._config: dict[str, Any] = {}
+        self._config_values: dict[str, Any] = {}
 
     def install(self, max_history: int = 200) -> None:
         import dspy
@@ -175,6 +178,22 @@ class SessionSettings:
         base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
         self._module = module
         self._dspy = dspy
+        self._config = module.main_thread_config
+        self._config_values = dict(self._config)
+
+    def put_back(self) -> None:
+        """DSPy's process-wide configuration as the worker set it: a call that wrote it directly,
+        past ``dspy.configure`` (``main_thread_config[...] = ...``, the module global rebound),
+        must not hand its LM to every later call of every session (a new session's base)."""
+        module = self._module
+        if module is None:
+            return
+        config = self._config
+        if module.main_thread_config is not config:
+            module.main_thread_config = config
+        if config != self._config_values:  # (values are compared as objects: a list DSPy appends to stays one)
+            config.clear()
+            config.update(self._config_values)
 
     def _configure(self, state: SessionState, kwargs: dict[str, Any]) -> None:
         module = self._module
@@ -290,3 +309,4 @@ class _Scope:
         finally:
             configure_owner.reset(self._owner)
             current_session.reset(self._token)
+            self.owner.put_back()

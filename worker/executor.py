@@ -14,6 +14,7 @@ import contextvars
 import functools
 import json
 import secrets
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -181,7 +182,8 @@ class Executor:
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
                                    log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \
-                    (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE):
+                    (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE), \
+                    _Interpreter():
                 self._calls[key] = call
                 if isinstance(stream, StreamControl):
                     stream.before_item = sink.send_pending  # what it printed before goes first
@@ -320,6 +322,31 @@ def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, A
     return out
 
 
+class _Interpreter:
+    """Interpreter state a call may leave changed that the worker's own code and the next call on
+    its thread (perhaps another session's) rely on, put back as the call's block ends, before any
+    of the worker's code after it: a trace or profile function set on the call's thread (it would
+    trace the worker and the next calls, and CPython 3.11 can spin forever in a traced frame when a
+    time limit's interruption lands), and a recursion limit lowered below the worker's own (other
+    sessions' calls and the worker's encoding would hit it; a raised one harms no one and stays).
+    A class, not a generator context manager: it is entered on every call."""
+
+    __slots__ = ("profile", "trace")
+
+    def __enter__(self) -> None:
+        self.trace = sys.gettrace()
+        self.profile = sys.getprofile()
+
+    def __exit__(self, *exc: object) -> None:
+        if sys.gettrace() is not self.trace:
+            sys.settrace(self.trace)
+        if sys.getprofile() is not self.profile:
+            sys.setprofile(self.profile)
+        if sys.getrecursionlimit() < _RECURSION_LIMIT:
+            sys.setrecursionlimit(_RECURSION_LIMIT)
+
+
+_RECURSION_LIMIT = sys.getrecursionlimit()  # the worker's own
 _NO_SCOPE = contextlib.nullcontext()  # reusable: a call without a stream has no progress scope
 _EARLY_CANCELS_MAX = 10_000  # remembered cancels (a flood of cancels for unknown requests stays bounded)
 

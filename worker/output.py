@@ -168,6 +168,7 @@ def install() -> None:
 
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
+    _own_logging[:] = [list(logging.root.handlers), logging.root.manager.disable]
 
 
 class _RootLevel:
@@ -218,12 +219,58 @@ def relax_root_level() -> None:
     _root_level.relax(ROOT_LEVEL_IDLE)
 
 
+class _Overlap:
+    """How many calls of a capacity-N worker are inside :class:`capture`: what a call changed for
+    good (``sys.stdout``, the root logger's handlers: :func:`_put_back`) is put back when the last
+    one leaves (while calls overlap, one may be inside its own ``contextlib.redirect_stdout``,
+    which must not be undone under it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self._inside += 1
+
+    def leave(self) -> bool:
+        """True when no call is inside any more."""
+        with self._lock:
+            self._inside -= 1
+            return not self._inside
+
+
+_overlap = _Overlap()
+
+
+# the root logger's handlers (the worker log's, the call records') and logging.disable's level
+# as :func:`install` left them
+_own_logging: list[Any] = []
+
+
+def _put_back() -> None:
+    """What a call changed for good and the next call (another session's) must not inherit: it
+    would take that call's output with it, or its log records and the worker log's lines."""
+    if _dispatchers is None:
+        return
+    if sys.stdout is not _dispatchers[0] or sys.stderr is not _dispatchers[1]:
+        sys.stdout, sys.stderr = _dispatchers
+    handlers, disabled = _own_logging
+    root = logging.root
+    if root.handlers != handlers:  # removed, or replaced (basicConfig(force=True)), or added to
+        root.handlers[:] = handlers
+    if root.manager.disable != disabled:
+        logging.disable(disabled)
+
+
 class capture:
     """Route this call's output to a new sink for the block (``with`` gives the sink). A class,
     not a generator context manager: it is entered on every call, and a class is cheaper to enter.
     ``log_level``: the lowest level of log records the caller takes (0: none); the root logger
     is lowered to it when the worker's level is above it (:class:`_RootLevel`). ``alone``: no other
-    call runs meanwhile (capacity 1), so the block may put back ``sys.stdout``/``sys.stderr``."""
+    call runs meanwhile (capacity 1), so the block puts back what the call changed for good
+    (:func:`_put_back`) as it ends; with capacity N the last of overlapping calls to end does
+    (:class:`_Overlap`)."""
 
     __slots__ = ("_lowered", "_token", "alone", "late", "sink")
 
@@ -236,6 +283,8 @@ class capture:
 
     def __enter__(self) -> OutputSink:
         self._token = _current.set(self.sink)
+        if not self.alone:
+            _overlap.enter()
         if self.late is not None:
             self.late.attach(self.sink)
         level = self.sink.log_level
@@ -254,10 +303,8 @@ class capture:
                 self.late.detach(sink)
             sink.late = self.late
             sink.close()
-            if self.alone and _dispatchers is not None:
-                # a call that rebound sys.stdout/stderr for good must not take the next call's
-                # output (another session's) with it
-                sys.stdout, sys.stderr = _dispatchers
+            if self.alone or _overlap.leave():
+                _put_back()
 
 
 class _SharedBars(weakref.WeakSet):  # type: ignore[type-arg]
