@@ -16,12 +16,14 @@ and ``_drive``. Constructor options, the ops and their arguments live here only.
 from __future__ import annotations
 
 import logging
+import numbers
 import secrets
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
+from dspex.client import senderrors
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, bound_name, close_monitored
@@ -29,12 +31,14 @@ from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     ConnectionError,
+    EncodeError,
     Refused,
     SessionClosed,
     SessionWorkerUnavailable,
     Timeout,
+    UsageError,
 )
-from dspex.wire.protocol import FLAG_DURABLE, Op
+from dspex.wire.protocol import FLAG_DURABLE, MAX_NAME_CHARS, WORKER_OPS, Op
 from dspex.wire.ref import Ref
 from dspex.wire.sockets import (
     HANDSHAKE_EVENTS,
@@ -46,6 +50,7 @@ from dspex.wire.sockets import (
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 1e9  # seconds (~31 years): the deadline goes in milliseconds in the request header's 64-bit int
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -105,7 +110,7 @@ class ClientAPI(Generic[S]):
     def _options(self, timeout: float, forward_output: bool, client_settings: bool) -> ClientConfig:
         """The options every client has, and the environment, read when a client is made."""
         self.config = config = ClientConfig.from_env()
-        self.timeout = timeout
+        self.timeout = checked_timeout(timeout)
         self.forward_output = forward_output
         self.client_settings = client_settings
         self.max_message = config.max_message
@@ -149,11 +154,18 @@ class ClientAPI(Generic[S]):
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
-        timeout = self.timeout if timeout is None else timeout
-        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
-                        forward=self.forward_output if forward is None else forward,
-                        awaits=self.session_kind._ops_awaitable, **options)
+        check_name("pool", pool)
+        check_name("session id", session)
+        timeout = self.timeout if timeout is None else checked_timeout(timeout)
+        try:
+            return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
+                            items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
+                            forward=self.forward_output if forward is None else forward,
+                            awaits=self.session_kind._ops_awaitable, **options)
+        except EncodeError as err:
+            if op not in WORKER_OPS:
+                raise
+            raise senderrors.argument_error(err) from None
 
     def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
@@ -190,6 +202,7 @@ class ClientAPI(Generic[S]):
         client's) says whether its calls' output reaches this process's streams and loggers;
         ``client_settings`` (default: the client's) whether this process's DSPy settings go with
         its calls."""
+        check_session_args(pool, session_id)
         return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings,
                                  durable)
 
@@ -198,7 +211,7 @@ class ClientAPI(Generic[S]):
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
         returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
+        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), kwargs or {}], timeout=timeout,
                             on_progress=on_progress, on_output=on_output)
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
@@ -260,6 +273,10 @@ class SessionAPI:
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
 
+    def _closed(self) -> SessionClosed:
+        return SessionClosed(f"session {self.id[:8]} is closed, and its refs with it (client.session(pool) "
+                             "opens a new one)")
+
     def _track(self, status: str, worker: str) -> None:
         if worker:
             self.worker = worker
@@ -267,7 +284,7 @@ class SessionAPI:
     def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
                  on_output: Callback | None) -> Any:
         if self.closed:
-            return self.client._drive(_raising(SessionClosed(f"session {self.id[:8]} is closed")))
+            return self.client._drive(_raising(self._closed()))
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                    forward=self.forward_output, sender=self.sender, flags=self._flags)
@@ -286,7 +303,7 @@ class SessionAPI:
               *, timeout: float | None = None, on_progress: Callback | None = None,
               on_output: Callback | None = None) -> Any:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
             on_output: Callback | None = None) -> Any:
@@ -304,13 +321,13 @@ class SessionAPI:
              *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
@@ -349,7 +366,7 @@ class SessionAPI:
     def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
                 on_output: Callback | None) -> Any:
         if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
+            raise self._closed()
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
@@ -358,13 +375,13 @@ class SessionAPI:
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                       *, timeout: float | None = None, on_progress: Callback | None = None,
                       on_output: Callback | None = None) -> Any:
         """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
@@ -375,7 +392,7 @@ class SessionAPI:
                      kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
         """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
         """Release every ref of the session on its worker. A broker that cannot be reached is
@@ -520,6 +537,45 @@ class Rehydrator(Generic[T]):
 
     def close(self) -> Any:
         return self.session.close()
+
+
+def check_session_args(pool: object, session_id: object) -> None:
+    """``session()``'s arguments, checked before a session is made."""
+    if not pool:
+        raise UsageError(f"session(pool): the name of a pool, got {pool!r}")
+    check_name("pool", pool)
+    if session_id is not None:
+        check_name("session id", session_id)
+
+
+def check_name(kind: str, name: object) -> None:
+    """A pool name or session id as the broker reads it in a request header: a str of at most
+    ``MAX_NAME_CHARS`` (a header it cannot read is dropped there: its caller would wait out the timeout)."""
+    if not isinstance(name, str):
+        raise UsageError(f"a {kind} is a str, got {type(name).__name__} {name!r:.60}")
+    if len(name) > MAX_NAME_CHARS:
+        raise UsageError(f"a {kind} is at most {MAX_NAME_CHARS} characters, got {len(name)} ({name!r:.40}...)")
+
+
+def checked_timeout(timeout: object) -> float:
+    """``timeout`` as a deadline in seconds: a number more than 0 and at most ``MAX_TIMEOUT``; anything
+    else (0 or less, NaN, infinity: no deadline the worker could keep) is a UsageError before anything is sent."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise UsageError(f"timeout is a number of seconds (None: the client's), got {type(timeout).__name__} "
+                         f"{timeout!r:.60}")
+    seconds = float(timeout)
+    if not 0 < seconds <= MAX_TIMEOUT:  # (NaN is neither)
+        raise UsageError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
+    return seconds
+
+
+def positional(args: Iterable[Any]) -> list[Any]:
+    """A call's positional arguments as sent; a str, bytes or mapping is a UsageError (each
+    character, or key, would become an argument: ``args=(x,)`` was meant)."""
+    if isinstance(args, (str, bytes, Mapping)) or not isinstance(args, Iterable):
+        raise UsageError(f"args is a list or tuple of the positional arguments, got {type(args).__name__} "
+                         f"{args!r:.60} (one argument x: args=(x,); keyword arguments: kwargs=)")
+    return list(args)
 
 
 def _raising(err: BaseException) -> Steps[Any]:

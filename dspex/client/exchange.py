@@ -153,7 +153,8 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             receipt.append(sent)
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
-        raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
+        raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message} (DSPEX_MAX_MESSAGE): "
+                              "nothing was sent; make or load large data on the worker (s.run) and pass its ref")
     return frames, flags
 
 
@@ -170,7 +171,7 @@ def bound_name(obj: Any, name: str | None) -> str:
 
 def closed_error() -> BrokerUnreachable:
     """What a request to a closed client raises (either kind)."""
-    return BrokerUnreachable("client is closed: nothing was sent")
+    return BrokerUnreachable("client is closed: nothing was sent (connect again for a new client)")
 
 
 def close_monitored(sock: Any, monitor: Any) -> None:
