@@ -35,6 +35,12 @@ def ident(x: Any) -> Any:
     return x
 
 
+def chatty(n: int) -> int:
+    for i in range(n):
+        print("line", i)
+    return n
+
+
 def slow(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
@@ -141,6 +147,33 @@ def test_args_that_are_not_a_list_of_arguments_say_how_to_pass_one(dx: dspex.Cli
         with pytest.raises(dspex.UsageError, match=r"args=\(x,\)"):
             s.method(ref, "count", bad)
     assert s.apply(ident, ("abc",)) == "abc" and s.call("builtins", "len", [ref]) == 2
+
+
+def test_a_callback_that_is_not_callable_is_refused_before_the_call_runs(dx: dspex.Client,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    s = dx.session("p")
+    for option in ("on_output", "on_progress"):
+        with pytest.raises(dspex.UsageError, match=f"{option}= is a function"):
+            s.apply(chatty, (2,), **{option: 5})
+        with pytest.raises(dspex.UsageError, match=f"{option}= is a function"):
+            s.stream_apply(numbers, **{option: "print"})
+    assert "line" not in capsys.readouterr().out  # nothing ran
+    events: list[Any] = []
+    assert s.apply(chatty, (2,), on_output=events.append) == 2 and len(events) == 2
+
+
+def test_a_wrong_endpoint_is_a_config_error(dx: dspex.Client) -> None:
+    for endpoint in (123, b"ipc:///x"):
+        with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+            dspex.connect(endpoint)  # type: ignore[arg-type]
+    with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+        dspex.connect(endpoints={"p": 5})  # type: ignore[dict-item]
+    with pytest.raises(dspex.ConfigError, match="is a map of pool names"):
+        dspex.connect(endpoints=5)  # type: ignore[arg-type]
+    with pytest.raises(dspex.ConfigError, match="not a pool name"):
+        dspex.connect(endpoints={5: dx.endpoint})  # type: ignore[dict-item]
+    with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+        dspex.aio.connect(123)  # type: ignore[arg-type]
 
 
 def test_an_argument_that_cannot_be_copied_says_to_make_it_on_the_worker(dx: dspex.Client) -> None:

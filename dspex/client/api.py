@@ -156,6 +156,10 @@ class ClientAPI(Generic[S]):
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
         check_name("pool", pool)
         check_name("session id", session)
+        for callback in ("on_progress", "on_output"):  # (else the first event would raise inside the call)
+            if options.get(callback) is not None and not callable(options[callback]):
+                raise UsageError(f"{callback}= is a function of one event (or None), got "
+                                 f"{type(options[callback]).__name__} {options[callback]!r:.60}")
         timeout = self.timeout if timeout is None else checked_timeout(timeout)
         try:
             return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
