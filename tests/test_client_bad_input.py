@@ -309,3 +309,29 @@ def test_an_asyncio_call_cancelled_at_any_point_leaves_its_session_serving(dx: d
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
     asyncio.run(main())
+
+
+def test_an_async_stream_read_by_two_tasks_at_once_refuses_the_second(dx: dspex.Client) -> None:
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            stream = a.stream_apply(numbers)
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)  # the first task awaits its item
+            with pytest.raises(dspex.UsageError, match="one task at a time.*asyncio.Queue"):
+                await anext(stream)
+            with pytest.raises(dspex.UsageError, match="one task at a time.*cancel that task"):
+                await stream.aclose()
+            assert await first == 0  # the reader lost nothing
+            assert [x async for x in stream] == [1, 2]
+            together = a.stream_apply(numbers)
+
+            async def drain() -> list[int]:
+                return [x async for x in together]
+
+            results = await asyncio.wait_for(asyncio.gather(drain(), drain(), return_exceptions=True), 10)
+            assert sorted(map(type, results), key=str) == [dspex.UsageError, list], results
+            assert await a.run(ident, 8) == 8
+
+    asyncio.run(main())
