@@ -80,20 +80,20 @@ def test_a_pool_or_session_id_that_is_not_a_str_is_refused_at_once(dx: dspex.Cli
     sockets = dx.open_sockets
     started = time.monotonic()
     for bad in (123, None, "", ["p"], "p" * 300):
-        with pytest.raises(dspex.UsageError, match="pool"):
+        with pytest.raises(dspex.BadArgument, match="pool"):
             dx.session(bad)  # type: ignore[arg-type]
     for bad_id in (42, b"id", "x" * 300):
-        with pytest.raises(dspex.UsageError, match="session id"):
+        with pytest.raises(dspex.BadArgument, match="session id"):
             dx.session("p", bad_id)  # type: ignore[arg-type]
     for call in (lambda: dx.call("builtins", "len", ([],), pool=123),  # type: ignore[arg-type]
                  lambda: dx.close_session(123)):  # type: ignore[arg-type]
-        with pytest.raises(dspex.UsageError, match="is a str"):
+        with pytest.raises(dspex.BadArgument, match="is a str"):
             call()
-    with pytest.raises(dspex.UsageError, match="at most 256 characters"):
+    with pytest.raises(dspex.BadArgument, match="at most 256 characters"):
         dx.close_session("x" * 300)
     with dspex.connect(endpoints={"p": dx.endpoint}, timeout=20) as routed:  # a client of several brokers
         for bad in (["p"], "p" * 300):
-            with pytest.raises(dspex.UsageError, match="pool"):
+            with pytest.raises(dspex.BadArgument, match="pool"):
                 routed.session(bad)  # type: ignore[arg-type]
         assert routed.session("p").run(ident, 1) == 1
     assert time.monotonic() - started < 5  # not one waited out the client's timeout
@@ -102,9 +102,9 @@ def test_a_pool_or_session_id_that_is_not_a_str_is_refused_at_once(dx: dspex.Cli
     async def main() -> None:
         adx = dspex.aio.connect(dx.endpoint, timeout=20)
         async with adx:
-            with pytest.raises(dspex.UsageError, match="pool is a str"):
+            with pytest.raises(dspex.BadArgument, match="pool is a str"):
                 adx.session(123)  # type: ignore[arg-type]
-            with pytest.raises(dspex.UsageError, match="is a str"):
+            with pytest.raises(dspex.BadArgument, match="is a str"):
                 await adx.call("builtins", "len", ([],), pool=123)  # type: ignore[arg-type]
             assert await adx.session("p").run(ident, 3) == 3
 
@@ -116,12 +116,16 @@ def test_a_timeout_that_is_no_deadline_is_refused_before_anything_is_sent(dx: ds
     ref = s.put([1, 2])
     sockets = dx.open_sockets
     for bad in NOT_A_DEADLINE:
-        with pytest.raises(dspex.UsageError, match="timeout"):
+        with pytest.raises(dspex.BadArgument, match="timeout"):
             s.apply(ident, (1,), timeout=bad)
-        with pytest.raises(dspex.UsageError, match="timeout"):
+        with pytest.raises(dspex.BadArgument, match="timeout"):
             dx.status(timeout=bad)
-        with pytest.raises(dspex.UsageError, match="timeout"):
+        with pytest.raises(dspex.BadArgument, match="timeout"):
             dspex.connect(dx.endpoint, timeout=bad)
+    with pytest.raises(TypeError):  # a BadArgument is a UsageError, and a TypeError and ValueError as Python's own
+        s.apply(ident, (1,), timeout="x")
+    with pytest.raises(ValueError):
+        s.apply(ident, (1,), timeout=-1)
     assert s.apply(len, (ref,), timeout=5) == 2 and dx.open_sockets == sockets
 
     async def main() -> None:
@@ -129,7 +133,7 @@ def test_a_timeout_that_is_no_deadline_is_refused_before_anything_is_sent(dx: ds
         async with adx:
             a = adx.session("p")
             for bad in NOT_A_DEADLINE:
-                with pytest.raises(dspex.UsageError, match="timeout"):
+                with pytest.raises(dspex.BadArgument, match="timeout"):
                     await a.apply(ident, (1,), timeout=bad)
             assert await a.run(ident, 4) == 4
 
@@ -140,11 +144,11 @@ def test_args_that_are_not_a_list_of_arguments_say_how_to_pass_one(dx: dspex.Cli
     s = dx.session("p")
     ref = s.put([1, 2])
     for bad in (5, "abc", b"ab", {"x": 1}):
-        with pytest.raises(dspex.UsageError, match=r"args=\(x,\)"):
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
             s.apply(ident, bad)
-        with pytest.raises(dspex.UsageError, match=r"args=\(x,\)"):
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
             s.call("builtins", "len", bad)
-        with pytest.raises(dspex.UsageError, match=r"args=\(x,\)"):
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
             s.method(ref, "count", bad)
     assert s.apply(ident, ("abc",)) == "abc" and s.call("builtins", "len", [ref]) == 2
 
@@ -153,9 +157,9 @@ def test_a_callback_that_is_not_callable_is_refused_before_the_call_runs(dx: dsp
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     s = dx.session("p")
     for option in ("on_output", "on_progress"):
-        with pytest.raises(dspex.UsageError, match=f"{option}= is a function"):
+        with pytest.raises(dspex.BadArgument, match=f"{option}= is a function"):
             s.apply(chatty, (2,), **{option: 5})
-        with pytest.raises(dspex.UsageError, match=f"{option}= is a function"):
+        with pytest.raises(dspex.BadArgument, match=f"{option}= is a function"):
             s.stream_apply(numbers, **{option: "print"})
     assert "line" not in capsys.readouterr().out  # nothing ran
     events: list[Any] = []
@@ -174,6 +178,17 @@ def test_a_wrong_endpoint_is_a_config_error(dx: dspex.Client) -> None:
         dspex.connect(endpoints={5: dx.endpoint})  # type: ignore[dict-item]
     with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
         dspex.aio.connect(123)  # type: ignore[arg-type]
+
+
+def test_define_without_a_usable_name_says_so(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    with pytest.raises(dspex.BadArgument, match="has no __name__; pass name="):
+        s.define(5)
+    for name in (123, "not a name", ""):
+        with pytest.raises(dspex.BadArgument, match="name is a Python identifier"):
+            s.define(ident, name)  # type: ignore[arg-type]
+    s.define(5, "five")
+    assert s.eval("five + 1") == 6
 
 
 def test_an_argument_that_cannot_be_copied_says_to_make_it_on_the_worker(dx: dspex.Client) -> None:
@@ -261,10 +276,12 @@ def test_ctrl_c_while_the_sync_client_waits_leaves_the_session_and_sockets_as_th
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            s.run(slow, 5)
+            s.run(slow, 60)
     finally:
         timer.cancel()
+    started = time.monotonic()
     assert s.run(len, ref) == 3 and dx.open_sockets == sockets
+    assert time.monotonic() - started < 30  # the interrupted call was stopped on the (one) worker
 
 
 def test_refs_of_another_session_or_client_kind_are_refused_by_name(dx: dspex.Client) -> None:

@@ -16,17 +16,17 @@ and ``_drive``. Constructor options, the ops and their arguments live here only.
 from __future__ import annotations
 
 import logging
-import numbers
 import secrets
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
-from dspex.client import senderrors
+from dspex.client import arguments, senderrors
+from dspex.client.arguments import bound_name, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Callback, Exchange, bound_name, close_monitored
+from dspex.client.exchange import Callback, Exchange, close_monitored
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -36,9 +36,8 @@ from dspex.wire.errors import (
     SessionClosed,
     SessionWorkerUnavailable,
     Timeout,
-    UsageError,
 )
-from dspex.wire.protocol import FLAG_DURABLE, MAX_NAME_CHARS, WORKER_OPS, Op
+from dspex.wire.protocol import FLAG_DURABLE, WORKER_OPS, Op
 from dspex.wire.ref import Ref
 from dspex.wire.sockets import (
     HANDSHAKE_EVENTS,
@@ -50,7 +49,6 @@ from dspex.wire.sockets import (
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
-MAX_TIMEOUT = 1e9  # seconds (~31 years): the deadline goes in milliseconds in the request header's 64-bit int
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,7 +108,7 @@ class ClientAPI(Generic[S]):
     def _options(self, timeout: float, forward_output: bool, client_settings: bool) -> ClientConfig:
         """The options every client has, and the environment, read when a client is made."""
         self.config = config = ClientConfig.from_env()
-        self.timeout = checked_timeout(timeout)
+        self.timeout = arguments.checked_timeout(timeout)
         self.forward_output = forward_output
         self.client_settings = client_settings
         self.max_message = config.max_message
@@ -154,13 +152,10 @@ class ClientAPI(Generic[S]):
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
-        check_name("pool", pool)
-        check_name("session id", session)
-        for callback in ("on_progress", "on_output"):  # (else the first event would raise inside the call)
-            if options.get(callback) is not None and not callable(options[callback]):
-                raise UsageError(f"{callback}= is a function of one event (or None), got "
-                                 f"{type(options[callback]).__name__} {options[callback]!r:.60}")
-        timeout = self.timeout if timeout is None else checked_timeout(timeout)
+        arguments.check_name("pool", pool)
+        arguments.check_name("session id", session)
+        arguments.check_callbacks(options)
+        timeout = self.timeout if timeout is None else arguments.checked_timeout(timeout)
         try:
             return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
                             items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
@@ -206,7 +201,7 @@ class ClientAPI(Generic[S]):
         client's) says whether its calls' output reaches this process's streams and loggers;
         ``client_settings`` (default: the client's) whether this process's DSPy settings go with
         its calls."""
-        check_session_args(pool, session_id)
+        arguments.check_session_args(pool, session_id)
         return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings,
                                  durable)
 
@@ -541,45 +536,6 @@ class Rehydrator(Generic[T]):
 
     def close(self) -> Any:
         return self.session.close()
-
-
-def check_session_args(pool: object, session_id: object) -> None:
-    """``session()``'s arguments, checked before a session is made."""
-    if not pool:
-        raise UsageError(f"session(pool): the name of a pool, got {pool!r}")
-    check_name("pool", pool)
-    if session_id is not None:
-        check_name("session id", session_id)
-
-
-def check_name(kind: str, name: object) -> None:
-    """A pool name or session id as the broker reads it in a request header: a str of at most
-    ``MAX_NAME_CHARS`` (a header it cannot read is dropped there: its caller would wait out the timeout)."""
-    if not isinstance(name, str):
-        raise UsageError(f"a {kind} is a str, got {type(name).__name__} {name!r:.60}")
-    if len(name) > MAX_NAME_CHARS:
-        raise UsageError(f"a {kind} is at most {MAX_NAME_CHARS} characters, got {len(name)} ({name!r:.40}...)")
-
-
-def checked_timeout(timeout: object) -> float:
-    """``timeout`` as a deadline in seconds: a number more than 0 and at most ``MAX_TIMEOUT``; anything
-    else (0 or less, NaN, infinity: no deadline the worker could keep) is a UsageError before anything is sent."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise UsageError(f"timeout is a number of seconds (None: the client's), got {type(timeout).__name__} "
-                         f"{timeout!r:.60}")
-    seconds = float(timeout)
-    if not 0 < seconds <= MAX_TIMEOUT:  # (NaN is neither)
-        raise UsageError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
-    return seconds
-
-
-def positional(args: Iterable[Any]) -> list[Any]:
-    """A call's positional arguments as sent; a str, bytes or mapping is a UsageError (each
-    character, or key, would become an argument: ``args=(x,)`` was meant)."""
-    if isinstance(args, (str, bytes, Mapping)) or not isinstance(args, Iterable):
-        raise UsageError(f"args is a list or tuple of the positional arguments, got {type(args).__name__} "
-                         f"{args!r:.60} (one argument x: args=(x,); keyword arguments: kwargs=)")
-    return list(args)
 
 
 def _raising(err: BaseException) -> Steps[Any]:

@@ -158,17 +158,6 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     return frames, flags
 
 
-def bound_name(obj: Any, name: str | None) -> str:
-    """The session-namespace name ``define(obj, name)`` binds: ``name``, else ``obj.__name__``."""
-    if name is None:
-        name = getattr(obj, "__name__", None)
-        if not isinstance(name, str):
-            raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
-    if not name.isidentifier():
-        raise ValueError(f"define: {name!r} is not a Python identifier")
-    return name
-
-
 def closed_error() -> BrokerUnreachable:
     """What a request to a closed client raises (either kind)."""
     return BrokerUnreachable("client is closed: nothing was sent (connect again for a new client)")

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar, Unpack
 
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, RequestOptions, S, Steps, _raising, check_session_args
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, RequestOptions, S, Steps, _raising
+from dspex.client.arguments import check_session_args
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
 from dspex.wire.errors import DspexError, PoolNotFound
