@@ -5,6 +5,7 @@ from dspex.wire.errors import *
 
 # the error classes, the public part of what the star import brings
 __all__ = [
+    "BadArgument",
     "BrokerUnreachable",
     "Cancelled",
     "CheckpointRefused",

@@ -32,6 +32,7 @@ from dspex.client.routing import Router, ServerKey, open_client
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
+    UsageError,
 )
 from dspex.wire.protocol import WORKER_OPS, Op
 
@@ -190,6 +191,7 @@ class AsyncStream(StreamAPI):
         self._req_id = 0
         self._queue: asyncio.Queue[Reply] | None = None
         self._started = False  # an item or event arrived: the request ran
+        self._reading = False  # a task awaits its next item (or its end, in aclose)
 
     def __aiter__(self) -> Self:
         return self
@@ -197,6 +199,20 @@ class AsyncStream(StreamAPI):
     async def __anext__(self) -> Any:
         if self.done:
             raise StopAsyncIteration
+        self._claim("hand its items to the other tasks through an asyncio.Queue")
+        try:
+            return await self._read()
+        finally:
+            self._reading = False
+
+    def _claim(self, fix: str) -> None:
+        """One task reads at a time (as an async generator): two would take each other's replies,
+        and the one left waiting after the end would wait out the timeout."""
+        if self._reading:
+            raise UsageError(f"an AsyncStream is read by one task at a time, and another task awaits it ({fix})")
+        self._reading = True
+
+    async def _read(self) -> Any:
         client, ex = self._client, self._ex
         ended = False  # the final reply came
         try:
@@ -247,6 +263,7 @@ class AsyncStream(StreamAPI):
         if self._queue is None:
             self.done = True  # never started: nothing was sent
             return
+        self._claim("to stop it, cancel that task: the stream stops with it")
         client, ex = self._client, self._ex
         cancelled = False
         try:
@@ -261,6 +278,7 @@ class AsyncStream(StreamAPI):
         except DspexError:
             pass
         finally:
+            self._reading = False
             self._end(abandon=not cancelled)
 
     async def __aenter__(self) -> Self:

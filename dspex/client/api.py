@@ -22,18 +22,21 @@ from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
+from dspex.client import arguments, senderrors
+from dspex.client.arguments import bound_name, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Callback, Exchange, bound_name, close_monitored
+from dspex.client.exchange import Callback, Exchange, close_monitored
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
     ConnectionError,
+    EncodeError,
     Refused,
     SessionClosed,
     Timeout,
 )
-from dspex.wire.protocol import FLAG_DURABLE, Op
+from dspex.wire.protocol import FLAG_DURABLE, WORKER_OPS, Op
 from dspex.wire.ref import Ref
 from dspex.wire.sockets import (
     HANDSHAKE_EVENTS,
@@ -104,7 +107,7 @@ class ClientAPI(Generic[S]):
     def _options(self, timeout: float, forward_output: bool, client_settings: bool) -> ClientConfig:
         """The options every client has, and the environment, read when a client is made."""
         self.config = config = ClientConfig.from_env()
-        self.timeout = timeout
+        self.timeout = arguments.checked_timeout(timeout)
         self.forward_output = forward_output
         self.client_settings = client_settings
         self.max_message = config.max_message
@@ -148,11 +151,19 @@ class ClientAPI(Generic[S]):
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
-        timeout = self.timeout if timeout is None else timeout
-        return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
-                        items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
-                        forward=self.forward_output if forward is None else forward,
-                        awaits=self.session_kind._ops_awaitable, **options)
+        arguments.check_name("pool", pool)
+        arguments.check_name("session id", session)
+        arguments.check_callbacks(options)
+        timeout = self.timeout if timeout is None else arguments.checked_timeout(timeout)
+        try:
+            return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
+                            items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
+                            forward=self.forward_output if forward is None else forward,
+                            awaits=self.session_kind._ops_awaitable, **options)
+        except EncodeError as err:
+            if op not in WORKER_OPS:
+                raise
+            raise senderrors.argument_error(err) from None
 
     def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
@@ -189,6 +200,7 @@ class ClientAPI(Generic[S]):
         client's) says whether its calls' output reaches this process's streams and loggers;
         ``client_settings`` (default: the client's) whether this process's DSPy settings go with
         its calls."""
+        arguments.check_session_args(pool, session_id)
         return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings,
                                  durable)
 
@@ -197,7 +209,7 @@ class ClientAPI(Generic[S]):
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
         returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, list(args), kwargs or {}], timeout=timeout,
+        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), kwargs or {}], timeout=timeout,
                             on_progress=on_progress, on_output=on_output)
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
@@ -259,6 +271,10 @@ class SessionAPI:
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
 
+    def _closed(self) -> SessionClosed:
+        return SessionClosed(f"session {self.id[:8]} is closed, and its refs with it (client.session(pool) "
+                             "opens a new one)")
+
     def _track(self, status: str, worker: str) -> None:
         if worker:
             self.worker = worker
@@ -266,7 +282,7 @@ class SessionAPI:
     def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
                  on_output: Callback | None) -> Any:
         if self.closed:
-            return self.client._drive(_raising(SessionClosed(f"session {self.id[:8]} is closed")))
+            return self.client._drive(_raising(self._closed()))
         return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                    on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                    forward=self.forward_output, sender=self.sender, flags=self._flags)
@@ -285,7 +301,7 @@ class SessionAPI:
               *, timeout: float | None = None, on_progress: Callback | None = None,
               on_output: Callback | None = None) -> Any:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
             on_output: Callback | None = None) -> Any:
@@ -303,13 +319,13 @@ class SessionAPI:
              *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
@@ -348,7 +364,7 @@ class SessionAPI:
     def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
                 on_output: Callback | None) -> Any:
         if self.closed:
-            raise SessionClosed(f"session {self.id[:8]} is closed")
+            raise self._closed()
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
@@ -357,13 +373,13 @@ class SessionAPI:
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                       *, timeout: float | None = None, on_progress: Callback | None = None,
                       on_output: Callback | None = None) -> Any:
         """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
@@ -374,7 +390,7 @@ class SessionAPI:
                      kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
         """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, list(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
         """Release every ref of the session on its worker. A broker that cannot be reached is

@@ -103,12 +103,15 @@ def _parse_map(endpoints: Mapping[str, str] | str, source: str) -> BrokerMap:
                 raise ConfigError(f"{source}: {entry.strip()!r} is not POOL=ENDPOINT (e.g. "
                                   "triage_pool=ipc:///tmp/dx-a/frontend.sock,*=ipc:///tmp/dx-b/frontend.sock)")
             entries.append((pool.strip(), value))
-    else:
+    elif isinstance(endpoints, Mapping):
         entries = list(endpoints.items())
+    else:
+        raise ConfigError(f"{source} is a map of pool names to endpoints (or its POOL=ENDPOINT,... text), got "
+                          f"{type(endpoints).__name__} {endpoints!r:.60}")
     routes: dict[str, Broker] = {}
     keys: dict[str, Broker] = {}
     for pool, value in entries:
-        if not pool or any(c.isspace() or c in "=;," for c in pool):
+        if not isinstance(pool, str) or not pool or any(c.isspace() or c in "=;," for c in pool):
             raise ConfigError(f"{source}: {pool!r} is not a pool name (or '*')")
         if pool in routes:
             raise ConfigError(f"{source}: pool {pool} is named twice")
@@ -124,6 +127,9 @@ def _parse_map(endpoints: Mapping[str, str] | str, source: str) -> BrokerMap:
 
 def _parse_broker(value: str, source: str) -> Broker:
     """``ENDPOINT[;server_key=FILE][;client_key=FILE]``."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: an endpoint is a str (ipc://PATH or tcp://HOST:PORT), got "
+                          f"{type(value).__name__} {value!r:.60}")
     endpoint, *options = (part.strip() for part in value.split(";"))
     check_endpoint(endpoint)
     files: dict[str, str] = {}

@@ -169,7 +169,8 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             flags |= FLAG_CONTEXT
     size = sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
     if size > max_message:
-        raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message}")
+        raise MessageTooLarge(f"request is {size} bytes, over the limit of {max_message} (DSPEX_MAX_MESSAGE): "
+                              "nothing was sent; make or load large data on the worker (s.run) and pass its ref")
     return frames, flags
 
 
@@ -192,20 +193,9 @@ def _bound_now(nsid: str, name: str, sent: Any) -> Any:
     return vars(module).get(name, sent) if module is not None else sent
 
 
-def bound_name(obj: Any, name: str | None) -> str:
-    """The session-namespace name ``define(obj, name)`` binds: ``name``, else ``obj.__name__``."""
-    if name is None:
-        name = getattr(obj, "__name__", None)
-        if not isinstance(name, str):
-            raise TypeError(f"define: a {type(obj).__name__} has no __name__; pass name=")
-    if not name.isidentifier():
-        raise ValueError(f"define: {name!r} is not a Python identifier")
-    return name
-
-
 def closed_error() -> BrokerUnreachable:
     """What a request to a closed client raises (either kind)."""
-    return BrokerUnreachable("client is closed: nothing was sent")
+    return BrokerUnreachable("client is closed: nothing was sent (connect again for a new client)")
 
 
 def close_monitored(sock: Any, monitor: Any) -> None:

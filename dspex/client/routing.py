@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar, Unpack
 
 from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, RequestOptions, S, Steps, _raising
+from dspex.client.arguments import check_session_args
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
 from dspex.wire.errors import DspexError, PoolNotFound
@@ -90,6 +91,7 @@ class Router(ClientAPI[S]):
     # -- a pool's requests go to its broker -------------------------------------------------------
     def session(self, pool: str, session_id: str | None = None, *, durable: bool = False,
                 forward_output: bool | None = None, client_settings: bool | None = None) -> S:
+        check_session_args(pool, session_id)
         return self._broker(pool).session(pool, session_id, durable=durable, forward_output=forward_output,
                                           client_settings=client_settings)
 

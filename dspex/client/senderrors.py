@@ -59,6 +59,15 @@ def context_value_error(variables: list[tuple[Any, Any]], err: EncodeError,
     return err
 
 
+def argument_error(err: EncodeError) -> EncodeError:
+    """An argument of a session's call (the object ``put``, ``fn``...) could not be sent: ``err``
+    with what to do, unless it says already (a global, a setting, a context variable)."""
+    if not {"global", "setting", "context_var"}.isdisjoint(err.details):
+        return err
+    return EncodeError(f"{err.message} (it cannot be copied to the worker: make it there instead, inside the "
+                       "function, or once with ref = s.run(make_it) and pass the ref)", **err.details)
+
+
 def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
     t = type(value)
     type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

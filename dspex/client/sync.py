@@ -28,6 +28,7 @@ from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
     ProtocolError,
+    UsageError,
 )
 from dspex.wire.protocol import WORKER_OPS, Op, unpack_reply_header
 from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
@@ -274,7 +275,7 @@ class Stream(StreamAPI, Closing):
         if self.done or self._ch is None:
             raise StopIteration
         if threading.get_ident() != self._thread:
-            raise DspexError("a Stream must be consumed on the thread that started it")
+            raise UsageError("a Stream must be consumed on the thread that started it")
         client, ch, ex = self._client, self._ch, self._ex
         ended = sending = False  # the final reply came / a send is under way
         try:
@@ -327,7 +328,7 @@ class Stream(StreamAPI, Closing):
         if self.done or self._ch is None:
             return
         if threading.get_ident() != self._thread:
-            raise DspexError("a Stream must be closed on the thread that started it")
+            raise UsageError("a Stream must be closed on the thread that started it")
         ex, cancelled = self._ex, False
         try:
             self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),

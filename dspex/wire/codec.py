@@ -296,7 +296,8 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
         if enc.to_ref is None:
             where = path()
             name = _type_name(o)
-            raise EncodeError(f"cannot encode {name} at {where} ({why})", type=name, path=where)
+            shown = where if len(where) <= 120 else f"{where[:60]}...{where[-40:]}"  # (a deep structure's is long)
+            raise EncodeError(f"cannot encode {name} at {shown} ({why})", type=name, path=where)
         return enc.ref(o)
 
     def items(seq: list[Any], depth: int, label: Callable[[int], str], start: int = 0) -> list[Any]:

@@ -371,6 +371,14 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     return err
 
 
+class BadArgument(UsageError, TypeError, ValueError):
+    """An argument of a client method is wrong (a pool that is not a str, a timeout that is no
+    deadline, ``args`` that is not a list...): refused before anything is sent. Also a
+    ``TypeError`` and a ``ValueError``, as Python's own argument errors are."""
+
+    code = "bad_argument"
+
+
 class ProtocolError(UsageError):
     """A frame could not be understood."""
 

@@ -1,0 +1,354 @@
+"""A user who passes the wrong things to the public API, with both client kinds: each mistake is a
+typed error at once (no wait for a timeout, no internal traceback) whose message says the cause
+and the fix, and nothing else is lost: the same session's next call, its refs and the client's
+sockets still serve."""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import hashlib
+import math
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dspex
+import dspex.aio
+from tests.harness import shared_pool
+
+pytestmark = pytest.mark.timeout(120)
+
+NOT_A_DEADLINE: list[Any] = ["x", True, 0, -1, math.nan, math.inf, -math.inf, 1e300]
+
+
+@pytest.fixture(scope="module")
+def dx() -> Iterator[dspex.Client]:
+    yield from shared_pool("p:strict_queue", 1, "--no-dspy")
+
+
+def ident(x: Any) -> Any:
+    return x
+
+
+def chatty(n: int) -> int:
+    for i in range(n):
+        print("line", i)
+    return n
+
+
+def slow(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def numbers() -> Iterator[int]:
+    yield from range(3)
+
+
+class RaisingReduce:
+    def __reduce__(self) -> Any:
+        raise RuntimeError("no reduce here")
+
+
+class GarbageReduce:
+    def __reduce__(self) -> Any:
+        return 42
+
+
+class RaisingGetstate:
+    def __getstate__(self) -> Any:
+        raise ValueError("no state here")
+
+
+def nested(depth: int) -> list[Any]:
+    top: list[Any] = []
+    inner = top
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    return top
+
+
+def test_a_pool_or_session_id_that_is_not_a_str_is_refused_at_once(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    assert s.run(ident, 1) == 1
+    sockets = dx.open_sockets
+    started = time.monotonic()
+    for bad in (123, None, "", ["p"], "p" * 300):
+        with pytest.raises(dspex.BadArgument, match="pool"):
+            dx.session(bad)  # type: ignore[arg-type]
+    for bad_id in (42, b"id", "x" * 300):
+        with pytest.raises(dspex.BadArgument, match="session id"):
+            dx.session("p", bad_id)  # type: ignore[arg-type]
+    for call in (lambda: dx.call("builtins", "len", ([],), pool=123),  # type: ignore[arg-type]
+                 lambda: dx.close_session(123)):  # type: ignore[arg-type]
+        with pytest.raises(dspex.BadArgument, match="is a str"):
+            call()
+    with pytest.raises(dspex.BadArgument, match="at most 256 characters"):
+        dx.close_session("x" * 300)
+    with dspex.connect(endpoints={"p": dx.endpoint}, timeout=20) as routed:  # a client of several brokers
+        for bad in (["p"], "p" * 300):
+            with pytest.raises(dspex.BadArgument, match="pool"):
+                routed.session(bad)  # type: ignore[arg-type]
+        assert routed.session("p").run(ident, 1) == 1
+    assert time.monotonic() - started < 5  # not one waited out the client's timeout
+    assert s.run(ident, 2) == 2 and dx.open_sockets == sockets
+
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            with pytest.raises(dspex.BadArgument, match="pool is a str"):
+                adx.session(123)  # type: ignore[arg-type]
+            with pytest.raises(dspex.BadArgument, match="is a str"):
+                await adx.call("builtins", "len", ([],), pool=123)  # type: ignore[arg-type]
+            assert await adx.session("p").run(ident, 3) == 3
+
+    asyncio.run(main())
+
+
+def test_a_timeout_that_is_no_deadline_is_refused_before_anything_is_sent(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    ref = s.put([1, 2])
+    sockets = dx.open_sockets
+    for bad in NOT_A_DEADLINE:
+        with pytest.raises(dspex.BadArgument, match="timeout"):
+            s.apply(ident, (1,), timeout=bad)
+        with pytest.raises(dspex.BadArgument, match="timeout"):
+            dx.status(timeout=bad)
+        with pytest.raises(dspex.BadArgument, match="timeout"):
+            dspex.connect(dx.endpoint, timeout=bad)
+    with pytest.raises(TypeError):  # a BadArgument is a UsageError, and a TypeError and ValueError as Python's own
+        s.apply(ident, (1,), timeout="x")
+    with pytest.raises(ValueError):
+        s.apply(ident, (1,), timeout=-1)
+    assert s.apply(len, (ref,), timeout=5) == 2 and dx.open_sockets == sockets
+
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            for bad in NOT_A_DEADLINE:
+                with pytest.raises(dspex.BadArgument, match="timeout"):
+                    await a.apply(ident, (1,), timeout=bad)
+            assert await a.run(ident, 4) == 4
+
+    asyncio.run(main())
+
+
+def test_args_that_are_not_a_list_of_arguments_say_how_to_pass_one(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    ref = s.put([1, 2])
+    for bad in (5, "abc", b"ab", {"x": 1}):
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
+            s.apply(ident, bad)
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
+            s.call("builtins", "len", bad)
+        with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
+            s.method(ref, "count", bad)
+    assert s.apply(ident, ("abc",)) == "abc" and s.call("builtins", "len", [ref]) == 2
+
+
+def test_a_callback_that_is_not_callable_is_refused_before_the_call_runs(dx: dspex.Client,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    s = dx.session("p")
+    for option in ("on_output", "on_progress"):
+        with pytest.raises(dspex.BadArgument, match=f"{option}= is a function"):
+            s.apply(chatty, (2,), **{option: 5})
+        with pytest.raises(dspex.BadArgument, match=f"{option}= is a function"):
+            s.stream_apply(numbers, **{option: "print"})
+    assert "line" not in capsys.readouterr().out  # nothing ran
+    events: list[Any] = []
+    assert s.apply(chatty, (2,), on_output=events.append) == 2 and len(events) == 2
+
+
+def test_a_wrong_endpoint_is_a_config_error(dx: dspex.Client) -> None:
+    for endpoint in (123, b"ipc:///x"):
+        with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+            dspex.connect(endpoint)  # type: ignore[arg-type]
+    with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+        dspex.connect(endpoints={"p": 5})  # type: ignore[dict-item]
+    with pytest.raises(dspex.ConfigError, match="is a map of pool names"):
+        dspex.connect(endpoints=5)  # type: ignore[arg-type]
+    with pytest.raises(dspex.ConfigError, match="not a pool name"):
+        dspex.connect(endpoints={5: dx.endpoint})  # type: ignore[dict-item]
+    with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):
+        dspex.aio.connect(123)  # type: ignore[arg-type]
+
+
+def test_define_without_a_usable_name_says_so(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    with pytest.raises(dspex.BadArgument, match="has no __name__; pass name="):
+        s.define(5)
+    for name in (123, "not a name", ""):
+        with pytest.raises(dspex.BadArgument, match="name is a Python identifier"):
+            s.define(ident, name)  # type: ignore[arg-type]
+    s.define(5, "five")
+    assert s.eval("five + 1") == 6
+
+
+def test_an_argument_that_cannot_be_copied_says_to_make_it_on_the_worker(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    ref = s.put({"kept": True})
+    sockets = dx.open_sockets
+    unsendable = [numbers(), threading.Lock(), sys._getframe(), hashlib.sha256(), RaisingReduce(), GarbageReduce(),
+                  RaisingGetstate()]
+    for obj in unsendable:
+        with pytest.raises(dspex.EncodeError, match="make it there instead") as info:
+            s.put(obj)
+        assert type(obj).__name__ in str(info.value)
+        with pytest.raises(dspex.EncodeError, match="make it there instead"):
+            s.run(ident, obj)
+    deep = nested(100_000)
+    with pytest.raises(dspex.EncodeError, match="make it there instead") as info:
+        s.put(deep)
+    assert len(str(info.value)) < 600  # the path of a deep structure is cut short in the message...
+    assert info.value.details["path"].count("[0]") > 100  # ...not in its details
+    assert s.eval("x['kept']", {"x": ref}) is True and dx.open_sockets == sockets
+
+
+def test_a_request_over_the_message_limit_names_the_limit_and_the_fix(dx: dspex.Client,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
+    with dspex.connect(dx.endpoint, timeout=20) as small:
+        s = small.session("p")
+        with pytest.raises(dspex.MessageTooLarge, match="DSPEX_MAX_MESSAGE.*nothing was sent.*ref"):
+            s.put(b"x" * (2 << 20))
+        assert s.run(ident, 5) == 5 and small.open_sockets == 1
+
+
+def test_a_closed_session_and_its_refs_say_how_to_go_on(dx: dspex.Client) -> None:
+    s, other = dx.session("p"), dx.session("p")
+    ref, kept = s.put([1]), other.put([2])
+    s.close()
+    for use in (lambda: s.run(ident, 1), lambda: ref.copy(), lambda: s.stream_apply(numbers)):
+        with pytest.raises(dspex.SessionClosed, match="closed, and its refs with it.*opens a new one"):
+            use()
+    assert other.run(len, kept) == 1
+
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            aref = await a.put([1])
+            await a.close()
+            for use in (lambda: a.run(ident, 1), lambda: aref.copy()):
+                with pytest.raises(dspex.SessionClosed, match="opens a new one"):
+                    await use()
+
+    asyncio.run(main())
+    with dspex.connect(dx.endpoint, timeout=20) as closed:
+        s = closed.session("p")
+        assert s.run(ident, 1) == 1
+    with pytest.raises(dspex.BrokerUnreachable, match="client is closed.*connect again"):
+        s.run(ident, 2)
+
+
+def test_a_stream_used_on_another_thread_is_a_usage_error_and_stays_usable(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    stream = s.stream_apply(numbers)
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            next(stream)
+        except BaseException as exc:  # noqa: BLE001 - what the other thread got is the subject
+            errors.append(exc)
+
+    other = threading.Thread(target=consume)
+    other.start()
+    other.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], dspex.UsageError), errors
+    assert "thread that started it" in str(errors[0])
+    assert list(stream) == [0, 1, 2] and list(stream) == []  # a second iteration ends at once, as a generator's
+    assert s.run(ident, 6) == 6
+
+
+def test_ctrl_c_while_the_sync_client_waits_leaves_the_session_and_sockets_as_they_were(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    ref = s.put([1, 2, 3])
+    sockets = dx.open_sockets
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.run(slow, 60)
+    finally:
+        timer.cancel()
+    started = time.monotonic()
+    assert s.run(len, ref) == 3 and dx.open_sockets == sockets
+    assert time.monotonic() - started < 30  # the interrupted call was stopped on the (one) worker
+
+
+def test_refs_of_another_session_or_client_kind_are_refused_by_name(dx: dspex.Client) -> None:
+    s = dx.session("p")
+
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            theirs = await a.put([1])
+            with pytest.raises(dspex.RefNotFound, match=f"belongs to session {a.id[:8]}"):
+                s.run(len, theirs)
+            mine = s.put([1, 2])
+            with pytest.raises(dspex.RefNotFound, match=f"belongs to session {s.id[:8]}"):
+                await a.run(len, mine)
+            assert await a.run(len, theirs) == 1
+
+    asyncio.run(main())
+    assert s.run(ident, 7) == 7
+
+
+def test_an_asyncio_call_cancelled_at_any_point_leaves_its_session_serving(dx: dspex.Client) -> None:
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            ref = await a.put([1, 2])
+            for n, delay in enumerate((0, 0.001, 0.005, 0.02, 0.1, 0.3)):
+                call = asyncio.ensure_future(a.run(slow, 0.5))
+                stream = a.stream_apply(numbers)
+                item = asyncio.ensure_future(anext(stream))
+                await asyncio.sleep(delay)
+                call.cancel()
+                item.cancel()
+                for task in (call, item):
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
+                await stream.aclose()
+                assert await a.run(ident, n) == n and await a.run(len, ref) == 2
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+    asyncio.run(main())
+
+
+def test_an_async_stream_read_by_two_tasks_at_once_refuses_the_second(dx: dspex.Client) -> None:
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            stream = a.stream_apply(numbers)
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)  # the first task awaits its item
+            with pytest.raises(dspex.UsageError, match="one task at a time.*asyncio.Queue"):
+                await anext(stream)
+            with pytest.raises(dspex.UsageError, match="one task at a time.*cancel that task"):
+                await stream.aclose()
+            assert await first == 0  # the reader lost nothing
+            assert [x async for x in stream] == [1, 2]
+            together = a.stream_apply(numbers)
+
+            async def drain() -> list[int]:
+                return [x async for x in together]
+
+            results = await asyncio.wait_for(asyncio.gather(drain(), drain(), return_exceptions=True), 10)
+            assert sorted(map(type, results), key=str) == [dspex.UsageError, list], results
+            assert await a.run(ident, 8) == 8
+
+    asyncio.run(main())
