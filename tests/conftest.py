@@ -6,8 +6,14 @@ group, killed by pid at teardown. Tests import what they need from ``tests.harne
 
 from __future__ import annotations
 
+import importlib
+import secrets
 import shutil
-from collections.abc import Iterator
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +28,24 @@ def short_tmp() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., types.ModuleType]]:
+    """``usercode(source)``: a user module of this process (the workers cannot import it)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made: list[str] = []
+
+    def make(source: str, name: str | None = None) -> types.ModuleType:
+        name = name or f"usr_{secrets.token_hex(4)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        made.append(name)
+        return importlib.import_module(name)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture
@@ -40,7 +64,8 @@ def stack(short_tmp: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
 # test that uses one (directly or through another fixture) is ``slow``, so `pytest -m "not slow"`
 # is the fast subset: pure logic and quick one-process checks
 PROCESS_FIXTURES = {
-    "tests.conftest.stack", "tests.test_brokers.brokers", "tests.conformance.conftest.cstack", "tests.chaos.conftest.chaos_root",
+    "tests.conftest.stack", "tests.test_session_code.code_stack", "tests.test_session_threads.tstack",
+    "tests.test_brokers.brokers", "tests.conformance.conftest.cstack", "tests.chaos.conftest.chaos_root",
     "tests.test_cli.started", "tests.test_dashboard.small", "tests.test_dashboard.browser",
     "tests.test_flagship.fstack", "tests.test_flagship.chat_server", "tests.test_flagship_failures.fstack",
     "tests.test_flagship_failures.server", "tests.test_flagship_real_model.stack", "tests.test_fuzz.inproc_broker",

@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import inspect
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -59,24 +58,6 @@ def code_stack() -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def dx(code_stack: Stack) -> dspex.Client:
     return code_stack.client(timeout=60)
-
-
-@pytest.fixture
-def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., types.ModuleType]]:
-    """``usercode(source)``: a user module of this process (the workers cannot import it)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    made: list[str] = []
-
-    def make(source: str, name: str | None = None) -> types.ModuleType:
-        name = name or f"usr_{secrets.token_hex(4)}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        importlib.invalidate_caches()
-        made.append(name)
-        return importlib.import_module(name)
-
-    yield make
-    for name in made:
-        sys.modules.pop(name, None)
 
 
 @pytest.fixture

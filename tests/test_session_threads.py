@@ -11,15 +11,12 @@ when its own is busy.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import secrets
 import shutil
 import sys
 import tempfile
-import textwrap
 import threading
-import types
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,24 +58,6 @@ def tstack() -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def dx(tstack: Stack) -> dspex.Client:
     return tstack.client(timeout=60)
-
-
-@pytest.fixture
-def usercode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., types.ModuleType]]:
-    """``usercode(source)``: a user module of this process (the workers cannot import it)."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    made: list[str] = []
-
-    def make(source: str) -> types.ModuleType:
-        name = f"usr_{secrets.token_hex(4)}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        importlib.invalidate_caches()
-        made.append(name)
-        return importlib.import_module(name)
-
-    yield make
-    for name in made:
-        sys.modules.pop(name, None)
 
 
 GATED = '''
