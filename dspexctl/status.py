@@ -11,6 +11,7 @@ supervisord's).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from dspex.client.endpoints import ANY_POOL
@@ -108,6 +109,8 @@ class PoolsStatus:
                     sup_info["state"] = sup.state()
                     sup_info["pid"] = sup.pid()
                     procs = sup.processes()
+                    if broker is not None:
+                        broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
                     if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
@@ -345,3 +348,41 @@ class PoolsStatus:
         rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
                   str(total(p, RECYCLE))] for p in shown]
         return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
+
+AGREEMENT_TRIES = 3  # broker reads around supervisord's before the last pair is taken as it is
+
+
+def agreeing_views(broker: dict[str, Any], procs: list[dict[str, Any]],
+                   read_broker: Callable[[], dict[str, Any] | None],
+                   read_procs: Callable[[], list[dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The broker's status and supervisord's processes as of one moment. Read one after the other,
+    a change between the two reads (a recycle that began: its worker gone, the replacement's new
+    pid) shows a worker nobody is replacing. So supervisord's read counts only if the broker's
+    workers are the same just after it; else both are read again."""
+    for _ in range(AGREEMENT_TRIES):
+        after = read_broker()
+        if after is None:
+            break
+        if worker_shape(after) == worker_shape(broker):
+            return after, procs
+        broker, procs = after, read_procs()
+    return broker, procs
+
+
+def worker_shape(status: dict[str, Any]) -> dict[str, Any]:
+    """What of a broker's status supervisord's processes are judged against: each pool's workers
+    (busy and ready alike: both are up) and the recycle it runs."""
+    return {name: (pool.get("recycling"), sorted(
+        (w["incarnation"], w["pid"], w["state"] if w["state"] in ("draining", "away") else "up", bool(w.get("preparing")))
+        for w in pool.get("workers") or []))
+        for name, pool in (status.get("pools") or {}).items()}
+
+
+def again(settings: Settings) -> dict[str, Any] | None:
+    """The broker's status read once more (None: it did not answer this time)."""
+    try:
+        with settings.client() as dx:
+            status: dict[str, Any] = dx.status()
+    except (ConnectionError, Timeout):
+        return None
+    return status

@@ -31,6 +31,7 @@ from dspex.stack.health import (
     worst,
 )
 from dspex.stack.supervisor import exit_causes, pid_alive
+from dspexctl.status import AGREEMENT_TRIES, agreeing_views
 from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack, dashboard_status
 from tests.test_cli import dspexctl, no_traceback
@@ -185,6 +186,31 @@ def test_a_worker_still_importing_dspy_is_starting_not_ready() -> None:
     assert verdict(dict(importing, pid=1), importing) is State.STARTING, "not DOWN: nothing failed yet"
     assert verdict(ready, dict(ready, pid=2)) is State.OK
     assert verdict(ready, dict(ready, pid=2, problem="cannot import dspy: ImportError: x")) is State.DEGRADED
+
+
+def test_supervisords_view_is_taken_between_two_broker_reads_that_agree() -> None:
+    """A recycle that begins between the broker's read and supervisord's (the replacement's new pid
+    already there) must not show as a worker nobody replaces: both are read again until the broker's
+    workers are the same on either side of supervisord's read."""
+    def status(recycling: str | None, *workers: tuple[str, int, str]) -> dict[str, Any]:
+        return {"pools": {"p": {"recycling": recycling, "workers": [
+            {"incarnation": i, "pid": pid, "state": st, "preparing": False} for i, pid, st in workers]}}}
+
+    before = status(None, ("w1", 1, "ready"), ("w2", 2, "ready"))
+    during = status("w1", ("w2", 2, "busy"))
+    later = [during, status("w1", ("w2", 2, "ready"))]  # busy or ready: both up, the same shape
+    procs_then = [[{"pid": 3}, {"pid": 2}]]
+    broker, procs = agreeing_views(before, [{"pid": 3}, {"pid": 2}], lambda: later.pop(0), lambda: procs_then.pop(0))
+    assert broker["pools"]["p"]["recycling"] == "w1" and procs == [{"pid": 3}, {"pid": 2}] and not later
+    # unchanged across the read: one more broker read, supervisord's view kept
+    broker, procs = agreeing_views(before, [{"pid": 1}, {"pid": 2}], lambda: before, lambda: pytest.fail("read again"))
+    assert broker is before and procs == [{"pid": 1}, {"pid": 2}]
+    # a broker that stops answering: the pair read last
+    assert agreeing_views(before, [], lambda: None, list) == (before, [])
+    # a broker whose workers change at every read: bounded, the last pair
+    reads = iter(status(str(n), ("w", n, "ready")) for n in range(100))
+    broker, _ = agreeing_views(before, [], lambda: next(reads), list)
+    assert broker["pools"]["p"]["recycling"] == str(AGREEMENT_TRIES - 1)
 
 
 def test_worst_orders_by_severity() -> None:
