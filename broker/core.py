@@ -72,6 +72,7 @@ from dspex.wire.protocol import (
     WORKER_OPS,
     Status,
     pack_reply_header,
+    request_id_of,
     unpack_reply_envelope,
     unpack_request_header,
 )
@@ -162,7 +163,7 @@ class Core:
         except ProtocolError as err:
             self.counters["garbage_frontend"] += 1
             self.port.log(logging.WARNING, "malformed request header from client %s: %s", client.hex()[:12], err.message)
-            self.answers.error(client, 0, err)
+            self.answers.error(client, request_id_of(frames[1]), err)
             return
         op, req_id, pool, session, worker, timeout_ms, flags = header
         owner = self._identity(frames[1])

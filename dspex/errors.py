@@ -37,6 +37,7 @@ __all__ = [
     "SessionQuotaExceeded",
     "SessionWorkerUnavailable",
     "Timeout",
+    "UndecodableResult",
     "UnknownOp",
     "UsageError",
     "WorkerBusy",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import dataclasses
 import hashlib
 import math
 import sys
@@ -15,10 +16,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
 
 import dspex
 import dspex.aio
+from dspex.wire.protocol import RequestHeader, unpack_reply_header
 from tests.harness import shared_pool
 
 pytestmark = pytest.mark.timeout(120)
@@ -89,7 +93,7 @@ def test_a_pool_or_session_id_that_is_not_a_str_is_refused_at_once(dx: dspex.Cli
                  lambda: dx.close_session(123)):  # type: ignore[arg-type]
         with pytest.raises(dspex.BadArgument, match="is a str"):
             call()
-    with pytest.raises(dspex.BadArgument, match="at most 256 characters"):
+    with pytest.raises(dspex.BadArgument, match="at most 256 bytes"):
         dx.close_session("x" * 300)
     with dspex.connect(endpoints={"p": dx.endpoint}, timeout=20) as routed:  # a client of several brokers
         for bad in (["p"], "p" * 300):
@@ -244,8 +248,26 @@ def test_a_closed_session_and_its_refs_say_how_to_go_on(dx: dspex.Client) -> Non
     with dspex.connect(dx.endpoint, timeout=20) as closed:
         s = closed.session("p")
         assert s.run(ident, 1) == 1
-    with pytest.raises(dspex.BrokerUnreachable, match="client is closed.*connect again"):
-        s.run(ident, 2)
+    for use in (lambda: s.run(ident, 2), lambda: closed.session("p"), lambda: closed.status(),
+                lambda: closed.submit(ident, 1)):
+        with pytest.raises(dspex.UsageError, match="client is closed.*dspex.connect") as info:
+            use()
+        assert not isinstance(info.value, (dspex.DidNotRun, dspex.MayHaveRun))  # a retry loop must not spin on it
+    s.close()  # a closed client's session closes quietly (the broker's idle TTL releases it)
+
+    async def closed_async() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        a = adx.session("p")
+        assert await a.run(ident, 1) == 1
+        await adx.close()
+        for use in (lambda: a.run(ident, 2), lambda: adx.status()):
+            with pytest.raises(dspex.UsageError, match="client is closed.*dspex.aio.connect"):
+                await use()
+        with pytest.raises(dspex.UsageError, match="client is closed"):
+            adx.session("p")
+        await a.close()
+
+    asyncio.run(closed_async())
 
 
 def test_a_stream_used_on_another_thread_is_a_usage_error_and_stays_usable(dx: dspex.Client) -> None:
@@ -292,7 +314,7 @@ def test_refs_of_another_session_or_client_kind_are_refused_by_name(dx: dspex.Cl
         async with adx:
             a = adx.session("p")
             theirs = await a.put([1])
-            with pytest.raises(dspex.RefNotFound, match=f"belongs to session {a.id[:8]}"):
+            with pytest.raises(dspex.RefNotFound, match=f"belongs to session {a.id[:8]}.*only in the session that made"):
                 s.run(len, theirs)
             mine = s.put([1, 2])
             with pytest.raises(dspex.RefNotFound, match=f"belongs to session {s.id[:8]}"):
@@ -352,3 +374,86 @@ def test_an_async_stream_read_by_two_tasks_at_once_refuses_the_second(dx: dspex.
             assert await a.run(ident, 8) == 8
 
     asyncio.run(main())
+
+
+def test_ids_whose_utf8_is_over_the_header_limit_are_refused_before_anything_is_sent(dx: dspex.Client) -> None:
+    """Multi-byte characters: 256 of them are over the broker's request header limit, which a
+    client learns at once, not by waiting out its timeout."""
+    with dspex.connect(dx.endpoint, timeout=5) as short:
+        started = time.monotonic()
+        for name in ("\U0001F600" * 256, "é" * 200):
+            with pytest.raises(dspex.BadArgument, match="at most 256 bytes"):
+                short.session("p", name).run(ident, 1)
+            with pytest.raises(dspex.BadArgument, match="at most 256 bytes"):
+                short.session(name)
+        assert time.monotonic() - started < 2
+        assert short.session("p", "é" * 128).run(ident, 1) == 1  # 256 bytes: the most there is
+
+
+def test_a_request_header_the_broker_cannot_read_is_answered_with_its_request_id(dx: dspex.Client) -> None:
+    """A peer that skips the client's checks (another client library, an older dspex) gets a typed
+    error for its request, not silence."""
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(dx.endpoint)
+    try:
+        for req_id, header, why in (
+                (7, RequestHeader("eval", 7, "p", "\U0001F600" * 256).pack(), "over the limit of 1024"),
+                (8, RequestHeader("eval", 8, "p", "é" * 200).pack(), "at most 256 bytes"),
+                (9, msgpack.packb(["eval", 9, "p"]), "malformed request header")):
+            raw.send_multipart([header, msgpack.packb(["1", None])])
+            assert raw.poll(5000), f"no answer to request {req_id}"
+            reply = raw.recv_multipart()
+            status, rid, _, _ = unpack_reply_header(reply[0])
+            error = msgpack.unpackb(reply[1])
+            assert (status, rid, error["code"]) == ("err", req_id, "protocol_error"), (status, rid, error)
+            assert why in error["message"] and "nothing ran" in error["message"], error
+    finally:
+        raw.close()
+    assert dx.session("p").run(ident, 3) == 3
+
+
+@dataclasses.dataclass
+class LoadsNowhere:
+    """Returned by value (a dataclass), and refuses to load where it arrives."""
+
+    x: int
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("this object refuses to load")
+
+
+def make_unloadable(n: int) -> LoadsNowhere:
+    return LoadsNowhere(n)
+
+
+def test_a_result_that_cannot_be_decoded_says_the_call_ran_and_which_type_failed(dx: dspex.Client) -> None:
+    s = dx.session("p")
+    with pytest.raises(dspex.MayHaveRun, match="LoadsNowhere.*ValueError: this object refuses to load") as info:
+        s.run(make_unloadable, 1)
+    assert not isinstance(info.value, dspex.UsageError)  # the call ran: not a request to fix and resend as is
+    assert info.value.details["type"].endswith("LoadsNowhere")
+    with pytest.raises(dspex.MayHaveRun, match="LoadsNowhere"):
+        list(s.stream_apply(lambda: iter([make_unloadable(2)])))
+    assert s.run(ident, 4) == 4
+
+
+def test_a_session_or_client_passed_to_a_call_says_what_it_is(dx: dspex.Client) -> None:
+    s, other = dx.session("p"), dx.session("p")
+    for obj, what in ((other, f"dspex.Session {other.id[:8]}"), (dx, "dspex client"),
+                      ([1, {"s": other}], f"dspex.Session {other.id[:8]}")):
+        with pytest.raises(dspex.EncodeError, match=f"{what}.*cannot be sent to a worker") as info:
+            s.run(ident, obj)
+        message = str(info.value)
+        assert "cannot send dx" not in message and "make it there instead" not in message, message
+        assert "pass the call the data or refs it needs" in message, message
+
+    async def main() -> None:
+        adx = dspex.aio.connect(dx.endpoint, timeout=20)
+        async with adx:
+            a = adx.session("p")
+            with pytest.raises(dspex.EncodeError, match="dspex.aio.AsyncSession.*cannot be sent to a worker"):
+                await a.run(ident, a)
+
+    asyncio.run(main())
+    assert s.run(ident, 5) == 5

@@ -115,6 +115,9 @@ class Recording(ClientAPI[Session]):
     def _init_transport(self) -> None:
         self.sent: list[tuple[str, Any]] = []
 
+    def _is_closed(self) -> bool:
+        return False
+
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None, **_: Any) -> Any:
         self.sent.append((op, body))
 

@@ -250,8 +250,13 @@ def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
     stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
-    with pytest.raises(dspex.MessageTooLarge):
+    with pytest.raises(dspex.MessageTooLarge) as info:
         s.eval("b'x' * (2 << 20)")  # the worker refuses to send a reply over the limit
+    message = str(info.value)  # the size, the limit, that the call ran, and the two ways on
+    for part in (f"is {(2 << 20) + 5} bytes", f"limit of {1 << 20} bytes", "DSPEX_MAX_MESSAGE", "the call ran",
+                 "keep large data on the worker", "return a ref"):
+        assert part in message, (part, message)
+    assert info.value.details["size"] == (2 << 20) + 5 and info.value.details["limit"] == 1 << 20
     monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
     small = stack.client()
     with pytest.raises(dspex.MessageTooLarge):

@@ -97,8 +97,8 @@ class RefTable:
     def get(self, session: SessionState, ref: Ref) -> Any:
         if ref.session != session.id:
             raise RefNotFound(
-                f"ref {ref.id[:8]} belongs to session {ref.session[:8]}, not to this session {session.id[:8]}",
-                ref=ref.id,
+                f"ref {ref.id[:8]} belongs to session {ref.session[:8]}, not to this session {session.id[:8]}: a "
+                "ref works only in the session that made it (use it there, or pass a copy of its value)", ref=ref.id,
             )
         with self._lock:
             try:

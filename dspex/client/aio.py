@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Generator, Mapping
-from typing import Any, Generic, Self, TypeVar, Unpack
+from typing import Any, Generic, Self, TypeVar, Unpack, cast
 
 import zmq
 import zmq.asyncio
@@ -62,6 +62,14 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         processwide.keep(old)
         self._init_transport()
         self._channel.closed = old.closed
+
+    def _is_closed(self) -> bool:
+        return self._channel.closed
+
+    @property
+    def open_sockets(self) -> int:
+        """Sockets this client holds: its one socket once made (at the first request), until closed."""
+        return self._channel.open_sockets
 
     @property
     def replaced_sockets(self) -> int:
@@ -324,6 +332,14 @@ class RoutedAsyncClient(Router[AsyncSession], AsyncClient):
     """An asyncio client of several brokers, each request sent to its pool's (:mod:`dspex.client.routing`)."""
 
     _broker_kind = AsyncClient
+
+    @property
+    def open_sockets(self) -> int:
+        return sum(cast(AsyncClient, client).open_sockets for client in self._brokers.values())
+
+    @property
+    def replaced_sockets(self) -> int:
+        return sum(cast(AsyncClient, client).replaced_sockets for client in self._brokers.values())
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,

@@ -49,6 +49,11 @@ class AsyncChannel:
         self._sock: zmq.asyncio.Socket | None = None  # made by the first request
         self._monitor: zmq.asyncio.Socket | None = None
 
+    @property
+    def open_sockets(self) -> int:
+        """1 once the first request made the socket, until the client closes (0 before and after)."""
+        return 0 if self._sock is None or self.closed else 1
+
     def fail_all(self, reply: Reply) -> None:
         """End the wait of every request in flight with ``reply`` (one of the markers above)."""
         for queue in self.pending.values():

@@ -9,8 +9,8 @@ the client kind drives it (``_drive``): the blocking client sends each value str
 asyncio client awaits each awaitable first and throws its exception in where it was yielded.
 
 What a client kind implements: ``_init_transport`` (its sockets), ``request`` and ``stream`` (one
-request and one streamed request, with the meaning of :class:`dspex.client.exchange.Exchange`), ``close``
-and ``_drive``. Constructor options, the ops and their arguments live here only.
+request and one streamed request, with the meaning of :class:`dspex.client.exchange.Exchange`), ``close``,
+``_is_closed`` and ``_drive``. Constructor options, the ops and their arguments live here only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dspex.client import arguments, senderrors
 from dspex.client.arguments import bound_name, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Callback, Exchange, close_monitored
+from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import (
     BrokerUnreachable,
@@ -116,6 +116,7 @@ class ClientAPI(Generic[S]):
     # -- what a client kind implements ----------------------------------------------------------
     _init_transport: Callable[[], None]  # its sockets
     close: Callable[[], Any]
+    _is_closed: Callable[[], bool]  # close() was called
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:
@@ -185,6 +186,11 @@ class ClientAPI(Generic[S]):
             raise BrokerUnreachable(f"cannot connect to {self.endpoint}: {exc}") from None
         return sock, monitor
 
+    def __reduce__(self) -> Any:
+        raise EncodeError(f"a dspex client ({self.endpoint}) cannot be sent to a worker: it is this process's "
+                          "connection to the broker. Call the session from here, and pass the call the data or refs "
+                          "it needs", handle="client")
+
     def _refused(self, why: str, op: str) -> Refused:
         """The CURVE handshake failed: the request never left this client."""
         return Refused(f"{why} ({self.endpoint}); the {op} did not run", op=op)
@@ -201,6 +207,8 @@ class ClientAPI(Generic[S]):
         ``client_settings`` (default: the client's) whether this process's DSPy settings go with
         its calls."""
         arguments.check_session_args(pool, session_id)
+        if self._is_closed():
+            raise closed_error()
         return self.session_kind(self, pool, session_id or secrets.token_hex(16), forward_output, client_settings,
                                  durable)
 
@@ -270,6 +278,18 @@ class SessionAPI:
 
     def __repr__(self) -> str:
         return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
+
+    def __reduce__(self) -> Any:
+        # pickled into a call's arguments (or a global its code reads): say what it is, not what it holds
+        raise EncodeError(f"a {self._label} {self.id[:8]} (pool {self.pool}) cannot be sent to a worker: it is this "
+                          "client's handle of the session. A call runs in its session already: pass the call the "
+                          "data or refs it needs (ref = s.put(obj)), not the session", handle=self._label)
+
+    def __copy__(self) -> Self:
+        return self  # a handle, as a Ref is: copies are the same session
+
+    def __deepcopy__(self, memo: Any) -> Self:
+        return self
 
     def _closed(self) -> SessionClosed:
         return SessionClosed(f"session {self.id[:8]} is closed, and its refs with it (client.session(pool) "
@@ -402,6 +422,9 @@ class SessionAPI:
             return
         self.closed = True
         self.sender.close()
+        if self.client._is_closed():
+            log.warning("closing session %s: its client is closed (its idle TTL will release it)", self.id[:8])
+            return
         try:
             yield self.client.close_session(self.id, timeout=timeout)
         except (ConnectionError, Timeout) as err:

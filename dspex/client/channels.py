@@ -74,6 +74,7 @@ class ChannelPool:
         self._lock = threading.Lock()
         self.closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
+        self.replaced = 0  # channels closed because their connection broke (the next request makes another)
 
     def __len__(self) -> int:
         """Channels open (lent to running requests and streams, or idle)."""
@@ -109,6 +110,7 @@ class ChannelPool:
             # zmq reconnects by itself after a broker restart, but never after a protocol error
             # (a reply over this socket's MAXMSGSIZE): a fresh socket works in both cases
             self._drop_seen = time.monotonic()
+            ch.broken = True
             self._discard(ch)
 
     def checkin(self, ch: Channel) -> None:
@@ -125,6 +127,8 @@ class ChannelPool:
             if ch not in self._open:
                 return  # closed by close() already
             self._open.discard(ch)
+            if ch.broken and not self.closed:
+                self.replaced += 1
         ch.close()
 
     def _new(self, connect: Connect, probe: bool) -> Channel:

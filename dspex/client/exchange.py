@@ -32,7 +32,6 @@ from dspex.client.sessionpickle import Message, Rebind, _transient_dumps
 from dspex.wire import codec, codestore
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (
-    BrokerUnreachable,
     Cancelled,
     CodeCacheMiss,
     ConnectionLost,
@@ -42,6 +41,8 @@ from dspex.wire.errors import (
     MissingModule,
     ProtocolError,
     Timeout,
+    UndecodableResult,
+    UsageError,
     error_from_wire,
 )
 from dspex.wire.protocol import (
@@ -193,9 +194,11 @@ def _bound_now(nsid: str, name: str, sent: Any) -> Any:
     return vars(module).get(name, sent) if module is not None else sent
 
 
-def closed_error() -> BrokerUnreachable:
-    """What a request to a closed client raises (either kind)."""
-    return BrokerUnreachable("client is closed: nothing was sent (connect again for a new client)")
+def closed_error() -> UsageError:
+    """What a closed client's requests and new sessions raise (either kind): a usage error, not
+    ``BrokerUnreachable`` (a retry of a closed client's request never succeeds)."""
+    return UsageError("this client is closed (client.close() was called): nothing was sent; dspex.connect() "
+                      "(dspex.aio.connect()) makes a new client")
 
 
 def close_monitored(sock: Any, monitor: Any) -> None:
@@ -222,14 +225,22 @@ def decode_error(frames: list[Any]) -> DspexError:
 
 
 def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) -> Any:
-    """A reply's value; refs in it become handles of ``bind`` (a session) when given."""
+    """A reply's value; refs in it become handles of ``bind`` (a session) when given. One that does
+    not decode here is an :class:`UndecodableResult`: the call ran (a module missing here stays a
+    ``MissingModule``, which says where to install it)."""
     resolve = None if bind is None else (lambda ref: ref.bind(bind))
     try:
         return codec.decode(frames, resolve, own_frames=own_frames)
+    except MissingModule:
+        raise
+    except ProtocolError as err:
+        raise UndecodableResult(f"the call ran, but its result cannot be decoded here: {err.message}",
+                                **err.details) from None
     except DspexError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever a reply's bytes make the decoder raise is a protocol error
-        raise ProtocolError(f"cannot decode reply: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a reply's bytes make the decoder raise
+        raise UndecodableResult(f"the call ran, but its result cannot be decoded here: {type(exc).__name__}: "
+                                f"{str(exc)[:300]}") from None
 
 
 

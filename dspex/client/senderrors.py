@@ -61,8 +61,9 @@ def context_value_error(variables: list[tuple[Any, Any]], err: EncodeError,
 
 def argument_error(err: EncodeError) -> EncodeError:
     """An argument of a session's call (the object ``put``, ``fn``...) could not be sent: ``err``
-    with what to do, unless it says already (a global, a setting, a context variable)."""
-    if not {"global", "setting", "context_var"}.isdisjoint(err.details):
+    with what to do, unless it says already (a global, a setting, a context variable, a client's
+    or session's handle)."""
+    if not {"global", "setting", "context_var", "handle"}.isdisjoint(err.details):
         return err
     return EncodeError(f"{err.message} (it cannot be copied to the worker: make it there instead, inside the "
                        "function, or once with ref = s.run(make_it) and pass the ref)", **err.details)

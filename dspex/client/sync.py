@@ -87,10 +87,18 @@ class Client(ClientAPI[Session], Closing):
         with self._lock:
             self._cancels += 1
 
+    def _is_closed(self) -> bool:
+        return self._channels.closed
+
     @property
     def open_sockets(self) -> int:
         """Sockets this client holds (lent to running requests and streams, or idle)."""
         return len(self._channels)
+
+    @property
+    def replaced_sockets(self) -> int:
+        """Sockets replaced after their connection broke."""
+        return self._channels.replaced
 
     @staticmethod
     def _drive(steps: Steps[T]) -> T:
@@ -353,6 +361,10 @@ class RoutedClient(Router[Session], Client):
     @property
     def open_sockets(self) -> int:
         return sum(cast(Client, client).open_sockets for client in self._brokers.values())
+
+    @property
+    def replaced_sockets(self) -> int:
+        return sum(cast(Client, client).replaced_sockets for client in self._brokers.values())
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,

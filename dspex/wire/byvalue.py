@@ -436,6 +436,10 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file)
         self._found: set[int] = set()
+        # what a failure names when its traceback does not: the last class found by value (the
+        # user's own), else by reference
+        self.last_class: type | None = None
+        self.last_own_class: type | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "cloudpickle.cloudpickle":
@@ -445,7 +449,10 @@ class _Unpickler(pickle.Unpickler):
                 return self._tracked(_cp._make_skeleton_enum, 5)
             if name == "_class_setstate":
                 return self._class_setstate
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if isinstance(found, type) and module not in _MACHINERY and not module.startswith("cloudpickle"):
+            self.last_class = found
+        return found
 
     def _tracked(self, make: Any, tracker_at: int) -> Any:
         def skeleton(*args: Any) -> Any:
@@ -453,8 +460,8 @@ class _Unpickler(pickle.Unpickler):
             found = _cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker) if tracker is not None else None
             if found is not None:
                 self._found.add(id(found))
-                return found
-            return make(*args)
+            made = self.last_own_class = found if found is not None else make(*args)
+            return made
 
         return skeleton
 
@@ -464,6 +471,22 @@ class _Unpickler(pickle.Unpickler):
         return _cp._class_setstate(cls, state)
 
 
+_MACHINERY = frozenset({"builtins", "copyreg", "copy", "functools", "types", "_codecs"})  # no class of the user's
+
+
+class LoadFailed(Exception):
+    """A pickle did not load: ``error`` is why, ``type_name`` the last class it found ("": none)."""
+
+    def __init__(self, error: BaseException, type_name: str) -> None:
+        super().__init__(f"{type_name or 'a by-value object'}: {type(error).__name__}: {error}")
+        self.error, self.type_name = error, type_name
+
+
 def loads(data: bytes, sources: dict[str, str]) -> Any:
     register_sources(sources)
-    return _Unpickler(io.BytesIO(data)).load()  # peers are authenticated; a client may exec code anyway
+    unpickler = _Unpickler(io.BytesIO(data))
+    try:
+        return unpickler.load()  # peers are authenticated; a client may exec code anyway
+    except Exception as exc:
+        cls = unpickler.last_own_class or unpickler.last_class
+        raise LoadFailed(exc, f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "") from exc

@@ -290,7 +290,7 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
             try:
                 return enc.pickle(o)
             except EncodeError as err:
-                if "global" in err.details:  # names the global and its module already
+                if "global" in err.details or "handle" in err.details:  # says what it is and what to do already
                     raise EncodeError(err.message, **{**err.details, "path": path()}) from None
                 why = err.message
         if enc.to_ref is None:

@@ -131,8 +131,23 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
         missing = _missing_module(exc)
         if missing is not None:
             raise missing from None
-        raise ProtocolError(f"cannot unpickle a by-value object here: {type(exc).__name__}: {str(exc)[:300]}"
-                            ) from None
+        cause, type_name = (exc.error, _failed_class(exc.error) or exc.type_name) \
+            if isinstance(exc, byvalue.LoadFailed) else (exc, "")
+        if isinstance(cause, DspexError):
+            raise cause from None  # says what it is already (a ref a by-value object holds, unknown here)
+        raise ProtocolError(f"cannot unpickle a by-value {type_name or 'object'} here: {type(cause).__name__}: "
+                            f"{str(cause)[:300]}", **({"type": type_name} if type_name else {})) from None
+
+
+def _failed_class(exc: BaseException) -> str:
+    """The class whose method a failed unpickling called (its ``__setstate__``, ``__init__``,
+    ``__new__``...): the first frame of ``exc``'s traceback outside the unpickler's module."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == byvalue.__file__:
+        tb = tb.tb_next
+    local = tb.tb_frame.f_locals if tb is not None else {}
+    cls = type(local["self"]) if "self" in local else local.get("cls")
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else ""
 
 
 _ENVIRONMENT = {"client": "in the client's environment", "worker": "on the workers' environment"}

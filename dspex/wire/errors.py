@@ -423,8 +423,8 @@ class ConnectionError(DspexError):
 
 
 class BrokerUnreachable(ConnectionError, DidNotRun):
-    """Nothing answers at the endpoint (no broker, a stale socket file, a closed client): the
-    request was never sent."""
+    """Nothing answers at the endpoint (no broker, a stale socket file): the request was never
+    sent. (A closed client's requests are a ``UsageError``: connect again, do not retry.)"""
 
     code = "broker_unreachable"
 
@@ -440,6 +440,13 @@ class Refused(DidNotRun):
     key): nothing ran."""
 
     code = "refused"
+
+
+class UndecodableResult(MayHaveRun):
+    """A result (a streamed item, an event) reached the client, which cannot decode it: the call
+    ran. ``details["type"]``: the class that failed to load (a ``__setstate__`` raising here...)."""
+
+    code = "undecodable_result"
 
 
 class InternalError(MayHaveRun):

@@ -98,10 +98,9 @@ HEARTBEAT_LIVENESS = 3
 # it did not run itself.
 RENEW_BACKOFF_MAX = 30.0
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# Request headers are ~100 bytes (ids are 32 hex chars); their names are bounded so that what
-# the broker and workers keep per session (its id, its pin) stays small.
+# Request headers are ~100 bytes; names are bounded in UTF-8 (a client's header fits) to keep per-session state small
 MAX_HEADER_BYTES = 1024
-MAX_NAME_CHARS = 256
+MAX_NAME_BYTES = 256
 # Streamed items a worker may send ahead of the consumer's acknowledgements (credit-based flow
 # control: the broker never holds more than this many items of one stream).
 STREAM_WINDOW = 64
@@ -358,12 +357,33 @@ class RequestHeader(NamedTuple):
 
 _unpackb = msgpack.unpackb
 _new_tuple = tuple.__new__
+_SHORT_NAME = MAX_NAME_BYTES // 4  # characters that fit the bound whatever they are (UTF-8: at most 4 bytes each)
+
+
+def name_error(name: str) -> str:
+    """Why a request header cannot carry ``name`` ("" if it can): the broker's rule, a client's check."""
+    size = len(name.encode("utf-8", "surrogatepass")) if len(name) > _SHORT_NAME else 0  # (ids: no encoding)
+    return f"is at most {MAX_NAME_BYTES} bytes in UTF-8, got {size} ({len(name)} characters)" if size > MAX_NAME_BYTES else ""
+
+
+def request_id_of(data: Any) -> int:
+    """The request id of a refused request header, to answer (0: its first MAX_HEADER_BYTES hold none)."""
+    try:
+        fields = msgpack.Unpacker()
+        fields.feed(memoryview(data)[:MAX_HEADER_BYTES])
+        fields.read_array_header()
+        fields.skip()  # the op
+        req_id = fields.unpack()
+    except Exception:  # noqa: BLE001 - whatever a header cut short or garbage makes msgpack raise: no id
+        return 0
+    return req_id if type(req_id) is int and 0 <= req_id < _REQ_ID_END else 0
 
 
 def unpack_request_header(data: Any) -> RequestHeader:
     """The request header in ``data``: bytes, a memoryview or a zmq frame (any buffer)."""
     if len(data) > MAX_HEADER_BYTES:  # before unpacking: ids are kept for a session's lifetime
-        raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES}")
+        raise ProtocolError(f"request header is {len(data)} bytes, over the limit of {MAX_HEADER_BYTES} (a pool "
+                            f"name or session id is at most {MAX_NAME_BYTES} bytes in UTF-8): nothing ran")
     try:
         fields = _unpackb(data, use_list=False)  # (a tuple: no list to copy)
         op, req_id, pool, session, worker, timeout_ms, flags = fields  # (exactly seven)
@@ -378,11 +398,12 @@ def unpack_request_header(data: Any) -> RequestHeader:
             and isinstance(flags, int)
         ):
             raise TypeError("wrong field types")
-        if len(op) > MAX_NAME_CHARS or len(pool) > MAX_NAME_CHARS or len(session) > MAX_NAME_CHARS \
-                or len(worker) > MAX_NAME_CHARS:
-            raise ValueError(f"a name is over {MAX_NAME_CHARS} characters")
+        if len(op) > _SHORT_NAME or len(pool) > _SHORT_NAME or len(session) > _SHORT_NAME or len(worker) > _SHORT_NAME:
+            for kind, name in (("op", op), ("pool", pool), ("session id", session), ("worker", worker)):
+                if name_error(name):
+                    raise ValueError(f"a {kind} {name_error(name)}")
     except Exception as exc:  # noqa: BLE001 - whatever a malformed header makes msgpack or the checks raise
-        raise ProtocolError(f"malformed request header: {exc}") from None
+        raise ProtocolError(f"malformed request header: {exc}: nothing ran") from None
     return _new_tuple(RequestHeader, fields)  # (RequestHeader._make without its second length check)
 
 
