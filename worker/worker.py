@@ -118,10 +118,9 @@ class Worker:
                 self.preparing = False
                 # the outcome (a problem, or none) reaches the broker now, not at the next heartbeat
                 link.say_soon([W_HEARTBEAT, self._stats_frame()])
-        # What the start made (dspy, litellm, pydantic: ~80,000 objects) lives as long as the
-        # process: out of the collector's generations (its garbage collected first), a full
-        # collection walks only what calls made, not all of it every few thousand calls
-        # (52 -> 14 ms each, docs/benchmarks.md)
+        # What the start made (dspy, litellm, pydantic) lives as long as the process: out of the
+        # collector's generations (its garbage collected first), a full collection walks only what
+        # calls made, not all of it every few thousand calls (docs/benchmarks.md, perf14)
         gc.collect()
         gc.freeze()
         inbox = self._inbox
