@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|shell|executor|codec|client|durable|output [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|shell|executor|codec|exchange|client|durable|output [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -25,6 +25,10 @@ the raw blocks).
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats; rows and floats as a
   call's argument too): CPU per
   encode + decode; the common case must stay one pass of msgpack's C packer.
+* ``exchange``: the client's own Python per call alone, no sockets (``Exchange`` of a session's
+  request, its frames, ``feed`` of the reply): thread CPU per ``s.run`` of a held function, per
+  no-op ``s.call`` and per ``dspy.Predict`` ref call (resolves a few µs where ``client``'s
+  process CPU resolves ±10%).
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
@@ -168,6 +172,8 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
         return DriverSide(tree, ["executor"], {"n": a.calls or 3000})
     if what == "codec":
         return DriverSide(tree, ["codec"], {"n": a.calls or 20_000})
+    if what == "exchange":
+        return DriverSide(tree, ["exchange"], {"n": a.calls or 3000})
     st, pids = _stack(ws, name, tree, "p:strict_queue", 1, dspy=what != "output")
     if what == "output":
         return DriverSide(tree, ["output", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 100_000})
@@ -201,14 +207,14 @@ def _profile_core(top: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "client", "durable",
-                                                  "output"), required=True)
+    p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "exchange", "client",
+                                      "durable", "output"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block")
     p.add_argument("--sessions", type=int, default=0, help="tree/shell: calls in flight (100); client: aio sessions (8)")
-    p.add_argument("--calls", type=int, default=0, help="core/shell/executor/codec/client: calls per block")
+    p.add_argument("--calls", type=int, default=0, help="core/shell/executor/codec/exchange/client: calls per block")
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
     p.add_argument("--pool-b", default="")

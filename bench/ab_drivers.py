@@ -1,4 +1,4 @@
-"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|client|durable``).
+"""The in-process sides of ``python -m bench.ab`` (``--what core|executor|codec|exchange|client|durable``).
 
 Run as a script (``python bench/ab_drivers.py MODE [ARGS]``) with the tree under test first on
 ``sys.path``, so that tree's ``broker``, ``worker`` and ``dspex`` are what is measured; it imports
@@ -19,6 +19,11 @@ figures for a block. Mode by mode:
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
   ``to_ref`` that must never run), 200 rows and 10,000 floats as a call's argument (the client
   policy, with the look for an object given twice): CPU per encode + decode of each.
+* ``exchange``: the client's own Python per call, no sockets: ``Exchange`` of a session's request
+  (encoded against a ``SendCache`` that holds what earlier requests sent), its frames, and
+  ``feed`` of the worker's reply, for ``s.run`` of a held function of this script (by value),
+  a no-op ``s.call`` (``builtins.len``) and a ``dspy.Predict`` ref call answered by a
+  ``Prediction``: thread CPU per call of each (what ``client``'s process CPU cannot resolve).
 * ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
@@ -288,6 +293,50 @@ def _codec() -> Side:
     return block, lambda: None
 
 
+# -- exchange ------------------------------------------------------------------------------------
+
+def _noop() -> None:
+    """``s.run``'s function: by value (this script is the client's ``__main__``)."""
+
+
+def _exchange() -> Side:
+    import dspy
+
+    from dspex.client.exchange import Exchange
+    from dspex.client.sendcache import SendCache
+    from dspex.wire import codec
+    from dspex.wire.protocol import Status
+    from dspex.wire.ref import Ref
+
+    cache, sid = SendCache(), "s" * 32
+    ref = Ref("r" * 32, sid, "p", "w" * 32, "dspy.predict.predict.Predict")
+    done = Status.OK.value
+    none_reply = [bytes(f) for f in codec.encode(None, policy=codec.Policy.DATA)]
+    prediction_reply = [bytes(f) for f in codec.encode(dspy.Prediction(answer="Paris"), policy=codec.Policy.DATA)]
+    # (op, the body as the session builds it for each call, the reply's frames)
+    calls: dict[str, tuple[str, Callable[[], list[Any]], list[bytes]]] = {
+        "run": ("apply", lambda: [_noop, [], {}], none_reply),
+        "call": ("call", lambda: ["builtins", "len", [[]], {}], none_reply),
+        "ref": ("method", lambda: [ref, "__call__", [], {"question": QUESTION}], prediction_reply)}
+
+    def on_reply(status: str, worker: str) -> None:
+        pass
+
+    def cpu_per_call(name: str, n: int) -> float:
+        op, body, reply = calls[name]
+        c0 = time.thread_time()
+        for i in range(n):
+            ex = Exchange(op, "p", sid, body(), 60.0, max_message=1 << 26, sender=cache, forward=True,
+                          on_reply=on_reply)
+            ex.frames(i, "")
+            ex.feed(done, "w" * 32, reply)
+        return (time.thread_time() - c0) / n
+
+    for name in calls:  # the first sends the function (and the settings) in full, as a session's first call
+        cpu_per_call(name, 200)
+    return (lambda cmd: {f"{name}_us": cpu_per_call(name, int(cmd["n"])) * 1e6 for name in calls}), lambda: None
+
+
 # -- client --------------------------------------------------------------------------------------
 
 def _client(endpoint: str, sessions: int, routed: bool) -> Side:
@@ -534,7 +583,8 @@ def _output(endpoint: str, broker: int, worker: int) -> Side:
 
 def main(argv: list[str]) -> int:
     mode = argv[0]
-    sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec}
+    sides: dict[str, Callable[[], Side]] = {"core": _core, "executor": _executor, "codec": _codec,
+                                           "exchange": _exchange}
     if mode in sides:
         block, close = sides[mode]()
     elif mode == "durable":

@@ -17,6 +17,15 @@ def dx(stack: Stack) -> dspex.Client:
     return stack.pool("p:strict_queue", 1)
 
 
+def test_the_workers_start_up_objects_are_out_of_the_collectors_walks(dx: dspex.Client) -> None:
+    # dspy and what it imports (tens of thousands of objects): a full collection that walked them
+    # all cost a worker ~50 ms every few thousand calls
+    s = dx.session("p")
+    frozen, walked = s.eval("(__import__('gc').get_freeze_count(), len(__import__('gc').get_objects()))")
+    assert frozen > 20_000 and walked < frozen / 10, (frozen, walked)
+    assert s.eval("__import__('dspy').__name__") == "dspy"
+
+
 def test_exec_code_is_module_code(dx: dspex.Client) -> None:
     s = dx.session("p")
     s.exec(textwrap.dedent("""

@@ -15,6 +15,7 @@ reply.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -117,6 +118,11 @@ class Worker:
                 self.preparing = False
                 # the outcome (a problem, or none) reaches the broker now, not at the next heartbeat
                 link.say_soon([W_HEARTBEAT, self._stats_frame()])
+        # What the start made (dspy, litellm, pydantic) lives as long as the process: out of the
+        # collector's generations (its garbage collected first), a full collection walks only what
+        # calls made, not all of it every few thousand calls (docs/benchmarks.md, perf14)
+        gc.collect()
+        gc.freeze()
         inbox = self._inbox
         try:
             while not (self._stop.is_set() and runner.active == 0):

@@ -177,7 +177,7 @@ class SendCache:
         second once it has loaded the request."""
         if not self.keep:
             return None
-        lm_class = _lm_class()
+        lm_class = _lm_class() if msg.new_keys else None
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
                 self.keys.setdefault(oid, (obj, key))
@@ -339,6 +339,8 @@ class SendCache:
     def context_values(self, msg: Encoded) -> dict[str, tuple[Any, Any]]:
         """{key: (variable, value)} of the user's ContextVars the worker holds once ``msg`` is
         sent, for those set in the calling thread's or task's context: the call runs with them set."""
+        if not self.context_vars and not msg.new_keys:  # (every call of code that sets none)
+            return {}
         found = {key: var for key, var in self._snapshot(self.context_vars) if key in self.sent or key in msg.defined}
         found.update((key, obj) for obj, key in msg.new_keys.values()
                      if key in msg.defined and type(obj) is contextvars.ContextVar)

@@ -74,6 +74,13 @@ class _Held:
         return codestore._load_held, (self.key,)
 
 
+@functools.lru_cache(maxsize=4096)
+def _held_pickle(key: str) -> bytes:
+    """The pickle of ``_Held(key)``: the same bytes for every request of a held function, made
+    once (pickling the reduction looks its loader up by name each time)."""
+    return pickle.dumps(_Held(key), pickle.HIGHEST_PROTOCOL)
+
+
 class Rebind:
     """Bindings a request carries beside its code (a store catching up on the session's bindings:
     ``exchange.catch_up``): the worker binds them when it loads this."""
@@ -185,7 +192,7 @@ class Message:
         if not self.globals.unchanged(func):
             return None
         self.used.add(hit[1])
-        return pickle.dumps(_Held(hit[1]), pickle.HIGHEST_PROTOCOL)
+        return _held_pickle(hit[1])
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),

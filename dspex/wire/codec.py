@@ -194,6 +194,8 @@ class _Encoder:
                 if self.repeats is not None and (obj or type(obj) not in _IMMUTABLE):
                     self.repeats.meet(obj)
             return out
+        if type(obj) is types.FunctionType:  # (``s.run(fn)``'s) none of the forms below
+            return self._pickled_or_ref(obj)
         if _native_array(obj):
             if self.repeats is not None:
                 self.repeats.meet(obj)
@@ -226,6 +228,9 @@ class _Encoder:
                     if self.repeats is not None and not isinstance(obj, enum.Enum):  # (members are singletons)
                         self.repeats.meet(obj)
                 return value
+        return self._pickled_or_ref(obj)
+
+    def _pickled_or_ref(self, obj: Any) -> Any:
         if self.wants_pickled(obj):
             try:
                 return self.pickle(obj)
