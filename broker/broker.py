@@ -34,7 +34,6 @@ from broker.connections import GOODBYE_GRACE, Connections, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
-from broker.ops import status as status_of
 from broker.port import WorkerUnreachable
 from broker.publisher import StatusPublisher
 from broker.settings import BrokerOptions
@@ -75,7 +74,7 @@ class Broker:
         # wakes the loop from another thread or a signal handler (a status wanted, a stop)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # the status other threads read, built on this one
-        self.publisher = StatusPublisher(self.core, self.status, self.wake)
+        self.publisher = StatusPublisher(self.core, self.wake)
         self.frontend: zmq.Socket[Any]
         self.backend: zmq.Socket[Any]
         self.monitor: zmq.Socket[Any]
@@ -85,9 +84,6 @@ class Broker:
         self._curve_clients = options.frontend.startswith("tcp://")  # (asked per request: once here)
         self._poll_items: list[tuple[Any, int]] = []  # what the loop waits on (made by its first turn)
         self._poll_but_backend: list[tuple[Any, int]] = []  # ... while the workers' answers wait (Roster.answers_wait_until)
-
-    def status(self, now: float) -> dict[str, Any]:
-        return status_of(self.core, now)
 
     # -- the core's port -----------------------------------------------------------------------
     def to_worker(self, wid: bytes, frames: list[Any]) -> None:

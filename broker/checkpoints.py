@@ -35,8 +35,8 @@ from broker.store_schema import (
     forget_rows,
     identities,
     locked,
-    rollback,
     set_aside,
+    transaction,
 )
 
 log = logging.getLogger("dspex.broker")
@@ -132,14 +132,9 @@ class CheckpointStore:
         bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({SOUND_ROW})").fetchall()
         if not bad:
             return
-        self._db.execute("BEGIN")
-        try:
+        with transaction(self._db):
             for session, _ in bad:
                 forget_rows(self._db, session, "")
-            self._db.execute("COMMIT")
-        except BaseException:
-            rollback(self._db)
-            raise
         log.error("checkpoint store %s: %d damaged session rows (fields of the wrong types) deleted; their "
                   "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
                   ", ".join(f"{str(session)[:8]} (pool {pool!r})" for session, pool in bad))
@@ -251,13 +246,8 @@ class CheckpointStore:
         # (a durable one's skeleton empty, not NULL: its checkpoint_lost for a restarted broker)
         rows = [(sid, pool, owner, worker, created, time.time(), -1 if plain else 0, plain or b"", 0, used)
                 for sid, (pool, owner, worker, created, used, plain) in self._rows.items()]
-        self._db.execute("BEGIN")
-        try:
+        with transaction(self._db):
             self._db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
-        except BaseException:
-            rollback(self._db)
-            raise
         self._files = identities(self.path)
         self._unwritten.clear()  # (their rows are not in the fresh store)
         self._need_full = set(self._seqs)
@@ -333,14 +323,9 @@ class CheckpointStore:
         if not self._unwritten:
             return
         db = self._db
-        db.execute("BEGIN")
-        try:
+        with transaction(db):
             for session, plain in self._unwritten.items():
                 forget_rows(db, session, plain)
-            db.execute("COMMIT")
-        except BaseException:
-            rollback(db)
-            raise
         self._unwritten.clear()
 
     def _plain_row(self, session: str, plain: str) -> None:
@@ -363,8 +348,7 @@ class CheckpointStore:
         dropped: list[tuple[str, str]] = []  # (session, why)
         self._write_forgotten()
         db = self._db
-        db.execute("BEGIN")
-        try:
+        with transaction(db):
             for w in writes:
                 try:
                     sizes[w.session] = self._apply(w, sizes)
@@ -376,10 +360,6 @@ class CheckpointStore:
                     sizes.pop(w.session, None)
                     dropped.append((w.session, str(exc)))
                     results.append(exc)
-            db.execute("COMMIT")
-        except BaseException:
-            rollback(db)
-            raise
         for session, why in dropped:
             self.total -= self._sizes.pop(session, 0)
             self._seqs.pop(session, None)

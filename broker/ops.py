@@ -102,13 +102,13 @@ def _recycle(core: Core, call: OpCall) -> Any:
 
 def live(core: Core, r: SessionRecord) -> bool:
     """A session its caller can use: not closing, and not waiting for a worker that went silent
-    (a partitioned host's, which may come back with it)."""
+    (a partitioned host's, which may come back with it). The one definition that ``sessions``,
+    the status's counts, /metrics and the dashboard's table all use."""
     return not r.closing and (r.worker is None or r.worker in core.workers)
 
 
 def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:
-    """Live sessions per pool and per pinned worker, in one pass: the same sessions `sessions`
-    lists, so every count agrees."""
+    """Live sessions per pool and per pinned worker, in one pass."""
     per_pool: Counter[str] = Counter()
     per_worker: Counter[bytes] = Counter()
     for r in core.sessions.values():

@@ -16,12 +16,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from broker.core import Core
+from broker.ops import live, status
 from broker.stats import Histogram
-
-if TYPE_CHECKING:
-    from broker.core import Core
 
 HISTORY_EVERY_S = 10.0
 HISTORY_S = 3600.0  # kept in the broker's memory: a broker restart starts it empty
@@ -88,27 +87,24 @@ def _histogram(h: Histogram) -> dict[str, Any]:
     return {"bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum}
 
 
-Status = Callable[[float], dict[str, Any]]  # the broker's status at a monotonic time
-
-
-def build_snapshot(core: Core, status: Status, history: History) -> dict[str, Any]:
+def build_snapshot(core: Core, history: History) -> dict[str, Any]:
     """The broker's status plus what only the metrics and the dashboard need: histograms, history,
-    the most recently used sessions. Runs on the broker's thread."""
+    the most recently used of the sessions the status counts. Runs on the broker's thread."""
     now = time.monotonic()
     wall = time.time()
-    snap = status(now)
+    snap = status(core, now)
     for name, pool in core.pools.items():
         p = snap["pools"][name]
         p["latency_hist"] = _histogram(pool.latency)
         p["wait_hist"] = _histogram(pool.queue_wait)
         p["history"] = history.copy(name)
         p["history_every"] = history.every
-    live = (r for r in core.sessions.values() if not r.closing)
+    listed = (r for r in core.sessions.values() if live(core, r))
     snap["sessions"] = [
         {"id": r.id, "pool": r.pool, "worker": (r.worker or b"").decode(errors="replace"),
          "calls": r.calls, "idle_s": round(now - r.last_used, 3), "age_s": round(wall - r.created, 3),
          **core.durable.view(r, wall)}
-        for r in heapq.nlargest(SESSIONS_SHOWN, live, key=lambda r: r.last_used)]
+        for r in heapq.nlargest(SESSIONS_SHOWN, listed, key=lambda r: r.last_used)]
     snap["published"] = {"time": wall, "monotonic": now}
     return snap
 
@@ -116,10 +112,9 @@ def build_snapshot(core: Core, status: Status, history: History) -> dict[str, An
 class StatusPublisher:
     """Snapshots on demand: readers ask from any thread, the broker's thread builds."""
 
-    def __init__(self, core: Core, status: Status, wake: Callable[[], None]) -> None:
+    def __init__(self, core: Core, wake: Callable[[], None]) -> None:
         """``wake``: makes the broker's loop turn (a reader waits for it)."""
         self.core = core
-        self.status = status
         self._wake = wake
         self.history = History(core)
         self.asked = False  # read by the broker's loop every turn: a plain attribute
@@ -151,7 +146,7 @@ class StatusPublisher:
 
     def serve(self) -> None:
         """On the broker's thread, when ``asked``: build one snapshot for every waiting reader."""
-        snap = build_snapshot(self.core, self.status, self.history)
+        snap = build_snapshot(self.core, self.history)
         with self._lock:
             self._latest = snap
             waiting, self._waiting = self._waiting, []

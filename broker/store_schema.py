@@ -4,10 +4,11 @@ identities, setting one aside) and with SQLite's errors about them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 2  # 2: sessions.used
@@ -133,11 +134,19 @@ def locked(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-def rollback(db: sqlite3.Connection) -> None:
-    """Roll back what a failed statement left open. SQLite rolls a transaction back by itself
-    after some errors (a full disk): a ROLLBACK then would raise, hiding the error that matters."""
-    if db.in_transaction:
-        db.execute("ROLLBACK")
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction: committed at the end of the block, rolled back if the block raises.
+    SQLite rolls a transaction back by itself after some errors (a full disk): a ROLLBACK then
+    would raise, hiding the error that matters."""
+    db.execute("BEGIN")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)  # primary result codes of a damaged file

@@ -126,19 +126,19 @@ def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], No
             t0 = time.monotonic()
             progress("the start " + ("was interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
                      + ": stopping the supervisord this command started")
-            _stop_supervisord(sc)
+            _stop_supervisord(sc, progress)
             progress(f"stopped in {time.monotonic() - t0:.1f}s")
         raise
 
 
-def _stop_supervisord(sc: SupervisorConf) -> None:
+def _stop_supervisord(sc: SupervisorConf, progress: Callable[[str], None]) -> None:
     """Stop the supervisord of ``sc`` that this command started, also one still daemonizing (it
     answers nobody yet; SIGTERM makes it stop its programs and exit)."""
     deadline = time.monotonic() + SUPERVISORD_APPEARS_S
     while True:
         with Supervisor(sc, timeout=2.0) as sup:
             if sup.running():
-                stack.shutdown_stack(stack.StackHandle(conf=sc.path, endpoint="", started=True), SHUTDOWN_TIMEOUT_S)
+                stack.stop_stack(sc.path, wait=SHUTDOWN_TIMEOUT_S, progress=progress)
                 return
         pid = supervisord_pid(sc)
         if pid is not None:
@@ -154,9 +154,10 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:400]
 
 
-def _start_progress(say: Callable[[str], None]) -> Callable[[str], None]:
-    """Stack start-up progress without the alarming part: while supervisord starts the broker,
-    "nothing is listening" is expected, so "waiting for the broker" is said once, plainly."""
+def _stack_progress(say: Callable[[str], None]) -> Callable[[str], None]:
+    """Stack start and stop progress, indented under the flagship's own lines, without the
+    alarming part: while supervisord starts the broker, "nothing is listening" is expected, so
+    "waiting for the broker" is said once, plainly."""
     said: set[str] = set()
 
     def progress(msg: str) -> None:
@@ -304,7 +305,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
             else:
                 t0 = time.monotonic()
                 say("no stack answers: starting one under supervisord")
-                handle = _start_stack(_conf(settings), timeout=max(timeout, 120.0), progress=_start_progress(say))
+                handle = _start_stack(_conf(settings), timeout=max(timeout, 120.0), progress=_stack_progress(say))
                 endpoint = handle.endpoint
                 say(f"stack ready at {endpoint} in {time.monotonic() - t0:.1f}s")
             # its own view of the flow (stdout: one JSON document with --json): the programs' prints
@@ -335,7 +336,7 @@ def flagship(ctx: click.Context, model: str | None, api_base: str | None, lm_eng
                     t0 = time.monotonic()
                     say("stopping the stack this command started")
                     try:
-                        stack.shutdown_stack(handle, SHUTDOWN_TIMEOUT_S)
+                        stack.stop_stack(handle.conf, wait=SHUTDOWN_TIMEOUT_S, progress=_stack_progress(say))
                         say(f"  stopped in {time.monotonic() - t0:.1f}s")
                     except Exception as exc:  # noqa: BLE001 - report, do not mask the run's outcome
                         _echo(f"warning: stopping the stack failed: {_one_line(str(exc))}", err=True)

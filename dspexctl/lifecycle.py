@@ -9,61 +9,10 @@ from typing import Any
 
 from dspex.stack.health import State, worker_problems, worst
 from dspex.stack.pools import load_pools
-from dspex.stack.supervisor import (
-    FAULT_SHUTDOWN_STATE,
-    STOPPED_STATES,
-    Supervisor,
-    SupervisorConf,
-    SupervisorError,
-    SupervisorUnreachable,
-    by_group,
-    full_name,
-    supervisord_pid,
-)
-from dspex.wire.errors import ConnectionError, PoolNotFound, Timeout
+from dspex.stack.supervisor import STOPPED_STATES, Supervisor, SupervisorConf
+from dspex.wire.errors import ConnectionError, Timeout
 from dspexctl.commands import EXIT_FOR_STATE, EXIT_OK, Settings, metrics_text, progress
-from dspexctl.stack import (
-    StackConflict,
-    ensure_stack,
-    expected_workers,
-    foreign_stack,
-    ready_counts,
-    start_stopped,
-    wait_pid_exit,
-    wait_ready,
-)
-
-
-def _pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: list[str]) -> list[str]:
-    """The supervisord groups of the named pools (all pools of the conf when none is named)."""
-    groups = by_group(sup.processes())
-    declared = [c.name for c in load_pools(sc.path)]
-    if not wanted:
-        return [name for name in declared if name in groups]
-    bad = [name for name in wanted if name not in groups or name == "broker"]
-    if bad:
-        raise PoolNotFound(f"no pool named {', '.join(map(repr, bad))} in {sc.path}; pools: "
-                           f"{', '.join(n for n in declared if n in groups) or 'none'}")
-    return wanted
-
-
-def stop_groups(sup: Supervisor, groups: list[str], since: float, deadline: float) -> dict[str, str]:
-    """Stop ``groups`` all at once and wait until their processes stopped (or ``deadline``): their
-    states. The polling wakes supervisord's loop, which reaps the exits. A line on stderr while
-    processes take their time (a worker finishing its calls, up to its stopwaitsecs), once they
-    have taken a second, and again when the set changes."""
-    for group in groups:
-        sup.stop_group(group, wait=False)
-    said: list[str] = []
-    while True:
-        states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
-        left = [name for name, state in states.items() if state not in STOPPED_STATES]
-        if not left or time.monotonic() > deadline:
-            return states
-        if left != said and time.monotonic() - since >= 1.0:
-            progress(f"waiting for {', '.join(left)} to stop (a worker finishes its running calls first)")
-            said = left
-        time.sleep(0.02)
+from dspexctl.stack import ensure_stack, pool_groups, ready_counts, stop_groups, stop_stack
 
 
 class PoolsCommand:
@@ -77,28 +26,12 @@ class PoolsStart(PoolsCommand):
     interrupted = "supervisord goes on starting the stack (dspexctl pools status follows it, dspexctl stop stops it)"
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        endpoint = settings.resolved_endpoint()
         t0 = time.monotonic()
-        with Supervisor(sc, timeout=settings.timeout) as sup:
-            started = not sup.running()
-            if started:
-                if req["pools"]:
-                    progress("supervisord is not running: starting it, which starts every pool")
-                ensure_stack(sc.path, timeout=req["wait"], progress=progress, endpoint=endpoint)
-            groups = _pool_groups(sup, sc, req["pools"])
-            wanted = expected_workers(sc, sup, groups)
-            if started:  # ensure_stack waited for every pool already
-                with settings.client() as dx:
-                    status = dx.status()
-            else:
-                conflict = foreign_stack(sc, endpoint, sup)
-                if conflict:  # our workers would join the other stack's broker
-                    raise StackConflict(conflict)
-                start_stopped(sup, (*groups, "broker"), timeout=req["wait"], progress=progress)
-                status = wait_ready(sup, endpoint, wanted, timeout=req["wait"], progress=progress, conf=sc)
+        stack = ensure_stack(settings.supervisor_conf, pools=req["pools"], timeout=req["wait"], progress=progress,
+                             endpoint=settings.resolved_endpoint(), rpc_timeout=settings.timeout)
+        status, groups, wanted = stack.status, stack.pools, stack.wanted
         # the pools' sizes count the workers of other hosts too, which their own supervisord starts
-        sizes = {c.name: c.size for c in load_pools(sc.path)}
+        sizes = {c.name: c.size for c in load_pools(stack.conf)}
         shown = [*groups, *([n for n in sizes if n not in groups] if not req["pools"] else [])]
         counts = ready_counts(status, shown)
         metrics = dict(status["broker"].get("metrics") or {})
@@ -114,7 +47,7 @@ class PoolsStart(PoolsCommand):
                         "here": wanted.get(g, 0), "state": (State.DEGRADED if problems else State.OK).value,
                         "problems": problems}
         health = worst([State(p["state"]) for p in pools.values()])
-        return {"started_supervisord": started, "seconds": round(time.monotonic() - t0, 3), "health": health.value,
+        return {"started_supervisord": stack.started, "seconds": round(time.monotonic() - t0, 3), "health": health.value,
                 "pools": pools, "metrics": metrics}
 
     def present(self, result: dict[str, Any]) -> str:
@@ -146,7 +79,7 @@ class PoolsStop(PoolsCommand):
         # stopProcessGroup(wait=True) returns once the group is stopped; workers finish their
         # current request first (up to stopwaitsecs), so give the call that long
         with Supervisor(sc, timeout=max(settings.timeout, req["wait"])) as sup:
-            groups = _pool_groups(sup, sc, req["pools"])
+            groups = pool_groups(sup, sc, req["pools"])
             for g in groups:
                 progress(f"stopping {g}")
             states = stop_groups(sup, groups, t0, t0 + req["wait"])
@@ -203,18 +136,6 @@ class PoolsRestart(PoolsCommand):
         return EXIT_FOR_STATE[State(result["health"])]
 
 
-def _await_shutdown(sup: Supervisor, deadline: float) -> None:
-    """Poll a supervisord that shuts down until its socket is gone (or ``deadline``)."""
-    while time.monotonic() < deadline:
-        try:
-            sup.state()  # refused while it shuts down, but the request still wakes its loop
-        except SupervisorUnreachable:
-            return  # its socket is gone: it is exiting
-        except SupervisorError:
-            pass
-        time.sleep(0.02)
-
-
 class StackStop:
     """Shut down the supervisord of this supervisor.conf (workers first, then the broker)."""
 
@@ -222,37 +143,7 @@ class StackStop:
         return {"wait": wait}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        sc = SupervisorConf.load(settings.supervisor_conf)
-        t0 = time.monotonic()
-        deadline = t0 + req["wait"]
-        with Supervisor(sc, timeout=settings.timeout) as sup:
-            try:
-                pid = sup.pid()
-            except SupervisorUnreachable:
-                return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
-            except SupervisorError as err:
-                if err.details.get("fault") != FAULT_SHUTDOWN_STATE:
-                    raise
-                # another stop is under way (one that ran out of --wait, another operator's):
-                # supervisord refuses every call now, so its pid comes from its pidfile
-                daemon = supervisord_pid(sc)
-                progress(f"supervisord (pid {daemon}) of {sc.path} is shutting down already: waiting for it to exit")
-                _await_shutdown(sup, deadline)
-                if daemon:
-                    wait_pid_exit(daemon, max(0.1, deadline - time.monotonic()))
-                return {"conf": str(sc.path), "was_running": True, "pid": daemon, "processes": [],
-                        "seconds": round(time.monotonic() - t0, 3), "already_shutting_down": True}
-            running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
-            progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
-            # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
-            # up to a second for I/O: every worker group at once instead, the broker last, and
-            # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
-            stop_groups(sup, sorted({p["group"] for p in running if p["group"] != "broker"}), t0, deadline)
-            sup.shutdown()
-            _await_shutdown(sup, deadline)
-        wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
-        return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
-                "seconds": round(time.monotonic() - t0, 3)}
+        return stop_stack(settings.supervisor_conf, wait=req["wait"], rpc_timeout=settings.timeout)
 
     def present(self, result: dict[str, Any]) -> str:
         if not result["was_running"]:

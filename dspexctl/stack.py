@@ -1,10 +1,11 @@
 """Bring the whole stack up (supervisord, broker, every pool's workers) and down again.
 
-``dspexctl pools start`` and ``dspexctl flagship`` use this::
+``dspexctl pools start``, ``stop`` and ``flagship`` use this, the one way to do either::
 
     handle = ensure_stack(Path("supervisor.conf"), timeout=60, progress=print)
     ...  # dspex.connect(handle.endpoint)
-    shutdown_stack(handle)  # only stops supervisord if ensure_stack started it
+    if handle.started:  # leave a stack that was there before
+        stop_stack(handle.conf)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dspex.client.endpoints import probe_ipc
 from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
     DEFAULT_CONF,
+    FAULT_SHUTDOWN_STATE,
     STOPPED_STATES,
     Supervisor,
     SupervisorConf,
@@ -31,8 +33,9 @@ from dspex.stack.supervisor import (
     full_name,
     pid_alive,
     start_supervisord,
+    supervisord_pid,
 )
-from dspex.wire.errors import ConfigError, ConnectionError, Timeout
+from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspex.wire.sockets import check_endpoint
 from dspexctl import commands
 
@@ -114,20 +117,42 @@ def _bind_refused(sup: Supervisor) -> str | None:
 
 @dataclass
 class StackHandle:
+    """What :func:`ensure_stack` brought up."""
+
     conf: Path
     endpoint: str
-    started: bool  # True if ensure_stack launched supervisord (then shutdown_stack stops it)
+    started: bool  # True if ensure_stack launched supervisord (stopping it again is then the caller's call)
+    pools: list[str]  # the pools asked for; none named: every pool of the conf with workers on this host
+    wanted: dict[str, int]  # the workers waited for, per pool (its numprocs here)
+    status: dict[str, Any]  # the broker's status once they were ready
 
 
-def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: Progress = commands.progress,
-                 endpoint: str | None = None) -> StackHandle:
-    """Start supervisord with ``conf`` when it is not running (and any stopped program when it is),
-    then wait until every pool of the conf has its numprocs workers ready in the broker (the
-    workers of other hosts, which their own supervisord starts, are not waited for).
+def pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: Iterable[str]) -> list[str]:
+    """The supervisord groups of the named pools (all pools of the conf when none is named)."""
+    groups = by_group(sup.processes())
+    declared = [c.name for c in load_pools(sc.path)]
+    wanted = list(wanted)
+    if not wanted:
+        return [name for name in declared if name in groups]
+    bad = [name for name in wanted if name not in groups or name == "broker"]
+    if bad:
+        raise PoolNotFound(f"no pool named {', '.join(map(repr, bad))} in {sc.path}; pools: "
+                           f"{', '.join(n for n in declared if n in groups) or 'none'}")
+    return wanted
 
-    Raises :class:`dspex.Timeout` naming the pools still short (supervisord is left running for
-    inspection; ``err.details["started"]`` says whether this call started it), and a
-    ``SupervisorError`` (code ``supervisor_error``) when supervisord cannot start.
+
+def ensure_stack(conf: Path | None = None, *, pools: Iterable[str] = (), timeout: float = 60.0,
+                 progress: Progress = commands.progress, endpoint: str | None = None,
+                 rpc_timeout: float = 5.0) -> StackHandle:
+    """Start supervisord with ``conf`` when it is not running (which starts every program), else
+    the stopped programs of ``pools`` and the broker (none named: every stopped program); then wait
+    until each pool started has its numprocs workers ready in the broker (the workers of other
+    hosts, which their own supervisord starts, are not waited for).
+
+    Raises :class:`PoolNotFound` for a pool without workers here, :class:`dspex.Timeout` naming
+    the pools still short (supervisord is left running for inspection; ``err.details["started"]``
+    says whether this call started it), and a ``SupervisorError`` (code ``supervisor_error``) when
+    supervisord cannot start.
     """
     sc = SupervisorConf.load(conf or DEFAULT_CONF)
     endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
@@ -135,33 +160,38 @@ def ensure_stack(conf: Path | None = None, *, timeout: float = 60.0, progress: P
         load_pools(sc.path)
     except ConfigError as err:
         raise ConfigError(f"invalid dspex config, nothing started: {err.message}") from None
+    named = list(pools)
     started = False
-    with Supervisor(sc, timeout=5.0) as sup:
+    with Supervisor(sc, timeout=rpc_timeout) as sup:
         running = sup.running()
         conflict = foreign_stack(sc, endpoint, sup if running else None)
         if conflict:  # before anything starts: our workers would join the other stack's broker
             raise StackConflict(conflict)
         if not running:
+            if named:
+                progress("supervisord is not running: starting it, which starts every pool")
             progress(f"starting supervisord -c {sc.path}")
             pid = start_supervisord(sc, timeout=max(10.0, timeout / 2))
             started = True
             progress(f"supervisord running (pid {pid})")
-        else:
-            start_stopped(sup, None, timeout=timeout, progress=progress)
-        wanted = expected_workers(sc, sup)
+        groups = pool_groups(sup, sc, named)
+        if not started:
+            start_stopped(sup, (*groups, "broker") if named else None, timeout=timeout, progress=progress)
+        # a supervisord that starts starts every pool: they are all waited for
+        wanted = expected_workers(sc, sup, groups if named and not started else None)
         try:
-            wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress, conf=sc)
+            status = wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress, conf=sc)
         except StackConflict as err:
             if started:  # all or nothing: what this call started goes, before it joins the other stack
                 progress("another stack holds the run directory: stopping the supervisord this command started")
-                shutdown_stack(StackHandle(conf=sc.path, endpoint=endpoint, started=True))
+                stop_stack(sc.path, progress=progress)
                 raise StackConflict(err.message + " (this command stopped the supervisord it had started, and "
                                     "every program of it)") from None
             raise
         except Timeout as err:
             err.details["started"] = started
             raise
-    return StackHandle(conf=sc.path, endpoint=endpoint, started=started)
+    return StackHandle(conf=sc.path, endpoint=endpoint, started=started, pools=groups, wanted=wanted, status=status)
 
 
 def start_stopped(sup: Supervisor, groups: Iterable[str] | None, *, timeout: float, progress: Progress) -> None:
@@ -193,21 +223,74 @@ def start_stopped(sup: Supervisor, groups: Iterable[str] | None, *, timeout: flo
         time.sleep(0.1)
 
 
-def shutdown_stack(handle: StackHandle, timeout: float = 60.0) -> None:
-    """Shut supervisord down (which stops workers first, then the broker) and wait for it to exit.
+def stop_groups(sup: Supervisor, groups: list[str], since: float, deadline: float,
+                progress: Progress = commands.progress) -> dict[str, str]:
+    """Stop ``groups`` all at once and wait until their processes stopped (or ``deadline``): their
+    states. The polling wakes supervisord's loop, which reaps the exits. A progress line while
+    processes take their time (a worker finishing its calls, up to its stopwaitsecs), once they
+    have taken a second, and again when the set changes."""
+    for group in groups:
+        sup.stop_group(group, wait=False)
+    said: list[str] = []
+    while True:
+        states = {full_name(p): p["statename"] for p in sup.processes() if p["group"] in groups}
+        left = [name for name, state in states.items() if state not in STOPPED_STATES]
+        if not left or time.monotonic() > deadline:
+            return states
+        if left != said and time.monotonic() - since >= 1.0:
+            progress(f"waiting for {', '.join(left)} to stop (a worker finishes its running calls first)")
+            said = left
+        time.sleep(0.02)
 
-    Does nothing when ``handle.started`` is False: the stack was there before us and stays.
-    """
-    if not handle.started:
-        return
-    sc = SupervisorConf.load(handle.conf)
-    with Supervisor(sc, timeout=5.0) as sup:
+
+def _await_shutdown(sup: Supervisor, deadline: float) -> None:
+    """Poll a supervisord that shuts down until its socket is gone (or ``deadline``)."""
+    while time.monotonic() < deadline:
+        try:
+            sup.state()  # refused while it shuts down, but the request still wakes its loop
+        except SupervisorUnreachable:
+            return  # its socket is gone: it is exiting
+        except SupervisorError:
+            pass
+        time.sleep(0.02)
+
+
+def stop_stack(conf: Path, *, wait: float = 60.0, progress: Progress = commands.progress,
+               rpc_timeout: float = 5.0) -> dict[str, Any]:
+    """Shut down the supervisord of ``conf`` (workers first, then the broker) and wait for it to
+    exit, within ``wait`` seconds. What was stopped: ``was_running``, ``pid``, ``processes``,
+    ``seconds`` (``already_shutting_down`` when another stop was under way)."""
+    sc = SupervisorConf.load(conf)
+    t0 = time.monotonic()
+    deadline = t0 + wait
+    with Supervisor(sc, timeout=rpc_timeout) as sup:
         try:
             pid = sup.pid()
-            sup.shutdown()
         except SupervisorUnreachable:
-            return
-    wait_pid_exit(pid, timeout)
+            return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+        except SupervisorError as err:
+            if err.details.get("fault") != FAULT_SHUTDOWN_STATE:
+                raise
+            # another stop is under way (one that ran out of --wait, another operator's):
+            # supervisord refuses every call now, so its pid comes from its pidfile
+            daemon = supervisord_pid(sc)
+            progress(f"supervisord (pid {daemon}) of {sc.path} is shutting down already: waiting for it to exit")
+            _await_shutdown(sup, deadline)
+            if daemon:
+                wait_pid_exit(daemon, max(0.1, deadline - time.monotonic()))
+            return {"conf": str(sc.path), "was_running": True, "pid": daemon, "processes": [],
+                    "seconds": round(time.monotonic() - t0, 3), "already_shutting_down": True}
+        running = [p for p in sup.processes() if p["statename"] not in STOPPED_STATES]
+        progress(f"stopping supervisord (pid {pid}) of {sc.path}: {len(running)} running program(s)")
+        # supervisord's own shutdown stops one group per turn of its main loop, and a turn waits
+        # up to a second for I/O: every worker group at once instead, the broker last, and
+        # polling supervisord meanwhile (each request wakes its loop, which reaps the exits)
+        stop_groups(sup, sorted({p["group"] for p in running if p["group"] != "broker"}), t0, deadline, progress)
+        sup.shutdown()
+        _await_shutdown(sup, deadline)
+    wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
+    return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
+            "seconds": round(time.monotonic() - t0, 3)}
 
 
 def wait_pid_exit(pid: int, timeout: float) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 import dspex
 from dspex.stack.supervisor import pid_alive
-from dspexctl.stack import StackHandle, ensure_stack, shutdown_stack
+from dspexctl.stack import ensure_stack, stop_stack
 from tests.harness import wait_for
 from tests.harness.supervisord import POOLS, READY_TIMEOUT, SupervisedStack, dspexctl, no_traceback
 
@@ -218,24 +218,27 @@ def test_ensure_stack_on_a_running_stack(stack: SupervisedStack, monkeypatch: py
     monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
     lines: list[str] = []
     handle = ensure_stack(stack.conf, timeout=30, progress=lines.append)
-    assert handle == StackHandle(conf=stack.conf, endpoint=stack.endpoint, started=False)
+    assert (handle.conf, handle.endpoint, handle.started) == (stack.conf, stack.endpoint, False)
+    assert handle.pools == list(POOLS) and handle.wanted == dict.fromkeys(POOLS, 2)
+    assert set(handle.status["pools"]) == set(POOLS)
     assert lines and lines[-1].startswith("ready:")
     with dspex.connect(handle.endpoint, timeout=10) as dx:
         assert dx.call("operator", "add", [2, 3], pool="triage_pool") == 5
-    shutdown_stack(handle)  # not ours: a no-op
     assert stack.processes() and wait_for(lambda: len(stack.ready("triage_pool")) == 2)
 
 
-def test_shutdown_stack_stops_what_dspexctl_started(started: tuple[SupervisedStack, Any]) -> None:
-    """Last test of the module: shutdown_stack on the stack `pools start` launched (started=True)."""
+def test_stop_stack_stops_what_dspexctl_started(started: tuple[SupervisedStack, Any]) -> None:
+    """Last test of the module: stop_stack on the stack `pools start` launched."""
     stack = started[0]
     stack.processes()
     stack.status()
-    handle = StackHandle(conf=stack.conf, endpoint=stack.endpoint, started=True)
-    shutdown_stack(handle)
+    lines: list[str] = []
+    result = stop_stack(stack.conf, progress=lines.append)
+    assert result["was_running"] and result["pid"] == stack.supervisord_pid and len(result["processes"]) == 7
+    assert lines and lines[0].startswith(f"stopping supervisord (pid {stack.supervisord_pid})")
     assert not pid_alive(stack.supervisord_pid)
     assert stack.child_pids and not any(pid_alive(p) for p in stack.child_pids)
     assert not (stack.root / "run" / "supervisord.pid").exists()
     res = dspexctl(stack, "pools", "status")
     assert res.returncode == 4
-    shutdown_stack(handle)  # nothing left to stop: fine
+    assert not stop_stack(stack.conf)["was_running"]  # nothing left to stop: fine

@@ -162,11 +162,11 @@ def test_budget_words_and_gepa_outcomes() -> None:
     assert gepa_outcome("Iteration 1: Selected program 0 score: 0.5") is None
 
 
-def test_stack_start_progress_has_no_alarming_lines() -> None:
-    from dspexctl.flagship import _start_progress
+def test_stack_stack_progress_has_no_alarming_lines() -> None:
+    from dspexctl.flagship import _stack_progress
 
     said: list[str] = []
-    progress = _start_progress(said.append)
+    progress = _stack_progress(said.append)
     progress("starting supervisord -c supervisor.conf")
     for _ in range(3):
         progress("waiting for the broker (broker: nothing is listening at ipc:///tmp/x/f.sock (is the broker running?))")

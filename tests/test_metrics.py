@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -270,3 +272,47 @@ def test_why_labels_are_the_bounded_set_for_every_way_a_worker_leaves() -> None:
     assert why_label(DRAIN_DEADLINE, crashed=False) == "drain_deadline"
     assert why_label("anything a future change says", crashed=True) in CRASH_WHYS
     assert why_label("was recycled (by a new rule)", crashed=False) in RECYCLE_WHYS
+
+
+@pytest.mark.timeout(90)
+def test_the_cli_dashboard_and_metrics_count_the_same_sessions(stack: Stack) -> None:
+    """One definition of a live session: with a live session, a closing one (closed while its call
+    runs) and one whose worker went silent (kept, uncounted, for a partitioned host's return),
+    ``sessions list``, the dashboard's table and counts, the status and /metrics all name the live
+    one alone."""
+    port, dx = start(stack, "p:strict_queue", 3)
+    lost = dx.session("p")
+    silent_pid = lost.call("os", "getpid")
+    os.kill(silent_pid, signal.SIGSTOP)  # alive, silent: dropped at heartbeat expiry, its session kept
+    wait_for(lambda: len(stack.workers("p")) == 2, 20, 0.05, "the silent worker dropped")
+    live = dx.session("p")
+    live.call("os", "getpid")
+    closing = dx.session("p")
+    ended: list[BaseException] = []
+
+    def run_long_call() -> None:
+        try:
+            closing.call("time", "sleep", [60])
+        except dspex.DspexError as err:
+            ended.append(err)
+
+    running = threading.Thread(target=run_long_call, daemon=True)
+    running.start()
+    wait_for(lambda: sum(w["inflight"] for w in stack.workers("p")) == 1, 20, 0.05, "the closing session's call running")
+    assert dx.close_session(closing.id)["closed"]  # its call runs on: closing, not closed
+
+    cli = subprocess.run([sys.executable, "-m", "dspexctl", "--endpoint", stack.frontend, "sessions", "list", "--json"],
+                         cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    listed = [s["id"] for s in json.loads(cli.stdout)["sessions"]]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as resp:
+        board = json.loads(resp.read())
+    status = dx.status()
+    assert listed == [live.id]
+    assert [s["id"] for s in board["sessions"]] == [live.id], board["sessions"]
+    assert board["broker"]["sessions"] == board["pools"]["p"]["sessions"] == 1
+    assert status["broker"]["sessions"] == status["pools"]["p"]["sessions"] == 1
+    assert value(scrape(port)[0], "dspex_sessions", pool="p") == 1
+    dx.close()  # ends the closing session's call at once
+    running.join(10)
+    assert ended and not running.is_alive()
