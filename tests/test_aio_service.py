@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,53 @@ def test_a_call_behind_a_stream_held_after_break_gets_its_timeout_not_silence(en
     assert issubclass(kind, dspex.QueueTimeout), kind  # it never ran: safe to retry
     assert 1.5 < waited < 4.0, waited
     assert after == 7
+
+
+async def pause(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "paused"
+
+
+async def touch(path: str) -> str:
+    open(path, "w").close()  # noqa: ASYNC230 - the side effect that must not happen
+    return "ran"
+
+
+def test_a_call_whose_timeout_ran_out_while_prefetched_never_runs_and_says_so(endpoint: str, tmp_path: Path) -> None:
+    """Tasks of one request handler gather a long call and a short one of their session: the broker
+    may send the second to the worker at once (prefetch, behind a call that just started). When
+    its timeout runs out there before the first call ends, it must not start and be "stopped"
+    (``Timeout``, may have run, its coroutine half set up): it never ran, as the broker says of one
+    that waited in its queue."""
+
+    async def attempt(s: dspex.aio.AsyncSession, path: str) -> tuple[BaseException | str, float]:
+        for _ in range(3):
+            await s.run(abs, -1)  # short calls: the worker may be sent a call ahead of a free slot
+        start = time.monotonic()
+        slow = asyncio.ensure_future(s.run(pause, 3.0))
+        second = asyncio.ensure_future(s.apply(touch, [path], timeout=1.0))
+        outcome: BaseException | str
+        try:
+            outcome = await second
+        except dspex.DspexError as err:
+            outcome = err
+        waited = time.monotonic() - start
+        assert await slow == "paused"
+        return outcome, waited
+
+    async def main() -> list[tuple[BaseException | str, float]]:
+        async with dspex.aio.connect(endpoint, timeout=20) as dx:
+            s = dx.session("p")
+            tries = []
+            for i in range(8):  # until the second call was prefetched (it then waits for the first's end)
+                tries.append(await attempt(s, str(tmp_path / f"touched{i}")))
+                if tries[-1][1] > 2.5:
+                    break
+            await s.close()
+            return tries
+
+    tries = asyncio.run(main())
+    assert all(isinstance(outcome, dspex.QueueTimeout) for outcome, _ in tries), tries
+    assert not list(tmp_path.iterdir())  # no attempt ran
+    if tries[-1][1] <= 2.5:
+        pytest.skip("the broker never prefetched the second call (a loaded machine): the worker's path was not taken")
