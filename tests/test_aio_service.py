@@ -9,15 +9,18 @@ worker processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import dspy
 import pytest
 
 import dspex
 import dspex.aio
 from tests.harness import shared_pool
+from tests.lmserver import LMServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,3 +117,42 @@ def test_a_call_whose_timeout_ran_out_while_prefetched_never_runs_and_says_so(en
     assert not list(tmp_path.iterdir())  # no attempt ran
     if tries[-1][1] <= 2.5:
         pytest.skip("the broker never prefetched the second call (a loaded machine): the worker's path was not taken")
+
+
+qa = dspy.Predict("question -> answer")
+
+
+async def answers(questions: list[str]) -> AsyncIterator[str]:
+    """A streaming handler: one LM call per item."""
+    for question in questions:
+        yield (await qa.acall(question=question)).answer
+
+
+def test_a_stream_left_with_aclose_counts_its_lm_usage_and_history(endpoint: str) -> None:
+    """``dspy.track_usage()`` and the LM's history around a stream the handler leaves after its
+    first item (``aclose()``): what the producer spent before it stopped is counted, as in-process."""
+
+    async def first_answer(lm: dspy.LM, stream: Callable[[], AsyncIterator[str]]) -> tuple[int, int]:
+        before = len(lm.history)
+        with dspy.track_usage() as usage:
+            async with contextlib.aclosing(stream()) as items:  # type: ignore[type-var]
+                async for _ in items:
+                    break
+        return usage.get_total_tokens().get("openai/m", {}).get("total_tokens", 0), len(lm.history) - before
+
+    async def main(base: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        lm = dspy.LM("openai/m", api_base=base, api_key="k", cache=False)
+        with dspy.context(lm=lm, track_usage=True):
+            inprocess = await first_answer(lm, lambda: answers(["a", "b", "c"]))
+            async with dspex.aio.connect(endpoint, timeout=20) as dx:
+                s = dx.session("p")
+                remote = await first_answer(lm, lambda: s.stream_apply(answers, [["a", "b", "c"]]))
+                await s.close()
+        return inprocess, remote
+
+    with LMServer() as server:
+        inprocess, remote = asyncio.run(main(server.base))
+    tokens, entries = inprocess
+    assert tokens > 0 and entries == 1
+    # the producer may have run ahead of the consumer (its credit window): at least what in-process spent
+    assert remote[0] >= tokens and remote[1] >= entries, (inprocess, remote)

@@ -271,9 +271,10 @@ class AsyncStream(StreamAPI):
             cancelled = True
             while True:  # until the producer's end (its Cancelled error), which frees its slot: what it
                 reply = await client._next(self._queue, ex)  # prints while it stops is forwarded
+                # the final reply too: it carries what the producer spent on LMs (usage, history)
+                ex.feed(*reply)
                 if reply[0] not in EVENT_STATUSES:
                     break
-                ex.feed(*reply)
                 await _callbacks_done(ex)
         except DspexError:
             pass
