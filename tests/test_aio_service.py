@@ -33,7 +33,8 @@ def endpoint() -> Iterator[str]:
 
 async def numbers(n: int) -> AsyncIterator[int]:
     for i in range(n):
-        await asyncio.sleep(0)
+        # 3 items take 30 ms: the next call waits in the broker, not prefetched behind a call that just started
+        await asyncio.sleep(0.01)
         yield i
 
 
