@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -157,3 +158,36 @@ def test_a_stream_left_with_aclose_counts_its_lm_usage_and_history(endpoint: str
     assert tokens > 0 and entries == 1
     # the producer may have run ahead of the consumer (its credit window): at least what in-process spent
     assert remote[0] >= tokens and remote[1] >= entries, (inprocess, remote)
+
+
+TENANT = contextvars.ContextVar("tenant", default="-")  # what a web middleware sets per request
+
+
+async def who_and_which_lm() -> AsyncIterator[tuple[str, str | None]]:
+    lm = dspy.settings.lm
+    yield TENANT.get(), lm.model if lm is not None else None
+
+
+def test_a_stream_runs_with_the_settings_and_context_where_it_is_iterated(endpoint: str) -> None:
+    """A handler makes its stream first and iterates it inside the request's context (a tenant
+    set, ``dspy.context(lm=...)``): an async generator's body runs in the context of each
+    ``__anext__``, so it sees them; the stream's request is sent at its first ``__anext__``, and
+    carries what is in force there."""
+
+    async def handler(make: Callable[[], AsyncIterator[tuple[str, str | None]]]) -> list[tuple[str, str | None]]:
+        stream = make()
+        TENANT.set("acme")
+        with dspy.context(lm=dspy.LM("openai/tenant-model", api_key="k")):
+            return [item async for item in stream]
+
+    async def main() -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+        inprocess = await asyncio.create_task(handler(who_and_which_lm))
+        async with dspex.aio.connect(endpoint, timeout=20) as dx:
+            s = dx.session("p")
+            remote = await asyncio.create_task(handler(lambda: s.stream_apply(who_and_which_lm)))
+            await s.close()
+        return inprocess, remote
+
+    inprocess, remote = asyncio.run(main())
+    assert inprocess == [("acme", "openai/tenant-model")]
+    assert remote == inprocess
