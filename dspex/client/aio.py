@@ -181,8 +181,9 @@ async def _callbacks_done(ex: Exchange) -> None:
 class AsyncStream(StreamAPI):
     """Items of an iterable result on a worker, as an async iterator: the asyncio twin of
     :class:`dspex.client.sync.Stream`, with its ``progress``, ``result`` and ``done``. The request is
-    built and sent at the first ``__anext__`` (with what the calling task has in force there). A consumer that stops before the end stops the producer on the
-    worker: ``aclose()`` (or leaving an ``async with`` block) cancels it and waits for its end; the
+    built and sent at the first ``__anext__`` (with what the calling task has in force there). A
+    consumer that stops before the end stops the producer on the worker: ``aclose()`` (or leaving
+    an ``async with`` block) cancels it and waits for its end; the
     awaiting task cancelled, an error inside ``__anext__``, and garbage collection (``break`` out
     of an ``async for``) cancel it without waiting."""
 
