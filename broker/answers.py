@@ -70,6 +70,17 @@ class Answers:
                      err.message)
         self.error(p.client, p.req_id, err)
 
+    def expired(self, p: Pending, pool: Pool) -> None:
+        """Answer a request whose caller's timeout ran out before it reached a worker: it never ran.
+        Its caller still waits (a reply grace past the timeout, for a running call's late answer),
+        so it hears that at once instead of a silence; not counted against the pool: the caller's
+        own deadline says nothing of the pool's health."""
+        behind = (" behind the session's running call (a session runs one call at a time, and a stream "
+                  "holds it until its producer ends or its consumer closes it)") if p.session else ""
+        self.error(p.client, p.req_id, QueueTimeout(
+            f"{p.op} waited {self.clock.now - p.enqueued:.1f}s in pool {pool.name!r}{behind} and never ran: "
+            f"its timeout of {round(p.deadline - p.enqueued, 3):g}s ran out first", pool=pool.name))
+
     def fail_in_bulk(self, p: Pending, pool: Pool, err: PoolSaturated | QueueTimeout) -> None:
         """``fail``, logged as a count: a refusal or a queue timeout comes in floods."""
         if n := self.notices.note((pool.name, err.code), self.clock.now):

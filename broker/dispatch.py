@@ -143,10 +143,11 @@ class Dispatcher:
 
     def dispatch(self, w: WorkerRecord, p: Pending) -> None:
         now = self.clock.now
-        if now > p.deadline:
-            self.counters["expired_unsent"] += 1  # the client gave up already and raised Timeout
-            return
         pool = w.pool
+        if now > p.deadline:
+            self.counters["expired_unsent"] += 1
+            self.answers.expired(p, pool)
+            return
         queue_left = p.enqueued + pool.config.queue_timeout - now
         if queue_left < 0:  # waited out its queue time before a tick came by
             self._fail(p, pool, QueueTimeout(

@@ -135,7 +135,8 @@ class BrokerCollector(Collector):
         garbage.add_metric(["frontend"], counters.get("garbage_frontend", 0))
         garbage.add_metric(["backend"], counters.get("garbage_backend", 0))
         yield garbage
-        yield CounterMetricFamily("dspex_expired_unsent", "Requests dropped because their caller had timed out",
+        yield CounterMetricFamily("dspex_expired_unsent", "Requests whose caller's timeout ran out before they "
+                                  "reached a worker (answered queue_timeout: they never ran)",
                                   value=counters.get("expired_unsent", 0))
         yield GaugeMetricFamily("dspex_broker_start_time_seconds", "When the broker started, in seconds since "
                                 "the Unix epoch", value=counters["started"])

@@ -41,7 +41,8 @@ class Timers:
         for pool in self.pools.values():
             for p, gave_up in pool.expire(now):
                 if gave_up:
-                    self.counters["expired_unsent"] += 1  # its caller raised Timeout already
+                    self.counters["expired_unsent"] += 1
+                    self.answers.expired(p, pool)
                     continue
                 self.answers.fail_in_bulk(p, pool, QueueTimeout(
                     f"waited {now - p.enqueued:.1f}s in pool {pool.name!r}, over its queue timeout of "

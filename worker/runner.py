@@ -210,6 +210,13 @@ class Runner:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
                                    pool=self.pool_name)
             deadline = arrived + call_ms / 1000 if call_ms else None
+            if deadline is not None and time.monotonic() >= deadline:
+                # prefetched behind a call of the session that outlasted this one's timeout: started
+                # now, it would be interrupted at its first line (inside asyncio.run's setup, for a
+                # coroutine) and answered as stopped mid-run
+                raise QueueTimeout(f"{header.op} waited {time.monotonic() - arrived:.1f}s on this worker behind the "
+                                   f"session's running call and never ran: its timeout of {call_ms / 1000:g}s ran "
+                                   "out first", pool=self.pool_name)
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, req_id, header.timeout_ms, send,
                                            bool(header.flags & FLAG_ITEMS))

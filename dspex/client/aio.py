@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Generic, Self, TypeVar, Unpack, cast
 
 import zmq
@@ -172,7 +172,10 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         if self._channel.closed:
             raise closed_error()
         worker = options.pop("worker", "")
-        return AsyncStream(self, self._exchange(op, pool, session, body, items=True, **options), worker)
+        # built at the first __anext__, where the request is sent: it carries the DSPy settings, the
+        # dspy.track_usage() block and the context variables in force there, as an in-process
+        # generator's body sees those of the __anext__ that runs it
+        return AsyncStream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker)
 
 
 async def _callbacks_done(ex: Exchange) -> None:
@@ -186,15 +189,17 @@ async def _callbacks_done(ex: Exchange) -> None:
 class AsyncStream(StreamAPI):
     """Items of an iterable result on a worker, as an async iterator: the asyncio twin of
     :class:`dspex.client.sync.Stream`, with its ``progress``, ``result`` and ``done``. The request is
-    sent at the first ``__anext__``. A consumer that stops before the end stops the producer on the
-    worker: ``aclose()`` (or leaving an ``async with`` block) cancels it and waits for its end; the
+    built and sent at the first ``__anext__`` (with what the calling task has in force there). A
+    consumer that stops before the end stops the producer on the worker: ``aclose()`` (or leaving
+    an ``async with`` block) cancels it and waits for its end; the
     awaiting task cancelled, an error inside ``__anext__``, and garbage collection (``break`` out
     of an ``async for``) cancel it without waiting."""
 
-    def __init__(self, client: AsyncClient, ex: Exchange, worker: str) -> None:
-        super().__init__(ex)
+    def __init__(self, client: AsyncClient, exchange: Callable[[], Exchange], worker: str) -> None:
+        super().__init__()
         self._client = client
-        self._ex = ex
+        self._exchange = exchange
+        self._ex: Exchange | None = None  # built when the request is sent
         self._worker = worker
         self._req_id = 0
         self._queue: asyncio.Queue[Reply] | None = None
@@ -224,6 +229,9 @@ class AsyncStream(StreamAPI):
         client, ex = self._client, self._ex
         ended = False  # the final reply came
         try:
+            if ex is None:
+                ex = self._ex = self._exchange()
+                ex.collect_progress(self.progress)
             if self._queue is None:
                 self._req_id, self._queue = await client._start(ex, self._worker)
             while True:
@@ -259,7 +267,7 @@ class AsyncStream(StreamAPI):
     def _end(self, abandon: bool) -> None:
         """The consumer is done with the stream; ``abandon``: the producer may still run: stop it."""
         self.done = True
-        if self._req_id:
+        if self._req_id and self._ex is not None:
             if abandon:
                 self._client._cancel(self._ex, self._req_id)
             self._client._channel.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
@@ -268,20 +276,22 @@ class AsyncStream(StreamAPI):
         """Cancel the producer on the worker (if still running) and wait for its end."""
         if self.done:
             return
-        if self._queue is None:
+        ex = self._ex
+        if self._queue is None or ex is None:
             self.done = True  # never started: nothing was sent
             return
         self._claim("to stop it, cancel that task: the stream stops with it")
-        client, ex = self._client, self._ex
+        client = self._client
         cancelled = False
         try:
             await client._channel.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
             cancelled = True
             while True:  # until the producer's end (its Cancelled error), which frees its slot: what it
                 reply = await client._next(self._queue, ex)  # prints while it stops is forwarded
+                # the final reply too: it carries what the producer spent on LMs (usage, history)
+                ex.feed(*reply)
                 if reply[0] not in EVENT_STATUSES:
                     break
-                ex.feed(*reply)
                 await _callbacks_done(ex)
         except DspexError:
             pass

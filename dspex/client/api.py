@@ -462,10 +462,10 @@ class StreamAPI:
 
     _end: Callable[..., None]
 
-    def __init__(self, ex: Exchange) -> None:
+    def __init__(self) -> None:
         self.done = False
         self.result: Any = None
-        self.progress: list[Any] = ex.collect_progress()
+        self.progress: list[Any] = []  # filled by its exchange (Exchange.collect_progress)
 
     def __del__(self) -> None:
         if not self.done:

@@ -390,10 +390,9 @@ class Exchange:
         if self.lms and ("history" in extras or "history_codec" in extras):
             record_history(self.lms, extras)
 
-    def collect_progress(self) -> list[Any]:
-        """A stream's list of the progress events it receives (also passed to ``on_progress``).
-        The list, not the stream, is held here: no cycle delays the stream's ``__del__``."""
-        progress: list[Any] = []
+    def collect_progress(self, progress: list[Any]) -> None:
+        """Collect the progress events a stream receives in its list ``progress`` (and pass them to
+        ``on_progress``). The list, not the stream, is held here: no cycle delays the stream's ``__del__``."""
         user_progress = self.on_progress
 
         def on_progress(event: Any) -> None:
@@ -402,7 +401,6 @@ class Exchange:
                 user_progress(event)
 
         self.on_progress = on_progress
-        return progress
 
     def resend_in_full(self, err: DspexError) -> bool:
         """After ``err``: whether to send this request again, now encoded in full. True once, for

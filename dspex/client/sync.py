@@ -269,7 +269,8 @@ class Stream(StreamAPI, Closing):
     """
 
     def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
-        super().__init__(ex)
+        super().__init__()
+        ex.collect_progress(self.progress)
         self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
         self._ch: Channel | None = ch
         self._cancels = cancels  # the client's cancel_all() count when the stream started
