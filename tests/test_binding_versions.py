@@ -83,3 +83,19 @@ def test_the_bindings_of_a_request_the_worker_could_not_load_are_not_caught_up_o
     assert sent is not None and sent[1:] == (1, 2)
     cache.missed(False, sent[0])
     assert cache.changed_since(0) == [(("m:a", "X"), ok)]
+
+
+def test_a_binding_of_an_older_request_never_replaces_a_newer_one() -> None:
+    """Requests of one session reach the worker in another order than the client committed them
+    (two threads): each binding stays the one of the latest request that carried its name."""
+    store = codestore.CodeStore()
+
+    def load(stamp: int, key: str, value: int) -> None:
+        with codestore.loading(store, stamp=stamp):
+            codestore._load_bindings([("m:a", "X", codestore._load_binding_key("m:a", "X", key), value)])
+
+    load(3, "k3", 3)
+    load(2, "k2", 2)  # committed before the request of 3, loaded after it
+    assert store.modules["m:a"].X == 3 and store.bound[("m:a", "X")] == "k3"
+    load(4, "k4", 4)
+    assert store.modules["m:a"].X == 4
