@@ -316,7 +316,7 @@ def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) 
     """Decode the ext values of an unpacked session context in place (in the request's load)."""
     for name, value in context.items():
         if isinstance(value, msgpack.ExtType):
-            context[name] = codec.decode([msgpack.packb(value)], resolve_ref=resolve_ref, side="worker")
+            context[name] = codec.decode_ext(value, resolve_ref, side="worker")
 
 
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:
