@@ -25,16 +25,8 @@ Hard limit: a call still running ``grace`` seconds after its deadline cannot be 
 watchdog calls ``on_hard`` (the worker replies ``Timeout(hard=True)``, says goodbye to the
 broker and exits; supervisord starts a fresh process).
 
-The stop signals stay the worker's: SIGTERM (supervisord's stop, a deploy) and SIGINT (the soft
-limit, an operator's Ctrl-C) keep the handler installed here, :func:`_on_stop_signal`, for the
-worker's whole life. User code that calls ``signal.signal`` for one of them on the main thread (a
-capacity-1 worker's call; DSPy's ``ParallelExecutor`` does for SIGINT) sets the *call's* handler:
-``signal.getsignal`` gives it back, and when the signal arrives it runs first, then the worker's
-part (drain and exit, or the soft limit) unless the call's handler chained to the handler it
-replaced, which ran it. The call's handlers end with the call. So a call that ignores SIGTERM, or
-handles it itself, cannot make the worker deaf to a stop that arrives while it runs, nor a call that
-ignores SIGINT outlive its deadline. On any other thread ``signal.signal`` raises ``ValueError``, as
-in-process, and in a process user code forks it is Python's own.
+User code cannot take SIGINT (nor SIGTERM) from the worker: ``signal.signal`` in a call sets the
+call's handler, which runs before the worker's (worker.stopsignals).
 
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
@@ -63,7 +55,6 @@ import gc
 import itertools
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -72,6 +63,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker import stopsignals
 
 log = logging.getLogger("dspex.worker")
 
@@ -161,15 +154,13 @@ class protected:
 # atomic, where a counter's read-modify-write could lose an update, and a limit signal taken for
 # an operator's Ctrl-C stops the worker
 _limit_signals: deque[int] = deque()
-_previous_sigint: Any = signal.default_int_handler
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
     try:
         _limit_signals.pop()
     except IndexError:
-        if callable(_previous_sigint):
-            _previous_sigint(signum, frame)  # a real SIGINT: the worker's own handler
+        stopsignals.sigint_before(signum, frame)  # a real SIGINT: the worker's own handler
         return
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
@@ -182,79 +173,6 @@ def _on_sigint(signum: int, frame: Any) -> None:
         return
     call.timed_out = True
     raise call.interruption()
-
-
-# what each stop signal does for the worker (SIGINT: _on_sigint; SIGTERM: the worker's own handler)
-_worker_handlers: dict[int, Callable[[int, Any], Any]] = {}
-# the handlers the call on the main thread set for the stop signals (signal.signal of user code)
-_call_handlers: dict[int, Any] = {}
-# stop signal -> whether the worker's part has run, while the call's handler for it runs
-_dispatching: dict[int, bool] = {}
-_python_signal = signal.signal
-_python_getsignal = signal.getsignal
-_worker_pid = 0
-
-
-def _on_stop_signal(signum: int, frame: Any) -> None:
-    """The handler of the stop signals: the call's own first, if it set one, then the worker's."""
-    theirs = _call_handlers.get(signum)
-    if theirs is None or signum in _dispatching:
-        if signum in _dispatching:
-            _dispatching[signum] = True  # the call's handler chained to the one it replaced
-        _worker_handlers[signum](signum, frame)
-        return
-    _dispatching[signum] = False
-    try:
-        if callable(theirs):
-            theirs(signum, frame)
-    finally:
-        if not _dispatching.pop(signum):
-            _worker_handlers[signum](signum, frame)
-
-
-def _taken_over(signalnum: Any) -> bool:
-    """``signalnum`` is a stop signal the worker keeps, and the caller runs on its main thread."""
-    return (signalnum in _worker_handlers and threading.current_thread() is threading.main_thread()
-            and os.getpid() == _worker_pid)
-
-
-def _call_signal(signalnum: Any, handler: Any) -> Any:
-    """``signal.signal`` of the worker process: a stop signal's handler is the call's (module
-    docstring), any other call is Python's."""
-    if not _taken_over(signalnum):
-        return _python_signal(signalnum, handler)
-    if not callable(handler):
-        if handler not in (signal.SIG_IGN, signal.SIG_DFL):
-            raise TypeError("signal handler must be signal.SIG_IGN, signal.SIG_DFL, or a callable object")
-        handler = signal.Handlers(handler)
-    previous = _call_handlers.pop(signalnum, _on_stop_signal)
-    if handler is not _on_stop_signal:  # (putting back the one it replaced ends the call's)
-        _call_handlers[signalnum] = handler
-    return previous
-
-
-def _call_getsignal(signalnum: Any) -> Any:
-    if not _taken_over(signalnum):
-        return _python_getsignal(signalnum)
-    return _call_handlers.get(signalnum, _on_stop_signal)
-
-
-def _keep_stop_signals() -> None:
-    """From the main thread, once per process: the stop signals' handler and the nudge's, and
-    ``signal.signal``/``signal.getsignal`` that give user code the call's handlers."""
-    global _previous_sigint, _worker_pid
-    if _worker_pid == os.getpid():
-        return
-    _previous_sigint = _python_getsignal(signal.SIGINT)
-    _worker_handlers[signal.SIGINT] = _on_sigint
-    sigterm = _python_getsignal(signal.SIGTERM)
-    if callable(sigterm):  # the worker's stop (supervisord's)
-        _worker_handlers[signal.SIGTERM] = sigterm
-    for signum in _worker_handlers:
-        _python_signal(signum, _on_stop_signal)
-    _python_signal(_NUDGE, _on_nudge)
-    _worker_pid = os.getpid()
-    vars(signal).update(signal=_call_signal, getsignal=_call_getsignal)
 
 
 def _on_nudge(signum: int, frame: Any) -> None:
@@ -359,7 +277,8 @@ class Watchdog:
     def _start(self) -> None:
         if self._thread is None:
             if threading.current_thread() is threading.main_thread() and not self._signal_installed:
-                _keep_stop_signals()
+                stopsignals.keep(_on_sigint)
+                signal.signal(_NUDGE, _on_nudge)
                 self._previous_unraisablehook = sys.unraisablehook
                 sys.unraisablehook = self._on_unraisable
                 self._signal_installed = True
@@ -531,5 +450,5 @@ class _Limit:
             wd._calls.pop(call.token, None)
         st.active = self.outer
         st.pending = False
-        if _call_handlers and self.outer is None and call.thread == wd._main:
-            _call_handlers.clear()  # the stop signals' handlers the call set end with it
+        if stopsignals.call_handlers and self.outer is None and call.thread == wd._main:
+            stopsignals.call_handlers.clear()  # the stop signals' handlers the call set end with it
