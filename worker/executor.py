@@ -195,7 +195,7 @@ class Executor:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
                         body, context = payload[:-1], _session_context(payload[-1])
-                    with codestore.loading(state.code, ephemeral or sessionless, _version(context, "at")):
+                    with codestore.loading(state.code, ephemeral or sessionless, _stamp(context)):
                         if header.flags & FLAG_HELD:
                             codestore.check_held(_version(context, "v"))
                         resolve_ref = functools.partial(self.refs.get, state)
@@ -310,6 +310,15 @@ def _session_context(frame: Any) -> dict[str, Any]:
 def _version(context: dict[str, Any] | None, name: str) -> int:
     version = context.get(name, 0) if context is not None else 0
     return version if isinstance(version, int) else 0
+
+
+def _stamp(context: dict[str, Any] | None) -> tuple[str, int] | None:
+    """What the request's bindings are stamped with (its context's ``at``: the client's key prefix
+    and binding version), if it carries any."""
+    at = context.get("at") if context is not None else None
+    if isinstance(at, list) and len(at) == 2 and isinstance(at[0], str) and isinstance(at[1], int):
+        return at[0], at[1]
+    return None
 
 
 def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) -> None:

@@ -13,9 +13,11 @@ session has a :class:`CodeStore`:
 - ``bound``: for each (namespace, name) the key of the value the client bound there last; a
   binding is applied only when its key differs, so the worker's own rebinding
   (``global x; x += 1``) stands until the client rebinds the name; and only when the request that
-  carries it is no older than the one that bound the name (``stamps``: the binding version its
-  request stamps its bindings with, the session context's ``at``), so a request that reaches the
-  worker after a later one (two threads of the session) never binds an older value over a newer;
+  carries it is no older than the one that bound the name (``stamps``: the client's key prefix and
+  binding version its request stamps its bindings with, the session context's ``at``), so a
+  request that reaches the worker after a later one of its client (two threads of the session)
+  never binds an older value over a newer; between two clients of one session (a forked child)
+  the one that arrives last wins;
 - an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
   an ``import`` in a function of a user module gives the session's module of that name;
 - ``sources``: the linecache entries of the session's source files (``inspect.getsource``);
@@ -67,7 +69,7 @@ class CodeStore:
     objects: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
-    stamps: dict[tuple[str, str], int] = field(default_factory=dict)
+    stamps: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     version: int = 0
 
@@ -167,7 +169,7 @@ class _Load:
 
     __slots__ = ("ephemeral", "fresh", "rebuilding", "stamp", "store")
 
-    def __init__(self, store: CodeStore, ephemeral: bool, stamp: int) -> None:
+    def __init__(self, store: CodeStore, ephemeral: bool, stamp: tuple[str, int] | None) -> None:
         self.store = store
         self.fresh: set[int] = set()  # ids of objects made by this load (their state is set once)
         self.ephemeral = ephemeral
@@ -192,10 +194,17 @@ class _Load:
         bound, stamps, stamp = self.store.bound, self.store.stamps, self.stamp
         for nsid, name, key, value in bindings:
             where = (nsid, name)
-            if bound.get(where) != key and stamps.get(where, 0) <= stamp:
-                self.store.module(nsid).__dict__[name] = value
-                bound[where] = key
+            if bound.get(where) == key:
+                continue
+            prior = stamps.get(where)
+            if stamp is None:
+                stamps.pop(where, None)
+            elif prior is None or prior[0] != stamp[0] or prior[1] <= stamp[1]:
                 stamps[where] = stamp
+            else:
+                continue  # an older request of the client that bound it last
+            self.store.module(nsid).__dict__[name] = value
+            bound[where] = key
 
 
 _load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code_load", default=None)
@@ -203,11 +212,12 @@ _load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code
 
 class loading:
     """``with loading(store, ephemeral, stamp):`` session pickles decoded in the block use
-    ``store``; the bindings they carry are stamped with binding version ``stamp`` (``CodeStore.stamps``)."""
+    ``store``; the bindings they carry are stamped with ``stamp`` (the client's key prefix and
+    binding version: ``CodeStore.stamps``)."""
 
     __slots__ = ("_load", "_token")
 
-    def __init__(self, store: CodeStore, ephemeral: bool = False, stamp: int = 0) -> None:
+    def __init__(self, store: CodeStore, ephemeral: bool = False, stamp: tuple[str, int] | None = None) -> None:
         self._load = _Load(store, ephemeral, stamp)
 
     def __enter__(self) -> None:
