@@ -69,7 +69,7 @@ class CodeStore:
     objects: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
-    stamps: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    stamps: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     version: int = 0
 
@@ -194,17 +194,12 @@ class _Load:
         bound, stamps, stamp = self.store.bound, self.store.stamps, self.stamp
         for nsid, name, key, value in bindings:
             where = (nsid, name)
-            if bound.get(where) == key:
-                continue
             prior = stamps.get(where)
-            if stamp is None:
-                stamps.pop(where, None)
-            elif prior is None or prior[0] != stamp[0] or prior[1] <= stamp[1]:
-                stamps[where] = stamp
-            else:
-                continue  # an older request of the client that bound it last
+            if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
+                continue  # held already, or an older request of the client that bound it last
             self.store.module(nsid).__dict__[name] = value
             bound[where] = key
+            stamps[where] = stamp
 
 
 _load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code_load", default=None)
