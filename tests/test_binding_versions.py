@@ -83,3 +83,26 @@ def test_the_bindings_of_a_request_the_worker_could_not_load_are_not_caught_up_o
     assert sent is not None and sent[1:] == (1, 2)
     cache.missed(False, sent[0])
     assert cache.changed_since(0) == [(("m:a", "X"), ok)]
+
+
+def test_a_binding_of_an_older_request_never_replaces_a_newer_one() -> None:
+    """Requests of one session reach the worker in another order than the client committed them
+    (two threads): each binding stays the one of the latest request that carried its name. Two
+    clients of the session (a parent and its forked child) count versions apart: the binding that
+    arrives last wins."""
+    store = codestore.CodeStore()
+
+    def load(client: str, version: int, value: int) -> None:
+        with codestore.loading(store, stamp=(client, version)):
+            key = codestore._load_binding_key("m:a", "X", f"{client}.{value}")
+            codestore._load_bindings([("m:a", "X", key, value)])
+
+    load("a", 3, 3)
+    load("a", 2, 2)  # committed before the request of 3, loaded after it
+    assert store.modules["m:a"].X == 3 and store.bound[("m:a", "X")] == "a.3"
+    load("a", 4, 4)
+    assert store.modules["m:a"].X == 4
+    load("b", 1, 5)  # another client's numbering
+    assert store.modules["m:a"].X == 5
+    load("a", 5, 6)
+    assert store.modules["m:a"].X == 6

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,62 @@ def test_dspys_process_wide_configuration_written_directly_is_put_back(stack: St
     assert other.eval("__import__('dspy').settings.lm") is None
     assert dx.session("p").eval("(__import__('dspy').settings.lm, __import__('dspy').settings.adapter)") == \
         (None, None)
+
+
+STOP_HANDLERS = {
+    "ignored": "signal.SIG_IGN",
+    "own handler": "lambda signum, frame: heard.append(signum)",
+}
+
+
+@pytest.mark.parametrize("handler", list(STOP_HANDLERS))
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_that_arrives_while_a_call_took_it_over_still_stops_the_worker(
+        stack: Stack, tmp_path: Path, stop: signal.Signals, handler: str) -> None:
+    """A call that ignores the worker's stop signal, or installs its own handler for it, is running
+    when supervisord (or a deploy) sends it: the call's handler runs as in-process, the call ends,
+    and the worker drains and exits as it would have without the call."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    running, go = tmp_path / "running", tmp_path / "go"
+    (proc,) = stack.worker_procs
+    call = threading.Thread(target=lambda: result.append(s.exec(
+        f"import os, signal, time\nheard = []\nsignal.signal(signal.{stop.name}, {STOP_HANDLERS[handler]})\n"
+        f"open({str(running)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)", timeout=60)["heard"]))
+    result: list[object] = []
+    call.start()
+    try:
+        wait_for(running.exists, 30, what="the call to take the signal over")
+        os.kill(proc.pid, stop)
+    finally:
+        go.touch()
+        call.join(60)
+    assert result == ([[int(stop)]] if handler == "own handler" else [[]])
+    wait_for(lambda: proc.poll() is not None, 20, what=f"the worker's exit after {stop.name}")
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("handler", list(STOP_HANDLERS))
+def test_a_call_that_took_sigint_over_is_still_stopped_at_its_deadline(stack: Stack, handler: str) -> None:
+    """SIGINT is how a capacity-1 worker stops a call at its deadline: a call that ignores it or
+    handles it itself is stopped all the same (``Timeout``, stopped), not left to the hard limit."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = s.call("os", "getpid")
+    for _ in range(2):
+        with pytest.raises(dspex.Timeout) as info:
+            s.exec(f"import signal, time\nheard = []\nsignal.signal(signal.SIGINT, {STOP_HANDLERS[handler]})\n"
+                   "while True:\n    time.sleep(0.05)", timeout=0.5)
+        assert info.value.details["stopped"] is True and not info.value.details.get("hard")
+    assert s.call("os", "getpid") == pid
+    assert s.eval("__import__('signal').getsignal(__import__('signal').SIGINT)") is not None
+
+
+def test_a_stop_signal_cannot_be_taken_over_from_a_pool_thread(stack: Stack) -> None:
+    """On a capacity-N worker calls run on pool threads: ``signal.signal`` raises ValueError there,
+    as on any thread but the main one in-process."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", "4")
+    with pytest.raises(dspex.RemoteError) as info:
+        dx.session("p").exec("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    assert info.value.details["type"] == "ValueError"

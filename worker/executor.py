@@ -190,20 +190,18 @@ class Executor:
                 if self._early_cancels and key in self._early_cancels:
                     self._early_cancels.discard(key)
                     raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
-                context: Any = None
+                context: dict[str, Any] | None = None
                 try:
-                    with codestore.loading(state.code, ephemeral or sessionless):
+                    body = payload
+                    if header.flags & FLAG_CONTEXT:
+                        body, context = payload[:-1], _session_context(payload[-1])
+                    with codestore.loading(state.code, ephemeral or sessionless, _stamp(context)):
                         if header.flags & FLAG_HELD:
-                            codestore.check_held(_relied_version(payload[-1]) if header.flags & FLAG_CONTEXT else 0)
-                        if header.flags & FLAG_CONTEXT:
-                            body, context = payload[:-1], payload[-1]
-                        else:
-                            body = payload
+                            codestore.check_held(_version(context, "v"))
                         resolve_ref = functools.partial(self.refs.get, state)
                         args = codec.decode(body, resolve_ref=resolve_ref, own_frames=self.own_frames, side="worker")
                         if context is not None:  # the client's settings may hold refs (an LM it s.put)
-                            context = codec.decode([context], resolve_ref=functools.partial(_setting_ref, resolve_ref),
-                                                   side="worker")
+                            _decode_context(context, functools.partial(_setting_ref, resolve_ref))
                 except DspexError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
@@ -213,8 +211,6 @@ class Executor:
                 except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
                     raise remote_error(exc) from None
                 if context is not None:
-                    if not isinstance(context, dict):
-                        raise ProtocolError("malformed session context")
                     state.code.drop(context.get("drop") or [])
                     state.code.reached(context.get("v", 0), context.get("to", 0))
                     scope.add_client(context.get("dspy"), context.get("pinned"))
@@ -301,12 +297,35 @@ def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
     return frames
 
 
-def _relied_version(context: Any) -> int:
-    """The binding version a request relies on (the ``v`` of its session context frame), read
-    before anything of the request is loaded (its ext values stay undecoded here)."""
-    value = msgpack.unpackb(frame_buffer(context))
-    version = value.get("v", 0) if isinstance(value, dict) else 0
+def _session_context(frame: Any) -> dict[str, Any]:
+    """A request's session context frame, unpacked before anything of the request is loaded: its
+    binding versions are read first (``v``, ``at``); its ext values (the client's settings, context
+    variables, bindings to catch up on) stay undecoded until :func:`_decode_context`."""
+    context = msgpack.unpackb(frame_buffer(frame))
+    if not isinstance(context, dict):
+        raise ProtocolError("malformed session context")
+    return context
+
+
+def _version(context: dict[str, Any] | None, name: str) -> int:
+    version = context.get(name, 0) if context is not None else 0
     return version if isinstance(version, int) else 0
+
+
+def _stamp(context: dict[str, Any] | None) -> tuple[str, int] | None:
+    """What the request's bindings are stamped with (its context's ``at``: the client's key prefix
+    and binding version), if it carries any."""
+    at = context.get("at") if context is not None else None
+    if isinstance(at, list) and len(at) == 2 and isinstance(at[0], str) and isinstance(at[1], int):
+        return at[0], at[1]
+    return None
+
+
+def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) -> None:
+    """Decode the ext values of an unpacked session context in place (in the request's load)."""
+    for name, value in context.items():
+        if isinstance(value, msgpack.ExtType):
+            context[name] = codec.decode_ext(value, resolve_ref, side="worker")
 
 
 def _set_context_vars(values: Any, objects: dict[str, Any]) -> list[tuple[Any, Any]]:

@@ -25,6 +25,9 @@ Hard limit: a call still running ``grace`` seconds after its deadline cannot be 
 watchdog calls ``on_hard`` (the worker replies ``Timeout(hard=True)``, says goodbye to the
 broker and exits; supervisord starts a fresh process).
 
+User code cannot take SIGINT (nor SIGTERM) from the worker: ``signal.signal`` in a call sets the
+call's handler, which runs before the worker's (worker.stopsignals).
+
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
 
@@ -46,7 +49,6 @@ on until its own deadline, where the limits above act. Once the call's code has 
 
 from __future__ import annotations
 
-import _signal
 import asyncio
 import ctypes
 import gc
@@ -61,6 +63,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from worker import stopsignals
 
 log = logging.getLogger("dspex.worker")
 
@@ -150,15 +154,13 @@ class protected:
 # atomic, where a counter's read-modify-write could lose an update, and a limit signal taken for
 # an operator's Ctrl-C stops the worker
 _limit_signals: deque[int] = deque()
-_previous_sigint: Any = signal.default_int_handler
 
 
 def _on_sigint(signum: int, frame: Any) -> None:
     try:
         _limit_signals.pop()
     except IndexError:
-        if callable(_previous_sigint):
-            _previous_sigint(signum, frame)  # a real SIGINT: the worker's own handler
+        stopsignals.sigint_before(signum, frame)  # a real SIGINT: the worker's own handler
         return
     st = _state()  # always the main thread: Python runs signal handlers there
     call = st.active
@@ -270,16 +272,12 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._main = threading.main_thread().ident
         self._signal_installed = False
-        self._sigterm: Any = None
         self._previous_unraisablehook: Callable[[Any], Any] = sys.unraisablehook
 
     def _start(self) -> None:
         if self._thread is None:
             if threading.current_thread() is threading.main_thread() and not self._signal_installed:
-                global _previous_sigint
-                _previous_sigint = signal.getsignal(signal.SIGINT)
-                self._sigterm = _signal.getsignal(signal.SIGTERM)  # the worker's stop (supervisord's)
-                signal.signal(signal.SIGINT, _on_sigint)
+                stopsignals.keep(_on_sigint)
                 signal.signal(_NUDGE, _on_nudge)
                 self._previous_unraisablehook = sys.unraisablehook
                 sys.unraisablehook = self._on_unraisable
@@ -452,10 +450,5 @@ class _Limit:
             wd._calls.pop(call.token, None)
         st.active = self.outer
         st.pending = False
-        if call.thread == wd._main and wd._signal_installed:
-            # _signal's getsignal: signal.getsignal converts to its enum first, raising and
-            # catching a ValueError for every function handler, on every call
-            if _signal.getsignal(signal.SIGINT) is not _on_sigint:
-                signal.signal(signal.SIGINT, _on_sigint)  # user code replaced it: the next call needs it
-            if wd._sigterm is not None and _signal.getsignal(signal.SIGTERM) is not wd._sigterm:
-                signal.signal(signal.SIGTERM, wd._sigterm)  # else the worker would not stop when told
+        if stopsignals.call_handlers and self.outer is None and call.thread == wd._main:
+            stopsignals.call_handlers.clear()  # the stop signals' handlers the call set end with it

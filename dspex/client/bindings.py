@@ -20,7 +20,18 @@ from dspex.wire import codestore
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
-Binding = tuple[str, str, str, Any]  # (namespace id, name, key of the value, value or its stand-in)
+
+class BindingKey:
+    """The key of a binding's value as a request carries it: the worker loads it before the value
+    and so knows which global it is rebuilding (an error unpickling the value names it)."""
+
+    __slots__ = ("key", "name", "nsid")
+
+    def __init__(self, nsid: str, name: str, key: str) -> None:
+        self.nsid, self.name, self.key = nsid, name, key
+
+
+Binding = tuple[str, str, BindingKey, Any]  # (namespace id, name, key of the value, value or its stand-in)
 
 
 class _Value:
@@ -172,7 +183,7 @@ class Bindings:
             key, sent = self._bound_value(nsid, name, value)
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key or again:
-                out.append((nsid, name, key, sent))
+                out.append((nsid, name, BindingKey(nsid, name, key), sent))
         elif where not in self.bindings:
             self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):

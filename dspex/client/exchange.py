@@ -103,7 +103,9 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     LM) also the keys of this client's LMs the worker holds, whose history entries come back; with
     ``receipt`` (filled here) what the session holds only once the worker loads the request
     (``SendCache.confirm``); with the binding version the request relies on (``v``: a worker
-    whose store has not loaded it refuses the request) and the one it brings the store to (``to``).
+    whose store has not loaded it refuses the request) and the one it brings the store to (``to``);
+    one that carries bindings, the version they are stamped with (``at``, with the client's key
+    prefix: the worker never binds them over a binding of a later request of this client).
     ``since`` (with ``full``): the binding version the store that refused the request holds; the
     request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.protocol.Op)
     is a ProtocolError here, before anything is sent."""
@@ -161,6 +163,8 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
                 relies = since
             if receipt is not None:
                 receipt.append(held)
+            if held[0]:  # the order of its bindings among this client's (codestore.CodeStore.stamps)
+                context["at"] = [msg.cache.prefix, reaches]
             if reaches > relies:
                 context["to"] = reaches
             if relies and (msg.globals.relied or "to" in context):  # (a key the worker lacks is a miss anyway)

@@ -140,6 +140,12 @@ class SendCache:
         self._prefix = secrets.token_hex(4)
         self._lock = threading.Lock()
 
+    @property
+    def prefix(self) -> str:
+        """This client process's prefix of the session's keys: whose binding versions count up
+        in one sequence (a forked child's, or another client's on the same session id, are another)."""
+        return self._prefix
+
     @classmethod
     def transient(cls) -> SendCache:
         """For a request outside any session: everything in full, nothing remembered."""

@@ -39,7 +39,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
-from dspex.client.bindings import Binding, Bindings, _Attribute, _Value
+from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import SendCache, SettingsSent
 from dspex.wire import byvalue, codestore, reducers
@@ -280,6 +280,8 @@ class SessionPickler(byvalue.SourcePickler):
             return bool, ()
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
+        if t is BindingKey:
+            return codestore._load_binding_key, (obj.nsid, obj.name, obj.key)
         if t is PartialOfGlobals:
             return functools.partial, (obj.func,), (obj.func, obj.args, obj.keywords, obj.state)
         if t is ModuleGlobal:

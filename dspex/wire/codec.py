@@ -26,7 +26,7 @@ import numpy as np
 
 from dspex.wire import byvalue
 from dspex.wire.arrays import dtype_wire
-from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, unpackb
+from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, decode_ext, unpackb
 from dspex.wire.errors import EncodeError
 from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
@@ -50,8 +50,8 @@ from dspex.wire.wiretypes import (
     utf8_ok,
 )
 
-__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "encode", "encode_whole",
-           "packb", "session_ext", "unpackb"]
+__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "decode_ext", "encode",
+           "encode_whole", "packb", "session_ext", "unpackb"]
 
 
 class Policy(str, enum.Enum):

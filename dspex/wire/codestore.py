@@ -12,7 +12,12 @@ session has a :class:`CodeStore`:
   function of that module. Module globals keep what calls did to them, as in-process;
 - ``bound``: for each (namespace, name) the key of the value the client bound there last; a
   binding is applied only when its key differs, so the worker's own rebinding
-  (``global x; x += 1``) stands until the client rebinds the name;
+  (``global x; x += 1``) stands until the client rebinds the name; and only when the request that
+  carries it is no older than the one that bound the name (``stamps``: the client's key prefix and
+  binding version its request stamps its bindings with, the session context's ``at``), so a
+  request that reaches the worker after a later one of its client (two threads of the session)
+  never binds an older value over a newer; between two clients of one session (a forked child)
+  the one that arrives last wins;
 - an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
   an ``import`` in a function of a user module gives the session's module of that name;
 - ``sources``: the linecache entries of the session's source files (``inspect.getsource``);
@@ -47,7 +52,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.wire.byvalue import LineCacheEntry, register_sources
-from dspex.wire.errors import CodeCacheMiss, ProtocolError
+from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # the file each by-value class came from on the client (inspect.getsource of a class reads it)
 _CLASS_FILES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
@@ -64,6 +69,7 @@ class CodeStore:
     objects: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
+    stamps: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     version: int = 0
 
@@ -158,14 +164,19 @@ def _package_of(g: dict[str, Any]) -> str:
 
 
 class _Load:
-    """One decode of a request of a session: its store and the objects this load made."""
+    """One decode of a request of a session: its store, the binding version its bindings are
+    stamped with, the objects this load made and the module globals it is rebuilding."""
 
-    __slots__ = ("ephemeral", "fresh", "store")
+    __slots__ = ("ephemeral", "fresh", "rebuilding", "stamp", "store")
 
-    def __init__(self, store: CodeStore, ephemeral: bool) -> None:
+    def __init__(self, store: CodeStore, ephemeral: bool, stamp: tuple[str, int] | None) -> None:
         self.store = store
         self.fresh: set[int] = set()  # ids of objects made by this load (their state is set once)
         self.ephemeral = ephemeral
+        self.stamp = stamp
+        # (namespace, name) of the bindings whose key was loaded and that are not bound yet: the
+        # last is the global whose value is being unpickled (a failure there names it, loads)
+        self.rebuilding: list[tuple[str, str]] = []
 
     def held(self, key: str) -> Any:
         try:
@@ -179,23 +190,30 @@ class _Load:
     def bind(self, bindings: list[tuple[str, str, str, Any]] | None) -> None:
         if not bindings:
             return
-        bound = self.store.bound
+        del self.rebuilding[-len(bindings):]
+        bound, stamps, stamp = self.store.bound, self.store.stamps, self.stamp
         for nsid, name, key, value in bindings:
-            if bound.get((nsid, name)) != key:
-                self.store.module(nsid).__dict__[name] = value
-                bound[(nsid, name)] = key
+            where = (nsid, name)
+            prior = stamps.get(where)
+            if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
+                continue  # held already, or an older request of the client that bound it last
+            self.store.module(nsid).__dict__[name] = value
+            bound[where] = key
+            stamps[where] = stamp
 
 
 _load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code_load", default=None)
 
 
 class loading:
-    """``with loading(store, ephemeral):`` session pickles decoded in the block use ``store``."""
+    """``with loading(store, ephemeral, stamp):`` session pickles decoded in the block use
+    ``store``; the bindings they carry are stamped with ``stamp`` (the client's key prefix and
+    binding version: ``CodeStore.stamps``)."""
 
     __slots__ = ("_load", "_token")
 
-    def __init__(self, store: CodeStore, ephemeral: bool = False) -> None:
-        self._load = _Load(store, ephemeral)
+    def __init__(self, store: CodeStore, ephemeral: bool = False, stamp: tuple[str, int] | None = None) -> None:
+        self._load = _Load(store, ephemeral, stamp)
 
     def __enter__(self) -> None:
         self._token = _load.set(self._load)
@@ -249,7 +267,17 @@ def loads(data: bytes, sources: dict[str, str]) -> Any:
     load = _active()
     if sources:
         load.store.add_sources(sources)
-    return _unpickle(data)
+    try:
+        return _unpickle(data)
+    except (DspexError, ModuleNotFoundError):
+        raise  # a miss, or a package the worker lacks (dspex.wire.decoding says which)
+    except (Exception, SystemExit, KeyboardInterrupt, GeneratorExit) as exc:  # (a worker's time limit goes on)
+        if not load.rebuilding:
+            raise
+        nsid, name = load.rebuilding[-1]
+        owner = f" of {nsid[2:]}" if nsid.startswith("m:") else ""
+        raise ProtocolError(f"cannot unpickle the value of module global {name!r}{owner} here: "
+                            f"{type(exc).__name__}: {str(exc)[:300]}", name=name, namespace=nsid) from None
 
 
 def register_class_file(cls: type, file: str) -> None:
@@ -273,6 +301,12 @@ def _load_held(key: str, bindings: list[tuple[str, str, str, Any]] | None = None
     obj = load.held(key)
     load.bind(bindings)
     return obj
+
+
+def _load_binding_key(nsid: str, name: str, key: str) -> str:
+    """The key of a binding, loaded before its value: the global being rebuilt (see ``_Load.rebuilding``)."""
+    _active().rebuilding.append((nsid, name))
+    return key
 
 
 def _load_bindings(bindings: list[tuple[str, str, str, Any]]) -> None:

@@ -164,12 +164,30 @@ def _unpack(body: Any, frames: list[Any] | None, resolve_ref: ResolveRef | None,
         )
     except DspexError:
         raise
-    except ModuleNotFoundError as exc:  # a by-value object, or a class named by reference, needs it
-        name = exc.name or str(exc)
-        raise MissingModule(f"{exc} (needed to load a value sent to the {side}): install it "
-                            f"{_ENVIRONMENT.get(side, 'here')}", module=name, side=side) from None
-    except Exception as exc:
-        raise ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a message's bytes make the decoder raise is said as its error
+        raise _undecodable(exc, side) from (None if isinstance(exc, ModuleNotFoundError) else exc)
+
+
+def _undecodable(exc: Exception, side: str) -> DspexError:
+    if isinstance(exc, ModuleNotFoundError):  # a by-value object, or a class named by reference, needs it
+        return MissingModule(f"{exc} (needed to load a value sent to the {side}): install it "
+                             f"{_ENVIRONMENT.get(side, 'here')}", module=exc.name or str(exc), side=side)
+    return ProtocolError(f"undecodable message: {type(exc).__name__}: {exc}")
+
+
+def decode_ext(value: msgpack.ExtType, resolve_ref: ResolveRef | None = None, *, side: str = "client") -> object:
+    """An ext value of a frame read as plain msgpack (``msgpack.unpackb`` leaves them ``ExtType``),
+    decoded as :func:`decode` decodes it in place: a frame whose plain fields are read before
+    anything is loaded (the worker's session context) is not unpacked a second time."""
+    token = ref_module.resolver.set(resolve_ref)
+    try:
+        return _decode_ext(value.code, value.data, None, resolve_ref)
+    except DspexError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as decode's
+        raise _undecodable(exc, side) from (None if isinstance(exc, ModuleNotFoundError) else exc)
+    finally:
+        ref_module.resolver.reset(token)
 
 
 def decode(frames: Sequence[Frame], resolve_ref: ResolveRef | None = None, *, own_frames: bool = False,
