@@ -28,7 +28,8 @@ from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
 from dspex.client.sendcache import Receipt, SendCache, add_usage, client_usage_tracker
 from dspex.client.sendsettings import client_settings, settings_ext
-from dspex.client.sessionpickle import Message, Rebind, _transient_dumps
+from dspex.client.sessionpickle import Message, _transient_dumps
+from dspex.client.standins import Rebind
 from dspex.wire import codec, codestore
 from dspex.wire.codec import Policy
 from dspex.wire.errors import (

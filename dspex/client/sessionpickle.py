@@ -31,7 +31,6 @@ import contextvars
 import enum
 import functools
 import io
-import pickle
 import sys
 import types
 from typing import Any
@@ -42,6 +41,7 @@ from dspex.client import codeindex, senderrors
 from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import SendCache, SettingsSent
+from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -51,54 +51,6 @@ _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 _NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
 _NOT_HELD = _NOT_GLOBALS | {types.ModuleType, tuple}
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
-
-
-class _CodeRef:
-    """A function's code object, sent once per session by content hash."""
-
-    __slots__ = ("code",)
-
-    def __init__(self, code: types.CodeType) -> None:
-        self.code = code
-
-
-class _Held:
-    """An object the worker holds, by key (the reduction ``SessionPickler._held`` gives it)."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return codestore._load_held, (self.key,)
-
-
-@functools.lru_cache(maxsize=4096)
-def _held_pickle(key: str) -> bytes:
-    """The pickle of ``_Held(key)``: the same bytes for every request of a held function, made
-    once (pickling the reduction looks its loader up by name each time)."""
-    return pickle.dumps(_Held(key), pickle.HIGHEST_PROTOCOL)
-
-
-class Rebind:
-    """Bindings a request carries beside its code (a store catching up on the session's bindings:
-    ``exchange.catch_up``): the worker binds them when it loads this."""
-
-    __slots__ = ("bindings",)
-
-    def __init__(self, bindings: list[Binding]) -> None:
-        self.bindings = bindings
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return codestore._load_bindings, (self.bindings,)
-
-
-class _EndOfValue:
-    """Pickled after a global's value (``SessionPickler._value``): the pickle left it."""
-
-
-_END_OF_VALUE = _EndOfValue()
 
 
 class Message:
@@ -192,7 +144,7 @@ class Message:
         if not self.globals.unchanged(func):
             return None
         self.used.add(hit[1])
-        return _held_pickle(hit[1])
+        return held_pickle(hit[1])
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),
@@ -273,9 +225,9 @@ class SessionPickler(byvalue.SourcePickler):
             return self._function(obj)
         if t is _Value:
             return self._value(obj)
-        if t is _CodeRef:
+        if t is CodeRef:
             return self._code(obj.code)
-        if t is _EndOfValue:
+        if t is EndOfValue:
             self._defining -= 1
             return bool, ()
         if t is _Attribute:
@@ -386,7 +338,7 @@ class SessionPickler(byvalue.SourcePickler):
         cells = reducers.closure_cells(func)
         if cells:
             slotstate["__closure__"] = msg.closure(cells)
-        args = (key, _CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
+        args = (key, CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
         return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
                 codestore._load_function_state)
 
@@ -440,8 +392,8 @@ class SessionPickler(byvalue.SourcePickler):
             return codestore._load_context_var, (value.key, value.obj.name, *_default_of(value.obj))
         if self._defining == 0 and self.msg.trusted:
             self.persistent_id = self._held_id
-        self._defining += 1  # until the _EndOfValue after it
-        return codestore._load_value, (value.key, value.obj, _END_OF_VALUE)
+        self._defining += 1  # until the EndOfValue after it
+        return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 
     def _global(self, nsid: str, name: str, obj: Any) -> Any:
         """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
