@@ -31,7 +31,7 @@ import dspex.aio
 import dspex.client.bindings
 from dspex.client.exchange import encode_request
 from dspex.client.sendcache import SendCache
-from dspex.wire.errors import Timeout
+from dspex.wire.errors import QueueTimeout
 from dspex.wire.protocol import Op
 from tests.harness import Stack, wait_for
 
@@ -108,8 +108,8 @@ def test_a_rebound_global_reaches_the_worker_though_the_call_that_carried_it_tim
     holder.start()
     try:
         wait_for(gate.running, 30, what="the holding call to run")
-        with pytest.raises(Timeout):
-            s.apply(mod.get_x, timeout=0.3)  # queued behind hold: never runs
+        with pytest.raises(QueueTimeout):
+            s.apply(mod.get_x, timeout=0.3)  # queued behind hold: never runs, and the broker says so
     finally:
         gate.open()
         holder.join(30)
