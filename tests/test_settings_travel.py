@@ -194,3 +194,57 @@ def test_the_global_history_comes_back_as_the_list_it_is(session: dspex.Session)
     expected, got = _both(session, history)
     assert type(got) is type(expected) is list
     assert [e["outputs"] for e in got] == [e["outputs"] for e in expected]
+
+
+class Pipeline(dspy.Module):
+    """A custom module with a sub-module (DSPy docs "Modules")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.ChainOfThought("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.draft(question=question)
+
+
+QA = dspy.Predict("question -> answer")  # module globals: one object in the session, as here
+PIPELINE = Pipeline()
+MODULES = {"QA": QA, "PIPELINE": PIPELINE, "PIPELINE.draft": PIPELINE.draft,
+           "PIPELINE.draft.predict": PIPELINE.draft.predict}
+
+
+def uses_the_modules() -> list[str]:
+    return [QA(question="a").answer, PIPELINE(question="b").answer, QA(question="c").answer]
+
+
+def _module_histories(lm: Any) -> dict[str, Any]:
+    """Each module's history as the indexes of its entries in the LM's, and what
+    ``module.inspect_history`` prints of its last one (timestamps aside)."""
+    import io
+    import re
+
+    out: dict[str, Any] = {}
+    for name, module in MODULES.items():
+        text = io.StringIO()
+        module.inspect_history(n=1, file=text)
+        out[name] = ([next(i for i, e in enumerate(lm.history) if e is entry) for entry in module.history],
+                     re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", text.getvalue()))
+    return out
+
+
+def test_the_history_of_the_clients_modules_is_as_in_process(session: dspex.Session) -> None:
+    """DSPy 3.4 records each LM call in the history of every module it was made in
+    (``module.history``, ``module.inspect_history()``): after ``s.run(program)`` the client's
+    modules that are globals of its code (sub-modules included) hold the call's entries, as
+    after ``program()``."""
+    seen = []
+    for through_session in (False, True):
+        for module in MODULES.values():
+            module.history.clear()
+        with fresh_dspy_settings():
+            lm = DummyLM([{"reasoning": "r", "answer": str(i)} for i in range(6)])
+            dspy.configure(lm=lm)
+            answers = session.run(uses_the_modules) if through_session else uses_the_modules()
+            seen.append((answers, _module_histories(lm)))
+    assert seen[1] == seen[0]
+    assert seen[0][1]["PIPELINE.draft.predict"][0] == [1]

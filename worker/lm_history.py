@@ -1,13 +1,15 @@
-"""The LM history entries a call records in the client's LMs, sent back with its reply.
+"""The LM history entries a call records in the client's LMs and modules, sent back with its reply.
 
-In-process, every LM call appends an entry to the LM's ``history`` and to DSPy's global history
-(``dspy.inspect_history()``). Through a session the client's LM is a copy on the worker (sent once
-per session, by key: a setting or a module global), so the client's own LM would record nothing.
-A request names the keys of the client's LMs the session holds (context ``"history"``); while the
-call runs, each entry DSPy records in one of those copies is logged here, in call order, with the
-LM's key, and the reply carries the log (:func:`encoded`) for the client to record in its own LM
-(``lm.update_history``: DSPy's own bounds, and its global history). An LM the session made or
-configured itself has no client key: its history stays on the worker.
+In-process, every LM call appends an entry to the LM's ``history``, to DSPy's global history
+(``dspy.inspect_history()``) and to the ``history`` of each module the call was made in. Through a
+session the client's LM or module is a copy on the worker (sent once per session, by key: a
+setting or a module global), so the client's own would record nothing. A request names the keys
+of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
+each entry DSPy records in one of those copies, or in a sub-module of such a module (named by
+``[key, its name in named_sub_modules()]``), is logged here, in call order, and the reply carries
+the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
+bounds, and its global history). An LM or module the session made itself has no client key: its
+history stays on the worker.
 
 DSPy records through ``dspy.clients.base_lm.record_history`` (``BaseLM.update_history``, and
 modules that imported the function by name): :func:`install` wraps it.
@@ -34,18 +36,33 @@ _DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSP
 
 
 class CallLog:
-    """The history entries one call recorded in the client's LMs: ``(key, entry)`` in order."""
+    """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
+    order (the key of a sub-module: ``[key, name]``)."""
 
-    __slots__ = ("entries", "lms")
+    __slots__ = ("entries", "lms", "subs")
 
-    def __init__(self, lms: dict[int, tuple[Any, str]], max_entries: int) -> None:
-        self.lms = lms  # id(worker LM) -> (that LM, the client's key for it)
-        self.entries: deque[tuple[str, Any]] = deque(maxlen=max_entries)
+    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int) -> None:
+        self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
+        self.subs: dict[int, tuple[Any, Any]] | None = None  # the held modules' sub-modules, found at the first miss
+        self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
 
-    def record(self, lm: Any, entry: Any) -> None:
-        hit = self.lms.get(id(lm))
-        if hit is not None and hit[0] is lm:
+    def record(self, owner: Any, entry: Any) -> None:
+        hit = self.lms.get(id(owner))
+        if hit is None and hasattr(owner, "named_sub_modules"):
+            if self.subs is None:
+                self.subs = self._sub_modules()
+            hit = self.subs.get(id(owner))
+        if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
+
+    def _sub_modules(self) -> dict[int, tuple[Any, Any]]:
+        subs: dict[int, tuple[Any, Any]] = {}
+        for obj, key in list(self.lms.values()):
+            if hasattr(obj, "named_sub_modules"):
+                for name, sub in obj.named_sub_modules():
+                    if id(sub) not in self.lms:
+                        subs.setdefault(id(sub), (sub, [key, name]))
+        return subs
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
@@ -67,6 +84,8 @@ def install() -> None:
         log = _current.get()
         if log is not None and not settings.disable_history:
             log.record(client, entry)
+            for owner in settings.caller_modules or ():  # as DSPy records it in each
+                log.record(owner, entry)
 
     record_history._dspex = True  # type: ignore[attr-defined]
     for name, module in list(sys.modules.items()):
@@ -75,7 +94,7 @@ def install() -> None:
 
 
 def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
-    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call
+    """Log the entries of the client's LMs and modules named by ``keys`` (held in ``objects``) for this call
     (and the threads it starts: worker.threads); None when the request named none the session holds."""
     if not isinstance(keys, list):
         return None
@@ -138,7 +157,7 @@ def _body(value: Any) -> bytes | None:
     return bytes(frames[0]) if len(frames) == 1 else None  # array frames: only in a field, handled below
 
 
-def _entry_body(key: str, entry: Any) -> bytes | None:
+def _entry_body(key: Any, entry: Any) -> bytes | None:
     try:
         body = _body([key, entry])
         if body is not None:

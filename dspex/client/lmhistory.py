@@ -1,11 +1,12 @@
-"""The history entries a session's call recorded in copies of this client's LMs, recorded here.
+"""The history entries a session's call recorded in copies of this client's LMs and modules, recorded here.
 
-In-process, ``lm.history`` and ``dspy.inspect_history()`` show every call a program made. A
-session's worker holds a copy of each LM the client sent (a setting, a module global): its reply
-carries the entries that call recorded in those copies (``worker.lm_history``), in call order, and
-each is recorded in the client's own LM through DSPy (``lm.update_history``), so DSPy's bounds
-(``max_history_size``, its global history's) and ``disable_history`` apply as they would have
-in-process.
+In-process, ``lm.history``, ``dspy.inspect_history()`` and each module's ``history`` show every
+call a program made. A session's worker holds a copy of each LM and module the client sent (a
+setting, a module global): its reply carries the entries that call recorded in those copies and
+their sub-modules (``worker.lm_history``), in call order, and each is recorded in the client's own
+LM through DSPy (``lm.update_history``), or module as DSPy records it in a module, so DSPy's
+bounds (``max_history_size``, its global history's) and ``disable_history`` apply as they would
+have in-process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ log = logging.getLogger("dspex.client")
 
 def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     """Record the entries of a reply's ``extras`` (``[[key, entry], ...]``: ``"history"``, a
-    pickle, or ``"history_codec"``, a codec body) in the LMs of ``lms`` (key -> LM)."""
+    pickle, or ``"history_codec"``, a codec body) in the LMs and modules of ``lms`` (key -> LM
+    or module; ``[key, name]``: the module's sub-module of that ``named_sub_modules()`` name)."""
     left = extras.get("history_left")
     try:
         blob = extras.get("history")
@@ -36,8 +38,42 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
                     left)
     if not isinstance(entries, list):
         return
+    subs: dict[str, dict[str, Any]] = {}
     for item in entries:
-        if isinstance(item, list) and len(item) == 2:
-            lm = lms.get(item[0])
-            if lm is not None:
-                lm.update_history(item[1])
+        if not (isinstance(item, list) and len(item) == 2):
+            continue
+        owner = _owner(lms, subs, item[0])
+        if owner is None:
+            continue
+        update = getattr(owner, "update_history", None)
+        if callable(update):  # an LM
+            update(item[1])
+        else:
+            _record_in_module(owner, item[1])
+
+
+def _owner(lms: dict[str, Any], subs: dict[str, dict[str, Any]], key: Any) -> Any:
+    if isinstance(key, str):
+        return lms.get(key)
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)):
+        return None
+    module = lms.get(key[0])
+    if module is None or not hasattr(module, "named_sub_modules"):
+        return None
+    if key[0] not in subs:
+        subs[key[0]] = dict(module.named_sub_modules())
+    return subs[key[0]].get(key[1])
+
+
+def _record_in_module(module: Any, entry: Any) -> None:
+    """What DSPy's ``record_history`` does for each module a call was made in."""
+    from dspy.dsp.utils.settings import settings
+
+    if settings.disable_history or settings.max_history_size == 0:
+        return
+    history = getattr(module, "history", None)
+    if not isinstance(history, list):
+        return
+    if len(history) >= settings.max_history_size:
+        history.pop(0)
+    history.append(entry)
