@@ -248,3 +248,28 @@ def test_the_history_of_the_clients_modules_is_as_in_process(session: dspex.Sess
             seen.append((answers, _module_histories(lm)))
     assert seen[1] == seen[0]
     assert seen[0][1]["PIPELINE.draft.predict"][0] == [1]
+
+
+OWN_LM = Pipeline()  # DSPy docs: a program whose predictors have their own LM (set_lm), not the configured one
+OWN_LM.set_lm(DummyLM([{"reasoning": "r", "answer": str(i)} for i in range(6)]))
+
+
+def uses_its_own_lm() -> str:
+    return str(OWN_LM(question="q").answer)
+
+
+def test_the_history_of_an_lm_a_clients_module_holds_is_as_in_process(session: dspex.Session) -> None:
+    """``program.set_lm(lm)`` on a module global: the LM (no global itself) is the module's
+    predictors' ``lm``; its history and DSPy's global history get the call's entries as
+    in-process."""
+    lm = OWN_LM.draft.predict.lm
+    seen = []
+    for through_session in (False, True):
+        for history in (lm.history, base_lm.GLOBAL_HISTORY, OWN_LM.history, OWN_LM.draft.predict.history):
+            history.clear()
+        with fresh_dspy_settings():
+            answer = session.run(uses_its_own_lm) if through_session else uses_its_own_lm()
+        seen.append((len(lm.history), len(base_lm.GLOBAL_HISTORY), len(OWN_LM.history),
+                     lm.history[0] is OWN_LM.draft.predict.history[0] if lm.history else None))
+    assert answer == "1"  # the session's copy of the LM was sent after the in-process call
+    assert seen == [(1, 1, 1, True), (1, 1, 1, True)]

@@ -6,7 +6,7 @@ session the client's LM or module is a copy on the worker (sent once per session
 setting or a module global), so the client's own would record nothing. A request names the keys
 of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
 each entry DSPy records in one of those copies, or in a sub-module of such a module (named by
-``[key, its name in named_sub_modules()]``), is logged here, in call order, and the reply carries
+``[key, its name in named_sub_modules()]``) or its own LM (``[key, name, "lm"]``), is logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). An LM or module the session made itself has no client key: its
 history stays on the worker.
@@ -43,26 +43,30 @@ class CallLog:
 
     def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int) -> None:
         self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
-        self.subs: dict[int, tuple[Any, Any]] | None = None  # the held modules' sub-modules, found at the first miss
+        self.subs: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
 
     def record(self, owner: Any, entry: Any) -> None:
         hit = self.lms.get(id(owner))
-        if hit is None and hasattr(owner, "named_sub_modules"):
+        if hit is None:
             if self.subs is None:
-                self.subs = self._sub_modules()
+                self.subs = self._parts()
             hit = self.subs.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
 
-    def _sub_modules(self) -> dict[int, tuple[Any, Any]]:
-        subs: dict[int, tuple[Any, Any]] = {}
+    def _parts(self) -> dict[int, tuple[Any, Any]]:
+        """The held modules' sub-modules (``[key, name]``) and their own LMs (``program.set_lm``:
+        ``[key, name, "lm"]``), but those held themselves."""
+        parts: dict[int, tuple[Any, Any]] = {}
         for obj, key in list(self.lms.values()):
             if hasattr(obj, "named_sub_modules"):
                 for name, sub in obj.named_sub_modules():
-                    if id(sub) not in self.lms:
-                        subs.setdefault(id(sub), (sub, [key, name]))
-        return subs
+                    parts.setdefault(id(sub), (sub, [key, name]))
+                    lm = getattr(sub, "lm", None)
+                    if lm is not None:
+                        parts.setdefault(id(lm), (lm, [key, name, "lm"]))
+        return {k: part for k, part in parts.items() if k not in self.lms}
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)

@@ -23,7 +23,7 @@ log = logging.getLogger("dspex.client")
 def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     """Record the entries of a reply's ``extras`` (``[[key, entry], ...]``: ``"history"``, a
     pickle, or ``"history_codec"``, a codec body) in the LMs and modules of ``lms`` (key -> LM
-    or module; ``[key, name]``: the module's sub-module of that ``named_sub_modules()`` name)."""
+    or module; or a part of a module: :func:`_owner`)."""
     left = extras.get("history_left")
     try:
         blob = extras.get("history")
@@ -53,16 +53,20 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
 
 
 def _owner(lms: dict[str, Any], subs: dict[str, dict[str, Any]], key: Any) -> Any:
+    """The LM or module ``key`` names: a key of ``lms``, ``[key, name]`` (a sub-module of that
+    module, by its ``named_sub_modules()`` name: ``subs`` caches them) or ``[key, name, "lm"]``
+    (that sub-module's own LM)."""
     if isinstance(key, str):
         return lms.get(key)
-    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)):
+    if not (isinstance(key, list) and len(key) in (2, 3) and isinstance(key[0], str)):
         return None
     module = lms.get(key[0])
     if module is None or not hasattr(module, "named_sub_modules"):
         return None
     if key[0] not in subs:
         subs[key[0]] = dict(module.named_sub_modules())
-    return subs[key[0]].get(key[1])
+    sub = subs[key[0]].get(key[1])
+    return getattr(sub, "lm", None) if len(key) == 3 and sub is not None else sub
 
 
 def _record_in_module(module: Any, entry: Any) -> None:
