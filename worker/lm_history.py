@@ -5,8 +5,8 @@ In-process, every LM call appends an entry to the LM's ``history``, to DSPy's gl
 session the client's LM or module is a copy on the worker (sent once per session, by key: a
 setting or a module global), so the client's own would record nothing. A request names the keys
 of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
-each entry DSPy records in one of those copies, or in a sub-module of such a module (named by
-``[key, its name in named_sub_modules()]``) or its own LM (``[key, name, "lm"]``), is logged here, in call order, and the reply carries
+each entry DSPy records in one of those copies, or in a sub-module of such a module or its own LM
+(``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). An LM or module the session made itself has no client key: its
 history stays on the worker.
@@ -28,6 +28,7 @@ import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
+from dspex.wire.historyparts import module_parts
 
 # bytes of history one reply carries at most: the newest entries that fit (in-process, the
 # newest are also the ones DSPy's bounded history keeps)
@@ -39,33 +40,30 @@ class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
     order (the key of a sub-module: ``[key, name]``)."""
 
-    __slots__ = ("entries", "lms", "subs")
+    __slots__ = ("entries", "lms", "parts")
 
     def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int) -> None:
         self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
-        self.subs: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
+        self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
 
     def record(self, owner: Any, entry: Any) -> None:
         hit = self.lms.get(id(owner))
         if hit is None:
-            if self.subs is None:
-                self.subs = self._parts()
-            hit = self.subs.get(id(owner))
+            if self.parts is None:
+                self.parts = self._parts()
+            hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
 
     def _parts(self) -> dict[int, tuple[Any, Any]]:
-        """The held modules' sub-modules (``[key, name]``) and their own LMs (``program.set_lm``:
-        ``[key, name, "lm"]``), but those held themselves."""
+        """The held modules' sub-modules and their own LMs, ``[key, path]``
+        (``historyparts.module_parts``), but those held themselves."""
         parts: dict[int, tuple[Any, Any]] = {}
         for obj, key in list(self.lms.values()):
             if hasattr(obj, "named_sub_modules"):
-                for name, sub in obj.named_sub_modules():
-                    parts.setdefault(id(sub), (sub, [key, name]))
-                    lm = getattr(sub, "lm", None)
-                    if lm is not None:
-                        parts.setdefault(id(lm), (lm, [key, name, "lm"]))
+                for path, part in module_parts(obj):
+                    parts.setdefault(id(part), (part, [key, path]))
         return {k: part for k, part in parts.items() if k not in self.lms}
 
 

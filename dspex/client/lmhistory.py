@@ -16,6 +16,7 @@ import pickle
 from typing import Any
 
 from dspex.wire import codec
+from dspex.wire.historyparts import module_parts
 
 log = logging.getLogger("dspex.client")
 
@@ -38,11 +39,11 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
                     left)
     if not isinstance(entries, list):
         return
-    subs: dict[str, dict[str, Any]] = {}
+    parts: dict[str, dict[str, Any]] = {}
     for item in entries:
         if not (isinstance(item, list) and len(item) == 2):
             continue
-        owner = _owner(lms, subs, item[0])
+        owner = _owner(lms, parts, item[0])
         if owner is None:
             continue
         update = getattr(owner, "update_history", None)
@@ -52,21 +53,19 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
             _record_in_module(owner, item[1])
 
 
-def _owner(lms: dict[str, Any], subs: dict[str, dict[str, Any]], key: Any) -> Any:
-    """The LM or module ``key`` names: a key of ``lms``, ``[key, name]`` (a sub-module of that
-    module, by its ``named_sub_modules()`` name: ``subs`` caches them) or ``[key, name, "lm"]``
-    (that sub-module's own LM)."""
+def _owner(lms: dict[str, Any], parts: dict[str, dict[str, Any]], key: Any) -> Any:
+    """The LM or module ``key`` names: a key of ``lms``, or ``[key, path]``: a part of that
+    module (``historyparts.module_parts``; ``parts`` caches them)."""
     if isinstance(key, str):
         return lms.get(key)
-    if not (isinstance(key, list) and len(key) in (2, 3) and isinstance(key[0], str)):
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)):
         return None
     module = lms.get(key[0])
     if module is None or not hasattr(module, "named_sub_modules"):
         return None
-    if key[0] not in subs:
-        subs[key[0]] = dict(module.named_sub_modules())
-    sub = subs[key[0]].get(key[1])
-    return getattr(sub, "lm", None) if len(key) == 3 and sub is not None else sub
+    if key[0] not in parts:
+        parts[key[0]] = dict(module_parts(module))
+    return parts[key[0]].get(key[1])
 
 
 def _record_in_module(module: Any, entry: Any) -> None:
