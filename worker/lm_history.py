@@ -38,7 +38,7 @@ _DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSP
 
 class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
-    order (the key of a sub-module: ``[key, name]``)."""
+    order (the key of a part of a held module: ``[key, path]``)."""
 
     __slots__ = ("entries", "lms", "parts")
 
