@@ -273,3 +273,27 @@ def test_the_history_of_an_lm_a_clients_module_holds_is_as_in_process(session: d
                      lm.history[0] is OWN_LM.draft.predict.history[0] if lm.history else None))
     assert answer == "1"  # the session's copy of the LM was sent after the in-process call
     assert seen == [(1, 1, 1, True), (1, 1, 1, True)]
+
+
+def best_of_three() -> str:
+    """DSPy's BestOfN: each attempt runs on a copy of the configured LM (``lm.copy(rollout_id=...)``),
+    made by the call."""
+    qa = dspy.BestOfN(dspy.Predict("question -> answer"), N=3, threshold=1.0,
+                      reward_fn=lambda args, pred: 1.0 if pred.answer == "2" else 0.0)
+    return str(qa(question="q").answer)
+
+
+def test_the_global_history_holds_the_calls_of_lms_the_call_made(session: dspex.Session) -> None:
+    """In-process ``dspy.inspect_history(n)`` shows every LM call of the program, those of LMs it
+    made (BestOfN's and Refine's copies of the configured LM) too: so does the client's after
+    ``s.run(program)``."""
+    seen = []
+    for through_session in (False, True):
+        base_lm.GLOBAL_HISTORY.clear()
+        with fresh_dspy_settings():
+            lm = DummyLM([{"answer": str(i)} for i in range(6)])
+            dspy.configure(lm=lm)
+            answer = session.run(best_of_three) if through_session else best_of_three()
+        seen.append((answer, len(lm.history), [e["outputs"] for e in base_lm.GLOBAL_HISTORY]))
+    assert seen[1] == seen[0]
+    assert seen[0][1] == 0 and len(seen[0][2]) == 3

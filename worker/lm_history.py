@@ -9,7 +9,8 @@ each entry DSPy records in one of those copies, or in a sub-module of such a mod
 (``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). An LM or module the session made itself has no client key: its
-history stays on the worker.
+history stays on the worker, but its entries go to the client's global history too (key None), as
+in-process ``dspy.inspect_history()`` shows every call of the program.
 
 DSPy records through ``dspy.clients.base_lm.record_history`` (``BaseLM.update_history``, and
 modules that imported the function by name): :func:`install` wraps it.
@@ -47,7 +48,8 @@ class CallLog:
         self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
 
-    def record(self, owner: Any, entry: Any) -> None:
+    def record(self, owner: Any, entry: Any) -> bool:
+        """Log ``entry`` for ``owner`` if it is a client's (True)."""
         hit = self.lms.get(id(owner))
         if hit is None:
             if self.parts is None:
@@ -55,6 +57,8 @@ class CallLog:
             hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
+            return True
+        return False
 
     def _parts(self) -> dict[int, tuple[Any, Any]]:
         """The held modules' sub-modules and their own LMs, ``[key, path]``
@@ -85,7 +89,8 @@ def install() -> None:
         original(client, entry)
         log = _current.get()
         if log is not None and not settings.disable_history:
-            log.record(client, entry)
+            if not log.record(client, entry):  # an LM the session made (lm.copy() in BestOfN, Refine)
+                log.entries.append((None, entry))  # the client's global history only
             for owner in settings.caller_modules or ():  # as DSPy records it in each
                 log.record(owner, entry)
 

@@ -24,7 +24,7 @@ log = logging.getLogger("dspex.client")
 def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     """Record the entries of a reply's ``extras`` (``[[key, entry], ...]``: ``"history"``, a
     pickle, or ``"history_codec"``, a codec body) in the LMs and modules of ``lms`` (key -> LM
-    or module; or a part of a module: :func:`_owner`)."""
+    or module; or a part of a module: :func:`_owner`; None: DSPy's global history only)."""
     left = extras.get("history_left")
     try:
         blob = extras.get("history")
@@ -42,6 +42,9 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     parts: dict[str, dict[str, Any]] = {}
     for item in entries:
         if not (isinstance(item, list) and len(item) == 2):
+            continue
+        if item[0] is None:  # an LM of the session's: DSPy's global history only
+            _record_globally(item[1])
             continue
         owner = _owner(lms, parts, item[0])
         if owner is None:
@@ -66,6 +69,17 @@ def _owner(lms: dict[str, Any], parts: dict[str, dict[str, Any]], key: Any) -> A
     if key[0] not in parts:
         parts[key[0]] = dict(module_parts(module))
     return parts[key[0]].get(key[1])
+
+
+def _record_globally(entry: Any) -> None:
+    """What DSPy's ``record_history`` does for its global history."""
+    from dspy.clients import base_lm
+
+    if base_lm.settings.disable_history:
+        return
+    if len(base_lm.GLOBAL_HISTORY) >= base_lm.MAX_HISTORY_SIZE:
+        base_lm.GLOBAL_HISTORY.pop(0)
+    base_lm.GLOBAL_HISTORY.append(entry)
 
 
 def _record_in_module(module: Any, entry: Any) -> None:
