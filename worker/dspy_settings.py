@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import importlib
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+import types
+from collections.abc import Callable, Iterable
+from typing import Any, Self, SupportsIndex
 
 from worker.refs import SessionState
 
@@ -98,8 +100,11 @@ class SessionHistory(list):  # type: ignore[type-arg]
     """Stands in for ``dspy.clients.base_lm.GLOBAL_HISTORY``: each session's own list.
 
     DSPy appends to and reads that module global in place (``record_history``,
-    ``inspect_history``); every list operation it uses goes to the current session's list
-    (outside a session: this object's own storage).
+    ``inspect_history``), and so may the session's code: every list method acts on the current
+    session's list (outside a session: this object's own storage) and returns what it returns
+    there, so ``h.copy()``, ``h[1:]``, ``h + x`` are plain lists, as in-process. A ``list`` still,
+    for ``isinstance``; C code that reads a list's storage directly past its methods
+    (``json.dumps(h)``, ``"".join(h)``, ``x[:] = h``) sees the worker's own storage.
     """
 
     def __init__(self, limit: int) -> None:
@@ -113,29 +118,61 @@ class SessionHistory(list):  # type: ignore[type-arg]
     def append(self, entry: Any) -> None:
         target = self._target()
         list.append(target, entry)
-        if len(target) > self.limit:
+        if len(target) > self.limit:  # the worker's bound (--lm-history) on DSPy's records
             del target[: len(target) - self.limit]
 
-    def pop(self, index: Any = -1) -> Any:
-        return list.pop(self._target(), index)
+    def __iadd__(self, values: Iterable[Any]) -> Self:  # type: ignore[misc]  # as list.__iadd__; the module global stays this object
+        list.__iadd__(self._target(), values)
+        return self
 
-    def clear(self) -> None:
-        list.clear(self._target())
+    def __imul__(self, n: SupportsIndex) -> Self:
+        list.__imul__(self._target(), n)
+        return self
 
-    def __len__(self) -> int:
-        return list.__len__(self._target())
+    def __radd__(self, other: Any) -> Any:
+        # ``[x] + h``: list's own concatenation would read this object's storage
+        return list.__add__(other, self._target()) if isinstance(other, list) else NotImplemented
 
-    def __bool__(self) -> bool:
-        return list.__len__(self._target()) > 0
+    def __copy__(self) -> list[Any]:
+        return list.copy(self._target())
 
-    def __getitem__(self, index: Any) -> Any:
-        return list.__getitem__(self._target(), index)
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return copy.deepcopy(self._target(), memo)
 
-    def __iter__(self) -> Iterator[Any]:
-        return list.__iter__(self._target())
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return list, (list.copy(self._target()),)  # pickled as the list it stands for
 
-    def __repr__(self) -> str:
-        return list.__repr__(self._target())
+
+def _delegated(name: str) -> Callable[..., Any]:
+    method = getattr(list, name)
+
+    def delegated(self: SessionHistory, *args: Any, **kwargs: Any) -> Any:
+        return method(self._target(), *args, **kwargs)
+
+    delegated.__name__ = delegated.__qualname__ = name
+    delegated.__doc__ = method.__doc__
+    return delegated
+
+
+for _name in ("__len__", "__getitem__", "__setitem__", "__delitem__", "__iter__", "__reversed__", "__contains__",
+              "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__add__", "__mul__", "__rmul__",
+              "__repr__", "__sizeof__", "extend", "insert", "remove", "pop", "clear", "index", "count", "copy",
+              "sort", "reverse"):
+    setattr(SessionHistory, _name, _delegated(_name))
+
+
+class _HistoryModule(types.ModuleType):
+    """``dspy.clients.base_lm`` on a worker: a list a session's call puts in place of the global
+    history (``base_lm.GLOBAL_HISTORY = []``, a reset in-process) becomes that session's history,
+    which the stand-in goes on standing for; no other session records into it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        state = current_session.get()
+        # (``base_lm.GLOBAL_HISTORY += [...]`` sets the stand-in itself back: that is the default)
+        if name == "GLOBAL_HISTORY" and state is not None and isinstance(value, list) and not isinstance(value, SessionHistory):
+            state.lm_history = value
+        else:
+            super().__setattr__(name, value)
 
 
 class SessionSettings:
@@ -176,6 +213,7 @@ class SessionSettings:
         history = SessionHistory(max_history)
         list.extend(history, base_lm.GLOBAL_HISTORY)
         base_lm.GLOBAL_HISTORY = history  # record_history and inspect_history read the module global
+        base_lm.__class__ = _HistoryModule
         self._module = module
         self._dspy = dspy
         self._config = module.main_thread_config

@@ -1,13 +1,16 @@
-"""The LM history entries a call records in the client's LMs, sent back with its reply.
+"""The LM history entries a call records in the client's LMs and modules, sent back with its reply.
 
-In-process, every LM call appends an entry to the LM's ``history`` and to DSPy's global history
-(``dspy.inspect_history()``). Through a session the client's LM is a copy on the worker (sent once
-per session, by key: a setting or a module global), so the client's own LM would record nothing.
-A request names the keys of the client's LMs the session holds (context ``"history"``); while the
-call runs, each entry DSPy records in one of those copies is logged here, in call order, with the
-LM's key, and the reply carries the log (:func:`encoded`) for the client to record in its own LM
-(``lm.update_history``: DSPy's own bounds, and its global history). An LM the session made or
-configured itself has no client key: its history stays on the worker.
+In-process, every LM call appends an entry to the LM's ``history``, to DSPy's global history
+(``dspy.inspect_history()``) and to the ``history`` of each module the call was made in. Through a
+session the client's LM or module is a copy on the worker (sent once per session, by key: a
+setting or a module global), so the client's own would record nothing. A request names the keys
+of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
+each entry DSPy records in one of those copies, or in a sub-module of such a module or its own LM
+(``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
+the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
+bounds, and its global history). An LM or module the session made itself has no client key: its
+history stays on the worker, but its entries go to the client's global history too (key None), as
+in-process ``dspy.inspect_history()`` shows every call of the program.
 
 DSPy records through ``dspy.clients.base_lm.record_history`` (``BaseLM.update_history``, and
 modules that imported the function by name): :func:`install` wraps it.
@@ -26,6 +29,7 @@ import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
+from dspex.wire.historyparts import module_parts
 
 # bytes of history one reply carries at most: the newest entries that fit (in-process, the
 # newest are also the ones DSPy's bounded history keeps)
@@ -34,18 +38,37 @@ _DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSP
 
 
 class CallLog:
-    """The history entries one call recorded in the client's LMs: ``(key, entry)`` in order."""
+    """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
+    order (the key of a part of a held module: ``[key, path]``)."""
 
-    __slots__ = ("entries", "lms")
+    __slots__ = ("entries", "lms", "parts")
 
-    def __init__(self, lms: dict[int, tuple[Any, str]], max_entries: int) -> None:
-        self.lms = lms  # id(worker LM) -> (that LM, the client's key for it)
-        self.entries: deque[tuple[str, Any]] = deque(maxlen=max_entries)
+    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int) -> None:
+        self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
+        self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
+        self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
 
-    def record(self, lm: Any, entry: Any) -> None:
-        hit = self.lms.get(id(lm))
-        if hit is not None and hit[0] is lm:
+    def record(self, owner: Any, entry: Any) -> bool:
+        """Log ``entry`` for ``owner`` if it is a client's (True)."""
+        hit = self.lms.get(id(owner))
+        if hit is None:
+            if self.parts is None:
+                self.parts = self._parts()
+            hit = self.parts.get(id(owner))
+        if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
+            return True
+        return False
+
+    def _parts(self) -> dict[int, tuple[Any, Any]]:
+        """The held modules' sub-modules and their own LMs, ``[key, path]``
+        (``historyparts.module_parts``), but those held themselves."""
+        parts: dict[int, tuple[Any, Any]] = {}
+        for obj, key in list(self.lms.values()):
+            if hasattr(obj, "named_sub_modules"):
+                for path, part in module_parts(obj):
+                    parts.setdefault(id(part), (part, [key, path]))
+        return {k: part for k, part in parts.items() if k not in self.lms}
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
@@ -66,7 +89,10 @@ def install() -> None:
         original(client, entry)
         log = _current.get()
         if log is not None and not settings.disable_history:
-            log.record(client, entry)
+            if not log.record(client, entry):  # an LM the session made (lm.copy() in BestOfN, Refine)
+                log.entries.append((None, entry))  # the client's global history only
+            for owner in settings.caller_modules or ():  # as DSPy records it in each
+                log.record(owner, entry)
 
     record_history._dspex = True  # type: ignore[attr-defined]
     for name, module in list(sys.modules.items()):
@@ -75,7 +101,7 @@ def install() -> None:
 
 
 def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
-    """Log the entries of the client's LMs named by ``keys`` (held in ``objects``) for this call
+    """Log the entries of the client's LMs and modules named by ``keys`` (held in ``objects``) for this call
     (and the threads it starts: worker.threads); None when the request named none the session holds."""
     if not isinstance(keys, list):
         return None
@@ -138,7 +164,7 @@ def _body(value: Any) -> bytes | None:
     return bytes(frames[0]) if len(frames) == 1 else None  # array frames: only in a field, handled below
 
 
-def _entry_body(key: str, entry: Any) -> bytes | None:
+def _entry_body(key: Any, entry: Any) -> bytes | None:
     try:
         body = _body([key, entry])
         if body is not None:

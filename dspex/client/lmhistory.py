@@ -1,11 +1,12 @@
-"""The history entries a session's call recorded in copies of this client's LMs, recorded here.
+"""The history entries a session's call recorded in copies of this client's LMs and modules, recorded here.
 
-In-process, ``lm.history`` and ``dspy.inspect_history()`` show every call a program made. A
-session's worker holds a copy of each LM the client sent (a setting, a module global): its reply
-carries the entries that call recorded in those copies (``worker.lm_history``), in call order, and
-each is recorded in the client's own LM through DSPy (``lm.update_history``), so DSPy's bounds
-(``max_history_size``, its global history's) and ``disable_history`` apply as they would have
-in-process.
+In-process, ``lm.history``, ``dspy.inspect_history()`` and each module's ``history`` show every
+call a program made. A session's worker holds a copy of each LM and module the client sent (a
+setting, a module global): its reply carries the entries that call recorded in those copies and
+their sub-modules (``worker.lm_history``), in call order, and each is recorded in the client's own
+LM through DSPy (``lm.update_history``), or module as DSPy records it in a module, so DSPy's
+bounds (``max_history_size``, its global history's) and ``disable_history`` apply as they would
+have in-process.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import pickle
 from typing import Any
 
 from dspex.wire import codec
+from dspex.wire.historyparts import module_parts
 
 log = logging.getLogger("dspex.client")
 
 
 def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     """Record the entries of a reply's ``extras`` (``[[key, entry], ...]``: ``"history"``, a
-    pickle, or ``"history_codec"``, a codec body) in the LMs of ``lms`` (key -> LM)."""
+    pickle, or ``"history_codec"``, a codec body) in the LMs and modules of ``lms`` (key -> LM
+    or module; or a part of a module: :func:`_owner`; None: DSPy's global history only)."""
     left = extras.get("history_left")
     try:
         blob = extras.get("history")
@@ -36,8 +39,58 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
                     left)
     if not isinstance(entries, list):
         return
+    parts: dict[str, dict[str, Any]] = {}
     for item in entries:
-        if isinstance(item, list) and len(item) == 2:
-            lm = lms.get(item[0])
-            if lm is not None:
-                lm.update_history(item[1])
+        if not (isinstance(item, list) and len(item) == 2):
+            continue
+        if item[0] is None:  # an LM of the session's: DSPy's global history only
+            _record_globally(item[1])
+            continue
+        owner = _owner(lms, parts, item[0])
+        if owner is None:
+            continue
+        update = getattr(owner, "update_history", None)
+        if callable(update):  # an LM
+            update(item[1])
+        else:
+            _record_in_module(owner, item[1])
+
+
+def _owner(lms: dict[str, Any], parts: dict[str, dict[str, Any]], key: Any) -> Any:
+    """The LM or module ``key`` names: a key of ``lms``, or ``[key, path]``: a part of that
+    module (``historyparts.module_parts``; ``parts`` caches them)."""
+    if isinstance(key, str):
+        return lms.get(key)
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)):
+        return None
+    module = lms.get(key[0])
+    if module is None or not hasattr(module, "named_sub_modules"):
+        return None
+    if key[0] not in parts:
+        parts[key[0]] = dict(module_parts(module))
+    return parts[key[0]].get(key[1])
+
+
+def _record_globally(entry: Any) -> None:
+    """What DSPy's ``record_history`` does for its global history."""
+    from dspy.clients import base_lm
+
+    if base_lm.settings.disable_history:
+        return
+    if len(base_lm.GLOBAL_HISTORY) >= base_lm.MAX_HISTORY_SIZE:
+        base_lm.GLOBAL_HISTORY.pop(0)
+    base_lm.GLOBAL_HISTORY.append(entry)
+
+
+def _record_in_module(module: Any, entry: Any) -> None:
+    """What DSPy's ``record_history`` does for each module a call was made in."""
+    from dspy.dsp.utils.settings import settings
+
+    if settings.disable_history or settings.max_history_size == 0:
+        return
+    history = getattr(module, "history", None)
+    if not isinstance(history, list):
+        return
+    if len(history) >= settings.max_history_size:
+        history.pop(0)
+    history.append(entry)

@@ -129,7 +129,8 @@ class SendCache:
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
-        self.lms: dict[str, Any] = {}  # key -> a DSPy LM of this client the worker holds: its history comes back
+        # key -> a DSPy LM or module of this client the worker holds: its history entries come back
+        self.lms: dict[str, Any] = {}
         self.context_vars: dict[str, Any] = {}  # key -> a ContextVar of the user's code: its value goes per call
         processwide.register(self)
 
@@ -183,7 +184,7 @@ class SendCache:
         second once it has loaded the request."""
         if not self.keep:
             return None
-        lm_class = _lm_class() if msg.new_keys else None
+        lm_class = _history_classes() if msg.new_keys else None
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
                 self.keys.setdefault(oid, (obj, key))
@@ -354,10 +355,10 @@ class SendCache:
         return {key: item for key, item in values.items() if item[1] is not _MISSING}
 
     def held_lms(self, msg: Encoded) -> dict[str, Any]:
-        """{key: LM} of this client's DSPy LMs that the worker holds once ``msg`` is sent: whose
-        history entries the call sends back."""
+        """{key: LM or module} of this client's DSPy LMs and modules that the worker holds once
+        ``msg`` is sent: whose history entries the call sends back."""
         lms = {key: lm for key, lm in self._snapshot(self.lms) if key in self.sent or key in msg.defined}
-        lm_class = _lm_class() if msg.new_keys else None
+        lm_class = _history_classes() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()
                        if key in msg.defined and isinstance(obj, lm_class))
@@ -391,10 +392,13 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     return out, pinned
 
 
-def _lm_class() -> Any:
-    """DSPy's ``BaseLM`` when DSPy is imported here, else None."""
-    module = sys.modules.get("dspy.clients.base_lm")
-    return getattr(module, "BaseLM", None) if module is not None else None
+def _history_classes() -> tuple[type, ...] | None:
+    """The DSPy classes whose objects keep a history of LM calls (``BaseLM``, and ``Module``:
+    DSPy records a call in each module it was made in) when DSPy is imported here, else None."""
+    lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)
+    module = getattr(sys.modules.get("dspy.primitives.module"), "Module", None)
+    classes = tuple(c for c in (lm, module) if isinstance(c, type))
+    return classes or None
 
 
 def client_usage_tracker() -> Any:

@@ -1,0 +1,299 @@
+"""A DSPy user's settings and history read and change the same in-process and through a session.
+
+Each case runs the same program text in-process (``program()``, DSPy's settings fresh) and
+through a session (``s.run(program)``), with an equal ``DummyLM`` configured on the client, and
+compares what the program saw. DSPy's global history (``dspy.clients.base_lm.GLOBAL_HISTORY``,
+what ``dspy.inspect_history`` prints) is a per-session stand-in on the worker
+(``worker.dspy_settings.SessionHistory``): every list operation must act on the session's list
+and give what it gives on a plain list.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+import dspex
+from tests.conformance.harness import fresh_dspy_settings
+from tests.harness import shared_pool
+
+base_lm: Any = importlib.import_module("dspy.clients.base_lm")
+
+
+@pytest.fixture(scope="module")
+def dx() -> Iterator[dspex.Client]:
+    yield from shared_pool("p:strict_queue", 1)
+
+
+@pytest.fixture
+def session(dx: dspex.Client) -> Iterator[dspex.Session]:
+    s = dx.session("p")
+    try:
+        yield s
+    finally:
+        s.close(timeout=10)
+
+
+def _three_calls() -> list[Any]:
+    """Three LM calls; the three entries they recorded in the global history."""
+    qa = dspy.Predict("question -> answer")
+    for q in ("a", "b", "c"):
+        qa(question=q)
+    return list(base_lm.GLOBAL_HISTORY)[-3:]
+
+
+# (name, operation on the history ``h`` holding exactly the entries ``e`` of three calls): what it
+# returns must not depend on the entries' contents (timestamps, uuids), only on which they are
+OPERATIONS: list[tuple[str, Callable[[list[Any], list[Any]], Any]]] = [
+    ("len", lambda h, e: len(h)),
+    ("bool", lambda h, e: bool(h)),
+    ("contains", lambda h, e: (e[1] in h, "x" in h)),
+    ("index", lambda h, e: h.index(e[2])),
+    ("count", lambda h, e: h.count(e[0])),
+    ("getitem", lambda h, e: (h[0] is e[0], h[-1] is e[2])),
+    ("slice", lambda h, e: (type(h[1:]).__name__, [x is y for x, y in zip(h[1:], e[1:])])),
+    ("copy", lambda h, e: (type(h.copy()).__name__, [x is y for x, y in zip(h.copy(), e)])),
+    ("copy.copy", lambda h, e: (type(copy.copy(h)).__name__, len(copy.copy(h)))),
+    ("copy.deepcopy", lambda h, e: (type(copy.deepcopy(h)).__name__, len(copy.deepcopy(h)))),
+    ("pickle", lambda h, e: (type(pickle.loads(pickle.dumps(h))).__name__, len(pickle.loads(pickle.dumps(h))))),
+    ("list", lambda h, e: [x is y for x, y in zip(list(h), e)]),
+    ("iter", lambda h, e: [x is y for x, y in zip(h, e)] + [len(list(iter(h)))]),
+    ("reversed", lambda h, e: [x is y for x, y in zip(reversed(h), reversed(e))]),
+    ("eq", lambda h, e: (h == e, h == [], h != e, e == h, [] == h)),
+    ("order", lambda h, e: (h < e + [1], h <= e, h > [], [] < h, h >= e)),
+    ("add", lambda h, e: (type(h + [1]).__name__, len(h + [1]), len([1] + h), len(h * 2), len(2 * h))),
+    ("isinstance", lambda h, e: isinstance(h, list)),
+    ("repr", lambda h, e: repr(h) == repr(e)),
+    ("append", lambda h, e: (h.append("x"), len(h), h[-1])),
+    ("insert", lambda h, e: (h.insert(0, "y"), len(h), h[0])),
+    ("remove", lambda h, e: (h.remove("y"), len(h), h[0] is e[0])),
+    ("extend", lambda h, e: (h.extend(["z", "w"]), len(h), h[-2:])),
+    ("setitem", lambda h, e: (h.__setitem__(-1, "v"), h[-1], len(h))),
+    ("delitem", lambda h, e: (h.__delitem__(-1), len(h), h[-1])),
+    ("pop", lambda h, e: (h.pop(), h.pop(-1), len(h))),
+    ("pop(0)", lambda h, e: (h.pop(0) is e[0], len(h), h.insert(0, e[0]))),
+    ("setslice", lambda h, e: (h.__setitem__(slice(0, 0), ["s", "t"]), len(h), h[:2])),
+    ("delslice", lambda h, e: (h.__delitem__(slice(0, 2)), len(h), h[0] is e[0])),
+    ("reverse", lambda h, e: (h.reverse(), h[0] is e[2], h.reverse(), h[0] is e[0])),
+    ("sort", lambda h, e: (h.sort(key=lambda x: -e.index(x)), h[0] is e[2], h.sort(key=e.index), h[0] is e[0])),
+    ("iadd", lambda h, e: (len(h.__iadd__(["u"])), h.pop())),
+    ("imul", lambda h, e: (len(h.__imul__(2)), h.__delitem__(slice(3, None)), len(h))),
+    ("clear", lambda h, e: (h.clear(), len(h), h == [], bool(h))),
+]
+
+
+def _outcome(op: Callable[[list[Any], list[Any]], Any], h: list[Any], e: list[Any]) -> Any:
+    try:
+        return op(h, e)
+    except Exception as exc:  # noqa: BLE001 - the error is the outcome compared
+        return type(exc).__name__
+
+
+def global_history_operations() -> dict[str, Any]:
+    entries = _three_calls()
+    h = base_lm.GLOBAL_HISTORY
+    del h[:-3]
+    return {name: _outcome(op, h, entries) for name, op in OPERATIONS}
+
+
+def lm_history_operations() -> dict[str, Any]:
+    _three_calls()
+    h = dspy.settings.lm.history
+    return {name: _outcome(op, h, list(h)) for name, op in OPERATIONS}
+
+
+def _lm() -> DummyLM:
+    return DummyLM([{"answer": str(i)} for i in range(8)])
+
+
+def _both(session: dspex.Session, program: Callable[[], Any]) -> tuple[Any, Any]:
+    """(in-process result, session result) of ``program`` with a fresh client LM each."""
+    results = []
+    for through_session in (False, True):
+        base_lm.GLOBAL_HISTORY.clear()
+        with fresh_dspy_settings():
+            dspy.configure(lm=_lm())
+            results.append(session.run(program) if through_session else program())
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("program", [global_history_operations, lm_history_operations])
+def test_list_operations_on_the_history_are_as_in_process(session: dspex.Session,
+                                                           program: Callable[[], dict[str, Any]]) -> None:
+    expected, got = _both(session, program)
+    assert {k: v for k, v in expected.items() if isinstance(v, str) and v.endswith("Error")} == {}  # all work here
+    assert {k: v for k, v in got.items() if v != expected[k]} == {}
+    assert got == expected
+
+
+def rebinds_the_global_history() -> tuple[int, int]:
+    """``base_lm.GLOBAL_HISTORY += [...]`` (and ``dspy.inspect_history`` after it)."""
+    qa = dspy.Predict("question -> answer")
+    qa(question="a")
+    base_lm.GLOBAL_HISTORY += ["mine"]
+    qa(question="b")
+    return len(base_lm.GLOBAL_HISTORY), base_lm.GLOBAL_HISTORY.index("mine")
+
+
+def test_in_place_add_keeps_the_global_history_the_sessions(session: dspex.Session) -> None:
+    expected, got = _both(session, rebinds_the_global_history)
+    assert got == expected == (3, 1)
+
+
+def global_history_length() -> int:
+    return len(base_lm.GLOBAL_HISTORY)
+
+
+def replaces_the_global_history() -> tuple[int, int]:
+    """Replaces DSPy's module global with a new list (a reset, in-process)."""
+    dspy.Predict("question -> answer")(question="a")
+    mine: list[Any] = []
+    base_lm.GLOBAL_HISTORY = mine
+    dspy.Predict("question -> answer")(question="b")
+    return len(base_lm.GLOBAL_HISTORY), len(mine)
+
+
+def test_a_session_replacing_the_global_history_keeps_it_its_own(dx: dspex.Client) -> None:
+    """In-process the new list is the history from then on; through a session it is the session's
+    (the worker's stand-in is back after the call), never another session's."""
+    saved = base_lm.GLOBAL_HISTORY
+    try:
+        expected = []
+        with fresh_dspy_settings():
+            dspy.configure(lm=_lm())
+            expected.append(replaces_the_global_history())
+            expected.append(global_history_length())
+    finally:
+        base_lm.GLOBAL_HISTORY = saved
+    first, second = dx.session("p"), dx.session("p")
+    try:
+        with fresh_dspy_settings():
+            dspy.configure(lm=_lm())
+            assert second.run(_three_calls) is not None
+            got = [first.run(replaces_the_global_history), first.run(global_history_length)]
+            assert got == expected == [(1, 1), 1]
+            assert second.run(global_history_length) == 3
+            assert second.run(lambda: type(base_lm.GLOBAL_HISTORY).__name__) == "SessionHistory"
+    finally:
+        first.close(timeout=10)
+        second.close(timeout=10)
+
+
+def test_the_global_history_comes_back_as_the_list_it_is(session: dspex.Session) -> None:
+    def history() -> list[Any]:
+        _three_calls()
+        return base_lm.GLOBAL_HISTORY
+
+    expected, got = _both(session, history)
+    assert type(got) is type(expected) is list
+    assert [e["outputs"] for e in got] == [e["outputs"] for e in expected]
+
+
+class Pipeline(dspy.Module):
+    """A custom module with a sub-module (DSPy docs "Modules")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draft = dspy.ChainOfThought("question -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.draft(question=question)
+
+
+QA = dspy.Predict("question -> answer")  # module globals: one object in the session, as here
+PIPELINE = Pipeline()
+MODULES = {"QA": QA, "PIPELINE": PIPELINE, "PIPELINE.draft": PIPELINE.draft,
+           "PIPELINE.draft.predict": PIPELINE.draft.predict}
+
+
+def uses_the_modules() -> list[str]:
+    return [QA(question="a").answer, PIPELINE(question="b").answer, QA(question="c").answer]
+
+
+def _module_histories(lm: Any) -> dict[str, Any]:
+    """Each module's history as the indexes of its entries in the LM's, and what
+    ``module.inspect_history`` prints of its last one (timestamps aside)."""
+    import io
+    import re
+
+    out: dict[str, Any] = {}
+    for name, module in MODULES.items():
+        text = io.StringIO()
+        module.inspect_history(n=1, file=text)
+        out[name] = ([next(i for i, e in enumerate(lm.history) if e is entry) for entry in module.history],
+                     re.sub(r"\[\d{4}-\d\d-\d\dT[\d:.]+\]", "[time]", text.getvalue()))
+    return out
+
+
+def test_the_history_of_the_clients_modules_is_as_in_process(session: dspex.Session) -> None:
+    """DSPy 3.4 records each LM call in the history of every module it was made in
+    (``module.history``, ``module.inspect_history()``): after ``s.run(program)`` the client's
+    modules that are globals of its code (sub-modules included) hold the call's entries, as
+    after ``program()``."""
+    seen = []
+    for through_session in (False, True):
+        for module in MODULES.values():
+            module.history.clear()
+        with fresh_dspy_settings():
+            lm = DummyLM([{"reasoning": "r", "answer": str(i)} for i in range(6)])
+            dspy.configure(lm=lm)
+            answers = session.run(uses_the_modules) if through_session else uses_the_modules()
+            seen.append((answers, _module_histories(lm)))
+    assert seen[1] == seen[0]
+    assert seen[0][1]["PIPELINE.draft.predict"][0] == [1]
+
+
+OWN_LM = Pipeline()  # DSPy docs: a program whose predictors have their own LM (set_lm), not the configured one
+OWN_LM.set_lm(DummyLM([{"reasoning": "r", "answer": str(i)} for i in range(6)]))
+
+
+def uses_its_own_lm() -> str:
+    return str(OWN_LM(question="q").answer)
+
+
+def test_the_history_of_an_lm_a_clients_module_holds_is_as_in_process(session: dspex.Session) -> None:
+    """``program.set_lm(lm)`` on a module global: the LM (no global itself) is the module's
+    predictors' ``lm``; its history and DSPy's global history get the call's entries as
+    in-process."""
+    lm = OWN_LM.draft.predict.lm
+    seen = []
+    for through_session in (False, True):
+        for history in (lm.history, base_lm.GLOBAL_HISTORY, OWN_LM.history, OWN_LM.draft.predict.history):
+            history.clear()
+        with fresh_dspy_settings():
+            answer = session.run(uses_its_own_lm) if through_session else uses_its_own_lm()
+        seen.append((len(lm.history), len(base_lm.GLOBAL_HISTORY), len(OWN_LM.history),
+                     lm.history[0] is OWN_LM.draft.predict.history[0] if lm.history else None))
+    assert answer == "1"  # the session's copy of the LM was sent after the in-process call
+    assert seen == [(1, 1, 1, True), (1, 1, 1, True)]
+
+
+def best_of_three() -> str:
+    """DSPy's BestOfN: each attempt runs on a copy of the configured LM (``lm.copy(rollout_id=...)``),
+    made by the call."""
+    qa = dspy.BestOfN(dspy.Predict("question -> answer"), N=3, threshold=1.0,
+                      reward_fn=lambda args, pred: 1.0 if pred.answer == "2" else 0.0)
+    return str(qa(question="q").answer)
+
+
+def test_the_global_history_holds_the_calls_of_lms_the_call_made(session: dspex.Session) -> None:
+    """In-process ``dspy.inspect_history(n)`` shows every LM call of the program, those of LMs it
+    made (BestOfN's and Refine's copies of the configured LM) too: so does the client's after
+    ``s.run(program)``."""
+    seen = []
+    for through_session in (False, True):
+        base_lm.GLOBAL_HISTORY.clear()
+        with fresh_dspy_settings():
+            lm = DummyLM([{"answer": str(i)} for i in range(6)])
+            dspy.configure(lm=lm)
+            answer = session.run(best_of_three) if through_session else best_of_three()
+        seen.append((answer, len(lm.history), [e["outputs"] for e in base_lm.GLOBAL_HISTORY]))
+    assert seen[1] == seen[0]
+    assert seen[0][1] == 0 and len(seen[0][2]) == 3
