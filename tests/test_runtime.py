@@ -296,9 +296,20 @@ def items_with_a_big_one() -> Iterator[object]:
     yield 3
 
 
-def test_a_streamed_item_over_the_limit_ends_its_stream_and_the_session_serves_on(stack: Stack) -> None:
-    """Sent, the broker would cut the worker's connection at the item (its size limit): a crash,
-    the session lost. It is the stream's typed error instead, after the items before it."""
+def reports_a_big_event() -> str:
+    from dspex import progress
+
+    try:
+        progress.report({"big": b"x" * (2 << 20)})
+    except dspex.ResultTooLarge as err:  # raised where it was reported, as a typed error
+        return f"{type(err).__name__}: {err}"
+    return "sent"
+
+
+def test_a_streamed_item_or_event_over_the_limit_is_refused_and_the_session_serves_on(stack: Stack) -> None:
+    """Sent, the broker would cut the worker's connection at it (its size limit): a crash, the
+    session lost. An item ends its stream with a typed error, after the items before it; a
+    progress event is refused where the call reports it."""
     stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
@@ -309,6 +320,10 @@ def test_a_streamed_item_over_the_limit_ends_its_stream_and_the_session_serves_o
         next(items)
     assert info.value.details["limit"] == 1 << 20
     assert s.call("os", "getpid") == pid
+    events: list[object] = []
+    refused = s.apply(reports_a_big_event, on_progress=events.append)
+    assert refused.startswith("ResultTooLarge: a progress event is") and "the call ran" in refused, refused
+    assert events == [] and s.call("os", "getpid") == pid
 
 
 def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:

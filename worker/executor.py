@@ -28,7 +28,6 @@ from dspex.wire.errors import (
     ProtocolError,
     RefNotFound,
     RemoteError,
-    ResultTooLarge,
     Timeout,
 )
 from dspex.wire.protocol import (
@@ -56,6 +55,7 @@ from worker.streaming import (
     drain,
     is_iterable,
     progress_scope,
+    within_limit,
 )
 
 
@@ -234,7 +234,7 @@ class Executor:
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
                         frames = guarded(_encoded, item, to_ref)
-                        _within_limit(frames, f"an item of {header.op}", self.max_message)
+                        within_limit(frames, f"an item of {header.op}", self.max_message)
                         made.clear()  # streamed out: the caller holds these refs now
                         if call is not None and header.timeout_ms > 0:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
@@ -246,7 +246,7 @@ class Executor:
                                       type="TypeError", module="builtins", traceback="")
                 frames = guarded(_encoded, [result, _extras(usage, history)] if extras else result, to_ref)
                 limits.settle(call)
-                _within_limit(frames, f"the result of {header.op}", self.max_message)
+                within_limit(frames, f"the result of {header.op}", self.max_message)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
@@ -406,17 +406,3 @@ def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
                          "intact", op=header.op, stopped=True)
     return Timeout(f"{header.op} ran past its deadline ({header.timeout_ms / 1000:g}s) and was stopped; "
                    "the session and its objects are intact", op=header.op, stopped=True, hard=False)
-
-
-def _within_limit(frames: list[Any], what: str, limit: int) -> None:
-    """Raise :class:`ResultTooLarge` when ``what`` (a result, a streamed item) is over the message
-    size limit (sent, the broker would cut the worker's connection at it): in the call, so the refs
-    it made for it are dropped (the caller never gets them)."""
-    size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
-        sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
-    if size > limit:
-        raise ResultTooLarge(
-            f"{what} is {size} bytes, over the limit of {limit} bytes (DSPEX_MAX_MESSAGE): the call ran, and this "
-            "was not sent. Return less: keep large data on the worker and return a ref to it (an object of your own "
-            "class comes back as one) or the part the client needs; or raise DSPEX_MAX_MESSAGE for the workers, the "
-            "broker and the clients alike", size=size, limit=limit)

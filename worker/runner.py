@@ -271,7 +271,7 @@ class Runner:
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall, items)
+        control = StreamControl(emit, STREAM_WINDOW, stall, items, self.max_message)
         self._urgent()  # a stream needs its credit and cancels read at once
         with self._streams_lock:
             self._streams[(client, req_id)] = control
