@@ -113,6 +113,25 @@ def test_an_error_reply_the_client_cannot_read_says_the_call_may_have_run(short_
         broker.close()
 
 
+def test_an_error_reply_of_an_unknown_code_says_the_call_may_have_run(short_tmp: str) -> None:
+    """A code this client does not know (a newer broker or worker), or none: of no group, a retry
+    loop could not tell what to do; whether the call ran is unknown. The code stays visible."""
+    bodies = [msgpack.packb({"code": "some_later_code", "message": "new here", "extra": 1}),
+              msgpack.packb({"message": "no code"})]
+    broker = GarbledBroker(str(Path(short_tmp) / "garbled.sock"), list(bodies))
+    try:
+        with dspex.connect(broker.endpoint, timeout=5) as dx:
+            s = dx.session("p")
+            for code, message, details in (("some_later_code", "new here", {"extra": 1}),
+                                           ("may_have_run", "no code", {})):
+                with pytest.raises(dspex.MayHaveRun) as info:
+                    s.run(len, [1])
+                assert (info.value.code, str(info.value), info.value.details) == (code, message, details)
+                assert not isinstance(info.value, (dspex.UsageError, dspex.DidNotRun)), code
+    finally:
+        broker.close()
+
+
 def test_no_reply_is_timeout_stopped_false_after_deadline_plus_grace(short_tmp: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSPEX_REPLY_GRACE", "0.6")  # read when the client is made

@@ -485,16 +485,16 @@ ERRORS_BY_CODE = _by_code(DspexError)
 
 
 def error_from_wire(payload: dict[str, Any]) -> DspexError:
-    """Rebuild a typed error from its wire form; unknown codes become a plain DspexError."""
+    """Rebuild a typed error from its wire form; an unknown code (or none) is a MayHaveRun that keeps it."""
     details = dict(payload)
-    return _rebuild(str(details.pop("code", "dspex_error")), str(details.pop("message", "")), details)
+    return _rebuild(str(details.pop("code", MayHaveRun.code)), str(details.pop("message", "")), details)
 
 
 def _rebuild(code: str, message: str, details: dict[str, Any]) -> DspexError:
     if code == RemoteError.code:
         return _remote_error(message, details)
-    cls = ERRORS_BY_CODE.get(code, DspexError)
+    cls = ERRORS_BY_CODE.get(code, MayHaveRun)  # a peer's code unknown here (a newer version): it ran or not
     err = cls(message, **details)
-    if cls is DspexError and code != DspexError.code:
+    if cls is MayHaveRun and code != MayHaveRun.code:
         err.code = code  # keep an unknown code visible rather than collapsing it
     return err
