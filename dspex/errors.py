@@ -29,6 +29,8 @@ __all__ = [
     "RefQuotaExceeded",
     "Refused",
     "RemoteError",
+    "ResultNeedsModule",
+    "ResultTooLarge",
     "SessionClosed",
     "SessionNotDurable",
     "SessionNotHeld",

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
 import dspex
-from dspex.wire.protocol import unpack_request_header
+from dspex.wire.protocol import pack_reply_header, unpack_request_header
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,12 +73,63 @@ class SilentBroker:
             if poller.poll(50):
                 frames = self.sock.recv_multipart()
                 self.headers.append(unpack_request_header(frames[1]))
+                self.answer(frames[0], self.headers[-1].req_id)
+
+    def answer(self, peer: bytes, req_id: int) -> None:
+        """Silence."""
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self.sock.close(0)
         self.ctx.term()
+
+
+class GarbledBroker(SilentBroker):
+    """Answers each request with an error reply: the next of ``bodies`` as its body."""
+
+    def __init__(self, path: str, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+        super().__init__(path)
+
+    def answer(self, peer: bytes, req_id: int) -> None:
+        self.sock.send_multipart([peer, pack_reply_header("err", req_id, "w" * 32, "p"), self.bodies.pop(0)])
+
+
+def test_an_error_reply_the_client_cannot_read_says_the_call_may_have_run(short_tmp: str) -> None:
+    """The reply says the call failed, not how: whether it ran is unknown (MayHaveRun), not a
+    request to fix (UsageError) nor one safe to resend (DidNotRun)."""
+    unreadable = [b"\xc1", msgpack.packb([1, 2]), msgpack.packb("no map"), b""]
+    broker = GarbledBroker(str(Path(short_tmp) / "garbled.sock"), list(unreadable))
+    try:
+        with dspex.connect(broker.endpoint, timeout=5) as dx:
+            s = dx.session("p")
+            for body in unreadable:
+                with pytest.raises(dspex.UndecodableResult, match="may or may not have run") as info:
+                    s.run(len, [1])
+                assert isinstance(info.value, dspex.MayHaveRun), body
+                assert not isinstance(info.value, (dspex.UsageError, dspex.DidNotRun)), body
+    finally:
+        broker.close()
+
+
+def test_an_error_reply_of_an_unknown_code_says_the_call_may_have_run(short_tmp: str) -> None:
+    """A code this client does not know (a newer broker or worker), or none: of no group, a retry
+    loop could not tell what to do; whether the call ran is unknown. The code stays visible."""
+    bodies = [msgpack.packb({"code": "some_later_code", "message": "new here", "extra": 1}),
+              msgpack.packb({"message": "no code"})]
+    broker = GarbledBroker(str(Path(short_tmp) / "garbled.sock"), list(bodies))
+    try:
+        with dspex.connect(broker.endpoint, timeout=5) as dx:
+            s = dx.session("p")
+            for code, message, details in (("some_later_code", "new here", {"extra": 1}),
+                                           ("may_have_run", "no code", {})):
+                with pytest.raises(dspex.MayHaveRun) as info:
+                    s.run(len, [1])
+                assert (info.value.code, str(info.value), info.value.details) == (code, message, details)
+                assert not isinstance(info.value, (dspex.UsageError, dspex.DidNotRun)), code
+    finally:
+        broker.close()
 
 
 def test_no_reply_is_timeout_stopped_false_after_deadline_plus_grace(short_tmp: str,

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -250,8 +251,10 @@ def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
     stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")
     s = dx.session("p")
-    with pytest.raises(dspex.MessageTooLarge) as info:
+    with pytest.raises(dspex.ResultTooLarge) as info:
         s.eval("b'x' * (2 << 20)")  # the worker refuses to send a reply over the limit
+    # the call ran: a retry loop must not take it for a request to fix, nor resend it blindly
+    assert isinstance(info.value, dspex.MayHaveRun) and not isinstance(info.value, dspex.UsageError)
     message = str(info.value)  # the size, the limit, that the call ran, and the two ways on
     for part in (f"is {(2 << 20) + 5} bytes", f"limit of {1 << 20} bytes", "DSPEX_MAX_MESSAGE", "the call ran",
                  "keep large data on the worker", "return a ref"):
@@ -259,8 +262,9 @@ def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
     assert info.value.details["size"] == (2 << 20) + 5 and info.value.details["limit"] == 1 << 20
     monkeypatch.setenv("DSPEX_MAX_MESSAGE", str(1 << 20))
     small = stack.client()
-    with pytest.raises(dspex.MessageTooLarge):
+    with pytest.raises(dspex.MessageTooLarge) as sent:
         small.session("p").eval("len(x)", {"x": b"y" * (2 << 20)})
+    assert isinstance(sent.value, dspex.UsageError)  # nothing was sent: fix the request
     # a raw peer sending an oversized frame is cut off by zmq; the broker keeps serving
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
@@ -269,6 +273,57 @@ def test_message_too_large(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Non
     raw.send_multipart([RequestHeader("eval", 1, "p", "x").pack(), b"z" * (3 << 20)])
     raw.close()
     assert s.eval("2 + 2") == 4
+
+
+def test_refs_made_for_a_result_over_the_limit_are_dropped(stack: Stack) -> None:
+    """Its caller never gets them: kept, they would count against the session's quota until it closes."""
+    stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--ref-cap", "1")
+    s = dx.session("p")
+    for _ in range(2):
+        with pytest.raises(dspex.ResultTooLarge):
+            s.eval("[__import__('threading').Lock(), b'x' * (2 << 20)]")  # a lock would come back as a ref
+    kept = s.put([1])  # the session's one ref
+    with pytest.raises(dspex.RefQuotaExceeded):
+        s.put([2])
+    s.release(kept)
+    assert s.eval("[__import__('threading').Lock()]")[0].type_name.endswith("lock")
+
+
+def items_with_a_big_one() -> Iterator[object]:
+    yield 1
+    yield b"x" * (2 << 20)
+    yield 3
+
+
+def reports_a_big_event() -> str:
+    from dspex import progress
+
+    try:
+        progress.report({"big": b"x" * (2 << 20)})
+    except dspex.ResultTooLarge as err:  # raised where it was reported, as a typed error
+        return f"{type(err).__name__}: {err}"
+    return "sent"
+
+
+def test_a_streamed_item_or_event_over_the_limit_is_refused_and_the_session_serves_on(stack: Stack) -> None:
+    """Sent, the broker would cut the worker's connection at it (its size limit): a crash, the
+    session lost. An item ends its stream with a typed error, after the items before it; a
+    progress event is refused where the call reports it."""
+    stack.env["DSPEX_MAX_MESSAGE"] = str(1 << 20)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    pid = s.call("os", "getpid")
+    items = iter(s.stream_apply(items_with_a_big_one))
+    assert next(items) == 1
+    with pytest.raises(dspex.ResultTooLarge, match="an item of apply is .* bytes.*the call ran") as info:
+        next(items)
+    assert info.value.details["limit"] == 1 << 20
+    assert s.call("os", "getpid") == pid
+    events: list[object] = []
+    refused = s.apply(reports_a_big_event, on_progress=events.append)
+    assert refused.startswith("ResultTooLarge: a progress event is") and "the call ran" in refused, refused
+    assert events == [] and s.call("os", "getpid") == pid
 
 
 def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:

@@ -196,7 +196,9 @@ def _distribution(root: Path, name: str, code: str) -> None:
     (info / "RECORD").write_text(f"{name}/__init__.py,,\n")
 
 
-def test_a_result_the_client_cannot_load_is_a_missing_module_error(stack: Stack, tmp_path: Path) -> None:
+def test_a_result_the_client_cannot_load_says_the_call_ran_and_what_to_install(stack: Stack, tmp_path: Path) -> None:
+    """Catchable as ModuleNotFoundError, as in-process, and of the MayHaveRun family: the call ran
+    (a retry loop must not take it for a request to fix and run it again blindly)."""
     _distribution(tmp_path, "dspex_workeronly", """
         import dataclasses, enum
 
@@ -214,9 +216,10 @@ def test_a_result_the_client_cannot_load_is_a_missing_module_error(stack: Stack,
         with pytest.raises(ModuleNotFoundError) as info:
             s.eval(expr)
         err = info.value
-        assert isinstance(err, dspex.MissingModule) and isinstance(err, dspex.UsageError)
+        assert isinstance(err, dspex.UndecodableResult) and isinstance(err, dspex.MayHaveRun)
+        assert not isinstance(err, (dspex.UsageError, dspex.DidNotRun)), type(err).__mro__
         assert err.name == "dspex_workeronly" and err.details["side"] == "client"
-        assert "install it in the client's environment" in str(err)
+        assert "the call ran" in str(err) and "install it in the client's environment" in str(err)
     assert s.eval("__import__('dspex_workeronly').Reading(2.0).value") == 2.0  # the worker serves on
 
 
@@ -263,7 +266,8 @@ with dspex.connect(sys.argv[1], timeout=60) as dx:
             s.run(fn, "x")
             out[name] = "no error"
         except ModuleNotFoundError as e:
-            out[name] = [type(e).__name__, e.name, str(e), isinstance(e, dspex.DspexError)]
+            out[name] = [type(e).__name__, e.name, str(e), isinstance(e, dspex.UsageError)
+                         and not isinstance(e, dspex.MayHaveRun)]
     out["after"] = s.run(len, [1, 2])
     values = [Pair(1, "y"), Level.LOW, Name("n"), Answer(a=1), collections.defaultdict(lambda: 7)]
     got = [s.run(echo, v) for v in values]
@@ -275,7 +279,8 @@ print(json.dumps(out))
 
 def test_by_value_code_needing_a_package_the_worker_lacks(stack: Stack, tmp_path: Path) -> None:
     """A script's function (by value) uses a package installed on the client only: catchable as
-    ModuleNotFoundError with its name; the session serves on; the script's __main__ types come back."""
+    ModuleNotFoundError with its name, a UsageError (the call did not run); the session serves on;
+    the script's __main__ types come back."""
     dx = stack.pool("p:strict_queue", 1)
     assert dx.session("p").run(len, "ab") == 2
     _distribution(tmp_path, "dspex_clientonly", "def shout(x):\n    return x.upper()\n")
@@ -287,8 +292,8 @@ def test_by_value_code_needing_a_package_the_worker_lacks(stack: Stack, tmp_path
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     for name in ("module", "function"):
-        kind, module, message, typed = out[name]
-        assert (kind, module, typed) == ("MissingModule", "dspex_clientonly", True), out[name]
+        kind, module, message, usage_error = out[name]
+        assert (kind, module, usage_error) == ("MissingModule", "dspex_clientonly", True), out[name]
         assert "install it on the workers' environment" in message
     assert out["after"] == 2
     assert out["main"] == [[True, True, "Pair"], [True, True, "Level"], [True, True, "Name"],

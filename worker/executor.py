@@ -34,6 +34,7 @@ from dspex.wire.protocol import (
     FLAG_CONTEXT,
     FLAG_HELD,
     FLAG_ITEMS,
+    MAX_MESSAGE_BYTES,
     Durable,
     RequestHeader,
     Status,
@@ -54,6 +55,7 @@ from worker.streaming import (
     drain,
     is_iterable,
     progress_scope,
+    within_limit,
 )
 
 
@@ -65,8 +67,10 @@ class Executor:
     starts carry it (worker.threads).
     """
 
-    def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE) -> None:
+    def __init__(self, refs: RefTable, *, capacity: int = 1, grace: float = limits.DEFAULT_GRACE,
+                 max_message: int = MAX_MESSAGE_BYTES) -> None:
         self.refs = refs
+        self.max_message = max_message  # a bigger result is not sent (DSPEX_MAX_MESSAGE)
         self.alone = capacity <= 1
         self.settings = SessionSettings()
         self.watchdog = limits.Watchdog(grace)
@@ -226,6 +230,7 @@ class Executor:
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
                         frames = guarded(_encoded, item, to_ref)
+                        within_limit(frames, f"an item of {header.op}", self.max_message)
                         made.clear()  # streamed out: the caller holds these refs now
                         if call is not None and header.timeout_ms > 0:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
@@ -237,6 +242,7 @@ class Executor:
                                       type="TypeError", module="builtins", traceback="")
                 frames = guarded(_encoded, [result, _extras(usage, history)] if extras else result, to_ref)
                 limits.settle(call)
+                within_limit(frames, f"the result of {header.op}", self.max_message)
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames

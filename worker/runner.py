@@ -27,7 +27,6 @@ from dspex.wire.errors import (
     CheckpointRefused,
     DspexError,
     InternalError,
-    MessageTooLarge,
     ProtocolError,
     QueueTimeout,
     RemoteError,
@@ -228,15 +227,6 @@ class Runner:
                                           ephemeral=head.session_mode == _EPHEMERAL,
                                           durable=head.durable & _CHECKPOINTED, checkpoint=checkpoint)
             status = _OK
-            size = len(reply[0]) if len(reply) == 1 and type(reply[0]) is bytes else \
-                sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in reply)
-            if size > self.max_message:
-                raise MessageTooLarge(
-                    f"the result of {header.op} is {size} bytes, over the limit of {self.max_message} bytes "
-                    "(DSPEX_MAX_MESSAGE): the call ran, its result was not sent. Return less: keep large data on the "
-                    "worker and return a ref to it (an object of your own class comes back as one) or the part the "
-                    "client needs; or raise DSPEX_MAX_MESSAGE for the workers, the broker and the clients alike",
-                    size=size, limit=self.max_message)
             self.executor.served += 1
         except DspexError as err:
             self.executor.errors += 1
@@ -288,7 +278,7 @@ class Runner:
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall, items)
+        control = StreamControl(emit, STREAM_WINDOW, stall, items, self.max_message)
         self._urgent()  # a stream needs its credit and cancels read at once
         with self._streams_lock:
             self._streams[(client, req_id)] = control

@@ -21,8 +21,8 @@ from typing import Any
 
 from dspex import progress
 from dspex.wire import codec
-from dspex.wire.errors import Cancelled, DspexError
-from dspex.wire.protocol import Status
+from dspex.wire.errors import Cancelled, DspexError, ResultTooLarge
+from dspex.wire.protocol import MAX_MESSAGE_BYTES, Status
 from dspex.wire.ref import Ref
 from worker import limits
 from worker.dspy_settings import claim_configure
@@ -42,8 +42,9 @@ class StreamControl:
     """
 
     def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float,
-                 items: bool = True) -> None:
+                 items: bool = True, limit: int = MAX_MESSAGE_BYTES) -> None:
         self._emit = emit
+        self.limit = limit  # the message size limit (DSPEX_MAX_MESSAGE): a progress event over it is refused
         self._cond = threading.Condition()
         self.credit = window
         self.cancelled = False
@@ -176,7 +177,9 @@ def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -
         return
 
     def report(data: Any) -> None:
-        stream.send(Status.PROGRESS.value, codec.encode(data, to_ref=to_ref))
+        frames = codec.encode(data, to_ref=to_ref)
+        within_limit(frames, "a progress event", stream.limit)
+        stream.send(Status.PROGRESS.value, frames)
 
     handler = _ProgressLogHandler(stream)
     # dspy's logger does not propagate to the root: listen on it directly
@@ -259,3 +262,17 @@ def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> 
         raise remote_error(exc) from None
     if not stream.send(Status.PARTIAL.value, frames):
         raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)
+
+
+def within_limit(frames: list[Any], what: str, limit: int) -> None:
+    """Raise :class:`ResultTooLarge` when ``what`` (a result, a streamed item, a progress event) is
+    over the message size limit (sent, the broker would cut the worker's connection at it): in the
+    call, so the refs it made for it are dropped (the caller never gets them)."""
+    size = len(frames[0]) if len(frames) == 1 and type(frames[0]) is bytes else \
+        sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+    if size > limit:
+        raise ResultTooLarge(
+            f"{what} is {size} bytes, over the limit of {limit} bytes (DSPEX_MAX_MESSAGE): the call ran, and this "
+            "was not sent. Return less: keep large data on the worker and return a ref to it (an object of your own "
+            "class comes back as one) or the part the client needs; or raise DSPEX_MAX_MESSAGE for the workers, the "
+            "broker and the clients alike", size=size, limit=limit)

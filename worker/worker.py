@@ -76,7 +76,8 @@ class Worker:
         self.capacity = max(1, options.capacity)
         max_message = options.max_message
         self.book = SessionBook(options.pool, self.incarnation, options.ref_cap)
-        self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace)
+        self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace,
+                                 max_message=max_message)
         self.executor.own_frames = not options.backend.startswith("inproc://")
         self.link = Link(context or zmq.Context.instance(), options.backend, self.incarnation,
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,

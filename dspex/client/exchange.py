@@ -41,6 +41,7 @@ from dspex.wire.errors import (
     MessageTooLarge,
     MissingModule,
     ProtocolError,
+    ResultNeedsModule,
     Timeout,
     UndecodableResult,
     UsageError,
@@ -222,22 +223,28 @@ def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list
 
 
 def decode_error(frames: list[Any]) -> DspexError:
+    """An error reply's typed error. One that cannot be read says the call failed, not how: it is
+    an :class:`UndecodableResult`, as whether the call ran is unknown."""
     try:
         payload = msgpack.unpackb(frame_buffer(frames[0]), strict_map_key=False)
-    except Exception:  # noqa: BLE001 - an unreadable error reply is itself a protocol error
-        payload = {"code": "protocol_error", "message": "unreadable error reply"}
+        if not isinstance(payload, dict):
+            raise TypeError(f"{type(payload).__name__}, not a map")
+    except Exception as exc:  # noqa: BLE001 - whatever an error reply's bytes make msgpack raise
+        return UndecodableResult(f"an error reply cannot be read here ({type(exc).__name__}: {str(exc)[:200]}): the "
+                                 "call failed, and may or may not have run", reply="error")
     return error_from_wire(payload)
 
 
 def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) -> Any:
     """A reply's value; refs in it become handles of ``bind`` (a session) when given. One that does
-    not decode here is an :class:`UndecodableResult`: the call ran (a module missing here stays a
-    ``MissingModule``, which says where to install it)."""
+    not decode here is an :class:`UndecodableResult`: the call ran (a module missing here is a
+    :class:`ResultNeedsModule`, also a ``ModuleNotFoundError``, which says where to install it)."""
     resolve = None if bind is None else (lambda ref: ref.bind(bind))
     try:
         return codec.decode(frames, resolve, own_frames=own_frames)
-    except MissingModule:
-        raise
+    except MissingModule as err:
+        raise ResultNeedsModule(f"the call ran, but its result cannot be decoded here: {err.message}",
+                                **err.details) from None
     except ProtocolError as err:
         raise UndecodableResult(f"the call ran, but its result cannot be decoded here: {err.message}",
                                 **err.details) from None

@@ -15,6 +15,8 @@ The tree is grouped by what the caller may do (dramatiq-style)::
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Any
 
 
@@ -235,10 +237,8 @@ def _defines(original: type[BaseException], name: str) -> bool:
 
 def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
     """The cached subclass of (RemoteError, original), or None where no such class can exist."""
-    try:
+    if original in _REMOTE_CLASSES:
         return _REMOTE_CLASSES[original]
-    except KeyError:
-        pass
     cls: type[RemoteError] | None = None
     if issubclass(original, Exception) and not issubclass(original, DspexError):
 
@@ -263,8 +263,6 @@ def _remote_class(original: type[BaseException]) -> type[RemoteError] | None:
 
 def _original_type(details: dict[str, Any]) -> type[BaseException] | None:
     """The remote exception's type when a module this process already imported defines it."""
-    import sys
-
     module = sys.modules.get(str(details.get("module", "")))
     obj: Any = module
     for part in str(details.get("type", "")).split("."):
@@ -324,9 +322,7 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
         try:
-            from dspex.wire import (
-                byvalue,  # like every ext 13 value: a client's class comes back untouched
-            )
+            from dspex.wire import byvalue  # like every ext 13 value: a client's class comes back untouched
 
             loaded = byvalue.loads(pickled, {})
             if isinstance(loaded, BaseException):
@@ -355,17 +351,13 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
         except Exception:  # noqa: BLE001 - best effort: the message and the wire details are set below anyway
             pass
     if not _defines(original_type, "message"):
-        try:
+        with contextlib.suppress(AttributeError):  # an ExceptionGroup's own read-only message: the same text
             err.message = message
-        except AttributeError:  # an ExceptionGroup's own read-only message: the same text
-            pass
     if not _defines(original_type, "details"):
         err.details = details
     if original is not None:
-        try:
+        with contextlib.suppress(TypeError):
             err.__dict__.update(vars(original))
-        except TypeError:
-            pass
     err.__dict__["_dspex_wire"] = (message, details)
     err.args = tuple(args)
     return err
@@ -398,10 +390,10 @@ class EncodeError(ProtocolError):
 
 
 class MissingModule(UsageError, ModuleNotFoundError):
-    """A value arrived that needs a module not installed where it arrived (by-value code whose
-    module imports a package the worker lacks, a result whose class the client cannot import).
-    Also a ``ModuleNotFoundError``: ``.name`` is the module; ``details["side"]`` is
-    ``"worker"`` or ``"client"``, and the message says where to install it."""
+    """A value arrived that needs a module not installed where it arrived (by-value code whose module imports a
+    package the worker lacks: the request did not run). Also a ``ModuleNotFoundError``: ``.name`` is the module;
+    ``details["side"]`` (``"worker"``, ``"client"``) is where, and the message says where to install it. A call's
+    result that needs a module the client lacks is a :class:`ResultNeedsModule` instead (the call ran)."""
 
     code = "missing_module"
 
@@ -411,7 +403,7 @@ class MissingModule(UsageError, ModuleNotFoundError):
 
 
 class MessageTooLarge(ProtocolError):
-    """A message exceeds the configured size limit."""
+    """A request over the size limit (DSPEX_MAX_MESSAGE): nothing was sent (a result: :class:`ResultTooLarge`)."""
 
     code = "message_too_large"
 
@@ -443,10 +435,27 @@ class Refused(DidNotRun):
 
 
 class UndecodableResult(MayHaveRun):
-    """A result (a streamed item, an event) reached the client, which cannot decode it: the call
-    ran. ``details["type"]``: the class that failed to load (a ``__setstate__`` raising here...)."""
+    """A reply the client cannot decode. A result (an item, an event): the call ran; ``details["type"]`` is the class
+    that failed to load here. An error reply (``details["reply"] == "error"``): whether the call ran is unknown."""
 
     code = "undecodable_result"
+
+
+class ResultNeedsModule(UndecodableResult, ModuleNotFoundError):
+    """A result (an item, an event) needs a module the client lacks: the call ran, its value is lost. Also a
+    ``ModuleNotFoundError``, as in-process: ``.name`` is the module, and the message says to install it."""
+
+    code = "result_needs_module"
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message, **details)
+        self.name = details.get("module")
+
+
+class ResultTooLarge(MayHaveRun):
+    """The call ran; its result (or an item) over DSPEX_MAX_MESSAGE was not sent, the refs made for it dropped."""
+
+    code = "result_too_large"
 
 
 class InternalError(MayHaveRun):
@@ -467,33 +476,25 @@ class Cancelled(MayHaveRun):
     code = "cancelled"
 
 
-def _all_subclasses(cls: type[DspexError]) -> list[type[DspexError]]:
-    out: list[type[DspexError]] = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
+def _by_code(cls: type[DspexError]) -> dict[str, type[DspexError]]:
+    """``cls`` and its subclasses by code."""
+    return {cls.code: cls, **{code: sub for direct in cls.__subclasses__() for code, sub in _by_code(direct).items()}}
 
 
-ERRORS_BY_CODE: dict[str, type[DspexError]] = {DspexError.code: DspexError}
-ERRORS_BY_CODE.update((cls.code, cls) for cls in _all_subclasses(DspexError))
+ERRORS_BY_CODE = _by_code(DspexError)
 
 
-def error_from_wire(payload: Any) -> DspexError:
-    """Rebuild a typed error from its wire form; unknown codes become a plain DspexError."""
-    if not isinstance(payload, dict):
-        return ProtocolError(f"malformed error payload: {payload!r:.200}")
+def error_from_wire(payload: dict[str, Any]) -> DspexError:
+    """Rebuild a typed error from its wire form; an unknown code (or none) is a MayHaveRun that keeps it."""
     details = dict(payload)
-    code = str(details.pop("code", "dspex_error"))
-    message = str(details.pop("message", ""))
-    return _rebuild(code, message, details)
+    return _rebuild(str(details.pop("code", MayHaveRun.code)), str(details.pop("message", "")), details)
 
 
 def _rebuild(code: str, message: str, details: dict[str, Any]) -> DspexError:
     if code == RemoteError.code:
         return _remote_error(message, details)
-    cls = ERRORS_BY_CODE.get(code, DspexError)
+    cls = ERRORS_BY_CODE.get(code, MayHaveRun)  # a peer's code unknown here (a newer version): it ran or not
     err = cls(message, **details)
-    if cls is DspexError and code != DspexError.code:
+    if cls is MayHaveRun and code != MayHaveRun.code:
         err.code = code  # keep an unknown code visible rather than collapsing it
     return err

@@ -1,8 +1,9 @@
 """Every limit, reached: a typed error for the caller, never memory growth in the broker/worker.
 
 Bounded pool queue -> PoolSaturated; ``--max-sessions`` -> SessionQuotaExceeded; ``--ref-cap``
--> RefQuotaExceeded (per session); ``MAXMSGSIZE`` on every socket -> MessageTooLarge where a
-sender can check, and a cut connection (never a buffered giant) where a raw peer ignores it.
+-> RefQuotaExceeded (per session); ``MAXMSGSIZE`` on every socket -> MessageTooLarge (a request) or
+ResultTooLarge (a result) where a sender can check, and a cut connection (never a buffered giant)
+where a raw peer ignores it.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def test_message_size_limits_are_typed_or_cut_never_buffered(stack: Stack, monke
     pid = s.call("os", "getpid")
     with pytest.raises(dspex.MessageTooLarge):  # the client checks before sending
         s.eval("len(x)", {"x": b"y" * (2 * MB)})
-    with pytest.raises(dspex.MessageTooLarge):  # the worker checks its reply
+    with pytest.raises(dspex.ResultTooLarge):  # the worker checks its reply
         s.eval("b'x' * (2 << 20)")
     assert s.call("os", "getpid") == pid
     broker_before = rss_kb(stack.broker.pid)
