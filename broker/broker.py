@@ -42,6 +42,7 @@ from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_socket
 from dspex.stack.rundir import claim, ensure_private_dir
 from dspex.stack.supervisor import pid_alive
 from dspex.wire.errors import ConfigError
+from dspex.wire.sockets import batch_io_threads
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
@@ -61,6 +62,7 @@ class Broker:
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
+        batch_io_threads(self.ctx)
         self.connections = Connections()
         self.outbox = ClientOutbox(self.core.counters, options.client_hwm)
         self._stop = False

@@ -1,6 +1,7 @@
 """An idle stack stays out of the way: the broker reads the workers' answers to a heartbeat round
-in one wake-up of its routing thread, not in one each, and only while no request is in flight
-(issue 22 item 6; bench/idle.py measures the stack)."""
+in one wake-up of its routing thread, not in one each, and only while no request is in flight; the
+zmq I/O threads of the broker and the workers, woken by a heartbeat, do not preempt the thread
+running (issue 22 item 6; bench/idle.py measures the stack)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,33 @@ def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack
         for d in dealers:
             d.close(0)
         ctx.term()
+
+
+def _io_threads(pid: int) -> dict[int, str]:
+    """The zmq threads of process ``pid`` (``ZMQbg/IO/0``, ``ZMQbg/Reaper``), by thread id."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            comm = f.read().strip()
+        if comm.startswith("ZMQbg/"):
+            found[int(tid)] = comm
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.timeout(60)
+def test_the_zmq_threads_of_the_broker_and_a_worker_run_as_batch_threads(stack: Stack) -> None:
+    """Each heartbeat wakes the zmq I/O threads of both ends; as SCHED_OTHER threads they preempted
+    the thread running on their core (the process's own routing or main thread, most often, or
+    another program's), ~5 wake-ups/s of an idle stack of 6 workers. As SCHED_BATCH threads they
+    run at once on an idle core, else when that thread yields. The broker's routing thread and the
+    worker's main thread keep the ordinary policy."""
+    broker = stack.start_broker("p:strict_queue")
+    worker = stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    for proc in (broker, worker):
+        threads = _io_threads(proc.pid)
+        assert "ZMQbg/IO/0" in threads.values()
+        assert {comm: os.sched_getscheduler(tid) for tid, comm in threads.items()} == dict.fromkeys(
+            threads.values(), os.SCHED_BATCH)
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER

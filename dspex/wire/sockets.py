@@ -6,9 +6,10 @@ Nothing here reads the environment itself: a process kind's settings pass theirs
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -104,6 +105,31 @@ def read_key_file(path: str, what: str) -> tuple[bytes, bytes | None]:
         return load_certificate(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what} {path} is not a CURVE key file ({err})") from None
+
+
+def batch_io_threads(ctx: zmq.Context[Any]) -> None:
+    """Run the zmq threads ``ctx`` starts with its first socket under ``SCHED_BATCH``: one woken by
+    a message (a heartbeat's, every second on an idle stack) runs at once on an idle core, else when
+    the thread running there yields or its slice ends, instead of preempting it (the routing or
+    main thread that just sent, or another program's, such as a local model's). Only where the
+    process runs the ordinary policy (a real-time or idle one is the operator's choice) and a thread
+    of it may switch: libzmq aborts the process when it cannot."""
+    if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        return
+    switched: list[bool] = []
+
+    def probe() -> None:  # a thread made as libzmq makes its own, so it may do what they will
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            switched.append(True)
+        except OSError:
+            pass
+
+    prober = threading.Thread(target=probe, name="dspex-sched-probe")
+    prober.start()
+    prober.join()
+    if switched:
+        ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
 
 
 def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
