@@ -8,14 +8,17 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
 
 import msgpack
 import pytest
 import zmq
 
+import dspex
 from broker.roster import ANSWERS_WAIT
 from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_HEARTBEAT, W_READY
+from tests.harness.procs import wait_for
 from tests.harness.stack import Stack
 from tests.test_core import HEARTBEAT, START, StubCore
 
@@ -103,20 +106,51 @@ def _io_threads(pid: int) -> dict[int, str]:
     return found
 
 
+def _policies(pid: int) -> dict[str, int]:
+    return {comm: os.sched_getscheduler(tid) for tid, comm in _io_threads(pid).items()}
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 @pytest.mark.timeout(60)
-def test_the_zmq_threads_of_the_broker_and_a_worker_run_as_batch_threads(stack: Stack) -> None:
-    """Each heartbeat wakes the zmq I/O threads of both ends; as SCHED_OTHER threads they preempted
+def test_the_zmq_threads_run_as_batch_threads_while_no_call_comes_and_as_ordinary_ones_while_calls_do(
+        stack: Stack) -> None:
+    """Each heartbeat wakes the zmq I/O threads of both ends; as ordinary threads they preempted
     the thread running on their core (the process's own routing or main thread, most often, or
     another program's), ~5 wake-ups/s of an idle stack of 6 workers. As SCHED_BATCH threads they
-    run at once on an idle core, else when that thread yields. The broker's routing thread and the
-    worker's main thread keep the ordinary policy."""
+    run at once on an idle core, else when that thread yields; but under load that costs a call's
+    every hop up to a scheduler slice, so they are batch only while no call comes. The routing
+    thread and the worker's main thread keep the ordinary policy throughout."""
+    stack.heartbeat = 0.5
     broker = stack.start_broker("p:strict_queue")
     worker = stack.start_worker("p", "--no-dspy")
     stack.wait_workers("p", 1)
-    for proc in (broker, worker):
-        threads = _io_threads(proc.pid)
-        assert "ZMQbg/IO/0" in threads.values()
-        assert {comm: os.sched_getscheduler(tid) for tid, comm in threads.items()} == dict.fromkeys(
-            threads.values(), os.SCHED_BATCH)
-        assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
+    pids = (broker.pid, worker.pid)
+    for pid in pids:
+        assert "ZMQbg/IO/0" in _io_threads(pid).values()
+    batch = {pid: dict.fromkeys(_io_threads(pid).values(), os.SCHED_BATCH) for pid in pids}
+    wait_for(lambda: all(_policies(pid) == batch[pid] for pid in pids), 10, 0.05, "batch zmq threads, idle")
+    calling = threading.Event()
+    stop = threading.Event()
+
+    def call_on() -> None:
+        with dspex.connect(stack.frontend, timeout=10) as c, c.session("p") as s:
+            while not stop.is_set():
+                s.call("os", "getpid")
+                calling.set()
+
+    caller = threading.Thread(target=call_on, daemon=True)
+    caller.start()
+    try:
+        assert calling.wait(10)
+        deadline = time.monotonic() + 1.5  # three heartbeat rounds of calls
+        while time.monotonic() < deadline:
+            for pid in pids:
+                assert set(_policies(pid).values()) == {os.SCHED_OTHER}
+                assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        caller.join(10)
+    wait_for(lambda: all(_policies(pid) == batch[pid] for pid in pids), 10, 0.05, "batch zmq threads, idle again")
+    for pid in pids:
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER

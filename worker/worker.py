@@ -41,7 +41,6 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     packb,
 )
-from dspex.wire.sockets import batch_io_threads
 from worker import output
 from worker.executor import Executor
 from worker.link import Link
@@ -78,9 +77,7 @@ class Worker:
         self.book = SessionBook(options.pool, self.incarnation, options.ref_cap)
         self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace)
         self.executor.own_frames = not options.backend.startswith("inproc://")
-        ctx = context or zmq.Context.instance()
-        batch_io_threads(ctx)
-        self.link = Link(ctx, options.backend, self.incarnation,
+        self.link = Link(context or zmq.Context.instance(), options.backend, self.incarnation,
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,

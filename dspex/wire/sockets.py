@@ -6,7 +6,6 @@ Nothing here reads the environment itself: a process kind's settings pass theirs
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,29 +106,69 @@ def read_key_file(path: str, what: str) -> tuple[bytes, bytes | None]:
         raise ConfigError(f"{what} {path} is not a CURVE key file ({err})") from None
 
 
-def batch_io_threads(ctx: zmq.Context[Any]) -> None:
-    """Run the zmq threads ``ctx`` starts with its first socket under ``SCHED_BATCH``: one woken by
-    a message (a heartbeat's, every second on an idle stack) runs at once on an idle core, else when
-    the thread running there yields or its slice ends, instead of preempting it (the routing or
-    main thread that just sent, or another program's, such as a local model's). Only where the
-    process runs the ordinary policy (a real-time or idle one is the operator's choice) and a thread
-    of it may switch: libzmq aborts the process when it cannot."""
-    if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
-        return
-    switched: list[bool] = []
+def _tasks() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
 
-    def probe() -> None:  # a thread made as libzmq makes its own, so it may do what they will
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-            switched.append(True)
-        except OSError:
-            pass
 
-    prober = threading.Thread(target=probe, name="dspex-sched-probe")
-    prober.start()
-    prober.join()
-    if switched:
-        ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
+class ZmqThreads:
+    """The zmq threads (I/O and reaper) of a context that has no socket yet, run under
+    ``SCHED_BATCH`` while their process is quiet and under the ordinary policy while it serves.
+
+    An idle stack's zmq threads wake for its heartbeats only, and as ordinary threads they preempted
+    the thread running on their core: the routing or main thread of their own process that just
+    sent (~5 of an idle stack's ~7 preemptions per second, 6 workers), or another program's, such as
+    a local model's. A batch thread runs at once on an idle core, else when the running thread
+    yields or its slice ends; under load that costs each hop up to a slice (a no-op call's p50 3.6×
+    with both cores busy), so the threads are batch only between heartbeats that saw no traffic
+    (:meth:`quiet`), and ordinary again at the first message (:meth:`serving`). Nothing switches
+    where the process does not run the ordinary policy (real-time or idle is the operator's
+    choice), on a context whose threads run already (not ours alone), or where a switch fails."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.batch = False
+        self._tids: list[int] = []
+        self._named = False  # the tids kept are the zmq threads' (named as they start)
+        self._seen = True  # traffic since the last quiet()
+        if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return
+        before = _tasks()
+        ctx.socket(zmq.PAIR).close(0)  # the context starts its threads with its first socket
+        self._tids = sorted(_tasks() - before)
+
+    def serving(self) -> None:
+        """A message of the process's work (not a heartbeat): the ordinary policy from now on."""
+        self._seen = True
+        if self.batch:
+            self._switch(False)
+
+    def quiet(self) -> None:
+        """A heartbeat: batch if no work came since the last one."""
+        if not self._seen and not self.batch and self._tids:
+            self._switch(True)
+        self._seen = False
+
+    def _switch(self, batch: bool) -> None:
+        if not self._named:  # (a thread another thread started meanwhile is not one of them)
+            self._named = True
+            self._tids = [tid for tid in self._tids if _comm(tid).startswith("ZMQbg/")]
+        policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        kept = []
+        for tid in self._tids:
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                kept.append(tid)
+            except OSError:  # the thread ended (its context did), or the switch is refused
+                pass
+        self._tids = kept
+        self.batch = batch
+
+
+def _comm(tid: int) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
