@@ -241,6 +241,8 @@ class Broker:
         if conns.worker_disconnects or conns.client_disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
+        if self.frontend in events or core.running:
+            self.zmq_threads.serving()  # before this turn's sends
         if self.backend in events:
             self.from_workers.drain()
             self._commit_here()  # checkpoints committed: the replies they held go out now
@@ -263,8 +265,6 @@ class Broker:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     break
-        if self.frontend in events or core.running:
-            self.zmq_threads.serving()
         now = time.monotonic()
         if now >= core.next_deadline():
             core.tick(now)
