@@ -7,7 +7,8 @@ ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all thread
 and wake-ups (voluntary + involuntary context switches of every thread,
 ``/proc/PID/task/*/status``) per second, the involuntary ones (a thread preempted, most often by
 another thread of the stack that a heartbeat woke on the same core) also apart; in all for dspex
-(broker + workers) and with supervisord.
+(broker + workers) and with supervisord, and by thread name (the broker's routing thread ``main``
+and zmq I/O thread, the workers' summed over the six, supervisord's own loop).
 
 ``idle.worker``: the idle workers of that stack alone (the median worker), per thread: a worker
 sleeps until its next real deadline (its heartbeat, a call's time limit), so its wake-ups are
@@ -68,9 +69,23 @@ def rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict
     :func:`counters` readings (threads present in both; a thread that started meanwhile counts
     from 0)."""
     per_thread = {k: (v - before["threads"].get(k, 0)) / seconds for k, v in after["threads"].items()}
-    preempted = sum(v - before["preempted"].get(k, 0) for k, v in after["preempted"].items()) / seconds
+    preempted = {k: (v - before["preempted"].get(k, 0)) / seconds for k, v in after["preempted"].items()}
     return {"cpu": (after["cpu"] - before["cpu"]) / seconds, "wakeups": sum(per_thread.values()),
-            "preempted": preempted, "threads": {k: round(v, 2) for k, v in per_thread.items() if v}}
+            "preempted": sum(preempted.values()), "threads": {k: round(v, 2) for k, v in per_thread.items() if v},
+            "threads_preempted": {k: round(v, 2) for k, v in preempted.items() if v}}
+
+
+def by_thread(m: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """One window's wake-ups and preemptions per second by thread name: the broker's, supervisord's,
+    and the workers' summed over the workers (``workers main``, ``workers ZMQbg/IO/0``...)."""
+    out: dict[str, tuple[float, float]] = {}
+    for proc, r in m.items():
+        role = proc if proc in ("broker", "supervisord") else "workers"
+        for key, n in r["threads"].items():
+            name = f"{role} {key.split(':')[0]}"
+            woke, preempted = out.get(name, (0.0, 0.0))
+            out[name] = (woke + n, preempted + r["threads_preempted"].get(key, 0.0))
+    return out
 
 
 def measure(pids: dict[str, int], seconds: float) -> dict[str, dict[str, Any]]:
@@ -141,6 +156,9 @@ def idle(cfg: Config) -> list[Row]:
     totals = {k: {f: median([_totals(r)[k][f] for r in idle_rounds]) for f in ("cpu", "wakeups", "preempted")}
               for k in ("dspex", "with_supervisord")}
     threads = {k: idle_rounds[-1][k]["threads"] for k in pids}
+    windows = [by_thread(r) for r in idle_rounds]
+    names = sorted({name for w in windows for name in w})
+    thread_rates = {name: [median([w.get(name, (0.0, 0.0))[i] for w in windows]) for i in (0, 1)] for name in names}
     ok = totals["with_supervisord"]["cpu"] <= CPU_GOAL and totals["with_supervisord"]["wakeups"] <= WAKEUPS_GOAL
     workers = [k for k in pids if k not in ("supervisord", "broker")]
     w_cpu = median([per_proc[k]["cpu"] for k in workers])
@@ -149,10 +167,12 @@ def idle(cfg: Config) -> list[Row]:
                 f"{_fmt(totals['with_supervisord'])} (dspex alone: {_fmt(totals['dspex'])})",
                 f"broker {_fmt(per_proc['broker'])}; a worker {_fmt({'cpu': w_cpu, 'wakeups': w_wake})}; "
                 f"supervisord {_fmt(per_proc['supervisord'])}; of all the wake-ups, "
-                f"{totals['with_supervisord']['preempted']:.1f}/s were preemptions", "",
+                f"{totals['with_supervisord']['preempted']:.1f}/s were preemptions; by thread (wake-ups/s, of them "
+                "preempted): " + ", ".join(f"{name} {woke:.1f} ({preempted:.1f})"
+                                           for name, (woke, preempted) in thread_rates.items()), "",
                 f"≤ {CPU_GOAL * 100:.1f}% of a core, ≤ {WAKEUPS_GOAL:.0f} wake-ups/s", "" if cfg.smoke else verdict(ok),
                 data={"window_s": window, "rounds": rounds, "settled_s": settled, "per_process": per_proc, "totals": totals,
-                      "threads_last_round": threads, "raw": idle_rounds})]
+                      "by_thread": thread_rates, "threads_last_round": threads, "raw": idle_rounds})]
     median_worker = sorted(workers, key=lambda k: per_proc[k]["wakeups"])[len(workers) // 2]
     rows.append(Row("idle.worker", f"an idle worker of that stack (median of {len(workers)}), {window:.0f} s windows",
                     _fmt({"cpu": w_cpu, "wakeups": w_wake}),

@@ -41,6 +41,7 @@ from broker.sockets import BrokerSockets, ClientOutbox, SocketDrain, bind_socket
 from dspex.stack.rundir import claim, ensure_private_dir
 from dspex.stack.supervisor import pid_alive
 from dspex.wire.errors import ConfigError
+from dspex.wire.sockets import ZmqThreads
 from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
@@ -60,6 +61,8 @@ class Broker:
                          heartbeat_liveness=options.heartbeat_liveness, max_sessions=options.max_sessions)
         self.options = options
         self.ctx = context or zmq.Context.instance()
+        self.zmq_threads = ZmqThreads(self.ctx)  # batch while no client calls (before any socket)
+        self._round = self.core.roster.last_round  # the last heartbeat round the zmq threads saw
         self.connections = Connections()
         self.outbox = ClientOutbox(self.core.counters, options.client_hwm)
         self._stop = False
@@ -234,6 +237,8 @@ class Broker:
         if conns.worker_disconnects or conns.client_disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
+        if self.frontend in events or core.running:
+            self.zmq_threads.serving()  # before this turn's sends
         if self.backend in events:
             self.from_workers.drain()
             self._commit_here()  # checkpoints committed: the replies they held go out now
@@ -259,6 +264,9 @@ class Broker:
         now = time.monotonic()
         if now >= core.next_deadline():
             core.tick(now)
+            if core.roster.last_round != self._round:
+                self._round = core.roster.last_round
+                self.zmq_threads.quiet()
         if now >= publisher.next_due():
             publisher.tick(now)
         conns.log_handshakes_due(now)

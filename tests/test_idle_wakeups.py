@@ -1,20 +1,24 @@
 """An idle stack stays out of the way: the broker reads the workers' answers to a heartbeat round
-in one wake-up of its routing thread, not in one each, and only while no request is in flight
-(issue 22 item 6; bench/idle.py measures the stack)."""
+in one wake-up of its routing thread, not in one each, and only while no request is in flight; the
+zmq I/O threads of the broker and the workers, woken by a heartbeat, do not preempt the thread
+running (issue 22 item 6; bench/idle.py measures the stack)."""
 
 from __future__ import annotations
 
 import math
 import os
 import socket
+import threading
 import time
 
 import msgpack
 import pytest
 import zmq
 
+import dspex
 from broker.roster import ANSWERS_WAIT
 from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_HEARTBEAT, W_READY
+from tests.harness.procs import wait_for
 from tests.harness.stack import Stack
 from tests.test_core import HEARTBEAT, START, StubCore
 
@@ -89,3 +93,64 @@ def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack
         for d in dealers:
             d.close(0)
         ctx.term()
+
+
+def _io_threads(pid: int) -> dict[int, str]:
+    """The zmq threads of process ``pid`` (``ZMQbg/IO/0``, ``ZMQbg/Reaper``), by thread id."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            comm = f.read().strip()
+        if comm.startswith("ZMQbg/"):
+            found[int(tid)] = comm
+    return found
+
+
+def _policies(pid: int) -> dict[str, int]:
+    return {comm: os.sched_getscheduler(tid) for tid, comm in _io_threads(pid).items()}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.timeout(60)
+def test_the_zmq_threads_run_as_batch_threads_while_no_call_comes_and_as_ordinary_ones_while_calls_do(
+        stack: Stack) -> None:
+    """Each heartbeat wakes the zmq I/O threads of both ends; as ordinary threads they preempted
+    the thread running on their core (the process's own routing or main thread, most often, or
+    another program's), ~5 wake-ups/s of an idle stack of 6 workers. As SCHED_BATCH threads they
+    run at once on an idle core, else when that thread yields; but under load that costs a call's
+    every hop up to a scheduler slice, so they are batch only while no call comes. The routing
+    thread and the worker's main thread keep the ordinary policy throughout."""
+    stack.heartbeat = 0.5
+    broker = stack.start_broker("p:strict_queue")
+    worker = stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    pids = (broker.pid, worker.pid)
+    for pid in pids:
+        assert "ZMQbg/IO/0" in _io_threads(pid).values()
+    batch = {pid: dict.fromkeys(_io_threads(pid).values(), os.SCHED_BATCH) for pid in pids}
+    wait_for(lambda: all(_policies(pid) == batch[pid] for pid in pids), 10, 0.05, "batch zmq threads, idle")
+    calling = threading.Event()
+    stop = threading.Event()
+
+    def call_on() -> None:
+        with dspex.connect(stack.frontend, timeout=10) as c, c.session("p") as s:
+            while not stop.is_set():
+                s.call("os", "getpid")
+                calling.set()
+
+    caller = threading.Thread(target=call_on, daemon=True)
+    caller.start()
+    try:
+        assert calling.wait(10)
+        deadline = time.monotonic() + 1.5  # three heartbeat rounds of calls
+        while time.monotonic() < deadline:
+            for pid in pids:
+                assert set(_policies(pid).values()) == {os.SCHED_OTHER}
+                assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        caller.join(10)
+    wait_for(lambda: all(_policies(pid) == batch[pid] for pid in pids), 10, 0.05, "batch zmq threads, idle again")
+    for pid in pids:
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER

@@ -48,7 +48,7 @@ from dspex.wire.protocol import (
     W_READY,
     packb,
 )
-from dspex.wire.sockets import HANDSHAKE_EVENTS, handshake_failure, tune_socket
+from dspex.wire.sockets import HANDSHAKE_EVENTS, ZmqThreads, handshake_failure, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
@@ -162,6 +162,7 @@ class Link:
                  deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]],
                  on_beat: Callable[[float], None],
                  grace: float, timers: Timers) -> None:
+        self._zmq_threads = ZmqThreads(ctx)  # batch while no call comes (before the context's first socket)
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
                                     curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._ready = ready
@@ -246,6 +247,7 @@ class Link:
                 return
             sock = self._dealer.sock
             assert sock is not None
+            self._zmq_threads.serving()
             try:
                 send_frames(sock, frames)
             except zmq.Again:
@@ -338,7 +340,9 @@ class Link:
                 if now - self._last_beat >= self._interval / 2:
                     self._beat(now)
                 self._next_beat = now + self._interval * (1 + _ANSWER_SLACK)
+                self._zmq_threads.quiet()
                 continue
+            self._zmq_threads.serving()
             if command == B_REREGISTER:
                 self._send_control([W_READY, self._ready()])
                 continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -104,6 +104,71 @@ def read_key_file(path: str, what: str) -> tuple[bytes, bytes | None]:
         return load_certificate(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{what} {path} is not a CURVE key file ({err})") from None
+
+
+def _tasks() -> set[int]:
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+
+class ZmqThreads:
+    """The zmq threads (I/O and reaper) of a context that has no socket yet, run under
+    ``SCHED_BATCH`` while their process is quiet and under the ordinary policy while it serves.
+
+    An idle stack's zmq threads wake for its heartbeats only, and as ordinary threads they preempted
+    the thread running on their core: the routing or main thread of their own process that just
+    sent (~5 of an idle stack's ~7 preemptions per second, 6 workers), or another program's, such as
+    a local model's. A batch thread runs at once on an idle core, else when the running thread
+    yields or its slice ends; under load that costs each hop up to a slice (a no-op call's p50 3.6×
+    with both cores busy), so the threads are batch only between heartbeats that saw no traffic
+    (:meth:`quiet`), and ordinary again at the first message (:meth:`serving`). Nothing switches
+    where the process does not run the ordinary policy (real-time or idle is the operator's
+    choice), on a context whose threads run already (not ours alone), or where a switch fails."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self.batch = False
+        self._tids: list[int] = []
+        self._named = False  # the tids kept are the zmq threads' (named as they start)
+        self._seen = True  # traffic since the last quiet()
+        if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return
+        before = _tasks()
+        ctx.socket(zmq.PAIR).close(0)  # the context starts its threads with its first socket
+        self._tids = sorted(_tasks() - before)
+
+    def serving(self) -> None:
+        """A message of the process's work (not a heartbeat): the ordinary policy from now on."""
+        self._seen = True
+        if self.batch:
+            self._switch(False)
+
+    def quiet(self) -> None:
+        """A heartbeat: batch if no work came since the last one."""
+        if not self._seen and not self.batch and self._tids:
+            self._switch(True)
+        self._seen = False
+
+    def _switch(self, batch: bool) -> None:
+        if not self._named:  # (a thread another thread started meanwhile is not one of them)
+            self._named = True
+            self._tids = [tid for tid in self._tids if _comm(tid).startswith("ZMQbg/")]
+        policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        kept = []
+        for tid in self._tids:
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                kept.append(tid)
+            except OSError:  # the thread ended (its context did), or the switch is refused
+                pass
+        self._tids = kept
+        self.batch = batch
+
+
+def _comm(tid: int) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
