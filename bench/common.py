@@ -273,10 +273,13 @@ def ratio_p50(lat: dict[str, list[list[float]]], a: str, b: str) -> float:
     return median([ratio_of(quantile(x, 0.5), quantile(y, 0.5)) for x, y in zip(lat[a], lat[b])])
 
 
-def alternate(systems: dict[str, Callable[[], None]], rounds: int, per_round: int, cfg: Config) -> dict[str, list[list[float]]]:
+def alternate(systems: dict[str, Callable[[], Any]], rounds: int, per_round: int, cfg: Config,
+              warmup: int = 200) -> dict[str, list[list[float]]]:
+    """Blocks of ``per_round`` timed calls of each system, the systems alternating block by block,
+    the order rotating each round, after ``warmup`` calls of each (imports, connections, caches)."""
     names = list(systems)
-    for name in names:  # warm up every path (imports, connections, caches)
-        timed(systems[name], 200)
+    for name in names:
+        timed(systems[name], warmup)
     lat: dict[str, list[list[float]]] = {k: [] for k in names}
     every = max(1, rounds // 5)
     for r in range(rounds):

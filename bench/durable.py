@@ -36,6 +36,7 @@ from bench.common import (
     median,
     ms,
     quantile,
+    timed,
     us,
     verdict,
     wait_for,
@@ -44,15 +45,6 @@ from bench.common import (
 TARGET = "≤ 1.2× a plain session"
 # the typical session: a ChainOfThought with 4 demos (the same as bench.ab --what durable's)
 _CONFIGURE = DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"])
-
-
-def _block(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def durable(cfg: Any) -> list[Row]:
@@ -78,7 +70,7 @@ def durable(cfg: Any) -> list[Row]:
                     raise AssertionError(f"unexpected answer {out!r}")
                 return out
 
-            _block(call, 200)  # the LM history at the worker's bound (--lm-history 200)
+            timed(call, 200)  # the LM history at the worker's bound (--lm-history 200)
             calls[kind], sessions[kind] = call, s
         lat: dict[str, list[list[float]]] = {k: [] for k in calls}
         cpu: dict[str, dict[str, list[float]]] = {k: {"broker": [], "worker": []} for k in calls}
@@ -86,7 +78,7 @@ def durable(cfg: Any) -> list[Row]:
         for r in range(rounds):
             for kind in iter_rotated(list(calls), r):
                 before = {who: cpu_ns(pid) for who, pid in pids.items()}
-                lat[kind].append(_block(calls[kind], per_block))
+                lat[kind].append(timed(calls[kind], per_block))
                 for who, pid in pids.items():
                     cpu[kind][who].append((cpu_ns(pid) - before[who]) / per_block / 1e9)
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
@@ -127,7 +119,7 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     warm_cot = warmup.exec(_CONFIGURE)["cot"]
     if int(warmup.eval("__import__('os').getpid()")) != other["pid"]:
         raise AssertionError("the warm-up session is not on the other worker")
-    _block(lambda: warm_cot(question=QUESTION), 20)
+    timed(lambda: warm_cot(question=QUESTION), 20)
     pid = int(s.eval("__import__('os').getpid()"))
     os.kill(pid, signal.SIGKILL)
     t_kill = time.perf_counter()
@@ -139,7 +131,7 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     moved = time.perf_counter() - t
     if int(s.eval("__import__('os').getpid()")) != other["pid"]:
         raise AssertionError("the session did not move to the other worker")
-    warm = median([quantile(_block(call, 50 if not cfg.smoke else 10), 0.5) for _ in range(3)])
+    warm = median([quantile(timed(call, 50 if not cfg.smoke else 10), 0.5) for _ in range(3)])
     cost = moved - warm
     return Row("durable.restore", "its worker killed (-9) and gone: the session's next call, minus that call warm",
                ms(cost), f"the call: {ms(moved)}; warm {us(warm)}; kill noticed in {ms(noticed)}", "",

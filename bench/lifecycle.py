@@ -279,7 +279,7 @@ childlogdir={root}
 loglevel=warn
 
 [program:broker]
-command={py} -m broker --config {root}/supervisord.conf --frontend {fe} --backend {be} --pool pd:strict_queue --pool pn:strict_queue --pool pr:strict_queue --log-level WARNING
+command={py} -m broker --config {root}/supervisord.conf --frontend {fe} --backend {be} --pool pd:strict_queue --pool pn:strict_queue --log-level WARNING
 directory={repo}
 environment={env}
 autorestart=true

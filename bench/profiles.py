@@ -5,7 +5,6 @@
   the measured calls (started and stopped by two ``exec`` calls of the session). The call is a
   no-op (``builtins.len``, a ``--no-dspy`` worker) or a ``dspy.Predict`` / ``ChainOfThought`` ref
   answered by a DummyLM (then the same program in-process is profiled too). Own time per call.
-  ``--durable``: through a durable session (the checkpoint's build is in the worker's part).
 * ``perf [--seconds S]``: ``perf record`` (cpu-clock, all threads, native frames) of the broker
   under the pipelined load of ``bench.servers loadgen`` (2 capacity-1 ``--no-dspy`` workers, 100
   sessions): the interpreter, pyzmq, libzmq and the kernel of its main thread and of zmq's I/O
@@ -60,8 +59,8 @@ def call(a: argparse.Namespace) -> int:
         client = st.client(timeout=60)
         try:
             st.wait_workers("p", 1, 90, client=client)
-            s = client.session("p", durable=a.durable)
-            profiled = client.session("p")  # the profiler lives in a plain session: never in a checkpoint
+            s = client.session("p")
+            profiled = client.session("p")  # the profiler's own session: its exec calls are not profiled
             if kind == "noop":
                 def one() -> Any:
                     return s.call("builtins", "len", [[]])
@@ -69,16 +68,11 @@ def call(a: argparse.Namespace) -> int:
             else:
                 import dspy
 
-                from bench.predict import (
-                    _CONFIGURE,
-                    ANSWERS,
-                    QUESTION,
-                    dummy_lm,
-                    programs,
-                )
+                from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
+                from bench.predict import dummy_lm, programs
 
                 prog = programs()[kind]
-                s.exec(_CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
+                s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
                 ref = s.put(prog)
 
                 def one() -> Any:
@@ -100,7 +94,7 @@ def call(a: argparse.Namespace) -> int:
             profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
         finally:
             client.close()
-        print(f"{a.calls} sequential {kind} calls through a {'durable ' if a.durable else ''}session: {wall / a.calls * 1e6:.0f} µs per call "
+        print(f"{a.calls} sequential {kind} calls through a session: {wall / a.calls * 1e6:.0f} µs per call "
               "under cProfile\n\nclient:")
         print(_table(pstats.Stats(prof, stream=io.StringIO()), a.calls, a.top, a.sort))
         print("\nworker main thread:")
@@ -133,9 +127,7 @@ def perf(a: argparse.Namespace) -> int:
             st = Stack(ws, "n")
             broker = st.start_broker("p:strict_queue")
             workers = [st.start_worker("p", "--no-dspy") for _ in range(2)]
-            c = st.client()
-            st.wait_workers("p", 2, client=c)
-            c.close()
+            st.wait_workers("p", 2)
             rec = subprocess.Popen([perf_bin, "record", "-F", "4000", "-e", "cpu-clock", "-g", "-o", data, "-p",
                                     str(broker.pid), "--", "sleep", str(a.seconds + 0.5)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -191,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--predict", action="store_true")
     kind.add_argument("--cot", action="store_true")
     c.add_argument("--calls", type=int, default=2000)
-    c.add_argument("--durable", action="store_true", help="through a durable session")
     c.add_argument("--sort", default="tottime", choices=("tottime", "cumtime"))
     f = sub.add_parser("perf")
     f.add_argument("--seconds", type=float, default=4.0)

@@ -23,7 +23,6 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -144,6 +143,9 @@ def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def loadgen(a: argparse.Namespace) -> dict[str, Any]:
+    """Keep one call per session in flight (session ``si`` on socket ``owner[si]``): ``a.warmup``
+    s, then ``a.duration`` s counted (CPU of ``a.cpu_pid`` over the same window), then drain what is
+    in flight."""
     from dspex.wire import codec
     from dspex.wire.protocol import RequestHeader
 
@@ -161,15 +163,6 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
     sessions = [secrets.token_hex(16) for _ in range(a.sessions)]
     owner = [socks[i % len(socks)] for i in range(a.sessions)]
     timeout_ms = int(a.timeout * 1000)
-    return drive(ctx, socks, owner, lambda rid, si: RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack(),
-                 body, a)
-
-
-def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Callable[[int, int], bytes], body: bytes,
-          a: argparse.Namespace) -> dict[str, Any]:
-    """Keep one call per session in flight (session ``si`` on socket ``owner[si]``, its request
-    header ``header(req_id, si)``): ``a.warmup`` s, then ``a.duration`` s counted (CPU of
-    ``a.cpu_pid`` over the same window), then drain what is in flight. Closes the sockets and ``ctx``."""
     inflight: list[dict[int, int]] = [{} for _ in socks]  # per socket: req_id -> session index
     sent_at: list[dict[int, float]] = [{} for _ in socks]
     next_id = [1] * len(socks)
@@ -184,7 +177,7 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
         next_id[k] = rid + 1
         inflight[k][rid] = si
         sent_at[k][rid] = clock()
-        s.send_multipart([header(rid, si), body])
+        s.send_multipart([RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack(), body])
 
     poller = zmq.Poller()
     for s in socks:
