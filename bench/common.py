@@ -12,7 +12,8 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,41 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def rss_total(pids: Iterable[int]) -> int:
+    """RSS bytes of the processes among ``pids`` that still run."""
+    total = 0
+    for pid in pids:
+        try:
+            total += rss_bytes(pid)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 class Stack(HarnessStack):
     """The harness's broker-and-workers stack with the benchmarks' defaults: 1 s heartbeats and
     WARNING logs (log lines would cost time in the measured processes)."""
 
     def __init__(self, ws: Workspace, name: str = "s", heartbeat: float = 1.0, liveness: int = 3) -> None:
         super().__init__(ws, name, heartbeat=heartbeat, liveness=liveness, log_level="WARNING")
+
+
+@contextmanager
+def pool_stack(name: str, *worker_args: str, workers: int = 1) -> Iterator[tuple[Workspace, Stack, Any]]:
+    """A workspace with a broker of one ``strict_queue`` pool ``p``, ``workers`` ready workers and
+    a client (patient: workers that import dspy start slowly on a loaded machine); at the end the
+    client is closed and every process of the workspace stopped, errors included."""
+    with Workspace() as ws:
+        st = Stack(ws, name)
+        st.start_broker("p:strict_queue")
+        for _ in range(workers):
+            st.start_worker("p", *worker_args)
+        client = st.client(timeout=60)
+        try:
+            st.wait_workers("p", workers, 90, client=client)
+            yield ws, st, client
+        finally:
+            client.close()
 
 
 # -- machine ---------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ from bench.ab_drivers import ANSWERS, DURABLE_CONFIGURE, QUESTION, cpu_ns
 from bench.common import (
     Row,
     Stack,
-    Workspace,
     iter_rotated,
     median,
     ms,
+    pool_stack,
     quantile,
     timed,
     us,
@@ -50,14 +50,7 @@ _CONFIGURE = DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"])
 def durable(cfg: Any) -> list[Row]:
     rounds = cfg.n_rounds(15, 2)
     per_block = 20 if cfg.smoke else 150
-    ws = Workspace()
-    client = None
-    try:
-        st = Stack(ws, "du")
-        broker = st.start_broker("p:strict_queue")
-        worker = st.start_worker("p")
-        client = st.client(timeout=60)
-        st.wait_workers("p", 1, 90, client=client)
+    with pool_stack("du") as (_, st, client):
         calls: dict[str, Callable[[], Any]] = {}
         sessions = {}
         for kind in ("durable", "plain"):
@@ -74,7 +67,8 @@ def durable(cfg: Any) -> list[Row]:
             calls[kind], sessions[kind] = call, s
         lat: dict[str, list[list[float]]] = {k: [] for k in calls}
         cpu: dict[str, dict[str, list[float]]] = {k: {"broker": [], "worker": []} for k in calls}
-        pids = {"broker": broker.pid, "worker": worker.pid}
+        assert st.broker is not None
+        pids = {"broker": st.broker.pid, "worker": st.worker_procs[0].pid}
         for r in range(rounds):
             for kind in iter_rotated(list(calls), r):
                 before = {who: cpu_ns(pid) for who, pid in pids.items()}
@@ -102,10 +96,6 @@ def durable(cfg: Any) -> list[Row]:
                         "", "", "(info)", "", data={"bytes": size}))
         rows.append(_restore(cfg, st, client, sessions["durable"], calls["durable"]))
         return rows
-    finally:
-        if client is not None:
-            client.close()
-        ws.close()
 
 
 def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) -> Row:

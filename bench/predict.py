@@ -25,10 +25,9 @@ from typing import Any
 from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
 from bench.common import (
     Row,
-    Stack,
-    Workspace,
     iter_rotated,
     median,
+    pool_stack,
     quantile,
     timed,
     us,
@@ -69,14 +68,7 @@ def predict(cfg: Any) -> list[Row]:
 
     rounds = cfg.n_rounds(15, 2)
     per_block = 20 if cfg.smoke else 150
-    ws = Workspace()
-    client = None
-    try:
-        st = Stack(ws, "pr")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p")
-        client = st.client(timeout=60)
-        st.wait_workers("p", 1, 90, client=client)
+    with pool_stack("pr") as (_, _, client):
         systems: dict[str, dict[str, Callable[[], Any]]] = {}
         sessions = []
         for kind, prog in programs().items():
@@ -158,10 +150,6 @@ def predict(cfg: Any) -> list[Row]:
         for s in sessions:
             s.close(timeout=10)
         return rows
-    finally:
-        if client is not None:
-            client.close()
-        ws.close()
 
 
 ROWS = ["predict.predict", "predict.run", "predict.run_client_lm", "predict.cot"]

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stack, Workspace
+from bench.common import Stack, Workspace, pool_stack
 
 
 def _where(path: str) -> str:
@@ -51,49 +51,41 @@ def _table(stats: pstats.Stats, calls: int, top: int, sort: str = "tottime") -> 
 
 def call(a: argparse.Namespace) -> int:
     kind = "cot" if a.cot else "predict" if a.predict else "noop"
-    with Workspace("dxp") as ws:
-        st = Stack(ws, "s")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p", *([] if kind != "noop" else ["--no-dspy"]))
+    with pool_stack("s", *([] if kind != "noop" else ["--no-dspy"])) as (ws, _, client):
         out = ws.path("worker.prof")
-        client = st.client(timeout=60)
-        try:
-            st.wait_workers("p", 1, 90, client=client)
-            s = client.session("p")
-            profiled = client.session("p")  # the profiler's own session: its exec calls are not profiled
-            if kind == "noop":
-                def one() -> Any:
-                    return s.call("builtins", "len", [[]])
-                local: Any = None
-            else:
-                import dspy
+        s = client.session("p")
+        profiled = client.session("p")  # the profiler's own session: its exec calls are not profiled
+        if kind == "noop":
+            def one() -> Any:
+                return s.call("builtins", "len", [[]])
+            local: Any = None
+        else:
+            import dspy
 
-                from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
-                from bench.predict import dummy_lm, programs
+            from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
+            from bench.predict import dummy_lm, programs
 
-                prog = programs()[kind]
-                s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
-                ref = s.put(prog)
+            prog = programs()[kind]
+            s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
+            ref = s.put(prog)
 
-                def one() -> Any:
-                    return ref(question=QUESTION)
+            def one() -> Any:
+                return ref(question=QUESTION)
 
-                def local() -> Any:
-                    with dspy.context(lm=dummy_lm(kind)):
-                        return prog(question=QUESTION)
-            for _ in range(200):
-                one()
-            profiled.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
-            prof = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof.enable()
-            for _ in range(a.calls):
-                one()
-            prof.disable()
-            wall = time.perf_counter() - t0
-            profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
-        finally:
-            client.close()
+            def local() -> Any:
+                with dspy.context(lm=dummy_lm(kind)):
+                    return prog(question=QUESTION)
+        for _ in range(200):
+            one()
+        profiled.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(a.calls):
+            one()
+        prof.disable()
+        wall = time.perf_counter() - t0
+        profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
         print(f"{a.calls} sequential {kind} calls through a session: {wall / a.calls * 1e6:.0f} µs per call "
               "under cProfile\n\nclient:")
         print(_table(pstats.Stats(prof, stream=io.StringIO()), a.calls, a.top, a.sort))
