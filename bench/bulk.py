@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 from bench.common import (
     PY,
@@ -29,6 +28,7 @@ from bench.common import (
     rss_bytes,
     secs,
     spawn_server,
+    venv_bin,
     verdict,
     wait_echo,
 )
@@ -78,7 +78,8 @@ def numpy_rt(cfg: Config) -> list[Row]:
 
 def flagship(cfg: Config) -> list[Row]:
     name, label, target = "flagship", "dspexctl flagship wall (offline, stack start included)", "≤ 15 s"
-    cmd = _dspexctl()
+    exe = venv_bin("dspexctl")
+    cmd = [exe] if exe else [PY, "-m", "dspexctl"]
     try:
         probe = subprocess.run([*cmd, "flagship", "--help"], env=base_env(), capture_output=True, timeout=60, cwd=REPO,
                                check=False)
@@ -112,13 +113,6 @@ def flagship(cfg: Config) -> list[Row]:
                                   + ws.procs.log_tail("flagship.out", 400).replace("\n", " | "))]
     t = median(times)
     return [Row(name, label, secs(t), "", "", target, verdict(t <= 15.0), data={"times_s": times})]
-
-
-def _dspexctl() -> list[str]:
-    cand = Path(PY).parent / "dspexctl"
-    if cand.exists():
-        return [str(cand)]
-    return [PY, "-c", "import sys; from dspexctl.cli import main; sys.exit(main())"]
 
 
 # ==========================================================================================

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -194,6 +195,12 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("+" if dirty else "")
+
+
+def venv_bin(name: str) -> str | None:
+    """The command ``name`` beside this Python (its venv's), else on PATH; None when neither has it."""
+    cand = Path(PY).parent / name
+    return str(cand) if cand.exists() else shutil.which(name)
 
 
 def loadavg() -> list[str]:

@@ -36,26 +36,18 @@ from bench.common import (
     ratio_p50,
     spawn_server,
     us,
+    venv_bin,
     verdict,
     wait_echo,
 )
 from bench.rayhead import local_ray, ray_missing
 
 
-def _py_spy() -> str | None:
-    cand = Path(PY).parent / "py-spy"
-    if cand.exists():
-        return str(cand)
-    from shutil import which
-
-    return which("py-spy")
-
-
 class Spy:
     """``py-spy record`` of one pid in raw (collapsed-stack) form, for the profile report."""
 
     def __init__(self, ws: Workspace, pid: int, out: str, duration: float, extra: tuple[str, ...] = ()) -> None:
-        exe = _py_spy()
+        exe = venv_bin("py-spy")
         self.proc: subprocess.Popen[bytes] | None = None
         self.out = out
         if exe is None:
