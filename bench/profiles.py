@@ -2,7 +2,8 @@
 
 * ``call [--predict | --cot] [--calls N]``: cProfile of both sides of sequential calls through a
   session: the client here, and the worker's main thread (capacity 1: calls run there) for exactly
-  the measured calls (started and stopped by two ``exec`` calls of the session). The call is a
+  the measured calls (switched on and off by SIGUSR2 between calls, plus the one ``eval`` that
+  sees it switched on). The call is a
   no-op (``builtins.len``, a ``--no-dspy`` worker) or a ``dspy.Predict`` / ``ChainOfThought`` ref
   answered by a DummyLM (then the same program in-process is profiled too). Own time per call.
 * ``perf [--seconds S]``: ``perf record`` (cpu-clock, all threads, native frames) of the broker
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stack, Workspace, pool_stack
+from bench.common import Stack, Workspace, pool_stack, wait_for
 
 
 def _where(path: str) -> str:
@@ -49,12 +52,37 @@ def _table(stats: pstats.Stats, calls: int, top: int, sort: str = "tottime") -> 
                      for func, (_, nc, tt, ct, _) in sorted(rows.items(), key=lambda kv: -kv[1][key])[:top])
 
 
+_WORKER_PROFILER = """
+import cProfile
+import signal
+
+_wprof, _wprof_on = cProfile.Profile(), [False]
+
+
+def _switch(*_):
+    (_wprof.disable if _wprof_on[0] else _wprof.enable)()
+    _wprof_on[0] = not _wprof_on[0]
+
+
+signal.signal(signal.SIGUSR2, _switch)
+"""
+
+
 def call(a: argparse.Namespace) -> int:
     kind = "cot" if a.cot else "predict" if a.predict else "noop"
     with pool_stack("s", *([] if kind != "noop" else ["--no-dspy"])) as (ws, _, client):
         out = ws.path("worker.prof")
         s = client.session("p")
-        profiled = client.session("p")  # the profiler's own session: its exec calls are not profiled
+        # the profiler's own session; the worker puts back a profile function that a call sets
+        # (worker/executor.py, _Interpreter), so a signal switches it, between calls, on the
+        # worker's main thread (where a capacity-1 worker runs its calls)
+        profiled = client.session("p")
+        profiled.exec(_WORKER_PROFILER)
+        worker_pid = int(profiled.call("os", "getpid"))
+
+        def switch(on: bool) -> None:
+            os.kill(worker_pid, signal.SIGUSR2)
+            wait_for(lambda: profiled.eval("_wprof_on[0]") is on, what="the worker's profiler switched")
         if kind == "noop":
             def one() -> Any:
                 return s.call("builtins", "len", [[]])
@@ -77,7 +105,7 @@ def call(a: argparse.Namespace) -> int:
                     return prog(question=QUESTION)
         for _ in range(200):
             one()
-        profiled.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
+        switch(True)
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
@@ -85,7 +113,8 @@ def call(a: argparse.Namespace) -> int:
             one()
         prof.disable()
         wall = time.perf_counter() - t0
-        profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
+        switch(False)
+        profiled.exec(f"_wprof.dump_stats({out!r})")
         print(f"{a.calls} sequential {kind} calls through a session: {wall / a.calls * 1e6:.0f} µs per call "
               "under cProfile\n\nclient:")
         print(_table(pstats.Stats(prof, stream=io.StringIO()), a.calls, a.top, a.sort))
