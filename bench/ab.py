@@ -33,7 +33,6 @@ the raw blocks).
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref
   call, the asyncio driver's CPU per call with ``--sessions`` sessions, the worker's CPU per call.
-  ``--routed-a``: side a's clients are routers of a map of two brokers (``dspex.client.routing``).
 * ``durable``: each tree's stack (broker + one capacity-1 worker with dspy) and client: the
   ``durable.call`` row (a ChainOfThought with 4 demos, DummyLM) in a durable and in a plain
   session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
@@ -94,9 +93,7 @@ def _stack(ws: Workspace, name: str, tree: str, pool: str, workers: int, dspy: b
     procs = [ws.procs.spawn([PY, "-m", "worker", "--pool", pool.split(":")[0], "--backend", st.backend, *common,
                              *([] if dspy else ["--no-dspy"])], f"{name}-worker.log", st.env, cwd=tree)
              for _ in range(workers)]
-    c = st.client(timeout=60)
-    st.wait_workers(pool.split(":")[0], workers, 90, client=c)
-    c.close()
+    st.wait_workers(pool.split(":")[0], workers, 90)
     return st, [broker.pid, *(p.pid for p in procs)]
 
 
@@ -179,8 +176,7 @@ def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace,
         return DriverSide(tree, ["output", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 100_000})
     if what == "durable":
         return DriverSide(tree, ["durable", st.frontend, str(pids[0]), str(pids[1])], {"n": a.calls or 150})
-    routed = ["routed"] if name == "a" and a.routed_a else []
-    return DriverSide(tree, ["client", st.frontend, str(a.sessions), *routed],
+    return DriverSide(tree, ["client", st.frontend, str(a.sessions)],
                       {"n": a.calls or 150, "seconds": a.duration}, worker=pids[1])
 
 
@@ -218,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")
     p.add_argument("--pool-a", default="", help="tree: side a's pool spec (e.g. p:strict_queue:prefetch=1)")
     p.add_argument("--pool-b", default="")
-    p.add_argument("--routed-a", action="store_true", help="client: side a's clients route a map of two brokers")
     p.add_argument("--profile", action="store_true", help="core: cProfile of this checkout's core instead")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", metavar="PATH", help="also write the figures and the raw blocks here")

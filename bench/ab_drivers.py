@@ -11,8 +11,7 @@ figures for a block. Mode by mode:
   one call each in flight, 4 clients); per request + reply: ``core_us`` of thread CPU time (the
   machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds). The
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
-  of each message, behind a null port; a tree from before them (a ``Core`` subclass as its shell)
-  through its private handlers, which read the clock.
+  of each message, behind a null port.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
@@ -24,13 +23,12 @@ figures for a block. Mode by mode:
   ``feed`` of the worker's reply, for ``s.run`` of a held function of this script (by value),
   a no-op ``s.call`` (``builtins.len``) and a ``dspy.Predict`` ref call answered by a
   ``Prediction``: thread CPU per call of each (what ``client``'s process CPU cannot resolve).
-* ``client ENDPOINT SESSIONS [routed]``: against a stack of the same tree: sequential no-op calls
+* ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
   value) and the same program in-process (p50 of each and their ratios; the client's process CPU
   per no-op and per ref call), then an ``AsyncClient`` with SESSIONS sessions calling a
-  ``ChainOfThought`` ref back to back (the serving driver's path): its CPU per call. ``routed``: both clients are routers of a map of two
-  brokers (``p`` on ENDPOINT, every other pool on a second endpoint nobody uses).
+  ``ChainOfThought`` ref back to back (the serving driver's path): its CPU per call.
 * ``durable ENDPOINT BROKER_PID WORKER_PID``: against a stack of the same tree, the row of
   ``python -m bench --only durable``: a ``ChainOfThought`` with 4 demos and a DummyLM in a durable
   session and in a plain one (each past 200 calls: the LM history at its bound), ``n`` calls of
@@ -88,12 +86,10 @@ class CoreLoad:
 
         import dspex.wire.protocol as wire
         from broker.core import Core
+        from broker.ops import HANDLERS
         from dspex.stack.pools import parse_pool_spec
 
         self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
-        # (a tree from before the envelopes were named so calls them heads)
-        self.envelope_size = getattr(wire, "REQUEST_ENVELOPE_SIZE", None) or wire.REQUEST_HEAD_SIZE
-        self.pack_reply_envelope = getattr(wire, "pack_reply_envelope", None) or wire.pack_reply_head
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
         class Null:
@@ -109,8 +105,8 @@ class CoreLoad:
             def client_seen(self, client: bytes, frame: Any) -> None:
                 pass
 
-            def worker_connected(self, wid: bytes, frame: Any) -> None:
-                pass
+            def worker_connected(self, wid: bytes, frame: Any) -> bool:
+                return True  # a shell that cannot tell
 
             def worker_gone(self, wid: bytes) -> None:
                 pass
@@ -124,22 +120,14 @@ class CoreLoad:
             def log(self, level: int, message: str, *args: Any) -> None:
                 pass
 
+            def store(self, job: Any) -> None:
+                pass
+
         self.sent = sent
-        pools = [parse_pool_spec("p:strict_queue")]
-        now = time.monotonic
-        # the shell reads the clock for each message (an older core read it itself)
-        self.clocked = hasattr(Core, "on_client_frames")
-        if self.clocked:
-            from broker.ops import HANDLERS
-
-            core = Core(pools, Null(), HANDLERS, now=now(), heartbeat_interval=1.0, heartbeat_liveness=3)
-            self.from_client, self.from_worker = core.on_client_frames, core.on_worker_frames
-        else:  # a tree from before the public events: a Core subclass is its shell
-            class Shell(Core):
-                _to_client, _send_worker = Null.to_client, Null.to_worker
-
-            core = Shell(pools, heartbeat_interval=1.0, heartbeat_liveness=3)
-            self.from_client, self.from_worker = core._on_frontend, core._on_backend
+        # the shell reads the clock for each message and hands it to the core
+        core = Core([parse_pool_spec("p:strict_queue")], Null(), HANDLERS, now=time.monotonic(),
+                    heartbeat_interval=1.0, heartbeat_liveness=3)
+        self.from_client, self.from_worker = core.on_client_frames, core.on_worker_frames
         self.core = core
         info = {"pool": "p", "pid": 1, "host": "h", "capacity": 1, "running": 0, "version": wire.PROTOCOL_VERSION}
         for wid in (b"w" * 32, b"v" * 32):
@@ -150,11 +138,8 @@ class CoreLoad:
         self.result = msgpack.packb(0)
         self.session_of: dict[tuple[bytes, int], str] = {}
 
-    def _deliver(self, handler: Callable[..., None], frames: list[Any]) -> None:
-        if self.clocked:
-            handler(frames, time.monotonic())
-        else:
-            handler(frames)
+    def _deliver(self, handler: Callable[[list[Any], float], None], frames: list[Any]) -> None:
+        handler(frames, time.monotonic())
 
     def _request(self, client: bytes, session: str) -> list[Any]:
         self.next_id += 1
@@ -166,9 +151,9 @@ class CoreLoad:
     def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
         """The worker's reply to a request the core sent (frames as the backend would deliver)."""
         z, w = self.zmq.Frame, self.wire
-        client = bytes(frames[0])[self.envelope_size:]
+        client = bytes(frames[0])[w.REQUEST_ENVELOPE_SIZE:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
-        return ([z(wid), z(self.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
+        return ([z(wid), z(w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
                  z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:
@@ -339,7 +324,7 @@ def _exchange() -> Side:
 
 # -- client --------------------------------------------------------------------------------------
 
-def _client(endpoint: str, sessions: int, routed: bool) -> Side:
+def _client(endpoint: str, sessions: int) -> Side:
     import dspy
     from dspy.utils import DummyLM
 
@@ -349,16 +334,14 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
     global _PROGRAM
     progs = {"predict": dspy.Predict("question -> answer"), "cot": dspy.ChainOfThought("question -> answer")}
     _PROGRAM = progs["predict"]
-    where: dict[str, Any] = {"endpoints": {"p": endpoint, "*": endpoint + ".nobody"}} if routed else {
-        "endpoint": endpoint}
-    client = dspex.connect(timeout=60, **where)
+    client = dspex.connect(endpoint, timeout=60)
     s = client.session("p")
     s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS["predict"]))
     ref = s.put(progs["predict"])
     lm = DummyLM({QUESTION: ANSWERS["predict"]})
     loop = asyncio.new_event_loop()
 
-    ac = dspex.aio.connect(timeout=60, **where)
+    ac = dspex.aio.connect(endpoint, timeout=60)
 
     async def aio_setup() -> list[Any]:
         ss = [ac.session("p") for _ in range(sessions)]
@@ -433,11 +416,7 @@ def _client(endpoint: str, sessions: int, routed: bool) -> Side:
 
 # -- durable -------------------------------------------------------------------------------------
 
-DURABLE_CONFIGURE = """
-import dspy
-from dspy.utils import DummyLM
-dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
-cot = dspy.ChainOfThought("question -> answer")
+DURABLE_CONFIGURE = CONFIGURE + """cot = dspy.ChainOfThought("question -> answer")
 cot.predict.demos = [dspy.Example(question=f"Question {{i}}?", reasoning=f"Because {{i}}.", answer=f"A{{i}}")
                      .with_inputs("question") for i in range(4)]
 """
@@ -592,7 +571,7 @@ def main(argv: list[str]) -> int:
     elif mode == "output":
         block, close = _output(argv[1], int(argv[2]), int(argv[3]))
     else:
-        block, close = _client(argv[1], int(argv[2]), argv[3:4] == ["routed"])
+        block, close = _client(argv[1], int(argv[2]))
     return serve(block, close)
 
 

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 from bench.common import (
     PY,
     REPO,
     Config,
     Row,
-    Stack,
     Workspace,
     alternate,
     base_env,
     median,
     ms,
+    pool_stack,
     pooled,
     quantile,
     ratio_p50,
     rss_bytes,
     secs,
     spawn_server,
+    venv_bin,
     verdict,
     wait_echo,
 )
@@ -44,23 +44,13 @@ def numpy_rt(cfg: Config) -> list[Row]:
 
     rounds = cfg.n_rounds(20, 3)
     per_round = 3 if cfg.smoke else 10
-    ws = Workspace()
-    client = None
-    ctx = zmq.Context()
-    sock = None
-    try:
-        st = Stack(ws, "a")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p", "--no-dspy")
+    with pool_stack("a", "--no-dspy") as (ws, _, client), zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
         echo_ep = ws.ipc("echo.sock")
         spawn_server(ws, "echo.log", "echo-router", "--bind", echo_ep)
-        client = st.client()
-        st.wait_workers("p", 1, 30, client=client)
         s = client.session("p")
         arr = np.random.default_rng(1).random(1_000_000)
         back = s.eval("x", {"x": arr})
         assert isinstance(back, np.ndarray) and np.array_equal(back, arr)
-        sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(echo_ep)
         wait_echo(sock, [b"x"])
@@ -80,13 +70,6 @@ def numpy_rt(cfg: Config) -> list[Row]:
                     f"raw zmq echo of the same bytes {ms(p50['raw'])}", f"{r:.2f}× raw", "≤ 3×", verdict(r <= 3.0),
                     data={"rounds": rounds, "calls_per_round": per_round, "p50_ms": {k: v * 1e3 for k, v in p50.items()},
                           "ratio": r})]
-    finally:
-        if sock is not None:
-            sock.close(0)
-        if client is not None:
-            client.close()
-        ctx.term()
-        ws.close()
 
 
 # ==========================================================================================
@@ -95,7 +78,8 @@ def numpy_rt(cfg: Config) -> list[Row]:
 
 def flagship(cfg: Config) -> list[Row]:
     name, label, target = "flagship", "dspexctl flagship wall (offline, stack start included)", "≤ 15 s"
-    cmd = _dspexctl()
+    exe = venv_bin("dspexctl")
+    cmd = [exe] if exe else [PY, "-m", "dspexctl"]
     try:
         probe = subprocess.run([*cmd, "flagship", "--help"], env=base_env(), capture_output=True, timeout=60, cwd=REPO,
                                check=False)
@@ -131,13 +115,6 @@ def flagship(cfg: Config) -> list[Row]:
     return [Row(name, label, secs(t), "", "", target, verdict(t <= 15.0), data={"times_s": times})]
 
 
-def _dspexctl() -> list[str]:
-    cand = Path(PY).parent / "dspexctl"
-    if cand.exists():
-        return [str(cand)]
-    return [PY, "-c", "import sys; from dspexctl.cli import main; sys.exit(main())"]
-
-
 # ==========================================================================================
 # memory
 # ==========================================================================================
@@ -146,14 +123,9 @@ def memory(cfg: Config) -> list[Row]:
     n_sessions = 1000 if cfg.smoke else 10_000
     n_cycles = 1000 if cfg.smoke else 10_000
     warm = 200 if cfg.smoke else 1000
-    ws = Workspace()
-    client = None
-    try:
-        st = Stack(ws, "m")
-        broker = st.start_broker("p:strict_queue")
-        wproc = st.start_worker("p")  # production worker: dspy preloaded
-        client = st.client()
-        st.wait_workers("p", 1, 60, client=client)
+    with pool_stack("m") as (_, st, client):  # a production worker: dspy preloaded
+        assert st.broker is not None
+        broker, wproc = st.broker, st.worker_procs[0]
         broker_idle = rss_bytes(broker.pid)
 
         def cycle() -> None:
@@ -194,7 +166,3 @@ def memory(cfg: Config) -> list[Row]:
             rows[0].target += " at 10k (smoke: 1k)"
             rows[1].target += " at 10k (smoke: 1k)"
         return rows
-    finally:
-        if client is not None:
-            client.close()
-        ws.close()

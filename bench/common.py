@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,12 +146,41 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def rss_total(pids: Iterable[int]) -> int:
+    """RSS bytes of the processes among ``pids`` that still run."""
+    total = 0
+    for pid in pids:
+        try:
+            total += rss_bytes(pid)
+        except OSError:  # exited meanwhile
+            pass
+    return total
+
+
 class Stack(HarnessStack):
     """The harness's broker-and-workers stack with the benchmarks' defaults: 1 s heartbeats and
     WARNING logs (log lines would cost time in the measured processes)."""
 
     def __init__(self, ws: Workspace, name: str = "s", heartbeat: float = 1.0, liveness: int = 3) -> None:
         super().__init__(ws, name, heartbeat=heartbeat, liveness=liveness, log_level="WARNING")
+
+
+@contextmanager
+def pool_stack(name: str, *worker_args: str, workers: int = 1) -> Iterator[tuple[Workspace, Stack, Any]]:
+    """A workspace with a broker of one ``strict_queue`` pool ``p``, ``workers`` ready workers and
+    a client (patient: workers that import dspy start slowly on a loaded machine); at the end the
+    client is closed and every process of the workspace stopped, errors included."""
+    with Workspace() as ws:
+        st = Stack(ws, name)
+        st.start_broker("p:strict_queue")
+        for _ in range(workers):
+            st.start_worker("p", *worker_args)
+        client = st.client(timeout=60)
+        try:
+            st.wait_workers("p", workers, 90, client=client)
+            yield ws, st, client
+        finally:
+            client.close()
 
 
 # -- machine ---------------------------------------------------------------------------------
@@ -164,6 +195,12 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev.stdout.strip() + ("+" if dirty else "")
+
+
+def venv_bin(name: str) -> str | None:
+    """The command ``name`` beside this Python (its venv's), else on PATH; None when neither has it."""
+    cand = Path(PY).parent / name
+    return str(cand) if cand.exists() else shutil.which(name)
 
 
 def loadavg() -> list[str]:
@@ -273,10 +310,13 @@ def ratio_p50(lat: dict[str, list[list[float]]], a: str, b: str) -> float:
     return median([ratio_of(quantile(x, 0.5), quantile(y, 0.5)) for x, y in zip(lat[a], lat[b])])
 
 
-def alternate(systems: dict[str, Callable[[], None]], rounds: int, per_round: int, cfg: Config) -> dict[str, list[list[float]]]:
+def alternate(systems: dict[str, Callable[[], Any]], rounds: int, per_round: int, cfg: Config,
+              warmup: int = 200) -> dict[str, list[list[float]]]:
+    """Blocks of ``per_round`` timed calls of each system, the systems alternating block by block,
+    the order rotating each round, after ``warmup`` calls of each (imports, connections, caches)."""
     names = list(systems)
-    for name in names:  # warm up every path (imports, connections, caches)
-        timed(systems[name], 200)
+    for name in names:
+        timed(systems[name], warmup)
     lat: dict[str, list[list[float]]] = {k: [] for k in names}
     every = max(1, rounds // 5)
     for r in range(rounds):

@@ -31,11 +31,12 @@ from bench.ab_drivers import ANSWERS, DURABLE_CONFIGURE, QUESTION, cpu_ns
 from bench.common import (
     Row,
     Stack,
-    Workspace,
     iter_rotated,
     median,
     ms,
+    pool_stack,
     quantile,
+    timed,
     us,
     verdict,
     wait_for,
@@ -46,26 +47,10 @@ TARGET = "≤ 1.2× a plain session"
 _CONFIGURE = DURABLE_CONFIGURE.format(question=QUESTION, answers=ANSWERS["cot"])
 
 
-def _block(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def durable(cfg: Any) -> list[Row]:
     rounds = cfg.n_rounds(15, 2)
     per_block = 20 if cfg.smoke else 150
-    ws = Workspace()
-    client = None
-    try:
-        st = Stack(ws, "du")
-        broker = st.start_broker("p:strict_queue")
-        worker = st.start_worker("p")
-        client = st.client(timeout=60)
-        st.wait_workers("p", 1, 90, client=client)
+    with pool_stack("du") as (_, st, client):
         calls: dict[str, Callable[[], Any]] = {}
         sessions = {}
         for kind in ("durable", "plain"):
@@ -78,15 +63,16 @@ def durable(cfg: Any) -> list[Row]:
                     raise AssertionError(f"unexpected answer {out!r}")
                 return out
 
-            _block(call, 200)  # the LM history at the worker's bound (--lm-history 200)
+            timed(call, 200)  # the LM history at the worker's bound (--lm-history 200)
             calls[kind], sessions[kind] = call, s
         lat: dict[str, list[list[float]]] = {k: [] for k in calls}
         cpu: dict[str, dict[str, list[float]]] = {k: {"broker": [], "worker": []} for k in calls}
-        pids = {"broker": broker.pid, "worker": worker.pid}
+        assert st.broker is not None
+        pids = {"broker": st.broker.pid, "worker": st.worker_procs[0].pid}
         for r in range(rounds):
             for kind in iter_rotated(list(calls), r):
                 before = {who: cpu_ns(pid) for who, pid in pids.items()}
-                lat[kind].append(_block(calls[kind], per_block))
+                lat[kind].append(timed(calls[kind], per_block))
                 for who, pid in pids.items():
                     cpu[kind][who].append((cpu_ns(pid) - before[who]) / per_block / 1e9)
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
@@ -110,10 +96,6 @@ def durable(cfg: Any) -> list[Row]:
                         "", "", "(info)", "", data={"bytes": size}))
         rows.append(_restore(cfg, st, client, sessions["durable"], calls["durable"]))
         return rows
-    finally:
-        if client is not None:
-            client.close()
-        ws.close()
 
 
 def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) -> Row:
@@ -127,7 +109,7 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     warm_cot = warmup.exec(_CONFIGURE)["cot"]
     if int(warmup.eval("__import__('os').getpid()")) != other["pid"]:
         raise AssertionError("the warm-up session is not on the other worker")
-    _block(lambda: warm_cot(question=QUESTION), 20)
+    timed(lambda: warm_cot(question=QUESTION), 20)
     pid = int(s.eval("__import__('os').getpid()"))
     os.kill(pid, signal.SIGKILL)
     t_kill = time.perf_counter()
@@ -139,7 +121,7 @@ def _restore(cfg: Any, st: Stack, client: Any, s: Any, call: Callable[[], Any]) 
     moved = time.perf_counter() - t
     if int(s.eval("__import__('os').getpid()")) != other["pid"]:
         raise AssertionError("the session did not move to the other worker")
-    warm = median([quantile(_block(call, 50 if not cfg.smoke else 10), 0.5) for _ in range(3)])
+    warm = median([quantile(timed(call, 50 if not cfg.smoke else 10), 0.5) for _ in range(3)])
     cost = moved - warm
     return Row("durable.restore", "its worker killed (-9) and gone: the session's next call, minus that call warm",
                ms(cost), f"the call: {ms(moved)}; warm {us(warm)}; kill noticed in {ms(noticed)}", "",

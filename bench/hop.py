@@ -36,26 +36,18 @@ from bench.common import (
     ratio_p50,
     spawn_server,
     us,
+    venv_bin,
     verdict,
     wait_echo,
 )
 from bench.rayhead import local_ray, ray_missing
 
 
-def _py_spy() -> str | None:
-    cand = Path(PY).parent / "py-spy"
-    if cand.exists():
-        return str(cand)
-    from shutil import which
-
-    return which("py-spy")
-
-
 class Spy:
     """``py-spy record`` of one pid in raw (collapsed-stack) form, for the profile report."""
 
     def __init__(self, ws: Workspace, pid: int, out: str, duration: float, extra: tuple[str, ...] = ()) -> None:
-        exe = _py_spy()
+        exe = venv_bin("py-spy")
         self.proc: subprocess.Popen[bytes] | None = None
         self.out = out
         if exe is None:
@@ -280,7 +272,6 @@ def throughput(cfg: Config) -> list[Row]:
     rounds = cfg.n_rounds(5, 1)
     duration, warmup = (0.5, 0.2) if cfg.smoke else (3.0, 0.5)
     ws = Workspace()
-    client = None
     rows: list[Row] = []
     try:
         # systems: name -> (frontend endpoint, [hub pid, worker pids...], loadgen mode, extra args)
@@ -309,10 +300,7 @@ def throughput(cfg: Config) -> list[Row]:
         systems["cproxy"] = (pf_ep, [proxy.pid, *(e.pid for e in echoes)], "loadgen", [])
         systems["client"] = (systems["dspex"][0], systems["dspex"][1], "loadgen-client", ["--threads", "8"])
         for stack in stacks:
-            client = stack.client()
-            stack.wait_workers("p", 2, 30, client=client)
-            client.close()
-            client = None
+            stack.wait_workers("p", 2, 30)
         time.sleep(0.3)  # both echo workers connected to the proxy
         pids = {k: v[1] for k, v in systems.items()}
         broker_pid, workers, broker2 = pids["dspex"][0], pids["dspex"][1:], pids["broker_only_cap4"][0]
@@ -403,7 +391,5 @@ def throughput(cfg: Config) -> list[Row]:
             cfg.log(f"  profiled rounds: {x['rate']:.0f}/s, broker only {y['rate']:.0f}/s (py-spy attached); "
                     f"profiles in {out}")
     finally:
-        if client is not None:
-            client.close()
         ws.close()
     return rows

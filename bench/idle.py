@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import CLK_TCK, Config, Row, Workspace, median, verdict
+from bench.common import Config, Row, Workspace, cpu_seconds, median, verdict
 from bench.shipped import ShippedStack
 
 CPU_GOAL = 0.005  # of one core, the whole idle stack
@@ -42,8 +42,7 @@ WORKER_WAKEUPS_GOAL = 5.0
 def counters(pid: int) -> dict[str, Any]:
     """CPU seconds (all threads), context switches per thread (``comm:tid`` -> count) and the
     involuntary ones among them."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = cpu_seconds(pid)
     threads: dict[str, int] = {}
     preempted: dict[str, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -61,7 +60,7 @@ def counters(pid: int) -> dict[str, Any]:
         key = f"{'main' if int(tid) == pid else comm}:{tid}"
         threads[key] = sum(switches.values())
         preempted[key] = switches.get("nonvoluntary_ctxt_switches:", 0)
-    return {"cpu": (int(fields[11]) + int(fields[12])) / CLK_TCK, "threads": threads, "preempted": preempted}
+    return {"cpu": cpu, "threads": threads, "preempted": preempted}
 
 
 def rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:

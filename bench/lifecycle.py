@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CLK_TCK,
     PY,
     REPO,
     Config,
@@ -29,6 +30,7 @@ from bench.common import (
     ms,
     ratio_of,
     secs,
+    starttime,
     verdict,
     wait_for,
 )
@@ -279,7 +281,7 @@ childlogdir={root}
 loglevel=warn
 
 [program:broker]
-command={py} -m broker --config {root}/supervisord.conf --frontend {fe} --backend {be} --pool pd:strict_queue --pool pn:strict_queue --pool pr:strict_queue --log-level WARNING
+command={py} -m broker --config {root}/supervisord.conf --frontend {fe} --backend {be} --pool pd:strict_queue --pool pn:strict_queue --log-level WARNING
 directory={repo}
 environment={env}
 autorestart=true
@@ -379,8 +381,6 @@ def recycle(cfg: Config) -> list[Row]:
 def _one_recycle(client: Any, st: Stack, pool: str) -> dict[str, float]:
     before = st.workers(pool, client)
     old_ids = {w["incarnation"] for w in before}
-    from bench.common import starttime
-
     oldest = max(before, key=lambda w: w["uptime_s"])
     victim, vpid = oldest["incarnation"], int(oldest["pid"])
     vstart = starttime(vpid)
@@ -422,8 +422,6 @@ def _first_call_on(client: Any, pool: str, pid: int, t0: float) -> float:
 
 def _age(pid: int) -> float:
     """Seconds since ``pid`` started (from /proc, clock ticks since boot)."""
-    from bench.common import CLK_TCK, starttime
-
     st = starttime(pid)
     if st is None:
         return float("nan")

@@ -37,19 +37,11 @@ from bench.common import (
     verdict,
 )
 from bench.idle import counters, rates, settle
-from bench.serving import start_lm_server
+from bench.serving import MODEL, QUESTION, configure_lm, start_lm_server
 from bench.shipped import ShippedStack
 
-QUESTION = "What is six times seven?"
 GOAL = 1.02  # dspex wall ÷ plain wall
 SYSTEMS = ("plain", "alongside", "dspex")
-
-
-def _configure_lm(base: str, model: str) -> None:
-    """Runs in the session (sent by value): the same LM as the plain side."""
-    import dspy
-
-    dspy.configure(lm=dspy.LM(model, api_base=base, api_key="x", cache=False))
 
 
 def _compute_s(base: str) -> float | None:
@@ -79,7 +71,7 @@ class _Through:
             self.stack.start()
             self.client = dspex.connect(self.stack.endpoint, timeout=120)
             s = self.client.session("triage_pool")
-            s.run(_configure_lm, self.base, self.model)
+            s.run(configure_lm, self.base, self.model)  # the same LM as the plain side
             self.prog = s.put(dspy.ChainOfThought("question -> answer"))
             self.prog(question=QUESTION)  # the worker's first LM request (imports, connection)
             settle(self.stack.pids, settle_limit)  # the start-up's CPU is over before a block counts
@@ -98,7 +90,7 @@ def localmodel(cfg: Config) -> list[Row]:
     import dspy
 
     external = os.environ.get("BENCH_LM_BASE", "")
-    model = os.environ.get("BENCH_LM_MODEL", "openai/loopback")
+    model = os.environ.get("BENCH_LM_MODEL", MODEL)
     burn_ms, per_block, settle_limit = (20.0, 2, 1.0) if cfg.smoke else (200.0, 12, 30.0)
     rounds = cfg.n_rounds(5, 1)
     ws = Workspace("dxl")

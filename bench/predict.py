@@ -22,19 +22,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
 from bench.common import (
     Row,
-    Stack,
-    Workspace,
     iter_rotated,
     median,
+    pool_stack,
     quantile,
+    timed,
     us,
     verdict,
 )
 
-QUESTION = "What is the capital of France?"
-ANSWERS = {"predict": {"answer": "Paris"}, "cot": {"reasoning": "France's capital city is Paris.", "answer": "Paris"}}
 TARGET = "≤ 1.5× in-process"
 _PROGRAM: Any = None  # what ``run_predict`` calls: a global of the user's module, sent with it
 
@@ -42,13 +41,6 @@ _PROGRAM: Any = None  # what ``run_predict`` calls: a global of the user's modul
 def run_predict(question: str) -> Any:
     """The user's own function that ``s.run`` sends (by value: this module is not installed)."""
     return _PROGRAM(question=question)
-
-# The session's side: the same LM, configured in the session (dspy.configure is per session on a worker).
-_CONFIGURE = """
-import dspy
-from dspy.utils import DummyLM
-dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
-"""
 
 
 def programs() -> dict[str, Any]:
@@ -61,17 +53,6 @@ def dummy_lm(kind: str) -> Any:
     from dspy.utils import DummyLM
 
     return DummyLM({QUESTION: ANSWERS[kind]})
-
-
-def _block(fn: Callable[[], Any], n: int) -> list[float]:
-    import time
-
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _check(pred: Any, kind: str) -> None:
@@ -87,14 +68,7 @@ def predict(cfg: Any) -> list[Row]:
 
     rounds = cfg.n_rounds(15, 2)
     per_block = 20 if cfg.smoke else 150
-    ws = Workspace()
-    client = None
-    try:
-        st = Stack(ws, "pr")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p")
-        client = st.client(timeout=60)
-        st.wait_workers("p", 1, 90, client=client)
+    with pool_stack("pr") as (_, _, client):
         systems: dict[str, dict[str, Callable[[], Any]]] = {}
         sessions = []
         for kind, prog in programs().items():
@@ -106,7 +80,8 @@ def predict(cfg: Any) -> list[Row]:
 
             s = client.session("p")
             sessions.append(s)
-            s.exec(_CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
+            s.exec(CONFIGURE.format(  # the same LM in the session (dspy.configure is per session on a worker)
+                question=QUESTION, answers=ANSWERS[kind]))
             ref = s.put(prog)
 
             def remote(ref: Any = ref) -> Any:
@@ -142,12 +117,12 @@ def predict(cfg: Any) -> list[Row]:
         systems["noop"] = {"session": noop}
         for pair in systems.values():  # warm up both paths (imports, caches, the connection)
             for fn in pair.values():
-                _block(fn, 30 if cfg.smoke else 100)
+                timed(fn, 30 if cfg.smoke else 100)
         lat: dict[str, dict[str, list[list[float]]]] = {k: {side: [] for side in v} for k, v in systems.items()}
         for r in range(rounds):
             for kind in iter_rotated(list(systems), r):
                 for side in iter_rotated(list(systems[kind]), r):
-                    lat[kind][side].append(_block(systems[kind][side], per_block))
+                    lat[kind][side].append(timed(systems[kind][side], per_block))
             cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {side} {quantile(v[side][-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items() for side in v))
         rows = []
@@ -175,10 +150,6 @@ def predict(cfg: Any) -> list[Row]:
         for s in sessions:
             s.close(timeout=10)
         return rows
-    finally:
-        if client is not None:
-            client.close()
-        ws.close()
 
 
 ROWS = ["predict.predict", "predict.run", "predict.run_client_lm", "predict.cot"]

@@ -2,10 +2,10 @@
 
 * ``call [--predict | --cot] [--calls N]``: cProfile of both sides of sequential calls through a
   session: the client here, and the worker's main thread (capacity 1: calls run there) for exactly
-  the measured calls (started and stopped by two ``exec`` calls of the session). The call is a
+  the measured calls (switched on and off by SIGUSR2 between calls, plus the one ``eval`` that
+  sees it switched on). The call is a
   no-op (``builtins.len``, a ``--no-dspy`` worker) or a ``dspy.Predict`` / ``ChainOfThought`` ref
   answered by a DummyLM (then the same program in-process is profiled too). Own time per call.
-  ``--durable``: through a durable session (the checkpoint's build is in the worker's part).
 * ``perf [--seconds S]``: ``perf record`` (cpu-clock, all threads, native frames) of the broker
   under the pipelined load of ``bench.servers loadgen`` (2 capacity-1 ``--no-dspy`` workers, 100
   sessions): the interpreter, pyzmq, libzmq and the kernel of its main thread and of zmq's I/O
@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import Stack, Workspace
+from bench.common import Stack, Workspace, pool_stack, wait_for
 
 
 def _where(path: str) -> str:
@@ -50,57 +52,70 @@ def _table(stats: pstats.Stats, calls: int, top: int, sort: str = "tottime") -> 
                      for func, (_, nc, tt, ct, _) in sorted(rows.items(), key=lambda kv: -kv[1][key])[:top])
 
 
+_WORKER_PROFILER = """
+import cProfile
+import signal
+
+_wprof, _wprof_on = cProfile.Profile(), [False]
+
+
+def _switch(*_):
+    (_wprof.disable if _wprof_on[0] else _wprof.enable)()
+    _wprof_on[0] = not _wprof_on[0]
+
+
+signal.signal(signal.SIGUSR2, _switch)
+"""
+
+
 def call(a: argparse.Namespace) -> int:
     kind = "cot" if a.cot else "predict" if a.predict else "noop"
-    with Workspace("dxp") as ws:
-        st = Stack(ws, "s")
-        st.start_broker("p:strict_queue")
-        st.start_worker("p", *([] if kind != "noop" else ["--no-dspy"]))
+    with pool_stack("s", *([] if kind != "noop" else ["--no-dspy"])) as (ws, _, client):
         out = ws.path("worker.prof")
-        client = st.client(timeout=60)
-        try:
-            st.wait_workers("p", 1, 90, client=client)
-            s = client.session("p", durable=a.durable)
-            profiled = client.session("p")  # the profiler lives in a plain session: never in a checkpoint
-            if kind == "noop":
-                def one() -> Any:
-                    return s.call("builtins", "len", [[]])
-                local: Any = None
-            else:
-                import dspy
+        s = client.session("p")
+        # the profiler's own session; the worker puts back a profile function that a call sets
+        # (worker/executor.py, _Interpreter), so a signal switches it, between calls, on the
+        # worker's main thread (where a capacity-1 worker runs its calls)
+        profiled = client.session("p")
+        profiled.exec(_WORKER_PROFILER)
+        worker_pid = int(profiled.call("os", "getpid"))
 
-                from bench.predict import (
-                    _CONFIGURE,
-                    ANSWERS,
-                    QUESTION,
-                    dummy_lm,
-                    programs,
-                )
+        def switch(on: bool) -> None:
+            os.kill(worker_pid, signal.SIGUSR2)
+            wait_for(lambda: profiled.eval("_wprof_on[0]") is on, what="the worker's profiler switched")
+        if kind == "noop":
+            def one() -> Any:
+                return s.call("builtins", "len", [[]])
+            local: Any = None
+        else:
+            import dspy
 
-                prog = programs()[kind]
-                s.exec(_CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
-                ref = s.put(prog)
+            from bench.ab_drivers import ANSWERS, CONFIGURE, QUESTION
+            from bench.predict import dummy_lm, programs
 
-                def one() -> Any:
-                    return ref(question=QUESTION)
+            prog = programs()[kind]
+            s.exec(CONFIGURE.format(question=QUESTION, answers=ANSWERS[kind]))
+            ref = s.put(prog)
 
-                def local() -> Any:
-                    with dspy.context(lm=dummy_lm(kind)):
-                        return prog(question=QUESTION)
-            for _ in range(200):
-                one()
-            profiled.exec("import cProfile as _cp; _wprof = _cp.Profile(); _wprof.enable()")
-            prof = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof.enable()
-            for _ in range(a.calls):
-                one()
-            prof.disable()
-            wall = time.perf_counter() - t0
-            profiled.exec(f"_wprof.disable(); _wprof.dump_stats({out!r})")
-        finally:
-            client.close()
-        print(f"{a.calls} sequential {kind} calls through a {'durable ' if a.durable else ''}session: {wall / a.calls * 1e6:.0f} µs per call "
+            def one() -> Any:
+                return ref(question=QUESTION)
+
+            def local() -> Any:
+                with dspy.context(lm=dummy_lm(kind)):
+                    return prog(question=QUESTION)
+        for _ in range(200):
+            one()
+        switch(True)
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(a.calls):
+            one()
+        prof.disable()
+        wall = time.perf_counter() - t0
+        switch(False)
+        profiled.exec(f"_wprof.dump_stats({out!r})")
+        print(f"{a.calls} sequential {kind} calls through a session: {wall / a.calls * 1e6:.0f} µs per call "
               "under cProfile\n\nclient:")
         print(_table(pstats.Stats(prof, stream=io.StringIO()), a.calls, a.top, a.sort))
         print("\nworker main thread:")
@@ -133,9 +148,7 @@ def perf(a: argparse.Namespace) -> int:
             st = Stack(ws, "n")
             broker = st.start_broker("p:strict_queue")
             workers = [st.start_worker("p", "--no-dspy") for _ in range(2)]
-            c = st.client()
-            st.wait_workers("p", 2, client=c)
-            c.close()
+            st.wait_workers("p", 2)
             rec = subprocess.Popen([perf_bin, "record", "-F", "4000", "-e", "cpu-clock", "-g", "-o", data, "-p",
                                     str(broker.pid), "--", "sleep", str(a.seconds + 0.5)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -191,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--predict", action="store_true")
     kind.add_argument("--cot", action="store_true")
     c.add_argument("--calls", type=int, default=2000)
-    c.add_argument("--durable", action="store_true", help="through a durable session")
     c.add_argument("--sort", default="tottime", choices=("tottime", "cumtime"))
     f = sub.add_parser("perf")
     f.add_argument("--seconds", type=float, default=4.0)

@@ -61,9 +61,7 @@ def _restart_broker(st: Stack, n_workers: int) -> int:
     assert st.broker is not None
     st.procs_reg.stop(st.broker, signal.SIGTERM, wait=30)
     broker = st.start_broker()
-    c = st.client(timeout=60)
-    st.wait_workers("p", n_workers, 60, client=c)
-    c.close()
+    st.wait_workers("p", n_workers, 60)
     return broker.pid
 
 
@@ -100,9 +98,7 @@ def grid(cfg: Config) -> Row:
     try:
         stacks = {w: _stack(ws, f"g{w}", w) for w in workers}
         for w, (st, _) in stacks.items():
-            c = st.client(timeout=60)
-            st.wait_workers("p", w, 120, client=c)
-            c.close()
+            st.wait_workers("p", w, 120)
         points = [(w, s) for w in workers for s in sessions]
         raw: dict[str, list[dict[str, Any]]] = {f"{w}x{s}": [] for w, s in points}
         for r in range(rounds):
@@ -146,9 +142,7 @@ def idle(cfg: Config) -> Row:
         extra = ["--max-sessions", str(n_idle + 10_000)]
         systems = {"idle": _stack(ws, "i", 2, extra), "empty": _stack(ws, "e", 2, extra)}
         for st, _ in systems.values():
-            c = st.client(timeout=60)
-            st.wait_workers("p", 2, 60, client=c)
-            c.close()
+            st.wait_workers("p", 2, 60)
         rss_before = {k: rss_bytes(pids[0]) for k, (_, pids) in systems.items()}
         st_idle = systems["idle"][0]
         proc = subprocess.run([PY, "-m", "bench.servers", "open-sessions", "--endpoint", st_idle.frontend, "--pool", "p",

@@ -23,11 +23,18 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import zmq
+
+
+def _socket(ctx: zmq.Context[Any], kind: int) -> zmq.Socket[Any]:
+    """A socket with no queue bound and no linger: load, echo and proxy never block nor wait."""
+    sock: zmq.Socket[Any] = ctx.socket(kind)
+    for opt in (zmq.LINGER, zmq.SNDHWM, zmq.RCVHWM):
+        sock.setsockopt(opt, 0)
+    return sock
 
 
 def _drain_echo(sock: zmq.Socket[Any]) -> None:
@@ -40,11 +47,7 @@ def _drain_echo(sock: zmq.Socket[Any]) -> None:
 
 
 def echo(sock_type: int, endpoint: str, bind: bool) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(sock_type)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock = _socket(zmq.Context(), sock_type)
     (sock.bind if bind else sock.connect)(endpoint)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -55,13 +58,9 @@ def echo(sock_type: int, endpoint: str, bind: bool) -> None:
 
 def proxy(frontend: str, backend: str) -> None:
     ctx = zmq.Context()
-    fe = ctx.socket(zmq.ROUTER)
-    be = ctx.socket(zmq.DEALER)
-    for s, ep in ((fe, frontend), (be, backend)):
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.RCVHWM, 0)
-        s.bind(ep)
+    fe, be = _socket(ctx, zmq.ROUTER), _socket(ctx, zmq.DEALER)
+    fe.bind(frontend)
+    be.bind(backend)
     zmq.proxy(fe, be)
 
 
@@ -144,16 +143,17 @@ def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def loadgen(a: argparse.Namespace) -> dict[str, Any]:
+    """Keep one call per session in flight (session ``si`` on socket ``owner[si]``): ``a.warmup``
+    s, then ``a.duration`` s counted (CPU of ``a.cpu_pid`` over the same window), then drain what is
+    in flight."""
+    from bench.common import rss_total
     from dspex.wire import codec
     from dspex.wire.protocol import RequestHeader
 
     ctx = zmq.Context()
     socks = []
     for _ in range(a.sockets):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 0)
-        s.setsockopt(zmq.RCVHWM, 0)
+        s = _socket(ctx, zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
         s.connect(a.endpoint)
         socks.append(s)
@@ -161,15 +161,6 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
     sessions = [secrets.token_hex(16) for _ in range(a.sessions)]
     owner = [socks[i % len(socks)] for i in range(a.sessions)]
     timeout_ms = int(a.timeout * 1000)
-    return drive(ctx, socks, owner, lambda rid, si: RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack(),
-                 body, a)
-
-
-def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Callable[[int, int], bytes], body: bytes,
-          a: argparse.Namespace) -> dict[str, Any]:
-    """Keep one call per session in flight (session ``si`` on socket ``owner[si]``, its request
-    header ``header(req_id, si)``): ``a.warmup`` s, then ``a.duration`` s counted (CPU of
-    ``a.cpu_pid`` over the same window), then drain what is in flight. Closes the sockets and ``ctx``."""
     inflight: list[dict[int, int]] = [{} for _ in socks]  # per socket: req_id -> session index
     sent_at: list[dict[int, float]] = [{} for _ in socks]
     next_id = [1] * len(socks)
@@ -184,7 +175,7 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
         next_id[k] = rid + 1
         inflight[k][rid] = si
         sent_at[k][rid] = clock()
-        s.send_multipart([header(rid, si), body])
+        s.send_multipart([RequestHeader("call", rid, a.pool, sessions[si], "", timeout_ms).pack(), body])
 
     poller = zmq.Poller()
     for s in socks:
@@ -232,7 +223,7 @@ def drive(ctx: zmq.Context[Any], socks: list[Any], owner: list[Any], header: Cal
     t1 = time.monotonic()
     own1 = time.process_time()
     cpu1 = _cpu(a.cpu_pid)
-    hub_rss = _rss(a.cpu_pid[0]) if a.cpu_pid else 0
+    hub_rss = rss_total(a.cpu_pid[:1])
     calls = done
     counting = False
     pump(time.monotonic() + 10.0 + len(owner) / 1000, False)  # drain what is in flight so the next round starts clean
@@ -250,15 +241,6 @@ def _pick(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-def _rss(pid: int) -> int:
-    from bench.common import rss_bytes
-
-    try:
-        return rss_bytes(pid)
-    except OSError:
-        return 0
-
-
 def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
     """One ``builtins.len`` call in each of ``a.sessions`` new sessions (at most ``a.window`` in
     flight), leaving them open: a broker that holds that many idle sessions."""
@@ -266,10 +248,7 @@ def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
     from dspex.wire.protocol import RequestHeader
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
+    sock = _socket(ctx, zmq.DEALER)
     sock.connect(a.endpoint)
     body = codec.encode(["builtins", "len", [[]], {}])[0]
     poller = zmq.Poller()

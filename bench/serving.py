@@ -49,6 +49,7 @@ from bench.common import (
     median,
     quantile,
     rss_bytes,
+    rss_total,
     verdict,
     wait_for,
 )
@@ -58,11 +59,11 @@ MODEL = "openai/loopback"
 QUESTION = "What is six times seven?"
 
 
-def _configure_lm(base: str) -> None:
-    """Runs on the worker (sent by value): this session's LM, cache off."""
+def configure_lm(base: str, model: str) -> None:
+    """Runs in a session (``s.run``): its LM, cache off."""
     import dspy
 
-    dspy.configure(lm=dspy.LM(MODEL, api_base=base, api_key="x", cache=False))
+    dspy.configure(lm=dspy.LM(model, api_base=base, api_key="x", cache=False))
 
 
 def _self_rss() -> int:
@@ -149,7 +150,7 @@ async def _drive_dspex(a: argparse.Namespace) -> dict[str, Any]:
         sessions = [client.session(a.pool) for _ in range(a.concurrency)]
 
         async def setup(s: Any) -> Any:
-            await s.run(_configure_lm, a.base)
+            await s.run(configure_lm, a.base, MODEL)
             return await s.put(dspy.ChainOfThought("question -> answer"))
 
         progs = await asyncio.gather(*(setup(s) for s in sessions))
@@ -262,7 +263,7 @@ def serving(cfg: Config) -> list[Row]:
             client = st.client(timeout=30)
             st.wait_workers("lm", n_workers, 90, client=client)
             stack_pids = [p.pid for p in ([st.broker] if st.broker else []) + st.worker_procs]
-            stack_idle_rss = sum(rss_bytes(pid) for pid in stack_pids)  # before any session existed
+            stack_idle_rss = rss_total(stack_pids)  # before any session existed
             res: dict[str, list[dict[str, Any]]] = {"dspex": [], "asyncify": []}
             ray_args: list[str] = []
             if no_ray is None:
@@ -280,7 +281,7 @@ def serving(cfg: Config) -> list[Row]:
                     else:
                         x = _run_driver(ws, mode, base, n, duration, warmup, f"{mode}-{r}", st.frontend,
                                         st.env["DSPEX_RUN_DIR"], stack_pids)
-                        x["stack_rss"] = x["rss"] + (sum(rss_bytes(pid) for pid in stack_pids) if mode == "dspex" else 0)
+                        x["stack_rss"] = x["rss"] + (rss_total(stack_pids) if mode == "dspex" else 0)
                         x["rss_added"] = x["rss"] - x["rss_before"]
                         if mode == "dspex":
                             x["rss_added"] += x["stack_rss"] - x["rss"] - stack_idle_rss

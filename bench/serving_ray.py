@@ -26,7 +26,7 @@ import asyncio
 import os
 from typing import Any
 
-from bench.common import descendants, rss_bytes
+from bench.common import descendants, rss_total
 
 MODEL = "openai/loopback"
 
@@ -87,16 +87,6 @@ def _kind(pid: int) -> str:
     return os.path.basename(script or argv[0])
 
 
-def _rss(pids: list[int]) -> int:
-    total = 0
-    for p in pids:
-        try:
-            total += rss_bytes(p)
-        except OSError:
-            pass
-    return total
-
-
 async def drive_ray(a: argparse.Namespace, loop: Any, question: str) -> dict[str, Any]:
     """``loop`` is bench.serving's ``_loop`` (the same measuring loop as the other systems)."""
     import ray
@@ -120,12 +110,12 @@ async def drive_ray(a: argparse.Namespace, loop: Any, question: str) -> dict[str
         out: dict[str, Any] = await loop(a.concurrency, a.duration, a.warmup, call, pids)
         # the actors die with this driver: their RSS is read now, while they are up
         every = ray_pids(a.ray_pid)
-        out["ray_rss"] = {"actors": _rss(actor_pids), "other": _rss([p for p in every if p not in actor_pids])}
+        out["ray_rss"] = {"actors": rss_total(actor_pids), "other": rss_total([p for p in every if p not in actor_pids])}
         out["ray_processes"] = len(every)
         by_kind: dict[str, int] = {}
         for p in every:
             k = "actor" if p in actor_pids else _kind(p)
-            by_kind[k] = by_kind.get(k, 0) + _rss([p])
+            by_kind[k] = by_kind.get(k, 0) + rss_total([p])
         out["ray_rss_by_kind"] = by_kind
         out["actor_pids"] = actor_pids
         for x in actors:

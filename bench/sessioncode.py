@@ -25,6 +25,7 @@ from bench.common import (
     Row,
     Stack,
     Workspace,
+    alternate,
     base_env,
     median,
     ms,
@@ -161,7 +162,7 @@ def _per_call(cfg: Config, name: str, label: str, target: str, session: Any, ful
     rounds = cfg.n_rounds(7, 2)
     systems = {"session": lambda: session.run(fn), "sent_every_call": lambda: full.run(fn),
                "tiny_session": lambda: session.run(tiny), "inprocess": fn}
-    lat = _alternate(systems, rounds, per_round, cfg)
+    lat = alternate(systems, rounds, per_round, cfg, warmup=2)  # a block of the slow path is a few calls
     p50 = {k: median([quantile(b, 0.5) for b in v]) for k, v in lat.items()}
     extra = median([quantile(a, 0.5) - quantile(b, 0.5) for a, b in zip(lat["session"], lat["tiny_session"])])
     ratio = median([quantile(a, 0.5) / quantile(b, 0.5) for a, b in zip(lat["sent_every_call"], lat["session"])])
@@ -174,25 +175,6 @@ def _per_call(cfg: Config, name: str, label: str, target: str, session: Any, ful
                f"sent every call {ms(p50['sent_every_call'])}; tiny function {us(p50['tiny_session'])}; "
                f"in-process {us(p50['inprocess'])}", f"{ratio:.0f}× faster than sent every call", target,
                "" if cfg.smoke else verdict(ok(data)), data=data)
-
-
-def _alternate(systems: dict[str, Callable[[], Any]], rounds: int, per_round: int,
-               cfg: Config) -> dict[str, list[list[float]]]:
-    for fn in systems.values():  # warm up (a block of the slow path is long: a few calls)
-        for _ in range(2):
-            fn()
-    lat: dict[str, list[list[float]]] = {k: [] for k in systems}
-    names = list(systems)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            block = []
-            for _ in range(per_round):
-                t = time.perf_counter()
-                systems[name]()
-                block.append(time.perf_counter() - t)
-            lat[name].append(block)
-        cfg.log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {quantile(v[-1], 0.5) * 1e6:.0f}µs" for k, v in lat.items()))
-    return lat
 
 
 def code(cfg: Config) -> list[Row]:

@@ -13,18 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, REPO, Workspace, base_env, descendants, starttime, wait_for
+from bench.common import PY, REPO, Workspace, base_env, descendants, starttime, venv_bin, wait_for
 from tests.harness.procs import free_port
 from tests.harness.supervisord import link_launcher
 
 
 def supervisord_bin() -> str:
-    cand = Path(PY).parent / "supervisord"
-    if cand.exists():
-        return str(cand)
-    from shutil import which
-
-    found = which("supervisord")
+    found = venv_bin("supervisord")
     if found is None:
         raise FileNotFoundError("supervisord is not installed")
     return found

@@ -23,15 +23,12 @@ from bench.common import (
     median,
     ratio_of,
     secs,
+    venv_bin,
     verdict,
 )
 from bench.shipped import private_conf, stop_daemon
 
 TARGET_S = 1.5
-
-
-def _supervisorctl() -> str:
-    return str(Path(PY).parent / "supervisorctl")
 
 
 def _one_stop(conf: Path, how: str) -> float:
@@ -47,7 +44,7 @@ def _one_stop(conf: Path, how: str) -> float:
                 subprocess.run([PY, "-m", "dspexctl", "stop"], env=env, cwd=ws.root, check=True, capture_output=True,
                                timeout=120)
             else:
-                subprocess.run([_supervisorctl(), "-c", str(copy), "shutdown"], env=env, cwd=ws.root, check=True,
+                subprocess.run([venv_bin("supervisorctl") or "supervisorctl", "-c", str(copy), "shutdown"], env=env, cwd=ws.root, check=True,
                                capture_output=True, timeout=120)
                 while Path(f"/proc/{pid}").exists():
                     time.sleep(0.01)

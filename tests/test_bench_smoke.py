@@ -1,5 +1,6 @@
 """The benchmark harness runs end to end (``python -m bench --smoke``) so it cannot rot, and so does
-the A/B harness (``python -m bench.ab``) a maintainer reruns to compare two trees.
+the A/B harness (``python -m bench.ab``) a maintainer reruns to compare two trees, and the
+profile of both sides of a call (``python -m bench.profiles call``).
 
 They check that every figure was produced, or marked pending/skipped with a reason; never how
 fast anything was (this machine is shared and noisy; see docs/benchmarks.md for the figures).
@@ -105,3 +106,16 @@ def test_ab_harness_compares_two_trees(args: list[str], tmp_path: Path) -> None:
     if args[1] == "durable":  # each side's broker and worker did work for each session
         assert all(doc["figures"][f"{kind}_{who}_cpu_us"]["a"] > 0 for kind in ("durable", "plain")
                    for who in ("broker", "worker"))
+
+
+def test_profiles_call_holds_the_workers_measured_calls() -> None:
+    """The worker's half of ``bench.profiles call`` has every measured call in it (the worker puts
+    back a profile function that a call sets, so the profiler is switched between calls)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.profiles", "call", "--calls", "50", "--top", "60"], cwd=REPO,
+                          env=env, capture_output=True, timeout=120, check=False, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    worker = proc.stdout.decode().split("worker main thread:")[1]
+    execute = [line for line in worker.splitlines() if "worker/executor.py" in line and "(execute)" in line]
+    assert execute, worker
+    assert float(execute[0].split("/call")[0].split()[-1]) >= 1.0, execute[0]
