@@ -83,6 +83,22 @@ def test_another_clients_versions_say_nothing_of_a_clients_own() -> None:
         codestore.check_held(100)
 
 
+def test_a_forked_childs_count_starts_at_its_nearest_known_ancestors_as_far_as_the_fork() -> None:
+    """Its bindings up to the fork are the ancestor's: a store that holds the ancestor's up to
+    there holds the child's, and does not refuse its first call (whose catch-up would send every
+    global it inherited again, each as it was at the fork, over the ancestor's later rebinding)."""
+    store = codestore.CodeStore()
+    store.reached("parent", 0, 40)
+    store.inherit("child", [("parent", 30)])  # forked at 30; the parent went on to 40
+    store.inherit("late", [("parent", 50)])  # the store has not loaded the parent's 41..50
+    store.inherit("grandchild", [("unknown", 60), ("parent", 35)])  # its parent never reached this store
+    store.inherit("orphan", [("unknown", 60)])
+    assert store.versions == {"parent": 40, "child": 30, "late": 40, "grandchild": 35}
+    store.reached("child", 30, 31)
+    store.inherit("child", [("parent", 30)])  # known: its own count stands
+    assert store.versions["child"] == 31
+
+
 def test_an_empty_store_refuses_a_request_that_relies_on_what_the_session_holds() -> None:
     with codestore.loading(codestore.CodeStore()), pytest.raises(CodeCacheMiss):
         codestore.check_held(0)

@@ -196,6 +196,8 @@ class Executor:
                     if header.flags & FLAG_CONTEXT:
                         body, context = payload[:-1], _session_context(payload[-1])
                     prefix = _client(context)
+                    if context is not None and "f" in context:
+                        state.code.inherit(prefix, _lineage(context["f"]))
                     with codestore.loading(state.code, ephemeral or sessionless, prefix, _version(context, "at")):
                         if header.flags & FLAG_HELD:
                             codestore.check_held(_version(context, "v"))
@@ -311,6 +313,14 @@ def _session_context(frame: Any) -> dict[str, Any]:
 def _version(context: dict[str, Any] | None, name: str) -> int:
     version = context.get(name, 0) if context is not None else 0
     return version if isinstance(version, int) else 0
+
+
+def _lineage(value: Any) -> list[tuple[str, int]]:
+    """A forked child's ancestors (its context's ``f``): (key prefix, binding version at the fork)."""
+    if not isinstance(value, list):
+        return []
+    return [(p[0], p[1]) for p in value
+            if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)]
 
 
 def _client(context: dict[str, Any] | None) -> str:

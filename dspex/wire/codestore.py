@@ -75,6 +75,19 @@ class CodeStore:
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
 
+    def inherit(self, client: str, lineage: list[tuple[str, int]]) -> None:
+        """A forked child's count starts at its nearest ancestor's that the store knows, as far as
+        that ancestor's fork (the child's bindings up to there are that ancestor's; counts go on
+        through each fork, so a farther one's fork came at a lower version): ``lineage`` is
+        (prefix, its version at the fork), nearest first."""
+        if client in self.versions:
+            return
+        for prefix, at_fork in lineage:
+            held = self.versions.get(prefix)
+            if held is not None:
+                self.versions[client] = min(held, at_fork)
+                return
+
     def reached(self, client: str, relied: int, reaches: int) -> None:
         """A request of ``client`` that relied on its binding version ``relied`` and carried the
         changes up to ``reaches`` was loaded: the store holds every binding of that client up to
