@@ -55,17 +55,48 @@ def test_a_binding_sent_again_after_a_miss_keeps_its_version() -> None:
 def test_a_store_behind_the_version_a_request_relies_on_refuses_it() -> None:
     store = codestore.CodeStore()
     store.bound[("m:a", "X")] = "k1"
-    store.reached(0, 1)
-    with codestore.loading(store):
+    store.reached("a", 0, 1)
+    with codestore.loading(store, client="a"):
         codestore.check_held(1)
         with pytest.raises(CodeCacheMiss):
             codestore.check_held(2)  # the change to version 2 ran on another worker
-    store.reached(2, 3)  # a request the store could not have been checked for does not advance it
-    assert store.version == 1
-    store.reached(1, 3)
-    assert store.version == 3
-    store.reached(0, 2)  # an older request loaded late
-    assert store.version == 3
+    store.reached("a", 2, 3)  # a request the store could not have been checked for does not advance it
+    assert store.versions == {"a": 1}
+    store.reached("a", 1, 3)
+    assert store.versions == {"a": 3}
+    store.reached("a", 0, 2)  # an older request loaded late
+    assert store.versions == {"a": 3}
+
+
+def test_another_clients_versions_say_nothing_of_a_clients_own() -> None:
+    """Two clients of one session (a parent and its forked child, two session objects on one id)
+    number their binding changes apart: a store far along in one's refuses the other's request
+    that relies on a change of its own the store lacks, and says how far it is in that one's."""
+    store = codestore.CodeStore()
+    store.bound[("m:a", "X")] = "a.1"
+    store.reached("a", 0, 100)
+    store.reached("b", 0, 2)
+    with codestore.loading(store, client="b"), pytest.raises(CodeCacheMiss) as miss:
+        codestore.check_held(3)
+    assert miss.value.details["version"] == 2
+    with codestore.loading(store, client="a"):
+        codestore.check_held(100)
+
+
+def test_a_forked_childs_count_starts_at_its_nearest_known_ancestors_as_far_as_the_fork() -> None:
+    """Its bindings up to the fork are the ancestor's: a store that holds the ancestor's up to
+    there holds the child's, and does not refuse its first call (whose catch-up would send every
+    global it inherited again, each as it was at the fork, over the ancestor's later rebinding)."""
+    store = codestore.CodeStore()
+    store.reached("parent", 0, 40)
+    store.inherit("child", [("parent", 30)])  # forked at 30; the parent went on to 40
+    store.inherit("late", [("parent", 50)])  # the store has not loaded the parent's 41..50
+    store.inherit("grandchild", [("unknown", 60), ("parent", 35)])  # its parent never reached this store
+    store.inherit("orphan", [("unknown", 60)])
+    assert store.versions == {"parent": 40, "child": 30, "late": 40, "grandchild": 35}
+    store.reached("child", 30, 31)
+    store.inherit("child", [("parent", 30)])  # known: its own count stands
+    assert store.versions["child"] == 31
 
 
 def test_an_empty_store_refuses_a_request_that_relies_on_what_the_session_holds() -> None:
@@ -93,7 +124,7 @@ def test_a_binding_of_an_older_request_never_replaces_a_newer_one() -> None:
     store = codestore.CodeStore()
 
     def load(client: str, version: int, value: int) -> None:
-        with codestore.loading(store, stamp=(client, version)):
+        with codestore.loading(store, client=client, at=version):
             key = codestore._load_binding_key("m:a", "X", f"{client}.{value}")
             codestore._load_bindings([("m:a", "X", key, value)])
 

@@ -467,6 +467,41 @@ def test_the_session_code_store_comes_back_with_its_keys_module_state_and_source
     assert "calls.append(x)" in inspect.getsource(record)
 
 
+def test_the_restored_code_store_is_as_strict_about_bindings_as_the_one_checkpointed() -> None:
+    """What each client of the session (a key prefix) has bound where, at which of its binding
+    versions, comes back: a request of that client older than the one that bound a global (two
+    threads' requests, the older queued at the broker when the worker died) never binds its
+    value over the newer, and a request relying on a change the store never loaded is refused,
+    in that client's count, not another's."""
+    from dspex.wire import codestore
+    from dspex.wire.errors import CodeCacheMiss
+
+    state = RefTable("p", "w1").session(SID)
+
+    def load(store: codestore.CodeStore, client: str, version: int, value: int) -> None:
+        with codestore.loading(store, client=client, at=version):
+            key = codestore._load_binding_key("m:a", "X", f"{client}.{value}")
+            codestore._load_bindings([("m:a", "X", key, value)])
+        store.reached(client, version - 1, version)
+
+    for version in range(1, 7):
+        load(state.code, "a", version, version)
+    state.code.reached("b", 0, 2)
+    held = Held()
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and not lost
+    held.apply(ck)
+
+    code = held.restore()[0].code
+    assert code.versions == {"a": 6, "b": 2}
+    load(code, "a", 5, 5)  # committed before the request of 6, loaded after the move
+    assert code.modules["m:a"].X == 6 and code.bound[("m:a", "X")] == "a.6"
+    with codestore.loading(code, client="b"), pytest.raises(CodeCacheMiss):
+        codestore.check_held(3)
+    with codestore.loading(code, client="a"):
+        codestore.check_held(6)
+
+
 def test_a_history_entry_holding_a_session_class_stays_one_object_with_it() -> None:
     """History entries are pickled on their own (once); one that refers to a class of the
     session's namespace is written inline, so it loads after that class, as the same class."""

@@ -152,3 +152,46 @@ def test_an_asyncio_client_used_before_fork_works_in_the_childs_event_loop(stack
     finally:
         loop.run_until_complete(dx.close())
         loop.close()
+
+
+COUNTED = '''
+X = 0
+Z = 0
+
+
+def get():
+    return [X, Z]
+'''
+
+
+def test_a_forked_child_rebinding_globals_of_a_shared_session_reads_its_own(stack: Stack, usercode: Any) -> None:
+    """The parent brings the session's binding versions far along (``X`` rebound many times, after
+    the fork too); the child counts its own from the fork on: its rebinding of ``Z`` and the
+    parent's later ones of ``X`` all reach the worker, each process reads what it bound last."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    mod = usercode(COUNTED)
+    shared = dx.session("p")
+    assert shared.run(mod.get) == [0, 0]
+    read_go, write_go = os.pipe()
+    read_forked, write_forked = os.pipe()
+
+    def child() -> Any:
+        os.write(write_forked, b"x")  # the parent rebinds only after the fork
+        os.read(read_go, 1)  # and the child goes on after that
+        mod.Z = 7
+        return [shared.run(mod.get) for _ in range(3)]
+
+    with ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(in_child, child)
+        os.read(read_forked, 1)
+        for value in range(1, 20):
+            mod.X = value
+            assert shared.run(mod.get) == [value, 0]
+        os.write(write_go, b"x")
+        theirs = fut.result(CHILD_LIMIT + 10)
+    for fd in (read_go, write_go, read_forked, write_forked):
+        os.close(fd)
+    assert theirs == [[19, 7]] * 3  # the parent's X (one module state), the child's Z
+    assert shared.run(mod.get) == [19, 7]  # the parent left Z alone: the child's binding stands
+    mod.Z = 1
+    assert shared.run(mod.get) == [19, 1]

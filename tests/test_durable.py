@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import warnings
 from typing import Any
 
 import pytest
 
 import dspex
+from dspex.client.sendcache import SendCache
 from tests.harness import Stack, wait_for
 
 pytest.importorskip("dspy")
@@ -226,3 +228,75 @@ def test_a_call_past_its_hard_limit_moves_the_session_without_its_effects_and_sa
         s.eval("stubborn()", timeout=0.5)
     assert info.value.details["hard"] is True and "objects are lost" not in info.value.message
     assert s.eval("counter") == 41  # none of the call's effects
+
+
+REBOUND = '''
+import os
+import time
+
+X = 1
+Y = 1
+
+
+def get_x():
+    return X
+
+
+def get_y():
+    return Y
+
+
+def hold_then_x(gate):
+    """Read X after the file ``gate + ".running"`` was written and ``gate`` appeared (or 30 s); its
+    output tells the client the worker loaded the request."""
+    print("holding", flush=True)
+    open(gate + ".running", "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return X
+'''
+
+
+def test_module_globals_rebound_before_a_kill_9_are_the_clients_latest_after_the_move(
+        stack: Stack, usercode: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A durable session's rebound globals after its worker is SIGKILLed: ``Y`` (rebound by a call
+    that finished, so in the checkpoint) and ``X`` (carried by the call the kill ended: loaded, the
+    client was told, by the dead worker only) are both the client's latest on the new worker. The
+    restored store holds the checkpoint's binding version: a call relying on ``X``'s is refused
+    there (CodeCacheMiss) and sent again with every binding changed since, never run with the
+    checkpoint's older value. Another session object on the session id (its own binding versions)
+    reads them too."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    mod = usercode(REBOUND)
+    s = dx.session("p", durable=True)
+    caught_up: list[int] = []  # the binding versions a refusing store held (the resends' catch-ups)
+    changed_since = SendCache.changed_since
+    monkeypatch.setattr(SendCache, "changed_since",
+                        lambda cache, version: caught_up.append(version) or changed_since(cache, version))
+    assert (s.run(mod.get_x), s.run(mod.get_y)) == (1, 1)
+    mod.Y = 2
+    assert s.run(mod.get_y) == 2
+    pid = pid_of(s)
+    gate = str(tmp_path / "gate")
+    mod.X = 3
+
+    def kill_once_loaded() -> None:  # the client counts X's binding as the worker's: it heard the call's output
+        wait_for(lambda: os.path.exists(gate + ".running") and not s.sender.unconfirmed, 30, what="the call loaded")
+        stack.kill(pid)
+
+    with pytest.raises(dspex.WorkerCrashed):
+        killer = threading.Thread(target=kill_once_loaded)
+        killer.start()
+        try:
+            s.run(mod.hold_then_x, gate)
+        finally:
+            killer.join(40)
+    gone(dx, "p", pid)
+    assert (s.run(mod.get_x), s.run(mod.get_y)) == (3, 2)
+    assert len(caught_up) == 1  # refused once, at the checkpoint's version: X's change went again
+    assert pid_of(s) != pid
+    other = dx.session("p", s.id)
+    assert (other.run(mod.get_x), other.run(mod.get_y)) == (3, 2)
+    mod.X, mod.Y = 4, 5
+    assert (s.run(mod.get_x), s.run(mod.get_y)) == (4, 5)

@@ -299,6 +299,38 @@ def test_a_binding_changed_before_a_miss_reaches_the_worker_that_missed_it(
     s.close()
 
 
+def test_two_clients_of_one_session_count_binding_versions_apart(
+        dx: dspex.Client, usercode: Any, tmp_path: Path) -> None:
+    """Two session objects on one session id (as a forked child and its parent) number their
+    binding changes each from their own start. The session's worker brought far along by one
+    (``X`` rebound many times) must still refuse the other's call that relies on a change it
+    lacks (``Z``, rebound by a call that ran on the other worker): with one count for both it ran
+    with the old ``Z``."""
+    mod = usercode(GATED + "\nZ = 1\n\n\ndef get_z():\n    return Z\n")
+    first = dx.session("h")
+    for value in range(2, 12):
+        mod.X = value
+        assert first.run(mod.get_x) == value
+    own = first.worker
+    second = dx.session("h", first.id)
+    assert second.run(mod.get_z) == 1
+    assert second.worker == own
+    gate = Gate(tmp_path)
+    holder = threading.Thread(target=second.run, args=(mod.hold, gate.path))
+    holder.start()
+    try:
+        wait_for(gate.running, 30, what="the holding call to run")
+        mod.Z = 2
+        assert second.run(mod.get_z) == 2
+        assert second.worker != own
+    finally:
+        gate.open()
+        holder.join(30)
+    assert second.run(mod.get_z) == 2
+    assert second.worker == own
+    first.close()
+
+
 def test_a_miss_answered_to_another_thread_while_a_request_is_encoded(dx: dspex.Client, usercode: Any,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Thread B's request gets CodeCacheMiss (the session's worker holds nothing of it) and resets

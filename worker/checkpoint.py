@@ -189,7 +189,8 @@ def session_root(state: SessionState, roots: list[tuple[str, Any, Any]], lost: d
     root["history"] = state.lm_history
     root["lost"] = [(v.section, v.key, v.type_name, v.reason) for v in lost.values()]
     root["bound"] = code.bound
-    root["version"] = code.version
+    root["versions"] = code.versions
+    root["stamps"] = code.stamps
     root["sources"] = code.sources
     root["class_files"] = {key: file for key, obj in code.objects.items()
                            if isinstance(obj, type) and (file := codestore.class_file(obj)) is not None}

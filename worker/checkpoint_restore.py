@@ -143,7 +143,9 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     for nsid, values in root["globals"].items():
         code.module(nsid).__dict__.update(values)
     code.bound.update(root["bound"])
-    code.version = root.get("version", 0)  # (a checkpoint of before binding versions: 0)
+    # (a checkpoint of before per-client versions holds none: a call relying on one is refused once)
+    code.versions.update(root.get("versions", {}))
+    code.stamps.update(root.get("stamps", {}))
     for filename, entry in root["sources"].items():
         code.sources[filename] = entry
     code.activate_sources()

@@ -199,7 +199,10 @@ class Executor:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
                         body, context = payload[:-1], _session_context(payload[-1])
-                    with codestore.loading(state.code, ephemeral or sessionless, _stamp(context)):
+                    prefix = _client(context)
+                    if context is not None and "f" in context:
+                        state.code.inherit(prefix, _lineage(context["f"]))
+                    with codestore.loading(state.code, ephemeral or sessionless, prefix, _version(context, "at")):
                         if header.flags & FLAG_HELD:
                             codestore.check_held(_version(context, "v"))
                         resolve_ref = functools.partial(self.refs.get, state)
@@ -216,7 +219,7 @@ class Executor:
                     raise remote_error(exc) from None
                 if context is not None:
                     state.code.drop(context.get("drop") or [])
-                    state.code.reached(context.get("v", 0), context.get("to", 0))
+                    state.code.reached(prefix, _version(context, "v"), _version(context, "to"))
                     scope.add_client(context.get("dspy"), context.get("pinned"))
                     context_vars = _set_context_vars(context.get("vars"), state.code.objects)
                     wants_usage = bool(context.get("usage"))
@@ -318,13 +321,19 @@ def _version(context: dict[str, Any] | None, name: str) -> int:
     return version if isinstance(version, int) else 0
 
 
-def _stamp(context: dict[str, Any] | None) -> tuple[str, int] | None:
-    """What the request's bindings are stamped with (its context's ``at``: the client's key prefix
-    and binding version), if it carries any."""
-    at = context.get("at") if context is not None else None
-    if isinstance(at, list) and len(at) == 2 and isinstance(at[0], str) and isinstance(at[1], int):
-        return at[0], at[1]
-    return None
+def _lineage(value: Any) -> list[tuple[str, int]]:
+    """A forked child's ancestors (its context's ``f``): (key prefix, binding version at the fork)."""
+    if not isinstance(value, list):
+        return []
+    return [(p[0], p[1]) for p in value
+            if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)]
+
+
+def _client(context: dict[str, Any] | None) -> str:
+    """The client whose binding versions the request's ``v``, ``to`` and ``at`` count (its key
+    prefix, the context's ``c``)."""
+    client = context.get("c", "") if context is not None else ""
+    return client if isinstance(client, str) else ""
 
 
 def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) -> None:

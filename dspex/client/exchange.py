@@ -106,8 +106,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     ``receipt`` (filled here) what the session holds only once the worker loads the request
     (``SendCache.confirm``); with the binding version the request relies on (``v``: a worker
     whose store has not loaded it refuses the request) and the one it brings the store to (``to``);
-    one that carries bindings, the version they are stamped with (``at``, with the client's key
-    prefix: the worker never binds them over a binding of a later request of this client).
+    one that carries bindings, the version they are stamped with (``at``: the worker never binds
+    them over a binding of a later request of this client); with any of these, the client's key
+    prefix (``c``: versions of two clients of one session count apart) and, from a forked child,
+    its ancestors' prefixes and versions at the forks (``f``: where its count starts).
     ``since`` (with ``full``): the binding version the store that refused the request holds; the
     request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.protocol.Op)
     is a ProtocolError here, before anything is sent."""
@@ -166,11 +168,15 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
             if receipt is not None:
                 receipt.append(held)
             if held[0]:  # the order of its bindings among this client's (codestore.CodeStore.stamps)
-                context["at"] = [msg.cache.prefix, reaches]
+                context["at"] = reaches
             if reaches > relies:
                 context["to"] = reaches
             if relies and (msg.globals.relied or "to" in context):  # (a key the worker lacks is a miss anyway)
                 context["v"] = relies
+            if "at" in context or "to" in context or "v" in context:  # whose versions they are
+                context["c"] = msg.cache.prefix
+                if msg.cache.lineage:
+                    context["f"] = msg.cache.lineage
         if context:
             frames.append(msgpack.packb(context))
             flags |= FLAG_CONTEXT

@@ -123,6 +123,8 @@ class SendCache:
         # the session, kept through a miss (one sent again unchanged keeps its number)
         self.set_at: dict[tuple[str, str], tuple[Any, str, int]] = {}
         self.version = 0  # the number of the session's latest binding change
+        # a forked child's ancestors, nearest first: (key prefix, its binding version at the fork)
+        self.lineage: list[tuple[str, int]] = []
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
@@ -137,7 +139,11 @@ class SendCache:
     def _after_fork(self) -> None:
         """In a forked child that shares the session with its parent: keys of its own from now on
         (one key for two processes' objects would run one's code for the other), and a lock no
-        parent thread holds."""
+        parent thread holds. Its binding versions count on from the parent's at the fork, as its
+        own: the worker starts its count at the parent's (``lineage``), so the child's first call
+        does not send again every global it inherited (each the parent's value at the fork, over
+        the parent's later rebinding)."""
+        self.lineage = [(self._prefix, self.version), *self.lineage]
         self._prefix = secrets.token_hex(4)
         self._lock = threading.Lock()
 

@@ -21,8 +21,10 @@ session has a :class:`CodeStore`:
 - an ``__import__`` of the session's own (:meth:`CodeStore.importer`, in its modules' builtins):
   an ``import`` in a function of a user module gives the session's module of that name;
 - ``sources``: the linecache entries of the session's source files (``inspect.getsource``);
-- ``version``: the session's binding version the store holds every binding up to (a ``hint``
-  session's other worker may have loaded later ones: :func:`check_held`).
+- ``versions``: for each client of the session (its key prefix: a forked child, another session
+  object on the same id, count their binding changes apart), the binding version of that client
+  the store holds every binding up to (a ``hint`` session's other worker may have loaded later
+  ones: :func:`check_held`).
 
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
 objects kept out of ``sys.modules`` (two sessions never share one). The pickles refer to the
@@ -71,14 +73,29 @@ class CodeStore:
     bound: dict[tuple[str, str], str] = field(default_factory=dict)
     stamps: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
-    version: int = 0
+    versions: dict[str, int] = field(default_factory=dict)
 
-    def reached(self, relied: int, reaches: int) -> None:
-        """A request that relied on binding version ``relied`` and carried the changes up to
-        ``reaches`` was loaded: the store holds every binding up to ``reaches`` when it held
-        those up to ``relied`` (a request that relied on nothing was not checked)."""
-        if self.version >= relied:
-            self.version = max(self.version, reaches)
+    def inherit(self, client: str, lineage: list[tuple[str, int]]) -> None:
+        """A forked child's count starts at its nearest ancestor's that the store knows, as far as
+        that ancestor's fork (the child's bindings up to there are that ancestor's; counts go on
+        through each fork, so a farther one's fork came at a lower version): ``lineage`` is
+        (prefix, its version at the fork), nearest first."""
+        if client in self.versions:
+            return
+        for prefix, at_fork in lineage:
+            held = self.versions.get(prefix)
+            if held is not None:
+                self.versions[client] = min(held, at_fork)
+                return
+
+    def reached(self, client: str, relied: int, reaches: int) -> None:
+        """A request of ``client`` that relied on its binding version ``relied`` and carried the
+        changes up to ``reaches`` was loaded: the store holds every binding of that client up to
+        ``reaches`` when it held those up to ``relied`` (a request that relied on nothing was not
+        checked)."""
+        held = self.versions.get(client, 0)
+        if held >= relied and reaches > held:
+            self.versions[client] = reaches
 
     def module(self, nsid: str, base: dict[str, Any] | None = None) -> types.ModuleType:
         """The session's module for namespace ``nsid`` (``m:<module name>`` or ``g:<key>``)."""
@@ -164,16 +181,18 @@ def _package_of(g: dict[str, Any]) -> str:
 
 
 class _Load:
-    """One decode of a request of a session: its store, the binding version its bindings are
-    stamped with, the objects this load made and the module globals it is rebuilding."""
+    """One decode of a request of a session: its store, the client that sent it (its key
+    prefix), what its bindings are stamped with, the objects this load made and the module
+    globals it is rebuilding."""
 
-    __slots__ = ("ephemeral", "fresh", "rebuilding", "stamp", "store")
+    __slots__ = ("client", "ephemeral", "fresh", "rebuilding", "stamp", "store")
 
-    def __init__(self, store: CodeStore, ephemeral: bool, stamp: tuple[str, int] | None) -> None:
+    def __init__(self, store: CodeStore, ephemeral: bool, client: str, at: int) -> None:
         self.store = store
         self.fresh: set[int] = set()  # ids of objects made by this load (their state is set once)
         self.ephemeral = ephemeral
-        self.stamp = stamp
+        self.client = client
+        self.stamp = (client, at) if at else None
         # (namespace, name) of the bindings whose key was loaded and that are not bound yet: the
         # last is the global whose value is being unpickled (a failure there names it, loads)
         self.rebuilding: list[tuple[str, str]] = []
@@ -185,7 +204,7 @@ class _Load:
             raise CodeCacheMiss(
                 "this worker does not hold the session's code or values the request refers to "
                 f"({key!r}); nothing ran: the client sends it again in full",
-                key=key, ephemeral=self.ephemeral, version=self.store.version) from None
+                key=key, ephemeral=self.ephemeral, version=self.store.versions.get(self.client, 0)) from None
 
     def bind(self, bindings: list[tuple[str, str, str, Any]] | None) -> None:
         if not bindings:
@@ -206,14 +225,14 @@ _load: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("dspex_code
 
 
 class loading:
-    """``with loading(store, ephemeral, stamp):`` session pickles decoded in the block use
-    ``store``; the bindings they carry are stamped with ``stamp`` (the client's key prefix and
-    binding version: ``CodeStore.stamps``)."""
+    """``with loading(store, ephemeral, client, at):`` session pickles decoded in the block use
+    ``store``; they come from ``client`` (its key prefix) and the bindings they carry are stamped
+    with its binding version ``at`` (``CodeStore.stamps``)."""
 
     __slots__ = ("_load", "_token")
 
-    def __init__(self, store: CodeStore, ephemeral: bool = False, stamp: tuple[str, int] | None = None) -> None:
-        self._load = _Load(store, ephemeral, stamp)
+    def __init__(self, store: CodeStore, ephemeral: bool = False, client: str = "", at: int = 0) -> None:
+        self._load = _Load(store, ephemeral, client, at)
 
     def __enter__(self) -> None:
         self._token = _load.set(self._load)
@@ -225,18 +244,20 @@ class loading:
 
 def check_held(relied: int) -> None:
     """Refuse a request that refers to what the session holds (``FLAG_HELD``: code by key,
-    globals left out as bound up to binding version ``relied``) when this worker's store of the
-    session holds nothing, or not every binding up to that version: the session moved here (a
-    ``hint`` session's call sent to a free worker), or calls that rebound globals ran on the other
-    worker. Loaded, it would run without the globals its new code reads (NameError), or with their
+    globals left out as bound up to the client's binding version ``relied``) when this worker's
+    store of the session holds nothing, or not every binding of that client up to that version:
+    the session moved here (a ``hint`` session's call sent to a free worker), or calls that
+    rebound globals ran on the other worker. Loaded, it would run without the globals its new code reads (NameError), or with their
     old values; refused with :class:`CodeCacheMiss` (``details["version"]``: the version the store
-    holds) before anything is loaded, it comes again in full with every binding changed since."""
+    holds) before anything is loaded, it comes again in full with every binding changed since.
+    Another client's versions count apart: a store far along in one's says nothing of the other's."""
     load = _active()
     store = load.store
-    if store.version < relied or not (store.objects or store.modules or store.bound):
+    held = store.versions.get(load.client, 0)
+    if held < relied or not (store.objects or store.modules or store.bound):
         raise CodeCacheMiss("this worker does not hold the session's bindings the request relies on (calls ran on "
                             "another worker); nothing ran: the client sends it again in full with them",
-                            ephemeral=load.ephemeral, version=store.version)
+                            ephemeral=load.ephemeral, version=held)
 
 
 def _active() -> _Load:
