@@ -435,7 +435,7 @@ def test_seeded_memo_loads_shared_objects_as_the_given_ones() -> None:
 def test_the_session_code_store_comes_back_with_its_keys_module_state_and_sources() -> None:
     """By-value code (dspex.wire.codestore): objects under the client's keys, one module object per
     user module whose globals keep their state, the client's bindings, source files."""
-    from dspex.wire import codestore
+    from dspex.wire import classes
 
     table = RefTable("p", "w1")
     state = table.session(SID)
@@ -448,7 +448,7 @@ def test_the_session_code_store_comes_back_with_its_keys_module_state_and_source
     store.bound[("m:helpers", "calls")] = "v:2"
     exec("class Ticket:\n    pass\n", helpers.__dict__)  # noqa: S102 - a user class of that module
     store.objects["k:3"] = helpers.__dict__["Ticket"]
-    codestore.register_class_file(store.objects["k:3"], "/client/helpers.py")
+    classes.register_class_file(store.objects["k:3"], "/client/helpers.py")
     assert store.objects["f:1"]("a") == 1
     held = Held()
     ck, lost = checkpoint.Tracker(SID).build(state)
@@ -463,7 +463,7 @@ def test_the_session_code_store_comes_back_with_its_keys_module_state_and_source
     assert record("b") == 2 and module.__dict__["calls"] == ["a", "b"]
     assert code.bound[("m:helpers", "calls")] == "v:2"
     assert code.sources["/client/helpers.py"][2][1] == "def record(x):\n"
-    assert codestore.class_file(code.objects["k:3"]) == "/client/helpers.py"
+    assert classes.class_file(code.objects["k:3"]) == "/client/helpers.py"
     assert "calls.append(x)" in inspect.getsource(record)
 
 

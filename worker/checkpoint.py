@@ -40,7 +40,7 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, classes
 from dspex.wire.sessiondir import FileData
 from worker import checkpoint_pickler as cp
 from worker import namespace
@@ -193,7 +193,7 @@ def session_root(state: SessionState, roots: list[tuple[str, Any, Any]], lost: d
     root["stamps"] = code.stamps
     root["sources"] = code.sources
     root["class_files"] = {key: file for key, obj in code.objects.items()
-                           if isinstance(obj, type) and (file := codestore.class_file(obj)) is not None}
+                           if isinstance(obj, type) and (file := classes.class_file(obj)) is not None}
     return root
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue, codestore, reducers
+from dspex.wire import byvalue, classes, codestore, reducers
 from dspex.wire.sessiondir import FileData
 
 PROTOCOL = 5
@@ -159,7 +159,7 @@ def _make_class(tracker: str | None, type_constructor: type, name: str, bases: t
     """A dynamic class of this session only: made fresh, registered class -> tracker id (so it
     pickles back to the client as the client's class), never tracker id -> class (another
     session's copy of it must stay another class)."""
-    with codestore.class_hooks_skipped(type_constructor, bases):  # it ran on the client; its effects are restored
+    with classes.class_hooks_skipped(type_constructor, bases):  # it ran on the client; its effects are restored
         cls: type = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
     if tracker is not None:
         with _cp._DYNAMIC_CLASS_TRACKER_LOCK:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgpack
 
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, classes, codestore
 from dspex.wire.errors import CheckpointRefused
 from worker import checkpoint_pickler as cp
 from worker import namespace
@@ -150,5 +150,5 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
         code.sources[filename] = entry
     code.activate_sources()
     for key, file in root["class_files"].items():
-        codestore.register_class_file(code.objects[key], file)
+        classes.register_class_file(code.objects[key], file)
     return [NotDurable(*item) for item in root["lost"]][-LOST_MEMORY:]

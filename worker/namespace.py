@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from dspex.wire import byvalue, codestore
+from dspex.wire import byvalue, classes
 from worker.refs import SessionState
 
 _PREFIX = "dspex_session_"
@@ -154,7 +154,7 @@ def _getfile(obj: Any) -> str:
     ``linecache``; a class of an exec'd session module is found by its methods' code.
     """
     if inspect.isclass(obj):
-        sent = codestore.class_file(obj)
+        sent = classes.class_file(obj)
         if sent is not None:
             return sent
         module = sys.modules.get(obj.__module__)
