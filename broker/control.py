@@ -1,22 +1,24 @@
-"""Request control: a client's ``credit`` and ``cancel`` for a request it sent, and a client gone.
+"""Request control: a client's ``credit`` and ``cancel`` for a request it sent, a client gone, and a
+session closed.
 
 A request running on a worker gets them forwarded (``B_CREDIT``, ``B_CANCEL``); a cancelled
 request still waiting in a queue is taken out and answered ``cancelled``; control for a request
 that ended (or that the broker never saw) is dropped. A client whose connection closed has its
-requests cancelled as if it had sent ``cancel`` for each (without answers: nobody reads them).
+requests cancelled as if it had sent ``cancel`` for each (without answers: nobody reads them); a
+session that closes has its running requests cancelled so too (their callers get the answers).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
 
 from broker.answers import Answers
 from broker.port import Port
-from broker.state import Pool, WorkerRecord
+from broker.state import Pending, Pool, WorkerRecord
 from dspex.wire.errors import Cancelled
 from dspex.wire.protocol import B_CANCEL, B_CREDIT, Op
 
@@ -52,14 +54,7 @@ class RequestControl:
         """The connection of ``client`` closed: nobody reads the replies of its requests any more.
         Its running calls are cancelled on their workers (their slots free when the workers
         answer), its queued ones dropped; both count as ``cancelled``."""
-        running = 0
-        for w in list(workers.values()):
-            for (owner, req_id), p in list(w.inflight.items()):
-                if owner == client and not p.cancelled:
-                    p.cancelled = True
-                    running += 1
-                    if not self._to_worker(w, [B_CANCEL, client, msgpack.packb([req_id, 0])]):
-                        break  # that worker is gone, and its calls with it
+        running = self._cancel_running(workers.values(), lambda owner, p: owner == client)
         queued = 0
         for pool in self.pools.values():
             for p in pool.take_client(client):
@@ -68,3 +63,20 @@ class RequestControl:
         if running or queued:
             self.port.log(logging.INFO, "client %s disconnected: cancelled %d running and %d queued request(s)", client.hex()[:12],
                      running, queued)
+
+    def cancel_session(self, session: str, workers: Iterable[WorkerRecord]) -> int:
+        """The session closes: its running calls (and open streams) are cancelled on their workers,
+        as its client's ``cancel`` would; their callers get the workers' ``cancelled`` answers."""
+        return self._cancel_running(workers, lambda owner, p: p.session == session)
+
+    def _cancel_running(self, workers: Iterable[WorkerRecord], chosen: Callable[[bytes, Pending], bool]) -> int:
+        """Cancel the running requests ``chosen`` (owner, request) on their workers: the number."""
+        running = 0
+        for w in list(workers):
+            for (owner, req_id), p in list(w.inflight.items()):
+                if chosen(owner, p) and not p.cancelled:
+                    p.cancelled = True
+                    running += 1
+                    if not self._to_worker(w, [B_CANCEL, owner, msgpack.packb([req_id, 0])]):
+                        break  # that worker is gone, and its calls with it
+        return running

@@ -57,6 +57,8 @@ def _close_session(core: Core, call: OpCall) -> Any:
         raise SessionNotYours(f"session {sid[:8]} belongs to another client", session=sid)
     if rec is None or rec.closing:
         return {"closed": False, "released": False}
+    # what it runs ends with it: released when the cancelled calls answer (Sessions.close)
+    core.control.cancel_session(rec.id, (w for wid in rec.touched if (w := core.workers.get(wid)) is not None))
     return {"closed": True, "released": core.book.close(rec, "was closed")}
 
 

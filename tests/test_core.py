@@ -527,18 +527,20 @@ def test_release_goes_to_every_worker_a_hint_session_touched() -> None:
     assert core.released("s") == {A, B}
 
 
-def test_close_while_a_call_runs_releases_after_it_and_drops_queued_calls() -> None:
+def test_close_while_a_call_runs_cancels_it_releases_after_it_and_drops_queued_calls() -> None:
     core = StubCore("p:strict_queue")
     core.ready(A, "p")
     core.request(C, 1, "p", "s")
     core.request(C, 2, "p", "s")  # queued behind call 1
+    core.request(D, 1, "p", "t")  # another session's: runs on
     core.admin(C, "close_session", session="s")
+    assert cancels(core) == [(A, C, [1, 0])], "the session's running call is cancelled on its worker"
     assert core.released("s") == set(), "never released under a running call"
     assert core.outcome(C, 2) == "session_closed"
     core.request(C, 3, "p", "s")
     assert core.outcome(C, 3) == "session_closed"
-    core.reply(A, C, 1)
-    assert core.outcome(C, 1) == "ok"
+    core.reply(A, C, 1, "err")
+    assert core.pools["p"].outcomes[("call", "cancelled")] == 1, "its error reply counts as cancelled"
     assert core.released("s") == {A}
 
 

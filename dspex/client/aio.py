@@ -175,7 +175,8 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         # built at the first __anext__, where the request is sent: it carries the DSPy settings, the
         # dspy.track_usage() block and the context variables in force there, as an in-process
         # generator's body sees those of the __anext__ that runs it
-        return AsyncStream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker)
+        return AsyncStream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker,
+                           options.get("bind"))
 
 
 async def _callbacks_done(ex: Exchange) -> None:
@@ -195,8 +196,9 @@ class AsyncStream(StreamAPI):
     awaiting task cancelled, an error inside ``__anext__``, and garbage collection (``break`` out
     of an ``async for``) cancel it without waiting."""
 
-    def __init__(self, client: AsyncClient, exchange: Callable[[], Exchange], worker: str) -> None:
-        super().__init__()
+    def __init__(self, client: AsyncClient, exchange: Callable[[], Exchange], worker: str,
+                 session: AsyncSession | None) -> None:
+        super().__init__(session)
         self._client = client
         self._exchange = exchange
         self._ex: Exchange | None = None  # built when the request is sent
@@ -214,6 +216,7 @@ class AsyncStream(StreamAPI):
             raise StopAsyncIteration
         self._claim("hand its items to the other tasks through an asyncio.Queue")
         try:
+            self._check_open()
             return await self._read()
         finally:
             self._reading = False

@@ -462,10 +462,20 @@ class StreamAPI:
 
     _end: Callable[..., None]
 
-    def __init__(self) -> None:
+    def __init__(self, session: SessionAPI | None) -> None:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []  # filled by its exchange (Exchange.collect_progress)
+        self._session = session
+
+    def _check_open(self) -> None:
+        """A stream read after its session closed: the close cancelled its producer, and the items
+        it sent ahead are not what the caller wants; ``SessionClosed`` (once: it ended)."""
+        session = self._session
+        if session is not None and session.closed:
+            self._end(abandon=True)  # the broker cancelled it; this covers a close it never heard of
+            raise SessionClosed(f"session {session.id[:8]} was closed, and this stream with it (its producer "
+                                "was cancelled)", session=session.id)
 
     def __del__(self) -> None:
         if not self.done:

@@ -269,7 +269,7 @@ class Stream(StreamAPI, Closing):
     """
 
     def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
-        super().__init__()
+        super().__init__(ex.bind)
         ex.collect_progress(self.progress)
         self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
         self._ch: Channel | None = ch
@@ -285,6 +285,7 @@ class Stream(StreamAPI, Closing):
             raise StopIteration
         if threading.get_ident() != self._thread:
             raise UsageError("a Stream must be consumed on the thread that started it")
+        self._check_open()
         client, ch, ex = self._client, self._ch, self._ex
         ended = sending = False  # the final reply came / a send is under way
         try:

@@ -11,6 +11,8 @@ The tree is grouped by what the caller may do (dramatiq-style)::
     ├── MayHaveRun     the outcome is unknown: retry only what is idempotent
     ├── UsageError     the request itself is wrong: the same request fails the same way
     └── RemoteError    user code raised on the worker (also an instance of the original type)
+
+``Timeout`` and ``QueueTimeout`` are also builtin ``TimeoutError`` (``except TimeoutError`` catches them).
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ class PoolSaturated(DidNotRun):
     code = "pool_saturated"
 
 
-class QueueTimeout(DidNotRun):
-    """A request waited in a queue longer than the pool's queue timeout."""
+class QueueTimeout(DidNotRun, TimeoutError):
+    """A request waited in a queue longer than the pool's queue timeout. Also a builtin
+    ``TimeoutError``, as :class:`Timeout` is."""
 
     code = "queue_timeout"
 
@@ -139,8 +142,10 @@ class SessionClosed(UsageError):
     code = "session_closed"
 
 
-class Timeout(MayHaveRun):
-    """No answer arrived within the call's timeout (raised on the client)."""
+class Timeout(MayHaveRun, TimeoutError):
+    """No answer arrived within the call's timeout. Also a builtin ``TimeoutError`` (as Ray's
+    ``GetTimeoutError`` is): ``except TimeoutError`` catches it as it catches asyncio's and
+    concurrent.futures' timeouts."""
 
     code = "timeout"
 
