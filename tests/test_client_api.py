@@ -251,3 +251,22 @@ def test_stream_apply_streams_any_iterable_a_client_function_returns(stack: Stac
         assert list(s.stream_apply(lambda: map(abs, [-1, -2]))) == [1, 2]
         with pytest.raises(TypeError, match="not iterable"):
             list(s.stream_apply(lambda: 42))
+
+
+def test_import_dspex_loads_the_client_on_first_use_of_a_name() -> None:
+    """The broker, the workers and dspexctl run dspex/__init__.py for dspex.wire and dspex.stack:
+    it must not cost them the client stack. Every public name still resolves, by attribute and by
+    ``from dspex import``, to the object its module defines."""
+    script = (
+        "import sys, dspex\n"
+        "early = [m for m in sys.modules if m.startswith('dspex.client') or m == 'numpy']\n"
+        "assert not early, early\n"
+        "assert dspex.WorkerCrashed.__module__ == 'dspex.wire.errors'\n"
+        "from dspex import Client, aio\n"
+        "import dspex.client.sync, dspex.aio\n"
+        "assert Client is dspex.client.sync.Client and aio is dspex.aio and dspex.connect is dspex.client.sync.connect\n"
+        "assert all(getattr(dspex, n) is not None for n in dspex.__all__) and set(dspex.__all__) <= set(dir(dspex))\n"
+        "try:\n    dspex.Clinet\nexcept AttributeError:\n    pass\nelse:\n    raise AssertionError('no error')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr

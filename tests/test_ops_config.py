@@ -72,6 +72,21 @@ def test_a_pool_section_or_key_given_twice_is_one_line_in_every_process(here: Pa
         one_error_line(res, needle)
 
 
+def test_a_config_error_ends_the_broker_and_a_worker_before_they_import_what_serving_needs(here: Path) -> None:
+    """supervisord counts a program alive for startsecs (1 s) as started: one with a bad config
+    must exit well before, even on a loaded host, or supervisord restarts it forever instead of
+    marking it FATAL. So neither reads its config after the client stack, numpy or its loop."""
+    conf = here / "supervisor.conf"
+    conf.write_text(small_conf_text(triage_pool={"queue_max": "banana"}))
+    serving = {"numpy", "zmq.asyncio", "dspex.client", "dspex.wire.codec", "broker.broker", "worker.worker", "dspy"}
+    for args, needle in ((["-m", "broker", "--config", str(conf)], "bad value 'banana' for 'queue_max'"),
+                         (["-m", "worker", "--pool", "triage_pool", "--capacity", "0"], "capacity must be at least 1")):
+        res = run(["-X", "importtime", *args], here)
+        assert res.returncode == 2 and needle in res.stderr, res.stderr[-2000:]
+        imported = {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")}
+        assert imported and not imported & serving, sorted(imported & serving)
+
+
 def test_a_key_given_twice_outside_the_pool_sections_is_supervisords_business(here: Path) -> None:
     """supervisord takes the last of a repeated key of its own sections; so does dspex."""
     conf = here / "supervisor.conf"

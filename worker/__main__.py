@@ -15,7 +15,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch lit
 from dspex.stack import logs
 from dspex.wire.errors import ConfigError
 from worker.settings import parse
-from worker.worker import main
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -27,6 +26,11 @@ def run(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         logs.early(f"worker[{os.getpid()}]", f"worker: {err.message}")
         return 2
+    # only now: serving imports the client codec and numpy (~1 s on a loaded host), and a config
+    # error must end the process within supervisord's startsecs, or it restarts it forever
+    # instead of marking it FATAL with the cause
+    from worker.worker import main
+
     return main(options)
 
 
