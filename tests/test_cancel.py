@@ -44,6 +44,9 @@ SESSION_CODE = textwrap.dedent("""
         await asyncio.sleep(seconds)
         done.append(tag)
 
+    async def ablocked(marker, tag):  # a coroutine that blocks its loop: no await takes a task's cancel
+        slow(marker, tag)
+
     def vitals():
         return {"threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")),
                 "rss": int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
@@ -95,15 +98,15 @@ def _outcomes(stack: Stack) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("capacity", [1, 4])
-@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["sync", "async", "async_blocked"])
 def test_a_cancelled_call_stops_and_frees_its_slot(stack: Stack, tmp_path: Path, capacity: int, kind: str) -> None:
     """``task.cancel()`` on an awaited call: the worker stops it (main thread or pool thread; a
-    plain function or a coroutine), the session's next call answers at once, and what the call
-    would have done after the cancel never happens."""
+    plain function, a coroutine, or one that blocks its loop in synchronous code), the session's
+    next call answers at once, and what the call would have done after the cancel never happens."""
     stack.env["DSPEX_HARD_GRACE"] = "60"  # a cancel must stop the call by itself, never the hard limit
     _start(stack, capacity)
     marker = tmp_path / "m"
-    fn = "slow" if kind == "sync" else "aslow"
+    fn = {"sync": "slow", "async": "aslow", "async_blocked": "ablocked"}[kind]
 
     async def body(client: dspex.aio.AsyncClient, s: dspex.aio.AsyncSession) -> tuple[float, Any, int]:
         pid = await s.call("os", "getpid")
@@ -385,3 +388,59 @@ def test_a_cancel_interrupts_a_running_call_on_a_pool_thread() -> None:
         assert info.value.details.get("stopped") is True
         assert ex.cancel((b"c", 1)) is False  # ended: nothing to interrupt
         assert pool.submit(_executor_call, ex, 2, "after = i").result(10)["after"] < 2999
+
+
+WRITER_CODE = textwrap.dedent("""
+    import asyncio, socket, threading, time
+
+    def _drain(sock):
+        try:
+            while sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    async def awrite(marker, seconds=30.0):
+        mine, theirs = socket.socketpair()
+        threading.Thread(target=_drain, args=(theirs,), daemon=True).start()
+        _, writer = await asyncio.open_connection(sock=mine)
+        open(marker, "w").close()
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:  # nearly all its time inside the transport's socket write
+                for _ in range(200):
+                    writer.write(b"x" * 256)
+                await writer.drain()
+                await asyncio.sleep(0)  # (drain does not yield below the high-water mark)
+            done.append("wrote on")
+        finally:
+            writer.close()
+            theirs.close()
+""")
+
+
+def test_a_cancel_that_lands_inside_asyncios_socket_write_stops_the_coroutine(stack: Stack, tmp_path: Path) -> None:
+    """A coroutine that writes to a socket through an asyncio transport, cancelled over and over on
+    a capacity-1 worker: asyncio's transport catches ``BaseException`` around its socket write, so
+    an interruption raised there became "Fatal write error on socket transport" and a closed
+    connection, and the coroutine wrote on. Each call must end cancelled, with nothing logged."""
+    stack.env["DSPEX_HARD_GRACE"] = "60"
+    _start(stack, 1)
+
+    async def body(client: dspex.aio.AsyncClient, s: dspex.aio.AsyncSession) -> Any:
+        await s.exec(WRITER_CODE)
+        for i in range(20):
+            marker = tmp_path / f"w{i}"
+            task = asyncio.create_task(s.eval(f"awrite({str(marker)!r})"))
+            await _until(lambda: marker.exists() or task.done(), f"{marker.name} to start")  # noqa: B023
+            await asyncio.sleep(0.05)  # well inside its writes
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return await s.eval("done")
+
+    done = _run(stack, body)
+    assert done == []
+    assert _outcomes(stack).get("eval:cancelled") == 20, _outcomes(stack)
+    noisy = [line for line in stack.logs().splitlines() if "Fatal write error" in line or "Traceback" in line]
+    assert not noisy, noisy[:10]

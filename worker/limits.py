@@ -31,11 +31,16 @@ call's handler, which runs before the worker's (worker.stopsignals).
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
 
-An awaitable result runs on a private event loop (:func:`run_async`). The interruption reaches
-it as above; on a pool thread the watchdog also wakes the loop (a thread blocked in the loop's
-``select`` would see an async exception only when that returns). ``asyncio.run`` then cancels the
-call's task: its coroutine gets ``CancelledError`` at its ``await`` and its ``finally`` blocks
-run, as with an in-process ``task.cancel()``.
+An awaitable result runs on a private event loop (:func:`run_async`). Its interruption is that
+loop's ``task.cancel()`` of the call's task, sent with ``call_soon_threadsafe``: its coroutine
+gets ``CancelledError`` at its ``await`` and its ``finally`` blocks run (and may await), as with
+an in-process ``task.cancel()``; :func:`run_async` turns the cancelled task into the call's
+interruption. Raised into the thread instead, it could land in asyncio's own code, which
+catches ``BaseException`` in places (a transport's socket write: "Fatal write error", a closed
+connection, and the call ran on). A loop that does not take the cancel within
+``_TASK_CANCEL_WAIT`` (the coroutine blocks it in synchronous code) gets the interruption raised
+as above; on a pool thread the watchdog also wakes the loop (a thread blocked in the loop's
+``select`` would see an async exception only when that returns).
 
 Cancellation (the caller gave up: ``B_CANCEL``) stops a running call the same way, at once:
 :meth:`Watchdog.cancel` raises :class:`CallCancelled` (a ``CallTimedOut``, so code that handles
@@ -73,6 +78,9 @@ DEFAULT_GRACE = 5.0
 _REVIEW = 1.0
 _NUDGE = signal.SIGURG  # ignored by default: a nudge after its handler was replaced changes nothing
 _NUDGE_EVERY = 0.05  # seconds between nudges while a SIGINT's handler has not run
+# seconds a coroutine's loop has to take its task's cancel before the interruption is raised in
+# whatever the thread runs (the coroutine blocks its loop in synchronous code)
+_TASK_CANCEL_WAIT = 0.25
 
 
 class CallTimedOut(BaseException):
@@ -98,6 +106,8 @@ class _Call:
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
+    task: asyncio.Task[Any] | None = None  # ... and the task of its coroutine there
+    task_cancel_due: float = math.inf  # its task's cancel was sent to its loop: raise if not taken by then
     signalled: bool = False  # a SIGINT was sent to its (main) thread and its handler has not run yet
     resend: bool = False  # its interruption was raised where Python ignores it: the watchdog sends it again
     nudge_at: float = 0.0  # when the watchdog nudges the thread next, while ``signalled``
@@ -229,13 +239,29 @@ def run_async(coro: Any) -> Any:
     async def main() -> Any:
         with call.lock:
             call.loop = asyncio.get_running_loop()
+            call.task = asyncio.current_task()
         try:
             return await coro
         finally:
             with call.lock:
-                call.loop = None
+                call.loop = call.task = None
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if call.timed_out:  # our cancel of its task (Watchdog._cancel_task), not the coroutine's own
+            raise call.interruption() from None
+        raise
+
+
+def _take_task_cancel(call: _Call, task: asyncio.Task[Any]) -> None:
+    """On the call's loop: its interruption, as ``task.cancel()`` (Watchdog._cancel_task)."""
+    with call.lock:
+        call.task_cancel_due = math.inf
+        if call.done or call.settled or call.task is not task:
+            return
+        call.timed_out = True
+    task.cancel()
 
 
 def _wake(loop: asyncio.AbstractEventLoop | None) -> None:
@@ -326,11 +352,13 @@ class Watchdog:
                     due = [c for c in self._calls.values() if not c.done and self._next(c) <= now]
                     nudge = [c for c in self._calls.values() if c.signalled and not c.done and c.nudge_at <= now]
                     resend = [c for c in self._calls.values() if c.resend and not c.done]
-                    if due or nudge or resend:
+                    stuck = [c for c in self._calls.values() if c.task_cancel_due <= now and not c.done]
+                    if due or nudge or resend or stuck:
                         break
                     self._wake_at = min(min((self._next(c) for c in self._calls.values()), default=math.inf),
                                         min((c.nudge_at for c in self._calls.values() if c.signalled),
-                                            default=math.inf))
+                                            default=math.inf),
+                                        min((c.task_cancel_due for c in self._calls.values()), default=math.inf))
                     if self._last_token != seen:
                         # never longer than _REVIEW while calls come: a call that starts while it
                         # sleeps for nothing (the last call ended) then wakes it only if its
@@ -348,6 +376,8 @@ class Watchdog:
                     c.nudge_at = now + _NUDGE_EVERY
                 for c in resend:
                     c.resend = False
+                for c in stuck:
+                    c.task_cancel_due = math.inf
             for call in nudge:
                 try:
                     signal.pthread_kill(call.thread, _NUDGE)
@@ -355,6 +385,8 @@ class Watchdog:
                     pass
             for call in resend:
                 self._soft(call)
+            for call in stuck:
+                self._raise(call)
             for call in due:
                 if not call.soft_sent:
                     call.soft_sent = True
@@ -382,6 +414,33 @@ class Watchdog:
         return True
 
     def _soft(self, call: _Call) -> None:
+        if not self._cancel_task(call):
+            self._raise(call)
+
+    def _cancel_task(self, call: _Call) -> bool:
+        """Interrupt a coroutine the way asyncio does, ``task.cancel()`` on its loop (True), not
+        by raising into whatever its thread runs: that may be asyncio's own code, which catches
+        ``BaseException`` in places (a transport's socket write turned the interruption into
+        "Fatal write error on socket transport", a closed connection, and a call that ran on).
+        The coroutine gets ``CancelledError`` at its ``await``, and its ``finally`` blocks may
+        await. A loop that does not take it within ``_TASK_CANCEL_WAIT`` (the coroutine blocks it
+        in synchronous code) gets the interruption raised (:meth:`_raise`)."""
+        with call.lock:
+            loop, task = call.loop, call.task
+            if loop is None or task is None or call.done or call.settled:
+                return False
+            call.task_cancel_due = time.monotonic() + _TASK_CANCEL_WAIT
+        try:
+            loop.call_soon_threadsafe(_take_task_cancel, call, task)
+        except RuntimeError:  # its loop closed meanwhile: the coroutine has ended
+            call.task_cancel_due = math.inf
+            return False
+        with self._cond:
+            self._cond.notify()  # its wait for the loop to take it
+        return True
+
+    def _raise(self, call: _Call) -> None:
+        """Raise the call's interruption in whatever its thread runs."""
         if call.thread == self._main:
             call.nudge_at = time.monotonic() + _NUDGE_EVERY
             call.signalled = True

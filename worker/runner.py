@@ -9,6 +9,7 @@ through ``send`` (the link's), with no hop to another thread.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
@@ -72,6 +73,12 @@ _HELD = int(Durable.HELD)
 _EPHEMERAL = int(SessionMode.EPHEMERAL)
 _OK = Status.OK.value
 _ERROR = Status.ERROR.value
+
+
+def _waits_until(arrived: float, call_ms: int, queue_ms: int) -> float:
+    """The earlier of a request's deadlines (its caller's, its queue's; 0: none, not both), counted
+    from its arrival."""
+    return arrived + min(ms for ms in (call_ms, queue_ms) if ms) / 1000
 
 
 def _request_key(frames: list[zmq.Frame]) -> tuple[bytes, int] | None:
@@ -205,17 +212,13 @@ class Runner:
             elif head.durable & _HELD and not self.executor.holds(session):
                 raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
                                      "its checkpoint", session=session)
-            if queue_ms and time.monotonic() > arrived + queue_ms / 1000:
-                raise QueueTimeout(f"request {req_id} waited past its queue deadline before this worker reached it",
-                                   pool=self.pool_name)
+            if (queue_ms or call_ms) and time.monotonic() >= _waits_until(arrived, call_ms, queue_ms):
+                # prefetched behind a call that outlasted this one's timeout, and reached before
+                # the inbox's timer answered it (:meth:`expire`): started now, it would be
+                # interrupted at its first line (inside asyncio.run's setup, for a coroutine) and
+                # answered as stopped mid-run
+                raise self._waited_out(header.op, arrived, call_ms, queue_ms)
             deadline = arrived + call_ms / 1000 if call_ms else None
-            if deadline is not None and time.monotonic() >= deadline:
-                # prefetched behind a call of the session that outlasted this one's timeout: started
-                # now, it would be interrupted at its first line (inside asyncio.run's setup, for a
-                # coroutine) and answered as stopped mid-run
-                raise QueueTimeout(f"{header.op} waited {time.monotonic() - arrived:.1f}s on this worker behind the "
-                                   f"session's running call and never ran: its timeout of {call_ms / 1000:g}s ran "
-                                   "out first", pool=self.pool_name)
             if header.flags & FLAG_STREAM:
                 stream = self._open_stream(client, req_id, header.timeout_ms, send,
                                            bool(header.flags & FLAG_ITEMS))
@@ -256,6 +259,48 @@ class Runner:
                   pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
         finally:
             self.held.pop(id(request), None)
+
+    def waits_until(self, request: Request) -> float:
+        """When ``request``, not started, is past its caller's deadline or its queue deadline
+        (``time.monotonic()``; inf: never). A moved durable session's first call carries its
+        checkpoint, applied whatever becomes of the call: it is left to :meth:`start` (inf)."""
+        arrived, frames = request
+        head = unpack_request_envelope(frames[0].bytes)
+        if head.durable & _RESTORE or not (head.call_ms or head.queue_ms):
+            return math.inf
+        return _waits_until(arrived, head.call_ms, head.queue_ms)
+
+    def expire(self, request: Request) -> None:
+        """Answer ``request``, which waited on this worker (prefetched behind a running call) past
+        :meth:`waits_until`, at that time: ``QueueTimeout``, it never runs (any thread). The
+        thread that reads the socket does it, so the caller hears it at its deadline, not when
+        the running call ends: after its reply grace, a caller takes silence for a call that may
+        still run."""
+        arrived, frames = request
+        head = unpack_request_envelope(frames[0].bytes)
+        req_id = 0
+        try:
+            header = unpack_request_header(frames[1].buffer)
+            req_id = header.req_id
+            err: DspexError = self._waited_out(header.op, arrived, head.call_ms, head.queue_ms)
+        except ProtocolError as exc:
+            header, err = None, exc
+        self.executor.errors += 1
+        self._log_failure(header, req_id, False, err)
+        try:
+            self._send([pack_reply_envelope(W_REPLY, _ERROR, req_id, head.client),
+                        pack_reply_header(_ERROR, req_id, self.incarnation, self.pool_name), *error_frames(err)])
+        finally:
+            self.held.pop(id(request), None)
+
+    def _waited_out(self, op: str, arrived: float, call_ms: int, queue_ms: int) -> QueueTimeout:
+        waited = time.monotonic() - arrived
+        if call_ms and (not queue_ms or call_ms <= queue_ms):
+            why = f"its timeout of {call_ms / 1000:g}s"
+        else:
+            why = f"the pool's queue timeout ({queue_ms / 1000:g}s left when it was sent)"
+        return QueueTimeout(f"{op} waited {waited:.1f}s on this worker behind a running call and never ran: {why} "
+                            "ran out first", pool=self.pool_name)
 
     @staticmethod
     def _log_failure(header: RequestHeader | None, req_id: int, streaming: bool, err: DspexError) -> None:

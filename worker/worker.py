@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import resource
 import secrets
@@ -85,7 +86,7 @@ class Worker:
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
                          deliver=self._from_broker, held=lambda: self.runner.held_keys(), on_beat=self._on_beat,
                          grace=_STAND_IN_GRACE,
-                         timers=flush_timer.run)
+                         timers=self._timers)
         flush_timer.wake = self.link.wake_timers
         self.runner = Runner(self.executor, self.book, self.link.send, pool=options.pool,
                              incarnation=self.incarnation, capacity=self.capacity, max_message=max_message,
@@ -97,8 +98,10 @@ class Worker:
         # its dspy import is under way: the broker says so, and `pools start` waits for its outcome
         self.preparing = options.preload_dspy
         self._stop = threading.Event()  # set by SIGTERM or the broker's DISCONNECT
-        # requests read by whichever thread read the socket, with their arrival time
+        # requests read by whichever thread read the socket, with their arrival time; the main
+        # loop takes them in order, the reading thread those whose deadline passes while they wait
         self._inbox: deque[Request] = deque()
+        self._inbox_lock = threading.Lock()
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> int:
@@ -132,7 +135,8 @@ class Worker:
                         self.executor.forget_cancels()  # every request received has ended
                     link.read()
                     continue
-                request = inbox.popleft()
+                with self._inbox_lock:
+                    request = inbox.popleft()
                 if self._stop.is_set():
                     continue  # stopping: a request not started is handed back at our goodbye
                 if runner.inline:
@@ -172,6 +176,28 @@ class Worker:
         finally:
             logging.shutdown()
             os._exit(3)
+
+    def _timers(self, now: float) -> float:
+        """The timers of whichever thread reads the socket: the call's waiting output, and the
+        requests waiting here; seconds until the next is due."""
+        due = flush_timer.run(now)
+        return min(due, self._expire_waiting(now)) if self._inbox else due
+
+    def _expire_waiting(self, now: float) -> float:
+        """Answer the requests whose deadline passed while they waited in the inbox (prefetched to
+        a capacity-1 worker behind a call that runs long): QueueTimeout, at their deadline, from the
+        thread that reads the socket. The others keep their order. Seconds until the next one's."""
+        runner = self.runner
+        expired: list[Request] = []
+        with self._inbox_lock:
+            waiting = [(runner.waits_until(request), request) for request in self._inbox]
+            if any(until <= now for until, _ in waiting):
+                self._inbox.clear()
+                for until, request in waiting:
+                    (expired if until <= now else self._inbox).append(request)
+        for request in expired:
+            runner.expire(request)
+        return max(0.0, min((until for until, _ in waiting if until > now), default=math.inf) - now)
 
     def _on_beat(self, now: float) -> None:
         """Once per heartbeat, from whichever thread reads: the session backstop, the root logger."""
