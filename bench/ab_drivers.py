@@ -71,6 +71,16 @@ def _run_predict(question: str) -> Any:
     return _PROGRAM(question=question)
 
 
+def headers_module() -> Any:
+    """The request/reply headers and envelopes of whichever tree is first on sys.path (a tree from
+    before they had a module of their own, ``dspex.wire.headers``, has them in its protocol module)."""
+    try:
+        from dspex.wire import headers
+    except ImportError:
+        from dspex.wire import protocol as headers
+    return headers
+
+
 def _median(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
@@ -90,10 +100,10 @@ class CoreLoad:
         from broker.core import Core
         from dspex.stack.pools import parse_pool_spec
 
-        self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
+        self.zmq, self.msgpack, self.wire, self.headers = zmq, msgpack, wire, headers_module()
         # (a tree from before the envelopes were named so calls them heads)
-        self.envelope_size = getattr(wire, "REQUEST_ENVELOPE_SIZE", None) or wire.REQUEST_HEAD_SIZE
-        self.pack_reply_envelope = getattr(wire, "pack_reply_envelope", None) or wire.pack_reply_head
+        self.envelope_size = getattr(self.headers, "REQUEST_ENVELOPE_SIZE", None) or wire.REQUEST_HEAD_SIZE
+        self.pack_reply_envelope = getattr(self.headers, "pack_reply_envelope", None) or wire.pack_reply_head
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
         class Null:
@@ -159,7 +169,7 @@ class CoreLoad:
     def _request(self, client: bytes, session: str) -> list[Any]:
         self.next_id += 1
         self.session_of[(client, self.next_id)] = session
-        header = self.wire.RequestHeader("call", self.next_id, "p", session).pack()
+        header = self.headers.RequestHeader("call", self.next_id, "p", session).pack()
         z = self.zmq.Frame
         return [z(client), z(header), z(self.body)]
 
@@ -169,7 +179,7 @@ class CoreLoad:
         client = bytes(frames[0])[self.envelope_size:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
         return ([z(wid), z(self.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
-                 z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
+                 z(self.headers.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:
         """Seconds of core thread CPU per request + reply over ``calls`` of them."""
@@ -210,10 +220,10 @@ def _executor() -> Side:
     import dspy
 
     from dspex.wire import codec
-    from dspex.wire.protocol import RequestHeader
     from worker.executor import Executor
     from worker.refs import RefTable
 
+    RequestHeader = headers_module().RequestHeader
     ex = Executor(RefTable("p", "w" * 32), capacity=1)
     ex.install()
     ex.enable_dspy(200)

@@ -347,8 +347,8 @@ import pydantic
 
 from dspex.wire import byvalue
 from dspex.wire.codec import EXT_PICKLE, Policy
-from dspex.wire.errors import RemoteError, error_from_wire
 from dspex.wire.record import Record
+from dspex.wire.remoteerror import RemoteError, error_from_wire
 
 
 def reward_fn(example: Any, pred: Any) -> float:
