@@ -69,6 +69,17 @@ def _run_predict(question: str) -> Any:
     return _PROGRAM(question=question)
 
 
+def headers_module() -> Any:
+    """The request/reply headers and envelopes of whichever tree is first on sys.path (a tree from
+    before they had a module of their own, ``dspex.wire.headers``, has them in its protocol module)."""
+    import importlib
+
+    try:
+        return importlib.import_module("dspex.wire.headers")
+    except ImportError:
+        return importlib.import_module("dspex.wire.protocol")
+
+
 def _median(values: list[float]) -> float:
     v = sorted(values)
     n = len(v)
@@ -89,7 +100,7 @@ class CoreLoad:
         from broker.ops import HANDLERS
         from dspex.stack.pools import parse_pool_spec
 
-        self.zmq, self.msgpack, self.wire = zmq, msgpack, wire
+        self.zmq, self.msgpack, self.wire, self.headers = zmq, msgpack, wire, headers_module()
         sent: deque[tuple[bytes, list[Any]]] = deque()
 
         class Null:
@@ -144,17 +155,17 @@ class CoreLoad:
     def _request(self, client: bytes, session: str) -> list[Any]:
         self.next_id += 1
         self.session_of[(client, self.next_id)] = session
-        header = self.wire.RequestHeader("call", self.next_id, "p", session).pack()
+        header = self.headers.RequestHeader("call", self.next_id, "p", session).pack()
         z = self.zmq.Frame
         return [z(client), z(header), z(self.body)]
 
     def _reply(self, wid: bytes, frames: list[Any]) -> tuple[list[Any], bytes, int]:
         """The worker's reply to a request the core sent (frames as the backend would deliver)."""
         z, w = self.zmq.Frame, self.wire
-        client = bytes(frames[0])[w.REQUEST_ENVELOPE_SIZE:]
+        client = bytes(frames[0])[self.headers.REQUEST_ENVELOPE_SIZE:]
         req_id = self.msgpack.unpackb(bytes(frames[1]))[1]
-        return ([z(wid), z(w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
-                 z(w.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
+        return ([z(wid), z(self.headers.pack_reply_envelope(w.W_REPLY, "ok", req_id, client)),
+                 z(self.headers.pack_reply_header("ok", req_id, wid.decode(), "p")), z(self.result)], client, req_id)
 
     def block(self, calls: int) -> float:
         """Seconds of core thread CPU per request + reply over ``calls`` of them."""
@@ -195,10 +206,10 @@ def _executor() -> Side:
     import dspy
 
     from dspex.wire import codec
-    from dspex.wire.protocol import RequestHeader
     from worker.executor import Executor
     from worker.refs import RefTable
 
+    RequestHeader = headers_module().RequestHeader
     ex = Executor(RefTable("p", "w" * 32), capacity=1)
     ex.install()
     ex.enable_dspy(200)

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from ab_drivers import Side, serve
+from ab_drivers import Side, headers_module, serve
 
 _SESSIONS = 100  # calls in flight, as in --what tree
 _CLIENTS = 4  # client sockets they share
@@ -38,7 +38,7 @@ class ShellLoad:
         from broker.broker import Broker
         from broker.settings import parse
 
-        self.zmq, self.wire = zmq, wire
+        self.zmq, self.wire, self.headers = zmq, wire, headers_module()
         tag = f"{id(self):x}"
         self.ctx = zmq.Context()
         opts = parse(["--frontend", f"inproc://dxab-f-{tag}", "--backend", f"inproc://dxab-b-{tag}", "--pool",
@@ -76,26 +76,26 @@ class ShellLoad:
     def _send(self, client: Any, session: str) -> None:
         self.next_id += 1
         self.session_of[self.next_id] = session
-        client.send_multipart([self.wire.RequestHeader("call", self.next_id, "p", session).pack(), self.body])
+        client.send_multipart([self.headers.RequestHeader("call", self.next_id, "p", session).pack(), self.body])
 
     def _step_peers(self) -> int:
         """Workers answer what they were sent; clients send their next calls. Replies seen."""
-        zmq, w = self.zmq, self.wire
+        zmq, w, h = self.zmq, self.wire, self.headers
         for wid, sock in self.workers:
             while sock.poll(0):
                 frames = sock.recv_multipart()
                 if frames[0][:1] == w.B_REQUEST:
-                    client = frames[0][w.REQUEST_ENVELOPE_SIZE:]
-                    req_id = w.unpack_request_header(frames[1]).req_id
-                    sock.send_multipart([w.pack_reply_envelope(w.W_REPLY, "ok", req_id, client),
-                                         w.pack_reply_header("ok", req_id, wid.decode(), "p"), self.result])
+                    client = frames[0][h.REQUEST_ENVELOPE_SIZE:]
+                    req_id = h.unpack_request_header(frames[1]).req_id
+                    sock.send_multipart([h.pack_reply_envelope(w.W_REPLY, "ok", req_id, client),
+                                         h.pack_reply_header("ok", req_id, wid.decode(), "p"), self.result])
                 elif frames[0][:1] == w.B_HEARTBEAT:
                     sock.send_multipart([w.W_HEARTBEAT])
         replies = 0
         for c in self.clients:
             while c.poll(0):
                 frames = c.recv_multipart(zmq.NOBLOCK)
-                req_id = w.unpack_reply_header(frames[0])[1]
+                req_id = h.unpack_reply_header(frames[0])[1]
                 replies += 1
                 self._send(c, self.session_of.pop(req_id))
         return replies

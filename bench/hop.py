@@ -84,7 +84,7 @@ def noop(cfg: Config) -> list[Row]:
     import zmq
 
     from dspex.wire import codec
-    from dspex.wire.protocol import RequestHeader
+    from dspex.wire.headers import RequestHeader
 
     # many short blocks, the systems interleaved block by block: noise bursts on this shared
     # 2-vCPU machine last seconds, so a ratio of neighbouring blocks is what stays stable

@@ -73,18 +73,16 @@ def fake_worker(backend: str, pool: str, capacity: int = 1) -> None:
     import socket as _socket
 
     from dspex.wire import codec
+    from dspex.wire.headers import REQUEST_ENVELOPE_SIZE, pack_reply_envelope, pack_reply_header
     from dspex.wire.protocol import (
         B_DISCONNECT,
         B_HEARTBEAT,
         B_REQUEST,
         B_REREGISTER,
         PROTOCOL_VERSION,
-        REQUEST_ENVELOPE_SIZE,
         W_HEARTBEAT,
         W_READY,
         W_REPLY,
-        pack_reply_envelope,
-        pack_reply_header,
     )
 
     inc = secrets.token_hex(16)
@@ -148,7 +146,7 @@ def loadgen(a: argparse.Namespace) -> dict[str, Any]:
     in flight."""
     from bench.common import rss_total
     from dspex.wire import codec
-    from dspex.wire.protocol import RequestHeader
+    from dspex.wire.headers import RequestHeader
 
     ctx = zmq.Context()
     socks = []
@@ -245,7 +243,7 @@ def open_sessions(a: argparse.Namespace) -> dict[str, Any]:
     """One ``builtins.len`` call in each of ``a.sessions`` new sessions (at most ``a.window`` in
     flight), leaving them open: a broker that holds that many idle sessions."""
     from dspex.wire import codec
-    from dspex.wire.protocol import RequestHeader
+    from dspex.wire.headers import RequestHeader
 
     ctx = zmq.Context()
     sock = _socket(ctx, zmq.DEALER)

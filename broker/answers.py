@@ -16,7 +16,8 @@ from broker.port import Port
 from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
 from dspex.stack.health import failure_kind
 from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
-from dspex.wire.protocol import Status, pack_error, pack_reply_header, unpack_reply_header
+from dspex.wire.headers import pack_error, pack_reply_header, unpack_reply_header
+from dspex.wire.protocol import Status
 from dspex.wire.zmqfast import frame_buffer
 
 NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)

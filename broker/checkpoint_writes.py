@@ -23,7 +23,8 @@ from broker.port import Port
 from broker.state import Clock, Durability, Pending, SessionRecord, WorkerRecord
 from broker.store_schema import Write
 from dspex.wire.errors import InternalError, SessionNotDurable, SessionNotHeld
-from dspex.wire.protocol import W_CHECKPOINT, W_REPLY, Status, pack_error, pack_reply_header
+from dspex.wire.headers import pack_error, pack_reply_header
+from dspex.wire.protocol import W_CHECKPOINT, W_REPLY, Status
 
 if TYPE_CHECKING:
     import zmq

@@ -20,7 +20,8 @@ from broker.answers import Answers
 from broker.port import Port
 from broker.state import Pending, Pool, WorkerRecord
 from dspex.wire.errors import Cancelled
-from dspex.wire.protocol import B_CANCEL, B_CREDIT, Op
+from dspex.wire.ops import Op
+from dspex.wire.protocol import B_CANCEL, B_CREDIT
 
 
 class RequestControl:

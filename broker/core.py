@@ -50,17 +50,16 @@ from dspex.wire.errors import (
     ProtocolError,
     UnknownOp,
 )
+from dspex.wire.headers import pack_reply_header, request_id_of, unpack_reply_envelope, unpack_request_header
+from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS
 from dspex.wire.protocol import (
     B_BYE,
     B_DISCONNECT,
     B_REREGISTER,
-    BROKER_OPS,
     GOODBYE_ABANDONED,
     GOODBYE_HARD_LIMIT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
-    OPS,
-    STREAM_OPS,
     W_CHECKPOINT,
     W_DISCONNECT,
     W_DRAIN,
@@ -69,12 +68,7 @@ from dspex.wire.protocol import (
     W_PARTIAL,
     W_READY,
     W_REPLY,
-    WORKER_OPS,
     Status,
-    pack_reply_header,
-    request_id_of,
-    unpack_reply_envelope,
-    unpack_request_header,
 )
 
 

@@ -27,12 +27,8 @@ from dspex.wire.errors import (
     SessionWorkerUnavailable,
     WorkerBusy,
 )
-from dspex.wire.protocol import (
-    FLAG_DURABLE,
-    Affinity,
-    SessionMode,
-    pack_request_envelope,
-)
+from dspex.wire.headers import pack_request_envelope
+from dspex.wire.protocol import FLAG_DURABLE, Affinity, SessionMode
 
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
 

@@ -1,4 +1,4 @@
-"""The handlers of the broker ops (``dspex.wire.protocol.Op`` members of ``Side.BROKER``), one small
+"""The handlers of the broker ops (``dspex.wire.ops.Op`` members of ``Side.BROKER``), one small
 function each, registered against their op in ``HANDLERS``, which the shell hands the core.
 
 Session ops act only on the caller's own sessions (its client identity) unless the caller holds
@@ -16,7 +16,7 @@ from broker.core import Core, Handler, OpCall
 from broker.state import SessionRecord
 from broker.stats import percentile
 from dspex.wire.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
-from dspex.wire.protocol import Op
+from dspex.wire.ops import Op
 
 HANDLERS: dict[str, Handler] = {}
 

@@ -1,7 +1,9 @@
 """The error tree's public module: ``from dspex.errors import Timeout``. Both ends of the wire
-define it in :mod:`dspex.wire.errors`; this is the path users import it by."""
+define it in :mod:`dspex.wire.errors` (RemoteError, with how errors are rebuilt from the wire, in
+:mod:`dspex.wire.remoteerror`); this is the path users import it by."""
 
 from dspex.wire.errors import *
+from dspex.wire.remoteerror import RemoteError
 
 # the error classes, the public part of what the star import brings
 __all__ = [

@@ -22,7 +22,8 @@ import dspex
 import dspex.aio
 from dspex.client.exchange import control_frames, encode_request
 from dspex.wire import codec
-from dspex.wire.protocol import Op, RequestHeader, unpack_reply_header
+from dspex.wire.headers import RequestHeader, unpack_reply_header
+from dspex.wire.ops import Op
 from tests.harness import Stack, wait_for
 from worker.executor import Executor
 from worker.refs import RefTable

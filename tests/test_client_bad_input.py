@@ -22,7 +22,7 @@ import zmq
 
 import dspex
 import dspex.aio
-from dspex.wire.protocol import RequestHeader, unpack_reply_header
+from dspex.wire.headers import RequestHeader, unpack_reply_header
 from tests.harness import shared_pool
 
 pytestmark = pytest.mark.timeout(120)

@@ -23,7 +23,8 @@ import zmq.auth
 
 import dspex
 from dspex.client.exchange import encode_request
-from dspex.wire.protocol import Op, RequestHeader
+from dspex.wire.headers import RequestHeader
+from dspex.wire.ops import Op
 from dspexctl.keys import generate
 from tests.harness import Stack, free_port, wait_for
 

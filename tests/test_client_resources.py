@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 import dspex
-from dspex.wire.protocol import pack_reply_header, unpack_request_header
+from dspex.wire.headers import pack_reply_header, unpack_request_header
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(120)

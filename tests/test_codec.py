@@ -345,10 +345,10 @@ import cloudpickle
 import dspy
 import pydantic
 
-from dspex.wire import byvalue
+from dspex.wire import byvalue, usercode
 from dspex.wire.codec import EXT_PICKLE, Policy
-from dspex.wire.errors import RemoteError, error_from_wire
 from dspex.wire.record import Record
+from dspex.wire.remoteerror import RemoteError, error_from_wire
 
 
 def reward_fn(example: Any, pred: Any) -> float:
@@ -395,10 +395,10 @@ def test_registered_sources_make_getsource_work_for_files_that_do_not_exist() ->
 
 
 def test_user_modules_go_by_value_installed_ones_by_reference() -> None:
-    assert byvalue.is_user_module(__name__)
-    assert not byvalue.is_user_module("json")
-    assert not byvalue.is_user_module("dspy.predict.predict")
-    assert not byvalue.is_user_module("dspex.codec")
+    assert usercode.is_user_module(__name__)
+    assert not usercode.is_user_module("json")
+    assert not usercode.is_user_module("dspy.predict.predict")
+    assert not usercode.is_user_module("dspex.codec")
 
 
 def test_records_round_trip_as_dspy_objects() -> None:

@@ -20,6 +20,14 @@ from broker.port import WorkerUnreachable
 from broker.state import Tombstones
 from dspex.stack.health import State, Verdict, facts_from_status, pool_state
 from dspex.stack.pools import parse_pool_spec
+from dspex.wire.headers import (
+    RequestEnvelope,
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
+)
 from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
@@ -35,13 +43,7 @@ from dspex.wire.protocol import (
     W_HELD,
     W_READY,
     W_REPLY,
-    RequestEnvelope,
-    RequestHeader,
     SessionMode,
-    pack_reply_envelope,
-    pack_reply_header,
-    unpack_request_envelope,
-    unpack_request_header,
 )
 
 pytestmark = pytest.mark.timeout(10)

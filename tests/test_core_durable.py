@@ -13,18 +13,14 @@ import pytest
 import zmq
 
 from broker.checkpoints import CheckpointStore, Job
-from dspex.wire.protocol import (
-    B_RELEASE_SESSION,
-    B_REQUEST,
-    FLAG_DURABLE,
-    W_CHECKPOINT,
-    Durable,
+from dspex.wire.headers import (
     RequestEnvelope,
     RequestHeader,
     pack_reply_envelope,
     pack_reply_header,
     unpack_request_envelope,
 )
+from dspex.wire.protocol import B_RELEASE_SESSION, B_REQUEST, FLAG_DURABLE, W_CHECKPOINT, Durable
 from tests.test_core import A, B, C, StubCore
 
 pytestmark = pytest.mark.timeout(10)

@@ -11,15 +11,10 @@ import pytest
 
 import dspex
 from dspex.wire import codec
-from dspex.wire.errors import SessionNotHeld, error_from_wire
-from dspex.wire.protocol import (
-    W_CHECKPOINT,
-    W_READY,
-    Durable,
-    RequestHeader,
-    pack_request_envelope,
-    unpack_reply_envelope,
-)
+from dspex.wire.errors import SessionNotHeld
+from dspex.wire.headers import RequestHeader, pack_request_envelope, unpack_reply_envelope
+from dspex.wire.protocol import W_CHECKPOINT, W_READY, Durable
+from dspex.wire.remoteerror import error_from_wire
 from tests.harness import Stack
 from tests.test_worker_link import FakeBroker
 from worker import checkpoint, namespace

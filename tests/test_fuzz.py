@@ -28,6 +28,14 @@ from broker.settings import BrokerOptions
 from dspex.errors import DspexError, ProtocolError
 from dspex.stack.pools import parse_pool_spec
 from dspex.wire import codec
+from dspex.wire.headers import (
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
+)
 from dspex.wire.protocol import (
     B_DISCONNECT,
     B_REQUEST,
@@ -37,12 +45,6 @@ from dspex.wire.protocol import (
     W_PARTIAL,
     W_READY,
     W_REPLY,
-    RequestHeader,
-    pack_reply_envelope,
-    pack_reply_header,
-    unpack_reply_header,
-    unpack_request_envelope,
-    unpack_request_header,
 )
 from tests.harness import Stack, rss_kb, wait_for
 from tests.harness.fuzz import FrameFuzzer, ProcStack, run_fuzz

@@ -410,7 +410,7 @@ def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> Non
     import msgpack
     import zmq
 
-    from dspex.wire.protocol import RequestHeader
+    from dspex.wire.headers import RequestHeader
 
     stack.env["DSPEX_CLIENT_HWM"] = "100"
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")

@@ -1,4 +1,4 @@
-"""One op, one definition: ``dspex.wire.protocol.Op`` says each op's wire name, side and arguments;
+"""One op, one definition: ``dspex.wire.ops.Op`` says each op's wire name, side and arguments;
 both sides answer exactly their ops with handlers that take exactly those arguments, bad bodies
 get a clear ``protocol_error``, and docs/protocol.md lists the ops as the registry defines them.
 """
@@ -18,15 +18,8 @@ from dspex.client.api import ClientAPI, Session, SessionAPI
 from dspex.client.exchange import BODY_NAMES, encode_request
 from dspex.errors import ProtocolError
 from dspex.wire import codec
-from dspex.wire.protocol import (
-    BROKER_OPS,
-    OPS,
-    STREAM_OPS,
-    WORKER_OPS,
-    Op,
-    RequestHeader,
-    Side,
-)
+from dspex.wire.headers import RequestHeader
+from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS, Op, Side
 from dspex.wire.ref import Ref
 from worker.executor import Executor
 from worker.ops import SessionOps

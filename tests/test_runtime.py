@@ -17,7 +17,8 @@ import zmq
 from offline_lm import offline_lm
 
 import dspex
-from dspex.wire.protocol import B_HEARTBEAT, W_READY, W_REPLY, RequestHeader
+from dspex.wire.headers import RequestHeader
+from dspex.wire.protocol import B_HEARTBEAT, W_READY, W_REPLY
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(90)

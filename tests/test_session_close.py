@@ -149,7 +149,7 @@ def test_except_timeout_error_catches_dspex_timeouts(error: type[dspex.DspexErro
     as their own family still does, after a round trip through the wire and pickle."""
     import pickle
 
-    from dspex.wire.errors import error_from_wire
+    from dspex.wire.remoteerror import error_from_wire
 
     err = error("no answer in 1s", op="eval")
     for copy in (err, error_from_wire(err.to_wire()), pickle.loads(pickle.dumps(err))):

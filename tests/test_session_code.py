@@ -29,7 +29,7 @@ from dspy.utils import DummyLM
 import dspex
 from dspex.client.exchange import encode_request
 from dspex.client.sessionpickle import Message
-from dspex.wire.protocol import Op
+from dspex.wire.ops import Op
 from tests.conformance.harness import fresh_dspy_settings
 from tests.harness import Stack
 

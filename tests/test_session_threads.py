@@ -32,7 +32,7 @@ import dspex.client.bindings
 from dspex.client.exchange import encode_request
 from dspex.client.sendcache import SendCache
 from dspex.wire.errors import QueueTimeout
-from dspex.wire.protocol import Op
+from dspex.wire.ops import Op
 from tests.harness import Stack, wait_for
 
 

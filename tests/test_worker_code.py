@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import dspex
-from dspex.wire.protocol import Op
+from dspex.wire.ops import Op
 from tests.harness import Stack
 
 

@@ -19,7 +19,7 @@ import zmq
 
 import dspex
 from dspex.wire import codec
-from dspex.wire.errors import error_from_wire
+from dspex.wire.headers import RequestHeader, pack_request_envelope, unpack_reply_envelope
 from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
@@ -34,10 +34,8 @@ from dspex.wire.protocol import (
     W_HELD,
     W_READY,
     W_REPLY,
-    RequestHeader,
-    pack_request_envelope,
-    unpack_reply_envelope,
 )
+from dspex.wire.remoteerror import error_from_wire
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -27,20 +27,12 @@ from dspex.wire.errors import (
     EncodeError,
     ProtocolError,
     RefNotFound,
-    RemoteError,
     Timeout,
 )
-from dspex.wire.protocol import (
-    FLAG_CONTEXT,
-    FLAG_HELD,
-    FLAG_ITEMS,
-    MAX_MESSAGE_BYTES,
-    Durable,
-    RequestHeader,
-    Status,
-    log_level_of,
-)
+from dspex.wire.headers import RequestHeader
+from dspex.wire.protocol import FLAG_CONTEXT, FLAG_HELD, FLAG_ITEMS, MAX_MESSAGE_BYTES, Durable, Status, log_level_of
 from dspex.wire.ref import EPHEMERAL_SESSION, Ref
+from dspex.wire.remoteerror import RemoteError
 from dspex.wire.zmqfast import frame_buffer
 from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings

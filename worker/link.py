@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from dspex.wire.headers import packb
 from dspex.wire.protocol import (
     B_BYE,
     B_HEARTBEAT,
@@ -46,7 +47,6 @@ from dspex.wire.protocol import (
     W_HEARTBEAT,
     W_HELD,
     W_READY,
-    packb,
 )
 from dspex.wire.sockets import HANDSHAKE_EVENTS, ZmqThreads, handshake_failure, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS

@@ -1,6 +1,6 @@
 """What each worker op does in a session (``call``, ``method``, ``eval``, ``exec``, ``put``...).
 
-A handler takes the arguments of its op's definition (``dspex.wire.protocol.Op``), in order,
+A handler takes the arguments of its op's definition (``dspex.wire.ops.Op``), in order,
 already decoded, its refs resolved; the executor (``worker.executor``) runs it inside the call's
 session, limits and output capture.
 """
@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from dspex.wire.errors import ProtocolError, RemoteError, UnknownOp
-from dspex.wire.protocol import OPS, Op
+from dspex.wire.errors import ProtocolError, UnknownOp
+from dspex.wire.ops import OPS, Op
 from dspex.wire.ref import Ref
+from dspex.wire.remoteerror import RemoteError
 from worker import namespace
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import guarded

@@ -20,7 +20,8 @@ import cloudpickle
 import msgpack
 
 from dspex.wire import byvalue
-from dspex.wire.errors import MAX_CHAIN, DspexError, ProtocolError, RemoteError
+from dspex.wire.errors import DspexError, ProtocolError
+from dspex.wire.remoteerror import MAX_CHAIN, RemoteError
 from worker.limits import CallTimedOut
 
 log = logging.getLogger("dspex.worker")

@@ -30,30 +30,32 @@ from dspex.wire.errors import (
     InternalError,
     ProtocolError,
     QueueTimeout,
-    RemoteError,
     SessionNotHeld,
     Timeout,
     UsageError,
+)
+from dspex.wire.headers import (
+    REQUEST_ENVELOPE_SIZE,
+    RequestHeader,
+    pack_reply_envelope,
+    pack_reply_header,
+    unpack_request_envelope,
+    unpack_request_header,
 )
 from dspex.wire.protocol import (
     FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
     RECEIVED_WINDOW,
-    REQUEST_ENVELOPE_SIZE,
     STREAM_WINDOW,
     W_CHECKPOINT,
     W_PARTIAL,
     W_REPLY,
     Durable,
-    RequestHeader,
     SessionMode,
     Status,
-    pack_reply_envelope,
-    pack_reply_header,
-    unpack_request_envelope,
-    unpack_request_header,
 )
+from dspex.wire.remoteerror import RemoteError
 from worker.durable import DurableSessions, split_restore
 from worker.executor import Executor
 from worker.limits import CallTimedOut

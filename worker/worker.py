@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from dspex.stack import logs
+from dspex.wire.headers import REQUEST_ENVELOPE_SIZE, packb
 from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
@@ -38,10 +39,8 @@ from dspex.wire.protocol import (
     B_RELEASE_SESSION,
     B_REQUEST,
     PROTOCOL_VERSION,
-    REQUEST_ENVELOPE_SIZE,
     W_DRAIN,
     W_HEARTBEAT,
-    packb,
 )
 from worker import output
 from worker.executor import Executor

@@ -34,7 +34,7 @@ from dspex.wire.errors import (
     DspexError,
     UsageError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op
+from dspex.wire.ops import WORKER_OPS, Op
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncStream", "RoutedAsyncClient", "connect"]
 

@@ -22,7 +22,7 @@ from zmq.utils.monitor import parse_monitor_message
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, cancel_all, close_monitored, closed_error
 from dspex.wire.errors import BrokerUnreachable, ProtocolError, UsageError
-from dspex.wire.protocol import unpack_reply_header
+from dspex.wire.headers import unpack_reply_header
 from dspex.wire.sockets import handshake_failure
 
 Reply = tuple[str, str, list[Any]]

@@ -36,7 +36,8 @@ from dspex.wire.errors import (
     SessionClosed,
     Timeout,
 )
-from dspex.wire.protocol import FLAG_DURABLE, WORKER_OPS, Op
+from dspex.wire.ops import WORKER_OPS, Op
+from dspex.wire.protocol import FLAG_DURABLE
 from dspex.wire.ref import Ref
 from dspex.wire.sockets import (
     HANDSHAKE_EVENTS,

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dspex.wire.errors import BadArgument
-from dspex.wire.protocol import name_error
+from dspex.wire.headers import name_error
 
 MAX_TIMEOUT = 1e9  # seconds (~31 years): the deadline goes in milliseconds in the request header's 64-bit int
 
@@ -36,7 +36,7 @@ def check_session_args(pool: object, session_id: object) -> None:
 
 def check_name(kind: str, name: object) -> None:
     """A pool name or session id as the broker reads it in a request header: a str within the
-    broker's rule (``dspex.wire.protocol.name_error``)."""
+    broker's rule (``dspex.wire.headers.name_error``)."""
     if not isinstance(name, str):
         raise BadArgument(f"a {kind} is a str, got {type(name).__name__} {name!r:.60}")
     why = name_error(name)

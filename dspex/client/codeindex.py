@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue
+from dspex.wire import byvalue, usercode
 from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
@@ -164,7 +164,7 @@ def _import_user_module(name: str) -> types.ModuleType | None:
         except (ImportError, ValueError):
             return None
         origin = spec.origin if spec is not None else None
-        if not origin or not byvalue.is_user_file(top, origin):
+        if not origin or not usercode.is_user_file(top, origin):
             return None
     elif not user_module(loaded):
         return None
@@ -216,7 +216,7 @@ def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
 def find_importable(obj: Any) -> tuple[str, str] | None:
     """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
     for name, module in list(sys.modules.items()):
-        if name == "__main__" or not isinstance(module, types.ModuleType) or byvalue.is_user_module(name):
+        if name == "__main__" or not isinstance(module, types.ModuleType) or usercode.is_user_module(name):
             continue
         try:
             items = list(vars(module).items())
@@ -242,7 +242,7 @@ def is_big(value: Any) -> bool:
 
 def user_module(module: types.ModuleType) -> bool:
     name = module.__name__
-    return name == "__main__" or byvalue.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
+    return name == "__main__" or usercode.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
 
 
 def functions_of(cls: type) -> list[types.FunctionType]:
@@ -277,7 +277,7 @@ def imported_reference(module_name: str, name: str, value: Any) -> tuple[str, st
     """``(module, attribute)`` when global ``name`` of user module ``module_name`` is ``value``
     imported from a module the worker can import (or found there earlier): send it by reference."""
     found = imported_names(module_name).get(name)
-    if found is not None and not byvalue.is_user_module(found[0]):
+    if found is not None and not usercode.is_user_module(found[0]):
         module = sys.modules.get(found[0])
         if module is not None and getattr(module, found[1], ABSENT) is value:
             return found

@@ -45,21 +45,11 @@ from dspex.wire.errors import (
     Timeout,
     UndecodableResult,
     UsageError,
-    error_from_wire,
 )
-from dspex.wire.protocol import (
-    FLAG_CONTEXT,
-    FLAG_HELD,
-    FLAG_ITEMS,
-    FLAG_STREAM,
-    OPS,
-    STREAM_WINDOW,
-    WORKER_OPS,
-    Op,
-    RequestHeader,
-    Side,
-    Status,
-)
+from dspex.wire.headers import RequestHeader
+from dspex.wire.ops import OPS, WORKER_OPS, Op, Side
+from dspex.wire.protocol import FLAG_CONTEXT, FLAG_HELD, FLAG_ITEMS, FLAG_STREAM, STREAM_WINDOW, Status
+from dspex.wire.remoteerror import error_from_wire
 from dspex.wire.zmqfast import frame_buffer
 
 log = logging.getLogger("dspex.client")
@@ -111,7 +101,7 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     prefix (``c``: versions of two clients of one session count apart) and, from a forked child,
     its ancestors' prefixes and versions at the forks (``f``: where its count starts).
     ``since`` (with ``full``): the binding version the store that refused the request holds; the
-    request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.protocol.Op)
+    request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.ops.Op)
     is a ProtocolError here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
     if spec is not None and spec.side is Side.BROKER:

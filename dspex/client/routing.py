@@ -20,7 +20,7 @@ from dspex.client.arguments import check_session_args
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
 from dspex.wire.errors import DspexError, PoolNotFound
-from dspex.wire.protocol import WORKER_OPS, Op
+from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.sockets import curve_client_keys
 
 ServerKey = bytes | Mapping[str, bytes] | None

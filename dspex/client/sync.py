@@ -30,7 +30,8 @@ from dspex.wire.errors import (
     ProtocolError,
     UsageError,
 )
-from dspex.wire.protocol import WORKER_OPS, Op, unpack_reply_header
+from dspex.wire.headers import unpack_reply_header
+from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "RoutedClient", "Session", "Stream", "connect"]

@@ -1,43 +1,34 @@
 """Objects by value (codec ext 13): cloudpickle, with the source of by-value code alongside.
 
 Code from the user's own modules (``__main__``, a test module, the application's package: anything
-not in the standard library or installed in site-packages) is pickled by value, since the other
-side may not be able to import it (``cloudpickle.register_pickle_by_value``). The source lines of
-every by-value function and class travel with the pickle, and the receiver registers them in
-``linecache`` (as IPython does for its cells), so ``inspect.getsource`` works there too: dspy's
-``Refine`` and ``SIMBA`` read the source of the code they run.
+not in the standard library or installed in site-packages, as :mod:`dspex.wire.usercode` tells) is
+pickled by value, since the other side may not be able to import it
+(``cloudpickle.register_pickle_by_value``). The source lines of every by-value function and class
+travel with the pickle, and the receiver registers them in ``linecache`` (as IPython does for its
+cells), so ``inspect.getsource`` works there too: dspy's ``Refine`` and ``SIMBA`` read the source of
+the code they run.
 """
 
 from __future__ import annotations
 
 import dis
-import functools
 import importlib
-import importlib.metadata
 import inspect
 import io
-import json
 import linecache
-import logging
-import os
 import pickle
-import site
 import sys
-import sysconfig
 import types
 from typing import Any
 
 import cloudpickle
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import reducers
+from dspex.wire import reducers, usercode
 
-# dspex's own packages are importable wherever dspex runs, even from an editable checkout
-_NEVER_BY_VALUE = frozenset({"dspex", "worker", "broker", "dspexctl"})
 MAX_SOURCE_FILE = 2 * 1024 * 1024  # a bigger "source" file is not hand-written code: skip it
 MAX_SOURCES = 8 * 1024 * 1024  # all source text of one pickle
 _DYNAMIC = "<dynamic-code>"
-log = logging.getLogger("dspex.byvalue")
 MAX_CHAIN_LINKS = 16  # exceptions of one pickle whose __cause__/__context__ travel: chains are bounded
 
 
@@ -66,116 +57,9 @@ def _walk_global_and_class_body_ops(co: types.CodeType) -> Any:
 _cp._walk_global_ops = _walk_global_and_class_body_ops
 
 
-@functools.lru_cache(maxsize=1)
-def _installed_prefixes() -> tuple[str, ...]:
-    paths = set()
-    for scheme_path in ("stdlib", "platstdlib", "purelib", "platlib"):
-        for vars_ in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
-            p = sysconfig.get_paths(vars=vars_).get(scheme_path)
-            if p:
-                paths.add(os.path.realpath(p))
-    try:
-        paths.update(os.path.realpath(p) for p in site.getsitepackages())
-        paths.add(os.path.realpath(site.getusersitepackages()))
-    except AttributeError:  # a virtualenv's site module may lack these
-        pass
-    return tuple(sorted(p.rstrip(os.sep) + os.sep for p in paths))
-
-
-@functools.lru_cache(maxsize=1)
-def _editable_top_levels() -> frozenset[str]:
-    """Top-level packages of distributions installed in editable mode: importable like installed
-    ones, though their files live outside site-packages. Only editable distributions are read
-    (``direct_url.json``), not every distribution's file list: ``packages_distributions()`` cost
-    more than the rest of a first call."""
-    names: set[str] = set()
-    try:
-        for dist in importlib.metadata.distributions():
-            url = dist.read_text("direct_url.json")
-            if not url or not json.loads(url).get("dir_info", {}).get("editable"):
-                continue
-            top = dist.read_text("top_level.txt")
-            if top:
-                names.update(line.strip() for line in top.splitlines() if line.strip())
-            else:
-                names.update(str(f).split("/", 1)[0].removesuffix(".py") for f in dist.files or ()
-                             if not str(f).split("/", 1)[0].endswith((".dist-info", ".pth")))
-    except (OSError, ValueError, AttributeError) as exc:  # a broken distribution must not break sending code
-        log.debug("reading editable distributions: %r", exc)
-    return frozenset(names)
-
-
-@functools.lru_cache(maxsize=4096)
-def is_user_module(name: str) -> bool:
-    """True for modules the other side may not be able to import: they go by value."""
-    if name == "__main__":
-        return False  # cloudpickle pickles __main__ by value already
-    top = name.partition(".")[0]
-    if top in _NEVER_BY_VALUE or top in sys.stdlib_module_names or name in sys.builtin_module_names:
-        return False
-    module = sys.modules.get(name)
-    if module is None:
-        return False
-    file = getattr(module, "__file__", None)
-    if not file:
-        return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
-    if os.path.realpath(file).startswith(_installed_prefixes()):
-        return False
-    if top in _editable_top_levels():
-        return False
-    top_file = getattr(sys.modules.get(top), "__file__", None)
-    return not isinstance(top_file, str) or top not in _installed_beside(top_file)
-
-
-def is_user_file(top: str, file: str) -> bool:
-    """True when top-level module ``top``, found at ``file`` but not imported yet, is the user's
-    own code (the rules of :func:`is_user_module`)."""
-    if top in _NEVER_BY_VALUE or os.path.realpath(file).startswith(_installed_prefixes()):
-        return False
-    if top in _editable_top_levels():
-        return False
-    return top not in _installed_beside(file)
-
-
-def _installed_beside(file: str) -> frozenset[str]:
-    """Top-level names of the distributions installed in the directory that holds the top-level
-    module or package at ``file`` (``pip install --target``, a ``PYTHONPATH`` install, a setuptools
-    develop egg-info): their code goes by reference, as it always did."""
-    directory = os.path.dirname(file)
-    if os.path.basename(file) == "__init__.py":
-        directory = os.path.dirname(directory)
-    return _distribution_tops(directory)
-
-
-@functools.lru_cache(maxsize=256)
-def _distribution_tops(directory: str) -> frozenset[str]:
-    names: set[str] = set()
-    try:
-        entries = [e for e in os.listdir(directory) if e.endswith((".dist-info", ".egg-info"))]
-    except OSError:
-        return frozenset()
-    for entry in entries:
-        meta = os.path.join(directory, entry)
-        try:
-            with open(os.path.join(meta, "top_level.txt"), encoding="utf-8") as f:
-                names.update(line.strip() for line in f if line.strip())
-            continue
-        except OSError:
-            pass
-        try:
-            with open(os.path.join(meta, "RECORD"), encoding="utf-8") as f:
-                for line in f:
-                    first = line.split(",", 1)[0].split("/", 1)[0]
-                    if first and not first.endswith((".dist-info", ".egg-info", ".pth")) and first != "..":
-                        names.add(first.removesuffix(".py"))
-        except OSError:
-            pass
-    return frozenset(names)
-
-
 def register_user_module(module_name: Any) -> None:
     """A user module's code pickles by value (``cloudpickle.register_pickle_by_value``)."""
-    if isinstance(module_name, str) and is_user_module(module_name):
+    if isinstance(module_name, str) and usercode.is_user_module(module_name):
         module = sys.modules[module_name]
         if not _cp._is_registered_pickle_by_value(module):
             cloudpickle.register_pickle_by_value(module)
@@ -208,7 +92,7 @@ def source_lines(filename: str | None) -> list[str] | None:
     if not filename:
         return None
     if not filename.startswith("<"):
-        if os.path.realpath(filename).startswith(_installed_prefixes()):
+        if usercode.is_installed_file(filename):
             return None  # a library's dynamically made function: its source is the library's, not needed
         linecache.checkcache(filename)  # an edited file: its new text
     lines = linecache.getlines(filename)
@@ -234,7 +118,7 @@ def _note_code(obj: Any, sources: dict[str, str], budget: list[int]) -> None:
 def _note_module(module: types.ModuleType, sources: dict[str, str], budget: list[int]) -> None:
     """A user module referenced as a module (``import helpers`` ... ``helpers.normalize(x)``)
     goes by value too (cloudpickle would import it by name on the other side)."""
-    if is_user_module(module.__name__):
+    if usercode.is_user_module(module.__name__):
         register_user_module(module.__name__)
         _note_file(getattr(module, "__file__", None), sources, budget)
 
@@ -378,7 +262,7 @@ def importable_name(obj: Any) -> str | None:
     """``"module:qualname"`` of a class or function the other side imports by name (the standard
     library's, installed packages'), None for the user's own code, which goes by value."""
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" or is_user_module(module):
+    if not isinstance(module, str) or not isinstance(qualname, str) or module == "__main__" or usercode.is_user_module(module):
         return None
     try:
         if not _cp._should_pickle_by_reference(obj):

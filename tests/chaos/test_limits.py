@@ -18,7 +18,8 @@ import zmq
 
 import dspex
 from dspex.wire import codec
-from dspex.wire.protocol import W_HEARTBEAT, RequestHeader
+from dspex.wire.headers import RequestHeader
+from dspex.wire.protocol import W_HEARTBEAT
 from tests.harness import Stack, rss_kb, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(90)]

@@ -41,6 +41,8 @@ import zmq
 
 import dspex
 from dspex.wire import codec
+from dspex.wire.headers import RequestHeader, pack_reply_envelope, pack_reply_header
+from dspex.wire.ops import Op
 from dspex.wire.protocol import (
     B_CANCEL,
     B_CREDIT,
@@ -55,10 +57,6 @@ from dspex.wire.protocol import (
     W_PARTIAL,
     W_READY,
     W_REPLY,
-    Op,
-    RequestHeader,
-    pack_reply_envelope,
-    pack_reply_header,
 )
 from dspex.wire.ref import Ref
 from tests.harness.procs import rss_kb, short_tmpdir, wait_for
