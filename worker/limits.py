@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import gc
 import itertools
 import logging
 import math
@@ -188,28 +187,6 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _on_nudge(signum: int, frame: Any) -> None:
     """Nothing: the nudge only makes a blocked system call return, so that a pending SIGINT's
     handler runs."""
-
-
-def _cancel_parallel_jobs(thread_id: int) -> None:
-    """Set ``cancel_jobs`` of DSPy ``ParallelExecutor``s running on the thread's stack."""
-    # sys._current_frames() holds the interpreter's thread-list lock while it makes frame objects:
-    # a garbage collection there runs finalizers, which may hand the GIL to a thread that then
-    # waits for that lock holding the GIL (PyThreadState_SetAsyncExc does: the pool thread clearing
-    # its interruption) - a deadlock, seen under load. Without a collection nothing in it lets go
-    # of the GIL.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        frame = sys._current_frames().get(thread_id)
-    finally:
-        if enabled:
-            gc.enable()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        event = getattr(owner, "cancel_jobs", None) if owner is not None else None
-        if isinstance(event, threading.Event) and type(owner).__name__ == "ParallelExecutor":
-            event.set()
-        frame = frame.f_back
 
 
 def settle(call: _Call | None) -> None:
@@ -418,13 +395,8 @@ class Watchdog:
             self._raise(call)
 
     def _cancel_task(self, call: _Call) -> bool:
-        """Interrupt a coroutine the way asyncio does, ``task.cancel()`` on its loop (True), not
-        by raising into whatever its thread runs: that may be asyncio's own code, which catches
-        ``BaseException`` in places (a transport's socket write turned the interruption into
-        "Fatal write error on socket transport", a closed connection, and a call that ran on).
-        The coroutine gets ``CancelledError`` at its ``await``, and its ``finally`` blocks may
-        await. A loop that does not take it within ``_TASK_CANCEL_WAIT`` (the coroutine blocks it
-        in synchronous code) gets the interruption raised (:meth:`_raise`)."""
+        """The call's coroutine interrupted by its loop's ``task.cancel()`` (the module's doc says why),
+        True if sent; a loop that does not take it in ``_TASK_CANCEL_WAIT`` gets :meth:`_raise`."""
         with call.lock:
             loop, task = call.loop, call.task
             if loop is None or task is None or call.done or call.settled:
@@ -463,7 +435,7 @@ class Watchdog:
                     ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
                 _wake(call.loop)
             try:
-                _cancel_parallel_jobs(call.thread)
+                stopsignals.cancel_parallel_jobs(call.thread)
             except Exception:  # best effort: the soft limit itself is on its way
                 log.exception("could not cancel the call's parallel jobs")
 

@@ -11,12 +11,17 @@ call (worker.limits clears :data:`call_handlers`). So a call that ignores SIGTER
 itself, cannot make the worker deaf to a stop that arrives while it runs, nor a call that ignores
 SIGINT outlive its deadline. On any other thread ``signal.signal`` raises ``ValueError``, as
 in-process, and in a process user code forks it is Python's own.
+
+A pool thread gets no SIGINT: :func:`cancel_parallel_jobs` does for it what DSPy's
+``ParallelExecutor`` handler would.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -99,3 +104,26 @@ def _call_getsignal(signalnum: Any) -> Any:
     if not _taken_over(signalnum):
         return _python_getsignal(signalnum)
     return call_handlers.get(signalnum, _on_stop_signal)
+
+
+def cancel_parallel_jobs(thread_id: int) -> None:
+    """Set ``cancel_jobs`` of DSPy ``ParallelExecutor``s running on the thread's stack: what their SIGINT
+    handler does, for a pool thread, which gets no SIGINT (worker.limits)."""
+    # sys._current_frames() holds the interpreter's thread-list lock while it makes frame objects:
+    # a garbage collection there runs finalizers, which may hand the GIL to a thread that then
+    # waits for that lock holding the GIL (PyThreadState_SetAsyncExc does: the pool thread clearing
+    # its interruption) - a deadlock, seen under load. Without a collection nothing in it lets go
+    # of the GIL.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        frame = sys._current_frames().get(thread_id)
+    finally:
+        if enabled:
+            gc.enable()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        event = getattr(owner, "cancel_jobs", None) if owner is not None else None
+        if isinstance(event, threading.Event) and type(owner).__name__ == "ParallelExecutor":
+            event.set()
+        frame = frame.f_back

@@ -26,9 +26,10 @@ import zmq.asyncio
 
 from dspex.client import processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
-from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps, StreamAPI
+from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.streamapi import StreamAPI
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,

@@ -18,10 +18,11 @@ from typing import Any, Self, TypeVar, Unpack, cast
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions, Session, Steps, StreamAPI
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions, Session, Steps
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.streamapi import StreamAPI
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
