@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -161,15 +162,52 @@ class Settings:
         return replace(self, endpoint=None, endpoints=None, broker=broker, conf_explicit=False, conf_of_broker=True)
 
 
-def foreign_broker(procs: list[dict[str, Any]], broker_pid: int, endpoint: str) -> str | None:
-    """Why the broker at ``endpoint`` (pid from its status) is not the broker among supervisord's
-    processes ``procs``, or None."""
-    for p in procs:
-        if (p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("RUNNING", "STARTING")
-                and p["pid"] and p["pid"] != broker_pid):
-            return (f"the broker at {endpoint} is pid {broker_pid}, not this supervisord's broker "
-                    f"(pid {p['pid']}): another stack's? (check DSPEX_RUN_DIR / --endpoint)")
-    return None
+def not_this_stack(endpoint: str, what: str, fix: str) -> str:
+    """The words for another stack at ``endpoint``: ``what`` shows it, ``fix`` says what to do."""
+    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
+    return f"another stack is using this run directory {run_dir}: {what}; {fix}"
+
+
+OWN_RUN_DIR = ("give this one its own run directory and metrics port (DSPEX_RUN_DIR=/tmp/dspex-mine "
+               "DSPEX_METRICS_PORT=9465 dspexctl ...; a second stack also needs a second checkout, whose run/ "
+               "holds its supervisord's socket)")
+
+
+def foreign_broker(broker: dict[str, Any], endpoint: str, conf: SupervisorConf, procs: list[dict[str, Any]],
+                   confless_is_foreign: bool = False) -> str | None:
+    """Why the broker answering at ``endpoint`` is not the broker of ``conf``'s stack, or None:
+    the one rule every command applies (each reacts its own way: ``pools status`` warns, ``pools
+    start`` and ``flagship`` refuse). ``broker``: what it says of itself (its ``ping``, or its
+    ``status``'s ``broker``: pid, config); ``procs``: this supervisord's processes ([] when it is
+    not running).
+
+    While this supervisord has a broker process, its pid decides: another broker answers, whatever
+    conf it was started with (one started by hand with this conf in another run directory is not
+    it either). Otherwise the conf it was started with decides; a broker started without one (by
+    hand, by a test) is another stack's only with ``confless_is_foreign`` (``pools start``, which
+    would start its own beside it)."""
+    pid = broker.get("pid")
+    other = str(broker.get("config") or "")
+    ours = [p["pid"] for p in procs if p["group"] == "broker" and p["name"] == "broker" and p["pid"]]
+    started = f"started with {other}" if other else "started without a supervisor.conf"
+    stop = f"stop that stack (dspexctl --supervisor-conf {other} stop)" if other and other != str(conf.path) \
+        else f"stop that broker (kill {pid})"
+    if ours:
+        if pid in ours:
+            return None
+        from dspexctl.diagnose import broker_process
+
+        mine = broker_process(int(ours[0]))
+        where = f", which listens at {mine.frontend}" if mine is not None else ""
+        point = (f"DSPEX_RUN_DIR={mine.run_dir} (or --endpoint {mine.frontend})" if mine is not None and mine.run_dir
+                 else f"--endpoint {mine.frontend}" if mine is not None else "DSPEX_RUN_DIR / --endpoint")
+        return not_this_stack(endpoint, f"the broker there (pid {pid}) is not this supervisord's broker (pid "
+                                        f"{ours[0]}{where}); it was {started}",
+                              f"run this command with {point}, or {stop}")
+    if other == str(conf.path) or not (other or confless_is_foreign):
+        return None
+    return not_this_stack(endpoint, f"the broker there (pid {pid}) was {started}, not {conf.path}",
+                          f"{stop}, or {OWN_RUN_DIR}")
 
 
 def metrics_text(metrics: dict[str, Any]) -> tuple[str, bool]:
@@ -303,8 +341,9 @@ class WorkersRecycle:
                     targets = list(before)
                 else:  # the oldest, as the broker picks
                     targets = sorted(before, key=lambda w: -w["uptime_s"])[:1]
-                if sup is not None:
-                    warning = foreign_broker(sup.processes(), status["broker"]["pid"], settings.resolved_endpoint())
+                if sc is not None:
+                    warning = foreign_broker(status["broker"], settings.resolved_endpoint(), sc,
+                                             sup.processes() if sup is not None else [])
                     if warning:
                         progress(f"warning: {warning}")
                 if not req["worker"]:  # the broker's workers are recycled, not the one the operator may mean

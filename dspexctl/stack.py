@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -50,43 +49,27 @@ class StackConflict(ConfigError):
     code = "stack_conflict"
 
 
-def _conflict(endpoint: str, what: str, other_conf: str = "") -> str:
-    """Another stack holds the run directory of ``endpoint``: ``what`` shows it, and the fix."""
-    run_dir = os.path.dirname(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else endpoint
-    stop = f"dspexctl --supervisor-conf {other_conf} stop" if other_conf else "stop it"
-    return (f"another stack is using this run directory {run_dir}: {what}; "
-            f"stop that stack ({stop}), or give this one its own run directory and metrics port "
-            f"(DSPEX_RUN_DIR=/tmp/dspex-mine DSPEX_METRICS_PORT=9465 dspexctl ...; a second stack also needs "
-            f"a second checkout, whose run/ holds its supervisord's socket)")
-
-
 def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = None,
                   confless_is_foreign: bool = True) -> str | None:
     """Why the broker at ``endpoint`` belongs to another stack than ``conf``'s, or None (nobody
-    listens there, or it is this conf's broker). ``sup``: this conf's supervisord, when running.
-    ``confless_is_foreign``: a broker started without a supervisor.conf (by hand, by a test) counts
-    as another stack's (``pools start`` cannot start its own beside it; a flow may still use it)."""
+    listens there, or it is this conf's broker): its ``ping`` judged by
+    :func:`dspexctl.commands.foreign_broker`. ``sup``: this conf's supervisord, when running."""
     try:
         probe_ipc(endpoint)
     except (ConnectionError, ConfigError):
         return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
-    ours = [p["pid"] for p in (sup.processes() if sup is not None else [])
-            if p["group"] == "broker" and p["name"] == "broker" and p["pid"]]
+    procs = sup.processes() if sup is not None else []
     try:
         with dspex.connect(endpoint, timeout=2.0) as client:
             info = client.ping(timeout=2.0)
     except Timeout:
-        if ours:
+        if any(p["group"] == "broker" and p["name"] == "broker" and p["pid"] for p in procs):
             return None  # our own broker, busy: not a conflict
-        return _conflict(endpoint, f"a process accepts connections at {endpoint} but does not answer (a stopped or "
-                                   "hung broker?)")
+        return commands.not_this_stack(endpoint, f"a process accepts connections at {endpoint} but does not answer "
+                                                 "(a stopped or hung broker?)", f"stop it, or {commands.OWN_RUN_DIR}")
     except ConnectionError:
         return None
-    other = str(info.get("config") or "")
-    if other == str(conf.path) or info.get("pid") in ours or not (other or confless_is_foreign):
-        return None
-    started_with = f"was started with {other}" if other else "was started without a supervisor.conf"
-    return _conflict(endpoint, f"the broker there (pid {info.get('pid')}) {started_with}, not {conf.path}", other)
+    return commands.foreign_broker(info, endpoint, conf, procs, confless_is_foreign)
 
 
 def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None:
@@ -365,7 +348,9 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                 fatal = [full_name(p) for p in procs if p["statename"] == "FATAL"]
                 refused = _bind_refused(sup) if conf is not None and status is None else None
                 if refused:
-                    raise StackConflict(_conflict(endpoint, f"this stack's broker refused to start ({refused})"))
+                    raise StackConflict(commands.not_this_stack(
+                        endpoint, f"this stack's broker refused to start ({refused})",
+                        f"stop that stack, or {commands.OWN_RUN_DIR}"))
             if fatal and sup is not None:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
                 why = "; ".join(f"{name}: {sup.last_log_line(name) or 'no output'}" for name in fatal)

@@ -157,9 +157,9 @@ class PoolsStatus:
                 issues.append((State.UNREACHABLE, f"broker {'did not answer' if timed_out else 'unreachable'}: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
-            mismatch = foreign_broker(procs, broker["broker"]["pid"], settings.resolved_endpoint())
+            mismatch = foreign_broker(broker["broker"], settings.resolved_endpoint(), sc, procs) if sc else None
             if mismatch:
-                    issues.append((State.DEGRADED, mismatch))
+                issues.append((State.DEGRADED, mismatch))
 
         routed = req.get("routed") or []
         names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))

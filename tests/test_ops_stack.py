@@ -113,6 +113,36 @@ def test_the_metrics_line_says_when_metrics_are_off() -> None:
         "dashboard: http://127.0.0.1:9464/ (metrics: http://127.0.0.1:9464/metrics)", False)
 
 
+def test_whose_broker_answers_is_one_rule(tmp_path: Path) -> None:
+    """commands.foreign_broker, which every command applies: supervisord's broker pid decides while
+    it has one, else the conf the broker was started with (a broker without one only for pools start)."""
+    from dspexctl.commands import foreign_broker
+
+    (tmp_path / "supervisor.conf").write_text("[unix_http_server]\nfile = %(here)s/s.sock\n")
+    conf = SupervisorConf.load(tmp_path / "supervisor.conf")
+    ep = "ipc:///tmp/x/frontend.sock"
+    gone = 2**22 + 1  # above pid_max: no /proc entry, where it listens unknown
+    ours = [{"group": "broker", "name": "broker", "pid": gone, "statename": "RUNNING"},
+            {"group": "p", "name": "p_00", "pid": 7, "statename": "RUNNING"}]
+    assert foreign_broker({"pid": gone, "config": "/elsewhere.conf"}, ep, conf, ours) is None
+    assert foreign_broker({"pid": 42, "config": str(conf.path)}, ep, conf, ours) == (
+        f"another stack is using this run directory /tmp/x: the broker there (pid 42) is not this supervisord's "
+        f"broker (pid {gone}); it was started with {conf.path}; run this command with DSPEX_RUN_DIR / --endpoint, "
+        "or stop that broker (kill 42)")
+    assert foreign_broker({"pid": 42, "config": str(conf.path)}, ep, conf, []) is None
+    assert foreign_broker({"pid": 42, "config": ""}, ep, conf, []) is None
+    assert foreign_broker({"pid": 42, "config": ""}, ep, conf, [], confless_is_foreign=True) == (
+        f"another stack is using this run directory /tmp/x: the broker there (pid 42) was started without a "
+        f"supervisor.conf, not {conf.path}; stop that broker (kill 42), or give this one its own run directory "
+        "and metrics port (DSPEX_RUN_DIR=/tmp/dspex-mine DSPEX_METRICS_PORT=9465 dspexctl ...; a second stack also "
+        "needs a second checkout, whose run/ holds its supervisord's socket)")
+    other = foreign_broker({"pid": 42, "config": "/srv/a/supervisor.conf"}, ep, conf, [])
+    assert other is not None and other.startswith(
+        f"another stack is using this run directory /tmp/x: the broker there (pid 42) was started with "
+        f"/srv/a/supervisor.conf, not {conf.path}; stop that stack (dspexctl --supervisor-conf "
+        "/srv/a/supervisor.conf stop), or give this one its own run directory"), other
+
+
 def test_pools_start_on_another_stacks_run_dir_starts_nothing(stacks: list[SupervisedStack]) -> None:
     first = SupervisedStack(small_conf_text(), venv_link=False)
     stacks.append(first)

@@ -420,12 +420,21 @@ def test_another_brokers_endpoint_is_named(small: SupervisedStack) -> None:
     log.close()
     try:
         wait_for(lambda: os.path.exists(f"{other_dir}/frontend.sock"), 30, 0.05, "the other broker's socket")
+        ours = small.status()["broker"]["pid"]
+        named = (f"another stack is using this run directory {other_dir}: the broker there (pid {other.pid}) is not "
+                 f"this supervisord's broker (pid {ours}, which listens at {small.endpoint}); it was started with "
+                 f"{small.conf}; run this command with DSPEX_RUN_DIR={small.run_dir} (or --endpoint {small.endpoint}), "
+                 f"or stop that broker (kill {other.pid})")
         res = dspexctl(small, "--endpoint", f"ipc://{other_dir}/frontend.sock", "pools", "status")
         no_traceback(res)
         assert res.returncode == 5, res.stdout
-        assert f"is pid {other.pid}, not this supervisord's broker" in res.stdout
+        assert f"DEGRADED: {named}" in res.stdout, res.stdout
         assert "DOWN: triage_pool has no ready worker" in res.stdout
         assert "not registered" not in res.stdout and "unregistered" not in res.stdout
+        # the same rule where a command refuses: pools start joins no other broker (never waits its --wait out)
+        res = dspexctl(small, "--endpoint", f"ipc://{other_dir}/frontend.sock", "pools", "start", "--wait", "30")
+        no_traceback(res)
+        assert res.returncode == 2 and res.stderr.splitlines()[-1] == f"Error: {named}", res.stdout + res.stderr
     finally:
         other.send_signal(signal.SIGTERM)
         try:
