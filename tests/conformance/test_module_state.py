@@ -10,14 +10,7 @@ from the same module state.
 from __future__ import annotations
 
 import functools
-import importlib
-import secrets
-import sys
-import textwrap
 import threading
-import types
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import dspy
@@ -26,24 +19,6 @@ from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 from dspy.utils.dummies import DummyLM
 
 from tests.conformance.harness import Runner, as_data
-
-
-@pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], types.ModuleType]]:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    made: list[str] = []
-
-    def make(source: str) -> types.ModuleType:
-        name = f"conf_{secrets.token_hex(4)}"
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-        importlib.invalidate_caches()
-        made.append(name)
-        return importlib.import_module(name)
-
-    yield make
-    for name in made:
-        sys.modules.pop(name, None)
-
 
 CACHED_QA = '''
 import dspy
@@ -79,8 +54,8 @@ def capitals() -> DummyLM:
     return DummyLM({"France?": {"answer": "Paris"}, "Italy?": {"answer": "Rome"}})
 
 
-def test_module_state_of_a_program_lives_across_calls(run: Runner, user_module: Any) -> None:
-    mod = user_module(CACHED_QA)
+def test_module_state_of_a_program_lives_across_calls(run: Runner, usercode: Any) -> None:
+    mod = usercode(CACHED_QA)
     dspy.configure(lm=capitals())  # at the top of the client script
     got = [run(mod.ask, q) for q in ("France?", "Italy?", "France?")]
     assert as_data(got) == as_data([dspy.Prediction(answer="Paris", calls=1, cached=1),
@@ -88,8 +63,8 @@ def test_module_state_of_a_program_lives_across_calls(run: Runner, user_module: 
                                     dspy.Prediction(answer="Paris", calls=3, cached=2)])
 
 
-def test_lm_and_adapter_configured_on_the_client(run: Runner, user_module: Any) -> None:
-    mod = user_module('''
+def test_lm_and_adapter_configured_on_the_client(run: Runner, usercode: Any) -> None:
+    mod = usercode('''
         import dspy
 
 
@@ -107,10 +82,10 @@ def test_lm_and_adapter_configured_on_the_client(run: Runner, user_module: Any) 
     assert len(json_lm.history) == 1  # the session's copy recorded it; its entry came back here, as in-process
 
 
-def test_a_client_context_wins_over_the_lm_the_program_configured(run: Runner, user_module: Any) -> None:
+def test_a_client_context_wins_over_the_lm_the_program_configured(run: Runner, usercode: Any) -> None:
     """DSPy's docs: ``dspy.context`` overrides ``dspy.configure`` for one block, whoever configured
     (here a setup call of the session), also when the program configures again inside the block."""
-    mod = user_module('''
+    mod = usercode('''
         import dspy
         from dspy.utils.dummies import DummyLM
 
@@ -174,8 +149,8 @@ def test_parallel_children_inherit_the_parent_callback_call_id(run: Runner) -> N
     assert run.check(parallel_children_see_their_parent_call_id) == ([0, 10], 2, True)
 
 
-def test_a_refine_reward_reads_module_state(run: Runner, user_module: Any) -> None:
-    mod = user_module('''
+def test_a_refine_reward_reads_module_state(run: Runner, usercode: Any) -> None:
+    mod = usercode('''
         import dspy
 
         SCORED = []
@@ -195,11 +170,11 @@ def test_a_refine_reward_reads_module_state(run: Runner, user_module: Any) -> No
     assert run(mod.refined, "Capital of France?")[1][2:] == ["Paris, France", "Paris"]  # SCORED grew
 
 
-def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, usercode: Any) -> None:
     """``s.run(QA, question=...)`` with ``QA`` a program at the top of the script, or a method of
     such an object (``COUNTER.bump``, ``NOTES.append``), calls that global as in-process calls it:
     its state (its history, a counter) is the one the session's code reads, and lives across calls."""
-    mod = user_module('''
+    mod = usercode('''
         import dspy
 
 
@@ -230,11 +205,11 @@ def test_module_globals_passed_to_a_call_are_the_sessions_globals(run: Runner, u
     assert run(mod.COUNTER.bump) == 1 and run(mod.seen)[0] == 1
 
 
-def test_module_globals_bound_in_a_partial_are_the_sessions_globals(run: Runner, user_module: Any) -> None:
+def test_module_globals_bound_in_a_partial_are_the_sessions_globals(run: Runner, usercode: Any) -> None:
     """``functools.partial`` over a global program or a method of a global object (``partial(ask,
     QA)``, ``partial(COUNTER.bump, by=2)``), as the callable or an argument: the partial's function
     and arguments are those globals, as in-process."""
-    mod = user_module('''
+    mod = usercode('''
         import functools
 
         import dspy
@@ -271,12 +246,12 @@ def test_module_globals_bound_in_a_partial_are_the_sessions_globals(run: Runner,
     assert run(mod.seen) == (7, 2)
 
 
-def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, user_module: Any) -> None:
+def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, usercode: Any) -> None:
     """DSPy docs "Callbacks": a ``BaseCallback`` that records what runs, made at the top of the
     user's module and configured on the client; the program's code reads the same object (one
     object in-process, so one in the session: the callback the settings carry is the module's
     global, not a copy of it)."""
-    mod = user_module('''
+    mod = usercode('''
         import dspy
         from dspy.utils.callback import BaseCallback
 
@@ -305,12 +280,12 @@ def test_a_callback_configured_on_the_client_is_the_modules_global(run: Runner, 
 
 
 @pytest.mark.parametrize("kind", ["function", "method"])
-def test_a_retriever_configured_on_the_client(run: Runner, user_module: Any, kind: str) -> None:
+def test_a_retriever_configured_on_the_client(run: Runner, usercode: Any, kind: str) -> None:
     """DSPy's ``dspy.configure(rm=...)`` with the user's own search function, or a method of the
     user's retriever object, then ``dspy.Retrieve`` in the program: the setting is the module's
     function or the method of the module's object in the session (the queries it logged
     included)."""
-    mod = user_module('''
+    mod = usercode('''
         import dspy
         from dspy.dsp.utils import dotdict
 
