@@ -8,9 +8,9 @@ way: :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns th
 the client kind drives it (``_drive``): the blocking client sends each value straight back, the
 asyncio client awaits each awaitable first and throws its exception in where it was yielded.
 
-What a client kind implements: ``_init_transport`` (its sockets), ``request`` and ``stream`` (one
-request and one streamed request, with the meaning of :class:`dspex.client.exchange.Exchange`), ``close``,
-``_is_closed`` and ``_drive``. Constructor options, the ops and their arguments live here only.
+What a client kind implements: ``_init_transport`` (its sockets, ``_sockets``), ``request`` and
+``stream`` (one request and one streamed request, with the meaning of
+:class:`dspex.client.exchange.Exchange`), ``close`` and ``_drive``. Constructor options, the ops and their arguments live here only.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, Protocol, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
-from dspex.client import arguments, senderrors
+from dspex.client import arguments, processwide, senderrors
 from dspex.client.arguments import bound_name, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
@@ -70,6 +70,17 @@ class RequestOptions(TypedDict, total=False):
     flags: int
 
 
+class Sockets(Protocol):
+    """A client kind's sockets to its broker (:class:`dspex.client.channels.ChannelPool`,
+    :class:`dspex.client.aiochannel.AsyncChannel`), as the kinds' shared code sees them."""
+
+    closed: bool  # the client was closed
+    replaced: int  # sockets replaced after their connection broke
+
+    @property
+    def open_sockets(self) -> int: ...
+
+
 class ClientAPI(Generic[S]):
     """A connection to a dspex broker: the options and user ops both client kinds share.
 
@@ -115,9 +126,32 @@ class ClientAPI(Generic[S]):
         return config
 
     # -- what a client kind implements ----------------------------------------------------------
-    _init_transport: Callable[[], None]  # its sockets
+    _init_transport: Callable[[], None]  # sets ``_sockets`` and registers the client (processwide)
+    _sockets: Sockets
     close: Callable[[], Any]
-    _is_closed: Callable[[], bool]  # close() was called
+
+    def _is_closed(self) -> bool:
+        return self._sockets.closed
+
+    @property
+    def open_sockets(self) -> int:
+        """Sockets this client holds (a blocking client's lent to running requests and streams, or
+        idle; an asyncio client's one socket once made at its first request)."""
+        return self._sockets.open_sockets
+
+    @property
+    def replaced_sockets(self) -> int:
+        """Sockets replaced after their connection broke."""
+        return self._sockets.replaced
+
+    def _after_fork(self) -> None:
+        """In a forked child (:mod:`dspex.client.processwide`): the child's context and sockets
+        (an asyncio client's made at the child's first request, on its loop); the parent's stay
+        behind, unused."""
+        old = self._sockets
+        processwide.keep(old)
+        self._init_transport()
+        self._sockets.closed = old.closed
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:

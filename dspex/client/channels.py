@@ -76,7 +76,8 @@ class ChannelPool:
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self.replaced = 0  # channels closed because their connection broke (the next request makes another)
 
-    def __len__(self) -> int:
+    @property
+    def open_sockets(self) -> int:
         """Channels open (lent to running requests and streams, or idle)."""
         return len(self._open)
 
