@@ -4,13 +4,10 @@
 ...     sessions = [dx.session("triage_pool") for _ in range(10)]
 ...     pids = await asyncio.gather(*(s.call("os", "getpid") for s in sessions))
 
-One DEALER socket per client (:mod:`dspex.client.aiochannel`); a reader task routes replies to
-the awaiting call by request id, so any number of calls can be in flight from one event loop.
-Cancelling the task that
-awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
-``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
-running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
-errors) is :mod:`dspex.client.exchange`, shared with the blocking client.
+Any number of calls can be in flight from one event loop (:mod:`dspex.client.aiochannel`).
+Cancelling the task that awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout``
+running out) sends ``cancel`` for it without awaiting anything (docs/remote-objects.md,
+*Cancellation*). What a request means is :mod:`dspex.client.exchange`, shared with the blocking client.
 """
 
 from __future__ import annotations
@@ -89,9 +86,8 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         if not queue.empty():
             reply = queue.get_nowait()
         else:
-            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own (a
-            # third of the driver's CPU per call), and a task cancelled as its reply arrives
-            # stays cancelled
+            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own, and
+            # a task cancelled as its reply arrives stays cancelled
             try:
                 async with asyncio.timeout(ex.wait):
                     reply = await queue.get()
