@@ -105,8 +105,6 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                       **options: Unpack[RequestOptions]) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
-        if self._sockets.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         ex = self._exchange(op, pool, session, body, **options)
         while True:

@@ -187,6 +187,8 @@ class ClientAPI(Generic[S]):
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
+        if self._is_closed():
+            raise closed_error()
         arguments.check_name("pool", pool)
         arguments.check_name("session id", session)
         arguments.check_callbacks(options)

@@ -156,8 +156,6 @@ class Client(ClientAPI[Session], Closing):
                 **options: Unpack[RequestOptions]) -> Any:
         """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
         while it waits cancels the request on the worker before it propagates."""
-        if self._sockets.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         ex = self._exchange(op, pool, session, body, **options)
         while True:
@@ -213,8 +211,6 @@ class Client(ClientAPI[Session], Closing):
 
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
-        if self._sockets.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         ex = self._exchange(op, pool, session, body, items=True, **options)
         cancels = self._cancels
