@@ -54,11 +54,6 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         self._sockets = AsyncChannel(self.endpoint)
         processwide.register(self)
 
-    def cancel_all(self) -> None:
-        """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
-        handed to the loop."""
-        self._sockets.cancel_all()
-
     async def close(self) -> None:
         """Close the socket: the calls and streams awaiting it end at once with ``ConnectionLost``
         (the broker cancels them on their workers when the connection closes)."""

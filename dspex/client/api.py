@@ -80,6 +80,8 @@ class Sockets(Protocol):
     @property
     def open_sockets(self) -> int: ...
 
+    def cancel_all(self) -> None: ...
+
 
 class ClientAPI(Generic[S]):
     """A connection to a dspex broker: the options and user ops both client kinds share.
@@ -177,8 +179,9 @@ class ClientAPI(Generic[S]):
         """Cancel every request and stream of this client in flight: each stops as a Ctrl-C (a
         cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
         running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
-        run as usual."""
-        raise NotImplementedError
+        run as usual. From any thread (a signal handler, the thread that waits on ``submit``
+        futures, one outside an asyncio client's loop)."""
+        self._sockets.cancel_all()
 
     def _drive(self, steps: Steps[T]) -> Any:
         """Run an op of several steps: its result (or an awaitable of it)."""

@@ -75,6 +75,12 @@ class ChannelPool:
         self.closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self.replaced = 0  # channels closed because their connection broke (the next request makes another)
+        self.cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
+
+    def cancel_all(self) -> None:
+        """(``ClientAPI.cancel_all``.) Each request notices within ``dspex.client.sync.CANCEL_CHECK_MS``."""
+        with self._lock:
+            self.cancels += 1
 
     @property
     def open_sockets(self) -> int:

@@ -60,7 +60,6 @@ class Client(ClientAPI[Session], Closing):
         self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
         self._sockets = ChannelPool(self.endpoint, self.config.idle_sockets)
         self._lock = threading.Lock()
-        self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
         processwide.register(self)
 
@@ -75,12 +74,6 @@ class Client(ClientAPI[Session], Closing):
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-
-    def cancel_all(self) -> None:
-        """(:meth:`ClientAPI.cancel_all`.) From any thread (a signal handler, the thread that waits
-        on ``submit`` futures); each request notices within ``CANCEL_CHECK_MS``."""
-        with self._lock:
-            self._cancels += 1
 
     @staticmethod
     def _drive(steps: Steps[T]) -> T:
@@ -135,7 +128,7 @@ class Client(ClientAPI[Session], Closing):
                     if ch.refused:
                         raise self._refused(why, ex.op)
                     raise ex.lost(why)
-                if self._cancels != cancels:
+                if self._sockets.cancels != cancels:
                     raise _CancelRequested
                 if self._sockets.closed:
                     raise ex.lost("the client was closed")
@@ -166,7 +159,7 @@ class Client(ClientAPI[Session], Closing):
                     raise
 
     def _request(self, ex: Exchange, worker: str) -> Any:
-        cancels = self._cancels
+        cancels = self._sockets.cancels
         ch = self._sockets.checkout(self._connect)
         req_id = next(ch.ids)
         sent = ended = False  # the request is out / its final reply came
@@ -213,7 +206,7 @@ class Client(ClientAPI[Session], Closing):
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         worker = options.pop("worker", "")
         ex = self._exchange(op, pool, session, body, items=True, **options)
-        cancels = self._cancels
+        cancels = self._sockets.cancels
         ch = self._sockets.checkout(self._connect)
         try:
             req_id = next(ch.ids)
