@@ -7,10 +7,8 @@ way: :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns th
 :class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that yields each step's result-or-awaitable;
 the client kind drives it (``_drive``): the blocking client sends each value straight back, the
 asyncio client awaits each awaitable first and throws its exception in where it was yielded.
-
-What a client kind implements: ``_init_transport`` (its sockets, ``_sockets``), ``request`` and
-``stream`` (one request and one streamed request, with the meaning of
-:class:`dspex.client.exchange.Exchange`), ``close`` and ``_drive``. Constructor options, the ops and their arguments live here only.
+Constructor options, the ops and their arguments live here only; what a client kind implements
+is marked below.
 """
 
 from __future__ import annotations
@@ -28,30 +26,17 @@ from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
 from dspex.client.sendcache import SendCache
-from dspex.wire.errors import (
-    BrokerUnreachable,
-    ConnectionError,
-    EncodeError,
-    Refused,
-    SessionClosed,
-    Timeout,
-)
+from dspex.wire.errors import BrokerUnreachable, ConnectionError, EncodeError, Refused, SessionClosed, Timeout
 from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.protocol import FLAG_DURABLE
 from dspex.wire.ref import Ref
-from dspex.wire.sockets import (
-    HANDSHAKE_EVENTS,
-    check_endpoint,
-    curve_client_keys,
-    tune_socket,
-)
+from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, tune_socket
 
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
 
 T = TypeVar("T")
-R = TypeVar("R")
 S = TypeVar("S", bound="SessionAPI")
 Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
 
@@ -71,10 +56,9 @@ class RequestOptions(TypedDict, total=False):
 
 
 class Sockets(Protocol):
-    """A client kind's sockets to its broker (:class:`dspex.client.channels.ChannelPool`,
-    :class:`dspex.client.aiochannel.AsyncChannel`), as the kinds' shared code sees them."""
+    """A client kind's sockets (:class:`dspex.client.channels.ChannelPool`, :class:`dspex.client.aiochannel.AsyncChannel`)."""
 
-    closed: bool  # the client was closed
+    closed: bool
     replaced: int  # sockets replaced after their connection broke
 
     @property
@@ -131,6 +115,7 @@ class ClientAPI(Generic[S]):
     _init_transport: Callable[[], None]  # sets ``_sockets`` and registers the client (processwide)
     _sockets: Sockets
     close: Callable[[], Any]
+    _drive: Callable[[Steps[Any]], Any]  # runs an op of several steps: its result (or an awaitable of it)
 
     def _is_closed(self) -> bool:
         return self._sockets.closed
@@ -147,9 +132,8 @@ class ClientAPI(Generic[S]):
         return self._sockets.replaced
 
     def _after_fork(self) -> None:
-        """In a forked child (:mod:`dspex.client.processwide`): the child's context and sockets
-        (an asyncio client's made at the child's first request, on its loop); the parent's stay
-        behind, unused."""
+        """In a forked child (:mod:`dspex.client.processwide`): the child's context and sockets (an
+        asyncio client's at its first request, on its loop); the parent's stay behind, unused."""
         old = self._sockets
         processwide.keep(old)
         self._init_transport()
@@ -179,13 +163,8 @@ class ClientAPI(Generic[S]):
         """Cancel every request and stream of this client in flight: each stops as a Ctrl-C (a
         cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
         running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
-        run as usual. From any thread (a signal handler, the thread that waits on ``submit``
-        futures, one outside an asyncio client's loop)."""
+        run as usual. From any thread (a signal handler, one outside an asyncio client's loop)."""
         self._sockets.cancel_all()
-
-    def _drive(self, steps: Steps[T]) -> Any:
-        """Run an op of several steps: its result (or an awaitable of it)."""
-        raise NotImplementedError
 
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
