@@ -110,8 +110,16 @@ class ChannelPool:
                 ch = self._idle.pop() if self._idle else None
             if ch is None:
                 # shortly after a drop, no probe: across a broker restart the request waits in the
-                # new socket for the broker (within its timeout); else nobody listening fails at once
-                return self._new(connect, probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
+                # new socket for the broker (within its timeout); else nobody listening fails at once.
+                # The probe comes before the socket: a failed one leaves none behind
+                if time.monotonic() - self._drop_seen > RIDE_THROUGH:
+                    probe_ipc(self.endpoint)
+                with self._lock:
+                    if self.closed:
+                        raise closed_error()
+                    ch = Channel(*connect())
+                    self._open.add(ch)
+                return ch
             if not ch.broken and not ch.disconnected():
                 return ch
             # zmq reconnects by itself after a broker restart, but never after a protocol error
@@ -137,13 +145,3 @@ class ChannelPool:
             if ch.broken and not self.closed:
                 self.replaced += 1
         ch.close()
-
-    def _new(self, connect: Connect, probe: bool) -> Channel:
-        if probe:  # before making a socket: a failed probe leaves none behind
-            probe_ipc(self.endpoint)
-        with self._lock:
-            if self.closed:
-                raise closed_error()
-            ch = Channel(*connect())
-            self._open.add(ch)
-        return ch
