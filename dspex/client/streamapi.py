@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from dspex.client.api import SessionAPI
 from dspex.wire.errors import SessionClosed
 
 log = logging.getLogger("dspex.client")
-
-
-class StreamOwner(Protocol):
-    """The session a stream belongs to, as far as the stream looks at it."""
-
-    id: str
-    closed: bool
 
 
 class StreamAPI:
@@ -25,7 +19,7 @@ class StreamAPI:
 
     _end: Callable[..., None]
 
-    def __init__(self, session: StreamOwner | None) -> None:
+    def __init__(self, session: SessionAPI | None) -> None:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []  # filled by its exchange (Exchange.collect_progress)
