@@ -21,8 +21,10 @@ figures for a block. Mode by mode:
 * ``exchange``: the client's own Python per call, no sockets: ``Exchange`` of a session's request
   (encoded against a ``SendCache`` that holds what earlier requests sent), its frames, and
   ``feed`` of the worker's reply, for ``s.run`` of a held function of this script (by value),
-  a no-op ``s.call`` (``builtins.len``) and a ``dspy.Predict`` ref call answered by a
-  ``Prediction``: thread CPU per call of each (what ``client``'s process CPU cannot resolve).
+  a no-op ``s.call`` (``builtins.len``), a ``dspy.Predict`` ref call answered by a
+  ``Prediction``, and ``s.run`` of that function with a ``dspy.LM`` the client configured
+  (``run_lm``: its settings travel, by key after the first): thread CPU per call of each (what
+  ``client``'s process CPU cannot resolve).
 * ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
@@ -313,20 +315,27 @@ def _exchange() -> Side:
     calls: dict[str, tuple[str, Callable[[], list[Any]], list[bytes]]] = {
         "run": ("apply", lambda: [_noop, [], {}], none_reply),
         "call": ("call", lambda: ["builtins", "len", [[]], {}], none_reply),
-        "ref": ("method", lambda: [ref, "__call__", [], {"question": QUESTION}], prediction_reply)}
+        "ref": ("method", lambda: [ref, "__call__", [], {"question": QUESTION}], prediction_reply),
+        # (the client's LM is the session's: the reply carries [result, its history entries])
+        "run_lm": ("apply", lambda: [_noop, [], {}], [bytes(f) for f in codec.encode([None, {}], policy=codec.Policy.DATA)])}
+    # run_lm: s.run of a held function with an LM the client configured (its settings travel)
+    lm = dspy.LM("openai/m", api_base="http://127.0.0.1:9/v1", api_key="k", temperature=0.1, max_tokens=50)
+    settings: dict[str, dict[str, Any]] = {"run_lm": {"lm": lm}}
+    senders = {"run_lm": SendCache()}  # a session of its own: every call of one that holds an LM asks for history
 
     def on_reply(status: str, worker: str) -> None:
         pass
 
     def cpu_per_call(name: str, n: int) -> float:
         op, body, reply = calls[name]
-        c0 = time.thread_time()
-        for i in range(n):
-            ex = Exchange(op, "p", sid, body(), 60.0, max_message=1 << 26, sender=cache, forward=True,
-                          on_reply=on_reply)
-            ex.frames(i, "")
-            ex.feed(done, "w" * 32, reply)
-        return (time.thread_time() - c0) / n
+        with dspy.context(**settings.get(name, {})):
+            c0 = time.thread_time()
+            for i in range(n):
+                ex = Exchange(op, "p", sid, body(), 60.0, max_message=1 << 26, sender=senders.get(name, cache), forward=True,
+                              on_reply=on_reply)
+                ex.frames(i, "")
+                ex.feed(done, "w" * 32, reply)
+            return (time.thread_time() - c0) / n
 
     for name in calls:  # the first sends the function (and the settings) in full, as a session's first call
         cpu_per_call(name, 200)

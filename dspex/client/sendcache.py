@@ -61,9 +61,13 @@ _ATOMS = (type(None), bool, int, float, str)
 # bindings ((namespace, name), key) and the keys it told the worker to drop (SendCache.confirm)
 Receipt = tuple[tuple[tuple[tuple[str, str], str], ...], tuple[str, ...]]
 
-# the client settings a request sent, by key only: (their (name, id) signature, the ext sent, the
-# keys it refers to, the values: kept so their ids stay valid)
-SettingsSent = tuple[tuple[tuple[str, int], ...], Any, tuple[str, ...], dict[str, Any]]
+# the client settings a request sent, by key only: (their (name, id, state) signature, the ext
+# sent, the keys it refers to, the values: kept so their ids stay valid)
+SettingsSent = tuple[tuple[tuple[str, int, Any], ...], Any, tuple[str, ...], dict[str, Any]]
+# a client setting whose state a request sends (dspex.client.sendsettings): (the object, the key
+# the request sends it under, the key the worker holds it under when the request sends a change
+# made in place since, else None, its state)
+Restated = tuple[Any, str, str | None, Any]
 
 
 class Walk:
@@ -96,6 +100,7 @@ class Encoded(Protocol):
     namespaces: set[str]
     sources: dict[str, list[str]]
     settings_sent: SettingsSent | None
+    restated: list[Restated]
 
     @property
     def globals(self) -> EncodedGlobals: ...
@@ -130,6 +135,7 @@ class SendCache:
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
+        self.states: dict[str, Any] = {}  # key -> the state of a client setting the worker holds under it
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
         # key -> a DSPy LM or module of this client the worker holds: its history entries come back
         self.lms: dict[str, Any] = {}
@@ -232,6 +238,10 @@ class SendCache:
             self.walks.update(msg.globals.walks)
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
+            for obj, key, was, state in msg.restated:
+                self.states[key] = state
+                if was is not None:
+                    self._rekey(obj, key, was)
             self._evict()
         receipt = tuple((where, key) for where, (_, key) in carried.items()), tuple(drops_sent)
         return receipt, relies, max(relies, reaches)
@@ -287,6 +297,7 @@ class SendCache:
             self.drops.clear()
             self.walks.clear()
             self.last_settings = None
+            self.states.clear()
             if ephemeral:
                 self.keep = False
                 self.set_at.clear()
@@ -306,9 +317,26 @@ class SendCache:
             self.drops.clear()
             self.walks.clear()
             self.last_settings = None
+            self.states.clear()
             self.modules.clear()
             self.lms.clear()
             self.context_vars.clear()
+
+    def _rekey(self, obj: Any, key: str, old: str) -> None:
+        """A setting changed in place went to the worker under ``key``: its key from now on (the
+        worker's object under ``old`` is that object, updated)."""
+        prev = self.keys.get(id(obj))
+        if prev is not None:
+            self.key_ids.pop(prev[1], None)
+        self.keys[id(obj)] = (obj, key)
+        self.key_ids[key] = id(obj)
+        self.states.pop(old, None)
+        lm = self.lms.pop(old, None)
+        if lm is not None:
+            self.lms[key] = lm
+        if old in self.sent and old not in self.pins:  # (a global's binding keeps its key)
+            del self.sent[old]
+            self.drops.append(old)
 
     def _unpin(self, key: str) -> None:
         n = self.pins.get(key, 0) - 1
@@ -339,6 +367,7 @@ class SendCache:
             self.keys.pop(oid, None)
         self.lms.pop(key, None)
         self.context_vars.pop(key, None)
+        self.states.pop(key, None)
         self.drops.append(key)
 
     def _snapshot(self, held: dict[str, Any]) -> list[tuple[str, Any]]:

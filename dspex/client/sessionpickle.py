@@ -40,7 +40,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import SendCache, SettingsSent
+from dspex.client.sendcache import Restated, SendCache, SettingsSent
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
@@ -71,6 +71,7 @@ class Message:
         self._nsids: dict[int, tuple[Any, str, dict[str, Any] | None]] = {}
         self._budget = byvalue.MAX_SOURCES
         self.settings_sent: SettingsSent | None = None
+        self.restated: list[Restated] = []  # client settings whose state it sends (sendsettings)
         self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
 
     @property
