@@ -21,6 +21,7 @@ dspy = pytest.importorskip("dspy")
 from dspy.utils import DummyLM
 
 from dspex.errors import CheckpointRefused
+from dspex.wire.byvalue import register_sources
 from worker import checkpoint, checkpoint_data, checkpoint_pickler, checkpoint_restore, namespace
 from worker.checkpoint_pickler import load_seeded
 from worker.refs import RefTable, SessionState
@@ -442,7 +443,7 @@ def test_the_session_code_store_comes_back_with_its_keys_module_state_and_source
     store = state.code
     helpers = store.module("m:helpers", {"__name__": "helpers", "__file__": "/client/helpers.py"})
     source = "calls = []\ndef record(x):\n    calls.append(x)\n    return len(calls)\n"
-    store.add_sources({"/client/helpers.py": source})
+    store.sources.update(register_sources({"/client/helpers.py": source}))
     exec(compile(source, "/client/helpers.py", "exec"), helpers.__dict__)  # noqa: S102 - as codestore rebuilds it
     store.objects["f:1"] = helpers.__dict__["record"]
     store.bound[("m:helpers", "calls")] = "v:2"

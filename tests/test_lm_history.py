@@ -82,3 +82,19 @@ def test_module_parts_are_named_by_path_and_never_walk_a_history() -> None:
     assert stranger not in parts.values() and stranger in [m for _, m in program.named_sub_modules()]
     twin = copy.deepcopy(program)
     assert {path: type(part) for path, part in module_parts(twin)} == {path: type(part) for path, part in parts.items()}
+
+
+def test_entries_of_the_sessions_own_lms_go_only_with_a_call_of_the_clients_program() -> None:
+    """Entries of LMs the client does not have (key None: its global history) go back only when
+    the call recorded in one of the client's LMs or modules (or ran with a client's LM): a call of
+    the session's own objects alone has nothing to send."""
+    client_lm, session_lm = _LM(), _LM()
+    log = lm_history.CallLog({id(client_lm): (client_lm, "k.1")}, 100)
+    assert not log.record(session_lm, {"n": 1})
+    log.entries.append((None, {"n": 1}))
+    assert lm_history.extras(log) == {}
+    assert log.record(client_lm, {"n": 2})
+    assert pickle.loads(lm_history.extras(log)["history"]) == [[None, {"n": 1}], ["k.1", {"n": 2}]]
+    ran_with_it = lm_history.CallLog({}, 100, reached=True)
+    ran_with_it.entries.append((None, {"n": 3}))
+    assert pickle.loads(lm_history.extras(ran_with_it)["history"]) == [[None, {"n": 3}]]

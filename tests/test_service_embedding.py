@@ -136,7 +136,7 @@ def test_an_asyncio_service_keeps_its_replies_right_while_users_leave_mid_call(s
             finally:
                 tracemalloc.stop()
             after = await asyncio.wait_for(asyncio.gather(*(s.eval("sid", {"sid": s.id}) for s in sessions)), 10)
-            return wrong, len(dx._channel.pending), grown, sum(a != s.id for a, s in zip(after, sessions)), after
+            return wrong, len(dx._sockets.pending), grown, sum(a != s.id for a, s in zip(after, sessions)), after
         finally:
             await dx.close()
 

@@ -297,3 +297,24 @@ def test_the_global_history_holds_the_calls_of_lms_the_call_made(session: dspex.
         seen.append((answer, len(lm.history), [e["outputs"] for e in base_lm.GLOBAL_HISTORY]))
     assert seen[1] == seen[0]
     assert seen[0][1] == 0 and len(seen[0][2]) == 3
+
+
+def test_a_call_of_the_sessions_own_objects_alone_brings_no_history_back(session: dspex.Session) -> None:
+    """The session holds a client's module (``QA``, a global of code it ran), so its requests ask
+    for history; a ref call of a ``s.put`` Predict under the session's own LM records in none of
+    the client's LMs or modules: its reply carries no entry (the client reads and records none),
+    while a call through ``QA`` still brings its entries back."""
+    session.exec("import dspy\nfrom dspy.utils import DummyLM\n"
+                 "dspy.configure(lm=DummyLM([{'reasoning': 'r', 'answer': str(i)} for i in range(9)]))\n")
+    with fresh_dspy_settings():
+        qa_ref = session.put(dspy.Predict("question -> answer"))
+        session.run(uses_the_modules)  # the session now holds QA and PIPELINE
+        QA.history.clear()
+        base_lm.GLOBAL_HISTORY.clear()
+        answer = qa_ref(question="d").answer
+        after_ref = (len(base_lm.GLOBAL_HISTORY), len(QA.history))
+        session.run(uses_the_modules)
+        after_run = (len(base_lm.GLOBAL_HISTORY), len(QA.history))
+    assert answer == "3"  # the session's LM answered
+    assert after_ref == (0, 0)
+    assert after_run == (3, 2)  # its three LM calls, QA's two of them

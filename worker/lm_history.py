@@ -10,7 +10,11 @@ each entry DSPy records in one of those copies, or in a sub-module of such a mod
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). An LM or module the session made itself has no client key: its
 history stays on the worker, but its entries go to the client's global history too (key None), as
-in-process ``dspy.inspect_history()`` shows every call of the program.
+in-process ``dspy.inspect_history()`` shows every call of the program, when the call is the
+client's program: it runs with one of the client's LMs (configured on the client, the session
+configured none) or records in one of its LMs or modules (:attr:`CallLog.reached`). A call of the
+session's own objects alone (a ref call of a ``s.put`` Predict under the session's LM) sends
+nothing back: its reply carries no history, which costs the client nothing to read.
 
 DSPy records through ``dspy.clients.base_lm.record_history`` (``BaseLM.update_history``, and
 modules that imported the function by name): :func:`install` wraps it.
@@ -41,12 +45,15 @@ class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
     order (the key of a part of a held module: ``[key, path]``)."""
 
-    __slots__ = ("entries", "lms", "parts")
+    __slots__ = ("entries", "lms", "parts", "reached")
 
-    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int) -> None:
+    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int, reached: bool = False) -> None:
         self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
         self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
+        # the call is the client's program (it runs with a client's LM, or recorded in one of its
+        # LMs or modules): the entries of the session's own LMs (key None) go back too
+        self.reached = reached
 
     def record(self, owner: Any, entry: Any) -> bool:
         """Log ``entry`` for ``owner`` if it is a client's (True)."""
@@ -57,8 +64,15 @@ class CallLog:
             hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
+            self.reached = True
             return True
         return False
+
+    def sent(self) -> list[tuple[Any, Any]]:
+        """The entries the reply carries: those of the session's own LMs only if :attr:`reached`."""
+        if self.reached:
+            return list(self.entries)
+        return [(key, entry) for key, entry in self.entries if key is not None]
 
     def _parts(self) -> dict[int, tuple[Any, Any]]:
         """The held modules' sub-modules and their own LMs, ``[key, path]``
@@ -73,17 +87,18 @@ class CallLog:
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
 _max_entries = _DEFAULT_MAX_ENTRIES
+_settings: Any = None  # DSPy's settings (install)
 
 
 def install() -> None:
     """Wrap DSPy's ``record_history`` (once per process; DSPy imported)."""
-    global _max_entries
+    global _max_entries, _settings
     base_lm: Any = sys.modules.get("dspy.clients.base_lm")
     if base_lm is None or getattr(base_lm.record_history, "_dspex", False):
         return
     original: Callable[[Any, Any], None] = base_lm.record_history
     _max_entries = int(getattr(base_lm, "MAX_HISTORY_SIZE", _DEFAULT_MAX_ENTRIES))
-    settings = base_lm.settings
+    settings = _settings = base_lm.settings
 
     def record_history(client: Any, entry: Any) -> None:
         original(client, entry)
@@ -102,7 +117,8 @@ def install() -> None:
 
 def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
     """Log the entries of the client's LMs and modules named by ``keys`` (held in ``objects``) for this call
-    (and the threads it starts: worker.threads); None when the request named none the session holds."""
+    (and the threads it starts: worker.threads); None when the request named none the session holds.
+    The call's settings are in place: whether it runs with a client's LM is read here."""
     if not isinstance(keys, list):
         return None
     lms = {}
@@ -112,7 +128,9 @@ def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Toke
             lms[id(obj)] = (obj, key)
     if not lms:
         return None
-    log = CallLog(lms, _max_entries)
+    lm = getattr(_settings, "lm", None) if _settings is not None else None
+    hit = lms.get(id(lm)) if lm is not None else None
+    log = CallLog(lms, _max_entries, reached=hit is not None and hit[0] is lm)
     return log, _current.set(log)
 
 
@@ -124,8 +142,11 @@ def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
     """The reply's part of the log: a list of ``[key, entry]`` as ``"history"`` (a plain pickle:
     entries hold importable objects, a provider's response, whose class the client imports) or,
     when that cannot be, ``"history_codec"`` (one codec body: by value, a field that cannot be
-    encoded as its ``repr``); ``"history_left"``: the oldest entries left out to stay under ``cap``."""
-    entries = [[k, e] for k, e in log.entries]
+    encoded as its ``repr``); ``"history_left"``: the oldest entries left out to stay under ``cap``.
+    Nothing when the log has no entry to send (:meth:`CallLog.sent`)."""
+    entries = [[k, e] for k, e in log.sent()]
+    if not entries:
+        return {}
     try:
         data = pickle.dumps(entries, pickle.HIGHEST_PROTOCOL)
         if len(data) <= cap:
@@ -140,7 +161,7 @@ def encoded(log: CallLog, cap: int = REPLY_CAP) -> tuple[bytes, int]:
     """(the log as one codec body: a list of ``[key, entry]``, entries left out over ``cap``).
     Entries go by value (a provider response with its class); a field that cannot be encoded goes
     as its ``repr``."""
-    entries = list(log.entries)
+    entries = log.sent()
     try:
         body = _body([[k, e] for k, e in entries])
         if body is not None and len(body) <= cap:

@@ -4,13 +4,10 @@
 ...     sessions = [dx.session("triage_pool") for _ in range(10)]
 ...     pids = await asyncio.gather(*(s.call("os", "getpid") for s in sessions))
 
-One DEALER socket per client (:mod:`dspex.client.aiochannel`); a reader task routes replies to
-the awaiting call by request id, so any number of calls can be in flight from one event loop.
-Cancelling the task that
-awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout`` running out) sends
-``cancel`` for it without awaiting anything: the broker drops it if queued, its worker stops it if
-running (docs/remote-objects.md, *Cancellation*). What a request means (encoding, replies, credit,
-errors) is :mod:`dspex.client.exchange`, shared with the blocking client.
+Any number of calls can be in flight from one event loop (:mod:`dspex.client.aiochannel`).
+Cancelling the task that awaits a call (``task.cancel()``, ``asyncio.wait_for``/``asyncio.timeout``
+running out) sends ``cancel`` for it without awaiting anything (docs/remote-objects.md,
+*Cancellation*). What a request means is :mod:`dspex.client.exchange`, shared with the blocking client.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Generator, Mapping
-from typing import Any, Generic, Self, TypeVar, Unpack, cast
+from typing import Any, Generic, Self, TypeVar, Unpack
 
 import zmq
 import zmq.asyncio
@@ -53,43 +50,18 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
 
     session_kind = AsyncSession
     _socket_prefix = b"a"
+    _sockets: AsyncChannel
 
     def _init_transport(self) -> None:
         self._ctx = processwide.context(zmq.asyncio.Context)
-        self._channel = AsyncChannel(self.endpoint)
+        self._sockets = AsyncChannel(self.endpoint)
         self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
         processwide.register(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child (:mod:`dspex.client.processwide`): the child's context; the socket and
-        its tasks are made at the child's first request, on the child's loop. The parent's stay behind."""
-        old = self._channel
-        processwide.keep(old)
-        self._init_transport()
-        self._channel.closed = old.closed
-
-    def _is_closed(self) -> bool:
-        return self._channel.closed
-
-    @property
-    def open_sockets(self) -> int:
-        """Sockets this client holds: its one socket once made (at the first request), until closed."""
-        return self._channel.open_sockets
-
-    @property
-    def replaced_sockets(self) -> int:
-        """Sockets replaced after their connection broke."""
-        return self._channel.replaced
-
-    def cancel_all(self) -> None:
-        """(See :meth:`ClientAPI.cancel_all`.) From any thread: from outside the client's loop it is
-        handed to the loop."""
-        self._channel.cancel_all()
 
     async def close(self) -> None:
         """Close the socket: the calls and streams awaiting it end at once with ``ConnectionLost``
         (the broker cancels them on their workers when the connection closes)."""
-        await self._channel.close()
+        await self._sockets.close()
 
     @staticmethod
     def _drive(steps: Steps[T]) -> _Steps[T]:
@@ -97,7 +69,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
 
     # -- the socket (dspex.client.aiochannel) --------------------------------------------------
     async def _start(self, ex: Exchange, worker: str) -> tuple[int, asyncio.Queue[Reply]]:
-        channel = self._channel
+        channel = self._sockets
         channel.ready(self._connect)
         req_id = next(channel.ids)
         queue: asyncio.Queue[Reply] = asyncio.Queue()
@@ -114,9 +86,8 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         if not queue.empty():
             reply = queue.get_nowait()
         else:
-            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own (a
-            # third of the driver's CPU per call), and a task cancelled as its reply arrives
-            # stays cancelled
+            # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own, and
+            # a task cancelled as its reply arrives stays cancelled
             try:
                 async with asyncio.timeout(ex.wait if wait is None else wait):
                     reply = await queue.get()
@@ -134,8 +105,6 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     async def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                       **options: Unpack[RequestOptions]) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
-        if self._channel.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         await self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, **options)
@@ -156,7 +125,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
                 kind, value, credit = ex.feed(*reply)
                 await _callbacks_done(ex)
                 if credit:
-                    await self._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
+                    await self._sockets.send(control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
                 if kind == "done":
                     return value
         except BaseException:
@@ -164,19 +133,19 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
                 self._cancel(ex, req_id)
             raise
         finally:
-            self._channel.pending.pop(req_id, None)  # a late reply is dropped by the reader
+            self._sockets.pending.pop(req_id, None)  # a late reply is dropped by the reader
 
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
         a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
         running one interrupted on its worker) without awaiting anything."""
         if ex.op in WORKER_OPS:
-            self._channel.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
+            self._sockets.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
 
     def stream(self, op: str, pool: str, session: str, body: Any,
                **options: Unpack[RequestOptions]) -> AsyncStream:
         """Items of an iterable result, as an async iterator (see :class:`AsyncStream`)."""
-        if self._channel.closed:
+        if self._sockets.closed:
             raise closed_error()
         worker = options.pop("worker", "")
         # built at the first __anext__, where the request is sent: it carries the DSPy settings, the
@@ -303,14 +272,14 @@ class AsyncStream(StreamAPI):
                     if self._started or not ex.resend_in_full(miss):
                         raise
                     # nothing ran: the same request again, in full
-                    client._channel.pending.pop(self._req_id, None)
+                    client._sockets.pending.pop(self._req_id, None)
                     self._req_id, ended = 0, False
                     self._req_id, self._queue = await client._start(ex, self._worker)
                     continue
                 self._started = True
                 await _callbacks_done(ex)
                 if credit:
-                    await client._channel.send(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
+                    await client._sockets.send(control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
                                                ex.timeout)
                 if kind == "item":
                     return value
@@ -330,7 +299,7 @@ class AsyncStream(StreamAPI):
         if self._req_id and self._ex is not None:
             if abandon:
                 self._client._cancel(self._ex, self._req_id)
-            self._client._channel.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
+            self._client._sockets.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
 
     async def aclose(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
@@ -344,7 +313,7 @@ class AsyncStream(StreamAPI):
         client = self._client
         cancelled = False
         try:
-            await client._channel.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
+            await client._sockets.send(control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex.timeout)
             cancelled = True
             while True:  # until the producer's end (its Cancelled error), which frees its slot: what it
                 reply = await client._next(self._queue, ex)  # prints while it stops is forwarded
@@ -402,14 +371,6 @@ class RoutedAsyncClient(Router[AsyncSession], AsyncClient):
     """An asyncio client of several brokers, each request sent to its pool's (:mod:`dspex.client.routing`)."""
 
     _broker_kind = AsyncClient
-
-    @property
-    def open_sockets(self) -> int:
-        return sum(cast(AsyncClient, client).open_sockets for client in self._brokers.values())
-
-    @property
-    def replaced_sockets(self) -> int:
-        return sum(cast(AsyncClient, client).replaced_sockets for client in self._brokers.values())
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,

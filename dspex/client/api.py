@@ -7,10 +7,8 @@ way: :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns th
 :class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that yields each step's result-or-awaitable;
 the client kind drives it (``_drive``): the blocking client sends each value straight back, the
 asyncio client awaits each awaitable first and throws its exception in where it was yielded.
-
-What a client kind implements: ``_init_transport`` (its sockets), ``request`` and ``stream`` (one
-request and one streamed request, with the meaning of :class:`dspex.client.exchange.Exchange`), ``close``,
-``_is_closed`` and ``_drive``. Constructor options, the ops and their arguments live here only.
+Constructor options, the ops and their arguments live here only; what a client kind implements
+is marked below.
 """
 
 from __future__ import annotations
@@ -18,40 +16,27 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, Protocol, Self, TypedDict, TypeVar, Unpack
 
 import zmq
 
-from dspex.client import arguments, senderrors
+from dspex.client import arguments, processwide, senderrors
 from dspex.client.arguments import bound_name, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
 from dspex.client.sendcache import SendCache
-from dspex.wire.errors import (
-    BrokerUnreachable,
-    ConnectionError,
-    EncodeError,
-    Refused,
-    SessionClosed,
-    Timeout,
-)
+from dspex.wire.errors import BrokerUnreachable, ConnectionError, EncodeError, Refused, SessionClosed, Timeout
 from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.protocol import FLAG_DURABLE
 from dspex.wire.ref import Ref
-from dspex.wire.sockets import (
-    HANDSHAKE_EVENTS,
-    check_endpoint,
-    curve_client_keys,
-    tune_socket,
-)
+from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, tune_socket
 
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
 
 T = TypeVar("T")
-R = TypeVar("R")
 S = TypeVar("S", bound="SessionAPI")
 Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
 
@@ -68,6 +53,18 @@ class RequestOptions(TypedDict, total=False):
     forward: bool | None
     sender: SendCache | None
     flags: int
+
+
+class Sockets(Protocol):
+    """A client kind's sockets (:class:`dspex.client.channels.ChannelPool`, :class:`dspex.client.aiochannel.AsyncChannel`)."""
+
+    closed: bool
+    replaced: int  # sockets replaced after their connection broke
+
+    @property
+    def open_sockets(self) -> int: ...
+
+    def cancel_all(self) -> None: ...
 
 
 class ClientAPI(Generic[S]):
@@ -115,9 +112,32 @@ class ClientAPI(Generic[S]):
         return config
 
     # -- what a client kind implements ----------------------------------------------------------
-    _init_transport: Callable[[], None]  # its sockets
+    _init_transport: Callable[[], None]  # sets ``_sockets`` and registers the client (processwide)
+    _sockets: Sockets
     close: Callable[[], Any]
-    _is_closed: Callable[[], bool]  # close() was called
+    _drive: Callable[[Steps[Any]], Any]  # runs an op of several steps: its result (or an awaitable of it)
+
+    def _is_closed(self) -> bool:
+        return self._sockets.closed
+
+    @property
+    def open_sockets(self) -> int:
+        """Sockets this client holds (a blocking client's lent to running requests and streams, or
+        idle; an asyncio client's one socket once made at its first request)."""
+        return self._sockets.open_sockets
+
+    @property
+    def replaced_sockets(self) -> int:
+        """Sockets replaced after their connection broke."""
+        return self._sockets.replaced
+
+    def _after_fork(self) -> None:
+        """In a forked child (:mod:`dspex.client.processwide`): the child's context and sockets (an
+        asyncio client's at its first request, on its loop); the parent's stay behind, unused."""
+        old = self._sockets
+        processwide.keep(old)
+        self._init_transport()
+        self._sockets.closed = old.closed
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:
@@ -143,16 +163,14 @@ class ClientAPI(Generic[S]):
         """Cancel every request and stream of this client in flight: each stops as a Ctrl-C (a
         cancelled task) stops it (the broker drops it if still queued, its worker interrupts it if
         running) and raises :class:`dspex.Cancelled` where it was awaited. Requests made afterwards
-        run as usual."""
-        raise NotImplementedError
-
-    def _drive(self, steps: Steps[T]) -> Any:
-        """Run an op of several steps: its result (or an awaitable of it)."""
-        raise NotImplementedError
+        run as usual. From any thread (a signal handler, one outside an asyncio client's loop)."""
+        self._sockets.cancel_all()
 
     # -- shared by the kinds --------------------------------------------------------------------
     def _exchange(self, op: str, pool: str, session: str, body: Any, *, items: bool = False,
                   timeout: float | None = None, forward: bool | None = None, **options: Any) -> Exchange:
+        if self._is_closed():
+            raise closed_error()
         arguments.check_name("pool", pool)
         arguments.check_name("session id", session)
         arguments.check_callbacks(options)

@@ -75,8 +75,15 @@ class ChannelPool:
         self.closed = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self.replaced = 0  # channels closed because their connection broke (the next request makes another)
+        self.cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
 
-    def __len__(self) -> int:
+    def cancel_all(self) -> None:
+        """(``ClientAPI.cancel_all``.) Each request notices within ``dspex.client.sync.CANCEL_CHECK_MS``."""
+        with self._lock:
+            self.cancels += 1
+
+    @property
+    def open_sockets(self) -> int:
         """Channels open (lent to running requests and streams, or idle)."""
         return len(self._open)
 
@@ -103,8 +110,16 @@ class ChannelPool:
                 ch = self._idle.pop() if self._idle else None
             if ch is None:
                 # shortly after a drop, no probe: across a broker restart the request waits in the
-                # new socket for the broker (within its timeout); else nobody listening fails at once
-                return self._new(connect, probe=time.monotonic() - self._drop_seen > RIDE_THROUGH)
+                # new socket for the broker (within its timeout); else nobody listening fails at once.
+                # The probe comes before the socket: a failed one leaves none behind
+                if time.monotonic() - self._drop_seen > RIDE_THROUGH:
+                    probe_ipc(self.endpoint)
+                with self._lock:
+                    if self.closed:
+                        raise closed_error()
+                    ch = Channel(*connect())
+                    self._open.add(ch)
+                return ch
             if not ch.broken and not ch.disconnected():
                 return ch
             # zmq reconnects by itself after a broker restart, but never after a protocol error
@@ -130,13 +145,3 @@ class ChannelPool:
             if ch.broken and not self.closed:
                 self.replaced += 1
         ch.close()
-
-    def _new(self, connect: Connect, probe: bool) -> Channel:
-        if probe:  # before making a socket: a failed probe leaves none behind
-            probe_ipc(self.endpoint)
-        with self._lock:
-            if self.closed:
-                raise closed_error()
-            ch = Channel(*connect())
-            self._open.add(ch)
-        return ch

@@ -119,6 +119,14 @@ class Router(ClientAPI[S]):
         return merge(op, answers, self._map)
 
     # -- every broker's client ----------------------------------------------------------------------
+    @property
+    def open_sockets(self) -> int:
+        return sum(client.open_sockets for client in self._brokers.values())
+
+    @property
+    def replaced_sockets(self) -> int:
+        return sum(client.replaced_sockets for client in self._brokers.values())
+
     def cancel_all(self) -> None:
         for client in self._brokers.values():
             client.cancel_all()

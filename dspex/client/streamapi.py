@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from dspex.client.api import SessionAPI
 from dspex.wire.errors import Cancelled, QueueTimeout, SessionClosed
 
 log = logging.getLogger("dspex.client")
@@ -28,13 +29,6 @@ def behind_held_stream(op: str, timeout: float, req_id: int) -> QueueTimeout:
                         "first)", op=op)
 
 
-class StreamOwner(Protocol):
-    """The session a stream belongs to, as far as the stream looks at it."""
-
-    id: str
-    closed: bool
-
-
 class StreamAPI:
     """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
     One collected before its end stops its producer (``_end``).
@@ -51,7 +45,7 @@ class StreamAPI:
 
     _end: Callable[..., None]
 
-    def __init__(self, session: StreamOwner | None) -> None:
+    def __init__(self, session: SessionAPI | None) -> None:
         self.done = False
         self.result: Any = None
         self.progress: list[Any] = []  # filled by its exchange (Exchange.collect_progress)

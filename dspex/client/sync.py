@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Self, TypeVar, Unpack, cast
+from typing import Any, Self, TypeVar, Unpack
 
 import zmq
 
@@ -56,54 +56,27 @@ class Client(ClientAPI[Session], Closing):
 
     session_kind = Session
     _socket_prefix = b"c"
+    _sockets: ChannelPool
 
     def _init_transport(self) -> None:
         self._ctx: zmq.Context[Any] = processwide.context(zmq.Context)
-        self._channels = ChannelPool(self.endpoint, self.config.idle_sockets)
+        self._sockets = ChannelPool(self.endpoint, self.config.idle_sockets)
         self._lock = threading.Lock()
-        self._cancels = 0  # cancel_all() calls so far: a request started before the latest one stops
         self._executor: ThreadPoolExecutor | None = None
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # open, for _take_in_held_streams
         processwide.register(self)
-
-    def _after_fork(self) -> None:
-        """In a forked child (:mod:`dspex.client.processwide`): the child's context, a new socket
-        pool, lock and thread pool; the parent's sockets stay behind, unused."""
-        old = self._channels
-        processwide.keep(old)
-        self._init_transport()
-        self._channels.closed = old.closed
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
         """Close the idle sockets; a request or stream in flight on another thread ends within
         ``CANCEL_CHECK_MS`` (``ConnectionLost``, cancelled on its worker) and closes its own socket
         (zmq sockets belong to one thread at a time)."""
-        if not self._channels.close():
+        if not self._sockets.close():
             return
         with self._lock:  # (after the pool closed: submit() sees it closed or its executor is taken here)
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-
-    def cancel_all(self) -> None:
-        """(:meth:`ClientAPI.cancel_all`.) From any thread (a signal handler, the thread that waits
-        on ``submit`` futures); each request notices within ``CANCEL_CHECK_MS``."""
-        with self._lock:
-            self._cancels += 1
-
-    def _is_closed(self) -> bool:
-        return self._channels.closed
-
-    @property
-    def open_sockets(self) -> int:
-        """Sockets this client holds (lent to running requests and streams, or idle)."""
-        return len(self._channels)
-
-    @property
-    def replaced_sockets(self) -> int:
-        """Sockets replaced after their connection broke."""
-        return self._channels.replaced
 
     @staticmethod
     def _drive(steps: Steps[T]) -> T:
@@ -134,7 +107,7 @@ class Client(ClientAPI[Session], Closing):
                                     "reading): nothing was sent") from None
         except zmq.ZMQError as exc:
             ch.broken = True
-            if self._channels.closed:
+            if self._sockets.closed:
                 raise closed_error() from None
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None
 
@@ -158,9 +131,9 @@ class Client(ClientAPI[Session], Closing):
                     if ch.refused:
                         raise self._refused(why, ex.op)
                     raise ex.lost(why)
-                if self._cancels != cancels:
+                if self._sockets.cancels != cancels:
                     raise _CancelRequested
-                if self._channels.closed:
+                if self._sockets.closed:
                     raise ex.lost("the client was closed")
                 if time.monotonic() < deadline:
                     continue
@@ -179,8 +152,6 @@ class Client(ClientAPI[Session], Closing):
                 **options: Unpack[RequestOptions]) -> Any:
         """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
         while it waits cancels the request on the worker before it propagates."""
-        if self._channels.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, **options)
@@ -192,8 +163,8 @@ class Client(ClientAPI[Session], Closing):
                     raise
 
     def _request(self, ex: Exchange, worker: str) -> Any:
-        cancels = self._cancels
-        ch = self._channels.checkout(self._connect)
+        cancels = self._sockets.cancels
+        ch = self._sockets.checkout(self._connect)
         req_id = next(ch.ids)
         sent = ended = False  # the request is out / its final reply came
         sending = True  # a send is under way: an interrupt may cut it in two
@@ -219,7 +190,7 @@ class Client(ClientAPI[Session], Closing):
                 raise ex.cancelled("Client") from None
             raise
         finally:
-            self._channels.checkin(ch)
+            self._sockets.checkin(ch)
 
     @staticmethod
     def _abandon(ch: Channel, ex: Exchange, req_id: int, cut: bool) -> None:
@@ -237,19 +208,17 @@ class Client(ClientAPI[Session], Closing):
 
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
-        if self._channels.closed:
-            raise closed_error()
         worker = options.pop("worker", "")
         self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, items=True, **options)
-        cancels = self._cancels
-        ch = self._channels.checkout(self._connect)
+        cancels = self._sockets.cancels
+        ch = self._sockets.checkout(self._connect)
         try:
             req_id = next(ch.ids)
             self._send(ch, ex.frames(req_id, worker), ex.timeout)
         except BaseException as exc:
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
-            self._channels.checkin(ch)
+            self._sockets.checkin(ch)
             raise
         stream = Stream(self, ch, req_id, ex, worker, cancels)
         with self._lock:
@@ -273,7 +242,7 @@ class Client(ClientAPI[Session], Closing):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
         with self._lock:
-            if self._channels.closed:
+            if self._sockets.closed:
                 raise closed_error()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.config.threads,
@@ -393,7 +362,7 @@ class Stream(StreamAPI, Closing):
             return
         if abandon:
             self._client._abandon(ch, self._ex, self._req_id, cut)
-        self._client._channels.checkin(ch)
+        self._client._sockets.checkin(ch)
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
@@ -421,14 +390,6 @@ class RoutedClient(Router[Session], Client):
     """A blocking client of several brokers, each request sent to its pool's (:mod:`dspex.client.routing`)."""
 
     _broker_kind = Client
-
-    @property
-    def open_sockets(self) -> int:
-        return sum(cast(Client, client).open_sockets for client in self._brokers.values())
-
-    @property
-    def replaced_sockets(self) -> int:
-        return sum(cast(Client, client).replaced_sockets for client in self._brokers.values())
 
 
 def connect(endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT, *,

@@ -26,7 +26,6 @@ class UTCFormatter(logging.Formatter):
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 
-
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
         self.converter = time.gmtime  # every process's lines in UTC, whatever its TZ

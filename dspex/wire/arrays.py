@@ -16,9 +16,7 @@ __all__ = ["dtype_wire", "wire_dtype"]
 def dtype_wire(dt: np.dtype[Any]) -> Any:
     # dtype.str drops field names, so structured dtypes travel as their descr list; a descr turns
     # padding between fields into fields of its own, so those travel as names and offsets
-    if dt.fields is None:
-        return dt.str
-    return _structured_wire(dt)
+    return dt.str if dt.fields is None else _structured_wire(dt)
 
 
 @functools.lru_cache(maxsize=256)

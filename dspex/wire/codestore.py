@@ -144,9 +144,6 @@ class CodeStore:
         return modules.get("m:" + absolute.partition(".")[0]) or \
             builtins.__import__(name, globals, locals, fromlist, level)
 
-    def add_sources(self, sources: dict[str, str]) -> None:
-        self.sources.update(register_sources(sources))
-
     def activate_sources(self) -> None:
         """Put this session's source files back in linecache where another session's version of
         the same file name replaced them."""
@@ -285,7 +282,7 @@ def loads(data: bytes, sources: dict[str, str]) -> Any:
     """Unpickle a session pickle into the store of the load under way."""
     load = _active()
     if sources:
-        load.store.add_sources(sources)
+        load.store.sources.update(register_sources(sources))
     try:
         return _unpickle(data)
     except (DspexError, ModuleNotFoundError):

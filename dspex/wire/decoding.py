@@ -42,17 +42,12 @@ class _Tag:
 
 
 def _build_record(items: list[Any]) -> Any:
-    if len(items) not in (4, 6) or items[0] not in KINDS or not isinstance(items[1], dict):
+    """``[kind, fields, keys, extra(, class, attrs)]``: build_record's arguments, in its order."""
+    if len(items) not in (4, 6) or items[0] not in KINDS or not isinstance(items[1], dict) or not (
+            items[2] is None or isinstance(items[2], list)) or not isinstance(items[3], dict) or (
+            len(items) == 6 and not isinstance(items[5], dict)):
         raise ProtocolError("malformed record")
-    keys, extra = items[2], items[3]
-    if not (keys is None or isinstance(keys, list)) or not isinstance(extra, dict):
-        raise ProtocolError("malformed record")
-    if len(items) == 4:
-        return build_record(items[0], items[1], keys, extra)
-    attrs = items[5]
-    if not isinstance(attrs, dict):
-        raise ProtocolError("malformed record")
-    return build_record(items[0], items[1], keys, extra, items[4], attrs)
+    return build_record(*items)
 
 
 _TAGS: dict[int, _Tag] = {code: _Tag(build) for code, build in BUILDERS.items()}

@@ -24,20 +24,8 @@ from __future__ import annotations
 
 import enum
 
-# 2: the hot-path command frames are envelopes carrying the budget / reply status.
-# 3: one goodbye for every exit (W_DISCONNECT, acknowledged by B_BYE) that says whether the worker
-# leaves calls it started unanswered.
-# 4: durable sessions: W_CHECKPOINT (a checkpoint and its call's reply), the request envelope's
-# ``durable`` byte (Durable flags) and restore frames. A worker of 3 would answer a durable
-# session's calls without checkpoints: the session would not be durable, silently.
-# 5: what a client and a worker exchange through the broker: a reply's extras map (usage and the
-# LM history that comes back to the client), session pickles' held globals. A worker of 4 would
-# answer a client of 5 with a usage map read as extras (and load no held global); a broker of 5
-# refuses it, so clients upgraded with their broker never meet one.
-# 6: B_SYNC / W_HELD: a worker back on a new connection says which requests it holds, so the broker
-# fails those its old connection lost instead of waiting for them for ever. A worker of 5 would
-# ignore B_SYNC: its lost requests would hang, silently.
-# The broker tells a worker of another version to leave (its READY says its version).
+# A worker of another version would misread frames silently: the broker tells it to leave (its READY
+# says its version). What each version added: docs/protocol.md (*Version*).
 PROTOCOL_VERSION = 6
 
 # Backend commands, one byte each so the broker branches on a byte compare.

@@ -27,7 +27,7 @@ from dspex.wire.errors import (
 
 EPHEMERAL_SESSION = "eph-"  # the session id prefix of a call outside any session (nothing is kept)
 _FIELDS = ("id", "session", "pool", "worker", "type_name", "repr")
-_OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind", "unbound"))
+_OWN = frozenset((*_FIELDS, "_owner", "as_tuple", "bind"))
 
 # Set by codec.decode while it decodes one message: refs inside by-value objects (a closure that
 # captured a ref, a pickled list of refs) resolve like the refs of the message itself.
@@ -90,9 +90,6 @@ class Ref:
     def bind(self, owner: Any) -> Ref:
         """This ref as a handle that calls through ``owner`` (a Session or AsyncSession)."""
         return Ref(*self.as_tuple(), _owner=owner)
-
-    def unbound(self) -> Ref:
-        return self if self._owner is None else Ref(*self.as_tuple())
 
     # -- the handle -----------------------------------------------------------------------
     def _session(self, what: str, error: type[Exception] = AttributeError) -> Any:

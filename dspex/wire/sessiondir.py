@@ -91,15 +91,13 @@ class SessionDir:
         files: dict[str, FileData] = {}
         for root, subdirs, names in os.walk(self.path):
             subdirs.sort()
-            for name in subdirs:
+            for name in [*subdirs, *sorted(names)]:
                 full = os.path.join(root, name)
                 if os.path.islink(full):
                     raise TypeError(f"{self!r} holds a symbolic link ({full}): it cannot be part of a checkpoint")
-                dirs.append(os.path.relpath(full, self.path))
+            dirs += (os.path.relpath(os.path.join(root, name), self.path) for name in subdirs)
             for name in sorted(names):
                 full = os.path.join(root, name)
-                if os.path.islink(full):
-                    raise TypeError(f"{self!r} holds a symbolic link ({full}): it cannot be part of a checkpoint")
                 with open(full, "rb") as f:
                     data = f.read()
                 rel = os.path.relpath(full, self.path)

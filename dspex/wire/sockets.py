@@ -113,16 +113,13 @@ def _tasks() -> set[int]:
 class ZmqThreads:
     """The zmq threads (I/O and reaper) of a context that has no socket yet, run under
     ``SCHED_BATCH`` while their process is quiet and under the ordinary policy while it serves.
-
-    An idle stack's zmq threads wake for its heartbeats only, and as ordinary threads they preempted
-    the thread running on their core: the routing or main thread of their own process that just
-    sent (~5 of an idle stack's ~7 preemptions per second, 6 workers), or another program's, such as
-    a local model's. A batch thread runs at once on an idle core, else when the running thread
-    yields or its slice ends; under load that costs each hop up to a slice (a no-op call's p50 3.6×
-    with both cores busy), so the threads are batch only between heartbeats that saw no traffic
-    (:meth:`quiet`), and ordinary again at the first message (:meth:`serving`). Nothing switches
-    where the process does not run the ordinary policy (real-time or idle is the operator's
-    choice), on a context whose threads run already (not ours alone), or where a switch fails."""
+    An idle stack's zmq threads wake for its heartbeats only, and as ordinary threads they preempt
+    the thread running on their core (their own process's, or another program's, such as a local
+    model's). A batch thread waits for the running one to yield, which under load costs each hop
+    up to a slice: so batch only between heartbeats that saw no traffic (:meth:`quiet`), ordinary
+    again at the first message (:meth:`serving`). Nothing switches where the process does not run
+    the ordinary policy (the operator's choice), on a context whose threads run already, or where a
+    switch fails."""
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self.batch = False
