@@ -15,6 +15,7 @@ import signal
 import subprocess
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 
 import dspex
 import dspex.aio
+from dspex.client.streamapi import HELD_ITEMS_MAX
 from tests.harness import PY, Stack, wait_for
 from tests.harness.chaos import report
 from tests.test_security import curve_stack
@@ -296,3 +298,142 @@ def test_async_streams_stop(stack: Stack, dx: dspex.Client, tmp_path: Path, how:
 
     asyncio.run(main())
     wait_closed(marker)
+
+
+
+HELD_CODE = textwrap.dedent("""
+    import time
+
+    def count(n):
+        yield from range(n)
+
+    def forever():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    def slowly():
+        i = 0
+        while True:
+            time.sleep(0.05)
+            yield i
+            i += 1
+""")
+HELD_STALL_S = 8  # the streams' per-item timeout below: a held producer used to stall the next call this long
+
+
+def held_stream_case(stack: Stack, dx: dspex.Client, mode: str, case: Callable[[Any], Any]) -> None:
+    """Run ``case(session)`` with a session of ``HELD_CODE``: the blocking client's, or (``aio``)
+    the same session through ``dspex.aio``, ``case`` awaited."""
+    s = dx.session("p")
+    s.exec(HELD_CODE)
+    if mode == "sync":
+        case(s)
+        return
+
+    async def main() -> None:
+        async with dspex.aio.connect(stack.frontend, timeout=60) as adx:
+            await case(adx.session("p", s.id))
+
+    asyncio.run(main())
+
+
+async def anext_n(stream: Any, n: int) -> list[Any]:
+    return [await anext(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_a_call_beside_a_held_stream_runs_and_the_stream_keeps_its_items(stack: Stack, dx: dspex.Client,
+                                                                         mode: str) -> None:
+    """``stream = s.stream_apply(...)``, a few ``next(stream)``, then another call of the session
+    in the same thread (task): in-process the generator waits suspended and the call runs; here the
+    producer (more items left than its credit window) held the session until its per-item timeout,
+    then was cancelled and the rest of the stream lost. Now the call takes in what the producer
+    still sends, keeps it for the stream, and runs."""
+
+    def sync_case(s: dspex.Session) -> None:
+        stream = s.stream_eval("count(300)", timeout=HELD_STALL_S)
+        first = [next(stream) for _ in range(3)]
+        started = time.monotonic()
+        assert s.eval("'next'") == "next"
+        assert time.monotonic() - started < PROMPT_S
+        assert first + list(stream) == list(range(300))
+        assert stream.result == {"items": 300}
+
+    async def aio_case(s: Any) -> None:
+        stream = s.stream_eval("count(300)", timeout=HELD_STALL_S)
+        first = await anext_n(stream, 3)
+        started = time.monotonic()
+        assert await s.eval("'next'") == "next"
+        assert time.monotonic() - started < PROMPT_S
+        assert first + [x async for x in stream] == list(range(300))
+        assert stream.result == {"items": 300}
+
+    held_stream_case(stack, dx, mode, sync_case if mode == "sync" else aio_case)
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_a_call_after_break_out_of_a_held_endless_stream_stops_it(stack: Stack, dx: dspex.Client, mode: str) -> None:
+    """``for item in stream: break`` with the stream still named, then another call: the producer
+    never ends by itself, so the call stops it once it kept ``HELD_ITEMS_MAX`` of its items; the
+    stream gives those, then ``Cancelled`` saying why."""
+
+    def sync_case(s: dspex.Session) -> None:
+        stream = s.stream_eval("forever()", timeout=HELD_STALL_S)
+        for item in stream:
+            assert item == 0
+            break
+        started = time.monotonic()
+        assert s.eval("'next'") == "next"
+        assert time.monotonic() - started < PROMPT_S
+        kept: list[int] = []
+        with pytest.raises(dspex.Cancelled, match="another call of its session"):
+            kept.extend(stream)
+        assert kept == list(range(1, 1 + HELD_ITEMS_MAX))
+        assert stream.done and s.eval("'again'") == "again"
+
+    async def aio_case(s: Any) -> None:
+        stream = s.stream_eval("forever()", timeout=HELD_STALL_S)
+        async for item in stream:
+            assert item == 0
+            break
+        started = time.monotonic()
+        assert await s.eval("'next'") == "next"
+        assert time.monotonic() - started < PROMPT_S
+        kept: list[int] = []
+        with pytest.raises(dspex.Cancelled, match="another call of its session"):
+            async for item in stream:
+                kept.append(item)
+        assert kept == list(range(1, 1 + HELD_ITEMS_MAX))
+        assert stream.done and await s.eval("'again'") == "again"
+
+    held_stream_case(stack, dx, mode, sync_case if mode == "sync" else aio_case)
+
+
+@pytest.mark.parametrize("mode", ["sync", "aio"])
+def test_a_call_behind_a_slow_held_stream_times_out_and_the_stream_goes_on(stack: Stack, dx: dspex.Client,
+                                                                           mode: str) -> None:
+    """A producer that neither ends nor fills ``HELD_ITEMS_MAX`` before the call's own timeout:
+    the call did not run (``QueueTimeout``, saying why), and the stream goes on where it was, the
+    items read ahead first."""
+
+    def sync_case(s: dspex.Session) -> None:
+        stream = s.stream_eval("slowly()", timeout=HELD_STALL_S)
+        assert next(stream) == 0
+        with pytest.raises(dspex.QueueTimeout, match="behind stream"):
+            s.eval("'next'", timeout=1)
+        assert [next(stream) for _ in range(30)] == list(range(1, 31))
+        stream.close()
+        assert s.eval("'next'") == "next"
+
+    async def aio_case(s: Any) -> None:
+        stream = s.stream_eval("slowly()", timeout=HELD_STALL_S)
+        assert await anext(stream) == 0
+        with pytest.raises(dspex.QueueTimeout, match="behind stream"):
+            await s.eval("'next'", timeout=1)
+        assert await anext_n(stream, 30) == list(range(1, 31))
+        await stream.aclose()
+        assert await s.eval("'next'") == "next"
+
+    held_stream_case(stack, dx, mode, sync_case if mode == "sync" else aio_case)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
+import weakref
 from collections.abc import Callable, Generator, Mapping
 from typing import Any, Generic, Self, TypeVar, Unpack
 
@@ -26,10 +28,11 @@ from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Repl
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.streamapi import StreamAPI
+from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
+    Timeout,
     UsageError,
 )
 from dspex.wire.ops import WORKER_OPS, Op
@@ -52,6 +55,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     def _init_transport(self) -> None:
         self._ctx = processwide.context(zmq.asyncio.Context)
         self._sockets = AsyncChannel(self.endpoint)
+        self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
         processwide.register(self)
 
     async def close(self) -> None:
@@ -77,14 +81,15 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
             raise
         return req_id, queue
 
-    async def _next(self, queue: asyncio.Queue[Reply], ex: Exchange) -> Reply:
+    async def _next(self, queue: asyncio.Queue[Reply], ex: Exchange, wait: float | None = None) -> Reply:
+        """The next reply of ``ex`` (within ``wait`` seconds, else its own ``ex.wait``)."""
         if not queue.empty():
             reply = queue.get_nowait()
         else:
             # asyncio.timeout, not wait_for: wait_for wraps queue.get() in a Task of its own, and
             # a task cancelled as its reply arrives stays cancelled
             try:
-                async with asyncio.timeout(ex.wait):
+                async with asyncio.timeout(ex.wait if wait is None else wait):
                     reply = await queue.get()
             except TimeoutError:
                 raise ex.timed_out() from None
@@ -101,6 +106,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
                       **options: Unpack[RequestOptions]) -> Any:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
         worker = options.pop("worker", "")
+        await self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, **options)
         while True:
             try:
@@ -145,8 +151,22 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         # built at the first __anext__, where the request is sent: it carries the DSPy settings, the
         # dspy.track_usage() block and the context variables in force there, as an in-process
         # generator's body sees those of the __anext__ that runs it
-        return AsyncStream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker,
-                           options.get("bind"))
+        stream = AsyncStream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker,
+                             options.get("bind"), (op, session, options.get("timeout")))
+        self._streams.add(stream)
+        return stream
+
+    async def _take_in_held_streams(self, op: str, session: str, timeout: float | None) -> None:
+        """Before a call ``op`` of ``session`` (before it is encoded: one that times out here was
+        never made): read ahead the streams of that session the calling task holds
+        (:class:`dspex.client.streamapi.StreamAPI`), until the call's deadline."""
+        if not session or op not in WORKER_OPS or not self._streams:
+            return
+        task = asyncio.current_task()
+        wait = self._call_timeout(timeout)
+        deadline = time.monotonic() + wait
+        for stream in [st for st in self._streams if st.holds(session, task)]:
+            await stream.take_in(deadline, op, wait)
 
 
 async def _callbacks_done(ex: Exchange) -> None:
@@ -167,10 +187,12 @@ class AsyncStream(StreamAPI):
     of an ``async for``) cancel it without waiting."""
 
     def __init__(self, client: AsyncClient, exchange: Callable[[], Exchange], worker: str,
-                 session: AsyncSession | None) -> None:
+                 session: AsyncSession | None, call: tuple[str, str, float | None]) -> None:
         super().__init__(session)
         self._client = client
         self._exchange = exchange
+        self._call = call  # its op, session id and timeout= (for _take_in_held_streams)
+        self._task: asyncio.Task[Any] | None = None  # the task that started it
         self._ex: Exchange | None = None  # built when the request is sent
         self._worker = worker
         self._req_id = 0
@@ -182,12 +204,35 @@ class AsyncStream(StreamAPI):
         return self
 
     async def __anext__(self) -> Any:
+        if self._has_taken():
+            return self._give_taken()
         if self.done:
             raise StopAsyncIteration
         self._claim("hand its items to the other tasks through an asyncio.Queue")
         try:
             self._check_open()
             return await self._read()
+        finally:
+            self._reading = False
+
+    def holds(self, session: str, task: asyncio.Task[Any] | None) -> bool:
+        """Started by ``task``, of ``session``, open and not being read now (take_in)."""
+        return self._task is task and self._call[1] == session and not self.done and not self._reading
+
+    async def take_in(self, until: float, op: str, timeout: float) -> None:
+        """Read the stream ahead for the call ``op`` of its session, whose deadline is ``until``
+        (:class:`StreamAPI`)."""
+        self._reading = True
+        try:
+            while len(self._taken_in) < HELD_ITEMS_MAX:
+                self._taken_in.append(await self._read(until))
+            self._stop_taking(self._req_id, self._call[1])
+        except ReadAheadStopped:
+            raise behind_held_stream(op, timeout, self._req_id) from None
+        except StopAsyncIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - any error of reading the stream (its producer's, its callbacks') is the loop's: anext() raises it after the items
+            self._taken_end = exc
         finally:
             self._reading = False
 
@@ -198,17 +243,28 @@ class AsyncStream(StreamAPI):
             raise UsageError(f"an AsyncStream is read by one task at a time, and another task awaits it ({fix})")
         self._reading = True
 
-    async def _read(self) -> Any:
+    async def _read(self, until: float | None = None) -> Any:
+        """The next item from the worker (StopAsyncIteration at the end); ``ReadAheadStopped`` at
+        ``until``, the stream left as it is."""
         client, ex = self._client, self._ex
         ended = False  # the final reply came
         try:
             if ex is None:
+                await client._take_in_held_streams(*self._call)
+                self._task = asyncio.current_task()
                 ex = self._ex = self._exchange()
                 ex.collect_progress(self.progress)
             if self._queue is None:
                 self._req_id, self._queue = await client._start(ex, self._worker)
             while True:
-                reply = await client._next(self._queue, ex)
+                wait = None if until is None else until - time.monotonic()
+                bounded = wait is not None and wait < ex.wait  # by the deadline of a call reading ahead
+                try:
+                    reply = await client._next(self._queue, ex, wait if bounded else None)
+                except Timeout:
+                    if not bounded:
+                        raise
+                    raise ReadAheadStopped from None
                 ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
@@ -231,7 +287,7 @@ class AsyncStream(StreamAPI):
                     self.result = value
                     self._end(abandon=False)
                     raise StopAsyncIteration
-        except StopAsyncIteration:
+        except (StopAsyncIteration, ReadAheadStopped):
             raise
         except BaseException:
             self._end(abandon=not ended)

@@ -174,7 +174,7 @@ class ClientAPI(Generic[S]):
         arguments.check_name("pool", pool)
         arguments.check_name("session id", session)
         arguments.check_callbacks(options)
-        timeout = self.timeout if timeout is None else arguments.checked_timeout(timeout)
+        timeout = self._call_timeout(timeout)
         try:
             return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
                             items=items, own_frames=self._own_frames, reply_grace=self.config.reply_grace,
@@ -184,6 +184,10 @@ class ClientAPI(Generic[S]):
             if op not in WORKER_OPS:
                 raise
             raise senderrors.argument_error(err) from None
+
+    def _call_timeout(self, timeout: float | None) -> float:
+        """The deadline (seconds from now) of a call given ``timeout=``."""
+        return self.timeout if timeout is None else arguments.checked_timeout(timeout)
 
     def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""

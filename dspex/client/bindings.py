@@ -118,8 +118,10 @@ class Bindings:
                     reads.append((g, name, (nsid, name)))
                     if name in g:
                         self.bind(out, todo, nsid, name, g[name])
-                for name in codeindex.signature_type_names(func.__code__):  # DSPy's custom types: a class or module
-                    if isinstance(g.get(name), (type, types.ModuleType)):
+                # types named in strings: DSPy's custom types in a string signature, deferred annotations
+                for name in (*codeindex.signature_type_names(func.__code__),
+                             *codeindex.deferred_annotation_names(func.__code__)):
+                    if codeindex.names_a_type(g.get(name)):
                         reads.append((g, name, (nsid, name)))
                         self.bind(out, todo, nsid, name, g[name])
                 for module in codeindex.user_modules_imported(func.__code__, g):

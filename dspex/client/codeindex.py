@@ -4,6 +4,7 @@ that cannot be pickled lives importably. Lookups are cached (bounded) by object 
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import dis
@@ -94,6 +95,35 @@ def signature_type_names(code: types.CodeType) -> tuple[str, ...]:
         elif isinstance(const, types.CodeType):
             names.update(dict.fromkeys(signature_type_names(const)))
     return tuple(names)
+
+
+_DEFERRED_ANNOTATIONS = __future__.annotations.compiler_flag
+_ANNOTATION_MAX = 200  # a longer string constant is not an annotation (a docstring, a prompt)
+
+
+@_by_identity
+def deferred_annotation_names(code: types.CodeType) -> tuple[str, ...]:
+    """The names the annotations of functions and classes that ``code`` defines when it runs read,
+    under ``from __future__ import annotations`` (strings among its constants: ``"list[Tag]"``).
+    ``typing.get_type_hints``, DSPy (``Tool``, a Signature's fields) and Pydantic resolve them in
+    the module's globals, which no bytecode reads."""
+    if not code.co_flags & _DEFERRED_ANNOTATIONS:
+        return ()
+    names: dict[str, None] = {}
+    for const in code.co_consts:
+        for item in const if isinstance(const, tuple) else (const,):  # a function's are one tuple
+            if isinstance(item, str) and len(item) <= _ANNOTATION_MAX:
+                names.update(dict.fromkeys(_names_in(item)))
+            elif isinstance(item, types.CodeType):
+                names.update(dict.fromkeys(deferred_annotation_names(item)))
+    return tuple(names)
+
+
+def names_a_type(value: Any) -> bool:
+    """What a name in an annotation or a string signature stands for: a class, a module, a typing
+    construct or alias (``Optional``, ``Mood = Literal[...]``)."""
+    return isinstance(value, (type, types.ModuleType, types.GenericAlias, types.UnionType)) \
+        or type(value).__module__ == "typing"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,18 +4,44 @@ progress events collected, the result once done, and the session whose close end
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from dspex.client.api import SessionAPI
-from dspex.wire.errors import SessionClosed
+from dspex.wire.errors import Cancelled, QueueTimeout, SessionClosed
 
 log = logging.getLogger("dspex.client")
+
+# items a call reads ahead for a stream its caller holds (``take_in``) before it stops a producer
+# that does not end
+HELD_ITEMS_MAX = 1024
+
+
+class ReadAheadStopped(Exception):
+    """The deadline of the call that reads a stream ahead came first: the stream is left as it is."""
+
+
+def behind_held_stream(op: str, timeout: float, req_id: int) -> QueueTimeout:
+    """The error of a call whose deadline came while it read ahead a stream that did not end."""
+    return QueueTimeout(f"{op} did not run: it waited {timeout:g}s behind stream {req_id} of its session, which "
+                        "the caller holds open (a session runs one call at a time: finish or close the stream "
+                        "first)", op=op)
 
 
 class StreamAPI:
     """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
-    One collected before its end stops its producer (``_end``)."""
+    One collected before its end stops its producer (``_end``).
+
+    A session runs one call at a time, and an open stream is a call that runs until its producer
+    ends; past its credit window the producer waits for the loop. A call of that session made
+    where the stream is held (``stream = s.stream_apply(...)``, some ``next(stream)`` or a
+    ``break``, then ``s.run(...)``, on the stream's thread or task) would wait for a loop that
+    cannot go on, where in-process the generator waits suspended and the call runs. So the call
+    first reads the stream ahead (``take_in``: its items, then how it ended, kept in order for the
+    stream's next reads); a producer still going after ``HELD_ITEMS_MAX`` items is stopped, and
+    the stream ends with ``Cancelled`` after them. A call whose deadline comes first did not run
+    (``QueueTimeout``); the stream goes on as it was."""
 
     _end: Callable[..., None]
 
@@ -24,6 +50,26 @@ class StreamAPI:
         self.result: Any = None
         self.progress: list[Any] = []  # filled by its exchange (Exchange.collect_progress)
         self._session = session
+        self._taken_in: deque[Any] = deque()  # items a call of the session read ahead
+        self._taken_end: Exception | None = None  # how the stream ended while they were read
+
+    def _has_taken(self) -> bool:
+        return bool(self._taken_in) or self._taken_end is not None
+
+    def _give_taken(self) -> Any:
+        """The next item read ahead, or (raised, once) how the stream ended then."""
+        if self._taken_in:
+            return self._taken_in.popleft()
+        end, self._taken_end = self._taken_end, None
+        assert end is not None  # _has_taken() said so
+        raise end
+
+    def _stop_taking(self, req_id: int, session: str) -> None:
+        """``HELD_ITEMS_MAX`` items read ahead and the producer goes on: stop it."""
+        self._end(abandon=True)
+        self._taken_end = Cancelled(f"stream {req_id} was stopped after {HELD_ITEMS_MAX} items read ahead for "
+                                    "another call of its session (a session runs one call at a time: close or "
+                                    "finish a stream before the next call)", session=session)
 
     def _check_open(self) -> None:
         """A stream read after its session closed: the close cancelled its producer, and the items

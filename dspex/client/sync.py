@@ -11,6 +11,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self, TypeVar, Unpack
@@ -22,13 +23,14 @@ from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.streamapi import StreamAPI
+from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
     CodeCacheMiss,
     DspexError,
     ProtocolError,
+    Timeout,
     UsageError,
 )
 from dspex.wire.headers import unpack_reply_header
@@ -61,6 +63,7 @@ class Client(ClientAPI[Session], Closing):
         self._sockets = ChannelPool(self.endpoint, self.config.idle_sockets)
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # open, for _take_in_held_streams
         processwide.register(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -150,6 +153,7 @@ class Client(ClientAPI[Session], Closing):
         """Send one request and wait for its reply (:meth:`ClientAPI.request`); Ctrl-C (any exception)
         while it waits cancels the request on the worker before it propagates."""
         worker = options.pop("worker", "")
+        self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, **options)
         while True:
             try:
@@ -205,6 +209,7 @@ class Client(ClientAPI[Session], Closing):
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
         """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         worker = options.pop("worker", "")
+        self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, items=True, **options)
         cancels = self._sockets.cancels
         ch = self._sockets.checkout(self._connect)
@@ -215,7 +220,24 @@ class Client(ClientAPI[Session], Closing):
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._sockets.checkin(ch)
             raise
-        return Stream(self, ch, req_id, ex, worker, cancels)
+        stream = Stream(self, ch, req_id, ex, worker, cancels)
+        with self._lock:
+            self._streams.add(stream)
+        return stream
+
+    def _take_in_held_streams(self, op: str, session: str, timeout: float | None) -> None:
+        """Before a call ``op`` of ``session`` (before it is encoded: one that times out here was
+        never made): read ahead the streams of that session this thread holds
+        (:class:`dspex.client.streamapi.StreamAPI`), until the call's deadline."""
+        if not session or op not in WORKER_OPS or not self._streams:
+            return
+        me = threading.get_ident()
+        with self._lock:
+            held = [st for st in self._streams if st.holds(session, me)]
+        wait = self._call_timeout(timeout)
+        deadline = time.monotonic() + wait
+        for stream in held:
+            stream.take_in(deadline, op, wait)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
@@ -247,21 +269,59 @@ class Stream(StreamAPI, Closing):
         self._cancels = cancels  # the client's cancel_all() count when the stream started
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
+        self._reading = False  # inside next(): a call made meanwhile (an on_output callback's) takes nothing in
+
+    def holds(self, session: str, thread: int) -> bool:
+        """Open, of ``session``, consumed on ``thread`` and not being read now (take_in)."""
+        return (not self.done and self._ex.session == session and self._thread == thread and not self._reading
+                and self._ch is not None)
+
+    def take_in(self, until: float, op: str, timeout: float) -> None:
+        """Read the stream ahead for the call ``op`` of its session, whose deadline is ``until``
+        (:class:`StreamAPI`)."""
+        try:
+            while len(self._taken_in) < HELD_ITEMS_MAX:
+                self._taken_in.append(self._read(until))
+            self._stop_taking(self._req_id, self._ex.session)
+        except ReadAheadStopped:
+            raise behind_held_stream(op, timeout, self._req_id) from None
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - any error of reading the stream (its producer's, its callbacks') is the loop's: next() raises it after the items
+            self._taken_end = exc
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> Any:
+        if self._has_taken():
+            return self._give_taken()
+        if not self.done and threading.get_ident() != self._thread:
+            raise UsageError("a Stream must be consumed on the thread that started it")
+        self._reading = True
+        try:
+            return self._read()
+        finally:
+            self._reading = False
+
+    def _read(self, until: float | None = None) -> Any:
+        """The next item from the worker (StopIteration at the end); ``ReadAheadStopped`` at
+        ``until``, the stream left as it is."""
         if self.done or self._ch is None:
             raise StopIteration
-        if threading.get_ident() != self._thread:
-            raise UsageError("a Stream must be consumed on the thread that started it")
         self._check_open()
         client, ch, ex = self._client, self._ch, self._ex
         ended = sending = False  # the final reply came / a send is under way
         try:
             while True:
-                reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
+                deadline = time.monotonic() + ex.wait
+                try:
+                    reply = client._recv(ch, self._req_id, deadline if until is None else min(deadline, until), ex,
+                                         self._cancels)
+                except Timeout:
+                    if until is None or until >= deadline:
+                        raise
+                    raise ReadAheadStopped from None
                 ended = reply[0] not in EVENT_STATUSES
                 try:
                     kind, value, credit = ex.feed(*reply)
@@ -285,7 +345,7 @@ class Stream(StreamAPI, Closing):
                     self.result = value
                     self._end(abandon=False)
                     raise StopIteration
-        except StopIteration:
+        except (StopIteration, ReadAheadStopped):
             raise
         except BaseException as exc:
             self._end(abandon=not ended, cut=sending and isinstance(exc, KeyboardInterrupt))

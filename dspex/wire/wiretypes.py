@@ -24,6 +24,7 @@ import re
 import struct
 import sys
 import types
+import typing
 import uuid
 import weakref
 from collections.abc import Callable
@@ -311,19 +312,22 @@ _PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
 # the standard library's value types that the codec has no form of its own for: by value
 _STDLIB_VALUES = frozenset({fractions.Fraction, collections.deque, collections.ChainMap, types.SimpleNamespace, range,
                             slice, array.array, re.Pattern, type(Ellipsis), type(NotImplemented)})
+# type annotations (``list[Item]``, ``Optional[Model]``, ``Literal[...]``, ``int | None``) are values
+# like the classes in them; ``typing._BaseGenericAlias`` is what every ``typing`` alias derives from
+_ANNOTATIONS: tuple[type, ...] = (types.GenericAlias, types.UnionType, vars(typing)["_BaseGenericAlias"])
 
 
 def is_data_like(obj: Any) -> bool:
     """Objects a worker returns by value: data that does not belong on the worker.
 
     Classes (a class from the client is the client's own class again; an importable one goes by
-    name), Pydantic model instances, dataclass instances, exceptions, enum members, dspy.streaming's
-    messages, records, values of the standard library's value types (``Fraction``, ``deque``,
+    name) and type annotations made of them (``list[Item]``), Pydantic model instances, dataclass
+    instances, exceptions, enum members, dspy.streaming's messages, records, values of the standard library's value types (``Fraction``, ``deque``,
     ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``);
     anything else a worker returns (LMs, modules, predictors, functions, open files...) stays there
     as a ref.
     """
-    if isinstance(obj, type):
+    if isinstance(obj, (type, *_ANNOTATIONS)):
         return True
     if type(obj) in _STDLIB_VALUES:
         return True

@@ -6,7 +6,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from typing import Any
+import typing
+from typing import Annotated, Any, Literal, Optional
 
 import dspy
 import numpy as np
@@ -41,6 +42,28 @@ def test_a_returned_class_is_the_class(run: Runner) -> None:
     assert run(class_of, Plain()) is Plain
     made = run(made_class)
     assert isinstance(made, type) and made.__name__ == "Made" and made.answer == 42
+
+
+class Answer(dspy.Signature):
+    question: str = dspy.InputField()
+    moods: list[Mood] = dspy.OutputField()
+    note: Optional[Mood] = dspy.OutputField()  # noqa: UP045 (the spelling DSPy's docs use)
+
+
+def annotations_of(signature: type[dspy.Signature]) -> dict[str, Any]:
+    return {name: field.annotation for name, field in signature.fields.items()}
+
+
+def test_a_returned_type_annotation_is_that_annotation(run: Runner) -> None:
+    """DSPy users read a signature's field types (``Sig.fields[name].annotation``): ``list[Mood]``,
+    ``Optional[Mood]``, ``Literal[...]`` are annotations, not objects to keep on the worker."""
+    assert run(annotations_of, Answer) == {"question": str, "moods": list[Mood], "note": Optional[Mood]}  # noqa: UP045
+    spelled = (list[Plain], dict[str, list[Mood]], Literal["a", "b"], Plain | None, typing.Union[int, Plain],  # noqa: UP007
+               Annotated[int, "meta"], typing.List[int], collections.abc.Callable[[int], str])  # noqa: UP006
+    got = run(lambda: spelled)
+    assert got == spelled
+    assert [type(a) for a in got] == [type(a) for a in spelled]
+    assert typing.get_args(got[0])[0] is Plain
 
 
 def test_a_class_through_a_ref_is_the_class(run: Runner) -> None:
