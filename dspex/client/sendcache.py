@@ -36,10 +36,7 @@ forgets what was sent and the request goes again in full, once. A miss from a ``
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import importlib.abc
-import importlib.util
 import itertools
 import secrets
 import sys
@@ -50,13 +47,12 @@ from typing import Any, Protocol
 
 from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
+from dspex.client.dspycontext import CALL_LOCAL as _CALL_LOCAL
+from dspex.client.dspycontext import SETTINGS as _SETTINGS
+from dspex.client.dspycontext import named as _named
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
-# DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
-# tracker), not to the configuration a program runs with: never sent
-_CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modules", "usage_tracker",
-                         "stream_listeners"})
 _ATOMS = (type(None), bool, int, float, str)
 
 
@@ -432,90 +428,6 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
         if k in pinned or (v is not default and k not in _CALL_LOCAL and _differs(v, default)):
             out[k] = v
     return out, pinned
-
-
-_SETTINGS = "dspy.dsp.utils.settings"
-# The names of the settings the calling thread's or task's ``dspy.context`` blocks set, nested
-# ones together (their call-local ones aside): DSPy's block copies the whole configuration, so
-# its names are the one sign of what the user chose. A ContextVar, as DSPy's overrides are:
-# threads and tasks started with a copy of the context inherit it.
-_named: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("dspex_dspy_context_names",
-                                                                        default=frozenset())
-
-
-class _NamedBlock(contextlib.ContextDecorator):
-    """DSPy's ``dspy.context(**settings)`` block ``block`` that also records ``names`` in :data:`_named`."""
-
-    __slots__ = ("block", "names", "token")
-
-    def __init__(self, block: Any, names: frozenset[str]) -> None:
-        self.block, self.names = block, names
-
-    def _recreate_cm(self) -> _NamedBlock:  # as a decorator: a new block per call, as DSPy's own
-        return _NamedBlock(self.block._recreate_cm(), self.names)
-
-    def __enter__(self) -> Any:
-        self.token = _named.set(_named.get() | self.names)
-        try:
-            return self.block.__enter__()
-        except BaseException:
-            _named.reset(self.token)
-            raise
-
-    def __exit__(self, *exc: object) -> Any:
-        try:
-            return self.block.__exit__(*exc)
-        finally:
-            _named.reset(self.token)
-
-
-def _name_blocks(module: Any) -> None:
-    """Make DSPy's ``Settings.context`` (``dspy.context``) record the names a block sets."""
-    cls = getattr(module, "Settings", None)
-    original = getattr(cls, "context", None)
-    if cls is None or original is None or getattr(original, "_dspex", False):
-        return
-
-    def context(settings: Any, **kwargs: Any) -> Any:
-        block = original(settings, **kwargs)
-        if kwargs.keys() <= _CALL_LOCAL:  # (DSPy's own per-call blocks: every module call)
-            return block
-        return _NamedBlock(block, frozenset(kwargs.keys() - _CALL_LOCAL))
-
-    context.__doc__ = original.__doc__
-    context._dspex = True  # type: ignore[attr-defined]
-    cls.context = context
-    dspy = sys.modules.get("dspy")
-    if getattr(getattr(dspy, "context", None), "__func__", None) is original:
-        dspy.context = getattr(module, "settings", None).context  # type: ignore[union-attr]  # bound at DSPy's import
-
-
-class _NameBlocksOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`_name_blocks` on DSPy's settings module as it is imported, when DSPy is
-    imported after dspex: before any block is entered and ``dspy.context`` is bound."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != _SETTINGS:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        loader = spec.loader if spec is not None else None
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
-
-        def exec_and_name(module: types.ModuleType) -> None:
-            exec_module(module)
-            _name_blocks(module)
-
-        loader.exec_module = exec_and_name  # type: ignore[method-assign]
-        return spec
-
-
-if _SETTINGS in sys.modules:
-    _name_blocks(sys.modules[_SETTINGS])
-else:
-    sys.meta_path.insert(0, _NameBlocksOnImport())
 
 
 def _history_classes() -> tuple[type, ...] | None:
