@@ -89,7 +89,7 @@ class Worker:
         flush_timer.wake = self.link.wake_timers
         self.runner = Runner(self.executor, self.book, self.link.send, pool=options.pool,
                              incarnation=self.incarnation, capacity=self.capacity, max_message=max_message,
-                             hard_grace=options.hard_grace, urgent=self.link.urgent, leave=self._hard_exit,
+                             hard_grace=options.hard_grace, urgent=self.link.standin.urgent, leave=self._hard_exit,
                              idle=self._pooled_call_ended)
         # what keeps this worker from its job (its dspy import failed): the broker shows it to the
         # operator as the pool's DEGRADED reason, so a broken install does not look healthy
@@ -108,7 +108,7 @@ class Worker:
         link.connect()
         self.executor.install()  # output capture, time limits: process-wide, from the main thread
         if self.options.preload_dspy:
-            link.away()  # importing dspy takes a while: the stand-in heartbeats meanwhile
+            link.standin.away()  # importing dspy takes a while: the stand-in heartbeats meanwhile
             try:
                 self.executor.enable_dspy(self.options.lm_history)
                 logs.adopt("dspy")  # dspy's import installed its own handler and date format
@@ -117,7 +117,7 @@ class Worker:
                 self.problem = f"cannot import dspy: {type(exc).__name__}: {exc}"[:PROBLEM_MAX]
                 log.exception("could not import dspy; serving plain Python only (run with --no-dspy to mean it)")
             finally:
-                link.back()
+                link.standin.back()
                 self.preparing = False
                 # the outcome (a problem, or none) reaches the broker now, not at the next heartbeat
                 link.say_soon([W_HEARTBEAT, self._stats_frame()])
@@ -139,11 +139,11 @@ class Worker:
                 if self._stop.is_set():
                     continue  # stopping: a request not started is handed back at our goodbye
                 if runner.inline:
-                    link.away()
+                    link.standin.away()
                     try:
                         runner.start(request)
                     finally:
-                        link.back()
+                        link.standin.back()
                 else:
                     runner.start(request)
         finally:
