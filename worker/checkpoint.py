@@ -54,7 +54,6 @@ from worker.checkpoint_slots import (
     MODULE,
     SIGNATURE,
     Slots,
-    put,
 )
 from worker.refs import SessionState, type_name
 
@@ -416,7 +415,7 @@ class Tracker:
             obj = objects[i]
             kind = (ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType)
                     else FILE if isinstance(obj, FileData) else SIGNATURE)
-            put(table, i, obj, kind)
+            table.put(i, obj, kind)
             table.set_blob(i, data)
             if kind == ENTRY:
                 tracker.history.entries[id(obj)] = i
@@ -425,10 +424,10 @@ class Tracker:
         dicts = module_dicts(state)
         for i, (nsid, name) in module_slots.items():
             if nsid == "global":
-                put(table, i, byvalue.resolve_name(name), GLOBAL)
+                table.put(i, byvalue.resolve_name(name), GLOBAL)
                 tracker._globals[i] = name
             elif nsid in dicts:
-                put(table, i, dicts[nsid], MODULE)
+                table.put(i, dicts[nsid], MODULE)
                 tracker._modules[nsid] = i
         table.free = [i for i in range(table.seed_size) if i not in table.objects]
         dynamic = [i for i in held if i >= DYNAMIC_BASE]
