@@ -111,7 +111,6 @@ class Runner:
         self.book = book
         self.pool_name = pool
         self.incarnation = incarnation
-        self.capacity = capacity
         self.max_message = max_message
         self.hard_grace = hard_grace
         self._send = send
