@@ -201,7 +201,7 @@ class Worker:
     def _on_beat(self, now: float) -> None:
         """Once per heartbeat, from whichever thread reads: the session backstop, the root logger."""
         self.book.sweep(now)
-        output.relax_root_level()
+        output.root_level.relax()
 
     # -- from the broker (holding the link's socket) ----------------------------------------------
     def _from_broker(self, command: bytes, frames: list[zmq.Frame]) -> None:
