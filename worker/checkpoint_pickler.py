@@ -28,6 +28,7 @@ inline instead.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copyreg
 import hashlib
@@ -38,7 +39,7 @@ import struct
 import sys
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -161,15 +162,15 @@ def _make_class(tracker: str | None, type_constructor: type, name: str, bases: t
     session's copy of it must stay another class)."""
     with classes.class_hooks_skipped(type_constructor, bases):  # it ran on the client; its effects are restored
         cls: type = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
-    if tracker is not None:
-        with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
-            _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
-    return cls
+    return _tracked(cls, tracker)
 
 
 def _make_enum(tracker: str | None, bases: tuple[type, ...], name: str, qualname: str, members: dict[str, Any],
                module: str, extra: Any) -> type:
-    cls: type = _cp._make_skeleton_enum(bases, name, qualname, members, module, None, extra)
+    return _tracked(_cp._make_skeleton_enum(bases, name, qualname, members, module, None, extra), tracker)
+
+
+def _tracked(cls: type, tracker: str | None) -> type:
     if tracker is not None:
         with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
             _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
@@ -241,18 +242,14 @@ def _module_of(namespace: dict[str, Any]) -> types.ModuleType:
     return module
 
 
-class loading:
-    """``with loading(context):`` checkpoint pickles loaded in the block resolve against it."""
-
-    def __init__(self, context: LoadContext) -> None:
-        self._context = context
-
-    def __enter__(self) -> LoadContext:
-        self._token = _load.set(self._context)
-        return self._context
-
-    def __exit__(self, *exc: object) -> None:
-        _load.reset(self._token)
+@contextlib.contextmanager
+def loading(context: LoadContext) -> Iterator[None]:
+    """Checkpoint pickles loaded in the block resolve against ``context``."""
+    token = _load.set(context)
+    try:
+        yield
+    finally:
+        _load.reset(token)
 
 
 def seed_pickle(count: int) -> bytes:
