@@ -4,7 +4,6 @@ holds. Anything wrong is ``CheckpointRefused`` (the session is lost), never a cr
 
 from __future__ import annotations
 
-import linecache
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,8 +130,7 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     if module is not None:
         module.__dict__.update(root["ns"])
         if root.get("ns_lines"):
-            lines = list(root["ns_lines"])
-            linecache.cache[module.__file__ or ""] = (sum(map(len, lines)), None, lines, module.__file__ or "")
+            namespace.set_lines(module.__file__ or "", list(root["ns_lines"]))
     for rid, obj in root["refs"].items():
         state.refs[rid] = obj
         state.ref_of_object[id(obj)] = rid
