@@ -43,7 +43,6 @@ from dspex.wire.headers import (
     unpack_request_header,
 )
 from dspex.wire.protocol import (
-    FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
     RECEIVED_WINDOW,
@@ -191,7 +190,6 @@ class Runner:
         req_id = 0
         header: RequestHeader | None = None
         stream: StreamControl | LazyStream | None = None
-        send = self._send
         with self._lock:
             self.running += 1
         session = ""
@@ -221,10 +219,9 @@ class Runner:
                 raise self._waited_out(header.op, arrived, call_ms, queue_ms)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, req_id, header.timeout_ms, send,
-                                           bool(header.flags & FLAG_ITEMS))
+                stream = self._open_stream(client, req_id, header.timeout_ms)
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
-                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
+                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header,
                                                           bool(head.durable & _CHECKPOINTED)), client=client,
@@ -256,8 +253,8 @@ class Runner:
         if checkpoint:
             checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
         try:
-            send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
-                  pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+            self._send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client),
+                        *checkpoint, pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
         finally:
             self.held.pop(id(request), None)
 
@@ -312,19 +309,19 @@ class Runner:
         log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
-    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
-                     send: Callable[[Frames], None], items: bool) -> StreamControl:
+    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int) -> StreamControl:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.pool_name)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
         first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+        send = self._send
 
         def emit(kind: str, frames: Frames) -> None:
             send([first, heads[kind], *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall, items, self.max_message)
+        control = StreamControl(emit, STREAM_WINDOW, stall, self.max_message)
         self._urgent()  # a stream needs its credit and cancels read at once
         with self._streams_lock:
             self._streams[(client, req_id)] = control
