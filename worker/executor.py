@@ -36,7 +36,7 @@ from dspex.wire.remoteerror import RemoteError
 from dspex.wire.zmqfast import frame_buffer
 from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings
-from worker.durable import DurableSessions, Restore
+from worker.durable import DurableSessions
 from worker.ops import SessionOps
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import guarded, remote_error
@@ -145,7 +145,7 @@ class Executor:
         A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
         checkpointed after the call, whatever its outcome; the checkpoint's frames go to
         ``checkpoint`` (left empty when nothing changed); one that moved here was restored first
-        (:meth:`restore`).
+        (:meth:`DurableSessions.restore`).
         """
         sessionless = not header.session
         state = self.refs.session(header.session or EPHEMERAL_SESSION + secrets.token_hex(8))
@@ -269,14 +269,6 @@ class Executor:
         """This worker holds durable session ``session`` (it ran or restored it)."""
         state = self.refs.sessions.get(session)
         return state is not None and state.checkpoint is not None
-
-    def restore(self, session: str, restore: Restore) -> None:
-        """The checkpoint a call of ``session`` carries (its first call after a move), restored
-        before anything may refuse the call: the broker sends it once (``CheckpointRefused`` if
-        it cannot be restored)."""
-        if restore.session != session:
-            raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {session[:8]}")
-        self.durable.restore(restore)
 
     def _drop(self, state: SessionState, made: list[str]) -> None:
         for ref_id in made:

@@ -207,7 +207,7 @@ class Runner:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline for a call of its session "
                                    "still running on this worker (from before a broker restart)", pool=self.pool_name)
             if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
-                self.executor.restore(session, restore)
+                self.executor.durable.restore(session, restore)
             elif head.durable & _HELD and not self.executor.holds(session):
                 raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
                                      "its checkpoint", session=session)
