@@ -118,8 +118,7 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
         raise
     except BaseException as exc:  # noqa: BLE001 - unpickling runs user code (__setstate__, __reduce__)
         raise _refuse(sid, f"could not be loaded ({type(exc).__name__}: {exc})"[:1000]) from None
-    tracker = Tracker.adopt(state, context.objects, module_slots, dict(zip(slots, blobs)), seq, frame, lost,
-                            history_limit)
+    tracker = Tracker.adopt(state, context.objects, module_slots, dict(zip(slots, blobs)), seq, lost, history_limit)
     return Restored(tracker, lost)
 
 
