@@ -16,7 +16,7 @@ import json
 import secrets
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -49,6 +49,8 @@ from worker.streaming import (
     progress_scope,
     within_limit,
 )
+
+T = TypeVar("T")
 
 
 class Executor:
@@ -169,7 +171,6 @@ class Executor:
         call = None
         key = (client, header.req_id)
         usage: Any = None  # the call's usage tracker (dspy.track_usage() around the call on the client)
-        wants_usage = False
         history: Any = None  # the log of the client's LMs' history entries (lm_history.start)
         context_vars: list[tuple[Any, Any]] = []  # (variable, token) of the client's ContextVars set for the call
         extras = False  # the reply is [result, {"usage", "history"}]
@@ -191,12 +192,12 @@ class Executor:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
                         body, context = payload[:-1], _session_context(payload[-1])
-                    prefix = _client(context)
+                    prefix = _field(context, "c", "")
                     if context is not None and "f" in context:
                         state.code.inherit(prefix, _lineage(context["f"]))
-                    with codestore.loading(state.code, ephemeral or sessionless, prefix, _version(context, "at")):
+                    with codestore.loading(state.code, ephemeral or sessionless, prefix, _field(context, "at", 0)):
                         if header.flags & FLAG_HELD:
-                            codestore.check_held(_version(context, "v"))
+                            codestore.check_held(_field(context, "v", 0))
                         resolve_ref = functools.partial(self.refs.get, state)
                         args = codec.decode(body, resolve_ref=resolve_ref, own_frames=self.own_frames, side="worker")
                         if context is not None:  # the client's settings may hold refs (an LM it s.put)
@@ -211,16 +212,14 @@ class Executor:
                     raise remote_error(exc) from None
                 if context is not None:
                     state.code.drop(context.get("drop") or [])
-                    state.code.reached(prefix, _version(context, "v"), _version(context, "to"))
+                    state.code.reached(prefix, _field(context, "v", 0), _field(context, "to", 0))
                     scope.add_client(context.get("dspy"), context.get("pinned"))
                     context_vars = _set_context_vars(context.get("vars"), state.code.objects)
-                    wants_usage = bool(context.get("usage"))
-                    if wants_usage:
+                    if context.get("usage"):
                         usage = scope.track_usage()
                     if "history" in context:
-                        extras = True
                         history = lm_history.start(context["history"], state.code.objects)
-                    extras = extras or wants_usage
+                    extras = bool(context.get("usage")) or "history" in context
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
                     def encode_item(item: Any) -> list[Any]:
@@ -300,9 +299,11 @@ def _session_context(frame: Any) -> dict[str, Any]:
     return context
 
 
-def _version(context: dict[str, Any] | None, name: str) -> int:
-    version = context.get(name, 0) if context is not None else 0
-    return version if isinstance(version, int) else 0
+def _field(context: dict[str, Any] | None, name: str, default: T) -> T:
+    """The session context's ``name`` (a binding version, the client's key prefix ``c`` that
+    ``v``, ``to`` and ``at`` count for); absent or malformed: ``default``."""
+    value = context.get(name, default) if context is not None else default
+    return value if isinstance(value, type(default)) else default
 
 
 def _lineage(value: Any) -> list[tuple[str, int]]:
@@ -311,13 +312,6 @@ def _lineage(value: Any) -> list[tuple[str, int]]:
         return []
     return [(p[0], p[1]) for p in value
             if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)]
-
-
-def _client(context: dict[str, Any] | None) -> str:
-    """The client whose binding versions the request's ``v``, ``to`` and ``at`` count (its key
-    prefix, the context's ``c``)."""
-    client = context.get("c", "") if context is not None else ""
-    return client if isinstance(client, str) else ""
 
 
 def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) -> None:
