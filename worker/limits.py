@@ -55,6 +55,7 @@ on until its own deadline, where the limits above act. Once the call's code has 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -241,15 +242,6 @@ def _take_task_cancel(call: _Call, task: asyncio.Task[Any]) -> None:
     task.cancel()
 
 
-def _wake(loop: asyncio.AbstractEventLoop | None) -> None:
-    """Make a thread blocked in ``loop``'s select run Python code (and see its async exception)."""
-    if loop is not None:
-        try:
-            loop.call_soon_threadsafe(_nothing)
-        except RuntimeError:  # closed meanwhile: the thread is out of its select already
-            pass
-
-
 def _nothing() -> None:
     pass
 
@@ -259,9 +251,10 @@ class Watchdog:
 
     It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
     next limit among them, at most ``_REVIEW`` while calls keep starting. A new call wakes it
-    only when its deadline is earlier than that, so the usual call (a deadline further away)
-    costs no thread switch; and an idle worker's watchdog (or one whose last call runs long)
-    sleeps until the next deadline, if any.
+    only when its deadline is earlier than that, so the usual call (a deadline further away, a
+    fast call that ends before a woken watchdog would even run) costs no thread switch and GIL
+    hand-off; and an idle worker's watchdog (or one whose last call runs long) sleeps until the
+    next deadline, if any.
     """
 
     def __init__(self, grace: float = DEFAULT_GRACE) -> None:
@@ -279,7 +272,7 @@ class Watchdog:
 
     def _start(self) -> None:
         if self._thread is None:
-            if threading.current_thread() is threading.main_thread() and not self._signal_installed:
+            if threading.current_thread() is threading.main_thread():
                 stopsignals.keep(_on_sigint)
                 signal.signal(_NUDGE, _on_nudge)
                 self._previous_unraisablehook = sys.unraisablehook
@@ -289,10 +282,7 @@ class Watchdog:
             self._thread.start()
 
     def _on_unraisable(self, unraisable: Any) -> None:
-        """Python ignores what a weakref callback, a ``__del__`` or a garbage collection's
-        finalizer raises (it prints "Exception ignored in"): a call's interruption raised there
-        (its handler ran while one ran on the call's thread) is sent again by the watchdog, once
-        this has returned, so the call still stops."""
+        """A call's interruption Python ignored (the module's doc): the watchdog sends it again."""
         call = _state().active
         if isinstance(unraisable.exc_value, CallTimedOut) and call is not None and not (call.done or call.settled):
             with self._cond:
@@ -336,13 +326,7 @@ class Watchdog:
                                         min((c.nudge_at for c in self._calls.values() if c.signalled),
                                             default=math.inf),
                                         min((c.task_cancel_due for c in self._calls.values()), default=math.inf))
-                    if self._last_token != seen:
-                        # never longer than _REVIEW while calls come: a call that starts while it
-                        # sleeps for nothing (the last call ended) then wakes it only if its
-                        # deadline is sooner than that - a fast call ends before the woken
-                        # watchdog even runs, so waking it per call cost a thread switch and a
-                        # GIL hand-off each. Once no call has started for that long, it sleeps
-                        # until the next deadline (none: until a call with one starts).
+                    if self._last_token != seen:  # calls come: at most _REVIEW (the class doc says why)
                         self._wake_at = min(self._wake_at, now + _REVIEW)
                     seen = self._last_token
                     self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
@@ -433,7 +417,9 @@ class Watchdog:
                 call.timed_out = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
-                _wake(call.loop)
+                if call.loop is not None:  # blocked in its select, the thread would see the exception only after it
+                    with contextlib.suppress(RuntimeError):  # closed meanwhile: the thread is out of its select
+                        call.loop.call_soon_threadsafe(_nothing)
             try:
                 stopsignals.cancel_parallel_jobs(call.thread)
             except Exception:  # best effort: the soft limit itself is on its way
