@@ -47,15 +47,11 @@ def _thread_context() -> contextvars.Context:
     all named ``dspex_*``: its session, output, history...), nothing else. In-process a new thread
     inherits no context variable (the user's, a library's): here neither; ``enter`` then sets
     DSPy's settings as configured."""
-    carried = [(var, value) for var, value in contextvars.copy_context().items() if var.name.startswith("dspex_")]
     context = contextvars.Context()
-    context.run(_set_all, carried)
+    for var, value in contextvars.copy_context().items():
+        if var.name.startswith("dspex_"):
+            context.run(var.set, value)
     return context
-
-
-def _set_all(carried: list[tuple[contextvars.ContextVar[Any], Any]]) -> None:
-    for var, value in carried:
-        var.set(value)
 
 
 def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
@@ -66,10 +62,9 @@ def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: A
 def install(entry: Entry) -> None:
     """Carry calls into the threads and executor tasks they start (once per process)."""
     global _entry
-    if _entry is not None:
-        _entry = entry
+    installed, _entry = _entry is not None, entry
+    if installed:
         return
-    _entry = entry
     start = threading.Thread.start
     submit = ThreadPoolExecutor.submit
 
