@@ -249,12 +249,10 @@ class Runner:
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        # a durable call's checkpoint and its reply: one message, the checkpoint first
         if checkpoint:
             checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
         try:
-            self._send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client),
-                        *checkpoint, pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+            self._send(self._reply(status, req_id, client, reply, checkpoint))
         finally:
             self.held.pop(id(request), None)
 
@@ -286,10 +284,14 @@ class Runner:
         self.executor.errors += 1
         self._log_failure(header, req_id, False, err)
         try:
-            self._send([pack_reply_envelope(W_REPLY, _ERROR, req_id, head.client),
-                        pack_reply_header(_ERROR, req_id, self.incarnation, self.pool_name), *error_frames(err)])
+            self._send(self._reply(_ERROR, req_id, head.client, error_frames(err)))
         finally:
             self.held.pop(id(request), None)
+
+    def _reply(self, status: str, req_id: int, client: bytes, body: Frames, checkpoint: Frames | None = None) -> Frames:
+        """A final reply; with a durable call's ``checkpoint``, one message, the checkpoint first."""
+        return [pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *(checkpoint or ()),
+                pack_reply_header(status, req_id, self.incarnation, self.pool_name), *body]
 
     def _waited_out(self, op: str, arrived: float, call_ms: int, queue_ms: int) -> QueueTimeout:
         waited = time.monotonic() - arrived
@@ -339,11 +341,9 @@ class Runner:
         err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
                       f"{self.hard_grace:g}s; its worker was recycled ({fate})",
                       op=header.op, stopped=True, hard=True)
-        head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
                   header.session[:8])
-        self._leave([pack_reply_envelope(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)],
-                    self.running > 1)
+        self._leave(self._reply(_ERROR, header.req_id, client, error_frames(err)), self.running > 1)
 
     # -- stream credit and cancels, from the broker ------------------------------------------
     def stream_control(self, cancel: bool, frames: list[zmq.Frame]) -> None:
