@@ -45,7 +45,6 @@ from worker.streaming import (
     LazyStream,
     StreamControl,
     drain,
-    is_iterable,
     progress_scope,
     within_limit,
 )
@@ -221,7 +220,8 @@ class Executor:
                         history = lm_history.start(context["history"], state.code.objects)
                     extras = bool(context.get("usage")) or "history" in context
                 result = self.ops.run(header.op, state, args)
-                if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
+                if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and (
+                        hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
                     def encode_item(item: Any) -> list[Any]:
                         frames = guarded(_encoded, item, to_ref)
                         within_limit(frames, f"an item of {header.op}", self.max_message)

@@ -169,11 +169,7 @@ class _ProgressLogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
-    if stream is None:
-        yield
-        return
-
+def progress_scope(stream: StreamControl, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
     def report(data: Any) -> None:
         frames = codec.encode(data, to_ref=to_ref)
         within_limit(frames, "a progress event", stream.limit)
@@ -208,10 +204,6 @@ def resolve_awaitable(result: Any) -> Any:
 
         result = limits.run_async(wait())
     return result
-
-
-def is_iterable(result: Any) -> bool:
-    return hasattr(result, "__iter__") or hasattr(result, "__aiter__")
 
 
 def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
