@@ -270,8 +270,8 @@ class capture:
 
     __slots__ = ("_lowered", "_token", "alone", "late", "sink")
 
-    def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int = 0,
-                 offer: Offer | None = None, late: LateOutput | None = None) -> None:
+    def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int, offer: Offer | None,
+                 late: LateOutput) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
         self.alone = alone
         self.late = late  # the session's: what threads of its ended calls wrote comes with this one
@@ -281,8 +281,7 @@ class capture:
         self._token = _current.set(self.sink)
         if not self.alone:
             _overlap.enter()
-        if self.late is not None:
-            self.late.attach(self.sink)
+        self.late.attach(self.sink)
         level = self.sink.log_level
         if level and level < root_level.ceiling():
             root_level.enter(level)
@@ -295,8 +294,7 @@ class capture:
             if self._lowered:
                 root_level.exit()
             _current.reset(self._token)
-            if self.late is not None:
-                self.late.detach(sink)
+            self.late.detach(sink)
             sink.late = self.late
             sink.close()
             if self.alone or _overlap.leave():
