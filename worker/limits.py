@@ -96,13 +96,13 @@ class _Call:
     deadline: float
     thread: int
     on_hard: Callable[[], None]
+    token: int
+    watchdog: Watchdog
+    thread_state: _ThreadState
     soft_sent: bool = False
     done: bool = False
     timed_out: bool = False
-    token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    watchdog: Watchdog | None = None
-    thread_state: _ThreadState | None = None
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
@@ -119,7 +119,7 @@ class _Call:
 
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
-        if self.watchdog is not None and not self.soft_sent:
+        if not self.soft_sent:
             self.watchdog._push(self, time.monotonic() + seconds)
 
 
@@ -411,7 +411,7 @@ class Watchdog:
                 st = call.thread_state
                 if call.done or call.settled:
                     return
-                if st is not None and st.protected:
+                if st.protected:
                     st.pending = True  # raised when the protected block ends
                     return
                 call.timed_out = True
@@ -441,11 +441,10 @@ class _Limit:
         wd = self.watchdog
         deadline = self.deadline
         st = self.st = _state()
-        call = self.call = _Call(deadline, threading.get_ident(), self.on_hard, token=next(wd._ids), watchdog=wd)
+        call = self.call = _Call(deadline, threading.get_ident(), self.on_hard, next(wd._ids), wd, st)
         if call.thread == wd._main and not wd._signal_installed:
             # no raising handler on this main thread: only the hard limit applies
             call.soft_sent = True
-        call.thread_state = st
         self.outer = st.active
         st.active = call
         with wd._lock:
