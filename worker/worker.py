@@ -69,7 +69,7 @@ def rss_bytes() -> int:
 class Worker:
     """One worker incarnation. A restarted process is a new incarnation with a new identity."""
 
-    def __init__(self, options: WorkerOptions, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.incarnation = secrets.token_hex(16)
         self.started = time.time()
@@ -79,7 +79,7 @@ class Worker:
         self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace,
                                  max_message=max_message)
         self.executor.own_frames = not options.backend.startswith("inproc://")
-        self.link = Link(context or zmq.Context.instance(), options.backend, self.incarnation,
+        self.link = Link(zmq.Context.instance(), options.backend, self.incarnation,
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
@@ -149,7 +149,7 @@ class Worker:
         finally:
             runner.shutdown()
             # say goodbye so the broker drops our sessions now, not at heartbeat expiry
-            link.leave(timeout=1.0)
+            link.leave()
             link.close()
         return 0
 
