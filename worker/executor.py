@@ -90,7 +90,7 @@ class Executor:
         self.watchdog.install()
         threads.install(self.settings.thread_entry)
 
-    def enable_dspy(self, max_history: int = 200) -> None:
+    def enable_dspy(self, max_history: int) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
         lm_history.install()
