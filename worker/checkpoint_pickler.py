@@ -11,8 +11,8 @@ once and referred to by slot number afterwards, so a call that changed a little 
 - **Code objects** and DSPy **signature classes** made by ``make_signature`` are immutable in
   practice: the pickler turns each into a blob once and writes ``_slot(i)`` in the skeleton (via
   ``reducer_override``, so each build knows which are still used). A signature class becomes its
-  spec (name, instructions, fields), rebuilt with DSPy's own ``make_signature``: ~200 bytes
-  instead of cloudpickle's ~5 KB pydantic class, and exact (same fields, types, prefixes,
+  spec (name, instructions, fields), rebuilt with DSPy's own ``make_signature``: a fraction
+  of cloudpickle's pydantic class, and exact (same fields, types, prefixes,
   descriptions, instructions). A signature whose spec needs the session's own classes is written
   inline, so those stay one object.
 - **Dynamic classes** are made fresh per session on load (cloudpickle would hand every session
