@@ -123,7 +123,7 @@ class Worker:
                 link.say_soon([W_HEARTBEAT, self._stats_frame()])
         # What the start made (dspy, litellm, pydantic) lives as long as the process: out of the
         # collector's generations (its garbage collected first), a full collection walks only what
-        # calls made, not all of it every few thousand calls (docs/benchmarks.md)
+        # calls made, not all of it every few thousand calls (docs/benchmarks.md, "The worker's collector")
         gc.collect()
         gc.freeze()
         inbox = self._inbox
