@@ -174,7 +174,7 @@ class Executor:
         context_vars: list[tuple[Any, Any]] = []  # (variable, token) of the client's ContextVars set for the call
         extras = False  # the reply is [result, {"usage", "history"}]
         try:
-            with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
+            with limits.Limit(self.watchdog, deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
                                    log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \

@@ -296,11 +296,6 @@ class Watchdog:
         with self._cond:
             self._start()
 
-    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> _Limit:
-        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit, but the
-        call can still be cancelled); ``with`` gives the block its :class:`_Call`."""
-        return _Limit(self, deadline, on_hard)
-
     def _push(self, call: _Call, deadline: float) -> None:
         with self._cond:
             call.deadline = deadline  # later: the watchdog finds it not due yet when it wakes
@@ -426,9 +421,10 @@ class Watchdog:
                 log.exception("could not cancel the call's parallel jobs")
 
 
-class _Limit:
-    """The block of one call under :meth:`Watchdog.limit` (a class, not a generator context
-    manager: per call it saves the generator and contextlib's wrapper)."""
+class Limit:
+    """Run the block of one call under ``deadline`` (``time.monotonic()`` scale; None: no limit,
+    but the call can still be cancelled); ``with`` gives the block its :class:`_Call`. A class,
+    not a generator context manager: per call it saves the generator and contextlib's wrapper."""
 
     __slots__ = ("call", "deadline", "on_hard", "outer", "st", "watchdog")
 
