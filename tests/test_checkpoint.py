@@ -165,7 +165,7 @@ def test_a_history_entry_is_pickled_as_pickle_itself_would() -> None:
     for entry in entries:
         blob = checkpoint_history.dumps_data_blob(entry)
         assert blob == pickle.dumps(entry, checkpoint_pickler.PROTOCOL)
-        assert checkpoint_pickler.load_blob(blob) == entry
+        assert pickle.loads(blob) == entry
 
 
 def test_deltas_applied_in_order_restore_the_latest_state_and_history_drops_its_old_entries() -> None:

@@ -279,10 +279,6 @@ def load_seeded(seed_objects: Sequence[Any], skeleton: bytes | memoryview) -> An
     return unpickler.load()
 
 
-def load_blob(data: bytes | memoryview) -> Any:
-    return pickle.loads(data)  # our own checkpoint, checked against its digest
-
-
 # -- writing ---------------------------------------------------------------------------------
 
 def _make_session_function(code: types.CodeType, globals_: dict[str, Any], name: str, argdefs: Any,
