@@ -17,6 +17,7 @@ by sessions runs each session's tasks as that session's. Outside calls nothing c
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,12 +35,7 @@ def _carried(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     enter = entry() if entry is not None else None
     if enter is None:
         return None
-    context = _thread_context()
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return context.run(_run, enter, fn, args, kwargs)
-
-    return run
+    return functools.partial(_thread_context().run, _run, enter, fn)
 
 
 def _thread_context() -> contextvars.Context:
@@ -54,7 +50,7 @@ def _thread_context() -> contextvars.Context:
     return context
 
 
-def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+def _run(enter: Callable[[], None], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     enter()
     return fn(*args, **kwargs)
 
