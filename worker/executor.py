@@ -38,7 +38,7 @@ from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions
 from worker.ops import SessionOps
-from worker.refs import RefTable, SessionState, type_name
+from worker.refs import RefTable, type_name
 from worker.remote_errors import guarded, remote_error
 from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
@@ -240,14 +240,13 @@ class Executor:
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
-        except limits.CallTimedOut:
-            self._drop(state, made)
+        except (limits.CallTimedOut, DspexError) as exc:
+            for ref_id in made:
+                self.refs.release(state, ref_id, "the call that made it failed")
+            if isinstance(exc, DspexError) and not (call is not None and call.timed_out):
+                raise _with_extras(exc, usage, history)
+            # interrupted (an error user code made of the interruption too)
             raise _with_extras(_stopped(header, call), usage, history) from None
-        except DspexError as err:
-            self._drop(state, made)
-            if call is not None and call.timed_out:  # user code turned the interruption into an error
-                raise _with_extras(_stopped(header, call), usage, history) from None
-            raise _with_extras(err, usage, history)
         finally:
             for variable, token in reversed(context_vars):
                 variable.reset(token)
@@ -268,10 +267,6 @@ class Executor:
         """This worker holds durable session ``session`` (it ran or restored it)."""
         state = self.refs.sessions.get(session)
         return state is not None and state.checkpoint is not None
-
-    def _drop(self, state: SessionState, made: list[str]) -> None:
-        for ref_id in made:
-            self.refs.release(state, ref_id, "the call that made it failed")
 
 
 def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
