@@ -68,11 +68,6 @@ def namespace(state: SessionState) -> dict[str, Any]:
     return session_module(state).__dict__
 
 
-def compile_eval(source: str) -> types.CodeType:
-    """An expression: no inherited flags; not kept in linecache (an eval loop must not grow it)."""
-    return compile(source, "<dspex eval>", "eval", dont_inherit=True)
-
-
 def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:
     """Run ``source`` as the next lines of the session's module, in ``scope`` (default: the
     module's namespace). Its lines stay in the module's source only if it left something that
