@@ -69,11 +69,6 @@ def _code_reduce(obj: types.CodeType) -> tuple[Any, ...]:
     return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
 
 
-def _signature_base() -> type | None:
-    mod = sys.modules.get(_SIGNATURE_MODULE)
-    return getattr(mod, "Signature", None) if mod is not None else None
-
-
 _owners: tuple[type, ...] = ()
 
 
@@ -131,7 +126,7 @@ def _class_by_reference(cls: type) -> bool:
 def is_made_signature(obj: type) -> bool:
     """A signature class made by ``dspy.make_signature`` (string signatures, ``with_instructions``,
     ``load_state``...): nothing in it but its fields and instructions."""
-    base = _signature_base()
+    base = getattr(sys.modules.get(_SIGNATURE_MODULE), "Signature", None)
     return (base is not None and obj.__module__ == _SIGNATURE_MODULE and obj.__bases__ == (base,)
             and getattr(sys.modules[_SIGNATURE_MODULE], obj.__qualname__, None) is not obj)
 
