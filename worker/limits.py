@@ -120,7 +120,10 @@ class _Call:
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
         if not self.soft_sent:
-            self.watchdog._push(self, time.monotonic() + seconds)
+            with self.watchdog._cond:
+                self.deadline = time.monotonic() + seconds  # later: the watchdog finds it not due yet when it wakes
+                if self.deadline < self.watchdog._wake_at:
+                    self.watchdog._cond.notify()
 
 
 @dataclass
@@ -295,12 +298,6 @@ class Watchdog:
         """From the main thread, before any call: the SIGINT handler and the watchdog thread."""
         with self._cond:
             self._start()
-
-    def _push(self, call: _Call, deadline: float) -> None:
-        with self._cond:
-            call.deadline = deadline  # later: the watchdog finds it not due yet when it wakes
-            if deadline < self._wake_at:
-                self._cond.notify()
 
     def _next(self, call: _Call) -> float:
         return call.deadline + self.grace if call.soft_sent else call.deadline
