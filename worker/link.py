@@ -301,7 +301,9 @@ class Link:
             if self._sent:  # a send may have taken the fd's edge: look again before waiting
                 got = self._drain() or got
             fds = self._dealer.fds
-        self._after_tick()
+        if self._beat_due:
+            self._beat_due = False
+            self._on_beat(time.monotonic())
         return got, fds, min(timeout, self._timers(time.monotonic()))
 
     def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
@@ -379,11 +381,6 @@ class Link:
         self._last_beat = now
         self._next_beat = now + self._interval
         self._beat_due = True
-
-    def _after_tick(self) -> None:
-        if self._beat_due:
-            self._beat_due = False
-            self._on_beat(time.monotonic())
 
     def _send_control(self, frames: Frames) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue
