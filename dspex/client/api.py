@@ -23,7 +23,7 @@ from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 import zmq
 
 from dspex.client import arguments, senderrors
-from dspex.client.arguments import bound_name, positional
+from dspex.client.arguments import bound_name, keywords, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
@@ -218,7 +218,7 @@ class ClientAPI(Generic[S]):
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
         returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), kwargs or {}], timeout=timeout,
+        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), keywords(kwargs)], timeout=timeout,
                             on_progress=on_progress, on_output=on_output)
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
@@ -322,7 +322,7 @@ class SessionAPI:
               *, timeout: float | None = None, on_progress: Callback | None = None,
               on_output: Callback | None = None) -> Any:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
             on_output: Callback | None = None) -> Any:
@@ -340,13 +340,13 @@ class SessionAPI:
              *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
@@ -394,13 +394,13 @@ class SessionAPI:
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                       *, timeout: float | None = None, on_progress: Callback | None = None,
                       on_output: Callback | None = None) -> Any:
         """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
@@ -411,7 +411,7 @@ class SessionAPI:
                      kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
         """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
         """Release every ref of the session on its worker. A broker that cannot be reached is
