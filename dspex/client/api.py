@@ -386,6 +386,10 @@ class SessionAPI:
                 on_output: Callback | None) -> Any:
         if self.closed:
             raise self._closed()
+        # the request is built at the stream's first item: a wrong option is refused here, at once
+        arguments.check_callbacks({"on_progress": on_progress, "on_output": on_output})
+        if timeout is not None:
+            arguments.checked_timeout(timeout)
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                   forward=self.forward_output, sender=self.sender, flags=self._flags)

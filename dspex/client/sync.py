@@ -22,7 +22,7 @@ from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.streamapi import StreamAPI
+from dspex.client.streamapi import StreamAPI, StreamOwner
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -232,12 +232,17 @@ class Client(ClientAPI[Session], Closing):
             ch.broken = True
 
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
-        """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
+        """A call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
         if self._channels.closed:
             raise closed_error()
         worker = options.pop("worker", "")
-        ex = self._exchange(op, pool, session, body, items=True, **options)
-        cancels = self._cancels
+        # built and sent at the first next(), as dspex.aio does: a stream made and not yet iterated
+        # holds nothing (the session's other calls run meanwhile), as an in-process generator
+        return Stream(self, lambda: self._exchange(op, pool, session, body, items=True, **options), worker,
+                      options.get("bind"))
+
+    def _start(self, ex: Exchange, worker: str) -> tuple[Channel, int]:
+        """Send a stream's request on a channel of its own: (that channel, the request id)."""
         ch = self._channels.checkout(self._connect)
         try:
             req_id = next(ch.ids)
@@ -246,7 +251,7 @@ class Client(ClientAPI[Session], Closing):
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._channels.checkin(ch)
             raise
-        return Stream(self, ch, req_id, ex, worker, cancels)
+        return ch, req_id
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
@@ -267,15 +272,18 @@ class Stream(StreamAPI, Closing):
     waits for its end; an exception or Ctrl-C inside ``next()`` and garbage collection (``break``,
     an exception in the loop body) cancel it without waiting. Progress events are collected in
     ``progress`` (and passed to ``on_progress``); ``result`` is the final summary
-    (``{"items": n}``) once it ended. It holds its own socket until it ends.
+    (``{"items": n}``) once it ended. The request is built and sent at the first ``next()`` (with
+    the DSPy settings in force there); from then on it holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
-        super().__init__(ex.bind)
-        ex.collect_progress(self.progress)
-        self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
-        self._ch: Channel | None = ch
-        self._cancels = cancels  # the client's cancel_all() count when the stream started
+    def __init__(self, client: Client, exchange: Callable[[], Exchange], worker: str,
+                 session: StreamOwner | None) -> None:
+        super().__init__(session)
+        self._client, self._exchange, self._worker = client, exchange, worker
+        self._ex: Exchange | None = None  # built when the request is sent
+        self._ch: Channel | None = None  # the request's channel, from its sending to the stream's end
+        self._req_id = 0
+        self._cancels = 0  # the client's cancel_all() count when the request was sent
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
 
@@ -283,14 +291,21 @@ class Stream(StreamAPI, Closing):
         return self
 
     def __next__(self) -> Any:
-        if self.done or self._ch is None:
+        if self.done:
             raise StopIteration
         if threading.get_ident() != self._thread:
             raise UsageError("a Stream must be consumed on the thread that started it")
         self._check_open()
-        client, ch, ex = self._client, self._ch, self._ex
+        client = self._client
         ended = sending = False  # the final reply came / a send is under way
         try:
+            if self._ex is None:
+                self._ex = self._exchange()
+                self._ex.collect_progress(self.progress)
+                self._cancels = client._cancels
+                self._ch, self._req_id = client._start(self._ex, self._worker)
+            ch, ex = self._ch, self._ex
+            assert ch is not None  # until the stream's end, which set done
             while True:
                 reply = client._recv(ch, self._req_id, time.monotonic() + ex.wait, ex, self._cancels)
                 ended = reply[0] not in EVENT_STATUSES
@@ -329,7 +344,7 @@ class Stream(StreamAPI, Closing):
         (:meth:`Client._abandon`)."""
         self.done = True
         ch, self._ch = self._ch, None
-        if ch is None:
+        if ch is None or self._ex is None:  # never sent (or ended already)
             return
         if abandon:
             self._client._abandon(ch, self._ex, self._req_id, cut)
@@ -337,11 +352,15 @@ class Stream(StreamAPI, Closing):
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
-        if self.done or self._ch is None:
+        if self.done:
+            return
+        ex = self._ex
+        if self._ch is None or ex is None:
+            self.done = True  # never started: nothing was sent
             return
         if threading.get_ident() != self._thread:
             raise UsageError("a Stream must be closed on the thread that started it")
-        ex, cancelled = self._ex, False
+        cancelled = False
         try:
             self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),
                                ex.timeout)
