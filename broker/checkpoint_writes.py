@@ -126,8 +126,10 @@ class CheckpointWrites:
             return
         d.held.append((d.submitted, key, reply))
 
-    def _release_held(self, d: Durability) -> None:
-        while d.held and d.held[0][0] <= d.done:
+    def release_held(self, d: Durability, everything: bool = False) -> None:
+        """The replies whose writes committed go; ``everything``: the session is gone, all of
+        them go now (a refused call's as its error)."""
+        while d.held and (everything or d.held[0][0] <= d.done):
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
 
@@ -160,35 +162,26 @@ class CheckpointWrites:
 
     def done(self, job: Job) -> None:
         """A job the store finished: a write's or an opening's held replies go once committed."""
-        if job.op == "write":
-            sid, key, size, seq = job.tag
-            rec = self.sessions.get(sid)
-            d = rec.durable if rec is not None else None
-            if rec is None or d is None:
-                return
-            d.done += 1
-            if job.error is None:
-                d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
-                self.counters["writes"] += 1
-            elif isinstance(job.error, StaleCheckpoint):
-                self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
-            else:
-                self._turn_off(rec, key, str(job.error))
-            self._release_held(d)
-            if self.moves.uneven:
-                self.moves.spread_on(rec)
-        elif job.op == "open":
-            rec = self.sessions.get(job.args[0])
-            d = rec.durable if rec is not None else None
-            if rec is None or d is None:
-                return
-            d.done += 1
+        if job.op not in ("write", "open"):
+            return
+        rec = self.sessions.get(job.tag[0] if job.op == "write" else job.args[0])
+        d = rec.durable if rec is not None else None
+        if rec is None or d is None:
+            return
+        d.done += 1
+        if job.op == "open":
             if job.error is not None:
                 self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})")
-            self._release_held(d)
-
-    def release_all(self, d: Durability) -> None:
-        """The session is gone: every reply it holds goes now (a refused call's as its error)."""
-        while d.held:
-            _before, key, reply = d.held.popleft()
-            self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
+            self.release_held(d)
+            return
+        sid, key, size, seq = job.tag
+        if job.error is None:
+            d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
+            self.counters["writes"] += 1
+        elif isinstance(job.error, StaleCheckpoint):
+            self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
+        else:
+            self._turn_off(rec, key, str(job.error))
+        self.release_held(d)
+        if self.moves.uneven:
+            self.moves.spread_on(rec)

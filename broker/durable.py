@@ -136,7 +136,7 @@ class DurableSessions:
         d = rec.durable
         if d is None:
             return
-        self.writes.release_all(d)
+        self.writes.release_held(d, everything=True)
         self.port.store(Job("drop", (rec.id,)))  # (a plain one's row too)
         pool = self.pools.get(rec.pool)
         if pool is not None:
