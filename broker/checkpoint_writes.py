@@ -151,7 +151,7 @@ class CheckpointWrites:
         assert d is not None
         if not d.off:
             d.off = reason
-            self.port.store(Job("plain", (rec.id, reason)))
+            self.port.store(Job("forget", (rec.id, reason)))
             self.counters["refused"] += 1
             self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:

@@ -294,17 +294,11 @@ class CheckpointStore:
         if session in self._rows:
             self._rows[session][4] = when
 
-    def drop(self, session: str) -> None:
-        """The session is closed, expired or lost: its rows go."""
-        self._forget(session, "")
-
-    def plain(self, session: str, reason: str) -> None:
-        """The session went plain (``reason``): its checkpoint goes and its row stays (``seq`` -1,
-        the reason in place of a skeleton) until it is closed, so that a restarted broker knows
-        it as plain, not as a durable session to checkpoint whole again."""
-        self._forget(session, reason)
-
-    def _forget(self, session: str, plain: str) -> None:
+    def forget(self, session: str, plain: str = "") -> None:
+        """The session is closed, expired or lost: its rows go. Or it went ``plain`` (why): its
+        checkpoint goes and its row stays (``seq`` -1, the reason in place of a skeleton) until it
+        is closed, so that a restarted broker knows it as plain, not as a durable session to
+        checkpoint whole again."""
         self.total -= self._sizes.pop(session, 0)
         self._seqs.pop(session, None)
         self._plain_row(session, plain)
@@ -451,7 +445,7 @@ def _mb(n: int) -> str:
 
 @dataclass
 class Job:
-    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "plain", "drop"; ``args`` its
+    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "forget"; ``args`` its
     arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
     are set by the thread."""
 

@@ -137,7 +137,7 @@ class DurableSessions:
         if d is None:
             return
         self.writes.release_held(d, everything=True)
-        self.port.store(Job("drop", (rec.id,)))  # (a plain one's row too)
+        self.port.store(Job("forget", (rec.id,)))  # (a plain one's row too)
         pool = self.pools.get(rec.pool)
         if pool is not None:
             pool.parked.pop(rec.id, None)
@@ -167,7 +167,7 @@ class DurableSessions:
         dropped: dict[str, int] = {}
         for row in rows:
             if row.pool not in self.pools or self.pools[row.pool].mode.value == "none":
-                self.port.store(Job("drop", (row.id,)))
+                self.port.store(Job("forget", (row.id,)))
                 dropped[row.pool] = dropped.get(row.pool, 0) + 1
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)

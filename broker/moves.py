@@ -206,7 +206,7 @@ class SessionMoves:
         d = rec.durable
         assert d is not None
         d.off = f"lost: {reason}"
-        self.port.store(Job("drop", (rec.id,)))
+        self.port.store(Job("forget", (rec.id,)))
         self.counters["lost"] += 1
         self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
         err = checkpoint_lost(rec.id, reason)
