@@ -49,7 +49,6 @@ log = logging.getLogger("dspex.broker")
 # Sends: the small frames the broker makes itself (ids, commands, envelopes) go with copy=True,
 # which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
 # a frame received from a peer is forwarded without a copy either way, a large one of ours too.
-_MORE = SNDMORE
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 
 
@@ -93,14 +92,14 @@ class Broker:
         sock = self.backend
         try:
             # (ROUTER_MANDATORY: an unreachable worker raises at the id, before any frame goes)
-            send_frame(sock, wid, _MORE, True)
+            send_frame(sock, wid, SNDMORE, True)
             last = len(frames) - 1
             if last == 0:
                 send_frame(sock, frames[0], 0, True)
                 return
-            send_frame(sock, frames[0], _MORE, True)  # the command or envelope: ours, small
+            send_frame(sock, frames[0], SNDMORE, True)  # the command or envelope: ours, small
             for i in range(1, last):
-                send_frame(sock, frames[i], _MORE, False)
+                send_frame(sock, frames[i], SNDMORE, False)
             send_frame(sock, frames[last], 0, False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -223,11 +222,11 @@ class Broker:
             items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
                                                                self.front_monitor)]
             if self.store_link is not None:
-                items.append((self.store_link.fileno(), POLLIN))
+                items.append((self.store_link.thread.fileno(), POLLIN))
             self._poll_but_backend = [item for item in items if item[0] is not self.backend]
-        store_fd = self.store_link.fileno() if self.store_link is not None else -1
+        store_fd = self.store_link.thread.fileno() if self.store_link is not None else -1
         core, publisher, conns = self.core, self.publisher, self.connections
-        due = min(core.next_deadline(), publisher.next_due(), conns.handshakes.next_due())
+        due = min(core.next_deadline(), publisher.history.due, conns.handshakes.next_due())
         now = time.monotonic()
         answers_wait = core.roster.answers_wait_until()  # the workers' answers to a heartbeat round
         if answers_wait > now:
@@ -267,8 +266,7 @@ class Broker:
             if core.roster.last_round != self._round:
                 self._round = core.roster.last_round
                 self.zmq_threads.quiet()
-        if now >= publisher.next_due():
-            publisher.tick(now)
+        publisher.history.tick(now)
         conns.log_handshakes_due(now)
         self._commit_here()
         self.outbox.flush()
@@ -356,9 +354,6 @@ class StoreLink:
         self.thread = StoreThread(store)
         self._done = done
         self._here: list[Job] = []  # small writes committed at the end of this loop turn
-
-    def fileno(self) -> int:
-        return self.thread.fileno()
 
     def submit(self, job: Job) -> None:
         if job.op != "load" and not self.thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:
