@@ -109,10 +109,10 @@ class Broker:
     def worker_connected(self, wid: bytes, frame: Any) -> bool:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_monitor()
-        return self.connections.worker_connected(wid, source_fd(frame))
+        return self.connections.workers.connected(wid, source_fd(frame), time.monotonic())
 
     def worker_gone(self, wid: bytes) -> None:
-        self.connections.worker_gone(wid)
+        self.connections.workers.gone(wid)
         if self.nudge is not None:
             self.nudge.worker_left()
 
@@ -149,11 +149,11 @@ class Broker:
             log.warning("could not stop pid %d: %s", pid, exc)
 
     def client_seen(self, client: bytes, frame: Any) -> None:
-        if self.connections.client_known(client):
+        if self.connections.clients.known(client):
             return
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
         self._drain_front_monitor()
-        self.connections.client_connected(client, source_fd(frame), time.monotonic())
+        self.connections.clients.connected(client, source_fd(frame), time.monotonic(), reuse_is_loss=True)
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -233,7 +233,7 @@ class Broker:
             items = self._poll_but_backend
             due = min(due, answers_wait)
         timeout = max(0.0, due - now)
-        if conns.worker_disconnects or conns.client_disconnects:
+        if conns.workers.disconnects or conns.clients.disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
         if self.frontend in events or core.running:
@@ -244,13 +244,13 @@ class Broker:
             self.outbox.flush()
         if self.monitor in events:
             self._drain_monitor()
-        if conns.worker_disconnects:
+        if conns.workers.disconnects:
             self._settle_disconnects()
         if self.frontend in events:
             self.from_clients.drain()
         if self.front_monitor in events:
             self._drain_front_monitor()
-        if conns.client_disconnects:
+        if conns.clients.disconnects:
             self._settle_client_disconnects()
         if store_fd in events and self.store_link is not None:
             self.store_link.collect()  # held replies go out
@@ -285,34 +285,34 @@ class Broker:
 
     def _drain_monitor(self) -> None:
         for event in _monitor_events(self.monitor):
-            self.connections.worker_event(event, self.core.workers, time.monotonic())
+            self.connections.workers.event(event, time.monotonic(), self.core.workers)
 
     def _drain_front_monitor(self) -> None:
         for event in _monitor_events(self.front_monitor):
-            self.connections.client_event(event, time.monotonic())
+            self.connections.clients.event(event, time.monotonic())
 
     def _settle_client_disconnects(self) -> None:
         """Clients whose connection closed: what they sent before closing is read first (the
         frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
-        due = self.connections.clients_due(time.monotonic())
+        due = self.connections.clients.due(time.monotonic())
         if not due:
             return
         self.from_clients.drain()
         for client in due:
-            self.connections.settle_client(client)
+            self.connections.clients.settle(client)
             self.core.client_gone(client, time.monotonic())
 
     def _settle_disconnects(self) -> None:
         """Workers whose connection closed: a goodbye queued before the close is read first (it
         travels through the backend socket, the disconnect through the monitor, in no fixed
         order), so a clean exit is never counted as a crash."""
-        due = self.connections.workers_due(time.monotonic())
+        due = self.connections.workers.due(time.monotonic())
         if not due:
             return
         self.from_workers.drain()
         for wid in due:
             # not gone meanwhile (a goodbye), and the disconnect was of its current connection
-            if self.connections.settle_worker(wid) and wid in self.core.workers:
+            if self.connections.workers.settle(wid) and wid in self.core.workers:
                 self.core.worker_lost(wid, time.monotonic())
 
 
