@@ -313,17 +313,13 @@ class WorkersRecycle:
             if pool not in status["pools"]:
                 raise PoolNotFound(f"no pool named {pool!r}; pools: {', '.join(status['pools'])}")
             before = [w for w in status["pools"][pool]["workers"] if w["state"] != "draining"]
-            sup = None
             sc = settings.supervisor_conf_or_none()
-            if req["hard"]:
-                if sc is None:
-                    raise ConfigError(f"--hard needs supervisord: no {settings.supervisor_conf}")
-                sup = Supervisor(sc, timeout=settings.timeout)
-            elif sc is not None:
-                sup = Supervisor(sc, timeout=settings.timeout)
-                if not sup.running():
-                    sup.close()
-                    sup = None
+            if req["hard"] and sc is None:
+                raise ConfigError(f"--hard needs supervisord: no {settings.supervisor_conf}")
+            sup = Supervisor(sc, timeout=settings.timeout) if sc is not None else None
+            if sup is not None and not req["hard"] and not sup.running():
+                sup.close()
+                sup = None
             try:
                 if req["worker"]:
                     key = str(req["worker"])
