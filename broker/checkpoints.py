@@ -102,7 +102,12 @@ class CheckpointStore:
             # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
             # table exists, or it takes a VACUUM of the whole file
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self._configure()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # the WAL is copied into the database (and synced) by the store's thread, never by a
+        # commit on the routing thread (wal_checkpoint)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._waits = True  # (the timeout given to connect)
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, 1, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
@@ -116,14 +121,6 @@ class CheckpointStore:
         self._files = identities(path)  # the files the connections write, to know if they go (gone)
         self._length = os.path.getsize(path)  # the file's; only the store's WAL copies change it (gone)
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-
-    def _configure(self) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # the WAL is copied into the database (and synced) by the store's thread, never by a
-        # commit on the routing thread (wal_checkpoint)
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._waits = True  # (the timeout given to connect)
 
     def _drop_damaged_rows(self) -> None:
         """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
