@@ -166,13 +166,13 @@ def make_registry(publisher: StatusPublisher) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
-    """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``addr:port`` from a daemon
+def serve_metrics(broker: Broker, port: int) -> Any:
+    """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``127.0.0.1:port`` from a daemon
     thread; returns the server. A port in use falls back to a free one, said in the log and in the
     broker's status (``broker.metrics``: ``requested``, ``port``, ``error``), which ``dspexctl``
     prints; None if nothing could be bound.
 
-    Only loopback by default: the numbers name pools and counts, and nothing on the network needs
+    Only loopback: the numbers name pools and counts, and nothing on the network needs
     them more than a local Prometheus agent or an SSH tunnel does.
     """
     import threading
@@ -186,6 +186,7 @@ def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
         def log_message(self, format: str, *args: Any) -> None:
             """Scrapes and page polls are not worth a log line each."""
 
+    addr = "127.0.0.1"
     app = Dashboard(broker.publisher, make_wsgi_app(make_registry(broker.publisher)),
                     getattr(broker.options, "supervisor_conf", None))
     try:

@@ -91,7 +91,7 @@ class Settings:
     # the rest of the environment a client reads (the run directory, CURVE key files...), read once
     config: ClientConfig = field(default_factory=ClientConfig.from_env)
 
-    def client(self, timeout: float | None = None) -> dspex.Client:
+    def client(self) -> dspex.Client:
         endpoint = self.resolved_endpoint()
         try:
             probe_ipc(endpoint)
@@ -102,7 +102,7 @@ class Settings:
             raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout)) from None
         broker = self._own_broker()
         server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
-        return dspex.connect(endpoint, timeout=self.timeout if timeout is None else timeout,
+        return dspex.connect(endpoint, timeout=self.timeout,
                              curve_server_key=server_key, curve_keypair=keypair)
 
     def resolved_endpoint(self) -> str:
