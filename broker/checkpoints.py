@@ -326,9 +326,6 @@ class CheckpointStore:
         elif session in self._rows:
             self._rows[session][5] = plain
 
-    def size(self, session: str) -> int:
-        return self._sizes.get(session, 0)
-
     # -- checkpoints ------------------------------------------------------------------------
     def apply(self, writes: Sequence[Write]) -> list[StoreError | None]:
         """Apply ``writes`` in order, in one transaction; per write None or why it was refused

@@ -59,7 +59,7 @@ def test_checkpoints_applied_in_order_load_as_the_latest_state(short_tmp: str) -
         ck, _ = tracker.build(state)
         assert ck is not None
         assert store.apply([write_of(ck)]) == [None]
-        assert store.size(SID) == ck.size == stored_bytes(path, SID)
+        assert store.total == ck.size == stored_bytes(path, SID)
     store.close()
 
     store = CheckpointStore(path)  # a restarted broker
@@ -94,7 +94,7 @@ def test_a_session_over_its_cap_is_refused_and_dropped_and_others_keep_theirs(sh
     # its checkpoint gone; its row left says it went plain, and why (a restarted broker keeps it plain)
     assert store.load("b" * 32) is None
     assert {r.id: (r.seq, r.plain) for r in store.sessions()} == {"a" * 32: (1, ""), "b" * 32: (-1, str(refused))}
-    assert store.total == store.size("a" * 32) > 0
+    assert store.total == stored_bytes(store.path, "a" * 32) > 0
 
 
 def test_the_total_cap_refuses_the_write_that_crosses_it(short_tmp: str) -> None:
@@ -287,7 +287,7 @@ def test_every_committed_write_survives_a_sigkill_of_the_writer(short_tmp: str) 
     assert sorted(held.slots) == sorted({n % 7 for n in range(1, held.seq + 1)})
     newest = {n % 7: n for n in range(1, held.seq + 1)}
     assert all(blob == bytes([newest[s] % 256]) * 20000 for s, blob in zip(held.slots, held.blobs))
-    assert store.size("s" * 32) == stored_bytes(path, "s" * 32)
+    assert store.total == stored_bytes(path, "s" * 32)
     print(f"writer killed after {last} acknowledged writes; the store holds {held.seq}", file=sys.stderr)
 
 
