@@ -102,8 +102,8 @@ class DurableSessions:
         nothing writes no checkpoint: one more commit per call would tax the quickest calls),
         which a restarted broker adds to the saved time: its TTL never ends early, at most that
         much late."""
-        d, pool = rec.durable, self.pools.get(rec.pool)
-        if d is None or pool is None or not pool.config.session_ttl:
+        d, pool = rec.durable, self.pools[rec.pool]
+        if d is None or not pool.config.session_ttl:
             return
         used = self.clock.wall() - (self.clock.now - rec.last_used)
         if used - d.used >= _use_slack(pool.config.session_ttl):
@@ -138,9 +138,7 @@ class DurableSessions:
             return
         self.writes.release_held(d, everything=True)
         self.port.store(Job("forget", (rec.id,)))  # (a plain one's row too)
-        pool = self.pools.get(rec.pool)
-        if pool is not None:
-            pool.parked.pop(rec.id, None)
+        self.pools[rec.pool].parked.pop(rec.id, None)
 
     # -- what operators see ---------------------------------------------------------------------------
     @staticmethod

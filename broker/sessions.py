@@ -141,15 +141,14 @@ class SessionBook:
             return
         soonest = math.inf
         for rec in list(self.sessions.values()):
-            pool = self.pools.get(rec.pool)
-            ttl = pool.config.session_ttl if pool is not None else 3600.0
+            pool = self.pools[rec.pool]
+            ttl = pool.config.session_ttl
             if not ttl or rec.closing:
                 continue
             if self.running(rec):  # its idle time starts when the call ends, after now
                 soonest = min(soonest, now + ttl)
             elif now >= rec.last_used + ttl:
-                if pool is not None:
-                    pool.sessions_expired += 1
+                pool.sessions_expired += 1
                 self.close(rec, f"expired after {ttl:g}s idle")
             else:
                 soonest = min(soonest, rec.last_used + ttl)
@@ -182,8 +181,8 @@ class SessionBook:
         """Close now, or (a call of it still running) refuse new calls and release when the last
         call ends. Its calls still waiting in a queue never run. True if a worker holds state."""
         self.closed.add(rec.id, why)
-        pool = self.pools.get(rec.pool)
-        for p in pool.take_session(rec.id) if pool is not None else []:
+        pool = self.pools[rec.pool]
+        for p in pool.take_session(rec.id):
             self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran", session=rec.id))
         holders = any(wid in self.workers for wid in rec.touched)
         if self.running(rec):
@@ -202,8 +201,8 @@ class SessionBook:
             assert lost is not None
             why = self.gone.why(lost)
             self.closed.add(rec.id, why, worker=lost)
-            pool = self.pools.get(rec.pool)
-            for p in pool.take_session(rec.id) if pool is not None else []:  # waiting for a worker to pin it
+            pool = self.pools[rec.pool]
+            for p in pool.take_session(rec.id):  # waiting for a worker to pin it
                 self._fail(p, pool, worker_gone(rec.id, lost, why))
         self.release(rec)
 
