@@ -47,14 +47,12 @@ class CheckpointWrites:
         self.counters, self.core_counters = counters, core_counters
         self._to_client = port.to_client
 
-    def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
+    def answered(self, w: WorkerRecord, p: Pending, rec: SessionRecord | None, frames: list[zmq.Frame],
                  ok: bool) -> bool:
         """The final reply ``frames`` (``[wid, envelope, ...]``) of call ``p`` that ``w`` ran, of a
         durable session ``rec`` or carrying a checkpoint (``W_CHECKPOINT``): the checkpoint goes to
         the store and the reply to the client once it (and every write of the session before it)
         committed. Returns whether the reply is a success."""
-        if p is None:  # (the core checked it ran there: never)
-            return ok
         if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
             assert rec is not None
             self.moves.not_held(rec, w, p)
