@@ -62,6 +62,8 @@ class DurableHooks(Protocol):
 class SessionBook:
     """The rules of a session's end, over the core's ``sessions``, ``pools`` and ``workers``."""
 
+    durable: DurableHooks  # the core's, made after this book (it uses it): the core sets it
+
     def __init__(self, sessions: dict[str, SessionRecord], pools: dict[str, Pool],
                  workers: dict[bytes, WorkerRecord], gone: GoneWorkers, *, clock: Clock, restart_grace: float,
                  max_sessions: int, fail: Fail, to_worker: ToWorker, wake: Callable[[float], None]) -> None:
@@ -80,7 +82,6 @@ class SessionBook:
         self.booted = clock.now
         self.grace_ends = clock.now + restart_grace  # math.inf once it ended
         self.restart_grace = restart_grace
-        self.durable: DurableHooks | None = None  # the core's, once made (it uses this book)
 
     def admit(self, p: Pending, pool: Pool, claimed_worker: str, *, keep_claim: bool = False) -> SessionRecord | DspexError:
         """The session call ``p`` runs in (opened on its first call: ``claimed_worker`` is the pin
@@ -131,7 +132,7 @@ class SessionBook:
         new = self.workers.get(wid) if wid else None
         if new is not None:
             new.sessions.add(rec.id)
-        if rec.durable is not None and self.durable is not None:
+        if rec.durable is not None:
             self.durable.pinned(rec)
 
     def expire(self, now: float) -> None:
@@ -169,7 +170,7 @@ class SessionBook:
                 self.retire(rec, rec.worker)
         for pool in self.pools.values():
             for wid, p in pool.take_awaiting():
-                if self.durable is not None and self.durable.reroute(p, pool):
+                if self.durable.reroute(p, pool):
                     continue
                 self._fail(p, pool, worker_gone(
                     p.session, wid, f"did not re-register within {self.restart_grace:g}s of this broker's start"))
@@ -210,7 +211,7 @@ class SessionBook:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""
         self.sessions.pop(rec.id, None)
-        if rec.durable is not None and self.durable is not None:
+        if rec.durable is not None:
             self.durable.released(rec)
         for wid in rec.touched:
             w = self.workers.get(wid)
