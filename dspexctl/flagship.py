@@ -26,7 +26,7 @@ import click
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, supervisord_pid
+from dspex.stack.supervisor import Supervisor, SupervisorConf, supervisord_pid
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
 from dspexctl.commands import Settings, exit_code_for
@@ -112,10 +112,10 @@ def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
         return False
 
 
-def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
+def _start_stack(conf: Path, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
     """``ensure_stack``; when it fails or is interrupted after starting supervisord, that supervisord
     is stopped again (this command leaves nothing behind that it started)."""
-    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    sc = SupervisorConf.load(conf)
     with Supervisor(sc, timeout=5.0) as sup:
         was_running = sup.running()
     try:
