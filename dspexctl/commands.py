@@ -389,13 +389,10 @@ class WorkersRecycle:
                 self._kill(sup, pool, w)
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
                                                 {w["incarnation"]}, size, deadline)
-        out = []
-        prev = t0
-        for old, new in zip(targets, news):
-            out.append({"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"],
-                        "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3), "problem": new.get("problem")})
-            prev = new["seen"]
-        return out
+        starts = [t0, *(new["seen"] for new in news)]  # each replacement took from the one before
+        return [{"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"], "new_pid": new["pid"],
+                 "seconds": round(new["seen"] - start, 3), "problem": new.get("problem")}
+                for old, new, start in zip(targets, news, starts)]
 
     @staticmethod
     def _kill(sup: Supervisor, pool: str, w: dict[str, Any]) -> None:
