@@ -45,11 +45,6 @@ def _inode(fd: int) -> int | None:
         return None
 
 
-def _closed(fd: int, inode: int | None) -> bool:
-    """Whether the socket mapped on ``fd`` (``inode``; None: not known) is closed now."""
-    return fd < 0 or inode is None or _inode(fd) != inode
-
-
 def source_fd(frame: zmq.Frame) -> int:
     """The connection a received frame came from (-1: not known, e.g. inproc)."""
     try:
@@ -103,8 +98,10 @@ class Peers:
                 self.disconnects.setdefault(peer, now)
 
     def _closed(self, peer: bytes) -> bool:
-        fd = self.fd.get(peer, -1)
-        return self.by_fd.get(fd) != peer or _closed(fd, self.inode.get(peer))
+        """Whether ``peer``'s connection is closed now: its fd mapped to another peer, or the socket
+        mapped on it (its inode; None: not known) no longer open there."""
+        fd, inode = self.fd.get(peer, -1), self.inode.get(peer)
+        return self.by_fd.get(fd) != peer or inode is None or _inode(fd) != inode
 
     def due(self, now: float) -> list[bytes]:
         """Peers whose disconnect is past its grace and whose current connection is closed; a
