@@ -30,7 +30,6 @@ log = logging.getLogger("dspex.broker")
 # seconds between two looks of the store's thread at its file: the WAL copied into the database
 # (if written since), and the file written again if it went (CheckpointStore.gone)
 _LOOK_EVERY = 1.0
-_NOTHING = Job("nothing", ())  # (a look, no job)
 _WAKE = Job("wake", ())  # not work: a write ran on the routing thread while the thread slept
 
 
@@ -129,33 +128,23 @@ class StoreThread:
                 if self._writes_submitted + self._writes_here == wrote:
                     timeout = None
             try:
-                job = self._jobs.get(timeout=timeout)
+                jobs = [self._jobs.get(timeout=timeout)]
             except queue.Empty:
-                job = _NOTHING
+                jobs = []
             self._asleep = False
-            if job is _WAKE:
-                job = _NOTHING
-            if job is not _NOTHING:
-                batch: list[Job] = []
-                stop = job is None
-                if job is not None:
-                    batch.append(job)
-                while not stop:  # everything already waiting joins this round (one commit for its writes)
-                    try:
-                        more = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                    elif more is not _WAKE:
-                        batch.append(more)
-                if batch:
-                    self._round(batch)
-                    self._writes_run += sum(1 for job in batch if job.op != "load")
-                    self._hand_back(batch)
-                if stop:
-                    self._rewrite_if_gone()  # (a broker stopped right after it went keeps its sessions)
-                    return
+            while jobs and jobs[-1] is not None:  # everything already waiting joins this round (one commit)
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            batch = [job for job in jobs if job is not None and job is not _WAKE]
+            if batch:
+                self._round(batch)
+                self._writes_run += sum(1 for job in batch if job.op != "load")
+                self._hand_back(batch)
+            if jobs and jobs[-1] is None:
+                self._rewrite_if_gone()  # (a broker stopped right after it went keeps its sessions)
+                return
             # once a second, idle or busy (writes back to back never leave the thread idle: the WAL
             # would grow for ever)
             if time.monotonic() >= looked + _LOOK_EVERY:
