@@ -30,7 +30,7 @@ from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 from broker import checkpoints
 from broker.checkpoint_thread import StoreThread
 from broker.checkpoints import CheckpointStore, Job
-from broker.connections import GOODBYE_GRACE, Connections, source_fd
+from broker.connections import GOODBYE_GRACE, Connections, Peers, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
@@ -245,13 +245,13 @@ class Broker:
         if self.monitor in events:
             self._drain_monitor()
         if conns.workers.disconnects:
-            self._settle_disconnects()
+            self._settle(conns.workers, self.from_workers, core.worker_lost)
         if self.frontend in events:
             self.from_clients.drain()
         if self.front_monitor in events:
             self._drain_front_monitor()
         if conns.clients.disconnects:
-            self._settle_client_disconnects()
+            self._settle(conns.clients, self.from_clients, core.client_gone)
         if store_fd in events and self.store_link is not None:
             self.store_link.collect()  # held replies go out
         if self._wake_r in events:
@@ -291,30 +291,18 @@ class Broker:
         for event in _monitor_events(self.front_monitor):
             self.connections.clients.event(event, time.monotonic())
 
-    def _settle_client_disconnects(self) -> None:
-        """Clients whose connection closed: what they sent before closing is read first (the
-        frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
-        due = self.connections.clients.due(time.monotonic())
+    def _settle(self, peers: Peers, sock: SocketDrain, lost: Callable[[bytes, float], None]) -> None:
+        """Peers whose connection closed: what they sent before closing is read first (it travels
+        through the ROUTER, the disconnect through the monitor, in no fixed order), so a worker's
+        goodbye is never counted as a crash; then the core hears of each loss (``worker_lost``:
+        a crash if it still holds the worker; ``client_gone``: its calls are cancelled)."""
+        due = peers.due(time.monotonic())
         if not due:
             return
-        self.from_clients.drain()
-        for client in due:
-            self.connections.clients.settle(client)
-            self.core.client_gone(client, time.monotonic())
-
-    def _settle_disconnects(self) -> None:
-        """Workers whose connection closed: a goodbye queued before the close is read first (it
-        travels through the backend socket, the disconnect through the monitor, in no fixed
-        order), so a clean exit is never counted as a crash."""
-        due = self.connections.workers.due(time.monotonic())
-        if not due:
-            return
-        self.from_workers.drain()
-        for wid in due:
-            # not gone meanwhile (a goodbye), and the disconnect was of its current connection
-            if self.connections.workers.settle(wid) and wid in self.core.workers:
-                self.core.worker_lost(wid, time.monotonic())
-
+        sock.drain()
+        for peer in due:
+            if peers.settle(peer):  # (not a disconnect of an older connection)
+                lost(peer, time.monotonic())
 
 def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
     """The events waiting on a socket monitor."""
