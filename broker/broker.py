@@ -20,12 +20,11 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
 from broker import checkpoints
 from broker.checkpoint_thread import StoreThread
@@ -108,7 +107,7 @@ class Broker:
 
     def worker_connected(self, wid: bytes, frame: Any) -> bool:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
-        self._drain_monitor()
+        self.connections.workers.read(self.monitor, self.core.workers)
         return self.connections.workers.connected(wid, source_fd(frame), time.monotonic())
 
     def worker_gone(self, wid: bytes) -> None:
@@ -152,7 +151,7 @@ class Broker:
         if self.connections.clients.known(client):
             return
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
-        self._drain_front_monitor()
+        self.connections.clients.read(self.front_monitor)
         self.connections.clients.connected(client, source_fd(frame), time.monotonic(), reuse_is_loss=True)
 
     # -- sockets ----------------------------------------------------------------------------
@@ -243,13 +242,13 @@ class Broker:
             self._commit_here()  # checkpoints committed: the replies they held go out now
             self.outbox.flush()
         if self.monitor in events:
-            self._drain_monitor()
+            conns.workers.read(self.monitor, core.workers)
         if conns.workers.disconnects:
             self._settle(conns.workers, self.from_workers, core.worker_lost)
         if self.frontend in events:
             self.from_clients.drain()
         if self.front_monitor in events:
-            self._drain_front_monitor()
+            conns.clients.read(self.front_monitor)
         if conns.clients.disconnects:
             self._settle(conns.clients, self.from_clients, core.client_gone)
         if store_fd in events and self.store_link is not None:
@@ -283,14 +282,6 @@ class Broker:
         except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
             return ""
 
-    def _drain_monitor(self) -> None:
-        for event in _monitor_events(self.monitor):
-            self.connections.workers.event(event, time.monotonic(), self.core.workers)
-
-    def _drain_front_monitor(self) -> None:
-        for event in _monitor_events(self.front_monitor):
-            self.connections.clients.event(event, time.monotonic())
-
     def _settle(self, peers: Peers, sock: SocketDrain, lost: Callable[[bytes, float], None]) -> None:
         """Peers whose connection closed: what they sent before closing is read first (it travels
         through the ROUTER, the disconnect through the monitor, in no fixed order), so a worker's
@@ -303,14 +294,6 @@ class Broker:
         for peer in due:
             if peers.settle(peer):  # (not a disconnect of an older connection)
                 lost(peer, time.monotonic())
-
-def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
-    """The events waiting on a socket monitor."""
-    while True:
-        try:
-            yield parse_monitor_message(sock.recv_multipart(zmq.NOBLOCK))
-        except zmq.Again:
-            return
 
 
 def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str, int] | None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Container
+from typing import Any
 
 import zmq
-from zmq.utils.monitor import _MonitorMessage
+from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
 from broker.answers import NOTICE_EVERY
 from broker.security import CLIENTS, WORKERS
@@ -96,6 +98,15 @@ class Peers:
             peer = self.by_fd.get(int(event["value"]))
             if peer is not None and (known is None or peer in known):
                 self.disconnects.setdefault(peer, now)
+
+    def read(self, monitor: zmq.Socket[Any], known: Container[bytes] | None = None) -> None:
+        """The events waiting on the ROUTER's socket monitor (``known``: as for :meth:`event`)."""
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.event(event, time.monotonic(), known)
 
     def _closed(self, peer: bytes) -> bool:
         """Whether ``peer``'s connection is closed now: its fd mapped to another peer, or the socket
