@@ -65,7 +65,7 @@ class ShellLoad:
             self.clients.append(c)
             # an ipc broker maps a client to its connection on its first call; inproc has no fds,
             # so the load maps them (else every call would look for the mapping again)
-            broker.connections.client_fd[b"c%d" % i] = 1_000_000 + i
+            broker.connections.clients.fd[b"c%d" % i] = 1_000_000 + i
         self.body = msgpack.packb(["os", "getpid", [], {}])
         self.result = msgpack.packb(0)
         self.next_id = 0

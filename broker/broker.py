@@ -20,17 +20,16 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
 from broker import checkpoints
 from broker.checkpoint_thread import StoreThread
 from broker.checkpoints import CheckpointStore, Job
-from broker.connections import GOODBYE_GRACE, Connections, source_fd
+from broker.connections import GOODBYE_GRACE, Connections, Peers, source_fd
 from broker.core import Core
 from broker.nudge import SupervisorNudge
 from broker.ops import HANDLERS
@@ -49,7 +48,6 @@ log = logging.getLogger("dspex.broker")
 # Sends: the small frames the broker makes itself (ids, commands, envelopes) go with copy=True,
 # which copies bytes at once, cheaper than wrapping them in a zmq.Frame; the rest with copy=False:
 # a frame received from a peer is forwarded without a copy either way, a large one of ours too.
-_MORE = SNDMORE
 _INLINE_WRITE_MAX = 256 * 1024  # a checkpoint write this small commits on the routing thread
 
 
@@ -93,14 +91,14 @@ class Broker:
         sock = self.backend
         try:
             # (ROUTER_MANDATORY: an unreachable worker raises at the id, before any frame goes)
-            send_frame(sock, wid, _MORE, True)
+            send_frame(sock, wid, SNDMORE, True)
             last = len(frames) - 1
             if last == 0:
                 send_frame(sock, frames[0], 0, True)
                 return
-            send_frame(sock, frames[0], _MORE, True)  # the command or envelope: ours, small
+            send_frame(sock, frames[0], SNDMORE, True)  # the command or envelope: ours, small
             for i in range(1, last):
-                send_frame(sock, frames[i], _MORE, False)
+                send_frame(sock, frames[i], SNDMORE, False)
             send_frame(sock, frames[last], 0, False)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -109,11 +107,11 @@ class Broker:
 
     def worker_connected(self, wid: bytes, frame: Any) -> bool:
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
-        self._drain_monitor()
-        return self.connections.worker_connected(wid, source_fd(frame))
+        self.connections.workers.read(self.monitor, self.core.workers)
+        return self.connections.workers.connected(wid, source_fd(frame), time.monotonic())
 
     def worker_gone(self, wid: bytes) -> None:
-        self.connections.worker_gone(wid)
+        self.connections.workers.gone(wid)
         if self.nudge is not None:
             self.nudge.worker_left()
 
@@ -150,11 +148,11 @@ class Broker:
             log.warning("could not stop pid %d: %s", pid, exc)
 
     def client_seen(self, client: bytes, frame: Any) -> None:
-        if self.connections.client_known(client):
+        if self.connections.clients.known(client):
             return
         # the disconnect of an earlier connection on a reused fd must be seen before we map it
-        self._drain_front_monitor()
-        self.connections.client_connected(client, source_fd(frame), time.monotonic())
+        self.connections.clients.read(self.front_monitor)
+        self.connections.clients.connected(client, source_fd(frame), time.monotonic(), reuse_is_loss=True)
 
     # -- sockets ----------------------------------------------------------------------------
     def bind(self) -> None:
@@ -223,18 +221,18 @@ class Broker:
             items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
                                                                self.front_monitor)]
             if self.store_link is not None:
-                items.append((self.store_link.fileno(), POLLIN))
+                items.append((self.store_link.thread.fileno(), POLLIN))
             self._poll_but_backend = [item for item in items if item[0] is not self.backend]
-        store_fd = self.store_link.fileno() if self.store_link is not None else -1
+        store_fd = self.store_link.thread.fileno() if self.store_link is not None else -1
         core, publisher, conns = self.core, self.publisher, self.connections
-        due = min(core.next_deadline(), publisher.next_due(), conns.handshakes.next_due())
+        due = min(core.next_deadline(), publisher.history.due, conns.handshakes.next_due())
         now = time.monotonic()
         answers_wait = core.roster.answers_wait_until()  # the workers' answers to a heartbeat round
         if answers_wait > now:
             items = self._poll_but_backend
             due = min(due, answers_wait)
         timeout = max(0.0, due - now)
-        if conns.worker_disconnects or conns.client_disconnects:
+        if conns.workers.disconnects or conns.clients.disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
         if self.frontend in events or core.running:
@@ -244,15 +242,15 @@ class Broker:
             self._commit_here()  # checkpoints committed: the replies they held go out now
             self.outbox.flush()
         if self.monitor in events:
-            self._drain_monitor()
-        if conns.worker_disconnects:
-            self._settle_disconnects()
+            conns.workers.read(self.monitor, core.workers)
+        if conns.workers.disconnects:
+            self._settle(conns.workers, self.from_workers, core.worker_lost)
         if self.frontend in events:
             self.from_clients.drain()
         if self.front_monitor in events:
-            self._drain_front_monitor()
-        if conns.client_disconnects:
-            self._settle_client_disconnects()
+            conns.clients.read(self.front_monitor)
+        if conns.clients.disconnects:
+            self._settle(conns.clients, self.from_clients, core.client_gone)
         if store_fd in events and self.store_link is not None:
             self.store_link.collect()  # held replies go out
         if self._wake_r in events:
@@ -267,8 +265,7 @@ class Broker:
             if core.roster.last_round != self._round:
                 self._round = core.roster.last_round
                 self.zmq_threads.quiet()
-        if now >= publisher.next_due():
-            publisher.tick(now)
+        publisher.history.tick(now)
         conns.log_handshakes_due(now)
         self._commit_here()
         self.outbox.flush()
@@ -285,46 +282,18 @@ class Broker:
         except (zmq.ZMQError, AttributeError, TypeError, UnicodeDecodeError):
             return ""
 
-    def _drain_monitor(self) -> None:
-        for event in _monitor_events(self.monitor):
-            self.connections.worker_event(event, self.core.workers, time.monotonic())
-
-    def _drain_front_monitor(self) -> None:
-        for event in _monitor_events(self.front_monitor):
-            self.connections.client_event(event, time.monotonic())
-
-    def _settle_client_disconnects(self) -> None:
-        """Clients whose connection closed: what they sent before closing is read first (the
-        frontend and the monitor deliver in no fixed order), then their calls are cancelled."""
-        due = self.connections.clients_due(time.monotonic())
+    def _settle(self, peers: Peers, sock: SocketDrain, lost: Callable[[bytes, float], None]) -> None:
+        """Peers whose connection closed: what they sent before closing is read first (it travels
+        through the ROUTER, the disconnect through the monitor, in no fixed order), so a worker's
+        goodbye is never counted as a crash; then the core hears of each loss (``worker_lost``:
+        a crash if it still holds the worker; ``client_gone``: its calls are cancelled)."""
+        due = peers.due(time.monotonic())
         if not due:
             return
-        self.from_clients.drain()
-        for client in due:
-            self.connections.settle_client(client)
-            self.core.client_gone(client, time.monotonic())
-
-    def _settle_disconnects(self) -> None:
-        """Workers whose connection closed: a goodbye queued before the close is read first (it
-        travels through the backend socket, the disconnect through the monitor, in no fixed
-        order), so a clean exit is never counted as a crash."""
-        due = self.connections.workers_due(time.monotonic())
-        if not due:
-            return
-        self.from_workers.drain()
-        for wid in due:
-            # not gone meanwhile (a goodbye), and the disconnect was of its current connection
-            if self.connections.settle_worker(wid) and wid in self.core.workers:
-                self.core.worker_lost(wid, time.monotonic())
-
-
-def _monitor_events(sock: zmq.Socket[Any]) -> Iterator[_MonitorMessage]:
-    """The events waiting on a socket monitor."""
-    while True:
-        try:
-            yield parse_monitor_message(sock.recv_multipart(zmq.NOBLOCK))
-        except zmq.Again:
-            return
+        sock.drain()
+        for peer in due:
+            if peers.settle(peer):  # (not a disconnect of an older connection)
+                lost(peer, time.monotonic())
 
 
 def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str, int] | None:
@@ -356,9 +325,6 @@ class StoreLink:
         self.thread = StoreThread(store)
         self._done = done
         self._here: list[Job] = []  # small writes committed at the end of this loop turn
-
-    def fileno(self) -> int:
-        return self.thread.fileno()
 
     def submit(self, job: Job) -> None:
         if job.op != "load" and not self.thread.writing and _job_bytes(job) <= _INLINE_WRITE_MAX:

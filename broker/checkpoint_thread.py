@@ -30,7 +30,6 @@ log = logging.getLogger("dspex.broker")
 # seconds between two looks of the store's thread at its file: the WAL copied into the database
 # (if written since), and the file written again if it went (CheckpointStore.gone)
 _LOOK_EVERY = 1.0
-_NOTHING = Job("nothing", ())  # (a look, no job)
 _WAKE = Job("wake", ())  # not work: a write ran on the routing thread while the thread slept
 
 
@@ -129,39 +128,23 @@ class StoreThread:
                 if self._writes_submitted + self._writes_here == wrote:
                     timeout = None
             try:
-                job = self._jobs.get(timeout=timeout)
+                jobs = [self._jobs.get(timeout=timeout)]
             except queue.Empty:
-                job = _NOTHING
+                jobs = []
             self._asleep = False
-            if job is _WAKE:
-                job = _NOTHING
-            if job is not _NOTHING:
-                batch: list[Job] = []
-                stop = job is None
-                if job is not None:
-                    batch.append(job)
-                while not stop:  # everything already waiting joins this round (one commit for its writes)
-                    try:
-                        more = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                    elif more is not _WAKE:
-                        batch.append(more)
-                if batch:
-                    self._round(batch)
-                    writes = sum(1 for job in batch if job.op != "load")
-                    if writes:
-                        self._writes_run += writes
-                    self._done.extend(batch)
-                    try:
-                        os.write(self._write, b"\x01")
-                    except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
-                        pass
-                if stop:
-                    self._rewrite_if_gone()  # (a broker stopped right after it went keeps its sessions)
-                    return
+            while jobs and jobs[-1] is not None:  # everything already waiting joins this round (one commit)
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            batch = [job for job in jobs if job is not None and job is not _WAKE]
+            if batch:
+                self._round(batch)
+                self._writes_run += sum(1 for job in batch if job.op != "load")
+                self._hand_back(batch)
+            if jobs and jobs[-1] is None:
+                self._rewrite_if_gone()  # (a broker stopped right after it went keeps its sessions)
+                return
             # once a second, idle or busy (writes back to back never leave the thread idle: the WAL
             # would grow for ever)
             if time.monotonic() >= looked + _LOOK_EVERY:
@@ -216,10 +199,13 @@ class StoreThread:
                   "session, and the checkpoints of %d durable sessions are lost until their next call (their workers "
                   "hold them: each is checkpointed whole at its next call; one whose worker goes first is lost)",
                   self.store.path, why, aside, sessions)
-        self._done.append(Job("reset", ()))
+        self._hand_back([Job("reset", ())])
+
+    def _hand_back(self, jobs: list[Job]) -> None:
+        self._done.extend(jobs)
         try:
             os.write(self._write, b"\x01")
-        except BlockingIOError:
+        except BlockingIOError:  # the pipe is full: the broker has wake-ups pending anyway
             pass
 
     def _copy_wal(self) -> int:
@@ -250,33 +236,28 @@ class StoreThread:
             self._resets_in_round = 0
         i = 0
         while i < len(batch):
+            j = i + 1
             if batch[i].op == "write":  # consecutive writes: one transaction
-                j = i
                 while j < len(batch) and batch[j].op == "write":
                     j += 1
-                writes = batch[i:j]
-                try:
-                    for job, result in zip(writes, self.store.apply([job.args[0] for job in writes])):
-                        job.error = result
-                except Exception as exc:  # noqa: BLE001 - a disk or database failure: every write of the round failed
-                    if here and (locked(exc) or damaged(exc)):
-                        return batch[i:]  # (the thread resets a damaged file first)
-                    if damaged(exc) and self._reset_damaged(exc):
-                        continue  # the same writes, on the fresh store
-                    log.error("checkpoint store %s: %s", self.store.path, exc)
-                    for job in writes:
-                        job.error = StoreError(f"the broker's checkpoint store failed ({exc})")
-                i = j
-                continue
-            job = batch[i]
+            jobs = batch[i:j]
             try:
-                job.result = getattr(self.store, job.op)(*job.args)
-            except Exception as exc:  # noqa: BLE001 - handed back to the broker with the job
+                if jobs[0].op == "write":
+                    for job, result in zip(jobs, self.store.apply([job.args[0] for job in jobs])):
+                        job.error = result
+                else:
+                    jobs[0].result = getattr(self.store, jobs[0].op)(*jobs[0].args)
+            except Exception as exc:  # noqa: BLE001 - handed back to the broker with the jobs
                 if here and (locked(exc) or damaged(exc)):
-                    return batch[i:]
+                    return batch[i:]  # (the thread resets a damaged file first)
                 if damaged(exc) and self._reset_damaged(exc):
-                    continue
-                log.error("checkpoint store %s: %s failed: %s", self.store.path, job.op, exc)
-                job.error = exc
-            i += 1
+                    continue  # the same jobs, on the fresh store
+                if jobs[0].op == "write":  # a disk or database failure: every write of the transaction failed
+                    log.error("checkpoint store %s: %s", self.store.path, exc)
+                    exc = StoreError(f"the broker's checkpoint store failed ({exc})")
+                else:
+                    log.error("checkpoint store %s: %s failed: %s", self.store.path, jobs[0].op, exc)
+                for job in jobs:
+                    job.error = exc
+            i = j
         return []

@@ -47,14 +47,12 @@ class CheckpointWrites:
         self.counters, self.core_counters = counters, core_counters
         self._to_client = port.to_client
 
-    def answered(self, w: WorkerRecord, p: Pending | None, rec: SessionRecord | None, frames: list[zmq.Frame],
+    def answered(self, w: WorkerRecord, p: Pending, rec: SessionRecord | None, frames: list[zmq.Frame],
                  ok: bool) -> bool:
         """The final reply ``frames`` (``[wid, envelope, ...]``) of call ``p`` that ``w`` ran, of a
         durable session ``rec`` or carrying a checkpoint (``W_CHECKPOINT``): the checkpoint goes to
         the store and the reply to the client once it (and every write of the session before it)
         committed. Returns whether the reply is a success."""
-        if p is None:  # (the core checked it ran there: never)
-            return ok
         if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
             assert rec is not None
             self.moves.not_held(rec, w, p)
@@ -126,8 +124,10 @@ class CheckpointWrites:
             return
         d.held.append((d.submitted, key, reply))
 
-    def _release_held(self, d: Durability) -> None:
-        while d.held and d.held[0][0] <= d.done:
+    def release_held(self, d: Durability, everything: bool = False) -> None:
+        """The replies whose writes committed go; ``everything``: the session is gone, all of
+        them go now (a refused call's as its error)."""
+        while d.held and (everything or d.held[0][0] <= d.done):
             _before, key, reply = d.held.popleft()
             self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
 
@@ -149,7 +149,7 @@ class CheckpointWrites:
         assert d is not None
         if not d.off:
             d.off = reason
-            self.port.store(Job("plain", (rec.id, reason)))
+            self.port.store(Job("forget", (rec.id, reason)))
             self.counters["refused"] += 1
             self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
         if key is not None:
@@ -160,35 +160,26 @@ class CheckpointWrites:
 
     def done(self, job: Job) -> None:
         """A job the store finished: a write's or an opening's held replies go once committed."""
-        if job.op == "write":
-            sid, key, size, seq = job.tag
-            rec = self.sessions.get(sid)
-            d = rec.durable if rec is not None else None
-            if rec is None or d is None:
-                return
-            d.done += 1
-            if job.error is None:
-                d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
-                self.counters["writes"] += 1
-            elif isinstance(job.error, StaleCheckpoint):
-                self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
-            else:
-                self._turn_off(rec, key, str(job.error))
-            self._release_held(d)
-            if self.moves.uneven:
-                self.moves.spread_on(rec)
-        elif job.op == "open":
-            rec = self.sessions.get(job.args[0])
-            d = rec.durable if rec is not None else None
-            if rec is None or d is None:
-                return
-            d.done += 1
+        if job.op not in ("write", "open"):
+            return
+        rec = self.sessions.get(job.tag[0] if job.op == "write" else job.args[0])
+        d = rec.durable if rec is not None else None
+        if rec is None or d is None:
+            return
+        d.done += 1
+        if job.op == "open":
             if job.error is not None:
                 self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})")
-            self._release_held(d)
-
-    def release_all(self, d: Durability) -> None:
-        """The session is gone: every reply it holds goes now (a refused call's as its error)."""
-        while d.held:
-            _before, key, reply = d.held.popleft()
-            self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
+            self.release_held(d)
+            return
+        sid, key, size, seq = job.tag
+        if job.error is None:
+            d.bytes, d.seq, d.stored = size, seq, self.clock.wall()
+            self.counters["writes"] += 1
+        elif isinstance(job.error, StaleCheckpoint):
+            self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
+        else:
+            self._turn_off(rec, key, str(job.error))
+        self.release_held(d)
+        if self.moves.uneven:
+            self.moves.spread_on(rec)

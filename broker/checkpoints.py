@@ -102,7 +102,12 @@ class CheckpointStore:
             # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
             # table exists, or it takes a VACUUM of the whole file
             self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self._configure()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # the WAL is copied into the database (and synced) by the store's thread, never by a
+        # commit on the routing thread (wal_checkpoint)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._waits = True  # (the timeout given to connect)
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, 1, SCHEMA_VERSION):
             raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
@@ -116,14 +121,6 @@ class CheckpointStore:
         self._files = identities(path)  # the files the connections write, to know if they go (gone)
         self._length = os.path.getsize(path)  # the file's; only the store's WAL copies change it (gone)
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-
-    def _configure(self) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # the WAL is copied into the database (and synced) by the store's thread, never by a
-        # commit on the routing thread (wal_checkpoint)
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._waits = True  # (the timeout given to connect)
 
     def _drop_damaged_rows(self) -> None:
         """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
@@ -294,17 +291,11 @@ class CheckpointStore:
         if session in self._rows:
             self._rows[session][4] = when
 
-    def drop(self, session: str) -> None:
-        """The session is closed, expired or lost: its rows go."""
-        self._forget(session, "")
-
-    def plain(self, session: str, reason: str) -> None:
-        """The session went plain (``reason``): its checkpoint goes and its row stays (``seq`` -1,
-        the reason in place of a skeleton) until it is closed, so that a restarted broker knows
-        it as plain, not as a durable session to checkpoint whole again."""
-        self._forget(session, reason)
-
-    def _forget(self, session: str, plain: str) -> None:
+    def forget(self, session: str, plain: str = "") -> None:
+        """The session is closed, expired or lost: its rows go. Or it went ``plain`` (why): its
+        checkpoint goes and its row stays (``seq`` -1, the reason in place of a skeleton) until it
+        is closed, so that a restarted broker knows it as plain, not as a durable session to
+        checkpoint whole again."""
         self.total -= self._sizes.pop(session, 0)
         self._seqs.pop(session, None)
         self._plain_row(session, plain)
@@ -334,9 +325,6 @@ class CheckpointStore:
             self._rows.pop(session, None)
         elif session in self._rows:
             self._rows[session][5] = plain
-
-    def size(self, session: str) -> int:
-        return self._sizes.get(session, 0)
 
     # -- checkpoints ------------------------------------------------------------------------
     def apply(self, writes: Sequence[Write]) -> list[StoreError | None]:
@@ -451,7 +439,7 @@ def _mb(n: int) -> str:
 
 @dataclass
 class Job:
-    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "plain", "drop"; ``args`` its
+    """Work for the store thread. ``op``: "open", "pin", "used", "write", "load", "forget"; ``args`` its
     arguments; ``tag`` whatever the broker needs when it comes back; ``result`` / ``error``
     are set by the thread."""
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Container
+import time
+from collections.abc import Callable, Container
+from typing import Any
 
 import zmq
-from zmq.utils.monitor import _MonitorMessage
+from zmq.utils.monitor import _MonitorMessage, parse_monitor_message
 
 from broker.answers import NOTICE_EVERY
 from broker.security import CLIENTS, WORKERS
@@ -45,11 +47,6 @@ def _inode(fd: int) -> int | None:
         return None
 
 
-def _closed(fd: int, inode: int | None) -> bool:
-    """Whether the socket mapped on ``fd`` (``inode``; None: not known) is closed now."""
-    return fd < 0 or inode is None or _inode(fd) != inode
-
-
 def source_fd(frame: zmq.Frame) -> int:
     """The connection a received frame came from (-1: not known, e.g. inproc)."""
     try:
@@ -58,131 +55,106 @@ def source_fd(frame: zmq.Frame) -> int:
         return -1
 
 
-class Connections:
-    """The broker's map of peers to connections and the disconnects waiting for their grace."""
+class Peers:
+    """The peers of one ROUTER mapped to their connections, and their disconnects waiting for
+    their grace."""
 
-    def __init__(self) -> None:
-        self.fd_worker: dict[int, bytes] = {}  # connection (fd) -> the worker on it
-        self.worker_fd: dict[bytes, int] = {}  # and back: a worker's current connection
-        self.worker_inode: dict[bytes, int | None] = {}  # the socket on that fd when it was mapped
-        self.worker_disconnects: dict[bytes, float] = {}  # worker -> when the monitor saw it go
-        # clients that sent calls, by connection (fds are reused: the map is refreshed on a
-        # client's first call), and those whose connection closed, acted on after the grace
-        self.fd_client: dict[int, bytes] = {}
-        self.client_fd: dict[bytes, int] = {}
-        self.fd_client_inode: dict[int, int | None] = {}  # the socket on that fd when it was mapped
-        self.client_disconnects: dict[bytes, float] = {}
-        self.handshakes = Notices(NOTICE_EVERY)
+    def __init__(self, plane: str, handshake_failed: Callable[[str, int, float], None]) -> None:
+        self.plane = plane  # (security.WORKERS or CLIENTS: named in the handshake log lines)
+        self._handshake_failed = handshake_failed
+        self.by_fd: dict[int, bytes] = {}  # connection (fd) -> the peer on it
+        self.fd: dict[bytes, int] = {}  # and back: a peer's current connection
+        self.inode: dict[bytes, int | None] = {}  # the socket on that fd when it was mapped
+        self.disconnects: dict[bytes, float] = {}  # peer -> when the monitor saw it go
 
-    # -- workers ----------------------------------------------------------------------------
-    def worker_connected(self, wid: bytes, fd: int) -> bool:
-        """Map ``wid`` to connection ``fd``; whether that is another connection than its last (a
-        reused fd number holds another socket; True when not known: inproc)."""
+    def connected(self, peer: bytes, fd: int, now: float, reuse_is_loss: bool = False) -> bool:
+        """Map ``peer`` to connection ``fd``; whether that is another connection than its last (a
+        reused fd number holds another socket; True when not known: inproc). ``reuse_is_loss``:
+        another peer mapped on ``fd`` has lost its connection (the fd is someone else's now)."""
         if fd < 0:
             return True
-        old = self.worker_fd.get(wid, -1)
+        previous = self.by_fd.get(fd)
+        if reuse_is_loss and previous is not None and previous != peer:
+            self.disconnects.setdefault(previous, now)
+        old = self.fd.get(peer, -1)
         inode = _inode(fd)
-        renewed = old != fd or self.worker_inode.get(wid) != inode
-        if self.fd_worker.get(old) == wid:
-            del self.fd_worker[old]
-        self.worker_fd[wid] = fd
-        self.fd_worker[fd] = wid
-        self.worker_inode[wid] = inode
+        renewed = old != fd or self.inode.get(peer) != inode
+        if self.by_fd.get(old) == peer:
+            del self.by_fd[old]
+        self.fd[peer] = fd
+        self.by_fd[fd] = peer
+        self.inode[peer] = inode
         return renewed
 
-    def worker_gone(self, wid: bytes) -> None:
-        self.worker_disconnects.pop(wid, None)
-        self.worker_inode.pop(wid, None)
-        fd = self.worker_fd.pop(wid, -1)
-        if self.fd_worker.get(fd) == wid:
-            del self.fd_worker[fd]
+    def known(self, peer: bytes) -> bool:
+        """Mapped already, or gone (its last messages are read before it is settled)."""
+        return peer in self.fd or peer in self.disconnects
 
-    def worker_event(self, event: _MonitorMessage, known: Container[bytes], now: float) -> None:
-        """A backend monitor event; ``known``: the workers the core holds."""
+    def event(self, event: _MonitorMessage, now: float, known: Container[bytes] | None = None) -> None:
+        """A monitor event; ``known``: the peers whose disconnects count (None: all)."""
         if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            self.handshake_failed(WORKERS, int(event["value"]), now)
+            self._handshake_failed(self.plane, int(event["value"]), now)
         elif event["event"] == zmq.EVENT_DISCONNECTED:
-            wid = self.fd_worker.get(int(event["value"]))
-            if wid is not None and wid in known:
-                self.worker_disconnects.setdefault(wid, now)
+            peer = self.by_fd.get(int(event["value"]))
+            if peer is not None and (known is None or peer in known):
+                self.disconnects.setdefault(peer, now)
 
-    def _worker_closed(self, wid: bytes) -> bool:
-        fd = self.worker_fd.get(wid, -1)
-        return self.fd_worker.get(fd) != wid or _closed(fd, self.worker_inode.get(wid))
+    def read(self, monitor: zmq.Socket[Any], known: Container[bytes] | None = None) -> None:
+        """The events waiting on the ROUTER's socket monitor (``known``: as for :meth:`event`)."""
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.event(event, time.monotonic(), known)
 
-    def workers_due(self, now: float) -> list[bytes]:
-        """Workers whose disconnect is past its grace and whose current connection is closed; a
-        disconnect whose worker's connection stays open (an earlier one's) is dropped."""
+    def _closed(self, peer: bytes) -> bool:
+        """Whether ``peer``'s connection is closed now: its fd mapped to another peer, or the socket
+        mapped on it (its inode; None: not known) no longer open there."""
+        fd, inode = self.fd.get(peer, -1), self.inode.get(peer)
+        return self.by_fd.get(fd) != peer or inode is None or _inode(fd) != inode
+
+    def due(self, now: float) -> list[bytes]:
+        """Peers whose disconnect is past its grace and whose current connection is closed; a
+        disconnect whose peer's connection stays open (an earlier one's) is dropped."""
         due = []
-        for wid, seen in list(self.worker_disconnects.items()):
+        for peer, seen in list(self.disconnects.items()):
             if now - seen < GOODBYE_GRACE:
                 continue
-            if self._worker_closed(wid):
-                due.append(wid)
+            if self._closed(peer):
+                due.append(peer)
             elif now - seen >= CLOSE_WAIT:
-                del self.worker_disconnects[wid]
+                del self.disconnects[peer]
         return due
 
-    def settle_worker(self, wid: bytes) -> bool:
-        """Forget ``wid``'s disconnect; whether it was of its current connection (a crash if the
-        core still holds it), not of an older one."""
-        self.worker_disconnects.pop(wid, None)
-        if not self._worker_closed(wid):
+    def settle(self, peer: bytes) -> bool:
+        """Forget ``peer``'s disconnect; whether it was of its current connection (then the
+        connection is forgotten too), not of an older one."""
+        self.disconnects.pop(peer, None)
+        if not self._closed(peer):
             return False
-        fd = self.worker_fd.get(wid, -1)
-        if self.fd_worker.get(fd) == wid:
-            del self.fd_worker[fd]
+        self.gone(peer)
         return True
 
-    # -- clients ----------------------------------------------------------------------------
-    def client_known(self, client: bytes) -> bool:
-        """Mapped already, or gone (its last messages are read before it is settled)."""
-        return client in self.client_fd or client in self.client_disconnects
+    def gone(self, peer: bytes) -> None:
+        self.disconnects.pop(peer, None)
+        self.inode.pop(peer, None)
+        fd = self.fd.pop(peer, -1)
+        if self.by_fd.get(fd) == peer:
+            del self.by_fd[fd]
 
-    def client_connected(self, client: bytes, fd: int, now: float) -> None:
-        if fd < 0:
-            return
-        previous = self.fd_client.get(fd)
-        if previous is not None and previous != client:
-            self._client_lost(previous, now)  # its fd is someone else's now: that connection closed
-        self.fd_client[fd] = client
-        self.client_fd[client] = fd
-        self.fd_client_inode[fd] = _inode(fd)
 
-    def client_event(self, event: _MonitorMessage, now: float) -> None:
-        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-            self.handshake_failed(CLIENTS, int(event["value"]), now)
-        elif event["event"] == zmq.EVENT_DISCONNECTED:
-            client = self.fd_client.get(int(event["value"]))
-            if client is not None:
-                self.client_disconnects.setdefault(client, now)
+class Connections:
+    """The broker's workers and clients mapped to their connections, and the failed CURVE
+    handshakes of both planes."""
 
-    def _client_lost(self, client: bytes, now: float) -> None:
-        if self.client_fd.pop(client, None) is not None:
-            self.client_disconnects.setdefault(client, now)
+    def __init__(self) -> None:
+        self.workers = Peers(WORKERS, self.handshake_failed)
+        # clients that sent calls, by connection (fds are reused: the map is refreshed on a
+        # client's first call)
+        self.clients = Peers(CLIENTS, self.handshake_failed)
+        self.handshakes = Notices(NOTICE_EVERY)
 
-    def clients_due(self, now: float) -> list[bytes]:
-        """Clients whose disconnect is past its grace and whose connection is closed; a disconnect
-        whose client's connection stays open (an earlier one's) is dropped."""
-        due = []
-        for client, seen in list(self.client_disconnects.items()):
-            if now - seen < GOODBYE_GRACE:
-                continue
-            fd = self.client_fd.get(client, -1)
-            if _closed(fd, self.fd_client_inode.get(fd)):
-                due.append(client)
-            elif now - seen >= CLOSE_WAIT:
-                del self.client_disconnects[client]
-        return due
-
-    def settle_client(self, client: bytes) -> None:
-        self.client_disconnects.pop(client, None)
-        fd = self.client_fd.pop(client, -1)
-        if self.fd_client.get(fd) == client:
-            del self.fd_client[fd]
-            self.fd_client_inode.pop(fd, None)
-
-    # -- CURVE handshakes -------------------------------------------------------------------
     def handshake_failed(self, plane: str, code: int, now: float) -> None:
         """A peer that cannot complete the CURVE handshake retries every few hundred ms: one line
         at once, then counts (``Notices``). zmq does not say which peer; the error code says why."""

@@ -128,11 +128,8 @@ class Dispatcher:
             self._enqueue(pool, pool.queue, p)
 
     def _enqueue(self, pool: Pool, queue: deque[Pending], p: Pending) -> None:
-        if pool.admit(queue, p):
-            when = p.enqueued + pool.config.queue_timeout  # its queue deadline, or its caller's
-            when = min(when, p.deadline)
-            timers = self.timers
-            timers.due = min(timers.due, when)
+        if pool.admit(queue, p):  # the timers wake at its queue deadline, or its caller's
+            self.timers.due = min(self.timers.due, p.enqueued + pool.config.queue_timeout, p.deadline)
         else:
             self.answers.fail_in_bulk(p, pool, PoolSaturated(
                 f"pool {pool.name!r} has {pool.queued} queued requests, its limit", pool=pool.name))

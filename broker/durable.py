@@ -102,8 +102,8 @@ class DurableSessions:
         nothing writes no checkpoint: one more commit per call would tax the quickest calls),
         which a restarted broker adds to the saved time: its TTL never ends early, at most that
         much late."""
-        d, pool = rec.durable, self.pools.get(rec.pool)
-        if d is None or pool is None or not pool.config.session_ttl:
+        d, pool = rec.durable, self.pools[rec.pool]
+        if d is None or not pool.config.session_ttl:
             return
         used = self.clock.wall() - (self.clock.now - rec.last_used)
         if used - d.used >= _use_slack(pool.config.session_ttl):
@@ -136,11 +136,9 @@ class DurableSessions:
         d = rec.durable
         if d is None:
             return
-        self.writes.release_all(d)
-        self.port.store(Job("drop", (rec.id,)))  # (a plain one's row too)
-        pool = self.pools.get(rec.pool)
-        if pool is not None:
-            pool.parked.pop(rec.id, None)
+        self.writes.release_held(d, everything=True)
+        self.port.store(Job("forget", (rec.id,)))  # (a plain one's row too)
+        self.pools[rec.pool].parked.pop(rec.id, None)
 
     # -- what operators see ---------------------------------------------------------------------------
     @staticmethod
@@ -167,7 +165,7 @@ class DurableSessions:
         dropped: dict[str, int] = {}
         for row in rows:
             if row.pool not in self.pools or self.pools[row.pool].mode.value == "none":
-                self.port.store(Job("drop", (row.id,)))
+                self.port.store(Job("forget", (row.id,)))
                 dropped[row.pool] = dropped.get(row.pool, 0) + 1
                 continue
             rec = SessionRecord(row.id, row.pool, row.created, now, owner=row.owner)

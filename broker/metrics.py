@@ -104,8 +104,6 @@ class BrokerCollector(Collector):
                 requests.add_metric([name, op, outcome], n)
             latency.add_metric([name], *_cumulative(pool["latency_hist"]))
             wait.add_metric([name], *_cumulative(pool["wait_hist"]))
-            queued.add_metric([name], pool["queued"])
-            queue_max.add_metric([name], pool["queue_max"])
             states = dict.fromkeys(_STATES, 0)
             for w in pool["workers"]:
                 states["preparing" if w.get("preparing") and w["state"] in ("ready", "busy") else w["state"]] += 1
@@ -117,16 +115,14 @@ class BrokerCollector(Collector):
                 beat_age.add_metric(labels, max(0.0, w["last_heartbeat_s"] + late))
             for state, n in states.items():
                 workers.add_metric([name, state], n)
-            expected.add_metric([name], pool["size"])
-            sessions.add_metric([name], pool["sessions"])
+            for family, key in ((queued, "queued"), (queue_max, "queue_max"), (expected, "size"), (sessions, "sessions"),
+                                (starts, "starts"), (saturated, "saturated"), (timeouts, "queue_timeouts"),
+                                (expired, "sessions_expired")):
+                family.add_metric([name], pool[key])
             for why in RECYCLE_WHYS:  # every value from the start: rate() and alerts see the first one
                 recycles.add_metric([name, why], pool["recycles_by"].get(why, 0))
             for why in CRASH_WHYS:
                 crashes.add_metric([name, why], pool["crashes_by"].get(why, 0))
-            starts.add_metric([name], pool["starts"])
-            saturated.add_metric([name], pool["saturated"])
-            timeouts.add_metric([name], pool["queue_timeouts"])
-            expired.add_metric([name], pool["sessions_expired"])
 
         yield from (requests, latency, wait, queued, queue_max, saturated, timeouts, workers, expected, sessions,
                     expired, recycles, crashes, starts, rss, served, failed, inflight, beat_age)
@@ -166,13 +162,13 @@ def make_registry(publisher: StatusPublisher) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
-    """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``addr:port`` from a daemon
+def serve_metrics(broker: Broker, port: int) -> Any:
+    """Serve ``/metrics`` and the dashboard (``/``, ``/api/status``) on ``127.0.0.1:port`` from a daemon
     thread; returns the server. A port in use falls back to a free one, said in the log and in the
     broker's status (``broker.metrics``: ``requested``, ``port``, ``error``), which ``dspexctl``
     prints; None if nothing could be bound.
 
-    Only loopback by default: the numbers name pools and counts, and nothing on the network needs
+    Only loopback: the numbers name pools and counts, and nothing on the network needs
     them more than a local Prometheus agent or an SSH tunnel does.
     """
     import threading
@@ -186,6 +182,7 @@ def serve_metrics(broker: Broker, port: int, addr: str = "127.0.0.1") -> Any:
         def log_message(self, format: str, *args: Any) -> None:
             """Scrapes and page polls are not worth a log line each."""
 
+    addr = "127.0.0.1"
     app = Dashboard(broker.publisher, make_wsgi_app(make_registry(broker.publisher)),
                     getattr(broker.options, "supervisor_conf", None))
     try:

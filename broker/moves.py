@@ -93,10 +93,8 @@ class SessionMoves:
         """``w`` does not hold ``rec``, though pinned there (a broker that stored the pin of a move
         and died before the worker got the checkpoint): the call did not run; it goes with the
         session's checkpoint, as after a move."""
-        d, pool = rec.durable, self.pools.get(rec.pool)
+        d, pool = rec.durable, self.pools[rec.pool]
         assert d is not None
-        if pool is None:
-            return
         self.port.log(logging.WARNING, "session %s is not on worker %s (pid %d), where it is pinned: it moves with its checkpoint %d",
                     rec.id[:8], w.incarnation[:8], w.pid, d.seq)
         pool.parked.setdefault(rec.id, deque()).append(p)
@@ -121,8 +119,7 @@ class SessionMoves:
             # ended would spread it again, and the next wait for a load that fails)
             d.move, d.spread_from, d.partial = "", None, True
             self.book.pin(rec, back.id)
-            pool = self.pools.get(rec.pool)
-            for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
+            for p in self.pools[rec.pool].parked.pop(rec.id, deque()):
                 self._route(p, rec.pool, "")
             return
         if job.error is not None or stored is None or (d.forgotten and not stored.seq):
@@ -139,9 +136,7 @@ class SessionMoves:
     def _finish_move(self, rec: SessionRecord, d: Durability) -> None:
         """Pin a loaded session to the pool's least-loaded worker (a spread: to the worker it is
         pinned to already) and send it its calls."""
-        pool = self.pools.get(rec.pool)
-        if pool is None:
-            return
+        pool = self.pools[rec.pool]
         new = self.workers.get(rec.worker) if d.spread_from and rec.worker else None
         if new is None or new.draining or new.id in pool.rolling:
             new = pool.least_loaded()
@@ -206,12 +201,12 @@ class SessionMoves:
         d = rec.durable
         assert d is not None
         d.off = f"lost: {reason}"
-        self.port.store(Job("drop", (rec.id,)))
+        self.port.store(Job("forget", (rec.id,)))
         self.counters["lost"] += 1
         self.port.log(logging.ERROR, "durable session %s is lost: %s", rec.id[:8], reason)
         err = checkpoint_lost(rec.id, reason)
-        pool = self.pools.get(rec.pool)
-        for p in pool.parked.pop(rec.id, deque()) if pool is not None else ():
+        pool = self.pools[rec.pool]
+        for p in pool.parked.pop(rec.id, deque()):
             self.answers.fail(p, pool, err)
         self.book.closed.add(rec.id, reason, wid, lost=reason)
         self.book.release(rec)

@@ -136,14 +136,6 @@ class StatusPublisher:
             raise TimeoutError(f"the broker made no status snapshot within {timeout:g}s")
         return latest
 
-    def next_due(self) -> float:
-        """When the history's next point is due (monotonic seconds)."""
-        return self.history.due
-
-    def tick(self, now: float) -> None:
-        """A history point, when due."""
-        self.history.tick(now)
-
     def serve(self) -> None:
         """On the broker's thread, when ``asked``: build one snapshot for every waiting reader."""
         snap = build_snapshot(self.core, self.history)

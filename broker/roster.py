@@ -23,10 +23,10 @@ from broker.answers import Answers
 from broker.durable import DurableSessions
 from broker.moves import movable
 from broker.port import Port
-from broker.sessions import SessionBook
+from broker.sessions import SessionBook, worker_gone
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import SERVICE, SILENT
-from dspex.wire.errors import SessionWorkerUnavailable, WorkerCrashed
+from dspex.wire.errors import WorkerCrashed
 from dspex.wire.protocol import (
     B_DISCONNECT,
     B_HEARTBEAT,
@@ -317,9 +317,7 @@ class Roster:
         for p in queued:
             if self.durable.reroute(p, pool):
                 continue  # it did not run: it moves with its session
-            self.answers.fail(p, pool, SessionWorkerUnavailable(
-                f"session {p.session[:8]} is pinned to worker {w.incarnation[:8]}, which {why}",
-                session=p.session, worker=w.incarnation))
+            self.answers.fail(p, pool, worker_gone(p.session, w.id, why))
         self.port.worker_gone(w.id)
         if pool.recycling == w.id:
             pool.recycle_started = self.clock.now  # now wait for the replacement

@@ -62,6 +62,8 @@ class DurableHooks(Protocol):
 class SessionBook:
     """The rules of a session's end, over the core's ``sessions``, ``pools`` and ``workers``."""
 
+    durable: DurableHooks  # the core's, made after this book (it uses it): the core sets it
+
     def __init__(self, sessions: dict[str, SessionRecord], pools: dict[str, Pool],
                  workers: dict[bytes, WorkerRecord], gone: GoneWorkers, *, clock: Clock, restart_grace: float,
                  max_sessions: int, fail: Fail, to_worker: ToWorker, wake: Callable[[float], None]) -> None:
@@ -80,7 +82,6 @@ class SessionBook:
         self.booted = clock.now
         self.grace_ends = clock.now + restart_grace  # math.inf once it ended
         self.restart_grace = restart_grace
-        self.durable: DurableHooks | None = None  # the core's, once made (it uses this book)
 
     def admit(self, p: Pending, pool: Pool, claimed_worker: str, *, keep_claim: bool = False) -> SessionRecord | DspexError:
         """The session call ``p`` runs in (opened on its first call: ``claimed_worker`` is the pin
@@ -131,7 +132,7 @@ class SessionBook:
         new = self.workers.get(wid) if wid else None
         if new is not None:
             new.sessions.add(rec.id)
-        if rec.durable is not None and self.durable is not None:
+        if rec.durable is not None:
             self.durable.pinned(rec)
 
     def expire(self, now: float) -> None:
@@ -141,15 +142,14 @@ class SessionBook:
             return
         soonest = math.inf
         for rec in list(self.sessions.values()):
-            pool = self.pools.get(rec.pool)
-            ttl = pool.config.session_ttl if pool is not None else 3600.0
+            pool = self.pools[rec.pool]
+            ttl = pool.config.session_ttl
             if not ttl or rec.closing:
                 continue
             if self.running(rec):  # its idle time starts when the call ends, after now
                 soonest = min(soonest, now + ttl)
             elif now >= rec.last_used + ttl:
-                if pool is not None:
-                    pool.sessions_expired += 1
+                pool.sessions_expired += 1
                 self.close(rec, f"expired after {ttl:g}s idle")
             else:
                 soonest = min(soonest, rec.last_used + ttl)
@@ -170,7 +170,7 @@ class SessionBook:
                 self.retire(rec, rec.worker)
         for pool in self.pools.values():
             for wid, p in pool.take_awaiting():
-                if self.durable is not None and self.durable.reroute(p, pool):
+                if self.durable.reroute(p, pool):
                     continue
                 self._fail(p, pool, worker_gone(
                     p.session, wid, f"did not re-register within {self.restart_grace:g}s of this broker's start"))
@@ -182,8 +182,8 @@ class SessionBook:
         """Close now, or (a call of it still running) refuse new calls and release when the last
         call ends. Its calls still waiting in a queue never run. True if a worker holds state."""
         self.closed.add(rec.id, why)
-        pool = self.pools.get(rec.pool)
-        for p in pool.take_session(rec.id) if pool is not None else []:
+        pool = self.pools[rec.pool]
+        for p in pool.take_session(rec.id):
             self._fail(p, pool, SessionClosed(f"session {rec.id[:8]} {why} before this call ran", session=rec.id))
         holders = any(wid in self.workers for wid in rec.touched)
         if self.running(rec):
@@ -202,8 +202,8 @@ class SessionBook:
             assert lost is not None
             why = self.gone.why(lost)
             self.closed.add(rec.id, why, worker=lost)
-            pool = self.pools.get(rec.pool)
-            for p in pool.take_session(rec.id) if pool is not None else []:  # waiting for a worker to pin it
+            pool = self.pools[rec.pool]
+            for p in pool.take_session(rec.id):  # waiting for a worker to pin it
                 self._fail(p, pool, worker_gone(rec.id, lost, why))
         self.release(rec)
 
@@ -211,7 +211,7 @@ class SessionBook:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""
         self.sessions.pop(rec.id, None)
-        if rec.durable is not None and self.durable is not None:
+        if rec.durable is not None:
             self.durable.released(rec)
         for wid in rec.touched:
             w = self.workers.get(wid)

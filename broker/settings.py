@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker import checkpoints as checkpoints_store
@@ -50,8 +49,8 @@ class BrokerOptions:
     checkpoint_total_cap: int = checkpoints_store.TOTAL_CAP  # bytes of all of them
 
 
-def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> BrokerOptions:
-    env = os.environ if environ is None else environ
+def parse(argv: list[str] | None = None) -> BrokerOptions:
+    env = os.environ
     p = argparse.ArgumentParser(prog="python -m broker", description="dspex broker")
     p.add_argument("--frontend", default=None, help="client endpoint (default: DSPEX_FRONTEND or ipc in the run dir)")
     p.add_argument("--backend", default=None, help="worker endpoint (default: DSPEX_BACKEND or ipc in the run dir)")

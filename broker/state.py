@@ -368,7 +368,7 @@ class Durability:
 @dataclass(slots=True)
 class SessionRecord:
     id: str
-    pool: str
+    pool: str  # one of the core's pools: a session is opened by a call routed there, or loaded for one
     created: float  # wall-clock time (displayed)
     # idle time counts from the end of the last call: set when a call is routed and again when
     # its reply passes, so a call longer than the TTL never expires its own session (monotonic)
@@ -457,8 +457,6 @@ class Notices:
     def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
         """(key, count, seconds covered) for every window that ended with events left unlogged."""
         out: list[tuple[tuple[str, str], int, float]] = []
-        if not self._count:
-            return out
         for key, n in list(self._count.items()):
             since = self._since[key]
             if now - since >= self.every:

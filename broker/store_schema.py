@@ -87,10 +87,6 @@ class Stored:
     slots: list[int]
     blobs: list[bytes]
 
-    @property
-    def size(self) -> int:
-        return len(self.skeleton) + sum(map(len, self.blobs))
-
 
 def set_aside(path: str, why: str) -> str:
     """Rename the file at ``path`` and its -wal and -shm to ``PATH.<why>-<UTC time>``; that name."""

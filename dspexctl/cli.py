@@ -49,19 +49,16 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+_JSON, _INTERRUPTED = "dspexctl.json", "dspexctl.interrupted"  # (ctx.meta keys: shared by every context)
+
+
 def run(ctx: click.Context, cmd: Any, json_out: bool, **options: Any) -> None:
-    """request -> execute -> present (skipped under --json) -> exit code."""
+    """request -> execute -> present (skipped under --json) -> exit code; an error or Ctrl-C ends
+    in :meth:`Dspexctl.invoke`, which reads how to say it from ``ctx.meta``."""
     settings: Settings = ctx.obj
-    as_json = json_out or settings.json
-    try:
-        req = cmd.request(**options)
-        result = cmd.execute(settings, req)
-    except DspexError as err:
-        fail(err, as_json)
-    except KeyboardInterrupt:  # what goes on without us, when something does
-        hint = getattr(cmd, "interrupted", "")
-        click.echo("\nError: interrupted" + (f": {hint}" if hint else ""), err=True)
-        ctx.exit(130)
+    as_json = ctx.meta[_JSON] = json_out or settings.json
+    ctx.meta[_INTERRUPTED] = getattr(cmd, "interrupted", "")  # what goes on without us, when something does
+    result = cmd.execute(settings, cmd.request(**options))
     show(cmd, result, as_json)
     ctx.exit(cmd.exit_code(result))
 
@@ -167,10 +164,11 @@ class Dspexctl(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo("\nError: interrupted", err=True)
+            hint = ctx.meta.get(_INTERRUPTED)
+            click.echo("\nError: interrupted" + (f": {hint}" if hint else ""), err=True)
             ctx.exit(130)
         except DspexError as err:
-            fail(err, bool(ctx.params.get("json_out")))
+            fail(err, bool(ctx.meta.get(_JSON, ctx.params.get("json_out"))))
         except click.ClickException as err:
             self._usage_json(err)
             raise

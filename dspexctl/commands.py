@@ -91,7 +91,7 @@ class Settings:
     # the rest of the environment a client reads (the run directory, CURVE key files...), read once
     config: ClientConfig = field(default_factory=ClientConfig.from_env)
 
-    def client(self, timeout: float | None = None) -> dspex.Client:
+    def client(self) -> dspex.Client:
         endpoint = self.resolved_endpoint()
         try:
             probe_ipc(endpoint)
@@ -102,7 +102,7 @@ class Settings:
             raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout)) from None
         broker = self._own_broker()
         server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
-        return dspex.connect(endpoint, timeout=self.timeout if timeout is None else timeout,
+        return dspex.connect(endpoint, timeout=self.timeout,
                              curve_server_key=server_key, curve_keypair=keypair)
 
     def resolved_endpoint(self) -> str:
@@ -313,17 +313,13 @@ class WorkersRecycle:
             if pool not in status["pools"]:
                 raise PoolNotFound(f"no pool named {pool!r}; pools: {', '.join(status['pools'])}")
             before = [w for w in status["pools"][pool]["workers"] if w["state"] != "draining"]
-            sup = None
             sc = settings.supervisor_conf_or_none()
-            if req["hard"]:
-                if sc is None:
-                    raise ConfigError(f"--hard needs supervisord: no {settings.supervisor_conf}")
-                sup = Supervisor(sc, timeout=settings.timeout)
-            elif sc is not None:
-                sup = Supervisor(sc, timeout=settings.timeout)
-                if not sup.running():
-                    sup.close()
-                    sup = None
+            if req["hard"] and sc is None:
+                raise ConfigError(f"--hard needs supervisord: no {settings.supervisor_conf}")
+            sup = Supervisor(sc, timeout=settings.timeout) if sc is not None else None
+            if sup is not None and not req["hard"] and not sup.running():
+                sup.close()
+                sup = None
             try:
                 if req["worker"]:
                     key = str(req["worker"])
@@ -393,13 +389,10 @@ class WorkersRecycle:
                 self._kill(sup, pool, w)
                 news += self._wait_replacements(dx, sup, pool, old_ids | {n["incarnation"] for n in news},
                                                 {w["incarnation"]}, size, deadline)
-        out = []
-        prev = t0
-        for old, new in zip(targets, news):
-            out.append({"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"],
-                        "new_pid": new["pid"], "seconds": round(new["seen"] - prev, 3), "problem": new.get("problem")})
-            prev = new["seen"]
-        return out
+        starts = [t0, *(new["seen"] for new in news)]  # each replacement took from the one before
+        return [{"old": old["incarnation"], "old_pid": old["pid"], "new": new["incarnation"], "new_pid": new["pid"],
+                 "seconds": round(new["seen"] - start, 3), "problem": new.get("problem")}
+                for old, new, start in zip(targets, news, starts)]
 
     @staticmethod
     def _kill(sup: Supervisor, pool: str, w: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import click
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.stack.supervisor import DEFAULT_CONF, Supervisor, SupervisorConf, supervisord_pid
+from dspex.stack.supervisor import Supervisor, SupervisorConf, supervisord_pid
 from dspex.wire.errors import ConfigError, DspexError
 from dspexctl import stack
 from dspexctl.commands import Settings, exit_code_for
@@ -112,10 +112,10 @@ def _reachable(endpoint: str | None, timeout: float = 2.0) -> bool:
         return False
 
 
-def _start_stack(conf: Path | None, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
+def _start_stack(conf: Path, timeout: float, progress: Callable[[str], None]) -> stack.StackHandle:
     """``ensure_stack``; when it fails or is interrupted after starting supervisord, that supervisord
     is stopped again (this command leaves nothing behind that it started)."""
-    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    sc = SupervisorConf.load(conf)
     with Supervisor(sc, timeout=5.0) as sup:
         was_running = sup.running()
     try:
@@ -201,10 +201,7 @@ def _echo(line: str, err: bool) -> None:
 
 
 class _AtLeast(click.IntRange):
-    """An integer with a lower bound that ``--help`` does not spell out (the help text says it)."""
-
-    def __init__(self, low: int) -> None:
-        super().__init__(min=low)
+    """An integer with a lower bound (``min``) that ``--help`` does not spell out (the help text says it)."""
 
     def _describe_range(self) -> str:
         return ""
@@ -219,9 +216,6 @@ class _AtLeast(click.IntRange):
 
 
 class _Seconds(click.FloatRange):
-    def __init__(self, low: float) -> None:
-        super().__init__(min=low)
-
     def _describe_range(self) -> str:
         return ""
 
@@ -241,15 +235,15 @@ class _Seconds(click.FloatRange):
 @click.option("--api-base", default=None, help="base URL of a local OpenAI-compatible server (dummy key if none set)")
 @click.option("--lm-engine", type=click.Choice(["auto", "lm15", "litellm"]), envvar="DSPEX_LM_ENGINE", default=None,
               help="dspy.LM engine for a real model (default: dspy's auto)")
-@click.option("--max-metric-calls", type=_AtLeast(3), default=None,
+@click.option("--max-metric-calls", type=_AtLeast(min=3), default=None,
               help="GEPA budget in metric calls, at least 3 (default 30; the original flagship's 3 only scores the baseline)")
-@click.option("--max-tokens", type=_AtLeast(1), default=None,
+@click.option("--max-tokens", type=_AtLeast(min=1), default=None,
               help="token cap of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
-@click.option("--reflection-max-tokens", type=_AtLeast(1), default=None,
+@click.option("--reflection-max-tokens", type=_AtLeast(min=1), default=None,
               help="token cap of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
-@click.option("--lm-timeout", type=_Seconds(0.1), default=None,
+@click.option("--lm-timeout", type=_Seconds(min=0.1), default=None,
               help="seconds per LM HTTP call, at least 0.1 (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
-@click.option("--num-retries", type=_AtLeast(0), default=None,
+@click.option("--num-retries", type=_AtLeast(min=0), default=None,
               help="retries with backoff of rate-limited/5xx/dropped LM calls (DSPEX_LM_NUM_RETRIES; default 2)")
 @click.option("--lm-kwarg", "lm_kwargs", multiple=True, metavar="K=V",
               help="extra dspy.LM keyword, value read as JSON when it is JSON (repeatable; DSPEX_LM_KWARGS)")

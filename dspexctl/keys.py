@@ -47,12 +47,9 @@ def _write(directory: Path, peers: tuple[str, ...], admins: tuple[str, ...]) -> 
     os.chmod(directory, 0o700)  # a directory we just made (or our own key store): never a run dir
     allowed = directory / "allowed"
     allowed.mkdir(mode=0o700, exist_ok=True)
-    planes = {"clients": allowed / "clients", "workers": allowed / "workers"}
+    planes = {plane: allowed / plane for plane in ("clients", "workers", *(["admins"] if admins else []))}
     for d in planes.values():
         d.mkdir(mode=0o700, exist_ok=True)
-    if admins:
-        planes["admins"] = allowed / "admins"
-        planes["admins"].mkdir(mode=0o700, exist_ok=True)
     written: dict[str, Path] = {}
     for name in ("broker", *peers, *(a for a in admins if a not in peers)):
         public, secret = zmq.auth.create_certificates(directory, name)

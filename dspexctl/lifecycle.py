@@ -114,10 +114,8 @@ class PoolsStop(PoolsCommand):
         return EXIT_OK
 
 
-class PoolsRestart(PoolsCommand):
+class PoolsRestart(PoolsStart):
     """Stop the pools' workers through supervisord, start them again, wait until they are ready."""
-
-    interrupted = PoolsStart.interrupted
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -131,9 +129,6 @@ class PoolsRestart(PoolsCommand):
     def present(self, result: dict[str, Any]) -> str:
         return ("restarted " + ", ".join(_pool_line(name, p) for name, p in result["pools"].items())
                 + f" ({result['seconds']:.1f}s)" + _problem_lines(result["pools"]))
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return EXIT_FOR_STATE[State(result["health"])]
 
 
 class StackStop:

@@ -50,11 +50,12 @@ def _unreachable_lines(result: dict[str, Any]) -> list[str]:
     return [f"UNREACHABLE: broker {u['endpoint']}: {u['message']}" for u in result["unreachable"]]
 
 
-def _unreachable_exit(result: dict[str, Any]) -> int:
-    return int(result["unreachable"][0]["exit"]) if result["unreachable"] else EXIT_OK
+class _SessionsCommand:
+    def exit_code(self, result: dict[str, Any]) -> int:
+        return int(result["unreachable"][0]["exit"]) if result["unreachable"] else EXIT_OK
 
 
-class SessionsList:
+class SessionsList(_SessionsCommand):
     def request(self, pool: str | None = None) -> dict[str, Any]:
         return {"pool": pool}
 
@@ -80,9 +81,6 @@ class SessionsList:
         lines = table(rows) if len(rows) > 1 else ["no sessions" + (f" in {result['pool']}" if result["pool"] else "")]
         return "\n".join([*lines, *_unreachable_lines(result)])
 
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return _unreachable_exit(result)
-
 
 def _durable_cell(s: dict[str, Any]) -> str:
     """"no" (and why, for a session that was durable), or the size and age of the session's
@@ -97,7 +95,7 @@ def _durable_cell(s: dict[str, Any]) -> str:
     return f"yes ({shown}, {fmt_duration(s['checkpoint_age_s'])} ago)"
 
 
-class SessionsClose:
+class SessionsClose(_SessionsCommand):
     """Close one session (id or unique prefix) or every session matching --pool/--idle/--all."""
 
     def request(self, session: str | None = None, pool: str | None = None, idle: float | None = None,
@@ -142,6 +140,3 @@ class SessionsClose:
         if result["criteria"]["session"] is None:
             lines.append(f"{len(lines)} session(s) closed" + (f", {gone} already gone" if gone else ""))
         return "\n".join([*lines, *_unreachable_lines(result)])
-
-    def exit_code(self, result: dict[str, Any]) -> int:
-        return _unreachable_exit(result)

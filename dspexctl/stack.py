@@ -21,7 +21,6 @@ from dspex.client.config import ClientConfig
 from dspex.client.endpoints import probe_ipc
 from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
-    DEFAULT_CONF,
     FAULT_SHUTDOWN_STATE,
     STOPPED_STATES,
     Supervisor,
@@ -72,11 +71,11 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     return commands.foreign_broker(info, endpoint, conf, procs, confless_is_foreign)
 
 
-def check_run_dir(conf: Path | None = None, endpoint: str | None = None) -> None:
+def check_run_dir(conf: Path, endpoint: str | None) -> None:
     """Raise :class:`StackConflict` when the broker answering at ``endpoint`` (default: this
     environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
     uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
-    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    sc = SupervisorConf.load(conf)
     endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
     with Supervisor(sc, timeout=5.0) as sup:
         conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
@@ -124,7 +123,7 @@ def pool_groups(sup: Supervisor, sc: SupervisorConf, wanted: Iterable[str]) -> l
     return wanted
 
 
-def ensure_stack(conf: Path | None = None, *, pools: Iterable[str] = (), timeout: float = 60.0,
+def ensure_stack(conf: Path, *, pools: Iterable[str] = (), timeout: float = 60.0,
                  progress: Progress = commands.progress, endpoint: str | None = None,
                  rpc_timeout: float = 5.0) -> StackHandle:
     """Start supervisord with ``conf`` when it is not running (which starts every program), else
@@ -137,7 +136,7 @@ def ensure_stack(conf: Path | None = None, *, pools: Iterable[str] = (), timeout
     says whether this call started it), and a ``SupervisorError`` (code ``supervisor_error``) when
     supervisord cannot start.
     """
-    sc = SupervisorConf.load(conf or DEFAULT_CONF)
+    sc = SupervisorConf.load(conf)
     endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
     try:  # all or nothing: a conf whose broker and workers would only go FATAL starts nothing
         load_pools(sc.path)
@@ -161,9 +160,9 @@ def ensure_stack(conf: Path | None = None, *, pools: Iterable[str] = (), timeout
         if not started:
             start_stopped(sup, (*groups, "broker") if named else None, timeout=timeout, progress=progress)
         # a supervisord that starts starts every pool: they are all waited for
-        wanted = expected_workers(sc, sup, groups if named and not started else None)
+        wanted = expected_workers(sup, groups if named and not started else None)
         try:
-            status = wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress, conf=sc)
+            status = wait_ready(sup, endpoint, wanted, timeout=timeout, progress=progress)
         except StackConflict as err:
             if started:  # all or nothing: what this call started goes, before it joins the other stack
                 progress("another stack holds the run directory: stopping the supervisord this command started")
@@ -284,13 +283,12 @@ def wait_pid_exit(pid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def expected_workers(sc: SupervisorConf, sup: Supervisor | None,
-                     pools: Iterable[str] | None = None) -> dict[str, int]:
+def expected_workers(sup: Supervisor, pools: Iterable[str] | None) -> dict[str, int]:
     """Workers each pool should have once this supervisord has started them: the processes of its
     group (numprocs). A pool without a group here has its workers on other hosts (its ``size``
     counts them), which this supervisord cannot start: 0."""
-    groups = by_group(sup.processes()) if sup is not None else {}
-    names = list(pools) if pools is not None else [p.name for p in load_pools(sc.path)]
+    groups = by_group(sup.processes())
+    names = list(pools) if pools is not None else [p.name for p in load_pools(sup.conf.path)]
     return {name: len(groups.get(name, ())) for name in names}
 
 
@@ -305,15 +303,14 @@ def ready_counts(status: dict[str, Any], pools: Iterable[str]) -> dict[str, int]
     return out
 
 
-def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *, timeout: float,
-               progress: Progress = commands.progress, conf: SupervisorConf | None = None) -> dict[str, Any]:
+def wait_ready(sup: Supervisor, endpoint: str, wanted: dict[str, int], *, timeout: float,
+               progress: Progress) -> dict[str, Any]:
     """Poll the broker until each pool of ``wanted`` has that many ready workers; return the status.
 
     Also polls supervisord, which (besides spotting a FATAL program early) wakes its main loop:
     supervisord only restarts an exited program on its next loop turn, up to 1 s later otherwise.
-    With ``conf``, raises :class:`StackConflict` as soon as the broker that answers is another
-    stack's, or this stack's broker refused to start because another one is live on the run
-    directory.
+    Raises :class:`StackConflict` as soon as the broker that answers is another stack's, or this
+    stack's broker refused to start because another one is live on the run directory.
     """
     started_at = time.monotonic()
     deadline = started_at + timeout
@@ -327,8 +324,8 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
             counts = dict.fromkeys(wanted, 0)
             try:
                 status = client.status(timeout=1.0)
-                if conf is not None and not checked:
-                    conflict = foreign_stack(conf, endpoint, sup)
+                if not checked:
+                    conflict = foreign_stack(sup.conf, endpoint, sup)
                     if conflict:
                         raise StackConflict(conflict)
                     checked = True
@@ -342,16 +339,13 @@ def wait_ready(sup: Supervisor | None, endpoint: str, wanted: dict[str, int], *,
                 last_err = f"broker: {err.message}"
                 client.close()
                 client = dspex.connect(endpoint, timeout=1.0)
-            fatal: list[str] = []
-            if sup is not None:
-                procs = sup.processes()
-                fatal = [full_name(p) for p in procs if p["statename"] == "FATAL"]
-                refused = _bind_refused(sup) if conf is not None and status is None else None
-                if refused:
-                    raise StackConflict(commands.not_this_stack(
-                        endpoint, f"this stack's broker refused to start ({refused})",
-                        f"stop that stack, or {commands.OWN_RUN_DIR}"))
-            if fatal and sup is not None:
+            fatal = [full_name(p) for p in sup.processes() if p["statename"] == "FATAL"]
+            refused = _bind_refused(sup) if status is None else None
+            if refused:
+                raise StackConflict(commands.not_this_stack(
+                    endpoint, f"this stack's broker refused to start ({refused})",
+                    f"stop that stack, or {commands.OWN_RUN_DIR}"))
+            if fatal:
                 logs = sup.conf.logfile.parent if sup.conf.logfile else sup.conf.here
                 why = "; ".join(f"{name}: {sup.last_log_line(name) or 'no output'}" for name in fatal)
                 raise SupervisorError(f"supervisord gave up on {', '.join(fatal)} (FATAL: it exited at once on every "

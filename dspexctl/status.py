@@ -122,21 +122,16 @@ class PoolsStatus:
                                           "its supervisord is not running: its pools are not expected")
                 else:
                     issues.append((State.UNREACHABLE, err.message))
-            for p in procs:
-                sup_info["processes"].append({
-                    "name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
-                    "uptime_s": proc_uptime(p), "description": p["description"],
-                    "log_tail": tails.get(full_name(p))})
-        declared: list[str] = []
-        conf_sizes: dict[str, int] = {}
+            sup_info["processes"] = [{"name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
+                                      "uptime_s": proc_uptime(p), "description": p["description"],
+                                      "log_tail": tails.get(full_name(p))} for p in procs]
+        conf_sizes: dict[str, int] = {}  # the pools the conf declares
         config_error = None
         if sc is not None and not (sup_info or {}).get("unused"):
             from dspex.stack.pools import load_pools
 
             try:
-                pools_conf = load_pools(sc.path)
-                declared = [c.name for c in pools_conf]
-                conf_sizes = {c.name: c.size for c in pools_conf}
+                conf_sizes = {c.name: c.size for c in load_pools(sc.path)}
             except ConfigError as err:  # still show supervisord's view: it is what explains a FATAL broker
                 config_error = err.message
                 issues.append((State.DEGRADED, f"invalid dspex config: {err.message}"))
@@ -162,7 +157,7 @@ class PoolsStatus:
                 issues.append((State.DEGRADED, mismatch))
 
         routed = req.get("routed") or []
-        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *declared]))
+        names = list(dict.fromkeys([*(broker["pools"] if broker else {}), *conf_sizes]))
         if broker is None:  # what it serves is known from the map alone: its pools' state is not
             names += [n for n in routed if n not in names]
         else:
@@ -240,26 +235,24 @@ class PoolsStatus:
                             "broker (see its log)")
                 issues.append((State.DEGRADED, text))
             workers.append({**dict.fromkeys(WORKER_KEYS), "pid": proc["pid"] or None, "host": socket.gethostname(),
-                            "state": "unregistered",
-                            "sessions": 0, "served": 0, "errors": 0, "inflight": 0, "capacity": 0, "queued": 0,
-                            "rss": 0, "uptime_s": 0, "process": full_name(proc), "process_state": proc["statename"],
-                            "phase": phase})
+                            "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
+                            "capacity": 0, "queued": 0, "rss": 0, "uptime_s": 0, "process": full_name(proc),
+                            "process_state": proc["statename"], "phase": phase})
         if s.verdict is None:
             health = State.STARTING.value if broker_starting else "unknown"
         else:
             health = s.verdict.state.value
             issues.extend((s.verdict.state, r) for r in s.verdict.reasons)
-        recent = (bp or {}).get("recent") or {}
+        b = bp or {}
+        recent = b.get("recent") or {}
         return {
-            "name": name, "affinity": bp["affinity"] if bp else None, "expected": s.expected,
+            "name": name, "affinity": b.get("affinity"), "expected": s.expected,
             "ready": s.ready, "busy": s.busy, "draining": s.draining, "total": len(workers_b), "starting": s.starting,
-            "sessions": bp["sessions"] if bp else 0, "queued": bp["queued"] if bp else 0,
-            "oldest_wait_s": (bp or {}).get("oldest_wait_s"),
-            "queue_max": bp["queue_max"] if bp else None,
-            "requests_ok": bp["requests_ok"] if bp else 0, "requests_error": bp["requests_error"] if bp else 0,
+            "sessions": b.get("sessions", 0), "queued": b.get("queued", 0), "oldest_wait_s": b.get("oldest_wait_s"),
+            "queue_max": b.get("queue_max"), "requests_ok": b.get("requests_ok", 0),
+            "requests_error": b.get("requests_error", 0),
             "latency_p50_ms": latency(bp, "latency_p50_ms"), "latency_p99_ms": latency(bp, "latency_p99_ms"),
-            "recycles": bp["recycles"] if bp else 0, "crashes": bp["crashes"] if bp else 0,
-            "health_window": (bp or {}).get("health_window"),
+            "recycles": b.get("recycles", 0), "crashes": b.get("crashes", 0), "health_window": b.get("health_window"),
             # failed answers (and crashes) of the health window: only "service" counts for WARN
             "failures": {kind: dict(recent.get(kind) or {}) for kind in (SERVICE, USER, RECYCLE)},
             "health": health, "reasons": [text for _, text in issues[mark:]], "in_broker": bp is not None,

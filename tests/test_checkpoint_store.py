@@ -59,19 +59,19 @@ def test_checkpoints_applied_in_order_load_as_the_latest_state(short_tmp: str) -
         ck, _ = tracker.build(state)
         assert ck is not None
         assert store.apply([write_of(ck)]) == [None]
-        assert store.size(SID) == ck.size == stored_bytes(path, SID)
+        assert store.total == ck.size == stored_bytes(path, SID)
     store.close()
 
     store = CheckpointStore(path)  # a restarted broker
     (row,) = store.sessions()
     assert (row.id, row.pool, row.worker, row.seq) == (SID, "triage", "w1", tracker.seq)
     held = store.load(SID)
-    assert held is not None and held.seq == tracker.seq and held.size == row.size == store.total
+    assert held is not None and held.seq == tracker.seq and len(held.skeleton) + sum(map(len, held.blobs)) == row.size == store.total
     new = RefTable("triage", "w2").session(SID)
     checkpoint_restore.restore(new, held.skeleton, held.slots, held.blobs, held.seq)
     assert [e["uuid"] for e in new.lm_history] == [e["uuid"] for e in state.lm_history]
     assert call(new, new.refs[refs["cot"].id], "next").answer == "answer 8"
-    store.drop(SID)
+    store.forget(SID)
     assert store.sessions() == [] and store.load(SID) is None and store.total == 0
     assert stored_bytes(path, SID) == 0
 
@@ -94,7 +94,7 @@ def test_a_session_over_its_cap_is_refused_and_dropped_and_others_keep_theirs(sh
     # its checkpoint gone; its row left says it went plain, and why (a restarted broker keeps it plain)
     assert store.load("b" * 32) is None
     assert {r.id: (r.seq, r.plain) for r in store.sessions()} == {"a" * 32: (1, ""), "b" * 32: (-1, str(refused))}
-    assert store.total == store.size("a" * 32) > 0
+    assert store.total == stored_bytes(store.path, "a" * 32) > 0
 
 
 def test_the_total_cap_refuses_the_write_that_crosses_it(short_tmp: str) -> None:
@@ -214,7 +214,7 @@ def test_an_idle_store_thread_copies_the_wal_once_after_each_write_and_sleeps_wh
             wait_for(lambda seen=seen: len(looks) >= seen + 2, what="two more looks")
             assert len(copies) == before + 1  # nothing written since: not copied again
         assert not thread._asleep  # it holds a session: it looks at its file every second
-        thread.run_here([Job("drop", (SID,))])
+        thread.run_here([Job("forget", (SID,))])
         wait_for(lambda: thread._asleep, what="the thread asleep again once the store holds nothing")
     finally:
         thread.close()
@@ -287,7 +287,7 @@ def test_every_committed_write_survives_a_sigkill_of_the_writer(short_tmp: str) 
     assert sorted(held.slots) == sorted({n % 7 for n in range(1, held.seq + 1)})
     newest = {n % 7: n for n in range(1, held.seq + 1)}
     assert all(blob == bytes([newest[s] % 256]) * 20000 for s, blob in zip(held.slots, held.blobs))
-    assert store.size("s" * 32) == stored_bytes(path, "s" * 32)
+    assert store.total == stored_bytes(path, "s" * 32)
     print(f"writer killed after {last} acknowledged writes; the store holds {held.seq}", file=sys.stderr)
 
 
@@ -380,6 +380,6 @@ def test_a_wake_queued_behind_a_job_is_no_write(short_tmp: str) -> None:
             wait_for(lambda: not thread.writing and select.select([thread.fileno()], [], [], 0.01)[0] != [],
                      what="the load done and no write left")
             thread.completed()
-            thread.run_here([Job("drop", (sid,))])
+            thread.run_here([Job("forget", (sid,))])
     finally:
         thread.close()

@@ -24,11 +24,11 @@ def test_a_late_disconnect_of_an_earlier_connection_on_the_same_fd_is_not_the_wo
     c = Connections()
     new, peer = socket.socketpair()
     try:
-        c.worker_connected(W, new.fileno())
-        c.worker_event(_disconnected(new.fileno()), {W}, 1.0)
-        assert c.workers_due(1.0 + 2 * GOODBYE_GRACE) == []
-        assert c.workers_due(1.0 + CLOSE_WAIT) == [] and c.worker_disconnects == {}  # dropped
-        assert c.worker_fd[W] == new.fileno() and c.fd_worker[new.fileno()] == W
+        c.workers.connected(W, new.fileno(), 0.0)
+        c.workers.event(_disconnected(new.fileno()), 1.0, {W})
+        assert c.workers.due(1.0 + 2 * GOODBYE_GRACE) == []
+        assert c.workers.due(1.0 + CLOSE_WAIT) == [] and c.workers.disconnects == {}  # dropped
+        assert c.workers.fd[W] == new.fileno() and c.workers.by_fd[new.fileno()] == W
     finally:
         peer.close()
         new.close()
@@ -38,13 +38,13 @@ def test_the_disconnect_of_the_workers_own_connection_is_its() -> None:
     c = Connections()
     conn, peer = socket.socketpair()
     fd = conn.fileno()
-    c.worker_connected(W, fd)
+    c.workers.connected(W, fd, 0.0)
     conn.close()
     peer.close()
-    c.worker_event(_disconnected(fd), {W}, 1.0)
-    assert c.workers_due(1.0 + 2 * GOODBYE_GRACE) == [W]
-    assert c.settle_worker(W)  # of its current connection: a crash if the core still holds it
-    assert fd not in c.fd_worker and c.worker_disconnects == {}
+    c.workers.event(_disconnected(fd), 1.0, {W})
+    assert c.workers.due(1.0 + 2 * GOODBYE_GRACE) == [W]
+    assert c.workers.settle(W)  # of its current connection: a crash if the core still holds it
+    assert fd not in c.workers.by_fd and c.workers.disconnects == {}
 
 
 def test_the_disconnect_of_the_workers_connection_whose_fd_another_took_is_its() -> None:
@@ -53,12 +53,12 @@ def test_the_disconnect_of_the_workers_connection_whose_fd_another_took_is_its()
     c = Connections()
     conn, peer = socket.socketpair()
     fd = conn.fileno()
-    c.worker_connected(W, fd)
+    c.workers.connected(W, fd, 0.0)
     other, other_peer = socket.socketpair()
     try:
         os.dup2(other.fileno(), fd)  # fd now names another socket, as a reused number does
-        c.worker_event(_disconnected(fd), {W}, 1.0)
-        assert c.worker_disconnects == {W: 1.0}
+        c.workers.event(_disconnected(fd), 1.0, {W})
+        assert c.workers.disconnects == {W: 1.0}
     finally:
         for s in (conn, peer, other, other_peer):
             s.close()
@@ -70,18 +70,18 @@ def test_a_late_disconnect_of_an_earlier_clients_connection_on_the_same_fd_is_no
     c = Connections()
     conn, peer = socket.socketpair()
     try:
-        c.client_connected(b"A", conn.fileno(), 1.0)
-        c.client_connected(b"B", conn.fileno(), 2.0)
-        assert c.client_disconnects == {b"A": 2.0}
-        c.client_event(_disconnected(conn.fileno()), 3.0)
-        assert c.clients_due(3.0 + 2 * GOODBYE_GRACE) == [b"A"]
-        c.settle_client(b"A")
-        assert c.clients_due(3.0 + CLOSE_WAIT) == [] and c.client_disconnects == {}  # dropped
-        assert c.client_fd == {b"B": conn.fileno()}
+        c.clients.connected(b"A", conn.fileno(), 1.0, reuse_is_loss=True)
+        c.clients.connected(b"B", conn.fileno(), 2.0, reuse_is_loss=True)
+        assert c.clients.disconnects == {b"A": 2.0}
+        c.clients.event(_disconnected(conn.fileno()), 3.0)
+        assert c.clients.due(3.0 + 2 * GOODBYE_GRACE) == [b"A"]
+        c.clients.settle(b"A")
+        assert c.clients.due(3.0 + CLOSE_WAIT) == [] and c.clients.disconnects == {}  # dropped
+        assert c.clients.fd == {b"B": conn.fileno()}
         fd = conn.fileno()
         conn.close()
-        c.client_event(_disconnected(fd), 4.0)  # now B's own connection closed
-        assert c.clients_due(4.0 + 2 * GOODBYE_GRACE) == [b"B"]
+        c.clients.event(_disconnected(fd), 4.0)  # now B's own connection closed
+        assert c.clients.due(4.0 + 2 * GOODBYE_GRACE) == [b"B"]
     finally:
         peer.close()
         if conn.fileno() >= 0:
@@ -95,10 +95,10 @@ def test_a_disconnect_read_just_before_its_socket_closes_is_the_clients() -> Non
     conn, peer = socket.socketpair()
     fd = conn.fileno()
     try:
-        c.client_connected(b"B", fd, 1.0)
-        c.client_event(_disconnected(fd), 2.0)
+        c.clients.connected(b"B", fd, 1.0, reuse_is_loss=True)
+        c.clients.event(_disconnected(fd), 2.0)
         conn.close()
-        assert c.clients_due(2.0 + 2 * GOODBYE_GRACE) == [b"B"]
+        assert c.clients.due(2.0 + 2 * GOODBYE_GRACE) == [b"B"]
     finally:
         peer.close()
         if conn.fileno() >= 0:
@@ -110,11 +110,11 @@ def test_a_disconnect_read_just_before_its_socket_closes_is_the_workers() -> Non
     conn, peer = socket.socketpair()
     fd = conn.fileno()
     try:
-        c.worker_connected(W, fd)
-        c.worker_event(_disconnected(fd), {W}, 2.0)
+        c.workers.connected(W, fd, 0.0)
+        c.workers.event(_disconnected(fd), 2.0, {W})
         conn.close()
-        assert c.workers_due(2.0 + 2 * GOODBYE_GRACE) == [W]
-        assert c.settle_worker(W)  # of its current connection: a crash if the core still holds it
+        assert c.workers.due(2.0 + 2 * GOODBYE_GRACE) == [W]
+        assert c.workers.settle(W)  # of its current connection: a crash if the core still holds it
     finally:
         peer.close()
         if conn.fileno() >= 0:

@@ -492,7 +492,7 @@ def _spread_the_store_cannot_serve(path: str) -> tuple[DurableCore, str]:
         core.commit()
     core.ready(B, "p")
     (moved,) = [sid for sid in sids if core.sessions[sid].worker == B]
-    core.store.drop(moved)
+    core.store.forget(moved)
     return core, moved
 
 
