@@ -22,7 +22,7 @@ from dspy.utils import DummyLM
 
 from dspex.errors import CheckpointRefused
 from dspex.wire.byvalue import register_sources
-from worker import checkpoint, checkpoint_data, checkpoint_pickler, checkpoint_restore, namespace
+from worker import checkpoint, checkpoint_history, checkpoint_pickler, checkpoint_restore, namespace
 from worker.checkpoint_pickler import load_seeded
 from worker.refs import RefTable, SessionState
 
@@ -164,9 +164,9 @@ def test_a_history_entry_is_pickled_as_pickle_itself_would() -> None:
     entries = [*state.lm_history, {"response": _Reply([_Part("text", "a"), _Part("image", "b")], 3),
                                    "own": _OwnState(21), "one": _OneField(1 + 2j), "cls": _Part, "n": None}]
     for entry in entries:
-        blob = checkpoint_data.dumps_data_blob(entry)
+        blob = checkpoint_history.dumps_data_blob(entry)
         assert blob == pickle.dumps(entry, checkpoint_pickler.PROTOCOL)
-        assert checkpoint_pickler.load_blob(blob) == entry
+        assert pickle.loads(blob) == entry
 
 
 def test_deltas_applied_in_order_restore_the_latest_state_and_history_drops_its_old_entries() -> None:

@@ -13,6 +13,7 @@ import math
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,6 +156,30 @@ def test_args_that_are_not_a_list_of_arguments_say_how_to_pass_one(dx: dspex.Cli
         with pytest.raises(dspex.BadArgument, match=r"args=\(x,\)"):
             s.method(ref, "count", bad)
     assert s.apply(ident, ("abc",)) == "abc" and s.call("builtins", "len", [ref]) == 2
+
+
+def test_kwargs_that_are_not_a_mapping_of_names_are_refused_as_in_process(dx: dspex.Client) -> None:
+    """``fn(**[1])`` and ``fn(**{1: 2})`` are TypeErrors in-process: so are ``kwargs=[1]`` and
+    ``kwargs={1: 2}`` (BadArgument, before anything is sent), with every op and client kind; any
+    mapping of names works as ``**`` takes it."""
+    s = dx.session("p")
+    ref = s.put([1, 2])
+    ops = [lambda bad: s.apply(ident, (), bad), lambda bad: s.call("builtins", "dict", (), bad),
+           lambda bad: s.method(ref, "count", (1,), bad), lambda bad: list(s.stream_apply(iter, ([],), bad)),
+           lambda bad: dx.call("builtins", "dict", (), bad, pool="p")]
+    for bad in ([1], (("x", 1),), "x", 5, {1: 2}):
+        for op in ops:
+            with pytest.raises(dspex.BadArgument, match="kwargs") as caught:
+                op(bad)
+            assert isinstance(caught.value, TypeError)
+    assert s.apply(dict, (), types.MappingProxyType({"x": 1})) == {"x": 1}
+
+    async def main() -> None:
+        async with dspex.aio.connect(dx.endpoint) as a:
+            with pytest.raises(dspex.BadArgument, match="kwargs"):
+                await a.session("p").apply(ident, (), [1])  # type: ignore[arg-type]
+
+    asyncio.run(main())
 
 
 def test_a_callback_that_is_not_callable_is_refused_before_the_call_runs(dx: dspex.Client,

@@ -386,6 +386,57 @@ def test_the_asyncio_client_forwards_the_same(stack: Stack, tmp_path: Path) -> N
     assert "UserWarning: warned 0" in out.stderr and "UserWarning: warned 1" in out.stderr
 
 
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_a_print_to_a_closed_pipe_raises_in_the_caller_and_stops_the_call(stack: Stack, tmp_path: Path,
+                                                                          kind: str) -> None:
+    """``python client.py | head -1``: in-process the program's next ``print`` raises
+    BrokenPipeError and the program stops there. Through a session the same: the call is cancelled
+    on its worker (not run to its end into a pipe nobody reads) and the caller gets the
+    BrokenPipeError; the session serves its next call."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    lines = tmp_path / "lines"
+    call = "await s.run(program, PATH)" if kind == "asyncio" else "s.run(program, PATH)"
+    body = textwrap.indent(textwrap.dedent(f"""
+        try:
+            {call}
+            sys.stderr.write("returned\\n")
+        except BrokenPipeError:
+            sys.stderr.write("raised BrokenPipeError\\n")
+        sys.stderr.write(f"next call {{{call.replace("program, PATH", "len, [1, 2]")}}}\\n")
+    """), "    ")
+    if kind == "asyncio":
+        session = "async def main():\n    async with dspex.aio.connect(FRONTEND) as dx:\n        s = dx.session('p')\n"
+        tail = "asyncio.run(main())\n"
+        body = textwrap.indent(body, "    ")
+    else:
+        session = "with dspex.connect(FRONTEND) as dx:\n    s = dx.session('p')\n"
+        tail = ""
+    script = tmp_path / "user_script.py"
+    script.write_text(HEAD + f"FRONTEND = {stack.frontend!r}\nPATH = {str(lines)!r}\n" + textwrap.dedent("""
+        def program(path):
+            import time
+            from pathlib import Path
+
+            for i in range(1000):  # about 10 s to run to its end
+                print("line", i, flush=True)
+                Path(path).write_text(str(i))
+                time.sleep(0.01)
+            return i
+    """) + session + body + tail)
+    proc = subprocess.Popen([sys.executable, str(script)], env=stack.env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"line 0\n"
+        proc.stdout.close()  # as ``head -1`` does after its line
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert err.decode().splitlines()[-2:] == ["raised BrokenPipeError", "next call 2"], err.decode()[-3000:]
+    assert int(lines.read_text()) < 500, "the call ran on after its client's pipe closed"
+
+
 @pytest.mark.timeout(240)
 def test_a_print_loop_waits_for_a_client_that_does_not_read(stack: Stack, tmp_path: Path) -> None:
     """Flow control: a client that stops reading stops the printing program after one stream

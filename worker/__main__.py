@@ -26,7 +26,7 @@ def run(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         logs.early(f"worker[{os.getpid()}]", f"worker: {err.message}")
         return 2
-    # only now: serving imports the client codec and numpy (~1 s on a loaded host), and a config
+    # only now: serving imports the client codec and numpy (seconds on a loaded host), and a config
     # error must end the process within supervisord's startsecs, or it restarts it forever
     # instead of marking it FATAL with the cause
     from worker.worker import main

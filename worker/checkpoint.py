@@ -54,7 +54,6 @@ from worker.checkpoint_slots import (
     MODULE,
     SIGNATURE,
     Slots,
-    put,
 )
 from worker.refs import SessionState, type_name
 
@@ -218,12 +217,6 @@ class Tracker:
         self._globals: dict[int, str] = {}  # seeded global slot -> "module:qualname"
         self._sent = False  # the broker holds a checkpoint of this tracker's (or the restored one)
         self._seed_size = 0
-        self.skeleton_size = 0
-
-    @property
-    def size(self) -> int:
-        """Bytes the broker holds for the session (as of the last checkpoint)."""
-        return self.skeleton_size + self.slots.blob_bytes
 
     # -- building ---------------------------------------------------------------------------
     def build(self, state: SessionState, *, full: bool = False) -> tuple[Checkpoint | None, list[NotDurable]]:
@@ -236,14 +229,13 @@ class Tracker:
         self._sync_modules(state)
         self.history.sync(state.lm_history)
         newly: list[NotDurable] = []
-        roots = session_roots(state, self._excluded)
         try:
-            data = self._pickle(self._root(state, roots))
+            data = self._pickle(state)
         except Exception:  # noqa: BLE001 - some root cannot be pickled: find which
-            newly = self._find_not_durable(state, roots)
-            data = self._pickle(self._root(state, session_roots(state, self._excluded)))
+            newly = self._find_not_durable(state, session_roots(state, self._excluded))
+            data = self._pickle(state)
         if self._seed_globals():  # first met: pickled again with them seeded, as every later build will
-            data = self._pickle(self._root(state, session_roots(state, self._excluded)))
+            data = self._pickle(state)
         for i in [i for i in self.slots.dynamic if i not in self._used]:
             self._drop(i)  # code or a signature the session no longer holds
         for key in [k for k in self._inline if k not in self._used]:
@@ -261,7 +253,6 @@ class Tracker:
         self._set.clear()
         self._clear.clear()
         self._sent = True
-        self.skeleton_size = len(frame)
         return checkpoint, newly
 
     def _seed_globals(self) -> bool:
@@ -349,16 +340,15 @@ class Tracker:
         self._used.add(i)
         return i
 
-    def _root(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-        lost = dict(self._lost)
-        for _obj, why in self._excluded.values():
-            lost[why.what] = why
-        return session_root(state, roots, lost)
-
     def _module_dicts(self) -> dict[int, dict[str, Any]]:
         return {id(self.slots.objects[i]): self.slots.objects[i] for i in self._modules.values()}
 
-    def _pickle(self, root: dict[str, Any]) -> bytes:
+    def _pickle(self, state: SessionState) -> bytes:
+        """The skeleton: the session but what is excluded, which goes with the lost."""
+        lost = dict(self._lost)
+        for _obj, why in self._excluded.values():
+            lost[why.what] = why
+        root = session_root(state, session_roots(state, self._excluded), lost)
         self._used.clear()
         buf = io.BytesIO()
         self._seed_size = self.slots.seed_size
@@ -398,14 +388,13 @@ class Tracker:
 
     @classmethod
     def adopt(cls, state: SessionState, objects: dict[int, Any], module_slots: dict[int, tuple[str, str]],
-              held: dict[int, bytes | memoryview], seq: int, frame: bytes | memoryview,
-              lost: list[NotDurable], history_limit: int) -> Tracker:
+              held: dict[int, bytes | memoryview], seq: int, lost: list[NotDurable],
+              history_limit: int) -> Tracker:
         """The tracker of a restored session (worker/checkpoint_restore.py): the broker holds
         exactly what it sent, so the next build sends only what the next call changes."""
         tracker = cls(state.id, history_limit)
         tracker.seq = seq
         tracker._sent = True
-        tracker.skeleton_size = len(frame)
         for why in lost:
             tracker._lost[why.what] = why
         table = tracker.slots
@@ -416,7 +405,7 @@ class Tracker:
             obj = objects[i]
             kind = (ENTRY if i < DYNAMIC_BASE else CODE if isinstance(obj, types.CodeType)
                     else FILE if isinstance(obj, FileData) else SIGNATURE)
-            put(table, i, obj, kind)
+            table.put(i, obj, kind)
             table.set_blob(i, data)
             if kind == ENTRY:
                 tracker.history.entries[id(obj)] = i
@@ -425,10 +414,10 @@ class Tracker:
         dicts = module_dicts(state)
         for i, (nsid, name) in module_slots.items():
             if nsid == "global":
-                put(table, i, byvalue.resolve_name(name), GLOBAL)
+                table.put(i, byvalue.resolve_name(name), GLOBAL)
                 tracker._globals[i] = name
             elif nsid in dicts:
-                put(table, i, dicts[nsid], MODULE)
+                table.put(i, dicts[nsid], MODULE)
                 tracker._modules[nsid] = i
         table.free = [i for i in range(table.seed_size) if i not in table.objects]
         dynamic = [i for i in held if i >= DYNAMIC_BASE]

@@ -11,8 +11,8 @@ once and referred to by slot number afterwards, so a call that changed a little 
 - **Code objects** and DSPy **signature classes** made by ``make_signature`` are immutable in
   practice: the pickler turns each into a blob once and writes ``_slot(i)`` in the skeleton (via
   ``reducer_override``, so each build knows which are still used). A signature class becomes its
-  spec (name, instructions, fields), rebuilt with DSPy's own ``make_signature``: ~200 bytes
-  instead of cloudpickle's ~5 KB pydantic class, and exact (same fields, types, prefixes,
+  spec (name, instructions, fields), rebuilt with DSPy's own ``make_signature``: a fraction
+  of cloudpickle's pydantic class, and exact (same fields, types, prefixes,
   descriptions, instructions). A signature whose spec needs the session's own classes is written
   inline, so those stay one object.
 - **Dynamic classes** are made fresh per session on load (cloudpickle would hand every session
@@ -28,6 +28,7 @@ inline instead.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copyreg
 import hashlib
@@ -38,7 +39,7 @@ import struct
 import sys
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -66,11 +67,6 @@ def _code_reduce(obj: types.CodeType) -> tuple[Any, ...]:
     tracebacks and ``inspect.getsource`` of restored functions still work."""
     make, args = _cp._code_reduce(obj)
     return make, tuple(obj.co_filename if a == _DYNAMIC else a for a in args)
-
-
-def _signature_base() -> type | None:
-    mod = sys.modules.get(_SIGNATURE_MODULE)
-    return getattr(mod, "Signature", None) if mod is not None else None
 
 
 _owners: tuple[type, ...] = ()
@@ -130,7 +126,7 @@ def _class_by_reference(cls: type) -> bool:
 def is_made_signature(obj: type) -> bool:
     """A signature class made by ``dspy.make_signature`` (string signatures, ``with_instructions``,
     ``load_state``...): nothing in it but its fields and instructions."""
-    base = _signature_base()
+    base = getattr(sys.modules.get(_SIGNATURE_MODULE), "Signature", None)
     return (base is not None and obj.__module__ == _SIGNATURE_MODULE and obj.__bases__ == (base,)
             and getattr(sys.modules[_SIGNATURE_MODULE], obj.__qualname__, None) is not obj)
 
@@ -161,15 +157,15 @@ def _make_class(tracker: str | None, type_constructor: type, name: str, bases: t
     session's copy of it must stay another class)."""
     with classes.class_hooks_skipped(type_constructor, bases):  # it ran on the client; its effects are restored
         cls: type = _cp._make_skeleton_class(type_constructor, name, bases, type_kwargs, None, extra)
-    if tracker is not None:
-        with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
-            _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
-    return cls
+    return _tracked(cls, tracker)
 
 
 def _make_enum(tracker: str | None, bases: tuple[type, ...], name: str, qualname: str, members: dict[str, Any],
                module: str, extra: Any) -> type:
-    cls: type = _cp._make_skeleton_enum(bases, name, qualname, members, module, None, extra)
+    return _tracked(_cp._make_skeleton_enum(bases, name, qualname, members, module, None, extra), tracker)
+
+
+def _tracked(cls: type, tracker: str | None) -> type:
     if tracker is not None:
         with _cp._DYNAMIC_CLASS_TRACKER_LOCK:
             _cp._DYNAMIC_CLASS_TRACKER_BY_CLASS[cls] = tracker
@@ -241,18 +237,14 @@ def _module_of(namespace: dict[str, Any]) -> types.ModuleType:
     return module
 
 
-class loading:
-    """``with loading(context):`` checkpoint pickles loaded in the block resolve against it."""
-
-    def __init__(self, context: LoadContext) -> None:
-        self._context = context
-
-    def __enter__(self) -> LoadContext:
-        self._token = _load.set(self._context)
-        return self._context
-
-    def __exit__(self, *exc: object) -> None:
-        _load.reset(self._token)
+@contextlib.contextmanager
+def loading(context: LoadContext) -> Iterator[None]:
+    """Checkpoint pickles loaded in the block resolve against ``context``."""
+    token = _load.set(context)
+    try:
+        yield
+    finally:
+        _load.reset(token)
 
 
 def seed_pickle(count: int) -> bytes:
@@ -280,10 +272,6 @@ def load_seeded(seed_objects: Sequence[Any], skeleton: bytes | memoryview) -> An
     stream.write(skeleton)
     stream.seek(0)
     return unpickler.load()
-
-
-def load_blob(data: bytes | memoryview) -> Any:
-    return pickle.loads(data)  # our own checkpoint, checked against its digest
 
 
 # -- writing ---------------------------------------------------------------------------------

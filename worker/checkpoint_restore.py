@@ -4,7 +4,7 @@ holds. Anything wrong is ``CheckpointRefused`` (the session is lost), never a cr
 
 from __future__ import annotations
 
-import linecache
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
                 seeds[i] = module.__dict__
         with cp.loading(context):
             for i, blob in zip(slots, blobs):
-                obj = context.objects[i] = cp.load_blob(blob)
+                obj = context.objects[i] = pickle.loads(blob)  # our own checkpoint, checked against its digest
                 if i < seed_size:
                     seeds[i] = obj
             root = cp.load_seeded(seeds, data)
@@ -119,8 +119,7 @@ def restore(state: SessionState, frame: bytes | memoryview, slots: list[int],
         raise
     except BaseException as exc:  # noqa: BLE001 - unpickling runs user code (__setstate__, __reduce__)
         raise _refuse(sid, f"could not be loaded ({type(exc).__name__}: {exc})"[:1000]) from None
-    tracker = Tracker.adopt(state, context.objects, module_slots, dict(zip(slots, blobs)), seq, frame, lost,
-                            history_limit)
+    tracker = Tracker.adopt(state, context.objects, module_slots, dict(zip(slots, blobs)), seq, lost, history_limit)
     return Restored(tracker, lost)
 
 
@@ -131,8 +130,7 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     if module is not None:
         module.__dict__.update(root["ns"])
         if root.get("ns_lines"):
-            lines = list(root["ns_lines"])
-            linecache.cache[module.__file__ or ""] = (sum(map(len, lines)), None, lines, module.__file__ or "")
+            namespace.set_lines(module.__file__ or "", list(root["ns_lines"]))
     for rid, obj in root["refs"].items():
         state.refs[rid] = obj
         state.ref_of_object[id(obj)] = rid

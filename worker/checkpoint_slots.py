@@ -46,21 +46,23 @@ class Slots:
 
     def alloc(self, obj: Any, kind: str) -> int:
         if kind in SEEDED:
-            if self.free:
-                i = heapq.heappop(self.free)
-            else:
-                i = self.grow()
+            i = heapq.heappop(self.free) if self.free else self.grow()
+        elif self.free_dynamic:
+            i = heapq.heappop(self.free_dynamic)
+        else:
+            i, self.next_dynamic = self.next_dynamic, self.next_dynamic + 1
+        self.put(i, obj, kind)
+        return i
+
+    def put(self, i: int, obj: Any, kind: str) -> None:
+        """``obj`` in slot ``i`` (free, or a restore rebuilding the table)."""
+        self.objects[i], self.kinds[i] = obj, kind
+        self.of[id(obj)] = i
+        if kind in SEEDED:
             del self.seed[id(self.placeholders[i])]
             self.seed[id(obj)] = (i, obj)
         else:
-            if self.free_dynamic:
-                i = heapq.heappop(self.free_dynamic)
-            else:
-                i, self.next_dynamic = self.next_dynamic, self.next_dynamic + 1
             self.dynamic.add(i)
-        self.objects[i], self.kinds[i] = obj, kind
-        self.of[id(obj)] = i
-        return i
 
     def grow(self) -> int:
         """A new seeded slot number, its placeholder in the seed."""
@@ -103,14 +105,3 @@ class Slots:
 def slot_digest(i: int, dig: bytes) -> int:
     return int.from_bytes(cp.digest(i.to_bytes(8, "little") + dig), "little")
 
-
-
-def put(table: Slots, i: int, obj: Any, kind: str) -> None:
-    """Put ``obj`` in slot ``i`` of a table being rebuilt by a restore."""
-    table.objects[i], table.kinds[i] = obj, kind
-    table.of[id(obj)] = i
-    if kind in SEEDED:
-        del table.seed[id(table.placeholders[i])]
-        table.seed[id(obj)] = (i, obj)
-    else:
-        table.dynamic.add(i)

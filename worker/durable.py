@@ -56,10 +56,14 @@ class DurableSessions:
         self.refs = refs
         self.history_limit = history_limit
 
-    def restore(self, restore: Restore) -> SessionState:
-        """The session as its checkpoint holds it, replacing anything this worker held of it;
-        raises ``CheckpointRefused`` (and keeps nothing of it) for a checkpoint it cannot use."""
+    def restore(self, session: str, restore: Restore) -> SessionState:
+        """The session as the checkpoint a call of ``session`` carries (its first call after a
+        move) holds it, replacing anything this worker held of it; restored before anything may
+        refuse the call: the broker sends it once. Raises ``CheckpointRefused`` (and keeps
+        nothing of it) for a checkpoint it cannot use."""
         sid = restore.session
+        if sid != session:
+            raise ProtocolError(f"restore of session {sid[:8]} with a call of {session[:8]}")
         self.refs.release_session(sid, "its session was restored from a checkpoint")
         state = self.refs.session(sid)
         if not restore.seq:  # durable, but no call of it changed anything yet

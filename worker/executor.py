@@ -16,7 +16,7 @@ import json
 import secrets
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -36,19 +36,20 @@ from dspex.wire.remoteerror import RemoteError
 from dspex.wire.zmqfast import frame_buffer
 from worker import forking, limits, lm_history, namespace, output, threads
 from worker.dspy_settings import SessionSettings
-from worker.durable import DurableSessions, Restore
+from worker.durable import DurableSessions
 from worker.ops import SessionOps
-from worker.refs import RefTable, SessionState, type_name
+from worker.refs import RefTable, type_name
 from worker.remote_errors import guarded, remote_error
 from worker.sink import Emit, Event, Offer, OutputSink
 from worker.streaming import (
     LazyStream,
     StreamControl,
     drain,
-    is_iterable,
     progress_scope,
     within_limit,
 )
+
+T = TypeVar("T")
 
 
 class Executor:
@@ -90,7 +91,7 @@ class Executor:
         self.watchdog.install()
         threads.install(self.settings.thread_entry)
 
-    def enable_dspy(self, max_history: int = 200) -> None:
+    def enable_dspy(self, max_history: int) -> None:
         """Import dspy and keep its settings per session (see worker.dspy_settings)."""
         self.settings.install(max_history)
         lm_history.install()
@@ -146,7 +147,7 @@ class Executor:
         A durable session (``durable``: the request envelope's ``Durable.CHECKPOINT``/``Durable.FULL``) is
         checkpointed after the call, whatever its outcome; the checkpoint's frames go to
         ``checkpoint`` (left empty when nothing changed); one that moved here was restored first
-        (:meth:`restore`).
+        (:meth:`DurableSessions.restore`).
         """
         sessionless = not header.session
         state = self.refs.session(header.session or EPHEMERAL_SESSION + secrets.token_hex(8))
@@ -170,12 +171,11 @@ class Executor:
         call = None
         key = (client, header.req_id)
         usage: Any = None  # the call's usage tracker (dspy.track_usage() around the call on the client)
-        wants_usage = False
         history: Any = None  # the log of the client's LMs' history entries (lm_history.start)
         context_vars: list[tuple[Any, Any]] = []  # (variable, token) of the client's ContextVars set for the call
         extras = False  # the reply is [result, {"usage", "history"}]
         try:
-            with self.watchdog.limit(deadline, on_hard or _no_hard) as call, \
+            with limits.Limit(self.watchdog, deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
                                    log_level_of(header.flags), offer, state.late_output) as sink, \
                     self.settings.scope(state) as scope, \
@@ -192,12 +192,12 @@ class Executor:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
                         body, context = payload[:-1], _session_context(payload[-1])
-                    prefix = _client(context)
+                    prefix = _field(context, "c", "")
                     if context is not None and "f" in context:
                         state.code.inherit(prefix, _lineage(context["f"]))
-                    with codestore.loading(state.code, ephemeral or sessionless, prefix, _version(context, "at")):
+                    with codestore.loading(state.code, ephemeral or sessionless, prefix, _field(context, "at", 0)):
                         if header.flags & FLAG_HELD:
-                            codestore.check_held(_version(context, "v"))
+                            codestore.check_held(_field(context, "v", 0))
                         resolve_ref = functools.partial(self.refs.get, state)
                         args = codec.decode(body, resolve_ref=resolve_ref, own_frames=self.own_frames, side="worker")
                         if context is not None:  # the client's settings may hold refs (an LM it s.put)
@@ -212,18 +212,17 @@ class Executor:
                     raise remote_error(exc) from None
                 if context is not None:
                     state.code.drop(context.get("drop") or [])
-                    state.code.reached(prefix, _version(context, "v"), _version(context, "to"))
+                    state.code.reached(prefix, _field(context, "v", 0), _field(context, "to", 0))
                     scope.add_client(context.get("dspy"), context.get("pinned"))
                     context_vars = _set_context_vars(context.get("vars"), state.code.objects)
-                    wants_usage = bool(context.get("usage"))
-                    if wants_usage:
+                    if context.get("usage"):
                         usage = scope.track_usage()
                     if "history" in context:
-                        extras = True
                         history = lm_history.start(context["history"], state.code.objects)
-                    extras = extras or wants_usage
+                    extras = bool(context.get("usage")) or "history" in context
                 result = self.ops.run(header.op, state, args)
-                if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and is_iterable(result):
+                if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and (
+                        hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
                     def encode_item(item: Any) -> list[Any]:
                         frames = guarded(_encoded, item, to_ref)
                         within_limit(frames, f"an item of {header.op}", self.max_message)
@@ -242,14 +241,13 @@ class Executor:
             if call is not None and call.timed_out:
                 raise limits.CallTimedOut()
             return frames
-        except limits.CallTimedOut:
-            self._drop(state, made)
+        except (limits.CallTimedOut, DspexError) as exc:
+            for ref_id in made:
+                self.refs.release(state, ref_id, "the call that made it failed")
+            if isinstance(exc, DspexError) and not (call is not None and call.timed_out):
+                raise _with_extras(exc, usage, history)
+            # interrupted (an error user code made of the interruption too)
             raise _with_extras(_stopped(header, call), usage, history) from None
-        except DspexError as err:
-            self._drop(state, made)
-            if call is not None and call.timed_out:  # user code turned the interruption into an error
-                raise _with_extras(_stopped(header, call), usage, history) from None
-            raise _with_extras(err, usage, history)
         finally:
             for variable, token in reversed(context_vars):
                 variable.reset(token)
@@ -270,18 +268,6 @@ class Executor:
         """This worker holds durable session ``session`` (it ran or restored it)."""
         state = self.refs.sessions.get(session)
         return state is not None and state.checkpoint is not None
-
-    def restore(self, session: str, restore: Restore) -> None:
-        """The checkpoint a call of ``session`` carries (its first call after a move), restored
-        before anything may refuse the call: the broker sends it once (``CheckpointRefused`` if
-        it cannot be restored)."""
-        if restore.session != session:
-            raise ProtocolError(f"restore of session {restore.session[:8]} with a call of {session[:8]}")
-        self.durable.restore(restore)
-
-    def _drop(self, state: SessionState, made: list[str]) -> None:
-        for ref_id in made:
-            self.refs.release(state, ref_id, "the call that made it failed")
 
 
 def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
@@ -309,9 +295,11 @@ def _session_context(frame: Any) -> dict[str, Any]:
     return context
 
 
-def _version(context: dict[str, Any] | None, name: str) -> int:
-    version = context.get(name, 0) if context is not None else 0
-    return version if isinstance(version, int) else 0
+def _field(context: dict[str, Any] | None, name: str, default: T) -> T:
+    """The session context's ``name`` (a binding version, the client's key prefix ``c`` that
+    ``v``, ``to`` and ``at`` count for); absent or malformed: ``default``."""
+    value = context.get(name, default) if context is not None else default
+    return value if isinstance(value, type(default)) else default
 
 
 def _lineage(value: Any) -> list[tuple[str, int]]:
@@ -320,13 +308,6 @@ def _lineage(value: Any) -> list[tuple[str, int]]:
         return []
     return [(p[0], p[1]) for p in value
             if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], int)]
-
-
-def _client(context: dict[str, Any] | None) -> str:
-    """The client whose binding versions the request's ``v``, ``to`` and ``at`` count (its key
-    prefix, the context's ``c``)."""
-    client = context.get("c", "") if context is not None else ""
-    return client if isinstance(client, str) else ""
 
 
 def _decode_context(context: dict[str, Any], resolve_ref: Callable[[Ref], Any]) -> None:

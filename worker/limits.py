@@ -55,6 +55,7 @@ on until its own deadline, where the limits above act. Once the call's code has 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -95,13 +96,13 @@ class _Call:
     deadline: float
     thread: int
     on_hard: Callable[[], None]
+    token: int
+    watchdog: Watchdog
+    thread_state: _ThreadState
     soft_sent: bool = False
     done: bool = False
     timed_out: bool = False
-    token: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    watchdog: Watchdog | None = None
-    thread_state: _ThreadState | None = None
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
@@ -118,8 +119,11 @@ class _Call:
 
     def extend(self, seconds: float) -> None:
         """Move the deadline to ``seconds`` from now (a stream's timeout is per item)."""
-        if self.watchdog is not None and not self.soft_sent:
-            self.watchdog._push(self, time.monotonic() + seconds)
+        if not self.soft_sent:
+            with self.watchdog._cond:
+                self.deadline = time.monotonic() + seconds  # later: the watchdog finds it not due yet when it wakes
+                if self.deadline < self.watchdog._wake_at:
+                    self.watchdog._cond.notify()
 
 
 @dataclass
@@ -241,15 +245,6 @@ def _take_task_cancel(call: _Call, task: asyncio.Task[Any]) -> None:
     task.cancel()
 
 
-def _wake(loop: asyncio.AbstractEventLoop | None) -> None:
-    """Make a thread blocked in ``loop``'s select run Python code (and see its async exception)."""
-    if loop is not None:
-        try:
-            loop.call_soon_threadsafe(_nothing)
-        except RuntimeError:  # closed meanwhile: the thread is out of its select already
-            pass
-
-
 def _nothing() -> None:
     pass
 
@@ -259,9 +254,10 @@ class Watchdog:
 
     It keeps the running calls (at most the worker's capacity) and sleeps until the earliest
     next limit among them, at most ``_REVIEW`` while calls keep starting. A new call wakes it
-    only when its deadline is earlier than that, so the usual call (a deadline further away)
-    costs no thread switch; and an idle worker's watchdog (or one whose last call runs long)
-    sleeps until the next deadline, if any.
+    only when its deadline is earlier than that, so the usual call (a deadline further away, a
+    fast call that ends before a woken watchdog would even run) costs no thread switch and GIL
+    hand-off; and an idle worker's watchdog (or one whose last call runs long) sleeps until the
+    next deadline, if any.
     """
 
     def __init__(self, grace: float = DEFAULT_GRACE) -> None:
@@ -279,7 +275,7 @@ class Watchdog:
 
     def _start(self) -> None:
         if self._thread is None:
-            if threading.current_thread() is threading.main_thread() and not self._signal_installed:
+            if threading.current_thread() is threading.main_thread():
                 stopsignals.keep(_on_sigint)
                 signal.signal(_NUDGE, _on_nudge)
                 self._previous_unraisablehook = sys.unraisablehook
@@ -289,10 +285,7 @@ class Watchdog:
             self._thread.start()
 
     def _on_unraisable(self, unraisable: Any) -> None:
-        """Python ignores what a weakref callback, a ``__del__`` or a garbage collection's
-        finalizer raises (it prints "Exception ignored in"): a call's interruption raised there
-        (its handler ran while one ran on the call's thread) is sent again by the watchdog, once
-        this has returned, so the call still stops."""
+        """A call's interruption Python ignored (the module's doc): the watchdog sends it again."""
         call = _state().active
         if isinstance(unraisable.exc_value, CallTimedOut) and call is not None and not (call.done or call.settled):
             with self._cond:
@@ -305,17 +298,6 @@ class Watchdog:
         """From the main thread, before any call: the SIGINT handler and the watchdog thread."""
         with self._cond:
             self._start()
-
-    def limit(self, deadline: float | None, on_hard: Callable[[], None]) -> _Limit:
-        """Run the block under ``deadline`` (``time.monotonic()`` scale; None: no limit, but the
-        call can still be cancelled); ``with`` gives the block its :class:`_Call`."""
-        return _Limit(self, deadline, on_hard)
-
-    def _push(self, call: _Call, deadline: float) -> None:
-        with self._cond:
-            call.deadline = deadline  # later: the watchdog finds it not due yet when it wakes
-            if deadline < self._wake_at:
-                self._cond.notify()
 
     def _next(self, call: _Call) -> float:
         return call.deadline + self.grace if call.soft_sent else call.deadline
@@ -336,13 +318,7 @@ class Watchdog:
                                         min((c.nudge_at for c in self._calls.values() if c.signalled),
                                             default=math.inf),
                                         min((c.task_cancel_due for c in self._calls.values()), default=math.inf))
-                    if self._last_token != seen:
-                        # never longer than _REVIEW while calls come: a call that starts while it
-                        # sleeps for nothing (the last call ended) then wakes it only if its
-                        # deadline is sooner than that - a fast call ends before the woken
-                        # watchdog even runs, so waking it per call cost a thread switch and a
-                        # GIL hand-off each. Once no call has started for that long, it sleeps
-                        # until the next deadline (none: until a call with one starts).
+                    if self._last_token != seen:  # calls come: at most _REVIEW (the class doc says why)
                         self._wake_at = min(self._wake_at, now + _REVIEW)
                     seen = self._last_token
                     self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
@@ -427,22 +403,25 @@ class Watchdog:
                 st = call.thread_state
                 if call.done or call.settled:
                     return
-                if st is not None and st.protected:
+                if st.protected:
                     st.pending = True  # raised when the protected block ends
                     return
                 call.timed_out = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
-                _wake(call.loop)
+                if call.loop is not None:  # blocked in its select, the thread would see the exception only after it
+                    with contextlib.suppress(RuntimeError):  # closed meanwhile: the thread is out of its select
+                        call.loop.call_soon_threadsafe(_nothing)
             try:
                 stopsignals.cancel_parallel_jobs(call.thread)
             except Exception:  # best effort: the soft limit itself is on its way
                 log.exception("could not cancel the call's parallel jobs")
 
 
-class _Limit:
-    """The block of one call under :meth:`Watchdog.limit` (a class, not a generator context
-    manager: per call it saves the generator and contextlib's wrapper)."""
+class Limit:
+    """Run the block of one call under ``deadline`` (``time.monotonic()`` scale; None: no limit,
+    but the call can still be cancelled); ``with`` gives the block its :class:`_Call`. A class,
+    not a generator context manager: per call it saves the generator and contextlib's wrapper."""
 
     __slots__ = ("call", "deadline", "on_hard", "outer", "st", "watchdog")
 
@@ -455,11 +434,10 @@ class _Limit:
         wd = self.watchdog
         deadline = self.deadline
         st = self.st = _state()
-        call = self.call = _Call(deadline, threading.get_ident(), self.on_hard, token=next(wd._ids), watchdog=wd)
+        call = self.call = _Call(deadline, threading.get_ident(), self.on_hard, next(wd._ids), wd, st)
         if call.thread == wd._main and not wd._signal_installed:
             # no raising handler on this main thread: only the hard limit applies
             call.soft_sent = True
-        call.thread_state = st
         self.outer = st.active
         st.active = call
         with wd._lock:

@@ -13,9 +13,10 @@ barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's
 (``zmq.FD``), so another thread can send meanwhile. That descriptor is edge-triggered: a thread
 that used the socket while not the reader checks ``zmq.EVENTS`` afterwards and wakes the reader
 if a message waits. The reader is the thread that runs :meth:`Link.read` (the worker's main
-thread) while it is not away running user code; :meth:`Link.away`/:meth:`Link.back` bracket
-that, and a call still running ``grace`` seconds later gets the stand-in (:mod:`worker.standin`)
-as reader, so heartbeats and a running call's cancels and stream credit never wait for it.
+thread) while it is not away running user code (:attr:`Link.standin` is told when it leaves
+and comes back), and a call still running ``grace`` seconds later gets the stand-in
+(:mod:`worker.standin`) as reader, so heartbeats and a running call's cancels and stream credit
+never wait for it.
 Nothing polls: every wait ends at the next heartbeat or liveness deadline, when a call's waiting
 output is due (worker.sink's flush timer, run by whichever thread waits), or when woken, and
 the worker's heartbeat goes out in the same wake-up as the broker's arrives.
@@ -208,19 +209,6 @@ class Link:
             self._waker.wait(fds, timeout)
         return got
 
-    def away(self) -> None:
-        """The reader is about to run user code: the stand-in reads if that takes long."""
-        self.standin.away()
-
-    def back(self) -> None:
-        """The reader is back from user code and reads again."""
-        self.standin.back()
-
-    def urgent(self) -> None:
-        """What arrives must be read at once, even while the reader runs user code (a stream's
-        credit and cancels)."""
-        self.standin.urgent()
-
     def wake(self) -> None:
         """Wake the reader (any thread, or a signal handler)."""
         self._waker.poke()
@@ -313,7 +301,9 @@ class Link:
             if self._sent:  # a send may have taken the fd's edge: look again before waiting
                 got = self._drain() or got
             fds = self._dealer.fds
-        self._after_tick()
+        if self._beat_due:
+            self._beat_due = False
+            self._on_beat(time.monotonic())
         return got, fds, min(timeout, self._timers(time.monotonic()))
 
     def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
@@ -391,11 +381,6 @@ class Link:
         self._last_beat = now
         self._next_beat = now + self._interval
         self._beat_due = True
-
-    def _after_tick(self) -> None:
-        if self._beat_due:
-            self._beat_due = False
-            self._on_beat(time.monotonic())
 
     def _send_control(self, frames: Frames) -> None:
         """Heartbeats and READYs never block: with the broker gone for long, the socket's queue

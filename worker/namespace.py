@@ -46,16 +46,23 @@ def session_module(state: SessionState, name: str | None = None) -> types.Module
                 module.__dict__["__builtins__"] = __builtins__
                 sys.modules[name] = module
                 cloudpickle.register_pickle_by_value(module)
-                linecache.cache[module.__file__] = (0, None, [], module.__file__)
+                set_lines(module.__file__, [])
                 state.module = module
     return module
 
 
 def session_lines(state: SessionState) -> list[str]:
     """The code the session's module ran so far (its linecache entry)."""
-    module = state.module
-    entry = linecache.cache.get(module.__file__ or "") if module is not None else None
+    return _lines(state.module.__file__ or "") if state.module is not None else []
+
+
+def _lines(filename: str) -> list[str]:
+    entry = linecache.cache.get(filename)
     return list(entry[2]) if entry is not None and len(entry) == 4 else []
+
+
+def set_lines(filename: str, lines: list[str]) -> None:
+    linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
 
 
 def namespace(state: SessionState) -> dict[str, Any]:
@@ -95,11 +102,6 @@ def present_user_module(name: str) -> None:
         module.__class__ = _UserModuleView
 
 
-def compile_eval(source: str) -> types.CodeType:
-    """An expression: no inherited flags; not kept in linecache (an eval loop must not grow it)."""
-    return compile(source, "<dspex eval>", "eval", dont_inherit=True)
-
-
 def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:
     """Run ``source`` as the next lines of the session's module, in ``scope`` (default: the
     module's namespace). Its lines stay in the module's source only if it left something that
@@ -123,12 +125,11 @@ def _compile_in_session(state: SessionState, source: str) -> tuple[types.CodeTyp
     filename = module.__file__
     assert filename is not None
     with _lock:
-        entry = linecache.cache.get(filename)
-        lines = list(entry[2]) if entry is not None and len(entry) == 4 else []
+        lines = _lines(filename)
         offset = len(lines)
         text = source if source.endswith("\n") else source + "\n"
         lines.extend(text.splitlines(keepends=True))
-        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        set_lines(filename, lines)
         span = range(offset, len(lines))
     return compile("\n" * offset + source, filename, "exec", dont_inherit=True), span
 
@@ -151,11 +152,9 @@ def _forget_lines(state: SessionState, span: range) -> None:
     if not filename:
         return
     with _lock:
-        entry = linecache.cache.get(filename)
-        if entry is None or len(entry) != 4 or len(entry[2]) != span.stop:
-            return
-        lines = entry[2][:span.start]
-        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        lines = _lines(filename)
+        if len(lines) == span.stop:
+            set_lines(filename, lines[:span.start])
 
 
 def drop_session_module(state: SessionState) -> None:

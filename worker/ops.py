@@ -67,7 +67,9 @@ class SessionOps:
         scope = namespace.namespace(state)
         if namespace_:
             scope = {**scope, **namespace_}
-        return eval(namespace.compile_eval(expr), scope)
+        # no inherited flags (the module doc of worker.namespace says why); not kept in linecache,
+        # where an eval loop would grow it
+        return eval(compile(expr, "<dspex eval>", "eval", dont_inherit=True), scope)
 
     def _exec(self, state: SessionState, source: str, namespace_: dict[str, Any] | None) -> dict[str, Any]:
         """Run ``source`` as the next lines of the session's module; return the names it bound."""

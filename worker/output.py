@@ -202,21 +202,17 @@ class _RootLevel:
             if not self._running:
                 self._idle_since = time.monotonic()
 
-    def relax(self, idle: float) -> None:
+    def relax(self) -> None:
+        """Put the root logger's own level back if no call has taken records below it for
+        ``ROOT_LEVEL_IDLE`` (the worker calls this at each heartbeat)."""
         with self._lock:
-            if self._own is not None and not self._running and time.monotonic() - self._idle_since > idle:
+            if self._own is not None and not self._running and time.monotonic() - self._idle_since > ROOT_LEVEL_IDLE:
                 logging.root.setLevel(self._own)
                 self._own = None
 
 
-_root_level = _RootLevel()
+root_level = _RootLevel()
 ROOT_LEVEL_IDLE = 30.0  # seconds without a call below the worker's level before its level is back
-
-
-def relax_root_level() -> None:
-    """Put the root logger's own level back if no call has taken records below it for a while
-    (the worker calls this every second)."""
-    _root_level.relax(ROOT_LEVEL_IDLE)
 
 
 class _Overlap:
@@ -274,8 +270,8 @@ class capture:
 
     __slots__ = ("_lowered", "_token", "alone", "late", "sink")
 
-    def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int = 0,
-                 offer: Offer | None = None, late: LateOutput | None = None) -> None:
+    def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int, offer: Offer | None,
+                 late: LateOutput) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
         self.alone = alone
         self.late = late  # the session's: what threads of its ended calls wrote comes with this one
@@ -285,11 +281,10 @@ class capture:
         self._token = _current.set(self.sink)
         if not self.alone:
             _overlap.enter()
-        if self.late is not None:
-            self.late.attach(self.sink)
+        self.late.attach(self.sink)
         level = self.sink.log_level
-        if level and level < _root_level.ceiling():
-            _root_level.enter(level)
+        if level and level < root_level.ceiling():
+            root_level.enter(level)
             self._lowered = True
         return self.sink
 
@@ -297,10 +292,9 @@ class capture:
         sink = self.sink
         with limits.protected():
             if self._lowered:
-                _root_level.exit()
+                root_level.exit()
             _current.reset(self._token)
-            if self.late is not None:
-                self.late.detach(sink)
+            self.late.detach(sink)
             sink.late = self.late
             sink.close()
             if self.alone or _overlap.leave():

@@ -67,7 +67,7 @@ def _traceback(exc: BaseException, chain: bool = True) -> str:
         return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__}: {_message(exc)}\n"
 
 
-def _pickled(exc: BaseException, limit: int = MAX_PICKLED_BYTES) -> bytes | None:
+def _pickled(exc: BaseException, limit: int) -> bytes | None:
     data = _loadable_pickle(exc, limit)
     if data is None:
         traveling = _without_what_cannot_travel(exc)

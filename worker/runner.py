@@ -43,7 +43,6 @@ from dspex.wire.headers import (
     unpack_request_header,
 )
 from dspex.wire.protocol import (
-    FLAG_ITEMS,
     FLAG_OUTPUT,
     FLAG_STREAM,
     RECEIVED_WINDOW,
@@ -111,7 +110,6 @@ class Runner:
         self.book = book
         self.pool_name = pool
         self.incarnation = incarnation
-        self.capacity = capacity
         self.max_message = max_message
         self.hard_grace = hard_grace
         self._send = send
@@ -192,7 +190,6 @@ class Runner:
         req_id = 0
         header: RequestHeader | None = None
         stream: StreamControl | LazyStream | None = None
-        send = self._send
         with self._lock:
             self.running += 1
         session = ""
@@ -210,7 +207,7 @@ class Runner:
                 raise QueueTimeout(f"request {req_id} waited past its queue deadline for a call of its session "
                                    "still running on this worker (from before a broker restart)", pool=self.pool_name)
             if restore is not None:  # whatever becomes of the call: the broker sent the checkpoint once
-                self.executor.restore(session, restore)
+                self.executor.durable.restore(session, restore)
             elif head.durable & _HELD and not self.executor.holds(session):
                 raise SessionNotHeld(f"session {session[:8]} is not held by this worker: the broker restores it from "
                                      "its checkpoint", session=session)
@@ -222,10 +219,9 @@ class Runner:
                 raise self._waited_out(header.op, arrived, call_ms, queue_ms)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, req_id, header.timeout_ms, send,
-                                           bool(header.flags & FLAG_ITEMS))
+                stream = self._open_stream(client, req_id, header.timeout_ms)
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
-                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms, send, False))
+                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header,
                                                           bool(head.durable & _CHECKPOINTED)), client=client,
@@ -253,12 +249,10 @@ class Runner:
             if not self._dspy_logs and "dspy" in sys.modules:  # user code imported it
                 self._dspy_logs = True
                 logs.adopt("dspy")
-        # a durable call's checkpoint and its reply: one message, the checkpoint first
         if checkpoint:
             checkpoint = DurableSessions.fitted(checkpoint, reply, self.max_message)
         try:
-            send([pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *checkpoint,
-                  pack_reply_header(status, req_id, self.incarnation, self.pool_name), *reply])
+            self._send(self._reply(status, req_id, client, reply, checkpoint))
         finally:
             self.held.pop(id(request), None)
 
@@ -290,10 +284,14 @@ class Runner:
         self.executor.errors += 1
         self._log_failure(header, req_id, False, err)
         try:
-            self._send([pack_reply_envelope(W_REPLY, _ERROR, req_id, head.client),
-                        pack_reply_header(_ERROR, req_id, self.incarnation, self.pool_name), *error_frames(err)])
+            self._send(self._reply(_ERROR, req_id, head.client, error_frames(err)))
         finally:
             self.held.pop(id(request), None)
+
+    def _reply(self, status: str, req_id: int, client: bytes, body: Frames, checkpoint: Frames | None = None) -> Frames:
+        """A final reply; with a durable call's ``checkpoint``, one message, the checkpoint first."""
+        return [pack_reply_envelope(W_CHECKPOINT if checkpoint else W_REPLY, status, req_id, client), *(checkpoint or ()),
+                pack_reply_header(status, req_id, self.incarnation, self.pool_name), *body]
 
     def _waited_out(self, op: str, arrived: float, call_ms: int, queue_ms: int) -> QueueTimeout:
         waited = time.monotonic() - arrived
@@ -313,19 +311,19 @@ class Runner:
         log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
-    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int,
-                     send: Callable[[Frames], None], items: bool) -> StreamControl:
+    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int) -> StreamControl:
         heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.pool_name)
                  for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
 
         first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
+        send = self._send
 
         def emit(kind: str, frames: Frames) -> None:
             send([first, heads[kind], *frames])
 
         # a consumer that stops acknowledging for this long has gone away: stop producing
         stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall, items, self.max_message)
+        control = StreamControl(emit, STREAM_WINDOW, stall, self.max_message)
         self._urgent()  # a stream needs its credit and cancels read at once
         with self._streams_lock:
             self._streams[(client, req_id)] = control
@@ -343,11 +341,9 @@ class Runner:
         err = Timeout(f"{header.op} ran past its deadline and ignored the interruption for "
                       f"{self.hard_grace:g}s; its worker was recycled ({fate})",
                       op=header.op, stopped=True, hard=True)
-        head = pack_reply_header(Status.ERROR.value, header.req_id, self.incarnation, self.pool_name)
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
                   header.session[:8])
-        self._leave([pack_reply_envelope(W_REPLY, Status.ERROR.value, header.req_id, client), head, *error_frames(err)],
-                    self.running > 1)
+        self._leave(self._reply(_ERROR, header.req_id, client, error_frames(err)), self.running > 1)
 
     # -- stream credit and cancels, from the broker ------------------------------------------
     def stream_control(self, cancel: bool, frames: list[zmq.Frame]) -> None:

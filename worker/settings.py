@@ -50,8 +50,8 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
     p.add_argument("--backend", default=None, help="broker backend endpoint (default: DSPEX_BACKEND or the run dir)")
     p.add_argument("--heartbeat", type=float, default=env_number(env, "DSPEX_HEARTBEAT", HEARTBEAT_INTERVAL))
     p.add_argument("--liveness", type=int, default=env_number(env, "DSPEX_LIVENESS", HEARTBEAT_LIVENESS))
-    p.add_argument("--ref-cap", type=int, default=env_number(env, "DSPEX_REF_CAP", 100000))
-    p.add_argument("--lm-history", type=int, default=env_number(env, "DSPEX_LM_HISTORY", 200))
+    p.add_argument("--ref-cap", type=int, default=env_number(env, "DSPEX_REF_CAP", WorkerOptions.ref_cap))
+    p.add_argument("--lm-history", type=int, default=env_number(env, "DSPEX_LM_HISTORY", WorkerOptions.lm_history))
     p.add_argument("--config", default=env.get("DSPEX_CONFIG"),
                    help="supervisor.conf: the pool's [dspex:pool:NAME] section gives capacity")
     p.add_argument("--capacity", type=int, default=None,

@@ -147,9 +147,7 @@ class OutputSink:
             if sent:
                 self._sent[stream] = sent
             if out and self.emit is not None and not self.closed:
-                for piece in out:
-                    self._queue(stream, piece)
-                now_due = self._due_now()
+                now_due = self._queue(stream, "".join(out))
             late = self.late if out and self.closed else None
         for line in _log_lines(done):
             self._log(stream, line)
@@ -180,8 +178,7 @@ class OutputSink:
             if len(buf) <= sent or self.closed:
                 return
             self._sent[stream] = len(buf)
-            self._queue(stream, buf[sent:])
-            now_due = self._due_now()
+            now_due = self._queue(stream, buf[sent:])
         if now_due:
             self.send_pending()
 
@@ -210,8 +207,7 @@ class OutputSink:
                 return False
             if self.emit is None:
                 return True  # its caller takes no output
-            self._queue(stream, text)
-            now_due = self._due_now()
+            now_due = self._queue(stream, text)
         if now_due:
             self.send_pending()
         return True
@@ -222,20 +218,18 @@ class OutputSink:
             log.info("[%s] %s: %s", self.tag, stream, line)
 
     # -- waiting text ------------------------------------------------------------------------
-    def _queue(self, stream: str, text: str) -> None:
-        """Holding the lock: ``text`` waits to go (in the last run if of the same stream)."""
+    def _queue(self, stream: str, text: str) -> bool:
+        """Holding the lock: ``text`` waits to go (in the last run if of the same stream). True if
+        the waiting text goes now (the first after a quiet spell, a window that has ended, a full
+        buffer); else the timer has it (a closed sink's :meth:`close` sends it itself)."""
         if self._out and self._out[-1][0] == stream:
             self._out[-1][1].append(text)
         else:
             self._out.append((stream, [text]))
         self._out_chars += len(text)
-
-    def _due_now(self) -> bool:
-        """Holding the lock, after queueing: True if the waiting text goes now (the first after a
-        quiet spell, a window that has ended, a full buffer); else the timer has it."""
         if self._out_chars >= MAX_EVENT_CHARS or time.monotonic() - self._last_sent >= COALESCE_WINDOW:
             return True
-        if not self._timed and not self._starved:
+        if not self._timed and not self._starved and not self.closed:
             self._timed = True
             flush_timer.add(self, self._last_sent + COALESCE_WINDOW)
         return False

@@ -104,6 +104,7 @@ class StandIn:
             self._waker.poke()
 
     def urgent(self) -> None:
+        """Read at once, even while the reader runs user code (a stream's credit and cancels)."""
         with self._state:
             if not self._away:
                 return  # the reader reads anyway

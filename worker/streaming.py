@@ -22,7 +22,7 @@ from typing import Any
 from dspex import progress
 from dspex.wire import codec
 from dspex.wire.errors import Cancelled, DspexError, ResultTooLarge
-from dspex.wire.protocol import MAX_MESSAGE_BYTES, Status
+from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
 from worker.dspy_settings import claim_configure
@@ -41,8 +41,7 @@ class StreamControl:
     consumer makes the producer wait instead of making the broker buffer without bound.
     """
 
-    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float,
-                 items: bool = True, limit: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, emit: Callable[[str, list[Any]], None], window: int, stall_timeout: float, limit: int) -> None:
         self._emit = emit
         self.limit = limit  # the message size limit (DSPEX_MAX_MESSAGE): a progress event over it is refused
         self._cond = threading.Condition()
@@ -51,7 +50,6 @@ class StreamControl:
         self.gone = False  # the consumer stopped acknowledging: nothing more is sent
         self._stopping_output = window  # output events sent without credit once cancelled
         self.stall_timeout = stall_timeout
-        self.items = items  # the caller iterates the result (else: only events of a plain call)
         self._awaiting_credit = False  # the producer waits to send an item
         self._on_credit: Callable[[], None] | None = None  # an offer found no credit: told when some comes
         # sends the call's waiting output before an item or a progress event (it was written first)
@@ -171,11 +169,7 @@ class _ProgressLogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def progress_scope(stream: StreamControl | None, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
-    if stream is None:
-        yield
-        return
-
+def progress_scope(stream: StreamControl, to_ref: Callable[[Any], Ref]) -> Iterator[None]:
     def report(data: Any) -> None:
         frames = codec.encode(data, to_ref=to_ref)
         within_limit(frames, "a progress event", stream.limit)
@@ -210,10 +204,6 @@ def resolve_awaitable(result: Any) -> Any:
 
         result = limits.run_async(wait())
     return result
-
-
-def is_iterable(result: Any) -> bool:
-    return hasattr(result, "__iter__") or hasattr(result, "__aiter__")
 
 
 def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:

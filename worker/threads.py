@@ -17,6 +17,7 @@ by sessions runs each session's tasks as that session's. Outside calls nothing c
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,12 +35,7 @@ def _carried(fn: Callable[..., Any]) -> Callable[..., Any] | None:
     enter = entry() if entry is not None else None
     if enter is None:
         return None
-    context = _thread_context()
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return context.run(_run, enter, fn, args, kwargs)
-
-    return run
+    return functools.partial(_thread_context().run, _run, enter, fn)
 
 
 def _thread_context() -> contextvars.Context:
@@ -47,18 +43,14 @@ def _thread_context() -> contextvars.Context:
     all named ``dspex_*``: its session, output, history...), nothing else. In-process a new thread
     inherits no context variable (the user's, a library's): here neither; ``enter`` then sets
     DSPy's settings as configured."""
-    carried = [(var, value) for var, value in contextvars.copy_context().items() if var.name.startswith("dspex_")]
     context = contextvars.Context()
-    context.run(_set_all, carried)
+    for var, value in contextvars.copy_context().items():
+        if var.name.startswith("dspex_"):
+            context.run(var.set, value)
     return context
 
 
-def _set_all(carried: list[tuple[contextvars.ContextVar[Any], Any]]) -> None:
-    for var, value in carried:
-        var.set(value)
-
-
-def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+def _run(enter: Callable[[], None], fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     enter()
     return fn(*args, **kwargs)
 
@@ -66,10 +58,9 @@ def _run(enter: Callable[[], None], fn: Callable[..., Any], args: Any, kwargs: A
 def install(entry: Entry) -> None:
     """Carry calls into the threads and executor tasks they start (once per process)."""
     global _entry
-    if _entry is not None:
-        _entry = entry
+    installed, _entry = _entry is not None, entry
+    if installed:
         return
-    _entry = entry
     start = threading.Thread.start
     submit = ThreadPoolExecutor.submit
 

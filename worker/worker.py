@@ -69,7 +69,7 @@ def rss_bytes() -> int:
 class Worker:
     """One worker incarnation. A restarted process is a new incarnation with a new identity."""
 
-    def __init__(self, options: WorkerOptions, context: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, options: WorkerOptions) -> None:
         self.options = options
         self.incarnation = secrets.token_hex(16)
         self.started = time.time()
@@ -79,7 +79,7 @@ class Worker:
         self.executor = Executor(self.book.refs, capacity=self.capacity, grace=options.hard_grace,
                                  max_message=max_message)
         self.executor.own_frames = not options.backend.startswith("inproc://")
-        self.link = Link(context or zmq.Context.instance(), options.backend, self.incarnation,
+        self.link = Link(zmq.Context.instance(), options.backend, self.incarnation,
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
                          curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
@@ -89,7 +89,7 @@ class Worker:
         flush_timer.wake = self.link.wake_timers
         self.runner = Runner(self.executor, self.book, self.link.send, pool=options.pool,
                              incarnation=self.incarnation, capacity=self.capacity, max_message=max_message,
-                             hard_grace=options.hard_grace, urgent=self.link.urgent, leave=self._hard_exit,
+                             hard_grace=options.hard_grace, urgent=self.link.standin.urgent, leave=self._hard_exit,
                              idle=self._pooled_call_ended)
         # what keeps this worker from its job (its dspy import failed): the broker shows it to the
         # operator as the pool's DEGRADED reason, so a broken install does not look healthy
@@ -108,7 +108,7 @@ class Worker:
         link.connect()
         self.executor.install()  # output capture, time limits: process-wide, from the main thread
         if self.options.preload_dspy:
-            link.away()  # importing dspy takes a while: the stand-in heartbeats meanwhile
+            link.standin.away()  # importing dspy takes a while: the stand-in heartbeats meanwhile
             try:
                 self.executor.enable_dspy(self.options.lm_history)
                 logs.adopt("dspy")  # dspy's import installed its own handler and date format
@@ -117,13 +117,13 @@ class Worker:
                 self.problem = f"cannot import dspy: {type(exc).__name__}: {exc}"[:PROBLEM_MAX]
                 log.exception("could not import dspy; serving plain Python only (run with --no-dspy to mean it)")
             finally:
-                link.back()
+                link.standin.back()
                 self.preparing = False
                 # the outcome (a problem, or none) reaches the broker now, not at the next heartbeat
                 link.say_soon([W_HEARTBEAT, self._stats_frame()])
         # What the start made (dspy, litellm, pydantic) lives as long as the process: out of the
         # collector's generations (its garbage collected first), a full collection walks only what
-        # calls made, not all of it every few thousand calls (docs/benchmarks.md, perf14)
+        # calls made, not all of it every few thousand calls (docs/benchmarks.md, "The worker's collector")
         gc.collect()
         gc.freeze()
         inbox = self._inbox
@@ -139,17 +139,17 @@ class Worker:
                 if self._stop.is_set():
                     continue  # stopping: a request not started is handed back at our goodbye
                 if runner.inline:
-                    link.away()
+                    link.standin.away()
                     try:
                         runner.start(request)
                     finally:
-                        link.back()
+                        link.standin.back()
                 else:
                     runner.start(request)
         finally:
             runner.shutdown()
             # say goodbye so the broker drops our sessions now, not at heartbeat expiry
-            link.leave(timeout=1.0)
+            link.leave()
             link.close()
         return 0
 
@@ -201,7 +201,7 @@ class Worker:
     def _on_beat(self, now: float) -> None:
         """Once per heartbeat, from whichever thread reads: the session backstop, the root logger."""
         self.book.sweep(now)
-        output.relax_root_level()
+        output.root_level.relax()
 
     # -- from the broker (holding the link's socket) ----------------------------------------------
     def _from_broker(self, command: bytes, frames: list[zmq.Frame]) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, Self, TypedDict, TypeVar, Unpack
 import zmq
 
 from dspex.client import arguments, processwide, senderrors
-from dspex.client.arguments import bound_name, positional
+from dspex.client.arguments import bound_name, keywords, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
@@ -173,7 +173,7 @@ class ClientAPI(Generic[S]):
             raise closed_error()
         arguments.check_name("pool", pool)
         arguments.check_name("session id", session)
-        arguments.check_callbacks(options)
+        arguments.check_options(options)
         timeout = self._call_timeout(timeout)
         try:
             return Exchange(op, pool, session, body, timeout, max_message=self.max_message, endpoint=self.endpoint,
@@ -240,7 +240,7 @@ class ClientAPI(Generic[S]):
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
         returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), kwargs or {}], timeout=timeout,
+        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), keywords(kwargs)], timeout=timeout,
                             on_progress=on_progress, on_output=on_output)
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
@@ -344,7 +344,7 @@ class SessionAPI:
               *, timeout: float | None = None, on_progress: Callback | None = None,
               on_output: Callback | None = None) -> Any:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
             on_output: Callback | None = None) -> Any:
@@ -362,13 +362,13 @@ class SessionAPI:
              *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
         """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._request(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
              on_output: Callback | None = None) -> Any:
@@ -408,6 +408,8 @@ class SessionAPI:
                 on_output: Callback | None) -> Any:
         if self.closed:
             raise self._closed()
+        # the request is built at the stream's first item: a wrong option is refused here, at once
+        arguments.check_options({"on_progress": on_progress, "on_output": on_output, "timeout": timeout})
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
@@ -416,13 +418,13 @@ class SessionAPI:
                *, timeout: float | None = None, on_progress: Callback | None = None,
                on_output: Callback | None = None) -> Any:
         """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
                       *, timeout: float | None = None, on_progress: Callback | None = None,
                       on_output: Callback | None = None) -> Any:
         """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
@@ -433,7 +435,7 @@ class SessionAPI:
                      kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
                      on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
         """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, positional(args), kwargs or {}], timeout, on_progress, on_output)
+        return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
         """Release every ref of the session on its worker. A broker that cannot be reached is

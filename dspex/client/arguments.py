@@ -65,9 +65,25 @@ def positional(args: Iterable[Any]) -> list[Any]:
     return list(args)
 
 
-def check_callbacks(options: Mapping[str, Any]) -> None:
+def keywords(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A call's keyword arguments as sent: any mapping of names, as ``**`` takes it; anything
+    else is a BadArgument (a TypeError, as ``fn(**[1])`` is in-process) before anything is sent."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise BadArgument(f"kwargs is a dict of the keyword arguments, got {type(kwargs).__name__} {kwargs!r:.60}")
+    names = dict(kwargs)
+    for name in names:
+        if not isinstance(name, str):
+            raise BadArgument(f"kwargs: keyword names are str, got {type(name).__name__} {name!r:.60}")
+    return names
+
+
+def check_options(options: Mapping[str, Any]) -> None:
     """A request's ``on_progress`` and ``on_output``: callables or None (else the call's first
-    event would raise inside it)."""
+    event would raise inside it); its ``timeout``, if given (:func:`checked_timeout`)."""
+    if options.get("timeout") is not None:
+        checked_timeout(options["timeout"])
     for option in ("on_progress", "on_output"):
         callback = options.get(option)
         if callback is not None and not callable(callback):

@@ -65,20 +65,25 @@ def request_flags() -> int:
 
 
 def forward(event: Any, session: str = "", worker: str = "") -> None:
-    """Put one output event where it goes in-process (see the module docstring). Never raises:
-    the call it came from goes on whatever this process's streams or handlers do."""
+    """Put one output event where it goes in-process (see the module docstring).
+
+    Text that cannot be written (a closed pipe: ``python client.py | head -1``, a closed file)
+    raises as the program's own ``print`` raises in-process: the caller cancels the call and gets
+    the error, instead of the call running on into a stream nobody reads. A warning or log
+    record never raises, as in-process (``showwarning`` and handlers swallow their errors)."""
     if not isinstance(event, dict):
         return
+    kind = event.get("stream")
+    if kind == "stdout" or kind == "stderr":
+        _write(sys.stdout if kind == "stdout" else sys.stderr, str(event.get("text", "")))
+        return
     try:
-        kind = event.get("stream")
-        if kind == "stdout" or kind == "stderr":
-            _write(sys.stdout if kind == "stdout" else sys.stderr, str(event.get("text", "")))
-        elif kind == "warning":
+        if kind == "warning":
             _warn(event)
         elif kind == "log":
             _emit(event, session, worker)
-    except Exception as exc:  # noqa: BLE001 - a closed stream, a failing handler: the call goes on
-        log.debug("could not forward a call's %s output: %r", event.get("stream"), exc)
+    except Exception as exc:  # noqa: BLE001 - a failing showwarning or handler: the call goes on
+        log.debug("could not forward a call's %s output: %r", kind, exc)
 
 
 def _write(stream: TextIO | None, text: str) -> None:

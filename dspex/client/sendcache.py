@@ -47,13 +47,12 @@ from typing import Any, Protocol
 
 from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
+from dspex.client.dspycontext import CALL_LOCAL as _CALL_LOCAL
+from dspex.client.dspycontext import SETTINGS as _SETTINGS
+from dspex.client.dspycontext import named as _named
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
-# DSPy settings that belong to the call under way on the client (its trace, stream, callers, usage
-# tracker), not to the configuration a program runs with: never sent
-_CALL_LOCAL = frozenset({"trace", "send_stream", "caller_predict", "caller_modules", "usage_tracker",
-                         "stream_listeners"})
 _ATOMS = (type(None), bool, int, float, str)
 
 
@@ -402,11 +401,12 @@ class SendCache:
 
 def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
-    from DSPy's defaults, and the names among them that a ``dspy.context`` block of the calling
-    thread or task holds at another value than the configuration's: in-process such a block wins
-    over any ``dspy.configure``, the session's own included. Nothing when DSPy was never imported
-    here."""
-    module = sys.modules.get("dspy.dsp.utils.settings")
+    from DSPy's defaults, and the names among them that the ``dspy.context`` blocks of the calling
+    thread or task hold: those a block named (:data:`_named`), and those it holds at another value
+    than the configuration's (a block entered where names are not known: a thread of DSPy's
+    ``ParallelExecutor``). In-process such a block wins over any ``dspy.configure``, the session's
+    own included. Nothing when DSPy was never imported here."""
+    module = sys.modules.get(_SETTINGS)
     if module is None:
         return {}, []
     try:
@@ -418,6 +418,9 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     pinned: list[str] = []
     if overrides:
         pinned = [k for k, v in overrides.items() if k not in _CALL_LOCAL and config.get(k, _MISSING) is not v]
+        named = _named.get()
+        if named:
+            pinned += [k for k in named if k in overrides and k not in pinned]
         config = {**config, **overrides}
     out = {}
     for k, v in config.items():

@@ -207,11 +207,24 @@ class Client(ClientAPI[Session], Closing):
             ch.broken = True
 
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
-        """Start a call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
+        """A call whose (iterable) result is streamed item by item (see :class:`Stream`)."""
+        if self._sockets.closed:
+            raise closed_error()
         worker = options.pop("worker", "")
-        self._take_in_held_streams(op, session, options.get("timeout"))
-        ex = self._exchange(op, pool, session, body, items=True, **options)
-        cancels = self._sockets.cancels
+
+        # built and sent at the first next(), as dspex.aio does: a stream made and not yet iterated
+        # holds nothing (the session's other calls run meanwhile), as an in-process generator
+        def exchange() -> Exchange:
+            self._take_in_held_streams(op, session, options.get("timeout"))
+            return self._exchange(op, pool, session, body, items=True, **options)
+
+        stream = Stream(self, exchange, worker, options.get("bind"))
+        with self._lock:
+            self._streams.add(stream)
+        return stream
+
+    def _start(self, ex: Exchange, worker: str) -> tuple[Channel, int]:
+        """Send a stream's request on a channel of its own: (that channel, the request id)."""
         ch = self._sockets.checkout(self._connect)
         try:
             req_id = next(ch.ids)
@@ -220,10 +233,7 @@ class Client(ClientAPI[Session], Closing):
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._sockets.checkin(ch)
             raise
-        stream = Stream(self, ch, req_id, ex, worker, cancels)
-        with self._lock:
-            self._streams.add(stream)
-        return stream
+        return ch, req_id
 
     def _take_in_held_streams(self, op: str, session: str, timeout: float | None) -> None:
         """Before a call ``op`` of ``session`` (before it is encoded: one that times out here was
@@ -258,23 +268,26 @@ class Stream(StreamAPI, Closing):
     waits for its end; an exception or Ctrl-C inside ``next()`` and garbage collection (``break``,
     an exception in the loop body) cancel it without waiting. Progress events are collected in
     ``progress`` (and passed to ``on_progress``); ``result`` is the final summary
-    (``{"items": n}``) once it ended. It holds its own socket until it ends.
+    (``{"items": n}``) once it ended. The request is built and sent at the first ``next()`` (with
+    the DSPy settings in force there); from then on it holds its own socket until it ends.
     """
 
-    def __init__(self, client: Client, ch: Channel, req_id: int, ex: Exchange, worker: str, cancels: int) -> None:
-        super().__init__(ex.bind)
-        ex.collect_progress(self.progress)
-        self._client, self._req_id, self._ex, self._worker = client, req_id, ex, worker
-        self._ch: Channel | None = ch
-        self._cancels = cancels  # the client's cancel_all() count when the stream started
+    def __init__(self, client: Client, exchange: Callable[[], Exchange], worker: str,
+                 session: Any) -> None:
+        super().__init__(session)
+        self._client, self._exchange, self._worker = client, exchange, worker
+        self._ex: Exchange | None = None  # built when the request is sent
+        self._ch: Channel | None = None  # the request's channel, from its sending to the stream's end
+        self._req_id = 0
+        self._cancels = 0  # the client's cancel_all() count when the request was sent
         self._started = False  # an item or event arrived: the request ran
         self._thread = threading.get_ident()
         self._reading = False  # inside next(): a call made meanwhile (an on_output callback's) takes nothing in
 
     def holds(self, session: str, thread: int) -> bool:
         """Open, of ``session``, consumed on ``thread`` and not being read now (take_in)."""
-        return (not self.done and self._ex.session == session and self._thread == thread and not self._reading
-                and self._ch is not None)
+        return (not self.done and self._ch is not None and self._ex is not None and self._ex.session == session
+                and self._thread == thread and not self._reading)
 
     def take_in(self, until: float, op: str, timeout: float) -> None:
         """Read the stream ahead for the call ``op`` of its session, whose deadline is ``until``
@@ -282,6 +295,7 @@ class Stream(StreamAPI, Closing):
         try:
             while len(self._taken_in) < HELD_ITEMS_MAX:
                 self._taken_in.append(self._read(until))
+            assert self._ex is not None  # held: sent (Client._take_in_held_streams)
             self._stop_taking(self._req_id, self._ex.session)
         except ReadAheadStopped:
             raise behind_held_stream(op, timeout, self._req_id) from None
@@ -307,12 +321,19 @@ class Stream(StreamAPI, Closing):
     def _read(self, until: float | None = None) -> Any:
         """The next item from the worker (StopIteration at the end); ``ReadAheadStopped`` at
         ``until``, the stream left as it is."""
-        if self.done or self._ch is None:
+        if self.done:
             raise StopIteration
         self._check_open()
-        client, ch, ex = self._client, self._ch, self._ex
+        client = self._client
         ended = sending = False  # the final reply came / a send is under way
         try:
+            if self._ex is None:
+                self._ex = self._exchange()
+                self._ex.collect_progress(self.progress)
+                self._cancels = client._sockets.cancels
+                self._ch, self._req_id = client._start(self._ex, self._worker)
+            ch, ex = self._ch, self._ex
+            assert ch is not None  # until the stream's end, which set done
             while True:
                 deadline = time.monotonic() + ex.wait
                 try:
@@ -358,7 +379,7 @@ class Stream(StreamAPI, Closing):
         (:meth:`Client._abandon`)."""
         self.done = True
         ch, self._ch = self._ch, None
-        if ch is None:
+        if ch is None or self._ex is None:  # never sent (or ended already)
             return
         if abandon:
             self._client._abandon(ch, self._ex, self._req_id, cut)
@@ -366,11 +387,15 @@ class Stream(StreamAPI, Closing):
 
     def close(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""
-        if self.done or self._ch is None:
+        if self.done:
+            return
+        ex = self._ex
+        if self._ch is None or ex is None:
+            self.done = True  # never started: nothing was sent
             return
         if threading.get_ident() != self._thread:
             raise UsageError("a Stream must be closed on the thread that started it")
-        ex, cancelled = self._ex, False
+        cancelled = False
         try:
             self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),
                                ex.timeout)

@@ -262,3 +262,24 @@ def test_what_a_stream_prints_while_it_stops_reaches_the_client(run: Runner, cap
             items = [item for _, item in zip(range(3), gen)]
     assert items == [0, 1, 2]
     assert capsys.readouterr().out == "cleaned up\n"
+
+
+def lines_of(n):
+    print("producing")
+    yield from range(n)
+
+
+def test_a_stream_runs_nothing_until_it_is_iterated(run: Runner, capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process a generator's body runs at its first ``next()``: one made and not yet iterated
+    holds nothing, and the program's other calls run meanwhile. Through a session the same (the
+    blocking client sends the stream's request at its first ``next()``, as ``dspex.aio`` does at
+    its first ``__anext__``): the call in between runs at once, the stream then yields every item."""
+    if run.mode == SESSION:
+        stream = run.s.stream_apply(lines_of, (100,))
+        between = run.s.apply(len, ([1, 2],), timeout=5)  # behind a producer already running: QueueTimeout
+    else:
+        stream = lines_of(100)
+        between = len([1, 2])
+    assert between == 2 and capsys.readouterr().out == ""
+    assert list(stream) == list(range(100))
+    assert capsys.readouterr().out == "producing\n"
