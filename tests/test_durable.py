@@ -300,3 +300,35 @@ def test_module_globals_rebound_before_a_kill_9_are_the_clients_latest_after_the
     assert (other.run(mod.get_x), other.run(mod.get_y)) == (3, 2)
     mod.X, mod.Y = 4, 5
     assert (s.run(mod.get_x), s.run(mod.get_y)) == (4, 5)
+
+
+class Tag:
+    """A class of this module (``from __future__ import annotations``) that a model made on the
+    worker names in a string annotation."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def tagged() -> tuple[str, int]:
+    import pydantic
+
+    class Ticket(pydantic.BaseModel, arbitrary_types_allowed=True):
+        tag: Tag
+        parent: Ticket | None = None
+
+    ticket = Ticket(tag=Tag("t"), parent=Ticket(tag=Tag("p")))
+    return ticket.parent.tag.name if ticket.parent else "", os.getpid()
+
+
+def test_a_class_made_after_a_move_resolves_its_annotations_in_the_restored_module(stack: Stack) -> None:
+    """The restored worker's copy of this module is where a model made in the program looks its
+    annotations' names up (the restore makes the copy: the client does not send the module again)."""
+    dx = stack.pool("p:strict_queue", 2)
+    s = dx.session("p", durable=True)
+    name, pid = s.run(tagged)
+    assert name == "p"
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    name, moved_to = s.run(tagged)
+    assert name == "p" and moved_to != pid

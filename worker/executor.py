@@ -78,6 +78,7 @@ class Executor:
         self.ops = SessionOps(refs)
         refs.on_session_closed.append(namespace.drop_session_module)
         refs.on_session_closed.append(lambda state: state.code.release())
+        codestore.on_user_module.append(namespace.present_user_module)
 
     def install(self) -> None:
         """Process-wide hooks, from the main thread before the first call: output capture, the

@@ -22,6 +22,7 @@ from typing import Any
 import cloudpickle
 
 from dspex.wire import byvalue, classes
+from worker.dspy_settings import current_session
 from worker.refs import SessionState
 
 _PREFIX = "dspex_session_"
@@ -66,6 +67,39 @@ def set_lines(filename: str, lines: list[str]) -> None:
 
 def namespace(state: SessionState) -> dict[str, Any]:
     return session_module(state).__dict__
+
+
+_OWN_DICT = vars(types.ModuleType)["__dict__"]  # a module's own namespace (the view below overrides it)
+
+
+class _UserModuleView(types.ModuleType):
+    """``sys.modules[name]`` of a user module the client sends by value: its ``__dict__`` is the
+    running call's session's copy of that module (outside a call, or in a session without one, the
+    module's own: the worker's ``__main__``, a module of that name the worker imported, or nothing).
+
+    A class made by the session's code, and one that arrived by value, resolve their deferred
+    annotations (``from __future__ import annotations``) in ``sys.modules[cls.__module__].__dict__``:
+    Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
+    worker each have their own copy of the module and run concurrently, so the entry cannot be the
+    copy; the call's session is a context variable, carried into the threads and tasks it starts.
+    Attributes stay the module's own: only readers of the namespace see the session's."""
+
+    @property
+    def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
+        own: dict[str, Any] = _OWN_DICT.__get__(self)
+        state = current_session.get()
+        if state is not None:
+            copy = state.code.modules.get(f"m:{own.get('__name__')}")
+            if copy is not None:
+                return copy.__dict__
+        return own
+
+
+def present_user_module(name: str) -> None:
+    """Let ``sys.modules[name]`` read as each call's session's copy of user module ``name``."""
+    module = sys.modules.setdefault(name, _UserModuleView(name))
+    if type(module) is types.ModuleType:  # the worker's own (its __main__): its own outside calls
+        module.__class__ = _UserModuleView
 
 
 def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:

@@ -27,7 +27,8 @@ session has a :class:`CodeStore`:
   ones: :func:`check_held`).
 
 The store holds only plain containers of the session's objects; namespaces are ``ModuleType``
-objects kept out of ``sys.modules`` (two sessions never share one). The pickles refer to the
+objects kept out of ``sys.modules`` (two sessions never share one: the worker's entry under a user
+module's name reads as the running call's session's copy, :data:`on_user_module`). The pickles refer to the
 ``_load_*`` functions below by name; they act on the store of the load under way
 (:func:`loading`), and a key the store lacks raises :class:`dspex.wire.errors.CodeCacheMiss` before
 anything runs.
@@ -60,6 +61,9 @@ from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 _BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
+# called with the name of each user module a session's store makes its copy of: the worker lets
+# ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
+on_user_module: list[Callable[[str], None]] = []
 
 
 @dataclass
@@ -104,6 +108,9 @@ class CodeStore:
             module.__dict__["__builtins__"] = self._builtins
             self.modules[nsid] = module
             SESSION_MODULES[id(module)] = module
+            if nsid.startswith("m:"):
+                for callback in on_user_module:
+                    callback(nsid[2:])
         if base:
             g = module.__dict__
             for k in _BASE_GLOBALS:

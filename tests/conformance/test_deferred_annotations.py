@@ -6,27 +6,18 @@ reads those names, so they must reach the session's module as in-process they ar
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import asyncio
+import dataclasses
+import threading
+import typing
+from typing import ClassVar, Literal, Optional
 
 import dspy
 import pydantic
-import pytest
 from dspy.utils.dummies import DummyLM
 
-from tests.conformance.harness import SESSION, Runner
-
-# A class made on the worker (the Signature, the model below) resolves its string annotations in
-# ``sys.modules[cls.__module__]``: there that is not the session's copy of this module (it is not
-# registered under this module's name, which every session of a worker shares), so ``Tag`` is
-# unknown. A function's annotations resolve in its own globals, the session's copy: they work.
-CLASS_MADE_ON_THE_WORKER = pytest.mark.xfail(
-    strict=True, reason="a class made on the worker reads its deferred annotations in sys.modules[cls.__module__], "
-    "which is not the session's copy of its module")
-
-
-def expect_gap_in_session(run: Runner, request: pytest.FixtureRequest) -> None:
-    if run.mode == SESSION:
-        request.applymarker(CLASS_MADE_ON_THE_WORKER)
+import dspex
+from tests.conformance.harness import AsyncRunner, Runner
 
 
 class Tag(pydantic.BaseModel):
@@ -34,6 +25,24 @@ class Tag(pydantic.BaseModel):
 
 
 Mood = Literal["happy", "sad"]  # a type alias, a global read only by annotations
+Kind = str  # rebound by each session below, to a type of its own
+
+
+@dataclasses.dataclass
+class Entry:
+    tag: Tag
+    mood: Mood
+    after: Optional[Entry] = None  # noqa: UP045
+
+
+class Node(pydantic.BaseModel):
+    tag: Tag
+    children: list[Node] = []
+
+
+def classes_of_the_module_read_their_types() -> dict[str, object]:
+    return {"hints": {name: str(hint) for name, hint in typing.get_type_hints(Entry).items()},
+            "node": repr(Node(tag=Tag(name="root"), children=[Node(tag=Tag(name="leaf"))]))}
 
 
 def signature_defined_in_the_program() -> dict[str, str]:
@@ -69,8 +78,20 @@ def model_defined_in_the_program() -> str:
     return repr(Ticket(tags=[Tag(name="a")], mood="happy", parent=Ticket(tags=[], mood="sad")))
 
 
-def test_a_signature_defined_in_the_program_resolves_its_types(run: Runner, request: pytest.FixtureRequest) -> None:
-    expect_gap_in_session(run, request)
+def dataclass_defined_in_the_program() -> list[str]:
+    @dataclasses.dataclass
+    class Counter:
+        made: ClassVar[int] = 0  # a class variable, not a field: dataclasses reads the module's typing
+        tag: Tag
+
+    return [field.name for field in dataclasses.fields(Counter)]
+
+
+def test_a_dataclass_defined_in_the_program_tells_class_variables(run: Runner) -> None:
+    assert run.check(dataclass_defined_in_the_program) == ["tag"]
+
+
+def test_a_signature_defined_in_the_program_resolves_its_types(run: Runner) -> None:
     got = run.check(signature_defined_in_the_program)
     assert got["tags"] == f"list[{Tag.__module__}.Tag]" and got["mood value"] == "sad"
 
@@ -80,7 +101,68 @@ def test_a_tool_defined_in_the_program_reads_its_argument_types(run: Runner) -> 
     assert got["args"]["tag"]["title"] == "Tag"
 
 
-def test_a_model_defined_in_the_program_resolves_its_forward_references(run: Runner,
-                                                                       request: pytest.FixtureRequest) -> None:
-    expect_gap_in_session(run, request)
+def test_a_model_defined_in_the_program_resolves_its_forward_references(run: Runner) -> None:
     assert run.check(model_defined_in_the_program).startswith("Ticket(tags=[Tag(name='a')]")
+
+
+def test_classes_of_the_module_read_their_types(run: Runner) -> None:
+    """Module-level classes the program uses, sent by value: ``typing.get_type_hints`` of a
+    dataclass, a self-referencing Pydantic model."""
+    got = run.check(classes_of_the_module_read_their_types)
+    assert got["hints"]["tag"] == str(Tag) and got["hints"]["mood"] == str(Mood)
+    assert got["node"].startswith("Node(tag=Tag(name='root'), children=[Node(")
+
+
+async def classes_defined_in_a_coroutine() -> list[object]:
+    class Verdict(dspy.Signature):
+        """Judge the claim."""
+
+        claim: str = dspy.InputField()
+        tags: list[Tag] = dspy.OutputField()
+
+    with dspy.context(lm=DummyLM([{"tags": '[{"name": "true"}]'}])):
+        pred = await dspy.Predict(Verdict).acall(claim="the sky is blue")
+    # a thread the call starts (asyncio.to_thread) makes its classes in the call's session too
+    return [repr(pred.tags), model_defined_in_the_program(), await asyncio.to_thread(model_defined_in_the_program)]
+
+
+def test_classes_defined_in_a_coroutine_and_its_threads(arun: AsyncRunner) -> None:
+    async def main(arun: AsyncRunner) -> object:
+        return await arun(classes_defined_in_a_coroutine)
+
+    got = arun.check(main)
+    assert got[0] == "[Tag(name='true')]" and got[1] == got[2] and got[1].startswith("Ticket(tags=[Tag(name='a')]")
+
+
+def model_of_the_session_kind(kind: str, times: int) -> list[str]:
+    global Kind
+    Kind = Literal[kind]  # type: ignore[valid-type]  # this session's copy of the module only
+    out = []
+    for _ in range(times):
+        class Labelled(pydantic.BaseModel):
+            kind: Kind
+
+        out.append(Labelled(kind=kind).kind)
+    return out
+
+
+def test_concurrent_sessions_resolve_in_their_own_module(dx: dspex.Client) -> None:
+    """Sessions running at once on one worker (pool c4: capacity 4) each resolve a class's
+    annotations in their own copy of the module: ``Kind`` is another type in each."""
+    got: dict[str, object] = {}
+
+    def session_of(kind: str) -> None:
+        s = dx.session("c4")
+        try:
+            got[kind] = [s.run(model_of_the_session_kind, kind, 20) for _ in range(5)]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            got[kind] = exc
+        finally:
+            s.close(timeout=10)
+
+    threads = [threading.Thread(target=session_of, args=(kind,)) for kind in ("left", "right")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert got == {kind: [[kind] * 20] * 5 for kind in ("left", "right")}

@@ -120,3 +120,66 @@ def test_a_script_using_its_own_helper_module(cstack: Stack, tmp_path) -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["local"] == ["paris", "paris"]
     assert result["remote"] == result["local"]
+
+
+SCRIPT_DEFERRED = textwrap.dedent('''
+    from __future__ import annotations
+
+    import json
+    import sys
+    import typing
+    from typing import Optional
+
+    import dspy
+    import dspex
+    import pydantic
+    from dspy.utils.dummies import DummyLM
+
+
+    class Tag(pydantic.BaseModel):
+        name: str
+
+
+    class Entry(pydantic.BaseModel):
+        tag: Tag
+        after: Optional[Entry] = None
+
+
+    def program():
+        class Tagging(dspy.Signature):
+            """Tag the text."""
+
+            text: str = dspy.InputField()
+            tags: list[Tag] = dspy.OutputField()
+
+        class Ticket(pydantic.BaseModel):
+            tags: list[Tag]
+            parent: Optional[Ticket] = None
+
+        with dspy.context(lm=DummyLM([{"tags": '[{"name": "urgent"}]'}])):
+            tags = dspy.Predict(Tagging)(text="the server is down").tags
+        return {"tags": repr(tags), "ticket": repr(Ticket(tags=tags, parent=Ticket(tags=[]))),
+                "hints": sorted(typing.get_type_hints(Entry)), "entry": repr(Entry(tag=Tag(name="e")))}
+
+
+    local = program()
+    with dspex.connect(sys.argv[1], timeout=60) as dx:
+        session = dx.session("c1")
+        remote = session.run(program)
+        session.close()
+    print(json.dumps({"local": local, "remote": remote}))
+''')
+
+
+def test_a_script_under_deferred_annotations_makes_classes_in_the_session(cstack: Stack, tmp_path) -> None:
+    """``from __future__ import annotations`` in ``__main__``: a Signature and a model made by the
+    program on the worker, ``typing.get_type_hints`` of a class sent by value, resolve in the
+    session's copy of the script's module, not the worker's own ``__main__``."""
+    script = tmp_path / "tagger.py"
+    script.write_text(SCRIPT_DEFERRED)
+    out = subprocess.run([sys.executable, str(script), cstack.frontend], env=cstack.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["local"]["tags"] == "[Tag(name='urgent')]" and result["local"]["hints"] == ["after", "tag"]
+    assert result["remote"] == result["local"]
