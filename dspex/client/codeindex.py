@@ -130,7 +130,7 @@ def names_a_type(value: Any) -> bool:
 def _names_in(annotation: str) -> tuple[str, ...]:
     try:
         tree = ast.parse(annotation, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError):  # not an annotation: a lone surrogate, a null byte
         return ()
     return tuple(dict.fromkeys(node.id for node in ast.walk(tree) if isinstance(node, ast.Name)))
 
