@@ -245,7 +245,9 @@ class Broker:
             conns.workers.read(self.monitor, core.workers)
         if conns.workers.disconnects:
             self._settle(conns.workers, self.from_workers, core.worker_lost)
-        if self.frontend in events:
+        # a call to a worker whose disconnect waits for its grace would be sent to a dead worker
+        # and fail as having run (WorkerCrashed): the clients wait for the grace, one turn
+        if self.frontend in events and not (conns.workers.disconnects and conns.workers.settling(time.monotonic())):
             self.from_clients.drain()
         if self.front_monitor in events:
             conns.clients.read(self.front_monitor)

@@ -127,6 +127,10 @@ class Peers:
                 del self.disconnects[peer]
         return due
 
+    def settling(self, now: float) -> bool:
+        """A disconnect seen less than :data:`GOODBYE_GRACE` ago waits for its grace."""
+        return any(now - seen < GOODBYE_GRACE for seen in self.disconnects.values())
+
     def settle(self, peer: bytes) -> bool:
         """Forget ``peer``'s disconnect; whether it was of its current connection (then the
         connection is forgotten too), not of an older one."""
