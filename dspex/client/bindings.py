@@ -214,13 +214,10 @@ class Bindings:
                 return self._key(value), value
             return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
         if t not in _ATOMS:
-            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
-                codeindex.found_reference(value)
+            found = codeindex.imported_reference(nsid[2:] if nsid.startswith("m:") else None, name, value)
             if found is None and t is contextvars.ContextVar:
                 # a library's variable (ALIAS = module.VAR) is the worker's own; only yours go by value
                 found = codeindex.find_importable(value)
-                if found is not None:
-                    codeindex.remember_reference(value, *found)
             if found is not None:
                 return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
         key = self._key(value)

@@ -214,7 +214,8 @@ def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
 
 
 def find_importable(obj: Any) -> tuple[str, str] | None:
-    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
+    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``,
+    remembered for :func:`imported_reference`."""
     for name, module in list(sys.modules.items()):
         if name == "__main__" or not isinstance(module, types.ModuleType) or usercode.is_user_module(name):
             continue
@@ -224,6 +225,8 @@ def find_importable(obj: Any) -> tuple[str, str] | None:
             continue
         for attr, value in items:
             if value is obj:
+                with _lock:
+                    _by_reference[id(obj)] = (obj, name, attr)
                 return name, attr
     return None
 
@@ -273,28 +276,17 @@ def by_value(obj: Any) -> bool:
         return True
 
 
-def imported_reference(module_name: str, name: str, value: Any) -> tuple[str, str] | None:
+def imported_reference(module_name: str | None, name: str, value: Any) -> tuple[str, str] | None:
     """``(module, attribute)`` when global ``name`` of user module ``module_name`` is ``value``
-    imported from a module the worker can import (or found there earlier): send it by reference."""
-    found = imported_names(module_name).get(name)
+    imported from a module the worker can import, or :func:`find_importable` found it there
+    earlier: send it by reference."""
+    found = imported_names(module_name).get(name) if module_name else None
     if found is not None and not usercode.is_user_module(found[0]):
         module = sys.modules.get(found[0])
         if module is not None and getattr(module, found[1], ABSENT) is value:
             return found
-    return found_reference(value)
-
-
-def found_reference(value: Any) -> tuple[str, str] | None:
-    """Where :func:`find_importable` found ``value`` before, if it did."""
     hit = _by_reference.get(id(value))
-    if hit is not None and hit[0] is value:
-        return hit[1], hit[2]
-    return None
-
-
-def remember_reference(value: Any, module: str, attribute: str) -> None:
-    with _lock:
-        _by_reference[id(value)] = (value, module, attribute)
+    return (hit[1], hit[2]) if hit is not None and hit[0] is value else None
 
 
 def global_name(obj: Any, modules: list[str]) -> tuple[str, str] | None:

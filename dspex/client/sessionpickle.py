@@ -124,10 +124,8 @@ class Message:
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
-                found = codeindex.find_importable(value)
-                if found is None:
+                if codeindex.find_importable(value) is None:  # found: by reference from now on
                     raise senderrors.global_error(nsid, name, value, exc) from None
-                codeindex.remember_reference(value, *found)
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
 
     def _held_function(self, func: types.FunctionType) -> bytes | None:
