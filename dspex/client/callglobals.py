@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from dspex.client import codeindex
 from dspex.client.bindings import _Value
+from dspex.client.standins import held_key
 from dspex.wire.ref import Ref
 
 if TYPE_CHECKING:
@@ -79,8 +80,7 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
         found = _global_of(cache, value)
         if found is not None:
             return ModuleGlobal(found[0], found[1], value)
-        held = cache.keys.get(id(value))
-        if configured.get(id(value)) is value or (held is not None and held[0] is value and held[1] in cache.sent):
+        if configured.get(id(value)) is value or held_key(cache, value) is not None:
             return _Value("", value)  # keyed by identity as it is pickled (SessionPickler._value)
         return value
 

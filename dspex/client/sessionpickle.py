@@ -41,7 +41,7 @@ from dspex.client import codeindex, senderrors
 from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import SendCache, SettingsSent
-from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
+from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -81,13 +81,12 @@ class Message:
 
     # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
-        oid = id(obj)
-        hit = self.cache.keys.get(oid) if self.cache.keep else None
-        if hit is not None and hit[0] is obj and hit[1] in self.cache.sent:
-            return hit[1]
-        hit = self.new_keys.get(oid)
+        held = held_key(self.cache, obj) if self.cache.keep else None
+        if held is not None:
+            return held
+        hit = self.new_keys.get(id(obj))
         if hit is None:
-            hit = self.new_keys[oid] = (obj, self.cache.key_of(obj))
+            hit = self.new_keys[id(obj)] = (obj, self.cache.key_of(obj))
         return hit[1]
 
     def holds(self, key: str) -> bool:
@@ -132,17 +131,12 @@ class Message:
         """The pickle :class:`SessionPickler` writes for a by-value function the worker holds and
         whose globals are as the session has them (``s.run(fn)`` after its first call): the
         function's key, made without a pickler. None when anything must be sent with it."""
-        if not self.trusted:
+        key = held_key(self.cache, func) if self.trusted else None
+        if key is None or func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func) \
+                or not self.globals.unchanged(func):
             return None
-        hit = self.cache.keys.get(id(func))
-        if hit is None or hit[0] is not func or hit[1] not in self.cache.sent:
-            return None
-        if func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func):
-            return None
-        if not self.globals.unchanged(func):
-            return None
-        self.used.add(hit[1])
-        return held_pickle(hit[1])
+        self.used.add(key)
+        return held_pickle(key)
 
     def _snapshot(self) -> tuple[Any, ...]:
         return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),
@@ -265,9 +259,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not msg.trusted:
             return None
-        hit = msg.cache.keys.get(id(obj))
-        if hit is not None and hit[0] is obj and hit[1] in msg.cache.sent:
-            key = hit[1]
+        key = held_key(msg.cache, obj)
+        if key is not None:
             if key in msg.defined:  # being defined by this request
                 return None
             msg.used.add(key)

@@ -8,10 +8,19 @@ from __future__ import annotations
 import functools
 import pickle
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dspex.client.bindings import Binding
 from dspex.wire import codestore
+
+if TYPE_CHECKING:
+    from dspex.client.sendcache import SendCache
+
+
+def held_key(cache: SendCache, obj: Any) -> str | None:
+    """The key the session's worker holds ``obj`` by (the client object's identity), if it does."""
+    hit = cache.keys.get(id(obj))
+    return hit[1] if hit is not None and hit[0] is obj and hit[1] in cache.sent else None
 
 
 class CodeRef:
