@@ -105,11 +105,16 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
 def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
     """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
     script's ``__main__``, of the module it or its class names (a decorated function's wrapper
-    names the function's), or of a module this session's code uses."""
+    names the function's), or of a module this session's code uses; looked up as they are now (a
+    global rebound since is found under its new object)."""
     own = getattr(obj, "__module__", None)
     modules = ["__main__", getattr(type(obj), "__module__", ""), *([own] if isinstance(own, str) else []),
                *cache.modules]
-    return codeindex.global_name(obj, list(dict.fromkeys(modules)))
+    for module_name in dict.fromkeys(modules):
+        for name, value in codeindex.user_globals(module_name):
+            if value is obj and not name.startswith("__"):
+                return module_name, name
+    return None
 
 
 def _by_id(settings: dict[str, Any]) -> dict[int, Any]:

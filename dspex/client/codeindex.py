@@ -248,6 +248,13 @@ def user_module(module: types.ModuleType) -> bool:
     return name == "__main__" or usercode.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
 
 
+def user_globals(module_name: str) -> list[tuple[str, Any]]:
+    """The globals of user module ``module_name`` as they are now (none when it is not loaded,
+    or not the user's)."""
+    module = sys.modules.get(module_name)
+    return list(vars(module).items()) if module is not None and user_module(module) else []
+
+
 def functions_of(cls: type) -> list[types.FunctionType]:
     out: list[types.FunctionType] = []
     for value in vars(cls).values():
@@ -287,16 +294,3 @@ def imported_reference(module_name: str | None, name: str, value: Any) -> tuple[
             return found
     hit = _by_reference.get(id(value))
     return (hit[1], hit[2]) if hit is not None and hit[0] is value else None
-
-
-def global_name(obj: Any, modules: list[str]) -> tuple[str, str] | None:
-    """``(module, name)`` when ``obj`` itself is bound to a global of one of these user modules
-    (looked up as they are now: a global rebound since is found under its new object)."""
-    for module_name in modules:
-        module = sys.modules.get(module_name)
-        if module is None or not user_module(module):
-            continue
-        for name, value in list(vars(module).items()):
-            if value is obj and not name.startswith("__"):
-                return module_name, name
-    return None

@@ -292,10 +292,7 @@ class SessionPickler(byvalue.SourcePickler):
             modules = {nsid[2:] for nsid, _ in msg.globals.bindings if nsid.startswith("m:")}
             self._globals = {}
             for module_name in (*msg.cache.modules, *modules):
-                module = sys.modules.get(module_name)
-                if module is None or not codeindex.user_module(module):
-                    continue
-                for name, value in list(vars(module).items()):
+                for name, value in codeindex.user_globals(module_name):
                     if not name.startswith("__") and type(value) not in _NOT_HELD and not isinstance(value, type):
                         self._globals.setdefault(id(value), (module_name, name, value))
         return self._globals
@@ -422,10 +419,7 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
         if t in _NOT_GLOBALS or isinstance(value, type):
             continue
         if names is None:
-            mod = sys.modules.get(module)
-            if mod is None or not codeindex.user_module(mod):
-                return values
-            names = {id(v): n for n, v in list(vars(mod).items())
+            names = {id(v): n for n, v in codeindex.user_globals(module)
                      if not n.startswith("__") and type(v) not in _NOT_GLOBALS}
         name = names.get(id(value))
         if name is not None and ("m:" + module, name) not in msg.globals.bindings:
