@@ -28,7 +28,6 @@ The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on t
 from __future__ import annotations
 
 import contextvars
-import enum
 import functools
 import io
 import sys
@@ -342,18 +341,13 @@ class SessionPickler(byvalue.SourcePickler):
             bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
-        if issubclass(cls, enum.Enum):
-            make: Any = _cp._make_skeleton_enum
-            args = list(_cp._enum_getnewargs(cls))
-            tracker, args[5] = args[5], None
-            state = _cp._enum_getstate(cls)
-        else:
-            make = _cp._make_skeleton_class
-            args = list(_cp._class_getnewargs(cls))
-            tracker, args[4] = args[4], None
-            state = _cp._class_getstate(cls)
+        make, newargs, state = _cp._dynamic_class_reduce(cls)[:3]
+        args = list(newargs)
+        is_enum = make is _cp._make_skeleton_enum
+        at = 5 if is_enum else 4  # the tracker id: codestore tracks the class per session, not by it
+        tracker, args[at] = args[at], None
         clsdict = byvalue.class_state(cls, state[0])
-        if not issubclass(cls, enum.Enum):  # members named again as module globals are the class's own
+        if not is_enum:  # members named again as module globals are the class's own
             clsdict = _module_globals(msg, cls.__module__, clsdict)
         state = (clsdict, state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
