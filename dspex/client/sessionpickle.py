@@ -172,19 +172,13 @@ class Message:
     def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
         """A function's closure with its big values sent by identity."""
         out: list[types.CellType] = []
-        changed = False
         for cell in cells:
             try:
                 value = cell.cell_contents
-            except ValueError:
-                out.append(cell)
-                continue
-            if codeindex.is_big(value):
-                out.append(types.CellType(_Value(self.key(value), value)))
-                changed = True
-            else:
-                out.append(cell)
-        return tuple(out) if changed else cells
+            except ValueError:  # an empty cell
+                value = None
+            out.append(types.CellType(_Value(self.key(value), value)) if codeindex.is_big(value) else cell)
+        return tuple(out)
 
     def note_source(self, filename: str | None, sources: dict[str, str]) -> None:
         """Send a by-value object's source file with it, once per session."""
