@@ -57,8 +57,10 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
     ``settings`` sent with the request (or of a list there: ``callbacks``), or that the session
     holds by identity already, as a value sent by identity. Data (lists, dicts, tuples, sets)
     stays an argument sent with each call, with its exact types."""
-    out = body
-    configured = _by_id(settings) if settings else {}
+    out = list(body)
+    # id -> object of the settings' values that go by identity, and of the items of their lists
+    configured = {id(item): item for value in (settings or {}).values()
+                  for item in (value if type(value) in (list, tuple) else (value,)) if type(item) not in _ATOMS}
 
     def wrapped(value: Any) -> Any:
         t = type(value)
@@ -86,19 +88,13 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
 
     for i, (name, value) in enumerate(zip(op_args, body)):
         if name in ("fn", "value"):
-            new = wrapped(value)
+            out[i] = wrapped(value)
         elif name == "args" and type(value) in (list, tuple):
             items = [wrapped(v) for v in value]
-            new = items if any(a is not b for a, b in zip(items, value)) else value
+            out[i] = items if any(a is not b for a, b in zip(items, value)) else value
         elif name in ("kwargs", "namespace") and type(value) is dict:
             items_d = {k: wrapped(v) for k, v in value.items()}
-            new = items_d if any(items_d[k] is not value[k] for k in value) else value
-        else:
-            continue
-        if new is not value:
-            if out is body:
-                out = list(body)
-            out[i] = new
+            out[i] = items_d if any(items_d[k] is not value[k] for k in value) else value
     return out
 
 
@@ -116,12 +112,3 @@ def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
                 return module_name, name
     return None
 
-
-def _by_id(settings: dict[str, Any]) -> dict[int, Any]:
-    """id -> object of the settings' values that go by identity, and of the items of their lists."""
-    out: dict[int, Any] = {}
-    for value in settings.values():
-        for item in value if type(value) in (list, tuple) else (value,):
-            if type(item) not in _ATOMS:
-                out[id(item)] = item
-    return out
