@@ -140,20 +140,14 @@ class Bindings:
 
     def unchanged(self, root: Any) -> bool:
         """The walk of ``root`` this request would make binds nothing: the session's last walk of
-        it is remembered and every global it read still holds what the session has bound there
-        (what it reached counts as walked by this request)."""
+        it is remembered, every global it read still holds what the session has bound there, and
+        its modules and closure cells are as they were (what it reached counts as walked by this
+        request)."""
         if not self.trusted or id(root) in self.walked:
             return False
         memo = self.cache.walks.get(id(root))
-        if memo is None or memo.root is not root or not self._unchanged(memo):
+        if memo is None or memo.root is not root:
             return False
-        self.walked.update(memo.reached)
-        self.relied = True
-        return True
-
-    def _unchanged(self, memo: Walk) -> bool:
-        """Every global a remembered walk read still holds what the session has bound there, and
-        its modules and closure cells are as they were."""
         bound, unconfirmed = self.cache.bound, self.cache.unconfirmed
         if unconfirmed and any(where in unconfirmed for _, _, where in memo.reads):
             return False  # walked again: those bindings go again (bind)
@@ -170,6 +164,8 @@ class Bindings:
                     return False
             except ValueError:  # emptied since
                 return False
+        self.walked.update(memo.reached)
+        self.relied = True
         return True
 
     def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
