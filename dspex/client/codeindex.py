@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue, usercode
+from dspex.wire import byvalue, codestore, usercode
 from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
@@ -133,11 +133,8 @@ def user_modules_imported(code: types.CodeType, g: dict[str, Any]) -> list[types
     out: list[types.ModuleType] = []
     for name, level, fromlist in imports_in(code):
         if level:
-            package = g.get("__package__") or ""
-            if not package and "__path__" not in g:
-                package = str(g.get("__name__", "")).rpartition(".")[0]
             try:
-                name = importlib.util.resolve_name("." * level + name, str(package))
+                name = importlib.util.resolve_name("." * level + name, codestore.package_of(g))
             except (ImportError, ValueError):
                 continue
         parts = name.split(".")

@@ -126,7 +126,7 @@ class CodeStore:
         absolute = name
         if level:
             try:
-                absolute = importlib.util.resolve_name("." * level + name, _package_of(globals or {}))
+                absolute = importlib.util.resolve_name("." * level + name, package_of(globals or {}))
             except (ImportError, ValueError):
                 absolute = ""
         modules = self.modules
@@ -165,7 +165,7 @@ class CodeStore:
         self.sources.clear()
 
 
-def _package_of(g: dict[str, Any]) -> str:
+def package_of(g: dict[str, Any]) -> str:
     """The package a relative import in code with globals ``g`` is relative to (as Python's)."""
     package = g.get("__package__")
     if package is None:
