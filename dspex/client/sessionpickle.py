@@ -44,7 +44,6 @@ from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, h
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
-_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 # values whose identity means nothing (a default of None or 0 is no module's global) or that are
 # one object per session already (functions: by key)
 _NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
@@ -154,7 +153,7 @@ class Message:
             return hit[1], hit[2]
         name = g.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None
-        base: dict[str, Any] | None = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        base: dict[str, Any] | None = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         if module is not None and getattr(module, "__dict__", None) is g:
             if codeindex.user_module(module):
                 nsid = "m:" + str(name)
@@ -351,9 +350,9 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         byvalue.register_user_module(module.__name__)
         bindings = msg.globals.walk(module)
-        g = vars(module)
         msg.note_source(getattr(module, "__file__", None), self.sources)
-        base = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        g = vars(module)
+        base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
 
     def _value(self, value: _Value) -> Any:

@@ -58,7 +58,7 @@ from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
-_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")  # a user module's, from the client
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 
 
@@ -106,7 +106,7 @@ class CodeStore:
             SESSION_MODULES[id(module)] = module
         if base:
             g = module.__dict__
-            for k in _BASE_GLOBALS:
+            for k in BASE_GLOBALS:
                 if k in base and g.get(k) is None:  # a new module's __package__ is None
                     g[k] = base[k]
         return module
