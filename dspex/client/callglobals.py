@@ -16,14 +16,13 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from dspex.client import codeindex
-from dspex.client.bindings import _Value
+from dspex.client.bindings import _ATOMS, _Value
 from dspex.client.standins import held_key
 from dspex.wire.ref import Ref
 
 if TYPE_CHECKING:
     from dspex.client.sendcache import SendCache
 
-_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _DATA = frozenset({list, tuple, dict, set, frozenset})
 _NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 

@@ -37,7 +37,7 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
-from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
+from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import SendCache, SettingsSent
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, held_pickle
@@ -46,7 +46,7 @@ from dspex.wire.errors import EncodeError
 
 # values whose identity means nothing (a default of None or 0 is no module's global) or that are
 # one object per session already (functions: by key)
-_NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
+_NOT_GLOBALS = _ATOMS | {types.FunctionType}
 _NOT_HELD = _NOT_GLOBALS | {types.ModuleType, tuple}
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
