@@ -29,7 +29,7 @@ _NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 
 class ModuleGlobal:
     """An argument of a request that is a global of the client's code (or a method of one,
-    ``attr``): on the worker, the session's global of that name (``dspex.client.sessionpickle.SessionPickler._global``)."""
+    ``attr``): on the worker, the session's global of that name (``dspex.client.sessionpickle.SessionPickler._binding``)."""
 
     __slots__ = ("attr", "module", "name", "obj")
 

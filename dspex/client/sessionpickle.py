@@ -167,7 +167,6 @@ class Message:
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
 
-
     def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
         """A function's closure with its big values sent by identity."""
         out: list[types.CellType] = []
@@ -223,15 +222,13 @@ class SessionPickler(byvalue.SourcePickler):
         if t is ModuleGlobal:
             if obj.attr is not None:
                 return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)
-            return self._global("m:" + obj.module, obj.name, obj.obj)
-        if t is types.ModuleType:
-            if codeindex.by_value(obj):
-                return self._module(obj)
-            return super().reducer_override(obj)
-        if issubclass(t, type):
-            if codeindex.by_value(obj):
-                return self._class(obj)
-            return super().reducer_override(obj)
+            where = ("m:" + obj.module, obj.name)
+            data = self._binding(*where, obj.obj)
+            return codestore._load_global, (where if data is None else (*where, data))
+        if t is types.ModuleType and codeindex.by_value(obj):
+            return self._module(obj)
+        if issubclass(t, type) and codeindex.by_value(obj):
+            return self._class(obj)
         return super().reducer_override(obj)
 
     def _held_id(self, obj: Any) -> Any:
@@ -240,7 +237,7 @@ class SessionPickler(byvalue.SourcePickler):
         modules (``HOLDER = Holder(STORE)``) is the session's global, as in-process it is that
         one object: the key of the object the session holds from an earlier request, or, for a
         global the session lacks, ``("g", namespace, name, bindings)`` that binds it first (a
-        pickle of its own, as :meth:`_global`); ``codestore.SessionUnpickler`` loads either.
+        pickle of its own: :meth:`_binding`); ``codestore.SessionUnpickler`` loads either.
         A global bound by this request already is left to the pickle's memo. Functions, classes
         and modules are the reducers' (a held function still sends its changed bindings); lists
         and dicts never reach ``reducer_override``, hence this hook, installed only in pickles
@@ -269,13 +266,8 @@ class SessionPickler(byvalue.SourcePickler):
         nsid, name = "m:" + found[0], found[1]
         if (nsid, name) in msg.globals.bindings:
             return None
-        bindings: list[Binding] = []
-        msg.globals.bind(bindings, [], nsid, name, obj)
-        if not bindings:
-            return None
-        data, sources = msg.dumps(bindings)
-        self.sources.update(sources)
-        return ("g", nsid, name, data)
+        data = self._binding(nsid, name, obj)
+        return None if data is None else ("g", nsid, name, data)
 
     def _module_globals(self) -> dict[int, tuple[str, str, Any]]:
         """id -> (module, name, value) of the globals of the user modules this session uses."""
@@ -370,19 +362,19 @@ class SessionPickler(byvalue.SourcePickler):
         self._defining += 1  # until the EndOfValue after it
         return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 
-    def _global(self, nsid: str, name: str, obj: Any) -> Any:
-        """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
-        session lacks it: within a session a global is one object, whether code reads it or a call
-        is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
+    def _binding(self, nsid: str, name: str, obj: Any) -> bytes | None:
+        """The pickle that binds the session's global ``name`` of user module ``nsid`` to ``obj``,
+        None where the session has it so: within a session a global is one object, whether code
+        reads it or a call is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as
+        in-process. A pickle of its own: pickled here, the value would be memoized as ``obj``
+        itself, and the copy sent would stand for the global even where the session keeps its own."""
         bindings: list[Binding] = []
         self.msg.globals.bind(bindings, [], nsid, name, obj)
         if not bindings:
-            return codestore._load_global, (nsid, name)
-        # a pickle of its own: pickled here, the value would be memoized as ``obj`` itself, and
-        # the copy sent would stand for the global even where the session keeps its own
+            return None
         data, sources = self.msg.dumps(bindings)
         self.sources.update(sources)
-        return codestore._load_global, (nsid, name, data)
+        return data
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)
