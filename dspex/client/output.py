@@ -1,24 +1,10 @@
 """A call's output on the client, where it would go in-process (like Ray's ``log_to_driver``).
 
 What a call prints, warns or logs on its worker arrives as ``out`` events while it runs
-(worker/output.py). By default (``dspex.connect(forward_output=True)``) :func:`forward` puts each
-where the same program run in-process would have put it:
-
-- ``stdout`` / ``stderr`` text on this process's ``sys.stdout`` / ``sys.stderr`` as they are at
-  that moment (``contextlib.redirect_stdout``, pytest's capsys and capfd see it), one write per
-  event (whole lines or progress-bar redraws, coalesced on the worker), flushed, under one lock: lines
-  of concurrent sessions never splice, and carry no prefix (they read as the program printed
-  them);
-- warnings re-issued through :mod:`warnings` with their category, message and place: this
-  process's filters decide whether one shows, with the registry of the module that would have
-  warned in-process (``default`` shows it once per place; ``ignore`` drops it; ``error`` cannot
-  raise into a call that ran on past it on the worker, so it is shown), and its ``showwarning``
-  hook shows it (``pytest.warns``, ``catch_warnings(record=True)``, ``logging.captureWarnings``
-  see it);
-- log records re-emitted on this process's logger of the same name when that logger is enabled
-  for their level, with the worker's message, exception text, stack, time, pid and thread name,
-  its ``extra=`` fields, and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
-  enabled level (:func:`log_threshold`), so records below it are never sent.
+(worker/output.py); :func:`forward` puts its text on this process's ``sys.stdout`` /
+``sys.stderr`` as they are at that moment, re-issues its warnings through :mod:`warnings` and
+re-emits its log records on this process's logger of the same name. docs/remote-objects.md
+(*Output*) tells the rules in full.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ log = logging.getLogger("dspex.client")
 # Where the threshold is cached: the root logger's level cache, which logging clears whenever a
 # level changes anywhere (setLevel, logging.disable, dictConfig), so the cache is never stale.
 _THRESHOLD_KEY = "dspex.log_threshold"
-_write_lock = threading.Lock()
+_write_lock = threading.Lock()  # one write per event: lines of concurrent sessions never splice
 _categories: dict[tuple[str, str], type[Warning]] = {}
 _registries: dict[str, dict[Any, Any]] = {}  # a place's file -> the registry of warnings shown there
 

@@ -1,28 +1,16 @@
 """Pickles of a session's requests: by-value code sent once, module globals kept on the worker.
 
-cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class:`SessionPickler`):
-
-- A by-value function's ``__globals__`` is not a copy of the globals it reads: it is the
-  session's module object for the function's module on the worker (``m:<module name>``), one per
-  (session, user module), so module state persists across calls. The globals a function reads,
-  and those of every by-value function and class reachable from it, are sent as *bindings*
-  ``(namespace, name, key, value)`` only when the session lacks them or the client's binding
-  changed (another object): :meth:`dspex.client.bindings.Bindings.walk`.
-- Functions, classes and values of bindings are keyed by the client object's identity, code
-  objects by content hash, and closure values of 1 MiB or more (bytes, strings, arrays) or of
-  10,000 items or more by identity: each is defined in full the first time a session uses it and
-  referred to by key after (``codestore._load_held``).
-- Globals that live in modules the worker imports go by reference: objects a user module
-  imported (``from dspy.utils.callback import ACTIVE_CALL_ID``: read from the module's source),
-  functions and classes of installed modules, and an object found in an importable module when
-  by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
-  an :class:`EncodeError` naming it and its module.
-- The user modules an ``import`` statement in a function's body names go with it (namespace
-  ``codestore.IMPORTED``), so that the statement finds the session's module on the worker.
-- A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
-  tracker), with the client's file name of its source, for ``inspect.getsource``.
-
-The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on the worker.
+cloudpickle as :mod:`dspex.wire.byvalue` uses it (:class:`SessionPickler`), for what
+docs/remote-objects.md (*A session is your own Python, remembered*) tells: a by-value function's
+``__globals__`` is the session's module object on the worker (``m:<module name>``), which the
+bindings of :mod:`dspex.client.bindings` fill; functions, classes, code objects and big values
+are defined in full the first time a session uses them and referred to by key after
+(``codestore._load_held``); a global the worker can import goes by reference (one a user module
+imported, read from its source; one found in an importable module when by value it cannot be
+pickled), and one of the user's code that cannot be pickled at all is an :class:`EncodeError`
+naming it and its module; a class is rebuilt per session (not through cloudpickle's process-wide
+class tracker). The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on
+the worker.
 """
 
 from __future__ import annotations
