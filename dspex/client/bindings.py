@@ -194,7 +194,7 @@ class Bindings:
         if not nsid.startswith("m:") or obj.__qualname__ != name:
             return bindings
         module = sys.modules.get(nsid[2:])
-        if module is None or vars(module).get(name) is not obj:
+        if module is None or vars(module).get(name) is not obj or not codeindex.user_module(module):
             return bindings
         out = list(bindings)
         self.bind(out, [], nsid, name, obj)

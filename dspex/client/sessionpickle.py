@@ -309,9 +309,7 @@ class SessionPickler(byvalue.SourcePickler):
         if msg.holds(key):
             return self._held(key, bindings)
         msg.defined.add(key)
-        module = sys.modules.get(cls.__module__)
-        if module is not None and codeindex.user_module(module):
-            bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
+        bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
         make, newargs, state = _cp._dynamic_class_reduce(cls)[:3]
