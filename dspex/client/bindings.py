@@ -1,10 +1,7 @@
 """The module globals one request of a session binds on the worker (``Message.globals``;
-dspex/client/sessionpickle.py): the globals a by-value function, class or user module reads, and
-those of every by-value function and class reachable from it, sent as *bindings*
-``(namespace, name, key, value)`` only when the session lacks them or the client's binding
-changed (another object). A value goes by reference where the worker can import it, else once per
-session by the client object's identity.
-"""
+dspex/client/sessionpickle.py), as ``(namespace, name, key, value)``, only where the session lacks
+them or the client bound another object since; a value goes by reference where the worker can
+import it, else once per session by the client object's identity."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""A request's arguments that are globals of the client's code, or objects the session holds.
-
-In-process, ``fn(QA)`` or ``COUNTER.bump()`` work on the module's one object; through a session,
-such an argument (the callable, an element of ``args``, a value of ``kwargs``) is wrapped as a
-:class:`ModuleGlobal`, which the session pickler sends as the session's global of that name
-(bound once, then kept by the worker with the rest of the module's state). An argument that the
-session holds by the client object's identity already (a value of the client's DSPy settings:
-``dspy.configure(lm=lm)``, then ``s.run(program, lm)``) is that held object, as in-process it is
-the configured one.
-"""
+"""A request's arguments that are globals of the client's code, or objects the session holds:
+the session's own object, as in-process the module's one object or the configured one
+(docs/remote-objects.md, *A session is your own Python, remembered*)."""
 
 from __future__ import annotations
 

@@ -67,16 +67,10 @@ class BrokerMap:
 def broker_map(config: ClientConfig, endpoint: str | None = None,
                endpoints: Mapping[str, str] | str | None = None) -> BrokerMap:
     """The brokers a client uses: ``endpoints`` (a pool -> endpoint map, or its ``DSPEX_ENDPOINTS``
-    text), else ``endpoint`` (one broker for every pool), else ``DSPEX_ENDPOINTS``, else
-    ``DSPEX_ENDPOINT``, else the default ipc path. An argument wins over the environment; two
-    of the same rank (both arguments, or both variables) are a ``ConfigError``.
-
-    The text form is ``POOL=ENDPOINT`` entries separated by commas (or newlines), ``*`` for every
-    pool not named, each optionally followed by ``;server_key=FILE`` and ``;client_key=FILE``
-    (a ``tcp://`` broker's public key and this client's secret key file for it), e.g.
-    ``triage_pool=ipc:///tmp/dx-a/frontend.sock,*=ipc:///tmp/dx-b/frontend.sock``. A map's values
-    take the same ``ENDPOINT;server_key=FILE`` form.
-    """
+    text: docs/operations.md, *More than one broker*), else ``endpoint`` (one broker for every
+    pool), else ``DSPEX_ENDPOINTS``, else ``DSPEX_ENDPOINT``, else the default ipc path. An
+    argument wins over the environment; two of the same rank (both arguments, or both variables)
+    are a ``ConfigError``."""
     if endpoint and endpoints is not None:
         raise ConfigError("give endpoint (one broker) or endpoints (a pool -> endpoint map), not both")
     if endpoints is not None:
