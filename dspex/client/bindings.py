@@ -76,7 +76,6 @@ class Bindings:
         per request. A walk remembers every global it read (and the size of each user module it
         walked, the closure cells it followed): while each still holds what the session has bound
         there, the next request of ``root`` checks only those."""
-        keep = self.trusted
         if self.unchanged(root):
             return []
         out: list[Binding] = []
@@ -131,7 +130,7 @@ class Bindings:
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
                         memo.cells.append((cell, value))
                         todo.append(value)
-        if keep and complete:
+        if self.trusted and complete:
             self.walks[id(root)] = memo
         return out
 

@@ -65,7 +65,6 @@ class Message:
         that holds nothing of the session (one it moved to) must refuse it (``FLAG_HELD``)."""
         return bool(self.used) or self.globals.relied
 
-    # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
         held = held_key(self.cache, obj) if self.cache.keep else None
         if held is not None:
@@ -84,7 +83,6 @@ class Message:
             return True
         return False
 
-    # -- pickling -----------------------------------------------------------------------------
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
         """(pickle, {filename: source}) of ``obj``; EncodeError naming an unpicklable global."""
         if type(obj) is types.FunctionType:
@@ -98,14 +96,12 @@ class Message:
             try:
                 pickler.dump(obj)
                 return buf.getvalue(), pickler.sources
-            except EncodeError:
-                self._restore(saved)
-                raise
             except Exception as exc:
                 before = saved[2][0]  # the bindings made before this pickle
                 emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
                 self._restore(saved)
-                culprit = senderrors.culprit(emitted, _transient_dumps)
+                # an EncodeError names what it is already (a session's unpicklable global)
+                culprit = None if isinstance(exc, EncodeError) else senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
@@ -132,7 +128,6 @@ class Message:
         self.new_keys, self.defined, bindings, self.namespaces, self.sources, self.used, self._budget = saved
         self.globals.restore(bindings)
 
-    # -- namespaces ---------------------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
         user module), ``lib:<module>`` (an importable module's own), ``g:<key>`` (other dicts)."""
