@@ -69,14 +69,9 @@ def globals_read(code: types.CodeType) -> tuple[str, ...]:
 def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
     """The names a function's string annotations (``from __future__ import annotations``) read:
     ``typing.get_type_hints`` (and ``dspy.Tool``) looks them up in the function's globals."""
-    annotations = getattr(func, "__annotations__", None)
-    if not annotations:
-        return ()
-    names: dict[str, None] = {}
-    for value in annotations.values():
-        if isinstance(value, str):
-            names.update(dict.fromkeys(_names_in(value)))
-    return tuple(names)
+    annotations = getattr(func, "__annotations__", None) or {}
+    return tuple(dict.fromkeys(name for value in annotations.values() if isinstance(value, str)
+                               for name in _names_in(value)))
 
 
 # DSPy's own pattern (SignatureMeta._detect_custom_types_from_caller): the type after a field's colon
