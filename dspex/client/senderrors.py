@@ -12,6 +12,10 @@ from typing import Any
 from dspex.wire.codec import type_name
 from dspex.wire.errors import EncodeError
 
+# what to do with an object that cannot be sent (not "s.put it": put copies it too)
+_MAKE_IT_THERE = ("(it cannot be copied to the worker: make it there instead, inside the function, or once with "
+                  "ref = s.run(make_it) and pass the ref)")
+
 
 def _unpicklable(items: Iterable[tuple[Any, Any]], dumps: Callable[[Any], object]) -> tuple[Any, Any] | None:
     """The first ``(where, value)`` whose value ``dumps`` fails on."""
@@ -65,17 +69,12 @@ def argument_error(err: EncodeError) -> EncodeError:
     or session's handle)."""
     if not {"global", "setting", "context_var", "handle"}.isdisjoint(err.details):
         return err
-    return EncodeError(f"{err.message} (it cannot be copied to the worker: make it there instead, inside the "
-                       "function, or once with ref = s.run(make_it) and pass the ref)", **err.details)
+    return EncodeError(f"{err.message} {_MAKE_IT_THERE}", **err.details)
 
 
 def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
     t = type_name(value)
     module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
     where = f"module {module}" if nsid.startswith("m:") else module
-    return EncodeError(
-        f"cannot send {name} ({t}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
-        # (not "s.put it": put copies it too)
-        "(it cannot be copied to the worker: make it there instead, inside the function, or once with "
-        "ref = s.run(make_it) and pass the ref)",
-        type=t, module=module, **{"global": name})
+    return EncodeError(f"cannot send {name} ({t}) from {where}: {type(exc).__name__}: {str(exc)[:300]} {_MAKE_IT_THERE}",
+                       type=t, module=module, **{"global": name})
