@@ -63,12 +63,6 @@ class Bindings:
         self.walks: dict[int, Walk] = {}
         self.relied = False  # a global was left out because the session holds it (Message.relies)
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]:
-        return dict(self.bindings), dict(self.walked), dict(self.walks)
-
-    def restore(self, saved: tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]) -> None:
-        self.bindings, self.walked, self.walks = saved
-
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
         globals it reads and those of every by-value function and class it reaches, where the

@@ -97,7 +97,7 @@ class Message:
                 pickler.dump(obj)
                 return buf.getvalue(), pickler.sources
             except Exception as exc:
-                before = saved[2][0]  # the bindings made before this pickle
+                before = saved[2]  # the bindings made before this pickle
                 emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
                 self._restore(saved)
                 # an EncodeError names what it is already (a session's unpicklable global)
@@ -121,12 +121,14 @@ class Message:
         return held_pickle(key)
 
     def _snapshot(self) -> tuple[Any, ...]:
-        return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),
-                dict(self.sources), set(self.used), self._budget)
+        g = self.globals
+        return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
+                set(self.namespaces), dict(self.sources), set(self.used), self._budget)
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        self.new_keys, self.defined, bindings, self.namespaces, self.sources, self.used, self._budget = saved
-        self.globals.restore(bindings)
+        g = self.globals
+        (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
+         self._budget) = saved
 
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
