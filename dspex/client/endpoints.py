@@ -138,15 +138,11 @@ def _parse_broker(value: str, source: str) -> Broker:
 
 
 def probe_ipc(endpoint: str) -> None:
-    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket.
-
-    Fails at once (instead of waiting out the request's timeout) when nothing listens there: no
-    directory, no socket file, or a stale file a broker that exited left behind
-    (``BrokerUnreachable``). Refuses (``ConfigError``) a path that is not a socket, a socket that
-    is not ours, one in a directory other users may write to (they could have put it there), and
-    one we may not connect to. A client creates nothing, so it never asks for a directory's mode
-    to change: the broker and workers, which create the run directory, enforce its 0700 rule.
-    """
+    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket at once,
+    instead of after the request's timeout (``BrokerUnreachable``: nothing listens there;
+    ``ConfigError``: a socket that may be anyone's, or that we may not use). A client creates
+    nothing, so it never asks for a directory's mode to change: the broker and workers, which
+    create the run directory, enforce its 0700 rule."""
     if not endpoint.startswith("ipc://"):
         return
     path = Path(endpoint[len("ipc://"):])
