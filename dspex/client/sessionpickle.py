@@ -74,13 +74,15 @@ class Message:
             hit = self.new_keys[id(obj)] = (obj, self.cache.key_of(obj))
         return hit[1]
 
-    def holds(self, key: str) -> bool:
-        """The worker has ``key`` by the time it reads this reference."""
+    def refers(self, key: str) -> bool:
+        """Whether a pickle refers to ``key`` (the worker has it by the time it reads the
+        reference) rather than defines it: False makes this message its definer."""
         if key in self.defined:
             return True
         if self.trusted and key in self.cache.sent:
             self.used.add(key)
             return True
+        self.defined.add(key)
         return False
 
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
@@ -277,9 +279,8 @@ class SessionPickler(byvalue.SourcePickler):
             return reducers.singledispatch_reduced(func)
         bindings = msg.globals.walk(func)
         key = msg.key(func)
-        if msg.holds(key):
+        if msg.refers(key):
             return self._held(key, bindings)
-        msg.defined.add(key)
         nsid, base = msg.namespace(func.__globals__)
         bindings = msg.globals.own_name(nsid, func, bindings)
         msg.note_source(func.__code__.co_filename, self.sources)
@@ -303,9 +304,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         bindings = msg.globals.walk(cls)
         key = msg.key(cls)
-        if msg.holds(key):
+        if msg.refers(key):
             return self._held(key, bindings)
-        msg.defined.add(key)
         bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
@@ -333,9 +333,8 @@ class SessionPickler(byvalue.SourcePickler):
     def _value(self, value: _Value) -> Any:
         if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
             value = _Value(self.msg.key(value.obj), value.obj)
-        if self.msg.holds(value.key):
+        if self.msg.refers(value.key):
             return codestore._load_held, (value.key,)
-        self.msg.defined.add(value.key)
         if type(value.obj) in _NOT_HELD:
             return codestore._load_value, (value.key, value.obj)
         if type(value.obj) is contextvars.ContextVar:  # a variable, not its value: that goes per call
@@ -361,9 +360,8 @@ class SessionPickler(byvalue.SourcePickler):
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)
-        if self.msg.holds(key):
+        if self.msg.refers(key):
             return codestore._load_code, (key,)
-        self.msg.defined.add(key)
         return codestore._load_code, (key, code)
 
 
