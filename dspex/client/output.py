@@ -134,17 +134,11 @@ def _emit(event: dict[str, Any], session: str, worker: str) -> None:
     record = logger.makeRecord(name, level, str(event.get("pathname") or "?"), int(event.get("lineno") or 0),
                                str(event.get("message", "")), (), None, event.get("funcName") or None,
                                None, stack if isinstance(stack, str) else None)
-    exc_text = event.get("exc_text")
-    if isinstance(exc_text, str) and exc_text:
-        record.exc_text = exc_text  # formatters append it as they append a local exception's
-    created = event.get("created")
-    if isinstance(created, float):
-        record.created = created
-        record.msecs = int((created - int(created)) * 1000) + 0.0
-    if isinstance(event.get("process"), int):
-        record.process = event["process"]
-    if isinstance(event.get("threadName"), str):
-        record.threadName = event["threadName"]
+    # as the worker's record had them (formatters append exc_text as they append a local exception's)
+    for attr, kind in (("exc_text", str), ("created", float), ("process", int), ("threadName", str)):
+        if isinstance(event.get(attr), kind):
+            setattr(record, attr, event[attr])
+    record.msecs = int((record.created - int(record.created)) * 1000) + 0.0
     extra = event.get("extra")
     if isinstance(extra, dict):
         for key, value in extra.items():
