@@ -82,13 +82,9 @@ _SIGNATURE_TYPE = re.compile(r":\s*([A-Za-z_][A-Za-z0-9_]*)")
 def signature_type_names(code: types.CodeType) -> tuple[str, ...]:
     """The names a string signature in ``code`` gives as field types (``dspy.Predict("text ->
     verdict: Verdict")``): DSPy looks them up in the caller's globals, which no bytecode reads."""
-    names: dict[str, None] = {}
-    for const in code.co_consts:
-        if isinstance(const, str) and "->" in const:
-            names.update(dict.fromkeys(_SIGNATURE_TYPE.findall(const)))
-        elif isinstance(const, types.CodeType):
-            names.update(dict.fromkeys(signature_type_names(const)))
-    return tuple(names)
+    found = [_SIGNATURE_TYPE.findall(c) if isinstance(c, str) else signature_type_names(c) for c in code.co_consts
+             if isinstance(c, types.CodeType) or (isinstance(c, str) and "->" in c)]
+    return tuple(dict.fromkeys(name for names in found for name in names))
 
 
 @functools.lru_cache(maxsize=4096)
