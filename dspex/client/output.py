@@ -35,10 +35,8 @@ def log_threshold() -> int:
         if cached is not None:
             return int(cached)
     manager = logging.root.manager
-    level = logging.root.level or 1
-    for logger in list(manager.loggerDict.values()):
-        if isinstance(logger, logging.Logger) and 0 < logger.level < level:
-            level = logger.level
+    level = min([logging.root.level or 1, *(logger.level for logger in list(manager.loggerDict.values())
+                                             if isinstance(logger, logging.Logger) and logger.level > 0)])
     level = min(max(level, manager.disable + 1), 0xFF)
     if cache is not None:
         cache[_THRESHOLD_KEY] = level
