@@ -375,8 +375,7 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
     names: dict[int, str] | None = None
     out = values
     for k, value in values.items():
-        t = type(value)
-        if t in _NOT_GLOBALS or isinstance(value, type):
+        if type(value) in _NOT_GLOBALS or isinstance(value, type):
             continue
         if names is None:
             names = {id(v): n for n, v in codeindex.user_globals(module)
