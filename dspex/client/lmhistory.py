@@ -36,16 +36,13 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     for item in entries:
         if not (isinstance(item, list) and len(item) == 2):
             continue
+        owner = None if item[0] is None else _owner(lms, parts, item[0])
+        update = getattr(owner, "update_history", None)
         if item[0] is None:  # an LM of the session's: DSPy's global history only
             _record_globally(item[1])
-            continue
-        owner = _owner(lms, parts, item[0])
-        if owner is None:
-            continue
-        update = getattr(owner, "update_history", None)
-        if callable(update):  # an LM
+        elif callable(update):  # an LM
             update(item[1])
-        else:
+        elif owner is not None:
             _record_in_module(owner, item[1])
 
 
