@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dspex.client import codeindex
 from dspex.client.bindings import _ATOMS, _Value
+from dspex.client.sendcache import SendCache
 from dspex.client.standins import held_key
 from dspex.wire.ref import Ref
-
-if TYPE_CHECKING:
-    from dspex.client.sendcache import SendCache
 
 _DATA = frozenset({list, tuple, dict, set, frozenset})
 _NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are

@@ -8,13 +8,11 @@ from __future__ import annotations
 import functools
 import pickle
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dspex.client.bindings import Binding
+from dspex.client.sendcache import SendCache
 from dspex.wire import codestore
-
-if TYPE_CHECKING:
-    from dspex.client.sendcache import SendCache
 
 
 def held_key(cache: SendCache, obj: Any) -> str | None:
