@@ -49,8 +49,8 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
     stays an argument sent with each call, with its exact types."""
     out = list(body)
     # id -> object of the settings' values that go by identity, and of the items of their lists
-    configured = {id(item): item for value in (settings or {}).values()
-                  for item in (value if type(value) in (list, tuple) else (value,)) if type(item) not in _ATOMS}
+    configured = {id(item): item for value in settings.values() for item in (
+        value if type(value) in (list, tuple) else (value,)) if type(item) not in _ATOMS} if settings else {}
 
     def wrapped(value: Any) -> Any:
         t = type(value)
