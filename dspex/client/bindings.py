@@ -1,10 +1,7 @@
 """The module globals one request of a session binds on the worker (``Message.globals``;
-dspex/client/sessionpickle.py): the globals a by-value function, class or user module reads, and
-those of every by-value function and class reachable from it, sent as *bindings*
-``(namespace, name, key, value)`` only when the session lacks them or the client's binding
-changed (another object). A value goes by reference where the worker can import it, else once per
-session by the client object's identity.
-"""
+dspex/client/sessionpickle.py), as ``(namespace, name, key, value)``, only where the session lacks
+them or the client bound another object since; a value goes by reference where the worker can
+import it, else once per session by the client object's identity."""
 
 from __future__ import annotations
 
@@ -66,12 +63,6 @@ class Bindings:
         self.walks: dict[int, Walk] = {}
         self.relied = False  # a global was left out because the session holds it (Message.relies)
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]:
-        return dict(self.bindings), dict(self.walked), dict(self.walks)
-
-    def restore(self, saved: tuple[dict[tuple[str, str], tuple[Any, str]], dict[int, Any], dict[int, Walk]]) -> None:
-        self.bindings, self.walked, self.walks = saved
-
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
         globals it reads and those of every by-value function and class it reaches, where the
@@ -79,7 +70,6 @@ class Bindings:
         per request. A walk remembers every global it read (and the size of each user module it
         walked, the closure cells it followed): while each still holds what the session has bound
         there, the next request of ``root`` checks only those."""
-        keep = self.trusted
         if self.unchanged(root):
             return []
         out: list[Binding] = []
@@ -136,26 +126,20 @@ class Bindings:
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
                         memo.cells.append((cell, value))
                         todo.append(value)
-        if keep and complete:
+        if self.trusted and complete:
             self.walks[id(root)] = memo
         return out
 
     def unchanged(self, root: Any) -> bool:
         """The walk of ``root`` this request would make binds nothing: the session's last walk of
-        it is remembered and every global it read still holds what the session has bound there
-        (what it reached counts as walked by this request)."""
+        it is remembered, every global it read still holds what the session has bound there, and
+        its modules and closure cells are as they were (what it reached counts as walked by this
+        request)."""
         if not self.trusted or id(root) in self.walked:
             return False
         memo = self.cache.walks.get(id(root))
-        if memo is None or memo.root is not root or not self._unchanged(memo):
+        if memo is None or memo.root is not root:
             return False
-        self.walked.update(memo.reached)
-        self.relied = True
-        return True
-
-    def _unchanged(self, memo: Walk) -> bool:
-        """Every global a remembered walk read still holds what the session has bound there, and
-        its modules and closure cells are as they were."""
         bound, unconfirmed = self.cache.bound, self.cache.unconfirmed
         if unconfirmed and any(where in unconfirmed for _, _, where in memo.reads):
             return False  # walked again: those bindings go again (bind)
@@ -172,6 +156,8 @@ class Bindings:
                     return False
             except ValueError:  # emptied since
                 return False
+        self.walked.update(memo.reached)
+        self.relied = True
         return True
 
     def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
@@ -200,7 +186,7 @@ class Bindings:
         if not nsid.startswith("m:") or obj.__qualname__ != name:
             return bindings
         module = sys.modules.get(nsid[2:])
-        if module is None or vars(module).get(name) is not obj:
+        if module is None or vars(module).get(name) is not obj or not codeindex.user_module(module):
             return bindings
         out = list(bindings)
         self.bind(out, [], nsid, name, obj)
@@ -216,13 +202,10 @@ class Bindings:
                 return self._key(value), value
             return f"ref:{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}", value
         if t not in _ATOMS:
-            found = codeindex.imported_reference(nsid[2:], name, value) if nsid.startswith("m:") else \
-                codeindex.found_reference(value)
+            found = codeindex.imported_reference(nsid[2:] if nsid.startswith("m:") else None, name, value)
             if found is None and t is contextvars.ContextVar:
                 # a library's variable (ALIAS = module.VAR) is the worker's own; only yours go by value
                 found = codeindex.find_importable(value)
-                if found is not None:
-                    codeindex.remember_reference(value, *found)
             if found is not None:
                 return f"imp:{found[0]}:{found[1]}", _Attribute(*found)
         key = self._key(value)

@@ -1,35 +1,26 @@
-"""A request's arguments that are globals of the client's code, or objects the session holds.
-
-In-process, ``fn(QA)`` or ``COUNTER.bump()`` work on the module's one object; through a session,
-such an argument (the callable, an element of ``args``, a value of ``kwargs``) is wrapped as a
-:class:`ModuleGlobal`, which the session pickler sends as the session's global of that name
-(bound once, then kept by the worker with the rest of the module's state). An argument that the
-session holds by the client object's identity already (a value of the client's DSPy settings:
-``dspy.configure(lm=lm)``, then ``s.run(program, lm)``) is that held object, as in-process it is
-the configured one.
-"""
+"""A request's arguments that are globals of the client's code, or objects the session holds:
+the session's own object, as in-process the module's one object or the configured one
+(docs/remote-objects.md, *A session is your own Python, remembered*)."""
 
 from __future__ import annotations
 
 import functools
 import types
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dspex.client import codeindex
-from dspex.client.bindings import _Value
+from dspex.client.bindings import _ATOMS, _Value
+from dspex.client.sendcache import SendCache
+from dspex.client.standins import held_key
 from dspex.wire.ref import Ref
 
-if TYPE_CHECKING:
-    from dspex.client.sendcache import SendCache
-
-_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _DATA = frozenset({list, tuple, dict, set, frozenset})
 _NOT_GLOBALS = frozenset({types.FunctionType, Ref})  # sent as they are
 
 
 class ModuleGlobal:
     """An argument of a request that is a global of the client's code (or a method of one,
-    ``attr``): on the worker, the session's global of that name (``dspex.client.sessionpickle.SessionPickler._global``)."""
+    ``attr``): on the worker, the session's global of that name (``dspex.client.sessionpickle.SessionPickler._binding``)."""
 
     __slots__ = ("attr", "module", "name", "obj")
 
@@ -56,8 +47,10 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
     ``settings`` sent with the request (or of a list there: ``callbacks``), or that the session
     holds by identity already, as a value sent by identity. Data (lists, dicts, tuples, sets)
     stays an argument sent with each call, with its exact types."""
-    out = body
-    configured = _by_id(settings) if settings else {}
+    out = list(body)
+    # id -> object of the settings' values that go by identity, and of the items of their lists
+    configured = {id(item): item for value in settings.values() for item in (
+        value if type(value) in (list, tuple) else (value,)) if type(item) not in _ATOMS} if settings else {}
 
     def wrapped(value: Any) -> Any:
         t = type(value)
@@ -79,44 +72,33 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
         found = _global_of(cache, value)
         if found is not None:
             return ModuleGlobal(found[0], found[1], value)
-        held = cache.keys.get(id(value))
-        if configured.get(id(value)) is value or (held is not None and held[0] is value and held[1] in cache.sent):
+        if configured.get(id(value)) is value or held_key(cache, value) is not None:
             return _Value("", value)  # keyed by identity as it is pickled (SessionPickler._value)
         return value
 
     for i, (name, value) in enumerate(zip(op_args, body)):
         if name in ("fn", "value"):
-            new = wrapped(value)
+            out[i] = wrapped(value)
         elif name == "args" and type(value) in (list, tuple):
             items = [wrapped(v) for v in value]
-            new = items if any(a is not b for a, b in zip(items, value)) else value
+            out[i] = items if any(a is not b for a, b in zip(items, value)) else value
         elif name in ("kwargs", "namespace") and type(value) is dict:
             items_d = {k: wrapped(v) for k, v in value.items()}
-            new = items_d if any(items_d[k] is not value[k] for k in value) else value
-        else:
-            continue
-        if new is not value:
-            if out is body:
-                out = list(body)
-            out[i] = new
+            out[i] = items_d if any(items_d[k] is not value[k] for k in value) else value
     return out
 
 
 def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
     """``(module, name)`` when ``obj`` is bound as a global of the client's code: of the
     script's ``__main__``, of the module it or its class names (a decorated function's wrapper
-    names the function's), or of a module this session's code uses."""
+    names the function's), or of a module this session's code uses; looked up as they are now (a
+    global rebound since is found under its new object)."""
     own = getattr(obj, "__module__", None)
     modules = ["__main__", getattr(type(obj), "__module__", ""), *([own] if isinstance(own, str) else []),
                *cache.modules]
-    return codeindex.global_name(obj, list(dict.fromkeys(modules)))
+    for module_name in dict.fromkeys(modules):
+        for name, value in codeindex.user_globals(module_name):
+            if value is obj and not name.startswith("__"):
+                return module_name, name
+    return None
 
-
-def _by_id(settings: dict[str, Any]) -> dict[int, Any]:
-    """id -> object of the settings' values that go by identity, and of the items of their lists."""
-    out: dict[int, Any] = {}
-    for value in settings.values():
-        for item in value if type(value) in (list, tuple) else (value,):
-            if type(item) not in _ATOMS:
-                out[id(item)] = item
-    return out

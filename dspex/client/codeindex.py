@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from cloudpickle import cloudpickle as _cp
 
-from dspex.wire import byvalue, usercode
+from dspex.wire import byvalue, codestore, usercode
 from dspex.wire.ref import Ref
 
 BIG_BYTES = 1 << 20
@@ -70,14 +70,9 @@ def globals_read(code: types.CodeType) -> tuple[str, ...]:
 def annotation_names(func: types.FunctionType) -> tuple[str, ...]:
     """The names a function's string annotations (``from __future__ import annotations``) read:
     ``typing.get_type_hints`` (and ``dspy.Tool``) looks them up in the function's globals."""
-    annotations = getattr(func, "__annotations__", None)
-    if not annotations:
-        return ()
-    names: dict[str, None] = {}
-    for value in annotations.values():
-        if isinstance(value, str):
-            names.update(dict.fromkeys(_names_in(value)))
-    return tuple(names)
+    annotations = getattr(func, "__annotations__", None) or {}
+    return tuple(dict.fromkeys(name for value in annotations.values() if isinstance(value, str)
+                               for name in _names_in(value)))
 
 
 # DSPy's own pattern (SignatureMeta._detect_custom_types_from_caller): the type after a field's colon
@@ -88,13 +83,9 @@ _SIGNATURE_TYPE = re.compile(r":\s*([A-Za-z_][A-Za-z0-9_]*)")
 def signature_type_names(code: types.CodeType) -> tuple[str, ...]:
     """The names a string signature in ``code`` gives as field types (``dspy.Predict("text ->
     verdict: Verdict")``): DSPy looks them up in the caller's globals, which no bytecode reads."""
-    names: dict[str, None] = {}
-    for const in code.co_consts:
-        if isinstance(const, str) and "->" in const:
-            names.update(dict.fromkeys(_SIGNATURE_TYPE.findall(const)))
-        elif isinstance(const, types.CodeType):
-            names.update(dict.fromkeys(signature_type_names(const)))
-    return tuple(names)
+    found = [_SIGNATURE_TYPE.findall(c) if isinstance(c, str) else signature_type_names(c) for c in code.co_consts
+             if isinstance(c, types.CodeType) or (isinstance(c, str) and "->" in c)]
+    return tuple(dict.fromkeys(name for names in found for name in names))
 
 
 _DEFERRED_ANNOTATIONS = __future__.annotations.compiler_flag
@@ -163,11 +154,8 @@ def user_modules_imported(code: types.CodeType, g: dict[str, Any]) -> list[types
     out: list[types.ModuleType] = []
     for name, level, fromlist in imports_in(code):
         if level:
-            package = g.get("__package__") or ""
-            if not package and "__path__" not in g:
-                package = str(g.get("__name__", "")).rpartition(".")[0]
             try:
-                name = importlib.util.resolve_name("." * level + name, str(package))
+                name = importlib.util.resolve_name("." * level + name, codestore.package_of(g))
             except (ImportError, ValueError):
                 continue
         parts = name.split(".")
@@ -244,7 +232,8 @@ def imported_names(module_name: str) -> dict[str, tuple[str, str]]:
 
 
 def find_importable(obj: Any) -> tuple[str, str] | None:
-    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``."""
+    """``(module, attribute)`` of a module the worker can import whose attribute is ``obj``,
+    remembered for :func:`imported_reference`."""
     for name, module in list(sys.modules.items()):
         if name == "__main__" or not isinstance(module, types.ModuleType) or usercode.is_user_module(name):
             continue
@@ -254,6 +243,8 @@ def find_importable(obj: Any) -> tuple[str, str] | None:
             continue
         for attr, value in items:
             if value is obj:
+                with _lock:
+                    _by_reference[id(obj)] = (obj, name, attr)
                 return name, attr
     return None
 
@@ -273,6 +264,13 @@ def is_big(value: Any) -> bool:
 def user_module(module: types.ModuleType) -> bool:
     name = module.__name__
     return name == "__main__" or usercode.is_user_module(name) or _cp._is_registered_pickle_by_value(module)
+
+
+def user_globals(module_name: str) -> list[tuple[str, Any]]:
+    """The globals of user module ``module_name`` as they are now (none when it is not loaded,
+    or not the user's)."""
+    module = sys.modules.get(module_name)
+    return list(vars(module).items()) if module is not None and user_module(module) else []
 
 
 def functions_of(cls: type) -> list[types.FunctionType]:
@@ -303,38 +301,14 @@ def by_value(obj: Any) -> bool:
         return True
 
 
-def imported_reference(module_name: str, name: str, value: Any) -> tuple[str, str] | None:
+def imported_reference(module_name: str | None, name: str, value: Any) -> tuple[str, str] | None:
     """``(module, attribute)`` when global ``name`` of user module ``module_name`` is ``value``
-    imported from a module the worker can import (or found there earlier): send it by reference."""
-    found = imported_names(module_name).get(name)
+    imported from a module the worker can import, or :func:`find_importable` found it there
+    earlier: send it by reference."""
+    found = imported_names(module_name).get(name) if module_name else None
     if found is not None and not usercode.is_user_module(found[0]):
         module = sys.modules.get(found[0])
         if module is not None and getattr(module, found[1], ABSENT) is value:
             return found
-    return found_reference(value)
-
-
-def found_reference(value: Any) -> tuple[str, str] | None:
-    """Where :func:`find_importable` found ``value`` before, if it did."""
     hit = _by_reference.get(id(value))
-    if hit is not None and hit[0] is value:
-        return hit[1], hit[2]
-    return None
-
-
-def remember_reference(value: Any, module: str, attribute: str) -> None:
-    with _lock:
-        _by_reference[id(value)] = (value, module, attribute)
-
-
-def global_name(obj: Any, modules: list[str]) -> tuple[str, str] | None:
-    """``(module, name)`` when ``obj`` itself is bound to a global of one of these user modules
-    (looked up as they are now: a global rebound since is found under its new object)."""
-    for module_name in modules:
-        module = sys.modules.get(module_name)
-        if module is None or not user_module(module):
-            continue
-        for name, value in list(vars(module).items()):
-            if value is obj and not name.startswith("__"):
-                return module_name, name
-    return None
+    return (hit[1], hit[2]) if hit is not None and hit[0] is value else None

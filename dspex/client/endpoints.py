@@ -67,16 +67,10 @@ class BrokerMap:
 def broker_map(config: ClientConfig, endpoint: str | None = None,
                endpoints: Mapping[str, str] | str | None = None) -> BrokerMap:
     """The brokers a client uses: ``endpoints`` (a pool -> endpoint map, or its ``DSPEX_ENDPOINTS``
-    text), else ``endpoint`` (one broker for every pool), else ``DSPEX_ENDPOINTS``, else
-    ``DSPEX_ENDPOINT``, else the default ipc path. An argument wins over the environment; two
-    of the same rank (both arguments, or both variables) are a ``ConfigError``.
-
-    The text form is ``POOL=ENDPOINT`` entries separated by commas (or newlines), ``*`` for every
-    pool not named, each optionally followed by ``;server_key=FILE`` and ``;client_key=FILE``
-    (a ``tcp://`` broker's public key and this client's secret key file for it), e.g.
-    ``triage_pool=ipc:///tmp/dx-a/frontend.sock,*=ipc:///tmp/dx-b/frontend.sock``. A map's values
-    take the same ``ENDPOINT;server_key=FILE`` form.
-    """
+    text: docs/operations.md, *More than one broker*), else ``endpoint`` (one broker for every
+    pool), else ``DSPEX_ENDPOINTS``, else ``DSPEX_ENDPOINT``, else the default ipc path. An
+    argument wins over the environment; two of the same rank (both arguments, or both variables)
+    are a ``ConfigError``."""
     if endpoint and endpoints is not None:
         raise ConfigError("give endpoint (one broker) or endpoints (a pool -> endpoint map), not both")
     if endpoints is not None:
@@ -144,15 +138,11 @@ def _parse_broker(value: str, source: str) -> Broker:
 
 
 def probe_ipc(endpoint: str) -> None:
-    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket.
-
-    Fails at once (instead of waiting out the request's timeout) when nothing listens there: no
-    directory, no socket file, or a stale file a broker that exited left behind
-    (``BrokerUnreachable``). Refuses (``ConfigError``) a path that is not a socket, a socket that
-    is not ours, one in a directory other users may write to (they could have put it there), and
-    one we may not connect to. A client creates nothing, so it never asks for a directory's mode
-    to change: the broker and workers, which create the run directory, enforce its 0700 rule.
-    """
+    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket at once,
+    instead of after the request's timeout (``BrokerUnreachable``: nothing listens there;
+    ``ConfigError``: a socket that may be anyone's, or that we may not use). A client creates
+    nothing, so it never asks for a directory's mode to change: the broker and workers, which
+    create the run directory, enforce its 0700 rule."""
     if not endpoint.startswith("ipc://"):
         return
     path = Path(endpoint[len("ipc://"):])

@@ -1,12 +1,5 @@
-"""The history entries a session's call recorded in copies of this client's LMs and modules, recorded here.
-
-In-process, ``lm.history``, ``dspy.inspect_history()`` and each module's ``history`` show every
-call a program made. A session's worker holds a copy of each LM and module the client sent (a
-setting, a module global): its reply carries the entries that call recorded in those copies and
-their sub-modules (``worker.lm_history``), in call order, and each is recorded in the client's own
-LM through DSPy (``lm.update_history``), or module as DSPy records it in a module, so DSPy's
-bounds (``max_history_size``, its global history's) and ``disable_history`` apply as they would
-have in-process.
+"""The history entries a session's call recorded in copies of this client's LMs and modules,
+recorded here through DSPy's own rules, as in-process (docs/remote-objects.md, *The LM history*).
 """
 
 from __future__ import annotations
@@ -43,16 +36,13 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     for item in entries:
         if not (isinstance(item, list) and len(item) == 2):
             continue
+        owner = None if item[0] is None else _owner(lms, parts, item[0])
+        update = getattr(owner, "update_history", None)
         if item[0] is None:  # an LM of the session's: DSPy's global history only
             _record_globally(item[1])
-            continue
-        owner = _owner(lms, parts, item[0])
-        if owner is None:
-            continue
-        update = getattr(owner, "update_history", None)
-        if callable(update):  # an LM
+        elif callable(update):  # an LM
             update(item[1])
-        else:
+        elif owner is not None:
             _record_in_module(owner, item[1])
 
 

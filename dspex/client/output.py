@@ -1,24 +1,10 @@
 """A call's output on the client, where it would go in-process (like Ray's ``log_to_driver``).
 
 What a call prints, warns or logs on its worker arrives as ``out`` events while it runs
-(worker/output.py). By default (``dspex.connect(forward_output=True)``) :func:`forward` puts each
-where the same program run in-process would have put it:
-
-- ``stdout`` / ``stderr`` text on this process's ``sys.stdout`` / ``sys.stderr`` as they are at
-  that moment (``contextlib.redirect_stdout``, pytest's capsys and capfd see it), one write per
-  event (whole lines or progress-bar redraws, coalesced on the worker), flushed, under one lock: lines
-  of concurrent sessions never splice, and carry no prefix (they read as the program printed
-  them);
-- warnings re-issued through :mod:`warnings` with their category, message and place: this
-  process's filters decide whether one shows, with the registry of the module that would have
-  warned in-process (``default`` shows it once per place; ``ignore`` drops it; ``error`` cannot
-  raise into a call that ran on past it on the worker, so it is shown), and its ``showwarning``
-  hook shows it (``pytest.warns``, ``catch_warnings(record=True)``, ``logging.captureWarnings``
-  see it);
-- log records re-emitted on this process's logger of the same name when that logger is enabled
-  for their level, with the worker's message, exception text, stack, time, pid and thread name,
-  its ``extra=`` fields, and ``dspex_session`` / ``dspex_worker`` attributes; the request carries this process's lowest
-  enabled level (:func:`log_threshold`), so records below it are never sent.
+(worker/output.py); :func:`forward` puts its text on this process's ``sys.stdout`` /
+``sys.stderr`` as they are at that moment, re-issues its warnings through :mod:`warnings` and
+re-emits its log records on this process's logger of the same name. docs/remote-objects.md
+(*Output*) tells the rules in full.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ log = logging.getLogger("dspex.client")
 # Where the threshold is cached: the root logger's level cache, which logging clears whenever a
 # level changes anywhere (setLevel, logging.disable, dictConfig), so the cache is never stale.
 _THRESHOLD_KEY = "dspex.log_threshold"
-_write_lock = threading.Lock()
+_write_lock = threading.Lock()  # one write per event: lines of concurrent sessions never splice
 _categories: dict[tuple[str, str], type[Warning]] = {}
 _registries: dict[str, dict[Any, Any]] = {}  # a place's file -> the registry of warnings shown there
 
@@ -49,10 +35,8 @@ def log_threshold() -> int:
         if cached is not None:
             return int(cached)
     manager = logging.root.manager
-    level = logging.root.level or 1
-    for logger in list(manager.loggerDict.values()):
-        if isinstance(logger, logging.Logger) and 0 < logger.level < level:
-            level = logger.level
+    level = min([logging.root.level or 1, *(logger.level for logger in list(manager.loggerDict.values())
+                                             if isinstance(logger, logging.Logger) and logger.level > 0)])
     level = min(max(level, manager.disable + 1), 0xFF)
     if cache is not None:
         cache[_THRESHOLD_KEY] = level
@@ -153,17 +137,11 @@ def _emit(event: dict[str, Any], session: str, worker: str) -> None:
     record = logger.makeRecord(name, level, str(event.get("pathname") or "?"), int(event.get("lineno") or 0),
                                str(event.get("message", "")), (), None, event.get("funcName") or None,
                                None, stack if isinstance(stack, str) else None)
-    exc_text = event.get("exc_text")
-    if isinstance(exc_text, str) and exc_text:
-        record.exc_text = exc_text  # formatters append it as they append a local exception's
-    created = event.get("created")
-    if isinstance(created, float):
-        record.created = created
-        record.msecs = int((created - int(created)) * 1000) + 0.0
-    if isinstance(event.get("process"), int):
-        record.process = event["process"]
-    if isinstance(event.get("threadName"), str):
-        record.threadName = event["threadName"]
+    # as the worker's record had them (formatters append exc_text as they append a local exception's)
+    for attr, kind in (("exc_text", str), ("created", float), ("process", int), ("threadName", str)):
+        if isinstance(event.get(attr), kind):
+            setattr(record, attr, event[attr])
+    record.msecs = int((record.created - int(record.created)) * 1000) + 0.0
     extra = event.get("extra")
     if isinstance(extra, dict):
         for key, value in extra.items():

@@ -6,10 +6,25 @@ the client's DSPy setting. ``dumps`` is a session pickle of one object alone
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from dspex.wire.codec import type_name
 from dspex.wire.errors import EncodeError
+
+# what to do with an object that cannot be sent (not "s.put it": put copies it too)
+_MAKE_IT_THERE = ("(it cannot be copied to the worker: make it there instead, inside the function, or once with "
+                  "ref = s.run(make_it) and pass the ref)")
+
+
+def _unpicklable(items: Iterable[tuple[Any, Any]], dumps: Callable[[Any], object]) -> tuple[Any, Any] | None:
+    """The first ``(where, value)`` whose value ``dumps`` fails on."""
+    for where, value in items:
+        try:
+            dumps(value)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            return where, value
+    return None
 
 
 def culprit(emitted: list[tuple[tuple[str, str], Any]], dumps: Callable[[Any], object]) -> tuple[tuple[str, str], Any] | None:
@@ -19,44 +34,33 @@ def culprit(emitted: list[tuple[tuple[str, str], Any]], dumps: Callable[[Any], o
     last_first = emitted[::-1]
     is_code = [isinstance(value, (types.FunctionType, type, types.ModuleType)) for _, value in last_first]
     ordered = [item for item, c in zip(last_first, is_code) if not c] + [item for item, c in zip(last_first, is_code) if c]
-    for where, value in ordered:
-        try:
-            dumps(value)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
-            return where, value
-    return None
+    return _unpicklable(ordered, dumps)
 
 
 def settings_error(settings: dict[str, Any], err: EncodeError, dumps: Callable[[Any], object]) -> EncodeError:
     """The client's DSPy settings could not be sent: which one, and what to do."""
-    for name, obj in settings.items():
-        try:
-            dumps(obj)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
-            t = type(obj)
-            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-            return EncodeError(
-                f"cannot send the client's DSPy setting {name!r} ({type_name}): {err.message} (configure it in the "
-                "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
-                "dx.session(pool, client_settings=False))", type=type_name, setting=name)
-    return err
+    found = _unpicklable(settings.items(), dumps)
+    if found is None:
+        return err
+    t = type_name(found[1])
+    return EncodeError(
+        f"cannot send the client's DSPy setting {found[0]!r} ({t}): {err.message} (configure it in the "
+        "session instead, e.g. s.run(lambda: dspy.configure(...)), or do not send the client's settings: "
+        "dx.session(pool, client_settings=False))", type=t, setting=found[0])
 
 
 def context_value_error(variables: list[tuple[Any, Any]], err: EncodeError,
                         dumps: Callable[[Any], object]) -> EncodeError:
     """The value a context variable of the user's code holds in the calling context could not be
     sent with the call: which variable, and what to do."""
-    for variable, value in variables:
-        try:
-            dumps(value)
-        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
-            t = type(value)
-            type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-            return EncodeError(
-                f"cannot send the value of the context variable {variable.name!r} ({type_name}) with the call: "
-                f"{err.message} (give the call what it needs from it as an argument, or set the variable inside "
-                "the call)", type=type_name, context_var=variable.name)
-    return err
+    found = _unpicklable(variables, dumps)
+    if found is None:
+        return err
+    name, t = found[0].name, type_name(found[1])
+    return EncodeError(
+        f"cannot send the value of the context variable {name!r} ({t}) with the call: "
+        f"{err.message} (give the call what it needs from it as an argument, or set the variable inside "
+        "the call)", type=t, context_var=name)
 
 
 def argument_error(err: EncodeError) -> EncodeError:
@@ -65,18 +69,12 @@ def argument_error(err: EncodeError) -> EncodeError:
     or session's handle)."""
     if not {"global", "setting", "context_var", "handle"}.isdisjoint(err.details):
         return err
-    return EncodeError(f"{err.message} (it cannot be copied to the worker: make it there instead, inside the "
-                       "function, or once with ref = s.run(make_it) and pass the ref)", **err.details)
+    return EncodeError(f"{err.message} {_MAKE_IT_THERE}", **err.details)
 
 
 def global_error(nsid: str, name: str, value: Any, exc: BaseException) -> EncodeError:
-    t = type(value)
-    type_name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    t = type_name(value)
     module = nsid[2:] if nsid.startswith("m:") else "a function's globals"
     where = f"module {module}" if nsid.startswith("m:") else module
-    return EncodeError(
-        f"cannot send {name} ({type_name}) from {where}: {type(exc).__name__}: {str(exc)[:300]} "
-        # (not "s.put it": put copies it too)
-        "(it cannot be copied to the worker: make it there instead, inside the function, or once with "
-        "ref = s.run(make_it) and pass the ref)",
-        type=type_name, module=module, **{"global": name})
+    return EncodeError(f"cannot send {name} ({t}) from {where}: {type(exc).__name__}: {str(exc)[:300]} {_MAKE_IT_THERE}",
+                       type=t, module=module, **{"global": name})

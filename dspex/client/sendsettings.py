@@ -174,7 +174,7 @@ def _by_identity(msg: Message, value: Any, state: Any = None) -> Any:
     msg.restated.append((value, new, key, _kept(state)))
     if type(value) is list:
         return _Value(new, items)
-    msg.holds(key)
+    msg.refers(key)  # held (above): marks it used
     return _Value(new, _Restated(key, value))
 
 

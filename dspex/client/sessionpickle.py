@@ -1,34 +1,21 @@
 """Pickles of a session's requests: by-value code sent once, module globals kept on the worker.
 
-cloudpickle as :mod:`dspex.wire.byvalue` uses it, with these differences (:class:`SessionPickler`):
-
-- A by-value function's ``__globals__`` is not a copy of the globals it reads: it is the
-  session's module object for the function's module on the worker (``m:<module name>``), one per
-  (session, user module), so module state persists across calls. The globals a function reads,
-  and those of every by-value function and class reachable from it, are sent as *bindings*
-  ``(namespace, name, key, value)`` only when the session lacks them or the client's binding
-  changed (another object): :meth:`dspex.client.bindings.Bindings.walk`.
-- Functions, classes and values of bindings are keyed by the client object's identity, code
-  objects by content hash, and closure values of 1 MiB or more (bytes, strings, arrays) or of
-  10,000 items or more by identity: each is defined in full the first time a session uses it and
-  referred to by key after (``codestore._load_held``).
-- Globals that live in modules the worker imports go by reference: objects a user module
-  imported (``from dspy.utils.callback import ACTIVE_CALL_ID``: read from the module's source),
-  functions and classes of installed modules, and an object found in an importable module when
-  by value it cannot be pickled. A global of the user's own code that cannot be pickled at all is
-  an :class:`EncodeError` naming it and its module.
-- The user modules an ``import`` statement in a function's body names go with it (namespace
-  ``codestore.IMPORTED``), so that the statement finds the session's module on the worker.
-- A class is rebuilt per session on the worker (not through cloudpickle's process-wide class
-  tracker), with the client's file name of its source, for ``inspect.getsource``.
-
-The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on the worker.
+cloudpickle as :mod:`dspex.wire.byvalue` uses it (:class:`SessionPickler`), for what
+docs/remote-objects.md (*A session is your own Python, remembered*) tells: a by-value function's
+``__globals__`` is the session's module object on the worker (``m:<module name>``), which the
+bindings of :mod:`dspex.client.bindings` fill; functions, classes, code objects and big values
+are defined in full the first time a session uses them and referred to by key after
+(``codestore._load_held``); a global the worker can import goes by reference (one a user module
+imported, read from its source; one found in an importable module when by value it cannot be
+pickled), and one of the user's code that cannot be pickled at all is an :class:`EncodeError`
+naming it and its module; a class is rebuilt per session (not through cloudpickle's process-wide
+class tracker). The reducers name functions of :mod:`dspex.wire.codestore`, which runs them on
+the worker.
 """
 
 from __future__ import annotations
 
 import contextvars
-import enum
 import functools
 import io
 import sys
@@ -38,17 +25,16 @@ from typing import Any
 from cloudpickle import cloudpickle as _cp
 
 from dspex.client import codeindex, senderrors
-from dspex.client.bindings import Binding, BindingKey, Bindings, _Attribute, _Value
+from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.sendcache import Restated, SendCache, SettingsSent
-from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
+from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
-_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
 # values whose identity means nothing (a default of None or 0 is no module's global) or that are
 # one object per session already (functions: by key)
-_NOT_GLOBALS = frozenset({type(None), bool, int, float, complex, str, bytes, types.FunctionType})
+_NOT_GLOBALS = _ATOMS | {types.FunctionType}
 _NOT_HELD = _NOT_GLOBALS | {types.ModuleType, tuple}
 _MAX_RETRIES = 8  # unpicklable globals found by reference in one request before giving up
 
@@ -80,27 +66,26 @@ class Message:
         that holds nothing of the session (one it moved to) must refuse it (``FLAG_HELD``)."""
         return bool(self.used) or self.globals.relied
 
-    # -- keys ---------------------------------------------------------------------------------
     def key(self, obj: Any) -> str:
-        oid = id(obj)
-        hit = self.cache.keys.get(oid) if self.cache.keep else None
-        if hit is not None and hit[0] is obj and hit[1] in self.cache.sent:
-            return hit[1]
-        hit = self.new_keys.get(oid)
+        held = held_key(self.cache, obj) if self.cache.keep else None
+        if held is not None:
+            return held
+        hit = self.new_keys.get(id(obj))
         if hit is None:
-            hit = self.new_keys[oid] = (obj, self.cache.key_of(obj))
+            hit = self.new_keys[id(obj)] = (obj, self.cache.key_of(obj))
         return hit[1]
 
-    def holds(self, key: str) -> bool:
-        """The worker has ``key`` by the time it reads this reference."""
+    def refers(self, key: str) -> bool:
+        """Whether a pickle refers to ``key`` (the worker has it by the time it reads the
+        reference) rather than defines it: False makes this message its definer."""
         if key in self.defined:
             return True
         if self.trusted and key in self.cache.sent:
             self.used.add(key)
             return True
+        self.defined.add(key)
         return False
 
-    # -- pickling -----------------------------------------------------------------------------
     def dumps(self, obj: Any) -> tuple[bytes, dict[str, str]]:
         """(pickle, {filename: source}) of ``obj``; EncodeError naming an unpicklable global."""
         if type(obj) is types.FunctionType:
@@ -114,48 +99,40 @@ class Message:
             try:
                 pickler.dump(obj)
                 return buf.getvalue(), pickler.sources
-            except EncodeError:
-                self._restore(saved)
-                raise
             except Exception as exc:
-                before = saved[2][0]  # the bindings made before this pickle
+                before = saved[2]  # the bindings made before this pickle
                 emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
                 self._restore(saved)
-                culprit = senderrors.culprit(emitted, _transient_dumps)
+                # an EncodeError names what it is already (a session's unpicklable global)
+                culprit = None if isinstance(exc, EncodeError) else senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
-                found = codeindex.find_importable(value)
-                if found is None:
+                if codeindex.find_importable(value) is None:  # found: by reference from now on
                     raise senderrors.global_error(nsid, name, value, exc) from None
-                codeindex.remember_reference(value, *found)
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
 
     def _held_function(self, func: types.FunctionType) -> bytes | None:
         """The pickle :class:`SessionPickler` writes for a by-value function the worker holds and
         whose globals are as the session has them (``s.run(fn)`` after its first call): the
         function's key, made without a pickler. None when anything must be sent with it."""
-        if not self.trusted:
+        key = held_key(self.cache, func) if self.trusted else None
+        if key is None or func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func) \
+                or not self.globals.unchanged(func):
             return None
-        hit = self.cache.keys.get(id(func))
-        if hit is None or hit[0] is not func or hit[1] not in self.cache.sent:
-            return None
-        if func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func):
-            return None
-        if not self.globals.unchanged(func):
-            return None
-        self.used.add(hit[1])
-        return held_pickle(hit[1])
+        self.used.add(key)
+        return held_pickle(key)
 
     def _snapshot(self) -> tuple[Any, ...]:
-        return (dict(self.new_keys), set(self.defined), self.globals.snapshot(), set(self.namespaces),
-                dict(self.sources), set(self.used), self._budget)
+        g = self.globals
+        return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
+                set(self.namespaces), dict(self.sources), set(self.used), self._budget)
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
-        self.new_keys, self.defined, bindings, self.namespaces, self.sources, self.used, self._budget = saved
-        self.globals.restore(bindings)
+        g = self.globals
+        (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
+         self._budget) = saved
 
-    # -- namespaces ---------------------------------------------------------------------------
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
         user module), ``lib:<module>`` (an importable module's own), ``g:<key>`` (other dicts)."""
@@ -164,7 +141,7 @@ class Message:
             return hit[1], hit[2]
         name = g.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None
-        base: dict[str, Any] | None = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        base: dict[str, Any] | None = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         if module is not None and getattr(module, "__dict__", None) is g:
             if codeindex.user_module(module):
                 nsid = "m:" + str(name)
@@ -178,23 +155,16 @@ class Message:
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
 
-
     def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
         """A function's closure with its big values sent by identity."""
         out: list[types.CellType] = []
-        changed = False
         for cell in cells:
             try:
                 value = cell.cell_contents
-            except ValueError:
-                out.append(cell)
-                continue
-            if codeindex.is_big(value):
-                out.append(types.CellType(_Value(self.key(value), value)))
-                changed = True
-            else:
-                out.append(cell)
-        return tuple(out) if changed else cells
+            except ValueError:  # an empty cell
+                value = None
+            out.append(types.CellType(_Value(self.key(value), value)) if codeindex.is_big(value) else cell)
+        return tuple(out)
 
     def note_source(self, filename: str | None, sources: dict[str, str]) -> None:
         """Send a by-value object's source file with it, once per session."""
@@ -240,15 +210,13 @@ class SessionPickler(byvalue.SourcePickler):
         if t is ModuleGlobal:
             if obj.attr is not None:
                 return getattr, (ModuleGlobal(obj.module, obj.name, obj.obj), obj.attr)
-            return self._global("m:" + obj.module, obj.name, obj.obj)
-        if t is types.ModuleType:
-            if codeindex.by_value(obj):
-                return self._module(obj)
-            return super().reducer_override(obj)
-        if issubclass(t, type):
-            if codeindex.by_value(obj):
-                return self._class(obj)
-            return super().reducer_override(obj)
+            where = ("m:" + obj.module, obj.name)
+            data = self._binding(*where, obj.obj)
+            return codestore._load_global, (where if data is None else (*where, data))
+        if t is types.ModuleType and codeindex.by_value(obj):
+            return self._module(obj)
+        if issubclass(t, type) and codeindex.by_value(obj):
+            return self._class(obj)
         return super().reducer_override(obj)
 
     def _held_id(self, obj: Any) -> Any:
@@ -257,7 +225,7 @@ class SessionPickler(byvalue.SourcePickler):
         modules (``HOLDER = Holder(STORE)``) is the session's global, as in-process it is that
         one object: the key of the object the session holds from an earlier request, or, for a
         global the session lacks, ``("g", namespace, name, bindings)`` that binds it first (a
-        pickle of its own, as :meth:`_global`); ``codestore.SessionUnpickler`` loads either.
+        pickle of its own: :meth:`_binding`); ``codestore.SessionUnpickler`` loads either.
         A global bound by this request already is left to the pickle's memo. Functions, classes
         and modules are the reducers' (a held function still sends its changed bindings); lists
         and dicts never reach ``reducer_override``, hence this hook, installed only in pickles
@@ -268,9 +236,8 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not msg.trusted:
             return None
-        hit = msg.cache.keys.get(id(obj))
-        if hit is not None and hit[0] is obj and hit[1] in msg.cache.sent:
-            key = hit[1]
+        key = held_key(msg.cache, obj)
+        if key is not None:
             if key in msg.defined:  # being defined by this request
                 return None
             msg.used.add(key)
@@ -287,13 +254,8 @@ class SessionPickler(byvalue.SourcePickler):
         nsid, name = "m:" + found[0], found[1]
         if (nsid, name) in msg.globals.bindings:
             return None
-        bindings: list[Binding] = []
-        msg.globals.bind(bindings, [], nsid, name, obj)
-        if not bindings:
-            return None
-        data, sources = msg.dumps(bindings)
-        self.sources.update(sources)
-        return ("g", nsid, name, data)
+        data = self._binding(nsid, name, obj)
+        return None if data is None else ("g", nsid, name, data)
 
     def _module_globals(self) -> dict[int, tuple[str, str, Any]]:
         """id -> (module, name, value) of the globals of the user modules this session uses."""
@@ -302,10 +264,7 @@ class SessionPickler(byvalue.SourcePickler):
             modules = {nsid[2:] for nsid, _ in msg.globals.bindings if nsid.startswith("m:")}
             self._globals = {}
             for module_name in (*msg.cache.modules, *modules):
-                module = sys.modules.get(module_name)
-                if module is None or not codeindex.user_module(module):
-                    continue
-                for name, value in list(vars(module).items()):
+                for name, value in codeindex.user_globals(module_name):
                     if not name.startswith("__") and type(value) not in _NOT_HELD and not isinstance(value, type):
                         self._globals.setdefault(id(value), (module_name, name, value))
         return self._globals
@@ -321,9 +280,8 @@ class SessionPickler(byvalue.SourcePickler):
             return reducers.singledispatch_reduced(func)
         bindings = msg.globals.walk(func)
         key = msg.key(func)
-        if msg.holds(key):
+        if msg.refers(key):
             return self._held(key, bindings)
-        msg.defined.add(key)
         nsid, base = msg.namespace(func.__globals__)
         bindings = msg.globals.own_name(nsid, func, bindings)
         msg.note_source(func.__code__.co_filename, self.sources)
@@ -347,26 +305,18 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         bindings = msg.globals.walk(cls)
         key = msg.key(cls)
-        if msg.holds(key):
+        if msg.refers(key):
             return self._held(key, bindings)
-        msg.defined.add(key)
-        module = sys.modules.get(cls.__module__)
-        if module is not None and codeindex.user_module(module):
-            bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
+        bindings = msg.globals.own_name("m:" + cls.__module__, cls, bindings)
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
-        if issubclass(cls, enum.Enum):
-            make: Any = _cp._make_skeleton_enum
-            args = list(_cp._enum_getnewargs(cls))
-            tracker, args[5] = args[5], None
-            state = _cp._enum_getstate(cls)
-        else:
-            make = _cp._make_skeleton_class
-            args = list(_cp._class_getnewargs(cls))
-            tracker, args[4] = args[4], None
-            state = _cp._class_getstate(cls)
+        make, newargs, state = _cp._dynamic_class_reduce(cls)[:3]
+        args = list(newargs)
+        is_enum = make is _cp._make_skeleton_enum
+        at = 5 if is_enum else 4  # the tracker id: codestore tracks the class per session, not by it
+        tracker, args[at] = args[at], None
         clsdict = byvalue.class_state(cls, state[0])
-        if not issubclass(cls, enum.Enum):  # members named again as module globals are the class's own
+        if not is_enum:  # members named again as module globals are the class's own
             clsdict = _module_globals(msg, cls.__module__, clsdict)
         state = (clsdict, state[1])
         return (codestore._load_class, (key, tracker, file, make, tuple(args)), (state, bindings or None), None,
@@ -376,17 +326,16 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         byvalue.register_user_module(module.__name__)
         bindings = msg.globals.walk(module)
-        g = vars(module)
         msg.note_source(getattr(module, "__file__", None), self.sources)
-        base = {k: g[k] for k in _BASE_GLOBALS if k in g}
+        g = vars(module)
+        base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
 
     def _value(self, value: _Value) -> Any:
         if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
             value = _Value(self.msg.key(value.obj), value.obj)
-        if self.msg.holds(value.key):
+        if self.msg.refers(value.key):
             return codestore._load_held, (value.key,)
-        self.msg.defined.add(value.key)
         if type(value.obj) in _NOT_HELD:
             return codestore._load_value, (value.key, value.obj)
         if type(value.obj) is contextvars.ContextVar:  # a variable, not its value: that goes per call
@@ -396,25 +345,24 @@ class SessionPickler(byvalue.SourcePickler):
         self._defining += 1  # until the EndOfValue after it
         return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 
-    def _global(self, nsid: str, name: str, obj: Any) -> Any:
-        """The session's global ``name`` of user module ``nsid``, bound to ``obj`` first where the
-        session lacks it: within a session a global is one object, whether code reads it or a call
-        is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as in-process."""
+    def _binding(self, nsid: str, name: str, obj: Any) -> bytes | None:
+        """The pickle that binds the session's global ``name`` of user module ``nsid`` to ``obj``,
+        None where the session has it so: within a session a global is one object, whether code
+        reads it or a call is given it (``s.run(QA, ...)``, ``s.run(COUNTER.bump)``), as
+        in-process. A pickle of its own: pickled here, the value would be memoized as ``obj``
+        itself, and the copy sent would stand for the global even where the session keeps its own."""
         bindings: list[Binding] = []
         self.msg.globals.bind(bindings, [], nsid, name, obj)
         if not bindings:
-            return codestore._load_global, (nsid, name)
-        # a pickle of its own: pickled here, the value would be memoized as ``obj`` itself, and
-        # the copy sent would stand for the global even where the session keeps its own
+            return None
         data, sources = self.msg.dumps(bindings)
         self.sources.update(sources)
-        return codestore._load_global, (nsid, name, data)
+        return data
 
     def _code(self, code: types.CodeType) -> Any:
         key = codeindex.code_key(code)
-        if self.msg.holds(key):
+        if self.msg.refers(key):
             return codestore._load_code, (key,)
-        self.msg.defined.add(key)
         return codestore._load_code, (key, code)
 
 
@@ -428,14 +376,10 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
     names: dict[int, str] | None = None
     out = values
     for k, value in values.items():
-        t = type(value)
-        if t in _NOT_GLOBALS or isinstance(value, type):
+        if type(value) in _NOT_GLOBALS or isinstance(value, type):
             continue
         if names is None:
-            mod = sys.modules.get(module)
-            if mod is None or not codeindex.user_module(mod):
-                return values
-            names = {id(v): n for n, v in list(vars(mod).items())
+            names = {id(v): n for n, v in codeindex.user_globals(module)
                      if not n.startswith("__") and type(v) not in _NOT_GLOBALS}
         name = names.get(id(value))
         if name is not None and ("m:" + module, name) not in msg.globals.bindings:

@@ -78,7 +78,7 @@ def _native_array(o: object) -> bool:
     return isinstance(o, np.ndarray) and type(o) in (np.ndarray, np.memmap) and not o.dtype.hasobject
 
 
-def _type_name(obj: object) -> str:
+def type_name(obj: object) -> str:
     t = type(obj)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
@@ -127,8 +127,8 @@ class _Encoder:
             except EncodeError:
                 raise  # names what it is already (a session's unpicklable global)
             except Exception as exc:  # noqa: BLE001 - whatever pickling raises is this value's EncodeError
-                raise EncodeError(f"cannot pickle {_type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
-                                  type=_type_name(obj)) from None
+                raise EncodeError(f"cannot pickle {type_name(obj)}: {type(exc).__name__}: {str(exc)[:300]}",
+                                  type=type_name(obj)) from None
         else:
             data, sources = hit[1], hit[2]
         # the receiver registers the sources of every ext 13 of a message before any code runs:
@@ -238,7 +238,7 @@ class _Encoder:
                 if self.to_ref is None:
                     raise  # the path-aware walk names where it is
         if self.to_ref is None:
-            raise EncodeError(f"cannot encode {_type_name(obj)}")
+            raise EncodeError(f"cannot encode {type_name(obj)}")
         return self.ref(obj)
 
 
@@ -300,7 +300,7 @@ def _sanitize(obj: object, enc: _Encoder, root: str, names: Sequence[str] | None
                 why = err.message
         if enc.to_ref is None:
             where = path()
-            name = _type_name(o)
+            name = type_name(o)
             shown = where if len(where) <= 120 else f"{where[:60]}...{where[-40:]}"  # (a deep structure's is long)
             raise EncodeError(f"cannot encode {name} at {shown} ({why})", type=name, path=where)
         return enc.ref(o)

@@ -59,7 +59,7 @@ from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
-_BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")
+BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")  # a user module's, from the client
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
@@ -113,7 +113,7 @@ class CodeStore:
                     callback(nsid[2:])
         if base:
             g = module.__dict__
-            for k in _BASE_GLOBALS:
+            for k in BASE_GLOBALS:
                 if k in base and g.get(k) is None:  # a new module's __package__ is None
                     g[k] = base[k]
         return module
@@ -133,7 +133,7 @@ class CodeStore:
         absolute = name
         if level:
             try:
-                absolute = importlib.util.resolve_name("." * level + name, _package_of(globals or {}))
+                absolute = importlib.util.resolve_name("." * level + name, package_of(globals or {}))
             except (ImportError, ValueError):
                 absolute = ""
         modules = self.modules
@@ -172,7 +172,7 @@ class CodeStore:
         self.sources.clear()
 
 
-def _package_of(g: dict[str, Any]) -> str:
+def package_of(g: dict[str, Any]) -> str:
     """The package a relative import in code with globals ``g`` is relative to (as Python's)."""
     package = g.get("__package__")
     if package is None:
