@@ -54,6 +54,19 @@ def the_judge():
     return dspy.settings.lm is JUDGE, JUDGE.kwargs.get("temperature")
 
 
+def adapter_and_callbacks():
+    adapter = dspy.settings.adapter
+    return adapter.use_native_function_calling, [type(c).__name__ for c in dspy.settings.callbacks]
+
+
+class Recorder(dspy.utils.callback.BaseCallback):
+    pass
+
+
+class Counter(dspy.utils.callback.BaseCallback):
+    pass
+
+
 def judge_held_until(gate):
     held_until(gate)
     return the_judge()
@@ -162,6 +175,24 @@ def test_an_lm_that_is_also_a_global_stays_one_object_across_a_kill(stack: Stack
         assert s.run(mod.the_judge) == (True, 0.5)
         mod.JUDGE.kwargs["temperature"] = 0.6
         assert s.run(mod.the_judge) == (True, 0.6)
+
+
+def test_an_adapter_and_callbacks_changed_in_place_across_a_kill(stack: Stack, usercode: Any) -> None:
+    dx = stack.pool("p:strict_queue", 2)
+    mod = usercode(SETTINGS)
+    s = dx.session("p", durable=True)
+    with fresh_dspy_settings():
+        adapter = dspy.ChatAdapter()
+        dspy.configure(adapter=adapter, callbacks=[mod.Recorder()])
+        assert s.run(mod.adapter_and_callbacks) == (False, ["Recorder"])
+        adapter.use_native_function_calling = True
+        dspy.settings.callbacks.append(mod.Counter())
+        assert s.run(mod.adapter_and_callbacks) == (True, ["Recorder", "Counter"])
+        _move(stack, dx, s)
+        assert s.run(mod.adapter_and_callbacks) == (True, ["Recorder", "Counter"])
+        dspy.settings.callbacks.pop(0)
+        adapter.use_native_function_calling = False
+        assert s.run(mod.adapter_and_callbacks) == (False, ["Counter"])
 
 
 def test_an_lm_changed_in_place_across_a_broker_restart_then_a_worker_kill(stack: Stack, usercode: Any) -> None:
