@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -312,6 +313,91 @@ def test_a_call_made_while_the_broker_restarts_waits_for_the_new_one(stack: Stac
             await asyncio.to_thread(stack.start_broker)
             assert await asyncio.wait_for(during, 25) == 2
             assert await s.eval("3") == 3
+        finally:
+            await dx.close()
+
+    asyncio.run(main())
+
+
+class DyingBroker:
+    """What a SIGKILLed broker's socket is for a moment: connections accepted, then closed before
+    any handshake (on the dead broker's frontend path)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.accepted = threading.Event()
+        self._stop = threading.Event()
+        if os.path.exists(path):
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            self.accepted.set()
+
+    def gone(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._listener.close()
+        os.unlink(self.path)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_call_whose_connection_drops_before_its_handshake_waits_for_the_restarted_broker(
+        stack: Stack, kind: str) -> None:
+    """A call made as the broker dies meets its socket still accepting, then closing (no
+    handshake: nothing was sent to any broker): it waits for the new broker and answers, as one
+    made while no broker listens does, instead of ``ConnectionLost`` (a call that may have run)."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    assert stack.broker is not None
+    path = stack.frontend[len("ipc://"):]
+
+    def restart() -> None:
+        assert stack.broker is not None
+        stack.kill(stack.broker)
+        stack.broker.wait(10)
+        dying = DyingBroker(path)
+        wait_for(dying.accepted.is_set, timeout=15, what="a connection to the dying broker")
+        dying.gone()
+        stack.start_broker()
+
+    if kind == "sync":
+        dx = stack.client(timeout=20)
+        s = dx.session("p")
+        assert s.eval("1") == 1
+        restarter = threading.Thread(target=restart)
+        restarter.start()
+        try:
+            wait_for(lambda: stack.broker is not None and stack.broker.poll() is not None, timeout=10,
+                     what="the broker dead")
+            assert s.eval("2") == 2
+        finally:
+            restarter.join(30)
+        return
+
+    async def main() -> None:
+        dx = dspex.aio.connect(stack.frontend, timeout=20)
+        try:
+            s = dx.session("p")
+            assert await s.eval("1") == 1
+            restarter = threading.Thread(target=restart)
+            restarter.start()
+            try:
+                await asyncio.to_thread(wait_for, lambda: stack.broker is not None and stack.broker.poll() is not None,
+                                        10, 0.02, "the broker dead")
+                assert await s.eval("2") == 2
+            finally:
+                await asyncio.to_thread(restarter.join, 30)
         finally:
             await dx.close()
 

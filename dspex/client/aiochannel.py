@@ -19,11 +19,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from dspex.client.channels import LOST as CONNECTION_LOST
+from dspex.client.channels import connection_event
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, cancel_all, close_monitored, closed_error
 from dspex.wire.errors import BrokerUnreachable, ProtocolError, UsageError
 from dspex.wire.headers import unpack_reply_header
-from dspex.wire.sockets import handshake_failure
 
 Reply = tuple[str, str, list[Any]]
 Connect = Callable[[], tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]]
@@ -94,12 +95,14 @@ class AsyncChannel:
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
-        event = parse_monitor_message(await monitor.recv_multipart())
-        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
-        refused = handshake_failure(event["event"], "client", sock.mechanism == zmq.CURVE)
+        up, why, curve = False, "", sock.mechanism == zmq.CURVE
+        while not why:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            up, why = connection_event(event["event"], curve, up)
         self.broken = True  # the next request gets a fresh socket
         self._drop_seen = time.monotonic()
-        self.fail_all((REFUSED if refused else LOST, refused, []))
+        # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
+        self.fail_all((LOST, "", []) if why is CONNECTION_LOST else (REFUSED, why, []))
 
     def ready(self, connect: Connect) -> zmq.asyncio.Socket:
         """The socket, with its reader and watcher running on this loop: made (by ``connect``) at

@@ -201,7 +201,7 @@ class ClientAPI(Generic[S]):
         if server_key is not None and keypair is not None:
             sock.curve_serverkey = server_key
             sock.curve_publickey, sock.curve_secretkey = keypair
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_EVENTS)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:

@@ -25,10 +25,29 @@ from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt
 Connect = Callable[[], tuple[zmq.Socket[Any], zmq.Socket[Any]]]
 
 
+LOST = "lost the connection to the broker"
+
+
+def connection_event(event: int, curve: bool, up: bool) -> tuple[bool, str]:
+    """A monitor event of a client's socket: (whether a connection to the broker is up after it,
+    why the request under way failed, or ""). Only a connection whose handshake completed can have
+    carried a request: one that drops before (a broker dying while we connect, accepting but never
+    answering) is none lost; zmq connects again with what was sent still queued, for the broker
+    that comes next (a restart) or until the request's timeout."""
+    failure = handshake_failure(event, "client", curve)
+    if failure:
+        return False, failure
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return True, ""
+    if event == zmq.EVENT_DISCONNECTED:
+        return False, LOST if up else ""
+    return up, ""
+
+
 class Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock")
+    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock", "up")
 
     def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -39,6 +58,7 @@ class Channel:
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
         self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
+        self.up = False  # a handshake with the broker completed and its connection did not drop since
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
@@ -51,12 +71,12 @@ class Channel:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return why
-            failure = handshake_failure(event["event"], "client", self.curve)
-            if failure:
-                why = failure
+            self.up, lost = connection_event(event["event"], self.curve, self.up)
+            if lost and lost is not LOST:
+                why = lost
                 self.refused = True
-            elif not why:
-                why = "lost the connection to the broker"
+            elif lost and not why:
+                why = lost
 
     def close(self) -> None:
         close_monitored(self.sock, self.monitor)
