@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -86,6 +87,23 @@ def _count_misses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return misses
 
 
+def _crashed_while_running(stack: Stack, pid: int, gate: str, call: Callable[[], Any]) -> None:
+    """``call`` (a call that makes the file ``gate + ".running"``, then waits) fails with
+    WorkerCrashed: its worker ``pid`` is killed once it runs."""
+
+    def kill_once_running() -> None:
+        wait_for(lambda: os.path.exists(gate + ".running"), 30, what="the call running")
+        stack.kill(pid)
+
+    killer = threading.Thread(target=kill_once_running)
+    killer.start()
+    try:
+        with pytest.raises(dspex.WorkerCrashed):
+            call()
+    finally:
+        killer.join(40)
+
+
 def _move(stack: Stack, dx: dspex.Client, s: dspex.Session) -> int:
     pid = pid_of(s)
     stack.kill(pid)
@@ -141,18 +159,7 @@ def test_an_lm_change_carried_by_the_call_a_kill_ended_is_not_lost(
         assert s.run(mod.lm_state) == ("openai/m", 0.1, 50)
         pid = pid_of(s)
         lm.kwargs["temperature"] = 0.7
-
-        def kill_once_running() -> None:
-            wait_for(lambda: os.path.exists(gate + ".running"), 30, what="the call running")
-            stack.kill(pid)
-
-        killer = threading.Thread(target=kill_once_running)
-        killer.start()
-        try:
-            with pytest.raises(dspex.WorkerCrashed):
-                s.run(mod.held_until, gate)
-        finally:
-            killer.join(40)
+        _crashed_while_running(stack, pid, gate, lambda: s.run(mod.held_until, gate))
         gone(dx, "p", pid)
         assert s.run(mod.lm_state) == ("openai/m", 0.7, 50)
         assert len(misses) == 1
@@ -465,18 +472,7 @@ def test_a_change_of_an_lm_that_is_also_a_global_carried_by_the_call_a_kill_ende
         assert s.run(mod.the_judge) == (True, None)
         pid = pid_of(s)
         mod.JUDGE.kwargs["temperature"] = 0.5
-
-        def kill_once_running() -> None:
-            wait_for(lambda: os.path.exists(gate + ".running"), 30, what="the call running")
-            stack.kill(pid)
-
-        killer = threading.Thread(target=kill_once_running)
-        killer.start()
-        try:
-            with pytest.raises(dspex.WorkerCrashed):
-                s.run(mod.judge_held_until, gate)
-        finally:
-            killer.join(40)
+        _crashed_while_running(stack, pid, gate, lambda: s.run(mod.judge_held_until, gate))
         gone(dx, "p", pid)
         assert s.run(mod.the_judge) == (True, 0.5)
         mod.JUDGE.kwargs["temperature"] = 0.6
