@@ -319,6 +319,7 @@ def asked(question: str) -> int:
 
 
 def wait_for_file(path: str) -> None:
+    open(path + ".running", "w").close()
     deadline = time.monotonic() + 30
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -331,9 +332,9 @@ def _on_the_other_worker(dx: dspex.Client, s: dspex.Session, call: Callable[[], 
         busy = threading.Thread(target=s.run, args=(wait_for_file, release), daemon=True)
         busy.start()
         try:
-            wait_for(lambda: any(w["incarnation"] == s.worker and w["state"] == "busy"
-                                 for w in dx.status(timeout=5)["pools"]["h"]["workers"]),
-                     what="the session's worker busy")
+            # the call itself running, not the status: its snapshot can still show the busy
+            # call of the last round
+            wait_for(lambda: os.path.exists(release + ".running"), what="the session's worker busy")
             return call()
         finally:
             open(release, "w").close()
