@@ -320,12 +320,7 @@ def test_a_kill_while_a_call_reads_a_held_stream_ahead(stack: Stack, usercode: A
     stream = s.stream_apply(mod.produce, [gate])
     assert next(stream) == 0
 
-    def kill_once_held() -> None:
-        wait_for(lambda: os.path.exists(gate + ".running") and len(stream._taken_in) == 1, 30,
-                     what="the producer held, item 1 read ahead")
-        stack.kill(pid)
-
-    killer = threading.Thread(target=kill_once_held)
+    killer = threading.Thread(target=_kill_once_held, args=(stack, pid, gate, stream))
     killer.start()
     try:
         got = s.run(mod.count, box)
@@ -493,13 +488,7 @@ def test_an_asyncio_clients_call_reading_a_held_stream_ahead_through_a_kill(
             pid = await s.eval("__import__('os').getpid()")
             stream = s.stream_apply(mod.produce, [gate])
             assert await stream.__anext__() == 0
-
-            def kill_once_held() -> None:
-                wait_for(lambda: os.path.exists(gate + ".running") and len(stream._taken_in) == 1, 30,
-                     what="the producer held, item 1 read ahead")
-                stack.kill(pid)
-
-            killer = threading.Thread(target=kill_once_held)
+            killer = threading.Thread(target=_kill_once_held, args=(stack, pid, gate, stream))
             killer.start()
             try:
                 got = await s.run(mod.count, box)
@@ -541,6 +530,13 @@ def test_a_broker_kill_while_a_call_reads_a_held_stream_ahead(stack: Stack, user
     assert rest == [1]
     assert got == 2
     assert s.run(mod.count, box) == 3
+
+
+def _kill_once_held(stack: Stack, pid: int, gate: str, stream: Any) -> None:
+    """SIGKILL worker ``pid`` once the producer holds at ``gate`` and the client read item 1 ahead."""
+    wait_for(lambda: os.path.exists(gate + ".running") and len(stream._taken_in) == 1, 30,
+             what="the producer held, item 1 read ahead")
+    stack.kill(pid)
 
 
 def _restart_once_held(stack: Stack, gate: str, stream: Any) -> None:
