@@ -333,7 +333,7 @@ class DyingBroker:
         self._listener.bind(path)
         self._listener.listen(8)
         self._listener.settimeout(0.05)
-        self._thread = threading.Thread(target=self._run)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -367,8 +367,10 @@ def test_a_call_whose_connection_drops_before_its_handshake_waits_for_the_restar
         stack.kill(stack.broker)
         stack.broker.wait(10)
         dying = DyingBroker(path)
-        wait_for(dying.accepted.is_set, timeout=15, what="a connection to the dying broker")
-        dying.gone()
+        try:
+            wait_for(dying.accepted.is_set, timeout=15, what="a connection to the dying broker")
+        finally:
+            dying.gone()  # its thread stops whatever happened
         stack.start_broker()
 
     if kind == "sync":
