@@ -155,7 +155,8 @@ def small() -> Iterator[SupervisedStack]:
         def ready() -> bool:
             stack.processes()
             st = stack.status()
-            return all(len([w for w in st["pools"][p]["workers"] if w["state"] == "ready"]) == n
+            # a worker still importing dspy is "preparing": its pool reads STARTING, not OK, until it is over
+            return all(len([w for w in st["pools"][p]["workers"] if w["state"] == "ready" and not w["preparing"]]) == n
                        for p, n in POOLS.items())
 
         wait_for(ready, 120, 0.1, "the stack ready")
