@@ -147,12 +147,139 @@ def test_an_asyncio_clients_context_naming_the_configured_lm_wins(dx: dspex.Clie
 
 
 def test_the_names_of_a_context_are_known_when_dspy_is_imported_after_dspex() -> None:
-    """DSPy imported after dspex's client: ``dspy.context``, bound at DSPy's import, records them too."""
+    """DSPy imported after dspex's client: ``dspy.context``, bound at DSPy's import, records them
+    too, and DSPy's ``ParallelExecutor`` carries them into its threads."""
     script = (
         "import dspex\nfrom dspex.client.sendcache import client_dspy_settings\n"
-        "import dspy\nfrom dspy.utils import DummyLM\n"
+        "import dspy\nfrom dspy.utils import DummyLM\nfrom dspy.utils.parallelizer import ParallelExecutor\n"
         "lm = DummyLM([])\ndspy.configure(lm=lm)\n"
         "with dspy.context(lm=lm):\n    print(client_dspy_settings()[1])\n"
+        "    print(ParallelExecutor(num_threads=2, disable_progress_bar=True)"
+        ".execute(lambda _: client_dspy_settings()[1], [0])[0])\n"
         "with dspy.context(adapter=dspy.JSONAdapter()):\n    print(client_dspy_settings()[1])\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.split("\n")[:2] == ["['lm']", "['adapter']"]
+    assert out.stdout.split("\n")[:3] == ["['lm']", "['lm']", "['adapter']"]
+
+
+def _in_parallel_executor(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` made in a thread of DSPy's ``ParallelExecutor`` (as ``dspy.Parallel``,
+    ``module.batch`` and ``Evaluate(num_threads=...)`` make their calls), entered inside the blocks:
+    the executor copies DSPy's settings into its threads, not the calling thread's context."""
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    def in_thread(f: Callable[..., Any], *args: Any) -> Any:
+        executor = ParallelExecutor(num_threads=2, max_errors=1, disable_progress_bar=True)
+        got = executor.execute(lambda _: run(f, *args), [0])
+        assert not executor.failed_indices, executor.exceptions_map
+        return got[0]
+
+    return in_thread
+
+
+def _in_evaluate(run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` made by ``dspy.Evaluate(num_threads=2)``'s threads, as a program's call."""
+
+    def in_thread(f: Callable[..., Any], *args: Any) -> Any:
+        got: list[Any] = []
+
+        def metric(example: Any, prediction: Any, trace: Any = None) -> bool:
+            got.append(prediction.value)
+            return True
+
+        dev = [dspy.Example(x=0).with_inputs("x")]
+        dspy.Evaluate(devset=dev, metric=metric, num_threads=2, display_progress=False,
+                      provide_traceback=True)(lambda x: dspy.Prediction(value=run(f, *args)))
+        assert len(got) == 1, "the call failed (logged above)"
+        return got[0]
+
+    return in_thread
+
+
+@pytest.mark.parametrize("threads", [_in_parallel_executor, _in_evaluate])
+def test_a_context_around_dspys_parallel_threads_wins_as_on_the_calling_thread(
+        dx: dspex.Client, server: LMServer, threads: Callable[..., Any]) -> None:
+    """In-process a ``ParallelExecutor`` thread holds the blocks of the thread that started it;
+    through a session the blocks' names win there too, as on the calling thread."""
+    s = dx.session("p")
+    try:
+        got = _drive(server, threads(s.run))
+    finally:
+        s.close(timeout=10)
+    assert got[0] == _EXPECTED
+
+
+def test_an_asyncify_thread_has_the_names_of_the_blocks_around_it(dx: dspex.Client, server: LMServer) -> None:
+    """``dspy.asyncify`` runs its program in a thread of anyio's, which copies the context."""
+    s = dx.session("p")
+
+    def in_thread(f: Callable[..., Any], *args: Any) -> Any:
+        return asyncio.run(dspy.asyncify(lambda: s.run(f, *args))())  # type: ignore[arg-type]
+
+    try:
+        got = _drive(server, in_thread)
+    finally:
+        s.close(timeout=10)
+    assert got[0] == _EXPECTED
+
+
+def test_blocks_entered_in_a_thread_of_the_client_win_in_its_calls(dx: dspex.Client, server: LMServer) -> None:
+    """The blocks entered in a ``threading.Thread`` (a pool's thread here) around its calls."""
+    import concurrent.futures
+
+    s = dx.session("p")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            got = pool.submit(_drive, server, s.run).result(timeout=100)
+    finally:
+        s.close(timeout=10)
+    assert got[0] == _EXPECTED
+
+
+_EARLY_CLIENT = '''
+import sys
+import dspy
+from dspy.utils.parallelizer import ParallelExecutor
+
+base, endpoint = sys.argv[1], sys.argv[2]
+
+
+def configure_own(base):
+    dspy.configure(lm=dspy.LM("openai/own", api_base=base, api_key="k", cache=False), adapter=dspy.JSONAdapter())
+
+
+def seen(question):
+    dspy.Predict("question -> answer")(question=question)
+    return [str(dspy.settings.lm.model), type(dspy.settings.adapter).__name__]
+
+
+lm, adapter = dspy.LM("openai/m", api_base=base, api_key="k", cache=False), dspy.ChatAdapter()
+dspy.configure(lm=lm, adapter=adapter)
+with dspy.context(adapter=adapter):  # entered before dspex's client is loaded: named all the same
+    with dspy.context(lm=lm):
+        import dspex
+        dx = dspex.connect(endpoint, timeout=20)
+        s = dx.session("p")
+        s.run(configure_own, base)
+        print(s.run(seen, "q1"))
+        with dspy.context(track_usage=False):  # a block of the loaded client's adds its names
+            print(s.run(seen, "q2"))
+        print(ParallelExecutor(num_threads=2, disable_progress_bar=True).execute(lambda q: s.run(seen, q), ["q3"])[0])
+    print(s.run(seen, "q4"))  # the inner block left: its lm no longer named
+with dspy.context(track_usage=False):  # both left: a later block names only its own
+    print(s.run(seen, "q5"))
+s.close(timeout=10)
+dx.close()
+'''
+
+
+def test_blocks_entered_before_dspexs_client_loaded_are_named_as_later_ones(
+        dx: dspex.Client, server: LMServer, tmp_path: Any) -> None:
+    """``with dspy.context(...): import dspex ...``: the blocks already open when dspex's client
+    loads name their settings as a block entered after (the rule of the first test)."""
+    script = tmp_path / "early_client.py"
+    script.write_text(_EARLY_CLIENT)
+    out = subprocess.run([sys.executable, str(script), server.base, dx.endpoint], capture_output=True,
+                         text=True, timeout=100, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:5] == ["['openai/m', 'ChatAdapter']"] * 3 + [
+        "['openai/own', 'ChatAdapter']", "['openai/own', 'JSONAdapter']"]

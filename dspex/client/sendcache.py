@@ -49,7 +49,7 @@ from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
 from dspex.client.dspycontext import CALL_LOCAL as _CALL_LOCAL
 from dspex.client.dspycontext import SETTINGS as _SETTINGS
-from dspex.client.dspycontext import named as _named
+from dspex.client.dspycontext import names as _names
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
@@ -418,7 +418,7 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     pinned: list[str] = []
     if overrides:
         pinned = [k for k, v in overrides.items() if k not in _CALL_LOCAL and config.get(k, _MISSING) is not v]
-        named = _named.get()
+        named = _names()
         if named:
             pinned += [k for k in named if k in overrides and k not in pinned]
         config = {**config, **overrides}
