@@ -95,7 +95,7 @@ def test_stream_10k_items_in_order_with_bounded_broker_memory(stack: Stack) -> N
     for n, item in enumerate(stream):
         got.append(item["i"])
     assert got == list(range(10000))
-    assert stream.result == {"items": 10000}
+    assert stream.result == {"items": 10000, "value": None}
     assert rss_kb(stack.broker.pid) - before < 20_000, "broker memory grew with the stream"
 
 

@@ -207,7 +207,8 @@ def resolve_awaitable(result: Any) -> Any:
 
 
 def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
-    """Send the items of ``result`` as partial replies; ``{"items": n}`` at the end.
+    """Send the items of ``result`` as partial replies; ``{"items": n, "value": v}`` at the end,
+    ``v`` a generator's ``return`` value (its ``StopIteration.value``; None for an async one).
 
     A consumer that cancels stops the producer (its ``finally`` blocks run now).
     """
@@ -217,14 +218,17 @@ def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
     count = 0
     iterator = iter(result)
     try:
-        for item in iterator:
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration as stop:
+                return {"items": count, "value": stop.value}
             _send_item(stream, encode, item, count)
             count += 1
     finally:
         close = getattr(iterator, "close", None)
         if callable(close):
             close()  # runs a generator's finally blocks now, not at garbage collection
-    return {"items": count}
 
 
 async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
@@ -240,7 +244,7 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
         aclose = getattr(iterator, "aclose", None)
         if callable(aclose):
             await aclose()
-    return {"items": count}
+    return {"items": count, "value": None}
 
 
 def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> None:

@@ -1,5 +1,6 @@
 """What both stream kinds (the blocking ``dspex.Stream``, the asyncio ``AsyncStream``) hold: the
-progress events collected, the result once done, and the session whose close ends them."""
+progress events collected, the result once done (``{"items": n, "value": v}``, ``v`` what the
+generator returned), and the session whose close ends them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ log = logging.getLogger("dspex.client")
 # items a call reads ahead for a stream its caller holds (``take_in``) before it stops a producer
 # that does not end
 HELD_ITEMS_MAX = 1024
+
+
+def returned(summary: Any) -> Any:
+    """The ``return`` value of a stream's generator in its final ``summary``."""
+    return summary.get("value") if isinstance(summary, dict) else None
 
 
 class ReadAheadStopped(Exception):

@@ -23,7 +23,7 @@ from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
-from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream
+from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream, returned
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -268,7 +268,8 @@ class Stream(StreamAPI, Closing):
     waits for its end; an exception or Ctrl-C inside ``next()`` and garbage collection (``break``,
     an exception in the loop body) cancel it without waiting. Progress events are collected in
     ``progress`` (and passed to ``on_progress``); ``result`` is the final summary
-    (``{"items": n}``) once it ended. The request is built and sent at the first ``next()`` (with
+    (``{"items": n, "value": v}``) once it ended, ``v`` the generator's ``return`` value, which
+    the ``StopIteration`` of the ``next()`` that ends the stream carries too (``yield from``). The request is built and sent at the first ``next()`` (with
     the DSPy settings in force there); from then on it holds its own socket until it ends.
     """
 
@@ -299,8 +300,8 @@ class Stream(StreamAPI, Closing):
             self._stop_taking(self._req_id, self._ex.session)
         except ReadAheadStopped:
             raise behind_held_stream(op, timeout, self._req_id) from None
-        except StopIteration:
-            pass
+        except StopIteration as end:
+            self._taken_end = end  # its value: the generator's return value, at the next() after the items
         except Exception as exc:  # noqa: BLE001 - any error of reading the stream (its producer's, its callbacks') is the loop's: next() raises it after the items
             self._taken_end = exc
 
@@ -365,7 +366,7 @@ class Stream(StreamAPI, Closing):
                 if kind == "done":
                     self.result = value
                     self._end(abandon=False)
-                    raise StopIteration
+                    raise StopIteration(returned(value))
         except (StopIteration, ReadAheadStopped):
             raise
         except BaseException as exc:
