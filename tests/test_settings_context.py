@@ -222,14 +222,30 @@ def test_an_asyncify_thread_has_the_names_of_the_blocks_around_it(dx: dspex.Clie
     assert got[0] == _EXPECTED
 
 
-def test_blocks_entered_in_a_thread_of_the_client_win_in_its_calls(dx: dspex.Client, server: LMServer) -> None:
-    """The blocks entered in a ``threading.Thread`` (a pool's thread here) around its calls."""
+def _in_a_pool_thread(drive: Callable[[], Any]) -> Any:
     import concurrent.futures
 
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(drive).result(timeout=100)
+
+
+def _in_a_parallel_executor_thread(drive: Callable[[], Any]) -> Any:
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    executor = ParallelExecutor(num_threads=2, max_errors=1, disable_progress_bar=True)
+    got = executor.execute(lambda _: drive(), [0])
+    assert not executor.failed_indices, executor.exceptions_map
+    return got[0]
+
+
+@pytest.mark.parametrize("thread", [_in_a_pool_thread, _in_a_parallel_executor_thread])
+def test_blocks_entered_in_another_thread_win_in_its_calls(dx: dspex.Client, server: LMServer,
+                                                           thread: Callable[..., Any]) -> None:
+    """The blocks entered in a thread of the client's own (a ``concurrent.futures`` pool's), or
+    of DSPy's ``ParallelExecutor``, around the calls made there."""
     s = dx.session("p")
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            got = pool.submit(_drive, server, s.run).result(timeout=100)
+        got = thread(lambda: _drive(server, s.run))
     finally:
         s.close(timeout=10)
     assert got[0] == _EXPECTED
