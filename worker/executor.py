@@ -136,7 +136,8 @@ class Executor:
         sent through it while it runs, and with ``FLAG_STREAM`` also progress events (dspy/gepa
         log records, ``dspex.progress.report``). With ``FLAG_ITEMS``
         (the caller iterates the result) any iterable result is iterated here and its items sent
-        as partial replies (the reply is ``{"items": n, "value": v}``, ``v`` a generator's return value), and a non-iterable one is an error.
+        as partial replies (the reply is ``{"items": n, "value": v}``, ``v`` a generator's return
+        value), and a non-iterable one is an error.
 
         By-value code in the request is rebuilt in the session's code store (dspex.wire.codestore); a
         request that refers to code the store lacks fails ``CodeCacheMiss`` before anything runs

@@ -269,8 +269,9 @@ class Stream(StreamAPI, Closing):
     an exception in the loop body) cancel it without waiting. Progress events are collected in
     ``progress`` (and passed to ``on_progress``); ``result`` is the final summary
     (``{"items": n, "value": v}``) once it ended, ``v`` the generator's ``return`` value, which
-    the ``StopIteration`` of the ``next()`` that ends the stream carries too (``yield from``). The request is built and sent at the first ``next()`` (with
-    the DSPy settings in force there); from then on it holds its own socket until it ends.
+    the ``StopIteration`` of the ``next()`` that ends the stream carries too (``yield from``). The
+    request is built and sent at the first ``next()`` (with the DSPy settings in force there);
+    from then on it holds its own socket until it ends.
     """
 
     def __init__(self, client: Client, exchange: Callable[[], Exchange], worker: str,
