@@ -28,7 +28,8 @@ the raw blocks).
 * ``exchange``: the client's own Python per call alone, no sockets (``Exchange`` of a session's
   request, its frames, ``feed`` of the reply): thread CPU per ``s.run`` of a held function
   (without and with a ``dspy.LM`` configured on the client), per no-op ``s.call`` and per
-  ``dspy.Predict`` ref call (resolves a few µs where ``client``'s process CPU resolves ±10%).
+  ``dspy.Predict`` ref call, without and with the call's history entry to record (``ref_hist``)
+  (resolves a few µs where ``client``'s process CPU resolves ±10%).
 * ``client``: each tree's stack (broker + one capacity-1 worker with dspy) and client: sequential
   no-op calls in and outside a session (p50), sequential Predict through a session (a ref call and
   ``s.run`` of the user's function) vs in-process (p50), the client's CPU per no-op and per ref

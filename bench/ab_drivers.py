@@ -22,9 +22,13 @@ figures for a block. Mode by mode:
   (encoded against a ``SendCache`` that holds what earlier requests sent), its frames, and
   ``feed`` of the worker's reply, for ``s.run`` of a held function of this script (by value),
   a no-op ``s.call`` (``builtins.len``), a ``dspy.Predict`` ref call answered by a
-  ``Prediction``, and ``s.run`` of that function with a ``dspy.LM`` the client configured
-  (``run_lm``: its settings travel, by key after the first): thread CPU per call of each (what
-  ``client``'s process CPU cannot resolve).
+  ``Prediction``, ``s.run`` of that function with a ``dspy.LM`` the client configured
+  (``run_lm``: its settings travel, by key after the first), and the ref call of a Predict the
+  session holds by value (``ref_hist``: a global of this script, as ``client``'s), whose reply
+  carries the call's DSPy history entry, recorded here in the Predict's history and DSPy's global
+  history, both at DSPy's bounds: thread CPU per call of each (what ``client``'s process CPU
+  cannot resolve), each block after a full garbage collection (the share of full collections,
+  which depends on every object of the process, is ``client``'s to show).
 * ``client ENDPOINT SESSIONS``: against a stack of the same tree: sequential no-op calls
   (``builtins.len``) in a session and outside one (p50 of each), sequential ``prog(question=...)``
   ref calls of a ``dspy.Predict``, ``s.run`` of a function of this script calling it (sent by
@@ -47,7 +51,10 @@ figures for a block. Mode by mode:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import pickle
 import sys
 import time
 from collections import deque
@@ -64,6 +71,7 @@ dspy.configure(lm=DummyLM({{{question!r}: {answers!r}}}))
 _SESSIONS = 100
 _CLIENTS = 4
 _PROGRAM: Any = None  # the Predict that ``_run_predict`` calls: a global of the client's script, sent by value
+_HELD_PREDICT: Any = None  # exchange's ref_hist: the client's Predict a session holds
 
 
 def _run_predict(question: str) -> Any:
@@ -299,6 +307,7 @@ def _noop() -> None:
 
 def _exchange() -> Side:
     import dspy
+    from dspy.utils import DummyLM
 
     from dspex.client.exchange import Exchange
     from dspex.client.sendcache import SendCache
@@ -320,15 +329,38 @@ def _exchange() -> Side:
         "run_lm": ("apply", lambda: [_noop, [], {}], [bytes(f) for f in codec.encode([None, {}], policy=codec.Policy.DATA)])}
     # run_lm: s.run of a held function with an LM the client configured (its settings travel)
     lm = dspy.LM("openai/m", api_base="http://127.0.0.1:9/v1", api_key="k", temperature=0.1, max_tokens=50)
-    settings: dict[str, dict[str, Any]] = {"run_lm": {"lm": lm}}
+    # each row's dspy.context block (None: none, as the client driver's ref calls)
+    settings: dict[str, dict[str, Any] | None] = {"run_lm": {"lm": lm}, "ref_hist": None}
     senders = {"run_lm": SendCache()}  # a session of its own: every call of one that holds an LM asks for history
 
     def on_reply(status: str, worker: str) -> None:
         pass
 
+    # ref_hist: the ref call in a session that holds the client's Predict (a global of this script,
+    # put by value: the session's copy of it), whose reply carries the call's DSPy history entry as
+    # the worker sends it (one pickle: the global history's and the module's), recorded here in both
+    global _HELD_PREDICT
+    prog = _HELD_PREDICT = dspy.Predict("question -> answer")
+    senders["ref_hist"] = SendCache()
+    put = Exchange("put", "p", sid, [prog], 60.0, max_message=1 << 26, sender=senders["ref_hist"], on_reply=on_reply)
+    put.frames(0, "")
+    put.feed(done, "w" * 32, [bytes(f) for f in codec.encode([ref, {}], policy=codec.Policy.DATA)])
+    (key,) = senders["ref_hist"].lms
+    with dspy.context(lm=DummyLM({QUESTION: ANSWERS["predict"]})):
+        prog(question=QUESTION)
+    entry = prog.history[-1]
+    history = pickle.dumps([[None, entry], [key, entry]], protocol=pickle.HIGHEST_PROTOCOL)
+    calls["ref_hist"] = (*calls["ref"][:2], [bytes(f) for f in codec.encode(
+        [dspy.Prediction(answer="Paris"), {"history": history}], policy=codec.Policy.DATA)])
+
     def cpu_per_call(name: str, n: int) -> float:
         op, body, reply = calls[name]
-        with dspy.context(**settings.get(name, {})):
+        block = settings.get(name, {})
+        # a block starts after a full collection, so none falls in it: ref_hist keeps what it
+        # records, and one full collection (~100 ms over the histories and DSPy) in some blocks but
+        # not others made its figure bimodal (72-81 vs 100-118 µs)
+        gc.collect()
+        with dspy.context(**block) if block is not None else contextlib.nullcontext():
             c0 = time.thread_time()
             for i in range(n):
                 ex = Exchange(op, "p", sid, body(), 60.0, max_message=1 << 26, sender=senders.get(name, cache), forward=True,
@@ -338,7 +370,8 @@ def _exchange() -> Side:
             return (time.thread_time() - c0) / n
 
     for name in calls:  # the first sends the function (and the settings) in full, as a session's first call
-        cpu_per_call(name, 200)
+        # (ref_hist: until both histories are at DSPy's bounds, where each call's entry drops the oldest)
+        cpu_per_call(name, 10_200 if name == "ref_hist" else 200)
     return (lambda cmd: {f"{name}_us": cpu_per_call(name, int(cmd["n"])) * 1e6 for name in calls}), lambda: None
 
 

@@ -318,3 +318,23 @@ def test_a_call_of_the_sessions_own_objects_alone_brings_no_history_back(session
     assert answer == "3"  # the session's LM answered
     assert after_ref == (0, 0)
     assert after_run == (3, 2)  # its three LM calls, QA's two of them
+
+
+def test_the_clients_histories_stay_plain_lists(session: dspex.Session) -> None:
+    """The entries a session's call brings back are in the client's histories as in-process: in
+    the same plain ``list`` objects, where C code that reads a list's storage past its methods
+    (``[] + h``, ``list.__len__``) finds them too. (What rules out recording them lazily in
+    a ``list`` subclass: docs/benchmarks.md, *perfc18*.)"""
+    global_history = base_lm.GLOBAL_HISTORY
+    seen = []
+    for through_session in (False, True):
+        for module in MODULES.values():
+            module.history.clear()
+        global_history.clear()
+        with fresh_dspy_settings():
+            dspy.configure(lm=DummyLM([{"reasoning": "r", "answer": str(i)} for i in range(6)]))
+            session.run(uses_the_modules) if through_session else uses_the_modules()
+        seen.append([(type(h) is list, list.__len__(h), len([] + h), [] + h == h)
+                     for h in (base_lm.GLOBAL_HISTORY, QA.history, PIPELINE.draft.predict.history)])
+        assert base_lm.GLOBAL_HISTORY is global_history
+    assert seen[1] == seen[0] == [(True, 3, 3, True), (True, 2, 2, True), (True, 1, 1, True)]
