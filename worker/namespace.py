@@ -82,7 +82,8 @@ class _UserModuleView(types.ModuleType):
     Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
-    Attributes stay the module's own: only readers of the namespace see the session's."""
+    Attributes are the module's own first; a name it lacks is read from the session's copy
+    (pickle's ``find_class``)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -93,6 +94,17 @@ class _UserModuleView(types.ModuleType):
             if copy is not None:
                 return copy.__dict__
         return own
+
+    def __getattr__(self, name: str) -> Any:
+        # what the module's own namespace lacks, the call's session's copy may have: pickle's
+        # ``find_class`` reads ``getattr(sys.modules[module], name)`` (dspy.load of a program
+        # whose class is in this module, saved with ``save_program=True``)
+        state = current_session.get()
+        if state is not None and not name.startswith("__"):
+            copy = state.code.modules.get(f"m:{self.__name__}")
+            if copy is not None and name in copy.__dict__:
+                return copy.__dict__[name]
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
 
 
 def present_user_module(name: str) -> None:
