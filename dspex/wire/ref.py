@@ -137,11 +137,12 @@ class Ref:
         if name.startswith(("__", "_repr_", "_ipython_")):
             raise AttributeError(name)
         owner = self._session(f"attribute {name!r}")
-        if owner._ops_awaitable:
-            return RemoteAttribute(self, name, owner)  # nothing is sent until it is awaited or called
         method = _method_of(self.type_name, name)
+        if owner._ops_awaitable:
+            # nothing is sent until it is awaited or called
+            return _remote_method_type(method, RemoteAttribute)(self, name, owner)
         if method is not None:
-            return _remote_method_type(method)(self, name, owner)
+            return _remote_method_type(method, RemoteMethod)(self, name, owner)
         return owner.attr(self, name)
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
@@ -345,23 +346,23 @@ def _method_of(type_name: str, name: str) -> Any:
     return attr if is_method else None
 
 
-_method_types: dict[Callable[..., Any], type[RemoteMethod]] = {}
+_method_types: dict[tuple[Callable[..., Any], type[RemoteMethod]], type[RemoteMethod]] = {}
 
 
-def _remote_method_type(method: Any) -> type[RemoteMethod]:
-    """RemoteMethod, or for a method written in Python a subclass that reads like that method
+def _remote_method_type(method: Any, base: type[RemoteMethod]) -> type[RemoteMethod]:
+    """``base``, or for a method written in Python a subclass of it that reads like that method
     bound: its ``__name__``, ``__doc__``, ``inspect.signature`` and type hints (of the instance
     and of its ``__call__``, which is what ``dspy.Tool`` reads for a tool's name, description and
     argument schema), as ``obj.method`` does in-process."""
     if not inspect.isfunction(method):
-        return RemoteMethod
-    found = _method_types.get(method)
+        return base
+    found = _method_types.get((method, base))
     if found is not None:
         return found
     try:
         signature = inspect.signature(method)
     except (TypeError, ValueError):
-        return RemoteMethod
+        return base
 
     def __call__(self: RemoteMethod, /, *args: Any, **kwargs: Any) -> Any:
         return RemoteMethod.__call__(self, *args, **kwargs)
@@ -375,9 +376,9 @@ def _remote_method_type(method: Any) -> type[RemoteMethod]:
     if parameters and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
         parameters = parameters[1:]  # the instance, as binding drops it (``def m(*args)`` keeps its ``*args``)
     bound = signature.replace(parameters=parameters)
-    found = type("RemoteMethod", (RemoteMethod,), {
+    found = type(base.__name__, (base,), {
         "__slots__": (), "__call__": __call__, "__name__": method.__name__, "__doc__": method.__doc__,
         "__signature__": bound})
     if len(_method_types) < 1024:
-        _method_types[method] = found
+        _method_types[(method, base)] = found
     return found
