@@ -218,6 +218,10 @@ SCRIPT_LOADING_A_SAVED_PROGRAM = textwrap.dedent('''
                 [demo["summary"] for demo in program.predict.demos], program(text="a long text").summary]
 
 
+    def load_without_its_module(path):
+        return dspy.load(path, allow_pickle=True)
+
+
     program = Summarize()
     program.predict.demos = [dspy.Example(text="a", summary="b")]
     program.save(sys.argv[2], save_program=True)
@@ -226,11 +230,16 @@ SCRIPT_LOADING_A_SAVED_PROGRAM = textwrap.dedent('''
     with dspex.connect(sys.argv[1], timeout=60) as dx:
         session = dx.session("c1")
         try:
+            session.run(load_without_its_module, sys.argv[2])
+            missing = "loaded"
+        except ModuleNotFoundError as err:
+            missing = [err.name, [note for note in getattr(err, "__notes__", []) if "summarizer" in note[:20]]]
+        try:
             remote = session.run(load_and_run, sys.argv[2])
         except dspex.DspexError as err:
             remote = f"{type(err).__name__}: {err}"
         session.close()
-    print(json.dumps({"local": local, "remote": remote}))
+    print(json.dumps({"local": local, "remote": remote, "missing": missing}))
 ''')
 
 
@@ -239,7 +248,9 @@ def test_a_program_saved_whole_loads_in_the_session_with_its_module(cstack: Stac
     the user's own module, then ``dspy.load(path, allow_pickle=True)`` in a call that imports that
     module: pickle finds the class in the session's copy (``AttributeError: Can't get attribute
     'Summarize' on <module 'summarizer'>`` before: the worker's ``sys.modules`` entry answered
-    namespace reads with the session's copy, not attribute reads)."""
+    namespace reads with the session's copy, not attribute reads). A call that does not import it
+    gets a ``ModuleNotFoundError`` whose note says it is the user's own module to import (it said
+    only "install it on the workers' environment")."""
     (tmp_path / "summarizer.py").write_text(SUMMARIZER)
     script = tmp_path / "main.py"
     script.write_text(SCRIPT_LOADING_A_SAVED_PROGRAM)
@@ -249,3 +260,8 @@ def test_a_program_saved_whole_loads_in_the_session_with_its_module(cstack: Stac
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["local"] == ["Summarize", True, ["b"], "short"]
     assert result["remote"] == result["local"]
+    # a call that does not import the module: the worker cannot import it, and the error says why
+    # (a module of the user's code here, not a package to install on the workers)
+    name, notes = result["missing"]
+    assert name == "summarizer"
+    assert notes and "your own code" in notes[0] and "import summarizer" in notes[0], notes
