@@ -112,6 +112,9 @@ def present_user_module(name: str) -> None:
     module = sys.modules.setdefault(name, _UserModuleView(name))
     if type(module) is types.ModuleType:  # the worker's own (its __main__): its own outside calls
         module.__class__ = _UserModuleView
+    # the module's classes and functions are the session's, found by attribute in its copy: cloudpickle
+    # must keep sending them by value (a program saved whole loads where no session has the module)
+    cloudpickle.register_pickle_by_value(module)
 
 
 def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:
