@@ -64,13 +64,18 @@ def test_values_made_on_the_worker_come_back_exact(dx: dspex.Client) -> None:
 def make_stdlib_values() -> list[Any]:
     import array
     import collections
+    import datetime
     import fractions
     import re
     import types
+    import zoneinfo
 
     return [fractions.Fraction(1, 3), collections.deque([1, 2], maxlen=5), types.SimpleNamespace(a=1, b=[2]),
             range(3, 10, 2), slice(1, None, 2), array.array("i", [1, 2]), re.compile("a+b", re.IGNORECASE), ...,
-            collections.ChainMap({"a": 1}, {"b": 2})]
+            collections.ChainMap({"a": 1}, {"b": 2}),
+            # time zones alone, as a scheduling program returns them beside its datetimes
+            datetime.UTC, datetime.timezone(datetime.timedelta(hours=2), "CEST"),
+            zoneinfo.ZoneInfo("Europe/Paris")]
 
 
 def test_standard_library_values_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:

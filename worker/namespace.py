@@ -82,7 +82,8 @@ class _UserModuleView(types.ModuleType):
     Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
-    Attributes stay the module's own: only readers of the namespace see the session's."""
+    Attributes are the module's own first; a name it lacks is read from the session's copy
+    (pickle's ``find_class``)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -94,12 +95,26 @@ class _UserModuleView(types.ModuleType):
                 return copy.__dict__
         return own
 
+    def __getattr__(self, name: str) -> Any:
+        # what the module's own namespace lacks, the call's session's copy may have: pickle's
+        # ``find_class`` reads ``getattr(sys.modules[module], name)`` (dspy.load of a program
+        # whose class is in this module, saved with ``save_program=True``)
+        state = current_session.get()
+        if state is not None and not name.startswith("__"):
+            copy = state.code.modules.get(f"m:{self.__name__}")
+            if copy is not None and name in copy.__dict__:
+                return copy.__dict__[name]
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+
 
 def present_user_module(name: str) -> None:
     """Let ``sys.modules[name]`` read as each call's session's copy of user module ``name``."""
     module = sys.modules.setdefault(name, _UserModuleView(name))
     if type(module) is types.ModuleType:  # the worker's own (its __main__): its own outside calls
         module.__class__ = _UserModuleView
+    # the module's classes and functions are the session's, found by attribute in its copy: cloudpickle
+    # must keep sending them by value (a program saved whole loads where no session has the module)
+    cloudpickle.register_pickle_by_value(module)
 
 
 def exec_in_session(state: SessionState, source: str, scope: dict[str, Any] | None = None) -> None:

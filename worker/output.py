@@ -279,6 +279,11 @@ class capture:
 
     def __enter__(self) -> OutputSink:
         self._token = _current.set(self.sink)
+        # every "once per place" registry starts again (a counter bumped, the registries dropped
+        # lazily): the worker sends a place's warning once per call, and the client's filters and
+        # registry decide what shows, as in-process (a ``catch_warnings`` block there, pytest.warns,
+        # starts them again too); else the session's module registry hid it from every later call
+        warnings._filters_mutated()  # type: ignore[attr-defined]
         if not self.alone:
             _overlap.enter()
         self.late.attach(self.sink)

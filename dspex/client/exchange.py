@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import msgpack
 import zmq
 
-from dspex.client import output, senderrors
+from dspex.client import codeindex, output, senderrors
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import record_history
@@ -228,7 +228,24 @@ def decode_error(frames: list[Any]) -> DspexError:
     except Exception as exc:  # noqa: BLE001 - whatever an error reply's bytes make msgpack raise
         return UndecodableResult(f"an error reply cannot be read here ({type(exc).__name__}: {str(exc)[:200]}): the "
                                  "call failed, and may or may not have run", reply="error")
-    return error_from_wire(payload)
+    err = error_from_wire(payload)
+    if isinstance(err, ModuleNotFoundError):
+        _note_a_user_module(err)
+    return err
+
+
+def _note_a_user_module(err: ModuleNotFoundError) -> None:
+    """A module the worker could not import that is the user's own code here is no package to
+    install there (what the worker's message says): the session has it once a call imports it.
+    Pickle is what names such a module out of sight of the code the client sends (``dspy.load``
+    of a program saved whole, DSPy's disk cache)."""
+    top = (err.name or "").partition(".")[0]
+    module = sys.modules.get(top)
+    if module is None or top == "__main__" or not codeindex.user_module(module):
+        return
+    err.add_note(f"{top!r} is a module of your own code here ({getattr(module, '__file__', None) or top}), which the "
+                 f"workers cannot import: a session has its copy once the code of a call imports it (`import {top}` "
+                 "in the function you run), as code you send reaches the session")
 
 
 def decode_value(frames: list[Any], own_frames: bool = False, bind: Any = None) -> Any:

@@ -137,10 +137,12 @@ class Ref:
         if name.startswith(("__", "_repr_", "_ipython_")):
             raise AttributeError(name)
         owner = self._session(f"attribute {name!r}")
+        method = _method_of(self.type_name, name)
         if owner._ops_awaitable:
-            return RemoteAttribute(self, name, owner)  # nothing is sent until it is awaited or called
-        if _is_method(self.type_name, name):
-            return RemoteMethod(self, name, owner)
+            # nothing is sent until it is awaited or called
+            return _remote_method_type(method, RemoteAttribute)(self, name, owner)
+        if method is not None:
+            return _remote_method_type(method, RemoteMethod)(self, name, owner)
         return owner.attr(self, name)
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
@@ -333,11 +335,50 @@ def _walk(obj: Any, qualname: str) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
-def _is_method(type_name: str, name: str) -> bool:
-    """True when the ref's class, found among modules already imported here, has a plain method
-    ``name``: then ``ref.name(...)`` needs no ``getattr`` round trip first."""
+def _method_of(type_name: str, name: str) -> Any:
+    """The plain method ``name`` of the ref's class, found among modules already imported here,
+    else None: when there is one, ``ref.name(...)`` needs no ``getattr`` round trip first."""
     obj = _find_class(type_name)
     if obj is None:
-        return False
+        return None
     attr = inspect.getattr_static(obj, name, None)
-    return inspect.isfunction(attr) or inspect.ismethoddescriptor(attr) and not inspect.isdatadescriptor(attr)
+    is_method = inspect.isfunction(attr) or inspect.ismethoddescriptor(attr) and not inspect.isdatadescriptor(attr)
+    return attr if is_method else None
+
+
+_method_types: dict[tuple[Callable[..., Any], type[RemoteMethod]], type[RemoteMethod]] = {}
+
+
+def _remote_method_type(method: Any, base: type[RemoteMethod]) -> type[RemoteMethod]:
+    """``base``, or for a method written in Python a subclass of it that reads like that method
+    bound: its ``__name__``, ``__doc__``, ``inspect.signature`` and type hints (of the instance
+    and of its ``__call__``, which is what ``dspy.Tool`` reads for a tool's name, description and
+    argument schema), as ``obj.method`` does in-process."""
+    if not inspect.isfunction(method):
+        return base
+    found = _method_types.get((method, base))
+    if found is not None:
+        return found
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):
+        return base
+
+    def __call__(self: RemoteMethod, /, *args: Any, **kwargs: Any) -> Any:
+        return RemoteMethod.__call__(self, *args, **kwargs)
+
+    # the signature of the method as written (``self`` first), its annotations and, for the
+    # globals its string annotations resolve in, the method itself
+    __call__.__signature__ = signature  # type: ignore[attr-defined]
+    __call__.__annotations__ = dict(method.__annotations__)
+    __call__.__wrapped__ = method  # type: ignore[attr-defined]
+    parameters = list(signature.parameters.values())
+    if parameters and parameters[0].kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        parameters = parameters[1:]  # the instance, as binding drops it (``def m(*args)`` keeps its ``*args``)
+    bound = signature.replace(parameters=parameters)
+    found = type(base.__name__, (base,), {
+        "__slots__": (), "__call__": __call__, "__name__": method.__name__, "__doc__": method.__doc__,
+        "__signature__": bound})
+    if len(_method_types) < 1024:
+        _method_types[(method, base)] = found
+    return found

@@ -311,7 +311,7 @@ BUILDERS: dict[int, Callable[[list[Any]], Any]] = {
 _PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
 # the standard library's value types that the codec has no form of its own for: by value
 _STDLIB_VALUES = frozenset({fractions.Fraction, collections.deque, collections.ChainMap, types.SimpleNamespace, range,
-                            slice, array.array, re.Pattern, type(Ellipsis), type(NotImplemented)})
+                            slice, array.array, re.Pattern, type(Ellipsis), type(NotImplemented), _dt.timezone})
 # type annotations (``list[Item]``, ``Optional[Model]``, ``Literal[...]``, ``int | None``) are values
 # like the classes in them; ``typing._BaseGenericAlias`` is what every ``typing`` alias derives from
 _ANNOTATIONS: tuple[type, ...] = (types.GenericAlias, types.UnionType, vars(typing)["_BaseGenericAlias"])
@@ -323,13 +323,16 @@ def is_data_like(obj: Any) -> bool:
     Classes (a class from the client is the client's own class again; an importable one goes by
     name) and type annotations made of them (``list[Item]``), Pydantic model instances, dataclass
     instances, exceptions, enum members, dspy.streaming's messages, records, values of the standard library's value types (``Fraction``, ``deque``,
-    ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``);
+    ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``, a time zone);
     anything else a worker returns (LMs, modules, predictors, functions, open files...) stays there
     as a ref.
     """
     if isinstance(obj, (type, *_ANNOTATIONS)):
         return True
     if type(obj) in _STDLIB_VALUES:
+        return True
+    zoneinfo = sys.modules.get("zoneinfo")  # a ZoneInfo exists only once zoneinfo was imported
+    if zoneinfo is not None and type(obj) is zoneinfo.ZoneInfo:
         return True
     if type(obj).__module__.startswith(_PROVIDER_MODULES):
         return False

@@ -579,3 +579,35 @@ def test_one_session_from_two_tasks(arun: AsyncRunner) -> None:
 
     assert arun.check(main) == ([1, 2, 3, 4, 5, 6], ["a0", "a1", "a2", "b0", "b1", "b2"])
 
+
+
+class Shelf:
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+
+    def search(self, query: str, k: int = 2) -> list[str]:
+        """Search the shelf for books about the query."""
+        self.queries.append(query)
+        return [f"book {i} about {query}" for i in range(k)]
+
+
+def test_a_tool_made_of_a_handles_method_is_awaited_like_the_method(arun: AsyncRunner) -> None:
+    """DSPy docs "Tools" with an asyncio client: ``dspy.ReAct(..., tools=[shelf.search])`` built here
+    over a ``dspex.aio`` handle's method and awaited with ``acall``: the tool has the method's name,
+    description and argument schema (it was ``RemoteAttribute(*args, **kwargs)`` with the handle's
+    docstring), and each tool call is awaited there."""
+
+    async def main(arun: AsyncRunner) -> Any:
+        shelf = Shelf() if arun.mode == INPROCESS else await arun.s.put(Shelf())  # type: ignore[attr-defined]
+        tool = dspy.Tool(shelf.search)
+        lm = DummyLM([{"next_thought": "look", "next_tool_name": "search", "next_tool_args": {"query": "cats"}},
+                      {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+                      {"reasoning": "found", "answer": "cats purr"}])
+        with dspy.context(lm=lm):
+            result = await dspy.ReAct("question -> answer", tools=[shelf.search]).acall(question="Cats?")
+        queries = shelf.queries if arun.mode == INPROCESS else await shelf.queries
+        return tool.name, tool.desc, tool.args, result.trajectory["observation_0"], queries
+
+    assert arun.check(main) == ("search", "Search the shelf for books about the query.",
+                                {"query": {"type": "string"}, "k": {"type": "integer", "default": 2}},
+                                ["book 0 about cats", "book 1 about cats"], ["cats"])

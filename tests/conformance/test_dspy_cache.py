@@ -26,7 +26,7 @@ from cachetools import LRUCache
 from diskcache import FanoutCache
 from dspy.clients.cache import Cache
 
-from tests.conformance.harness import DSPY_TEST_WARNINGS, INPROCESS, Runner, dspy_test_cases, run_dspy_test
+from tests.conformance.harness import DSPY_TEST_WARNINGS, Runner, dspy_test_cases, run_dspy_test
 
 
 @dataclass
@@ -264,29 +264,12 @@ pytestmark = DSPY_TEST_WARNINGS
 SYNC_TESTS = [dspy_test_initialization, dspy_test_invalid_cache_initialization,
     dspy_test_cache_fallback_on_restricted_environment, dspy_test_cache_init_with_disk_disabled_and_none_dir,
     dspy_test_corrupt_disk_entries_return_none, dspy_test_restricted_and_unrestricted_share_wire_format,
-    dspy_test_safe_types_rejects_non_types]
+    dspy_test_safe_types_rejects_non_types,
+    # these two pickle this module's CacheValidationDataclass with the standard ``pickle``, which finds
+    # it by name in ``sys.modules``: the session's copy's class (worker/namespace.py)
+    dspy_test_registered_dataclass_roundtrip_in_restricted_mode, dspy_test_configure_cache_registers_safe_types]
 
 
 @pytest.mark.parametrize(("dspy_test", "kwargs"), dspy_test_cases(SYNC_TESTS))
 def test_cache_tests_of_dspy(run: Runner, dspy_test, kwargs, tmp_path) -> None:
     assert run.check(run_dspy_test, dspy_test, tmp_path, **kwargs) is None  # its asserts held where it ran
-
-
-# Through a session these two differ, by design (docs/remote-objects.md, "A session is your own
-# Python, remembered"): DSPy's disk cache stores with the standard ``pickle``, which refers to a
-# class by its module's name in ``sys.modules``. The worker keeps a session's copy of this module
-# out of ``sys.modules``, so pickling ``CacheValidationDataclass`` there finds no such class, or
-# (this tree is importable on the worker) the worker's own import of the file, another class:
-# the entry is not stored, or is read back as the other class, and the test's ``isinstance``
-# fails.
-SESSION_PICKLES_ITS_CLASS_TESTS = [dspy_test_registered_dataclass_roundtrip_in_restricted_mode,
-                                   dspy_test_configure_cache_registers_safe_types]
-
-
-@pytest.mark.parametrize(("dspy_test", "kwargs"), dspy_test_cases(SESSION_PICKLES_ITS_CLASS_TESTS))
-def test_cache_tests_of_dspy_pickling_their_own_class(run: Runner, dspy_test, kwargs, tmp_path) -> None:
-    if run.mode == INPROCESS:
-        assert run(run_dspy_test, dspy_test, tmp_path, **kwargs) is None
-        return
-    with pytest.raises(AssertionError, match="isinstance"):
-        run(run_dspy_test, dspy_test, tmp_path, **kwargs)

@@ -7,6 +7,7 @@ test modules do not use it, and local Pydantic classes in signatures must stay r
 
 import asyncio
 import base64
+import inspect
 import json
 import threading
 import warnings
@@ -351,6 +352,38 @@ def test_a_program_handle_reads_like_the_program(run: Runner) -> None:
     seen = {program: "the program"}
     assert seen[program] == "the program"
     assert run(lambda p: len(p.predictors()), program) == 2
+
+
+class KnowledgeBase:
+    """The DSPy docs' "Tools" pattern: a tool that is a method of an object holding state."""
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []
+
+    def search(self, query: str, k: int = 2) -> list[str]:
+        """Search the knowledge base for passages about the query."""
+        self.queries.append(query)
+        return [f"passage {i} about {query}" for i in range(k)]
+
+
+def test_a_tool_made_of_a_handles_method_reads_like_the_method(run: Runner) -> None:
+    """``dspy.Tool(kb.search)`` and ``dspy.ReAct(..., tools=[kb.search])`` built here over a
+    handle's method: DSPy reads the tool's name, description and argument schema from the method
+    (``inspect.signature``, ``get_type_hints``, ``__doc__``) as in-process, so the prompt lists
+    ``search(query, k)``, not a ``RemoteMethod(*args, **kwargs)``, and the call validates."""
+    kb = run.put(KnowledgeBase())
+    tool = dspy.Tool(kb.search)
+    assert (tool.name, tool.desc) == ("search", "Search the knowledge base for passages about the query.")
+    assert tool.args == {"query": {"type": "string"}, "k": {"type": "integer", "default": 2}}
+    assert str(inspect.signature(kb.search)) == "(query: str, k: int = 2) -> list[str]"
+    lm = DummyLM([{"next_thought": "look it up", "next_tool_name": "search", "next_tool_args": {"query": "cats"}},
+                  {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+                  {"reasoning": "found it", "answer": "cats purr"}])
+    with dspy.context(lm=lm):
+        result = dspy.ReAct("question -> answer", tools=[kb.search])(question="What do cats do?")
+    assert result.trajectory["observation_0"] == ["passage 0 about cats", "passage 1 about cats"]
+    assert "search, whose description is <desc>Search the knowledge base" in str(lm.history[0]["messages"])
+    assert kb.queries == ["cats"]
 
 
 # -- Parallel and batch (dict-mode DummyLM: answers do not depend on thread order) -------------

@@ -81,3 +81,20 @@ def test_print_warn_log_and_progress_reach_the_same_places(session: dspex.Sessio
     # the forwarded records say where they come from
     forwarded = [r for r in caplog.records if r.name == "conformance.app"]
     assert forwarded and all(r.dspex_session == session.id and r.dspex_worker == session.worker for r in forwarded)
+
+
+def warn_about_the_option(value: int) -> int:
+    warnings.warn("the option is deprecated", UserWarning)
+    return value
+
+
+def test_a_warning_shows_in_each_call_that_warns_it(run: Any) -> None:
+    """``pytest.warns`` around each of two calls of one program that warns the same text at the
+    same place (a test module's tests sharing one session): each sees its call's warning, as
+    in-process, where ``catch_warnings`` makes the "once per place" registries start again. The
+    worker's registry of the session's module noted the place at the first call and kept the
+    second call from sending it at all."""
+    for value in (1, 2):
+        with pytest.warns(UserWarning, match="the option is deprecated") as warned:
+            assert run(warn_about_the_option, value) == value
+        assert [str(w.message) for w in warned] == ["the option is deprecated"]

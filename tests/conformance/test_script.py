@@ -183,3 +183,85 @@ def test_a_script_under_deferred_annotations_makes_classes_in_the_session(cstack
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["local"]["tags"] == "[Tag(name='urgent')]" and result["local"]["hints"] == ["after", "tag"]
     assert result["remote"] == result["local"]
+
+
+SUMMARIZER = textwrap.dedent('''
+    """The user's program module, next to the script (the worker cannot import it)."""
+    import dspy
+
+
+    class Summarize(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.predict = dspy.Predict("text -> summary")
+
+        def forward(self, text):
+            return self.predict(text=text)
+''')
+
+SCRIPT_LOADING_A_SAVED_PROGRAM = textwrap.dedent('''
+    import json
+    import sys
+
+    import dspy
+    import dspex
+    from dspy.utils.dummies import DummyLM
+    from summarizer import Summarize
+
+
+    def load_and_run(path):
+        import summarizer  # the session's copy of the module the saved program's class is in
+
+        dspy.configure(lm=DummyLM([{"summary": "short"}]))
+        program = dspy.load(path, allow_pickle=True)
+        return [type(program).__name__, isinstance(program, summarizer.Summarize),
+                [demo["summary"] for demo in program.predict.demos], program(text="a long text").summary]
+
+
+    def load_without_its_module(path):
+        return dspy.load(path, allow_pickle=True)
+
+
+    program = Summarize()
+    program.predict.demos = [dspy.Example(text="a", summary="b")]
+    program.save(sys.argv[2], save_program=True)
+    local = load_and_run(sys.argv[2])
+    dspy.configure(lm=None)
+    with dspex.connect(sys.argv[1], timeout=60) as dx:
+        session = dx.session("c1")
+        try:
+            session.run(load_without_its_module, sys.argv[2])
+            missing = "loaded"
+        except ModuleNotFoundError as err:
+            missing = [err.name, [note for note in getattr(err, "__notes__", []) if "summarizer" in note[:20]]]
+        try:
+            remote = session.run(load_and_run, sys.argv[2])
+        except dspex.DspexError as err:
+            remote = f"{type(err).__name__}: {err}"
+        session.close()
+    print(json.dumps({"local": local, "remote": remote, "missing": missing}))
+''')
+
+
+def test_a_program_saved_whole_loads_in_the_session_with_its_module(cstack: Stack, tmp_path) -> None:
+    """DSPy docs "Saving and loading": ``save(path, save_program=True)`` of a program whose class is in
+    the user's own module, then ``dspy.load(path, allow_pickle=True)`` in a call that imports that
+    module: pickle finds the class in the session's copy (``AttributeError: Can't get attribute
+    'Summarize' on <module 'summarizer'>`` before: the worker's ``sys.modules`` entry answered
+    namespace reads with the session's copy, not attribute reads). A call that does not import it
+    gets a ``ModuleNotFoundError`` whose note says it is the user's own module to import (it said
+    only "install it on the workers' environment")."""
+    (tmp_path / "summarizer.py").write_text(SUMMARIZER)
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_LOADING_A_SAVED_PROGRAM)
+    out = subprocess.run([sys.executable, str(script), cstack.frontend, str(tmp_path / "saved")], env=cstack.env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["local"] == ["Summarize", True, ["b"], "short"]
+    assert result["remote"] == result["local"]
+    # a call that does not import the module: the worker cannot import it, and the error says why
+    # (a module of the user's code here, not a package to install on the workers)
+    name, notes = result["missing"]
+    assert name == "summarizer"
+    assert notes and "your own code" in notes[0] and "import summarizer" in notes[0], notes
