@@ -104,7 +104,7 @@ class SessionHistory(list):  # type: ignore[type-arg]
     session's list (outside a session: this object's own storage) and returns what it returns
     there, so ``h.copy()``, ``h[1:]``, ``h + x`` are plain lists, as in-process. A ``list`` still,
     for ``isinstance``; C code that reads a list's storage directly past its methods
-    (``[] + h``, ``"".join(h)``, ``orjson.dumps(h)``) sees the worker's own storage.
+    (``[] + h``, ``orjson.dumps(h)``) sees the worker's own storage.
     """
 
     def __init__(self, limit: int) -> None:

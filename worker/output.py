@@ -30,6 +30,9 @@ _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, neve
 
 _current: contextvars.ContextVar[OutputSink | None] = contextvars.ContextVar("dspex_output", default=None)
 _local = threading.local()
+# CPython's own "filters changed" bump (3.11-3.13), which makes every warnings registry start
+# again; where it is missing, a place's warning is sent once per session as before
+_restart_registries: Any = getattr(warnings, "_filters_mutated", lambda: None)
 
 
 def _sink() -> OutputSink | None:
@@ -283,7 +286,7 @@ class capture:
         # lazily): the worker sends a place's warning once per call, and the client's filters and
         # registry decide what shows, as in-process (a ``catch_warnings`` block there, pytest.warns,
         # starts them again too); else the session's module registry hid it from every later call
-        warnings._filters_mutated()  # type: ignore[attr-defined]
+        _restart_registries()
         if not self.alone:
             _overlap.enter()
         self.late.attach(self.sink)
