@@ -16,7 +16,9 @@ figures for a block. Mode by mode:
   ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM, each as a session's client
   sends it (its output taken, log records from INFO, a stream opened only at the first event):
   CPU per execute; and the same Predict called in-process under ``dspy.context(lm=...)``
-  (``inprocess_us``: the same code on both sides, the noise floor of the ratios).
+  (``inprocess_us``: the same code on both sides, the noise floor of the ratios); and the
+  worker's encode of that call's result alone (``result_us``: a ``Prediction``, ~5 µs, which
+  ``predict_us`` cannot resolve).
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
   ``to_ref`` that must never run), 200 rows and 10,000 floats as a call's argument (the client
@@ -215,7 +217,7 @@ def _executor() -> Side:
 
     from dspex.wire import codec
     from dspex.wire.protocol import output_flags
-    from worker.executor import Executor
+    from worker.executor import Executor, _encoded
     from worker.refs import RefTable
     from worker.streaming import LazyStream
 
@@ -255,12 +257,23 @@ def _executor() -> Side:
                 local(question=QUESTION)
         return (time.process_time() - c0) / n
 
+    with dspy.context(lm=lm):
+        prediction = local(question=QUESTION)
+
+    def cpu_per_result(n: int) -> float:
+        c0 = time.process_time()
+        for _ in range(n):
+            _encoded(prediction, no_output)
+        return (time.process_time() - c0) / n
+
     cpu_per_execute("noop", 500)
     cpu_per_execute("predict", 50)
     cpu_in_process(50)
+    cpu_per_result(500)
     return (lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
                          "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6,
-                         "inprocess_us": cpu_in_process(max(1, int(cmd["n"]) // 10)) * 1e6}), lambda: None
+                         "inprocess_us": cpu_in_process(max(1, int(cmd["n"]) // 10)) * 1e6,
+                         "result_us": cpu_per_result(int(cmd["n"])) * 1e6}), lambda: None
 
 
 # -- codec -------------------------------------------------------------------------------------
