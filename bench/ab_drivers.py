@@ -13,7 +13,12 @@ figures for a block. Mode by mode:
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
   of each message, behind a null port.
 * ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
-  ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM: CPU per execute.
+  ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM, each as a session's client
+  sends it (its output taken, log records from INFO, a stream opened only at the first event):
+  CPU per execute; and the same Predict called in-process under ``dspy.context(lm=...)``
+  (``inprocess_us``: the same code on both sides, the noise floor of the ratios); and the
+  worker's encode of that call's result alone (``result_us``: a ``Prediction``, ~5 µs, which
+  ``predict_us`` cannot resolve).
 * ``codec``: the codec alone on plain data, every message's common case: a request body under the
   client policy, a small dict result and 200 rows of dicts under the worker policy (with a
   ``to_ref`` that must never run), 200 rows and 10,000 floats as a call's argument (the client
@@ -213,11 +218,16 @@ def _core() -> Side:
 # -- executor ------------------------------------------------------------------------------------
 
 def _executor() -> Side:
+    import logging
+
     import dspy
+    from dspy.utils import DummyLM
 
     from dspex.wire import codec
-    from worker.executor import Executor
+    from dspex.wire.protocol import output_flags
+    from worker.executor import Executor, _encoded
     from worker.refs import RefTable
+    from worker.streaming import LazyStream
 
     RequestHeader = headers_module().RequestHeader
     ex = Executor(RefTable("p", "w" * 32), capacity=1)
@@ -230,22 +240,48 @@ def _executor() -> Side:
     ref = ex.execute(RequestHeader("put", 2, "p", sid, "", 60000, 0),
                      codec.encode([dspy.Predict("question -> answer")], policy=every))
     prog = codec.decode(ref)
-    bodies = {"noop": (RequestHeader("call", 3, "p", sid, "", 60000, 0),
+    flags = output_flags(logging.INFO)  # what a session's call carries (dspex.client.output)
+    bodies = {"noop": (RequestHeader("call", 3, "p", sid, "", 60000, flags),
                        codec.encode(["builtins", "len", [[]], {}], policy=every)),
-              "predict": (RequestHeader("method", 4, "p", sid, "", 60000, 0),
+              "predict": (RequestHeader("method", 4, "p", sid, "", 60000, flags),
                           codec.encode([prog, "__call__", [], {"question": QUESTION}], policy=every))}
+
+    def no_output() -> Any:
+        raise AssertionError("the benchmark's call printed or logged")
 
     def cpu_per_execute(op: str, n: int) -> float:
         header, body = bodies[op]
         c0 = time.process_time()
         for _ in range(n):
-            ex.execute(header, body, deadline=time.monotonic() + 60)
+            ex.execute(header, body, LazyStream(no_output), deadline=time.monotonic() + 60, client=b"c" * 16)
+        return (time.process_time() - c0) / n
+
+    local, lm = dspy.Predict("question -> answer"), DummyLM({QUESTION: ANSWERS["predict"]})
+
+    def cpu_in_process(n: int) -> float:
+        c0 = time.process_time()
+        for _ in range(n):
+            with dspy.context(lm=lm):
+                local(question=QUESTION)
+        return (time.process_time() - c0) / n
+
+    with dspy.context(lm=lm):
+        prediction = local(question=QUESTION)
+
+    def cpu_per_result(n: int) -> float:
+        c0 = time.process_time()
+        for _ in range(n):
+            _encoded(prediction, no_output)
         return (time.process_time() - c0) / n
 
     cpu_per_execute("noop", 500)
     cpu_per_execute("predict", 50)
+    cpu_in_process(50)
+    cpu_per_result(500)
     return (lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
-                         "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6}), lambda: None
+                         "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6,
+                         "inprocess_us": cpu_in_process(max(1, int(cmd["n"]) // 10)) * 1e6,
+                         "result_us": cpu_per_result(int(cmd["n"])) * 1e6}), lambda: None
 
 
 # -- codec -------------------------------------------------------------------------------------

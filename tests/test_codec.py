@@ -756,6 +756,19 @@ def test_repeats_tells_a_container_met_twice_anywhere() -> None:
         assert repeats.seen is repeated, value
 
 
+def test_repeats_for_plain_values_only_still_tells_a_plain_repeat() -> None:
+    """The worker's result walk (``plain_only``): skipped once a record or a ref made the value
+    not plain (a repeat would change nothing there), never for a plain value."""
+    from dspex.wire.codec import Repeats
+
+    x = [1]
+    for value, policy, repeated in (([x, x], Policy.DATA, True), ({"a": {"k": x}, "b": x}, Policy.DATA, True),
+                                    ([[1], [1]], Policy.DATA, False)):
+        repeats = Repeats(plain_only=True)
+        encode(value, policy=policy, repeats=repeats)
+        assert repeats.seen is repeated and repeats.plain, value
+
+
 def test_a_repeated_container_with_a_cycle_is_a_repeat() -> None:
     from dspex.wire.codec import Repeats
 

@@ -275,7 +275,7 @@ def _encoded(result: Any, to_ref: Callable[[Any], Ref]) -> list[Any]:
     """The reply frames of ``result`` (run it under ``guarded``: encoding runs user code,
     ``__reduce__``, ``__iter__``)."""
     # data comes back as data (records, pydantic/dataclass instances...), the rest as refs
-    repeats = codec.Repeats()
+    repeats = codec.Repeats(plain_only=True)
     frames = codec.encode(result, to_ref=to_ref, policy=codec.Policy.DATA, repeats=repeats)
     if repeats.seen and repeats.plain:
         # one object in two places of plain data: one pickle keeps it one object there

@@ -423,10 +423,12 @@ def _pack(obj: object, to_ref: ToRef | None, buffers: Buffers | None, root: str,
 
 
 def _note_shared_containers(obj: object, enc: _Encoder) -> None:
-    if enc.repeats is None or enc.repeats.seen or not enc.parts and type(obj) is not list and type(obj) is not dict:
+    repeats = enc.repeats
+    if repeats is None or repeats.seen or repeats.plain_only and not repeats.plain or \
+            not enc.parts and type(obj) is not list and type(obj) is not dict:
         return  # (a scalar result: nothing to look through)
     if list_or_dict_twice(obj, enc.parts):
-        enc.repeats.seen = True
+        repeats.seen = True
 
 
 def encode(

@@ -16,11 +16,14 @@ class Repeats:
     anywhere in the value. Each occurrence arrives as its own copy, where in-process they are one
     object."""
 
-    __slots__ = ("met", "plain", "seen")
+    __slots__ = ("met", "plain", "plain_only", "seen")
 
-    def __init__(self) -> None:
+    def __init__(self, *, plain_only: bool = False) -> None:
         self.seen = False
         self.plain = True  # no ref made, no record: one pickle of the whole value loses nothing
+        # the caller acts on a repeat only in a plain value (the worker's result, then one pickle):
+        # in any other (a Prediction's record, a ref) the walk for a list or dict met twice is skipped
+        self.plain_only = plain_only
         # what convert met, kept alive so that an id stays that object's for the encode
         self.met: dict[int, object] = {}
 
