@@ -1,0 +1,74 @@
+"""docs/architecture.md names every module of the runtime: its package table is where a new
+engineer looks for what a file does, so a module it does not name is one nobody can find there."""
+
+from __future__ import annotations
+
+import re
+
+import dspex
+from dspex.wire.errors import (
+    ConnectionError,
+    DidNotRun,
+    DspexError,
+    MayHaveRun,
+    SessionNotHeld,
+    UsageError,
+)
+from tests.harness import REPO
+
+PACKAGES = ["dspex/wire", "dspex/client", "dspex/stack", "broker", "worker", "dspexctl"]
+
+
+def _table_rows() -> dict[str, str]:
+    """Each package's row of the *Packages* table, by its first cell (`dspex/wire/`, `broker/`, ...)."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text.split("## Packages", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and (name := re.fullmatch(r"\s*`([\w/]+?)/?`.*", cells[1])):
+            rows[name.group(1)] = line
+    return rows
+
+
+def test_the_package_table_names_every_module() -> None:
+    rows = _table_rows()
+    unnamed = []
+    for package in PACKAGES:
+        assert package in rows, f"docs/architecture.md has no row for {package}/"
+        for module in sorted((REPO / package).glob("*.py")):
+            if module.name not in ("__init__.py", "__main__.py") and f"`{module.name}`" not in rows[package]:
+                unnamed.append(f"{package}/{module.name}")
+    # the top-level public modules are named by their import names
+    top = rows["dspex"]
+    unnamed += [f"dspex/{m.name}" for m in sorted(REPO.joinpath("dspex").glob("*.py"))
+                if m.name != "__init__.py" and f"`dspex.{m.stem}`" not in top]
+    assert not unnamed, f"modules docs/architecture.md's package table does not name: {unnamed}"
+
+
+def _error_classes() -> list[type[DspexError]]:
+    return [obj for name in dspex.__all__ if isinstance(obj := getattr(dspex, name), type)
+            and issubclass(obj, DspexError)]
+
+
+# the groups a caller catches by what it may do: named as groups, never sent as a code
+GROUPS = {DspexError, DidNotRun, MayHaveRun, UsageError, ConnectionError}
+
+
+def test_protocol_md_lists_every_error_code() -> None:
+    """An error reply's ``code`` is what a client in another language switches on: each one is named
+    in docs/protocol.md, whether it travels or the client makes it."""
+    text = (REPO / "docs" / "protocol.md").read_text()
+    frontend = text.split("## Frontend", 1)[1].split("\n## ", 1)[0]
+    missing = sorted(cls.code for cls in _error_classes() if cls not in GROUPS and f"`{cls.code}`" not in frontend)
+    assert not missing, f"error codes docs/protocol.md's Frontend section does not name: {missing}"
+
+
+def test_readme_lists_every_error_a_caller_can_get() -> None:
+    text = (REPO / "README.md").read_text()
+    errors = re.split(r"\n##+ ", text.split("### Errors\n", 1)[1], maxsplit=1)[0]
+    # answered by the broker itself (it restores the session there): a caller never sees it
+    internal = {SessionNotHeld}
+    missing = sorted(cls.__name__ for cls in _error_classes()
+                     if cls not in internal and not re.search(rf"`(dspex\.)?{cls.__name__}`", errors))
+    assert not missing, f"errors README.md's Errors section does not name: {missing}"
