@@ -1,9 +1,14 @@
-"""docs/architecture.md names every module of the runtime: its package table is where a new
-engineer looks for what a file does, so a module it does not name is one nobody can find there."""
+"""The parts of the docs that drift as the code moves, held to the code: docs/architecture.md's
+package table names every module (where a new engineer looks for what a file does), the error
+codes and classes are listed where a caller looks them up, every path the docs cite exists and
+every dspexctl command is documented. (The environment table is tests/test_environment.py's, the
+op tables tests/test_protocol_ops.py's, the options the docs name tests/test_ops_readme.py's.)"""
 
 from __future__ import annotations
 
 import re
+
+import click
 
 import dspex
 from dspex.wire.errors import (
@@ -14,6 +19,7 @@ from dspex.wire.errors import (
     SessionNotHeld,
     UsageError,
 )
+from dspexctl.cli import main as dspexctl_main
 from tests.harness import REPO
 
 PACKAGES = ["dspex/wire", "dspex/client", "dspex/stack", "broker", "worker", "dspexctl"]
@@ -32,6 +38,7 @@ def _table_rows() -> dict[str, str]:
 
 
 def test_the_package_table_names_every_module() -> None:
+    """A module the table does not name is one nobody finds there."""
     rows = _table_rows()
     unnamed = []
     for package in PACKAGES:
@@ -72,3 +79,32 @@ def test_readme_lists_every_error_a_caller_can_get() -> None:
     missing = sorted(cls.__name__ for cls in _error_classes()
                      if cls not in internal and not re.search(rf"`(dspex\.)?{cls.__name__}`", errors))
     assert not missing, f"errors README.md's Errors section does not name: {missing}"
+
+
+DOCS = [REPO / "README.md", *(p for p in sorted((REPO / "docs").glob("*.md")) if p.name != "benchmarks.md")]
+
+
+def test_every_file_of_the_repository_the_docs_cite_exists() -> None:
+    """``broker/state.py``, ``tests/test_hosts.py``, ``examples/offline_lm.py``: a path a reader
+    opens (benchmarks.md is a log of past runs: the files it names may be gone since)."""
+    cited = re.compile(r"(?<![\w./-])((?:dspex|broker|worker|dspexctl|examples|tests|bench|bin|docs)/[\w/.*-]*\w)")
+    paths = {(doc.name, path) for doc in DOCS for path in cited.findall(doc.read_text())}
+    assert len(paths) > 100, "the scan finds the docs' paths"
+    # a path or a pattern (`tests/test_checkpoint*.py`)
+    missing = sorted(f"{doc}: {path}" for doc, path in paths if not any(REPO.glob(path)))
+    assert not missing, missing
+
+
+def _commands(group: click.Group, prefix: str = "") -> list[str]:
+    names = []
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        names += _commands(command, f"{path} ") if isinstance(command, click.Group) else [path]
+    return names
+
+
+def test_every_dspexctl_command_is_documented() -> None:
+    text = (REPO / "docs" / "operations.md").read_text() + (REPO / "docs" / "flagship.md").read_text()
+    commands = _commands(dspexctl_main)
+    assert len(commands) > 10, commands
+    assert not [c for c in commands if not re.search(rf"(`|dspexctl ){re.escape(c)}[` ]", text)]
