@@ -1,6 +1,6 @@
 """The parts of the docs that drift as the code moves, held to the code: docs/architecture.md's
 package table names every module (where a new engineer looks for what a file does), the error
-codes and classes are listed where a caller looks them up, every path the docs cite exists and
+codes and classes and the codec's ext types are listed where a reader looks them up, every path the docs cite exists and
 every dspexctl command is documented. (The environment table is tests/test_environment.py's, the
 op tables tests/test_protocol_ops.py's, the options the docs name tests/test_ops_readme.py's.)"""
 
@@ -108,3 +108,14 @@ def test_every_dspexctl_command_is_documented() -> None:
     commands = _commands(dspexctl_main)
     assert len(commands) > 10, commands
     assert not [c for c in commands if not re.search(rf"(`|dspexctl ){re.escape(c)}[` ]", text)]
+
+
+def test_protocol_md_lists_every_ext_type() -> None:
+    """A peer in another language decodes by these codes: each one the codec defines has its row."""
+    defined = {int(code) for path in sorted((REPO / "dspex" / "wire").glob("*.py"))
+               for code in re.findall(r"^EXT_[A-Z_]+ = (\d+)", path.read_text(), re.MULTILINE)}
+    assert len(defined) > 20, defined
+    text = (REPO / "docs" / "protocol.md").read_text()
+    table = text.split("## Payload codec", 1)[1].split("\n## ", 1)[0]
+    rows = {int(code) for cell in re.findall(r"^\| ([\d /]+) \|", table, re.MULTILINE) for code in cell.split("/")}
+    assert defined - rows == set(), f"ext codes without a row in docs/protocol.md's codec table: {defined - rows}"
