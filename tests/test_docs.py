@@ -1,12 +1,17 @@
 """The parts of the docs that drift as the code moves, held to the code: docs/architecture.md's
-package table names every module (where a new engineer looks for what a file does), the error
-codes and classes and the codec's ext types are listed where a reader looks them up, every path the docs cite exists and
-every dspexctl command is documented. (The environment table is tests/test_environment.py's, the
-op tables tests/test_protocol_ops.py's, the options the docs name tests/test_ops_readme.py's.)"""
+package table names every module (where a new engineer looks for what a file does); the error
+codes and classes and the codec's ext types are listed where a reader looks them up; every path
+the docs cite exists; every dspexctl command is documented; and the broker and the workers do
+not load the client, as the architecture says. (The environment table is
+tests/test_environment.py's, the op tables tests/test_protocol_ops.py's, the options the docs
+name tests/test_ops_readme.py's.)"""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import click
 
@@ -119,3 +124,17 @@ def test_protocol_md_lists_every_ext_type() -> None:
     table = text.split("## Payload codec", 1)[1].split("\n## ", 1)[0]
     rows = {int(code) for cell in re.findall(r"^\| ([\d /]+) \|", table, re.MULTILINE) for code in cell.split("/")}
     assert defined - rows == set(), f"ext codes without a row in docs/protocol.md's codec table: {defined - rows}"
+
+
+def test_the_broker_and_the_workers_do_not_load_the_client() -> None:
+    """docs/architecture.md: importing ``dspex`` leaves the client's names to their first use, so
+    the broker's and a worker's modules, all imported, hold no ``dspex.client`` module."""
+    modules = sorted(".".join(f.relative_to(REPO).with_suffix("").parts) for package in ("broker", "worker")
+                     for f in (REPO / package).glob("*.py") if f.stem != "__main__")
+    script = ("import importlib, sys\n"
+              f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+              "print(sorted(m for m in sys.modules if m.startswith('dspex.client')))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"], done.stdout
