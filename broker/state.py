@@ -457,6 +457,8 @@ class Notices:
     def due(self, now: float) -> list[tuple[tuple[str, str], int, float]]:
         """(key, count, seconds covered) for every window that ended with events left unlogged."""
         out: list[tuple[tuple[str, str], int, float]] = []
+        if not self._count:  # (asked on every turn of the broker's loop: the usual case first)
+            return out
         for key, n in list(self._count.items()):
             since = self._since[key]
             if now - since >= self.every:
