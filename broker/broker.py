@@ -122,10 +122,6 @@ class Broker:
     def to_client(self, frames: list[Any]) -> None:
         self.outbox.add(frames)
 
-    def _commit_here(self) -> None:
-        if self.store_link is not None:
-            self.store_link.commit_here()
-
     def log(self, level: int, message: str, *args: Any) -> None:
         log.log(level, message, *args)
 
@@ -223,8 +219,7 @@ class Broker:
             if self.store_link is not None:
                 items.append((self.store_link.thread.fileno(), POLLIN))
             self._poll_but_backend = [item for item in items if item[0] is not self.backend]
-        store_fd = self.store_link.thread.fileno() if self.store_link is not None else -1
-        core, publisher, conns = self.core, self.publisher, self.connections
+        core, publisher, conns, store_link = self.core, self.publisher, self.connections, self.store_link
         due = min(core.next_deadline(), publisher.history.due, conns.handshakes.next_due())
         now = time.monotonic()
         answers_wait = core.roster.answers_wait_until()  # the workers' answers to a heartbeat round
@@ -239,7 +234,8 @@ class Broker:
             self.zmq_threads.serving()  # before this turn's sends
         if self.backend in events:
             self.from_workers.drain()
-            self._commit_here()  # checkpoints committed: the replies they held go out now
+            if store_link is not None:
+                store_link.commit_here()  # checkpoints committed: the replies they held go out now
             self.outbox.flush()
         if self.monitor in events:
             conns.workers.read(self.monitor, core.workers)
@@ -253,8 +249,8 @@ class Broker:
             conns.clients.read(self.front_monitor)
         if conns.clients.disconnects:
             self._settle(conns.clients, self.from_clients, core.client_gone)
-        if store_fd in events and self.store_link is not None:
-            self.store_link.collect()  # held replies go out
+        if store_link is not None and store_link.thread.fileno() in events:
+            store_link.collect()  # held replies go out
         if self._wake_r in events:
             while True:
                 try:
@@ -267,9 +263,11 @@ class Broker:
             if core.roster.last_round != self._round:
                 self._round = core.roster.last_round
                 self.zmq_threads.quiet()
-        publisher.history.tick(now)
+        if now >= publisher.history.due:
+            publisher.history.tick(now)
         conns.log_handshakes_due(now)
-        self._commit_here()
+        if store_link is not None:
+            store_link.commit_here()
         self.outbox.flush()
         if publisher.asked:
             publisher.serve()

@@ -31,6 +31,9 @@ from dspex.wire.headers import pack_request_envelope
 from dspex.wire.protocol import FLAG_DURABLE, Affinity, SessionMode
 
 _MAX_BUDGET_MS = 2**31 - 1  # ~24 days: longer deadlines are "none" in practice
+# the affinities the per-call path tests, as module names: a member read from its enum class
+# costs ~0.2 µs in CPython 3.11, several per call
+_NONE, _STRICT_QUEUE = Affinity.NONE, Affinity.STRICT_QUEUE
 
 
 class Dispatcher:
@@ -61,7 +64,7 @@ class Dispatcher:
         if durable and p.session and (refused := self.durable.refusal(p, pool)):
             self._fail(p, pool, refused)
             return
-        if not p.session or pool.mode is Affinity.NONE:
+        if not p.session or pool.mode is _NONE:
             self._run_anywhere(pool, p)
             return
         rec = self.book.admit(p, pool, claimed_worker, keep_claim=bool(durable))
@@ -107,7 +110,7 @@ class Dispatcher:
             self.dispatch(w, p)
         elif w.away:  # renewing its connection: the call waits for it
             self._enqueue(pool, w.queue, p)
-        elif pool.mode is Affinity.STRICT_QUEUE:
+        elif pool.mode is _STRICT_QUEUE:
             # (pool.queued counts every queue: asked last)
             if not w.queue and w.may_prefetch(self.clock.now) and pool.queued < pool.config.queue_max:
                 self.dispatch(w, p)
@@ -160,7 +163,7 @@ class Dispatcher:
         restore: list[Any] = []  # the checkpoint of a durable session that moved here
         if not p.session:
             envelope = pack_request_envelope(p.client, call_ms, queue_ms)
-        elif pool.mode is Affinity.NONE:  # nothing of it stays on the worker
+        elif pool.mode is _NONE:  # nothing of it stays on the worker
             envelope = pack_request_envelope(p.client, call_ms, queue_ms, 0, SessionMode.EPHEMERAL)
         else:
             rec = self.sessions.get(p.session)
@@ -218,7 +221,7 @@ class Dispatcher:
             if not pool.queue:
                 return
             p = pool.queue[0]
-            rec = self.sessions.get(p.session) if p.session and pool.mode is not Affinity.NONE else None
+            rec = self.sessions.get(p.session) if p.session and pool.mode is not _NONE else None
             if rec is not None and rec.worker is None and w.id in pool.rolling:
                 return  # a new session waits for a worker that is not about to be recycled
             pool.queue.popleft()
