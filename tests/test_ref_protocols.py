@@ -12,7 +12,7 @@ import gc
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -271,6 +271,41 @@ def test_iterating_a_generator_ref_takes_batches_and_leaving_early_leaves_it_the
         list(s.put(Unpicklable))  # a class without __iter__: iter() raises there, as here
 
 
+def counted(n: int) -> Generator[int, None, str]:
+    yield from range(n)
+    return f"counted {n}"
+
+
+def delegate(items: Any) -> Generator[Any, None, Any]:
+    """What a generator that delegates to ``items`` (``yield from``) gets back."""
+    returned = yield from items
+    return returned
+
+
+def drive(iterator: Any) -> tuple[list[Any], Any]:
+    """The items ``next(iterator)`` gives, and the value of the ``StopIteration`` that ends them."""
+    items = []
+    while True:
+        try:
+            items.append(next(iterator))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Session) -> None:
+    expected = ([0, 1, 2], "counted 3")
+    assert drive(counted(3)) == drive(delegate(counted(3))) == expected
+    assert drive(s.run(counted, 3)) == expected  # next(ref): one item each, then its StopIteration
+    assert drive(delegate(s.run(counted, 3))) == expected  # yield from ref: batches, and the value
+    gen = s.run(counted, 10**6)
+    for x in gen:
+        break  # the first batch is one item: next() goes on where the loop left the generator
+    assert (x, next(gen), next(gen)) == (0, 1, 2)
+    with pytest.raises(TypeError, match="'Box' object is not an iterator"):
+        next(s.put(Box([1])))  # an iterable that is no iterator: next() raises there, as here
+    assert next(iter(s.put(Box([5])))) == 5
+
+
 def test_a_loops_body_may_call_the_session_and_loops_may_nest(dx: dspex.Client, s: dspex.Session) -> None:
     """Each batch is a call of its own: the session is free between them (a stream would hold it
     until its end, and a call of the loop's body would wait for that until its timeout)."""
@@ -369,6 +404,15 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             box = await s.put(Box([1, 2, 3]))
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
             assert [x async for x in box] == [1, 2, 3]  # a plain iterable is iterated by `async for` too
+            agen, gen = await box.agen(2), await s.run(counted, 2)
+            with pytest.raises(TypeError, match="async for x in ref"):  # never an item, then a closed generator
+                await anext(agen)
+            assert [x async for x in agen] == [0, 1]
+            assert [await anext(gen), await anext(gen), await anext(gen, "end")] == [0, 1, "end"]
+            with pytest.raises(StopAsyncIteration):
+                await anext(gen)
+            with pytest.raises(TypeError, match="await anext"):
+                next(gen)
             many = await s.put(Box(list(range(300))))
             assert sum([await s.run(abs, -x) async for x in many]) == sum(range(300))  # the body calls the session
             assert await (box < 5) and await (await (box + [4])).items == [1, 2, 3, 4]

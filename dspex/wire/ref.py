@@ -182,6 +182,23 @@ class Ref:
             raise TypeError("an asyncio session's ref is iterated with `async for`")
         return refprotocols.items(owner, self)
 
+    def __next__(self) -> Any:
+        # a ref to an iterator (a generator) is one, as the object is: an item per round trip
+        owner = self._owner_now("next()", "await anext(ref)")
+        item, more = owner.call(refprotocols.MODULE, "next_item", [self])
+        if not more:
+            raise StopIteration(item)
+        return item
+
+    async def __anext__(self) -> Any:
+        owner = self._session("anext()", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref takes its next item with next()")
+        item, more = await owner.call(refprotocols.MODULE, "next_item", [self])
+        if not more:
+            raise StopAsyncIteration
+        return item
+
     def __reversed__(self) -> Any:
         # else reversed() would run len() and __getitem__(n - 1), (n - 2)... a round trip each
         owner = self._owner_now("reversed()", "async for x in await session.call('builtins', 'reversed', [ref])")

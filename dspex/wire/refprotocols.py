@@ -10,8 +10,7 @@ streamed instead, by one task for its whole life (anyio cancel scopes must stay 
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from dspex.wire.errors import DspexError
@@ -29,10 +28,32 @@ def iterator_of(obj: Any, reverse: bool) -> Any:
     return reversed(obj) if reverse else iter(obj)
 
 
-def next_items(iterator: Any, n: int) -> tuple[list[Any], bool]:
-    """The next ``n`` items at most, and whether more may follow."""
-    items = list(itertools.islice(iterator, n))
-    return items, len(items) == n
+def next_items(iterator: Any, n: int) -> tuple[list[Any], bool, Any]:
+    """The next ``n`` items at most, whether more may follow, and the ``StopIteration``'s value
+    (a generator's ``return`` value) once it ended: ``yield from ref`` gives it."""
+    items = []
+    try:
+        for _ in range(n):
+            items.append(next(iterator))
+    except StopIteration as stop:
+        return items, False, stop.value
+    return items, True, None
+
+
+def next_item(iterator: Any) -> tuple[Any, bool]:
+    """``next(ref)``, ``anext(ref)``: ``(item, True)``, or ``(value, False)`` at the end, ``value``
+    the ``StopIteration``'s (an asyncio session takes a plain iterator's items with ``anext``, as
+    it iterates it with ``async for``)."""
+    if hasattr(type(iterator), "__anext__") and not hasattr(type(iterator), "__next__"):
+        # each call awaits on an event loop of its own, whose end closes the async generators it
+        # ran: an item taken this way would silently be the last
+        raise TypeError("an async iterator's ref cannot give its items one call at a time (each call runs on "
+                        "an event loop of its own, which closes an async generator at its end): iterate it, "
+                        "`async for x in ref` or `for x in ref` (one stream)")
+    try:
+        return next(iterator), True
+    except StopIteration as stop:
+        return stop.value, False
 
 
 def items_of(obj: Any) -> Any:
@@ -70,19 +91,20 @@ def stand_in(exc: BaseException) -> BaseException:
 
 
 # -- on the client ------------------------------------------------------------------------------
-def items(owner: Any, ref: Any, reverse: bool = False) -> Iterator[Any]:
-    """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for."""
+def items(owner: Any, ref: Any, reverse: bool = False) -> Generator[Any, None, Any]:
+    """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for;
+    it returns what the iterator's ``StopIteration`` carried (``returned = yield from ref``)."""
     it = owner.call(MODULE, "iterator_of", [ref, reverse])
     if not isinstance(it, type(ref)):  # an async iterable (None), or an iterator that came back as data
-        yield from owner.stream("builtins", "reversed", [ref]) if reverse else owner.stream(MODULE, "items_of", [ref])
-        return
+        return (yield from owner.stream("builtins", "reversed", [ref]) if reverse
+                else owner.stream(MODULE, "items_of", [ref]))
     try:
         size = 1
         while True:
-            batch, more = owner.call(MODULE, "next_items", [it, size])
+            batch, more, returned = owner.call(MODULE, "next_items", [it, size])
             yield from batch
             if not more:
-                return
+                return returned
             size = min(size * 2, MAX_BATCH)
     finally:
         if it != ref:  # an iterator made for this loop (a generator is its own)
@@ -102,7 +124,7 @@ async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
     try:
         size = 1
         while True:
-            batch, more = await owner.call(MODULE, "next_items", [it, size])
+            batch, more, _ = await owner.call(MODULE, "next_items", [it, size])  # async for drops the value
             for item in batch:
                 yield item
             if not more:
