@@ -233,6 +233,62 @@ def test_a_protocol_on_a_ref_gives_what_it_gives_in_process(s: dspex.Session, ca
     assert s.run(lambda b: b.probes, ref) == local.probes  # the same lookups of missing attributes
 
 
+class Bare:
+    """A class with none of the protocols, which sees every lookup of a name it lacks."""
+
+    def __init__(self) -> None:
+        self.probes: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.__dict__.setdefault("probes", []).append(name)
+        raise AttributeError(name)
+
+
+def _with_bare(b: Any) -> None:
+    with b:
+        pass
+
+
+def _setitem(b: Any) -> None:
+    b[0] = 1
+
+
+# each expression fails on an object without its protocol: the same error through a ref
+LACKING: dict[str, Callable[[Any], Any]] = {
+    "call": lambda b: b(1, k=2),
+    "getitem": lambda b: b[0],
+    "slice": lambda b: b[1:],
+    "setitem": _setitem,
+    "delitem": _delitem,
+    "len": len,
+    "in": lambda b: 1 in b,
+    "iter": list,
+    "next": next,
+    "with": _with_bare,
+    "add": lambda b: b + 1,
+    "neg": lambda b: -b,
+}
+
+
+def _error(expression: Callable[[Any], Any], obj: Any) -> tuple[str, str]:
+    """The builtin exception class ``expression(obj)`` raises (a RemoteError[TypeError] is a
+    TypeError), and its message."""
+    try:
+        expression(obj)
+    except Exception as exc:  # noqa: BLE001 - which one is what's compared
+        return next(c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"), str(exc)
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("case", sorted(LACKING))
+def test_a_protocol_the_object_lacks_raises_what_it_raises_in_process(s: dspex.Session, case: str) -> None:
+    local = Bare()
+    expected = _error(LACKING[case], local)
+    ref = s.put(Bare())
+    assert _error(LACKING[case], ref) == expected
+    assert s.run(lambda b: b.probes, ref) == local.probes == []  # Python asks the class, never the object
+
+
 def test_a_with_block_gives_the_exception_to_the_objects_exit(s: dspex.Session) -> None:
     box = s.put(Box([]))
     with pytest.raises(ValueError, match="body"), box:
