@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import math
 import re
 import threading
 import warnings
@@ -231,6 +232,62 @@ def test_a_protocol_on_a_ref_gives_what_it_gives_in_process(s: dspex.Session, ca
     assert isinstance(ref, dspex.Ref)
     assert CASES[case](ref) == expected
     assert s.run(lambda b: b.probes, ref) == local.probes  # the same lookups of missing attributes
+
+
+class Num:
+    """A user's number-like class (a score, a cost): the conversions and rounding it defines."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __complex__(self) -> complex:
+        return complex(self.value, 1)
+
+    def __round__(self, ndigits: int | None = None) -> Any:
+        return ("round", ndigits)
+
+    def __trunc__(self) -> str:
+        return "trunc"
+
+    def __floor__(self) -> str:
+        return "floor"
+
+    def __ceil__(self) -> str:
+        return "ceil"
+
+    def __divmod__(self, other: int) -> tuple[float, float]:
+        return divmod(self.value, other)
+
+    def __rdivmod__(self, other: int) -> tuple[float, float]:
+        return divmod(other, self.value)
+
+    def __pow__(self, other: int, mod: int | None = None) -> Any:
+        return ("pow", other, mod)
+
+
+NUMERIC: dict[str, Callable[[Any], Any]] = {
+    "float": float,
+    "int": int,
+    "complex": complex,
+    "round": lambda n: (round(n), round(n, 2)),
+    "math": lambda n: (math.trunc(n), math.floor(n), math.ceil(n)),
+    "divmod": lambda n: (divmod(n, 2), divmod(7, n)),
+    "pow": lambda n: (n**2, pow(n, 2, 5)),
+    "sum-and-format": lambda n: (sum([float(n), 1.0]), f"{float(n):.2f}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMERIC))
+def test_a_number_likes_conversions_give_what_they_give_in_process(s: dspex.Session, case: str) -> None:
+    expected = NUMERIC[case](Num(7.5))
+    result = NUMERIC[case](s.put(Num(7.5)))
+    assert result == expected and type(result) is type(expected)
 
 
 class Bare:
@@ -488,6 +545,10 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
                     attempt()
             with pytest.raises(TypeError, match="in-place"):
                 box += [1]
+            num = await s.put(Num(7.5))
+            assert (await round(num, 1), await divmod(num, 2)) == (("round", 1), (3.0, 1.5))  # awaitables, as operators
+            with pytest.raises(TypeError, match=re.escape("await session.run(float, ref)")):
+                float(num)  # Python takes no awaitable here
             with pytest.raises(TypeError, match="delattr"):
                 del box.tag
             assert await s.run(len, box) == 3

@@ -255,11 +255,11 @@ class Ref:
         return format(self.__repr__(), spec)
 
 
-def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
-    def op(self: Ref, other: Any) -> Any:
+def _operator(fn: str, reflected: bool) -> Callable[..., Any]:
+    def op(self: Ref, other: Any, *modulo: Any) -> Any:  # pow(ref, exp, mod) gives a third
         if self._owner is None:
             return NotImplemented
-        return self._run_there(name, f"operator.{name}", *((other, self) if reflected else (self, other)))
+        return self._run_there(fn, fn, *((other, self) if reflected else (self, other, *modulo)))
     return op
 
 
@@ -271,9 +271,16 @@ def _in_place(name: str) -> Callable[[Ref, Any], Any]:
     return op
 
 
-def _unary(name: str) -> Callable[[Ref], Any]:
+def _unary(fn: str) -> Callable[..., Any]:
+    def op(self: Ref, *ndigits: Any) -> Any:  # round(ref, n) gives one
+        return self._run_there(fn, fn, self, *ndigits)
+    return op
+
+
+def _conversion(name: str) -> Callable[[Ref], Any]:
     def op(self: Ref) -> Any:
-        return self._run_there(name, f"operator.{name}", self)
+        # float(ref) must be a float at once: an awaitable cannot be one
+        return self._owner_now(f"{name}()", f"await session.run({name}, ref)").call("builtins", name, [self])
     return op
 
 
@@ -282,13 +289,22 @@ def _unary(name: str) -> Callable[[Ref], Any]:
 for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and_",
               "xor", "or_"):
     _dunder = _name.rstrip("_")
-    setattr(Ref, f"__{_dunder}__", _operator(_name, False))
-    setattr(Ref, f"__r{_dunder}__", _operator(_name, True))
+    _fn = "builtins.pow" if _name == "pow" else f"operator.{_name}"  # operator.pow takes no modulus
+    setattr(Ref, f"__{_dunder}__", _operator(_fn, False))
+    setattr(Ref, f"__r{_dunder}__", _operator(_fn, True))
     setattr(Ref, f"__i{_dunder}__", _in_place(f"i{_name}"))
+for _name, _reflected in (("divmod", False), ("rdivmod", True)):
+    setattr(Ref, f"__{_name}__", _operator("builtins.divmod", _reflected))
 for _name in ("lt", "le", "gt", "ge"):
-    setattr(Ref, f"__{_name}__", _operator(_name, False))
-for _name in ("neg", "pos", "abs", "invert"):
-    setattr(Ref, f"__{_name}__", _unary(_name))
+    setattr(Ref, f"__{_name}__", _operator(f"operator.{_name}", False))
+# these return what the object's method returns, so through an asyncio session they are
+# awaitables, as operators are; float(), int() and complex() must give their type at once
+for _name, _fn in (("neg", "operator.neg"), ("pos", "operator.pos"), ("abs", "operator.abs"),
+                   ("invert", "operator.invert"), ("round", "builtins.round"), ("trunc", "math.trunc"),
+                   ("floor", "math.floor"), ("ceil", "math.ceil")):
+    setattr(Ref, f"__{_name}__", _unary(_fn))
+for _name in ("float", "int", "complex"):
+    setattr(Ref, f"__{_name}__", _conversion(_name))
 
 
 class RemoteMethod:
