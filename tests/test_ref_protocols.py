@@ -7,9 +7,11 @@ cannot be answered at once through an asyncio session (``len``, ``in``, ``with``
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import gc
 import math
+import pickle
 import re
 import threading
 import warnings
@@ -486,6 +488,20 @@ def test_without_a_session_protocols_are_type_errors(s: dspex.Session) -> None:
     with pytest.raises(TypeError):
         _ = ref + [1]
     assert str(ref) == repr(ref) and bool(ref)
+
+
+def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Client, s: dspex.Session) -> None:
+    """Pickling a ref pickles the handle, never the object or the live session: unpickled here it
+    is a value (equal, and an argument of its session's calls), a handle again once bound."""
+    box = s.put(Box([1, 2]))
+    copied = pickle.loads(pickle.dumps(box))
+    assert copied == box and hash(copied) == hash(box)
+    with pytest.raises(TypeError, match=re.escape("ref.bind(session)")):
+        len(copied)
+    assert s.run(len, copied) == 2 and len(copied.bind(s)) == 2
+    assert copy.copy(box) is box and copy.deepcopy({"b": box})["b"] is box  # the handle, bound as it was
+    with dx.session("p") as other, pytest.raises(dspex.RefNotFound, match="only in the session that made it"):
+        other.run(len, copied)
 
 
 def test_a_ref_from_a_call_outside_any_session_says_its_object_was_not_kept(dx: dspex.Client) -> None:

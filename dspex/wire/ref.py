@@ -98,8 +98,8 @@ class Ref:
             if self.session.startswith(EPHEMERAL_SESSION):
                 raise error(f"{what}: this ref came from a call outside any session (client.call), whose objects "
                             "the worker does not keep; make it in a session (session.call, session.run)")
-            raise error(
-                f"{what}: this ref is not bound to a session; use session.attr/method, or a ref a session returned")
+            raise error(f"{what}: this ref is not bound to a session (one built by hand, or unpickled): bind it, "
+                        "ref.bind(session), or use session.attr/method")
         return owner
 
     def _owner_now(self, what: str, instead: str) -> Any:
