@@ -418,6 +418,21 @@ def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Sess
     assert (x, next(gen), next(gen)) == (0, 1, 2)
     with pytest.raises(TypeError, match="'Box' object is not an iterator"):
         next(s.put(Box([1])))  # an iterable that is no iterator: next() raises there, as here
+
+
+def _pairs(gen: Any) -> list[Any]:
+    return [(x, next(gen)) for x in gen]
+
+
+def _nested(gen: Any) -> list[Any]:
+    return [(a, b) for a in gen if a > 0 for b in gen]  # the outer loop's second batch is 2 items
+
+
+@pytest.mark.parametrize("use", [_pairs, _nested])
+def test_next_and_a_loop_inside_a_loop_over_a_generator_ref_take_the_items_after_the_loops(
+        s: dspex.Session, use: Callable[[Any], Any]) -> None:
+    """What a loop's batch took ahead of it is the next item of ``next(gen)`` and of an inner loop."""
+    assert use(s.run(counted, 10)) == use(counted(10))
     assert next(iter(s.put(Box([5])))) == 5
 
 
@@ -540,6 +555,8 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             assert [await anext(gen), await anext(gen), await anext(gen, "end")] == [0, 1, "end"]
             with pytest.raises(StopAsyncIteration):
                 await anext(gen)
+            gen = await s.run(counted, 10)
+            assert [(x, await anext(gen)) async for x in gen] == _pairs(counted(10))
             with pytest.raises(TypeError, match="await anext"):
                 next(gen)
             many = await s.put(Box(list(range(300))))

@@ -10,7 +10,9 @@ streamed instead, by one task for its whole life (anyio cancel scopes must stay 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 from dspex.wire.errors import DspexError
@@ -45,8 +47,9 @@ def next_item(iterator: Any) -> tuple[Any, bool]:
     the ``StopIteration``'s (an asyncio session takes a plain iterator's items with ``anext``, as
     it iterates it with ``async for``)."""
     if hasattr(type(iterator), "__anext__") and not hasattr(type(iterator), "__next__"):
-        # each call awaits on an event loop of its own, whose end closes the async generators it
-        # ran: an item taken this way would silently be the last
+        # each call awaits on an event loop of its own: the loop an async generator was first
+        # iterated in closes it at the call's end (its first item would silently be its last), and
+        # what it awaits may belong to that loop (dspy.streamify's streams); a stream is one task
         raise TypeError("an async iterator's ref cannot give its items one call at a time (each call runs on "
                         "an event loop of its own, which closes an async generator at its end): iterate it, "
                         "`async for x in ref` or `for x in ref` (one stream)")
@@ -91,6 +94,40 @@ def stand_in(exc: BaseException) -> BaseException:
 
 
 # -- on the client ------------------------------------------------------------------------------
+class _Loops:
+    """The items batches took from one iterator ahead of the loops over it that run here."""
+
+    __slots__ = ("ahead", "running")
+
+    def __init__(self) -> None:
+        self.ahead: deque[Any] = deque()
+        self.running = 0
+
+
+# by the iterator's ref id: ``next(gen)`` in the body of ``for x in gen``, and a loop inside it
+# over the same generator, take what the loop's batch took first, so each sees the order of
+# in-process (a loop's own iterator, iter(obj), has an id no one else knows)
+_loops: dict[str, _Loops] = {}
+
+
+def taken_ahead(iterator: Any) -> deque[Any] | None:
+    """What running loops took from ``iterator`` (a ref) ahead of them, for ``next(iterator)``."""
+    loops = _loops.get(iterator.id)
+    return None if loops is None else loops.ahead
+
+
+@contextlib.contextmanager
+def _loop_over(iterator: Any) -> Iterator[deque[Any]]:
+    loops = _loops.setdefault(iterator.id, _Loops())
+    loops.running += 1
+    try:
+        yield loops.ahead
+    finally:
+        loops.running -= 1
+        if not loops.running:  # what the last loop left taken ahead is dropped, as the docs say
+            _loops.pop(iterator.id, None)
+
+
 def items(owner: Any, ref: Any, reverse: bool = False) -> Generator[Any, None, Any]:
     """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for;
     it returns what the iterator's ``StopIteration`` carried (``returned = yield from ref``)."""
@@ -99,13 +136,15 @@ def items(owner: Any, ref: Any, reverse: bool = False) -> Generator[Any, None, A
         return (yield from owner.stream("builtins", "reversed", [ref]) if reverse
                 else owner.stream(MODULE, "items_of", [ref]))
     try:
-        size = 1
-        while True:
-            batch, more, returned = owner.call(MODULE, "next_items", [it, size])
-            yield from batch
-            if not more:
-                return returned
-            size = min(size * 2, MAX_BATCH)
+        with _loop_over(it) as ahead:
+            size, more, returned = 1, True, None
+            while more:
+                batch, more, returned = owner.call(MODULE, "next_items", [it, size])
+                ahead.extend(batch)
+                while ahead:
+                    yield ahead.popleft()
+                size = min(size * 2, MAX_BATCH)
+            return returned
     finally:
         if it != ref:  # an iterator made for this loop (a generator is its own)
             try:
@@ -122,14 +161,14 @@ async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
             yield item
         return
     try:
-        size = 1
-        while True:
-            batch, more, _ = await owner.call(MODULE, "next_items", [it, size])  # async for drops the value
-            for item in batch:
-                yield item
-            if not more:
-                return
-            size = min(size * 2, MAX_BATCH)
+        with _loop_over(it) as ahead:
+            size, more = 1, True
+            while more:
+                batch, more, _ = await owner.call(MODULE, "next_items", [it, size])  # async for drops the value
+                ahead.extend(batch)
+                while ahead:
+                    yield ahead.popleft()
+                size = min(size * 2, MAX_BATCH)
     finally:
         if it != ref:
             try:
