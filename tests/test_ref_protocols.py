@@ -211,6 +211,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "delitem": _delitem,
     "with": _with,
     "bool": bool,
+    "bytes": bytes,  # a Box has no __bytes__: its items, as iter() gives them
     "getattr-default": lambda b: (getattr(b, "nosuch", 5), hasattr(b, "nosuch")),
 }
 
@@ -272,11 +273,15 @@ class Num:
     def __pow__(self, other: int, mod: int | None = None) -> Any:
         return ("pow", other, mod)
 
+    def __bytes__(self) -> bytes:
+        return str(self.value).encode()
+
 
 NUMERIC: dict[str, Callable[[Any], Any]] = {
     "float": float,
     "int": int,
     "complex": complex,
+    "bytes": bytes,
     "round": lambda n: (round(n), round(n, 2)),
     "math": lambda n: (math.trunc(n), math.floor(n), math.ceil(n)),
     "divmod": lambda n: (divmod(n, 2), divmod(7, n)),

@@ -304,12 +304,12 @@ for _name, _reflected in (("divmod", False), ("rdivmod", True)):
 for _name in ("lt", "le", "gt", "ge"):
     setattr(Ref, f"__{_name}__", _operator(f"operator.{_name}", False))
 # these return what the object's method returns, so through an asyncio session they are
-# awaitables, as operators are; float(), int() and complex() must give their type at once
+# awaitables, as operators are; float(), int(), complex() and bytes() must give their type at once
 for _name, _fn in (("neg", "operator.neg"), ("pos", "operator.pos"), ("abs", "operator.abs"),
                    ("invert", "operator.invert"), ("round", "builtins.round"), ("trunc", "math.trunc"),
                    ("floor", "math.floor"), ("ceil", "math.ceil")):
     setattr(Ref, f"__{_name}__", _unary(_fn))
-for _name in ("float", "int", "complex"):
+for _name in ("float", "int", "complex", "bytes"):
     setattr(Ref, f"__{_name}__", _conversion(_name))
 
 
