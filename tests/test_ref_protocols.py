@@ -510,6 +510,28 @@ def test_without_a_session_protocols_are_type_errors(s: dspex.Session) -> None:
     assert str(ref) == repr(ref) and bool(ref)
 
 
+class Tally:
+    """An object whose repr changes as it does."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+
+    def push(self, x: int) -> Self:
+        self.items.append(x)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Tally{self.items}"
+
+
+def test_two_handles_of_one_object_are_equal_whatever_its_repr_became(s: dspex.Session) -> None:
+    tally = s.put(Tally())
+    again = tally.push(1)  # the same object, its repr now another
+    assert again.repr != tally.repr and again.id == tally.id
+    assert again == tally and hash(again) == hash(tally) and len({tally, again, tally.push(2)}) == 1
+    assert tally != s.put(Tally())  # another object
+
+
 def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Client, s: dspex.Session) -> None:
     """Pickling a ref pickles the handle, never the object or the live session: unpickled here it
     is a value (equal, and an argument of its session's calls), a handle again once bound."""

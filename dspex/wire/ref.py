@@ -4,7 +4,7 @@ A ref a session returned also reads like the object it names: ``prog(question=..
 ``method __call__`` round trip, ``lm.model`` a ``getattr``, ``ref[key]`` a ``__getitem__``,
 ``ref.attr = v`` a ``setattr``. Names that clash with the ref's own fields (``id``, ``session``,
 ``pool``, ``worker``, ``type_name``, ``repr``) and its methods are reached with
-``session.attr(ref, name)``. Equality and hash are by value (the six fields), never remote.
+``session.attr(ref, name)``. Equality and hash are by the object named (id and session), never remote.
 """
 
 from __future__ import annotations
@@ -68,11 +68,13 @@ class Ref:
     def as_tuple(self) -> tuple[str, str, str, str, str, str]:
         return (self.id, self.session, self.pool, self.worker, self.type_name, self.repr)
 
+    # by the object named (its id in its session): two handles of one object are equal whatever
+    # its repr became or which worker holds it now (a durable session's move), as `a is b` is
     def __eq__(self, other: object) -> bool:
-        return type(other) is Ref and self.as_tuple() == other.as_tuple()
+        return type(other) is Ref and self.id == other.id and self.session == other.session
 
     def __hash__(self) -> int:
-        return hash(self.as_tuple())
+        return hash((self.id, self.session))
 
     def __repr__(self) -> str:
         short = self.repr if len(self.repr) <= 60 else self.repr[:57] + "..."
