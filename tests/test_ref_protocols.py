@@ -433,7 +433,11 @@ def _nested(gen: Any) -> list[Any]:
     return [(a, b) for a in gen if a > 0 for b in gen]  # the outer loop's second batch is 2 items
 
 
-@pytest.mark.parametrize("use", [_pairs, _nested])
+def _zipped(gen: Any) -> list[Any]:
+    return list(zip(gen, gen, strict=False))  # two loops side by side over one generator
+
+
+@pytest.mark.parametrize("use", [_pairs, _nested, _zipped])
 def test_next_and_a_loop_inside_a_loop_over_a_generator_ref_take_the_items_after_the_loops(
         s: dspex.Session, use: Callable[[Any], Any]) -> None:
     """What a loop's batch took ahead of it is the next item of ``next(gen)`` and of an inner loop."""
