@@ -536,6 +536,32 @@ def test_two_handles_of_one_object_are_equal_whatever_its_repr_became(s: dspex.S
     assert tally != s.put(Tally())  # another object
 
 
+class Counter:
+    """An iterator of its own (``iter`` gives itself) whose repr tells where it is."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> int:
+        self.n += 1
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"Counter({self.n})"
+
+
+def test_a_loop_over_an_iterator_of_its_own_leaves_its_ref_to_it(s: dspex.Session) -> None:
+    """The loop releases the iterator it made, never the ref when ``iter(obj)`` is the object."""
+    counter = s.put(Counter())
+    assert next(counter) == 1  # its repr is now another than the ref's
+    for x in counter:
+        break
+    assert (x, next(counter), s.run(next, counter)) == (2, 3, 4)
+
+
 def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Client, s: dspex.Session) -> None:
     """Pickling a ref pickles the handle, never the object or the live session: unpickled here it
     is a value (equal, and an argument of its session's calls), a handle again once bound."""
