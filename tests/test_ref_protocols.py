@@ -425,8 +425,15 @@ def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Sess
         next(s.put(Box([1])))  # an iterable that is no iterator: next() raises there, as here
 
 
-def _pairs(gen: Any) -> list[Any]:
-    return [(x, next(gen)) for x in gen]
+def _pairs(gen: Any) -> tuple[list[Any], Any]:
+    """The pairs, and the value of the StopIteration a next() in the body met (an odd count)."""
+    pairs = []
+    try:
+        for x in gen:
+            pairs.append((x, next(gen)))
+    except StopIteration as stop:
+        return pairs, stop.value
+    return pairs, None
 
 
 def _nested(gen: Any) -> list[Any]:
@@ -441,7 +448,8 @@ def _zipped(gen: Any) -> list[Any]:
 def test_next_and_a_loop_inside_a_loop_over_a_generator_ref_take_the_items_after_the_loops(
         s: dspex.Session, use: Callable[[Any], Any]) -> None:
     """What a loop's batch took ahead of it is the next item of ``next(gen)`` and of an inner loop."""
-    assert use(s.run(counted, 10)) == use(counted(10))
+    for n in (10, 9):
+        assert use(s.run(counted, n)) == use(counted(n))
     assert next(iter(s.put(Box([5])))) == 5
 
 
@@ -613,7 +621,7 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             with pytest.raises(StopAsyncIteration):
                 await anext(gen)
             gen = await s.run(counted, 10)
-            assert [(x, await anext(gen)) async for x in gen] == _pairs(counted(10))
+            assert [(x, await anext(gen)) async for x in gen] == _pairs(counted(10))[0]
             with pytest.raises(TypeError, match="await anext"):
                 next(gen)
             many = await s.put(Box(list(range(300))))

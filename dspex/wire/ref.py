@@ -187,10 +187,7 @@ class Ref:
     def __next__(self) -> Any:
         # a ref to an iterator (a generator) is one, as the object is: an item per round trip
         owner = self._owner_now("next()", "await anext(ref)")
-        ahead = refprotocols.taken_ahead(self)
-        if ahead:
-            return ahead.popleft()
-        item, more = owner.call(refprotocols.MODULE, "next_item", [self])
+        item, more = refprotocols.taken_ahead(self) or owner.call(refprotocols.MODULE, "next_item", [self])
         if not more:
             raise StopIteration(item)
         return item
@@ -199,10 +196,7 @@ class Ref:
         owner = self._session("anext()", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref takes its next item with next()")
-        ahead = refprotocols.taken_ahead(self)
-        if ahead:
-            return ahead.popleft()
-        item, more = await owner.call(refprotocols.MODULE, "next_item", [self])
+        item, more = refprotocols.taken_ahead(self) or await owner.call(refprotocols.MODULE, "next_item", [self])
         if not more:
             raise StopAsyncIteration
         return item

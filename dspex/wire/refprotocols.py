@@ -95,12 +95,13 @@ def stand_in(exc: BaseException) -> BaseException:
 
 # -- on the client ------------------------------------------------------------------------------
 class _Loops:
-    """The items batches took from one iterator ahead of the loops over it that run here."""
+    """What batches took from one iterator ahead of the loops over it that run here."""
 
-    __slots__ = ("ahead", "running")
+    __slots__ = ("ahead", "end", "running")
 
     def __init__(self) -> None:
         self.ahead: deque[Any] = deque()
+        self.end: list[Any] = []  # the StopIteration's value once a batch met the end, until one takes it
         self.running = 0
 
 
@@ -110,18 +111,23 @@ class _Loops:
 _loops: dict[str, _Loops] = {}
 
 
-def taken_ahead(iterator: Any) -> deque[Any] | None:
-    """What running loops took from ``iterator`` (a ref) ahead of them, for ``next(iterator)``."""
+def taken_ahead(iterator: Any) -> tuple[Any, bool] | None:
+    """``next(iterator)`` (a ref) from what running loops took ahead, as :func:`next_item` gives
+    it; None when they hold nothing of it."""
     loops = _loops.get(iterator.id)
-    return None if loops is None else loops.ahead
+    if loops is None:
+        return None
+    if loops.ahead:
+        return loops.ahead.popleft(), True
+    return (loops.end.pop(), False) if loops.end else None
 
 
 @contextlib.contextmanager
-def _loop_over(iterator: Any) -> Iterator[deque[Any]]:
+def _loop_over(iterator: Any) -> Iterator[_Loops]:
     loops = _loops.setdefault(iterator.id, _Loops())
     loops.running += 1
     try:
-        yield loops.ahead
+        yield loops
     finally:
         loops.running -= 1
         if not loops.running:  # what the last loop left taken ahead is dropped, as the docs say
@@ -136,15 +142,18 @@ def items(owner: Any, ref: Any, reverse: bool = False) -> Generator[Any, None, A
         return (yield from owner.stream("builtins", "reversed", [ref]) if reverse
                 else owner.stream(MODULE, "items_of", [ref]))
     try:
-        with _loop_over(it) as ahead:
-            size, more, returned = 1, True, None
+        with _loop_over(it) as loops:
+            size, more = 1, True
             while more:
                 batch, more, returned = owner.call(MODULE, "next_items", [it, size])
-                ahead.extend(batch)
-                while ahead:
-                    yield ahead.popleft()
+                loops.ahead.extend(batch)
+                if not more:
+                    loops.end.append(returned)
+                while loops.ahead:
+                    yield loops.ahead.popleft()
                 size = min(size * 2, MAX_BATCH)
-            return returned
+            # the value goes to whoever meets the end first (next(gen) in the body may have)
+            return loops.end.pop() if loops.end else None
     finally:
         if it != ref:  # an iterator made for this loop (a generator is its own)
             try:
@@ -161,13 +170,15 @@ async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
             yield item
         return
     try:
-        with _loop_over(it) as ahead:
+        with _loop_over(it) as loops:
             size, more = 1, True
             while more:
-                batch, more, _ = await owner.call(MODULE, "next_items", [it, size])  # async for drops the value
-                ahead.extend(batch)
-                while ahead:
-                    yield ahead.popleft()
+                batch, more, returned = await owner.call(MODULE, "next_items", [it, size])
+                loops.ahead.extend(batch)
+                if not more:
+                    loops.end.append(returned)  # async for drops it; anext(ref) in the body ends there
+                while loops.ahead:
+                    yield loops.ahead.popleft()
                 size = min(size * 2, MAX_BATCH)
     finally:
         if it != ref:
