@@ -570,6 +570,18 @@ def test_a_loop_over_an_iterator_of_its_own_leaves_its_ref_to_it(s: dspex.Sessio
     assert (x, next(counter), s.run(next, counter)) == (2, 3, 4)
 
 
+def test_the_handles_own_names_say_how_to_reach_the_objects(s: dspex.Session) -> None:
+    box = s.put(Box([1]))
+    with pytest.raises(AttributeError, match=re.escape("session.set_attr(ref, '__doc__', value)")):
+        box.__doc__ = "a box"
+    with pytest.raises(AttributeError, match=re.escape("session.set_attr(ref, 'id', value)")):
+        box.id = "x"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match=re.escape("session.run(delattr, ref, 'session')")):
+        del box.session
+    s.set_attr(box, "__doc__", "a box")
+    assert s.attr(box, "__doc__") == "a box" and box.__doc__ == dspex.Ref.__doc__
+
+
 def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Client, s: dspex.Session) -> None:
     """Pickling a ref pickles the handle, never the object or the live session: unpickled here it
     is a value (equal, and an argument of its session's calls), a handle again once bound."""

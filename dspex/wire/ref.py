@@ -120,7 +120,8 @@ class Ref:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OWN or name.startswith("__"):
-            raise AttributeError(f"a Ref's own field {name!r} cannot be set")
+            raise AttributeError(f"{name!r} is the ref's own (its fields and dunder names are never forwarded): "
+                                 f"the object's is set with session.set_attr(ref, {name!r}, value)")
         owner = self._session(f"setting {name!r}")
         if owner._ops_awaitable:
             raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use "
@@ -129,7 +130,8 @@ class Ref:
 
     def __delattr__(self, name: str) -> None:
         if name in _OWN or name.startswith("__"):
-            raise AttributeError(f"a Ref's own field {name!r} cannot be deleted")
+            raise AttributeError(f"{name!r} is the ref's own (its fields and dunder names are never forwarded): "
+                                 f"the object's is deleted with session.run(delattr, ref, {name!r})")
         self._owner_now(f"del ref.{name}", f"await session.run(delattr, ref, {name!r})").call(
             "builtins", "delattr", [self, name])
 
