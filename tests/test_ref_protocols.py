@@ -7,12 +7,15 @@ cannot be answered at once through an asyncio session (``len``, ``in``, ``with``
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import gc
+import math
+import pickle
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -208,6 +211,7 @@ CASES: dict[str, Callable[[Any], Any]] = {
     "delitem": _delitem,
     "with": _with,
     "bool": bool,
+    "bytes": bytes,  # a Box has no __bytes__: its items, as iter() gives them
     "getattr-default": lambda b: (getattr(b, "nosuch", 5), hasattr(b, "nosuch")),
 }
 
@@ -231,6 +235,122 @@ def test_a_protocol_on_a_ref_gives_what_it_gives_in_process(s: dspex.Session, ca
     assert isinstance(ref, dspex.Ref)
     assert CASES[case](ref) == expected
     assert s.run(lambda b: b.probes, ref) == local.probes  # the same lookups of missing attributes
+
+
+class Num:
+    """A user's number-like class (a score, a cost): the conversions and rounding it defines."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __complex__(self) -> complex:
+        return complex(self.value, 1)
+
+    def __round__(self, ndigits: int | None = None) -> Any:
+        return ("round", ndigits)
+
+    def __trunc__(self) -> str:
+        return "trunc"
+
+    def __floor__(self) -> str:
+        return "floor"
+
+    def __ceil__(self) -> str:
+        return "ceil"
+
+    def __divmod__(self, other: int) -> tuple[float, float]:
+        return divmod(self.value, other)
+
+    def __rdivmod__(self, other: int) -> tuple[float, float]:
+        return divmod(other, self.value)
+
+    def __pow__(self, other: int, mod: int | None = None) -> Any:
+        return ("pow", other, mod)
+
+    def __bytes__(self) -> bytes:
+        return str(self.value).encode()
+
+
+NUMERIC: dict[str, Callable[[Any], Any]] = {
+    "float": float,
+    "int": int,
+    "complex": complex,
+    "bytes": bytes,
+    "round": lambda n: (round(n), round(n, 2)),
+    "math": lambda n: (math.trunc(n), math.floor(n), math.ceil(n)),
+    "divmod": lambda n: (divmod(n, 2), divmod(7, n)),
+    "pow": lambda n: (n**2, pow(n, 2, 5)),
+    "sum-and-format": lambda n: (sum([float(n), 1.0]), f"{float(n):.2f}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUMERIC))
+def test_a_number_likes_conversions_give_what_they_give_in_process(s: dspex.Session, case: str) -> None:
+    expected = NUMERIC[case](Num(7.5))
+    result = NUMERIC[case](s.put(Num(7.5)))
+    assert result == expected and type(result) is type(expected)
+
+
+class Bare:
+    """A class with none of the protocols, which sees every lookup of a name it lacks."""
+
+    def __init__(self) -> None:
+        self.probes: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.__dict__.setdefault("probes", []).append(name)
+        raise AttributeError(name)
+
+
+def _with_bare(b: Any) -> None:
+    with b:
+        pass
+
+
+def _setitem(b: Any) -> None:
+    b[0] = 1
+
+
+# each expression fails on an object without its protocol: the same error through a ref
+LACKING: dict[str, Callable[[Any], Any]] = {
+    "call": lambda b: b(1, k=2),
+    "getitem": lambda b: b[0],
+    "slice": lambda b: b[1:],
+    "setitem": _setitem,
+    "delitem": _delitem,
+    "len": len,
+    "in": lambda b: 1 in b,
+    "iter": list,
+    "next": next,
+    "with": _with_bare,
+    "add": lambda b: b + 1,
+    "neg": lambda b: -b,
+}
+
+
+def _error(expression: Callable[[Any], Any], obj: Any) -> tuple[str, str]:
+    """The builtin exception class ``expression(obj)`` raises (a RemoteError[TypeError] is a
+    TypeError), and its message."""
+    try:
+        expression(obj)
+    except Exception as exc:  # noqa: BLE001 - which one is what's compared
+        return next(c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"), str(exc)
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("case", sorted(LACKING))
+def test_a_protocol_the_object_lacks_raises_what_it_raises_in_process(s: dspex.Session, case: str) -> None:
+    local = Bare()
+    expected = _error(LACKING[case], local)
+    ref = s.put(Bare())
+    assert _error(LACKING[case], ref) == expected
+    assert s.run(lambda b: b.probes, ref) == local.probes == []  # Python asks the class, never the object
 
 
 def test_a_with_block_gives_the_exception_to_the_objects_exit(s: dspex.Session) -> None:
@@ -269,6 +389,68 @@ def test_iterating_a_generator_ref_takes_batches_and_leaving_early_leaves_it_the
     assert list(box.agen(3)) == [0, 1, 2]  # an async generator streams to a blocking `for` too
     with pytest.raises(TypeError, match="not iterable"):
         list(s.put(Unpicklable))  # a class without __iter__: iter() raises there, as here
+
+
+def counted(n: int) -> Generator[int, None, str]:
+    yield from range(n)
+    return f"counted {n}"
+
+
+def delegate(items: Any) -> Generator[Any, None, Any]:
+    """What a generator that delegates to ``items`` (``yield from``) gets back."""
+    returned = yield from items
+    return returned
+
+
+def drive(iterator: Any) -> tuple[list[Any], Any]:
+    """The items ``next(iterator)`` gives, and the value of the ``StopIteration`` that ends them."""
+    items = []
+    while True:
+        try:
+            items.append(next(iterator))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Session) -> None:
+    expected = ([0, 1, 2], "counted 3")
+    assert drive(counted(3)) == drive(delegate(counted(3))) == expected
+    assert drive(s.run(counted, 3)) == expected  # next(ref): one item each, then its StopIteration
+    assert drive(delegate(s.run(counted, 3))) == expected  # yield from ref: batches, and the value
+    gen = s.run(counted, 10**6)
+    for x in gen:
+        break  # the first batch is one item: next() goes on where the loop left the generator
+    assert (x, next(gen), next(gen)) == (0, 1, 2)
+    with pytest.raises(TypeError, match="'Box' object is not an iterator"):
+        next(s.put(Box([1])))  # an iterable that is no iterator: next() raises there, as here
+
+
+def _pairs(gen: Any) -> tuple[list[Any], Any]:
+    """The pairs, and the value of the StopIteration a next() in the body met (an odd count)."""
+    pairs = []
+    try:
+        for x in gen:
+            pairs.append((x, next(gen)))
+    except StopIteration as stop:
+        return pairs, stop.value
+    return pairs, None
+
+
+def _nested(gen: Any) -> list[Any]:
+    return [(a, b) for a in gen if a > 0 for b in gen]  # the outer loop's second batch is 2 items
+
+
+def _zipped(gen: Any) -> list[Any]:
+    return list(zip(gen, gen, strict=False))  # two loops side by side over one generator
+
+
+@pytest.mark.parametrize("use", [_pairs, _nested, _zipped])
+def test_next_and_a_loop_inside_a_loop_over_a_generator_ref_take_the_items_after_the_loops(
+        s: dspex.Session, use: Callable[[Any], Any]) -> None:
+    """What a loop's batch took ahead of it is the next item of ``next(gen)`` and of an inner loop."""
+    for n in (10, 9):
+        assert use(s.run(counted, n)) == use(counted(n))
+    assert next(iter(s.put(Box([5])))) == 5
 
 
 def test_a_loops_body_may_call_the_session_and_loops_may_nest(dx: dspex.Client, s: dspex.Session) -> None:
@@ -340,6 +522,80 @@ def test_without_a_session_protocols_are_type_errors(s: dspex.Session) -> None:
     assert str(ref) == repr(ref) and bool(ref)
 
 
+class Tally:
+    """An object whose repr changes as it does."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+
+    def push(self, x: int) -> Self:
+        self.items.append(x)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Tally{self.items}"
+
+
+def test_two_handles_of_one_object_are_equal_whatever_its_repr_became(s: dspex.Session) -> None:
+    tally = s.put(Tally())
+    again = tally.push(1)  # the same object, its repr now another
+    assert again.repr != tally.repr and again.id == tally.id
+    assert again == tally and hash(again) == hash(tally) and len({tally, again, tally.push(2)}) == 1
+    assert tally != s.put(Tally())  # another object
+
+
+class Counter:
+    """An iterator of its own (``iter`` gives itself) whose repr tells where it is."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> int:
+        self.n += 1
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"Counter({self.n})"
+
+
+def test_a_loop_over_an_iterator_of_its_own_leaves_its_ref_to_it(s: dspex.Session) -> None:
+    """The loop releases the iterator it made, never the ref when ``iter(obj)`` is the object."""
+    counter = s.put(Counter())
+    assert next(counter) == 1  # its repr is now another than the ref's
+    for x in counter:
+        break
+    assert (x, next(counter), s.run(next, counter)) == (2, 3, 4)
+
+
+def test_the_handles_own_names_say_how_to_reach_the_objects(s: dspex.Session) -> None:
+    box = s.put(Box([1]))
+    with pytest.raises(AttributeError, match=re.escape("session.set_attr(ref, '__doc__', value)")):
+        box.__doc__ = "a box"
+    with pytest.raises(AttributeError, match=re.escape("session.set_attr(ref, 'id', value)")):
+        box.id = "x"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match=re.escape("session.run(delattr, ref, 'session')")):
+        del box.session
+    s.set_attr(box, "__doc__", "a box")
+    assert s.attr(box, "__doc__") == "a box" and box.__doc__ == dspex.Ref.__doc__
+
+
+def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Client, s: dspex.Session) -> None:
+    """Pickling a ref pickles the handle, never the object or the live session: unpickled here it
+    is a value (equal, and an argument of its session's calls), a handle again once bound."""
+    box = s.put(Box([1, 2]))
+    copied = pickle.loads(pickle.dumps(box))
+    assert copied == box and hash(copied) == hash(box)
+    with pytest.raises(TypeError, match=re.escape("ref.bind(session)")):
+        len(copied)
+    assert s.run(len, copied) == 2 and len(copied.bind(s)) == 2
+    assert copy.copy(box) is box and copy.deepcopy({"b": box})["b"] is box  # the handle, bound as it was
+    with dx.session("p") as other, pytest.raises(dspex.RefNotFound, match="only in the session that made it"):
+        other.run(len, copied)
+
+
 def test_a_ref_from_a_call_outside_any_session_says_its_object_was_not_kept(dx: dspex.Client) -> None:
     ref = dx.call("builtins", "object", pool="p")
     assert isinstance(ref, dspex.Ref)
@@ -369,6 +625,17 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             box = await s.put(Box([1, 2, 3]))
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
             assert [x async for x in box] == [1, 2, 3]  # a plain iterable is iterated by `async for` too
+            agen, gen = await box.agen(2), await s.run(counted, 2)
+            with pytest.raises(TypeError, match="async for x in ref"):  # never an item, then a closed generator
+                await anext(agen)
+            assert [x async for x in agen] == [0, 1]
+            assert [await anext(gen), await anext(gen), await anext(gen, "end")] == [0, 1, "end"]
+            with pytest.raises(StopAsyncIteration):
+                await anext(gen)
+            gen = await s.run(counted, 10)
+            assert [(x, await anext(gen)) async for x in gen] == _pairs(counted(10))[0]
+            with pytest.raises(TypeError, match="await anext"):
+                next(gen)
             many = await s.put(Box(list(range(300))))
             assert sum([await s.run(abs, -x) async for x in many]) == sum(range(300))  # the body calls the session
             assert await (box < 5) and await (await (box + [4])).items == [1, 2, 3, 4]
@@ -388,6 +655,10 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
                     attempt()
             with pytest.raises(TypeError, match="in-place"):
                 box += [1]
+            num = await s.put(Num(7.5))
+            assert (await round(num, 1), await divmod(num, 2)) == (("round", 1), (3.0, 1.5))  # awaitables, as operators
+            with pytest.raises(TypeError, match=re.escape("await session.run(float, ref)")):
+                float(num)  # Python takes no awaitable here
             with pytest.raises(TypeError, match="delattr"):
                 del box.tag
             assert await s.run(len, box) == 3

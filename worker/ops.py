@@ -8,6 +8,7 @@ session, limits and output capture.
 from __future__ import annotations
 
 import importlib
+import operator
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -41,6 +42,9 @@ class SessionOps:
 
     def _method(self, state: SessionState, ref: Any, name: str, args: list[Any] | None,
                 kwargs: dict[str, Any] | None) -> Any:
+        protocol = _PROTOCOLS.get(name)
+        if protocol is not None:
+            return protocol(ref, *(args or ()), **(kwargs or {}))
         return _invoke(getattr(ref, name), args, kwargs)
 
     def _apply(self, state: SessionState, fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
@@ -122,6 +126,12 @@ def _resolve_callable(module: str, name: str) -> Any:
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# a handle's ref(...), ref[k], ref[k] = v run as Python runs them: the class's method, and the
+# TypeError of an object without it (getattr would raise AttributeError, asking its __getattr__ first)
+_PROTOCOLS: dict[str, Callable[..., Any]] = {
+    "__call__": operator.call, "__getitem__": operator.getitem, "__setitem__": operator.setitem}
 
 
 def _invoke(fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:

@@ -4,7 +4,7 @@ A ref a session returned also reads like the object it names: ``prog(question=..
 ``method __call__`` round trip, ``lm.model`` a ``getattr``, ``ref[key]`` a ``__getitem__``,
 ``ref.attr = v`` a ``setattr``. Names that clash with the ref's own fields (``id``, ``session``,
 ``pool``, ``worker``, ``type_name``, ``repr``) and its methods are reached with
-``session.attr(ref, name)``. Equality and hash are by value (the six fields), never remote.
+``session.attr(ref, name)``. Equality and hash are by the object named (id and session), never remote.
 """
 
 from __future__ import annotations
@@ -68,11 +68,13 @@ class Ref:
     def as_tuple(self) -> tuple[str, str, str, str, str, str]:
         return (self.id, self.session, self.pool, self.worker, self.type_name, self.repr)
 
+    # by the object named (its id in its session): two handles of one object are equal whatever
+    # its repr became or which worker holds it now (a durable session's move), as `a is b` is
     def __eq__(self, other: object) -> bool:
-        return type(other) is Ref and self.as_tuple() == other.as_tuple()
+        return type(other) is Ref and self.id == other.id and self.session == other.session
 
     def __hash__(self) -> int:
-        return hash(self.as_tuple())
+        return hash((self.id, self.session))
 
     def __repr__(self) -> str:
         short = self.repr if len(self.repr) <= 60 else self.repr[:57] + "..."
@@ -98,8 +100,8 @@ class Ref:
             if self.session.startswith(EPHEMERAL_SESSION):
                 raise error(f"{what}: this ref came from a call outside any session (client.call), whose objects "
                             "the worker does not keep; make it in a session (session.call, session.run)")
-            raise error(
-                f"{what}: this ref is not bound to a session; use session.attr/method, or a ref a session returned")
+            raise error(f"{what}: this ref is not bound to a session (one built by hand, or unpickled): bind it, "
+                        "ref.bind(session), or use session.attr/method")
         return owner
 
     def _owner_now(self, what: str, instead: str) -> Any:
@@ -118,7 +120,8 @@ class Ref:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OWN or name.startswith("__"):
-            raise AttributeError(f"a Ref's own field {name!r} cannot be set")
+            raise AttributeError(f"{name!r} is the ref's own (its fields and dunder names are never forwarded): "
+                                 f"the object's is set with session.set_attr(ref, {name!r}, value)")
         owner = self._session(f"setting {name!r}")
         if owner._ops_awaitable:
             raise TypeError(f"assignment through an asyncio session's ref cannot be awaited: use "
@@ -127,7 +130,8 @@ class Ref:
 
     def __delattr__(self, name: str) -> None:
         if name in _OWN or name.startswith("__"):
-            raise AttributeError(f"a Ref's own field {name!r} cannot be deleted")
+            raise AttributeError(f"{name!r} is the ref's own (its fields and dunder names are never forwarded): "
+                                 f"the object's is deleted with session.run(delattr, ref, {name!r})")
         self._owner_now(f"del ref.{name}", f"await session.run(delattr, ref, {name!r})").call(
             "builtins", "delattr", [self, name])
 
@@ -183,6 +187,23 @@ class Ref:
         if owner._ops_awaitable:
             raise TypeError("an asyncio session's ref is iterated with `async for`")
         return refprotocols.items(owner, self)
+
+    def __next__(self) -> Any:
+        # a ref to an iterator (a generator) is one, as the object is: an item per round trip
+        owner = self._owner_now("next()", "await anext(ref)")
+        item, more = refprotocols.taken_ahead(self) or owner.call(refprotocols.MODULE, "next_item", [self])
+        if not more:
+            raise StopIteration(item)
+        return item
+
+    async def __anext__(self) -> Any:
+        owner = self._session("anext()", TypeError)
+        if not owner._ops_awaitable:
+            raise TypeError("a blocking session's ref takes its next item with next()")
+        item, more = refprotocols.taken_ahead(self) or await owner.call(refprotocols.MODULE, "next_item", [self])
+        if not more:
+            raise StopAsyncIteration
+        return item
 
     def __reversed__(self) -> Any:
         # else reversed() would run len() and __getitem__(n - 1), (n - 2)... a round trip each
@@ -240,11 +261,11 @@ class Ref:
         return format(self.__repr__(), spec)
 
 
-def _operator(name: str, reflected: bool) -> Callable[[Ref, Any], Any]:
-    def op(self: Ref, other: Any) -> Any:
+def _operator(fn: str, reflected: bool) -> Callable[..., Any]:
+    def op(self: Ref, other: Any, *modulo: Any) -> Any:  # pow(ref, exp, mod) gives a third
         if self._owner is None:
             return NotImplemented
-        return self._run_there(name, f"operator.{name}", *((other, self) if reflected else (self, other)))
+        return self._run_there(fn, fn, *((other, self) if reflected else (self, other, *modulo)))
     return op
 
 
@@ -256,9 +277,16 @@ def _in_place(name: str) -> Callable[[Ref, Any], Any]:
     return op
 
 
-def _unary(name: str) -> Callable[[Ref], Any]:
+def _unary(fn: str) -> Callable[..., Any]:
+    def op(self: Ref, *ndigits: Any) -> Any:  # round(ref, n) gives one
+        return self._run_there(fn, fn, self, *ndigits)
+    return op
+
+
+def _conversion(name: str) -> Callable[[Ref], Any]:
     def op(self: Ref) -> Any:
-        return self._run_there(name, f"operator.{name}", self)
+        # float(ref) must be a float at once: an awaitable cannot be one
+        return self._owner_now(f"{name}()", f"await session.run({name}, ref)").call("builtins", name, [self])
     return op
 
 
@@ -267,13 +295,22 @@ def _unary(name: str) -> Callable[[Ref], Any]:
 for _name in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "lshift", "rshift", "and_",
               "xor", "or_"):
     _dunder = _name.rstrip("_")
-    setattr(Ref, f"__{_dunder}__", _operator(_name, False))
-    setattr(Ref, f"__r{_dunder}__", _operator(_name, True))
+    _fn = "builtins.pow" if _name == "pow" else f"operator.{_name}"  # operator.pow takes no modulus
+    setattr(Ref, f"__{_dunder}__", _operator(_fn, False))
+    setattr(Ref, f"__r{_dunder}__", _operator(_fn, True))
     setattr(Ref, f"__i{_dunder}__", _in_place(f"i{_name}"))
+for _name, _reflected in (("divmod", False), ("rdivmod", True)):
+    setattr(Ref, f"__{_name}__", _operator("builtins.divmod", _reflected))
 for _name in ("lt", "le", "gt", "ge"):
-    setattr(Ref, f"__{_name}__", _operator(_name, False))
-for _name in ("neg", "pos", "abs", "invert"):
-    setattr(Ref, f"__{_name}__", _unary(_name))
+    setattr(Ref, f"__{_name}__", _operator(f"operator.{_name}", False))
+# these return what the object's method returns, so through an asyncio session they are
+# awaitables, as operators are; float(), int(), complex() and bytes() must give their type at once
+for _name, _fn in (("neg", "operator.neg"), ("pos", "operator.pos"), ("abs", "operator.abs"),
+                   ("invert", "operator.invert"), ("round", "builtins.round"), ("trunc", "math.trunc"),
+                   ("floor", "math.floor"), ("ceil", "math.ceil")):
+    setattr(Ref, f"__{_name}__", _unary(_fn))
+for _name in ("float", "int", "complex", "bytes"):
+    setattr(Ref, f"__{_name}__", _conversion(_name))
 
 
 class RemoteMethod:

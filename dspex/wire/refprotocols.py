@@ -10,8 +10,9 @@ streamed instead, by one task for its whole life (anyio cancel scopes must stay 
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 from dspex.wire.errors import DspexError
@@ -29,10 +30,33 @@ def iterator_of(obj: Any, reverse: bool) -> Any:
     return reversed(obj) if reverse else iter(obj)
 
 
-def next_items(iterator: Any, n: int) -> tuple[list[Any], bool]:
-    """The next ``n`` items at most, and whether more may follow."""
-    items = list(itertools.islice(iterator, n))
-    return items, len(items) == n
+def next_items(iterator: Any, n: int) -> tuple[list[Any], bool, Any]:
+    """The next ``n`` items at most, whether more may follow, and the ``StopIteration``'s value
+    (a generator's ``return`` value) once it ended: ``yield from ref`` gives it."""
+    items = []
+    try:
+        for _ in range(n):
+            items.append(next(iterator))
+    except StopIteration as stop:
+        return items, False, stop.value
+    return items, True, None
+
+
+def next_item(iterator: Any) -> tuple[Any, bool]:
+    """``next(ref)``, ``anext(ref)``: ``(item, True)``, or ``(value, False)`` at the end, ``value``
+    the ``StopIteration``'s (an asyncio session takes a plain iterator's items with ``anext``, as
+    it iterates it with ``async for``)."""
+    if hasattr(type(iterator), "__anext__") and not hasattr(type(iterator), "__next__"):
+        # each call awaits on an event loop of its own: the loop an async generator was first
+        # iterated in closes it at the call's end (its first item would silently be its last), and
+        # what it awaits may belong to that loop (dspy.streamify's streams); a stream is one task
+        raise TypeError("an async iterator's ref cannot give its items one call at a time (each call runs on "
+                        "an event loop of its own, which closes an async generator at its end): iterate it, "
+                        "`async for x in ref` or `for x in ref` (one stream)")
+    try:
+        return next(iterator), True
+    except StopIteration as stop:
+        return stop.value, False
 
 
 def items_of(obj: Any) -> Any:
@@ -70,20 +94,66 @@ def stand_in(exc: BaseException) -> BaseException:
 
 
 # -- on the client ------------------------------------------------------------------------------
-def items(owner: Any, ref: Any, reverse: bool = False) -> Iterator[Any]:
-    """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for."""
+class _Loops:
+    """What batches took from one iterator ahead of the loops over it that run here."""
+
+    __slots__ = ("ahead", "end", "running")
+
+    def __init__(self) -> None:
+        self.ahead: deque[Any] = deque()
+        self.end: list[Any] = []  # the StopIteration's value once a batch met the end, until one takes it
+        self.running = 0
+
+
+# by the iterator's ref id: ``next(gen)`` in the body of ``for x in gen``, and a loop inside it
+# over the same generator, take what the loop's batch took first, so each sees the order of
+# in-process (a loop's own iterator, iter(obj), has an id no one else knows)
+_loops: dict[str, _Loops] = {}
+
+
+def taken_ahead(iterator: Any) -> tuple[Any, bool] | None:
+    """``next(iterator)`` (a ref) from what running loops took ahead, as :func:`next_item` gives
+    it; None when they hold nothing of it."""
+    loops = _loops.get(iterator.id)
+    if loops is None:
+        return None
+    if loops.ahead:
+        return loops.ahead.popleft(), True
+    return (loops.end.pop(), False) if loops.end else None
+
+
+@contextlib.contextmanager
+def _loop_over(iterator: Any) -> Iterator[_Loops]:
+    loops = _loops.setdefault(iterator.id, _Loops())
+    loops.running += 1
+    try:
+        yield loops
+    finally:
+        loops.running -= 1
+        if not loops.running:  # what the last loop left taken ahead is dropped, as the docs say
+            _loops.pop(iterator.id, None)
+
+
+def items(owner: Any, ref: Any, reverse: bool = False) -> Generator[Any, None, Any]:
+    """A blocking session's ``for x in ref``: nothing is sent before the first item is asked for;
+    it returns what the iterator's ``StopIteration`` carried (``returned = yield from ref``)."""
     it = owner.call(MODULE, "iterator_of", [ref, reverse])
     if not isinstance(it, type(ref)):  # an async iterable (None), or an iterator that came back as data
-        yield from owner.stream("builtins", "reversed", [ref]) if reverse else owner.stream(MODULE, "items_of", [ref])
-        return
+        return (yield from owner.stream("builtins", "reversed", [ref]) if reverse
+                else owner.stream(MODULE, "items_of", [ref]))
     try:
-        size = 1
-        while True:
-            batch, more = owner.call(MODULE, "next_items", [it, size])
-            yield from batch
-            if not more:
-                return
-            size = min(size * 2, MAX_BATCH)
+        with _loop_over(it) as loops:
+            size, more = 1, True
+            while more:
+                batch, more, returned = owner.call(MODULE, "next_items", [it, size])
+                loops.ahead.extend(batch)
+                if not more:
+                    loops.end.append(returned)
+                while loops.ahead:
+                    yield loops.ahead.popleft()
+                size = min(size * 2, MAX_BATCH)
+            # the value goes to whoever meets the end first (next(gen) in the body may have)
+            return loops.end.pop() if loops.end else None
     finally:
         if it != ref:  # an iterator made for this loop (a generator is its own)
             try:
@@ -100,14 +170,16 @@ async def aitems(owner: Any, ref: Any) -> AsyncIterator[Any]:
             yield item
         return
     try:
-        size = 1
-        while True:
-            batch, more = await owner.call(MODULE, "next_items", [it, size])
-            for item in batch:
-                yield item
-            if not more:
-                return
-            size = min(size * 2, MAX_BATCH)
+        with _loop_over(it) as loops:
+            size, more = 1, True
+            while more:
+                batch, more, returned = await owner.call(MODULE, "next_items", [it, size])
+                loops.ahead.extend(batch)
+                if not more:
+                    loops.end.append(returned)  # async for drops it; anext(ref) in the body ends there
+                while loops.ahead:
+                    yield loops.ahead.popleft()
+                size = min(size * 2, MAX_BATCH)
     finally:
         if it != ref:
             try:
