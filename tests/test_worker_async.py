@@ -8,6 +8,7 @@ import pytest
 
 import dspex
 from tests.harness import Stack
+from tests.lmserver import LMServer
 
 
 @pytest.fixture
@@ -71,3 +72,49 @@ def test_stream_of_any_iterable_and_a_clear_error_for_others(s: dspex.Session) -
     with pytest.raises(dspex.RemoteError, match="not iterable"):
         list(s.stream_eval("42"))
     assert s.eval("1 + 1") == 2
+
+
+def test_what_a_session_keeps_bound_to_its_loop_works_in_its_next_calls(s: dspex.Session) -> None:
+    """An ``httpx.AsyncClient`` kept in the session (its pooled connection), an ``asyncio.Queue``
+    and an async generator the session's code steps, each used by one call after another, as a
+    program does on its one loop (each call on a loop of its own broke all three)."""
+    with LMServer() as server:
+        s.exec(textwrap.dedent(f"""
+            import httpx
+            http = httpx.AsyncClient()
+            async def fetch():
+                return (await http.get("{server.base}/models")).status_code
+
+            queue = asyncio.Queue()
+            async def put_later(x):
+                asyncio.get_running_loop().call_later(0.01, queue.put_nowait, x)
+                return await asyncio.wait_for(queue.get(), 5)  # binds the queue to the loop
+
+            async def counting():
+                for i in range(3):
+                    yield i
+            counter = counting()
+            async def step():
+                return await anext(counter, "end")
+        """))
+        assert [s.eval("fetch()") for _ in range(3)] == [200, 200, 200]
+        assert [s.eval(f"put_later({i})") for i in range(3)] == [0, 1, 2]
+        assert [s.eval("step()") for _ in range(4)] == [0, 1, 2, "end"]
+
+
+def test_tasks_a_call_leaves_behind_are_cancelled_at_its_end(s: dspex.Session) -> None:
+    s.exec(textwrap.dedent("""
+        ends = []
+        async def background():
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                ends.append("cancelled")
+                raise
+        async def start():
+            asyncio.get_running_loop().create_task(background())
+            await asyncio.sleep(0)
+            return "started"
+    """))
+    assert s.eval("start()") == "started"
+    assert s.eval("ends") == ["cancelled"]  # as asyncio.run does at a program's end

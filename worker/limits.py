@@ -31,7 +31,8 @@ call's handler, which runs before the worker's (worker.stopsignals).
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
 
-An awaitable result runs on a private event loop (:func:`run_async`). Its interruption is that
+An awaitable result runs on its thread's event loop (:func:`run_async`), kept from call to call
+(a capacity-1 worker's calls all run on one, as a program's on its loop). Its interruption is that
 loop's ``task.cancel()`` of the call's task, sent with ``call_soon_threadsafe``: its coroutine
 gets ``CancelledError`` at its ``await`` and its ``finally`` blocks run (and may await), as with
 an in-process ``task.cancel()``; :func:`run_async` turns the cancelled task into the call's
@@ -131,6 +132,7 @@ class _ThreadState:
     active: _Call | None = None
     protected: int = 0
     pending: bool = False  # a soft limit arrived while protected
+    loop: asyncio.AbstractEventLoop | None = None  # the thread's event loop for its calls' awaitables
 
 
 _local = threading.local()
@@ -211,9 +213,10 @@ def settle(call: _Call | None) -> None:
 
 
 def run_async(coro: Any) -> Any:
-    """Run a coroutine to its end on a private loop (the worker thread has none running); the
+    """Run a coroutine to its end on the thread's event loop (none is running there); the
     watchdog can wake that loop to interrupt the current call."""
-    call = _state().active
+    st = _state()
+    call = st.active
     if call is None:
         return asyncio.run(coro)
 
@@ -227,12 +230,39 @@ def run_async(coro: Any) -> Any:
             with call.lock:
                 call.loop = call.task = None
 
+    if st.loop is None:
+        st.loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(main())
+        return _run_on(st.loop, main())
     except asyncio.CancelledError:
         if call.timed_out:  # our cancel of its task (Watchdog._cancel_task), not the coroutine's own
             raise call.interruption() from None
         raise
+    finally:
+        if call.timed_out or call.cancelled:
+            # its interruption may have been raised into asyncio's own code: the next call gets
+            # a fresh loop (what was bound to this one fails there, as made in another program)
+            st.loop.close()
+            st.loop = None
+
+
+def _run_on(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    """``asyncio.run`` that leaves the loop open: the thread's next call runs on it, so what a
+    session keeps that is bound to a loop (an ``httpx.AsyncClient``'s connections, an
+    ``asyncio.Queue``, an async generator its code steps) still works there, as in a program
+    with one loop. The tasks the call left behind are cancelled at its end, as asyncio.run does."""
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        finally:
+            asyncio.set_event_loop(None)
 
 
 def _take_task_cancel(call: _Call, task: asyncio.Task[Any]) -> None:
