@@ -423,6 +423,8 @@ def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Sess
     assert (x, next(gen), next(gen)) == (0, 1, 2)
     with pytest.raises(TypeError, match="'Box' object is not an iterator"):
         next(s.put(Box([1])))  # an iterable that is no iterator: next() raises there, as here
+    with pytest.raises(TypeError, match="'async_generator' object is not an iterator"):
+        next(s.put(Box([1])).agen(2))  # as next() of an async generator raises in-process
 
 
 def _pairs(gen: Any) -> tuple[list[Any], Any]:
@@ -625,10 +627,10 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             box = await s.put(Box([1, 2, 3]))
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
             assert [x async for x in box] == [1, 2, 3]  # a plain iterable is iterated by `async for` too
-            agen, gen = await box.agen(2), await s.run(counted, 2)
-            with pytest.raises(TypeError, match="async for x in ref"):  # never an item, then a closed generator
-                await anext(agen)
-            assert [x async for x in agen] == [0, 1]
+            agen, gen = await box.agen(3), await s.run(counted, 2)
+            assert await anext(agen) == 0  # stepped on the worker thread's loop, which later calls share
+            assert [x async for x in agen] == [1, 2]
+            assert await anext(agen, "end") == "end"
             assert [await anext(gen), await anext(gen), await anext(gen, "end")] == [0, 1, "end"]
             with pytest.raises(StopAsyncIteration):
                 await anext(gen)

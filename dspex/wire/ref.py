@@ -200,7 +200,7 @@ class Ref:
         owner = self._session("anext()", TypeError)
         if not owner._ops_awaitable:
             raise TypeError("a blocking session's ref takes its next item with next()")
-        item, more = refprotocols.taken_ahead(self) or await owner.call(refprotocols.MODULE, "next_item", [self])
+        item, more = refprotocols.taken_ahead(self) or await owner.call(refprotocols.MODULE, "next_item", [self, True])
         if not more:
             raise StopAsyncIteration
         return item

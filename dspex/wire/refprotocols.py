@@ -42,21 +42,24 @@ def next_items(iterator: Any, n: int) -> tuple[list[Any], bool, Any]:
     return items, True, None
 
 
-def next_item(iterator: Any) -> tuple[Any, bool]:
-    """``next(ref)``, ``anext(ref)``: ``(item, True)``, or ``(value, False)`` at the end, ``value``
-    the ``StopIteration``'s (an asyncio session takes a plain iterator's items with ``anext``, as
-    it iterates it with ``async for``)."""
-    if hasattr(type(iterator), "__anext__") and not hasattr(type(iterator), "__next__"):
-        # each call awaits on an event loop of its own: the loop an async generator was first
-        # iterated in closes it at the call's end (its first item would silently be its last), and
-        # what it awaits may belong to that loop (dspy.streamify's streams); a stream is one task
-        raise TypeError("an async iterator's ref cannot give its items one call at a time (each call runs on "
-                        "an event loop of its own, which closes an async generator at its end): iterate it, "
-                        "`async for x in ref` or `for x in ref` (one stream)")
+def next_item(iterator: Any, asynchronous: bool = False) -> Any:
+    """``next(ref)``, ``anext(ref)`` (``asynchronous``): ``(item, True)``, or ``(value, False)``
+    at the end, ``value`` the ``StopIteration``'s (an asyncio session takes a plain iterator's
+    items with ``anext``, as it iterates it with ``async for``). An async iterator's next item is
+    awaited on the worker thread's event loop, which its later calls share (worker.limits)."""
+    if asynchronous and hasattr(type(iterator), "__anext__"):
+        return _anext_item(iterator)
     try:
         return next(iterator), True
     except StopIteration as stop:
         return stop.value, False
+
+
+async def _anext_item(iterator: Any) -> tuple[Any, bool]:
+    try:
+        return await anext(iterator), True
+    except StopAsyncIteration:
+        return None, False
 
 
 def items_of(obj: Any) -> Any:
