@@ -68,6 +68,7 @@ class WorkerRecord:
         "incarnation",
         "inflight",
         "last_call",
+        "only",
         "pid",
         "pool",
         "queue",
@@ -92,6 +93,8 @@ class WorkerRecord:
         self.inflight: dict[tuple[bytes, int], Pending] = {}
         self.queue: deque[Pending] = deque()  # strict_queue requests pinned here, in order
         self.sessions: set[str] = set()
+        # the ``touched`` of every session only it ran: one tuple for them all, not one each
+        self.only = (wid,)
         self.served = 0
         self.errors = 0
         self.registered = registered
@@ -380,9 +383,16 @@ class SessionRecord:
     worker: bytes | None = None
     calls: int = 0
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
-    touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
+    # every worker that may hold its state (a tuple, most often its worker's shared ``only``: a set
+    # would cost each idle session 216 bytes)
+    touched: tuple[bytes, ...] = ()
     closing: str = ""  # closed while a call ran: why; released when its last call ends
     durable: Durability | None = None  # a durable session's checkpoint bookkeeping (broker/durable.py)
+
+    def touch(self, w: WorkerRecord) -> None:
+        """``w`` may hold its state from now on (it gets its release)."""
+        if w.id not in self.touched:
+            self.touched = (*self.touched, w.id) if self.touched else w.only
 
 
 class Tombstones:

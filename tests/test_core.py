@@ -1013,6 +1013,8 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
         for w in core.workers.values():
             assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
             deepest = max(deepest, len(w.inflight) - w.capacity)
+        for r in core.sessions.values():  # a tuple kept a set: each worker once
+            assert len(set(r.touched)) == len(r.touched)
     if mode == "strict_queue":
         assert deepest == depth, "never more than `prefetch` requests ahead, and this run reaches that depth"
     else:
@@ -1023,6 +1025,38 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert set(sent) == set(answered) | waiting | running
     replies = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
     assert len(replies) == len(set(replies)), "one answer per request"
+
+
+def test_an_idle_session_costs_the_core_a_few_hundred_bytes() -> None:
+    """What the core keeps per session after its one call (scale.idle holds 100k of them): the
+    record, its id, its times, its entries in the book and its worker's set; its ``touched`` is its
+    worker's shared tuple, not a set of its own (216 bytes more)."""
+    import gc
+    import tracemalloc
+
+    core = two_workers("p:strict_queue")
+    filled, n = 3000, 1000  # (neither the book nor a worker's set grows its table between the two)
+    ids = [f"{i:032x}" for i in range(filled + n)]  # (made before measuring: the request frames' copies are what stays)
+
+    def one_call_each(first: int, count: int) -> None:
+        for i, sid in enumerate(ids[first:first + count]):
+            core.request(C, first + i, "p", sid)
+            core.reply(core.to_workers[-1][0], C, first + i)
+            core.to_workers.clear()
+            core.to_clients.clear()
+
+    one_call_each(0, filled)  # the book's tables are as large as they grow to: what is measured is what each session adds
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        one_call_each(filled, n)
+        gc.collect()
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(core.sessions) == filled + n
+    assert per_session < 360, f"{per_session:.0f} bytes per idle session"
 
 
 # -- the backend wire: hot-path envelopes, protocol version ----------------------------------
