@@ -70,13 +70,13 @@ class WorkerRecord:
         "last_call",
         "only",
         "pid",
+        "pinned",
         "pool",
         "queue",
         "registered",
         "retire_age",
         "sent",
         "served",
-        "sessions",
         "stats",
         "sync",
         "syncing",
@@ -92,7 +92,9 @@ class WorkerRecord:
         self.capacity = max(1, int(info.get("capacity", 1)))
         self.inflight: dict[tuple[bytes, int], Pending] = {}
         self.queue: deque[Pending] = deque()  # strict_queue requests pinned here, in order
-        self.sessions: set[str] = set()
+        # sessions pinned here: a count (their ids in a set cost each idle session ~50 bytes); which
+        # they are is a scan of the book, made only when it leaves or sessions spread
+        self.pinned = 0
         # the ``touched`` of every session only it ran: one tuple for them all, not one each
         self.only = (wid,)
         self.served = 0
@@ -327,7 +329,7 @@ class Pool:
         for w in self.workers.values():
             if w.draining or w.id in self.rolling:
                 continue
-            key = (len(w.sessions), 0 if w.free > 0 else 1, len(w.inflight))
+            key = (w.pinned, 0 if w.free > 0 else 1, len(w.inflight))
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
