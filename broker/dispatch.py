@@ -169,7 +169,7 @@ class Dispatcher:
             rec = self.sessions.get(p.session)
             durable = 0
             if rec is not None:
-                rec.touched.add(w.id)  # every worker that may hold its state gets the release
+                rec.touch(w)  # every worker that may hold its state gets the release
                 if rec.durable is not None:
                     durable, restore = self.durable.envelope(rec, w)
             envelope = pack_request_envelope(p.client, call_ms, queue_ms, math.ceil(pool.config.session_ttl),

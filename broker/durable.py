@@ -180,7 +180,7 @@ class DurableSessions:
                                          stored=row.updated if row.seq else 0.0, used=used)
             if row.worker:
                 rec.worker = row.worker.encode()
-                rec.touched.add(rec.worker)
+                rec.touched = (rec.worker,)
             self.sessions[row.id] = rec
         for pool, n in dropped.items():
             self.port.log(logging.WARNING, "%d durable session%s of pool %r dropped from the checkpoint store: this "

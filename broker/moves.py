@@ -145,7 +145,7 @@ class SessionMoves:
         old = self.workers.get(d.spread_from or rec.worker or b"")
         d.spread_from = None
         self.book.pin(rec, new.id)
-        rec.touched.add(new.id)
+        rec.touch(new)
         d.restore_to, d.move = new.id, ""
         self.counters["moves"] += 1
         if old is not None and old is not new:
@@ -186,7 +186,7 @@ class SessionMoves:
         assert d is not None
         d.move, d.spread_from = "spread", rec.worker
         self.book.pin(rec, target.id)
-        rec.touched.add(target.id)
+        rec.touch(target)
 
     def worker_ready(self, pool: Pool) -> None:
         """A worker registered: sessions loaded while the pool had none go there."""

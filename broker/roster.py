@@ -128,7 +128,7 @@ class Roster:
         pool.workers[wid] = w
         self.port.worker_connected(wid, frames[1])
         # re-adopt sessions a restarted broker learned about from clients before this READY
-        w.sessions.update(r.id for r in self.sessions.values() if r.worker == wid)
+        w.pinned = sum(1 for r in self.sessions.values() if r.worker == wid)
         w.queue.extend(pool.awaiting.pop(wid, ()))
         pool.starts += 1
         self.event(pool.name, w, "start", "registered")
@@ -283,7 +283,7 @@ class Roster:
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
         self.port.log(logging.INFO if clean or why == RECYCLED else logging.WARNING,
                 "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
-                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), len(w.sessions))
+                w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), w.pinned)
         inflight = list(w.inflight.items())
         queued = list(w.queue)
         w.inflight.clear()
@@ -292,10 +292,7 @@ class Roster:
         # silent, not gone: a partitioned host's worker comes back under the same incarnation with
         # its sessions' state, so they wait for it (uncounted) until their next call or their TTL
         silent = why == SILENT
-        for sid in list(w.sessions):
-            rec = self.sessions.get(sid)
-            if rec is None or rec.worker != w.id:
-                continue
+        for rec in [r for r in self.sessions.values() if r.worker == w.id]:
             if movable(rec) and not rec.closing:
                 moving.append(rec)
             elif pool.mode is Affinity.HINT and not rec.closing:

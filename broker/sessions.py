@@ -124,14 +124,14 @@ class SessionBook:
         return rec
 
     def pin(self, rec: SessionRecord, wid: bytes | None) -> None:
-        """The one place a session's pin changes: the workers' session sets follow it."""
+        """The one place a session's pin changes: the workers' counts follow it."""
         old = self.workers.get(rec.worker) if rec.worker else None
         if old is not None:
-            old.sessions.discard(rec.id)
+            old.pinned -= 1
         rec.worker = wid
         new = self.workers.get(wid) if wid else None
         if new is not None:
-            new.sessions.add(rec.id)
+            new.pinned += 1
         if rec.durable is not None:
             self.durable.pinned(rec)
 
@@ -210,11 +210,11 @@ class SessionBook:
     def release(self, rec: SessionRecord) -> None:
         """Every worker the session touched drops its state (a hint session may have run on
         several; a re-pin leaves state behind on the old worker)."""
-        self.sessions.pop(rec.id, None)
+        if self.sessions.pop(rec.id, None) is rec and rec.worker and (pinned := self.workers.get(rec.worker)):
+            pinned.pinned -= 1
         if rec.durable is not None:
             self.durable.released(rec)
         for wid in rec.touched:
             w = self.workers.get(wid)
             if w is not None:
-                w.sessions.discard(rec.id)
                 self._to_worker(w, [B_RELEASE_SESSION, rec.id.encode()])

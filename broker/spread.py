@@ -23,15 +23,15 @@ def targets(pool: Pool) -> list[WorkerRecord]:
 
 def even(pool: Pool) -> bool:
     """No worker that may take sessions holds two fewer than another."""
-    counts = [len(w.sessions) for w in targets(pool)]
+    counts = [w.pinned for w in targets(pool)]
     return not counts or max(counts) - min(counts) <= 1
 
 
 def target_for(rec: SessionRecord, w: WorkerRecord) -> WorkerRecord | None:
     """Where ``rec``, pinned to ``w``, should move: the worker holding the fewest sessions, if it
     holds two fewer than ``w`` and ``rec`` may move (:func:`may_move`); else None."""
-    fewest = min(targets(w.pool), key=lambda t: len(t.sessions), default=None)
-    if fewest is None or len(fewest.sessions) + 2 > len(w.sessions) or not may_move(rec, w):
+    fewest = min(targets(w.pool), key=lambda t: t.pinned, default=None)
+    if fewest is None or fewest.pinned + 2 > w.pinned or not may_move(rec, w):
         return None
     return fewest
 
@@ -39,11 +39,10 @@ def target_for(rec: SessionRecord, w: WorkerRecord) -> WorkerRecord | None:
 def to_spread(pool: Pool, sessions: dict[str, SessionRecord]) -> Iterator[tuple[SessionRecord, WorkerRecord]]:
     """Sessions to move now and where, from the workers holding the most; the caller moves
     each (re-pins it) before the next is chosen."""
-    for w in sorted(pool.workers.values(), key=lambda w: -len(w.sessions)):
-        for sid in list(w.sessions):
-            rec = sessions.get(sid)
-            target = target_for(rec, w) if rec is not None else None
-            if rec is not None and target is not None:
+    for w in sorted(pool.workers.values(), key=lambda w: -w.pinned):
+        for rec in [r for r in sessions.values() if r.worker == w.id]:
+            target = target_for(rec, w)
+            if target is not None:
                 yield rec, target
 
 

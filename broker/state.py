@@ -68,14 +68,15 @@ class WorkerRecord:
         "incarnation",
         "inflight",
         "last_call",
+        "only",
         "pid",
+        "pinned",
         "pool",
         "queue",
         "registered",
         "retire_age",
         "sent",
         "served",
-        "sessions",
         "stats",
         "sync",
         "syncing",
@@ -91,7 +92,11 @@ class WorkerRecord:
         self.capacity = max(1, int(info.get("capacity", 1)))
         self.inflight: dict[tuple[bytes, int], Pending] = {}
         self.queue: deque[Pending] = deque()  # strict_queue requests pinned here, in order
-        self.sessions: set[str] = set()
+        # sessions pinned here: a count (their ids in a set cost each idle session ~50 bytes); which
+        # they are is a scan of the book, made only when it leaves or sessions spread
+        self.pinned = 0
+        # the ``touched`` of every session only it ran: one tuple for them all, not one each
+        self.only = (wid,)
         self.served = 0
         self.errors = 0
         self.registered = registered
@@ -324,7 +329,7 @@ class Pool:
         for w in self.workers.values():
             if w.draining or w.id in self.rolling:
                 continue
-            key = (len(w.sessions), 0 if w.free > 0 else 1, len(w.inflight))
+            key = (w.pinned, 0 if w.free > 0 else 1, len(w.inflight))
             if best_key is None or key < best_key:
                 best, best_key = w, key
         return best
@@ -380,9 +385,16 @@ class SessionRecord:
     worker: bytes | None = None
     calls: int = 0
     owner: str = ""  # the client identity that opened it (CURVE key; "" on ipc: one uid)
-    touched: set[bytes] = field(default_factory=set)  # every worker that may hold its state
+    # every worker that may hold its state (a tuple, most often its worker's shared ``only``: a set
+    # would cost each idle session 216 bytes)
+    touched: tuple[bytes, ...] = ()
     closing: str = ""  # closed while a call ran: why; released when its last call ends
     durable: Durability | None = None  # a durable session's checkpoint bookkeeping (broker/durable.py)
+
+    def touch(self, w: WorkerRecord) -> None:
+        """``w`` may hold its state from now on (it gets its release)."""
+        if w.id not in self.touched:
+            self.touched = (*self.touched, w.id) if self.touched else w.only
 
 
 class Tombstones:

@@ -1011,8 +1011,10 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
             len(q) for q in pool.awaiting.values()) + sum(  # + prefetched: waiting at their worker
             max(0, len(w.inflight) + w.adopted - w.capacity) for w in pool.workers.values())
         for w in core.workers.values():
-            assert w.sessions == {r.id for r in core.sessions.values() if r.worker == w.id}
+            assert w.pinned == sum(1 for r in core.sessions.values() if r.worker == w.id)
             deepest = max(deepest, len(w.inflight) - w.capacity)
+        for r in core.sessions.values():  # a tuple kept a set: each worker once
+            assert len(set(r.touched)) == len(r.touched)
     if mode == "strict_queue":
         assert deepest == depth, "never more than `prefetch` requests ahead, and this run reaches that depth"
     else:
@@ -1023,6 +1025,39 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert set(sent) == set(answered) | waiting | running
     replies = [msgpack.unpackb(f[1])[1] for f in core.to_clients if f[0] == C]
     assert len(replies) == len(set(replies)), "one answer per request"
+
+
+def test_an_idle_session_costs_the_core_a_few_hundred_bytes() -> None:
+    """What the core keeps per session after its one call (scale.idle holds 100k of them): the
+    record, its id, its times and its entry in the book; its ``touched`` is its worker's shared
+    tuple, not a set of its own (216 bytes more), and its worker counts its sessions, not keeps
+    their ids in a set (~50 bytes more)."""
+    import gc
+    import tracemalloc
+
+    core = two_workers("p:strict_queue")
+    warm, n = 10, 4000
+    ids = [f"{i:032x}" for i in range(warm + n)]  # (made before measuring: the request frames' copies are what stays)
+
+    def one_call_each(first: int, count: int) -> None:
+        for i, sid in enumerate(ids[first:first + count]):
+            core.request(C, first + i, "p", sid)
+            core.reply(core.to_workers[-1][0], C, first + i)
+            core.to_workers.clear()
+            core.to_clients.clear()
+
+    one_call_each(0, warm)  # what the first calls make once (counters, histograms) is not the sessions'
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        one_call_each(warm, n)  # (the tables that grow with them, the book's and any per worker, included)
+        gc.collect()
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(core.sessions) == warm + n
+    assert per_session < 300, f"{per_session:.0f} bytes per idle session"
 
 
 # -- the backend wire: hot-path envelopes, protocol version ----------------------------------

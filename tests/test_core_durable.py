@@ -421,7 +421,7 @@ def test_a_worker_that_registers_takes_idle_durable_sessions_and_their_calls_wai
     core.call(9, session=sids[3])  # running on A: it stays there
     core.ready(B, "p")
     moved = [sid for sid in sids if core.sessions[sid].worker == B]
-    assert len(moved) == 2 and sids[3] not in moved and len(core.workers[A].sessions) == 2
+    assert len(moved) == 2 and sids[3] not in moved and core.workers[A].pinned == 2
     assert not [j for j in core.jobs if j.op == "load"] and not core.released(moved[0])  # nothing loaded or released yet
     core.call(10, session=moved[0])
     assert core.worker_of(10) is None  # waits for its checkpoint, never sent to A
