@@ -675,3 +675,38 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             await s.close()
 
     asyncio.run(main())
+
+
+class _Owner:
+    """A session as a ref handle sees it, that records what it would send."""
+
+    closed = False
+
+    def __init__(self, awaitable: bool) -> None:
+        self._ops_awaitable = awaitable
+        self.sent: list[Any] = []
+
+    def call(self, *args: Any) -> Any:
+        self.sent.append(args)
+        raise AssertionError("nothing is sent for a protocol of the other kind of session")
+
+
+def test_a_protocol_of_the_other_kind_of_session_says_which_to_use_and_sends_nothing() -> None:
+    from dspex.wire.ref import Ref
+
+    blocking, asyncio_owner = _Owner(False), _Owner(True)
+    on_blocking = Ref("id" * 16, "s", "p", "w", "builtins.list").bind(blocking)
+    on_asyncio = Ref("id" * 16, "s", "p", "w", "builtins.list").bind(asyncio_owner)
+    wrong: list[tuple[Callable[[], Any], str]] = [
+        (lambda: on_blocking.__aiter__(), "a blocking session's ref is iterated with `for`"),
+        (lambda: asyncio.run(on_blocking.__anext__()), "a blocking session's ref takes its next item with next()"),
+        (lambda: on_blocking.__aenter__(), "a blocking session's ref is entered with `with`"),
+        (lambda: iter(on_asyncio), "an asyncio session's ref is iterated with `async for`"),
+        (lambda: next(on_asyncio), "next() on an asyncio session's ref cannot be awaited: use await anext(ref)"),
+        (lambda: on_asyncio.__enter__(), "with on an asyncio session's ref cannot be awaited: use async with"),
+    ]
+    for attempt, message in wrong:
+        with pytest.raises(TypeError) as raised:
+            attempt()
+        assert str(raised.value) == message
+    assert blocking.sent == [] and asyncio_owner.sent == []

@@ -26,7 +26,7 @@ import numpy as np
 
 from dspex.wire import byvalue
 from dspex.wire.arrays import dtype_wire
-from dspex.wire.decoding import EXT_SESSION_PICKLE, decode, decode_ext, unpackb
+from dspex.wire.decoding import decode, decode_ext, unpackb
 from dspex.wire.errors import EncodeError
 from dspex.wire.record import record_parts
 from dspex.wire.ref import Ref
@@ -40,6 +40,7 @@ from dspex.wire.wiretypes import (
     EXT_PICKLE,
     EXT_RECORD,
     EXT_REF,
+    EXT_SESSION_PICKLE,
     EXT_SET,
     EXT_TUPLE,
     RECORD,
@@ -50,7 +51,7 @@ from dspex.wire.wiretypes import (
     utf8_ok,
 )
 
-__all__ = ["EXT_PICKLE", "EXT_SESSION_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "decode_ext", "encode",
+__all__ = ["EXT_PICKLE", "EncodeError", "Policy", "Repeats", "decode", "decode_ext", "encode",
            "encode_whole", "packb", "session_ext", "unpackb"]
 
 

@@ -21,12 +21,18 @@ from dspex.wire.arrays import wire_dtype
 from dspex.wire.errors import DspexError, MissingModule, ProtocolError
 from dspex.wire.record import KINDS, build_record
 from dspex.wire.ref import Ref
-from dspex.wire.wiretypes import BUILDERS, DECODERS, EXT_NDARRAY, EXT_NPSCALAR, EXT_PICKLE, EXT_RECORD, EXT_REF
+from dspex.wire.wiretypes import (
+    BUILDERS,
+    DECODERS,
+    EXT_NDARRAY,
+    EXT_NPSCALAR,
+    EXT_PICKLE,
+    EXT_RECORD,
+    EXT_REF,
+    EXT_SESSION_PICKLE,
+)
 
-__all__ = ["EXT_SESSION_PICKLE", "decode", "unpackb"]
-
-# ext codes 25-29 are a session's code, sent once (dspex.client.sessionpickle writes, dspex.wire.codestore reads)
-EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
+__all__ = ["decode", "unpackb"]
 
 Frame = bytes | memoryview | zmq.Frame
 ResolveRef = Callable[[Ref], object]

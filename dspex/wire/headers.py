@@ -28,10 +28,9 @@ class RequestHeader(NamedTuple):
     """``[op, req_id, pool, session, worker, timeout_ms, flags]`` packed as one msgpack array.
 
     ``worker`` is the incarnation the client believes the session is pinned to ("" if none):
-    it lets a restarted broker re-adopt pins it has never seen. Immutable like the other
-    messages, but a NamedTuple: the broker and the worker build one per request, and a frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs several times as much
-    (docs/benchmarks.md).
+    it lets a restarted broker re-adopt pins it has never seen. A NamedTuple, not a frozen
+    dataclass: the broker and the worker build one per request, and a frozen dataclass's
+    ``__init__`` sets each field with ``object.__setattr__``.
     """
 
     op: str

@@ -107,9 +107,13 @@ class Ref:
     def _owner_now(self, what: str, instead: str) -> Any:
         """The owner, for what Python needs an answer to at once (``len``, ``in``, ``del``,
         ``with``): an asyncio session's ref cannot give one, so it raises before anything is sent."""
+        return self._owner_of_kind(what, False, f"{what} on an asyncio session's ref cannot be awaited: use {instead}")
+
+    def _owner_of_kind(self, what: str, awaitable: bool, wrong_kind: str) -> Any:
+        """The owner, when its ops are awaitable or not as ``awaitable`` says; else a TypeError ``wrong_kind``."""
         owner = self._session(what, TypeError)
-        if owner._ops_awaitable:
-            raise TypeError(f"{what} on an asyncio session's ref cannot be awaited: use {instead}")
+        if owner._ops_awaitable is not awaitable:
+            raise TypeError(wrong_kind)
         return owner
 
     def _run_there(self, what: str, fn: str, *args: Any) -> Any:
@@ -183,9 +187,7 @@ class Ref:
     def __iter__(self) -> Any:
         # in batches, each a call (dspex.wire.refprotocols): never a silent __getitem__(0), (1)...
         # loop, and never a stream holding the session while the loop's body calls it
-        owner = self._session("iterating", TypeError)
-        if owner._ops_awaitable:
-            raise TypeError("an asyncio session's ref is iterated with `async for`")
+        owner = self._owner_of_kind("iterating", False, "an asyncio session's ref is iterated with `async for`")
         return refprotocols.items(owner, self)
 
     def __next__(self) -> Any:
@@ -197,9 +199,7 @@ class Ref:
         return item
 
     async def __anext__(self) -> Any:
-        owner = self._session("anext()", TypeError)
-        if not owner._ops_awaitable:
-            raise TypeError("a blocking session's ref takes its next item with next()")
+        owner = self._owner_of_kind("anext()", True, "a blocking session's ref takes its next item with next()")
         item, more = refprotocols.taken_ahead(self) or await owner.call(refprotocols.MODULE, "next_item", [self, True])
         if not more:
             raise StopAsyncIteration
@@ -211,9 +211,7 @@ class Ref:
         return refprotocols.items(owner, self, reverse=True)
 
     def __aiter__(self) -> Any:
-        owner = self._session("iterating", TypeError)
-        if not owner._ops_awaitable:
-            raise TypeError("a blocking session's ref is iterated with `for`")
+        owner = self._owner_of_kind("iterating", True, "a blocking session's ref is iterated with `for`")
         return refprotocols.aitems(owner, self)
 
     def __enter__(self) -> Any:
@@ -231,9 +229,7 @@ class Ref:
         return bool(owner.call(refprotocols.MODULE, "leave", [self, False, exc_type, refprotocols.stand_in(exc)]))
 
     def __aenter__(self) -> Any:
-        owner = self._session("async with", TypeError)
-        if not owner._ops_awaitable:
-            raise TypeError("a blocking session's ref is entered with `with`")
+        owner = self._owner_of_kind("async with", True, "a blocking session's ref is entered with `with`")
         return owner.call(refprotocols.MODULE, "enter", [self, True])
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:

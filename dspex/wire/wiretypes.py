@@ -61,6 +61,8 @@ EXT_SUBCLASS = 22  # tag: [tag, class code, base value, {attr: value} | None]
 EXT_SURROGATES = 23  # UTF-8 with lone surrogates kept (surrogatepass)
 EXT_BYTEARRAY = 24  # the bytes; msgpack's C packer packs a bytearray as bin before any hook, so the
 # codec re-encodes a message that holds one (dspex.wire.codec)
+# 25-29 are a session's code, sent once (dspex.client.sessionpickle writes, dspex.wire.codestore reads)
+EXT_SESSION_PICKLE = 25  # packb({"pickle": session pickle bytes, "sources": {filename: source text}})
 
 # PosixPath / WindowsPath can only be made on their own platform: as in pickle, the other one
 # is an error there

@@ -4,7 +4,7 @@
 isinstance check, ``zmq.SNDMORE | flags`` (IntFlag arithmetic), the sugar ``send`` checking
 routing_id/group, and a ``getsockopt(RCVMORE)`` per received frame. These call the Cython methods
 of ``zmq.backend.Socket`` with int flags: same semantics (``zmq.Again``/``ZMQError`` raised the
-same way, ``copy=False`` frames), about half the CPU (bench: docs/benchmarks.md).
+same way, ``copy=False`` frames).
 """
 
 from __future__ import annotations
