@@ -118,3 +118,14 @@ def test_tasks_a_call_leaves_behind_are_cancelled_at_its_end(s: dspex.Session) -
     """))
     assert s.eval("start()") == "started"
     assert s.eval("ends") == ["cancelled"]  # as asyncio.run does at a program's end
+
+
+def test_a_call_that_closes_the_threads_loop_leaves_later_calls_a_fresh_one(s: dspex.Session) -> None:
+    s.exec(textwrap.dedent("""
+        async def keep():
+            global kept
+            kept = asyncio.get_running_loop()
+    """))
+    s.eval("keep()")
+    s.eval("kept.close()")  # from a plain call: the loop is not running then
+    assert [s.eval("double(21)") for _ in range(2)] == [42, 42]

@@ -230,7 +230,7 @@ def run_async(coro: Any) -> Any:
             with call.lock:
                 call.loop = call.task = None
 
-    if st.loop is None:
+    if st.loop is None or st.loop.is_closed():  # (user code may close it between calls)
         st.loop = asyncio.new_event_loop()
     try:
         return _run_on(st.loop, main())
