@@ -172,6 +172,54 @@ def test_a_pool_setting_out_of_its_range_is_refused(here: Path, key: str, value:
         in res.stdout, res.stdout
 
 
+NO_POOL = {  # (old, new, what the error says): confs supervisord accepts whose pool would serve nothing
+    "numprocs 0": ("numprocs = 1", "numprocs = 0",
+                   ("[program:triage_pool]: numprocs must be at least 1, not 0 (pool 'triage_pool' would have "
+                    "no workers)")),
+    "numprocs -1": ("numprocs = 1", "numprocs = -1",
+                    ("[program:triage_pool]: numprocs must be at least 1, not -1 (pool 'triage_pool' would have "
+                     "no workers)")),
+    "section typo": ("[dspex:pool:triage_pool]", "[dspex:pol:triage_pool]",
+                     "[dspex:pol:triage_pool]: not a dspex section (a pool's settings go in [dspex:pool:NAME])"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", list(NO_POOL))
+def test_a_pool_of_no_workers_or_a_misspelt_section_is_refused(what: str) -> None:
+    """supervisord accepts both, so the stack started and called the pool OK (0/0 ready) or ran it
+    on defaults the operator did not write: refused as a config error, nothing started."""
+    old, new, needle = NO_POOL[what]
+    stack = SupervisedStack(small_conf_text().replace(old, new, 1), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=stack.root, env=stack.env,
+                             capture_output=True, text=True, timeout=60)
+        no_traceback(res)
+        assert res.returncode == 4 and f"DEGRADED: invalid dspex config: {stack.conf} {needle}" in res.stdout, \
+            res.stdout
+        res = subprocess.run([sys.executable, "-m", "broker", "--config", str(stack.conf)], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, needle)
+        for json_out in ([], ["--json"]):
+            res = subprocess.run([sys.executable, "-m", "dspexctl", *json_out, "pools", "start", "--wait", "20"],
+                                 cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=90)
+            try:
+                stack.adopt_daemon()
+            except AssertionError:
+                pass
+            assert res.returncode == 2, res.stdout + res.stderr
+            no_traceback(res)
+            assert f"invalid dspex config, nothing started: {stack.conf} {needle}" in res.stderr.splitlines()[-1], \
+                res.stderr
+            if json_out:
+                assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
+            assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
 @pytest.mark.parametrize("args, name, value", [
     (["-m", "dspexctl", "sessions", "list"], "DSPEX_REPLY_GRACE", "7s"),
     (["-m", "dspexctl", "--json", "pools", "status"], "DSPEX_CODE_CACHE", "1.5"),
