@@ -37,6 +37,9 @@ from dspex.stack.supervisor import (
     SupervisorUnreachable,
     by_group,
     full_name,
+    left_running,
+    left_running_text,
+    supervisord_pid,
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
@@ -121,7 +124,8 @@ class PoolsStatus:
                     sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
                                           "its supervisord is not running: its pools are not expected")
                 else:
-                    issues.append((State.UNREACHABLE, err.message))
+                    left = left_running(sc) if supervisord_pid(sc) is None else {}
+                    issues.append((State.UNREACHABLE, left_running_text(sc, left) if left else err.message))
             sup_info["processes"] = [{"name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
                                       "uptime_s": proc_uptime(p), "description": p["description"],
                                       "log_tail": tails.get(full_name(p))} for p in procs]

@@ -364,6 +364,32 @@ def supervisord_pid(conf: SupervisorConf) -> int | None:
     return pid if is_supervisord and pid_alive(pid) else None
 
 
+def left_running(conf: SupervisorConf) -> dict[int, str]:
+    """Processes a supervisord of ``conf`` started that outlive it (it was killed): pid ->
+    ``group:name``. supervisord names its server URL in each program's environment, so these are
+    its programs (and what they spawned), never a broker or worker an operator started by hand."""
+    url = f"SUPERVISOR_SERVER_URL={conf.serverurl}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if url in environ and pid_alive(int(entry.name)):
+            names = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
+            found[int(entry.name)] = f"{names.get('SUPERVISOR_GROUP_NAME')}:{names.get('SUPERVISOR_PROCESS_NAME')}"
+    return found
+
+
+def left_running_text(conf: SupervisorConf, left: dict[int, str]) -> str:
+    """The problem ``left_running`` found, and its fix."""
+    named = ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items(), key=lambda kv: kv[1]))
+    return (f"supervisord of {conf.path} is not running, but {len(left)} process(es) it started still run: {named}; "
+            "it was killed: stop them with `dspexctl stop`, then `dspexctl pools start`")
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
