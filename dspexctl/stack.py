@@ -158,6 +158,12 @@ def ensure_stack(conf: Path, *, pools: Iterable[str] = (), timeout: float = 60.0
         if left:  # a second broker and set of workers would fight the first over the run directory
             raise StackConflict(left_running_text(sc, left))
         if not running:
+            try:  # a run directory the broker would refuse: said before anything starts
+                probe_ipc(endpoint)
+            except ConnectionError:
+                pass  # nothing listens yet, as expected
+            except ConfigError as err:
+                raise ConfigError(f"nothing started: {err.message}") from None
             if named:
                 progress("supervisord is not running: starting it, which starts every pool")
             progress(f"starting supervisord -c {sc.path}")

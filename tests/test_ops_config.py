@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -307,6 +308,31 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(here: Path) -> None:
     res = run(["-m", "dspexctl", "sessions", "list"], here, DSPEX_RUN_DIR=run_dir)
     assert res.returncode == 2, res.stderr
     one_error_line(res, f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir}: Not a directory")
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(here: Path) -> None:
+    """DSPEX_RUN_DIR naming a file (a typo, a stale path): dspexctl raised NotADirectoryError."""
+    run_dir = here / "r"
+    run_dir.write_text("")
+    (here / "supervisor.conf").write_text(small_conf_text())
+    needle = (f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir} is not a directory (set "
+              "DSPEX_RUN_DIR to a directory of your own)")
+    for args in (["sessions", "list"], ["pools", "status"], ["--json", "workers", "recycle", "triage_pool"]):
+        res = run(["-m", "dspexctl", *args], here)
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, needle)
+        if "--json" in args:
+            assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
+    pidfile = here / "run" / "supervisord.pid"
+    try:
+        res = run(["-m", "dspexctl", "pools", "start", "--wait", "20"], here)  # refused before supervisord starts
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, f"Error: nothing started: {needle}")
+        assert not pidfile.exists(), "supervisord was started"
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            wait_for(lambda: not pid_alive(int(pidfile.read_text())), 60, 0.1, "supervisord gone")
 
 
 @pytest.mark.slow
