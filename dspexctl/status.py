@@ -11,11 +11,13 @@ supervisord's).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from dspex.client.endpoints import ANY_POOL
 from dspex.stack.health import (
+    HEALTH_WINDOW_S,
     RECYCLE,
     REGISTER_GRACE_S,
     SERVICE,
@@ -116,6 +118,13 @@ class PoolsStatus:
                         broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
+                    if broker is not None:  # one that answers again after a crash, which only supervisord saw
+                        now = time.time()
+                        for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
+                            crash = (f"the broker (pid {pid}) exited {now - when:.0f}s ago ({how}) and supervisord "
+                                     "restarted it: the sessions it held are gone "
+                                     f"(this clears {HEALTH_WINDOW_S:g}s after)")
+                            issues.append((State.WARN, crash))
                     if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
                         broker["events"] = with_exits(broker["events"], sup.exit_causes())
             except SupervisorUnreachable as err:

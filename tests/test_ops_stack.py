@@ -310,3 +310,26 @@ def test_a_killed_supervisord_is_named_with_what_it_left_running_which_stop_stop
         res = dspexctl(stack, "stop")
         assert res.returncode == 0 and res.stdout.strip() == f"supervisord of {stack.conf} is not running: nothing to " \
             "stop", res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_broker_that_crashed_and_was_restarted_is_warn_naming_how() -> None:
+    """supervisord restarts a SIGKILLed broker within a second: every session it held is gone, yet
+    pools status said OK (exit 0), the new broker's uptime the only trace."""
+    from tests.harness.supervisord import cli_status, small_stack
+
+    with small_stack({"triage_pool": 1}) as stack:
+        code, doc, _ = cli_status(stack)
+        assert code == 0 and doc["health"] == "ok", doc["problems"]
+        broker_pid = next(p["pid"] for p in stack.processes() if p["name"] == "broker")
+        os.kill(broker_pid, signal.SIGKILL)
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "RUNNING" and p["pid"] != broker_pid
+                             for p in stack.processes()) and len(stack.ready("triage_pool")) == 1, 60, 0.1,
+                 "the broker restarted, its worker back")
+        code, doc, text = cli_status(stack)
+        assert code == 6 and doc["health"] == "warn", text
+        crash = (rf"the broker \(pid {broker_pid}\) exited \d+s ago \(terminated by SIGKILL\) and supervisord "
+                 r"restarted it: the sessions it held are gone \(this clears 300s after\)")
+        assert any(re.fullmatch(f"WARN: {crash}", ln) for ln in text.splitlines()), text
+        assert any(re.fullmatch(crash, p) for p in doc["problems"]), doc["problems"]
