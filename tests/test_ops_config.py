@@ -275,6 +275,25 @@ def test_a_missing_or_wrong_curve_key_file_is_one_line(here: Path) -> None:
         one_error_line(res, needle)
 
 
+def test_a_tcp_endpoint_another_process_holds_is_one_line(here: Path) -> None:
+    """The broker raised zmq's traceback (exit 1); under supervisord its log's last line was the
+    only hint, after the traceback."""
+    import socket
+
+    keys = here / "keys"
+    assert run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys)], here).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        res = run(["-m", "broker", "--pool", "p", "--frontend", endpoint, "--backend", "tcp://127.0.0.1:0",
+                   "--curve-allowed", str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key_secret")],
+                  here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"cannot bind {endpoint}: Address already in use (another process holds it: stop it, or "
+                        "give the broker another endpoint)")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_pools_start_names_why_a_program_went_fatal() -> None:
