@@ -94,7 +94,13 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
                 sock.zap_domain = plane.encode()  # the plane's allow-list (broker.security)
                 sock.curve_secretkey, sock.curve_publickey = options.curve_secret, options.curve_public
                 sock.curve_server = True
-            sock.bind(endpoint)
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as err:
+                if err.errno != zmq.EADDRINUSE:
+                    raise
+                raise ConfigError(f"cannot bind {endpoint}: {os.strerror(err.errno)} (another process holds it: stop it, or "
+                                  "give the broker another endpoint)") from None
             if endpoint.startswith("ipc://"):  # ours to unlink at exit, and only this very file
                 bound[endpoint[len("ipc://"):]] = os.stat(endpoint[len("ipc://"):]).st_ino
         # a send to a worker whose connection is already gone raises instead of vanishing; on the

@@ -141,6 +141,9 @@ class StackStop:
         return stop_stack(settings.supervisor_conf, wait=req["wait"], rpc_timeout=settings.timeout)
 
     def present(self, result: dict[str, Any]) -> str:
+        if not result["was_running"] and result["processes"]:
+            return (f"supervisord of {result['conf']} was not running; stopped what it left running: "
+                    f"{', '.join(result['processes'])} in {result['seconds']:.1f}s")
         if not result["was_running"]:
             return f"supervisord of {result['conf']} is not running: nothing to stop"
         if result.get("already_shutting_down"):

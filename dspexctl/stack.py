@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from dspex.stack.supervisor import (
     SupervisorUnreachable,
     by_group,
     full_name,
+    left_running,
+    left_running_text,
     pid_alive,
     start_supervisord,
     supervisord_pid,
@@ -149,7 +154,16 @@ def ensure_stack(conf: Path, *, pools: Iterable[str] = (), timeout: float = 60.0
         conflict = foreign_stack(sc, endpoint, sup if running else None)
         if conflict:  # before anything starts: our workers would join the other stack's broker
             raise StackConflict(conflict)
+        left = {} if running or supervisord_pid(sc) else left_running(sc)
+        if left:  # a second broker and set of workers would fight the first over the run directory
+            raise StackConflict(left_running_text(sc, left))
         if not running:
+            try:  # a run directory the broker would refuse: said before anything starts
+                probe_ipc(endpoint)
+            except ConnectionError:
+                pass  # nothing listens yet, as expected
+            except ConfigError as err:
+                raise ConfigError(f"nothing started: {err.message}") from None
             if named:
                 progress("supervisord is not running: starting it, which starts every pool")
             progress(f"starting supervisord -c {sc.path}")
@@ -249,7 +263,13 @@ def stop_stack(conf: Path, *, wait: float = 60.0, progress: Progress = commands.
         try:
             pid = sup.pid()
         except SupervisorUnreachable:
-            return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": [], "seconds": 0.0}
+            left = {} if supervisord_pid(sc) else left_running(sc)
+            if left:
+                progress(f"supervisord of {sc.path} is not running: stopping the {len(left)} process(es) it left "
+                         "running")
+                stop_left_running(left, deadline)
+            return {"conf": str(sc.path), "was_running": False, "pid": None, "processes": sorted(set(left.values())),
+                    "seconds": round(time.monotonic() - t0, 3)}
         except SupervisorError as err:
             if err.details.get("fault") != FAULT_SHUTDOWN_STATE:
                 raise
@@ -273,6 +293,21 @@ def stop_stack(conf: Path, *, wait: float = 60.0, progress: Progress = commands.
     wait_pid_exit(pid, max(0.1, deadline - time.monotonic()))
     return {"conf": str(sc.path), "was_running": True, "pid": pid, "processes": [full_name(p) for p in running],
             "seconds": round(time.monotonic() - t0, 3)}
+
+
+def stop_left_running(left: dict[int, str], deadline: float) -> None:
+    """What a killed supervisord left running, as it would have stopped it: the workers first
+    (SIGTERM: each finishes its call), then the broker; SIGKILL for any still there at ``deadline``."""
+    workers = [pid for pid, name in left.items() if not name.startswith("broker:")]
+    for pids, until in ((workers, (time.monotonic() + deadline) / 2), (list(left), deadline)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < until:
+            time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_pid_exit(pid: int, timeout: float) -> None:

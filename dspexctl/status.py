@@ -11,11 +11,13 @@ supervisord's).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from dspex.client.endpoints import ANY_POOL
 from dspex.stack.health import (
+    HEALTH_WINDOW_S,
     RECYCLE,
     REGISTER_GRACE_S,
     SERVICE,
@@ -37,6 +39,9 @@ from dspex.stack.supervisor import (
     SupervisorUnreachable,
     by_group,
     full_name,
+    left_running,
+    left_running_text,
+    supervisord_pid,
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
 from dspexctl.commands import (
@@ -113,6 +118,13 @@ class PoolsStatus:
                         broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
                              if p["statename"] in ("FATAL", "BACKOFF")}
+                    if broker is not None:  # one that answers again after a crash, which only supervisord saw
+                        now = time.time()
+                        for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
+                            crash = (f"the broker (pid {pid}) exited {now - when:.0f}s ago ({how}) and supervisord "
+                                     "restarted it: the sessions it held are gone "
+                                     f"(this clears {HEALTH_WINDOW_S:g}s after)")
+                            issues.append((State.WARN, crash))
                     if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
                         broker["events"] = with_exits(broker["events"], sup.exit_causes())
             except SupervisorUnreachable as err:
@@ -121,7 +133,8 @@ class PoolsStatus:
                     sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
                                           "its supervisord is not running: its pools are not expected")
                 else:
-                    issues.append((State.UNREACHABLE, err.message))
+                    left = left_running(sc) if supervisord_pid(sc) is None else {}
+                    issues.append((State.UNREACHABLE, left_running_text(sc, left) if left else err.message))
             sup_info["processes"] = [{"name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
                                       "uptime_s": proc_uptime(p), "description": p["description"],
                                       "log_tail": tails.get(full_name(p))} for p in procs]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -172,6 +173,54 @@ def test_a_pool_setting_out_of_its_range_is_refused(here: Path, key: str, value:
         in res.stdout, res.stdout
 
 
+NO_POOL = {  # (old, new, what the error says): confs supervisord accepts whose pool would serve nothing
+    "numprocs 0": ("numprocs = 1", "numprocs = 0",
+                   ("[program:triage_pool]: numprocs must be at least 1, not 0 (pool 'triage_pool' would have "
+                    "no workers)")),
+    "numprocs -1": ("numprocs = 1", "numprocs = -1",
+                    ("[program:triage_pool]: numprocs must be at least 1, not -1 (pool 'triage_pool' would have "
+                     "no workers)")),
+    "section typo": ("[dspex:pool:triage_pool]", "[dspex:pol:triage_pool]",
+                     "[dspex:pol:triage_pool]: not a dspex section (a pool's settings go in [dspex:pool:NAME])"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", list(NO_POOL))
+def test_a_pool_of_no_workers_or_a_misspelt_section_is_refused(what: str) -> None:
+    """supervisord accepts both, so the stack started and called the pool OK (0/0 ready) or ran it
+    on defaults the operator did not write: refused as a config error, nothing started."""
+    old, new, needle = NO_POOL[what]
+    stack = SupervisedStack(small_conf_text().replace(old, new, 1), venv_link=False)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "pools", "status"], cwd=stack.root, env=stack.env,
+                             capture_output=True, text=True, timeout=60)
+        no_traceback(res)
+        assert res.returncode == 4 and f"DEGRADED: invalid dspex config: {stack.conf} {needle}" in res.stdout, \
+            res.stdout
+        res = subprocess.run([sys.executable, "-m", "broker", "--config", str(stack.conf)], cwd=stack.root,
+                             env=stack.env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, needle)
+        for json_out in ([], ["--json"]):
+            res = subprocess.run([sys.executable, "-m", "dspexctl", *json_out, "pools", "start", "--wait", "20"],
+                                 cwd=stack.root, env=stack.env, capture_output=True, text=True, timeout=90)
+            try:
+                stack.adopt_daemon()
+            except AssertionError:
+                pass
+            assert res.returncode == 2, res.stdout + res.stderr
+            no_traceback(res)
+            assert f"invalid dspex config, nothing started: {stack.conf} {needle}" in res.stderr.splitlines()[-1], \
+                res.stderr
+            if json_out:
+                assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
+            assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
 @pytest.mark.parametrize("args, name, value", [
     (["-m", "dspexctl", "sessions", "list"], "DSPEX_REPLY_GRACE", "7s"),
     (["-m", "dspexctl", "--json", "pools", "status"], "DSPEX_CODE_CACHE", "1.5"),
@@ -226,6 +275,25 @@ def test_a_missing_or_wrong_curve_key_file_is_one_line(here: Path) -> None:
         one_error_line(res, needle)
 
 
+def test_a_tcp_endpoint_another_process_holds_is_one_line(here: Path) -> None:
+    """The broker raised zmq's traceback (exit 1); under supervisord its log's last line was the
+    only hint, after the traceback."""
+    import socket
+
+    keys = here / "keys"
+    assert run(["-m", "dspexctl", "keys", "generate", "--dir", str(keys)], here).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        res = run(["-m", "broker", "--pool", "p", "--frontend", endpoint, "--backend", "tcp://127.0.0.1:0",
+                   "--curve-allowed", str(keys / "allowed"), "--curve-secret-key", str(keys / "broker.key_secret")],
+                  here)
+    assert res.returncode == 2, res.stderr
+    one_error_line(res, f"cannot bind {endpoint}: Address already in use (another process holds it: stop it, or "
+                        "give the broker another endpoint)")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_pools_start_names_why_a_program_went_fatal() -> None:
@@ -259,6 +327,31 @@ def test_a_run_directory_that_cannot_be_made_is_one_line(here: Path) -> None:
     res = run(["-m", "dspexctl", "sessions", "list"], here, DSPEX_RUN_DIR=run_dir)
     assert res.returncode == 2, res.stderr
     one_error_line(res, f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir}: Not a directory")
+
+
+def test_a_run_directory_that_is_a_file_is_one_line(here: Path) -> None:
+    """DSPEX_RUN_DIR naming a file (a typo, a stale path): dspexctl raised NotADirectoryError."""
+    run_dir = here / "r"
+    run_dir.write_text("")
+    (here / "supervisor.conf").write_text(small_conf_text())
+    needle = (f"cannot use ipc://{run_dir}/frontend.sock: its run directory {run_dir} is not a directory (set "
+              "DSPEX_RUN_DIR to a directory of your own)")
+    for args in (["sessions", "list"], ["pools", "status"], ["--json", "workers", "recycle", "triage_pool"]):
+        res = run(["-m", "dspexctl", *args], here)
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, needle)
+        if "--json" in args:
+            assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
+    pidfile = here / "run" / "supervisord.pid"
+    try:
+        res = run(["-m", "dspexctl", "pools", "start", "--wait", "20"], here)  # refused before supervisord starts
+        assert res.returncode == 2, res.stdout + res.stderr
+        one_error_line(res, f"Error: nothing started: {needle}")
+        assert not pidfile.exists(), "supervisord was started"
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            wait_for(lambda: not pid_alive(int(pidfile.read_text())), 60, 0.1, "supervisord gone")
 
 
 @pytest.mark.slow

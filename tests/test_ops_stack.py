@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dspex.stack.supervisor import Supervisor, SupervisorConf
+from dspex.stack.supervisor import Supervisor, SupervisorConf, supervisord_pid
 from tests.harness import wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl, no_traceback
@@ -269,3 +269,67 @@ def test_ctrl_c_exits_130_and_watch_refreshes(stacks: list[SupervisedStack]) -> 
     watch.send_signal(signal.SIGINT)
     watch.communicate(timeout=30)
     assert all(set(d) == set(json.loads(once.stdout)) for d in docs), (set(docs[0]), set(json.loads(once.stdout)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_killed_supervisord_is_named_with_what_it_left_running_which_stop_stops() -> None:
+    """supervisord SIGKILLed: its broker and workers run on, orphaned. pools status only said to
+    start supervisord, pools start then refused naming this very conf as another stack's, and
+    stop said there was nothing to stop, leaving them running."""
+    from tests.harness.supervisord import small_stack
+
+    with small_stack({"triage_pool": 1}) as stack:
+        procs = {f"{p['group']}:{p['name']}": p["pid"] for p in stack.processes()}
+        assert set(procs) == {"broker:broker", "triage_pool:triage_pool_00"}, procs
+        os.kill(stack.supervisord_pid, signal.SIGKILL)
+        stack.proc.wait(10)
+        left = (f"supervisord of {stack.conf} is not running, but 2 process(es) it started still run: "
+                f"broker:broker (pid {procs['broker:broker']}), triage_pool:triage_pool_00 "
+                f"(pid {procs['triage_pool:triage_pool_00']}); it was killed: stop them with `dspexctl stop`, then "
+                "`dspexctl pools start`")
+        res = dspexctl(stack, "pools", "status")
+        no_traceback(res)
+        assert res.returncode == 4 and f"UNREACHABLE: {left}" in res.stdout, res.stdout
+        res = dspexctl(stack, "--json", "pools", "status")
+        assert res.returncode == 4 and left in json.loads(res.stdout)["problems"], res.stdout
+        for json_out in ([], ["--json"]):
+            res = dspexctl(stack, *json_out, "pools", "start", "--wait", "30")
+            assert res.returncode == 2, res.stdout + res.stderr
+            no_traceback(res)
+            assert res.stderr.strip().splitlines()[-1] == f"Error: {left}", res.stderr
+            if json_out:
+                assert json.loads(res.stdout)["error"]["code"] == "stack_conflict", res.stdout
+        assert supervisord_pid(SupervisorConf.load(stack.conf)) is None, "a second supervisord was started"
+        res = dspexctl(stack, "--json", "stop")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert json.loads(res.stdout)["processes"] == ["broker:broker", "triage_pool:triage_pool_00"], res.stdout
+        from tests.harness.procs import pid_alive
+
+        wait_for(lambda: not any(pid_alive(pid) for pid in procs.values()), 10, 0.05, "the orphans gone")
+        res = dspexctl(stack, "stop")
+        assert res.returncode == 0 and res.stdout.strip() == f"supervisord of {stack.conf} is not running: nothing to " \
+            "stop", res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_broker_that_crashed_and_was_restarted_is_warn_naming_how() -> None:
+    """supervisord restarts a SIGKILLed broker within a second: every session it held is gone, yet
+    pools status said OK (exit 0), the new broker's uptime the only trace."""
+    from tests.harness.supervisord import cli_status, small_stack
+
+    with small_stack({"triage_pool": 1}) as stack:
+        code, doc, _ = cli_status(stack)
+        assert code == 0 and doc["health"] == "ok", doc["problems"]
+        broker_pid = next(p["pid"] for p in stack.processes() if p["name"] == "broker")
+        os.kill(broker_pid, signal.SIGKILL)
+        wait_for(lambda: any(p["name"] == "broker" and p["statename"] == "RUNNING" and p["pid"] != broker_pid
+                             for p in stack.processes()) and len(stack.ready("triage_pool")) == 1, 60, 0.1,
+                 "the broker restarted, its worker back")
+        code, doc, text = cli_status(stack)
+        assert code == 6 and doc["health"] == "warn", text
+        crash = (rf"the broker \(pid {broker_pid}\) exited \d+s ago \(terminated by SIGKILL\) and supervisord "
+                 r"restarted it: the sessions it held are gone \(this clears 300s after\)")
+        assert any(re.fullmatch(f"WARN: {crash}", ln) for ln in text.splitlines()), text
+        assert any(re.fullmatch(crash, p) for p in doc["problems"]), doc["problems"]

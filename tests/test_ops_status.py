@@ -7,6 +7,7 @@ against real supervisord stacks made of the shipped conf's sections (fewer worke
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from dspex.stack.health import (
     with_exits,
     worst,
 )
-from dspex.stack.supervisor import exit_causes, pid_alive
+from dspex.stack.supervisor import exit_causes, pid_alive, unexpected_exits
 from dspexctl.status import AGREEMENT_TRIES, agreeing_views
 from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack, dashboard_status
@@ -41,6 +42,25 @@ POOLS = {"triage_pool": 2, "analytics_pool": 1}
 
 
 # -- pure logic ----------------------------------------------------------------------------------
+def test_a_programs_unexpected_exits_are_those_after_it_started_and_in_the_window() -> None:
+    """A broker that fails at its start served nothing (its FATAL is said elsewhere); one killed
+    while RUNNING lost its sessions; a stop supervisord was asked for is expected."""
+    log = """\
+2026-12-07 18:38:26,700 INFO spawned: 'broker' with pid 100
+2026-12-07 18:38:26,900 WARN exited: broker (exit status 127; not expected)
+2026-12-07 18:38:27,000 INFO spawned: 'broker' with pid 101
+2026-12-07 18:38:28,762 INFO success: broker entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:29,670 WARN exited: broker (terminated by SIGKILL; not expected)
+2026-12-07 18:38:29,952 INFO spawned: 'broker' with pid 102
+2026-12-07 18:38:31,779 INFO success: broker entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:40,000 WARN exited: triage_pool_00 (terminated by SIGKILL; not expected)
+2026-12-07 18:39:31,779 INFO stopped: broker (terminated by SIGTERM)
+"""
+    at = datetime.datetime(2026, 12, 7, 18, 38, 29, 670000).timestamp()
+    assert unexpected_exits(log, "broker", 0) == [(101, at, "terminated by SIGKILL")]
+    assert unexpected_exits(log, "broker", at + 1) == []
+
+
 @pytest.mark.parametrize("facts, state", [
     (PoolFacts(expected=2, up=2), State.OK),
     (PoolFacts(expected=2, up=1, broken=1), State.DEGRADED),

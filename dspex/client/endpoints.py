@@ -162,6 +162,8 @@ def probe_ipc(endpoint: str) -> None:
     # rule it is (advice to chmod a directory one was merely pointed at, /tmp say, does harm)
     own_dir = ("set DSPEX_RUN_DIR to a directory of your own" if where == "run directory"
                else "use an ipc:// endpoint in a directory of your own")
+    if not stat.S_ISDIR(dst.st_mode):
+        raise ConfigError(f"cannot use {endpoint}: its {where} {parent} is not a directory ({own_dir})")
     if dst.st_uid not in (uid, 0):
         raise ConfigError(f"refusing {endpoint}: its {where} {parent} belongs to uid {dst.st_uid}, not to us "
                           f"(uid {uid}), so the socket there may be anyone's ({own_dir})")

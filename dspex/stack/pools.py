@@ -136,6 +136,10 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
     parser = _read_conf(path)
     pools = []
     for section in parser.sections():
+        if section.lower().startswith("dspex") and not section.startswith(SECTION_PREFIX):
+            # supervisord ignores it and the broker would too: the pool would run on defaults
+            raise ConfigError(f"{path} [{section}]: not a dspex section (a pool's settings go in "
+                              f"[{SECTION_PREFIX}NAME])")
         if section.startswith(SECTION_PREFIX):
             cfg = PoolConfig(section[len(SECTION_PREFIX):])
             for key, value in parser.items(section):
@@ -144,6 +148,7 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
             pools.append(cfg)
     sizes = _group_sizes(parser)
     for cfg in pools:
+        _check_has_workers(parser, path, cfg.name)
         if not cfg.size:  # a size in the pool's own section wins over numprocs
             cfg.size = sizes.get(cfg.name, 0)
     return pools
@@ -175,29 +180,46 @@ def _read_conf(path: Path) -> configparser.RawConfigParser:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
 
 
+def _numprocs(parser: configparser.RawConfigParser, program: str) -> int | None:
+    """A program's numprocs; None when it has no section or a numprocs supervisord would expand
+    (``%(ENV_X)s``), which is not guessed at."""
+    section = f"program:{program.strip()}"
+    if not parser.has_section(section):
+        return None
+    try:
+        return int(parser.get(section, "numprocs", fallback="1"))
+    except ValueError:
+        return None
+
+
+def _group_programs(parser: configparser.RawConfigParser, group: str) -> list[str]:
+    return [p.strip() for p in parser.get(f"group:{group}", "programs", fallback="").split(",") if p.strip()]
+
+
+def _check_has_workers(parser: configparser.RawConfigParser, path: Path, pool: str) -> None:
+    """supervisord accepts a numprocs of 0 or less: the pool would start with no worker and look
+    healthy (0/0 ready) while it can serve nothing."""
+    programs = _group_programs(parser, pool) if parser.has_section(f"group:{pool}") else [pool]
+    for program in programs:
+        count = _numprocs(parser, program)
+        if count is not None and count < 1:
+            raise ConfigError(f"{path} [program:{program}]: numprocs must be at least 1, not {count} "
+                              f"(pool {pool!r} would have no workers)")
+
+
 def _group_sizes(parser: configparser.RawConfigParser) -> dict[str, int]:
     """Processes per supervisord group: a pool's size is the numprocs of its ``[group:POOL]``.
 
-    A ``size`` in ``[dspex:pool:NAME]`` wins; a numprocs supervisord would expand (``%(ENV_X)s``)
-    is not guessed at and counts as unknown (0).
+    A ``size`` in ``[dspex:pool:NAME]`` wins; a numprocs not known here counts as unknown (0).
     """
-    def numprocs(program: str) -> int:
-        section = f"program:{program.strip()}"
-        if not parser.has_section(section):
-            return 0
-        try:
-            return int(parser.get(section, "numprocs", fallback="1"))
-        except ValueError:
-            return 0
-
     sizes: dict[str, int] = {}
     grouped: set[str] = set()
     for section in parser.sections():
         if section.startswith("group:"):
-            programs = [p.strip() for p in parser.get(section, "programs", fallback="").split(",") if p.strip()]
+            programs = _group_programs(parser, section[len("group:"):])
             grouped.update(programs)
-            sizes[section[len("group:"):]] = sum(numprocs(p) for p in programs)
+            sizes[section[len("group:"):]] = sum(_numprocs(parser, p) or 0 for p in programs)
     for section in parser.sections():
         if section.startswith("program:") and section[len("program:"):] not in grouped:
-            sizes.setdefault(section[len("program:"):], numprocs(section[len("program:"):]))
+            sizes.setdefault(section[len("program:"):], _numprocs(parser, section[len("program:"):]) or 0)
     return sizes

@@ -9,6 +9,7 @@ module works around: ``xmlrpc.client.MultiCall`` breaks against it (we never bat
 from __future__ import annotations
 
 import configparser
+import datetime
 import os
 import re
 import subprocess
@@ -219,6 +220,14 @@ class Supervisor:
             return {}
         return exit_causes(text, self.killed())
 
+    def unexpected_exits(self, name: str, since: float, tail_bytes: int = 65536) -> list[tuple[int, float, str]]:
+        """:func:`unexpected_exits` of program ``name`` in supervisord's log ([] when it cannot be read)."""
+        try:
+            text = str(self.call("supervisor.readLog", -tail_bytes, 0))
+        except (SupervisorError, SupervisorNoSuchProcess):
+            return []
+        return unexpected_exits(text, name, since)
+
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
 
@@ -289,6 +298,29 @@ def exit_causes(log_text: str, killed: dict[int, str] | None = None) -> dict[int
             causes[pid] = f"{m['how']}, {KILLED_BY_OPERATOR}" if operator and m["how"] == "terminated by SIGKILL" \
                 else m["how"]
     return causes
+
+
+def unexpected_exits(log_text: str, name: str, since: float) -> list[tuple[int, float, str]]:
+    """(pid, when, how) of each exit of program ``name`` that supervisord logged as not expected
+    (a crash, a kill from outside; not a stop it was asked for) after it had started (entered
+    RUNNING: one that fails at its start served nothing), at or after ``since`` (epoch seconds;
+    its log's times are local)."""
+    pid = 0
+    running = False
+    found = []
+    for line in log_text.splitlines():
+        if (m := _SPAWNED.search(line)) and m["name"] == name:
+            pid, running = int(m["pid"]), False
+        elif f"success: {name} entered RUNNING state" in line:
+            running = True
+        elif running and (m := _EXITED.search(line)) and m["name"] == name and line.endswith("; not expected)"):
+            try:
+                when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if when >= since:
+                found.append((pid, when, m["how"]))
+    return found
 
 
 def by_group(procs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -362,6 +394,32 @@ def supervisord_pid(conf: SupervisorConf) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if is_supervisord and pid_alive(pid) else None
+
+
+def left_running(conf: SupervisorConf) -> dict[int, str]:
+    """Processes a supervisord of ``conf`` started that outlive it (it was killed): pid ->
+    ``group:name``. supervisord names its server URL in each program's environment, so these are
+    its programs (and what they spawned), never a broker or worker an operator started by hand."""
+    url = f"SUPERVISOR_SERVER_URL={conf.serverurl}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if url in environ and pid_alive(int(entry.name)):
+            names = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
+            found[int(entry.name)] = f"{names.get('SUPERVISOR_GROUP_NAME')}:{names.get('SUPERVISOR_PROCESS_NAME')}"
+    return found
+
+
+def left_running_text(conf: SupervisorConf, left: dict[int, str]) -> str:
+    """The problem ``left_running`` found, and its fix."""
+    named = ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items(), key=lambda kv: kv[1]))
+    return (f"supervisord of {conf.path} is not running, but {len(left)} process(es) it started still run: {named}; "
+            "it was killed: stop them with `dspexctl stop`, then `dspexctl pools start`")
 
 
 def pid_alive(pid: int) -> bool:
