@@ -56,6 +56,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         self._ctx = processwide.context(zmq.asyncio.Context)
         self._sockets = AsyncChannel(self.endpoint)
         self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
+        self._late_callbacks: set[asyncio.Future[Any]] = set()  # held until done (asyncio keeps weak refs)
         processwide.register(self)
 
     async def close(self) -> None:
@@ -138,9 +139,20 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
         a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
-        running one interrupted on its worker) without awaiting anything."""
+        running one interrupted on its worker) without awaiting anything. What the code prints
+        while it stops (its ``finally`` blocks) still reaches the client, as in-process."""
         if ex.op in WORKER_OPS:
             self._sockets.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
+            self._sockets.abandon(req_id, lambda *reply: self._late(ex, *reply), ex.wait)
+
+    def _late(self, ex: Exchange, status: str, worker: str, frames: list[Any]) -> bool:
+        """A reply of a request cancelled by ``_cancel``; True once it was the last."""
+        last = ex.late(status, worker, frames)
+        while ex.awaiting:  # an async on_output: nobody awaits the call any more
+            callback = asyncio.ensure_future(ex.awaiting.pop(0))
+            self._late_callbacks.add(callback)
+            callback.add_done_callback(self._late_callbacks.discard)
+        return last
 
     def stream(self, op: str, pool: str, session: str, body: Any,
                **options: Unpack[RequestOptions]) -> AsyncStream:
