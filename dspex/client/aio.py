@@ -134,7 +134,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
                 self._cancel(ex, req_id)
             raise
         finally:
-            self._sockets.pending.pop(req_id, None)  # a late reply is dropped by the reader
+            self._sockets.pending.pop(req_id, None)  # late replies: dropped, or abandoned's
 
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
@@ -143,7 +143,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         while it stops (its ``finally`` blocks) still reaches the client, as in-process."""
         if ex.op in WORKER_OPS:
             self._sockets.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
-            self._sockets.abandon(req_id, lambda *reply: self._late(ex, *reply), ex.wait)
+            self._sockets.abandoned.add(req_id, lambda *reply: self._late(ex, *reply), ex.wait)
 
     def _late(self, ex: Exchange, status: str, worker: str, frames: list[Any]) -> bool:
         """A reply of a request cancelled by ``_cancel``; True once it was the last."""
@@ -311,7 +311,7 @@ class AsyncStream(StreamAPI):
         if self._req_id and self._ex is not None:
             if abandon:
                 self._client._cancel(self._ex, self._req_id)
-            self._client._sockets.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
+            self._client._sockets.pending.pop(self._req_id, None)  # late replies: dropped, or abandoned's
 
     async def aclose(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -21,17 +20,13 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client.channels import LOST as CONNECTION_LOST
-from dspex.client.channels import connection_event
+from dspex.client.channels import Abandoned, connection_event
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, cancel_all, close_monitored, closed_error
 from dspex.wire.errors import BrokerUnreachable, ProtocolError, UsageError
 from dspex.wire.headers import unpack_reply_header
 
-log = logging.getLogger("dspex.client")
-
 Reply = tuple[str, str, list[Any]]
-# takes a late reply of a request its caller abandoned; True once it was the request's last
-LateReply = Callable[[str, str, list[Any]], bool]
 Connect = Callable[[], tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]]
 LOST = "__lost__"  # queued to waiting calls when the broker connection drops or the client closes
 REFUSED = "__refused__"  # ... or when the broker refused our CURVE key (nothing we sent ran)
@@ -45,10 +40,7 @@ class AsyncChannel:
         self.endpoint = endpoint
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Queue[Reply]] = {}
-        # requests whose caller stopped waiting (cancelled, a stream left early) while their
-        # producer stops: what it prints then still goes where the call's output went, until
-        # its last reply or its deadline
-        self.abandoned: dict[int, tuple[LateReply, float]] = {}
+        self.abandoned = Abandoned()  # read by the reader as they come
         self._tasks: list[asyncio.Task[None]] = []
         self.broken = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
@@ -102,28 +94,8 @@ class AsyncChannel:
             queue = self.pending.get(rid)
             if queue is not None:
                 queue.put_nowait((status, worker, reply[1:]))
-            elif rid in self.abandoned:
-                self._late(rid, status, worker, reply[1:])
-            # else a late reply of a call that timed out
-
-    def abandon(self, rid: int, on_late: LateReply, wait: float) -> None:
-        """The caller of request ``rid`` stopped waiting for it and cancelled it: its replies from
-        now on (``wait`` seconds at most) go to ``on_late``."""
-        self.pending.pop(rid, None)
-        now = time.monotonic()
-        for gone in [r for r, (_, until) in list(self.abandoned.items()) if until < now]:
-            self.abandoned.pop(gone, None)
-        self.abandoned[rid] = (on_late, now + wait)
-
-    def _late(self, rid: int, status: str, worker: str, frames: list[Any]) -> None:
-        on_late = self.abandoned[rid][0]
-        try:
-            last = on_late(status, worker, frames)
-        except Exception as exc:  # noqa: BLE001 - nobody awaits it; the reader must go on for the others
-            log.debug("dropped the late output of abandoned request %d: %r", rid, exc)
-            last = True
-        if last:
-            self.abandoned.pop(rid, None)
+            else:
+                self.abandoned.take(rid, status, worker, reply[1:])
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
@@ -172,7 +144,7 @@ class AsyncChannel:
         if self._sock is not None:
             close_monitored(self._sock, self._monitor)
         self._sock = self._monitor = self._loop = None
-        self.pending, self.abandoned, self._tasks, self._retiring = {}, {}, [], []
+        self.pending, self.abandoned, self._tasks, self._retiring = {}, Abandoned(), [], []
 
     async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket, monitor: Any) -> None:
         """Stop the tasks of a replaced socket, then close it."""
