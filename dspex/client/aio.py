@@ -57,6 +57,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         self._sockets = AsyncChannel(self.endpoint)
         self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
         self._late_callbacks: set[asyncio.Future[Any]] = set()  # held until done (asyncio keeps weak refs)
+        self._sockets.on_loop_end = self._end_streams
         processwide.register(self)
 
     async def close(self) -> None:
@@ -135,6 +136,14 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
             raise
         finally:
             self._sockets.pending.pop(req_id, None)  # late replies: dropped, or abandoned's
+
+    def _end_streams(self) -> None:
+        """The event loop ends with streams open (held past it, not read to their end): stop their
+        producers, as ``asyncio.run`` closes the async generators left open (one never started
+        sent nothing: a later loop may still start it)."""
+        for stream in list(self._streams):
+            if not stream.done and stream._req_id:
+                stream._end(abandon=True)
 
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for

@@ -41,6 +41,7 @@ class AsyncChannel:
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Queue[Reply]] = {}
         self.abandoned = Abandoned()  # read by the reader as they come
+        self.on_loop_end: Callable[[], None] = lambda: None  # the client's: stop its open streams
         self._tasks: list[asyncio.Task[None]] = []
         self.broken = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
@@ -85,17 +86,24 @@ class AsyncChannel:
             close_monitored(self._sock, self._monitor)
 
     async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            reply = await sock.recv_multipart(copy=False)
-            try:
-                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
-            except ProtocolError:
-                continue
-            queue = self.pending.get(rid)
-            if queue is not None:
-                queue.put_nowait((status, worker, reply[1:]))
-            else:
-                self.abandoned.take(rid, status, worker, reply[1:])
+        try:
+            while True:
+                reply = await sock.recv_multipart(copy=False)
+                try:
+                    status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
+                except ProtocolError:
+                    continue
+                queue = self.pending.get(rid)
+                if queue is not None:
+                    queue.put_nowait((status, worker, reply[1:]))
+                else:
+                    self.abandoned.take(rid, status, worker, reply[1:])
+        except asyncio.CancelledError:
+            # not by close() or a replacement of the socket: the loop ends (asyncio.run cancels
+            # the tasks left), and with it what it left open, as it closes its async generators
+            if not self.closed and sock is self._sock:
+                self.on_loop_end()
+            raise
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
