@@ -92,3 +92,31 @@ def test_a_blocking_client_given_an_async_callback_says_so(dx: dspex.Client) -> 
         with pytest.raises(TypeError, match="dspex.aio"):
             s.apply(chatty, [2], on_output=lambda event: on_output(event))  # known by what it returns
         assert s.run(abs, -4) == 4
+
+
+def stops_with_a_word() -> None:
+    try:
+        __import__("time").sleep(100)
+    finally:
+        print("stopped")
+
+
+def test_an_async_callback_gets_what_a_cancelled_call_prints_while_it_stops(dx: dspex.Client) -> None:
+    """Nobody awaits a call ``wait_for`` cancelled, yet the ``async def`` ``on_output`` gets what
+    its ``finally`` prints (awaited in a task of its own), and no coroutine is left unawaited."""
+    async def main() -> list[str]:
+        async with dspex.aio.connect(dx.endpoint, timeout=20, forward_output=False) as adx:
+            texts: list[str] = []
+
+            async def on_output(event: dict[str, Any]) -> None:
+                await asyncio.sleep(0)
+                texts.append(event["text"])
+
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(adx.session("p").apply(stops_with_a_word, [], on_output=on_output), 0.5)
+            async with asyncio.timeout(10):
+                while not texts:
+                    await asyncio.sleep(0.01)
+            return texts
+
+    assert "".join(asyncio.run(main())) == "stopped\n"

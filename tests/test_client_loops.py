@@ -64,3 +64,35 @@ def test_an_asyncio_client_used_from_a_loop_running_in_another_thread_is_a_usage
         first.call_soon_threadsafe(first.stop)
         thread.join(10)
         first.close()
+
+
+async def counting() -> Any:
+    i = 0
+    while True:
+        await asyncio.sleep(0.01)
+        i += 1
+        yield i
+
+
+def test_a_stream_left_open_when_its_loop_ends_stops_its_producer(stack: Stack) -> None:
+    """A stream left by ``break`` and still held (a global, a cache) when ``asyncio.run`` ends: as
+    asyncio.run closes the async generators left open, its producer is stopped then, and the
+    worker is free at once instead of after the stream's timeout (20 s here)."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    dx = dspex.aio.connect(stack.frontend, timeout=20)
+    s = dx.session("p")
+    held = []
+
+    async def main() -> None:
+        stream = s.stream_apply(counting, [])
+        held.append(stream)
+        async for x in stream:
+            if x == 3:
+                break
+
+    asyncio.run(main())
+    started = time.monotonic()
+    wait_for(lambda: not stack.workers("p")[0].get("inflight"), timeout=20, what="the worker free")
+    assert time.monotonic() - started < 2
+    assert asyncio.run(s.eval("'serving'")) == "serving"
+    asyncio.run(dx.close())

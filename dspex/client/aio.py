@@ -56,6 +56,8 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         self._ctx = processwide.context(zmq.asyncio.Context)
         self._sockets = AsyncChannel(self.endpoint)
         self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
+        self._late_callbacks: set[asyncio.Future[Any]] = set()  # held until done (asyncio keeps weak refs)
+        self._sockets.on_loop_end = self._end_streams
         processwide.register(self)
 
     async def close(self) -> None:
@@ -133,14 +135,33 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
                 self._cancel(ex, req_id)
             raise
         finally:
-            self._sockets.pending.pop(req_id, None)  # a late reply is dropped by the reader
+            self._sockets.pending.pop(req_id, None)  # late replies: dropped, or abandoned's
+
+    def _end_streams(self) -> None:
+        """The event loop ends with streams open (held past it, not read to their end): stop their
+        producers, as ``asyncio.run`` closes the async generators left open (one never started
+        sent nothing: a later loop may still start it)."""
+        for stream in list(self._streams):
+            if not stream.done and stream._req_id:
+                stream._end(abandon=True)
 
     def _cancel(self, ex: Exchange, req_id: int) -> None:
         """The caller stopped waiting (its task was cancelled, an error, a stream left early) for
         a request that is out and not over: tell the broker to stop it (a queued one is dropped, a
-        running one interrupted on its worker) without awaiting anything."""
+        running one interrupted on its worker) without awaiting anything. What the code prints
+        while it stops (its ``finally`` blocks) still reaches the client, as in-process."""
         if ex.op in WORKER_OPS:
             self._sockets.send_nowait(control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0))
+            self._sockets.abandoned.add(req_id, lambda *reply: self._late(ex, *reply), ex.wait)
+
+    def _late(self, ex: Exchange, status: str, worker: str, frames: list[Any]) -> bool:
+        """A reply of a request cancelled by ``_cancel``; True once it was the last."""
+        last = ex.late(status, worker, frames)
+        while ex.awaiting:  # an async on_output: nobody awaits the call any more
+            callback = asyncio.ensure_future(ex.awaiting.pop(0))
+            self._late_callbacks.add(callback)
+            callback.add_done_callback(self._late_callbacks.discard)
+        return last
 
     def stream(self, op: str, pool: str, session: str, body: Any,
                **options: Unpack[RequestOptions]) -> AsyncStream:
@@ -299,7 +320,7 @@ class AsyncStream(StreamAPI):
         if self._req_id and self._ex is not None:
             if abandon:
                 self._client._cancel(self._ex, self._req_id)
-            self._client._sockets.pending.pop(self._req_id, None)  # a late reply is dropped by the reader
+            self._client._sockets.pending.pop(self._req_id, None)  # late replies: dropped, or abandoned's
 
     async def aclose(self) -> None:
         """Cancel the producer on the worker (if still running) and wait for its end."""

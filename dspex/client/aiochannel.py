@@ -20,7 +20,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client.channels import LOST as CONNECTION_LOST
-from dspex.client.channels import connection_event
+from dspex.client.channels import Abandoned, connection_event
 from dspex.client.endpoints import probe_ipc
 from dspex.client.exchange import RIDE_THROUGH, cancel_all, close_monitored, closed_error
 from dspex.wire.errors import BrokerUnreachable, ProtocolError, UsageError
@@ -40,6 +40,8 @@ class AsyncChannel:
         self.endpoint = endpoint
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Queue[Reply]] = {}
+        self.abandoned = Abandoned()  # read by the reader as they come
+        self.on_loop_end: Callable[[], None] = lambda: None  # the client's: stop its open streams
         self._tasks: list[asyncio.Task[None]] = []
         self.broken = False
         self._drop_seen = -math.inf  # when a connection drop was last seen
@@ -75,6 +77,7 @@ class AsyncChannel:
             return
         self.closed = True
         self.fail_all((LOST, "the client was closed", []))
+        self.abandoned.clear()
         tasks, self._tasks = self._tasks, []
         await cancel_all(tasks)
         for task in self._retiring:
@@ -83,15 +86,24 @@ class AsyncChannel:
             close_monitored(self._sock, self._monitor)
 
     async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            reply = await sock.recv_multipart(copy=False)
-            try:
-                status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
-            except ProtocolError:
-                continue
-            queue = self.pending.get(rid)
-            if queue is not None:  # else a late reply of a call that timed out
-                queue.put_nowait((status, worker, reply[1:]))
+        try:
+            while True:
+                reply = await sock.recv_multipart(copy=False)
+                try:
+                    status, rid, worker, _ = unpack_reply_header(reply[0].buffer)
+                except ProtocolError:
+                    continue
+                queue = self.pending.get(rid)
+                if queue is not None:
+                    queue.put_nowait((status, worker, reply[1:]))
+                else:
+                    self.abandoned.take(rid, status, worker, reply[1:])
+        except asyncio.CancelledError:
+            # not by close() or a replacement of the socket: the loop ends (asyncio.run cancels
+            # the tasks left), and with it what it left open, as it closes its async generators
+            if not self.closed and sock is self._sock:
+                self.on_loop_end()
+            raise
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
@@ -140,7 +152,7 @@ class AsyncChannel:
         if self._sock is not None:
             close_monitored(self._sock, self._monitor)
         self._sock = self._monitor = self._loop = None
-        self.pending, self._tasks, self._retiring = {}, [], []
+        self.pending, self.abandoned, self._tasks, self._retiring = {}, Abandoned(), [], []
 
     async def _retire(self, tasks: list[asyncio.Task[None]], sock: zmq.asyncio.Socket, monitor: Any) -> None:
         """Stop the tasks of a replaced socket, then close it."""

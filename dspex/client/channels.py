@@ -8,6 +8,7 @@ nothing behind: at most ``DSPEX_CLIENT_IDLE_SOCKETS`` (default 8) idle channels 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import time
@@ -23,7 +24,11 @@ from dspex.wire.sockets import handshake_failure
 from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt
 
 Connect = Callable[[], tuple[zmq.Socket[Any], zmq.Socket[Any]]]
+# takes a late reply (status, worker, body frames) of a request its caller abandoned; True once
+# it was the request's last
+LateReply = Callable[[str, str, list[Any]], bool]
 
+log = logging.getLogger("dspex.client")
 
 LOST = "lost the connection to the broker"
 
@@ -44,10 +49,46 @@ def connection_event(event: int, curve: bool, up: bool) -> tuple[bool, str]:
     return up, ""
 
 
+class Abandoned:
+    """The requests of a socket whose caller stopped waiting (cancelled, Ctrl-C, a stream left
+    early) and sent ``cancel``: what the producer prints while it stops (its ``finally`` blocks)
+    still goes where the call's output went, until the request's last reply or its deadline."""
+
+    __slots__ = ("_late",)
+
+    def __init__(self) -> None:
+        self._late: dict[int, tuple[LateReply, float]] = {}
+
+    def add(self, rid: int, on_late: LateReply, wait: float) -> None:
+        """Request ``rid``'s replies from now on (``wait`` seconds at most) go to ``on_late``."""
+        now = time.monotonic()
+        # a copy: a stream's garbage collection may add one while this runs
+        for gone in [r for r, (_, until) in list(self._late.items()) if until < now]:
+            self._late.pop(gone, None)
+        self._late[rid] = (on_late, now + wait)
+
+    def take(self, rid: int, status: str, worker: str, frames: list[Any]) -> None:
+        """A reply of no request waiting for it: request ``rid``'s handler's, if it was abandoned
+        (else a late reply of a call that timed out: dropped)."""
+        entry = self._late.get(rid)
+        if entry is None:
+            return
+        try:
+            last = entry[0](status, worker, frames)
+        except Exception as exc:  # noqa: BLE001 - nobody awaits it; the socket's other requests go on
+            log.debug("dropped the late output of abandoned request %d: %r", rid, exc)
+            last = True
+        if last:
+            self._late.pop(rid, None)
+
+    def clear(self) -> None:
+        self._late.clear()
+
+
 class Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock", "up")
+    __slots__ = ("abandoned", "broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock", "up")
 
     def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -59,6 +100,7 @@ class Channel:
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
         self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
         self.up = False  # a handshake with the broker completed and its connection did not drop since
+        self.abandoned = Abandoned()  # read when the channel's next request waits
 
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""

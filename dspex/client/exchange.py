@@ -398,6 +398,18 @@ class Exchange:
             self._extras(extras)
         return "done", value, 0
 
+    def late(self, status: str, worker: str, frames: list[Any]) -> bool:
+        """A reply of this request after its caller cancelled it: what the producer prints, warns
+        or logs while it stops goes where the call's output went. True at the final reply."""
+        if status != Status.OUTPUT.value:
+            return status not in EVENT_STATUSES
+        value = decode_value(frames, bind=self.bind)
+        if self.forward:
+            output.forward(value, self.session, worker)
+        if self.on_output is not None:
+            self._notify(self.on_output, value)
+        return False
+
     def _loaded(self) -> None:
         """A reply that shows the worker loaded the request (an event, the result): what it sent is
         the session's there. Not an error: one raised while the request was loaded (a by-value

@@ -146,7 +146,7 @@ class Client(ClientAPI[Session], Closing):
                 continue
             if rid == req_id:
                 return status, rworker, reply[1:]
-            # else a late reply to a request of this socket that timed out earlier
+            ch.abandoned.take(rid, status, rworker, reply[1:])  # an earlier request's of this socket
 
     def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
                 **options: Unpack[RequestOptions]) -> Any:
@@ -195,8 +195,8 @@ class Client(ClientAPI[Session], Closing):
     @staticmethod
     def _abandon(ch: Channel, ex: Exchange, req_id: int, cut: bool) -> None:
         """The caller stopped waiting (Ctrl-C, an error, a stream left early) for a request that is
-        out and not over: cancel it as asyncio does, waiting for nothing (late replies are skipped
-        by request id). An interrupt that ``cut`` a send in two leaves half a message in the socket:
+        out and not over: cancel it as asyncio does, waiting for nothing (its late replies come to
+        the channel's next request, which hands them to ``ch.abandoned``). An interrupt that ``cut`` a send in two leaves half a message in the socket:
         it is closed instead, and the broker cancels what a closed connection had."""
         ch.broken = ch.broken or cut  # a cut socket is closed, nothing more is sent on it
         if ch.broken or ex.op not in WORKER_OPS:
@@ -205,6 +205,8 @@ class Client(ClientAPI[Session], Closing):
             send_frames(ch.sock, control_frames(Op.CANCEL, ex.pool, ex.session, req_id, 0), zmq.NOBLOCK)
         except zmq.ZMQError:
             ch.broken = True
+            return
+        ch.abandoned.add(req_id, ex.late, ex.wait)
 
     def stream(self, op: str, pool: str, session: str, body: Any, **options: Unpack[RequestOptions]) -> Stream:
         """A call whose (iterable) result is streamed item by item (see :class:`Stream`)."""

@@ -446,6 +446,59 @@ def test_what_an_async_stream_prints_while_it_stops_reaches_the_client(arun: Asy
     assert arun.go(main) == ([0, 1, 2], "cleaned up\n")
 
 
+async def printed(capsys: pytest.CaptureFixture[str], lines: int) -> str:
+    """What the client's stdout shows once it holds ``lines`` lines (within 10 s): what a producer
+    prints while it stops may come a moment after the stop through a session."""
+    out, deadline = "", time.monotonic() + 10
+    while out.count("\n") < lines and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        out += capsys.readouterr().out
+    return out
+
+
+async def sleeps_with_cleanup():
+    try:
+        await asyncio.sleep(100)
+    finally:
+        print("stopped")
+
+
+def test_what_a_program_prints_while_it_is_cancelled_reaches_the_client(arun: AsyncRunner,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The ``finally`` of an async generator whose consuming task is cancelled, of one left by
+    ``break`` alone (dropped: stopped at garbage collection), and of a call that ``wait_for``
+    cancels: what each prints as it stops shows on the client's stdout, as in-process, though
+    nothing awaits the stop there."""
+
+    async def main(arun: AsyncRunner) -> Any:
+        running = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in await stream_of(arun, numbers_with_cleanup, 100_000):
+                running.set()
+
+        task = asyncio.create_task(consume())
+        await running.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        cancelled = await printed(capsys, 1)
+        async for x in await stream_of(arun, numbers_with_cleanup, 100_000):
+            if x == 2:
+                break
+        left = await printed(capsys, 1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arun(sleeps_with_cleanup), 0.3)
+        timed_out = await printed(capsys, 1)
+        return cancelled, left, timed_out, await arun(ask_nothing)
+
+    assert arun.go(main) == ("cleaned up\n", "cleaned up\n", "stopped\n", "served")
+
+
+def ask_nothing():
+    return "served"
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 class LookupFailed(Exception):

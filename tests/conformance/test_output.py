@@ -5,7 +5,12 @@ session, the same lines reach the same places (stdout, stderr, the loggers, the 
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
 import re
+import signal
+import threading
+import time
 import warnings
 from typing import Any
 
@@ -14,6 +19,8 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 import dspex
+from tests.conformance.harness import INPROCESS
+from tests.harness import wait_for
 
 
 def exact_answer(example: Any, pred: Any, trace: Any = None) -> bool:
@@ -98,3 +105,62 @@ def test_a_warning_shows_in_each_call_that_warns_it(run: Any) -> None:
         with pytest.warns(UserWarning, match="the option is deprecated") as warned:
             assert run(warn_about_the_option, value) == value
         assert [str(w.message) for w in warned] == ["the option is deprecated"]
+
+
+def numbers_with_cleanup(n: int) -> Any:
+    try:
+        yield from range(n)
+    finally:
+        print("cleaned up")
+
+
+def say(word: str) -> None:
+    print(word)
+
+
+def test_what_a_generator_left_by_break_prints_as_it_stops_shows_before_the_next_call(
+        run: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``break`` out of a ``for`` over a generator without ``close()``: in-process the generator is
+    closed as it is dropped and its ``finally`` prints there; through a session the stream is
+    dropped, its producer cancelled without waiting, and the line shows when the client next
+    reads (at the latest before the session's next call returns), before that call's own output."""
+    stream = numbers_with_cleanup(100_000) if run.mode == INPROCESS else run.s.stream_apply(numbers_with_cleanup,
+                                                                                             [100_000])
+    taken = []
+    for x in stream:
+        taken.append(x)
+        if x == 2:
+            break
+    del stream
+    run(say, "next")
+    assert (taken, capsys.readouterr().out) == ([0, 1, 2], "cleaned up\nnext\n")
+
+
+def sleeps_with_cleanup(marker: str) -> None:
+    try:
+        pathlib.Path(marker).touch()
+        time.sleep(100)
+    finally:
+        print("stopped")
+
+
+def test_what_a_call_prints_as_ctrl_c_stops_it_shows_before_the_next_call(
+        run: Any, capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path) -> None:
+    """Ctrl-C (SIGINT to the client process) while a call sleeps: in-process its ``finally`` prints
+    as the ``KeyboardInterrupt`` goes up; through a session the call is cancelled without waiting,
+    and the line shows when the client next reads, before the next call's own output."""
+    marker = str(tmp_path / "sleeping")
+
+    def interrupt_once_asleep() -> None:
+        wait_for(lambda: os.path.exists(marker), timeout=30, what="the call asleep")
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_asleep)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(sleeps_with_cleanup, marker)
+    finally:
+        interrupter.join()
+    run(say, "next")
+    assert capsys.readouterr().out == "stopped\nnext\n"
