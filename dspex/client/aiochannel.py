@@ -44,6 +44,7 @@ class AsyncChannel:
         self.on_loop_end: Callable[[], None] = lambda: None  # the client's: stop its open streams
         self._tasks: list[asyncio.Task[None]] = []
         self.broken = False
+        self._up = False  # the socket's handshake with the broker completed and its connection did not drop since
         self._drop_seen = -math.inf  # when a connection drop was last seen
         self.closed = False
         self._retiring: list[asyncio.Task[None]] = []
@@ -107,14 +108,37 @@ class AsyncChannel:
 
     async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """A dropped broker connection fails every waiting call at once (typed ConnectionLost)."""
-        up, why, curve = False, "", sock.mechanism == zmq.CURVE
+        why, curve = "", sock.mechanism == zmq.CURVE
         while not why:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            up, why = connection_event(event["event"], curve, up)
+            why = self._saw(parse_monitor_message(await monitor.recv_multipart()), curve)
+        self._dropped(why)
+
+    def _saw(self, event: Any, curve: bool) -> str:
+        self._up, why = connection_event(event["event"], curve, self._up)
+        return why
+
+    def _dropped(self, why: str) -> None:
         self.broken = True  # the next request gets a fresh socket
         self._drop_seen = time.monotonic()
         # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
         self.fail_all((LOST, "", []) if why is CONNECTION_LOST else (REFUSED, why, []))
+
+    def _drop_seen_now(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> bool:
+        """Read what the monitor holds that the watcher has not read yet (it runs when the loop
+        next turns), as the blocking client does before each request: a drop that came before
+        this request is its socket's end, not the request's (which would wait for the next broker)."""
+        curve = sock.mechanism == zmq.CURVE
+        while cast(int, monitor.get(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                got = cast("asyncio.Future[list[bytes]]", monitor.recv_multipart(zmq.DONTWAIT))
+                frames = got.result()  # (done at once: no wait)
+            except zmq.Again:
+                break
+            why = self._saw(parse_monitor_message(frames), curve)
+            if why:
+                self._dropped(why)
+                return True
+        return False
 
     def ready(self, connect: Connect) -> zmq.asyncio.Socket:
         """The socket, with its reader and watcher running on this loop: made (by ``connect``) at
@@ -125,7 +149,7 @@ class AsyncChannel:
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             self._leave_loop(self._loop)
         sock, monitor = self._sock, self._monitor
-        if sock is None or monitor is None or self.broken:
+        if sock is None or monitor is None or self.broken or self._drop_seen_now(sock, monitor):
             if time.monotonic() - self._drop_seen > RIDE_THROUGH:  # else wait for a restarting broker
                 probe_ipc(self.endpoint)
             if sock is not None:
@@ -133,7 +157,7 @@ class AsyncChannel:
                 self._retiring.append(asyncio.get_running_loop().create_task(retired))
                 self.replaced += 1
             sock, monitor = self._sock, self._monitor = connect()
-            self._tasks, self.broken = [], False
+            self._tasks, self.broken, self._up = [], False, False
         if not self._tasks:
             loop = self._loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._read_loop(sock)), loop.create_task(self._watch(sock, monitor))]
