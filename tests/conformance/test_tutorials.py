@@ -5,7 +5,14 @@ module level, then used in calls (in-process and through a session, compared).
   at the top of the script, a ``RAG`` module whose ``forward`` calls ``search``;
 - "Multi-Hop Search" (tutorials/multihop_search): a module generating queries over hops, notes
   gathered from the same retriever;
-- "Classification" (tutorials/classification): a typed ``Literal`` output and a float.
+- "Classification" (tutorials/classification): a typed ``Literal`` output and a float, scored by
+  ``dspy.Evaluate`` over a ``dspy.Example`` devset with a metric returning a float and one returning
+  ``dspy.Prediction(score=, feedback=)``;
+- "Entity Extraction" (tutorials/entity_extraction): ``list[str]`` and ``list[<pydantic model>]``
+  outputs;
+- "Agents" / "Customer Service Agent" (tutorials/agents, tutorials/customer_service_agent): ReAct
+  whose tools are methods of an object holding state, and module-level functions taking Pydantic
+  arguments and writing to a module-level dict "database".
 
 The embedder is a user function (no embedding model offline); ``dspy.utils.DummyLM`` answers.
 """
@@ -16,6 +23,7 @@ from typing import Any, Literal
 
 import dspy
 import numpy as np
+import pydantic
 from dspy.utils import DummyLM
 
 from tests.conformance.harness import Runner
@@ -87,3 +95,158 @@ def classify() -> Any:
 def test_classification_with_a_literal_output(run: Runner) -> None:
     pred = run.check(classify)
     assert (pred.sentiment, pred.confidence) == ("positive", 0.75)
+
+
+DEVSET = [dspy.Example(sentence="What a great day", sentiment="positive").with_inputs("sentence"),
+          dspy.Example(sentence="Awful service", sentiment="negative").with_inputs("sentence")]
+
+
+def sentiment_matches(example: dspy.Example, pred: dspy.Prediction, trace: Any = None) -> float:
+    return float(example.sentiment == pred.sentiment)
+
+
+def sentiment_with_feedback(gold: dspy.Example, pred: dspy.Prediction, trace: Any = None, pred_name: Any = None,
+                            pred_trace: Any = None) -> dspy.Prediction:
+    right = gold.sentiment == pred.sentiment
+    return dspy.Prediction(score=float(right), feedback="right" if right else f"expected {gold.sentiment}")
+
+
+def evaluate_classifier() -> Any:
+    dspy.configure(lm=DummyLM([{"sentiment": "positive", "confidence": "0.9"}] * 4))
+    classifier = dspy.Predict(Classify)
+    plain = dspy.Evaluate(devset=DEVSET, metric=sentiment_matches, num_threads=1, display_progress=False)(classifier)
+    judged = dspy.Evaluate(devset=DEVSET, metric=sentiment_with_feedback, num_threads=1,
+                           display_progress=False)(classifier)
+    return plain, judged
+
+
+def test_evaluate_with_a_float_metric_and_a_feedback_metric(run: Runner) -> None:
+    plain, judged = run.check(evaluate_classifier)
+    assert type(plain).__name__ == type(judged).__name__ == "EvaluationResult"
+    assert plain.score == judged.score == 50.0
+    assert [score for _, _, score in plain.results] == [1.0, 0.0]
+    assert judged.results[1][2].feedback == "expected negative"
+
+
+class Entity(pydantic.BaseModel):
+    name: str
+    kind: Literal["PERSON", "PLACE"]
+
+
+class ExtractEntities(dspy.Signature):
+    """Extract the people and the named entities of the tokens."""
+
+    tokens: list[str] = dspy.InputField()
+    people: list[str] = dspy.OutputField()
+    entities: list[Entity] = dspy.OutputField()
+
+
+def extract_entities() -> Any:
+    dspy.configure(lm=DummyLM([{"people": '["Ada"]',
+                                "entities": '[{"name": "Ada", "kind": "PERSON"}, {"name": "London", "kind": "PLACE"}]'}]))
+    return dspy.Predict(ExtractEntities)(tokens=["Ada", "lived", "in", "London"])
+
+
+def test_entity_extraction_with_typed_outputs(run: Runner) -> None:
+    pred = run.check(extract_entities)
+    assert pred.people == ["Ada"]
+    assert [type(e).__name__ for e in pred.entities] == ["Entity", "Entity"]
+    assert pred.entities[1].kind == "PLACE"
+
+
+class Bank:
+    """Tools of the agent: methods of one object holding the balances (the agents tutorial's style)."""
+
+    def __init__(self) -> None:
+        self.balances = {"alice": 10}
+
+    def get_balance(self, name: str) -> int:
+        """Get the balance of a customer."""
+        return self.balances[name]
+
+    def deposit(self, name: str, amount: int) -> str:
+        """Deposit an amount for a customer."""
+        self.balances[name] += amount
+        return f"new balance {self.balances[name]}"
+
+
+BANK = Bank()
+TELLER = dspy.ReAct("request -> answer", tools=[BANK.get_balance, BANK.deposit], max_iters=4)
+
+
+def deposit_five() -> Any:
+    dspy.configure(lm=DummyLM([
+        {"next_thought": "look", "next_tool_name": "get_balance", "next_tool_args": {"name": "alice"}},
+        {"next_thought": "pay", "next_tool_name": "deposit", "next_tool_args": {"name": "alice", "amount": 5}},
+        {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+        {"reasoning": "r", "answer": "deposited"}]))
+    pred = TELLER(request="Deposit 5 for alice")
+    return pred.answer, pred.trajectory["observation_0"], pred.trajectory["observation_1"]
+
+
+def alice_balance() -> int:
+    return BANK.balances["alice"]
+
+
+def test_agent_tools_that_are_methods_of_an_object_holding_state(run: Runner) -> None:
+    """The module-level object the tools are methods of is the program's: a deposit is seen by the
+    next call of the session, as by the next statement in-process."""
+    before = run(alice_balance)
+    answer, seen, deposited = run(deposit_five)
+    assert (answer, seen, deposited) == ("deposited", before, f"new balance {before + 5}")
+    assert run(alice_balance) == before + 5
+
+
+class Date(pydantic.BaseModel):
+    year: int
+    month: int
+    day: int
+
+
+class Flight(pydantic.BaseModel):
+    flight_id: str
+    date: Date
+    origin: str
+
+
+FLIGHTS = {"DA123": Flight(flight_id="DA123", date=Date(year=2025, month=9, day=1), origin="SFO")}
+ITINERARIES: dict[str, dict[str, Any]] = {}
+
+
+def fetch_flight_info(date: Date, origin: str) -> list[Flight]:
+    """Fetch the flights leaving origin on date."""
+    return [f for f in FLIGHTS.values() if f.date == date and f.origin == origin]
+
+
+def book_flight(flight: Flight, user_name: str) -> str:
+    """Book a flight for a user; returns the confirmation number."""
+    confirmation = f"{flight.flight_id}-{user_name}"
+    ITINERARIES[confirmation] = {"flight": flight, "user_name": user_name}
+    return confirmation
+
+
+class AirlineService(dspy.Signature):
+    """You are an airline customer service agent: fulfil the user's request with the tools."""
+
+    user_request: str = dspy.InputField()
+    process_result: str = dspy.OutputField()
+
+
+def book_with_the_agent() -> Any:
+    sfo = {"year": 2025, "month": 9, "day": 1}
+    dspy.configure(lm=DummyLM([
+        {"next_thought": "find", "next_tool_name": "fetch_flight_info", "next_tool_args": {"date": sfo, "origin": "SFO"}},
+        {"next_thought": "book", "next_tool_name": "book_flight",
+         "next_tool_args": {"flight": {"flight_id": "DA123", "date": sfo, "origin": "SFO"}, "user_name": "Adam"}},
+        {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}},
+        {"reasoning": "r", "process_result": "Booked DA123-Adam"}]))
+    agent = dspy.ReAct(AirlineService, tools=[fetch_flight_info, book_flight])
+    pred = agent(user_request="Book me the SFO flight on 2025-09-01, I am Adam")
+    return pred.process_result, pred.trajectory["observation_0"], ITINERARIES["DA123-Adam"]
+
+
+def test_customer_service_agent_with_pydantic_tool_arguments(run: Runner) -> None:
+    result, found, booked = run.check(book_with_the_agent)
+    assert result == "Booked DA123-Adam"
+    assert found == [FLIGHTS["DA123"]] and type(found[0]).__name__ == "Flight"
+    assert booked == {"flight": FLIGHTS["DA123"], "user_name": "Adam"}
