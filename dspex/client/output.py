@@ -24,7 +24,8 @@ log = logging.getLogger("dspex.client")
 _THRESHOLD_KEY = "dspex.log_threshold"
 _write_lock = threading.Lock()  # one write per event: lines of concurrent sessions never splice
 _categories: dict[tuple[str, str], type[Warning]] = {}
-_registries: dict[str, dict[Any, Any]] = {}  # a place's file -> the registry of warnings shown there
+# a place's file -> the name of this process's module of it and the registry of warnings shown there
+_places: dict[str, tuple[str | None, dict[Any, Any]]] = {}
 
 
 def log_threshold() -> int:
@@ -88,23 +89,29 @@ def _warn(event: dict[str, Any]) -> None:
     filename = str(event.get("filename", "<worker>"))
     lineno = int(event.get("lineno") or 0)
     try:
-        warnings.warn_explicit(message, category, filename, lineno, registry=_registry(filename))
+        module, registry = _place(filename)
+        if module is None:  # (``module=None`` is not "not given": the C implementation matches None)
+            warnings.warn_explicit(message, category, filename, lineno, registry=registry)
+        else:
+            warnings.warn_explicit(message, category, filename, lineno, module=module, registry=registry)
     except Exception:  # noqa: BLE001 - an ``error`` filter: the call ran on past it, so show it
         warnings.showwarning(message, category, filename, lineno)
 
 
-def _registry(filename: str) -> dict[Any, Any]:
-    """Where Python's filters note the warnings shown at ``filename``'s places: the
-    ``__warningregistry__`` of this process's module of that file, as in-process (a warning the
-    script itself showed is not shown again), else one kept here. Without it the ``default``
-    action ("once per place") would show a warning every time a call (another session's, or the
-    same program again) sends it."""
-    found = _registries.get(filename)
+def _place(filename: str) -> tuple[str | None, dict[Any, Any]]:
+    """The name and the ``__warningregistry__`` of this process's module of ``filename``, as
+    in-process, else no name (Python makes one of the path) and a registry kept here. The name is
+    what the filters match: a DeprecationWarning of the script's own code shows only under
+    ``__main__`` (``default::DeprecationWarning:__main__``), not under its path. The registry is
+    where they note the places shown: a warning the script itself showed is not shown again, and
+    without one the ``default`` action ("once per place") would show a warning every time a call
+    (another session's, or the same program again) sends it."""
+    found = _places.get(filename)
     if found is None:
-        found = next((vars(module).setdefault("__warningregistry__", {}) for module in list(sys.modules.values())
-                      if getattr(module, "__file__", None) == filename), {})
-        if len(_registries) < 1024:
-            _registries[filename] = found
+        module = next((m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == filename), None)
+        found = (None, {}) if module is None else (module.__name__, vars(module).setdefault("__warningregistry__", {}))
+        if len(_places) < 1024:
+            _places[filename] = found
     return found
 
 

@@ -265,3 +265,43 @@ def test_a_program_saved_whole_loads_in_the_session_with_its_module(cstack: Stac
     name, notes = result["missing"]
     assert name == "summarizer"
     assert notes and "your own code" in notes[0] and "import summarizer" in notes[0], notes
+
+
+SCRIPT_WITH_A_DEPRECATION = textwrap.dedent('''
+    import sys
+    import warnings
+
+    import dspex
+
+
+    def old_api():
+        warnings.warn("old_api is deprecated", DeprecationWarning, stacklevel=1)
+        return 1
+
+
+    if sys.argv[2] == "inprocess":
+        old_api()
+    else:
+        with dspex.connect(sys.argv[1], timeout=60) as dx:
+            session = dx.session("c1")
+            session.run(old_api)
+            session.close()
+''')
+
+
+def test_a_deprecation_warned_in_the_scripts_own_code_shows_as_in_process(cstack: Stack, tmp_path) -> None:
+    """Python shows a DeprecationWarning only when the code that warns is ``__main__``'s (its
+    default filter ``default::DeprecationWarning:__main__``): a function of the script (or DSPy
+    warning at the script's line, ``lm(messages=[...])``) shows it in-process. Through a session the
+    worker showed it, and the client, filtering it again with a module name made from the file's
+    path (``/tmp/.../main``), dropped it."""
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_WITH_A_DEPRECATION)
+    shown = {}
+    for mode in ("inprocess", "session"):
+        out = subprocess.run([sys.executable, str(script), cstack.frontend, mode], env=cstack.env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        shown[mode] = [line for line in out.stderr.splitlines() if "DeprecationWarning:" in line]
+    assert shown["inprocess"] == [f"{script}:9: DeprecationWarning: old_api is deprecated"]
+    assert shown["session"] == shown["inprocess"]
