@@ -408,3 +408,47 @@ def test_dspexctl_workers_recycle_with_a_generator_a_loop_bound_queue_and_module
             s.run(mod.size, q)
         assert s.run(mod.put_get, plain, 8) == 7
 
+
+GLOBALS = '''
+SEEN = []
+COUNTER = None
+
+
+def start():
+    global COUNTER
+    COUNTER = (i for i in range(100))
+
+
+def step():
+    SEEN.append(next(COUNTER))
+    return list(SEEN)
+'''
+
+
+def test_a_global_left_out_of_the_checkpoint_is_unbound_after_a_move_and_the_name_error_says_why(
+        stack: Stack, usercode: Any) -> None:
+    """In-process, ``step()`` goes on; after a move the generator is gone. The call that bound it
+    said so, and the NameError a later call meets names the global and why it did not come."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    mod = usercode(GLOBALS)
+    s = dx.session("p", durable=True)
+    _, said = _not_durable(lambda: s.run(mod.start))
+    assert len(said) == 1 and f"global COUNTER of {mod.__name__} (generator) is not durable" in said[0], said
+    assert s.run(mod.step) == [0] and s.run(mod.step) == [0, 1]
+    _move(stack, dx, s)
+    with pytest.raises(NameError, match="name 'COUNTER' is not defined") as info:
+        s.run(mod.step)
+    notes = getattr(info.value, "__notes__", [])
+    assert any(f"global COUNTER of {mod.__name__} (generator) was not durable" in n and "TypeError: cannot pickle"
+               in n for n in notes), notes
+    s.run(mod.start)  # bound again: SEEN came back whole
+    assert s.run(mod.step) == [0, 1, 0]
+    _, said = _not_durable(lambda: s.exec("ticks = (i for i in range(9))\ndef tick():\n    return next(ticks)"))
+    assert any("name 'ticks' (generator) is not durable" in m for m in said), said  # and the ref exec returned
+    assert s.eval("tick()") == 0
+    _move(stack, dx, s)
+    for call in (lambda: s.eval("tick()"), lambda: s.eval("next(ticks)")):
+        with pytest.raises(NameError) as info:
+            call()
+        notes = getattr(info.value, "__notes__", [])
+        assert any("name 'ticks' (generator) was not durable" in n for n in notes), notes

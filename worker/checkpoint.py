@@ -131,6 +131,23 @@ SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the
 
 
 
+def note_unbound(state: SessionState, exc: NameError) -> None:
+    """A NameError that user code of a durable session met for a name a move left unbound (it
+    could not be pickled) gets a note saying so: the bare error would not say why."""
+    tracker = state.checkpoint
+    tb = exc.__traceback__
+    if tracker is None or tb is None or not exc.name:
+        return
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    scope = tb.tb_frame.f_globals
+    session_module = state.module is not None and scope is state.module.__dict__
+    why = tracker.left_out(exc.name, str(scope.get("__name__", "")), session_module)
+    if why is not None:
+        exc.add_note(f"dspex: {why.what} ({why.type_name}) was not durable ({why.reason}): it was left out "
+                     "when the session moved to this worker")
+
+
 def module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
     """Namespace id -> module dict of every module the session holds."""
     out = {nsid: mod.__dict__ for nsid, mod in state.code.modules.items()}
@@ -385,6 +402,11 @@ class Tracker:
             held = self._excluded.get(id(obj))
             if held is not None and held[0] is obj:
                 del self._excluded[id(obj)]
+
+    def left_out(self, name: str, module_name: str, session_module: bool) -> NotDurable | None:
+        """The record of ``name`` of the module ``module_name`` (the session's namespace when
+        ``session_module``) if a move left it unbound: a NameError for it says why."""
+        return self._lost.get(f"name {name!r}" if session_module else f"global {name} of {module_name}")
 
     @classmethod
     def adopt(cls, state: SessionState, objects: dict[int, Any], module_slots: dict[int, tuple[str, str]],
