@@ -422,6 +422,11 @@ def start():
 def step():
     SEEN.append(next(COUNTER))
     return list(SEEN)
+
+
+def steps(n):
+    for _ in range(n):
+        yield step()
 '''
 
 
@@ -441,6 +446,10 @@ def test_a_global_left_out_of_the_checkpoint_is_unbound_after_a_move_and_the_nam
     notes = getattr(info.value, "__notes__", [])
     assert any(f"global COUNTER of {mod.__name__} (generator) was not durable" in n and "TypeError: cannot pickle"
                in n for n in notes), notes
+    with pytest.raises(NameError) as info:
+        list(s.stream_apply(mod.steps, [2]))  # the same, met by a stream's producer
+    notes = getattr(info.value, "__notes__", [])
+    assert any(f"global COUNTER of {mod.__name__} (generator) was not durable" in n for n in notes), notes
     s.run(mod.start)  # bound again: SEEN came back whole
     assert s.run(mod.step) == [0, 1, 0]
     _, said = _not_durable(lambda: s.exec("ticks = (i for i in range(9))\ndef tick():\n    return next(ticks)"))

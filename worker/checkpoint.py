@@ -34,8 +34,9 @@ import io
 import struct
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cloudpickle
 import msgpack
@@ -68,6 +69,8 @@ _GLOBALS_PER_BUILD = 64  # classes / functions by name a build notes for seeding
 _CODE_RANK = {types.ModuleType: 0, type: 1, types.FunctionType: 2, types.BuiltinFunctionType: 2}
 DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
 
+
+T = TypeVar("T")
 
 _versions: dict[str, str] = {}
 
@@ -131,9 +134,17 @@ SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the
 
 
 
-def note_unbound(state: SessionState, exc: NameError) -> None:
-    """A NameError that user code of a durable session met for a name a move left unbound (it
-    could not be pickled) gets a note saying so: the bare error would not say why."""
+def naming_unbound(state: SessionState, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, user code of ``state``: a NameError it meets for a name a move left unbound
+    (it could not be pickled) gets a note saying so, as a ref left out says why in RefNotFound."""
+    try:
+        return fn(*args)
+    except NameError as exc:
+        _note_unbound(state, exc)
+        raise
+
+
+def _note_unbound(state: SessionState, exc: NameError) -> None:
     tracker = state.checkpoint
     tb = exc.__traceback__
     if tracker is None or tb is None or not exc.name:

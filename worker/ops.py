@@ -34,14 +34,7 @@ class SessionOps:
         if handler is None:
             raise UnknownOp(f"unknown op {op!r}")
         args = OPS[op].bind_list(body)  # its arguments as the op's definition says
-        def noted() -> Any:
-            try:
-                return resolve_awaitable(handler(self, state, *args))
-            except NameError as exc:
-                checkpoint.note_unbound(state, exc)
-                raise
-
-        return guarded(noted)
+        return guarded(checkpoint.naming_unbound, state, lambda: resolve_awaitable(handler(self, state, *args)))
 
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:
