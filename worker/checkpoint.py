@@ -34,8 +34,9 @@ import io
 import struct
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cloudpickle
 import msgpack
@@ -68,6 +69,8 @@ _GLOBALS_PER_BUILD = 64  # classes / functions by name a build notes for seeding
 _CODE_RANK = {types.ModuleType: 0, type: 1, types.FunctionType: 2, types.BuiltinFunctionType: 2}
 DEFAULT_HISTORY_LIMIT = 200  # the worker's --lm-history default
 
+
+T = TypeVar("T")
 
 _versions: dict[str, str] = {}
 
@@ -129,6 +132,31 @@ class Checkpoint:
 _SECTIONS = {"refs": "ref", "ns": "name", "settings": "setting", "code": "code", "globals": "global"}
 SESSION_NS = "ns"  # the module slot of the session's own namespace (others: the code store's nsids)
 
+
+
+def naming_unbound(state: SessionState, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, user code of ``state``: a NameError it meets for a name a move left unbound
+    (it could not be pickled) gets a note saying so, as a ref left out says why in RefNotFound."""
+    try:
+        return fn(*args)
+    except NameError as exc:
+        _note_unbound(state, exc)
+        raise
+
+
+def _note_unbound(state: SessionState, exc: NameError) -> None:
+    tracker = state.checkpoint
+    tb = exc.__traceback__
+    if tracker is None or tb is None or not exc.name:
+        return
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    scope = tb.tb_frame.f_globals
+    session_module = state.module is not None and scope is state.module.__dict__
+    why = tracker.left_out(exc.name, str(scope.get("__name__", "")), session_module)
+    if why is not None:
+        exc.add_note(f"dspex: {why.what} ({why.type_name}) was not durable ({why.reason}): it was left out "
+                     "when the session moved to this worker")
 
 
 def module_dicts(state: SessionState) -> dict[str, dict[str, Any]]:
@@ -385,6 +413,11 @@ class Tracker:
             held = self._excluded.get(id(obj))
             if held is not None and held[0] is obj:
                 del self._excluded[id(obj)]
+
+    def left_out(self, name: str, module_name: str, session_module: bool) -> NotDurable | None:
+        """The record of ``name`` of the module ``module_name`` (the session's namespace when
+        ``session_module``) if a move left it unbound: a NameError for it says why."""
+        return self._lost.get(f"name {name!r}" if session_module else f"global {name} of {module_name}")
 
     @classmethod
     def adopt(cls, state: SessionState, objects: dict[int, Any], module_slots: dict[int, tuple[str, str]],

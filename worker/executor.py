@@ -35,6 +35,7 @@ from dspex.wire.ref import EPHEMERAL_SESSION, Ref
 from dspex.wire.remoteerror import RemoteError
 from dspex.wire.zmqfast import frame_buffer
 from worker import forking, limits, lm_history, namespace, output, threads
+from worker.checkpoint import naming_unbound
 from worker.dspy_settings import SessionSettings
 from worker.durable import DurableSessions
 from worker.ops import SessionOps
@@ -232,7 +233,7 @@ class Executor:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
-                    result = guarded(drain, result, stream, encode_item)
+                    result = guarded(naming_unbound, state, drain, result, stream, encode_item)
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")

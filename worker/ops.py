@@ -17,7 +17,7 @@ from dspex.wire.errors import ProtocolError, UnknownOp
 from dspex.wire.ops import OPS, Op
 from dspex.wire.ref import Ref
 from dspex.wire.remoteerror import RemoteError
-from worker import namespace
+from worker import checkpoint, namespace
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import guarded
 from worker.streaming import resolve_awaitable
@@ -34,7 +34,7 @@ class SessionOps:
         if handler is None:
             raise UnknownOp(f"unknown op {op!r}")
         args = OPS[op].bind_list(body)  # its arguments as the op's definition says
-        return guarded(lambda: resolve_awaitable(handler(self, state, *args)))
+        return guarded(checkpoint.naming_unbound, state, lambda: resolve_awaitable(handler(self, state, *args)))
 
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:
