@@ -392,7 +392,8 @@ def test_dspexctl_workers_recycle_with_a_generator_a_loop_bound_queue_and_module
         gen, _ = _not_durable(lambda: s.run(mod.count, 9))
         assert next(gen) == 0
         q = s.run(mod.a_queue)
-        assert s.run(mod.wait_empty, q) == "timeout"
+        out, said = _not_durable(lambda: s.run(mod.wait_empty, q))  # waited on: tied to the worker's loop
+        assert out == "timeout" and any("(asyncio.queues.Queue) is not durable" in m for m in said), said
         plain = s.run(mod.a_queue)
         assert s.run(mod.fill, plain, 7) == 1
         assert s.run(mod.note, 1) == [1]
@@ -450,7 +451,8 @@ def test_a_global_left_out_of_the_checkpoint_is_unbound_after_a_move_and_the_nam
         list(s.stream_apply(mod.steps, [2]))  # the same, met by a stream's producer
     notes = getattr(info.value, "__notes__", [])
     assert any(f"global COUNTER of {mod.__name__} (generator) was not durable" in n for n in notes), notes
-    s.run(mod.start)  # bound again: SEEN came back whole
+    _, said = _not_durable(lambda: s.run(mod.start))  # bound again (and said again): SEEN came back whole
+    assert len(said) == 1, said
     assert s.run(mod.step) == [0, 1, 0]
     _, said = _not_durable(lambda: s.exec("ticks = (i for i in range(9))\ndef tick():\n    return next(ticks)"))
     assert any("name 'ticks' (generator) is not durable" in m for m in said), said  # and the ref exec returned
