@@ -25,6 +25,7 @@ import dspex
 import dspex.aio
 from dspex.wire.ref import RemoteMethod
 from tests.harness import shared_pool, wait_for
+from tests.test_stream_return import delegate, drive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -394,22 +395,6 @@ def test_iterating_a_generator_ref_takes_batches_and_leaving_early_leaves_it_the
 def counted(n: int) -> Generator[int, None, str]:
     yield from range(n)
     return f"counted {n}"
-
-
-def delegate(items: Any) -> Generator[Any, None, Any]:
-    """What a generator that delegates to ``items`` (``yield from``) gets back."""
-    returned = yield from items
-    return returned
-
-
-def drive(iterator: Any) -> tuple[list[Any], Any]:
-    """The items ``next(iterator)`` gives, and the value of the ``StopIteration`` that ends them."""
-    items = []
-    while True:
-        try:
-            items.append(next(iterator))
-        except StopIteration as stop:
-            return items, stop.value
 
 
 def test_a_generator_ref_is_an_iterator_and_gives_its_return_value(s: dspex.Session) -> None:

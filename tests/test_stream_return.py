@@ -38,12 +38,12 @@ def delegate(items: Any) -> Generator[Any, None, Any]:
     return returned
 
 
-def drive(gen: Generator[Any, None, Any]) -> tuple[list[Any], Any]:
-    """The items of ``gen`` and the value of the ``StopIteration`` that ended it."""
+def drive(iterator: Any) -> tuple[list[Any], Any]:
+    """The items ``next(iterator)`` gives, and the value of the ``StopIteration`` that ends them."""
     items = []
     while True:
         try:
-            items.append(next(gen))
+            items.append(next(iterator))
         except StopIteration as stop:
             return items, stop.value
 
