@@ -583,6 +583,21 @@ def test_a_pickled_ref_is_its_value_and_binds_again_to_the_session(dx: dspex.Cli
         other.run(len, copied)
 
 
+def test_a_pickled_method_of_a_ref_is_that_method_again_as_a_bound_method_pickles_in_process(
+        dx: dspex.Client, s: dspex.Session) -> None:
+    """In-process ``pickle.loads(pickle.dumps(obj.push))`` is a method again. A method handle
+    unpickled on the client is the method of an unbound ref: a value that is the bound method
+    in the session's calls, and says how to bind it when called here."""
+    box = s.put(Box([1]))
+    for copied in (pickle.loads(pickle.dumps(box.push)), pickle.loads(pickle.dumps(functools.partial(box.push, 7)))):
+        assert s.run(lambda push: push(5) if not isinstance(push, functools.partial) else push(), copied) in (2, 3)
+    unbound = pickle.loads(pickle.dumps(box.push))
+    assert isinstance(unbound, RemoteMethod) and unbound.ref == box
+    with pytest.raises(TypeError, match=re.escape("ref.bind(session)")):
+        unbound(9)
+    assert s.run(lambda b: b.items, box) == [1, 5, 7]
+
+
 def test_a_ref_from_a_call_outside_any_session_says_its_object_was_not_kept(dx: dspex.Client) -> None:
     ref = dx.call("builtins", "object", pool="p")
     assert isinstance(ref, dspex.Ref)

@@ -320,14 +320,19 @@ class RemoteMethod:
         self._owner = owner
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        return self._owner.method(self.ref, self.name, list(args), kwargs)
+        return self._session(f"calling {self.name!r}").method(self.ref, self.name, list(args), kwargs)
+
+    def _session(self, what: str) -> Any:
+        return self._owner if self._owner is not None else self.ref._session(what, TypeError)
 
     def __repr__(self) -> str:
         return f"<remote method {self.name} of {self.ref!r}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # sent in a call (``s.run(prog.acall, ...)``, a partial of it), it is the bound method there
-        return (getattr, (self.ref, self.name))
+        # sent in a call (``s.run(prog.acall, ...)``, a partial of it), it is the bound method there;
+        # unpickled on a client, the method of an unbound ref, as an unpickled ref is a value
+        kind = RemoteAttribute if isinstance(self, RemoteAttribute) else RemoteMethod  # not the per-method subclass
+        return (_unpickle_method, (kind, self.ref, self.name))
 
 
 class RemoteAttribute(RemoteMethod):
@@ -338,10 +343,14 @@ class RemoteAttribute(RemoteMethod):
     __slots__ = ()
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self._owner.attr(self.ref, self.name).__await__()  # type: ignore[no-any-return]
+        return self._session(f"reading {self.name!r}").attr(self.ref, self.name).__await__()  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<remote attribute {self.name} of {self.ref!r}>"
+
+
+def _unpickle_method(kind: type[RemoteMethod], target: Any, name: str) -> Any:
+    return kind(target, name, None) if isinstance(target, Ref) else getattr(target, name)
 
 
 def _find_class(type_name: str) -> type | None:
