@@ -91,6 +91,12 @@ def test_an_object_that_cannot_be_durable_is_named_when_it_enters_and_gone_after
         lock = s.call("threading", "Lock")
     said = [str(w.message) for w in caught if issubclass(w.category, dspex.NotDurableWarning)]
     assert len(said) == 1 and f"ref {lock.id[:8]} (_thread.lock) is not durable" in said[0], said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        holder = s.eval("__import__('types').SimpleNamespace(name='cfg', parts=[1, __import__('threading').Lock()])")
+    said = [str(w.message) for w in caught if issubclass(w.category, dspex.NotDurableWarning)]
+    assert isinstance(holder, dspex.Ref) and len(said) == 1, said
+    assert "cannot pickle '_thread.lock' object at .parts[1] (_thread.lock)" in said[0], said  # where, inside
     pid = pid_of(s)
     stack.kill(pid)
     gone(dx, "p", pid)

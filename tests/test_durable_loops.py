@@ -7,6 +7,7 @@ and restarted on the same run dir."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def test_an_asyncio_queue_never_bound_to_a_loop_moves_one_bound_is_named_and_gon
     assert _not_durable(lambda: s.run(mod.put_get, plain, 1)) == (1, [])
     out, said = _not_durable(lambda: s.run(mod.wait_empty, bound))
     assert out == "timeout" and len(said) == 1 and f"ref {bound.id[:8]} (asyncio.queues.Queue) is not durable" in said[0]
+    assert re.search(r"at \._loop \(asyncio\.\w+\.\w+EventLoop\)\.", said[0]), said  # what holds what fails
     assert s.run(mod.fill, plain, 2) == 1 and s.run(mod.fill, bound, 2) == 1
     assert s.run(mod.fill, bound, 3) == 2  # usable here still
     _move(stack, dx, s)

@@ -387,14 +387,18 @@ class Tracker:
     def _find_not_durable(self, state: SessionState, roots: list[tuple[str, Any, Any]]) -> list[NotDurable]:
         """Pickle each root alone; exclude those that fail. Only after a whole build failed."""
         module_dicts = self._module_dicts()
+
+        def dump(obj: Any) -> None:
+            cp.SkeletonPickler(io.BytesIO(), self.slots.seed, module_dicts, self._slot_for, self.history_limit).dump(obj)
+
         newly = []
         for section, key, obj in roots:
             try:
-                cp.SkeletonPickler(io.BytesIO(), self.slots.seed, module_dicts, self._slot_for,
-                                   self.history_limit).dump(obj)
+                dump(obj)
             except Exception as exc:  # noqa: BLE001 - any failure to pickle is the reason
                 label = f"{key[1]} of {state.code.modules[key[0]].__name__}" if section == "globals" else str(key)
-                why = NotDurable(_SECTIONS[section], label, type_name(obj), f"{type(exc).__name__}: {exc}"[:500])
+                reason = f"{type(exc).__name__}: {exc}{_where(obj, dump)}"
+                why = NotDurable(_SECTIONS[section], label, type_name(obj), reason[:500])
                 self._excluded[id(obj)] = (obj, why)
                 newly.append(why)
         return newly
@@ -458,3 +462,33 @@ class Tracker:
         table.free_dynamic = [i for i in range(DYNAMIC_BASE, table.next_dynamic) if i not in table.objects]
         heapq.heapify(table.free)
         return tracker
+
+
+def _where(obj: Any, dump: Callable[[Any], None]) -> str:
+    """Where inside ``obj`` the part is that fails to pickle alone (`` at ._loop (an asyncio
+    event loop's type)``), for a reason that names it: the error pickle gives names only the
+    innermost type (``'_contextvars.Context'``). Parts of the standard library's objects are
+    not looked into (their privates say nothing to a user). Only after a root failed."""
+    path = ""
+    for _ in range(4):
+        for label, part in _parts(obj):
+            try:
+                dump(part)
+            except Exception:  # noqa: BLE001 - this part is (or holds) what fails
+                path, obj = path + label, part
+                break
+        else:
+            break
+        module = type(obj).__module__.partition(".")[0]
+        if not isinstance(obj, (dict, list, tuple)) and module in sys.stdlib_module_names:
+            break
+    return f" at {path} ({type_name(obj)})" if path else ""
+
+
+def _parts(obj: Any) -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        return [(f"[{k!r}]", v) for k, v in list(obj.items())[:200]]
+    if isinstance(obj, (list, tuple)):
+        return [(f"[{i}]", v) for i, v in enumerate(obj[:200])]
+    attributes = getattr(obj, "__dict__", None)
+    return [(f".{k}", v) for k, v in list(attributes.items())[:200]] if isinstance(attributes, dict) else []
