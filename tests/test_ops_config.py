@@ -340,6 +340,10 @@ def test_a_run_directory_that_is_a_file_is_one_line(here: Path) -> None:
         res = run(["-m", "dspexctl", *args], here)
         assert res.returncode == 2, res.stdout + res.stderr
         one_error_line(res, needle)
+    for args in (["-m", "broker", "--pool", "p"], ["-m", "worker", "--pool", "p", "--no-dspy"]):  # they said "File exists"
+        res = run(args, here, DSPEX_RUN_DIR=str(run_dir))
+        assert res.returncode == 2, res.stderr
+        one_error_line(res, f"cannot use the run directory {run_dir}: it is a file, not a directory (set DSPEX_RUN_DIR")
         if "--json" in args:
             assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
     pidfile = here / "run" / "supervisord.pid"

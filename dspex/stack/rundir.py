@@ -18,6 +18,9 @@ def ensure_private_dir(path: Path) -> Path:
     chmod it: a directory someone else made wider may already hold their sockets)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:  # mkdir's own word for it ("File exists") does not say what is wrong
+        raise ConfigError(f"cannot use the run directory {path}: it is a file, not a directory "
+                          "(set DSPEX_RUN_DIR to a directory this user may create)") from None
     except OSError as err:  # a read-only file system, a file in the path, no permission
         raise ConfigError(f"cannot create the run directory {path}: {err.strerror or err} "
                           "(set DSPEX_RUN_DIR to a directory this user may create)") from None
