@@ -20,6 +20,7 @@ from dspex.wire.remoteerror import RemoteError
 from worker import checkpoint, namespace
 from worker.refs import RefTable, SessionState, type_name
 from worker.remote_errors import guarded
+from worker.sink import CALLER_FILE
 from worker.streaming import resolve_awaitable
 
 
@@ -138,4 +139,12 @@ def _invoke(fn: Any, args: list[Any] | None, kwargs: dict[str, Any] | None) -> A
     if not callable(fn):
         raise RemoteError(f"{type_name(fn)} object is not callable", type="TypeError", module="builtins",
                           traceback="")
-    return fn(*(args or ()), **(kwargs or {}))
+    return _as_the_caller(fn, args or (), kwargs or {})
+
+
+# calls what the client asked for from a frame of ``__main__``'s, as the script's line is in-process:
+# a library's warning at its caller's place (DSPy's DeprecationWarnings) passes the filter that
+# shows only __main__'s, and the client shows it at its ``s.run`` line under its own filters
+_CALLER: dict[str, Any] = {"__name__": "__main__"}
+exec(compile("def call(fn, args, kwargs):\n    return fn(*args, **kwargs)\n", CALLER_FILE, "exec"), _CALLER)  # noqa: S102
+_as_the_caller: Callable[[Any, Any, dict[str, Any]], Any] = _CALLER["call"]

@@ -51,6 +51,10 @@ _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict_
 MAX_EXTRA_FIELDS = 32
 _PLAIN = (str, int, float, bool, type(None))
 Event = dict[str, Any]
+# the file of the frame that calls what a client asked for (worker/ops.py): a warning at that place
+# (a library callable the client called itself warning at its caller's, ``s.run(dspy.InputField,
+# prefix=...)``) is at the place of the client's call, as in-process at the line of the script
+CALLER_FILE = "<dspex: the client's call>"
 Emit = Callable[[Event], None]
 # send an event only if the caller's credit allows it now; False: not sent, and the callable given
 # runs when credit comes
@@ -193,7 +197,8 @@ class OutputSink:
             self.send_pending({"stream": "warning", "text": text, "message": str(message),
                                "category": [getattr(category, "__module__", "builtins"),
                                             getattr(category, "__qualname__", "UserWarning")],
-                               "filename": str(filename), "lineno": int(lineno)})
+                               "filename": str(filename), "lineno": int(lineno),
+                               **({"at_call": True} if filename == CALLER_FILE else {})})
 
     def record(self, record: logging.LogRecord) -> None:
         if self.emit is not None and not self.closed:  # (an ended call's thread: the worker log has it)

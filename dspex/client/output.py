@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import warnings
+from types import FrameType
 from typing import Any, TextIO
 
 from dspex.wire.protocol import output_flags
@@ -88,14 +89,29 @@ def _warn(event: dict[str, Any]) -> None:
     message = str(event.get("message", event.get("text", "")))
     filename = str(event.get("filename", "<worker>"))
     lineno = int(event.get("lineno") or 0)
+    caller = _caller() if event.get("at_call") else None
     try:
-        module, registry = _place(filename)
+        if caller is not None:
+            filename, lineno = caller.f_code.co_filename, caller.f_lineno
+            module, registry = caller.f_globals.get("__name__"), caller.f_globals.setdefault("__warningregistry__", {})
+        else:
+            module, registry = _place(filename)
         if module is None:  # (``module=None`` is not "not given": the C implementation matches None)
             warnings.warn_explicit(message, category, filename, lineno, registry=registry)
         else:
             warnings.warn_explicit(message, category, filename, lineno, module=module, registry=registry)
     except Exception:  # noqa: BLE001 - an ``error`` filter: the call ran on past it, so show it
         warnings.showwarning(message, category, filename, lineno)
+
+
+def _caller() -> FrameType | None:
+    """The frame outside dspex that is waiting for the call (the line of ``s.run`` in the user's
+    code): a blocking client's call reads its output itself. None in an asyncio client's reader
+    task, whose stack is the event loop's."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] == "dspex":
+        frame = frame.f_back
+    return None if frame is None or (frame.f_globals.get("__name__") or "").startswith("asyncio") else frame
 
 
 def _place(filename: str) -> tuple[str | None, dict[Any, Any]]:

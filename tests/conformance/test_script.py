@@ -305,3 +305,39 @@ def test_a_deprecation_warned_in_the_scripts_own_code_shows_as_in_process(cstack
         shown[mode] = [line for line in out.stderr.splitlines() if "DeprecationWarning:" in line]
     assert shown["inprocess"] == [f"{script}:9: DeprecationWarning: old_api is deprecated"]
     assert shown["session"] == shown["inprocess"]
+
+
+SCRIPT_CALLING_A_DEPRECATED_API = textwrap.dedent('''
+    import sys
+
+    import dspy
+
+    import dspex
+
+    if sys.argv[2] == "inprocess":
+        dspy.InputField(prefix="Question:")
+    else:
+        with dspex.connect(sys.argv[1], timeout=60) as dx:
+            session = dx.session("c1")
+            session.run(dspy.InputField, prefix="Question:")
+            session.close()
+''')
+
+
+def test_a_deprecation_a_library_warns_at_its_callers_line_shows_at_the_line_of_the_call(
+        cstack: Stack, tmp_path) -> None:
+    """DSPy warns ``dspy.InputField(prefix=...)`` at its caller's line: the script's, in-process,
+    so ``__main__``'s default filter shows it. ``s.run(dspy.InputField, prefix=...)`` is the script
+    calling it through the session: its caller on the worker is the worker's own dispatch, whose
+    place the client dropped as a module of no one's; it shows at the line of ``s.run``."""
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_CALLING_A_DEPRECATED_API)
+    shown = {}
+    for mode in ("inprocess", "session"):
+        out = subprocess.run([sys.executable, str(script), cstack.frontend, mode], env=cstack.env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        shown[mode] = [line for line in out.stderr.splitlines() if "DeprecationWarning:" in line]
+    message = "DeprecationWarning: The 'prefix' argument in InputField/OutputField is deprecated"
+    assert [line.startswith(f"{script}:9: {message}") for line in shown["inprocess"]] == [True], shown
+    assert [line.startswith(f"{script}:13: {message}") for line in shown["session"]] == [True], shown
