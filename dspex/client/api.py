@@ -438,8 +438,9 @@ class SessionAPI:
         return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
-        """Release every ref of the session on its worker. A broker that cannot be reached is
-        logged, not raised: the session's idle TTL releases it there."""
+        """Release every ref of the session on its worker. A close the broker died with goes once
+        more (to the broker that comes back); a broker that cannot be reached is logged, not
+        raised: the session's idle TTL releases it there."""
         return self.client._drive(self._close(timeout))
 
     def _close(self, timeout: float | None) -> Steps[None]:
@@ -450,10 +451,19 @@ class SessionAPI:
         if self.client._is_closed():
             log.warning("closing session %s: its client is closed (its idle TTL will release it)", self.id[:8])
             return
-        try:
-            yield self.client.close_session(self.id, timeout=timeout)
-        except (ConnectionError, Timeout) as err:
-            log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+        for last in (False, True):
+            try:
+                yield self.client.close_session(self.id, timeout=timeout)
+                return
+            except ConnectionError as err:
+                # the broker died with the close (or before it): a restarted one knows a durable
+                # session from its store and would keep it for the idle TTL; closing is
+                # idempotent, so it goes once more, to the broker that comes back
+                if last:
+                    log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+            except Timeout as err:
+                log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+                return
 
 
 class Closing:
