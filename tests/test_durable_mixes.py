@@ -5,6 +5,7 @@ CLI as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 import dspex
-from dspex.client import sync
+import dspex.aio
+from dspex.client import aiochannel, sync
 from tests.harness import Stack
 from tests.test_durable import gone, pid_of
 
@@ -31,28 +33,45 @@ def _stored(stack: Stack) -> set[str]:
         return {row[0] for row in db.execute("SELECT id FROM sessions")}
 
 
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
 def test_a_close_the_broker_died_with_reaches_the_restarted_broker_and_deletes_the_checkpoint(
-        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+        stack: Stack, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     """The close was sent to a broker that died before answering: sent again once to the broker
     that comes back (closing is idempotent), so the session's checkpoint goes with the close,
     not an idle TTL (an hour by default) later; the session kept open is untouched."""
     dx = stack.pool("p:strict_queue", 2, "--no-dspy")
-    closed, kept = dx.session("p", durable=True), dx.session("p", durable=True)
-    closed.put([1, 2, 3])
+    loop = asyncio.new_event_loop()
+    adx = dspex.aio.connect(stack.frontend, timeout=20)
+    closed: Any = adx.session("p", durable=True) if kind == "asyncio" else dx.session("p", durable=True)
+    kept = dx.session("p", durable=True)
+    put = closed.put([1, 2, 3])
+    if kind == "asyncio":
+        loop.run_until_complete(put)
     box = kept.put([4])
     assert _stored(stack) == {closed.id, kept.id}
     sent = threading.Event()
-    real_send = sync.Client._send
+    if kind == "asyncio":
+        real_async_send = aiochannel.AsyncChannel.send
 
-    def send(client: Any, ch: Any, frames: list[Any], timeout: float) -> None:
-        real_send(client, ch, frames, timeout)
-        if threading.current_thread().name == "closing":
+        async def async_send(channel: Any, frames: list[Any], timeout: float) -> None:
+            await real_async_send(channel, frames, timeout)
             sent.set()
 
-    monkeypatch.setattr(sync.Client, "_send", send)
+        monkeypatch.setattr(aiochannel.AsyncChannel, "send", async_send)
+        close: Any = lambda: loop.run_until_complete(closed.close())
+    else:
+        real_send = sync.Client._send
+
+        def send(client: Any, ch: Any, frames: list[Any], timeout: float) -> None:
+            real_send(client, ch, frames, timeout)
+            if threading.current_thread().name == "closing":
+                sent.set()
+
+        monkeypatch.setattr(sync.Client, "_send", send)
+        close = closed.close
     assert stack.broker is not None
     os.kill(stack.broker.pid, signal.SIGSTOP)  # the close reaches a broker that never answers it
-    closing = threading.Thread(target=closed.close, name="closing")
+    closing = threading.Thread(target=close, name="closing")
     closing.start()
     try:
         assert sent.wait(10)
@@ -63,6 +82,8 @@ def test_a_close_the_broker_died_with_reaches_the_restarted_broker_and_deletes_t
     finally:
         closing.join(30)
     assert not closing.is_alive()
+    loop.run_until_complete(adx.close())
+    loop.close()
     assert [r["id"] for r in dx.sessions("p")] == [kept.id]
     assert _stored(stack) == {kept.id}
     assert kept.eval("b + [5]", {"b": box}) == [4, 5]
