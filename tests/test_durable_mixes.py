@@ -20,7 +20,7 @@ import pytest
 import dspex
 import dspex.aio
 from dspex.client import aiochannel, sync
-from tests.harness import Stack
+from tests.harness import Stack, wait_for
 from tests.test_durable import gone, pid_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,3 +140,181 @@ def test_sessions_made_durable_by_the_pool_stay_durable_after_the_setting_is_rem
     new = dx.session("p")
     new.put(1)
     assert {r["id"]: r["durable"] for r in dx.sessions("p")} == {s.id: True, new.id: False}
+
+
+CODE = '''
+import os, time
+import dspy
+
+SEEN = []
+
+
+def add(i, pause=0.0):
+    time.sleep(pause)
+    SEEN.append(i)
+    return i, os.getpid()
+
+
+def seen():
+    return list(SEEN)
+
+
+def answer(q):
+    return dspy.Predict("question -> answer")(question=q).answer
+'''
+
+
+def _restart_broker(stack: Stack, workers: int = 2) -> None:
+    assert stack.broker is not None
+    stack.kill(stack.broker)
+    stack.broker.wait(10)
+    stack.start_broker()
+    stack.wait_workers("p", workers)
+
+
+def _kill_its_worker(stack: Stack, dx: dspex.Client, s: dspex.Session) -> None:
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+
+
+@pytest.mark.parametrize("capacity,pause", [("3", 0.005), ("1", 0.0)], ids=["capacity-3", "capacity-1-prefetch"])
+def test_calls_of_one_session_in_flight_from_six_threads_when_its_worker_is_killed(
+        stack: Stack, usercode: Any, capacity: str, pause: float) -> None:
+    """Six threads call one durable session at once (its calls run one at a time, the others wait
+    in the broker, or are prefetched to a capacity-1 worker), beside three other durable sessions
+    on the same workers; the session's worker is SIGKILLed mid-way. Every acknowledged append is
+    in the restored list exactly once; one that raised WorkerCrashed is there at most once; none
+    that was never sent."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy", "--capacity", capacity)
+    mod = usercode(CODE)
+    s = dx.session("p", durable=True)
+    neighbours = [dx.session("p", durable=True) for _ in range(3)]
+    pid = s.run(mod.add, -1)[1]
+    acked: list[int] = []
+    crashed: list[int] = []
+    failed: list[str] = []
+
+    def calls(base: int) -> None:
+        for i in range(base, base + 40):
+            try:
+                s.run(mod.add, i, pause)
+                acked.append(i)
+            except dspex.WorkerCrashed:
+                crashed.append(i)
+            except Exception as exc:  # noqa: BLE001 - any other outcome fails the test below
+                failed.append(repr(exc))
+
+    def neighbour(n: dspex.Session) -> None:
+        for i in range(40):
+            try:
+                n.run(mod.add, i, pause)
+            except dspex.WorkerCrashed:
+                pass
+
+    threads = [threading.Thread(target=calls, args=(1000 * k,)) for k in range(1, 7)]
+    threads += [threading.Thread(target=neighbour, args=(n,)) for n in neighbours]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(acked) > 40, 60, what="40 calls acknowledged")
+        stack.kill(pid)
+        stack.start_worker("p", "--no-dspy", "--capacity", capacity)
+    finally:
+        for t in threads:
+            t.join(120)
+    assert not failed and not any(t.is_alive() for t in threads)
+    final = s.run(mod.seen)
+    assert len(final) == len(set(final))
+    assert set(acked) <= set(final)
+    assert set(final) - {-1} <= set(acked) | set(crashed)
+    assert len(acked) + len(crashed) == 240
+
+
+def test_the_clients_lm_replaced_after_a_move_and_a_broker_restart_is_the_one_the_session_uses(
+        stack: Stack, usercode: Any) -> None:
+    """``dspy.configure(lm=...)`` in the client travels with the calls: after a kill -9 the
+    restored session goes on with the client's LM (its DummyLM answers on from where it was), a
+    new one configured after the move reaches it, and so does switching back after a broker
+    restart and another kill (each LM keeps its own place in its answers)."""
+    import dspy
+    from dspy.utils import DummyLM
+
+    from tests.conformance.harness import fresh_dspy_settings
+
+    dx = stack.pool("p:strict_queue", 2)
+    mod = usercode(CODE)
+    s = dx.session("p", durable=True)
+    lm_a, lm_b = (DummyLM([{"answer": f"{name}{i}"} for i in range(20)]) for name in "AB")
+    with fresh_dspy_settings():
+        dspy.configure(lm=lm_a)
+        assert [s.run(mod.answer, "q") for _ in range(2)] == ["A0", "A1"]
+        _kill_its_worker(stack, dx, s)
+        stack.start_worker("p")
+        stack.wait_workers("p", 2)
+        assert s.run(mod.answer, "q") == "A2"
+        dspy.configure(lm=lm_b)
+        assert s.run(mod.answer, "q") == "B0"
+        _restart_broker(stack)
+        assert s.run(mod.answer, "q") == "B1"
+        dspy.configure(lm=lm_a)
+        assert s.run(mod.answer, "q") == "A3"
+        _kill_its_worker(stack, dx, s)
+        assert s.run(mod.answer, "q") == "A4"
+        dspy.configure(lm=lm_b)
+        assert s.run(mod.answer, "q") == "B2"
+
+
+MODULE_A = '''
+import {b} as b
+
+STATE = {{"a": 0}}
+
+
+def bump():
+    STATE["a"] += 1
+    b.STATE["b"] += 10
+    return STATE["a"], b.STATE["b"], b.back()
+'''
+MODULE_B = '''
+import {a} as a
+
+STATE = {{"b": 0}}
+
+
+def back():
+    return a.STATE["a"]
+'''
+
+
+def test_two_user_modules_importing_each_other_edited_around_moves(
+        stack: Stack, usercode: Any, tmp_path: Path) -> None:
+    """Module state of two by-value modules that import each other survives a broker restart and
+    kills; the client edits one of them (a new hash) while the session's worker is dead and
+    reloads it: the next call runs the new code with that module's state as the reload left it
+    (as in-process) and the other's as it was, and so after the next restart and kill."""
+    import importlib
+    import sys
+
+    names = {"a": f"usra_{os.getpid()}", "b": f"usrb_{os.getpid()}"}
+    (tmp_path / f"{names['b']}.py").write_text(MODULE_B.format(**names))
+    a = usercode(MODULE_A.format(**names), names["a"])
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s = dx.session("p", durable=True)
+    assert s.run(a.bump) == (1, 10, 1)
+    _restart_broker(stack)
+    assert s.run(a.bump) == (2, 20, 2)
+    _kill_its_worker(stack, dx, s)
+    (tmp_path / f"{names['b']}.py").write_text(MODULE_B.format(**names).replace('return a.STATE', 'return -a.STATE'))
+    importlib.invalidate_caches()
+    try:
+        importlib.reload(sys.modules[names["b"]])  # its STATE starts again at 0, as here
+        assert s.run(a.bump) == (3, 10, -3)
+        _restart_broker(stack, 1)
+        assert s.run(a.bump) == (4, 20, -4)
+        _kill_its_worker(stack, dx, s)
+        stack.start_worker("p", "--no-dspy")
+        stack.wait_workers("p", 1)
+        assert s.run(a.bump) == (5, 30, -5)
+    finally:
+        sys.modules.pop(names["b"], None)
