@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.core import Core, Handler, OpCall
+from broker.moves import movable
 from broker.state import SessionRecord
 from broker.stats import percentile
 from dspex.wire.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
@@ -104,9 +105,11 @@ def _recycle(core: Core, call: OpCall) -> Any:
 
 def live(core: Core, r: SessionRecord) -> bool:
     """A session its caller can use: not closing, and not waiting for a worker that went silent
-    (a partitioned host's, which may come back with it). The one definition that ``sessions``,
-    the status's counts, /metrics and the dashboard's table all use."""
-    return not r.closing and (r.worker is None or r.worker in core.workers)
+    (a partitioned host's, which may come back with it), unless it is durable: one whose worker
+    is gone moves with its next call, and must stay in sight (``dspexctl sessions close`` closes
+    what it lists). The one definition that ``sessions``, the status's counts, /metrics and the
+    dashboard's table all use."""
+    return not r.closing and (r.worker is None or r.worker in core.workers or movable(r))
 
 
 def session_counts(core: Core) -> tuple[dict[str, int], dict[bytes, int]]:

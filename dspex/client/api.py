@@ -1,14 +1,12 @@
 """The user API of clients and sessions, defined once for both client kinds.
 
-Every user method here builds a request and hands it to its client, which performs it in its own
-way: :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns the value,
-:class:`dspex.aio.AsyncClient` (``dspex.aio.connect``) returns an awaitable of it. Ref handles
-(:mod:`dspex.wire.ref`) work the same way. A method of several steps (``Session.close``,
-:class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that yields each step's result-or-awaitable;
-the client kind drives it (``_drive``): the blocking client sends each value straight back, the
-asyncio client awaits each awaitable first and throws its exception in where it was yielded.
-Constructor options, the ops and their arguments live here only; what a client kind implements
-is marked below.
+Every user method here builds a request and hands it to its client, which performs it in its own way:
+:class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns the value, :class:`dspex.aio.AsyncClient`
+(``dspex.aio.connect``) returns an awaitable of it. Ref handles (:mod:`dspex.wire.ref`) work the same way. A method of
+several steps (``Session.close``, :class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that
+yields each step's result-or-awaitable; the client kind drives it (``_drive``): the blocking client sends each value
+straight back, the asyncio client awaits each awaitable first and throws its exception in where it was yielded.
+Constructor options, the ops and their arguments live here only; what a client kind implements is marked below.
 """
 
 from __future__ import annotations
@@ -70,15 +68,13 @@ class Sockets(Protocol):
 class ClientAPI(Generic[S]):
     """A connection to a dspex broker: the options and user ops both client kinds share.
 
-    ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path;
-    ``dspex.connect`` also takes a map of several brokers, :mod:`dspex.client.routing`), and ``endpoints``
-    the map of pool names (``"*"``: every pool) to endpoints;
-    ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
-    key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a
-    ``tcp://`` endpoint, else read from the files ``DSPEX_CURVE_SERVER_KEY`` and
-    ``DSPEX_CURVE_CLIENT_KEY`` name; ``forward_output=False``: calls' output stays off this
-    process's streams and loggers (:mod:`dspex.client.output`); ``client_settings=False``: this process's
-    DSPy settings do not go with its sessions' calls. Nothing is sent before the first request: an
+    ``endpoint``: the broker's frontend (else ``DSPEX_ENDPOINT``, else the default ipc path; ``dspex.connect`` also
+    takes a map of several brokers, :mod:`dspex.client.routing`), and ``endpoints`` the map of pool names (``"*"``:
+    every pool) to endpoints; ``timeout``: the default deadline of every call; ``curve_server_key`` (the broker's public
+    key) and ``curve_keypair`` (this client's ``(public, secret)``; a fresh one when omitted) for a ``tcp://`` endpoint,
+    else read from the files ``DSPEX_CURVE_SERVER_KEY`` and ``DSPEX_CURVE_CLIENT_KEY`` name; ``forward_output=False``:
+    calls' output stays off this process's streams and loggers (:mod:`dspex.client.output`); ``client_settings=False``:
+    this process's DSPy settings do not go with its sessions' calls. Nothing is sent before the first request: an
     unreachable broker is that request's ``BrokerUnreachable``.
     """
 
@@ -438,8 +434,8 @@ class SessionAPI:
         return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
 
     def close(self, timeout: float | None = None) -> Any:
-        """Release every ref of the session on its worker. A broker that cannot be reached is
-        logged, not raised: the session's idle TTL releases it there."""
+        """Release every ref of the session on its worker (a close the broker died with goes again,
+        once); a broker that cannot be reached is logged, not raised: its idle TTL releases it."""
         return self.client._drive(self._close(timeout))
 
     def _close(self, timeout: float | None) -> Steps[None]:
@@ -450,10 +446,14 @@ class SessionAPI:
         if self.client._is_closed():
             log.warning("closing session %s: its client is closed (its idle TTL will release it)", self.id[:8])
             return
-        try:
-            yield self.client.close_session(self.id, timeout=timeout)
-        except (ConnectionError, Timeout) as err:
-            log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+        for again in (True, False):  # a close the broker died with goes once more, to the one that
+            try:  # comes back: it knows a durable session from its store (closing is idempotent)
+                yield self.client.close_session(self.id, timeout=timeout)
+                return
+            except (ConnectionError, Timeout) as err:
+                if not (again and isinstance(err, ConnectionError)):
+                    log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
+                    return
 
 
 class Closing:
