@@ -30,17 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import inspect
 import pprint
 import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from enum import Enum
 from hashlib import sha256
-from typing import Any
+from typing import Any, Optional
 
 import dspy
 import orjson
 import pytest
+from dspy.utils import DummyLM
+from pydantic import BaseModel
 
 import dspex
 from tests.conformance.harness import as_data, fresh_dspy_settings
@@ -440,10 +444,419 @@ def cache_tutorial(base: str) -> Any:
             dspy.cache = saved
 
 
+# --------------------------------------------------------------------------- tutorials/custom_module
+
+
+class QueryGenerator(dspy.Signature):
+    """Generate a query based on question to fetch relevant context"""
+    question: str = dspy.InputField()
+    query: str = dspy.OutputField()
+
+
+WIKI = ["LeBron James is an American basketball player.", "Michael Jordan is often called the GOAT of basketball."]
+
+
+def search_wikipedia(query: str) -> list[str]:
+    """Query ColBERT endpoint, which is a knowledge source based on wikipedia data"""
+    # the tutorial asks dspy.ColBERTv2(url='http://20.102.90.50:2017/wiki17_abstracts'): no network here
+    words = set(query.lower().split())
+    return sorted(WIKI, key=lambda text: -len(words & set(text.lower().split())))[:1]
+
+
+class WikiRAG(dspy.Module):  # the tutorial's ``RAG``
+    def __init__(self):
+        self.query_generator = dspy.Predict(QueryGenerator)
+        self.answer_generator = dspy.ChainOfThought("question,context->answer")
+
+    def forward(self, question, **kwargs):
+        query = self.query_generator(question=question).query
+        context = search_wikipedia(query)[0]
+        return self.answer_generator(question=question, context=context).answer
+
+
+def custom_module_tutorial(base: str) -> Any:
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    rag = WikiRAG()
+    print(rag(question="Is Lebron James the basketball GOAT?"))
+    dspy.inspect_history(n=2)
+    return history_of(lm)
+
+
+# --------------------------------------------------------------------------- tutorials/tool_use
+
+# The ToolHop data the tutorial downloads, in its shape: each function's code as text, with the
+# "# Example usage" tail the tutorial cuts off
+TOOLHOP = [
+    {"question": "In which year was the author of Dune born?", "answer": "1920", "functions": [
+        ('def author_of(book: str) -> str:\n    """Return the author of a book."""\n'
+         '    return {"Dune": "Frank Herbert"}.get(book, "unknown")\n\n# Example usage\nprint(author_of("Dune"))'),
+        ('def birth_year(person: str) -> int:\n    """Return the birth year of a person."""\n'
+         '    return {"Frank Herbert": 1920}[person]\n\n# Example usage\nprint(birth_year("Frank Herbert"))')]},
+    {"question": "How many letters has the capital of Peru?", "answer": "4", "functions": [
+        ('def capital_of(country: str) -> str:\n    """Return the capital of a country."""\n'
+         '    return {"Peru": "Lima"}[country]'),
+        'def count_letters(word: str) -> int:\n    """Count the letters of a word."""\n    return len(word)']},
+]
+
+examples = []
+fns2code = {}
+
+
+def finish(answer: str):
+    """Conclude the trajectory and return the final answer."""
+    return answer
+
+
+for datapoint in TOOLHOP:
+    func_dict = {}
+    for func_code in datapoint["functions"]:
+        cleaned_code = func_code.rsplit("\n\n# Example usage", 1)[0]
+        fn_name = re.search(r"^\s*def\s+([a-zA-Z0-9_]+)\s*\(", cleaned_code)
+        fn_name = fn_name.group(1) if fn_name else None
+
+        if not fn_name:
+            continue
+
+        local_vars = {}
+        exec(cleaned_code, {}, local_vars)
+        fn_obj = local_vars.get(fn_name)
+
+        if callable(fn_obj):
+            func_dict[fn_name] = fn_obj
+            assert fn_obj not in fns2code, f"Duplicate function found: {fn_name}"
+            fns2code[fn_obj] = (fn_name, cleaned_code)
+
+    func_dict["finish"] = finish
+
+    example = dspy.Example(question=datapoint["question"], answer=datapoint["answer"], functions=func_dict)
+    examples.append(example.with_inputs("question", "functions"))
+
+devset = examples
+
+
+def wrap_function_with_timeout(fn):
+    # the tutorial decorates the wrapper with func_timeout's @func_set_timeout(10): not installed here
+    def wrapper(*args, **kwargs):
+        try:
+            return {"return_value": fn(*args, **kwargs), "errors": None}
+        except Exception as e:
+            return {"return_value": None, "errors": str(e)}
+
+    return wrapper
+
+
+def fn_metadata(func):
+    signature = inspect.signature(func)
+    docstring = inspect.getdoc(func) or "No docstring."
+    return dict(function_name=func.__name__, arguments=str(signature), docstring=docstring)
+
+
+def metric(example, pred, trace=None):
+    gold = str(example.answer).rstrip(".0").replace(",", "").lower()
+    pred = str(pred.answer).rstrip(".0").replace(",", "").lower()
+    return pred == gold  # stricter than the original paper's metric!
+
+
+class Agent(dspy.Module):
+    def __init__(self, max_steps=5):
+        self.max_steps = max_steps
+        instructions = "For the final answer, produce short (not full sentence) answers in which you format dates as YYYY-MM-DD, names as Firstname Lastname, and numbers without leading 0s."
+        signature = dspy.Signature('question, trajectory, functions -> next_selected_fn, args: dict[str, Any]', instructions)
+        self.react = dspy.ChainOfThought(signature)
+
+    def forward(self, question, functions):
+        tools = {fn_name: fn_metadata(fn) for fn_name, fn in functions.items()}
+        trajectory = []
+
+        for _ in range(self.max_steps):
+            pred = self.react(question=question, trajectory=trajectory, functions=tools)
+            selected_fn = pred.next_selected_fn.strip('"').strip("'")
+            fn_output = wrap_function_with_timeout(functions[selected_fn])(**pred.args)
+            trajectory.append(dict(reasoning=pred.reasoning, selected_fn=selected_fn, args=pred.args, **fn_output))
+
+            if selected_fn == "finish":
+                break
+
+        return dspy.Prediction(answer=fn_output.get("return_value", ''), trajectory=trajectory)
+
+
+# the model's choices, keyed by what the last message shows (DummyLM's dict mode: the first key found)
+TOOL_CHOICES = {
+    '"return_value": 1920': {"reasoning": "done", "next_selected_fn": "finish", "args": {"answer": "1920"}},
+    '"return_value": 4': {"reasoning": "done", "next_selected_fn": "finish", "args": {"answer": "4"}},
+    "Frank Herbert": {"reasoning": "year", "next_selected_fn": "birth_year", "args": {"person": "Frank Herbert"}},
+    "Lima": {"reasoning": "count", "next_selected_fn": "count_letters", "args": {"word": "Lima"}},
+    "Dune": {"reasoning": "author", "next_selected_fn": "author_of", "args": {"book": "Dune"}},
+    "Peru": {"reasoning": "capital", "next_selected_fn": "capital_of", "args": {"country": "Perú"}},
+}
+
+
+def tool_use_tutorial() -> Any:
+    dspy.configure(lm=DummyLM(TOOL_CHOICES))
+    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=24, display_progress=True, display_table=0,
+                             max_errors=999)
+    agent = Agent()
+    result = evaluate(agent)
+    return result.score, [(pred.answer, pred.trajectory, score) for _, pred, score in result.results]
+
+
+# --------------------------------------------------------------------------- tutorials/email_extraction
+
+
+class EmailType(str, Enum):
+    ORDER_CONFIRMATION = "order_confirmation"
+    SUPPORT_REQUEST = "support_request"
+    MEETING_INVITATION = "meeting_invitation"
+    NEWSLETTER = "newsletter"
+    PROMOTIONAL = "promotional"
+    INVOICE = "invoice"
+    SHIPPING_NOTIFICATION = "shipping_notification"
+    OTHER = "other"
+
+
+class UrgencyLevel(str, Enum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class ExtractedEntity(BaseModel):
+    entity_type: str
+    value: str
+    confidence: float
+
+
+class ClassifyEmail(dspy.Signature):
+    """Classify the type and urgency of an email based on its content."""
+
+    email_subject: str = dspy.InputField(desc="The subject line of the email")
+    email_body: str = dspy.InputField(desc="The main content of the email")
+    sender: str = dspy.InputField(desc="Email sender information")
+
+    email_type: EmailType = dspy.OutputField(desc="The classified type of email")
+    urgency: UrgencyLevel = dspy.OutputField(desc="The urgency level of the email")
+    reasoning: str = dspy.OutputField(desc="Brief explanation of the classification")
+
+
+class ExtractEntities(dspy.Signature):
+    """Extract key entities and information from email content."""
+
+    email_content: str = dspy.InputField(desc="The full email content including subject and body")
+    email_type: EmailType = dspy.InputField(desc="The classified type of email")
+
+    key_entities: list[ExtractedEntity] = dspy.OutputField(desc="List of extracted entities with type, value, and confidence")
+    financial_amount: Optional[float] = dspy.OutputField(desc="Any monetary amounts found (e.g., '$99.99')")
+    important_dates: list[str] = dspy.OutputField(desc="List of important dates found in the email")
+    contact_info: list[str] = dspy.OutputField(desc="Relevant contact information extracted")
+
+
+class GenerateActionItems(dspy.Signature):
+    """Determine what actions are needed based on the email content and extracted information."""
+
+    email_type: EmailType = dspy.InputField()
+    urgency: UrgencyLevel = dspy.InputField()
+    email_summary: str = dspy.InputField(desc="Brief summary of the email content")
+    extracted_entities: list[ExtractedEntity] = dspy.InputField(desc="Key entities found in the email")
+
+    action_required: bool = dspy.OutputField(desc="Whether any action is required")
+    action_items: list[str] = dspy.OutputField(desc="List of specific actions needed")
+    deadline: Optional[str] = dspy.OutputField(desc="Deadline for action if applicable")
+    priority_score: int = dspy.OutputField(desc="Priority score from 1-10")
+
+
+class SummarizeEmail(dspy.Signature):
+    """Create a concise summary of the email content."""
+
+    email_subject: str = dspy.InputField()
+    email_body: str = dspy.InputField()
+    key_entities: list[ExtractedEntity] = dspy.InputField()
+
+    summary: str = dspy.OutputField(desc="A 2-3 sentence summary of the email's main points")
+
+
+class EmailProcessor(dspy.Module):
+    """A comprehensive email processing system using DSPy."""
+
+    def __init__(self):
+        super().__init__()
+
+        # Initialize our processing components
+        self.classifier = dspy.ChainOfThought(ClassifyEmail)
+        self.entity_extractor = dspy.ChainOfThought(ExtractEntities)
+        self.action_generator = dspy.ChainOfThought(GenerateActionItems)
+        self.summarizer = dspy.ChainOfThought(SummarizeEmail)
+
+    def forward(self, email_subject: str, email_body: str, sender: str = ""):
+        """Process an email and extract structured information."""
+
+        # Step 1: Classify the email
+        classification = self.classifier(
+            email_subject=email_subject,
+            email_body=email_body,
+            sender=sender
+        )
+
+        # Step 2: Extract entities
+        full_content = f"Subject: {email_subject}\n\nFrom: {sender}\n\n{email_body}"
+        entities = self.entity_extractor(
+            email_content=full_content,
+            email_type=classification.email_type
+        )
+
+        # Step 3: Generate summary
+        summary = self.summarizer(
+            email_subject=email_subject,
+            email_body=email_body,
+            key_entities=entities.key_entities
+        )
+
+        # Step 4: Determine actions
+        actions = self.action_generator(
+            email_type=classification.email_type,
+            urgency=classification.urgency,
+            email_summary=summary.summary,
+            extracted_entities=entities.key_entities
+        )
+
+        # Step 5: Structure the results
+        return dspy.Prediction(
+            email_type=classification.email_type,
+            urgency=classification.urgency,
+            summary=summary.summary,
+            key_entities=entities.key_entities,
+            financial_amount=entities.financial_amount,
+            important_dates=entities.important_dates,
+            action_required=actions.action_required,
+            action_items=actions.action_items,
+            deadline=actions.deadline,
+            priority_score=actions.priority_score,
+            reasoning=classification.reasoning,
+            contact_info=entities.contact_info
+        )
+
+
+SAMPLE_EMAILS = [
+    {
+        "subject": "Order Confirmation #12345 - Your MacBook Pro is on the way!",
+        "body": """Dear John Smith,
+
+Thank you for your order! We're excited to confirm that your order #12345 has been processed.
+
+Order Details:
+- MacBook Pro 14-inch (Space Gray)
+- Order Total: $2,399.00
+- Estimated Delivery: December 15, 2024
+- Tracking Number: 1Z999AA1234567890
+
+If you have any questions, please contact our support team at support@techstore.com.
+
+Best regards,
+TechStore Team""",
+        "sender": "orders@techstore.com"
+    },
+    {
+        "subject": "URGENT: Server Outage - Immediate Action Required",
+        "body": """Hi DevOps Team,
+
+We're experiencing a critical server outage affecting our production environment.
+
+Impact: All users unable to access the platform
+Started: 2:30 PM EST
+
+Please join the emergency call immediately: +1-555-123-4567
+
+This is our highest priority.
+
+Thanks,
+Site Reliability Team""",
+        "sender": "alerts@company.com"
+    },
+]
+
+
+def run_email_processing_demo(lm):
+    """Demonstration of the email processing system (the tutorial's; the LM is the argument, and
+    its ``os.environ["OPENAI_API_KEY"] = ...`` is left out: the loopback LM takes its key)."""
+
+    # Configure DSPy
+    dspy.configure(lm=lm)
+
+    # Create our email processor
+    processor = EmailProcessor()
+
+    # Process each email and display results
+    print("🚀 Email Processing Demo")
+    print("=" * 50)
+
+    results = []
+    for i, email in enumerate(SAMPLE_EMAILS):
+        print(f"\n📧 EMAIL {i+1}: {email['subject'][:50]}...")
+
+        # Process the email
+        result = processor(
+            email_subject=email["subject"],
+            email_body=email["body"],
+            sender=email["sender"]
+        )
+        results.append(result)
+
+        # Display key results
+        print(f"   📊 Type: {result.email_type}")
+        print(f"   🚨 Urgency: {result.urgency}")
+        print(f"   📝 Summary: {result.summary}")
+
+        if result.financial_amount:
+            print(f"   💰 Amount: ${result.financial_amount:,.2f}")
+
+        if result.action_required:
+            print("   ✅ Action Required: Yes")
+            if result.deadline:
+                print(f"   ⏰ Deadline: {result.deadline}")
+        else:
+            print("   ✅ Action Required: No")
+    return results
+
+
+# the model's answers by step, keyed by an input only that step's last message shows
+EMAIL_ANSWERS = {
+    "[[ ## email_summary ## ]]": {"reasoning": "r", "action_required": "true", "action_items": '["Join the call"]',
+                                  "deadline": "today", "priority_score": "9"},
+    "[[ ## email_content ## ]]": {"reasoning": "r", "key_entities": '[{"entity_type": "amount", "value": "$2,399.00", '
+                                  '"confidence": 0.9}]', "financial_amount": "2399.0",
+                                  "important_dates": '["December 15, 2024"]', "contact_info": '["support@techstore.com"]'},
+    "[[ ## sender ## ]]": {"reasoning": "r", "email_type": "order_confirmation", "urgency": "high"},
+    "[[ ## email_body ## ]]": {"reasoning": "r", "summary": "An email that needs attention."},
+}
+
+
+def email_extraction_tutorial(base: str | None) -> Any:
+    """Over the loopback server (``base``), whose stand-in model answers no ``EmailType``: the
+    tutorial's first email fails to parse; with ``None``, DummyLM's answers go through."""
+    lm = tutorial_lm(base) if base else DummyLM(EMAIL_ANSWERS)
+    return run_email_processing_demo(lm), history_of(lm)
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
-TIMESTAMP = re.compile(r"\d{4}[-/]\d\d[-/]\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?")
+# the times and rates of a line, which no two runs share: a log's time, a progress bar's [00:00<00:00, 8004.40it/s]
+PROGRESS = re.compile(r"\d+%\|")
+TIMES = re.compile(r"\d{4}[-/]\d\d[-/]\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?|\[\d\d:\d\d<[^\]]*\]")
+
+
+def shown_lines(text: str) -> list[str]:
+    """Printed text by line, times and rates left out, and of a progress bar only its end, once:
+    the running score a bar shows on the way depends on which of ``dspy.Evaluate``'s threads ends
+    first, and whether tqdm draws the full bar before its ``close()`` draws it again on how long the
+    last step took (``mininterval``)."""
+    lines: list[str] = []
+    for line in TIMES.sub("<time>", text).splitlines():
+        bar = PROGRESS.search(line)
+        if not bar or ("100%|" in line and lines[-1:] != [line]):
+            lines.append(line)
+    return lines
 
 
 def raised_type(exc: Exception) -> type:
@@ -465,13 +878,13 @@ def observe(call: Callable[[], Any], capsys: pytest.CaptureFixture[str], server:
         warnings.simplefilter("always")
         try:
             outcome: Any = ("returned", as_data(call()))
-        except Exception as exc:  # noqa: BLE001 - the program's exception is what is compared
+        except Exception as exc:
             outcome = ("raised", raised_type(exc).__qualname__, str(exc))
     captured = capsys.readouterr()
     return {
         "outcome": outcome,
-        "stdout": TIMESTAMP.sub("<time>", captured.out).splitlines(),
-        "stderr": TIMESTAMP.sub("<time>", captured.err).splitlines(),
+        "stdout": shown_lines(captured.out),
+        "stderr": shown_lines(captured.err),
         "warnings": [(w.category.__name__, str(w.message)) for w in warned],
         "requests": [{k: v for k, v in c.body.items()} for c in server.completions()],
     }
@@ -539,3 +952,31 @@ def test_cache_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[st
     assert seen["outcome"][0] == "returned", seen["outcome"]
     assert seen["stdout"][1] == "Total usage: {}" and seen["stdout"][2:] == ["Missed: True", "Hit: True"]
     assert len(seen["requests"]) == 4
+
+
+def test_custom_module_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    seen = compare(session, capsys, lmserver, custom_module_tutorial, lmserver.base)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert len(seen["requests"]) == 2
+
+
+def test_tool_use_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    """Tools made by ``exec`` of downloaded code (no source file, empty globals), carried in the
+    devset's examples, and run by ``dspy.Evaluate`` over 24 threads."""
+    seen = compare(session, capsys, lmserver, tool_use_tutorial)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    score, rows = seen["outcome"][1]
+    assert score == 50.0  # the second question's capital is asked of "Perú": a KeyError the agent records
+    assert [answer for answer, _, _ in rows] == [1920, None]  # args: dict[str, Any] parsed the JSON number
+
+
+@pytest.mark.parametrize("over_http", [True, False], ids=["loopback", "dummy"])
+def test_email_extraction_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer,
+                                   over_http: bool) -> None:
+    seen = compare(session, capsys, lmserver, email_extraction_tutorial, lmserver.base if over_http else None)
+    if over_http:
+        assert seen["outcome"][:2] == ("raised", "AdapterParseError"), seen["outcome"]
+        assert len(seen["requests"]) == 2  # ChatAdapter, then its JSONAdapter fallback
+    else:
+        assert seen["outcome"][0] == "returned", seen["outcome"]
+        assert "   💰 Amount: $2,399.00" in seen["stdout"]
