@@ -1,4 +1,8 @@
-"""Programs of DSPy's tutorials run as written, with DSPy's real ``dspy.LM`` HTTP path swapped in for
+"""PYTEST_DONT_REWRITE: the tutorials' ``assert`` statements stay Python's, as in the user's script
+(pytest's rewritten ones, sent to a worker by value, word their message by the test process's
+pytest configuration, which the worker has not).
+
+Programs of DSPy's tutorials run as written, with DSPy's real ``dspy.LM`` HTTP path swapped in for
 the provider (the loopback server ``tests/lmserver.py``): in-process and through a session, the
 same result, printed lines, log lines, warnings, exception, LM history (``lm.history``,
 ``dspy.inspect_history``), usage and requests the server received.
@@ -29,8 +33,10 @@ tutorials' own model name; the cache tutorial keeps DSPy's cache on, in a direct
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import inspect
+import os
 import pprint
 import re
 import tempfile
@@ -838,6 +844,210 @@ def email_extraction_tutorial(base: str | None) -> Any:
     return run_email_processing_demo(lm), history_of(lm)
 
 
+# --------------------------------------------------------------------------- tutorials/papillon (gepa_papillon)
+
+
+class CraftRedactedRequest(dspy.Signature):
+    """
+    Given a private user query, create a privacy-preserving request for a powerful external LLM.
+    The LLM may assist without learning private information about the user.
+    """
+
+    user_query = dspy.InputField()
+    llm_request = dspy.OutputField()
+
+
+class RespondToQuery(dspy.Signature):
+    """
+    Respond to a user query.
+    For inspiration, we found a potentially related request to a powerful external LLM and its response.
+    """
+
+    related_llm_request = dspy.InputField()
+    related_llm_response = dspy.InputField(desc="information from a powerful LLM responding to a related request")
+    user_query = dspy.InputField(desc="the user's request you need to fulfill")
+    response = dspy.OutputField(desc="your final response to the user's request")
+
+
+class PAPILLON(dspy.Module):
+    def __init__(self, untrusted_model):
+        self.craft_redacted_request = dspy.ChainOfThought(CraftRedactedRequest)
+        self.respond_to_query = dspy.Predict(RespondToQuery)
+        self.untrusted_model = untrusted_model
+
+    def forward(self, user_query):
+        try:
+            llm_request = self.craft_redacted_request(user_query=user_query).llm_request
+            llm_response = self.untrusted_model(llm_request)[0]
+            response = self.respond_to_query(
+                related_llm_request=llm_request, related_llm_response=llm_response, user_query=user_query
+            ).response
+        except Exception:
+            return dspy.Prediction(llm_request="", llm_response="", response="")
+
+        return dspy.Prediction(llm_request=llm_request, llm_response=llm_response, response=response)
+
+
+class JudgeQuality(dspy.Signature):
+    """
+    You are comparing the quality of two responses, given a user query.
+    Is response A at least as good as response B?
+    """
+
+    user_query = dspy.InputField(desc="The user's request to be fulfilled.")
+    response_A = dspy.InputField()
+    response_B = dspy.InputField()
+    judgment: bool = dspy.OutputField()
+
+
+class JudgeLeakage(dspy.Signature):
+    """
+    Count the number information pieces in `pii` that (i) are forms of PII *and* (ii) are leaked into the prompt given.
+    Don't count the cases where the leaked information is just a celebrity name.
+    Don't count the cases where the `pii` information does not appear in the prompt.
+    """
+
+    pii = dspy.InputField()
+    prompt = dspy.InputField()
+    num_pii_leaked: int = dspy.OutputField()
+
+
+class LLMJudge(dspy.Module):
+    def __init__(self):
+        self.quality_judge = dspy.ChainOfThought(JudgeQuality)
+        self.fact_checker = dspy.ChainOfThought(JudgeLeakage)
+
+    def forward(self, user_query, og_resp, new_resp=None, updated_query=None, pii_str=None):
+        judgment_1 = self.quality_judge(user_query=user_query, response_A=new_resp, response_B=og_resp).judgment
+        judgment_2 = self.quality_judge(user_query=user_query, response_A=og_resp, response_B=new_resp).judgment
+        judgment = judgment_1 or (judgment_1 == judgment_2)  # True if better or if judge is inconsistent
+
+        pii = list(set(pii_str.split("||")))  # The pii_str field must be separated by `||`
+        pii_score = self.fact_checker(pii=pii, prompt=updated_query).num_pii_leaked
+        pii_score = pii_score / len(pii) if len(pii) > 0 else 0
+
+        return dspy.Prediction(quality=judgment, leakage=pii_score)
+
+
+# the script's top level, run by the ``papillon_script`` fixture with the loopback server's address
+# (the tutorial reads its API key with input() and builds these two LMs with it)
+local_lm: Any = None
+large_lm: Any = None
+llm_judge: Any = None
+
+PUPA = [  # the shape of Columbia-NLP/PUPA's pupa_new rows, which the tutorial downloads; one PII unit
+    # each: the judge lists ``set(pii_str.split("||"))``, in an order of the process's string hashing
+    {"user_query": "Write a cover letter for Jane Roe applying to Acme as an engineer.",
+     "target_response": "Dear Acme team, ...", "pii_units": "Jane Roe"},
+    {"user_query": "My SSN is 123-45-6789; how do I file taxes late?", "target_response": "To file late, ...",
+     "pii_units": "123-45-6789"},
+    {"user_query": "Summarize my diagnosis of asthma for my employer.", "target_response": "A summary ...",
+     "pii_units": "asthma"},
+]
+examples = [
+    dspy.Example(
+        {"target_response": x["target_response"], "user_query": x["user_query"], "pii_str": x["pii_units"]}
+    ).with_inputs("user_query")
+    for x in PUPA
+]
+papillon_devset = examples
+
+
+def compute_metrics(gold, pred, trace=None):
+    return llm_judge(
+        user_query=gold.user_query,
+        new_resp=pred.response,
+        og_resp=gold.target_response,
+        updated_query=pred.llm_request,
+        pii_str=gold.pii_str,
+    )
+
+
+def compute_overall_score(gold, pred, trace=None):
+    metrics = compute_metrics(gold, pred, trace)
+    overall_score = (metrics.quality + (1 - metrics.leakage)) / 2.0
+    return overall_score
+
+
+def papillon_tutorial() -> Any:
+    """The zero-shot evaluation, with ``dspy.configure(lm=local_lm)`` done by the script's top
+    level (on the client): the judge runs on ``large_lm`` (``set_lm``), the untrusted model is
+    ``large_lm`` called directly."""
+    seen_before = [len(lm.history) for lm in (local_lm, large_lm)]
+    zeroshot = PAPILLON(untrusted_model=large_lm)
+
+    kwargs = dict(num_threads=16, display_progress=True, display_table=5, max_errors=100)
+    evaluate = dspy.Evaluate(metric=compute_overall_score, devset=papillon_devset, **kwargs)
+    result = evaluate(zeroshot)
+    # Evaluate's threads call the LMs in any order: each LM's calls are compared as a set
+    calls = [sorted(map(repr, history_of(lm)[start:])) for lm, start in zip((local_lm, large_lm), seen_before)]
+    return result.score, [(pred, score) for _, pred, score in result.results], calls
+
+
+# --------------------------------------------------------------------------- tutorials/saving
+
+
+GSM8K_ROWS = [  # the shape of GSM8K().train, which the tutorial downloads
+    {"question": "Tom has 3 apples and buys 4 more. How many apples has he?", "gold_reasoning": "3 + 4 = 7", "answer": "7"},
+    {"question": "A box holds 6 eggs. How many eggs are in 2 boxes?", "gold_reasoning": "6 * 2 = 12", "answer": "12"},
+    {"question": "Sam had 10 pens and gave away 4. How many are left?", "gold_reasoning": "10 - 4 = 6", "answer": "6"},
+]
+
+
+def saving_tutorial(base: str, workdir: str, as_written: bool) -> Any:
+    """The tutorial's paths are relative (``./dspy_program/``): it runs in a new directory of
+    ``workdir`` (each run its own). As written, it reads ``compiled_dspy_program.demos`` and
+    ``.signature``, which a ``ChainOfThought`` of DSPy 3.4.1 lacks (``AttributeError``); else
+    those of its ``predict``, and a demo loaded from the ``.pkl`` is the ``dspy.Example`` it saved,
+    not the dict the tutorial's comment says."""
+
+    def predictor(program: Any) -> Any:
+        return program if as_written else program.predict
+
+    def loaded(demo: Any) -> Any:
+        return demo if as_written or isinstance(demo, dict) else demo.toDict()
+
+    from dspy.datasets.gsm8k import gsm8k_metric
+
+    with contextlib.chdir(tempfile.mkdtemp(dir=workdir)):
+        dspy.configure(lm=tutorial_lm(base))
+        gsm8k_trainset = [dspy.Example(**row).with_inputs("question") for row in GSM8K_ROWS]
+        dspy_program = dspy.ChainOfThought("question -> answer")
+        optimizer = dspy.BootstrapFewShot(metric=gsm8k_metric, max_bootstrapped_demos=4, max_labeled_demos=4,
+                                          max_rounds=5)
+        compiled_dspy_program = optimizer.compile(dspy_program, trainset=gsm8k_trainset)
+
+        os.makedirs("./dspy_program")  # DSPy 3.4.1 saves state into an existing directory only
+        compiled_dspy_program.save("./dspy_program/program.json", save_program=False)
+        compiled_dspy_program.save("./dspy_program/program.pkl", save_program=False)
+
+        loaded_dspy_program = dspy.ChainOfThought("question -> answer")  # Recreate the same program.
+        loaded_dspy_program.load("./dspy_program/program.json")
+        assert len(predictor(compiled_dspy_program).demos) == len(predictor(loaded_dspy_program).demos)
+        for original_demo, loaded_demo in zip(predictor(compiled_dspy_program).demos, predictor(loaded_dspy_program).demos):
+            # Loaded demo is a dict, while the original demo is a dspy.Example.
+            assert original_demo.toDict() == loaded(loaded_demo)
+        assert str(predictor(compiled_dspy_program).signature) == str(predictor(loaded_dspy_program).signature)
+
+        loaded_dspy_program = dspy.ChainOfThought("question -> answer")  # Recreate the same program.
+        loaded_dspy_program.load("./dspy_program/program.pkl", allow_pickle=True)
+        assert len(predictor(compiled_dspy_program).demos) == len(predictor(loaded_dspy_program).demos)
+        for original_demo, loaded_demo in zip(predictor(compiled_dspy_program).demos, predictor(loaded_dspy_program).demos):
+            # Loaded demo is a dict, while the original demo is a dspy.Example.
+            assert original_demo.toDict() == loaded(loaded_demo)
+        assert str(predictor(compiled_dspy_program).signature) == str(predictor(loaded_dspy_program).signature)
+
+        compiled_dspy_program.save("./dspy_program/", save_program=True)
+        loaded_dspy_program = dspy.load("./dspy_program/", allow_pickle=True)
+        assert len(predictor(compiled_dspy_program).demos) == len(predictor(loaded_dspy_program).demos)
+        for original_demo, loaded_demo in zip(predictor(compiled_dspy_program).demos, predictor(loaded_dspy_program).demos):
+            # Loaded demo is a dict, while the original demo is a dspy.Example.
+            assert original_demo.toDict() == loaded(loaded_demo)
+        assert str(predictor(compiled_dspy_program).signature) == str(predictor(loaded_dspy_program).signature)
+        answer = loaded_dspy_program(question="Ann has 2 cats and gets 1 more. How many cats has she?")
+        return [d.toDict() for d in predictor(compiled_dspy_program).demos], answer, sorted(os.listdir("dspy_program"))
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -886,17 +1096,23 @@ def observe(call: Callable[[], Any], capsys: pytest.CaptureFixture[str], server:
         "stdout": shown_lines(captured.out),
         "stderr": shown_lines(captured.err),
         "warnings": [(w.category.__name__, str(w.message)) for w in warned],
-        "requests": [{k: v for k, v in c.body.items()} for c in server.completions()],
+        # in the order they were received, which a program's threads leave open
+        "requests": sorted((c.body for c in server.completions()), key=repr),
     }
 
 
 def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: LMServer,
-            program: Callable[..., Any], *args: Any) -> dict[str, Any]:
+            program: Callable[..., Any], *args: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``settings``: what the script's top level configured (``dspy.configure``), on the client
+    and again for the in-process run."""
     # the session first: it gets the program's module globals as they are now, and the in-process
     # run may change them (a StreamListener is spent once its field has streamed), as a second run
     # of the script in one process would see
-    got = observe(lambda: session.run(program, *args), capsys, server)
     with fresh_dspy_settings():
+        dspy.configure(**settings or {})
+        got = observe(lambda: session.run(program, *args), capsys, server)
+    with fresh_dspy_settings():
+        dspy.configure(**settings or {})
         expected = observe(lambda: program(*args), capsys, server)
     for key in expected:
         assert got[key] == expected[key], f"{key}: through a session differs from in-process:\n" + "\n".join(
@@ -980,3 +1196,39 @@ def test_email_extraction_tutorial(session: dspex.Session, capsys: pytest.Captur
     else:
         assert seen["outcome"][0] == "returned", seen["outcome"]
         assert "   💰 Amount: $2,399.00" in seen["stdout"]
+
+
+@pytest.fixture
+def papillon_script(lmserver: LMServer) -> Iterator[None]:
+    """The tutorial's top level: two LMs and the judge on the large one, module globals."""
+    global local_lm, large_lm, llm_judge
+    local_lm = dspy.LM(model="openai/gpt-4.1-nano", api_base=lmserver.base, api_key="not-a-key", cache=False)
+    large_lm = dspy.LM(model="openai/gpt-4.1-mini", api_base=lmserver.base, api_key="not-a-key", cache=False)
+    llm_judge = LLMJudge()
+    llm_judge.set_lm(large_lm)
+    try:
+        yield
+    finally:
+        local_lm = large_lm = llm_judge = None
+
+
+@pytest.mark.usefixtures("papillon_script")
+def test_papillon_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    seen = compare(session, capsys, lmserver, papillon_tutorial, settings={"lm": local_lm})
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    _, rows, (local_calls, large_calls) = seen["outcome"][1]
+    assert len(rows) == 3 and len(local_calls) == 6 and len(large_calls) == 12  # 3 x (untrusted + 2 judgments + leakage)
+    assert "WARNING dspy.evaluate.evaluate: Skipping table display since `pandas` is not installed." in "\n".join(
+        seen["stderr"])
+
+
+@pytest.mark.parametrize("as_written", [True, False], ids=["as_written", "predict_demos"])
+def test_saving_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer,
+                         tmp_path: Any, as_written: bool) -> None:
+    seen = compare(session, capsys, lmserver, saving_tutorial, lmserver.base, str(tmp_path), as_written)
+    if as_written:
+        assert seen["outcome"] == ("raised", "AttributeError", "'ChainOfThought' object has no attribute 'demos'")
+        return
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    demos, _, files = seen["outcome"][1]
+    assert len(demos) == 3 and files == ["metadata.json", "program.json", "program.pkl"]
