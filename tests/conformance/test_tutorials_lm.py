@@ -1048,6 +1048,93 @@ def saving_tutorial(base: str, workdir: str, as_written: bool) -> Any:
         return [d.toDict() for d in predictor(compiled_dspy_program).demos], answer, sorted(os.listdir("dspy_program"))
 
 
+# --------------------------------------------------------------------------- with handles: the script on the client
+# The same tutorials written as the user's script with the program made in the session
+# (``put``: ``s.put`` there, the object itself in-process) and everything else here: the LM
+# configured here, the conversation's history, the printing and ``dspy.inspect_history()``.
+
+
+def conversation_history_with_handles(put: Callable[[Any], Any], base: str, questions: list[str]) -> Any:
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    predict = put(dspy.Predict(QA))
+    history = dspy.History(messages=[])
+    answers = iter(questions)
+    while True:
+        question = next(answers)  # the tutorial reads input(...) here
+        if question == "finish":
+            break
+        outputs = predict(question=question, history=history)
+        print(f"\n{outputs.answer}\n")
+        history.messages.append({"question": question, **outputs})
+    dspy.inspect_history()
+    return history, history_of(lm)
+
+
+def custom_module_with_handles(put: Callable[[Any], Any], base: str) -> Any:
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    rag = put(WikiRAG())
+    print(rag(question="Is Lebron James the basketball GOAT?"))
+    dspy.inspect_history(n=2)
+    return history_of(lm)
+
+
+def output_refinement_with_handles(put: Callable[[Any], Any], base: str) -> Any:
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    best_of_3 = put(dspy.BestOfN(
+        module=dspy.ChainOfThought("question -> answer"),
+        N=3,
+        reward_fn=one_word_answer,
+        threshold=1.0
+    ))
+    result = best_of_3(question="What is the capital of Belgium?")
+    print(result.answer)  # Brussels
+    refine = put(dspy.Refine(
+        module=dspy.ChainOfThought("question -> answer"),
+        N=3,
+        reward_fn=one_word_answer,
+        threshold=1.0
+    ))
+    refined = refine(question="What is the capital of Belgium?")
+    print(refined.answer)  # Brussels
+    return result, refined, history_of(lm)
+
+
+def email_extraction_with_handles(put: Callable[[Any], Any]) -> Any:
+    lm = DummyLM(EMAIL_ANSWERS)
+    dspy.configure(lm=lm)
+    processor = put(EmailProcessor())
+    email = SAMPLE_EMAILS[0]
+    result = processor(email_subject=email["subject"], email_body=email["body"], sender=email["sender"])
+    print(f"   📊 Type: {result.email_type}")
+    print(f"   💰 Amount: ${result.financial_amount:,.2f}")
+    return result, [type(e).__name__ for e in result.key_entities], history_of(lm)
+
+
+def async_tool_conversion_with_handles(put: Callable[[Any], Any]) -> Any:
+    """"Using Async Tools in Synchronous Contexts" with the tool made in the session: the
+    conversion setting given here, by ``dspy.context`` and by ``dspy.configure``. (The rest of
+    the async tutorial awaits: through a session that is ``dspex.aio``'s, whose calls are
+    awaitables where in-process ones are not, test_asyncio.py.)"""
+    tool = put(dspy.Tool(async_tool))
+    outcomes = []
+    try:
+        tool(x=5)  # without the conversion DSPy refuses
+    except ValueError as exc:
+        outcomes.append(f"{raised_type(exc).__name__}: {exc}")
+    # Option 1: Use context manager for temporary conversion
+    with dspy.context(allow_tool_async_sync_conversion=True):
+        result = tool(x=5)  # Works in sync context
+        print(result)  # 10
+    # Option 2: Configure globally
+    dspy.configure(allow_tool_async_sync_conversion=True)
+    result = tool(x=5)  # Now works everywhere
+    print(result)  # 10
+    return outcomes
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -1116,6 +1203,20 @@ def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: 
         expected = observe(lambda: program(*args), capsys, server)
     for key in expected:
         assert got[key] == expected[key], f"{key}: through a session differs from in-process:\n" + "\n".join(
+            difflib.unified_diff(pprint.pformat(expected[key], width=150).splitlines(),
+                                 pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
+    return expected
+
+
+def compare_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: LMServer,
+                         script: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """``script(put, *args)`` run here twice: with ``put=session.put``, then in-process."""
+    with fresh_dspy_settings():
+        got = observe(lambda: script(session.put, *args), capsys, server)
+    with fresh_dspy_settings():
+        expected = observe(lambda: script(lambda obj: obj, *args), capsys, server)
+    for key in expected:
+        assert got[key] == expected[key], f"{key}: with handles differs from in-process:\n" + "\n".join(
             difflib.unified_diff(pprint.pformat(expected[key], width=150).splitlines(),
                                  pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
     return expected
@@ -1232,3 +1333,41 @@ def test_saving_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[s
     assert seen["outcome"][0] == "returned", seen["outcome"]
     demos, _, files = seen["outcome"][1]
     assert len(demos) == 3 and files == ["metadata.json", "program.json", "program.pkl"]
+
+
+QUESTIONS = ["do you know the competition between pytorch and tensorflow?",
+             "which one won the battle? just tell me the result, don't include any reasoning, thanks!", "finish"]
+
+
+def test_conversation_history_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                                    lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, conversation_history_with_handles, lmserver.base, QUESTIONS)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert len(seen["requests"]) == 2
+
+
+def test_custom_module_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                             lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, custom_module_with_handles, lmserver.base)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert any("Is Lebron James the basketball GOAT?" in line for line in seen["stdout"])
+
+
+def test_output_refinement_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                                 lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, output_refinement_with_handles, lmserver.base)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+
+
+def test_email_extraction_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                                lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, email_extraction_with_handles)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert seen["outcome"][1][1] == ["ExtractedEntity"]
+
+
+def test_async_tool_conversion_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                            lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, async_tool_conversion_with_handles)
+    assert seen["stdout"] == ["10", "10"]
+    assert len(seen["outcome"][1]) == 1 and "async" in seen["outcome"][1][0]
