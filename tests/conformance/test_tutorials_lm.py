@@ -49,7 +49,9 @@ from typing import Any, Optional
 import dspy
 import orjson
 import pytest
+from dspy.clients import base_lm
 from dspy.utils import DummyLM
+from dspy.utils.callback import BaseCallback
 from pydantic import BaseModel
 
 import dspex
@@ -1048,6 +1050,45 @@ def saving_tutorial(base: str, workdir: str, as_written: bool) -> Any:
         return [d.toDict() for d in predictor(compiled_dspy_program).demos], answer, sorted(os.listdir("dspy_program"))
 
 
+# --------------------------------------------------------------------------- tutorials/observability
+
+PASSAGES = ["Shohei Ohtani plays for the Los Angeles Dodgers.", "The Dodgers won the 2024 World Series.",
+            "Ohtani played for the Los Angeles Angels until 2023.", "Baseball is played with nine innings."]
+
+
+def retrieve(query: str):
+    """Retrieve top 3 relevant information from ColBert"""
+    # the tutorial asks dspy.ColBERTv2(url="http://20.102.90.50:2017/wiki17_abstracts"): no network here
+    words = set(query.lower().split())
+    return sorted(PASSAGES, key=lambda text: -len(words & set(text.lower().split())))[:3]
+
+
+agent = dspy.ReAct("question -> answer", tools=[retrieve], max_iters=3)
+
+
+class AgentLoggingCallback(BaseCallback):
+    # 2. Implement on_module_end handler to run a custom logging code.
+    def on_module_end(self, call_id, outputs, exception):
+        step = "Reasoning" if self._is_reasoning_output(outputs) else "Acting"
+        print(f"== {step} Step ===")
+        for k, v in outputs.items():
+            print(f"  {k}: {v}")
+        print("\n")
+
+    def _is_reasoning_output(self, outputs):
+        return any(k.startswith("Thought") for k in outputs.keys())
+
+
+def observability_tutorial() -> Any:
+    """The agent's calls, with ``dspy.configure(lm=lm)`` and the logging callback done by the
+    script's top level (on the client), then ``dspy.inspect_history(n=5)`` where it runs."""
+    prediction = agent(question="Which baseball team does Shohei Ohtani play for in June 2025?")
+    print(prediction.answer)
+    # Print out 5 LLM calls
+    dspy.inspect_history(n=5)
+    return prediction
+
+
 # --------------------------------------------------------------------------- with handles: the script on the client
 # The same tutorials written as the user's script with the program made in the session
 # (``put``: ``s.put`` there, the object itself in-process) and everything else here: the LM
@@ -1135,6 +1176,18 @@ def async_tool_conversion_with_handles(put: Callable[[Any], Any]) -> Any:
     return outcomes
 
 
+def observability_with_handles(put: Callable[[Any], Any], base: str) -> Any:
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    dspy.configure(callbacks=[AgentLoggingCallback()])
+    agent = put(dspy.ReAct("question -> answer", tools=[retrieve], max_iters=3))
+    prediction = agent(question="Which baseball team does Shohei Ohtani play for in June 2025?")
+    print(prediction.answer)
+    # Print out 5 LLM calls
+    dspy.inspect_history(n=5)
+    return prediction, history_of(lm)
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -1165,13 +1218,26 @@ def raised_type(exc: Exception) -> type:
     return type(exc)
 
 
+@contextlib.contextmanager
+def fresh_global_history() -> Iterator[None]:
+    """DSPy's process-wide LM history (``dspy.inspect_history`` prints its end) empty, as in a new
+    process, and put back after: a session's is its own, and earlier cases' calls are not the
+    program's."""
+    saved = list(base_lm.GLOBAL_HISTORY)
+    base_lm.GLOBAL_HISTORY.clear()
+    try:
+        yield
+    finally:
+        base_lm.GLOBAL_HISTORY[:] = saved
+
+
 def observe(call: Callable[[], Any], capsys: pytest.CaptureFixture[str], server: LMServer) -> dict[str, Any]:
     """What a program shows its user: its result or exception, printed and logged text, warnings,
     and what it sent the provider."""
     with server.lock:
         server.calls.clear()
     capsys.readouterr()
-    with warnings.catch_warnings(record=True) as warned:
+    with fresh_global_history(), warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         try:
             outcome: Any = ("returned", as_data(call()))
@@ -1371,3 +1437,17 @@ def test_async_tool_conversion_with_handles(session: dspex.Session, capsys: pyte
     seen = compare_with_handles(session, capsys, lmserver, async_tool_conversion_with_handles)
     assert seen["stdout"] == ["10", "10"]
     assert len(seen["outcome"][1]) == 1 and "async" in seen["outcome"][1][0]
+
+
+def test_observability_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    seen = compare(session, capsys, lmserver, observability_tutorial,
+                   settings={"lm": tutorial_lm(lmserver.base), "callbacks": [AgentLoggingCallback()]})
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert seen["stdout"].count("== Acting Step ===") >= 2 and len(seen["requests"]) == 4  # 3 steps, then extract
+
+
+def test_observability_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                             lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, observability_with_handles, lmserver.base)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert seen["stdout"].count("== Acting Step ===") >= 2 and len(seen["requests"]) == 4
