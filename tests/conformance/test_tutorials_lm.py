@@ -55,7 +55,7 @@ from dspy.utils.callback import BaseCallback
 from pydantic import BaseModel
 
 import dspex
-from tests.conformance.harness import as_data, fresh_dspy_settings
+from tests.conformance.harness import AsyncInProcess, AsyncRunner, AsyncThroughSession, as_data, fresh_dspy_settings
 from tests.lmserver import LMServer
 
 MODEL = "openai/gpt-4o-mini"
@@ -1188,6 +1188,69 @@ def observability_with_handles(put: Callable[[Any], Any], base: str) -> Any:
     return prediction, history_of(lm)
 
 
+def streaming_with_handles(stream: Callable[..., Any], base: str) -> Any:
+    """The streaming tutorial's programs built here (``dspy.streamify`` at the script's top level)
+    and read item by item: ``stream(program, kwargs)`` is ``s.stream_apply`` through a session, the
+    async generator driven by ``asyncio.run`` in-process."""
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    two_fields = QuestionThenSimplify()
+    programs = [
+        (dspy.streamify(dspy.Predict("question->answer"),
+                        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")]),
+         {"question": "Why did a chicken cross the kitchen?"}),
+        (dspy.streamify(two_fields, stream_listeners=[
+            dspy.streaming.StreamListener(signature_field_name="answer"),
+            dspy.streaming.StreamListener(signature_field_name="simplified_answer")]),
+         {"question": "why did a chicken cross the kitchen?"}),
+        (dspy.streamify(dspy.ReAct("question->answer", tools=[fetch_user_info, get_sports_news]), stream_listeners=[
+            dspy.streaming.StreamListener(signature_field_name="next_thought", allow_reuse=True)]),
+         {"question": "What sports news happened in the year Adam was born?"}),
+        (dspy.streamify(DoubleThenSum(),
+                        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="reasoning")],
+                        status_message_provider=MyStatusMessageProvider()),
+         {"num": 3}),
+    ]
+    outputs = []
+    for program, kwargs in programs:
+        return_value = None
+        for chunk in stream(program, kwargs):
+            if isinstance(chunk, dspy.streaming.StreamResponse | dspy.streaming.StatusMessage):
+                print(chunk)
+            elif isinstance(chunk, dspy.Prediction):
+                return_value = chunk
+        print("Final output: ", return_value)
+        outputs.append(return_value)
+    return outputs, history_of(lm)
+
+
+def drive(program: Callable[..., Any], kwargs: dict[str, Any]) -> list[Any]:
+    """A streamified program's items, read in-process to the end."""
+    async def read_output_stream():
+        return [chunk async for chunk in program(**kwargs)]
+
+    return asyncio.run(read_output_stream())
+
+
+async def async_tutorial_awaited(arun: AsyncRunner, base: str) -> Any:
+    """The async tutorial as an asyncio script whose awaits go through ``dspex.aio`` (``await
+    arun(fn, ...)`` is ``await fn(...)`` in-process): the LM configured here, ``inspect_history`` here."""
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    predict = dspy.Predict("question->answer")
+    # Use acall() for async execution
+    output = await arun(predict.acall, question="why did a chicken cross the kitchen?")
+    print(output)
+    tool = dspy.Tool(foo)
+    # Execute the tool asynchronously
+    await arun(tool.acall, x=2)
+    mod = TwoStepModule()
+    result = await arun(mod.acall, question="Why did a chicken cross the kitchen?")
+    print(result)
+    dspy.inspect_history(n=3)
+    return result, history_of(lm)
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -1254,6 +1317,14 @@ def observe(call: Callable[[], Any], capsys: pytest.CaptureFixture[str], server:
     }
 
 
+def assert_same(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    """The session's observation is the in-process one, key by key (a failure shows the diff)."""
+    for key, wanted in expected.items():
+        assert got[key] == wanted, f"{key}: through a session differs from in-process:\n" + "\n".join(
+            difflib.unified_diff(pprint.pformat(wanted, width=150).splitlines(),
+                                 pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
+
+
 def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: LMServer,
             program: Callable[..., Any], *args: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``settings``: what the script's top level configured (``dspy.configure``), on the client
@@ -1267,10 +1338,7 @@ def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: 
     with fresh_dspy_settings():
         dspy.configure(**settings or {})
         expected = observe(lambda: program(*args), capsys, server)
-    for key in expected:
-        assert got[key] == expected[key], f"{key}: through a session differs from in-process:\n" + "\n".join(
-            difflib.unified_diff(pprint.pformat(expected[key], width=150).splitlines(),
-                                 pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
+    assert_same(got, expected)
     return expected
 
 
@@ -1281,10 +1349,7 @@ def compare_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[s
         got = observe(lambda: script(session.put, *args), capsys, server)
     with fresh_dspy_settings():
         expected = observe(lambda: script(lambda obj: obj, *args), capsys, server)
-    for key in expected:
-        assert got[key] == expected[key], f"{key}: with handles differs from in-process:\n" + "\n".join(
-            difflib.unified_diff(pprint.pformat(expected[key], width=150).splitlines(),
-                                 pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
+    assert_same(got, expected)
     return expected
 
 
@@ -1451,3 +1516,32 @@ def test_observability_tutorial_with_handles(session: dspex.Session, capsys: pyt
     seen = compare_with_handles(session, capsys, lmserver, observability_with_handles, lmserver.base)
     assert seen["outcome"][0] == "returned", seen["outcome"]
     assert seen["stdout"].count("== Acting Step ===") >= 2 and len(seen["requests"]) == 4
+
+
+def test_streaming_tutorial_with_stream_apply(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                              lmserver: LMServer) -> None:
+    def through_session(program: Any, kwargs: dict[str, Any]) -> Any:
+        return session.stream_apply(program, kwargs=kwargs)
+
+    with fresh_dspy_settings():
+        got = observe(lambda: streaming_with_handles(through_session, lmserver.base), capsys, lmserver)
+    with fresh_dspy_settings():
+        expected = observe(lambda: streaming_with_handles(drive, lmserver.base), capsys, lmserver)
+    assert_same(got, expected)
+    out = "\n".join(expected["stdout"])
+    for shown in ("predict_name='self', signature_field_name='answer'", "signature_field_name='simplified_answer'",
+                  "signature_field_name='next_thought'", "StatusMessage(message=\"Calling Tool double_the_number"):
+        assert shown in out, shown
+
+
+def test_async_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    def main(arun: AsyncRunner) -> Any:
+        return async_tutorial_awaited(arun, lmserver.base)
+
+    with fresh_dspy_settings():
+        got = observe(lambda: AsyncThroughSession(cstack.frontend, "c1").go(main), capsys, lmserver)
+    with fresh_dspy_settings():
+        expected = observe(lambda: AsyncInProcess().go(main), capsys, lmserver)
+    assert_same(got, expected)
+    assert expected["outcome"][0] == "returned", expected["outcome"]
+    assert "I get: 2" in expected["stdout"] and len(expected["requests"]) == 3
