@@ -1089,6 +1089,50 @@ def observability_tutorial() -> Any:
     return prediction
 
 
+# --------------------------------------------------------------------------- tutorials/deployment
+
+
+class Question(BaseModel):
+    text: str
+
+
+class HTTPException(Exception):
+    """FastAPI's (not installed here): what the tutorial's endpoint raises on an error."""
+
+    def __init__(self, status_code: int, detail: Any = None) -> None:
+        super().__init__(status_code, detail)
+        self.status_code, self.detail = status_code, detail
+
+
+# Configure your language model and 'asyncify' your DSPy program (the LM and async_max_workers=4
+# are configured by the script's top level: compare's settings)
+dspy_program = dspy.ChainOfThought("question -> answer")
+dspy_program = dspy.asyncify(dspy_program)
+
+
+async def predict_endpoint(question: Question):  # the tutorial's ``@app.post("/predict") async def predict``
+    try:
+        result = await dspy_program(question=question.text)
+        return {
+            "status": "success",
+            "data": result.toDict()
+        }
+    except Exception as e:
+        raise HTTPException(status_code=500, detail=str(e))
+
+
+async def serve_requests(texts: list[str]) -> Any:
+    """What the server answers each request: the endpoint's dict, or its HTTPException's code."""
+    answers = []
+    for text in texts:
+        try:
+            answers.append(await predict_endpoint(Question(text=text)))
+        except HTTPException as exc:
+            print(f"HTTP {exc.status_code}: {str(exc.detail).splitlines()[0]}")
+            answers.append((exc.status_code, exc.detail))
+    return answers
+
+
 # --------------------------------------------------------------------------- with handles: the script on the client
 # The same tutorials written as the user's script with the program made in the session
 # (``put``: ``s.put`` there, the object itself in-process) and everything else here: the LM
@@ -1325,6 +1369,11 @@ def assert_same(got: dict[str, Any], expected: dict[str, Any]) -> None:
                                  pprint.pformat(got[key], width=150).splitlines(), "in-process", "session", lineterm=""))
 
 
+def awaited(result: Any) -> Any:
+    """A program's result as the worker gives it: an ``async def``'s awaited (in a new loop)."""
+    return asyncio.run(result) if inspect.iscoroutine(result) else result
+
+
 def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: LMServer,
             program: Callable[..., Any], *args: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``settings``: what the script's top level configured (``dspy.configure``), on the client
@@ -1337,7 +1386,7 @@ def compare(session: dspex.Session, capsys: pytest.CaptureFixture[str], server: 
         got = observe(lambda: session.run(program, *args), capsys, server)
     with fresh_dspy_settings():
         dspy.configure(**settings or {})
-        expected = observe(lambda: program(*args), capsys, server)
+        expected = observe(lambda: awaited(program(*args)), capsys, server)
     assert_same(got, expected)
     return expected
 
@@ -1545,3 +1594,19 @@ def test_async_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFix
     assert_same(got, expected)
     assert expected["outcome"][0] == "returned", expected["outcome"]
     assert "I get: 2" in expected["stdout"] and len(expected["requests"]) == 3
+
+
+def test_deployment_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    """The FastAPI endpoint's body over a module-level ``dspy.asyncify`` program, awaited as the
+    server would; a question the model answers with prose makes its HTTP 500."""
+    lmserver.set(rules=(("unanswerable", "unparsable"),))
+    try:
+        seen = compare(session, capsys, lmserver, serve_requests,
+                       ["What is the capital of France?", "An unanswerable question?"],
+                       settings={"lm": tutorial_lm(lmserver.base), "async_max_workers": 4})
+    finally:
+        lmserver.set(rules=())
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    ok, failed = seen["outcome"][1]
+    assert ok["status"] == "success" and failed[0] == 500
+    assert seen["stdout"] == ["HTTP 500: LM response cannot be serialized to a JSON object."]
