@@ -1295,6 +1295,32 @@ async def async_tutorial_awaited(arun: AsyncRunner, base: str) -> Any:
     return result, history_of(lm)
 
 
+def deployment_with_handles(put: Callable[[Any], Any], base: str, texts: list[str]) -> Any:
+    """The deployment tutorial's server with the program made in the session: its endpoints
+    awaited together (``asyncio.gather``), as requests arriving at once, each in one of
+    ``async_max_workers`` threads calling the session."""
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm, async_max_workers=4)  # default is 8
+    dspy_program = dspy.asyncify(put(dspy.ChainOfThought("question -> answer")))
+
+    async def predict(question: Question):
+        try:
+            result = await dspy_program(question=question.text)
+            return {
+                "status": "success",
+                "data": result.toDict()
+            }
+        except Exception as e:
+            raise HTTPException(status_code=500, detail=str(e))
+
+    async def serve() -> Any:
+        return await asyncio.gather(*(predict(Question(text=text)) for text in texts), return_exceptions=True)
+
+    answers = asyncio.run(serve())
+    return [(a.status_code, a.detail) if isinstance(a, HTTPException) else a for a in answers], \
+        sorted(map(repr, history_of(lm)))
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -1610,3 +1636,16 @@ def test_deployment_tutorial(session: dspex.Session, capsys: pytest.CaptureFixtu
     ok, failed = seen["outcome"][1]
     assert ok["status"] == "success" and failed[0] == 500
     assert seen["stdout"] == ["HTTP 500: LM response cannot be serialized to a JSON object."]
+
+
+def test_deployment_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                          lmserver: LMServer) -> None:
+    lmserver.set(rules=(("unanswerable", "unparsable"),))
+    texts = [f"What is the capital of country {i}?" for i in range(5)] + ["An unanswerable question?"]
+    try:
+        seen = compare_with_handles(session, capsys, lmserver, deployment_with_handles, lmserver.base, texts)
+    finally:
+        lmserver.set(rules=())
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    answers, _ = seen["outcome"][1]
+    assert [a["status"] for a in answers[:5]] == ["success"] * 5 and answers[5][0] == 500
