@@ -1133,6 +1133,28 @@ async def serve_requests(texts: list[str]) -> Any:
     return answers
 
 
+# --------------------------------------------------------------------------- learn/programming/modules: usage tracking
+
+
+class ScoredProgram(dspy.Module):  # the docs' ``MyProgram``: a module overriding __call__
+    def __init__(self):
+        self.predict1 = dspy.ChainOfThought("question -> answer")
+        self.predict2 = dspy.ChainOfThought("question, answer -> score")
+
+    def __call__(self, question: str) -> str:
+        answer = self.predict1(question=question)
+        score = self.predict2(question=question, answer=answer)
+        return score
+
+
+def usage_tracking_tutorial() -> Any:
+    """``dspy.configure(lm=..., track_usage=True)`` by the script's top level (on the client)."""
+    program = ScoredProgram()
+    output = program(question="What is the capital of France?")
+    print(output.get_lm_usage())
+    return output
+
+
 # --------------------------------------------------------------------------- with handles: the script on the client
 # The same tutorials written as the user's script with the program made in the session
 # (``put``: ``s.put`` there, the object itself in-process) and everything else here: the LM
@@ -1319,6 +1341,21 @@ def deployment_with_handles(put: Callable[[Any], Any], base: str, texts: list[st
     answers = asyncio.run(serve())
     return [(a.status_code, a.detail) if isinstance(a, HTTPException) else a for a in answers], \
         sorted(map(repr, history_of(lm)))
+
+
+def usage_tracking_with_handles(put: Callable[[Any], Any], base: str) -> Any:
+    # Configure DSPy with tracking enabled
+    dspy.configure(
+        lm=tutorial_lm(base),
+        track_usage=True
+    )
+    program = put(ScoredProgram())
+    output = program(question="What is the capital of France?")
+    print(output.get_lm_usage())
+    with dspy.track_usage() as usage:
+        program(question="What is the capital of Zambia?")
+    print(usage.get_total_tokens())
+    return output
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -1649,3 +1686,17 @@ def test_deployment_tutorial_with_handles(session: dspex.Session, capsys: pytest
     assert seen["outcome"][0] == "returned", seen["outcome"]
     answers, _ = seen["outcome"][1]
     assert [a["status"] for a in answers[:5]] == ["success"] * 5 and answers[5][0] == 500
+
+
+def test_usage_tracking_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    seen = compare(session, capsys, lmserver, usage_tracking_tutorial,
+                   settings={"lm": tutorial_lm(lmserver.base), "track_usage": True})
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert seen["stdout"][0].startswith("{'openai/gpt-4o-mini': {") and len(seen["requests"]) == 2
+
+
+def test_usage_tracking_tutorial_with_handles(session: dspex.Session, capsys: pytest.CaptureFixture[str],
+                                              lmserver: LMServer) -> None:
+    seen = compare_with_handles(session, capsys, lmserver, usage_tracking_with_handles, lmserver.base)
+    assert seen["outcome"][0] == "returned", seen["outcome"]
+    assert seen["stdout"][1].startswith("{'openai/gpt-4o-mini': {") and len(seen["requests"]) == 4
