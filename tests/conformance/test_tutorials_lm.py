@@ -67,6 +67,17 @@ def lmserver() -> Iterator[LMServer]:
         yield server
 
 
+@pytest.fixture(params=["c1", "c4"])
+def session(dx: dspex.Client, request: pytest.FixtureRequest) -> Iterator[dspex.Session]:
+    """A session of a capacity-1 worker (calls on its main thread) and of a capacity-4 one (calls in
+    pool threads, several sessions at once)."""
+    s = dx.session(request.param)
+    try:
+        yield s
+    finally:
+        s.close(timeout=10)
+
+
 def tutorial_lm(base: str, model: str = MODEL, cache: bool = False) -> dspy.LM:
     return dspy.LM(model, api_base=base, api_key="not-a-key", cache=cache)
 
@@ -209,45 +220,53 @@ class MyStatusMessageProvider(dspy.streaming.StatusMessageProvider):
         return f"Tool finished with output: {outputs}!"
 
 
-# as the tutorial's script: the streamified program is built at its top level
-predict = dspy.Predict("question->answer")
-stream_predict = dspy.streamify(
-    predict,
-    stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")],
-)
-two_fields = QuestionThenSimplify()
-stream_two_fields = dspy.streamify(
-    two_fields,
-    stream_listeners=[
-        dspy.streaming.StreamListener(signature_field_name="answer"),
-        dspy.streaming.StreamListener(signature_field_name="simplified_answer"),
-    ],
-)
-react = dspy.ReAct("question->answer", tools=[fetch_user_info, get_sports_news])
-stream_react = dspy.streamify(react, stream_listeners=[
-    # dspy.ReAct has a built-in output field called "next_thought".
-    dspy.streaming.StreamListener(signature_field_name="next_thought", allow_reuse=True),
-])
-answer_twice = AnswerTwice()
-stream_answer_twice = dspy.streamify(
-    answer_twice,
-    stream_listeners=[
-        dspy.streaming.StreamListener(signature_field_name="answer", predict=answer_twice.predict1,
-                                      predict_name="predict1"),
-        dspy.streaming.StreamListener(signature_field_name="answer", predict=answer_twice.predict2,
-                                      predict_name="predict2"),
-    ],
-)
-stream_status = dspy.streamify(
-    DoubleThenSum(),
-    stream_listeners=[dspy.streaming.StreamListener(signature_field_name="reasoning")],
-    status_message_provider=MyStatusMessageProvider(),
-)
-sync_stream_predict = dspy.streamify(
-    predict,
-    stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")],
-    async_streaming=False,
-)
+def streaming_script_top_level() -> None:
+    """The tutorial script's top level: the streamified programs, module globals. Run at import and
+    again by each case: a ``StreamListener`` without ``allow_reuse`` is spent once its field has
+    streamed (DSPy keeps that state on it), as in a script run twice in one process."""
+    global predict, stream_predict, two_fields, stream_two_fields, react, stream_react, answer_twice
+    global stream_answer_twice, stream_status, sync_stream_predict
+    predict = dspy.Predict("question->answer")
+    stream_predict = dspy.streamify(
+        predict,
+        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")],
+    )
+    two_fields = QuestionThenSimplify()
+    stream_two_fields = dspy.streamify(
+        two_fields,
+        stream_listeners=[
+            dspy.streaming.StreamListener(signature_field_name="answer"),
+            dspy.streaming.StreamListener(signature_field_name="simplified_answer"),
+        ],
+    )
+    react = dspy.ReAct("question->answer", tools=[fetch_user_info, get_sports_news])
+    stream_react = dspy.streamify(react, stream_listeners=[
+        # dspy.ReAct has a built-in output field called "next_thought".
+        dspy.streaming.StreamListener(signature_field_name="next_thought", allow_reuse=True),
+    ])
+    answer_twice = AnswerTwice()
+    stream_answer_twice = dspy.streamify(
+        answer_twice,
+        stream_listeners=[
+            dspy.streaming.StreamListener(signature_field_name="answer", predict=answer_twice.predict1,
+                                          predict_name="predict1"),
+            dspy.streaming.StreamListener(signature_field_name="answer", predict=answer_twice.predict2,
+                                          predict_name="predict2"),
+        ],
+    )
+    stream_status = dspy.streamify(
+        DoubleThenSum(),
+        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="reasoning")],
+        status_message_provider=MyStatusMessageProvider(),
+    )
+    sync_stream_predict = dspy.streamify(
+        predict,
+        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="answer")],
+        async_streaming=False,
+    )
+
+
+streaming_script_top_level()
 
 
 def streaming_tutorial(base: str) -> Any:
@@ -1473,6 +1492,7 @@ def test_async_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[st
 
 
 def test_streaming_tutorial(session: dspex.Session, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    streaming_script_top_level()
     seen = compare(session, capsys, lmserver, streaming_tutorial, lmserver.base)
     assert seen["outcome"][0] == "returned", seen["outcome"]
     out = "\n".join(seen["stdout"])
@@ -1700,3 +1720,4 @@ def test_usage_tracking_tutorial_with_handles(session: dspex.Session, capsys: py
     seen = compare_with_handles(session, capsys, lmserver, usage_tracking_with_handles, lmserver.base)
     assert seen["outcome"][0] == "returned", seen["outcome"]
     assert seen["stdout"][1].startswith("{'openai/gpt-4o-mini': {") and len(seen["requests"]) == 4
+
