@@ -55,7 +55,14 @@ from dspy.utils.callback import BaseCallback
 from pydantic import BaseModel
 
 import dspex
-from tests.conformance.harness import AsyncInProcess, AsyncRunner, AsyncThroughSession, as_data, fresh_dspy_settings
+from tests.conformance.harness import (
+    INPROCESS,
+    AsyncInProcess,
+    AsyncRunner,
+    AsyncThroughSession,
+    as_data,
+    fresh_dspy_settings,
+)
 from tests.lmserver import LMServer
 
 MODEL = "openai/gpt-4o-mini"
@@ -1377,6 +1384,41 @@ def usage_tracking_with_handles(put: Callable[[Any], Any], base: str) -> Any:
     return output
 
 
+async def streaming_awaited(arun: AsyncRunner, base: str) -> Any:
+    """The streaming tutorial's ``read_output_stream`` as written (``async for chunk in
+    output_stream``) over programs built here: in-process the streamified program's own async
+    generator, through ``dspex.aio`` the session's stream of it (``s.stream_apply``)."""
+    lm = tutorial_lm(base)
+    dspy.configure(lm=lm)
+    status_program = dspy.streamify(
+        DoubleThenSum(),
+        stream_listeners=[dspy.streaming.StreamListener(signature_field_name="reasoning")],
+        status_message_provider=MyStatusMessageProvider(),
+    )
+    two_fields_program = dspy.streamify(QuestionThenSimplify(), stream_listeners=[
+        dspy.streaming.StreamListener(signature_field_name="answer"),
+        dspy.streaming.StreamListener(signature_field_name="simplified_answer")])
+
+    def stream_of(program: Any, **kwargs: Any) -> Any:
+        return program(**kwargs) if arun.mode == INPROCESS else arun.s.stream_apply(program, kwargs=kwargs)  # type: ignore[attr-defined]
+
+    async def read_output_stream(output_stream):
+        return_value = None
+        async for chunk in output_stream:
+            if isinstance(chunk, dspy.streaming.StreamResponse):
+                print(chunk)
+            elif isinstance(chunk, dspy.Prediction):
+                return_value = chunk
+            elif isinstance(chunk, dspy.streaming.StatusMessage):
+                print(chunk)
+        return return_value
+
+    outputs = [await read_output_stream(stream_of(status_program, num=3)),
+               await read_output_stream(stream_of(two_fields_program, question="why did a chicken cross the kitchen?"))]
+    print("Final output: ", outputs)
+    return outputs, history_of(lm)
+
+
 # --------------------------------------------------------------------------- the comparison
 
 
@@ -1721,3 +1763,17 @@ def test_usage_tracking_tutorial_with_handles(session: dspex.Session, capsys: py
     assert seen["outcome"][0] == "returned", seen["outcome"]
     assert seen["stdout"][1].startswith("{'openai/gpt-4o-mini': {") and len(seen["requests"]) == 4
 
+
+
+def test_streaming_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+    def main(arun: AsyncRunner) -> Any:
+        return streaming_awaited(arun, lmserver.base)
+
+    with fresh_dspy_settings():
+        got = observe(lambda: AsyncThroughSession(cstack.frontend, "c1").go(main), capsys, lmserver)
+    with fresh_dspy_settings():
+        expected = observe(lambda: AsyncInProcess().go(main), capsys, lmserver)
+    assert_same(got, expected)
+    assert expected["outcome"][0] == "returned", expected["outcome"]
+    out = "\n".join(expected["stdout"])
+    assert "StatusMessage(message=\"Calling Tool double_the_number" in out and "signature_field_name='simplified_answer'" in out
