@@ -1708,12 +1708,13 @@ def test_streaming_tutorial_with_stream_apply(session: dspex.Session, capsys: py
         assert shown in out, shown
 
 
-def test_async_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+@pytest.mark.parametrize("pool", ["c1", "c4"])
+def test_async_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer, pool: str) -> None:
     def main(arun: AsyncRunner) -> Any:
         return async_tutorial_awaited(arun, lmserver.base)
 
     with fresh_dspy_settings():
-        got = observe(lambda: AsyncThroughSession(cstack.frontend, "c1").go(main), capsys, lmserver)
+        got = observe(lambda: AsyncThroughSession(cstack.frontend, pool).go(main), capsys, lmserver)
     with fresh_dspy_settings():
         expected = observe(lambda: AsyncInProcess().go(main), capsys, lmserver)
     assert_same(got, expected)
@@ -1765,12 +1766,13 @@ def test_usage_tracking_tutorial_with_handles(session: dspex.Session, capsys: py
 
 
 
-def test_streaming_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer) -> None:
+@pytest.mark.parametrize("pool", ["c1", "c4"])
+def test_streaming_tutorial_through_dspex_aio(cstack: Any, capsys: pytest.CaptureFixture[str], lmserver: LMServer, pool: str) -> None:
     def main(arun: AsyncRunner) -> Any:
         return streaming_awaited(arun, lmserver.base)
 
     with fresh_dspy_settings():
-        got = observe(lambda: AsyncThroughSession(cstack.frontend, "c1").go(main), capsys, lmserver)
+        got = observe(lambda: AsyncThroughSession(cstack.frontend, pool).go(main), capsys, lmserver)
     with fresh_dspy_settings():
         expected = observe(lambda: AsyncInProcess().go(main), capsys, lmserver)
     assert_same(got, expected)
