@@ -187,7 +187,11 @@ def guarded(fn: Callable[..., T], *args: Any) -> T:
     except (DspexError, CallTimedOut):
         raise
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-        raise remote_error(exc) from None
+        error = remote_error(exc)
+    # raised out of the except clause, where it would hold the original as its __context__: the
+    # original and its traceback's frames go now, within the call, as in-process the caller's
+    # except drops them, and what dropping them warns (a coroutine never awaited) is the call's
+    raise error from None
 
 
 def error_frames(err: DspexError) -> list[bytes]:

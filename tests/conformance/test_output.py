@@ -107,6 +107,31 @@ def test_a_warning_shows_in_each_call_that_warns_it(run: Any) -> None:
         assert [str(w.message) for w in warned] == ["the option is deprecated"]
 
 
+async def lookup(key: str) -> str:
+    return key
+
+
+class Replier:
+    def fail(self) -> None:
+        pending = lookup("y")  # noqa: F841 - a coroutine nobody awaits, dropped with the error's traceback
+        raise ValueError("no reply")
+
+
+def fail_with_a_pending_coroutine() -> None:
+    Replier().fail()
+
+
+def test_what_dropping_a_calls_error_warns_reaches_the_caller(run: Any) -> None:
+    """A coroutine left in a frame of the error's traceback: in-process Python warns "never
+    awaited" as the caller's ``except`` drops the error; through a session (``s.run`` or a ref's
+    method) that was after the worker had sent the error on, and the warning went to its log."""
+    replier = run.put(Replier())
+    for call in (lambda: run(fail_with_a_pending_coroutine), replier.fail):
+        with pytest.warns(RuntimeWarning) as warned, pytest.raises(ValueError, match="no reply"):
+            call()
+        assert [str(w.message) for w in warned] == ["coroutine 'lookup' was never awaited"]
+
+
 def numbers_with_cleanup(n: int) -> Any:
     try:
         yield from range(n)
