@@ -966,3 +966,49 @@ def test_a_process_pool_runs_the_sessions_own_functions_and_classes(dx: dspex.Cl
         with pytest.raises(AttributeError) as remote:  # what pickle cannot name fails as in-process
             s.apply(mod.a_lambda_in_a_pool, timeout=30)
         assert str(remote.value) == str(in_process.value)
+
+
+DATACLASSES = '''
+import dataclasses
+from dataclasses import dataclass, field
+
+import dspy
+import pydantic
+from dspy.utils.dummies import DummyLM
+
+
+@dataclass
+class Order:
+    sku: str
+    tags: list = field(default_factory=list)
+    qty: int = 1
+
+
+class Extract(dspy.Signature):
+    text: str = dspy.InputField()
+    order: Order = dspy.OutputField()
+
+
+def defaults():
+    return [(f.name, f.default is dataclasses.MISSING, f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(Order)]
+
+
+def validated():
+    return pydantic.TypeAdapter(Order).validate_python({"sku": "a"})
+
+
+def extracted():
+    dspy.configure(lm=DummyLM([{"order": '{"sku": "b", "qty": 2}'}]))
+    return dspy.Predict(Extract)(text="two of b").order
+'''
+
+
+def test_a_dataclass_keeps_the_sentinels_of_its_fields(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    """A field without a default holds ``dataclasses.MISSING`` itself, not a copy: Pydantic (and
+    so a DSPy output field typed as the dataclass) tells fields with defaults by ``is MISSING``."""
+    mod = usercode(DATACLASSES)
+    expected = [mod.defaults(), mod.validated(), mod.extracted()]
+    assert expected[1:] == [mod.Order("a"), mod.Order("b", qty=2)]
+    with dx.session("p") as s:
+        assert [s.run(mod.defaults), s.run(mod.validated), s.run(mod.extracted)] == expected

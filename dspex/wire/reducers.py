@@ -2,7 +2,7 @@
 where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache`` wrapper and
 ``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
-that hold a thread (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
+that hold a thread and ``dataclasses``' sentinels, by name (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import dataclasses
 import functools
 import queue
 import sys
@@ -32,6 +33,18 @@ def register_library_reducers() -> None:
 
 def _unbatchify_reduced(obj: Any) -> Any:
     return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
+
+
+def _dataclass_sentinel(name: str) -> Any:
+    return lambda obj: name  # pickle's "a global of the object's module, by this name"
+
+
+# A dataclass's fields hold ``dataclasses.MISSING`` where they have no default, and Pydantic (so a
+# DSPy output field typed as the dataclass) and ``dataclasses.fields`` readers test ``is MISSING``:
+# by name, as the module's singletons, not the copies plain pickling makes of a user's dataclass
+# sent by value (registered in copyreg: every pickler of the process, checkpoints' included).
+for _sentinel in ("MISSING", "_HAS_DEFAULT_FACTORY"):
+    copyreg.pickle(type(getattr(dataclasses, _sentinel)), _dataclass_sentinel(_sentinel))
 
 
 # a queue's locks and conditions cannot be pickled; its items, size and count of unfinished tasks can
