@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -1012,3 +1013,44 @@ def test_a_dataclass_keeps_the_sentinels_of_its_fields(dx: dspex.Client, usercod
     assert expected[1:] == [mod.Order("a"), mod.Order("b", qty=2)]
     with dx.session("p") as s:
         assert [s.run(mod.defaults), s.run(mod.validated), s.run(mod.extracted)] == expected
+
+
+SIGNATURES = '''
+import dspy
+from dspy.utils.dummies import DummyLM
+
+
+class Extract(dspy.Signature):
+    """Pull the quantity out."""
+
+    text: str = dspy.InputField()
+    qty: int = dspy.OutputField()
+
+
+def predicted():
+    dspy.configure(lm=DummyLM([{"qty": "2"}]))
+    return dspy.Predict(Extract)(text="two of b")
+
+
+def thought():
+    dspy.configure(lm=DummyLM([{"reasoning": "r", "qty": "2"}]))
+    return dspy.ChainOfThought(Extract)(text="two of b")
+'''
+
+
+def test_a_prediction_of_a_named_signature_holds_that_signature(dx: dspex.Client, usercode: Any,
+                                                                fresh_settings: None) -> None:
+    """A returned prediction's completions hold the program's Signature class when pickle could
+    name it (then ``pickle.dumps(pred)`` works, as in-process: a cache of results, a task queue);
+    a signature DSPy built (ChainOfThought's) is built again from its text, as pickle cannot name
+    it in-process either."""
+    mod = usercode(SIGNATURES)
+    local = mod.predicted()
+    assert local.completions.signature is mod.Extract
+    with dx.session("p") as s:
+        remote = s.run(mod.predicted)
+        assert remote.completions.signature is mod.Extract
+        assert pickle.loads(pickle.dumps(remote)) == local
+        built = s.run(mod.thought)
+    assert built.completions.signature.__name__ == mod.thought().completions.signature.__name__ == "StringSignature"
+    assert built.completions.signature.output_fields.keys() == {"reasoning", "qty"}
