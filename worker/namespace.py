@@ -85,25 +85,36 @@ class _UserModuleView(types.ModuleType):
     Attributes are the module's own first; a name it lacks is read from the session's copy
     (pickle's ``find_class``)."""
 
+    def _copy(self) -> types.ModuleType | None:
+        """The running call's session's copy of this module (None outside calls, or without one)."""
+        state = current_session.get()
+        if state is None:
+            return None
+        return state.code.modules.get(f"m:{_OWN_DICT.__get__(self).get('__name__')}")
+
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
-        own: dict[str, Any] = _OWN_DICT.__get__(self)
-        state = current_session.get()
-        if state is not None:
-            copy = state.code.modules.get(f"m:{own.get('__name__')}")
-            if copy is not None:
-                return copy.__dict__
-        return own
+        copy = self._copy()
+        return copy.__dict__ if copy is not None else _OWN_DICT.__get__(self)
+
+    @property
+    def __spec__(self) -> Any:
+        # the copy's (it names the client's files): ``importlib.resources.files("mypkg")`` imports
+        # the name, and reads the files beside the package through its spec
+        copy = self._copy()
+        return (copy.__dict__ if copy is not None and "__spec__" in copy.__dict__ else _OWN_DICT.__get__(self)).get("__spec__")
+
+    @__spec__.setter
+    def __spec__(self, value: Any) -> None:
+        _OWN_DICT.__get__(self)["__spec__"] = value
 
     def __getattr__(self, name: str) -> Any:
         # what the module's own namespace lacks, the call's session's copy may have: pickle's
         # ``find_class`` reads ``getattr(sys.modules[module], name)`` (dspy.load of a program
         # whose class is in this module, saved with ``save_program=True``)
-        state = current_session.get()
-        if state is not None and not name.startswith("__"):
-            copy = state.code.modules.get(f"m:{self.__name__}")
-            if copy is not None and name in copy.__dict__:
-                return copy.__dict__[name]
+        copy = self._copy()
+        if copy is not None and not name.startswith("__") and name in copy.__dict__:
+            return copy.__dict__[name]
         raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
 
 
