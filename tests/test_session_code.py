@@ -1054,3 +1054,43 @@ def test_a_prediction_of_a_named_signature_holds_that_signature(dx: dspex.Client
         built = s.run(mod.thought)
     assert built.completions.signature.__name__ == mod.thought().completions.signature.__name__ == "StringSignature"
     assert built.completions.signature.output_fields.keys() == {"reasoning", "qty"}
+
+
+CACHED_PROPERTY = '''
+import functools
+
+BUILT = []
+
+
+class Index:
+    def __init__(self, docs):
+        self.docs = docs
+
+    @functools.cached_property
+    def vocabulary(self):
+        """Every word of the docs."""
+        BUILT.append(len(self.docs))
+        return sorted({w for d in self.docs for w in d.split()})
+
+
+def build(docs):
+    index = Index(docs)
+    return index.vocabulary, index.vocabulary is index.vocabulary, list(BUILT), Index.vocabulary.__doc__
+
+
+def cached(index):
+    return index.__dict__.get("vocabulary"), index.vocabulary
+'''
+
+
+def test_a_class_with_a_cached_property_travels(dx: dspex.Client, usercode: Any) -> None:
+    """``functools.cached_property`` (whose Python 3.11 form holds a lock) on a class of the user's
+    is one cached property on the worker too: computed once per instance, with its name and doc."""
+    mod = usercode(CACHED_PROPERTY)
+    with dx.session("p") as s:
+        assert s.run(mod.build, ["b a", "c"]) == (["a", "b", "c"], True, [2], "Every word of the docs.")
+        index = mod.Index(["z"])
+        assert index.vocabulary == ["z"]
+        assert s.run(mod.cached, index) == (["z"], ["z"])  # the value cached on the client goes with the instance
+        assert s.run(mod.cached, mod.Index(["y"])) == (None, ["y"])
+    assert mod.BUILT == [1]  # the client's module saw only its own computation

@@ -2,7 +2,8 @@
 where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache`` wrapper and
 ``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
-that hold a thread and ``dataclasses``' sentinels, by name (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
+that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
+``dataclasses``' sentinels, by name (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -45,6 +46,15 @@ def _dataclass_sentinel(name: str) -> Any:
 # sent by value (registered in copyreg: every pickler of the process, checkpoints' included).
 for _sentinel in ("MISSING", "_HAS_DEFAULT_FACTORY"):
     copyreg.pickle(type(getattr(dataclasses, _sentinel)), _dataclass_sentinel(_sentinel))
+
+
+def _cached_property_reduced(prop: Any) -> Any:
+    # Python 3.11's holds a lock, which cannot be pickled: made again (with a lock of its own), its
+    # name and doc set back (a class's dict restored by pickling never calls ``__set_name__``)
+    return functools.cached_property, (prop.func,), {k: v for k, v in vars(prop).items() if k != "lock"}
+
+
+copyreg.pickle(functools.cached_property, _cached_property_reduced)  # a user class's @cached_property travels
 
 
 # a queue's locks and conditions cannot be pickled; its items, size and count of unfinished tasks can
