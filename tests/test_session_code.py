@@ -1094,3 +1094,42 @@ def test_a_class_with_a_cached_property_travels(dx: dspex.Client, usercode: Any)
         assert s.run(mod.cached, index) == (["z"], ["z"])  # the value cached on the client goes with the instance
         assert s.run(mod.cached, mod.Index(["y"])) == (None, ["y"])
     assert mod.BUILT == [1]  # the client's module saw only its own computation
+
+
+GENERIC_MODELS = '''
+from typing import Generic, TypeVar
+
+import pydantic
+
+T = TypeVar("T")
+
+
+class Page(pydantic.BaseModel, Generic[T]):
+    items: list[T]
+
+
+class Item(pydantic.BaseModel):
+    name: str
+
+
+def page():
+    return Page[Item](items=[Item(name="z")])
+
+
+def is_a_page_of_items(p):
+    return type(p) is Page[Item], isinstance(p, Page[Item]), type(p.items[0]) is Item
+'''
+
+
+def test_a_parametrized_generic_model_is_that_parametrization_on_both_sides(dx: dspex.Client,
+                                                                            usercode: Any) -> None:
+    """``Page[Item]`` is one class per process (Pydantic caches it): an instance sent or returned
+    is of the receiver's ``Page[Item]``, as in-process."""
+    mod = usercode(GENERIC_MODELS)
+    local = mod.page()
+    with dx.session("p") as s:
+        assert s.run(mod.is_a_page_of_items, local) == (True, True, True)
+        returned = s.run(mod.page)
+        assert s.run(lambda: mod.is_a_page_of_items(mod.page())) == (True, True, True)
+    assert mod.is_a_page_of_items(returned) == (True, True, True)
+    assert returned == local

@@ -3,7 +3,8 @@ where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache
 ``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
 that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
-``dataclasses``' sentinels, by name (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
+``dataclasses``' sentinels, by name (registered in ``copyreg``); a parametrized Pydantic generic model as its
+parametrization; ``queue.Queue`` as a copy with new locks (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -14,6 +15,7 @@ import collections
 import copyreg
 import dataclasses
 import functools
+import operator
 import queue
 import sys
 import types
@@ -55,6 +57,17 @@ def _cached_property_reduced(prop: Any) -> Any:
 
 
 copyreg.pickle(functools.cached_property, _cached_property_reduced)  # a user class's @cached_property travels
+
+
+def parametrized_model(cls: type) -> Any:
+    """A parametrized Pydantic generic model (``Page[Item]``) as ``origin[args]``, made again by
+    subscripting where it arrives: Pydantic caches one class per parametrization, so an instance
+    is of the receiver's ``Page[Item]`` (``type(x) is Page[Item]``, as in-process); None for any
+    other class (a subclass of one included: its own class)."""
+    meta = cls.__dict__.get("__pydantic_generic_metadata__")
+    if not isinstance(meta, dict) or meta.get("origin") is None or not meta.get("args"):
+        return None
+    return operator.getitem, (meta["origin"], tuple(meta["args"]))
 
 
 # a queue's locks and conditions cannot be pickled; its items, size and count of unfinished tasks can
