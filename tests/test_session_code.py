@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import pickle
 import shutil
@@ -1133,3 +1134,47 @@ def test_a_parametrized_generic_model_is_that_parametrization_on_both_sides(dx: 
         assert s.run(lambda: mod.is_a_page_of_items(mod.page())) == (True, True, True)
     assert mod.is_a_page_of_items(returned) == (True, True, True)
     assert returned == local
+
+
+SCRIPT_LOOKUPS = '''
+import json
+import sys
+
+import dspex
+
+
+def run():
+    return "the script's run"
+
+
+def lookup(name):
+    return getattr(sys.modules[__name__], name, None) is globals().get(name), hasattr(sys.modules[__name__], name)
+
+
+def dispatch(name):
+    return getattr(sys.modules[__name__], name)()
+
+
+if __name__ == "__main__":
+    local = [dispatch("run"), lookup("run"), lookup("exit_now"), lookup("parse")]
+    with dspex.connect(sys.argv[1], timeout=30) as dx, dx.session("p") as s:
+        s.run(run)  # the script's run is the session's now
+        remote = [s.apply(dispatch, ["run"], timeout=10), s.run(lookup, "run"), s.run(lookup, "exit_now"),
+                  s.run(lookup, "parse")]
+    print(json.dumps([local, remote]))
+'''
+
+
+def test_the_scripts_main_module_is_the_scripts_in_a_call(code_stack: Stack, tmp_path: Path) -> None:
+    """``sys.modules[__name__]`` of a script's function is the script's module, as in-process: a
+    name looked up there is the script's, never one of the worker's own ``__main__``
+    (worker/__main__.py's ``run`` would start a worker inside the call)."""
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT_LOOKUPS)
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, remote = json.loads(out.stdout.strip().splitlines()[-1])
+    assert remote == local == ["the script's run", [True, True], [True, False], [True, False]]

@@ -82,40 +82,49 @@ class _UserModuleView(types.ModuleType):
     Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
-    Attributes are the module's own first; a name it lacks is read from the session's copy
-    (pickle's ``find_class``)."""
-
-    def _copy(self) -> types.ModuleType | None:
-        """The running call's session's copy of this module (None outside calls, or without one)."""
-        state = current_session.get()
-        if state is None:
-            return None
-        return state.code.modules.get(f"m:{_OWN_DICT.__get__(self).get('__name__')}")
+    Attributes are read from the session's copy first, then the module's own (but for dunders,
+    and ``__main__``'s, which are never the script's)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
-        copy = self._copy()
+        copy = _session_copy(self)
         return copy.__dict__ if copy is not None else _OWN_DICT.__get__(self)
 
     @property
     def __spec__(self) -> Any:
         # the copy's (it names the client's files): ``importlib.resources.files("mypkg")`` imports
         # the name, and reads the files beside the package through its spec
-        copy = self._copy()
+        copy = _session_copy(self)
         return (copy.__dict__ if copy is not None and "__spec__" in copy.__dict__ else _OWN_DICT.__get__(self)).get("__spec__")
 
     @__spec__.setter
     def __spec__(self, value: Any) -> None:
         _OWN_DICT.__get__(self)["__spec__"] = value
 
-    def __getattr__(self, name: str) -> Any:
-        # what the module's own namespace lacks, the call's session's copy may have: pickle's
-        # ``find_class`` reads ``getattr(sys.modules[module], name)`` (dspy.load of a program
-        # whose class is in this module, saved with ``save_program=True``)
-        copy = self._copy()
-        if copy is not None and not name.startswith("__") and name in copy.__dict__:
-            return copy.__dict__[name]
-        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+    def __getattribute__(self, name: str) -> Any:
+        # the call's session's copy first (``getattr(sys.modules[__name__], name)`` in the user's
+        # code; pickle's ``find_class``, for dspy.load of a program whose class is in this module);
+        # the worker's own ``__main__`` (worker/__main__.py: ``run`` starts a worker) is never the
+        # script's, so a call sees none of its names. Dunders are the module's own: multiprocessing
+        # reads ``__main__.__spec__``/``__file__`` to start its children.
+        if name[:2] != "__":
+            copy = _session_copy(self)
+            if copy is not None:
+                try:
+                    return copy.__dict__[name]
+                except KeyError:
+                    if _OWN_DICT.__get__(self).get("__name__") == "__main__":
+                        raise AttributeError(f"module '__main__' has no attribute {name!r}") from None
+        return super().__getattribute__(name)
+
+
+def _session_copy(view: _UserModuleView) -> types.ModuleType | None:
+    """The running call's session's copy of the module ``view`` stands for (None outside calls, or
+    in a session without one)."""
+    state = current_session.get()
+    if state is None:
+        return None
+    return state.code.modules.get(f"m:{_OWN_DICT.__get__(view).get('__name__')}")
 
 
 def present_user_module(name: str) -> None:
