@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import sys
@@ -1178,3 +1179,21 @@ def test_the_scripts_main_module_is_the_scripts_in_a_call(code_stack: Stack, tmp
     assert out.returncode == 0, out.stderr[-2000:]
     local, remote = json.loads(out.stdout.strip().splitlines()[-1])
     assert remote == local == ["the script's run", [True, True], [True, False], [True, False]]
+
+
+def test_a_generator_of_your_own_draws_the_in_process_sequence(dx: dspex.Client, usercode: Any) -> None:
+    """docs/remote-objects.md: ``random.seed`` at the top of a script seeds the client's generator;
+    ``RNG = random.Random(0)`` goes to the session once and draws on across its calls."""
+    mod = usercode('''
+        import random
+
+        RNG = random.Random(0)
+
+
+        def draw():
+            return RNG.random()
+    ''')
+    with dx.session("p") as s:
+        remote = [s.run(mod.draw) for _ in range(3)]
+    seeded = random.Random(0)
+    assert remote == [mod.draw() for _ in range(3)] == [seeded.random() for _ in range(3)]
