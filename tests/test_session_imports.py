@@ -418,3 +418,18 @@ def test_package_data_read_through_importlib_resources(dx: dspex.Client, package
     with dx.session("p") as s:
         assert s.run(ns["by_module"]) == "You are terse.\n"
         assert s.run(templates.by_package) == "You are terse.\n"
+
+
+def test_a_user_package_through_sys_modules_is_the_sessions(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``sys.modules[name]`` of a user package in a call reads as the session's package, its
+    ``__path__`` and ``__file__`` included (``pkgutil.iter_modules`` of a plugin package)."""
+    name = package({"plugins/a.py": "", "plugins/b.py": ""})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"def plugins():\n    import sys, pkgutil, {name}.plugins\n"  # noqa: S102
+                 f"    pkg = sys.modules['{name}.plugins']\n"
+                 "    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)), pkg.__file__\n",
+                 "<script>", "exec"), ns)
+    expected = ns["plugins"]()
+    assert expected[0] == ["a", "b"]
+    with dx.session("p") as s:
+        assert s.run(ns["plugins"]) == expected

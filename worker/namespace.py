@@ -82,38 +82,28 @@ class _UserModuleView(types.ModuleType):
     Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
-    Attributes are read from the session's copy first, then the module's own (but for dunders,
-    and ``__main__``'s, which are never the script's)."""
+    Attributes are read from the session's copy first, then the module's own; for ``__main__``,
+    only the copy's, but for its dunders, always its own (:meth:`__getattribute__`)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
         copy = _session_copy(self)
         return copy.__dict__ if copy is not None else _OWN_DICT.__get__(self)
 
-    @property
-    def __spec__(self) -> Any:
-        # the copy's (it names the client's files): ``importlib.resources.files("mypkg")`` imports
-        # the name, and reads the files beside the package through its spec
-        copy = _session_copy(self)
-        return (copy.__dict__ if copy is not None and "__spec__" in copy.__dict__ else _OWN_DICT.__get__(self)).get("__spec__")
-
-    @__spec__.setter
-    def __spec__(self, value: Any) -> None:
-        _OWN_DICT.__get__(self)["__spec__"] = value
-
     def __getattribute__(self, name: str) -> Any:
         # the call's session's copy first (``getattr(sys.modules[__name__], name)`` in the user's
-        # code; pickle's ``find_class``, for dspy.load of a program whose class is in this module);
-        # the worker's own ``__main__`` (worker/__main__.py: ``run`` starts a worker) is never the
-        # script's, so a call sees none of its names. Dunders are the module's own: multiprocessing
-        # reads ``__main__.__spec__``/``__file__`` to start its children.
-        if name[:2] != "__":
-            copy = _session_copy(self)
-            if copy is not None:
+        # code; a package's ``__path__``; pickle's ``find_class``, for dspy.load of a program whose
+        # class is in this module). The worker's own ``__main__`` (worker/__main__.py: ``run``
+        # starts a worker) is never the script's: a call sees none of its names, but its dunders,
+        # which multiprocessing reads to start its children (``__spec__``: ``worker.__main__``).
+        copy = _session_copy(self)
+        if copy is not None:
+            main = _OWN_DICT.__get__(self).get("__name__") == "__main__"
+            if not (main and name[:2] == "__"):
                 try:
                     return copy.__dict__[name]
                 except KeyError:
-                    if _OWN_DICT.__get__(self).get("__name__") == "__main__":
+                    if main:
                         raise AttributeError(f"module '__main__' has no attribute {name!r}") from None
         return super().__getattribute__(name)
 
