@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
+import pickle
+import random
 import shutil
 import signal
 import sys
@@ -966,3 +969,231 @@ def test_a_process_pool_runs_the_sessions_own_functions_and_classes(dx: dspex.Cl
         with pytest.raises(AttributeError) as remote:  # what pickle cannot name fails as in-process
             s.apply(mod.a_lambda_in_a_pool, timeout=30)
         assert str(remote.value) == str(in_process.value)
+
+
+DATACLASSES = '''
+import dataclasses
+from dataclasses import dataclass, field
+
+import dspy
+import pydantic
+from dspy.utils.dummies import DummyLM
+
+
+@dataclass
+class Order:
+    sku: str
+    tags: list = field(default_factory=list)
+    qty: int = 1
+
+
+class Extract(dspy.Signature):
+    text: str = dspy.InputField()
+    order: Order = dspy.OutputField()
+
+
+def defaults():
+    return [(f.name, f.default is dataclasses.MISSING, f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(Order)]
+
+
+def validated():
+    return pydantic.TypeAdapter(Order).validate_python({"sku": "a"})
+
+
+def extracted():
+    dspy.configure(lm=DummyLM([{"order": '{"sku": "b", "qty": 2}'}]))
+    return dspy.Predict(Extract)(text="two of b").order
+'''
+
+
+def test_a_dataclass_keeps_the_sentinels_of_its_fields(dx: dspex.Client, usercode: Any, fresh_settings: None) -> None:
+    """A field without a default holds ``dataclasses.MISSING`` itself, not a copy: Pydantic (and
+    so a DSPy output field typed as the dataclass) tells fields with defaults by ``is MISSING``."""
+    mod = usercode(DATACLASSES)
+    expected = [mod.defaults(), mod.validated(), mod.extracted()]
+    assert expected[1:] == [mod.Order("a"), mod.Order("b", qty=2)]
+    with dx.session("p") as s:
+        assert [s.run(mod.defaults), s.run(mod.validated), s.run(mod.extracted)] == expected
+
+
+SIGNATURES = '''
+import dspy
+from dspy.utils.dummies import DummyLM
+
+
+class Extract(dspy.Signature):
+    """Pull the quantity out."""
+
+    text: str = dspy.InputField()
+    qty: int = dspy.OutputField()
+
+
+def predicted():
+    dspy.configure(lm=DummyLM([{"qty": "2"}]))
+    return dspy.Predict(Extract)(text="two of b")
+
+
+def thought():
+    dspy.configure(lm=DummyLM([{"reasoning": "r", "qty": "2"}]))
+    return dspy.ChainOfThought(Extract)(text="two of b")
+'''
+
+
+def test_a_prediction_of_a_named_signature_holds_that_signature(dx: dspex.Client, usercode: Any,
+                                                                fresh_settings: None) -> None:
+    """A returned prediction's completions hold the program's Signature class when pickle could
+    name it (then ``pickle.dumps(pred)`` works, as in-process: a cache of results, a task queue);
+    a signature DSPy built (ChainOfThought's) is built again from its text, as pickle cannot name
+    it in-process either."""
+    mod = usercode(SIGNATURES)
+    local = mod.predicted()
+    assert local.completions.signature is mod.Extract
+    with dx.session("p") as s:
+        remote = s.run(mod.predicted)
+        assert remote.completions.signature is mod.Extract
+        assert pickle.loads(pickle.dumps(remote)) == local
+        built = s.run(mod.thought)
+    assert built.completions.signature.__name__ == mod.thought().completions.signature.__name__ == "StringSignature"
+    assert built.completions.signature.output_fields.keys() == {"reasoning", "qty"}
+
+
+CACHED_PROPERTY = '''
+import functools
+
+BUILT = []
+
+
+class Index:
+    def __init__(self, docs):
+        self.docs = docs
+
+    @functools.cached_property
+    def vocabulary(self):
+        """Every word of the docs."""
+        BUILT.append(len(self.docs))
+        return sorted({w for d in self.docs for w in d.split()})
+
+
+def build(docs):
+    index = Index(docs)
+    return index.vocabulary, index.vocabulary is index.vocabulary, list(BUILT), Index.vocabulary.__doc__
+
+
+def cached(index):
+    return index.__dict__.get("vocabulary"), index.vocabulary
+'''
+
+
+def test_a_class_with_a_cached_property_travels(dx: dspex.Client, usercode: Any) -> None:
+    """``functools.cached_property`` (whose Python 3.11 form holds a lock) on a class of the user's
+    is one cached property on the worker too: computed once per instance, with its name and doc."""
+    mod = usercode(CACHED_PROPERTY)
+    with dx.session("p") as s:
+        assert s.run(mod.build, ["b a", "c"]) == (["a", "b", "c"], True, [2], "Every word of the docs.")
+        index = mod.Index(["z"])
+        assert index.vocabulary == ["z"]
+        assert s.run(mod.cached, index) == (["z"], ["z"])  # the value cached on the client goes with the instance
+        assert s.run(mod.cached, mod.Index(["y"])) == (None, ["y"])
+    assert mod.BUILT == [1]  # the client's module saw only its own computation
+
+
+GENERIC_MODELS = '''
+from typing import Generic, TypeVar
+
+import pydantic
+
+T = TypeVar("T")
+
+
+class Page(pydantic.BaseModel, Generic[T]):
+    items: list[T]
+
+
+class Item(pydantic.BaseModel):
+    name: str
+
+
+def page():
+    return Page[Item](items=[Item(name="z")])
+
+
+def is_a_page_of_items(p):
+    return type(p) is Page[Item], isinstance(p, Page[Item]), type(p.items[0]) is Item
+'''
+
+
+def test_a_parametrized_generic_model_is_that_parametrization_on_both_sides(dx: dspex.Client,
+                                                                            usercode: Any) -> None:
+    """``Page[Item]`` is one class per process (Pydantic caches it): an instance sent or returned
+    is of the receiver's ``Page[Item]``, as in-process."""
+    mod = usercode(GENERIC_MODELS)
+    local = mod.page()
+    with dx.session("p") as s:
+        assert s.run(mod.is_a_page_of_items, local) == (True, True, True)
+        returned = s.run(mod.page)
+        assert s.run(lambda: mod.is_a_page_of_items(mod.page())) == (True, True, True)
+    assert mod.is_a_page_of_items(returned) == (True, True, True)
+    assert returned == local
+
+
+SCRIPT_LOOKUPS = '''
+import json
+import sys
+
+import dspex
+
+
+def run():
+    return "the script's run"
+
+
+def lookup(name):
+    return getattr(sys.modules[__name__], name, None) is globals().get(name), hasattr(sys.modules[__name__], name)
+
+
+def dispatch(name):
+    return getattr(sys.modules[__name__], name)()
+
+
+if __name__ == "__main__":
+    local = [dispatch("run"), lookup("run"), lookup("exit_now"), lookup("parse")]
+    with dspex.connect(sys.argv[1], timeout=30) as dx, dx.session("p") as s:
+        s.run(run)  # the script's run is the session's now
+        remote = [s.apply(dispatch, ["run"], timeout=10), s.run(lookup, "run"), s.run(lookup, "exit_now"),
+                  s.run(lookup, "parse")]
+    print(json.dumps([local, remote]))
+'''
+
+
+def test_the_scripts_main_module_is_the_scripts_in_a_call(code_stack: Stack, tmp_path: Path) -> None:
+    """``sys.modules[__name__]`` of a script's function is the script's module, as in-process: a
+    name looked up there is the script's, never one of the worker's own ``__main__``
+    (worker/__main__.py's ``run`` would start a worker inside the call)."""
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT_LOOKUPS)
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, remote = json.loads(out.stdout.strip().splitlines()[-1])
+    assert remote == local == ["the script's run", [True, True], [True, False], [True, False]]
+
+
+def test_a_generator_of_your_own_draws_the_in_process_sequence(dx: dspex.Client, usercode: Any) -> None:
+    """docs/remote-objects.md: ``random.seed`` at the top of a script seeds the client's generator;
+    ``RNG = random.Random(0)`` goes to the session once and draws on across its calls."""
+    mod = usercode('''
+        import random
+
+        RNG = random.Random(0)
+
+
+        def draw():
+            return RNG.random()
+    ''')
+    with dx.session("p") as s:
+        remote = [s.run(mod.draw) for _ in range(3)]
+    seeded = random.Random(0)
+    assert remote == [mod.draw() for _ in range(3)] == [seeded.random() for _ in range(3)]

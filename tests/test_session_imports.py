@@ -394,3 +394,42 @@ def test_string_annotations_of_a_function_resolve_in_the_session(dx: dspex.Clien
         assert s.run(tools.tool) == tools.tool()
     finally:
         s.close()
+
+
+def test_package_data_read_through_importlib_resources(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A prompt template next to the package's code, read as ``importlib.resources`` reads it
+    (from the package module or its name, in a function of the package and of the script): the
+    session's package module has a spec naming the client's files, as in-process (workers
+    sharing the client's filesystem read them)."""
+    name = package({"prompts.txt": "", "templates.py": """
+        import importlib.resources
+
+
+        def by_package():
+            return importlib.resources.files(__package__).joinpath("prompts.txt").read_text()
+    """})
+    (Path(_mod(name).__file__).parent / "prompts.txt").write_text("You are terse.\n")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"def by_module():\n    import importlib.resources, {name}\n"  # noqa: S102 - a script's function
+                 f"    return importlib.resources.files({name}).joinpath('prompts.txt').read_text()\n",
+                 "<script>", "exec"), ns)
+    templates = _mod(f"{name}.templates")
+    assert templates.by_package() == ns["by_module"]() == "You are terse.\n"  # in-process
+    with dx.session("p") as s:
+        assert s.run(ns["by_module"]) == "You are terse.\n"
+        assert s.run(templates.by_package) == "You are terse.\n"
+
+
+def test_a_user_package_through_sys_modules_is_the_sessions(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``sys.modules[name]`` of a user package in a call reads as the session's package, its
+    ``__path__`` and ``__file__`` included (``pkgutil.iter_modules`` of a plugin package)."""
+    name = package({"plugins/a.py": "", "plugins/b.py": ""})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"def plugins():\n    import sys, pkgutil, {name}.plugins\n"  # noqa: S102
+                 f"    pkg = sys.modules['{name}.plugins']\n"
+                 "    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)), pkg.__file__\n",
+                 "<script>", "exec"), ns)
+    expected = ns["plugins"]()
+    assert expected[0] == ["a", "b"]
+    with dx.session("p") as s:
+        assert s.run(ns["plugins"]) == expected

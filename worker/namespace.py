@@ -82,29 +82,39 @@ class _UserModuleView(types.ModuleType):
     Pydantic (a model's, a DSPy Signature's fields), ``typing.get_type_hints``. Sessions of one
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
-    Attributes are the module's own first; a name it lacks is read from the session's copy
-    (pickle's ``find_class``)."""
+    Attributes are read from the session's copy first, then the module's own; for ``__main__``,
+    only the copy's, but for its dunders, always its own (:meth:`__getattribute__`)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
-        own: dict[str, Any] = _OWN_DICT.__get__(self)
-        state = current_session.get()
-        if state is not None:
-            copy = state.code.modules.get(f"m:{own.get('__name__')}")
-            if copy is not None:
-                return copy.__dict__
-        return own
+        copy = _session_copy(self)
+        return copy.__dict__ if copy is not None else _OWN_DICT.__get__(self)
 
-    def __getattr__(self, name: str) -> Any:
-        # what the module's own namespace lacks, the call's session's copy may have: pickle's
-        # ``find_class`` reads ``getattr(sys.modules[module], name)`` (dspy.load of a program
-        # whose class is in this module, saved with ``save_program=True``)
-        state = current_session.get()
-        if state is not None and not name.startswith("__"):
-            copy = state.code.modules.get(f"m:{self.__name__}")
-            if copy is not None and name in copy.__dict__:
-                return copy.__dict__[name]
-        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+    def __getattribute__(self, name: str) -> Any:
+        # the call's session's copy first (``getattr(sys.modules[__name__], name)`` in the user's
+        # code; a package's ``__path__``; pickle's ``find_class``, for dspy.load of a program whose
+        # class is in this module). The worker's own ``__main__`` (worker/__main__.py: ``run``
+        # starts a worker) is never the script's: a call sees none of its names, but its dunders,
+        # which multiprocessing reads to start its children (``__spec__``: ``worker.__main__``).
+        copy = _session_copy(self)
+        if copy is not None:
+            main = _OWN_DICT.__get__(self).get("__name__") == "__main__"
+            if not (main and name[:2] == "__"):
+                try:
+                    return copy.__dict__[name]
+                except KeyError:
+                    if main:
+                        raise AttributeError(f"module '__main__' has no attribute {name!r}") from None
+        return super().__getattribute__(name)
+
+
+def _session_copy(view: _UserModuleView) -> types.ModuleType | None:
+    """The running call's session's copy of the module ``view`` stands for (None outside calls, or
+    in a session without one)."""
+    state = current_session.get()
+    if state is None:
+        return None
+    return state.code.modules.get(f"m:{_OWN_DICT.__get__(view).get('__name__')}")
 
 
 def present_user_module(name: str) -> None:

@@ -216,7 +216,7 @@ class SessionPickler(byvalue.SourcePickler):
         if t is types.ModuleType and codeindex.by_value(obj):
             return self._module(obj)
         if issubclass(t, type) and codeindex.by_value(obj):
-            return self._class(obj)
+            return reducers.parametrized_model(obj) or self._class(obj)
         return super().reducer_override(obj)
 
     def _held_id(self, obj: Any) -> Any:

@@ -189,6 +189,9 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
         if type(obj) in reducers.QUEUES:
             return reducers.queue_reduced(obj)
         if isinstance(obj, type):
+            parametrized = reducers.parametrized_model(obj)
+            if parametrized is not None:
+                return parametrized
             _note_code(obj, self.sources, self._budget)
             return _class_reduced(obj, super().reducer_override(obj))
         if isinstance(obj, types.FunctionType):

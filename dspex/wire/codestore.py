@@ -40,6 +40,9 @@ import builtins
 import contextvars
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.readers
 import importlib.util
 import io
 import linecache
@@ -116,6 +119,9 @@ class CodeStore:
             for k in BASE_GLOBALS:
                 if k in base and g.get(k) is None:  # a new module's __package__ is None
                     g[k] = base[k]
+            # (a script's __main__ has none, as in-process)
+            if g.get("__spec__") is None and isinstance(g.get("__file__"), str) and module.__name__ != "__main__":
+                g["__spec__"] = _client_spec(module.__name__, g["__file__"], g.get("__path__"))
         return module
 
     @functools.cached_property
@@ -170,6 +176,26 @@ class CodeStore:
             if linecache.cache.get(filename) is entry:
                 del linecache.cache[filename]
         self.sources.clear()
+
+
+class ClientFiles(importlib.abc.Loader):
+    """The loader of a session's module: it loads nothing (the module came by value) and reads
+    the files beside the client's (``importlib.resources.files(pkg)``, a prompt template in the
+    package), which this worker finds when it shares the client's filesystem."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get_resource_reader(self, name: str) -> Any:
+        return importlib.readers.FileReader(self)  # type: ignore[arg-type]  # (reads .path only)
+
+
+def _client_spec(name: str, file: str, path: Any) -> importlib.machinery.ModuleSpec:
+    spec = importlib.machinery.ModuleSpec(name, ClientFiles(file), origin=file, is_package=path is not None)
+    if isinstance(path, list):
+        spec.submodule_search_locations = list(path)
+    spec.has_location = True
+    return spec
 
 
 def package_of(g: dict[str, Any]) -> str:

@@ -145,10 +145,30 @@ def _prediction_extra(obj: Any) -> dict[str, Any]:
         # all of them (dspy.majority reads them); the signature as its text form, which names
         # the fields (a class would have to stay on the worker as a ref)
         extra["completions"] = dict(completions._completions)
-        text = _signature_text(getattr(completions, "signature", None))
+        sig = getattr(completions, "signature", None)
+        text = _signature_text(sig)
         if text is not None:
             extra["signature"] = text
+            name = _pickled_name(sig)
+            if name is not None:
+                extra["signature_name"] = name
     return extra
+
+
+def _named(module: str, qualname: str) -> Any:
+    """What ``module.qualname`` is in this process's loaded modules (None when it is nothing)."""
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _pickled_name(cls: Any) -> str | None:
+    """``"module:qualname"`` of a class pickle would name (it is that module's attribute), else None."""
+    module, qualname = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or _named(module, qualname) is not cls:
+        return None
+    return f"{module}:{qualname}"
 
 
 # signature class -> (its __doc__, its fields dict, [spec, instructions]): computing the text form
@@ -243,12 +263,24 @@ def _set_prediction_extra(pred: Any, extra: dict[str, Any]) -> None:
     if isinstance(completions, dict):
         spec = extra.get("signature")
         ok = isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
-        signature = _signature(spec[0], spec[1]) if ok and isinstance(spec, list) else None
+        signature = None
+        if ok and isinstance(spec, list):
+            signature = _client_signature(extra.get("signature_name"), spec) or _signature(spec[0], spec[1])
         if not _COMPLETIONS:
             from dspy.primitives.prediction import Completions
 
             _COMPLETIONS.append(Completions)
         pred._completions = _COMPLETIONS[0](completions, signature=signature)
+
+
+def _client_signature(name: Any, spec: list[str]) -> Any:
+    """The class of this process that a prediction's signature class was named by on the worker
+    (the client's own Signature, as pickle would name it), if it has the same text; else None."""
+    if not isinstance(name, str):
+        return None
+    module, _, qualname = name.partition(":")
+    cls = _named(module, qualname)
+    return cls if isinstance(cls, type) and _signature_text(cls) == spec else None
 
 
 def _subclass_record(dspy: Any, kind: str, cls: Any, fields: dict[str, Any], extra: dict[str, Any],

@@ -2,7 +2,9 @@
 where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache`` wrapper and
 ``functools.singledispatch`` function (by-value code: the picklers of :mod:`dspex.wire.byvalue`,
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
-that hold a thread (registered in ``copyreg``); ``queue.Queue`` as a copy with new locks (the
+that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
+``dataclasses``' sentinels, by name (registered in ``copyreg``); a parametrized Pydantic generic model as its
+parametrization; ``queue.Queue`` as a copy with new locks (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import dataclasses
 import functools
+import operator
 import queue
 import sys
 import types
@@ -32,6 +36,38 @@ def register_library_reducers() -> None:
 
 def _unbatchify_reduced(obj: Any) -> Any:
     return type(obj), (obj.batch_fn, obj.max_batch_size, obj.max_wait_time)
+
+
+def _dataclass_sentinel(name: str) -> Any:
+    return lambda obj: name  # pickle's "a global of the object's module, by this name"
+
+
+# A dataclass's fields hold ``dataclasses.MISSING`` where they have no default, and Pydantic (so a
+# DSPy output field typed as the dataclass) and ``dataclasses.fields`` readers test ``is MISSING``:
+# by name, as the module's singletons, not the copies plain pickling makes of a user's dataclass
+# sent by value (registered in copyreg: every pickler of the process, checkpoints' included).
+for _sentinel in ("MISSING", "_HAS_DEFAULT_FACTORY"):
+    copyreg.pickle(type(getattr(dataclasses, _sentinel)), _dataclass_sentinel(_sentinel))
+
+
+def _cached_property_reduced(prop: Any) -> Any:
+    # Python 3.11's holds a lock, which cannot be pickled: made again (with a lock of its own), its
+    # name and doc set back (a class's dict restored by pickling never calls ``__set_name__``)
+    return functools.cached_property, (prop.func,), {k: v for k, v in vars(prop).items() if k != "lock"}
+
+
+copyreg.pickle(functools.cached_property, _cached_property_reduced)  # a user class's @cached_property travels
+
+
+def parametrized_model(cls: type) -> Any:
+    """A parametrized Pydantic generic model (``Page[Item]``) as ``origin[args]``, made again by
+    subscripting where it arrives: Pydantic caches one class per parametrization, so an instance
+    is of the receiver's ``Page[Item]`` (``type(x) is Page[Item]``, as in-process); None for any
+    other class (a subclass of one included: its own class)."""
+    meta = cls.__dict__.get("__pydantic_generic_metadata__")
+    if not isinstance(meta, dict) or meta.get("origin") is None or not meta.get("args"):
+        return None
+    return operator.getitem, (meta["origin"], tuple(meta["args"]))
 
 
 # a queue's locks and conditions cannot be pickled; its items, size and count of unfinished tasks can
