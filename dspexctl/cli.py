@@ -1,19 +1,4 @@
-"""dspexctl: the operator's CLI.
-
-    dspexctl [--endpoint EP | --endpoints MAP] [--supervisor-conf PATH] [--timeout S] [--json] COMMAND
-
-    pools status [POOL...] [-v] [--watch] [--json]  exit 0 ok, 3 degraded, 4 unreachable, 5 down, 6 warn, 7 starting
-    pools start [POOL...]                      starts supervisord first when it is not running; exit 3 when a
-                                               worker it started reports a problem (its dspy import failed)
-    pools stop [POOL...]
-    workers recycle POOL [--worker ID | --all] [--hard]
-    sessions list [--pool P] [--json]         OWNER column when the broker reports one
-    pools restart [POOL...]
-    stop                                       the stack of this supervisor.conf (supervisord shutdown)
-    sessions close ID | --pool P | --idle SECONDS | --all
-    keys generate [--dir DIR] [--peer NAME ...]
-    hosts conf --broker tcp://HOST:PORT --pool NAME=N [...]   a worker host's supervisord conf
-    flagship [--model M] [--api-base URL] [--max-metric-calls N] [--no-recycle] [--keep-running] [--json]
+"""dspexctl: the operator's CLI (``dspexctl --help``, docs/operations.md).
 
 Each command is a request/execute/present triple (dspexctl/commands.py); ``--json`` prints the
 execute step's data as one JSON document and skips the presentation. Every dspex error becomes a

@@ -98,7 +98,7 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
     request was accepted and not answered within that many seconds (not "nothing listens")."""
     found = broker_process(int(proc["pid"])) if proc["pid"] else None
     up = proc_uptime(proc)
-    name = f"{proc['group']}:{proc['name']}"
+    name = full_name(proc)
     if found is not None and found.frontend != endpoint:
         if found.run_dir and endpoint.startswith("ipc://"):
             cause = (f"another DSPEX_RUN_DIR: the broker's is {found.run_dir}, this command's {here(config)}; "

@@ -200,31 +200,20 @@ def _echo(line: str, err: bool) -> None:
         pass
 
 
-class _AtLeast(click.IntRange):
-    """An integer with a lower bound (``min``) that ``--help`` does not spell out (the help text says it)."""
+class _AtLeast(click.ParamType):  # type: ignore[type-arg]  # generic in recent click only; setup.cfg allows 8.1
+    """A finite number (``kind``: int or float) of at least ``min``, a bound ``--help`` does not
+    spell out (the help text says it): click's ranges would say "not in the range x>=3"."""
 
-    def _describe_range(self) -> str:
-        return ""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        # click's own range message is built from _describe_range, blank here: it would read
-        # "2 is not in the range ."
-        rv = click.INT.convert(value, param, ctx)
-        if rv < self.min:  # type: ignore[operator]
-            self.fail(f"{rv} is less than the minimum {self.min}", param, ctx)
-        return rv
-
-
-class _Seconds(click.FloatRange):
-    def _describe_range(self) -> str:
-        return ""
+    def __init__(self, kind: click.ParamType[Any], min: float) -> None:
+        self.kind, self.min, self.name = kind, min, f"{kind.name} range"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(rv):  # nan passes every comparison of a range check
+        rv = self.kind.convert(value, param, ctx)
+        if not math.isfinite(rv):  # nan passes every comparison
             self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
-        if rv < self.min:  # type: ignore[operator]
-            self.fail(f"{rv:g} is less than the minimum {self.min:g}", param, ctx)
+        if rv < self.min:
+            self.fail(f"{rv if self.kind is click.INT else format(rv, 'g')} is less than the minimum {self.min:g}",
+                      param, ctx)
         return rv
 
 
@@ -235,15 +224,15 @@ class _Seconds(click.FloatRange):
 @click.option("--api-base", default=None, help="base URL of a local OpenAI-compatible server (dummy key if none set)")
 @click.option("--lm-engine", type=click.Choice(["auto", "lm15", "litellm"]), envvar="DSPEX_LM_ENGINE", default=None,
               help="dspy.LM engine for a real model (default: dspy's auto)")
-@click.option("--max-metric-calls", type=_AtLeast(min=3), default=None,
+@click.option("--max-metric-calls", type=_AtLeast(click.INT, 3), default=None,
               help="GEPA budget in metric calls, at least 3 (default 30; the original flagship's 3 only scores the baseline)")
-@click.option("--max-tokens", type=_AtLeast(min=1), default=None,
+@click.option("--max-tokens", type=_AtLeast(click.INT, 1), default=None,
               help="token cap of triage/insights LM calls (DSPEX_MAX_TOKENS; default 512)")
-@click.option("--reflection-max-tokens", type=_AtLeast(min=1), default=None,
+@click.option("--reflection-max-tokens", type=_AtLeast(click.INT, 1), default=None,
               help="token cap of GEPA's reflection calls (DSPEX_REFLECTION_MAX_TOKENS; default 2048)")
-@click.option("--lm-timeout", type=_Seconds(min=0.1), default=None,
+@click.option("--lm-timeout", type=_AtLeast(click.FLOAT, 0.1), default=None,
               help="seconds per LM HTTP call, at least 0.1 (DSPEX_LM_TIMEOUT; default 60); dspex's call timeout follows it")
-@click.option("--num-retries", type=_AtLeast(min=0), default=None,
+@click.option("--num-retries", type=_AtLeast(click.INT, 0), default=None,
               help="retries with backoff of rate-limited/5xx/dropped LM calls (DSPEX_LM_NUM_RETRIES; default 2)")
 @click.option("--lm-kwarg", "lm_kwargs", multiple=True, metavar="K=V",
               help="extra dspy.LM keyword, value read as JSON when it is JSON (repeatable; DSPEX_LM_KWARGS)")

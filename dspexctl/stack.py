@@ -93,11 +93,7 @@ def _bind_refused(sup: Supervisor) -> str | None:
     run directory's sockets (BACKOFF or FATAL), else None."""
     for p in sup.processes():
         if p["group"] == "broker" and p["name"] == "broker" and p["statename"] in ("BACKOFF", "FATAL", "EXITED"):
-            try:
-                tail = str(sup.call("supervisor.tailProcessStdoutLog", full_name(p), 0, 4000)[0])
-            except SupervisorError:
-                return None
-            lines = [ln for ln in tail.splitlines() if "another broker is live" in ln]
+            lines = [ln for ln in sup.tail(full_name(p)).splitlines() if "another broker is live" in ln]
             return lines[-1].split("broker: ", 1)[-1].strip() if lines else None
     return None
 

@@ -293,11 +293,9 @@ class PoolsStatus:
         rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
                  "STATE"]]
         for p in result["pools"]:
-            known = p["in_broker"]
-            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}",
-                         str(p["ready"]) if known else "-", str(p["busy"]) if known else "-",
-                         str(p["sessions"]) if known else "-", str(p["queued"]) if known else "-",
-                         str(p["requests_ok"]) if known else "-", str(p["requests_error"]) if known else "-",
+            counts = [str(p[k]) if p["in_broker"] else "-"
+                      for k in ("ready", "busy", "sessions", "queued", "requests_ok", "requests_error")]
+            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}", *counts,
                          fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
         lines = table(rows) if result["pools"] else []  # no header over nothing (no pool known)
         if result["verbose"]:

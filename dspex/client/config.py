@@ -5,7 +5,6 @@ docs/operations.md (*Environment*) lists every variable of every process kind.""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dspex.wire.sockets import default_frontend, env_number, max_message_bytes, run_dir
@@ -35,8 +34,8 @@ class ClientConfig:
     threads: int = DEFAULT_CLIENT_THREADS  # DSPEX_CLIENT_THREADS (the blocking client's submit)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientConfig:
-        env = os.environ if environ is None else environ
+    def from_env(cls) -> ClientConfig:
+        env = os.environ
         return cls(
             endpoint=env.get("DSPEX_ENDPOINT") or None,
             endpoints=env.get("DSPEX_ENDPOINTS", "").strip() or None,

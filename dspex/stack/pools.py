@@ -71,14 +71,14 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
         elif key in _RECYCLE_KEYS:
             setattr(cfg.recycle, key, type(getattr(cfg.recycle, key))(value))
         elif key in _POOL_KEYS and isinstance(getattr(cfg, key), bool):
-            setattr(cfg, key, _boolean(value))
+            setattr(cfg, key, configparser.RawConfigParser.BOOLEAN_STATES[value.strip().lower()])  # KeyError: not a boolean
         elif key in _POOL_KEYS:
             setattr(cfg, key, type(getattr(cfg, key))(value))
         elif key in _REMOVED_KEYS:
             raise ConfigError(f"{where}: pool setting {key!r} was removed ({_REMOVED_KEYS[key]}); delete it")
         else:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
-    except ValueError:
+    except (KeyError, ValueError):
         raise ConfigError(f"{where}: bad value {value!r} for {key!r}") from None
     if key in _RANGES:
         _check_range(key, getattr(cfg.recycle if key in _RECYCLE_KEYS else cfg, key), where)
@@ -94,15 +94,6 @@ def _check_range(key: str, number: float, where: str) -> None:
         rule = f"at least {low:g}" if low_ok else f"above {low:g}"
     finite = "" if math.isfinite(number) else " and finite"
     raise ConfigError(f"{where}: {key} must be {rule}{finite}, not {number:g}")
-
-
-def _boolean(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
 
 
 def check_pool(cfg: PoolConfig, where: str) -> None:

@@ -30,6 +30,7 @@ FAULT_BAD_NAME = 10
 FAULT_ALREADY_STARTED = 60
 
 STOPPED_STATES = ("STOPPED", "EXITED", "FATAL")
+LOG_TAIL_BYTES = 65536  # of supervisord's log and the kills file: the exits of the lately exited processes
 
 # beside supervisord's log: the processes an operator's command SIGKILLed (Supervisor.kill)
 KILLS_FILE = "dspexctl-kills.log"
@@ -199,34 +200,31 @@ class Supervisor:
             if err.details.get("fault") != FAULT_ALREADY_STARTED:
                 raise
 
-    def last_log_line(self, name: str) -> str:
-        """The last line process ``name`` wrote (its stdout log, which has its stderr too): for a
-        FATAL or BACKOFF program, usually why it died. "" when there is none."""
+    def tail(self, name: str = "") -> str:
+        """The end of process ``name``'s stdout log (which has its stderr too), or with no name of
+        supervisord's own log; "" when it cannot be read (``logfile = syslog``, say)."""
         try:
-            text = str(self.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
+            if name:
+                return str(self.call("supervisor.tailProcessStdoutLog", name, 0, 4000)[0])
+            return str(self.call("supervisor.readLog", -LOG_TAIL_BYTES, 0))
         except (SupervisorError, SupervisorNoSuchProcess):
             return ""
-        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+
+    def last_log_line(self, name: str) -> str:
+        """The last line process ``name`` wrote: for a FATAL or BACKOFF program, usually why it
+        died. "" when there is none."""
+        lines = [ln.strip() for ln in self.tail(name).replace("\r", "\n").splitlines() if ln.strip()]
         return lines[-1][:300] if lines else ""
 
-    def exit_causes(self, tail_bytes: int = 65536) -> dict[int, str]:
+    def exit_causes(self) -> dict[int, str]:
         """How each process that exited lately ended, by pid, as supervisord saw it when it reaped
         it (``terminated by SIGSEGV``, ``exit status 1``): only its parent knows, and supervisord
-        writes it to its own log; a SIGKILL that :meth:`kill` sent says so. {} when that log cannot
-        be read (``logfile = syslog``, say)."""
-        try:
-            text = str(self.call("supervisor.readLog", -tail_bytes, 0))
-        except (SupervisorError, SupervisorNoSuchProcess):
-            return {}
-        return exit_causes(text, self.killed())
+        writes it to its own log; a SIGKILL that :meth:`kill` sent says so."""
+        return exit_causes(self.tail(), self.killed())
 
-    def unexpected_exits(self, name: str, since: float, tail_bytes: int = 65536) -> list[tuple[int, float, str]]:
-        """:func:`unexpected_exits` of program ``name`` in supervisord's log ([] when it cannot be read)."""
-        try:
-            text = str(self.call("supervisor.readLog", -tail_bytes, 0))
-        except (SupervisorError, SupervisorNoSuchProcess):
-            return []
-        return unexpected_exits(text, name, since)
+    def unexpected_exits(self, name: str, since: float) -> list[tuple[int, float, str]]:
+        """:func:`unexpected_exits` of program ``name`` in supervisord's log."""
+        return unexpected_exits(self.tail(), name, since)
 
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
@@ -250,14 +248,14 @@ class Supervisor:
                 pass
         self.signal(name, "KILL")
 
-    def killed(self, tail_bytes: int = 65536) -> dict[int, str]:
+    def killed(self) -> dict[int, str]:
         """The pids :meth:`kill` killed lately, with their process names (the file's last lines)."""
         path = self.kills_file()
         if path is None:
             return {}
         try:
             with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - tail_bytes))
+                f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
                 lines = f.read().decode(errors="replace").splitlines()
         except OSError:
             return {}
