@@ -129,8 +129,9 @@ class Client(ClientAPI[Session], Closing):
                     remaining = deadline - time.monotonic()
                     if remaining > 0:
                         fired = poller.poll(min(int(remaining * 1000) + 1, CANCEL_CHECK_MS))
-                        ch.monitor_due = any(fd == monitor_fd for fd, _ in fired)
                         ready = _get_opt(sock, _EVENTS) & _POLLIN
+                        # (with a reply, a fired monitor stays readable: the next wait sees it again)
+                        ch.monitor_due = not ready and any(fd == monitor_fd for fd, _ in fired)
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
