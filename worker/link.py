@@ -85,6 +85,11 @@ class BrokerSocket:
         self.sock: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None  # the socket's handshakes
         self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
+        # the monitor is read at a turn only when a wait found its fd ready, or (a new socket) it was
+        # never read empty: zmq's FD fires for a message only after a read found none. Its
+        # EVENTS read costs a ``poll`` and a ``getpid`` system call, twice per call otherwise
+        self._monitor_due = True
+        self._monitor_fd = -1
         self.handshake = ""  # why the last CURVE handshake with the broker failed ("" = none seen)
 
     def open(self, ready: bytes) -> None:
@@ -93,6 +98,14 @@ class BrokerSocket:
         sock.send_multipart([W_READY, ready])
         self.sock = sock
         self.fds = tuple(int(s.get(zmq.FD)) for s in (sock, self._monitor) if s is not None)
+        self._monitor_fd = self.fds[-1]
+        self._monitor_due = True
+
+    def saw(self, ready: list[tuple[int, int]]) -> None:
+        """A reader's wait found ``ready`` (``(fd, events)``): the monitor is read at the next turn
+        if its fd is among them (any thread: a flag)."""
+        if any(fd == self._monitor_fd for fd, _ in ready):
+            self._monitor_due = True
 
     def close(self, linger: int | None = None) -> None:
         if self._monitor is not None and self.sock is not None:
@@ -111,8 +124,9 @@ class BrokerSocket:
         True if a handshake succeeded since the last look."""
         monitor = self._monitor
         succeeded = False
-        if monitor is None:
+        if monitor is None or not self._monitor_due:
             return succeeded
+        self._monitor_due = False
         while _get_opt(monitor, _EVENTS) & _POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -206,7 +220,7 @@ class Link:
             return False
         got, fds, timeout = turn
         if not got:
-            self._waker.wait(fds, timeout)
+            self._dealer.saw(self._waker.wait(fds, timeout))
         return got
 
     def wake(self) -> None:
@@ -306,7 +320,8 @@ class Link:
             self._on_beat(time.monotonic())
         return got, fds, min(timeout, self._timers(time.monotonic()))
 
-    def _stand_in_turn(self) -> tuple[tuple[int, ...], float]:
+    def _stand_in_turn(self, ready: list[tuple[int, int]]) -> tuple[tuple[int, ...], float]:
+        self._dealer.saw(ready)
         turn = self._turn()
         return ((), math.inf) if turn is None else (turn[1], turn[2])
 

@@ -19,7 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
-Turn = Callable[[], tuple[tuple[int, ...], float]]  # -> (fds to wait on, seconds until the next timer)
+# (what the last wait found ready) -> (fds to wait on, seconds until the next timer)
+Turn = Callable[[list[tuple[int, int]]], tuple[tuple[int, ...], float]]
 Timers = Callable[[float], float]  # run what is due at this time.monotonic(); -> seconds until the next
 
 
@@ -41,8 +42,9 @@ class Waker:
         except OSError:  # full: the waiter has a poke pending already (or it is closed: nobody waits)
             pass
 
-    def wait(self, fds: tuple[int, ...], timeout: float | None) -> None:
-        """Until one of ``fds`` is readable, a poke, or ``timeout`` seconds (None: no timeout)."""
+    def wait(self, fds: tuple[int, ...], timeout: float | None) -> list[tuple[int, int]]:
+        """Until one of ``fds`` is readable, a poke, or ``timeout`` seconds (None: no timeout);
+        ``(fd, events)`` of those ready."""
         if fds != self._fds:
             for fd in self._fds:
                 self._poll.unregister(fd)
@@ -50,12 +52,14 @@ class Waker:
                 self._poll.register(fd, select.POLLIN)
             self._fds = fds
         ms = None if timeout is None or timeout == math.inf else math.ceil(max(timeout, 0.0) * 1000)
-        for fd, _ in self._poll.poll(ms):
+        ready = self._poll.poll(ms)
+        for fd, _ in ready:
             if fd == self._r:
                 try:
                     os.read(self._r, 4096)
                 except BlockingIOError:
                     pass
+        return ready
 
     def close(self) -> None:
         for fd in (self._r, self._w):
@@ -136,6 +140,7 @@ class StandIn:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        ready: list[tuple[int, int]] = []
         while True:
             fds: tuple[int, ...] = ()
             timeout: float | None = None
@@ -152,8 +157,8 @@ class StandIn:
                     timeout = self._since + self._grace - now
                 engaged = self._engaged
             if engaged:
-                fds, timeout = self._turn()
+                fds, timeout = self._turn(ready)
             elif timeout is not None:  # away, not reading yet
                 timeout = min(timeout, self._timers(now))
-            self._waker.wait(fds, timeout)
+            ready = self._waker.wait(fds, timeout)
         self._waker.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -88,14 +89,25 @@ class Abandoned:
 class Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
-    __slots__ = ("abandoned", "broken", "curve", "ids", "monitor", "poll_items", "refused", "sndtimeo", "sock", "up")
+    __slots__ = ("abandoned", "broken", "curve", "ids", "monitor", "monitor_due", "monitor_fd", "poller", "refused",
+                 "sndtimeo", "sock", "up")
 
     def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
         self.curve = sock.mechanism == zmq.CURVE
         self.broken = False  # a drop or a failed send was seen: close it instead of reusing it
         self.monitor = monitor  # a lost connection fails its waiting requests at once (ConnectionLost)
-        self.poll_items = [(sock, POLLIN), (monitor, POLLIN)]  # for zmq_poll, without the Poller's sugar
+        # a request waits on the two sockets' file descriptors (``zmq.FD``), not in ``zmq_poll``:
+        # zmq_poll reads each socket's EVENTS before and after its wait (a ``poll`` and a
+        # ``getpid`` system call each), where the wait needs the reply socket's once on each side
+        # and the monitor's only when its descriptor fired (dspex.client.sync.Client._recv)
+        self.monitor_fd = int(monitor.get(zmq.FD))
+        # the monitor is to be read before the next wait: its FD fired, or (a new channel) it was
+        # never read empty, and zmq's FD fires for a message only after a read found none
+        self.monitor_due = True
+        self.poller = select.poll()
+        for fd in (int(sock.get(zmq.FD)), self.monitor_fd):
+            self.poller.register(fd, select.POLLIN)
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
         self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
@@ -105,6 +117,7 @@ class Channel:
     def disconnected(self) -> str:
         """Drain the monitor: why the connection to the broker dropped since the last look, or ""."""
         why = ""
+        self.monitor_due = False
         while True:
             # asking first: nothing pending (every call's case) costs less than a raised zmq.Again
             if not get_opt(self.monitor, EVENTS) & POLLIN:

@@ -35,7 +35,10 @@ from dspex.wire.errors import (
 )
 from dspex.wire.headers import unpack_reply_header
 from dspex.wire.ops import WORKER_OPS, Op
-from dspex.wire.zmqfast import recv_frames, send_frames, zmq_poll
+from dspex.wire.zmqfast import EVENTS as _EVENTS
+from dspex.wire.zmqfast import POLLIN as _POLLIN
+from dspex.wire.zmqfast import get_opt as _get_opt
+from dspex.wire.zmqfast import recv_frames, send_frames
 
 __all__ = ["DEFAULT_TIMEOUT", "Client", "RoutedClient", "Session", "Stream", "connect"]
 
@@ -115,17 +118,25 @@ class Client(ClientAPI[Session], Closing):
               cancels: int) -> tuple[str, str, list[Any]]:
         """The next reply of ``req_id``: (status, worker, body frames); a cancel_all() since the
         request started (``cancels``: the count then) ends the wait (:class:`_CancelRequested`)."""
-        sock, items = ch.sock, ch.poll_items
+        sock, poller, monitor_fd = ch.sock, ch.poller, ch.monitor_fd
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                wait_ms = min(int(remaining * 1000) + 1, CANCEL_CHECK_MS)
-                events = zmq_poll(items, wait_ms) if remaining > 0 else ()
+                # zmq's FD fires for commands, which any use of the socket takes: a reply may wait
+                # with it quiet, so EVENTS is read before the wait, and after it (the reply before
+                # the monitor when both fired)
+                ready = _get_opt(sock, _EVENTS) & _POLLIN
+                if not ready and not ch.monitor_due:
+                    remaining = deadline - time.monotonic()
+                    if remaining > 0:
+                        fired = poller.poll(min(int(remaining * 1000) + 1, CANCEL_CHECK_MS))
+                        ready = _get_opt(sock, _EVENTS) & _POLLIN
+                        # (with a reply, a fired monitor stays readable: the next wait sees it again)
+                        ch.monitor_due = not ready and any(fd == monitor_fd for fd, _ in fired)
             except zmq.ZMQError:
                 ch.broken = True
                 raise ex.lost("the client was closed") from None
-            if not events or events[0][0] is not sock:  # the socket comes first when both have events
-                why = ch.disconnected() if events else ""
+            if not ready:
+                why = ch.disconnected() if ch.monitor_due else ""
                 if why:
                     ch.broken = True
                     if ch.refused:
