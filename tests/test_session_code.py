@@ -1197,3 +1197,47 @@ def test_a_generator_of_your_own_draws_the_in_process_sequence(dx: dspex.Client,
         remote = [s.run(mod.draw) for _ in range(3)]
     seeded = random.Random(0)
     assert remote == [mod.draw() for _ in range(3)] == [seeded.random() for _ in range(3)]
+
+
+SCRIPT_DUNDERS = '''
+"""The script's own docstring."""
+import json
+import math
+import multiprocessing
+import sys
+
+import dspex
+
+
+def dunders():
+    main = sys.modules["__main__"]
+    return main.__file__, main.__doc__, __file__, __doc__
+
+
+def spawned_child():
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(math.sqrt, (16.0,))
+
+
+if __name__ == "__main__":
+    with dspex.connect(sys.argv[1], timeout=60) as dx, dx.session("p") as s:
+        print(json.dumps([dunders(), s.run(dunders), s.run(spawned_child)]))
+'''
+
+
+def test_the_scripts_main_module_has_the_scripts_file_and_docstring_in_a_call(code_stack: Stack,
+                                                                              tmp_path: Path) -> None:
+    """``sys.modules["__main__"].__file__`` and ``.__doc__`` (and the bare ``__doc__`` global) in a
+    call of a script's function are the script's, as in-process; ``multiprocessing`` still starts
+    its children from the worker's ``__main__`` (it reads ``__spec__``, which stays the worker's)."""
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT_DUNDERS)
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, remote, child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert local == [str(script), "The script's own docstring.", str(script), "The script's own docstring."]
+    assert remote == local
+    assert child == 4.0
