@@ -1241,3 +1241,41 @@ def test_the_scripts_main_module_has_the_scripts_file_and_docstring_in_a_call(co
     assert local == [str(script), "The script's own docstring.", str(script), "The script's own docstring."]
     assert remote == local
     assert child == 4.0
+
+
+@pytest.mark.parametrize("error, raised", [("ValueError", dspex.errors.ProtocolError), ("SystemExit", dspex.RemoteError)])
+def test_what_dropping_an_argument_that_failed_to_load_warns_reaches_the_caller(dx: dspex.Client, usercode: Any,
+                                                                                error: str,
+                                                                                raised: type[BaseException]) -> None:
+    """An argument of the user's class whose unpickling on the worker fails (its ``__setstate__``
+    raises, an Exception or not) with a coroutine left in its frame: the error is the call's, so
+    what dropping it warns ("never awaited") is the call's warning and reaches the caller, not the
+    worker's log after the reply."""
+    import warnings
+
+    mod = usercode(f'''
+        ERROR = {error}
+
+        async def lookup(key):
+            return key
+
+
+        class Fragile:
+            def __getstate__(self):
+                return {{}}
+
+            def __setstate__(self, state):
+                pending = lookup("y")  # noqa: F841 - a coroutine nobody awaits, dropped with the error
+                raise ERROR("cannot load here")
+
+
+        def identity(value):
+            return value
+    ''')
+    with dx.session("p") as s:
+        with warnings.catch_warnings(record=True) as warned, pytest.raises(raised, match="cannot load here"):
+            warnings.simplefilter("always")
+            s.run(mod.identity, mod.Fragile())
+        assert [str(w.message) for w in warned] == ["coroutine 'lookup' was never awaited"]
+
+

@@ -191,6 +191,7 @@ class Executor:
                     why = "its session was closed" if self._early_cancels.pop(key) else "it was cancelled by its caller"
                     raise Cancelled(f"{header.op} did not start: {why}", op=header.op)
                 context: dict[str, Any] | None = None
+                failed: DspexError | None = None
                 try:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
@@ -208,11 +209,15 @@ class Executor:
                 except DspexError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
-                    raise ProtocolError(f"malformed request body: {exc}") from None
+                    failed = ProtocolError(f"malformed request body: {exc}")
                 except limits.CallTimedOut:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
-                    raise remote_error(exc) from None
+                    failed = remote_error(exc)
+                if failed is not None:
+                    # raised out of the except clause, as remote_errors.guarded's: the original and
+                    # its frames go within the call, and what dropping them warns is the call's
+                    raise failed from None
                 if context is not None:
                     state.code.drop(context.get("drop") or [])
                     state.code.reached(prefix, _field(context, "v", 0), _field(context, "to", 0))
