@@ -1279,3 +1279,38 @@ def test_what_dropping_an_argument_that_failed_to_load_warns_reaches_the_caller(
         assert [str(w.message) for w in warned] == ["coroutine 'lookup' was never awaited"]
 
 
+
+def test_dspy_configure_ownership_is_per_call_not_the_client_processs(dx: dspex.Client, usercode: Any) -> None:
+    """docs/remote-objects.md (*Its own DSPy settings*), a documented difference: in-process the
+    first thread that configures owns DSPy's configuration for the process, and another thread's
+    ``dspy.configure`` raises; through a session each call's thread owns it for that call, so a
+    call made from another client thread configures without error."""
+    import concurrent.futures
+    import subprocess
+
+    import dspy
+
+    mod = usercode('''
+        import dspy
+
+
+        def configure(value):
+            dspy.configure(max_errors=value)
+            return dspy.settings.max_errors
+    ''')
+    script = '''
+import concurrent.futures, dspy
+dspy.configure(max_errors=3)
+with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    try:
+        pool.submit(dspy.configure, max_errors=4).result()
+    except RuntimeError as err:
+        print(err)
+'''
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "dspy.settings can only be changed by the thread that initially configured it."
+    with dx.session("p") as s:
+        assert s.run(mod.configure, 3) == 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(s.run, mod.configure, 4).result() == 4
+    assert dspy.settings.max_errors != 4
