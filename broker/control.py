@@ -21,7 +21,7 @@ from broker.port import Port
 from broker.state import Pending, Pool, WorkerRecord
 from dspex.wire.errors import Cancelled
 from dspex.wire.ops import Op
-from dspex.wire.protocol import B_CANCEL, B_CREDIT
+from dspex.wire.protocol import B_CANCEL, B_CREDIT, CANCEL_SESSION_CLOSED
 
 
 class RequestControl:
@@ -55,7 +55,7 @@ class RequestControl:
         """The connection of ``client`` closed: nobody reads the replies of its requests any more.
         Its running calls are cancelled on their workers (their slots free when the workers
         answer), its queued ones dropped; both count as ``cancelled``."""
-        running = self._cancel_running(workers.values(), lambda owner, p: owner == client)
+        running = self._cancel_running(workers.values(), lambda owner, p: owner == client, 0)
         queued = 0
         for pool in self.pools.values():
             for p in pool.take_client(client):
@@ -67,17 +67,20 @@ class RequestControl:
 
     def cancel_session(self, session: str, workers: Iterable[WorkerRecord]) -> int:
         """The session closes: its running calls (and open streams) are cancelled on their workers,
-        as its client's ``cancel`` would; their callers get the workers' ``cancelled`` answers."""
-        return self._cancel_running(workers, lambda owner, p: p.session == session)
+        as its client's ``cancel`` would; their callers get the workers' ``cancelled`` answers,
+        which say the session was closed."""
+        return self._cancel_running(workers, lambda owner, p: p.session == session, CANCEL_SESSION_CLOSED)
 
-    def _cancel_running(self, workers: Iterable[WorkerRecord], chosen: Callable[[bytes, Pending], bool]) -> int:
-        """Cancel the running requests ``chosen`` (owner, request) on their workers: the number."""
+    def _cancel_running(self, workers: Iterable[WorkerRecord], chosen: Callable[[bytes, Pending], bool],
+                        reason: int) -> int:
+        """Cancel the running requests ``chosen`` (owner, request) on their workers, for ``reason``
+        (B_CANCEL's n): the number."""
         running = 0
         for w in list(workers):
             for (owner, req_id), p in list(w.inflight.items()):
                 if chosen(owner, p) and not p.cancelled:
                     p.cancelled = True
                     running += 1
-                    if not self._to_worker(w, [B_CANCEL, owner, msgpack.packb([req_id, 0])]):
+                    if not self._to_worker(w, [B_CANCEL, owner, msgpack.packb([req_id, reason])]):
                         break  # that worker is gone, and its calls with it
         return running

@@ -35,6 +35,7 @@ from dspex.wire.protocol import (
     B_HEARTBEAT,
     B_RELEASE_SESSION,
     B_SYNC,
+    CANCEL_SESSION_CLOSED,
     PROTOCOL_VERSION,
     RECEIVED_WINDOW,
     W_DISCONNECT,
@@ -536,7 +537,7 @@ def test_close_while_a_call_runs_cancels_it_releases_after_it_and_drops_queued_c
     core.request(C, 2, "p", "s")  # queued behind call 1
     core.request(D, 1, "p", "t")  # another session's: runs on
     core.admin(C, "close_session", session="s")
-    assert cancels(core) == [(A, C, [1, 0])], "the session's running call is cancelled on its worker"
+    assert cancels(core) == [(A, C, [1, CANCEL_SESSION_CLOSED])], "the session's running call is cancelled on its worker"
     assert core.released("s") == set(), "never released under a running call"
     assert core.outcome(C, 2) == "session_closed"
     core.request(C, 3, "p", "s")

@@ -55,6 +55,11 @@ def worker_is_free(dx: dspex.Client) -> None:
     assert time.monotonic() - started < PROMPT_S
 
 
+def assert_says_closed(err: BaseException) -> None:
+    """The caller of a call its session's close stopped is told so, not that the session is intact."""
+    assert "its session was closed" in str(err) and "intact" not in str(err), str(err)
+
+
 def test_close_cancels_a_running_call(dx: dspex.Client, tmp_path: Path) -> None:
     s = session(dx)
     marker = tmp_path / "m"
@@ -77,6 +82,7 @@ def test_close_cancels_a_running_call(dx: dspex.Client, tmp_path: Path) -> None:
     finally:
         caller.join(60)
     assert isinstance(outcome[0], dspex.Cancelled), outcome
+    assert_says_closed(outcome[0])
     assert time.monotonic() - closing < PROMPT_S
     wait_closed(marker)
     worker_is_free(dx)
@@ -124,9 +130,10 @@ def test_async_close_cancels_a_running_call_and_an_open_stream(stack: Stack, dx:
             while not Path(f"{call_marker}.started").exists():
                 await asyncio.sleep(0.02)
             await a.close()
-            with pytest.raises(dspex.Cancelled):
+            with pytest.raises(dspex.Cancelled) as cancelled:
                 async with asyncio.timeout(PROMPT_S):
                     await task
+            assert_says_closed(cancelled.value)
             assert Path(f"{call_marker}.closed").exists()
 
             b = adx.session("p")

@@ -1197,3 +1197,120 @@ def test_a_generator_of_your_own_draws_the_in_process_sequence(dx: dspex.Client,
         remote = [s.run(mod.draw) for _ in range(3)]
     seeded = random.Random(0)
     assert remote == [mod.draw() for _ in range(3)] == [seeded.random() for _ in range(3)]
+
+
+SCRIPT_DUNDERS = '''
+"""The script's own docstring."""
+import json
+import math
+import multiprocessing
+import sys
+
+import dspex
+
+
+def dunders():
+    main = sys.modules["__main__"]
+    return main.__file__, main.__doc__, __file__, __doc__
+
+
+def spawned_child():
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(math.sqrt, (16.0,))
+
+
+if __name__ == "__main__":
+    with dspex.connect(sys.argv[1], timeout=60) as dx, dx.session("p") as s:
+        print(json.dumps([dunders(), s.run(dunders), s.run(spawned_child)]))
+'''
+
+
+def test_the_scripts_main_module_has_the_scripts_file_and_docstring_in_a_call(code_stack: Stack,
+                                                                              tmp_path: Path) -> None:
+    """``sys.modules["__main__"].__file__`` and ``.__doc__`` (and the bare ``__doc__`` global) in a
+    call of a script's function are the script's, as in-process; ``multiprocessing`` still starts
+    its children from the worker's ``__main__`` (it reads ``__spec__``, which stays the worker's)."""
+    import subprocess
+
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT_DUNDERS)
+    out = subprocess.run([sys.executable, str(script), code_stack.frontend], check=False, env=code_stack.env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    local, remote, child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert local == [str(script), "The script's own docstring.", str(script), "The script's own docstring."]
+    assert remote == local
+    assert child == 4.0
+
+
+@pytest.mark.parametrize("error, raised", [("ValueError", dspex.errors.ProtocolError), ("SystemExit", dspex.RemoteError)])
+def test_what_dropping_an_argument_that_failed_to_load_warns_reaches_the_caller(dx: dspex.Client, usercode: Any,
+                                                                                error: str,
+                                                                                raised: type[BaseException]) -> None:
+    """An argument of the user's class whose unpickling on the worker fails (its ``__setstate__``
+    raises, an Exception or not) with a coroutine left in its frame: the error is the call's, so
+    what dropping it warns ("never awaited") is the call's warning and reaches the caller, not the
+    worker's log after the reply."""
+    import warnings
+
+    mod = usercode(f'''
+        ERROR = {error}
+
+        async def lookup(key):
+            return key
+
+
+        class Fragile:
+            def __getstate__(self):
+                return {{}}
+
+            def __setstate__(self, state):
+                pending = lookup("y")  # noqa: F841 - a coroutine nobody awaits, dropped with the error
+                raise ERROR("cannot load here")
+
+
+        def identity(value):
+            return value
+    ''')
+    with dx.session("p") as s:
+        with warnings.catch_warnings(record=True) as warned, pytest.raises(raised, match="cannot load here"):
+            warnings.simplefilter("always")
+            s.run(mod.identity, mod.Fragile())
+        assert [str(w.message) for w in warned] == ["coroutine 'lookup' was never awaited"]
+
+
+
+def test_dspy_configure_ownership_is_per_call_not_the_client_processs(dx: dspex.Client, usercode: Any) -> None:
+    """docs/remote-objects.md (*Its own DSPy settings*), a documented difference: in-process the
+    first thread that configures owns DSPy's configuration for the process, and another thread's
+    ``dspy.configure`` raises; through a session each call's thread owns it for that call, so a
+    call made from another client thread configures without error."""
+    import concurrent.futures
+    import subprocess
+
+    import dspy
+
+    mod = usercode('''
+        import dspy
+
+
+        def configure(value):
+            dspy.configure(max_errors=value)
+            return dspy.settings.max_errors
+    ''')
+    script = '''
+import concurrent.futures, dspy
+dspy.configure(max_errors=3)
+with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    try:
+        pool.submit(dspy.configure, max_errors=4).result()
+    except RuntimeError as err:
+        print(err)
+'''
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "dspy.settings can only be changed by the thread that initially configured it."
+    with dx.session("p") as s:
+        assert s.run(mod.configure, 3) == 3
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert pool.submit(s.run, mod.configure, 4).result() == 4
+    assert dspy.settings.max_errors != 4

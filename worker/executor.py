@@ -71,9 +71,10 @@ class Executor:
         self.served = 0
         self.errors = 0
         # (client, req_id) -> its running call, for B_CANCEL; and cancels of requests received but
-        # not started yet (or finished already: the worker forgets those when it is idle)
+        # not started yet (or finished already: the worker forgets those when it is idle), each
+        # with whether its session closed
         self._calls: dict[tuple[bytes, int], limits._Call] = {}
-        self._early_cancels: set[tuple[bytes, int]] = set()
+        self._early_cancels: dict[tuple[bytes, int], bool] = {}
         self.own_frames = False  # request frames come from an ipc/tcp socket: arrays decode without a copy
         self.durable = DurableSessions(refs)
         self.ops = SessionOps(refs)
@@ -101,18 +102,18 @@ class Executor:
         output.share_progress_bars()
 
     # -- cancellation ----------------------------------------------------------------------
-    def cancel(self, key: tuple[bytes, int]) -> bool:
-        """Its caller cancelled request ``key`` (``(client_id, req_id)``): stop it if it runs
-        (True), else stop it before it starts. No lock: the remembered cancel is added before the
-        running calls are looked at, and :meth:`execute` registers its call before it looks for a
-        remembered cancel, so one of the two always sees the other."""
+    def cancel(self, key: tuple[bytes, int], session_closed: bool = False) -> bool:
+        """Its caller cancelled request ``key`` (``(client_id, req_id)``), or its session closed:
+        stop it if it runs (True), else stop it before it starts. No lock: the remembered cancel is
+        added before the running calls are looked at, and :meth:`execute` registers its call before
+        it looks for a remembered cancel, so one of the two always sees the other."""
         if len(self._early_cancels) < _EARLY_CANCELS_MAX:
-            self._early_cancels.add(key)
+            self._early_cancels[key] = session_closed
         call = self._calls.get(key)
         if call is None:
             return False
-        self._early_cancels.discard(key)
-        self.watchdog.cancel(call)
+        self._early_cancels.pop(key, None)
+        self.watchdog.cancel(call, session_closed)
         return True
 
     def forget_cancels(self) -> None:
@@ -187,9 +188,10 @@ class Executor:
                 if isinstance(stream, StreamControl):
                     stream.before_item = sink.send_pending  # what it printed before goes first
                 if self._early_cancels and key in self._early_cancels:
-                    self._early_cancels.discard(key)
-                    raise Cancelled(f"{header.op} was cancelled by its caller before it started", op=header.op)
+                    why = "its session was closed" if self._early_cancels.pop(key) else "it was cancelled by its caller"
+                    raise Cancelled(f"{header.op} did not start: {why}", op=header.op)
                 context: dict[str, Any] | None = None
+                failed: DspexError | None = None
                 try:
                     body = payload
                     if header.flags & FLAG_CONTEXT:
@@ -207,11 +209,15 @@ class Executor:
                 except DspexError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a malformed body: the caller's error
-                    raise ProtocolError(f"malformed request body: {exc}") from None
+                    failed = ProtocolError(f"malformed request body: {exc}")
                 except limits.CallTimedOut:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - unpickling by-value objects runs user code
-                    raise remote_error(exc) from None
+                    failed = remote_error(exc)
+                if failed is not None:
+                    # raised out of the except clause, as remote_errors.guarded's: the original and
+                    # its frames go within the call, and what dropping them warns is the call's
+                    raise failed from None
                 if context is not None:
                     state.code.drop(context.get("drop") or [])
                     state.code.reached(prefix, _field(context, "v", 0), _field(context, "to", 0))
@@ -405,6 +411,8 @@ def _no_hard() -> None:
 
 def _stopped(header: RequestHeader, call: limits._Call | None) -> DspexError:
     """What the caller of an interrupted call gets: ``Cancelled`` if it cancelled, else ``Timeout``."""
+    if call is not None and call.session_closed:
+        return Cancelled(f"{header.op} was stopped: its session was closed", op=header.op, stopped=True)
     if call is not None and call.cancelled:
         return Cancelled(f"{header.op} was cancelled by its caller and stopped; the session and its objects are "
                          "intact", op=header.op, stopped=True)

@@ -105,6 +105,7 @@ class _Call:
     timed_out: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
+    session_closed: bool = False  # ... because its session closed
     settled: bool = False  # its code has returned: a cancel changes nothing now
     loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
     task: asyncio.Task[Any] | None = None  # ... and the task of its coroutine there
@@ -114,6 +115,8 @@ class _Call:
     nudge_at: float = 0.0  # when the watchdog nudges the thread next, while ``signalled``
 
     def interruption(self) -> CallTimedOut:
+        if self.session_closed:
+            return CallCancelled("the call's session was closed")
         if self.cancelled:
             return CallCancelled("the call was cancelled by its caller")
         return CallTimedOut("the call ran past its deadline")
@@ -381,13 +384,14 @@ class Watchdog:
                     except Exception:  # the watchdog must survive
                         log.exception("hard time limit handler failed")
 
-    def cancel(self, call: _Call) -> bool:
-        """Stop a running call its caller cancelled, as the soft limit does; False if it has
-        ended, returned its result, or was cancelled already."""
+    def cancel(self, call: _Call, session_closed: bool = False) -> bool:
+        """Stop a running call its caller cancelled (or whose session closed), as the soft limit
+        does; False if it has ended, returned its result, or was cancelled already."""
         with call.lock:
             if call.done or call.settled or call.cancelled:
                 return False
             call.cancelled = True
+            call.session_closed = session_closed
         if call.thread == self._main and not self._signal_installed:
             return True  # no raising SIGINT handler here (an executor outside a worker): the flag only
         self._soft(call)

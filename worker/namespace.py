@@ -72,6 +72,10 @@ def namespace(state: SessionState) -> dict[str, Any]:
 _OWN_DICT = vars(types.ModuleType)["__dict__"]  # a module's own namespace (the view below overrides it)
 
 
+# what ``sys.modules["__main__"]`` reads from the script's copy in a call (the rest are the worker's)
+_SCRIPT_DUNDERS = frozenset({"__file__", "__doc__"})
+
+
 class _UserModuleView(types.ModuleType):
     """``sys.modules[name]`` of a user module the client sends by value: its ``__dict__`` is the
     running call's session's copy of that module (outside a call, or in a session without one, the
@@ -83,7 +87,8 @@ class _UserModuleView(types.ModuleType):
     worker each have their own copy of the module and run concurrently, so the entry cannot be the
     copy; the call's session is a context variable, carried into the threads and tasks it starts.
     Attributes are read from the session's copy first, then the module's own; for ``__main__``,
-    only the copy's, but for its dunders, always its own (:meth:`__getattribute__`)."""
+    only the copy's, but for its dunders other than ``__file__`` and ``__doc__``, always its own
+    (:meth:`__getattribute__`)."""
 
     @property
     def __dict__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -94,12 +99,14 @@ class _UserModuleView(types.ModuleType):
         # the call's session's copy first (``getattr(sys.modules[__name__], name)`` in the user's
         # code; a package's ``__path__``; pickle's ``find_class``, for dspy.load of a program whose
         # class is in this module). The worker's own ``__main__`` (worker/__main__.py: ``run``
-        # starts a worker) is never the script's: a call sees none of its names, but its dunders,
-        # which multiprocessing reads to start its children (``__spec__``: ``worker.__main__``).
+        # starts a worker) is never the script's: a call sees none of its names, nor its
+        # ``__file__`` and ``__doc__``, but its other dunders, which multiprocessing reads to start
+        # its children (spawn and forkserver run ``__spec__.name``, ``worker.__main__``; they read
+        # ``__file__`` only when ``__spec__`` is None, and a worker always runs as ``-m worker``).
         copy = _session_copy(self)
         if copy is not None:
             main = _OWN_DICT.__get__(self).get("__name__") == "__main__"
-            if not (main and name[:2] == "__"):
+            if not (main and name[:2] == "__" and name not in _SCRIPT_DUNDERS):
                 try:
                     return copy.__dict__[name]
                 except KeyError:

@@ -43,6 +43,7 @@ from dspex.wire.headers import (
     unpack_request_header,
 )
 from dspex.wire.protocol import (
+    CANCEL_SESSION_CLOSED,
     FLAG_OUTPUT,
     FLAG_STREAM,
     RECEIVED_WINDOW,
@@ -363,7 +364,7 @@ class Runner:
             # and any other call, is interrupted (worker.limits)
             if control is not None and not control.cancel():
                 return
-            if not self.executor.cancel(key):
+            if not self.executor.cancel(key, n == CANCEL_SESSION_CLOSED):
                 log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
         elif control is not None:
             control.add_credit(int(n))

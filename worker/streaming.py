@@ -21,12 +21,11 @@ from typing import Any
 
 from dspex import progress
 from dspex.wire import codec
-from dspex.wire.errors import Cancelled, DspexError, ResultTooLarge
+from dspex.wire.errors import Cancelled, ResultTooLarge
 from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
 from worker.dspy_settings import claim_configure
-from worker.remote_errors import remote_error
 
 log = logging.getLogger("dspex.worker")
 
@@ -248,13 +247,8 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
 
 
 def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> None:
-    try:
-        frames = encode(item)
-    except DspexError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a user item that does not encode is the call's error, sent as such
-        raise remote_error(exc) from None
-    if not stream.send(Status.PARTIAL.value, frames):
+    # what encoding a user's item raises is the call's error: the executor runs the drain guarded
+    if not stream.send(Status.PARTIAL.value, encode(item)):
         raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)
 
 

@@ -62,7 +62,7 @@ from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
-BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__")  # a user module's, from the client
+BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__", "__doc__")  # a user module's, from the client
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
@@ -117,7 +117,7 @@ class CodeStore:
         if base:
             g = module.__dict__
             for k in BASE_GLOBALS:
-                if k in base and g.get(k) is None:  # a new module's __package__ is None
+                if k in base and g.get(k) is None:  # a new module's __package__ and __doc__ are None
                     g[k] = base[k]
             # (a script's __main__ has none, as in-process)
             if g.get("__spec__") is None and isinstance(g.get("__file__"), str) and module.__name__ != "__main__":

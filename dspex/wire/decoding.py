@@ -129,15 +129,24 @@ def _unpickle(data: bytes, session: bool = False) -> Any:
     except DspexError:
         raise  # a code cache miss: the client sends the request again in full
     except Exception as exc:  # noqa: BLE001 - a by-value object that does not load, said why below
-        missing = _missing_module(exc)
-        if missing is not None:
-            raise missing from None
-        cause, type_name = (exc.error, _failed_class(exc.error) or exc.type_name) \
-            if isinstance(exc, byvalue.LoadFailed) else (exc, "")
-        if isinstance(cause, DspexError):
-            raise cause from None  # says what it is already (a ref a by-value object holds, unknown here)
-        raise ProtocolError(f"cannot unpickle a by-value {type_name or 'object'} here: {type(cause).__name__}: "
-                            f"{str(cause)[:300]}", **({"type": type_name} if type_name else {})) from None
+        error = _load_error(exc)
+    # raised out of the except clause, where it would hold the original as its __context__: the
+    # original and the frames of the code that raised it go now, within the call, and what dropping
+    # them warns (a coroutine never awaited) is the call's (as worker/remote_errors.py, guarded)
+    raise error from None
+
+
+def _load_error(exc: Exception) -> BaseException:
+    """What a by-value object that did not load raises, ``exc`` why it did not."""
+    missing = _missing_module(exc)
+    if missing is not None:
+        return missing
+    cause, type_name = (exc.error, _failed_class(exc.error) or exc.type_name) \
+        if isinstance(exc, byvalue.LoadFailed) else (exc, "")
+    if isinstance(cause, DspexError):
+        return cause  # says what it is already (a ref a by-value object holds, unknown here)
+    return ProtocolError(f"cannot unpickle a by-value {type_name or 'object'} here: {type(cause).__name__}: "
+                         f"{str(cause)[:300]}", **({"type": type_name} if type_name else {}))
 
 
 def _failed_class(exc: BaseException) -> str:

@@ -44,6 +44,8 @@ B_DISCONNECT = b"\x13"
 B_RELEASE_SESSION = b"\x14"
 B_REREGISTER = b"\x15"
 B_CANCEL = b"\x16"
+# B_CANCEL's n: the broker cancels a call because its session closed (0: its caller cancelled it)
+CANCEL_SESSION_CLOSED = 1
 B_CREDIT = b"\x17"
 B_BYE = b"\x18"  # the broker has the worker's goodbye: it may exit now
 # the worker is back on a new connection: say which requests you hold (delivered, not yet finally
