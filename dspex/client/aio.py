@@ -17,13 +17,13 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any, Generic, Self, TypeVar, Unpack
 
 import zmq
 import zmq.asyncio
 
-from dspex.client import processwide
+from dspex.client import output, processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
 from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
@@ -104,12 +104,19 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         return reply
 
     # -- requests ---------------------------------------------------------------------------
-    async def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
-                      **options: Unpack[RequestOptions]) -> Any:
+    def request(self, op: str, pool: str = "", session: str = "", body: Any = None,
+                **options: Unpack[RequestOptions]) -> Coroutine[Any, Any, Any]:
         """One request (see :meth:`ClientAPI.request`); cancelling the awaiting task stops it."""
+        # taken now: the call may be awaited in a task of its own (asyncio.gather, wait_for), whose
+        # stack holds none of the user's frames when its output comes
+        return self._requested(output.call_place(), op, pool, session, body, **options)
+
+    async def _requested(self, at: output.Place | None, op: str, pool: str, session: str, body: Any,
+                         **options: Unpack[RequestOptions]) -> Any:
         worker = options.pop("worker", "")
         await self._take_in_held_streams(op, session, options.get("timeout"))
         ex = self._exchange(op, pool, session, body, **options)
+        ex.at = at
         while True:
             try:
                 return await self._request(ex, worker)

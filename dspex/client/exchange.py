@@ -280,6 +280,7 @@ class Exchange:
     __slots__ = (
         "_max_message",
         "_raw",
+        "at",
         "awaiting",
         "bind",
         "body",
@@ -345,6 +346,7 @@ class Exchange:
         self.on_reply, self.on_progress, self.on_output = on_reply, on_progress, on_output
         self.bind, self.own_frames, self.endpoint = bind, own_frames, endpoint
         self.meter = CreditMeter()
+        self.at: output.Place | None = None  # where the user's code made the call, if not where it reads it
 
     def frames(self, req_id: int, worker: str) -> list[Any]:
         header = RequestHeader(self.op, req_id, self.pool, self.session, worker, int(self.timeout * 1000),
@@ -372,7 +374,7 @@ class Exchange:
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:
                 if self.forward:
-                    output.forward(value, self.session, worker)
+                    output.forward(value, self.session, worker, self.at)
                 if self.on_output is not None:
                     self._notify(self.on_output, value)
             elif status == Status.PARTIAL.value and self.items:
@@ -405,7 +407,7 @@ class Exchange:
             return status not in EVENT_STATUSES
         value = decode_value(frames, bind=self.bind)
         if self.forward:
-            output.forward(value, self.session, worker)
+            output.forward(value, self.session, worker, self.at)
         if self.on_output is not None:
             self._notify(self.on_output, value)
         return False

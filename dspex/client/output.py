@@ -27,6 +27,7 @@ _write_lock = threading.Lock()  # one write per event: lines of concurrent sessi
 _categories: dict[tuple[str, str], type[Warning]] = {}
 # a place's file -> the name of this process's module of it and the registry of warnings shown there
 _places: dict[str, tuple[str | None, dict[Any, Any]]] = {}
+Place = tuple[str, int, dict[str, Any]]  # a line of the user's code: its file, line number and module's globals
 
 
 def log_threshold() -> int:
@@ -50,8 +51,10 @@ def request_flags() -> int:
     return output_flags(log_threshold())
 
 
-def forward(event: Any, session: str = "", worker: str = "") -> None:
-    """Put one output event where it goes in-process (see the module docstring).
+def forward(event: Any, session: str = "", worker: str = "", at: Place | None = None) -> None:
+    """Put one output event where it goes in-process (see the module docstring). A warning that
+    the called library issued at its caller's place shows at ``at``, the line of the call
+    (:func:`call_place`), else at the line outside dspex that reads the output now.
 
     Text that cannot be written (a closed pipe: ``python client.py | head -1``, a closed file)
     raises as the program's own ``print`` raises in-process: the caller cancels the call and gets
@@ -65,7 +68,7 @@ def forward(event: Any, session: str = "", worker: str = "") -> None:
         return
     try:
         if kind == "warning":
-            _warn(event)
+            _warn(event, at)
         elif kind == "log":
             _emit(event, session, worker)
     except Exception as exc:  # noqa: BLE001 - a failing showwarning or handler: the call goes on
@@ -84,16 +87,16 @@ def _write(stream: TextIO | None, text: str) -> None:
         stream.flush()  # a call runs on while its output shows: a pipe must not hold it back
 
 
-def _warn(event: dict[str, Any]) -> None:
+def _warn(event: dict[str, Any], at: Place | None) -> None:
     category = _category(event.get("category"))
     message = str(event.get("message", event.get("text", "")))
     filename = str(event.get("filename", "<worker>"))
     lineno = int(event.get("lineno") or 0)
-    caller = _caller() if event.get("at_call") else None
+    at = (at or call_place()) if event.get("at_call") else None
     try:
-        if caller is not None:
-            filename, lineno = caller.f_code.co_filename, caller.f_lineno
-            module, registry = caller.f_globals.get("__name__"), caller.f_globals.setdefault("__warningregistry__", {})
+        if at is not None:
+            filename, lineno, at_globals = at
+            module, registry = at_globals.get("__name__"), at_globals.setdefault("__warningregistry__", {})
         else:
             module, registry = _place(filename)
         if module is None:  # (``module=None`` is not "not given": the C implementation matches None)
@@ -104,14 +107,17 @@ def _warn(event: dict[str, Any]) -> None:
         warnings.showwarning(message, category, filename, lineno)
 
 
-def _caller() -> FrameType | None:
-    """The frame outside dspex that is waiting for the call (the line of ``s.run`` in the user's
-    code): a blocking client's call reads its output itself. None in an asyncio client's reader
-    task, whose stack is the event loop's."""
-    frame: FrameType | None = sys._getframe(2)
+def call_place() -> Place | None:
+    """The line outside dspex that makes or awaits a call now (the line of ``s.run`` in the user's
+    code). None when there is none: an asyncio task of dspex's own coroutine (``asyncio.gather``,
+    ``wait_for`` and ``create_task`` of ``s.run(...)``, the reader of a cancelled call's output),
+    whose stack is the event loop's, so the asyncio client takes it when the call is made."""
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and (frame.f_globals.get("__name__") or "").partition(".")[0] == "dspex":
         frame = frame.f_back
-    return None if frame is None or (frame.f_globals.get("__name__") or "").startswith("asyncio") else frame
+    if frame is None or (frame.f_globals.get("__name__") or "").startswith("asyncio"):
+        return None
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
 
 
 def _place(filename: str) -> tuple[str | None, dict[Any, Any]]:

@@ -341,3 +341,50 @@ def test_a_deprecation_a_library_warns_at_its_callers_line_shows_at_the_line_of_
     message = "DeprecationWarning: The 'prefix' argument in InputField/OutputField is deprecated"
     assert [line.startswith(f"{script}:9: {message}") for line in shown["inprocess"]] == [True], shown
     assert [line.startswith(f"{script}:13: {message}") for line in shown["session"]] == [True], shown
+
+
+SCRIPT_AWAITING_A_DEPRECATED_API = textwrap.dedent('''
+    import asyncio
+    import sys
+
+    import dspy
+
+    import dspex
+
+
+    async def main():
+        if sys.argv[2] == "inprocess":
+            dspy.InputField(prefix="Question:")
+            return
+        async with dspex.aio.connect(sys.argv[1], timeout=60) as dx:
+            session = dx.session("c1")
+            if sys.argv[2] == "await":
+                await session.run(dspy.InputField, prefix="Question:")
+            elif sys.argv[2] == "gather":
+                await asyncio.gather(session.run(dspy.InputField, prefix="Question:"))
+            else:
+                await asyncio.wait_for(session.run(dspy.InputField, prefix="Question:"), 60)
+            await session.close()
+
+    asyncio.run(main())
+''')
+
+
+def test_a_deprecation_a_library_warns_at_its_callers_line_shows_at_the_line_of_the_await(
+        cstack: Stack, tmp_path) -> None:
+    """The asyncio twin of the test above: ``s.run(dspy.InputField, prefix=...)`` in a coroutine of
+    the script shows DSPy's DeprecationWarning at the line of that ``s.run``, as the same call
+    in-process shows it at its own line, also when the call is awaited in a task of its own
+    (``asyncio.gather``, ``asyncio.wait_for``), whose stack holds none of the script's frames."""
+    script = tmp_path / "main.py"
+    script.write_text(SCRIPT_AWAITING_A_DEPRECATED_API)
+    shown = {}
+    for mode in ("inprocess", "await", "gather", "wait_for"):
+        out = subprocess.run([sys.executable, str(script), cstack.frontend, mode], env=cstack.env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        shown[mode] = [line for line in out.stderr.splitlines() if "DeprecationWarning:" in line]
+    message = "DeprecationWarning: The 'prefix' argument in InputField/OutputField is deprecated"
+    assert [line.startswith(f"{script}:12: {message}") for line in shown["inprocess"]] == [True], shown
+    for mode, line in (("await", 17), ("gather", 19), ("wait_for", 21)):
+        assert [text.startswith(f"{script}:{line}: {message}") for text in shown[mode]] == [True], shown
