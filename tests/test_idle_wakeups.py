@@ -1,7 +1,8 @@
 """An idle stack stays out of the way: the broker reads the workers' answers to a heartbeat round
-in one wake-up of its routing thread, not in one each, and only while no request is in flight; the
-zmq I/O threads of the broker and the workers, woken by a heartbeat, do not preempt the thread
-running (issue 22 item 6; bench/idle.py measures the stack)."""
+in one wake-up of its routing thread, not in one each, and only while no request is in flight; a
+worker's main thread turns once per heartbeat; the zmq I/O threads of the broker and the workers,
+woken by a heartbeat, do not preempt the thread running (issue 22 item 6; bench/idle.py measures
+the stack)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -17,10 +19,18 @@ import zmq
 
 import dspex
 from broker.roster import ANSWERS_WAIT
-from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_HEARTBEAT, W_READY
+from dspex.wire.protocol import (
+    B_HEARTBEAT,
+    B_RELEASE_SESSION,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    W_HEARTBEAT,
+    W_READY,
+)
 from tests.harness.procs import wait_for
 from tests.harness.stack import Stack
 from tests.test_core import HEARTBEAT, START, StubCore
+from worker.link import Link
 
 C, A = b"client-1", b"worker-a"
 
@@ -92,6 +102,49 @@ def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack
     finally:
         for d in dealers:
             d.close(0)
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_answers_the_brokers_heartbeats_without_returning_to_its_loop(short_tmp: str) -> None:
+    """The link answers the broker's heartbeat itself. ``Link.read`` returns to the worker's loop
+    only for a message for the worker: a read that handled a heartbeat waits again in the same
+    call, where returning would make the loop's next read turn again (drain the socket, run the
+    timers) before it waits, two turns of the main thread per heartbeat instead of one."""
+    backend = f"ipc://{short_tmp}/backend.sock"
+    ctx: zmq.Context[Any] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(backend)
+    delivered: list[bytes] = []
+    link_ctx: zmq.Context[Any] = zmq.Context()  # its own: the link sets its zmq threads' policy before its first socket
+    link = Link(link_ctx, backend, "worker-a", max_message=MAX_MESSAGE_BYTES, heartbeat_interval=0.2,
+                heartbeat_liveness=25, curve_server_key=None, curve_keypair=None, ready=lambda: b"{}",
+                stats=lambda: b"{}", deliver=lambda command, frames: delivered.append(command),
+                held=lambda: ([], []), on_beat=lambda now: None, grace=60.0,
+                timers=lambda now: 0.005)  # a read waits 5 ms at most: this thread drives it
+    link.connect()
+    try:
+        beats, reads = 0, []
+        deadline = time.monotonic() + 20
+        # the broker's beat answers each of the link's: before the link's next, a read took it
+        while beats < 5:
+            assert time.monotonic() < deadline, f"{beats} heartbeats of the worker"
+            reads.append(link.read())
+            while router.poll(0):
+                wid, command, *_ = router.recv_multipart()
+                if command in (W_READY, W_HEARTBEAT):
+                    beats += command == W_HEARTBEAT
+                    router.send_multipart([wid, B_HEARTBEAT])
+        assert not any(reads), "a read that handled only heartbeats returned to the worker's loop"
+        router.send_multipart([wid, B_RELEASE_SESSION, b"s-1"])
+        while not link.read():  # a message for the worker ends the read
+            assert time.monotonic() < deadline, "the worker's message was never read"
+        assert delivered == [B_RELEASE_SESSION]
+    finally:
+        link.close()
+        link_ctx.destroy(0)
+        router.close(0)
         ctx.term()
 
 
