@@ -106,6 +106,51 @@ def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack
 
 
 @pytest.mark.timeout(60)
+def test_the_turn_whose_sleep_ends_the_wait_for_the_answers_reads_them() -> None:
+    """The broker's routing thread sleeps through the workers' answers to a heartbeat round until
+    the answers' wait ends, and reads them in the turn that wakes then: one more turn (a poll that
+    finds them ready at once) would cost a third turn a round. The broker's shell in this thread
+    over inproc sockets, a worker's DEALER beside it that answers each round at once."""
+    from broker.broker import Broker
+    from broker.settings import parse
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    tag = f"{os.getpid()}-{id(ctx):x}"
+    options = parse(["--frontend", f"inproc://dxi-f-{tag}", "--backend", f"inproc://dxi-b-{tag}", "--pool",
+                     "p:strict_queue", "--checkpoints", "", "--heartbeat", "1.0", "--liveness", "5"])
+    broker = Broker(options, ctx)
+    broker.bind()
+    wid = b"w" * 32
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.setsockopt(zmq.ROUTING_ID, wid)
+    worker.connect(options.backend)
+    worker.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": 1, "host": "elsewhere", "capacity": 1,
+                                                   "running": 0, "version": PROTOCOL_VERSION,
+                                                   "incarnation": wid.decode()})])
+    try:
+        deadline = time.monotonic() + 30
+        while wid not in broker.core.workers:
+            assert time.monotonic() < deadline, "the worker never registered"
+            broker.turn()
+        for served in range(1, 4):
+            while not worker.poll(0):  # the next round
+                assert time.monotonic() < deadline, "no heartbeat round"
+                broker.turn()
+            assert worker.recv_multipart()[0] == B_HEARTBEAT
+            worker.send_multipart([W_HEARTBEAT, msgpack.packb({"rss": 1, "served": served, "errors": 0, "refs": 0,
+                                                               "sessions": 0, "running": 0})])
+            broker.turn()
+            while time.monotonic() < broker.core.roster.answers_wait_until():
+                broker.turn()
+            assert broker.core.workers[wid].stats.get("served") == served, "the answer waits for one more turn"
+    finally:
+        broker.close()
+        worker.close(0)
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_answers_the_brokers_heartbeats_without_returning_to_its_loop(short_tmp: str) -> None:
     """The link answers the broker's heartbeat itself. ``Link.read`` returns to the worker's loop
     only for a message for the worker: a read that handled a heartbeat waits again in the same
