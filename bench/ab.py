@@ -40,8 +40,8 @@ the raw blocks).
   session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
 * ``idle``: each tree's shipped stack (its ``supervisor.conf``: broker + 6 workers under
   supervisord, ``bench/idle.py``), both up and idle throughout; a block is one ``--duration``
-  seconds window (give 20) of one side: CPU share of a core and wake-ups per second, in all and
-  of supervisord, the broker and the six workers.
+  seconds window (give 20) of one side: CPU share of a core and wake-ups per second (and the
+  preemptions among them) in all, and of supervisord, the broker and the six workers.
 * ``output``: each tree's stack (broker + one capacity-1 ``--no-dspy`` worker) and client: a burst
   of ``--calls`` (100,000) separate prints, 1,000 prints 1 ms apart, one print before a 2 s sleep
   (bench/ab_drivers.py, ``output``).
@@ -187,7 +187,8 @@ class IdleSide:
         m = measure(self.pids, self.seconds)
         roles = {"supervisord": ["supervisord"], "broker": ["broker"],
                  "workers": [k for k in m if k not in ("supervisord", "broker")]}
-        out = {"cpu_pct": sum(r["cpu"] for r in m.values()) * 100, "wakeups": sum(r["wakeups"] for r in m.values())}
+        out = {"cpu_pct": sum(r["cpu"] for r in m.values()) * 100, "wakeups": sum(r["wakeups"] for r in m.values()),
+               "preempted": sum(r["preempted"] for r in m.values())}
         for role, procs in roles.items():
             out[f"{role}_cpu_pct"] = sum(m[k]["cpu"] for k in procs) * 100
             out[f"{role}_wakeups"] = sum(m[k]["wakeups"] for k in procs)
