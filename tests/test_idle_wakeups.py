@@ -31,6 +31,7 @@ from tests.harness.procs import wait_for
 from tests.harness.stack import Stack
 from tests.test_core import HEARTBEAT, START, StubCore
 from worker.link import Link
+from worker.worker import _Rss
 
 C, A = b"client-1", b"worker-a"
 
@@ -191,6 +192,26 @@ def test_a_worker_answers_the_brokers_heartbeats_without_returning_to_its_loop(s
         link_ctx.destroy(0)
         router.close(0)
         ctx.term()
+
+
+def _vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_the_heartbeats_rss_is_read_from_a_file_kept_open_which_user_code_may_close(tmp_path: Any) -> None:
+    """Each heartbeat carries the worker's RSS, read with one pread of /proc/self/statm kept
+    open. User code that closes the descriptor, its number then another file's, does not make
+    the heartbeat wrong or fail: the file is opened again."""
+    rss = _Rss()
+    assert abs(rss() - _vm_rss()) < 4 << 20
+    os.close(rss._fd)
+    other = tmp_path / "other"
+    other.write_text("one-word")
+    with open(other) as taken:  # the lowest free number: the one just closed
+        assert taken.fileno() == rss._fd
+        assert abs(rss() - _vm_rss()) < 4 << 20
+        assert rss._fd != taken.fileno()
 
 
 def _io_threads(pid: int) -> dict[int, str]:

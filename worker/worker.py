@@ -61,19 +61,21 @@ PROBLEM_MAX = 500  # characters of a problem a heartbeat carries
 class _Rss:
     """The process's resident memory, read at every heartbeat: ``/proc/self/statm`` stays open and
     is read again from its start (one ``pread``; opening it each time cost an idle worker a file
-    object and seven more syscalls per heartbeat). Without /proc: the peak, from ``getrusage``."""
+    object and eight more syscalls per heartbeat). Without /proc: the peak, from ``getrusage``."""
 
     def __init__(self) -> None:
         self._fd = -1
         self._page = resource.getpagesize()
 
     def __call__(self) -> int:
-        try:
-            if self._fd < 0:
-                self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
-        except OSError:
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(2):
+            try:
+                if self._fd < 0:
+                    self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+            except (OSError, ValueError, IndexError):
+                self._fd = -1  # user code closed it (its number may be another file's now): open it again
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 rss_bytes = _Rss()
