@@ -200,11 +200,14 @@ def _vm_rss() -> int:
 
 
 def test_the_heartbeats_rss_is_read_from_a_file_kept_open_which_user_code_may_close(tmp_path: Any) -> None:
-    """Each heartbeat carries the worker's RSS, read with one pread of /proc/self/statm kept
-    open. User code that closes the descriptor, its number then another file's, does not make
-    the heartbeat wrong or fail: the file is opened again."""
+    """Each heartbeat carries the worker's RSS, read with one pread of /proc/self/statm opened
+    at the worker's start (one opened at its first heartbeat would look leaked by the calls that
+    ran meanwhile). User code that closes the descriptor, its number then another file's, does not
+    make the heartbeat wrong or fail: the file is opened again."""
     rss = _Rss()
+    opened = sorted(os.listdir("/proc/self/fd"))
     assert abs(rss() - _vm_rss()) < 4 << 20
+    assert sorted(os.listdir("/proc/self/fd")) == opened, "the first read opened a descriptor"
     os.close(rss._fd)
     other = tmp_path / "other"
     other.write_text("one-word")

@@ -64,17 +64,22 @@ class _Rss:
     object and eight more syscalls per heartbeat). Without /proc: the peak, from ``getrusage``."""
 
     def __init__(self) -> None:
-        self._fd = -1
         self._page = resource.getpagesize()
+        self._fd = self._open()  # at start: a descriptor that came later would look leaked by a call
+
+    @staticmethod
+    def _open() -> int:
+        try:
+            return os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
 
     def __call__(self) -> int:
         for _ in range(2):
             try:
-                if self._fd < 0:
-                    self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
                 return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
             except (OSError, ValueError, IndexError):
-                self._fd = -1  # user code closed it (its number may be another file's now): open it again
+                self._fd = self._open()  # user code closed it (its number may be another file's now)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
