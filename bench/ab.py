@@ -1,4 +1,4 @@
-"""``python -m bench.ab --what tree|core|shell|executor|codec|exchange|client|durable|output [--a REV] [--b REV] [--rounds N]``: A/B of two
+"""``python -m bench.ab --what tree|core|shell|executor|codec|exchange|client|durable|idle|output [--a REV] [--b REV] [--rounds N]``: A/B of two
 trees in one run.
 
 ``--a`` and ``--b`` are git revisions of this repository (archived into a temp dir) or directories
@@ -38,6 +38,10 @@ the raw blocks).
 * ``durable``: each tree's stack (broker + one capacity-1 worker with dspy) and client: the
   ``durable.call`` row (a ChainOfThought with 4 demos, DummyLM) in a durable and in a plain
   session, ``--calls`` (150) of each per block: p50s, their ratio, broker and worker CPU per call.
+* ``idle``: each tree's shipped stack (its ``supervisor.conf``: broker + 6 workers under
+  supervisord, ``bench/idle.py``), both up and idle throughout; a block is one ``--duration``
+  seconds window (give 20) of one side: CPU share of a core and wake-ups per second (and the
+  preemptions among them) in all, and of supervisord, the broker and the six workers.
 * ``output``: each tree's stack (broker + one capacity-1 ``--no-dspy`` worker) and client: a burst
   of ``--calls`` (100,000) separate prints, 1,000 prints 1 ms apart, one print before a 2 s sleep
   (bench/ab_drivers.py, ``output``).
@@ -160,7 +164,44 @@ class DriverSide:
             self.proc.wait()
 
 
+class IdleSide:
+    """A tree's shipped stack, idle; a block measures it over ``seconds`` (bench.idle's figures)."""
+
+    def __init__(self, name: str, tree: str, seconds: float) -> None:
+        from bench.idle import settle
+        from bench.shipped import ShippedStack
+
+        self.ws = Workspace(f"dxi{name}")
+        self.stack = ShippedStack(self.ws, tree=Path(tree))
+        self.seconds = seconds
+        try:
+            self.pids = self.stack.start()
+            settle(self.pids, 60)
+        except BaseException:
+            self.close()
+            raise
+
+    def block(self) -> dict[str, float]:
+        from bench.idle import measure
+
+        m = measure(self.pids, self.seconds)
+        roles = {"supervisord": ["supervisord"], "broker": ["broker"],
+                 "workers": [k for k in m if k not in ("supervisord", "broker")]}
+        out = {"cpu_pct": sum(r["cpu"] for r in m.values()) * 100, "wakeups": sum(r["wakeups"] for r in m.values()),
+               "preempted": sum(r["preempted"] for r in m.values())}
+        for role, procs in roles.items():
+            out[f"{role}_cpu_pct"] = sum(m[k]["cpu"] for k in procs) * 100
+            out[f"{role}_wakeups"] = sum(m[k]["wakeups"] for k in procs)
+        return out
+
+    def close(self) -> None:
+        self.stack.stop()
+        self.ws.close()
+
+
 def _side(what: str, ws: Workspace, name: str, tree: str, a: argparse.Namespace, pool: str) -> Any:
+    if what == "idle":
+        return IdleSide(name, tree, a.duration)
     if what == "tree":
         return TreeSide(ws, name, tree, a, pool)
     if what == "core":
@@ -206,11 +247,11 @@ def _profile_core(top: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=("tree", "core", "shell", "executor", "codec", "exchange", "client",
-                                      "durable", "output"), required=True)
+                                      "durable", "idle", "output"), required=True)
     p.add_argument("--a", default=".", help="git revision or directory (default: this checkout as it is)")
     p.add_argument("--b", default="HEAD", help="git revision or directory (default: HEAD)")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block")
+    p.add_argument("--duration", type=float, default=1.5, help="tree/client: seconds per load block; idle: per window")
     p.add_argument("--sessions", type=int, default=0, help="tree/shell: calls in flight (100); client: aio sessions (8)")
     p.add_argument("--calls", type=int, default=0, help="core/shell/executor/codec/exchange/client: calls per block")
     p.add_argument("--pool", default="p:strict_queue", help="tree: the pool spec of both sides")

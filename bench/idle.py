@@ -2,8 +2,8 @@
 
 ``idle.stack``: the shipped ``supervisor.conf`` (3 pools × 2 workers, the broker with its metrics
 port on) on a private copy under supervisord, left alone once every worker is ready and the
-stack's CPU over a second fell under 10% of a core (start-up over). Over each window (CPU in clock
-ticks: 0.05% of a core over 20 s), per process: CPU (utime + stime of all threads, ``/proc/PID/stat``)
+stack's CPU over a second fell under 10% of a core (start-up over). Over each window, per process:
+CPU (the run time of all its threads, ``/proc/PID/task/*/schedstat``, in ns)
 and wake-ups (voluntary + involuntary context switches of every thread,
 ``/proc/PID/task/*/status``) per second, the involuntary ones (a thread preempted, most often by
 another thread of the stack that a heartbeat woke on the same core) also apart; in all for dspex
@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from bench.common import Config, Row, Workspace, cpu_seconds, median, verdict
+from bench.common import Config, Row, Workspace, median, verdict
 from bench.shipped import ShippedStack
 
 CPU_GOAL = 0.005  # of one core, the whole idle stack
@@ -40,13 +40,16 @@ WORKER_WAKEUPS_GOAL = 5.0
 # -- /proc counters ------------------------------------------------------------------------------
 
 def counters(pid: int) -> dict[str, Any]:
-    """CPU seconds (all threads), context switches per thread (``comm:tid`` -> count) and the
-    involuntary ones among them."""
-    cpu = cpu_seconds(pid)
+    """CPU seconds (the run time of its threads, in ns: ``/proc/PID/task/*/schedstat``; utime +
+    stime come in 10 ms ticks, so a 20 s window read an idle worker's ~0.035% as 0 or 0.05%),
+    context switches per thread (``comm:tid`` -> count) and the involuntary ones among them."""
+    cpu = 0.0
     threads: dict[str, int] = {}
     preempted: dict[str, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ran = int(f.read().split()[0]) / 1e9
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
             switches = {}
@@ -57,6 +60,7 @@ def counters(pid: int) -> dict[str, Any]:
                         switches[name] = int(n)
         except OSError:  # the thread ended meanwhile
             continue
+        cpu += ran
         key = f"{'main' if int(tid) == pid else comm}:{tid}"
         threads[key] = sum(switches.values())
         preempted[key] = switches.get("nonvoluntary_ctxt_switches:", 0)

@@ -69,12 +69,15 @@ class ShippedStack:
     """``supervisor.conf`` on a private copy under ``supervisord -n``; ``pids`` by role once ready:
     ``supervisord``, ``broker``, ``<pool>_<n>`` for each worker."""
 
-    def __init__(self, ws: Workspace, metrics: bool = True) -> None:
-        conf = REPO / "supervisor.conf"
+    def __init__(self, ws: Workspace, metrics: bool = True, tree: Path = REPO) -> None:
+        """``tree``: the source tree whose supervisor.conf and code the stack runs (``bench.ab``)."""
+        conf = tree / "supervisor.conf"
         if not conf.exists():
-            raise FileNotFoundError("no supervisor.conf at the repo root")
+            raise FileNotFoundError(f"no supervisor.conf in {tree}")
         self.ws = ws
         self.copy, self.env = private_conf(ws, conf)
+        if tree != REPO:
+            self.env["PYTHONPATH"] = f"{tree}{os.pathsep}{self.env['PYTHONPATH']}"
         if metrics:
             self.env["DSPEX_METRICS_PORT"] = str(free_port())  # the shipped default: metrics on
         self.endpoint = f"ipc://{self.env['DSPEX_RUN_DIR']}/frontend.sock"

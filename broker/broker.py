@@ -41,7 +41,7 @@ from dspex.stack.rundir import claim, ensure_private_dir
 from dspex.stack.supervisor import pid_alive
 from dspex.wire.errors import ConfigError
 from dspex.wire.sockets import ZmqThreads
-from dspex.wire.zmqfast import POLLIN, SNDMORE, send_frame, zmq_poll
+from dspex.wire.zmqfast import EVENTS, POLLIN, SNDMORE, get_opt, send_frame, zmq_poll
 
 log = logging.getLogger("dspex.broker")
 
@@ -211,7 +211,7 @@ class Broker:
         """One turn of the loop: sleep until a socket is readable or the next deadline, handle
         every message that is ready, then what is due. Just after a heartbeat round with no
         request in flight, the backend is read once when the workers' answers are in, not at
-        each (``Roster.answers_wait_until``)."""
+        each (``Roster.answers_wait_until``), by the turn whose sleep ends that wait."""
         items = self._poll_items
         if not items:  # (zmq_poll on lists made once: no Poller sugar per turn)
             items = self._poll_items = [(s, POLLIN) for s in (self.frontend, self.backend, self.monitor, self._wake_r,
@@ -230,6 +230,8 @@ class Broker:
         if conns.workers.disconnects or conns.clients.disconnects:
             timeout = min(timeout, GOODBYE_GRACE)
         events = {s for s, _ in zmq_poll(items, math.ceil(timeout * 1000))}  # rounded up: not woken before it
+        if items is self._poll_but_backend and time.monotonic() >= answers_wait and get_opt(self.backend, EVENTS) & POLLIN:
+            events.add(self.backend)  # the sleep ended the answers' wait: read them in this turn, not one more
         if self.frontend in events or core.running:
             self.zmq_threads.serving()  # before this turn's sends
         if self.backend in events:

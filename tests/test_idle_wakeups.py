@@ -1,7 +1,8 @@
 """An idle stack stays out of the way: the broker reads the workers' answers to a heartbeat round
-in one wake-up of its routing thread, not in one each, and only while no request is in flight; the
-zmq I/O threads of the broker and the workers, woken by a heartbeat, do not preempt the thread
-running (issue 22 item 6; bench/idle.py measures the stack)."""
+in one wake-up of its routing thread, not in one each, and only while no request is in flight; a
+worker's main thread turns once per heartbeat; the zmq I/O threads of the broker and the workers,
+woken by a heartbeat, do not preempt the thread running (issue 22 item 6; bench/idle.py measures
+the stack)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 import msgpack
 import pytest
@@ -17,10 +19,19 @@ import zmq
 
 import dspex
 from broker.roster import ANSWERS_WAIT
-from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_HEARTBEAT, W_READY
+from dspex.wire.protocol import (
+    B_HEARTBEAT,
+    B_RELEASE_SESSION,
+    MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    W_HEARTBEAT,
+    W_READY,
+)
 from tests.harness.procs import wait_for
 from tests.harness.stack import Stack
 from tests.test_core import HEARTBEAT, START, StubCore
+from worker.link import Link
+from worker.worker import _Rss
 
 C, A = b"client-1", b"worker-a"
 
@@ -93,6 +104,117 @@ def test_an_idle_broker_reads_its_workers_answers_in_one_wake_up_per_round(stack
         for d in dealers:
             d.close(0)
         ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_the_turn_whose_sleep_ends_the_wait_for_the_answers_reads_them() -> None:
+    """The broker's routing thread sleeps through the workers' answers to a heartbeat round until
+    the answers' wait ends, and reads them in the turn that wakes then: one more turn (a poll that
+    finds them ready at once) would cost a third turn a round. The broker's shell in this thread
+    over inproc sockets, a worker's DEALER beside it that answers each round at once."""
+    from broker.broker import Broker
+    from broker.settings import parse
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    tag = f"{os.getpid()}-{id(ctx):x}"
+    options = parse(["--frontend", f"inproc://dxi-f-{tag}", "--backend", f"inproc://dxi-b-{tag}", "--pool",
+                     "p:strict_queue", "--checkpoints", "", "--heartbeat", "1.0", "--liveness", "5"])
+    broker = Broker(options, ctx)
+    broker.bind()
+    wid = b"w" * 32
+    worker = ctx.socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.setsockopt(zmq.ROUTING_ID, wid)
+    worker.connect(options.backend)
+    worker.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": 1, "host": "elsewhere", "capacity": 1,
+                                                   "running": 0, "version": PROTOCOL_VERSION,
+                                                   "incarnation": wid.decode()})])
+    try:
+        deadline = time.monotonic() + 30
+        while wid not in broker.core.workers:
+            assert time.monotonic() < deadline, "the worker never registered"
+            broker.turn()
+        for served in range(1, 4):
+            while not worker.poll(0):  # the next round
+                assert time.monotonic() < deadline, "no heartbeat round"
+                broker.turn()
+            assert worker.recv_multipart()[0] == B_HEARTBEAT
+            worker.send_multipart([W_HEARTBEAT, msgpack.packb({"rss": 1, "served": served, "errors": 0, "refs": 0,
+                                                               "sessions": 0, "running": 0})])
+            broker.turn()
+            while time.monotonic() < broker.core.roster.answers_wait_until():
+                broker.turn()
+            assert broker.core.workers[wid].stats.get("served") == served, "the answer waits for one more turn"
+    finally:
+        broker.close()
+        worker.close(0)
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_answers_the_brokers_heartbeats_without_returning_to_its_loop(short_tmp: str) -> None:
+    """The link answers the broker's heartbeat itself. ``Link.read`` returns to the worker's loop
+    only for a message for the worker: a read that handled a heartbeat waits again in the same
+    call, where returning would make the loop's next read turn again (drain the socket, run the
+    timers) before it waits, two turns of the main thread per heartbeat instead of one."""
+    backend = f"ipc://{short_tmp}/backend.sock"
+    ctx: zmq.Context[Any] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(backend)
+    delivered: list[bytes] = []
+    link_ctx: zmq.Context[Any] = zmq.Context()  # its own: the link sets its zmq threads' policy before its first socket
+    link = Link(link_ctx, backend, "worker-a", max_message=MAX_MESSAGE_BYTES, heartbeat_interval=0.2,
+                heartbeat_liveness=25, curve_server_key=None, curve_keypair=None, ready=lambda: b"{}",
+                stats=lambda: b"{}", deliver=lambda command, frames: delivered.append(command),
+                held=lambda: ([], []), on_beat=lambda now: None, grace=60.0,
+                timers=lambda now: 0.005)  # a read waits 5 ms at most: this thread drives it
+    link.connect()
+    try:
+        beats, reads = 0, []
+        deadline = time.monotonic() + 20
+        # the broker's beat answers each of the link's: before the link's next, a read took it
+        while beats < 5:
+            assert time.monotonic() < deadline, f"{beats} heartbeats of the worker"
+            reads.append(link.read())
+            while router.poll(0):
+                wid, command, *_ = router.recv_multipart()
+                if command in (W_READY, W_HEARTBEAT):
+                    beats += command == W_HEARTBEAT
+                    router.send_multipart([wid, B_HEARTBEAT])
+        assert not any(reads), "a read that handled only heartbeats returned to the worker's loop"
+        router.send_multipart([wid, B_RELEASE_SESSION, b"s-1"])
+        while not link.read():  # a message for the worker ends the read
+            assert time.monotonic() < deadline, "the worker's message was never read"
+        assert delivered == [B_RELEASE_SESSION]
+    finally:
+        link.close()
+        link_ctx.destroy(0)
+        router.close(0)
+        ctx.term()
+
+
+def _vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_the_heartbeats_rss_is_read_from_a_file_kept_open_which_user_code_may_close(tmp_path: Any) -> None:
+    """Each heartbeat carries the worker's RSS, read with one pread of /proc/self/statm opened
+    at the worker's start (one opened at its first heartbeat would look leaked by the calls that
+    ran meanwhile). User code that closes the descriptor, its number then another file's, does not
+    make the heartbeat wrong or fail: the file is opened again."""
+    rss = _Rss()
+    opened = sorted(os.listdir("/proc/self/fd"))
+    assert abs(rss() - _vm_rss()) < 4 << 20
+    assert sorted(os.listdir("/proc/self/fd")) == opened, "the first read opened a descriptor"
+    os.close(rss._fd)
+    other = tmp_path / "other"
+    other.write_text("one-word")
+    with open(other) as taken:  # the lowest free number: the one just closed
+        assert taken.fileno() == rss._fd
+        assert abs(rss() - _vm_rss()) < 4 << 20
+        assert rss._fd != taken.fileno()
 
 
 def _io_threads(pid: int) -> dict[int, str]:

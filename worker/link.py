@@ -212,8 +212,10 @@ class Link:
         self.standin.start()
 
     def read(self) -> bool:
-        """Handle what the broker sent and the timers that are due; if nothing arrived, wait
-        until something may have (a message, :meth:`wake`, the next timer). True if it read."""
+        """Handle what the broker sent and the timers that are due; unless a message for the
+        worker arrived, wait until something may have (a message, :meth:`wake`, the next timer).
+        True if one arrived. The link's own traffic (the broker's heartbeat, answered here) ends
+        in the wait of the same call: an idle worker turns once per heartbeat, not twice."""
         turn = self._turn()
         if turn is None:  # a hard time limit said goodbye from the watchdog: the process ends now
             self._waker.wait((), None)
@@ -305,8 +307,8 @@ class Link:
 
     # -- a turn of whichever thread reads: the reader, or the stand-in while it runs user code -----
     def _turn(self) -> tuple[bool, tuple[int, ...], float] | None:
-        """Handle what arrived and the timers that are due: whether anything arrived, what to wait
-        on and for how long; None once the goodbye is said."""
+        """Handle what arrived and the timers that are due: whether a message for the worker
+        arrived, what to wait on and for how long; None once the goodbye is said."""
         with self._lock:
             if self._left:
                 return None
@@ -327,12 +329,12 @@ class Link:
 
     # -- holding the lock -------------------------------------------------------------------------
     def _drain(self) -> bool:
+        """Read every message waiting; True if one was for the worker (``deliver``)."""
         sock = self._dealer.sock
         assert sock is not None
         got = False
         while _get_opt(sock, _EVENTS) & _POLLIN:
             frames = recv_frames(sock, NOBLOCK)
-            got = True
             now = time.monotonic()
             self._deadline = now + self._silence_limit
             self._backoff = self._silence_limit
@@ -356,6 +358,7 @@ class Link:
                 self._send_control([W_HELD, frames[1].bytes, packb(held), packb(received)])
                 continue
             self._deliver(command, frames)
+            got = True
         return got
 
     def _tick(self, now: float) -> float:
