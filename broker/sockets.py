@@ -78,7 +78,7 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
         made += [frontend, backend]
         ivl = max(1, int(options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((frontend, options.frontend, CLIENTS), (backend, options.backend, WORKERS)):
-            tune_socket(sock, max_message=options.max_message)
+            tune_socket(sock, max_message=options.max_message, endpoint=endpoint)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, options.client_hwm if sock is frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)

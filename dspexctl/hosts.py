@@ -52,6 +52,8 @@ def parse_broker(value: str) -> str:
     host, colon, port = rest.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"{value!r}: expected tcp://HOST:PORT with a port from 1 to 65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise click.BadParameter(f"{value!r}: an IPv6 address goes in brackets, e.g. tcp://[fd00::1]:5556")
     if host in ("*", "0.0.0.0", "[::]", "[*]"):
         raise click.BadParameter(f"{value!r} is a bind address: give the broker host's name or address "
                                  "as the worker host reaches it")

@@ -143,7 +143,7 @@ class BrokerSocket:
         """A DEALER connected to the backend under the identity, and its handshake monitor."""
         server_key, keypair = self._curve
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
-        tune_socket(sock, max_message=self.max_message)
+        tune_socket(sock, max_message=self.max_message, endpoint=self.backend)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

@@ -168,10 +168,17 @@ def _comm(tid: int) -> str:
         return ""
 
 
-def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
-    """Options every dspex socket gets: no linger on close, bounded inbound message size."""
+def tune_socket(sock: zmq.Socket[bytes], *, max_message: int, endpoint: str) -> None:
+    """Options every dspex socket gets: no linger on close, bounded inbound message size; IPv6 for
+    an endpoint whose host is an IPv6 address (``tcp://[fd00::1]:5556``, ``tcp://[::]:5556``)."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    # libzmq is IPv4-only by default: a bind to [::] fails ("No such device") and a connect to
+    # [fd00::1] is accepted but never made, so a worker would wait for its broker forever. Only
+    # for a bracketed address: with IPv6 on, a host name may resolve to an IPv6 address first
+    # (localhost as ::1) where the broker listens on IPv4 only.
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 # socket monitor events that say why a CURVE connection to the broker never carried a message
