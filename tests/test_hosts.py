@@ -506,3 +506,41 @@ def test_worker_hosts_reach_the_broker_by_ipv6_address_and_by_host_name(net: Net
             dx.close()
     finally:
         shutil.rmtree(etc, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_worker_host_with_a_key_the_broker_does_not_allow_is_named_on_both_ends(net: Net) -> None:
+    """A worker host given a worker key of another `keys generate` run (the right broker.key): its
+    workers never register. The broker host's `pools status` names the host's address, its key and
+    the allow-list; the worker's log names the same key."""
+    ws, h1 = net.ws, net.hosts[0]
+    written = generate(Path(ws.root, "keys"))
+    other = generate(Path(ws.root, "other"))  # a worker key this broker never allowed
+    host_dir(Path(ws.root), Path(ws.root, "keys"), h1.root.name)
+    shutil.copy(other["worker"], h1.root / "keys" / "worker.key_secret")
+    public = Path(other["worker"]).with_name("worker.key").read_text().split('public-key = "')[1].split('"')[0]
+    out = dspexctl("hosts", "conf", "--broker", f"tcp://{h1.broker_addr}:{PORT}", "--pool", "triage_pool=1",
+                   cwd=h1.root, prefix=("ip", "netns", "exec", h1.ns))
+    assert out.returncode == 0, out.stderr
+    (h1.root / "workers.conf").write_text(out.stdout)
+    run_dir = ws.path("r")
+    os.makedirs(run_dir, mode=0o700)
+    frontend = f"ipc://{run_dir}/f.sock"
+    ws.procs.spawn(["ip", "netns", "exec", net.broker_ns, PY, "-m", "broker", "--frontend", frontend,
+                    "--backend", f"tcp://0.0.0.0:{PORT}", "--pool", "triage_pool:strict_queue:size=1",
+                    "--curve-secret-key", str(written["broker"]), "--curve-allowed", str(written["allowed"])],
+                   "broker.log", base_env(run_dir))
+    h1.start()
+
+    def refused_line() -> str | None:
+        status = dspexctl("--endpoint", frontend, "pools", "status", cwd=ws.root)
+        return next((x for x in status.stdout.splitlines() if x.startswith("WARN: the broker refused")), None)
+
+    line = wait_for(refused_line, 30, 0.5, "pools status naming the refused worker host")
+    assert "worker connection(s) from 10.77.1.2" in line, line
+    assert f"public key {public} is not in {Path(written['allowed'], 'workers')}" in line, line
+    assert "dspexctl keys generate" in line, line
+    log = h1.root / "triage_pool_00.log"
+    wait_for(lambda: log.exists() and f"its public key {public} is not in the broker's allow-list" in log.read_text(),
+             10, 0.2, "the worker's line naming its refused key")
+    assert "broker silent" not in log.read_text()

@@ -133,7 +133,8 @@ class BrokerSocket:
                 self.handshake = ""
                 succeeded = True
                 continue
-            why = handshake_failure(event["event"], "worker", True)
+            keypair = self._curve[1]
+            why = handshake_failure(event["event"], "worker", True, keypair[0] if keypair else None)
             if why and why != self.handshake:
                 self.handshake = why
                 log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
