@@ -27,7 +27,8 @@ from pathlib import Path
 import click
 import zmq.auth
 
-_POOL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# not starting with "-": the workers' `--pool NAME` would read it as an option and never start
+_POOL_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 # supervisord's conf: "%" interpolates, and " ;" or " #" start a comment even inside a command=
 _UNSAFE_IN_CONF = re.compile(r"[;#\n\r]")
 _SOCKET_NAME = "supervisor.sock"
@@ -66,7 +67,7 @@ def parse_pool(value: str) -> tuple[str, int]:
     """``NAME=N``: N worker processes of pool NAME."""
     name, sep, count = value.partition("=")
     if not sep or not _POOL_NAME.fullmatch(name) or not count.isdigit() or int(count) < 1:
-        raise click.BadParameter(f"{value!r}: expected NAME=N, a pool name (letters, digits, '_', '.', '-') "
+        raise click.BadParameter(f"{value!r}: expected NAME=N, a pool name (letters, digits, '_', '.', '-', not starting with '-') "
                                  "and a number of worker processes of at least 1, e.g. triage_pool=4")
     return name, int(count)
 

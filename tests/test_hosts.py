@@ -132,6 +132,7 @@ BAD_INPUT = [
     (["--pool", "triage_pool"], "expected NAME=N"),
     (["--pool", "triage_pool=0"], "at least 1"),
     (["--pool", "bad;name=1"], "expected NAME=N"),
+    (["--pool", "-lead=1"], "not starting with '-'"),  # the worker's argv would read it as an option
     (["--pool", "triage_pool=2"], "pool triage_pool given twice"),
     (["--worker-key", "nowhere/worker.key_secret"], "does not exist: copy worker.key_secret"),
     (["--server-key", "nowhere/broker.key"], "does not exist: copy broker.key"),
