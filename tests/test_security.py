@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -37,6 +38,33 @@ def curve_stack(stack: Stack, host: str = "127.0.0.1") -> dict[str, Path]:
     stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
                                                 "--curve-allowed", str(written["allowed"])])
     return written
+
+
+def test_curve_over_ipv6(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broker, worker and client on IPv6 addresses (bracketed: IPv6 is on for those sockets only)."""
+    if not socket.has_ipv6 or not connectable_v6():
+        pytest.skip("no IPv6 loopback here")
+    written = generate(Path(stack.root, "k"))
+    stack.frontend, stack.backend = f"tcp://[::1]:{free_port()}", f"tcp://[::1]:{free_port()}"
+    kdir = Path(stack.root, "k")
+    stack.env.update(DSPEX_CURVE_SERVER_KEY=str(kdir / "broker.key"), DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+    stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
+                                                "--curve-allowed", str(written["allowed"])])
+    stack.start_worker("p", "--no-dspy")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 1, what="a worker registered over IPv6")
+        assert dx.session("p").eval("6 * 7") == 42
+
+
+def connectable_v6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def test_broker_refuses_tcp_without_keys(short_tmp: str) -> None:
