@@ -161,6 +161,8 @@ class Broker:
         self.monitor, self.front_monitor = sockets.monitor, sockets.front_monitor
         if sockets.admins is not None:
             self.core.admins = sockets.admins
+        if sockets.refusals is not None:
+            self.core.refusals = sockets.refusals
         self._open_store()
         log.info("broker frontend=%s backend=%s pools=%s", self.options.frontend, self.options.backend,
                  ",".join(f"{p.name}:{p.mode.value}" for p in self.core.pools.values()))

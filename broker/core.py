@@ -117,6 +117,7 @@ class Core:
         self.gone = GoneWorkers()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
+        self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
         self.answers = Answers(port, self.clock, self.workers, self.gone)
         self._fail = self.answers.fail

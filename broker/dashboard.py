@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -78,8 +79,10 @@ class Processes:
 
 
 def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
-    """A worker row for a supervisord process the broker does not list, in its supervisord state."""
-    return {"incarnation": None, "id": None, "pid": proc["pid"] or None, "state": proc["statename"].lower(),
+    """A worker row for a supervisord process the broker does not list, in its supervisord state (on
+    this host: the dashboard joins the broker host's supervisord only)."""
+    return {"incarnation": None, "id": None, "pid": proc["pid"] or None, "host": socket.gethostname(),
+            "state": proc["statename"].lower(),
             "phase": phase, "process": full_name(proc),
             "uptime_s": proc_uptime(proc) or None, "registered": False}
 

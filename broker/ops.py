@@ -183,5 +183,6 @@ def status(core: Core, now: float) -> dict[str, Any]:
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
         "events": list(core.roster.events),
+        "refused": core.refusals(),
         "checkpoints": core.durable.status(),
     }

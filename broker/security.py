@@ -14,6 +14,9 @@ given with ``--curve-allowed`` (``dspexctl keys generate`` writes it)::
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,12 @@ WORKERS = "workers"
 ADMINS = "admins"
 
 
+MAX_REFUSALS = 32  # (address, key) pairs a plane remembers: a stranger cycling keys cannot grow it
+
+
 class AllowedKeys:
-    """A ZAP credentials provider that re-reads its directory, so keys can be added live."""
+    """A ZAP credentials provider that re-reads its directory, so keys can be added live. It
+    remembers whom it refused, for the broker's status (``pools status`` names them)."""
 
     def __init__(self, directory: str | Path, plane: str, auth: PlaneAuthenticator | None = None) -> None:
         self.directory = Path(directory)
@@ -39,6 +46,10 @@ class AllowedKeys:
         self.auth = auth
         if not self.directory.is_dir():
             raise ConfigError(f"allowed-keys directory {self.directory} does not exist")
+        # (address, key) -> [count, monotonic time of the last]; written on the ZAP thread, read on
+        # the broker's
+        self._refused: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
 
     def keys(self) -> set[str]:
         return {k.decode() for k, ok in load_certificates(self.directory).items() if ok}
@@ -47,9 +58,26 @@ class AllowedKeys:
         allowed = bool(load_certificates(self.directory).get(z85_key, False))
         if not allowed:
             peer = self.auth.last_address if self.auth is not None else "?"
+            key = z85_key.decode(errors="replace")
             log.warning("refused a CURVE peer from %s on the %s plane: public key %s is not in %s",
-                        peer, self.plane, z85_key.decode(errors="replace"), self.directory)
+                        peer, self.plane, key, self.directory)
+            with self._lock:
+                seen = self._refused.pop((peer, key), [0, 0.0])
+                seen[0] += 1
+                seen[1] = time.monotonic()
+                self._refused[(peer, key)] = seen  # newest last
+                while len(self._refused) > MAX_REFUSALS:
+                    del self._refused[next(iter(self._refused))]
         return allowed
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """Whom this plane refused: address, public key, how often and how long ago, newest first."""
+        now = time.monotonic()
+        with self._lock:
+            seen = list(self._refused.items())
+        return [{"plane": self.plane, "address": address, "key": key, "allowed": str(self.directory),
+                 "count": int(count), "ago_s": round(now - last, 3)}
+                for (address, key), (count, last) in reversed(seen)]
 
 
 class PlaneAuthenticator(ThreadAuthenticator):
@@ -79,12 +107,15 @@ def plane_dirs(allowed_dir: str | None) -> dict[str, Path]:
     return dirs
 
 
-def start_authenticator(ctx: zmq.Context[Any], allowed_dir: str | None) -> tuple[PlaneAuthenticator, AllowedKeys | None]:
-    """The ZAP handler for both planes; also the admin allow-list, if the directory has one."""
+def start_authenticator(ctx: zmq.Context[Any], allowed_dir: str | None
+                        ) -> tuple[PlaneAuthenticator, AllowedKeys | None, Callable[[], list[dict[str, Any]]]]:
+    """The ZAP handler for both planes; also the admin allow-list, if the directory has one, and
+    whom the two planes refused (:meth:`AllowedKeys.refusals`, both)."""
     dirs = plane_dirs(allowed_dir)
     auth = PlaneAuthenticator(ctx, log=logging.getLogger("dspex.broker.zap"))
     auth.start()
-    auth.configure_curve_callback(CLIENTS, AllowedKeys(dirs[CLIENTS], CLIENTS, auth))
-    auth.configure_curve_callback(WORKERS, AllowedKeys(dirs[WORKERS], WORKERS, auth))
+    planes = [AllowedKeys(dirs[plane], plane, auth) for plane in (WORKERS, CLIENTS)]
+    for plane in planes:
+        auth.configure_curve_callback(plane.plane, plane)
     admins = AllowedKeys(dirs[ADMINS], ADMINS) if ADMINS in dirs else None
-    return auth, admins
+    return auth, admins, lambda: [r for plane in planes for r in plane.refusals()]

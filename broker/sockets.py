@@ -48,6 +48,7 @@ class BrokerSockets:
     front_monitor: zmq.Socket[Any]  # the frontend's: clients' disconnects and CURVE handshake failures
     auth: ThreadAuthenticator | None = None
     admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
+    refusals: Callable[[], list[dict[str, Any]]] | None = None  # peers the CURVE allow-lists refused
     bound: dict[str, int] = field(default_factory=dict)  # ipc socket files bound here -> their inode
 
     def close(self) -> None:
@@ -63,12 +64,13 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
     tcp = [ep for ep in (options.frontend, options.backend) if ep.startswith("tcp://")]
     auth: ThreadAuthenticator | None = None
     admins: Callable[[], set[str]] | None = None
+    refusals: Callable[[], list[dict[str, Any]]] | None = None
     if tcp:
         if not options.curve_secret or not options.curve_public:
             raise ConfigError(
                 f"refusing to bind {tcp[0]} without CURVE keys: TCP endpoints need --curve-secret-key "
                 "(eval/exec through the broker is remote code execution; only authenticated peers may reach it)")
-        auth, allowed = start_authenticator(ctx, options.curve_allowed_dir)
+        auth, allowed, refusals = start_authenticator(ctx, options.curve_allowed_dir)
         if allowed is not None and options.frontend.startswith("tcp://"):
             admins = allowed.keys
     made: list[zmq.Socket[Any]] = []
@@ -78,7 +80,7 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
         made += [frontend, backend]
         ivl = max(1, int(options.heartbeat_interval * 1000))
         for sock, endpoint, plane in ((frontend, options.frontend, CLIENTS), (backend, options.backend, WORKERS)):
-            tune_socket(sock, max_message=options.max_message)
+            tune_socket(sock, max_message=options.max_message, endpoint=endpoint)
             # bounded replies per client (frontend); workers' queues are bounded by pool limits
             sock.setsockopt(zmq.SNDHWM, options.client_hwm if sock is frontend else 0)
             sock.setsockopt(zmq.RCVHWM, 0)
@@ -125,7 +127,7 @@ def bind_sockets(ctx: zmq.Context[Any], options: BrokerOptions) -> BrokerSockets
         if auth is not None:
             auth.stop()
         raise
-    return BrokerSockets(frontend, backend, monitor, front_monitor, auth, admins, bound)
+    return BrokerSockets(frontend, backend, monitor, front_monitor, auth, admins, refusals, bound)
 
 
 def _unlink_bound(bound: dict[str, int]) -> None:

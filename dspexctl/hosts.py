@@ -27,7 +27,8 @@ from pathlib import Path
 import click
 import zmq.auth
 
-_POOL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# not starting with "-": the workers' `--pool NAME` would read it as an option and never start
+_POOL_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 # supervisord's conf: "%" interpolates, and " ;" or " #" start a comment even inside a command=
 _UNSAFE_IN_CONF = re.compile(r"[;#\n\r]")
 _SOCKET_NAME = "supervisor.sock"
@@ -52,6 +53,8 @@ def parse_broker(value: str) -> str:
     host, colon, port = rest.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise click.BadParameter(f"{value!r}: expected tcp://HOST:PORT with a port from 1 to 65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise click.BadParameter(f"{value!r}: an IPv6 address goes in brackets, e.g. tcp://[fd00::1]:5556")
     if host in ("*", "0.0.0.0", "[::]", "[*]"):
         raise click.BadParameter(f"{value!r} is a bind address: give the broker host's name or address "
                                  "as the worker host reaches it")
@@ -64,7 +67,7 @@ def parse_pool(value: str) -> tuple[str, int]:
     """``NAME=N``: N worker processes of pool NAME."""
     name, sep, count = value.partition("=")
     if not sep or not _POOL_NAME.fullmatch(name) or not count.isdigit() or int(count) < 1:
-        raise click.BadParameter(f"{value!r}: expected NAME=N, a pool name (letters, digits, '_', '.', '-') "
+        raise click.BadParameter(f"{value!r}: expected NAME=N, a pool name (letters, digits, '_', '.', '-', not starting with '-') "
                                  "and a number of worker processes of at least 1, e.g. triage_pool=4")
     return name, int(count)
 

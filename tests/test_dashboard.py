@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import urllib.error
@@ -251,6 +252,8 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
                            30, 0.2, "the worker pids")
         assert {r["td_process"] for r in workers} == {"triage_pool:triage_pool_00", "triage_pool:triage_pool_01",
                                                       "analytics_pool:analytics_pool_00"}
+        # each worker's host, as `pools status -v` names it (a worker host's workers: another name)
+        assert {r["td_host"] for r in workers} == {socket.gethostname()}, workers
         # the background traffic makes a triage worker busy now and then: the page follows it back to ready
         wait_for(lambda: {(r["state"], r["colour"]) for r in rows(browser, "workers")} == {("ready", "ok")},
                  10, 0.1, "every worker ready (green) on the page")
@@ -312,6 +315,8 @@ def check_the_page(small: SupervisedStack, browser: Any, stop: threading.Event) 
                                         if r["pool"] == "analytics_pool"]) and got[0][1] == "stopped" and got,
                        10, 0.2, "the stopped worker in supervisord's state")
     assert stopped == [("analytics_pool:analytics_pool_00", "stopped", "down")]
+    assert {r["td_host"] for r in rows(browser, "workers") if r["pool"] == "analytics_pool"} == {socket.gethostname()}, \
+        "a process of this supervisord runs on this host"
     assert "analytics_pool has no ready worker (0/1)" in browser.find_element("id", "reasons").text
     res = dspexctl(small, "pools", "status")
     assert res.returncode == 5 and "DOWN: analytics_pool has no ready worker (0/1)" in res.stdout, res.stdout

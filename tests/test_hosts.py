@@ -128,9 +128,11 @@ BAD_INPUT = [
     (["--broker", "tcp://*:5556"], "is a bind address"),
     (["--broker", "tcp://broker.example"], "expected tcp://HOST:PORT"),
     (["--broker", "tcp://broker.example:70000"], "port from 1 to 65535"),
+    (["--broker", "tcp://fd00::1:5556"], "an IPv6 address goes in brackets"),
     (["--pool", "triage_pool"], "expected NAME=N"),
     (["--pool", "triage_pool=0"], "at least 1"),
     (["--pool", "bad;name=1"], "expected NAME=N"),
+    (["--pool", "-lead=1"], "not starting with '-'"),  # the worker's argv would read it as an option
     (["--pool", "triage_pool=2"], "pool triage_pool given twice"),
     (["--worker-key", "nowhere/worker.key_secret"], "does not exist: copy worker.key_secret"),
     (["--server-key", "nowhere/broker.key"], "does not exist: copy broker.key"),
@@ -460,3 +462,86 @@ def test_a_worker_host_vanishes_and_comes_back(net: Net) -> None:
     finally:
         dx.close()
         report("many_hosts", figures)  # printed with -s or on failure; $DSPEX_CHAOS_JSON gets a line
+
+
+@pytest.mark.slow
+def test_worker_hosts_reach_the_broker_by_ipv6_address_and_by_host_name(net: Net) -> None:
+    """The two other forms of ``--broker`` an operator writes: an IPv6 address (the broker bound on
+    ``tcp://[::]:PORT``, dual-stack) and a host name the worker host resolves (its /etc/hosts)."""
+    ws, (h1, h2) = net.ws, net.hosts
+    try:  # h1's link gets IPv6 addresses (no duplicate detection: usable at once)
+        ip("-n", net.broker_ns, "addr", "add", "fd77:1::1/64", "dev", "h1", "nodad")
+        ip("-n", h1.ns, "addr", "add", "fd77:1::2/64", "dev", "eth0", "nodad")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"no IPv6 in network namespaces here: {exc.stderr!r}")
+    # `ip netns exec` mounts /etc/netns/NAME/hosts over /etc/hosts for what runs in h2
+    etc = Path("/etc/netns", h2.ns)
+    etc.mkdir(parents=True)
+    try:
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{h2.broker_addr} broker-host\n")
+        written = generate(Path(ws.root, "keys"))
+        for host, broker in ((h1, f"tcp://[fd77:1::1]:{PORT}"), (h2, f"tcp://broker-host:{PORT}")):
+            host_dir(Path(ws.root), Path(ws.root, "keys"), host.root.name)
+            out = dspexctl("hosts", "conf", "--broker", broker, "--pool", "triage_pool=1", cwd=host.root,
+                           prefix=("ip", "netns", "exec", host.ns))
+            assert out.returncode == 0, out.stderr
+            (host.root / "workers.conf").write_text(out.stdout)
+        run_dir = ws.path("r")
+        os.makedirs(run_dir, mode=0o700)
+        frontend = f"ipc://{run_dir}/f.sock"
+        ws.procs.spawn(["ip", "netns", "exec", net.broker_ns, PY, "-m", "broker", "--frontend", frontend,
+                        "--backend", f"tcp://[::]:{PORT}", "--pool", "triage_pool:strict_queue:size=2",
+                        "--curve-secret-key", str(written["broker"]), "--curve-allowed", str(written["allowed"])],
+                       "broker.log", base_env(run_dir))
+        h1.start()
+        h2.start()
+        dx = dspex.connect(frontend, timeout=30)
+        try:
+            wait_for(lambda: {w["pid"] for w in workers_of(dx, "triage_pool")} == h1.pids() | h2.pids()
+                     and len(h1.pids() | h2.pids()) == 2, 60, 0.2, "one worker from each host registered")
+            sessions = [dx.session("triage_pool") for _ in range(2)]
+            seen = {s.eval("(__import__('os').getpid(), __import__('os').readlink('/proc/self/ns/net'))")
+                    for s in sessions}
+            assert seen == {(next(iter(h.pids())), h.netns()) for h in (h1, h2)}, seen
+        finally:
+            dx.close()
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_worker_host_with_a_key_the_broker_does_not_allow_is_named_on_both_ends(net: Net) -> None:
+    """A worker host given a worker key of another `keys generate` run (the right broker.key): its
+    workers never register. The broker host's `pools status` names the host's address, its key and
+    the allow-list; the worker's log names the same key."""
+    ws, h1 = net.ws, net.hosts[0]
+    written = generate(Path(ws.root, "keys"))
+    other = generate(Path(ws.root, "other"))  # a worker key this broker never allowed
+    host_dir(Path(ws.root), Path(ws.root, "keys"), h1.root.name)
+    shutil.copy(other["worker"], h1.root / "keys" / "worker.key_secret")
+    public = Path(other["worker"]).with_name("worker.key").read_text().split('public-key = "')[1].split('"')[0]
+    out = dspexctl("hosts", "conf", "--broker", f"tcp://{h1.broker_addr}:{PORT}", "--pool", "triage_pool=1",
+                   cwd=h1.root, prefix=("ip", "netns", "exec", h1.ns))
+    assert out.returncode == 0, out.stderr
+    (h1.root / "workers.conf").write_text(out.stdout)
+    run_dir = ws.path("r")
+    os.makedirs(run_dir, mode=0o700)
+    frontend = f"ipc://{run_dir}/f.sock"
+    ws.procs.spawn(["ip", "netns", "exec", net.broker_ns, PY, "-m", "broker", "--frontend", frontend,
+                    "--backend", f"tcp://0.0.0.0:{PORT}", "--pool", "triage_pool:strict_queue:size=1",
+                    "--curve-secret-key", str(written["broker"]), "--curve-allowed", str(written["allowed"])],
+                   "broker.log", base_env(run_dir))
+    h1.start()
+
+    def refused_line() -> str | None:
+        status = dspexctl("--endpoint", frontend, "pools", "status", cwd=ws.root)
+        return next((x for x in status.stdout.splitlines() if x.startswith("WARN: the broker refused")), None)
+
+    line = wait_for(refused_line, 30, 0.5, "pools status naming the refused worker host")
+    assert "worker connection(s) from 10.77.1.2" in line, line
+    assert f"public key {public} is not in {Path(written['allowed'], 'workers')}" in line, line
+    assert "dspexctl keys generate" in line, line
+    log = h1.root / "triage_pool_00.log"
+    wait_for(lambda: log.exists() and f"its public key {public} is not in the broker's allow-list" in log.read_text(),
+             10, 0.2, "the worker's line naming its refused key")
+    assert "broker silent" not in log.read_text()

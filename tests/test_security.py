@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +38,33 @@ def curve_stack(stack: Stack, host: str = "127.0.0.1") -> dict[str, Path]:
     stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
                                                 "--curve-allowed", str(written["allowed"])])
     return written
+
+
+def test_curve_over_ipv6(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broker, worker and client on IPv6 addresses (bracketed: IPv6 is on for those sockets only)."""
+    if not socket.has_ipv6 or not connectable_v6():
+        pytest.skip("no IPv6 loopback here")
+    written = generate(Path(stack.root, "k"))
+    stack.frontend, stack.backend = f"tcp://[::1]:{free_port()}", f"tcp://[::1]:{free_port()}"
+    kdir = Path(stack.root, "k")
+    stack.env.update(DSPEX_CURVE_SERVER_KEY=str(kdir / "broker.key"), DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+    stack.start_broker("p:strict_queue", extra=["--curve-secret-key", str(written["broker"]),
+                                                "--curve-allowed", str(written["allowed"])])
+    stack.start_worker("p", "--no-dspy")
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(kdir / "broker.key"))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=10) as dx:
+        wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 1, what="a worker registered over IPv6")
+        assert dx.session("p").eval("6 * 7") == 42
+
+
+def connectable_v6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def test_broker_refuses_tcp_without_keys(short_tmp: str) -> None:
@@ -177,8 +206,30 @@ def test_client_key_is_refused_on_the_backend(stack: Stack, monkeypatch: pytest.
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
     with dspex.connect(stack.frontend, timeout=10) as dx:
         assert dx.status()["pools"]["p"]["workers"] == []
-        # the worker key is no client key either
-        monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["worker"]))
+    # `pools status` on the broker host names the refused worker host, its key and the fix, so the
+    # operator need not read the broker's log to learn why a worker host's workers never came
+    client_key = Path(written["client"])
+    client_public = client_key.with_name(client_key.name.removesuffix("_secret"))
+    public = client_public.read_text().split('public-key = "')[1].split('"')[0]
+    env = {**base_env(), "DSPEX_ENDPOINT": stack.frontend, "DSPEX_CURVE_SERVER_KEY": str(kdir / "broker.key"),
+           "DSPEX_CURVE_CLIENT_KEY": str(written["client"])}
+    out = subprocess.run([PY, "-m", "dspexctl", "pools", "status"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    line = next((x for x in out.stdout.splitlines() if "refused" in x), "")
+    assert line.startswith("WARN: the broker refused") and "worker connection(s) from 127.0.0.1" in line, out.stdout
+    assert f"public key {public}" in line and f"is not in {Path(written['allowed'], 'workers')}" in line, line
+    assert "dspexctl keys generate" in line, "the fix"
+    # the worker's line names the same public key, so the two ends can be matched
+    refused = next(x for x in worker_log.read_text().splitlines() if "refused this worker's key" in x)
+    assert f"its public key {public} is not in the broker's allow-list, workers/ of its --curve-allowed" in refused
+    doc = json.loads(subprocess.run([PY, "-m", "dspexctl", "--json", "pools", "status"], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=60, check=False).stdout)
+    # the same line, but for the count and the time since the last (the worker keeps trying)
+    def stable(text: str) -> str:
+        return re.sub(r"refused \d+ (.*) the last \w+ ago", r"refused N \1 the last T ago", text)
+
+    assert stable(line.removeprefix("WARN: ")) in map(stable, doc["problems"]), doc["problems"]
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["worker"]))  # the worker key is no client key either
     with dspex.connect(stack.frontend, timeout=10) as dx, pytest.raises(dspex.Refused):
         dx.ping()
 

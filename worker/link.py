@@ -133,7 +133,8 @@ class BrokerSocket:
                 self.handshake = ""
                 succeeded = True
                 continue
-            why = handshake_failure(event["event"], "worker", True)
+            keypair = self._curve[1]
+            why = handshake_failure(event["event"], "worker", True, keypair[0] if keypair else None)
             if why and why != self.handshake:
                 self.handshake = why
                 log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
@@ -143,7 +144,7 @@ class BrokerSocket:
         """A DEALER connected to the backend under the identity, and its handshake monitor."""
         server_key, keypair = self._curve
         sock: zmq.Socket[Any] = self.ctx.socket(zmq.DEALER)
-        tune_socket(sock, max_message=self.max_message)
+        tune_socket(sock, max_message=self.max_message, endpoint=self.backend)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

@@ -188,7 +188,7 @@ class ClientAPI(Generic[S]):
     def _connect(self) -> tuple[Any, Any]:
         """A DEALER connected to the broker, and its monitor (a dropped connection, a refused key)."""
         sock = self._ctx.socket(zmq.DEALER)
-        tune_socket(sock, max_message=self.max_message)
+        tune_socket(sock, max_message=self.max_message, endpoint=self.endpoint)
         # a fixed identity lets replies find us again after the broker restarts
         sock.setsockopt(zmq.ROUTING_ID, self._socket_prefix + secrets.token_bytes(15))
         sock.setsockopt(zmq.RECONNECT_IVL, 100)

@@ -168,10 +168,17 @@ def _comm(tid: int) -> str:
         return ""
 
 
-def tune_socket(sock: zmq.Socket[bytes], *, max_message: int) -> None:
-    """Options every dspex socket gets: no linger on close, bounded inbound message size."""
+def tune_socket(sock: zmq.Socket[bytes], *, max_message: int, endpoint: str) -> None:
+    """Options every dspex socket gets: no linger on close, bounded inbound message size; IPv6 for
+    an endpoint whose host is an IPv6 address (``tcp://[fd00::1]:5556``, ``tcp://[::]:5556``)."""
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    # libzmq is IPv4-only by default: a bind to [::] fails ("No such device") and a connect to
+    # [fd00::1] is accepted but never made, so a worker would wait for its broker forever. Only
+    # for a bracketed address: with IPv6 on, a host name may resolve to an IPv6 address first
+    # (localhost as ::1) where the broker listens on IPv4 only.
+    if endpoint.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 # socket monitor events that say why a CURVE connection to the broker never carried a message
@@ -179,15 +186,19 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def handshake_failure(event: int, peer: str, curve: bool) -> str:
+def handshake_failure(event: int, peer: str, curve: bool, public_key: bytes | None = None) -> str:
     """Why the handshake with the broker failed, in the peer's words, or "" (not a handshake event).
 
     The broker's ZAP handler refusing our public key answers with an ERROR (HANDSHAKE_FAILED_AUTH).
     A server key that is not the broker's makes our HELLO undecryptable: the broker drops the
-    connection mid-handshake and we see FAILED_NO_DETAIL or FAILED_PROTOCOL.
+    connection mid-handshake and we see FAILED_NO_DETAIL or FAILED_PROTOCOL. ``public_key``: ours,
+    named in a refusal, as the broker's log and ``dspexctl pools status`` name it.
     """
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return f"the broker refused this {peer}'s key (its public key is not in the broker's allow-list)"
+        key = f" {public_key.decode()}" if public_key else ""
+        return (f"the broker refused this {peer}'s key (its public key{key} is not in the broker's allow-list, "
+                f"{peer}s/ of its --curve-allowed directory: give this {peer} a key `dspexctl keys generate` wrote "
+                "for that broker)")
     if curve and event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
         return ("the server key does not match: the broker closed the connection during the CURVE handshake "
                 "(DSPEX_CURVE_SERVER_KEY must hold that broker's public key)")

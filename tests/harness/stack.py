@@ -61,6 +61,7 @@ class Stack:
             wait_for(lambda: os.path.exists(self.frontend[6:]) or broker.poll() is not None, what="broker socket")
         else:
             host, port = self.frontend[len("tcp://"):].rsplit(":", 1)
+            host = host.strip("[]")  # an IPv6 address
             wait_for(lambda: connectable(host, int(port)) or broker.poll() is not None, what="broker port")
         return broker
 
