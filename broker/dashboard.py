@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from broker.publisher import StatusPublisher
@@ -31,6 +31,7 @@ from dspex.stack.health import (
     silent_pids,
     with_exits,
 )
+from dspex.stack.pools import load_pools
 from dspex.stack.poolstatus import latency, summarize
 from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
@@ -44,27 +45,35 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class Processes:
-    """supervisord's processes of the broker's supervisor.conf and how the processes that exited
-    lately ended (pid -> ``terminated by SIGSEGV``), cached briefly; nothing without one."""
+    """supervisord's processes of the broker's supervisor.conf, how the processes that exited
+    lately ended (pid -> ``terminated by SIGSEGV``) and the pools the conf declares now (it may
+    have been edited since the broker read it), cached briefly; nothing without one."""
 
     def __init__(self, conf: str | None) -> None:
         self.conf = conf
         self._procs: list[dict[str, Any]] = []
         self._exits: dict[int, str] = {}
         self._tails: dict[str, str] = {}
+        self._declared: set[str] | None = None
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str]]:
+    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str],
+                                                  set[str] | None]:
         """(processes, how crashed processes ended by pid, the last log line of each process
-        supervisord gave up on or backs off, by full name). ``crashed``: the broker's events hold a
-        crash, so read how processes ended too."""
+        supervisord gave up on or backs off, by full name, the pools the conf declares: None when
+        not known). ``crashed``: the broker's events hold a crash, so read how processes ended too."""
         if not self.conf:
-            return [], {}, {}
+            return [], {}, {}, None
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._procs, self._exits, self._tails
+                return self._procs, self._exits, self._tails, self._declared
             self._at = time.monotonic()
+            try:
+                self._declared = {c.name for c in load_pools(self.conf)}
+            except Exception as exc:  # noqa: BLE001 - an edit under way: not known, as before it
+                log.debug("the pools of %s: %s", self.conf, exc)
+                self._declared = None
             try:
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
@@ -74,7 +83,7 @@ class Processes:
             except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
                 log.debug("no processes from supervisord: %s", exc)
                 self._procs, self._exits, self._tails = [], {}, {}
-            return self._procs, self._exits, self._tails
+            return self._procs, self._exits, self._tails, self._declared
 
 
 def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
@@ -85,10 +94,11 @@ def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
 
 
 def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None,
-         tails: dict[str, str] | None = None) -> dict[str, Any]:
+         tails: dict[str, str] | None = None, declared: Collection[str] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
     processes, and events newest first (a crash with how its process ended, from ``exits``); a
-    process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
+    process supervisord gave up on is a reason of its pool, with its last log line (``tails``); a
+    pool removed from the broker's conf since it started (not in ``declared``) is named so."""
     groups = by_group(procs)
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
@@ -98,8 +108,9 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     pools = {}
     for name, p in snap["pools"].items():
         # supervisord's view when there is one (no group: all its workers are elsewhere), as `pools status`
+        edited = str(snap["broker"].get("config") or "") if declared is not None and name not in declared else ""
         s = summarize(name, p, groups.get(name, []) if procs else None, events=events, registered=registered,
-                      silent=silent, young=young)
+                      silent=silent, young=young, edited=edited)
         assert s.verdict is not None  # the broker's own view: it answered
         workers = [{**w, "process": full_name(s.process_of[w["pid"]]) if is_here(w) and w["pid"] in s.process_of
                     else None, "registered": True} for w in p["workers"]]

@@ -200,9 +200,17 @@ class PoolsStatus:
         # with supervisord's view, a pool without a group here has all its workers on other hosts;
         # another stack's broker (mismatch) says nothing of whether this supervisord's workers registered
         local_view = bool(sup_info and sup_info["state"] is not None)
+        # the conf this broker read its pools from at its start, as it is now: edited since (a pool
+        # added or removed, then `supervisorctl update`), it and the broker disagree until it restarts
+        served = (broker or {}).get("pools") or {}
+        read_at_start = (str(sc.path) if sc is not None and broker is not None and not mismatch
+                         and config_error is None and str(broker["broker"].get("config") or "") == str(sc.path)
+                         else "")
         pools = [self._pool(name, broker, broker_starting,
                             None if mismatch else groups.get(name, [] if local_view else None), conf_sizes,
-                            registered, tails, issues) for name in names]
+                            registered, tails, issues,
+                            read_at_start if (name in conf_sizes) != (name in served) else "")
+                 for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
         owner = {text: p["name"] for p in pools for text in p["reasons"]}
@@ -222,7 +230,7 @@ class PoolsStatus:
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
               group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
-              tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
+              tails: dict[str, str], issues: list[tuple[State, str]], edited: str) -> dict[str, Any]:
         mark = len(issues)  # the issues from here on are this pool's (its "reasons")
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
@@ -230,7 +238,7 @@ class PoolsStatus:
         silent = silent_pids(w for w in events if is_here(w))
         s = summarize(name, bp, group, events=events, registered=registered, silent=silent,
                       young=float((broker or {"broker": {}})["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S,
-                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None)
+                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None, edited=edited)
         workers = []
         for w in workers_b:
             proc = s.process_of.get(w["pid"]) if is_here(w) else None

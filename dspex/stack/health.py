@@ -239,6 +239,10 @@ class PoolFacts:
     free: int | None = None  # of ``up``, workers with a free slot (None: not known)
     away: int = 0  # registered workers whose connection closed, waited for on a new one
     recycling: str = ""  # the worker a rolling recycle replaces now (its id), "" when none
+    # the supervisor.conf the broker started with, when it was edited since for this pool: the pool
+    # is declared there but the broker does not serve it (``added``) or the other way round
+    conf_edited: str = ""
+    added: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,7 +255,15 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     """The pool's state and why (one reason per line an operator should read)."""
     reasons: list[str] = []
     where = ""
-    if f.here is not None and f.expected > f.here:
+    restart = f"restart the broker (supervisorctl -c {f.conf_edited} restart broker)"
+    if f.conf_edited and f.added:  # whatever supervisord does with its workers, none can register
+        return Verdict(State.DOWN, [(f"{name} is in {f.conf_edited} but the broker does not serve it: it read its "
+                                    f"pools when it started, so it turns the pool's workers away; {restart}, then "
+                                    "dspexctl pools start")])
+    if f.conf_edited:  # not workers of other hosts: nobody will start any
+        where = (f": it is not in {f.conf_edited} any more, but the broker still serves it from the conf it "
+                 f"started with; {restart} to drop it")
+    elif f.here is not None and f.expected > f.here:
         where = f" ({f.here} here, {f.expected - f.here} expected from other hosts)"
     lost = "".join(f"; {phrase}" for phrase in f.lost)
     if f.away:
@@ -298,7 +310,7 @@ def _starting(name: str, f: PoolFacts) -> str:
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
                       broken: int = 0, here: int | None = None, lost: Iterable[Lost] = (),
-                      last_crash: str = "") -> PoolFacts:
+                      last_crash: str = "", conf_edited: str = "", added: bool = False) -> PoolFacts:
     """PoolFacts from one pool of the broker's status (its queue and its recent failures). A
     registered worker still importing dspy counts as starting, not up: whether it can do its job
     is not known yet."""
@@ -312,7 +324,7 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
                      free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
                      away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"),
-                     recycling=str(pool.get("recycling") or "")[:8])
+                     recycling=str(pool.get("recycling") or "")[:8], conf_edited=conf_edited, added=added)
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
