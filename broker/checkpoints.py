@@ -53,7 +53,11 @@ class StoreError(Exception):
 
 
 class OverCap(StoreError):
-    """Past the per-session or the total cap."""
+    """Past the per-session cap: the session's own size (or past the total cap: OverTotalCap)."""
+
+
+class OverTotalCap(OverCap):
+    """Past the total cap: the store is full, for every durable session (the service's failure)."""
 
 
 class StaleCheckpoint(StoreError):
@@ -380,7 +384,7 @@ class CheckpointStore:
             raise OverCap(f"its checkpoint would hold {_mb(new)}, over the per-session cap of {_mb(self.session_cap)}")
         total = self.total + sum(pending.values()) - sum(self._sizes.get(s, 0) for s in pending)
         if total - old + new > self.total_cap:
-            raise OverCap(f"the broker's checkpoints would hold {_mb(total - old + new)}, over their total cap of "
+            raise OverTotalCap(f"the broker's checkpoints would hold {_mb(total - old + new)}, over their total cap of "
                           f"{_mb(self.total_cap)}")
         if w.full:
             db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))

@@ -46,7 +46,7 @@ class DurableSessions:
         self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
         self.moves = SessionMoves(sessions, pools, workers, port=port, book=book, answers=answers, to_worker=to_worker,
                                   dispatch=dispatch, route=route, counters=self.counters)
-        self.writes = CheckpointWrites(sessions, clock=clock, port=port, moves=self.moves, counters=self.counters,
+        self.writes = CheckpointWrites(sessions, pools, clock=clock, port=port, moves=self.moves, counters=self.counters,
                                        core_counters=counters)
 
     # -- opening, pins, envelopes ---------------------------------------------------------------

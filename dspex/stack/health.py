@@ -33,15 +33,18 @@ SERVICE, USER, RECYCLE = "service", "user", "recycle"
 # failures that are the service's: a worker crash (the event itself, "crash"), a call lost in one,
 # a call that waited past its queue timeout or was refused because the queue (or the broker's
 # session table) was full, a call the worker stopped at its deadline, an internal error
+# a durable session turned plain because the broker's checkpoint store refused its write (full,
+# past its total cap, a disk error): its own size past the per-session cap is the caller's
+CHECKPOINT_REFUSED = "checkpoint_refused"
 SERVICE_FAILURES = frozenset({"crash", "worker_crashed", "queue_timeout", "pool_saturated", "session_quota",
-                              "timeout", "internal_error"})
+                              "timeout", "internal_error", CHECKPOINT_REFUSED})
 # an answer to a session whose pinned worker left: the operator's when it was recycled or stopped
 WORKER_GONE = "session_worker_unavailable"
 # what each code is called in a reason line
 LABELS = {"crash": "worker crash", "worker_crashed": "call lost in a crash", "queue_timeout": "queue timeout",
           "pool_saturated": "refused (queue full)", "session_quota": "refused (session limit)",
           "timeout": "call stopped at its deadline", "internal_error": "internal error",
-          WORKER_GONE: "session whose worker crashed"}
+          WORKER_GONE: "session whose worker crashed", CHECKPOINT_REFUSED: "checkpoint not kept"}
 
 
 def failure_kind(code: str, worker_left_cleanly: bool = True) -> str:
@@ -243,6 +246,7 @@ class PoolFacts:
     # is declared there but the broker does not serve it (``added``) or the other way round
     conf_edited: str = ""
     added: bool = False
+    checkpoint_error: str = ""  # why the checkpoint store last refused a durable session of the pool
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         window = fmt_window(f.window_s)
         parts = ", ".join(f"{LABELS.get(code, code)} ×{n}" for code, n in sorted(failed.items(), key=lambda kv: -kv[1]))
         crash = f"; last crash: {f.last_crash}" if f.last_crash and failed.get("crash") else ""
+        if f.checkpoint_error and failed.get(CHECKPOINT_REFUSED):
+            crash += f"; last: {f.checkpoint_error}"
         reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts}{crash} "
                        f"(clears after {window} without one)")
     if reasons:
@@ -324,7 +330,8 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
                      free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
                      away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"),
-                     recycling=str(pool.get("recycling") or "")[:8], conf_edited=conf_edited, added=added)
+                     recycling=str(pool.get("recycling") or "")[:8], conf_edited=conf_edited, added=added,
+                     checkpoint_error=str(pool.get("checkpoint_error") or ""))
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
