@@ -20,6 +20,7 @@ import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+from xml.parsers.expat import ExpatError
 
 from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 from dspex.wire.sockets import UNIX_PATH_MAX
@@ -167,6 +168,11 @@ class Supervisor:
                     raise SupervisorNoSuchProcess(f"supervisord: {method}: no process or group {name!r}",
                                                   fault=fault.faultCode) from None
                 raise SupervisorError(f"supervisord: {method}: {fault.faultString}", fault=fault.faultCode) from None
+            except ExpatError as exc:  # supervisord counts characters, not bytes: a non-ASCII name cuts it short
+                self._transport.close()
+                raise SupervisorError(f"supervisord: {method}: its answer could not be read ({exc}); a process or "
+                                      "group name that is not ASCII garbles supervisord's XML-RPC answers: "
+                                      "rename it") from None
             except (OSError, xmlrpc.client.ProtocolError) as exc:
                 self._transport.close()
                 where = self.conf.serverurl
