@@ -29,6 +29,7 @@ from dspex.stack.health import (
     local_pids,
     proc_phase,
     proc_uptime,
+    restart_loop,
     silent_pids,
     with_exits,
     worst,
@@ -106,6 +107,7 @@ class PoolsStatus:
         sc = settings.conf_of(broker)
         procs: list[dict[str, Any]] = []
         tails: dict[str, str] = {}
+        loops: dict[str, tuple[int, str]] = {}  # processes supervisord restarts in a loop
         sup_info: dict[str, Any] | None = None
         if sc is not None:
             sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
@@ -116,8 +118,13 @@ class PoolsStatus:
                     procs = sup.processes()
                     if broker is not None:
                         broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
+                    if broker is not None:  # a worker restarted again and again without registering
+                        mine = local_pids(w for pool in broker["pools"].values() for w in pool["workers"])
+                        loops = sup.restart_loops([p for p in procs if p["group"] != "broker" and p["pid"] not in mine
+                                                   and p["statename"] in ("STARTING", "RUNNING")],
+                                                  time.time() - REGISTER_GRACE_S)
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
-                             if p["statename"] in ("FATAL", "BACKOFF")}
+                             if p["statename"] in ("FATAL", "BACKOFF") or full_name(p) in loops}
                     if broker is not None:  # one that answers again after a crash, which only supervisord saw
                         now = time.time()
                         for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
@@ -208,7 +215,7 @@ class PoolsStatus:
                          else "")
         pools = [self._pool(name, broker, broker_starting,
                             None if mismatch else groups.get(name, [] if local_view else None), conf_sizes,
-                            registered, tails, issues,
+                            registered, tails, loops, issues,
                             read_at_start if (name in conf_sizes) != (name in served) else "")
                  for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
@@ -230,7 +237,8 @@ class PoolsStatus:
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
               group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
-              tails: dict[str, str], issues: list[tuple[State, str]], edited: str) -> dict[str, Any]:
+              tails: dict[str, str], loops: dict[str, tuple[int, str]], issues: list[tuple[State, str]],
+              edited: str) -> dict[str, Any]:
         mark = len(issues)  # the issues from here on are this pool's (its "reasons")
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
@@ -238,7 +246,8 @@ class PoolsStatus:
         silent = silent_pids(w for w in events if is_here(w))
         s = summarize(name, bp, group, events=events, registered=registered, silent=silent,
                       young=float((broker or {"broker": {}})["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S,
-                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None, edited=edited)
+                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None, edited=edited,
+                      looping=loops)
         workers = []
         for w in workers_b:
             proc = s.process_of.get(w["pid"]) if is_here(w) else None
@@ -247,7 +256,9 @@ class PoolsStatus:
                             "process_state": proc["statename"] if proc else None})
         for proc, phase in s.unregistered:
             if phase == "broken" and (broker is not None or proc["statename"] in ("FATAL", "BACKOFF")):
-                if proc["statename"] != "RUNNING":
+                if full_name(proc) in loops:
+                    text = restart_loop(full_name(proc), *loops[full_name(proc)], tails.get(full_name(proc), ""))
+                elif proc["statename"] != "RUNNING":
                     text = gave_up_line(tails, proc)
                 elif proc["pid"] in silent:
                     text = silent_process(proc, name, silent[proc["pid"]])

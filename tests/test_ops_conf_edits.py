@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.harness import wait_for
-from tests.harness.supervisord import BIN, SupervisedStack, dashboard_status, dspexctl, small_stack
+from tests.harness.supervisord import BIN, SupervisedStack, dashboard_status, dspexctl, small_conf_text, small_stack
 from tests.test_cli import no_traceback
 
 pytestmark = pytest.mark.timeout(240)
@@ -85,3 +85,33 @@ def test_a_pool_added_or_removed_while_the_broker_runs_is_named_with_the_fix() -
         assert res.returncode == 0, res.stdout + res.stderr
         res = dspexctl(stack, "pools", "status")
         assert res.returncode == 0 and "analytics_pool" not in res.stdout, res.stdout
+
+
+def test_a_worker_that_restarts_in_a_loop_is_not_called_starting() -> None:
+    """A worker process that exits a few seconds after each start (after supervisord's startsecs,
+    so never BACKOFF or FATAL) and never registers: supervisord restarts it forever, and each new
+    process looked like one still importing dspy, so the pool read STARTING ("nothing wrong yet",
+    exit 7) for as long as the loop went on."""
+    text = small_conf_text({"triage_pool": 1, "analytics_pool": 1}).replace(
+        'command = /bin/sh "%(here)s/bin/dspex-python" -m worker --pool analytics_pool',
+        'command = /bin/sh -c "sleep 2; echo cannot reach the model server; exit 3" -m worker --pool analytics_pool', 1)
+    stack = SupervisedStack(text)
+    try:
+        stack.start_foreground()
+        log = stack.root / "log" / "supervisord.log"
+        wait_for(lambda: log.exists() and log.read_text().count("exited: analytics_pool_00 (exit status 3") >= 2,
+                 60, 0.2, "two exits of the looping worker")
+        wait_for(lambda: len(stack.ready("triage_pool")) == 1, 120, 0.2, "the other pool ready")
+        code, pool = pool_of(stack, "analytics_pool")
+        assert code == 5 and pool["health"] == "down", pool
+        loop = [r for r in pool["reasons"] if "restarts in a loop" in r]
+        assert len(loop) == 1, pool["reasons"]
+        assert loop[0].startswith("analytics_pool:analytics_pool_00 restarts in a loop: supervisord restarted it "), loop
+        assert "in the last 1m (last exit: exit status 3); its last log line: cannot reach the model server" in loop[0], loop
+        page = dashboard_status(stack)["pools"]["analytics_pool"]  # the same words there
+        assert page["state"] == "down", page
+        assert [r.split(" restarted it ")[0] for r in page["reasons"]] == [r.split(" restarted it ")[0]
+                                                                             for r in pool["reasons"]], page
+    finally:
+        stack.stop()
+        stack.cleanup()

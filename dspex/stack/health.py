@@ -199,18 +199,28 @@ def gave_up(name: str, state: str, tail: str) -> str:
     return f"{name} is {state}" + (f" (last log line: {tail})" if tail else "")
 
 
+def restart_loop(name: str, exits: int, how: str, tail: str) -> str:
+    """A process supervisord restarts in a loop, with how it last ended and its last log line."""
+    return (f"{name} restarts in a loop: supervisord restarted it {exits} times in the last "
+            f"{fmt_window(REGISTER_GRACE_S)} (last exit: {how})" + (f"; its last log line: {tail}" if tail else ""))
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
 
-def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[int] = ()) -> str:
+def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[int] = (),
+               looping: Container[str] = ()) -> str:
     """``registered`` (the broker lists its pid), ``starting`` (supervisord says STARTING, or
     RUNNING for under REGISTER_GRACE_S while it imports dspy) or ``broken`` (anything else, and a
-    RUNNING process the broker dropped for ``silent``)."""
+    RUNNING process the broker dropped for ``silent``, and a process of a restart loop: ``looping``
+    full names, :meth:`dspex.stack.supervisor.Supervisor.restart_loops`)."""
     state = proc["statename"]
     if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
         return "registered"
     if state == "RUNNING" and proc["pid"] in silent:
+        return "broken"
+    if f"{proc['group']}:{proc['name']}" in looping:  # a new process of a restart loop: not coming up
         return "broken"
     if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
         return "starting"

@@ -55,7 +55,7 @@ def latency(pool: Mapping[str, Any] | None, key: str) -> float | None:
 def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,
               events: Sequence[Mapping[str, Any]], registered: set[int], silent: Container[int],
               young: bool, conf_size: int = 0, broker_answered: bool = True,
-              edited: str = "") -> PoolSummary:
+              edited: str = "", looping: Container[str] = ()) -> PoolSummary:
     """Pool ``name``: ``pool`` its part of the broker's status (None: the broker does not list
     it); ``group`` the pool's processes of this host's supervisord (None: supervisord's view is not
     known; empty: all its workers are on other hosts); ``registered`` the pids of this host's
@@ -64,7 +64,8 @@ def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] |
     starting); ``conf_size`` the pool's size in the dspex config (0: not known); ``edited``: the
     supervisor.conf the broker started with, when the pool is in that file now but not among the
     broker's pools (``pool`` None), or the other way round (then said only while this host runs
-    none of its processes: ``supervisorctl update`` removed them)."""
+    none of its processes: ``supervisorctl update`` removed them); ``looping`` the full names of
+    processes supervisord restarts in a loop (broken, not starting)."""
     bp = pool or {}
     workers = list(bp.get("workers") or [])
     lost: list[Lost] = []
@@ -81,7 +82,8 @@ def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] |
     ready = sum(1 for w in workers if w["state"] == "ready")
     busy = sum(1 for w in workers if w["state"] == "busy")
     seen = local_pids(workers)
-    unregistered = [(p, proc_phase(p, registered, silent)) for p in group or [] if not (p["pid"] and p["pid"] in seen)]
+    unregistered = [(p, proc_phase(p, registered, silent, looping)) for p in group or []
+                    if not (p["pid"] and p["pid"] in seen)]
     starting += sum(1 for _, phase in unregistered if phase == "starting")
     broken = [p for p, phase in unregistered if phase == "broken"]
     by_pid = {p["pid"]: p for p in group or [] if p["pid"]}

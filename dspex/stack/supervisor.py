@@ -234,6 +234,23 @@ class Supervisor:
             return []
         return unexpected_exits(text, name, since)
 
+    def restart_loops(self, procs: list[dict[str, Any]], since: float, at_least: int = 2) -> dict[str, tuple[int, str]]:
+        """Of ``procs``, those supervisord restarted after ``at_least`` unexpected exits since
+        ``since`` (each after startsecs, so it never goes BACKOFF or FATAL): full name -> (exits,
+        how the last one ended). One read of its log; {} when it cannot be read."""
+        if not procs:
+            return {}
+        try:
+            text = str(self.call("supervisor.readLog", -65536, 0))
+        except (SupervisorError, SupervisorNoSuchProcess):
+            return {}
+        loops = {}
+        for p in procs:
+            exits = unexpected_exits(text, p["name"], since)
+            if len(exits) >= at_least:
+                loops[full_name(p)] = (len(exits), exits[-1][2])
+        return loops
+
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
 
