@@ -31,6 +31,7 @@ from dspex.stack.health import (
     proc_uptime,
     restart_loop,
     silent_pids,
+    store_filling,
     with_exits,
     worst,
 )
@@ -172,6 +173,9 @@ class PoolsStatus:
                 issues.append((State.UNREACHABLE, f"broker {'did not answer' if timed_out else 'unreachable'}: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
+            filling = store_filling(broker.get("checkpoints") or {})
+            if filling:
+                issues.append((State.WARN, filling))
             mismatch = foreign_broker(broker["broker"], settings.resolved_endpoint(), sc, procs) if sc else None
             if mismatch:
                 issues.append((State.DEGRADED, mismatch))

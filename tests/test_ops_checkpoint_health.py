@@ -46,3 +46,25 @@ def test_a_checkpoint_store_that_refuses_writes_is_warn_with_its_cause_a_session
         assert f"WARN: {reason}" in text, text
         page = dashboard_status(stack)["pools"]["triage_pool"]
         assert (page["state"], page["reasons"]) == ("warn", [reason]), page
+
+
+def test_a_checkpoint_store_near_its_total_cap_is_warn_before_it_refuses() -> None:
+    """As a queue 80% full is WARN before pool_saturated: the store's checkpoints at 80% of its
+    total cap, past which every durable session's next checkpoint is refused."""
+    conf = small_conf_text({"triage_pool": 1}, triage_pool={"durable": "true"}).replace(
+        '-m broker --config "%(here)s/supervisor.conf"',
+        '-m broker --config "%(here)s/supervisor.conf" --checkpoint-total-cap 0.2', 1)
+    with small_stack({"triage_pool": 1}, conf_text=conf) as stack, stack.client() as dx:
+        dx.session("triage_pool").put(os.urandom(100_000))
+        code, doc, text = cli_status(stack)
+        assert code == 0 and doc["health"] == "ok", text  # under half: nothing to say
+        dx.session("triage_pool").put(os.urandom(80_000))
+        code, doc, text = cli_status(stack)
+        assert code == 6 and doc["health"] == "warn", text
+        (issue,) = [i for i in doc["issues"] if i["state"] == "warn"]
+        assert issue["pool"] is None, issue  # the store is the broker's, every durable pool's
+        assert issue["text"].startswith("the checkpoint store holds 17"), issue
+        assert "KB of its 204.8 KB total cap (8" in issue["text"], issue
+        assert "%): past it, every durable session's next checkpoint is refused (raise --checkpoint-total-cap, " \
+               "or close durable sessions)" in issue["text"], issue
+        assert f"WARN: {issue['text']}" in text, text

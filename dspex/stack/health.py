@@ -199,6 +199,21 @@ def gave_up(name: str, state: str, tail: str) -> str:
     return f"{name} is {state}" + (f" (last log line: {tail})" if tail else "")
 
 
+def store_filling(checkpoints: Mapping[str, Any]) -> str | None:
+    """The broker's checkpoint store at ``WARN_QUEUE_FILL`` of its total cap or more (its status's
+    ``checkpoints``), in words: past the cap every durable session's next checkpoint is refused."""
+    held, cap = int(checkpoints.get("bytes") or 0), int(checkpoints.get("total_cap") or 0)
+    if not cap or held < WARN_QUEUE_FILL * cap:
+        return None
+    return (f"the checkpoint store holds {fmt_size(held)} of its {fmt_size(cap)} total cap ({held / cap:.0%}): past it, every "
+            "durable session's next checkpoint is refused (raise --checkpoint-total-cap, or close durable sessions)")
+
+
+def fmt_size(n: int) -> str:
+    """Bytes as the checkpoint store's messages say them: 4.5 KB, 64.0 MB."""
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+
+
 def restart_loop(name: str, exits: int, how: str, tail: str) -> str:
     """A process supervisord restarts in a loop, with how it last ended and its last log line."""
     return (f"{name} restarts in a loop: supervisord restarted it {exits} times in the last "
