@@ -234,22 +234,16 @@ class Supervisor:
             return []
         return unexpected_exits(text, name, since)
 
-    def restart_loops(self, procs: list[dict[str, Any]], since: float, at_least: int = 2) -> dict[str, tuple[int, str]]:
-        """Of ``procs``, those supervisord restarted after ``at_least`` unexpected exits since
-        ``since`` (each after startsecs, so it never goes BACKOFF or FATAL): full name -> (exits,
-        how the last one ended). One read of its log; {} when it cannot be read."""
+    def restart_loops(self, procs: list[dict[str, Any]], since: float) -> dict[str, tuple[int, str]]:
+        """:func:`restart_loops` of ``procs`` in supervisord's log (one read; {} when it cannot be
+        read, or nothing to look for)."""
         if not procs:
             return {}
         try:
             text = str(self.call("supervisor.readLog", -65536, 0))
         except (SupervisorError, SupervisorNoSuchProcess):
             return {}
-        loops = {}
-        for p in procs:
-            exits = unexpected_exits(text, p["name"], since)
-            if len(exits) >= at_least:
-                loops[full_name(p)] = (len(exits), exits[-1][2])
-        return loops
+        return restart_loops(text, procs, since, self.killed())
 
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
@@ -344,6 +338,19 @@ def unexpected_exits(log_text: str, name: str, since: float) -> list[tuple[int, 
             if when >= since:
                 found.append((pid, when, m["how"]))
     return found
+
+
+def restart_loops(log_text: str, procs: list[dict[str, Any]], since: float, killed: dict[int, str],
+                  at_least: int = 2) -> dict[str, tuple[int, str]]:
+    """Of ``procs``, those supervisord restarted after ``at_least`` exits it did not expect since
+    ``since`` (each after startsecs, so it never goes BACKOFF or FATAL; an operator's kill,
+    ``killed`` by pid, is no loop's): full name -> (exits, how the last one ended)."""
+    loops = {}
+    for p in procs:
+        exits = [e for e in unexpected_exits(log_text, p["name"], since) if e[0] not in killed]
+        if len(exits) >= at_least:
+            loops[full_name(p)] = (len(exits), exits[-1][2])
+    return loops
 
 
 def by_group(procs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
