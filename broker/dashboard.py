@@ -127,9 +127,10 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
         workers += [_unregistered(proc, phase) for proc, phase in s.unregistered]
         # the page lists every process in its state: the reasons add the last log line of those given up on
         gone = [restart_loop(full_name(proc), *loops[full_name(proc)], (tails or {}).get(full_name(proc), ""))
-                if full_name(proc) in loops else
+                if full_name(proc) in loops and proc["pid"] not in silent else
                 gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
-                for proc in s.broken if proc["statename"] in GAVE_UP or full_name(proc) in loops]
+                for proc in s.broken if proc["statename"] in GAVE_UP
+                or (full_name(proc) in loops and proc["pid"] not in silent)]
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,

@@ -260,12 +260,12 @@ class PoolsStatus:
                             "process_state": proc["statename"] if proc else None})
         for proc, phase in s.unregistered:
             if phase == "broken" and (broker is not None or proc["statename"] in ("FATAL", "BACKOFF")):
-                if full_name(proc) in loops:
+                if proc["statename"] == "RUNNING" and proc["pid"] in silent:  # it registered: no loop's
+                    text = silent_process(proc, name, silent[proc["pid"]])
+                elif full_name(proc) in loops:
                     text = restart_loop(full_name(proc), *loops[full_name(proc)], tails.get(full_name(proc), ""))
                 elif proc["statename"] != "RUNNING":
                     text = gave_up_line(tails, proc)
-                elif proc["pid"] in silent:
-                    text = silent_process(proc, name, silent[proc["pid"]])
                 else:
                     text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
                             "broker (see its log)")
