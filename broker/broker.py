@@ -176,6 +176,7 @@ class Broker:
         store, path, self._store_claim = opened
         self.store_link = StoreLink(store, self.core.store_done)
         self.core.durable.enabled = True
+        self.core.durable.total_cap = store.total_cap
         self.core.durable.load(store.sessions())
         self.core.stack_info["checkpoints"] = path
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import call_error, error_code
-from broker.checkpoints import Job, StaleCheckpoint
+from broker.checkpoints import Job, OverCap, OverTotalCap, StaleCheckpoint
 from broker.moves import SessionMoves, movable
 from broker.port import Port
-from broker.state import Clock, Durability, Pending, SessionRecord, WorkerRecord
+from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
 from broker.store_schema import Write
+from dspex.stack.health import CHECKPOINT_REFUSED, failure_kind
 from dspex.wire.errors import InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.headers import pack_error, pack_reply_header
 from dspex.wire.protocol import W_CHECKPOINT, W_REPLY, Status
@@ -39,11 +40,12 @@ class CheckpointWrites:
     checkpoint its worker could not restore loses the session; a committed write lets an uneven
     pool's session spread)."""
 
-    def __init__(self, sessions: dict[str, SessionRecord], *, clock: Clock, port: Port, moves: SessionMoves,
-                 counters: dict[str, int], core_counters: dict[str, int]) -> None:
+    def __init__(self, sessions: dict[str, SessionRecord], pools: dict[str, Pool], *, clock: Clock, port: Port,
+                 moves: SessionMoves, counters: dict[str, int], core_counters: dict[str, int]) -> None:
         """``counters``: the durable sessions' (writes, refused); ``core_counters``: the core's (a
-        malformed checkpoint counts as backend garbage)."""
-        self.sessions, self.clock, self.port, self.moves = sessions, clock, port, moves
+        malformed checkpoint counts as backend garbage); ``pools``: a session turned plain counts in
+        its pool's health window."""
+        self.sessions, self.pools, self.clock, self.port, self.moves = sessions, pools, clock, port, moves
         self.counters, self.core_counters = counters, core_counters
         self._to_client = port.to_client
 
@@ -94,7 +96,7 @@ class CheckpointWrites:
                 raise ValueError(f"{len(frames) - 2} frames for a checkpoint of {used} and a reply")
         except Exception as exc:  # noqa: BLE001 - whatever a malformed frame raises
             if rec is not None and rec.durable is not None:
-                self._turn_off(rec, key, f"its worker sent a malformed checkpoint ({exc})")
+                self._turn_off(rec, key, f"its worker sent a malformed checkpoint ({exc})", service=True)
             return -1
         d = rec.durable if rec is not None else None
         if rec is None or d is None or d.off:
@@ -102,7 +104,7 @@ class CheckpointWrites:
         if "lost" in meta:
             self.moves.lose(rec, f"{meta['lost']}", w.id)
         elif "error" in meta:
-            self._turn_off(rec, key, str(meta["error"]))
+            self._turn_off(rec, key, str(meta["error"]), service=False)  # too big for a message: the caller's
         else:
             write = Write(rec.id, seq, frames[3].buffer, set_slots, [f.buffer for f in frames[4:2 + used]],
                           clear_slots, full, size)
@@ -143,8 +145,10 @@ class CheckpointWrites:
             details["call_error"] = failed
         return [reply[0], pack_reply_header(Status.ERROR.value, key[1]), pack_error(err.code, message, **details)]
 
-    def _turn_off(self, rec: SessionRecord, key: Key | None, reason: str) -> None:
-        """The session is no longer durable; the call ``key`` gets ``session_not_durable``."""
+    def _turn_off(self, rec: SessionRecord, key: Key | None, reason: str, service: bool) -> None:
+        """The session is no longer durable; the call ``key`` gets ``session_not_durable``.
+        ``service``: the broker failed it (its store refused the write), not the session's own size:
+        its pool's health window counts that as the service's failure, with ``reason``."""
         d = rec.durable
         assert d is not None
         if not d.off:
@@ -152,6 +156,12 @@ class CheckpointWrites:
             self.port.store(Job("forget", (rec.id, reason)))
             self.counters["refused"] += 1
             self.port.log(logging.WARNING, "session %s is no longer durable: %s", rec.id[:8], reason)
+            pool = self.pools.get(rec.pool)
+            if pool is not None:
+                code = CHECKPOINT_REFUSED if service else SessionNotDurable.code
+                pool.recent.add(failure_kind(code), code, self.clock.now)
+                if service:
+                    pool.checkpoint_error = reason
         if key is not None:
             d.refused[key] = SessionNotDurable(
                 f"the call ran and its effects stay in session {rec.id[:8]}, but its checkpoint could not be kept: "
@@ -169,7 +179,7 @@ class CheckpointWrites:
         d.done += 1
         if job.op == "open":
             if job.error is not None:
-                self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})")
+                self._turn_off(rec, job.tag, f"the broker's checkpoint store failed ({job.error})", service=True)
             self.release_held(d)
             return
         sid, key, size, seq = job.tag
@@ -179,7 +189,9 @@ class CheckpointWrites:
         elif isinstance(job.error, StaleCheckpoint):
             self.port.log(logging.WARNING, "session %s: %s", sid[:8], job.error)
         else:
-            self._turn_off(rec, key, str(job.error))
+            # a session over its own cap is the caller's; the store full or failing is the broker's
+            self._turn_off(rec, key, str(job.error),
+                           service=isinstance(job.error, OverTotalCap) or not isinstance(job.error, OverCap))
         self.release_held(d)
         if self.moves.uneven:
             self.moves.spread_on(rec)

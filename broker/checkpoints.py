@@ -38,6 +38,7 @@ from broker.store_schema import (
     set_aside,
     transaction,
 )
+from dspex.stack.health import fmt_size
 
 log = logging.getLogger("dspex.broker")
 
@@ -53,7 +54,11 @@ class StoreError(Exception):
 
 
 class OverCap(StoreError):
-    """Past the per-session or the total cap."""
+    """Past the per-session cap: the session's own size (or past the total cap: OverTotalCap)."""
+
+
+class OverTotalCap(OverCap):
+    """Past the total cap: the store is full, for every durable session (the service's failure)."""
 
 
 class StaleCheckpoint(StoreError):
@@ -377,11 +382,11 @@ class CheckpointStore:
             raise StoreError(f"checkpoint {w.seq} of session {w.session[:8]} says it holds {new} bytes, less than it "
                              "carries")
         if new > self.session_cap:
-            raise OverCap(f"its checkpoint would hold {_mb(new)}, over the per-session cap of {_mb(self.session_cap)}")
+            raise OverCap(f"its checkpoint would hold {fmt_size(new)}, over the per-session cap of {fmt_size(self.session_cap)}")
         total = self.total + sum(pending.values()) - sum(self._sizes.get(s, 0) for s in pending)
         if total - old + new > self.total_cap:
-            raise OverCap(f"the broker's checkpoints would hold {_mb(total - old + new)}, over their total cap of "
-                          f"{_mb(self.total_cap)}")
+            raise OverTotalCap(f"the broker's checkpoints would hold {fmt_size(total - old + new)}, over their total cap of "
+                          f"{fmt_size(self.total_cap)}")
         if w.full:
             db.execute("DELETE FROM blobs WHERE session = ?", (w.session,))
         elif w.clear_slots:
@@ -431,8 +436,6 @@ def open_store(path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TO
     return CheckpointStore(path, session_cap=session_cap, total_cap=total_cap)
 
 
-def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KB"
 
 
 # -- the thread --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from broker.publisher import StatusPublisher
@@ -29,9 +29,11 @@ from dspex.stack.health import (
     is_here,
     local_pids,
     proc_uptime,
+    restart_loop,
     silent_pids,
     with_exits,
 )
+from dspex.stack.pools import load_pools
 from dspex.stack.poolstatus import latency, summarize
 from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
@@ -45,37 +47,51 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class Processes:
-    """supervisord's processes of the broker's supervisor.conf and how the processes that exited
-    lately ended (pid -> ``terminated by SIGSEGV``), cached briefly; nothing without one."""
+    """supervisord's processes of the broker's supervisor.conf, how the processes that exited
+    lately ended (pid -> ``terminated by SIGSEGV``) and the pools the conf declares now (it may
+    have been edited since the broker read it), cached briefly; nothing without one."""
 
     def __init__(self, conf: str | None) -> None:
         self.conf = conf
         self._procs: list[dict[str, Any]] = []
         self._exits: dict[int, str] = {}
         self._tails: dict[str, str] = {}
+        self._declared: set[str] | None = None
+        self._loops: dict[str, tuple[int, str]] = {}
         self._at = 0.0
         self._lock = threading.Lock()
 
-    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str]]:
+    def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str],
+                                                  set[str] | None, dict[str, tuple[int, str]]]:
         """(processes, how crashed processes ended by pid, the last log line of each process
-        supervisord gave up on or backs off, by full name). ``crashed``: the broker's events hold a
-        crash, so read how processes ended too."""
+        supervisord gave up on, backs off or restarts in a loop, by full name, the pools the conf
+        declares: None when not known, the processes supervisord restarts in a loop). ``crashed``:
+        the broker's events hold a crash, so read how processes ended too."""
         if not self.conf:
-            return [], {}, {}
+            return [], {}, {}, None, {}
         with self._lock:
             if time.monotonic() - self._at < PROCESS_CACHE_S:
-                return self._procs, self._exits, self._tails
+                return self._procs, self._exits, self._tails, self._declared, self._loops
             self._at = time.monotonic()
+            try:
+                self._declared = {c.name for c in load_pools(self.conf)}
+            except Exception as exc:  # noqa: BLE001 - an edit under way: not known, as before it
+                log.debug("the pools of %s: %s", self.conf, exc)
+                self._declared = None
             try:
                 with Supervisor(SupervisorConf.load(self.conf), timeout=1.0) as sup:
                     self._procs = sup.processes()
                     self._exits = sup.exit_causes() if crashed else {}
+                    # a loop's process is always young: supervisord's log is read only while one is
+                    self._loops = sup.restart_loops(
+                        [p for p in self._procs if p["group"] != "broker" and p["statename"] in ("STARTING", "RUNNING")
+                         and proc_uptime(p) < REGISTER_GRACE_S], time.time() - REGISTER_GRACE_S)
                     self._tails = {full_name(p): sup.last_log_line(full_name(p)) for p in self._procs
-                                   if p["statename"] in GAVE_UP}
+                                   if p["statename"] in GAVE_UP or full_name(p) in self._loops}
             except Exception as exc:  # noqa: BLE001 - no supervisord: the broker's view alone
                 log.debug("no processes from supervisord: %s", exc)
-                self._procs, self._exits, self._tails = [], {}, {}
-            return self._procs, self._exits, self._tails
+                self._procs, self._exits, self._tails, self._loops = [], {}, {}, {}
+            return self._procs, self._exits, self._tails, self._declared, self._loops
 
 
 def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
@@ -88,10 +104,14 @@ def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
 
 
 def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None,
-         tails: dict[str, str] | None = None) -> dict[str, Any]:
+         tails: dict[str, str] | None = None, declared: Collection[str] | None = None,
+         loops: dict[str, tuple[int, str]] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
     processes, and events newest first (a crash with how its process ended, from ``exits``); a
-    process supervisord gave up on is a reason of its pool, with its last log line (``tails``)."""
+    process supervisord gave up on is a reason of its pool, with its last log line (``tails``); a
+    pool removed from the broker's conf since it started (not in ``declared``) is named so, and a
+    process supervisord restarts in a loop (``loops``) too."""
+    loops = loops or {}
     groups = by_group(procs)
     # supervisord's pids name this host's workers only
     registered = local_pids(w for pool in snap["pools"].values() for w in pool["workers"])
@@ -101,15 +121,19 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     pools = {}
     for name, p in snap["pools"].items():
         # supervisord's view when there is one (no group: all its workers are elsewhere), as `pools status`
+        edited = str(snap["broker"].get("config") or "") if declared is not None and name not in declared else ""
         s = summarize(name, p, groups.get(name, []) if procs else None, events=events, registered=registered,
-                      silent=silent, young=young)
+                      silent=silent, young=young, edited=edited, looping=loops)
         assert s.verdict is not None  # the broker's own view: it answered
         workers = [{**w, "process": full_name(s.process_of[w["pid"]]) if is_here(w) and w["pid"] in s.process_of
                     else None, "registered": True} for w in p["workers"]]
         workers += [_unregistered(proc, phase) for proc, phase in s.unregistered]
         # the page lists every process in its state: the reasons add the last log line of those given up on
-        gone = [gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
-                for proc in s.broken if proc["statename"] in GAVE_UP]
+        gone = [restart_loop(full_name(proc), *loops[full_name(proc)], (tails or {}).get(full_name(proc), ""))
+                if full_name(proc) in loops and proc["pid"] not in silent else
+                gave_up(full_name(proc), proc["statename"], (tails or {}).get(full_name(proc), ""))
+                for proc in s.broken if proc["statename"] in GAVE_UP
+                or (full_name(proc) in loops and proc["pid"] not in silent)]
         pools[name] = {
             **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,

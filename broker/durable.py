@@ -41,12 +41,13 @@ class DurableSessions:
         self.sessions, self.pools = sessions, pools
         self.clock, self.port, self.book = clock, port, book
         self.enabled = False  # the shell has a store (else durable sessions are refused)
+        self.total_cap = 0  # its total cap in bytes, past which it refuses every write (0: none known)
         # opened, checkpoint writes stored, refused (turned plain), moves, restores sent, sessions
         # lost (a checkpoint refused)
         self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
         self.moves = SessionMoves(sessions, pools, workers, port=port, book=book, answers=answers, to_worker=to_worker,
                                   dispatch=dispatch, route=route, counters=self.counters)
-        self.writes = CheckpointWrites(sessions, clock=clock, port=port, moves=self.moves, counters=self.counters,
+        self.writes = CheckpointWrites(sessions, pools, clock=clock, port=port, moves=self.moves, counters=self.counters,
                                        core_counters=counters)
 
     # -- opening, pins, envelopes ---------------------------------------------------------------
@@ -155,7 +156,8 @@ class DurableSessions:
     def status(self) -> dict[str, Any]:
         """The ``checkpoints`` part of ``status``."""
         live = [r.durable for r in self.sessions.values() if r.durable is not None and not r.durable.off]
-        return {"enabled": self.enabled, "sessions": len(live), "bytes": sum(d.bytes for d in live), **self.counters}
+        return {"enabled": self.enabled, "sessions": len(live), "bytes": sum(d.bytes for d in live),
+                "total_cap": self.total_cap, **self.counters}
 
     # -- a restarted broker ---------------------------------------------------------------------------
     def load(self, rows: list[SessionRow]) -> None:

@@ -120,7 +120,10 @@ class Roster:
         pool = self.pools.get(pool_name)
         if pool is None:
             self.port.log(logging.ERROR, "worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
-            self._to_peer(wid, [B_DISCONNECT])
+            # said to the worker too: its log is where an operator looks when supervisord restarts it
+            self._to_peer(wid, [B_DISCONNECT, f"it does not serve pool {pool_name!r} (its pools: "
+                                f"{', '.join(self.pools)}; it reads them when it starts: restart it after "
+                                "adding a pool)".encode()])
             return None
         now = self.clock.now
         w = WorkerRecord(wid, pool, info, now, now + self.silence)

@@ -212,6 +212,7 @@ class Pool:
         self.queue_timeouts = 0  # requests that waited past queue_timeout
         self.sessions_expired = 0  # sessions closed by their idle TTL
         self.recent = RecentFailures(config.health_window)  # what the pool's health is judged on
+        self.checkpoint_error = ""  # why the checkpoint store last refused a session of the pool (its WARN says)
         self.rolling: deque[bytes] = deque()  # workers waiting for a rolling recycle
         self.recycling: bytes | None = None  # the worker being recycled now
         self.recycle_started = 0.0

@@ -29,7 +29,9 @@ from dspex.stack.health import (
     local_pids,
     proc_phase,
     proc_uptime,
+    restart_loop,
     silent_pids,
+    store_filling,
     with_exits,
     worst,
 )
@@ -117,6 +119,7 @@ class PoolsStatus:
         sc = settings.conf_of(broker)
         procs: list[dict[str, Any]] = []
         tails: dict[str, str] = {}
+        loops: dict[str, tuple[int, str]] = {}  # processes supervisord restarts in a loop
         sup_info: dict[str, Any] | None = None
         if sc is not None:
             sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
@@ -127,8 +130,13 @@ class PoolsStatus:
                     procs = sup.processes()
                     if broker is not None:
                         broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
+                    if broker is not None:  # a worker restarted again and again without registering
+                        mine = local_pids(w for pool in broker["pools"].values() for w in pool["workers"])
+                        loops = sup.restart_loops([p for p in procs if p["group"] != "broker" and p["pid"] not in mine
+                                                   and p["statename"] in ("STARTING", "RUNNING")],
+                                                  time.time() - REGISTER_GRACE_S)
                     tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
-                             if p["statename"] in ("FATAL", "BACKOFF")}
+                             if p["statename"] in ("FATAL", "BACKOFF") or full_name(p) in loops}
                     if broker is not None:  # one that answers again after a crash, which only supervisord saw
                         now = time.time()
                         for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
@@ -178,6 +186,9 @@ class PoolsStatus:
             registered.add(broker["broker"]["pid"])
             issues += [(State.WARN, refused_line(r)) for r in broker.get("refused") or []
                        if r["ago_s"] < HEALTH_WINDOW_S]
+            filling = store_filling(broker.get("checkpoints") or {})
+            if filling:
+                issues.append((State.WARN, filling))
             mismatch = foreign_broker(broker["broker"], settings.resolved_endpoint(), sc, procs) if sc else None
             if mismatch:
                 issues.append((State.DEGRADED, mismatch))
@@ -213,9 +224,17 @@ class PoolsStatus:
         # with supervisord's view, a pool without a group here has all its workers on other hosts;
         # another stack's broker (mismatch) says nothing of whether this supervisord's workers registered
         local_view = bool(sup_info and sup_info["state"] is not None)
+        # the conf this broker read its pools from at its start, as it is now: edited since (a pool
+        # added or removed, then `supervisorctl update`), it and the broker disagree until it restarts
+        served = (broker or {}).get("pools") or {}
+        read_at_start = (str(sc.path) if sc is not None and broker is not None and not mismatch
+                         and config_error is None and str(broker["broker"].get("config") or "") == str(sc.path)
+                         else "")
         pools = [self._pool(name, broker, broker_starting,
                             None if mismatch else groups.get(name, [] if local_view else None), conf_sizes,
-                            registered, tails, issues) for name in names]
+                            registered, tails, loops, issues,
+                            read_at_start if (name in conf_sizes) != (name in served) else "")
+                 for name in names]
         states = [State(p["health"]) for p in pools if p["health"] != "unknown"] + [s for s, _ in issues]
         health = worst(states)
         owner = {text: p["name"] for p in pools for text in p["reasons"]}
@@ -235,7 +254,8 @@ class PoolsStatus:
 
     def _pool(self, name: str, broker: dict[str, Any] | None, broker_starting: bool,
               group: list[dict[str, Any]] | None, conf_sizes: dict[str, int], registered: set[int],
-              tails: dict[str, str], issues: list[tuple[State, str]]) -> dict[str, Any]:
+              tails: dict[str, str], loops: dict[str, tuple[int, str]], issues: list[tuple[State, str]],
+              edited: str) -> dict[str, Any]:
         mark = len(issues)  # the issues from here on are this pool's (its "reasons")
         bp = (broker or {}).get("pools", {}).get(name)
         workers_b = bp["workers"] if bp else []
@@ -243,7 +263,8 @@ class PoolsStatus:
         silent = silent_pids(w for w in events if is_here(w))
         s = summarize(name, bp, group, events=events, registered=registered, silent=silent,
                       young=float((broker or {"broker": {}})["broker"].get("uptime_s") or 0) < REGISTER_GRACE_S,
-                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None)
+                      conf_size=conf_sizes.get(name, 0), broker_answered=broker is not None, edited=edited,
+                      looping=loops)
         workers = []
         for w in workers_b:
             proc = s.process_of.get(w["pid"]) if is_here(w) else None
@@ -252,10 +273,12 @@ class PoolsStatus:
                             "process_state": proc["statename"] if proc else None})
         for proc, phase in s.unregistered:
             if phase == "broken" and (broker is not None or proc["statename"] in ("FATAL", "BACKOFF")):
-                if proc["statename"] != "RUNNING":
-                    text = gave_up_line(tails, proc)
-                elif proc["pid"] in silent:
+                if proc["statename"] == "RUNNING" and proc["pid"] in silent:  # it registered: no loop's
                     text = silent_process(proc, name, silent[proc["pid"]])
+                elif full_name(proc) in loops:
+                    text = restart_loop(full_name(proc), *loops[full_name(proc)], tails.get(full_name(proc), ""))
+                elif proc["statename"] != "RUNNING":
+                    text = gave_up_line(tails, proc)
                 else:
                     text = (f"{full_name(proc)} is RUNNING for {proc_uptime(proc):.0f}s but not registered with the "
                             "broker (see its log)")

@@ -154,6 +154,7 @@ OUT_OF_RANGE = [  # (key, value, what the error says): values that would misbeha
     ("max_rss_mb", "-1", "max_rss_mb must be at least 0, not -1"),
     ("age_jitter", "5", "age_jitter must be between 0 and 1, not 5"),  # a negative age: a recycle storm
     ("prefetch", "-3", "prefetch must be at least 0, not -3"),
+    ("affinity", "strict", "bad value 'strict' for 'affinity' (one of strict_queue, strict_fail_fast, hint, none)"),
 ]
 
 
@@ -182,6 +183,11 @@ NO_POOL = {  # (old, new, what the error says): confs supervisord accepts whose 
                      "no workers)")),
     "section typo": ("[dspex:pool:triage_pool]", "[dspex:pol:triage_pool]",
                      "[dspex:pol:triage_pool]: not a dspex section (a pool's settings go in [dspex:pool:NAME])"),
+    # supervisord takes it, then its XML-RPC garbles every answer that names it (stop: ExpatError)
+    "non-ascii name": ("[dspex:pool:triage_pool]", "[dspex:pool:triagé]",
+                       ("[dspex:pool:triagé]: pool name 'triagé': use ASCII letters, digits, '_', '-' and '.' "
+                        "(supervisord refuses spaces, ':' and '/', and its XML-RPC garbles the answers that name "
+                        "anything not ASCII)")),
 }
 
 
@@ -216,6 +222,33 @@ def test_a_pool_of_no_workers_or_a_misspelt_section_is_refused(what: str) -> Non
             if json_out:
                 assert json.loads(res.stdout)["error"]["code"] == "config_error", res.stdout
             assert not (stack.root / "run" / "supervisord.pid").exists(), "supervisord was started"
+    finally:
+        stack.stop()
+        stack.cleanup()
+
+
+@pytest.mark.slow
+def test_an_answer_supervisord_garbles_is_one_line() -> None:
+    """A supervisord group whose name is not ASCII (a pool's name is refused so, but a group of
+    another program is supervisord's business): supervisord's XML-RPC answers that name it are cut
+    short, and ``dspexctl stop`` ended in xml.parsers.expat.ExpatError's traceback."""
+    text = small_conf_text().replace("[group:triage_pool]", "[group:triagé]").replace(
+        "programs = triage_pool", "programs = triagé").replace("[program:triage_pool]", "[program:triagé]")
+    stack = SupervisedStack(text, venv_link=False)
+    try:
+        stack.start_foreground()
+        wait_for(lambda: {p["statename"] for p in stack.processes()} == {"RUNNING"}, 60, 0.2,
+                 "the broker and the worker running")
+        res = subprocess.run([sys.executable, "-m", "dspexctl", "--json", "stop"], cwd=stack.root, env=stack.env,
+                             capture_output=True, text=True, timeout=60)
+        no_traceback(res)
+        assert res.returncode == 1, res.stdout + res.stderr
+        last = res.stderr.splitlines()[-1]
+        assert last.startswith("Error: supervisord: supervisor.stopProcessGroup: its answer could not be read "
+                               "(unclosed token: "), last
+        assert last.endswith("a process or group name that is not ASCII garbles supervisord's XML-RPC "
+                             "answers: rename it"), last
+        assert json.loads(res.stdout)["error"]["code"] == "supervisor_error", res.stdout
     finally:
         stack.stop()
         stack.cleanup()

@@ -31,7 +31,7 @@ from dspex.stack.health import (
     with_exits,
     worst,
 )
-from dspex.stack.supervisor import exit_causes, pid_alive, unexpected_exits
+from dspex.stack.supervisor import exit_causes, pid_alive, restart_loops, unexpected_exits
 from dspexctl.status import AGREEMENT_TRIES, agreeing_views
 from tests.harness import REPO, base_env, wait_for
 from tests.harness.supervisord import SupervisedStack, dashboard_status
@@ -59,6 +59,33 @@ def test_a_programs_unexpected_exits_are_those_after_it_started_and_in_the_windo
     at = datetime.datetime(2026, 12, 7, 18, 38, 29, 670000).timestamp()
     assert unexpected_exits(log, "broker", 0) == [(101, at, "terminated by SIGKILL")]
     assert unexpected_exits(log, "broker", at + 1) == []
+
+
+def test_a_restart_loop_is_two_unexpected_exits_in_the_window_not_an_operators_kills() -> None:
+    """A worker supervisord restarted after two exits it did not expect is looping; two
+    ``workers recycle --hard`` of it (SIGKILLs noted as the operator's) are not a loop."""
+    log = """\
+2026-12-07 18:38:20,000 INFO spawned: 'a_00' with pid 200
+2026-12-07 18:38:21,100 INFO success: a_00 entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:22,000 WARN exited: a_00 (exit status 3; not expected)
+2026-12-07 18:38:22,100 INFO spawned: 'a_00' with pid 201
+2026-12-07 18:38:23,200 INFO success: a_00 entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:24,000 WARN exited: a_00 (exit status 3; not expected)
+2026-12-07 18:38:24,100 INFO spawned: 'a_00' with pid 202
+2026-12-07 18:38:20,000 INFO spawned: 'b_00' with pid 300
+2026-12-07 18:38:21,100 INFO success: b_00 entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:22,000 WARN exited: b_00 (terminated by SIGKILL; not expected)
+2026-12-07 18:38:22,100 INFO spawned: 'b_00' with pid 301
+2026-12-07 18:38:23,200 INFO success: b_00 entered RUNNING state, process has stayed up for > than 1 seconds (startsecs)
+2026-12-07 18:38:24,000 WARN exited: b_00 (terminated by SIGKILL; not expected)
+2026-12-07 18:38:24,100 INFO spawned: 'b_00' with pid 302
+"""
+    procs = [{"group": "a", "name": "a_00"}, {"group": "b", "name": "b_00"}]
+    since = datetime.datetime(2026, 12, 7, 18, 38, 0).timestamp()
+    assert restart_loops(log, procs, since, killed={300: "b:b_00", 301: "b:b_00"}) == {"a:a_00": (2, "exit status 3")}
+    assert restart_loops(log, procs, since, killed={}) == {"a:a_00": (2, "exit status 3"),
+                                                          "b:b_00": (2, "terminated by SIGKILL")}
+    assert restart_loops(log, procs, since + 23, killed={}) == {}  # one exit in the window: a crash, not a loop
 
 
 @pytest.mark.parametrize("facts, state", [

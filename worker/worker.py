@@ -240,6 +240,9 @@ class Worker:
             session_id = frames[1].bytes.decode(errors="replace")
             n = self.book.release(session_id)
             log.debug("released session %s (%d refs)", session_id[:8], n)
+        elif command == B_DISCONNECT and len(frames) >= 2:  # turned away at its READY, with why
+            log.error("the broker turned this worker away: %s", frames[1].bytes.decode(errors="replace"))
+            self.request_stop()
         elif command == B_DISCONNECT:
             log.info("broker asked us to exit (recycle); finishing current work")
             self.request_stop()

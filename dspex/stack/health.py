@@ -33,15 +33,18 @@ SERVICE, USER, RECYCLE = "service", "user", "recycle"
 # failures that are the service's: a worker crash (the event itself, "crash"), a call lost in one,
 # a call that waited past its queue timeout or was refused because the queue (or the broker's
 # session table) was full, a call the worker stopped at its deadline, an internal error
+# a durable session turned plain because the broker's checkpoint store refused its write (full,
+# past its total cap, a disk error): its own size past the per-session cap is the caller's
+CHECKPOINT_REFUSED = "checkpoint_refused"
 SERVICE_FAILURES = frozenset({"crash", "worker_crashed", "queue_timeout", "pool_saturated", "session_quota",
-                              "timeout", "internal_error"})
+                              "timeout", "internal_error", CHECKPOINT_REFUSED})
 # an answer to a session whose pinned worker left: the operator's when it was recycled or stopped
 WORKER_GONE = "session_worker_unavailable"
 # what each code is called in a reason line
 LABELS = {"crash": "worker crash", "worker_crashed": "call lost in a crash", "queue_timeout": "queue timeout",
           "pool_saturated": "refused (queue full)", "session_quota": "refused (session limit)",
           "timeout": "call stopped at its deadline", "internal_error": "internal error",
-          WORKER_GONE: "session whose worker crashed"}
+          WORKER_GONE: "session whose worker crashed", CHECKPOINT_REFUSED: "checkpoint not kept"}
 
 
 def failure_kind(code: str, worker_left_cleanly: bool = True) -> str:
@@ -196,18 +199,43 @@ def gave_up(name: str, state: str, tail: str) -> str:
     return f"{name} is {state}" + (f" (last log line: {tail})" if tail else "")
 
 
+def store_filling(checkpoints: Mapping[str, Any]) -> str | None:
+    """The broker's checkpoint store at ``WARN_QUEUE_FILL`` of its total cap or more (its status's
+    ``checkpoints``), in words: past the cap every durable session's next checkpoint is refused."""
+    held, cap = int(checkpoints.get("bytes") or 0), int(checkpoints.get("total_cap") or 0)
+    if not cap or held < WARN_QUEUE_FILL * cap:
+        return None
+    return (f"the checkpoint store holds {fmt_size(held)} of its {fmt_size(cap)} total cap ({held / cap:.0%}): past it, every "
+            "durable session's next checkpoint is refused (raise --checkpoint-total-cap, or close durable sessions)")
+
+
+def fmt_size(n: int) -> str:
+    """Bytes as the checkpoint store's messages say them: 4.5 KB, 64.0 MB."""
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+
+
+def restart_loop(name: str, exits: int, how: str, tail: str) -> str:
+    """A process supervisord restarts in a loop, with how it last ended and its last log line."""
+    return (f"{name} restarts in a loop: supervisord restarted it {exits} times in the last "
+            f"{fmt_window(REGISTER_GRACE_S)} (last exit: {how})" + (f"; its last log line: {tail}" if tail else ""))
+
+
 def proc_uptime(proc: Mapping[str, Any]) -> float:
     return float(max(0, proc["now"] - proc["start"])) if proc["statename"] == "RUNNING" else 0.0
 
 
-def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[int] = ()) -> str:
+def proc_phase(proc: Mapping[str, Any], registered: set[int], silent: Container[int] = (),
+               looping: Container[str] = ()) -> str:
     """``registered`` (the broker lists its pid), ``starting`` (supervisord says STARTING, or
     RUNNING for under REGISTER_GRACE_S while it imports dspy) or ``broken`` (anything else, and a
-    RUNNING process the broker dropped for ``silent``)."""
+    RUNNING process the broker dropped for ``silent``, and a process of a restart loop: ``looping``
+    full names, :meth:`dspex.stack.supervisor.Supervisor.restart_loops`)."""
     state = proc["statename"]
     if state in ("RUNNING", "STARTING") and proc["pid"] in registered:
         return "registered"
     if state == "RUNNING" and proc["pid"] in silent:
+        return "broken"
+    if f"{proc['group']}:{proc['name']}" in looping:  # a new process of a restart loop: not coming up
         return "broken"
     if state == "STARTING" or (state == "RUNNING" and proc_uptime(proc) < REGISTER_GRACE_S):
         return "starting"
@@ -239,6 +267,11 @@ class PoolFacts:
     free: int | None = None  # of ``up``, workers with a free slot (None: not known)
     away: int = 0  # registered workers whose connection closed, waited for on a new one
     recycling: str = ""  # the worker a rolling recycle replaces now (its id), "" when none
+    # the supervisor.conf the broker started with, when it was edited since for this pool: the pool
+    # is declared there but the broker does not serve it (``added``) or the other way round
+    conf_edited: str = ""
+    added: bool = False
+    checkpoint_error: str = ""  # why the checkpoint store last refused a durable session of the pool
 
 
 @dataclass(frozen=True)
@@ -251,7 +284,15 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
     """The pool's state and why (one reason per line an operator should read)."""
     reasons: list[str] = []
     where = ""
-    if f.here is not None and f.expected > f.here:
+    restart = f"restart the broker (supervisorctl -c {f.conf_edited} restart broker)"
+    if f.conf_edited and f.added:  # whatever supervisord does with its workers, none can register
+        return Verdict(State.DOWN, [(f"{name} is in {f.conf_edited} but the broker does not serve it: it read its "
+                                    f"pools when it started, so it turns the pool's workers away; {restart}, then "
+                                    "dspexctl pools start")])
+    if f.conf_edited:  # not workers of other hosts: nobody will start any
+        where = (f": it is not in {f.conf_edited} any more, but the broker still serves it from the conf it "
+                 f"started with; {restart} to drop it")
+    elif f.here is not None and f.expected > f.here:
         where = f" ({f.here} here, {f.expected - f.here} expected from other hosts)"
     lost = "".join(f"; {phrase}" for phrase in f.lost)
     if f.away:
@@ -281,6 +322,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         window = fmt_window(f.window_s)
         parts = ", ".join(f"{LABELS.get(code, code)} ×{n}" for code, n in sorted(failed.items(), key=lambda kv: -kv[1]))
         crash = f"; last crash: {f.last_crash}" if f.last_crash and failed.get("crash") else ""
+        if f.checkpoint_error and failed.get(CHECKPOINT_REFUSED):
+            crash += f"; last: {f.checkpoint_error}"
         reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts}{crash} "
                        f"(clears after {window} without one)")
     if reasons:
@@ -298,7 +341,7 @@ def _starting(name: str, f: PoolFacts) -> str:
 
 def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starting: int = 0,
                       broken: int = 0, here: int | None = None, lost: Iterable[Lost] = (),
-                      last_crash: str = "") -> PoolFacts:
+                      last_crash: str = "", conf_edited: str = "", added: bool = False) -> PoolFacts:
     """PoolFacts from one pool of the broker's status (its queue and its recent failures). A
     registered worker still importing dspy counts as starting, not up: whether it can do its job
     is not known yet."""
@@ -312,7 +355,8 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      oldest_wait_s=pool.get("oldest_wait_s"), queue_timeout=pool.get("queue_timeout"),
                      free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
                      away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"),
-                     recycling=str(pool.get("recycling") or "")[:8])
+                     recycling=str(pool.get("recycling") or "")[:8], conf_edited=conf_edited, added=added,
+                     checkpoint_error=str(pool.get("checkpoint_error") or ""))
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:

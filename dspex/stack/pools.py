@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def _apply(cfg: PoolConfig, key: str, value: str, where: str) -> None:
         else:
             raise ConfigError(f"{where}: unknown pool setting {key!r}")
     except (KeyError, ValueError):
-        raise ConfigError(f"{where}: bad value {value!r} for {key!r}") from None
+        one_of = f" (one of {', '.join(a.value for a in Affinity)})" if key == "affinity" else ""
+        raise ConfigError(f"{where}: bad value {value!r} for {key!r}{one_of}") from None
     if key in _RANGES:
         _check_range(key, getattr(cfg.recycle if key in _RECYCLE_KEYS else cfg, key), where)
 
@@ -121,6 +123,10 @@ def parse_pool_spec(spec: str) -> PoolConfig:
     return cfg
 
 
+# a pool's name is its supervisord group's and processes' too
+_SUPERVISOR_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def load_pools(conf_path: str | Path) -> list[PoolConfig]:
     """The ``[dspex:pool:NAME]`` sections of a supervisor.conf, in file order."""
     path = Path(conf_path)
@@ -132,7 +138,12 @@ def load_pools(conf_path: str | Path) -> list[PoolConfig]:
             raise ConfigError(f"{path} [{section}]: not a dspex section (a pool's settings go in "
                               f"[{SECTION_PREFIX}NAME])")
         if section.startswith(SECTION_PREFIX):
-            cfg = PoolConfig(section[len(SECTION_PREFIX):])
+            name = section[len(SECTION_PREFIX):]
+            if not _SUPERVISOR_NAME.fullmatch(name):
+                raise ConfigError(f"{path} [{section}]: pool name {name!r}: use ASCII letters, digits, '_', '-' and "
+                                  "'.' (supervisord refuses spaces, ':' and '/', and its XML-RPC garbles the answers "
+                                  "that name anything not ASCII)")
+            cfg = PoolConfig(name)
             for key, value in parser.items(section):
                 _apply(cfg, key, value, f"{path} [{section}]")
             check_pool(cfg, f"{path} [{section}]")

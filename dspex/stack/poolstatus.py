@@ -54,20 +54,26 @@ def latency(pool: Mapping[str, Any] | None, key: str) -> float | None:
 
 def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,
               events: Sequence[Mapping[str, Any]], registered: set[int], silent: Container[int],
-              young: bool, conf_size: int = 0, broker_answered: bool = True) -> PoolSummary:
+              young: bool, conf_size: int = 0, broker_answered: bool = True,
+              edited: str = "", looping: Container[str] = ()) -> PoolSummary:
     """Pool ``name``: ``pool`` its part of the broker's status (None: the broker does not list
     it); ``group`` the pool's processes of this host's supervisord (None: supervisord's view is not
     known; empty: all its workers are on other hosts); ``registered`` the pids of this host's
     registered workers of every pool; ``silent`` the pids the broker dropped for silence;
     ``young``: the broker started lately (workers of other hosts it has not heard from yet are
-    starting); ``conf_size`` the pool's size in the dspex config (0: not known)."""
+    starting); ``conf_size`` the pool's size in the dspex config (0: not known); ``edited``: the
+    supervisor.conf the broker started with, when the pool is in that file now but not among the
+    broker's pools (``pool`` None), or the other way round (then said only while this host runs
+    none of its processes: ``supervisorctl update`` removed them); ``looping`` the full names of
+    processes supervisord restarts in a loop (broken, not starting)."""
     bp = pool or {}
     workers = list(bp.get("workers") or [])
     lost: list[Lost] = []
     starting = 0
     if group is not None and broker_answered:
         group_pids = {p["pid"] for p in group if p["pid"]}
-        expected, starting, lost = other_hosts(bp, name, group_pids, len(group), events, young)
+        # a pool removed from the conf: the workers its size counts elsewhere are not coming
+        expected, starting, lost = other_hosts(bp, name, group_pids, len(group), events, young and not edited)
     elif group is not None:
         expected = max(len(group), conf_size)
     else:
@@ -76,7 +82,8 @@ def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] |
     ready = sum(1 for w in workers if w["state"] == "ready")
     busy = sum(1 for w in workers if w["state"] == "busy")
     seen = local_pids(workers)
-    unregistered = [(p, proc_phase(p, registered, silent)) for p in group or [] if not (p["pid"] and p["pid"] in seen)]
+    unregistered = [(p, proc_phase(p, registered, silent, looping)) for p in group or []
+                    if not (p["pid"] and p["pid"] in seen)]
     starting += sum(1 for _, phase in unregistered if phase == "starting")
     broken = [p for p, phase in unregistered if phase == "broken"]
     by_pid = {p["pid"]: p for p in group or [] if p["pid"]}
@@ -84,7 +91,9 @@ def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] |
     if broker_answered:
         verdict = pool_state(name, facts_from_status(bp, expected=expected, up=ready + busy, starting=starting,
                                                      broken=len(broken), here=None if group is None else len(group),
-                                                     lost=lost, last_crash=last_crash(events, name)))
+                                                     lost=lost, last_crash=last_crash(events, name),
+                                                     conf_edited=edited if pool is None or not group else "",
+                                                     added=pool is None))
     return PoolSummary(
         expected=expected, ready=ready - sum(1 for w in workers if w["state"] == "ready" and w.get("preparing")),
         busy=busy, draining=sum(1 for w in workers if w["state"] == "draining"), up=ready + busy - preparing,

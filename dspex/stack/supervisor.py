@@ -20,6 +20,7 @@ import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+from xml.parsers.expat import ExpatError
 
 from dspex.wire.errors import ConfigError, DidNotRun, MayHaveRun, UsageError
 from dspex.wire.sockets import UNIX_PATH_MAX
@@ -168,6 +169,11 @@ class Supervisor:
                     raise SupervisorNoSuchProcess(f"supervisord: {method}: no process or group {name!r}",
                                                   fault=fault.faultCode) from None
                 raise SupervisorError(f"supervisord: {method}: {fault.faultString}", fault=fault.faultCode) from None
+            except ExpatError as exc:  # supervisord counts characters, not bytes: a non-ASCII name cuts it short
+                self._transport.close()
+                raise SupervisorError(f"supervisord: {method}: its answer could not be read ({exc}); a process or "
+                                      "group name that is not ASCII garbles supervisord's XML-RPC answers: "
+                                      "rename it") from None
             except (OSError, xmlrpc.client.ProtocolError) as exc:
                 self._transport.close()
                 where = self.conf.serverurl
@@ -225,6 +231,17 @@ class Supervisor:
     def unexpected_exits(self, name: str, since: float) -> list[tuple[int, float, str]]:
         """:func:`unexpected_exits` of program ``name`` in supervisord's log."""
         return unexpected_exits(self.tail(), name, since)
+
+    def restart_loops(self, procs: list[dict[str, Any]], since: float) -> dict[str, tuple[int, str]]:
+        """:func:`restart_loops` of ``procs`` in supervisord's log (one read; {} when it cannot be
+        read, or nothing to look for)."""
+        if not procs:
+            return {}
+        try:
+            text = str(self.call("supervisor.readLog", -65536, 0))
+        except (SupervisorError, SupervisorNoSuchProcess):
+            return {}
+        return restart_loops(text, procs, since, self.killed())
 
     def signal(self, name: str, sig: str) -> None:
         self.call("supervisor.signalProcess", name, sig)
@@ -319,6 +336,19 @@ def unexpected_exits(log_text: str, name: str, since: float) -> list[tuple[int, 
             if when >= since:
                 found.append((pid, when, m["how"]))
     return found
+
+
+def restart_loops(log_text: str, procs: list[dict[str, Any]], since: float, killed: dict[int, str],
+                  at_least: int = 2) -> dict[str, tuple[int, str]]:
+    """Of ``procs``, those supervisord restarted after ``at_least`` exits it did not expect since
+    ``since`` (each after startsecs, so it never goes BACKOFF or FATAL; an operator's kill,
+    ``killed`` by pid, is no loop's): full name -> (exits, how the last one ended)."""
+    loops = {}
+    for p in procs:
+        exits = [e for e in unexpected_exits(log_text, p["name"], since) if e[0] not in killed]
+        if len(exits) >= at_least:
+            loops[full_name(p)] = (len(exits), exits[-1][2])
+    return loops
 
 
 def by_group(procs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ Backend (worker DEALER -> broker ROUTER); the first frame starts with a one-byte
                        [W_CHECKPOINT + ok + req_id + client_id, checkpoint meta, *checkpoint, reply_header, *payload]
     broker -> worker:  [B_REQUEST + budget + client_id, (restore meta, *checkpoint,) request_header, *payload]
                        [B_HEARTBEAT]
-                       [B_DISCONNECT] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
+                       [B_DISCONNECT] | [B_DISCONNECT, why] | [B_RELEASE_SESSION, session_id] | [B_REREGISTER]
                        [B_CANCEL | B_CREDIT, client_id, msgpack [req_id, n]] | [B_BYE] | [B_SYNC, sync]
 
 The headers and envelopes of those frames are packed by :mod:`dspex.wire.headers`; the ops, each

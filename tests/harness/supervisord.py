@@ -229,10 +229,12 @@ def small_conf_text(pools: dict[str, int] | None = None, startretries: int = 1,
 
 
 @contextlib.contextmanager
-def small_stack(pools: dict[str, int], **settings: dict[str, str]) -> Iterator[SupervisedStack]:
-    """A :class:`SupervisedStack` of :func:`small_conf_text` under supervisord in the foreground,
-    yielded once each pool has its workers ready (their dspy import over); stopped and removed after."""
-    s = SupervisedStack(small_conf_text(pools, **settings))
+def small_stack(pools: dict[str, int], *, conf_text: str | None = None,
+                **settings: dict[str, str]) -> Iterator[SupervisedStack]:
+    """A :class:`SupervisedStack` of :func:`small_conf_text` (or ``conf_text``, whose pools are
+    ``pools``) under supervisord in the foreground, yielded once each pool has its workers ready
+    (their dspy import over); stopped and removed after."""
+    s = SupervisedStack(conf_text if conf_text is not None else small_conf_text(pools, **settings))
     try:
         s.start_foreground()
 
