@@ -98,7 +98,9 @@ class Op(str, enum.Enum):
              "\"checkpoints\"}` (`config`: the broker's supervisor.conf, so `dspexctl` can tell which stack answers; "
              "`checkpoints`: the durable sessions' store file, absent without one)"))
     STATUS = ("status", Side.BROKER, (), ("ClientAPI.status",),
-              "pools, workers, counters (what `dspexctl pools status --json` prints)")
+              ("pools, workers, counters (what `dspexctl pools status --json` prints), and `refused`: the peers a "
+               "TCP broker's CURVE allow-lists refused (`plane`, `address`, `key`, `allowed`, `count`, `ago_s`; "
+               "newest first)"))
     SESSIONS = ("sessions", Side.BROKER, (_arg("pool", str, default=""),), ("ClientAPI.sessions",),
                 ("`[{\"id\", \"pool\", \"worker\", \"worker_alive\", \"calls\", \"idle_s\", \"created\", "
                  "\"durable\", \"checkpoint_bytes\", \"checkpoint_age_s\", \"no_longer_durable\"}]` (and `\"owner\"`, the CURVE key that opened "
