@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import secrets
 import shutil
+import signal
 import sys
 import textwrap
 import types
@@ -19,6 +20,12 @@ from typing import Any
 import pytest
 
 from tests.harness import Stack, short_tmpdir
+
+# A runner a non-interactive shell started in the background (``pytest &`` in a CI script) has
+# SIGINT ignored, and Python then raises no KeyboardInterrupt, in this process or in the clients it
+# starts (they inherit the ignore): the Ctrl-C tests need Ctrl-C to arrive as it does at a terminal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

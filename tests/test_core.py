@@ -1028,6 +1028,7 @@ def test_random_events_keep_pins_and_queue_counts_consistent(mode: str) -> None:
     assert len(replies) == len(set(replies)), "one answer per request"
 
 
+@pytest.mark.timeout(60)  # (tracemalloc slows the 4000 calls down: seconds on a loaded machine)
 def test_an_idle_session_costs_the_core_a_few_hundred_bytes() -> None:
     """What the core keeps per session after its one call (scale.idle holds 100k of them): the
     record, its id, its times and its entry in the book; its ``touched`` is its worker's shared

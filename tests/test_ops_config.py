@@ -469,21 +469,28 @@ def test_keys_generate_says_how_each_side_uses_the_keys_it_wrote(here: Path) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_pools_stop_that_runs_out_of_its_wait_exits_8_naming_what_still_stops() -> None:
-    """``pools stop --wait 1`` while a worker finishes a 6 s call: the exit code of every command
-    whose --wait runs out (8), one line naming the process still stopping, ``--json``'s error
-    document; and it returns when its wait is over, not once the worker is gone."""
+    """``pools stop --wait 1`` while a worker finishes a call (held until both commands returned:
+    on a loaded machine each takes seconds): the exit code of every command whose --wait runs out
+    (8), one line naming the process still stopping, ``--json``'s error document; and it returns
+    when its wait is over, not once the worker is gone."""
     from tests.harness.supervisord import dspexctl, small_stack
 
     with small_stack({"triage_pool": 1}) as stack, stack.client(60) as dx:
         s = dx.session("triage_pool")
-        s.exec("import pathlib, time\ndef slow(started):\n    pathlib.Path(started).touch()\n    time.sleep(6)\n")
-        started = os.path.join(stack.root, "started")
-        call = dx.submit(lambda: s.eval("slow(p)", {"p": started}))
+        s.exec("import os, time\n"
+               "def held(started, release):\n"
+               "    open(started, 'w').close()\n"
+               "    deadline = time.monotonic() + 25\n"  # (within the worker's stopwaitsecs, 30)
+               "    while not os.path.exists(release) and time.monotonic() < deadline:\n"
+               "        time.sleep(0.05)\n")
+        started, release = os.path.join(stack.root, "started"), os.path.join(stack.root, "release")
+        call = dx.submit(lambda: s.eval("held(a, b)", {"a": started, "b": release}))
         wait_for(lambda: os.path.exists(started), 20, 0.05, "the call running")
         res = dspexctl(stack, "pools", "stop", "--wait", "1")
         assert not call.done(), "the command waited past its --wait, until the worker was gone"
         again = dspexctl(stack, "--json", "pools", "stop", "--wait", "1")
         assert not call.done()
+        open(release, "w").close()
         assert call.result(30) is None, "supervisord let the worker finish its call"
         for r in (res, again):
             no_traceback(r)

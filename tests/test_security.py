@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -13,8 +14,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq.auth
@@ -24,7 +26,7 @@ import dspex
 import dspex.aio
 from dspexctl.cli import main
 from dspexctl.keys import generate
-from tests.harness import PY, REPO, Stack, base_env, free_port, wait_for
+from tests.harness import PY, REPO, Stack, WaitTimeout, base_env, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -112,6 +114,49 @@ def test_curve_allows_known_keys_and_refuses_others(stack: Stack, monkeypatch: p
     monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
     with dspex.connect(stack.frontend, timeout=10) as dx:
         assert len(dx.status()["pools"]["p"]["workers"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_key_refused_before_the_first_send_is_refused_at_once(stack: Stack, monkeypatch: pytest.MonkeyPatch,
+                                                                 kind: str) -> None:
+    """On a loaded machine the broker can refuse the handshake before the request's first send:
+    zmq has dropped the socket's only pipe then, and the send, which would wait for one, must end
+    with the refusal (Refused: nothing ran), not wait out its timeout (BrokerUnreachable)."""
+    curve_stack(stack)
+    stranger = generate(Path(stack.root, "x"), peers=("stranger",))
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", str(Path(stack.root, "k", "broker.key")))
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(stranger["stranger"]))
+
+    log = Path(stack.root, "broker.log")
+
+    def refused_first(connect: Callable[[], tuple[Any, Any]]) -> Callable[[], tuple[Any, Any]]:
+        def connected() -> tuple[Any, Any]:
+            refusals = log.read_text().count("refused a CURVE peer")
+            sock, monitor = connect()
+            wait_for(lambda: log.read_text().count("refused a CURVE peer") > refusals, what="the broker's refusal")
+            # the refusal (an ERROR) takes the pipe with it: the socket cannot queue a message. (When
+            # the connection's close overtook the ERROR, zmq keeps the pipe and reconnects: the send
+            # queues, and the refusal reaches the waiting request.)
+            with contextlib.suppress(WaitTimeout):
+                wait_for(lambda: not sock.get(zmq.EVENTS) & zmq.POLLOUT, timeout=5, what="the pipe gone")
+            return sock, monitor
+        return connected
+
+    timeout = 30.0
+    started = time.monotonic()
+    with pytest.raises(dspex.Refused, match="the broker refused this client's key.*did not run"):
+        if kind == "sync":
+            with dspex.connect(stack.frontend, timeout=timeout) as dx:
+                monkeypatch.setattr(dx, "_connect", refused_first(dx._connect))
+                dx.ping()
+        else:
+            async def ping() -> None:
+                async with dspex.aio.connect(stack.frontend, timeout=timeout) as adx:
+                    monkeypatch.setattr(adx, "_connect", refused_first(adx._connect))
+                    await adx.ping()
+
+            asyncio.run(ping())
+    assert time.monotonic() - started < timeout / 2
 
 
 def test_keys_generate_cli(short_tmp: str) -> None:

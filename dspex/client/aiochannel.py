@@ -52,6 +52,9 @@ class AsyncChannel:
         self.replaced = 0  # sockets replaced after their connection broke
         self._sock: zmq.asyncio.Socket | None = None  # made by the first request
         self._monitor: zmq.asyncio.Socket | None = None
+        # done when the broker refused the socket's key: zmq drops the socket's pipe with the
+        # handshake, and a send waiting for one would wait out its timeout
+        self._refused: asyncio.Future[None] | None = None
 
     @property
     def open_sockets(self) -> int:
@@ -122,6 +125,8 @@ class AsyncChannel:
         self._drop_seen = time.monotonic()
         # a failed CURVE handshake: nothing was sent, and the reason is the key, not the network
         self.fail_all((LOST, "", []) if why is CONNECTION_LOST else (REFUSED, why, []))
+        if why is not CONNECTION_LOST and self._refused is not None and not self._refused.done():
+            self._refused.set_result(None)
 
     def _drop_seen_now(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> bool:
         """Read what the monitor holds that the watcher has not read yet (it runs when the loop
@@ -160,6 +165,7 @@ class AsyncChannel:
             self._tasks, self.broken, self._up = [], False, False
         if not self._tasks:
             loop = self._loop = asyncio.get_running_loop()
+            self._refused = loop.create_future()
             self._tasks = [loop.create_task(self._read_loop(sock)), loop.create_task(self._watch(sock, monitor))]
         return sock
 
@@ -184,17 +190,26 @@ class AsyncChannel:
         close_monitored(sock, monitor)
 
     async def send(self, frames: list[Any], timeout: float) -> None:
-        """Send within ``timeout``. A send that times out queued nothing: the socket stays in use."""
-        assert self._sock is not None
+        """Send within ``timeout``. A send that times out queued nothing: the socket stays in use.
+        One the broker's refusal of the socket's key ends returns unsent: the refusal waits in the
+        queue of every pending request (``_dropped``), which reads it next."""
+        assert self._sock is not None and self._refused is not None
         try:
             sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, copy=len(frames) <= 2))
-            if sent.done():  # the usual case: no wait_for (on 3.11 it may swallow a cancellation)
+            if sent.done():  # the usual case: no wait (on 3.11 wait_for may swallow a cancellation)
                 sent.result()
                 return
-            await asyncio.wait_for(sent, timeout if timeout > 0 else None)
-        except TimeoutError:
-            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
-                                    "reading): nothing was sent") from None
+            try:
+                await asyncio.wait((sent, self._refused), timeout=timeout if timeout > 0 else None,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sent.cancel()  # (unless it went out) a timeout, a refusal, a cancellation: nothing is queued
+            if sent.done() and not sent.cancelled():
+                sent.result()
+                return
+            if not self._refused.done():
+                raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
+                                        "reading): nothing was sent")
         except zmq.ZMQError as exc:
             self.broken = True
             raise BrokerUnreachable(f"cannot send to {self.endpoint}: {exc}") from None

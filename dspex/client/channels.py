@@ -90,7 +90,7 @@ class Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
 
     __slots__ = ("abandoned", "broken", "curve", "ids", "monitor", "monitor_due", "monitor_fd", "poller", "refused",
-                 "sndtimeo", "sock", "up")
+                 "sock", "up")
 
     def __init__(self, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.sock = sock
@@ -110,7 +110,6 @@ class Channel:
             self.poller.register(fd, select.POLLIN)
         self.ids = itertools.count(1)  # per socket: a late reply to an earlier request never matches
         self.refused = False  # the broker refused our CURVE key (nothing we send can run)
-        self.sndtimeo = 0  # the socket's SNDTIMEO as last set (0: never set, zmq's default -1)
         self.up = False  # a handshake with the broker completed and its connection did not drop since
         self.abandoned = Abandoned()  # read when the channel's next request waits
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 import time
 import weakref
@@ -96,18 +97,30 @@ class Client(ClientAPI[Session], Closing):
             return end.value  # type: ignore[no-any-return]
 
     # -- the request/reply loop (its meaning is dspex.client.exchange.Exchange) -------------------------
-    def _send(self, ch: Channel, frames: list[Any], timeout: float) -> None:
-        """Send within ``timeout`` (a broker that stops reading must not hang the caller); one that
-        times out queued nothing (zmq takes a message whole or not at all)."""
+    def _send(self, ch: Channel, frames: list[Any], ex: Exchange) -> None:
+        """Send within ``ex.timeout`` (a broker that stops reading must not hang the caller); one that
+        times out queued nothing (zmq takes a message whole or not at all). A refused CURVE key ends
+        the wait at once: zmq drops the socket's pipe with the failed handshake, and a send would wait
+        for a pipe until its timeout."""
+        copy = len(frames) <= 2
+        deadline = time.monotonic() + ex.timeout if ex.timeout > 0 else math.inf
         try:
-            ms = max(1, int(timeout * 1000)) if timeout > 0 else -1
-            if ms != ch.sndtimeo:  # the same for most requests: one setsockopt less per call
-                ch.sock.setsockopt(zmq.SNDTIMEO, ms)
-                ch.sndtimeo = ms
-            send_frames(ch.sock, frames, copy=len(frames) <= 2)
-        except zmq.Again:
-            raise BrokerUnreachable(f"could not send to {self.endpoint} within {timeout:g}s (the broker is not "
-                                    "reading): nothing was sent") from None
+            while True:
+                try:
+                    send_frames(ch.sock, frames, zmq.NOBLOCK, copy)
+                    return
+                except zmq.Again:
+                    pass
+                why = ch.disconnected()
+                if ch.refused:
+                    ch.broken = True
+                    raise self._refused(why, ex.op)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnreachable(f"could not send to {self.endpoint} within {ex.timeout:g}s (the broker "
+                                            "is not reading): nothing was sent")
+                # the socket's FD fires when it can take a message again, the monitor's at a refusal
+                ch.poller.poll(min(int(remaining * 1000) + 1, CANCEL_CHECK_MS))
         except zmq.ZMQError as exc:
             ch.broken = True
             if self._sockets.closed:
@@ -180,7 +193,7 @@ class Client(ClientAPI[Session], Closing):
         sent = ended = False  # the request is out / its final reply came
         sending = True  # a send is under way: an interrupt may cut it in two
         try:
-            self._send(ch, ex.frames(req_id, worker), ex.timeout)
+            self._send(ch, ex.frames(req_id, worker), ex)
             sent, sending = True, False
             deadline = time.monotonic() + ex.wait
             while True:
@@ -189,7 +202,7 @@ class Client(ClientAPI[Session], Closing):
                 kind, value, credit = ex.feed(*reply)
                 if credit:
                     sending = True
-                    self._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex.timeout)
+                    self._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, req_id, credit), ex)
                     sending = False
                 if kind == "done":
                     return value
@@ -241,7 +254,7 @@ class Client(ClientAPI[Session], Closing):
         ch = self._sockets.checkout(self._connect)
         try:
             req_id = next(ch.ids)
-            self._send(ch, ex.frames(req_id, worker), ex.timeout)
+            self._send(ch, ex.frames(req_id, worker), ex)
         except BaseException as exc:
             ch.broken = ch.broken or isinstance(exc, KeyboardInterrupt)  # maybe half a message
             self._sockets.checkin(ch)
@@ -366,14 +379,13 @@ class Stream(StreamAPI, Closing):
                         raise
                     # nothing ran: the same request again, in full
                     self._req_id, ended, sending = next(ch.ids), False, True
-                    client._send(ch, ex.frames(self._req_id, self._worker), ex.timeout)
+                    client._send(ch, ex.frames(self._req_id, self._worker), ex)
                     sending = False
                     continue
                 self._started = True
                 if credit:
                     sending = True
-                    client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit),
-                                 ex.timeout)
+                    client._send(ch, control_frames(Op.CREDIT, ex.pool, ex.session, self._req_id, credit), ex)
                     sending = False
                 if kind == "item":
                     return value
@@ -412,8 +424,7 @@ class Stream(StreamAPI, Closing):
             raise UsageError("a Stream must be closed on the thread that started it")
         cancelled = False
         try:
-            self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0),
-                               ex.timeout)
+            self._client._send(self._ch, control_frames(Op.CANCEL, ex.pool, ex.session, self._req_id, 0), ex)
             cancelled = True
             while True:  # drain until the final reply (the Cancelled error) arrives
                 next(self)
