@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -154,9 +155,11 @@ def test_offline_lm_travels_by_value_to_a_worker_that_cannot_import_it(stack: St
     s.call("dspy", "configure", kwargs={"lm": lm})
     pred = s.run(lambda: __import__("dspy").Predict("ticket -> category, urgency")(ticket="Refund still missing."))
     assert (pred.category, pred.urgency) == ("billing", "medium")
-    # never imported there, by value: no module loaded from a file under that name (the entry the
-    # worker makes for a user module sent by value is a view of the session's copy: no file)
-    assert s.eval("getattr(__import__('sys').modules.get('offline_lm'), '__file__', None)") is None
+    # never imported there, by value: the worker's module of that name is a view of the session's
+    # copy of the client's module, whose __file__ is the client's file (as in-process), never the
+    # shadow file this worker would import
+    assert s.eval("getattr(__import__('sys').modules.get('offline_lm'), '__file__', None)") == \
+        sys.modules[offline_lm.__module__].__file__ != str(shadow / "offline_lm.py")
 
 
 NATIVE_VALUES = [
