@@ -183,6 +183,10 @@ class ServerWatch:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(5)
+        if not self._thread.is_alive():
+            # a last look: a run may end (its calls answered) before the thread's next look saw
+            # the server back, which left the outage open, its length unknown
+            self._look()
 
     def outages(self) -> list[dict[str, Any]]:
         """``{"down_at", "up_at", "seconds"}`` per outage (``up_at``/``seconds`` None while still down)."""
@@ -199,16 +203,19 @@ class ServerWatch:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            up, why = self._accepts()
-            now = time.monotonic()
-            if not up and self._down_since is None:
-                self._down_since = now
-                self._outages.append({"down_at": time.strftime("%H:%M:%S"), "up_at": None, "seconds": None,
-                                      "error": why})
-                self.out(f"  ! LM server {self.where} is down ({why}) since {time.strftime('%H:%M:%S')}: "
-                         "dspy retries the calls it refuses")
-            elif up and self._down_since is not None:
-                down = now - self._down_since
-                self._outages[-1].update(up_at=time.strftime("%H:%M:%S"), seconds=round(down, 3))
-                self._down_since = None
-                self.out(f"  LM server {self.where} accepts connections again after {down:.1f}s down")
+            self._look()
+
+    def _look(self) -> None:
+        up, why = self._accepts()
+        now = time.monotonic()
+        if not up and self._down_since is None:
+            self._down_since = now
+            self._outages.append({"down_at": time.strftime("%H:%M:%S"), "up_at": None, "seconds": None,
+                                  "error": why})
+            self.out(f"  ! LM server {self.where} is down ({why}) since {time.strftime('%H:%M:%S')}: "
+                     "dspy retries the calls it refuses")
+        elif up and self._down_since is not None:
+            down = now - self._down_since
+            self._outages[-1].update(up_at=time.strftime("%H:%M:%S"), seconds=round(down, 3))
+            self._down_since = None
+            self.out(f"  LM server {self.where} accepts connections again after {down:.1f}s down")
