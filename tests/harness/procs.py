@@ -9,6 +9,7 @@ by name; waits poll a condition (:func:`wait_for`), never sleep a fixed time.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,6 +141,26 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL, started: int | None = None) ->
         pass
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """A child's pre-exec step that makes the kernel SIGKILL it when its parent dies, however it
+    dies (a pytest or a script killed by ``timeout``, one that never reached its cleanup): a child
+    in its own session outlives its parent otherwise. Linux ties it to the thread that forks, so
+    only a spawn from the main thread gets it (one from a thread that ends would kill the child)."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the prctl took
+            os._exit(1)
+
+    return preexec
+
+
 class Procs:
     """Processes this test or run started. Each in its own process group; closed by pid/pgid only."""
 
@@ -153,7 +175,8 @@ class Procs:
         log = open(os.path.join(self.root, log_name), "ab")  # noqa: SIM115 - the child process holds it
         try:
             proc = subprocess.Popen(list(args), cwd=cwd or REPO, env=env or base_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_dies_with(os.getpid()))  # noqa: PLW1509 - a prctl and a getppid, looked up before the fork
         finally:
             log.close()
         self.procs.append(proc)
