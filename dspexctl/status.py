@@ -287,6 +287,8 @@ class PoolsStatus:
                             "state": "unregistered", "sessions": 0, "served": 0, "errors": 0, "inflight": 0,
                             "capacity": 0, "queued": 0, "rss": 0, "uptime_s": 0, "process": full_name(proc),
                             "process_state": proc["statename"], "phase": phase})
+        # supervisorctl's order: by process name; workers of other hosts (no local process) last
+        workers.sort(key=lambda w: (w["process"] is None, w["process"] or "", w.get("host") or "", w.get("id") or ""))
         if s.verdict is None:
             health = State.STARTING.value if broker_starting else "unknown"
         else:

@@ -353,6 +353,28 @@ def test_no_data_is_a_dash_not_zero(small: SupervisedStack) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_workers_are_listed_by_process_name_whatever_order_they_registered_in(small: SupervisedStack) -> None:
+    first = "triage_pool:triage_pool_00"
+    old = {w["pid"] for w in small.ready("triage_pool")}
+    small.rpc("supervisor.stopProcess", first)
+    small.rpc("supervisor.startProcess", first)  # it registers again after triage_pool_01
+
+    def registered_again() -> bool:
+        small.processes()
+        ready = small.ready("triage_pool")
+        return len(ready) == 2 and {w["pid"] for w in ready} != old
+
+    wait_for(registered_again, 60, 0.1, "triage_pool_00 registered again")
+    assert [w["pid"] for w in small.ready("triage_pool")][-1] not in old  # the broker's order: _00 last
+    rc, doc, text = status(small, "triage_pool", "-v")
+    assert rc == 0, text
+    assert [w["process"] for w in doc["pools"][0]["workers"]] == [first, "triage_pool:triage_pool_01"], doc
+    rows = [line.split()[0] for line in text.splitlines() if line.strip().startswith("triage_pool:")]
+    assert rows == [first, "triage_pool:triage_pool_01"], text
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_pool_without_a_ready_worker_is_down(small: SupervisedStack) -> None:
     res = dspexctl(small, "pools", "stop", "analytics_pool")
