@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from broker import checkpoints
+from broker import checkpoints, store_schema
 from broker.checkpoint_thread import StoreThread
 from broker.checkpoints import CheckpointStore, Job
 from broker.connections import GOODBYE_GRACE, Connections, Peers, source_fd
@@ -317,7 +317,7 @@ def _store_of(options: BrokerOptions) -> tuple[CheckpointStore, str, int] | None
     lock = claim(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), f"the checkpoint store {path}")
     try:
         store = checkpoints.open_store(path, session_cap=options.checkpoint_cap, total_cap=options.checkpoint_total_cap)
-    except (checkpoints.StoreError, sqlite3.Error) as exc:
+    except (store_schema.StoreError, sqlite3.Error) as exc:
         os.close(lock)
         raise ConfigError(f"cannot open the checkpoint store {path}: {exc}") from None
     return store, path, lock

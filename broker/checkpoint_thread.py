@@ -22,8 +22,8 @@ import threading
 import time
 from collections import deque
 
-from broker.checkpoints import CheckpointStore, Job, StoreError
-from broker.store_schema import damaged, locked
+from broker.checkpoints import CheckpointStore, Job
+from broker.store_schema import StoreError, damaged, locked
 
 log = logging.getLogger("dspex.broker")
 
@@ -84,7 +84,7 @@ class StoreThread:
                 self.submit(job)
             return []
         try:
-            self.store.wait_for_locks(False)  # (the thread waits again once it has writes: _round)
+            self.store.file.wait_for_locks(False)  # (the thread waits again once it has writes: _round)
             left = self._round(jobs, here=True)
         finally:
             self._connections.release()
@@ -157,14 +157,14 @@ class StoreThread:
     def _holds_nothing(self) -> bool:
         with self._connections:  # (the routing thread's writes use the connections too)
             try:
-                return self.store.empty()
+                return self.store.file.empty()
             except sqlite3.Error:
                 return False
 
     def _rewrite_if_gone(self) -> None:
         """Write the store's file again if it went (:meth:`CheckpointStore.rewrite`), the
         routing thread's writes held off meanwhile; begin a fresh one if it is damaged."""
-        gone = self.store.gone()
+        gone = self.store.file.gone()
         if not gone:
             return
         with self._connections:
@@ -172,7 +172,7 @@ class StoreThread:
                 self._reset(gone)
                 return
             try:
-                sessions, aside = self.store.rewrite()
+                sessions, aside = self.store.file.rewrite()
             except (sqlite3.Error, OSError) as exc:
                 if damaged(exc):
                     self._reset(f"{gone} and is damaged ({exc})")
@@ -212,7 +212,7 @@ class StoreThread:
         """Copy the WAL into the database; the write count it was done at."""
         wrote = self._writes_submitted + self._writes_here
         try:
-            if self.store.wal_checkpoint():
+            if self.store.file.wal_checkpoint():
                 wrote -= 1  # more room to give back: copied again as if written, a second later
         except sqlite3.Error as exc:
             log.warning("checkpoint store %s: copying the WAL failed: %s", self.store.path, exc)
@@ -231,7 +231,7 @@ class StoreThread:
         """Run ``batch``; ``here`` (the routing thread): stop at a lock another process holds and
         return the jobs from there on, untouched (else none)."""
         if not here and any(job.op != "load" for job in batch):
-            self.store.wait_for_locks(True)  # (no write runs here meanwhile: run_here waits for these)
+            self.store.file.wait_for_locks(True)  # (no write runs here meanwhile: run_here waits for these)
         if not here:
             self._resets_in_round = 0
         i = 0

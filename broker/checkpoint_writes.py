@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from broker.answers import call_error, error_code
-from broker.checkpoints import Job, OverCap, OverTotalCap, StaleCheckpoint
+from broker.checkpoints import Job
 from broker.moves import SessionMoves, movable
 from broker.port import Port
 from broker.state import Clock, Durability, Pending, Pool, SessionRecord, WorkerRecord
-from broker.store_schema import Write
+from broker.store_schema import OverCap, OverTotalCap, StaleCheckpoint, Write
 from dspex.stack.health import CHECKPOINT_REFUSED, failure_kind
 from dspex.wire.errors import InternalError, SessionNotDurable, SessionNotHeld
 from dspex.wire.headers import pack_error, pack_reply_header

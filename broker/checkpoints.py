@@ -17,23 +17,26 @@ The thread that runs it beside the routing loop: broker/checkpoint_thread.py.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.store_file import StoreFile
 from broker.store_schema import (
-    SCHEMA,
-    SCHEMA_VERSION,
     SOUND_ROW,
+    NotKept,
+    OverCap,
+    OverTotalCap,
     SessionRow,
+    StaleCheckpoint,
     Stored,
+    StoreError,
+    UnusableStore,
     Write,
     damaged,
     forget_rows,
-    identities,
     locked,
     set_aside,
     transaction,
@@ -44,48 +47,20 @@ log = logging.getLogger("dspex.broker")
 
 SESSION_CAP = 64 * 1024 * 1024
 TOTAL_CAP = 4 * 1024 * 1024 * 1024
-_SHRINK_MIN, _SHRINK_PAGES = 64, 512  # free pages in the file before it is shrunk; pages given back per copy
-# seconds a write on the store's thread waits for a lock another process holds on the file (an
-# operator's write, a VACUUM) before it fails; the durable replies waiting for it wait as long
-LOCK_WAIT = 30.0
-
-class StoreError(Exception):
-    """A write the store refused; the session's checkpoint is gone (``reason`` says why)."""
-
-
-class OverCap(StoreError):
-    """Past the per-session cap: the session's own size (or past the total cap: OverTotalCap)."""
-
-
-class OverTotalCap(OverCap):
-    """Past the total cap: the store is full, for every durable session (the service's failure)."""
-
-
-class StaleCheckpoint(StoreError):
-    """Not newer than the stored one: ignored, the stored one stays."""
-
-
-class UnusableStore(StoreError):
-    """The file is no store this broker can read: damaged, not a database, another schema."""
-
-
-class NotKept(StaleCheckpoint):
-    """A checkpoint of what changed, for a session whose stored checkpoint was lost with a damaged
-    file (:meth:`CheckpointStore.reset`): not kept (it would restore as the whole state); the
-    session's next checkpoint is a whole one."""
 
 
 class CheckpointStore:
-    """The SQLite database; one thread at a time (the :class:`StoreThread`'s, or a test's)."""
+    """The durable sessions' rows and checkpoints in the store's file (:class:`StoreFile`); one
+    thread at a time (the :class:`StoreThread`'s, or a test's)."""
 
     def __init__(self, path: str, *, session_cap: int = SESSION_CAP, total_cap: int = TOTAL_CAP) -> None:
         self.path = path
         self.session_cap = session_cap
         self.total_cap = total_cap
-        self._connect()
+        self.file = StoreFile(path)
         self._drop_damaged_rows()
-        self._sizes: dict[str, int] = dict(self._db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
-        self._seqs: dict[str, int] = dict(self._db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
+        self._sizes: dict[str, int] = dict(self.file.db.execute("SELECT id, size FROM sessions WHERE seq >= 0"))
+        self._seqs: dict[str, int] = dict(self.file.db.execute("SELECT id, seq FROM sessions WHERE seq >= 0"))
         self.total = sum(self._sizes.values())
         # every session's row but its checkpoint, kept to write them again if the file is damaged
         # under the broker (reset): [pool, owner, worker, created, used, why it went plain]
@@ -97,139 +72,19 @@ class CheckpointStore:
         # a restarted broker would bring such a session back durable, with its state of before.
         self._unwritten: dict[str, str] = {}
 
-    def _connect(self) -> None:
-        """Open the file at the path (a new store if there is none) on both connections."""
-        path = self.path
-        fresh = not os.path.exists(path)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
-        if fresh:
-            os.chmod(path, 0o600)  # session state: the broker's user only, like its run directory
-            # the room of closed sessions goes back to the disk (wal_checkpoint); set before any
-            # table exists, or it takes a VACUUM of the whole file
-            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # the WAL is copied into the database (and synced) by the store's thread, never by a
-        # commit on the routing thread (wal_checkpoint)
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._waits = True  # (the timeout given to connect)
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
-            raise UnusableStore(f"it holds checkpoints of store schema {version}; this broker reads {SCHEMA_VERSION}")
-        self._db.executescript(SCHEMA)
-        if version == 1:  # its rows' last use is not known: their idle time counts from this start
-            self._db.execute("ALTER TABLE sessions ADD COLUMN used REAL")
-        if version != SCHEMA_VERSION:  # (a new or older store: a broker restarted on a full disk writes nothing here)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # loads read on a connection of their own: WAL lets them run beside a write
-        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._files = identities(path)  # the files the connections write, to know if they go (gone)
-        self._length = os.path.getsize(path)  # the file's; only the store's WAL copies change it (gone)
-        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-
     def _drop_damaged_rows(self) -> None:
         """Delete the rows whose fields have the wrong types (edited by hand, written by a tool):
         the broker would fail on them at start or at their session's next write. Their sessions
         are lost (their workers, if alive, checkpoint them whole again at their next call)."""
-        bad = self._db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({SOUND_ROW})").fetchall()
+        bad = self.file.db.execute(f"SELECT id, pool FROM sessions WHERE NOT ({SOUND_ROW})").fetchall()
         if not bad:
             return
-        with transaction(self._db):
+        with transaction(self.file.db):
             for session, _ in bad:
-                forget_rows(self._db, session, "")
+                forget_rows(self.file.db, session, "")
         log.error("checkpoint store %s: %d damaged session rows (fields of the wrong types) deleted; their "
                   "durable sessions are lost, but for those their workers still hold: %s", self.path, len(bad),
                   ", ".join(f"{str(session)[:8]} (pool {pool!r})" for session, pool in bad))
-
-    def wal_checkpoint(self) -> bool:
-        """Copy the committed WAL into the database file and truncate the WAL. The store's thread
-        runs it when idle, and once a second while busy. A passive copy never let the WAL start
-        again from its beginning under back-to-back writes (a write ran during every copy): it
-        grew by every write, and its file kept its largest size for good. This one holds writes
-        off while it runs: the routing thread's meet the lock and go to the store's thread
-        (``run_here``), which runs them after it. Once a quarter of a store made with
-        ``auto_vacuum`` is free (closed sessions), it gives back ``_SHRINK_PAGES`` pages to the
-        disk; True: there is more to give back."""
-        free, pages = (int(self._reader.execute(f"PRAGMA {name}").fetchone()[0])
-                       for name in ("freelist_count", "page_count"))
-        shrink = free >= _SHRINK_MIN and free * 4 >= pages  # (a quarter of the file free: no churn at each copy)
-        if shrink:  # a step at a time: it holds writes off too (executescript: execute frees one page)
-            self._reader.executescript(f"PRAGMA incremental_vacuum({_SHRINK_PAGES})")
-        self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        # the size SQLite gave the file, not the one found now: a truncation just after the copy
-        # would be taken for its result
-        self._length = int(self._reader.execute("PRAGMA page_count").fetchone()[0]) * self._page_size
-        return shrink and free > _SHRINK_PAGES
-
-    def gone(self) -> str:
-        """What became of the file the store writes, or of its WAL, if it is no longer at its
-        path ("" if it is): the connections would go on writing into the unlinked file, lost at
-        the broker's next start (:meth:`rewrite`)."""
-        found, ours = identities(self.path), self._files
-        if found[0] is None:
-            return "was deleted"
-        if found[0] != ours[0]:
-            return "was replaced by another file"
-        if found[1] != ours[1]:  # (the -wal stays while a connection is open)
-            return "lost its WAL file (-wal deleted or replaced)"
-        size = os.path.getsize(self.path)
-        if size < self._length:  # pages cut off (rewrite() cannot read them back), or another connection's VACUUM
-            sound = self._sound()
-            if sound is False:
-                return "was truncated"
-            if sound:
-                self._length = size
-        return ""
-
-    def _sound(self) -> bool | None:
-        """SQLite finds every page the store's tables use (a file some other connection made
-        smaller, a VACUUM, is sound; a truncated one is not); None: it could not look."""
-        try:
-            return self._reader.execute("PRAGMA quick_check").fetchall() == [("ok",)]
-        except sqlite3.DatabaseError as exc:
-            if damaged(exc):
-                return False
-            log.warning("checkpoint store %s: checking the file failed (%s): looked at again in a second", self.path, exc)
-            return None
-
-    def empty(self) -> bool:
-        """No session's row: a store deleted now loses nothing."""
-        return bool(self._reader.execute("SELECT NOT EXISTS (SELECT 1 FROM sessions)").fetchone()[0])
-
-    def rewrite(self) -> tuple[int, str]:
-        """Write all of the store at its path again, from its open connections, and reopen it
-        there. Files found in the place of the store's (it, its -wal, its -shm) are set aside
-        (``PATH.replaced-<UTC time>``), never read as the store. Returns the durable sessions
-        written and where such a file went ("" if none). Both connections must be idle (the
-        store's thread holds the routing thread's writes off). Raises sqlite3.Error or OSError
-        if it cannot (the store as it was)."""
-        fresh = f"{self.path}.rewrite"
-        if os.path.exists(fresh):
-            os.unlink(fresh)  # (left by a broker killed while it wrote one)
-        os.close(os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # VACUUM INTO fills an empty file
-        aside = ""
-        try:
-            self._db.execute("VACUUM INTO ?", (fresh,))  # every committed write, as one consistent file
-            # a -wal or -shm at the path is read as the new file's at its opening: any not the
-            # old file's goes (set aside) before it is there; the old file's once it is closed
-            for extra, found, ours in zip(("", "-wal", "-shm"), identities(self.path), self._files):
-                if found not in (None, ours):
-                    aside = aside or f"{self.path}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-                    os.replace(self.path + extra, aside + extra)
-            os.replace(fresh, self.path)
-        except BaseException:
-            if os.path.exists(fresh):
-                os.unlink(fresh)
-            raise
-        self._reader.close()
-        self._db.close()
-        for extra in ("-wal", "-shm"):  # (SQLite keeps them when the file it closes was deleted)
-            if os.path.exists(self.path + extra):
-                os.unlink(self.path + extra)
-        self._connect()
-        sessions = int(self._db.execute("SELECT count(*) FROM sessions WHERE seq >= 0").fetchone()[0])
-        self._files = identities(self.path)  # (its -wal and -shm made by the reads above)
-        return sessions, aside
 
     def reset(self) -> tuple[int, str]:
         """The file is damaged under the broker (truncated, overwritten): what it held cannot be
@@ -238,19 +93,9 @@ class CheckpointStore:
         pin, last use; a plain one's reason) and no checkpoint: a durable session's next stored
         checkpoint must be a whole one (:class:`NotKept` until then). Returns the durable
         sessions whose checkpoint was lost and where the file went. Both connections must be idle."""
-        aside = set_aside(self.path, "unusable")
-        for db in (self._reader, self._db):
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
-        self._connect()
         # (a durable one's skeleton empty, not NULL: its checkpoint_lost for a restarted broker)
-        rows = [(sid, pool, owner, worker, created, time.time(), -1 if plain else 0, plain or b"", 0, used)
-                for sid, (pool, owner, worker, created, used, plain) in self._rows.items()]
-        with transaction(self._db):
-            self._db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        self._files = identities(self.path)
+        aside = self.file.begin_again([(sid, pool, owner, worker, created, time.time(), -1 if plain else 0, plain or b"",
+                                        0, used) for sid, (pool, owner, worker, created, used, plain) in self._rows.items()])
         self._unwritten.clear()  # (their rows are not in the fresh store)
         self._need_full = set(self._seqs)
         self._sizes = dict.fromkeys(self._seqs, 0)
@@ -258,20 +103,12 @@ class CheckpointStore:
         self.total = 0
         return len(self._need_full), aside
 
-    def wait_for_locks(self, wait: bool) -> None:
-        """Whether a write waits (up to ``LOCK_WAIT``) for a lock another process holds on the
-        file, or fails at once (``locked``)."""
-        if wait != self._waits:
-            self._db.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT * 1000) if wait else 0}")
-            self._waits = wait
-
     def close(self) -> None:
-        self._reader.close()
-        self._db.close()
+        self.file.close()
 
     # -- sessions ---------------------------------------------------------------------------
     def sessions(self) -> list[SessionRow]:
-        rows = self._db.execute("SELECT id, pool, owner, worker, created, updated, seq, size, CASE WHEN seq < 0 THEN "
+        rows = self.file.db.execute("SELECT id, pool, owner, worker, created, updated, seq, size, CASE WHEN seq < 0 THEN "
                                 "CAST(skeleton AS TEXT) ELSE '' END, used, seq = 0 AND skeleton IS NOT NULL FROM sessions")
         return [SessionRow(sid, pool, owner, worker, created, updated, seq, size, plain, used, bool(lost))
                 for sid, pool, owner, worker, created, updated, seq, size, plain, used, lost in rows]
@@ -279,20 +116,20 @@ class CheckpointStore:
     def open(self, session: str, pool: str, owner: str, worker: str, created: float) -> None:
         """A durable session exists (before its first checkpoint: an empty state to restore)."""
         self._write_forgotten()
-        self._db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0, ?)",
+        self.file.db.execute("INSERT OR IGNORE INTO sessions VALUES (?, ?, ?, ?, ?, ?, 0, NULL, 0, ?)",
                          (session, pool, owner, worker, created, time.time(), created))
         self._rows.setdefault(session, [pool, owner, worker, created, created, ""])
         self._sizes.setdefault(session, 0)
         self._seqs.setdefault(session, 0)
 
     def pin(self, session: str, worker: str) -> None:
-        self._db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
+        self.file.db.execute("UPDATE sessions SET worker = ? WHERE id = ?", (worker, session))
         if session in self._rows:
             self._rows[session][2] = worker
 
     def used(self, session: str, when: float) -> None:
         """The session's last call ended at wall time ``when`` (its idle time after a restart)."""
-        self._db.execute("UPDATE sessions SET used = ? WHERE id = ?", (when, session))
+        self.file.db.execute("UPDATE sessions SET used = ? WHERE id = ?", (when, session))
         if session in self._rows:
             self._rows[session][4] = when
 
@@ -308,7 +145,7 @@ class CheckpointStore:
         try:
             self._write_forgotten()
         except sqlite3.Error as exc:
-            if locked(exc) and not self._waits:
+            if locked(exc) and not self.file.waits:
                 raise  # (on the routing thread: the job goes to the store's thread, which waits for the lock)
             log.error("checkpoint store %s: the checkpoint of session %s could not be deleted yet (%s): it is "
                       "deleted at the next write", self.path, session[:8], exc)
@@ -318,7 +155,7 @@ class CheckpointStore:
         it cannot, keeping them to do)."""
         if not self._unwritten:
             return
-        db = self._db
+        db = self.file.db
         with transaction(db):
             for session, plain in self._unwritten.items():
                 forget_rows(db, session, plain)
@@ -340,7 +177,7 @@ class CheckpointStore:
         sizes: dict[str, int] = {}  # sizes changed by this transaction, committed to self._sizes after it
         dropped: list[tuple[str, str]] = []  # (session, why)
         self._write_forgotten()
-        db = self._db
+        db = self.file.db
         with transaction(db):
             for w in writes:
                 try:
@@ -367,7 +204,7 @@ class CheckpointStore:
         return results
 
     def _apply(self, w: Write, pending: dict[str, int]) -> int:
-        db = self._db
+        db = self.file.db
         old = pending.get(w.session, self._sizes.get(w.session))
         seq = self._seqs.get(w.session)
         if old is None or seq is None:
@@ -406,7 +243,7 @@ class CheckpointStore:
         """The session's last checkpoint (seq 0 and no skeleton: none yet), None if it has no
         durable record."""
         # (as BLOB: a value something else rewrote as text still reaches the worker, which refuses it)
-        db = self._reader
+        db = self.file.reader
         db.execute("BEGIN")  # one snapshot: the skeleton and the blobs of the same checkpoint
         try:
             row = db.execute("SELECT seq, CAST(skeleton AS BLOB) FROM sessions WHERE id = ? AND seq >= 0",

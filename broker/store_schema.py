@@ -1,6 +1,6 @@
 """The checkpoint store's file (broker/checkpoints.py): its tables, what a sound row is, the rows
 and checkpoints it reads and writes, what the store does with the files at its path (their
-identities, setting one aside) and with SQLite's errors about them."""
+identities, setting one aside), SQLite's errors about them and the store's own errors."""
 
 from __future__ import annotations
 
@@ -33,6 +33,32 @@ CREATE TABLE IF NOT EXISTS blobs (
     PRIMARY KEY (session, slot)
 );
 """
+
+
+class StoreError(Exception):
+    """A write the store refused; the session's checkpoint is gone (``reason`` says why)."""
+
+
+class OverCap(StoreError):
+    """Past the per-session cap: the session's own size (or past the total cap: OverTotalCap)."""
+
+
+class OverTotalCap(OverCap):
+    """Past the total cap: the store is full, for every durable session (the service's failure)."""
+
+
+class StaleCheckpoint(StoreError):
+    """Not newer than the stored one: ignored, the stored one stays."""
+
+
+class UnusableStore(StoreError):
+    """The file is no store this broker can read: damaged, not a database, another schema."""
+
+
+class NotKept(StaleCheckpoint):
+    """A checkpoint of what changed, for a session whose stored checkpoint was lost with a damaged
+    file (:meth:`CheckpointStore.reset`): not kept (it would restore as the whole state); the
+    session's next checkpoint is a whole one."""
 
 
 # what a row needs to be read back (the SQLite column types are not enforced)

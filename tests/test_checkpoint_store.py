@@ -16,14 +16,8 @@ import textwrap
 import pytest
 
 from broker.checkpoint_thread import StoreThread
-from broker.checkpoints import (
-    CheckpointStore,
-    Job,
-    OverCap,
-    StaleCheckpoint,
-    open_store,
-)
-from broker.store_schema import Write
+from broker.checkpoints import CheckpointStore, Job, open_store
+from broker.store_schema import OverCap, StaleCheckpoint, Write
 from tests.harness import PY, Procs, wait_for
 
 dspy = pytest.importorskip("dspy")
@@ -164,26 +158,26 @@ def test_store_thread_keeps_order_groups_writes_and_wakes_the_poller(short_tmp: 
 def counted_wal_copies(store: CheckpointStore) -> list[int]:
     """A list that gets one item per copy of the store's WAL into its database."""
     copies: list[int] = []
-    real_copy = store.wal_checkpoint
+    real_copy = store.file.wal_checkpoint
 
     def counted_copy() -> None:
         real_copy()
         copies.append(1)
 
-    store.wal_checkpoint = counted_copy  # type: ignore[method-assign]
+    store.file.wal_checkpoint = counted_copy  # type: ignore[method-assign]
     return copies
 
 
 def counted_looks(store: CheckpointStore) -> list[int]:
     """A list that gets one item per look of the store's thread at its file."""
     looks: list[int] = []
-    real_gone = store.gone
+    real_gone = store.file.gone
 
     def counted_gone() -> str:
         looks.append(1)
         return real_gone()
 
-    store.gone = counted_gone  # type: ignore[method-assign]
+    store.file.gone = counted_gone  # type: ignore[method-assign]
     return looks
 
 
