@@ -3,6 +3,7 @@ keep their chain; a module missing where a value arrives is a catchable ModuleNo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -179,6 +180,57 @@ def test_a_recursive_structure_stays_recursive_both_ways(dx: dspex.Client) -> No
     assert back_items[0] == 1 and back_items[1] is back_items
     assert back_table["n"] == 2 and back_table["self"] is back_table and back_table["rows"][0] is back_table
     assert s.run(len, [items]) == 1  # one inside another argument too
+
+
+class Slotted:
+    __slots__ = ("__hidden", "a")
+
+    def __init__(self, a: int) -> None:
+        self.a = a
+        self.__hidden = -a
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Point:
+    x: int
+    y: int = 0
+
+
+def slots_kept(objs: list[Any]) -> list[tuple[bool, bool, str]]:
+    """Per object: whether it has a __dict__, whether a new attribute is refused, its slots' values."""
+    seen = []
+    for obj in objs:
+        try:
+            object.__setattr__(obj, "typo", 1)
+            refused = False
+        except AttributeError:
+            refused = True
+        names = [f"_{cls.__name__.lstrip('_')}{name}" if name.startswith("__") else name  # mangled as in the class
+                 for cls in type(obj).__mro__ for name in cls.__dict__.get("__slots__", ())]
+        values = {name: getattr(obj, name) for name in names}
+        seen.append((hasattr(obj, "__dict__"), refused, repr(sorted(values.items()))))
+    return seen
+
+
+def made_with_slots() -> list[Any]:
+    @dataclasses.dataclass(slots=True)
+    class Local:
+        v: int
+
+    return [Local(1), Point(3)]
+
+
+def test_a_class_with_slots_keeps_them_on_the_worker_and_back(dx: dspex.Client) -> None:
+    # cloudpickle rebuilt a class by value without its __slots__: its instances had a __dict__
+    s = dx.session("p")
+    objs: list[Any] = [Slotted(1), Point(1, 2)]
+    assert slots_kept(objs) == [(False, True, "[('_Slotted__hidden', -1), ('a', 1)]"),
+                                (False, True, "[('x', 1), ('y', 2)]")]
+    assert s.run(slots_kept, objs) == slots_kept(objs)  # arguments, and their classes by value
+    assert s.run(lambda: slots_kept([Slotted(1), Point(1, 2)])) == slots_kept(objs)  # made there
+    back = s.run(made_with_slots)  # a class made on the worker comes back by value
+    assert slots_kept(back) == slots_kept(made_with_slots()) == [(False, True, "[('v', 1)]"),
+                                                                 (False, True, "[('x', 3), ('y', 0)]")]
 
 
 def test_import_of_a_package_the_worker_lacks_names_it(dx: dspex.Client) -> None:
