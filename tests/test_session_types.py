@@ -89,6 +89,24 @@ def test_standard_library_values_made_on_the_worker_come_back_as_values(dx: dspe
     assert got[1].maxlen == 5 and got[7] is ...
 
 
+def make_numpy_values() -> list[Any]:
+    import numpy as np
+
+    return [np.zeros(2, dtype=np.float32).dtype, np.dtype([("id", "i4"), ("score", "f8")]),
+            np.array([1, "two", None, [3]], dtype=object)]
+
+
+def test_numpy_dtypes_and_object_arrays_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:
+    # they came back as refs: `s.run(lambda: arr.dtype) == np.float32` was False (refs compare by identity)
+    import numpy as np
+
+    s = dx.session("p")
+    got, expected = s.run(make_numpy_values), make_numpy_values()
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert got[0] == np.float32 and got[1] == expected[1] and got[1].names == ("id", "score")
+    assert got[2].dtype == object and got[2].tolist() == [1, "two", None, [3]]
+
+
 def test_a_class_defined_in_the_session_comes_back_as_that_class(dx: dspex.Client) -> None:
     s = dx.session("p")
     s.exec("import typing\nclass Hit(typing.NamedTuple):\n    doc: str\n    score: float\n")
