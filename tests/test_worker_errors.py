@@ -95,6 +95,23 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     assert info.value.details["type"] == "Sealed" and "pickled" not in info.value.details
 
 
+def test_errors_whose_class_makes_its_own_instances_come_back_typed(stack: Stack) -> None:
+    # MemoryError's __new__ (a free list) refused the RemoteError subclass, and an ExceptionGroup's
+    # needs its exceptions: the client raised that TypeError in place of the call's error
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    with pytest.raises(MemoryError) as info:
+        s.exec("raise MemoryError('no room for the batch')")
+    assert isinstance(info.value, dspex.RemoteError) and str(info.value) == "no room for the batch"
+    assert info.value.args == ("no room for the batch",)
+    # a group that cannot be pickled (an exception of it refuses) comes back as a RemoteError naming it
+    with pytest.raises(dspex.RemoteError) as group_info:
+        s.exec("class Sealed(Exception):\n    def __reduce__(self):\n        raise TypeError('sealed')\n"
+               "raise ExceptionGroup('two failed', [Sealed('x'), ValueError('y')])")
+    assert group_info.value.type_name == "ExceptionGroup" and "two failed" in str(group_info.value)
+    assert s.eval("1 + 1") == 2
+
+
 class ExitsOnLoad:
     """Unpickling it on the worker raises SystemExit (user code runs in __setstate__)."""
 
