@@ -93,10 +93,10 @@ def make_numpy_values() -> list[Any]:
     import numpy as np
 
     return [np.zeros(2, dtype=np.float32).dtype, np.dtype([("id", "i4"), ("score", "f8")]),
-            np.array([1, "two", None, [3]], dtype=object)]
+            np.array([1, "two", None, [3]], dtype=object), np.ma.masked_array([1, 2], mask=[False, True])]
 
 
-def test_numpy_dtypes_and_object_arrays_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:
+def test_numpy_dtypes_and_arrays_of_objects_or_masked_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:
     # they came back as refs: `s.run(lambda: arr.dtype) == np.float32` was False (refs compare by identity)
     import numpy as np
 
@@ -105,6 +105,7 @@ def test_numpy_dtypes_and_object_arrays_made_on_the_worker_come_back_as_values(d
     assert [type(v) for v in got] == [type(v) for v in expected]
     assert got[0] == np.float32 and got[1] == expected[1] and got[1].names == ("id", "score")
     assert got[2].dtype == object and got[2].tolist() == [1, "two", None, [3]]
+    assert got[3].mask.tolist() == [False, True] and got[3].sum() == 1
 
 
 def test_a_class_defined_in_the_session_comes_back_as_that_class(dx: dspex.Client) -> None:

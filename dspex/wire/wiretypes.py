@@ -327,7 +327,7 @@ def is_data_like(obj: Any) -> bool:
     name) and type annotations made of them (``list[Item]``), Pydantic model instances, dataclass
     instances, exceptions, enum members, dspy.streaming's messages, records, values of the standard library's value types (``Fraction``, ``deque``,
     ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``, a time zone), numpy
-    dtypes and arrays of objects;
+    dtypes and the arrays that are no frames (of objects, masked, matrices);
     anything else a worker returns (LMs, modules, predictors, functions, open files...) stays there
     as a ref.
     """
@@ -335,7 +335,7 @@ def is_data_like(obj: Any) -> bool:
         return True
     if type(obj) in _STDLIB_VALUES:
         return True
-    if isinstance(obj, np.dtype) or type(obj) is np.ndarray:  # a dtype, an array of objects (others go as frames)
+    if isinstance(obj, (np.dtype, np.ndarray)):  # what is not a frame: an array of objects, a masked array, a matrix
         return True
     zoneinfo = sys.modules.get("zoneinfo")  # a ZoneInfo exists only once zoneinfo was imported
     if zoneinfo is not None and type(obj) is zoneinfo.ZoneInfo:
