@@ -162,9 +162,13 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
                 chain["__context__"] = obj.__context__
             if obj.__suppress_context__:
                 chain["__suppress_context__"] = True
+        if chain:
+            self._chain_links -= 1
+        if isinstance(obj, (AttributeError, NameError)) and obj.name is not None \
+                and cls.__setstate__ is BaseException.__setstate__:
+            chain["name"] = obj.name  # the name looked up: no argument, and Python's own reduce leaves it out
         if not chain:
             return reduced
-        self._chain_links -= 1
         if reduced is NotImplemented:
             default = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
             if not (isinstance(default, tuple) and 2 <= len(default) <= 3):

@@ -202,6 +202,8 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     if original is not None:
         with contextlib.suppress(TypeError):
             err.__dict__.update(vars(original))
+        if isinstance(original, (AttributeError, NameError)):
+            err.name = original.name  # type: ignore[attr-defined] # a C field, not in vars()
     err.__dict__["_dspex_wire"] = (message, details)
     err.args = tuple(args)
     return err
