@@ -6,6 +6,7 @@ it really wrote; the flow-control cases run the client here and watch the worker
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -503,6 +504,31 @@ def print_many(n: int, width: int) -> int:
     for i in range(n):
         print(f"{i:06d}".ljust(width - 1, "-"))
     return n
+
+
+def end_a_redirection() -> str:
+    sys.stdout = io.StringIO()
+    print("kept by the program")
+    sys.stdout = sys.__stdout__  # the usual way back (in-process: the terminal)
+    print("after the redirection")
+    print("straight to the original stderr", file=sys.__stderr__)
+    sys.stderr = sys.__stderr__
+    print("and to the restored stderr", file=sys.stderr)
+    return type(sys.stdout).__name__
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_output_through_sys_dunder_stdout_reaches_the_client(stack: Stack, capsys: Any, capacity: int) -> None:
+    # sys.__stdout__ was the worker's own stream: what a call printed after `sys.stdout = sys.__stdout__`
+    # went to the worker's log
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s = dx.session("p")
+    s.run(end_a_redirection)
+    out, err = capsys.readouterr()
+    assert out == "after the redirection\n"
+    assert err == "straight to the original stderr\nand to the restored stderr\n"
+    s.run(print, "the next call")
+    assert capsys.readouterr().out == "the next call\n"
 
 
 def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stack, capsys: Any,

@@ -149,6 +149,14 @@ class _CallRecords(logging.Handler):
 
 
 _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
+# the original streams too: ``sys.stdout = sys.__stdout__`` (the usual end of a redirection) and
+# ``print(..., file=sys.__stderr__)`` reach the terminal in-process, so the call's client here
+_STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
+
+
+def _bind(dispatchers: tuple[_Dispatch, _Dispatch]) -> None:
+    for name, stream in zip(_STREAMS, dispatchers * 2):
+        setattr(sys, name, stream)
 
 
 def install() -> None:
@@ -158,7 +166,7 @@ def install() -> None:
     if _dispatchers is not None:
         return
     _dispatchers = (_Dispatch("stdout", sys.stdout), _Dispatch("stderr", sys.stderr))
-    sys.stdout, sys.stderr = _dispatchers
+    _bind(_dispatchers)
     real_show = warnings.showwarning
 
     def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
@@ -252,8 +260,8 @@ def _put_back() -> None:
     would take that call's output with it, or its log records and the worker log's lines."""
     if _dispatchers is None:
         return
-    if sys.stdout is not _dispatchers[0] or sys.stderr is not _dispatchers[1]:
-        sys.stdout, sys.stderr = _dispatchers
+    if any(getattr(sys, name) is not stream for name, stream in zip(_STREAMS, _dispatchers * 2)):
+        _bind(_dispatchers)
     handlers, disabled = _own_logging
     root = logging.root
     if root.handlers != handlers:  # removed, or replaced (basicConfig(force=True)), or added to
