@@ -531,6 +531,35 @@ def test_output_through_sys_dunder_stdout_reaches_the_client(stack: Stack, capsy
     assert capsys.readouterr().out == "the next call\n"
 
 
+def close_stdout_then_print() -> str:
+    sys.stdout.close()
+    try:
+        print("into a closed stream")
+    except ValueError as exc:  # as in-process
+        return str(exc)
+    return "printed"
+
+
+def delete_the_streams() -> int:
+    del sys.stdout, sys.stderr, sys.__stdout__
+    return 1
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_call_that_closes_or_deletes_the_streams_leaves_the_next_calls_theirs(stack: Stack, capsys: Any,
+                                                                                capacity: int) -> None:
+    # `del sys.stdout` failed every later call of every session with an InternalError; a closed
+    # sys.stdout stayed closed for them (`sys.stdout.closed`, libraries that check it)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s, other = dx.session("p"), dx.session("p")
+    assert s.run(close_stdout_then_print) == "I/O operation on closed file."
+    assert other.run(lambda: (print("still here"), sys.stdout.closed)[1]) is False
+    assert s.run(delete_the_streams) == 1
+    assert other.run(lambda: (print("and here"), print("on stderr", file=sys.stderr), sys.stdout.closed)[2]) is False
+    out, err = capsys.readouterr()
+    assert (out, err) == ("still here\nand here\n", "on stderr\n")
+
+
 def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stack, capsys: Any,
                                                                       caplog: Any) -> None:
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")

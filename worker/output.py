@@ -60,6 +60,8 @@ class _Dispatch(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):  # as a text file refuses it (click probes a stream with b"")
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
         sink = _sink()
         if sink is None:
             return self.real.write(text)
@@ -258,9 +260,14 @@ _own_logging: list[Any] = []
 def _put_back() -> None:
     """What a call changed for good and the next call (another session's) must not inherit: it
     would take that call's output with it, or its log records and the worker log's lines."""
+    global _dispatchers
     if _dispatchers is None:
         return
-    if any(getattr(sys, name) is not stream for name, stream in zip(_STREAMS, _dispatchers * 2)):
+    out, err = _dispatchers
+    if any(stream.closed or stream.buffer.closed for stream in _dispatchers):  # sys.stdout.close(): for this call only
+        _dispatchers = (_Dispatch(out.name, out.real), _Dispatch(err.name, err.real))
+    # (a call may have deleted them: `del sys.stdout`)
+    if any(getattr(sys, name, None) is not stream for name, stream in zip(_STREAMS, _dispatchers * 2)):
         _bind(_dispatchers)
     handlers, disabled = _own_logging
     root = logging.root
