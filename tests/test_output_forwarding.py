@@ -560,6 +560,35 @@ def test_a_call_that_closes_or_deletes_the_streams_leaves_the_next_calls_theirs(
     assert (out, err) == ("still here\nand here\n", "on stderr\n")
 
 
+def take_over_input_and_warnings() -> int:
+    import warnings
+
+    sys.stdin = io.StringIO("this session's secret\n")
+    warnings.showwarning = lambda *args, **kwargs: None
+    return 1
+
+
+def warn_then_read() -> str:
+    import warnings
+
+    warnings.warn("the other session's warning", UserWarning)
+    try:
+        return input()
+    except EOFError:
+        return "EOFError"
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_calls_stdin_and_showwarning_do_not_reach_other_sessions(stack: Stack, capacity: int) -> None:
+    # a session's sys.stdin fed its text to another session's input(), and its showwarning
+    # swallowed every later warning of the worker's sessions
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s, other = dx.session("p"), dx.session("p")
+    assert s.run(take_over_input_and_warnings) == 1
+    with pytest.warns(UserWarning, match="the other session's warning"):
+        assert other.run(warn_then_read) == "EOFError"
+
+
 def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stack, capsys: Any,
                                                                       caplog: Any) -> None:
     dx = stack.pool("p:strict_queue", 1, "--no-dspy")

@@ -182,6 +182,7 @@ def install() -> None:
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
     _own_logging[:] = [list(logging.root.handlers), logging.root.manager.disable]
+    _own_stdin_and_showwarning[:] = [getattr(sys, "stdin", None), showwarning]
 
 
 class _RootLevel:
@@ -255,6 +256,9 @@ _overlap = _Overlap()
 # the root logger's handlers (the worker log's, the call records') and logging.disable's level
 # as :func:`install` left them
 _own_logging: list[Any] = []
+# sys.stdin (a call that sets it would feed its text to another session's input()) and the
+# showwarning that forwards warnings (a call's replacement would take another session's warnings)
+_own_stdin_and_showwarning: list[Any] = []
 
 
 def _put_back() -> None:
@@ -275,6 +279,12 @@ def _put_back() -> None:
         root.handlers[:] = handlers
     if root.manager.disable != disabled:
         logging.disable(disabled)
+    stdin, showwarning = _own_stdin_and_showwarning
+    if getattr(sys, "stdin", None) is not stdin:
+        sys.stdin = stdin
+    if warnings.showwarning is not showwarning:
+        logging.captureWarnings(False)  # (logging's own replacement: a later call's captureWarnings(True) works)
+        warnings.showwarning = showwarning
 
 
 class capture:
