@@ -6,6 +6,7 @@ it really wrote; the flow-control cases run the client here and watch the worker
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -503,6 +504,89 @@ def print_many(n: int, width: int) -> int:
     for i in range(n):
         print(f"{i:06d}".ljust(width - 1, "-"))
     return n
+
+
+def end_a_redirection() -> str:
+    sys.stdout = io.StringIO()
+    print("kept by the program")
+    sys.stdout = sys.__stdout__  # the usual way back (in-process: the terminal)
+    print("after the redirection")
+    print("straight to the original stderr", file=sys.__stderr__)
+    sys.stderr = sys.__stderr__
+    print("and to the restored stderr", file=sys.stderr)
+    return type(sys.stdout).__name__
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_output_through_sys_dunder_stdout_reaches_the_client(stack: Stack, capsys: Any, capacity: int) -> None:
+    # sys.__stdout__ was the worker's own stream: what a call printed after `sys.stdout = sys.__stdout__`
+    # went to the worker's log
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s = dx.session("p")
+    s.run(end_a_redirection)
+    out, err = capsys.readouterr()
+    assert out == "after the redirection\n"
+    assert err == "straight to the original stderr\nand to the restored stderr\n"
+    s.run(print, "the next call")
+    assert capsys.readouterr().out == "the next call\n"
+
+
+def close_stdout_then_print() -> str:
+    sys.stdout.close()
+    try:
+        print("into a closed stream")
+    except ValueError as exc:  # as in-process
+        return str(exc)
+    return "printed"
+
+
+def delete_the_streams() -> int:
+    del sys.stdout, sys.stderr, sys.__stdout__
+    return 1
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_call_that_closes_or_deletes_the_streams_leaves_the_next_calls_theirs(stack: Stack, capsys: Any,
+                                                                                capacity: int) -> None:
+    # `del sys.stdout` failed every later call of every session with an InternalError; a closed
+    # sys.stdout stayed closed for them (`sys.stdout.closed`, libraries that check it)
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s, other = dx.session("p"), dx.session("p")
+    assert s.run(close_stdout_then_print) == "I/O operation on closed file."
+    assert other.run(lambda: (print("still here"), sys.stdout.closed)[1]) is False
+    assert s.run(delete_the_streams) == 1
+    assert other.run(lambda: (print("and here"), print("on stderr", file=sys.stderr), sys.stdout.closed)[2]) is False
+    out, err = capsys.readouterr()
+    assert (out, err) == ("still here\nand here\n", "on stderr\n")
+
+
+def take_over_input_and_warnings() -> int:
+    import warnings
+
+    sys.stdin = io.StringIO("this session's secret\n")
+    warnings.showwarning = lambda *args, **kwargs: None
+    return 1
+
+
+def warn_then_read() -> str:
+    import warnings
+
+    warnings.warn("the other session's warning", UserWarning)
+    try:
+        return input()
+    except EOFError:
+        return "EOFError"
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_a_calls_stdin_and_showwarning_do_not_reach_other_sessions(stack: Stack, capacity: int) -> None:
+    # a session's sys.stdin fed its text to another session's input(), and its showwarning
+    # swallowed every later warning of the worker's sessions
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
+    s, other = dx.session("p"), dx.session("p")
+    assert s.run(take_over_input_and_warnings) == 1
+    with pytest.warns(UserWarning, match="the other session's warning"):
+        assert other.run(warn_then_read) == "EOFError"
 
 
 def test_output_of_a_call_on_a_client_in_this_process_goes_to_capsys(stack: Stack, capsys: Any,

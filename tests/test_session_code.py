@@ -293,6 +293,18 @@ def test_a_big_closure_value_travels_once(dx: dspex.Client, usercode: Any) -> No
     s.close()
 
 
+def test_a_new_closure_over_a_rebound_variable_sees_its_value(dx: dspex.Client) -> None:
+    # (a guard for sharing closure cells in the session: a cell the client rebinds between calls
+    # must not come back as the session's older value)
+    s = dx.session("p")
+    assert [s.run(lambda: q) for q in ["a", "b", "c"]] == ["a", "b", "c"]  # noqa: B023 - each runs at once
+    seen = []
+    for limit in (1, 2):
+        seen.append(s.run(lambda: [limit] * limit))  # noqa: B023 - runs at once
+    assert seen == [[1], [2, 2]]
+    s.close()
+
+
 def test_a_user_module_used_as_a_module_is_the_sessions_module(dx: dspex.Client, usercode: Any) -> None:
     helpers = usercode('''
         SEEN = []

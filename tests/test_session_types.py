@@ -3,6 +3,7 @@ keep their chain; a module missing where a value arrives is a catchable ModuleNo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,6 +87,25 @@ def test_standard_library_values_made_on_the_worker_come_back_as_values(dx: dspe
     assert [type(v) for v in got] == [type(v) for v in expected]
     assert [repr(v) for v in got] == [repr(v) for v in expected]
     assert got[1].maxlen == 5 and got[7] is ...
+
+
+def make_numpy_values() -> list[Any]:
+    import numpy as np
+
+    return [np.zeros(2, dtype=np.float32).dtype, np.dtype([("id", "i4"), ("score", "f8")]),
+            np.array([1, "two", None, [3]], dtype=object), np.ma.masked_array([1, 2], mask=[False, True])]
+
+
+def test_numpy_dtypes_and_arrays_of_objects_or_masked_made_on_the_worker_come_back_as_values(dx: dspex.Client) -> None:
+    # they came back as refs: `s.run(lambda: arr.dtype) == np.float32` was False (refs compare by identity)
+    import numpy as np
+
+    s = dx.session("p")
+    got, expected = s.run(make_numpy_values), make_numpy_values()
+    assert [type(v) for v in got] == [type(v) for v in expected]
+    assert got[0] == np.float32 and got[1] == expected[1] and got[1].names == ("id", "score")
+    assert got[2].dtype == object and got[2].tolist() == [1, "two", None, [3]]
+    assert got[3].mask.tolist() == [False, True] and got[3].sum() == 1
 
 
 def test_a_class_defined_in_the_session_comes_back_as_that_class(dx: dspex.Client) -> None:
@@ -179,6 +199,57 @@ def test_a_recursive_structure_stays_recursive_both_ways(dx: dspex.Client) -> No
     assert back_items[0] == 1 and back_items[1] is back_items
     assert back_table["n"] == 2 and back_table["self"] is back_table and back_table["rows"][0] is back_table
     assert s.run(len, [items]) == 1  # one inside another argument too
+
+
+class Slotted:
+    __slots__ = ("__hidden", "a")
+
+    def __init__(self, a: int) -> None:
+        self.a = a
+        self.__hidden = -a
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Point:
+    x: int
+    y: int = 0
+
+
+def slots_kept(objs: list[Any]) -> list[tuple[bool, bool, str]]:
+    """Per object: whether it has a __dict__, whether a new attribute is refused, its slots' values."""
+    seen = []
+    for obj in objs:
+        try:
+            object.__setattr__(obj, "typo", 1)
+            refused = False
+        except AttributeError:
+            refused = True
+        names = [f"_{cls.__name__.lstrip('_')}{name}" if name.startswith("__") else name  # mangled as in the class
+                 for cls in type(obj).__mro__ for name in cls.__dict__.get("__slots__", ())]
+        values = {name: getattr(obj, name) for name in names}
+        seen.append((hasattr(obj, "__dict__"), refused, repr(sorted(values.items()))))
+    return seen
+
+
+def made_with_slots() -> list[Any]:
+    @dataclasses.dataclass(slots=True)
+    class Local:
+        v: int
+
+    return [Local(1), Point(3)]
+
+
+def test_a_class_with_slots_keeps_them_on_the_worker_and_back(dx: dspex.Client) -> None:
+    # cloudpickle rebuilt a class by value without its __slots__: its instances had a __dict__
+    s = dx.session("p")
+    objs: list[Any] = [Slotted(1), Point(1, 2)]
+    assert slots_kept(objs) == [(False, True, "[('_Slotted__hidden', -1), ('a', 1)]"),
+                                (False, True, "[('x', 1), ('y', 2)]")]
+    assert s.run(slots_kept, objs) == slots_kept(objs)  # arguments, and their classes by value
+    assert s.run(lambda: slots_kept([Slotted(1), Point(1, 2)])) == slots_kept(objs)  # made there
+    back = s.run(made_with_slots)  # a class made on the worker comes back by value
+    assert slots_kept(back) == slots_kept(made_with_slots()) == [(False, True, "[('v', 1)]"),
+                                                                 (False, True, "[('x', 3), ('y', 0)]")]
 
 
 def test_import_of_a_package_the_worker_lacks_names_it(dx: dspex.Client) -> None:

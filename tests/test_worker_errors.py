@@ -95,6 +95,39 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     assert info.value.details["type"] == "Sealed" and "pickled" not in info.value.details
 
 
+def test_errors_whose_class_makes_its_own_instances_come_back_typed(stack: Stack) -> None:
+    # MemoryError's __new__ (a free list) refused the RemoteError subclass, and an ExceptionGroup's
+    # needs its exceptions: the client raised that TypeError in place of the call's error
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    with pytest.raises(MemoryError) as info:
+        s.exec("raise MemoryError('no room for the batch')")
+    assert isinstance(info.value, dspex.RemoteError) and str(info.value) == "no room for the batch"
+    assert info.value.args == ("no room for the batch",)
+    # a group that cannot be pickled (an exception of it refuses) comes back as a RemoteError naming it
+    with pytest.raises(dspex.RemoteError) as group_info:
+        s.exec("class Sealed(Exception):\n    def __reduce__(self):\n        raise TypeError('sealed')\n"
+               "raise ExceptionGroup('two failed', [Sealed('x'), ValueError('y')])")
+    assert group_info.value.type_name == "ExceptionGroup" and "two failed" in str(group_info.value)
+    assert s.eval("1 + 1") == 2
+
+
+def test_an_attribute_or_name_error_keeps_the_name_it_looked_up(stack: Stack) -> None:
+    # Python's reduce of AttributeError/NameError leaves their name out: it came back None
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.exec("class Box:\n    pass")
+    with pytest.raises(AttributeError) as attr_info:
+        s.eval("Box().missing")
+    assert attr_info.value.name == "missing" and isinstance(attr_info.value, dspex.RemoteError)
+    with pytest.raises(NameError) as name_info:
+        s.eval("not_defined_here")
+    assert name_info.value.name == "not_defined_here"
+    with pytest.raises(ValueError) as chained:  # with a chain too (the name rides with it)
+        s.exec("try:\n    Box().gone\nexcept AttributeError as e:\n    raise ValueError('no') from e")
+    assert isinstance(chained.value.__cause__, AttributeError) and chained.value.__cause__.name == "gone"
+
+
 class ExitsOnLoad:
     """Unpickling it on the worker raises SystemExit (user code runs in __setstate__)."""
 

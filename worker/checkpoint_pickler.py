@@ -420,7 +420,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             return reduced
         make, args, *rest = reduced
         if make is _cp._make_skeleton_class:
-            type_constructor, name, bases, type_kwargs, tracker, extra = args
+            type_constructor, name, bases, type_kwargs, tracker, extra = byvalue.skeleton_args(obj, make, args)
             return (_make_class, (tracker, type_constructor, name, bases, type_kwargs, extra), *rest)
         if make is _cp._make_skeleton_enum:
             bases, name, qualname, members, module, tracker, extra = args

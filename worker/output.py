@@ -60,6 +60,8 @@ class _Dispatch(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):  # as a text file refuses it (click probes a stream with b"")
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
         sink = _sink()
         if sink is None:
             return self.real.write(text)
@@ -149,6 +151,14 @@ class _CallRecords(logging.Handler):
 
 
 _dispatchers: tuple[_Dispatch, _Dispatch] | None = None
+# the original streams too: ``sys.stdout = sys.__stdout__`` (the usual end of a redirection) and
+# ``print(..., file=sys.__stderr__)`` reach the terminal in-process, so the call's client here
+_STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
+
+
+def _bind(dispatchers: tuple[_Dispatch, _Dispatch]) -> None:
+    for name, stream in zip(_STREAMS, dispatchers * 2):
+        setattr(sys, name, stream)
 
 
 def install() -> None:
@@ -158,7 +168,7 @@ def install() -> None:
     if _dispatchers is not None:
         return
     _dispatchers = (_Dispatch("stdout", sys.stdout), _Dispatch("stderr", sys.stderr))
-    sys.stdout, sys.stderr = _dispatchers
+    _bind(_dispatchers)
     real_show = warnings.showwarning
 
     def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
@@ -172,6 +182,7 @@ def install() -> None:
     warnings.showwarning = showwarning
     logging.getLogger().addHandler(_CallRecords())
     _own_logging[:] = [list(logging.root.handlers), logging.root.manager.disable]
+    _own_stdin_and_showwarning[:] = [getattr(sys, "stdin", None), showwarning]
 
 
 class _RootLevel:
@@ -245,21 +256,35 @@ _overlap = _Overlap()
 # the root logger's handlers (the worker log's, the call records') and logging.disable's level
 # as :func:`install` left them
 _own_logging: list[Any] = []
+# sys.stdin (a call that sets it would feed its text to another session's input()) and the
+# showwarning that forwards warnings (a call's replacement would take another session's warnings)
+_own_stdin_and_showwarning: list[Any] = []
 
 
 def _put_back() -> None:
     """What a call changed for good and the next call (another session's) must not inherit: it
     would take that call's output with it, or its log records and the worker log's lines."""
+    global _dispatchers
     if _dispatchers is None:
         return
-    if sys.stdout is not _dispatchers[0] or sys.stderr is not _dispatchers[1]:
-        sys.stdout, sys.stderr = _dispatchers
+    out, err = _dispatchers
+    if any(stream.closed or stream.buffer.closed for stream in _dispatchers):  # sys.stdout.close(): for this call only
+        _dispatchers = (_Dispatch(out.name, out.real), _Dispatch(err.name, err.real))
+    # (a call may have deleted them: `del sys.stdout`)
+    if any(getattr(sys, name, None) is not stream for name, stream in zip(_STREAMS, _dispatchers * 2)):
+        _bind(_dispatchers)
     handlers, disabled = _own_logging
     root = logging.root
     if root.handlers != handlers:  # removed, or replaced (basicConfig(force=True)), or added to
         root.handlers[:] = handlers
     if root.manager.disable != disabled:
         logging.disable(disabled)
+    stdin, showwarning = _own_stdin_and_showwarning
+    if getattr(sys, "stdin", None) is not stdin:
+        sys.stdin = stdin
+    if warnings.showwarning is not showwarning:
+        logging.captureWarnings(False)  # (logging's own replacement: a later call's captureWarnings(True) works)
+        warnings.showwarning = showwarning
 
 
 class capture:

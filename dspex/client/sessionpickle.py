@@ -311,7 +311,7 @@ class SessionPickler(byvalue.SourcePickler):
         file = byvalue.class_source_file(cls)
         msg.note_source(file, self.sources)
         make, newargs, state = _cp._dynamic_class_reduce(cls)[:3]
-        args = list(newargs)
+        args = list(byvalue.skeleton_args(cls, make, newargs))
         is_enum = make is _cp._make_skeleton_enum
         at = 5 if is_enum else 4  # the tracker id: codestore tracks the class per session, not by it
         tracker, args[at] = args[at], None

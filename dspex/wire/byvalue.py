@@ -19,6 +19,7 @@ import linecache
 import pickle
 import sys
 import types
+import typing
 from typing import Any
 
 import cloudpickle
@@ -161,9 +162,13 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
                 chain["__context__"] = obj.__context__
             if obj.__suppress_context__:
                 chain["__suppress_context__"] = True
+        if chain:
+            self._chain_links -= 1
+        if isinstance(obj, (AttributeError, NameError)) and obj.name is not None \
+                and cls.__setstate__ is BaseException.__setstate__:
+            chain["name"] = obj.name  # the name looked up: no argument, and Python's own reduce leaves it out
         if not chain:
             return reduced
-        self._chain_links -= 1
         if reduced is NotImplemented:
             default = obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
             if not (isinstance(default, tuple) and 2 <= len(default) <= 3):
@@ -229,14 +234,28 @@ def class_state(cls: type, clsdict: dict[str, Any]) -> dict[str, Any]:
     return clsdict
 
 
+def skeleton_args(cls: type, make: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """cloudpickle's arguments to ``make`` ``cls``, with its own ``__slots__`` among the type's keywords.
+
+    cloudpickle sets ``__slots__`` with the rest of the class's state, once the class exists: too
+    late to lay its slots out, so the copy's instances had a ``__dict__`` (``obj.typo = 1`` worked
+    where in-process it is an ``AttributeError``) and the slots' descriptors were gone."""
+    slots = cls.__dict__.get("__slots__")
+    # (typing.NamedTuple makes its class's slots itself, and refuses them in the class body)
+    if make is not _cp._make_skeleton_class or slots is None or typing.NamedTuple in args[2]:
+        return args
+    return (*args[:3], {**args[3], "__slots__": slots}, *args[4:])
+
+
 def _class_reduced(cls: type, reduced: Any) -> Any:
-    """cloudpickle's reduction of a class by value with :func:`class_state`."""
+    """cloudpickle's reduction of a class by value with :func:`class_state` and :func:`skeleton_args`."""
     if not isinstance(reduced, tuple) or len(reduced) < 3:
         return reduced
     state = reduced[2]
     if not (isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict)):
         return reduced
-    return (*reduced[:2], (class_state(cls, state[0]), state[1]), *reduced[3:])
+    return (reduced[0], skeleton_args(cls, reduced[0], reduced[1]), (class_state(cls, state[0]), state[1]),
+            *reduced[3:])
 
 
 def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from dspex.wire import byvalue
@@ -149,6 +150,20 @@ def _link_chain(top: RemoteError, details: dict[str, Any], chain: list[Any]) -> 
         err.__suppress_context__ = bool(spec.get("suppress_context"))
 
 
+def _uninitialized(cls: type[RemoteError], args: tuple[Any, ...]) -> RemoteError | None:
+    """A new ``cls`` not initialized yet; None when its original's ``__new__`` makes none of it (an
+    ExceptionGroup's without its exceptions)."""
+    makers: tuple[Callable[[], RemoteError], ...] = (
+        lambda: cls.__new__(cls, *args),
+        lambda: cls.__new__(cls),  # a class whose __new__ wants other arguments
+        # MemoryError's __new__ (a free list of its own instances) refuses RemoteError's layout as "not safe"
+        lambda: Exception.__new__(cls, *args))
+    for make in makers:
+        with contextlib.suppress(Exception):
+            return make()
+    return None
+
+
 def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     original: BaseException | None = None
     pickled = details.get("pickled")
@@ -164,10 +179,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     if cls is None or original_type is None:
         return RemoteError(message, **details)
     args = original.args if original is not None else (message,)
-    try:
-        err = cls.__new__(cls, *args)
-    except Exception:  # noqa: BLE001 - a class whose __new__ wants other arguments
-        err = cls.__new__(cls)
+    err = _uninitialized(cls, args)
+    if err is None:
+        return RemoteError(message, **details)
     if original_type.__module__ == "builtins":
         # their C fields come from init (OSError.errno, .filename) or reduce's state (ImportError.name)
         try:
@@ -188,6 +202,8 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     if original is not None:
         with contextlib.suppress(TypeError):
             err.__dict__.update(vars(original))
+        if isinstance(original, (AttributeError, NameError)):
+            err.name = original.name  # type: ignore[attr-defined] # a C field, not in vars()
     err.__dict__["_dspex_wire"] = (message, details)
     err.args = tuple(args)
     return err

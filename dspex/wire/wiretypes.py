@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
+import numpy as np
 
 from dspex.wire import byvalue
 from dspex.wire.errors import ProtocolError
@@ -325,13 +326,16 @@ def is_data_like(obj: Any) -> bool:
     Classes (a class from the client is the client's own class again; an importable one goes by
     name) and type annotations made of them (``list[Item]``), Pydantic model instances, dataclass
     instances, exceptions, enum members, dspy.streaming's messages, records, values of the standard library's value types (``Fraction``, ``deque``,
-    ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``, a time zone);
+    ``SimpleNamespace``, ``range``, ``slice``, ``array``, a compiled ``re`` pattern, ``...``, a time zone), numpy
+    dtypes and the arrays that are no frames (of objects, masked, matrices);
     anything else a worker returns (LMs, modules, predictors, functions, open files...) stays there
     as a ref.
     """
     if isinstance(obj, (type, *_ANNOTATIONS)):
         return True
     if type(obj) in _STDLIB_VALUES:
+        return True
+    if isinstance(obj, (np.dtype, np.ndarray)):  # what is not a frame: an array of objects, a masked array, a matrix
         return True
     zoneinfo = sys.modules.get("zoneinfo")  # a ZoneInfo exists only once zoneinfo was imported
     if zoneinfo is not None and type(obj) is zoneinfo.ZoneInfo:
