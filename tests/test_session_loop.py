@@ -180,7 +180,8 @@ def test_dspy_async_lm_calls_of_one_session_at_once(stack: Stack) -> None:
         answers, configured = _go(stack, body)
         assert answers == [[(True, "a")] * 4, [(True, "b")] * 4]
         assert sorted(configured) == [0, 1, 2, 3]
-        assert len(server.completions()) == 16
+        calls = server.completions()
+        assert len(calls) == 16, [(c.mode, c.status, c.model) for c in calls]
 
 
 @pytest.mark.parametrize("first", ["steady", "interrupted"])
