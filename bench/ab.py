@@ -21,7 +21,7 @@ the raw blocks).
   clients that are sockets of the same thread; thread CPU per request + reply, with the same
   messages reaching every turn of both sides (needs trees whose ``Broker`` has ``turn``);
   ``--sessions 1``: sequential round trips (two turns per call: the cost of a wake-up).
-* ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call, each
+* ``executor``: the worker's executor alone: CPU per no-op execute and per ``dspy.Predict`` call (and its ``acall``), each
   as a session's client sends it, and the same Predict in-process (the noise floor of the ratios).
 * ``codec``: the codec alone on plain data (a request body, a small result, 200 rows, 10 000 floats; rows and floats as a
   call's argument too): CPU per

@@ -12,8 +12,9 @@ figures for a block. Mode by mode:
   machine's other load barely moves it; the zmq shell's cost is what ``--what tree`` adds). The
   core's public events (``on_client_frames``/``on_worker_frames``) with the shell's clock reading
   of each message, behind a null port.
-* ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call`` and the
-  ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM, each as a session's client
+* ``executor``: the worker's ``Executor`` (dspy on, capacity 1) executing a no-op ``call``, the
+  ``method __call__`` of a ``dspy.Predict`` ref answered by a DummyLM and its ``acall`` (awaited on
+  the session's event loop: ``apredict_us``), each as a session's client
   sends it (its output taken, log records from INFO, a stream opened only at the first event):
   CPU per execute; and the same Predict called in-process under ``dspy.context(lm=...)``
   (``inprocess_us``: the same code on both sides, the noise floor of the ratios); and the
@@ -244,7 +245,9 @@ def _executor() -> Side:
     bodies = {"noop": (RequestHeader("call", 3, "p", sid, "", 60000, flags),
                        codec.encode(["builtins", "len", [[]], {}], policy=every)),
               "predict": (RequestHeader("method", 4, "p", sid, "", 60000, flags),
-                          codec.encode([prog, "__call__", [], {"question": QUESTION}], policy=every))}
+                          codec.encode([prog, "__call__", [], {"question": QUESTION}], policy=every)),
+              "apredict": (RequestHeader("method", 5, "p", sid, "", 60000, flags),
+                           codec.encode([prog, "acall", [], {"question": QUESTION}], policy=every))}
 
     def no_output() -> Any:
         raise AssertionError("the benchmark's call printed or logged")
@@ -276,10 +279,12 @@ def _executor() -> Side:
 
     cpu_per_execute("noop", 500)
     cpu_per_execute("predict", 50)
+    cpu_per_execute("apredict", 50)
     cpu_in_process(50)
     cpu_per_result(500)
     return (lambda cmd: {"noop_us": cpu_per_execute("noop", int(cmd["n"])) * 1e6,
                          "predict_us": cpu_per_execute("predict", max(1, int(cmd["n"]) // 10)) * 1e6,
+                         "apredict_us": cpu_per_execute("apredict", max(1, int(cmd["n"]) // 10)) * 1e6,
                          "inprocess_us": cpu_in_process(max(1, int(cmd["n"]) // 10)) * 1e6,
                          "result_us": cpu_per_result(int(cmd["n"])) * 1e6}), lambda: None
 

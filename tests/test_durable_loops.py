@@ -1,5 +1,5 @@
 """Durable sessions carrying what landed on 7 Dec: generator refs stepped with next() and loops
-that took items ahead, a generator's return value, a thread's event loop kept from call to call
+that took items ahead, a generator's return value, a session's event loop kept from call to call
 (an asyncio.Queue, an httpx.AsyncClient), dspy.load of a program saved whole, the session's user
 module state. Real broker and workers, the pinned worker SIGKILLed by pid, the broker SIGKILLed
 and restarted on the same run dir."""
@@ -158,7 +158,7 @@ def test_a_generators_return_value_after_a_broker_restart(stack: Stack, usercode
 
 def test_an_asyncio_queue_never_bound_to_a_loop_moves_one_bound_is_named_and_gone(
         stack: Stack, usercode: Any) -> None:
-    """A call that waited on a Queue bound it to the worker thread's event loop (kept from call to
+    """A call that waited on a Queue bound it to the session's event loop (kept from call to
     call): it is said not durable on that call, and gone after the move saying why. One never
     waited on (put and get that did not wait) pickles, and comes back with its items."""
     dx = stack.pool("p:strict_queue", 2, "--no-dspy")
@@ -184,7 +184,7 @@ def test_an_httpx_async_client_is_named_not_durable_and_gone_after_a_move(stack:
     s = dx.session("p", durable=True)
     client, said = _not_durable(lambda: s.run(mod.an_http_client))
     assert len(said) == 1 and f"ref {client.id[:8]} (httpx.AsyncClient) is not durable" in said[0], said
-    assert s.run(mod.closed, client) is False  # awaited on the thread's kept event loop
+    assert s.run(mod.closed, client) is False  # awaited on the session's kept event loop
     assert s.run(mod.closed, client) is False
     _move(stack, dx, s)
     with pytest.raises(dspex.RefNotFound, match=r"\(httpx.AsyncClient\) is gone: it was not durable \(TypeError"):

@@ -628,7 +628,7 @@ def test_asyncio_refs_await_what_can_be_awaited_and_name_the_way_for_the_rest(dx
             assert [x async for x in await box.agen(3)] == [0, 1, 2]
             assert [x async for x in box] == [1, 2, 3]  # a plain iterable is iterated by `async for` too
             agen, gen = await box.agen(3), await s.run(counted, 2)
-            assert await anext(agen) == 0  # stepped on the worker thread's loop, which later calls share
+            assert await anext(agen) == 0  # stepped on the session's loop, which later calls share
             assert [x async for x in agen] == [1, 2]
             assert await anext(agen, "end") == "end"
             assert [await anext(gen), await anext(gen), await anext(gen, "end")] == [0, 1, "end"]

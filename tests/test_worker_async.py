@@ -120,7 +120,7 @@ def test_tasks_a_call_leaves_behind_are_cancelled_at_its_end(s: dspex.Session) -
     assert s.eval("ends") == ["cancelled"]  # as asyncio.run does at a program's end
 
 
-def test_a_call_that_closes_the_threads_loop_leaves_later_calls_a_fresh_one(s: dspex.Session) -> None:
+def test_a_call_that_closes_the_sessions_loop_leaves_later_calls_a_fresh_one(s: dspex.Session) -> None:
     s.exec(textwrap.dedent("""
         async def keep():
             global kept

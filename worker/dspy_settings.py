@@ -50,13 +50,16 @@ thread_settings: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Con
 
 class ConfigureOwner:
     """Who may call ``dspy.configure`` during one call: its thread, and its first task that does
-    (DSPy's rule for the process, applied to the call as the client's code runs it)."""
+    (DSPy's rule for the process, applied to the call as the client's code runs it). The call's
+    awaitable runs on its session's loop, which another thread may be running (worker.session_loop):
+    that loop counts as the call's thread."""
 
-    __slots__ = ("task", "thread")
+    __slots__ = ("loop", "task", "thread")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         self.task: Any = None
+        self.loop: Any = None
 
 
 configure_owner: contextvars.ContextVar[ConfigureOwner | None] = contextvars.ContextVar(
@@ -69,6 +72,7 @@ def claim_configure() -> None:
     owner = configure_owner.get()
     if owner is not None and owner.task is None:
         owner.task = asyncio.current_task()
+        owner.loop = asyncio.get_running_loop()
 
 
 def _ensure_configure_allowed() -> None:
@@ -76,7 +80,7 @@ def _ensure_configure_allowed() -> None:
     owner = configure_owner.get()
     if owner is None:
         return
-    if owner.thread != threading.get_ident():
+    if owner.thread != threading.get_ident() and (owner.loop is None or asyncio._get_running_loop() is not owner.loop):
         raise RuntimeError("dspy.settings can only be changed by the thread that initially configured it.")
     try:
         task = asyncio.current_task()

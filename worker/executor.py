@@ -80,6 +80,7 @@ class Executor:
         self.ops = SessionOps(refs)
         refs.on_session_closed.append(namespace.drop_session_module)
         refs.on_session_closed.append(lambda state: state.code.release())
+        refs.on_session_closed.append(lambda state: state.loop.close())
         codestore.on_user_module.append(namespace.present_user_module)
 
     def install(self) -> None:
@@ -239,7 +240,7 @@ class Executor:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
-                    result = guarded(naming_unbound, state, drain, result, stream, encode_item)
+                    result = guarded(naming_unbound, state, drain, result, stream, encode_item, state.loop)
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")

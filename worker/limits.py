@@ -31,17 +31,17 @@ call's handler, which runs before the worker's (worker.stopsignals).
 Worker code that must not be interrupted half-way (sending a multipart reply) runs inside
 :func:`protected`; a soft limit arriving there is raised when it ends.
 
-An awaitable result runs on its thread's event loop (:func:`run_async`), kept from call to call
-(a capacity-1 worker's calls all run on one, as a program's on its loop). Its interruption is that
-loop's ``task.cancel()`` of the call's task, sent with ``call_soon_threadsafe``: its coroutine
-gets ``CancelledError`` at its ``await`` and its ``finally`` blocks run (and may await), as with
-an in-process ``task.cancel()``; :func:`run_async` turns the cancelled task into the call's
-interruption. Raised into the thread instead, it could land in asyncio's own code, which
-catches ``BaseException`` in places (a transport's socket write: "Fatal write error", a closed
-connection, and the call ran on). A loop that does not take the cancel within
-``_TASK_CANCEL_WAIT`` (the coroutine blocks it in synchronous code) gets the interruption raised
-as above; on a pool thread the watchdog also wakes the loop (a thread blocked in the loop's
-``select`` would see an async exception only when that returns).
+An awaitable result runs as a task on its session's event loop (worker.session_loop), which
+whichever thread runs one of the session's calls may be running. Its interruption is the call's
+``task.cancel()``, sent to that loop with ``call_soon_threadsafe``: its coroutine gets
+``CancelledError`` at its ``await`` and its ``finally`` blocks run (and may await), as with an
+in-process ``task.cancel()``; the session loop turns the cancelled task into the call's
+interruption. Raised into a thread instead, it could land in asyncio's own code, which catches
+``BaseException`` in places (a transport's socket write: "Fatal write error", a closed
+connection, and the call ran on), or in another call's task on the same loop. A loop that does
+not take the cancel within ``_TASK_CANCEL_WAIT`` (synchronous code blocks it) gets the
+interruption raised as above into the thread that runs the loop, once that thread runs the call's
+own code (``SessionLoop.runner``; until then the watchdog looks again every ``_TASK_CANCEL_WAIT``).
 
 Cancellation (the caller gave up: ``B_CANCEL``) stops a running call the same way, at once:
 :meth:`Watchdog.cancel` raises :class:`CallCancelled` (a ``CallTimedOut``, so code that handles
@@ -56,7 +56,6 @@ on until its own deadline, where the limits above act. Once the call's code has 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import itertools
 import logging
@@ -68,7 +67,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from worker import stopsignals
 
@@ -80,7 +79,7 @@ _REVIEW = 1.0
 _NUDGE = signal.SIGURG  # ignored by default: a nudge after its handler was replaced changes nothing
 _NUDGE_EVERY = 0.05  # seconds between nudges while a SIGINT's handler has not run
 # seconds a coroutine's loop has to take its task's cancel before the interruption is raised in
-# whatever the thread runs (the coroutine blocks its loop in synchronous code)
+# the call's code that the loop's thread runs (the coroutine blocks its loop in synchronous code)
 _TASK_CANCEL_WAIT = 0.25
 
 
@@ -107,8 +106,8 @@ class _Call:
     cancelled: bool = False  # its caller cancelled it (B_CANCEL)
     session_closed: bool = False  # ... because its session closed
     settled: bool = False  # its code has returned: a cancel changes nothing now
-    loop: asyncio.AbstractEventLoop | None = None  # the event loop run_async runs for it
-    task: asyncio.Task[Any] | None = None  # ... and the task of its coroutine there
+    loop: CallLoop | None = None  # the session loop its coroutine runs on
+    task: asyncio.Task[Any] | None = None  # ... and its task there
     task_cancel_due: float = math.inf  # its task's cancel was sent to its loop: raise if not taken by then
     signalled: bool = False  # a SIGINT was sent to its (main) thread and its handler has not run yet
     resend: bool = False  # its interruption was raised where Python ignores it: the watchdog sends it again
@@ -130,12 +129,21 @@ class _Call:
                     self.watchdog._cond.notify()
 
 
+class CallLoop(Protocol):
+    """What the watchdog asks of the loop a call's coroutine runs on (worker.session_loop.SessionLoop,
+    which imports this module)."""
+
+    def cancel(self, call: _Call) -> bool: ...
+
+    def runner(self, call: _Call) -> tuple[int, _ThreadState] | None: ...
+
+
 @dataclass
 class _ThreadState:
     active: _Call | None = None
     protected: int = 0
-    pending: bool = False  # a soft limit arrived while protected
-    loop: asyncio.AbstractEventLoop | None = None  # the thread's event loop for its calls' awaitables
+    pending: _Call | None = None  # the call whose interruption arrived while protected (perhaps
+    # not the thread's own: the thread may run another call's task on their session's loop)
 
 
 _local = threading.local()
@@ -161,10 +169,12 @@ class protected:
     def __exit__(self, *exc: object) -> None:
         st = self._st
         st.protected -= 1
-        if st.protected == 0 and st.pending and st.active is not None and not st.active.done:
-            st.pending = False
-            st.active.timed_out = True
-            raise st.active.interruption()
+        call = st.pending
+        if st.protected == 0 and call is not None:
+            st.pending = None
+            if not call.done:
+                call.timed_out = True
+                raise call.interruption()
 
 
 # one token per soft-limit or cancel SIGINT sent and not handled yet. Two threads send them (the
@@ -187,7 +197,7 @@ def _on_sigint(signum: int, frame: Any) -> None:
     if call is None or call.done or call.settled or not (call.soft_sent or call.cancelled):
         return  # a stale signal: the call it was meant for has ended (or has returned its result)
     if st.protected:
-        st.pending = True
+        st.pending = call
         return
     call.timed_out = True
     raise call.interruption()
@@ -213,73 +223,6 @@ def settle(call: _Call | None) -> None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), None)
         call.timed_out = True
         raise call.interruption()
-
-
-def run_async(coro: Any) -> Any:
-    """Run a coroutine to its end on the thread's event loop (none is running there); the
-    watchdog can wake that loop to interrupt the current call."""
-    st = _state()
-    call = st.active
-    if call is None:
-        return asyncio.run(coro)
-
-    async def main() -> Any:
-        with call.lock:
-            call.loop = asyncio.get_running_loop()
-            call.task = asyncio.current_task()
-        try:
-            return await coro
-        finally:
-            with call.lock:
-                call.loop = call.task = None
-
-    if st.loop is None or st.loop.is_closed():  # (user code may close it between calls)
-        st.loop = asyncio.new_event_loop()
-    try:
-        return _run_on(st.loop, main())
-    except asyncio.CancelledError:
-        if call.timed_out:  # our cancel of its task (Watchdog._cancel_task), not the coroutine's own
-            raise call.interruption() from None
-        raise
-    finally:
-        if call.timed_out or call.cancelled:
-            # its interruption may have been raised into asyncio's own code: the next call gets
-            # a fresh loop (what was bound to this one fails there, as made in another program)
-            st.loop.close()
-            st.loop = None
-
-
-def _run_on(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
-    """``asyncio.run`` that leaves the loop open: the thread's next call runs on it, so what a
-    session keeps that is bound to a loop (an ``httpx.AsyncClient``'s connections, an
-    ``asyncio.Queue``, an async generator its code steps) still works there, as in a program
-    with one loop. The tasks the call left behind are cancelled at its end, as asyncio.run does."""
-    asyncio.set_event_loop(loop)
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        try:
-            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in left:
-                task.cancel()
-            if left:
-                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        finally:
-            asyncio.set_event_loop(None)
-
-
-def _take_task_cancel(call: _Call, task: asyncio.Task[Any]) -> None:
-    """On the call's loop: its interruption, as ``task.cancel()`` (Watchdog._cancel_task)."""
-    with call.lock:
-        call.task_cancel_due = math.inf
-        if call.done or call.settled or call.task is not task:
-            return
-        call.timed_out = True
-    task.cancel()
-
-
-def _nothing() -> None:
-    pass
 
 
 class Watchdog:
@@ -408,13 +351,11 @@ class Watchdog:
         """The call's coroutine interrupted by its loop's ``task.cancel()`` (the module's doc says why),
         True if sent; a loop that does not take it in ``_TASK_CANCEL_WAIT`` gets :meth:`_raise`."""
         with call.lock:
-            loop, task = call.loop, call.task
-            if loop is None or task is None or call.done or call.settled:
+            loop = call.loop
+            if loop is None or call.done or call.settled:
                 return False
             call.task_cancel_due = time.monotonic() + _TASK_CANCEL_WAIT
-        try:
-            loop.call_soon_threadsafe(_take_task_cancel, call, task)
-        except RuntimeError:  # its loop closed meanwhile: the coroutine has ended
+        if not loop.cancel(call):  # its loop closed meanwhile: the coroutine has ended
             call.task_cancel_due = math.inf
             return False
         with self._cond:
@@ -422,32 +363,45 @@ class Watchdog:
         return True
 
     def _raise(self, call: _Call) -> None:
-        """Raise the call's interruption in whatever its thread runs."""
-        if call.thread == self._main:
+        """Raise the call's interruption in whatever its thread runs; a coroutine's, in the thread
+        that runs its session's loop while it runs the call's code there (the module's doc)."""
+        thread, st = call.thread, call.thread_state
+        loop = call.loop
+        if loop is not None:
+            runner = loop.runner(call)
+            if runner is None:
+                with call.lock:
+                    still = call.loop is loop
+                    if still and not (call.done or call.settled or call.timed_out):
+                        call.task_cancel_due = time.monotonic() + _TASK_CANCEL_WAIT
+                if still:  # the loop runs another call's code: look again soon
+                    with self._cond:
+                        self._cond.notify()
+                    return
+                # its coroutine ended meanwhile: its own thread runs the call
+            else:
+                thread, st = runner
+        if thread == self._main:
             call.nudge_at = time.monotonic() + _NUDGE_EVERY
             call.signalled = True
             _limit_signals.append(1)
             try:
-                signal.pthread_kill(call.thread, signal.SIGINT)
+                signal.pthread_kill(thread, signal.SIGINT)
             except (ProcessLookupError, OSError):
                 call.signalled = False
                 _limit_signals.pop()
         else:
             with call.lock:
-                st = call.thread_state
                 if call.done or call.settled:
                     return
                 if st.protected:
-                    st.pending = True  # raised when the protected block ends
+                    st.pending = call  # raised when the protected block ends
                     return
                 call.timed_out = True
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
-                if call.loop is not None:  # blocked in its select, the thread would see the exception only after it
-                    with contextlib.suppress(RuntimeError):  # closed meanwhile: the thread is out of its select
-                        call.loop.call_soon_threadsafe(_nothing)
+                    ctypes.c_ulong(thread), ctypes.py_object(CallCancelled if call.cancelled else CallTimedOut))
             try:
-                stopsignals.cancel_parallel_jobs(call.thread)
+                stopsignals.cancel_parallel_jobs(thread)
             except Exception:  # best effort: the soft limit itself is on its way
                 log.exception("could not cancel the call's parallel jobs")
 
@@ -492,6 +446,6 @@ class Limit:
         with wd._lock:
             wd._calls.pop(call.token, None)
         st.active = self.outer
-        st.pending = False
+        st.pending = None
         if stopsignals.call_handlers and self.outer is None and call.thread == wd._main:
             stopsignals.call_handlers.clear()  # the stop signals' handlers the call set end with it

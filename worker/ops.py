@@ -35,7 +35,7 @@ class SessionOps:
         if handler is None:
             raise UnknownOp(f"unknown op {op!r}")
         args = OPS[op].bind_list(body)  # its arguments as the op's definition says
-        return guarded(checkpoint.naming_unbound, state, lambda: resolve_awaitable(handler(self, state, *args)))
+        return guarded(checkpoint.naming_unbound, state, lambda: resolve_awaitable(handler(self, state, *args), state.loop))
 
     def _call(self, state: SessionState, module: str, fn: str, args: list[Any] | None,
               kwargs: dict[str, Any] | None) -> Any:

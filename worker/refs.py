@@ -18,6 +18,7 @@ from typing import Any
 from dspex.wire.codestore import CodeStore
 from dspex.wire.errors import RefNotFound, RefQuotaExceeded
 from dspex.wire.ref import Ref
+from worker.session_loop import SessionLoop
 from worker.sink import LateOutput
 
 DEFAULT_REF_QUOTA = 100_000
@@ -43,6 +44,7 @@ class SessionState:
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
+    loop: SessionLoop = field(default_factory=SessionLoop)  # its calls' awaitables run on it (its asyncio loop is lazy)
 
 
 def type_name(obj: Any) -> str:

@@ -4,7 +4,8 @@
   :class:`LazyStream` opens one at the first output event of a plain call.
 - :func:`progress_scope`: dspy/gepa log records and ``dspex.progress.report`` as progress events.
 - :func:`resolve_awaitable`: an awaitable result (``acall``, ``aforward``, ``dspy.asyncify``) is
-  awaited on a private event loop, so the caller gets its value, as ``await`` would.
+  awaited on its session's event loop (worker.session_loop), so the caller gets its value, as
+  ``await`` would.
 - :func:`drain`: the items of any iterable or async iterable, sent as partial replies. An async
   generator is driven by one task for its whole life: anyio cancel scopes (dspy.streamify) must
   be entered and left in the same task.
@@ -26,6 +27,7 @@ from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
 from worker.dspy_settings import claim_configure
+from worker.session_loop import SessionLoop
 
 log = logging.getLogger("dspex.worker")
 
@@ -192,8 +194,9 @@ def progress_scope(stream: StreamControl, to_ref: Callable[[Any], Ref]) -> Itera
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes, list, dict, tuple})
 
 
-def resolve_awaitable(result: Any) -> Any:
-    """``await`` an awaitable result (repeatedly: a coroutine may return another one)."""
+def resolve_awaitable(result: Any, loop: SessionLoop) -> Any:
+    """``await`` an awaitable result on its session's ``loop`` (repeatedly: a coroutine may return
+    another one)."""
     if type(result) in _PLAIN:  # the usual result: no isinstance against the Awaitable ABC
         return result
     while inspect.isawaitable(result):
@@ -201,18 +204,19 @@ def resolve_awaitable(result: Any) -> Any:
             claim_configure()
             return await aw
 
-        result = limits.run_async(wait())
+        result = loop.run(wait())
     return result
 
 
-def drain(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
+def drain(result: Any, stream: StreamControl, encode: Encode, loop: SessionLoop) -> dict[str, Any]:
     """Send the items of ``result`` as partial replies; ``{"items": n, "value": v}`` at the end,
-    ``v`` a generator's ``return`` value (its ``StopIteration.value``; None for an async one).
+    ``v`` a generator's ``return`` value (its ``StopIteration.value``; None for an async one,
+    driven on its session's ``loop``).
 
     A consumer that cancels stops the producer (its ``finally`` blocks run now).
     """
     if hasattr(result, "__aiter__"):
-        summary: dict[str, Any] = limits.run_async(_drain_async(result, stream, encode))
+        summary: dict[str, Any] = loop.run(_drain_async(result, stream, encode))
         return summary
     count = 0
     iterator = iter(result)
@@ -236,7 +240,8 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
     iterator = result.__aiter__()
     try:
         async for item in iterator:
-            # sending may wait for credit: blocking this loop is fine, it serves only this stream
+            # sending may wait for credit, blocking the session's loop: tasks of its other calls
+            # that run at once (a hint pool's) wait with it
             _send_item(stream, encode, item, count)
             count += 1
     finally:
