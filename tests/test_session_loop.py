@@ -16,7 +16,7 @@ import pytest
 
 import dspex
 import dspex.aio
-from tests.harness import Stack, wait_for
+from tests.harness import PY, Stack, wait_for
 from tests.lmserver import LMServer
 
 pytestmark = pytest.mark.timeout(180)
@@ -276,3 +276,27 @@ def test_a_sessions_loop_is_closed_when_the_session_closes(hint4: Stack) -> None
     for s in sessions:
         s.close()
     wait_for(lambda: probe.eval("open_loops()") == 0, 10, what="the closed sessions' loops to close")
+
+
+def test_a_worker_keeps_the_loops_of_many_sessions_whatever_descriptor_limit_it_inherits(stack: Stack) -> None:
+    """Every open session that awaited something holds its loop's descriptors on its worker: a
+    worker started with a low soft limit (as a shell's default 1024, here 160) raises it, so 150
+    such sessions (~450 descriptors) all go on working."""
+    low = [PY, "-c", ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                      "(160, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); os.execv(sys.argv[1], sys.argv[1:])")]
+    stack.start_broker("p:hint")
+    stack.start_worker("p", "--no-dspy", "--capacity", "2", prefix=low)
+    stack.wait_workers("p", 1)
+
+    async def body(adx: dspex.aio.AsyncClient) -> Any:
+        sessions = [adx.session("p") for _ in range(150)]
+        for s in sessions:
+            await s.exec(CODE)
+        first = [await s.eval("double(1)") for s in sessions]
+        again = await asyncio.gather(*(s.eval("double(2)") for s in sessions))
+        limit = await sessions[0].eval("__import__('resource').getrlimit(__import__('resource').RLIMIT_NOFILE)[0]")
+        return first, again, limit
+
+    first, again, limit = _go(stack, body)
+    assert first == [2] * 150 and again == [4] * 150
+    assert limit > 160

@@ -6,6 +6,7 @@ import atexit
 import faulthandler
 import logging
 import os
+import resource
 import sys
 import threading
 from typing import NoReturn
@@ -31,7 +32,27 @@ def run(argv: list[str] | None = None) -> int:
     # instead of marking it FATAL with the cause
     from worker.worker import main
 
+    _more_descriptors()
     return main(options)
+
+
+# what the soft limit of open descriptors is raised to, at most (within the hard limit)
+DESCRIPTORS = 65536
+
+
+def _more_descriptors() -> None:
+    """Raise the soft limit of open descriptors towards the hard one. Every session that awaited
+    something keeps its event loop (an epoll and a socketpair: 3 descriptors) while it is open
+    (worker/session_loop.py), so a worker of a few hundred such sessions would run out at the
+    common default of 1024, and its next call of any session would fail with EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTORS)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:  # (a container's policy may refuse it: the limit stays)
+            logging.getLogger("dspex.worker").warning("could not raise the open-descriptor limit from %d to %d: %s",
+                                                      soft, want, exc)
 
 
 # how long the atexit handlers (user code registers some) may run once the worker has stopped
