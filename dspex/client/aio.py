@@ -25,9 +25,10 @@ import zmq.asyncio
 
 from dspex.client import output, processwide
 from dspex.client.aiochannel import CANCELLED, LOST, REFUSED, AsyncChannel, Reply
-from dspex.client.api import DEFAULT_TIMEOUT, AsyncClosing, AsyncSession, ClientAPI, RequestOptions, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sessionapi import AsyncClosing, AsyncSession, RequestOptions, Steps
 from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream
 from dspex.wire.errors import (
     CodeCacheMiss,

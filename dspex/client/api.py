@@ -1,9 +1,9 @@
-"""The user API of clients and sessions, defined once for both client kinds.
+"""The user API of clients, defined once for both client kinds (:mod:`dspex.client.sessionapi` has the session's).
 
 Every user method here builds a request and hands it to its client, which performs it in its own way:
 :class:`dspex.client.sync.Client` (``dspex.connect``) blocks and returns the value, :class:`dspex.aio.AsyncClient`
 (``dspex.aio.connect``) returns an awaitable of it. Ref handles (:mod:`dspex.wire.ref`) work the same way. A method of
-several steps (``Session.close``, :class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that
+several steps (``SessionAPI.close``, :class:`dspex.client.rehydrator.Rehydrator`) is written once as a generator that
 yields each step's result-or-awaitable; the client kind drives it (``_drive``): the blocking client sends each value
 straight back, the asyncio client awaits each awaitable first and throws its exception in where it was yielded.
 Constructor options, the ops and their arguments live here only; what a client kind implements is marked below.
@@ -13,44 +13,26 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, Generic, Protocol, Self, TypedDict, TypeVar, Unpack
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar, Unpack
 
 import zmq
 
 from dspex.client import arguments, processwide, senderrors
-from dspex.client.arguments import bound_name, keywords, positional
+from dspex.client.arguments import keywords, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
 from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
-from dspex.client.sendcache import SendCache
-from dspex.wire.errors import BrokerUnreachable, ConnectionError, EncodeError, Refused, SessionClosed, Timeout
+from dspex.client.sessionapi import RequestOptions, SessionAPI, Steps
+from dspex.wire.errors import BrokerUnreachable, EncodeError, Refused
 from dspex.wire.ops import WORKER_OPS, Op
-from dspex.wire.protocol import FLAG_DURABLE
-from dspex.wire.ref import Ref
 from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, tune_socket
 
 log = logging.getLogger("dspex.client")
 
 DEFAULT_TIMEOUT = 60.0
 
-T = TypeVar("T")
-S = TypeVar("S", bound="SessionAPI")
-Steps = Generator[Any, Any, T]  # an op of several steps: yields each step's value or awaitable
-
-
-class RequestOptions(TypedDict, total=False):
-    """What a request may say besides its op, pool, session and body (:meth:`ClientAPI.request`)."""
-
-    worker: str  # the incarnation its session is pinned to ("": none yet)
-    timeout: float | None
-    on_reply: Callable[[str, str], None] | None
-    on_progress: Callback | None
-    on_output: Callback | None
-    bind: Any
-    forward: bool | None
-    sender: SendCache | None
-    flags: int
+S = TypeVar("S", bound=SessionAPI)
 
 
 class Sockets(Protocol):
@@ -265,236 +247,3 @@ class ClientAPI(Generic[S]):
         """Ask the broker to recycle workers gracefully (rolling, one at a time)."""
         return self.request(Op.RECYCLE.value, pool, body={"pool": pool, "worker": worker or "", "all": all},
                             timeout=timeout)
-
-
-class SessionAPI:
-    """Calls pinned to one worker of a pool; objects stay there as refs until released.
-
-    Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
-    process's streams and loggers: dspex.client.output). Refs the session returns are handles that read
-    like their objects (``prog(question=...)``, ``lm.model``). Through a
-    :class:`dspex.aio.AsyncSession` every op returns an awaitable of the same value.
-    """
-
-    _label = "dspex.Session"
-    _ops_awaitable = False  # its ops return awaitables (what a ref handle needs to know)
-
-    def __init__(self, client: ClientAPI[Any], pool: str, session_id: str, forward_output: bool | None = None,
-                 client_settings: bool | None = None, durable: bool = False) -> None:
-        self.client = client
-        self.pool = pool
-        self.id = session_id
-        self.durable = durable  # asked for by this client (a pool's durable = true makes it so too)
-        self._flags = FLAG_DURABLE if durable else 0
-        self.worker = ""  # incarnation id once pinned
-        self.closed = False
-        self.forward_output = forward_output  # None: the client's
-        # what the session's worker holds of this client's code, and whether the client's DSPy
-        # settings go with each call
-        self.sender = SendCache(client_settings=client.client_settings if client_settings is None else client_settings,
-                                max_entries=client.config.code_cache)
-
-    def __repr__(self) -> str:
-        return f"<{self._label} {self.id[:8]} pool={self.pool} worker={self.worker[:8] or '-'}>"
-
-    def __reduce__(self) -> Any:
-        # pickled into a call's arguments (or a global its code reads): say what it is, not what it holds
-        raise EncodeError(f"a {self._label} {self.id[:8]} (pool {self.pool}) cannot be sent to a worker: it is this "
-                          "client's handle of the session. A call runs in its session already: pass the call the "
-                          "data or refs it needs (ref = s.put(obj)), not the session", handle=self._label)
-
-    def __copy__(self) -> Self:
-        return self  # a handle, as a Ref is: copies are the same session
-
-    def __deepcopy__(self, memo: Any) -> Self:
-        return self
-
-    def _closed(self) -> SessionClosed:
-        return SessionClosed(f"session {self.id[:8]} is closed, and its refs with it (client.session(pool) "
-                             "opens a new one)")
-
-    def _track(self, status: str, worker: str) -> None:
-        if worker:
-            self.worker = worker
-
-    def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
-                 on_output: Callback | None) -> Any:
-        if self.closed:
-            return self.client._drive(_raising(self._closed()))
-        return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
-
-    # -- code and objects by value -------------------------------------------------------------
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the session's worker, ``fn`` and the arguments sent by value.
-
-        The same program text as in-process: ``program()`` here, ``s.run(program)`` there. The
-        result comes back as data where it can (records, pydantic/dataclass instances...), as refs
-        for what must stay on the worker. For ``timeout=`` & co use :meth:`apply`.
-        """
-        return self.apply(fn, args, kwargs)
-
-    def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-              *, timeout: float | None = None, on_progress: Callback | None = None,
-              on_output: Callback | None = None) -> Any:
-        """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
-            on_output: Callback | None = None) -> Any:
-        """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
-        return self._request(Op.PUT, [obj], timeout, on_progress, on_output)
-
-    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
-        ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
-        return self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
-
-    # -- the explicit API ---------------------------------------------------------------------------
-    def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
-        """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Any:
-        """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
-        """``getattr(ref, name)`` on the worker."""
-        return self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
-
-    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
-                 on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """``setattr(ref, name, value)`` on the worker."""
-        return self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
-
-    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
-        return self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
-
-    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
-        return self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
-
-    def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> Any:
-        """Plain data of a dspy.Example / dspy.Prediction (or anything with ``toDict``)."""
-        return self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
-
-    def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> Any:
-        """Release refs (the number released); other values (data that came back by value) hold
-        nothing there: skipped."""
-        # ids, not refs: refs in a request body resolve to their objects on the worker
-        return self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
-                             on_output)
-
-    # -- streams --------------------------------------------------------------------------------
-    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
-                on_output: Callback | None) -> Any:
-        if self.closed:
-            raise self._closed()
-        # the request is built at the stream's first item: a wrong option is refused here, at once
-        arguments.check_options({"on_progress": on_progress, "on_output": on_output, "timeout": timeout})
-        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output, sender=self.sender, flags=self._flags)
-
-    def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Any:
-        """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                      *, timeout: float | None = None, on_progress: Callback | None = None,
-                      on_output: Callback | None = None) -> Any:
-        """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Stream the items of what an expression evaluates to."""
-        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
-
-    def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
-                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
-                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
-        """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
-
-    def close(self, timeout: float | None = None) -> Any:
-        """Release every ref of the session on its worker (a close the broker died with goes again,
-        once); a broker that cannot be reached is logged, not raised: its idle TTL releases it."""
-        return self.client._drive(self._close(timeout))
-
-    def _close(self, timeout: float | None) -> Steps[None]:
-        if self.closed:
-            return
-        self.closed = True
-        self.sender.close()
-        if self.client._is_closed():
-            log.warning("closing session %s: its client is closed (its idle TTL will release it)", self.id[:8])
-            return
-        for again in (True, False):  # a close the broker died with goes once more, to the one that
-            try:  # comes back: it knows a durable session from its store (closing is idempotent)
-                yield self.client.close_session(self.id, timeout=timeout)
-                return
-            except (ConnectionError, Timeout) as err:
-                if not (again and isinstance(err, ConnectionError)):
-                    log.warning("closing session %s: %s (its idle TTL will release it)", self.id[:8], err)
-                    return
-
-
-class Closing:
-    """``with`` it closes it: a blocking client, session or stream (the asyncio kinds close by
-    ``async with``, :class:`AsyncClosing`)."""
-
-    close: Callable[..., Any]
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncClosing:
-    """``async with`` it closes it: an asyncio client or session."""
-
-    close: Callable[..., Any]
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class Session(SessionAPI, Closing):
-    """A session of a blocking client (``dspex.connect``): every op returns its value."""
-
-
-class AsyncSession(SessionAPI, AsyncClosing):
-    """A session of an asyncio client (``dspex.aio.connect``): every op returns an awaitable, and so
-    do its refs' handles (``await prog(question=...)``, ``await lm.model``; to set an attribute,
-    ``await s.set_attr(ref, name, value)``)."""
-
-    _label = "dspex.aio.AsyncSession"
-    _ops_awaitable = True
-
-
-def _raising(err: BaseException) -> Steps[Any]:
-    """An op whose one step is to raise ``err`` (as an awaitable's error with the asyncio client)."""
-    raise err
-    yield  # a generator: raises when driven

@@ -373,10 +373,7 @@ class Exchange:
             credit = self.meter.consumed()
             value = decode_value(frames, bind=self.bind)
             if status == Status.OUTPUT.value:
-                if self.forward:
-                    output.forward(value, self.session, worker, self.at)
-                if self.on_output is not None:
-                    self._notify(self.on_output, value)
+                self._output(value, worker)
             elif status == Status.PARTIAL.value and self.items:
                 return "item", value, credit
             elif self.on_progress is not None:
@@ -405,12 +402,14 @@ class Exchange:
         or logs while it stops goes where the call's output went. True at the final reply."""
         if status != Status.OUTPUT.value:
             return status not in EVENT_STATUSES
-        value = decode_value(frames, bind=self.bind)
+        self._output(decode_value(frames, bind=self.bind), worker)
+        return False
+
+    def _output(self, value: Any, worker: str) -> None:
         if self.forward:
             output.forward(value, self.session, worker, self.at)
         if self.on_output is not None:
             self._notify(self.on_output, value)
-        return False
 
     def _loaded(self) -> None:
         """A reply that shows the worker loaded the request (an event, the result): what it sent is

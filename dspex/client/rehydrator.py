@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from dspex.client.api import ClientAPI, Steps
+from dspex.client.api import ClientAPI
+from dspex.client.sessionapi import Steps
 from dspex.wire.errors import SessionWorkerUnavailable
 
 T = TypeVar("T")

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar, Unpack
 
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, RequestOptions, S, Steps, _raising
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, S
 from dspex.client.arguments import check_session_args
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL, Broker, BrokerMap, broker_map
+from dspex.client.sessionapi import RequestOptions, Steps, _raising
 from dspex.wire.errors import DspexError, PoolNotFound
 from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.sockets import curve_client_keys

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from dspex.client.api import SessionAPI
+from dspex.client.sessionapi import SessionAPI
 from dspex.wire.errors import Cancelled, QueueTimeout, SessionClosed
 
 log = logging.getLogger("dspex.client")

@@ -20,10 +20,11 @@ from typing import Any, Self, TypeVar, Unpack
 import zmq
 
 from dspex.client import processwide
-from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI, Closing, RequestOptions, Session, Steps
+from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI
 from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
+from dspex.client.sessionapi import Closing, RequestOptions, Session, Steps
 from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream, returned
 from dspex.wire.errors import (
     BrokerUnreachable,

@@ -46,10 +46,10 @@ _CALL_ARGS = (_arg("args", list, tuple, type(None), default=None), _arg("kwargs"
 class Op(str, enum.Enum):
     """Every op of the protocol, defined once: its wire name (the member's value), who answers it
     (``side``), its arguments in order (``args``; a worker op's body is their list, a broker op's
-    a map of them by name, a control op's one integer), the user methods of ``dspex.client.api`` that
-    send it (``client``: none for request control, which the client kinds send themselves) and
-    what it does (``doc``, the table in docs/protocol.md). The broker routes by ``side``; each side
-    registers its handlers against the members (``broker.ops``, ``worker.executor``); the client
+    a map of them by name, a control op's one integer), the user methods of ``dspex.client.api`` and
+    ``dspex.client.sessionapi`` that send it (``client``: none for request control, which the client
+    kinds send themselves) and what it does (``doc``, the table in docs/protocol.md). The broker
+    routes by ``side``; each side registers its handlers against the members (``broker.ops``, ``worker.executor``); the client
     checks a body against ``args`` before sending it (``dspex.client.exchange``); tests/test_protocol_ops.py
     checks that every op has its handlers and that the client methods named here send it."""
 
