@@ -371,14 +371,22 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
-        if self._dealer.watch_handshake() and self._backoff > self._silence_limit and self._quick_tries:
-            # A renewed connection's handshake: the broker runs. If it ignored the connection (our
-            # old one, closed while the broker did not run, still held the identity: no handover)
-            # and the READY with it, the next try comes one silence limit from now, not after the
-            # backoff grown meanwhile. Twice at most until it is heard: a broker whose zmq thread
-            # answers handshakes while its loop is stuck gets the backoff.
-            self._quick_tries -= 1
-            self._deadline = min(self._deadline, now + self._silence_limit)
+        if self._dealer.watch_handshake():
+            # A handshake: the broker runs, and it has a full silence limit from now to answer
+            # (PPP's liveness restarts at a new connection), never less: a try planned while no
+            # broker listened, due a moment after the handshake, would close a connection over
+            # which the broker has registered us (its answer on the way), and it takes the close
+            # for a crash. A sooner try: if it ignored the connection (our old one, closed while
+            # the broker did not run, still held the identity: no handover) and the READY with
+            # it, the next try comes one silence limit from now, not after the backoff grown
+            # meanwhile. Twice at most until it is heard: a broker whose zmq thread answers
+            # handshakes while its loop is stuck gets the backoff.
+            answer_by = now + self._silence_limit
+            if answer_by >= self._deadline:
+                self._deadline = answer_by
+            elif self._quick_tries:
+                self._quick_tries -= 1
+                self._deadline = answer_by
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
