@@ -75,7 +75,7 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         capacity = env_number(env, "DSPEX_CAPACITY", 1)
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, not {capacity}")
-    backend = check_endpoint(a.backend or default_backend(env))
+    backend = check_endpoint(a.backend or default_backend(env), "--backend" if a.backend else "DSPEX_BACKEND")
     if backend.startswith("ipc://"):
         # made here if the broker has not made it yet (supervisord starts both at once); an
         # existing one must be ours and 0700, or another local user receives our connection

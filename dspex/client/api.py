@@ -28,7 +28,7 @@ from dspex.wire.errors import BrokerUnreachable, ConnectionError, EncodeError, R
 from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.protocol import FLAG_DURABLE
 from dspex.wire.ref import Ref
-from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, tune_socket
+from dspex.wire.sockets import HANDSHAKE_EVENTS, curve_client_keys, tune_socket
 
 log = logging.getLogger("dspex.client")
 
@@ -86,7 +86,7 @@ class ClientAPI(Generic[S]):
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         config = self._options(timeout, forward_output, client_settings)
-        self.endpoint = check_endpoint(config.endpoint_or_default(endpoint))
+        self.endpoint = config.endpoint_or_default(endpoint)
         self.endpoints = {ANY_POOL: self.endpoint}
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = curve_client_keys(
