@@ -76,12 +76,14 @@ class BrokerSocket:
     the same identity, after the broker fell silent."""
 
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
-                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None) -> None:
+                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None,
+                 curve_server_key_file: str = "") -> None:
         self.ctx = ctx
         self.backend = backend
         self.identity = identity
         self.max_message = max_message
         self._curve = (curve_server_key, curve_keypair)
+        self._server_key_file = curve_server_key_file  # named in a failed handshake's line
         self.sock: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None  # the socket's handshakes
         self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
@@ -137,7 +139,11 @@ class BrokerSocket:
             why = handshake_failure(event["event"], "worker", True, keypair[0] if keypair else None)
             if why and why != self.handshake:
                 self.handshake = why
-                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+                # the broker host logs only a count of such failures (zmq gives it no address):
+                # this line is where the worker, the broker and the key file meet
+                read = f", the broker's public key read from {self._server_key_file}" if self._server_key_file else ""
+                log.error("%s (the CURVE handshake with the broker at %s failed%s); retrying until the keys are fixed",
+                          why, self.backend, read)
         return succeeded
 
     def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
@@ -175,12 +181,14 @@ class Link:
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
+                 curve_server_key_file: str = "",
                  deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]],
                  on_beat: Callable[[float], None],
                  grace: float, timers: Timers) -> None:
         self._zmq_threads = ZmqThreads(ctx)  # batch while no call comes (before the context's first socket)
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
-                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                                    curve_server_key_file=curve_server_key_file)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
