@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 
 Key = tuple[bytes, int]  # (client, req_id)
+Counts = tuple[Pool, str, str]  # how a call's answer counts: its pool, op and outcome
 
 
 class CheckpointWrites:
@@ -54,10 +55,12 @@ class CheckpointWrites:
         """The final reply ``frames`` (``[wid, envelope, ...]``) of call ``p`` that ``w`` ran, of a
         durable session ``rec`` or carrying a checkpoint (``W_CHECKPOINT``): the checkpoint goes to
         the store and the reply to the client once it (and every write of the session before it)
-        committed. Returns whether the reply is a success."""
+        committed. Returns whether the reply is a success; its outcome counts in ``w``'s pool when
+        it goes to the client (``session_not_durable`` when its checkpoint was refused)."""
         if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
             assert rec is not None
             self.moves.not_held(rec, w, p)
+            w.pool.outcomes[(p.op, p.outcome(False))] += 1
             return False
         client = p.client
         reply: list[Any] = [client, *frames[2:]]
@@ -70,7 +73,7 @@ class CheckpointWrites:
                          pack_error(InternalError.code, "its worker sent a malformed checkpoint")]
             else:
                 reply = [client, *frames[2 + used:]]
-        self.reply(rec, (client, p.req_id), reply)
+        self.reply(rec, (client, p.req_id), reply, (w.pool, p.op, p.outcome(ok)))
         return ok
 
     def _checkpoint(self, w: WorkerRecord, p: Pending, frames: list[zmq.Frame]) -> int:
@@ -115,23 +118,33 @@ class CheckpointWrites:
             self.port.store(Job("write", (write,), tag=(rec.id, key, size, seq)))
         return used
 
-    def reply(self, rec: SessionRecord | None, key: Key, reply: list[Any]) -> None:
-        """Forward a call's final reply, or hold it until its session's checkpoints committed."""
+    def reply(self, rec: SessionRecord | None, key: Key, reply: list[Any], counts: Counts) -> None:
+        """Forward a call's final reply, or hold it until its session's checkpoints committed;
+        ``counts``: its pool, op and outcome, counted as it goes."""
         d = rec.durable if rec is not None else None
-        if d is None or (d.submitted == d.done and key not in d.refused):
-            self._to_client(reply)
-            return
-        if d.submitted == d.done:  # refused and nothing pending: its error now
-            self._to_client(self._refusal(d, key, reply))
-            return
-        d.held.append((d.submitted, key, reply))
+        if d is None:
+            self._send(None, key, reply, counts)
+        elif d.submitted == d.done:  # nothing pending: the reply, or its refusal, now
+            self._send(d, key, reply, counts)
+        else:
+            d.held.append((d.submitted, key, reply, counts))
 
     def release_held(self, d: Durability, everything: bool = False) -> None:
         """The replies whose writes committed go; ``everything``: the session is gone, all of
         them go now (a refused call's as its error)."""
         while d.held and (everything or d.held[0][0] <= d.done):
-            _before, key, reply = d.held.popleft()
-            self._to_client(self._refusal(d, key, reply) if key in d.refused else reply)
+            _before, key, reply, counts = d.held.popleft()
+            self._send(d, key, reply, counts)
+
+    def _send(self, d: Durability | None, key: Key, reply: list[Any], counts: Counts) -> None:
+        """A call's reply, or its ``session_not_durable`` if its checkpoint was refused: the
+        outcome the pool counts (its OK/ERR, ``dspex_requests_total``) is what the caller got."""
+        pool, op, outcome = counts
+        if d is not None and key in d.refused:
+            outcome = d.refused[key].code
+            reply = self._refusal(d, key, reply)
+        pool.outcomes[(op, outcome)] += 1
+        self._to_client(reply)
 
     @staticmethod
     def _refusal(d: Durability, key: Key, reply: list[Any]) -> list[Any]:

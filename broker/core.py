@@ -223,21 +223,20 @@ class Core:
                 return
             p = w.inflight.pop(key)
             rec = self.sessions.get(p.session) if p.session else None
-            if rec is not None and rec.durable is not None or command == W_CHECKPOINT:
-                ok = self.durable.writes.answered(w, p, rec, frames, ok)  # held until its checkpoint is stored
+            durable = rec is not None and rec.durable is not None or command == W_CHECKPOINT
+            if durable:  # held until its checkpoint is stored, its outcome counted then
+                ok = self.durable.writes.answered(w, p, rec, frames, ok)
             else:
                 self._to_client([client, *frames[2:]])
             self.running.pop(key, None)
             took = now - p.started
             if ok:
-                outcome = "ok"
                 w.served += 1
             else:
-                outcome = "cancelled" if p.cancelled else "error"
                 if not p.cancelled:
                     w.errors += 1
                 self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
-            w.pool.observe(p.op, outcome, took)
+            w.pool.observe(p.op, None if durable else p.outcome(ok), took)
             w.last_call = took
             if rec is not None:
                 rec.last_used = now  # idle time counts from the end of the last call

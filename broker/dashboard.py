@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from broker.publisher import StatusPublisher
@@ -34,7 +34,7 @@ from dspex.stack.health import (
     with_exits,
 )
 from dspex.stack.pools import load_pools
-from dspex.stack.poolstatus import latency, summarize
+from dspex.stack.poolstatus import latency, stack_issues, summarize
 from dspex.stack.supervisor import Supervisor, SupervisorConf, by_group, full_name
 
 log = logging.getLogger("dspex.broker.dashboard")
@@ -56,16 +56,16 @@ class Processes:
         self._procs: list[dict[str, Any]] = []
         self._exits: dict[int, str] = {}
         self._tails: dict[str, str] = {}
-        self._declared: set[str] | None = None
+        self._declared: dict[str, int] | None = None
         self._loops: dict[str, tuple[int, str]] = {}
         self._at = 0.0
         self._lock = threading.Lock()
 
     def get(self, crashed: bool = False) -> tuple[list[dict[str, Any]], dict[int, str], dict[str, str],
-                                                  set[str] | None, dict[str, tuple[int, str]]]:
+                                                  dict[str, int] | None, dict[str, tuple[int, str]]]:
         """(processes, how crashed processes ended by pid, the last log line of each process
         supervisord gave up on, backs off or restarts in a loop, by full name, the pools the conf
-        declares: None when not known, the processes supervisord restarts in a loop). ``crashed``:
+        declares with their size: None when not known, the processes supervisord restarts in a loop). ``crashed``:
         the broker's events hold a crash, so read how processes ended too."""
         if not self.conf:
             return [], {}, {}, None, {}
@@ -74,7 +74,7 @@ class Processes:
                 return self._procs, self._exits, self._tails, self._declared, self._loops
             self._at = time.monotonic()
             try:
-                self._declared = {c.name for c in load_pools(self.conf)}
+                self._declared = {c.name: c.size for c in load_pools(self.conf)}
             except Exception as exc:  # noqa: BLE001 - an edit under way: not known, as before it
                 log.debug("the pools of %s: %s", self.conf, exc)
                 self._declared = None
@@ -104,13 +104,15 @@ def _unregistered(proc: dict[str, Any], phase: str) -> dict[str, Any]:
 
 
 def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str] | None = None,
-         tails: dict[str, str] | None = None, declared: Collection[str] | None = None,
+         tails: dict[str, str] | None = None, declared: Mapping[str, int] | None = None,
          loops: dict[str, tuple[int, str]] | None = None) -> dict[str, Any]:
     """The dashboard's JSON: the broker's snapshot with pool states, supervisord's worker
     processes, and events newest first (a crash with how its process ended, from ``exits``); a
     process supervisord gave up on is a reason of its pool, with its last log line (``tails``); a
-    pool removed from the broker's conf since it started (not in ``declared``) is named so, and a
-    process supervisord restarts in a loop (``loops``) too."""
+    pool removed from the broker's conf since it started (not in ``declared``, the conf's pools and
+    their sizes) or added to it (not served: DOWN) is named so, and a process supervisord restarts
+    in a loop (``loops``) too; ``issues``, what the broker's status says of the whole stack, as
+    ``dspexctl pools status`` says it."""
     loops = loops or {}
     groups = by_group(procs)
     # supervisord's pids name this host's workers only
@@ -119,14 +121,19 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
     silent = silent_pids(e for e in events if is_here(e))
     young = snap["broker"].get("uptime_s", 0) < REGISTER_GRACE_S
     pools = {}
-    for name, p in snap["pools"].items():
+    served = snap["pools"]
+    for name in [*served, *(n for n in declared or {} if n not in served)]:
+        p = served.get(name)
+        # in the conf now but not served, or the other way round: the broker read the conf at its start
+        edited = (str(snap["broker"].get("config") or "")
+                  if declared is not None and (name in declared) != (p is not None) else "")
         # supervisord's view when there is one (no group: all its workers are elsewhere), as `pools status`
-        edited = str(snap["broker"].get("config") or "") if declared is not None and name not in declared else ""
         s = summarize(name, p, groups.get(name, []) if procs else None, events=events, registered=registered,
-                      silent=silent, young=young, edited=edited, looping=loops)
+                      silent=silent, young=young, conf_size=(declared or {}).get(name, 0), edited=edited,
+                      looping=loops)
         assert s.verdict is not None  # the broker's own view: it answered
         workers = [{**w, "process": full_name(s.process_of[w["pid"]]) if is_here(w) and w["pid"] in s.process_of
-                    else None, "registered": True} for w in p["workers"]]
+                    else None, "registered": True} for w in (p or {}).get("workers") or []]
         workers += [_unregistered(proc, phase) for proc, phase in s.unregistered]
         # the page lists every process in its state: the reasons add the last log line of those given up on
         gone = [restart_loop(full_name(proc), *loops[full_name(proc)], (tails or {}).get(full_name(proc), ""))
@@ -135,12 +142,14 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
                 for proc in s.broken if proc["statename"] in GAVE_UP
                 or (full_name(proc) in loops and proc["pid"] not in silent)]
         pools[name] = {
-            **{k: v for k, v in p.items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
+            **{k: v for k, v in (p or {}).items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
+            "in_broker": p is not None,
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,
             "latency_p50_ms": latency(p, "latency_p50_ms"), "latency_p99_ms": latency(p, "latency_p99_ms"),
             "workers": workers,
         }
     return {"time": time.time(), "broker": snap["broker"], "pools": pools,
+            "issues": [{"state": state.value, "text": text} for state, text in stack_issues(snap)],
             "events": list(reversed(events)), "sessions": snap.get("sessions") or [],
             "supervisord": bool(procs)}
 

@@ -91,8 +91,9 @@ def parse(argv: list[str] | None = None) -> BrokerOptions:
         if secret is None:
             raise ConfigError(f"{a.curve_secret_key} holds no secret key (--curve-secret-key takes broker.key_secret)")
     return BrokerOptions(
-        frontend=check_endpoint(a.frontend or default_frontend(env)),
-        backend=check_endpoint(a.backend or default_backend(env)),
+        frontend=check_endpoint(a.frontend or default_frontend(env), "--frontend" if a.frontend
+                                else "DSPEX_FRONTEND" if env.get("DSPEX_FRONTEND") else "DSPEX_ENDPOINT"),
+        backend=check_endpoint(a.backend or default_backend(env), "--backend" if a.backend else "DSPEX_BACKEND"),
         run_dir=str(run_dir(env)),
         max_message=max_message_bytes(env),
         client_hwm=env_number(env, "DSPEX_CLIENT_HWM", CLIENT_HWM),

@@ -51,6 +51,10 @@ class Pending:
     flags: int = 0  # the request header's flags (FLAG_DURABLE matters to the broker)
     sent: int = 0  # its place in what was sent to its worker (WorkerRecord.sent then)
 
+    def outcome(self, ok: bool) -> str:
+        """Its outcome label (``dspex_requests_total``) for its worker's reply."""
+        return "ok" if ok else "cancelled" if self.cancelled else "error"
+
 
 class WorkerRecord:
     """One worker incarnation as the broker sees it."""
@@ -316,8 +320,11 @@ class Pool:
         return min((w.draining_since + limit for w in self.workers.values() if w.draining), default=math.inf) \
             if limit else math.inf
 
-    def observe(self, op: str, outcome: str, seconds: float) -> None:
-        self.outcomes[(op, outcome)] += 1
+    def observe(self, op: str, outcome: str | None, seconds: float) -> None:
+        """``outcome`` None: counted when its caller gets the answer (a durable call's reply waits
+        for its checkpoint, which may be refused: then its outcome is ``session_not_durable``)."""
+        if outcome is not None:
+            self.outcomes[(op, outcome)] += 1
         self.latencies.append(seconds)
         self.latency.observe(seconds)
 
@@ -363,7 +370,8 @@ class Durability:
     restore_to: bytes | None = None  # ...to this worker
     submitted: int = 0  # checkpoint writes handed to the store
     done: int = 0  # ...and finished (in order)
-    held: deque[tuple[int, tuple[bytes, int], list[Any]]] = field(default_factory=deque)  # (writes before it, key, reply)
+    # (writes before it, key, reply, (pool, op, outcome): counted when it goes)
+    held: deque[tuple[int, tuple[bytes, int], list[Any], tuple[Any, str, str]]] = field(default_factory=deque)
     refused: dict[tuple[bytes, int], Any] = field(default_factory=dict)  # request -> error replacing its reply
     # its last checkpoint leaves out objects its worker holds, or the store could not give it back to a
     # spread: not moved but by need, until its next stored checkpoint says otherwise

@@ -39,7 +39,6 @@ from dspex.wire.errors import (
     Timeout,
     UsageError,
 )
-from dspex.wire.sockets import check_endpoint
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the operation failed
@@ -109,7 +108,7 @@ class Settings:
         broker = self._own_broker()
         if broker is not None:
             return broker.endpoint
-        return check_endpoint(self.config.endpoint_or_default(self.endpoint))
+        return self.config.endpoint_or_default(self.endpoint, "--endpoint")
 
     def _own_broker(self) -> Broker | None:
         """This command's broker when a map names it: a broker of the map, or a map of one."""

@@ -39,7 +39,6 @@ from dspex.stack.supervisor import (
     supervisord_pid,
 )
 from dspex.wire.errors import ConfigError, ConnectionError, PoolNotFound, Timeout
-from dspex.wire.sockets import check_endpoint
 from dspexctl import commands
 
 Progress = Callable[[str], None]
@@ -81,7 +80,7 @@ def check_run_dir(conf: Path, endpoint: str | None) -> None:
     environment's) was started with another supervisor.conf; ``dspexctl flagship`` calls it before it
     uses a running stack (a broker started without a conf, by hand or by a test, is usable)."""
     sc = SupervisorConf.load(conf)
-    endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
+    endpoint = ClientConfig.from_env().endpoint_or_default(endpoint)
     with Supervisor(sc, timeout=5.0) as sup:
         conflict = foreign_stack(sc, endpoint, sup if sup.running() else None, confless_is_foreign=False)
     if conflict:
@@ -138,7 +137,7 @@ def ensure_stack(conf: Path, *, pools: Iterable[str] = (), timeout: float = 60.0
     supervisord cannot start.
     """
     sc = SupervisorConf.load(conf)
-    endpoint = check_endpoint(ClientConfig.from_env().endpoint_or_default(endpoint))
+    endpoint = ClientConfig.from_env().endpoint_or_default(endpoint)
     try:  # all or nothing: a conf whose broker and workers would only go FATAL starts nothing
         load_pools(sc.path)
     except ConfigError as err:

@@ -31,11 +31,10 @@ from dspex.stack.health import (
     proc_uptime,
     restart_loop,
     silent_pids,
-    store_filling,
     with_exits,
     worst,
 )
-from dspex.stack.poolstatus import latency, summarize
+from dspex.stack.poolstatus import latency, stack_issues, summarize
 from dspex.stack.supervisor import (
     Supervisor,
     SupervisorUnreachable,
@@ -66,17 +65,6 @@ WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "error
 
 def gave_up_line(tails: dict[str, str], proc: dict[str, Any]) -> str:
     return gave_up(full_name(proc), proc["statename"], tails.get(full_name(proc), ""))
-
-
-def refused_line(refusal: dict[str, Any]) -> str:
-    """A peer the broker's CURVE allow-list refused: where from, its key, where the key must be and
-    how to get it there (a worker host's workers never register, and nothing else says why)."""
-    peer = "worker" if refusal["plane"] == "workers" else "client"
-    allowed = refusal["allowed"]
-    return (f"the broker refused {refusal['count']} {peer} connection(s) from {refusal['address']}, the last "
-            f"{fmt_window(refusal['ago_s'])} ago: public key {refusal['key']} is not in {allowed}; give that host "
-            f"a {peer}.key_secret `dspexctl keys generate` wrote for this broker, or copy the public key file of "
-            f"its key into {allowed} (this clears {fmt_window(HEALTH_WINDOW_S)} after the last refusal)")
 
 
 class PoolsStatus:
@@ -184,11 +172,7 @@ class PoolsStatus:
                 issues.append((State.UNREACHABLE, f"broker {'did not answer' if timed_out else 'unreachable'}: {broker_err}"))
         else:
             registered.add(broker["broker"]["pid"])
-            issues += [(State.WARN, refused_line(r)) for r in broker.get("refused") or []
-                       if r["ago_s"] < HEALTH_WINDOW_S]
-            filling = store_filling(broker.get("checkpoints") or {})
-            if filling:
-                issues.append((State.WARN, filling))
+            issues += stack_issues(broker)
             mismatch = foreign_broker(broker["broker"], settings.resolved_endpoint(), sc, procs) if sc else None
             if mismatch:
                 issues.append((State.DEGRADED, mismatch))

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import urllib.error
@@ -28,10 +30,12 @@ from typing import Any
 
 import pytest
 
+import dspex
 from broker.dashboard import view
 from broker.publisher import HISTORY_EVERY_S, HISTORY_S, History, quantile
 from broker.stats import LATENCY_BUCKETS, Histogram
-from tests.harness import REPO, free_port, wait_for
+from dspexctl.keys import generate
+from tests.harness import PY, REPO, base_env, free_port, wait_for
 from tests.harness.supervisord import SupervisedStack
 from tests.test_cli import dspexctl
 from tests.test_ops_python import small_conf_text
@@ -407,3 +411,72 @@ def test_status_json_and_metrics_share_the_port(stack: Any) -> None:
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/status", data=b"x"), timeout=10)
     assert info.value.code == 405
     info.value.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_page_says_what_pools_status_says_of_the_stack(stack: Any, browser: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `dspexctl pools status` names beside its pools' workers, the page names too, in the same
+    words (one computation: dspex.stack.poolstatus): a pool the conf declares that the broker does
+    not serve (DOWN, with the conf and the restart command), the checkpoint store near its total
+    cap (WARN, with its figures) and a worker key the broker refused (WARN: the address, the key,
+    the fix). The page showed none of them."""
+    conf = Path(stack.root, "supervisor.conf")
+    sock = Path(stack.root, "s.sock")  # the supervisord of this conf is not running: pools status says so too
+    conf.write_text(f"[unix_http_server]\nfile = {sock}\n[supervisorctl]\nserverurl = unix://{sock}\n"
+                    "[dspex:pool:p]\naffinity = strict_queue\ndurable = true\n")
+    written = generate(Path(stack.root, "k"))
+    server_key = str(Path(stack.root, "k", "broker.key"))
+    stack.frontend, stack.backend = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    port = free_port()
+    stack.env.update(DSPEX_CURVE_SERVER_KEY=server_key, DSPEX_CURVE_WORKER_KEY=str(written["worker"]))
+    stack.broker_args = ["--config", str(conf), "--curve-secret-key", str(written["broker"]), "--curve-allowed",
+                         str(written["allowed"]), "--metrics-port", str(port), "--checkpoint-total-cap", "0.2"]
+    stack.start_broker()
+    stack.start_worker("p", "--no-dspy")
+    # a worker host holding a client key: the broker refuses it
+    stack.start_worker("p", "--no-dspy", env={**stack.env, "DSPEX_CURVE_WORKER_KEY": str(written["client"])})
+    monkeypatch.setenv("DSPEX_CURVE_SERVER_KEY", server_key)
+    monkeypatch.setenv("DSPEX_CURVE_CLIENT_KEY", str(written["client"]))
+    with dspex.connect(stack.frontend, timeout=20) as dx:
+        wait_for(lambda: len(dx.status()["pools"]["p"]["workers"]) == 1, what="the worker with its key")
+        for _ in range(2):  # 176 KB of the store's 204.8 KB
+            dx.session("p").put(os.urandom(90_000))
+    conf.write_text(conf.read_text() + "[dspex:pool:extra]\naffinity = hint\n")  # a pool added, no broker restart
+
+    env = {**base_env(), "DSPEX_ENDPOINT": stack.frontend, "DSPEX_CURVE_SERVER_KEY": server_key,
+           "DSPEX_CURVE_CLIENT_KEY": str(written["client"])}
+
+    def cli() -> str:
+        out = subprocess.run([PY, "-m", "dspexctl", "pools", "status"], cwd=stack.root, env=env, capture_output=True,
+                             text=True, timeout=60, check=False)
+        assert out.stdout and "Traceback" not in out.stderr, out.stderr
+        return out.stdout
+
+    def stable(text: str) -> str:  # the count of refusals and the time since the last go on changing
+        return re.sub(r"refused \d+ (.*) the last \w+ ago", r"refused N \1 the last T ago", text)
+
+    browser.get(f"http://127.0.0.1:{port}/")
+
+    def shown() -> tuple[list[str], str, str] | None:
+        issues = [f"{li.get_attribute('data-state')}: {li.text}"
+                  for li in browser.find_elements("css selector", "#issues li")]
+        states = {r["pool"]: r["state"] for r in rows(browser, "pools")}
+        reasons = browser.find_element("id", "reasons").text
+        return (issues, states.get("extra", ""), reasons) if len(issues) == 2 and "extra" in states else None
+
+    issues, extra_state, reasons = wait_for(shown, 30, 0.2, "the stack's issues and the added pool on the page")
+    text = cli()
+    refused, filling = sorted(issues, key=lambda i: "checkpoint store" in i)
+    assert refused.startswith("warn: WARN: the broker refused") and "worker connection(s) from 127.0.0.1" in refused
+    assert "dspexctl keys generate" in refused and str(Path(written["allowed"], "workers")) in refused, refused
+    assert filling.startswith("warn: WARN: the checkpoint store holds 17"), filling
+    for line in (refused, filling):  # as pools status prints it
+        assert stable(line.removeprefix("warn: ")) in stable(text), (line, text)
+    added = (f"extra is in {conf} but the broker does not serve it: it read its pools when it started, so it turns "
+             f"the pool's workers away; restart the broker (supervisorctl -c {conf} restart broker)")
+    assert extra_state == "down" and added in reasons, reasons
+    assert f"DOWN: {added}" in text, text
+    assert {r["pool"]: r["td_sessions"] for r in rows(browser, "pools")}["extra"] == "-", "not served: no counts"
+    assert fits(browser) == []

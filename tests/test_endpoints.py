@@ -190,3 +190,26 @@ def test_a_run_dir_too_deep_for_a_socket_path_says_how_short_it_must_be(short_tm
         assert "over the unix socket limit of 107 bytes" in res.stderr, (who, res.stderr)
         assert f"DSPEX_RUN_DIR of at most {fits} bytes" in res.stderr, (who, res.stderr)
     assert not os.path.exists(os.path.join(short_tmp, "run", "supervisord.pid")), "pools start started nothing"
+
+
+def test_a_tcp_endpoint_without_a_port_names_the_variable_and_the_form(short_tmp: str) -> None:
+    """``tcp://host`` without its port, in the variable each process reads: the client (a
+    script's ``dspex.connect``), ``dspexctl``, the broker and a worker each say which variable,
+    its value and the form it needs, before anything else ("CURVE is required", before)."""
+    env = base_env(os.path.join(short_tmp, "r"))
+    client = "import dspex\ndspex.connect()"
+    runs = {
+        "client": ("DSPEX_ENDPOINT", [sys.executable, "-c", client]),
+        "dspexctl": ("DSPEX_ENDPOINT", [sys.executable, "-m", "dspexctl", "sessions", "list"]),
+        "broker": ("DSPEX_FRONTEND", [sys.executable, "-m", "broker", "--pool", "p"]),
+        "worker": ("DSPEX_BACKEND", [sys.executable, "-m", "worker", "--pool", "p", "--no-dspy"]),
+        "map": ("DSPEX_ENDPOINTS[p]", [sys.executable, "-m", "dspexctl", "sessions", "list"]),
+    }
+    for who, (variable, cmd) in runs.items():
+        value = "p=tcp://broker.example" if who == "map" else "tcp://broker.example"
+        res = subprocess.run(cmd, cwd=short_tmp, env={**env, variable.partition("[")[0]: value}, capture_output=True,
+                             text=True, timeout=60, check=False)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0 and "CURVE" not in out, (who, out)
+        assert f"{variable}='tcp://broker.example' has no port: a tcp:// endpoint is tcp://HOST:PORT, such as " \
+               "tcp://broker.example:5555" in out, (who, out)

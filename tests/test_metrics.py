@@ -315,3 +315,26 @@ def test_the_cli_dashboard_and_metrics_count_the_same_sessions(stack: Stack) -> 
     assert value(scrape(port)[0], "dspex_sessions", pool="p") == 1
     running.join(10)
     assert isinstance(ended[0], dspex.Cancelled) and not running.is_alive()
+
+
+def test_a_call_answered_session_not_durable_is_no_ok(stack: Stack) -> None:
+    """A durable call whose checkpoint the store refuses ran, but its caller gets
+    ``session_not_durable`` and no result: counted under that outcome, an error in the pool's
+    OK/ERR (dashboard, pools status), never ``ok``; one whose checkpoint is kept is ``ok``."""
+    port = free_port()
+    stack.start_broker("p:strict_queue:durable=true", extra=["--metrics-port", str(port), "--checkpoint-cap", "0.1"])
+    stack.start_worker("p", "--no-dspy")
+    stack.wait_workers("p", 1)
+    dx = stack.client()
+    s = dx.session("p")
+    s.exec("small = 1")
+    with pytest.raises(dspex.SessionNotDurable):
+        s.exec("big = bytes(150_000)")  # over the session's cap: the call ran, its checkpoint is refused
+    samples, _ = scrape(port)
+    assert value(samples, "dspex_requests_total", pool="p", op="exec", outcome="ok") == 1
+    assert value(samples, "dspex_requests_total", pool="p", op="exec", outcome="session_not_durable") == 1
+    pool = dx.status()["pools"]["p"]
+    assert (pool["requests_ok"], pool["requests_error"]) == (1, 1), pool
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as resp:
+        page = json.loads(resp.read())["pools"]["p"]
+    assert (page["requests_ok"], page["requests_error"]) == (1, 1), page

@@ -304,6 +304,9 @@ def test_a_wrong_server_key_is_named(stack: Stack, monkeypatch: pytest.MonkeyPat
     worker_log = Path(stack.root, "worker-p.log")
     wait_for(lambda: "ERROR dspex.worker: the server key does not match" in worker_log.read_text(), timeout=10,
              what="the worker's line about the server key")
+    # where it failed and the key file the worker read: the broker host has only a count of failures
+    assert (f"(the CURVE handshake with the broker at {stack.backend} failed, the broker's public key read "
+            f"from {wrong}); retrying until the keys are fixed") in worker_log.read_text(), worker_log.read_text()
     # the broker names it too (zmq gives no peer address for a HELLO it cannot decrypt)
     broker_log = Path(stack.root, "broker.log")
     for plane in ("clients", "workers"):

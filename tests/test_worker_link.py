@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import selectors
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -53,7 +55,7 @@ STUBBORN = textwrap.dedent("""
 class FakeBroker:
     """The broker's end of the backend, driven by the test."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, endpoint: str = "") -> None:
         os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
         self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -63,7 +65,7 @@ class FakeBroker:
         # not the worker's behaviour under test. The real broker's side of it is covered by the
         # broker-pause tests.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.sock.bind(stack.backend)
+        self.sock.bind(endpoint or stack.backend)
         self.worker = b""
 
     def recv(self, timeout: float = 15.0) -> list[bytes]:
@@ -85,6 +87,71 @@ class FakeBroker:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+class Gate:
+    """A broker that is not there yet at the worker's path, then is: connections are accepted and
+    held (no zmq handshake) until :meth:`open`, then each is relayed, byte for byte, to ``target``
+    (a unix socket path): the handshake with the broker comes when the test says."""
+
+    def __init__(self, path: str, target: str) -> None:
+        self.target = target
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(8)
+        self._opened = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def open(self) -> None:
+        self._opened.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        held: list[socket.socket] = []
+        peers: dict[socket.socket, socket.socket] = {}
+
+        def relay(conn: socket.socket) -> None:
+            inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            inner.connect(self.target)
+            peers[conn], peers[inner] = inner, conn
+            for s in (conn, inner):
+                selector.register(s, selectors.EVENT_READ)
+
+        while not self._stop.is_set():
+            if self._opened.is_set():
+                for conn in held:
+                    relay(conn)
+                held.clear()
+            for key, _ in selector.select(0.01):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._listener:
+                    conn = sock.accept()[0]
+                    relay(conn) if self._opened.is_set() else held.append(conn)
+                    continue
+                if sock not in peers:  # closed with its peer in this round
+                    continue
+                try:
+                    data = sock.recv(65536)
+                    if data:
+                        peers[sock].sendall(data)
+                        continue
+                except OSError:
+                    pass
+                for s in (sock, peers[sock]):
+                    selector.unregister(s)
+                    peers.pop(s)
+                    s.close()
+        for s in [*held, *peers, self._listener]:
+            s.close()
+        selector.close()
 
 
 @pytest.fixture
@@ -152,13 +219,14 @@ def test_a_silent_broker_gets_a_new_connection_and_ready_with_backoff(stack: Sta
     assert broker.recv()[0] == W_READY
     identity = broker.worker
     readies = [time.monotonic()]
-    for _ in range(4):
+    for _ in range(5):
         assert broker.recv()[0] == W_READY and broker.worker == identity
         readies.append(time.monotonic())
     gaps = [b - a for a, b in itertools.pairwise(readies)]
-    # the silence limit, then a backoff that doubles: 0.4, 0.4, 0.4, 1.6 s between READYs (the
-    # two tries after a handshake nothing answered come a silence limit later)
-    assert gaps[3] > 2 * gaps[0], gaps
+    # the silence limit, then a backoff that doubles: 0.4, 0.4, 0.4, 0.4, 3.2 s between READYs
+    # (the two tries after a handshake nothing answered that would come later than a silence
+    # limit, after 0.8 and 1.6 s, come then)
+    assert max(gaps[:4]) < 0.8 and gaps[4] > 2 * max(gaps[:4]), gaps
     assert _log(stack).count("broker silent; new socket and READY") >= 4
     # a broker that heartbeats keeps the connection (the retry under way when it began aside)
     retries = _log(stack).count("broker silent")
@@ -172,6 +240,42 @@ def test_a_silent_broker_gets_a_new_connection_and_ready_with_backoff(stack: Sta
     assert broker.recv()[0] == W_READY
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+
+
+def test_a_broker_back_just_before_the_next_try_gets_a_silence_limit_to_answer(stack: Stack) -> None:
+    """The worker renewed its socket with no broker there; the broker comes back (its handshake)
+    just before the next try. It gets a full silence limit from the handshake to answer the READY,
+    as after any new connection: its first heartbeat, a little later than that next try, keeps the
+    connection. (The worker renewed it at the next try, a moment after the handshake: a real broker
+    had registered it meanwhile and took the closed connection for a crash, its sessions lost.)"""
+    stack.heartbeat, stack.liveness = 0.5, 2  # silent for 1 s: a new socket, next try 2 s later
+    inner = os.path.join(stack.root, "in.sock")
+    os.makedirs(stack.run_dir, mode=0o700, exist_ok=True)
+    fake = FakeBroker(stack, f"ipc://{inner}")
+    gate = Gate(stack.backend[len("ipc://"):], inner)
+    try:
+        stack.start_worker("p", "--no-dspy")
+        wait_for(lambda: "next try in 2.0s" in _log(stack), timeout=20, interval=0.005, what="the second try")
+        next_try = time.monotonic() + 2.0
+        wait_for(lambda: time.monotonic() > next_try - 0.3, interval=0.005, what="just before the next try")
+        gate.open()
+        assert fake.recv()[0] == W_READY
+        handshake = time.monotonic()
+        tries = _log(stack).count("broker silent")
+        # the broker's first word comes 0.6 s after the handshake (within the 1 s silence limit,
+        # after the next try the worker had planned): then a heartbeat every interval
+        beats = 0
+        while time.monotonic() < handshake + 3.0:
+            if time.monotonic() >= handshake + 0.6 + 0.5 * beats:
+                fake.send(B_HEARTBEAT)
+                beats += 1
+            if fake.sock.poll(10):
+                frames = fake.sock.recv_multipart()
+                assert frames[1] != W_READY, f"a new connection {time.monotonic() - handshake:.2f}s after the handshake"
+        assert _log(stack).count("broker silent") == tries, _log(stack)
+    finally:
+        gate.close()
+        fake.close()
 
 
 @pytest.mark.parametrize("capacity", [1, 2])

@@ -76,12 +76,14 @@ class BrokerSocket:
     the same identity, after the broker fell silent."""
 
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
-                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None) -> None:
+                 curve_server_key: bytes | None, curve_keypair: tuple[bytes, bytes] | None,
+                 curve_server_key_file: str = "") -> None:
         self.ctx = ctx
         self.backend = backend
         self.identity = identity
         self.max_message = max_message
         self._curve = (curve_server_key, curve_keypair)
+        self._server_key_file = curve_server_key_file  # named in a failed handshake's line
         self.sock: zmq.Socket[Any] | None = None
         self._monitor: zmq.Socket[Any] | None = None  # the socket's handshakes
         self.fds: tuple[int, ...] = ()  # what a reader waits on: the socket's and the monitor's fd
@@ -137,7 +139,11 @@ class BrokerSocket:
             why = handshake_failure(event["event"], "worker", True, keypair[0] if keypair else None)
             if why and why != self.handshake:
                 self.handshake = why
-                log.error("%s (%s); retrying until the keys are fixed", why, self.backend)
+                # the broker host logs only a count of such failures (zmq gives it no address):
+                # this line is where the worker, the broker and the key file meet
+                read = f", the broker's public key read from {self._server_key_file}" if self._server_key_file else ""
+                log.error("%s (the CURVE handshake with the broker at %s failed%s); retrying until the keys are fixed",
+                          why, self.backend, read)
         return succeeded
 
     def _dealer(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
@@ -175,12 +181,14 @@ class Link:
     def __init__(self, ctx: zmq.Context[Any], backend: str, identity: str, *, max_message: int,
                  heartbeat_interval: float, heartbeat_liveness: int, curve_server_key: bytes | None,
                  curve_keypair: tuple[bytes, bytes] | None, ready: Callable[[], bytes], stats: Callable[[], bytes],
+                 curve_server_key_file: str = "",
                  deliver: Callable[[bytes, list[zmq.Frame]], None], held: Callable[[], tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]],
                  on_beat: Callable[[float], None],
                  grace: float, timers: Timers) -> None:
         self._zmq_threads = ZmqThreads(ctx)  # batch while no call comes (before the context's first socket)
         self._dealer = BrokerSocket(ctx, backend, identity, max_message=max_message,
-                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+                                    curve_server_key=curve_server_key, curve_keypair=curve_keypair,
+                                    curve_server_key_file=curve_server_key_file)
         self._ready = ready
         self._stats = stats
         self._deliver = deliver
@@ -371,14 +379,22 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
-        if self._dealer.watch_handshake() and self._backoff > self._silence_limit and self._quick_tries:
-            # A renewed connection's handshake: the broker runs. If it ignored the connection (our
-            # old one, closed while the broker did not run, still held the identity: no handover)
-            # and the READY with it, the next try comes one silence limit from now, not after the
-            # backoff grown meanwhile. Twice at most until it is heard: a broker whose zmq thread
-            # answers handshakes while its loop is stuck gets the backoff.
-            self._quick_tries -= 1
-            self._deadline = min(self._deadline, now + self._silence_limit)
+        if self._dealer.watch_handshake():
+            # A handshake: the broker runs, and it has a full silence limit from now to answer
+            # (PPP's liveness restarts at a new connection), never less: a try planned while no
+            # broker listened, due a moment after the handshake, would close a connection over
+            # which the broker has registered us (its answer on the way), and it takes the close
+            # for a crash. A sooner try: if it ignored the connection (our old one, closed while
+            # the broker did not run, still held the identity: no handover) and the READY with
+            # it, the next try comes one silence limit from now, not after the backoff grown
+            # meanwhile. Twice at most until it is heard: a broker whose zmq thread answers
+            # handshakes while its loop is stuck gets the backoff.
+            answer_by = now + self._silence_limit
+            if answer_by >= self._deadline:
+                self._deadline = answer_by
+            elif self._quick_tries:
+                self._quick_tries -= 1
+                self._deadline = answer_by
         if now >= self._deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over

@@ -39,6 +39,7 @@ class WorkerOptions:
     capacity: int = 1  # calls run at once, in threads
     curve_server_key: bytes | None = None
     curve_keypair: tuple[bytes, bytes] | None = None
+    curve_server_key_file: str = ""  # where curve_server_key was read (named when a handshake fails)
     # a call still running this long after its deadline costs the worker (hard time limit)
     hard_grace: float = 5.0
 
@@ -75,7 +76,7 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         capacity = env_number(env, "DSPEX_CAPACITY", 1)
     if capacity < 1:
         raise ConfigError(f"capacity must be at least 1, not {capacity}")
-    backend = check_endpoint(a.backend or default_backend(env))
+    backend = check_endpoint(a.backend or default_backend(env), "--backend" if a.backend else "DSPEX_BACKEND")
     if backend.startswith("ipc://"):
         # made here if the broker has not made it yet (supervisord starts both at once); an
         # existing one must be ours and 0700, or another local user receives our connection
@@ -87,6 +88,7 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
         capacity=capacity,
         curve_server_key=server_key,
         curve_keypair=keypair,
+        curve_server_key_file=(a.curve_server_key or "") if server_key is not None else "",
         heartbeat_interval=a.heartbeat,
         heartbeat_liveness=a.liveness,
         ref_cap=a.ref_cap,

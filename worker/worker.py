@@ -102,7 +102,8 @@ class Worker:
         self.link = Link(zmq.Context.instance(), options.backend, self.incarnation,
                          max_message=max_message, heartbeat_interval=options.heartbeat_interval,
                          heartbeat_liveness=options.heartbeat_liveness, curve_server_key=options.curve_server_key,
-                         curve_keypair=options.curve_keypair, ready=self._ready_frame, stats=self._stats_frame,
+                         curve_keypair=options.curve_keypair, curve_server_key_file=options.curve_server_key_file,
+                         ready=self._ready_frame, stats=self._stats_frame,
                          deliver=self._from_broker, held=lambda: self.runner.held_keys(), on_beat=self._on_beat,
                          grace=_STAND_IN_GRACE,
                          timers=self._timers)

@@ -26,7 +26,7 @@ from dspex.client.exchange import Callback, Exchange, close_monitored, closed_er
 from dspex.client.sessionapi import RequestOptions, SessionAPI, Steps
 from dspex.wire.errors import BrokerUnreachable, EncodeError, Refused
 from dspex.wire.ops import WORKER_OPS, Op
-from dspex.wire.sockets import HANDSHAKE_EVENTS, check_endpoint, curve_client_keys, tune_socket
+from dspex.wire.sockets import HANDSHAKE_EVENTS, curve_client_keys, tune_socket
 
 log = logging.getLogger("dspex.client")
 
@@ -68,7 +68,7 @@ class ClientAPI(Generic[S]):
                  curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None,
                  forward_output: bool = True, client_settings: bool = True) -> None:
         config = self._options(timeout, forward_output, client_settings)
-        self.endpoint = check_endpoint(config.endpoint_or_default(endpoint))
+        self.endpoint = config.endpoint_or_default(endpoint)
         self.endpoints = {ANY_POOL: self.endpoint}
         if self.endpoint.startswith("tcp://") and curve_server_key is None:
             curve_server_key, curve_keypair = curve_client_keys(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from dspex.wire.sockets import default_frontend, env_number, max_message_bytes, run_dir
+from dspex.wire.sockets import check_endpoint, default_frontend, env_number, max_message_bytes, run_dir
 
 DEFAULT_REPLY_GRACE = 7.0  # seconds a client waits past a call's timeout for its worker's own reply
 DEFAULT_CODE_CACHE = 4096  # code objects a session remembers its worker holds
@@ -51,7 +51,12 @@ class ClientConfig:
             threads=env_number(env, "DSPEX_CLIENT_THREADS", DEFAULT_CLIENT_THREADS),
         )
 
-    def endpoint_or_default(self, endpoint: str | None = None) -> str:
-        """The one broker a client of ``endpoint`` talks to: that, else ``DSPEX_ENDPOINT``, else the
-        default frontend."""
-        return endpoint or self.endpoint or self.frontend
+    def endpoint_or_default(self, endpoint: str | None = None, given: str = "the endpoint given") -> str:
+        """The one broker a client of ``endpoint`` talks to: that (``given`` says where it was
+        given), else ``DSPEX_ENDPOINT``, else the default frontend; checked, an error naming where
+        it came from (:func:`check_endpoint`)."""
+        if endpoint and endpoint != self.endpoint:
+            return check_endpoint(endpoint, given)
+        if self.endpoint:
+            return check_endpoint(self.endpoint, "DSPEX_ENDPOINT")
+        return check_endpoint(self.frontend, "DSPEX_FRONTEND")  # (else the run directory's: ipc://)

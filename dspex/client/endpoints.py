@@ -73,17 +73,19 @@ def broker_map(config: ClientConfig, endpoint: str | None = None,
     are a ``ConfigError``."""
     if endpoint and endpoints is not None:
         raise ConfigError("give endpoint (one broker) or endpoints (a pool -> endpoint map), not both")
+    # (dspexctl passes its --endpoint(s), which click takes from these variables when not given)
     if endpoints is not None:
-        return _parse_map(endpoints, "endpoints")
+        return _parse_map(endpoints, "DSPEX_ENDPOINTS" if endpoints == config.endpoints else "endpoints")
     if endpoint:
-        return BrokerMap({ANY_POOL: _parse_broker(endpoint, "endpoint")})
+        return BrokerMap({ANY_POOL: _parse_broker(endpoint, "DSPEX_ENDPOINT" if endpoint == config.endpoint
+                                                  else "endpoint")})
     text = config.endpoints
     if text and config.endpoint:
         raise ConfigError("DSPEX_ENDPOINT (one broker) and DSPEX_ENDPOINTS (a pool -> endpoint map) are both set: "
                           "unset one")
     if text:
         return _parse_map(text, "DSPEX_ENDPOINTS")
-    return BrokerMap({ANY_POOL: Broker(check_endpoint(config.endpoint_or_default()))})
+    return BrokerMap({ANY_POOL: Broker(config.endpoint_or_default())})
 
 
 def _parse_map(endpoints: Mapping[str, str] | str, source: str) -> BrokerMap:
@@ -125,7 +127,7 @@ def _parse_broker(value: str, source: str) -> Broker:
         raise ConfigError(f"{source}: an endpoint is a str (ipc://PATH or tcp://HOST:PORT), got "
                           f"{type(value).__name__} {value!r:.60}")
     endpoint, *options = (part.strip() for part in value.split(";"))
-    check_endpoint(endpoint)
+    check_endpoint(endpoint, source)
     files: dict[str, str] = {}
     for option in options:
         name, sep, path = (s.strip() for s in option.partition("="))

@@ -3,8 +3,9 @@
 The broker's view of a pool (its status: workers, queue, recent failures, events) joined with this
 host's supervisord processes of the pool's group: how many workers are expected, ready, busy,
 draining, starting and broken, which processes the broker has not registered (and in which
-phase), and the pool's state and reasons (:func:`dspex.stack.health.pool_state`). Computed here
-once; the presentations (the text table, ``--json``, the dashboard's JSON and page) only format it.
+phase), and the pool's state and reasons (:func:`dspex.stack.health.pool_state`); and what the
+broker's status says of the whole stack (:func:`stack_issues`). Computed here once; the
+presentations (the text table, ``--json``, the dashboard's JSON and page) only format it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from dspex.stack.health import (
+    HEALTH_WINDOW_S,
     Lost,
+    State,
     Verdict,
     facts_from_status,
+    fmt_window,
     is_here,
     last_crash,
     local_pids,
     other_hosts,
     pool_state,
     proc_phase,
+    store_filling,
 )
 
 Proc = dict[str, Any]  # a supervisord process (getAllProcessInfo's dict)
@@ -50,6 +55,29 @@ def latency(pool: Mapping[str, Any] | None, key: str) -> float | None:
     if not pool or (not pool.get("latency_p50_ms") and not pool.get("latency_p99_ms")):
         return None
     return float(pool[key])
+
+
+def stack_issues(status: Mapping[str, Any]) -> list[tuple[State, str]]:
+    """What the broker's status says of the whole stack, beside its pools: each CURVE peer its
+    allow-list refused in the health window (a worker host whose workers never register, and
+    why) and its checkpoint store near its total cap (past it, every durable session's next
+    checkpoint is refused), both WARN."""
+    issues = [(State.WARN, refused_line(r)) for r in status.get("refused") or [] if r["ago_s"] < HEALTH_WINDOW_S]
+    filling = store_filling(status.get("checkpoints") or {})
+    if filling:
+        issues.append((State.WARN, filling))
+    return issues
+
+
+def refused_line(refusal: Mapping[str, Any]) -> str:
+    """A peer the broker's CURVE allow-list refused: where from, its key, where the key must be and
+    how to get it there (a worker host's workers never register, and nothing else says why)."""
+    peer = "worker" if refusal["plane"] == "workers" else "client"
+    allowed = refusal["allowed"]
+    return (f"the broker refused {refusal['count']} {peer} connection(s) from {refusal['address']}, the last "
+            f"{fmt_window(refusal['ago_s'])} ago: public key {refusal['key']} is not in {allowed}; give that host "
+            f"a {peer}.key_secret `dspexctl keys generate` wrote for this broker, or copy the public key file of "
+            f"its key into {allowed} (this clears {fmt_window(HEALTH_WINDOW_S)} after the last refusal)")
 
 
 def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,

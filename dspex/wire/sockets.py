@@ -58,9 +58,20 @@ def max_message_bytes(environ: Mapping[str, str]) -> int:
     return env_number(environ, "DSPEX_MAX_MESSAGE", MAX_MESSAGE_BYTES)
 
 
-def check_endpoint(endpoint: str) -> str:
-    """Refuse endpoints we cannot use before zmq gives an obscure errno."""
-    if endpoint.startswith("ipc://"):
+def check_endpoint(endpoint: str, source: str = "") -> str:
+    """Refuse endpoints we cannot use before zmq gives an obscure errno (or, for a tcp:// one
+    without a port, CURVE's complaint); ``source`` names where it was given (``DSPEX_ENDPOINT``,
+    ``--backend``) in the message. Every process kind's endpoints pass here."""
+    where = f"{source}={endpoint!r}" if source else repr(endpoint)
+    if endpoint.startswith("tcp://"):
+        address = endpoint[len("tcp://"):]
+        host, colon, port = address.rpartition(":")
+        if not colon or address.endswith("]"):  # tcp://host, tcp://[::1]
+            raise ConfigError(f"{where} has no port: a tcp:// endpoint is tcp://HOST:PORT, such as "
+                              f"tcp://{address or 'HOST'}:5555")
+        if not host or not (port == "*" or port.isdigit() and int(port) < 65536):
+            raise ConfigError(f"{where} is not tcp://HOST:PORT (a port is 1 to 65535, or * or 0 for a bind to any)")
+    elif endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
         if len(path.encode()) > UNIX_PATH_MAX:
             # a kernel limit (sun_path), so the only fix is a shorter directory: say how short
@@ -70,8 +81,8 @@ def check_endpoint(endpoint: str) -> str:
                 f"(use a DSPEX_RUN_DIR of at most {fits} bytes, such as the default /tmp/dspex-{os.getuid()}, "
                 "or a shorter ipc:// endpoint)"
             )
-    elif not endpoint.startswith(("tcp://", "inproc://")):
-        raise ConfigError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+    elif not endpoint.startswith("inproc://"):
+        raise ConfigError(f"unsupported endpoint {where}: use ipc://PATH or tcp://HOST:PORT")
     return endpoint
 
 
