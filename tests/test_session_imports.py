@@ -433,3 +433,59 @@ def test_a_user_package_through_sys_modules_is_the_sessions(dx: dspex.Client, pa
     assert expected[0] == ["a", "b"]
     with dx.session("p") as s:
         assert s.run(ns["plugins"]) == expected
+
+
+def test_package_data_read_by_a_submodule_through_its_package(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A submodule reads its package's data by the package (``files(__package__)``,
+    ``pkgutil.get_data(__package__, ...)``) in a session that got only the submodule's function:
+    the session has the package as an import would make it, with its spec (the package was
+    unknown there: ``None`` from ``get_data``, ``AttributeError`` from ``files``), whose loader
+    reads files (``get_data`` was missing)."""
+    name = package({"data/prompt.txt": "", "templates.py": """
+        import importlib.resources
+        import pkgutil
+        import sys
+
+
+        def by_get_data():
+            return pkgutil.get_data(__package__, "data/prompt.txt")
+
+
+        def by_files():
+            return importlib.resources.files(__package__).joinpath("data/prompt.txt").read_bytes()
+
+
+        def package_holds_me():
+            return sys.modules[__package__].templates.__name__
+    """})
+    (Path(_mod(name).__file__).parent / "data" / "prompt.txt").write_bytes(b"Answer in French.\n")
+    templates = _mod(f"{name}.templates")
+    for fn, expected in [(templates.by_get_data, b"Answer in French.\n"), (templates.by_files, b"Answer in French.\n"),
+                         (templates.package_holds_me, f"{name}.templates")]:
+        assert fn() == expected  # in-process
+        with dx.session("p") as s:
+            assert s.run(fn) == expected
+
+
+def test_a_modules_own_dunders_are_read_through_the_module(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``pkg.__version__``, ``pkg.__all__`` and a module ``__getattr__`` (PEP 562 lazy names) read
+    through the package module in a call, as in-process (the module went without them: only the
+    import system's dunders travelled)."""
+    name = package({"__init__.py": """
+        __version__ = "1.2.3"
+        __all__ = ["VALUE"]
+        VALUE = 1
+
+
+        def __getattr__(attr):
+            if attr == "LAZY":
+                return VALUE + 1
+            raise AttributeError(attr)
+    """})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name} as pkg\n"  # noqa: S102 - a script importing its package
+                 "def describe():\n    return pkg.__version__, pkg.__all__, pkg.LAZY, pkg.VALUE\n",
+                 "<script>", "exec"), ns)
+    assert ns["describe"]() == ("1.2.3", ["VALUE"], 2, 1)  # in-process
+    with dx.session("p") as s:
+        assert s.run(ns["describe"]) == ("1.2.3", ["VALUE"], 2, 1)

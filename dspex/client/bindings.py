@@ -16,6 +16,9 @@ from dspex.client.sendcache import SendCache, Walk
 from dspex.wire import codestore
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+# a module's globals that are the import system's (the worker makes its own) or go with the module
+# itself: its other dunders (``__version__``, ``__all__``, a PEP 562 ``__getattr__``) are the module's
+_IMPORT_SYSTEM = frozenset({"__builtins__", "__loader__", "__spec__", "__cached__", *codestore.BASE_GLOBALS})
 
 
 class BindingKey:
@@ -90,7 +93,7 @@ class Bindings:
                 g = vars(obj)
                 memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
                 for name, value in list(g.items()):
-                    if not (name.startswith("__") and name.endswith("__")):
+                    if name not in _IMPORT_SYSTEM:
                         reads.append((g, name, (nsid, name)))
                         self.bind(out, todo, nsid, name, value)
                 continue

@@ -144,7 +144,7 @@ class Message:
         base: dict[str, Any] | None = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         if module is not None and getattr(module, "__dict__", None) is g:
             if codeindex.user_module(module):
-                nsid = "m:" + str(name)
+                nsid, base = "m:" + str(name), module_base(module)
             else:
                 nsid, base = "lib:" + str(name), None
         elif isinstance(name, str) and name.startswith("dspex_session_"):
@@ -327,9 +327,7 @@ class SessionPickler(byvalue.SourcePickler):
         byvalue.register_user_module(module.__name__)
         bindings = msg.globals.walk(module)
         msg.note_source(getattr(module, "__file__", None), self.sources)
-        g = vars(module)
-        base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
-        return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
+        return codestore._load_module, ("m:" + module.__name__, module_base(module), bindings or None)
 
     def _value(self, value: _Value) -> Any:
         if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
@@ -400,3 +398,16 @@ def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
 def _transient_dumps(obj: Any) -> object:
     """A session pickle of ``obj`` on its own (raises what pickling it raises)."""
     return Message(SendCache.transient()).dumps(obj)
+
+
+def module_base(module: types.ModuleType) -> dict[str, Any]:
+    """What the worker's copy of user module ``module`` starts from: its :data:`codestore.BASE_GLOBALS`,
+    and those of the user packages it is in (:data:`codestore.PARENTS`)."""
+    g = vars(module)
+    base: dict[str, Any] = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
+    parts = module.__name__.split(".")
+    parents = [sys.modules.get(".".join(parts[:i])) for i in range(1, len(parts))]
+    if parents and all(p is not None and codeindex.user_module(p) for p in parents):
+        base[codestore.PARENTS] = [{k: vars(p)[k] for k in codestore.BASE_GLOBALS if k in vars(p)}
+                                   for p in parents if p is not None]
+    return base

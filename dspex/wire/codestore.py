@@ -40,9 +40,6 @@ import builtins
 import contextvars
 import functools
 import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.readers
 import importlib.util
 import io
 import linecache
@@ -58,11 +55,13 @@ from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import classes
 from dspex.wire.byvalue import LineCacheEntry, register_sources
+from dspex.wire.clientfiles import client_spec
 from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__", "__doc__")  # a user module's, from the client
+PARENTS = "parents"  # in a submodule's base: its user packages' bases, outermost first
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
@@ -121,7 +120,14 @@ class CodeStore:
                     g[k] = base[k]
             # (a script's __main__ has none, as in-process)
             if g.get("__spec__") is None and isinstance(g.get("__file__"), str) and module.__name__ != "__main__":
-                g["__spec__"] = _client_spec(module.__name__, g["__file__"], g.get("__path__"))
+                g["__spec__"] = client_spec(module.__name__, g["__file__"], g.get("__path__"))
+            # as importing a submodule imports its packages, which hold it: ``files(__package__)``,
+            # ``pkgutil.get_data`` find the package's spec in a call that sent only the submodule
+            child = module
+            for parent_base in reversed(base.get(PARENTS, ())):
+                parent = self.module(f"m:{parent_base['__name__']}", parent_base)
+                parent.__dict__.setdefault(child.__name__.rpartition(".")[2], child)
+                child = parent
         return module
 
     @functools.cached_property
@@ -176,26 +182,6 @@ class CodeStore:
             if linecache.cache.get(filename) is entry:
                 del linecache.cache[filename]
         self.sources.clear()
-
-
-class ClientFiles(importlib.abc.Loader):
-    """The loader of a session's module: it loads nothing (the module came by value) and reads
-    the files beside the client's (``importlib.resources.files(pkg)``, a prompt template in the
-    package), which this worker finds when it shares the client's filesystem."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def get_resource_reader(self, name: str) -> Any:
-        return importlib.readers.FileReader(self)  # type: ignore[arg-type]  # (reads .path only)
-
-
-def _client_spec(name: str, file: str, path: Any) -> importlib.machinery.ModuleSpec:
-    spec = importlib.machinery.ModuleSpec(name, ClientFiles(file), origin=file, is_package=path is not None)
-    if isinstance(path, list):
-        spec.submodule_search_locations = list(path)
-    spec.has_location = True
-    return spec
 
 
 def package_of(g: dict[str, Any]) -> str:
