@@ -489,3 +489,48 @@ def test_a_modules_own_dunders_are_read_through_the_module(dx: dspex.Client, pac
     assert ns["describe"]() == ("1.2.3", ["VALUE"], 2, 1)  # in-process
     with dx.session("p") as s:
         assert s.run(ns["describe"]) == ("1.2.3", ["VALUE"], 2, 1)
+
+
+def test_a_module_used_as_a_module_goes_without_a_global_no_call_needs_that_cannot_travel(
+        dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A module of the app used as a module (``import myapp.store as store``, ``store.add(x)``)
+    goes whole, and one of its globals cannot be pickled (a lock beside the code that uses it):
+    calls that do not need it run as in-process (every call through the module was an
+    ``EncodeError`` naming the lock). Code that reaches the lock through the module gets a
+    ``NameError`` whose note says why it is not there; sending that code itself is the
+    ``EncodeError`` it was."""
+    name = package({"store.py": """
+        import threading
+
+        _LOCK = threading.Lock()
+        ITEMS = []
+
+
+        def add(x):
+            ITEMS.append(x)
+            return len(ITEMS)
+
+
+        def add_locked(x):
+            with _LOCK:
+                ITEMS.append(x)
+    """})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name}.store as store\n"  # noqa: S102 - a script using the app's module
+                 "def add(x):\n    return store.add(x)\n"
+                 "def add_locked(x):\n    return store.add_locked(x)\n"
+                 "def locked():\n    return store._LOCK.locked()\n", "<script>", "exec"), ns)
+    store = _mod(f"{name}.store")
+    with dx.session("p") as s:
+        assert [s.run(ns["add"], "a"), s.run(ns["add"], "b")] == [1, 2]  # the session's ITEMS, as in-process
+        with pytest.raises(NameError) as caught:
+            s.run(ns["add_locked"], "c")
+        why = f"dspex: _LOCK was not sent with its module: cannot send _LOCK (_thread.lock) from module {name}.store"
+        assert why in "\n".join(getattr(caught.value, "__notes__", [])), caught.value
+        with pytest.raises(AttributeError) as caught_attribute:
+            s.run(ns["locked"])
+        assert why in "\n".join(getattr(caught_attribute.value, "__notes__", [])), caught_attribute.value
+        with pytest.raises(dspex.EncodeError, match=rf"cannot send _LOCK \(_thread.lock\) from module {name}.store"):
+            s.run(store.add_locked, "c")
+        assert s.run(ns["add"], "d") == 3
+    assert ns["add"]("a") == 1 and store.ITEMS == ["a"]  # in-process: the client's own module

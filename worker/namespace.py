@@ -124,6 +124,23 @@ def _session_copy(view: _UserModuleView) -> types.ModuleType | None:
     return state.code.modules.get(f"m:{_OWN_DICT.__get__(view).get('__name__')}")
 
 
+def note_unsent(state: SessionState, exc: NameError | AttributeError) -> None:
+    """A NameError or AttributeError for a global of the session's module that the client left
+    out (it could not be pickled: dspex.wire.codestore.Unsent) gets a note saying so."""
+    name = exc.name
+    if isinstance(exc, AttributeError):
+        owner = exc.obj
+        g = vars(owner) if isinstance(owner, types.ModuleType) else None
+    else:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        g = tb.tb_frame.f_globals if tb is not None else None
+    why = state.code.unsent.get((f"m:{g.get('__name__')}", name)) if g is not None and name else None
+    if why is not None:
+        exc.add_note(f"dspex: {name} was not sent with its module: {why}")
+
+
 def present_user_module(name: str) -> None:
     """Let ``sys.modules[name]`` read as each call's session's copy of user module ``name``."""
     module = sys.modules.setdefault(name, _UserModuleView(name))

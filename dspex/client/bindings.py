@@ -18,6 +18,7 @@ from dspex.wire import codestore
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 # a module's globals that are the import system's (the worker makes its own) or go with the module
 # itself: its other dunders (``__version__``, ``__all__``, a PEP 562 ``__getattr__``) are the module's
+_LEFT_OUT = "x:"  # the key prefix of a global left out (codestore.Unsent)
 _IMPORT_SYSTEM = frozenset({"__builtins__", "__loader__", "__spec__", "__cached__", *codestore.BASE_GLOBALS})
 
 
@@ -65,6 +66,10 @@ class Bindings:
         self.walked: dict[int, Any] = {}
         self.walks: dict[int, Walk] = {}
         self.relied = False  # a global was left out because the session holds it (Message.relies)
+        # what a module walk alone reached (a module goes whole, used or not): a global among them
+        # that cannot be pickled is left out (SendCache.left_out) instead of failing the request
+        self.incidental: set[int] = set()  # ids of the objects walked
+        self.needed: set[tuple[str, str]] = set()  # the bindings some other path reached
 
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
@@ -79,14 +84,17 @@ class Bindings:
         memo = Walk(root)
         reads, reached = memo.reads, memo.reached
         complete = True  # every object it reaches was walked by this walk (not earlier in the request)
-        todo = [root]
+        # (a function pickled because a module walk reached it is walked again as a root: as incidental)
+        todo: list[tuple[Any, bool]] = [(root, id(root) in self.incidental)]
         while todo:
-            obj = todo.pop()
-            if id(obj) in reached:
-                continue
-            if id(obj) in self.walked:
-                complete = False
-                continue
+            obj, incidental = todo.pop()
+            if id(obj) in reached or id(obj) in self.walked:
+                if incidental or id(obj) not in self.incidental:
+                    complete = complete and id(obj) in reached
+                    continue
+                self.incidental.discard(id(obj))  # needed after all: its globals are too
+            elif incidental:
+                self.incidental.add(id(obj))
             self.walked[id(obj)] = reached[id(obj)] = obj
             if type(obj) is types.ModuleType:
                 nsid = "m:" + obj.__name__
@@ -95,11 +103,12 @@ class Bindings:
                 for name, value in list(g.items()):
                     if name not in _IMPORT_SYSTEM:
                         reads.append((g, name, (nsid, name)))
-                        self.bind(out, todo, nsid, name, value)
+                        self.bind(out, todo, nsid, name, value, True)
                 continue
             if isinstance(obj, type):
                 functions = codeindex.functions_of(obj)
-                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
+                todo.extend((c, incidental) for c in (*obj.__bases__, *vars(obj).values())
+                            if isinstance(c, type) and codeindex.by_value(c))
             else:
                 functions = [obj]
             for func in functions:
@@ -110,17 +119,17 @@ class Bindings:
                 for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
-                        self.bind(out, todo, nsid, name, g[name])
+                        self.bind(out, todo, nsid, name, g[name], incidental)
                 # types named in strings: DSPy's custom types in a string signature, deferred annotations
                 for name in (*codeindex.signature_type_names(func.__code__),
                              *codeindex.deferred_annotation_names(func.__code__)):
                     if codeindex.names_a_type(g.get(name)):
                         reads.append((g, name, (nsid, name)))
-                        self.bind(out, todo, nsid, name, g[name])
+                        self.bind(out, todo, nsid, name, g[name], incidental)
                 for module in codeindex.user_modules_imported(func.__code__, g):
                     # an import in the body finds the session's module (codestore.CodeStore.importer)
                     reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
-                    self.bind(out, todo, codestore.IMPORTED, module.__name__, module)
+                    self.bind(out, todo, codestore.IMPORTED, module.__name__, module, incidental)
                 for cell in func.__closure__ or ():
                     try:
                         value = cell.cell_contents
@@ -128,7 +137,7 @@ class Bindings:
                         continue
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
                         memo.cells.append((cell, value))
-                        todo.append(value)
+                        todo.append((value, incidental))
         if self.trusted and complete:
             self.walks[id(root)] = memo
         return out
@@ -163,22 +172,32 @@ class Bindings:
         self.relied = True
         return True
 
-    def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
+    def bind(self, out: list[Binding], todo: list[tuple[Any, bool]], nsid: str, name: str, value: Any,
+             incidental: bool = False) -> None:
         where = (nsid, name)
+        if not incidental:
+            self.needed.add(where)
+        left_out = self.cache.left_out.get(where)
+        unsent = left_out is not None and left_out[0] is value
         entry = self.bindings.get(where)
         again = False  # a binding the worker may lack yet (SendCache.commit): sent again, its value by key
         if entry is None and self.trusted:
             entry = self.cache.bound.get(where)
             again = entry is not None and where in self.cache.unconfirmed
+        if unsent and not incidental and entry is not None and entry[1].startswith(_LEFT_OUT):
+            entry = None  # needed now: sent, to fail naming it
         if entry is None or entry[0] is not value or again:
-            key, sent = self._bound_value(nsid, name, value)
+            if unsent and incidental:
+                key, sent = _LEFT_OUT + self._key(value), codestore.Unsent(left_out[1])  # type: ignore[index]
+            else:
+                key, sent = self._bound_value(nsid, name, value)
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key or again:
                 out.append((nsid, name, BindingKey(nsid, name, key), sent))
         elif where not in self.bindings:
             self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
-            todo.append(value)
+            todo.append((value, incidental))
 
     def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
         """``bindings`` plus the module global that names ``obj`` where it was defined (a

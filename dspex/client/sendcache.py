@@ -133,6 +133,8 @@ class SendCache:
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
+        # (namespace, name) -> (object, why): a global only its module's walk sends that cannot be pickled
+        self.left_out: dict[tuple[str, str], tuple[Any, str]] = {}
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.states: dict[str, Any] = {}  # key -> the state of a client setting the worker holds under it
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses

@@ -92,7 +92,8 @@ class Message:
             held = self._held_function(obj)
             if held is not None:
                 return held, {}
-        for _ in range(_MAX_RETRIES):
+        retries = 0
+        while retries < _MAX_RETRIES:
             saved = self._snapshot()
             buf = io.BytesIO()
             pickler = SessionPickler(buf, self)
@@ -102,12 +103,17 @@ class Message:
             except Exception as exc:
                 before = saved[2]  # the bindings made before this pickle
                 emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
+                needed = self.globals.needed
                 self._restore(saved)
                 # an EncodeError names what it is already (a session's unpicklable global)
                 culprit = None if isinstance(exc, EncodeError) else senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
+                if (nsid, name) not in needed:  # only its module's walk sent it: left out, named if read there
+                    self.cache.left_out[nsid, name] = (value, senderrors.global_error(nsid, name, value, exc).message)
+                    continue
+                retries += 1
                 if codeindex.find_importable(value) is None:  # found: by reference from now on
                     raise senderrors.global_error(nsid, name, value, exc) from None
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
@@ -126,12 +132,13 @@ class Message:
     def _snapshot(self) -> tuple[Any, ...]:
         g = self.globals
         return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
-                set(self.namespaces), dict(self.sources), set(self.used), self._budget)
+                set(self.namespaces), dict(self.sources), set(self.used), self._budget, set(g.incidental),
+                set(g.needed))
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         g = self.globals
         (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
-         self._budget) = saved
+         self._budget, g.incidental, g.needed) = saved
 
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a

@@ -78,6 +78,7 @@ class CodeStore:
     stamps: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    unsent: dict[tuple[str, str], str] = field(default_factory=dict)  # (nsid, name) -> why the client left it out
 
     def inherit(self, client: str, lineage: list[tuple[str, int]]) -> None:
         """A forked child's count starts at its nearest ancestor's that the store knows, as far as
@@ -194,6 +195,15 @@ def package_of(g: dict[str, Any]) -> str:
     return str(package)
 
 
+class Unsent:
+    """What a binding carries for a global of a module sent whole that cannot be pickled and that
+    no code of the request reads but through the module: it stays unbound, and ``why`` (the
+    ``EncodeError`` sending it would be) notes the error of code that reads it."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
 class _Load:
     """One decode of a request of a session: its store, the client that sent it (its key
     prefix), what its bindings are stamped with, the objects this load made and the module
@@ -230,7 +240,12 @@ class _Load:
             prior = stamps.get(where)
             if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
                 continue  # held already, or an older request of the client that bound it last
-            self.store.module(nsid).__dict__[name] = value
+            if type(value) is Unsent:
+                self.store.module(nsid).__dict__.pop(name, None)
+                self.store.unsent[where] = value.why
+            else:
+                self.store.module(nsid).__dict__[name] = value
+                self.store.unsent.pop(where, None)
             bound[where] = key
             stamps[where] = stamp
 
