@@ -534,3 +534,32 @@ def test_a_module_used_as_a_module_goes_without_a_global_no_call_needs_that_cann
             s.run(store.add_locked, "c")
         assert s.run(ns["add"], "d") == 3
     assert ns["add"]("a") == 1 and store.ITEMS == ["a"]  # in-process: the client's own module
+
+
+def test_namespace_packages_of_the_app_are_the_users(dx: dspex.Client, tmp_path: Path,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app laid out without ``__init__.py`` files (PEP 420 namespace packages, as a ``src/``
+    layout often is): its packages are the user's code, sent by value like its modules (they went
+    by reference: ``MissingModule`` for ``app.core.calc.add(x)`` through the package, and the
+    packages of a submodule's code were not in the session's ``sys.modules``)."""
+    name = f"nsapp_{secrets.token_hex(4)}"
+    (tmp_path / name / "core").mkdir(parents=True)
+    (tmp_path / name / "core" / "calc.py").write_text("TOTAL = []\n\n\ndef add(x):\n    TOTAL.append(x)\n"
+                                                      "    return sum(TOTAL)\n\n\ndef packages():\n    import sys\n"
+                                                      "    return [list(sys.modules[n].__path__) for n in ("
+                                                      f"{name!r}, {name + '.core'!r})]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        calc = importlib.import_module(f"{name}.core.calc")
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        exec(compile(f"import {name} as app\n"  # noqa: S102 - a script of the app
+                     "def via_package(x):\n    return app.core.calc.add(x)\n", "<script>", "exec"), ns)
+        expected = calc.packages()
+        assert expected == [[str(tmp_path / name)], [str(tmp_path / name / "core")]]  # in-process
+        with dx.session("p") as s:
+            assert s.run(calc.packages) == expected
+            assert [s.run(calc.add, 1), s.run(ns["via_package"], 2)] == [1, 3]
+    finally:
+        for mod in [m for m in sys.modules if m.split(".")[0] == name]:
+            sys.modules.pop(mod, None)

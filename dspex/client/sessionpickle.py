@@ -410,11 +410,17 @@ def _transient_dumps(obj: Any) -> object:
 def module_base(module: types.ModuleType) -> dict[str, Any]:
     """What the worker's copy of user module ``module`` starts from: its :data:`codestore.BASE_GLOBALS`,
     and those of the user packages it is in (:data:`codestore.PARENTS`)."""
-    g = vars(module)
-    base: dict[str, Any] = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
     parts = module.__name__.split(".")
     parents = [sys.modules.get(".".join(parts[:i])) for i in range(1, len(parts))]
+    base = _own_base(module)
     if parents and all(p is not None and codeindex.user_module(p) for p in parents):
-        base[codestore.PARENTS] = [{k: vars(p)[k] for k in codestore.BASE_GLOBALS if k in vars(p)}
-                                   for p in parents if p is not None]
+        base[codestore.PARENTS] = [_own_base(p) for p in parents if p is not None]
+    return base
+
+
+def _own_base(module: types.ModuleType) -> dict[str, Any]:
+    g = vars(module)
+    base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
+    if "__path__" in base:  # a namespace package's is a _NamespacePath, which finds its directories here
+        base["__path__"] = list(base["__path__"])
     return base
