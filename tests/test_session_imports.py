@@ -563,3 +563,35 @@ def test_namespace_packages_of_the_app_are_the_users(dx: dspex.Client, tmp_path:
     finally:
         for mod in [m for m in sys.modules if m.split(".")[0] == name]:
             sys.modules.pop(mod, None)
+
+
+def test_weak_caches_of_the_app_travel_as_copies(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A ``weakref.WeakValueDictionary`` cache (a ``WeakKeyDictionary``, a ``WeakSet`` of live
+    objects) at the top of an app module goes to the session as a copy, as a list global does,
+    and keeps what the session's calls put in it (pickle refuses them: every call of code using
+    one was an ``EncodeError``)."""
+    name = package({"cache.py": """
+        import weakref
+
+
+        class Thing:
+            pass
+
+
+        CACHE = weakref.WeakValueDictionary()
+        OWNERS = weakref.WeakKeyDictionary()
+        LIVE = weakref.WeakSet()
+        KEPT = []
+
+
+        def keep(key):
+            thing = Thing()
+            KEPT.append(thing)
+            CACHE[key], OWNERS[thing] = thing, key
+            LIVE.add(thing)
+            return len(CACHE), len(OWNERS), len(LIVE), CACHE[key] is thing, sorted(OWNERS.values())
+    """})
+    cache = _mod(f"{name}.cache")
+    with dx.session("p") as s:
+        assert [s.run(cache.keep, "a"), s.run(cache.keep, "b")] == [(1, 1, 1, True, ["a"]), (2, 2, 2, True, ["a", "b"])]
+    assert cache.keep("a") == (1, 1, 1, True, ["a"])  # in-process

@@ -188,6 +188,8 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
                 return reduced
         if type(obj) in reducers.QUEUES:
             return reducers.queue_reduced(obj)
+        if type(obj) in reducers.WEAK_CONTAINERS:
+            return reducers.weak_reduced(obj)
         if isinstance(obj, type):
             parametrized = reducers.parametrized_model(obj)
             if parametrized is not None:

@@ -4,7 +4,7 @@ where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
 that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
 ``dataclasses``' sentinels, by name (registered in ``copyreg``); a parametrized Pydantic generic model as its
-parametrization; ``queue.Queue`` as a copy with new locks (the
+parametrization; ``queue.Queue`` as a copy with new locks and weak containers as copies (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -19,6 +19,7 @@ import operator
 import queue
 import sys
 import types
+import weakref
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
@@ -94,6 +95,22 @@ def make_queue(cls: Any, maxsize: int, items: list[Any], unfinished: int) -> Any
     made.queue.extend(items)  # a PriorityQueue's list is a heap already: its order is kept
     made.unfinished_tasks = unfinished
     return made
+
+
+# weak containers cannot be pickled (a weak reference cannot); what they hold while they are sent can
+WEAK_CONTAINERS = frozenset({weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet})
+
+
+def weak_reduced(container: Any) -> Any:
+    """A weak container of the user's code (a ``WeakValueDictionary`` cache at the top of a
+    module) as a copy holding its live items weakly: an item nothing else holds where it arrives
+    is gone from it there, as it would be here."""
+    items = list(container) if type(container) is weakref.WeakSet else list(container.items())
+    return make_weak, (type(container), items)
+
+
+def make_weak(cls: Any, items: list[Any]) -> Any:
+    return cls(items)
 
 
 def closure_cells(func: types.FunctionType) -> tuple[types.CellType, ...] | None:
