@@ -595,3 +595,32 @@ def test_weak_caches_of_the_app_travel_as_copies(dx: dspex.Client, package: Pack
     with dx.session("p") as s:
         assert [s.run(cache.keep, "a"), s.run(cache.keep, "b")] == [(1, 1, 1, True, ["a"]), (2, 2, 2, True, ["a", "b"])]
     assert cache.keep("a") == (1, 1, 1, True, ["a"])  # in-process
+
+
+def test_code_updated_in_place_runs_in_the_session(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """IPython's ``%autoreload`` (the notebook workflow over an app's package) updates the
+    functions of an edited module in place: the same function objects, methods of its classes
+    included, get the new ``__code__``. The session runs the new code, as in-process (it kept
+    running the code it got first)."""
+    name = package({"calc.py": """
+        def rate():
+            return "old"
+
+
+        class Model:
+            def predict(self):
+                return "old " + rate()
+    """})
+    calc = _mod(f"{name}.calc")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name}.calc as calc\n"  # noqa: S102 - a notebook cell
+                 "def predict():\n    return calc.Model().predict()\n", "<cell>", "exec"), ns)
+    edited: dict[str, Any] = {}
+    exec("def rate():\n    return 'new'\n\n\n"  # noqa: S102 - the edited module's code
+         "class Model:\n    def predict(self):\n        return 'new ' + rate()\n", edited)
+    with dx.session("p") as s:
+        assert [s.run(calc.rate), s.run(ns["predict"])] == ["old", "old old"]
+        calc.rate.__code__ = edited["rate"].__code__  # what autoreload's update_function does
+        calc.Model.predict.__code__ = edited["Model"].predict.__code__
+        assert [calc.rate(), ns["predict"]()] == ["new", "new new"]  # in-process
+        assert [s.run(calc.rate), s.run(ns["predict"])] == ["new", "new new"]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dspex.client import codeindex
-from dspex.client.sendcache import SendCache, Walk
+from dspex.client.sendcache import SendCache, Walk, held_key
 from dspex.wire import codestore
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -116,6 +116,7 @@ class Bindings:
                 nsid = self._namespace(g)[0]
                 if nsid.startswith("lib:"):
                     continue
+                self._code_of(out, func, memo)
                 for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
@@ -168,6 +169,8 @@ class Bindings:
                     return False
             except ValueError:  # emptied since
                 return False
+        if any(func.__code__ is not code for func, code in memo.codes):
+            return False
         self.walked.update(memo.reached)
         self.relied = True
         return True
@@ -199,6 +202,19 @@ class Bindings:
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
             todo.append((value, incidental))
 
+    def _code_of(self, out: list[Binding], func: types.FunctionType, memo: Walk) -> None:
+        """A function the session holds whose code was replaced in place since it was sent (IPython's
+        ``%autoreload`` updates an edited module's functions so): its new code, bound under
+        :data:`codestore.CODE_OF`, replaces the ``__code__`` of the session's function."""
+        memo.codes.append((func, func.__code__))
+        key = held_key(self.cache, func) if self.trusted else None
+        if key is None:
+            return
+        entry = self.bindings.get((codestore.CODE_OF, key)) or self.cache.bound.get((codestore.CODE_OF, key))
+        sent = entry[0] if entry is not None else self.cache.codes.get(key)
+        if sent is not None and func.__code__ is not sent and func.__code__.co_freevars == sent.co_freevars:
+            self.bind(out, [], codestore.CODE_OF, key, func.__code__)
+
     def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
         """``bindings`` plus the module global that names ``obj`` where it was defined (a
         top-level ``def`` or ``class`` of a user module), so that code looking names up at run
@@ -217,6 +233,8 @@ class Bindings:
     def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
         """(key, what to pickle) of a global's value."""
         t = type(value)
+        if nsid == codestore.CODE_OF:
+            return codeindex.code_key(value), value
         if t is types.ModuleType:
             return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
         if t is types.FunctionType or isinstance(value, type):

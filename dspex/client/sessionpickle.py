@@ -27,8 +27,8 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import Restated, SendCache, SettingsSent
-from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, held_pickle
+from dspex.client.sendcache import Restated, SendCache, SettingsSent, held_key
+from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -291,6 +291,7 @@ class SessionPickler(byvalue.SourcePickler):
             return self._held(key, bindings)
         nsid, base = msg.namespace(func.__globals__)
         bindings = msg.globals.own_name(nsid, func, bindings)
+        msg.cache.codes[key] = func.__code__
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it

@@ -63,6 +63,7 @@ SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.We
 BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__", "__doc__")  # a user module's, from the client
 PARENTS = "parents"  # in a submodule's base: its user packages' bases, outermost first
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
+CODE_OF = "code:"  # (CODE_OF, a held function's key): the code that function has now on the client
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
 on_user_module: list[Callable[[str], None]] = []
@@ -240,7 +241,11 @@ class _Load:
             prior = stamps.get(where)
             if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
                 continue  # held already, or an older request of the client that bound it last
-            if type(value) is Unsent:
+            if nsid == CODE_OF:
+                func = self.store.objects.get(name)
+                if isinstance(func, types.FunctionType):  # (forgotten here, it comes in full, with this code)
+                    func.__code__ = value
+            elif type(value) is Unsent:
                 self.store.module(nsid).__dict__.pop(name, None)
                 self.store.unsent[where] = value.why
             else:
