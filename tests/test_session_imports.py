@@ -624,3 +624,25 @@ def test_code_updated_in_place_runs_in_the_session(dx: dspex.Client, package: Pa
         calc.Model.predict.__code__ = edited["Model"].predict.__code__
         assert [calc.rate(), ns["predict"]()] == ["new", "new new"]  # in-process
         assert [s.run(calc.rate), s.run(ns["predict"])] == ["new", "new new"]
+
+
+def test_a_newtype_of_the_app_travels(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``UserId = typing.NewType("UserId", int)`` at the top of an app module, read by the
+    session's code, as in-process (pickle names a NewType by its module and name, which on the
+    worker was the session's module being given that very global: every call reading it failed
+    with ``ProtocolError``)."""
+    name = package({"ids.py": """
+        import typing
+
+        UserId = typing.NewType("UserId", int)
+
+
+        def make(n):
+            return UserId(n), UserId.__supertype__ is int, UserId.__qualname__, UserId.__module__
+    """})
+    ids = _mod(f"{name}.ids")
+    expected = ids.make(5)
+    assert expected == (5, True, "UserId", f"{name}.ids")  # in-process
+    with dx.session("p") as s:
+        assert s.run(ids.make, 5) == expected
+        assert s.run(lambda: ids.UserId is ids.UserId and ids.make(6)[0]) == 6

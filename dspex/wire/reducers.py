@@ -4,7 +4,7 @@ where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
 that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
 ``dataclasses``' sentinels, by name (registered in ``copyreg``); a parametrized Pydantic generic model as its
-parametrization; ``queue.Queue`` as a copy with new locks and weak containers as copies (the
+parametrization; a user's ``typing.NewType`` from its parts; ``queue.Queue`` as a copy with new locks and weak containers as copies (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -19,6 +19,7 @@ import operator
 import queue
 import sys
 import types
+import typing
 import weakref
 from typing import Any
 
@@ -94,6 +95,18 @@ def make_queue(cls: Any, maxsize: int, items: list[Any], unfinished: int) -> Any
     made = cls(maxsize)
     made.queue.extend(items)  # a PriorityQueue's list is a heap already: its order is kept
     made.unfinished_tasks = unfinished
+    return made
+
+
+def newtype_reduced(new_type: Any) -> Any:
+    """A ``typing.NewType`` of the user's code made again from its parts: pickle names it by its
+    module and name, which the receiver may not have (a session's module being given it)."""
+    return make_newtype, (new_type.__qualname__, new_type.__supertype__, new_type.__module__)
+
+
+def make_newtype(qualname: str, supertype: Any, module: str) -> Any:
+    made = typing.NewType(qualname, supertype)  # type: ignore[misc]  # (a NewType made at run time)
+    made.__module__ = module
     return made
 
 
