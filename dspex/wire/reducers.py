@@ -105,6 +105,11 @@ def newtype_reduced(new_type: Any) -> Any:
 
 
 def make_newtype(qualname: str, supertype: Any, module: str) -> Any:
+    """The receiver's own ``NewType`` of that name where its module has it (the client's, for one
+    a call returns), else a new one."""
+    own = getattr(sys.modules.get(module), qualname, None)
+    if type(own) is typing.NewType and own.__supertype__ is supertype:
+        return own
     made = typing.NewType(qualname, supertype)  # type: ignore[misc]  # (a NewType made at run time)
     made.__module__ = module
     return made
