@@ -484,11 +484,13 @@ def test_a_modules_own_dunders_are_read_through_the_module(dx: dspex.Client, pac
     """})
     ns: dict[str, Any] = {"__name__": "__main__"}
     exec(compile(f"import {name} as pkg\n"  # noqa: S102 - a script importing its package
-                 "def describe():\n    return pkg.__version__, pkg.__all__, pkg.LAZY, pkg.VALUE\n",
-                 "<script>", "exec"), ns)
-    assert ns["describe"]() == ("1.2.3", ["VALUE"], 2, 1)  # in-process
+                 "def describe():\n    return pkg.__version__, pkg.__all__, pkg.LAZY, pkg.VALUE\n"
+                 "def by_name():\n    import importlib\n"
+                 "    return importlib.import_module(pkg.__name__).LAZY\n", "<script>", "exec"), ns)
+    assert ns["describe"]() == ("1.2.3", ["VALUE"], 2, 1) and ns["by_name"]() == 2  # in-process
     with dx.session("p") as s:
         assert s.run(ns["describe"]) == ("1.2.3", ["VALUE"], 2, 1)
+        assert s.run(ns["by_name"]) == 2  # sys.modules' entry: the session's module, its __getattr__ too
 
 
 def test_a_module_used_as_a_module_goes_without_a_global_no_call_needs_that_cannot_travel(

@@ -112,6 +112,12 @@ class _UserModuleView(types.ModuleType):
                 except KeyError:
                     if main:
                         raise AttributeError(f"module '__main__' has no attribute {name!r}") from None
+            lazy = copy.__dict__.get("__getattr__")  # a PEP 562 module __getattr__ of the user's
+            if lazy is not None:
+                try:
+                    return super().__getattribute__(name)
+                except AttributeError:
+                    return lazy(name)
         return super().__getattribute__(name)
 
 
