@@ -433,3 +433,218 @@ def test_a_user_package_through_sys_modules_is_the_sessions(dx: dspex.Client, pa
     assert expected[0] == ["a", "b"]
     with dx.session("p") as s:
         assert s.run(ns["plugins"]) == expected
+
+
+def test_package_data_read_by_a_submodule_through_its_package(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A submodule reads its package's data by the package (``files(__package__)``,
+    ``pkgutil.get_data(__package__, ...)``) in a session that got only the submodule's function:
+    the session has the package as an import would make it, with its spec (the package was
+    unknown there: ``None`` from ``get_data``, ``AttributeError`` from ``files``), whose loader
+    reads files (``get_data`` was missing)."""
+    name = package({"data/prompt.txt": "", "templates.py": """
+        import importlib.resources
+        import pkgutil
+        import sys
+
+
+        def by_get_data():
+            return pkgutil.get_data(__package__, "data/prompt.txt")
+
+
+        def by_files():
+            return importlib.resources.files(__package__).joinpath("data/prompt.txt").read_bytes()
+
+
+        def package_holds_me():
+            return sys.modules[__package__].templates.__name__
+    """})
+    (Path(_mod(name).__file__).parent / "data" / "prompt.txt").write_bytes(b"Answer in French.\n")
+    templates = _mod(f"{name}.templates")
+    for fn, expected in [(templates.by_get_data, b"Answer in French.\n"), (templates.by_files, b"Answer in French.\n"),
+                         (templates.package_holds_me, f"{name}.templates")]:
+        assert fn() == expected  # in-process
+        with dx.session("p") as s:
+            assert s.run(fn) == expected
+
+
+def test_a_modules_own_dunders_are_read_through_the_module(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``pkg.__version__``, ``pkg.__all__`` and a module ``__getattr__`` (PEP 562 lazy names) read
+    through the package module in a call, as in-process (the module went without them: only the
+    import system's dunders travelled)."""
+    name = package({"__init__.py": """
+        __version__ = "1.2.3"
+        __all__ = ["VALUE"]
+        VALUE = 1
+
+
+        def __getattr__(attr):
+            if attr == "LAZY":
+                return VALUE + 1
+            raise AttributeError(attr)
+    """})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name} as pkg\n"  # noqa: S102 - a script importing its package
+                 "def describe():\n    return pkg.__version__, pkg.__all__, pkg.LAZY, pkg.VALUE\n"
+                 "def by_name():\n    import importlib\n"
+                 "    return importlib.import_module(pkg.__name__).LAZY\n", "<script>", "exec"), ns)
+    assert ns["describe"]() == ("1.2.3", ["VALUE"], 2, 1) and ns["by_name"]() == 2  # in-process
+    with dx.session("p") as s:
+        assert s.run(ns["describe"]) == ("1.2.3", ["VALUE"], 2, 1)
+        assert s.run(ns["by_name"]) == 2  # sys.modules' entry: the session's module, its __getattr__ too
+
+
+def test_a_module_used_as_a_module_goes_without_a_global_no_call_needs_that_cannot_travel(
+        dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A module of the app used as a module (``import myapp.store as store``, ``store.add(x)``)
+    goes whole, and one of its globals cannot be pickled (a lock beside the code that uses it):
+    calls that do not need it run as in-process (every call through the module was an
+    ``EncodeError`` naming the lock). Code that reaches the lock through the module gets a
+    ``NameError`` whose note says why it is not there; sending that code itself is the
+    ``EncodeError`` it was."""
+    name = package({"store.py": """
+        import threading
+
+        _LOCK = threading.Lock()
+        ITEMS = []
+
+
+        def add(x):
+            ITEMS.append(x)
+            return len(ITEMS)
+
+
+        def add_locked(x):
+            with _LOCK:
+                ITEMS.append(x)
+    """})
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name}.store as store\n"  # noqa: S102 - a script using the app's module
+                 "def add(x):\n    return store.add(x)\n"
+                 "def add_locked(x):\n    return store.add_locked(x)\n"
+                 "def locked():\n    return store._LOCK.locked()\n", "<script>", "exec"), ns)
+    store = _mod(f"{name}.store")
+    with dx.session("p") as s:
+        assert [s.run(ns["add"], "a"), s.run(ns["add"], "b")] == [1, 2]  # the session's ITEMS, as in-process
+        with pytest.raises(NameError) as caught:
+            s.run(ns["add_locked"], "c")
+        why = f"dspex: _LOCK was not sent with its module: cannot send _LOCK (_thread.lock) from module {name}.store"
+        assert why in "\n".join(getattr(caught.value, "__notes__", [])), caught.value
+        with pytest.raises(AttributeError) as caught_attribute:
+            s.run(ns["locked"])
+        assert why in "\n".join(getattr(caught_attribute.value, "__notes__", [])), caught_attribute.value
+        with pytest.raises(dspex.EncodeError, match=rf"cannot send _LOCK \(_thread.lock\) from module {name}.store"):
+            s.run(store.add_locked, "c")
+        assert s.run(ns["add"], "d") == 3
+    assert ns["add"]("a") == 1 and store.ITEMS == ["a"]  # in-process: the client's own module
+
+
+def test_namespace_packages_of_the_app_are_the_users(dx: dspex.Client, tmp_path: Path,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app laid out without ``__init__.py`` files (PEP 420 namespace packages, as a ``src/``
+    layout often is): its packages are the user's code, sent by value like its modules (they went
+    by reference: ``MissingModule`` for ``app.core.calc.add(x)`` through the package, and the
+    packages of a submodule's code were not in the session's ``sys.modules``)."""
+    name = f"nsapp_{secrets.token_hex(4)}"
+    (tmp_path / name / "core").mkdir(parents=True)
+    (tmp_path / name / "core" / "calc.py").write_text("TOTAL = []\n\n\ndef add(x):\n    TOTAL.append(x)\n"
+                                                      "    return sum(TOTAL)\n\n\ndef packages():\n    import sys\n"
+                                                      "    return [list(sys.modules[n].__path__) for n in ("
+                                                      f"{name!r}, {name + '.core'!r})]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        calc = importlib.import_module(f"{name}.core.calc")
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        exec(compile(f"import {name} as app\n"  # noqa: S102 - a script of the app
+                     "def via_package(x):\n    return app.core.calc.add(x)\n", "<script>", "exec"), ns)
+        expected = calc.packages()
+        assert expected == [[str(tmp_path / name)], [str(tmp_path / name / "core")]]  # in-process
+        with dx.session("p") as s:
+            assert s.run(calc.packages) == expected
+            assert [s.run(calc.add, 1), s.run(ns["via_package"], 2)] == [1, 3]
+    finally:
+        for mod in [m for m in sys.modules if m.split(".")[0] == name]:
+            sys.modules.pop(mod, None)
+
+
+def test_weak_caches_of_the_app_travel_as_copies(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """A ``weakref.WeakValueDictionary`` cache (a ``WeakKeyDictionary``, a ``WeakSet`` of live
+    objects) at the top of an app module goes to the session as a copy, as a list global does,
+    and keeps what the session's calls put in it (pickle refuses them: every call of code using
+    one was an ``EncodeError``)."""
+    name = package({"cache.py": """
+        import weakref
+
+
+        class Thing:
+            pass
+
+
+        CACHE = weakref.WeakValueDictionary()
+        OWNERS = weakref.WeakKeyDictionary()
+        LIVE = weakref.WeakSet()
+        KEPT = []
+
+
+        def keep(key):
+            thing = Thing()
+            KEPT.append(thing)
+            CACHE[key], OWNERS[thing] = thing, key
+            LIVE.add(thing)
+            return len(CACHE), len(OWNERS), len(LIVE), CACHE[key] is thing, sorted(OWNERS.values())
+    """})
+    cache = _mod(f"{name}.cache")
+    with dx.session("p") as s:
+        assert [s.run(cache.keep, "a"), s.run(cache.keep, "b")] == [(1, 1, 1, True, ["a"]), (2, 2, 2, True, ["a", "b"])]
+    assert cache.keep("a") == (1, 1, 1, True, ["a"])  # in-process
+
+
+def test_code_updated_in_place_runs_in_the_session(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """IPython's ``%autoreload`` (the notebook workflow over an app's package) updates the
+    functions of an edited module in place: the same function objects, methods of its classes
+    included, get the new ``__code__``. The session runs the new code, as in-process (it kept
+    running the code it got first)."""
+    name = package({"calc.py": """
+        def rate():
+            return "old"
+
+
+        class Model:
+            def predict(self):
+                return "old " + rate()
+    """})
+    calc = _mod(f"{name}.calc")
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {name}.calc as calc\n"  # noqa: S102 - a notebook cell
+                 "def predict():\n    return calc.Model().predict()\n", "<cell>", "exec"), ns)
+    edited: dict[str, Any] = {}
+    exec("def rate():\n    return 'new'\n\n\n"  # noqa: S102 - the edited module's code
+         "class Model:\n    def predict(self):\n        return 'new ' + rate()\n", edited)
+    with dx.session("p") as s:
+        assert [s.run(calc.rate), s.run(ns["predict"])] == ["old", "old old"]
+        calc.rate.__code__ = edited["rate"].__code__  # what autoreload's update_function does
+        calc.Model.predict.__code__ = edited["Model"].predict.__code__
+        assert [calc.rate(), ns["predict"]()] == ["new", "new new"]  # in-process
+        assert [s.run(calc.rate), s.run(ns["predict"])] == ["new", "new new"]
+
+
+def test_a_newtype_of_the_app_travels(dx: dspex.Client, package: Package) -> None:  # noqa: F811
+    """``UserId = typing.NewType("UserId", int)`` at the top of an app module, read by the
+    session's code, as in-process (pickle names a NewType by its module and name, which on the
+    worker was the session's module being given that very global: every call reading it failed
+    with ``ProtocolError``)."""
+    name = package({"ids.py": """
+        import typing
+
+        UserId = typing.NewType("UserId", int)
+
+
+        def make(n):
+            return UserId(n), UserId.__supertype__ is int, UserId.__qualname__, UserId.__module__
+    """})
+    ids = _mod(f"{name}.ids")
+    expected = ids.make(5)
+    assert expected == (5, True, "UserId", f"{name}.ids")  # in-process
+    with dx.session("p") as s:
+        assert s.run(ids.make, 5) == expected
+        assert s.run(lambda: ids.UserId is ids.UserId and ids.make(6)[0]) == 6

@@ -141,6 +141,10 @@ def naming_unbound(state: SessionState, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     except NameError as exc:
         _note_unbound(state, exc)
+        namespace.note_unsent(state, exc)
+        raise
+    except AttributeError as exc:
+        namespace.note_unsent(state, exc)
         raise
 
 

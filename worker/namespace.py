@@ -112,6 +112,12 @@ class _UserModuleView(types.ModuleType):
                 except KeyError:
                     if main:
                         raise AttributeError(f"module '__main__' has no attribute {name!r}") from None
+            lazy = copy.__dict__.get("__getattr__")  # a PEP 562 module __getattr__ of the user's
+            if lazy is not None:
+                try:
+                    return super().__getattribute__(name)
+                except AttributeError:
+                    return lazy(name)
         return super().__getattribute__(name)
 
 
@@ -122,6 +128,23 @@ def _session_copy(view: _UserModuleView) -> types.ModuleType | None:
     if state is None:
         return None
     return state.code.modules.get(f"m:{_OWN_DICT.__get__(view).get('__name__')}")
+
+
+def note_unsent(state: SessionState, exc: NameError | AttributeError) -> None:
+    """A NameError or AttributeError for a global of the session's module that the client left
+    out (it could not be pickled: dspex.wire.codestore.Unsent) gets a note saying so."""
+    name = exc.name
+    if isinstance(exc, AttributeError):
+        owner = exc.obj
+        g = vars(owner) if isinstance(owner, types.ModuleType) else None
+    else:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        g = tb.tb_frame.f_globals if tb is not None else None
+    why = state.code.unsent.get((f"m:{g.get('__name__')}", name)) if g is not None and name else None
+    if why is not None:
+        exc.add_note(f"dspex: {name} was not sent with its module: {why}")
 
 
 def present_user_module(name: str) -> None:

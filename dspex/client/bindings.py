@@ -12,10 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 from dspex.client import codeindex
-from dspex.client.sendcache import SendCache, Walk
+from dspex.client.sendcache import SendCache, Walk, held_key
 from dspex.wire import codestore
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
+# a module's globals that are the import system's (the worker makes its own) or go with the module
+# itself: its other dunders (``__version__``, ``__all__``, a PEP 562 ``__getattr__``) are the module's
+_LEFT_OUT = "x:"  # the key prefix of a global left out (codestore.Unsent)
+_IMPORT_SYSTEM = frozenset({"__builtins__", "__loader__", "__spec__", "__cached__", *codestore.BASE_GLOBALS})
 
 
 class BindingKey:
@@ -62,6 +66,10 @@ class Bindings:
         self.walked: dict[int, Any] = {}
         self.walks: dict[int, Walk] = {}
         self.relied = False  # a global was left out because the session holds it (Message.relies)
+        # what a module walk alone reached (a module goes whole, used or not): a global among them
+        # that cannot be pickled is left out (SendCache.left_out) instead of failing the request
+        self.incidental: set[int] = set()  # ids of the objects walked
+        self.needed: set[tuple[str, str]] = set()  # the bindings some other path reached
 
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
@@ -76,27 +84,31 @@ class Bindings:
         memo = Walk(root)
         reads, reached = memo.reads, memo.reached
         complete = True  # every object it reaches was walked by this walk (not earlier in the request)
-        todo = [root]
+        # (a function pickled because a module walk reached it is walked again as a root: as incidental)
+        todo: list[tuple[Any, bool]] = [(root, id(root) in self.incidental)]
         while todo:
-            obj = todo.pop()
-            if id(obj) in reached:
-                continue
-            if id(obj) in self.walked:
-                complete = False
-                continue
+            obj, incidental = todo.pop()
+            if id(obj) in reached or id(obj) in self.walked:
+                if incidental or id(obj) not in self.incidental:
+                    complete = complete and id(obj) in reached
+                    continue
+                self.incidental.discard(id(obj))  # needed after all: its globals are too
+            elif incidental:
+                self.incidental.add(id(obj))
             self.walked[id(obj)] = reached[id(obj)] = obj
             if type(obj) is types.ModuleType:
                 nsid = "m:" + obj.__name__
                 g = vars(obj)
                 memo.sizes.append((g, len(g)))  # a name added or deleted: walked again
                 for name, value in list(g.items()):
-                    if not (name.startswith("__") and name.endswith("__")):
+                    if name not in _IMPORT_SYSTEM:
                         reads.append((g, name, (nsid, name)))
-                        self.bind(out, todo, nsid, name, value)
+                        self.bind(out, todo, nsid, name, value, True)
                 continue
             if isinstance(obj, type):
                 functions = codeindex.functions_of(obj)
-                todo.extend(c for c in (*obj.__bases__, *vars(obj).values()) if isinstance(c, type) and codeindex.by_value(c))
+                todo.extend((c, incidental) for c in (*obj.__bases__, *vars(obj).values())
+                            if isinstance(c, type) and codeindex.by_value(c))
             else:
                 functions = [obj]
             for func in functions:
@@ -104,20 +116,21 @@ class Bindings:
                 nsid = self._namespace(g)[0]
                 if nsid.startswith("lib:"):
                     continue
+                self._code_of(out, func, memo)
                 for name in (*codeindex.globals_read(func.__code__), *codeindex.annotation_names(func)):
                     reads.append((g, name, (nsid, name)))
                     if name in g:
-                        self.bind(out, todo, nsid, name, g[name])
+                        self.bind(out, todo, nsid, name, g[name], incidental)
                 # types named in strings: DSPy's custom types in a string signature, deferred annotations
                 for name in (*codeindex.signature_type_names(func.__code__),
                              *codeindex.deferred_annotation_names(func.__code__)):
                     if codeindex.names_a_type(g.get(name)):
                         reads.append((g, name, (nsid, name)))
-                        self.bind(out, todo, nsid, name, g[name])
+                        self.bind(out, todo, nsid, name, g[name], incidental)
                 for module in codeindex.user_modules_imported(func.__code__, g):
                     # an import in the body finds the session's module (codestore.CodeStore.importer)
                     reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
-                    self.bind(out, todo, codestore.IMPORTED, module.__name__, module)
+                    self.bind(out, todo, codestore.IMPORTED, module.__name__, module, incidental)
                 for cell in func.__closure__ or ():
                     try:
                         value = cell.cell_contents
@@ -125,7 +138,7 @@ class Bindings:
                         continue
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
                         memo.cells.append((cell, value))
-                        todo.append(value)
+                        todo.append((value, incidental))
         if self.trusted and complete:
             self.walks[id(root)] = memo
         return out
@@ -156,26 +169,51 @@ class Bindings:
                     return False
             except ValueError:  # emptied since
                 return False
+        if any(func.__code__ is not code for func, code in memo.codes):
+            return False
         self.walked.update(memo.reached)
         self.relied = True
         return True
 
-    def bind(self, out: list[Binding], todo: list[Any], nsid: str, name: str, value: Any) -> None:
+    def bind(self, out: list[Binding], todo: list[tuple[Any, bool]], nsid: str, name: str, value: Any,
+             incidental: bool = False) -> None:
         where = (nsid, name)
+        if not incidental:
+            self.needed.add(where)
+        left_out = self.cache.left_out.get(where)
+        unsent = left_out is not None and left_out[0] is value
         entry = self.bindings.get(where)
         again = False  # a binding the worker may lack yet (SendCache.commit): sent again, its value by key
         if entry is None and self.trusted:
             entry = self.cache.bound.get(where)
             again = entry is not None and where in self.cache.unconfirmed
+        if unsent and not incidental and entry is not None and entry[1].startswith(_LEFT_OUT):
+            entry = None  # needed now: sent, to fail naming it
         if entry is None or entry[0] is not value or again:
-            key, sent = self._bound_value(nsid, name, value)
+            if unsent and incidental:
+                key, sent = _LEFT_OUT + self._key(value), codestore.Unsent(left_out[1])  # type: ignore[index]
+            else:
+                key, sent = self._bound_value(nsid, name, value)
             self.bindings[where] = (value, key)
             if entry is None or entry[1] != key or again:
                 out.append((nsid, name, BindingKey(nsid, name, key), sent))
         elif where not in self.bindings:
             self.relied = True
         if (type(value) in (types.FunctionType, types.ModuleType) or isinstance(value, type)) and codeindex.by_value(value):
-            todo.append(value)
+            todo.append((value, incidental))
+
+    def _code_of(self, out: list[Binding], func: types.FunctionType, memo: Walk) -> None:
+        """A function the session holds whose code was replaced in place since it was sent (IPython's
+        ``%autoreload`` updates an edited module's functions so): its new code, bound under
+        :data:`codestore.CODE_OF`, replaces the ``__code__`` of the session's function."""
+        memo.codes.append((func, func.__code__))
+        key = held_key(self.cache, func) if self.trusted else None
+        if key is None:
+            return
+        entry = self.bindings.get((codestore.CODE_OF, key)) or self.cache.bound.get((codestore.CODE_OF, key))
+        sent = entry[0] if entry is not None else self.cache.codes.get(key)
+        if sent is not None and func.__code__ is not sent and func.__code__.co_freevars == sent.co_freevars:
+            self.bind(out, [], codestore.CODE_OF, key, func.__code__)
 
     def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
         """``bindings`` plus the module global that names ``obj`` where it was defined (a
@@ -195,6 +233,8 @@ class Bindings:
     def _bound_value(self, nsid: str, name: str, value: Any) -> tuple[str, Any]:
         """(key, what to pickle) of a global's value."""
         t = type(value)
+        if nsid == codestore.CODE_OF:
+            return codeindex.code_key(value), value
         if t is types.ModuleType:
             return ("mod:" if codeindex.by_value(value) else "ref:") + value.__name__, value
         if t is types.FunctionType or isinstance(value, type):

@@ -10,8 +10,7 @@ from typing import Any
 
 from dspex.client import codeindex
 from dspex.client.bindings import _ATOMS, _Value
-from dspex.client.sendcache import SendCache
-from dspex.client.standins import held_key
+from dspex.client.sendcache import SendCache, held_key
 from dspex.wire.ref import Ref
 
 _DATA = frozenset({list, tuple, dict, set, frozenset})

@@ -72,7 +72,7 @@ Restated = tuple[Any, str, str | None, Any]
 class Walk:
     """What :meth:`dspex.client.bindings.Bindings.walk` read for a root: kept per session to check the next request."""
 
-    __slots__ = ("cells", "reached", "reads", "root", "sizes")
+    __slots__ = ("cells", "codes", "reached", "reads", "root", "sizes")
 
     def __init__(self, root: Any) -> None:
         self.root = root
@@ -80,6 +80,7 @@ class Walk:
         self.reached: dict[int, Any] = {}  # the functions, classes and modules it walked
         self.sizes: list[tuple[dict[str, Any], int]] = []  # (a user module's dict, its size)
         self.cells: list[tuple[types.CellType, Any]] = []  # (closure cell followed, its content)
+        self.codes: list[tuple[types.FunctionType, types.CodeType]] = []  # (held function, its code)
 
 
 class EncodedGlobals(Protocol):
@@ -133,6 +134,9 @@ class SendCache:
         self.sources: dict[str, list[str]] = {}  # filename -> the linecache lines sent
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.walks: dict[int, Walk] = {}  # id(root) -> what its last walk read: Bindings.walk's shortcut
+        # (namespace, name) -> (object, why): a global only its module's walk sends that cannot be pickled
+        self.left_out: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.codes: dict[str, types.CodeType] = {}  # key of a function sent -> the code it was sent with
         self.last_settings: SettingsSent | None = None  # the client settings sent last, all by key
         self.states: dict[str, Any] = {}  # key -> the state of a client setting the worker holds under it
         self.modules: dict[str, None] = {}  # the user modules whose globals the session's code uses
@@ -365,6 +369,7 @@ class SendCache:
         if oid is not None:
             self.keys.pop(oid, None)
         self.lms.pop(key, None)
+        self.codes.pop(key, None)
         self.context_vars.pop(key, None)
         self.states.pop(key, None)
         self.drops.append(key)
@@ -469,3 +474,9 @@ def _differs(value: Any, default: Any) -> bool:
     if type(value) is type(default) and isinstance(value, _ATOMS):
         return bool(value != default)
     return not (type(value) is list and type(default) is list and not value and not default)
+
+
+def held_key(cache: SendCache, obj: Any) -> str | None:
+    """The key the session's worker holds ``obj`` by (the client object's identity), if it does."""
+    hit = cache.keys.get(id(obj))
+    return hit[1] if hit is not None and hit[0] is obj and hit[1] in cache.sent else None

@@ -27,8 +27,8 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import Restated, SendCache, SettingsSent
-from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_key, held_pickle
+from dspex.client.sendcache import Restated, SendCache, SettingsSent, held_key
+from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
 
@@ -92,7 +92,8 @@ class Message:
             held = self._held_function(obj)
             if held is not None:
                 return held, {}
-        for _ in range(_MAX_RETRIES):
+        retries = 0
+        while retries < _MAX_RETRIES:
             saved = self._snapshot()
             buf = io.BytesIO()
             pickler = SessionPickler(buf, self)
@@ -102,12 +103,17 @@ class Message:
             except Exception as exc:
                 before = saved[2]  # the bindings made before this pickle
                 emitted = [(where, value) for where, (value, _) in self.globals.bindings.items() if where not in before]
+                needed = self.globals.needed
                 self._restore(saved)
                 # an EncodeError names what it is already (a session's unpicklable global)
                 culprit = None if isinstance(exc, EncodeError) else senderrors.culprit(emitted, _transient_dumps)
                 if culprit is None:
                     raise
                 (nsid, name), value = culprit
+                if (nsid, name) not in needed:  # only its module's walk sent it: left out, named if read there
+                    self.cache.left_out[nsid, name] = (value, senderrors.global_error(nsid, name, value, exc).message)
+                    continue
+                retries += 1
                 if codeindex.find_importable(value) is None:  # found: by reference from now on
                     raise senderrors.global_error(nsid, name, value, exc) from None
         raise EncodeError("cannot pickle: too many globals had to be sent by reference")
@@ -126,12 +132,13 @@ class Message:
     def _snapshot(self) -> tuple[Any, ...]:
         g = self.globals
         return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
-                set(self.namespaces), dict(self.sources), set(self.used), self._budget)
+                set(self.namespaces), dict(self.sources), set(self.used), self._budget, set(g.incidental),
+                set(g.needed))
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         g = self.globals
         (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
-         self._budget) = saved
+         self._budget, g.incidental, g.needed) = saved
 
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
@@ -144,7 +151,7 @@ class Message:
         base: dict[str, Any] | None = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
         if module is not None and getattr(module, "__dict__", None) is g:
             if codeindex.user_module(module):
-                nsid = "m:" + str(name)
+                nsid, base = "m:" + str(name), module_base(module)
             else:
                 nsid, base = "lib:" + str(name), None
         elif isinstance(name, str) and name.startswith("dspex_session_"):
@@ -284,6 +291,7 @@ class SessionPickler(byvalue.SourcePickler):
             return self._held(key, bindings)
         nsid, base = msg.namespace(func.__globals__)
         bindings = msg.globals.own_name(nsid, func, bindings)
+        msg.cache.codes[key] = func.__code__
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
@@ -327,9 +335,7 @@ class SessionPickler(byvalue.SourcePickler):
         byvalue.register_user_module(module.__name__)
         bindings = msg.globals.walk(module)
         msg.note_source(getattr(module, "__file__", None), self.sources)
-        g = vars(module)
-        base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
-        return codestore._load_module, ("m:" + module.__name__, base, bindings or None)
+        return codestore._load_module, ("m:" + module.__name__, module_base(module), bindings or None)
 
     def _value(self, value: _Value) -> Any:
         if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
@@ -400,3 +406,22 @@ def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
 def _transient_dumps(obj: Any) -> object:
     """A session pickle of ``obj`` on its own (raises what pickling it raises)."""
     return Message(SendCache.transient()).dumps(obj)
+
+
+def module_base(module: types.ModuleType) -> dict[str, Any]:
+    """What the worker's copy of user module ``module`` starts from: its :data:`codestore.BASE_GLOBALS`,
+    and those of the user packages it is in (:data:`codestore.PARENTS`)."""
+    parts = module.__name__.split(".")
+    parents = [sys.modules.get(".".join(parts[:i])) for i in range(1, len(parts))]
+    base = _own_base(module)
+    if parents and all(p is not None and codeindex.user_module(p) for p in parents):
+        base[codestore.PARENTS] = [_own_base(p) for p in parents if p is not None]
+    return base
+
+
+def _own_base(module: types.ModuleType) -> dict[str, Any]:
+    g = vars(module)
+    base = {k: g[k] for k in codestore.BASE_GLOBALS if k in g}
+    if "__path__" in base:  # a namespace package's is a _NamespacePath, which finds its directories here
+        base["__path__"] = list(base["__path__"])
+    return base

@@ -11,14 +11,7 @@ import types
 from typing import Any
 
 from dspex.client.bindings import Binding
-from dspex.client.sendcache import SendCache
 from dspex.wire import codestore
-
-
-def held_key(cache: SendCache, obj: Any) -> str | None:
-    """The key the session's worker holds ``obj`` by (the client object's identity), if it does."""
-    hit = cache.keys.get(id(obj))
-    return hit[1] if hit is not None and hit[0] is obj and hit[1] in cache.sent else None
 
 
 class CodeRef:

@@ -193,6 +193,10 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
                 return reduced
         if type(obj) in reducers.QUEUES:
             return reducers.queue_reduced(obj)
+        if type(obj) in reducers.WEAK_CONTAINERS:
+            return reducers.weak_reduced(obj)
+        if type(obj) is typing.NewType and (obj.__module__ == "__main__" or usercode.is_user_module(obj.__module__)):
+            return reducers.newtype_reduced(obj)
         if isinstance(obj, type):
             parametrized = reducers.parametrized_model(obj)
             if parametrized is not None:

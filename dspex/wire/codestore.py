@@ -40,9 +40,6 @@ import builtins
 import contextvars
 import functools
 import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.readers
 import importlib.util
 import io
 import linecache
@@ -58,12 +55,15 @@ from cloudpickle import cloudpickle as _cp
 
 from dspex.wire import classes
 from dspex.wire.byvalue import LineCacheEntry, register_sources
+from dspex.wire.clientfiles import client_spec
 from dspex.wire.errors import CodeCacheMiss, DspexError, ProtocolError
 
 # every session's modules on this worker, by id (worker/forking.py finds a session's code by them)
 SESSION_MODULES: weakref.WeakValueDictionary[int, types.ModuleType] = weakref.WeakValueDictionary()
 BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__", "__doc__")  # a user module's, from the client
+PARENTS = "parents"  # in a submodule's base: its user packages' bases, outermost first
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
+CODE_OF = "code:"  # (CODE_OF, a held function's key): the code that function has now on the client
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
 on_user_module: list[Callable[[str], None]] = []
@@ -79,6 +79,7 @@ class CodeStore:
     stamps: dict[tuple[str, str], tuple[str, int] | None] = field(default_factory=dict)
     sources: dict[str, LineCacheEntry] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
+    unsent: dict[tuple[str, str], str] = field(default_factory=dict)  # (nsid, name) -> why the client left it out
 
     def inherit(self, client: str, lineage: list[tuple[str, int]]) -> None:
         """A forked child's count starts at its nearest ancestor's that the store knows, as far as
@@ -121,7 +122,14 @@ class CodeStore:
                     g[k] = base[k]
             # (a script's __main__ has none, as in-process)
             if g.get("__spec__") is None and isinstance(g.get("__file__"), str) and module.__name__ != "__main__":
-                g["__spec__"] = _client_spec(module.__name__, g["__file__"], g.get("__path__"))
+                g["__spec__"] = client_spec(module.__name__, g["__file__"], g.get("__path__"))
+            # as importing a submodule imports its packages, which hold it: ``files(__package__)``,
+            # ``pkgutil.get_data`` find the package's spec in a call that sent only the submodule
+            child = module
+            for parent_base in reversed(base.get(PARENTS, ())):
+                parent = self.module(f"m:{parent_base['__name__']}", parent_base)
+                parent.__dict__.setdefault(child.__name__.rpartition(".")[2], child)
+                child = parent
         return module
 
     @functools.cached_property
@@ -178,26 +186,6 @@ class CodeStore:
         self.sources.clear()
 
 
-class ClientFiles(importlib.abc.Loader):
-    """The loader of a session's module: it loads nothing (the module came by value) and reads
-    the files beside the client's (``importlib.resources.files(pkg)``, a prompt template in the
-    package), which this worker finds when it shares the client's filesystem."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def get_resource_reader(self, name: str) -> Any:
-        return importlib.readers.FileReader(self)  # type: ignore[arg-type]  # (reads .path only)
-
-
-def _client_spec(name: str, file: str, path: Any) -> importlib.machinery.ModuleSpec:
-    spec = importlib.machinery.ModuleSpec(name, ClientFiles(file), origin=file, is_package=path is not None)
-    if isinstance(path, list):
-        spec.submodule_search_locations = list(path)
-    spec.has_location = True
-    return spec
-
-
 def package_of(g: dict[str, Any]) -> str:
     """The package a relative import in code with globals ``g`` is relative to (as Python's)."""
     package = g.get("__package__")
@@ -206,6 +194,15 @@ def package_of(g: dict[str, Any]) -> str:
         if "__path__" not in g:
             package = package.rpartition(".")[0]
     return str(package)
+
+
+class Unsent:
+    """What a binding carries for a global of a module sent whole that cannot be pickled and that
+    no code of the request reads but through the module: it stays unbound, and ``why`` (the
+    ``EncodeError`` sending it would be) notes the error of code that reads it."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
 
 
 class _Load:
@@ -244,7 +241,16 @@ class _Load:
             prior = stamps.get(where)
             if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
                 continue  # held already, or an older request of the client that bound it last
-            self.store.module(nsid).__dict__[name] = value
+            if nsid == CODE_OF:
+                func = self.store.objects.get(name)
+                if isinstance(func, types.FunctionType):  # (forgotten here, it comes in full, with this code)
+                    func.__code__ = value
+            elif type(value) is Unsent:
+                self.store.module(nsid).__dict__.pop(name, None)
+                self.store.unsent[where] = value.why
+            else:
+                self.store.module(nsid).__dict__[name] = value
+                self.store.unsent.pop(where, None)
             bound[where] = key
             stamps[where] = stamp
 

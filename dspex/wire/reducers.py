@@ -4,7 +4,7 @@ where they arrive: a user function's ``functools.lru_cache`` / ``functools.cache
 :mod:`dspex.client.sessionpickle` and the worker's checkpoints call these), and library objects
 that hold a thread and ``functools.cached_property`` (Python 3.11's holds a lock), made again, and
 ``dataclasses``' sentinels, by name (registered in ``copyreg``); a parametrized Pydantic generic model as its
-parametrization; ``queue.Queue`` as a copy with new locks (the
+parametrization; a user's ``typing.NewType`` from its parts; ``queue.Queue`` as a copy with new locks and weak containers as copies (the
 by-value picklers only: pickle elsewhere in the process still refuses a queue). The ``make_*`` functions are named in pickles:
 keep their names.
 """
@@ -19,6 +19,8 @@ import operator
 import queue
 import sys
 import types
+import typing
+import weakref
 from typing import Any
 
 from cloudpickle import cloudpickle as _cp
@@ -94,6 +96,39 @@ def make_queue(cls: Any, maxsize: int, items: list[Any], unfinished: int) -> Any
     made.queue.extend(items)  # a PriorityQueue's list is a heap already: its order is kept
     made.unfinished_tasks = unfinished
     return made
+
+
+def newtype_reduced(new_type: Any) -> Any:
+    """A ``typing.NewType`` of the user's code made again from its parts: pickle names it by its
+    module and name, which the receiver may not have (a session's module being given it)."""
+    return make_newtype, (new_type.__qualname__, new_type.__supertype__, new_type.__module__)
+
+
+def make_newtype(qualname: str, supertype: Any, module: str) -> Any:
+    """The receiver's own ``NewType`` of that name where its module has it (the client's, for one
+    a call returns), else a new one."""
+    own = getattr(sys.modules.get(module), qualname, None)
+    if type(own) is typing.NewType and own.__supertype__ is supertype:
+        return own
+    made = typing.NewType(qualname, supertype)  # type: ignore[misc]  # (a NewType made at run time)
+    made.__module__ = module
+    return made
+
+
+# weak containers cannot be pickled (a weak reference cannot); what they hold while they are sent can
+WEAK_CONTAINERS = frozenset({weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet})
+
+
+def weak_reduced(container: Any) -> Any:
+    """A weak container of the user's code (a ``WeakValueDictionary`` cache at the top of a
+    module) as a copy holding its live items weakly: an item nothing else holds where it arrives
+    is gone from it there, as it would be here."""
+    items = list(container) if type(container) is weakref.WeakSet else list(container.items())
+    return make_weak, (type(container), items)
+
+
+def make_weak(cls: Any, items: list[Any]) -> Any:
+    return cls(items)
 
 
 def closure_cells(func: types.FunctionType) -> tuple[types.CellType, ...] | None:

@@ -75,7 +75,12 @@ def is_user_module(name: str) -> bool:
         return False
     file = getattr(module, "__file__", None)
     if not file:
-        return getattr(module, "__path__", None) is None  # a module made at runtime (exec'd code)
+        path = getattr(module, "__path__", None)
+        if path is None:
+            return True  # a module made at runtime (exec'd code)
+        # a namespace package (PEP 420: no __init__.py) is the user's when a directory of it is
+        return top not in _editable_top_levels() and any(isinstance(p, str) and not is_installed_file(p)
+                                                          for p in path)
     if is_installed_file(file):
         return False
     if top in _editable_top_levels():

@@ -315,9 +315,11 @@ _PROVIDER_MODULES = ("litellm.", "openai.", "anthropic.", "dspy._vendor.")
 # the standard library's value types that the codec has no form of its own for: by value
 _STDLIB_VALUES = frozenset({fractions.Fraction, collections.deque, collections.ChainMap, types.SimpleNamespace, range,
                             slice, array.array, re.Pattern, type(Ellipsis), type(NotImplemented), _dt.timezone})
-# type annotations (``list[Item]``, ``Optional[Model]``, ``Literal[...]``, ``int | None``) are values
-# like the classes in them; ``typing._BaseGenericAlias`` is what every ``typing`` alias derives from
-_ANNOTATIONS: tuple[type, ...] = (types.GenericAlias, types.UnionType, vars(typing)["_BaseGenericAlias"])
+# type annotations (``list[Item]``, ``Optional[Model]``, ``Literal[...]``, ``int | None``, a type
+# variable, a ``NewType``) are values like the classes in them; ``typing._BaseGenericAlias`` is what
+# every ``typing`` alias derives from
+_ANNOTATIONS: tuple[type, ...] = (types.GenericAlias, types.UnionType, vars(typing)["_BaseGenericAlias"],
+                                  typing.TypeVar, typing.ParamSpec, typing.NewType)
 
 
 def is_data_like(obj: Any) -> bool:

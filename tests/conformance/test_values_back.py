@@ -66,6 +66,22 @@ def test_a_returned_type_annotation_is_that_annotation(run: Runner) -> None:
     assert typing.get_args(got[0])[0] is Plain
 
 
+T = typing.TypeVar("T")
+Score = typing.NewType("Score", float)
+
+
+class Shelf(typing.Generic[T]):
+    def get(self) -> T:
+        raise NotImplementedError
+
+
+def test_a_type_variable_and_a_new_type_come_back_as_themselves(run: Runner) -> None:
+    """What an annotation is made of besides classes: ``typing.get_type_hints`` of a generic
+    class's method gives its ``TypeVar``; a ``NewType`` (they came back as refs)."""
+    got = run(lambda: (T, Score, typing.get_type_hints(Shelf.get)["return"]))
+    assert got[0] is T and got[1] is Score and got[2] is T, got
+
+
 def test_a_class_through_a_ref_is_the_class(run: Runner) -> None:
     held = run.put(Plain())
     assert run(class_of, held) is Plain
