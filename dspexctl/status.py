@@ -37,6 +37,7 @@ from dspex.stack.health import (
 from dspex.stack.poolstatus import latency, stack_issues, summarize
 from dspex.stack.supervisor import (
     Supervisor,
+    SupervisorConf,
     SupervisorUnreachable,
     by_group,
     full_name,
@@ -105,46 +106,7 @@ class PoolsStatus:
             broker_err = err.message
             timed_out = isinstance(err, Timeout)
         sc = settings.conf_of(broker)
-        procs: list[dict[str, Any]] = []
-        tails: dict[str, str] = {}
-        loops: dict[str, tuple[int, str]] = {}  # processes supervisord restarts in a loop
-        sup_info: dict[str, Any] | None = None
-        if sc is not None:
-            sup_info = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
-            try:
-                with Supervisor(sc, timeout=settings.timeout) as sup:
-                    sup_info["state"] = sup.state()
-                    sup_info["pid"] = sup.pid()
-                    procs = sup.processes()
-                    if broker is not None:
-                        broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
-                    if broker is not None:  # a worker restarted again and again without registering
-                        mine = local_pids(w for pool in broker["pools"].values() for w in pool["workers"])
-                        loops = sup.restart_loops([p for p in procs if p["group"] != "broker" and p["pid"] not in mine
-                                                   and p["statename"] in ("STARTING", "RUNNING")],
-                                                  time.time() - REGISTER_GRACE_S)
-                    tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
-                             if p["statename"] in ("FATAL", "BACKOFF") or full_name(p) in loops}
-                    if broker is not None:  # one that answers again after a crash, which only supervisord saw
-                        now = time.time()
-                        for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
-                            crash = (f"the broker (pid {pid}) exited {now - when:.0f}s ago ({how}) and supervisord "
-                                     "restarted it: the sessions it held are gone "
-                                     f"(this clears {HEALTH_WINDOW_S:g}s after)")
-                            issues.append((State.WARN, crash))
-                    if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
-                        broker["events"] = with_exits(broker["events"], sup.exit_causes())
-            except SupervisorUnreachable as err:
-                if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
-                    # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
-                    sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
-                                          "its supervisord is not running: its pools are not expected")
-                else:
-                    left = left_running(sc) if supervisord_pid(sc) is None else {}
-                    issues.append((State.UNREACHABLE, left_running_text(sc, left) if left else err.message))
-            sup_info["processes"] = [{"name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
-                                      "uptime_s": proc_uptime(p), "description": p["description"],
-                                      "log_tail": tails.get(full_name(p))} for p in procs]
+        broker, procs, tails, loops, sup_info = supervisor_view(settings, sc, broker, issues)
         conf_sizes: dict[str, int] = {}  # the pools the conf declares
         config_error = None
         if sc is not None and not (sup_info or {}).get("unused"):
@@ -376,6 +338,58 @@ class PoolsStatus:
         return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
 
 AGREEMENT_TRIES = 3  # broker reads around supervisord's before the last pair is taken as it is
+
+
+
+def supervisor_view(settings: Settings, sc: SupervisorConf | None, broker: dict[str, Any] | None,
+                    issues: list[tuple[State, str]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]],
+                                                              dict[str, str], dict[str, tuple[int, str]],
+                                                              dict[str, Any] | None]:
+    """What supervisord of the conf ``sc`` says of the stack, taken between two reads of the
+    broker that agree (``broker`` comes back as the later one): its processes, the last log line
+    of those that gave up or restart in a loop, and its own state; what it shows wrong goes to
+    ``issues``."""
+    if sc is None:
+        return broker, [], {}, {}, None
+    procs: list[dict[str, Any]] = []
+    tails: dict[str, str] = {}
+    loops: dict[str, tuple[int, str]] = {}  # processes supervisord restarts in a loop
+    sup_info: dict[str, Any] = {"conf": str(sc.path), "url": sc.serverurl, "state": None, "pid": None, "processes": []}
+    try:
+        with Supervisor(sc, timeout=settings.timeout) as sup:
+            sup_info["state"] = sup.state()
+            sup_info["pid"] = sup.pid()
+            procs = sup.processes()
+            if broker is not None:
+                broker, procs = agreeing_views(broker, procs, lambda: again(settings), sup.processes)
+            if broker is not None:  # a worker restarted again and again without registering
+                mine = local_pids(w for pool in broker["pools"].values() for w in pool["workers"])
+                loops = sup.restart_loops([p for p in procs if p["group"] != "broker" and p["pid"] not in mine
+                                           and p["statename"] in ("STARTING", "RUNNING")],
+                                          time.time() - REGISTER_GRACE_S)
+            tails = {full_name(p): sup.last_log_line(full_name(p)) for p in procs
+                     if p["statename"] in ("FATAL", "BACKOFF") or full_name(p) in loops}
+            if broker is not None:  # one that answers again after a crash, which only supervisord saw
+                now = time.time()
+                for pid, when, how in sup.unexpected_exits("broker", now - HEALTH_WINDOW_S):
+                    crash = (f"the broker (pid {pid}) exited {now - when:.0f}s ago ({how}) and supervisord "
+                             "restarted it: the sessions it held are gone "
+                             f"(this clears {HEALTH_WINDOW_S:g}s after)")
+                    issues.append((State.WARN, crash))
+            if broker is not None and any(e.get("event") == "crash" for e in broker.get("events") or []):
+                broker["events"] = with_exits(broker["events"], sup.exit_causes())
+    except SupervisorUnreachable as err:
+        if broker is not None and not broker["broker"].get("config") and not settings.conf_explicit:
+            # a broker started by hand (no --config) beside a conf nobody runs: not its stack's
+            sup_info["unused"] = (f"{sc.path} is not this broker's (it was started without --config) and "
+                                  "its supervisord is not running: its pools are not expected")
+        else:
+            left = left_running(sc) if supervisord_pid(sc) is None else {}
+            issues.append((State.UNREACHABLE, left_running_text(sc, left) if left else err.message))
+    sup_info["processes"] = [{"name": full_name(p), "group": p["group"], "state": p["statename"], "pid": p["pid"],
+                              "uptime_s": proc_uptime(p), "description": p["description"],
+                              "log_tail": tails.get(full_name(p))} for p in procs]
+    return broker, procs, tails, loops, sup_info
 
 
 def agreeing_views(broker: dict[str, Any], procs: list[dict[str, Any]],
