@@ -119,7 +119,7 @@ class Core:
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
-        self.answers = Answers(port, self.clock, self.workers, self.gone)
+        self.answers = Answers(port, self.clock, self.workers, self.gone, self.sessions)
         self._fail = self.answers.fail
         self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
                                 restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,

@@ -1227,3 +1227,32 @@ def test_a_pin_claimed_after_the_restart_grace_to_an_unknown_worker_does_not_wai
     header = RequestHeader("call", 5, "p", "s" * 32, "ghost-worker", 0, 0).pack()
     core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"x")], core.t)
     assert core.outcome(C, 5) == "session_worker_unavailable" and not core.pools["p"].awaiting
+
+
+def expired_message(core: StubCore, client: bytes, req_id: int) -> str:
+    (frames,) = [f for f in core.to_clients if f[0] == client and msgpack.unpackb(f[1])[1] == req_id]
+    body = msgpack.unpackb(frames[2])
+    assert body["code"] == "queue_timeout", body
+    return str(body["message"])
+
+
+def test_a_call_that_never_ran_says_why_it_waited_as_its_pool_mode_runs_sessions() -> None:
+    """A pinned session's call waits for its own worker, one call at a time; a hint session's
+    calls run side by side on any free slot, so one that never ran waited for the whole pool."""
+    strict = StubCore("p:strict_queue:prefetch=0")
+    strict.ready(A, "p")
+    strict.request(C, 1, "p", "s")
+    strict.request(C, 2, "p", "s", timeout_ms=60)
+    strict.advance(0.1)
+    said = expired_message(strict, C, 2)
+    assert "behind the calls on its session's worker" in said and "runs on that worker only, one call at a time" in said
+    hint = StubCore("p:hint")
+    hint.ready(A, "p", capacity=2)
+    hint.request(C, 1, "p", "s")
+    hint.request(C, 2, "p", "s")  # the same session's second call runs beside its first
+    assert [rid for _, _, rid in hint.dispatched()] == [1, 2]
+    hint.request(C, 3, "p", "s", timeout_ms=60)
+    hint.advance(0.1)
+    said = expired_message(hint, C, 3)
+    assert "one call at a time" not in said, said
+    assert "while every worker slot of the pool was busy" in said and "side by side" in said, said
