@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import zmq
 
 from broker.answers import Answers, error_code
 from broker.checkpoints import Job
@@ -47,10 +48,17 @@ from broker.timers import Timers
 from dspex.stack.pools import PoolConfig
 from dspex.wire.errors import (
     DspexError,
+    InternalError,
     ProtocolError,
     UnknownOp,
 )
-from dspex.wire.headers import pack_reply_header, request_id_of, unpack_reply_envelope, unpack_request_header
+from dspex.wire.headers import (
+    pack_error,
+    pack_reply_header,
+    request_id_of,
+    unpack_reply_envelope,
+    unpack_request_header,
+)
 from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS
 from dspex.wire.protocol import (
     B_BYE,
@@ -116,6 +124,7 @@ class Core:
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.gone = GoneWorkers()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self._garbage_peers: set[bytes] = set()  # worker-side peers whose garbage was logged
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
@@ -200,14 +209,18 @@ class Core:
             w.expiry = max(w.expiry, now + self.roster.silence) if w.away else now + self.roster.silence
         if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
-                if len(frames) < 3:
-                    raise ProtocolError("no reply header")
                 ok, req_id, client = unpack_reply_envelope(first)
-            except ProtocolError:
-                self.counters["garbage_backend"] += 1
-                self.port.log(logging.WARNING, "malformed reply from worker %s", wid[:8])
+            except ProtocolError as err:
+                self._garbage(wid, w, err.message)
                 return
             key = (client, req_id)
+            if len(frames) < 3:
+                self._garbage(wid, w, f"a reply to request {req_id} without its reply header")
+                if w is None or key not in w.inflight or command == W_PARTIAL:
+                    return
+                # its caller hears it now, not at its timeout: the call ends as a broker-made error
+                frames = [*frames[:2], *self._unreadable_reply(w, req_id)]
+                ok = False
             if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -253,8 +266,7 @@ class Core:
             else:
                 self.dispatcher.feed(w)
         elif len(first) != 1:
-            self.counters["garbage_backend"] += 1
-            self.port.log(logging.WARNING, "unknown command %r from worker %s", first[:8], wid[:8])
+            self._garbage(wid, w, f"unknown command {first[:8]!r}")
         elif command == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
@@ -303,8 +315,29 @@ class Core:
                 self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
                 self.recycler.start_draining(w, "is stopping", now)
         else:
-            self.counters["garbage_backend"] += 1
-            self.port.log(logging.WARNING, "unknown command %r from worker %s", command[:8], wid[:8])
+            self._garbage(wid, w, f"unknown command {command!r}")
+
+    def _garbage(self, wid: bytes, w: WorkerRecord | None, what: str) -> None:
+        """Count a message from a worker-side peer that the broker cannot use; log the first of
+        each peer (a broken or foreign peer sends them in floods)."""
+        self.counters["garbage_backend"] += 1
+        if wid in self._garbage_peers:
+            return
+        if len(self._garbage_peers) >= 10_000:
+            self._garbage_peers.clear()
+        self._garbage_peers.add(wid)
+        peer = (f"worker {w.incarnation[:8]} (pid {w.pid}, host {w.host or '-'}, pool {w.pool.name})" if w is not None
+                else f"unregistered peer {wid.hex()[:16]}")
+        self.port.log(logging.WARNING, "%s sent garbage: %s (counted as garbage_backend; more from it are counted, "
+                      "not logged)", peer, what)
+
+    @staticmethod
+    def _unreadable_reply(w: WorkerRecord, req_id: int) -> list[zmq.Frame]:
+        """The reply header and error map that answer a call whose reply came without its header."""
+        err = InternalError(f"worker {w.incarnation[:8]} (pid {w.pid}) answered this call without its reply header "
+                            "(a broken or foreign worker): the call may have run", worker=w.incarnation)
+        return [zmq.Frame(pack_reply_header(Status.ERROR.value, req_id)), zmq.Frame(pack_error(err.code, err.message,
+                                                                                              **err.details))]
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
