@@ -33,7 +33,7 @@ from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import HARD_LIMIT, LOST, RECYCLED, Roster
+from broker.roster import HARD_LIMIT, LOST, Roster, recycled
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -261,8 +261,9 @@ class Core:
                     self.durable.moves.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
-            elif self.recycler.over_request_limit(w, now):
-                self.recycler.recycle(w, now)  # exactly at the limit, not at the next tick
+            elif self.recycler.over_request_limit(w, now):  # exactly at the limit, not at the next tick
+                self.recycler.recycle(w, now, f"{w.served + w.errors} requests reached max_requests "
+                                              f"{w.pool.config.recycle.max_requests}")
             else:
                 self.dispatcher.feed(w)
         elif len(first) != 1:
@@ -303,7 +304,7 @@ class Core:
             elif w is not None and goodbye == GOODBYE_HARD_LIMIT:  # its calls all answered: nothing failed
                 self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
-                self.roster.remove(w, RECYCLED if w.pool.recycling == w.id else "exited", clean=True)
+                self.roster.remove(w, recycled(w) if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_HELD:
             if w is not None and self.roster.held(w, frames):
                 if w.draining and not w.inflight:
@@ -344,7 +345,7 @@ class Core:
         self.clock.now = now
         w = self.workers.get(wid)
         if w is not None:
-            self.roster.lost(w, RECYCLED if w.pool.recycling == w.id else LOST)
+            self.roster.lost(w, recycled(w) if w.pool.recycling == w.id else LOST)
 
     def client_gone(self, client: bytes, now: float) -> None:
         """The connection of ``client`` (a client socket's routing id) closed (the shell's socket

@@ -1256,3 +1256,24 @@ def test_a_call_that_never_ran_says_why_it_waited_as_its_pool_mode_runs_sessions
     said = expired_message(hint, C, 3)
     assert "one call at a time" not in said, said
     assert "while every worker slot of the pool was busy" in said and "side by side" in said, said
+
+
+@pytest.mark.parametrize(("spec", "rule"), [
+    ("max_requests=2", "2 requests reached max_requests 2"),
+    ("max_age=5,age_jitter=0", "its age 5s reached max_age 5s less its jitter of 0s"),
+    ("max_rss_mb=100", "its RSS 150 MB reached max_rss_mb 100"),
+])
+def test_a_policy_recycle_names_its_rule_in_the_why_of_its_goodbye(spec: str, rule: str) -> None:
+    core = two_workers(f"p:strict_queue:{spec}")
+    core.advance(3)  # past the youngest age a policy recycles at
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    core.request(C, 2, "p", "s")
+    core.core.on_worker_frames([zmq.Frame(A), zmq.Frame(W_HEARTBEAT), zmq.Frame(msgpack.packb({"rss": 150 << 20}))],
+                               core.t)
+    core.reply(A, C, 2)
+    core.advance(2.1)
+    assert core.workers[A].draining and (A, [B_DISCONNECT]) in core.to_workers
+    core.backend(A, W_DISCONNECT)
+    assert core.roster.events[-1]["why"] == f"was recycled: {rule}", core.roster.events[-1]
+    assert any(level == logging.INFO and text.endswith(rule) for level, text in core.port.logs), core.port.logs
