@@ -54,6 +54,7 @@ from dspex.wire.errors import (
 )
 from dspex.wire.headers import (
     pack_error,
+    pack_reply_envelope,
     pack_reply_header,
     request_id_of,
     unpack_reply_envelope,
@@ -218,9 +219,10 @@ class Core:
                 self._garbage(wid, w, f"a reply to request {req_id} without its reply header")
                 if w is None or key not in w.inflight or command == W_PARTIAL:
                     return
-                # its caller hears it now, not at its timeout: the call ends as a broker-made error
-                frames = [*frames[:2], *self._unreadable_reply(w, req_id)]
-                ok = False
+                # its caller hears it now, not at its timeout: the call ends in a broker-made error
+                # reply (a checkpoint it may have meant is not there to keep)
+                command, ok = W_REPLY, False
+                frames = [frames[0], *self._unreadable_reply(w, req_id, client)]
             if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -333,12 +335,14 @@ class Core:
                       "not logged)", peer, what)
 
     @staticmethod
-    def _unreadable_reply(w: WorkerRecord, req_id: int) -> list[zmq.Frame]:
-        """The reply header and error map that answer a call whose reply came without its header."""
+    def _unreadable_reply(w: WorkerRecord, req_id: int, client: bytes) -> list[zmq.Frame]:
+        """The reply (envelope, header, error map) that answers a call whose reply came without
+        its header."""
         err = InternalError(f"worker {w.incarnation[:8]} (pid {w.pid}) answered this call without its reply header "
                             "(a broken or foreign worker): the call may have run", worker=w.incarnation)
-        return [zmq.Frame(pack_reply_header(Status.ERROR.value, req_id)), zmq.Frame(pack_error(err.code, err.message,
-                                                                                              **err.details))]
+        return [zmq.Frame(f) for f in (pack_reply_envelope(W_REPLY, Status.ERROR.value, req_id, client),
+                                       pack_reply_header(Status.ERROR.value, req_id),
+                                       pack_error(err.code, err.message, **err.details))]
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
