@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 
 from broker.port import Port
-from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, WorkerRecord
+from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import failure_kind
 from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
 from dspex.wire.headers import pack_error, pack_reply_header, unpack_reply_header
@@ -48,8 +48,10 @@ def call_error(reply: list[Any]) -> str:
 
 
 class Answers:
-    def __init__(self, port: Port, clock: Clock, workers: dict[bytes, WorkerRecord], gone: GoneWorkers) -> None:
+    def __init__(self, port: Port, clock: Clock, workers: dict[bytes, WorkerRecord], gone: GoneWorkers,
+                 sessions: dict[str, SessionRecord]) -> None:
         self.port = port
+        self.sessions = sessions
         self._to_client = port.to_client
         self.clock = clock
         self.workers = workers
@@ -76,8 +78,15 @@ class Answers:
         Its caller still waits (a reply grace past the timeout, for a running call's late answer),
         so it hears that at once instead of a silence; not counted against the pool: the caller's
         own deadline says nothing of the pool's health."""
-        behind = (" behind the session's running call (a session runs one call at a time, and a stream "
-                  "holds it until its producer ends or its consumer closes it)") if p.session else ""
+        rec = self.sessions.get(p.session) if p.session else None
+        if rec is not None and (pool.strict or rec.durable is not None):
+            behind = (f" behind the calls on its session's worker (a {pool.mode.value} session runs on that worker only, "
+                      "one call at a time, and a stream holds it until its producer ends or its consumer closes it)")
+        elif p.session:  # hint or none: any free slot runs it, beside the session's other calls
+            behind = (f" while every worker slot of the pool was busy (a {pool.mode.value} session's calls run side by "
+                      "side on any free slot)")
+        else:
+            behind = ""
         self.error(p.client, p.req_id, QueueTimeout(
             f"{p.op} waited {self.clock.now - p.enqueued:.1f}s in pool {pool.name!r}{behind} and never ran: "
             f"its timeout of {round(p.deadline - p.enqueued, 3):g}s ran out first", pool=pool.name))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import zmq
 
 from broker.answers import Answers, error_code
 from broker.checkpoints import Job
@@ -32,7 +33,7 @@ from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import HARD_LIMIT, LOST, RECYCLED, Roster
+from broker.roster import HARD_LIMIT, LOST, Roster, recycled
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -47,10 +48,18 @@ from broker.timers import Timers
 from dspex.stack.pools import PoolConfig
 from dspex.wire.errors import (
     DspexError,
+    InternalError,
     ProtocolError,
     UnknownOp,
 )
-from dspex.wire.headers import pack_reply_header, request_id_of, unpack_reply_envelope, unpack_request_header
+from dspex.wire.headers import (
+    pack_error,
+    pack_reply_envelope,
+    pack_reply_header,
+    request_id_of,
+    unpack_reply_envelope,
+    unpack_request_header,
+)
 from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS
 from dspex.wire.protocol import (
     B_BYE,
@@ -116,10 +125,11 @@ class Core:
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.gone = GoneWorkers()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
+        self._garbage_peers: set[bytes] = set()  # worker-side peers whose garbage was logged
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
-        self.answers = Answers(port, self.clock, self.workers, self.gone)
+        self.answers = Answers(port, self.clock, self.workers, self.gone, self.sessions)
         self._fail = self.answers.fail
         self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
                                 restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,
@@ -200,14 +210,19 @@ class Core:
             w.expiry = max(w.expiry, now + self.roster.silence) if w.away else now + self.roster.silence
         if command == W_REPLY or command == W_PARTIAL or command == W_CHECKPOINT:
             try:
-                if len(frames) < 3:
-                    raise ProtocolError("no reply header")
                 ok, req_id, client = unpack_reply_envelope(first)
-            except ProtocolError:
-                self.counters["garbage_backend"] += 1
-                self.port.log(logging.WARNING, "malformed reply from worker %s", wid[:8])
+            except ProtocolError as err:
+                self._garbage(wid, w, err.message)
                 return
             key = (client, req_id)
+            if len(frames) < 3:
+                self._garbage(wid, w, f"a reply to request {req_id} without its reply header")
+                if w is None or key not in w.inflight or command == W_PARTIAL:
+                    return
+                # its caller hears it now, not at its timeout: the call ends in a broker-made error
+                # reply (a checkpoint it may have meant is not there to keep)
+                command, ok = W_REPLY, False
+                frames = [frames[0], *self._unreadable_reply(w, req_id, client)]
             if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -247,13 +262,13 @@ class Core:
                     self.durable.moves.call_ended(rec)
             if w.draining and not w.inflight:
                 self._to_worker(w, [B_DISCONNECT])
-            elif self.recycler.over_request_limit(w, now):
-                self.recycler.recycle(w, now)  # exactly at the limit, not at the next tick
+            elif self.recycler.over_request_limit(w, now):  # exactly at the limit, not at the next tick
+                self.recycler.recycle(w, now, f"{w.served + w.errors} requests reached max_requests "
+                                              f"{w.pool.config.recycle.max_requests}")
             else:
                 self.dispatcher.feed(w)
         elif len(first) != 1:
-            self.counters["garbage_backend"] += 1
-            self.port.log(logging.WARNING, "unknown command %r from worker %s", first[:8], wid[:8])
+            self._garbage(wid, w, f"unknown command {first[:8]!r}")
         elif command == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
@@ -290,7 +305,7 @@ class Core:
             elif w is not None and goodbye == GOODBYE_HARD_LIMIT:  # its calls all answered: nothing failed
                 self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
-                self.roster.remove(w, RECYCLED if w.pool.recycling == w.id else "exited", clean=True)
+                self.roster.remove(w, recycled(w) if w.pool.recycling == w.id else "exited", clean=True)
         elif command == W_HELD:
             if w is not None and self.roster.held(w, frames):
                 if w.draining and not w.inflight:
@@ -302,15 +317,38 @@ class Core:
                 self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
                 self.recycler.start_draining(w, "is stopping", now)
         else:
-            self.counters["garbage_backend"] += 1
-            self.port.log(logging.WARNING, "unknown command %r from worker %s", command[:8], wid[:8])
+            self._garbage(wid, w, f"unknown command {command!r}")
+
+    def _garbage(self, wid: bytes, w: WorkerRecord | None, what: str) -> None:
+        """Count a message from a worker-side peer that the broker cannot use; log the first of
+        each peer (a broken or foreign peer sends them in floods)."""
+        self.counters["garbage_backend"] += 1
+        if wid in self._garbage_peers:
+            return
+        if len(self._garbage_peers) >= 10_000:
+            self._garbage_peers.clear()
+        self._garbage_peers.add(wid)
+        peer = (f"worker {w.incarnation[:8]} (pid {w.pid}, host {w.host or '-'}, pool {w.pool.name})" if w is not None
+                else f"unregistered peer {wid.hex()[:16]}")
+        self.port.log(logging.WARNING, "%s sent garbage: %s (counted as garbage_backend; more from it are counted, "
+                      "not logged)", peer, what)
+
+    @staticmethod
+    def _unreadable_reply(w: WorkerRecord, req_id: int, client: bytes) -> list[zmq.Frame]:
+        """The reply (envelope, header, error map) that answers a call whose reply came without
+        its header."""
+        err = InternalError(f"worker {w.incarnation[:8]} (pid {w.pid}) answered this call without its reply header "
+                            "(a broken or foreign worker): the call may have run", worker=w.incarnation)
+        return [zmq.Frame(f) for f in (pack_reply_envelope(W_REPLY, Status.ERROR.value, req_id, client),
+                                       pack_reply_header(Status.ERROR.value, req_id),
+                                       pack_error(err.code, err.message, **err.details))]
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
         self.clock.now = now
         w = self.workers.get(wid)
         if w is not None:
-            self.roster.lost(w, RECYCLED if w.pool.recycling == w.id else LOST)
+            self.roster.lost(w, recycled(w) if w.pool.recycling == w.id else LOST)
 
     def client_gone(self, client: bytes, now: float) -> None:
         """The connection of ``client`` (a client socket's routing id) closed (the shell's socket

@@ -131,6 +131,12 @@ class BrokerCollector(Collector):
         garbage.add_metric(["frontend"], counters.get("garbage_frontend", 0))
         garbage.add_metric(["backend"], counters.get("garbage_backend", 0))
         yield garbage
+        dropped = CounterMetricFamily("dspex_replies_dropped", "Replies the broker could not deliver: to a client "
+                                      "that stopped reading them (slow_client) or that has gone (gone_client)",
+                                      labels=["reason"])
+        dropped.add_metric(["slow_client"], counters.get("replies_dropped_slow_client", 0))
+        dropped.add_metric(["gone_client"], counters.get("replies_to_gone_clients", 0))
+        yield dropped
         yield CounterMetricFamily("dspex_expired_unsent", "Requests whose caller's timeout ran out before they "
                                   "reached a worker (answered queue_timeout: they never ran)",
                                   value=counters.get("expired_unsent", 0))

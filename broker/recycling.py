@@ -45,16 +45,19 @@ class Recycler:
         self._wake = wake
         self._reroute = reroute
 
-    def recycle(self, w: WorkerRecord, now: float) -> None:
-        """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits."""
+    def recycle(self, w: WorkerRecord, now: float, policy: str = "") -> None:
+        """Graceful: no new work; the worker finishes its request, says DISCONNECT and exits.
+        ``policy``: the rule that retires it (its recycle's why names it; "": an operator's)."""
         pool = w.pool
         pool.recycling = w.id
+        pool.recycle_policy = policy
         pool.recycle_started = now
         pool.size_before_recycle = max(pool.size_before_recycle, len(pool.workers))
         self.start_draining(w, "is being recycled", now)
         if not w.inflight:
             self._to_worker(w, [B_DISCONNECT])
-        self.port.log(logging.INFO, "recycling worker %s (pid %d) of pool %s", w.incarnation[:8], w.pid, pool.name)
+        self.port.log(logging.INFO, "recycling worker %s (pid %d) of pool %s%s", w.incarnation[:8], w.pid, pool.name,
+                      f": {policy}" if policy else "")
 
     def start_draining(self, w: WorkerRecord, why: str, now: float) -> None:
         """No new work for ``w``; what waits in its queue fails now (did not run), or moves with
@@ -133,8 +136,14 @@ class Recycler:
             if now < w.registered + MIN_WORKER_AGE:
                 continue
             rss_mb = float(w.stats.get("rss", 0)) / 2**20
-            if ((policy.max_requests and w.served + w.errors >= policy.max_requests)
-                    or (w.retire_age and now >= w.registered + w.retire_age)
-                    or (policy.max_rss_mb and rss_mb >= policy.max_rss_mb)):
-                self.recycle(w, now)
-                return
+            if policy.max_requests and w.served + w.errors >= policy.max_requests:
+                rule = f"{w.served + w.errors} requests reached max_requests {policy.max_requests}"
+            elif w.retire_age and now >= w.registered + w.retire_age:
+                rule = (f"its age {now - w.registered:.0f}s reached max_age {policy.max_age:g}s less its jitter of "
+                        f"{policy.max_age - w.retire_age:.0f}s")
+            elif policy.max_rss_mb and rss_mb >= policy.max_rss_mb:
+                rule = f"its RSS {rss_mb:.0f} MB reached max_rss_mb {policy.max_rss_mb:g}"
+            else:
+                continue
+            self.recycle(w, now, rule)
+            return

@@ -44,6 +44,12 @@ LOST = "crashed (connection lost)"  # its connection closed without a goodbye
 # why a worker left at a call's hard time limit (the call ignored its interruption)
 HARD_LIMIT = "was recycled at a call's hard time limit"
 RECYCLED = "was recycled"
+
+
+def recycled(w: WorkerRecord) -> str:
+    """The why of ``w``'s goodbye as its pool's recycle: the policy rule that retired it, if one did."""
+    policy = w.pool.recycle_policy
+    return f"{RECYCLED}: {policy}" if policy else RECYCLED
 DRAIN_DEADLINE = "was recycled (stopped hard at its drain deadline)"
 # how a worker left, as the metrics' ``why`` label: a small fixed set (the broker's words and the
 # exit cause supervisord saw stay in the events, where free text does not multiply series)
@@ -284,7 +290,7 @@ class Roster:
         self.gone.add(w.id, why, crashed=event == "crash")
         self.event(pool.name, w, event, why)
         # an intended recycle or a clean exit is routine (INFO); anything else needs a look
-        self.port.log(logging.INFO if clean or why == RECYCLED else logging.WARNING,
+        self.port.log(logging.INFO if clean or why == RECYCLED or why.startswith(f"{RECYCLED}:") else logging.WARNING,
                 "worker %s (pid %d, pool %s) %s; %d in flight, %d queued, %d sessions",
                 w.incarnation[:8], w.pid, pool.name, why, len(w.inflight), len(w.queue), w.pinned)
         inflight = list(w.inflight.items())

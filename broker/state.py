@@ -219,6 +219,7 @@ class Pool:
         self.checkpoint_error = ""  # why the checkpoint store last refused a session of the pool (its WARN says)
         self.rolling: deque[bytes] = deque()  # workers waiting for a rolling recycle
         self.recycling: bytes | None = None  # the worker being recycled now
+        self.recycle_policy = ""  # the policy rule that retires it ("": an operator's recycle)
         self.recycle_started = 0.0
         self.size_before_recycle = 0
 

@@ -1227,3 +1227,53 @@ def test_a_pin_claimed_after_the_restart_grace_to_an_unknown_worker_does_not_wai
     header = RequestHeader("call", 5, "p", "s" * 32, "ghost-worker", 0, 0).pack()
     core.core.on_client_frames([zmq.Frame(C), zmq.Frame(header), zmq.Frame(b"x")], core.t)
     assert core.outcome(C, 5) == "session_worker_unavailable" and not core.pools["p"].awaiting
+
+
+def expired_message(core: StubCore, client: bytes, req_id: int) -> str:
+    (frames,) = [f for f in core.to_clients if f[0] == client and msgpack.unpackb(f[1])[1] == req_id]
+    body = msgpack.unpackb(frames[2])
+    assert body["code"] == "queue_timeout", body
+    return str(body["message"])
+
+
+def test_a_call_that_never_ran_says_why_it_waited_as_its_pool_mode_runs_sessions() -> None:
+    """A pinned session's call waits for its own worker, one call at a time; a hint session's
+    calls run side by side on any free slot, so one that never ran waited for the whole pool."""
+    strict = StubCore("p:strict_queue:prefetch=0")
+    strict.ready(A, "p")
+    strict.request(C, 1, "p", "s")
+    strict.request(C, 2, "p", "s", timeout_ms=60)
+    strict.advance(0.1)
+    said = expired_message(strict, C, 2)
+    assert "behind the calls on its session's worker" in said and "runs on that worker only, one call at a time" in said
+    hint = StubCore("p:hint")
+    hint.ready(A, "p", capacity=2)
+    hint.request(C, 1, "p", "s")
+    hint.request(C, 2, "p", "s")  # the same session's second call runs beside its first
+    assert [rid for _, _, rid in hint.dispatched()] == [1, 2]
+    hint.request(C, 3, "p", "s", timeout_ms=60)
+    hint.advance(0.1)
+    said = expired_message(hint, C, 3)
+    assert "one call at a time" not in said, said
+    assert "while every worker slot of the pool was busy" in said and "side by side" in said, said
+
+
+@pytest.mark.parametrize(("spec", "rule"), [
+    ("max_requests=2", "2 requests reached max_requests 2"),
+    ("max_age=5,age_jitter=0", "its age 5s reached max_age 5s less its jitter of 0s"),
+    ("max_rss_mb=100", "its RSS 150 MB reached max_rss_mb 100"),
+])
+def test_a_policy_recycle_names_its_rule_in_the_why_of_its_goodbye(spec: str, rule: str) -> None:
+    core = two_workers(f"p:strict_queue:{spec}")
+    core.advance(3)  # past the youngest age a policy recycles at
+    core.request(C, 1, "p", "s")
+    core.reply(A, C, 1)
+    core.request(C, 2, "p", "s")
+    core.core.on_worker_frames([zmq.Frame(A), zmq.Frame(W_HEARTBEAT), zmq.Frame(msgpack.packb({"rss": 150 << 20}))],
+                               core.t)
+    core.reply(A, C, 2)
+    core.advance(2.1)
+    assert core.workers[A].draining and (A, [B_DISCONNECT]) in core.to_workers
+    core.backend(A, W_DISCONNECT)
+    assert core.roster.events[-1]["why"] == f"was recycled: {rule}", core.roster.events[-1]
+    assert any(level == logging.INFO and text.endswith(rule) for level, text in core.port.logs), core.port.logs

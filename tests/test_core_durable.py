@@ -20,7 +20,7 @@ from dspex.wire.headers import (
     pack_reply_header,
     unpack_request_envelope,
 )
-from dspex.wire.protocol import B_RELEASE_SESSION, B_REQUEST, FLAG_DURABLE, W_CHECKPOINT, Durable
+from dspex.wire.protocol import B_RELEASE_SESSION, B_REQUEST, FLAG_DURABLE, W_CHECKPOINT, W_REPLY, Durable
 from tests.test_core import A, B, C, StubCore
 
 pytestmark = pytest.mark.timeout(10)
@@ -517,3 +517,21 @@ def test_a_session_whose_spread_went_back_is_not_spread_again_until_its_store_ho
         assert core.sessions[moved].worker == A and not core.jobs  # no new pin, nothing to load
         core.call(req_id, session=moved)
         assert core.worker_of(req_id) == A and not core.head_of(req_id) & Durable.RESTORE
+
+
+@pytest.mark.parametrize("command", [W_REPLY, W_CHECKPOINT])
+def test_a_durable_calls_reply_without_its_header_answers_the_caller_at_once(path: str, command: bytes) -> None:
+    """The envelope alone (a broken worker): the caller hears an error now, not at its timeout,
+    the garbage is counted, and the worker's slot serves the session's next call."""
+    core = durable_core(path)
+    core.call(1)
+    core.commit()
+    w = core.worker_of(1)
+    assert w is not None
+    before = core.counters["garbage_backend"]
+    core.backend(w, pack_reply_envelope(command, "ok", 1, C))
+    core.commit()
+    assert core.outcome(C, 1) == "internal_error", core.to_clients[-1]
+    assert core.counters["garbage_backend"] == before + 1
+    core.call(2)
+    assert core.worker_of(2) == w

@@ -341,8 +341,14 @@ def test_a_request_id_reused_in_flight_does_not_stall_a_worker(stack: Stack) -> 
             raw.send_multipart([RequestHeader("call", 7, "p", "").pack(), *codec.encode(["time", "sleep", [seconds], {}])])
         # the first runs; the second, its request id in flight, is refused at once
         assert raw.poll(10_000), "no answer to the request whose id was in flight"
-        header = unpack_reply_header(raw.recv_multipart()[0])
+        refused = raw.recv_multipart()
+        header = unpack_reply_header(refused[0])
         assert header[0] == "err" and header[1] == 7, header
+        error = msgpack.unpackb(refused[-1])
+        assert error["code"] == ProtocolError.code and error["message"] == "request id 7 is already in flight", error
+        # the call that holds the id is untouched: it answers when its sleep is over
+        assert raw.poll(10_000), "the first call of id 7 was never answered"
+        assert unpack_reply_header(raw.recv_multipart()[0])[:2] == ("ok", 7)
         results: list[Any] = []
 
         def call(s: dspex.Session) -> None:  # queued behind the sleeps, on each session's worker

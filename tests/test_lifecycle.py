@@ -4,6 +4,7 @@ directory, on real brokers and workers."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -431,3 +432,27 @@ def test_replies_to_a_client_that_stops_reading_are_bounded(stack: Stack) -> Non
     finally:
         sock.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["pinned", "durable"])
+def test_a_worker_past_max_rss_mb_is_recycled_after_its_call_and_says_why(stack: Stack, durable: bool) -> None:
+    """A call that leaves its worker's RSS past the pool's max_rss_mb gets its reply; the worker
+    is then recycled (its heartbeats report the RSS). The recycle history and the session's next
+    call name the reason: a pinned session is gone with it, a durable one moves."""
+    dx = stack.pool("p:strict_queue:max_rss_mb=120", 2, "--no-dspy")
+    s = dx.session("p", durable=durable)
+    s.exec("x = 41")
+    pid = pid_of(s)
+    assert max(w["rss"] for w in stack.workers("p")) < 120 << 20  # nothing to recycle before the call
+    # held outside the session's namespace (not in a durable checkpoint), every page written
+    assert s.eval("setattr(__import__('sys'), 'dx_held', b'x' * (200 << 20)) or 'held'") == "held"
+    wait_for(lambda: _gone(pid), timeout=30, what="the worker past max_rss_mb recycled")
+    [recycled] = [e for e in dx.status()["events"] if e["event"] == "recycle" and e["pid"] == pid]
+    assert "max_rss_mb 120" in recycled["why"], recycled
+    if durable:
+        assert s.eval("x") == 41 and pid_of(s) != pid
+    else:
+        with pytest.raises(dspex.SessionWorkerUnavailable, match="max_rss_mb 120"):
+            s.eval("x")
+    log = stack.procs_reg.log_tail("broker.log", 1 << 20)
+    assert re.search(rf"recycling worker \w+ \(pid {pid}\) of pool p: its RSS [\d.]+ MB reached max_rss_mb 120", log), log

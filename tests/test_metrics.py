@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 import dspex
 from broker.state import Notices
 from broker.stats import bucket_bounds
+from dspex.client.exchange import encode_request
+from dspex.wire.headers import RequestHeader
+from dspex.wire.ops import Op
 from tests.harness import Stack, free_port, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -338,3 +342,28 @@ def test_a_call_answered_session_not_durable_is_no_ok(stack: Stack) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=10) as resp:
         page = json.loads(resp.read())["pools"]["p"]
     assert (page["requests_ok"], page["requests_error"]) == (1, 1), page
+
+
+def test_a_reply_to_a_client_that_left_is_counted_quietly_and_the_broker_serves_on(stack: Stack) -> None:
+    """A client gone mid-call (a killed process): its call is cancelled and the worker's answer
+    finds nobody on the frontend (EHOSTUNREACH). Counted in status and /metrics, not logged as
+    trouble."""
+    port, dx = start(stack, "p:strict_queue", 1)
+    assert dx.status()["broker"]["replies_to_gone_clients"] == 0
+    leaving = zmq.Context.instance().socket(zmq.DEALER)
+    leaving.setsockopt(zmq.LINGER, 0)
+    leaving.connect(stack.frontend)
+    try:
+        leaving.send_multipart([RequestHeader(Op.CALL.value, 1, "p", "").pack(),
+                                *encode_request(Op.CALL.value, ["time", "sleep", [30.0], {}], 2**20)[0]])
+        wait_for(lambda: stack.workers("p")[0]["state"] == "busy", what="the leaving client's call runs")
+    finally:
+        leaving.close()
+    wait_for(lambda: dx.status()["broker"]["replies_to_gone_clients"] == 1, what="the reply to nobody counted")
+    samples = scrape(port)[0]
+    assert value(samples, "dspex_replies_dropped_total", reason="gone_client") == 1
+    assert value(samples, "dspex_replies_dropped_total", reason="slow_client") == 0
+    assert dx.call("os", "getpid", pool="p")  # the worker's slot is free again: the broker serves on
+    assert dx.status()["pools"]["p"]["outcomes"].get("call:cancelled") == 1
+    log = Path(stack.root, "broker.log").read_text()
+    assert not [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line], log

@@ -710,3 +710,39 @@ def test_a_protocol_of_the_other_kind_of_session_says_which_to_use_and_sends_not
             attempt()
         assert str(raised.value) == message
     assert blocking.sent == [] and asyncio_owner.sent == []
+
+
+class Holder:
+    """An object of the client's that holds a session and a ref of it (a DSPy program's module
+    that calls out through a session, say)."""
+
+    def __init__(self, session: Any, ref: dspex.Ref) -> None:
+        self.session, self.ref, self.notes = session, ref, [1]
+
+
+def test_a_copy_of_a_session_is_the_session_itself_in_every_client_kind(dx: dspex.Client) -> None:
+    """``copy.copy``/``copy.deepcopy`` of a session (or of something holding one, and its refs) keep
+    the one session: a copy that opened another would lose the first's objects; one that shared its
+    state under another object would close it twice. The holder's own data is copied."""
+    with dx.session("p") as s:
+        box = s.put(Box([1, 2]))
+        assert copy.copy(s) is s and copy.deepcopy(s) is s
+        holder = Holder(s, box)
+        twin = copy.deepcopy(holder)
+        assert twin.session is s and twin.ref is box and twin.notes == holder.notes and twin.notes is not holder.notes
+        assert len(twin.ref) == 2 and twin.session.run(len, twin.ref) == 2  # still bound, still live
+        copy.copy(s).close()
+        assert s.closed
+        with pytest.raises(dspex.SessionClosed):
+            twin.session.run(len, box)
+
+    async def asynchronously() -> None:
+        async with dspex.aio.connect(dx.endpoint, timeout=20) as adx:
+            a = adx.session("p")
+            aref = await a.put(Box([3]))
+            assert copy.copy(a) is a and copy.deepcopy({"a": a, "r": aref}) == {"a": a, "r": aref}
+            assert copy.deepcopy([a])[0] is a and copy.deepcopy(aref) is aref
+            assert await a.run(len, copy.deepcopy(aref)) == 1
+            await a.close()
+
+    asyncio.run(asynchronously())

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgpack
@@ -18,8 +18,13 @@ import zmq
 from offline_lm import offline_lm
 
 import dspex
-from dspex.wire.headers import RequestHeader
-from dspex.wire.protocol import B_HEARTBEAT, W_READY, W_REPLY
+from dspex.wire.headers import (
+    RequestHeader,
+    pack_reply_envelope,
+    unpack_request_envelope,
+    unpack_request_header,
+)
+from dspex.wire.protocol import B_HEARTBEAT, PROTOCOL_VERSION, W_READY, W_REPLY
 from tests.harness import Stack, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -364,6 +369,66 @@ def test_garbage_frames_leave_broker_serving(stack: Stack) -> None:
     assert len(stack.workers("p")) == 1
     front.close()
     back.close()
+
+
+def test_a_worker_that_answers_without_a_reply_header_fails_that_call_at_once_and_is_logged_once(
+        stack: Stack) -> None:
+    """A peer registered as a worker (a broken or foreign one) answers a call with the reply
+    envelope alone, then sends commands the broker does not know: the call's caller hears a
+    clear error at once (not its timeout), the garbage is counted and logged once naming the
+    peer, and the real worker's call beside it is answered."""
+    stack.heartbeat, stack.liveness = 1.0, 20  # the silent peer is not dropped for its silence meanwhile
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    s = dx.session("p")
+    s.call("os", "getpid")
+    t, errors = sleep_in_background(stack, s, 1.5)  # the real worker is busy: the next call goes to the peer
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.ROUTING_ID, b"broken-peer-" + b"x" * 20)
+    peer.connect(stack.backend)
+    try:
+        peer.send_multipart([W_READY, msgpack.packb({"pool": "p", "pid": os.getpid(), "capacity": 1,
+                                                       "version": PROTOCOL_VERSION})])
+        wait_for(lambda: len(stack.workers("p")) == 2, what="the peer registered")
+        before = dx.status()["broker"]["garbage_backend"]
+        result: list[object] = []
+        caller = threading.Thread(target=lambda: result.append(_outcome(lambda: dx.call("os", "getpid", pool="p",
+                                                                                       timeout=30))))
+        asked = time.monotonic()
+        caller.start()
+
+        def request_to_peer() -> list[bytes]:
+            while True:  # (heartbeats come too)
+                assert peer.poll(10_000), "no request reached the peer"
+                frames = peer.recv_multipart()
+                if len(frames) >= 3:
+                    return frames
+
+        frames = request_to_peer()
+        head, req_id = unpack_request_envelope(frames[0]), unpack_request_header(frames[1]).req_id
+        peer.send_multipart([pack_reply_envelope(W_REPLY, "ok", req_id, head.client)])  # no reply header
+        caller.join(10)
+        assert not caller.is_alive() and time.monotonic() - asked < 5, "the caller waited for its timeout"
+        (err,) = result
+        assert isinstance(err, dspex.InternalError), err
+        assert f"pid {os.getpid()}" in str(err) and "without its reply header" in str(err), err
+        for garbage in ([b"\x99", b"x"], [b"zz"]):
+            peer.send_multipart(garbage)
+        wait_for(lambda: dx.status()["broker"]["garbage_backend"] == before + 3, what="the garbage counted")
+        t.join(10)
+        assert not t.is_alive() and not errors, errors  # the real worker's call beside it was answered
+        assert s.eval("40 + 2") == 42
+        logged = [line for line in Path(stack.root, "broker.log").read_text().splitlines() if "garbage" in line]
+        assert len(logged) == 1 and " WARNING " in logged[0] and f"pid {os.getpid()}" in logged[0], logged
+    finally:
+        peer.close()
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except dspex.DspexError as err:
+        return err
 
 
 def test_unknown_op_from_client(stack: Stack) -> None:
