@@ -8,11 +8,13 @@
   ``await`` would.
 - :func:`drain`: the items of any iterable or async iterable, sent as partial replies. An async
   generator is driven by one task for its whole life: anyio cancel scopes (dspy.streamify) must
-  be entered and left in the same task.
+  be entered and left in the same task; it awaits credit (:meth:`StreamControl.credit_ready`)
+  rather than block its session's loop, which the session's calls running at once share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -53,6 +55,8 @@ class StreamControl:
         self.stall_timeout = stall_timeout
         self._awaiting_credit = False  # the producer waits to send an item
         self._on_credit: Callable[[], None] | None = None  # an offer found no credit: told when some comes
+        # an async producer awaits credit (credit_ready): woken on its loop when some comes, or a cancel
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         # sends the call's waiting output before an item or a progress event (it was written first)
         self.before_item: Callable[[], None] | None = None
 
@@ -60,6 +64,8 @@ class StreamControl:
         with self._cond:
             self.credit += n
             self._cond.notify_all()
+            if self._waiter is not None:
+                self._wake()
             told, self._on_credit = self._on_credit, None
         if told is not None:
             told()
@@ -72,7 +78,45 @@ class StreamControl:
             first = not self.cancelled
             self.cancelled = True
             self._cond.notify_all()
+            if self._waiter is not None:
+                self._wake()
             return first and not self._awaiting_credit
+
+    def _wake(self) -> None:
+        """(Holding ``_cond``.) The async producer that awaits credit goes on."""
+        assert self._waiter is not None
+        loop, ready = self._waiter
+        self._waiter = None
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nothing awaits there any more
+            loop.call_soon_threadsafe(_set_ready, ready)
+
+    async def credit_ready(self) -> None:
+        """Wait until an item may be sent at once (credit, or the stream is cancelled) without
+        blocking the loop: the session's other calls' tasks run meanwhile, as they run while an
+        in-process async generator waits at its ``yield``. A consumer silent for ``stall_timeout``
+        is taken as gone, as in :meth:`send`."""
+        with self._cond:
+            if self.cancelled or self.credit > 0:
+                return
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            self._waiter = (loop, ready)
+            self._awaiting_credit = True  # a cancel wakes it: no interruption needed
+        try:
+            await asyncio.wait_for(ready, self.stall_timeout)
+        except TimeoutError:
+            with self._cond:
+                if not (self.cancelled or self.credit > 0):  # (came as it timed out)
+                    self._consumer_gone()
+        finally:
+            with self._cond:
+                self._awaiting_credit = False
+                self._waiter = None
+
+    def _consumer_gone(self) -> None:
+        """(Holding ``_cond``.) It acknowledged nothing for ``stall_timeout``: stop the stream."""
+        log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
+        self.cancelled = self.gone = True
 
     def send(self, kind: str, frames: list[Any]) -> bool:
         """Send one item, progress or output event; False once the consumer cancelled or went away.
@@ -85,8 +129,7 @@ class StreamControl:
             self._awaiting_credit = kind == Status.PARTIAL.value
             try:
                 if not self._cond.wait_for(lambda: self.cancelled or self.credit > 0, self.stall_timeout):
-                    log.warning("stream consumer silent for %.0fs; cancelling the stream", self.stall_timeout)
-                    self.cancelled = self.gone = True
+                    self._consumer_gone()
             finally:
                 self._awaiting_credit = False
             if self.cancelled:
@@ -226,7 +269,7 @@ def drain(result: Any, stream: StreamControl, encode: Encode, loop: SessionLoop)
                 item = next(iterator)
             except StopIteration as stop:
                 return {"items": count, "value": stop.value}
-            _send_item(stream, encode, item, count)
+            _send_item(stream, encode(item), count)
             count += 1
     finally:
         close = getattr(iterator, "close", None)
@@ -240,9 +283,9 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
     iterator = result.__aiter__()
     try:
         async for item in iterator:
-            # sending may wait for credit, blocking the session's loop: tasks of its other calls
-            # that run at once (a hint pool's) wait with it
-            _send_item(stream, encode, item, count)
+            frames = encode(item)  # (first, as the sync drain: encoding starts the item's deadline)
+            await stream.credit_ready()  # the loop runs the session's other calls' tasks meanwhile
+            _send_item(stream, frames, count)
             count += 1
     finally:
         aclose = getattr(iterator, "aclose", None)
@@ -251,10 +294,15 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
     return {"items": count, "value": None}
 
 
-def _send_item(stream: StreamControl, encode: Encode, item: Any, count: int) -> None:
-    # what encoding a user's item raises is the call's error: the executor runs the drain guarded
-    if not stream.send(Status.PARTIAL.value, encode(item)):
+def _send_item(stream: StreamControl, frames: list[Any], count: int) -> None:
+    # (what encoding a user's item raises is the call's error: the executor runs the drain guarded)
+    if not stream.send(Status.PARTIAL.value, frames):
         raise Cancelled(f"stream cancelled by its consumer after {count} items", items=count)
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():  # (cancelled: its waiter was interrupted, or timed out)
+        ready.set_result(None)
 
 
 def within_limit(frames: list[Any], what: str, limit: int) -> None:
