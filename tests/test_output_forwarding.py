@@ -11,10 +11,12 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -751,3 +753,44 @@ def test_a_shared_pool_thread_prints_for_the_call_that_gave_it_the_task(stack: S
     assert lines[0] == "a's task"
     assert json.loads(lines[-2].removeprefix("b's events: ")) == [{"stream": "stdout", "text": "b's task\n"}]
     assert json.loads(lines[-1].removeprefix("a's events: ")) == []
+
+
+def sleeps_then_says_stopped(marker: str) -> None:
+    try:
+        Path(marker).touch()
+        time.sleep(100)
+    finally:
+        print("stopped")
+
+
+def counts(n: int) -> Any:
+    yield from range(n)
+
+
+def test_what_a_call_prints_as_ctrl_c_stops_it_shows_before_the_next_call_whichever_socket_it_takes(
+        stack: Stack, capsys: Any, tmp_path: Path) -> None:
+    """A call stopped by Ctrl-C prints in its ``finally`` after the client stopped waiting; in-process
+    that line comes before the next call's output. Here it arrives on the stopped call's socket, so
+    the next request must read that socket first, even when another socket went back to the
+    client's idle ones after it (a stream of another session ended, as its garbage collection may
+    end it at any moment)."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    s, other = dx.session("p"), dx.session("p")
+    stream = other.stream_apply(counts, [100])
+    assert next(stream) == 0  # its socket is lent to it
+    marker = str(tmp_path / "sleeping")
+
+    def interrupt_once_asleep() -> None:
+        wait_for(lambda: os.path.exists(marker), timeout=30, what="the call asleep")
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_asleep)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.run(sleeps_then_says_stopped, marker)
+    finally:
+        interrupter.join()
+    stream.close()  # its socket goes back to the idle ones after the stopped call's
+    s.run(print, "next")
+    assert capsys.readouterr().out == "stopped\nnext\n"

@@ -85,6 +85,9 @@ class Abandoned:
     def clear(self) -> None:
         self._late.clear()
 
+    def __bool__(self) -> bool:
+        return bool(self._late)
+
 
 class Channel:
     """One socket to the broker, used by one request (or stream) at a time."""
@@ -181,7 +184,7 @@ class ChannelPool:
             with self._lock:
                 if self.closed:
                     raise closed_error()
-                ch = self._idle.pop() if self._idle else None
+                ch = self._take_idle()
             if ch is None:
                 # shortly after a drop, no probe: across a broker restart the request waits in the
                 # new socket for the broker (within its timeout); else nobody listening fails at once.
@@ -201,6 +204,17 @@ class ChannelPool:
             self._drop_seen = time.monotonic()
             ch.broken = True
             self._discard(ch)
+
+    def _take_idle(self) -> Channel | None:
+        """The idle channel for the next request (the lock held): one whose abandoned requests may
+        still send what their producers print as they stop, the latest first (the next request
+        reads it before its own output, as a stopped call's ``finally`` prints before the next
+        call's output in-process), else the warmest."""
+        idle = self._idle
+        for i in range(len(idle) - 1, -1, -1):
+            if idle[i].abandoned:
+                return idle.pop(i)
+        return idle.pop() if idle else None
 
     def checkin(self, ch: Channel) -> None:
         if ch.broken:
