@@ -231,8 +231,11 @@ class Dispatcher:
                 # its session was pinned elsewhere while it waited: route it there
                 self._route_pinned(pool, p, rec)
                 continue
-            if p.session and w.capacity > 1 and not w.can_start(p.session):
-                w.queue.append(p)  # a call of a session already running here waits its turn
+            if p.session and w.capacity > 1 and not w.can_start(p.session) and not (
+                    pool.mode is Affinity.HINT and (rec is None or rec.durable is None)):
+                # a call of a session already running here waits its turn (a hint session's, not
+                # durable, runs beside it, as route() sends it to any free slot)
+                w.queue.append(p)
                 continue
             self.dispatch(w, p)
 

@@ -134,6 +134,7 @@ def status(core: Core, now: float) -> dict[str, Any]:
         ok = sum(n for (op, outcome), n in pool.outcomes.items() if outcome == "ok")
         pools[pool.name] = {
             "affinity": pool.mode.value,
+            "durable": pool.config.durable,  # every session of it (the client reads it: dspex.client.streamapi)
             "size": pool.config.size,
             "queue_max": pool.config.queue_max,
             "queue_timeout": pool.config.queue_timeout,

@@ -3,8 +3,8 @@ without holding its session's event loop (worker/streaming.py, ``StreamControl.c
 session's other calls running at once on a capacity-4 ``hint`` pool complete meanwhile, as
 in-process the loop's other tasks run while such a generator waits at its ``yield``. The stream's
 credit timeout, its consumer's cancel and a time limit still stop it. Real broker and workers;
-calls at once from an asyncio client (each call in its own task: one made in the task that holds
-the stream would read the stream ahead first, as docs/remote-objects.md says)."""
+calls at once from an asyncio client, each in its own task (a call made in the task that holds the
+stream runs beside it as well on this pool: tests/test_stream_held_modes.py)."""
 
 from __future__ import annotations
 

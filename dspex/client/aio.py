@@ -29,7 +29,15 @@ from dspex.client.api import DEFAULT_TIMEOUT, ClientAPI
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sessionapi import AsyncClosing, AsyncSession, RequestOptions, Steps
-from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream
+from dspex.client.streamapi import (
+    HELD_ITEMS_MAX,
+    ONE_AT_A_TIME,
+    ONE_SLOT,
+    ReadAheadStopped,
+    StreamAPI,
+    behind_held_stream,
+    runs_beside,
+)
 from dspex.wire.errors import (
     CodeCacheMiss,
     DspexError,
@@ -57,6 +65,7 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         self._ctx = processwide.context(zmq.asyncio.Context)
         self._sockets = AsyncChannel(self.endpoint)
         self._streams: weakref.WeakSet[AsyncStream] = weakref.WeakSet()  # for _take_in_held_streams
+        self._beside: dict[str, str | None] = {}  # per pool: runs_beside, once known
         self._late_callbacks: set[asyncio.Future[Any]] = set()  # held until done (asyncio keeps weak refs)
         self._sockets.on_loop_end = self._end_streams
         processwide.register(self)
@@ -195,7 +204,24 @@ class AsyncClient(ClientAPI[AsyncSession], AsyncClosing):
         wait = self._call_timeout(timeout)
         deadline = time.monotonic() + wait
         for stream in [st for st in self._streams if st.holds(session, task)]:
-            await stream.take_in(deadline, op, wait)
+            if (why := await self._why_behind(stream)) is not None:
+                await stream.take_in(deadline, op, wait, why)
+
+    async def _why_behind(self, stream: AsyncStream) -> str | None:
+        """Why a call of a held ``stream``'s session would wait behind it (None: it runs beside it)."""
+        assert stream._ex is not None  # held: started
+        if getattr(stream._session, "durable", False):
+            return ONE_AT_A_TIME
+        pool = stream._ex.pool
+        if pool not in self._beside:
+            try:
+                why = runs_beside(await self.status(pool=pool), pool)
+            except DspexError:
+                return ONE_AT_A_TIME
+            if why == ONE_SLOT:
+                return why  # asked again: workers may come
+            self._beside[pool] = why
+        return self._beside[pool]
 
 
 async def _callbacks_done(ex: Exchange) -> None:
@@ -248,16 +274,16 @@ class AsyncStream(StreamAPI):
         """Started by ``task``, of ``session``, open and not being read now (take_in)."""
         return self._task is task and self._call[1] == session and not self.done and not self._reading
 
-    async def take_in(self, until: float, op: str, timeout: float) -> None:
+    async def take_in(self, until: float, op: str, timeout: float, why: str) -> None:
         """Read the stream ahead for the call ``op`` of its session, whose deadline is ``until``
-        (:class:`StreamAPI`)."""
+        (:class:`StreamAPI`); ``why``: why that call would wait behind the stream."""
         self._reading = True
         try:
             while len(self._taken_in) < HELD_ITEMS_MAX:
                 self._taken_in.append(await self._read(until))
-            self._stop_taking(self._req_id, self._call[1])
+            self._stop_taking(self._req_id, self._call[1], why)
         except ReadAheadStopped:
-            raise behind_held_stream(op, timeout, self._req_id) from None
+            raise behind_held_stream(op, timeout, self._req_id, why) from None
         except StopAsyncIteration:
             pass
         except Exception as exc:  # noqa: BLE001 - any error of reading the stream (its producer's, its callbacks') is the loop's: anext() raises it after the items

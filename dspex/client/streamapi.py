@@ -28,26 +28,44 @@ class ReadAheadStopped(Exception):
     """The deadline of the call that reads a stream ahead came first: the stream is left as it is."""
 
 
-def behind_held_stream(op: str, timeout: float, req_id: int) -> QueueTimeout:
+# why a call of a session waits for its held stream, where the broker runs neither beside the other
+ONE_AT_A_TIME = "its session runs one call at a time on its worker"
+ONE_SLOT = "the stream holds its pool's only worker slot"
+
+
+def runs_beside(status: dict[str, Any], pool: str) -> str | None:
+    """Whether the broker runs a call of a (not durable) session of ``pool`` beside a stream of
+    that session, by its ``status``: None where it does (a ``hint`` or ``none`` pool of two slots
+    or more), else why not (``ONE_AT_A_TIME``, ``ONE_SLOT``)."""
+    info = status.get("pools", {}).get(pool)
+    if not isinstance(info, dict) or info.get("affinity") not in ("hint", "none") or info.get("durable"):
+        return ONE_AT_A_TIME
+    slots = sum(int(w.get("capacity", 1)) for w in info.get("workers", ()) if w.get("state") != "draining")
+    return None if slots >= 2 else ONE_SLOT
+
+
+def behind_held_stream(op: str, timeout: float, req_id: int, why: str) -> QueueTimeout:
     """The error of a call whose deadline came while it read ahead a stream that did not end."""
     return QueueTimeout(f"{op} did not run: it waited {timeout:g}s behind stream {req_id} of its session, which "
-                        "the caller holds open (a session runs one call at a time: finish or close the stream "
-                        "first)", op=op)
+                        f"the caller holds open ({why}: finish or close the stream first)", op=op)
 
 
 class StreamAPI:
     """What both stream kinds hold: the ``progress`` events collected, the ``result`` once ``done``.
     One collected before its end stops its producer (``_end``).
 
-    A session runs one call at a time, and an open stream is a call that runs until its producer
-    ends; past its credit window the producer waits for the loop. A call of that session made
-    where the stream is held (``stream = s.stream_apply(...)``, some ``next(stream)`` or a
-    ``break``, then ``s.run(...)``, on the stream's thread or task) would wait for a loop that
-    cannot go on, where in-process the generator waits suspended and the call runs. So the call
-    first reads the stream ahead (``take_in``: its items, then how it ended, kept in order for the
+    An open stream is a call that runs until its producer ends; past its credit window the
+    producer waits for the loop. Where the broker runs a session's calls one at a time (a
+    ``strict_*`` pool, a durable session) or the stream holds the pool's only worker slot, a call
+    of that session made where the stream is held (``stream = s.stream_apply(...)``, some
+    ``next(stream)`` or a ``break``, then ``s.run(...)``, on the stream's thread or task) would
+    wait for a loop that cannot go on, where in-process the generator waits suspended and the
+    call runs. So the call first reads the stream ahead (``take_in``: its items, then how it ended, kept in order for the
     stream's next reads); a producer still going after ``HELD_ITEMS_MAX`` items is stopped, and
     the stream ends with ``Cancelled`` after them. A call whose deadline comes first did not run
-    (``QueueTimeout``); the stream goes on as it was."""
+    (``QueueTimeout``); the stream goes on as it was. A ``hint`` or ``none`` pool of two slots or
+    more runs the call beside the stream (``runs_beside``, asked of the broker's status once per
+    pool): nothing is read ahead, and the producer waits suspended, as in-process."""
 
     _end: Callable[..., None]
 
@@ -70,12 +88,12 @@ class StreamAPI:
         assert end is not None  # _has_taken() said so
         raise end
 
-    def _stop_taking(self, req_id: int, session: str) -> None:
+    def _stop_taking(self, req_id: int, session: str, why: str) -> None:
         """``HELD_ITEMS_MAX`` items read ahead and the producer goes on: stop it."""
         self._end(abandon=True)
         self._taken_end = Cancelled(f"stream {req_id} was stopped after {HELD_ITEMS_MAX} items read ahead for "
-                                    "another call of its session (a session runs one call at a time: close or "
-                                    "finish a stream before the next call)", session=session)
+                                    f"another call of its session ({why}: close or finish a stream before the "
+                                    "next call)", session=session)
 
     def _check_open(self) -> None:
         """A stream read after its session closed: the close cancelled its producer, and the items

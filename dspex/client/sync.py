@@ -25,7 +25,16 @@ from dspex.client.channels import Channel, ChannelPool
 from dspex.client.exchange import EVENT_STATUSES, Exchange, closed_error, control_frames
 from dspex.client.routing import Router, ServerKey, open_client
 from dspex.client.sessionapi import Closing, RequestOptions, Session, Steps
-from dspex.client.streamapi import HELD_ITEMS_MAX, ReadAheadStopped, StreamAPI, behind_held_stream, returned
+from dspex.client.streamapi import (
+    HELD_ITEMS_MAX,
+    ONE_AT_A_TIME,
+    ONE_SLOT,
+    ReadAheadStopped,
+    StreamAPI,
+    behind_held_stream,
+    returned,
+    runs_beside,
+)
 from dspex.wire.errors import (
     BrokerUnreachable,
     Cancelled,
@@ -69,6 +78,7 @@ class Client(ClientAPI[Session], Closing):
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()  # open, for _take_in_held_streams
+        self._beside: dict[str, str | None] = {}  # per pool: runs_beside, once known
         processwide.register(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -274,7 +284,24 @@ class Client(ClientAPI[Session], Closing):
         wait = self._call_timeout(timeout)
         deadline = time.monotonic() + wait
         for stream in held:
-            stream.take_in(deadline, op, wait)
+            if (why := self._why_behind(stream)) is not None:
+                stream.take_in(deadline, op, wait, why)
+
+    def _why_behind(self, stream: Stream) -> str | None:
+        """Why a call of a held ``stream``'s session would wait behind it (None: it runs beside it)."""
+        assert stream._ex is not None  # held: sent
+        if getattr(stream._session, "durable", False):
+            return ONE_AT_A_TIME
+        pool = stream._ex.pool
+        if pool not in self._beside:
+            try:
+                why = runs_beside(self.status(pool=pool), pool)
+            except DspexError:
+                return ONE_AT_A_TIME
+            if why == ONE_SLOT:
+                return why  # asked again: workers may come
+            self._beside[pool] = why
+        return self._beside[pool]
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` on the client's thread pool: parallel sessions from one thread."""
@@ -318,16 +345,16 @@ class Stream(StreamAPI, Closing):
         return (not self.done and self._ch is not None and self._ex is not None and self._ex.session == session
                 and self._thread == thread and not self._reading)
 
-    def take_in(self, until: float, op: str, timeout: float) -> None:
+    def take_in(self, until: float, op: str, timeout: float, why: str) -> None:
         """Read the stream ahead for the call ``op`` of its session, whose deadline is ``until``
-        (:class:`StreamAPI`)."""
+        (:class:`StreamAPI`); ``why``: why that call would wait behind the stream."""
         try:
             while len(self._taken_in) < HELD_ITEMS_MAX:
                 self._taken_in.append(self._read(until))
             assert self._ex is not None  # held: sent (Client._take_in_held_streams)
-            self._stop_taking(self._req_id, self._ex.session)
+            self._stop_taking(self._req_id, self._ex.session, why)
         except ReadAheadStopped:
-            raise behind_held_stream(op, timeout, self._req_id) from None
+            raise behind_held_stream(op, timeout, self._req_id, why) from None
         except StopIteration as end:
             self._taken_end = end  # its value: the generator's return value, at the next() after the items
         except Exception as exc:  # noqa: BLE001 - any error of reading the stream (its producer's, its callbacks') is the loop's: next() raises it after the items
