@@ -338,3 +338,45 @@ def test_a_class_made_after_a_move_resolves_its_annotations_in_the_restored_modu
     gone(dx, "p", pid)
     name, moved_to = s.run(tagged)
     assert name == "p" and moved_to != pid
+
+
+def test_a_global_left_out_of_its_module_is_still_explained_after_a_move(stack: Stack, usercode: Any) -> None:
+    """A module used as a module goes whole but for a global that cannot be pickled (a lock no
+    call reads): code that reaches it gets a NameError noting why it is not there, and after the
+    durable session's worker is SIGKILLed the same note comes from the worker it moved to (the
+    reasons the client gave went with the checkpoint)."""
+    dx = stack.pool("p:strict_queue", 2, "--no-dspy")
+    store = usercode("""
+        import threading
+
+        _LOCK = threading.Lock()
+        ITEMS = []
+
+
+        def add(x):
+            ITEMS.append(x)
+            return len(ITEMS)
+
+
+        def add_locked(x):
+            with _LOCK:
+                ITEMS.append(x)
+    """)
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(f"import {store.__name__} as store\n"  # noqa: S102 - a script using the app's module
+                 "def add(x):\n    return store.add(x)\n"
+                 "def add_locked(x):\n    return store.add_locked(x)\n", "<script>", "exec"), ns)
+    why = f"dspex: _LOCK was not sent with its module: cannot send _LOCK (_thread.lock) from module {store.__name__}"
+    s = dx.session("p", durable=True)
+    assert s.run(ns["add"], "a") == 1
+    with pytest.raises(NameError) as before:
+        s.run(ns["add_locked"], "b")
+    assert why in "\n".join(getattr(before.value, "__notes__", [])), before.value
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    with pytest.raises(NameError) as after:
+        s.run(ns["add_locked"], "c")
+    assert pid_of(s) != pid
+    assert why in "\n".join(getattr(after.value, "__notes__", [])), after.value
+    assert s.run(ns["add"], "d") == 2  # the module's state moved with it

@@ -223,6 +223,7 @@ def session_root(state: SessionState, roots: list[tuple[str, Any, Any]], lost: d
     root["versions"] = code.versions
     root["stamps"] = code.stamps
     root["sources"] = code.sources
+    root["unsent"] = code.unsent
     root["class_files"] = {key: file for key, obj in code.objects.items()
                            if isinstance(obj, type) and (file := classes.class_file(obj)) is not None}
     return root

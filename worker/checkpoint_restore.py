@@ -144,6 +144,7 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     # (a checkpoint of before per-client versions holds none: a call relying on one is refused once)
     code.versions.update(root.get("versions", {}))
     code.stamps.update(root.get("stamps", {}))
+    code.unsent.update(root.get("unsent", {}))  # (a checkpoint of before it holds none: no notes)
     for filename, entry in root["sources"].items():
         code.sources[filename] = entry
     code.activate_sources()
