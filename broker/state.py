@@ -166,8 +166,8 @@ class WorkerRecord:
         return any(p.session == session for p in self.inflight.values())
 
     def can_start(self, session: str) -> bool:
-        """A free slot, and nothing of this session running or waiting here (calls of one session
-        run one at a time, in order; different sessions share the slots)."""
+        """A free slot, and nothing of this session running or waiting here (a strict or durable
+        session's calls run one at a time, in order; different sessions share the slots)."""
         if self.free <= 0:
             return False
         if self.capacity == 1:
