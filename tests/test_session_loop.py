@@ -7,6 +7,7 @@ blocking code never stalls another's. Real broker and workers; calls at once fro
 from __future__ import annotations
 
 import asyncio
+import functools
 import textwrap
 import time
 from typing import Any
@@ -28,12 +29,14 @@ CODE = textwrap.dedent("""
     lock = asyncio.Lock()
     ready = asyncio.Event()
     ends = []
+    started = []  # the calls that began, for the tests to wait on
 
     async def take(n):
         ready.set()
         return [await asyncio.wait_for(queue.get(), 30) for _ in range(n)]
 
     async def put(x):
+        started.append("put")
         await asyncio.wait_for(ready.wait(), 30)
         async with lock:  # held across an await: the other calls wait for it
             await asyncio.sleep(0.05)
@@ -41,17 +44,20 @@ CODE = textwrap.dedent("""
         return x
 
     async def slow(tag):
+        started.append("slow")
         try:
             await asyncio.sleep(60)
         finally:
             ends.append(tag)
 
     async def steady(n):
+        started.append("steady")
         for _ in range(n):
             await asyncio.sleep(0.05)
         return "steady done"
 
     async def blocker(seconds):
+        started.append("blocker")
         time.sleep(seconds)  # synchronous code in a coroutine: it holds the loop
         return "unblocked"
 
@@ -75,6 +81,7 @@ CODE = textwrap.dedent("""
 
     async def keeper():
         child = asyncio.create_task(asyncio.sleep(1.0, "child"))
+        started.append("keeper")
         await asyncio.sleep(0.3)
         return await child
 
@@ -118,7 +125,7 @@ def test_an_asyncio_queue_event_and_lock_are_shared_by_calls_at_once(hint4: Stac
         taken = await taking
         await s.exec("ready.clear()")
         waiting = [asyncio.ensure_future(s.eval(f"put({i})")) for i in (7, 8)]
-        await asyncio.sleep(0.5)
+        assert await wait_async(lambda: s.eval("started.count('put')"), 5)  # both wait for `ready`
         again = await s.eval("take(2)")
         return sorted(put), sorted(taken), sorted(again), [await w for w in waiting], time.monotonic() - started
 
@@ -198,7 +205,8 @@ def test_interrupting_one_call_leaves_the_sessions_other_call_running(hint4: Sta
                 calls[name] = asyncio.ensure_future(s.eval("steady(60)"))  # 3 s
             else:
                 calls[name] = asyncio.ensure_future(s.eval("slow('x')", timeout=1.0 if how == "timeout" else None))
-            await asyncio.sleep(0.3)
+            began = "steady" if name == "steady" else "slow"
+            assert await wait_async(functools.partial(s.eval, f"{began!r} in started"), True)
         started = time.monotonic()
         if how == "cancel":
             calls["interrupted"].cancel()
@@ -227,7 +235,7 @@ def test_a_call_blocking_the_loop_in_synchronous_code_is_stopped_in_it(hint4: St
     async def body(adx: dspex.aio.AsyncClient) -> Any:
         s = await _session(adx)
         steady = asyncio.ensure_future(s.eval("steady(20)"))
-        await asyncio.sleep(0.3)
+        assert await wait_async(lambda: s.eval("'steady' in started"), True)
         started = time.monotonic()
         with pytest.raises(dspex.Timeout):
             await s.eval("busy(30)", timeout=1.0)
@@ -241,7 +249,7 @@ def test_a_calls_left_tasks_are_cancelled_at_its_end_not_another_calls(hint4: St
     async def body(adx: dspex.aio.AsyncClient) -> Any:
         s = await _session(adx)
         kept = asyncio.ensure_future(s.eval("keeper()"))
-        await asyncio.sleep(0.1)
+        assert await wait_async(lambda: s.eval("'keeper' in started"), True)
         left = await s.eval("leaver()")
         return await kept, left, await s.eval("ends")
 
@@ -252,7 +260,7 @@ def test_a_sessions_blocking_call_does_not_stall_another_sessions_async_calls(hi
     async def body(adx: dspex.aio.AsyncClient) -> Any:
         blocked, other = await _session(adx), await _session(adx)
         blocking = asyncio.ensure_future(blocked.eval("blocker(4)"))
-        await asyncio.sleep(0.3)
+        assert await wait_async(lambda: blocked.eval("'blocker' in started"), True)
         started = time.monotonic()
         doubled = [await other.eval(f"double({i})") for i in range(5)]
         took = time.monotonic() - started
