@@ -29,13 +29,13 @@ LOCK_WAIT = 30.0
 
 
 class StoreFile:
-    """The database at ``path``; one thread at a time (the store's)."""
+    """The database at ``path``; one thread at a time, as the :class:`CheckpointStore` over it."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.connect()
+        self._connect()
 
-    def connect(self) -> None:
+    def _connect(self) -> None:
         """Open the file at the path (a new store if there is none) on both connections."""
         path = self.path
         fresh = not os.path.exists(path)
@@ -150,7 +150,7 @@ class StoreFile:
         for extra in ("-wal", "-shm"):  # (SQLite keeps them when the file it closes was deleted)
             if os.path.exists(self.path + extra):
                 os.unlink(self.path + extra)
-        self.connect()
+        self._connect()
         sessions = int(self.db.execute("SELECT count(*) FROM sessions WHERE seq >= 0").fetchone()[0])
         self._files = identities(self.path)  # (its -wal and -shm made by the reads above)
         return sessions, aside
@@ -175,7 +175,7 @@ class StoreFile:
                 db.close()
             except sqlite3.Error:
                 pass
-        self.connect()
+        self._connect()
         with transaction(self.db):
             self.db.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         self._files = identities(self.path)
