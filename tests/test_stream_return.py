@@ -1,7 +1,8 @@
 """A streamed generator's ``return value`` reaches the client, as ``StopIteration.value`` does
 in-process: ``returned = yield from stream`` and the ``StopIteration`` of the ``next()`` that ends
 the stream carry it (blocking client), and ``stream.result["value"]`` holds it (both clients; an
-async generator cannot return a value, an ``async for`` drops it)."""
+async generator cannot return a value, an ``async for`` drops it). A StopIteration the call raises
+is an error of the stream, never its end."""
 
 from __future__ import annotations
 
@@ -96,3 +97,46 @@ def test_a_value_that_cannot_be_pickled_comes_back_as_a_ref(dx: dspex.Client) ->
         items, value = drive(stream)
         assert items == [1] and isinstance(value, dspex.Ref) and value.type_name.endswith("lock")
         assert s.run(lambda lock: lock.acquire(blocking=False), value) is True
+
+
+def first_of_nothing() -> Iterator[int]:
+    """Raises StopIteration before it gives its iterable, as ``next(iter(rows))`` of no rows does."""
+    next(iter([]))
+    return iter([1])
+
+
+async def awaits_nothing() -> Any:
+    raise StopAsyncIteration
+
+
+def test_a_stop_iteration_the_call_raises_is_an_error_not_the_streams_end(dx: dspex.Client) -> None:
+    """In-process the StopIteration of ``for x in first_of_nothing()`` leaves the loop as an error;
+    a stream's ``next()`` raising it would end the consumer's loop quietly, with no items."""
+    with pytest.raises(StopIteration):
+        for _ in first_of_nothing():
+            pass
+    with dx.session("p") as s:
+        with pytest.raises(dspex.RemoteError) as caught:
+            list(s.stream_apply(first_of_nothing))
+        assert caught.value.type_name == "StopIteration" and not isinstance(caught.value, StopIteration)
+        assert "next(iter([]))" in caught.value.remote_traceback
+        assert s.apply(len, ([1, 2],), timeout=10) == 2  # the stream ended: nothing waits behind it
+
+
+def test_an_asyncio_streams_stop_async_iteration_is_an_error_not_its_end(dx: dspex.Client) -> None:
+    async def main() -> tuple[dspex.RemoteError, int, RuntimeError]:
+        async with dspex.aio.connect(dx.endpoint, timeout=20) as adx:
+            s = adx.session("p")
+            with pytest.raises(dspex.RemoteError) as caught:
+                [item async for item in s.stream_apply(awaits_nothing)]
+            after = await s.apply(len, ([1, 2],), timeout=10)
+            # a call is a coroutine: Python makes the StopIteration leaving it a RuntimeError
+            with pytest.raises(RuntimeError, match="coroutine raised StopIteration") as ran:
+                await s.run(first_of_nothing)
+            await s.close()
+            return caught.value, after, ran.value
+
+    err, after, ran = asyncio.run(main())
+    assert err.type_name == "StopAsyncIteration" and not isinstance(err, StopAsyncIteration)
+    assert after == 2
+    assert isinstance(ran.__cause__, dspex.RemoteError) and isinstance(ran.__cause__, StopIteration)

@@ -218,9 +218,10 @@ def control_frames(op: Op, pool: str, session: str, req_id: int, n: int) -> list
     return [RequestHeader(op.value, req_id, pool, session).pack(), msgpack.packb(n)]
 
 
-def decode_error(frames: list[Any]) -> DspexError:
-    """An error reply's typed error. One that cannot be read says the call failed, not how: it is
-    an :class:`UndecodableResult`, as whether the call ran is unknown."""
+def decode_error(frames: list[Any], stream: bool = False) -> DspexError:
+    """An error reply's typed error (``stream``: a stream's, :func:`error_from_wire`). One that
+    cannot be read says the call failed, not how: it is an :class:`UndecodableResult`, as whether
+    the call ran is unknown."""
     try:
         payload = msgpack.unpackb(frame_buffer(frames[0]), strict_map_key=False)
         if not isinstance(payload, dict):
@@ -228,7 +229,7 @@ def decode_error(frames: list[Any]) -> DspexError:
     except Exception as exc:  # noqa: BLE001 - whatever an error reply's bytes make msgpack raise
         return UndecodableResult(f"an error reply cannot be read here ({type(exc).__name__}: {str(exc)[:200]}): the "
                                  "call failed, and may or may not have run", reply="error")
-    err = error_from_wire(payload)
+    err = error_from_wire(payload, stream)
     if isinstance(err, ModuleNotFoundError):
         _note_a_user_module(err)
     return err
@@ -380,7 +381,7 @@ class Exchange:
                 self._notify(self.on_progress, value)
             return "more", None, credit
         if status == Status.ERROR.value:
-            err = decode_error(frames)
+            err = decode_error(frames, self.items)
             if self.usage is not None or self.lms:
                 details = err.wire_details
                 self._extras({k: details.pop(k) for k in _EXTRAS if k in details})

@@ -103,10 +103,12 @@ def _original_type(details: dict[str, Any]) -> type[BaseException] | None:
     return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
 
 
-def _remote_error(message: str, details: dict[str, Any]) -> RemoteError:
+def _remote_error(message: str, details: dict[str, Any], stream: bool = False) -> RemoteError:
     """A RemoteError, also an instance of the original type (with its attributes) where possible;
-    the worker's traceback is attached as a note, so a traceback printed here shows both sides."""
-    err = _remote_instance(message, details)
+    the worker's traceback is attached as a note, so a traceback printed here shows both sides.
+    ``stream``: raised by a stream's ``next()``/``anext()``, where a StopIteration or
+    StopAsyncIteration would end the consumer's loop as if the stream had ended: those are plain."""
+    err = _remote_instance(message, details, stream)
     tb = details.get("traceback")
     if isinstance(tb, str) and tb.strip():
         notes = getattr(err, "__notes__", None)  # the original's own notes come first
@@ -164,7 +166,7 @@ def _uninitialized(cls: type[RemoteError], args: tuple[Any, ...]) -> RemoteError
     return None
 
 
-def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
+def _remote_instance(message: str, details: dict[str, Any], stream: bool = False) -> RemoteError:
     original: BaseException | None = None
     pickled = details.get("pickled")
     if isinstance(pickled, bytes):
@@ -175,7 +177,8 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
         except Exception:  # noqa: BLE001 - a pickled exception this side cannot load falls back to its recorded type
             original = None
     original_type = type(original) if original is not None else _original_type(details)
-    cls = _remote_class(original_type) if original_type is not None else None
+    ends_a_loop = stream and original_type is not None and issubclass(original_type, (StopIteration, StopAsyncIteration))
+    cls = _remote_class(original_type) if original_type is not None and not ends_a_loop else None
     if cls is None or original_type is None:
         return RemoteError(message, **details)
     args = original.args if original is not None else (message,)
@@ -209,8 +212,9 @@ def _remote_instance(message: str, details: dict[str, Any]) -> RemoteError:
     return err
 
 
-def error_from_wire(payload: dict[str, Any]) -> DspexError:
-    """Rebuild a typed error from its wire form; an unknown code (or none) is a MayHaveRun that keeps it."""
+def error_from_wire(payload: dict[str, Any], stream: bool = False) -> DspexError:
+    """Rebuild a typed error from its wire form; an unknown code (or none) is a MayHaveRun that keeps
+    it. ``stream``: the error of a stream (:func:`_remote_error`)."""
     details = dict(payload)
     code, message = str(details.pop("code", MayHaveRun.code)), str(details.pop("message", ""))
-    return _remote_error(message, details) if code == RemoteError.code else typed_error(code, message, details)
+    return _remote_error(message, details, stream) if code == RemoteError.code else typed_error(code, message, details)
