@@ -777,3 +777,20 @@ def test_a_repeated_container_with_a_cycle_is_a_repeat() -> None:
     repeats = Repeats()
     encode([x, x], policy=Policy.ALL, repeats=repeats)
     assert repeats.seen
+
+
+class OverQuota(Exception):
+    """An exception class with ``__slots__``: their values are not in its ``vars()``."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"over the quota of {limit}")
+        self.limit = limit
+
+
+def test_a_remote_error_keeps_the_values_of_its_slots() -> None:
+    err = error_from_wire(_wire_of(OverQuota(5)))
+    assert isinstance(err, OverQuota) and err.limit == 5 and str(err) == "over the quota of 5"
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and again.limit == 5

@@ -93,6 +93,11 @@ def test_remote_error_carries_the_original_exception(stack: Stack) -> None:
     with pytest.raises(dspex.RemoteError) as info:
         s.exec("class Sealed(Exception):\n    def __reduce__(self):\n        raise TypeError('sealed')\nraise Sealed('x')")
     assert info.value.details["type"] == "Sealed" and "pickled" not in info.value.details
+    # the values of its __slots__, which vars() lacks, travel too
+    with pytest.raises(dspex.RemoteError) as info:
+        s.exec("class OverQuota(Exception):\n    __slots__ = ('limit',)\n    def __init__(self, limit):\n"
+               "        super().__init__(f'over {limit}')\n        self.limit = limit\nraise OverQuota(5)")
+    assert info.value.limit == 5 and _original(info.value).limit == 5  # type: ignore[attr-defined]
 
 
 def test_errors_whose_class_makes_its_own_instances_come_back_typed(stack: Stack) -> None:

@@ -151,7 +151,7 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
         if cls.__module__ != "builtins" and cls.__reduce__ is BaseException.__reduce__:
             # the default reduce calls cls(*args) on load, which fails for exceptions whose
             # __init__ takes other arguments (dspy's AdapterParseError): rebuild from state
-            reduced: tuple[Any, ...] = (exception_from_state, (cls, obj.args, dict(vars(obj))))
+            reduced: tuple[Any, ...] = (exception_from_state, (cls, obj.args, dict(vars(obj)), slot_values(obj)))
         else:
             reduced = NotImplemented
         chain: dict[str, Any] = {}
@@ -270,12 +270,26 @@ def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[
     return buf.getvalue(), sources
 
 
-def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any],
+                         slots: dict[str, Any] | None = None) -> BaseException:
     """Rebuild an exception without calling its ``__init__`` (see ``SourcePickler``)."""
     exc = cls.__new__(cls, *args)
     exc.args = args
     exc.__dict__.update(state)
+    for name, value in (slots or {}).items():
+        setattr(exc, name, value)
     return exc
+
+
+def slot_values(obj: object) -> dict[str, Any]:
+    """The values set in ``obj``'s ``__slots__`` (its class's and its bases'), which ``vars()`` lacks."""
+    values: dict[str, Any] = {}
+    for base in type(obj).__mro__:
+        names = vars(base).get("__slots__", ())
+        for name in (names,) if isinstance(names, str) else names:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                values[name] = getattr(obj, name)
+    return values
 
 
 def dumps_exception(exc: BaseException) -> bytes:

@@ -205,6 +205,9 @@ def _remote_instance(message: str, details: dict[str, Any], stream: bool = False
     if original is not None:
         with contextlib.suppress(TypeError):
             err.__dict__.update(vars(original))
+        for name, value in byvalue.slot_values(original).items():
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(err, name, value)
         if isinstance(original, (AttributeError, NameError)):
             err.name = original.name  # type: ignore[attr-defined] # a C field, not in vars()
     err.__dict__["_dspex_wire"] = (message, details)
