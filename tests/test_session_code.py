@@ -1326,3 +1326,15 @@ with concurrent.futures.ThreadPoolExecutor(1) as pool:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             assert pool.submit(s.run, mod.configure, 4).result() == 4
     assert dspy.settings.max_errors != 4
+
+
+def test_reloading_a_module_of_your_code_inside_a_call_is_an_import_error(dx: dspex.Client, usercode: Any) -> None:
+    """The worker never runs a module's top-level code, so ``importlib.reload`` in a call cannot
+    run it again: the session's copy is not the worker's ``sys.modules`` entry (docs/remote-objects.md)."""
+    mod = usercode(STATE)
+    s = dx.session("p")
+    assert [s.run(mod.count) for _ in range(2)] == [1, 2]
+    with pytest.raises(ImportError, match=f"module {mod.__name__} not in sys.modules"):
+        s.run(lambda: importlib.reload(mod))
+    assert s.run(mod.count) == 3  # the session's module state is as the calls left it
+    s.close()
