@@ -261,6 +261,29 @@ with dspex.connect(FRONTEND) as dx:
     assert out.stderr.startswith("warning line\nit broke\nTraceback (most recent call last):\n"), out.stderr
 
 
+def test_logging_configured_inside_a_call_is_the_workers_the_clients_shows_its_records(stack: Stack,
+                                                                                      tmp_path: Path) -> None:
+    """A ``main()`` that configures logging first configures the worker's: its records show by
+    the client's loggers (none configured: the last-resort handler, WARNING and up, the bare
+    message), until the client configures its own (docs/remote-objects.md, *Output*)."""
+    stack.pool("p:strict_queue", 1, "--no-dspy")
+    out = client(stack, tmp_path, """
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s|%(name)s|%(message)s")
+    logging.getLogger("app").info("info line")
+    logging.getLogger("app").warning("warning line")
+
+with dspex.connect(FRONTEND) as dx:
+    s = dx.session("p")
+    s.run(main)
+    sys.stderr.flush()
+    print("-- configured here", file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s|%(name)s|%(message)s")
+    s.run(main)
+""")
+    assert out.stderr == "warning line\n-- configured here\nINFO|app|info line\nWARNING|app|warning line\n", out.stderr
+
+
 def test_dspy_logs_and_bars_reach_the_client_as_in_process(stack: Stack, tmp_path: Path) -> None:
     """DSPy's own logger (its handler and format on the client) and Evaluate's progress bar: the
     same program in-process and through a session writes the same lines."""
