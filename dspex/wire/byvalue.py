@@ -151,7 +151,7 @@ class SourcePickler(cloudpickle.Pickler):  # type: ignore[misc]
         if cls.__module__ != "builtins" and cls.__reduce__ is BaseException.__reduce__:
             # the default reduce calls cls(*args) on load, which fails for exceptions whose
             # __init__ takes other arguments (dspy's AdapterParseError): rebuild from state
-            reduced: tuple[Any, ...] = (exception_from_state, (cls, obj.args, dict(vars(obj)), slot_values(obj)))
+            reduced: tuple[Any, ...] = (exception_from_state, (cls, obj.args, {**vars(obj), **slot_values(obj)}))
         else:
             reduced = NotImplemented
         chain: dict[str, Any] = {}
@@ -270,26 +270,32 @@ def dumps(obj: Any, *, chain_links: int = MAX_CHAIN_LINKS) -> tuple[bytes, dict[
     return buf.getvalue(), sources
 
 
-def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any],
-                         slots: dict[str, Any] | None = None) -> BaseException:
-    """Rebuild an exception without calling its ``__init__`` (see ``SourcePickler``)."""
+def exception_from_state(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """Rebuild an exception without calling its ``__init__`` (see ``SourcePickler``); ``state``:
+    its ``__dict__`` and the values of its ``__slots__``."""
     exc = cls.__new__(cls, *args)
     exc.args = args
-    exc.__dict__.update(state)
-    for name, value in (slots or {}).items():
-        setattr(exc, name, value)
+    slots = _slot_names(cls)
+    for name, value in state.items():
+        if name in slots:
+            setattr(exc, name, value)
+        else:
+            exc.__dict__[name] = value
     return exc
 
 
+def _slot_names(cls: type) -> set[str]:
+    """The names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``, ``__weakref__``)."""
+    names: set[str] = set()
+    for base in cls.__mro__:
+        declared = vars(base).get("__slots__", ())
+        names.update((declared,) if isinstance(declared, str) else declared)
+    return names - {"__dict__", "__weakref__"}
+
+
 def slot_values(obj: object) -> dict[str, Any]:
-    """The values set in ``obj``'s ``__slots__`` (its class's and its bases'), which ``vars()`` lacks."""
-    values: dict[str, Any] = {}
-    for base in type(obj).__mro__:
-        names = vars(base).get("__slots__", ())
-        for name in (names,) if isinstance(names, str) else names:
-            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
-                values[name] = getattr(obj, name)
-    return values
+    """The values set in ``obj``'s ``__slots__``, which ``vars()`` lacks."""
+    return {name: getattr(obj, name) for name in _slot_names(type(obj)) if hasattr(obj, name)}
 
 
 def dumps_exception(exc: BaseException) -> bytes:
