@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -817,3 +818,57 @@ def test_what_a_call_prints_as_ctrl_c_stops_it_shows_before_the_next_call_whiche
     stream.close()  # its socket goes back to the idle ones after the stopped call's
     s.run(print, "next")
     assert capsys.readouterr().out == "stopped\nnext\n"
+
+
+def errors_on_warnings() -> None:
+    warnings.simplefilter("error")
+
+
+def warns() -> str:
+    try:
+        warnings.warn("careful", UserWarning)
+    except UserWarning:
+        return "raised"
+    return "warned"
+
+
+@pytest.mark.parametrize("how", ["code", "call"])
+def test_the_warning_filters_a_sessions_code_sets_are_its_own(stack: Stack, how: str) -> None:
+    """In-process a filter holds for the program's later code: the session's later calls; never
+    another session's on the same worker (it raised their warnings into their code)."""
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    mine, other = dx.session("p"), dx.session("p")
+    assert other.run(warns) == "warned"
+    if how == "code":
+        mine.run(errors_on_warnings)
+    else:
+        mine.run(warnings.simplefilter, "error")
+    assert mine.run(warns) == "raised"
+    assert other.run(warns) == "warned" and dx.session("p").run(warns) == "warned"
+    mine.run(warnings.resetwarnings)
+    assert mine.run(warns) == "warned"
+
+
+def shown(message: str) -> int:
+    """How many warnings ``warnings.warn(message)`` shows under the filters in force."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn(message, UserWarning)
+    return len(seen)
+
+
+# a library's module (not the session's code) that adds a filter, as some do when imported
+LIBRARY_SETUP = """
+import types
+lib = types.ModuleType("noisylib")
+exec("import warnings\\ndef setup():\\n    warnings.filterwarnings('ignore', message='lib noise')", vars(lib))
+lib.setup()
+"""
+
+
+def test_a_filter_a_library_adds_in_a_sessions_call_is_every_sessions(stack: Stack) -> None:
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    mine, other = dx.session("p"), dx.session("p")
+    mine.run(errors_on_warnings)  # the session has filters of its own: the library's goes to both
+    mine.exec(LIBRARY_SETUP)
+    assert mine.run(shown, "lib noise") == 0 and mine.run(warns) == "raised"
+    assert other.run(shown, "lib noise") == 0 and other.run(shown, "other text") == 1

@@ -34,9 +34,9 @@ from dspex.wire.protocol import FLAG_CONTEXT, FLAG_HELD, FLAG_ITEMS, MAX_MESSAGE
 from dspex.wire.ref import EPHEMERAL_SESSION, Ref
 from dspex.wire.remoteerror import RemoteError
 from dspex.wire.zmqfast import frame_buffer
-from worker import forking, limits, lm_history, namespace, output, threads
+from worker import forking, limits, lm_history, namespace, output, threads, warnfilters
 from worker.checkpoint import naming_unbound
-from worker.dspy_settings import SessionSettings
+from worker.dspy_settings import SessionSettings, current_session
 from worker.durable import DurableSessions
 from worker.ops import SessionOps
 from worker.refs import RefTable, type_name
@@ -89,6 +89,7 @@ class Executor:
         session's code in processes user code starts (``multiprocessing``), and the call in
         threads it starts."""
         output.install()
+        warnfilters.install(current_session.get)
         namespace.install_getsource()
         forking.install()
         self.watchdog.install()
@@ -181,7 +182,7 @@ class Executor:
         try:
             with limits.Limit(self.watchdog, deadline, on_hard or _no_hard) as call, \
                     output.capture(f"{state.id[:8]} {header.req_id}", emit, self.alone,
-                                   log_level_of(header.flags), offer, state.late_output) as sink, \
+                                   log_level_of(header.flags), offer, state) as sink, \
                     self.settings.scope(state) as scope, \
                     (progress_scope(stream, to_ref) if isinstance(stream, StreamControl) else _NO_SCOPE), \
                     _Interpreter():

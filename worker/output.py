@@ -22,8 +22,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from worker import limits
-from worker.sink import Emit, LateOutput, Offer, OutputSink
+from worker import limits, warnfilters
+from worker.refs import SessionState
+from worker.sink import Emit, Offer, OutputSink
 
 _OWN_LOGGERS = "dspex.worker"  # the worker's own records are the worker's, never a call's output
 
@@ -296,13 +297,14 @@ class capture:
     (:func:`_put_back`) as it ends; with capacity N the last of overlapping calls to end does
     (:class:`_Overlap`)."""
 
-    __slots__ = ("_lowered", "_token", "alone", "late", "sink")
+    __slots__ = ("_lowered", "_token", "alone", "late", "session", "sink")
 
     def __init__(self, tag: str, emit: Emit | None, alone: bool, log_level: int, offer: Offer | None,
-                 late: LateOutput) -> None:
+                 session: SessionState) -> None:
         self.sink = OutputSink(tag, emit, log_level, offer)
         self.alone = alone
-        self.late = late  # the session's: what threads of its ended calls wrote comes with this one
+        self.session = session  # whose warning filters are in force during the call (worker.warnfilters)
+        self.late = session.late_output  # what threads of its ended calls wrote comes with this one
         self._lowered = False
 
     def __enter__(self) -> OutputSink:
@@ -312,6 +314,8 @@ class capture:
         # registry decide what shows, as in-process (a ``catch_warnings`` block there, pytest.warns,
         # starts them again too); else the session's module registry hid it from every later call
         _restart_registries()
+        if self.session.warning_filters is not None:
+            warnfilters.enter(self.session.warning_filters)
         if not self.alone:
             _overlap.enter()
         self.late.attach(self.sink)
@@ -327,6 +331,8 @@ class capture:
             if self._lowered:
                 root_level.exit()
             _current.reset(self._token)
+            if warnings.filters is not warnfilters.worker_filters:
+                warnfilters.leave()
             self.late.detach(sink)
             sink.late = self.late
             sink.close()

@@ -45,6 +45,7 @@ class SessionState:
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
     loop: SessionLoop = field(default_factory=SessionLoop)  # its calls' awaitables run on it (its asyncio loop is lazy)
+    warning_filters: list[Any] | None = None  # its own warnings.filters, once its code changed them (worker.warnfilters)
 
 
 def type_name(obj: Any) -> str:
