@@ -832,11 +832,11 @@ def warns() -> str:
     return "warned"
 
 
-@pytest.mark.parametrize("how", ["code", "call"])
-def test_the_warning_filters_a_sessions_code_sets_are_its_own(stack: Stack, how: str) -> None:
+@pytest.mark.parametrize(("how", "capacity"), [("code", 1), ("call", 1), ("code", 4)])
+def test_the_warning_filters_a_sessions_code_sets_are_its_own(stack: Stack, how: str, capacity: int) -> None:
     """In-process a filter holds for the program's later code: the session's later calls; never
     another session's on the same worker (it raised their warnings into their code)."""
-    dx = stack.pool("p:strict_queue", 1, "--no-dspy")
+    dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
     mine, other = dx.session("p"), dx.session("p")
     assert other.run(warns) == "warned"
     if how == "code":
