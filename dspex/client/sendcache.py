@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextvars
 import itertools
 import secrets
-import sys
 import threading
 import types
 from collections import OrderedDict
@@ -47,13 +46,9 @@ from typing import Any, Protocol
 
 from dspex.client import processwide
 from dspex.client.config import DEFAULT_CODE_CACHE
-from dspex.client.dspycontext import CALL_LOCAL as _CALL_LOCAL
-from dspex.client.dspycontext import SETTINGS as _SETTINGS
-from dspex.client.dspycontext import names as _names
+from dspex.client.lmhistory import history_classes
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
-
-_ATOMS = (type(None), bool, int, float, str)
 
 
 # what a committed request sent that the worker has it only once the request reaches it: its
@@ -199,7 +194,7 @@ class SendCache:
         second once it has loaded the request."""
         if not self.keep:
             return None
-        lm_class = _history_classes() if msg.new_keys else None
+        lm_class = history_classes() if msg.new_keys else None
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
                 self.keys.setdefault(oid, (obj, key))
@@ -397,83 +392,14 @@ class SendCache:
         """{key: LM or module} of this client's DSPy LMs and modules that the worker holds once
         ``msg`` is sent: whose history entries the call sends back."""
         lms = {key: lm for key, lm in self._snapshot(self.lms) if key in self.sent or key in msg.defined}
-        lm_class = _history_classes() if msg.new_keys else None
+        lm_class = history_classes() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()
                        if key in msg.defined and isinstance(obj, lm_class))
         return lms
 
 
-def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
-    """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
-    from DSPy's defaults, and the names among them that the ``dspy.context`` blocks of the calling
-    thread or task hold: those a block named (:data:`_named`), and those it holds at another value
-    than the configuration's (a block entered where names are not known: a thread of DSPy's
-    ``ParallelExecutor``). In-process such a block wins over any ``dspy.configure``, the session's
-    own included. Nothing when DSPy was never imported here."""
-    module = sys.modules.get(_SETTINGS)
-    if module is None:
-        return {}, []
-    try:
-        config = module.main_thread_config
-        overrides = module.thread_local_overrides.get()
-        defaults = module.DEFAULT_CONFIG
-    except AttributeError:  # another DSPy layout: send nothing rather than guess
-        return {}, []
-    pinned: list[str] = []
-    if overrides:
-        pinned = [k for k, v in overrides.items() if k not in _CALL_LOCAL and config.get(k, _MISSING) is not v]
-        named = _names()
-        if named:
-            pinned += [k for k in named if k in overrides and k not in pinned]
-        config = {**config, **overrides}
-    out = {}
-    for k, v in config.items():
-        default = defaults.get(k, _MISSING)
-        if k in pinned or (v is not default and k not in _CALL_LOCAL and _differs(v, default)):
-            out[k] = v
-    return out, pinned
-
-
-def _history_classes() -> tuple[type, ...] | None:
-    """The DSPy classes whose objects keep a history of LM calls (``BaseLM``, and ``Module``:
-    DSPy records a call in each module it was made in) when DSPy is imported here, else None."""
-    lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)
-    module = getattr(sys.modules.get("dspy.primitives.module"), "Module", None)
-    classes = tuple(c for c in (lm, module) if isinstance(c, type))
-    return classes or None
-
-
-def client_usage_tracker() -> Any:
-    """The ``dspy.track_usage()`` tracker of the calling thread or task (None without one): what a
-    session's call spends on LMs is added to it, as in-process."""
-    module = sys.modules.get("dspy.dsp.utils.settings")
-    if module is None:
-        return None
-    try:
-        return module.thread_local_overrides.get().get("usage_tracker")
-    except AttributeError:
-        return None
-
-
-def add_usage(tracker: Any, usage: Any) -> None:
-    """Add what a call's LM calls used on the worker (``{lm: [entry, ...]}``) to ``tracker``, as a
-    nested ``dspy.track_usage()`` block rolls its entries up into its parent's."""
-    if isinstance(usage, dict):
-        for lm, entries in usage.items():
-            if isinstance(entries, list):
-                tracker.usage_data[lm].extend(entries)
-
-
 _MISSING = object()
-
-
-def _differs(value: Any, default: Any) -> bool:
-    if value is default:
-        return False
-    if type(value) is type(default) and isinstance(value, _ATOMS):
-        return bool(value != default)
-    return not (type(value) is list and type(default) is list and not value and not default)
 
 
 def held_key(cache: SendCache, obj: Any) -> str | None:
