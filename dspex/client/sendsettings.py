@@ -13,7 +13,7 @@ or an adapter (``model``, ``kwargs``, ``cache``, ``num_retries``, ``callbacks``,
 and strings by value, lists, tuples and dicts item by item :data:`_PLAIN_DEPTH` deep, anything
 else by its ``==``, identity for most) and the items of a list setting
 (``dspy.settings.callbacks.append(cb)``) with what they were when the worker got them under the
-value's key (``SendCache.states``). A changed LM or adapter goes as its new state (its history
+value's key (``HeldKeys.states``). A changed LM or adapter goes as its new state (its history
 aside), which replaces the state of the session's object, the one other objects of the session
 hold too; a changed list goes as a new list. Either is named by a new key from then on: a worker
 that did not get the change (another worker of a ``hint`` session, a request that never reached
@@ -55,7 +55,7 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any],
         return None
     signature = tuple((k, id(v), _state(v)) for k, v in values.items())
     last = cache.last_settings if msg.trusted else None
-    if last is not None and _same(signature, last[0]) and all(k in cache.sent for k in last[2]):
+    if last is not None and _same(signature, last[0]) and all(k in cache.held.sent for k in last[2]):
         msg.used.update(last[2])
         return last[1]
     wrapped = {k: _by_identity(msg, v, state) for (k, _, state), v in zip(signature, values.values(), strict=True)}
@@ -64,7 +64,7 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any],
     except EncodeError as err:
         raise senderrors.settings_error(values, err, _transient_dumps) from None
     keys = tuple(_keys(msg, wrapped.values()))
-    if msg.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
+    if msg.trusted and all(k in cache.held.sent for k in keys):  # by key only: reusable as it is
         msg.settings_sent = (tuple((k, i, _kept(state)) for k, i, state in signature), ext, keys, values)
     return ext
 
@@ -207,8 +207,8 @@ def _by_identity(msg: Message, value: Any, state: Any = None) -> Any:
     if state is None:
         return _Value(key, items)
     cache = msg.cache
-    held = msg.trusted and key in cache.sent
-    if not held or _same(state, cache.states.get(key)):
+    held = msg.trusted and key in cache.held.sent
+    if not held or _same(state, cache.held.states.get(key)):
         if not held:  # the worker gets it in full
             msg.restated.append((value, key, None, _kept(state)))
         return _Value(key, items)
