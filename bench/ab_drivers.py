@@ -386,7 +386,8 @@ def _exchange() -> Side:
     put = Exchange("put", "p", sid, [prog], 60.0, max_message=1 << 26, sender=senders["ref_hist"], on_reply=on_reply)
     put.frames(0, "")
     put.feed(done, "w" * 32, [bytes(f) for f in codec.encode([ref, {}], policy=codec.Policy.DATA)])
-    (key,) = senders["ref_hist"].lms
+    held = senders["ref_hist"]
+    (key,) = getattr(held, "held", held).lms  # (a SendCache holds its LMs in its HeldKeys since 09c625a)
     with dspy.context(lm=DummyLM({QUESTION: ANSWERS["predict"]})):
         prog(question=QUESTION)
     entry = prog.history[-1]

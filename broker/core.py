@@ -31,6 +31,7 @@ from broker.checkpoints import Job
 from broker.control import RequestControl
 from broker.dispatch import Dispatcher
 from broker.durable import DurableSessions
+from broker.moves import SessionMoves
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
 from broker.roster import HARD_LIMIT, LOST, Roster, recycled
@@ -137,9 +138,10 @@ class Core:
         dispatcher = self.dispatcher = Dispatcher(self.pools, self.workers, self.sessions, self.running, self.gone,
                                                   clock=self.clock, port=port, answers=self.answers, book=self.book,
                                                   counters=self.counters)
+        moves = SessionMoves(self.sessions, self.pools, self.workers, port=port, book=self.book, answers=self.answers,
+                             to_worker=self._to_worker, dispatch=dispatcher.dispatch, route=dispatcher.route)
         self.durable = self.book.durable = dispatcher.durable = DurableSessions(
-            self.sessions, self.pools, self.workers, clock=self.clock, port=port, book=self.book, answers=self.answers,
-            to_worker=self._to_worker, dispatch=dispatcher.dispatch, route=dispatcher.route, counters=self.counters)
+            self.sessions, self.pools, clock=self.clock, port=port, book=self.book, moves=moves, counters=self.counters)
         self.roster = dispatcher.roster = Roster(
             self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock, port=port, answers=self.answers, book=self.book, counters=self.counters,
             heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness, to_worker=self._to_worker,

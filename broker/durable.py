@@ -12,10 +12,8 @@ operators and a restarted broker ask of them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from broker.answers import Answers
 from broker.checkpoint_writes import CheckpointWrites
 from broker.checkpoints import Job
 from broker.moves import SessionMoves, movable
@@ -28,25 +26,18 @@ from dspex.wire.protocol import Affinity, Durable
 
 
 class DurableSessions:
-    """The core's durable sessions; acts through the port (``store``) and the session book, and
-    owns their checkpoint writes (``writes``) and moves (``moves``), which act through the core's
-    ``to_worker``, ``dispatch`` and ``route`` and the answers too."""
+    """The core's durable sessions; acts through the port (``store``) and the session book, owns
+    their checkpoint writes (``writes``) and hands the store's loads to their ``moves``."""
 
-    def __init__(self, sessions: dict[str, SessionRecord], pools: dict[str, Pool], workers: dict[bytes, WorkerRecord],
-                 *, clock: Clock, port: Port, book: SessionBook, answers: Answers,
-                 to_worker: Callable[[WorkerRecord, list[Any]], bool],
-                 dispatch: Callable[[WorkerRecord, Pending], None],
-                 route: Callable[[Pending, str, str], None], counters: dict[str, int]) -> None:
+    def __init__(self, sessions: dict[str, SessionRecord], pools: dict[str, Pool], *, clock: Clock, port: Port,
+                 book: SessionBook, moves: SessionMoves, counters: dict[str, int]) -> None:
         """``counters``: the core's (a malformed checkpoint counts as backend garbage)."""
         self.sessions, self.pools = sessions, pools
-        self.clock, self.port, self.book = clock, port, book
+        self.clock, self.port, self.book, self.moves = clock, port, book, moves
         self.enabled = False  # the shell has a store (else durable sessions are refused)
         self.total_cap = 0  # its total cap in bytes, past which it refuses every write (0: none known)
-        # opened, checkpoint writes stored, refused (turned plain), moves, restores sent, sessions
-        # lost (a checkpoint refused)
-        self.counters = dict.fromkeys(("opened", "writes", "refused", "moves", "restores", "lost"), 0)
-        self.moves = SessionMoves(sessions, pools, workers, port=port, book=book, answers=answers, to_worker=to_worker,
-                                  dispatch=dispatch, route=route, counters=self.counters)
+        # opened, checkpoint writes stored, refused (turned plain), restores sent (the moves count their own)
+        self.counters = dict.fromkeys(("opened", "writes", "refused", "restores"), 0)
         self.writes = CheckpointWrites(sessions, pools, clock=clock, port=port, moves=self.moves, counters=self.counters,
                                        core_counters=counters)
 
@@ -157,7 +148,7 @@ class DurableSessions:
         """The ``checkpoints`` part of ``status``."""
         live = [r.durable for r in self.sessions.values() if r.durable is not None and not r.durable.off]
         return {"enabled": self.enabled, "sessions": len(live), "bytes": sum(d.bytes for d in live),
-                "total_cap": self.total_cap, **self.counters}
+                "total_cap": self.total_cap, **self.counters, **self.moves.counters}
 
     # -- a restarted broker ---------------------------------------------------------------------------
     def load(self, rows: list[SessionRow]) -> None:

@@ -41,12 +41,11 @@ class SessionMoves:
                  *, port: Port, book: SessionBook, answers: Answers,
                  to_worker: Callable[[WorkerRecord, list[Any]], bool],
                  dispatch: Callable[[WorkerRecord, Pending], None],
-                 route: Callable[[Pending, str, str], None], counters: dict[str, int]) -> None:
-        """``counters``: the durable sessions' (moves, lost)."""
+                 route: Callable[[Pending, str, str], None]) -> None:
         self.sessions, self.pools, self.workers = sessions, pools, workers
         self.port, self.book, self.answers = port, book, answers
         self._to_worker, self._dispatch, self._route = to_worker, dispatch, route
-        self.counters = counters
+        self.counters = {"moves": 0, "lost": 0}  # sessions moved, sessions lost (a checkpoint refused)
         self.uneven: set[str] = set()  # pools whose sessions spread to a worker that holds fewer
 
     def route(self, rec: SessionRecord, pool: Pool, p: Pending) -> bool:

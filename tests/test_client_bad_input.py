@@ -195,6 +195,32 @@ def test_a_callback_that_is_not_callable_is_refused_before_the_call_runs(dx: dsp
     assert s.apply(chatty, (2,), on_output=events.append) == 2 and len(events) == 2
 
 
+def test_an_option_a_call_does_not_take_is_refused_by_name_before_anything_is_sent(
+        dx: dspex.Client, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt option, or one of the request's own (``sender``, ``flags``, ``worker``...), is
+    a BadArgument (a TypeError, as Python's unexpected keyword argument) naming it, with every op
+    and client kind; nothing runs and the session serves on."""
+    s = dx.session("p")
+    ref = s.put([1, 2])
+    ops = [lambda **bad: s.apply(chatty, (2,), **bad), lambda **bad: s.put(1, **bad),
+           lambda **bad: s.method(ref, "count", (1,), **bad), lambda **bad: s.release(ref, **bad),
+           lambda **bad: s.stream_apply(numbers, **bad), lambda **bad: dx.call("builtins", "len", ([],), pool="p", **bad)]
+    for bad in ({"timout": 5}, {"sender": None}, {"flags": 1}, {"worker": "w" * 32}, {"items": True}):
+        for op in ops:
+            with pytest.raises(dspex.BadArgument, match=f"unexpected keyword argument {next(iter(bad))}") as caught:
+                op(**bad)
+            assert isinstance(caught.value, TypeError)
+    assert "line" not in capsys.readouterr().out  # nothing ran
+    assert s.apply(len, (ref,), timeout=5) == 2
+
+    async def main() -> None:
+        async with dspex.aio.connect(dx.endpoint) as a:
+            with pytest.raises(dspex.BadArgument, match="unexpected keyword argument timout"):
+                await a.session("p").apply(ident, (1,), timout=5)  # type: ignore[call-arg]
+
+    asyncio.run(main())
+
+
 def test_a_wrong_endpoint_is_a_config_error(dx: dspex.Client) -> None:
     for endpoint in (123, b"ipc:///x"):
         with pytest.raises(dspex.ConfigError, match="an endpoint is a str"):

@@ -177,7 +177,7 @@ def test_a_crashed_workers_session_moves_with_its_checkpoint(path: str) -> None:
     core.reply(other, C, 3)
     core.call(4)
     assert core.worker_of(4) == other and not core.head_of(4) & Durable.RESTORE
-    assert core.durable.counters["moves"] == 1 and core.durable.counters["restores"] == 1
+    assert core.durable.moves.counters["moves"] == 1 and core.durable.counters["restores"] == 1
     core.commit()
     assert [r.worker for r in core.store.sessions()] == [other.decode()]
 
@@ -237,7 +237,7 @@ def test_a_refused_restore_loses_the_session_with_checkpoint_refused(path: str) 
     core.commit()
     core.call(3)
     assert core.outcome(C, 3) == "checkpoint_refused"
-    assert core.store.sessions() == [] and core.durable.counters["lost"] == 1
+    assert core.store.sessions() == [] and core.durable.moves.counters["lost"] == 1
 
 
 def test_a_restarted_broker_knows_its_durable_sessions(path: str) -> None:

@@ -288,7 +288,7 @@ def test_module_globals_rebound_before_a_kill_9_are_the_clients_latest_after_the
     mod.X = 3
 
     def kill_once_loaded() -> None:  # the client counts X's binding as the worker's: it heard the call's output
-        wait_for(lambda: os.path.exists(gate + ".running") and not s.sender.unconfirmed, 30, what="the call loaded")
+        wait_for(lambda: os.path.exists(gate + ".running") and not s.sender.globals.unconfirmed, 30, what="the call loaded")
         stack.kill(pid)
 
     with pytest.raises(dspex.WorkerCrashed):

@@ -188,7 +188,7 @@ def test_a_request_encoded_while_another_thread_commits_new_lms_and_context_vars
                 other.join(30)
             return super().__contains__(key)
 
-    cache.sent = Meddling(cache.sent)
+    cache.held.sent = Meddling(cache.held.sent)
     lms = encode(first.who, dspy.LM("openai/last"))
     assert sorted(meddled) == ["context_values", "held_lms"]
     # the 4 of these requests and the one the other thread committed before held_lms looked (the

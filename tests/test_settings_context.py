@@ -150,7 +150,7 @@ def test_the_names_of_a_context_are_known_when_dspy_is_imported_after_dspex() ->
     """DSPy imported after dspex's client: ``dspy.context``, bound at DSPy's import, records them
     too, and DSPy's ``ParallelExecutor`` carries them into its threads."""
     script = (
-        "import dspex\nfrom dspex.client.sendcache import client_dspy_settings\n"
+        "import dspex\nfrom dspex.client.sendsettings import client_dspy_settings\n"
         "import dspy\nfrom dspy.utils import DummyLM\nfrom dspy.utils.parallelizer import ParallelExecutor\n"
         "lm = DummyLM([])\ndspy.configure(lm=lm)\n"
         "with dspy.context(lm=lm):\n    print(client_dspy_settings()[1])\n"

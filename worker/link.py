@@ -6,7 +6,7 @@ broker and reconnects with backoff under the same identity, names a refused CURV
 and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
 whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
 wait for the broker's ``B_BYE``. The socket itself, its options and its monitor, is a
-:class:`BrokerSocket` the link holds.
+:class:`BrokerSocket` the link holds; when the broker counts as gone, a :class:`BrokerLiveness`.
 
 Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
 barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's file descriptor
@@ -167,6 +167,44 @@ class BrokerSocket:
         return sock, monitor
 
 
+class BrokerLiveness:
+    """When the link takes the broker for gone (PPP's liveness): a silence limit after it was last
+    heard from, and the backoff of the socket's renewals while it stays silent (the link's lock
+    guards it)."""
+
+    def __init__(self, silence_limit: float, now: float) -> None:
+        self.silence_limit = silence_limit
+        self.heard(now)
+
+    def heard(self, now: float) -> None:
+        """A message from the broker (the READY going out counts as one)."""
+        self.deadline = now + self.silence_limit
+        self.backoff = self.silence_limit
+        self._quick_tries = _QUICK_TRIES
+
+    def handshake(self, now: float) -> None:
+        """A handshake: the broker runs, and it has a full silence limit from now to answer
+        (PPP's liveness restarts at a new connection), never less: a try planned while no
+        broker listened, due a moment after the handshake, would close a connection over
+        which the broker has registered us (its answer on the way), and it takes the close
+        for a crash. A sooner try: if it ignored the connection (our old one, closed while
+        the broker did not run, still held the identity: no handover) and the READY with
+        it, the next try comes one silence limit from now, not after the backoff grown
+        meanwhile. Twice at most until it is heard: a broker whose zmq thread answers
+        handshakes while its loop is stuck gets the backoff."""
+        answer_by = now + self.silence_limit
+        if answer_by >= self.deadline:
+            self.deadline = answer_by
+        elif self._quick_tries:
+            self._quick_tries -= 1
+            self.deadline = answer_by
+
+    def renewed(self, now: float) -> None:
+        """The socket was renewed after a silence: the next try after the backoff, which doubles."""
+        self.deadline = now + self.backoff
+        self.backoff = min(self.backoff * 2, RENEW_BACKOFF_MAX)
+
+
 class Link:
     """One worker incarnation's connection to the broker.
 
@@ -197,13 +235,10 @@ class Link:
         self._timers = timers
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
         self._interval = heartbeat_interval
-        self._silence_limit = heartbeat_interval * heartbeat_liveness
         now = time.monotonic()
         self._next_beat = now + heartbeat_interval
         self._last_beat = now  # READY went out (counts as one)
-        self._deadline = now + self._silence_limit  # broker liveness
-        self._backoff = self._silence_limit
-        self._quick_tries = _QUICK_TRIES
+        self._liveness = BrokerLiveness(heartbeat_interval * heartbeat_liveness, now)
         self._beat_due = False  # a heartbeat went out: on_beat runs once the lock is let go
         self._sent = False  # _tick sent something
         self._outbox: collections.deque[Frames] = collections.deque()  # control messages for the next turn
@@ -345,9 +380,7 @@ class Link:
         while _get_opt(sock, _EVENTS) & _POLLIN:
             frames = recv_frames(sock, NOBLOCK)
             now = time.monotonic()
-            self._deadline = now + self._silence_limit
-            self._backoff = self._silence_limit
-            self._quick_tries = _QUICK_TRIES
+            self._liveness.heard(now)
             command = frames[0].bytes
             if command == B_HEARTBEAT:
                 # the broker's heartbeats pace ours: ours goes out in this wake-up (unless one
@@ -379,23 +412,10 @@ class Link:
             self._send_control(self._outbox.popleft())
         if now >= self._next_beat:
             self._beat(now)
+        liveness = self._liveness
         if self._dealer.watch_handshake():
-            # A handshake: the broker runs, and it has a full silence limit from now to answer
-            # (PPP's liveness restarts at a new connection), never less: a try planned while no
-            # broker listened, due a moment after the handshake, would close a connection over
-            # which the broker has registered us (its answer on the way), and it takes the close
-            # for a crash. A sooner try: if it ignored the connection (our old one, closed while
-            # the broker did not run, still held the identity: no handover) and the READY with
-            # it, the next try comes one silence limit from now, not after the backoff grown
-            # meanwhile. Twice at most until it is heard: a broker whose zmq thread answers
-            # handshakes while its loop is stuck gets the backoff.
-            answer_by = now + self._silence_limit
-            if answer_by >= self._deadline:
-                self._deadline = answer_by
-            elif self._quick_tries:
-                self._quick_tries -= 1
-                self._deadline = answer_by
-        if now >= self._deadline:
+            liveness.handshake(now)
+        if now >= liveness.deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
@@ -403,13 +423,12 @@ class Link:
             # reaches it, and a READY lost that way is sent again at the next try. Back off
             # during a long outage.
             if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
-                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, self._backoff)
+                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, liveness.backoff)
             else:
-                log.warning("broker silent; new socket and READY (next try in %.1fs)", self._backoff)
+                log.warning("broker silent; new socket and READY (next try in %.1fs)", liveness.backoff)
             self._renew_socket()
-            self._deadline = now + self._backoff
-            self._backoff = min(self._backoff * 2, RENEW_BACKOFF_MAX)
-        return max(0.0, min(self._next_beat, self._deadline) - now)
+            liveness.renewed(now)
+        return max(0.0, min(self._next_beat, liveness.deadline) - now)
 
     def _beat(self, now: float) -> None:
         self._send_control([W_HEARTBEAT, self._stats()])

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import msgpack
 import zmq
 
 from dspex.stack import logs
@@ -43,13 +42,10 @@ from dspex.wire.headers import (
     unpack_request_header,
 )
 from dspex.wire.protocol import (
-    CANCEL_SESSION_CLOSED,
     FLAG_OUTPUT,
     FLAG_STREAM,
     RECEIVED_WINDOW,
-    STREAM_WINDOW,
     W_CHECKPOINT,
-    W_PARTIAL,
     W_REPLY,
     Durable,
     SessionMode,
@@ -59,6 +55,7 @@ from dspex.wire.remoteerror import RemoteError
 from worker.durable import DurableSessions, split_restore
 from worker.executor import Executor
 from worker.limits import CallTimedOut
+from worker.openstreams import OpenStreams
 from worker.remote_errors import error_frames
 from worker.sessions import SessionBook
 from worker.streaming import LazyStream, StreamControl
@@ -95,7 +92,8 @@ def _request_key(frames: list[zmq.Frame]) -> tuple[bytes, int] | None:
 
 
 class Runner:
-    """Runs requests with the executor and sends their replies.
+    """Runs requests with the executor and sends their replies; their streams are its
+    :attr:`streams` (:class:`worker.openstreams.OpenStreams`).
 
     ``urgent``: a stream opened, so the socket must be read at once (its credit and cancels).
     ``leave``: a call ignored its hard time limit; it gets the call's reply and whether calls
@@ -114,13 +112,13 @@ class Runner:
         self.max_message = max_message
         self.hard_grace = hard_grace
         self._send = send
-        self._urgent = urgent
         self._leave = leave
         self._idle = idle
         self._lock = threading.Lock()  # guards the counts below
         self.running = 0  # calls executing now (READY and heartbeats report it to the broker)
         self.active = 0  # calls handed to the pool and not finished
-        self._streams: dict[tuple[bytes, int], StreamControl] = {}
+        self.streams = OpenStreams(send, incarnation=incarnation, pool=pool, max_message=max_message, urgent=urgent,
+                                   cancel=executor.cancel)
         # requests delivered and not yet finally answered (queued or running), by id: what this
         # worker holds when the broker asks after a reconnect (B_SYNC). One leaves only after its
         # reply is sent, so the broker, reading in order, has that reply before an answer without it
@@ -128,7 +126,6 @@ class Runner:
         # the envelope and header frames of the last requests received: one the broker sent that
         # is not among them (nor held) never reached this worker
         self.received: deque[tuple[zmq.Frame, zmq.Frame]] = deque(maxlen=RECEIVED_WINDOW)
-        self._streams_lock = threading.Lock()
         self._dspy_logs = False  # dspy's logger has our format (dspy installs its own on import)
         self._threads: ThreadPoolExecutor | None = None
         if capacity > 1:
@@ -220,9 +217,9 @@ class Runner:
                 raise self._waited_out(header.op, arrived, call_ms, queue_ms)
             deadline = arrived + call_ms / 1000 if call_ms else None
             if header.flags & FLAG_STREAM:
-                stream = self._open_stream(client, req_id, header.timeout_ms)
+                stream = self.streams.open(client, req_id, header.timeout_ms)
             elif header.flags & FLAG_OUTPUT:  # its stream opens at the first output, if any
-                stream = LazyStream(partial(self._open_stream, client, req_id, header.timeout_ms))
+                stream = LazyStream(partial(self.streams.open, client, req_id, header.timeout_ms))
             reply = self.executor.execute(header, frames[2:], stream, deadline=deadline,
                                           on_hard=partial(self._hard_timeout, client, header,
                                                           bool(head.durable & _CHECKPOINTED)), client=client,
@@ -242,8 +239,7 @@ class Runner:
             reply, status = error_frames(InternalError(f"internal worker error: {exc!r}")), _ERROR
         finally:
             if isinstance(stream, StreamControl) or (stream is not None and stream.control is not None):
-                with self._streams_lock:
-                    self._streams.pop((client, req_id), None)
+                self.streams.close(client, req_id)
             self.book.call_ended(session, head.session_ttl_s, head.session_mode == _EPHEMERAL)
             with self._lock:
                 self.running -= 1
@@ -312,24 +308,6 @@ class Runner:
         log.log(logging.INFO if routine else logging.WARNING, "%s failed: session=%s request=%d op=%s error=%s: %s",
                 "stream" if streaming else "call", session, req_id, op, err.code, message.replace("\n", " | "))
 
-    def _open_stream(self, client: bytes, req_id: int, timeout_ms: int) -> StreamControl:
-        heads = {status.value: pack_reply_header(status.value, req_id, self.incarnation, self.pool_name)
-                 for status in (Status.PARTIAL, Status.PROGRESS, Status.OUTPUT)}
-
-        first = pack_reply_envelope(W_PARTIAL, Status.PARTIAL.value, req_id, client)
-        send = self._send
-
-        def emit(kind: str, frames: Frames) -> None:
-            send([first, heads[kind], *frames])
-
-        # a consumer that stops acknowledging for this long has gone away: stop producing
-        stall = timeout_ms / 1000 if timeout_ms > 0 else 300.0
-        control = StreamControl(emit, STREAM_WINDOW, stall, self.max_message)
-        self._urgent()  # a stream needs its credit and cancels read at once
-        with self._streams_lock:
-            self._streams[(client, req_id)] = control
-        return control
-
     def _hard_timeout(self, client: bytes, header: RequestHeader, durable: bool) -> None:
         """From the watchdog: a call ignored its soft time limit. Tell its caller, leave, exit.
 
@@ -345,26 +323,3 @@ class Runner:
         log.error("hard time limit: %s request %d of session %s; exiting", header.op, header.req_id,
                   header.session[:8])
         self._leave(self._reply(_ERROR, header.req_id, client, error_frames(err)), self.running > 1)
-
-    # -- stream credit and cancels, from the broker ------------------------------------------
-    def stream_control(self, cancel: bool, frames: list[zmq.Frame]) -> None:
-        try:
-            req_id, n = msgpack.unpackb(frames[2].buffer)
-            key = (frames[1].bytes, int(req_id))
-        except Exception:  # noqa: BLE001 - whatever malformed bytes raise
-            log.warning("malformed stream control from broker")
-            return
-        self._control(cancel, key, n)
-
-    def _control(self, cancel: bool, key: tuple[bytes, int], n: Any) -> None:
-        with self._streams_lock:
-            control = self._streams.get(key)
-        if cancel:
-            # a stream waiting for credit to send its next item stops there; one computing an item,
-            # and any other call, is interrupted (worker.limits)
-            if control is not None and not control.cancel():
-                return
-            if not self.executor.cancel(key, n == CANCEL_SESSION_CLOSED):
-                log.debug("cancel of request %d: not running (not started yet, or finished)", key[1])
-        elif control is not None:
-            control.add_credit(int(n))

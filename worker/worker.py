@@ -236,7 +236,7 @@ class Worker:
             self.runner.deliver(request)
             self._inbox.append(request)
         elif command in (B_CREDIT, B_CANCEL) and len(frames) >= 3:
-            self.runner.stream_control(command == B_CANCEL, frames)
+            self.runner.streams.control(command == B_CANCEL, frames)
         elif command == B_RELEASE_SESSION and len(frames) >= 2:
             session_id = frames[1].bytes.decode(errors="replace")
             n = self.book.release(session_id)

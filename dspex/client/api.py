@@ -22,8 +22,8 @@ from dspex.client import arguments, processwide, senderrors
 from dspex.client.arguments import keywords, positional
 from dspex.client.config import ClientConfig
 from dspex.client.endpoints import ANY_POOL
-from dspex.client.exchange import Callback, Exchange, close_monitored, closed_error
-from dspex.client.sessionapi import RequestOptions, SessionAPI, Steps
+from dspex.client.exchange import Exchange, close_monitored, closed_error
+from dspex.client.sessionapi import CallOptions, RequestOptions, SessionAPI, Steps, call_options
 from dspex.wire.errors import BrokerUnreachable, EncodeError, Refused
 from dspex.wire.ops import WORKER_OPS, Op
 from dspex.wire.sockets import HANDSHAKE_EVENTS, curve_client_keys, tune_socket
@@ -214,12 +214,11 @@ class ClientAPI(Generic[S]):
                                  durable)
 
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, pool: str, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
+             *, pool: str, **options: Unpack[CallOptions]) -> Any:
         """``module.fn(*args, **kwargs)`` outside any session: any worker of the pool; objects it
         returns are not kept."""
-        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), keywords(kwargs)], timeout=timeout,
-                            on_progress=on_progress, on_output=on_output)
+        return self.request(Op.CALL.value, pool, "", [module, fn, positional(args), keywords(kwargs)],
+                            **call_options(options))
 
     def status(self, timeout: float | None = None, *, pool: str | None = None) -> Any:
         """The broker's view of its pools, workers and sessions (a dict). With several brokers,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dspex.client import codeindex
-from dspex.client.sendcache import SendCache, Walk, held_key
+from dspex.client.sendcache import SendCache, Walk
 from dspex.wire import codestore
 
 _ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
@@ -153,7 +153,7 @@ class Bindings:
         memo = self.cache.walks.get(id(root))
         if memo is None or memo.root is not root:
             return False
-        bound, unconfirmed = self.cache.bound, self.cache.unconfirmed
+        bound, unconfirmed = self.cache.globals.bound, self.cache.globals.unconfirmed
         if unconfirmed and any(where in unconfirmed for _, _, where in memo.reads):
             return False  # walked again: those bindings go again (bind)
         for g, name, where in memo.reads:
@@ -185,8 +185,8 @@ class Bindings:
         entry = self.bindings.get(where)
         again = False  # a binding the worker may lack yet (SendCache.commit): sent again, its value by key
         if entry is None and self.trusted:
-            entry = self.cache.bound.get(where)
-            again = entry is not None and where in self.cache.unconfirmed
+            entry = self.cache.globals.bound.get(where)
+            again = entry is not None and where in self.cache.globals.unconfirmed
         if unsent and not incidental and entry is not None and entry[1].startswith(_LEFT_OUT):
             entry = None  # needed now: sent, to fail naming it
         if entry is None or entry[0] is not value or again:
@@ -207,11 +207,11 @@ class Bindings:
         ``%autoreload`` updates an edited module's functions so): its new code, bound under
         :data:`codestore.CODE_OF`, replaces the ``__code__`` of the session's function."""
         memo.codes.append((func, func.__code__))
-        key = held_key(self.cache, func) if self.trusted else None
+        key = self.cache.held.lookup(func) if self.trusted else None
         if key is None:
             return
-        entry = self.bindings.get((codestore.CODE_OF, key)) or self.cache.bound.get((codestore.CODE_OF, key))
-        sent = entry[0] if entry is not None else self.cache.codes.get(key)
+        entry = self.bindings.get((codestore.CODE_OF, key)) or self.cache.globals.bound.get((codestore.CODE_OF, key))
+        sent = entry[0] if entry is not None else self.cache.held.codes.get(key)
         if sent is not None and func.__code__ is not sent and func.__code__.co_freevars == sent.co_freevars:
             self.bind(out, [], codestore.CODE_OF, key, func.__code__)
 

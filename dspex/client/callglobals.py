@@ -10,7 +10,7 @@ from typing import Any
 
 from dspex.client import codeindex
 from dspex.client.bindings import _ATOMS, _Value
-from dspex.client.sendcache import SendCache, held_key
+from dspex.client.sendcache import SendCache
 from dspex.wire.ref import Ref
 
 _DATA = frozenset({list, tuple, dict, set, frozenset})
@@ -71,7 +71,7 @@ def as_module_globals(cache: SendCache, op_args: tuple[str, ...], body: list[Any
         found = _global_of(cache, value)
         if found is not None:
             return ModuleGlobal(found[0], found[1], value)
-        if configured.get(id(value)) is value or held_key(cache, value) is not None:
+        if configured.get(id(value)) is value or cache.held.lookup(value) is not None:
             return _Value("", value)  # keyed by identity as it is pickled (SessionPickler._value)
         return value
 
@@ -94,7 +94,7 @@ def _global_of(cache: SendCache, obj: Any) -> tuple[str, str] | None:
     global rebound since is found under its new object)."""
     own = getattr(obj, "__module__", None)
     modules = ["__main__", getattr(type(obj), "__module__", ""), *([own] if isinstance(own, str) else []),
-               *cache.modules]
+               *cache.globals.modules]
     for module_name in dict.fromkeys(modules):
         for name, value in codeindex.user_globals(module_name):
             if value is obj and not name.startswith("__"):

@@ -25,8 +25,8 @@ import zmq
 from dspex.client import codeindex, output, senderrors
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
-from dspex.client.lmhistory import record_history
-from dspex.client.sendcache import Receipt, SendCache, add_usage, client_usage_tracker
+from dspex.client.lmhistory import add_usage, client_usage_tracker, record_history
+from dspex.client.sendcache import Receipt, SendCache
 from dspex.client.sendsettings import client_settings, settings_ext
 from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.client.standins import Rebind

@@ -1,11 +1,13 @@
 """The history entries a session's call recorded in copies of this client's LMs and modules,
-recorded here through DSPy's own rules, as in-process (docs/remote-objects.md, *The LM history*).
+recorded here through DSPy's own rules, as in-process (docs/remote-objects.md, *The LM history*);
+and what its LMs used, added to the caller's ``dspy.track_usage()`` tracker.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import sys
 from typing import Any
 
 from dspex.wire import codec
@@ -84,3 +86,33 @@ def _record_in_module(module: Any, entry: Any) -> None:
     if len(history) >= settings.max_history_size:
         history.pop(0)
     history.append(entry)
+
+
+def history_classes() -> tuple[type, ...] | None:
+    """The DSPy classes whose objects keep a history of LM calls (``BaseLM``, and ``Module``:
+    DSPy records a call in each module it was made in) when DSPy is imported here, else None."""
+    lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)
+    module = getattr(sys.modules.get("dspy.primitives.module"), "Module", None)
+    classes = tuple(c for c in (lm, module) if isinstance(c, type))
+    return classes or None
+
+
+def client_usage_tracker() -> Any:
+    """The ``dspy.track_usage()`` tracker of the calling thread or task (None without one): what a
+    session's call spends on LMs is added to it, as in-process."""
+    module = sys.modules.get("dspy.dsp.utils.settings")
+    if module is None:
+        return None
+    try:
+        return module.thread_local_overrides.get().get("usage_tracker")
+    except AttributeError:
+        return None
+
+
+def add_usage(tracker: Any, usage: Any) -> None:
+    """Add what a call's LM calls used on the worker (``{lm: [entry, ...]}``) to ``tracker``, as a
+    nested ``dspy.track_usage()`` block rolls its entries up into its parent's."""
+    if isinstance(usage, dict):
+        for lm, entries in usage.items():
+            if isinstance(entries, list):
+                tracker.usage_data[lm].extend(entries)

@@ -1,6 +1,6 @@
 """The calling client's DSPy settings in a session's request: each value sent once per session.
 
-What the calling thread or task configured (``sendcache.client_dspy_settings``) goes as one ext
+What the calling thread or task configured (:func:`client_dspy_settings`) goes as one ext
 of the request's context; its values by the client object's identity, as module globals' values
 go (an LM travels once per session), and so do the items of a list (``callbacks``): a callback
 the client's code also holds as a global is one object in the session, as in-process, and so is
@@ -13,7 +13,7 @@ or an adapter (``model``, ``kwargs``, ``cache``, ``num_retries``, ``callbacks``,
 and strings by value, lists, tuples and dicts item by item :data:`_PLAIN_DEPTH` deep, anything
 else by its ``==``, identity for most) and the items of a list setting
 (``dspy.settings.callbacks.append(cb)``) with what they were when the worker got them under the
-value's key (``SendCache.states``). A changed LM or adapter goes as its new state (its history
+value's key (``HeldKeys.states``). A changed LM or adapter goes as its new state (its history
 aside), which replaces the state of the session's object, the one other objects of the session
 hold too; a changed list goes as a new list. Either is named by a new key from then on: a worker
 that did not get the change (another worker of a ``hint`` session, a request that never reached
@@ -30,7 +30,7 @@ from typing import Any
 
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, _Value
-from dspex.client.sendcache import client_dspy_settings
+from dspex.client.dspycontext import CALL_LOCAL, SETTINGS, names
 from dspex.client.sessionpickle import Message, _transient_dumps
 from dspex.wire import codestore
 from dspex.wire.errors import EncodeError
@@ -40,7 +40,7 @@ _PLAIN_DEPTH = 4  # containers in a setting's state nested deeper are compared b
 
 def client_settings(msg: Message) -> tuple[dict[str, Any], list[str]]:
     """The client's DSPy settings request ``msg`` sends, and the names a ``dspy.context`` holds
-    (``sendcache.client_dspy_settings``); none when the session does not send them."""
+    (:func:`client_dspy_settings`); none when the session does not send them."""
     return client_dspy_settings() if msg.cache.client_settings else ({}, [])
 
 
@@ -55,7 +55,7 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any],
         return None
     signature = tuple((k, id(v), _state(v)) for k, v in values.items())
     last = cache.last_settings if msg.trusted else None
-    if last is not None and _same(signature, last[0]) and all(k in cache.sent for k in last[2]):
+    if last is not None and _same(signature, last[0]) and all(k in cache.held.sent for k in last[2]):
         msg.used.update(last[2])
         return last[1]
     wrapped = {k: _by_identity(msg, v, state) for (k, _, state), v in zip(signature, values.values(), strict=True)}
@@ -64,9 +64,52 @@ def settings_ext(msg: Message, make_ext: Callable[[Message, Any], Any],
     except EncodeError as err:
         raise senderrors.settings_error(values, err, _transient_dumps) from None
     keys = tuple(_keys(msg, wrapped.values()))
-    if msg.trusted and all(k in cache.sent for k in keys):  # by key only: reusable as it is
+    if msg.trusted and all(k in cache.held.sent for k in keys):  # by key only: reusable as it is
         msg.settings_sent = (tuple((k, i, _kept(state)) for k, i, state in signature), ext, keys, values)
     return ext
+
+
+def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
+    """What this process configured of DSPy (``dspy.configure`` / ``dspy.context``) that differs
+    from DSPy's defaults, and the names among them that the ``dspy.context`` blocks of the calling
+    thread or task hold: those a block named (:data:`dspex.client.dspycontext.named`), and those
+    it holds at another value than the configuration's (a block entered where names are not known:
+    a thread of DSPy's ``ParallelExecutor``). In-process such a block wins over any
+    ``dspy.configure``, the session's own included. Nothing when DSPy was never imported here."""
+    module = sys.modules.get(SETTINGS)
+    if module is None:
+        return {}, []
+    try:
+        config = module.main_thread_config
+        overrides = module.thread_local_overrides.get()
+        defaults = module.DEFAULT_CONFIG
+    except AttributeError:  # another DSPy layout: send nothing rather than guess
+        return {}, []
+    pinned: list[str] = []
+    if overrides:
+        pinned = [k for k, v in overrides.items() if k not in CALL_LOCAL and config.get(k, _MISSING) is not v]
+        named = names()
+        if named:
+            pinned += [k for k in named if k in overrides and k not in pinned]
+        config = {**config, **overrides}
+    out = {}
+    for k, v in config.items():
+        default = defaults.get(k, _MISSING)
+        if k in pinned or (v is not default and k not in CALL_LOCAL and _differs(v, default)):
+            out[k] = v
+    return out, pinned
+
+
+_MISSING = object()
+_DEFAULT_ATOMS = (type(None), bool, int, float, str)  # compared by value with DSPy's defaults
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if value is default:
+        return False
+    if type(value) is type(default) and isinstance(value, _DEFAULT_ATOMS):
+        return bool(value != default)
+    return not (type(value) is list and type(default) is list and not value and not default)
 
 
 _stateful: tuple[type, ...] = ()  # DSPy's BaseLM and Adapter, once DSPy is imported
@@ -164,8 +207,8 @@ def _by_identity(msg: Message, value: Any, state: Any = None) -> Any:
     if state is None:
         return _Value(key, items)
     cache = msg.cache
-    held = msg.trusted and key in cache.sent
-    if not held or _same(state, cache.states.get(key)):
+    held = msg.trusted and key in cache.held.sent
+    if not held or _same(state, cache.held.states.get(key)):
         if not held:  # the worker gets it in full
             msg.restated.append((value, key, None, _kept(state)))
         return _Value(key, items)

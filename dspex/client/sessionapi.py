@@ -16,7 +16,7 @@ from dspex.client.arguments import bound_name, keywords, positional
 from dspex.client.config import ClientConfig
 from dspex.client.exchange import Callback
 from dspex.client.sendcache import SendCache
-from dspex.wire.errors import ConnectionError, EncodeError, SessionClosed, Timeout
+from dspex.wire.errors import BadArgument, ConnectionError, EncodeError, SessionClosed, Timeout
 from dspex.wire.ops import Op
 from dspex.wire.protocol import FLAG_DURABLE
 from dspex.wire.ref import Ref
@@ -41,6 +41,27 @@ class RequestOptions(TypedDict, total=False):
     flags: int
 
 
+class CallOptions(TypedDict, total=False):
+    """The options every op of a session takes besides its arguments (and ``Client.call``)."""
+
+    timeout: float | None  # seconds: the call's deadline, which also stops it on the worker (None: the client's)
+    on_progress: Callback | None  # called with each progress event the call reports
+    on_output: Callback | None  # called with what the call prints, warns or logs (dspex.client.output)
+
+
+_CALL_OPTIONS = CallOptions.__optional_keys__
+
+
+def call_options(options: CallOptions) -> CallOptions:
+    """A user's ``**options``, refused (as Python refuses an unexpected keyword argument: a
+    :class:`dspex.BadArgument` is a ``TypeError``) when one is not a :class:`CallOptions` name."""
+    if options and not options.keys() <= _CALL_OPTIONS:
+        unknown = ", ".join(sorted(options.keys() - _CALL_OPTIONS))
+        raise BadArgument(f"unexpected keyword argument {unknown}: a call takes timeout=, on_progress= and "
+                          "on_output=")
+    return options
+
+
 class SessionClient(Protocol):
     """What a session asks of its client (:class:`dspex.client.api.ClientAPI`, which imports this module)."""
 
@@ -62,9 +83,9 @@ class SessionClient(Protocol):
 class SessionAPI:
     """Calls pinned to one worker of a pool; objects stay there as refs until released.
 
-    Every op takes ``timeout=`` (the call's deadline, which also stops the call on the worker),
-    ``on_progress=`` and ``on_output=`` (what the call prints, warns or logs, in addition to this
-    process's streams and loggers: dspex.client.output). Refs the session returns are handles that read
+    Every op takes the :class:`CallOptions` ``timeout=`` (the call's deadline, which also stops
+    the call on the worker), ``on_progress=`` and ``on_output=`` (what the call prints, warns or
+    logs, in addition to this process's streams and loggers: dspex.client.output). Refs the session returns are handles that read
     like their objects (``prog(question=...)``, ``lm.model``). Through a
     :class:`dspex.aio.AsyncSession` every op returns an awaitable of the same value.
     """
@@ -110,13 +131,12 @@ class SessionAPI:
         if worker:
             self.worker = worker
 
-    def _request(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
-                 on_output: Callback | None) -> Any:
+    def _request(self, op: Op, body: list[Any], options: CallOptions) -> Any:
         if self.closed:
             return self.client._drive(_raising(self._closed()))
-        return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                   on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                   forward=self.forward_output, sender=self.sender, flags=self._flags)
+        return self.client.request(op.value, self.pool, self.id, body, worker=self.worker, on_reply=self._track,
+                                   bind=self, forward=self.forward_output, sender=self.sender, flags=self._flags,
+                                   **call_options(options))
 
     # -- code and objects by value -------------------------------------------------------------
     def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -129,101 +149,84 @@ class SessionAPI:
         return self.apply(fn, args, kwargs)
 
     def apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-              *, timeout: float | None = None, on_progress: Callback | None = None,
-              on_output: Callback | None = None) -> Any:
+              **options: Unpack[CallOptions]) -> Any:
         """:meth:`run` with the options: ``fn`` by value (or a ref to a callable on the worker)."""
-        return self._request(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._request(Op.APPLY, [fn, positional(args), keywords(kwargs)], options)
 
-    def put(self, obj: Any, *, timeout: float | None = None, on_progress: Callback | None = None,
-            on_output: Callback | None = None) -> Any:
+    def put(self, obj: Any, **options: Unpack[CallOptions]) -> Any:
         """Ship ``obj`` by value and keep it on the worker: its ref (Ray's ``put``)."""
-        return self._request(Op.PUT, [obj], timeout, on_progress, on_output)
+        return self._request(Op.PUT, [obj], options)
 
-    def define(self, obj: Any, name: str | None = None, *, timeout: float | None = None,
-               on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+    def define(self, obj: Any, name: str | None = None, **options: Unpack[CallOptions]) -> Any:
         """Bind ``obj`` (a function, class or value, sent by value) in the session namespace as
         ``name`` (default ``obj.__name__``), so ``eval``/``exec`` code can use it."""
-        return self._request(Op.BIND, [bound_name(obj, name), obj], timeout, on_progress, on_output)
+        return self._request(Op.BIND, [bound_name(obj, name), obj], options)
 
     # -- the explicit API ---------------------------------------------------------------------------
     def call(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-             *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
+             **options: Unpack[CallOptions]) -> Any:
         """``module.fn(*args, **kwargs)`` on the session's worker."""
-        return self._request(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._request(Op.CALL, [module, fn, positional(args), keywords(kwargs)], options)
 
     def method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Any:
+               **options: Unpack[CallOptions]) -> Any:
         """``ref.name(*args, **kwargs)`` on the worker."""
-        return self._request(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._request(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], options)
 
-    def attr(self, ref: Ref, name: str, *, timeout: float | None = None, on_progress: Callback | None = None,
-             on_output: Callback | None = None) -> Any:
+    def attr(self, ref: Ref, name: str, **options: Unpack[CallOptions]) -> Any:
         """``getattr(ref, name)`` on the worker."""
-        return self._request(Op.GETATTR, [ref, name], timeout, on_progress, on_output)
+        return self._request(Op.GETATTR, [ref, name], options)
 
-    def set_attr(self, ref: Ref, name: str, value: Any, *, timeout: float | None = None,
-                 on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+    def set_attr(self, ref: Ref, name: str, value: Any, **options: Unpack[CallOptions]) -> Any:
         """``setattr(ref, name, value)`` on the worker."""
-        return self._request(Op.SETATTR, [ref, name, value], timeout, on_progress, on_output)
+        return self._request(Op.SETATTR, [ref, name, value], options)
 
-    def eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+    def eval(self, expr: str, namespace: dict[str, Any] | None = None, **options: Unpack[CallOptions]) -> Any:
         """Evaluate an expression on the worker; refs in ``namespace`` resolve to their objects."""
-        return self._request(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+        return self._request(Op.EVAL, [expr, namespace or {}], options)
 
-    def exec(self, source: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-             on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+    def exec(self, source: str, namespace: dict[str, Any] | None = None, **options: Unpack[CallOptions]) -> Any:
         """Run statements in the session's namespace; returns the names they bound (as refs/data)."""
-        return self._request(Op.EXEC, [source, namespace or {}], timeout, on_progress, on_output)
+        return self._request(Op.EXEC, [source, namespace or {}], options)
 
-    def to_data(self, ref: Ref, *, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> Any:
+    def to_data(self, ref: Ref, **options: Unpack[CallOptions]) -> Any:
         """Plain data of a dspy.Example / dspy.Prediction (or anything with ``toDict``)."""
-        return self._request(Op.TO_DATA, [ref], timeout, on_progress, on_output)
+        return self._request(Op.TO_DATA, [ref], options)
 
-    def release(self, *refs: Ref, timeout: float | None = None, on_progress: Callback | None = None,
-                on_output: Callback | None = None) -> Any:
+    def release(self, *refs: Ref, **options: Unpack[CallOptions]) -> Any:
         """Release refs (the number released); other values (data that came back by value) hold
         nothing there: skipped."""
         # ids, not refs: refs in a request body resolve to their objects on the worker
-        return self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], timeout, on_progress,
-                             on_output)
+        return self._request(Op.RELEASE, [[r.id for r in refs if isinstance(r, Ref)]], options)
 
     # -- streams --------------------------------------------------------------------------------
-    def _stream(self, op: Op, body: list[Any], timeout: float | None, on_progress: Callback | None,
-                on_output: Callback | None) -> Any:
+    def _stream(self, op: Op, body: list[Any], options: CallOptions) -> Any:
         if self.closed:
             raise self._closed()
         # the request is built at the stream's first item: a wrong option is refused here, at once
-        arguments.check_options({"on_progress": on_progress, "on_output": on_output, "timeout": timeout})
-        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, timeout=timeout,
-                                  on_reply=self._track, on_progress=on_progress, on_output=on_output, bind=self,
-                                  forward=self.forward_output, sender=self.sender, flags=self._flags)
+        arguments.check_options(call_options(options))
+        return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, on_reply=self._track,
+                                  bind=self, forward=self.forward_output, sender=self.sender, flags=self._flags,
+                                  **options)
 
     def stream(self, module: str, fn: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-               *, timeout: float | None = None, on_progress: Callback | None = None,
-               on_output: Callback | None = None) -> Any:
+               **options: Unpack[CallOptions]) -> Any:
         """Stream the items of the iterable (or async iterable) ``module.fn(...)`` returns."""
-        return self._stream(Op.CALL, [module, fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._stream(Op.CALL, [module, fn, positional(args), keywords(kwargs)], options)
 
     def stream_method(self, ref: Ref, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
-                      *, timeout: float | None = None, on_progress: Callback | None = None,
-                      on_output: Callback | None = None) -> Any:
+                      **options: Unpack[CallOptions]) -> Any:
         """Stream the items of what a method returns (e.g. a ``dspy.streamify`` program)."""
-        return self._stream(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._stream(Op.METHOD, [ref, name, positional(args), keywords(kwargs)], options)
 
-    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, *, timeout: float | None = None,
-                    on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+    def stream_eval(self, expr: str, namespace: dict[str, Any] | None = None, **options: Unpack[CallOptions]) -> Any:
         """Stream the items of what an expression evaluates to."""
-        return self._stream(Op.EVAL, [expr, namespace or {}], timeout, on_progress, on_output)
+        return self._stream(Op.EVAL, [expr, namespace or {}], options)
 
     def stream_apply(self, fn: Callable[..., Any] | Ref, args: Sequence[Any] = (),
-                     kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
-                     on_progress: Callback | None = None, on_output: Callback | None = None) -> Any:
+                     kwargs: dict[str, Any] | None = None, **options: Unpack[CallOptions]) -> Any:
         """Stream the items of what ``fn(*args, **kwargs)`` returns (``fn`` by value, as in :meth:`run`)."""
-        return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], timeout, on_progress, on_output)
+        return self._stream(Op.APPLY, [fn, positional(args), keywords(kwargs)], options)
 
     def close(self, timeout: float | None = None) -> Any:
         """Release every ref of the session on its worker (a close the broker died with goes again,

@@ -27,7 +27,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import Restated, SendCache, SettingsSent, held_key
+from dspex.client.sendcache import Restated, SendCache, SettingsSent
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
@@ -67,7 +67,7 @@ class Message:
         return bool(self.used) or self.globals.relied
 
     def key(self, obj: Any) -> str:
-        held = held_key(self.cache, obj) if self.cache.keep else None
+        held = self.cache.held.lookup(obj) if self.cache.keep else None
         if held is not None:
             return held
         hit = self.new_keys.get(id(obj))
@@ -80,7 +80,7 @@ class Message:
         reference) rather than defines it: False makes this message its definer."""
         if key in self.defined:
             return True
-        if self.trusted and key in self.cache.sent:
+        if self.trusted and key in self.cache.held.sent:
             self.used.add(key)
             return True
         self.defined.add(key)
@@ -122,7 +122,7 @@ class Message:
         """The pickle :class:`SessionPickler` writes for a by-value function the worker holds and
         whose globals are as the session has them (``s.run(fn)`` after its first call): the
         function's key, made without a pickler. None when anything must be sent with it."""
-        key = held_key(self.cache, func) if self.trusted else None
+        key = self.cache.held.lookup(func) if self.trusted else None
         if key is None or func.__code__ is reducers.SINGLEDISPATCH_CODE or not codeindex.by_value(func) \
                 or not self.globals.unchanged(func):
             return None
@@ -243,7 +243,7 @@ class SessionPickler(byvalue.SourcePickler):
         msg = self.msg
         if not msg.trusted:
             return None
-        key = held_key(msg.cache, obj)
+        key = msg.cache.held.lookup(obj)
         if key is not None:
             if key in msg.defined:  # being defined by this request
                 return None
@@ -270,7 +270,7 @@ class SessionPickler(byvalue.SourcePickler):
             msg = self.msg
             modules = {nsid[2:] for nsid, _ in msg.globals.bindings if nsid.startswith("m:")}
             self._globals = {}
-            for module_name in (*msg.cache.modules, *modules):
+            for module_name in (*msg.cache.globals.modules, *modules):
                 for name, value in codeindex.user_globals(module_name):
                     if not name.startswith("__") and type(value) not in _NOT_HELD and not isinstance(value, type):
                         self._globals.setdefault(id(value), (module_name, name, value))
@@ -291,7 +291,7 @@ class SessionPickler(byvalue.SourcePickler):
             return self._held(key, bindings)
         nsid, base = msg.namespace(func.__globals__)
         bindings = msg.globals.own_name(nsid, func, bindings)
-        msg.cache.codes[key] = func.__code__
+        msg.cache.held.codes[key] = func.__code__
         msg.note_source(func.__code__.co_filename, self.sources)
         state, slotstate = _cp._function_getstate(func)
         slotstate["__globals__"] = {}  # the session's module is its globals; bindings fill it
