@@ -838,15 +838,17 @@ def test_the_warning_filters_a_sessions_code_sets_are_its_own(stack: Stack, how:
     another session's on the same worker (it raised their warnings into their code)."""
     dx = stack.pool("p:strict_queue", 1, "--no-dspy", "--capacity", str(capacity))
     mine, other = dx.session("p"), dx.session("p")
-    assert other.run(warns) == "warned"
-    if how == "code":
-        mine.run(errors_on_warnings)
-    else:
-        mine.run(warnings.simplefilter, "error")
-    assert mine.run(warns) == "raised"
-    assert other.run(warns) == "warned" and dx.session("p").run(warns) == "warned"
-    mine.run(warnings.resetwarnings)
-    assert mine.run(warns) == "warned"
+    with pytest.warns(UserWarning, match="careful") as shown_here:  # a warning shown there shows here
+        assert other.run(warns) == "warned"
+        if how == "code":
+            mine.run(errors_on_warnings)
+        else:
+            mine.run(warnings.simplefilter, "error")
+        assert mine.run(warns) == "raised"
+        assert other.run(warns) == "warned" and dx.session("p").run(warns) == "warned"
+        mine.run(warnings.resetwarnings)
+        assert mine.run(warns) == "warned"
+    assert len(shown_here) == 4
 
 
 def shown(message: str) -> int:
