@@ -196,6 +196,7 @@ class SessionPickler(byvalue.SourcePickler):
         self.msg = msg
         self._defining = 0  # the values being defined that this pickle is inside of
         self._globals: dict[int, tuple[str, str, Any]] | None = None
+        self._valued: set[int] = set()  # ids of the objects this pickle defines as values
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -224,6 +225,11 @@ class SessionPickler(byvalue.SourcePickler):
             return self._module(obj)
         if issubclass(t, type) and codeindex.by_value(obj):
             return reducers.parametrized_model(obj) or self._class(obj)
+        if self._defining and id(obj) not in self._valued and isinstance(obj, _lm_class()):
+            # an LM inside a value (a configured TwoStepAdapter's extraction model, an LM in a
+            # global dict) is a value of its own, keyed as a configured LM is: the session's calls
+            # record its history entries in the client's LM (SendCache.lms), as in-process
+            return self._value(_Value(self.msg.key(obj), obj))
         return super().reducer_override(obj)
 
     def _held_id(self, obj: Any) -> Any:
@@ -349,6 +355,7 @@ class SessionPickler(byvalue.SourcePickler):
         if self._defining == 0 and self.msg.trusted:
             self.persistent_id = self._held_id
         self._defining += 1  # until the EndOfValue after it
+        self._valued.add(id(value.obj))
         return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 
     def _binding(self, nsid: str, name: str, obj: Any) -> bytes | None:
@@ -393,6 +400,12 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
                 out = dict(values)
             out[k] = ModuleGlobal(module, name, value)
     return out
+
+
+def _lm_class() -> type | tuple[()]:
+    """DSPy's ``BaseLM`` when DSPy is imported here (nothing is an LM otherwise)."""
+    lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)
+    return lm if isinstance(lm, type) else ()
 
 
 def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
