@@ -384,3 +384,33 @@ def test_the_history_of_an_lm_in_a_global_dict_is_as_in_process(session: dspex.S
         seen.append(len(lm.history))
     assert answer == "1"  # the session's copy was sent after the in-process call
     assert seen == [1, 1]
+
+
+PROGRAMS = {"qa": dspy.Predict("question -> answer")}  # a program in a global dict: no global itself
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.program = dspy.ChainOfThought("question -> answer")
+
+
+HOLDER = Holder()
+
+
+def uses_held_programs() -> list[str]:
+    return [str(PROGRAMS["qa"](question="q").answer), str(HOLDER.program(question="q").answer)]
+
+
+def test_the_history_of_programs_inside_globals_is_as_in_process(session: dspex.Session) -> None:
+    """DSPy (3.4) records each call in the ``history`` of the modules it was made in: so for a
+    program kept in a global dict or held by a global object of the user's code."""
+    modules = (PROGRAMS["qa"], HOLDER.program, HOLDER.program.predict)
+    seen = []
+    for through_session in (False, True):
+        for module in modules:
+            module.history.clear()
+        with fresh_dspy_settings():
+            dspy.configure(lm=DummyLM([{"reasoning": "r", "answer": "a"}] * 2))
+            answers = session.run(uses_held_programs) if through_session else uses_held_programs()
+        seen.append((answers, [len(m.history) for m in modules]))
+    assert seen == [(["a", "a"], [1, 1, 1])] * 2

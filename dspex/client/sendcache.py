@@ -199,7 +199,7 @@ class SendCache:
         second once it has loaded the request."""
         if not self.keep:
             return None
-        lm_class = _history_classes() if msg.new_keys else None
+        lm_class = history_classes() if msg.new_keys else None
         with self._lock:
             for oid, (obj, key) in msg.new_keys.items():
                 self.keys.setdefault(oid, (obj, key))
@@ -397,7 +397,7 @@ class SendCache:
         """{key: LM or module} of this client's DSPy LMs and modules that the worker holds once
         ``msg`` is sent: whose history entries the call sends back."""
         lms = {key: lm for key, lm in self._snapshot(self.lms) if key in self.sent or key in msg.defined}
-        lm_class = _history_classes() if msg.new_keys else None
+        lm_class = history_classes() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()
                        if key in msg.defined and isinstance(obj, lm_class))
@@ -435,7 +435,7 @@ def client_dspy_settings() -> tuple[dict[str, Any], list[str]]:
     return out, pinned
 
 
-def _history_classes() -> tuple[type, ...] | None:
+def history_classes() -> tuple[type, ...] | None:
     """The DSPy classes whose objects keep a history of LM calls (``BaseLM``, and ``Module``:
     DSPy records a call in each module it was made in) when DSPy is imported here, else None."""
     lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)

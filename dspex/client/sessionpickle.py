@@ -27,7 +27,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
-from dspex.client.sendcache import Restated, SendCache, SettingsSent, held_key
+from dspex.client.sendcache import Restated, SendCache, SettingsSent, held_key, history_classes
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
@@ -197,6 +197,7 @@ class SessionPickler(byvalue.SourcePickler):
         self._defining = 0  # the values being defined that this pickle is inside of
         self._globals: dict[int, tuple[str, str, Any]] | None = None
         self._valued: set[int] = set()  # ids of the objects this pickle defines as values
+        self._keeps_history: tuple[type, ...] | None = None  # history_classes, once a value needs them
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -225,12 +226,17 @@ class SessionPickler(byvalue.SourcePickler):
             return self._module(obj)
         if issubclass(t, type) and codeindex.by_value(obj):
             return reducers.parametrized_model(obj) or self._class(obj)
-        if self._defining and id(obj) not in self._valued and isinstance(obj, _lm_class()):
-            # an LM inside a value (a configured TwoStepAdapter's extraction model, an LM in a
-            # global dict) is a value of its own, keyed as a configured LM is: the session's calls
-            # record its history entries in the client's LM (SendCache.lms), as in-process
+        if self._defining and id(obj) not in self._valued and isinstance(obj, self._history_classes()):
+            # an LM or module inside a value (a configured TwoStepAdapter's extraction model, a
+            # program in a global dict) is a value of its own, keyed as a configured LM or a global
+            # module is: the session's calls record its history entries in the client's (SendCache.lms)
             return self._value(_Value(self.msg.key(obj), obj))
         return super().reducer_override(obj)
+
+    def _history_classes(self) -> tuple[type, ...]:
+        if self._keeps_history is None:
+            self._keeps_history = history_classes() or ()
+        return self._keeps_history
 
     def _held_id(self, obj: Any) -> Any:
         """The pickler's ``persistent_id`` once a global's value is being defined. Inside such a
@@ -400,12 +406,6 @@ def _module_globals(msg: Message, module: str, values: dict[Any, Any]) -> dict[A
                 out = dict(values)
             out[k] = ModuleGlobal(module, name, value)
     return out
-
-
-def _lm_class() -> type | tuple[()]:
-    """DSPy's ``BaseLM`` when DSPy is imported here (nothing is an LM otherwise)."""
-    lm = getattr(sys.modules.get("dspy.clients.base_lm"), "BaseLM", None)
-    return lm if isinstance(lm, type) else ()
 
 
 def _default_of(variable: contextvars.ContextVar[Any]) -> tuple[Any, ...]:
