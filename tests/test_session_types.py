@@ -153,6 +153,39 @@ def lookup(table: dict[str, int], key: str) -> int:
         raise ValueError(f"no entry {key!r}") from missing
 
 
+class Shelf:
+    def search(self, query: str) -> str:
+        """Search the shelf."""
+        raise ValueError(f"no book {query!r}")
+
+
+def frames_of(traceback_text: str) -> list[str]:
+    """The (file, function) of each frame of a formatted traceback."""
+    return [line.split(", ")[0].strip() + " " + line.rsplit(" in ", 1)[-1]
+            for line in traceback_text.splitlines() if line.startswith("  File ")]
+
+
+def test_a_remote_traceback_starts_at_the_users_code(dx: dspex.Client) -> None:
+    """The worker's traceback of a call's error shows what in-process shows below the call: the
+    frames of the user's code (and what it called), not the worker's own that ran it. It is what
+    ``dspy.ReAct`` on the client writes into the observation the LM reads when a tool that is a
+    handle's method raises (``format_error_for_lm``)."""
+    s = dx.session("p")
+    shelf = s.put(Shelf())
+    for call in (lambda: shelf.search("x"), lambda: s.run(lookup, {}, "x"), lambda: s.run(Shelf().search, "x")):
+        with pytest.raises(ValueError) as info:
+            call()
+        for err in (info.value, info.value.__cause__):
+            if err is None:
+                continue
+            frames = frames_of(err.remote_traceback)
+            assert frames and frames[0].endswith((" search", " lookup")), frames
+            assert not any("/worker/" in f or "<dspex" in f for f in frames), frames
+    with pytest.raises(TypeError) as wrong:  # an error of the call itself: the frames that tell it stay
+        s.run(lookup, {})
+    assert "Traceback" in wrong.value.remote_traceback
+
+
 def test_a_chained_exception_keeps_its_chain_as_remote_errors(dx: dspex.Client) -> None:
     s = dx.session("p")
     with pytest.raises(ValueError, match="no entry 'x'") as info:

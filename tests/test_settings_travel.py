@@ -338,3 +338,79 @@ def test_the_clients_histories_stay_plain_lists(session: dspex.Session) -> None:
                      for h in (base_lm.GLOBAL_HISTORY, QA.history, PIPELINE.draft.predict.history)])
         assert base_lm.GLOBAL_HISTORY is global_history
     assert seen[1] == seen[0] == [(True, 3, 3, True), (True, 2, 2, True), (True, 1, 1, True)]
+
+
+def two_step_answer() -> str:
+    return str(dspy.Predict("question -> answer")(question="q").answer)
+
+
+def test_the_history_of_an_lm_the_configured_adapter_holds_is_as_in_process(session: dspex.Session) -> None:
+    """DSPy docs "Adapters": ``dspy.configure(lm=lm, adapter=dspy.TwoStepAdapter(extraction_model=...))``
+    on the client. The extraction LM, held by the configured adapter (no setting nor global
+    itself), records its calls in its own ``history`` in-process: through a session too (it was
+    a copy inside the adapter's, whose entries reached the global history only)."""
+    seen = []
+    for through_session in (False, True):
+        base_lm.GLOBAL_HISTORY.clear()
+        with fresh_dspy_settings():
+            main = DummyLM([{"answer": "draft"}] * 3)
+            extract = DummyLM([{"answer": str(i)} for i in range(3)])
+            dspy.configure(lm=main, adapter=dspy.TwoStepAdapter(extraction_model=extract))
+            answer = session.run(two_step_answer) if through_session else two_step_answer()
+            answer2 = session.run(two_step_answer) if through_session else two_step_answer()
+        seen.append((answer, answer2, len(main.history), len(extract.history), len(base_lm.GLOBAL_HISTORY),
+                     extract.history[-1] is base_lm.GLOBAL_HISTORY[-1] if extract.history else None))
+    assert seen[0] == ("0", "1", 2, 2, 4, True)
+    assert seen[1] == seen[0]
+
+
+JUDGES = {"strict": DummyLM([{"verdict": str(i)} for i in range(6)])}  # LMs in a global dict: none a global itself
+
+
+def judged() -> str:
+    with dspy.context(lm=JUDGES["strict"]):
+        return str(dspy.Predict("claim -> verdict")(claim="c").verdict)
+
+
+def test_the_history_of_an_lm_in_a_global_dict_is_as_in_process(session: dspex.Session) -> None:
+    """An LM kept in a global of the user's code (``JUDGES["strict"]``), used with
+    ``dspy.context(lm=...)`` in the program, records its calls in its ``history`` as in-process."""
+    lm = JUDGES["strict"]
+    seen = []
+    for through_session in (False, True):
+        lm.history.clear()
+        with fresh_dspy_settings():
+            answer = session.run(judged) if through_session else judged()
+        seen.append(len(lm.history))
+    assert answer == "1"  # the session's copy was sent after the in-process call
+    assert seen == [1, 1]
+
+
+PROGRAMS = {"qa": dspy.Predict("question -> answer")}  # a program in a global dict: no global itself
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.program = dspy.ChainOfThought("question -> answer")
+
+
+HOLDER = Holder()
+
+
+def uses_held_programs() -> list[str]:
+    return [str(PROGRAMS["qa"](question="q").answer), str(HOLDER.program(question="q").answer)]
+
+
+def test_the_history_of_programs_inside_globals_is_as_in_process(session: dspex.Session) -> None:
+    """DSPy (3.4) records each call in the ``history`` of the modules it was made in: so for a
+    program kept in a global dict or held by a global object of the user's code."""
+    modules = (PROGRAMS["qa"], HOLDER.program, HOLDER.program.predict)
+    seen = []
+    for through_session in (False, True):
+        for module in modules:
+            module.history.clear()
+        with fresh_dspy_settings():
+            dspy.configure(lm=DummyLM([{"reasoning": "r", "answer": "a"}] * 2))
+            answers = session.run(uses_held_programs) if through_session else uses_held_programs()
+        seen.append((answers, [len(m.history) for m in modules]))
+    assert seen == [(["a", "a"], [1, 1, 1])] * 2

@@ -12,13 +12,16 @@ back to ``repr``, lone surrogates are escaped (msgpack only packs valid UTF-8), 
 from __future__ import annotations
 
 import logging
+import os
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import cloudpickle
 import msgpack
 
+import dspex
 from dspex.wire import byvalue
 from dspex.wire.errors import DspexError, ProtocolError
 from dspex.wire.remoteerror import MAX_CHAIN, RemoteError
@@ -56,9 +59,24 @@ def _message(exc: BaseException) -> str:
             return f"<{type(exc).__name__} with an unprintable message>"
 
 
+# where the frames of the worker's own machinery that ran a call are (dspex's pseudo-files: "<dspex...")
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.dirname(os.path.abspath(dspex.__file__)) + os.sep, "<dspex")
+
+
+def _from_user_code(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` from its first frame that is not the worker's own: a traceback then reads as
+    in-process below the call (the user's function, what it called). All of it when every frame
+    is the worker's (an error of the call itself: arguments that do not bind)."""
+    start = tb
+    while start is not None and start.tb_frame.f_code.co_filename.startswith(_OWN_FILES):
+        start = start.tb_next
+    return start or tb
+
+
 def _traceback(exc: BaseException, chain: bool = True) -> str:
     try:
-        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=chain))
+        return "".join(traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__), chain=chain))
     except BaseException:  # noqa: BLE001 - a raising __str__ also breaks the formatter
         try:
             frames = "".join(traceback.format_tb(exc.__traceback__))

@@ -27,6 +27,7 @@ from cloudpickle import cloudpickle as _cp
 from dspex.client import codeindex, senderrors
 from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attribute, _Value
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
+from dspex.client.lmhistory import history_classes
 from dspex.client.sendcache import Restated, SendCache, SettingsSent
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
@@ -196,6 +197,8 @@ class SessionPickler(byvalue.SourcePickler):
         self.msg = msg
         self._defining = 0  # the values being defined that this pickle is inside of
         self._globals: dict[int, tuple[str, str, Any]] | None = None
+        self._valued: set[int] = set()  # ids of the objects this pickle defines as values
+        self._keeps_history: tuple[type, ...] | None = None  # history_classes, once a value needs them
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -224,7 +227,17 @@ class SessionPickler(byvalue.SourcePickler):
             return self._module(obj)
         if issubclass(t, type) and codeindex.by_value(obj):
             return reducers.parametrized_model(obj) or self._class(obj)
+        if self._defining and id(obj) not in self._valued and isinstance(obj, self._history_classes()):
+            # an LM or module inside a value (a configured TwoStepAdapter's extraction model, a
+            # program in a global dict) is a value of its own, keyed as a configured LM or a global
+            # module is: the session's calls record its history entries in the client's (SendCache.lms)
+            return self._value(_Value(self.msg.key(obj), obj))
         return super().reducer_override(obj)
+
+    def _history_classes(self) -> tuple[type, ...]:
+        if self._keeps_history is None:
+            self._keeps_history = history_classes() or ()
+        return self._keeps_history
 
     def _held_id(self, obj: Any) -> Any:
         """The pickler's ``persistent_id`` once a global's value is being defined. Inside such a
@@ -349,6 +362,7 @@ class SessionPickler(byvalue.SourcePickler):
         if self._defining == 0 and self.msg.trusted:
             self.persistent_id = self._held_id
         self._defining += 1  # until the EndOfValue after it
+        self._valued.add(id(value.obj))
         return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 
     def _binding(self, nsid: str, name: str, obj: Any) -> bytes | None:
