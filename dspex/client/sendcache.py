@@ -9,7 +9,8 @@ worker keeps them in its :class:`dspex.wire.codestore.CodeStore`). This object r
 - which keys the worker holds, least recently used first;
 - for each module global the session's functions read, the client object bound there when it was
   last sent: an unchanged binding is not sent again, a rebound one (a new object) is;
-- which source files went with the code (``inspect.getsource`` on the worker).
+- which source files went with the code (``inspect.getsource`` on the worker);
+- the closure cells of the functions it sent (:mod:`dspex.client.sentcells`).
 
 Module globals that were sent are the module state of the session: they stay as long as the
 binding does. Everything else (functions and classes not bound as globals, lambdas, big closure
@@ -50,6 +51,7 @@ from dspex.client.config import DEFAULT_CODE_CACHE
 from dspex.client.dspycontext import CALL_LOCAL as _CALL_LOCAL
 from dspex.client.dspycontext import SETTINGS as _SETTINGS
 from dspex.client.dspycontext import names as _names
+from dspex.client.sentcells import CellSent, SentCells
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
@@ -88,6 +90,7 @@ class EncodedGlobals(Protocol):
 
     bindings: dict[tuple[str, str], tuple[Any, str]]
     walks: dict[int, Walk]
+    cells_rebound: list[tuple[types.CellType, Any]]
 
 
 class Encoded(Protocol):
@@ -101,6 +104,7 @@ class Encoded(Protocol):
     sources: dict[str, list[str]]
     settings_sent: SettingsSent | None
     restated: list[Restated]
+    cells: dict[int, tuple[CellSent, ...]]
 
     @property
     def globals(self) -> EncodedGlobals: ...
@@ -143,6 +147,7 @@ class SendCache:
         # key -> a DSPy LM or module of this client the worker holds: its history entries come back
         self.lms: dict[str, Any] = {}
         self.context_vars: dict[str, Any] = {}  # key -> a ContextVar of the user's code: its value goes per call
+        self.cells = SentCells()  # the closure cells of the functions the worker holds
         processwide.register(self)
 
     def _after_fork(self) -> None:
@@ -241,6 +246,10 @@ class SendCache:
             self.walks.update(msg.globals.walks)
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
+            if msg.cells:
+                self.cells.hold(msg.cells)
+            for cell, value in msg.globals.cells_rebound:
+                self.cells.resent(cell, value)
             for obj, key, was, state in msg.restated:
                 self.states[key] = state
                 if was is not None:
@@ -299,6 +308,7 @@ class SendCache:
             self.sources.clear()
             self.drops.clear()
             self.walks.clear()
+            self.cells.clear()
             self.last_settings = None
             self.states.clear()
             if ephemeral:
@@ -319,6 +329,7 @@ class SendCache:
             self.sources.clear()
             self.drops.clear()
             self.walks.clear()
+            self.cells.clear()
             self.last_settings = None
             self.states.clear()
             self.modules.clear()
@@ -373,6 +384,7 @@ class SendCache:
         self.context_vars.pop(key, None)
         self.states.pop(key, None)
         self.drops.append(key)
+        self.cells.forget(key)
 
     def _snapshot(self, held: dict[str, Any]) -> list[tuple[str, Any]]:
         """The items of ``held`` (:attr:`lms`, :attr:`context_vars`) as they are now: another
