@@ -181,18 +181,17 @@ class Message:
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 value = None
-            sent = cell if not codeindex.is_big(value) else types.CellType(_Value(self.key(value), value))
-            if at >= len(own) or cell is not own[at]:  # a stand-in cell (reducers.closure_cells): never shared
-                out.append(sent)
-                continue
-            held = self._shared_cell(cell)
+            mine = at < len(own) and cell is own[at]  # (not a stand-in cell of reducers.closure_cells)
+            held = self._shared_cell(cell) if mine else None
             if held is not None:
                 shared = shared or [None] * len(cells)
                 shared[at] = held[:2]
-                if value is held[2]:
-                    sent = types.CellType()
-            self.cells[id(cell)] = (*self.cells.get(id(cell), ()), (cell, key, at, value))
-            out.append(sent)
+            if held is not None and value is held[2]:
+                out.append(types.CellType())  # empty: the worker's value stays
+            else:
+                out.append(cell if not codeindex.is_big(value) else types.CellType(_Value(self.key(value), value)))
+            if mine:
+                self.cells[id(cell)] = (*self.cells.get(id(cell), ()), (cell, key, at, value))
         return tuple(out), None if shared is None else tuple(shared)
 
     def _shared_cell(self, cell: types.CellType) -> tuple[str, int, Any] | None:
