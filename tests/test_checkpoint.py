@@ -787,3 +787,39 @@ def test_a_session_dir_holding_a_link_is_named_not_durable() -> None:
     ck, lost = checkpoint.Tracker(SID).build(state)
     assert ck is not None and [(why.section, why.key) for why in lost] == [("ref", ref.id)]
     assert "symbolic link" in lost[0].reason
+
+
+def test_functions_sharing_a_closure_cell_share_it_after_a_restore() -> None:
+    """Functions made together (a session's ``inc`` and ``get`` of one ``make_counter()``) share
+    their cell after a durable session moves, as in-process; a function whose cell holds itself
+    comes back too."""
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    ns = namespace.namespace(state)
+    namespace.exec_in_session(state, (
+        "def make_counter():\n"
+        "    n = 0\n"
+        "    def inc():\n"
+        "        nonlocal n\n"
+        "        n += 1\n"
+        "        return n\n"
+        "    def get():\n"
+        "        return n\n"
+        "    def down(k):\n"
+        "        return 0 if k == 0 else down(k - 1)\n"
+        "    return inc, get, down\n"
+        "inc, get, down = make_counter()\n"
+    ), ns)
+    assert ns["inc"]() == 1
+    held = Held()
+    ck, _ = checkpoint.Tracker(SID).build(state)
+    assert ck is not None
+    held.apply(ck)
+    namespace.drop_session_module(state)
+    new, _ = held.restore()
+    nns = namespace.namespace(new)
+    try:
+        assert nns["inc"]() == 2 and nns["get"]() == 2 and nns["down"](3) == 0
+        assert nns["inc"].__closure__[0] is nns["get"].__closure__[0]
+    finally:
+        namespace.drop_session_module(new)

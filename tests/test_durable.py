@@ -82,6 +82,37 @@ def test_kill_9_of_the_pinned_worker_moves_the_session_with_its_state(stack: Sta
     assert row["durable"] and row["checkpoint_bytes"] > 0 and row["checkpoint_age_s"] is not None
 
 
+def test_functions_made_together_share_their_cell_after_a_move(stack: Stack, usercode: Any) -> None:
+    """docs/remote-objects.md (closures): ``inc`` and ``get`` of one ``make_counter()`` share the
+    counter in the session; moved (kill -9 of its worker), the session keeps it shared, between
+    functions sent before the move and with one first sent after it."""
+    mod = usercode('''
+        def make_counter():
+            n = 0
+
+            def inc():
+                nonlocal n
+                n += 1
+                return n
+
+            def get():
+                return n
+
+            return inc, get
+    ''')
+    dx = stack.pool("p:strict_queue", 2)
+    s = dx.session("p", durable=True)
+    inc, get = mod.make_counter()
+    inc_first, get_after = mod.make_counter()
+    assert [s.run(inc), s.run(inc), s.run(get), s.run(inc_first)] == [1, 2, 2, 1]
+    pid = pid_of(s)
+    stack.kill(pid)
+    gone(dx, "p", pid)
+    assert [s.run(inc), s.run(get)] == [3, 3]
+    assert [s.run(get_after), s.run(inc_first), s.run(get_after)] == [1, 2, 2]
+    assert pid_of(s) != pid
+
+
 def test_an_object_that_cannot_be_durable_is_named_when_it_enters_and_gone_after_a_move(stack: Stack) -> None:
     dx = stack.pool("p:strict_queue", 2)
     s = dx.session("p", durable=True)

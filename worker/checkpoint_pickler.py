@@ -99,8 +99,25 @@ def _dispatch_table() -> dict[Any, Any]:
     global _dispatch, _dispatch_size
     if _dispatch_size != len(copyreg.dispatch_table):
         _dispatch = dict(cloudpickle.Pickler.dispatch)
+        _dispatch[types.CellType] = _cell_reduce
         _dispatch_size = len(copyreg.dispatch_table)
     return _dispatch
+
+
+def _cell_reduce(cell: types.CellType) -> Any:
+    """A closure cell made empty and filled once it is in the memo: the session's functions are
+    made with their own cells (:meth:`SkeletonPickler._function`), so functions that share a cell
+    (made together, ``inc`` and ``get`` of one ``make_counter()``) share it after a restore, and a
+    cell that holds its own function (a nested recursive function) is no recursion."""
+    try:
+        value = cell.cell_contents
+    except ValueError:
+        return _cp._make_empty_cell, ()
+    return _cp._make_empty_cell, (), value, None, None, _fill_cell
+
+
+def _fill_cell(cell: types.CellType, value: Any) -> None:
+    cell.cell_contents = value
 
 
 def _class_by_reference(cls: type) -> bool:
@@ -441,6 +458,7 @@ class SkeletonPickler(cloudpickle.Pickler):  # type: ignore[misc]
             if make is _cp._make_function:  # the module's own builtins kept (its __import__)
                 make = _make_session_function
                 rest = [codestore.function_setstate if f is _cp._function_setstate else f for f in rest]
+                args = (*args[:4], func.__closure__)  # its own cells (cloudpickle's are new ones): shared ones stay so
             return (make, args, (state, {**slotstate, "__globals__": {}}), *rest)
         name = namespace.get("__name__")
         module = sys.modules.get(name) if isinstance(name, str) else None

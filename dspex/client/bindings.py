@@ -70,6 +70,7 @@ class Bindings:
         # that cannot be pickled is left out (SendCache.left_out) instead of failing the request
         self.incidental: set[int] = set()  # ids of the objects walked
         self.needed: set[tuple[str, str]] = set()  # the bindings some other path reached
+        self.cells_rebound: list[tuple[types.CellType, Any]] = []  # (held cell, the new value it sends)
 
     def walk(self, root: Any) -> list[Binding]:
         """The bindings to send for ``root`` (a by-value function, class or user module): the
@@ -131,13 +132,15 @@ class Bindings:
                     # an import in the body finds the session's module (codestore.CodeStore.importer)
                     reads.append((sys.modules, module.__name__, (codestore.IMPORTED, module.__name__)))
                     self.bind(out, todo, codestore.IMPORTED, module.__name__, module, incidental)
-                for cell in func.__closure__ or ():
+                for at, cell in enumerate(func.__closure__ or ()):
                     try:
                         value = cell.cell_contents
                     except ValueError:
                         continue
+                    memo.cells.append((cell, value))
+                    if self.trusted and self.cache.held.cells:
+                        self._cell_rebound(out, func, at, cell, value)
                     if isinstance(value, (types.FunctionType, type)) and codeindex.by_value(value):
-                        memo.cells.append((cell, value))
                         todo.append((value, incidental))
         if self.trusted and complete:
             self.walks[id(root)] = memo
@@ -214,6 +217,23 @@ class Bindings:
         sent = entry[0] if entry is not None else self.cache.held.codes.get(key)
         if sent is not None and func.__code__ is not sent and func.__code__.co_freevars == sent.co_freevars:
             self.bind(out, [], codestore.CODE_OF, key, func.__code__)
+
+    def _cell_rebound(self, out: list[Binding], func: types.FunctionType, at: int, cell: types.CellType,
+                      value: Any) -> None:
+        """A closure cell of a function the session holds that the client rebound since it was
+        sent (in-process the function sees the new value): the new value, bound under
+        :data:`codestore.CELL_OF`, replaces the worker's cell's (every function of the session that
+        shares the cell sees it, as in-process). A cell the client left alone keeps what the
+        session's calls made of it."""
+        held = self.cache.held.cells.held(cell, self.cache.held.sent)
+        if held is None or held[2] is value or any(c is cell for c, _ in self.cells_rebound):
+            return
+        key = self.cache.held.lookup(func)
+        if key is None:
+            return
+        self.cells_rebound.append((cell, value))
+        sent = _Value(self._key(value), value) if codeindex.is_big(value) else value
+        out.append((codestore.CELL_OF, key, BindingKey(codestore.CELL_OF, key, str(at)), sent))
 
     def own_name(self, nsid: str, obj: Any, bindings: list[Binding]) -> list[Binding]:
         """``bindings`` plus the module global that names ``obj`` where it was defined (a

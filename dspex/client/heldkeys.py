@@ -11,7 +11,8 @@ It owns:
 - the keys forgotten here that the worker still holds: requests tell it to drop them;
 - the client objects the worker holds under a key that a call acts on: DSPy LMs and modules (their
   history entries come back), ContextVars (their value goes with each call), a client setting's
-  state (a change made in place goes again), the code a function was sent with.
+  state (a change made in place goes again), the code a function was sent with;
+- the closure cells of the functions the worker holds (:mod:`dspex.client.sentcells`).
 
 Forgetting a key forgets it in all of these. It has no lock of its own: its ``SendCache``'s lock
 guards every change, with the session's bindings, so a request's record is taken whole.
@@ -24,6 +25,8 @@ import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from dspex.client.sentcells import SentCells
 
 _PINNED_FOREVER = 1 << 30  # namespaces: their key is their module state's identity
 
@@ -43,6 +46,7 @@ class HeldKeys:
         # key -> a DSPy LM or module of this client the worker holds: its history entries come back
         self.lms: dict[str, Any] = {}
         self.context_vars: dict[str, Any] = {}  # key -> a ContextVar of the user's code: its value goes per call
+        self.cells = SentCells()  # the closure cells of the functions the worker holds
 
     def lookup(self, obj: Any) -> str | None:
         """The key the session's worker holds ``obj`` by (the client object's identity), if it does."""
@@ -141,6 +145,7 @@ class HeldKeys:
         self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
         self.drops.clear()
         self.states.clear()
+        self.cells.clear()
 
     def _forget(self, key: str) -> None:
         self.sent.pop(key, None)
@@ -152,3 +157,4 @@ class HeldKeys:
         self.context_vars.pop(key, None)
         self.states.pop(key, None)
         self.drops.append(key)
+        self.cells.forget(key)

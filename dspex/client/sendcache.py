@@ -41,6 +41,7 @@ from dspex.client.boundglobals import BoundGlobals
 from dspex.client.config import DEFAULT_CODE_CACHE
 from dspex.client.heldkeys import HeldKeys
 from dspex.client.lmhistory import history_classes
+from dspex.client.sentcells import CellSent
 
 # what a committed request sent that the worker has it only once the request reaches it: its
 # bindings ((namespace, name), key) and the keys it told the worker to drop (SendCache.confirm)
@@ -74,6 +75,7 @@ class EncodedGlobals(Protocol):
 
     bindings: dict[tuple[str, str], tuple[Any, str]]
     walks: dict[int, Walk]
+    cells_rebound: list[tuple[types.CellType, Any]]
 
 
 class Encoded(Protocol):
@@ -87,6 +89,7 @@ class Encoded(Protocol):
     sources: dict[str, list[str]]
     settings_sent: SettingsSent | None
     restated: list[Restated]
+    cells: dict[int, tuple[CellSent, ...]]
 
     @property
     def globals(self) -> EncodedGlobals: ...
@@ -173,6 +176,10 @@ class SendCache:
             self.walks.update(msg.globals.walks)
             if msg.settings_sent is not None:
                 self.last_settings = msg.settings_sent
+            if msg.cells:
+                self.held.cells.hold(msg.cells)
+            for cell, value in msg.globals.cells_rebound:
+                self.held.cells.resent(cell, value)
             for obj, key, was, state in msg.restated:
                 self.held.states[key] = state
                 if was is not None:

@@ -29,6 +29,7 @@ from dspex.client.bindings import _ATOMS, Binding, BindingKey, Bindings, _Attrib
 from dspex.client.callglobals import ModuleGlobal, PartialOfGlobals
 from dspex.client.lmhistory import history_classes
 from dspex.client.sendcache import Restated, SendCache, SettingsSent
+from dspex.client.sentcells import CellSent
 from dspex.client.standins import END_OF_VALUE, CodeRef, EndOfValue, held_pickle
 from dspex.wire import byvalue, codestore, reducers
 from dspex.wire.errors import EncodeError
@@ -60,6 +61,8 @@ class Message:
         self.settings_sent: SettingsSent | None = None
         self.restated: list[Restated] = []  # client settings whose state it sends (sendsettings)
         self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
+        # id(cell) -> each (cell, function key, index, value) of the functions it defines that hold it
+        self.cells: dict[int, tuple[CellSent, ...]] = {}
 
     @property
     def relies(self) -> bool:
@@ -134,12 +137,12 @@ class Message:
         g = self.globals
         return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
                 set(self.namespaces), dict(self.sources), set(self.used), self._budget, set(g.incidental),
-                set(g.needed))
+                set(g.needed), dict(self.cells), list(g.cells_rebound))
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         g = self.globals
         (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
-         self._budget, g.incidental, g.needed) = saved
+         self._budget, g.incidental, g.needed, self.cells, g.cells_rebound) = saved
 
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
@@ -163,16 +166,47 @@ class Message:
         self._nsids[id(g)] = (g, nsid, base)
         return nsid, base
 
-    def closure(self, cells: tuple[types.CellType, ...]) -> tuple[types.CellType, ...]:
-        """A function's closure with its big values sent by identity."""
+    def closure(self, func: types.FunctionType, key: str,
+                cells: tuple[types.CellType, ...]) -> tuple[tuple[types.CellType, ...], tuple[Any, ...] | None]:
+        """A function's closure to send with its big values sent by identity, and, when it shares
+        cells with functions the worker holds or this request defines (made together, as
+        ``inc`` and ``get`` of one ``make_counter()``), for each cell the ``(function key, index)``
+        of the worker's cell to use, else None (``codestore._load_function``). A shared cell's value
+        goes only when the client rebound it since it was sent (an empty cell in its place keeps
+        the worker's, which the session's calls may have changed)."""
         out: list[types.CellType] = []
-        for cell in cells:
+        shared: list[tuple[str, int] | None] | None = None
+        own = func.__closure__ or ()
+        for at, cell in enumerate(cells):
             try:
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 value = None
-            out.append(types.CellType(_Value(self.key(value), value)) if codeindex.is_big(value) else cell)
-        return tuple(out)
+            mine = at < len(own) and cell is own[at]  # (not a stand-in cell of reducers.closure_cells)
+            held = self._shared_cell(cell) if mine else None
+            if held is not None:
+                shared = shared or [None] * len(cells)
+                shared[at] = held[:2]
+            if held is not None and value is held[2]:
+                out.append(types.CellType())  # empty: the worker's value stays
+            else:
+                out.append(cell if not codeindex.is_big(value) else types.CellType(_Value(self.key(value), value)))
+            if mine:
+                self.cells[id(cell)] = (*self.cells.get(id(cell), ()), (cell, key, at, value))
+        return tuple(out), None if shared is None else tuple(shared)
+
+    def _shared_cell(self, cell: types.CellType) -> tuple[str, int, Any] | None:
+        """(function key, index, value sent) of a function this request defined before, or the
+        worker holds, that has ``cell``."""
+        mine = self.cells.get(id(cell))
+        if mine is not None and mine[0][0] is cell:
+            return mine[0][1], mine[0][2], mine[0][3]
+        if not self.trusted or not self.cache.held.cells:
+            return None
+        held = self.cache.held.cells.held(cell, self.cache.held.sent)
+        if held is not None:
+            self.used.add(held[0])
+        return held
 
     def note_source(self, filename: str | None, sources: dict[str, str]) -> None:
         """Send a by-value object's source file with it, once per session."""
@@ -316,9 +350,12 @@ class SessionPickler(byvalue.SourcePickler):
             if kwdefaults:
                 slotstate["__kwdefaults__"] = _module_globals(msg, module, kwdefaults)
         cells = reducers.closure_cells(func)
+        shape: int | tuple[Any, ...] = len(func.__code__.co_freevars)
         if cells:
-            slotstate["__closure__"] = msg.closure(cells)
-        args = (key, CodeRef(func.__code__), nsid, base, len(func.__code__.co_freevars))
+            slotstate["__closure__"], shared = msg.closure(func, key, cells)
+            if shared is not None:
+                shape = shared
+        args = (key, CodeRef(func.__code__), nsid, base, shape)
         return (codestore._load_function, args, (state, slotstate, bindings or None), None, None,
                 codestore._load_function_state)
 

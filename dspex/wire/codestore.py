@@ -64,6 +64,7 @@ BASE_GLOBALS = ("__name__", "__package__", "__path__", "__file__", "__doc__")  #
 PARENTS = "parents"  # in a submodule's base: its user packages' bases, outermost first
 IMPORTED = "i:"  # the namespace of the user modules imported in function bodies (CodeStore.importer)
 CODE_OF = "code:"  # (CODE_OF, a held function's key): the code that function has now on the client
+CELL_OF = "cell:"  # (CELL_OF, a held function's key), key: a cell's index: the value the client rebound it to
 # called with the name of each user module a session's store makes its copy of: the worker lets
 # ``sys.modules[name]`` read as the running call's copy (worker/namespace.py, present_user_module)
 on_user_module: list[Callable[[str], None]] = []
@@ -237,6 +238,10 @@ class _Load:
         del self.rebuilding[-len(bindings):]
         bound, stamps, stamp = self.store.bound, self.store.stamps, self.stamp
         for nsid, name, key, value in bindings:
+            if nsid == CELL_OF:  # a client's rebinding of a cell: no state of the store's
+                if isinstance(func := self.store.objects.get(name), types.FunctionType) and func.__closure__:
+                    func.__closure__[int(key)].cell_contents = value
+                continue
             where = (nsid, name)
             prior = stamps.get(where)
             if bound.get(where) == key or (stamp and prior and prior[0] == stamp[0] and prior[1] > stamp[1]):
@@ -389,9 +394,11 @@ def _load_code(key: str, code: types.CodeType | None = None) -> Any:
     return load.store.objects.setdefault(key, code)
 
 
-def _load_function(key: str, code: types.CodeType, nsid: str, base: dict[str, Any] | None, ncells: int) -> Any:
-    """A by-value function whose ``__globals__`` is the session's module ``nsid`` (a
-    ``lib:<name>`` namespace is the importable module's own)."""
+def _load_function(key: str, code: types.CodeType, nsid: str, base: dict[str, Any] | None,
+                   cells: int | tuple[tuple[str, int] | None, ...]) -> Any:
+    """A by-value function whose ``__globals__`` is the session's module ``nsid`` (a ``lib:<name>``
+    namespace is the importable module's own). ``cells``: its number of cells, or for each the
+    ``(key, index)`` of the held function's cell it shares (functions made together), else None."""
     load = _active()
     held = load.store.objects.get(key)
     if held is not None:
@@ -402,8 +409,9 @@ def _load_function(key: str, code: types.CodeType, nsid: str, base: dict[str, An
         namespace = module.__dict__
     else:
         namespace = load.store.module(nsid, base).__dict__
-    cells = tuple(_cp._make_empty_cell() for _ in range(ncells)) if ncells else None
-    func = types.FunctionType(code, namespace, None, None, cells)
+    closure = tuple(_cp._make_empty_cell() for _ in range(cells)) if isinstance(cells, int) else \
+        tuple(_cp._make_empty_cell() if at is None else load.held(at[0]).__closure__[at[1]] for at in cells)
+    func = types.FunctionType(code, namespace, None, None, closure or None)
     held = load.store.objects.setdefault(key, func)  # a concurrent request of the session may have won
     if held is func:
         load.fresh.add(id(func))
