@@ -208,13 +208,13 @@ if __name__ == "__main__":
             s.run(inc)
             seen.append(s.run(get))
         cache = s.sender
-        held = [s.run(live_probes), len(cache.cells), len(cache.cells.closures)]
+        held = [s.run(live_probes), len(cache.held.cells), len(cache.held.cells.closures)]
         s.close()
         other = dx.session("p")  # the same worker (the pool has one): the closed session's cells are gone
         deadline = time.monotonic() + 20
         while other.run(live_probes) and time.monotonic() < deadline:
             time.sleep(0.05)
-        print(json.dumps([seen, *held, other.run(live_probes), len(cache.cells)]))
+        print(json.dumps([seen, *held, other.run(live_probes), len(cache.held.cells)]))
 '''
 
 
