@@ -137,3 +137,21 @@ def test_a_binding_of_an_older_request_never_replaces_a_newer_one() -> None:
     assert store.modules["m:a"].X == 5
     load("a", 5, 6)
     assert store.modules["m:a"].X == 6
+
+
+def test_a_request_that_uses_a_held_context_variable_sends_its_value_after_another_threads_miss() -> None:
+    """Another thread's call that missed on the worker forgets what the worker holds; a request
+    encoded before that, which refers to a ContextVar global by key, still runs with its thread's
+    value (it ran with the variable's default: test_session_threads' 16 threads, once in ~17 runs)."""
+    import contextvars
+
+    cache = SendCache()
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST")
+    defining = request({("m:a", "REQUEST"): (var, "k1")})
+    defining.new_keys, defining.defined = {id(var): (var, "k1")}, {"k1"}
+    assert cache.commit(defining, []) is not None
+    using = request({})
+    using.used = {"k-fn"}  # a held function that reads the variable as its global: only its own key
+    var.set("r1")
+    cache.missed(False)
+    assert cache.context_values(using) == {"k1": (var, "r1")}

@@ -246,7 +246,9 @@ class SendCache:
         held = self.held
         if not held.context_vars and not msg.new_keys:  # (every call of code that sets none)
             return {}
-        found = {key: var for key, var in self._snapshot(held.context_vars) if key in held.sent or key in msg.defined}
+        # all it names, held or not: another thread's miss since ``msg`` was encoded empties
+        # ``held.sent`` though the worker may hold them (it ignores a key it does not hold)
+        found = dict(self._snapshot(held.context_vars))
         found.update((key, obj) for obj, key in msg.new_keys.values()
                      if key in msg.defined and type(obj) is contextvars.ContextVar)
         values = {key: (var, var.get(_MISSING)) for key, var in found.items()}
@@ -256,7 +258,7 @@ class SendCache:
         """{key: LM or module} of this client's DSPy LMs and modules that the worker holds once
         ``msg`` is sent: whose history entries the call sends back."""
         held = self.held
-        lms = {key: lm for key, lm in self._snapshot(held.lms) if key in held.sent or key in msg.defined}
+        lms = dict(self._snapshot(held.lms))  # (all it names: as context_values)
         lm_class = history_classes() if msg.new_keys else None
         if lm_class is not None:
             lms.update((key, obj) for obj, key in msg.new_keys.values()
