@@ -3,6 +3,9 @@
 An error reply goes to the client; a failed request counts in its pool's outcomes and health
 window (the service's failure, the caller's, or an operator's recycle); refusals and queue
 timeouts are logged in bulk, one line per pool and kind at most every ``NOTICE_EVERY`` seconds.
+A worker's reply that came without its header is answered here (:func:`unreadable_reply`); what
+a worker-side peer sends that the broker cannot use is counted, its first per peer logged
+(:class:`BackendGarbage`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import logging
 from typing import Any
 
 import msgpack
+import zmq
 
 from broker.port import Port
 from broker.state import Clock, GoneWorkers, Notices, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import failure_kind
-from dspex.wire.errors import DspexError, PoolSaturated, QueueTimeout
-from dspex.wire.headers import pack_error, pack_reply_header, unpack_reply_header
-from dspex.wire.protocol import Status
+from dspex.wire.errors import DspexError, InternalError, PoolSaturated, QueueTimeout
+from dspex.wire.headers import pack_error, pack_reply_envelope, pack_reply_header, unpack_reply_header
+from dspex.wire.protocol import W_REPLY, Status
 from dspex.wire.zmqfast import frame_buffer
 
 NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)
@@ -120,3 +124,35 @@ class Answers:
             self.port.log(logging.WARNING, "pool %s: %d request(s) waited past its queue timeout of %gs%s (%d queued, %d workers "
                         "ready; %s)", pool.name, n, pool.config.queue_timeout, during, pool.queued,
                         pool.ready_count(), code)
+
+
+def unreadable_reply(w: WorkerRecord, req_id: int, client: bytes) -> list[zmq.Frame]:
+    """The reply (envelope, header, error map) that answers a call whose reply came without its
+    header."""
+    err = InternalError(f"worker {w.incarnation[:8]} (pid {w.pid}) answered this call without its reply header "
+                        "(a broken or foreign worker): the call may have run", worker=w.incarnation)
+    return [zmq.Frame(f) for f in (pack_reply_envelope(W_REPLY, Status.ERROR.value, req_id, client),
+                                   pack_reply_header(Status.ERROR.value, req_id),
+                                   pack_error(err.code, err.message, **err.details))]
+
+
+class BackendGarbage:
+    """Messages from worker-side peers that the broker cannot use: each counted (``garbage_backend``),
+    the first of each peer logged (a broken or foreign peer sends them in floods)."""
+
+    def __init__(self, port: Port, counters: dict[str, int]) -> None:
+        self.port = port
+        self.counters = counters
+        self.peers: set[bytes] = set()  # peers whose garbage was logged
+
+    def __call__(self, wid: bytes, w: WorkerRecord | None, what: str) -> None:
+        self.counters["garbage_backend"] += 1
+        if wid in self.peers:
+            return
+        if len(self.peers) >= 10_000:
+            self.peers.clear()
+        self.peers.add(wid)
+        peer = (f"worker {w.incarnation[:8]} (pid {w.pid}, host {w.host or '-'}, pool {w.pool.name})" if w is not None
+                else f"unregistered peer {wid.hex()[:16]}")
+        self.port.log(logging.WARNING, "%s sent garbage: %s (counted as garbage_backend; more from it are counted, "
+                      "not logged)", peer, what)

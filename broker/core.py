@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import zmq
 
-from broker.answers import Answers, error_code
+from broker.answers import Answers, BackendGarbage, error_code, unreadable_reply
 from broker.checkpoints import Job
 from broker.control import RequestControl
 from broker.dispatch import Dispatcher
@@ -49,13 +48,10 @@ from broker.timers import Timers
 from dspex.stack.pools import PoolConfig
 from dspex.wire.errors import (
     DspexError,
-    InternalError,
     ProtocolError,
     UnknownOp,
 )
 from dspex.wire.headers import (
-    pack_error,
-    pack_reply_envelope,
     pack_reply_header,
     request_id_of,
     unpack_reply_envelope,
@@ -126,11 +122,11 @@ class Core:
         self.running: dict[tuple[bytes, int], WorkerRecord] = {}  # for stream credit/cancel
         self.gone = GoneWorkers()
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
-        self._garbage_peers: set[bytes] = set()  # worker-side peers whose garbage was logged
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
         self.answers = Answers(port, self.clock, self.workers, self.gone, self.sessions)
+        self._garbage = BackendGarbage(port, self.counters)
         self._fail = self.answers.fail
         self.book = SessionBook(self.sessions, self.pools, self.workers, self.gone, clock=self.clock,
                                 restart_grace=heartbeat_interval * heartbeat_liveness, max_sessions=max_sessions,
@@ -224,7 +220,7 @@ class Core:
                 # its caller hears it now, not at its timeout: the call ends in a broker-made error
                 # reply (a checkpoint it may have meant is not there to keep)
                 command, ok = W_REPLY, False
-                frames = [frames[0], *self._unreadable_reply(w, req_id, client)]
+                frames = [frames[0], *unreadable_reply(w, req_id, client)]
             if w is None or key not in w.inflight:  # never sent to this worker (forged, or from before a restart)
                 self.counters["garbage_backend"] += 1
                 if w is None:
@@ -320,30 +316,6 @@ class Core:
                 self.recycler.start_draining(w, "is stopping", now)
         else:
             self._garbage(wid, w, f"unknown command {command!r}")
-
-    def _garbage(self, wid: bytes, w: WorkerRecord | None, what: str) -> None:
-        """Count a message from a worker-side peer that the broker cannot use; log the first of
-        each peer (a broken or foreign peer sends them in floods)."""
-        self.counters["garbage_backend"] += 1
-        if wid in self._garbage_peers:
-            return
-        if len(self._garbage_peers) >= 10_000:
-            self._garbage_peers.clear()
-        self._garbage_peers.add(wid)
-        peer = (f"worker {w.incarnation[:8]} (pid {w.pid}, host {w.host or '-'}, pool {w.pool.name})" if w is not None
-                else f"unregistered peer {wid.hex()[:16]}")
-        self.port.log(logging.WARNING, "%s sent garbage: %s (counted as garbage_backend; more from it are counted, "
-                      "not logged)", peer, what)
-
-    @staticmethod
-    def _unreadable_reply(w: WorkerRecord, req_id: int, client: bytes) -> list[zmq.Frame]:
-        """The reply (envelope, header, error map) that answers a call whose reply came without
-        its header."""
-        err = InternalError(f"worker {w.incarnation[:8]} (pid {w.pid}) answered this call without its reply header "
-                            "(a broken or foreign worker): the call may have run", worker=w.incarnation)
-        return [zmq.Frame(f) for f in (pack_reply_envelope(W_REPLY, Status.ERROR.value, req_id, client),
-                                       pack_reply_header(Status.ERROR.value, req_id),
-                                       pack_error(err.code, err.message, **err.details))]
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""
