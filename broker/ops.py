@@ -158,6 +158,7 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "sessions_expired": pool.sessions_expired,
             "health_window": pool.config.health_window,
             "recent": pool.recent.totals(now),  # failures of the health window: service, user, recycle
+            "last_failures": pool.recent.latest(now),  # and the newest of each kind, with its cause
             "checkpoint_error": pool.checkpoint_error or None,
             "recycling": pool.recycling.decode() if pool.recycling else None,
             "workers": [

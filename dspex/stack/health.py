@@ -80,6 +80,18 @@ def fmt_window(seconds: float) -> str:
     return (f"{m}m" if m else "") + (f"{s}s" if s or not m else "")
 
 
+def last_failure(name: str, last: Mapping[str, Any] | None, kind: str = USER) -> str:
+    """A pool's newest failed answer of ``kind`` in its health window (the broker's status's
+    ``last_failures``) with its cause: "triage_pool: last USER failure 3s ago: LMRateLimitError:
+    ..."; "" when there is none. The counts say how often callers fail; this says why (an LM
+    provider refusing every call is the callers' error, never WARN, but the operator's business)."""
+    f = (last or {}).get(kind)
+    if not f:
+        return ""
+    return (f"{name}: last {kind.upper()} failure {fmt_window(float(f.get('ago_s') or 0))} ago: "
+            f"{f.get('cause') or f.get('code')}")
+
+
 # -- supervisord's processes ---------------------------------------------------------------------
 # why the broker drops a worker whose heartbeats stopped (its event's ``why``)
 SILENT = "stopped answering heartbeats"
