@@ -104,7 +104,7 @@ class PoolsStatus:
             with settings.client() as dx:
                 broker = dx.status()
         except (ConnectionError, Timeout) as err:
-            broker_err = err.message
+            broker_err = str(err.details.get("probe") or err.message)  # without the explanation silent_broker gives
             timed_out = isinstance(err, Timeout)
         sc = settings.conf_of(broker)
         broker, procs, tails, loops, sup_info = supervisor_view(settings, sc, broker, issues)
