@@ -125,7 +125,7 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
     if found is not None and path and not os.path.exists(path) and path in bound_paths(found.pid):
         return State.UNREACHABLE, (
             f"supervisord of {conf.path} reports its broker {name} RUNNING (pid {found.pid}), and it listens at "
-            f"{endpoint}, but its socket file {path} was deleted while it ran (a cleanup of "
+            f"{endpoint}, but its socket file {path} was deleted (or moved) while it ran (a cleanup of "
             f"{os.path.dirname(path)}?), so nothing can connect to it, new workers neither: restart it to bind it "
             f"again, supervisorctl -c {conf.path} restart broker (its sessions go; its workers register again)")
     if proc["statename"] == "STARTING" or up < BROKER_GRACE_S:
