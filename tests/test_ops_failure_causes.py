@@ -130,3 +130,18 @@ def test_the_newest_failure_of_each_kind_keeps_its_cause_for_the_window_only() -
     assert one_line("\n  E: a\n\n  To fix: b\n") == "E: a"
     cut = one_line("E: " + "x" * 500)
     assert len(cut) == CAUSE_CHARS and cut.endswith("…")
+
+
+@pytest.mark.timeout(240)
+def test_the_warn_line_of_a_service_failure_quotes_the_newest_ones_cause(stack: SupervisedStack) -> None:
+    """``WARN: triage_pool failed 1 time(s) ...: call stopped at its deadline ×1`` named the kind,
+    not the call's deadline; an internal error or a queue timeout said no more (why it waited)."""
+    with stack.client() as dx, pytest.raises(dspex.Timeout):
+        dx.call("time", "sleep", [5], pool="triage_pool", timeout=1)
+    rc, doc, text = cli_status(stack)
+    assert rc == 6, text
+    (warn,) = [line for line in text.splitlines() if line.startswith("WARN: triage_pool failed")]
+    assert "call stopped at its deadline ×1; last: timeout: call ran past its deadline (1s)" in warn, warn
+    assert doc["pools"][0]["last_failures"]["service"]["code"] == "timeout"
+    page = dashboard_status(stack)["pools"]["triage_pool"]["reasons"]
+    assert warn.removeprefix("WARN: ") in page, (page, warn)
