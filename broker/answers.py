@@ -26,15 +26,27 @@ from dspex.wire.zmqfast import frame_buffer
 
 NOTICE_EVERY = 10.0  # seconds between two log lines of one pool's refusals (or queue timeouts)
 _BULK_CODES = (PoolSaturated.code, QueueTimeout.code)  # counted and logged in bulk, not per call
+CAUSE_CHARS = 160  # of a failure's cause kept for status lines
 
 
-def error_code(frames: list[Any]) -> str:
-    """The code of a worker's error reply (its last frame: the error map); only error replies pay."""
+def error_cause(frames: list[Any]) -> tuple[str, str]:
+    """The code of a worker's error reply (its last frame: the error map) and its cause in one
+    short line, ``Type: first line of the message``; only error replies pay."""
     try:
         body = msgpack.unpackb(frames[-1].buffer)
-        return str(body.get("code") or "error") if isinstance(body, dict) else "error"
     except Exception:  # noqa: BLE001 - a worker's garbage is its error
-        return "error"
+        return "error", ""
+    if not isinstance(body, dict):
+        return "error", ""
+    code = str(body.get("code") or "error")
+    return code, one_line(f"{body.get('type') or code}: {body.get('message') or ''}")
+
+
+def one_line(text: str) -> str:
+    """A cause as an operator's status line quotes it: its first line, cut to CAUSE_CHARS (the
+    caller's error, and the worker's log, have it whole)."""
+    first = text.strip().split("\n", 1)[0].strip()
+    return first if len(first) <= CAUSE_CHARS else first[:CAUSE_CHARS - 1] + "…"
 
 
 def call_error(reply: list[Any]) -> str:
@@ -70,7 +82,8 @@ class Answers:
         """Answer ``p`` with ``err``, counted against its pool."""
         if pool is not None:
             pool.outcomes[(p.op, err.code)] += 1
-            self.note_failure(pool, err.code, str(err.details.get("worker") or ""))
+            self.note_failure(pool, err.code, str(err.details.get("worker") or ""),
+                              one_line(f"{err.code}: {err.message}"))
         if err.code not in _BULK_CODES:
             self.port.log(logging.INFO, "call failed in the broker: pool=%s session=%s request=%d op=%s error=%s: %s",
                      pool.name if pool is not None else "-", p.session[:8] or "-", p.req_id, p.op, err.code,
@@ -101,12 +114,13 @@ class Answers:
             self._log_notice(pool, err.code, n, 0.0)
         self.fail(p, pool, err)
 
-    def note_failure(self, pool: Pool, code: str, worker: str = "") -> None:
+    def note_failure(self, pool: Pool, code: str, worker: str = "", cause: str = "") -> None:
         """Count a failed answer in the pool's health window: the service's, the caller's, or
-        (a session whose worker was recycled or stopped) the operator's."""
+        (a session whose worker was recycled or stopped) the operator's; ``cause``: its error in
+        one line (``one_line``)."""
         wid = worker.encode()
         cleanly = wid in self.workers or (bool(wid) and not self.gone.crashed(wid))
-        pool.recent.add(failure_kind(code, cleanly), code, self.clock.now)
+        pool.recent.add(failure_kind(code, cleanly), code, self.clock.now, cause)
 
     def log_due(self, pools: dict[str, Pool], now: float) -> None:
         """The counts of the notice windows that ended."""

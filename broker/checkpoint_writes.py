@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from broker.answers import call_error, error_code
+from broker.answers import call_error, error_cause, one_line
 from broker.checkpoints import Job
 from broker.moves import SessionMoves, movable
 from broker.port import Port
@@ -57,7 +57,7 @@ class CheckpointWrites:
         the store and the reply to the client once it (and every write of the session before it)
         committed. Returns whether the reply is a success; its outcome counts in ``w``'s pool when
         it goes to the client (``session_not_durable`` when its checkpoint was refused)."""
-        if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_code(frames) == SessionNotHeld.code:
+        if not ok and movable(rec) and frames[1].bytes[:1] == W_REPLY and error_cause(frames)[0] == SessionNotHeld.code:
             assert rec is not None
             self.moves.not_held(rec, w, p)
             w.pool.outcomes[(p.op, p.outcome(False))] += 1
@@ -172,7 +172,7 @@ class CheckpointWrites:
             pool = self.pools.get(rec.pool)
             if pool is not None:
                 code = CHECKPOINT_REFUSED if service else SessionNotDurable.code
-                pool.recent.add(failure_kind(code), code, self.clock.now)
+                pool.recent.add(failure_kind(code), code, self.clock.now, one_line(f"{code}: {reason}"))
                 if service:
                     pool.checkpoint_error = reason
         if key is not None:

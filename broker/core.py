@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-from broker.answers import Answers, BackendGarbage, error_code, unreadable_reply
+from broker.answers import Answers, BackendGarbage, error_cause, unreadable_reply
 from broker.checkpoints import Job
 from broker.control import RequestControl
 from broker.dispatch import Dispatcher
@@ -248,7 +248,8 @@ class Core:
             else:
                 if not p.cancelled:
                     w.errors += 1
-                self.answers.note_failure(w.pool, "cancelled" if p.cancelled else error_code(frames))
+                code, cause = ("cancelled", "") if p.cancelled else error_cause(frames)
+                self.answers.note_failure(w.pool, code, cause=cause)
             w.pool.observe(p.op, None if durable else p.outcome(ok), took)
             w.last_call = took
             if rec is not None:

@@ -27,6 +27,7 @@ from dspex.stack.health import (
     REGISTER_GRACE_S,
     gave_up,
     is_here,
+    last_failure,
     local_pids,
     proc_uptime,
     restart_loop,
@@ -145,10 +146,15 @@ def view(snap: dict[str, Any], procs: list[dict[str, Any]], exits: dict[int, str
             **{k: v for k, v in (p or {}).items() if k not in ("workers", "latency_hist", "wait_hist", "outcomes")},
             "in_broker": p is not None,
             "expected": s.expected, "up": s.up, "state": s.verdict.state.value, "reasons": gone + s.verdict.reasons,
+            "last_failure": last_failure(name, (p or {}).get("last_failures")),  # pools status's words
             "latency_p50_ms": latency(p, "latency_p50_ms"), "latency_p99_ms": latency(p, "latency_p99_ms"),
             "workers": workers,
         }
-    return {"time": time.time(), "broker": snap["broker"], "pools": pools,
+    # the snapshot's own time: the HTTP thread answers with the last one when the broker's thread
+    # does not turn, and the page must not call old counts fresh
+    now = time.time()
+    made = float((snap.get("published") or {}).get("time") or now)
+    return {"time": made, "age_s": round(max(0.0, now - made), 3), "broker": snap["broker"], "pools": pools,
             "issues": [{"state": state.value, "text": text} for state, text in stack_issues(snap)],
             "events": list(reversed(events)), "sessions": snap.get("sessions") or [],
             "supervisord": bool(procs)}

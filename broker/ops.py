@@ -98,7 +98,7 @@ def _recycle(core: Core, call: OpCall) -> Any:
     elif call.args["all"]:
         targets = list(pool.workers.values())
     else:  # the oldest worker
-        targets = sorted(pool.workers.values(), key=lambda w: w.registered)[:1]
+        targets = sorted(pool.workers.values(), key=lambda w: w.started)[:1]
     core.recycler.roll(pool, targets, core.clock.now)
     return {"pool": pool.name, "recycling": [w.incarnation for w in targets]}
 
@@ -158,6 +158,7 @@ def status(core: Core, now: float) -> dict[str, Any]:
             "sessions_expired": pool.sessions_expired,
             "health_window": pool.config.health_window,
             "recent": pool.recent.totals(now),  # failures of the health window: service, user, recycle
+            "last_failures": pool.recent.latest(now),  # and the newest of each kind, with its cause
             "checkpoint_error": pool.checkpoint_error or None,
             "recycling": pool.recycling.decode() if pool.recycling else None,
             "workers": [
@@ -172,7 +173,7 @@ def status(core: Core, now: float) -> dict[str, Any]:
                     "problem": str(w.stats["problem"]) if w.stats.get("problem") else None,
                     # still importing dspy (its problem, if any, is not known yet)
                     "preparing": bool(w.stats.get("preparing")),
-                    "uptime_s": round(now - w.registered, 3),
+                    "uptime_s": round(now - w.started, 3),  # its process's, not since it registered here
                     "last_heartbeat_s": round(
                         core.heartbeat_interval * core.heartbeat_liveness - (w.expiry - now), 3),
                 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class WorkerRecord:
         "retire_age",
         "sent",
         "served",
+        "started",
         "stats",
         "sync",
         "syncing",
@@ -104,6 +106,9 @@ class WorkerRecord:
         self.served = 0
         self.errors = 0
         self.registered = registered
+        # its process's start on our monotonic clock (READY's wall-clock "started"): outlives our restarts
+        started = info.get("started")
+        self.started = registered - (max(0.0, time.time() - started) if isinstance(started, float | int) else 0.0)
         self.expiry = expiry
         self.draining = False
         self.draining_since = 0.0

@@ -28,15 +28,19 @@ def bucket_bounds(longest: float) -> tuple[float, ...]:
 
 class RecentFailures:
     """Failed answers and crashes of the last ``window`` seconds, by kind (service, user, recycle)
-    and error code, in one-second buckets: at most ``window`` + 1 of them, whatever the rate."""
+    and error code, in one-second buckets: at most ``window`` + 1 of them, whatever the rate; and
+    each kind's newest one with its cause, since counts of ``remote_error`` alone do not say that
+    an LM provider refuses every call."""
 
-    __slots__ = ("_buckets", "window")
+    __slots__ = ("_buckets", "_last", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._buckets: deque[tuple[int, Counter[tuple[str, str]]]] = deque()
+        self._last: dict[str, tuple[float, str, str]] = {}  # kind -> (when, code, cause)
 
-    def add(self, kind: str, code: str, now: float) -> None:
+    def add(self, kind: str, code: str, now: float, cause: str = "") -> None:
+        self._last[kind] = (now, code, cause)
         second = int(now)
         if not self._buckets or self._buckets[-1][0] != second:
             self._buckets.append((second, Counter()))
@@ -58,6 +62,12 @@ class RecentFailures:
                 per = out.setdefault(kind, {})
                 per[code] = per.get(code, 0) + n
         return out
+
+    def latest(self, now: float) -> dict[str, dict[str, object]]:
+        """kind -> its newest failure inside the window: ``code``, ``cause`` (its error's
+        ``Type: message``, "" when none was given) and ``ago_s``."""
+        return {kind: {"code": code, "cause": cause, "ago_s": round(now - at, 3)}
+                for kind, (at, code, cause) in self._last.items() if at > now - self.window}
 
 
 class Histogram:

@@ -98,7 +98,9 @@ class Settings:
             from dspexctl.diagnose import explain
 
             conf = None if self.conf_of_broker else self.supervisor_conf_or_none()
-            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout)) from None
+            # ``probe``: the endpoint's own fault, for pools status, which explains it in its own lines
+            raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout),
+                                    probe=err.message) from None
         broker = self._own_broker()
         server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
         return dspex.connect(endpoint, timeout=self.timeout,

@@ -85,6 +85,19 @@ def process_state(pid: int) -> str:
     return PROCESS_STATES.get(letter, f"in state {letter}").format(pid=pid)
 
 
+def bound_paths(pid: int) -> set[str]:
+    """The unix socket paths process ``pid`` holds bound sockets at (its fds' inodes in
+    ``/proc/PID/net/unix``): the kernel keeps a bound socket's path after its file is deleted."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:["):-1] for fd in os.listdir(f"/proc/{pid}/fd")
+                  if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+        with open(f"/proc/{pid}/net/unix") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return set()
+    return {row[7] for row in rows if len(row) >= 8 and row[6] in inodes}
+
+
 def here(config: ClientConfig) -> str:
     """This shell's run directory, as a reader sees it: ``DSPEX_RUN_DIR=...`` or the default."""
     return f"DSPEX_RUN_DIR={config.run_dir}" if config.run_dir_given else f"DSPEX_RUN_DIR unset, so {config.run_dir}"
@@ -108,6 +121,13 @@ def silent_broker(proc: dict[str, Any], endpoint: str, conf: SupervisorConf, err
         return State.UNREACHABLE, (
             f"supervisord of {conf.path} reports its broker {name} RUNNING (pid {found.pid}), but it listens at "
             f"{found.frontend}, not at {endpoint}: {cause}")
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else ""
+    if found is not None and path and not os.path.exists(path) and path in bound_paths(found.pid):
+        return State.UNREACHABLE, (
+            f"supervisord of {conf.path} reports its broker {name} RUNNING (pid {found.pid}), and it listens at "
+            f"{endpoint}, but its socket file {path} was deleted (or moved) while it ran (a cleanup of "
+            f"{os.path.dirname(path)}?), so nothing can connect to it, new workers neither: restart it to bind it "
+            f"again, supervisorctl -c {conf.path} restart broker (its sessions go; its workers register again)")
     if proc["statename"] == "STARTING" or up < BROKER_GRACE_S:
         return State.STARTING, f"the broker is starting (pid {proc['pid']}, up {up:.0f}s)"
     if timeout is not None and found is not None:  # ours, where we look: hung or overloaded, not elsewhere

@@ -26,6 +26,7 @@ from dspex.stack.health import (
     fmt_window,
     gave_up,
     is_here,
+    last_failure,
     local_pids,
     proc_phase,
     proc_uptime,
@@ -103,7 +104,7 @@ class PoolsStatus:
             with settings.client() as dx:
                 broker = dx.status()
         except (ConnectionError, Timeout) as err:
-            broker_err = err.message
+            broker_err = str(err.details.get("probe") or err.message)  # without the explanation silent_broker gives
             timed_out = isinstance(err, Timeout)
         sc = settings.conf_of(broker)
         broker, procs, tails, loops, sup_info = supervisor_view(settings, sc, broker, issues)
@@ -252,6 +253,7 @@ class PoolsStatus:
             "recycles": b.get("recycles", 0), "crashes": b.get("crashes", 0), "health_window": b.get("health_window"),
             # failed answers (and crashes) of the health window: only "service" counts for WARN
             "failures": {kind: dict(recent.get(kind) or {}) for kind in (SERVICE, USER, RECYCLE)},
+            "last_failures": dict(b.get("last_failures") or {}),  # each kind's newest, with its cause
             "health": health, "reasons": [text for _, text in issues[mark:]], "in_broker": bp is not None,
             "workers": workers,
         }
@@ -335,7 +337,9 @@ class PoolsStatus:
         rows = [["POOL", "LAST", "SERVICE", "USER", "RECYCLE"]]
         rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
                   str(total(p, RECYCLE))] for p in shown]
-        return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    ")]
+        causes = [f"    {line}" for p in shown if (line := last_failure(p["name"], p["last_failures"]))]
+        return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    "),
+                *causes]
 
 AGREEMENT_TRIES = 3  # broker reads around supervisord's before the last pair is taken as it is
 

@@ -80,6 +80,18 @@ def fmt_window(seconds: float) -> str:
     return (f"{m}m" if m else "") + (f"{s}s" if s or not m else "")
 
 
+def last_failure(name: str, last: Mapping[str, Any] | None, kind: str = USER) -> str:
+    """A pool's newest failed answer of ``kind`` in its health window (the broker's status's
+    ``last_failures``) with its cause: "triage_pool: last USER failure 3s ago: LMRateLimitError:
+    ..."; "" when there is none. The counts say how often callers fail; this says why (an LM
+    provider refusing every call is the callers' error, never WARN, but the operator's business)."""
+    f = (last or {}).get(kind)
+    if not f:
+        return ""
+    return (f"{name}: last {kind.upper()} failure {fmt_window(float(f.get('ago_s') or 0))} ago: "
+            f"{f.get('cause') or f.get('code')}")
+
+
 # -- supervisord's processes ---------------------------------------------------------------------
 # why the broker drops a worker whose heartbeats stopped (its event's ``why``)
 SILENT = "stopped answering heartbeats"
@@ -272,6 +284,7 @@ class PoolFacts:
     conf_edited: str = ""
     added: bool = False
     checkpoint_error: str = ""  # why the checkpoint store last refused a durable session of the pool
+    last_cause: str = ""  # the newest service failure's cause, when not a crash (``last_crash`` says those)
 
 
 @dataclass(frozen=True)
@@ -324,6 +337,8 @@ def pool_state(name: str, f: PoolFacts) -> Verdict:
         crash = f"; last crash: {f.last_crash}" if f.last_crash and failed.get("crash") else ""
         if f.checkpoint_error and failed.get(CHECKPOINT_REFUSED):
             crash += f"; last: {f.checkpoint_error}"
+        elif f.last_cause:  # the newest failure's own words: a deadline, why a request waited, an internal error
+            crash += f"; last: {f.last_cause}"
         reasons.append(f"{name} failed {sum(failed.values())} time(s) in the last {window}: {parts}{crash} "
                        f"(clears after {window} without one)")
     if reasons:
@@ -356,7 +371,14 @@ def facts_from_status(pool: Mapping[str, Any], *, expected: int, up: int, starti
                      free=sum(1 for w in pool.get("workers") or [] if w.get("state") == "ready") if pool else None,
                      away=sum(1 for w in pool.get("workers") or [] if w.get("state") == "away"),
                      recycling=str(pool.get("recycling") or "")[:8], conf_edited=conf_edited, added=added,
-                     checkpoint_error=str(pool.get("checkpoint_error") or ""))
+                     checkpoint_error=str(pool.get("checkpoint_error") or ""), last_cause=service_cause(pool))
+
+
+def service_cause(pool: Mapping[str, Any]) -> str:
+    """The cause of the pool's newest service failure in its health window (the broker's
+    ``last_failures``), "" for a crash and the calls it cost: the crash's line says how it ended."""
+    last = (pool.get("last_failures") or {}).get(SERVICE) or {}
+    return "" if last.get("code") in ("crash", "worker_crashed", WORKER_GONE, None) else str(last.get("cause") or "")
 
 
 def worker_problems(workers: Iterable[Mapping[str, Any]]) -> tuple[str, ...]:
