@@ -97,15 +97,15 @@ class Recycler:
         policy = pool.config.recycle
         if policy.max_requests or policy.max_age or policy.max_rss_mb:
             for w in pool.workers.values():
-                soonest = min(soonest, w.registered + MIN_WORKER_AGE)
+                soonest = min(soonest, w.started + MIN_WORKER_AGE)
                 if w.retire_age:
-                    soonest = min(soonest, w.registered + w.retire_age)
+                    soonest = min(soonest, w.started + w.retire_age)
         return soonest
 
     def over_request_limit(self, w: WorkerRecord, now: float) -> bool:
         limit = w.pool.config.recycle.max_requests
         return bool(limit and w.served + w.errors >= limit and w.pool.recycling is None
-                    and w.pool.ready_count() >= 2 and now >= w.registered + MIN_WORKER_AGE)
+                    and w.pool.ready_count() >= 2 and now >= w.started + MIN_WORKER_AGE)
 
     def roll(self, pool: Pool, targets: list[WorkerRecord], now: float) -> None:
         """Recycle ``targets`` one after the other (after what the pool already rolls)."""
@@ -133,13 +133,13 @@ class Recycler:
         if not (policy.max_requests or policy.max_age or policy.max_rss_mb) or pool.ready_count() < 2:
             return  # policy never takes a pool's last worker
         for w in pool.workers.values():
-            if now < w.registered + MIN_WORKER_AGE:
+            if now < w.started + MIN_WORKER_AGE:
                 continue
             rss_mb = float(w.stats.get("rss", 0)) / 2**20
             if policy.max_requests and w.served + w.errors >= policy.max_requests:
                 rule = f"{w.served + w.errors} requests reached max_requests {policy.max_requests}"
-            elif w.retire_age and now >= w.registered + w.retire_age:
-                rule = (f"its age {now - w.registered:.0f}s reached max_age {policy.max_age:g}s less its jitter of "
+            elif w.retire_age and now >= w.started + w.retire_age:
+                rule = (f"its age {now - w.started:.0f}s reached max_age {policy.max_age:g}s less its jitter of "
                         f"{policy.max_age - w.retire_age:.0f}s")
             elif policy.max_rss_mb and rss_mb >= policy.max_rss_mb:
                 rule = f"its RSS {rss_mb:.0f} MB reached max_rss_mb {policy.max_rss_mb:g}"

@@ -89,7 +89,7 @@ class WorkerRecord:
     )
 
     def __init__(self, wid: bytes, pool: Pool, info: dict[str, Any], registered: float, expiry: float) -> None:
-        """``registered``: the monotonic time of its READY (its age counts from it)."""
+        """``registered``: the monotonic time of its READY."""
         self.id = wid
         self.incarnation = wid.decode(errors="replace")
         self.pool = pool
@@ -103,12 +103,13 @@ class WorkerRecord:
         self.pinned = 0
         # the ``touched`` of every session only it ran: one tuple for them all, not one each
         self.only = (wid,)
-        self.served = 0
-        self.errors = 0
+        self.served = self.errors = 0
         self.registered = registered
-        # its process's start on our monotonic clock (READY's wall-clock "started"): outlives our restarts
-        started = info.get("started")
-        self.started = registered - (max(0.0, time.time() - started) if isinstance(started, float | int) else 0.0)
+        # its process's start on our monotonic clock (max_age counts from it, across our restarts):
+        # READY's ``age`` by its own clock (no skew of a host's clock), or an old worker's ``started``
+        age, started = info.get("age"), info.get("started")
+        age = age if isinstance(age, float | int) else time.time() - started if isinstance(started, float | int) else 0
+        self.started = registered - max(0.0, float(age))
         self.expiry = expiry
         self.draining = False
         self.draining_since = 0.0

@@ -8,6 +8,7 @@ come out as what the core asked its port to do.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import msgpack
@@ -145,9 +146,13 @@ class StubCore:
                 return
 
     def ready(self, wid: bytes, pool: str, capacity: int = 1, running: int = 0,
-              version: int = PROTOCOL_VERSION) -> None:
-        info = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity, "running": running,
-                "version": version}
+              version: int = PROTOCOL_VERSION, started: float | None = None, age: float | None = None) -> None:
+        info: dict[str, Any] = {"pool": pool, "pid": 4242, "host": "elsewhere", "capacity": capacity,
+                                "running": running, "version": version}
+        if started is not None:  # its process's start, wall clock
+            info["started"] = started
+        if age is not None:  # its process's age, by its own clock
+            info["age"] = age
         self.core.on_worker_frames([zmq.Frame(wid), zmq.Frame(W_READY), zmq.Frame(msgpack.packb(info))], self.t)
 
     def request(self, client: bytes, req_id: int, pool: str, session: str = "", op: str = "call",
@@ -1256,6 +1261,24 @@ def test_a_call_that_never_ran_says_why_it_waited_as_its_pool_mode_runs_sessions
     said = expired_message(hint, C, 3)
     assert "one call at a time" not in said, said
     assert "while every worker slot of the pool was busy" in said and "side by side" in said, said
+
+
+def test_max_age_counts_from_the_workers_process_start_not_its_registration() -> None:
+    """A broker restarted under running workers: a worker whose process is older than max_age is
+    retired by the policy at once, not max_age after it registered with this broker (up to twice
+    max_age in all); one younger than max_age is not. Its age is the one it says by its own clock
+    (a worker host's wall clock may be off by hours); a worker of before ``age``: its ``started``."""
+    core = StubCore("p:strict_queue:max_age=50,age_jitter=0")
+    third = b"worker-c"
+    core.ready(A, "p", started=time.time(), age=100)  # a host whose wall clock is behind
+    core.ready(B, "p", started=time.time() - 3600, age=10)  # ahead
+    core.ready(third, "p", started=time.time() - 20)  # an older worker: no age
+    core.advance(0.5)
+    assert core.workers[A].draining and (A, [B_DISCONNECT]) in core.to_workers
+    assert not core.workers[B].draining and not core.workers[third].draining
+    assert 19 < core.t - core.workers[third].started < 21
+    assert any(text.endswith("its age 100s reached max_age 50s less its jitter of 0s") for _, text in core.port.logs), \
+        core.port.logs
 
 
 @pytest.mark.parametrize(("spec", "rule"), [

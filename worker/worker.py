@@ -93,6 +93,7 @@ class Worker:
         self.options = options
         self.incarnation = secrets.token_hex(16)
         self.started = time.time()
+        self._started_at = time.monotonic()  # (its age goes with READY: no other host's clock in it)
         self.capacity = max(1, options.capacity)
         max_message = options.max_message
         self.book = SessionBook(options.pool, self.incarnation, options.ref_cap)
@@ -262,6 +263,7 @@ class Worker:
                 "running": self.runner.running,  # a restarted broker must not over-dispatch
                 "version": PROTOCOL_VERSION,
                 "started": self.started,
+                "age": round(time.monotonic() - self._started_at, 3),
                 **({"preparing": True} if self.preparing else {}),
             }
         )
