@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 import secrets
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -44,6 +44,9 @@ class SessionState:
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
+    # the LM history entries its calls' threads recorded in the client's LMs after them (worker.lm_history),
+    # bounded as DSPy bounds an LM's history
+    late_history: deque[tuple[Any, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
     loop: SessionLoop = field(default_factory=SessionLoop)  # its calls' awaitables run on it (its asyncio loop is lazy)
     warning_filters: list[Any] | None = None  # its own warnings.filters, once its code changed them (worker.warnfilters)
 
