@@ -39,6 +39,7 @@ class SessionState:
     refs: dict[str, Any] = field(default_factory=dict)
     ref_of_object: dict[int, str] = field(default_factory=dict)
     dspy_settings: dict[str, Any] = field(default_factory=dict)
+    dspy_defaults: dict[str, Any] | None = None  # its own copies of DSPy's mutable defaults (worker.dspy_settings)
     lm_history: list[Any] = field(default_factory=list)  # what dspy.inspect_history() shows this session
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
