@@ -98,3 +98,28 @@ def test_entries_of_the_sessions_own_lms_go_only_with_a_call_of_the_clients_prog
     ran_with_it = lm_history.CallLog({}, 100, reached=True)
     ran_with_it.entries.append((None, {"n": 3}))
     assert pickle.loads(lm_history.extras(ran_with_it)["history"]) == [[None, {"n": 3}]]
+
+
+def test_what_a_calls_thread_records_after_its_reply_goes_with_the_next_reply() -> None:
+    """A reply takes what was logged until then (again on an error reply made after it); what the
+    call's threads log after it, and after the call ended, goes to the session's late entries,
+    which the next call's reply carries first, and only once."""
+    from collections import deque
+
+    client_lm = _LM()
+    late: deque[tuple[object, object]] = deque()
+    lms = {id(client_lm): (client_lm, "k.1")}
+    first = lm_history.CallLog(lms, 100, late=late)
+    first.record(client_lm, {"n": 1})
+    assert pickle.loads(lm_history.extras(first)["history"]) == [["k.1", {"n": 1}]]
+    first.record(client_lm, {"n": 2})  # logged after the reply was made, before the call ended
+    assert pickle.loads(lm_history.extras(first)["history"]) == [["k.1", {"n": 1}], ["k.1", {"n": 2}]]
+    lm_history.stop((first, lm_history._current.set(first)))
+    first.record(client_lm, {"n": 3})  # a thread the call left running
+    first.add(None, {"n": 4})  # an LM the session made: sent as the first call's would have been
+    assert list(late) == [("k.1", {"n": 3}), (None, {"n": 4})]
+    second = lm_history.CallLog(lms, 100, late=late)
+    second.record(client_lm, {"n": 5})
+    assert pickle.loads(lm_history.extras(second)["history"]) == [
+        ["k.1", {"n": 3}], [None, {"n": 4}], ["k.1", {"n": 5}]]
+    assert not late and lm_history.extras(lm_history.CallLog(lms, 100, late=late)) == {}

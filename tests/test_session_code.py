@@ -1328,6 +1328,41 @@ with concurrent.futures.ThreadPoolExecutor(1) as pool:
     assert dspy.settings.max_errors != 4
 
 
+def test_a_program_configuring_only_in_its_own_thread_raises_through_a_session(dx: dspex.Client, usercode: Any) -> None:
+    """docs/remote-objects.md (*Its own DSPy settings*), the documented difference the other way:
+    in-process, with nothing configured before, the thread that configures first owns DSPy's
+    configuration; through a session the call's own thread owns it from the start."""
+    import subprocess
+
+    mod = usercode('''
+        import threading
+
+        import dspy
+
+
+        def configure_in_a_thread():
+            said = []
+
+            def setup():
+                try:
+                    dspy.configure(max_errors=4)
+                    said.append(f"configured {dspy.settings.max_errors}")
+                except RuntimeError as err:
+                    said.append(str(err))
+
+            thread = threading.Thread(target=setup)
+            thread.start()
+            thread.join()
+            return said[0]
+    ''')
+    out = subprocess.run([sys.executable, "-c", f"import {mod.__name__}; print({mod.__name__}.configure_in_a_thread())"],
+                         check=True, capture_output=True, text=True, timeout=60, cwd=os.path.dirname(mod.__file__))
+    assert out.stdout.strip() == "configured 4"
+    with dx.session("p") as s:
+        assert s.run(mod.configure_in_a_thread) == (
+            "dspy.settings can only be changed by the thread that initially configured it.")
+
+
 def test_reloading_a_module_of_your_code_inside_a_call_is_an_import_error(dx: dspex.Client, usercode: Any) -> None:
     """The worker never runs a module's top-level code, so ``importlib.reload`` in a call cannot
     run it again: the session's copy is not the worker's ``sys.modules`` entry (docs/remote-objects.md)."""

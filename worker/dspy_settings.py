@@ -269,6 +269,16 @@ class SessionSettings:
         return _Scope(self, state)
 
 
+def own_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A session's own copies of DSPy's mutable defaults (``callbacks``, ``stream_listeners``):
+    ``dspy.settings.callbacks.append(cb)`` with nothing configured changes the default list in
+    place, in-process the process's, seen by its later calls; here the session's, not the worker's
+    that every session starts from. Not configured values: the client's ``dspy.configure`` still
+    wins over them (the trace is the session's own setting already)."""
+    return {key: copy.copy(value) for key, value in config.items()
+            if key != "trace" and isinstance(value, (list, dict, set))}
+
+
 class _Scope:
     """One call's block in its session's settings: the session and the overrides. A class, not generator context managers: it is entered on
     every call, and a class is cheaper to enter than each nested generator."""
@@ -293,11 +303,14 @@ class _Scope:
             settings = state.dspy_settings
             # a trace of its own: DSPy appends to the configured list in place
             settings.setdefault("trace", [])
+            defaults = state.dspy_defaults
+            if defaults is None:
+                defaults = state.dspy_defaults = own_defaults(module.main_thread_config)
             # what ``dspy.context(**settings)`` does, on top of no overrides: nothing a cut-short
             # earlier call left on this thread leaks in (one contextvar set instead of two and
             # dspy's generator)
             overrides = module.thread_local_overrides
-            base = type(overrides.get())({**module.main_thread_config, **settings})
+            base = type(overrides.get())({**module.main_thread_config, **defaults, **settings})
             self._base = overrides.set(base)
             self._layer = thread_settings.set(type(base)(base))
         except BaseException:

@@ -228,7 +228,7 @@ class Executor:
                     if context.get("usage"):
                         usage = scope.track_usage()
                     if "history" in context:
-                        history = lm_history.start(context["history"], state.code.objects)
+                        history = lm_history.start(context["history"], state.code.objects, state.late_history)
                     extras = bool(context.get("usage")) or "history" in context
                 result = self.ops.run(header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and (
@@ -387,7 +387,7 @@ def _extras(tracker: Any, history: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if tracker is not None:
         out["usage"] = _usage_data(tracker)
-    if history is not None and history[0].entries:
+    if history is not None:
         out.update(lm_history.extras(history[0]))
     return out
 

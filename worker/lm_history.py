@@ -8,7 +8,10 @@ of the client's LMs and modules the session holds (context ``"history"``); while
 each entry DSPy records in one of those copies, or in a sub-module of such a module or its own LM
 (``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
-bounds, and its global history). An LM or module the session made itself has no client key: its
+bounds, and its global history). A thread the call left running that records after the reply (DSPy's
+``streamify(..., async_streaming=False)`` producer finishing its LM call after the consumer left
+early) logs into the session's late entries, which the session's next call carries first, as a late
+thread's output goes with the next call. An LM or module the session made itself has no client key: its
 history stays on the worker, but its entries go to the client's global history too (key None), as
 in-process ``dspy.inspect_history()`` shows every call of the program, when the call is the
 client's program: it runs with one of the client's LMs (configured on the client, the session
@@ -45,10 +48,15 @@ class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
     order (the key of a part of a held module: ``[key, path]``)."""
 
-    __slots__ = ("entries", "lms", "parts", "reached")
+    __slots__ = ("ended", "entries", "from_late", "late", "lms", "parts", "reached", "taken")
 
-    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int, reached: bool = False) -> None:
+    def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int, reached: bool = False,
+                 late: deque[tuple[Any, Any]] | None = None) -> None:
         self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
+        self.late: deque[tuple[Any, Any]] = deque() if late is None else late  # the session's (stop)
+        self.from_late: list[tuple[Any, Any]] = []  # late entries of earlier calls this reply carries
+        self.taken = 0  # entries the reply took (take): those logged after go to a later reply
+        self.ended = False  # the call ended: its threads' entries are the session's late ones
         self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
         # the call is the client's program (it runs with a client's LM, or recorded in one of its
@@ -63,16 +71,27 @@ class CallLog:
                 self.parts = self._parts()
             hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
-            self.entries.append((hit[1], entry))
             self.reached = True
+            self.add(hit[1], entry)
             return True
         return False
 
-    def sent(self) -> list[tuple[Any, Any]]:
-        """The entries the reply carries: those of the session's own LMs only if :attr:`reached`."""
-        if self.reached:
-            return list(self.entries)
-        return [(key, entry) for key, entry in self.entries if key is not None]
+    def add(self, key: Any, entry: Any) -> None:
+        if not self.ended:
+            self.entries.append((key, entry))
+        elif key is not None or self.reached:  # as take() would have sent it
+            self.late.append((key, entry))
+
+    def take(self) -> list[tuple[Any, Any]]:
+        """The entries the reply carries: the session's late ones (taken out of the session's
+        log: they are this call's now, sorted already: :meth:`add`), then the call's own, those of
+        the session's own LMs only if :attr:`reached`. What the call's threads log after this goes
+        with a later reply (:func:`stop`)."""
+        while self.late:
+            self.from_late.append(self.late.popleft())
+        self.taken = len(self.entries)
+        own = list(self.entries)
+        return [*self.from_late, *(own if self.reached else [(key, entry) for key, entry in own if key is not None])]
 
     def _parts(self) -> dict[int, tuple[Any, Any]]:
         """The held modules' sub-modules and their own LMs, ``[key, path]``
@@ -105,7 +124,7 @@ def install() -> None:
         log = _current.get()
         if log is not None and not settings.disable_history:
             if not log.record(client, entry):  # an LM the session made (lm.copy() in BestOfN, Refine)
-                log.entries.append((None, entry))  # the client's global history only
+                log.add(None, entry)  # the client's global history only
             for owner in settings.caller_modules or ():  # as DSPy records it in each
                 log.record(owner, entry)
 
@@ -115,10 +134,12 @@ def install() -> None:
             setattr(module, "record_history", record_history)  # noqa: B010 - a module global, not an attribute mypy knows
 
 
-def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Token[Any]] | None:
+def start(keys: Any, objects: dict[str, Any],
+          late: deque[tuple[Any, Any]]) -> tuple[CallLog, contextvars.Token[Any]] | None:
     """Log the entries of the client's LMs and modules named by ``keys`` (held in ``objects``) for this call
-    (and the threads it starts: worker.threads); None when the request named none the session holds.
-    The call's settings are in place: whether it runs with a client's LM is read here."""
+    (and the threads it starts: worker.threads), and the session's ``late`` ones (:func:`stop`);
+    None when the request named none the session holds. The call's settings are in place: whether it runs with a
+    client's LM is read here."""
     if not isinstance(keys, list):
         return None
     lms = {}
@@ -130,11 +151,16 @@ def start(keys: Any, objects: dict[str, Any]) -> tuple[CallLog, contextvars.Toke
         return None
     lm = getattr(_settings, "lm", None) if _settings is not None else None
     hit = lms.get(id(lm)) if lm is not None else None
-    log = CallLog(lms, _max_entries, reached=hit is not None and hit[0] is lm)
+    log = CallLog(lms, _max_entries, reached=hit is not None and hit[0] is lm, late=late)
     return log, _current.set(log)
 
 
 def stop(started: tuple[CallLog, contextvars.Token[Any]]) -> None:
+    """The call ended (its reply made): what its threads record from now on goes to the session's
+    late entries, with what they recorded since the reply took the log."""
+    log = started[0]
+    log.ended = True
+    log.late.extend(list(log.entries)[log.taken:])
     _current.reset(started[1])
 
 
@@ -143,8 +169,9 @@ def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
     entries hold importable objects, a provider's response, whose class the client imports) or,
     when that cannot be, ``"history_codec"`` (one codec body: by value, a field that cannot be
     encoded as its ``repr``); ``"history_left"``: the oldest entries left out to stay under ``cap``.
-    Nothing when the log has no entry to send (:meth:`CallLog.sent`)."""
-    entries = [[k, e] for k, e in log.sent()]
+    Nothing when the log has no entry to send (:meth:`CallLog.take`)."""
+    taken = log.take()
+    entries = [[k, e] for k, e in taken]
     if not entries:
         return {}
     try:
@@ -153,15 +180,14 @@ def extras(log: CallLog, cap: int = REPLY_CAP) -> dict[str, Any]:
             return {"history": data}
     except Exception:  # noqa: BLE001 - a session's own class, something unpicklable: by value below
         pass
-    body, left = encoded(log, cap)
+    body, left = encoded(taken, cap)
     return {"history_codec": body, "history_left": left} if left else {"history_codec": body}
 
 
-def encoded(log: CallLog, cap: int = REPLY_CAP) -> tuple[bytes, int]:
-    """(the log as one codec body: a list of ``[key, entry]``, entries left out over ``cap``).
-    Entries go by value (a provider response with its class); a field that cannot be encoded goes
-    as its ``repr``."""
-    entries = log.sent()
+def encoded(entries: list[tuple[Any, Any]], cap: int = REPLY_CAP) -> tuple[bytes, int]:
+    """(``(key, entry)`` items as one codec body: a list of ``[key, entry]``, entries left out over
+    ``cap``). Entries go by value (a provider response with its class); a field that cannot be
+    encoded goes as its ``repr``."""
     try:
         body = _body([[k, e] for k, e in entries])
         if body is not None and len(body) <= cap:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 import secrets
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -39,11 +39,15 @@ class SessionState:
     refs: dict[str, Any] = field(default_factory=dict)
     ref_of_object: dict[int, str] = field(default_factory=dict)
     dspy_settings: dict[str, Any] = field(default_factory=dict)
+    dspy_defaults: dict[str, Any] | None = None  # its own copies of DSPy's mutable defaults (worker.dspy_settings)
     lm_history: list[Any] = field(default_factory=list)  # what dspy.inspect_history() shows this session
     module: ModuleType | None = None  # the session's own module (worker.namespace), made on first use
     code: CodeStore = field(default_factory=CodeStore)  # by-value code and module state the client sent
     checkpoint: Any = None  # a durable session's worker.checkpoint.Tracker (what the broker holds of it)
     late_output: LateOutput = field(default_factory=LateOutput)  # what its calls' threads wrote after them
+    # the LM history entries its calls' threads recorded in the client's LMs after them (worker.lm_history),
+    # bounded as DSPy bounds an LM's history
+    late_history: deque[tuple[Any, Any]] = field(default_factory=lambda: deque(maxlen=10_000))
     loop: SessionLoop = field(default_factory=SessionLoop)  # its calls' awaitables run on it (its asyncio loop is lazy)
     warning_filters: list[Any] | None = None  # its own warnings.filters, once its code changed them (worker.warnfilters)
 

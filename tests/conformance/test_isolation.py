@@ -153,6 +153,52 @@ def test_other_settings_stay_in_their_session(dx: dspex.Client, pool: str) -> No
         b.close(timeout=10)
 
 
+class CountingCallback(dspy.utils.callback.BaseCallback):
+    def __init__(self):
+        self.starts = 0
+
+    def on_module_start(self, call_id, instance, inputs):
+        self.starts += 1
+
+
+def append_a_callback_in_place():
+    """DSPy's default ``callbacks`` list changed in place, nothing configured: in-process the
+    process's list, seen by every later call."""
+    dspy.settings.callbacks.append(CountingCallback())
+    return len(dspy.settings.callbacks)
+
+
+def callback_starts_of_a_call():
+    with dspy.context(lm=DummyLM([{"answer": "Paris"}])):
+        dspy.Predict("question -> answer")(question="Capital of France?")
+    return [callback.starts for callback in dspy.settings.callbacks]
+
+
+@pytest.mark.parametrize("pool", ["t", "c4"], ids=["capacity1", "capacity4"])
+def test_a_default_setting_changed_in_place_stays_in_its_session(dx: dspex.Client, pool: str) -> None:
+    """The session's ``dspy.settings.callbacks.append(cb)`` reaches its later calls as it reaches a
+    process's in-process, and never another session's on the worker (it changed the worker's
+    default list, which every new session then had)."""
+    with fresh_dspy_settings():
+        expected = [append_a_callback_in_place(), callback_starts_of_a_call(), callback_starts_of_a_call()]
+    with fresh_dspy_settings():
+        expected_fresh = callback_starts_of_a_call()
+    assert expected == [1, [1], [2]] and expected_fresh == []
+    a, b = dx.session(pool), dx.session(pool)
+    try:
+        assert [a.run(append_a_callback_in_place), a.run(callback_starts_of_a_call),
+                b.run(callback_starts_of_a_call), a.run(callback_starts_of_a_call)] == [1, [1], [], [2]]
+        assert a.worker == b.worker
+    finally:
+        a.close(timeout=10)
+        b.close(timeout=10)
+    c = dx.session(pool)
+    try:
+        assert c.run(callback_starts_of_a_call) == []
+    finally:
+        c.close(timeout=10)
+
+
 def threaded_program(configure_here):
     """A program that spreads its questions over threads the way DSPy users do: a
     ``ThreadPoolExecutor``, a bare ``threading.Thread`` and ``dspy.Parallel``, each printing as it

@@ -228,3 +228,53 @@ def test_the_asyncio_client_brings_it_too(cstack: Any) -> None:
         dspy.configure(lm=lm)
         assert asyncio.run(main()) == "Paris 4"
     assert len(lm.history) == 2 and "What is 2 + 2?" in str(lm.history[-1]["messages"])
+
+
+LATE_ASKERS: list[Any] = []  # threads start_a_late_question left running (the session's copy through it)
+
+
+def start_a_late_question(gate: str) -> str:
+    """Leave a thread that asks the configured LM once ``gate`` exists, after this call returned
+    (as DSPy's own ``streamify(..., async_streaming=False)`` leaves its producer thread finishing
+    the LM call when the consumer leaves the stream early)."""
+    import os
+    import threading
+    import time
+
+    qa = dspy.Predict("question -> answer")
+
+    def ask_later() -> None:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        qa(question="What is 2 + 2?")
+
+    thread = threading.Thread(target=ask_later)
+    thread.start()
+    LATE_ASKERS.append(thread)
+    return "asking later"
+
+
+def join_late_questions() -> int:
+    joined = 0
+    while LATE_ASKERS:
+        LATE_ASKERS.pop().join(30)
+        joined += 1
+    return joined
+
+
+def test_a_thread_asking_after_its_call_returned_records_in_the_clients_lm(run: Any, tmp_path: Any) -> None:
+    """In-process the entry is in ``lm.history`` (and DSPy's global history) once the thread
+    asked; through a session it comes back with the session's next call (the one that waits for
+    the thread here), as a late thread's output does."""
+    global_history = __import__("dspy.clients.base_lm", fromlist=["GLOBAL_HISTORY"]).GLOBAL_HISTORY
+    global_history.clear()
+    lm = make_lm()
+    dspy.configure(lm=lm)
+    gate = tmp_path / "ask"
+    assert run(start_a_late_question, str(gate)) == "asking later"
+    assert lm.history == []
+    gate.touch()
+    assert run(join_late_questions) == 1
+    assert [e["outputs"][0].rsplit("\n", 1)[-1] for e in lm.history] == ["4"]
+    assert len(global_history) == 1 and "What is 2 + 2?" in _inspected(1)
