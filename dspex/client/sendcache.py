@@ -87,6 +87,7 @@ class Encoded(Protocol):
     sources: dict[str, list[str]]
     settings_sent: SettingsSent | None
     restated: list[Restated]
+    holders: dict[str, str]
 
     @property
     def globals(self) -> EncodedGlobals: ...
@@ -165,7 +166,7 @@ class SendCache:
         lm_class = history_classes() if msg.new_keys else None
         carried = msg.globals.bindings
         with self._lock:
-            self.held.record(msg.new_keys, msg.defined, msg.used, msg.namespaces, lm_class)
+            self.held.record(msg.new_keys, msg.defined, msg.used, msg.namespaces, lm_class, msg.holders)
             relies, reaches = self.globals.record(carried, self.held)
             self.sources.update(msg.sources)
             if len(self.walks) + len(msg.globals.walks) > self.max_entries:
