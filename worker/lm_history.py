@@ -3,10 +3,10 @@
 In-process, every LM call appends an entry to the LM's ``history``, to DSPy's global history
 (``dspy.inspect_history()``) and to the ``history`` of each module the call was made in. Through a
 session the client's LM or module is a copy on the worker (sent once per session, by key: a
-setting or a module global), so the client's own would record nothing. A request names the keys
-of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
-each entry DSPy records in one of those copies, or in a sub-module of such a module or its own LM
-(``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
+setting or a module global, and each LM and module inside one's value), so the client's own would
+record nothing. A request names the keys of the client's LMs and modules the session holds
+(context ``"history"``); while the call runs, each entry DSPy records in one of those copies is
+logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). An LM or module the session made itself has no client key: its
 history stays on the worker, but its entries go to the client's global history too (key None), as
@@ -33,7 +33,6 @@ import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
-from dspex.wire.historyparts import module_parts
 
 # bytes of history one reply carries at most: the newest entries that fit (in-process, the
 # newest are also the ones DSPy's bounded history keeps)
@@ -43,13 +42,12 @@ _DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSP
 
 class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
-    order (the key of a part of a held module: ``[key, path]``)."""
+    order."""
 
-    __slots__ = ("entries", "lms", "parts", "reached")
+    __slots__ = ("entries", "lms", "reached")
 
     def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int, reached: bool = False) -> None:
         self.lms = lms  # id(worker LM or module) -> (that object, the client's key for it)
-        self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
         # the call is the client's program (it runs with a client's LM, or recorded in one of its
         # LMs or modules): the entries of the session's own LMs (key None) go back too
@@ -58,10 +56,6 @@ class CallLog:
     def record(self, owner: Any, entry: Any) -> bool:
         """Log ``entry`` for ``owner`` if it is a client's (True)."""
         hit = self.lms.get(id(owner))
-        if hit is None:
-            if self.parts is None:
-                self.parts = self._parts()
-            hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.entries.append((hit[1], entry))
             self.reached = True
@@ -73,16 +67,6 @@ class CallLog:
         if self.reached:
             return list(self.entries)
         return [(key, entry) for key, entry in self.entries if key is not None]
-
-    def _parts(self) -> dict[int, tuple[Any, Any]]:
-        """The held modules' sub-modules and their own LMs, ``[key, path]``
-        (``historyparts.module_parts``), but those held themselves."""
-        parts: dict[int, tuple[Any, Any]] = {}
-        for obj, key in list(self.lms.values()):
-            if hasattr(obj, "named_sub_modules"):
-                for path, part in module_parts(obj):
-                    parts.setdefault(id(part), (part, [key, path]))
-        return {k: part for k, part in parts.items() if k not in self.lms}
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)
