@@ -508,3 +508,33 @@ def test_a_session_or_client_passed_to_a_call_says_what_it_is(dx: dspex.Client) 
 
     asyncio.run(main())
     assert s.run(ident, 5) == 5
+
+
+def test_a_function_where_a_name_belongs_is_refused_at_once_and_says_what_takes_a_function(
+        dx: dspex.Client) -> None:
+    s = dx.session("p")
+    ref = s.put([3, 1, 2])
+    started = time.monotonic()
+    # each op whose argument is a module, method or attribute name or source text, given a function
+    for misuse in (lambda: s.stream(numbers, "x"), lambda: s.call(numbers, "x"), lambda: s.call("builtins", len),
+                   lambda: s.stream_method(ref, numbers), lambda: s.method(ref, numbers), lambda: s.attr(ref, len),
+                   lambda: s.set_attr(ref, len, 1), lambda: s.eval(numbers), lambda: s.stream_eval(numbers),
+                   lambda: s.exec(numbers), lambda: dx.call(numbers, "x", pool="p")):
+        with pytest.raises(dspex.BadArgument, match=r"is a str, got \w*function.*s\.run\(fn.*s\.stream_apply\(fn"):
+            misuse()  # (a stream is refused when made, not at its first item)
+    with pytest.raises(dspex.BadArgument, match="is a str, got int") as err:
+        s.call("builtins", 5)
+    assert "s.run" not in str(err.value)  # the hint is for a function only
+    assert time.monotonic() - started < 5
+    assert s.run(ident, 1) == 1 and list(s.stream_apply(numbers)) == [0, 1, 2]
+
+    async def main() -> None:
+        async with dspex.aio.connect(dx.endpoint, timeout=20) as adx:
+            a = adx.session("p")
+            with pytest.raises(dspex.BadArgument, match=r"got function.*s\.stream_apply\(fn"):
+                a.stream(numbers, "x")
+            with pytest.raises(dspex.BadArgument, match=r"got function.*s\.run\(fn"):
+                await a.call(numbers, "x")
+            assert [x async for x in a.stream_apply(numbers)] == [0, 1, 2]
+
+    asyncio.run(main())

@@ -56,34 +56,6 @@ def test_entries_of_lms_the_client_does_not_have_are_left_out() -> None:
     assert lm.history == [{"n": 1}, {"n": 3}]
 
 
-def test_module_parts_are_named_by_path_and_never_walk_a_history() -> None:
-    """The sub-modules and their own LMs of a held module, named alike on both sides; a history
-    (which grows with every call) is not walked, though DSPy's named_sub_modules would."""
-    import copy
-
-    import dspy
-    from dspy.utils import DummyLM
-
-    from dspex.wire.historyparts import module_parts
-
-    class Pipeline(dspy.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.draft = dspy.ChainOfThought("question -> answer")
-            self.judges = [dspy.Predict("answer -> verdict")]
-
-    program = Pipeline()
-    program.draft.predict.lm = DummyLM([{"answer": "a"}])
-    stranger = dspy.Predict("x -> y")
-    program.history.append({"outputs": ["a"], "module": stranger})
-    parts = dict(module_parts(program))
-    assert parts == {".draft": program.draft, ".draft.predict": program.draft.predict,
-                     ".draft.predict.lm": program.draft.predict.lm, ".judges[0]": program.judges[0]}
-    assert stranger not in parts.values() and stranger in [m for _, m in program.named_sub_modules()]
-    twin = copy.deepcopy(program)
-    assert {path: type(part) for path, part in module_parts(twin)} == {path: type(part) for path, part in parts.items()}
-
-
 def test_entries_of_the_sessions_own_lms_go_only_with_a_call_of_the_clients_program() -> None:
     """Entries of LMs the client does not have (key None: its global history) go back only when
     the call recorded in one of the client's LMs or modules (or ran with a client's LM): a call of

@@ -17,7 +17,7 @@ from broker.ops import HANDLERS
 from dspex.client.api import ClientAPI
 from dspex.client.exchange import BODY_NAMES, encode_request
 from dspex.client.sessionapi import Session, SessionAPI
-from dspex.errors import ProtocolError
+from dspex.errors import BadArgument, ProtocolError
 from dspex.wire import codec
 from dspex.wire.headers import RequestHeader
 from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS, Op, Side
@@ -92,11 +92,11 @@ def test_the_worker_answers_a_wrong_body_with_a_protocol_error_and_runs_nothing(
 
 
 @pytest.mark.parametrize("op, body, error", [
-    (Op.EVAL, [42], "expr must be str, got int"),
+    (Op.EVAL, [42], "expr is a str, got int"),
     (Op.RECYCLE, {"pool": "p", "al": True}, "takes no argument 'al'"),
 ])
 def test_the_client_checks_a_body_against_its_op_before_sending(op: Op, body: object, error: str) -> None:
-    with pytest.raises(ProtocolError, match=error):
+    with pytest.raises(BadArgument, match=error):  # a client's body is its user's arguments
         encode_request(op.value, body, 2**20)[0]
 
 

@@ -414,3 +414,39 @@ def test_the_history_of_programs_inside_globals_is_as_in_process(session: dspex.
             answers = session.run(uses_held_programs) if through_session else uses_held_programs()
         seen.append((answers, [len(m.history) for m in modules]))
     assert seen == [(["a", "a"], [1, 1, 1])] * 2
+
+
+PANEL = {"strict": DummyLM([{"verdict": str(i)} for i in range(8)])}  # LMs in a global dict: none a global itself
+
+
+def panel_verdict() -> str:
+    with dspy.context(lm=PANEL["strict"], adapter=dspy.ChatAdapter()):
+        return str(dspy.Predict("claim -> verdict")(claim="c").verdict)
+
+
+def doubler(i: int) -> Callable[[], int]:
+    return lambda: i * 2
+
+
+def test_an_lm_inside_a_global_or_setting_keeps_its_history_past_the_code_cache_bound(
+        dx: dspex.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LMs inside a global's value (``PANEL["strict"]``) or a setting's (a configured
+    TwoStepAdapter's extraction model) are keys of their own: the session's code cache (its
+    least recently used keys forgotten past ``DSPEX_CODE_CACHE``) keeps them as long as it keeps
+    what holds them, so their history keeps coming back, as in-process, after many other
+    objects were sent."""
+    lm = PANEL["strict"]
+    lm.history.clear()
+    monkeypatch.setenv("DSPEX_CODE_CACHE", "6")  # read when a client is made
+    with dspex.connect(dx.endpoint, timeout=dx.timeout) as small, fresh_dspy_settings():
+        main = DummyLM([{"answer": "draft"}] * 8)
+        extract = DummyLM([{"answer": str(i)} for i in range(8)])
+        dspy.configure(lm=main, adapter=dspy.TwoStepAdapter(extraction_model=extract))
+        s = small.session("p")
+        assert s.run(panel_verdict) == "0" and s.run(two_step_answer) == "0"
+        assert (len(lm.history), len(extract.history)) == (1, 1)
+        fns = [doubler(i) for i in range(20)]  # 20 functions: 20 keys, over the bound
+        assert [s.run(f) for f in fns] == [i * 2 for i in range(20)]
+        assert (s.run(panel_verdict), len(lm.history)) == ("1", 2)  # the same LM on the worker, its history here
+        assert (s.run(two_step_answer), len(extract.history)) == ("1", 2)
+        s.close()

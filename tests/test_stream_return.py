@@ -7,13 +7,17 @@ is an error of the stream, never its end."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator, Iterator
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import dspex
 import dspex.aio
+from dspex.wire.protocol import STREAM_WINDOW
 from tests.harness import shared_pool
 
 pytestmark = pytest.mark.timeout(120)
@@ -140,3 +144,103 @@ def test_an_asyncio_streams_stop_async_iteration_is_an_error_not_its_end(dx: dsp
     assert err.type_name == "StopAsyncIteration" and not isinstance(err, StopAsyncIteration)
     assert after == 2
     assert isinstance(ran.__cause__, dspex.RemoteError) and isinstance(ran.__cause__, StopIteration)
+
+
+
+def stubborn(progress: str) -> Iterator[int]:
+    """A generator that yields again when closed (``close()`` raises RuntimeError in-process); it
+    writes how many items it made to ``progress``."""
+    i = 0
+    try:
+        while True:
+            yield i
+            i += 1
+            Path(progress).write_text(str(i))
+    finally:
+        yield -1
+
+
+async def astubborn(progress: str) -> AsyncIterator[int]:
+    """:func:`stubborn`, async."""
+    i = 0
+    try:
+        while True:
+            yield i
+            i += 1
+            Path(progress).write_text(str(i))
+    finally:
+        yield -1
+
+
+@dataclasses.dataclass
+class SlowToSend:
+    """An item (data: sent by value) whose encoding takes a minute: a cancel interrupts the worker there."""
+
+    progress: str
+
+    def __reduce__(self) -> Any:
+        Path(self.progress).write_text("encoding")
+        time.sleep(60)
+        return (SlowToSend, (self.progress,))
+
+
+def stubborn_then_slow(progress: str) -> Iterator[Any]:
+    """:func:`stubborn` whose second item the worker is encoding when the stream is closed."""
+    try:
+        yield 0
+        yield SlowToSend(progress)
+    finally:
+        yield -1
+
+
+def window_full(progress: Path) -> None:
+    """Until the producer made a credit window of items ahead: it waits for credit, not interrupted."""
+    deadline = time.monotonic() + 30
+    while not ((text := progress.read_text() if progress.exists() else "").isdigit() and int(text) >= STREAM_WINDOW):
+        assert time.monotonic() < deadline, "the producer did not fill its window"
+        time.sleep(0.01)
+
+
+def test_closing_a_stream_whose_generator_ignores_generator_exit_raises_as_in_process(
+        dx: dspex.Client, tmp_path: Path) -> None:
+    local = stubborn(str(tmp_path / "local"))
+    next(local)
+    with pytest.raises(RuntimeError, match="generator ignored GeneratorExit") as expected:
+        local.close()
+    progress = tmp_path / "n"
+    with dx.session("p") as s:
+        stream = s.stream_apply(stubborn, [str(progress)])
+        assert next(stream) == 0
+        window_full(progress)
+        with pytest.raises(RuntimeError, match=str(expected.value)) as err:
+            stream.close()
+        assert isinstance(err.value, dspex.RemoteError) and err.value.details["closing"] is True
+        assert "Cancelled" not in str(err.value.details.get("chain", ""))  # how the worker stopped it is not the error
+        assert stream.done and s.run(len, [1]) == 1  # the session serves on
+        stream.close()  # closed: quiet, as a closed generator's close()
+        progress.unlink()
+        stream = s.stream_apply(stubborn_then_slow, [str(progress)])
+        assert next(stream) == 0
+        deadline = time.monotonic() + 30
+        while not (progress.exists() and progress.read_text() == "encoding"):  # the worker runs, interruptible
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(RuntimeError, match=str(expected.value)):
+            stream.close()  # (the worker interrupted the producer to stop it)
+        progress.unlink()
+        with s.stream_apply(plain, [100]) as quiet:  # a generator that stops when closed: quiet
+            assert next(quiet) == 0
+
+    async def main() -> None:
+        async with dspex.aio.connect(dx.endpoint, timeout=20) as adx, adx.session("p") as a:
+            for producer, message in ((stubborn, "generator ignored GeneratorExit"),
+                                      (astubborn, "async generator ignored GeneratorExit")):
+                stream = a.stream_apply(producer, [str(progress)])
+                assert await anext(stream) == 0
+                window_full(progress)
+                with pytest.raises(RuntimeError, match=message):
+                    await stream.aclose()
+                progress.unlink()
+                assert await a.run(len, [1]) == 1
+
+    asyncio.run(main())

@@ -254,7 +254,9 @@ class Executor:
         except (limits.CallTimedOut, DspexError) as exc:
             for ref_id in made:
                 self.refs.release(state, ref_id, "the call that made it failed")
-            if isinstance(exc, DspexError) and not (call is not None and call.timed_out):
+            if isinstance(exc, DspexError) and not (call is not None and call.timed_out and not (
+                    call.cancelled and exc.details.get("closing"))):
+                # (an interrupted stream's producer whose close() raised: that error is its caller's close()'s)
                 raise _with_extras(exc, usage, history)
             # interrupted (an error user code made of the interruption too)
             raise _with_extras(_stopped(header, call), usage, history) from None

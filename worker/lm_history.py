@@ -3,10 +3,10 @@
 In-process, every LM call appends an entry to the LM's ``history``, to DSPy's global history
 (``dspy.inspect_history()``) and to the ``history`` of each module the call was made in. Through a
 session the client's LM or module is a copy on the worker (sent once per session, by key: a
-setting or a module global), so the client's own would record nothing. A request names the keys
-of the client's LMs and modules the session holds (context ``"history"``); while the call runs,
-each entry DSPy records in one of those copies, or in a sub-module of such a module or its own LM
-(``[key, path]``: ``dspex.wire.historyparts``), is logged here, in call order, and the reply carries
+setting or a module global, and each LM and module inside one's value), so the client's own would
+record nothing. A request names the keys of the client's LMs and modules the session holds
+(context ``"history"``); while the call runs, each entry DSPy records in one of those copies is
+logged here, in call order, and the reply carries
 the log (:func:`encoded`) for the client to record in its own (``lm.update_history``: DSPy's own
 bounds, and its global history). A thread the call left running that records after the reply (DSPy's
 ``streamify(..., async_streaming=False)`` producer finishing its LM call after the consumer left
@@ -36,7 +36,6 @@ import msgpack
 
 from dspex.wire import codec
 from dspex.wire.errors import EncodeError
-from dspex.wire.historyparts import module_parts
 
 # bytes of history one reply carries at most: the newest entries that fit (in-process, the
 # newest are also the ones DSPy's bounded history keeps)
@@ -46,9 +45,9 @@ _DEFAULT_MAX_ENTRIES = 10_000  # dspy.clients.base_lm.MAX_HISTORY_SIZE, when DSP
 
 class CallLog:
     """The history entries one call recorded in the client's LMs and modules: ``(key, entry)`` in
-    order (the key of a part of a held module: ``[key, path]``)."""
+    order."""
 
-    __slots__ = ("ended", "entries", "from_late", "late", "lms", "parts", "reached", "taken")
+    __slots__ = ("ended", "entries", "from_late", "late", "lms", "reached", "taken")
 
     def __init__(self, lms: dict[int, tuple[Any, Any]], max_entries: int, reached: bool = False,
                  late: deque[tuple[Any, Any]] | None = None) -> None:
@@ -57,7 +56,6 @@ class CallLog:
         self.from_late: list[tuple[Any, Any]] = []  # late entries of earlier calls this reply carries
         self.taken = 0  # entries the reply took (take): those logged after go to a later reply
         self.ended = False  # the call ended: its threads' entries are the session's late ones
-        self.parts: dict[int, tuple[Any, Any]] | None = None  # the held modules' parts, found at the first miss
         self.entries: deque[tuple[Any, Any]] = deque(maxlen=max_entries)
         # the call is the client's program (it runs with a client's LM, or recorded in one of its
         # LMs or modules): the entries of the session's own LMs (key None) go back too
@@ -66,10 +64,6 @@ class CallLog:
     def record(self, owner: Any, entry: Any) -> bool:
         """Log ``entry`` for ``owner`` if it is a client's (True)."""
         hit = self.lms.get(id(owner))
-        if hit is None:
-            if self.parts is None:
-                self.parts = self._parts()
-            hit = self.parts.get(id(owner))
         if hit is not None and hit[0] is owner:
             self.reached = True
             self.add(hit[1], entry)
@@ -92,16 +86,6 @@ class CallLog:
         self.taken = len(self.entries)
         own = list(self.entries)
         return [*self.from_late, *(own if self.reached else [(key, entry) for key, entry in own if key is not None])]
-
-    def _parts(self) -> dict[int, tuple[Any, Any]]:
-        """The held modules' sub-modules and their own LMs, ``[key, path]``
-        (``historyparts.module_parts``), but those held themselves."""
-        parts: dict[int, tuple[Any, Any]] = {}
-        for obj, key in list(self.lms.values()):
-            if hasattr(obj, "named_sub_modules"):
-                for path, part in module_parts(obj):
-                    parts.setdefault(id(part), (part, [key, path]))
-        return {k: part for k, part in parts.items() if k not in self.lms}
 
 
 _current: contextvars.ContextVar[CallLog | None] = contextvars.ContextVar("dspex_lm_history", default=None)

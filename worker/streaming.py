@@ -24,11 +24,12 @@ from typing import Any
 
 from dspex import progress
 from dspex.wire import codec
-from dspex.wire.errors import Cancelled, ResultTooLarge
+from dspex.wire.errors import Cancelled, DspexError, ResultTooLarge
 from dspex.wire.protocol import Status
 from dspex.wire.ref import Ref
 from worker import limits
 from worker.dspy_settings import claim_configure
+from worker.remote_errors import remote_error
 from worker.session_loop import SessionLoop
 
 log = logging.getLogger("dspex.worker")
@@ -274,7 +275,7 @@ def drain(result: Any, stream: StreamControl, encode: Encode, loop: SessionLoop)
     finally:
         close = getattr(iterator, "close", None)
         if callable(close):
-            close()  # runs a generator's finally blocks now, not at garbage collection
+            _closing(stream, close)  # runs a generator's finally blocks now, not at garbage collection
 
 
 async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> dict[str, Any]:
@@ -290,8 +291,46 @@ async def _drain_async(result: Any, stream: StreamControl, encode: Encode) -> di
     finally:
         aclose = getattr(iterator, "aclose", None)
         if callable(aclose):
-            await aclose()
+            await _closing_async(stream, aclose)
     return {"items": count, "value": None}
+
+
+def _closing(stream: StreamControl, close: Callable[[], Any]) -> None:
+    """``close()`` the producer. Once its consumer closed the stream, what that raises (a generator
+    that yields again in its ``finally``: ``RuntimeError: generator ignored GeneratorExit``) is
+    what the consumer's ``close()`` raises, as ``gen.close()`` raises it in-process: a
+    ``RemoteError`` with ``details["closing"]``, in place of the cancel or interruption the worker
+    stopped the producer with (which is its context here, not the user's)."""
+    if not stream.cancelled:
+        close()
+        return
+    try:
+        close()
+    except (DspexError, limits.CallTimedOut):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the user's finally blocks may raise anything
+        raise _closing_error(exc) from None
+
+
+async def _closing_async(stream: StreamControl, aclose: Callable[[], Any]) -> None:
+    """:func:`_closing` of an async producer (``aclose()``)."""
+    if not stream.cancelled:
+        await aclose()
+        return
+    try:
+        await aclose()
+    except (DspexError, limits.CallTimedOut, asyncio.CancelledError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the user's finally blocks may raise anything
+        raise _closing_error(exc) from None
+
+
+def _closing_error(exc: BaseException) -> DspexError:
+    if isinstance(exc.__context__, (Cancelled, limits.CallTimedOut, asyncio.CancelledError)):
+        exc.__context__ = None  # how the worker stopped the producer: not part of the user's error
+    error = remote_error(exc)
+    error.details["closing"] = True
+    return error
 
 
 def _send_item(stream: StreamControl, frames: list[Any], count: int) -> None:

@@ -377,8 +377,9 @@ class AsyncStream(StreamAPI):
                 if reply[0] not in EVENT_STATUSES:
                     break
                 await _callbacks_done(ex)
-        except DspexError:
-            pass
+        except DspexError as err:
+            if err.details.get("closing"):
+                raise  # the producer's aclose() raised it (worker.streaming._closing), as in-process
         finally:
             self._reading = False
             self._end(abandon=not cancelled)

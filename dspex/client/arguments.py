@@ -8,8 +8,9 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dspex.wire.errors import BadArgument
+from dspex.wire.errors import BadArgument, ProtocolError
 from dspex.wire.headers import name_error
+from dspex.wire.ops import Op, Side
 
 MAX_TIMEOUT = 1e9  # seconds (~31 years): the deadline goes in milliseconds in the request header's 64-bit int
 
@@ -23,6 +24,23 @@ def bound_name(obj: Any, name: object) -> str:
     if not isinstance(name, str) or not name.isidentifier():
         raise BadArgument(f"define: name is a Python identifier (a str), got {name!r:.60}")
     return name
+
+
+def checked_body(op: Op, body: Any) -> Any:
+    """A request's body checked against its op's definition (:class:`dspex.wire.ops.Op`), defaults
+    filled in; one that does not fit is a BadArgument. A function where a name or source text
+    belongs (``s.stream(fn)``) says what takes a function."""
+    try:
+        if op.side is Side.BROKER:
+            return op.bind_map(body if body is not None else {})
+        return op.bind_list(body if body is not None else [])
+    except ProtocolError as err:
+        message = err.message.replace(" must be ", " is a ", 1)
+        wrong = body[err.details["argument"]] if "argument" in err.details else None
+        if callable(wrong):
+            message += (f" {wrong!r:.60}: a function (or a ref to one) runs with s.run(fn, *args) or "
+                        "s.apply(fn, args), and s.stream_apply(fn, args) streams what it returns")
+        raise BadArgument(message) from None
 
 
 def check_session_args(pool: object, session_id: object) -> None:

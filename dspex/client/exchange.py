@@ -23,6 +23,7 @@ import msgpack
 import zmq
 
 from dspex.client import codeindex, output, senderrors
+from dspex.client.arguments import checked_body
 from dspex.client.callglobals import as_module_globals
 from dspex.client.config import DEFAULT_REPLY_GRACE
 from dspex.client.lmhistory import add_usage, client_usage_tracker, record_history
@@ -102,12 +103,10 @@ def encode_request(op: str, body: Any, max_message: int, sender: SendCache | Non
     its ancestors' prefixes and versions at the forks (``f``: where its count starts).
     ``since`` (with ``full``): the binding version the store that refused the request holds; the
     request carries every binding changed after it. A body that does not fit its op's definition (dspex.wire.ops.Op)
-    is a ProtocolError here, before anything is sent."""
+    is a BadArgument here, before anything is sent."""
     spec = OPS.get(op)  # (an op this client does not know is the broker's to refuse)
-    if spec is not None and spec.side is Side.BROKER:
-        body = spec.bind_map(body if body is not None else {})
-    elif spec is not None and spec.side is Side.WORKER:
-        body = spec.bind_list(body if body is not None else [])
+    if spec is not None and spec.side is not Side.CONTROL:
+        body = checked_body(spec, body)
     if op not in WORKER_OPS:
         frames = codec.encode(body, policy=Policy.REFS, names=BODY_NAMES.get(op))
         flags = 0

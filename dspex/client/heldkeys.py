@@ -7,7 +7,8 @@ It owns:
   id valid), and code objects by content hash;
 - which keys the worker holds, least recently used first, and the pins that keep a key held past
   the cache's size: a module global's binding (as long as it is bound) and a module namespace
-  (for the session's life);
+  (for the session's life); a value inside another's (an LM or DSPy module in a global's or a
+  setting's value) is held as long as that one is;
 - the keys forgotten here that the worker still holds: requests tell it to drop them;
 - the client objects the worker holds under a key that a call acts on: DSPy LMs and modules (their
   history entries come back), ContextVars (their value goes with each call), a client setting's
@@ -40,6 +41,7 @@ class HeldKeys:
         self.key_ids: dict[str, int] = {}  # key -> id(obj)
         self.sent: OrderedDict[str, None] = OrderedDict()  # keys the worker holds, least recently used first
         self.pins: dict[str, int] = {}  # key -> bindings (or namespaces) that hold it: never evicted
+        self.holders: dict[str, str] = {}  # key of a value inside another's -> the key of that value
         self.drops: list[str] = []  # keys forgotten here that the worker still holds
         self.codes: dict[str, types.CodeType] = {}  # key of a function sent -> the code it was sent with
         self.states: dict[str, Any] = {}  # key -> the state of a client setting the worker holds under it
@@ -63,9 +65,11 @@ class HeldKeys:
         return hit[1]
 
     def record(self, new_keys: dict[int, tuple[Any, str]], defined: set[str], used: set[str],
-               namespaces: set[str], lm_class: tuple[type, ...] | None) -> None:
+               namespaces: set[str], lm_class: tuple[type, ...] | None, holders: dict[str, str]) -> None:
         """A request named ``new_keys``, defined the objects of ``defined`` on the worker, used
-        those of ``used`` by key and bound the module namespaces of ``namespaces``."""
+        those of ``used`` by key, bound the module namespaces of ``namespaces`` and sent the
+        values of ``holders`` inside others'."""
+        self.holders.update(holders)
         for oid, (obj, key) in new_keys.items():
             self.keys.setdefault(oid, (obj, key))
             self.key_ids.setdefault(key, oid)
@@ -111,7 +115,9 @@ class HeldKeys:
             self.drops.append(old)
 
     def evict(self, max_entries: int) -> None:
-        """Forget the least recently used keys past ``max_entries`` but those pinned."""
+        """Forget the least recently used keys past ``max_entries`` but those pinned and those
+        inside a value the worker holds (its calls use them through it, unseen here: an LM inside
+        a global whose history must come back)."""
         excess = len(self.sent) - max_entries
         if excess <= 0:
             return
@@ -119,7 +125,7 @@ class HeldKeys:
         for key in self.sent:
             if len(victims) >= excess:
                 break
-            if key not in self.pins:
+            if key not in self.pins and self.holders.get(key) not in self.sent:
                 victims.append(key)
         for key in victims:
             self._forget(key)
@@ -140,6 +146,7 @@ class HeldKeys:
                      if entry[1] in keep or (entry[1] not in self.sent and not ephemeral)}
         self.key_ids = {key: oid for oid, (_, key) in self.keys.items()}
         self.lms = {key: obj for key, obj in self.lms.items() if key in self.key_ids}
+        self.holders = {key: holder for key, holder in self.holders.items() if key in self.key_ids}
         self.context_vars = {key: obj for key, obj in self.context_vars.items() if key in self.key_ids}
         self.sent.clear()
         self.pins = {key: n for key, n in self.pins.items() if n >= _PINNED_FOREVER}
@@ -149,6 +156,7 @@ class HeldKeys:
 
     def _forget(self, key: str) -> None:
         self.sent.pop(key, None)
+        self.holders.pop(key, None)
         oid = self.key_ids.pop(key, None)
         if oid is not None:
             self.keys.pop(oid, None)

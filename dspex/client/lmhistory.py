@@ -11,7 +11,6 @@ import sys
 from typing import Any
 
 from dspex.wire import codec
-from dspex.wire.historyparts import module_parts
 
 log = logging.getLogger("dspex.client")
 
@@ -19,7 +18,7 @@ log = logging.getLogger("dspex.client")
 def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
     """Record the entries of a reply's ``extras`` (``[[key, entry], ...]``: ``"history"``, a
     pickle, or ``"history_codec"``, a codec body) in the LMs and modules of ``lms`` (key -> LM
-    or module; or a part of a module: :func:`_owner`; None: DSPy's global history only)."""
+    or module; None: DSPy's global history only)."""
     left = extras.get("history_left")
     try:
         blob = extras.get("history")
@@ -34,11 +33,10 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
                     left)
     if not isinstance(entries, list):
         return
-    parts: dict[str, dict[str, Any]] = {}
     for item in entries:
         if not (isinstance(item, list) and len(item) == 2):
             continue
-        owner = None if item[0] is None else _owner(lms, parts, item[0])
+        owner = lms.get(item[0]) if isinstance(item[0], str) else None
         update = getattr(owner, "update_history", None)
         if item[0] is None:  # an LM of the session's: DSPy's global history only
             _record_globally(item[1])
@@ -46,21 +44,6 @@ def record_history(lms: dict[str, Any], extras: dict[str, Any]) -> None:
             update(item[1])
         elif owner is not None:
             _record_in_module(owner, item[1])
-
-
-def _owner(lms: dict[str, Any], parts: dict[str, dict[str, Any]], key: Any) -> Any:
-    """The LM or module ``key`` names: a key of ``lms``, or ``[key, path]``: a part of that
-    module (``historyparts.module_parts``; ``parts`` caches them)."""
-    if isinstance(key, str):
-        return lms.get(key)
-    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)):
-        return None
-    module = lms.get(key[0])
-    if module is None or not hasattr(module, "named_sub_modules"):
-        return None
-    if key[0] not in parts:
-        parts[key[0]] = dict(module_parts(module))
-    return parts[key[0]].get(key[1])
 
 
 def _record_globally(entry: Any) -> None:

@@ -90,6 +90,7 @@ class Encoded(Protocol):
     settings_sent: SettingsSent | None
     restated: list[Restated]
     cells: dict[int, tuple[CellSent, ...]]
+    holders: dict[str, str]
 
     @property
     def globals(self) -> EncodedGlobals: ...
@@ -168,7 +169,7 @@ class SendCache:
         lm_class = history_classes() if msg.new_keys else None
         carried = msg.globals.bindings
         with self._lock:
-            self.held.record(msg.new_keys, msg.defined, msg.used, msg.namespaces, lm_class)
+            self.held.record(msg.new_keys, msg.defined, msg.used, msg.namespaces, lm_class, msg.holders)
             relies, reaches = self.globals.record(carried, self.held)
             self.sources.update(msg.sources)
             if len(self.walks) + len(msg.globals.walks) > self.max_entries:

@@ -203,7 +203,8 @@ class SessionAPI:
     def _stream(self, op: Op, body: list[Any], options: CallOptions) -> Any:
         if self.closed:
             raise self._closed()
-        # the request is built at the stream's first item: a wrong option is refused here, at once
+        # the request is built at the stream's first item: a wrong argument or option is refused here, at once
+        arguments.checked_body(op, body)
         arguments.check_options(call_options(options))
         return self.client.stream(op.value, self.pool, self.id, body, worker=self.worker, on_reply=self._track,
                                   bind=self, forward=self.forward_output, sender=self.sender, flags=self._flags,

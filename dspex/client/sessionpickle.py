@@ -63,6 +63,7 @@ class Message:
         self.pinned: list[str] = []  # the client settings a dspy.context holds (client_dspy_settings)
         # id(cell) -> each (cell, function key, index, value) of the functions it defines that hold it
         self.cells: dict[int, tuple[CellSent, ...]] = {}
+        self.holders: dict[str, str] = {}  # key of a value inside another's -> the key of that value
 
     @property
     def relies(self) -> bool:
@@ -137,12 +138,14 @@ class Message:
         g = self.globals
         return (dict(self.new_keys), set(self.defined), dict(g.bindings), dict(g.walked), dict(g.walks),
                 set(self.namespaces), dict(self.sources), set(self.used), self._budget, set(g.incidental),
-                set(g.needed), dict(self.cells), list(g.cells_rebound))
+                set(g.needed), dict(self.cells), list(g.cells_rebound),
+                dict(self.holders))
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         g = self.globals
         (self.new_keys, self.defined, g.bindings, g.walked, g.walks, self.namespaces, self.sources, self.used,
-         self._budget, g.incidental, g.needed, self.cells, g.cells_rebound) = saved
+         self._budget, g.incidental, g.needed, self.cells, g.cells_rebound,
+         self.holders) = saved
 
     def namespace(self, g: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The id of a function's globals on the worker: ``m:<module>`` (a session module of a
@@ -229,7 +232,7 @@ class SessionPickler(byvalue.SourcePickler):
     def __init__(self, file: io.BytesIO, msg: Message) -> None:
         super().__init__(file, {})
         self.msg = msg
-        self._defining = 0  # the values being defined that this pickle is inside of
+        self._defining: list[str] = []  # the keys of the values being defined that this pickle is inside of
         self._globals: dict[int, tuple[str, str, Any]] | None = None
         self._valued: set[int] = set()  # ids of the objects this pickle defines as values
         self._keeps_history: tuple[type, ...] | None = None  # history_classes, once a value needs them
@@ -243,7 +246,7 @@ class SessionPickler(byvalue.SourcePickler):
         if t is CodeRef:
             return self._code(obj.code)
         if t is EndOfValue:
-            self._defining -= 1
+            self._defining.pop()
             return bool, ()
         if t is _Attribute:
             return codestore._load_attribute, (obj.module, obj.name)
@@ -390,15 +393,17 @@ class SessionPickler(byvalue.SourcePickler):
     def _value(self, value: _Value) -> Any:
         if not value.key:  # an argument that is a setting's value (callglobals): keyed by identity here
             value = _Value(self.msg.key(value.obj), value.obj)
+        if self._defining:  # held as long as the value it is inside of (HeldKeys.evict)
+            self.msg.holders[value.key] = self._defining[-1]
         if self.msg.refers(value.key):
             return codestore._load_held, (value.key,)
         if type(value.obj) in _NOT_HELD:
             return codestore._load_value, (value.key, value.obj)
         if type(value.obj) is contextvars.ContextVar:  # a variable, not its value: that goes per call
             return codestore._load_context_var, (value.key, value.obj.name, *_default_of(value.obj))
-        if self._defining == 0 and self.msg.trusted:
+        if not self._defining and self.msg.trusted:
             self.persistent_id = self._held_id
-        self._defining += 1  # until the EndOfValue after it
+        self._defining.append(value.key)  # until the EndOfValue after it
         self._valued.add(id(value.obj))
         return codestore._load_value, (value.key, value.obj, END_OF_VALUE)
 

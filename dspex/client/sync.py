@@ -459,6 +459,8 @@ class Stream(StreamAPI, Closing):
         except (StopIteration, Cancelled):
             pass
         except DspexError as err:
+            if err.details.get("closing"):
+                raise  # the producer's close() raised it (worker.streaming._closing), as gen.close() does in-process
             log.debug("stream %d ended with %s while cancelling", self._req_id, err.code)
         finally:
             if not self.done:

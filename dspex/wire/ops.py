@@ -142,7 +142,8 @@ class Op(str, enum.Enum):
             values = [*values, *self._defaults[n:]]
         for i, types, name in self._typed:
             if not isinstance(values[i], types):
-                raise ProtocolError(f"{self.value!r}: {name} must be {_names(types)}, got {type(values[i]).__name__}")
+                raise ProtocolError(f"{self.value!r}: {name} must be {_names(types)}, got {type(values[i]).__name__}",
+                                    argument=i)
         return values
 
     def bind_map(self, body: Any) -> dict[str, Any]:
