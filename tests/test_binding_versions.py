@@ -17,7 +17,7 @@ from dspex.wire.errors import CodeCacheMiss
 def request(bindings: dict[tuple[str, str], tuple[Any, str]]) -> Any:
     """A request's encoding that carries ``bindings`` and defines nothing."""
     return types.SimpleNamespace(new_keys={}, defined=set(), used=set(), namespaces=set(), sources={},
-                                 settings_sent=None, restated=[], cells={},
+                                 settings_sent=None, restated=[], cells={}, holders={},
                                  globals=types.SimpleNamespace(bindings=bindings, walks={}, cells_rebound=[]))
 
 
