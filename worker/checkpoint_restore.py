@@ -150,4 +150,23 @@ def _apply(state: SessionState, root: Any) -> list[NotDurable]:
     code.activate_sources()
     for key, file in root["class_files"].items():
         classes.register_class_file(code.objects[key], file)
+    _forget_lost_bindings(code)
     return [NotDurable(*item) for item in root["lost"]][-LOST_MEMORY:]
+
+
+def _forget_lost_bindings(code: codestore.CodeStore) -> None:
+    """A module global bound to a value the client sent that the checkpoint left out (not durable:
+    a ``ContextVar``) is unbound here, while its client takes it as held and would never send it
+    again: its calls would meet a ``NameError``. Forgetting its binding and the clients' binding
+    versions makes the session's next call that relies on them a ``CodeCacheMiss``, which its
+    client answers by sending it again with every binding (those held here stay as restored). A
+    global the session's own code rebound to what is not durable stays unbound (the client's
+    value is an older one)."""
+    # (every value a client binds is held under its key: one missing was left out)
+    lost = [where for where, key in code.bound.items() if key not in code.objects
+            and (module := code.modules.get(where[0])) is not None and where[1] not in module.__dict__]
+    for where in lost:
+        del code.bound[where]
+        code.stamps.pop(where, None)
+    if lost:
+        code.versions.clear()
