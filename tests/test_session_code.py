@@ -811,6 +811,8 @@ def test_a_context_variable_of_the_users_code_travels_with_each_call(dx: dspex.C
     assert in_process == ("r-1", "none")
     with warned, dx.session("p", durable=durable) as s:
         assert s.run(mod.current) == ("none", "none")
+        assert s.run(mod.set_inside, "unset-here") == "unset-here"
+        assert s.run(mod.current) == ("none", "none")  # it stays in that call where the caller has none too
         token = mod.REQUEST_ID.set("r-1")
         try:
             assert s.run(mod.current) == in_process

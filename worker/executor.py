@@ -230,7 +230,10 @@ class Executor:
                     if "history" in context:
                         history = lm_history.start(context["history"], state.code.objects, state.late_history)
                     extras = bool(context.get("usage")) or "history" in context
-                result = self.ops.run(header.op, state, args)
+                # in a copy of the thread's context, as a task runs: what the call sets (its
+                # ContextVars) stays in it, also where its caller has none set
+                own = contextvars.copy_context()
+                result = own.run(self.ops.run, header.op, state, args)
                 if isinstance(stream, StreamControl) and header.flags & FLAG_ITEMS and (
                         hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
                     def encode_item(item: Any) -> list[Any]:
@@ -241,7 +244,7 @@ class Executor:
                             call.extend(header.timeout_ms / 1000)  # a stream's timeout is per item
                         return frames
 
-                    result = guarded(naming_unbound, state, drain, result, stream, encode_item, state.loop)
+                    result = own.run(guarded, naming_unbound, state, drain, result, stream, encode_item, state.loop)
                 elif header.flags & FLAG_ITEMS:
                     raise RemoteError(f"{type_name(result)} object is not iterable: nothing to stream",
                                       type="TypeError", module="builtins", traceback="")
