@@ -59,10 +59,7 @@ class Registrar:
     def on_command(self, wid: bytes, w: WorkerRecord | None, first: bytes, frames: list[zmq.Frame], now: float) -> None:
         """A worker's command other than a reply: ``first`` its command frame, ``w`` its record
         (None: not registered here)."""
-        command = first[:1]
-        if len(first) != 1:
-            self._garbage(wid, w, f"unknown command {first[:8]!r}")
-        elif command == W_HEARTBEAT:
+        if first == W_HEARTBEAT:
             if w is None:
                 self._to_peer(wid, [B_REREGISTER])
             elif len(frames) > 2:
@@ -76,7 +73,7 @@ class Registrar:
                         self.recycler.step(w.pool, now)
                 except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
                     self.counters["garbage_backend"] += 1
-        elif command == W_READY:
+        elif first == W_READY:
             new = self.register(wid, frames)
             if new is not None:
                 self.dispatcher.feed(new)
@@ -89,7 +86,7 @@ class Registrar:
                     self.recycler.step(new.pool, now)
             elif w is not None:
                 self.dispatcher.feed(w)  # back on a new connection: what waited for it goes now
-        elif command == W_DISCONNECT:
+        elif first == W_DISCONNECT:
             self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
             # abandoned: a call of it ignored its hard time limit, so what it was running may have run
             goodbye = frames[2].bytes if len(frames) > 2 else b""
@@ -99,18 +96,18 @@ class Registrar:
                 self.roster.remove(w, HARD_LIMIT, clean=True)
             elif w is not None:
                 self.roster.remove(w, recycled(w) if w.pool.recycling == w.id else "exited", clean=True)
-        elif command == W_HELD:
+        elif first == W_HELD:
             if w is not None and self.held(w, frames):
                 if w.draining and not w.inflight:
                     self._to_worker(w, [B_DISCONNECT])
                 else:
                     self.dispatcher.feed(w)
-        elif command == W_DRAIN:
+        elif first == W_DRAIN:
             if w is not None and not w.draining:
                 self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
                 self.recycler.start_draining(w, "is stopping", now)
         else:
-            self._garbage(wid, w, f"unknown command {command!r}")
+            self._garbage(wid, w, f"unknown command {first[:8]!r}")
 
     def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
         """A READY: the new worker (None for a re-READY, or one told to leave)."""
