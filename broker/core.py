@@ -6,7 +6,8 @@ at ``next_deadline``). Each carries ``now``, the monotonic time the shell read f
 reads no clock of its own (wall-clock time, injected, is only displayed). What it needs done in
 the world goes through one ``broker.port.Port``. The core reads frames and replies, and owns its
 rules as objects: placement (``broker.dispatch``: affinity, dispatch, prefetch), the session
-book (``broker.sessions``), the roster of workers (``broker.roster``), the recycler
+book (``broker.sessions``), the roster of workers (``broker.roster``) and what a worker says
+about itself (``broker.registrar``), the recycler
 (``broker.recycling``), request control (``broker.control``), the timers (``broker.timers``) and
 the answers it gives in a worker's place (``broker.answers``), durable sessions
 (``broker.durable``); broker ops are handlers the shell registers (``broker.ops``).
@@ -33,7 +34,8 @@ from broker.durable import DurableSessions
 from broker.moves import SessionMoves
 from broker.port import Port, WorkerUnreachable
 from broker.recycling import Recycler
-from broker.roster import HARD_LIMIT, LOST, Roster, recycled
+from broker.registrar import Registrar
+from broker.roster import LOST, Roster, recycled
 from broker.sessions import SessionBook
 from broker.state import (
     Clock,
@@ -59,20 +61,12 @@ from dspex.wire.headers import (
 )
 from dspex.wire.ops import BROKER_OPS, OPS, STREAM_OPS, WORKER_OPS
 from dspex.wire.protocol import (
-    B_BYE,
     B_DISCONNECT,
     B_REREGISTER,
-    GOODBYE_ABANDONED,
-    GOODBYE_HARD_LIMIT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     W_CHECKPOINT,
-    W_DISCONNECT,
-    W_DRAIN,
-    W_HEARTBEAT,
-    W_HELD,
     W_PARTIAL,
-    W_READY,
     W_REPLY,
     Status,
 )
@@ -139,12 +133,16 @@ class Core:
         self.durable = self.book.durable = dispatcher.durable = DurableSessions(
             self.sessions, self.pools, clock=self.clock, port=port, book=self.book, moves=moves, counters=self.counters)
         self.roster = dispatcher.roster = Roster(
-            self.pools, self.workers, self.sessions, self.running, self.gone, clock=self.clock, port=port, answers=self.answers, book=self.book, counters=self.counters,
+            self.workers, self.sessions, self.running, self.gone, clock=self.clock, port=port, answers=self.answers,
+            book=self.book,
             heartbeat_interval=heartbeat_interval, heartbeat_liveness=heartbeat_liveness, to_worker=self._to_worker,
-            to_peer=self._to_peer, hand_back=dispatcher.hand_back, pin=self.book.pin, durable=self.durable)
+            hand_back=dispatcher.hand_back, pin=self.book.pin, durable=self.durable)
         self.recycler = Recycler(self.workers, port, fail=self._fail, to_worker=self._to_worker,
                                  to_peer=self._to_peer, remove_worker=self.roster.remove, wake=self._wake,
                                  reroute=self.durable.reroute)
+        self.registrar = Registrar(self.roster, dispatcher, self.recycler, self.durable, pools=self.pools,
+                                   counters=self.counters, to_worker=self._to_worker, to_peer=self._to_peer,
+                                   garbage=self._garbage)
         self.control = RequestControl(self.pools, self.running, port=port, answers=self.answers, counters=self.counters,
                                       to_worker=self._to_worker)
         self.timers = dispatcher.timers = Timers(
@@ -266,57 +264,8 @@ class Core:
                                               f"{w.pool.config.recycle.max_requests}")
             else:
                 self.dispatcher.feed(w)
-        elif len(first) != 1:
-            self._garbage(wid, w, f"unknown command {first[:8]!r}")
-        elif command == W_HEARTBEAT:
-            if w is None:
-                self._to_peer(wid, [B_REREGISTER])
-            elif len(frames) > 2:
-                try:
-                    stats = msgpack.unpackb(frames[2].buffer)
-                    prepared = w.stats.get("preparing") and isinstance(stats, dict) and not stats.get("preparing")
-                    if isinstance(stats, dict) and self.roster.heard(w, stats):
-                        self.dispatcher.feed(w)
-                    if prepared and w.pool.recycling is not None:
-                        # a rolling recycle waits for a replacement able to run calls: its dspy import is over
-                        self.recycler.step(w.pool, now)
-                except Exception:  # noqa: BLE001 - a worker's garbage is counted, never fatal
-                    self.counters["garbage_backend"] += 1
-        elif command == W_READY:
-            new = self.roster.register(wid, frames)
-            if new is not None:
-                self.dispatcher.feed(new)
-                if new.pool.parked:
-                    self.durable.moves.worker_ready(new.pool)
-                self.durable.moves.spread(new)
-                if new.pool.recycling is not None:
-                    # a rolling recycle waits for this replacement: go on now, not at the next tick
-                    # (an operator who saw the replacement ready must not find the pool "recycling")
-                    self.recycler.step(new.pool, now)
-            elif w is not None:
-                self.dispatcher.feed(w)  # back on a new connection: what waited for it goes now
-        elif command == W_DISCONNECT:
-            self._to_peer(wid, [B_BYE])  # it waits for this before exiting (its goodbye arrived)
-            # abandoned: a call of it ignored its hard time limit, so what it was running may have run
-            goodbye = frames[2].bytes if len(frames) > 2 else b""
-            if w is not None and goodbye == GOODBYE_ABANDONED:
-                self.roster.remove(w, HARD_LIMIT)
-            elif w is not None and goodbye == GOODBYE_HARD_LIMIT:  # its calls all answered: nothing failed
-                self.roster.remove(w, HARD_LIMIT, clean=True)
-            elif w is not None:
-                self.roster.remove(w, recycled(w) if w.pool.recycling == w.id else "exited", clean=True)
-        elif command == W_HELD:
-            if w is not None and self.roster.held(w, frames):
-                if w.draining and not w.inflight:
-                    self._to_worker(w, [B_DISCONNECT])
-                else:
-                    self.dispatcher.feed(w)
-        elif command == W_DRAIN:
-            if w is not None and not w.draining:
-                self.port.log(logging.INFO, "worker %s (pid %d) is stopping: draining", w.incarnation[:8], w.pid)
-                self.recycler.start_draining(w, "is stopping", now)
         else:
-            self._garbage(wid, w, f"unknown command {command!r}")
+            self.registrar.on_command(wid, w, first, frames, now)
 
     def worker_lost(self, wid: bytes, now: float) -> None:
         """The connection of worker ``wid`` closed without a goodbye (the shell's socket monitor)."""

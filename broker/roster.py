@@ -1,12 +1,11 @@
-"""The workers the routing core knows: registration, heartbeats, removal, and their events.
+"""The workers the routing core knows: their records, their liveness, their removal, and their events.
 
-A worker registers with READY (its pool, pid, host, capacity, wire version); a re-READY after a
-reconnect keeps its incarnation and sessions; on a new connection it is asked which requests it
-holds (B_SYNC), and those its old connection lost are failed (:meth:`Roster.held`). Heartbeats go out every interval and a worker
-silent for interval x liveness is removed. A lost connection is a crash at once, except just after
-the broker itself did not run: then the worker is away, waited for on a new connection. A removed worker's requests are handed back when it
-said goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``),
-move with their checkpoint (durable) or end as tombstones.
+Heartbeats go out every interval and a worker silent for interval x liveness is removed. A lost
+connection is a crash at once, except just after the broker itself did not run: then the worker
+is away, waited for on a new connection. A removed worker's requests are handed back when it said
+goodbye (they never ran), else answered ``WorkerCrashed``; its sessions re-pin (``hint``), move
+with their checkpoint (durable) or end as tombstones. What a worker says about itself (READY, its
+heartbeat stats, its answer to a sync, its goodbye) is the registrar's (``broker.registrar``).
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import msgpack
+from typing import Any
 
 from broker.answers import Answers
 from broker.durable import DurableSessions
@@ -27,18 +24,7 @@ from broker.sessions import SessionBook, worker_gone
 from broker.state import Clock, GoneWorkers, Pending, Pool, SessionRecord, WorkerRecord
 from dspex.stack.health import SERVICE, SILENT
 from dspex.wire.errors import WorkerCrashed
-from dspex.wire.protocol import (
-    B_DISCONNECT,
-    B_HEARTBEAT,
-    B_SYNC,
-    PROTOCOL_VERSION,
-    RECEIVED_WINDOW,
-    RENEW_BACKOFF_MAX,
-    Affinity,
-)
-
-if TYPE_CHECKING:
-    import zmq
+from dspex.wire.protocol import B_HEARTBEAT, RENEW_BACKOFF_MAX, Affinity
 
 LOST = "crashed (connection lost)"  # its connection closed without a goodbye
 # why a worker left at a call's hard time limit (the call ignored its interruption)
@@ -70,135 +56,24 @@ def why_label(why: str, crashed: bool) -> str:
 
 
 class Roster:
-    def __init__(self, pools: dict[str, Pool], workers: dict[bytes, WorkerRecord], sessions: dict[str, SessionRecord],
+    def __init__(self, workers: dict[bytes, WorkerRecord], sessions: dict[str, SessionRecord],
                  running: dict[tuple[bytes, int], WorkerRecord], gone: GoneWorkers, *, clock: Clock, port: Port,
-                 answers: Answers, book: SessionBook, counters: dict[str, int], heartbeat_interval: float,
+                 answers: Answers, book: SessionBook, heartbeat_interval: float,
                  heartbeat_liveness: int, to_worker: Callable[[WorkerRecord, list[Any]], bool],
-                 to_peer: Callable[[bytes, list[bytes]], None],
                  hand_back: Callable[[Pending, Pool, WorkerRecord, str], None],
                  pin: Callable[[SessionRecord, bytes | None], None], durable: DurableSessions) -> None:
-        self.pools, self.workers, self.sessions, self.running, self.gone = pools, workers, sessions, running, gone
-        self.clock, self.port, self.answers, self.book, self.counters = clock, port, answers, book, counters
+        self.workers, self.sessions, self.running, self.gone = workers, sessions, running, gone
+        self.clock, self.port, self.answers, self.book = clock, port, answers, book
         self.interval = heartbeat_interval
         self.silence = heartbeat_interval * heartbeat_liveness  # a worker silent this long is dead
         self.last_round = clock.now  # the last heartbeat round
         self.events: deque[dict[str, Any]] = deque(maxlen=200)  # recent starts, recycles, crashes, exits
-        self._to_worker, self._to_peer, self._hand_back, self._pin = to_worker, to_peer, hand_back, pin
+        self._to_worker, self._hand_back, self._pin = to_worker, hand_back, pin
         self.durable = durable
         # until then a lost connection may be a worker renewing its socket: it gave the broker up
         # while the broker did not run, and its new connection's READY is on its way
         self.renewals_until = -math.inf
         self.renewal_wait = 0.0  # how long a worker lost then is waited for
-
-    def register(self, wid: bytes, frames: list[zmq.Frame]) -> WorkerRecord | None:
-        """A READY: the new worker (None for a re-READY, or one told to leave)."""
-        try:
-            info = msgpack.unpackb(frames[2].buffer)
-            pool_name = info["pool"]
-            if not isinstance(pool_name, str):
-                raise TypeError("pool must be a string")
-            if not all(isinstance(info.get(k, 0), int) for k in ("pid", "capacity", "running")):
-                raise TypeError("pid, capacity and running must be integers")
-            version = info.get("version", 1)
-        except Exception as exc:  # noqa: BLE001 - anything a peer sends must not stop the broker
-            self.counters["garbage_backend"] += 1
-            self.port.log(logging.WARNING, "malformed READY from %s: %s", wid[:8], exc)
-            return None
-        known = self.workers.get(wid)
-        if known is not None:  # a re-READY after a reconnect: same incarnation, same sessions
-            if self.port.worker_connected(wid, frames[1]) and known.inflight:
-                # until the ROUTER let go of its old connection, a request sent to it went there
-                # and was lost without an error (and a reply it wrote there may be lost too): ask
-                # what it holds; a B_SYNC goes on the new connection, after whatever arrived
-                known.sync += 1
-                known.syncing = set(known.inflight)
-                self._to_worker(known, [B_SYNC, b"%d" % known.sync])
-            if known.away:
-                known.away = ""
-                self.port.log(logging.INFO, "worker %s (pid %d) is back on a new connection", known.incarnation[:8], known.pid)
-            return None
-        if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
-            self.port.log(logging.ERROR, "worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
-                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
-                      info.get("host", "?"), version, PROTOCOL_VERSION)
-            self._to_peer(wid, [B_DISCONNECT])
-            return None
-        pool = self.pools.get(pool_name)
-        if pool is None:
-            self.port.log(logging.ERROR, "worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
-            # said to the worker too: its log is where an operator looks when supervisord restarts it
-            self._to_peer(wid, [B_DISCONNECT, f"it does not serve pool {pool_name!r} (its pools: "
-                                f"{', '.join(self.pools)}; it reads them when it starts: restart it after "
-                                "adding a pool)".encode()])
-            return None
-        now = self.clock.now
-        w = WorkerRecord(wid, pool, info, now, now + self.silence)
-        self.workers[wid] = w
-        pool.workers[wid] = w
-        self.port.worker_connected(wid, frames[1])
-        # re-adopt sessions a restarted broker learned about from clients before this READY
-        w.pinned = sum(1 for r in self.sessions.values() if r.worker == wid)
-        w.queue.extend(pool.awaiting.pop(wid, ()))
-        pool.starts += 1
-        self.event(pool.name, w, "start", "registered")
-        self.port.log(logging.INFO, "worker %s ready: pool=%s pid=%s host=%s", w.incarnation[:8], pool.name, w.pid, w.host)
-        return w
-
-    def held(self, w: WorkerRecord, frames: list[zmq.Frame]) -> bool:
-        """``w``'s answer to its last B_SYNC (W_HELD): a request in flight when it was asked that
-        it neither holds nor answered since (its replies come in order, before the answer) was
-        lost with its old connection, or its reply was. One it received may have run: failed
-        ``WorkerCrashed``. One it did not receive (sent fewer than its window of received
-        requests ago) never ran: sent again, first in line. Its sessions stay on ``w``, state
-        intact. True when slots were freed."""
-        if not w.syncing or len(frames) < 5 or frames[2].bytes != b"%d" % w.sync:
-            return False  # an answer to an earlier ask (that one's requests are asked again)
-        try:
-            holds, received = ({(bytes(client), int(req_id)) for client, req_id in msgpack.unpackb(f.buffer)}
-                               for f in frames[3:5])
-        except Exception:  # noqa: BLE001 - anything a peer sends must not stop the broker
-            self.counters["garbage_backend"] += 1
-            return False
-        lost = [p for key, p in w.inflight.items() if key in w.syncing and key not in holds]
-        w.syncing = set()
-        again: list[Pending] = []
-        for p in lost:
-            key = (p.client, p.req_id)
-            del w.inflight[key]
-            self.running.pop(key, None)
-            if key not in received and w.sent - p.sent < RECEIVED_WINDOW:
-                again.append(p)
-                continue
-            self.answers.fail(p, w.pool, WorkerCrashed(
-                f"worker {w.incarnation[:8]} (pid {w.pid}) lost this request's reply with its connection to the "
-                "broker (renewed while the broker did not run); it may have run", worker=w.incarnation,
-                session=p.session))
-            rec = self.sessions.get(p.session) if p.session else None
-            if rec is not None and rec.closing and not self.book.running(rec):
-                self.book.release(rec)
-            elif rec is not None and rec.durable is not None:
-                self.durable.moves.call_ended(rec)
-        for p in reversed(again):  # first in line for this worker, in their order
-            rec = self.sessions.get(p.session) if p.session else None
-            if rec is not None and rec.worker == w.id:
-                w.queue.appendleft(p)
-            else:
-                self._hand_back(p, w.pool, w, "lost it with its old connection")
-        if lost:
-            self.port.log(logging.WARNING, "worker %s (pid %d) lost %d request(s) with its old connection: %d sent "
-                          "again (it never had them), %d failed as crashed (they may have run)", w.incarnation[:8],
-                          w.pid, len(lost), len(again), len(lost) - len(again))
-        return bool(lost)
-
-    def heard(self, w: WorkerRecord, stats: Any) -> bool:
-        """A heartbeat's stats (rss, served, running...); True when calls it ran for an earlier
-        broker ended unseen (slots freed)."""
-        w.stats = stats
-        if not w.adopted:
-            return False
-        running = int(stats.get("running", 0))
-        adopted, w.adopted = w.adopted, min(w.adopted, max(0, running - len(w.inflight)))
-        return w.adopted < adopted
 
     def did_not_run(self, now: float) -> float:
         """How long this process did not run before ``now`` (stopped, swapped out, a VM pause), as

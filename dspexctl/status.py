@@ -5,7 +5,7 @@ Each supervisord worker process is either *registered* (the broker lists its pid
 *broken* (anything else). :func:`dspex.stack.health.pool_state` turns those counts and the broker's
 numbers into OK / STARTING / WARN / DEGRADED / DOWN; the stack's state is the worst of the pools'
 and of the stack-wide issues (broker unreachable, invalid dspex config, a broker that is not this
-supervisord's).
+supervisord's). The text of the result is ``dspexctl.status_text``'s.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from dspex.stack.health import (
     SERVICE,
     USER,
     State,
-    fmt_window,
     gave_up,
     is_here,
-    last_failure,
     local_pids,
     proc_phase,
     proc_uptime,
@@ -51,15 +49,11 @@ from dspexctl.commands import (
     EXIT_FOR_STATE,
     EXIT_TIMEOUT,
     Settings,
-    fmt_bytes,
-    fmt_duration,
-    fmt_ms,
     foreign_broker,
-    metrics_text,
     silent_process,
-    table,
 )
 from dspexctl.diagnose import silent_broker
+from dspexctl.status_text import status_text
 
 WORKER_KEYS = ("id", "incarnation", "pid", "state", "sessions", "served", "errors", "inflight", "capacity", "queued",
                "rss", "uptime_s", "last_heartbeat_s", "host", "problem", "preparing")
@@ -266,80 +260,8 @@ class PoolsStatus:
         return EXIT_FOR_STATE[State(result["health"])]
 
     def present(self, result: dict[str, Any]) -> str:
-        """The pools table (with ``--verbose`` each pool's workers), the failed answers of the
-        health window, the broker's and supervisord's lines and the issues; one section per broker
-        for a map of several."""
-        if "brokers" not in result:
-            return self._present(result)
-        sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
-                    + self._present({**part, "verbose": result["verbose"]}) for part in result["brokers"]]
-        return "\n\n".join([*sections, f"{len(result['brokers'])} brokers: {result['health'].upper()}"])
+        return status_text(result)
 
-    def _present(self, result: dict[str, Any]) -> str:
-        rows = [["POOL", "AFFINITY", "WORKERS", "READY", "BUSY", "SESSIONS", "QUEUED", "OK", "ERR", "P50", "P99",
-                 "STATE"]]
-        for p in result["pools"]:
-            counts = [str(p[k]) if p["in_broker"] else "-"
-                      for k in ("ready", "busy", "sessions", "queued", "requests_ok", "requests_error")]
-            rows.append([p["name"], p["affinity"] or "-", f"{p['total']}/{p['expected']}", *counts,
-                         fmt_ms(p["latency_p50_ms"]), fmt_ms(p["latency_p99_ms"]), p["health"].upper()])
-        lines = table(rows) if result["pools"] else []  # no header over nothing (no pool known)
-        if result["verbose"]:
-            out = [lines[0]]
-            for line, p in zip(lines[1:], result["pools"]):
-                out.append(line)
-                wrows = [["PROCESS", "HOST", "ID", "PID", "STATE", "SLOTS", "SESSIONS", "SERVED", "RSS", "UPTIME",
-                          "HEARTBEAT"]]
-                for w in p["workers"]:
-                    hb = w["last_heartbeat_s"]
-                    reg = w["id"] is not None
-                    wrows.append([w["process"] or "-", w["host"] or "-", w["id"] or "-", str(w["pid"] or "-"),
-                                  ("preparing" if w.get("preparing") else w["state"]) if reg
-                                  else (w["process_state"] or "?").lower(),
-                                  f"{w['inflight']}/{w['capacity']}" if reg else "-",
-                                  str(w["sessions"]) if reg else "-", str(w["served"]) if reg else "-",
-                                  fmt_bytes(w["rss"] or 0), fmt_duration(w["uptime_s"]) if reg else "-",
-                                  f"{hb:.1f}s ago" if hb is not None else "-"])
-                if len(wrows) > 1:  # no header over nothing (supervisord down: no processes known)
-                    out.extend(table(wrows, indent="    "))
-            lines = out
-        lines += self._failures(result["pools"])
-        b = result["broker"]
-        if b is not None:
-            lines.append(f"broker: pid {b['pid']}, up {fmt_duration(b['uptime_s'])}, {b['sessions']} sessions, "
-                         f"{b['frontend']}")
-            lines.append(metrics_text(b.get("metrics") or {})[0])
-        s = result["supervisor"]
-        if s is not None and s.get("unused"):
-            lines.append(f"supervisord: not used: {s['unused']}")
-        if s is not None and s["state"] is not None:
-            lines.append(f"supervisord: {s['state']}, pid {s['pid']}, {s['conf']}")
-            pool_names = {q["name"] for q in result["pools"]}
-            others = [p for p in s["processes"] if p["group"] not in pool_names]
-            if result["verbose"] or result["broker"] is None:  # without a broker, supervisord's view is all there is
-                shown = s["processes"] if result["broker"] is None else others
-                lines.extend(table([[p["name"], p["state"], p["description"]] for p in shown], indent="    "))
-        for issue in result["issues"]:
-            lines.append(f"{issue['state'].upper()}: {issue['text']}")
-        return "\n".join(lines)
-
-    @staticmethod
-    def _failures(pools: list[dict[str, Any]]) -> list[str]:
-        """The health window's failed answers per pool, when any: the service's (what WARN
-        counts), the callers' own (user code raising, cancels, usage errors) and those to sessions
-        whose worker an operator recycled or stopped."""
-        def total(p: dict[str, Any], kind: str) -> int:
-            return sum(p["failures"][kind].values())
-
-        shown = [p for p in pools if p["in_broker"] and any(total(p, k) for k in (SERVICE, USER, RECYCLE))]
-        if not shown:
-            return []
-        rows = [["POOL", "LAST", "SERVICE", "USER", "RECYCLE"]]
-        rows += [[p["name"], fmt_window(p["health_window"] or 0), str(total(p, SERVICE)), str(total(p, USER)),
-                  str(total(p, RECYCLE))] for p in shown]
-        causes = [f"    {line}" for p in shown if (line := last_failure(p["name"], p["last_failures"]))]
-        return ["failed answers in the health window (only SERVICE counts toward WARN):", *table(rows, indent="    "),
-                *causes]
 
 AGREEMENT_TRIES = 3  # broker reads around supervisord's before the last pair is taken as it is
 

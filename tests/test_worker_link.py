@@ -39,6 +39,7 @@ from dspex.wire.protocol import (
 )
 from dspex.wire.remoteerror import error_from_wire
 from tests.harness import Stack, wait_for
+from worker.link import Heartbeats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -336,3 +337,18 @@ def test_the_other_calls_of_a_worker_leaving_at_a_hard_limit_get_worker_crashed(
     events = dx.status()["events"]
     assert [e["why"] for e in events if e["event"] == "recycle"] == ["was recycled at a call's hard time limit"]
     assert not [e for e in events if e["event"] == "crash"]
+
+
+def test_the_workers_heartbeat_answers_the_brokers_then_waits_for_just_after_its_next() -> None:
+    """Ours goes out in the wake-up the broker's arrives in, unless one went out less than half
+    an interval ago; our timer then moves to just after the broker's next one, so one wake-up
+    serves both. Without the broker's, ours goes every interval."""
+    beats = Heartbeats(1.0, 3, now=0.0)  # the READY went out at 0 (it counts as ours)
+    assert (beats.next_beat, beats.deadline) == (1.0, 3.0)
+    assert not beats.theirs(0.4)  # ours went out 0.4 s ago: not again
+    assert beats.next_beat == pytest.approx(1.65)
+    assert beats.theirs(1.6)
+    beats.ours(1.6)
+    assert beats.last_beat == 1.6 and beats.next_beat == pytest.approx(2.85)
+    beats.ours(2.85)  # the broker's did not come: ours on its own timer
+    assert beats.next_beat == pytest.approx(3.85)

@@ -6,7 +6,8 @@ broker and reconnects with backoff under the same identity, names a refused CURV
 and re-registration requests goes to ``deliver``; replies go out through :meth:`Link.send` from
 whichever thread made them. Its :meth:`Link.leave` is the one goodbye: ``W_DISCONNECT``, then
 wait for the broker's ``B_BYE``. The socket itself, its options and its monitor, is a
-:class:`BrokerSocket` the link holds; when the broker counts as gone, a :class:`BrokerLiveness`.
+:class:`BrokerSocket` the link holds; when its heartbeat goes out and when the broker counts as
+gone, its :class:`Heartbeats`.
 
 Threads. The socket is used under a lock (a zmq socket may change threads behind a full memory
 barrier) and waited on *without* it: a reader blocks in ``poll`` on the socket's file descriptor
@@ -167,14 +168,30 @@ class BrokerSocket:
         return sock, monitor
 
 
-class BrokerLiveness:
-    """When the link takes the broker for gone (PPP's liveness): a silence limit after it was last
-    heard from, and the backoff of the socket's renewals while it stays silent (the link's lock
-    guards it)."""
+class Heartbeats:
+    """PPP's heartbeats both ways (the link's lock guards them): when the worker's goes out, paced
+    by the broker's, and when the link takes the broker for gone (PPP's liveness): a silence limit
+    after it was last heard from, and the backoff of the socket's renewals while it stays silent."""
 
-    def __init__(self, silence_limit: float, now: float) -> None:
-        self.silence_limit = silence_limit
+    def __init__(self, interval: float, liveness: int, now: float) -> None:
+        self.interval = interval
+        self.silence_limit = interval * liveness
+        self.next_beat = now + interval  # when ours goes out
+        self.last_beat = now  # READY went out (counts as one)
         self.heard(now)
+
+    def theirs(self, now: float) -> bool:
+        """The broker's heartbeat arrived: whether ours goes out in this wake-up (unless one went
+        out less than half an interval ago). Our timer moves to just after the broker's next one,
+        so one wake-up serves both."""
+        self.next_beat = now + self.interval * (1 + _ANSWER_SLACK)
+        return now - self.last_beat >= self.interval / 2
+
+    def ours(self, now: float) -> None:
+        """Ours went out: the next an interval later, or just after the broker's next one when it
+        answered the broker's (:meth:`theirs`)."""
+        self.last_beat = now
+        self.next_beat = max(self.next_beat, now + self.interval)
 
     def heard(self, now: float) -> None:
         """A message from the broker (the READY going out counts as one)."""
@@ -234,11 +251,7 @@ class Link:
         self._on_beat = on_beat
         self._timers = timers
         self._lock = threading.Lock()  # guards the socket and the heartbeat/liveness state below
-        self._interval = heartbeat_interval
-        now = time.monotonic()
-        self._next_beat = now + heartbeat_interval
-        self._last_beat = now  # READY went out (counts as one)
-        self._liveness = BrokerLiveness(heartbeat_interval * heartbeat_liveness, now)
+        self._beats = Heartbeats(heartbeat_interval, heartbeat_liveness, time.monotonic())
         self._beat_due = False  # a heartbeat went out: on_beat runs once the lock is let go
         self._sent = False  # _tick sent something
         self._outbox: collections.deque[Frames] = collections.deque()  # control messages for the next turn
@@ -380,15 +393,11 @@ class Link:
         while _get_opt(sock, _EVENTS) & _POLLIN:
             frames = recv_frames(sock, NOBLOCK)
             now = time.monotonic()
-            self._liveness.heard(now)
+            self._beats.heard(now)
             command = frames[0].bytes
             if command == B_HEARTBEAT:
-                # the broker's heartbeats pace ours: ours goes out in this wake-up (unless one
-                # went out less than half an interval ago), and our timer moves to just after
-                # the broker's next one, so one wake-up serves both
-                if now - self._last_beat >= self._interval / 2:
+                if self._beats.theirs(now):
                     self._beat(now)
-                self._next_beat = now + self._interval * (1 + _ANSWER_SLACK)
                 self._zmq_threads.quiet()
                 continue
             self._zmq_threads.serving()
@@ -410,12 +419,12 @@ class Link:
         self._sent = False
         while self._outbox:
             self._send_control(self._outbox.popleft())
-        if now >= self._next_beat:
+        beats = self._beats
+        if now >= beats.next_beat:
             self._beat(now)
-        liveness = self._liveness
         if self._dealer.watch_handshake():
-            liveness.handshake(now)
-        if now >= liveness.deadline:
+            beats.handshake(now)
+        if now >= beats.deadline:
             # The broker is gone, restarted without hearing from us, or zmq gave up on our
             # connection (it never reconnects after a protocol error such as a frame over
             # MAXMSGSIZE): a fresh socket under the same identity, announced with READY. The
@@ -423,17 +432,16 @@ class Link:
             # reaches it, and a READY lost that way is sent again at the next try. Back off
             # during a long outage.
             if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
-                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, liveness.backoff)
+                log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, beats.backoff)
             else:
-                log.warning("broker silent; new socket and READY (next try in %.1fs)", liveness.backoff)
+                log.warning("broker silent; new socket and READY (next try in %.1fs)", beats.backoff)
             self._renew_socket()
-            liveness.renewed(now)
-        return max(0.0, min(self._next_beat, liveness.deadline) - now)
+            beats.renewed(now)
+        return max(0.0, min(beats.next_beat, beats.deadline) - now)
 
     def _beat(self, now: float) -> None:
         self._send_control([W_HEARTBEAT, self._stats()])
-        self._last_beat = now
-        self._next_beat = now + self._interval
+        self._beats.ours(now)
         self._beat_due = True
 
     def _send_control(self, frames: Frames) -> None:
