@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 
 class Registrar:
+    """Handles what a worker says about itself (see the module docstring)."""
+
     def __init__(self, roster: Roster, dispatcher: Dispatcher, recycler: Recycler, durable: DurableSessions, *,
                  pools: dict[str, Pool], counters: dict[str, int],
                  to_worker: Callable[[WorkerRecord, list[Any]], bool], to_peer: Callable[[bytes, list[bytes]], None],
