@@ -1,8 +1,9 @@
 """Which broker a client talks to: the endpoint map (one broker for every pool, or a pool ->
-broker map), and the check of an ipc endpoint before a client connects to it."""
+broker map), and the check of an endpoint before a client connects to it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -139,14 +140,45 @@ def _parse_broker(value: str, source: str) -> Broker:
     return Broker(endpoint, files.get("server_key"), files.get("client_key"))
 
 
-def probe_ipc(endpoint: str) -> None:
-    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket at once,
-    instead of after the request's timeout (``BrokerUnreachable``: nothing listens there;
-    ``ConfigError``: a socket that may be anyone's, or that we may not use). A client creates
-    nothing, so it never asks for a directory's mode to change: the broker and workers, which
-    create the run directory, enforce its 0700 rule."""
-    if not endpoint.startswith("ipc://"):
-        return
+def probe_endpoint(endpoint: str) -> None:
+    """Before a client connects: say what is wrong with *that* endpoint at once, instead of a
+    ``Timeout`` after the request's deadline that cannot tell "never reached" from "still running"."""
+    if endpoint.startswith("tcp://"):
+        _probe_tcp(endpoint)
+    elif endpoint.startswith("ipc://"):
+        _probe_endpoint(endpoint)
+
+
+def _probe_tcp(endpoint: str) -> None:
+    """``BrokerUnreachable`` when the host name does not resolve or nothing listens at the port.
+    zmq resolves a host name to IPv4 only (a bracketed address is IPv6), so the probe does too. A
+    probe that connects closes before zmq's greeting: the broker sees no handshake, failed or not.
+    No answer within a second (a firewall that drops, a slow link) is left to the request."""
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    host = host.strip("[]")
+    try:
+        address = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
+    except socket.gaierror as err:
+        raise BrokerUnreachable(f"cannot reach {endpoint}: the host name {host} does not resolve"
+                                f"{' to an IPv4 address' if family == socket.AF_INET else ''} ({err.strerror})") from None
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(address)
+    except ConnectionRefusedError:
+        raise BrokerUnreachable(f"nothing is listening at {endpoint} (connection refused by {address[0]})") from None
+    except OSError as err:
+        if err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            raise BrokerUnreachable(f"cannot reach {endpoint}: {err.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _probe_endpoint(endpoint: str) -> None:
+    """``BrokerUnreachable``: nothing listens at the socket; ``ConfigError``: a socket that may be
+    anyone's, or that we may not use. A client creates nothing, so it never asks for a directory's
+    mode to change: the broker and workers, which create the run directory, enforce its 0700 rule."""
     path = Path(endpoint[len("ipc://"):])
     parent = path.parent
     where = "run directory" if str(parent) == ClientConfig.from_env().run_dir else "directory"
