@@ -2,7 +2,8 @@
 resolve) fails its pools' calls at once with ``BrokerUnreachable`` naming the endpoint and why, as
 an ipc one does, not with a ``Timeout`` after the call's deadline that says "the call may still be
 running" (nothing was ever sent); the map's other broker serves on, and ``dspexctl pools status``
-says ``UNREACHABLE`` (exit 4) with the same words."""
+says ``UNREACHABLE`` (exit 4) with the same words. A worker host's workers say the same in their
+log while the broker is silent."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 import dspex
 from dspexctl.keys import generate
-from tests.harness import Stack, Workspace, base_env, free_port
+from tests.harness import Stack, Workspace, base_env, free_port, wait_for
+from tests.harness.supervisord import Supervisord
+from tests.test_hosts import host_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,3 +66,35 @@ def test_an_unreachable_tcp_broker_is_named_at_once(request: pytest.FixtureReque
             print(ws.procs.logs())
         ws.close()
 
+
+
+def test_a_worker_host_whose_broker_cannot_be_reached_says_why(short_tmp: str) -> None:
+    """The conf `dspexctl hosts conf` writes, run by a real supervisord, pointing at a port where
+    nothing listens and at a host name that does not resolve: each worker's log names the endpoint
+    and why, not only "broker silent"."""
+    keys = Path(short_tmp, "keys")
+    generate(keys)
+    closed = f"tcp://127.0.0.1:{free_port()}"
+    typo = "tcp://no-such-host.invalid:5556"
+    sups = []
+    try:
+        for name, endpoint in (("h1", closed), ("h2", typo)):
+            host = host_dir(Path(short_tmp), keys, name)
+            out = subprocess.run([sys.executable, "-m", "dspexctl", "hosts", "conf", "--broker", endpoint,
+                                  "--pool", "triage_pool=1"], cwd=host, env=base_env(), capture_output=True,
+                                 text=True, timeout=60, check=False)
+            assert out.returncode == 0, out.stderr
+            (host / "workers.conf").write_text(out.stdout)
+            sup = Supervisord(host, host / "workers.conf", base_env())
+            sups.append(sup)
+            sup.start_foreground()
+        for sup, why in ((sups[0], f"nothing is listening at {closed}"),
+                         (sups[1], f"cannot reach {typo}: the host name no-such-host.invalid does not resolve")):
+            log = sup.root / "triage_pool_00.log"
+            wait_for(lambda log=log, why=why: log.is_file() and any(
+                line.startswith("broker silent; new socket and READY") and f"): {why}" in line
+                for line in (text.partition(" dspex.worker: ")[2] for text in log.read_text().splitlines())), 30,
+                     what=f"the worker's log naming why ({why})")
+    finally:
+        for sup in sups:
+            sup.stop()

@@ -3,7 +3,6 @@ broker map), and the check of an endpoint before a client connects to it."""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import stat
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from dspex.client.config import ClientConfig
 from dspex.wire.errors import BrokerUnreachable, ConfigError, PoolNotFound
-from dspex.wire.sockets import check_endpoint
+from dspex.wire.sockets import check_endpoint, probe_tcp
 
 ANY_POOL = "*"  # the entry of an endpoint map for every pool it does not name
 _KEY_OPTIONS = ("server_key", "client_key")
@@ -144,38 +143,12 @@ def probe_endpoint(endpoint: str) -> None:
     """Before a client connects: say what is wrong with *that* endpoint at once, instead of a
     ``Timeout`` after the request's deadline that cannot tell "never reached" from "still running"."""
     if endpoint.startswith("tcp://"):
-        _probe_tcp(endpoint)
+        probe_tcp(endpoint)
     elif endpoint.startswith("ipc://"):
-        _probe_endpoint(endpoint)
+        _probe_ipc(endpoint)
 
 
-def _probe_tcp(endpoint: str) -> None:
-    """``BrokerUnreachable`` when the host name does not resolve or nothing listens at the port.
-    zmq resolves a host name to IPv4 only (a bracketed address is IPv6), so the probe does too. A
-    probe that connects closes before zmq's greeting: the broker sees no handshake, failed or not.
-    No answer within a second (a firewall that drops, a slow link) is left to the request."""
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
-    host = host.strip("[]")
-    try:
-        address = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
-    except socket.gaierror as err:
-        raise BrokerUnreachable(f"cannot reach {endpoint}: the host name {host} does not resolve"
-                                f"{' to an IPv4 address' if family == socket.AF_INET else ''} ({err.strerror})") from None
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(address)
-    except ConnectionRefusedError:
-        raise BrokerUnreachable(f"nothing is listening at {endpoint} (connection refused by {address[0]})") from None
-    except OSError as err:
-        if err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-            raise BrokerUnreachable(f"cannot reach {endpoint}: {err.strerror}") from None
-    finally:
-        probe.close()
-
-
-def _probe_endpoint(endpoint: str) -> None:
+def _probe_ipc(endpoint: str) -> None:
     """``BrokerUnreachable``: nothing listens at the socket; ``ConfigError``: a socket that may be
     anyone's, or that we may not use. A client creates nothing, so it never asks for a directory's
     mode to change: the broker and workers, which create the run directory, enforce its 0700 rule."""
