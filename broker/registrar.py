@@ -140,13 +140,14 @@ class Registrar:
             return None
         if version != PROTOCOL_VERSION:  # its frames would not parse here, nor ours there
             self.port.log(logging.ERROR, "worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
-                      "telling it to leave (run one dspex version on a stack)", wid[:8], info.get("pid"),
+                      "telling it to leave (run one dspex version on a stack)", wid[:8].decode(errors="replace"), info.get("pid"),
                       info.get("host", "?"), version, PROTOCOL_VERSION)
             self._to_peer(wid, [B_DISCONNECT])
             return None
         pool = self.pools.get(pool_name)
         if pool is None:
-            self.port.log(logging.ERROR, "worker %s (pid %s) wants unknown pool %r; telling it to leave", wid[:8], info.get("pid"), pool_name)
+            self.port.log(logging.ERROR, "worker %s (pid %s, host %s) wants unknown pool %r; telling it to leave",
+                          wid[:8].decode(errors="replace"), info.get("pid"), info.get("host", "?"), pool_name)
             # said to the worker too: its log is where an operator looks when supervisord restarts it
             self._to_peer(wid, [B_DISCONNECT, f"it does not serve pool {pool_name!r} (its pools: "
                                 f"{', '.join(self.pools)}; it reads them when it starts: restart it after "

@@ -20,7 +20,7 @@ from typing import Any
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_ipc
+from dspex.client.endpoints import Broker, BrokerMap, broker_map, probe_endpoint
 from dspex.client.routing import broker_keys
 from dspex.stack.health import State, is_here, silent_pids, worker_problems
 from dspex.stack.supervisor import (
@@ -93,7 +93,7 @@ class Settings:
     def client(self) -> dspex.Client:
         endpoint = self.resolved_endpoint()
         try:
-            probe_ipc(endpoint)
+            probe_endpoint(endpoint)
         except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
             from dspexctl.diagnose import explain
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import dspex
 from dspex.client.config import ClientConfig
-from dspex.client.endpoints import probe_ipc
+from dspex.client.endpoints import probe_endpoint
 from dspex.stack.pools import load_pools
 from dspex.stack.supervisor import (
     FAULT_SHUTDOWN_STATE,
@@ -58,7 +58,7 @@ def foreign_stack(conf: SupervisorConf, endpoint: str, sup: Supervisor | None = 
     listens there, or it is this conf's broker): its ``ping`` judged by
     :func:`dspexctl.commands.foreign_broker`. ``sup``: this conf's supervisord, when running."""
     try:
-        probe_ipc(endpoint)
+        probe_endpoint(endpoint)
     except (ConnectionError, ConfigError):
         return None  # nothing listens: no conflict (a refused endpoint is reported by whoever uses it)
     procs = sup.processes() if sup is not None else []
@@ -154,7 +154,7 @@ def ensure_stack(conf: Path, *, pools: Iterable[str] = (), timeout: float = 60.0
             raise StackConflict(left_running_text(sc, left))
         if not running:
             try:  # a run directory the broker would refuse: said before anything starts
-                probe_ipc(endpoint)
+                probe_endpoint(endpoint)
             except ConnectionError:
                 pass  # nothing listens yet, as expected
             except ConfigError as err:

@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from dspex.wire.errors import BrokerUnreachable
 from dspex.wire.headers import packb
 from dspex.wire.protocol import (
     B_BYE,
@@ -50,7 +51,7 @@ from dspex.wire.protocol import (
     W_HELD,
     W_READY,
 )
-from dspex.wire.sockets import HANDSHAKE_EVENTS, ZmqThreads, handshake_failure, tune_socket
+from dspex.wire.sockets import HANDSHAKE_EVENTS, ZmqThreads, handshake_failure, probe_tcp, tune_socket
 from dspex.wire.zmqfast import EVENTS as _EVENTS
 from dspex.wire.zmqfast import NOBLOCK, recv_frames, send_frames
 from dspex.wire.zmqfast import POLLIN as _POLLIN
@@ -434,7 +435,8 @@ class Link:
             if self._dealer.handshake:  # not silence: the broker will not talk to us with these keys
                 log.error("%s; new socket and READY (next try in %.1fs)", self._dealer.handshake, beats.backoff)
             else:
-                log.warning("broker silent; new socket and READY (next try in %.1fs)", beats.backoff)
+                log.warning("broker silent; new socket and READY (next try in %.1fs): %s",
+                            beats.backoff, unreachable(self._dealer.backend))
             self._renew_socket()
             beats.renewed(now)
         return max(0.0, min(beats.next_beat, beats.deadline) - now)
@@ -464,3 +466,14 @@ class Link:
         # a thread waiting on the old socket's fd would not see the new one's messages
         self._waker.poke()
         self.standin.poke()
+
+
+def unreachable(backend: str) -> str:
+    """Why the broker may be silent, for the worker host's log: a tcp:// backend whose host name
+    does not resolve or where nothing listens (a typo, a closed port), else no reply from it."""
+    if backend.startswith("tcp://"):
+        try:
+            probe_tcp(backend)
+        except BrokerUnreachable as err:
+            return err.message
+    return f"no reply from {backend}"

@@ -21,7 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from dspex.client.channels import LOST as CONNECTION_LOST
 from dspex.client.channels import Abandoned, connection_event
-from dspex.client.endpoints import probe_ipc
+from dspex.client.endpoints import probe_endpoint
 from dspex.client.exchange import RIDE_THROUGH, cancel_all, close_monitored, closed_error
 from dspex.wire.errors import BrokerUnreachable, ProtocolError, UsageError
 from dspex.wire.headers import unpack_reply_header
@@ -156,7 +156,7 @@ class AsyncChannel:
         sock, monitor = self._sock, self._monitor
         if sock is None or monitor is None or self.broken or self._drop_seen_now(sock, monitor):
             if time.monotonic() - self._drop_seen > RIDE_THROUGH:  # else wait for a restarting broker
-                probe_ipc(self.endpoint)
+                probe_endpoint(self.endpoint)
             if sock is not None:
                 retired = self._retire(self._tasks, sock, monitor)
                 self._retiring.append(asyncio.get_running_loop().create_task(retired))

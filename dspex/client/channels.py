@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from dspex.client.endpoints import probe_ipc
+from dspex.client.endpoints import probe_endpoint
 from dspex.client.exchange import RIDE_THROUGH, close_monitored, closed_error
 from dspex.wire.sockets import handshake_failure
 from dspex.wire.zmqfast import EVENTS, POLLIN, get_opt
@@ -190,7 +190,7 @@ class ChannelPool:
                 # new socket for the broker (within its timeout); else nobody listening fails at once.
                 # The probe comes before the socket: a failed one leaves none behind
                 if time.monotonic() - self._drop_seen > RIDE_THROUGH:
-                    probe_ipc(self.endpoint)
+                    probe_endpoint(self.endpoint)
                 with self._lock:
                     if self.closed:
                         raise closed_error()

@@ -1,5 +1,5 @@
 """Which broker a client talks to: the endpoint map (one broker for every pool, or a pool ->
-broker map), and the check of an ipc endpoint before a client connects to it."""
+broker map), and the check of an endpoint before a client connects to it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dspex.client.config import ClientConfig
 from dspex.wire.errors import BrokerUnreachable, ConfigError, PoolNotFound
-from dspex.wire.sockets import check_endpoint
+from dspex.wire.sockets import check_endpoint, probe_tcp
 
 ANY_POOL = "*"  # the entry of an endpoint map for every pool it does not name
 _KEY_OPTIONS = ("server_key", "client_key")
@@ -139,14 +139,19 @@ def _parse_broker(value: str, source: str) -> Broker:
     return Broker(endpoint, files.get("server_key"), files.get("client_key"))
 
 
-def probe_ipc(endpoint: str) -> None:
-    """Before a client connects to an ipc endpoint: say what is wrong with *that* socket at once,
-    instead of after the request's timeout (``BrokerUnreachable``: nothing listens there;
-    ``ConfigError``: a socket that may be anyone's, or that we may not use). A client creates
-    nothing, so it never asks for a directory's mode to change: the broker and workers, which
-    create the run directory, enforce its 0700 rule."""
-    if not endpoint.startswith("ipc://"):
-        return
+def probe_endpoint(endpoint: str) -> None:
+    """Before a client connects: say what is wrong with *that* endpoint at once, instead of a
+    ``Timeout`` after the request's deadline that cannot tell "never reached" from "still running"."""
+    if endpoint.startswith("tcp://"):
+        probe_tcp(endpoint)
+    elif endpoint.startswith("ipc://"):
+        _probe_ipc(endpoint)
+
+
+def _probe_ipc(endpoint: str) -> None:
+    """``BrokerUnreachable``: nothing listens at the socket; ``ConfigError``: a socket that may be
+    anyone's, or that we may not use. A client creates nothing, so it never asks for a directory's
+    mode to change: the broker and workers, which create the run directory, enforce its 0700 rule."""
     path = Path(endpoint[len("ipc://"):])
     parent = path.parent
     where = "run directory" if str(parent) == ClientConfig.from_env().run_dir else "directory"

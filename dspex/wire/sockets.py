@@ -5,14 +5,16 @@ Nothing here reads the environment itself: a process kind's settings pass theirs
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import zmq
 
-from dspex.wire.errors import ConfigError
+from dspex.wire.errors import BrokerUnreachable, ConfigError
 from dspex.wire.protocol import MAX_MESSAGE_BYTES
 
 Number = TypeVar("Number", int, float)
@@ -84,6 +86,32 @@ def check_endpoint(endpoint: str, source: str = "") -> str:
     elif not endpoint.startswith("inproc://"):
         raise ConfigError(f"unsupported endpoint {where}: use ipc://PATH or tcp://HOST:PORT")
     return endpoint
+
+
+def probe_tcp(endpoint: str) -> None:
+    """``BrokerUnreachable`` when the host name does not resolve or nothing listens at the port.
+    zmq resolves a host name to IPv4 only (a bracketed address is IPv6), so the probe does too. A
+    probe that connects closes before zmq's greeting: the broker sees no handshake, failed or not.
+    No answer within a second (a firewall that drops, a slow link) is left to the request."""
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    host = host.strip("[]")
+    try:
+        address = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
+    except socket.gaierror as err:
+        raise BrokerUnreachable(f"cannot reach {endpoint}: the host name {host} does not resolve"
+                                f"{' to an IPv4 address' if family == socket.AF_INET else ''} ({err.strerror})") from None
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(address)
+    except ConnectionRefusedError:
+        raise BrokerUnreachable(f"nothing is listening at {endpoint} (connection refused by {address[0]})") from None
+    except OSError as err:
+        if err.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            raise BrokerUnreachable(f"cannot reach {endpoint}: {err.strerror}") from None
+    finally:
+        probe.close()
 
 
 def curve_client_keys(endpoint: str, server_key_file: str | None, own_key_file: str | None
