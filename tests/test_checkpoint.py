@@ -823,3 +823,36 @@ def test_functions_sharing_a_closure_cell_share_it_after_a_restore() -> None:
         assert nns["inc"].__closure__[0] is nns["get"].__closure__[0]
     finally:
         namespace.drop_session_module(new)
+
+
+def test_a_closure_cell_holding_none_comes_back_filled() -> None:
+    """A cell whose value is None (``functools.lru_cache(maxsize=None)``'s ``maxsize``, a
+    ``nonlocal`` reset to None) is a filled cell after a restore, not an empty one (NameError:
+    cannot access free variable): a state of None is no state to pickle."""
+    table = RefTable("p", "w1")
+    state = table.session(SID)
+    ns = namespace.namespace(state)
+    namespace.exec_in_session(state, (
+        "import functools\n"
+        "def make():\n"
+        "    last = None\n"
+        "    def read():\n"
+        "        return last\n"
+        "    return read\n"
+        "read = make()\n"
+        "@functools.lru_cache(maxsize=None)\n"
+        "def square(n):\n"
+        "    return n * n\n"
+    ), ns)
+    held = Held()
+    ck, lost = checkpoint.Tracker(SID).build(state)
+    assert ck is not None and lost == []
+    held.apply(ck)
+    namespace.drop_session_module(state)
+    new, _ = held.restore()
+    nns = namespace.namespace(new)
+    try:
+        assert nns["read"]() is None
+        assert nns["square"](3) == 9 and nns["square"].cache_parameters() == {"maxsize": None, "typed": False}
+    finally:
+        namespace.drop_session_module(new)

@@ -113,11 +113,11 @@ def _cell_reduce(cell: types.CellType) -> Any:
         value = cell.cell_contents
     except ValueError:
         return _cp._make_empty_cell, ()
-    return _cp._make_empty_cell, (), value, None, None, _fill_cell
+    return _cp._make_empty_cell, (), (value,), None, None, _fill_cell  # (a state of None is none)
 
 
-def _fill_cell(cell: types.CellType, value: Any) -> None:
-    cell.cell_contents = value
+def _fill_cell(cell: types.CellType, state: tuple[Any]) -> None:
+    cell.cell_contents = state[0]
 
 
 def _class_by_reference(cls: type) -> bool:
