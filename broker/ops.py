@@ -187,5 +187,6 @@ def status(core: Core, now: float) -> dict[str, Any]:
         "pools": pools,
         "events": list(core.roster.events),
         "refused": core.refusals(),
+        "turned_away": core.turned_away.report(now),
         "checkpoints": core.durable.status(),
     }
