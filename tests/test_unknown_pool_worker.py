@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import msgpack
 import pytest
@@ -20,7 +21,7 @@ import zmq
 from broker.turned_away import MAX_TURNED_AWAY, UNKNOWN_POOL, TurnedAway
 from dspex.stack.health import HEALTH_WINDOW_S
 from dspex.wire.protocol import B_DISCONNECT, PROTOCOL_VERSION, W_READY
-from tests.harness import Stack, wait_for
+from tests.harness import Stack, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,10 +36,11 @@ def test_the_broker_names_the_host_of_a_worker_of_an_unknown_pool(stack: Stack) 
 
 
 def test_pools_status_names_a_worker_the_broker_turned_away(stack: Stack) -> None:
-    """On the broker host, ``pools status`` (text and --json) names the worker host whose workers
-    knock for a pool the broker does not serve (supervisord restarts them; nothing else says why
-    the pool's workers are missing), with how often and what to fix."""
-    stack.start_broker("apool:strict_queue")
+    """On the broker host, ``pools status`` (text and --json) and the dashboard name the worker
+    host whose workers knock for a pool the broker does not serve (supervisord restarts them;
+    nothing else says why the pool's workers are missing), with how often and what to fix."""
+    port = free_port()
+    stack.start_broker("apool:strict_queue", extra=["--metrics-port", str(port)])
     first = stack.start_worker("nosuch_pool", "--no-dspy")
     wait_for(lambda: first.poll() is not None, 20, what="the first worker told to leave")
     second = stack.start_worker("nosuch_pool", "--no-dspy")
@@ -53,6 +55,16 @@ def test_pools_status_names_a_worker_the_broker_turned_away(stack: Stack) -> Non
     doc = json.loads(subprocess.run([*ctl, "--json"], cwd=here, env=stack.env, capture_output=True, text=True,
                                     timeout=60).stdout)
     assert [i["state"] for i in doc["issues"] if re.fullmatch(said, i["text"])] == ["warn"], doc["issues"]
+
+    def dashboard() -> list[str] | None:  # its snapshot is a tick old: polled until it has both knocks
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as res:
+                issues = json.loads(res.read())["issues"]
+        except OSError:
+            return None
+        return [i["state"] for i in issues if re.fullmatch(said, i["text"])] or None
+
+    assert wait_for(dashboard, 20, 0.1, "the dashboard's line") == ["warn"]
 
 
 def test_pools_status_names_a_worker_of_another_wire_version(stack: Stack) -> None:
