@@ -47,6 +47,7 @@ from broker.state import (
 )
 from broker.stats import bucket_bounds
 from broker.timers import Timers
+from broker.turned_away import TurnedAway
 from dspex.stack.pools import PoolConfig
 from dspex.wire.errors import (
     DspexError,
@@ -118,6 +119,7 @@ class Core:
         self.counters = {"garbage_frontend": 0, "garbage_backend": 0, "expired_unsent": 0}
         self.admins: Callable[[], set[str]] | None = None  # client keys allowed admin ops (None: everyone)
         self.refusals: Callable[[], list[dict[str, Any]]] = list  # whom the CURVE allow-lists refused (none: ipc)
+        self.turned_away = TurnedAway()  # workers told to leave at their READY (another pool, another version)
         self.stack_info: dict[str, Any] = {}  # what ``ping`` and ``status`` say about this stack (the shell's)
         self.answers = Answers(port, self.clock, self.workers, self.gone, self.sessions)
         self._garbage = BackendGarbage(port, self.counters)
@@ -142,7 +144,7 @@ class Core:
                                  reroute=self.durable.reroute)
         self.registrar = Registrar(self.roster, dispatcher, self.recycler, self.durable, pools=self.pools,
                                    counters=self.counters, to_worker=self._to_worker, to_peer=self._to_peer,
-                                   garbage=self._garbage)
+                                   garbage=self._garbage, turned_away=self.turned_away)
         self.control = RequestControl(self.pools, self.running, port=port, answers=self.answers, counters=self.counters,
                                       to_worker=self._to_worker)
         self.timers = dispatcher.timers = Timers(

@@ -18,6 +18,7 @@ from broker.state import SessionRecord
 from broker.stats import percentile
 from dspex.wire.errors import PoolNotFound, ProtocolError, Refused, SessionNotYours
 from dspex.wire.ops import Op
+from dspex.wire.protocol import PROTOCOL_VERSION
 
 HANDLERS: dict[str, Handler] = {}
 
@@ -181,11 +182,12 @@ def status(core: Core, now: float) -> dict[str, Any]:
             ],
         }
     return {
-        "broker": {"pid": os.getpid(), "uptime_s": round(now - core.book.booted, 3), "started": core.started,
+        "broker": {"pid": os.getpid(), "protocol": PROTOCOL_VERSION, "uptime_s": round(now - core.book.booted, 3), "started": core.started,
                    **stack,
                    "sessions": sum(per_pool.values()), "closed_sessions": len(core.book.closed), **core.counters},
         "pools": pools,
         "events": list(core.roster.events),
         "refused": core.refusals(),
+        "turned_away": core.turned_away.report(now),
         "checkpoints": core.durable.status(),
     }

@@ -24,6 +24,7 @@ from broker.durable import DurableSessions
 from broker.recycling import Recycler
 from broker.roster import HARD_LIMIT, Roster, recycled
 from broker.state import Pending, Pool, WorkerRecord
+from broker.turned_away import UNKNOWN_POOL, WIRE_VERSION, TurnedAway
 from dspex.wire.errors import WorkerCrashed
 from dspex.wire.protocol import (
     B_BYE,
@@ -53,8 +54,9 @@ class Registrar:
     def __init__(self, roster: Roster, dispatcher: Dispatcher, recycler: Recycler, durable: DurableSessions, *,
                  pools: dict[str, Pool], counters: dict[str, int],
                  to_worker: Callable[[WorkerRecord, list[Any]], bool], to_peer: Callable[[bytes, list[bytes]], None],
-                 garbage: BackendGarbage) -> None:
+                 garbage: BackendGarbage, turned_away: TurnedAway) -> None:
         self.roster, self.dispatcher, self.recycler, self.durable = roster, dispatcher, recycler, durable
+        self.turned_away = turned_away
         self.pools, self.counters, self.port = pools, counters, roster.port
         self._to_worker, self._to_peer, self._garbage = to_worker, to_peer, garbage
 
@@ -142,12 +144,16 @@ class Registrar:
             self.port.log(logging.ERROR, "worker %s (pid %s, host %s) speaks wire protocol version %r, this broker speaks %d: "
                       "telling it to leave (run one dspex version on a stack)", wid[:8].decode(errors="replace"), info.get("pid"),
                       info.get("host", "?"), version, PROTOCOL_VERSION)
+            self.turned_away.add(str(info.get("host", "?")), info.get("pid"), WIRE_VERSION, str(version),
+                                 self.roster.clock.now)
             self._to_peer(wid, [B_DISCONNECT])
             return None
         pool = self.pools.get(pool_name)
         if pool is None:
             self.port.log(logging.ERROR, "worker %s (pid %s, host %s) wants unknown pool %r; telling it to leave",
                           wid[:8].decode(errors="replace"), info.get("pid"), info.get("host", "?"), pool_name)
+            self.turned_away.add(str(info.get("host", "?")), info.get("pid"), UNKNOWN_POOL, pool_name,
+                                 self.roster.clock.now)
             # said to the worker too: its log is where an operator looks when supervisord restarts it
             self._to_peer(wid, [B_DISCONNECT, f"it does not serve pool {pool_name!r} (its pools: "
                                 f"{', '.join(self.pools)}; it reads them when it starts: restart it after "

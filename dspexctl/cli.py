@@ -170,7 +170,7 @@ class Dspexctl(click.Group):
 @click.option("--endpoint", envvar="DSPEX_ENDPOINT", default=None, metavar="EP",
               help="broker client endpoint [env DSPEX_ENDPOINT; default ipc://$DSPEX_RUN_DIR/frontend.sock]")
 @click.option("--endpoints", envvar="DSPEX_ENDPOINTS", default=None, metavar="MAP",
-              help="several brokers, POOL=EP,...,*=EP: pools status, sessions and workers recycle ask each "
+              help="a map of brokers, POOL=EP,...,*=EP: pools status, sessions and workers recycle ask each "
                    "[env DSPEX_ENDPOINTS]")
 @click.option("--supervisor-conf", envvar="DSPEX_SUPERVISOR_CONF", default=None, metavar="PATH",
               type=click.Path(dir_okay=False, path_type=Path),

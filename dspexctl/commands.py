@@ -73,7 +73,7 @@ class NotFound(UsageError):
 class Settings:
     """The group's options; ``ctx.obj`` (dspexctl flagship reads endpoint/supervisor_conf/timeout).
 
-    ``endpoints``: a map of several brokers (``--endpoints``, ``DSPEX_ENDPOINTS``), which the
+    ``endpoints``: a map of brokers (``--endpoints``, ``DSPEX_ENDPOINTS``; one or several), which the
     commands about pools and sessions ask broker by broker (:meth:`each_broker`); the commands
     about one stack (``pools start|stop|restart``, ``stop``) use ``endpoint`` and the conf.
     """
@@ -141,22 +141,18 @@ class Settings:
         return SupervisorConf.load(Path(path)) if path and Path(path).is_file() else None
 
     def broker_map(self) -> BrokerMap | None:
-        """The map of ``endpoints``, or None."""
+        """The map of ``endpoints``, or None. A map of one broker is still a map: the commands
+        about pools and sessions show what it says (that broker, the pools it names), as for several."""
         return broker_map(self.config, endpoints=self.endpoints) if self.endpoints else None
 
-    def several(self) -> BrokerMap | None:
-        """The map when it names several brokers, else None (one broker: this command's)."""
-        brokers = self.broker_map()
-        return brokers if brokers is not None and brokers.several else None
-
     def each_broker(self) -> list[Settings]:
-        """The settings of every broker of a map of several (each with its ``broker``), or ``[self]``."""
-        brokers = self.several()
+        """The settings of every broker of the map (each with its ``broker``), or ``[self]``."""
+        brokers = self.broker_map()
         return [self] if brokers is None else [self._of(b) for b in brokers.brokers]
 
     def for_pool(self, pool: str) -> Settings:
         """The settings of ``pool``'s broker (``PoolNotFound`` when the map has none for it)."""
-        brokers = self.several()
+        brokers = self.broker_map()
         return self if brokers is None else self._of(brokers.broker_for(pool))
 
     def _of(self, broker: Broker) -> Settings:

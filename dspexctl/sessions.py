@@ -19,10 +19,10 @@ from dspexctl.commands import (
 
 def listed_sessions(settings: Settings, pool: str | None) -> tuple[list[tuple[Settings, dict[str, Any]]],
                                                                     list[dict[str, Any]]]:
-    """Every session (of ``pool``) with the settings of its broker, broker by broker when a map
-    names several; and the brokers of the map that could not be asked (``endpoint``, ``code``,
-    ``message``, ``exit``). With one broker its failure raises."""
-    brokers = settings.several()
+    """Every session (of ``pool``) with the settings of its broker, broker by broker with a map
+    of brokers; and the brokers of the map that could not be asked (``endpoint``, ``code``,
+    ``message``, ``exit``). Without a map the broker's failure raises."""
+    brokers = settings.broker_map()
     if pool and brokers is not None:
         brokers.broker_for(pool)  # a pool the map sends nowhere: PoolNotFound
     found: list[tuple[Settings, dict[str, Any]]] = []
@@ -61,14 +61,14 @@ class SessionsList(_SessionsCommand):
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
         listed, unreachable = listed_sessions(settings, req["pool"])
-        several = settings.several() is not None
-        sessions = [{**s, "endpoint": sub.resolved_endpoint()} if several else s for sub, s in listed]
+        mapped = settings.broker_map() is not None
+        sessions = [{**s, "endpoint": sub.resolved_endpoint()} if mapped else s for sub, s in listed]
         return {"pool": req["pool"], "sessions": sessions, "unreachable": unreachable}
 
     def present(self, result: dict[str, Any]) -> str:
         sessions = result["sessions"]
         owners = any(s.get("owner") for s in sessions)  # shown when the broker reports who opened them
-        brokers = any("endpoint" in s for s in sessions)  # a map of several brokers
+        brokers = any("endpoint" in s for s in sessions)  # a map of brokers
         rows = [["SESSION", "POOL", *(["BROKER"] if brokers else []), *(["OWNER"] if owners else []), "WORKER",
                  "CALLS", "IDLE", "AGE", "DURABLE"]]
         now = time.time()
@@ -129,7 +129,7 @@ class SessionsClose(_SessionsCommand):
                     result = dx.close_session(s["id"])
                     closed.append({"session": s["id"], "pool": s["pool"], "closed": bool(result.get("closed")),
                                    "released": bool(result.get("released")),
-                                   **({"endpoint": endpoint} if settings.several() is not None else {})})
+                                   **({"endpoint": endpoint} if settings.broker_map() is not None else {})})
         return {"criteria": {k: req[k] for k in ("session", "pool", "idle", "all")}, "sessions": closed,
                 "unreachable": unreachable}
 

@@ -68,9 +68,9 @@ class PoolsStatus:
         return {"pools": list(pools), "verbose": verbose}
 
     def execute(self, settings: Settings, req: dict[str, Any]) -> dict[str, Any]:
-        """One stack's status; with a map of several brokers, one such part per broker (each joined
-        with the supervisord of the conf that broker was started with), the state the worst."""
-        brokers = settings.several()
+        """One stack's status; with a map of brokers (one or several), one such part per broker
+        (each joined with the supervisord of the conf that broker was started with), the state the worst."""
+        brokers = settings.broker_map()
         if brokers is None:
             return self._stack(settings, req)
         for pool in req["pools"]:

@@ -12,12 +12,13 @@ from dspexctl.commands import fmt_bytes, fmt_duration, fmt_ms, metrics_text, tab
 
 
 def status_text(result: dict[str, Any]) -> str:
-    """The whole text: one section per broker for a map of several."""
+    """The whole text: one section per broker for a map of brokers."""
     if "brokers" not in result:
         return stack_text(result)
     sections = [f"broker {part['endpoint']} ({', '.join(part['routes'])})\n"
                 + stack_text({**part, "verbose": result["verbose"]}) for part in result["brokers"]]
-    return "\n\n".join([*sections, f"{len(result['brokers'])} brokers: {result['health'].upper()}"])
+    count = len(result["brokers"])
+    return "\n\n".join([*sections, f"{count} broker{'s' if count != 1 else ''}: {result['health'].upper()}"])
 
 
 def stack_text(result: dict[str, Any]) -> str:

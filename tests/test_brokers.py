@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,39 @@ def test_dspexctl_shows_every_broker_of_the_map(brokers: tuple[Stack, Stack]) ->
         # a pool the map sends nowhere is the operator's mistake
         res = dspexctl(f"alpha={a.frontend},beta={b.frontend}", cwd, "workers", "recycle", "gamma")
         assert res.returncode == 2 and "no broker for pool 'gamma'" in res.stderr, res.stderr
+
+
+def test_a_map_of_one_broker_is_shown_as_that_map_says(brokers: tuple[Stack, Stack]) -> None:
+    """A map naming one broker is a map, not ``--endpoint``: ``pools status`` shows that broker's
+    section with the pools the map names for it (not the rows of ./supervisor.conf), ``sessions
+    list`` its BROKER column, and a pool the map sends nowhere is the operator's mistake."""
+    a, _ = brokers
+    cwd = tempfile.mkdtemp(dir=a.root)
+    Path(cwd, "supervisor.conf").write_text(small_conf_text({"triage_pool": 1}))  # another stack's: not this map's
+    gone = f"ipc://{cwd}/nonexist/f.sock"
+    res = dspexctl(f"p={gone}", cwd, "pools", "status")
+    assert res.returncode == 4, res.stdout + res.stderr
+    assert res.stdout.startswith(f"broker {gone} (p)\nPOOL"), res.stdout
+    assert "triage_pool" not in res.stdout and res.stdout.endswith("1 broker: UNREACHABLE\n"), res.stdout
+    assert [line.split()[-1] for line in res.stdout.splitlines() if line.startswith("p ")] == ["UNKNOWN"], res.stdout
+
+    endpoints = f"alpha={a.frontend}"
+    with dspex.connect(endpoints=endpoints, timeout=20) as dx:
+        session = dx.session("alpha")
+        assert session.eval("1") == 1
+        res = dspexctl(endpoints, cwd, "pools", "status")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.startswith(f"broker {a.frontend} (alpha)\nPOOL"), res.stdout
+        assert "triage_pool" not in res.stdout and res.stdout.endswith("1 broker: OK\n"), res.stdout
+        doc = json.loads(dspexctl(endpoints, cwd, "pools", "status", "--json").stdout)
+        assert [(p["endpoint"], [q["name"] for q in p["pools"]]) for p in doc["brokers"]] == [(a.frontend, ["alpha"])]
+        res = dspexctl(endpoints, cwd, "sessions", "list")
+        assert res.returncode == 0, res.stdout + res.stderr
+        header, *rows = res.stdout.splitlines()
+        assert header.split()[:3] == ["SESSION", "POOL", "BROKER"]
+        assert [r.split()[:3] for r in rows] == [[session.id, "alpha", a.frontend]]
+    res = dspexctl(endpoints, cwd, "workers", "recycle", "gamma")
+    assert res.returncode == 2 and "no broker for pool 'gamma'" in res.stderr, res.stderr
 
 
 def test_a_pool_whose_broker_is_down_is_unknown_not_missing(brokers: tuple[Stack, Stack]) -> None:

@@ -61,8 +61,13 @@ def stack_issues(status: Mapping[str, Any]) -> list[tuple[State, str]]:
     """What the broker's status says of the whole stack, beside its pools: each CURVE peer its
     allow-list refused in the health window (a worker host whose workers never register, and
     why) and its checkpoint store near its total cap (past it, every durable session's next
-    checkpoint is refused), both WARN."""
+    checkpoint is refused), and each worker it told to leave in the health window (of a pool it
+    does not serve, or of another wire version: supervisord restarts it, and it never registers),
+    all WARN."""
     issues = [(State.WARN, refused_line(r)) for r in status.get("refused") or [] if r["ago_s"] < HEALTH_WINDOW_S]
+    issues += [(State.WARN, turned_away_line(t, list(status.get("pools") or {}),
+                                                (status.get("broker") or {}).get("protocol")))
+               for t in status.get("turned_away") or [] if t["ago_s"] < HEALTH_WINDOW_S]
     filling = store_filling(status.get("checkpoints") or {})
     if filling:
         issues.append((State.WARN, filling))
@@ -78,6 +83,19 @@ def refused_line(refusal: Mapping[str, Any]) -> str:
             f"{fmt_window(refusal['ago_s'])} ago: public key {refusal['key']} is not in {allowed}; give that host "
             f"a {peer}.key_secret `dspexctl keys generate` wrote for this broker, or copy the public key file of "
             f"its key into {allowed} (this clears {fmt_window(HEALTH_WINDOW_S)} after the last refusal)")
+
+
+def turned_away_line(knock: Mapping[str, Any], served: list[str], protocol: int | None) -> str:
+    """A worker the broker told to leave at its READY, ``served`` the broker's pools and
+    ``protocol`` its wire version (its own: this process may run another dspex): what the worker
+    wants, how often and how lately it came back (its supervisord restarts it), and what to fix."""
+    who = f"worker pid {knock['pid']} on host {knock['host']}"
+    times = f"turned away {knock['count']} time{'s' if knock['count'] != 1 else ''}, last {fmt_window(knock['ago_s'])} ago"
+    if knock["reason"] == "wire_version":
+        return (f"{who} speaks wire protocol version {knock['wants']}, this broker {protocol} ({times}): "
+                "run one dspex version on a stack (upgrade that host or this one)")
+    return (f"{who} wants pool {knock['wants']!r}, which this broker does not serve (it serves "
+            f"{', '.join(served) or 'none'}; {times}): fix its --pool or add the pool and restart the broker")
 
 
 def summarize(name: str, pool: Mapping[str, Any] | None, group: Sequence[Proc] | None, *,
