@@ -92,6 +92,8 @@ class Settings:
 
     def client(self) -> dspex.Client:
         endpoint = self.resolved_endpoint()
+        # the key files first: a missing or wrong one is the operator's to fix, whatever listens there
+        server_key, keypair = broker_keys(self._own_broker() or Broker(endpoint, None, None), self.config)
         try:
             probe_endpoint(endpoint)
         except BrokerUnreachable as err:  # is this conf's broker running elsewhere? say so
@@ -101,8 +103,6 @@ class Settings:
             # ``probe``: the endpoint's own fault, for pools status, which explains it in its own lines
             raise BrokerUnreachable(err.message + explain(endpoint, conf, err.message, self.config, self.timeout),
                                     probe=err.message) from None
-        broker = self._own_broker()
-        server_key, keypair = broker_keys(broker, self.config) if broker is not None else (None, None)
         return dspex.connect(endpoint, timeout=self.timeout,
                              curve_server_key=server_key, curve_keypair=keypair)
 
