@@ -79,7 +79,7 @@ PROCESS_FIXTURES = {
     "tests.test_fuzz.fuzz_stack", "tests.test_lmserver.server", "tests.test_ops_cli.small",
     "tests.test_ops_health.stack", "tests.test_ops_stack.stacks", "tests.test_ops_status.small",
     "tests.test_security.netns", "tests.test_supervisor.sup", "tests.conformance.test_http_lm.api_base",
-    "tests.test_settings_travel.dx",
+    "tests.test_settings_travel.dx", "tests.test_session_cells.cell_stack",
 }  # and the conformance tests' "session" side (the ``run``/``arun`` fixtures' other parameter is in-process)
 
 

@@ -48,6 +48,7 @@ def test_a_call_left_running_by_a_broker_restart_ends_before_its_sessions_next_c
     assert s.eval("list(log)") == [1, 2]  # restored with all of it
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_a_durable_call_left_running_by_a_broker_restart_frees_its_workers_slot_when_it_ends(short_tmp: str) -> None:
     """A restarted broker counts the calls a worker still runs for its predecessor (adopted) as
     taking slots; one that ends frees its slot at once. A durable session's call ends with its

@@ -367,6 +367,7 @@ print(json.dumps({"report": report, "text": "\\n".join(lines)}, default=str))
 """
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_preflight_warns_about_unparsable_and_truncated_answers() -> None:
     """Answers that degrade the run but do not stop it are warnings with their likely cause; a server
     that reads neither token field is refused. (The preflight runs in a child process, as in the

@@ -40,6 +40,7 @@ def sections_of(text: str, pool: str) -> str:
     return text[text.index(f"[dspex:pool:{pool}]"):]
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_a_pool_added_or_removed_while_the_broker_runs_is_named_with_the_fix() -> None:
     with small_stack({"triage_pool": 1, "analytics_pool": 1}) as stack:
         text = stack.conf.read_text()
@@ -87,6 +88,7 @@ def test_a_pool_added_or_removed_while_the_broker_runs_is_named_with_the_fix() -
         assert res.returncode == 0 and "analytics_pool" not in res.stdout, res.stdout
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_a_worker_that_restarts_in_a_loop_is_not_called_starting() -> None:
     """A worker process that exits a few seconds after each start (after supervisord's startsecs,
     so never BACKOFF or FATAL) and never registers: supervisord restarts it forever, and each new

@@ -23,6 +23,7 @@ from tests.test_hosts import host_dir
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_an_unreachable_tcp_broker_is_named_at_once(request: pytest.FixtureRequest,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DSPEX_ENDPOINT", raising=False)
@@ -68,6 +69,7 @@ def test_an_unreachable_tcp_broker_is_named_at_once(request: pytest.FixtureReque
 
 
 
+@pytest.mark.slow  # it starts processes without a fixture conftest knows
 def test_a_worker_host_whose_broker_cannot_be_reached_says_why(short_tmp: str) -> None:
     """The conf `dspexctl hosts conf` writes, run by a real supervisord, pointing at a port where
     nothing listens and at a host name that does not resolve: each worker's log names the endpoint
