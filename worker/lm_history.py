@@ -144,7 +144,8 @@ def stop(started: tuple[CallLog, contextvars.Token[Any]]) -> None:
     late entries, with what they recorded since the reply took the log."""
     log = started[0]
     log.ended = True
-    log.late.extend(list(log.entries)[log.taken:])
+    for key, entry in list(log.entries)[log.taken:]:
+        log.add(key, entry)  # (now ended: to the late entries, by the rule take() sends by)
     _current.reset(started[1])
 
 
